@@ -172,6 +172,12 @@ static void test_features(void **state)
 	d.norm = MOE_NORM_LP;
 	d.norm_p = 1.0f;
 	compare(&d, 21, 2, 5, TOL);
+	/* the router logits on a 256-bit target's tiles (4 rows by 16 lanes),
+	 * 61 experts: full and partial tiles and blocks */
+	h_base_desc(&d, 48, 61, 5, 40);
+	h_features = "-avx512f";
+	compare(&d, 23, 2, 4, TOL);
+	h_features = NULL;
 	h_base_desc(&d, 48, 12, 3, 40);
 	d.router_bias = 1;
 	d.score = MOE_SCORE_SIGMOID;

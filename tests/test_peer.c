@@ -60,6 +60,11 @@ static void test_peer_vs_ref(void **state)
 		d.weight_dtype = cs[i].wt;
 		d.scale = cs[i].scale;
 		h_compare(&d, 37, 1 + i % 3, 300 + i, NULL, NULL);
+		/* the query and sub-key tiles of a 256-bit target (4 rows by 16
+		 * lanes on its 16 registers; 8 by 32 on AVX-512) */
+		h_features = "-avx512f";
+		h_compare(&d, 37, 2, 340 + i, NULL, NULL);
+		h_features = NULL;
 		/* PEER-pytorch's variants: keys per head, ReLU scores, a
 		 * product-key top-k above and below the final one */
 		d.pk_keys_per_head = 1;

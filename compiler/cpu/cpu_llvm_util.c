@@ -389,25 +389,24 @@ static void rows_tile(struct moe_ll *g, const LLVMValueRef *x, int nr, LLVMValue
 		acc[i] = moe_ll_ld(g, vt, cell[i]);
 }
 
-/* moe_ll_rows_panels: see cpu_llvm_util.h. */
-void moe_ll_rows_panels(struct moe_ll *g, LLVMValueRef x0, int64_t xs, LLVMValueRef n,
-			LLVMValueRef w, LLVMValueRef b0, LLVMValueRef b1, int64_t K,
-			LLVMValueRef bias, LLVMValueRef out, int64_t os, int fused)
+/* The rows [r0, r1) of moe_ll_rows_panels in tiles of nr rows (r1 - r0 a
+ * multiple of nr): NB blocks per pass, then the rest one by one. */
+static void panels_sweep(struct moe_ll *g, LLVMValueRef x0, int64_t xs, LLVMValueRef r0,
+			 LLVMValueRef r1, int nr, LLVMValueRef w, LLVMValueRef b0, LLVMValueRef b1,
+			 int NB, int64_t K, LLVMValueRef bias, LLVMValueRef out, int64_t os,
+			 int fused)
 {
 	LLVMBuilderRef b = g->b;
 	LLVMValueRef acc[MOE_LL_ROWS * MOE_LL_BLOCKS];
-	LLVMValueRef full = LLVMBuildMul(b, LLVMBuildSDiv(b, n, moe_ll_i64c(g, MOE_LL_ROWS), ""),
-					 moe_ll_i64c(g, MOE_LL_ROWS), "full");
+	struct moe_ll_loop qb, tb;
 	LLVMValueRef nbk = LLVMBuildNSWSub(b, b1, b0, "");
 	LLVMValueRef bw = LLVMBuildNSWAdd(
 	    b, b0,
-	    LLVMBuildMul(b, LLVMBuildSDiv(b, nbk, moe_ll_i64c(g, MOE_LL_BLOCKS), ""),
-			 moe_ll_i64c(g, MOE_LL_BLOCKS), ""),
+	    LLVMBuildMul(b, LLVMBuildSDiv(b, nbk, moe_ll_i64c(g, NB), ""), moe_ll_i64c(g, NB), ""),
 	    "bw");
-	struct moe_ll_loop qb, tb;
 	for (int bpass = 0; bpass < 2; bpass++) {
-		/* bpass 0: MOE_LL_BLOCKS blocks per pass; 1: the rest one by one */
-		int nb = bpass ? 1 : (int)MOE_LL_BLOCKS, nv = nb > 1 ? nb / 2 : 1;
+		/* bpass 0: NB blocks per pass; 1: the rest one by one */
+		int nb = bpass ? 1 : NB, nv = nb > 1 ? nb / 2 : 1;
 		moe_ll_loop_open(g, &qb, bpass ? bw : b0, bpass ? b1 : bw, nb,
 				 bpass ? "qb1" : "qb");
 		LLVMValueRef q8 = LLVMBuildNSWMul(b, qb.iv, moe_ll_i64c(g, 8), "");
@@ -418,35 +417,46 @@ void moe_ll_rows_panels(struct moe_ll *g, LLVMValueRef x0, int64_t xs, LLVMValue
 			    g, vt,
 			    moe_ll_at(g, g->t_f32, bias,
 				      LLVMBuildNSWAdd(b, q8, moe_ll_i64c(g, 16 * v), "")));
-		for (int pass = 0; pass < 2; pass++) {
-			/* pass 0: tiles of MOE_LL_ROWS rows; pass 1: the rest one by one */
-			int nr = pass ? 1 : MOE_LL_ROWS;
-			moe_ll_loop_open(g, &tb, pass ? full : moe_ll_i64c(g, 0), pass ? n : full,
-					 nr, pass ? "r1" : "rb");
-			LLVMValueRef xr[MOE_LL_ROWS], qo[MOE_LL_ROWS];
-			for (int t = 0; t < nr; t++) {
-				LLVMValueRef tt = LLVMBuildNSWAdd(b, tb.iv, moe_ll_i64c(g, t), "");
-				xr[t] = moe_ll_at(g, g->t_f32, x0,
-						  LLVMBuildNSWMul(b, tt, moe_ll_i64c(g, xs), ""));
-				qo[t] = moe_ll_at(
-				    g, g->t_f32, out,
-				    LLVMBuildNSWAdd(
-					b, LLVMBuildNSWMul(b, tt, moe_ll_i64c(g, os), ""), q8, ""));
-			}
-			rows_tile(g, xr, nr, w, qb.iv, nb, K, fused, acc);
-			for (int t = 0; t < nr; t++)
-				for (int v = 0; v < nv; v++) {
-					LLVMValueRef o = acc[t * nv + v];
-					if (bias)
-						o = LLVMBuildFAdd(b, o, bv[v], "");
-					moe_ll_st(
-					    g, o,
-					    moe_ll_at(g, g->t_f32, qo[t], moe_ll_i64c(g, 16 * v)));
-				}
-			moe_ll_loop_close(g, &tb);
+		moe_ll_loop_open(g, &tb, r0, r1, nr, nr > 1 ? "rb" : "r1");
+		LLVMValueRef xr[MOE_LL_ROWS], qo[MOE_LL_ROWS];
+		for (int t = 0; t < nr; t++) {
+			LLVMValueRef tt = LLVMBuildNSWAdd(b, tb.iv, moe_ll_i64c(g, t), "");
+			xr[t] = moe_ll_at(g, g->t_f32, x0,
+					  LLVMBuildNSWMul(b, tt, moe_ll_i64c(g, xs), ""));
+			qo[t] = moe_ll_at(
+			    g, g->t_f32, out,
+			    LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, tt, moe_ll_i64c(g, os), ""), q8,
+					    ""));
 		}
+		rows_tile(g, xr, nr, w, qb.iv, nb, K, fused, acc);
+		for (int t = 0; t < nr; t++)
+			for (int v = 0; v < nv; v++) {
+				LLVMValueRef o = acc[t * nv + v];
+				if (bias)
+					o = LLVMBuildFAdd(b, o, bv[v], "");
+				moe_ll_st(g, o,
+					  moe_ll_at(g, g->t_f32, qo[t], moe_ll_i64c(g, 16 * v)));
+			}
+		moe_ll_loop_close(g, &tb);
 		moe_ll_loop_close(g, &qb);
 	}
+}
+
+/* moe_ll_rows_panels: see cpu_llvm_util.h. */
+void moe_ll_rows_panels(struct moe_ll *g, LLVMValueRef x0, int64_t xs, LLVMValueRef n,
+			LLVMValueRef w, LLVMValueRef b0, LLVMValueRef b1, int64_t K,
+			LLVMValueRef bias, LLVMValueRef out, int64_t os, int fused)
+{
+	/* the tiles: 8 rows x 4 blocks keep 16 accumulators in 32 zmm; on 16 ymm
+	 * registers 4 rows x 2 blocks keep 8 (8 x 4 would spill 16 of 32). A
+	 * single row keeps 4 blocks, 4 chains to hide the FMA latency. */
+	int64_t R = g->wide ? MOE_LL_ROWS : MOE_LL_ROWS / 2;
+	int NB = g->wide ? MOE_LL_BLOCKS : MOE_LL_BLOCKS / 2;
+	LLVMValueRef full = LLVMBuildMul(g->b, LLVMBuildSDiv(g->b, n, moe_ll_i64c(g, R), ""),
+					 moe_ll_i64c(g, R), "full");
+	panels_sweep(g, x0, xs, moe_ll_i64c(g, 0), full, (int)R, w, b0, b1, NB, K, bias, out, os,
+		     fused);
+	panels_sweep(g, x0, xs, full, n, 1, w, b0, b1, MOE_LL_BLOCKS, K, bias, out, os, fused);
 }
 
 int64_t moe_ll_tgroup_size(int64_t row_floats)

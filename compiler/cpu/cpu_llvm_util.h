@@ -86,9 +86,11 @@ LLVMValueRef moe_ll_fma(struct moe_ll *g, LLVMValueRef a, LLVMValueRef b, LLVMVa
  * bias is not NULL, for the n rows x_r = x0 + r xs (out rows out + r os) and
  * the blocks [b0, b1) of the packed [blocks][K][8] matrix w: MOE_LL_BLOCKS
  * blocks per pass as 16-lane vectors (then one at a time), the rows in tiles
- * of MOE_LL_ROWS (then one at a time), so each pass's panel vectors are
- * loaded once for all the rows of a tile. Whatever tile computes a value,
- * its arithmetic is the same. */
+ * of MOE_LL_ROWS (then one at a time, MOE_LL_BLOCKS blocks per pass); the
+ * tiles have half of each on 256-bit targets, whose 16 registers hold 8
+ * accumulators of 8 lanes. So each pass's panel vectors are loaded once for
+ * all the rows of a tile. Whatever tile computes a value, its arithmetic is
+ * the same. */
 void moe_ll_rows_panels(struct moe_ll *g, LLVMValueRef x0, int64_t xs, LLVMValueRef n,
 			LLVMValueRef w, LLVMValueRef b0, LLVMValueRef b1, int64_t K,
 			LLVMValueRef bias, LLVMValueRef out, int64_t os, int fused);

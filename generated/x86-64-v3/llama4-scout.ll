@@ -21,29 +21,13 @@ entry:
   %qacc1 = alloca <16 x float>, align 32
   %qacc2 = alloca <16 x float>, align 32
   %qacc3 = alloca <16 x float>, align 32
-  %qacc4 = alloca <16 x float>, align 32
-  %qacc5 = alloca <16 x float>, align 32
-  %qacc6 = alloca <16 x float>, align 32
-  %qacc7 = alloca <16 x float>, align 32
-  %qacc8 = alloca <16 x float>, align 32
-  %qacc9 = alloca <16 x float>, align 32
-  %qacc10 = alloca <16 x float>, align 32
-  %qacc11 = alloca <16 x float>, align 32
-  %qacc12 = alloca <16 x float>, align 32
-  %qacc13 = alloca <16 x float>, align 32
-  %qacc14 = alloca <16 x float>, align 32
-  %qacc15 = alloca <16 x float>, align 32
-  %qacc17 = alloca <16 x float>, align 32
-  %qacc18 = alloca <16 x float>, align 32
-  %qacc29 = alloca <8 x float>, align 32
-  %qacc30 = alloca <8 x float>, align 32
-  %qacc31 = alloca <8 x float>, align 32
-  %qacc32 = alloca <8 x float>, align 32
-  %qacc33 = alloca <8 x float>, align 32
-  %qacc34 = alloca <8 x float>, align 32
-  %qacc35 = alloca <8 x float>, align 32
+  %qacc8 = alloca <8 x float>, align 32
+  %qacc9 = alloca <8 x float>, align 32
+  %qacc10 = alloca <8 x float>, align 32
+  %qacc11 = alloca <8 x float>, align 32
+  %qacc20 = alloca <16 x float>, align 32
+  %qacc21 = alloca <16 x float>, align 32
   %qacc36 = alloca <8 x float>, align 32
-  %qacc45 = alloca <8 x float>, align 32
   %tk.m = alloca i64, align 32
   br label %start
 
@@ -51,7 +35,7 @@ start:                                            ; preds = %entry
   br label %tg.head
 
 tg.head:                                          ; preds = %t.end, %start
-  %tg = phi i64 [ %t0, %start ], [ %473, %t.end ]
+  %tg = phi i64 [ %t0, %start ], [ %307, %t.end ]
   %0 = icmp slt i64 %tg, %t1
   br i1 %0, label %tg.body, label %tg.end
 
@@ -61,13 +45,13 @@ tg.body:                                          ; preds = %tg.head
   %gn = select i1 %2, i64 %1, i64 8
   %3 = mul nsw i64 %tg, 5120
   %4 = getelementptr inbounds float, ptr %x, i64 %3
-  %5 = sdiv i64 %gn, 8
-  %full = mul i64 %5, 8
+  %5 = sdiv i64 %gn, 4
+  %full = mul i64 %5, 4
   br label %qb.head
 
-qb.head:                                          ; preds = %r1.end, %tg.body
-  %qb = phi i64 [ 0, %tg.body ], [ %244, %r1.end ]
-  %6 = icmp slt i64 %qb, 0
+qb.head:                                          ; preds = %rb.end, %tg.body
+  %qb = phi i64 [ 0, %tg.body ], [ %84, %rb.end ]
+  %6 = icmp slt i64 %qb, 2
   br i1 %6, label %qb.body, label %qb.end
 
 qb.body:                                          ; preds = %qb.head
@@ -75,7 +59,7 @@ qb.body:                                          ; preds = %qb.head
   br label %rb.head
 
 rb.head:                                          ; preds = %qh.end, %qb.body
-  %rb = phi i64 [ 0, %qb.body ], [ %195, %qh.end ]
+  %rb = phi i64 [ 0, %qb.body ], [ %83, %qh.end ]
   %8 = icmp slt i64 %rb, %full
   br i1 %8, label %rb.body, label %rb.end
 
@@ -104,617 +88,422 @@ rb.body:                                          ; preds = %rb.head
   %30 = mul nsw i64 %27, 16
   %31 = add nsw i64 %30, %7
   %32 = getelementptr inbounds float, ptr %lt, i64 %31
-  %33 = add nsw i64 %rb, 4
-  %34 = mul nsw i64 %33, 5120
-  %35 = getelementptr inbounds float, ptr %4, i64 %34
-  %36 = mul nsw i64 %33, 16
-  %37 = add nsw i64 %36, %7
-  %38 = getelementptr inbounds float, ptr %lt, i64 %37
-  %39 = add nsw i64 %rb, 5
-  %40 = mul nsw i64 %39, 5120
-  %41 = getelementptr inbounds float, ptr %4, i64 %40
-  %42 = mul nsw i64 %39, 16
-  %43 = add nsw i64 %42, %7
-  %44 = getelementptr inbounds float, ptr %lt, i64 %43
-  %45 = add nsw i64 %rb, 6
-  %46 = mul nsw i64 %45, 5120
-  %47 = getelementptr inbounds float, ptr %4, i64 %46
-  %48 = mul nsw i64 %45, 16
-  %49 = add nsw i64 %48, %7
-  %50 = getelementptr inbounds float, ptr %lt, i64 %49
-  %51 = add nsw i64 %rb, 7
-  %52 = mul nsw i64 %51, 5120
-  %53 = getelementptr inbounds float, ptr %4, i64 %52
-  %54 = mul nsw i64 %51, 16
-  %55 = add nsw i64 %54, %7
-  %56 = getelementptr inbounds float, ptr %lt, i64 %55
   store <16 x float> zeroinitializer, ptr %qacc, align 4
   store <16 x float> zeroinitializer, ptr %qacc1, align 4
   store <16 x float> zeroinitializer, ptr %qacc2, align 4
   store <16 x float> zeroinitializer, ptr %qacc3, align 4
-  store <16 x float> zeroinitializer, ptr %qacc4, align 4
-  store <16 x float> zeroinitializer, ptr %qacc5, align 4
-  store <16 x float> zeroinitializer, ptr %qacc6, align 4
-  store <16 x float> zeroinitializer, ptr %qacc7, align 4
-  store <16 x float> zeroinitializer, ptr %qacc8, align 4
-  store <16 x float> zeroinitializer, ptr %qacc9, align 4
-  store <16 x float> zeroinitializer, ptr %qacc10, align 4
-  store <16 x float> zeroinitializer, ptr %qacc11, align 4
-  store <16 x float> zeroinitializer, ptr %qacc12, align 4
-  store <16 x float> zeroinitializer, ptr %qacc13, align 4
-  store <16 x float> zeroinitializer, ptr %qacc14, align 4
-  store <16 x float> zeroinitializer, ptr %qacc15, align 4
   br label %qh.head
 
 qh.head:                                          ; preds = %qh.body, %rb.body
-  %qh = phi i64 [ 0, %rb.body ], [ %162, %qh.body ]
-  %57 = icmp slt i64 %qh, 5120
-  br i1 %57, label %qh.body, label %qh.end
+  %qh = phi i64 [ 0, %rb.body ], [ %74, %qh.body ]
+  %33 = icmp slt i64 %qh, 5120
+  br i1 %33, label %qh.body, label %qh.end
 
 qh.body:                                          ; preds = %qh.head
-  %58 = add nsw i64 %qb, 0
-  %59 = mul nsw i64 %qh, 8
-  %60 = mul nsw i64 %58, 40960
-  %61 = add nsw i64 %60, %59
-  %62 = getelementptr inbounds float, ptr %router, i64 %61
-  %63 = load <8 x float>, ptr %62, align 4
-  %64 = add nsw i64 %qb, 1
-  %65 = mul nsw i64 %qh, 8
-  %66 = mul nsw i64 %64, 40960
-  %67 = add nsw i64 %66, %65
-  %68 = getelementptr inbounds float, ptr %router, i64 %67
-  %69 = load <8 x float>, ptr %68, align 4
-  %w16 = shufflevector <8 x float> %63, <8 x float> %69, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %70 = add nsw i64 %qb, 2
-  %71 = mul nsw i64 %qh, 8
-  %72 = mul nsw i64 %70, 40960
-  %73 = add nsw i64 %72, %71
-  %74 = getelementptr inbounds float, ptr %router, i64 %73
-  %75 = load <8 x float>, ptr %74, align 4
-  %76 = add nsw i64 %qb, 3
-  %77 = mul nsw i64 %qh, 8
-  %78 = mul nsw i64 %76, 40960
-  %79 = add nsw i64 %78, %77
-  %80 = getelementptr inbounds float, ptr %router, i64 %79
-  %81 = load <8 x float>, ptr %80, align 4
-  %w1616 = shufflevector <8 x float> %75, <8 x float> %81, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %82 = getelementptr inbounds float, ptr %11, i64 %qh
-  %83 = load float, ptr %82, align 4
-  %84 = insertelement <16 x float> poison, float %83, i32 0
-  %85 = shufflevector <16 x float> %84, <16 x float> poison, <16 x i32> zeroinitializer
-  %86 = load <16 x float>, ptr %qacc, align 4
-  %87 = fmul <16 x float> %85, %w16
-  %88 = fadd <16 x float> %86, %87
-  store <16 x float> %88, ptr %qacc, align 4
-  %89 = load <16 x float>, ptr %qacc1, align 4
-  %90 = fmul <16 x float> %85, %w1616
-  %91 = fadd <16 x float> %89, %90
-  store <16 x float> %91, ptr %qacc1, align 4
-  %92 = getelementptr inbounds float, ptr %17, i64 %qh
-  %93 = load float, ptr %92, align 4
-  %94 = insertelement <16 x float> poison, float %93, i32 0
-  %95 = shufflevector <16 x float> %94, <16 x float> poison, <16 x i32> zeroinitializer
-  %96 = load <16 x float>, ptr %qacc2, align 4
-  %97 = fmul <16 x float> %95, %w16
-  %98 = fadd <16 x float> %96, %97
-  store <16 x float> %98, ptr %qacc2, align 4
-  %99 = load <16 x float>, ptr %qacc3, align 4
-  %100 = fmul <16 x float> %95, %w1616
-  %101 = fadd <16 x float> %99, %100
-  store <16 x float> %101, ptr %qacc3, align 4
-  %102 = getelementptr inbounds float, ptr %23, i64 %qh
-  %103 = load float, ptr %102, align 4
-  %104 = insertelement <16 x float> poison, float %103, i32 0
-  %105 = shufflevector <16 x float> %104, <16 x float> poison, <16 x i32> zeroinitializer
-  %106 = load <16 x float>, ptr %qacc4, align 4
-  %107 = fmul <16 x float> %105, %w16
-  %108 = fadd <16 x float> %106, %107
-  store <16 x float> %108, ptr %qacc4, align 4
-  %109 = load <16 x float>, ptr %qacc5, align 4
-  %110 = fmul <16 x float> %105, %w1616
-  %111 = fadd <16 x float> %109, %110
-  store <16 x float> %111, ptr %qacc5, align 4
-  %112 = getelementptr inbounds float, ptr %29, i64 %qh
-  %113 = load float, ptr %112, align 4
-  %114 = insertelement <16 x float> poison, float %113, i32 0
-  %115 = shufflevector <16 x float> %114, <16 x float> poison, <16 x i32> zeroinitializer
-  %116 = load <16 x float>, ptr %qacc6, align 4
-  %117 = fmul <16 x float> %115, %w16
-  %118 = fadd <16 x float> %116, %117
-  store <16 x float> %118, ptr %qacc6, align 4
-  %119 = load <16 x float>, ptr %qacc7, align 4
-  %120 = fmul <16 x float> %115, %w1616
-  %121 = fadd <16 x float> %119, %120
-  store <16 x float> %121, ptr %qacc7, align 4
-  %122 = getelementptr inbounds float, ptr %35, i64 %qh
-  %123 = load float, ptr %122, align 4
-  %124 = insertelement <16 x float> poison, float %123, i32 0
-  %125 = shufflevector <16 x float> %124, <16 x float> poison, <16 x i32> zeroinitializer
-  %126 = load <16 x float>, ptr %qacc8, align 4
-  %127 = fmul <16 x float> %125, %w16
-  %128 = fadd <16 x float> %126, %127
-  store <16 x float> %128, ptr %qacc8, align 4
-  %129 = load <16 x float>, ptr %qacc9, align 4
-  %130 = fmul <16 x float> %125, %w1616
-  %131 = fadd <16 x float> %129, %130
-  store <16 x float> %131, ptr %qacc9, align 4
-  %132 = getelementptr inbounds float, ptr %41, i64 %qh
-  %133 = load float, ptr %132, align 4
-  %134 = insertelement <16 x float> poison, float %133, i32 0
-  %135 = shufflevector <16 x float> %134, <16 x float> poison, <16 x i32> zeroinitializer
-  %136 = load <16 x float>, ptr %qacc10, align 4
-  %137 = fmul <16 x float> %135, %w16
-  %138 = fadd <16 x float> %136, %137
-  store <16 x float> %138, ptr %qacc10, align 4
-  %139 = load <16 x float>, ptr %qacc11, align 4
-  %140 = fmul <16 x float> %135, %w1616
-  %141 = fadd <16 x float> %139, %140
-  store <16 x float> %141, ptr %qacc11, align 4
-  %142 = getelementptr inbounds float, ptr %47, i64 %qh
-  %143 = load float, ptr %142, align 4
-  %144 = insertelement <16 x float> poison, float %143, i32 0
-  %145 = shufflevector <16 x float> %144, <16 x float> poison, <16 x i32> zeroinitializer
-  %146 = load <16 x float>, ptr %qacc12, align 4
-  %147 = fmul <16 x float> %145, %w16
-  %148 = fadd <16 x float> %146, %147
-  store <16 x float> %148, ptr %qacc12, align 4
-  %149 = load <16 x float>, ptr %qacc13, align 4
-  %150 = fmul <16 x float> %145, %w1616
-  %151 = fadd <16 x float> %149, %150
-  store <16 x float> %151, ptr %qacc13, align 4
-  %152 = getelementptr inbounds float, ptr %53, i64 %qh
-  %153 = load float, ptr %152, align 4
-  %154 = insertelement <16 x float> poison, float %153, i32 0
-  %155 = shufflevector <16 x float> %154, <16 x float> poison, <16 x i32> zeroinitializer
-  %156 = load <16 x float>, ptr %qacc14, align 4
-  %157 = fmul <16 x float> %155, %w16
-  %158 = fadd <16 x float> %156, %157
-  store <16 x float> %158, ptr %qacc14, align 4
-  %159 = load <16 x float>, ptr %qacc15, align 4
-  %160 = fmul <16 x float> %155, %w1616
-  %161 = fadd <16 x float> %159, %160
-  store <16 x float> %161, ptr %qacc15, align 4
-  %162 = add nsw i64 %qh, 1
+  %34 = add nsw i64 %qb, 0
+  %35 = mul nsw i64 %qh, 8
+  %36 = mul nsw i64 %34, 40960
+  %37 = add nsw i64 %36, %35
+  %38 = getelementptr inbounds float, ptr %router, i64 %37
+  %39 = load <8 x float>, ptr %38, align 4
+  %40 = add nsw i64 %qb, 1
+  %41 = mul nsw i64 %qh, 8
+  %42 = mul nsw i64 %40, 40960
+  %43 = add nsw i64 %42, %41
+  %44 = getelementptr inbounds float, ptr %router, i64 %43
+  %45 = load <8 x float>, ptr %44, align 4
+  %w16 = shufflevector <8 x float> %39, <8 x float> %45, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %46 = getelementptr inbounds float, ptr %11, i64 %qh
+  %47 = load float, ptr %46, align 4
+  %48 = insertelement <16 x float> poison, float %47, i32 0
+  %49 = shufflevector <16 x float> %48, <16 x float> poison, <16 x i32> zeroinitializer
+  %50 = load <16 x float>, ptr %qacc, align 4
+  %51 = fmul <16 x float> %49, %w16
+  %52 = fadd <16 x float> %50, %51
+  store <16 x float> %52, ptr %qacc, align 4
+  %53 = getelementptr inbounds float, ptr %17, i64 %qh
+  %54 = load float, ptr %53, align 4
+  %55 = insertelement <16 x float> poison, float %54, i32 0
+  %56 = shufflevector <16 x float> %55, <16 x float> poison, <16 x i32> zeroinitializer
+  %57 = load <16 x float>, ptr %qacc1, align 4
+  %58 = fmul <16 x float> %56, %w16
+  %59 = fadd <16 x float> %57, %58
+  store <16 x float> %59, ptr %qacc1, align 4
+  %60 = getelementptr inbounds float, ptr %23, i64 %qh
+  %61 = load float, ptr %60, align 4
+  %62 = insertelement <16 x float> poison, float %61, i32 0
+  %63 = shufflevector <16 x float> %62, <16 x float> poison, <16 x i32> zeroinitializer
+  %64 = load <16 x float>, ptr %qacc2, align 4
+  %65 = fmul <16 x float> %63, %w16
+  %66 = fadd <16 x float> %64, %65
+  store <16 x float> %66, ptr %qacc2, align 4
+  %67 = getelementptr inbounds float, ptr %29, i64 %qh
+  %68 = load float, ptr %67, align 4
+  %69 = insertelement <16 x float> poison, float %68, i32 0
+  %70 = shufflevector <16 x float> %69, <16 x float> poison, <16 x i32> zeroinitializer
+  %71 = load <16 x float>, ptr %qacc3, align 4
+  %72 = fmul <16 x float> %70, %w16
+  %73 = fadd <16 x float> %71, %72
+  store <16 x float> %73, ptr %qacc3, align 4
+  %74 = add nsw i64 %qh, 1
   br label %qh.head
 
 qh.end:                                           ; preds = %qh.head
-  %163 = load <16 x float>, ptr %qacc, align 4
-  %164 = load <16 x float>, ptr %qacc1, align 4
-  %165 = load <16 x float>, ptr %qacc2, align 4
-  %166 = load <16 x float>, ptr %qacc3, align 4
-  %167 = load <16 x float>, ptr %qacc4, align 4
-  %168 = load <16 x float>, ptr %qacc5, align 4
-  %169 = load <16 x float>, ptr %qacc6, align 4
-  %170 = load <16 x float>, ptr %qacc7, align 4
-  %171 = load <16 x float>, ptr %qacc8, align 4
-  %172 = load <16 x float>, ptr %qacc9, align 4
-  %173 = load <16 x float>, ptr %qacc10, align 4
-  %174 = load <16 x float>, ptr %qacc11, align 4
-  %175 = load <16 x float>, ptr %qacc12, align 4
-  %176 = load <16 x float>, ptr %qacc13, align 4
-  %177 = load <16 x float>, ptr %qacc14, align 4
-  %178 = load <16 x float>, ptr %qacc15, align 4
-  %179 = getelementptr inbounds float, ptr %14, i64 0
-  store <16 x float> %163, ptr %179, align 4
-  %180 = getelementptr inbounds float, ptr %14, i64 16
-  store <16 x float> %164, ptr %180, align 4
-  %181 = getelementptr inbounds float, ptr %20, i64 0
-  store <16 x float> %165, ptr %181, align 4
-  %182 = getelementptr inbounds float, ptr %20, i64 16
-  store <16 x float> %166, ptr %182, align 4
-  %183 = getelementptr inbounds float, ptr %26, i64 0
-  store <16 x float> %167, ptr %183, align 4
-  %184 = getelementptr inbounds float, ptr %26, i64 16
-  store <16 x float> %168, ptr %184, align 4
-  %185 = getelementptr inbounds float, ptr %32, i64 0
-  store <16 x float> %169, ptr %185, align 4
-  %186 = getelementptr inbounds float, ptr %32, i64 16
-  store <16 x float> %170, ptr %186, align 4
-  %187 = getelementptr inbounds float, ptr %38, i64 0
-  store <16 x float> %171, ptr %187, align 4
-  %188 = getelementptr inbounds float, ptr %38, i64 16
-  store <16 x float> %172, ptr %188, align 4
-  %189 = getelementptr inbounds float, ptr %44, i64 0
-  store <16 x float> %173, ptr %189, align 4
-  %190 = getelementptr inbounds float, ptr %44, i64 16
-  store <16 x float> %174, ptr %190, align 4
-  %191 = getelementptr inbounds float, ptr %50, i64 0
-  store <16 x float> %175, ptr %191, align 4
-  %192 = getelementptr inbounds float, ptr %50, i64 16
-  store <16 x float> %176, ptr %192, align 4
-  %193 = getelementptr inbounds float, ptr %56, i64 0
-  store <16 x float> %177, ptr %193, align 4
-  %194 = getelementptr inbounds float, ptr %56, i64 16
-  store <16 x float> %178, ptr %194, align 4
-  %195 = add nsw i64 %rb, 8
+  %75 = load <16 x float>, ptr %qacc, align 4
+  %76 = load <16 x float>, ptr %qacc1, align 4
+  %77 = load <16 x float>, ptr %qacc2, align 4
+  %78 = load <16 x float>, ptr %qacc3, align 4
+  %79 = getelementptr inbounds float, ptr %14, i64 0
+  store <16 x float> %75, ptr %79, align 4
+  %80 = getelementptr inbounds float, ptr %20, i64 0
+  store <16 x float> %76, ptr %80, align 4
+  %81 = getelementptr inbounds float, ptr %26, i64 0
+  store <16 x float> %77, ptr %81, align 4
+  %82 = getelementptr inbounds float, ptr %32, i64 0
+  store <16 x float> %78, ptr %82, align 4
+  %83 = add nsw i64 %rb, 4
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  br label %r1.head
-
-r1.head:                                          ; preds = %qh.end21, %rb.end
-  %r1 = phi i64 [ %full, %rb.end ], [ %243, %qh.end21 ]
-  %196 = icmp slt i64 %r1, %gn
-  br i1 %196, label %r1.body, label %r1.end
-
-r1.body:                                          ; preds = %r1.head
-  %197 = add nsw i64 %r1, 0
-  %198 = mul nsw i64 %197, 5120
-  %199 = getelementptr inbounds float, ptr %4, i64 %198
-  %200 = mul nsw i64 %197, 16
-  %201 = add nsw i64 %200, %7
-  %202 = getelementptr inbounds float, ptr %lt, i64 %201
-  store <16 x float> zeroinitializer, ptr %qacc17, align 4
-  store <16 x float> zeroinitializer, ptr %qacc18, align 4
-  br label %qh.head19
-
-qh.head19:                                        ; preds = %qh.body20, %r1.body
-  %qh22 = phi i64 [ 0, %r1.body ], [ %238, %qh.body20 ]
-  %203 = icmp slt i64 %qh22, 5120
-  br i1 %203, label %qh.body20, label %qh.end21
-
-qh.body20:                                        ; preds = %qh.head19
-  %204 = add nsw i64 %qb, 0
-  %205 = mul nsw i64 %qh22, 8
-  %206 = mul nsw i64 %204, 40960
-  %207 = add nsw i64 %206, %205
-  %208 = getelementptr inbounds float, ptr %router, i64 %207
-  %209 = load <8 x float>, ptr %208, align 4
-  %210 = add nsw i64 %qb, 1
-  %211 = mul nsw i64 %qh22, 8
-  %212 = mul nsw i64 %210, 40960
-  %213 = add nsw i64 %212, %211
-  %214 = getelementptr inbounds float, ptr %router, i64 %213
-  %215 = load <8 x float>, ptr %214, align 4
-  %w1623 = shufflevector <8 x float> %209, <8 x float> %215, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %216 = add nsw i64 %qb, 2
-  %217 = mul nsw i64 %qh22, 8
-  %218 = mul nsw i64 %216, 40960
-  %219 = add nsw i64 %218, %217
-  %220 = getelementptr inbounds float, ptr %router, i64 %219
-  %221 = load <8 x float>, ptr %220, align 4
-  %222 = add nsw i64 %qb, 3
-  %223 = mul nsw i64 %qh22, 8
-  %224 = mul nsw i64 %222, 40960
-  %225 = add nsw i64 %224, %223
-  %226 = getelementptr inbounds float, ptr %router, i64 %225
-  %227 = load <8 x float>, ptr %226, align 4
-  %w1624 = shufflevector <8 x float> %221, <8 x float> %227, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %228 = getelementptr inbounds float, ptr %199, i64 %qh22
-  %229 = load float, ptr %228, align 4
-  %230 = insertelement <16 x float> poison, float %229, i32 0
-  %231 = shufflevector <16 x float> %230, <16 x float> poison, <16 x i32> zeroinitializer
-  %232 = load <16 x float>, ptr %qacc17, align 4
-  %233 = fmul <16 x float> %231, %w1623
-  %234 = fadd <16 x float> %232, %233
-  store <16 x float> %234, ptr %qacc17, align 4
-  %235 = load <16 x float>, ptr %qacc18, align 4
-  %236 = fmul <16 x float> %231, %w1624
-  %237 = fadd <16 x float> %235, %236
-  store <16 x float> %237, ptr %qacc18, align 4
-  %238 = add nsw i64 %qh22, 1
-  br label %qh.head19
-
-qh.end21:                                         ; preds = %qh.head19
-  %239 = load <16 x float>, ptr %qacc17, align 4
-  %240 = load <16 x float>, ptr %qacc18, align 4
-  %241 = getelementptr inbounds float, ptr %202, i64 0
-  store <16 x float> %239, ptr %241, align 4
-  %242 = getelementptr inbounds float, ptr %202, i64 16
-  store <16 x float> %240, ptr %242, align 4
-  %243 = add nsw i64 %r1, 1
-  br label %r1.head
-
-r1.end:                                           ; preds = %r1.head
-  %244 = add nsw i64 %qb, 4
+  %84 = add nsw i64 %qb, 2
   br label %qb.head
 
 qb.end:                                           ; preds = %qb.head
   br label %qb1.head
 
-qb1.head:                                         ; preds = %r1.end43, %qb.end
-  %qb1 = phi i64 [ 0, %qb.end ], [ %402, %r1.end43 ]
-  %245 = icmp slt i64 %qb1, 2
-  br i1 %245, label %qb1.body, label %qb1.end
+qb1.head:                                         ; preds = %rb.end6, %qb.end
+  %qb1 = phi i64 [ 2, %qb.end ], [ %157, %rb.end6 ]
+  %85 = icmp slt i64 %qb1, 2
+  br i1 %85, label %qb1.body, label %qb1.end
 
 qb1.body:                                         ; preds = %qb1.head
-  %246 = mul nsw i64 %qb1, 8
-  br label %rb.head25
+  %86 = mul nsw i64 %qb1, 8
+  br label %rb.head4
 
-rb.head25:                                        ; preds = %qh.end39, %qb1.body
-  %rb28 = phi i64 [ 0, %qb1.body ], [ %376, %qh.end39 ]
-  %247 = icmp slt i64 %rb28, %full
-  br i1 %247, label %rb.body26, label %rb.end27
+rb.head4:                                         ; preds = %qh.end14, %qb1.body
+  %rb7 = phi i64 [ 0, %qb1.body ], [ %156, %qh.end14 ]
+  %87 = icmp slt i64 %rb7, %full
+  br i1 %87, label %rb.body5, label %rb.end6
 
-rb.body26:                                        ; preds = %rb.head25
-  %248 = add nsw i64 %rb28, 0
-  %249 = mul nsw i64 %248, 5120
-  %250 = getelementptr inbounds float, ptr %4, i64 %249
-  %251 = mul nsw i64 %248, 16
-  %252 = add nsw i64 %251, %246
-  %253 = getelementptr inbounds float, ptr %lt, i64 %252
-  %254 = add nsw i64 %rb28, 1
-  %255 = mul nsw i64 %254, 5120
-  %256 = getelementptr inbounds float, ptr %4, i64 %255
-  %257 = mul nsw i64 %254, 16
-  %258 = add nsw i64 %257, %246
-  %259 = getelementptr inbounds float, ptr %lt, i64 %258
-  %260 = add nsw i64 %rb28, 2
-  %261 = mul nsw i64 %260, 5120
-  %262 = getelementptr inbounds float, ptr %4, i64 %261
-  %263 = mul nsw i64 %260, 16
-  %264 = add nsw i64 %263, %246
-  %265 = getelementptr inbounds float, ptr %lt, i64 %264
-  %266 = add nsw i64 %rb28, 3
-  %267 = mul nsw i64 %266, 5120
-  %268 = getelementptr inbounds float, ptr %4, i64 %267
-  %269 = mul nsw i64 %266, 16
-  %270 = add nsw i64 %269, %246
-  %271 = getelementptr inbounds float, ptr %lt, i64 %270
-  %272 = add nsw i64 %rb28, 4
-  %273 = mul nsw i64 %272, 5120
-  %274 = getelementptr inbounds float, ptr %4, i64 %273
-  %275 = mul nsw i64 %272, 16
-  %276 = add nsw i64 %275, %246
-  %277 = getelementptr inbounds float, ptr %lt, i64 %276
-  %278 = add nsw i64 %rb28, 5
-  %279 = mul nsw i64 %278, 5120
-  %280 = getelementptr inbounds float, ptr %4, i64 %279
-  %281 = mul nsw i64 %278, 16
-  %282 = add nsw i64 %281, %246
-  %283 = getelementptr inbounds float, ptr %lt, i64 %282
-  %284 = add nsw i64 %rb28, 6
-  %285 = mul nsw i64 %284, 5120
-  %286 = getelementptr inbounds float, ptr %4, i64 %285
-  %287 = mul nsw i64 %284, 16
-  %288 = add nsw i64 %287, %246
-  %289 = getelementptr inbounds float, ptr %lt, i64 %288
-  %290 = add nsw i64 %rb28, 7
-  %291 = mul nsw i64 %290, 5120
-  %292 = getelementptr inbounds float, ptr %4, i64 %291
-  %293 = mul nsw i64 %290, 16
-  %294 = add nsw i64 %293, %246
-  %295 = getelementptr inbounds float, ptr %lt, i64 %294
-  store <8 x float> zeroinitializer, ptr %qacc29, align 4
-  store <8 x float> zeroinitializer, ptr %qacc30, align 4
-  store <8 x float> zeroinitializer, ptr %qacc31, align 4
-  store <8 x float> zeroinitializer, ptr %qacc32, align 4
-  store <8 x float> zeroinitializer, ptr %qacc33, align 4
-  store <8 x float> zeroinitializer, ptr %qacc34, align 4
-  store <8 x float> zeroinitializer, ptr %qacc35, align 4
-  store <8 x float> zeroinitializer, ptr %qacc36, align 4
-  br label %qh.head37
+rb.body5:                                         ; preds = %rb.head4
+  %88 = add nsw i64 %rb7, 0
+  %89 = mul nsw i64 %88, 5120
+  %90 = getelementptr inbounds float, ptr %4, i64 %89
+  %91 = mul nsw i64 %88, 16
+  %92 = add nsw i64 %91, %86
+  %93 = getelementptr inbounds float, ptr %lt, i64 %92
+  %94 = add nsw i64 %rb7, 1
+  %95 = mul nsw i64 %94, 5120
+  %96 = getelementptr inbounds float, ptr %4, i64 %95
+  %97 = mul nsw i64 %94, 16
+  %98 = add nsw i64 %97, %86
+  %99 = getelementptr inbounds float, ptr %lt, i64 %98
+  %100 = add nsw i64 %rb7, 2
+  %101 = mul nsw i64 %100, 5120
+  %102 = getelementptr inbounds float, ptr %4, i64 %101
+  %103 = mul nsw i64 %100, 16
+  %104 = add nsw i64 %103, %86
+  %105 = getelementptr inbounds float, ptr %lt, i64 %104
+  %106 = add nsw i64 %rb7, 3
+  %107 = mul nsw i64 %106, 5120
+  %108 = getelementptr inbounds float, ptr %4, i64 %107
+  %109 = mul nsw i64 %106, 16
+  %110 = add nsw i64 %109, %86
+  %111 = getelementptr inbounds float, ptr %lt, i64 %110
+  store <8 x float> zeroinitializer, ptr %qacc8, align 4
+  store <8 x float> zeroinitializer, ptr %qacc9, align 4
+  store <8 x float> zeroinitializer, ptr %qacc10, align 4
+  store <8 x float> zeroinitializer, ptr %qacc11, align 4
+  br label %qh.head12
 
-qh.head37:                                        ; preds = %qh.body38, %rb.body26
-  %qh40 = phi i64 [ 0, %rb.body26 ], [ %359, %qh.body38 ]
-  %296 = icmp slt i64 %qh40, 5120
-  br i1 %296, label %qh.body38, label %qh.end39
+qh.head12:                                        ; preds = %qh.body13, %rb.body5
+  %qh15 = phi i64 [ 0, %rb.body5 ], [ %147, %qh.body13 ]
+  %112 = icmp slt i64 %qh15, 5120
+  br i1 %112, label %qh.body13, label %qh.end14
 
-qh.body38:                                        ; preds = %qh.head37
-  %297 = add nsw i64 %qb1, 0
-  %298 = mul nsw i64 %qh40, 8
-  %299 = mul nsw i64 %297, 40960
-  %300 = add nsw i64 %299, %298
-  %301 = getelementptr inbounds float, ptr %router, i64 %300
-  %302 = load <8 x float>, ptr %301, align 4
-  %303 = getelementptr inbounds float, ptr %250, i64 %qh40
-  %304 = load float, ptr %303, align 4
-  %305 = insertelement <8 x float> poison, float %304, i32 0
-  %306 = shufflevector <8 x float> %305, <8 x float> poison, <8 x i32> zeroinitializer
-  %307 = load <8 x float>, ptr %qacc29, align 4
-  %308 = fmul <8 x float> %306, %302
-  %309 = fadd <8 x float> %307, %308
-  store <8 x float> %309, ptr %qacc29, align 4
-  %310 = getelementptr inbounds float, ptr %256, i64 %qh40
-  %311 = load float, ptr %310, align 4
-  %312 = insertelement <8 x float> poison, float %311, i32 0
-  %313 = shufflevector <8 x float> %312, <8 x float> poison, <8 x i32> zeroinitializer
-  %314 = load <8 x float>, ptr %qacc30, align 4
-  %315 = fmul <8 x float> %313, %302
-  %316 = fadd <8 x float> %314, %315
-  store <8 x float> %316, ptr %qacc30, align 4
-  %317 = getelementptr inbounds float, ptr %262, i64 %qh40
-  %318 = load float, ptr %317, align 4
-  %319 = insertelement <8 x float> poison, float %318, i32 0
-  %320 = shufflevector <8 x float> %319, <8 x float> poison, <8 x i32> zeroinitializer
-  %321 = load <8 x float>, ptr %qacc31, align 4
-  %322 = fmul <8 x float> %320, %302
-  %323 = fadd <8 x float> %321, %322
-  store <8 x float> %323, ptr %qacc31, align 4
-  %324 = getelementptr inbounds float, ptr %268, i64 %qh40
-  %325 = load float, ptr %324, align 4
-  %326 = insertelement <8 x float> poison, float %325, i32 0
-  %327 = shufflevector <8 x float> %326, <8 x float> poison, <8 x i32> zeroinitializer
-  %328 = load <8 x float>, ptr %qacc32, align 4
-  %329 = fmul <8 x float> %327, %302
-  %330 = fadd <8 x float> %328, %329
-  store <8 x float> %330, ptr %qacc32, align 4
-  %331 = getelementptr inbounds float, ptr %274, i64 %qh40
-  %332 = load float, ptr %331, align 4
-  %333 = insertelement <8 x float> poison, float %332, i32 0
-  %334 = shufflevector <8 x float> %333, <8 x float> poison, <8 x i32> zeroinitializer
-  %335 = load <8 x float>, ptr %qacc33, align 4
-  %336 = fmul <8 x float> %334, %302
-  %337 = fadd <8 x float> %335, %336
-  store <8 x float> %337, ptr %qacc33, align 4
-  %338 = getelementptr inbounds float, ptr %280, i64 %qh40
-  %339 = load float, ptr %338, align 4
-  %340 = insertelement <8 x float> poison, float %339, i32 0
-  %341 = shufflevector <8 x float> %340, <8 x float> poison, <8 x i32> zeroinitializer
-  %342 = load <8 x float>, ptr %qacc34, align 4
-  %343 = fmul <8 x float> %341, %302
-  %344 = fadd <8 x float> %342, %343
-  store <8 x float> %344, ptr %qacc34, align 4
-  %345 = getelementptr inbounds float, ptr %286, i64 %qh40
-  %346 = load float, ptr %345, align 4
-  %347 = insertelement <8 x float> poison, float %346, i32 0
-  %348 = shufflevector <8 x float> %347, <8 x float> poison, <8 x i32> zeroinitializer
-  %349 = load <8 x float>, ptr %qacc35, align 4
-  %350 = fmul <8 x float> %348, %302
-  %351 = fadd <8 x float> %349, %350
-  store <8 x float> %351, ptr %qacc35, align 4
-  %352 = getelementptr inbounds float, ptr %292, i64 %qh40
-  %353 = load float, ptr %352, align 4
-  %354 = insertelement <8 x float> poison, float %353, i32 0
-  %355 = shufflevector <8 x float> %354, <8 x float> poison, <8 x i32> zeroinitializer
-  %356 = load <8 x float>, ptr %qacc36, align 4
-  %357 = fmul <8 x float> %355, %302
-  %358 = fadd <8 x float> %356, %357
-  store <8 x float> %358, ptr %qacc36, align 4
-  %359 = add nsw i64 %qh40, 1
-  br label %qh.head37
+qh.body13:                                        ; preds = %qh.head12
+  %113 = add nsw i64 %qb1, 0
+  %114 = mul nsw i64 %qh15, 8
+  %115 = mul nsw i64 %113, 40960
+  %116 = add nsw i64 %115, %114
+  %117 = getelementptr inbounds float, ptr %router, i64 %116
+  %118 = load <8 x float>, ptr %117, align 4
+  %119 = getelementptr inbounds float, ptr %90, i64 %qh15
+  %120 = load float, ptr %119, align 4
+  %121 = insertelement <8 x float> poison, float %120, i32 0
+  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
+  %123 = load <8 x float>, ptr %qacc8, align 4
+  %124 = fmul <8 x float> %122, %118
+  %125 = fadd <8 x float> %123, %124
+  store <8 x float> %125, ptr %qacc8, align 4
+  %126 = getelementptr inbounds float, ptr %96, i64 %qh15
+  %127 = load float, ptr %126, align 4
+  %128 = insertelement <8 x float> poison, float %127, i32 0
+  %129 = shufflevector <8 x float> %128, <8 x float> poison, <8 x i32> zeroinitializer
+  %130 = load <8 x float>, ptr %qacc9, align 4
+  %131 = fmul <8 x float> %129, %118
+  %132 = fadd <8 x float> %130, %131
+  store <8 x float> %132, ptr %qacc9, align 4
+  %133 = getelementptr inbounds float, ptr %102, i64 %qh15
+  %134 = load float, ptr %133, align 4
+  %135 = insertelement <8 x float> poison, float %134, i32 0
+  %136 = shufflevector <8 x float> %135, <8 x float> poison, <8 x i32> zeroinitializer
+  %137 = load <8 x float>, ptr %qacc10, align 4
+  %138 = fmul <8 x float> %136, %118
+  %139 = fadd <8 x float> %137, %138
+  store <8 x float> %139, ptr %qacc10, align 4
+  %140 = getelementptr inbounds float, ptr %108, i64 %qh15
+  %141 = load float, ptr %140, align 4
+  %142 = insertelement <8 x float> poison, float %141, i32 0
+  %143 = shufflevector <8 x float> %142, <8 x float> poison, <8 x i32> zeroinitializer
+  %144 = load <8 x float>, ptr %qacc11, align 4
+  %145 = fmul <8 x float> %143, %118
+  %146 = fadd <8 x float> %144, %145
+  store <8 x float> %146, ptr %qacc11, align 4
+  %147 = add nsw i64 %qh15, 1
+  br label %qh.head12
 
-qh.end39:                                         ; preds = %qh.head37
-  %360 = load <8 x float>, ptr %qacc29, align 4
-  %361 = load <8 x float>, ptr %qacc30, align 4
-  %362 = load <8 x float>, ptr %qacc31, align 4
-  %363 = load <8 x float>, ptr %qacc32, align 4
-  %364 = load <8 x float>, ptr %qacc33, align 4
-  %365 = load <8 x float>, ptr %qacc34, align 4
-  %366 = load <8 x float>, ptr %qacc35, align 4
-  %367 = load <8 x float>, ptr %qacc36, align 4
-  %368 = getelementptr inbounds float, ptr %253, i64 0
-  store <8 x float> %360, ptr %368, align 4
-  %369 = getelementptr inbounds float, ptr %259, i64 0
-  store <8 x float> %361, ptr %369, align 4
-  %370 = getelementptr inbounds float, ptr %265, i64 0
-  store <8 x float> %362, ptr %370, align 4
-  %371 = getelementptr inbounds float, ptr %271, i64 0
-  store <8 x float> %363, ptr %371, align 4
-  %372 = getelementptr inbounds float, ptr %277, i64 0
-  store <8 x float> %364, ptr %372, align 4
-  %373 = getelementptr inbounds float, ptr %283, i64 0
-  store <8 x float> %365, ptr %373, align 4
-  %374 = getelementptr inbounds float, ptr %289, i64 0
-  store <8 x float> %366, ptr %374, align 4
-  %375 = getelementptr inbounds float, ptr %295, i64 0
-  store <8 x float> %367, ptr %375, align 4
-  %376 = add nsw i64 %rb28, 8
-  br label %rb.head25
+qh.end14:                                         ; preds = %qh.head12
+  %148 = load <8 x float>, ptr %qacc8, align 4
+  %149 = load <8 x float>, ptr %qacc9, align 4
+  %150 = load <8 x float>, ptr %qacc10, align 4
+  %151 = load <8 x float>, ptr %qacc11, align 4
+  %152 = getelementptr inbounds float, ptr %93, i64 0
+  store <8 x float> %148, ptr %152, align 4
+  %153 = getelementptr inbounds float, ptr %99, i64 0
+  store <8 x float> %149, ptr %153, align 4
+  %154 = getelementptr inbounds float, ptr %105, i64 0
+  store <8 x float> %150, ptr %154, align 4
+  %155 = getelementptr inbounds float, ptr %111, i64 0
+  store <8 x float> %151, ptr %155, align 4
+  %156 = add nsw i64 %rb7, 4
+  br label %rb.head4
 
-rb.end27:                                         ; preds = %rb.head25
-  br label %r1.head41
-
-r1.head41:                                        ; preds = %qh.end48, %rb.end27
-  %r144 = phi i64 [ %full, %rb.end27 ], [ %401, %qh.end48 ]
-  %377 = icmp slt i64 %r144, %gn
-  br i1 %377, label %r1.body42, label %r1.end43
-
-r1.body42:                                        ; preds = %r1.head41
-  %378 = add nsw i64 %r144, 0
-  %379 = mul nsw i64 %378, 5120
-  %380 = getelementptr inbounds float, ptr %4, i64 %379
-  %381 = mul nsw i64 %378, 16
-  %382 = add nsw i64 %381, %246
-  %383 = getelementptr inbounds float, ptr %lt, i64 %382
-  store <8 x float> zeroinitializer, ptr %qacc45, align 4
-  br label %qh.head46
-
-qh.head46:                                        ; preds = %qh.body47, %r1.body42
-  %qh49 = phi i64 [ 0, %r1.body42 ], [ %398, %qh.body47 ]
-  %384 = icmp slt i64 %qh49, 5120
-  br i1 %384, label %qh.body47, label %qh.end48
-
-qh.body47:                                        ; preds = %qh.head46
-  %385 = add nsw i64 %qb1, 0
-  %386 = mul nsw i64 %qh49, 8
-  %387 = mul nsw i64 %385, 40960
-  %388 = add nsw i64 %387, %386
-  %389 = getelementptr inbounds float, ptr %router, i64 %388
-  %390 = load <8 x float>, ptr %389, align 4
-  %391 = getelementptr inbounds float, ptr %380, i64 %qh49
-  %392 = load float, ptr %391, align 4
-  %393 = insertelement <8 x float> poison, float %392, i32 0
-  %394 = shufflevector <8 x float> %393, <8 x float> poison, <8 x i32> zeroinitializer
-  %395 = load <8 x float>, ptr %qacc45, align 4
-  %396 = fmul <8 x float> %394, %390
-  %397 = fadd <8 x float> %395, %396
-  store <8 x float> %397, ptr %qacc45, align 4
-  %398 = add nsw i64 %qh49, 1
-  br label %qh.head46
-
-qh.end48:                                         ; preds = %qh.head46
-  %399 = load <8 x float>, ptr %qacc45, align 4
-  %400 = getelementptr inbounds float, ptr %383, i64 0
-  store <8 x float> %399, ptr %400, align 4
-  %401 = add nsw i64 %r144, 1
-  br label %r1.head41
-
-r1.end43:                                         ; preds = %r1.head41
-  %402 = add nsw i64 %qb1, 1
+rb.end6:                                          ; preds = %rb.head4
+  %157 = add nsw i64 %qb1, 1
   br label %qb1.head
 
 qb1.end:                                          ; preds = %qb1.head
+  br label %qb.head16
+
+qb.head16:                                        ; preds = %r1.end, %qb1.end
+  %qb19 = phi i64 [ 0, %qb1.end ], [ %208, %r1.end ]
+  %158 = icmp slt i64 %qb19, 0
+  br i1 %158, label %qb.body17, label %qb.end18
+
+qb.body17:                                        ; preds = %qb.head16
+  %159 = mul nsw i64 %qb19, 8
+  br label %r1.head
+
+r1.head:                                          ; preds = %qh.end24, %qb.body17
+  %r1 = phi i64 [ %full, %qb.body17 ], [ %207, %qh.end24 ]
+  %160 = icmp slt i64 %r1, %gn
+  br i1 %160, label %r1.body, label %r1.end
+
+r1.body:                                          ; preds = %r1.head
+  %161 = add nsw i64 %r1, 0
+  %162 = mul nsw i64 %161, 5120
+  %163 = getelementptr inbounds float, ptr %4, i64 %162
+  %164 = mul nsw i64 %161, 16
+  %165 = add nsw i64 %164, %159
+  %166 = getelementptr inbounds float, ptr %lt, i64 %165
+  store <16 x float> zeroinitializer, ptr %qacc20, align 4
+  store <16 x float> zeroinitializer, ptr %qacc21, align 4
+  br label %qh.head22
+
+qh.head22:                                        ; preds = %qh.body23, %r1.body
+  %qh25 = phi i64 [ 0, %r1.body ], [ %202, %qh.body23 ]
+  %167 = icmp slt i64 %qh25, 5120
+  br i1 %167, label %qh.body23, label %qh.end24
+
+qh.body23:                                        ; preds = %qh.head22
+  %168 = add nsw i64 %qb19, 0
+  %169 = mul nsw i64 %qh25, 8
+  %170 = mul nsw i64 %168, 40960
+  %171 = add nsw i64 %170, %169
+  %172 = getelementptr inbounds float, ptr %router, i64 %171
+  %173 = load <8 x float>, ptr %172, align 4
+  %174 = add nsw i64 %qb19, 1
+  %175 = mul nsw i64 %qh25, 8
+  %176 = mul nsw i64 %174, 40960
+  %177 = add nsw i64 %176, %175
+  %178 = getelementptr inbounds float, ptr %router, i64 %177
+  %179 = load <8 x float>, ptr %178, align 4
+  %w1626 = shufflevector <8 x float> %173, <8 x float> %179, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %180 = add nsw i64 %qb19, 2
+  %181 = mul nsw i64 %qh25, 8
+  %182 = mul nsw i64 %180, 40960
+  %183 = add nsw i64 %182, %181
+  %184 = getelementptr inbounds float, ptr %router, i64 %183
+  %185 = load <8 x float>, ptr %184, align 4
+  %186 = add nsw i64 %qb19, 3
+  %187 = mul nsw i64 %qh25, 8
+  %188 = mul nsw i64 %186, 40960
+  %189 = add nsw i64 %188, %187
+  %190 = getelementptr inbounds float, ptr %router, i64 %189
+  %191 = load <8 x float>, ptr %190, align 4
+  %w1627 = shufflevector <8 x float> %185, <8 x float> %191, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %192 = getelementptr inbounds float, ptr %163, i64 %qh25
+  %193 = load float, ptr %192, align 4
+  %194 = insertelement <16 x float> poison, float %193, i32 0
+  %195 = shufflevector <16 x float> %194, <16 x float> poison, <16 x i32> zeroinitializer
+  %196 = load <16 x float>, ptr %qacc20, align 4
+  %197 = fmul <16 x float> %195, %w1626
+  %198 = fadd <16 x float> %196, %197
+  store <16 x float> %198, ptr %qacc20, align 4
+  %199 = load <16 x float>, ptr %qacc21, align 4
+  %200 = fmul <16 x float> %195, %w1627
+  %201 = fadd <16 x float> %199, %200
+  store <16 x float> %201, ptr %qacc21, align 4
+  %202 = add nsw i64 %qh25, 1
+  br label %qh.head22
+
+qh.end24:                                         ; preds = %qh.head22
+  %203 = load <16 x float>, ptr %qacc20, align 4
+  %204 = load <16 x float>, ptr %qacc21, align 4
+  %205 = getelementptr inbounds float, ptr %166, i64 0
+  store <16 x float> %203, ptr %205, align 4
+  %206 = getelementptr inbounds float, ptr %166, i64 16
+  store <16 x float> %204, ptr %206, align 4
+  %207 = add nsw i64 %r1, 1
+  br label %r1.head
+
+r1.end:                                           ; preds = %r1.head
+  %208 = add nsw i64 %qb19, 4
+  br label %qb.head16
+
+qb.end18:                                         ; preds = %qb.head16
+  br label %qb1.head28
+
+qb1.head28:                                       ; preds = %r1.end34, %qb.end18
+  %qb131 = phi i64 [ 0, %qb.end18 ], [ %236, %r1.end34 ]
+  %209 = icmp slt i64 %qb131, 2
+  br i1 %209, label %qb1.body29, label %qb1.end30
+
+qb1.body29:                                       ; preds = %qb1.head28
+  %210 = mul nsw i64 %qb131, 8
+  br label %r1.head32
+
+r1.head32:                                        ; preds = %qh.end39, %qb1.body29
+  %r135 = phi i64 [ %full, %qb1.body29 ], [ %235, %qh.end39 ]
+  %211 = icmp slt i64 %r135, %gn
+  br i1 %211, label %r1.body33, label %r1.end34
+
+r1.body33:                                        ; preds = %r1.head32
+  %212 = add nsw i64 %r135, 0
+  %213 = mul nsw i64 %212, 5120
+  %214 = getelementptr inbounds float, ptr %4, i64 %213
+  %215 = mul nsw i64 %212, 16
+  %216 = add nsw i64 %215, %210
+  %217 = getelementptr inbounds float, ptr %lt, i64 %216
+  store <8 x float> zeroinitializer, ptr %qacc36, align 4
+  br label %qh.head37
+
+qh.head37:                                        ; preds = %qh.body38, %r1.body33
+  %qh40 = phi i64 [ 0, %r1.body33 ], [ %232, %qh.body38 ]
+  %218 = icmp slt i64 %qh40, 5120
+  br i1 %218, label %qh.body38, label %qh.end39
+
+qh.body38:                                        ; preds = %qh.head37
+  %219 = add nsw i64 %qb131, 0
+  %220 = mul nsw i64 %qh40, 8
+  %221 = mul nsw i64 %219, 40960
+  %222 = add nsw i64 %221, %220
+  %223 = getelementptr inbounds float, ptr %router, i64 %222
+  %224 = load <8 x float>, ptr %223, align 4
+  %225 = getelementptr inbounds float, ptr %214, i64 %qh40
+  %226 = load float, ptr %225, align 4
+  %227 = insertelement <8 x float> poison, float %226, i32 0
+  %228 = shufflevector <8 x float> %227, <8 x float> poison, <8 x i32> zeroinitializer
+  %229 = load <8 x float>, ptr %qacc36, align 4
+  %230 = fmul <8 x float> %228, %224
+  %231 = fadd <8 x float> %229, %230
+  store <8 x float> %231, ptr %qacc36, align 4
+  %232 = add nsw i64 %qh40, 1
+  br label %qh.head37
+
+qh.end39:                                         ; preds = %qh.head37
+  %233 = load <8 x float>, ptr %qacc36, align 4
+  %234 = getelementptr inbounds float, ptr %217, i64 0
+  store <8 x float> %233, ptr %234, align 4
+  %235 = add nsw i64 %r135, 1
+  br label %r1.head32
+
+r1.end34:                                         ; preds = %r1.head32
+  %236 = add nsw i64 %qb131, 1
+  br label %qb1.head28
+
+qb1.end30:                                        ; preds = %qb1.head28
   br label %t.head
 
-t.head:                                           ; preds = %top.end, %qb1.end
-  %t = phi i64 [ 0, %qb1.end ], [ %472, %top.end ]
-  %403 = icmp slt i64 %t, %gn
-  br i1 %403, label %t.body, label %t.end
+t.head:                                           ; preds = %top.end, %qb1.end30
+  %t = phi i64 [ 0, %qb1.end30 ], [ %306, %top.end ]
+  %237 = icmp slt i64 %t, %gn
+  br i1 %237, label %t.body, label %t.end
 
 t.body:                                           ; preds = %t.head
   %tok = add nsw i64 %tg, %t
-  %404 = mul nsw i64 %t, 16
-  %405 = getelementptr inbounds float, ptr %lt, i64 %404
-  %406 = mul nsw i64 %tok, 5120
-  %407 = getelementptr inbounds float, ptr %x, i64 %406
-  %408 = mul nsw i64 %tok, 16
-  %409 = getelementptr inbounds float, ptr %logits, i64 %408
+  %238 = mul nsw i64 %t, 16
+  %239 = getelementptr inbounds float, ptr %lt, i64 %238
+  %240 = mul nsw i64 %tok, 5120
+  %241 = getelementptr inbounds float, ptr %x, i64 %240
+  %242 = mul nsw i64 %tok, 16
+  %243 = getelementptr inbounds float, ptr %logits, i64 %242
   br label %lb.head
 
 lb.head:                                          ; preds = %lb.body, %t.body
-  %lb = phi i64 [ 0, %t.body ], [ %414, %lb.body ]
-  %410 = icmp slt i64 %lb, 16
-  br i1 %410, label %lb.body, label %lb.end
+  %lb = phi i64 [ 0, %t.body ], [ %248, %lb.body ]
+  %244 = icmp slt i64 %lb, 16
+  br i1 %244, label %lb.body, label %lb.end
 
 lb.body:                                          ; preds = %lb.head
-  %411 = getelementptr inbounds float, ptr %405, i64 %lb
-  %412 = load float, ptr %411, align 4
-  %413 = getelementptr inbounds float, ptr %409, i64 %lb
-  store float %412, ptr %413, align 4
-  %414 = add nsw i64 %lb, 1
+  %245 = getelementptr inbounds float, ptr %239, i64 %lb
+  %246 = load float, ptr %245, align 4
+  %247 = getelementptr inbounds float, ptr %243, i64 %lb
+  store float %246, ptr %247, align 4
+  %248 = add nsw i64 %lb, 1
   br label %lb.head
 
 lb.end:                                           ; preds = %lb.head
   br label %score.head
 
 score.head:                                       ; preds = %score.body, %lb.end
-  %score = phi i64 [ 0, %lb.end ], [ %426, %score.body ]
-  %415 = icmp slt i64 %score, 16
-  br i1 %415, label %score.body, label %score.end
+  %score = phi i64 [ 0, %lb.end ], [ %260, %score.body ]
+  %249 = icmp slt i64 %score, 16
+  br i1 %249, label %score.body, label %score.end
 
 score.body:                                       ; preds = %score.head
-  %416 = add nsw i64 0, %score
-  %417 = getelementptr inbounds float, ptr %405, i64 %416
-  %418 = load float, ptr %417, align 4
-  %419 = fpext float %418 to double
-  %420 = fneg double %419
-  %421 = call double @exp(double %420)
-  %422 = fadd double 1.000000e+00, %421
-  %423 = fdiv double 1.000000e+00, %422
-  %424 = fptrunc double %423 to float
-  %425 = getelementptr inbounds float, ptr %s, i64 %416
-  store float %424, ptr %425, align 4
-  %426 = add nsw i64 %score, 1
+  %250 = add nsw i64 0, %score
+  %251 = getelementptr inbounds float, ptr %239, i64 %250
+  %252 = load float, ptr %251, align 4
+  %253 = fpext float %252 to double
+  %254 = fneg double %253
+  %255 = call double @exp(double %254)
+  %256 = fadd double 1.000000e+00, %255
+  %257 = fdiv double 1.000000e+00, %256
+  %258 = fptrunc double %257 to float
+  %259 = getelementptr inbounds float, ptr %s, i64 %250
+  store float %258, ptr %259, align 4
+  %260 = add nsw i64 %score, 1
   br label %score.head
 
 score.end:                                        ; preds = %score.head
-  %427 = mul nsw i64 %tok, 1
-  %428 = getelementptr inbounds i32, ptr %ids, i64 %427
-  %429 = getelementptr inbounds float, ptr %weights, i64 %427
+  %261 = mul nsw i64 %tok, 1
+  %262 = getelementptr inbounds i32, ptr %ids, i64 %261
+  %263 = getelementptr inbounds float, ptr %weights, i64 %261
   br label %sel.head
 
 sel.head:                                         ; preds = %sel.body, %score.end
-  %sel = phi i64 [ 0, %score.end ], [ %434, %sel.body ]
-  %430 = icmp slt i64 %sel, 16
-  br i1 %430, label %sel.body, label %sel.end
+  %sel = phi i64 [ 0, %score.end ], [ %268, %sel.body ]
+  %264 = icmp slt i64 %sel, 16
+  br i1 %264, label %sel.body, label %sel.end
 
 sel.body:                                         ; preds = %sel.head
-  %431 = getelementptr inbounds float, ptr %s, i64 %sel
-  %432 = load float, ptr %431, align 4
-  %433 = getelementptr inbounds float, ptr %c, i64 %sel
-  store float %432, ptr %433, align 4
-  %434 = add nsw i64 %sel, 1
+  %265 = getelementptr inbounds float, ptr %s, i64 %sel
+  %266 = load float, ptr %265, align 4
+  %267 = getelementptr inbounds float, ptr %c, i64 %sel
+  store float %266, ptr %267, align 4
+  %268 = add nsw i64 %sel, 1
   br label %sel.head
 
 sel.end:                                          ; preds = %sel.head
@@ -722,40 +511,40 @@ sel.end:                                          ; preds = %sel.head
   br label %tk.head
 
 tk.head:                                          ; preds = %tk.put.end, %sel.end
-  %tk = phi i64 [ 0, %sel.end ], [ %456, %tk.put.end ]
-  %435 = icmp slt i64 %tk, 16
-  br i1 %435, label %tk.body, label %tk.end
+  %tk = phi i64 [ 0, %sel.end ], [ %290, %tk.put.end ]
+  %269 = icmp slt i64 %tk, 16
+  br i1 %269, label %tk.body, label %tk.end
 
 tk.body:                                          ; preds = %tk.head
-  %436 = getelementptr inbounds float, ptr %c, i64 %tk
-  %437 = load float, ptr %436, align 4
-  %438 = load i64, ptr %tk.m, align 8
+  %270 = getelementptr inbounds float, ptr %c, i64 %tk
+  %271 = load float, ptr %270, align 4
+  %272 = load i64, ptr %tk.m, align 8
   br label %tk.ins.head
 
 tk.ins.head:                                      ; preds = %tk.shift.end, %tk.body
-  %p = phi i64 [ %438, %tk.body ], [ %440, %tk.shift.end ]
-  %439 = icmp sgt i64 %p, 0
-  br i1 %439, label %tk.ins.chk, label %tk.ins.end
+  %p = phi i64 [ %272, %tk.body ], [ %274, %tk.shift.end ]
+  %273 = icmp sgt i64 %p, 0
+  br i1 %273, label %tk.ins.chk, label %tk.ins.end
 
 tk.ins.chk:                                       ; preds = %tk.ins.head
-  %440 = sub nsw i64 %p, 1
-  %441 = getelementptr inbounds i64, ptr %idx, i64 %440
-  %442 = load i64, ptr %441, align 8
-  %443 = getelementptr inbounds float, ptr %c, i64 %442
-  %444 = load float, ptr %443, align 4
-  %445 = fcmp uno float %437, %437
-  %446 = fcmp ugt float %437, %444
-  %447 = xor i1 %445, true
-  %448 = and i1 %447, %446
-  br i1 %448, label %tk.ins.body, label %tk.ins.end
+  %274 = sub nsw i64 %p, 1
+  %275 = getelementptr inbounds i64, ptr %idx, i64 %274
+  %276 = load i64, ptr %275, align 8
+  %277 = getelementptr inbounds float, ptr %c, i64 %276
+  %278 = load float, ptr %277, align 4
+  %279 = fcmp uno float %271, %271
+  %280 = fcmp ugt float %271, %278
+  %281 = xor i1 %279, true
+  %282 = and i1 %281, %280
+  br i1 %282, label %tk.ins.body, label %tk.ins.end
 
 tk.ins.body:                                      ; preds = %tk.ins.chk
-  %449 = icmp slt i64 %p, 1
-  br i1 %449, label %tk.shift.then, label %tk.shift.end
+  %283 = icmp slt i64 %p, 1
+  br i1 %283, label %tk.shift.then, label %tk.shift.end
 
 tk.shift.then:                                    ; preds = %tk.ins.body
-  %450 = getelementptr inbounds i64, ptr %idx, i64 %p
-  store i64 %442, ptr %450, align 8
+  %284 = getelementptr inbounds i64, ptr %idx, i64 %p
+  store i64 %276, ptr %284, align 8
   br label %tk.shift.end
 
 tk.shift.end:                                     ; preds = %tk.shift.then, %tk.ins.body
@@ -763,56 +552,56 @@ tk.shift.end:                                     ; preds = %tk.shift.then, %tk.
 
 tk.ins.end:                                       ; preds = %tk.ins.chk, %tk.ins.head
   %pf = phi i64 [ %p, %tk.ins.head ], [ %p, %tk.ins.chk ]
-  %451 = icmp slt i64 %pf, 1
-  br i1 %451, label %tk.put.then, label %tk.put.end
+  %285 = icmp slt i64 %pf, 1
+  br i1 %285, label %tk.put.then, label %tk.put.end
 
 tk.put.then:                                      ; preds = %tk.ins.end
-  %452 = getelementptr inbounds i64, ptr %idx, i64 %pf
-  store i64 %tk, ptr %452, align 8
+  %286 = getelementptr inbounds i64, ptr %idx, i64 %pf
+  store i64 %tk, ptr %286, align 8
   br label %tk.put.end
 
 tk.put.end:                                       ; preds = %tk.put.then, %tk.ins.end
-  %453 = add nsw i64 %438, 1
-  %454 = icmp slt i64 %453, 1
-  %455 = select i1 %454, i64 %453, i64 1
-  store i64 %455, ptr %tk.m, align 8
-  %456 = add nsw i64 %tk, 1
+  %287 = add nsw i64 %272, 1
+  %288 = icmp slt i64 %287, 1
+  %289 = select i1 %288, i64 %287, i64 1
+  store i64 %289, ptr %tk.m, align 8
+  %290 = add nsw i64 %tk, 1
   br label %tk.head
 
 tk.end:                                           ; preds = %tk.head
-  %457 = load i64, ptr %tk.m, align 8
+  %291 = load i64, ptr %tk.m, align 8
   br label %top.head
 
 top.head:                                         ; preds = %top.body, %tk.end
-  %top = phi i64 [ 0, %tk.end ], [ %466, %top.body ]
-  %458 = icmp slt i64 %top, 1
-  br i1 %458, label %top.body, label %top.end
+  %top = phi i64 [ 0, %tk.end ], [ %300, %top.body ]
+  %292 = icmp slt i64 %top, 1
+  br i1 %292, label %top.body, label %top.end
 
 top.body:                                         ; preds = %top.head
-  %459 = getelementptr inbounds i64, ptr %idx, i64 %top
-  %460 = load i64, ptr %459, align 8
-  %461 = getelementptr inbounds i32, ptr %428, i64 %top
-  %462 = trunc i64 %460 to i32
-  store i32 %462, ptr %461, align 4
-  %463 = getelementptr inbounds float, ptr %s, i64 %460
-  %464 = load float, ptr %463, align 4
-  %465 = getelementptr inbounds float, ptr %429, i64 %top
-  store float %464, ptr %465, align 4
-  %466 = add nsw i64 %top, 1
+  %293 = getelementptr inbounds i64, ptr %idx, i64 %top
+  %294 = load i64, ptr %293, align 8
+  %295 = getelementptr inbounds i32, ptr %262, i64 %top
+  %296 = trunc i64 %294 to i32
+  store i32 %296, ptr %295, align 4
+  %297 = getelementptr inbounds float, ptr %s, i64 %294
+  %298 = load float, ptr %297, align 4
+  %299 = getelementptr inbounds float, ptr %263, i64 %top
+  store float %298, ptr %299, align 4
+  %300 = add nsw i64 %top, 1
   br label %top.head
 
 top.end:                                          ; preds = %top.head
-  %467 = getelementptr inbounds i64, ptr %idx, i64 0
-  %468 = load i64, ptr %467, align 8
-  %469 = getelementptr inbounds float, ptr %c, i64 %468
-  %470 = load float, ptr %469, align 4
-  %471 = getelementptr inbounds float, ptr %prio, i64 %tok
-  store float %470, ptr %471, align 4
-  %472 = add nsw i64 %t, 1
+  %301 = getelementptr inbounds i64, ptr %idx, i64 0
+  %302 = load i64, ptr %301, align 8
+  %303 = getelementptr inbounds float, ptr %c, i64 %302
+  %304 = load float, ptr %303, align 4
+  %305 = getelementptr inbounds float, ptr %prio, i64 %tok
+  store float %304, ptr %305, align 4
+  %306 = add nsw i64 %t, 1
   br label %t.head
 
 t.end:                                            ; preds = %t.head
-  %473 = add nsw i64 %tg, 8
+  %307 = add nsw i64 %tg, 8
   br label %tg.head
 
 tg.end:                                           ; preds = %tg.head

@@ -21,56 +21,24 @@ entry:
   %qacc1 = alloca <16 x float>, align 32
   %qacc2 = alloca <16 x float>, align 32
   %qacc3 = alloca <16 x float>, align 32
-  %qacc4 = alloca <16 x float>, align 32
-  %qacc5 = alloca <16 x float>, align 32
-  %qacc6 = alloca <16 x float>, align 32
-  %qacc7 = alloca <16 x float>, align 32
-  %qacc8 = alloca <16 x float>, align 32
-  %qacc9 = alloca <16 x float>, align 32
-  %qacc10 = alloca <16 x float>, align 32
-  %qacc11 = alloca <16 x float>, align 32
-  %qacc12 = alloca <16 x float>, align 32
-  %qacc13 = alloca <16 x float>, align 32
-  %qacc14 = alloca <16 x float>, align 32
-  %qacc15 = alloca <16 x float>, align 32
-  %qacc17 = alloca <16 x float>, align 32
-  %qacc18 = alloca <16 x float>, align 32
-  %qacc29 = alloca <8 x float>, align 32
-  %qacc30 = alloca <8 x float>, align 32
-  %qacc31 = alloca <8 x float>, align 32
-  %qacc32 = alloca <8 x float>, align 32
-  %qacc33 = alloca <8 x float>, align 32
-  %qacc34 = alloca <8 x float>, align 32
-  %qacc35 = alloca <8 x float>, align 32
+  %qacc8 = alloca <8 x float>, align 32
+  %qacc9 = alloca <8 x float>, align 32
+  %qacc10 = alloca <8 x float>, align 32
+  %qacc11 = alloca <8 x float>, align 32
+  %qacc20 = alloca <16 x float>, align 32
+  %qacc21 = alloca <16 x float>, align 32
   %qacc36 = alloca <8 x float>, align 32
-  %qacc45 = alloca <8 x float>, align 32
-  %qacc60 = alloca <16 x float>, align 32
-  %qacc61 = alloca <16 x float>, align 32
-  %qacc62 = alloca <16 x float>, align 32
-  %qacc63 = alloca <16 x float>, align 32
-  %qacc64 = alloca <16 x float>, align 32
-  %qacc65 = alloca <16 x float>, align 32
-  %qacc66 = alloca <16 x float>, align 32
-  %qacc67 = alloca <16 x float>, align 32
-  %qacc68 = alloca <16 x float>, align 32
-  %qacc69 = alloca <16 x float>, align 32
-  %qacc70 = alloca <16 x float>, align 32
-  %qacc71 = alloca <16 x float>, align 32
-  %qacc72 = alloca <16 x float>, align 32
-  %qacc73 = alloca <16 x float>, align 32
-  %qacc74 = alloca <16 x float>, align 32
-  %qacc75 = alloca <16 x float>, align 32
-  %qacc86 = alloca <16 x float>, align 32
-  %qacc87 = alloca <16 x float>, align 32
-  %qacc102 = alloca <8 x float>, align 32
-  %qacc103 = alloca <8 x float>, align 32
-  %qacc104 = alloca <8 x float>, align 32
-  %qacc105 = alloca <8 x float>, align 32
-  %qacc106 = alloca <8 x float>, align 32
-  %qacc107 = alloca <8 x float>, align 32
-  %qacc108 = alloca <8 x float>, align 32
-  %qacc109 = alloca <8 x float>, align 32
-  %qacc118 = alloca <8 x float>, align 32
+  %qacc51 = alloca <16 x float>, align 32
+  %qacc52 = alloca <16 x float>, align 32
+  %qacc53 = alloca <16 x float>, align 32
+  %qacc54 = alloca <16 x float>, align 32
+  %qacc68 = alloca <8 x float>, align 32
+  %qacc69 = alloca <8 x float>, align 32
+  %qacc70 = alloca <8 x float>, align 32
+  %qacc71 = alloca <8 x float>, align 32
+  %qacc84 = alloca <16 x float>, align 32
+  %qacc85 = alloca <16 x float>, align 32
+  %qacc100 = alloca <8 x float>, align 32
   %idx = alloca [4 x i64], align 32
   %w = alloca [4 x float], align 32
   %smax = alloca float, align 32
@@ -83,7 +51,7 @@ start:                                            ; preds = %entry
   br label %tg.head
 
 tg.head:                                          ; preds = %t.end, %start
-  %tg = phi i64 [ %t0, %start ], [ %1028, %t.end ]
+  %tg = phi i64 [ %t0, %start ], [ %696, %t.end ]
   %0 = icmp slt i64 %tg, %t1
   br i1 %0, label %tg.body, label %tg.end
 
@@ -93,12 +61,12 @@ tg.body:                                          ; preds = %tg.head
   %gn = select i1 %2, i64 %1, i64 8
   %3 = mul nsw i64 %tg, 512
   %4 = getelementptr inbounds float, ptr %x, i64 %3
-  %5 = sdiv i64 %gn, 8
-  %full = mul i64 %5, 8
+  %5 = sdiv i64 %gn, 4
+  %full = mul i64 %5, 4
   br label %qb.head
 
-qb.head:                                          ; preds = %r1.end, %tg.body
-  %qb = phi i64 [ 0, %tg.body ], [ %244, %r1.end ]
+qb.head:                                          ; preds = %rb.end, %tg.body
+  %qb = phi i64 [ 0, %tg.body ], [ %84, %rb.end ]
   %6 = icmp slt i64 %qb, 4
   br i1 %6, label %qb.body, label %qb.end
 
@@ -107,7 +75,7 @@ qb.body:                                          ; preds = %qb.head
   br label %rb.head
 
 rb.head:                                          ; preds = %qh.end, %qb.body
-  %rb = phi i64 [ 0, %qb.body ], [ %195, %qh.end ]
+  %rb = phi i64 [ 0, %qb.body ], [ %83, %qh.end ]
   %8 = icmp slt i64 %rb, %full
   br i1 %8, label %rb.body, label %rb.end
 
@@ -136,1298 +104,908 @@ rb.body:                                          ; preds = %rb.head
   %30 = mul nsw i64 %27, 32
   %31 = add nsw i64 %30, %7
   %32 = getelementptr inbounds float, ptr %lb, i64 %31
-  %33 = add nsw i64 %rb, 4
-  %34 = mul nsw i64 %33, 512
-  %35 = getelementptr inbounds float, ptr %4, i64 %34
-  %36 = mul nsw i64 %33, 32
-  %37 = add nsw i64 %36, %7
-  %38 = getelementptr inbounds float, ptr %lb, i64 %37
-  %39 = add nsw i64 %rb, 5
-  %40 = mul nsw i64 %39, 512
-  %41 = getelementptr inbounds float, ptr %4, i64 %40
-  %42 = mul nsw i64 %39, 32
-  %43 = add nsw i64 %42, %7
-  %44 = getelementptr inbounds float, ptr %lb, i64 %43
-  %45 = add nsw i64 %rb, 6
-  %46 = mul nsw i64 %45, 512
-  %47 = getelementptr inbounds float, ptr %4, i64 %46
-  %48 = mul nsw i64 %45, 32
-  %49 = add nsw i64 %48, %7
-  %50 = getelementptr inbounds float, ptr %lb, i64 %49
-  %51 = add nsw i64 %rb, 7
-  %52 = mul nsw i64 %51, 512
-  %53 = getelementptr inbounds float, ptr %4, i64 %52
-  %54 = mul nsw i64 %51, 32
-  %55 = add nsw i64 %54, %7
-  %56 = getelementptr inbounds float, ptr %lb, i64 %55
   store <16 x float> zeroinitializer, ptr %qacc, align 4
   store <16 x float> zeroinitializer, ptr %qacc1, align 4
   store <16 x float> zeroinitializer, ptr %qacc2, align 4
   store <16 x float> zeroinitializer, ptr %qacc3, align 4
-  store <16 x float> zeroinitializer, ptr %qacc4, align 4
-  store <16 x float> zeroinitializer, ptr %qacc5, align 4
-  store <16 x float> zeroinitializer, ptr %qacc6, align 4
-  store <16 x float> zeroinitializer, ptr %qacc7, align 4
-  store <16 x float> zeroinitializer, ptr %qacc8, align 4
-  store <16 x float> zeroinitializer, ptr %qacc9, align 4
-  store <16 x float> zeroinitializer, ptr %qacc10, align 4
-  store <16 x float> zeroinitializer, ptr %qacc11, align 4
-  store <16 x float> zeroinitializer, ptr %qacc12, align 4
-  store <16 x float> zeroinitializer, ptr %qacc13, align 4
-  store <16 x float> zeroinitializer, ptr %qacc14, align 4
-  store <16 x float> zeroinitializer, ptr %qacc15, align 4
   br label %qh.head
 
 qh.head:                                          ; preds = %qh.body, %rb.body
-  %qh = phi i64 [ 0, %rb.body ], [ %162, %qh.body ]
-  %57 = icmp slt i64 %qh, 512
-  br i1 %57, label %qh.body, label %qh.end
+  %qh = phi i64 [ 0, %rb.body ], [ %74, %qh.body ]
+  %33 = icmp slt i64 %qh, 512
+  br i1 %33, label %qh.body, label %qh.end
 
 qh.body:                                          ; preds = %qh.head
-  %58 = add nsw i64 %qb, 0
-  %59 = mul nsw i64 %qh, 8
-  %60 = mul nsw i64 %58, 4096
-  %61 = add nsw i64 %60, %59
-  %62 = getelementptr inbounds float, ptr %router, i64 %61
-  %63 = load <8 x float>, ptr %62, align 4
-  %64 = add nsw i64 %qb, 1
-  %65 = mul nsw i64 %qh, 8
-  %66 = mul nsw i64 %64, 4096
-  %67 = add nsw i64 %66, %65
-  %68 = getelementptr inbounds float, ptr %router, i64 %67
-  %69 = load <8 x float>, ptr %68, align 4
-  %w16 = shufflevector <8 x float> %63, <8 x float> %69, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %70 = add nsw i64 %qb, 2
-  %71 = mul nsw i64 %qh, 8
-  %72 = mul nsw i64 %70, 4096
-  %73 = add nsw i64 %72, %71
-  %74 = getelementptr inbounds float, ptr %router, i64 %73
-  %75 = load <8 x float>, ptr %74, align 4
-  %76 = add nsw i64 %qb, 3
-  %77 = mul nsw i64 %qh, 8
-  %78 = mul nsw i64 %76, 4096
-  %79 = add nsw i64 %78, %77
-  %80 = getelementptr inbounds float, ptr %router, i64 %79
-  %81 = load <8 x float>, ptr %80, align 4
-  %w1616 = shufflevector <8 x float> %75, <8 x float> %81, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %82 = getelementptr inbounds float, ptr %11, i64 %qh
-  %83 = load float, ptr %82, align 4
-  %84 = insertelement <16 x float> poison, float %83, i32 0
-  %85 = shufflevector <16 x float> %84, <16 x float> poison, <16 x i32> zeroinitializer
-  %86 = load <16 x float>, ptr %qacc, align 4
-  %87 = fmul <16 x float> %85, %w16
-  %88 = fadd <16 x float> %86, %87
-  store <16 x float> %88, ptr %qacc, align 4
-  %89 = load <16 x float>, ptr %qacc1, align 4
-  %90 = fmul <16 x float> %85, %w1616
-  %91 = fadd <16 x float> %89, %90
-  store <16 x float> %91, ptr %qacc1, align 4
-  %92 = getelementptr inbounds float, ptr %17, i64 %qh
-  %93 = load float, ptr %92, align 4
-  %94 = insertelement <16 x float> poison, float %93, i32 0
-  %95 = shufflevector <16 x float> %94, <16 x float> poison, <16 x i32> zeroinitializer
-  %96 = load <16 x float>, ptr %qacc2, align 4
-  %97 = fmul <16 x float> %95, %w16
-  %98 = fadd <16 x float> %96, %97
-  store <16 x float> %98, ptr %qacc2, align 4
-  %99 = load <16 x float>, ptr %qacc3, align 4
-  %100 = fmul <16 x float> %95, %w1616
-  %101 = fadd <16 x float> %99, %100
-  store <16 x float> %101, ptr %qacc3, align 4
-  %102 = getelementptr inbounds float, ptr %23, i64 %qh
-  %103 = load float, ptr %102, align 4
-  %104 = insertelement <16 x float> poison, float %103, i32 0
-  %105 = shufflevector <16 x float> %104, <16 x float> poison, <16 x i32> zeroinitializer
-  %106 = load <16 x float>, ptr %qacc4, align 4
-  %107 = fmul <16 x float> %105, %w16
-  %108 = fadd <16 x float> %106, %107
-  store <16 x float> %108, ptr %qacc4, align 4
-  %109 = load <16 x float>, ptr %qacc5, align 4
-  %110 = fmul <16 x float> %105, %w1616
-  %111 = fadd <16 x float> %109, %110
-  store <16 x float> %111, ptr %qacc5, align 4
-  %112 = getelementptr inbounds float, ptr %29, i64 %qh
-  %113 = load float, ptr %112, align 4
-  %114 = insertelement <16 x float> poison, float %113, i32 0
-  %115 = shufflevector <16 x float> %114, <16 x float> poison, <16 x i32> zeroinitializer
-  %116 = load <16 x float>, ptr %qacc6, align 4
-  %117 = fmul <16 x float> %115, %w16
-  %118 = fadd <16 x float> %116, %117
-  store <16 x float> %118, ptr %qacc6, align 4
-  %119 = load <16 x float>, ptr %qacc7, align 4
-  %120 = fmul <16 x float> %115, %w1616
-  %121 = fadd <16 x float> %119, %120
-  store <16 x float> %121, ptr %qacc7, align 4
-  %122 = getelementptr inbounds float, ptr %35, i64 %qh
-  %123 = load float, ptr %122, align 4
-  %124 = insertelement <16 x float> poison, float %123, i32 0
-  %125 = shufflevector <16 x float> %124, <16 x float> poison, <16 x i32> zeroinitializer
-  %126 = load <16 x float>, ptr %qacc8, align 4
-  %127 = fmul <16 x float> %125, %w16
-  %128 = fadd <16 x float> %126, %127
-  store <16 x float> %128, ptr %qacc8, align 4
-  %129 = load <16 x float>, ptr %qacc9, align 4
-  %130 = fmul <16 x float> %125, %w1616
-  %131 = fadd <16 x float> %129, %130
-  store <16 x float> %131, ptr %qacc9, align 4
-  %132 = getelementptr inbounds float, ptr %41, i64 %qh
-  %133 = load float, ptr %132, align 4
-  %134 = insertelement <16 x float> poison, float %133, i32 0
-  %135 = shufflevector <16 x float> %134, <16 x float> poison, <16 x i32> zeroinitializer
-  %136 = load <16 x float>, ptr %qacc10, align 4
-  %137 = fmul <16 x float> %135, %w16
-  %138 = fadd <16 x float> %136, %137
-  store <16 x float> %138, ptr %qacc10, align 4
-  %139 = load <16 x float>, ptr %qacc11, align 4
-  %140 = fmul <16 x float> %135, %w1616
-  %141 = fadd <16 x float> %139, %140
-  store <16 x float> %141, ptr %qacc11, align 4
-  %142 = getelementptr inbounds float, ptr %47, i64 %qh
-  %143 = load float, ptr %142, align 4
-  %144 = insertelement <16 x float> poison, float %143, i32 0
-  %145 = shufflevector <16 x float> %144, <16 x float> poison, <16 x i32> zeroinitializer
-  %146 = load <16 x float>, ptr %qacc12, align 4
-  %147 = fmul <16 x float> %145, %w16
-  %148 = fadd <16 x float> %146, %147
-  store <16 x float> %148, ptr %qacc12, align 4
-  %149 = load <16 x float>, ptr %qacc13, align 4
-  %150 = fmul <16 x float> %145, %w1616
-  %151 = fadd <16 x float> %149, %150
-  store <16 x float> %151, ptr %qacc13, align 4
-  %152 = getelementptr inbounds float, ptr %53, i64 %qh
-  %153 = load float, ptr %152, align 4
-  %154 = insertelement <16 x float> poison, float %153, i32 0
-  %155 = shufflevector <16 x float> %154, <16 x float> poison, <16 x i32> zeroinitializer
-  %156 = load <16 x float>, ptr %qacc14, align 4
-  %157 = fmul <16 x float> %155, %w16
-  %158 = fadd <16 x float> %156, %157
-  store <16 x float> %158, ptr %qacc14, align 4
-  %159 = load <16 x float>, ptr %qacc15, align 4
-  %160 = fmul <16 x float> %155, %w1616
-  %161 = fadd <16 x float> %159, %160
-  store <16 x float> %161, ptr %qacc15, align 4
-  %162 = add nsw i64 %qh, 1
+  %34 = add nsw i64 %qb, 0
+  %35 = mul nsw i64 %qh, 8
+  %36 = mul nsw i64 %34, 4096
+  %37 = add nsw i64 %36, %35
+  %38 = getelementptr inbounds float, ptr %router, i64 %37
+  %39 = load <8 x float>, ptr %38, align 4
+  %40 = add nsw i64 %qb, 1
+  %41 = mul nsw i64 %qh, 8
+  %42 = mul nsw i64 %40, 4096
+  %43 = add nsw i64 %42, %41
+  %44 = getelementptr inbounds float, ptr %router, i64 %43
+  %45 = load <8 x float>, ptr %44, align 4
+  %w16 = shufflevector <8 x float> %39, <8 x float> %45, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %46 = getelementptr inbounds float, ptr %11, i64 %qh
+  %47 = load float, ptr %46, align 4
+  %48 = insertelement <16 x float> poison, float %47, i32 0
+  %49 = shufflevector <16 x float> %48, <16 x float> poison, <16 x i32> zeroinitializer
+  %50 = load <16 x float>, ptr %qacc, align 4
+  %51 = fmul <16 x float> %49, %w16
+  %52 = fadd <16 x float> %50, %51
+  store <16 x float> %52, ptr %qacc, align 4
+  %53 = getelementptr inbounds float, ptr %17, i64 %qh
+  %54 = load float, ptr %53, align 4
+  %55 = insertelement <16 x float> poison, float %54, i32 0
+  %56 = shufflevector <16 x float> %55, <16 x float> poison, <16 x i32> zeroinitializer
+  %57 = load <16 x float>, ptr %qacc1, align 4
+  %58 = fmul <16 x float> %56, %w16
+  %59 = fadd <16 x float> %57, %58
+  store <16 x float> %59, ptr %qacc1, align 4
+  %60 = getelementptr inbounds float, ptr %23, i64 %qh
+  %61 = load float, ptr %60, align 4
+  %62 = insertelement <16 x float> poison, float %61, i32 0
+  %63 = shufflevector <16 x float> %62, <16 x float> poison, <16 x i32> zeroinitializer
+  %64 = load <16 x float>, ptr %qacc2, align 4
+  %65 = fmul <16 x float> %63, %w16
+  %66 = fadd <16 x float> %64, %65
+  store <16 x float> %66, ptr %qacc2, align 4
+  %67 = getelementptr inbounds float, ptr %29, i64 %qh
+  %68 = load float, ptr %67, align 4
+  %69 = insertelement <16 x float> poison, float %68, i32 0
+  %70 = shufflevector <16 x float> %69, <16 x float> poison, <16 x i32> zeroinitializer
+  %71 = load <16 x float>, ptr %qacc3, align 4
+  %72 = fmul <16 x float> %70, %w16
+  %73 = fadd <16 x float> %71, %72
+  store <16 x float> %73, ptr %qacc3, align 4
+  %74 = add nsw i64 %qh, 1
   br label %qh.head
 
 qh.end:                                           ; preds = %qh.head
-  %163 = load <16 x float>, ptr %qacc, align 4
-  %164 = load <16 x float>, ptr %qacc1, align 4
-  %165 = load <16 x float>, ptr %qacc2, align 4
-  %166 = load <16 x float>, ptr %qacc3, align 4
-  %167 = load <16 x float>, ptr %qacc4, align 4
-  %168 = load <16 x float>, ptr %qacc5, align 4
-  %169 = load <16 x float>, ptr %qacc6, align 4
-  %170 = load <16 x float>, ptr %qacc7, align 4
-  %171 = load <16 x float>, ptr %qacc8, align 4
-  %172 = load <16 x float>, ptr %qacc9, align 4
-  %173 = load <16 x float>, ptr %qacc10, align 4
-  %174 = load <16 x float>, ptr %qacc11, align 4
-  %175 = load <16 x float>, ptr %qacc12, align 4
-  %176 = load <16 x float>, ptr %qacc13, align 4
-  %177 = load <16 x float>, ptr %qacc14, align 4
-  %178 = load <16 x float>, ptr %qacc15, align 4
-  %179 = getelementptr inbounds float, ptr %14, i64 0
-  store <16 x float> %163, ptr %179, align 4
-  %180 = getelementptr inbounds float, ptr %14, i64 16
-  store <16 x float> %164, ptr %180, align 4
-  %181 = getelementptr inbounds float, ptr %20, i64 0
-  store <16 x float> %165, ptr %181, align 4
-  %182 = getelementptr inbounds float, ptr %20, i64 16
-  store <16 x float> %166, ptr %182, align 4
-  %183 = getelementptr inbounds float, ptr %26, i64 0
-  store <16 x float> %167, ptr %183, align 4
-  %184 = getelementptr inbounds float, ptr %26, i64 16
-  store <16 x float> %168, ptr %184, align 4
-  %185 = getelementptr inbounds float, ptr %32, i64 0
-  store <16 x float> %169, ptr %185, align 4
-  %186 = getelementptr inbounds float, ptr %32, i64 16
-  store <16 x float> %170, ptr %186, align 4
-  %187 = getelementptr inbounds float, ptr %38, i64 0
-  store <16 x float> %171, ptr %187, align 4
-  %188 = getelementptr inbounds float, ptr %38, i64 16
-  store <16 x float> %172, ptr %188, align 4
-  %189 = getelementptr inbounds float, ptr %44, i64 0
-  store <16 x float> %173, ptr %189, align 4
-  %190 = getelementptr inbounds float, ptr %44, i64 16
-  store <16 x float> %174, ptr %190, align 4
-  %191 = getelementptr inbounds float, ptr %50, i64 0
-  store <16 x float> %175, ptr %191, align 4
-  %192 = getelementptr inbounds float, ptr %50, i64 16
-  store <16 x float> %176, ptr %192, align 4
-  %193 = getelementptr inbounds float, ptr %56, i64 0
-  store <16 x float> %177, ptr %193, align 4
-  %194 = getelementptr inbounds float, ptr %56, i64 16
-  store <16 x float> %178, ptr %194, align 4
-  %195 = add nsw i64 %rb, 8
+  %75 = load <16 x float>, ptr %qacc, align 4
+  %76 = load <16 x float>, ptr %qacc1, align 4
+  %77 = load <16 x float>, ptr %qacc2, align 4
+  %78 = load <16 x float>, ptr %qacc3, align 4
+  %79 = getelementptr inbounds float, ptr %14, i64 0
+  store <16 x float> %75, ptr %79, align 4
+  %80 = getelementptr inbounds float, ptr %20, i64 0
+  store <16 x float> %76, ptr %80, align 4
+  %81 = getelementptr inbounds float, ptr %26, i64 0
+  store <16 x float> %77, ptr %81, align 4
+  %82 = getelementptr inbounds float, ptr %32, i64 0
+  store <16 x float> %78, ptr %82, align 4
+  %83 = add nsw i64 %rb, 4
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  br label %r1.head
-
-r1.head:                                          ; preds = %qh.end21, %rb.end
-  %r1 = phi i64 [ %full, %rb.end ], [ %243, %qh.end21 ]
-  %196 = icmp slt i64 %r1, %gn
-  br i1 %196, label %r1.body, label %r1.end
-
-r1.body:                                          ; preds = %r1.head
-  %197 = add nsw i64 %r1, 0
-  %198 = mul nsw i64 %197, 512
-  %199 = getelementptr inbounds float, ptr %4, i64 %198
-  %200 = mul nsw i64 %197, 32
-  %201 = add nsw i64 %200, %7
-  %202 = getelementptr inbounds float, ptr %lb, i64 %201
-  store <16 x float> zeroinitializer, ptr %qacc17, align 4
-  store <16 x float> zeroinitializer, ptr %qacc18, align 4
-  br label %qh.head19
-
-qh.head19:                                        ; preds = %qh.body20, %r1.body
-  %qh22 = phi i64 [ 0, %r1.body ], [ %238, %qh.body20 ]
-  %203 = icmp slt i64 %qh22, 512
-  br i1 %203, label %qh.body20, label %qh.end21
-
-qh.body20:                                        ; preds = %qh.head19
-  %204 = add nsw i64 %qb, 0
-  %205 = mul nsw i64 %qh22, 8
-  %206 = mul nsw i64 %204, 4096
-  %207 = add nsw i64 %206, %205
-  %208 = getelementptr inbounds float, ptr %router, i64 %207
-  %209 = load <8 x float>, ptr %208, align 4
-  %210 = add nsw i64 %qb, 1
-  %211 = mul nsw i64 %qh22, 8
-  %212 = mul nsw i64 %210, 4096
-  %213 = add nsw i64 %212, %211
-  %214 = getelementptr inbounds float, ptr %router, i64 %213
-  %215 = load <8 x float>, ptr %214, align 4
-  %w1623 = shufflevector <8 x float> %209, <8 x float> %215, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %216 = add nsw i64 %qb, 2
-  %217 = mul nsw i64 %qh22, 8
-  %218 = mul nsw i64 %216, 4096
-  %219 = add nsw i64 %218, %217
-  %220 = getelementptr inbounds float, ptr %router, i64 %219
-  %221 = load <8 x float>, ptr %220, align 4
-  %222 = add nsw i64 %qb, 3
-  %223 = mul nsw i64 %qh22, 8
-  %224 = mul nsw i64 %222, 4096
-  %225 = add nsw i64 %224, %223
-  %226 = getelementptr inbounds float, ptr %router, i64 %225
-  %227 = load <8 x float>, ptr %226, align 4
-  %w1624 = shufflevector <8 x float> %221, <8 x float> %227, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %228 = getelementptr inbounds float, ptr %199, i64 %qh22
-  %229 = load float, ptr %228, align 4
-  %230 = insertelement <16 x float> poison, float %229, i32 0
-  %231 = shufflevector <16 x float> %230, <16 x float> poison, <16 x i32> zeroinitializer
-  %232 = load <16 x float>, ptr %qacc17, align 4
-  %233 = fmul <16 x float> %231, %w1623
-  %234 = fadd <16 x float> %232, %233
-  store <16 x float> %234, ptr %qacc17, align 4
-  %235 = load <16 x float>, ptr %qacc18, align 4
-  %236 = fmul <16 x float> %231, %w1624
-  %237 = fadd <16 x float> %235, %236
-  store <16 x float> %237, ptr %qacc18, align 4
-  %238 = add nsw i64 %qh22, 1
-  br label %qh.head19
-
-qh.end21:                                         ; preds = %qh.head19
-  %239 = load <16 x float>, ptr %qacc17, align 4
-  %240 = load <16 x float>, ptr %qacc18, align 4
-  %241 = getelementptr inbounds float, ptr %202, i64 0
-  store <16 x float> %239, ptr %241, align 4
-  %242 = getelementptr inbounds float, ptr %202, i64 16
-  store <16 x float> %240, ptr %242, align 4
-  %243 = add nsw i64 %r1, 1
-  br label %r1.head
-
-r1.end:                                           ; preds = %r1.head
-  %244 = add nsw i64 %qb, 4
+  %84 = add nsw i64 %qb, 2
   br label %qb.head
 
 qb.end:                                           ; preds = %qb.head
   br label %qb1.head
 
-qb1.head:                                         ; preds = %r1.end43, %qb.end
-  %qb1 = phi i64 [ 4, %qb.end ], [ %402, %r1.end43 ]
-  %245 = icmp slt i64 %qb1, 4
-  br i1 %245, label %qb1.body, label %qb1.end
+qb1.head:                                         ; preds = %rb.end6, %qb.end
+  %qb1 = phi i64 [ 4, %qb.end ], [ %157, %rb.end6 ]
+  %85 = icmp slt i64 %qb1, 4
+  br i1 %85, label %qb1.body, label %qb1.end
 
 qb1.body:                                         ; preds = %qb1.head
-  %246 = mul nsw i64 %qb1, 8
-  br label %rb.head25
+  %86 = mul nsw i64 %qb1, 8
+  br label %rb.head4
 
-rb.head25:                                        ; preds = %qh.end39, %qb1.body
-  %rb28 = phi i64 [ 0, %qb1.body ], [ %376, %qh.end39 ]
-  %247 = icmp slt i64 %rb28, %full
-  br i1 %247, label %rb.body26, label %rb.end27
+rb.head4:                                         ; preds = %qh.end14, %qb1.body
+  %rb7 = phi i64 [ 0, %qb1.body ], [ %156, %qh.end14 ]
+  %87 = icmp slt i64 %rb7, %full
+  br i1 %87, label %rb.body5, label %rb.end6
 
-rb.body26:                                        ; preds = %rb.head25
-  %248 = add nsw i64 %rb28, 0
-  %249 = mul nsw i64 %248, 512
-  %250 = getelementptr inbounds float, ptr %4, i64 %249
-  %251 = mul nsw i64 %248, 32
-  %252 = add nsw i64 %251, %246
-  %253 = getelementptr inbounds float, ptr %lb, i64 %252
-  %254 = add nsw i64 %rb28, 1
-  %255 = mul nsw i64 %254, 512
-  %256 = getelementptr inbounds float, ptr %4, i64 %255
-  %257 = mul nsw i64 %254, 32
-  %258 = add nsw i64 %257, %246
-  %259 = getelementptr inbounds float, ptr %lb, i64 %258
-  %260 = add nsw i64 %rb28, 2
-  %261 = mul nsw i64 %260, 512
-  %262 = getelementptr inbounds float, ptr %4, i64 %261
-  %263 = mul nsw i64 %260, 32
-  %264 = add nsw i64 %263, %246
-  %265 = getelementptr inbounds float, ptr %lb, i64 %264
-  %266 = add nsw i64 %rb28, 3
-  %267 = mul nsw i64 %266, 512
-  %268 = getelementptr inbounds float, ptr %4, i64 %267
-  %269 = mul nsw i64 %266, 32
-  %270 = add nsw i64 %269, %246
-  %271 = getelementptr inbounds float, ptr %lb, i64 %270
-  %272 = add nsw i64 %rb28, 4
-  %273 = mul nsw i64 %272, 512
-  %274 = getelementptr inbounds float, ptr %4, i64 %273
-  %275 = mul nsw i64 %272, 32
-  %276 = add nsw i64 %275, %246
-  %277 = getelementptr inbounds float, ptr %lb, i64 %276
-  %278 = add nsw i64 %rb28, 5
-  %279 = mul nsw i64 %278, 512
-  %280 = getelementptr inbounds float, ptr %4, i64 %279
-  %281 = mul nsw i64 %278, 32
-  %282 = add nsw i64 %281, %246
-  %283 = getelementptr inbounds float, ptr %lb, i64 %282
-  %284 = add nsw i64 %rb28, 6
-  %285 = mul nsw i64 %284, 512
-  %286 = getelementptr inbounds float, ptr %4, i64 %285
-  %287 = mul nsw i64 %284, 32
-  %288 = add nsw i64 %287, %246
-  %289 = getelementptr inbounds float, ptr %lb, i64 %288
-  %290 = add nsw i64 %rb28, 7
-  %291 = mul nsw i64 %290, 512
-  %292 = getelementptr inbounds float, ptr %4, i64 %291
-  %293 = mul nsw i64 %290, 32
-  %294 = add nsw i64 %293, %246
-  %295 = getelementptr inbounds float, ptr %lb, i64 %294
-  store <8 x float> zeroinitializer, ptr %qacc29, align 4
-  store <8 x float> zeroinitializer, ptr %qacc30, align 4
-  store <8 x float> zeroinitializer, ptr %qacc31, align 4
-  store <8 x float> zeroinitializer, ptr %qacc32, align 4
-  store <8 x float> zeroinitializer, ptr %qacc33, align 4
-  store <8 x float> zeroinitializer, ptr %qacc34, align 4
-  store <8 x float> zeroinitializer, ptr %qacc35, align 4
-  store <8 x float> zeroinitializer, ptr %qacc36, align 4
-  br label %qh.head37
+rb.body5:                                         ; preds = %rb.head4
+  %88 = add nsw i64 %rb7, 0
+  %89 = mul nsw i64 %88, 512
+  %90 = getelementptr inbounds float, ptr %4, i64 %89
+  %91 = mul nsw i64 %88, 32
+  %92 = add nsw i64 %91, %86
+  %93 = getelementptr inbounds float, ptr %lb, i64 %92
+  %94 = add nsw i64 %rb7, 1
+  %95 = mul nsw i64 %94, 512
+  %96 = getelementptr inbounds float, ptr %4, i64 %95
+  %97 = mul nsw i64 %94, 32
+  %98 = add nsw i64 %97, %86
+  %99 = getelementptr inbounds float, ptr %lb, i64 %98
+  %100 = add nsw i64 %rb7, 2
+  %101 = mul nsw i64 %100, 512
+  %102 = getelementptr inbounds float, ptr %4, i64 %101
+  %103 = mul nsw i64 %100, 32
+  %104 = add nsw i64 %103, %86
+  %105 = getelementptr inbounds float, ptr %lb, i64 %104
+  %106 = add nsw i64 %rb7, 3
+  %107 = mul nsw i64 %106, 512
+  %108 = getelementptr inbounds float, ptr %4, i64 %107
+  %109 = mul nsw i64 %106, 32
+  %110 = add nsw i64 %109, %86
+  %111 = getelementptr inbounds float, ptr %lb, i64 %110
+  store <8 x float> zeroinitializer, ptr %qacc8, align 4
+  store <8 x float> zeroinitializer, ptr %qacc9, align 4
+  store <8 x float> zeroinitializer, ptr %qacc10, align 4
+  store <8 x float> zeroinitializer, ptr %qacc11, align 4
+  br label %qh.head12
 
-qh.head37:                                        ; preds = %qh.body38, %rb.body26
-  %qh40 = phi i64 [ 0, %rb.body26 ], [ %359, %qh.body38 ]
-  %296 = icmp slt i64 %qh40, 512
-  br i1 %296, label %qh.body38, label %qh.end39
+qh.head12:                                        ; preds = %qh.body13, %rb.body5
+  %qh15 = phi i64 [ 0, %rb.body5 ], [ %147, %qh.body13 ]
+  %112 = icmp slt i64 %qh15, 512
+  br i1 %112, label %qh.body13, label %qh.end14
 
-qh.body38:                                        ; preds = %qh.head37
-  %297 = add nsw i64 %qb1, 0
-  %298 = mul nsw i64 %qh40, 8
-  %299 = mul nsw i64 %297, 4096
-  %300 = add nsw i64 %299, %298
-  %301 = getelementptr inbounds float, ptr %router, i64 %300
-  %302 = load <8 x float>, ptr %301, align 4
-  %303 = getelementptr inbounds float, ptr %250, i64 %qh40
-  %304 = load float, ptr %303, align 4
-  %305 = insertelement <8 x float> poison, float %304, i32 0
-  %306 = shufflevector <8 x float> %305, <8 x float> poison, <8 x i32> zeroinitializer
-  %307 = load <8 x float>, ptr %qacc29, align 4
-  %308 = fmul <8 x float> %306, %302
-  %309 = fadd <8 x float> %307, %308
-  store <8 x float> %309, ptr %qacc29, align 4
-  %310 = getelementptr inbounds float, ptr %256, i64 %qh40
-  %311 = load float, ptr %310, align 4
-  %312 = insertelement <8 x float> poison, float %311, i32 0
-  %313 = shufflevector <8 x float> %312, <8 x float> poison, <8 x i32> zeroinitializer
-  %314 = load <8 x float>, ptr %qacc30, align 4
-  %315 = fmul <8 x float> %313, %302
-  %316 = fadd <8 x float> %314, %315
-  store <8 x float> %316, ptr %qacc30, align 4
-  %317 = getelementptr inbounds float, ptr %262, i64 %qh40
-  %318 = load float, ptr %317, align 4
-  %319 = insertelement <8 x float> poison, float %318, i32 0
-  %320 = shufflevector <8 x float> %319, <8 x float> poison, <8 x i32> zeroinitializer
-  %321 = load <8 x float>, ptr %qacc31, align 4
-  %322 = fmul <8 x float> %320, %302
-  %323 = fadd <8 x float> %321, %322
-  store <8 x float> %323, ptr %qacc31, align 4
-  %324 = getelementptr inbounds float, ptr %268, i64 %qh40
-  %325 = load float, ptr %324, align 4
-  %326 = insertelement <8 x float> poison, float %325, i32 0
-  %327 = shufflevector <8 x float> %326, <8 x float> poison, <8 x i32> zeroinitializer
-  %328 = load <8 x float>, ptr %qacc32, align 4
-  %329 = fmul <8 x float> %327, %302
-  %330 = fadd <8 x float> %328, %329
-  store <8 x float> %330, ptr %qacc32, align 4
-  %331 = getelementptr inbounds float, ptr %274, i64 %qh40
-  %332 = load float, ptr %331, align 4
-  %333 = insertelement <8 x float> poison, float %332, i32 0
-  %334 = shufflevector <8 x float> %333, <8 x float> poison, <8 x i32> zeroinitializer
-  %335 = load <8 x float>, ptr %qacc33, align 4
-  %336 = fmul <8 x float> %334, %302
-  %337 = fadd <8 x float> %335, %336
-  store <8 x float> %337, ptr %qacc33, align 4
-  %338 = getelementptr inbounds float, ptr %280, i64 %qh40
-  %339 = load float, ptr %338, align 4
-  %340 = insertelement <8 x float> poison, float %339, i32 0
-  %341 = shufflevector <8 x float> %340, <8 x float> poison, <8 x i32> zeroinitializer
-  %342 = load <8 x float>, ptr %qacc34, align 4
-  %343 = fmul <8 x float> %341, %302
-  %344 = fadd <8 x float> %342, %343
-  store <8 x float> %344, ptr %qacc34, align 4
-  %345 = getelementptr inbounds float, ptr %286, i64 %qh40
-  %346 = load float, ptr %345, align 4
-  %347 = insertelement <8 x float> poison, float %346, i32 0
-  %348 = shufflevector <8 x float> %347, <8 x float> poison, <8 x i32> zeroinitializer
-  %349 = load <8 x float>, ptr %qacc35, align 4
-  %350 = fmul <8 x float> %348, %302
-  %351 = fadd <8 x float> %349, %350
-  store <8 x float> %351, ptr %qacc35, align 4
-  %352 = getelementptr inbounds float, ptr %292, i64 %qh40
-  %353 = load float, ptr %352, align 4
-  %354 = insertelement <8 x float> poison, float %353, i32 0
-  %355 = shufflevector <8 x float> %354, <8 x float> poison, <8 x i32> zeroinitializer
-  %356 = load <8 x float>, ptr %qacc36, align 4
-  %357 = fmul <8 x float> %355, %302
-  %358 = fadd <8 x float> %356, %357
-  store <8 x float> %358, ptr %qacc36, align 4
-  %359 = add nsw i64 %qh40, 1
-  br label %qh.head37
+qh.body13:                                        ; preds = %qh.head12
+  %113 = add nsw i64 %qb1, 0
+  %114 = mul nsw i64 %qh15, 8
+  %115 = mul nsw i64 %113, 4096
+  %116 = add nsw i64 %115, %114
+  %117 = getelementptr inbounds float, ptr %router, i64 %116
+  %118 = load <8 x float>, ptr %117, align 4
+  %119 = getelementptr inbounds float, ptr %90, i64 %qh15
+  %120 = load float, ptr %119, align 4
+  %121 = insertelement <8 x float> poison, float %120, i32 0
+  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
+  %123 = load <8 x float>, ptr %qacc8, align 4
+  %124 = fmul <8 x float> %122, %118
+  %125 = fadd <8 x float> %123, %124
+  store <8 x float> %125, ptr %qacc8, align 4
+  %126 = getelementptr inbounds float, ptr %96, i64 %qh15
+  %127 = load float, ptr %126, align 4
+  %128 = insertelement <8 x float> poison, float %127, i32 0
+  %129 = shufflevector <8 x float> %128, <8 x float> poison, <8 x i32> zeroinitializer
+  %130 = load <8 x float>, ptr %qacc9, align 4
+  %131 = fmul <8 x float> %129, %118
+  %132 = fadd <8 x float> %130, %131
+  store <8 x float> %132, ptr %qacc9, align 4
+  %133 = getelementptr inbounds float, ptr %102, i64 %qh15
+  %134 = load float, ptr %133, align 4
+  %135 = insertelement <8 x float> poison, float %134, i32 0
+  %136 = shufflevector <8 x float> %135, <8 x float> poison, <8 x i32> zeroinitializer
+  %137 = load <8 x float>, ptr %qacc10, align 4
+  %138 = fmul <8 x float> %136, %118
+  %139 = fadd <8 x float> %137, %138
+  store <8 x float> %139, ptr %qacc10, align 4
+  %140 = getelementptr inbounds float, ptr %108, i64 %qh15
+  %141 = load float, ptr %140, align 4
+  %142 = insertelement <8 x float> poison, float %141, i32 0
+  %143 = shufflevector <8 x float> %142, <8 x float> poison, <8 x i32> zeroinitializer
+  %144 = load <8 x float>, ptr %qacc11, align 4
+  %145 = fmul <8 x float> %143, %118
+  %146 = fadd <8 x float> %144, %145
+  store <8 x float> %146, ptr %qacc11, align 4
+  %147 = add nsw i64 %qh15, 1
+  br label %qh.head12
 
-qh.end39:                                         ; preds = %qh.head37
-  %360 = load <8 x float>, ptr %qacc29, align 4
-  %361 = load <8 x float>, ptr %qacc30, align 4
-  %362 = load <8 x float>, ptr %qacc31, align 4
-  %363 = load <8 x float>, ptr %qacc32, align 4
-  %364 = load <8 x float>, ptr %qacc33, align 4
-  %365 = load <8 x float>, ptr %qacc34, align 4
-  %366 = load <8 x float>, ptr %qacc35, align 4
-  %367 = load <8 x float>, ptr %qacc36, align 4
-  %368 = getelementptr inbounds float, ptr %253, i64 0
-  store <8 x float> %360, ptr %368, align 4
-  %369 = getelementptr inbounds float, ptr %259, i64 0
-  store <8 x float> %361, ptr %369, align 4
-  %370 = getelementptr inbounds float, ptr %265, i64 0
-  store <8 x float> %362, ptr %370, align 4
-  %371 = getelementptr inbounds float, ptr %271, i64 0
-  store <8 x float> %363, ptr %371, align 4
-  %372 = getelementptr inbounds float, ptr %277, i64 0
-  store <8 x float> %364, ptr %372, align 4
-  %373 = getelementptr inbounds float, ptr %283, i64 0
-  store <8 x float> %365, ptr %373, align 4
-  %374 = getelementptr inbounds float, ptr %289, i64 0
-  store <8 x float> %366, ptr %374, align 4
-  %375 = getelementptr inbounds float, ptr %295, i64 0
-  store <8 x float> %367, ptr %375, align 4
-  %376 = add nsw i64 %rb28, 8
-  br label %rb.head25
+qh.end14:                                         ; preds = %qh.head12
+  %148 = load <8 x float>, ptr %qacc8, align 4
+  %149 = load <8 x float>, ptr %qacc9, align 4
+  %150 = load <8 x float>, ptr %qacc10, align 4
+  %151 = load <8 x float>, ptr %qacc11, align 4
+  %152 = getelementptr inbounds float, ptr %93, i64 0
+  store <8 x float> %148, ptr %152, align 4
+  %153 = getelementptr inbounds float, ptr %99, i64 0
+  store <8 x float> %149, ptr %153, align 4
+  %154 = getelementptr inbounds float, ptr %105, i64 0
+  store <8 x float> %150, ptr %154, align 4
+  %155 = getelementptr inbounds float, ptr %111, i64 0
+  store <8 x float> %151, ptr %155, align 4
+  %156 = add nsw i64 %rb7, 4
+  br label %rb.head4
 
-rb.end27:                                         ; preds = %rb.head25
-  br label %r1.head41
-
-r1.head41:                                        ; preds = %qh.end48, %rb.end27
-  %r144 = phi i64 [ %full, %rb.end27 ], [ %401, %qh.end48 ]
-  %377 = icmp slt i64 %r144, %gn
-  br i1 %377, label %r1.body42, label %r1.end43
-
-r1.body42:                                        ; preds = %r1.head41
-  %378 = add nsw i64 %r144, 0
-  %379 = mul nsw i64 %378, 512
-  %380 = getelementptr inbounds float, ptr %4, i64 %379
-  %381 = mul nsw i64 %378, 32
-  %382 = add nsw i64 %381, %246
-  %383 = getelementptr inbounds float, ptr %lb, i64 %382
-  store <8 x float> zeroinitializer, ptr %qacc45, align 4
-  br label %qh.head46
-
-qh.head46:                                        ; preds = %qh.body47, %r1.body42
-  %qh49 = phi i64 [ 0, %r1.body42 ], [ %398, %qh.body47 ]
-  %384 = icmp slt i64 %qh49, 512
-  br i1 %384, label %qh.body47, label %qh.end48
-
-qh.body47:                                        ; preds = %qh.head46
-  %385 = add nsw i64 %qb1, 0
-  %386 = mul nsw i64 %qh49, 8
-  %387 = mul nsw i64 %385, 4096
-  %388 = add nsw i64 %387, %386
-  %389 = getelementptr inbounds float, ptr %router, i64 %388
-  %390 = load <8 x float>, ptr %389, align 4
-  %391 = getelementptr inbounds float, ptr %380, i64 %qh49
-  %392 = load float, ptr %391, align 4
-  %393 = insertelement <8 x float> poison, float %392, i32 0
-  %394 = shufflevector <8 x float> %393, <8 x float> poison, <8 x i32> zeroinitializer
-  %395 = load <8 x float>, ptr %qacc45, align 4
-  %396 = fmul <8 x float> %394, %390
-  %397 = fadd <8 x float> %395, %396
-  store <8 x float> %397, ptr %qacc45, align 4
-  %398 = add nsw i64 %qh49, 1
-  br label %qh.head46
-
-qh.end48:                                         ; preds = %qh.head46
-  %399 = load <8 x float>, ptr %qacc45, align 4
-  %400 = getelementptr inbounds float, ptr %383, i64 0
-  store <8 x float> %399, ptr %400, align 4
-  %401 = add nsw i64 %r144, 1
-  br label %r1.head41
-
-r1.end43:                                         ; preds = %r1.head41
-  %402 = add nsw i64 %qb1, 1
+rb.end6:                                          ; preds = %rb.head4
+  %157 = add nsw i64 %qb1, 1
   br label %qb1.head
 
 qb1.end:                                          ; preds = %qb1.head
-  %training50 = icmp ne i32 %training, 0
-  br i1 %training50, label %gtraining.then, label %gtraining.end
+  br label %qb.head16
 
-gtraining.then:                                   ; preds = %qb1.end
-  %403 = mul nsw i64 %tg, 512
-  %404 = getelementptr inbounds float, ptr %x, i64 %403
-  %405 = sdiv i64 %gn, 8
-  %full51 = mul i64 %405, 8
-  br label %qb.head52
+qb.head16:                                        ; preds = %r1.end, %qb1.end
+  %qb19 = phi i64 [ 0, %qb1.end ], [ %208, %r1.end ]
+  %158 = icmp slt i64 %qb19, 4
+  br i1 %158, label %qb.body17, label %qb.end18
 
-qb.head52:                                        ; preds = %r1.end84, %gtraining.then
-  %qb55 = phi i64 [ 0, %gtraining.then ], [ %644, %r1.end84 ]
-  %406 = icmp slt i64 %qb55, 4
-  br i1 %406, label %qb.body53, label %qb.end54
+qb.body17:                                        ; preds = %qb.head16
+  %159 = mul nsw i64 %qb19, 8
+  br label %r1.head
 
-qb.body53:                                        ; preds = %qb.head52
-  %407 = mul nsw i64 %qb55, 8
-  br label %rb.head56
+r1.head:                                          ; preds = %qh.end24, %qb.body17
+  %r1 = phi i64 [ %full, %qb.body17 ], [ %207, %qh.end24 ]
+  %160 = icmp slt i64 %r1, %gn
+  br i1 %160, label %r1.body, label %r1.end
 
-rb.head56:                                        ; preds = %qh.end78, %qb.body53
-  %rb59 = phi i64 [ 0, %qb.body53 ], [ %595, %qh.end78 ]
-  %408 = icmp slt i64 %rb59, %full51
-  br i1 %408, label %rb.body57, label %rb.end58
+r1.body:                                          ; preds = %r1.head
+  %161 = add nsw i64 %r1, 0
+  %162 = mul nsw i64 %161, 512
+  %163 = getelementptr inbounds float, ptr %4, i64 %162
+  %164 = mul nsw i64 %161, 32
+  %165 = add nsw i64 %164, %159
+  %166 = getelementptr inbounds float, ptr %lb, i64 %165
+  store <16 x float> zeroinitializer, ptr %qacc20, align 4
+  store <16 x float> zeroinitializer, ptr %qacc21, align 4
+  br label %qh.head22
 
-rb.body57:                                        ; preds = %rb.head56
-  %409 = add nsw i64 %rb59, 0
-  %410 = mul nsw i64 %409, 512
-  %411 = getelementptr inbounds float, ptr %404, i64 %410
-  %412 = mul nsw i64 %409, 32
-  %413 = add nsw i64 %412, %407
-  %414 = getelementptr inbounds float, ptr %nlb, i64 %413
-  %415 = add nsw i64 %rb59, 1
-  %416 = mul nsw i64 %415, 512
-  %417 = getelementptr inbounds float, ptr %404, i64 %416
-  %418 = mul nsw i64 %415, 32
-  %419 = add nsw i64 %418, %407
-  %420 = getelementptr inbounds float, ptr %nlb, i64 %419
-  %421 = add nsw i64 %rb59, 2
-  %422 = mul nsw i64 %421, 512
-  %423 = getelementptr inbounds float, ptr %404, i64 %422
-  %424 = mul nsw i64 %421, 32
-  %425 = add nsw i64 %424, %407
-  %426 = getelementptr inbounds float, ptr %nlb, i64 %425
-  %427 = add nsw i64 %rb59, 3
-  %428 = mul nsw i64 %427, 512
-  %429 = getelementptr inbounds float, ptr %404, i64 %428
-  %430 = mul nsw i64 %427, 32
-  %431 = add nsw i64 %430, %407
-  %432 = getelementptr inbounds float, ptr %nlb, i64 %431
-  %433 = add nsw i64 %rb59, 4
-  %434 = mul nsw i64 %433, 512
-  %435 = getelementptr inbounds float, ptr %404, i64 %434
-  %436 = mul nsw i64 %433, 32
-  %437 = add nsw i64 %436, %407
-  %438 = getelementptr inbounds float, ptr %nlb, i64 %437
-  %439 = add nsw i64 %rb59, 5
-  %440 = mul nsw i64 %439, 512
-  %441 = getelementptr inbounds float, ptr %404, i64 %440
-  %442 = mul nsw i64 %439, 32
-  %443 = add nsw i64 %442, %407
-  %444 = getelementptr inbounds float, ptr %nlb, i64 %443
-  %445 = add nsw i64 %rb59, 6
-  %446 = mul nsw i64 %445, 512
-  %447 = getelementptr inbounds float, ptr %404, i64 %446
-  %448 = mul nsw i64 %445, 32
-  %449 = add nsw i64 %448, %407
-  %450 = getelementptr inbounds float, ptr %nlb, i64 %449
-  %451 = add nsw i64 %rb59, 7
-  %452 = mul nsw i64 %451, 512
-  %453 = getelementptr inbounds float, ptr %404, i64 %452
-  %454 = mul nsw i64 %451, 32
-  %455 = add nsw i64 %454, %407
-  %456 = getelementptr inbounds float, ptr %nlb, i64 %455
-  store <16 x float> zeroinitializer, ptr %qacc60, align 4
-  store <16 x float> zeroinitializer, ptr %qacc61, align 4
-  store <16 x float> zeroinitializer, ptr %qacc62, align 4
-  store <16 x float> zeroinitializer, ptr %qacc63, align 4
-  store <16 x float> zeroinitializer, ptr %qacc64, align 4
-  store <16 x float> zeroinitializer, ptr %qacc65, align 4
-  store <16 x float> zeroinitializer, ptr %qacc66, align 4
-  store <16 x float> zeroinitializer, ptr %qacc67, align 4
-  store <16 x float> zeroinitializer, ptr %qacc68, align 4
-  store <16 x float> zeroinitializer, ptr %qacc69, align 4
-  store <16 x float> zeroinitializer, ptr %qacc70, align 4
-  store <16 x float> zeroinitializer, ptr %qacc71, align 4
-  store <16 x float> zeroinitializer, ptr %qacc72, align 4
-  store <16 x float> zeroinitializer, ptr %qacc73, align 4
-  store <16 x float> zeroinitializer, ptr %qacc74, align 4
-  store <16 x float> zeroinitializer, ptr %qacc75, align 4
-  br label %qh.head76
+qh.head22:                                        ; preds = %qh.body23, %r1.body
+  %qh25 = phi i64 [ 0, %r1.body ], [ %202, %qh.body23 ]
+  %167 = icmp slt i64 %qh25, 512
+  br i1 %167, label %qh.body23, label %qh.end24
 
-qh.head76:                                        ; preds = %qh.body77, %rb.body57
-  %qh79 = phi i64 [ 0, %rb.body57 ], [ %562, %qh.body77 ]
-  %457 = icmp slt i64 %qh79, 512
-  br i1 %457, label %qh.body77, label %qh.end78
+qh.body23:                                        ; preds = %qh.head22
+  %168 = add nsw i64 %qb19, 0
+  %169 = mul nsw i64 %qh25, 8
+  %170 = mul nsw i64 %168, 4096
+  %171 = add nsw i64 %170, %169
+  %172 = getelementptr inbounds float, ptr %router, i64 %171
+  %173 = load <8 x float>, ptr %172, align 4
+  %174 = add nsw i64 %qb19, 1
+  %175 = mul nsw i64 %qh25, 8
+  %176 = mul nsw i64 %174, 4096
+  %177 = add nsw i64 %176, %175
+  %178 = getelementptr inbounds float, ptr %router, i64 %177
+  %179 = load <8 x float>, ptr %178, align 4
+  %w1626 = shufflevector <8 x float> %173, <8 x float> %179, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %180 = add nsw i64 %qb19, 2
+  %181 = mul nsw i64 %qh25, 8
+  %182 = mul nsw i64 %180, 4096
+  %183 = add nsw i64 %182, %181
+  %184 = getelementptr inbounds float, ptr %router, i64 %183
+  %185 = load <8 x float>, ptr %184, align 4
+  %186 = add nsw i64 %qb19, 3
+  %187 = mul nsw i64 %qh25, 8
+  %188 = mul nsw i64 %186, 4096
+  %189 = add nsw i64 %188, %187
+  %190 = getelementptr inbounds float, ptr %router, i64 %189
+  %191 = load <8 x float>, ptr %190, align 4
+  %w1627 = shufflevector <8 x float> %185, <8 x float> %191, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %192 = getelementptr inbounds float, ptr %163, i64 %qh25
+  %193 = load float, ptr %192, align 4
+  %194 = insertelement <16 x float> poison, float %193, i32 0
+  %195 = shufflevector <16 x float> %194, <16 x float> poison, <16 x i32> zeroinitializer
+  %196 = load <16 x float>, ptr %qacc20, align 4
+  %197 = fmul <16 x float> %195, %w1626
+  %198 = fadd <16 x float> %196, %197
+  store <16 x float> %198, ptr %qacc20, align 4
+  %199 = load <16 x float>, ptr %qacc21, align 4
+  %200 = fmul <16 x float> %195, %w1627
+  %201 = fadd <16 x float> %199, %200
+  store <16 x float> %201, ptr %qacc21, align 4
+  %202 = add nsw i64 %qh25, 1
+  br label %qh.head22
 
-qh.body77:                                        ; preds = %qh.head76
-  %458 = add nsw i64 %qb55, 0
-  %459 = mul nsw i64 %qh79, 8
-  %460 = mul nsw i64 %458, 4096
-  %461 = add nsw i64 %460, %459
-  %462 = getelementptr inbounds float, ptr %noise, i64 %461
-  %463 = load <8 x float>, ptr %462, align 4
-  %464 = add nsw i64 %qb55, 1
-  %465 = mul nsw i64 %qh79, 8
-  %466 = mul nsw i64 %464, 4096
-  %467 = add nsw i64 %466, %465
-  %468 = getelementptr inbounds float, ptr %noise, i64 %467
-  %469 = load <8 x float>, ptr %468, align 4
-  %w1680 = shufflevector <8 x float> %463, <8 x float> %469, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %470 = add nsw i64 %qb55, 2
-  %471 = mul nsw i64 %qh79, 8
-  %472 = mul nsw i64 %470, 4096
-  %473 = add nsw i64 %472, %471
-  %474 = getelementptr inbounds float, ptr %noise, i64 %473
-  %475 = load <8 x float>, ptr %474, align 4
-  %476 = add nsw i64 %qb55, 3
-  %477 = mul nsw i64 %qh79, 8
-  %478 = mul nsw i64 %476, 4096
-  %479 = add nsw i64 %478, %477
-  %480 = getelementptr inbounds float, ptr %noise, i64 %479
-  %481 = load <8 x float>, ptr %480, align 4
-  %w1681 = shufflevector <8 x float> %475, <8 x float> %481, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %482 = getelementptr inbounds float, ptr %411, i64 %qh79
-  %483 = load float, ptr %482, align 4
-  %484 = insertelement <16 x float> poison, float %483, i32 0
-  %485 = shufflevector <16 x float> %484, <16 x float> poison, <16 x i32> zeroinitializer
-  %486 = load <16 x float>, ptr %qacc60, align 4
-  %487 = fmul <16 x float> %485, %w1680
-  %488 = fadd <16 x float> %486, %487
-  store <16 x float> %488, ptr %qacc60, align 4
-  %489 = load <16 x float>, ptr %qacc61, align 4
-  %490 = fmul <16 x float> %485, %w1681
-  %491 = fadd <16 x float> %489, %490
-  store <16 x float> %491, ptr %qacc61, align 4
-  %492 = getelementptr inbounds float, ptr %417, i64 %qh79
-  %493 = load float, ptr %492, align 4
-  %494 = insertelement <16 x float> poison, float %493, i32 0
-  %495 = shufflevector <16 x float> %494, <16 x float> poison, <16 x i32> zeroinitializer
-  %496 = load <16 x float>, ptr %qacc62, align 4
-  %497 = fmul <16 x float> %495, %w1680
-  %498 = fadd <16 x float> %496, %497
-  store <16 x float> %498, ptr %qacc62, align 4
-  %499 = load <16 x float>, ptr %qacc63, align 4
-  %500 = fmul <16 x float> %495, %w1681
-  %501 = fadd <16 x float> %499, %500
-  store <16 x float> %501, ptr %qacc63, align 4
-  %502 = getelementptr inbounds float, ptr %423, i64 %qh79
-  %503 = load float, ptr %502, align 4
-  %504 = insertelement <16 x float> poison, float %503, i32 0
-  %505 = shufflevector <16 x float> %504, <16 x float> poison, <16 x i32> zeroinitializer
-  %506 = load <16 x float>, ptr %qacc64, align 4
-  %507 = fmul <16 x float> %505, %w1680
-  %508 = fadd <16 x float> %506, %507
-  store <16 x float> %508, ptr %qacc64, align 4
-  %509 = load <16 x float>, ptr %qacc65, align 4
-  %510 = fmul <16 x float> %505, %w1681
-  %511 = fadd <16 x float> %509, %510
-  store <16 x float> %511, ptr %qacc65, align 4
-  %512 = getelementptr inbounds float, ptr %429, i64 %qh79
-  %513 = load float, ptr %512, align 4
-  %514 = insertelement <16 x float> poison, float %513, i32 0
-  %515 = shufflevector <16 x float> %514, <16 x float> poison, <16 x i32> zeroinitializer
-  %516 = load <16 x float>, ptr %qacc66, align 4
-  %517 = fmul <16 x float> %515, %w1680
-  %518 = fadd <16 x float> %516, %517
-  store <16 x float> %518, ptr %qacc66, align 4
-  %519 = load <16 x float>, ptr %qacc67, align 4
-  %520 = fmul <16 x float> %515, %w1681
-  %521 = fadd <16 x float> %519, %520
-  store <16 x float> %521, ptr %qacc67, align 4
-  %522 = getelementptr inbounds float, ptr %435, i64 %qh79
-  %523 = load float, ptr %522, align 4
-  %524 = insertelement <16 x float> poison, float %523, i32 0
-  %525 = shufflevector <16 x float> %524, <16 x float> poison, <16 x i32> zeroinitializer
-  %526 = load <16 x float>, ptr %qacc68, align 4
-  %527 = fmul <16 x float> %525, %w1680
-  %528 = fadd <16 x float> %526, %527
-  store <16 x float> %528, ptr %qacc68, align 4
-  %529 = load <16 x float>, ptr %qacc69, align 4
-  %530 = fmul <16 x float> %525, %w1681
-  %531 = fadd <16 x float> %529, %530
-  store <16 x float> %531, ptr %qacc69, align 4
-  %532 = getelementptr inbounds float, ptr %441, i64 %qh79
-  %533 = load float, ptr %532, align 4
-  %534 = insertelement <16 x float> poison, float %533, i32 0
-  %535 = shufflevector <16 x float> %534, <16 x float> poison, <16 x i32> zeroinitializer
-  %536 = load <16 x float>, ptr %qacc70, align 4
-  %537 = fmul <16 x float> %535, %w1680
-  %538 = fadd <16 x float> %536, %537
-  store <16 x float> %538, ptr %qacc70, align 4
-  %539 = load <16 x float>, ptr %qacc71, align 4
-  %540 = fmul <16 x float> %535, %w1681
-  %541 = fadd <16 x float> %539, %540
-  store <16 x float> %541, ptr %qacc71, align 4
-  %542 = getelementptr inbounds float, ptr %447, i64 %qh79
-  %543 = load float, ptr %542, align 4
-  %544 = insertelement <16 x float> poison, float %543, i32 0
-  %545 = shufflevector <16 x float> %544, <16 x float> poison, <16 x i32> zeroinitializer
-  %546 = load <16 x float>, ptr %qacc72, align 4
-  %547 = fmul <16 x float> %545, %w1680
-  %548 = fadd <16 x float> %546, %547
-  store <16 x float> %548, ptr %qacc72, align 4
-  %549 = load <16 x float>, ptr %qacc73, align 4
-  %550 = fmul <16 x float> %545, %w1681
-  %551 = fadd <16 x float> %549, %550
-  store <16 x float> %551, ptr %qacc73, align 4
-  %552 = getelementptr inbounds float, ptr %453, i64 %qh79
-  %553 = load float, ptr %552, align 4
-  %554 = insertelement <16 x float> poison, float %553, i32 0
-  %555 = shufflevector <16 x float> %554, <16 x float> poison, <16 x i32> zeroinitializer
-  %556 = load <16 x float>, ptr %qacc74, align 4
-  %557 = fmul <16 x float> %555, %w1680
-  %558 = fadd <16 x float> %556, %557
-  store <16 x float> %558, ptr %qacc74, align 4
-  %559 = load <16 x float>, ptr %qacc75, align 4
-  %560 = fmul <16 x float> %555, %w1681
-  %561 = fadd <16 x float> %559, %560
-  store <16 x float> %561, ptr %qacc75, align 4
-  %562 = add nsw i64 %qh79, 1
-  br label %qh.head76
+qh.end24:                                         ; preds = %qh.head22
+  %203 = load <16 x float>, ptr %qacc20, align 4
+  %204 = load <16 x float>, ptr %qacc21, align 4
+  %205 = getelementptr inbounds float, ptr %166, i64 0
+  store <16 x float> %203, ptr %205, align 4
+  %206 = getelementptr inbounds float, ptr %166, i64 16
+  store <16 x float> %204, ptr %206, align 4
+  %207 = add nsw i64 %r1, 1
+  br label %r1.head
 
-qh.end78:                                         ; preds = %qh.head76
-  %563 = load <16 x float>, ptr %qacc60, align 4
-  %564 = load <16 x float>, ptr %qacc61, align 4
-  %565 = load <16 x float>, ptr %qacc62, align 4
-  %566 = load <16 x float>, ptr %qacc63, align 4
-  %567 = load <16 x float>, ptr %qacc64, align 4
-  %568 = load <16 x float>, ptr %qacc65, align 4
-  %569 = load <16 x float>, ptr %qacc66, align 4
-  %570 = load <16 x float>, ptr %qacc67, align 4
-  %571 = load <16 x float>, ptr %qacc68, align 4
-  %572 = load <16 x float>, ptr %qacc69, align 4
-  %573 = load <16 x float>, ptr %qacc70, align 4
-  %574 = load <16 x float>, ptr %qacc71, align 4
-  %575 = load <16 x float>, ptr %qacc72, align 4
-  %576 = load <16 x float>, ptr %qacc73, align 4
-  %577 = load <16 x float>, ptr %qacc74, align 4
-  %578 = load <16 x float>, ptr %qacc75, align 4
-  %579 = getelementptr inbounds float, ptr %414, i64 0
-  store <16 x float> %563, ptr %579, align 4
-  %580 = getelementptr inbounds float, ptr %414, i64 16
-  store <16 x float> %564, ptr %580, align 4
-  %581 = getelementptr inbounds float, ptr %420, i64 0
-  store <16 x float> %565, ptr %581, align 4
-  %582 = getelementptr inbounds float, ptr %420, i64 16
-  store <16 x float> %566, ptr %582, align 4
-  %583 = getelementptr inbounds float, ptr %426, i64 0
-  store <16 x float> %567, ptr %583, align 4
-  %584 = getelementptr inbounds float, ptr %426, i64 16
-  store <16 x float> %568, ptr %584, align 4
-  %585 = getelementptr inbounds float, ptr %432, i64 0
-  store <16 x float> %569, ptr %585, align 4
-  %586 = getelementptr inbounds float, ptr %432, i64 16
-  store <16 x float> %570, ptr %586, align 4
-  %587 = getelementptr inbounds float, ptr %438, i64 0
-  store <16 x float> %571, ptr %587, align 4
-  %588 = getelementptr inbounds float, ptr %438, i64 16
-  store <16 x float> %572, ptr %588, align 4
-  %589 = getelementptr inbounds float, ptr %444, i64 0
-  store <16 x float> %573, ptr %589, align 4
-  %590 = getelementptr inbounds float, ptr %444, i64 16
-  store <16 x float> %574, ptr %590, align 4
-  %591 = getelementptr inbounds float, ptr %450, i64 0
-  store <16 x float> %575, ptr %591, align 4
-  %592 = getelementptr inbounds float, ptr %450, i64 16
-  store <16 x float> %576, ptr %592, align 4
-  %593 = getelementptr inbounds float, ptr %456, i64 0
-  store <16 x float> %577, ptr %593, align 4
-  %594 = getelementptr inbounds float, ptr %456, i64 16
-  store <16 x float> %578, ptr %594, align 4
-  %595 = add nsw i64 %rb59, 8
-  br label %rb.head56
+r1.end:                                           ; preds = %r1.head
+  %208 = add nsw i64 %qb19, 4
+  br label %qb.head16
 
-rb.end58:                                         ; preds = %rb.head56
-  br label %r1.head82
+qb.end18:                                         ; preds = %qb.head16
+  br label %qb1.head28
 
-r1.head82:                                        ; preds = %qh.end90, %rb.end58
-  %r185 = phi i64 [ %full51, %rb.end58 ], [ %643, %qh.end90 ]
-  %596 = icmp slt i64 %r185, %gn
-  br i1 %596, label %r1.body83, label %r1.end84
+qb1.head28:                                       ; preds = %r1.end34, %qb.end18
+  %qb131 = phi i64 [ 4, %qb.end18 ], [ %236, %r1.end34 ]
+  %209 = icmp slt i64 %qb131, 4
+  br i1 %209, label %qb1.body29, label %qb1.end30
 
-r1.body83:                                        ; preds = %r1.head82
-  %597 = add nsw i64 %r185, 0
-  %598 = mul nsw i64 %597, 512
-  %599 = getelementptr inbounds float, ptr %404, i64 %598
-  %600 = mul nsw i64 %597, 32
-  %601 = add nsw i64 %600, %407
-  %602 = getelementptr inbounds float, ptr %nlb, i64 %601
-  store <16 x float> zeroinitializer, ptr %qacc86, align 4
-  store <16 x float> zeroinitializer, ptr %qacc87, align 4
-  br label %qh.head88
+qb1.body29:                                       ; preds = %qb1.head28
+  %210 = mul nsw i64 %qb131, 8
+  br label %r1.head32
 
-qh.head88:                                        ; preds = %qh.body89, %r1.body83
-  %qh91 = phi i64 [ 0, %r1.body83 ], [ %638, %qh.body89 ]
-  %603 = icmp slt i64 %qh91, 512
-  br i1 %603, label %qh.body89, label %qh.end90
+r1.head32:                                        ; preds = %qh.end39, %qb1.body29
+  %r135 = phi i64 [ %full, %qb1.body29 ], [ %235, %qh.end39 ]
+  %211 = icmp slt i64 %r135, %gn
+  br i1 %211, label %r1.body33, label %r1.end34
 
-qh.body89:                                        ; preds = %qh.head88
-  %604 = add nsw i64 %qb55, 0
-  %605 = mul nsw i64 %qh91, 8
-  %606 = mul nsw i64 %604, 4096
-  %607 = add nsw i64 %606, %605
-  %608 = getelementptr inbounds float, ptr %noise, i64 %607
-  %609 = load <8 x float>, ptr %608, align 4
-  %610 = add nsw i64 %qb55, 1
-  %611 = mul nsw i64 %qh91, 8
-  %612 = mul nsw i64 %610, 4096
-  %613 = add nsw i64 %612, %611
-  %614 = getelementptr inbounds float, ptr %noise, i64 %613
-  %615 = load <8 x float>, ptr %614, align 4
-  %w1692 = shufflevector <8 x float> %609, <8 x float> %615, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %616 = add nsw i64 %qb55, 2
-  %617 = mul nsw i64 %qh91, 8
-  %618 = mul nsw i64 %616, 4096
-  %619 = add nsw i64 %618, %617
-  %620 = getelementptr inbounds float, ptr %noise, i64 %619
-  %621 = load <8 x float>, ptr %620, align 4
-  %622 = add nsw i64 %qb55, 3
-  %623 = mul nsw i64 %qh91, 8
-  %624 = mul nsw i64 %622, 4096
-  %625 = add nsw i64 %624, %623
-  %626 = getelementptr inbounds float, ptr %noise, i64 %625
-  %627 = load <8 x float>, ptr %626, align 4
-  %w1693 = shufflevector <8 x float> %621, <8 x float> %627, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %628 = getelementptr inbounds float, ptr %599, i64 %qh91
-  %629 = load float, ptr %628, align 4
-  %630 = insertelement <16 x float> poison, float %629, i32 0
-  %631 = shufflevector <16 x float> %630, <16 x float> poison, <16 x i32> zeroinitializer
-  %632 = load <16 x float>, ptr %qacc86, align 4
-  %633 = fmul <16 x float> %631, %w1692
-  %634 = fadd <16 x float> %632, %633
-  store <16 x float> %634, ptr %qacc86, align 4
-  %635 = load <16 x float>, ptr %qacc87, align 4
-  %636 = fmul <16 x float> %631, %w1693
-  %637 = fadd <16 x float> %635, %636
-  store <16 x float> %637, ptr %qacc87, align 4
-  %638 = add nsw i64 %qh91, 1
-  br label %qh.head88
+r1.body33:                                        ; preds = %r1.head32
+  %212 = add nsw i64 %r135, 0
+  %213 = mul nsw i64 %212, 512
+  %214 = getelementptr inbounds float, ptr %4, i64 %213
+  %215 = mul nsw i64 %212, 32
+  %216 = add nsw i64 %215, %210
+  %217 = getelementptr inbounds float, ptr %lb, i64 %216
+  store <8 x float> zeroinitializer, ptr %qacc36, align 4
+  br label %qh.head37
 
-qh.end90:                                         ; preds = %qh.head88
-  %639 = load <16 x float>, ptr %qacc86, align 4
-  %640 = load <16 x float>, ptr %qacc87, align 4
-  %641 = getelementptr inbounds float, ptr %602, i64 0
-  store <16 x float> %639, ptr %641, align 4
-  %642 = getelementptr inbounds float, ptr %602, i64 16
-  store <16 x float> %640, ptr %642, align 4
-  %643 = add nsw i64 %r185, 1
-  br label %r1.head82
+qh.head37:                                        ; preds = %qh.body38, %r1.body33
+  %qh40 = phi i64 [ 0, %r1.body33 ], [ %232, %qh.body38 ]
+  %218 = icmp slt i64 %qh40, 512
+  br i1 %218, label %qh.body38, label %qh.end39
 
-r1.end84:                                         ; preds = %r1.head82
-  %644 = add nsw i64 %qb55, 4
-  br label %qb.head52
+qh.body38:                                        ; preds = %qh.head37
+  %219 = add nsw i64 %qb131, 0
+  %220 = mul nsw i64 %qh40, 8
+  %221 = mul nsw i64 %219, 4096
+  %222 = add nsw i64 %221, %220
+  %223 = getelementptr inbounds float, ptr %router, i64 %222
+  %224 = load <8 x float>, ptr %223, align 4
+  %225 = getelementptr inbounds float, ptr %214, i64 %qh40
+  %226 = load float, ptr %225, align 4
+  %227 = insertelement <8 x float> poison, float %226, i32 0
+  %228 = shufflevector <8 x float> %227, <8 x float> poison, <8 x i32> zeroinitializer
+  %229 = load <8 x float>, ptr %qacc36, align 4
+  %230 = fmul <8 x float> %228, %224
+  %231 = fadd <8 x float> %229, %230
+  store <8 x float> %231, ptr %qacc36, align 4
+  %232 = add nsw i64 %qh40, 1
+  br label %qh.head37
 
-qb.end54:                                         ; preds = %qb.head52
-  br label %qb1.head94
+qh.end39:                                         ; preds = %qh.head37
+  %233 = load <8 x float>, ptr %qacc36, align 4
+  %234 = getelementptr inbounds float, ptr %217, i64 0
+  store <8 x float> %233, ptr %234, align 4
+  %235 = add nsw i64 %r135, 1
+  br label %r1.head32
 
-qb1.head94:                                       ; preds = %r1.end116, %qb.end54
-  %qb197 = phi i64 [ 4, %qb.end54 ], [ %802, %r1.end116 ]
-  %645 = icmp slt i64 %qb197, 4
-  br i1 %645, label %qb1.body95, label %qb1.end96
+r1.end34:                                         ; preds = %r1.head32
+  %236 = add nsw i64 %qb131, 1
+  br label %qb1.head28
 
-qb1.body95:                                       ; preds = %qb1.head94
-  %646 = mul nsw i64 %qb197, 8
-  br label %rb.head98
+qb1.end30:                                        ; preds = %qb1.head28
+  %training41 = icmp ne i32 %training, 0
+  br i1 %training41, label %gtraining.then, label %gtraining.end
 
-rb.head98:                                        ; preds = %qh.end112, %qb1.body95
-  %rb101 = phi i64 [ 0, %qb1.body95 ], [ %776, %qh.end112 ]
-  %647 = icmp slt i64 %rb101, %full51
-  br i1 %647, label %rb.body99, label %rb.end100
+gtraining.then:                                   ; preds = %qb1.end30
+  %237 = mul nsw i64 %tg, 512
+  %238 = getelementptr inbounds float, ptr %x, i64 %237
+  %239 = sdiv i64 %gn, 4
+  %full42 = mul i64 %239, 4
+  br label %qb.head43
 
-rb.body99:                                        ; preds = %rb.head98
-  %648 = add nsw i64 %rb101, 0
-  %649 = mul nsw i64 %648, 512
-  %650 = getelementptr inbounds float, ptr %404, i64 %649
-  %651 = mul nsw i64 %648, 32
-  %652 = add nsw i64 %651, %646
-  %653 = getelementptr inbounds float, ptr %nlb, i64 %652
-  %654 = add nsw i64 %rb101, 1
-  %655 = mul nsw i64 %654, 512
-  %656 = getelementptr inbounds float, ptr %404, i64 %655
-  %657 = mul nsw i64 %654, 32
-  %658 = add nsw i64 %657, %646
-  %659 = getelementptr inbounds float, ptr %nlb, i64 %658
-  %660 = add nsw i64 %rb101, 2
-  %661 = mul nsw i64 %660, 512
-  %662 = getelementptr inbounds float, ptr %404, i64 %661
-  %663 = mul nsw i64 %660, 32
-  %664 = add nsw i64 %663, %646
-  %665 = getelementptr inbounds float, ptr %nlb, i64 %664
-  %666 = add nsw i64 %rb101, 3
-  %667 = mul nsw i64 %666, 512
-  %668 = getelementptr inbounds float, ptr %404, i64 %667
-  %669 = mul nsw i64 %666, 32
-  %670 = add nsw i64 %669, %646
-  %671 = getelementptr inbounds float, ptr %nlb, i64 %670
-  %672 = add nsw i64 %rb101, 4
-  %673 = mul nsw i64 %672, 512
-  %674 = getelementptr inbounds float, ptr %404, i64 %673
-  %675 = mul nsw i64 %672, 32
-  %676 = add nsw i64 %675, %646
-  %677 = getelementptr inbounds float, ptr %nlb, i64 %676
-  %678 = add nsw i64 %rb101, 5
-  %679 = mul nsw i64 %678, 512
-  %680 = getelementptr inbounds float, ptr %404, i64 %679
-  %681 = mul nsw i64 %678, 32
-  %682 = add nsw i64 %681, %646
-  %683 = getelementptr inbounds float, ptr %nlb, i64 %682
-  %684 = add nsw i64 %rb101, 6
-  %685 = mul nsw i64 %684, 512
-  %686 = getelementptr inbounds float, ptr %404, i64 %685
-  %687 = mul nsw i64 %684, 32
-  %688 = add nsw i64 %687, %646
-  %689 = getelementptr inbounds float, ptr %nlb, i64 %688
-  %690 = add nsw i64 %rb101, 7
-  %691 = mul nsw i64 %690, 512
-  %692 = getelementptr inbounds float, ptr %404, i64 %691
-  %693 = mul nsw i64 %690, 32
-  %694 = add nsw i64 %693, %646
-  %695 = getelementptr inbounds float, ptr %nlb, i64 %694
-  store <8 x float> zeroinitializer, ptr %qacc102, align 4
-  store <8 x float> zeroinitializer, ptr %qacc103, align 4
-  store <8 x float> zeroinitializer, ptr %qacc104, align 4
-  store <8 x float> zeroinitializer, ptr %qacc105, align 4
-  store <8 x float> zeroinitializer, ptr %qacc106, align 4
-  store <8 x float> zeroinitializer, ptr %qacc107, align 4
-  store <8 x float> zeroinitializer, ptr %qacc108, align 4
-  store <8 x float> zeroinitializer, ptr %qacc109, align 4
-  br label %qh.head110
+qb.head43:                                        ; preds = %rb.end49, %gtraining.then
+  %qb46 = phi i64 [ 0, %gtraining.then ], [ %318, %rb.end49 ]
+  %240 = icmp slt i64 %qb46, 4
+  br i1 %240, label %qb.body44, label %qb.end45
 
-qh.head110:                                       ; preds = %qh.body111, %rb.body99
-  %qh113 = phi i64 [ 0, %rb.body99 ], [ %759, %qh.body111 ]
-  %696 = icmp slt i64 %qh113, 512
-  br i1 %696, label %qh.body111, label %qh.end112
+qb.body44:                                        ; preds = %qb.head43
+  %241 = mul nsw i64 %qb46, 8
+  br label %rb.head47
 
-qh.body111:                                       ; preds = %qh.head110
-  %697 = add nsw i64 %qb197, 0
-  %698 = mul nsw i64 %qh113, 8
-  %699 = mul nsw i64 %697, 4096
-  %700 = add nsw i64 %699, %698
-  %701 = getelementptr inbounds float, ptr %noise, i64 %700
-  %702 = load <8 x float>, ptr %701, align 4
-  %703 = getelementptr inbounds float, ptr %650, i64 %qh113
-  %704 = load float, ptr %703, align 4
-  %705 = insertelement <8 x float> poison, float %704, i32 0
-  %706 = shufflevector <8 x float> %705, <8 x float> poison, <8 x i32> zeroinitializer
-  %707 = load <8 x float>, ptr %qacc102, align 4
-  %708 = fmul <8 x float> %706, %702
-  %709 = fadd <8 x float> %707, %708
-  store <8 x float> %709, ptr %qacc102, align 4
-  %710 = getelementptr inbounds float, ptr %656, i64 %qh113
-  %711 = load float, ptr %710, align 4
-  %712 = insertelement <8 x float> poison, float %711, i32 0
-  %713 = shufflevector <8 x float> %712, <8 x float> poison, <8 x i32> zeroinitializer
-  %714 = load <8 x float>, ptr %qacc103, align 4
-  %715 = fmul <8 x float> %713, %702
-  %716 = fadd <8 x float> %714, %715
-  store <8 x float> %716, ptr %qacc103, align 4
-  %717 = getelementptr inbounds float, ptr %662, i64 %qh113
-  %718 = load float, ptr %717, align 4
-  %719 = insertelement <8 x float> poison, float %718, i32 0
-  %720 = shufflevector <8 x float> %719, <8 x float> poison, <8 x i32> zeroinitializer
-  %721 = load <8 x float>, ptr %qacc104, align 4
-  %722 = fmul <8 x float> %720, %702
-  %723 = fadd <8 x float> %721, %722
-  store <8 x float> %723, ptr %qacc104, align 4
-  %724 = getelementptr inbounds float, ptr %668, i64 %qh113
-  %725 = load float, ptr %724, align 4
-  %726 = insertelement <8 x float> poison, float %725, i32 0
-  %727 = shufflevector <8 x float> %726, <8 x float> poison, <8 x i32> zeroinitializer
-  %728 = load <8 x float>, ptr %qacc105, align 4
-  %729 = fmul <8 x float> %727, %702
-  %730 = fadd <8 x float> %728, %729
-  store <8 x float> %730, ptr %qacc105, align 4
-  %731 = getelementptr inbounds float, ptr %674, i64 %qh113
-  %732 = load float, ptr %731, align 4
-  %733 = insertelement <8 x float> poison, float %732, i32 0
-  %734 = shufflevector <8 x float> %733, <8 x float> poison, <8 x i32> zeroinitializer
-  %735 = load <8 x float>, ptr %qacc106, align 4
-  %736 = fmul <8 x float> %734, %702
-  %737 = fadd <8 x float> %735, %736
-  store <8 x float> %737, ptr %qacc106, align 4
-  %738 = getelementptr inbounds float, ptr %680, i64 %qh113
-  %739 = load float, ptr %738, align 4
-  %740 = insertelement <8 x float> poison, float %739, i32 0
-  %741 = shufflevector <8 x float> %740, <8 x float> poison, <8 x i32> zeroinitializer
-  %742 = load <8 x float>, ptr %qacc107, align 4
-  %743 = fmul <8 x float> %741, %702
-  %744 = fadd <8 x float> %742, %743
-  store <8 x float> %744, ptr %qacc107, align 4
-  %745 = getelementptr inbounds float, ptr %686, i64 %qh113
-  %746 = load float, ptr %745, align 4
-  %747 = insertelement <8 x float> poison, float %746, i32 0
-  %748 = shufflevector <8 x float> %747, <8 x float> poison, <8 x i32> zeroinitializer
-  %749 = load <8 x float>, ptr %qacc108, align 4
-  %750 = fmul <8 x float> %748, %702
-  %751 = fadd <8 x float> %749, %750
-  store <8 x float> %751, ptr %qacc108, align 4
-  %752 = getelementptr inbounds float, ptr %692, i64 %qh113
-  %753 = load float, ptr %752, align 4
-  %754 = insertelement <8 x float> poison, float %753, i32 0
-  %755 = shufflevector <8 x float> %754, <8 x float> poison, <8 x i32> zeroinitializer
-  %756 = load <8 x float>, ptr %qacc109, align 4
-  %757 = fmul <8 x float> %755, %702
-  %758 = fadd <8 x float> %756, %757
-  store <8 x float> %758, ptr %qacc109, align 4
-  %759 = add nsw i64 %qh113, 1
-  br label %qh.head110
+rb.head47:                                        ; preds = %qh.end57, %qb.body44
+  %rb50 = phi i64 [ 0, %qb.body44 ], [ %317, %qh.end57 ]
+  %242 = icmp slt i64 %rb50, %full42
+  br i1 %242, label %rb.body48, label %rb.end49
 
-qh.end112:                                        ; preds = %qh.head110
-  %760 = load <8 x float>, ptr %qacc102, align 4
-  %761 = load <8 x float>, ptr %qacc103, align 4
-  %762 = load <8 x float>, ptr %qacc104, align 4
-  %763 = load <8 x float>, ptr %qacc105, align 4
-  %764 = load <8 x float>, ptr %qacc106, align 4
-  %765 = load <8 x float>, ptr %qacc107, align 4
-  %766 = load <8 x float>, ptr %qacc108, align 4
-  %767 = load <8 x float>, ptr %qacc109, align 4
-  %768 = getelementptr inbounds float, ptr %653, i64 0
-  store <8 x float> %760, ptr %768, align 4
-  %769 = getelementptr inbounds float, ptr %659, i64 0
-  store <8 x float> %761, ptr %769, align 4
-  %770 = getelementptr inbounds float, ptr %665, i64 0
-  store <8 x float> %762, ptr %770, align 4
-  %771 = getelementptr inbounds float, ptr %671, i64 0
-  store <8 x float> %763, ptr %771, align 4
-  %772 = getelementptr inbounds float, ptr %677, i64 0
-  store <8 x float> %764, ptr %772, align 4
-  %773 = getelementptr inbounds float, ptr %683, i64 0
-  store <8 x float> %765, ptr %773, align 4
-  %774 = getelementptr inbounds float, ptr %689, i64 0
-  store <8 x float> %766, ptr %774, align 4
-  %775 = getelementptr inbounds float, ptr %695, i64 0
-  store <8 x float> %767, ptr %775, align 4
-  %776 = add nsw i64 %rb101, 8
-  br label %rb.head98
+rb.body48:                                        ; preds = %rb.head47
+  %243 = add nsw i64 %rb50, 0
+  %244 = mul nsw i64 %243, 512
+  %245 = getelementptr inbounds float, ptr %238, i64 %244
+  %246 = mul nsw i64 %243, 32
+  %247 = add nsw i64 %246, %241
+  %248 = getelementptr inbounds float, ptr %nlb, i64 %247
+  %249 = add nsw i64 %rb50, 1
+  %250 = mul nsw i64 %249, 512
+  %251 = getelementptr inbounds float, ptr %238, i64 %250
+  %252 = mul nsw i64 %249, 32
+  %253 = add nsw i64 %252, %241
+  %254 = getelementptr inbounds float, ptr %nlb, i64 %253
+  %255 = add nsw i64 %rb50, 2
+  %256 = mul nsw i64 %255, 512
+  %257 = getelementptr inbounds float, ptr %238, i64 %256
+  %258 = mul nsw i64 %255, 32
+  %259 = add nsw i64 %258, %241
+  %260 = getelementptr inbounds float, ptr %nlb, i64 %259
+  %261 = add nsw i64 %rb50, 3
+  %262 = mul nsw i64 %261, 512
+  %263 = getelementptr inbounds float, ptr %238, i64 %262
+  %264 = mul nsw i64 %261, 32
+  %265 = add nsw i64 %264, %241
+  %266 = getelementptr inbounds float, ptr %nlb, i64 %265
+  store <16 x float> zeroinitializer, ptr %qacc51, align 4
+  store <16 x float> zeroinitializer, ptr %qacc52, align 4
+  store <16 x float> zeroinitializer, ptr %qacc53, align 4
+  store <16 x float> zeroinitializer, ptr %qacc54, align 4
+  br label %qh.head55
 
-rb.end100:                                        ; preds = %rb.head98
-  br label %r1.head114
+qh.head55:                                        ; preds = %qh.body56, %rb.body48
+  %qh58 = phi i64 [ 0, %rb.body48 ], [ %308, %qh.body56 ]
+  %267 = icmp slt i64 %qh58, 512
+  br i1 %267, label %qh.body56, label %qh.end57
 
-r1.head114:                                       ; preds = %qh.end121, %rb.end100
-  %r1117 = phi i64 [ %full51, %rb.end100 ], [ %801, %qh.end121 ]
-  %777 = icmp slt i64 %r1117, %gn
-  br i1 %777, label %r1.body115, label %r1.end116
+qh.body56:                                        ; preds = %qh.head55
+  %268 = add nsw i64 %qb46, 0
+  %269 = mul nsw i64 %qh58, 8
+  %270 = mul nsw i64 %268, 4096
+  %271 = add nsw i64 %270, %269
+  %272 = getelementptr inbounds float, ptr %noise, i64 %271
+  %273 = load <8 x float>, ptr %272, align 4
+  %274 = add nsw i64 %qb46, 1
+  %275 = mul nsw i64 %qh58, 8
+  %276 = mul nsw i64 %274, 4096
+  %277 = add nsw i64 %276, %275
+  %278 = getelementptr inbounds float, ptr %noise, i64 %277
+  %279 = load <8 x float>, ptr %278, align 4
+  %w1659 = shufflevector <8 x float> %273, <8 x float> %279, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %280 = getelementptr inbounds float, ptr %245, i64 %qh58
+  %281 = load float, ptr %280, align 4
+  %282 = insertelement <16 x float> poison, float %281, i32 0
+  %283 = shufflevector <16 x float> %282, <16 x float> poison, <16 x i32> zeroinitializer
+  %284 = load <16 x float>, ptr %qacc51, align 4
+  %285 = fmul <16 x float> %283, %w1659
+  %286 = fadd <16 x float> %284, %285
+  store <16 x float> %286, ptr %qacc51, align 4
+  %287 = getelementptr inbounds float, ptr %251, i64 %qh58
+  %288 = load float, ptr %287, align 4
+  %289 = insertelement <16 x float> poison, float %288, i32 0
+  %290 = shufflevector <16 x float> %289, <16 x float> poison, <16 x i32> zeroinitializer
+  %291 = load <16 x float>, ptr %qacc52, align 4
+  %292 = fmul <16 x float> %290, %w1659
+  %293 = fadd <16 x float> %291, %292
+  store <16 x float> %293, ptr %qacc52, align 4
+  %294 = getelementptr inbounds float, ptr %257, i64 %qh58
+  %295 = load float, ptr %294, align 4
+  %296 = insertelement <16 x float> poison, float %295, i32 0
+  %297 = shufflevector <16 x float> %296, <16 x float> poison, <16 x i32> zeroinitializer
+  %298 = load <16 x float>, ptr %qacc53, align 4
+  %299 = fmul <16 x float> %297, %w1659
+  %300 = fadd <16 x float> %298, %299
+  store <16 x float> %300, ptr %qacc53, align 4
+  %301 = getelementptr inbounds float, ptr %263, i64 %qh58
+  %302 = load float, ptr %301, align 4
+  %303 = insertelement <16 x float> poison, float %302, i32 0
+  %304 = shufflevector <16 x float> %303, <16 x float> poison, <16 x i32> zeroinitializer
+  %305 = load <16 x float>, ptr %qacc54, align 4
+  %306 = fmul <16 x float> %304, %w1659
+  %307 = fadd <16 x float> %305, %306
+  store <16 x float> %307, ptr %qacc54, align 4
+  %308 = add nsw i64 %qh58, 1
+  br label %qh.head55
 
-r1.body115:                                       ; preds = %r1.head114
-  %778 = add nsw i64 %r1117, 0
-  %779 = mul nsw i64 %778, 512
-  %780 = getelementptr inbounds float, ptr %404, i64 %779
-  %781 = mul nsw i64 %778, 32
-  %782 = add nsw i64 %781, %646
-  %783 = getelementptr inbounds float, ptr %nlb, i64 %782
-  store <8 x float> zeroinitializer, ptr %qacc118, align 4
-  br label %qh.head119
+qh.end57:                                         ; preds = %qh.head55
+  %309 = load <16 x float>, ptr %qacc51, align 4
+  %310 = load <16 x float>, ptr %qacc52, align 4
+  %311 = load <16 x float>, ptr %qacc53, align 4
+  %312 = load <16 x float>, ptr %qacc54, align 4
+  %313 = getelementptr inbounds float, ptr %248, i64 0
+  store <16 x float> %309, ptr %313, align 4
+  %314 = getelementptr inbounds float, ptr %254, i64 0
+  store <16 x float> %310, ptr %314, align 4
+  %315 = getelementptr inbounds float, ptr %260, i64 0
+  store <16 x float> %311, ptr %315, align 4
+  %316 = getelementptr inbounds float, ptr %266, i64 0
+  store <16 x float> %312, ptr %316, align 4
+  %317 = add nsw i64 %rb50, 4
+  br label %rb.head47
 
-qh.head119:                                       ; preds = %qh.body120, %r1.body115
-  %qh122 = phi i64 [ 0, %r1.body115 ], [ %798, %qh.body120 ]
-  %784 = icmp slt i64 %qh122, 512
-  br i1 %784, label %qh.body120, label %qh.end121
+rb.end49:                                         ; preds = %rb.head47
+  %318 = add nsw i64 %qb46, 2
+  br label %qb.head43
 
-qh.body120:                                       ; preds = %qh.head119
-  %785 = add nsw i64 %qb197, 0
-  %786 = mul nsw i64 %qh122, 8
-  %787 = mul nsw i64 %785, 4096
-  %788 = add nsw i64 %787, %786
-  %789 = getelementptr inbounds float, ptr %noise, i64 %788
-  %790 = load <8 x float>, ptr %789, align 4
-  %791 = getelementptr inbounds float, ptr %780, i64 %qh122
-  %792 = load float, ptr %791, align 4
-  %793 = insertelement <8 x float> poison, float %792, i32 0
-  %794 = shufflevector <8 x float> %793, <8 x float> poison, <8 x i32> zeroinitializer
-  %795 = load <8 x float>, ptr %qacc118, align 4
-  %796 = fmul <8 x float> %794, %790
-  %797 = fadd <8 x float> %795, %796
-  store <8 x float> %797, ptr %qacc118, align 4
-  %798 = add nsw i64 %qh122, 1
-  br label %qh.head119
+qb.end45:                                         ; preds = %qb.head43
+  br label %qb1.head60
 
-qh.end121:                                        ; preds = %qh.head119
-  %799 = load <8 x float>, ptr %qacc118, align 4
-  %800 = getelementptr inbounds float, ptr %783, i64 0
-  store <8 x float> %799, ptr %800, align 4
-  %801 = add nsw i64 %r1117, 1
-  br label %r1.head114
+qb1.head60:                                       ; preds = %rb.end66, %qb.end45
+  %qb163 = phi i64 [ 4, %qb.end45 ], [ %391, %rb.end66 ]
+  %319 = icmp slt i64 %qb163, 4
+  br i1 %319, label %qb1.body61, label %qb1.end62
 
-r1.end116:                                        ; preds = %r1.head114
-  %802 = add nsw i64 %qb197, 1
-  br label %qb1.head94
+qb1.body61:                                       ; preds = %qb1.head60
+  %320 = mul nsw i64 %qb163, 8
+  br label %rb.head64
 
-qb1.end96:                                        ; preds = %qb1.head94
+rb.head64:                                        ; preds = %qh.end74, %qb1.body61
+  %rb67 = phi i64 [ 0, %qb1.body61 ], [ %390, %qh.end74 ]
+  %321 = icmp slt i64 %rb67, %full42
+  br i1 %321, label %rb.body65, label %rb.end66
+
+rb.body65:                                        ; preds = %rb.head64
+  %322 = add nsw i64 %rb67, 0
+  %323 = mul nsw i64 %322, 512
+  %324 = getelementptr inbounds float, ptr %238, i64 %323
+  %325 = mul nsw i64 %322, 32
+  %326 = add nsw i64 %325, %320
+  %327 = getelementptr inbounds float, ptr %nlb, i64 %326
+  %328 = add nsw i64 %rb67, 1
+  %329 = mul nsw i64 %328, 512
+  %330 = getelementptr inbounds float, ptr %238, i64 %329
+  %331 = mul nsw i64 %328, 32
+  %332 = add nsw i64 %331, %320
+  %333 = getelementptr inbounds float, ptr %nlb, i64 %332
+  %334 = add nsw i64 %rb67, 2
+  %335 = mul nsw i64 %334, 512
+  %336 = getelementptr inbounds float, ptr %238, i64 %335
+  %337 = mul nsw i64 %334, 32
+  %338 = add nsw i64 %337, %320
+  %339 = getelementptr inbounds float, ptr %nlb, i64 %338
+  %340 = add nsw i64 %rb67, 3
+  %341 = mul nsw i64 %340, 512
+  %342 = getelementptr inbounds float, ptr %238, i64 %341
+  %343 = mul nsw i64 %340, 32
+  %344 = add nsw i64 %343, %320
+  %345 = getelementptr inbounds float, ptr %nlb, i64 %344
+  store <8 x float> zeroinitializer, ptr %qacc68, align 4
+  store <8 x float> zeroinitializer, ptr %qacc69, align 4
+  store <8 x float> zeroinitializer, ptr %qacc70, align 4
+  store <8 x float> zeroinitializer, ptr %qacc71, align 4
+  br label %qh.head72
+
+qh.head72:                                        ; preds = %qh.body73, %rb.body65
+  %qh75 = phi i64 [ 0, %rb.body65 ], [ %381, %qh.body73 ]
+  %346 = icmp slt i64 %qh75, 512
+  br i1 %346, label %qh.body73, label %qh.end74
+
+qh.body73:                                        ; preds = %qh.head72
+  %347 = add nsw i64 %qb163, 0
+  %348 = mul nsw i64 %qh75, 8
+  %349 = mul nsw i64 %347, 4096
+  %350 = add nsw i64 %349, %348
+  %351 = getelementptr inbounds float, ptr %noise, i64 %350
+  %352 = load <8 x float>, ptr %351, align 4
+  %353 = getelementptr inbounds float, ptr %324, i64 %qh75
+  %354 = load float, ptr %353, align 4
+  %355 = insertelement <8 x float> poison, float %354, i32 0
+  %356 = shufflevector <8 x float> %355, <8 x float> poison, <8 x i32> zeroinitializer
+  %357 = load <8 x float>, ptr %qacc68, align 4
+  %358 = fmul <8 x float> %356, %352
+  %359 = fadd <8 x float> %357, %358
+  store <8 x float> %359, ptr %qacc68, align 4
+  %360 = getelementptr inbounds float, ptr %330, i64 %qh75
+  %361 = load float, ptr %360, align 4
+  %362 = insertelement <8 x float> poison, float %361, i32 0
+  %363 = shufflevector <8 x float> %362, <8 x float> poison, <8 x i32> zeroinitializer
+  %364 = load <8 x float>, ptr %qacc69, align 4
+  %365 = fmul <8 x float> %363, %352
+  %366 = fadd <8 x float> %364, %365
+  store <8 x float> %366, ptr %qacc69, align 4
+  %367 = getelementptr inbounds float, ptr %336, i64 %qh75
+  %368 = load float, ptr %367, align 4
+  %369 = insertelement <8 x float> poison, float %368, i32 0
+  %370 = shufflevector <8 x float> %369, <8 x float> poison, <8 x i32> zeroinitializer
+  %371 = load <8 x float>, ptr %qacc70, align 4
+  %372 = fmul <8 x float> %370, %352
+  %373 = fadd <8 x float> %371, %372
+  store <8 x float> %373, ptr %qacc70, align 4
+  %374 = getelementptr inbounds float, ptr %342, i64 %qh75
+  %375 = load float, ptr %374, align 4
+  %376 = insertelement <8 x float> poison, float %375, i32 0
+  %377 = shufflevector <8 x float> %376, <8 x float> poison, <8 x i32> zeroinitializer
+  %378 = load <8 x float>, ptr %qacc71, align 4
+  %379 = fmul <8 x float> %377, %352
+  %380 = fadd <8 x float> %378, %379
+  store <8 x float> %380, ptr %qacc71, align 4
+  %381 = add nsw i64 %qh75, 1
+  br label %qh.head72
+
+qh.end74:                                         ; preds = %qh.head72
+  %382 = load <8 x float>, ptr %qacc68, align 4
+  %383 = load <8 x float>, ptr %qacc69, align 4
+  %384 = load <8 x float>, ptr %qacc70, align 4
+  %385 = load <8 x float>, ptr %qacc71, align 4
+  %386 = getelementptr inbounds float, ptr %327, i64 0
+  store <8 x float> %382, ptr %386, align 4
+  %387 = getelementptr inbounds float, ptr %333, i64 0
+  store <8 x float> %383, ptr %387, align 4
+  %388 = getelementptr inbounds float, ptr %339, i64 0
+  store <8 x float> %384, ptr %388, align 4
+  %389 = getelementptr inbounds float, ptr %345, i64 0
+  store <8 x float> %385, ptr %389, align 4
+  %390 = add nsw i64 %rb67, 4
+  br label %rb.head64
+
+rb.end66:                                         ; preds = %rb.head64
+  %391 = add nsw i64 %qb163, 1
+  br label %qb1.head60
+
+qb1.end62:                                        ; preds = %qb1.head60
+  br label %qb.head76
+
+qb.head76:                                        ; preds = %r1.end82, %qb1.end62
+  %qb79 = phi i64 [ 0, %qb1.end62 ], [ %442, %r1.end82 ]
+  %392 = icmp slt i64 %qb79, 4
+  br i1 %392, label %qb.body77, label %qb.end78
+
+qb.body77:                                        ; preds = %qb.head76
+  %393 = mul nsw i64 %qb79, 8
+  br label %r1.head80
+
+r1.head80:                                        ; preds = %qh.end88, %qb.body77
+  %r183 = phi i64 [ %full42, %qb.body77 ], [ %441, %qh.end88 ]
+  %394 = icmp slt i64 %r183, %gn
+  br i1 %394, label %r1.body81, label %r1.end82
+
+r1.body81:                                        ; preds = %r1.head80
+  %395 = add nsw i64 %r183, 0
+  %396 = mul nsw i64 %395, 512
+  %397 = getelementptr inbounds float, ptr %238, i64 %396
+  %398 = mul nsw i64 %395, 32
+  %399 = add nsw i64 %398, %393
+  %400 = getelementptr inbounds float, ptr %nlb, i64 %399
+  store <16 x float> zeroinitializer, ptr %qacc84, align 4
+  store <16 x float> zeroinitializer, ptr %qacc85, align 4
+  br label %qh.head86
+
+qh.head86:                                        ; preds = %qh.body87, %r1.body81
+  %qh89 = phi i64 [ 0, %r1.body81 ], [ %436, %qh.body87 ]
+  %401 = icmp slt i64 %qh89, 512
+  br i1 %401, label %qh.body87, label %qh.end88
+
+qh.body87:                                        ; preds = %qh.head86
+  %402 = add nsw i64 %qb79, 0
+  %403 = mul nsw i64 %qh89, 8
+  %404 = mul nsw i64 %402, 4096
+  %405 = add nsw i64 %404, %403
+  %406 = getelementptr inbounds float, ptr %noise, i64 %405
+  %407 = load <8 x float>, ptr %406, align 4
+  %408 = add nsw i64 %qb79, 1
+  %409 = mul nsw i64 %qh89, 8
+  %410 = mul nsw i64 %408, 4096
+  %411 = add nsw i64 %410, %409
+  %412 = getelementptr inbounds float, ptr %noise, i64 %411
+  %413 = load <8 x float>, ptr %412, align 4
+  %w1690 = shufflevector <8 x float> %407, <8 x float> %413, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %414 = add nsw i64 %qb79, 2
+  %415 = mul nsw i64 %qh89, 8
+  %416 = mul nsw i64 %414, 4096
+  %417 = add nsw i64 %416, %415
+  %418 = getelementptr inbounds float, ptr %noise, i64 %417
+  %419 = load <8 x float>, ptr %418, align 4
+  %420 = add nsw i64 %qb79, 3
+  %421 = mul nsw i64 %qh89, 8
+  %422 = mul nsw i64 %420, 4096
+  %423 = add nsw i64 %422, %421
+  %424 = getelementptr inbounds float, ptr %noise, i64 %423
+  %425 = load <8 x float>, ptr %424, align 4
+  %w1691 = shufflevector <8 x float> %419, <8 x float> %425, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %426 = getelementptr inbounds float, ptr %397, i64 %qh89
+  %427 = load float, ptr %426, align 4
+  %428 = insertelement <16 x float> poison, float %427, i32 0
+  %429 = shufflevector <16 x float> %428, <16 x float> poison, <16 x i32> zeroinitializer
+  %430 = load <16 x float>, ptr %qacc84, align 4
+  %431 = fmul <16 x float> %429, %w1690
+  %432 = fadd <16 x float> %430, %431
+  store <16 x float> %432, ptr %qacc84, align 4
+  %433 = load <16 x float>, ptr %qacc85, align 4
+  %434 = fmul <16 x float> %429, %w1691
+  %435 = fadd <16 x float> %433, %434
+  store <16 x float> %435, ptr %qacc85, align 4
+  %436 = add nsw i64 %qh89, 1
+  br label %qh.head86
+
+qh.end88:                                         ; preds = %qh.head86
+  %437 = load <16 x float>, ptr %qacc84, align 4
+  %438 = load <16 x float>, ptr %qacc85, align 4
+  %439 = getelementptr inbounds float, ptr %400, i64 0
+  store <16 x float> %437, ptr %439, align 4
+  %440 = getelementptr inbounds float, ptr %400, i64 16
+  store <16 x float> %438, ptr %440, align 4
+  %441 = add nsw i64 %r183, 1
+  br label %r1.head80
+
+r1.end82:                                         ; preds = %r1.head80
+  %442 = add nsw i64 %qb79, 4
+  br label %qb.head76
+
+qb.end78:                                         ; preds = %qb.head76
+  br label %qb1.head92
+
+qb1.head92:                                       ; preds = %r1.end98, %qb.end78
+  %qb195 = phi i64 [ 4, %qb.end78 ], [ %470, %r1.end98 ]
+  %443 = icmp slt i64 %qb195, 4
+  br i1 %443, label %qb1.body93, label %qb1.end94
+
+qb1.body93:                                       ; preds = %qb1.head92
+  %444 = mul nsw i64 %qb195, 8
+  br label %r1.head96
+
+r1.head96:                                        ; preds = %qh.end103, %qb1.body93
+  %r199 = phi i64 [ %full42, %qb1.body93 ], [ %469, %qh.end103 ]
+  %445 = icmp slt i64 %r199, %gn
+  br i1 %445, label %r1.body97, label %r1.end98
+
+r1.body97:                                        ; preds = %r1.head96
+  %446 = add nsw i64 %r199, 0
+  %447 = mul nsw i64 %446, 512
+  %448 = getelementptr inbounds float, ptr %238, i64 %447
+  %449 = mul nsw i64 %446, 32
+  %450 = add nsw i64 %449, %444
+  %451 = getelementptr inbounds float, ptr %nlb, i64 %450
+  store <8 x float> zeroinitializer, ptr %qacc100, align 4
+  br label %qh.head101
+
+qh.head101:                                       ; preds = %qh.body102, %r1.body97
+  %qh104 = phi i64 [ 0, %r1.body97 ], [ %466, %qh.body102 ]
+  %452 = icmp slt i64 %qh104, 512
+  br i1 %452, label %qh.body102, label %qh.end103
+
+qh.body102:                                       ; preds = %qh.head101
+  %453 = add nsw i64 %qb195, 0
+  %454 = mul nsw i64 %qh104, 8
+  %455 = mul nsw i64 %453, 4096
+  %456 = add nsw i64 %455, %454
+  %457 = getelementptr inbounds float, ptr %noise, i64 %456
+  %458 = load <8 x float>, ptr %457, align 4
+  %459 = getelementptr inbounds float, ptr %448, i64 %qh104
+  %460 = load float, ptr %459, align 4
+  %461 = insertelement <8 x float> poison, float %460, i32 0
+  %462 = shufflevector <8 x float> %461, <8 x float> poison, <8 x i32> zeroinitializer
+  %463 = load <8 x float>, ptr %qacc100, align 4
+  %464 = fmul <8 x float> %462, %458
+  %465 = fadd <8 x float> %463, %464
+  store <8 x float> %465, ptr %qacc100, align 4
+  %466 = add nsw i64 %qh104, 1
+  br label %qh.head101
+
+qh.end103:                                        ; preds = %qh.head101
+  %467 = load <8 x float>, ptr %qacc100, align 4
+  %468 = getelementptr inbounds float, ptr %451, i64 0
+  store <8 x float> %467, ptr %468, align 4
+  %469 = add nsw i64 %r199, 1
+  br label %r1.head96
+
+r1.end98:                                         ; preds = %r1.head96
+  %470 = add nsw i64 %qb195, 1
+  br label %qb1.head92
+
+qb1.end94:                                        ; preds = %qb1.head92
   br label %gtraining.end
 
-gtraining.end:                                    ; preds = %qb1.end96, %qb1.end
+gtraining.end:                                    ; preds = %qb1.end94, %qb1.end30
   br label %t.head
 
 t.head:                                           ; preds = %pset.end, %gtraining.end
-  %t = phi i64 [ 0, %gtraining.end ], [ %1027, %pset.end ]
-  %803 = icmp slt i64 %t, %gn
-  br i1 %803, label %t.body, label %t.end
+  %t = phi i64 [ 0, %gtraining.end ], [ %695, %pset.end ]
+  %471 = icmp slt i64 %t, %gn
+  br i1 %471, label %t.body, label %t.end
 
 t.body:                                           ; preds = %t.head
   %tok = add nsw i64 %tg, %t
-  %804 = mul nsw i64 %t, 32
-  %805 = getelementptr inbounds float, ptr %lb, i64 %804
-  %806 = mul nsw i64 %t, 32
-  %807 = getelementptr inbounds float, ptr %nlb, i64 %806
-  %training123 = icmp ne i32 %training, 0
-  br i1 %training123, label %training.then, label %training.end
+  %472 = mul nsw i64 %t, 32
+  %473 = getelementptr inbounds float, ptr %lb, i64 %472
+  %474 = mul nsw i64 %t, 32
+  %475 = getelementptr inbounds float, ptr %nlb, i64 %474
+  %training105 = icmp ne i32 %training, 0
+  br i1 %training105, label %training.then, label %training.end
 
 training.then:                                    ; preds = %t.body
   br label %noise.head
 
 noise.head:                                       ; preds = %noise.body, %training.then
-  %noise124 = phi i64 [ 0, %training.then ], [ %915, %noise.body ]
-  %808 = icmp slt i64 %noise124, 32
-  br i1 %808, label %noise.body, label %noise.end
+  %noise106 = phi i64 [ 0, %training.then ], [ %583, %noise.body ]
+  %476 = icmp slt i64 %noise106, 32
+  br i1 %476, label %noise.body, label %noise.end
 
 noise.body:                                       ; preds = %noise.head
-  %809 = add i64 %seed, -7046029254386353131
-  %810 = lshr i64 %809, 30
-  %811 = xor i64 %809, %810
-  %812 = mul i64 %811, -4658895280553007687
-  %813 = lshr i64 %812, 27
-  %814 = xor i64 %812, %813
-  %815 = mul i64 %814, -7723592293110705685
-  %816 = lshr i64 %815, 31
-  %817 = xor i64 %815, %816
-  %818 = xor i64 %817, %layer
-  %819 = add i64 %818, -7046029254386353131
-  %820 = lshr i64 %819, 30
-  %821 = xor i64 %819, %820
-  %822 = mul i64 %821, -4658895280553007687
-  %823 = lshr i64 %822, 27
-  %824 = xor i64 %822, %823
-  %825 = mul i64 %824, -7723592293110705685
-  %826 = lshr i64 %825, 31
-  %827 = xor i64 %825, %826
-  %828 = xor i64 %827, %tok
-  %829 = add i64 %828, -7046029254386353131
-  %830 = lshr i64 %829, 30
-  %831 = xor i64 %829, %830
-  %832 = mul i64 %831, -4658895280553007687
-  %833 = lshr i64 %832, 27
-  %834 = xor i64 %832, %833
-  %835 = mul i64 %834, -7723592293110705685
-  %836 = lshr i64 %835, 31
-  %837 = xor i64 %835, %836
-  %838 = xor i64 %837, %noise124
-  %839 = add i64 %838, -7046029254386353131
-  %840 = lshr i64 %839, 30
-  %841 = xor i64 %839, %840
-  %842 = mul i64 %841, -4658895280553007687
-  %843 = lshr i64 %842, 27
-  %844 = xor i64 %842, %843
-  %845 = mul i64 %844, -7723592293110705685
-  %846 = lshr i64 %845, 31
-  %847 = xor i64 %845, %846
-  %848 = lshr i64 %847, 40
-  %849 = uitofp i64 %848 to float
-  %u = fmul float %849, 0x3E70000000000000
-  %850 = xor i64 %noise124, -9223372036854775808
-  %851 = add i64 %seed, -7046029254386353131
-  %852 = lshr i64 %851, 30
-  %853 = xor i64 %851, %852
-  %854 = mul i64 %853, -4658895280553007687
-  %855 = lshr i64 %854, 27
-  %856 = xor i64 %854, %855
-  %857 = mul i64 %856, -7723592293110705685
-  %858 = lshr i64 %857, 31
-  %859 = xor i64 %857, %858
-  %860 = xor i64 %859, %layer
-  %861 = add i64 %860, -7046029254386353131
-  %862 = lshr i64 %861, 30
-  %863 = xor i64 %861, %862
-  %864 = mul i64 %863, -4658895280553007687
-  %865 = lshr i64 %864, 27
-  %866 = xor i64 %864, %865
-  %867 = mul i64 %866, -7723592293110705685
-  %868 = lshr i64 %867, 31
-  %869 = xor i64 %867, %868
-  %870 = xor i64 %869, %tok
-  %871 = add i64 %870, -7046029254386353131
-  %872 = lshr i64 %871, 30
-  %873 = xor i64 %871, %872
-  %874 = mul i64 %873, -4658895280553007687
-  %875 = lshr i64 %874, 27
-  %876 = xor i64 %874, %875
-  %877 = mul i64 %876, -7723592293110705685
-  %878 = lshr i64 %877, 31
-  %879 = xor i64 %877, %878
-  %880 = xor i64 %879, %850
-  %881 = add i64 %880, -7046029254386353131
-  %882 = lshr i64 %881, 30
-  %883 = xor i64 %881, %882
-  %884 = mul i64 %883, -4658895280553007687
-  %885 = lshr i64 %884, 27
-  %886 = xor i64 %884, %885
-  %887 = mul i64 %886, -7723592293110705685
-  %888 = lshr i64 %887, 31
-  %889 = xor i64 %887, %888
-  %890 = lshr i64 %889, 40
-  %891 = uitofp i64 %890 to float
-  %u125 = fmul float %891, 0x3E70000000000000
-  %892 = fpext float %u to double
-  %893 = fpext float %u125 to double
-  %894 = fsub double 1.000000e+00, %892
-  %895 = call double @log(double %894)
-  %896 = fmul double -2.000000e+00, %895
-  %897 = call double @llvm.sqrt.f64(double %896)
-  %898 = fmul double 0x401921FB54442D18, %893
-  %899 = call double @cos(double %898)
-  %900 = fmul double %897, %899
-  %901 = fptrunc double %900 to float
-  %902 = getelementptr inbounds float, ptr %807, i64 %noise124
-  %903 = load float, ptr %902, align 4
-  %904 = fpext float %903 to double
-  %905 = call double @exp(double %904)
-  %906 = call double @log1p(double %905)
-  %907 = fcmp ogt double %904, 2.000000e+01
-  %908 = select i1 %907, double %904, double %906
-  %909 = fptrunc double %908 to float
-  %sd = fadd float %909, 0x3F847AE140000000
-  %910 = fmul float %901, %sd
-  %911 = getelementptr inbounds float, ptr %805, i64 %noise124
-  %912 = load float, ptr %911, align 4
-  %913 = fadd float %912, %910
-  %914 = getelementptr inbounds float, ptr %805, i64 %noise124
-  store float %913, ptr %914, align 4
-  %915 = add nsw i64 %noise124, 1
+  %477 = add i64 %seed, -7046029254386353131
+  %478 = lshr i64 %477, 30
+  %479 = xor i64 %477, %478
+  %480 = mul i64 %479, -4658895280553007687
+  %481 = lshr i64 %480, 27
+  %482 = xor i64 %480, %481
+  %483 = mul i64 %482, -7723592293110705685
+  %484 = lshr i64 %483, 31
+  %485 = xor i64 %483, %484
+  %486 = xor i64 %485, %layer
+  %487 = add i64 %486, -7046029254386353131
+  %488 = lshr i64 %487, 30
+  %489 = xor i64 %487, %488
+  %490 = mul i64 %489, -4658895280553007687
+  %491 = lshr i64 %490, 27
+  %492 = xor i64 %490, %491
+  %493 = mul i64 %492, -7723592293110705685
+  %494 = lshr i64 %493, 31
+  %495 = xor i64 %493, %494
+  %496 = xor i64 %495, %tok
+  %497 = add i64 %496, -7046029254386353131
+  %498 = lshr i64 %497, 30
+  %499 = xor i64 %497, %498
+  %500 = mul i64 %499, -4658895280553007687
+  %501 = lshr i64 %500, 27
+  %502 = xor i64 %500, %501
+  %503 = mul i64 %502, -7723592293110705685
+  %504 = lshr i64 %503, 31
+  %505 = xor i64 %503, %504
+  %506 = xor i64 %505, %noise106
+  %507 = add i64 %506, -7046029254386353131
+  %508 = lshr i64 %507, 30
+  %509 = xor i64 %507, %508
+  %510 = mul i64 %509, -4658895280553007687
+  %511 = lshr i64 %510, 27
+  %512 = xor i64 %510, %511
+  %513 = mul i64 %512, -7723592293110705685
+  %514 = lshr i64 %513, 31
+  %515 = xor i64 %513, %514
+  %516 = lshr i64 %515, 40
+  %517 = uitofp i64 %516 to float
+  %u = fmul float %517, 0x3E70000000000000
+  %518 = xor i64 %noise106, -9223372036854775808
+  %519 = add i64 %seed, -7046029254386353131
+  %520 = lshr i64 %519, 30
+  %521 = xor i64 %519, %520
+  %522 = mul i64 %521, -4658895280553007687
+  %523 = lshr i64 %522, 27
+  %524 = xor i64 %522, %523
+  %525 = mul i64 %524, -7723592293110705685
+  %526 = lshr i64 %525, 31
+  %527 = xor i64 %525, %526
+  %528 = xor i64 %527, %layer
+  %529 = add i64 %528, -7046029254386353131
+  %530 = lshr i64 %529, 30
+  %531 = xor i64 %529, %530
+  %532 = mul i64 %531, -4658895280553007687
+  %533 = lshr i64 %532, 27
+  %534 = xor i64 %532, %533
+  %535 = mul i64 %534, -7723592293110705685
+  %536 = lshr i64 %535, 31
+  %537 = xor i64 %535, %536
+  %538 = xor i64 %537, %tok
+  %539 = add i64 %538, -7046029254386353131
+  %540 = lshr i64 %539, 30
+  %541 = xor i64 %539, %540
+  %542 = mul i64 %541, -4658895280553007687
+  %543 = lshr i64 %542, 27
+  %544 = xor i64 %542, %543
+  %545 = mul i64 %544, -7723592293110705685
+  %546 = lshr i64 %545, 31
+  %547 = xor i64 %545, %546
+  %548 = xor i64 %547, %518
+  %549 = add i64 %548, -7046029254386353131
+  %550 = lshr i64 %549, 30
+  %551 = xor i64 %549, %550
+  %552 = mul i64 %551, -4658895280553007687
+  %553 = lshr i64 %552, 27
+  %554 = xor i64 %552, %553
+  %555 = mul i64 %554, -7723592293110705685
+  %556 = lshr i64 %555, 31
+  %557 = xor i64 %555, %556
+  %558 = lshr i64 %557, 40
+  %559 = uitofp i64 %558 to float
+  %u107 = fmul float %559, 0x3E70000000000000
+  %560 = fpext float %u to double
+  %561 = fpext float %u107 to double
+  %562 = fsub double 1.000000e+00, %560
+  %563 = call double @log(double %562)
+  %564 = fmul double -2.000000e+00, %563
+  %565 = call double @llvm.sqrt.f64(double %564)
+  %566 = fmul double 0x401921FB54442D18, %561
+  %567 = call double @cos(double %566)
+  %568 = fmul double %565, %567
+  %569 = fptrunc double %568 to float
+  %570 = getelementptr inbounds float, ptr %475, i64 %noise106
+  %571 = load float, ptr %570, align 4
+  %572 = fpext float %571 to double
+  %573 = call double @exp(double %572)
+  %574 = call double @log1p(double %573)
+  %575 = fcmp ogt double %572, 2.000000e+01
+  %576 = select i1 %575, double %572, double %574
+  %577 = fptrunc double %576 to float
+  %sd = fadd float %577, 0x3F847AE140000000
+  %578 = fmul float %569, %sd
+  %579 = getelementptr inbounds float, ptr %473, i64 %noise106
+  %580 = load float, ptr %579, align 4
+  %581 = fadd float %580, %578
+  %582 = getelementptr inbounds float, ptr %473, i64 %noise106
+  store float %581, ptr %582, align 4
+  %583 = add nsw i64 %noise106, 1
   br label %noise.head
 
 noise.end:                                        ; preds = %noise.head
   br label %training.end
 
 training.end:                                     ; preds = %noise.end, %t.body
-  %916 = mul nsw i64 %tok, 32
-  %917 = getelementptr inbounds float, ptr %logits, i64 %916
-  %918 = getelementptr inbounds float, ptr %prob, i64 %916
+  %584 = mul nsw i64 %tok, 32
+  %585 = getelementptr inbounds float, ptr %logits, i64 %584
+  %586 = getelementptr inbounds float, ptr %prob, i64 %584
   br label %lcopy.head
 
 lcopy.head:                                       ; preds = %lcopy.body, %training.end
-  %lcopy = phi i64 [ 0, %training.end ], [ %923, %lcopy.body ]
-  %919 = icmp slt i64 %lcopy, 32
-  br i1 %919, label %lcopy.body, label %lcopy.end
+  %lcopy = phi i64 [ 0, %training.end ], [ %591, %lcopy.body ]
+  %587 = icmp slt i64 %lcopy, 32
+  br i1 %587, label %lcopy.body, label %lcopy.end
 
 lcopy.body:                                       ; preds = %lcopy.head
-  %920 = getelementptr inbounds float, ptr %805, i64 %lcopy
-  %921 = load float, ptr %920, align 4
-  %922 = getelementptr inbounds float, ptr %917, i64 %lcopy
-  store float %921, ptr %922, align 4
-  %923 = add nsw i64 %lcopy, 1
+  %588 = getelementptr inbounds float, ptr %473, i64 %lcopy
+  %589 = load float, ptr %588, align 4
+  %590 = getelementptr inbounds float, ptr %585, i64 %lcopy
+  store float %589, ptr %590, align 4
+  %591 = add nsw i64 %lcopy, 1
   br label %lcopy.head
 
 lcopy.end:                                        ; preds = %lcopy.head
@@ -1436,81 +1014,81 @@ lcopy.end:                                        ; preds = %lcopy.head
   br label %smax.head
 
 smax.head:                                        ; preds = %smax.body, %lcopy.end
-  %smax126 = phi i64 [ 0, %lcopy.end ], [ %931, %smax.body ]
-  %924 = icmp slt i64 %smax126, 32
-  br i1 %924, label %smax.body, label %smax.end
+  %smax108 = phi i64 [ 0, %lcopy.end ], [ %599, %smax.body ]
+  %592 = icmp slt i64 %smax108, 32
+  br i1 %592, label %smax.body, label %smax.end
 
 smax.body:                                        ; preds = %smax.head
-  %925 = add nsw i64 0, %smax126
-  %926 = getelementptr inbounds float, ptr %805, i64 %925
-  %927 = load float, ptr %926, align 4
-  %928 = load float, ptr %smax, align 4
-  %929 = fcmp ogt float %927, %928
-  %930 = select i1 %929, float %927, float %928
-  store float %930, ptr %smax, align 4
-  %931 = add nsw i64 %smax126, 1
+  %593 = add nsw i64 0, %smax108
+  %594 = getelementptr inbounds float, ptr %473, i64 %593
+  %595 = load float, ptr %594, align 4
+  %596 = load float, ptr %smax, align 4
+  %597 = fcmp ogt float %595, %596
+  %598 = select i1 %597, float %595, float %596
+  store float %598, ptr %smax, align 4
+  %599 = add nsw i64 %smax108, 1
   br label %smax.head
 
 smax.end:                                         ; preds = %smax.head
-  %932 = load float, ptr %smax, align 4
+  %600 = load float, ptr %smax, align 4
   store float 0.000000e+00, ptr %ssum, align 4
   br label %sexp.head
 
 sexp.head:                                        ; preds = %sexp.body, %smax.end
-  %sexp = phi i64 [ 0, %smax.end ], [ %945, %sexp.body ]
-  %933 = icmp slt i64 %sexp, 32
-  br i1 %933, label %sexp.body, label %sexp.end
+  %sexp = phi i64 [ 0, %smax.end ], [ %613, %sexp.body ]
+  %601 = icmp slt i64 %sexp, 32
+  br i1 %601, label %sexp.body, label %sexp.end
 
 sexp.body:                                        ; preds = %sexp.head
-  %934 = add nsw i64 0, %sexp
-  %935 = getelementptr inbounds float, ptr %805, i64 %934
-  %936 = load float, ptr %935, align 4
-  %937 = fsub float %936, %932
-  %938 = fpext float %937 to double
-  %939 = call double @exp(double %938)
-  %940 = fptrunc double %939 to float
-  %941 = add nsw i64 0, %sexp
-  %942 = getelementptr inbounds float, ptr %s, i64 %941
-  store float %940, ptr %942, align 4
-  %943 = load float, ptr %ssum, align 4
-  %944 = fadd float %943, %940
-  store float %944, ptr %ssum, align 4
-  %945 = add nsw i64 %sexp, 1
+  %602 = add nsw i64 0, %sexp
+  %603 = getelementptr inbounds float, ptr %473, i64 %602
+  %604 = load float, ptr %603, align 4
+  %605 = fsub float %604, %600
+  %606 = fpext float %605 to double
+  %607 = call double @exp(double %606)
+  %608 = fptrunc double %607 to float
+  %609 = add nsw i64 0, %sexp
+  %610 = getelementptr inbounds float, ptr %s, i64 %609
+  store float %608, ptr %610, align 4
+  %611 = load float, ptr %ssum, align 4
+  %612 = fadd float %611, %608
+  store float %612, ptr %ssum, align 4
+  %613 = add nsw i64 %sexp, 1
   br label %sexp.head
 
 sexp.end:                                         ; preds = %sexp.head
-  %946 = load float, ptr %ssum, align 4
+  %614 = load float, ptr %ssum, align 4
   br label %sdiv.head
 
 sdiv.head:                                        ; preds = %sdiv.body, %sexp.end
-  %sdiv = phi i64 [ 0, %sexp.end ], [ %953, %sdiv.body ]
-  %947 = icmp slt i64 %sdiv, 32
-  br i1 %947, label %sdiv.body, label %sdiv.end
+  %sdiv = phi i64 [ 0, %sexp.end ], [ %621, %sdiv.body ]
+  %615 = icmp slt i64 %sdiv, 32
+  br i1 %615, label %sdiv.body, label %sdiv.end
 
 sdiv.body:                                        ; preds = %sdiv.head
-  %948 = add nsw i64 0, %sdiv
-  %949 = getelementptr inbounds float, ptr %s, i64 %948
-  %950 = load float, ptr %949, align 4
-  %951 = fdiv float %950, %946
-  %952 = getelementptr inbounds float, ptr %s, i64 %948
-  store float %951, ptr %952, align 4
-  %953 = add nsw i64 %sdiv, 1
+  %616 = add nsw i64 0, %sdiv
+  %617 = getelementptr inbounds float, ptr %s, i64 %616
+  %618 = load float, ptr %617, align 4
+  %619 = fdiv float %618, %614
+  %620 = getelementptr inbounds float, ptr %s, i64 %616
+  store float %619, ptr %620, align 4
+  %621 = add nsw i64 %sdiv, 1
   br label %sdiv.head
 
 sdiv.end:                                         ; preds = %sdiv.head
   br label %n.c.head
 
 n.c.head:                                         ; preds = %n.c.body, %sdiv.end
-  %n.c = phi i64 [ 0, %sdiv.end ], [ %958, %n.c.body ]
-  %954 = icmp slt i64 %n.c, 32
-  br i1 %954, label %n.c.body, label %n.c.end
+  %n.c = phi i64 [ 0, %sdiv.end ], [ %626, %n.c.body ]
+  %622 = icmp slt i64 %n.c, 32
+  br i1 %622, label %n.c.body, label %n.c.end
 
 n.c.body:                                         ; preds = %n.c.head
-  %955 = getelementptr inbounds float, ptr %s, i64 %n.c
-  %956 = load float, ptr %955, align 4
-  %957 = getelementptr inbounds float, ptr %c, i64 %n.c
-  store float %956, ptr %957, align 4
-  %958 = add nsw i64 %n.c, 1
+  %623 = getelementptr inbounds float, ptr %s, i64 %n.c
+  %624 = load float, ptr %623, align 4
+  %625 = getelementptr inbounds float, ptr %c, i64 %n.c
+  store float %624, ptr %625, align 4
+  %626 = add nsw i64 %n.c, 1
   br label %n.c.head
 
 n.c.end:                                          ; preds = %n.c.head
@@ -1518,40 +1096,40 @@ n.c.end:                                          ; preds = %n.c.head
   br label %tk.head
 
 tk.head:                                          ; preds = %tk.put.end, %n.c.end
-  %tk = phi i64 [ 0, %n.c.end ], [ %980, %tk.put.end ]
-  %959 = icmp slt i64 %tk, 32
-  br i1 %959, label %tk.body, label %tk.end
+  %tk = phi i64 [ 0, %n.c.end ], [ %648, %tk.put.end ]
+  %627 = icmp slt i64 %tk, 32
+  br i1 %627, label %tk.body, label %tk.end
 
 tk.body:                                          ; preds = %tk.head
-  %960 = getelementptr inbounds float, ptr %c, i64 %tk
-  %961 = load float, ptr %960, align 4
-  %962 = load i64, ptr %tk.m, align 8
+  %628 = getelementptr inbounds float, ptr %c, i64 %tk
+  %629 = load float, ptr %628, align 4
+  %630 = load i64, ptr %tk.m, align 8
   br label %tk.ins.head
 
 tk.ins.head:                                      ; preds = %tk.shift.end, %tk.body
-  %p = phi i64 [ %962, %tk.body ], [ %964, %tk.shift.end ]
-  %963 = icmp sgt i64 %p, 0
-  br i1 %963, label %tk.ins.chk, label %tk.ins.end
+  %p = phi i64 [ %630, %tk.body ], [ %632, %tk.shift.end ]
+  %631 = icmp sgt i64 %p, 0
+  br i1 %631, label %tk.ins.chk, label %tk.ins.end
 
 tk.ins.chk:                                       ; preds = %tk.ins.head
-  %964 = sub nsw i64 %p, 1
-  %965 = getelementptr inbounds i64, ptr %idx, i64 %964
-  %966 = load i64, ptr %965, align 8
-  %967 = getelementptr inbounds float, ptr %c, i64 %966
-  %968 = load float, ptr %967, align 4
-  %969 = fcmp uno float %961, %961
-  %970 = fcmp ugt float %961, %968
-  %971 = xor i1 %969, true
-  %972 = and i1 %971, %970
-  br i1 %972, label %tk.ins.body, label %tk.ins.end
+  %632 = sub nsw i64 %p, 1
+  %633 = getelementptr inbounds i64, ptr %idx, i64 %632
+  %634 = load i64, ptr %633, align 8
+  %635 = getelementptr inbounds float, ptr %c, i64 %634
+  %636 = load float, ptr %635, align 4
+  %637 = fcmp uno float %629, %629
+  %638 = fcmp ugt float %629, %636
+  %639 = xor i1 %637, true
+  %640 = and i1 %639, %638
+  br i1 %640, label %tk.ins.body, label %tk.ins.end
 
 tk.ins.body:                                      ; preds = %tk.ins.chk
-  %973 = icmp slt i64 %p, 4
-  br i1 %973, label %tk.shift.then, label %tk.shift.end
+  %641 = icmp slt i64 %p, 4
+  br i1 %641, label %tk.shift.then, label %tk.shift.end
 
 tk.shift.then:                                    ; preds = %tk.ins.body
-  %974 = getelementptr inbounds i64, ptr %idx, i64 %p
-  store i64 %966, ptr %974, align 8
+  %642 = getelementptr inbounds i64, ptr %idx, i64 %p
+  store i64 %634, ptr %642, align 8
   br label %tk.shift.end
 
 tk.shift.end:                                     ; preds = %tk.shift.then, %tk.ins.body
@@ -1559,39 +1137,39 @@ tk.shift.end:                                     ; preds = %tk.shift.then, %tk.
 
 tk.ins.end:                                       ; preds = %tk.ins.chk, %tk.ins.head
   %pf = phi i64 [ %p, %tk.ins.head ], [ %p, %tk.ins.chk ]
-  %975 = icmp slt i64 %pf, 4
-  br i1 %975, label %tk.put.then, label %tk.put.end
+  %643 = icmp slt i64 %pf, 4
+  br i1 %643, label %tk.put.then, label %tk.put.end
 
 tk.put.then:                                      ; preds = %tk.ins.end
-  %976 = getelementptr inbounds i64, ptr %idx, i64 %pf
-  store i64 %tk, ptr %976, align 8
+  %644 = getelementptr inbounds i64, ptr %idx, i64 %pf
+  store i64 %tk, ptr %644, align 8
   br label %tk.put.end
 
 tk.put.end:                                       ; preds = %tk.put.then, %tk.ins.end
-  %977 = add nsw i64 %962, 1
-  %978 = icmp slt i64 %977, 4
-  %979 = select i1 %978, i64 %977, i64 4
-  store i64 %979, ptr %tk.m, align 8
-  %980 = add nsw i64 %tk, 1
+  %645 = add nsw i64 %630, 1
+  %646 = icmp slt i64 %645, 4
+  %647 = select i1 %646, i64 %645, i64 4
+  store i64 %647, ptr %tk.m, align 8
+  %648 = add nsw i64 %tk, 1
   br label %tk.head
 
 tk.end:                                           ; preds = %tk.head
-  %981 = load i64, ptr %tk.m, align 8
+  %649 = load i64, ptr %tk.m, align 8
   br label %n.w.head
 
 n.w.head:                                         ; preds = %n.w.body, %tk.end
-  %n.w = phi i64 [ 0, %tk.end ], [ %988, %n.w.body ]
-  %982 = icmp slt i64 %n.w, 4
-  br i1 %982, label %n.w.body, label %n.w.end
+  %n.w = phi i64 [ 0, %tk.end ], [ %656, %n.w.body ]
+  %650 = icmp slt i64 %n.w, 4
+  br i1 %650, label %n.w.body, label %n.w.end
 
 n.w.body:                                         ; preds = %n.w.head
-  %983 = getelementptr inbounds i64, ptr %idx, i64 %n.w
-  %984 = load i64, ptr %983, align 8
-  %985 = getelementptr inbounds float, ptr %s, i64 %984
-  %986 = load float, ptr %985, align 4
-  %987 = getelementptr inbounds float, ptr %w, i64 %n.w
-  store float %986, ptr %987, align 4
-  %988 = add nsw i64 %n.w, 1
+  %651 = getelementptr inbounds i64, ptr %idx, i64 %n.w
+  %652 = load i64, ptr %651, align 8
+  %653 = getelementptr inbounds float, ptr %s, i64 %652
+  %654 = load float, ptr %653, align 4
+  %655 = getelementptr inbounds float, ptr %w, i64 %n.w
+  store float %654, ptr %655, align 4
+  %656 = add nsw i64 %n.w, 1
   br label %n.w.head
 
 n.w.end:                                          ; preds = %n.w.head
@@ -1599,92 +1177,92 @@ n.w.end:                                          ; preds = %n.w.head
   br label %nsum.head
 
 nsum.head:                                        ; preds = %nsum.body, %n.w.end
-  %nsum = phi i64 [ 0, %n.w.end ], [ %994, %nsum.body ]
-  %989 = icmp slt i64 %nsum, 4
-  br i1 %989, label %nsum.body, label %nsum.end
+  %nsum = phi i64 [ 0, %n.w.end ], [ %662, %nsum.body ]
+  %657 = icmp slt i64 %nsum, 4
+  br i1 %657, label %nsum.body, label %nsum.end
 
 nsum.body:                                        ; preds = %nsum.head
-  %990 = getelementptr inbounds float, ptr %w, i64 %nsum
-  %991 = load float, ptr %990, align 4
-  %992 = load float, ptr %wsum, align 4
-  %993 = fadd float %992, %991
-  store float %993, ptr %wsum, align 4
-  %994 = add nsw i64 %nsum, 1
+  %658 = getelementptr inbounds float, ptr %w, i64 %nsum
+  %659 = load float, ptr %658, align 4
+  %660 = load float, ptr %wsum, align 4
+  %661 = fadd float %660, %659
+  store float %661, ptr %wsum, align 4
+  %662 = add nsw i64 %nsum, 1
   br label %nsum.head
 
 nsum.end:                                         ; preds = %nsum.head
-  %995 = load float, ptr %wsum, align 4
-  %996 = fadd float %995, 0.000000e+00
-  %997 = fcmp olt float %996, 0.000000e+00
-  %998 = select i1 %997, float 0.000000e+00, float %996
-  %999 = fcmp ogt float %998, 0.000000e+00
-  %1000 = select i1 %999, float %998, float 1.000000e+00
+  %663 = load float, ptr %wsum, align 4
+  %664 = fadd float %663, 0.000000e+00
+  %665 = fcmp olt float %664, 0.000000e+00
+  %666 = select i1 %665, float 0.000000e+00, float %664
+  %667 = fcmp ogt float %666, 0.000000e+00
+  %668 = select i1 %667, float %666, float 1.000000e+00
   br label %ndiv.head
 
 ndiv.head:                                        ; preds = %ndiv.body, %nsum.end
-  %ndiv = phi i64 [ 0, %nsum.end ], [ %1006, %ndiv.body ]
-  %1001 = icmp slt i64 %ndiv, 4
-  br i1 %1001, label %ndiv.body, label %ndiv.end
+  %ndiv = phi i64 [ 0, %nsum.end ], [ %674, %ndiv.body ]
+  %669 = icmp slt i64 %ndiv, 4
+  br i1 %669, label %ndiv.body, label %ndiv.end
 
 ndiv.body:                                        ; preds = %ndiv.head
-  %1002 = getelementptr inbounds float, ptr %w, i64 %ndiv
-  %1003 = load float, ptr %1002, align 4
-  %1004 = fdiv float %1003, %1000
-  %1005 = getelementptr inbounds float, ptr %w, i64 %ndiv
-  store float %1004, ptr %1005, align 4
-  %1006 = add nsw i64 %ndiv, 1
+  %670 = getelementptr inbounds float, ptr %w, i64 %ndiv
+  %671 = load float, ptr %670, align 4
+  %672 = fdiv float %671, %668
+  %673 = getelementptr inbounds float, ptr %w, i64 %ndiv
+  store float %672, ptr %673, align 4
+  %674 = add nsw i64 %ndiv, 1
   br label %ndiv.head
 
 ndiv.end:                                         ; preds = %ndiv.head
   br label %n.out.head
 
 n.out.head:                                       ; preds = %n.out.body, %ndiv.end
-  %n.out = phi i64 [ 0, %ndiv.end ], [ %1016, %n.out.body ]
-  %1007 = icmp slt i64 %n.out, 4
-  br i1 %1007, label %n.out.body, label %n.out.end
+  %n.out = phi i64 [ 0, %ndiv.end ], [ %684, %n.out.body ]
+  %675 = icmp slt i64 %n.out, 4
+  br i1 %675, label %n.out.body, label %n.out.end
 
 n.out.body:                                       ; preds = %n.out.head
-  %1008 = add nsw i64 %wbase, %n.out
-  %1009 = getelementptr inbounds i32, ptr %ids, i64 %1008
-  %1010 = getelementptr inbounds i64, ptr %idx, i64 %n.out
-  %1011 = load i64, ptr %1010, align 8
-  %1012 = trunc i64 %1011 to i32
-  store i32 %1012, ptr %1009, align 4
-  %1013 = getelementptr inbounds float, ptr %w, i64 %n.out
-  %1014 = load float, ptr %1013, align 4
-  %1015 = getelementptr inbounds float, ptr %weights, i64 %1008
-  store float %1014, ptr %1015, align 4
-  %1016 = add nsw i64 %n.out, 1
+  %676 = add nsw i64 %wbase, %n.out
+  %677 = getelementptr inbounds i32, ptr %ids, i64 %676
+  %678 = getelementptr inbounds i64, ptr %idx, i64 %n.out
+  %679 = load i64, ptr %678, align 8
+  %680 = trunc i64 %679 to i32
+  store i32 %680, ptr %677, align 4
+  %681 = getelementptr inbounds float, ptr %w, i64 %n.out
+  %682 = load float, ptr %681, align 4
+  %683 = getelementptr inbounds float, ptr %weights, i64 %676
+  store float %682, ptr %683, align 4
+  %684 = add nsw i64 %n.out, 1
   br label %n.out.head
 
 n.out.end:                                        ; preds = %n.out.head
-  %1017 = load i64, ptr %idx, align 8
-  %1018 = getelementptr inbounds float, ptr %c, i64 %1017
-  %1019 = load float, ptr %1018, align 4
-  %1020 = getelementptr inbounds float, ptr %prio, i64 %tok
-  store float %1019, ptr %1020, align 4
+  %685 = load i64, ptr %idx, align 8
+  %686 = getelementptr inbounds float, ptr %c, i64 %685
+  %687 = load float, ptr %686, align 4
+  %688 = getelementptr inbounds float, ptr %prio, i64 %tok
+  store float %687, ptr %688, align 4
   br label %pset.head
 
 pset.head:                                        ; preds = %pset.body, %n.out.end
-  %pset = phi i64 [ 0, %n.out.end ], [ %1026, %pset.body ]
-  %1021 = icmp slt i64 %pset, 32
-  br i1 %1021, label %pset.body, label %pset.end
+  %pset = phi i64 [ 0, %n.out.end ], [ %694, %pset.body ]
+  %689 = icmp slt i64 %pset, 32
+  br i1 %689, label %pset.body, label %pset.end
 
 pset.body:                                        ; preds = %pset.head
-  %1022 = add nsw i64 0, %pset
-  %1023 = getelementptr inbounds float, ptr %s, i64 %1022
-  %1024 = load float, ptr %1023, align 4
-  %1025 = getelementptr inbounds float, ptr %918, i64 %1022
-  store float %1024, ptr %1025, align 4
-  %1026 = add nsw i64 %pset, 1
+  %690 = add nsw i64 0, %pset
+  %691 = getelementptr inbounds float, ptr %s, i64 %690
+  %692 = load float, ptr %691, align 4
+  %693 = getelementptr inbounds float, ptr %586, i64 %690
+  store float %692, ptr %693, align 4
+  %694 = add nsw i64 %pset, 1
   br label %pset.head
 
 pset.end:                                         ; preds = %pset.head
-  %1027 = add nsw i64 %t, 1
+  %695 = add nsw i64 %t, 1
   br label %t.head
 
 t.end:                                            ; preds = %t.head
-  %1028 = add nsw i64 %tg, 8
+  %696 = add nsw i64 %tg, 8
   br label %tg.head
 
 tg.end:                                           ; preds = %tg.head

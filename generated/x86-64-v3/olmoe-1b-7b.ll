@@ -21,29 +21,13 @@ entry:
   %qacc1 = alloca <16 x float>, align 32
   %qacc2 = alloca <16 x float>, align 32
   %qacc3 = alloca <16 x float>, align 32
-  %qacc4 = alloca <16 x float>, align 32
-  %qacc5 = alloca <16 x float>, align 32
-  %qacc6 = alloca <16 x float>, align 32
-  %qacc7 = alloca <16 x float>, align 32
-  %qacc8 = alloca <16 x float>, align 32
-  %qacc9 = alloca <16 x float>, align 32
-  %qacc10 = alloca <16 x float>, align 32
-  %qacc11 = alloca <16 x float>, align 32
-  %qacc12 = alloca <16 x float>, align 32
-  %qacc13 = alloca <16 x float>, align 32
-  %qacc14 = alloca <16 x float>, align 32
-  %qacc15 = alloca <16 x float>, align 32
-  %qacc17 = alloca <16 x float>, align 32
-  %qacc18 = alloca <16 x float>, align 32
-  %qacc29 = alloca <8 x float>, align 32
-  %qacc30 = alloca <8 x float>, align 32
-  %qacc31 = alloca <8 x float>, align 32
-  %qacc32 = alloca <8 x float>, align 32
-  %qacc33 = alloca <8 x float>, align 32
-  %qacc34 = alloca <8 x float>, align 32
-  %qacc35 = alloca <8 x float>, align 32
+  %qacc8 = alloca <8 x float>, align 32
+  %qacc9 = alloca <8 x float>, align 32
+  %qacc10 = alloca <8 x float>, align 32
+  %qacc11 = alloca <8 x float>, align 32
+  %qacc20 = alloca <16 x float>, align 32
+  %qacc21 = alloca <16 x float>, align 32
   %qacc36 = alloca <8 x float>, align 32
-  %qacc45 = alloca <8 x float>, align 32
   %smax = alloca float, align 32
   %ssum = alloca float, align 32
   %tk.m = alloca i64, align 32
@@ -53,7 +37,7 @@ start:                                            ; preds = %entry
   br label %tg.head
 
 tg.head:                                          ; preds = %t.end, %start
-  %tg = phi i64 [ %t0, %start ], [ %491, %t.end ]
+  %tg = phi i64 [ %t0, %start ], [ %325, %t.end ]
   %0 = icmp slt i64 %tg, %t1
   br i1 %0, label %tg.body, label %tg.end
 
@@ -63,12 +47,12 @@ tg.body:                                          ; preds = %tg.head
   %gn = select i1 %2, i64 %1, i64 8
   %3 = mul nsw i64 %tg, 2048
   %4 = getelementptr inbounds float, ptr %x, i64 %3
-  %5 = sdiv i64 %gn, 8
-  %full = mul i64 %5, 8
+  %5 = sdiv i64 %gn, 4
+  %full = mul i64 %5, 4
   br label %qb.head
 
-qb.head:                                          ; preds = %r1.end, %tg.body
-  %qb = phi i64 [ 0, %tg.body ], [ %244, %r1.end ]
+qb.head:                                          ; preds = %rb.end, %tg.body
+  %qb = phi i64 [ 0, %tg.body ], [ %84, %rb.end ]
   %6 = icmp slt i64 %qb, 8
   br i1 %6, label %qb.body, label %qb.end
 
@@ -77,7 +61,7 @@ qb.body:                                          ; preds = %qb.head
   br label %rb.head
 
 rb.head:                                          ; preds = %qh.end, %qb.body
-  %rb = phi i64 [ 0, %qb.body ], [ %195, %qh.end ]
+  %rb = phi i64 [ 0, %qb.body ], [ %83, %qh.end ]
   %8 = icmp slt i64 %rb, %full
   br i1 %8, label %rb.body, label %rb.end
 
@@ -106,575 +90,380 @@ rb.body:                                          ; preds = %rb.head
   %30 = mul nsw i64 %27, 64
   %31 = add nsw i64 %30, %7
   %32 = getelementptr inbounds float, ptr %lt, i64 %31
-  %33 = add nsw i64 %rb, 4
-  %34 = mul nsw i64 %33, 2048
-  %35 = getelementptr inbounds float, ptr %4, i64 %34
-  %36 = mul nsw i64 %33, 64
-  %37 = add nsw i64 %36, %7
-  %38 = getelementptr inbounds float, ptr %lt, i64 %37
-  %39 = add nsw i64 %rb, 5
-  %40 = mul nsw i64 %39, 2048
-  %41 = getelementptr inbounds float, ptr %4, i64 %40
-  %42 = mul nsw i64 %39, 64
-  %43 = add nsw i64 %42, %7
-  %44 = getelementptr inbounds float, ptr %lt, i64 %43
-  %45 = add nsw i64 %rb, 6
-  %46 = mul nsw i64 %45, 2048
-  %47 = getelementptr inbounds float, ptr %4, i64 %46
-  %48 = mul nsw i64 %45, 64
-  %49 = add nsw i64 %48, %7
-  %50 = getelementptr inbounds float, ptr %lt, i64 %49
-  %51 = add nsw i64 %rb, 7
-  %52 = mul nsw i64 %51, 2048
-  %53 = getelementptr inbounds float, ptr %4, i64 %52
-  %54 = mul nsw i64 %51, 64
-  %55 = add nsw i64 %54, %7
-  %56 = getelementptr inbounds float, ptr %lt, i64 %55
   store <16 x float> zeroinitializer, ptr %qacc, align 4
   store <16 x float> zeroinitializer, ptr %qacc1, align 4
   store <16 x float> zeroinitializer, ptr %qacc2, align 4
   store <16 x float> zeroinitializer, ptr %qacc3, align 4
-  store <16 x float> zeroinitializer, ptr %qacc4, align 4
-  store <16 x float> zeroinitializer, ptr %qacc5, align 4
-  store <16 x float> zeroinitializer, ptr %qacc6, align 4
-  store <16 x float> zeroinitializer, ptr %qacc7, align 4
-  store <16 x float> zeroinitializer, ptr %qacc8, align 4
-  store <16 x float> zeroinitializer, ptr %qacc9, align 4
-  store <16 x float> zeroinitializer, ptr %qacc10, align 4
-  store <16 x float> zeroinitializer, ptr %qacc11, align 4
-  store <16 x float> zeroinitializer, ptr %qacc12, align 4
-  store <16 x float> zeroinitializer, ptr %qacc13, align 4
-  store <16 x float> zeroinitializer, ptr %qacc14, align 4
-  store <16 x float> zeroinitializer, ptr %qacc15, align 4
   br label %qh.head
 
 qh.head:                                          ; preds = %qh.body, %rb.body
-  %qh = phi i64 [ 0, %rb.body ], [ %162, %qh.body ]
-  %57 = icmp slt i64 %qh, 2048
-  br i1 %57, label %qh.body, label %qh.end
+  %qh = phi i64 [ 0, %rb.body ], [ %74, %qh.body ]
+  %33 = icmp slt i64 %qh, 2048
+  br i1 %33, label %qh.body, label %qh.end
 
 qh.body:                                          ; preds = %qh.head
-  %58 = add nsw i64 %qb, 0
-  %59 = mul nsw i64 %qh, 8
-  %60 = mul nsw i64 %58, 16384
-  %61 = add nsw i64 %60, %59
-  %62 = getelementptr inbounds float, ptr %router, i64 %61
-  %63 = load <8 x float>, ptr %62, align 4
-  %64 = add nsw i64 %qb, 1
-  %65 = mul nsw i64 %qh, 8
-  %66 = mul nsw i64 %64, 16384
-  %67 = add nsw i64 %66, %65
-  %68 = getelementptr inbounds float, ptr %router, i64 %67
-  %69 = load <8 x float>, ptr %68, align 4
-  %w16 = shufflevector <8 x float> %63, <8 x float> %69, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %70 = add nsw i64 %qb, 2
-  %71 = mul nsw i64 %qh, 8
-  %72 = mul nsw i64 %70, 16384
-  %73 = add nsw i64 %72, %71
-  %74 = getelementptr inbounds float, ptr %router, i64 %73
-  %75 = load <8 x float>, ptr %74, align 4
-  %76 = add nsw i64 %qb, 3
-  %77 = mul nsw i64 %qh, 8
-  %78 = mul nsw i64 %76, 16384
-  %79 = add nsw i64 %78, %77
-  %80 = getelementptr inbounds float, ptr %router, i64 %79
-  %81 = load <8 x float>, ptr %80, align 4
-  %w1616 = shufflevector <8 x float> %75, <8 x float> %81, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %82 = getelementptr inbounds float, ptr %11, i64 %qh
-  %83 = load float, ptr %82, align 4
-  %84 = insertelement <16 x float> poison, float %83, i32 0
-  %85 = shufflevector <16 x float> %84, <16 x float> poison, <16 x i32> zeroinitializer
-  %86 = load <16 x float>, ptr %qacc, align 4
-  %87 = fmul <16 x float> %85, %w16
-  %88 = fadd <16 x float> %86, %87
-  store <16 x float> %88, ptr %qacc, align 4
-  %89 = load <16 x float>, ptr %qacc1, align 4
-  %90 = fmul <16 x float> %85, %w1616
-  %91 = fadd <16 x float> %89, %90
-  store <16 x float> %91, ptr %qacc1, align 4
-  %92 = getelementptr inbounds float, ptr %17, i64 %qh
-  %93 = load float, ptr %92, align 4
-  %94 = insertelement <16 x float> poison, float %93, i32 0
-  %95 = shufflevector <16 x float> %94, <16 x float> poison, <16 x i32> zeroinitializer
-  %96 = load <16 x float>, ptr %qacc2, align 4
-  %97 = fmul <16 x float> %95, %w16
-  %98 = fadd <16 x float> %96, %97
-  store <16 x float> %98, ptr %qacc2, align 4
-  %99 = load <16 x float>, ptr %qacc3, align 4
-  %100 = fmul <16 x float> %95, %w1616
-  %101 = fadd <16 x float> %99, %100
-  store <16 x float> %101, ptr %qacc3, align 4
-  %102 = getelementptr inbounds float, ptr %23, i64 %qh
-  %103 = load float, ptr %102, align 4
-  %104 = insertelement <16 x float> poison, float %103, i32 0
-  %105 = shufflevector <16 x float> %104, <16 x float> poison, <16 x i32> zeroinitializer
-  %106 = load <16 x float>, ptr %qacc4, align 4
-  %107 = fmul <16 x float> %105, %w16
-  %108 = fadd <16 x float> %106, %107
-  store <16 x float> %108, ptr %qacc4, align 4
-  %109 = load <16 x float>, ptr %qacc5, align 4
-  %110 = fmul <16 x float> %105, %w1616
-  %111 = fadd <16 x float> %109, %110
-  store <16 x float> %111, ptr %qacc5, align 4
-  %112 = getelementptr inbounds float, ptr %29, i64 %qh
-  %113 = load float, ptr %112, align 4
-  %114 = insertelement <16 x float> poison, float %113, i32 0
-  %115 = shufflevector <16 x float> %114, <16 x float> poison, <16 x i32> zeroinitializer
-  %116 = load <16 x float>, ptr %qacc6, align 4
-  %117 = fmul <16 x float> %115, %w16
-  %118 = fadd <16 x float> %116, %117
-  store <16 x float> %118, ptr %qacc6, align 4
-  %119 = load <16 x float>, ptr %qacc7, align 4
-  %120 = fmul <16 x float> %115, %w1616
-  %121 = fadd <16 x float> %119, %120
-  store <16 x float> %121, ptr %qacc7, align 4
-  %122 = getelementptr inbounds float, ptr %35, i64 %qh
-  %123 = load float, ptr %122, align 4
-  %124 = insertelement <16 x float> poison, float %123, i32 0
-  %125 = shufflevector <16 x float> %124, <16 x float> poison, <16 x i32> zeroinitializer
-  %126 = load <16 x float>, ptr %qacc8, align 4
-  %127 = fmul <16 x float> %125, %w16
-  %128 = fadd <16 x float> %126, %127
-  store <16 x float> %128, ptr %qacc8, align 4
-  %129 = load <16 x float>, ptr %qacc9, align 4
-  %130 = fmul <16 x float> %125, %w1616
-  %131 = fadd <16 x float> %129, %130
-  store <16 x float> %131, ptr %qacc9, align 4
-  %132 = getelementptr inbounds float, ptr %41, i64 %qh
-  %133 = load float, ptr %132, align 4
-  %134 = insertelement <16 x float> poison, float %133, i32 0
-  %135 = shufflevector <16 x float> %134, <16 x float> poison, <16 x i32> zeroinitializer
-  %136 = load <16 x float>, ptr %qacc10, align 4
-  %137 = fmul <16 x float> %135, %w16
-  %138 = fadd <16 x float> %136, %137
-  store <16 x float> %138, ptr %qacc10, align 4
-  %139 = load <16 x float>, ptr %qacc11, align 4
-  %140 = fmul <16 x float> %135, %w1616
-  %141 = fadd <16 x float> %139, %140
-  store <16 x float> %141, ptr %qacc11, align 4
-  %142 = getelementptr inbounds float, ptr %47, i64 %qh
-  %143 = load float, ptr %142, align 4
-  %144 = insertelement <16 x float> poison, float %143, i32 0
-  %145 = shufflevector <16 x float> %144, <16 x float> poison, <16 x i32> zeroinitializer
-  %146 = load <16 x float>, ptr %qacc12, align 4
-  %147 = fmul <16 x float> %145, %w16
-  %148 = fadd <16 x float> %146, %147
-  store <16 x float> %148, ptr %qacc12, align 4
-  %149 = load <16 x float>, ptr %qacc13, align 4
-  %150 = fmul <16 x float> %145, %w1616
-  %151 = fadd <16 x float> %149, %150
-  store <16 x float> %151, ptr %qacc13, align 4
-  %152 = getelementptr inbounds float, ptr %53, i64 %qh
-  %153 = load float, ptr %152, align 4
-  %154 = insertelement <16 x float> poison, float %153, i32 0
-  %155 = shufflevector <16 x float> %154, <16 x float> poison, <16 x i32> zeroinitializer
-  %156 = load <16 x float>, ptr %qacc14, align 4
-  %157 = fmul <16 x float> %155, %w16
-  %158 = fadd <16 x float> %156, %157
-  store <16 x float> %158, ptr %qacc14, align 4
-  %159 = load <16 x float>, ptr %qacc15, align 4
-  %160 = fmul <16 x float> %155, %w1616
-  %161 = fadd <16 x float> %159, %160
-  store <16 x float> %161, ptr %qacc15, align 4
-  %162 = add nsw i64 %qh, 1
+  %34 = add nsw i64 %qb, 0
+  %35 = mul nsw i64 %qh, 8
+  %36 = mul nsw i64 %34, 16384
+  %37 = add nsw i64 %36, %35
+  %38 = getelementptr inbounds float, ptr %router, i64 %37
+  %39 = load <8 x float>, ptr %38, align 4
+  %40 = add nsw i64 %qb, 1
+  %41 = mul nsw i64 %qh, 8
+  %42 = mul nsw i64 %40, 16384
+  %43 = add nsw i64 %42, %41
+  %44 = getelementptr inbounds float, ptr %router, i64 %43
+  %45 = load <8 x float>, ptr %44, align 4
+  %w16 = shufflevector <8 x float> %39, <8 x float> %45, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %46 = getelementptr inbounds float, ptr %11, i64 %qh
+  %47 = load float, ptr %46, align 4
+  %48 = insertelement <16 x float> poison, float %47, i32 0
+  %49 = shufflevector <16 x float> %48, <16 x float> poison, <16 x i32> zeroinitializer
+  %50 = load <16 x float>, ptr %qacc, align 4
+  %51 = fmul <16 x float> %49, %w16
+  %52 = fadd <16 x float> %50, %51
+  store <16 x float> %52, ptr %qacc, align 4
+  %53 = getelementptr inbounds float, ptr %17, i64 %qh
+  %54 = load float, ptr %53, align 4
+  %55 = insertelement <16 x float> poison, float %54, i32 0
+  %56 = shufflevector <16 x float> %55, <16 x float> poison, <16 x i32> zeroinitializer
+  %57 = load <16 x float>, ptr %qacc1, align 4
+  %58 = fmul <16 x float> %56, %w16
+  %59 = fadd <16 x float> %57, %58
+  store <16 x float> %59, ptr %qacc1, align 4
+  %60 = getelementptr inbounds float, ptr %23, i64 %qh
+  %61 = load float, ptr %60, align 4
+  %62 = insertelement <16 x float> poison, float %61, i32 0
+  %63 = shufflevector <16 x float> %62, <16 x float> poison, <16 x i32> zeroinitializer
+  %64 = load <16 x float>, ptr %qacc2, align 4
+  %65 = fmul <16 x float> %63, %w16
+  %66 = fadd <16 x float> %64, %65
+  store <16 x float> %66, ptr %qacc2, align 4
+  %67 = getelementptr inbounds float, ptr %29, i64 %qh
+  %68 = load float, ptr %67, align 4
+  %69 = insertelement <16 x float> poison, float %68, i32 0
+  %70 = shufflevector <16 x float> %69, <16 x float> poison, <16 x i32> zeroinitializer
+  %71 = load <16 x float>, ptr %qacc3, align 4
+  %72 = fmul <16 x float> %70, %w16
+  %73 = fadd <16 x float> %71, %72
+  store <16 x float> %73, ptr %qacc3, align 4
+  %74 = add nsw i64 %qh, 1
   br label %qh.head
 
 qh.end:                                           ; preds = %qh.head
-  %163 = load <16 x float>, ptr %qacc, align 4
-  %164 = load <16 x float>, ptr %qacc1, align 4
-  %165 = load <16 x float>, ptr %qacc2, align 4
-  %166 = load <16 x float>, ptr %qacc3, align 4
-  %167 = load <16 x float>, ptr %qacc4, align 4
-  %168 = load <16 x float>, ptr %qacc5, align 4
-  %169 = load <16 x float>, ptr %qacc6, align 4
-  %170 = load <16 x float>, ptr %qacc7, align 4
-  %171 = load <16 x float>, ptr %qacc8, align 4
-  %172 = load <16 x float>, ptr %qacc9, align 4
-  %173 = load <16 x float>, ptr %qacc10, align 4
-  %174 = load <16 x float>, ptr %qacc11, align 4
-  %175 = load <16 x float>, ptr %qacc12, align 4
-  %176 = load <16 x float>, ptr %qacc13, align 4
-  %177 = load <16 x float>, ptr %qacc14, align 4
-  %178 = load <16 x float>, ptr %qacc15, align 4
-  %179 = getelementptr inbounds float, ptr %14, i64 0
-  store <16 x float> %163, ptr %179, align 4
-  %180 = getelementptr inbounds float, ptr %14, i64 16
-  store <16 x float> %164, ptr %180, align 4
-  %181 = getelementptr inbounds float, ptr %20, i64 0
-  store <16 x float> %165, ptr %181, align 4
-  %182 = getelementptr inbounds float, ptr %20, i64 16
-  store <16 x float> %166, ptr %182, align 4
-  %183 = getelementptr inbounds float, ptr %26, i64 0
-  store <16 x float> %167, ptr %183, align 4
-  %184 = getelementptr inbounds float, ptr %26, i64 16
-  store <16 x float> %168, ptr %184, align 4
-  %185 = getelementptr inbounds float, ptr %32, i64 0
-  store <16 x float> %169, ptr %185, align 4
-  %186 = getelementptr inbounds float, ptr %32, i64 16
-  store <16 x float> %170, ptr %186, align 4
-  %187 = getelementptr inbounds float, ptr %38, i64 0
-  store <16 x float> %171, ptr %187, align 4
-  %188 = getelementptr inbounds float, ptr %38, i64 16
-  store <16 x float> %172, ptr %188, align 4
-  %189 = getelementptr inbounds float, ptr %44, i64 0
-  store <16 x float> %173, ptr %189, align 4
-  %190 = getelementptr inbounds float, ptr %44, i64 16
-  store <16 x float> %174, ptr %190, align 4
-  %191 = getelementptr inbounds float, ptr %50, i64 0
-  store <16 x float> %175, ptr %191, align 4
-  %192 = getelementptr inbounds float, ptr %50, i64 16
-  store <16 x float> %176, ptr %192, align 4
-  %193 = getelementptr inbounds float, ptr %56, i64 0
-  store <16 x float> %177, ptr %193, align 4
-  %194 = getelementptr inbounds float, ptr %56, i64 16
-  store <16 x float> %178, ptr %194, align 4
-  %195 = add nsw i64 %rb, 8
+  %75 = load <16 x float>, ptr %qacc, align 4
+  %76 = load <16 x float>, ptr %qacc1, align 4
+  %77 = load <16 x float>, ptr %qacc2, align 4
+  %78 = load <16 x float>, ptr %qacc3, align 4
+  %79 = getelementptr inbounds float, ptr %14, i64 0
+  store <16 x float> %75, ptr %79, align 4
+  %80 = getelementptr inbounds float, ptr %20, i64 0
+  store <16 x float> %76, ptr %80, align 4
+  %81 = getelementptr inbounds float, ptr %26, i64 0
+  store <16 x float> %77, ptr %81, align 4
+  %82 = getelementptr inbounds float, ptr %32, i64 0
+  store <16 x float> %78, ptr %82, align 4
+  %83 = add nsw i64 %rb, 4
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  br label %r1.head
-
-r1.head:                                          ; preds = %qh.end21, %rb.end
-  %r1 = phi i64 [ %full, %rb.end ], [ %243, %qh.end21 ]
-  %196 = icmp slt i64 %r1, %gn
-  br i1 %196, label %r1.body, label %r1.end
-
-r1.body:                                          ; preds = %r1.head
-  %197 = add nsw i64 %r1, 0
-  %198 = mul nsw i64 %197, 2048
-  %199 = getelementptr inbounds float, ptr %4, i64 %198
-  %200 = mul nsw i64 %197, 64
-  %201 = add nsw i64 %200, %7
-  %202 = getelementptr inbounds float, ptr %lt, i64 %201
-  store <16 x float> zeroinitializer, ptr %qacc17, align 4
-  store <16 x float> zeroinitializer, ptr %qacc18, align 4
-  br label %qh.head19
-
-qh.head19:                                        ; preds = %qh.body20, %r1.body
-  %qh22 = phi i64 [ 0, %r1.body ], [ %238, %qh.body20 ]
-  %203 = icmp slt i64 %qh22, 2048
-  br i1 %203, label %qh.body20, label %qh.end21
-
-qh.body20:                                        ; preds = %qh.head19
-  %204 = add nsw i64 %qb, 0
-  %205 = mul nsw i64 %qh22, 8
-  %206 = mul nsw i64 %204, 16384
-  %207 = add nsw i64 %206, %205
-  %208 = getelementptr inbounds float, ptr %router, i64 %207
-  %209 = load <8 x float>, ptr %208, align 4
-  %210 = add nsw i64 %qb, 1
-  %211 = mul nsw i64 %qh22, 8
-  %212 = mul nsw i64 %210, 16384
-  %213 = add nsw i64 %212, %211
-  %214 = getelementptr inbounds float, ptr %router, i64 %213
-  %215 = load <8 x float>, ptr %214, align 4
-  %w1623 = shufflevector <8 x float> %209, <8 x float> %215, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %216 = add nsw i64 %qb, 2
-  %217 = mul nsw i64 %qh22, 8
-  %218 = mul nsw i64 %216, 16384
-  %219 = add nsw i64 %218, %217
-  %220 = getelementptr inbounds float, ptr %router, i64 %219
-  %221 = load <8 x float>, ptr %220, align 4
-  %222 = add nsw i64 %qb, 3
-  %223 = mul nsw i64 %qh22, 8
-  %224 = mul nsw i64 %222, 16384
-  %225 = add nsw i64 %224, %223
-  %226 = getelementptr inbounds float, ptr %router, i64 %225
-  %227 = load <8 x float>, ptr %226, align 4
-  %w1624 = shufflevector <8 x float> %221, <8 x float> %227, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %228 = getelementptr inbounds float, ptr %199, i64 %qh22
-  %229 = load float, ptr %228, align 4
-  %230 = insertelement <16 x float> poison, float %229, i32 0
-  %231 = shufflevector <16 x float> %230, <16 x float> poison, <16 x i32> zeroinitializer
-  %232 = load <16 x float>, ptr %qacc17, align 4
-  %233 = fmul <16 x float> %231, %w1623
-  %234 = fadd <16 x float> %232, %233
-  store <16 x float> %234, ptr %qacc17, align 4
-  %235 = load <16 x float>, ptr %qacc18, align 4
-  %236 = fmul <16 x float> %231, %w1624
-  %237 = fadd <16 x float> %235, %236
-  store <16 x float> %237, ptr %qacc18, align 4
-  %238 = add nsw i64 %qh22, 1
-  br label %qh.head19
-
-qh.end21:                                         ; preds = %qh.head19
-  %239 = load <16 x float>, ptr %qacc17, align 4
-  %240 = load <16 x float>, ptr %qacc18, align 4
-  %241 = getelementptr inbounds float, ptr %202, i64 0
-  store <16 x float> %239, ptr %241, align 4
-  %242 = getelementptr inbounds float, ptr %202, i64 16
-  store <16 x float> %240, ptr %242, align 4
-  %243 = add nsw i64 %r1, 1
-  br label %r1.head
-
-r1.end:                                           ; preds = %r1.head
-  %244 = add nsw i64 %qb, 4
+  %84 = add nsw i64 %qb, 2
   br label %qb.head
 
 qb.end:                                           ; preds = %qb.head
   br label %qb1.head
 
-qb1.head:                                         ; preds = %r1.end43, %qb.end
-  %qb1 = phi i64 [ 8, %qb.end ], [ %402, %r1.end43 ]
-  %245 = icmp slt i64 %qb1, 8
-  br i1 %245, label %qb1.body, label %qb1.end
+qb1.head:                                         ; preds = %rb.end6, %qb.end
+  %qb1 = phi i64 [ 8, %qb.end ], [ %157, %rb.end6 ]
+  %85 = icmp slt i64 %qb1, 8
+  br i1 %85, label %qb1.body, label %qb1.end
 
 qb1.body:                                         ; preds = %qb1.head
-  %246 = mul nsw i64 %qb1, 8
-  br label %rb.head25
+  %86 = mul nsw i64 %qb1, 8
+  br label %rb.head4
 
-rb.head25:                                        ; preds = %qh.end39, %qb1.body
-  %rb28 = phi i64 [ 0, %qb1.body ], [ %376, %qh.end39 ]
-  %247 = icmp slt i64 %rb28, %full
-  br i1 %247, label %rb.body26, label %rb.end27
+rb.head4:                                         ; preds = %qh.end14, %qb1.body
+  %rb7 = phi i64 [ 0, %qb1.body ], [ %156, %qh.end14 ]
+  %87 = icmp slt i64 %rb7, %full
+  br i1 %87, label %rb.body5, label %rb.end6
 
-rb.body26:                                        ; preds = %rb.head25
-  %248 = add nsw i64 %rb28, 0
-  %249 = mul nsw i64 %248, 2048
-  %250 = getelementptr inbounds float, ptr %4, i64 %249
-  %251 = mul nsw i64 %248, 64
-  %252 = add nsw i64 %251, %246
-  %253 = getelementptr inbounds float, ptr %lt, i64 %252
-  %254 = add nsw i64 %rb28, 1
-  %255 = mul nsw i64 %254, 2048
-  %256 = getelementptr inbounds float, ptr %4, i64 %255
-  %257 = mul nsw i64 %254, 64
-  %258 = add nsw i64 %257, %246
-  %259 = getelementptr inbounds float, ptr %lt, i64 %258
-  %260 = add nsw i64 %rb28, 2
-  %261 = mul nsw i64 %260, 2048
-  %262 = getelementptr inbounds float, ptr %4, i64 %261
-  %263 = mul nsw i64 %260, 64
-  %264 = add nsw i64 %263, %246
-  %265 = getelementptr inbounds float, ptr %lt, i64 %264
-  %266 = add nsw i64 %rb28, 3
-  %267 = mul nsw i64 %266, 2048
-  %268 = getelementptr inbounds float, ptr %4, i64 %267
-  %269 = mul nsw i64 %266, 64
-  %270 = add nsw i64 %269, %246
-  %271 = getelementptr inbounds float, ptr %lt, i64 %270
-  %272 = add nsw i64 %rb28, 4
-  %273 = mul nsw i64 %272, 2048
-  %274 = getelementptr inbounds float, ptr %4, i64 %273
-  %275 = mul nsw i64 %272, 64
-  %276 = add nsw i64 %275, %246
-  %277 = getelementptr inbounds float, ptr %lt, i64 %276
-  %278 = add nsw i64 %rb28, 5
-  %279 = mul nsw i64 %278, 2048
-  %280 = getelementptr inbounds float, ptr %4, i64 %279
-  %281 = mul nsw i64 %278, 64
-  %282 = add nsw i64 %281, %246
-  %283 = getelementptr inbounds float, ptr %lt, i64 %282
-  %284 = add nsw i64 %rb28, 6
-  %285 = mul nsw i64 %284, 2048
-  %286 = getelementptr inbounds float, ptr %4, i64 %285
-  %287 = mul nsw i64 %284, 64
-  %288 = add nsw i64 %287, %246
-  %289 = getelementptr inbounds float, ptr %lt, i64 %288
-  %290 = add nsw i64 %rb28, 7
-  %291 = mul nsw i64 %290, 2048
-  %292 = getelementptr inbounds float, ptr %4, i64 %291
-  %293 = mul nsw i64 %290, 64
-  %294 = add nsw i64 %293, %246
-  %295 = getelementptr inbounds float, ptr %lt, i64 %294
-  store <8 x float> zeroinitializer, ptr %qacc29, align 4
-  store <8 x float> zeroinitializer, ptr %qacc30, align 4
-  store <8 x float> zeroinitializer, ptr %qacc31, align 4
-  store <8 x float> zeroinitializer, ptr %qacc32, align 4
-  store <8 x float> zeroinitializer, ptr %qacc33, align 4
-  store <8 x float> zeroinitializer, ptr %qacc34, align 4
-  store <8 x float> zeroinitializer, ptr %qacc35, align 4
-  store <8 x float> zeroinitializer, ptr %qacc36, align 4
-  br label %qh.head37
+rb.body5:                                         ; preds = %rb.head4
+  %88 = add nsw i64 %rb7, 0
+  %89 = mul nsw i64 %88, 2048
+  %90 = getelementptr inbounds float, ptr %4, i64 %89
+  %91 = mul nsw i64 %88, 64
+  %92 = add nsw i64 %91, %86
+  %93 = getelementptr inbounds float, ptr %lt, i64 %92
+  %94 = add nsw i64 %rb7, 1
+  %95 = mul nsw i64 %94, 2048
+  %96 = getelementptr inbounds float, ptr %4, i64 %95
+  %97 = mul nsw i64 %94, 64
+  %98 = add nsw i64 %97, %86
+  %99 = getelementptr inbounds float, ptr %lt, i64 %98
+  %100 = add nsw i64 %rb7, 2
+  %101 = mul nsw i64 %100, 2048
+  %102 = getelementptr inbounds float, ptr %4, i64 %101
+  %103 = mul nsw i64 %100, 64
+  %104 = add nsw i64 %103, %86
+  %105 = getelementptr inbounds float, ptr %lt, i64 %104
+  %106 = add nsw i64 %rb7, 3
+  %107 = mul nsw i64 %106, 2048
+  %108 = getelementptr inbounds float, ptr %4, i64 %107
+  %109 = mul nsw i64 %106, 64
+  %110 = add nsw i64 %109, %86
+  %111 = getelementptr inbounds float, ptr %lt, i64 %110
+  store <8 x float> zeroinitializer, ptr %qacc8, align 4
+  store <8 x float> zeroinitializer, ptr %qacc9, align 4
+  store <8 x float> zeroinitializer, ptr %qacc10, align 4
+  store <8 x float> zeroinitializer, ptr %qacc11, align 4
+  br label %qh.head12
 
-qh.head37:                                        ; preds = %qh.body38, %rb.body26
-  %qh40 = phi i64 [ 0, %rb.body26 ], [ %359, %qh.body38 ]
-  %296 = icmp slt i64 %qh40, 2048
-  br i1 %296, label %qh.body38, label %qh.end39
+qh.head12:                                        ; preds = %qh.body13, %rb.body5
+  %qh15 = phi i64 [ 0, %rb.body5 ], [ %147, %qh.body13 ]
+  %112 = icmp slt i64 %qh15, 2048
+  br i1 %112, label %qh.body13, label %qh.end14
 
-qh.body38:                                        ; preds = %qh.head37
-  %297 = add nsw i64 %qb1, 0
-  %298 = mul nsw i64 %qh40, 8
-  %299 = mul nsw i64 %297, 16384
-  %300 = add nsw i64 %299, %298
-  %301 = getelementptr inbounds float, ptr %router, i64 %300
-  %302 = load <8 x float>, ptr %301, align 4
-  %303 = getelementptr inbounds float, ptr %250, i64 %qh40
-  %304 = load float, ptr %303, align 4
-  %305 = insertelement <8 x float> poison, float %304, i32 0
-  %306 = shufflevector <8 x float> %305, <8 x float> poison, <8 x i32> zeroinitializer
-  %307 = load <8 x float>, ptr %qacc29, align 4
-  %308 = fmul <8 x float> %306, %302
-  %309 = fadd <8 x float> %307, %308
-  store <8 x float> %309, ptr %qacc29, align 4
-  %310 = getelementptr inbounds float, ptr %256, i64 %qh40
-  %311 = load float, ptr %310, align 4
-  %312 = insertelement <8 x float> poison, float %311, i32 0
-  %313 = shufflevector <8 x float> %312, <8 x float> poison, <8 x i32> zeroinitializer
-  %314 = load <8 x float>, ptr %qacc30, align 4
-  %315 = fmul <8 x float> %313, %302
-  %316 = fadd <8 x float> %314, %315
-  store <8 x float> %316, ptr %qacc30, align 4
-  %317 = getelementptr inbounds float, ptr %262, i64 %qh40
-  %318 = load float, ptr %317, align 4
-  %319 = insertelement <8 x float> poison, float %318, i32 0
-  %320 = shufflevector <8 x float> %319, <8 x float> poison, <8 x i32> zeroinitializer
-  %321 = load <8 x float>, ptr %qacc31, align 4
-  %322 = fmul <8 x float> %320, %302
-  %323 = fadd <8 x float> %321, %322
-  store <8 x float> %323, ptr %qacc31, align 4
-  %324 = getelementptr inbounds float, ptr %268, i64 %qh40
-  %325 = load float, ptr %324, align 4
-  %326 = insertelement <8 x float> poison, float %325, i32 0
-  %327 = shufflevector <8 x float> %326, <8 x float> poison, <8 x i32> zeroinitializer
-  %328 = load <8 x float>, ptr %qacc32, align 4
-  %329 = fmul <8 x float> %327, %302
-  %330 = fadd <8 x float> %328, %329
-  store <8 x float> %330, ptr %qacc32, align 4
-  %331 = getelementptr inbounds float, ptr %274, i64 %qh40
-  %332 = load float, ptr %331, align 4
-  %333 = insertelement <8 x float> poison, float %332, i32 0
-  %334 = shufflevector <8 x float> %333, <8 x float> poison, <8 x i32> zeroinitializer
-  %335 = load <8 x float>, ptr %qacc33, align 4
-  %336 = fmul <8 x float> %334, %302
-  %337 = fadd <8 x float> %335, %336
-  store <8 x float> %337, ptr %qacc33, align 4
-  %338 = getelementptr inbounds float, ptr %280, i64 %qh40
-  %339 = load float, ptr %338, align 4
-  %340 = insertelement <8 x float> poison, float %339, i32 0
-  %341 = shufflevector <8 x float> %340, <8 x float> poison, <8 x i32> zeroinitializer
-  %342 = load <8 x float>, ptr %qacc34, align 4
-  %343 = fmul <8 x float> %341, %302
-  %344 = fadd <8 x float> %342, %343
-  store <8 x float> %344, ptr %qacc34, align 4
-  %345 = getelementptr inbounds float, ptr %286, i64 %qh40
-  %346 = load float, ptr %345, align 4
-  %347 = insertelement <8 x float> poison, float %346, i32 0
-  %348 = shufflevector <8 x float> %347, <8 x float> poison, <8 x i32> zeroinitializer
-  %349 = load <8 x float>, ptr %qacc35, align 4
-  %350 = fmul <8 x float> %348, %302
-  %351 = fadd <8 x float> %349, %350
-  store <8 x float> %351, ptr %qacc35, align 4
-  %352 = getelementptr inbounds float, ptr %292, i64 %qh40
-  %353 = load float, ptr %352, align 4
-  %354 = insertelement <8 x float> poison, float %353, i32 0
-  %355 = shufflevector <8 x float> %354, <8 x float> poison, <8 x i32> zeroinitializer
-  %356 = load <8 x float>, ptr %qacc36, align 4
-  %357 = fmul <8 x float> %355, %302
-  %358 = fadd <8 x float> %356, %357
-  store <8 x float> %358, ptr %qacc36, align 4
-  %359 = add nsw i64 %qh40, 1
-  br label %qh.head37
+qh.body13:                                        ; preds = %qh.head12
+  %113 = add nsw i64 %qb1, 0
+  %114 = mul nsw i64 %qh15, 8
+  %115 = mul nsw i64 %113, 16384
+  %116 = add nsw i64 %115, %114
+  %117 = getelementptr inbounds float, ptr %router, i64 %116
+  %118 = load <8 x float>, ptr %117, align 4
+  %119 = getelementptr inbounds float, ptr %90, i64 %qh15
+  %120 = load float, ptr %119, align 4
+  %121 = insertelement <8 x float> poison, float %120, i32 0
+  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
+  %123 = load <8 x float>, ptr %qacc8, align 4
+  %124 = fmul <8 x float> %122, %118
+  %125 = fadd <8 x float> %123, %124
+  store <8 x float> %125, ptr %qacc8, align 4
+  %126 = getelementptr inbounds float, ptr %96, i64 %qh15
+  %127 = load float, ptr %126, align 4
+  %128 = insertelement <8 x float> poison, float %127, i32 0
+  %129 = shufflevector <8 x float> %128, <8 x float> poison, <8 x i32> zeroinitializer
+  %130 = load <8 x float>, ptr %qacc9, align 4
+  %131 = fmul <8 x float> %129, %118
+  %132 = fadd <8 x float> %130, %131
+  store <8 x float> %132, ptr %qacc9, align 4
+  %133 = getelementptr inbounds float, ptr %102, i64 %qh15
+  %134 = load float, ptr %133, align 4
+  %135 = insertelement <8 x float> poison, float %134, i32 0
+  %136 = shufflevector <8 x float> %135, <8 x float> poison, <8 x i32> zeroinitializer
+  %137 = load <8 x float>, ptr %qacc10, align 4
+  %138 = fmul <8 x float> %136, %118
+  %139 = fadd <8 x float> %137, %138
+  store <8 x float> %139, ptr %qacc10, align 4
+  %140 = getelementptr inbounds float, ptr %108, i64 %qh15
+  %141 = load float, ptr %140, align 4
+  %142 = insertelement <8 x float> poison, float %141, i32 0
+  %143 = shufflevector <8 x float> %142, <8 x float> poison, <8 x i32> zeroinitializer
+  %144 = load <8 x float>, ptr %qacc11, align 4
+  %145 = fmul <8 x float> %143, %118
+  %146 = fadd <8 x float> %144, %145
+  store <8 x float> %146, ptr %qacc11, align 4
+  %147 = add nsw i64 %qh15, 1
+  br label %qh.head12
 
-qh.end39:                                         ; preds = %qh.head37
-  %360 = load <8 x float>, ptr %qacc29, align 4
-  %361 = load <8 x float>, ptr %qacc30, align 4
-  %362 = load <8 x float>, ptr %qacc31, align 4
-  %363 = load <8 x float>, ptr %qacc32, align 4
-  %364 = load <8 x float>, ptr %qacc33, align 4
-  %365 = load <8 x float>, ptr %qacc34, align 4
-  %366 = load <8 x float>, ptr %qacc35, align 4
-  %367 = load <8 x float>, ptr %qacc36, align 4
-  %368 = getelementptr inbounds float, ptr %253, i64 0
-  store <8 x float> %360, ptr %368, align 4
-  %369 = getelementptr inbounds float, ptr %259, i64 0
-  store <8 x float> %361, ptr %369, align 4
-  %370 = getelementptr inbounds float, ptr %265, i64 0
-  store <8 x float> %362, ptr %370, align 4
-  %371 = getelementptr inbounds float, ptr %271, i64 0
-  store <8 x float> %363, ptr %371, align 4
-  %372 = getelementptr inbounds float, ptr %277, i64 0
-  store <8 x float> %364, ptr %372, align 4
-  %373 = getelementptr inbounds float, ptr %283, i64 0
-  store <8 x float> %365, ptr %373, align 4
-  %374 = getelementptr inbounds float, ptr %289, i64 0
-  store <8 x float> %366, ptr %374, align 4
-  %375 = getelementptr inbounds float, ptr %295, i64 0
-  store <8 x float> %367, ptr %375, align 4
-  %376 = add nsw i64 %rb28, 8
-  br label %rb.head25
+qh.end14:                                         ; preds = %qh.head12
+  %148 = load <8 x float>, ptr %qacc8, align 4
+  %149 = load <8 x float>, ptr %qacc9, align 4
+  %150 = load <8 x float>, ptr %qacc10, align 4
+  %151 = load <8 x float>, ptr %qacc11, align 4
+  %152 = getelementptr inbounds float, ptr %93, i64 0
+  store <8 x float> %148, ptr %152, align 4
+  %153 = getelementptr inbounds float, ptr %99, i64 0
+  store <8 x float> %149, ptr %153, align 4
+  %154 = getelementptr inbounds float, ptr %105, i64 0
+  store <8 x float> %150, ptr %154, align 4
+  %155 = getelementptr inbounds float, ptr %111, i64 0
+  store <8 x float> %151, ptr %155, align 4
+  %156 = add nsw i64 %rb7, 4
+  br label %rb.head4
 
-rb.end27:                                         ; preds = %rb.head25
-  br label %r1.head41
-
-r1.head41:                                        ; preds = %qh.end48, %rb.end27
-  %r144 = phi i64 [ %full, %rb.end27 ], [ %401, %qh.end48 ]
-  %377 = icmp slt i64 %r144, %gn
-  br i1 %377, label %r1.body42, label %r1.end43
-
-r1.body42:                                        ; preds = %r1.head41
-  %378 = add nsw i64 %r144, 0
-  %379 = mul nsw i64 %378, 2048
-  %380 = getelementptr inbounds float, ptr %4, i64 %379
-  %381 = mul nsw i64 %378, 64
-  %382 = add nsw i64 %381, %246
-  %383 = getelementptr inbounds float, ptr %lt, i64 %382
-  store <8 x float> zeroinitializer, ptr %qacc45, align 4
-  br label %qh.head46
-
-qh.head46:                                        ; preds = %qh.body47, %r1.body42
-  %qh49 = phi i64 [ 0, %r1.body42 ], [ %398, %qh.body47 ]
-  %384 = icmp slt i64 %qh49, 2048
-  br i1 %384, label %qh.body47, label %qh.end48
-
-qh.body47:                                        ; preds = %qh.head46
-  %385 = add nsw i64 %qb1, 0
-  %386 = mul nsw i64 %qh49, 8
-  %387 = mul nsw i64 %385, 16384
-  %388 = add nsw i64 %387, %386
-  %389 = getelementptr inbounds float, ptr %router, i64 %388
-  %390 = load <8 x float>, ptr %389, align 4
-  %391 = getelementptr inbounds float, ptr %380, i64 %qh49
-  %392 = load float, ptr %391, align 4
-  %393 = insertelement <8 x float> poison, float %392, i32 0
-  %394 = shufflevector <8 x float> %393, <8 x float> poison, <8 x i32> zeroinitializer
-  %395 = load <8 x float>, ptr %qacc45, align 4
-  %396 = fmul <8 x float> %394, %390
-  %397 = fadd <8 x float> %395, %396
-  store <8 x float> %397, ptr %qacc45, align 4
-  %398 = add nsw i64 %qh49, 1
-  br label %qh.head46
-
-qh.end48:                                         ; preds = %qh.head46
-  %399 = load <8 x float>, ptr %qacc45, align 4
-  %400 = getelementptr inbounds float, ptr %383, i64 0
-  store <8 x float> %399, ptr %400, align 4
-  %401 = add nsw i64 %r144, 1
-  br label %r1.head41
-
-r1.end43:                                         ; preds = %r1.head41
-  %402 = add nsw i64 %qb1, 1
+rb.end6:                                          ; preds = %rb.head4
+  %157 = add nsw i64 %qb1, 1
   br label %qb1.head
 
 qb1.end:                                          ; preds = %qb1.head
+  br label %qb.head16
+
+qb.head16:                                        ; preds = %r1.end, %qb1.end
+  %qb19 = phi i64 [ 0, %qb1.end ], [ %208, %r1.end ]
+  %158 = icmp slt i64 %qb19, 8
+  br i1 %158, label %qb.body17, label %qb.end18
+
+qb.body17:                                        ; preds = %qb.head16
+  %159 = mul nsw i64 %qb19, 8
+  br label %r1.head
+
+r1.head:                                          ; preds = %qh.end24, %qb.body17
+  %r1 = phi i64 [ %full, %qb.body17 ], [ %207, %qh.end24 ]
+  %160 = icmp slt i64 %r1, %gn
+  br i1 %160, label %r1.body, label %r1.end
+
+r1.body:                                          ; preds = %r1.head
+  %161 = add nsw i64 %r1, 0
+  %162 = mul nsw i64 %161, 2048
+  %163 = getelementptr inbounds float, ptr %4, i64 %162
+  %164 = mul nsw i64 %161, 64
+  %165 = add nsw i64 %164, %159
+  %166 = getelementptr inbounds float, ptr %lt, i64 %165
+  store <16 x float> zeroinitializer, ptr %qacc20, align 4
+  store <16 x float> zeroinitializer, ptr %qacc21, align 4
+  br label %qh.head22
+
+qh.head22:                                        ; preds = %qh.body23, %r1.body
+  %qh25 = phi i64 [ 0, %r1.body ], [ %202, %qh.body23 ]
+  %167 = icmp slt i64 %qh25, 2048
+  br i1 %167, label %qh.body23, label %qh.end24
+
+qh.body23:                                        ; preds = %qh.head22
+  %168 = add nsw i64 %qb19, 0
+  %169 = mul nsw i64 %qh25, 8
+  %170 = mul nsw i64 %168, 16384
+  %171 = add nsw i64 %170, %169
+  %172 = getelementptr inbounds float, ptr %router, i64 %171
+  %173 = load <8 x float>, ptr %172, align 4
+  %174 = add nsw i64 %qb19, 1
+  %175 = mul nsw i64 %qh25, 8
+  %176 = mul nsw i64 %174, 16384
+  %177 = add nsw i64 %176, %175
+  %178 = getelementptr inbounds float, ptr %router, i64 %177
+  %179 = load <8 x float>, ptr %178, align 4
+  %w1626 = shufflevector <8 x float> %173, <8 x float> %179, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %180 = add nsw i64 %qb19, 2
+  %181 = mul nsw i64 %qh25, 8
+  %182 = mul nsw i64 %180, 16384
+  %183 = add nsw i64 %182, %181
+  %184 = getelementptr inbounds float, ptr %router, i64 %183
+  %185 = load <8 x float>, ptr %184, align 4
+  %186 = add nsw i64 %qb19, 3
+  %187 = mul nsw i64 %qh25, 8
+  %188 = mul nsw i64 %186, 16384
+  %189 = add nsw i64 %188, %187
+  %190 = getelementptr inbounds float, ptr %router, i64 %189
+  %191 = load <8 x float>, ptr %190, align 4
+  %w1627 = shufflevector <8 x float> %185, <8 x float> %191, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %192 = getelementptr inbounds float, ptr %163, i64 %qh25
+  %193 = load float, ptr %192, align 4
+  %194 = insertelement <16 x float> poison, float %193, i32 0
+  %195 = shufflevector <16 x float> %194, <16 x float> poison, <16 x i32> zeroinitializer
+  %196 = load <16 x float>, ptr %qacc20, align 4
+  %197 = fmul <16 x float> %195, %w1626
+  %198 = fadd <16 x float> %196, %197
+  store <16 x float> %198, ptr %qacc20, align 4
+  %199 = load <16 x float>, ptr %qacc21, align 4
+  %200 = fmul <16 x float> %195, %w1627
+  %201 = fadd <16 x float> %199, %200
+  store <16 x float> %201, ptr %qacc21, align 4
+  %202 = add nsw i64 %qh25, 1
+  br label %qh.head22
+
+qh.end24:                                         ; preds = %qh.head22
+  %203 = load <16 x float>, ptr %qacc20, align 4
+  %204 = load <16 x float>, ptr %qacc21, align 4
+  %205 = getelementptr inbounds float, ptr %166, i64 0
+  store <16 x float> %203, ptr %205, align 4
+  %206 = getelementptr inbounds float, ptr %166, i64 16
+  store <16 x float> %204, ptr %206, align 4
+  %207 = add nsw i64 %r1, 1
+  br label %r1.head
+
+r1.end:                                           ; preds = %r1.head
+  %208 = add nsw i64 %qb19, 4
+  br label %qb.head16
+
+qb.end18:                                         ; preds = %qb.head16
+  br label %qb1.head28
+
+qb1.head28:                                       ; preds = %r1.end34, %qb.end18
+  %qb131 = phi i64 [ 8, %qb.end18 ], [ %236, %r1.end34 ]
+  %209 = icmp slt i64 %qb131, 8
+  br i1 %209, label %qb1.body29, label %qb1.end30
+
+qb1.body29:                                       ; preds = %qb1.head28
+  %210 = mul nsw i64 %qb131, 8
+  br label %r1.head32
+
+r1.head32:                                        ; preds = %qh.end39, %qb1.body29
+  %r135 = phi i64 [ %full, %qb1.body29 ], [ %235, %qh.end39 ]
+  %211 = icmp slt i64 %r135, %gn
+  br i1 %211, label %r1.body33, label %r1.end34
+
+r1.body33:                                        ; preds = %r1.head32
+  %212 = add nsw i64 %r135, 0
+  %213 = mul nsw i64 %212, 2048
+  %214 = getelementptr inbounds float, ptr %4, i64 %213
+  %215 = mul nsw i64 %212, 64
+  %216 = add nsw i64 %215, %210
+  %217 = getelementptr inbounds float, ptr %lt, i64 %216
+  store <8 x float> zeroinitializer, ptr %qacc36, align 4
+  br label %qh.head37
+
+qh.head37:                                        ; preds = %qh.body38, %r1.body33
+  %qh40 = phi i64 [ 0, %r1.body33 ], [ %232, %qh.body38 ]
+  %218 = icmp slt i64 %qh40, 2048
+  br i1 %218, label %qh.body38, label %qh.end39
+
+qh.body38:                                        ; preds = %qh.head37
+  %219 = add nsw i64 %qb131, 0
+  %220 = mul nsw i64 %qh40, 8
+  %221 = mul nsw i64 %219, 16384
+  %222 = add nsw i64 %221, %220
+  %223 = getelementptr inbounds float, ptr %router, i64 %222
+  %224 = load <8 x float>, ptr %223, align 4
+  %225 = getelementptr inbounds float, ptr %214, i64 %qh40
+  %226 = load float, ptr %225, align 4
+  %227 = insertelement <8 x float> poison, float %226, i32 0
+  %228 = shufflevector <8 x float> %227, <8 x float> poison, <8 x i32> zeroinitializer
+  %229 = load <8 x float>, ptr %qacc36, align 4
+  %230 = fmul <8 x float> %228, %224
+  %231 = fadd <8 x float> %229, %230
+  store <8 x float> %231, ptr %qacc36, align 4
+  %232 = add nsw i64 %qh40, 1
+  br label %qh.head37
+
+qh.end39:                                         ; preds = %qh.head37
+  %233 = load <8 x float>, ptr %qacc36, align 4
+  %234 = getelementptr inbounds float, ptr %217, i64 0
+  store <8 x float> %233, ptr %234, align 4
+  %235 = add nsw i64 %r135, 1
+  br label %r1.head32
+
+r1.end34:                                         ; preds = %r1.head32
+  %236 = add nsw i64 %qb131, 1
+  br label %qb1.head28
+
+qb1.end30:                                        ; preds = %qb1.head28
   br label %t.head
 
-t.head:                                           ; preds = %top.end, %qb1.end
-  %t = phi i64 [ 0, %qb1.end ], [ %490, %top.end ]
-  %403 = icmp slt i64 %t, %gn
-  br i1 %403, label %t.body, label %t.end
+t.head:                                           ; preds = %top.end, %qb1.end30
+  %t = phi i64 [ 0, %qb1.end30 ], [ %324, %top.end ]
+  %237 = icmp slt i64 %t, %gn
+  br i1 %237, label %t.body, label %t.end
 
 t.body:                                           ; preds = %t.head
   %tok = add nsw i64 %tg, %t
-  %404 = mul nsw i64 %t, 64
-  %405 = getelementptr inbounds float, ptr %lt, i64 %404
-  %406 = mul nsw i64 %tok, 2048
-  %407 = getelementptr inbounds float, ptr %x, i64 %406
-  %408 = mul nsw i64 %tok, 64
-  %409 = getelementptr inbounds float, ptr %logits, i64 %408
+  %238 = mul nsw i64 %t, 64
+  %239 = getelementptr inbounds float, ptr %lt, i64 %238
+  %240 = mul nsw i64 %tok, 2048
+  %241 = getelementptr inbounds float, ptr %x, i64 %240
+  %242 = mul nsw i64 %tok, 64
+  %243 = getelementptr inbounds float, ptr %logits, i64 %242
   br label %lb.head
 
 lb.head:                                          ; preds = %lb.body, %t.body
-  %lb = phi i64 [ 0, %t.body ], [ %414, %lb.body ]
-  %410 = icmp slt i64 %lb, 64
-  br i1 %410, label %lb.body, label %lb.end
+  %lb = phi i64 [ 0, %t.body ], [ %248, %lb.body ]
+  %244 = icmp slt i64 %lb, 64
+  br i1 %244, label %lb.body, label %lb.end
 
 lb.body:                                          ; preds = %lb.head
-  %411 = getelementptr inbounds float, ptr %405, i64 %lb
-  %412 = load float, ptr %411, align 4
-  %413 = getelementptr inbounds float, ptr %409, i64 %lb
-  store float %412, ptr %413, align 4
-  %414 = add nsw i64 %lb, 1
+  %245 = getelementptr inbounds float, ptr %239, i64 %lb
+  %246 = load float, ptr %245, align 4
+  %247 = getelementptr inbounds float, ptr %243, i64 %lb
+  store float %246, ptr %247, align 4
+  %248 = add nsw i64 %lb, 1
   br label %lb.head
 
 lb.end:                                           ; preds = %lb.head
@@ -682,84 +471,84 @@ lb.end:                                           ; preds = %lb.head
   br label %smax.head
 
 smax.head:                                        ; preds = %smax.body, %lb.end
-  %smax50 = phi i64 [ 0, %lb.end ], [ %422, %smax.body ]
-  %415 = icmp slt i64 %smax50, 64
-  br i1 %415, label %smax.body, label %smax.end
+  %smax41 = phi i64 [ 0, %lb.end ], [ %256, %smax.body ]
+  %249 = icmp slt i64 %smax41, 64
+  br i1 %249, label %smax.body, label %smax.end
 
 smax.body:                                        ; preds = %smax.head
-  %416 = add nsw i64 0, %smax50
-  %417 = getelementptr inbounds float, ptr %405, i64 %416
-  %418 = load float, ptr %417, align 4
-  %419 = load float, ptr %smax, align 4
-  %420 = fcmp ogt float %418, %419
-  %421 = select i1 %420, float %418, float %419
-  store float %421, ptr %smax, align 4
-  %422 = add nsw i64 %smax50, 1
+  %250 = add nsw i64 0, %smax41
+  %251 = getelementptr inbounds float, ptr %239, i64 %250
+  %252 = load float, ptr %251, align 4
+  %253 = load float, ptr %smax, align 4
+  %254 = fcmp ogt float %252, %253
+  %255 = select i1 %254, float %252, float %253
+  store float %255, ptr %smax, align 4
+  %256 = add nsw i64 %smax41, 1
   br label %smax.head
 
 smax.end:                                         ; preds = %smax.head
-  %423 = load float, ptr %smax, align 4
+  %257 = load float, ptr %smax, align 4
   store float 0.000000e+00, ptr %ssum, align 4
   br label %sexp.head
 
 sexp.head:                                        ; preds = %sexp.body, %smax.end
-  %sexp = phi i64 [ 0, %smax.end ], [ %436, %sexp.body ]
-  %424 = icmp slt i64 %sexp, 64
-  br i1 %424, label %sexp.body, label %sexp.end
+  %sexp = phi i64 [ 0, %smax.end ], [ %270, %sexp.body ]
+  %258 = icmp slt i64 %sexp, 64
+  br i1 %258, label %sexp.body, label %sexp.end
 
 sexp.body:                                        ; preds = %sexp.head
-  %425 = add nsw i64 0, %sexp
-  %426 = getelementptr inbounds float, ptr %405, i64 %425
-  %427 = load float, ptr %426, align 4
-  %428 = fsub float %427, %423
-  %429 = fpext float %428 to double
-  %430 = call double @exp(double %429)
-  %431 = fptrunc double %430 to float
-  %432 = add nsw i64 0, %sexp
-  %433 = getelementptr inbounds float, ptr %s, i64 %432
-  store float %431, ptr %433, align 4
-  %434 = load float, ptr %ssum, align 4
-  %435 = fadd float %434, %431
-  store float %435, ptr %ssum, align 4
-  %436 = add nsw i64 %sexp, 1
+  %259 = add nsw i64 0, %sexp
+  %260 = getelementptr inbounds float, ptr %239, i64 %259
+  %261 = load float, ptr %260, align 4
+  %262 = fsub float %261, %257
+  %263 = fpext float %262 to double
+  %264 = call double @exp(double %263)
+  %265 = fptrunc double %264 to float
+  %266 = add nsw i64 0, %sexp
+  %267 = getelementptr inbounds float, ptr %s, i64 %266
+  store float %265, ptr %267, align 4
+  %268 = load float, ptr %ssum, align 4
+  %269 = fadd float %268, %265
+  store float %269, ptr %ssum, align 4
+  %270 = add nsw i64 %sexp, 1
   br label %sexp.head
 
 sexp.end:                                         ; preds = %sexp.head
-  %437 = load float, ptr %ssum, align 4
+  %271 = load float, ptr %ssum, align 4
   br label %sdiv.head
 
 sdiv.head:                                        ; preds = %sdiv.body, %sexp.end
-  %sdiv = phi i64 [ 0, %sexp.end ], [ %444, %sdiv.body ]
-  %438 = icmp slt i64 %sdiv, 64
-  br i1 %438, label %sdiv.body, label %sdiv.end
+  %sdiv = phi i64 [ 0, %sexp.end ], [ %278, %sdiv.body ]
+  %272 = icmp slt i64 %sdiv, 64
+  br i1 %272, label %sdiv.body, label %sdiv.end
 
 sdiv.body:                                        ; preds = %sdiv.head
-  %439 = add nsw i64 0, %sdiv
-  %440 = getelementptr inbounds float, ptr %s, i64 %439
-  %441 = load float, ptr %440, align 4
-  %442 = fdiv float %441, %437
-  %443 = getelementptr inbounds float, ptr %s, i64 %439
-  store float %442, ptr %443, align 4
-  %444 = add nsw i64 %sdiv, 1
+  %273 = add nsw i64 0, %sdiv
+  %274 = getelementptr inbounds float, ptr %s, i64 %273
+  %275 = load float, ptr %274, align 4
+  %276 = fdiv float %275, %271
+  %277 = getelementptr inbounds float, ptr %s, i64 %273
+  store float %276, ptr %277, align 4
+  %278 = add nsw i64 %sdiv, 1
   br label %sdiv.head
 
 sdiv.end:                                         ; preds = %sdiv.head
-  %445 = mul nsw i64 %tok, 8
-  %446 = getelementptr inbounds i32, ptr %ids, i64 %445
-  %447 = getelementptr inbounds float, ptr %weights, i64 %445
+  %279 = mul nsw i64 %tok, 8
+  %280 = getelementptr inbounds i32, ptr %ids, i64 %279
+  %281 = getelementptr inbounds float, ptr %weights, i64 %279
   br label %sel.head
 
 sel.head:                                         ; preds = %sel.body, %sdiv.end
-  %sel = phi i64 [ 0, %sdiv.end ], [ %452, %sel.body ]
-  %448 = icmp slt i64 %sel, 64
-  br i1 %448, label %sel.body, label %sel.end
+  %sel = phi i64 [ 0, %sdiv.end ], [ %286, %sel.body ]
+  %282 = icmp slt i64 %sel, 64
+  br i1 %282, label %sel.body, label %sel.end
 
 sel.body:                                         ; preds = %sel.head
-  %449 = getelementptr inbounds float, ptr %s, i64 %sel
-  %450 = load float, ptr %449, align 4
-  %451 = getelementptr inbounds float, ptr %c, i64 %sel
-  store float %450, ptr %451, align 4
-  %452 = add nsw i64 %sel, 1
+  %283 = getelementptr inbounds float, ptr %s, i64 %sel
+  %284 = load float, ptr %283, align 4
+  %285 = getelementptr inbounds float, ptr %c, i64 %sel
+  store float %284, ptr %285, align 4
+  %286 = add nsw i64 %sel, 1
   br label %sel.head
 
 sel.end:                                          ; preds = %sel.head
@@ -767,40 +556,40 @@ sel.end:                                          ; preds = %sel.head
   br label %tk.head
 
 tk.head:                                          ; preds = %tk.put.end, %sel.end
-  %tk = phi i64 [ 0, %sel.end ], [ %474, %tk.put.end ]
-  %453 = icmp slt i64 %tk, 64
-  br i1 %453, label %tk.body, label %tk.end
+  %tk = phi i64 [ 0, %sel.end ], [ %308, %tk.put.end ]
+  %287 = icmp slt i64 %tk, 64
+  br i1 %287, label %tk.body, label %tk.end
 
 tk.body:                                          ; preds = %tk.head
-  %454 = getelementptr inbounds float, ptr %c, i64 %tk
-  %455 = load float, ptr %454, align 4
-  %456 = load i64, ptr %tk.m, align 8
+  %288 = getelementptr inbounds float, ptr %c, i64 %tk
+  %289 = load float, ptr %288, align 4
+  %290 = load i64, ptr %tk.m, align 8
   br label %tk.ins.head
 
 tk.ins.head:                                      ; preds = %tk.shift.end, %tk.body
-  %p = phi i64 [ %456, %tk.body ], [ %458, %tk.shift.end ]
-  %457 = icmp sgt i64 %p, 0
-  br i1 %457, label %tk.ins.chk, label %tk.ins.end
+  %p = phi i64 [ %290, %tk.body ], [ %292, %tk.shift.end ]
+  %291 = icmp sgt i64 %p, 0
+  br i1 %291, label %tk.ins.chk, label %tk.ins.end
 
 tk.ins.chk:                                       ; preds = %tk.ins.head
-  %458 = sub nsw i64 %p, 1
-  %459 = getelementptr inbounds i64, ptr %idx, i64 %458
-  %460 = load i64, ptr %459, align 8
-  %461 = getelementptr inbounds float, ptr %c, i64 %460
-  %462 = load float, ptr %461, align 4
-  %463 = fcmp uno float %455, %455
-  %464 = fcmp ugt float %455, %462
-  %465 = xor i1 %463, true
-  %466 = and i1 %465, %464
-  br i1 %466, label %tk.ins.body, label %tk.ins.end
+  %292 = sub nsw i64 %p, 1
+  %293 = getelementptr inbounds i64, ptr %idx, i64 %292
+  %294 = load i64, ptr %293, align 8
+  %295 = getelementptr inbounds float, ptr %c, i64 %294
+  %296 = load float, ptr %295, align 4
+  %297 = fcmp uno float %289, %289
+  %298 = fcmp ugt float %289, %296
+  %299 = xor i1 %297, true
+  %300 = and i1 %299, %298
+  br i1 %300, label %tk.ins.body, label %tk.ins.end
 
 tk.ins.body:                                      ; preds = %tk.ins.chk
-  %467 = icmp slt i64 %p, 8
-  br i1 %467, label %tk.shift.then, label %tk.shift.end
+  %301 = icmp slt i64 %p, 8
+  br i1 %301, label %tk.shift.then, label %tk.shift.end
 
 tk.shift.then:                                    ; preds = %tk.ins.body
-  %468 = getelementptr inbounds i64, ptr %idx, i64 %p
-  store i64 %460, ptr %468, align 8
+  %302 = getelementptr inbounds i64, ptr %idx, i64 %p
+  store i64 %294, ptr %302, align 8
   br label %tk.shift.end
 
 tk.shift.end:                                     ; preds = %tk.shift.then, %tk.ins.body
@@ -808,56 +597,56 @@ tk.shift.end:                                     ; preds = %tk.shift.then, %tk.
 
 tk.ins.end:                                       ; preds = %tk.ins.chk, %tk.ins.head
   %pf = phi i64 [ %p, %tk.ins.head ], [ %p, %tk.ins.chk ]
-  %469 = icmp slt i64 %pf, 8
-  br i1 %469, label %tk.put.then, label %tk.put.end
+  %303 = icmp slt i64 %pf, 8
+  br i1 %303, label %tk.put.then, label %tk.put.end
 
 tk.put.then:                                      ; preds = %tk.ins.end
-  %470 = getelementptr inbounds i64, ptr %idx, i64 %pf
-  store i64 %tk, ptr %470, align 8
+  %304 = getelementptr inbounds i64, ptr %idx, i64 %pf
+  store i64 %tk, ptr %304, align 8
   br label %tk.put.end
 
 tk.put.end:                                       ; preds = %tk.put.then, %tk.ins.end
-  %471 = add nsw i64 %456, 1
-  %472 = icmp slt i64 %471, 8
-  %473 = select i1 %472, i64 %471, i64 8
-  store i64 %473, ptr %tk.m, align 8
-  %474 = add nsw i64 %tk, 1
+  %305 = add nsw i64 %290, 1
+  %306 = icmp slt i64 %305, 8
+  %307 = select i1 %306, i64 %305, i64 8
+  store i64 %307, ptr %tk.m, align 8
+  %308 = add nsw i64 %tk, 1
   br label %tk.head
 
 tk.end:                                           ; preds = %tk.head
-  %475 = load i64, ptr %tk.m, align 8
+  %309 = load i64, ptr %tk.m, align 8
   br label %top.head
 
 top.head:                                         ; preds = %top.body, %tk.end
-  %top = phi i64 [ 0, %tk.end ], [ %484, %top.body ]
-  %476 = icmp slt i64 %top, 8
-  br i1 %476, label %top.body, label %top.end
+  %top = phi i64 [ 0, %tk.end ], [ %318, %top.body ]
+  %310 = icmp slt i64 %top, 8
+  br i1 %310, label %top.body, label %top.end
 
 top.body:                                         ; preds = %top.head
-  %477 = getelementptr inbounds i64, ptr %idx, i64 %top
-  %478 = load i64, ptr %477, align 8
-  %479 = getelementptr inbounds i32, ptr %446, i64 %top
-  %480 = trunc i64 %478 to i32
-  store i32 %480, ptr %479, align 4
-  %481 = getelementptr inbounds float, ptr %s, i64 %478
-  %482 = load float, ptr %481, align 4
-  %483 = getelementptr inbounds float, ptr %447, i64 %top
-  store float %482, ptr %483, align 4
-  %484 = add nsw i64 %top, 1
+  %311 = getelementptr inbounds i64, ptr %idx, i64 %top
+  %312 = load i64, ptr %311, align 8
+  %313 = getelementptr inbounds i32, ptr %280, i64 %top
+  %314 = trunc i64 %312 to i32
+  store i32 %314, ptr %313, align 4
+  %315 = getelementptr inbounds float, ptr %s, i64 %312
+  %316 = load float, ptr %315, align 4
+  %317 = getelementptr inbounds float, ptr %281, i64 %top
+  store float %316, ptr %317, align 4
+  %318 = add nsw i64 %top, 1
   br label %top.head
 
 top.end:                                          ; preds = %top.head
-  %485 = getelementptr inbounds i64, ptr %idx, i64 0
-  %486 = load i64, ptr %485, align 8
-  %487 = getelementptr inbounds float, ptr %c, i64 %486
-  %488 = load float, ptr %487, align 4
-  %489 = getelementptr inbounds float, ptr %prio, i64 %tok
-  store float %488, ptr %489, align 4
-  %490 = add nsw i64 %t, 1
+  %319 = getelementptr inbounds i64, ptr %idx, i64 0
+  %320 = load i64, ptr %319, align 8
+  %321 = getelementptr inbounds float, ptr %c, i64 %320
+  %322 = load float, ptr %321, align 4
+  %323 = getelementptr inbounds float, ptr %prio, i64 %tok
+  store float %322, ptr %323, align 4
+  %324 = add nsw i64 %t, 1
   br label %t.head
 
 t.end:                                            ; preds = %t.head
-  %491 = add nsw i64 %tg, 8
+  %325 = add nsw i64 %tg, 8
   br label %tg.head
 
 tg.end:                                           ; preds = %tg.head

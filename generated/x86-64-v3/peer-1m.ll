@@ -17,29 +17,13 @@ entry:
   %qacc1 = alloca <16 x float>, align 32
   %qacc2 = alloca <16 x float>, align 32
   %qacc3 = alloca <16 x float>, align 32
-  %qacc4 = alloca <16 x float>, align 32
-  %qacc5 = alloca <16 x float>, align 32
-  %qacc6 = alloca <16 x float>, align 32
-  %qacc7 = alloca <16 x float>, align 32
-  %qacc8 = alloca <16 x float>, align 32
-  %qacc9 = alloca <16 x float>, align 32
-  %qacc10 = alloca <16 x float>, align 32
-  %qacc11 = alloca <16 x float>, align 32
-  %qacc12 = alloca <16 x float>, align 32
-  %qacc13 = alloca <16 x float>, align 32
-  %qacc14 = alloca <16 x float>, align 32
-  %qacc15 = alloca <16 x float>, align 32
-  %qacc17 = alloca <16 x float>, align 32
-  %qacc18 = alloca <16 x float>, align 32
-  %qacc29 = alloca <8 x float>, align 32
-  %qacc30 = alloca <8 x float>, align 32
-  %qacc31 = alloca <8 x float>, align 32
-  %qacc32 = alloca <8 x float>, align 32
-  %qacc33 = alloca <8 x float>, align 32
-  %qacc34 = alloca <8 x float>, align 32
-  %qacc35 = alloca <8 x float>, align 32
-  %qacc36 = alloca <8 x float>, align 32
-  %qacc45 = alloca <8 x float>, align 32
+  %qacc8 = alloca <8 x float>, align 32
+  %qacc9 = alloca <8 x float>, align 32
+  %qacc10 = alloca <8 x float>, align 32
+  %qacc11 = alloca <8 x float>, align 32
+  %qacc21 = alloca <16 x float>, align 32
+  %qacc22 = alloca <16 x float>, align 32
+  %qacc37 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -48,16 +32,16 @@ start:                                            ; preds = %entry
   %2 = mul nsw i64 %t0, 2048
   %3 = getelementptr inbounds float, ptr %q, i64 %2
   %n = sub nsw i64 %t1, %t0
-  %4 = sdiv i64 %n, 8
-  %full = mul i64 %4, 8
+  %4 = sdiv i64 %n, 4
+  %full = mul i64 %4, 4
   %5 = sub nsw i64 %b1, %b0
-  %6 = sdiv i64 %5, 4
-  %7 = mul i64 %6, 4
+  %6 = sdiv i64 %5, 2
+  %7 = mul i64 %6, 2
   %bw = add nsw i64 %b0, %7
   br label %qb.head
 
-qb.head:                                          ; preds = %r1.end, %start
-  %qb = phi i64 [ %b0, %start ], [ %252, %r1.end ]
+qb.head:                                          ; preds = %rb.end, %start
+  %qb = phi i64 [ %b0, %start ], [ %89, %rb.end ]
   %8 = icmp slt i64 %qb, %bw
   br i1 %8, label %qb.body, label %qb.end
 
@@ -66,585 +50,400 @@ qb.body:                                          ; preds = %qb.head
   %10 = add nsw i64 %9, 0
   %11 = getelementptr inbounds float, ptr %qbias, i64 %10
   %12 = load <16 x float>, ptr %11, align 4
-  %13 = add nsw i64 %9, 16
-  %14 = getelementptr inbounds float, ptr %qbias, i64 %13
-  %15 = load <16 x float>, ptr %14, align 4
   br label %rb.head
 
 rb.head:                                          ; preds = %qh.end, %qb.body
-  %rb = phi i64 [ 0, %qb.body ], [ %203, %qh.end ]
-  %16 = icmp slt i64 %rb, %full
-  br i1 %16, label %rb.body, label %rb.end
+  %rb = phi i64 [ 0, %qb.body ], [ %88, %qh.end ]
+  %13 = icmp slt i64 %rb, %full
+  br i1 %13, label %rb.body, label %rb.end
 
 rb.body:                                          ; preds = %rb.head
-  %17 = add nsw i64 %rb, 0
-  %18 = mul nsw i64 %17, 1024
-  %19 = getelementptr inbounds float, ptr %1, i64 %18
-  %20 = mul nsw i64 %17, 2048
-  %21 = add nsw i64 %20, %9
-  %22 = getelementptr inbounds float, ptr %3, i64 %21
-  %23 = add nsw i64 %rb, 1
-  %24 = mul nsw i64 %23, 1024
-  %25 = getelementptr inbounds float, ptr %1, i64 %24
-  %26 = mul nsw i64 %23, 2048
-  %27 = add nsw i64 %26, %9
-  %28 = getelementptr inbounds float, ptr %3, i64 %27
-  %29 = add nsw i64 %rb, 2
-  %30 = mul nsw i64 %29, 1024
-  %31 = getelementptr inbounds float, ptr %1, i64 %30
-  %32 = mul nsw i64 %29, 2048
-  %33 = add nsw i64 %32, %9
-  %34 = getelementptr inbounds float, ptr %3, i64 %33
-  %35 = add nsw i64 %rb, 3
-  %36 = mul nsw i64 %35, 1024
-  %37 = getelementptr inbounds float, ptr %1, i64 %36
-  %38 = mul nsw i64 %35, 2048
-  %39 = add nsw i64 %38, %9
-  %40 = getelementptr inbounds float, ptr %3, i64 %39
-  %41 = add nsw i64 %rb, 4
-  %42 = mul nsw i64 %41, 1024
-  %43 = getelementptr inbounds float, ptr %1, i64 %42
-  %44 = mul nsw i64 %41, 2048
-  %45 = add nsw i64 %44, %9
-  %46 = getelementptr inbounds float, ptr %3, i64 %45
-  %47 = add nsw i64 %rb, 5
-  %48 = mul nsw i64 %47, 1024
-  %49 = getelementptr inbounds float, ptr %1, i64 %48
-  %50 = mul nsw i64 %47, 2048
-  %51 = add nsw i64 %50, %9
-  %52 = getelementptr inbounds float, ptr %3, i64 %51
-  %53 = add nsw i64 %rb, 6
-  %54 = mul nsw i64 %53, 1024
-  %55 = getelementptr inbounds float, ptr %1, i64 %54
-  %56 = mul nsw i64 %53, 2048
-  %57 = add nsw i64 %56, %9
-  %58 = getelementptr inbounds float, ptr %3, i64 %57
-  %59 = add nsw i64 %rb, 7
-  %60 = mul nsw i64 %59, 1024
-  %61 = getelementptr inbounds float, ptr %1, i64 %60
-  %62 = mul nsw i64 %59, 2048
-  %63 = add nsw i64 %62, %9
-  %64 = getelementptr inbounds float, ptr %3, i64 %63
+  %14 = add nsw i64 %rb, 0
+  %15 = mul nsw i64 %14, 1024
+  %16 = getelementptr inbounds float, ptr %1, i64 %15
+  %17 = mul nsw i64 %14, 2048
+  %18 = add nsw i64 %17, %9
+  %19 = getelementptr inbounds float, ptr %3, i64 %18
+  %20 = add nsw i64 %rb, 1
+  %21 = mul nsw i64 %20, 1024
+  %22 = getelementptr inbounds float, ptr %1, i64 %21
+  %23 = mul nsw i64 %20, 2048
+  %24 = add nsw i64 %23, %9
+  %25 = getelementptr inbounds float, ptr %3, i64 %24
+  %26 = add nsw i64 %rb, 2
+  %27 = mul nsw i64 %26, 1024
+  %28 = getelementptr inbounds float, ptr %1, i64 %27
+  %29 = mul nsw i64 %26, 2048
+  %30 = add nsw i64 %29, %9
+  %31 = getelementptr inbounds float, ptr %3, i64 %30
+  %32 = add nsw i64 %rb, 3
+  %33 = mul nsw i64 %32, 1024
+  %34 = getelementptr inbounds float, ptr %1, i64 %33
+  %35 = mul nsw i64 %32, 2048
+  %36 = add nsw i64 %35, %9
+  %37 = getelementptr inbounds float, ptr %3, i64 %36
   store <16 x float> zeroinitializer, ptr %qacc, align 4
   store <16 x float> zeroinitializer, ptr %qacc1, align 4
   store <16 x float> zeroinitializer, ptr %qacc2, align 4
   store <16 x float> zeroinitializer, ptr %qacc3, align 4
-  store <16 x float> zeroinitializer, ptr %qacc4, align 4
-  store <16 x float> zeroinitializer, ptr %qacc5, align 4
-  store <16 x float> zeroinitializer, ptr %qacc6, align 4
-  store <16 x float> zeroinitializer, ptr %qacc7, align 4
-  store <16 x float> zeroinitializer, ptr %qacc8, align 4
-  store <16 x float> zeroinitializer, ptr %qacc9, align 4
-  store <16 x float> zeroinitializer, ptr %qacc10, align 4
-  store <16 x float> zeroinitializer, ptr %qacc11, align 4
-  store <16 x float> zeroinitializer, ptr %qacc12, align 4
-  store <16 x float> zeroinitializer, ptr %qacc13, align 4
-  store <16 x float> zeroinitializer, ptr %qacc14, align 4
-  store <16 x float> zeroinitializer, ptr %qacc15, align 4
   br label %qh.head
 
 qh.head:                                          ; preds = %qh.body, %rb.body
-  %qh = phi i64 [ 0, %rb.body ], [ %154, %qh.body ]
-  %65 = icmp slt i64 %qh, 1024
-  br i1 %65, label %qh.body, label %qh.end
+  %qh = phi i64 [ 0, %rb.body ], [ %75, %qh.body ]
+  %38 = icmp slt i64 %qh, 1024
+  br i1 %38, label %qh.body, label %qh.end
 
 qh.body:                                          ; preds = %qh.head
-  %66 = add nsw i64 %qb, 0
-  %67 = mul nsw i64 %qh, 8
-  %68 = mul nsw i64 %66, 8192
-  %69 = add nsw i64 %68, %67
-  %70 = getelementptr inbounds float, ptr %query, i64 %69
-  %71 = load <8 x float>, ptr %70, align 4
-  %72 = add nsw i64 %qb, 1
-  %73 = mul nsw i64 %qh, 8
-  %74 = mul nsw i64 %72, 8192
-  %75 = add nsw i64 %74, %73
-  %76 = getelementptr inbounds float, ptr %query, i64 %75
-  %77 = load <8 x float>, ptr %76, align 4
-  %w16 = shufflevector <8 x float> %71, <8 x float> %77, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %78 = add nsw i64 %qb, 2
-  %79 = mul nsw i64 %qh, 8
-  %80 = mul nsw i64 %78, 8192
-  %81 = add nsw i64 %80, %79
-  %82 = getelementptr inbounds float, ptr %query, i64 %81
-  %83 = load <8 x float>, ptr %82, align 4
-  %84 = add nsw i64 %qb, 3
-  %85 = mul nsw i64 %qh, 8
-  %86 = mul nsw i64 %84, 8192
-  %87 = add nsw i64 %86, %85
-  %88 = getelementptr inbounds float, ptr %query, i64 %87
-  %89 = load <8 x float>, ptr %88, align 4
-  %w1616 = shufflevector <8 x float> %83, <8 x float> %89, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %90 = getelementptr inbounds float, ptr %19, i64 %qh
-  %91 = load float, ptr %90, align 4
-  %92 = insertelement <16 x float> poison, float %91, i32 0
-  %93 = shufflevector <16 x float> %92, <16 x float> poison, <16 x i32> zeroinitializer
-  %94 = load <16 x float>, ptr %qacc, align 4
-  %95 = call <16 x float> @llvm.fma.v16f32(<16 x float> %93, <16 x float> %w16, <16 x float> %94)
-  store <16 x float> %95, ptr %qacc, align 4
-  %96 = load <16 x float>, ptr %qacc1, align 4
-  %97 = call <16 x float> @llvm.fma.v16f32(<16 x float> %93, <16 x float> %w1616, <16 x float> %96)
-  store <16 x float> %97, ptr %qacc1, align 4
-  %98 = getelementptr inbounds float, ptr %25, i64 %qh
-  %99 = load float, ptr %98, align 4
-  %100 = insertelement <16 x float> poison, float %99, i32 0
-  %101 = shufflevector <16 x float> %100, <16 x float> poison, <16 x i32> zeroinitializer
-  %102 = load <16 x float>, ptr %qacc2, align 4
-  %103 = call <16 x float> @llvm.fma.v16f32(<16 x float> %101, <16 x float> %w16, <16 x float> %102)
-  store <16 x float> %103, ptr %qacc2, align 4
-  %104 = load <16 x float>, ptr %qacc3, align 4
-  %105 = call <16 x float> @llvm.fma.v16f32(<16 x float> %101, <16 x float> %w1616, <16 x float> %104)
-  store <16 x float> %105, ptr %qacc3, align 4
-  %106 = getelementptr inbounds float, ptr %31, i64 %qh
-  %107 = load float, ptr %106, align 4
-  %108 = insertelement <16 x float> poison, float %107, i32 0
-  %109 = shufflevector <16 x float> %108, <16 x float> poison, <16 x i32> zeroinitializer
-  %110 = load <16 x float>, ptr %qacc4, align 4
-  %111 = call <16 x float> @llvm.fma.v16f32(<16 x float> %109, <16 x float> %w16, <16 x float> %110)
-  store <16 x float> %111, ptr %qacc4, align 4
-  %112 = load <16 x float>, ptr %qacc5, align 4
-  %113 = call <16 x float> @llvm.fma.v16f32(<16 x float> %109, <16 x float> %w1616, <16 x float> %112)
-  store <16 x float> %113, ptr %qacc5, align 4
-  %114 = getelementptr inbounds float, ptr %37, i64 %qh
-  %115 = load float, ptr %114, align 4
-  %116 = insertelement <16 x float> poison, float %115, i32 0
-  %117 = shufflevector <16 x float> %116, <16 x float> poison, <16 x i32> zeroinitializer
-  %118 = load <16 x float>, ptr %qacc6, align 4
-  %119 = call <16 x float> @llvm.fma.v16f32(<16 x float> %117, <16 x float> %w16, <16 x float> %118)
-  store <16 x float> %119, ptr %qacc6, align 4
-  %120 = load <16 x float>, ptr %qacc7, align 4
-  %121 = call <16 x float> @llvm.fma.v16f32(<16 x float> %117, <16 x float> %w1616, <16 x float> %120)
-  store <16 x float> %121, ptr %qacc7, align 4
-  %122 = getelementptr inbounds float, ptr %43, i64 %qh
-  %123 = load float, ptr %122, align 4
-  %124 = insertelement <16 x float> poison, float %123, i32 0
-  %125 = shufflevector <16 x float> %124, <16 x float> poison, <16 x i32> zeroinitializer
-  %126 = load <16 x float>, ptr %qacc8, align 4
-  %127 = call <16 x float> @llvm.fma.v16f32(<16 x float> %125, <16 x float> %w16, <16 x float> %126)
-  store <16 x float> %127, ptr %qacc8, align 4
-  %128 = load <16 x float>, ptr %qacc9, align 4
-  %129 = call <16 x float> @llvm.fma.v16f32(<16 x float> %125, <16 x float> %w1616, <16 x float> %128)
-  store <16 x float> %129, ptr %qacc9, align 4
-  %130 = getelementptr inbounds float, ptr %49, i64 %qh
-  %131 = load float, ptr %130, align 4
-  %132 = insertelement <16 x float> poison, float %131, i32 0
-  %133 = shufflevector <16 x float> %132, <16 x float> poison, <16 x i32> zeroinitializer
-  %134 = load <16 x float>, ptr %qacc10, align 4
-  %135 = call <16 x float> @llvm.fma.v16f32(<16 x float> %133, <16 x float> %w16, <16 x float> %134)
-  store <16 x float> %135, ptr %qacc10, align 4
-  %136 = load <16 x float>, ptr %qacc11, align 4
-  %137 = call <16 x float> @llvm.fma.v16f32(<16 x float> %133, <16 x float> %w1616, <16 x float> %136)
-  store <16 x float> %137, ptr %qacc11, align 4
-  %138 = getelementptr inbounds float, ptr %55, i64 %qh
-  %139 = load float, ptr %138, align 4
-  %140 = insertelement <16 x float> poison, float %139, i32 0
-  %141 = shufflevector <16 x float> %140, <16 x float> poison, <16 x i32> zeroinitializer
-  %142 = load <16 x float>, ptr %qacc12, align 4
-  %143 = call <16 x float> @llvm.fma.v16f32(<16 x float> %141, <16 x float> %w16, <16 x float> %142)
-  store <16 x float> %143, ptr %qacc12, align 4
-  %144 = load <16 x float>, ptr %qacc13, align 4
-  %145 = call <16 x float> @llvm.fma.v16f32(<16 x float> %141, <16 x float> %w1616, <16 x float> %144)
-  store <16 x float> %145, ptr %qacc13, align 4
-  %146 = getelementptr inbounds float, ptr %61, i64 %qh
-  %147 = load float, ptr %146, align 4
-  %148 = insertelement <16 x float> poison, float %147, i32 0
-  %149 = shufflevector <16 x float> %148, <16 x float> poison, <16 x i32> zeroinitializer
-  %150 = load <16 x float>, ptr %qacc14, align 4
-  %151 = call <16 x float> @llvm.fma.v16f32(<16 x float> %149, <16 x float> %w16, <16 x float> %150)
-  store <16 x float> %151, ptr %qacc14, align 4
-  %152 = load <16 x float>, ptr %qacc15, align 4
-  %153 = call <16 x float> @llvm.fma.v16f32(<16 x float> %149, <16 x float> %w1616, <16 x float> %152)
-  store <16 x float> %153, ptr %qacc15, align 4
-  %154 = add nsw i64 %qh, 1
+  %39 = add nsw i64 %qb, 0
+  %40 = mul nsw i64 %qh, 8
+  %41 = mul nsw i64 %39, 8192
+  %42 = add nsw i64 %41, %40
+  %43 = getelementptr inbounds float, ptr %query, i64 %42
+  %44 = load <8 x float>, ptr %43, align 4
+  %45 = add nsw i64 %qb, 1
+  %46 = mul nsw i64 %qh, 8
+  %47 = mul nsw i64 %45, 8192
+  %48 = add nsw i64 %47, %46
+  %49 = getelementptr inbounds float, ptr %query, i64 %48
+  %50 = load <8 x float>, ptr %49, align 4
+  %w16 = shufflevector <8 x float> %44, <8 x float> %50, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %51 = getelementptr inbounds float, ptr %16, i64 %qh
+  %52 = load float, ptr %51, align 4
+  %53 = insertelement <16 x float> poison, float %52, i32 0
+  %54 = shufflevector <16 x float> %53, <16 x float> poison, <16 x i32> zeroinitializer
+  %55 = load <16 x float>, ptr %qacc, align 4
+  %56 = call <16 x float> @llvm.fma.v16f32(<16 x float> %54, <16 x float> %w16, <16 x float> %55)
+  store <16 x float> %56, ptr %qacc, align 4
+  %57 = getelementptr inbounds float, ptr %22, i64 %qh
+  %58 = load float, ptr %57, align 4
+  %59 = insertelement <16 x float> poison, float %58, i32 0
+  %60 = shufflevector <16 x float> %59, <16 x float> poison, <16 x i32> zeroinitializer
+  %61 = load <16 x float>, ptr %qacc1, align 4
+  %62 = call <16 x float> @llvm.fma.v16f32(<16 x float> %60, <16 x float> %w16, <16 x float> %61)
+  store <16 x float> %62, ptr %qacc1, align 4
+  %63 = getelementptr inbounds float, ptr %28, i64 %qh
+  %64 = load float, ptr %63, align 4
+  %65 = insertelement <16 x float> poison, float %64, i32 0
+  %66 = shufflevector <16 x float> %65, <16 x float> poison, <16 x i32> zeroinitializer
+  %67 = load <16 x float>, ptr %qacc2, align 4
+  %68 = call <16 x float> @llvm.fma.v16f32(<16 x float> %66, <16 x float> %w16, <16 x float> %67)
+  store <16 x float> %68, ptr %qacc2, align 4
+  %69 = getelementptr inbounds float, ptr %34, i64 %qh
+  %70 = load float, ptr %69, align 4
+  %71 = insertelement <16 x float> poison, float %70, i32 0
+  %72 = shufflevector <16 x float> %71, <16 x float> poison, <16 x i32> zeroinitializer
+  %73 = load <16 x float>, ptr %qacc3, align 4
+  %74 = call <16 x float> @llvm.fma.v16f32(<16 x float> %72, <16 x float> %w16, <16 x float> %73)
+  store <16 x float> %74, ptr %qacc3, align 4
+  %75 = add nsw i64 %qh, 1
   br label %qh.head
 
 qh.end:                                           ; preds = %qh.head
-  %155 = load <16 x float>, ptr %qacc, align 4
-  %156 = load <16 x float>, ptr %qacc1, align 4
-  %157 = load <16 x float>, ptr %qacc2, align 4
-  %158 = load <16 x float>, ptr %qacc3, align 4
-  %159 = load <16 x float>, ptr %qacc4, align 4
-  %160 = load <16 x float>, ptr %qacc5, align 4
-  %161 = load <16 x float>, ptr %qacc6, align 4
-  %162 = load <16 x float>, ptr %qacc7, align 4
-  %163 = load <16 x float>, ptr %qacc8, align 4
-  %164 = load <16 x float>, ptr %qacc9, align 4
-  %165 = load <16 x float>, ptr %qacc10, align 4
-  %166 = load <16 x float>, ptr %qacc11, align 4
-  %167 = load <16 x float>, ptr %qacc12, align 4
-  %168 = load <16 x float>, ptr %qacc13, align 4
-  %169 = load <16 x float>, ptr %qacc14, align 4
-  %170 = load <16 x float>, ptr %qacc15, align 4
-  %171 = fadd <16 x float> %155, %12
-  %172 = getelementptr inbounds float, ptr %22, i64 0
-  store <16 x float> %171, ptr %172, align 4
-  %173 = fadd <16 x float> %156, %15
-  %174 = getelementptr inbounds float, ptr %22, i64 16
-  store <16 x float> %173, ptr %174, align 4
-  %175 = fadd <16 x float> %157, %12
-  %176 = getelementptr inbounds float, ptr %28, i64 0
-  store <16 x float> %175, ptr %176, align 4
-  %177 = fadd <16 x float> %158, %15
-  %178 = getelementptr inbounds float, ptr %28, i64 16
-  store <16 x float> %177, ptr %178, align 4
-  %179 = fadd <16 x float> %159, %12
-  %180 = getelementptr inbounds float, ptr %34, i64 0
-  store <16 x float> %179, ptr %180, align 4
-  %181 = fadd <16 x float> %160, %15
-  %182 = getelementptr inbounds float, ptr %34, i64 16
-  store <16 x float> %181, ptr %182, align 4
-  %183 = fadd <16 x float> %161, %12
-  %184 = getelementptr inbounds float, ptr %40, i64 0
-  store <16 x float> %183, ptr %184, align 4
-  %185 = fadd <16 x float> %162, %15
-  %186 = getelementptr inbounds float, ptr %40, i64 16
-  store <16 x float> %185, ptr %186, align 4
-  %187 = fadd <16 x float> %163, %12
-  %188 = getelementptr inbounds float, ptr %46, i64 0
-  store <16 x float> %187, ptr %188, align 4
-  %189 = fadd <16 x float> %164, %15
-  %190 = getelementptr inbounds float, ptr %46, i64 16
-  store <16 x float> %189, ptr %190, align 4
-  %191 = fadd <16 x float> %165, %12
-  %192 = getelementptr inbounds float, ptr %52, i64 0
-  store <16 x float> %191, ptr %192, align 4
-  %193 = fadd <16 x float> %166, %15
-  %194 = getelementptr inbounds float, ptr %52, i64 16
-  store <16 x float> %193, ptr %194, align 4
-  %195 = fadd <16 x float> %167, %12
-  %196 = getelementptr inbounds float, ptr %58, i64 0
-  store <16 x float> %195, ptr %196, align 4
-  %197 = fadd <16 x float> %168, %15
-  %198 = getelementptr inbounds float, ptr %58, i64 16
-  store <16 x float> %197, ptr %198, align 4
-  %199 = fadd <16 x float> %169, %12
-  %200 = getelementptr inbounds float, ptr %64, i64 0
-  store <16 x float> %199, ptr %200, align 4
-  %201 = fadd <16 x float> %170, %15
-  %202 = getelementptr inbounds float, ptr %64, i64 16
-  store <16 x float> %201, ptr %202, align 4
-  %203 = add nsw i64 %rb, 8
+  %76 = load <16 x float>, ptr %qacc, align 4
+  %77 = load <16 x float>, ptr %qacc1, align 4
+  %78 = load <16 x float>, ptr %qacc2, align 4
+  %79 = load <16 x float>, ptr %qacc3, align 4
+  %80 = fadd <16 x float> %76, %12
+  %81 = getelementptr inbounds float, ptr %19, i64 0
+  store <16 x float> %80, ptr %81, align 4
+  %82 = fadd <16 x float> %77, %12
+  %83 = getelementptr inbounds float, ptr %25, i64 0
+  store <16 x float> %82, ptr %83, align 4
+  %84 = fadd <16 x float> %78, %12
+  %85 = getelementptr inbounds float, ptr %31, i64 0
+  store <16 x float> %84, ptr %85, align 4
+  %86 = fadd <16 x float> %79, %12
+  %87 = getelementptr inbounds float, ptr %37, i64 0
+  store <16 x float> %86, ptr %87, align 4
+  %88 = add nsw i64 %rb, 4
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  br label %r1.head
-
-r1.head:                                          ; preds = %qh.end21, %rb.end
-  %r1 = phi i64 [ %full, %rb.end ], [ %251, %qh.end21 ]
-  %204 = icmp slt i64 %r1, %n
-  br i1 %204, label %r1.body, label %r1.end
-
-r1.body:                                          ; preds = %r1.head
-  %205 = add nsw i64 %r1, 0
-  %206 = mul nsw i64 %205, 1024
-  %207 = getelementptr inbounds float, ptr %1, i64 %206
-  %208 = mul nsw i64 %205, 2048
-  %209 = add nsw i64 %208, %9
-  %210 = getelementptr inbounds float, ptr %3, i64 %209
-  store <16 x float> zeroinitializer, ptr %qacc17, align 4
-  store <16 x float> zeroinitializer, ptr %qacc18, align 4
-  br label %qh.head19
-
-qh.head19:                                        ; preds = %qh.body20, %r1.body
-  %qh22 = phi i64 [ 0, %r1.body ], [ %244, %qh.body20 ]
-  %211 = icmp slt i64 %qh22, 1024
-  br i1 %211, label %qh.body20, label %qh.end21
-
-qh.body20:                                        ; preds = %qh.head19
-  %212 = add nsw i64 %qb, 0
-  %213 = mul nsw i64 %qh22, 8
-  %214 = mul nsw i64 %212, 8192
-  %215 = add nsw i64 %214, %213
-  %216 = getelementptr inbounds float, ptr %query, i64 %215
-  %217 = load <8 x float>, ptr %216, align 4
-  %218 = add nsw i64 %qb, 1
-  %219 = mul nsw i64 %qh22, 8
-  %220 = mul nsw i64 %218, 8192
-  %221 = add nsw i64 %220, %219
-  %222 = getelementptr inbounds float, ptr %query, i64 %221
-  %223 = load <8 x float>, ptr %222, align 4
-  %w1623 = shufflevector <8 x float> %217, <8 x float> %223, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %224 = add nsw i64 %qb, 2
-  %225 = mul nsw i64 %qh22, 8
-  %226 = mul nsw i64 %224, 8192
-  %227 = add nsw i64 %226, %225
-  %228 = getelementptr inbounds float, ptr %query, i64 %227
-  %229 = load <8 x float>, ptr %228, align 4
-  %230 = add nsw i64 %qb, 3
-  %231 = mul nsw i64 %qh22, 8
-  %232 = mul nsw i64 %230, 8192
-  %233 = add nsw i64 %232, %231
-  %234 = getelementptr inbounds float, ptr %query, i64 %233
-  %235 = load <8 x float>, ptr %234, align 4
-  %w1624 = shufflevector <8 x float> %229, <8 x float> %235, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %236 = getelementptr inbounds float, ptr %207, i64 %qh22
-  %237 = load float, ptr %236, align 4
-  %238 = insertelement <16 x float> poison, float %237, i32 0
-  %239 = shufflevector <16 x float> %238, <16 x float> poison, <16 x i32> zeroinitializer
-  %240 = load <16 x float>, ptr %qacc17, align 4
-  %241 = call <16 x float> @llvm.fma.v16f32(<16 x float> %239, <16 x float> %w1623, <16 x float> %240)
-  store <16 x float> %241, ptr %qacc17, align 4
-  %242 = load <16 x float>, ptr %qacc18, align 4
-  %243 = call <16 x float> @llvm.fma.v16f32(<16 x float> %239, <16 x float> %w1624, <16 x float> %242)
-  store <16 x float> %243, ptr %qacc18, align 4
-  %244 = add nsw i64 %qh22, 1
-  br label %qh.head19
-
-qh.end21:                                         ; preds = %qh.head19
-  %245 = load <16 x float>, ptr %qacc17, align 4
-  %246 = load <16 x float>, ptr %qacc18, align 4
-  %247 = fadd <16 x float> %245, %12
-  %248 = getelementptr inbounds float, ptr %210, i64 0
-  store <16 x float> %247, ptr %248, align 4
-  %249 = fadd <16 x float> %246, %15
-  %250 = getelementptr inbounds float, ptr %210, i64 16
-  store <16 x float> %249, ptr %250, align 4
-  %251 = add nsw i64 %r1, 1
-  br label %r1.head
-
-r1.end:                                           ; preds = %r1.head
-  %252 = add nsw i64 %qb, 4
+  %89 = add nsw i64 %qb, 2
   br label %qb.head
 
 qb.end:                                           ; preds = %qb.head
   br label %qb1.head
 
-qb1.head:                                         ; preds = %r1.end43, %qb.end
-  %qb1 = phi i64 [ %bw, %qb.end ], [ %413, %r1.end43 ]
-  %253 = icmp slt i64 %qb1, %b1
-  br i1 %253, label %qb1.body, label %qb1.end
+qb1.head:                                         ; preds = %rb.end6, %qb.end
+  %qb1 = phi i64 [ %bw, %qb.end ], [ %165, %rb.end6 ]
+  %90 = icmp slt i64 %qb1, %b1
+  br i1 %90, label %qb1.body, label %qb1.end
 
 qb1.body:                                         ; preds = %qb1.head
-  %254 = mul nsw i64 %qb1, 8
-  %255 = add nsw i64 %254, 0
-  %256 = getelementptr inbounds float, ptr %qbias, i64 %255
-  %257 = load <8 x float>, ptr %256, align 4
-  br label %rb.head25
+  %91 = mul nsw i64 %qb1, 8
+  %92 = add nsw i64 %91, 0
+  %93 = getelementptr inbounds float, ptr %qbias, i64 %92
+  %94 = load <8 x float>, ptr %93, align 4
+  br label %rb.head4
 
-rb.head25:                                        ; preds = %qh.end39, %qb1.body
-  %rb28 = phi i64 [ 0, %qb1.body ], [ %387, %qh.end39 ]
-  %258 = icmp slt i64 %rb28, %full
-  br i1 %258, label %rb.body26, label %rb.end27
+rb.head4:                                         ; preds = %qh.end14, %qb1.body
+  %rb7 = phi i64 [ 0, %qb1.body ], [ %164, %qh.end14 ]
+  %95 = icmp slt i64 %rb7, %full
+  br i1 %95, label %rb.body5, label %rb.end6
 
-rb.body26:                                        ; preds = %rb.head25
-  %259 = add nsw i64 %rb28, 0
-  %260 = mul nsw i64 %259, 1024
-  %261 = getelementptr inbounds float, ptr %1, i64 %260
-  %262 = mul nsw i64 %259, 2048
-  %263 = add nsw i64 %262, %254
-  %264 = getelementptr inbounds float, ptr %3, i64 %263
-  %265 = add nsw i64 %rb28, 1
-  %266 = mul nsw i64 %265, 1024
-  %267 = getelementptr inbounds float, ptr %1, i64 %266
-  %268 = mul nsw i64 %265, 2048
-  %269 = add nsw i64 %268, %254
-  %270 = getelementptr inbounds float, ptr %3, i64 %269
-  %271 = add nsw i64 %rb28, 2
-  %272 = mul nsw i64 %271, 1024
-  %273 = getelementptr inbounds float, ptr %1, i64 %272
-  %274 = mul nsw i64 %271, 2048
-  %275 = add nsw i64 %274, %254
-  %276 = getelementptr inbounds float, ptr %3, i64 %275
-  %277 = add nsw i64 %rb28, 3
-  %278 = mul nsw i64 %277, 1024
-  %279 = getelementptr inbounds float, ptr %1, i64 %278
-  %280 = mul nsw i64 %277, 2048
-  %281 = add nsw i64 %280, %254
-  %282 = getelementptr inbounds float, ptr %3, i64 %281
-  %283 = add nsw i64 %rb28, 4
-  %284 = mul nsw i64 %283, 1024
-  %285 = getelementptr inbounds float, ptr %1, i64 %284
-  %286 = mul nsw i64 %283, 2048
-  %287 = add nsw i64 %286, %254
-  %288 = getelementptr inbounds float, ptr %3, i64 %287
-  %289 = add nsw i64 %rb28, 5
-  %290 = mul nsw i64 %289, 1024
-  %291 = getelementptr inbounds float, ptr %1, i64 %290
-  %292 = mul nsw i64 %289, 2048
-  %293 = add nsw i64 %292, %254
-  %294 = getelementptr inbounds float, ptr %3, i64 %293
-  %295 = add nsw i64 %rb28, 6
-  %296 = mul nsw i64 %295, 1024
-  %297 = getelementptr inbounds float, ptr %1, i64 %296
-  %298 = mul nsw i64 %295, 2048
-  %299 = add nsw i64 %298, %254
-  %300 = getelementptr inbounds float, ptr %3, i64 %299
-  %301 = add nsw i64 %rb28, 7
-  %302 = mul nsw i64 %301, 1024
-  %303 = getelementptr inbounds float, ptr %1, i64 %302
-  %304 = mul nsw i64 %301, 2048
-  %305 = add nsw i64 %304, %254
-  %306 = getelementptr inbounds float, ptr %3, i64 %305
-  store <8 x float> zeroinitializer, ptr %qacc29, align 4
-  store <8 x float> zeroinitializer, ptr %qacc30, align 4
-  store <8 x float> zeroinitializer, ptr %qacc31, align 4
-  store <8 x float> zeroinitializer, ptr %qacc32, align 4
-  store <8 x float> zeroinitializer, ptr %qacc33, align 4
-  store <8 x float> zeroinitializer, ptr %qacc34, align 4
-  store <8 x float> zeroinitializer, ptr %qacc35, align 4
-  store <8 x float> zeroinitializer, ptr %qacc36, align 4
-  br label %qh.head37
+rb.body5:                                         ; preds = %rb.head4
+  %96 = add nsw i64 %rb7, 0
+  %97 = mul nsw i64 %96, 1024
+  %98 = getelementptr inbounds float, ptr %1, i64 %97
+  %99 = mul nsw i64 %96, 2048
+  %100 = add nsw i64 %99, %91
+  %101 = getelementptr inbounds float, ptr %3, i64 %100
+  %102 = add nsw i64 %rb7, 1
+  %103 = mul nsw i64 %102, 1024
+  %104 = getelementptr inbounds float, ptr %1, i64 %103
+  %105 = mul nsw i64 %102, 2048
+  %106 = add nsw i64 %105, %91
+  %107 = getelementptr inbounds float, ptr %3, i64 %106
+  %108 = add nsw i64 %rb7, 2
+  %109 = mul nsw i64 %108, 1024
+  %110 = getelementptr inbounds float, ptr %1, i64 %109
+  %111 = mul nsw i64 %108, 2048
+  %112 = add nsw i64 %111, %91
+  %113 = getelementptr inbounds float, ptr %3, i64 %112
+  %114 = add nsw i64 %rb7, 3
+  %115 = mul nsw i64 %114, 1024
+  %116 = getelementptr inbounds float, ptr %1, i64 %115
+  %117 = mul nsw i64 %114, 2048
+  %118 = add nsw i64 %117, %91
+  %119 = getelementptr inbounds float, ptr %3, i64 %118
+  store <8 x float> zeroinitializer, ptr %qacc8, align 4
+  store <8 x float> zeroinitializer, ptr %qacc9, align 4
+  store <8 x float> zeroinitializer, ptr %qacc10, align 4
+  store <8 x float> zeroinitializer, ptr %qacc11, align 4
+  br label %qh.head12
 
-qh.head37:                                        ; preds = %qh.body38, %rb.body26
-  %qh40 = phi i64 [ 0, %rb.body26 ], [ %362, %qh.body38 ]
-  %307 = icmp slt i64 %qh40, 1024
-  br i1 %307, label %qh.body38, label %qh.end39
+qh.head12:                                        ; preds = %qh.body13, %rb.body5
+  %qh15 = phi i64 [ 0, %rb.body5 ], [ %151, %qh.body13 ]
+  %120 = icmp slt i64 %qh15, 1024
+  br i1 %120, label %qh.body13, label %qh.end14
 
-qh.body38:                                        ; preds = %qh.head37
-  %308 = add nsw i64 %qb1, 0
-  %309 = mul nsw i64 %qh40, 8
-  %310 = mul nsw i64 %308, 8192
-  %311 = add nsw i64 %310, %309
-  %312 = getelementptr inbounds float, ptr %query, i64 %311
-  %313 = load <8 x float>, ptr %312, align 4
-  %314 = getelementptr inbounds float, ptr %261, i64 %qh40
-  %315 = load float, ptr %314, align 4
-  %316 = insertelement <8 x float> poison, float %315, i32 0
-  %317 = shufflevector <8 x float> %316, <8 x float> poison, <8 x i32> zeroinitializer
-  %318 = load <8 x float>, ptr %qacc29, align 4
-  %319 = call <8 x float> @llvm.fma.v8f32(<8 x float> %317, <8 x float> %313, <8 x float> %318)
-  store <8 x float> %319, ptr %qacc29, align 4
-  %320 = getelementptr inbounds float, ptr %267, i64 %qh40
-  %321 = load float, ptr %320, align 4
-  %322 = insertelement <8 x float> poison, float %321, i32 0
-  %323 = shufflevector <8 x float> %322, <8 x float> poison, <8 x i32> zeroinitializer
-  %324 = load <8 x float>, ptr %qacc30, align 4
-  %325 = call <8 x float> @llvm.fma.v8f32(<8 x float> %323, <8 x float> %313, <8 x float> %324)
-  store <8 x float> %325, ptr %qacc30, align 4
-  %326 = getelementptr inbounds float, ptr %273, i64 %qh40
-  %327 = load float, ptr %326, align 4
-  %328 = insertelement <8 x float> poison, float %327, i32 0
-  %329 = shufflevector <8 x float> %328, <8 x float> poison, <8 x i32> zeroinitializer
-  %330 = load <8 x float>, ptr %qacc31, align 4
-  %331 = call <8 x float> @llvm.fma.v8f32(<8 x float> %329, <8 x float> %313, <8 x float> %330)
-  store <8 x float> %331, ptr %qacc31, align 4
-  %332 = getelementptr inbounds float, ptr %279, i64 %qh40
-  %333 = load float, ptr %332, align 4
-  %334 = insertelement <8 x float> poison, float %333, i32 0
-  %335 = shufflevector <8 x float> %334, <8 x float> poison, <8 x i32> zeroinitializer
-  %336 = load <8 x float>, ptr %qacc32, align 4
-  %337 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %313, <8 x float> %336)
-  store <8 x float> %337, ptr %qacc32, align 4
-  %338 = getelementptr inbounds float, ptr %285, i64 %qh40
-  %339 = load float, ptr %338, align 4
-  %340 = insertelement <8 x float> poison, float %339, i32 0
-  %341 = shufflevector <8 x float> %340, <8 x float> poison, <8 x i32> zeroinitializer
-  %342 = load <8 x float>, ptr %qacc33, align 4
-  %343 = call <8 x float> @llvm.fma.v8f32(<8 x float> %341, <8 x float> %313, <8 x float> %342)
-  store <8 x float> %343, ptr %qacc33, align 4
-  %344 = getelementptr inbounds float, ptr %291, i64 %qh40
-  %345 = load float, ptr %344, align 4
-  %346 = insertelement <8 x float> poison, float %345, i32 0
-  %347 = shufflevector <8 x float> %346, <8 x float> poison, <8 x i32> zeroinitializer
-  %348 = load <8 x float>, ptr %qacc34, align 4
-  %349 = call <8 x float> @llvm.fma.v8f32(<8 x float> %347, <8 x float> %313, <8 x float> %348)
-  store <8 x float> %349, ptr %qacc34, align 4
-  %350 = getelementptr inbounds float, ptr %297, i64 %qh40
-  %351 = load float, ptr %350, align 4
-  %352 = insertelement <8 x float> poison, float %351, i32 0
-  %353 = shufflevector <8 x float> %352, <8 x float> poison, <8 x i32> zeroinitializer
-  %354 = load <8 x float>, ptr %qacc35, align 4
-  %355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %353, <8 x float> %313, <8 x float> %354)
-  store <8 x float> %355, ptr %qacc35, align 4
-  %356 = getelementptr inbounds float, ptr %303, i64 %qh40
-  %357 = load float, ptr %356, align 4
-  %358 = insertelement <8 x float> poison, float %357, i32 0
-  %359 = shufflevector <8 x float> %358, <8 x float> poison, <8 x i32> zeroinitializer
-  %360 = load <8 x float>, ptr %qacc36, align 4
-  %361 = call <8 x float> @llvm.fma.v8f32(<8 x float> %359, <8 x float> %313, <8 x float> %360)
-  store <8 x float> %361, ptr %qacc36, align 4
-  %362 = add nsw i64 %qh40, 1
-  br label %qh.head37
+qh.body13:                                        ; preds = %qh.head12
+  %121 = add nsw i64 %qb1, 0
+  %122 = mul nsw i64 %qh15, 8
+  %123 = mul nsw i64 %121, 8192
+  %124 = add nsw i64 %123, %122
+  %125 = getelementptr inbounds float, ptr %query, i64 %124
+  %126 = load <8 x float>, ptr %125, align 4
+  %127 = getelementptr inbounds float, ptr %98, i64 %qh15
+  %128 = load float, ptr %127, align 4
+  %129 = insertelement <8 x float> poison, float %128, i32 0
+  %130 = shufflevector <8 x float> %129, <8 x float> poison, <8 x i32> zeroinitializer
+  %131 = load <8 x float>, ptr %qacc8, align 4
+  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %126, <8 x float> %131)
+  store <8 x float> %132, ptr %qacc8, align 4
+  %133 = getelementptr inbounds float, ptr %104, i64 %qh15
+  %134 = load float, ptr %133, align 4
+  %135 = insertelement <8 x float> poison, float %134, i32 0
+  %136 = shufflevector <8 x float> %135, <8 x float> poison, <8 x i32> zeroinitializer
+  %137 = load <8 x float>, ptr %qacc9, align 4
+  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %136, <8 x float> %126, <8 x float> %137)
+  store <8 x float> %138, ptr %qacc9, align 4
+  %139 = getelementptr inbounds float, ptr %110, i64 %qh15
+  %140 = load float, ptr %139, align 4
+  %141 = insertelement <8 x float> poison, float %140, i32 0
+  %142 = shufflevector <8 x float> %141, <8 x float> poison, <8 x i32> zeroinitializer
+  %143 = load <8 x float>, ptr %qacc10, align 4
+  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> %126, <8 x float> %143)
+  store <8 x float> %144, ptr %qacc10, align 4
+  %145 = getelementptr inbounds float, ptr %116, i64 %qh15
+  %146 = load float, ptr %145, align 4
+  %147 = insertelement <8 x float> poison, float %146, i32 0
+  %148 = shufflevector <8 x float> %147, <8 x float> poison, <8 x i32> zeroinitializer
+  %149 = load <8 x float>, ptr %qacc11, align 4
+  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %126, <8 x float> %149)
+  store <8 x float> %150, ptr %qacc11, align 4
+  %151 = add nsw i64 %qh15, 1
+  br label %qh.head12
 
-qh.end39:                                         ; preds = %qh.head37
-  %363 = load <8 x float>, ptr %qacc29, align 4
-  %364 = load <8 x float>, ptr %qacc30, align 4
-  %365 = load <8 x float>, ptr %qacc31, align 4
-  %366 = load <8 x float>, ptr %qacc32, align 4
-  %367 = load <8 x float>, ptr %qacc33, align 4
-  %368 = load <8 x float>, ptr %qacc34, align 4
-  %369 = load <8 x float>, ptr %qacc35, align 4
-  %370 = load <8 x float>, ptr %qacc36, align 4
-  %371 = fadd <8 x float> %363, %257
-  %372 = getelementptr inbounds float, ptr %264, i64 0
-  store <8 x float> %371, ptr %372, align 4
-  %373 = fadd <8 x float> %364, %257
-  %374 = getelementptr inbounds float, ptr %270, i64 0
-  store <8 x float> %373, ptr %374, align 4
-  %375 = fadd <8 x float> %365, %257
-  %376 = getelementptr inbounds float, ptr %276, i64 0
-  store <8 x float> %375, ptr %376, align 4
-  %377 = fadd <8 x float> %366, %257
-  %378 = getelementptr inbounds float, ptr %282, i64 0
-  store <8 x float> %377, ptr %378, align 4
-  %379 = fadd <8 x float> %367, %257
-  %380 = getelementptr inbounds float, ptr %288, i64 0
-  store <8 x float> %379, ptr %380, align 4
-  %381 = fadd <8 x float> %368, %257
-  %382 = getelementptr inbounds float, ptr %294, i64 0
-  store <8 x float> %381, ptr %382, align 4
-  %383 = fadd <8 x float> %369, %257
-  %384 = getelementptr inbounds float, ptr %300, i64 0
-  store <8 x float> %383, ptr %384, align 4
-  %385 = fadd <8 x float> %370, %257
-  %386 = getelementptr inbounds float, ptr %306, i64 0
-  store <8 x float> %385, ptr %386, align 4
-  %387 = add nsw i64 %rb28, 8
-  br label %rb.head25
+qh.end14:                                         ; preds = %qh.head12
+  %152 = load <8 x float>, ptr %qacc8, align 4
+  %153 = load <8 x float>, ptr %qacc9, align 4
+  %154 = load <8 x float>, ptr %qacc10, align 4
+  %155 = load <8 x float>, ptr %qacc11, align 4
+  %156 = fadd <8 x float> %152, %94
+  %157 = getelementptr inbounds float, ptr %101, i64 0
+  store <8 x float> %156, ptr %157, align 4
+  %158 = fadd <8 x float> %153, %94
+  %159 = getelementptr inbounds float, ptr %107, i64 0
+  store <8 x float> %158, ptr %159, align 4
+  %160 = fadd <8 x float> %154, %94
+  %161 = getelementptr inbounds float, ptr %113, i64 0
+  store <8 x float> %160, ptr %161, align 4
+  %162 = fadd <8 x float> %155, %94
+  %163 = getelementptr inbounds float, ptr %119, i64 0
+  store <8 x float> %162, ptr %163, align 4
+  %164 = add nsw i64 %rb7, 4
+  br label %rb.head4
 
-rb.end27:                                         ; preds = %rb.head25
-  br label %r1.head41
-
-r1.head41:                                        ; preds = %qh.end48, %rb.end27
-  %r144 = phi i64 [ %full, %rb.end27 ], [ %412, %qh.end48 ]
-  %388 = icmp slt i64 %r144, %n
-  br i1 %388, label %r1.body42, label %r1.end43
-
-r1.body42:                                        ; preds = %r1.head41
-  %389 = add nsw i64 %r144, 0
-  %390 = mul nsw i64 %389, 1024
-  %391 = getelementptr inbounds float, ptr %1, i64 %390
-  %392 = mul nsw i64 %389, 2048
-  %393 = add nsw i64 %392, %254
-  %394 = getelementptr inbounds float, ptr %3, i64 %393
-  store <8 x float> zeroinitializer, ptr %qacc45, align 4
-  br label %qh.head46
-
-qh.head46:                                        ; preds = %qh.body47, %r1.body42
-  %qh49 = phi i64 [ 0, %r1.body42 ], [ %408, %qh.body47 ]
-  %395 = icmp slt i64 %qh49, 1024
-  br i1 %395, label %qh.body47, label %qh.end48
-
-qh.body47:                                        ; preds = %qh.head46
-  %396 = add nsw i64 %qb1, 0
-  %397 = mul nsw i64 %qh49, 8
-  %398 = mul nsw i64 %396, 8192
-  %399 = add nsw i64 %398, %397
-  %400 = getelementptr inbounds float, ptr %query, i64 %399
-  %401 = load <8 x float>, ptr %400, align 4
-  %402 = getelementptr inbounds float, ptr %391, i64 %qh49
-  %403 = load float, ptr %402, align 4
-  %404 = insertelement <8 x float> poison, float %403, i32 0
-  %405 = shufflevector <8 x float> %404, <8 x float> poison, <8 x i32> zeroinitializer
-  %406 = load <8 x float>, ptr %qacc45, align 4
-  %407 = call <8 x float> @llvm.fma.v8f32(<8 x float> %405, <8 x float> %401, <8 x float> %406)
-  store <8 x float> %407, ptr %qacc45, align 4
-  %408 = add nsw i64 %qh49, 1
-  br label %qh.head46
-
-qh.end48:                                         ; preds = %qh.head46
-  %409 = load <8 x float>, ptr %qacc45, align 4
-  %410 = fadd <8 x float> %409, %257
-  %411 = getelementptr inbounds float, ptr %394, i64 0
-  store <8 x float> %410, ptr %411, align 4
-  %412 = add nsw i64 %r144, 1
-  br label %r1.head41
-
-r1.end43:                                         ; preds = %r1.head41
-  %413 = add nsw i64 %qb1, 1
+rb.end6:                                          ; preds = %rb.head4
+  %165 = add nsw i64 %qb1, 1
   br label %qb1.head
 
 qb1.end:                                          ; preds = %qb1.head
+  %166 = sub nsw i64 %b1, %b0
+  %167 = sdiv i64 %166, 4
+  %168 = mul i64 %167, 4
+  %bw16 = add nsw i64 %b0, %168
+  br label %qb.head17
+
+qb.head17:                                        ; preds = %r1.end, %qb1.end
+  %qb20 = phi i64 [ %b0, %qb1.end ], [ %225, %r1.end ]
+  %169 = icmp slt i64 %qb20, %bw16
+  br i1 %169, label %qb.body18, label %qb.end19
+
+qb.body18:                                        ; preds = %qb.head17
+  %170 = mul nsw i64 %qb20, 8
+  %171 = add nsw i64 %170, 0
+  %172 = getelementptr inbounds float, ptr %qbias, i64 %171
+  %173 = load <16 x float>, ptr %172, align 4
+  %174 = add nsw i64 %170, 16
+  %175 = getelementptr inbounds float, ptr %qbias, i64 %174
+  %176 = load <16 x float>, ptr %175, align 4
+  br label %r1.head
+
+r1.head:                                          ; preds = %qh.end25, %qb.body18
+  %r1 = phi i64 [ %full, %qb.body18 ], [ %224, %qh.end25 ]
+  %177 = icmp slt i64 %r1, %n
+  br i1 %177, label %r1.body, label %r1.end
+
+r1.body:                                          ; preds = %r1.head
+  %178 = add nsw i64 %r1, 0
+  %179 = mul nsw i64 %178, 1024
+  %180 = getelementptr inbounds float, ptr %1, i64 %179
+  %181 = mul nsw i64 %178, 2048
+  %182 = add nsw i64 %181, %170
+  %183 = getelementptr inbounds float, ptr %3, i64 %182
+  store <16 x float> zeroinitializer, ptr %qacc21, align 4
+  store <16 x float> zeroinitializer, ptr %qacc22, align 4
+  br label %qh.head23
+
+qh.head23:                                        ; preds = %qh.body24, %r1.body
+  %qh26 = phi i64 [ 0, %r1.body ], [ %217, %qh.body24 ]
+  %184 = icmp slt i64 %qh26, 1024
+  br i1 %184, label %qh.body24, label %qh.end25
+
+qh.body24:                                        ; preds = %qh.head23
+  %185 = add nsw i64 %qb20, 0
+  %186 = mul nsw i64 %qh26, 8
+  %187 = mul nsw i64 %185, 8192
+  %188 = add nsw i64 %187, %186
+  %189 = getelementptr inbounds float, ptr %query, i64 %188
+  %190 = load <8 x float>, ptr %189, align 4
+  %191 = add nsw i64 %qb20, 1
+  %192 = mul nsw i64 %qh26, 8
+  %193 = mul nsw i64 %191, 8192
+  %194 = add nsw i64 %193, %192
+  %195 = getelementptr inbounds float, ptr %query, i64 %194
+  %196 = load <8 x float>, ptr %195, align 4
+  %w1627 = shufflevector <8 x float> %190, <8 x float> %196, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %197 = add nsw i64 %qb20, 2
+  %198 = mul nsw i64 %qh26, 8
+  %199 = mul nsw i64 %197, 8192
+  %200 = add nsw i64 %199, %198
+  %201 = getelementptr inbounds float, ptr %query, i64 %200
+  %202 = load <8 x float>, ptr %201, align 4
+  %203 = add nsw i64 %qb20, 3
+  %204 = mul nsw i64 %qh26, 8
+  %205 = mul nsw i64 %203, 8192
+  %206 = add nsw i64 %205, %204
+  %207 = getelementptr inbounds float, ptr %query, i64 %206
+  %208 = load <8 x float>, ptr %207, align 4
+  %w1628 = shufflevector <8 x float> %202, <8 x float> %208, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %209 = getelementptr inbounds float, ptr %180, i64 %qh26
+  %210 = load float, ptr %209, align 4
+  %211 = insertelement <16 x float> poison, float %210, i32 0
+  %212 = shufflevector <16 x float> %211, <16 x float> poison, <16 x i32> zeroinitializer
+  %213 = load <16 x float>, ptr %qacc21, align 4
+  %214 = call <16 x float> @llvm.fma.v16f32(<16 x float> %212, <16 x float> %w1627, <16 x float> %213)
+  store <16 x float> %214, ptr %qacc21, align 4
+  %215 = load <16 x float>, ptr %qacc22, align 4
+  %216 = call <16 x float> @llvm.fma.v16f32(<16 x float> %212, <16 x float> %w1628, <16 x float> %215)
+  store <16 x float> %216, ptr %qacc22, align 4
+  %217 = add nsw i64 %qh26, 1
+  br label %qh.head23
+
+qh.end25:                                         ; preds = %qh.head23
+  %218 = load <16 x float>, ptr %qacc21, align 4
+  %219 = load <16 x float>, ptr %qacc22, align 4
+  %220 = fadd <16 x float> %218, %173
+  %221 = getelementptr inbounds float, ptr %183, i64 0
+  store <16 x float> %220, ptr %221, align 4
+  %222 = fadd <16 x float> %219, %176
+  %223 = getelementptr inbounds float, ptr %183, i64 16
+  store <16 x float> %222, ptr %223, align 4
+  %224 = add nsw i64 %r1, 1
+  br label %r1.head
+
+r1.end:                                           ; preds = %r1.head
+  %225 = add nsw i64 %qb20, 4
+  br label %qb.head17
+
+qb.end19:                                         ; preds = %qb.head17
+  br label %qb1.head29
+
+qb1.head29:                                       ; preds = %r1.end35, %qb.end19
+  %qb132 = phi i64 [ %bw16, %qb.end19 ], [ %256, %r1.end35 ]
+  %226 = icmp slt i64 %qb132, %b1
+  br i1 %226, label %qb1.body30, label %qb1.end31
+
+qb1.body30:                                       ; preds = %qb1.head29
+  %227 = mul nsw i64 %qb132, 8
+  %228 = add nsw i64 %227, 0
+  %229 = getelementptr inbounds float, ptr %qbias, i64 %228
+  %230 = load <8 x float>, ptr %229, align 4
+  br label %r1.head33
+
+r1.head33:                                        ; preds = %qh.end40, %qb1.body30
+  %r136 = phi i64 [ %full, %qb1.body30 ], [ %255, %qh.end40 ]
+  %231 = icmp slt i64 %r136, %n
+  br i1 %231, label %r1.body34, label %r1.end35
+
+r1.body34:                                        ; preds = %r1.head33
+  %232 = add nsw i64 %r136, 0
+  %233 = mul nsw i64 %232, 1024
+  %234 = getelementptr inbounds float, ptr %1, i64 %233
+  %235 = mul nsw i64 %232, 2048
+  %236 = add nsw i64 %235, %227
+  %237 = getelementptr inbounds float, ptr %3, i64 %236
+  store <8 x float> zeroinitializer, ptr %qacc37, align 4
+  br label %qh.head38
+
+qh.head38:                                        ; preds = %qh.body39, %r1.body34
+  %qh41 = phi i64 [ 0, %r1.body34 ], [ %251, %qh.body39 ]
+  %238 = icmp slt i64 %qh41, 1024
+  br i1 %238, label %qh.body39, label %qh.end40
+
+qh.body39:                                        ; preds = %qh.head38
+  %239 = add nsw i64 %qb132, 0
+  %240 = mul nsw i64 %qh41, 8
+  %241 = mul nsw i64 %239, 8192
+  %242 = add nsw i64 %241, %240
+  %243 = getelementptr inbounds float, ptr %query, i64 %242
+  %244 = load <8 x float>, ptr %243, align 4
+  %245 = getelementptr inbounds float, ptr %234, i64 %qh41
+  %246 = load float, ptr %245, align 4
+  %247 = insertelement <8 x float> poison, float %246, i32 0
+  %248 = shufflevector <8 x float> %247, <8 x float> poison, <8 x i32> zeroinitializer
+  %249 = load <8 x float>, ptr %qacc37, align 4
+  %250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %248, <8 x float> %244, <8 x float> %249)
+  store <8 x float> %250, ptr %qacc37, align 4
+  %251 = add nsw i64 %qh41, 1
+  br label %qh.head38
+
+qh.end40:                                         ; preds = %qh.head38
+  %252 = load <8 x float>, ptr %qacc37, align 4
+  %253 = fadd <8 x float> %252, %230
+  %254 = getelementptr inbounds float, ptr %237, i64 0
+  store <8 x float> %253, ptr %254, align 4
+  %255 = add nsw i64 %r136, 1
+  br label %r1.head33
+
+r1.end35:                                         ; preds = %r1.head33
+  %256 = add nsw i64 %qb132, 1
+  br label %qb1.head29
+
+qb1.end31:                                        ; preds = %qb1.head29
   ret void
 }
 
@@ -669,71 +468,39 @@ entry:
   %qacc1 = alloca <16 x float>, align 32
   %qacc2 = alloca <16 x float>, align 32
   %qacc3 = alloca <16 x float>, align 32
-  %qacc4 = alloca <16 x float>, align 32
-  %qacc5 = alloca <16 x float>, align 32
-  %qacc6 = alloca <16 x float>, align 32
-  %qacc7 = alloca <16 x float>, align 32
-  %qacc8 = alloca <16 x float>, align 32
-  %qacc9 = alloca <16 x float>, align 32
-  %qacc10 = alloca <16 x float>, align 32
-  %qacc11 = alloca <16 x float>, align 32
-  %qacc12 = alloca <16 x float>, align 32
-  %qacc13 = alloca <16 x float>, align 32
-  %qacc14 = alloca <16 x float>, align 32
-  %qacc15 = alloca <16 x float>, align 32
-  %qacc17 = alloca <16 x float>, align 32
-  %qacc18 = alloca <16 x float>, align 32
-  %qacc29 = alloca <8 x float>, align 32
-  %qacc30 = alloca <8 x float>, align 32
-  %qacc31 = alloca <8 x float>, align 32
-  %qacc32 = alloca <8 x float>, align 32
-  %qacc33 = alloca <8 x float>, align 32
-  %qacc34 = alloca <8 x float>, align 32
-  %qacc35 = alloca <8 x float>, align 32
+  %qacc8 = alloca <8 x float>, align 32
+  %qacc9 = alloca <8 x float>, align 32
+  %qacc10 = alloca <8 x float>, align 32
+  %qacc11 = alloca <8 x float>, align 32
+  %qacc20 = alloca <16 x float>, align 32
+  %qacc21 = alloca <16 x float>, align 32
   %qacc36 = alloca <8 x float>, align 32
-  %qacc45 = alloca <8 x float>, align 32
-  %qacc59 = alloca <16 x float>, align 32
-  %qacc60 = alloca <16 x float>, align 32
-  %qacc61 = alloca <16 x float>, align 32
-  %qacc62 = alloca <16 x float>, align 32
-  %qacc63 = alloca <16 x float>, align 32
-  %qacc64 = alloca <16 x float>, align 32
-  %qacc65 = alloca <16 x float>, align 32
-  %qacc66 = alloca <16 x float>, align 32
-  %qacc67 = alloca <16 x float>, align 32
-  %qacc68 = alloca <16 x float>, align 32
-  %qacc69 = alloca <16 x float>, align 32
-  %qacc70 = alloca <16 x float>, align 32
-  %qacc71 = alloca <16 x float>, align 32
-  %qacc72 = alloca <16 x float>, align 32
-  %qacc73 = alloca <16 x float>, align 32
-  %qacc74 = alloca <16 x float>, align 32
-  %qacc85 = alloca <16 x float>, align 32
-  %qacc86 = alloca <16 x float>, align 32
-  %qacc101 = alloca <8 x float>, align 32
-  %qacc102 = alloca <8 x float>, align 32
-  %qacc103 = alloca <8 x float>, align 32
-  %qacc104 = alloca <8 x float>, align 32
-  %qacc105 = alloca <8 x float>, align 32
-  %qacc106 = alloca <8 x float>, align 32
-  %qacc107 = alloca <8 x float>, align 32
-  %qacc108 = alloca <8 x float>, align 32
-  %qacc117 = alloca <8 x float>, align 32
+  %qacc50 = alloca <16 x float>, align 32
+  %qacc51 = alloca <16 x float>, align 32
+  %qacc52 = alloca <16 x float>, align 32
+  %qacc53 = alloca <16 x float>, align 32
+  %qacc67 = alloca <8 x float>, align 32
+  %qacc68 = alloca <8 x float>, align 32
+  %qacc69 = alloca <8 x float>, align 32
+  %qacc70 = alloca <8 x float>, align 32
+  %qacc83 = alloca <16 x float>, align 32
+  %qacc84 = alloca <16 x float>, align 32
+  %qacc99 = alloca <8 x float>, align 32
   %tkv.v = alloca <16 x float>, align 32
   %tkv.i = alloca <16 x i32>, align 32
   %tkv.k = alloca <16 x i32>, align 32
   %tkv.m = alloca i32, align 32
   %tkv.bits = alloca i16, align 32
-  %tkv.v154 = alloca <16 x float>, align 32
-  %tkv.i155 = alloca <16 x i32>, align 32
-  %tkv.k156 = alloca <16 x i32>, align 32
-  %tkv.m157 = alloca i32, align 32
-  %tkv.bits158 = alloca i16, align 32
-  %tkv.v206 = alloca <16 x float>, align 32
-  %tkv.i207 = alloca <16 x i32>, align 32
-  %tkv.k208 = alloca <16 x i32>, align 32
-  %tkv.m209 = alloca i32, align 32
-  %tkv.bits210 = alloca i16, align 32
+  %tkv.v136 = alloca <16 x float>, align 32
+  %tkv.i137 = alloca <16 x i32>, align 32
+  %tkv.k138 = alloca <16 x i32>, align 32
+  %tkv.m139 = alloca i32, align 32
+  %tkv.bits140 = alloca i16, align 32
+  %tkv.v188 = alloca <16 x float>, align 32
+  %tkv.i189 = alloca <16 x i32>, align 32
+  %tkv.k190 = alloca <16 x i32>, align 32
+  %tkv.m191 = alloca i32, align 32
+  %tkv.bits192 = alloca i16, align 32
   %smax = alloca float, align 32
   %ssum = alloca float, align 32
   br label %start
@@ -742,7 +509,7 @@ start:                                            ; preds = %entry
   br label %tok.head
 
 tok.head:                                         ; preds = %hgroup.end, %start
-  %tok = phi i64 [ %t0, %start ], [ %1438, %hgroup.end ]
+  %tok = phi i64 [ %t0, %start ], [ %1138, %hgroup.end ]
   %0 = icmp slt i64 %tok, %t1
   br i1 %0, label %tok.body, label %tok.end
 
@@ -752,7 +519,7 @@ tok.body:                                         ; preds = %tok.head
   br label %hgroup.head
 
 hgroup.head:                                      ; preds = %head.end, %tok.body
-  %hgroup = phi i64 [ 0, %tok.body ], [ %1437, %head.end ]
+  %hgroup = phi i64 [ 0, %tok.body ], [ %1137, %head.end ]
   %3 = icmp slt i64 %hgroup, 8
   br i1 %3, label %hgroup.body, label %hgroup.end
 
@@ -764,12 +531,12 @@ hgroup.body:                                      ; preds = %hgroup.head
   %7 = add nsw i64 %6, 0
   %8 = getelementptr inbounds float, ptr %2, i64 %7
   %9 = getelementptr inbounds float, ptr %keys, i64 0
-  %10 = sdiv i64 %gn, 8
-  %full = mul i64 %10, 8
+  %10 = sdiv i64 %gn, 4
+  %full = mul i64 %10, 4
   br label %qb.head
 
-qb.head:                                          ; preds = %r1.end, %hgroup.body
-  %qb = phi i64 [ 0, %hgroup.body ], [ %231, %r1.end ]
+qb.head:                                          ; preds = %rb.end, %hgroup.body
+  %qb = phi i64 [ 0, %hgroup.body ], [ %85, %rb.end ]
   %11 = icmp slt i64 %qb, 128
   br i1 %11, label %qb.body, label %qb.end
 
@@ -778,7 +545,7 @@ qb.body:                                          ; preds = %qb.head
   br label %rb.head
 
 rb.head:                                          ; preds = %qh.end, %qb.body
-  %rb = phi i64 [ 0, %qb.body ], [ %184, %qh.end ]
+  %rb = phi i64 [ 0, %qb.body ], [ %84, %qh.end ]
   %13 = icmp slt i64 %rb, %full
   br i1 %13, label %rb.body, label %rb.end
 
@@ -807,1092 +574,734 @@ rb.body:                                          ; preds = %rb.head
   %35 = mul nsw i64 %32, 1024
   %36 = add nsw i64 %35, %12
   %37 = getelementptr inbounds float, ptr %sa, i64 %36
-  %38 = add nsw i64 %rb, 4
-  %39 = mul nsw i64 %38, 256
-  %40 = getelementptr inbounds float, ptr %8, i64 %39
-  %41 = mul nsw i64 %38, 1024
-  %42 = add nsw i64 %41, %12
-  %43 = getelementptr inbounds float, ptr %sa, i64 %42
-  %44 = add nsw i64 %rb, 5
-  %45 = mul nsw i64 %44, 256
-  %46 = getelementptr inbounds float, ptr %8, i64 %45
-  %47 = mul nsw i64 %44, 1024
-  %48 = add nsw i64 %47, %12
-  %49 = getelementptr inbounds float, ptr %sa, i64 %48
-  %50 = add nsw i64 %rb, 6
-  %51 = mul nsw i64 %50, 256
-  %52 = getelementptr inbounds float, ptr %8, i64 %51
-  %53 = mul nsw i64 %50, 1024
-  %54 = add nsw i64 %53, %12
-  %55 = getelementptr inbounds float, ptr %sa, i64 %54
-  %56 = add nsw i64 %rb, 7
-  %57 = mul nsw i64 %56, 256
-  %58 = getelementptr inbounds float, ptr %8, i64 %57
-  %59 = mul nsw i64 %56, 1024
-  %60 = add nsw i64 %59, %12
-  %61 = getelementptr inbounds float, ptr %sa, i64 %60
   store <16 x float> zeroinitializer, ptr %qacc, align 4
   store <16 x float> zeroinitializer, ptr %qacc1, align 4
   store <16 x float> zeroinitializer, ptr %qacc2, align 4
   store <16 x float> zeroinitializer, ptr %qacc3, align 4
-  store <16 x float> zeroinitializer, ptr %qacc4, align 4
-  store <16 x float> zeroinitializer, ptr %qacc5, align 4
-  store <16 x float> zeroinitializer, ptr %qacc6, align 4
-  store <16 x float> zeroinitializer, ptr %qacc7, align 4
-  store <16 x float> zeroinitializer, ptr %qacc8, align 4
-  store <16 x float> zeroinitializer, ptr %qacc9, align 4
-  store <16 x float> zeroinitializer, ptr %qacc10, align 4
-  store <16 x float> zeroinitializer, ptr %qacc11, align 4
-  store <16 x float> zeroinitializer, ptr %qacc12, align 4
-  store <16 x float> zeroinitializer, ptr %qacc13, align 4
-  store <16 x float> zeroinitializer, ptr %qacc14, align 4
-  store <16 x float> zeroinitializer, ptr %qacc15, align 4
   br label %qh.head
 
 qh.head:                                          ; preds = %qh.body, %rb.body
-  %qh = phi i64 [ 0, %rb.body ], [ %151, %qh.body ]
-  %62 = icmp slt i64 %qh, 128
-  br i1 %62, label %qh.body, label %qh.end
+  %qh = phi i64 [ 0, %rb.body ], [ %75, %qh.body ]
+  %38 = icmp slt i64 %qh, 128
+  br i1 %38, label %qh.body, label %qh.end
 
 qh.body:                                          ; preds = %qh.head
-  %63 = add nsw i64 %qb, 0
-  %64 = mul nsw i64 %qh, 8
-  %65 = mul nsw i64 %63, 1024
-  %66 = add nsw i64 %65, %64
-  %67 = getelementptr inbounds float, ptr %9, i64 %66
-  %68 = load <8 x float>, ptr %67, align 4
-  %69 = add nsw i64 %qb, 1
-  %70 = mul nsw i64 %qh, 8
-  %71 = mul nsw i64 %69, 1024
-  %72 = add nsw i64 %71, %70
-  %73 = getelementptr inbounds float, ptr %9, i64 %72
-  %74 = load <8 x float>, ptr %73, align 4
-  %w16 = shufflevector <8 x float> %68, <8 x float> %74, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %75 = add nsw i64 %qb, 2
-  %76 = mul nsw i64 %qh, 8
-  %77 = mul nsw i64 %75, 1024
-  %78 = add nsw i64 %77, %76
-  %79 = getelementptr inbounds float, ptr %9, i64 %78
-  %80 = load <8 x float>, ptr %79, align 4
-  %81 = add nsw i64 %qb, 3
-  %82 = mul nsw i64 %qh, 8
-  %83 = mul nsw i64 %81, 1024
-  %84 = add nsw i64 %83, %82
-  %85 = getelementptr inbounds float, ptr %9, i64 %84
-  %86 = load <8 x float>, ptr %85, align 4
-  %w1616 = shufflevector <8 x float> %80, <8 x float> %86, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %87 = getelementptr inbounds float, ptr %16, i64 %qh
-  %88 = load float, ptr %87, align 4
-  %89 = insertelement <16 x float> poison, float %88, i32 0
-  %90 = shufflevector <16 x float> %89, <16 x float> poison, <16 x i32> zeroinitializer
-  %91 = load <16 x float>, ptr %qacc, align 4
-  %92 = call <16 x float> @llvm.fma.v16f32(<16 x float> %90, <16 x float> %w16, <16 x float> %91)
-  store <16 x float> %92, ptr %qacc, align 4
-  %93 = load <16 x float>, ptr %qacc1, align 4
-  %94 = call <16 x float> @llvm.fma.v16f32(<16 x float> %90, <16 x float> %w1616, <16 x float> %93)
-  store <16 x float> %94, ptr %qacc1, align 4
-  %95 = getelementptr inbounds float, ptr %22, i64 %qh
-  %96 = load float, ptr %95, align 4
-  %97 = insertelement <16 x float> poison, float %96, i32 0
-  %98 = shufflevector <16 x float> %97, <16 x float> poison, <16 x i32> zeroinitializer
-  %99 = load <16 x float>, ptr %qacc2, align 4
-  %100 = call <16 x float> @llvm.fma.v16f32(<16 x float> %98, <16 x float> %w16, <16 x float> %99)
-  store <16 x float> %100, ptr %qacc2, align 4
-  %101 = load <16 x float>, ptr %qacc3, align 4
-  %102 = call <16 x float> @llvm.fma.v16f32(<16 x float> %98, <16 x float> %w1616, <16 x float> %101)
-  store <16 x float> %102, ptr %qacc3, align 4
-  %103 = getelementptr inbounds float, ptr %28, i64 %qh
-  %104 = load float, ptr %103, align 4
-  %105 = insertelement <16 x float> poison, float %104, i32 0
-  %106 = shufflevector <16 x float> %105, <16 x float> poison, <16 x i32> zeroinitializer
-  %107 = load <16 x float>, ptr %qacc4, align 4
-  %108 = call <16 x float> @llvm.fma.v16f32(<16 x float> %106, <16 x float> %w16, <16 x float> %107)
-  store <16 x float> %108, ptr %qacc4, align 4
-  %109 = load <16 x float>, ptr %qacc5, align 4
-  %110 = call <16 x float> @llvm.fma.v16f32(<16 x float> %106, <16 x float> %w1616, <16 x float> %109)
-  store <16 x float> %110, ptr %qacc5, align 4
-  %111 = getelementptr inbounds float, ptr %34, i64 %qh
-  %112 = load float, ptr %111, align 4
-  %113 = insertelement <16 x float> poison, float %112, i32 0
-  %114 = shufflevector <16 x float> %113, <16 x float> poison, <16 x i32> zeroinitializer
-  %115 = load <16 x float>, ptr %qacc6, align 4
-  %116 = call <16 x float> @llvm.fma.v16f32(<16 x float> %114, <16 x float> %w16, <16 x float> %115)
-  store <16 x float> %116, ptr %qacc6, align 4
-  %117 = load <16 x float>, ptr %qacc7, align 4
-  %118 = call <16 x float> @llvm.fma.v16f32(<16 x float> %114, <16 x float> %w1616, <16 x float> %117)
-  store <16 x float> %118, ptr %qacc7, align 4
-  %119 = getelementptr inbounds float, ptr %40, i64 %qh
-  %120 = load float, ptr %119, align 4
-  %121 = insertelement <16 x float> poison, float %120, i32 0
-  %122 = shufflevector <16 x float> %121, <16 x float> poison, <16 x i32> zeroinitializer
-  %123 = load <16 x float>, ptr %qacc8, align 4
-  %124 = call <16 x float> @llvm.fma.v16f32(<16 x float> %122, <16 x float> %w16, <16 x float> %123)
-  store <16 x float> %124, ptr %qacc8, align 4
-  %125 = load <16 x float>, ptr %qacc9, align 4
-  %126 = call <16 x float> @llvm.fma.v16f32(<16 x float> %122, <16 x float> %w1616, <16 x float> %125)
-  store <16 x float> %126, ptr %qacc9, align 4
-  %127 = getelementptr inbounds float, ptr %46, i64 %qh
-  %128 = load float, ptr %127, align 4
-  %129 = insertelement <16 x float> poison, float %128, i32 0
-  %130 = shufflevector <16 x float> %129, <16 x float> poison, <16 x i32> zeroinitializer
-  %131 = load <16 x float>, ptr %qacc10, align 4
-  %132 = call <16 x float> @llvm.fma.v16f32(<16 x float> %130, <16 x float> %w16, <16 x float> %131)
-  store <16 x float> %132, ptr %qacc10, align 4
-  %133 = load <16 x float>, ptr %qacc11, align 4
-  %134 = call <16 x float> @llvm.fma.v16f32(<16 x float> %130, <16 x float> %w1616, <16 x float> %133)
-  store <16 x float> %134, ptr %qacc11, align 4
-  %135 = getelementptr inbounds float, ptr %52, i64 %qh
-  %136 = load float, ptr %135, align 4
-  %137 = insertelement <16 x float> poison, float %136, i32 0
-  %138 = shufflevector <16 x float> %137, <16 x float> poison, <16 x i32> zeroinitializer
-  %139 = load <16 x float>, ptr %qacc12, align 4
-  %140 = call <16 x float> @llvm.fma.v16f32(<16 x float> %138, <16 x float> %w16, <16 x float> %139)
-  store <16 x float> %140, ptr %qacc12, align 4
-  %141 = load <16 x float>, ptr %qacc13, align 4
-  %142 = call <16 x float> @llvm.fma.v16f32(<16 x float> %138, <16 x float> %w1616, <16 x float> %141)
-  store <16 x float> %142, ptr %qacc13, align 4
-  %143 = getelementptr inbounds float, ptr %58, i64 %qh
-  %144 = load float, ptr %143, align 4
-  %145 = insertelement <16 x float> poison, float %144, i32 0
-  %146 = shufflevector <16 x float> %145, <16 x float> poison, <16 x i32> zeroinitializer
-  %147 = load <16 x float>, ptr %qacc14, align 4
-  %148 = call <16 x float> @llvm.fma.v16f32(<16 x float> %146, <16 x float> %w16, <16 x float> %147)
-  store <16 x float> %148, ptr %qacc14, align 4
-  %149 = load <16 x float>, ptr %qacc15, align 4
-  %150 = call <16 x float> @llvm.fma.v16f32(<16 x float> %146, <16 x float> %w1616, <16 x float> %149)
-  store <16 x float> %150, ptr %qacc15, align 4
-  %151 = add nsw i64 %qh, 1
+  %39 = add nsw i64 %qb, 0
+  %40 = mul nsw i64 %qh, 8
+  %41 = mul nsw i64 %39, 1024
+  %42 = add nsw i64 %41, %40
+  %43 = getelementptr inbounds float, ptr %9, i64 %42
+  %44 = load <8 x float>, ptr %43, align 4
+  %45 = add nsw i64 %qb, 1
+  %46 = mul nsw i64 %qh, 8
+  %47 = mul nsw i64 %45, 1024
+  %48 = add nsw i64 %47, %46
+  %49 = getelementptr inbounds float, ptr %9, i64 %48
+  %50 = load <8 x float>, ptr %49, align 4
+  %w16 = shufflevector <8 x float> %44, <8 x float> %50, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %51 = getelementptr inbounds float, ptr %16, i64 %qh
+  %52 = load float, ptr %51, align 4
+  %53 = insertelement <16 x float> poison, float %52, i32 0
+  %54 = shufflevector <16 x float> %53, <16 x float> poison, <16 x i32> zeroinitializer
+  %55 = load <16 x float>, ptr %qacc, align 4
+  %56 = call <16 x float> @llvm.fma.v16f32(<16 x float> %54, <16 x float> %w16, <16 x float> %55)
+  store <16 x float> %56, ptr %qacc, align 4
+  %57 = getelementptr inbounds float, ptr %22, i64 %qh
+  %58 = load float, ptr %57, align 4
+  %59 = insertelement <16 x float> poison, float %58, i32 0
+  %60 = shufflevector <16 x float> %59, <16 x float> poison, <16 x i32> zeroinitializer
+  %61 = load <16 x float>, ptr %qacc1, align 4
+  %62 = call <16 x float> @llvm.fma.v16f32(<16 x float> %60, <16 x float> %w16, <16 x float> %61)
+  store <16 x float> %62, ptr %qacc1, align 4
+  %63 = getelementptr inbounds float, ptr %28, i64 %qh
+  %64 = load float, ptr %63, align 4
+  %65 = insertelement <16 x float> poison, float %64, i32 0
+  %66 = shufflevector <16 x float> %65, <16 x float> poison, <16 x i32> zeroinitializer
+  %67 = load <16 x float>, ptr %qacc2, align 4
+  %68 = call <16 x float> @llvm.fma.v16f32(<16 x float> %66, <16 x float> %w16, <16 x float> %67)
+  store <16 x float> %68, ptr %qacc2, align 4
+  %69 = getelementptr inbounds float, ptr %34, i64 %qh
+  %70 = load float, ptr %69, align 4
+  %71 = insertelement <16 x float> poison, float %70, i32 0
+  %72 = shufflevector <16 x float> %71, <16 x float> poison, <16 x i32> zeroinitializer
+  %73 = load <16 x float>, ptr %qacc3, align 4
+  %74 = call <16 x float> @llvm.fma.v16f32(<16 x float> %72, <16 x float> %w16, <16 x float> %73)
+  store <16 x float> %74, ptr %qacc3, align 4
+  %75 = add nsw i64 %qh, 1
   br label %qh.head
 
 qh.end:                                           ; preds = %qh.head
-  %152 = load <16 x float>, ptr %qacc, align 4
-  %153 = load <16 x float>, ptr %qacc1, align 4
-  %154 = load <16 x float>, ptr %qacc2, align 4
-  %155 = load <16 x float>, ptr %qacc3, align 4
-  %156 = load <16 x float>, ptr %qacc4, align 4
-  %157 = load <16 x float>, ptr %qacc5, align 4
-  %158 = load <16 x float>, ptr %qacc6, align 4
-  %159 = load <16 x float>, ptr %qacc7, align 4
-  %160 = load <16 x float>, ptr %qacc8, align 4
-  %161 = load <16 x float>, ptr %qacc9, align 4
-  %162 = load <16 x float>, ptr %qacc10, align 4
-  %163 = load <16 x float>, ptr %qacc11, align 4
-  %164 = load <16 x float>, ptr %qacc12, align 4
-  %165 = load <16 x float>, ptr %qacc13, align 4
-  %166 = load <16 x float>, ptr %qacc14, align 4
-  %167 = load <16 x float>, ptr %qacc15, align 4
-  %168 = getelementptr inbounds float, ptr %19, i64 0
-  store <16 x float> %152, ptr %168, align 4
-  %169 = getelementptr inbounds float, ptr %19, i64 16
-  store <16 x float> %153, ptr %169, align 4
-  %170 = getelementptr inbounds float, ptr %25, i64 0
-  store <16 x float> %154, ptr %170, align 4
-  %171 = getelementptr inbounds float, ptr %25, i64 16
-  store <16 x float> %155, ptr %171, align 4
-  %172 = getelementptr inbounds float, ptr %31, i64 0
-  store <16 x float> %156, ptr %172, align 4
-  %173 = getelementptr inbounds float, ptr %31, i64 16
-  store <16 x float> %157, ptr %173, align 4
-  %174 = getelementptr inbounds float, ptr %37, i64 0
-  store <16 x float> %158, ptr %174, align 4
-  %175 = getelementptr inbounds float, ptr %37, i64 16
-  store <16 x float> %159, ptr %175, align 4
-  %176 = getelementptr inbounds float, ptr %43, i64 0
-  store <16 x float> %160, ptr %176, align 4
-  %177 = getelementptr inbounds float, ptr %43, i64 16
-  store <16 x float> %161, ptr %177, align 4
-  %178 = getelementptr inbounds float, ptr %49, i64 0
-  store <16 x float> %162, ptr %178, align 4
-  %179 = getelementptr inbounds float, ptr %49, i64 16
-  store <16 x float> %163, ptr %179, align 4
-  %180 = getelementptr inbounds float, ptr %55, i64 0
-  store <16 x float> %164, ptr %180, align 4
-  %181 = getelementptr inbounds float, ptr %55, i64 16
-  store <16 x float> %165, ptr %181, align 4
-  %182 = getelementptr inbounds float, ptr %61, i64 0
-  store <16 x float> %166, ptr %182, align 4
-  %183 = getelementptr inbounds float, ptr %61, i64 16
-  store <16 x float> %167, ptr %183, align 4
-  %184 = add nsw i64 %rb, 8
+  %76 = load <16 x float>, ptr %qacc, align 4
+  %77 = load <16 x float>, ptr %qacc1, align 4
+  %78 = load <16 x float>, ptr %qacc2, align 4
+  %79 = load <16 x float>, ptr %qacc3, align 4
+  %80 = getelementptr inbounds float, ptr %19, i64 0
+  store <16 x float> %76, ptr %80, align 4
+  %81 = getelementptr inbounds float, ptr %25, i64 0
+  store <16 x float> %77, ptr %81, align 4
+  %82 = getelementptr inbounds float, ptr %31, i64 0
+  store <16 x float> %78, ptr %82, align 4
+  %83 = getelementptr inbounds float, ptr %37, i64 0
+  store <16 x float> %79, ptr %83, align 4
+  %84 = add nsw i64 %rb, 4
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  br label %r1.head
-
-r1.head:                                          ; preds = %qh.end21, %rb.end
-  %r1 = phi i64 [ %full, %rb.end ], [ %230, %qh.end21 ]
-  %185 = icmp slt i64 %r1, %gn
-  br i1 %185, label %r1.body, label %r1.end
-
-r1.body:                                          ; preds = %r1.head
-  %186 = add nsw i64 %r1, 0
-  %187 = mul nsw i64 %186, 256
-  %188 = getelementptr inbounds float, ptr %8, i64 %187
-  %189 = mul nsw i64 %186, 1024
-  %190 = add nsw i64 %189, %12
-  %191 = getelementptr inbounds float, ptr %sa, i64 %190
-  store <16 x float> zeroinitializer, ptr %qacc17, align 4
-  store <16 x float> zeroinitializer, ptr %qacc18, align 4
-  br label %qh.head19
-
-qh.head19:                                        ; preds = %qh.body20, %r1.body
-  %qh22 = phi i64 [ 0, %r1.body ], [ %225, %qh.body20 ]
-  %192 = icmp slt i64 %qh22, 128
-  br i1 %192, label %qh.body20, label %qh.end21
-
-qh.body20:                                        ; preds = %qh.head19
-  %193 = add nsw i64 %qb, 0
-  %194 = mul nsw i64 %qh22, 8
-  %195 = mul nsw i64 %193, 1024
-  %196 = add nsw i64 %195, %194
-  %197 = getelementptr inbounds float, ptr %9, i64 %196
-  %198 = load <8 x float>, ptr %197, align 4
-  %199 = add nsw i64 %qb, 1
-  %200 = mul nsw i64 %qh22, 8
-  %201 = mul nsw i64 %199, 1024
-  %202 = add nsw i64 %201, %200
-  %203 = getelementptr inbounds float, ptr %9, i64 %202
-  %204 = load <8 x float>, ptr %203, align 4
-  %w1623 = shufflevector <8 x float> %198, <8 x float> %204, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %205 = add nsw i64 %qb, 2
-  %206 = mul nsw i64 %qh22, 8
-  %207 = mul nsw i64 %205, 1024
-  %208 = add nsw i64 %207, %206
-  %209 = getelementptr inbounds float, ptr %9, i64 %208
-  %210 = load <8 x float>, ptr %209, align 4
-  %211 = add nsw i64 %qb, 3
-  %212 = mul nsw i64 %qh22, 8
-  %213 = mul nsw i64 %211, 1024
-  %214 = add nsw i64 %213, %212
-  %215 = getelementptr inbounds float, ptr %9, i64 %214
-  %216 = load <8 x float>, ptr %215, align 4
-  %w1624 = shufflevector <8 x float> %210, <8 x float> %216, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %217 = getelementptr inbounds float, ptr %188, i64 %qh22
-  %218 = load float, ptr %217, align 4
-  %219 = insertelement <16 x float> poison, float %218, i32 0
-  %220 = shufflevector <16 x float> %219, <16 x float> poison, <16 x i32> zeroinitializer
-  %221 = load <16 x float>, ptr %qacc17, align 4
-  %222 = call <16 x float> @llvm.fma.v16f32(<16 x float> %220, <16 x float> %w1623, <16 x float> %221)
-  store <16 x float> %222, ptr %qacc17, align 4
-  %223 = load <16 x float>, ptr %qacc18, align 4
-  %224 = call <16 x float> @llvm.fma.v16f32(<16 x float> %220, <16 x float> %w1624, <16 x float> %223)
-  store <16 x float> %224, ptr %qacc18, align 4
-  %225 = add nsw i64 %qh22, 1
-  br label %qh.head19
-
-qh.end21:                                         ; preds = %qh.head19
-  %226 = load <16 x float>, ptr %qacc17, align 4
-  %227 = load <16 x float>, ptr %qacc18, align 4
-  %228 = getelementptr inbounds float, ptr %191, i64 0
-  store <16 x float> %226, ptr %228, align 4
-  %229 = getelementptr inbounds float, ptr %191, i64 16
-  store <16 x float> %227, ptr %229, align 4
-  %230 = add nsw i64 %r1, 1
-  br label %r1.head
-
-r1.end:                                           ; preds = %r1.head
-  %231 = add nsw i64 %qb, 4
+  %85 = add nsw i64 %qb, 2
   br label %qb.head
 
 qb.end:                                           ; preds = %qb.head
   br label %qb1.head
 
-qb1.head:                                         ; preds = %r1.end43, %qb.end
-  %qb1 = phi i64 [ 128, %qb.end ], [ %380, %r1.end43 ]
-  %232 = icmp slt i64 %qb1, 128
-  br i1 %232, label %qb1.body, label %qb1.end
+qb1.head:                                         ; preds = %rb.end6, %qb.end
+  %qb1 = phi i64 [ 128, %qb.end ], [ %154, %rb.end6 ]
+  %86 = icmp slt i64 %qb1, 128
+  br i1 %86, label %qb1.body, label %qb1.end
 
 qb1.body:                                         ; preds = %qb1.head
-  %233 = mul nsw i64 %qb1, 8
-  br label %rb.head25
+  %87 = mul nsw i64 %qb1, 8
+  br label %rb.head4
 
-rb.head25:                                        ; preds = %qh.end39, %qb1.body
-  %rb28 = phi i64 [ 0, %qb1.body ], [ %355, %qh.end39 ]
-  %234 = icmp slt i64 %rb28, %full
-  br i1 %234, label %rb.body26, label %rb.end27
+rb.head4:                                         ; preds = %qh.end14, %qb1.body
+  %rb7 = phi i64 [ 0, %qb1.body ], [ %153, %qh.end14 ]
+  %88 = icmp slt i64 %rb7, %full
+  br i1 %88, label %rb.body5, label %rb.end6
 
-rb.body26:                                        ; preds = %rb.head25
-  %235 = add nsw i64 %rb28, 0
-  %236 = mul nsw i64 %235, 256
-  %237 = getelementptr inbounds float, ptr %8, i64 %236
-  %238 = mul nsw i64 %235, 1024
-  %239 = add nsw i64 %238, %233
-  %240 = getelementptr inbounds float, ptr %sa, i64 %239
-  %241 = add nsw i64 %rb28, 1
-  %242 = mul nsw i64 %241, 256
-  %243 = getelementptr inbounds float, ptr %8, i64 %242
-  %244 = mul nsw i64 %241, 1024
-  %245 = add nsw i64 %244, %233
-  %246 = getelementptr inbounds float, ptr %sa, i64 %245
-  %247 = add nsw i64 %rb28, 2
-  %248 = mul nsw i64 %247, 256
-  %249 = getelementptr inbounds float, ptr %8, i64 %248
-  %250 = mul nsw i64 %247, 1024
-  %251 = add nsw i64 %250, %233
-  %252 = getelementptr inbounds float, ptr %sa, i64 %251
-  %253 = add nsw i64 %rb28, 3
-  %254 = mul nsw i64 %253, 256
-  %255 = getelementptr inbounds float, ptr %8, i64 %254
-  %256 = mul nsw i64 %253, 1024
-  %257 = add nsw i64 %256, %233
-  %258 = getelementptr inbounds float, ptr %sa, i64 %257
-  %259 = add nsw i64 %rb28, 4
-  %260 = mul nsw i64 %259, 256
-  %261 = getelementptr inbounds float, ptr %8, i64 %260
-  %262 = mul nsw i64 %259, 1024
-  %263 = add nsw i64 %262, %233
-  %264 = getelementptr inbounds float, ptr %sa, i64 %263
-  %265 = add nsw i64 %rb28, 5
-  %266 = mul nsw i64 %265, 256
-  %267 = getelementptr inbounds float, ptr %8, i64 %266
-  %268 = mul nsw i64 %265, 1024
-  %269 = add nsw i64 %268, %233
-  %270 = getelementptr inbounds float, ptr %sa, i64 %269
-  %271 = add nsw i64 %rb28, 6
-  %272 = mul nsw i64 %271, 256
-  %273 = getelementptr inbounds float, ptr %8, i64 %272
-  %274 = mul nsw i64 %271, 1024
-  %275 = add nsw i64 %274, %233
-  %276 = getelementptr inbounds float, ptr %sa, i64 %275
-  %277 = add nsw i64 %rb28, 7
-  %278 = mul nsw i64 %277, 256
-  %279 = getelementptr inbounds float, ptr %8, i64 %278
-  %280 = mul nsw i64 %277, 1024
-  %281 = add nsw i64 %280, %233
-  %282 = getelementptr inbounds float, ptr %sa, i64 %281
-  store <8 x float> zeroinitializer, ptr %qacc29, align 4
-  store <8 x float> zeroinitializer, ptr %qacc30, align 4
-  store <8 x float> zeroinitializer, ptr %qacc31, align 4
-  store <8 x float> zeroinitializer, ptr %qacc32, align 4
-  store <8 x float> zeroinitializer, ptr %qacc33, align 4
-  store <8 x float> zeroinitializer, ptr %qacc34, align 4
-  store <8 x float> zeroinitializer, ptr %qacc35, align 4
-  store <8 x float> zeroinitializer, ptr %qacc36, align 4
-  br label %qh.head37
+rb.body5:                                         ; preds = %rb.head4
+  %89 = add nsw i64 %rb7, 0
+  %90 = mul nsw i64 %89, 256
+  %91 = getelementptr inbounds float, ptr %8, i64 %90
+  %92 = mul nsw i64 %89, 1024
+  %93 = add nsw i64 %92, %87
+  %94 = getelementptr inbounds float, ptr %sa, i64 %93
+  %95 = add nsw i64 %rb7, 1
+  %96 = mul nsw i64 %95, 256
+  %97 = getelementptr inbounds float, ptr %8, i64 %96
+  %98 = mul nsw i64 %95, 1024
+  %99 = add nsw i64 %98, %87
+  %100 = getelementptr inbounds float, ptr %sa, i64 %99
+  %101 = add nsw i64 %rb7, 2
+  %102 = mul nsw i64 %101, 256
+  %103 = getelementptr inbounds float, ptr %8, i64 %102
+  %104 = mul nsw i64 %101, 1024
+  %105 = add nsw i64 %104, %87
+  %106 = getelementptr inbounds float, ptr %sa, i64 %105
+  %107 = add nsw i64 %rb7, 3
+  %108 = mul nsw i64 %107, 256
+  %109 = getelementptr inbounds float, ptr %8, i64 %108
+  %110 = mul nsw i64 %107, 1024
+  %111 = add nsw i64 %110, %87
+  %112 = getelementptr inbounds float, ptr %sa, i64 %111
+  store <8 x float> zeroinitializer, ptr %qacc8, align 4
+  store <8 x float> zeroinitializer, ptr %qacc9, align 4
+  store <8 x float> zeroinitializer, ptr %qacc10, align 4
+  store <8 x float> zeroinitializer, ptr %qacc11, align 4
+  br label %qh.head12
 
-qh.head37:                                        ; preds = %qh.body38, %rb.body26
-  %qh40 = phi i64 [ 0, %rb.body26 ], [ %338, %qh.body38 ]
-  %283 = icmp slt i64 %qh40, 128
-  br i1 %283, label %qh.body38, label %qh.end39
+qh.head12:                                        ; preds = %qh.body13, %rb.body5
+  %qh15 = phi i64 [ 0, %rb.body5 ], [ %144, %qh.body13 ]
+  %113 = icmp slt i64 %qh15, 128
+  br i1 %113, label %qh.body13, label %qh.end14
 
-qh.body38:                                        ; preds = %qh.head37
-  %284 = add nsw i64 %qb1, 0
-  %285 = mul nsw i64 %qh40, 8
-  %286 = mul nsw i64 %284, 1024
-  %287 = add nsw i64 %286, %285
-  %288 = getelementptr inbounds float, ptr %9, i64 %287
-  %289 = load <8 x float>, ptr %288, align 4
-  %290 = getelementptr inbounds float, ptr %237, i64 %qh40
-  %291 = load float, ptr %290, align 4
-  %292 = insertelement <8 x float> poison, float %291, i32 0
-  %293 = shufflevector <8 x float> %292, <8 x float> poison, <8 x i32> zeroinitializer
-  %294 = load <8 x float>, ptr %qacc29, align 4
-  %295 = call <8 x float> @llvm.fma.v8f32(<8 x float> %293, <8 x float> %289, <8 x float> %294)
-  store <8 x float> %295, ptr %qacc29, align 4
-  %296 = getelementptr inbounds float, ptr %243, i64 %qh40
-  %297 = load float, ptr %296, align 4
-  %298 = insertelement <8 x float> poison, float %297, i32 0
-  %299 = shufflevector <8 x float> %298, <8 x float> poison, <8 x i32> zeroinitializer
-  %300 = load <8 x float>, ptr %qacc30, align 4
-  %301 = call <8 x float> @llvm.fma.v8f32(<8 x float> %299, <8 x float> %289, <8 x float> %300)
-  store <8 x float> %301, ptr %qacc30, align 4
-  %302 = getelementptr inbounds float, ptr %249, i64 %qh40
-  %303 = load float, ptr %302, align 4
-  %304 = insertelement <8 x float> poison, float %303, i32 0
-  %305 = shufflevector <8 x float> %304, <8 x float> poison, <8 x i32> zeroinitializer
-  %306 = load <8 x float>, ptr %qacc31, align 4
-  %307 = call <8 x float> @llvm.fma.v8f32(<8 x float> %305, <8 x float> %289, <8 x float> %306)
-  store <8 x float> %307, ptr %qacc31, align 4
-  %308 = getelementptr inbounds float, ptr %255, i64 %qh40
-  %309 = load float, ptr %308, align 4
-  %310 = insertelement <8 x float> poison, float %309, i32 0
-  %311 = shufflevector <8 x float> %310, <8 x float> poison, <8 x i32> zeroinitializer
-  %312 = load <8 x float>, ptr %qacc32, align 4
-  %313 = call <8 x float> @llvm.fma.v8f32(<8 x float> %311, <8 x float> %289, <8 x float> %312)
-  store <8 x float> %313, ptr %qacc32, align 4
-  %314 = getelementptr inbounds float, ptr %261, i64 %qh40
-  %315 = load float, ptr %314, align 4
-  %316 = insertelement <8 x float> poison, float %315, i32 0
-  %317 = shufflevector <8 x float> %316, <8 x float> poison, <8 x i32> zeroinitializer
-  %318 = load <8 x float>, ptr %qacc33, align 4
-  %319 = call <8 x float> @llvm.fma.v8f32(<8 x float> %317, <8 x float> %289, <8 x float> %318)
-  store <8 x float> %319, ptr %qacc33, align 4
-  %320 = getelementptr inbounds float, ptr %267, i64 %qh40
-  %321 = load float, ptr %320, align 4
-  %322 = insertelement <8 x float> poison, float %321, i32 0
-  %323 = shufflevector <8 x float> %322, <8 x float> poison, <8 x i32> zeroinitializer
-  %324 = load <8 x float>, ptr %qacc34, align 4
-  %325 = call <8 x float> @llvm.fma.v8f32(<8 x float> %323, <8 x float> %289, <8 x float> %324)
-  store <8 x float> %325, ptr %qacc34, align 4
-  %326 = getelementptr inbounds float, ptr %273, i64 %qh40
-  %327 = load float, ptr %326, align 4
-  %328 = insertelement <8 x float> poison, float %327, i32 0
-  %329 = shufflevector <8 x float> %328, <8 x float> poison, <8 x i32> zeroinitializer
-  %330 = load <8 x float>, ptr %qacc35, align 4
-  %331 = call <8 x float> @llvm.fma.v8f32(<8 x float> %329, <8 x float> %289, <8 x float> %330)
-  store <8 x float> %331, ptr %qacc35, align 4
-  %332 = getelementptr inbounds float, ptr %279, i64 %qh40
-  %333 = load float, ptr %332, align 4
-  %334 = insertelement <8 x float> poison, float %333, i32 0
-  %335 = shufflevector <8 x float> %334, <8 x float> poison, <8 x i32> zeroinitializer
-  %336 = load <8 x float>, ptr %qacc36, align 4
-  %337 = call <8 x float> @llvm.fma.v8f32(<8 x float> %335, <8 x float> %289, <8 x float> %336)
-  store <8 x float> %337, ptr %qacc36, align 4
-  %338 = add nsw i64 %qh40, 1
-  br label %qh.head37
+qh.body13:                                        ; preds = %qh.head12
+  %114 = add nsw i64 %qb1, 0
+  %115 = mul nsw i64 %qh15, 8
+  %116 = mul nsw i64 %114, 1024
+  %117 = add nsw i64 %116, %115
+  %118 = getelementptr inbounds float, ptr %9, i64 %117
+  %119 = load <8 x float>, ptr %118, align 4
+  %120 = getelementptr inbounds float, ptr %91, i64 %qh15
+  %121 = load float, ptr %120, align 4
+  %122 = insertelement <8 x float> poison, float %121, i32 0
+  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
+  %124 = load <8 x float>, ptr %qacc8, align 4
+  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %119, <8 x float> %124)
+  store <8 x float> %125, ptr %qacc8, align 4
+  %126 = getelementptr inbounds float, ptr %97, i64 %qh15
+  %127 = load float, ptr %126, align 4
+  %128 = insertelement <8 x float> poison, float %127, i32 0
+  %129 = shufflevector <8 x float> %128, <8 x float> poison, <8 x i32> zeroinitializer
+  %130 = load <8 x float>, ptr %qacc9, align 4
+  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> %119, <8 x float> %130)
+  store <8 x float> %131, ptr %qacc9, align 4
+  %132 = getelementptr inbounds float, ptr %103, i64 %qh15
+  %133 = load float, ptr %132, align 4
+  %134 = insertelement <8 x float> poison, float %133, i32 0
+  %135 = shufflevector <8 x float> %134, <8 x float> poison, <8 x i32> zeroinitializer
+  %136 = load <8 x float>, ptr %qacc10, align 4
+  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %119, <8 x float> %136)
+  store <8 x float> %137, ptr %qacc10, align 4
+  %138 = getelementptr inbounds float, ptr %109, i64 %qh15
+  %139 = load float, ptr %138, align 4
+  %140 = insertelement <8 x float> poison, float %139, i32 0
+  %141 = shufflevector <8 x float> %140, <8 x float> poison, <8 x i32> zeroinitializer
+  %142 = load <8 x float>, ptr %qacc11, align 4
+  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %141, <8 x float> %119, <8 x float> %142)
+  store <8 x float> %143, ptr %qacc11, align 4
+  %144 = add nsw i64 %qh15, 1
+  br label %qh.head12
 
-qh.end39:                                         ; preds = %qh.head37
-  %339 = load <8 x float>, ptr %qacc29, align 4
-  %340 = load <8 x float>, ptr %qacc30, align 4
-  %341 = load <8 x float>, ptr %qacc31, align 4
-  %342 = load <8 x float>, ptr %qacc32, align 4
-  %343 = load <8 x float>, ptr %qacc33, align 4
-  %344 = load <8 x float>, ptr %qacc34, align 4
-  %345 = load <8 x float>, ptr %qacc35, align 4
-  %346 = load <8 x float>, ptr %qacc36, align 4
-  %347 = getelementptr inbounds float, ptr %240, i64 0
-  store <8 x float> %339, ptr %347, align 4
-  %348 = getelementptr inbounds float, ptr %246, i64 0
-  store <8 x float> %340, ptr %348, align 4
-  %349 = getelementptr inbounds float, ptr %252, i64 0
-  store <8 x float> %341, ptr %349, align 4
-  %350 = getelementptr inbounds float, ptr %258, i64 0
-  store <8 x float> %342, ptr %350, align 4
-  %351 = getelementptr inbounds float, ptr %264, i64 0
-  store <8 x float> %343, ptr %351, align 4
-  %352 = getelementptr inbounds float, ptr %270, i64 0
-  store <8 x float> %344, ptr %352, align 4
-  %353 = getelementptr inbounds float, ptr %276, i64 0
-  store <8 x float> %345, ptr %353, align 4
-  %354 = getelementptr inbounds float, ptr %282, i64 0
-  store <8 x float> %346, ptr %354, align 4
-  %355 = add nsw i64 %rb28, 8
-  br label %rb.head25
+qh.end14:                                         ; preds = %qh.head12
+  %145 = load <8 x float>, ptr %qacc8, align 4
+  %146 = load <8 x float>, ptr %qacc9, align 4
+  %147 = load <8 x float>, ptr %qacc10, align 4
+  %148 = load <8 x float>, ptr %qacc11, align 4
+  %149 = getelementptr inbounds float, ptr %94, i64 0
+  store <8 x float> %145, ptr %149, align 4
+  %150 = getelementptr inbounds float, ptr %100, i64 0
+  store <8 x float> %146, ptr %150, align 4
+  %151 = getelementptr inbounds float, ptr %106, i64 0
+  store <8 x float> %147, ptr %151, align 4
+  %152 = getelementptr inbounds float, ptr %112, i64 0
+  store <8 x float> %148, ptr %152, align 4
+  %153 = add nsw i64 %rb7, 4
+  br label %rb.head4
 
-rb.end27:                                         ; preds = %rb.head25
-  br label %r1.head41
-
-r1.head41:                                        ; preds = %qh.end48, %rb.end27
-  %r144 = phi i64 [ %full, %rb.end27 ], [ %379, %qh.end48 ]
-  %356 = icmp slt i64 %r144, %gn
-  br i1 %356, label %r1.body42, label %r1.end43
-
-r1.body42:                                        ; preds = %r1.head41
-  %357 = add nsw i64 %r144, 0
-  %358 = mul nsw i64 %357, 256
-  %359 = getelementptr inbounds float, ptr %8, i64 %358
-  %360 = mul nsw i64 %357, 1024
-  %361 = add nsw i64 %360, %233
-  %362 = getelementptr inbounds float, ptr %sa, i64 %361
-  store <8 x float> zeroinitializer, ptr %qacc45, align 4
-  br label %qh.head46
-
-qh.head46:                                        ; preds = %qh.body47, %r1.body42
-  %qh49 = phi i64 [ 0, %r1.body42 ], [ %376, %qh.body47 ]
-  %363 = icmp slt i64 %qh49, 128
-  br i1 %363, label %qh.body47, label %qh.end48
-
-qh.body47:                                        ; preds = %qh.head46
-  %364 = add nsw i64 %qb1, 0
-  %365 = mul nsw i64 %qh49, 8
-  %366 = mul nsw i64 %364, 1024
-  %367 = add nsw i64 %366, %365
-  %368 = getelementptr inbounds float, ptr %9, i64 %367
-  %369 = load <8 x float>, ptr %368, align 4
-  %370 = getelementptr inbounds float, ptr %359, i64 %qh49
-  %371 = load float, ptr %370, align 4
-  %372 = insertelement <8 x float> poison, float %371, i32 0
-  %373 = shufflevector <8 x float> %372, <8 x float> poison, <8 x i32> zeroinitializer
-  %374 = load <8 x float>, ptr %qacc45, align 4
-  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %373, <8 x float> %369, <8 x float> %374)
-  store <8 x float> %375, ptr %qacc45, align 4
-  %376 = add nsw i64 %qh49, 1
-  br label %qh.head46
-
-qh.end48:                                         ; preds = %qh.head46
-  %377 = load <8 x float>, ptr %qacc45, align 4
-  %378 = getelementptr inbounds float, ptr %362, i64 0
-  store <8 x float> %377, ptr %378, align 4
-  %379 = add nsw i64 %r144, 1
-  br label %r1.head41
-
-r1.end43:                                         ; preds = %r1.head41
-  %380 = add nsw i64 %qb1, 1
+rb.end6:                                          ; preds = %rb.head4
+  %154 = add nsw i64 %qb1, 1
   br label %qb1.head
 
 qb1.end:                                          ; preds = %qb1.head
-  %381 = mul nsw i64 %hgroup, 256
-  %382 = add nsw i64 %381, 128
-  %383 = getelementptr inbounds float, ptr %2, i64 %382
-  %384 = getelementptr inbounds float, ptr %keys, i64 131072
-  %385 = sdiv i64 %gn, 8
-  %full50 = mul i64 %385, 8
-  br label %qb.head51
+  br label %qb.head16
 
-qb.head51:                                        ; preds = %r1.end83, %qb1.end
-  %qb54 = phi i64 [ 0, %qb1.end ], [ %606, %r1.end83 ]
-  %386 = icmp slt i64 %qb54, 128
-  br i1 %386, label %qb.body52, label %qb.end53
+qb.head16:                                        ; preds = %r1.end, %qb1.end
+  %qb19 = phi i64 [ 0, %qb1.end ], [ %203, %r1.end ]
+  %155 = icmp slt i64 %qb19, 128
+  br i1 %155, label %qb.body17, label %qb.end18
 
-qb.body52:                                        ; preds = %qb.head51
-  %387 = mul nsw i64 %qb54, 8
-  br label %rb.head55
+qb.body17:                                        ; preds = %qb.head16
+  %156 = mul nsw i64 %qb19, 8
+  br label %r1.head
 
-rb.head55:                                        ; preds = %qh.end77, %qb.body52
-  %rb58 = phi i64 [ 0, %qb.body52 ], [ %559, %qh.end77 ]
-  %388 = icmp slt i64 %rb58, %full50
-  br i1 %388, label %rb.body56, label %rb.end57
+r1.head:                                          ; preds = %qh.end24, %qb.body17
+  %r1 = phi i64 [ %full, %qb.body17 ], [ %202, %qh.end24 ]
+  %157 = icmp slt i64 %r1, %gn
+  br i1 %157, label %r1.body, label %r1.end
 
-rb.body56:                                        ; preds = %rb.head55
-  %389 = add nsw i64 %rb58, 0
-  %390 = mul nsw i64 %389, 256
-  %391 = getelementptr inbounds float, ptr %383, i64 %390
-  %392 = mul nsw i64 %389, 1024
-  %393 = add nsw i64 %392, %387
-  %394 = getelementptr inbounds float, ptr %sb, i64 %393
-  %395 = add nsw i64 %rb58, 1
-  %396 = mul nsw i64 %395, 256
-  %397 = getelementptr inbounds float, ptr %383, i64 %396
-  %398 = mul nsw i64 %395, 1024
-  %399 = add nsw i64 %398, %387
-  %400 = getelementptr inbounds float, ptr %sb, i64 %399
-  %401 = add nsw i64 %rb58, 2
-  %402 = mul nsw i64 %401, 256
-  %403 = getelementptr inbounds float, ptr %383, i64 %402
-  %404 = mul nsw i64 %401, 1024
-  %405 = add nsw i64 %404, %387
-  %406 = getelementptr inbounds float, ptr %sb, i64 %405
-  %407 = add nsw i64 %rb58, 3
-  %408 = mul nsw i64 %407, 256
-  %409 = getelementptr inbounds float, ptr %383, i64 %408
-  %410 = mul nsw i64 %407, 1024
-  %411 = add nsw i64 %410, %387
-  %412 = getelementptr inbounds float, ptr %sb, i64 %411
-  %413 = add nsw i64 %rb58, 4
-  %414 = mul nsw i64 %413, 256
-  %415 = getelementptr inbounds float, ptr %383, i64 %414
-  %416 = mul nsw i64 %413, 1024
-  %417 = add nsw i64 %416, %387
-  %418 = getelementptr inbounds float, ptr %sb, i64 %417
-  %419 = add nsw i64 %rb58, 5
-  %420 = mul nsw i64 %419, 256
-  %421 = getelementptr inbounds float, ptr %383, i64 %420
-  %422 = mul nsw i64 %419, 1024
-  %423 = add nsw i64 %422, %387
-  %424 = getelementptr inbounds float, ptr %sb, i64 %423
-  %425 = add nsw i64 %rb58, 6
-  %426 = mul nsw i64 %425, 256
-  %427 = getelementptr inbounds float, ptr %383, i64 %426
-  %428 = mul nsw i64 %425, 1024
-  %429 = add nsw i64 %428, %387
-  %430 = getelementptr inbounds float, ptr %sb, i64 %429
-  %431 = add nsw i64 %rb58, 7
-  %432 = mul nsw i64 %431, 256
-  %433 = getelementptr inbounds float, ptr %383, i64 %432
-  %434 = mul nsw i64 %431, 1024
-  %435 = add nsw i64 %434, %387
-  %436 = getelementptr inbounds float, ptr %sb, i64 %435
-  store <16 x float> zeroinitializer, ptr %qacc59, align 4
-  store <16 x float> zeroinitializer, ptr %qacc60, align 4
-  store <16 x float> zeroinitializer, ptr %qacc61, align 4
-  store <16 x float> zeroinitializer, ptr %qacc62, align 4
-  store <16 x float> zeroinitializer, ptr %qacc63, align 4
-  store <16 x float> zeroinitializer, ptr %qacc64, align 4
-  store <16 x float> zeroinitializer, ptr %qacc65, align 4
-  store <16 x float> zeroinitializer, ptr %qacc66, align 4
-  store <16 x float> zeroinitializer, ptr %qacc67, align 4
-  store <16 x float> zeroinitializer, ptr %qacc68, align 4
-  store <16 x float> zeroinitializer, ptr %qacc69, align 4
-  store <16 x float> zeroinitializer, ptr %qacc70, align 4
-  store <16 x float> zeroinitializer, ptr %qacc71, align 4
-  store <16 x float> zeroinitializer, ptr %qacc72, align 4
-  store <16 x float> zeroinitializer, ptr %qacc73, align 4
-  store <16 x float> zeroinitializer, ptr %qacc74, align 4
-  br label %qh.head75
+r1.body:                                          ; preds = %r1.head
+  %158 = add nsw i64 %r1, 0
+  %159 = mul nsw i64 %158, 256
+  %160 = getelementptr inbounds float, ptr %8, i64 %159
+  %161 = mul nsw i64 %158, 1024
+  %162 = add nsw i64 %161, %156
+  %163 = getelementptr inbounds float, ptr %sa, i64 %162
+  store <16 x float> zeroinitializer, ptr %qacc20, align 4
+  store <16 x float> zeroinitializer, ptr %qacc21, align 4
+  br label %qh.head22
 
-qh.head75:                                        ; preds = %qh.body76, %rb.body56
-  %qh78 = phi i64 [ 0, %rb.body56 ], [ %526, %qh.body76 ]
-  %437 = icmp slt i64 %qh78, 128
-  br i1 %437, label %qh.body76, label %qh.end77
+qh.head22:                                        ; preds = %qh.body23, %r1.body
+  %qh25 = phi i64 [ 0, %r1.body ], [ %197, %qh.body23 ]
+  %164 = icmp slt i64 %qh25, 128
+  br i1 %164, label %qh.body23, label %qh.end24
 
-qh.body76:                                        ; preds = %qh.head75
-  %438 = add nsw i64 %qb54, 0
-  %439 = mul nsw i64 %qh78, 8
-  %440 = mul nsw i64 %438, 1024
-  %441 = add nsw i64 %440, %439
-  %442 = getelementptr inbounds float, ptr %384, i64 %441
-  %443 = load <8 x float>, ptr %442, align 4
-  %444 = add nsw i64 %qb54, 1
-  %445 = mul nsw i64 %qh78, 8
-  %446 = mul nsw i64 %444, 1024
-  %447 = add nsw i64 %446, %445
-  %448 = getelementptr inbounds float, ptr %384, i64 %447
-  %449 = load <8 x float>, ptr %448, align 4
-  %w1679 = shufflevector <8 x float> %443, <8 x float> %449, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %450 = add nsw i64 %qb54, 2
-  %451 = mul nsw i64 %qh78, 8
-  %452 = mul nsw i64 %450, 1024
-  %453 = add nsw i64 %452, %451
-  %454 = getelementptr inbounds float, ptr %384, i64 %453
-  %455 = load <8 x float>, ptr %454, align 4
-  %456 = add nsw i64 %qb54, 3
-  %457 = mul nsw i64 %qh78, 8
-  %458 = mul nsw i64 %456, 1024
-  %459 = add nsw i64 %458, %457
-  %460 = getelementptr inbounds float, ptr %384, i64 %459
-  %461 = load <8 x float>, ptr %460, align 4
-  %w1680 = shufflevector <8 x float> %455, <8 x float> %461, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %462 = getelementptr inbounds float, ptr %391, i64 %qh78
-  %463 = load float, ptr %462, align 4
-  %464 = insertelement <16 x float> poison, float %463, i32 0
-  %465 = shufflevector <16 x float> %464, <16 x float> poison, <16 x i32> zeroinitializer
-  %466 = load <16 x float>, ptr %qacc59, align 4
-  %467 = call <16 x float> @llvm.fma.v16f32(<16 x float> %465, <16 x float> %w1679, <16 x float> %466)
-  store <16 x float> %467, ptr %qacc59, align 4
-  %468 = load <16 x float>, ptr %qacc60, align 4
-  %469 = call <16 x float> @llvm.fma.v16f32(<16 x float> %465, <16 x float> %w1680, <16 x float> %468)
-  store <16 x float> %469, ptr %qacc60, align 4
-  %470 = getelementptr inbounds float, ptr %397, i64 %qh78
-  %471 = load float, ptr %470, align 4
-  %472 = insertelement <16 x float> poison, float %471, i32 0
-  %473 = shufflevector <16 x float> %472, <16 x float> poison, <16 x i32> zeroinitializer
-  %474 = load <16 x float>, ptr %qacc61, align 4
-  %475 = call <16 x float> @llvm.fma.v16f32(<16 x float> %473, <16 x float> %w1679, <16 x float> %474)
-  store <16 x float> %475, ptr %qacc61, align 4
-  %476 = load <16 x float>, ptr %qacc62, align 4
-  %477 = call <16 x float> @llvm.fma.v16f32(<16 x float> %473, <16 x float> %w1680, <16 x float> %476)
-  store <16 x float> %477, ptr %qacc62, align 4
-  %478 = getelementptr inbounds float, ptr %403, i64 %qh78
-  %479 = load float, ptr %478, align 4
-  %480 = insertelement <16 x float> poison, float %479, i32 0
-  %481 = shufflevector <16 x float> %480, <16 x float> poison, <16 x i32> zeroinitializer
-  %482 = load <16 x float>, ptr %qacc63, align 4
-  %483 = call <16 x float> @llvm.fma.v16f32(<16 x float> %481, <16 x float> %w1679, <16 x float> %482)
-  store <16 x float> %483, ptr %qacc63, align 4
-  %484 = load <16 x float>, ptr %qacc64, align 4
-  %485 = call <16 x float> @llvm.fma.v16f32(<16 x float> %481, <16 x float> %w1680, <16 x float> %484)
-  store <16 x float> %485, ptr %qacc64, align 4
-  %486 = getelementptr inbounds float, ptr %409, i64 %qh78
-  %487 = load float, ptr %486, align 4
-  %488 = insertelement <16 x float> poison, float %487, i32 0
-  %489 = shufflevector <16 x float> %488, <16 x float> poison, <16 x i32> zeroinitializer
-  %490 = load <16 x float>, ptr %qacc65, align 4
-  %491 = call <16 x float> @llvm.fma.v16f32(<16 x float> %489, <16 x float> %w1679, <16 x float> %490)
-  store <16 x float> %491, ptr %qacc65, align 4
-  %492 = load <16 x float>, ptr %qacc66, align 4
-  %493 = call <16 x float> @llvm.fma.v16f32(<16 x float> %489, <16 x float> %w1680, <16 x float> %492)
-  store <16 x float> %493, ptr %qacc66, align 4
-  %494 = getelementptr inbounds float, ptr %415, i64 %qh78
-  %495 = load float, ptr %494, align 4
-  %496 = insertelement <16 x float> poison, float %495, i32 0
-  %497 = shufflevector <16 x float> %496, <16 x float> poison, <16 x i32> zeroinitializer
-  %498 = load <16 x float>, ptr %qacc67, align 4
-  %499 = call <16 x float> @llvm.fma.v16f32(<16 x float> %497, <16 x float> %w1679, <16 x float> %498)
-  store <16 x float> %499, ptr %qacc67, align 4
-  %500 = load <16 x float>, ptr %qacc68, align 4
-  %501 = call <16 x float> @llvm.fma.v16f32(<16 x float> %497, <16 x float> %w1680, <16 x float> %500)
-  store <16 x float> %501, ptr %qacc68, align 4
-  %502 = getelementptr inbounds float, ptr %421, i64 %qh78
-  %503 = load float, ptr %502, align 4
-  %504 = insertelement <16 x float> poison, float %503, i32 0
-  %505 = shufflevector <16 x float> %504, <16 x float> poison, <16 x i32> zeroinitializer
-  %506 = load <16 x float>, ptr %qacc69, align 4
-  %507 = call <16 x float> @llvm.fma.v16f32(<16 x float> %505, <16 x float> %w1679, <16 x float> %506)
-  store <16 x float> %507, ptr %qacc69, align 4
-  %508 = load <16 x float>, ptr %qacc70, align 4
-  %509 = call <16 x float> @llvm.fma.v16f32(<16 x float> %505, <16 x float> %w1680, <16 x float> %508)
-  store <16 x float> %509, ptr %qacc70, align 4
-  %510 = getelementptr inbounds float, ptr %427, i64 %qh78
-  %511 = load float, ptr %510, align 4
-  %512 = insertelement <16 x float> poison, float %511, i32 0
-  %513 = shufflevector <16 x float> %512, <16 x float> poison, <16 x i32> zeroinitializer
-  %514 = load <16 x float>, ptr %qacc71, align 4
-  %515 = call <16 x float> @llvm.fma.v16f32(<16 x float> %513, <16 x float> %w1679, <16 x float> %514)
-  store <16 x float> %515, ptr %qacc71, align 4
-  %516 = load <16 x float>, ptr %qacc72, align 4
-  %517 = call <16 x float> @llvm.fma.v16f32(<16 x float> %513, <16 x float> %w1680, <16 x float> %516)
-  store <16 x float> %517, ptr %qacc72, align 4
-  %518 = getelementptr inbounds float, ptr %433, i64 %qh78
-  %519 = load float, ptr %518, align 4
-  %520 = insertelement <16 x float> poison, float %519, i32 0
-  %521 = shufflevector <16 x float> %520, <16 x float> poison, <16 x i32> zeroinitializer
-  %522 = load <16 x float>, ptr %qacc73, align 4
-  %523 = call <16 x float> @llvm.fma.v16f32(<16 x float> %521, <16 x float> %w1679, <16 x float> %522)
-  store <16 x float> %523, ptr %qacc73, align 4
-  %524 = load <16 x float>, ptr %qacc74, align 4
-  %525 = call <16 x float> @llvm.fma.v16f32(<16 x float> %521, <16 x float> %w1680, <16 x float> %524)
-  store <16 x float> %525, ptr %qacc74, align 4
-  %526 = add nsw i64 %qh78, 1
-  br label %qh.head75
+qh.body23:                                        ; preds = %qh.head22
+  %165 = add nsw i64 %qb19, 0
+  %166 = mul nsw i64 %qh25, 8
+  %167 = mul nsw i64 %165, 1024
+  %168 = add nsw i64 %167, %166
+  %169 = getelementptr inbounds float, ptr %9, i64 %168
+  %170 = load <8 x float>, ptr %169, align 4
+  %171 = add nsw i64 %qb19, 1
+  %172 = mul nsw i64 %qh25, 8
+  %173 = mul nsw i64 %171, 1024
+  %174 = add nsw i64 %173, %172
+  %175 = getelementptr inbounds float, ptr %9, i64 %174
+  %176 = load <8 x float>, ptr %175, align 4
+  %w1626 = shufflevector <8 x float> %170, <8 x float> %176, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %177 = add nsw i64 %qb19, 2
+  %178 = mul nsw i64 %qh25, 8
+  %179 = mul nsw i64 %177, 1024
+  %180 = add nsw i64 %179, %178
+  %181 = getelementptr inbounds float, ptr %9, i64 %180
+  %182 = load <8 x float>, ptr %181, align 4
+  %183 = add nsw i64 %qb19, 3
+  %184 = mul nsw i64 %qh25, 8
+  %185 = mul nsw i64 %183, 1024
+  %186 = add nsw i64 %185, %184
+  %187 = getelementptr inbounds float, ptr %9, i64 %186
+  %188 = load <8 x float>, ptr %187, align 4
+  %w1627 = shufflevector <8 x float> %182, <8 x float> %188, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %189 = getelementptr inbounds float, ptr %160, i64 %qh25
+  %190 = load float, ptr %189, align 4
+  %191 = insertelement <16 x float> poison, float %190, i32 0
+  %192 = shufflevector <16 x float> %191, <16 x float> poison, <16 x i32> zeroinitializer
+  %193 = load <16 x float>, ptr %qacc20, align 4
+  %194 = call <16 x float> @llvm.fma.v16f32(<16 x float> %192, <16 x float> %w1626, <16 x float> %193)
+  store <16 x float> %194, ptr %qacc20, align 4
+  %195 = load <16 x float>, ptr %qacc21, align 4
+  %196 = call <16 x float> @llvm.fma.v16f32(<16 x float> %192, <16 x float> %w1627, <16 x float> %195)
+  store <16 x float> %196, ptr %qacc21, align 4
+  %197 = add nsw i64 %qh25, 1
+  br label %qh.head22
 
-qh.end77:                                         ; preds = %qh.head75
-  %527 = load <16 x float>, ptr %qacc59, align 4
-  %528 = load <16 x float>, ptr %qacc60, align 4
-  %529 = load <16 x float>, ptr %qacc61, align 4
-  %530 = load <16 x float>, ptr %qacc62, align 4
-  %531 = load <16 x float>, ptr %qacc63, align 4
-  %532 = load <16 x float>, ptr %qacc64, align 4
-  %533 = load <16 x float>, ptr %qacc65, align 4
-  %534 = load <16 x float>, ptr %qacc66, align 4
-  %535 = load <16 x float>, ptr %qacc67, align 4
-  %536 = load <16 x float>, ptr %qacc68, align 4
-  %537 = load <16 x float>, ptr %qacc69, align 4
-  %538 = load <16 x float>, ptr %qacc70, align 4
-  %539 = load <16 x float>, ptr %qacc71, align 4
-  %540 = load <16 x float>, ptr %qacc72, align 4
-  %541 = load <16 x float>, ptr %qacc73, align 4
-  %542 = load <16 x float>, ptr %qacc74, align 4
-  %543 = getelementptr inbounds float, ptr %394, i64 0
-  store <16 x float> %527, ptr %543, align 4
-  %544 = getelementptr inbounds float, ptr %394, i64 16
-  store <16 x float> %528, ptr %544, align 4
-  %545 = getelementptr inbounds float, ptr %400, i64 0
-  store <16 x float> %529, ptr %545, align 4
-  %546 = getelementptr inbounds float, ptr %400, i64 16
-  store <16 x float> %530, ptr %546, align 4
-  %547 = getelementptr inbounds float, ptr %406, i64 0
-  store <16 x float> %531, ptr %547, align 4
-  %548 = getelementptr inbounds float, ptr %406, i64 16
-  store <16 x float> %532, ptr %548, align 4
-  %549 = getelementptr inbounds float, ptr %412, i64 0
-  store <16 x float> %533, ptr %549, align 4
-  %550 = getelementptr inbounds float, ptr %412, i64 16
-  store <16 x float> %534, ptr %550, align 4
-  %551 = getelementptr inbounds float, ptr %418, i64 0
-  store <16 x float> %535, ptr %551, align 4
-  %552 = getelementptr inbounds float, ptr %418, i64 16
-  store <16 x float> %536, ptr %552, align 4
-  %553 = getelementptr inbounds float, ptr %424, i64 0
-  store <16 x float> %537, ptr %553, align 4
-  %554 = getelementptr inbounds float, ptr %424, i64 16
-  store <16 x float> %538, ptr %554, align 4
-  %555 = getelementptr inbounds float, ptr %430, i64 0
-  store <16 x float> %539, ptr %555, align 4
-  %556 = getelementptr inbounds float, ptr %430, i64 16
-  store <16 x float> %540, ptr %556, align 4
-  %557 = getelementptr inbounds float, ptr %436, i64 0
-  store <16 x float> %541, ptr %557, align 4
-  %558 = getelementptr inbounds float, ptr %436, i64 16
-  store <16 x float> %542, ptr %558, align 4
-  %559 = add nsw i64 %rb58, 8
-  br label %rb.head55
+qh.end24:                                         ; preds = %qh.head22
+  %198 = load <16 x float>, ptr %qacc20, align 4
+  %199 = load <16 x float>, ptr %qacc21, align 4
+  %200 = getelementptr inbounds float, ptr %163, i64 0
+  store <16 x float> %198, ptr %200, align 4
+  %201 = getelementptr inbounds float, ptr %163, i64 16
+  store <16 x float> %199, ptr %201, align 4
+  %202 = add nsw i64 %r1, 1
+  br label %r1.head
 
-rb.end57:                                         ; preds = %rb.head55
-  br label %r1.head81
+r1.end:                                           ; preds = %r1.head
+  %203 = add nsw i64 %qb19, 4
+  br label %qb.head16
 
-r1.head81:                                        ; preds = %qh.end89, %rb.end57
-  %r184 = phi i64 [ %full50, %rb.end57 ], [ %605, %qh.end89 ]
-  %560 = icmp slt i64 %r184, %gn
-  br i1 %560, label %r1.body82, label %r1.end83
+qb.end18:                                         ; preds = %qb.head16
+  br label %qb1.head28
 
-r1.body82:                                        ; preds = %r1.head81
-  %561 = add nsw i64 %r184, 0
-  %562 = mul nsw i64 %561, 256
-  %563 = getelementptr inbounds float, ptr %383, i64 %562
-  %564 = mul nsw i64 %561, 1024
-  %565 = add nsw i64 %564, %387
-  %566 = getelementptr inbounds float, ptr %sb, i64 %565
-  store <16 x float> zeroinitializer, ptr %qacc85, align 4
-  store <16 x float> zeroinitializer, ptr %qacc86, align 4
-  br label %qh.head87
+qb1.head28:                                       ; preds = %r1.end34, %qb.end18
+  %qb131 = phi i64 [ 128, %qb.end18 ], [ %230, %r1.end34 ]
+  %204 = icmp slt i64 %qb131, 128
+  br i1 %204, label %qb1.body29, label %qb1.end30
 
-qh.head87:                                        ; preds = %qh.body88, %r1.body82
-  %qh90 = phi i64 [ 0, %r1.body82 ], [ %600, %qh.body88 ]
-  %567 = icmp slt i64 %qh90, 128
-  br i1 %567, label %qh.body88, label %qh.end89
+qb1.body29:                                       ; preds = %qb1.head28
+  %205 = mul nsw i64 %qb131, 8
+  br label %r1.head32
 
-qh.body88:                                        ; preds = %qh.head87
-  %568 = add nsw i64 %qb54, 0
-  %569 = mul nsw i64 %qh90, 8
-  %570 = mul nsw i64 %568, 1024
-  %571 = add nsw i64 %570, %569
-  %572 = getelementptr inbounds float, ptr %384, i64 %571
-  %573 = load <8 x float>, ptr %572, align 4
-  %574 = add nsw i64 %qb54, 1
-  %575 = mul nsw i64 %qh90, 8
-  %576 = mul nsw i64 %574, 1024
-  %577 = add nsw i64 %576, %575
-  %578 = getelementptr inbounds float, ptr %384, i64 %577
-  %579 = load <8 x float>, ptr %578, align 4
-  %w1691 = shufflevector <8 x float> %573, <8 x float> %579, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %580 = add nsw i64 %qb54, 2
-  %581 = mul nsw i64 %qh90, 8
-  %582 = mul nsw i64 %580, 1024
-  %583 = add nsw i64 %582, %581
-  %584 = getelementptr inbounds float, ptr %384, i64 %583
-  %585 = load <8 x float>, ptr %584, align 4
-  %586 = add nsw i64 %qb54, 3
-  %587 = mul nsw i64 %qh90, 8
-  %588 = mul nsw i64 %586, 1024
-  %589 = add nsw i64 %588, %587
-  %590 = getelementptr inbounds float, ptr %384, i64 %589
-  %591 = load <8 x float>, ptr %590, align 4
-  %w1692 = shufflevector <8 x float> %585, <8 x float> %591, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %592 = getelementptr inbounds float, ptr %563, i64 %qh90
-  %593 = load float, ptr %592, align 4
-  %594 = insertelement <16 x float> poison, float %593, i32 0
-  %595 = shufflevector <16 x float> %594, <16 x float> poison, <16 x i32> zeroinitializer
-  %596 = load <16 x float>, ptr %qacc85, align 4
-  %597 = call <16 x float> @llvm.fma.v16f32(<16 x float> %595, <16 x float> %w1691, <16 x float> %596)
-  store <16 x float> %597, ptr %qacc85, align 4
-  %598 = load <16 x float>, ptr %qacc86, align 4
-  %599 = call <16 x float> @llvm.fma.v16f32(<16 x float> %595, <16 x float> %w1692, <16 x float> %598)
-  store <16 x float> %599, ptr %qacc86, align 4
-  %600 = add nsw i64 %qh90, 1
-  br label %qh.head87
+r1.head32:                                        ; preds = %qh.end39, %qb1.body29
+  %r135 = phi i64 [ %full, %qb1.body29 ], [ %229, %qh.end39 ]
+  %206 = icmp slt i64 %r135, %gn
+  br i1 %206, label %r1.body33, label %r1.end34
 
-qh.end89:                                         ; preds = %qh.head87
-  %601 = load <16 x float>, ptr %qacc85, align 4
-  %602 = load <16 x float>, ptr %qacc86, align 4
-  %603 = getelementptr inbounds float, ptr %566, i64 0
-  store <16 x float> %601, ptr %603, align 4
-  %604 = getelementptr inbounds float, ptr %566, i64 16
-  store <16 x float> %602, ptr %604, align 4
-  %605 = add nsw i64 %r184, 1
-  br label %r1.head81
+r1.body33:                                        ; preds = %r1.head32
+  %207 = add nsw i64 %r135, 0
+  %208 = mul nsw i64 %207, 256
+  %209 = getelementptr inbounds float, ptr %8, i64 %208
+  %210 = mul nsw i64 %207, 1024
+  %211 = add nsw i64 %210, %205
+  %212 = getelementptr inbounds float, ptr %sa, i64 %211
+  store <8 x float> zeroinitializer, ptr %qacc36, align 4
+  br label %qh.head37
 
-r1.end83:                                         ; preds = %r1.head81
-  %606 = add nsw i64 %qb54, 4
-  br label %qb.head51
+qh.head37:                                        ; preds = %qh.body38, %r1.body33
+  %qh40 = phi i64 [ 0, %r1.body33 ], [ %226, %qh.body38 ]
+  %213 = icmp slt i64 %qh40, 128
+  br i1 %213, label %qh.body38, label %qh.end39
 
-qb.end53:                                         ; preds = %qb.head51
-  br label %qb1.head93
+qh.body38:                                        ; preds = %qh.head37
+  %214 = add nsw i64 %qb131, 0
+  %215 = mul nsw i64 %qh40, 8
+  %216 = mul nsw i64 %214, 1024
+  %217 = add nsw i64 %216, %215
+  %218 = getelementptr inbounds float, ptr %9, i64 %217
+  %219 = load <8 x float>, ptr %218, align 4
+  %220 = getelementptr inbounds float, ptr %209, i64 %qh40
+  %221 = load float, ptr %220, align 4
+  %222 = insertelement <8 x float> poison, float %221, i32 0
+  %223 = shufflevector <8 x float> %222, <8 x float> poison, <8 x i32> zeroinitializer
+  %224 = load <8 x float>, ptr %qacc36, align 4
+  %225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %223, <8 x float> %219, <8 x float> %224)
+  store <8 x float> %225, ptr %qacc36, align 4
+  %226 = add nsw i64 %qh40, 1
+  br label %qh.head37
 
-qb1.head93:                                       ; preds = %r1.end115, %qb.end53
-  %qb196 = phi i64 [ 128, %qb.end53 ], [ %755, %r1.end115 ]
-  %607 = icmp slt i64 %qb196, 128
-  br i1 %607, label %qb1.body94, label %qb1.end95
+qh.end39:                                         ; preds = %qh.head37
+  %227 = load <8 x float>, ptr %qacc36, align 4
+  %228 = getelementptr inbounds float, ptr %212, i64 0
+  store <8 x float> %227, ptr %228, align 4
+  %229 = add nsw i64 %r135, 1
+  br label %r1.head32
 
-qb1.body94:                                       ; preds = %qb1.head93
-  %608 = mul nsw i64 %qb196, 8
-  br label %rb.head97
+r1.end34:                                         ; preds = %r1.head32
+  %230 = add nsw i64 %qb131, 1
+  br label %qb1.head28
 
-rb.head97:                                        ; preds = %qh.end111, %qb1.body94
-  %rb100 = phi i64 [ 0, %qb1.body94 ], [ %730, %qh.end111 ]
-  %609 = icmp slt i64 %rb100, %full50
-  br i1 %609, label %rb.body98, label %rb.end99
+qb1.end30:                                        ; preds = %qb1.head28
+  %231 = mul nsw i64 %hgroup, 256
+  %232 = add nsw i64 %231, 128
+  %233 = getelementptr inbounds float, ptr %2, i64 %232
+  %234 = getelementptr inbounds float, ptr %keys, i64 131072
+  %235 = sdiv i64 %gn, 4
+  %full41 = mul i64 %235, 4
+  br label %qb.head42
 
-rb.body98:                                        ; preds = %rb.head97
-  %610 = add nsw i64 %rb100, 0
-  %611 = mul nsw i64 %610, 256
-  %612 = getelementptr inbounds float, ptr %383, i64 %611
-  %613 = mul nsw i64 %610, 1024
-  %614 = add nsw i64 %613, %608
-  %615 = getelementptr inbounds float, ptr %sb, i64 %614
-  %616 = add nsw i64 %rb100, 1
-  %617 = mul nsw i64 %616, 256
-  %618 = getelementptr inbounds float, ptr %383, i64 %617
-  %619 = mul nsw i64 %616, 1024
-  %620 = add nsw i64 %619, %608
-  %621 = getelementptr inbounds float, ptr %sb, i64 %620
-  %622 = add nsw i64 %rb100, 2
-  %623 = mul nsw i64 %622, 256
-  %624 = getelementptr inbounds float, ptr %383, i64 %623
-  %625 = mul nsw i64 %622, 1024
-  %626 = add nsw i64 %625, %608
-  %627 = getelementptr inbounds float, ptr %sb, i64 %626
-  %628 = add nsw i64 %rb100, 3
-  %629 = mul nsw i64 %628, 256
-  %630 = getelementptr inbounds float, ptr %383, i64 %629
-  %631 = mul nsw i64 %628, 1024
-  %632 = add nsw i64 %631, %608
-  %633 = getelementptr inbounds float, ptr %sb, i64 %632
-  %634 = add nsw i64 %rb100, 4
-  %635 = mul nsw i64 %634, 256
-  %636 = getelementptr inbounds float, ptr %383, i64 %635
-  %637 = mul nsw i64 %634, 1024
-  %638 = add nsw i64 %637, %608
-  %639 = getelementptr inbounds float, ptr %sb, i64 %638
-  %640 = add nsw i64 %rb100, 5
-  %641 = mul nsw i64 %640, 256
-  %642 = getelementptr inbounds float, ptr %383, i64 %641
-  %643 = mul nsw i64 %640, 1024
-  %644 = add nsw i64 %643, %608
-  %645 = getelementptr inbounds float, ptr %sb, i64 %644
-  %646 = add nsw i64 %rb100, 6
-  %647 = mul nsw i64 %646, 256
-  %648 = getelementptr inbounds float, ptr %383, i64 %647
-  %649 = mul nsw i64 %646, 1024
-  %650 = add nsw i64 %649, %608
-  %651 = getelementptr inbounds float, ptr %sb, i64 %650
-  %652 = add nsw i64 %rb100, 7
-  %653 = mul nsw i64 %652, 256
-  %654 = getelementptr inbounds float, ptr %383, i64 %653
-  %655 = mul nsw i64 %652, 1024
-  %656 = add nsw i64 %655, %608
-  %657 = getelementptr inbounds float, ptr %sb, i64 %656
-  store <8 x float> zeroinitializer, ptr %qacc101, align 4
-  store <8 x float> zeroinitializer, ptr %qacc102, align 4
-  store <8 x float> zeroinitializer, ptr %qacc103, align 4
-  store <8 x float> zeroinitializer, ptr %qacc104, align 4
-  store <8 x float> zeroinitializer, ptr %qacc105, align 4
-  store <8 x float> zeroinitializer, ptr %qacc106, align 4
-  store <8 x float> zeroinitializer, ptr %qacc107, align 4
-  store <8 x float> zeroinitializer, ptr %qacc108, align 4
-  br label %qh.head109
+qb.head42:                                        ; preds = %rb.end48, %qb1.end30
+  %qb45 = phi i64 [ 0, %qb1.end30 ], [ %310, %rb.end48 ]
+  %236 = icmp slt i64 %qb45, 128
+  br i1 %236, label %qb.body43, label %qb.end44
 
-qh.head109:                                       ; preds = %qh.body110, %rb.body98
-  %qh112 = phi i64 [ 0, %rb.body98 ], [ %713, %qh.body110 ]
-  %658 = icmp slt i64 %qh112, 128
-  br i1 %658, label %qh.body110, label %qh.end111
+qb.body43:                                        ; preds = %qb.head42
+  %237 = mul nsw i64 %qb45, 8
+  br label %rb.head46
 
-qh.body110:                                       ; preds = %qh.head109
-  %659 = add nsw i64 %qb196, 0
-  %660 = mul nsw i64 %qh112, 8
-  %661 = mul nsw i64 %659, 1024
-  %662 = add nsw i64 %661, %660
-  %663 = getelementptr inbounds float, ptr %384, i64 %662
-  %664 = load <8 x float>, ptr %663, align 4
-  %665 = getelementptr inbounds float, ptr %612, i64 %qh112
-  %666 = load float, ptr %665, align 4
-  %667 = insertelement <8 x float> poison, float %666, i32 0
-  %668 = shufflevector <8 x float> %667, <8 x float> poison, <8 x i32> zeroinitializer
-  %669 = load <8 x float>, ptr %qacc101, align 4
-  %670 = call <8 x float> @llvm.fma.v8f32(<8 x float> %668, <8 x float> %664, <8 x float> %669)
-  store <8 x float> %670, ptr %qacc101, align 4
-  %671 = getelementptr inbounds float, ptr %618, i64 %qh112
-  %672 = load float, ptr %671, align 4
-  %673 = insertelement <8 x float> poison, float %672, i32 0
-  %674 = shufflevector <8 x float> %673, <8 x float> poison, <8 x i32> zeroinitializer
-  %675 = load <8 x float>, ptr %qacc102, align 4
-  %676 = call <8 x float> @llvm.fma.v8f32(<8 x float> %674, <8 x float> %664, <8 x float> %675)
-  store <8 x float> %676, ptr %qacc102, align 4
-  %677 = getelementptr inbounds float, ptr %624, i64 %qh112
-  %678 = load float, ptr %677, align 4
-  %679 = insertelement <8 x float> poison, float %678, i32 0
-  %680 = shufflevector <8 x float> %679, <8 x float> poison, <8 x i32> zeroinitializer
-  %681 = load <8 x float>, ptr %qacc103, align 4
-  %682 = call <8 x float> @llvm.fma.v8f32(<8 x float> %680, <8 x float> %664, <8 x float> %681)
-  store <8 x float> %682, ptr %qacc103, align 4
-  %683 = getelementptr inbounds float, ptr %630, i64 %qh112
-  %684 = load float, ptr %683, align 4
-  %685 = insertelement <8 x float> poison, float %684, i32 0
-  %686 = shufflevector <8 x float> %685, <8 x float> poison, <8 x i32> zeroinitializer
-  %687 = load <8 x float>, ptr %qacc104, align 4
-  %688 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> %664, <8 x float> %687)
-  store <8 x float> %688, ptr %qacc104, align 4
-  %689 = getelementptr inbounds float, ptr %636, i64 %qh112
-  %690 = load float, ptr %689, align 4
-  %691 = insertelement <8 x float> poison, float %690, i32 0
-  %692 = shufflevector <8 x float> %691, <8 x float> poison, <8 x i32> zeroinitializer
-  %693 = load <8 x float>, ptr %qacc105, align 4
-  %694 = call <8 x float> @llvm.fma.v8f32(<8 x float> %692, <8 x float> %664, <8 x float> %693)
-  store <8 x float> %694, ptr %qacc105, align 4
-  %695 = getelementptr inbounds float, ptr %642, i64 %qh112
-  %696 = load float, ptr %695, align 4
-  %697 = insertelement <8 x float> poison, float %696, i32 0
-  %698 = shufflevector <8 x float> %697, <8 x float> poison, <8 x i32> zeroinitializer
-  %699 = load <8 x float>, ptr %qacc106, align 4
-  %700 = call <8 x float> @llvm.fma.v8f32(<8 x float> %698, <8 x float> %664, <8 x float> %699)
-  store <8 x float> %700, ptr %qacc106, align 4
-  %701 = getelementptr inbounds float, ptr %648, i64 %qh112
-  %702 = load float, ptr %701, align 4
-  %703 = insertelement <8 x float> poison, float %702, i32 0
-  %704 = shufflevector <8 x float> %703, <8 x float> poison, <8 x i32> zeroinitializer
-  %705 = load <8 x float>, ptr %qacc107, align 4
-  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> %664, <8 x float> %705)
-  store <8 x float> %706, ptr %qacc107, align 4
-  %707 = getelementptr inbounds float, ptr %654, i64 %qh112
-  %708 = load float, ptr %707, align 4
-  %709 = insertelement <8 x float> poison, float %708, i32 0
-  %710 = shufflevector <8 x float> %709, <8 x float> poison, <8 x i32> zeroinitializer
-  %711 = load <8 x float>, ptr %qacc108, align 4
-  %712 = call <8 x float> @llvm.fma.v8f32(<8 x float> %710, <8 x float> %664, <8 x float> %711)
-  store <8 x float> %712, ptr %qacc108, align 4
-  %713 = add nsw i64 %qh112, 1
-  br label %qh.head109
+rb.head46:                                        ; preds = %qh.end56, %qb.body43
+  %rb49 = phi i64 [ 0, %qb.body43 ], [ %309, %qh.end56 ]
+  %238 = icmp slt i64 %rb49, %full41
+  br i1 %238, label %rb.body47, label %rb.end48
 
-qh.end111:                                        ; preds = %qh.head109
-  %714 = load <8 x float>, ptr %qacc101, align 4
-  %715 = load <8 x float>, ptr %qacc102, align 4
-  %716 = load <8 x float>, ptr %qacc103, align 4
-  %717 = load <8 x float>, ptr %qacc104, align 4
-  %718 = load <8 x float>, ptr %qacc105, align 4
-  %719 = load <8 x float>, ptr %qacc106, align 4
-  %720 = load <8 x float>, ptr %qacc107, align 4
-  %721 = load <8 x float>, ptr %qacc108, align 4
-  %722 = getelementptr inbounds float, ptr %615, i64 0
-  store <8 x float> %714, ptr %722, align 4
-  %723 = getelementptr inbounds float, ptr %621, i64 0
-  store <8 x float> %715, ptr %723, align 4
-  %724 = getelementptr inbounds float, ptr %627, i64 0
-  store <8 x float> %716, ptr %724, align 4
-  %725 = getelementptr inbounds float, ptr %633, i64 0
-  store <8 x float> %717, ptr %725, align 4
-  %726 = getelementptr inbounds float, ptr %639, i64 0
-  store <8 x float> %718, ptr %726, align 4
-  %727 = getelementptr inbounds float, ptr %645, i64 0
-  store <8 x float> %719, ptr %727, align 4
-  %728 = getelementptr inbounds float, ptr %651, i64 0
-  store <8 x float> %720, ptr %728, align 4
-  %729 = getelementptr inbounds float, ptr %657, i64 0
-  store <8 x float> %721, ptr %729, align 4
-  %730 = add nsw i64 %rb100, 8
-  br label %rb.head97
+rb.body47:                                        ; preds = %rb.head46
+  %239 = add nsw i64 %rb49, 0
+  %240 = mul nsw i64 %239, 256
+  %241 = getelementptr inbounds float, ptr %233, i64 %240
+  %242 = mul nsw i64 %239, 1024
+  %243 = add nsw i64 %242, %237
+  %244 = getelementptr inbounds float, ptr %sb, i64 %243
+  %245 = add nsw i64 %rb49, 1
+  %246 = mul nsw i64 %245, 256
+  %247 = getelementptr inbounds float, ptr %233, i64 %246
+  %248 = mul nsw i64 %245, 1024
+  %249 = add nsw i64 %248, %237
+  %250 = getelementptr inbounds float, ptr %sb, i64 %249
+  %251 = add nsw i64 %rb49, 2
+  %252 = mul nsw i64 %251, 256
+  %253 = getelementptr inbounds float, ptr %233, i64 %252
+  %254 = mul nsw i64 %251, 1024
+  %255 = add nsw i64 %254, %237
+  %256 = getelementptr inbounds float, ptr %sb, i64 %255
+  %257 = add nsw i64 %rb49, 3
+  %258 = mul nsw i64 %257, 256
+  %259 = getelementptr inbounds float, ptr %233, i64 %258
+  %260 = mul nsw i64 %257, 1024
+  %261 = add nsw i64 %260, %237
+  %262 = getelementptr inbounds float, ptr %sb, i64 %261
+  store <16 x float> zeroinitializer, ptr %qacc50, align 4
+  store <16 x float> zeroinitializer, ptr %qacc51, align 4
+  store <16 x float> zeroinitializer, ptr %qacc52, align 4
+  store <16 x float> zeroinitializer, ptr %qacc53, align 4
+  br label %qh.head54
 
-rb.end99:                                         ; preds = %rb.head97
-  br label %r1.head113
+qh.head54:                                        ; preds = %qh.body55, %rb.body47
+  %qh57 = phi i64 [ 0, %rb.body47 ], [ %300, %qh.body55 ]
+  %263 = icmp slt i64 %qh57, 128
+  br i1 %263, label %qh.body55, label %qh.end56
 
-r1.head113:                                       ; preds = %qh.end120, %rb.end99
-  %r1116 = phi i64 [ %full50, %rb.end99 ], [ %754, %qh.end120 ]
-  %731 = icmp slt i64 %r1116, %gn
-  br i1 %731, label %r1.body114, label %r1.end115
+qh.body55:                                        ; preds = %qh.head54
+  %264 = add nsw i64 %qb45, 0
+  %265 = mul nsw i64 %qh57, 8
+  %266 = mul nsw i64 %264, 1024
+  %267 = add nsw i64 %266, %265
+  %268 = getelementptr inbounds float, ptr %234, i64 %267
+  %269 = load <8 x float>, ptr %268, align 4
+  %270 = add nsw i64 %qb45, 1
+  %271 = mul nsw i64 %qh57, 8
+  %272 = mul nsw i64 %270, 1024
+  %273 = add nsw i64 %272, %271
+  %274 = getelementptr inbounds float, ptr %234, i64 %273
+  %275 = load <8 x float>, ptr %274, align 4
+  %w1658 = shufflevector <8 x float> %269, <8 x float> %275, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %276 = getelementptr inbounds float, ptr %241, i64 %qh57
+  %277 = load float, ptr %276, align 4
+  %278 = insertelement <16 x float> poison, float %277, i32 0
+  %279 = shufflevector <16 x float> %278, <16 x float> poison, <16 x i32> zeroinitializer
+  %280 = load <16 x float>, ptr %qacc50, align 4
+  %281 = call <16 x float> @llvm.fma.v16f32(<16 x float> %279, <16 x float> %w1658, <16 x float> %280)
+  store <16 x float> %281, ptr %qacc50, align 4
+  %282 = getelementptr inbounds float, ptr %247, i64 %qh57
+  %283 = load float, ptr %282, align 4
+  %284 = insertelement <16 x float> poison, float %283, i32 0
+  %285 = shufflevector <16 x float> %284, <16 x float> poison, <16 x i32> zeroinitializer
+  %286 = load <16 x float>, ptr %qacc51, align 4
+  %287 = call <16 x float> @llvm.fma.v16f32(<16 x float> %285, <16 x float> %w1658, <16 x float> %286)
+  store <16 x float> %287, ptr %qacc51, align 4
+  %288 = getelementptr inbounds float, ptr %253, i64 %qh57
+  %289 = load float, ptr %288, align 4
+  %290 = insertelement <16 x float> poison, float %289, i32 0
+  %291 = shufflevector <16 x float> %290, <16 x float> poison, <16 x i32> zeroinitializer
+  %292 = load <16 x float>, ptr %qacc52, align 4
+  %293 = call <16 x float> @llvm.fma.v16f32(<16 x float> %291, <16 x float> %w1658, <16 x float> %292)
+  store <16 x float> %293, ptr %qacc52, align 4
+  %294 = getelementptr inbounds float, ptr %259, i64 %qh57
+  %295 = load float, ptr %294, align 4
+  %296 = insertelement <16 x float> poison, float %295, i32 0
+  %297 = shufflevector <16 x float> %296, <16 x float> poison, <16 x i32> zeroinitializer
+  %298 = load <16 x float>, ptr %qacc53, align 4
+  %299 = call <16 x float> @llvm.fma.v16f32(<16 x float> %297, <16 x float> %w1658, <16 x float> %298)
+  store <16 x float> %299, ptr %qacc53, align 4
+  %300 = add nsw i64 %qh57, 1
+  br label %qh.head54
 
-r1.body114:                                       ; preds = %r1.head113
-  %732 = add nsw i64 %r1116, 0
-  %733 = mul nsw i64 %732, 256
-  %734 = getelementptr inbounds float, ptr %383, i64 %733
-  %735 = mul nsw i64 %732, 1024
-  %736 = add nsw i64 %735, %608
-  %737 = getelementptr inbounds float, ptr %sb, i64 %736
-  store <8 x float> zeroinitializer, ptr %qacc117, align 4
-  br label %qh.head118
+qh.end56:                                         ; preds = %qh.head54
+  %301 = load <16 x float>, ptr %qacc50, align 4
+  %302 = load <16 x float>, ptr %qacc51, align 4
+  %303 = load <16 x float>, ptr %qacc52, align 4
+  %304 = load <16 x float>, ptr %qacc53, align 4
+  %305 = getelementptr inbounds float, ptr %244, i64 0
+  store <16 x float> %301, ptr %305, align 4
+  %306 = getelementptr inbounds float, ptr %250, i64 0
+  store <16 x float> %302, ptr %306, align 4
+  %307 = getelementptr inbounds float, ptr %256, i64 0
+  store <16 x float> %303, ptr %307, align 4
+  %308 = getelementptr inbounds float, ptr %262, i64 0
+  store <16 x float> %304, ptr %308, align 4
+  %309 = add nsw i64 %rb49, 4
+  br label %rb.head46
 
-qh.head118:                                       ; preds = %qh.body119, %r1.body114
-  %qh121 = phi i64 [ 0, %r1.body114 ], [ %751, %qh.body119 ]
-  %738 = icmp slt i64 %qh121, 128
-  br i1 %738, label %qh.body119, label %qh.end120
+rb.end48:                                         ; preds = %rb.head46
+  %310 = add nsw i64 %qb45, 2
+  br label %qb.head42
 
-qh.body119:                                       ; preds = %qh.head118
-  %739 = add nsw i64 %qb196, 0
-  %740 = mul nsw i64 %qh121, 8
-  %741 = mul nsw i64 %739, 1024
-  %742 = add nsw i64 %741, %740
-  %743 = getelementptr inbounds float, ptr %384, i64 %742
-  %744 = load <8 x float>, ptr %743, align 4
-  %745 = getelementptr inbounds float, ptr %734, i64 %qh121
-  %746 = load float, ptr %745, align 4
-  %747 = insertelement <8 x float> poison, float %746, i32 0
-  %748 = shufflevector <8 x float> %747, <8 x float> poison, <8 x i32> zeroinitializer
-  %749 = load <8 x float>, ptr %qacc117, align 4
-  %750 = call <8 x float> @llvm.fma.v8f32(<8 x float> %748, <8 x float> %744, <8 x float> %749)
-  store <8 x float> %750, ptr %qacc117, align 4
-  %751 = add nsw i64 %qh121, 1
-  br label %qh.head118
+qb.end44:                                         ; preds = %qb.head42
+  br label %qb1.head59
 
-qh.end120:                                        ; preds = %qh.head118
-  %752 = load <8 x float>, ptr %qacc117, align 4
-  %753 = getelementptr inbounds float, ptr %737, i64 0
-  store <8 x float> %752, ptr %753, align 4
-  %754 = add nsw i64 %r1116, 1
-  br label %r1.head113
+qb1.head59:                                       ; preds = %rb.end65, %qb.end44
+  %qb162 = phi i64 [ 128, %qb.end44 ], [ %379, %rb.end65 ]
+  %311 = icmp slt i64 %qb162, 128
+  br i1 %311, label %qb1.body60, label %qb1.end61
 
-r1.end115:                                        ; preds = %r1.head113
-  %755 = add nsw i64 %qb196, 1
-  br label %qb1.head93
+qb1.body60:                                       ; preds = %qb1.head59
+  %312 = mul nsw i64 %qb162, 8
+  br label %rb.head63
 
-qb1.end95:                                        ; preds = %qb1.head93
+rb.head63:                                        ; preds = %qh.end73, %qb1.body60
+  %rb66 = phi i64 [ 0, %qb1.body60 ], [ %378, %qh.end73 ]
+  %313 = icmp slt i64 %rb66, %full41
+  br i1 %313, label %rb.body64, label %rb.end65
+
+rb.body64:                                        ; preds = %rb.head63
+  %314 = add nsw i64 %rb66, 0
+  %315 = mul nsw i64 %314, 256
+  %316 = getelementptr inbounds float, ptr %233, i64 %315
+  %317 = mul nsw i64 %314, 1024
+  %318 = add nsw i64 %317, %312
+  %319 = getelementptr inbounds float, ptr %sb, i64 %318
+  %320 = add nsw i64 %rb66, 1
+  %321 = mul nsw i64 %320, 256
+  %322 = getelementptr inbounds float, ptr %233, i64 %321
+  %323 = mul nsw i64 %320, 1024
+  %324 = add nsw i64 %323, %312
+  %325 = getelementptr inbounds float, ptr %sb, i64 %324
+  %326 = add nsw i64 %rb66, 2
+  %327 = mul nsw i64 %326, 256
+  %328 = getelementptr inbounds float, ptr %233, i64 %327
+  %329 = mul nsw i64 %326, 1024
+  %330 = add nsw i64 %329, %312
+  %331 = getelementptr inbounds float, ptr %sb, i64 %330
+  %332 = add nsw i64 %rb66, 3
+  %333 = mul nsw i64 %332, 256
+  %334 = getelementptr inbounds float, ptr %233, i64 %333
+  %335 = mul nsw i64 %332, 1024
+  %336 = add nsw i64 %335, %312
+  %337 = getelementptr inbounds float, ptr %sb, i64 %336
+  store <8 x float> zeroinitializer, ptr %qacc67, align 4
+  store <8 x float> zeroinitializer, ptr %qacc68, align 4
+  store <8 x float> zeroinitializer, ptr %qacc69, align 4
+  store <8 x float> zeroinitializer, ptr %qacc70, align 4
+  br label %qh.head71
+
+qh.head71:                                        ; preds = %qh.body72, %rb.body64
+  %qh74 = phi i64 [ 0, %rb.body64 ], [ %369, %qh.body72 ]
+  %338 = icmp slt i64 %qh74, 128
+  br i1 %338, label %qh.body72, label %qh.end73
+
+qh.body72:                                        ; preds = %qh.head71
+  %339 = add nsw i64 %qb162, 0
+  %340 = mul nsw i64 %qh74, 8
+  %341 = mul nsw i64 %339, 1024
+  %342 = add nsw i64 %341, %340
+  %343 = getelementptr inbounds float, ptr %234, i64 %342
+  %344 = load <8 x float>, ptr %343, align 4
+  %345 = getelementptr inbounds float, ptr %316, i64 %qh74
+  %346 = load float, ptr %345, align 4
+  %347 = insertelement <8 x float> poison, float %346, i32 0
+  %348 = shufflevector <8 x float> %347, <8 x float> poison, <8 x i32> zeroinitializer
+  %349 = load <8 x float>, ptr %qacc67, align 4
+  %350 = call <8 x float> @llvm.fma.v8f32(<8 x float> %348, <8 x float> %344, <8 x float> %349)
+  store <8 x float> %350, ptr %qacc67, align 4
+  %351 = getelementptr inbounds float, ptr %322, i64 %qh74
+  %352 = load float, ptr %351, align 4
+  %353 = insertelement <8 x float> poison, float %352, i32 0
+  %354 = shufflevector <8 x float> %353, <8 x float> poison, <8 x i32> zeroinitializer
+  %355 = load <8 x float>, ptr %qacc68, align 4
+  %356 = call <8 x float> @llvm.fma.v8f32(<8 x float> %354, <8 x float> %344, <8 x float> %355)
+  store <8 x float> %356, ptr %qacc68, align 4
+  %357 = getelementptr inbounds float, ptr %328, i64 %qh74
+  %358 = load float, ptr %357, align 4
+  %359 = insertelement <8 x float> poison, float %358, i32 0
+  %360 = shufflevector <8 x float> %359, <8 x float> poison, <8 x i32> zeroinitializer
+  %361 = load <8 x float>, ptr %qacc69, align 4
+  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %344, <8 x float> %361)
+  store <8 x float> %362, ptr %qacc69, align 4
+  %363 = getelementptr inbounds float, ptr %334, i64 %qh74
+  %364 = load float, ptr %363, align 4
+  %365 = insertelement <8 x float> poison, float %364, i32 0
+  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
+  %367 = load <8 x float>, ptr %qacc70, align 4
+  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %344, <8 x float> %367)
+  store <8 x float> %368, ptr %qacc70, align 4
+  %369 = add nsw i64 %qh74, 1
+  br label %qh.head71
+
+qh.end73:                                         ; preds = %qh.head71
+  %370 = load <8 x float>, ptr %qacc67, align 4
+  %371 = load <8 x float>, ptr %qacc68, align 4
+  %372 = load <8 x float>, ptr %qacc69, align 4
+  %373 = load <8 x float>, ptr %qacc70, align 4
+  %374 = getelementptr inbounds float, ptr %319, i64 0
+  store <8 x float> %370, ptr %374, align 4
+  %375 = getelementptr inbounds float, ptr %325, i64 0
+  store <8 x float> %371, ptr %375, align 4
+  %376 = getelementptr inbounds float, ptr %331, i64 0
+  store <8 x float> %372, ptr %376, align 4
+  %377 = getelementptr inbounds float, ptr %337, i64 0
+  store <8 x float> %373, ptr %377, align 4
+  %378 = add nsw i64 %rb66, 4
+  br label %rb.head63
+
+rb.end65:                                         ; preds = %rb.head63
+  %379 = add nsw i64 %qb162, 1
+  br label %qb1.head59
+
+qb1.end61:                                        ; preds = %qb1.head59
+  br label %qb.head75
+
+qb.head75:                                        ; preds = %r1.end81, %qb1.end61
+  %qb78 = phi i64 [ 0, %qb1.end61 ], [ %428, %r1.end81 ]
+  %380 = icmp slt i64 %qb78, 128
+  br i1 %380, label %qb.body76, label %qb.end77
+
+qb.body76:                                        ; preds = %qb.head75
+  %381 = mul nsw i64 %qb78, 8
+  br label %r1.head79
+
+r1.head79:                                        ; preds = %qh.end87, %qb.body76
+  %r182 = phi i64 [ %full41, %qb.body76 ], [ %427, %qh.end87 ]
+  %382 = icmp slt i64 %r182, %gn
+  br i1 %382, label %r1.body80, label %r1.end81
+
+r1.body80:                                        ; preds = %r1.head79
+  %383 = add nsw i64 %r182, 0
+  %384 = mul nsw i64 %383, 256
+  %385 = getelementptr inbounds float, ptr %233, i64 %384
+  %386 = mul nsw i64 %383, 1024
+  %387 = add nsw i64 %386, %381
+  %388 = getelementptr inbounds float, ptr %sb, i64 %387
+  store <16 x float> zeroinitializer, ptr %qacc83, align 4
+  store <16 x float> zeroinitializer, ptr %qacc84, align 4
+  br label %qh.head85
+
+qh.head85:                                        ; preds = %qh.body86, %r1.body80
+  %qh88 = phi i64 [ 0, %r1.body80 ], [ %422, %qh.body86 ]
+  %389 = icmp slt i64 %qh88, 128
+  br i1 %389, label %qh.body86, label %qh.end87
+
+qh.body86:                                        ; preds = %qh.head85
+  %390 = add nsw i64 %qb78, 0
+  %391 = mul nsw i64 %qh88, 8
+  %392 = mul nsw i64 %390, 1024
+  %393 = add nsw i64 %392, %391
+  %394 = getelementptr inbounds float, ptr %234, i64 %393
+  %395 = load <8 x float>, ptr %394, align 4
+  %396 = add nsw i64 %qb78, 1
+  %397 = mul nsw i64 %qh88, 8
+  %398 = mul nsw i64 %396, 1024
+  %399 = add nsw i64 %398, %397
+  %400 = getelementptr inbounds float, ptr %234, i64 %399
+  %401 = load <8 x float>, ptr %400, align 4
+  %w1689 = shufflevector <8 x float> %395, <8 x float> %401, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %402 = add nsw i64 %qb78, 2
+  %403 = mul nsw i64 %qh88, 8
+  %404 = mul nsw i64 %402, 1024
+  %405 = add nsw i64 %404, %403
+  %406 = getelementptr inbounds float, ptr %234, i64 %405
+  %407 = load <8 x float>, ptr %406, align 4
+  %408 = add nsw i64 %qb78, 3
+  %409 = mul nsw i64 %qh88, 8
+  %410 = mul nsw i64 %408, 1024
+  %411 = add nsw i64 %410, %409
+  %412 = getelementptr inbounds float, ptr %234, i64 %411
+  %413 = load <8 x float>, ptr %412, align 4
+  %w1690 = shufflevector <8 x float> %407, <8 x float> %413, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %414 = getelementptr inbounds float, ptr %385, i64 %qh88
+  %415 = load float, ptr %414, align 4
+  %416 = insertelement <16 x float> poison, float %415, i32 0
+  %417 = shufflevector <16 x float> %416, <16 x float> poison, <16 x i32> zeroinitializer
+  %418 = load <16 x float>, ptr %qacc83, align 4
+  %419 = call <16 x float> @llvm.fma.v16f32(<16 x float> %417, <16 x float> %w1689, <16 x float> %418)
+  store <16 x float> %419, ptr %qacc83, align 4
+  %420 = load <16 x float>, ptr %qacc84, align 4
+  %421 = call <16 x float> @llvm.fma.v16f32(<16 x float> %417, <16 x float> %w1690, <16 x float> %420)
+  store <16 x float> %421, ptr %qacc84, align 4
+  %422 = add nsw i64 %qh88, 1
+  br label %qh.head85
+
+qh.end87:                                         ; preds = %qh.head85
+  %423 = load <16 x float>, ptr %qacc83, align 4
+  %424 = load <16 x float>, ptr %qacc84, align 4
+  %425 = getelementptr inbounds float, ptr %388, i64 0
+  store <16 x float> %423, ptr %425, align 4
+  %426 = getelementptr inbounds float, ptr %388, i64 16
+  store <16 x float> %424, ptr %426, align 4
+  %427 = add nsw i64 %r182, 1
+  br label %r1.head79
+
+r1.end81:                                         ; preds = %r1.head79
+  %428 = add nsw i64 %qb78, 4
+  br label %qb.head75
+
+qb.end77:                                         ; preds = %qb.head75
+  br label %qb1.head91
+
+qb1.head91:                                       ; preds = %r1.end97, %qb.end77
+  %qb194 = phi i64 [ 128, %qb.end77 ], [ %455, %r1.end97 ]
+  %429 = icmp slt i64 %qb194, 128
+  br i1 %429, label %qb1.body92, label %qb1.end93
+
+qb1.body92:                                       ; preds = %qb1.head91
+  %430 = mul nsw i64 %qb194, 8
+  br label %r1.head95
+
+r1.head95:                                        ; preds = %qh.end102, %qb1.body92
+  %r198 = phi i64 [ %full41, %qb1.body92 ], [ %454, %qh.end102 ]
+  %431 = icmp slt i64 %r198, %gn
+  br i1 %431, label %r1.body96, label %r1.end97
+
+r1.body96:                                        ; preds = %r1.head95
+  %432 = add nsw i64 %r198, 0
+  %433 = mul nsw i64 %432, 256
+  %434 = getelementptr inbounds float, ptr %233, i64 %433
+  %435 = mul nsw i64 %432, 1024
+  %436 = add nsw i64 %435, %430
+  %437 = getelementptr inbounds float, ptr %sb, i64 %436
+  store <8 x float> zeroinitializer, ptr %qacc99, align 4
+  br label %qh.head100
+
+qh.head100:                                       ; preds = %qh.body101, %r1.body96
+  %qh103 = phi i64 [ 0, %r1.body96 ], [ %451, %qh.body101 ]
+  %438 = icmp slt i64 %qh103, 128
+  br i1 %438, label %qh.body101, label %qh.end102
+
+qh.body101:                                       ; preds = %qh.head100
+  %439 = add nsw i64 %qb194, 0
+  %440 = mul nsw i64 %qh103, 8
+  %441 = mul nsw i64 %439, 1024
+  %442 = add nsw i64 %441, %440
+  %443 = getelementptr inbounds float, ptr %234, i64 %442
+  %444 = load <8 x float>, ptr %443, align 4
+  %445 = getelementptr inbounds float, ptr %434, i64 %qh103
+  %446 = load float, ptr %445, align 4
+  %447 = insertelement <8 x float> poison, float %446, i32 0
+  %448 = shufflevector <8 x float> %447, <8 x float> poison, <8 x i32> zeroinitializer
+  %449 = load <8 x float>, ptr %qacc99, align 4
+  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %444, <8 x float> %449)
+  store <8 x float> %450, ptr %qacc99, align 4
+  %451 = add nsw i64 %qh103, 1
+  br label %qh.head100
+
+qh.end102:                                        ; preds = %qh.head100
+  %452 = load <8 x float>, ptr %qacc99, align 4
+  %453 = getelementptr inbounds float, ptr %437, i64 0
+  store <8 x float> %452, ptr %453, align 4
+  %454 = add nsw i64 %r198, 1
+  br label %r1.head95
+
+r1.end97:                                         ; preds = %r1.head95
+  %455 = add nsw i64 %qb194, 1
+  br label %qb1.head91
+
+qb1.end93:                                        ; preds = %qb1.head91
   br label %head.head
 
-head.head:                                        ; preds = %out.end, %qb1.end95
-  %head = phi i64 [ 0, %qb1.end95 ], [ %1436, %out.end ]
-  %756 = icmp slt i64 %head, %gn
-  br i1 %756, label %head.body, label %head.end
+head.head:                                        ; preds = %out.end, %qb1.end93
+  %head = phi i64 [ 0, %qb1.end93 ], [ %1136, %out.end ]
+  %456 = icmp slt i64 %head, %gn
+  br i1 %456, label %head.body, label %head.end
 
 head.body:                                        ; preds = %head.head
   %hd = add nsw i64 %hgroup, %head
-  %757 = mul nsw i64 %head, 1024
-  %758 = getelementptr inbounds float, ptr %sa, i64 %757
+  %457 = mul nsw i64 %head, 1024
+  %458 = getelementptr inbounds float, ptr %sa, i64 %457
   store <16 x float> zeroinitializer, ptr %tkv.v, align 4
   store <16 x i32> zeroinitializer, ptr %tkv.i, align 4
   store <16 x i32> zeroinitializer, ptr %tkv.k, align 4
@@ -1900,420 +1309,932 @@ head.body:                                        ; preds = %head.head
   br label %tkv.c.head
 
 tkv.c.head:                                       ; preds = %tkv.w.end, %head.body
-  %tkv.c = phi i64 [ 0, %head.body ], [ %828, %tkv.w.end ]
-  %759 = icmp slt i64 %tkv.c, 1024
-  br i1 %759, label %tkv.c.body, label %tkv.c.end
+  %tkv.c = phi i64 [ 0, %head.body ], [ %528, %tkv.w.end ]
+  %459 = icmp slt i64 %tkv.c, 1024
+  br i1 %459, label %tkv.c.body, label %tkv.c.end
 
 tkv.c.body:                                       ; preds = %tkv.c.head
-  %760 = load <16 x float>, ptr %tkv.v, align 4
-  %761 = load <16 x i32>, ptr %tkv.k, align 4
-  %762 = getelementptr inbounds float, ptr %758, i64 %tkv.c
-  %763 = load <16 x float>, ptr %762, align 4
-  %764 = extractelement <16 x float> %760, i32 15
-  %765 = insertelement <16 x float> poison, float %764, i32 0
-  %766 = shufflevector <16 x float> %765, <16 x float> poison, <16 x i32> zeroinitializer
-  %767 = fcmp uno <16 x float> %763, %763
-  %768 = fcmp ugt <16 x float> %763, %766
-  %769 = xor <16 x i1> %767, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
-  %770 = and <16 x i1> %769, %768
-  %771 = bitcast <16 x i1> %770 to i16
-  %772 = load i32, ptr %tkv.m, align 4
-  %773 = icmp eq i32 %772, 16
-  %774 = select i1 %773, i16 %771, i16 -1
-  store i16 %774, ptr %tkv.bits, align 2
+  %460 = load <16 x float>, ptr %tkv.v, align 4
+  %461 = load <16 x i32>, ptr %tkv.k, align 4
+  %462 = getelementptr inbounds float, ptr %458, i64 %tkv.c
+  %463 = load <16 x float>, ptr %462, align 4
+  %464 = extractelement <16 x float> %460, i32 15
+  %465 = insertelement <16 x float> poison, float %464, i32 0
+  %466 = shufflevector <16 x float> %465, <16 x float> poison, <16 x i32> zeroinitializer
+  %467 = fcmp uno <16 x float> %463, %463
+  %468 = fcmp ugt <16 x float> %463, %466
+  %469 = xor <16 x i1> %467, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
+  %470 = and <16 x i1> %469, %468
+  %471 = bitcast <16 x i1> %470 to i16
+  %472 = load i32, ptr %tkv.m, align 4
+  %473 = icmp eq i32 %472, 16
+  %474 = select i1 %473, i16 %471, i16 -1
+  store i16 %474, ptr %tkv.bits, align 2
   br label %tkv.w.head
 
 tkv.w.head:                                       ; preds = %tkv.in.end, %tkv.c.body
-  %775 = load i16, ptr %tkv.bits, align 2
-  %776 = icmp ne i16 %775, 0
-  br i1 %776, label %tkv.w.body, label %tkv.w.end
+  %475 = load i16, ptr %tkv.bits, align 2
+  %476 = icmp ne i16 %475, 0
+  br i1 %476, label %tkv.w.body, label %tkv.w.end
 
 tkv.w.body:                                       ; preds = %tkv.w.head
-  %777 = call i16 @llvm.cttz.i16(i16 %775, i1 true)
-  %778 = zext i16 %777 to i64
-  %779 = sub i16 %775, 1
-  %780 = and i16 %775, %779
-  store i16 %780, ptr %tkv.bits, align 2
-  %781 = add nsw i64 %tkv.c, %778
-  %782 = getelementptr inbounds float, ptr %758, i64 %781
-  %783 = load float, ptr %782, align 4
-  %784 = load i32, ptr %tkv.m, align 4
-  %785 = load <16 x float>, ptr %tkv.v, align 4
-  %786 = load <16 x i32>, ptr %tkv.k, align 4
-  %787 = extractelement <16 x float> %785, i32 15
-  %788 = fcmp uno float %783, %783
-  %789 = fcmp ugt float %783, %787
-  %790 = xor i1 %788, true
-  %791 = and i1 %790, %789
-  %792 = icmp slt i32 %784, 16
-  %793 = or i1 %792, %791
-  br i1 %793, label %tkv.in.then, label %tkv.in.end
+  %477 = call i16 @llvm.cttz.i16(i16 %475, i1 true)
+  %478 = zext i16 %477 to i64
+  %479 = sub i16 %475, 1
+  %480 = and i16 %475, %479
+  store i16 %480, ptr %tkv.bits, align 2
+  %481 = add nsw i64 %tkv.c, %478
+  %482 = getelementptr inbounds float, ptr %458, i64 %481
+  %483 = load float, ptr %482, align 4
+  %484 = load i32, ptr %tkv.m, align 4
+  %485 = load <16 x float>, ptr %tkv.v, align 4
+  %486 = load <16 x i32>, ptr %tkv.k, align 4
+  %487 = extractelement <16 x float> %485, i32 15
+  %488 = fcmp uno float %483, %483
+  %489 = fcmp ugt float %483, %487
+  %490 = xor i1 %488, true
+  %491 = and i1 %490, %489
+  %492 = icmp slt i32 %484, 16
+  %493 = or i1 %492, %491
+  br i1 %493, label %tkv.in.then, label %tkv.in.end
 
 tkv.in.then:                                      ; preds = %tkv.w.body
-  %794 = insertelement <16 x float> poison, float %783, i32 0
-  %795 = shufflevector <16 x float> %794, <16 x float> poison, <16 x i32> zeroinitializer
-  %796 = insertelement <16 x i32> poison, i32 %784, i32 0
-  %797 = shufflevector <16 x i32> %796, <16 x i32> poison, <16 x i32> zeroinitializer
-  %798 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %797
-  %799 = fcmp uno <16 x float> %795, %795
-  %800 = fcmp ugt <16 x float> %795, %785
-  %801 = xor <16 x i1> %799, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
-  %802 = and <16 x i1> %801, %800
-  %803 = or <16 x i1> %802, %798
-  %804 = bitcast <16 x i1> %803 to i16
-  %805 = call i16 @llvm.cttz.i16(i16 %804, i1 false)
-  %806 = zext i16 %805 to i64
-  %807 = trunc i64 %806 to i32
-  %808 = insertelement <16 x i32> poison, i32 %807, i32 0
-  %809 = shufflevector <16 x i32> %808, <16 x i32> poison, <16 x i32> zeroinitializer
-  %810 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %809
-  %811 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %809
-  %812 = trunc i64 %781 to i32
-  %813 = insertelement <16 x i32> poison, i32 %812, i32 0
-  %814 = shufflevector <16 x i32> %813, <16 x i32> poison, <16 x i32> zeroinitializer
-  %815 = shufflevector <16 x float> %785, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %816 = select <16 x i1> %811, <16 x float> %815, <16 x float> %785
-  %817 = select <16 x i1> %810, <16 x float> %795, <16 x float> %816
-  store <16 x float> %817, ptr %tkv.v, align 4
-  %818 = load <16 x i32>, ptr %tkv.i, align 4
-  %819 = shufflevector <16 x i32> %818, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %820 = select <16 x i1> %811, <16 x i32> %819, <16 x i32> %818
-  %821 = select <16 x i1> %810, <16 x i32> %814, <16 x i32> %820
-  store <16 x i32> %821, ptr %tkv.i, align 4
-  %822 = shufflevector <16 x i32> %786, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %823 = select <16 x i1> %811, <16 x i32> %822, <16 x i32> %786
-  %824 = select <16 x i1> %810, <16 x i32> zeroinitializer, <16 x i32> %823
-  store <16 x i32> %824, ptr %tkv.k, align 4
-  %825 = add nsw i32 %784, 1
-  %826 = icmp slt i32 %825, 16
-  %827 = select i1 %826, i32 %825, i32 16
-  store i32 %827, ptr %tkv.m, align 4
+  %494 = insertelement <16 x float> poison, float %483, i32 0
+  %495 = shufflevector <16 x float> %494, <16 x float> poison, <16 x i32> zeroinitializer
+  %496 = insertelement <16 x i32> poison, i32 %484, i32 0
+  %497 = shufflevector <16 x i32> %496, <16 x i32> poison, <16 x i32> zeroinitializer
+  %498 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %497
+  %499 = fcmp uno <16 x float> %495, %495
+  %500 = fcmp ugt <16 x float> %495, %485
+  %501 = xor <16 x i1> %499, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
+  %502 = and <16 x i1> %501, %500
+  %503 = or <16 x i1> %502, %498
+  %504 = bitcast <16 x i1> %503 to i16
+  %505 = call i16 @llvm.cttz.i16(i16 %504, i1 false)
+  %506 = zext i16 %505 to i64
+  %507 = trunc i64 %506 to i32
+  %508 = insertelement <16 x i32> poison, i32 %507, i32 0
+  %509 = shufflevector <16 x i32> %508, <16 x i32> poison, <16 x i32> zeroinitializer
+  %510 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %509
+  %511 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %509
+  %512 = trunc i64 %481 to i32
+  %513 = insertelement <16 x i32> poison, i32 %512, i32 0
+  %514 = shufflevector <16 x i32> %513, <16 x i32> poison, <16 x i32> zeroinitializer
+  %515 = shufflevector <16 x float> %485, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %516 = select <16 x i1> %511, <16 x float> %515, <16 x float> %485
+  %517 = select <16 x i1> %510, <16 x float> %495, <16 x float> %516
+  store <16 x float> %517, ptr %tkv.v, align 4
+  %518 = load <16 x i32>, ptr %tkv.i, align 4
+  %519 = shufflevector <16 x i32> %518, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %520 = select <16 x i1> %511, <16 x i32> %519, <16 x i32> %518
+  %521 = select <16 x i1> %510, <16 x i32> %514, <16 x i32> %520
+  store <16 x i32> %521, ptr %tkv.i, align 4
+  %522 = shufflevector <16 x i32> %486, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %523 = select <16 x i1> %511, <16 x i32> %522, <16 x i32> %486
+  %524 = select <16 x i1> %510, <16 x i32> zeroinitializer, <16 x i32> %523
+  store <16 x i32> %524, ptr %tkv.k, align 4
+  %525 = add nsw i32 %484, 1
+  %526 = icmp slt i32 %525, 16
+  %527 = select i1 %526, i32 %525, i32 16
+  store i32 %527, ptr %tkv.m, align 4
   br label %tkv.in.end
 
 tkv.in.end:                                       ; preds = %tkv.in.then, %tkv.w.body
   br label %tkv.w.head
 
 tkv.w.end:                                        ; preds = %tkv.w.head
-  %828 = add nsw i64 %tkv.c, 16
+  %528 = add nsw i64 %tkv.c, 16
   br label %tkv.c.head
 
 tkv.c.end:                                        ; preds = %tkv.c.head
   br label %tkv.tail.head
 
-tkv.tail.head:                                    ; preds = %tkv.in.end123, %tkv.c.end
-  %tkv.tail = phi i64 [ 1024, %tkv.c.end ], [ %876, %tkv.in.end123 ]
-  %829 = icmp slt i64 %tkv.tail, 1024
-  br i1 %829, label %tkv.tail.body, label %tkv.tail.end
+tkv.tail.head:                                    ; preds = %tkv.in.end105, %tkv.c.end
+  %tkv.tail = phi i64 [ 1024, %tkv.c.end ], [ %576, %tkv.in.end105 ]
+  %529 = icmp slt i64 %tkv.tail, 1024
+  br i1 %529, label %tkv.tail.body, label %tkv.tail.end
 
 tkv.tail.body:                                    ; preds = %tkv.tail.head
-  %830 = getelementptr inbounds float, ptr %758, i64 %tkv.tail
-  %831 = load float, ptr %830, align 4
-  %832 = load i32, ptr %tkv.m, align 4
-  %833 = load <16 x float>, ptr %tkv.v, align 4
-  %834 = load <16 x i32>, ptr %tkv.k, align 4
-  %835 = extractelement <16 x float> %833, i32 15
-  %836 = fcmp uno float %831, %831
-  %837 = fcmp ugt float %831, %835
-  %838 = xor i1 %836, true
-  %839 = and i1 %838, %837
-  %840 = icmp slt i32 %832, 16
-  %841 = or i1 %840, %839
-  br i1 %841, label %tkv.in.then122, label %tkv.in.end123
+  %530 = getelementptr inbounds float, ptr %458, i64 %tkv.tail
+  %531 = load float, ptr %530, align 4
+  %532 = load i32, ptr %tkv.m, align 4
+  %533 = load <16 x float>, ptr %tkv.v, align 4
+  %534 = load <16 x i32>, ptr %tkv.k, align 4
+  %535 = extractelement <16 x float> %533, i32 15
+  %536 = fcmp uno float %531, %531
+  %537 = fcmp ugt float %531, %535
+  %538 = xor i1 %536, true
+  %539 = and i1 %538, %537
+  %540 = icmp slt i32 %532, 16
+  %541 = or i1 %540, %539
+  br i1 %541, label %tkv.in.then104, label %tkv.in.end105
 
-tkv.in.then122:                                   ; preds = %tkv.tail.body
-  %842 = insertelement <16 x float> poison, float %831, i32 0
-  %843 = shufflevector <16 x float> %842, <16 x float> poison, <16 x i32> zeroinitializer
-  %844 = insertelement <16 x i32> poison, i32 %832, i32 0
-  %845 = shufflevector <16 x i32> %844, <16 x i32> poison, <16 x i32> zeroinitializer
-  %846 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %845
-  %847 = fcmp uno <16 x float> %843, %843
-  %848 = fcmp ugt <16 x float> %843, %833
-  %849 = xor <16 x i1> %847, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
-  %850 = and <16 x i1> %849, %848
-  %851 = or <16 x i1> %850, %846
-  %852 = bitcast <16 x i1> %851 to i16
-  %853 = call i16 @llvm.cttz.i16(i16 %852, i1 false)
-  %854 = zext i16 %853 to i64
-  %855 = trunc i64 %854 to i32
-  %856 = insertelement <16 x i32> poison, i32 %855, i32 0
-  %857 = shufflevector <16 x i32> %856, <16 x i32> poison, <16 x i32> zeroinitializer
-  %858 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %857
-  %859 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %857
-  %860 = trunc i64 %tkv.tail to i32
-  %861 = insertelement <16 x i32> poison, i32 %860, i32 0
-  %862 = shufflevector <16 x i32> %861, <16 x i32> poison, <16 x i32> zeroinitializer
-  %863 = shufflevector <16 x float> %833, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %864 = select <16 x i1> %859, <16 x float> %863, <16 x float> %833
-  %865 = select <16 x i1> %858, <16 x float> %843, <16 x float> %864
-  store <16 x float> %865, ptr %tkv.v, align 4
-  %866 = load <16 x i32>, ptr %tkv.i, align 4
-  %867 = shufflevector <16 x i32> %866, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %868 = select <16 x i1> %859, <16 x i32> %867, <16 x i32> %866
-  %869 = select <16 x i1> %858, <16 x i32> %862, <16 x i32> %868
-  store <16 x i32> %869, ptr %tkv.i, align 4
-  %870 = shufflevector <16 x i32> %834, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %871 = select <16 x i1> %859, <16 x i32> %870, <16 x i32> %834
-  %872 = select <16 x i1> %858, <16 x i32> zeroinitializer, <16 x i32> %871
-  store <16 x i32> %872, ptr %tkv.k, align 4
-  %873 = add nsw i32 %832, 1
-  %874 = icmp slt i32 %873, 16
-  %875 = select i1 %874, i32 %873, i32 16
-  store i32 %875, ptr %tkv.m, align 4
-  br label %tkv.in.end123
+tkv.in.then104:                                   ; preds = %tkv.tail.body
+  %542 = insertelement <16 x float> poison, float %531, i32 0
+  %543 = shufflevector <16 x float> %542, <16 x float> poison, <16 x i32> zeroinitializer
+  %544 = insertelement <16 x i32> poison, i32 %532, i32 0
+  %545 = shufflevector <16 x i32> %544, <16 x i32> poison, <16 x i32> zeroinitializer
+  %546 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %545
+  %547 = fcmp uno <16 x float> %543, %543
+  %548 = fcmp ugt <16 x float> %543, %533
+  %549 = xor <16 x i1> %547, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
+  %550 = and <16 x i1> %549, %548
+  %551 = or <16 x i1> %550, %546
+  %552 = bitcast <16 x i1> %551 to i16
+  %553 = call i16 @llvm.cttz.i16(i16 %552, i1 false)
+  %554 = zext i16 %553 to i64
+  %555 = trunc i64 %554 to i32
+  %556 = insertelement <16 x i32> poison, i32 %555, i32 0
+  %557 = shufflevector <16 x i32> %556, <16 x i32> poison, <16 x i32> zeroinitializer
+  %558 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %557
+  %559 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %557
+  %560 = trunc i64 %tkv.tail to i32
+  %561 = insertelement <16 x i32> poison, i32 %560, i32 0
+  %562 = shufflevector <16 x i32> %561, <16 x i32> poison, <16 x i32> zeroinitializer
+  %563 = shufflevector <16 x float> %533, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %564 = select <16 x i1> %559, <16 x float> %563, <16 x float> %533
+  %565 = select <16 x i1> %558, <16 x float> %543, <16 x float> %564
+  store <16 x float> %565, ptr %tkv.v, align 4
+  %566 = load <16 x i32>, ptr %tkv.i, align 4
+  %567 = shufflevector <16 x i32> %566, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %568 = select <16 x i1> %559, <16 x i32> %567, <16 x i32> %566
+  %569 = select <16 x i1> %558, <16 x i32> %562, <16 x i32> %568
+  store <16 x i32> %569, ptr %tkv.i, align 4
+  %570 = shufflevector <16 x i32> %534, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %571 = select <16 x i1> %559, <16 x i32> %570, <16 x i32> %534
+  %572 = select <16 x i1> %558, <16 x i32> zeroinitializer, <16 x i32> %571
+  store <16 x i32> %572, ptr %tkv.k, align 4
+  %573 = add nsw i32 %532, 1
+  %574 = icmp slt i32 %573, 16
+  %575 = select i1 %574, i32 %573, i32 16
+  store i32 %575, ptr %tkv.m, align 4
+  br label %tkv.in.end105
 
-tkv.in.end123:                                    ; preds = %tkv.in.then122, %tkv.tail.body
-  %876 = add nsw i64 %tkv.tail, 1
+tkv.in.end105:                                    ; preds = %tkv.in.then104, %tkv.tail.body
+  %576 = add nsw i64 %tkv.tail, 1
   br label %tkv.tail.head
 
 tkv.tail.end:                                     ; preds = %tkv.tail.head
-  %877 = load i32, ptr %tkv.m, align 4
-  %878 = zext i32 %877 to i64
-  %879 = load <16 x i32>, ptr %tkv.i, align 4
-  %880 = icmp slt i64 0, %878
-  br i1 %880, label %tkv.out.then, label %tkv.out.end
+  %577 = load i32, ptr %tkv.m, align 4
+  %578 = zext i32 %577 to i64
+  %579 = load <16 x i32>, ptr %tkv.i, align 4
+  %580 = icmp slt i64 0, %578
+  br i1 %580, label %tkv.out.then, label %tkv.out.end
 
 tkv.out.then:                                     ; preds = %tkv.tail.end
-  %881 = getelementptr inbounds i64, ptr %ia, i64 0
-  %882 = extractelement <16 x i32> %879, i32 0
-  %883 = zext i32 %882 to i64
-  store i64 %883, ptr %881, align 8
+  %581 = getelementptr inbounds i64, ptr %ia, i64 0
+  %582 = extractelement <16 x i32> %579, i32 0
+  %583 = zext i32 %582 to i64
+  store i64 %583, ptr %581, align 8
   br label %tkv.out.end
 
 tkv.out.end:                                      ; preds = %tkv.out.then, %tkv.tail.end
-  %884 = icmp slt i64 1, %878
-  br i1 %884, label %tkv.out.then124, label %tkv.out.end125
+  %584 = icmp slt i64 1, %578
+  br i1 %584, label %tkv.out.then106, label %tkv.out.end107
 
-tkv.out.then124:                                  ; preds = %tkv.out.end
-  %885 = getelementptr inbounds i64, ptr %ia, i64 1
-  %886 = extractelement <16 x i32> %879, i32 1
-  %887 = zext i32 %886 to i64
-  store i64 %887, ptr %885, align 8
+tkv.out.then106:                                  ; preds = %tkv.out.end
+  %585 = getelementptr inbounds i64, ptr %ia, i64 1
+  %586 = extractelement <16 x i32> %579, i32 1
+  %587 = zext i32 %586 to i64
+  store i64 %587, ptr %585, align 8
+  br label %tkv.out.end107
+
+tkv.out.end107:                                   ; preds = %tkv.out.then106, %tkv.out.end
+  %588 = icmp slt i64 2, %578
+  br i1 %588, label %tkv.out.then108, label %tkv.out.end109
+
+tkv.out.then108:                                  ; preds = %tkv.out.end107
+  %589 = getelementptr inbounds i64, ptr %ia, i64 2
+  %590 = extractelement <16 x i32> %579, i32 2
+  %591 = zext i32 %590 to i64
+  store i64 %591, ptr %589, align 8
+  br label %tkv.out.end109
+
+tkv.out.end109:                                   ; preds = %tkv.out.then108, %tkv.out.end107
+  %592 = icmp slt i64 3, %578
+  br i1 %592, label %tkv.out.then110, label %tkv.out.end111
+
+tkv.out.then110:                                  ; preds = %tkv.out.end109
+  %593 = getelementptr inbounds i64, ptr %ia, i64 3
+  %594 = extractelement <16 x i32> %579, i32 3
+  %595 = zext i32 %594 to i64
+  store i64 %595, ptr %593, align 8
+  br label %tkv.out.end111
+
+tkv.out.end111:                                   ; preds = %tkv.out.then110, %tkv.out.end109
+  %596 = icmp slt i64 4, %578
+  br i1 %596, label %tkv.out.then112, label %tkv.out.end113
+
+tkv.out.then112:                                  ; preds = %tkv.out.end111
+  %597 = getelementptr inbounds i64, ptr %ia, i64 4
+  %598 = extractelement <16 x i32> %579, i32 4
+  %599 = zext i32 %598 to i64
+  store i64 %599, ptr %597, align 8
+  br label %tkv.out.end113
+
+tkv.out.end113:                                   ; preds = %tkv.out.then112, %tkv.out.end111
+  %600 = icmp slt i64 5, %578
+  br i1 %600, label %tkv.out.then114, label %tkv.out.end115
+
+tkv.out.then114:                                  ; preds = %tkv.out.end113
+  %601 = getelementptr inbounds i64, ptr %ia, i64 5
+  %602 = extractelement <16 x i32> %579, i32 5
+  %603 = zext i32 %602 to i64
+  store i64 %603, ptr %601, align 8
+  br label %tkv.out.end115
+
+tkv.out.end115:                                   ; preds = %tkv.out.then114, %tkv.out.end113
+  %604 = icmp slt i64 6, %578
+  br i1 %604, label %tkv.out.then116, label %tkv.out.end117
+
+tkv.out.then116:                                  ; preds = %tkv.out.end115
+  %605 = getelementptr inbounds i64, ptr %ia, i64 6
+  %606 = extractelement <16 x i32> %579, i32 6
+  %607 = zext i32 %606 to i64
+  store i64 %607, ptr %605, align 8
+  br label %tkv.out.end117
+
+tkv.out.end117:                                   ; preds = %tkv.out.then116, %tkv.out.end115
+  %608 = icmp slt i64 7, %578
+  br i1 %608, label %tkv.out.then118, label %tkv.out.end119
+
+tkv.out.then118:                                  ; preds = %tkv.out.end117
+  %609 = getelementptr inbounds i64, ptr %ia, i64 7
+  %610 = extractelement <16 x i32> %579, i32 7
+  %611 = zext i32 %610 to i64
+  store i64 %611, ptr %609, align 8
+  br label %tkv.out.end119
+
+tkv.out.end119:                                   ; preds = %tkv.out.then118, %tkv.out.end117
+  %612 = icmp slt i64 8, %578
+  br i1 %612, label %tkv.out.then120, label %tkv.out.end121
+
+tkv.out.then120:                                  ; preds = %tkv.out.end119
+  %613 = getelementptr inbounds i64, ptr %ia, i64 8
+  %614 = extractelement <16 x i32> %579, i32 8
+  %615 = zext i32 %614 to i64
+  store i64 %615, ptr %613, align 8
+  br label %tkv.out.end121
+
+tkv.out.end121:                                   ; preds = %tkv.out.then120, %tkv.out.end119
+  %616 = icmp slt i64 9, %578
+  br i1 %616, label %tkv.out.then122, label %tkv.out.end123
+
+tkv.out.then122:                                  ; preds = %tkv.out.end121
+  %617 = getelementptr inbounds i64, ptr %ia, i64 9
+  %618 = extractelement <16 x i32> %579, i32 9
+  %619 = zext i32 %618 to i64
+  store i64 %619, ptr %617, align 8
+  br label %tkv.out.end123
+
+tkv.out.end123:                                   ; preds = %tkv.out.then122, %tkv.out.end121
+  %620 = icmp slt i64 10, %578
+  br i1 %620, label %tkv.out.then124, label %tkv.out.end125
+
+tkv.out.then124:                                  ; preds = %tkv.out.end123
+  %621 = getelementptr inbounds i64, ptr %ia, i64 10
+  %622 = extractelement <16 x i32> %579, i32 10
+  %623 = zext i32 %622 to i64
+  store i64 %623, ptr %621, align 8
   br label %tkv.out.end125
 
-tkv.out.end125:                                   ; preds = %tkv.out.then124, %tkv.out.end
-  %888 = icmp slt i64 2, %878
-  br i1 %888, label %tkv.out.then126, label %tkv.out.end127
+tkv.out.end125:                                   ; preds = %tkv.out.then124, %tkv.out.end123
+  %624 = icmp slt i64 11, %578
+  br i1 %624, label %tkv.out.then126, label %tkv.out.end127
 
 tkv.out.then126:                                  ; preds = %tkv.out.end125
-  %889 = getelementptr inbounds i64, ptr %ia, i64 2
-  %890 = extractelement <16 x i32> %879, i32 2
-  %891 = zext i32 %890 to i64
-  store i64 %891, ptr %889, align 8
+  %625 = getelementptr inbounds i64, ptr %ia, i64 11
+  %626 = extractelement <16 x i32> %579, i32 11
+  %627 = zext i32 %626 to i64
+  store i64 %627, ptr %625, align 8
   br label %tkv.out.end127
 
 tkv.out.end127:                                   ; preds = %tkv.out.then126, %tkv.out.end125
-  %892 = icmp slt i64 3, %878
-  br i1 %892, label %tkv.out.then128, label %tkv.out.end129
+  %628 = icmp slt i64 12, %578
+  br i1 %628, label %tkv.out.then128, label %tkv.out.end129
 
 tkv.out.then128:                                  ; preds = %tkv.out.end127
-  %893 = getelementptr inbounds i64, ptr %ia, i64 3
-  %894 = extractelement <16 x i32> %879, i32 3
-  %895 = zext i32 %894 to i64
-  store i64 %895, ptr %893, align 8
+  %629 = getelementptr inbounds i64, ptr %ia, i64 12
+  %630 = extractelement <16 x i32> %579, i32 12
+  %631 = zext i32 %630 to i64
+  store i64 %631, ptr %629, align 8
   br label %tkv.out.end129
 
 tkv.out.end129:                                   ; preds = %tkv.out.then128, %tkv.out.end127
-  %896 = icmp slt i64 4, %878
-  br i1 %896, label %tkv.out.then130, label %tkv.out.end131
+  %632 = icmp slt i64 13, %578
+  br i1 %632, label %tkv.out.then130, label %tkv.out.end131
 
 tkv.out.then130:                                  ; preds = %tkv.out.end129
-  %897 = getelementptr inbounds i64, ptr %ia, i64 4
-  %898 = extractelement <16 x i32> %879, i32 4
-  %899 = zext i32 %898 to i64
-  store i64 %899, ptr %897, align 8
+  %633 = getelementptr inbounds i64, ptr %ia, i64 13
+  %634 = extractelement <16 x i32> %579, i32 13
+  %635 = zext i32 %634 to i64
+  store i64 %635, ptr %633, align 8
   br label %tkv.out.end131
 
 tkv.out.end131:                                   ; preds = %tkv.out.then130, %tkv.out.end129
-  %900 = icmp slt i64 5, %878
-  br i1 %900, label %tkv.out.then132, label %tkv.out.end133
+  %636 = icmp slt i64 14, %578
+  br i1 %636, label %tkv.out.then132, label %tkv.out.end133
 
 tkv.out.then132:                                  ; preds = %tkv.out.end131
-  %901 = getelementptr inbounds i64, ptr %ia, i64 5
-  %902 = extractelement <16 x i32> %879, i32 5
-  %903 = zext i32 %902 to i64
-  store i64 %903, ptr %901, align 8
+  %637 = getelementptr inbounds i64, ptr %ia, i64 14
+  %638 = extractelement <16 x i32> %579, i32 14
+  %639 = zext i32 %638 to i64
+  store i64 %639, ptr %637, align 8
   br label %tkv.out.end133
 
 tkv.out.end133:                                   ; preds = %tkv.out.then132, %tkv.out.end131
-  %904 = icmp slt i64 6, %878
-  br i1 %904, label %tkv.out.then134, label %tkv.out.end135
+  %640 = icmp slt i64 15, %578
+  br i1 %640, label %tkv.out.then134, label %tkv.out.end135
 
 tkv.out.then134:                                  ; preds = %tkv.out.end133
-  %905 = getelementptr inbounds i64, ptr %ia, i64 6
-  %906 = extractelement <16 x i32> %879, i32 6
-  %907 = zext i32 %906 to i64
-  store i64 %907, ptr %905, align 8
+  %641 = getelementptr inbounds i64, ptr %ia, i64 15
+  %642 = extractelement <16 x i32> %579, i32 15
+  %643 = zext i32 %642 to i64
+  store i64 %643, ptr %641, align 8
   br label %tkv.out.end135
 
 tkv.out.end135:                                   ; preds = %tkv.out.then134, %tkv.out.end133
-  %908 = icmp slt i64 7, %878
-  br i1 %908, label %tkv.out.then136, label %tkv.out.end137
+  %644 = mul nsw i64 %head, 1024
+  %645 = getelementptr inbounds float, ptr %sb, i64 %644
+  store <16 x float> zeroinitializer, ptr %tkv.v136, align 4
+  store <16 x i32> zeroinitializer, ptr %tkv.i137, align 4
+  store <16 x i32> zeroinitializer, ptr %tkv.k138, align 4
+  store i32 0, ptr %tkv.m139, align 4
+  br label %tkv.c.head141
 
-tkv.out.then136:                                  ; preds = %tkv.out.end135
-  %909 = getelementptr inbounds i64, ptr %ia, i64 7
-  %910 = extractelement <16 x i32> %879, i32 7
-  %911 = zext i32 %910 to i64
-  store i64 %911, ptr %909, align 8
-  br label %tkv.out.end137
+tkv.c.head141:                                    ; preds = %tkv.w.end147, %tkv.out.end135
+  %tkv.c144 = phi i64 [ 0, %tkv.out.end135 ], [ %715, %tkv.w.end147 ]
+  %646 = icmp slt i64 %tkv.c144, 1024
+  br i1 %646, label %tkv.c.body142, label %tkv.c.end143
 
-tkv.out.end137:                                   ; preds = %tkv.out.then136, %tkv.out.end135
-  %912 = icmp slt i64 8, %878
-  br i1 %912, label %tkv.out.then138, label %tkv.out.end139
+tkv.c.body142:                                    ; preds = %tkv.c.head141
+  %647 = load <16 x float>, ptr %tkv.v136, align 4
+  %648 = load <16 x i32>, ptr %tkv.k138, align 4
+  %649 = getelementptr inbounds float, ptr %645, i64 %tkv.c144
+  %650 = load <16 x float>, ptr %649, align 4
+  %651 = extractelement <16 x float> %647, i32 15
+  %652 = insertelement <16 x float> poison, float %651, i32 0
+  %653 = shufflevector <16 x float> %652, <16 x float> poison, <16 x i32> zeroinitializer
+  %654 = fcmp uno <16 x float> %650, %650
+  %655 = fcmp ugt <16 x float> %650, %653
+  %656 = xor <16 x i1> %654, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
+  %657 = and <16 x i1> %656, %655
+  %658 = bitcast <16 x i1> %657 to i16
+  %659 = load i32, ptr %tkv.m139, align 4
+  %660 = icmp eq i32 %659, 16
+  %661 = select i1 %660, i16 %658, i16 -1
+  store i16 %661, ptr %tkv.bits140, align 2
+  br label %tkv.w.head145
 
-tkv.out.then138:                                  ; preds = %tkv.out.end137
-  %913 = getelementptr inbounds i64, ptr %ia, i64 8
-  %914 = extractelement <16 x i32> %879, i32 8
-  %915 = zext i32 %914 to i64
-  store i64 %915, ptr %913, align 8
-  br label %tkv.out.end139
+tkv.w.head145:                                    ; preds = %tkv.in.end149, %tkv.c.body142
+  %662 = load i16, ptr %tkv.bits140, align 2
+  %663 = icmp ne i16 %662, 0
+  br i1 %663, label %tkv.w.body146, label %tkv.w.end147
 
-tkv.out.end139:                                   ; preds = %tkv.out.then138, %tkv.out.end137
-  %916 = icmp slt i64 9, %878
-  br i1 %916, label %tkv.out.then140, label %tkv.out.end141
+tkv.w.body146:                                    ; preds = %tkv.w.head145
+  %664 = call i16 @llvm.cttz.i16(i16 %662, i1 true)
+  %665 = zext i16 %664 to i64
+  %666 = sub i16 %662, 1
+  %667 = and i16 %662, %666
+  store i16 %667, ptr %tkv.bits140, align 2
+  %668 = add nsw i64 %tkv.c144, %665
+  %669 = getelementptr inbounds float, ptr %645, i64 %668
+  %670 = load float, ptr %669, align 4
+  %671 = load i32, ptr %tkv.m139, align 4
+  %672 = load <16 x float>, ptr %tkv.v136, align 4
+  %673 = load <16 x i32>, ptr %tkv.k138, align 4
+  %674 = extractelement <16 x float> %672, i32 15
+  %675 = fcmp uno float %670, %670
+  %676 = fcmp ugt float %670, %674
+  %677 = xor i1 %675, true
+  %678 = and i1 %677, %676
+  %679 = icmp slt i32 %671, 16
+  %680 = or i1 %679, %678
+  br i1 %680, label %tkv.in.then148, label %tkv.in.end149
 
-tkv.out.then140:                                  ; preds = %tkv.out.end139
-  %917 = getelementptr inbounds i64, ptr %ia, i64 9
-  %918 = extractelement <16 x i32> %879, i32 9
-  %919 = zext i32 %918 to i64
-  store i64 %919, ptr %917, align 8
-  br label %tkv.out.end141
+tkv.in.then148:                                   ; preds = %tkv.w.body146
+  %681 = insertelement <16 x float> poison, float %670, i32 0
+  %682 = shufflevector <16 x float> %681, <16 x float> poison, <16 x i32> zeroinitializer
+  %683 = insertelement <16 x i32> poison, i32 %671, i32 0
+  %684 = shufflevector <16 x i32> %683, <16 x i32> poison, <16 x i32> zeroinitializer
+  %685 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %684
+  %686 = fcmp uno <16 x float> %682, %682
+  %687 = fcmp ugt <16 x float> %682, %672
+  %688 = xor <16 x i1> %686, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
+  %689 = and <16 x i1> %688, %687
+  %690 = or <16 x i1> %689, %685
+  %691 = bitcast <16 x i1> %690 to i16
+  %692 = call i16 @llvm.cttz.i16(i16 %691, i1 false)
+  %693 = zext i16 %692 to i64
+  %694 = trunc i64 %693 to i32
+  %695 = insertelement <16 x i32> poison, i32 %694, i32 0
+  %696 = shufflevector <16 x i32> %695, <16 x i32> poison, <16 x i32> zeroinitializer
+  %697 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %696
+  %698 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %696
+  %699 = trunc i64 %668 to i32
+  %700 = insertelement <16 x i32> poison, i32 %699, i32 0
+  %701 = shufflevector <16 x i32> %700, <16 x i32> poison, <16 x i32> zeroinitializer
+  %702 = shufflevector <16 x float> %672, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %703 = select <16 x i1> %698, <16 x float> %702, <16 x float> %672
+  %704 = select <16 x i1> %697, <16 x float> %682, <16 x float> %703
+  store <16 x float> %704, ptr %tkv.v136, align 4
+  %705 = load <16 x i32>, ptr %tkv.i137, align 4
+  %706 = shufflevector <16 x i32> %705, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %707 = select <16 x i1> %698, <16 x i32> %706, <16 x i32> %705
+  %708 = select <16 x i1> %697, <16 x i32> %701, <16 x i32> %707
+  store <16 x i32> %708, ptr %tkv.i137, align 4
+  %709 = shufflevector <16 x i32> %673, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %710 = select <16 x i1> %698, <16 x i32> %709, <16 x i32> %673
+  %711 = select <16 x i1> %697, <16 x i32> zeroinitializer, <16 x i32> %710
+  store <16 x i32> %711, ptr %tkv.k138, align 4
+  %712 = add nsw i32 %671, 1
+  %713 = icmp slt i32 %712, 16
+  %714 = select i1 %713, i32 %712, i32 16
+  store i32 %714, ptr %tkv.m139, align 4
+  br label %tkv.in.end149
 
-tkv.out.end141:                                   ; preds = %tkv.out.then140, %tkv.out.end139
-  %920 = icmp slt i64 10, %878
-  br i1 %920, label %tkv.out.then142, label %tkv.out.end143
+tkv.in.end149:                                    ; preds = %tkv.in.then148, %tkv.w.body146
+  br label %tkv.w.head145
 
-tkv.out.then142:                                  ; preds = %tkv.out.end141
-  %921 = getelementptr inbounds i64, ptr %ia, i64 10
-  %922 = extractelement <16 x i32> %879, i32 10
-  %923 = zext i32 %922 to i64
-  store i64 %923, ptr %921, align 8
-  br label %tkv.out.end143
+tkv.w.end147:                                     ; preds = %tkv.w.head145
+  %715 = add nsw i64 %tkv.c144, 16
+  br label %tkv.c.head141
 
-tkv.out.end143:                                   ; preds = %tkv.out.then142, %tkv.out.end141
-  %924 = icmp slt i64 11, %878
-  br i1 %924, label %tkv.out.then144, label %tkv.out.end145
+tkv.c.end143:                                     ; preds = %tkv.c.head141
+  br label %tkv.tail.head150
 
-tkv.out.then144:                                  ; preds = %tkv.out.end143
-  %925 = getelementptr inbounds i64, ptr %ia, i64 11
-  %926 = extractelement <16 x i32> %879, i32 11
-  %927 = zext i32 %926 to i64
-  store i64 %927, ptr %925, align 8
-  br label %tkv.out.end145
+tkv.tail.head150:                                 ; preds = %tkv.in.end155, %tkv.c.end143
+  %tkv.tail153 = phi i64 [ 1024, %tkv.c.end143 ], [ %763, %tkv.in.end155 ]
+  %716 = icmp slt i64 %tkv.tail153, 1024
+  br i1 %716, label %tkv.tail.body151, label %tkv.tail.end152
 
-tkv.out.end145:                                   ; preds = %tkv.out.then144, %tkv.out.end143
-  %928 = icmp slt i64 12, %878
-  br i1 %928, label %tkv.out.then146, label %tkv.out.end147
+tkv.tail.body151:                                 ; preds = %tkv.tail.head150
+  %717 = getelementptr inbounds float, ptr %645, i64 %tkv.tail153
+  %718 = load float, ptr %717, align 4
+  %719 = load i32, ptr %tkv.m139, align 4
+  %720 = load <16 x float>, ptr %tkv.v136, align 4
+  %721 = load <16 x i32>, ptr %tkv.k138, align 4
+  %722 = extractelement <16 x float> %720, i32 15
+  %723 = fcmp uno float %718, %718
+  %724 = fcmp ugt float %718, %722
+  %725 = xor i1 %723, true
+  %726 = and i1 %725, %724
+  %727 = icmp slt i32 %719, 16
+  %728 = or i1 %727, %726
+  br i1 %728, label %tkv.in.then154, label %tkv.in.end155
 
-tkv.out.then146:                                  ; preds = %tkv.out.end145
-  %929 = getelementptr inbounds i64, ptr %ia, i64 12
-  %930 = extractelement <16 x i32> %879, i32 12
-  %931 = zext i32 %930 to i64
-  store i64 %931, ptr %929, align 8
-  br label %tkv.out.end147
+tkv.in.then154:                                   ; preds = %tkv.tail.body151
+  %729 = insertelement <16 x float> poison, float %718, i32 0
+  %730 = shufflevector <16 x float> %729, <16 x float> poison, <16 x i32> zeroinitializer
+  %731 = insertelement <16 x i32> poison, i32 %719, i32 0
+  %732 = shufflevector <16 x i32> %731, <16 x i32> poison, <16 x i32> zeroinitializer
+  %733 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %732
+  %734 = fcmp uno <16 x float> %730, %730
+  %735 = fcmp ugt <16 x float> %730, %720
+  %736 = xor <16 x i1> %734, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
+  %737 = and <16 x i1> %736, %735
+  %738 = or <16 x i1> %737, %733
+  %739 = bitcast <16 x i1> %738 to i16
+  %740 = call i16 @llvm.cttz.i16(i16 %739, i1 false)
+  %741 = zext i16 %740 to i64
+  %742 = trunc i64 %741 to i32
+  %743 = insertelement <16 x i32> poison, i32 %742, i32 0
+  %744 = shufflevector <16 x i32> %743, <16 x i32> poison, <16 x i32> zeroinitializer
+  %745 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %744
+  %746 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %744
+  %747 = trunc i64 %tkv.tail153 to i32
+  %748 = insertelement <16 x i32> poison, i32 %747, i32 0
+  %749 = shufflevector <16 x i32> %748, <16 x i32> poison, <16 x i32> zeroinitializer
+  %750 = shufflevector <16 x float> %720, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %751 = select <16 x i1> %746, <16 x float> %750, <16 x float> %720
+  %752 = select <16 x i1> %745, <16 x float> %730, <16 x float> %751
+  store <16 x float> %752, ptr %tkv.v136, align 4
+  %753 = load <16 x i32>, ptr %tkv.i137, align 4
+  %754 = shufflevector <16 x i32> %753, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %755 = select <16 x i1> %746, <16 x i32> %754, <16 x i32> %753
+  %756 = select <16 x i1> %745, <16 x i32> %749, <16 x i32> %755
+  store <16 x i32> %756, ptr %tkv.i137, align 4
+  %757 = shufflevector <16 x i32> %721, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %758 = select <16 x i1> %746, <16 x i32> %757, <16 x i32> %721
+  %759 = select <16 x i1> %745, <16 x i32> zeroinitializer, <16 x i32> %758
+  store <16 x i32> %759, ptr %tkv.k138, align 4
+  %760 = add nsw i32 %719, 1
+  %761 = icmp slt i32 %760, 16
+  %762 = select i1 %761, i32 %760, i32 16
+  store i32 %762, ptr %tkv.m139, align 4
+  br label %tkv.in.end155
 
-tkv.out.end147:                                   ; preds = %tkv.out.then146, %tkv.out.end145
-  %932 = icmp slt i64 13, %878
-  br i1 %932, label %tkv.out.then148, label %tkv.out.end149
+tkv.in.end155:                                    ; preds = %tkv.in.then154, %tkv.tail.body151
+  %763 = add nsw i64 %tkv.tail153, 1
+  br label %tkv.tail.head150
 
-tkv.out.then148:                                  ; preds = %tkv.out.end147
-  %933 = getelementptr inbounds i64, ptr %ia, i64 13
-  %934 = extractelement <16 x i32> %879, i32 13
-  %935 = zext i32 %934 to i64
-  store i64 %935, ptr %933, align 8
-  br label %tkv.out.end149
+tkv.tail.end152:                                  ; preds = %tkv.tail.head150
+  %764 = load i32, ptr %tkv.m139, align 4
+  %765 = zext i32 %764 to i64
+  %766 = load <16 x i32>, ptr %tkv.i137, align 4
+  %767 = icmp slt i64 0, %765
+  br i1 %767, label %tkv.out.then156, label %tkv.out.end157
 
-tkv.out.end149:                                   ; preds = %tkv.out.then148, %tkv.out.end147
-  %936 = icmp slt i64 14, %878
-  br i1 %936, label %tkv.out.then150, label %tkv.out.end151
+tkv.out.then156:                                  ; preds = %tkv.tail.end152
+  %768 = getelementptr inbounds i64, ptr %ib, i64 0
+  %769 = extractelement <16 x i32> %766, i32 0
+  %770 = zext i32 %769 to i64
+  store i64 %770, ptr %768, align 8
+  br label %tkv.out.end157
 
-tkv.out.then150:                                  ; preds = %tkv.out.end149
-  %937 = getelementptr inbounds i64, ptr %ia, i64 14
-  %938 = extractelement <16 x i32> %879, i32 14
-  %939 = zext i32 %938 to i64
-  store i64 %939, ptr %937, align 8
-  br label %tkv.out.end151
+tkv.out.end157:                                   ; preds = %tkv.out.then156, %tkv.tail.end152
+  %771 = icmp slt i64 1, %765
+  br i1 %771, label %tkv.out.then158, label %tkv.out.end159
 
-tkv.out.end151:                                   ; preds = %tkv.out.then150, %tkv.out.end149
-  %940 = icmp slt i64 15, %878
-  br i1 %940, label %tkv.out.then152, label %tkv.out.end153
+tkv.out.then158:                                  ; preds = %tkv.out.end157
+  %772 = getelementptr inbounds i64, ptr %ib, i64 1
+  %773 = extractelement <16 x i32> %766, i32 1
+  %774 = zext i32 %773 to i64
+  store i64 %774, ptr %772, align 8
+  br label %tkv.out.end159
 
-tkv.out.then152:                                  ; preds = %tkv.out.end151
-  %941 = getelementptr inbounds i64, ptr %ia, i64 15
-  %942 = extractelement <16 x i32> %879, i32 15
-  %943 = zext i32 %942 to i64
-  store i64 %943, ptr %941, align 8
-  br label %tkv.out.end153
+tkv.out.end159:                                   ; preds = %tkv.out.then158, %tkv.out.end157
+  %775 = icmp slt i64 2, %765
+  br i1 %775, label %tkv.out.then160, label %tkv.out.end161
 
-tkv.out.end153:                                   ; preds = %tkv.out.then152, %tkv.out.end151
-  %944 = mul nsw i64 %head, 1024
-  %945 = getelementptr inbounds float, ptr %sb, i64 %944
-  store <16 x float> zeroinitializer, ptr %tkv.v154, align 4
-  store <16 x i32> zeroinitializer, ptr %tkv.i155, align 4
-  store <16 x i32> zeroinitializer, ptr %tkv.k156, align 4
-  store i32 0, ptr %tkv.m157, align 4
-  br label %tkv.c.head159
+tkv.out.then160:                                  ; preds = %tkv.out.end159
+  %776 = getelementptr inbounds i64, ptr %ib, i64 2
+  %777 = extractelement <16 x i32> %766, i32 2
+  %778 = zext i32 %777 to i64
+  store i64 %778, ptr %776, align 8
+  br label %tkv.out.end161
 
-tkv.c.head159:                                    ; preds = %tkv.w.end165, %tkv.out.end153
-  %tkv.c162 = phi i64 [ 0, %tkv.out.end153 ], [ %1015, %tkv.w.end165 ]
-  %946 = icmp slt i64 %tkv.c162, 1024
-  br i1 %946, label %tkv.c.body160, label %tkv.c.end161
+tkv.out.end161:                                   ; preds = %tkv.out.then160, %tkv.out.end159
+  %779 = icmp slt i64 3, %765
+  br i1 %779, label %tkv.out.then162, label %tkv.out.end163
 
-tkv.c.body160:                                    ; preds = %tkv.c.head159
-  %947 = load <16 x float>, ptr %tkv.v154, align 4
-  %948 = load <16 x i32>, ptr %tkv.k156, align 4
-  %949 = getelementptr inbounds float, ptr %945, i64 %tkv.c162
-  %950 = load <16 x float>, ptr %949, align 4
-  %951 = extractelement <16 x float> %947, i32 15
-  %952 = insertelement <16 x float> poison, float %951, i32 0
-  %953 = shufflevector <16 x float> %952, <16 x float> poison, <16 x i32> zeroinitializer
-  %954 = fcmp uno <16 x float> %950, %950
-  %955 = fcmp ugt <16 x float> %950, %953
-  %956 = xor <16 x i1> %954, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
-  %957 = and <16 x i1> %956, %955
-  %958 = bitcast <16 x i1> %957 to i16
-  %959 = load i32, ptr %tkv.m157, align 4
-  %960 = icmp eq i32 %959, 16
-  %961 = select i1 %960, i16 %958, i16 -1
-  store i16 %961, ptr %tkv.bits158, align 2
-  br label %tkv.w.head163
+tkv.out.then162:                                  ; preds = %tkv.out.end161
+  %780 = getelementptr inbounds i64, ptr %ib, i64 3
+  %781 = extractelement <16 x i32> %766, i32 3
+  %782 = zext i32 %781 to i64
+  store i64 %782, ptr %780, align 8
+  br label %tkv.out.end163
 
-tkv.w.head163:                                    ; preds = %tkv.in.end167, %tkv.c.body160
-  %962 = load i16, ptr %tkv.bits158, align 2
-  %963 = icmp ne i16 %962, 0
-  br i1 %963, label %tkv.w.body164, label %tkv.w.end165
+tkv.out.end163:                                   ; preds = %tkv.out.then162, %tkv.out.end161
+  %783 = icmp slt i64 4, %765
+  br i1 %783, label %tkv.out.then164, label %tkv.out.end165
 
-tkv.w.body164:                                    ; preds = %tkv.w.head163
-  %964 = call i16 @llvm.cttz.i16(i16 %962, i1 true)
-  %965 = zext i16 %964 to i64
-  %966 = sub i16 %962, 1
-  %967 = and i16 %962, %966
-  store i16 %967, ptr %tkv.bits158, align 2
-  %968 = add nsw i64 %tkv.c162, %965
-  %969 = getelementptr inbounds float, ptr %945, i64 %968
-  %970 = load float, ptr %969, align 4
-  %971 = load i32, ptr %tkv.m157, align 4
-  %972 = load <16 x float>, ptr %tkv.v154, align 4
-  %973 = load <16 x i32>, ptr %tkv.k156, align 4
-  %974 = extractelement <16 x float> %972, i32 15
-  %975 = fcmp uno float %970, %970
-  %976 = fcmp ugt float %970, %974
-  %977 = xor i1 %975, true
-  %978 = and i1 %977, %976
-  %979 = icmp slt i32 %971, 16
-  %980 = or i1 %979, %978
-  br i1 %980, label %tkv.in.then166, label %tkv.in.end167
+tkv.out.then164:                                  ; preds = %tkv.out.end163
+  %784 = getelementptr inbounds i64, ptr %ib, i64 4
+  %785 = extractelement <16 x i32> %766, i32 4
+  %786 = zext i32 %785 to i64
+  store i64 %786, ptr %784, align 8
+  br label %tkv.out.end165
 
-tkv.in.then166:                                   ; preds = %tkv.w.body164
-  %981 = insertelement <16 x float> poison, float %970, i32 0
-  %982 = shufflevector <16 x float> %981, <16 x float> poison, <16 x i32> zeroinitializer
-  %983 = insertelement <16 x i32> poison, i32 %971, i32 0
-  %984 = shufflevector <16 x i32> %983, <16 x i32> poison, <16 x i32> zeroinitializer
-  %985 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %984
-  %986 = fcmp uno <16 x float> %982, %982
-  %987 = fcmp ugt <16 x float> %982, %972
-  %988 = xor <16 x i1> %986, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
-  %989 = and <16 x i1> %988, %987
-  %990 = or <16 x i1> %989, %985
+tkv.out.end165:                                   ; preds = %tkv.out.then164, %tkv.out.end163
+  %787 = icmp slt i64 5, %765
+  br i1 %787, label %tkv.out.then166, label %tkv.out.end167
+
+tkv.out.then166:                                  ; preds = %tkv.out.end165
+  %788 = getelementptr inbounds i64, ptr %ib, i64 5
+  %789 = extractelement <16 x i32> %766, i32 5
+  %790 = zext i32 %789 to i64
+  store i64 %790, ptr %788, align 8
+  br label %tkv.out.end167
+
+tkv.out.end167:                                   ; preds = %tkv.out.then166, %tkv.out.end165
+  %791 = icmp slt i64 6, %765
+  br i1 %791, label %tkv.out.then168, label %tkv.out.end169
+
+tkv.out.then168:                                  ; preds = %tkv.out.end167
+  %792 = getelementptr inbounds i64, ptr %ib, i64 6
+  %793 = extractelement <16 x i32> %766, i32 6
+  %794 = zext i32 %793 to i64
+  store i64 %794, ptr %792, align 8
+  br label %tkv.out.end169
+
+tkv.out.end169:                                   ; preds = %tkv.out.then168, %tkv.out.end167
+  %795 = icmp slt i64 7, %765
+  br i1 %795, label %tkv.out.then170, label %tkv.out.end171
+
+tkv.out.then170:                                  ; preds = %tkv.out.end169
+  %796 = getelementptr inbounds i64, ptr %ib, i64 7
+  %797 = extractelement <16 x i32> %766, i32 7
+  %798 = zext i32 %797 to i64
+  store i64 %798, ptr %796, align 8
+  br label %tkv.out.end171
+
+tkv.out.end171:                                   ; preds = %tkv.out.then170, %tkv.out.end169
+  %799 = icmp slt i64 8, %765
+  br i1 %799, label %tkv.out.then172, label %tkv.out.end173
+
+tkv.out.then172:                                  ; preds = %tkv.out.end171
+  %800 = getelementptr inbounds i64, ptr %ib, i64 8
+  %801 = extractelement <16 x i32> %766, i32 8
+  %802 = zext i32 %801 to i64
+  store i64 %802, ptr %800, align 8
+  br label %tkv.out.end173
+
+tkv.out.end173:                                   ; preds = %tkv.out.then172, %tkv.out.end171
+  %803 = icmp slt i64 9, %765
+  br i1 %803, label %tkv.out.then174, label %tkv.out.end175
+
+tkv.out.then174:                                  ; preds = %tkv.out.end173
+  %804 = getelementptr inbounds i64, ptr %ib, i64 9
+  %805 = extractelement <16 x i32> %766, i32 9
+  %806 = zext i32 %805 to i64
+  store i64 %806, ptr %804, align 8
+  br label %tkv.out.end175
+
+tkv.out.end175:                                   ; preds = %tkv.out.then174, %tkv.out.end173
+  %807 = icmp slt i64 10, %765
+  br i1 %807, label %tkv.out.then176, label %tkv.out.end177
+
+tkv.out.then176:                                  ; preds = %tkv.out.end175
+  %808 = getelementptr inbounds i64, ptr %ib, i64 10
+  %809 = extractelement <16 x i32> %766, i32 10
+  %810 = zext i32 %809 to i64
+  store i64 %810, ptr %808, align 8
+  br label %tkv.out.end177
+
+tkv.out.end177:                                   ; preds = %tkv.out.then176, %tkv.out.end175
+  %811 = icmp slt i64 11, %765
+  br i1 %811, label %tkv.out.then178, label %tkv.out.end179
+
+tkv.out.then178:                                  ; preds = %tkv.out.end177
+  %812 = getelementptr inbounds i64, ptr %ib, i64 11
+  %813 = extractelement <16 x i32> %766, i32 11
+  %814 = zext i32 %813 to i64
+  store i64 %814, ptr %812, align 8
+  br label %tkv.out.end179
+
+tkv.out.end179:                                   ; preds = %tkv.out.then178, %tkv.out.end177
+  %815 = icmp slt i64 12, %765
+  br i1 %815, label %tkv.out.then180, label %tkv.out.end181
+
+tkv.out.then180:                                  ; preds = %tkv.out.end179
+  %816 = getelementptr inbounds i64, ptr %ib, i64 12
+  %817 = extractelement <16 x i32> %766, i32 12
+  %818 = zext i32 %817 to i64
+  store i64 %818, ptr %816, align 8
+  br label %tkv.out.end181
+
+tkv.out.end181:                                   ; preds = %tkv.out.then180, %tkv.out.end179
+  %819 = icmp slt i64 13, %765
+  br i1 %819, label %tkv.out.then182, label %tkv.out.end183
+
+tkv.out.then182:                                  ; preds = %tkv.out.end181
+  %820 = getelementptr inbounds i64, ptr %ib, i64 13
+  %821 = extractelement <16 x i32> %766, i32 13
+  %822 = zext i32 %821 to i64
+  store i64 %822, ptr %820, align 8
+  br label %tkv.out.end183
+
+tkv.out.end183:                                   ; preds = %tkv.out.then182, %tkv.out.end181
+  %823 = icmp slt i64 14, %765
+  br i1 %823, label %tkv.out.then184, label %tkv.out.end185
+
+tkv.out.then184:                                  ; preds = %tkv.out.end183
+  %824 = getelementptr inbounds i64, ptr %ib, i64 14
+  %825 = extractelement <16 x i32> %766, i32 14
+  %826 = zext i32 %825 to i64
+  store i64 %826, ptr %824, align 8
+  br label %tkv.out.end185
+
+tkv.out.end185:                                   ; preds = %tkv.out.then184, %tkv.out.end183
+  %827 = icmp slt i64 15, %765
+  br i1 %827, label %tkv.out.then186, label %tkv.out.end187
+
+tkv.out.then186:                                  ; preds = %tkv.out.end185
+  %828 = getelementptr inbounds i64, ptr %ib, i64 15
+  %829 = extractelement <16 x i32> %766, i32 15
+  %830 = zext i32 %829 to i64
+  store i64 %830, ptr %828, align 8
+  br label %tkv.out.end187
+
+tkv.out.end187:                                   ; preds = %tkv.out.then186, %tkv.out.end185
+  br label %ca.head
+
+ca.head:                                          ; preds = %cb.end, %tkv.out.end187
+  %ca = phi i64 [ 0, %tkv.out.end187 ], [ %849, %cb.end ]
+  %831 = icmp slt i64 %ca, 16
+  br i1 %831, label %ca.body, label %ca.end
+
+ca.body:                                          ; preds = %ca.head
+  %832 = getelementptr inbounds i64, ptr %ia, i64 %ca
+  %833 = load i64, ptr %832, align 8
+  %834 = getelementptr inbounds float, ptr %458, i64 %833
+  %835 = load float, ptr %834, align 4
+  br label %cb.head
+
+cb.head:                                          ; preds = %cb.body, %ca.body
+  %cb = phi i64 [ 0, %ca.body ], [ %848, %cb.body ]
+  %836 = icmp slt i64 %cb, 16
+  br i1 %836, label %cb.body, label %cb.end
+
+cb.body:                                          ; preds = %cb.head
+  %837 = getelementptr inbounds i64, ptr %ib, i64 %cb
+  %838 = load i64, ptr %837, align 8
+  %839 = mul nsw i64 %ca, 16
+  %840 = add nsw i64 %839, %cb
+  %841 = getelementptr inbounds float, ptr %645, i64 %838
+  %842 = load float, ptr %841, align 4
+  %843 = fadd float %835, %842
+  %844 = getelementptr inbounds float, ptr %cv, i64 %840
+  store float %843, ptr %844, align 4
+  %845 = getelementptr inbounds i64, ptr %ck, i64 %840
+  %846 = mul nsw i64 %833, 1024
+  %847 = add nsw i64 %846, %838
+  store i64 %847, ptr %845, align 8
+  %848 = add nsw i64 %cb, 1
+  br label %cb.head
+
+cb.end:                                           ; preds = %cb.head
+  %849 = add nsw i64 %ca, 1
+  br label %ca.head
+
+ca.end:                                           ; preds = %ca.head
+  store <16 x float> zeroinitializer, ptr %tkv.v188, align 4
+  store <16 x i32> zeroinitializer, ptr %tkv.i189, align 4
+  store <16 x i32> zeroinitializer, ptr %tkv.k190, align 4
+  store i32 0, ptr %tkv.m191, align 4
+  br label %tkv.c.head193
+
+tkv.c.head193:                                    ; preds = %tkv.w.end199, %ca.end
+  %tkv.c196 = phi i64 [ 0, %ca.end ], [ %949, %tkv.w.end199 ]
+  %850 = icmp slt i64 %tkv.c196, 256
+  br i1 %850, label %tkv.c.body194, label %tkv.c.end195
+
+tkv.c.body194:                                    ; preds = %tkv.c.head193
+  %851 = load <16 x float>, ptr %tkv.v188, align 4
+  %852 = load <16 x i32>, ptr %tkv.k190, align 4
+  %853 = getelementptr inbounds float, ptr %cv, i64 %tkv.c196
+  %854 = load <16 x float>, ptr %853, align 4
+  %855 = getelementptr inbounds i64, ptr %ck, i64 %tkv.c196
+  %856 = load <16 x i64>, ptr %855, align 8
+  %857 = trunc <16 x i64> %856 to <16 x i32>
+  %858 = extractelement <16 x float> %851, i32 15
+  %859 = insertelement <16 x float> poison, float %858, i32 0
+  %860 = shufflevector <16 x float> %859, <16 x float> poison, <16 x i32> zeroinitializer
+  %861 = extractelement <16 x i32> %852, i32 15
+  %862 = insertelement <16 x i32> poison, i32 %861, i32 0
+  %863 = shufflevector <16 x i32> %862, <16 x i32> poison, <16 x i32> zeroinitializer
+  %864 = fcmp uno <16 x float> %854, %854
+  %865 = fcmp uno <16 x float> %860, %860
+  %866 = fcmp one <16 x float> %854, %860
+  %867 = xor <16 x i1> %864, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
+  %868 = and <16 x i1> %867, %866
+  %869 = icmp ult <16 x i32> %857, %863
+  %870 = fcmp ogt <16 x float> %854, %860
+  %871 = select <16 x i1> %868, <16 x i1> %870, <16 x i1> %869
+  %872 = xor <16 x i1> %864, %865
+  %873 = select <16 x i1> %872, <16 x i1> %865, <16 x i1> %871
+  %874 = bitcast <16 x i1> %873 to i16
+  %875 = load i32, ptr %tkv.m191, align 4
+  %876 = icmp eq i32 %875, 16
+  %877 = select i1 %876, i16 %874, i16 -1
+  store i16 %877, ptr %tkv.bits192, align 2
+  br label %tkv.w.head197
+
+tkv.w.head197:                                    ; preds = %tkv.in.end201, %tkv.c.body194
+  %878 = load i16, ptr %tkv.bits192, align 2
+  %879 = icmp ne i16 %878, 0
+  br i1 %879, label %tkv.w.body198, label %tkv.w.end199
+
+tkv.w.body198:                                    ; preds = %tkv.w.head197
+  %880 = call i16 @llvm.cttz.i16(i16 %878, i1 true)
+  %881 = zext i16 %880 to i64
+  %882 = sub i16 %878, 1
+  %883 = and i16 %878, %882
+  store i16 %883, ptr %tkv.bits192, align 2
+  %884 = add nsw i64 %tkv.c196, %881
+  %885 = getelementptr inbounds float, ptr %cv, i64 %884
+  %886 = load float, ptr %885, align 4
+  %887 = getelementptr inbounds i64, ptr %ck, i64 %884
+  %888 = load i64, ptr %887, align 8
+  %889 = trunc i64 %888 to i32
+  %890 = load i32, ptr %tkv.m191, align 4
+  %891 = load <16 x float>, ptr %tkv.v188, align 4
+  %892 = load <16 x i32>, ptr %tkv.k190, align 4
+  %893 = extractelement <16 x i32> %892, i32 15
+  %894 = extractelement <16 x float> %891, i32 15
+  %895 = fcmp uno float %886, %886
+  %896 = fcmp uno float %894, %894
+  %897 = fcmp one float %886, %894
+  %898 = xor i1 %895, true
+  %899 = and i1 %898, %897
+  %900 = icmp ult i32 %889, %893
+  %901 = fcmp ogt float %886, %894
+  %902 = select i1 %899, i1 %901, i1 %900
+  %903 = xor i1 %895, %896
+  %904 = select i1 %903, i1 %896, i1 %902
+  %905 = icmp slt i32 %890, 16
+  %906 = or i1 %905, %904
+  br i1 %906, label %tkv.in.then200, label %tkv.in.end201
+
+tkv.in.then200:                                   ; preds = %tkv.w.body198
+  %907 = insertelement <16 x float> poison, float %886, i32 0
+  %908 = shufflevector <16 x float> %907, <16 x float> poison, <16 x i32> zeroinitializer
+  %909 = insertelement <16 x i32> poison, i32 %889, i32 0
+  %910 = shufflevector <16 x i32> %909, <16 x i32> poison, <16 x i32> zeroinitializer
+  %911 = insertelement <16 x i32> poison, i32 %890, i32 0
+  %912 = shufflevector <16 x i32> %911, <16 x i32> poison, <16 x i32> zeroinitializer
+  %913 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %912
+  %914 = fcmp uno <16 x float> %908, %908
+  %915 = fcmp uno <16 x float> %891, %891
+  %916 = fcmp one <16 x float> %908, %891
+  %917 = xor <16 x i1> %914, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
+  %918 = and <16 x i1> %917, %916
+  %919 = icmp ult <16 x i32> %910, %892
+  %920 = fcmp ogt <16 x float> %908, %891
+  %921 = select <16 x i1> %918, <16 x i1> %920, <16 x i1> %919
+  %922 = xor <16 x i1> %914, %915
+  %923 = select <16 x i1> %922, <16 x i1> %915, <16 x i1> %921
+  %924 = or <16 x i1> %923, %913
+  %925 = bitcast <16 x i1> %924 to i16
+  %926 = call i16 @llvm.cttz.i16(i16 %925, i1 false)
+  %927 = zext i16 %926 to i64
+  %928 = trunc i64 %927 to i32
+  %929 = insertelement <16 x i32> poison, i32 %928, i32 0
+  %930 = shufflevector <16 x i32> %929, <16 x i32> poison, <16 x i32> zeroinitializer
+  %931 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %930
+  %932 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %930
+  %933 = trunc i64 %884 to i32
+  %934 = insertelement <16 x i32> poison, i32 %933, i32 0
+  %935 = shufflevector <16 x i32> %934, <16 x i32> poison, <16 x i32> zeroinitializer
+  %936 = shufflevector <16 x float> %891, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %937 = select <16 x i1> %932, <16 x float> %936, <16 x float> %891
+  %938 = select <16 x i1> %931, <16 x float> %908, <16 x float> %937
+  store <16 x float> %938, ptr %tkv.v188, align 4
+  %939 = load <16 x i32>, ptr %tkv.i189, align 4
+  %940 = shufflevector <16 x i32> %939, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %941 = select <16 x i1> %932, <16 x i32> %940, <16 x i32> %939
+  %942 = select <16 x i1> %931, <16 x i32> %935, <16 x i32> %941
+  store <16 x i32> %942, ptr %tkv.i189, align 4
+  %943 = shufflevector <16 x i32> %892, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %944 = select <16 x i1> %932, <16 x i32> %943, <16 x i32> %892
+  %945 = select <16 x i1> %931, <16 x i32> %910, <16 x i32> %944
+  store <16 x i32> %945, ptr %tkv.k190, align 4
+  %946 = add nsw i32 %890, 1
+  %947 = icmp slt i32 %946, 16
+  %948 = select i1 %947, i32 %946, i32 16
+  store i32 %948, ptr %tkv.m191, align 4
+  br label %tkv.in.end201
+
+tkv.in.end201:                                    ; preds = %tkv.in.then200, %tkv.w.body198
+  br label %tkv.w.head197
+
+tkv.w.end199:                                     ; preds = %tkv.w.head197
+  %949 = add nsw i64 %tkv.c196, 16
+  br label %tkv.c.head193
+
+tkv.c.end195:                                     ; preds = %tkv.c.head193
+  br label %tkv.tail.head202
+
+tkv.tail.head202:                                 ; preds = %tkv.in.end207, %tkv.c.end195
+  %tkv.tail205 = phi i64 [ 256, %tkv.c.end195 ], [ %1015, %tkv.in.end207 ]
+  %950 = icmp slt i64 %tkv.tail205, 256
+  br i1 %950, label %tkv.tail.body203, label %tkv.tail.end204
+
+tkv.tail.body203:                                 ; preds = %tkv.tail.head202
+  %951 = getelementptr inbounds float, ptr %cv, i64 %tkv.tail205
+  %952 = load float, ptr %951, align 4
+  %953 = getelementptr inbounds i64, ptr %ck, i64 %tkv.tail205
+  %954 = load i64, ptr %953, align 8
+  %955 = trunc i64 %954 to i32
+  %956 = load i32, ptr %tkv.m191, align 4
+  %957 = load <16 x float>, ptr %tkv.v188, align 4
+  %958 = load <16 x i32>, ptr %tkv.k190, align 4
+  %959 = extractelement <16 x i32> %958, i32 15
+  %960 = extractelement <16 x float> %957, i32 15
+  %961 = fcmp uno float %952, %952
+  %962 = fcmp uno float %960, %960
+  %963 = fcmp one float %952, %960
+  %964 = xor i1 %961, true
+  %965 = and i1 %964, %963
+  %966 = icmp ult i32 %955, %959
+  %967 = fcmp ogt float %952, %960
+  %968 = select i1 %965, i1 %967, i1 %966
+  %969 = xor i1 %961, %962
+  %970 = select i1 %969, i1 %962, i1 %968
+  %971 = icmp slt i32 %956, 16
+  %972 = or i1 %971, %970
+  br i1 %972, label %tkv.in.then206, label %tkv.in.end207
+
+tkv.in.then206:                                   ; preds = %tkv.tail.body203
+  %973 = insertelement <16 x float> poison, float %952, i32 0
+  %974 = shufflevector <16 x float> %973, <16 x float> poison, <16 x i32> zeroinitializer
+  %975 = insertelement <16 x i32> poison, i32 %955, i32 0
+  %976 = shufflevector <16 x i32> %975, <16 x i32> poison, <16 x i32> zeroinitializer
+  %977 = insertelement <16 x i32> poison, i32 %956, i32 0
+  %978 = shufflevector <16 x i32> %977, <16 x i32> poison, <16 x i32> zeroinitializer
+  %979 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %978
+  %980 = fcmp uno <16 x float> %974, %974
+  %981 = fcmp uno <16 x float> %957, %957
+  %982 = fcmp one <16 x float> %974, %957
+  %983 = xor <16 x i1> %980, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
+  %984 = and <16 x i1> %983, %982
+  %985 = icmp ult <16 x i32> %976, %958
+  %986 = fcmp ogt <16 x float> %974, %957
+  %987 = select <16 x i1> %984, <16 x i1> %986, <16 x i1> %985
+  %988 = xor <16 x i1> %980, %981
+  %989 = select <16 x i1> %988, <16 x i1> %981, <16 x i1> %987
+  %990 = or <16 x i1> %989, %979
   %991 = bitcast <16 x i1> %990 to i16
   %992 = call i16 @llvm.cttz.i16(i16 %991, i1 false)
   %993 = zext i16 %992 to i64
@@ -2322,739 +2243,227 @@ tkv.in.then166:                                   ; preds = %tkv.w.body164
   %996 = shufflevector <16 x i32> %995, <16 x i32> poison, <16 x i32> zeroinitializer
   %997 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %996
   %998 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %996
-  %999 = trunc i64 %968 to i32
+  %999 = trunc i64 %tkv.tail205 to i32
   %1000 = insertelement <16 x i32> poison, i32 %999, i32 0
   %1001 = shufflevector <16 x i32> %1000, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1002 = shufflevector <16 x float> %972, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %1003 = select <16 x i1> %998, <16 x float> %1002, <16 x float> %972
-  %1004 = select <16 x i1> %997, <16 x float> %982, <16 x float> %1003
-  store <16 x float> %1004, ptr %tkv.v154, align 4
-  %1005 = load <16 x i32>, ptr %tkv.i155, align 4
+  %1002 = shufflevector <16 x float> %957, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %1003 = select <16 x i1> %998, <16 x float> %1002, <16 x float> %957
+  %1004 = select <16 x i1> %997, <16 x float> %974, <16 x float> %1003
+  store <16 x float> %1004, ptr %tkv.v188, align 4
+  %1005 = load <16 x i32>, ptr %tkv.i189, align 4
   %1006 = shufflevector <16 x i32> %1005, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
   %1007 = select <16 x i1> %998, <16 x i32> %1006, <16 x i32> %1005
   %1008 = select <16 x i1> %997, <16 x i32> %1001, <16 x i32> %1007
-  store <16 x i32> %1008, ptr %tkv.i155, align 4
-  %1009 = shufflevector <16 x i32> %973, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %1010 = select <16 x i1> %998, <16 x i32> %1009, <16 x i32> %973
-  %1011 = select <16 x i1> %997, <16 x i32> zeroinitializer, <16 x i32> %1010
-  store <16 x i32> %1011, ptr %tkv.k156, align 4
-  %1012 = add nsw i32 %971, 1
+  store <16 x i32> %1008, ptr %tkv.i189, align 4
+  %1009 = shufflevector <16 x i32> %958, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %1010 = select <16 x i1> %998, <16 x i32> %1009, <16 x i32> %958
+  %1011 = select <16 x i1> %997, <16 x i32> %976, <16 x i32> %1010
+  store <16 x i32> %1011, ptr %tkv.k190, align 4
+  %1012 = add nsw i32 %956, 1
   %1013 = icmp slt i32 %1012, 16
   %1014 = select i1 %1013, i32 %1012, i32 16
-  store i32 %1014, ptr %tkv.m157, align 4
-  br label %tkv.in.end167
+  store i32 %1014, ptr %tkv.m191, align 4
+  br label %tkv.in.end207
 
-tkv.in.end167:                                    ; preds = %tkv.in.then166, %tkv.w.body164
-  br label %tkv.w.head163
+tkv.in.end207:                                    ; preds = %tkv.in.then206, %tkv.tail.body203
+  %1015 = add nsw i64 %tkv.tail205, 1
+  br label %tkv.tail.head202
 
-tkv.w.end165:                                     ; preds = %tkv.w.head163
-  %1015 = add nsw i64 %tkv.c162, 16
-  br label %tkv.c.head159
+tkv.tail.end204:                                  ; preds = %tkv.tail.head202
+  %1016 = load i32, ptr %tkv.m191, align 4
+  %1017 = zext i32 %1016 to i64
+  %1018 = load <16 x i32>, ptr %tkv.i189, align 4
+  %1019 = icmp slt i64 0, %1017
+  br i1 %1019, label %tkv.out.then208, label %tkv.out.end209
 
-tkv.c.end161:                                     ; preds = %tkv.c.head159
-  br label %tkv.tail.head168
+tkv.out.then208:                                  ; preds = %tkv.tail.end204
+  %1020 = getelementptr inbounds i64, ptr %ic, i64 0
+  %1021 = extractelement <16 x i32> %1018, i32 0
+  %1022 = zext i32 %1021 to i64
+  store i64 %1022, ptr %1020, align 8
+  br label %tkv.out.end209
 
-tkv.tail.head168:                                 ; preds = %tkv.in.end173, %tkv.c.end161
-  %tkv.tail171 = phi i64 [ 1024, %tkv.c.end161 ], [ %1063, %tkv.in.end173 ]
-  %1016 = icmp slt i64 %tkv.tail171, 1024
-  br i1 %1016, label %tkv.tail.body169, label %tkv.tail.end170
+tkv.out.end209:                                   ; preds = %tkv.out.then208, %tkv.tail.end204
+  %1023 = icmp slt i64 1, %1017
+  br i1 %1023, label %tkv.out.then210, label %tkv.out.end211
 
-tkv.tail.body169:                                 ; preds = %tkv.tail.head168
-  %1017 = getelementptr inbounds float, ptr %945, i64 %tkv.tail171
-  %1018 = load float, ptr %1017, align 4
-  %1019 = load i32, ptr %tkv.m157, align 4
-  %1020 = load <16 x float>, ptr %tkv.v154, align 4
-  %1021 = load <16 x i32>, ptr %tkv.k156, align 4
-  %1022 = extractelement <16 x float> %1020, i32 15
-  %1023 = fcmp uno float %1018, %1018
-  %1024 = fcmp ugt float %1018, %1022
-  %1025 = xor i1 %1023, true
-  %1026 = and i1 %1025, %1024
-  %1027 = icmp slt i32 %1019, 16
-  %1028 = or i1 %1027, %1026
-  br i1 %1028, label %tkv.in.then172, label %tkv.in.end173
+tkv.out.then210:                                  ; preds = %tkv.out.end209
+  %1024 = getelementptr inbounds i64, ptr %ic, i64 1
+  %1025 = extractelement <16 x i32> %1018, i32 1
+  %1026 = zext i32 %1025 to i64
+  store i64 %1026, ptr %1024, align 8
+  br label %tkv.out.end211
 
-tkv.in.then172:                                   ; preds = %tkv.tail.body169
-  %1029 = insertelement <16 x float> poison, float %1018, i32 0
-  %1030 = shufflevector <16 x float> %1029, <16 x float> poison, <16 x i32> zeroinitializer
-  %1031 = insertelement <16 x i32> poison, i32 %1019, i32 0
-  %1032 = shufflevector <16 x i32> %1031, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1033 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %1032
-  %1034 = fcmp uno <16 x float> %1030, %1030
-  %1035 = fcmp ugt <16 x float> %1030, %1020
-  %1036 = xor <16 x i1> %1034, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
-  %1037 = and <16 x i1> %1036, %1035
-  %1038 = or <16 x i1> %1037, %1033
-  %1039 = bitcast <16 x i1> %1038 to i16
-  %1040 = call i16 @llvm.cttz.i16(i16 %1039, i1 false)
-  %1041 = zext i16 %1040 to i64
-  %1042 = trunc i64 %1041 to i32
-  %1043 = insertelement <16 x i32> poison, i32 %1042, i32 0
-  %1044 = shufflevector <16 x i32> %1043, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1045 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %1044
-  %1046 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %1044
-  %1047 = trunc i64 %tkv.tail171 to i32
-  %1048 = insertelement <16 x i32> poison, i32 %1047, i32 0
-  %1049 = shufflevector <16 x i32> %1048, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1050 = shufflevector <16 x float> %1020, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %1051 = select <16 x i1> %1046, <16 x float> %1050, <16 x float> %1020
-  %1052 = select <16 x i1> %1045, <16 x float> %1030, <16 x float> %1051
-  store <16 x float> %1052, ptr %tkv.v154, align 4
-  %1053 = load <16 x i32>, ptr %tkv.i155, align 4
-  %1054 = shufflevector <16 x i32> %1053, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %1055 = select <16 x i1> %1046, <16 x i32> %1054, <16 x i32> %1053
-  %1056 = select <16 x i1> %1045, <16 x i32> %1049, <16 x i32> %1055
-  store <16 x i32> %1056, ptr %tkv.i155, align 4
-  %1057 = shufflevector <16 x i32> %1021, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %1058 = select <16 x i1> %1046, <16 x i32> %1057, <16 x i32> %1021
-  %1059 = select <16 x i1> %1045, <16 x i32> zeroinitializer, <16 x i32> %1058
-  store <16 x i32> %1059, ptr %tkv.k156, align 4
-  %1060 = add nsw i32 %1019, 1
-  %1061 = icmp slt i32 %1060, 16
-  %1062 = select i1 %1061, i32 %1060, i32 16
-  store i32 %1062, ptr %tkv.m157, align 4
-  br label %tkv.in.end173
+tkv.out.end211:                                   ; preds = %tkv.out.then210, %tkv.out.end209
+  %1027 = icmp slt i64 2, %1017
+  br i1 %1027, label %tkv.out.then212, label %tkv.out.end213
 
-tkv.in.end173:                                    ; preds = %tkv.in.then172, %tkv.tail.body169
-  %1063 = add nsw i64 %tkv.tail171, 1
-  br label %tkv.tail.head168
+tkv.out.then212:                                  ; preds = %tkv.out.end211
+  %1028 = getelementptr inbounds i64, ptr %ic, i64 2
+  %1029 = extractelement <16 x i32> %1018, i32 2
+  %1030 = zext i32 %1029 to i64
+  store i64 %1030, ptr %1028, align 8
+  br label %tkv.out.end213
 
-tkv.tail.end170:                                  ; preds = %tkv.tail.head168
-  %1064 = load i32, ptr %tkv.m157, align 4
-  %1065 = zext i32 %1064 to i64
-  %1066 = load <16 x i32>, ptr %tkv.i155, align 4
-  %1067 = icmp slt i64 0, %1065
-  br i1 %1067, label %tkv.out.then174, label %tkv.out.end175
+tkv.out.end213:                                   ; preds = %tkv.out.then212, %tkv.out.end211
+  %1031 = icmp slt i64 3, %1017
+  br i1 %1031, label %tkv.out.then214, label %tkv.out.end215
 
-tkv.out.then174:                                  ; preds = %tkv.tail.end170
-  %1068 = getelementptr inbounds i64, ptr %ib, i64 0
-  %1069 = extractelement <16 x i32> %1066, i32 0
-  %1070 = zext i32 %1069 to i64
-  store i64 %1070, ptr %1068, align 8
-  br label %tkv.out.end175
+tkv.out.then214:                                  ; preds = %tkv.out.end213
+  %1032 = getelementptr inbounds i64, ptr %ic, i64 3
+  %1033 = extractelement <16 x i32> %1018, i32 3
+  %1034 = zext i32 %1033 to i64
+  store i64 %1034, ptr %1032, align 8
+  br label %tkv.out.end215
 
-tkv.out.end175:                                   ; preds = %tkv.out.then174, %tkv.tail.end170
-  %1071 = icmp slt i64 1, %1065
-  br i1 %1071, label %tkv.out.then176, label %tkv.out.end177
+tkv.out.end215:                                   ; preds = %tkv.out.then214, %tkv.out.end213
+  %1035 = icmp slt i64 4, %1017
+  br i1 %1035, label %tkv.out.then216, label %tkv.out.end217
 
-tkv.out.then176:                                  ; preds = %tkv.out.end175
-  %1072 = getelementptr inbounds i64, ptr %ib, i64 1
-  %1073 = extractelement <16 x i32> %1066, i32 1
-  %1074 = zext i32 %1073 to i64
-  store i64 %1074, ptr %1072, align 8
-  br label %tkv.out.end177
+tkv.out.then216:                                  ; preds = %tkv.out.end215
+  %1036 = getelementptr inbounds i64, ptr %ic, i64 4
+  %1037 = extractelement <16 x i32> %1018, i32 4
+  %1038 = zext i32 %1037 to i64
+  store i64 %1038, ptr %1036, align 8
+  br label %tkv.out.end217
 
-tkv.out.end177:                                   ; preds = %tkv.out.then176, %tkv.out.end175
-  %1075 = icmp slt i64 2, %1065
-  br i1 %1075, label %tkv.out.then178, label %tkv.out.end179
+tkv.out.end217:                                   ; preds = %tkv.out.then216, %tkv.out.end215
+  %1039 = icmp slt i64 5, %1017
+  br i1 %1039, label %tkv.out.then218, label %tkv.out.end219
 
-tkv.out.then178:                                  ; preds = %tkv.out.end177
-  %1076 = getelementptr inbounds i64, ptr %ib, i64 2
-  %1077 = extractelement <16 x i32> %1066, i32 2
-  %1078 = zext i32 %1077 to i64
-  store i64 %1078, ptr %1076, align 8
-  br label %tkv.out.end179
+tkv.out.then218:                                  ; preds = %tkv.out.end217
+  %1040 = getelementptr inbounds i64, ptr %ic, i64 5
+  %1041 = extractelement <16 x i32> %1018, i32 5
+  %1042 = zext i32 %1041 to i64
+  store i64 %1042, ptr %1040, align 8
+  br label %tkv.out.end219
 
-tkv.out.end179:                                   ; preds = %tkv.out.then178, %tkv.out.end177
-  %1079 = icmp slt i64 3, %1065
-  br i1 %1079, label %tkv.out.then180, label %tkv.out.end181
+tkv.out.end219:                                   ; preds = %tkv.out.then218, %tkv.out.end217
+  %1043 = icmp slt i64 6, %1017
+  br i1 %1043, label %tkv.out.then220, label %tkv.out.end221
 
-tkv.out.then180:                                  ; preds = %tkv.out.end179
-  %1080 = getelementptr inbounds i64, ptr %ib, i64 3
-  %1081 = extractelement <16 x i32> %1066, i32 3
-  %1082 = zext i32 %1081 to i64
-  store i64 %1082, ptr %1080, align 8
-  br label %tkv.out.end181
+tkv.out.then220:                                  ; preds = %tkv.out.end219
+  %1044 = getelementptr inbounds i64, ptr %ic, i64 6
+  %1045 = extractelement <16 x i32> %1018, i32 6
+  %1046 = zext i32 %1045 to i64
+  store i64 %1046, ptr %1044, align 8
+  br label %tkv.out.end221
 
-tkv.out.end181:                                   ; preds = %tkv.out.then180, %tkv.out.end179
-  %1083 = icmp slt i64 4, %1065
-  br i1 %1083, label %tkv.out.then182, label %tkv.out.end183
+tkv.out.end221:                                   ; preds = %tkv.out.then220, %tkv.out.end219
+  %1047 = icmp slt i64 7, %1017
+  br i1 %1047, label %tkv.out.then222, label %tkv.out.end223
 
-tkv.out.then182:                                  ; preds = %tkv.out.end181
-  %1084 = getelementptr inbounds i64, ptr %ib, i64 4
-  %1085 = extractelement <16 x i32> %1066, i32 4
-  %1086 = zext i32 %1085 to i64
-  store i64 %1086, ptr %1084, align 8
-  br label %tkv.out.end183
+tkv.out.then222:                                  ; preds = %tkv.out.end221
+  %1048 = getelementptr inbounds i64, ptr %ic, i64 7
+  %1049 = extractelement <16 x i32> %1018, i32 7
+  %1050 = zext i32 %1049 to i64
+  store i64 %1050, ptr %1048, align 8
+  br label %tkv.out.end223
 
-tkv.out.end183:                                   ; preds = %tkv.out.then182, %tkv.out.end181
-  %1087 = icmp slt i64 5, %1065
-  br i1 %1087, label %tkv.out.then184, label %tkv.out.end185
+tkv.out.end223:                                   ; preds = %tkv.out.then222, %tkv.out.end221
+  %1051 = icmp slt i64 8, %1017
+  br i1 %1051, label %tkv.out.then224, label %tkv.out.end225
 
-tkv.out.then184:                                  ; preds = %tkv.out.end183
-  %1088 = getelementptr inbounds i64, ptr %ib, i64 5
-  %1089 = extractelement <16 x i32> %1066, i32 5
-  %1090 = zext i32 %1089 to i64
-  store i64 %1090, ptr %1088, align 8
-  br label %tkv.out.end185
+tkv.out.then224:                                  ; preds = %tkv.out.end223
+  %1052 = getelementptr inbounds i64, ptr %ic, i64 8
+  %1053 = extractelement <16 x i32> %1018, i32 8
+  %1054 = zext i32 %1053 to i64
+  store i64 %1054, ptr %1052, align 8
+  br label %tkv.out.end225
 
-tkv.out.end185:                                   ; preds = %tkv.out.then184, %tkv.out.end183
-  %1091 = icmp slt i64 6, %1065
-  br i1 %1091, label %tkv.out.then186, label %tkv.out.end187
+tkv.out.end225:                                   ; preds = %tkv.out.then224, %tkv.out.end223
+  %1055 = icmp slt i64 9, %1017
+  br i1 %1055, label %tkv.out.then226, label %tkv.out.end227
 
-tkv.out.then186:                                  ; preds = %tkv.out.end185
-  %1092 = getelementptr inbounds i64, ptr %ib, i64 6
-  %1093 = extractelement <16 x i32> %1066, i32 6
-  %1094 = zext i32 %1093 to i64
-  store i64 %1094, ptr %1092, align 8
-  br label %tkv.out.end187
-
-tkv.out.end187:                                   ; preds = %tkv.out.then186, %tkv.out.end185
-  %1095 = icmp slt i64 7, %1065
-  br i1 %1095, label %tkv.out.then188, label %tkv.out.end189
-
-tkv.out.then188:                                  ; preds = %tkv.out.end187
-  %1096 = getelementptr inbounds i64, ptr %ib, i64 7
-  %1097 = extractelement <16 x i32> %1066, i32 7
-  %1098 = zext i32 %1097 to i64
-  store i64 %1098, ptr %1096, align 8
-  br label %tkv.out.end189
-
-tkv.out.end189:                                   ; preds = %tkv.out.then188, %tkv.out.end187
-  %1099 = icmp slt i64 8, %1065
-  br i1 %1099, label %tkv.out.then190, label %tkv.out.end191
-
-tkv.out.then190:                                  ; preds = %tkv.out.end189
-  %1100 = getelementptr inbounds i64, ptr %ib, i64 8
-  %1101 = extractelement <16 x i32> %1066, i32 8
-  %1102 = zext i32 %1101 to i64
-  store i64 %1102, ptr %1100, align 8
-  br label %tkv.out.end191
-
-tkv.out.end191:                                   ; preds = %tkv.out.then190, %tkv.out.end189
-  %1103 = icmp slt i64 9, %1065
-  br i1 %1103, label %tkv.out.then192, label %tkv.out.end193
-
-tkv.out.then192:                                  ; preds = %tkv.out.end191
-  %1104 = getelementptr inbounds i64, ptr %ib, i64 9
-  %1105 = extractelement <16 x i32> %1066, i32 9
-  %1106 = zext i32 %1105 to i64
-  store i64 %1106, ptr %1104, align 8
-  br label %tkv.out.end193
-
-tkv.out.end193:                                   ; preds = %tkv.out.then192, %tkv.out.end191
-  %1107 = icmp slt i64 10, %1065
-  br i1 %1107, label %tkv.out.then194, label %tkv.out.end195
-
-tkv.out.then194:                                  ; preds = %tkv.out.end193
-  %1108 = getelementptr inbounds i64, ptr %ib, i64 10
-  %1109 = extractelement <16 x i32> %1066, i32 10
-  %1110 = zext i32 %1109 to i64
-  store i64 %1110, ptr %1108, align 8
-  br label %tkv.out.end195
-
-tkv.out.end195:                                   ; preds = %tkv.out.then194, %tkv.out.end193
-  %1111 = icmp slt i64 11, %1065
-  br i1 %1111, label %tkv.out.then196, label %tkv.out.end197
-
-tkv.out.then196:                                  ; preds = %tkv.out.end195
-  %1112 = getelementptr inbounds i64, ptr %ib, i64 11
-  %1113 = extractelement <16 x i32> %1066, i32 11
-  %1114 = zext i32 %1113 to i64
-  store i64 %1114, ptr %1112, align 8
-  br label %tkv.out.end197
-
-tkv.out.end197:                                   ; preds = %tkv.out.then196, %tkv.out.end195
-  %1115 = icmp slt i64 12, %1065
-  br i1 %1115, label %tkv.out.then198, label %tkv.out.end199
-
-tkv.out.then198:                                  ; preds = %tkv.out.end197
-  %1116 = getelementptr inbounds i64, ptr %ib, i64 12
-  %1117 = extractelement <16 x i32> %1066, i32 12
-  %1118 = zext i32 %1117 to i64
-  store i64 %1118, ptr %1116, align 8
-  br label %tkv.out.end199
-
-tkv.out.end199:                                   ; preds = %tkv.out.then198, %tkv.out.end197
-  %1119 = icmp slt i64 13, %1065
-  br i1 %1119, label %tkv.out.then200, label %tkv.out.end201
-
-tkv.out.then200:                                  ; preds = %tkv.out.end199
-  %1120 = getelementptr inbounds i64, ptr %ib, i64 13
-  %1121 = extractelement <16 x i32> %1066, i32 13
-  %1122 = zext i32 %1121 to i64
-  store i64 %1122, ptr %1120, align 8
-  br label %tkv.out.end201
-
-tkv.out.end201:                                   ; preds = %tkv.out.then200, %tkv.out.end199
-  %1123 = icmp slt i64 14, %1065
-  br i1 %1123, label %tkv.out.then202, label %tkv.out.end203
-
-tkv.out.then202:                                  ; preds = %tkv.out.end201
-  %1124 = getelementptr inbounds i64, ptr %ib, i64 14
-  %1125 = extractelement <16 x i32> %1066, i32 14
-  %1126 = zext i32 %1125 to i64
-  store i64 %1126, ptr %1124, align 8
-  br label %tkv.out.end203
-
-tkv.out.end203:                                   ; preds = %tkv.out.then202, %tkv.out.end201
-  %1127 = icmp slt i64 15, %1065
-  br i1 %1127, label %tkv.out.then204, label %tkv.out.end205
-
-tkv.out.then204:                                  ; preds = %tkv.out.end203
-  %1128 = getelementptr inbounds i64, ptr %ib, i64 15
-  %1129 = extractelement <16 x i32> %1066, i32 15
-  %1130 = zext i32 %1129 to i64
-  store i64 %1130, ptr %1128, align 8
-  br label %tkv.out.end205
-
-tkv.out.end205:                                   ; preds = %tkv.out.then204, %tkv.out.end203
-  br label %ca.head
-
-ca.head:                                          ; preds = %cb.end, %tkv.out.end205
-  %ca = phi i64 [ 0, %tkv.out.end205 ], [ %1149, %cb.end ]
-  %1131 = icmp slt i64 %ca, 16
-  br i1 %1131, label %ca.body, label %ca.end
-
-ca.body:                                          ; preds = %ca.head
-  %1132 = getelementptr inbounds i64, ptr %ia, i64 %ca
-  %1133 = load i64, ptr %1132, align 8
-  %1134 = getelementptr inbounds float, ptr %758, i64 %1133
-  %1135 = load float, ptr %1134, align 4
-  br label %cb.head
-
-cb.head:                                          ; preds = %cb.body, %ca.body
-  %cb = phi i64 [ 0, %ca.body ], [ %1148, %cb.body ]
-  %1136 = icmp slt i64 %cb, 16
-  br i1 %1136, label %cb.body, label %cb.end
-
-cb.body:                                          ; preds = %cb.head
-  %1137 = getelementptr inbounds i64, ptr %ib, i64 %cb
-  %1138 = load i64, ptr %1137, align 8
-  %1139 = mul nsw i64 %ca, 16
-  %1140 = add nsw i64 %1139, %cb
-  %1141 = getelementptr inbounds float, ptr %945, i64 %1138
-  %1142 = load float, ptr %1141, align 4
-  %1143 = fadd float %1135, %1142
-  %1144 = getelementptr inbounds float, ptr %cv, i64 %1140
-  store float %1143, ptr %1144, align 4
-  %1145 = getelementptr inbounds i64, ptr %ck, i64 %1140
-  %1146 = mul nsw i64 %1133, 1024
-  %1147 = add nsw i64 %1146, %1138
-  store i64 %1147, ptr %1145, align 8
-  %1148 = add nsw i64 %cb, 1
-  br label %cb.head
-
-cb.end:                                           ; preds = %cb.head
-  %1149 = add nsw i64 %ca, 1
-  br label %ca.head
-
-ca.end:                                           ; preds = %ca.head
-  store <16 x float> zeroinitializer, ptr %tkv.v206, align 4
-  store <16 x i32> zeroinitializer, ptr %tkv.i207, align 4
-  store <16 x i32> zeroinitializer, ptr %tkv.k208, align 4
-  store i32 0, ptr %tkv.m209, align 4
-  br label %tkv.c.head211
-
-tkv.c.head211:                                    ; preds = %tkv.w.end217, %ca.end
-  %tkv.c214 = phi i64 [ 0, %ca.end ], [ %1249, %tkv.w.end217 ]
-  %1150 = icmp slt i64 %tkv.c214, 256
-  br i1 %1150, label %tkv.c.body212, label %tkv.c.end213
-
-tkv.c.body212:                                    ; preds = %tkv.c.head211
-  %1151 = load <16 x float>, ptr %tkv.v206, align 4
-  %1152 = load <16 x i32>, ptr %tkv.k208, align 4
-  %1153 = getelementptr inbounds float, ptr %cv, i64 %tkv.c214
-  %1154 = load <16 x float>, ptr %1153, align 4
-  %1155 = getelementptr inbounds i64, ptr %ck, i64 %tkv.c214
-  %1156 = load <16 x i64>, ptr %1155, align 8
-  %1157 = trunc <16 x i64> %1156 to <16 x i32>
-  %1158 = extractelement <16 x float> %1151, i32 15
-  %1159 = insertelement <16 x float> poison, float %1158, i32 0
-  %1160 = shufflevector <16 x float> %1159, <16 x float> poison, <16 x i32> zeroinitializer
-  %1161 = extractelement <16 x i32> %1152, i32 15
-  %1162 = insertelement <16 x i32> poison, i32 %1161, i32 0
-  %1163 = shufflevector <16 x i32> %1162, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1164 = fcmp uno <16 x float> %1154, %1154
-  %1165 = fcmp uno <16 x float> %1160, %1160
-  %1166 = fcmp one <16 x float> %1154, %1160
-  %1167 = xor <16 x i1> %1164, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
-  %1168 = and <16 x i1> %1167, %1166
-  %1169 = icmp ult <16 x i32> %1157, %1163
-  %1170 = fcmp ogt <16 x float> %1154, %1160
-  %1171 = select <16 x i1> %1168, <16 x i1> %1170, <16 x i1> %1169
-  %1172 = xor <16 x i1> %1164, %1165
-  %1173 = select <16 x i1> %1172, <16 x i1> %1165, <16 x i1> %1171
-  %1174 = bitcast <16 x i1> %1173 to i16
-  %1175 = load i32, ptr %tkv.m209, align 4
-  %1176 = icmp eq i32 %1175, 16
-  %1177 = select i1 %1176, i16 %1174, i16 -1
-  store i16 %1177, ptr %tkv.bits210, align 2
-  br label %tkv.w.head215
-
-tkv.w.head215:                                    ; preds = %tkv.in.end219, %tkv.c.body212
-  %1178 = load i16, ptr %tkv.bits210, align 2
-  %1179 = icmp ne i16 %1178, 0
-  br i1 %1179, label %tkv.w.body216, label %tkv.w.end217
-
-tkv.w.body216:                                    ; preds = %tkv.w.head215
-  %1180 = call i16 @llvm.cttz.i16(i16 %1178, i1 true)
-  %1181 = zext i16 %1180 to i64
-  %1182 = sub i16 %1178, 1
-  %1183 = and i16 %1178, %1182
-  store i16 %1183, ptr %tkv.bits210, align 2
-  %1184 = add nsw i64 %tkv.c214, %1181
-  %1185 = getelementptr inbounds float, ptr %cv, i64 %1184
-  %1186 = load float, ptr %1185, align 4
-  %1187 = getelementptr inbounds i64, ptr %ck, i64 %1184
-  %1188 = load i64, ptr %1187, align 8
-  %1189 = trunc i64 %1188 to i32
-  %1190 = load i32, ptr %tkv.m209, align 4
-  %1191 = load <16 x float>, ptr %tkv.v206, align 4
-  %1192 = load <16 x i32>, ptr %tkv.k208, align 4
-  %1193 = extractelement <16 x i32> %1192, i32 15
-  %1194 = extractelement <16 x float> %1191, i32 15
-  %1195 = fcmp uno float %1186, %1186
-  %1196 = fcmp uno float %1194, %1194
-  %1197 = fcmp one float %1186, %1194
-  %1198 = xor i1 %1195, true
-  %1199 = and i1 %1198, %1197
-  %1200 = icmp ult i32 %1189, %1193
-  %1201 = fcmp ogt float %1186, %1194
-  %1202 = select i1 %1199, i1 %1201, i1 %1200
-  %1203 = xor i1 %1195, %1196
-  %1204 = select i1 %1203, i1 %1196, i1 %1202
-  %1205 = icmp slt i32 %1190, 16
-  %1206 = or i1 %1205, %1204
-  br i1 %1206, label %tkv.in.then218, label %tkv.in.end219
-
-tkv.in.then218:                                   ; preds = %tkv.w.body216
-  %1207 = insertelement <16 x float> poison, float %1186, i32 0
-  %1208 = shufflevector <16 x float> %1207, <16 x float> poison, <16 x i32> zeroinitializer
-  %1209 = insertelement <16 x i32> poison, i32 %1189, i32 0
-  %1210 = shufflevector <16 x i32> %1209, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1211 = insertelement <16 x i32> poison, i32 %1190, i32 0
-  %1212 = shufflevector <16 x i32> %1211, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1213 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %1212
-  %1214 = fcmp uno <16 x float> %1208, %1208
-  %1215 = fcmp uno <16 x float> %1191, %1191
-  %1216 = fcmp one <16 x float> %1208, %1191
-  %1217 = xor <16 x i1> %1214, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
-  %1218 = and <16 x i1> %1217, %1216
-  %1219 = icmp ult <16 x i32> %1210, %1192
-  %1220 = fcmp ogt <16 x float> %1208, %1191
-  %1221 = select <16 x i1> %1218, <16 x i1> %1220, <16 x i1> %1219
-  %1222 = xor <16 x i1> %1214, %1215
-  %1223 = select <16 x i1> %1222, <16 x i1> %1215, <16 x i1> %1221
-  %1224 = or <16 x i1> %1223, %1213
-  %1225 = bitcast <16 x i1> %1224 to i16
-  %1226 = call i16 @llvm.cttz.i16(i16 %1225, i1 false)
-  %1227 = zext i16 %1226 to i64
-  %1228 = trunc i64 %1227 to i32
-  %1229 = insertelement <16 x i32> poison, i32 %1228, i32 0
-  %1230 = shufflevector <16 x i32> %1229, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1231 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %1230
-  %1232 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %1230
-  %1233 = trunc i64 %1184 to i32
-  %1234 = insertelement <16 x i32> poison, i32 %1233, i32 0
-  %1235 = shufflevector <16 x i32> %1234, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1236 = shufflevector <16 x float> %1191, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %1237 = select <16 x i1> %1232, <16 x float> %1236, <16 x float> %1191
-  %1238 = select <16 x i1> %1231, <16 x float> %1208, <16 x float> %1237
-  store <16 x float> %1238, ptr %tkv.v206, align 4
-  %1239 = load <16 x i32>, ptr %tkv.i207, align 4
-  %1240 = shufflevector <16 x i32> %1239, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %1241 = select <16 x i1> %1232, <16 x i32> %1240, <16 x i32> %1239
-  %1242 = select <16 x i1> %1231, <16 x i32> %1235, <16 x i32> %1241
-  store <16 x i32> %1242, ptr %tkv.i207, align 4
-  %1243 = shufflevector <16 x i32> %1192, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %1244 = select <16 x i1> %1232, <16 x i32> %1243, <16 x i32> %1192
-  %1245 = select <16 x i1> %1231, <16 x i32> %1210, <16 x i32> %1244
-  store <16 x i32> %1245, ptr %tkv.k208, align 4
-  %1246 = add nsw i32 %1190, 1
-  %1247 = icmp slt i32 %1246, 16
-  %1248 = select i1 %1247, i32 %1246, i32 16
-  store i32 %1248, ptr %tkv.m209, align 4
-  br label %tkv.in.end219
-
-tkv.in.end219:                                    ; preds = %tkv.in.then218, %tkv.w.body216
-  br label %tkv.w.head215
-
-tkv.w.end217:                                     ; preds = %tkv.w.head215
-  %1249 = add nsw i64 %tkv.c214, 16
-  br label %tkv.c.head211
-
-tkv.c.end213:                                     ; preds = %tkv.c.head211
-  br label %tkv.tail.head220
-
-tkv.tail.head220:                                 ; preds = %tkv.in.end225, %tkv.c.end213
-  %tkv.tail223 = phi i64 [ 256, %tkv.c.end213 ], [ %1315, %tkv.in.end225 ]
-  %1250 = icmp slt i64 %tkv.tail223, 256
-  br i1 %1250, label %tkv.tail.body221, label %tkv.tail.end222
-
-tkv.tail.body221:                                 ; preds = %tkv.tail.head220
-  %1251 = getelementptr inbounds float, ptr %cv, i64 %tkv.tail223
-  %1252 = load float, ptr %1251, align 4
-  %1253 = getelementptr inbounds i64, ptr %ck, i64 %tkv.tail223
-  %1254 = load i64, ptr %1253, align 8
-  %1255 = trunc i64 %1254 to i32
-  %1256 = load i32, ptr %tkv.m209, align 4
-  %1257 = load <16 x float>, ptr %tkv.v206, align 4
-  %1258 = load <16 x i32>, ptr %tkv.k208, align 4
-  %1259 = extractelement <16 x i32> %1258, i32 15
-  %1260 = extractelement <16 x float> %1257, i32 15
-  %1261 = fcmp uno float %1252, %1252
-  %1262 = fcmp uno float %1260, %1260
-  %1263 = fcmp one float %1252, %1260
-  %1264 = xor i1 %1261, true
-  %1265 = and i1 %1264, %1263
-  %1266 = icmp ult i32 %1255, %1259
-  %1267 = fcmp ogt float %1252, %1260
-  %1268 = select i1 %1265, i1 %1267, i1 %1266
-  %1269 = xor i1 %1261, %1262
-  %1270 = select i1 %1269, i1 %1262, i1 %1268
-  %1271 = icmp slt i32 %1256, 16
-  %1272 = or i1 %1271, %1270
-  br i1 %1272, label %tkv.in.then224, label %tkv.in.end225
-
-tkv.in.then224:                                   ; preds = %tkv.tail.body221
-  %1273 = insertelement <16 x float> poison, float %1252, i32 0
-  %1274 = shufflevector <16 x float> %1273, <16 x float> poison, <16 x i32> zeroinitializer
-  %1275 = insertelement <16 x i32> poison, i32 %1255, i32 0
-  %1276 = shufflevector <16 x i32> %1275, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1277 = insertelement <16 x i32> poison, i32 %1256, i32 0
-  %1278 = shufflevector <16 x i32> %1277, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1279 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %1278
-  %1280 = fcmp uno <16 x float> %1274, %1274
-  %1281 = fcmp uno <16 x float> %1257, %1257
-  %1282 = fcmp one <16 x float> %1274, %1257
-  %1283 = xor <16 x i1> %1280, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
-  %1284 = and <16 x i1> %1283, %1282
-  %1285 = icmp ult <16 x i32> %1276, %1258
-  %1286 = fcmp ogt <16 x float> %1274, %1257
-  %1287 = select <16 x i1> %1284, <16 x i1> %1286, <16 x i1> %1285
-  %1288 = xor <16 x i1> %1280, %1281
-  %1289 = select <16 x i1> %1288, <16 x i1> %1281, <16 x i1> %1287
-  %1290 = or <16 x i1> %1289, %1279
-  %1291 = bitcast <16 x i1> %1290 to i16
-  %1292 = call i16 @llvm.cttz.i16(i16 %1291, i1 false)
-  %1293 = zext i16 %1292 to i64
-  %1294 = trunc i64 %1293 to i32
-  %1295 = insertelement <16 x i32> poison, i32 %1294, i32 0
-  %1296 = shufflevector <16 x i32> %1295, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1297 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %1296
-  %1298 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %1296
-  %1299 = trunc i64 %tkv.tail223 to i32
-  %1300 = insertelement <16 x i32> poison, i32 %1299, i32 0
-  %1301 = shufflevector <16 x i32> %1300, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1302 = shufflevector <16 x float> %1257, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %1303 = select <16 x i1> %1298, <16 x float> %1302, <16 x float> %1257
-  %1304 = select <16 x i1> %1297, <16 x float> %1274, <16 x float> %1303
-  store <16 x float> %1304, ptr %tkv.v206, align 4
-  %1305 = load <16 x i32>, ptr %tkv.i207, align 4
-  %1306 = shufflevector <16 x i32> %1305, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %1307 = select <16 x i1> %1298, <16 x i32> %1306, <16 x i32> %1305
-  %1308 = select <16 x i1> %1297, <16 x i32> %1301, <16 x i32> %1307
-  store <16 x i32> %1308, ptr %tkv.i207, align 4
-  %1309 = shufflevector <16 x i32> %1258, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %1310 = select <16 x i1> %1298, <16 x i32> %1309, <16 x i32> %1258
-  %1311 = select <16 x i1> %1297, <16 x i32> %1276, <16 x i32> %1310
-  store <16 x i32> %1311, ptr %tkv.k208, align 4
-  %1312 = add nsw i32 %1256, 1
-  %1313 = icmp slt i32 %1312, 16
-  %1314 = select i1 %1313, i32 %1312, i32 16
-  store i32 %1314, ptr %tkv.m209, align 4
-  br label %tkv.in.end225
-
-tkv.in.end225:                                    ; preds = %tkv.in.then224, %tkv.tail.body221
-  %1315 = add nsw i64 %tkv.tail223, 1
-  br label %tkv.tail.head220
-
-tkv.tail.end222:                                  ; preds = %tkv.tail.head220
-  %1316 = load i32, ptr %tkv.m209, align 4
-  %1317 = zext i32 %1316 to i64
-  %1318 = load <16 x i32>, ptr %tkv.i207, align 4
-  %1319 = icmp slt i64 0, %1317
-  br i1 %1319, label %tkv.out.then226, label %tkv.out.end227
-
-tkv.out.then226:                                  ; preds = %tkv.tail.end222
-  %1320 = getelementptr inbounds i64, ptr %ic, i64 0
-  %1321 = extractelement <16 x i32> %1318, i32 0
-  %1322 = zext i32 %1321 to i64
-  store i64 %1322, ptr %1320, align 8
+tkv.out.then226:                                  ; preds = %tkv.out.end225
+  %1056 = getelementptr inbounds i64, ptr %ic, i64 9
+  %1057 = extractelement <16 x i32> %1018, i32 9
+  %1058 = zext i32 %1057 to i64
+  store i64 %1058, ptr %1056, align 8
   br label %tkv.out.end227
 
-tkv.out.end227:                                   ; preds = %tkv.out.then226, %tkv.tail.end222
-  %1323 = icmp slt i64 1, %1317
-  br i1 %1323, label %tkv.out.then228, label %tkv.out.end229
+tkv.out.end227:                                   ; preds = %tkv.out.then226, %tkv.out.end225
+  %1059 = icmp slt i64 10, %1017
+  br i1 %1059, label %tkv.out.then228, label %tkv.out.end229
 
 tkv.out.then228:                                  ; preds = %tkv.out.end227
-  %1324 = getelementptr inbounds i64, ptr %ic, i64 1
-  %1325 = extractelement <16 x i32> %1318, i32 1
-  %1326 = zext i32 %1325 to i64
-  store i64 %1326, ptr %1324, align 8
+  %1060 = getelementptr inbounds i64, ptr %ic, i64 10
+  %1061 = extractelement <16 x i32> %1018, i32 10
+  %1062 = zext i32 %1061 to i64
+  store i64 %1062, ptr %1060, align 8
   br label %tkv.out.end229
 
 tkv.out.end229:                                   ; preds = %tkv.out.then228, %tkv.out.end227
-  %1327 = icmp slt i64 2, %1317
-  br i1 %1327, label %tkv.out.then230, label %tkv.out.end231
+  %1063 = icmp slt i64 11, %1017
+  br i1 %1063, label %tkv.out.then230, label %tkv.out.end231
 
 tkv.out.then230:                                  ; preds = %tkv.out.end229
-  %1328 = getelementptr inbounds i64, ptr %ic, i64 2
-  %1329 = extractelement <16 x i32> %1318, i32 2
-  %1330 = zext i32 %1329 to i64
-  store i64 %1330, ptr %1328, align 8
+  %1064 = getelementptr inbounds i64, ptr %ic, i64 11
+  %1065 = extractelement <16 x i32> %1018, i32 11
+  %1066 = zext i32 %1065 to i64
+  store i64 %1066, ptr %1064, align 8
   br label %tkv.out.end231
 
 tkv.out.end231:                                   ; preds = %tkv.out.then230, %tkv.out.end229
-  %1331 = icmp slt i64 3, %1317
-  br i1 %1331, label %tkv.out.then232, label %tkv.out.end233
+  %1067 = icmp slt i64 12, %1017
+  br i1 %1067, label %tkv.out.then232, label %tkv.out.end233
 
 tkv.out.then232:                                  ; preds = %tkv.out.end231
-  %1332 = getelementptr inbounds i64, ptr %ic, i64 3
-  %1333 = extractelement <16 x i32> %1318, i32 3
-  %1334 = zext i32 %1333 to i64
-  store i64 %1334, ptr %1332, align 8
+  %1068 = getelementptr inbounds i64, ptr %ic, i64 12
+  %1069 = extractelement <16 x i32> %1018, i32 12
+  %1070 = zext i32 %1069 to i64
+  store i64 %1070, ptr %1068, align 8
   br label %tkv.out.end233
 
 tkv.out.end233:                                   ; preds = %tkv.out.then232, %tkv.out.end231
-  %1335 = icmp slt i64 4, %1317
-  br i1 %1335, label %tkv.out.then234, label %tkv.out.end235
+  %1071 = icmp slt i64 13, %1017
+  br i1 %1071, label %tkv.out.then234, label %tkv.out.end235
 
 tkv.out.then234:                                  ; preds = %tkv.out.end233
-  %1336 = getelementptr inbounds i64, ptr %ic, i64 4
-  %1337 = extractelement <16 x i32> %1318, i32 4
-  %1338 = zext i32 %1337 to i64
-  store i64 %1338, ptr %1336, align 8
+  %1072 = getelementptr inbounds i64, ptr %ic, i64 13
+  %1073 = extractelement <16 x i32> %1018, i32 13
+  %1074 = zext i32 %1073 to i64
+  store i64 %1074, ptr %1072, align 8
   br label %tkv.out.end235
 
 tkv.out.end235:                                   ; preds = %tkv.out.then234, %tkv.out.end233
-  %1339 = icmp slt i64 5, %1317
-  br i1 %1339, label %tkv.out.then236, label %tkv.out.end237
+  %1075 = icmp slt i64 14, %1017
+  br i1 %1075, label %tkv.out.then236, label %tkv.out.end237
 
 tkv.out.then236:                                  ; preds = %tkv.out.end235
-  %1340 = getelementptr inbounds i64, ptr %ic, i64 5
-  %1341 = extractelement <16 x i32> %1318, i32 5
-  %1342 = zext i32 %1341 to i64
-  store i64 %1342, ptr %1340, align 8
+  %1076 = getelementptr inbounds i64, ptr %ic, i64 14
+  %1077 = extractelement <16 x i32> %1018, i32 14
+  %1078 = zext i32 %1077 to i64
+  store i64 %1078, ptr %1076, align 8
   br label %tkv.out.end237
 
 tkv.out.end237:                                   ; preds = %tkv.out.then236, %tkv.out.end235
-  %1343 = icmp slt i64 6, %1317
-  br i1 %1343, label %tkv.out.then238, label %tkv.out.end239
+  %1079 = icmp slt i64 15, %1017
+  br i1 %1079, label %tkv.out.then238, label %tkv.out.end239
 
 tkv.out.then238:                                  ; preds = %tkv.out.end237
-  %1344 = getelementptr inbounds i64, ptr %ic, i64 6
-  %1345 = extractelement <16 x i32> %1318, i32 6
-  %1346 = zext i32 %1345 to i64
-  store i64 %1346, ptr %1344, align 8
+  %1080 = getelementptr inbounds i64, ptr %ic, i64 15
+  %1081 = extractelement <16 x i32> %1018, i32 15
+  %1082 = zext i32 %1081 to i64
+  store i64 %1082, ptr %1080, align 8
   br label %tkv.out.end239
 
 tkv.out.end239:                                   ; preds = %tkv.out.then238, %tkv.out.end237
-  %1347 = icmp slt i64 7, %1317
-  br i1 %1347, label %tkv.out.then240, label %tkv.out.end241
-
-tkv.out.then240:                                  ; preds = %tkv.out.end239
-  %1348 = getelementptr inbounds i64, ptr %ic, i64 7
-  %1349 = extractelement <16 x i32> %1318, i32 7
-  %1350 = zext i32 %1349 to i64
-  store i64 %1350, ptr %1348, align 8
-  br label %tkv.out.end241
-
-tkv.out.end241:                                   ; preds = %tkv.out.then240, %tkv.out.end239
-  %1351 = icmp slt i64 8, %1317
-  br i1 %1351, label %tkv.out.then242, label %tkv.out.end243
-
-tkv.out.then242:                                  ; preds = %tkv.out.end241
-  %1352 = getelementptr inbounds i64, ptr %ic, i64 8
-  %1353 = extractelement <16 x i32> %1318, i32 8
-  %1354 = zext i32 %1353 to i64
-  store i64 %1354, ptr %1352, align 8
-  br label %tkv.out.end243
-
-tkv.out.end243:                                   ; preds = %tkv.out.then242, %tkv.out.end241
-  %1355 = icmp slt i64 9, %1317
-  br i1 %1355, label %tkv.out.then244, label %tkv.out.end245
-
-tkv.out.then244:                                  ; preds = %tkv.out.end243
-  %1356 = getelementptr inbounds i64, ptr %ic, i64 9
-  %1357 = extractelement <16 x i32> %1318, i32 9
-  %1358 = zext i32 %1357 to i64
-  store i64 %1358, ptr %1356, align 8
-  br label %tkv.out.end245
-
-tkv.out.end245:                                   ; preds = %tkv.out.then244, %tkv.out.end243
-  %1359 = icmp slt i64 10, %1317
-  br i1 %1359, label %tkv.out.then246, label %tkv.out.end247
-
-tkv.out.then246:                                  ; preds = %tkv.out.end245
-  %1360 = getelementptr inbounds i64, ptr %ic, i64 10
-  %1361 = extractelement <16 x i32> %1318, i32 10
-  %1362 = zext i32 %1361 to i64
-  store i64 %1362, ptr %1360, align 8
-  br label %tkv.out.end247
-
-tkv.out.end247:                                   ; preds = %tkv.out.then246, %tkv.out.end245
-  %1363 = icmp slt i64 11, %1317
-  br i1 %1363, label %tkv.out.then248, label %tkv.out.end249
-
-tkv.out.then248:                                  ; preds = %tkv.out.end247
-  %1364 = getelementptr inbounds i64, ptr %ic, i64 11
-  %1365 = extractelement <16 x i32> %1318, i32 11
-  %1366 = zext i32 %1365 to i64
-  store i64 %1366, ptr %1364, align 8
-  br label %tkv.out.end249
-
-tkv.out.end249:                                   ; preds = %tkv.out.then248, %tkv.out.end247
-  %1367 = icmp slt i64 12, %1317
-  br i1 %1367, label %tkv.out.then250, label %tkv.out.end251
-
-tkv.out.then250:                                  ; preds = %tkv.out.end249
-  %1368 = getelementptr inbounds i64, ptr %ic, i64 12
-  %1369 = extractelement <16 x i32> %1318, i32 12
-  %1370 = zext i32 %1369 to i64
-  store i64 %1370, ptr %1368, align 8
-  br label %tkv.out.end251
-
-tkv.out.end251:                                   ; preds = %tkv.out.then250, %tkv.out.end249
-  %1371 = icmp slt i64 13, %1317
-  br i1 %1371, label %tkv.out.then252, label %tkv.out.end253
-
-tkv.out.then252:                                  ; preds = %tkv.out.end251
-  %1372 = getelementptr inbounds i64, ptr %ic, i64 13
-  %1373 = extractelement <16 x i32> %1318, i32 13
-  %1374 = zext i32 %1373 to i64
-  store i64 %1374, ptr %1372, align 8
-  br label %tkv.out.end253
-
-tkv.out.end253:                                   ; preds = %tkv.out.then252, %tkv.out.end251
-  %1375 = icmp slt i64 14, %1317
-  br i1 %1375, label %tkv.out.then254, label %tkv.out.end255
-
-tkv.out.then254:                                  ; preds = %tkv.out.end253
-  %1376 = getelementptr inbounds i64, ptr %ic, i64 14
-  %1377 = extractelement <16 x i32> %1318, i32 14
-  %1378 = zext i32 %1377 to i64
-  store i64 %1378, ptr %1376, align 8
-  br label %tkv.out.end255
-
-tkv.out.end255:                                   ; preds = %tkv.out.then254, %tkv.out.end253
-  %1379 = icmp slt i64 15, %1317
-  br i1 %1379, label %tkv.out.then256, label %tkv.out.end257
-
-tkv.out.then256:                                  ; preds = %tkv.out.end255
-  %1380 = getelementptr inbounds i64, ptr %ic, i64 15
-  %1381 = extractelement <16 x i32> %1318, i32 15
-  %1382 = zext i32 %1381 to i64
-  store i64 %1382, ptr %1380, align 8
-  br label %tkv.out.end257
-
-tkv.out.end257:                                   ; preds = %tkv.out.then256, %tkv.out.end255
   br label %gather.head
 
-gather.head:                                      ; preds = %gather.body, %tkv.out.end257
-  %gather = phi i64 [ 0, %tkv.out.end257 ], [ %1389, %gather.body ]
-  %1383 = icmp slt i64 %gather, 16
-  br i1 %1383, label %gather.body, label %gather.end
+gather.head:                                      ; preds = %gather.body, %tkv.out.end239
+  %gather = phi i64 [ 0, %tkv.out.end239 ], [ %1089, %gather.body ]
+  %1083 = icmp slt i64 %gather, 16
+  br i1 %1083, label %gather.body, label %gather.end
 
 gather.body:                                      ; preds = %gather.head
-  %1384 = getelementptr inbounds i64, ptr %ic, i64 %gather
-  %1385 = load i64, ptr %1384, align 8
-  %1386 = getelementptr inbounds float, ptr %cv, i64 %1385
-  %1387 = load float, ptr %1386, align 4
-  %1388 = getelementptr inbounds float, ptr %g, i64 %gather
-  store float %1387, ptr %1388, align 4
-  %1389 = add nsw i64 %gather, 1
+  %1084 = getelementptr inbounds i64, ptr %ic, i64 %gather
+  %1085 = load i64, ptr %1084, align 8
+  %1086 = getelementptr inbounds float, ptr %cv, i64 %1085
+  %1087 = load float, ptr %1086, align 4
+  %1088 = getelementptr inbounds float, ptr %g, i64 %gather
+  store float %1087, ptr %1088, align 4
+  %1089 = add nsw i64 %gather, 1
   br label %gather.head
 
 gather.end:                                       ; preds = %gather.head
@@ -3062,105 +2471,105 @@ gather.end:                                       ; preds = %gather.head
   br label %smax.head
 
 smax.head:                                        ; preds = %smax.body, %gather.end
-  %smax258 = phi i64 [ 0, %gather.end ], [ %1397, %smax.body ]
-  %1390 = icmp slt i64 %smax258, 16
-  br i1 %1390, label %smax.body, label %smax.end
+  %smax240 = phi i64 [ 0, %gather.end ], [ %1097, %smax.body ]
+  %1090 = icmp slt i64 %smax240, 16
+  br i1 %1090, label %smax.body, label %smax.end
 
 smax.body:                                        ; preds = %smax.head
-  %1391 = add nsw i64 0, %smax258
-  %1392 = getelementptr inbounds float, ptr %g, i64 %1391
-  %1393 = load float, ptr %1392, align 4
-  %1394 = load float, ptr %smax, align 4
-  %1395 = fcmp ogt float %1393, %1394
-  %1396 = select i1 %1395, float %1393, float %1394
-  store float %1396, ptr %smax, align 4
-  %1397 = add nsw i64 %smax258, 1
+  %1091 = add nsw i64 0, %smax240
+  %1092 = getelementptr inbounds float, ptr %g, i64 %1091
+  %1093 = load float, ptr %1092, align 4
+  %1094 = load float, ptr %smax, align 4
+  %1095 = fcmp ogt float %1093, %1094
+  %1096 = select i1 %1095, float %1093, float %1094
+  store float %1096, ptr %smax, align 4
+  %1097 = add nsw i64 %smax240, 1
   br label %smax.head
 
 smax.end:                                         ; preds = %smax.head
-  %1398 = load float, ptr %smax, align 4
+  %1098 = load float, ptr %smax, align 4
   store float 0.000000e+00, ptr %ssum, align 4
   br label %sexp.head
 
 sexp.head:                                        ; preds = %sexp.body, %smax.end
-  %sexp = phi i64 [ 0, %smax.end ], [ %1411, %sexp.body ]
-  %1399 = icmp slt i64 %sexp, 16
-  br i1 %1399, label %sexp.body, label %sexp.end
+  %sexp = phi i64 [ 0, %smax.end ], [ %1111, %sexp.body ]
+  %1099 = icmp slt i64 %sexp, 16
+  br i1 %1099, label %sexp.body, label %sexp.end
 
 sexp.body:                                        ; preds = %sexp.head
-  %1400 = add nsw i64 0, %sexp
-  %1401 = getelementptr inbounds float, ptr %g, i64 %1400
-  %1402 = load float, ptr %1401, align 4
-  %1403 = fsub float %1402, %1398
-  %1404 = fpext float %1403 to double
-  %1405 = call double @exp(double %1404)
-  %1406 = fptrunc double %1405 to float
-  %1407 = add nsw i64 0, %sexp
-  %1408 = getelementptr inbounds float, ptr %g, i64 %1407
-  store float %1406, ptr %1408, align 4
-  %1409 = load float, ptr %ssum, align 4
-  %1410 = fadd float %1409, %1406
-  store float %1410, ptr %ssum, align 4
-  %1411 = add nsw i64 %sexp, 1
+  %1100 = add nsw i64 0, %sexp
+  %1101 = getelementptr inbounds float, ptr %g, i64 %1100
+  %1102 = load float, ptr %1101, align 4
+  %1103 = fsub float %1102, %1098
+  %1104 = fpext float %1103 to double
+  %1105 = call double @exp(double %1104)
+  %1106 = fptrunc double %1105 to float
+  %1107 = add nsw i64 0, %sexp
+  %1108 = getelementptr inbounds float, ptr %g, i64 %1107
+  store float %1106, ptr %1108, align 4
+  %1109 = load float, ptr %ssum, align 4
+  %1110 = fadd float %1109, %1106
+  store float %1110, ptr %ssum, align 4
+  %1111 = add nsw i64 %sexp, 1
   br label %sexp.head
 
 sexp.end:                                         ; preds = %sexp.head
-  %1412 = load float, ptr %ssum, align 4
+  %1112 = load float, ptr %ssum, align 4
   br label %sdiv.head
 
 sdiv.head:                                        ; preds = %sdiv.body, %sexp.end
-  %sdiv = phi i64 [ 0, %sexp.end ], [ %1419, %sdiv.body ]
-  %1413 = icmp slt i64 %sdiv, 16
-  br i1 %1413, label %sdiv.body, label %sdiv.end
+  %sdiv = phi i64 [ 0, %sexp.end ], [ %1119, %sdiv.body ]
+  %1113 = icmp slt i64 %sdiv, 16
+  br i1 %1113, label %sdiv.body, label %sdiv.end
 
 sdiv.body:                                        ; preds = %sdiv.head
-  %1414 = add nsw i64 0, %sdiv
-  %1415 = getelementptr inbounds float, ptr %g, i64 %1414
-  %1416 = load float, ptr %1415, align 4
-  %1417 = fdiv float %1416, %1412
-  %1418 = getelementptr inbounds float, ptr %g, i64 %1414
-  store float %1417, ptr %1418, align 4
-  %1419 = add nsw i64 %sdiv, 1
+  %1114 = add nsw i64 0, %sdiv
+  %1115 = getelementptr inbounds float, ptr %g, i64 %1114
+  %1116 = load float, ptr %1115, align 4
+  %1117 = fdiv float %1116, %1112
+  %1118 = getelementptr inbounds float, ptr %g, i64 %1114
+  store float %1117, ptr %1118, align 4
+  %1119 = add nsw i64 %sdiv, 1
   br label %sdiv.head
 
 sdiv.end:                                         ; preds = %sdiv.head
-  %1420 = mul nsw i64 %hd, 16
-  %1421 = mul nsw i64 %tok, 128
-  %1422 = add nsw i64 %1421, %1420
+  %1120 = mul nsw i64 %hd, 16
+  %1121 = mul nsw i64 %tok, 128
+  %1122 = add nsw i64 %1121, %1120
   br label %out.head
 
 out.head:                                         ; preds = %out.body, %sdiv.end
-  %out = phi i64 [ 0, %sdiv.end ], [ %1435, %out.body ]
-  %1423 = icmp slt i64 %out, 16
-  br i1 %1423, label %out.body, label %out.end
+  %out = phi i64 [ 0, %sdiv.end ], [ %1135, %out.body ]
+  %1123 = icmp slt i64 %out, 16
+  br i1 %1123, label %out.body, label %out.end
 
 out.body:                                         ; preds = %out.head
-  %1424 = add nsw i64 %1422, %out
-  %1425 = getelementptr inbounds i32, ptr %ids, i64 %1424
-  %1426 = getelementptr inbounds i64, ptr %ic, i64 %out
-  %1427 = load i64, ptr %1426, align 8
-  %1428 = getelementptr inbounds i64, ptr %ck, i64 %1427
-  %1429 = load i64, ptr %1428, align 8
-  %1430 = trunc i64 %1429 to i32
-  store i32 %1430, ptr %1425, align 4
-  %1431 = getelementptr inbounds float, ptr %g, i64 %out
-  %1432 = load float, ptr %1431, align 4
-  %1433 = fmul float %1432, 1.000000e+00
-  %1434 = getelementptr inbounds float, ptr %weights, i64 %1424
-  store float %1433, ptr %1434, align 4
-  %1435 = add nsw i64 %out, 1
+  %1124 = add nsw i64 %1122, %out
+  %1125 = getelementptr inbounds i32, ptr %ids, i64 %1124
+  %1126 = getelementptr inbounds i64, ptr %ic, i64 %out
+  %1127 = load i64, ptr %1126, align 8
+  %1128 = getelementptr inbounds i64, ptr %ck, i64 %1127
+  %1129 = load i64, ptr %1128, align 8
+  %1130 = trunc i64 %1129 to i32
+  store i32 %1130, ptr %1125, align 4
+  %1131 = getelementptr inbounds float, ptr %g, i64 %out
+  %1132 = load float, ptr %1131, align 4
+  %1133 = fmul float %1132, 1.000000e+00
+  %1134 = getelementptr inbounds float, ptr %weights, i64 %1124
+  store float %1133, ptr %1134, align 4
+  %1135 = add nsw i64 %out, 1
   br label %out.head
 
 out.end:                                          ; preds = %out.head
-  %1436 = add nsw i64 %head, 1
+  %1136 = add nsw i64 %head, 1
   br label %head.head
 
 head.end:                                         ; preds = %head.head
-  %1437 = add nsw i64 %hgroup, 8
+  %1137 = add nsw i64 %hgroup, 8
   br label %hgroup.head
 
 hgroup.end:                                       ; preds = %hgroup.head
-  %1438 = add nsw i64 %tok, 1
+  %1138 = add nsw i64 %tok, 1
   br label %tok.head
 
 tok.end:                                          ; preds = %tok.head

@@ -20,43 +20,27 @@ entry:
   %qacc1 = alloca <16 x float>, align 32
   %qacc2 = alloca <16 x float>, align 32
   %qacc3 = alloca <16 x float>, align 32
-  %qacc4 = alloca <16 x float>, align 32
-  %qacc5 = alloca <16 x float>, align 32
-  %qacc6 = alloca <16 x float>, align 32
-  %qacc7 = alloca <16 x float>, align 32
-  %qacc8 = alloca <16 x float>, align 32
-  %qacc9 = alloca <16 x float>, align 32
-  %qacc10 = alloca <16 x float>, align 32
-  %qacc11 = alloca <16 x float>, align 32
-  %qacc12 = alloca <16 x float>, align 32
-  %qacc13 = alloca <16 x float>, align 32
-  %qacc14 = alloca <16 x float>, align 32
-  %qacc15 = alloca <16 x float>, align 32
-  %qacc17 = alloca <16 x float>, align 32
-  %qacc18 = alloca <16 x float>, align 32
-  %qacc29 = alloca <8 x float>, align 32
-  %qacc30 = alloca <8 x float>, align 32
-  %qacc31 = alloca <8 x float>, align 32
-  %qacc32 = alloca <8 x float>, align 32
-  %qacc33 = alloca <8 x float>, align 32
-  %qacc34 = alloca <8 x float>, align 32
-  %qacc35 = alloca <8 x float>, align 32
+  %qacc8 = alloca <8 x float>, align 32
+  %qacc9 = alloca <8 x float>, align 32
+  %qacc10 = alloca <8 x float>, align 32
+  %qacc11 = alloca <8 x float>, align 32
+  %qacc20 = alloca <16 x float>, align 32
+  %qacc21 = alloca <16 x float>, align 32
   %qacc36 = alloca <8 x float>, align 32
-  %qacc45 = alloca <8 x float>, align 32
   %arg = alloca i64, align 32
   %smax = alloca float, align 32
   %ssum = alloca float, align 32
-  %smax59 = alloca float, align 32
-  %ssum60 = alloca float, align 32
-  %smax73 = alloca float, align 32
-  %ssum74 = alloca float, align 32
+  %smax50 = alloca float, align 32
+  %ssum51 = alloca float, align 32
+  %smax64 = alloca float, align 32
+  %ssum65 = alloca float, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %tg.head
 
 tg.head:                                          ; preds = %t.end, %start
-  %tg = phi i64 [ %t0, %start ], [ %574, %t.end ]
+  %tg = phi i64 [ %t0, %start ], [ %408, %t.end ]
   %0 = icmp slt i64 %tg, %t1
   br i1 %0, label %tg.body, label %tg.end
 
@@ -66,13 +50,13 @@ tg.body:                                          ; preds = %tg.head
   %gn = select i1 %2, i64 %1, i64 8
   %3 = mul nsw i64 %tg, 4096
   %4 = getelementptr inbounds float, ptr %x, i64 %3
-  %5 = sdiv i64 %gn, 8
-  %full = mul i64 %5, 8
+  %5 = sdiv i64 %gn, 4
+  %full = mul i64 %5, 4
   br label %qb.head
 
-qb.head:                                          ; preds = %r1.end, %tg.body
-  %qb = phi i64 [ 0, %tg.body ], [ %244, %r1.end ]
-  %6 = icmp slt i64 %qb, 0
+qb.head:                                          ; preds = %rb.end, %tg.body
+  %qb = phi i64 [ 0, %tg.body ], [ %84, %rb.end ]
+  %6 = icmp slt i64 %qb, 2
   br i1 %6, label %qb.body, label %qb.end
 
 qb.body:                                          ; preds = %qb.head
@@ -80,7 +64,7 @@ qb.body:                                          ; preds = %qb.head
   br label %rb.head
 
 rb.head:                                          ; preds = %qh.end, %qb.body
-  %rb = phi i64 [ 0, %qb.body ], [ %195, %qh.end ]
+  %rb = phi i64 [ 0, %qb.body ], [ %83, %qh.end ]
   %8 = icmp slt i64 %rb, %full
   br i1 %8, label %rb.body, label %rb.end
 
@@ -109,574 +93,379 @@ rb.body:                                          ; preds = %rb.head
   %30 = mul nsw i64 %27, 16
   %31 = add nsw i64 %30, %7
   %32 = getelementptr inbounds float, ptr %lb, i64 %31
-  %33 = add nsw i64 %rb, 4
-  %34 = mul nsw i64 %33, 4096
-  %35 = getelementptr inbounds float, ptr %4, i64 %34
-  %36 = mul nsw i64 %33, 16
-  %37 = add nsw i64 %36, %7
-  %38 = getelementptr inbounds float, ptr %lb, i64 %37
-  %39 = add nsw i64 %rb, 5
-  %40 = mul nsw i64 %39, 4096
-  %41 = getelementptr inbounds float, ptr %4, i64 %40
-  %42 = mul nsw i64 %39, 16
-  %43 = add nsw i64 %42, %7
-  %44 = getelementptr inbounds float, ptr %lb, i64 %43
-  %45 = add nsw i64 %rb, 6
-  %46 = mul nsw i64 %45, 4096
-  %47 = getelementptr inbounds float, ptr %4, i64 %46
-  %48 = mul nsw i64 %45, 16
-  %49 = add nsw i64 %48, %7
-  %50 = getelementptr inbounds float, ptr %lb, i64 %49
-  %51 = add nsw i64 %rb, 7
-  %52 = mul nsw i64 %51, 4096
-  %53 = getelementptr inbounds float, ptr %4, i64 %52
-  %54 = mul nsw i64 %51, 16
-  %55 = add nsw i64 %54, %7
-  %56 = getelementptr inbounds float, ptr %lb, i64 %55
   store <16 x float> zeroinitializer, ptr %qacc, align 4
   store <16 x float> zeroinitializer, ptr %qacc1, align 4
   store <16 x float> zeroinitializer, ptr %qacc2, align 4
   store <16 x float> zeroinitializer, ptr %qacc3, align 4
-  store <16 x float> zeroinitializer, ptr %qacc4, align 4
-  store <16 x float> zeroinitializer, ptr %qacc5, align 4
-  store <16 x float> zeroinitializer, ptr %qacc6, align 4
-  store <16 x float> zeroinitializer, ptr %qacc7, align 4
-  store <16 x float> zeroinitializer, ptr %qacc8, align 4
-  store <16 x float> zeroinitializer, ptr %qacc9, align 4
-  store <16 x float> zeroinitializer, ptr %qacc10, align 4
-  store <16 x float> zeroinitializer, ptr %qacc11, align 4
-  store <16 x float> zeroinitializer, ptr %qacc12, align 4
-  store <16 x float> zeroinitializer, ptr %qacc13, align 4
-  store <16 x float> zeroinitializer, ptr %qacc14, align 4
-  store <16 x float> zeroinitializer, ptr %qacc15, align 4
   br label %qh.head
 
 qh.head:                                          ; preds = %qh.body, %rb.body
-  %qh = phi i64 [ 0, %rb.body ], [ %162, %qh.body ]
-  %57 = icmp slt i64 %qh, 4096
-  br i1 %57, label %qh.body, label %qh.end
+  %qh = phi i64 [ 0, %rb.body ], [ %74, %qh.body ]
+  %33 = icmp slt i64 %qh, 4096
+  br i1 %33, label %qh.body, label %qh.end
 
 qh.body:                                          ; preds = %qh.head
-  %58 = add nsw i64 %qb, 0
-  %59 = mul nsw i64 %qh, 8
-  %60 = mul nsw i64 %58, 32768
-  %61 = add nsw i64 %60, %59
-  %62 = getelementptr inbounds float, ptr %router, i64 %61
-  %63 = load <8 x float>, ptr %62, align 4
-  %64 = add nsw i64 %qb, 1
-  %65 = mul nsw i64 %qh, 8
-  %66 = mul nsw i64 %64, 32768
-  %67 = add nsw i64 %66, %65
-  %68 = getelementptr inbounds float, ptr %router, i64 %67
-  %69 = load <8 x float>, ptr %68, align 4
-  %w16 = shufflevector <8 x float> %63, <8 x float> %69, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %70 = add nsw i64 %qb, 2
-  %71 = mul nsw i64 %qh, 8
-  %72 = mul nsw i64 %70, 32768
-  %73 = add nsw i64 %72, %71
-  %74 = getelementptr inbounds float, ptr %router, i64 %73
-  %75 = load <8 x float>, ptr %74, align 4
-  %76 = add nsw i64 %qb, 3
-  %77 = mul nsw i64 %qh, 8
-  %78 = mul nsw i64 %76, 32768
-  %79 = add nsw i64 %78, %77
-  %80 = getelementptr inbounds float, ptr %router, i64 %79
-  %81 = load <8 x float>, ptr %80, align 4
-  %w1616 = shufflevector <8 x float> %75, <8 x float> %81, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %82 = getelementptr inbounds float, ptr %11, i64 %qh
-  %83 = load float, ptr %82, align 4
-  %84 = insertelement <16 x float> poison, float %83, i32 0
-  %85 = shufflevector <16 x float> %84, <16 x float> poison, <16 x i32> zeroinitializer
-  %86 = load <16 x float>, ptr %qacc, align 4
-  %87 = fmul <16 x float> %85, %w16
-  %88 = fadd <16 x float> %86, %87
-  store <16 x float> %88, ptr %qacc, align 4
-  %89 = load <16 x float>, ptr %qacc1, align 4
-  %90 = fmul <16 x float> %85, %w1616
-  %91 = fadd <16 x float> %89, %90
-  store <16 x float> %91, ptr %qacc1, align 4
-  %92 = getelementptr inbounds float, ptr %17, i64 %qh
-  %93 = load float, ptr %92, align 4
-  %94 = insertelement <16 x float> poison, float %93, i32 0
-  %95 = shufflevector <16 x float> %94, <16 x float> poison, <16 x i32> zeroinitializer
-  %96 = load <16 x float>, ptr %qacc2, align 4
-  %97 = fmul <16 x float> %95, %w16
-  %98 = fadd <16 x float> %96, %97
-  store <16 x float> %98, ptr %qacc2, align 4
-  %99 = load <16 x float>, ptr %qacc3, align 4
-  %100 = fmul <16 x float> %95, %w1616
-  %101 = fadd <16 x float> %99, %100
-  store <16 x float> %101, ptr %qacc3, align 4
-  %102 = getelementptr inbounds float, ptr %23, i64 %qh
-  %103 = load float, ptr %102, align 4
-  %104 = insertelement <16 x float> poison, float %103, i32 0
-  %105 = shufflevector <16 x float> %104, <16 x float> poison, <16 x i32> zeroinitializer
-  %106 = load <16 x float>, ptr %qacc4, align 4
-  %107 = fmul <16 x float> %105, %w16
-  %108 = fadd <16 x float> %106, %107
-  store <16 x float> %108, ptr %qacc4, align 4
-  %109 = load <16 x float>, ptr %qacc5, align 4
-  %110 = fmul <16 x float> %105, %w1616
-  %111 = fadd <16 x float> %109, %110
-  store <16 x float> %111, ptr %qacc5, align 4
-  %112 = getelementptr inbounds float, ptr %29, i64 %qh
-  %113 = load float, ptr %112, align 4
-  %114 = insertelement <16 x float> poison, float %113, i32 0
-  %115 = shufflevector <16 x float> %114, <16 x float> poison, <16 x i32> zeroinitializer
-  %116 = load <16 x float>, ptr %qacc6, align 4
-  %117 = fmul <16 x float> %115, %w16
-  %118 = fadd <16 x float> %116, %117
-  store <16 x float> %118, ptr %qacc6, align 4
-  %119 = load <16 x float>, ptr %qacc7, align 4
-  %120 = fmul <16 x float> %115, %w1616
-  %121 = fadd <16 x float> %119, %120
-  store <16 x float> %121, ptr %qacc7, align 4
-  %122 = getelementptr inbounds float, ptr %35, i64 %qh
-  %123 = load float, ptr %122, align 4
-  %124 = insertelement <16 x float> poison, float %123, i32 0
-  %125 = shufflevector <16 x float> %124, <16 x float> poison, <16 x i32> zeroinitializer
-  %126 = load <16 x float>, ptr %qacc8, align 4
-  %127 = fmul <16 x float> %125, %w16
-  %128 = fadd <16 x float> %126, %127
-  store <16 x float> %128, ptr %qacc8, align 4
-  %129 = load <16 x float>, ptr %qacc9, align 4
-  %130 = fmul <16 x float> %125, %w1616
-  %131 = fadd <16 x float> %129, %130
-  store <16 x float> %131, ptr %qacc9, align 4
-  %132 = getelementptr inbounds float, ptr %41, i64 %qh
-  %133 = load float, ptr %132, align 4
-  %134 = insertelement <16 x float> poison, float %133, i32 0
-  %135 = shufflevector <16 x float> %134, <16 x float> poison, <16 x i32> zeroinitializer
-  %136 = load <16 x float>, ptr %qacc10, align 4
-  %137 = fmul <16 x float> %135, %w16
-  %138 = fadd <16 x float> %136, %137
-  store <16 x float> %138, ptr %qacc10, align 4
-  %139 = load <16 x float>, ptr %qacc11, align 4
-  %140 = fmul <16 x float> %135, %w1616
-  %141 = fadd <16 x float> %139, %140
-  store <16 x float> %141, ptr %qacc11, align 4
-  %142 = getelementptr inbounds float, ptr %47, i64 %qh
-  %143 = load float, ptr %142, align 4
-  %144 = insertelement <16 x float> poison, float %143, i32 0
-  %145 = shufflevector <16 x float> %144, <16 x float> poison, <16 x i32> zeroinitializer
-  %146 = load <16 x float>, ptr %qacc12, align 4
-  %147 = fmul <16 x float> %145, %w16
-  %148 = fadd <16 x float> %146, %147
-  store <16 x float> %148, ptr %qacc12, align 4
-  %149 = load <16 x float>, ptr %qacc13, align 4
-  %150 = fmul <16 x float> %145, %w1616
-  %151 = fadd <16 x float> %149, %150
-  store <16 x float> %151, ptr %qacc13, align 4
-  %152 = getelementptr inbounds float, ptr %53, i64 %qh
-  %153 = load float, ptr %152, align 4
-  %154 = insertelement <16 x float> poison, float %153, i32 0
-  %155 = shufflevector <16 x float> %154, <16 x float> poison, <16 x i32> zeroinitializer
-  %156 = load <16 x float>, ptr %qacc14, align 4
-  %157 = fmul <16 x float> %155, %w16
-  %158 = fadd <16 x float> %156, %157
-  store <16 x float> %158, ptr %qacc14, align 4
-  %159 = load <16 x float>, ptr %qacc15, align 4
-  %160 = fmul <16 x float> %155, %w1616
-  %161 = fadd <16 x float> %159, %160
-  store <16 x float> %161, ptr %qacc15, align 4
-  %162 = add nsw i64 %qh, 1
+  %34 = add nsw i64 %qb, 0
+  %35 = mul nsw i64 %qh, 8
+  %36 = mul nsw i64 %34, 32768
+  %37 = add nsw i64 %36, %35
+  %38 = getelementptr inbounds float, ptr %router, i64 %37
+  %39 = load <8 x float>, ptr %38, align 4
+  %40 = add nsw i64 %qb, 1
+  %41 = mul nsw i64 %qh, 8
+  %42 = mul nsw i64 %40, 32768
+  %43 = add nsw i64 %42, %41
+  %44 = getelementptr inbounds float, ptr %router, i64 %43
+  %45 = load <8 x float>, ptr %44, align 4
+  %w16 = shufflevector <8 x float> %39, <8 x float> %45, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %46 = getelementptr inbounds float, ptr %11, i64 %qh
+  %47 = load float, ptr %46, align 4
+  %48 = insertelement <16 x float> poison, float %47, i32 0
+  %49 = shufflevector <16 x float> %48, <16 x float> poison, <16 x i32> zeroinitializer
+  %50 = load <16 x float>, ptr %qacc, align 4
+  %51 = fmul <16 x float> %49, %w16
+  %52 = fadd <16 x float> %50, %51
+  store <16 x float> %52, ptr %qacc, align 4
+  %53 = getelementptr inbounds float, ptr %17, i64 %qh
+  %54 = load float, ptr %53, align 4
+  %55 = insertelement <16 x float> poison, float %54, i32 0
+  %56 = shufflevector <16 x float> %55, <16 x float> poison, <16 x i32> zeroinitializer
+  %57 = load <16 x float>, ptr %qacc1, align 4
+  %58 = fmul <16 x float> %56, %w16
+  %59 = fadd <16 x float> %57, %58
+  store <16 x float> %59, ptr %qacc1, align 4
+  %60 = getelementptr inbounds float, ptr %23, i64 %qh
+  %61 = load float, ptr %60, align 4
+  %62 = insertelement <16 x float> poison, float %61, i32 0
+  %63 = shufflevector <16 x float> %62, <16 x float> poison, <16 x i32> zeroinitializer
+  %64 = load <16 x float>, ptr %qacc2, align 4
+  %65 = fmul <16 x float> %63, %w16
+  %66 = fadd <16 x float> %64, %65
+  store <16 x float> %66, ptr %qacc2, align 4
+  %67 = getelementptr inbounds float, ptr %29, i64 %qh
+  %68 = load float, ptr %67, align 4
+  %69 = insertelement <16 x float> poison, float %68, i32 0
+  %70 = shufflevector <16 x float> %69, <16 x float> poison, <16 x i32> zeroinitializer
+  %71 = load <16 x float>, ptr %qacc3, align 4
+  %72 = fmul <16 x float> %70, %w16
+  %73 = fadd <16 x float> %71, %72
+  store <16 x float> %73, ptr %qacc3, align 4
+  %74 = add nsw i64 %qh, 1
   br label %qh.head
 
 qh.end:                                           ; preds = %qh.head
-  %163 = load <16 x float>, ptr %qacc, align 4
-  %164 = load <16 x float>, ptr %qacc1, align 4
-  %165 = load <16 x float>, ptr %qacc2, align 4
-  %166 = load <16 x float>, ptr %qacc3, align 4
-  %167 = load <16 x float>, ptr %qacc4, align 4
-  %168 = load <16 x float>, ptr %qacc5, align 4
-  %169 = load <16 x float>, ptr %qacc6, align 4
-  %170 = load <16 x float>, ptr %qacc7, align 4
-  %171 = load <16 x float>, ptr %qacc8, align 4
-  %172 = load <16 x float>, ptr %qacc9, align 4
-  %173 = load <16 x float>, ptr %qacc10, align 4
-  %174 = load <16 x float>, ptr %qacc11, align 4
-  %175 = load <16 x float>, ptr %qacc12, align 4
-  %176 = load <16 x float>, ptr %qacc13, align 4
-  %177 = load <16 x float>, ptr %qacc14, align 4
-  %178 = load <16 x float>, ptr %qacc15, align 4
-  %179 = getelementptr inbounds float, ptr %14, i64 0
-  store <16 x float> %163, ptr %179, align 4
-  %180 = getelementptr inbounds float, ptr %14, i64 16
-  store <16 x float> %164, ptr %180, align 4
-  %181 = getelementptr inbounds float, ptr %20, i64 0
-  store <16 x float> %165, ptr %181, align 4
-  %182 = getelementptr inbounds float, ptr %20, i64 16
-  store <16 x float> %166, ptr %182, align 4
-  %183 = getelementptr inbounds float, ptr %26, i64 0
-  store <16 x float> %167, ptr %183, align 4
-  %184 = getelementptr inbounds float, ptr %26, i64 16
-  store <16 x float> %168, ptr %184, align 4
-  %185 = getelementptr inbounds float, ptr %32, i64 0
-  store <16 x float> %169, ptr %185, align 4
-  %186 = getelementptr inbounds float, ptr %32, i64 16
-  store <16 x float> %170, ptr %186, align 4
-  %187 = getelementptr inbounds float, ptr %38, i64 0
-  store <16 x float> %171, ptr %187, align 4
-  %188 = getelementptr inbounds float, ptr %38, i64 16
-  store <16 x float> %172, ptr %188, align 4
-  %189 = getelementptr inbounds float, ptr %44, i64 0
-  store <16 x float> %173, ptr %189, align 4
-  %190 = getelementptr inbounds float, ptr %44, i64 16
-  store <16 x float> %174, ptr %190, align 4
-  %191 = getelementptr inbounds float, ptr %50, i64 0
-  store <16 x float> %175, ptr %191, align 4
-  %192 = getelementptr inbounds float, ptr %50, i64 16
-  store <16 x float> %176, ptr %192, align 4
-  %193 = getelementptr inbounds float, ptr %56, i64 0
-  store <16 x float> %177, ptr %193, align 4
-  %194 = getelementptr inbounds float, ptr %56, i64 16
-  store <16 x float> %178, ptr %194, align 4
-  %195 = add nsw i64 %rb, 8
+  %75 = load <16 x float>, ptr %qacc, align 4
+  %76 = load <16 x float>, ptr %qacc1, align 4
+  %77 = load <16 x float>, ptr %qacc2, align 4
+  %78 = load <16 x float>, ptr %qacc3, align 4
+  %79 = getelementptr inbounds float, ptr %14, i64 0
+  store <16 x float> %75, ptr %79, align 4
+  %80 = getelementptr inbounds float, ptr %20, i64 0
+  store <16 x float> %76, ptr %80, align 4
+  %81 = getelementptr inbounds float, ptr %26, i64 0
+  store <16 x float> %77, ptr %81, align 4
+  %82 = getelementptr inbounds float, ptr %32, i64 0
+  store <16 x float> %78, ptr %82, align 4
+  %83 = add nsw i64 %rb, 4
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  br label %r1.head
-
-r1.head:                                          ; preds = %qh.end21, %rb.end
-  %r1 = phi i64 [ %full, %rb.end ], [ %243, %qh.end21 ]
-  %196 = icmp slt i64 %r1, %gn
-  br i1 %196, label %r1.body, label %r1.end
-
-r1.body:                                          ; preds = %r1.head
-  %197 = add nsw i64 %r1, 0
-  %198 = mul nsw i64 %197, 4096
-  %199 = getelementptr inbounds float, ptr %4, i64 %198
-  %200 = mul nsw i64 %197, 16
-  %201 = add nsw i64 %200, %7
-  %202 = getelementptr inbounds float, ptr %lb, i64 %201
-  store <16 x float> zeroinitializer, ptr %qacc17, align 4
-  store <16 x float> zeroinitializer, ptr %qacc18, align 4
-  br label %qh.head19
-
-qh.head19:                                        ; preds = %qh.body20, %r1.body
-  %qh22 = phi i64 [ 0, %r1.body ], [ %238, %qh.body20 ]
-  %203 = icmp slt i64 %qh22, 4096
-  br i1 %203, label %qh.body20, label %qh.end21
-
-qh.body20:                                        ; preds = %qh.head19
-  %204 = add nsw i64 %qb, 0
-  %205 = mul nsw i64 %qh22, 8
-  %206 = mul nsw i64 %204, 32768
-  %207 = add nsw i64 %206, %205
-  %208 = getelementptr inbounds float, ptr %router, i64 %207
-  %209 = load <8 x float>, ptr %208, align 4
-  %210 = add nsw i64 %qb, 1
-  %211 = mul nsw i64 %qh22, 8
-  %212 = mul nsw i64 %210, 32768
-  %213 = add nsw i64 %212, %211
-  %214 = getelementptr inbounds float, ptr %router, i64 %213
-  %215 = load <8 x float>, ptr %214, align 4
-  %w1623 = shufflevector <8 x float> %209, <8 x float> %215, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %216 = add nsw i64 %qb, 2
-  %217 = mul nsw i64 %qh22, 8
-  %218 = mul nsw i64 %216, 32768
-  %219 = add nsw i64 %218, %217
-  %220 = getelementptr inbounds float, ptr %router, i64 %219
-  %221 = load <8 x float>, ptr %220, align 4
-  %222 = add nsw i64 %qb, 3
-  %223 = mul nsw i64 %qh22, 8
-  %224 = mul nsw i64 %222, 32768
-  %225 = add nsw i64 %224, %223
-  %226 = getelementptr inbounds float, ptr %router, i64 %225
-  %227 = load <8 x float>, ptr %226, align 4
-  %w1624 = shufflevector <8 x float> %221, <8 x float> %227, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %228 = getelementptr inbounds float, ptr %199, i64 %qh22
-  %229 = load float, ptr %228, align 4
-  %230 = insertelement <16 x float> poison, float %229, i32 0
-  %231 = shufflevector <16 x float> %230, <16 x float> poison, <16 x i32> zeroinitializer
-  %232 = load <16 x float>, ptr %qacc17, align 4
-  %233 = fmul <16 x float> %231, %w1623
-  %234 = fadd <16 x float> %232, %233
-  store <16 x float> %234, ptr %qacc17, align 4
-  %235 = load <16 x float>, ptr %qacc18, align 4
-  %236 = fmul <16 x float> %231, %w1624
-  %237 = fadd <16 x float> %235, %236
-  store <16 x float> %237, ptr %qacc18, align 4
-  %238 = add nsw i64 %qh22, 1
-  br label %qh.head19
-
-qh.end21:                                         ; preds = %qh.head19
-  %239 = load <16 x float>, ptr %qacc17, align 4
-  %240 = load <16 x float>, ptr %qacc18, align 4
-  %241 = getelementptr inbounds float, ptr %202, i64 0
-  store <16 x float> %239, ptr %241, align 4
-  %242 = getelementptr inbounds float, ptr %202, i64 16
-  store <16 x float> %240, ptr %242, align 4
-  %243 = add nsw i64 %r1, 1
-  br label %r1.head
-
-r1.end:                                           ; preds = %r1.head
-  %244 = add nsw i64 %qb, 4
+  %84 = add nsw i64 %qb, 2
   br label %qb.head
 
 qb.end:                                           ; preds = %qb.head
   br label %qb1.head
 
-qb1.head:                                         ; preds = %r1.end43, %qb.end
-  %qb1 = phi i64 [ 0, %qb.end ], [ %402, %r1.end43 ]
-  %245 = icmp slt i64 %qb1, 2
-  br i1 %245, label %qb1.body, label %qb1.end
+qb1.head:                                         ; preds = %rb.end6, %qb.end
+  %qb1 = phi i64 [ 2, %qb.end ], [ %157, %rb.end6 ]
+  %85 = icmp slt i64 %qb1, 2
+  br i1 %85, label %qb1.body, label %qb1.end
 
 qb1.body:                                         ; preds = %qb1.head
-  %246 = mul nsw i64 %qb1, 8
-  br label %rb.head25
+  %86 = mul nsw i64 %qb1, 8
+  br label %rb.head4
 
-rb.head25:                                        ; preds = %qh.end39, %qb1.body
-  %rb28 = phi i64 [ 0, %qb1.body ], [ %376, %qh.end39 ]
-  %247 = icmp slt i64 %rb28, %full
-  br i1 %247, label %rb.body26, label %rb.end27
+rb.head4:                                         ; preds = %qh.end14, %qb1.body
+  %rb7 = phi i64 [ 0, %qb1.body ], [ %156, %qh.end14 ]
+  %87 = icmp slt i64 %rb7, %full
+  br i1 %87, label %rb.body5, label %rb.end6
 
-rb.body26:                                        ; preds = %rb.head25
-  %248 = add nsw i64 %rb28, 0
-  %249 = mul nsw i64 %248, 4096
-  %250 = getelementptr inbounds float, ptr %4, i64 %249
-  %251 = mul nsw i64 %248, 16
-  %252 = add nsw i64 %251, %246
-  %253 = getelementptr inbounds float, ptr %lb, i64 %252
-  %254 = add nsw i64 %rb28, 1
-  %255 = mul nsw i64 %254, 4096
-  %256 = getelementptr inbounds float, ptr %4, i64 %255
-  %257 = mul nsw i64 %254, 16
-  %258 = add nsw i64 %257, %246
-  %259 = getelementptr inbounds float, ptr %lb, i64 %258
-  %260 = add nsw i64 %rb28, 2
-  %261 = mul nsw i64 %260, 4096
-  %262 = getelementptr inbounds float, ptr %4, i64 %261
-  %263 = mul nsw i64 %260, 16
-  %264 = add nsw i64 %263, %246
-  %265 = getelementptr inbounds float, ptr %lb, i64 %264
-  %266 = add nsw i64 %rb28, 3
-  %267 = mul nsw i64 %266, 4096
-  %268 = getelementptr inbounds float, ptr %4, i64 %267
-  %269 = mul nsw i64 %266, 16
-  %270 = add nsw i64 %269, %246
-  %271 = getelementptr inbounds float, ptr %lb, i64 %270
-  %272 = add nsw i64 %rb28, 4
-  %273 = mul nsw i64 %272, 4096
-  %274 = getelementptr inbounds float, ptr %4, i64 %273
-  %275 = mul nsw i64 %272, 16
-  %276 = add nsw i64 %275, %246
-  %277 = getelementptr inbounds float, ptr %lb, i64 %276
-  %278 = add nsw i64 %rb28, 5
-  %279 = mul nsw i64 %278, 4096
-  %280 = getelementptr inbounds float, ptr %4, i64 %279
-  %281 = mul nsw i64 %278, 16
-  %282 = add nsw i64 %281, %246
-  %283 = getelementptr inbounds float, ptr %lb, i64 %282
-  %284 = add nsw i64 %rb28, 6
-  %285 = mul nsw i64 %284, 4096
-  %286 = getelementptr inbounds float, ptr %4, i64 %285
-  %287 = mul nsw i64 %284, 16
-  %288 = add nsw i64 %287, %246
-  %289 = getelementptr inbounds float, ptr %lb, i64 %288
-  %290 = add nsw i64 %rb28, 7
-  %291 = mul nsw i64 %290, 4096
-  %292 = getelementptr inbounds float, ptr %4, i64 %291
-  %293 = mul nsw i64 %290, 16
-  %294 = add nsw i64 %293, %246
-  %295 = getelementptr inbounds float, ptr %lb, i64 %294
-  store <8 x float> zeroinitializer, ptr %qacc29, align 4
-  store <8 x float> zeroinitializer, ptr %qacc30, align 4
-  store <8 x float> zeroinitializer, ptr %qacc31, align 4
-  store <8 x float> zeroinitializer, ptr %qacc32, align 4
-  store <8 x float> zeroinitializer, ptr %qacc33, align 4
-  store <8 x float> zeroinitializer, ptr %qacc34, align 4
-  store <8 x float> zeroinitializer, ptr %qacc35, align 4
-  store <8 x float> zeroinitializer, ptr %qacc36, align 4
-  br label %qh.head37
+rb.body5:                                         ; preds = %rb.head4
+  %88 = add nsw i64 %rb7, 0
+  %89 = mul nsw i64 %88, 4096
+  %90 = getelementptr inbounds float, ptr %4, i64 %89
+  %91 = mul nsw i64 %88, 16
+  %92 = add nsw i64 %91, %86
+  %93 = getelementptr inbounds float, ptr %lb, i64 %92
+  %94 = add nsw i64 %rb7, 1
+  %95 = mul nsw i64 %94, 4096
+  %96 = getelementptr inbounds float, ptr %4, i64 %95
+  %97 = mul nsw i64 %94, 16
+  %98 = add nsw i64 %97, %86
+  %99 = getelementptr inbounds float, ptr %lb, i64 %98
+  %100 = add nsw i64 %rb7, 2
+  %101 = mul nsw i64 %100, 4096
+  %102 = getelementptr inbounds float, ptr %4, i64 %101
+  %103 = mul nsw i64 %100, 16
+  %104 = add nsw i64 %103, %86
+  %105 = getelementptr inbounds float, ptr %lb, i64 %104
+  %106 = add nsw i64 %rb7, 3
+  %107 = mul nsw i64 %106, 4096
+  %108 = getelementptr inbounds float, ptr %4, i64 %107
+  %109 = mul nsw i64 %106, 16
+  %110 = add nsw i64 %109, %86
+  %111 = getelementptr inbounds float, ptr %lb, i64 %110
+  store <8 x float> zeroinitializer, ptr %qacc8, align 4
+  store <8 x float> zeroinitializer, ptr %qacc9, align 4
+  store <8 x float> zeroinitializer, ptr %qacc10, align 4
+  store <8 x float> zeroinitializer, ptr %qacc11, align 4
+  br label %qh.head12
 
-qh.head37:                                        ; preds = %qh.body38, %rb.body26
-  %qh40 = phi i64 [ 0, %rb.body26 ], [ %359, %qh.body38 ]
-  %296 = icmp slt i64 %qh40, 4096
-  br i1 %296, label %qh.body38, label %qh.end39
+qh.head12:                                        ; preds = %qh.body13, %rb.body5
+  %qh15 = phi i64 [ 0, %rb.body5 ], [ %147, %qh.body13 ]
+  %112 = icmp slt i64 %qh15, 4096
+  br i1 %112, label %qh.body13, label %qh.end14
 
-qh.body38:                                        ; preds = %qh.head37
-  %297 = add nsw i64 %qb1, 0
-  %298 = mul nsw i64 %qh40, 8
-  %299 = mul nsw i64 %297, 32768
-  %300 = add nsw i64 %299, %298
-  %301 = getelementptr inbounds float, ptr %router, i64 %300
-  %302 = load <8 x float>, ptr %301, align 4
-  %303 = getelementptr inbounds float, ptr %250, i64 %qh40
-  %304 = load float, ptr %303, align 4
-  %305 = insertelement <8 x float> poison, float %304, i32 0
-  %306 = shufflevector <8 x float> %305, <8 x float> poison, <8 x i32> zeroinitializer
-  %307 = load <8 x float>, ptr %qacc29, align 4
-  %308 = fmul <8 x float> %306, %302
-  %309 = fadd <8 x float> %307, %308
-  store <8 x float> %309, ptr %qacc29, align 4
-  %310 = getelementptr inbounds float, ptr %256, i64 %qh40
-  %311 = load float, ptr %310, align 4
-  %312 = insertelement <8 x float> poison, float %311, i32 0
-  %313 = shufflevector <8 x float> %312, <8 x float> poison, <8 x i32> zeroinitializer
-  %314 = load <8 x float>, ptr %qacc30, align 4
-  %315 = fmul <8 x float> %313, %302
-  %316 = fadd <8 x float> %314, %315
-  store <8 x float> %316, ptr %qacc30, align 4
-  %317 = getelementptr inbounds float, ptr %262, i64 %qh40
-  %318 = load float, ptr %317, align 4
-  %319 = insertelement <8 x float> poison, float %318, i32 0
-  %320 = shufflevector <8 x float> %319, <8 x float> poison, <8 x i32> zeroinitializer
-  %321 = load <8 x float>, ptr %qacc31, align 4
-  %322 = fmul <8 x float> %320, %302
-  %323 = fadd <8 x float> %321, %322
-  store <8 x float> %323, ptr %qacc31, align 4
-  %324 = getelementptr inbounds float, ptr %268, i64 %qh40
-  %325 = load float, ptr %324, align 4
-  %326 = insertelement <8 x float> poison, float %325, i32 0
-  %327 = shufflevector <8 x float> %326, <8 x float> poison, <8 x i32> zeroinitializer
-  %328 = load <8 x float>, ptr %qacc32, align 4
-  %329 = fmul <8 x float> %327, %302
-  %330 = fadd <8 x float> %328, %329
-  store <8 x float> %330, ptr %qacc32, align 4
-  %331 = getelementptr inbounds float, ptr %274, i64 %qh40
-  %332 = load float, ptr %331, align 4
-  %333 = insertelement <8 x float> poison, float %332, i32 0
-  %334 = shufflevector <8 x float> %333, <8 x float> poison, <8 x i32> zeroinitializer
-  %335 = load <8 x float>, ptr %qacc33, align 4
-  %336 = fmul <8 x float> %334, %302
-  %337 = fadd <8 x float> %335, %336
-  store <8 x float> %337, ptr %qacc33, align 4
-  %338 = getelementptr inbounds float, ptr %280, i64 %qh40
-  %339 = load float, ptr %338, align 4
-  %340 = insertelement <8 x float> poison, float %339, i32 0
-  %341 = shufflevector <8 x float> %340, <8 x float> poison, <8 x i32> zeroinitializer
-  %342 = load <8 x float>, ptr %qacc34, align 4
-  %343 = fmul <8 x float> %341, %302
-  %344 = fadd <8 x float> %342, %343
-  store <8 x float> %344, ptr %qacc34, align 4
-  %345 = getelementptr inbounds float, ptr %286, i64 %qh40
-  %346 = load float, ptr %345, align 4
-  %347 = insertelement <8 x float> poison, float %346, i32 0
-  %348 = shufflevector <8 x float> %347, <8 x float> poison, <8 x i32> zeroinitializer
-  %349 = load <8 x float>, ptr %qacc35, align 4
-  %350 = fmul <8 x float> %348, %302
-  %351 = fadd <8 x float> %349, %350
-  store <8 x float> %351, ptr %qacc35, align 4
-  %352 = getelementptr inbounds float, ptr %292, i64 %qh40
-  %353 = load float, ptr %352, align 4
-  %354 = insertelement <8 x float> poison, float %353, i32 0
-  %355 = shufflevector <8 x float> %354, <8 x float> poison, <8 x i32> zeroinitializer
-  %356 = load <8 x float>, ptr %qacc36, align 4
-  %357 = fmul <8 x float> %355, %302
-  %358 = fadd <8 x float> %356, %357
-  store <8 x float> %358, ptr %qacc36, align 4
-  %359 = add nsw i64 %qh40, 1
-  br label %qh.head37
+qh.body13:                                        ; preds = %qh.head12
+  %113 = add nsw i64 %qb1, 0
+  %114 = mul nsw i64 %qh15, 8
+  %115 = mul nsw i64 %113, 32768
+  %116 = add nsw i64 %115, %114
+  %117 = getelementptr inbounds float, ptr %router, i64 %116
+  %118 = load <8 x float>, ptr %117, align 4
+  %119 = getelementptr inbounds float, ptr %90, i64 %qh15
+  %120 = load float, ptr %119, align 4
+  %121 = insertelement <8 x float> poison, float %120, i32 0
+  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
+  %123 = load <8 x float>, ptr %qacc8, align 4
+  %124 = fmul <8 x float> %122, %118
+  %125 = fadd <8 x float> %123, %124
+  store <8 x float> %125, ptr %qacc8, align 4
+  %126 = getelementptr inbounds float, ptr %96, i64 %qh15
+  %127 = load float, ptr %126, align 4
+  %128 = insertelement <8 x float> poison, float %127, i32 0
+  %129 = shufflevector <8 x float> %128, <8 x float> poison, <8 x i32> zeroinitializer
+  %130 = load <8 x float>, ptr %qacc9, align 4
+  %131 = fmul <8 x float> %129, %118
+  %132 = fadd <8 x float> %130, %131
+  store <8 x float> %132, ptr %qacc9, align 4
+  %133 = getelementptr inbounds float, ptr %102, i64 %qh15
+  %134 = load float, ptr %133, align 4
+  %135 = insertelement <8 x float> poison, float %134, i32 0
+  %136 = shufflevector <8 x float> %135, <8 x float> poison, <8 x i32> zeroinitializer
+  %137 = load <8 x float>, ptr %qacc10, align 4
+  %138 = fmul <8 x float> %136, %118
+  %139 = fadd <8 x float> %137, %138
+  store <8 x float> %139, ptr %qacc10, align 4
+  %140 = getelementptr inbounds float, ptr %108, i64 %qh15
+  %141 = load float, ptr %140, align 4
+  %142 = insertelement <8 x float> poison, float %141, i32 0
+  %143 = shufflevector <8 x float> %142, <8 x float> poison, <8 x i32> zeroinitializer
+  %144 = load <8 x float>, ptr %qacc11, align 4
+  %145 = fmul <8 x float> %143, %118
+  %146 = fadd <8 x float> %144, %145
+  store <8 x float> %146, ptr %qacc11, align 4
+  %147 = add nsw i64 %qh15, 1
+  br label %qh.head12
 
-qh.end39:                                         ; preds = %qh.head37
-  %360 = load <8 x float>, ptr %qacc29, align 4
-  %361 = load <8 x float>, ptr %qacc30, align 4
-  %362 = load <8 x float>, ptr %qacc31, align 4
-  %363 = load <8 x float>, ptr %qacc32, align 4
-  %364 = load <8 x float>, ptr %qacc33, align 4
-  %365 = load <8 x float>, ptr %qacc34, align 4
-  %366 = load <8 x float>, ptr %qacc35, align 4
-  %367 = load <8 x float>, ptr %qacc36, align 4
-  %368 = getelementptr inbounds float, ptr %253, i64 0
-  store <8 x float> %360, ptr %368, align 4
-  %369 = getelementptr inbounds float, ptr %259, i64 0
-  store <8 x float> %361, ptr %369, align 4
-  %370 = getelementptr inbounds float, ptr %265, i64 0
-  store <8 x float> %362, ptr %370, align 4
-  %371 = getelementptr inbounds float, ptr %271, i64 0
-  store <8 x float> %363, ptr %371, align 4
-  %372 = getelementptr inbounds float, ptr %277, i64 0
-  store <8 x float> %364, ptr %372, align 4
-  %373 = getelementptr inbounds float, ptr %283, i64 0
-  store <8 x float> %365, ptr %373, align 4
-  %374 = getelementptr inbounds float, ptr %289, i64 0
-  store <8 x float> %366, ptr %374, align 4
-  %375 = getelementptr inbounds float, ptr %295, i64 0
-  store <8 x float> %367, ptr %375, align 4
-  %376 = add nsw i64 %rb28, 8
-  br label %rb.head25
+qh.end14:                                         ; preds = %qh.head12
+  %148 = load <8 x float>, ptr %qacc8, align 4
+  %149 = load <8 x float>, ptr %qacc9, align 4
+  %150 = load <8 x float>, ptr %qacc10, align 4
+  %151 = load <8 x float>, ptr %qacc11, align 4
+  %152 = getelementptr inbounds float, ptr %93, i64 0
+  store <8 x float> %148, ptr %152, align 4
+  %153 = getelementptr inbounds float, ptr %99, i64 0
+  store <8 x float> %149, ptr %153, align 4
+  %154 = getelementptr inbounds float, ptr %105, i64 0
+  store <8 x float> %150, ptr %154, align 4
+  %155 = getelementptr inbounds float, ptr %111, i64 0
+  store <8 x float> %151, ptr %155, align 4
+  %156 = add nsw i64 %rb7, 4
+  br label %rb.head4
 
-rb.end27:                                         ; preds = %rb.head25
-  br label %r1.head41
-
-r1.head41:                                        ; preds = %qh.end48, %rb.end27
-  %r144 = phi i64 [ %full, %rb.end27 ], [ %401, %qh.end48 ]
-  %377 = icmp slt i64 %r144, %gn
-  br i1 %377, label %r1.body42, label %r1.end43
-
-r1.body42:                                        ; preds = %r1.head41
-  %378 = add nsw i64 %r144, 0
-  %379 = mul nsw i64 %378, 4096
-  %380 = getelementptr inbounds float, ptr %4, i64 %379
-  %381 = mul nsw i64 %378, 16
-  %382 = add nsw i64 %381, %246
-  %383 = getelementptr inbounds float, ptr %lb, i64 %382
-  store <8 x float> zeroinitializer, ptr %qacc45, align 4
-  br label %qh.head46
-
-qh.head46:                                        ; preds = %qh.body47, %r1.body42
-  %qh49 = phi i64 [ 0, %r1.body42 ], [ %398, %qh.body47 ]
-  %384 = icmp slt i64 %qh49, 4096
-  br i1 %384, label %qh.body47, label %qh.end48
-
-qh.body47:                                        ; preds = %qh.head46
-  %385 = add nsw i64 %qb1, 0
-  %386 = mul nsw i64 %qh49, 8
-  %387 = mul nsw i64 %385, 32768
-  %388 = add nsw i64 %387, %386
-  %389 = getelementptr inbounds float, ptr %router, i64 %388
-  %390 = load <8 x float>, ptr %389, align 4
-  %391 = getelementptr inbounds float, ptr %380, i64 %qh49
-  %392 = load float, ptr %391, align 4
-  %393 = insertelement <8 x float> poison, float %392, i32 0
-  %394 = shufflevector <8 x float> %393, <8 x float> poison, <8 x i32> zeroinitializer
-  %395 = load <8 x float>, ptr %qacc45, align 4
-  %396 = fmul <8 x float> %394, %390
-  %397 = fadd <8 x float> %395, %396
-  store <8 x float> %397, ptr %qacc45, align 4
-  %398 = add nsw i64 %qh49, 1
-  br label %qh.head46
-
-qh.end48:                                         ; preds = %qh.head46
-  %399 = load <8 x float>, ptr %qacc45, align 4
-  %400 = getelementptr inbounds float, ptr %383, i64 0
-  store <8 x float> %399, ptr %400, align 4
-  %401 = add nsw i64 %r144, 1
-  br label %r1.head41
-
-r1.end43:                                         ; preds = %r1.head41
-  %402 = add nsw i64 %qb1, 1
+rb.end6:                                          ; preds = %rb.head4
+  %157 = add nsw i64 %qb1, 1
   br label %qb1.head
 
 qb1.end:                                          ; preds = %qb1.head
+  br label %qb.head16
+
+qb.head16:                                        ; preds = %r1.end, %qb1.end
+  %qb19 = phi i64 [ 0, %qb1.end ], [ %208, %r1.end ]
+  %158 = icmp slt i64 %qb19, 0
+  br i1 %158, label %qb.body17, label %qb.end18
+
+qb.body17:                                        ; preds = %qb.head16
+  %159 = mul nsw i64 %qb19, 8
+  br label %r1.head
+
+r1.head:                                          ; preds = %qh.end24, %qb.body17
+  %r1 = phi i64 [ %full, %qb.body17 ], [ %207, %qh.end24 ]
+  %160 = icmp slt i64 %r1, %gn
+  br i1 %160, label %r1.body, label %r1.end
+
+r1.body:                                          ; preds = %r1.head
+  %161 = add nsw i64 %r1, 0
+  %162 = mul nsw i64 %161, 4096
+  %163 = getelementptr inbounds float, ptr %4, i64 %162
+  %164 = mul nsw i64 %161, 16
+  %165 = add nsw i64 %164, %159
+  %166 = getelementptr inbounds float, ptr %lb, i64 %165
+  store <16 x float> zeroinitializer, ptr %qacc20, align 4
+  store <16 x float> zeroinitializer, ptr %qacc21, align 4
+  br label %qh.head22
+
+qh.head22:                                        ; preds = %qh.body23, %r1.body
+  %qh25 = phi i64 [ 0, %r1.body ], [ %202, %qh.body23 ]
+  %167 = icmp slt i64 %qh25, 4096
+  br i1 %167, label %qh.body23, label %qh.end24
+
+qh.body23:                                        ; preds = %qh.head22
+  %168 = add nsw i64 %qb19, 0
+  %169 = mul nsw i64 %qh25, 8
+  %170 = mul nsw i64 %168, 32768
+  %171 = add nsw i64 %170, %169
+  %172 = getelementptr inbounds float, ptr %router, i64 %171
+  %173 = load <8 x float>, ptr %172, align 4
+  %174 = add nsw i64 %qb19, 1
+  %175 = mul nsw i64 %qh25, 8
+  %176 = mul nsw i64 %174, 32768
+  %177 = add nsw i64 %176, %175
+  %178 = getelementptr inbounds float, ptr %router, i64 %177
+  %179 = load <8 x float>, ptr %178, align 4
+  %w1626 = shufflevector <8 x float> %173, <8 x float> %179, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %180 = add nsw i64 %qb19, 2
+  %181 = mul nsw i64 %qh25, 8
+  %182 = mul nsw i64 %180, 32768
+  %183 = add nsw i64 %182, %181
+  %184 = getelementptr inbounds float, ptr %router, i64 %183
+  %185 = load <8 x float>, ptr %184, align 4
+  %186 = add nsw i64 %qb19, 3
+  %187 = mul nsw i64 %qh25, 8
+  %188 = mul nsw i64 %186, 32768
+  %189 = add nsw i64 %188, %187
+  %190 = getelementptr inbounds float, ptr %router, i64 %189
+  %191 = load <8 x float>, ptr %190, align 4
+  %w1627 = shufflevector <8 x float> %185, <8 x float> %191, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %192 = getelementptr inbounds float, ptr %163, i64 %qh25
+  %193 = load float, ptr %192, align 4
+  %194 = insertelement <16 x float> poison, float %193, i32 0
+  %195 = shufflevector <16 x float> %194, <16 x float> poison, <16 x i32> zeroinitializer
+  %196 = load <16 x float>, ptr %qacc20, align 4
+  %197 = fmul <16 x float> %195, %w1626
+  %198 = fadd <16 x float> %196, %197
+  store <16 x float> %198, ptr %qacc20, align 4
+  %199 = load <16 x float>, ptr %qacc21, align 4
+  %200 = fmul <16 x float> %195, %w1627
+  %201 = fadd <16 x float> %199, %200
+  store <16 x float> %201, ptr %qacc21, align 4
+  %202 = add nsw i64 %qh25, 1
+  br label %qh.head22
+
+qh.end24:                                         ; preds = %qh.head22
+  %203 = load <16 x float>, ptr %qacc20, align 4
+  %204 = load <16 x float>, ptr %qacc21, align 4
+  %205 = getelementptr inbounds float, ptr %166, i64 0
+  store <16 x float> %203, ptr %205, align 4
+  %206 = getelementptr inbounds float, ptr %166, i64 16
+  store <16 x float> %204, ptr %206, align 4
+  %207 = add nsw i64 %r1, 1
+  br label %r1.head
+
+r1.end:                                           ; preds = %r1.head
+  %208 = add nsw i64 %qb19, 4
+  br label %qb.head16
+
+qb.end18:                                         ; preds = %qb.head16
+  br label %qb1.head28
+
+qb1.head28:                                       ; preds = %r1.end34, %qb.end18
+  %qb131 = phi i64 [ 0, %qb.end18 ], [ %236, %r1.end34 ]
+  %209 = icmp slt i64 %qb131, 2
+  br i1 %209, label %qb1.body29, label %qb1.end30
+
+qb1.body29:                                       ; preds = %qb1.head28
+  %210 = mul nsw i64 %qb131, 8
+  br label %r1.head32
+
+r1.head32:                                        ; preds = %qh.end39, %qb1.body29
+  %r135 = phi i64 [ %full, %qb1.body29 ], [ %235, %qh.end39 ]
+  %211 = icmp slt i64 %r135, %gn
+  br i1 %211, label %r1.body33, label %r1.end34
+
+r1.body33:                                        ; preds = %r1.head32
+  %212 = add nsw i64 %r135, 0
+  %213 = mul nsw i64 %212, 4096
+  %214 = getelementptr inbounds float, ptr %4, i64 %213
+  %215 = mul nsw i64 %212, 16
+  %216 = add nsw i64 %215, %210
+  %217 = getelementptr inbounds float, ptr %lb, i64 %216
+  store <8 x float> zeroinitializer, ptr %qacc36, align 4
+  br label %qh.head37
+
+qh.head37:                                        ; preds = %qh.body38, %r1.body33
+  %qh40 = phi i64 [ 0, %r1.body33 ], [ %232, %qh.body38 ]
+  %218 = icmp slt i64 %qh40, 4096
+  br i1 %218, label %qh.body38, label %qh.end39
+
+qh.body38:                                        ; preds = %qh.head37
+  %219 = add nsw i64 %qb131, 0
+  %220 = mul nsw i64 %qh40, 8
+  %221 = mul nsw i64 %219, 32768
+  %222 = add nsw i64 %221, %220
+  %223 = getelementptr inbounds float, ptr %router, i64 %222
+  %224 = load <8 x float>, ptr %223, align 4
+  %225 = getelementptr inbounds float, ptr %214, i64 %qh40
+  %226 = load float, ptr %225, align 4
+  %227 = insertelement <8 x float> poison, float %226, i32 0
+  %228 = shufflevector <8 x float> %227, <8 x float> poison, <8 x i32> zeroinitializer
+  %229 = load <8 x float>, ptr %qacc36, align 4
+  %230 = fmul <8 x float> %228, %224
+  %231 = fadd <8 x float> %229, %230
+  store <8 x float> %231, ptr %qacc36, align 4
+  %232 = add nsw i64 %qh40, 1
+  br label %qh.head37
+
+qh.end39:                                         ; preds = %qh.head37
+  %233 = load <8 x float>, ptr %qacc36, align 4
+  %234 = getelementptr inbounds float, ptr %217, i64 0
+  store <8 x float> %233, ptr %234, align 4
+  %235 = add nsw i64 %r135, 1
+  br label %r1.head32
+
+r1.end34:                                         ; preds = %r1.head32
+  %236 = add nsw i64 %qb131, 1
+  br label %qb1.head28
+
+qb1.end30:                                        ; preds = %qb1.head28
   br label %t.head
 
-t.head:                                           ; preds = %sdiv.end85, %qb1.end
-  %t = phi i64 [ 0, %qb1.end ], [ %573, %sdiv.end85 ]
-  %403 = icmp slt i64 %t, %gn
-  br i1 %403, label %t.body, label %t.end
+t.head:                                           ; preds = %sdiv.end76, %qb1.end30
+  %t = phi i64 [ 0, %qb1.end30 ], [ %407, %sdiv.end76 ]
+  %237 = icmp slt i64 %t, %gn
+  br i1 %237, label %t.body, label %t.end
 
 t.body:                                           ; preds = %t.head
   %tok = add nsw i64 %tg, %t
-  %404 = mul nsw i64 %t, 16
-  %405 = getelementptr inbounds float, ptr %lb, i64 %404
-  %406 = mul nsw i64 %tok, 16
-  %407 = getelementptr inbounds float, ptr %logits, i64 %406
-  %408 = getelementptr inbounds float, ptr %prob, i64 %406
+  %238 = mul nsw i64 %t, 16
+  %239 = getelementptr inbounds float, ptr %lb, i64 %238
+  %240 = mul nsw i64 %tok, 16
+  %241 = getelementptr inbounds float, ptr %logits, i64 %240
+  %242 = getelementptr inbounds float, ptr %prob, i64 %240
   br label %lcopy.head
 
 lcopy.head:                                       ; preds = %lcopy.body, %t.body
-  %lcopy = phi i64 [ 0, %t.body ], [ %413, %lcopy.body ]
-  %409 = icmp slt i64 %lcopy, 16
-  br i1 %409, label %lcopy.body, label %lcopy.end
+  %lcopy = phi i64 [ 0, %t.body ], [ %247, %lcopy.body ]
+  %243 = icmp slt i64 %lcopy, 16
+  br i1 %243, label %lcopy.body, label %lcopy.end
 
 lcopy.body:                                       ; preds = %lcopy.head
-  %410 = getelementptr inbounds float, ptr %405, i64 %lcopy
-  %411 = load float, ptr %410, align 4
-  %412 = getelementptr inbounds float, ptr %407, i64 %lcopy
-  store float %411, ptr %412, align 4
-  %413 = add nsw i64 %lcopy, 1
+  %244 = getelementptr inbounds float, ptr %239, i64 %lcopy
+  %245 = load float, ptr %244, align 4
+  %246 = getelementptr inbounds float, ptr %241, i64 %lcopy
+  store float %245, ptr %246, align 4
+  %247 = add nsw i64 %lcopy, 1
   br label %lcopy.head
 
 lcopy.end:                                        ; preds = %lcopy.head
@@ -685,46 +474,46 @@ lcopy.end:                                        ; preds = %lcopy.head
   br label %sx.arg.head
 
 sx.arg.head:                                      ; preds = %sx.arg.body, %lcopy.end
-  %sx.arg = phi i64 [ 1, %lcopy.end ], [ %422, %sx.arg.body ]
-  %414 = icmp slt i64 %sx.arg, 16
-  br i1 %414, label %sx.arg.body, label %sx.arg.end
+  %sx.arg = phi i64 [ 1, %lcopy.end ], [ %256, %sx.arg.body ]
+  %248 = icmp slt i64 %sx.arg, 16
+  br i1 %248, label %sx.arg.body, label %sx.arg.end
 
 sx.arg.body:                                      ; preds = %sx.arg.head
-  %415 = load i64, ptr %arg, align 8
-  %416 = getelementptr inbounds float, ptr %405, i64 %415
-  %417 = load float, ptr %416, align 4
-  %418 = getelementptr inbounds float, ptr %405, i64 %sx.arg
-  %419 = load float, ptr %418, align 4
-  %420 = fcmp ogt float %419, %417
-  %421 = select i1 %420, i64 %sx.arg, i64 %415
-  store i64 %421, ptr %arg, align 8
-  %422 = add nsw i64 %sx.arg, 1
+  %249 = load i64, ptr %arg, align 8
+  %250 = getelementptr inbounds float, ptr %239, i64 %249
+  %251 = load float, ptr %250, align 4
+  %252 = getelementptr inbounds float, ptr %239, i64 %sx.arg
+  %253 = load float, ptr %252, align 4
+  %254 = fcmp ogt float %253, %251
+  %255 = select i1 %254, i64 %sx.arg, i64 %249
+  store i64 %255, ptr %arg, align 8
+  %256 = add nsw i64 %sx.arg, 1
   br label %sx.arg.head
 
 sx.arg.end:                                       ; preds = %sx.arg.head
-  %423 = load i64, ptr %arg, align 8
-  %424 = getelementptr inbounds float, ptr %405, i64 %423
-  %425 = load float, ptr %424, align 4
+  %257 = load i64, ptr %arg, align 8
+  %258 = getelementptr inbounds float, ptr %239, i64 %257
+  %259 = load float, ptr %258, align 4
   br label %sx.mask.head
 
 sx.mask.head:                                     ; preds = %sx.mask.body, %sx.arg.end
-  %sx.mask = phi i64 [ 0, %sx.arg.end ], [ %437, %sx.mask.body ]
-  %426 = icmp slt i64 %sx.mask, 16
-  br i1 %426, label %sx.mask.body, label %sx.mask.end
+  %sx.mask = phi i64 [ 0, %sx.arg.end ], [ %271, %sx.mask.body ]
+  %260 = icmp slt i64 %sx.mask, 16
+  br i1 %260, label %sx.mask.body, label %sx.mask.end
 
 sx.mask.body:                                     ; preds = %sx.mask.head
-  %427 = getelementptr inbounds float, ptr %405, i64 %sx.mask
-  %428 = load float, ptr %427, align 4
-  %429 = call float @llvm.fabs.f32(float %428)
-  %430 = fcmp ogt float %429, %425
-  %431 = select i1 %430, float %429, float %425
-  %432 = fsub float %425, %428
-  %433 = fdiv float %432, %431
-  %434 = fcmp ogt float %433, 0x3F947AE140000000
-  %435 = select i1 %434, float 0xFFF0000000000000, float %428
-  %436 = getelementptr inbounds float, ptr %c, i64 %sx.mask
-  store float %435, ptr %436, align 4
-  %437 = add nsw i64 %sx.mask, 1
+  %261 = getelementptr inbounds float, ptr %239, i64 %sx.mask
+  %262 = load float, ptr %261, align 4
+  %263 = call float @llvm.fabs.f32(float %262)
+  %264 = fcmp ogt float %263, %259
+  %265 = select i1 %264, float %263, float %259
+  %266 = fsub float %259, %262
+  %267 = fdiv float %266, %265
+  %268 = fcmp ogt float %267, 0x3F947AE140000000
+  %269 = select i1 %268, float 0xFFF0000000000000, float %262
+  %270 = getelementptr inbounds float, ptr %c, i64 %sx.mask
+  store float %269, ptr %270, align 4
+  %271 = add nsw i64 %sx.mask, 1
   br label %sx.mask.head
 
 sx.mask.end:                                      ; preds = %sx.mask.head
@@ -732,278 +521,278 @@ sx.mask.end:                                      ; preds = %sx.mask.head
   br label %smax.head
 
 smax.head:                                        ; preds = %smax.body, %sx.mask.end
-  %smax50 = phi i64 [ 0, %sx.mask.end ], [ %445, %smax.body ]
-  %438 = icmp slt i64 %smax50, 16
-  br i1 %438, label %smax.body, label %smax.end
+  %smax41 = phi i64 [ 0, %sx.mask.end ], [ %279, %smax.body ]
+  %272 = icmp slt i64 %smax41, 16
+  br i1 %272, label %smax.body, label %smax.end
 
 smax.body:                                        ; preds = %smax.head
-  %439 = add nsw i64 0, %smax50
-  %440 = getelementptr inbounds float, ptr %c, i64 %439
-  %441 = load float, ptr %440, align 4
-  %442 = load float, ptr %smax, align 4
-  %443 = fcmp ogt float %441, %442
-  %444 = select i1 %443, float %441, float %442
-  store float %444, ptr %smax, align 4
-  %445 = add nsw i64 %smax50, 1
+  %273 = add nsw i64 0, %smax41
+  %274 = getelementptr inbounds float, ptr %c, i64 %273
+  %275 = load float, ptr %274, align 4
+  %276 = load float, ptr %smax, align 4
+  %277 = fcmp ogt float %275, %276
+  %278 = select i1 %277, float %275, float %276
+  store float %278, ptr %smax, align 4
+  %279 = add nsw i64 %smax41, 1
   br label %smax.head
 
 smax.end:                                         ; preds = %smax.head
-  %446 = load float, ptr %smax, align 4
+  %280 = load float, ptr %smax, align 4
   store float 0.000000e+00, ptr %ssum, align 4
   br label %sexp.head
 
 sexp.head:                                        ; preds = %sexp.body, %smax.end
-  %sexp = phi i64 [ 0, %smax.end ], [ %459, %sexp.body ]
-  %447 = icmp slt i64 %sexp, 16
-  br i1 %447, label %sexp.body, label %sexp.end
+  %sexp = phi i64 [ 0, %smax.end ], [ %293, %sexp.body ]
+  %281 = icmp slt i64 %sexp, 16
+  br i1 %281, label %sexp.body, label %sexp.end
 
 sexp.body:                                        ; preds = %sexp.head
-  %448 = add nsw i64 0, %sexp
-  %449 = getelementptr inbounds float, ptr %c, i64 %448
-  %450 = load float, ptr %449, align 4
-  %451 = fsub float %450, %446
-  %452 = fpext float %451 to double
-  %453 = call double @exp(double %452)
-  %454 = fptrunc double %453 to float
-  %455 = add nsw i64 0, %sexp
-  %456 = getelementptr inbounds float, ptr %s, i64 %455
-  store float %454, ptr %456, align 4
-  %457 = load float, ptr %ssum, align 4
-  %458 = fadd float %457, %454
-  store float %458, ptr %ssum, align 4
-  %459 = add nsw i64 %sexp, 1
+  %282 = add nsw i64 0, %sexp
+  %283 = getelementptr inbounds float, ptr %c, i64 %282
+  %284 = load float, ptr %283, align 4
+  %285 = fsub float %284, %280
+  %286 = fpext float %285 to double
+  %287 = call double @exp(double %286)
+  %288 = fptrunc double %287 to float
+  %289 = add nsw i64 0, %sexp
+  %290 = getelementptr inbounds float, ptr %s, i64 %289
+  store float %288, ptr %290, align 4
+  %291 = load float, ptr %ssum, align 4
+  %292 = fadd float %291, %288
+  store float %292, ptr %ssum, align 4
+  %293 = add nsw i64 %sexp, 1
   br label %sexp.head
 
 sexp.end:                                         ; preds = %sexp.head
-  %460 = load float, ptr %ssum, align 4
+  %294 = load float, ptr %ssum, align 4
   br label %sdiv.head
 
 sdiv.head:                                        ; preds = %sdiv.body, %sexp.end
-  %sdiv = phi i64 [ 0, %sexp.end ], [ %467, %sdiv.body ]
-  %461 = icmp slt i64 %sdiv, 16
-  br i1 %461, label %sdiv.body, label %sdiv.end
+  %sdiv = phi i64 [ 0, %sexp.end ], [ %301, %sdiv.body ]
+  %295 = icmp slt i64 %sdiv, 16
+  br i1 %295, label %sdiv.body, label %sdiv.end
 
 sdiv.body:                                        ; preds = %sdiv.head
-  %462 = add nsw i64 0, %sdiv
-  %463 = getelementptr inbounds float, ptr %s, i64 %462
-  %464 = load float, ptr %463, align 4
-  %465 = fdiv float %464, %460
-  %466 = getelementptr inbounds float, ptr %s, i64 %462
-  store float %465, ptr %466, align 4
-  %467 = add nsw i64 %sdiv, 1
+  %296 = add nsw i64 0, %sdiv
+  %297 = getelementptr inbounds float, ptr %s, i64 %296
+  %298 = load float, ptr %297, align 4
+  %299 = fdiv float %298, %294
+  %300 = getelementptr inbounds float, ptr %s, i64 %296
+  store float %299, ptr %300, align 4
+  %301 = add nsw i64 %sdiv, 1
   br label %sdiv.head
 
 sdiv.end:                                         ; preds = %sdiv.head
-  %468 = getelementptr inbounds float, ptr %s, i64 %423
-  %469 = load float, ptr %468, align 4
-  %470 = fmul float %469, 1.000000e+00
-  %471 = icmp eq i64 %423, 0
-  %472 = zext i1 %471 to i64
-  store i64 %472, ptr %arg, align 8
-  br label %sx.arg.head51
+  %302 = getelementptr inbounds float, ptr %s, i64 %257
+  %303 = load float, ptr %302, align 4
+  %304 = fmul float %303, 1.000000e+00
+  %305 = icmp eq i64 %257, 0
+  %306 = zext i1 %305 to i64
+  store i64 %306, ptr %arg, align 8
+  br label %sx.arg.head42
 
-sx.arg.head51:                                    ; preds = %sx.arg.body52, %sdiv.end
-  %sx.arg54 = phi i64 [ 0, %sdiv.end ], [ %483, %sx.arg.body52 ]
-  %473 = icmp slt i64 %sx.arg54, 16
-  br i1 %473, label %sx.arg.body52, label %sx.arg.end53
+sx.arg.head42:                                    ; preds = %sx.arg.body43, %sdiv.end
+  %sx.arg45 = phi i64 [ 0, %sdiv.end ], [ %317, %sx.arg.body43 ]
+  %307 = icmp slt i64 %sx.arg45, 16
+  br i1 %307, label %sx.arg.body43, label %sx.arg.end44
 
-sx.arg.body52:                                    ; preds = %sx.arg.head51
-  %474 = load i64, ptr %arg, align 8
-  %475 = getelementptr inbounds float, ptr %405, i64 %474
-  %476 = load float, ptr %475, align 4
-  %477 = getelementptr inbounds float, ptr %405, i64 %sx.arg54
-  %478 = load float, ptr %477, align 4
-  %479 = fcmp ogt float %478, %476
-  %480 = icmp ne i64 %sx.arg54, %423
-  %481 = and i1 %479, %480
-  %482 = select i1 %481, i64 %sx.arg54, i64 %474
-  store i64 %482, ptr %arg, align 8
-  %483 = add nsw i64 %sx.arg54, 1
-  br label %sx.arg.head51
+sx.arg.body43:                                    ; preds = %sx.arg.head42
+  %308 = load i64, ptr %arg, align 8
+  %309 = getelementptr inbounds float, ptr %239, i64 %308
+  %310 = load float, ptr %309, align 4
+  %311 = getelementptr inbounds float, ptr %239, i64 %sx.arg45
+  %312 = load float, ptr %311, align 4
+  %313 = fcmp ogt float %312, %310
+  %314 = icmp ne i64 %sx.arg45, %257
+  %315 = and i1 %313, %314
+  %316 = select i1 %315, i64 %sx.arg45, i64 %308
+  store i64 %316, ptr %arg, align 8
+  %317 = add nsw i64 %sx.arg45, 1
+  br label %sx.arg.head42
 
-sx.arg.end53:                                     ; preds = %sx.arg.head51
-  %484 = load i64, ptr %arg, align 8
-  %485 = getelementptr inbounds float, ptr %405, i64 %484
-  %486 = load float, ptr %485, align 4
-  br label %sx.mask.head55
+sx.arg.end44:                                     ; preds = %sx.arg.head42
+  %318 = load i64, ptr %arg, align 8
+  %319 = getelementptr inbounds float, ptr %239, i64 %318
+  %320 = load float, ptr %319, align 4
+  br label %sx.mask.head46
 
-sx.mask.head55:                                   ; preds = %sx.mask.body56, %sx.arg.end53
-  %sx.mask58 = phi i64 [ 0, %sx.arg.end53 ], [ %500, %sx.mask.body56 ]
-  %487 = icmp slt i64 %sx.mask58, 16
-  br i1 %487, label %sx.mask.body56, label %sx.mask.end57
+sx.mask.head46:                                   ; preds = %sx.mask.body47, %sx.arg.end44
+  %sx.mask49 = phi i64 [ 0, %sx.arg.end44 ], [ %334, %sx.mask.body47 ]
+  %321 = icmp slt i64 %sx.mask49, 16
+  br i1 %321, label %sx.mask.body47, label %sx.mask.end48
 
-sx.mask.body56:                                   ; preds = %sx.mask.head55
-  %488 = getelementptr inbounds float, ptr %405, i64 %sx.mask58
-  %489 = load float, ptr %488, align 4
-  %490 = call float @llvm.fabs.f32(float %489)
-  %491 = fcmp ogt float %490, %486
-  %492 = select i1 %491, float %490, float %486
-  %493 = fsub float %486, %489
-  %494 = fdiv float %493, %492
-  %495 = fcmp ogt float %494, 0x3F947AE140000000
-  %496 = icmp eq i64 %sx.mask58, %423
-  %497 = or i1 %495, %496
-  %498 = select i1 %497, float 0xFFF0000000000000, float %489
-  %499 = getelementptr inbounds float, ptr %c, i64 %sx.mask58
-  store float %498, ptr %499, align 4
-  %500 = add nsw i64 %sx.mask58, 1
-  br label %sx.mask.head55
+sx.mask.body47:                                   ; preds = %sx.mask.head46
+  %322 = getelementptr inbounds float, ptr %239, i64 %sx.mask49
+  %323 = load float, ptr %322, align 4
+  %324 = call float @llvm.fabs.f32(float %323)
+  %325 = fcmp ogt float %324, %320
+  %326 = select i1 %325, float %324, float %320
+  %327 = fsub float %320, %323
+  %328 = fdiv float %327, %326
+  %329 = fcmp ogt float %328, 0x3F947AE140000000
+  %330 = icmp eq i64 %sx.mask49, %257
+  %331 = or i1 %329, %330
+  %332 = select i1 %331, float 0xFFF0000000000000, float %323
+  %333 = getelementptr inbounds float, ptr %c, i64 %sx.mask49
+  store float %332, ptr %333, align 4
+  %334 = add nsw i64 %sx.mask49, 1
+  br label %sx.mask.head46
 
-sx.mask.end57:                                    ; preds = %sx.mask.head55
-  store float 0xFFF0000000000000, ptr %smax59, align 4
-  br label %smax.head61
+sx.mask.end48:                                    ; preds = %sx.mask.head46
+  store float 0xFFF0000000000000, ptr %smax50, align 4
+  br label %smax.head52
 
-smax.head61:                                      ; preds = %smax.body62, %sx.mask.end57
-  %smax64 = phi i64 [ 0, %sx.mask.end57 ], [ %508, %smax.body62 ]
-  %501 = icmp slt i64 %smax64, 16
-  br i1 %501, label %smax.body62, label %smax.end63
+smax.head52:                                      ; preds = %smax.body53, %sx.mask.end48
+  %smax55 = phi i64 [ 0, %sx.mask.end48 ], [ %342, %smax.body53 ]
+  %335 = icmp slt i64 %smax55, 16
+  br i1 %335, label %smax.body53, label %smax.end54
 
-smax.body62:                                      ; preds = %smax.head61
-  %502 = add nsw i64 0, %smax64
-  %503 = getelementptr inbounds float, ptr %c, i64 %502
-  %504 = load float, ptr %503, align 4
-  %505 = load float, ptr %smax59, align 4
-  %506 = fcmp ogt float %504, %505
-  %507 = select i1 %506, float %504, float %505
-  store float %507, ptr %smax59, align 4
-  %508 = add nsw i64 %smax64, 1
-  br label %smax.head61
+smax.body53:                                      ; preds = %smax.head52
+  %336 = add nsw i64 0, %smax55
+  %337 = getelementptr inbounds float, ptr %c, i64 %336
+  %338 = load float, ptr %337, align 4
+  %339 = load float, ptr %smax50, align 4
+  %340 = fcmp ogt float %338, %339
+  %341 = select i1 %340, float %338, float %339
+  store float %341, ptr %smax50, align 4
+  %342 = add nsw i64 %smax55, 1
+  br label %smax.head52
 
-smax.end63:                                       ; preds = %smax.head61
-  %509 = load float, ptr %smax59, align 4
-  store float 0.000000e+00, ptr %ssum60, align 4
-  br label %sexp.head65
+smax.end54:                                       ; preds = %smax.head52
+  %343 = load float, ptr %smax50, align 4
+  store float 0.000000e+00, ptr %ssum51, align 4
+  br label %sexp.head56
 
-sexp.head65:                                      ; preds = %sexp.body66, %smax.end63
-  %sexp68 = phi i64 [ 0, %smax.end63 ], [ %522, %sexp.body66 ]
-  %510 = icmp slt i64 %sexp68, 16
-  br i1 %510, label %sexp.body66, label %sexp.end67
+sexp.head56:                                      ; preds = %sexp.body57, %smax.end54
+  %sexp59 = phi i64 [ 0, %smax.end54 ], [ %356, %sexp.body57 ]
+  %344 = icmp slt i64 %sexp59, 16
+  br i1 %344, label %sexp.body57, label %sexp.end58
 
-sexp.body66:                                      ; preds = %sexp.head65
-  %511 = add nsw i64 0, %sexp68
-  %512 = getelementptr inbounds float, ptr %c, i64 %511
-  %513 = load float, ptr %512, align 4
-  %514 = fsub float %513, %509
-  %515 = fpext float %514 to double
-  %516 = call double @exp(double %515)
-  %517 = fptrunc double %516 to float
-  %518 = add nsw i64 0, %sexp68
-  %519 = getelementptr inbounds float, ptr %s, i64 %518
-  store float %517, ptr %519, align 4
-  %520 = load float, ptr %ssum60, align 4
-  %521 = fadd float %520, %517
-  store float %521, ptr %ssum60, align 4
-  %522 = add nsw i64 %sexp68, 1
-  br label %sexp.head65
+sexp.body57:                                      ; preds = %sexp.head56
+  %345 = add nsw i64 0, %sexp59
+  %346 = getelementptr inbounds float, ptr %c, i64 %345
+  %347 = load float, ptr %346, align 4
+  %348 = fsub float %347, %343
+  %349 = fpext float %348 to double
+  %350 = call double @exp(double %349)
+  %351 = fptrunc double %350 to float
+  %352 = add nsw i64 0, %sexp59
+  %353 = getelementptr inbounds float, ptr %s, i64 %352
+  store float %351, ptr %353, align 4
+  %354 = load float, ptr %ssum51, align 4
+  %355 = fadd float %354, %351
+  store float %355, ptr %ssum51, align 4
+  %356 = add nsw i64 %sexp59, 1
+  br label %sexp.head56
 
-sexp.end67:                                       ; preds = %sexp.head65
-  %523 = load float, ptr %ssum60, align 4
-  br label %sdiv.head69
+sexp.end58:                                       ; preds = %sexp.head56
+  %357 = load float, ptr %ssum51, align 4
+  br label %sdiv.head60
 
-sdiv.head69:                                      ; preds = %sdiv.body70, %sexp.end67
-  %sdiv72 = phi i64 [ 0, %sexp.end67 ], [ %530, %sdiv.body70 ]
-  %524 = icmp slt i64 %sdiv72, 16
-  br i1 %524, label %sdiv.body70, label %sdiv.end71
+sdiv.head60:                                      ; preds = %sdiv.body61, %sexp.end58
+  %sdiv63 = phi i64 [ 0, %sexp.end58 ], [ %364, %sdiv.body61 ]
+  %358 = icmp slt i64 %sdiv63, 16
+  br i1 %358, label %sdiv.body61, label %sdiv.end62
 
-sdiv.body70:                                      ; preds = %sdiv.head69
-  %525 = add nsw i64 0, %sdiv72
-  %526 = getelementptr inbounds float, ptr %s, i64 %525
-  %527 = load float, ptr %526, align 4
-  %528 = fdiv float %527, %523
-  %529 = getelementptr inbounds float, ptr %s, i64 %525
-  store float %528, ptr %529, align 4
-  %530 = add nsw i64 %sdiv72, 1
-  br label %sdiv.head69
+sdiv.body61:                                      ; preds = %sdiv.head60
+  %359 = add nsw i64 0, %sdiv63
+  %360 = getelementptr inbounds float, ptr %s, i64 %359
+  %361 = load float, ptr %360, align 4
+  %362 = fdiv float %361, %357
+  %363 = getelementptr inbounds float, ptr %s, i64 %359
+  store float %362, ptr %363, align 4
+  %364 = add nsw i64 %sdiv63, 1
+  br label %sdiv.head60
 
-sdiv.end71:                                       ; preds = %sdiv.head69
-  %531 = getelementptr inbounds float, ptr %s, i64 %484
-  %532 = load float, ptr %531, align 4
-  %533 = fmul float %532, 1.000000e+00
-  %534 = add nsw i64 %wbase, 0
-  %535 = getelementptr inbounds i32, ptr %ids, i64 %534
-  %536 = trunc i64 %423 to i32
-  store i32 %536, ptr %535, align 4
-  %537 = getelementptr inbounds float, ptr %weights, i64 %534
-  store float %470, ptr %537, align 4
-  %538 = add nsw i64 %wbase, 1
-  %539 = getelementptr inbounds i32, ptr %ids, i64 %538
-  %540 = trunc i64 %484 to i32
-  store i32 %540, ptr %539, align 4
-  %541 = getelementptr inbounds float, ptr %weights, i64 %538
-  store float %533, ptr %541, align 4
-  store float 0xFFF0000000000000, ptr %smax73, align 4
-  br label %smax.head75
+sdiv.end62:                                       ; preds = %sdiv.head60
+  %365 = getelementptr inbounds float, ptr %s, i64 %318
+  %366 = load float, ptr %365, align 4
+  %367 = fmul float %366, 1.000000e+00
+  %368 = add nsw i64 %wbase, 0
+  %369 = getelementptr inbounds i32, ptr %ids, i64 %368
+  %370 = trunc i64 %257 to i32
+  store i32 %370, ptr %369, align 4
+  %371 = getelementptr inbounds float, ptr %weights, i64 %368
+  store float %304, ptr %371, align 4
+  %372 = add nsw i64 %wbase, 1
+  %373 = getelementptr inbounds i32, ptr %ids, i64 %372
+  %374 = trunc i64 %318 to i32
+  store i32 %374, ptr %373, align 4
+  %375 = getelementptr inbounds float, ptr %weights, i64 %372
+  store float %367, ptr %375, align 4
+  store float 0xFFF0000000000000, ptr %smax64, align 4
+  br label %smax.head66
 
-smax.head75:                                      ; preds = %smax.body76, %sdiv.end71
-  %smax78 = phi i64 [ 0, %sdiv.end71 ], [ %549, %smax.body76 ]
-  %542 = icmp slt i64 %smax78, 16
-  br i1 %542, label %smax.body76, label %smax.end77
+smax.head66:                                      ; preds = %smax.body67, %sdiv.end62
+  %smax69 = phi i64 [ 0, %sdiv.end62 ], [ %383, %smax.body67 ]
+  %376 = icmp slt i64 %smax69, 16
+  br i1 %376, label %smax.body67, label %smax.end68
 
-smax.body76:                                      ; preds = %smax.head75
-  %543 = add nsw i64 0, %smax78
-  %544 = getelementptr inbounds float, ptr %405, i64 %543
-  %545 = load float, ptr %544, align 4
-  %546 = load float, ptr %smax73, align 4
-  %547 = fcmp ogt float %545, %546
-  %548 = select i1 %547, float %545, float %546
-  store float %548, ptr %smax73, align 4
-  %549 = add nsw i64 %smax78, 1
-  br label %smax.head75
+smax.body67:                                      ; preds = %smax.head66
+  %377 = add nsw i64 0, %smax69
+  %378 = getelementptr inbounds float, ptr %239, i64 %377
+  %379 = load float, ptr %378, align 4
+  %380 = load float, ptr %smax64, align 4
+  %381 = fcmp ogt float %379, %380
+  %382 = select i1 %381, float %379, float %380
+  store float %382, ptr %smax64, align 4
+  %383 = add nsw i64 %smax69, 1
+  br label %smax.head66
 
-smax.end77:                                       ; preds = %smax.head75
-  %550 = load float, ptr %smax73, align 4
-  store float 0.000000e+00, ptr %ssum74, align 4
-  br label %sexp.head79
+smax.end68:                                       ; preds = %smax.head66
+  %384 = load float, ptr %smax64, align 4
+  store float 0.000000e+00, ptr %ssum65, align 4
+  br label %sexp.head70
 
-sexp.head79:                                      ; preds = %sexp.body80, %smax.end77
-  %sexp82 = phi i64 [ 0, %smax.end77 ], [ %563, %sexp.body80 ]
-  %551 = icmp slt i64 %sexp82, 16
-  br i1 %551, label %sexp.body80, label %sexp.end81
+sexp.head70:                                      ; preds = %sexp.body71, %smax.end68
+  %sexp73 = phi i64 [ 0, %smax.end68 ], [ %397, %sexp.body71 ]
+  %385 = icmp slt i64 %sexp73, 16
+  br i1 %385, label %sexp.body71, label %sexp.end72
 
-sexp.body80:                                      ; preds = %sexp.head79
-  %552 = add nsw i64 0, %sexp82
-  %553 = getelementptr inbounds float, ptr %405, i64 %552
-  %554 = load float, ptr %553, align 4
-  %555 = fsub float %554, %550
-  %556 = fpext float %555 to double
-  %557 = call double @exp(double %556)
-  %558 = fptrunc double %557 to float
-  %559 = add nsw i64 0, %sexp82
-  %560 = getelementptr inbounds float, ptr %408, i64 %559
-  store float %558, ptr %560, align 4
-  %561 = load float, ptr %ssum74, align 4
-  %562 = fadd float %561, %558
-  store float %562, ptr %ssum74, align 4
-  %563 = add nsw i64 %sexp82, 1
-  br label %sexp.head79
+sexp.body71:                                      ; preds = %sexp.head70
+  %386 = add nsw i64 0, %sexp73
+  %387 = getelementptr inbounds float, ptr %239, i64 %386
+  %388 = load float, ptr %387, align 4
+  %389 = fsub float %388, %384
+  %390 = fpext float %389 to double
+  %391 = call double @exp(double %390)
+  %392 = fptrunc double %391 to float
+  %393 = add nsw i64 0, %sexp73
+  %394 = getelementptr inbounds float, ptr %242, i64 %393
+  store float %392, ptr %394, align 4
+  %395 = load float, ptr %ssum65, align 4
+  %396 = fadd float %395, %392
+  store float %396, ptr %ssum65, align 4
+  %397 = add nsw i64 %sexp73, 1
+  br label %sexp.head70
 
-sexp.end81:                                       ; preds = %sexp.head79
-  %564 = load float, ptr %ssum74, align 4
-  br label %sdiv.head83
+sexp.end72:                                       ; preds = %sexp.head70
+  %398 = load float, ptr %ssum65, align 4
+  br label %sdiv.head74
 
-sdiv.head83:                                      ; preds = %sdiv.body84, %sexp.end81
-  %sdiv86 = phi i64 [ 0, %sexp.end81 ], [ %571, %sdiv.body84 ]
-  %565 = icmp slt i64 %sdiv86, 16
-  br i1 %565, label %sdiv.body84, label %sdiv.end85
+sdiv.head74:                                      ; preds = %sdiv.body75, %sexp.end72
+  %sdiv77 = phi i64 [ 0, %sexp.end72 ], [ %405, %sdiv.body75 ]
+  %399 = icmp slt i64 %sdiv77, 16
+  br i1 %399, label %sdiv.body75, label %sdiv.end76
 
-sdiv.body84:                                      ; preds = %sdiv.head83
-  %566 = add nsw i64 0, %sdiv86
-  %567 = getelementptr inbounds float, ptr %408, i64 %566
-  %568 = load float, ptr %567, align 4
-  %569 = fdiv float %568, %564
-  %570 = getelementptr inbounds float, ptr %408, i64 %566
-  store float %569, ptr %570, align 4
-  %571 = add nsw i64 %sdiv86, 1
-  br label %sdiv.head83
+sdiv.body75:                                      ; preds = %sdiv.head74
+  %400 = add nsw i64 0, %sdiv77
+  %401 = getelementptr inbounds float, ptr %242, i64 %400
+  %402 = load float, ptr %401, align 4
+  %403 = fdiv float %402, %398
+  %404 = getelementptr inbounds float, ptr %242, i64 %400
+  store float %403, ptr %404, align 4
+  %405 = add nsw i64 %sdiv77, 1
+  br label %sdiv.head74
 
-sdiv.end85:                                       ; preds = %sdiv.head83
-  %572 = getelementptr inbounds float, ptr %prio, i64 %tok
-  store float 0.000000e+00, ptr %572, align 4
-  %573 = add nsw i64 %t, 1
+sdiv.end76:                                       ; preds = %sdiv.head74
+  %406 = getelementptr inbounds float, ptr %prio, i64 %tok
+  store float 0.000000e+00, ptr %406, align 4
+  %407 = add nsw i64 %t, 1
   br label %t.head
 
 t.end:                                            ; preds = %t.head
-  %574 = add nsw i64 %tg, 8
+  %408 = add nsw i64 %tg, 8
   br label %tg.head
 
 tg.end:                                           ; preds = %tg.head

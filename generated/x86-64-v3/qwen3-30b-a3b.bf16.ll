@@ -33,17 +33,17 @@ entry:
   %qacc13 = alloca <16 x float>, align 32
   %qacc14 = alloca <16 x float>, align 32
   %qacc15 = alloca <16 x float>, align 32
-  %qacc17 = alloca <16 x float>, align 32
-  %qacc18 = alloca <16 x float>, align 32
-  %qacc29 = alloca <8 x float>, align 32
-  %qacc30 = alloca <8 x float>, align 32
-  %qacc31 = alloca <8 x float>, align 32
-  %qacc32 = alloca <8 x float>, align 32
-  %qacc33 = alloca <8 x float>, align 32
-  %qacc34 = alloca <8 x float>, align 32
-  %qacc35 = alloca <8 x float>, align 32
-  %qacc36 = alloca <8 x float>, align 32
-  %qacc45 = alloca <8 x float>, align 32
+  %qacc21 = alloca <8 x float>, align 32
+  %qacc22 = alloca <8 x float>, align 32
+  %qacc23 = alloca <8 x float>, align 32
+  %qacc24 = alloca <8 x float>, align 32
+  %qacc25 = alloca <8 x float>, align 32
+  %qacc26 = alloca <8 x float>, align 32
+  %qacc27 = alloca <8 x float>, align 32
+  %qacc28 = alloca <8 x float>, align 32
+  %qacc37 = alloca <16 x float>, align 32
+  %qacc38 = alloca <16 x float>, align 32
+  %qacc53 = alloca <8 x float>, align 32
   %smax = alloca float, align 32
   %ssum = alloca float, align 32
   %tk.m = alloca i64, align 32
@@ -54,7 +54,7 @@ start:                                            ; preds = %entry
   br label %tg.head
 
 tg.head:                                          ; preds = %t.end, %start
-  %tg = phi i64 [ %t0, %start ], [ %509, %t.end ]
+  %tg = phi i64 [ %t0, %start ], [ %515, %t.end ]
   %0 = icmp slt i64 %tg, %t1
   br i1 %0, label %tg.body, label %tg.end
 
@@ -68,8 +68,8 @@ tg.body:                                          ; preds = %tg.head
   %full = mul i64 %5, 8
   br label %qb.head
 
-qb.head:                                          ; preds = %r1.end, %tg.body
-  %qb = phi i64 [ 0, %tg.body ], [ %244, %r1.end ]
+qb.head:                                          ; preds = %rb.end, %tg.body
+  %qb = phi i64 [ 0, %tg.body ], [ %196, %rb.end ]
   %6 = icmp slt i64 %qb, 16
   br i1 %6, label %qb.body, label %qb.end
 
@@ -333,349 +333,375 @@ qh.end:                                           ; preds = %qh.head
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  br label %r1.head
-
-r1.head:                                          ; preds = %qh.end21, %rb.end
-  %r1 = phi i64 [ %full, %rb.end ], [ %243, %qh.end21 ]
-  %196 = icmp slt i64 %r1, %gn
-  br i1 %196, label %r1.body, label %r1.end
-
-r1.body:                                          ; preds = %r1.head
-  %197 = add nsw i64 %r1, 0
-  %198 = mul nsw i64 %197, 2048
-  %199 = getelementptr inbounds float, ptr %4, i64 %198
-  %200 = mul nsw i64 %197, 128
-  %201 = add nsw i64 %200, %7
-  %202 = getelementptr inbounds float, ptr %lt, i64 %201
-  store <16 x float> zeroinitializer, ptr %qacc17, align 4
-  store <16 x float> zeroinitializer, ptr %qacc18, align 4
-  br label %qh.head19
-
-qh.head19:                                        ; preds = %qh.body20, %r1.body
-  %qh22 = phi i64 [ 0, %r1.body ], [ %238, %qh.body20 ]
-  %203 = icmp slt i64 %qh22, 2048
-  br i1 %203, label %qh.body20, label %qh.end21
-
-qh.body20:                                        ; preds = %qh.head19
-  %204 = add nsw i64 %qb, 0
-  %205 = mul nsw i64 %qh22, 8
-  %206 = mul nsw i64 %204, 16384
-  %207 = add nsw i64 %206, %205
-  %208 = getelementptr inbounds float, ptr %router, i64 %207
-  %209 = load <8 x float>, ptr %208, align 4
-  %210 = add nsw i64 %qb, 1
-  %211 = mul nsw i64 %qh22, 8
-  %212 = mul nsw i64 %210, 16384
-  %213 = add nsw i64 %212, %211
-  %214 = getelementptr inbounds float, ptr %router, i64 %213
-  %215 = load <8 x float>, ptr %214, align 4
-  %w1623 = shufflevector <8 x float> %209, <8 x float> %215, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %216 = add nsw i64 %qb, 2
-  %217 = mul nsw i64 %qh22, 8
-  %218 = mul nsw i64 %216, 16384
-  %219 = add nsw i64 %218, %217
-  %220 = getelementptr inbounds float, ptr %router, i64 %219
-  %221 = load <8 x float>, ptr %220, align 4
-  %222 = add nsw i64 %qb, 3
-  %223 = mul nsw i64 %qh22, 8
-  %224 = mul nsw i64 %222, 16384
-  %225 = add nsw i64 %224, %223
-  %226 = getelementptr inbounds float, ptr %router, i64 %225
-  %227 = load <8 x float>, ptr %226, align 4
-  %w1624 = shufflevector <8 x float> %221, <8 x float> %227, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %228 = getelementptr inbounds float, ptr %199, i64 %qh22
-  %229 = load float, ptr %228, align 4
-  %230 = insertelement <16 x float> poison, float %229, i32 0
-  %231 = shufflevector <16 x float> %230, <16 x float> poison, <16 x i32> zeroinitializer
-  %232 = load <16 x float>, ptr %qacc17, align 4
-  %233 = fmul <16 x float> %231, %w1623
-  %234 = fadd <16 x float> %232, %233
-  store <16 x float> %234, ptr %qacc17, align 4
-  %235 = load <16 x float>, ptr %qacc18, align 4
-  %236 = fmul <16 x float> %231, %w1624
-  %237 = fadd <16 x float> %235, %236
-  store <16 x float> %237, ptr %qacc18, align 4
-  %238 = add nsw i64 %qh22, 1
-  br label %qh.head19
-
-qh.end21:                                         ; preds = %qh.head19
-  %239 = load <16 x float>, ptr %qacc17, align 4
-  %240 = load <16 x float>, ptr %qacc18, align 4
-  %241 = getelementptr inbounds float, ptr %202, i64 0
-  store <16 x float> %239, ptr %241, align 4
-  %242 = getelementptr inbounds float, ptr %202, i64 16
-  store <16 x float> %240, ptr %242, align 4
-  %243 = add nsw i64 %r1, 1
-  br label %r1.head
-
-r1.end:                                           ; preds = %r1.head
-  %244 = add nsw i64 %qb, 4
+  %196 = add nsw i64 %qb, 4
   br label %qb.head
 
 qb.end:                                           ; preds = %qb.head
   br label %qb1.head
 
-qb1.head:                                         ; preds = %r1.end43, %qb.end
-  %qb1 = phi i64 [ 16, %qb.end ], [ %402, %r1.end43 ]
-  %245 = icmp slt i64 %qb1, 16
-  br i1 %245, label %qb1.body, label %qb1.end
+qb1.head:                                         ; preds = %rb.end19, %qb.end
+  %qb1 = phi i64 [ 16, %qb.end ], [ %329, %rb.end19 ]
+  %197 = icmp slt i64 %qb1, 16
+  br i1 %197, label %qb1.body, label %qb1.end
 
 qb1.body:                                         ; preds = %qb1.head
-  %246 = mul nsw i64 %qb1, 8
-  br label %rb.head25
+  %198 = mul nsw i64 %qb1, 8
+  br label %rb.head17
 
-rb.head25:                                        ; preds = %qh.end39, %qb1.body
-  %rb28 = phi i64 [ 0, %qb1.body ], [ %376, %qh.end39 ]
-  %247 = icmp slt i64 %rb28, %full
-  br i1 %247, label %rb.body26, label %rb.end27
+rb.head17:                                        ; preds = %qh.end31, %qb1.body
+  %rb20 = phi i64 [ 0, %qb1.body ], [ %328, %qh.end31 ]
+  %199 = icmp slt i64 %rb20, %full
+  br i1 %199, label %rb.body18, label %rb.end19
 
-rb.body26:                                        ; preds = %rb.head25
-  %248 = add nsw i64 %rb28, 0
-  %249 = mul nsw i64 %248, 2048
-  %250 = getelementptr inbounds float, ptr %4, i64 %249
-  %251 = mul nsw i64 %248, 128
-  %252 = add nsw i64 %251, %246
-  %253 = getelementptr inbounds float, ptr %lt, i64 %252
-  %254 = add nsw i64 %rb28, 1
-  %255 = mul nsw i64 %254, 2048
-  %256 = getelementptr inbounds float, ptr %4, i64 %255
-  %257 = mul nsw i64 %254, 128
-  %258 = add nsw i64 %257, %246
-  %259 = getelementptr inbounds float, ptr %lt, i64 %258
-  %260 = add nsw i64 %rb28, 2
-  %261 = mul nsw i64 %260, 2048
-  %262 = getelementptr inbounds float, ptr %4, i64 %261
-  %263 = mul nsw i64 %260, 128
-  %264 = add nsw i64 %263, %246
-  %265 = getelementptr inbounds float, ptr %lt, i64 %264
-  %266 = add nsw i64 %rb28, 3
-  %267 = mul nsw i64 %266, 2048
-  %268 = getelementptr inbounds float, ptr %4, i64 %267
-  %269 = mul nsw i64 %266, 128
-  %270 = add nsw i64 %269, %246
-  %271 = getelementptr inbounds float, ptr %lt, i64 %270
-  %272 = add nsw i64 %rb28, 4
-  %273 = mul nsw i64 %272, 2048
-  %274 = getelementptr inbounds float, ptr %4, i64 %273
-  %275 = mul nsw i64 %272, 128
-  %276 = add nsw i64 %275, %246
-  %277 = getelementptr inbounds float, ptr %lt, i64 %276
-  %278 = add nsw i64 %rb28, 5
-  %279 = mul nsw i64 %278, 2048
-  %280 = getelementptr inbounds float, ptr %4, i64 %279
-  %281 = mul nsw i64 %278, 128
-  %282 = add nsw i64 %281, %246
-  %283 = getelementptr inbounds float, ptr %lt, i64 %282
-  %284 = add nsw i64 %rb28, 6
-  %285 = mul nsw i64 %284, 2048
-  %286 = getelementptr inbounds float, ptr %4, i64 %285
-  %287 = mul nsw i64 %284, 128
-  %288 = add nsw i64 %287, %246
-  %289 = getelementptr inbounds float, ptr %lt, i64 %288
-  %290 = add nsw i64 %rb28, 7
-  %291 = mul nsw i64 %290, 2048
-  %292 = getelementptr inbounds float, ptr %4, i64 %291
-  %293 = mul nsw i64 %290, 128
-  %294 = add nsw i64 %293, %246
-  %295 = getelementptr inbounds float, ptr %lt, i64 %294
-  store <8 x float> zeroinitializer, ptr %qacc29, align 4
-  store <8 x float> zeroinitializer, ptr %qacc30, align 4
-  store <8 x float> zeroinitializer, ptr %qacc31, align 4
-  store <8 x float> zeroinitializer, ptr %qacc32, align 4
-  store <8 x float> zeroinitializer, ptr %qacc33, align 4
-  store <8 x float> zeroinitializer, ptr %qacc34, align 4
-  store <8 x float> zeroinitializer, ptr %qacc35, align 4
-  store <8 x float> zeroinitializer, ptr %qacc36, align 4
-  br label %qh.head37
+rb.body18:                                        ; preds = %rb.head17
+  %200 = add nsw i64 %rb20, 0
+  %201 = mul nsw i64 %200, 2048
+  %202 = getelementptr inbounds float, ptr %4, i64 %201
+  %203 = mul nsw i64 %200, 128
+  %204 = add nsw i64 %203, %198
+  %205 = getelementptr inbounds float, ptr %lt, i64 %204
+  %206 = add nsw i64 %rb20, 1
+  %207 = mul nsw i64 %206, 2048
+  %208 = getelementptr inbounds float, ptr %4, i64 %207
+  %209 = mul nsw i64 %206, 128
+  %210 = add nsw i64 %209, %198
+  %211 = getelementptr inbounds float, ptr %lt, i64 %210
+  %212 = add nsw i64 %rb20, 2
+  %213 = mul nsw i64 %212, 2048
+  %214 = getelementptr inbounds float, ptr %4, i64 %213
+  %215 = mul nsw i64 %212, 128
+  %216 = add nsw i64 %215, %198
+  %217 = getelementptr inbounds float, ptr %lt, i64 %216
+  %218 = add nsw i64 %rb20, 3
+  %219 = mul nsw i64 %218, 2048
+  %220 = getelementptr inbounds float, ptr %4, i64 %219
+  %221 = mul nsw i64 %218, 128
+  %222 = add nsw i64 %221, %198
+  %223 = getelementptr inbounds float, ptr %lt, i64 %222
+  %224 = add nsw i64 %rb20, 4
+  %225 = mul nsw i64 %224, 2048
+  %226 = getelementptr inbounds float, ptr %4, i64 %225
+  %227 = mul nsw i64 %224, 128
+  %228 = add nsw i64 %227, %198
+  %229 = getelementptr inbounds float, ptr %lt, i64 %228
+  %230 = add nsw i64 %rb20, 5
+  %231 = mul nsw i64 %230, 2048
+  %232 = getelementptr inbounds float, ptr %4, i64 %231
+  %233 = mul nsw i64 %230, 128
+  %234 = add nsw i64 %233, %198
+  %235 = getelementptr inbounds float, ptr %lt, i64 %234
+  %236 = add nsw i64 %rb20, 6
+  %237 = mul nsw i64 %236, 2048
+  %238 = getelementptr inbounds float, ptr %4, i64 %237
+  %239 = mul nsw i64 %236, 128
+  %240 = add nsw i64 %239, %198
+  %241 = getelementptr inbounds float, ptr %lt, i64 %240
+  %242 = add nsw i64 %rb20, 7
+  %243 = mul nsw i64 %242, 2048
+  %244 = getelementptr inbounds float, ptr %4, i64 %243
+  %245 = mul nsw i64 %242, 128
+  %246 = add nsw i64 %245, %198
+  %247 = getelementptr inbounds float, ptr %lt, i64 %246
+  store <8 x float> zeroinitializer, ptr %qacc21, align 4
+  store <8 x float> zeroinitializer, ptr %qacc22, align 4
+  store <8 x float> zeroinitializer, ptr %qacc23, align 4
+  store <8 x float> zeroinitializer, ptr %qacc24, align 4
+  store <8 x float> zeroinitializer, ptr %qacc25, align 4
+  store <8 x float> zeroinitializer, ptr %qacc26, align 4
+  store <8 x float> zeroinitializer, ptr %qacc27, align 4
+  store <8 x float> zeroinitializer, ptr %qacc28, align 4
+  br label %qh.head29
 
-qh.head37:                                        ; preds = %qh.body38, %rb.body26
-  %qh40 = phi i64 [ 0, %rb.body26 ], [ %359, %qh.body38 ]
-  %296 = icmp slt i64 %qh40, 2048
-  br i1 %296, label %qh.body38, label %qh.end39
+qh.head29:                                        ; preds = %qh.body30, %rb.body18
+  %qh32 = phi i64 [ 0, %rb.body18 ], [ %311, %qh.body30 ]
+  %248 = icmp slt i64 %qh32, 2048
+  br i1 %248, label %qh.body30, label %qh.end31
 
-qh.body38:                                        ; preds = %qh.head37
-  %297 = add nsw i64 %qb1, 0
-  %298 = mul nsw i64 %qh40, 8
-  %299 = mul nsw i64 %297, 16384
-  %300 = add nsw i64 %299, %298
-  %301 = getelementptr inbounds float, ptr %router, i64 %300
-  %302 = load <8 x float>, ptr %301, align 4
-  %303 = getelementptr inbounds float, ptr %250, i64 %qh40
-  %304 = load float, ptr %303, align 4
-  %305 = insertelement <8 x float> poison, float %304, i32 0
-  %306 = shufflevector <8 x float> %305, <8 x float> poison, <8 x i32> zeroinitializer
-  %307 = load <8 x float>, ptr %qacc29, align 4
-  %308 = fmul <8 x float> %306, %302
-  %309 = fadd <8 x float> %307, %308
-  store <8 x float> %309, ptr %qacc29, align 4
-  %310 = getelementptr inbounds float, ptr %256, i64 %qh40
-  %311 = load float, ptr %310, align 4
-  %312 = insertelement <8 x float> poison, float %311, i32 0
-  %313 = shufflevector <8 x float> %312, <8 x float> poison, <8 x i32> zeroinitializer
-  %314 = load <8 x float>, ptr %qacc30, align 4
-  %315 = fmul <8 x float> %313, %302
-  %316 = fadd <8 x float> %314, %315
-  store <8 x float> %316, ptr %qacc30, align 4
-  %317 = getelementptr inbounds float, ptr %262, i64 %qh40
-  %318 = load float, ptr %317, align 4
-  %319 = insertelement <8 x float> poison, float %318, i32 0
-  %320 = shufflevector <8 x float> %319, <8 x float> poison, <8 x i32> zeroinitializer
-  %321 = load <8 x float>, ptr %qacc31, align 4
-  %322 = fmul <8 x float> %320, %302
-  %323 = fadd <8 x float> %321, %322
-  store <8 x float> %323, ptr %qacc31, align 4
-  %324 = getelementptr inbounds float, ptr %268, i64 %qh40
-  %325 = load float, ptr %324, align 4
-  %326 = insertelement <8 x float> poison, float %325, i32 0
-  %327 = shufflevector <8 x float> %326, <8 x float> poison, <8 x i32> zeroinitializer
-  %328 = load <8 x float>, ptr %qacc32, align 4
-  %329 = fmul <8 x float> %327, %302
-  %330 = fadd <8 x float> %328, %329
-  store <8 x float> %330, ptr %qacc32, align 4
-  %331 = getelementptr inbounds float, ptr %274, i64 %qh40
-  %332 = load float, ptr %331, align 4
-  %333 = insertelement <8 x float> poison, float %332, i32 0
-  %334 = shufflevector <8 x float> %333, <8 x float> poison, <8 x i32> zeroinitializer
-  %335 = load <8 x float>, ptr %qacc33, align 4
-  %336 = fmul <8 x float> %334, %302
-  %337 = fadd <8 x float> %335, %336
-  store <8 x float> %337, ptr %qacc33, align 4
-  %338 = getelementptr inbounds float, ptr %280, i64 %qh40
-  %339 = load float, ptr %338, align 4
-  %340 = insertelement <8 x float> poison, float %339, i32 0
-  %341 = shufflevector <8 x float> %340, <8 x float> poison, <8 x i32> zeroinitializer
-  %342 = load <8 x float>, ptr %qacc34, align 4
-  %343 = fmul <8 x float> %341, %302
-  %344 = fadd <8 x float> %342, %343
-  store <8 x float> %344, ptr %qacc34, align 4
-  %345 = getelementptr inbounds float, ptr %286, i64 %qh40
-  %346 = load float, ptr %345, align 4
-  %347 = insertelement <8 x float> poison, float %346, i32 0
-  %348 = shufflevector <8 x float> %347, <8 x float> poison, <8 x i32> zeroinitializer
-  %349 = load <8 x float>, ptr %qacc35, align 4
-  %350 = fmul <8 x float> %348, %302
-  %351 = fadd <8 x float> %349, %350
-  store <8 x float> %351, ptr %qacc35, align 4
-  %352 = getelementptr inbounds float, ptr %292, i64 %qh40
-  %353 = load float, ptr %352, align 4
-  %354 = insertelement <8 x float> poison, float %353, i32 0
-  %355 = shufflevector <8 x float> %354, <8 x float> poison, <8 x i32> zeroinitializer
-  %356 = load <8 x float>, ptr %qacc36, align 4
-  %357 = fmul <8 x float> %355, %302
-  %358 = fadd <8 x float> %356, %357
-  store <8 x float> %358, ptr %qacc36, align 4
-  %359 = add nsw i64 %qh40, 1
-  br label %qh.head37
+qh.body30:                                        ; preds = %qh.head29
+  %249 = add nsw i64 %qb1, 0
+  %250 = mul nsw i64 %qh32, 8
+  %251 = mul nsw i64 %249, 16384
+  %252 = add nsw i64 %251, %250
+  %253 = getelementptr inbounds float, ptr %router, i64 %252
+  %254 = load <8 x float>, ptr %253, align 4
+  %255 = getelementptr inbounds float, ptr %202, i64 %qh32
+  %256 = load float, ptr %255, align 4
+  %257 = insertelement <8 x float> poison, float %256, i32 0
+  %258 = shufflevector <8 x float> %257, <8 x float> poison, <8 x i32> zeroinitializer
+  %259 = load <8 x float>, ptr %qacc21, align 4
+  %260 = fmul <8 x float> %258, %254
+  %261 = fadd <8 x float> %259, %260
+  store <8 x float> %261, ptr %qacc21, align 4
+  %262 = getelementptr inbounds float, ptr %208, i64 %qh32
+  %263 = load float, ptr %262, align 4
+  %264 = insertelement <8 x float> poison, float %263, i32 0
+  %265 = shufflevector <8 x float> %264, <8 x float> poison, <8 x i32> zeroinitializer
+  %266 = load <8 x float>, ptr %qacc22, align 4
+  %267 = fmul <8 x float> %265, %254
+  %268 = fadd <8 x float> %266, %267
+  store <8 x float> %268, ptr %qacc22, align 4
+  %269 = getelementptr inbounds float, ptr %214, i64 %qh32
+  %270 = load float, ptr %269, align 4
+  %271 = insertelement <8 x float> poison, float %270, i32 0
+  %272 = shufflevector <8 x float> %271, <8 x float> poison, <8 x i32> zeroinitializer
+  %273 = load <8 x float>, ptr %qacc23, align 4
+  %274 = fmul <8 x float> %272, %254
+  %275 = fadd <8 x float> %273, %274
+  store <8 x float> %275, ptr %qacc23, align 4
+  %276 = getelementptr inbounds float, ptr %220, i64 %qh32
+  %277 = load float, ptr %276, align 4
+  %278 = insertelement <8 x float> poison, float %277, i32 0
+  %279 = shufflevector <8 x float> %278, <8 x float> poison, <8 x i32> zeroinitializer
+  %280 = load <8 x float>, ptr %qacc24, align 4
+  %281 = fmul <8 x float> %279, %254
+  %282 = fadd <8 x float> %280, %281
+  store <8 x float> %282, ptr %qacc24, align 4
+  %283 = getelementptr inbounds float, ptr %226, i64 %qh32
+  %284 = load float, ptr %283, align 4
+  %285 = insertelement <8 x float> poison, float %284, i32 0
+  %286 = shufflevector <8 x float> %285, <8 x float> poison, <8 x i32> zeroinitializer
+  %287 = load <8 x float>, ptr %qacc25, align 4
+  %288 = fmul <8 x float> %286, %254
+  %289 = fadd <8 x float> %287, %288
+  store <8 x float> %289, ptr %qacc25, align 4
+  %290 = getelementptr inbounds float, ptr %232, i64 %qh32
+  %291 = load float, ptr %290, align 4
+  %292 = insertelement <8 x float> poison, float %291, i32 0
+  %293 = shufflevector <8 x float> %292, <8 x float> poison, <8 x i32> zeroinitializer
+  %294 = load <8 x float>, ptr %qacc26, align 4
+  %295 = fmul <8 x float> %293, %254
+  %296 = fadd <8 x float> %294, %295
+  store <8 x float> %296, ptr %qacc26, align 4
+  %297 = getelementptr inbounds float, ptr %238, i64 %qh32
+  %298 = load float, ptr %297, align 4
+  %299 = insertelement <8 x float> poison, float %298, i32 0
+  %300 = shufflevector <8 x float> %299, <8 x float> poison, <8 x i32> zeroinitializer
+  %301 = load <8 x float>, ptr %qacc27, align 4
+  %302 = fmul <8 x float> %300, %254
+  %303 = fadd <8 x float> %301, %302
+  store <8 x float> %303, ptr %qacc27, align 4
+  %304 = getelementptr inbounds float, ptr %244, i64 %qh32
+  %305 = load float, ptr %304, align 4
+  %306 = insertelement <8 x float> poison, float %305, i32 0
+  %307 = shufflevector <8 x float> %306, <8 x float> poison, <8 x i32> zeroinitializer
+  %308 = load <8 x float>, ptr %qacc28, align 4
+  %309 = fmul <8 x float> %307, %254
+  %310 = fadd <8 x float> %308, %309
+  store <8 x float> %310, ptr %qacc28, align 4
+  %311 = add nsw i64 %qh32, 1
+  br label %qh.head29
 
-qh.end39:                                         ; preds = %qh.head37
-  %360 = load <8 x float>, ptr %qacc29, align 4
-  %361 = load <8 x float>, ptr %qacc30, align 4
-  %362 = load <8 x float>, ptr %qacc31, align 4
-  %363 = load <8 x float>, ptr %qacc32, align 4
-  %364 = load <8 x float>, ptr %qacc33, align 4
-  %365 = load <8 x float>, ptr %qacc34, align 4
-  %366 = load <8 x float>, ptr %qacc35, align 4
-  %367 = load <8 x float>, ptr %qacc36, align 4
-  %368 = getelementptr inbounds float, ptr %253, i64 0
-  store <8 x float> %360, ptr %368, align 4
-  %369 = getelementptr inbounds float, ptr %259, i64 0
-  store <8 x float> %361, ptr %369, align 4
-  %370 = getelementptr inbounds float, ptr %265, i64 0
-  store <8 x float> %362, ptr %370, align 4
-  %371 = getelementptr inbounds float, ptr %271, i64 0
-  store <8 x float> %363, ptr %371, align 4
-  %372 = getelementptr inbounds float, ptr %277, i64 0
-  store <8 x float> %364, ptr %372, align 4
-  %373 = getelementptr inbounds float, ptr %283, i64 0
-  store <8 x float> %365, ptr %373, align 4
-  %374 = getelementptr inbounds float, ptr %289, i64 0
-  store <8 x float> %366, ptr %374, align 4
-  %375 = getelementptr inbounds float, ptr %295, i64 0
-  store <8 x float> %367, ptr %375, align 4
-  %376 = add nsw i64 %rb28, 8
-  br label %rb.head25
+qh.end31:                                         ; preds = %qh.head29
+  %312 = load <8 x float>, ptr %qacc21, align 4
+  %313 = load <8 x float>, ptr %qacc22, align 4
+  %314 = load <8 x float>, ptr %qacc23, align 4
+  %315 = load <8 x float>, ptr %qacc24, align 4
+  %316 = load <8 x float>, ptr %qacc25, align 4
+  %317 = load <8 x float>, ptr %qacc26, align 4
+  %318 = load <8 x float>, ptr %qacc27, align 4
+  %319 = load <8 x float>, ptr %qacc28, align 4
+  %320 = getelementptr inbounds float, ptr %205, i64 0
+  store <8 x float> %312, ptr %320, align 4
+  %321 = getelementptr inbounds float, ptr %211, i64 0
+  store <8 x float> %313, ptr %321, align 4
+  %322 = getelementptr inbounds float, ptr %217, i64 0
+  store <8 x float> %314, ptr %322, align 4
+  %323 = getelementptr inbounds float, ptr %223, i64 0
+  store <8 x float> %315, ptr %323, align 4
+  %324 = getelementptr inbounds float, ptr %229, i64 0
+  store <8 x float> %316, ptr %324, align 4
+  %325 = getelementptr inbounds float, ptr %235, i64 0
+  store <8 x float> %317, ptr %325, align 4
+  %326 = getelementptr inbounds float, ptr %241, i64 0
+  store <8 x float> %318, ptr %326, align 4
+  %327 = getelementptr inbounds float, ptr %247, i64 0
+  store <8 x float> %319, ptr %327, align 4
+  %328 = add nsw i64 %rb20, 8
+  br label %rb.head17
 
-rb.end27:                                         ; preds = %rb.head25
-  br label %r1.head41
-
-r1.head41:                                        ; preds = %qh.end48, %rb.end27
-  %r144 = phi i64 [ %full, %rb.end27 ], [ %401, %qh.end48 ]
-  %377 = icmp slt i64 %r144, %gn
-  br i1 %377, label %r1.body42, label %r1.end43
-
-r1.body42:                                        ; preds = %r1.head41
-  %378 = add nsw i64 %r144, 0
-  %379 = mul nsw i64 %378, 2048
-  %380 = getelementptr inbounds float, ptr %4, i64 %379
-  %381 = mul nsw i64 %378, 128
-  %382 = add nsw i64 %381, %246
-  %383 = getelementptr inbounds float, ptr %lt, i64 %382
-  store <8 x float> zeroinitializer, ptr %qacc45, align 4
-  br label %qh.head46
-
-qh.head46:                                        ; preds = %qh.body47, %r1.body42
-  %qh49 = phi i64 [ 0, %r1.body42 ], [ %398, %qh.body47 ]
-  %384 = icmp slt i64 %qh49, 2048
-  br i1 %384, label %qh.body47, label %qh.end48
-
-qh.body47:                                        ; preds = %qh.head46
-  %385 = add nsw i64 %qb1, 0
-  %386 = mul nsw i64 %qh49, 8
-  %387 = mul nsw i64 %385, 16384
-  %388 = add nsw i64 %387, %386
-  %389 = getelementptr inbounds float, ptr %router, i64 %388
-  %390 = load <8 x float>, ptr %389, align 4
-  %391 = getelementptr inbounds float, ptr %380, i64 %qh49
-  %392 = load float, ptr %391, align 4
-  %393 = insertelement <8 x float> poison, float %392, i32 0
-  %394 = shufflevector <8 x float> %393, <8 x float> poison, <8 x i32> zeroinitializer
-  %395 = load <8 x float>, ptr %qacc45, align 4
-  %396 = fmul <8 x float> %394, %390
-  %397 = fadd <8 x float> %395, %396
-  store <8 x float> %397, ptr %qacc45, align 4
-  %398 = add nsw i64 %qh49, 1
-  br label %qh.head46
-
-qh.end48:                                         ; preds = %qh.head46
-  %399 = load <8 x float>, ptr %qacc45, align 4
-  %400 = getelementptr inbounds float, ptr %383, i64 0
-  store <8 x float> %399, ptr %400, align 4
-  %401 = add nsw i64 %r144, 1
-  br label %r1.head41
-
-r1.end43:                                         ; preds = %r1.head41
-  %402 = add nsw i64 %qb1, 1
+rb.end19:                                         ; preds = %rb.head17
+  %329 = add nsw i64 %qb1, 1
   br label %qb1.head
 
 qb1.end:                                          ; preds = %qb1.head
+  br label %qb.head33
+
+qb.head33:                                        ; preds = %r1.end, %qb1.end
+  %qb36 = phi i64 [ 0, %qb1.end ], [ %380, %r1.end ]
+  %330 = icmp slt i64 %qb36, 16
+  br i1 %330, label %qb.body34, label %qb.end35
+
+qb.body34:                                        ; preds = %qb.head33
+  %331 = mul nsw i64 %qb36, 8
+  br label %r1.head
+
+r1.head:                                          ; preds = %qh.end41, %qb.body34
+  %r1 = phi i64 [ %full, %qb.body34 ], [ %379, %qh.end41 ]
+  %332 = icmp slt i64 %r1, %gn
+  br i1 %332, label %r1.body, label %r1.end
+
+r1.body:                                          ; preds = %r1.head
+  %333 = add nsw i64 %r1, 0
+  %334 = mul nsw i64 %333, 2048
+  %335 = getelementptr inbounds float, ptr %4, i64 %334
+  %336 = mul nsw i64 %333, 128
+  %337 = add nsw i64 %336, %331
+  %338 = getelementptr inbounds float, ptr %lt, i64 %337
+  store <16 x float> zeroinitializer, ptr %qacc37, align 4
+  store <16 x float> zeroinitializer, ptr %qacc38, align 4
+  br label %qh.head39
+
+qh.head39:                                        ; preds = %qh.body40, %r1.body
+  %qh42 = phi i64 [ 0, %r1.body ], [ %374, %qh.body40 ]
+  %339 = icmp slt i64 %qh42, 2048
+  br i1 %339, label %qh.body40, label %qh.end41
+
+qh.body40:                                        ; preds = %qh.head39
+  %340 = add nsw i64 %qb36, 0
+  %341 = mul nsw i64 %qh42, 8
+  %342 = mul nsw i64 %340, 16384
+  %343 = add nsw i64 %342, %341
+  %344 = getelementptr inbounds float, ptr %router, i64 %343
+  %345 = load <8 x float>, ptr %344, align 4
+  %346 = add nsw i64 %qb36, 1
+  %347 = mul nsw i64 %qh42, 8
+  %348 = mul nsw i64 %346, 16384
+  %349 = add nsw i64 %348, %347
+  %350 = getelementptr inbounds float, ptr %router, i64 %349
+  %351 = load <8 x float>, ptr %350, align 4
+  %w1643 = shufflevector <8 x float> %345, <8 x float> %351, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %352 = add nsw i64 %qb36, 2
+  %353 = mul nsw i64 %qh42, 8
+  %354 = mul nsw i64 %352, 16384
+  %355 = add nsw i64 %354, %353
+  %356 = getelementptr inbounds float, ptr %router, i64 %355
+  %357 = load <8 x float>, ptr %356, align 4
+  %358 = add nsw i64 %qb36, 3
+  %359 = mul nsw i64 %qh42, 8
+  %360 = mul nsw i64 %358, 16384
+  %361 = add nsw i64 %360, %359
+  %362 = getelementptr inbounds float, ptr %router, i64 %361
+  %363 = load <8 x float>, ptr %362, align 4
+  %w1644 = shufflevector <8 x float> %357, <8 x float> %363, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %364 = getelementptr inbounds float, ptr %335, i64 %qh42
+  %365 = load float, ptr %364, align 4
+  %366 = insertelement <16 x float> poison, float %365, i32 0
+  %367 = shufflevector <16 x float> %366, <16 x float> poison, <16 x i32> zeroinitializer
+  %368 = load <16 x float>, ptr %qacc37, align 4
+  %369 = fmul <16 x float> %367, %w1643
+  %370 = fadd <16 x float> %368, %369
+  store <16 x float> %370, ptr %qacc37, align 4
+  %371 = load <16 x float>, ptr %qacc38, align 4
+  %372 = fmul <16 x float> %367, %w1644
+  %373 = fadd <16 x float> %371, %372
+  store <16 x float> %373, ptr %qacc38, align 4
+  %374 = add nsw i64 %qh42, 1
+  br label %qh.head39
+
+qh.end41:                                         ; preds = %qh.head39
+  %375 = load <16 x float>, ptr %qacc37, align 4
+  %376 = load <16 x float>, ptr %qacc38, align 4
+  %377 = getelementptr inbounds float, ptr %338, i64 0
+  store <16 x float> %375, ptr %377, align 4
+  %378 = getelementptr inbounds float, ptr %338, i64 16
+  store <16 x float> %376, ptr %378, align 4
+  %379 = add nsw i64 %r1, 1
+  br label %r1.head
+
+r1.end:                                           ; preds = %r1.head
+  %380 = add nsw i64 %qb36, 4
+  br label %qb.head33
+
+qb.end35:                                         ; preds = %qb.head33
+  br label %qb1.head45
+
+qb1.head45:                                       ; preds = %r1.end51, %qb.end35
+  %qb148 = phi i64 [ 16, %qb.end35 ], [ %408, %r1.end51 ]
+  %381 = icmp slt i64 %qb148, 16
+  br i1 %381, label %qb1.body46, label %qb1.end47
+
+qb1.body46:                                       ; preds = %qb1.head45
+  %382 = mul nsw i64 %qb148, 8
+  br label %r1.head49
+
+r1.head49:                                        ; preds = %qh.end56, %qb1.body46
+  %r152 = phi i64 [ %full, %qb1.body46 ], [ %407, %qh.end56 ]
+  %383 = icmp slt i64 %r152, %gn
+  br i1 %383, label %r1.body50, label %r1.end51
+
+r1.body50:                                        ; preds = %r1.head49
+  %384 = add nsw i64 %r152, 0
+  %385 = mul nsw i64 %384, 2048
+  %386 = getelementptr inbounds float, ptr %4, i64 %385
+  %387 = mul nsw i64 %384, 128
+  %388 = add nsw i64 %387, %382
+  %389 = getelementptr inbounds float, ptr %lt, i64 %388
+  store <8 x float> zeroinitializer, ptr %qacc53, align 4
+  br label %qh.head54
+
+qh.head54:                                        ; preds = %qh.body55, %r1.body50
+  %qh57 = phi i64 [ 0, %r1.body50 ], [ %404, %qh.body55 ]
+  %390 = icmp slt i64 %qh57, 2048
+  br i1 %390, label %qh.body55, label %qh.end56
+
+qh.body55:                                        ; preds = %qh.head54
+  %391 = add nsw i64 %qb148, 0
+  %392 = mul nsw i64 %qh57, 8
+  %393 = mul nsw i64 %391, 16384
+  %394 = add nsw i64 %393, %392
+  %395 = getelementptr inbounds float, ptr %router, i64 %394
+  %396 = load <8 x float>, ptr %395, align 4
+  %397 = getelementptr inbounds float, ptr %386, i64 %qh57
+  %398 = load float, ptr %397, align 4
+  %399 = insertelement <8 x float> poison, float %398, i32 0
+  %400 = shufflevector <8 x float> %399, <8 x float> poison, <8 x i32> zeroinitializer
+  %401 = load <8 x float>, ptr %qacc53, align 4
+  %402 = fmul <8 x float> %400, %396
+  %403 = fadd <8 x float> %401, %402
+  store <8 x float> %403, ptr %qacc53, align 4
+  %404 = add nsw i64 %qh57, 1
+  br label %qh.head54
+
+qh.end56:                                         ; preds = %qh.head54
+  %405 = load <8 x float>, ptr %qacc53, align 4
+  %406 = getelementptr inbounds float, ptr %389, i64 0
+  store <8 x float> %405, ptr %406, align 4
+  %407 = add nsw i64 %r152, 1
+  br label %r1.head49
+
+r1.end51:                                         ; preds = %r1.head49
+  %408 = add nsw i64 %qb148, 1
+  br label %qb1.head45
+
+qb1.end47:                                        ; preds = %qb1.head45
   br label %t.head
 
-t.head:                                           ; preds = %ndiv.end, %qb1.end
-  %t = phi i64 [ 0, %qb1.end ], [ %508, %ndiv.end ]
-  %403 = icmp slt i64 %t, %gn
-  br i1 %403, label %t.body, label %t.end
+t.head:                                           ; preds = %ndiv.end, %qb1.end47
+  %t = phi i64 [ 0, %qb1.end47 ], [ %514, %ndiv.end ]
+  %409 = icmp slt i64 %t, %gn
+  br i1 %409, label %t.body, label %t.end
 
 t.body:                                           ; preds = %t.head
   %tok = add nsw i64 %tg, %t
-  %404 = mul nsw i64 %t, 128
-  %405 = getelementptr inbounds float, ptr %lt, i64 %404
-  %406 = mul nsw i64 %tok, 2048
-  %407 = getelementptr inbounds float, ptr %x, i64 %406
-  %408 = mul nsw i64 %tok, 128
-  %409 = getelementptr inbounds float, ptr %logits, i64 %408
+  %410 = mul nsw i64 %t, 128
+  %411 = getelementptr inbounds float, ptr %lt, i64 %410
+  %412 = mul nsw i64 %tok, 2048
+  %413 = getelementptr inbounds float, ptr %x, i64 %412
+  %414 = mul nsw i64 %tok, 128
+  %415 = getelementptr inbounds float, ptr %logits, i64 %414
   br label %lb.head
 
 lb.head:                                          ; preds = %lb.body, %t.body
-  %lb = phi i64 [ 0, %t.body ], [ %414, %lb.body ]
-  %410 = icmp slt i64 %lb, 128
-  br i1 %410, label %lb.body, label %lb.end
+  %lb = phi i64 [ 0, %t.body ], [ %420, %lb.body ]
+  %416 = icmp slt i64 %lb, 128
+  br i1 %416, label %lb.body, label %lb.end
 
 lb.body:                                          ; preds = %lb.head
-  %411 = getelementptr inbounds float, ptr %405, i64 %lb
-  %412 = load float, ptr %411, align 4
-  %413 = getelementptr inbounds float, ptr %409, i64 %lb
-  store float %412, ptr %413, align 4
-  %414 = add nsw i64 %lb, 1
+  %417 = getelementptr inbounds float, ptr %411, i64 %lb
+  %418 = load float, ptr %417, align 4
+  %419 = getelementptr inbounds float, ptr %415, i64 %lb
+  store float %418, ptr %419, align 4
+  %420 = add nsw i64 %lb, 1
   br label %lb.head
 
 lb.end:                                           ; preds = %lb.head
@@ -683,84 +709,84 @@ lb.end:                                           ; preds = %lb.head
   br label %smax.head
 
 smax.head:                                        ; preds = %smax.body, %lb.end
-  %smax50 = phi i64 [ 0, %lb.end ], [ %422, %smax.body ]
-  %415 = icmp slt i64 %smax50, 128
-  br i1 %415, label %smax.body, label %smax.end
+  %smax58 = phi i64 [ 0, %lb.end ], [ %428, %smax.body ]
+  %421 = icmp slt i64 %smax58, 128
+  br i1 %421, label %smax.body, label %smax.end
 
 smax.body:                                        ; preds = %smax.head
-  %416 = add nsw i64 0, %smax50
-  %417 = getelementptr inbounds float, ptr %405, i64 %416
-  %418 = load float, ptr %417, align 4
-  %419 = load float, ptr %smax, align 4
-  %420 = fcmp ogt float %418, %419
-  %421 = select i1 %420, float %418, float %419
-  store float %421, ptr %smax, align 4
-  %422 = add nsw i64 %smax50, 1
+  %422 = add nsw i64 0, %smax58
+  %423 = getelementptr inbounds float, ptr %411, i64 %422
+  %424 = load float, ptr %423, align 4
+  %425 = load float, ptr %smax, align 4
+  %426 = fcmp ogt float %424, %425
+  %427 = select i1 %426, float %424, float %425
+  store float %427, ptr %smax, align 4
+  %428 = add nsw i64 %smax58, 1
   br label %smax.head
 
 smax.end:                                         ; preds = %smax.head
-  %423 = load float, ptr %smax, align 4
+  %429 = load float, ptr %smax, align 4
   store float 0.000000e+00, ptr %ssum, align 4
   br label %sexp.head
 
 sexp.head:                                        ; preds = %sexp.body, %smax.end
-  %sexp = phi i64 [ 0, %smax.end ], [ %436, %sexp.body ]
-  %424 = icmp slt i64 %sexp, 128
-  br i1 %424, label %sexp.body, label %sexp.end
+  %sexp = phi i64 [ 0, %smax.end ], [ %442, %sexp.body ]
+  %430 = icmp slt i64 %sexp, 128
+  br i1 %430, label %sexp.body, label %sexp.end
 
 sexp.body:                                        ; preds = %sexp.head
-  %425 = add nsw i64 0, %sexp
-  %426 = getelementptr inbounds float, ptr %405, i64 %425
-  %427 = load float, ptr %426, align 4
-  %428 = fsub float %427, %423
-  %429 = fpext float %428 to double
-  %430 = call double @exp(double %429)
-  %431 = fptrunc double %430 to float
-  %432 = add nsw i64 0, %sexp
-  %433 = getelementptr inbounds float, ptr %s, i64 %432
-  store float %431, ptr %433, align 4
-  %434 = load float, ptr %ssum, align 4
-  %435 = fadd float %434, %431
-  store float %435, ptr %ssum, align 4
-  %436 = add nsw i64 %sexp, 1
+  %431 = add nsw i64 0, %sexp
+  %432 = getelementptr inbounds float, ptr %411, i64 %431
+  %433 = load float, ptr %432, align 4
+  %434 = fsub float %433, %429
+  %435 = fpext float %434 to double
+  %436 = call double @exp(double %435)
+  %437 = fptrunc double %436 to float
+  %438 = add nsw i64 0, %sexp
+  %439 = getelementptr inbounds float, ptr %s, i64 %438
+  store float %437, ptr %439, align 4
+  %440 = load float, ptr %ssum, align 4
+  %441 = fadd float %440, %437
+  store float %441, ptr %ssum, align 4
+  %442 = add nsw i64 %sexp, 1
   br label %sexp.head
 
 sexp.end:                                         ; preds = %sexp.head
-  %437 = load float, ptr %ssum, align 4
+  %443 = load float, ptr %ssum, align 4
   br label %sdiv.head
 
 sdiv.head:                                        ; preds = %sdiv.body, %sexp.end
-  %sdiv = phi i64 [ 0, %sexp.end ], [ %444, %sdiv.body ]
-  %438 = icmp slt i64 %sdiv, 128
-  br i1 %438, label %sdiv.body, label %sdiv.end
+  %sdiv = phi i64 [ 0, %sexp.end ], [ %450, %sdiv.body ]
+  %444 = icmp slt i64 %sdiv, 128
+  br i1 %444, label %sdiv.body, label %sdiv.end
 
 sdiv.body:                                        ; preds = %sdiv.head
-  %439 = add nsw i64 0, %sdiv
-  %440 = getelementptr inbounds float, ptr %s, i64 %439
-  %441 = load float, ptr %440, align 4
-  %442 = fdiv float %441, %437
-  %443 = getelementptr inbounds float, ptr %s, i64 %439
-  store float %442, ptr %443, align 4
-  %444 = add nsw i64 %sdiv, 1
+  %445 = add nsw i64 0, %sdiv
+  %446 = getelementptr inbounds float, ptr %s, i64 %445
+  %447 = load float, ptr %446, align 4
+  %448 = fdiv float %447, %443
+  %449 = getelementptr inbounds float, ptr %s, i64 %445
+  store float %448, ptr %449, align 4
+  %450 = add nsw i64 %sdiv, 1
   br label %sdiv.head
 
 sdiv.end:                                         ; preds = %sdiv.head
-  %445 = mul nsw i64 %tok, 8
-  %446 = getelementptr inbounds i32, ptr %ids, i64 %445
-  %447 = getelementptr inbounds float, ptr %weights, i64 %445
+  %451 = mul nsw i64 %tok, 8
+  %452 = getelementptr inbounds i32, ptr %ids, i64 %451
+  %453 = getelementptr inbounds float, ptr %weights, i64 %451
   br label %sel.head
 
 sel.head:                                         ; preds = %sel.body, %sdiv.end
-  %sel = phi i64 [ 0, %sdiv.end ], [ %452, %sel.body ]
-  %448 = icmp slt i64 %sel, 128
-  br i1 %448, label %sel.body, label %sel.end
+  %sel = phi i64 [ 0, %sdiv.end ], [ %458, %sel.body ]
+  %454 = icmp slt i64 %sel, 128
+  br i1 %454, label %sel.body, label %sel.end
 
 sel.body:                                         ; preds = %sel.head
-  %449 = getelementptr inbounds float, ptr %s, i64 %sel
-  %450 = load float, ptr %449, align 4
-  %451 = getelementptr inbounds float, ptr %c, i64 %sel
-  store float %450, ptr %451, align 4
-  %452 = add nsw i64 %sel, 1
+  %455 = getelementptr inbounds float, ptr %s, i64 %sel
+  %456 = load float, ptr %455, align 4
+  %457 = getelementptr inbounds float, ptr %c, i64 %sel
+  store float %456, ptr %457, align 4
+  %458 = add nsw i64 %sel, 1
   br label %sel.head
 
 sel.end:                                          ; preds = %sel.head
@@ -768,40 +794,40 @@ sel.end:                                          ; preds = %sel.head
   br label %tk.head
 
 tk.head:                                          ; preds = %tk.put.end, %sel.end
-  %tk = phi i64 [ 0, %sel.end ], [ %474, %tk.put.end ]
-  %453 = icmp slt i64 %tk, 128
-  br i1 %453, label %tk.body, label %tk.end
+  %tk = phi i64 [ 0, %sel.end ], [ %480, %tk.put.end ]
+  %459 = icmp slt i64 %tk, 128
+  br i1 %459, label %tk.body, label %tk.end
 
 tk.body:                                          ; preds = %tk.head
-  %454 = getelementptr inbounds float, ptr %c, i64 %tk
-  %455 = load float, ptr %454, align 4
-  %456 = load i64, ptr %tk.m, align 8
+  %460 = getelementptr inbounds float, ptr %c, i64 %tk
+  %461 = load float, ptr %460, align 4
+  %462 = load i64, ptr %tk.m, align 8
   br label %tk.ins.head
 
 tk.ins.head:                                      ; preds = %tk.shift.end, %tk.body
-  %p = phi i64 [ %456, %tk.body ], [ %458, %tk.shift.end ]
-  %457 = icmp sgt i64 %p, 0
-  br i1 %457, label %tk.ins.chk, label %tk.ins.end
+  %p = phi i64 [ %462, %tk.body ], [ %464, %tk.shift.end ]
+  %463 = icmp sgt i64 %p, 0
+  br i1 %463, label %tk.ins.chk, label %tk.ins.end
 
 tk.ins.chk:                                       ; preds = %tk.ins.head
-  %458 = sub nsw i64 %p, 1
-  %459 = getelementptr inbounds i64, ptr %idx, i64 %458
-  %460 = load i64, ptr %459, align 8
-  %461 = getelementptr inbounds float, ptr %c, i64 %460
-  %462 = load float, ptr %461, align 4
-  %463 = fcmp uno float %455, %455
-  %464 = fcmp ugt float %455, %462
-  %465 = xor i1 %463, true
-  %466 = and i1 %465, %464
-  br i1 %466, label %tk.ins.body, label %tk.ins.end
+  %464 = sub nsw i64 %p, 1
+  %465 = getelementptr inbounds i64, ptr %idx, i64 %464
+  %466 = load i64, ptr %465, align 8
+  %467 = getelementptr inbounds float, ptr %c, i64 %466
+  %468 = load float, ptr %467, align 4
+  %469 = fcmp uno float %461, %461
+  %470 = fcmp ugt float %461, %468
+  %471 = xor i1 %469, true
+  %472 = and i1 %471, %470
+  br i1 %472, label %tk.ins.body, label %tk.ins.end
 
 tk.ins.body:                                      ; preds = %tk.ins.chk
-  %467 = icmp slt i64 %p, 8
-  br i1 %467, label %tk.shift.then, label %tk.shift.end
+  %473 = icmp slt i64 %p, 8
+  br i1 %473, label %tk.shift.then, label %tk.shift.end
 
 tk.shift.then:                                    ; preds = %tk.ins.body
-  %468 = getelementptr inbounds i64, ptr %idx, i64 %p
-  store i64 %460, ptr %468, align 8
+  %474 = getelementptr inbounds i64, ptr %idx, i64 %p
+  store i64 %466, ptr %474, align 8
   br label %tk.shift.end
 
 tk.shift.end:                                     ; preds = %tk.shift.then, %tk.ins.body
@@ -809,97 +835,97 @@ tk.shift.end:                                     ; preds = %tk.shift.then, %tk.
 
 tk.ins.end:                                       ; preds = %tk.ins.chk, %tk.ins.head
   %pf = phi i64 [ %p, %tk.ins.head ], [ %p, %tk.ins.chk ]
-  %469 = icmp slt i64 %pf, 8
-  br i1 %469, label %tk.put.then, label %tk.put.end
+  %475 = icmp slt i64 %pf, 8
+  br i1 %475, label %tk.put.then, label %tk.put.end
 
 tk.put.then:                                      ; preds = %tk.ins.end
-  %470 = getelementptr inbounds i64, ptr %idx, i64 %pf
-  store i64 %tk, ptr %470, align 8
+  %476 = getelementptr inbounds i64, ptr %idx, i64 %pf
+  store i64 %tk, ptr %476, align 8
   br label %tk.put.end
 
 tk.put.end:                                       ; preds = %tk.put.then, %tk.ins.end
-  %471 = add nsw i64 %456, 1
-  %472 = icmp slt i64 %471, 8
-  %473 = select i1 %472, i64 %471, i64 8
-  store i64 %473, ptr %tk.m, align 8
-  %474 = add nsw i64 %tk, 1
+  %477 = add nsw i64 %462, 1
+  %478 = icmp slt i64 %477, 8
+  %479 = select i1 %478, i64 %477, i64 8
+  store i64 %479, ptr %tk.m, align 8
+  %480 = add nsw i64 %tk, 1
   br label %tk.head
 
 tk.end:                                           ; preds = %tk.head
-  %475 = load i64, ptr %tk.m, align 8
+  %481 = load i64, ptr %tk.m, align 8
   br label %top.head
 
 top.head:                                         ; preds = %top.body, %tk.end
-  %top = phi i64 [ 0, %tk.end ], [ %484, %top.body ]
-  %476 = icmp slt i64 %top, 8
-  br i1 %476, label %top.body, label %top.end
+  %top = phi i64 [ 0, %tk.end ], [ %490, %top.body ]
+  %482 = icmp slt i64 %top, 8
+  br i1 %482, label %top.body, label %top.end
 
 top.body:                                         ; preds = %top.head
-  %477 = getelementptr inbounds i64, ptr %idx, i64 %top
-  %478 = load i64, ptr %477, align 8
-  %479 = getelementptr inbounds i32, ptr %446, i64 %top
-  %480 = trunc i64 %478 to i32
-  store i32 %480, ptr %479, align 4
-  %481 = getelementptr inbounds float, ptr %s, i64 %478
-  %482 = load float, ptr %481, align 4
-  %483 = getelementptr inbounds float, ptr %447, i64 %top
-  store float %482, ptr %483, align 4
-  %484 = add nsw i64 %top, 1
+  %483 = getelementptr inbounds i64, ptr %idx, i64 %top
+  %484 = load i64, ptr %483, align 8
+  %485 = getelementptr inbounds i32, ptr %452, i64 %top
+  %486 = trunc i64 %484 to i32
+  store i32 %486, ptr %485, align 4
+  %487 = getelementptr inbounds float, ptr %s, i64 %484
+  %488 = load float, ptr %487, align 4
+  %489 = getelementptr inbounds float, ptr %453, i64 %top
+  store float %488, ptr %489, align 4
+  %490 = add nsw i64 %top, 1
   br label %top.head
 
 top.end:                                          ; preds = %top.head
-  %485 = getelementptr inbounds i64, ptr %idx, i64 0
-  %486 = load i64, ptr %485, align 8
-  %487 = getelementptr inbounds float, ptr %c, i64 %486
-  %488 = load float, ptr %487, align 4
-  %489 = getelementptr inbounds float, ptr %prio, i64 %tok
-  store float %488, ptr %489, align 4
+  %491 = getelementptr inbounds i64, ptr %idx, i64 0
+  %492 = load i64, ptr %491, align 8
+  %493 = getelementptr inbounds float, ptr %c, i64 %492
+  %494 = load float, ptr %493, align 4
+  %495 = getelementptr inbounds float, ptr %prio, i64 %tok
+  store float %494, ptr %495, align 4
   store float 0.000000e+00, ptr %wsum, align 4
   br label %nsum.head
 
 nsum.head:                                        ; preds = %nsum.body, %top.end
-  %nsum = phi i64 [ 0, %top.end ], [ %495, %nsum.body ]
-  %490 = icmp slt i64 %nsum, 8
-  br i1 %490, label %nsum.body, label %nsum.end
+  %nsum = phi i64 [ 0, %top.end ], [ %501, %nsum.body ]
+  %496 = icmp slt i64 %nsum, 8
+  br i1 %496, label %nsum.body, label %nsum.end
 
 nsum.body:                                        ; preds = %nsum.head
-  %491 = getelementptr inbounds float, ptr %447, i64 %nsum
-  %492 = load float, ptr %491, align 4
-  %493 = load float, ptr %wsum, align 4
-  %494 = fadd float %493, %492
-  store float %494, ptr %wsum, align 4
-  %495 = add nsw i64 %nsum, 1
+  %497 = getelementptr inbounds float, ptr %453, i64 %nsum
+  %498 = load float, ptr %497, align 4
+  %499 = load float, ptr %wsum, align 4
+  %500 = fadd float %499, %498
+  store float %500, ptr %wsum, align 4
+  %501 = add nsw i64 %nsum, 1
   br label %nsum.head
 
 nsum.end:                                         ; preds = %nsum.head
-  %496 = load float, ptr %wsum, align 4
-  %497 = fadd float %496, 0.000000e+00
-  %498 = fcmp olt float %497, 0.000000e+00
-  %499 = select i1 %498, float 0.000000e+00, float %497
-  %500 = fcmp ogt float %499, 0.000000e+00
-  %501 = select i1 %500, float %499, float 1.000000e+00
+  %502 = load float, ptr %wsum, align 4
+  %503 = fadd float %502, 0.000000e+00
+  %504 = fcmp olt float %503, 0.000000e+00
+  %505 = select i1 %504, float 0.000000e+00, float %503
+  %506 = fcmp ogt float %505, 0.000000e+00
+  %507 = select i1 %506, float %505, float 1.000000e+00
   br label %ndiv.head
 
 ndiv.head:                                        ; preds = %ndiv.body, %nsum.end
-  %ndiv = phi i64 [ 0, %nsum.end ], [ %507, %ndiv.body ]
-  %502 = icmp slt i64 %ndiv, 8
-  br i1 %502, label %ndiv.body, label %ndiv.end
+  %ndiv = phi i64 [ 0, %nsum.end ], [ %513, %ndiv.body ]
+  %508 = icmp slt i64 %ndiv, 8
+  br i1 %508, label %ndiv.body, label %ndiv.end
 
 ndiv.body:                                        ; preds = %ndiv.head
-  %503 = getelementptr inbounds float, ptr %447, i64 %ndiv
-  %504 = load float, ptr %503, align 4
-  %505 = fdiv float %504, %501
-  %506 = getelementptr inbounds float, ptr %447, i64 %ndiv
-  store float %505, ptr %506, align 4
-  %507 = add nsw i64 %ndiv, 1
+  %509 = getelementptr inbounds float, ptr %453, i64 %ndiv
+  %510 = load float, ptr %509, align 4
+  %511 = fdiv float %510, %507
+  %512 = getelementptr inbounds float, ptr %453, i64 %ndiv
+  store float %511, ptr %512, align 4
+  %513 = add nsw i64 %ndiv, 1
   br label %ndiv.head
 
 ndiv.end:                                         ; preds = %ndiv.head
-  %508 = add nsw i64 %t, 1
+  %514 = add nsw i64 %t, 1
   br label %t.head
 
 t.end:                                            ; preds = %t.head
-  %509 = add nsw i64 %tg, 8
+  %515 = add nsw i64 %tg, 8
   br label %tg.head
 
 tg.end:                                           ; preds = %tg.head

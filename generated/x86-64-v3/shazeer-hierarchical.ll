@@ -22,83 +22,35 @@ entry:
   %qacc1 = alloca <16 x float>, align 32
   %qacc2 = alloca <16 x float>, align 32
   %qacc3 = alloca <16 x float>, align 32
-  %qacc4 = alloca <16 x float>, align 32
-  %qacc5 = alloca <16 x float>, align 32
-  %qacc6 = alloca <16 x float>, align 32
-  %qacc7 = alloca <16 x float>, align 32
-  %qacc8 = alloca <16 x float>, align 32
-  %qacc9 = alloca <16 x float>, align 32
-  %qacc10 = alloca <16 x float>, align 32
-  %qacc11 = alloca <16 x float>, align 32
-  %qacc12 = alloca <16 x float>, align 32
-  %qacc13 = alloca <16 x float>, align 32
-  %qacc14 = alloca <16 x float>, align 32
-  %qacc15 = alloca <16 x float>, align 32
-  %qacc17 = alloca <16 x float>, align 32
-  %qacc18 = alloca <16 x float>, align 32
-  %qacc29 = alloca <8 x float>, align 32
-  %qacc30 = alloca <8 x float>, align 32
-  %qacc31 = alloca <8 x float>, align 32
-  %qacc32 = alloca <8 x float>, align 32
-  %qacc33 = alloca <8 x float>, align 32
-  %qacc34 = alloca <8 x float>, align 32
-  %qacc35 = alloca <8 x float>, align 32
+  %qacc8 = alloca <8 x float>, align 32
+  %qacc9 = alloca <8 x float>, align 32
+  %qacc10 = alloca <8 x float>, align 32
+  %qacc11 = alloca <8 x float>, align 32
+  %qacc20 = alloca <16 x float>, align 32
+  %qacc21 = alloca <16 x float>, align 32
   %qacc36 = alloca <8 x float>, align 32
-  %qacc45 = alloca <8 x float>, align 32
-  %qacc60 = alloca <16 x float>, align 32
-  %qacc61 = alloca <16 x float>, align 32
-  %qacc62 = alloca <16 x float>, align 32
-  %qacc63 = alloca <16 x float>, align 32
-  %qacc64 = alloca <16 x float>, align 32
-  %qacc65 = alloca <16 x float>, align 32
-  %qacc66 = alloca <16 x float>, align 32
-  %qacc67 = alloca <16 x float>, align 32
-  %qacc68 = alloca <16 x float>, align 32
-  %qacc69 = alloca <16 x float>, align 32
-  %qacc70 = alloca <16 x float>, align 32
-  %qacc71 = alloca <16 x float>, align 32
-  %qacc72 = alloca <16 x float>, align 32
-  %qacc73 = alloca <16 x float>, align 32
-  %qacc74 = alloca <16 x float>, align 32
-  %qacc75 = alloca <16 x float>, align 32
-  %qacc86 = alloca <16 x float>, align 32
-  %qacc87 = alloca <16 x float>, align 32
-  %qacc102 = alloca <8 x float>, align 32
-  %qacc103 = alloca <8 x float>, align 32
-  %qacc104 = alloca <8 x float>, align 32
-  %qacc105 = alloca <8 x float>, align 32
-  %qacc106 = alloca <8 x float>, align 32
-  %qacc107 = alloca <8 x float>, align 32
-  %qacc108 = alloca <8 x float>, align 32
-  %qacc109 = alloca <8 x float>, align 32
-  %qacc118 = alloca <8 x float>, align 32
-  %qacc132 = alloca <16 x float>, align 32
-  %qacc133 = alloca <16 x float>, align 32
-  %qacc134 = alloca <16 x float>, align 32
-  %qacc135 = alloca <16 x float>, align 32
-  %qacc136 = alloca <16 x float>, align 32
-  %qacc137 = alloca <16 x float>, align 32
-  %qacc138 = alloca <16 x float>, align 32
-  %qacc139 = alloca <16 x float>, align 32
-  %qacc140 = alloca <16 x float>, align 32
-  %qacc141 = alloca <16 x float>, align 32
-  %qacc142 = alloca <16 x float>, align 32
-  %qacc143 = alloca <16 x float>, align 32
-  %qacc144 = alloca <16 x float>, align 32
-  %qacc145 = alloca <16 x float>, align 32
-  %qacc146 = alloca <16 x float>, align 32
+  %qacc51 = alloca <16 x float>, align 32
+  %qacc52 = alloca <16 x float>, align 32
+  %qacc53 = alloca <16 x float>, align 32
+  %qacc54 = alloca <16 x float>, align 32
+  %qacc68 = alloca <8 x float>, align 32
+  %qacc69 = alloca <8 x float>, align 32
+  %qacc70 = alloca <8 x float>, align 32
+  %qacc71 = alloca <8 x float>, align 32
+  %qacc84 = alloca <16 x float>, align 32
+  %qacc85 = alloca <16 x float>, align 32
+  %qacc100 = alloca <8 x float>, align 32
+  %qacc114 = alloca <16 x float>, align 32
+  %qacc115 = alloca <16 x float>, align 32
+  %qacc116 = alloca <16 x float>, align 32
+  %qacc117 = alloca <16 x float>, align 32
+  %qacc131 = alloca <8 x float>, align 32
+  %qacc132 = alloca <8 x float>, align 32
+  %qacc133 = alloca <8 x float>, align 32
+  %qacc134 = alloca <8 x float>, align 32
   %qacc147 = alloca <16 x float>, align 32
-  %qacc158 = alloca <16 x float>, align 32
-  %qacc159 = alloca <16 x float>, align 32
-  %qacc174 = alloca <8 x float>, align 32
-  %qacc175 = alloca <8 x float>, align 32
-  %qacc176 = alloca <8 x float>, align 32
-  %qacc177 = alloca <8 x float>, align 32
-  %qacc178 = alloca <8 x float>, align 32
-  %qacc179 = alloca <8 x float>, align 32
-  %qacc180 = alloca <8 x float>, align 32
-  %qacc181 = alloca <8 x float>, align 32
-  %qacc190 = alloca <8 x float>, align 32
+  %qacc148 = alloca <16 x float>, align 32
+  %qacc163 = alloca <8 x float>, align 32
   %gs = alloca [16 x float], align 32
   %gp = alloca [16 x float], align 32
   %gw = alloca [2 x float], align 32
@@ -108,16 +60,16 @@ entry:
   %smax = alloca float, align 32
   %ssum = alloca float, align 32
   %tk.m = alloca i64, align 32
-  %smax199 = alloca float, align 32
-  %ssum200 = alloca float, align 32
-  %tk.m213 = alloca i64, align 32
+  %smax172 = alloca float, align 32
+  %ssum173 = alloca float, align 32
+  %tk.m186 = alloca i64, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %tg.head
 
 tg.head:                                          ; preds = %t.end, %start
-  %tg = phi i64 [ %t0, %start ], [ %1499, %t.end ]
+  %tg = phi i64 [ %t0, %start ], [ %1001, %t.end ]
   %0 = icmp slt i64 %tg, %t1
   br i1 %0, label %tg.body, label %tg.end
 
@@ -127,12 +79,12 @@ tg.body:                                          ; preds = %tg.head
   %gn = select i1 %2, i64 %1, i64 8
   %3 = mul nsw i64 %tg, 512
   %4 = getelementptr inbounds float, ptr %x, i64 %3
-  %5 = sdiv i64 %gn, 8
-  %full = mul i64 %5, 8
+  %5 = sdiv i64 %gn, 4
+  %full = mul i64 %5, 4
   br label %qb.head
 
-qb.head:                                          ; preds = %r1.end, %tg.body
-  %qb = phi i64 [ 0, %tg.body ], [ %244, %r1.end ]
+qb.head:                                          ; preds = %rb.end, %tg.body
+  %qb = phi i64 [ 0, %tg.body ], [ %84, %rb.end ]
   %6 = icmp slt i64 %qb, 32
   br i1 %6, label %qb.body, label %qb.end
 
@@ -141,7 +93,7 @@ qb.body:                                          ; preds = %qb.head
   br label %rb.head
 
 rb.head:                                          ; preds = %qh.end, %qb.body
-  %rb = phi i64 [ 0, %qb.body ], [ %195, %qh.end ]
+  %rb = phi i64 [ 0, %qb.body ], [ %83, %qh.end ]
   %8 = icmp slt i64 %rb, %full
   br i1 %8, label %rb.body, label %rb.end
 
@@ -170,1953 +122,1368 @@ rb.body:                                          ; preds = %rb.head
   %30 = mul nsw i64 %27, 256
   %31 = add nsw i64 %30, %7
   %32 = getelementptr inbounds float, ptr %lb, i64 %31
-  %33 = add nsw i64 %rb, 4
-  %34 = mul nsw i64 %33, 512
-  %35 = getelementptr inbounds float, ptr %4, i64 %34
-  %36 = mul nsw i64 %33, 256
-  %37 = add nsw i64 %36, %7
-  %38 = getelementptr inbounds float, ptr %lb, i64 %37
-  %39 = add nsw i64 %rb, 5
-  %40 = mul nsw i64 %39, 512
-  %41 = getelementptr inbounds float, ptr %4, i64 %40
-  %42 = mul nsw i64 %39, 256
-  %43 = add nsw i64 %42, %7
-  %44 = getelementptr inbounds float, ptr %lb, i64 %43
-  %45 = add nsw i64 %rb, 6
-  %46 = mul nsw i64 %45, 512
-  %47 = getelementptr inbounds float, ptr %4, i64 %46
-  %48 = mul nsw i64 %45, 256
-  %49 = add nsw i64 %48, %7
-  %50 = getelementptr inbounds float, ptr %lb, i64 %49
-  %51 = add nsw i64 %rb, 7
-  %52 = mul nsw i64 %51, 512
-  %53 = getelementptr inbounds float, ptr %4, i64 %52
-  %54 = mul nsw i64 %51, 256
-  %55 = add nsw i64 %54, %7
-  %56 = getelementptr inbounds float, ptr %lb, i64 %55
   store <16 x float> zeroinitializer, ptr %qacc, align 4
   store <16 x float> zeroinitializer, ptr %qacc1, align 4
   store <16 x float> zeroinitializer, ptr %qacc2, align 4
   store <16 x float> zeroinitializer, ptr %qacc3, align 4
-  store <16 x float> zeroinitializer, ptr %qacc4, align 4
-  store <16 x float> zeroinitializer, ptr %qacc5, align 4
-  store <16 x float> zeroinitializer, ptr %qacc6, align 4
-  store <16 x float> zeroinitializer, ptr %qacc7, align 4
-  store <16 x float> zeroinitializer, ptr %qacc8, align 4
-  store <16 x float> zeroinitializer, ptr %qacc9, align 4
-  store <16 x float> zeroinitializer, ptr %qacc10, align 4
-  store <16 x float> zeroinitializer, ptr %qacc11, align 4
-  store <16 x float> zeroinitializer, ptr %qacc12, align 4
-  store <16 x float> zeroinitializer, ptr %qacc13, align 4
-  store <16 x float> zeroinitializer, ptr %qacc14, align 4
-  store <16 x float> zeroinitializer, ptr %qacc15, align 4
   br label %qh.head
 
 qh.head:                                          ; preds = %qh.body, %rb.body
-  %qh = phi i64 [ 0, %rb.body ], [ %162, %qh.body ]
-  %57 = icmp slt i64 %qh, 512
-  br i1 %57, label %qh.body, label %qh.end
+  %qh = phi i64 [ 0, %rb.body ], [ %74, %qh.body ]
+  %33 = icmp slt i64 %qh, 512
+  br i1 %33, label %qh.body, label %qh.end
 
 qh.body:                                          ; preds = %qh.head
-  %58 = add nsw i64 %qb, 0
-  %59 = mul nsw i64 %qh, 8
-  %60 = mul nsw i64 %58, 4096
-  %61 = add nsw i64 %60, %59
-  %62 = getelementptr inbounds float, ptr %router, i64 %61
-  %63 = load <8 x float>, ptr %62, align 4
-  %64 = add nsw i64 %qb, 1
-  %65 = mul nsw i64 %qh, 8
-  %66 = mul nsw i64 %64, 4096
-  %67 = add nsw i64 %66, %65
-  %68 = getelementptr inbounds float, ptr %router, i64 %67
-  %69 = load <8 x float>, ptr %68, align 4
-  %w16 = shufflevector <8 x float> %63, <8 x float> %69, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %70 = add nsw i64 %qb, 2
-  %71 = mul nsw i64 %qh, 8
-  %72 = mul nsw i64 %70, 4096
-  %73 = add nsw i64 %72, %71
-  %74 = getelementptr inbounds float, ptr %router, i64 %73
-  %75 = load <8 x float>, ptr %74, align 4
-  %76 = add nsw i64 %qb, 3
-  %77 = mul nsw i64 %qh, 8
-  %78 = mul nsw i64 %76, 4096
-  %79 = add nsw i64 %78, %77
-  %80 = getelementptr inbounds float, ptr %router, i64 %79
-  %81 = load <8 x float>, ptr %80, align 4
-  %w1616 = shufflevector <8 x float> %75, <8 x float> %81, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %82 = getelementptr inbounds float, ptr %11, i64 %qh
-  %83 = load float, ptr %82, align 4
-  %84 = insertelement <16 x float> poison, float %83, i32 0
-  %85 = shufflevector <16 x float> %84, <16 x float> poison, <16 x i32> zeroinitializer
-  %86 = load <16 x float>, ptr %qacc, align 4
-  %87 = fmul <16 x float> %85, %w16
-  %88 = fadd <16 x float> %86, %87
-  store <16 x float> %88, ptr %qacc, align 4
-  %89 = load <16 x float>, ptr %qacc1, align 4
-  %90 = fmul <16 x float> %85, %w1616
-  %91 = fadd <16 x float> %89, %90
-  store <16 x float> %91, ptr %qacc1, align 4
-  %92 = getelementptr inbounds float, ptr %17, i64 %qh
-  %93 = load float, ptr %92, align 4
-  %94 = insertelement <16 x float> poison, float %93, i32 0
-  %95 = shufflevector <16 x float> %94, <16 x float> poison, <16 x i32> zeroinitializer
-  %96 = load <16 x float>, ptr %qacc2, align 4
-  %97 = fmul <16 x float> %95, %w16
-  %98 = fadd <16 x float> %96, %97
-  store <16 x float> %98, ptr %qacc2, align 4
-  %99 = load <16 x float>, ptr %qacc3, align 4
-  %100 = fmul <16 x float> %95, %w1616
-  %101 = fadd <16 x float> %99, %100
-  store <16 x float> %101, ptr %qacc3, align 4
-  %102 = getelementptr inbounds float, ptr %23, i64 %qh
-  %103 = load float, ptr %102, align 4
-  %104 = insertelement <16 x float> poison, float %103, i32 0
-  %105 = shufflevector <16 x float> %104, <16 x float> poison, <16 x i32> zeroinitializer
-  %106 = load <16 x float>, ptr %qacc4, align 4
-  %107 = fmul <16 x float> %105, %w16
-  %108 = fadd <16 x float> %106, %107
-  store <16 x float> %108, ptr %qacc4, align 4
-  %109 = load <16 x float>, ptr %qacc5, align 4
-  %110 = fmul <16 x float> %105, %w1616
-  %111 = fadd <16 x float> %109, %110
-  store <16 x float> %111, ptr %qacc5, align 4
-  %112 = getelementptr inbounds float, ptr %29, i64 %qh
-  %113 = load float, ptr %112, align 4
-  %114 = insertelement <16 x float> poison, float %113, i32 0
-  %115 = shufflevector <16 x float> %114, <16 x float> poison, <16 x i32> zeroinitializer
-  %116 = load <16 x float>, ptr %qacc6, align 4
-  %117 = fmul <16 x float> %115, %w16
-  %118 = fadd <16 x float> %116, %117
-  store <16 x float> %118, ptr %qacc6, align 4
-  %119 = load <16 x float>, ptr %qacc7, align 4
-  %120 = fmul <16 x float> %115, %w1616
-  %121 = fadd <16 x float> %119, %120
-  store <16 x float> %121, ptr %qacc7, align 4
-  %122 = getelementptr inbounds float, ptr %35, i64 %qh
-  %123 = load float, ptr %122, align 4
-  %124 = insertelement <16 x float> poison, float %123, i32 0
-  %125 = shufflevector <16 x float> %124, <16 x float> poison, <16 x i32> zeroinitializer
-  %126 = load <16 x float>, ptr %qacc8, align 4
-  %127 = fmul <16 x float> %125, %w16
-  %128 = fadd <16 x float> %126, %127
-  store <16 x float> %128, ptr %qacc8, align 4
-  %129 = load <16 x float>, ptr %qacc9, align 4
-  %130 = fmul <16 x float> %125, %w1616
-  %131 = fadd <16 x float> %129, %130
-  store <16 x float> %131, ptr %qacc9, align 4
-  %132 = getelementptr inbounds float, ptr %41, i64 %qh
-  %133 = load float, ptr %132, align 4
-  %134 = insertelement <16 x float> poison, float %133, i32 0
-  %135 = shufflevector <16 x float> %134, <16 x float> poison, <16 x i32> zeroinitializer
-  %136 = load <16 x float>, ptr %qacc10, align 4
-  %137 = fmul <16 x float> %135, %w16
-  %138 = fadd <16 x float> %136, %137
-  store <16 x float> %138, ptr %qacc10, align 4
-  %139 = load <16 x float>, ptr %qacc11, align 4
-  %140 = fmul <16 x float> %135, %w1616
-  %141 = fadd <16 x float> %139, %140
-  store <16 x float> %141, ptr %qacc11, align 4
-  %142 = getelementptr inbounds float, ptr %47, i64 %qh
-  %143 = load float, ptr %142, align 4
-  %144 = insertelement <16 x float> poison, float %143, i32 0
-  %145 = shufflevector <16 x float> %144, <16 x float> poison, <16 x i32> zeroinitializer
-  %146 = load <16 x float>, ptr %qacc12, align 4
-  %147 = fmul <16 x float> %145, %w16
-  %148 = fadd <16 x float> %146, %147
-  store <16 x float> %148, ptr %qacc12, align 4
-  %149 = load <16 x float>, ptr %qacc13, align 4
-  %150 = fmul <16 x float> %145, %w1616
-  %151 = fadd <16 x float> %149, %150
-  store <16 x float> %151, ptr %qacc13, align 4
-  %152 = getelementptr inbounds float, ptr %53, i64 %qh
-  %153 = load float, ptr %152, align 4
-  %154 = insertelement <16 x float> poison, float %153, i32 0
-  %155 = shufflevector <16 x float> %154, <16 x float> poison, <16 x i32> zeroinitializer
-  %156 = load <16 x float>, ptr %qacc14, align 4
-  %157 = fmul <16 x float> %155, %w16
-  %158 = fadd <16 x float> %156, %157
-  store <16 x float> %158, ptr %qacc14, align 4
-  %159 = load <16 x float>, ptr %qacc15, align 4
-  %160 = fmul <16 x float> %155, %w1616
-  %161 = fadd <16 x float> %159, %160
-  store <16 x float> %161, ptr %qacc15, align 4
-  %162 = add nsw i64 %qh, 1
+  %34 = add nsw i64 %qb, 0
+  %35 = mul nsw i64 %qh, 8
+  %36 = mul nsw i64 %34, 4096
+  %37 = add nsw i64 %36, %35
+  %38 = getelementptr inbounds float, ptr %router, i64 %37
+  %39 = load <8 x float>, ptr %38, align 4
+  %40 = add nsw i64 %qb, 1
+  %41 = mul nsw i64 %qh, 8
+  %42 = mul nsw i64 %40, 4096
+  %43 = add nsw i64 %42, %41
+  %44 = getelementptr inbounds float, ptr %router, i64 %43
+  %45 = load <8 x float>, ptr %44, align 4
+  %w16 = shufflevector <8 x float> %39, <8 x float> %45, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %46 = getelementptr inbounds float, ptr %11, i64 %qh
+  %47 = load float, ptr %46, align 4
+  %48 = insertelement <16 x float> poison, float %47, i32 0
+  %49 = shufflevector <16 x float> %48, <16 x float> poison, <16 x i32> zeroinitializer
+  %50 = load <16 x float>, ptr %qacc, align 4
+  %51 = fmul <16 x float> %49, %w16
+  %52 = fadd <16 x float> %50, %51
+  store <16 x float> %52, ptr %qacc, align 4
+  %53 = getelementptr inbounds float, ptr %17, i64 %qh
+  %54 = load float, ptr %53, align 4
+  %55 = insertelement <16 x float> poison, float %54, i32 0
+  %56 = shufflevector <16 x float> %55, <16 x float> poison, <16 x i32> zeroinitializer
+  %57 = load <16 x float>, ptr %qacc1, align 4
+  %58 = fmul <16 x float> %56, %w16
+  %59 = fadd <16 x float> %57, %58
+  store <16 x float> %59, ptr %qacc1, align 4
+  %60 = getelementptr inbounds float, ptr %23, i64 %qh
+  %61 = load float, ptr %60, align 4
+  %62 = insertelement <16 x float> poison, float %61, i32 0
+  %63 = shufflevector <16 x float> %62, <16 x float> poison, <16 x i32> zeroinitializer
+  %64 = load <16 x float>, ptr %qacc2, align 4
+  %65 = fmul <16 x float> %63, %w16
+  %66 = fadd <16 x float> %64, %65
+  store <16 x float> %66, ptr %qacc2, align 4
+  %67 = getelementptr inbounds float, ptr %29, i64 %qh
+  %68 = load float, ptr %67, align 4
+  %69 = insertelement <16 x float> poison, float %68, i32 0
+  %70 = shufflevector <16 x float> %69, <16 x float> poison, <16 x i32> zeroinitializer
+  %71 = load <16 x float>, ptr %qacc3, align 4
+  %72 = fmul <16 x float> %70, %w16
+  %73 = fadd <16 x float> %71, %72
+  store <16 x float> %73, ptr %qacc3, align 4
+  %74 = add nsw i64 %qh, 1
   br label %qh.head
 
 qh.end:                                           ; preds = %qh.head
-  %163 = load <16 x float>, ptr %qacc, align 4
-  %164 = load <16 x float>, ptr %qacc1, align 4
-  %165 = load <16 x float>, ptr %qacc2, align 4
-  %166 = load <16 x float>, ptr %qacc3, align 4
-  %167 = load <16 x float>, ptr %qacc4, align 4
-  %168 = load <16 x float>, ptr %qacc5, align 4
-  %169 = load <16 x float>, ptr %qacc6, align 4
-  %170 = load <16 x float>, ptr %qacc7, align 4
-  %171 = load <16 x float>, ptr %qacc8, align 4
-  %172 = load <16 x float>, ptr %qacc9, align 4
-  %173 = load <16 x float>, ptr %qacc10, align 4
-  %174 = load <16 x float>, ptr %qacc11, align 4
-  %175 = load <16 x float>, ptr %qacc12, align 4
-  %176 = load <16 x float>, ptr %qacc13, align 4
-  %177 = load <16 x float>, ptr %qacc14, align 4
-  %178 = load <16 x float>, ptr %qacc15, align 4
-  %179 = getelementptr inbounds float, ptr %14, i64 0
-  store <16 x float> %163, ptr %179, align 4
-  %180 = getelementptr inbounds float, ptr %14, i64 16
-  store <16 x float> %164, ptr %180, align 4
-  %181 = getelementptr inbounds float, ptr %20, i64 0
-  store <16 x float> %165, ptr %181, align 4
-  %182 = getelementptr inbounds float, ptr %20, i64 16
-  store <16 x float> %166, ptr %182, align 4
-  %183 = getelementptr inbounds float, ptr %26, i64 0
-  store <16 x float> %167, ptr %183, align 4
-  %184 = getelementptr inbounds float, ptr %26, i64 16
-  store <16 x float> %168, ptr %184, align 4
-  %185 = getelementptr inbounds float, ptr %32, i64 0
-  store <16 x float> %169, ptr %185, align 4
-  %186 = getelementptr inbounds float, ptr %32, i64 16
-  store <16 x float> %170, ptr %186, align 4
-  %187 = getelementptr inbounds float, ptr %38, i64 0
-  store <16 x float> %171, ptr %187, align 4
-  %188 = getelementptr inbounds float, ptr %38, i64 16
-  store <16 x float> %172, ptr %188, align 4
-  %189 = getelementptr inbounds float, ptr %44, i64 0
-  store <16 x float> %173, ptr %189, align 4
-  %190 = getelementptr inbounds float, ptr %44, i64 16
-  store <16 x float> %174, ptr %190, align 4
-  %191 = getelementptr inbounds float, ptr %50, i64 0
-  store <16 x float> %175, ptr %191, align 4
-  %192 = getelementptr inbounds float, ptr %50, i64 16
-  store <16 x float> %176, ptr %192, align 4
-  %193 = getelementptr inbounds float, ptr %56, i64 0
-  store <16 x float> %177, ptr %193, align 4
-  %194 = getelementptr inbounds float, ptr %56, i64 16
-  store <16 x float> %178, ptr %194, align 4
-  %195 = add nsw i64 %rb, 8
+  %75 = load <16 x float>, ptr %qacc, align 4
+  %76 = load <16 x float>, ptr %qacc1, align 4
+  %77 = load <16 x float>, ptr %qacc2, align 4
+  %78 = load <16 x float>, ptr %qacc3, align 4
+  %79 = getelementptr inbounds float, ptr %14, i64 0
+  store <16 x float> %75, ptr %79, align 4
+  %80 = getelementptr inbounds float, ptr %20, i64 0
+  store <16 x float> %76, ptr %80, align 4
+  %81 = getelementptr inbounds float, ptr %26, i64 0
+  store <16 x float> %77, ptr %81, align 4
+  %82 = getelementptr inbounds float, ptr %32, i64 0
+  store <16 x float> %78, ptr %82, align 4
+  %83 = add nsw i64 %rb, 4
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  br label %r1.head
-
-r1.head:                                          ; preds = %qh.end21, %rb.end
-  %r1 = phi i64 [ %full, %rb.end ], [ %243, %qh.end21 ]
-  %196 = icmp slt i64 %r1, %gn
-  br i1 %196, label %r1.body, label %r1.end
-
-r1.body:                                          ; preds = %r1.head
-  %197 = add nsw i64 %r1, 0
-  %198 = mul nsw i64 %197, 512
-  %199 = getelementptr inbounds float, ptr %4, i64 %198
-  %200 = mul nsw i64 %197, 256
-  %201 = add nsw i64 %200, %7
-  %202 = getelementptr inbounds float, ptr %lb, i64 %201
-  store <16 x float> zeroinitializer, ptr %qacc17, align 4
-  store <16 x float> zeroinitializer, ptr %qacc18, align 4
-  br label %qh.head19
-
-qh.head19:                                        ; preds = %qh.body20, %r1.body
-  %qh22 = phi i64 [ 0, %r1.body ], [ %238, %qh.body20 ]
-  %203 = icmp slt i64 %qh22, 512
-  br i1 %203, label %qh.body20, label %qh.end21
-
-qh.body20:                                        ; preds = %qh.head19
-  %204 = add nsw i64 %qb, 0
-  %205 = mul nsw i64 %qh22, 8
-  %206 = mul nsw i64 %204, 4096
-  %207 = add nsw i64 %206, %205
-  %208 = getelementptr inbounds float, ptr %router, i64 %207
-  %209 = load <8 x float>, ptr %208, align 4
-  %210 = add nsw i64 %qb, 1
-  %211 = mul nsw i64 %qh22, 8
-  %212 = mul nsw i64 %210, 4096
-  %213 = add nsw i64 %212, %211
-  %214 = getelementptr inbounds float, ptr %router, i64 %213
-  %215 = load <8 x float>, ptr %214, align 4
-  %w1623 = shufflevector <8 x float> %209, <8 x float> %215, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %216 = add nsw i64 %qb, 2
-  %217 = mul nsw i64 %qh22, 8
-  %218 = mul nsw i64 %216, 4096
-  %219 = add nsw i64 %218, %217
-  %220 = getelementptr inbounds float, ptr %router, i64 %219
-  %221 = load <8 x float>, ptr %220, align 4
-  %222 = add nsw i64 %qb, 3
-  %223 = mul nsw i64 %qh22, 8
-  %224 = mul nsw i64 %222, 4096
-  %225 = add nsw i64 %224, %223
-  %226 = getelementptr inbounds float, ptr %router, i64 %225
-  %227 = load <8 x float>, ptr %226, align 4
-  %w1624 = shufflevector <8 x float> %221, <8 x float> %227, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %228 = getelementptr inbounds float, ptr %199, i64 %qh22
-  %229 = load float, ptr %228, align 4
-  %230 = insertelement <16 x float> poison, float %229, i32 0
-  %231 = shufflevector <16 x float> %230, <16 x float> poison, <16 x i32> zeroinitializer
-  %232 = load <16 x float>, ptr %qacc17, align 4
-  %233 = fmul <16 x float> %231, %w1623
-  %234 = fadd <16 x float> %232, %233
-  store <16 x float> %234, ptr %qacc17, align 4
-  %235 = load <16 x float>, ptr %qacc18, align 4
-  %236 = fmul <16 x float> %231, %w1624
-  %237 = fadd <16 x float> %235, %236
-  store <16 x float> %237, ptr %qacc18, align 4
-  %238 = add nsw i64 %qh22, 1
-  br label %qh.head19
-
-qh.end21:                                         ; preds = %qh.head19
-  %239 = load <16 x float>, ptr %qacc17, align 4
-  %240 = load <16 x float>, ptr %qacc18, align 4
-  %241 = getelementptr inbounds float, ptr %202, i64 0
-  store <16 x float> %239, ptr %241, align 4
-  %242 = getelementptr inbounds float, ptr %202, i64 16
-  store <16 x float> %240, ptr %242, align 4
-  %243 = add nsw i64 %r1, 1
-  br label %r1.head
-
-r1.end:                                           ; preds = %r1.head
-  %244 = add nsw i64 %qb, 4
+  %84 = add nsw i64 %qb, 2
   br label %qb.head
 
 qb.end:                                           ; preds = %qb.head
   br label %qb1.head
 
-qb1.head:                                         ; preds = %r1.end43, %qb.end
-  %qb1 = phi i64 [ 32, %qb.end ], [ %402, %r1.end43 ]
-  %245 = icmp slt i64 %qb1, 32
-  br i1 %245, label %qb1.body, label %qb1.end
+qb1.head:                                         ; preds = %rb.end6, %qb.end
+  %qb1 = phi i64 [ 32, %qb.end ], [ %157, %rb.end6 ]
+  %85 = icmp slt i64 %qb1, 32
+  br i1 %85, label %qb1.body, label %qb1.end
 
 qb1.body:                                         ; preds = %qb1.head
-  %246 = mul nsw i64 %qb1, 8
-  br label %rb.head25
+  %86 = mul nsw i64 %qb1, 8
+  br label %rb.head4
 
-rb.head25:                                        ; preds = %qh.end39, %qb1.body
-  %rb28 = phi i64 [ 0, %qb1.body ], [ %376, %qh.end39 ]
-  %247 = icmp slt i64 %rb28, %full
-  br i1 %247, label %rb.body26, label %rb.end27
+rb.head4:                                         ; preds = %qh.end14, %qb1.body
+  %rb7 = phi i64 [ 0, %qb1.body ], [ %156, %qh.end14 ]
+  %87 = icmp slt i64 %rb7, %full
+  br i1 %87, label %rb.body5, label %rb.end6
 
-rb.body26:                                        ; preds = %rb.head25
-  %248 = add nsw i64 %rb28, 0
-  %249 = mul nsw i64 %248, 512
-  %250 = getelementptr inbounds float, ptr %4, i64 %249
-  %251 = mul nsw i64 %248, 256
-  %252 = add nsw i64 %251, %246
-  %253 = getelementptr inbounds float, ptr %lb, i64 %252
-  %254 = add nsw i64 %rb28, 1
-  %255 = mul nsw i64 %254, 512
-  %256 = getelementptr inbounds float, ptr %4, i64 %255
-  %257 = mul nsw i64 %254, 256
-  %258 = add nsw i64 %257, %246
-  %259 = getelementptr inbounds float, ptr %lb, i64 %258
-  %260 = add nsw i64 %rb28, 2
-  %261 = mul nsw i64 %260, 512
-  %262 = getelementptr inbounds float, ptr %4, i64 %261
-  %263 = mul nsw i64 %260, 256
-  %264 = add nsw i64 %263, %246
-  %265 = getelementptr inbounds float, ptr %lb, i64 %264
-  %266 = add nsw i64 %rb28, 3
-  %267 = mul nsw i64 %266, 512
-  %268 = getelementptr inbounds float, ptr %4, i64 %267
-  %269 = mul nsw i64 %266, 256
-  %270 = add nsw i64 %269, %246
-  %271 = getelementptr inbounds float, ptr %lb, i64 %270
-  %272 = add nsw i64 %rb28, 4
-  %273 = mul nsw i64 %272, 512
-  %274 = getelementptr inbounds float, ptr %4, i64 %273
-  %275 = mul nsw i64 %272, 256
-  %276 = add nsw i64 %275, %246
-  %277 = getelementptr inbounds float, ptr %lb, i64 %276
-  %278 = add nsw i64 %rb28, 5
-  %279 = mul nsw i64 %278, 512
-  %280 = getelementptr inbounds float, ptr %4, i64 %279
-  %281 = mul nsw i64 %278, 256
-  %282 = add nsw i64 %281, %246
-  %283 = getelementptr inbounds float, ptr %lb, i64 %282
-  %284 = add nsw i64 %rb28, 6
-  %285 = mul nsw i64 %284, 512
-  %286 = getelementptr inbounds float, ptr %4, i64 %285
-  %287 = mul nsw i64 %284, 256
-  %288 = add nsw i64 %287, %246
-  %289 = getelementptr inbounds float, ptr %lb, i64 %288
-  %290 = add nsw i64 %rb28, 7
-  %291 = mul nsw i64 %290, 512
-  %292 = getelementptr inbounds float, ptr %4, i64 %291
-  %293 = mul nsw i64 %290, 256
-  %294 = add nsw i64 %293, %246
-  %295 = getelementptr inbounds float, ptr %lb, i64 %294
-  store <8 x float> zeroinitializer, ptr %qacc29, align 4
-  store <8 x float> zeroinitializer, ptr %qacc30, align 4
-  store <8 x float> zeroinitializer, ptr %qacc31, align 4
-  store <8 x float> zeroinitializer, ptr %qacc32, align 4
-  store <8 x float> zeroinitializer, ptr %qacc33, align 4
-  store <8 x float> zeroinitializer, ptr %qacc34, align 4
-  store <8 x float> zeroinitializer, ptr %qacc35, align 4
-  store <8 x float> zeroinitializer, ptr %qacc36, align 4
-  br label %qh.head37
+rb.body5:                                         ; preds = %rb.head4
+  %88 = add nsw i64 %rb7, 0
+  %89 = mul nsw i64 %88, 512
+  %90 = getelementptr inbounds float, ptr %4, i64 %89
+  %91 = mul nsw i64 %88, 256
+  %92 = add nsw i64 %91, %86
+  %93 = getelementptr inbounds float, ptr %lb, i64 %92
+  %94 = add nsw i64 %rb7, 1
+  %95 = mul nsw i64 %94, 512
+  %96 = getelementptr inbounds float, ptr %4, i64 %95
+  %97 = mul nsw i64 %94, 256
+  %98 = add nsw i64 %97, %86
+  %99 = getelementptr inbounds float, ptr %lb, i64 %98
+  %100 = add nsw i64 %rb7, 2
+  %101 = mul nsw i64 %100, 512
+  %102 = getelementptr inbounds float, ptr %4, i64 %101
+  %103 = mul nsw i64 %100, 256
+  %104 = add nsw i64 %103, %86
+  %105 = getelementptr inbounds float, ptr %lb, i64 %104
+  %106 = add nsw i64 %rb7, 3
+  %107 = mul nsw i64 %106, 512
+  %108 = getelementptr inbounds float, ptr %4, i64 %107
+  %109 = mul nsw i64 %106, 256
+  %110 = add nsw i64 %109, %86
+  %111 = getelementptr inbounds float, ptr %lb, i64 %110
+  store <8 x float> zeroinitializer, ptr %qacc8, align 4
+  store <8 x float> zeroinitializer, ptr %qacc9, align 4
+  store <8 x float> zeroinitializer, ptr %qacc10, align 4
+  store <8 x float> zeroinitializer, ptr %qacc11, align 4
+  br label %qh.head12
 
-qh.head37:                                        ; preds = %qh.body38, %rb.body26
-  %qh40 = phi i64 [ 0, %rb.body26 ], [ %359, %qh.body38 ]
-  %296 = icmp slt i64 %qh40, 512
-  br i1 %296, label %qh.body38, label %qh.end39
+qh.head12:                                        ; preds = %qh.body13, %rb.body5
+  %qh15 = phi i64 [ 0, %rb.body5 ], [ %147, %qh.body13 ]
+  %112 = icmp slt i64 %qh15, 512
+  br i1 %112, label %qh.body13, label %qh.end14
 
-qh.body38:                                        ; preds = %qh.head37
-  %297 = add nsw i64 %qb1, 0
-  %298 = mul nsw i64 %qh40, 8
-  %299 = mul nsw i64 %297, 4096
-  %300 = add nsw i64 %299, %298
-  %301 = getelementptr inbounds float, ptr %router, i64 %300
-  %302 = load <8 x float>, ptr %301, align 4
-  %303 = getelementptr inbounds float, ptr %250, i64 %qh40
-  %304 = load float, ptr %303, align 4
-  %305 = insertelement <8 x float> poison, float %304, i32 0
-  %306 = shufflevector <8 x float> %305, <8 x float> poison, <8 x i32> zeroinitializer
-  %307 = load <8 x float>, ptr %qacc29, align 4
-  %308 = fmul <8 x float> %306, %302
-  %309 = fadd <8 x float> %307, %308
-  store <8 x float> %309, ptr %qacc29, align 4
-  %310 = getelementptr inbounds float, ptr %256, i64 %qh40
-  %311 = load float, ptr %310, align 4
-  %312 = insertelement <8 x float> poison, float %311, i32 0
-  %313 = shufflevector <8 x float> %312, <8 x float> poison, <8 x i32> zeroinitializer
-  %314 = load <8 x float>, ptr %qacc30, align 4
-  %315 = fmul <8 x float> %313, %302
-  %316 = fadd <8 x float> %314, %315
-  store <8 x float> %316, ptr %qacc30, align 4
-  %317 = getelementptr inbounds float, ptr %262, i64 %qh40
-  %318 = load float, ptr %317, align 4
-  %319 = insertelement <8 x float> poison, float %318, i32 0
-  %320 = shufflevector <8 x float> %319, <8 x float> poison, <8 x i32> zeroinitializer
-  %321 = load <8 x float>, ptr %qacc31, align 4
-  %322 = fmul <8 x float> %320, %302
-  %323 = fadd <8 x float> %321, %322
-  store <8 x float> %323, ptr %qacc31, align 4
-  %324 = getelementptr inbounds float, ptr %268, i64 %qh40
-  %325 = load float, ptr %324, align 4
-  %326 = insertelement <8 x float> poison, float %325, i32 0
-  %327 = shufflevector <8 x float> %326, <8 x float> poison, <8 x i32> zeroinitializer
-  %328 = load <8 x float>, ptr %qacc32, align 4
-  %329 = fmul <8 x float> %327, %302
-  %330 = fadd <8 x float> %328, %329
-  store <8 x float> %330, ptr %qacc32, align 4
-  %331 = getelementptr inbounds float, ptr %274, i64 %qh40
-  %332 = load float, ptr %331, align 4
-  %333 = insertelement <8 x float> poison, float %332, i32 0
-  %334 = shufflevector <8 x float> %333, <8 x float> poison, <8 x i32> zeroinitializer
-  %335 = load <8 x float>, ptr %qacc33, align 4
-  %336 = fmul <8 x float> %334, %302
-  %337 = fadd <8 x float> %335, %336
-  store <8 x float> %337, ptr %qacc33, align 4
-  %338 = getelementptr inbounds float, ptr %280, i64 %qh40
-  %339 = load float, ptr %338, align 4
-  %340 = insertelement <8 x float> poison, float %339, i32 0
-  %341 = shufflevector <8 x float> %340, <8 x float> poison, <8 x i32> zeroinitializer
-  %342 = load <8 x float>, ptr %qacc34, align 4
-  %343 = fmul <8 x float> %341, %302
-  %344 = fadd <8 x float> %342, %343
-  store <8 x float> %344, ptr %qacc34, align 4
-  %345 = getelementptr inbounds float, ptr %286, i64 %qh40
-  %346 = load float, ptr %345, align 4
-  %347 = insertelement <8 x float> poison, float %346, i32 0
-  %348 = shufflevector <8 x float> %347, <8 x float> poison, <8 x i32> zeroinitializer
-  %349 = load <8 x float>, ptr %qacc35, align 4
-  %350 = fmul <8 x float> %348, %302
-  %351 = fadd <8 x float> %349, %350
-  store <8 x float> %351, ptr %qacc35, align 4
-  %352 = getelementptr inbounds float, ptr %292, i64 %qh40
-  %353 = load float, ptr %352, align 4
-  %354 = insertelement <8 x float> poison, float %353, i32 0
-  %355 = shufflevector <8 x float> %354, <8 x float> poison, <8 x i32> zeroinitializer
-  %356 = load <8 x float>, ptr %qacc36, align 4
-  %357 = fmul <8 x float> %355, %302
-  %358 = fadd <8 x float> %356, %357
-  store <8 x float> %358, ptr %qacc36, align 4
-  %359 = add nsw i64 %qh40, 1
-  br label %qh.head37
+qh.body13:                                        ; preds = %qh.head12
+  %113 = add nsw i64 %qb1, 0
+  %114 = mul nsw i64 %qh15, 8
+  %115 = mul nsw i64 %113, 4096
+  %116 = add nsw i64 %115, %114
+  %117 = getelementptr inbounds float, ptr %router, i64 %116
+  %118 = load <8 x float>, ptr %117, align 4
+  %119 = getelementptr inbounds float, ptr %90, i64 %qh15
+  %120 = load float, ptr %119, align 4
+  %121 = insertelement <8 x float> poison, float %120, i32 0
+  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
+  %123 = load <8 x float>, ptr %qacc8, align 4
+  %124 = fmul <8 x float> %122, %118
+  %125 = fadd <8 x float> %123, %124
+  store <8 x float> %125, ptr %qacc8, align 4
+  %126 = getelementptr inbounds float, ptr %96, i64 %qh15
+  %127 = load float, ptr %126, align 4
+  %128 = insertelement <8 x float> poison, float %127, i32 0
+  %129 = shufflevector <8 x float> %128, <8 x float> poison, <8 x i32> zeroinitializer
+  %130 = load <8 x float>, ptr %qacc9, align 4
+  %131 = fmul <8 x float> %129, %118
+  %132 = fadd <8 x float> %130, %131
+  store <8 x float> %132, ptr %qacc9, align 4
+  %133 = getelementptr inbounds float, ptr %102, i64 %qh15
+  %134 = load float, ptr %133, align 4
+  %135 = insertelement <8 x float> poison, float %134, i32 0
+  %136 = shufflevector <8 x float> %135, <8 x float> poison, <8 x i32> zeroinitializer
+  %137 = load <8 x float>, ptr %qacc10, align 4
+  %138 = fmul <8 x float> %136, %118
+  %139 = fadd <8 x float> %137, %138
+  store <8 x float> %139, ptr %qacc10, align 4
+  %140 = getelementptr inbounds float, ptr %108, i64 %qh15
+  %141 = load float, ptr %140, align 4
+  %142 = insertelement <8 x float> poison, float %141, i32 0
+  %143 = shufflevector <8 x float> %142, <8 x float> poison, <8 x i32> zeroinitializer
+  %144 = load <8 x float>, ptr %qacc11, align 4
+  %145 = fmul <8 x float> %143, %118
+  %146 = fadd <8 x float> %144, %145
+  store <8 x float> %146, ptr %qacc11, align 4
+  %147 = add nsw i64 %qh15, 1
+  br label %qh.head12
 
-qh.end39:                                         ; preds = %qh.head37
-  %360 = load <8 x float>, ptr %qacc29, align 4
-  %361 = load <8 x float>, ptr %qacc30, align 4
-  %362 = load <8 x float>, ptr %qacc31, align 4
-  %363 = load <8 x float>, ptr %qacc32, align 4
-  %364 = load <8 x float>, ptr %qacc33, align 4
-  %365 = load <8 x float>, ptr %qacc34, align 4
-  %366 = load <8 x float>, ptr %qacc35, align 4
-  %367 = load <8 x float>, ptr %qacc36, align 4
-  %368 = getelementptr inbounds float, ptr %253, i64 0
-  store <8 x float> %360, ptr %368, align 4
-  %369 = getelementptr inbounds float, ptr %259, i64 0
-  store <8 x float> %361, ptr %369, align 4
-  %370 = getelementptr inbounds float, ptr %265, i64 0
-  store <8 x float> %362, ptr %370, align 4
-  %371 = getelementptr inbounds float, ptr %271, i64 0
-  store <8 x float> %363, ptr %371, align 4
-  %372 = getelementptr inbounds float, ptr %277, i64 0
-  store <8 x float> %364, ptr %372, align 4
-  %373 = getelementptr inbounds float, ptr %283, i64 0
-  store <8 x float> %365, ptr %373, align 4
-  %374 = getelementptr inbounds float, ptr %289, i64 0
-  store <8 x float> %366, ptr %374, align 4
-  %375 = getelementptr inbounds float, ptr %295, i64 0
-  store <8 x float> %367, ptr %375, align 4
-  %376 = add nsw i64 %rb28, 8
-  br label %rb.head25
+qh.end14:                                         ; preds = %qh.head12
+  %148 = load <8 x float>, ptr %qacc8, align 4
+  %149 = load <8 x float>, ptr %qacc9, align 4
+  %150 = load <8 x float>, ptr %qacc10, align 4
+  %151 = load <8 x float>, ptr %qacc11, align 4
+  %152 = getelementptr inbounds float, ptr %93, i64 0
+  store <8 x float> %148, ptr %152, align 4
+  %153 = getelementptr inbounds float, ptr %99, i64 0
+  store <8 x float> %149, ptr %153, align 4
+  %154 = getelementptr inbounds float, ptr %105, i64 0
+  store <8 x float> %150, ptr %154, align 4
+  %155 = getelementptr inbounds float, ptr %111, i64 0
+  store <8 x float> %151, ptr %155, align 4
+  %156 = add nsw i64 %rb7, 4
+  br label %rb.head4
 
-rb.end27:                                         ; preds = %rb.head25
-  br label %r1.head41
-
-r1.head41:                                        ; preds = %qh.end48, %rb.end27
-  %r144 = phi i64 [ %full, %rb.end27 ], [ %401, %qh.end48 ]
-  %377 = icmp slt i64 %r144, %gn
-  br i1 %377, label %r1.body42, label %r1.end43
-
-r1.body42:                                        ; preds = %r1.head41
-  %378 = add nsw i64 %r144, 0
-  %379 = mul nsw i64 %378, 512
-  %380 = getelementptr inbounds float, ptr %4, i64 %379
-  %381 = mul nsw i64 %378, 256
-  %382 = add nsw i64 %381, %246
-  %383 = getelementptr inbounds float, ptr %lb, i64 %382
-  store <8 x float> zeroinitializer, ptr %qacc45, align 4
-  br label %qh.head46
-
-qh.head46:                                        ; preds = %qh.body47, %r1.body42
-  %qh49 = phi i64 [ 0, %r1.body42 ], [ %398, %qh.body47 ]
-  %384 = icmp slt i64 %qh49, 512
-  br i1 %384, label %qh.body47, label %qh.end48
-
-qh.body47:                                        ; preds = %qh.head46
-  %385 = add nsw i64 %qb1, 0
-  %386 = mul nsw i64 %qh49, 8
-  %387 = mul nsw i64 %385, 4096
-  %388 = add nsw i64 %387, %386
-  %389 = getelementptr inbounds float, ptr %router, i64 %388
-  %390 = load <8 x float>, ptr %389, align 4
-  %391 = getelementptr inbounds float, ptr %380, i64 %qh49
-  %392 = load float, ptr %391, align 4
-  %393 = insertelement <8 x float> poison, float %392, i32 0
-  %394 = shufflevector <8 x float> %393, <8 x float> poison, <8 x i32> zeroinitializer
-  %395 = load <8 x float>, ptr %qacc45, align 4
-  %396 = fmul <8 x float> %394, %390
-  %397 = fadd <8 x float> %395, %396
-  store <8 x float> %397, ptr %qacc45, align 4
-  %398 = add nsw i64 %qh49, 1
-  br label %qh.head46
-
-qh.end48:                                         ; preds = %qh.head46
-  %399 = load <8 x float>, ptr %qacc45, align 4
-  %400 = getelementptr inbounds float, ptr %383, i64 0
-  store <8 x float> %399, ptr %400, align 4
-  %401 = add nsw i64 %r144, 1
-  br label %r1.head41
-
-r1.end43:                                         ; preds = %r1.head41
-  %402 = add nsw i64 %qb1, 1
+rb.end6:                                          ; preds = %rb.head4
+  %157 = add nsw i64 %qb1, 1
   br label %qb1.head
 
 qb1.end:                                          ; preds = %qb1.head
-  %training50 = icmp ne i32 %training, 0
-  br i1 %training50, label %gtraining.then, label %gtraining.end
+  br label %qb.head16
 
-gtraining.then:                                   ; preds = %qb1.end
-  %403 = mul nsw i64 %tg, 512
-  %404 = getelementptr inbounds float, ptr %x, i64 %403
-  %405 = sdiv i64 %gn, 8
-  %full51 = mul i64 %405, 8
-  br label %qb.head52
+qb.head16:                                        ; preds = %r1.end, %qb1.end
+  %qb19 = phi i64 [ 0, %qb1.end ], [ %208, %r1.end ]
+  %158 = icmp slt i64 %qb19, 32
+  br i1 %158, label %qb.body17, label %qb.end18
 
-qb.head52:                                        ; preds = %r1.end84, %gtraining.then
-  %qb55 = phi i64 [ 0, %gtraining.then ], [ %644, %r1.end84 ]
-  %406 = icmp slt i64 %qb55, 32
-  br i1 %406, label %qb.body53, label %qb.end54
+qb.body17:                                        ; preds = %qb.head16
+  %159 = mul nsw i64 %qb19, 8
+  br label %r1.head
 
-qb.body53:                                        ; preds = %qb.head52
-  %407 = mul nsw i64 %qb55, 8
-  br label %rb.head56
+r1.head:                                          ; preds = %qh.end24, %qb.body17
+  %r1 = phi i64 [ %full, %qb.body17 ], [ %207, %qh.end24 ]
+  %160 = icmp slt i64 %r1, %gn
+  br i1 %160, label %r1.body, label %r1.end
 
-rb.head56:                                        ; preds = %qh.end78, %qb.body53
-  %rb59 = phi i64 [ 0, %qb.body53 ], [ %595, %qh.end78 ]
-  %408 = icmp slt i64 %rb59, %full51
-  br i1 %408, label %rb.body57, label %rb.end58
+r1.body:                                          ; preds = %r1.head
+  %161 = add nsw i64 %r1, 0
+  %162 = mul nsw i64 %161, 512
+  %163 = getelementptr inbounds float, ptr %4, i64 %162
+  %164 = mul nsw i64 %161, 256
+  %165 = add nsw i64 %164, %159
+  %166 = getelementptr inbounds float, ptr %lb, i64 %165
+  store <16 x float> zeroinitializer, ptr %qacc20, align 4
+  store <16 x float> zeroinitializer, ptr %qacc21, align 4
+  br label %qh.head22
 
-rb.body57:                                        ; preds = %rb.head56
-  %409 = add nsw i64 %rb59, 0
-  %410 = mul nsw i64 %409, 512
-  %411 = getelementptr inbounds float, ptr %404, i64 %410
-  %412 = mul nsw i64 %409, 256
-  %413 = add nsw i64 %412, %407
-  %414 = getelementptr inbounds float, ptr %nlb, i64 %413
-  %415 = add nsw i64 %rb59, 1
-  %416 = mul nsw i64 %415, 512
-  %417 = getelementptr inbounds float, ptr %404, i64 %416
-  %418 = mul nsw i64 %415, 256
-  %419 = add nsw i64 %418, %407
-  %420 = getelementptr inbounds float, ptr %nlb, i64 %419
-  %421 = add nsw i64 %rb59, 2
-  %422 = mul nsw i64 %421, 512
-  %423 = getelementptr inbounds float, ptr %404, i64 %422
-  %424 = mul nsw i64 %421, 256
-  %425 = add nsw i64 %424, %407
-  %426 = getelementptr inbounds float, ptr %nlb, i64 %425
-  %427 = add nsw i64 %rb59, 3
-  %428 = mul nsw i64 %427, 512
-  %429 = getelementptr inbounds float, ptr %404, i64 %428
-  %430 = mul nsw i64 %427, 256
-  %431 = add nsw i64 %430, %407
-  %432 = getelementptr inbounds float, ptr %nlb, i64 %431
-  %433 = add nsw i64 %rb59, 4
-  %434 = mul nsw i64 %433, 512
-  %435 = getelementptr inbounds float, ptr %404, i64 %434
-  %436 = mul nsw i64 %433, 256
-  %437 = add nsw i64 %436, %407
-  %438 = getelementptr inbounds float, ptr %nlb, i64 %437
-  %439 = add nsw i64 %rb59, 5
-  %440 = mul nsw i64 %439, 512
-  %441 = getelementptr inbounds float, ptr %404, i64 %440
-  %442 = mul nsw i64 %439, 256
-  %443 = add nsw i64 %442, %407
-  %444 = getelementptr inbounds float, ptr %nlb, i64 %443
-  %445 = add nsw i64 %rb59, 6
-  %446 = mul nsw i64 %445, 512
-  %447 = getelementptr inbounds float, ptr %404, i64 %446
-  %448 = mul nsw i64 %445, 256
-  %449 = add nsw i64 %448, %407
-  %450 = getelementptr inbounds float, ptr %nlb, i64 %449
-  %451 = add nsw i64 %rb59, 7
-  %452 = mul nsw i64 %451, 512
-  %453 = getelementptr inbounds float, ptr %404, i64 %452
-  %454 = mul nsw i64 %451, 256
-  %455 = add nsw i64 %454, %407
-  %456 = getelementptr inbounds float, ptr %nlb, i64 %455
-  store <16 x float> zeroinitializer, ptr %qacc60, align 4
-  store <16 x float> zeroinitializer, ptr %qacc61, align 4
-  store <16 x float> zeroinitializer, ptr %qacc62, align 4
-  store <16 x float> zeroinitializer, ptr %qacc63, align 4
-  store <16 x float> zeroinitializer, ptr %qacc64, align 4
-  store <16 x float> zeroinitializer, ptr %qacc65, align 4
-  store <16 x float> zeroinitializer, ptr %qacc66, align 4
-  store <16 x float> zeroinitializer, ptr %qacc67, align 4
-  store <16 x float> zeroinitializer, ptr %qacc68, align 4
-  store <16 x float> zeroinitializer, ptr %qacc69, align 4
-  store <16 x float> zeroinitializer, ptr %qacc70, align 4
-  store <16 x float> zeroinitializer, ptr %qacc71, align 4
-  store <16 x float> zeroinitializer, ptr %qacc72, align 4
-  store <16 x float> zeroinitializer, ptr %qacc73, align 4
-  store <16 x float> zeroinitializer, ptr %qacc74, align 4
-  store <16 x float> zeroinitializer, ptr %qacc75, align 4
-  br label %qh.head76
+qh.head22:                                        ; preds = %qh.body23, %r1.body
+  %qh25 = phi i64 [ 0, %r1.body ], [ %202, %qh.body23 ]
+  %167 = icmp slt i64 %qh25, 512
+  br i1 %167, label %qh.body23, label %qh.end24
 
-qh.head76:                                        ; preds = %qh.body77, %rb.body57
-  %qh79 = phi i64 [ 0, %rb.body57 ], [ %562, %qh.body77 ]
-  %457 = icmp slt i64 %qh79, 512
-  br i1 %457, label %qh.body77, label %qh.end78
+qh.body23:                                        ; preds = %qh.head22
+  %168 = add nsw i64 %qb19, 0
+  %169 = mul nsw i64 %qh25, 8
+  %170 = mul nsw i64 %168, 4096
+  %171 = add nsw i64 %170, %169
+  %172 = getelementptr inbounds float, ptr %router, i64 %171
+  %173 = load <8 x float>, ptr %172, align 4
+  %174 = add nsw i64 %qb19, 1
+  %175 = mul nsw i64 %qh25, 8
+  %176 = mul nsw i64 %174, 4096
+  %177 = add nsw i64 %176, %175
+  %178 = getelementptr inbounds float, ptr %router, i64 %177
+  %179 = load <8 x float>, ptr %178, align 4
+  %w1626 = shufflevector <8 x float> %173, <8 x float> %179, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %180 = add nsw i64 %qb19, 2
+  %181 = mul nsw i64 %qh25, 8
+  %182 = mul nsw i64 %180, 4096
+  %183 = add nsw i64 %182, %181
+  %184 = getelementptr inbounds float, ptr %router, i64 %183
+  %185 = load <8 x float>, ptr %184, align 4
+  %186 = add nsw i64 %qb19, 3
+  %187 = mul nsw i64 %qh25, 8
+  %188 = mul nsw i64 %186, 4096
+  %189 = add nsw i64 %188, %187
+  %190 = getelementptr inbounds float, ptr %router, i64 %189
+  %191 = load <8 x float>, ptr %190, align 4
+  %w1627 = shufflevector <8 x float> %185, <8 x float> %191, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %192 = getelementptr inbounds float, ptr %163, i64 %qh25
+  %193 = load float, ptr %192, align 4
+  %194 = insertelement <16 x float> poison, float %193, i32 0
+  %195 = shufflevector <16 x float> %194, <16 x float> poison, <16 x i32> zeroinitializer
+  %196 = load <16 x float>, ptr %qacc20, align 4
+  %197 = fmul <16 x float> %195, %w1626
+  %198 = fadd <16 x float> %196, %197
+  store <16 x float> %198, ptr %qacc20, align 4
+  %199 = load <16 x float>, ptr %qacc21, align 4
+  %200 = fmul <16 x float> %195, %w1627
+  %201 = fadd <16 x float> %199, %200
+  store <16 x float> %201, ptr %qacc21, align 4
+  %202 = add nsw i64 %qh25, 1
+  br label %qh.head22
 
-qh.body77:                                        ; preds = %qh.head76
-  %458 = add nsw i64 %qb55, 0
-  %459 = mul nsw i64 %qh79, 8
-  %460 = mul nsw i64 %458, 4096
-  %461 = add nsw i64 %460, %459
-  %462 = getelementptr inbounds float, ptr %noise, i64 %461
-  %463 = load <8 x float>, ptr %462, align 4
-  %464 = add nsw i64 %qb55, 1
-  %465 = mul nsw i64 %qh79, 8
-  %466 = mul nsw i64 %464, 4096
-  %467 = add nsw i64 %466, %465
-  %468 = getelementptr inbounds float, ptr %noise, i64 %467
-  %469 = load <8 x float>, ptr %468, align 4
-  %w1680 = shufflevector <8 x float> %463, <8 x float> %469, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %470 = add nsw i64 %qb55, 2
-  %471 = mul nsw i64 %qh79, 8
-  %472 = mul nsw i64 %470, 4096
-  %473 = add nsw i64 %472, %471
-  %474 = getelementptr inbounds float, ptr %noise, i64 %473
-  %475 = load <8 x float>, ptr %474, align 4
-  %476 = add nsw i64 %qb55, 3
-  %477 = mul nsw i64 %qh79, 8
-  %478 = mul nsw i64 %476, 4096
-  %479 = add nsw i64 %478, %477
-  %480 = getelementptr inbounds float, ptr %noise, i64 %479
-  %481 = load <8 x float>, ptr %480, align 4
-  %w1681 = shufflevector <8 x float> %475, <8 x float> %481, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %482 = getelementptr inbounds float, ptr %411, i64 %qh79
-  %483 = load float, ptr %482, align 4
-  %484 = insertelement <16 x float> poison, float %483, i32 0
-  %485 = shufflevector <16 x float> %484, <16 x float> poison, <16 x i32> zeroinitializer
-  %486 = load <16 x float>, ptr %qacc60, align 4
-  %487 = fmul <16 x float> %485, %w1680
-  %488 = fadd <16 x float> %486, %487
-  store <16 x float> %488, ptr %qacc60, align 4
-  %489 = load <16 x float>, ptr %qacc61, align 4
-  %490 = fmul <16 x float> %485, %w1681
-  %491 = fadd <16 x float> %489, %490
-  store <16 x float> %491, ptr %qacc61, align 4
-  %492 = getelementptr inbounds float, ptr %417, i64 %qh79
-  %493 = load float, ptr %492, align 4
-  %494 = insertelement <16 x float> poison, float %493, i32 0
-  %495 = shufflevector <16 x float> %494, <16 x float> poison, <16 x i32> zeroinitializer
-  %496 = load <16 x float>, ptr %qacc62, align 4
-  %497 = fmul <16 x float> %495, %w1680
-  %498 = fadd <16 x float> %496, %497
-  store <16 x float> %498, ptr %qacc62, align 4
-  %499 = load <16 x float>, ptr %qacc63, align 4
-  %500 = fmul <16 x float> %495, %w1681
-  %501 = fadd <16 x float> %499, %500
-  store <16 x float> %501, ptr %qacc63, align 4
-  %502 = getelementptr inbounds float, ptr %423, i64 %qh79
-  %503 = load float, ptr %502, align 4
-  %504 = insertelement <16 x float> poison, float %503, i32 0
-  %505 = shufflevector <16 x float> %504, <16 x float> poison, <16 x i32> zeroinitializer
-  %506 = load <16 x float>, ptr %qacc64, align 4
-  %507 = fmul <16 x float> %505, %w1680
-  %508 = fadd <16 x float> %506, %507
-  store <16 x float> %508, ptr %qacc64, align 4
-  %509 = load <16 x float>, ptr %qacc65, align 4
-  %510 = fmul <16 x float> %505, %w1681
-  %511 = fadd <16 x float> %509, %510
-  store <16 x float> %511, ptr %qacc65, align 4
-  %512 = getelementptr inbounds float, ptr %429, i64 %qh79
-  %513 = load float, ptr %512, align 4
-  %514 = insertelement <16 x float> poison, float %513, i32 0
-  %515 = shufflevector <16 x float> %514, <16 x float> poison, <16 x i32> zeroinitializer
-  %516 = load <16 x float>, ptr %qacc66, align 4
-  %517 = fmul <16 x float> %515, %w1680
-  %518 = fadd <16 x float> %516, %517
-  store <16 x float> %518, ptr %qacc66, align 4
-  %519 = load <16 x float>, ptr %qacc67, align 4
-  %520 = fmul <16 x float> %515, %w1681
-  %521 = fadd <16 x float> %519, %520
-  store <16 x float> %521, ptr %qacc67, align 4
-  %522 = getelementptr inbounds float, ptr %435, i64 %qh79
-  %523 = load float, ptr %522, align 4
-  %524 = insertelement <16 x float> poison, float %523, i32 0
-  %525 = shufflevector <16 x float> %524, <16 x float> poison, <16 x i32> zeroinitializer
-  %526 = load <16 x float>, ptr %qacc68, align 4
-  %527 = fmul <16 x float> %525, %w1680
-  %528 = fadd <16 x float> %526, %527
-  store <16 x float> %528, ptr %qacc68, align 4
-  %529 = load <16 x float>, ptr %qacc69, align 4
-  %530 = fmul <16 x float> %525, %w1681
-  %531 = fadd <16 x float> %529, %530
-  store <16 x float> %531, ptr %qacc69, align 4
-  %532 = getelementptr inbounds float, ptr %441, i64 %qh79
-  %533 = load float, ptr %532, align 4
-  %534 = insertelement <16 x float> poison, float %533, i32 0
-  %535 = shufflevector <16 x float> %534, <16 x float> poison, <16 x i32> zeroinitializer
-  %536 = load <16 x float>, ptr %qacc70, align 4
-  %537 = fmul <16 x float> %535, %w1680
-  %538 = fadd <16 x float> %536, %537
-  store <16 x float> %538, ptr %qacc70, align 4
-  %539 = load <16 x float>, ptr %qacc71, align 4
-  %540 = fmul <16 x float> %535, %w1681
-  %541 = fadd <16 x float> %539, %540
-  store <16 x float> %541, ptr %qacc71, align 4
-  %542 = getelementptr inbounds float, ptr %447, i64 %qh79
-  %543 = load float, ptr %542, align 4
-  %544 = insertelement <16 x float> poison, float %543, i32 0
-  %545 = shufflevector <16 x float> %544, <16 x float> poison, <16 x i32> zeroinitializer
-  %546 = load <16 x float>, ptr %qacc72, align 4
-  %547 = fmul <16 x float> %545, %w1680
-  %548 = fadd <16 x float> %546, %547
-  store <16 x float> %548, ptr %qacc72, align 4
-  %549 = load <16 x float>, ptr %qacc73, align 4
-  %550 = fmul <16 x float> %545, %w1681
-  %551 = fadd <16 x float> %549, %550
-  store <16 x float> %551, ptr %qacc73, align 4
-  %552 = getelementptr inbounds float, ptr %453, i64 %qh79
-  %553 = load float, ptr %552, align 4
-  %554 = insertelement <16 x float> poison, float %553, i32 0
-  %555 = shufflevector <16 x float> %554, <16 x float> poison, <16 x i32> zeroinitializer
-  %556 = load <16 x float>, ptr %qacc74, align 4
-  %557 = fmul <16 x float> %555, %w1680
-  %558 = fadd <16 x float> %556, %557
-  store <16 x float> %558, ptr %qacc74, align 4
-  %559 = load <16 x float>, ptr %qacc75, align 4
-  %560 = fmul <16 x float> %555, %w1681
-  %561 = fadd <16 x float> %559, %560
-  store <16 x float> %561, ptr %qacc75, align 4
-  %562 = add nsw i64 %qh79, 1
-  br label %qh.head76
+qh.end24:                                         ; preds = %qh.head22
+  %203 = load <16 x float>, ptr %qacc20, align 4
+  %204 = load <16 x float>, ptr %qacc21, align 4
+  %205 = getelementptr inbounds float, ptr %166, i64 0
+  store <16 x float> %203, ptr %205, align 4
+  %206 = getelementptr inbounds float, ptr %166, i64 16
+  store <16 x float> %204, ptr %206, align 4
+  %207 = add nsw i64 %r1, 1
+  br label %r1.head
 
-qh.end78:                                         ; preds = %qh.head76
-  %563 = load <16 x float>, ptr %qacc60, align 4
-  %564 = load <16 x float>, ptr %qacc61, align 4
-  %565 = load <16 x float>, ptr %qacc62, align 4
-  %566 = load <16 x float>, ptr %qacc63, align 4
-  %567 = load <16 x float>, ptr %qacc64, align 4
-  %568 = load <16 x float>, ptr %qacc65, align 4
-  %569 = load <16 x float>, ptr %qacc66, align 4
-  %570 = load <16 x float>, ptr %qacc67, align 4
-  %571 = load <16 x float>, ptr %qacc68, align 4
-  %572 = load <16 x float>, ptr %qacc69, align 4
-  %573 = load <16 x float>, ptr %qacc70, align 4
-  %574 = load <16 x float>, ptr %qacc71, align 4
-  %575 = load <16 x float>, ptr %qacc72, align 4
-  %576 = load <16 x float>, ptr %qacc73, align 4
-  %577 = load <16 x float>, ptr %qacc74, align 4
-  %578 = load <16 x float>, ptr %qacc75, align 4
-  %579 = getelementptr inbounds float, ptr %414, i64 0
-  store <16 x float> %563, ptr %579, align 4
-  %580 = getelementptr inbounds float, ptr %414, i64 16
-  store <16 x float> %564, ptr %580, align 4
-  %581 = getelementptr inbounds float, ptr %420, i64 0
-  store <16 x float> %565, ptr %581, align 4
-  %582 = getelementptr inbounds float, ptr %420, i64 16
-  store <16 x float> %566, ptr %582, align 4
-  %583 = getelementptr inbounds float, ptr %426, i64 0
-  store <16 x float> %567, ptr %583, align 4
-  %584 = getelementptr inbounds float, ptr %426, i64 16
-  store <16 x float> %568, ptr %584, align 4
-  %585 = getelementptr inbounds float, ptr %432, i64 0
-  store <16 x float> %569, ptr %585, align 4
-  %586 = getelementptr inbounds float, ptr %432, i64 16
-  store <16 x float> %570, ptr %586, align 4
-  %587 = getelementptr inbounds float, ptr %438, i64 0
-  store <16 x float> %571, ptr %587, align 4
-  %588 = getelementptr inbounds float, ptr %438, i64 16
-  store <16 x float> %572, ptr %588, align 4
-  %589 = getelementptr inbounds float, ptr %444, i64 0
-  store <16 x float> %573, ptr %589, align 4
-  %590 = getelementptr inbounds float, ptr %444, i64 16
-  store <16 x float> %574, ptr %590, align 4
-  %591 = getelementptr inbounds float, ptr %450, i64 0
-  store <16 x float> %575, ptr %591, align 4
-  %592 = getelementptr inbounds float, ptr %450, i64 16
-  store <16 x float> %576, ptr %592, align 4
-  %593 = getelementptr inbounds float, ptr %456, i64 0
-  store <16 x float> %577, ptr %593, align 4
-  %594 = getelementptr inbounds float, ptr %456, i64 16
-  store <16 x float> %578, ptr %594, align 4
-  %595 = add nsw i64 %rb59, 8
-  br label %rb.head56
+r1.end:                                           ; preds = %r1.head
+  %208 = add nsw i64 %qb19, 4
+  br label %qb.head16
 
-rb.end58:                                         ; preds = %rb.head56
-  br label %r1.head82
+qb.end18:                                         ; preds = %qb.head16
+  br label %qb1.head28
 
-r1.head82:                                        ; preds = %qh.end90, %rb.end58
-  %r185 = phi i64 [ %full51, %rb.end58 ], [ %643, %qh.end90 ]
-  %596 = icmp slt i64 %r185, %gn
-  br i1 %596, label %r1.body83, label %r1.end84
+qb1.head28:                                       ; preds = %r1.end34, %qb.end18
+  %qb131 = phi i64 [ 32, %qb.end18 ], [ %236, %r1.end34 ]
+  %209 = icmp slt i64 %qb131, 32
+  br i1 %209, label %qb1.body29, label %qb1.end30
 
-r1.body83:                                        ; preds = %r1.head82
-  %597 = add nsw i64 %r185, 0
-  %598 = mul nsw i64 %597, 512
-  %599 = getelementptr inbounds float, ptr %404, i64 %598
-  %600 = mul nsw i64 %597, 256
-  %601 = add nsw i64 %600, %407
-  %602 = getelementptr inbounds float, ptr %nlb, i64 %601
-  store <16 x float> zeroinitializer, ptr %qacc86, align 4
-  store <16 x float> zeroinitializer, ptr %qacc87, align 4
-  br label %qh.head88
+qb1.body29:                                       ; preds = %qb1.head28
+  %210 = mul nsw i64 %qb131, 8
+  br label %r1.head32
 
-qh.head88:                                        ; preds = %qh.body89, %r1.body83
-  %qh91 = phi i64 [ 0, %r1.body83 ], [ %638, %qh.body89 ]
-  %603 = icmp slt i64 %qh91, 512
-  br i1 %603, label %qh.body89, label %qh.end90
+r1.head32:                                        ; preds = %qh.end39, %qb1.body29
+  %r135 = phi i64 [ %full, %qb1.body29 ], [ %235, %qh.end39 ]
+  %211 = icmp slt i64 %r135, %gn
+  br i1 %211, label %r1.body33, label %r1.end34
 
-qh.body89:                                        ; preds = %qh.head88
-  %604 = add nsw i64 %qb55, 0
-  %605 = mul nsw i64 %qh91, 8
-  %606 = mul nsw i64 %604, 4096
-  %607 = add nsw i64 %606, %605
-  %608 = getelementptr inbounds float, ptr %noise, i64 %607
-  %609 = load <8 x float>, ptr %608, align 4
-  %610 = add nsw i64 %qb55, 1
-  %611 = mul nsw i64 %qh91, 8
-  %612 = mul nsw i64 %610, 4096
-  %613 = add nsw i64 %612, %611
-  %614 = getelementptr inbounds float, ptr %noise, i64 %613
-  %615 = load <8 x float>, ptr %614, align 4
-  %w1692 = shufflevector <8 x float> %609, <8 x float> %615, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %616 = add nsw i64 %qb55, 2
-  %617 = mul nsw i64 %qh91, 8
-  %618 = mul nsw i64 %616, 4096
-  %619 = add nsw i64 %618, %617
-  %620 = getelementptr inbounds float, ptr %noise, i64 %619
-  %621 = load <8 x float>, ptr %620, align 4
-  %622 = add nsw i64 %qb55, 3
-  %623 = mul nsw i64 %qh91, 8
-  %624 = mul nsw i64 %622, 4096
-  %625 = add nsw i64 %624, %623
-  %626 = getelementptr inbounds float, ptr %noise, i64 %625
-  %627 = load <8 x float>, ptr %626, align 4
-  %w1693 = shufflevector <8 x float> %621, <8 x float> %627, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %628 = getelementptr inbounds float, ptr %599, i64 %qh91
-  %629 = load float, ptr %628, align 4
-  %630 = insertelement <16 x float> poison, float %629, i32 0
-  %631 = shufflevector <16 x float> %630, <16 x float> poison, <16 x i32> zeroinitializer
-  %632 = load <16 x float>, ptr %qacc86, align 4
-  %633 = fmul <16 x float> %631, %w1692
-  %634 = fadd <16 x float> %632, %633
-  store <16 x float> %634, ptr %qacc86, align 4
-  %635 = load <16 x float>, ptr %qacc87, align 4
-  %636 = fmul <16 x float> %631, %w1693
-  %637 = fadd <16 x float> %635, %636
-  store <16 x float> %637, ptr %qacc87, align 4
-  %638 = add nsw i64 %qh91, 1
-  br label %qh.head88
+r1.body33:                                        ; preds = %r1.head32
+  %212 = add nsw i64 %r135, 0
+  %213 = mul nsw i64 %212, 512
+  %214 = getelementptr inbounds float, ptr %4, i64 %213
+  %215 = mul nsw i64 %212, 256
+  %216 = add nsw i64 %215, %210
+  %217 = getelementptr inbounds float, ptr %lb, i64 %216
+  store <8 x float> zeroinitializer, ptr %qacc36, align 4
+  br label %qh.head37
 
-qh.end90:                                         ; preds = %qh.head88
-  %639 = load <16 x float>, ptr %qacc86, align 4
-  %640 = load <16 x float>, ptr %qacc87, align 4
-  %641 = getelementptr inbounds float, ptr %602, i64 0
-  store <16 x float> %639, ptr %641, align 4
-  %642 = getelementptr inbounds float, ptr %602, i64 16
-  store <16 x float> %640, ptr %642, align 4
-  %643 = add nsw i64 %r185, 1
-  br label %r1.head82
+qh.head37:                                        ; preds = %qh.body38, %r1.body33
+  %qh40 = phi i64 [ 0, %r1.body33 ], [ %232, %qh.body38 ]
+  %218 = icmp slt i64 %qh40, 512
+  br i1 %218, label %qh.body38, label %qh.end39
 
-r1.end84:                                         ; preds = %r1.head82
-  %644 = add nsw i64 %qb55, 4
-  br label %qb.head52
+qh.body38:                                        ; preds = %qh.head37
+  %219 = add nsw i64 %qb131, 0
+  %220 = mul nsw i64 %qh40, 8
+  %221 = mul nsw i64 %219, 4096
+  %222 = add nsw i64 %221, %220
+  %223 = getelementptr inbounds float, ptr %router, i64 %222
+  %224 = load <8 x float>, ptr %223, align 4
+  %225 = getelementptr inbounds float, ptr %214, i64 %qh40
+  %226 = load float, ptr %225, align 4
+  %227 = insertelement <8 x float> poison, float %226, i32 0
+  %228 = shufflevector <8 x float> %227, <8 x float> poison, <8 x i32> zeroinitializer
+  %229 = load <8 x float>, ptr %qacc36, align 4
+  %230 = fmul <8 x float> %228, %224
+  %231 = fadd <8 x float> %229, %230
+  store <8 x float> %231, ptr %qacc36, align 4
+  %232 = add nsw i64 %qh40, 1
+  br label %qh.head37
 
-qb.end54:                                         ; preds = %qb.head52
-  br label %qb1.head94
+qh.end39:                                         ; preds = %qh.head37
+  %233 = load <8 x float>, ptr %qacc36, align 4
+  %234 = getelementptr inbounds float, ptr %217, i64 0
+  store <8 x float> %233, ptr %234, align 4
+  %235 = add nsw i64 %r135, 1
+  br label %r1.head32
 
-qb1.head94:                                       ; preds = %r1.end116, %qb.end54
-  %qb197 = phi i64 [ 32, %qb.end54 ], [ %802, %r1.end116 ]
-  %645 = icmp slt i64 %qb197, 32
-  br i1 %645, label %qb1.body95, label %qb1.end96
+r1.end34:                                         ; preds = %r1.head32
+  %236 = add nsw i64 %qb131, 1
+  br label %qb1.head28
 
-qb1.body95:                                       ; preds = %qb1.head94
-  %646 = mul nsw i64 %qb197, 8
-  br label %rb.head98
+qb1.end30:                                        ; preds = %qb1.head28
+  %training41 = icmp ne i32 %training, 0
+  br i1 %training41, label %gtraining.then, label %gtraining.end
 
-rb.head98:                                        ; preds = %qh.end112, %qb1.body95
-  %rb101 = phi i64 [ 0, %qb1.body95 ], [ %776, %qh.end112 ]
-  %647 = icmp slt i64 %rb101, %full51
-  br i1 %647, label %rb.body99, label %rb.end100
+gtraining.then:                                   ; preds = %qb1.end30
+  %237 = mul nsw i64 %tg, 512
+  %238 = getelementptr inbounds float, ptr %x, i64 %237
+  %239 = sdiv i64 %gn, 4
+  %full42 = mul i64 %239, 4
+  br label %qb.head43
 
-rb.body99:                                        ; preds = %rb.head98
-  %648 = add nsw i64 %rb101, 0
-  %649 = mul nsw i64 %648, 512
-  %650 = getelementptr inbounds float, ptr %404, i64 %649
-  %651 = mul nsw i64 %648, 256
-  %652 = add nsw i64 %651, %646
-  %653 = getelementptr inbounds float, ptr %nlb, i64 %652
-  %654 = add nsw i64 %rb101, 1
-  %655 = mul nsw i64 %654, 512
-  %656 = getelementptr inbounds float, ptr %404, i64 %655
-  %657 = mul nsw i64 %654, 256
-  %658 = add nsw i64 %657, %646
-  %659 = getelementptr inbounds float, ptr %nlb, i64 %658
-  %660 = add nsw i64 %rb101, 2
-  %661 = mul nsw i64 %660, 512
-  %662 = getelementptr inbounds float, ptr %404, i64 %661
-  %663 = mul nsw i64 %660, 256
-  %664 = add nsw i64 %663, %646
-  %665 = getelementptr inbounds float, ptr %nlb, i64 %664
-  %666 = add nsw i64 %rb101, 3
-  %667 = mul nsw i64 %666, 512
-  %668 = getelementptr inbounds float, ptr %404, i64 %667
-  %669 = mul nsw i64 %666, 256
-  %670 = add nsw i64 %669, %646
-  %671 = getelementptr inbounds float, ptr %nlb, i64 %670
-  %672 = add nsw i64 %rb101, 4
-  %673 = mul nsw i64 %672, 512
-  %674 = getelementptr inbounds float, ptr %404, i64 %673
-  %675 = mul nsw i64 %672, 256
-  %676 = add nsw i64 %675, %646
-  %677 = getelementptr inbounds float, ptr %nlb, i64 %676
-  %678 = add nsw i64 %rb101, 5
-  %679 = mul nsw i64 %678, 512
-  %680 = getelementptr inbounds float, ptr %404, i64 %679
-  %681 = mul nsw i64 %678, 256
-  %682 = add nsw i64 %681, %646
-  %683 = getelementptr inbounds float, ptr %nlb, i64 %682
-  %684 = add nsw i64 %rb101, 6
-  %685 = mul nsw i64 %684, 512
-  %686 = getelementptr inbounds float, ptr %404, i64 %685
-  %687 = mul nsw i64 %684, 256
-  %688 = add nsw i64 %687, %646
-  %689 = getelementptr inbounds float, ptr %nlb, i64 %688
-  %690 = add nsw i64 %rb101, 7
-  %691 = mul nsw i64 %690, 512
-  %692 = getelementptr inbounds float, ptr %404, i64 %691
-  %693 = mul nsw i64 %690, 256
-  %694 = add nsw i64 %693, %646
-  %695 = getelementptr inbounds float, ptr %nlb, i64 %694
-  store <8 x float> zeroinitializer, ptr %qacc102, align 4
-  store <8 x float> zeroinitializer, ptr %qacc103, align 4
-  store <8 x float> zeroinitializer, ptr %qacc104, align 4
-  store <8 x float> zeroinitializer, ptr %qacc105, align 4
-  store <8 x float> zeroinitializer, ptr %qacc106, align 4
-  store <8 x float> zeroinitializer, ptr %qacc107, align 4
-  store <8 x float> zeroinitializer, ptr %qacc108, align 4
-  store <8 x float> zeroinitializer, ptr %qacc109, align 4
-  br label %qh.head110
+qb.head43:                                        ; preds = %rb.end49, %gtraining.then
+  %qb46 = phi i64 [ 0, %gtraining.then ], [ %318, %rb.end49 ]
+  %240 = icmp slt i64 %qb46, 32
+  br i1 %240, label %qb.body44, label %qb.end45
 
-qh.head110:                                       ; preds = %qh.body111, %rb.body99
-  %qh113 = phi i64 [ 0, %rb.body99 ], [ %759, %qh.body111 ]
-  %696 = icmp slt i64 %qh113, 512
-  br i1 %696, label %qh.body111, label %qh.end112
+qb.body44:                                        ; preds = %qb.head43
+  %241 = mul nsw i64 %qb46, 8
+  br label %rb.head47
 
-qh.body111:                                       ; preds = %qh.head110
-  %697 = add nsw i64 %qb197, 0
-  %698 = mul nsw i64 %qh113, 8
-  %699 = mul nsw i64 %697, 4096
-  %700 = add nsw i64 %699, %698
-  %701 = getelementptr inbounds float, ptr %noise, i64 %700
-  %702 = load <8 x float>, ptr %701, align 4
-  %703 = getelementptr inbounds float, ptr %650, i64 %qh113
-  %704 = load float, ptr %703, align 4
-  %705 = insertelement <8 x float> poison, float %704, i32 0
-  %706 = shufflevector <8 x float> %705, <8 x float> poison, <8 x i32> zeroinitializer
-  %707 = load <8 x float>, ptr %qacc102, align 4
-  %708 = fmul <8 x float> %706, %702
-  %709 = fadd <8 x float> %707, %708
-  store <8 x float> %709, ptr %qacc102, align 4
-  %710 = getelementptr inbounds float, ptr %656, i64 %qh113
-  %711 = load float, ptr %710, align 4
-  %712 = insertelement <8 x float> poison, float %711, i32 0
-  %713 = shufflevector <8 x float> %712, <8 x float> poison, <8 x i32> zeroinitializer
-  %714 = load <8 x float>, ptr %qacc103, align 4
-  %715 = fmul <8 x float> %713, %702
-  %716 = fadd <8 x float> %714, %715
-  store <8 x float> %716, ptr %qacc103, align 4
-  %717 = getelementptr inbounds float, ptr %662, i64 %qh113
-  %718 = load float, ptr %717, align 4
-  %719 = insertelement <8 x float> poison, float %718, i32 0
-  %720 = shufflevector <8 x float> %719, <8 x float> poison, <8 x i32> zeroinitializer
-  %721 = load <8 x float>, ptr %qacc104, align 4
-  %722 = fmul <8 x float> %720, %702
-  %723 = fadd <8 x float> %721, %722
-  store <8 x float> %723, ptr %qacc104, align 4
-  %724 = getelementptr inbounds float, ptr %668, i64 %qh113
-  %725 = load float, ptr %724, align 4
-  %726 = insertelement <8 x float> poison, float %725, i32 0
-  %727 = shufflevector <8 x float> %726, <8 x float> poison, <8 x i32> zeroinitializer
-  %728 = load <8 x float>, ptr %qacc105, align 4
-  %729 = fmul <8 x float> %727, %702
-  %730 = fadd <8 x float> %728, %729
-  store <8 x float> %730, ptr %qacc105, align 4
-  %731 = getelementptr inbounds float, ptr %674, i64 %qh113
-  %732 = load float, ptr %731, align 4
-  %733 = insertelement <8 x float> poison, float %732, i32 0
-  %734 = shufflevector <8 x float> %733, <8 x float> poison, <8 x i32> zeroinitializer
-  %735 = load <8 x float>, ptr %qacc106, align 4
-  %736 = fmul <8 x float> %734, %702
-  %737 = fadd <8 x float> %735, %736
-  store <8 x float> %737, ptr %qacc106, align 4
-  %738 = getelementptr inbounds float, ptr %680, i64 %qh113
-  %739 = load float, ptr %738, align 4
-  %740 = insertelement <8 x float> poison, float %739, i32 0
-  %741 = shufflevector <8 x float> %740, <8 x float> poison, <8 x i32> zeroinitializer
-  %742 = load <8 x float>, ptr %qacc107, align 4
-  %743 = fmul <8 x float> %741, %702
-  %744 = fadd <8 x float> %742, %743
-  store <8 x float> %744, ptr %qacc107, align 4
-  %745 = getelementptr inbounds float, ptr %686, i64 %qh113
-  %746 = load float, ptr %745, align 4
-  %747 = insertelement <8 x float> poison, float %746, i32 0
-  %748 = shufflevector <8 x float> %747, <8 x float> poison, <8 x i32> zeroinitializer
-  %749 = load <8 x float>, ptr %qacc108, align 4
-  %750 = fmul <8 x float> %748, %702
-  %751 = fadd <8 x float> %749, %750
-  store <8 x float> %751, ptr %qacc108, align 4
-  %752 = getelementptr inbounds float, ptr %692, i64 %qh113
-  %753 = load float, ptr %752, align 4
-  %754 = insertelement <8 x float> poison, float %753, i32 0
-  %755 = shufflevector <8 x float> %754, <8 x float> poison, <8 x i32> zeroinitializer
-  %756 = load <8 x float>, ptr %qacc109, align 4
-  %757 = fmul <8 x float> %755, %702
-  %758 = fadd <8 x float> %756, %757
-  store <8 x float> %758, ptr %qacc109, align 4
-  %759 = add nsw i64 %qh113, 1
-  br label %qh.head110
+rb.head47:                                        ; preds = %qh.end57, %qb.body44
+  %rb50 = phi i64 [ 0, %qb.body44 ], [ %317, %qh.end57 ]
+  %242 = icmp slt i64 %rb50, %full42
+  br i1 %242, label %rb.body48, label %rb.end49
 
-qh.end112:                                        ; preds = %qh.head110
-  %760 = load <8 x float>, ptr %qacc102, align 4
-  %761 = load <8 x float>, ptr %qacc103, align 4
-  %762 = load <8 x float>, ptr %qacc104, align 4
-  %763 = load <8 x float>, ptr %qacc105, align 4
-  %764 = load <8 x float>, ptr %qacc106, align 4
-  %765 = load <8 x float>, ptr %qacc107, align 4
-  %766 = load <8 x float>, ptr %qacc108, align 4
-  %767 = load <8 x float>, ptr %qacc109, align 4
-  %768 = getelementptr inbounds float, ptr %653, i64 0
-  store <8 x float> %760, ptr %768, align 4
-  %769 = getelementptr inbounds float, ptr %659, i64 0
-  store <8 x float> %761, ptr %769, align 4
-  %770 = getelementptr inbounds float, ptr %665, i64 0
-  store <8 x float> %762, ptr %770, align 4
-  %771 = getelementptr inbounds float, ptr %671, i64 0
-  store <8 x float> %763, ptr %771, align 4
-  %772 = getelementptr inbounds float, ptr %677, i64 0
-  store <8 x float> %764, ptr %772, align 4
-  %773 = getelementptr inbounds float, ptr %683, i64 0
-  store <8 x float> %765, ptr %773, align 4
-  %774 = getelementptr inbounds float, ptr %689, i64 0
-  store <8 x float> %766, ptr %774, align 4
-  %775 = getelementptr inbounds float, ptr %695, i64 0
-  store <8 x float> %767, ptr %775, align 4
-  %776 = add nsw i64 %rb101, 8
-  br label %rb.head98
+rb.body48:                                        ; preds = %rb.head47
+  %243 = add nsw i64 %rb50, 0
+  %244 = mul nsw i64 %243, 512
+  %245 = getelementptr inbounds float, ptr %238, i64 %244
+  %246 = mul nsw i64 %243, 256
+  %247 = add nsw i64 %246, %241
+  %248 = getelementptr inbounds float, ptr %nlb, i64 %247
+  %249 = add nsw i64 %rb50, 1
+  %250 = mul nsw i64 %249, 512
+  %251 = getelementptr inbounds float, ptr %238, i64 %250
+  %252 = mul nsw i64 %249, 256
+  %253 = add nsw i64 %252, %241
+  %254 = getelementptr inbounds float, ptr %nlb, i64 %253
+  %255 = add nsw i64 %rb50, 2
+  %256 = mul nsw i64 %255, 512
+  %257 = getelementptr inbounds float, ptr %238, i64 %256
+  %258 = mul nsw i64 %255, 256
+  %259 = add nsw i64 %258, %241
+  %260 = getelementptr inbounds float, ptr %nlb, i64 %259
+  %261 = add nsw i64 %rb50, 3
+  %262 = mul nsw i64 %261, 512
+  %263 = getelementptr inbounds float, ptr %238, i64 %262
+  %264 = mul nsw i64 %261, 256
+  %265 = add nsw i64 %264, %241
+  %266 = getelementptr inbounds float, ptr %nlb, i64 %265
+  store <16 x float> zeroinitializer, ptr %qacc51, align 4
+  store <16 x float> zeroinitializer, ptr %qacc52, align 4
+  store <16 x float> zeroinitializer, ptr %qacc53, align 4
+  store <16 x float> zeroinitializer, ptr %qacc54, align 4
+  br label %qh.head55
 
-rb.end100:                                        ; preds = %rb.head98
-  br label %r1.head114
+qh.head55:                                        ; preds = %qh.body56, %rb.body48
+  %qh58 = phi i64 [ 0, %rb.body48 ], [ %308, %qh.body56 ]
+  %267 = icmp slt i64 %qh58, 512
+  br i1 %267, label %qh.body56, label %qh.end57
 
-r1.head114:                                       ; preds = %qh.end121, %rb.end100
-  %r1117 = phi i64 [ %full51, %rb.end100 ], [ %801, %qh.end121 ]
-  %777 = icmp slt i64 %r1117, %gn
-  br i1 %777, label %r1.body115, label %r1.end116
+qh.body56:                                        ; preds = %qh.head55
+  %268 = add nsw i64 %qb46, 0
+  %269 = mul nsw i64 %qh58, 8
+  %270 = mul nsw i64 %268, 4096
+  %271 = add nsw i64 %270, %269
+  %272 = getelementptr inbounds float, ptr %noise, i64 %271
+  %273 = load <8 x float>, ptr %272, align 4
+  %274 = add nsw i64 %qb46, 1
+  %275 = mul nsw i64 %qh58, 8
+  %276 = mul nsw i64 %274, 4096
+  %277 = add nsw i64 %276, %275
+  %278 = getelementptr inbounds float, ptr %noise, i64 %277
+  %279 = load <8 x float>, ptr %278, align 4
+  %w1659 = shufflevector <8 x float> %273, <8 x float> %279, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %280 = getelementptr inbounds float, ptr %245, i64 %qh58
+  %281 = load float, ptr %280, align 4
+  %282 = insertelement <16 x float> poison, float %281, i32 0
+  %283 = shufflevector <16 x float> %282, <16 x float> poison, <16 x i32> zeroinitializer
+  %284 = load <16 x float>, ptr %qacc51, align 4
+  %285 = fmul <16 x float> %283, %w1659
+  %286 = fadd <16 x float> %284, %285
+  store <16 x float> %286, ptr %qacc51, align 4
+  %287 = getelementptr inbounds float, ptr %251, i64 %qh58
+  %288 = load float, ptr %287, align 4
+  %289 = insertelement <16 x float> poison, float %288, i32 0
+  %290 = shufflevector <16 x float> %289, <16 x float> poison, <16 x i32> zeroinitializer
+  %291 = load <16 x float>, ptr %qacc52, align 4
+  %292 = fmul <16 x float> %290, %w1659
+  %293 = fadd <16 x float> %291, %292
+  store <16 x float> %293, ptr %qacc52, align 4
+  %294 = getelementptr inbounds float, ptr %257, i64 %qh58
+  %295 = load float, ptr %294, align 4
+  %296 = insertelement <16 x float> poison, float %295, i32 0
+  %297 = shufflevector <16 x float> %296, <16 x float> poison, <16 x i32> zeroinitializer
+  %298 = load <16 x float>, ptr %qacc53, align 4
+  %299 = fmul <16 x float> %297, %w1659
+  %300 = fadd <16 x float> %298, %299
+  store <16 x float> %300, ptr %qacc53, align 4
+  %301 = getelementptr inbounds float, ptr %263, i64 %qh58
+  %302 = load float, ptr %301, align 4
+  %303 = insertelement <16 x float> poison, float %302, i32 0
+  %304 = shufflevector <16 x float> %303, <16 x float> poison, <16 x i32> zeroinitializer
+  %305 = load <16 x float>, ptr %qacc54, align 4
+  %306 = fmul <16 x float> %304, %w1659
+  %307 = fadd <16 x float> %305, %306
+  store <16 x float> %307, ptr %qacc54, align 4
+  %308 = add nsw i64 %qh58, 1
+  br label %qh.head55
 
-r1.body115:                                       ; preds = %r1.head114
-  %778 = add nsw i64 %r1117, 0
-  %779 = mul nsw i64 %778, 512
-  %780 = getelementptr inbounds float, ptr %404, i64 %779
-  %781 = mul nsw i64 %778, 256
-  %782 = add nsw i64 %781, %646
-  %783 = getelementptr inbounds float, ptr %nlb, i64 %782
-  store <8 x float> zeroinitializer, ptr %qacc118, align 4
-  br label %qh.head119
+qh.end57:                                         ; preds = %qh.head55
+  %309 = load <16 x float>, ptr %qacc51, align 4
+  %310 = load <16 x float>, ptr %qacc52, align 4
+  %311 = load <16 x float>, ptr %qacc53, align 4
+  %312 = load <16 x float>, ptr %qacc54, align 4
+  %313 = getelementptr inbounds float, ptr %248, i64 0
+  store <16 x float> %309, ptr %313, align 4
+  %314 = getelementptr inbounds float, ptr %254, i64 0
+  store <16 x float> %310, ptr %314, align 4
+  %315 = getelementptr inbounds float, ptr %260, i64 0
+  store <16 x float> %311, ptr %315, align 4
+  %316 = getelementptr inbounds float, ptr %266, i64 0
+  store <16 x float> %312, ptr %316, align 4
+  %317 = add nsw i64 %rb50, 4
+  br label %rb.head47
 
-qh.head119:                                       ; preds = %qh.body120, %r1.body115
-  %qh122 = phi i64 [ 0, %r1.body115 ], [ %798, %qh.body120 ]
-  %784 = icmp slt i64 %qh122, 512
-  br i1 %784, label %qh.body120, label %qh.end121
+rb.end49:                                         ; preds = %rb.head47
+  %318 = add nsw i64 %qb46, 2
+  br label %qb.head43
 
-qh.body120:                                       ; preds = %qh.head119
-  %785 = add nsw i64 %qb197, 0
-  %786 = mul nsw i64 %qh122, 8
-  %787 = mul nsw i64 %785, 4096
-  %788 = add nsw i64 %787, %786
-  %789 = getelementptr inbounds float, ptr %noise, i64 %788
-  %790 = load <8 x float>, ptr %789, align 4
-  %791 = getelementptr inbounds float, ptr %780, i64 %qh122
-  %792 = load float, ptr %791, align 4
-  %793 = insertelement <8 x float> poison, float %792, i32 0
-  %794 = shufflevector <8 x float> %793, <8 x float> poison, <8 x i32> zeroinitializer
-  %795 = load <8 x float>, ptr %qacc118, align 4
-  %796 = fmul <8 x float> %794, %790
-  %797 = fadd <8 x float> %795, %796
-  store <8 x float> %797, ptr %qacc118, align 4
-  %798 = add nsw i64 %qh122, 1
-  br label %qh.head119
+qb.end45:                                         ; preds = %qb.head43
+  br label %qb1.head60
 
-qh.end121:                                        ; preds = %qh.head119
-  %799 = load <8 x float>, ptr %qacc118, align 4
-  %800 = getelementptr inbounds float, ptr %783, i64 0
-  store <8 x float> %799, ptr %800, align 4
-  %801 = add nsw i64 %r1117, 1
-  br label %r1.head114
+qb1.head60:                                       ; preds = %rb.end66, %qb.end45
+  %qb163 = phi i64 [ 32, %qb.end45 ], [ %391, %rb.end66 ]
+  %319 = icmp slt i64 %qb163, 32
+  br i1 %319, label %qb1.body61, label %qb1.end62
 
-r1.end116:                                        ; preds = %r1.head114
-  %802 = add nsw i64 %qb197, 1
-  br label %qb1.head94
+qb1.body61:                                       ; preds = %qb1.head60
+  %320 = mul nsw i64 %qb163, 8
+  br label %rb.head64
 
-qb1.end96:                                        ; preds = %qb1.head94
+rb.head64:                                        ; preds = %qh.end74, %qb1.body61
+  %rb67 = phi i64 [ 0, %qb1.body61 ], [ %390, %qh.end74 ]
+  %321 = icmp slt i64 %rb67, %full42
+  br i1 %321, label %rb.body65, label %rb.end66
+
+rb.body65:                                        ; preds = %rb.head64
+  %322 = add nsw i64 %rb67, 0
+  %323 = mul nsw i64 %322, 512
+  %324 = getelementptr inbounds float, ptr %238, i64 %323
+  %325 = mul nsw i64 %322, 256
+  %326 = add nsw i64 %325, %320
+  %327 = getelementptr inbounds float, ptr %nlb, i64 %326
+  %328 = add nsw i64 %rb67, 1
+  %329 = mul nsw i64 %328, 512
+  %330 = getelementptr inbounds float, ptr %238, i64 %329
+  %331 = mul nsw i64 %328, 256
+  %332 = add nsw i64 %331, %320
+  %333 = getelementptr inbounds float, ptr %nlb, i64 %332
+  %334 = add nsw i64 %rb67, 2
+  %335 = mul nsw i64 %334, 512
+  %336 = getelementptr inbounds float, ptr %238, i64 %335
+  %337 = mul nsw i64 %334, 256
+  %338 = add nsw i64 %337, %320
+  %339 = getelementptr inbounds float, ptr %nlb, i64 %338
+  %340 = add nsw i64 %rb67, 3
+  %341 = mul nsw i64 %340, 512
+  %342 = getelementptr inbounds float, ptr %238, i64 %341
+  %343 = mul nsw i64 %340, 256
+  %344 = add nsw i64 %343, %320
+  %345 = getelementptr inbounds float, ptr %nlb, i64 %344
+  store <8 x float> zeroinitializer, ptr %qacc68, align 4
+  store <8 x float> zeroinitializer, ptr %qacc69, align 4
+  store <8 x float> zeroinitializer, ptr %qacc70, align 4
+  store <8 x float> zeroinitializer, ptr %qacc71, align 4
+  br label %qh.head72
+
+qh.head72:                                        ; preds = %qh.body73, %rb.body65
+  %qh75 = phi i64 [ 0, %rb.body65 ], [ %381, %qh.body73 ]
+  %346 = icmp slt i64 %qh75, 512
+  br i1 %346, label %qh.body73, label %qh.end74
+
+qh.body73:                                        ; preds = %qh.head72
+  %347 = add nsw i64 %qb163, 0
+  %348 = mul nsw i64 %qh75, 8
+  %349 = mul nsw i64 %347, 4096
+  %350 = add nsw i64 %349, %348
+  %351 = getelementptr inbounds float, ptr %noise, i64 %350
+  %352 = load <8 x float>, ptr %351, align 4
+  %353 = getelementptr inbounds float, ptr %324, i64 %qh75
+  %354 = load float, ptr %353, align 4
+  %355 = insertelement <8 x float> poison, float %354, i32 0
+  %356 = shufflevector <8 x float> %355, <8 x float> poison, <8 x i32> zeroinitializer
+  %357 = load <8 x float>, ptr %qacc68, align 4
+  %358 = fmul <8 x float> %356, %352
+  %359 = fadd <8 x float> %357, %358
+  store <8 x float> %359, ptr %qacc68, align 4
+  %360 = getelementptr inbounds float, ptr %330, i64 %qh75
+  %361 = load float, ptr %360, align 4
+  %362 = insertelement <8 x float> poison, float %361, i32 0
+  %363 = shufflevector <8 x float> %362, <8 x float> poison, <8 x i32> zeroinitializer
+  %364 = load <8 x float>, ptr %qacc69, align 4
+  %365 = fmul <8 x float> %363, %352
+  %366 = fadd <8 x float> %364, %365
+  store <8 x float> %366, ptr %qacc69, align 4
+  %367 = getelementptr inbounds float, ptr %336, i64 %qh75
+  %368 = load float, ptr %367, align 4
+  %369 = insertelement <8 x float> poison, float %368, i32 0
+  %370 = shufflevector <8 x float> %369, <8 x float> poison, <8 x i32> zeroinitializer
+  %371 = load <8 x float>, ptr %qacc70, align 4
+  %372 = fmul <8 x float> %370, %352
+  %373 = fadd <8 x float> %371, %372
+  store <8 x float> %373, ptr %qacc70, align 4
+  %374 = getelementptr inbounds float, ptr %342, i64 %qh75
+  %375 = load float, ptr %374, align 4
+  %376 = insertelement <8 x float> poison, float %375, i32 0
+  %377 = shufflevector <8 x float> %376, <8 x float> poison, <8 x i32> zeroinitializer
+  %378 = load <8 x float>, ptr %qacc71, align 4
+  %379 = fmul <8 x float> %377, %352
+  %380 = fadd <8 x float> %378, %379
+  store <8 x float> %380, ptr %qacc71, align 4
+  %381 = add nsw i64 %qh75, 1
+  br label %qh.head72
+
+qh.end74:                                         ; preds = %qh.head72
+  %382 = load <8 x float>, ptr %qacc68, align 4
+  %383 = load <8 x float>, ptr %qacc69, align 4
+  %384 = load <8 x float>, ptr %qacc70, align 4
+  %385 = load <8 x float>, ptr %qacc71, align 4
+  %386 = getelementptr inbounds float, ptr %327, i64 0
+  store <8 x float> %382, ptr %386, align 4
+  %387 = getelementptr inbounds float, ptr %333, i64 0
+  store <8 x float> %383, ptr %387, align 4
+  %388 = getelementptr inbounds float, ptr %339, i64 0
+  store <8 x float> %384, ptr %388, align 4
+  %389 = getelementptr inbounds float, ptr %345, i64 0
+  store <8 x float> %385, ptr %389, align 4
+  %390 = add nsw i64 %rb67, 4
+  br label %rb.head64
+
+rb.end66:                                         ; preds = %rb.head64
+  %391 = add nsw i64 %qb163, 1
+  br label %qb1.head60
+
+qb1.end62:                                        ; preds = %qb1.head60
+  br label %qb.head76
+
+qb.head76:                                        ; preds = %r1.end82, %qb1.end62
+  %qb79 = phi i64 [ 0, %qb1.end62 ], [ %442, %r1.end82 ]
+  %392 = icmp slt i64 %qb79, 32
+  br i1 %392, label %qb.body77, label %qb.end78
+
+qb.body77:                                        ; preds = %qb.head76
+  %393 = mul nsw i64 %qb79, 8
+  br label %r1.head80
+
+r1.head80:                                        ; preds = %qh.end88, %qb.body77
+  %r183 = phi i64 [ %full42, %qb.body77 ], [ %441, %qh.end88 ]
+  %394 = icmp slt i64 %r183, %gn
+  br i1 %394, label %r1.body81, label %r1.end82
+
+r1.body81:                                        ; preds = %r1.head80
+  %395 = add nsw i64 %r183, 0
+  %396 = mul nsw i64 %395, 512
+  %397 = getelementptr inbounds float, ptr %238, i64 %396
+  %398 = mul nsw i64 %395, 256
+  %399 = add nsw i64 %398, %393
+  %400 = getelementptr inbounds float, ptr %nlb, i64 %399
+  store <16 x float> zeroinitializer, ptr %qacc84, align 4
+  store <16 x float> zeroinitializer, ptr %qacc85, align 4
+  br label %qh.head86
+
+qh.head86:                                        ; preds = %qh.body87, %r1.body81
+  %qh89 = phi i64 [ 0, %r1.body81 ], [ %436, %qh.body87 ]
+  %401 = icmp slt i64 %qh89, 512
+  br i1 %401, label %qh.body87, label %qh.end88
+
+qh.body87:                                        ; preds = %qh.head86
+  %402 = add nsw i64 %qb79, 0
+  %403 = mul nsw i64 %qh89, 8
+  %404 = mul nsw i64 %402, 4096
+  %405 = add nsw i64 %404, %403
+  %406 = getelementptr inbounds float, ptr %noise, i64 %405
+  %407 = load <8 x float>, ptr %406, align 4
+  %408 = add nsw i64 %qb79, 1
+  %409 = mul nsw i64 %qh89, 8
+  %410 = mul nsw i64 %408, 4096
+  %411 = add nsw i64 %410, %409
+  %412 = getelementptr inbounds float, ptr %noise, i64 %411
+  %413 = load <8 x float>, ptr %412, align 4
+  %w1690 = shufflevector <8 x float> %407, <8 x float> %413, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %414 = add nsw i64 %qb79, 2
+  %415 = mul nsw i64 %qh89, 8
+  %416 = mul nsw i64 %414, 4096
+  %417 = add nsw i64 %416, %415
+  %418 = getelementptr inbounds float, ptr %noise, i64 %417
+  %419 = load <8 x float>, ptr %418, align 4
+  %420 = add nsw i64 %qb79, 3
+  %421 = mul nsw i64 %qh89, 8
+  %422 = mul nsw i64 %420, 4096
+  %423 = add nsw i64 %422, %421
+  %424 = getelementptr inbounds float, ptr %noise, i64 %423
+  %425 = load <8 x float>, ptr %424, align 4
+  %w1691 = shufflevector <8 x float> %419, <8 x float> %425, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %426 = getelementptr inbounds float, ptr %397, i64 %qh89
+  %427 = load float, ptr %426, align 4
+  %428 = insertelement <16 x float> poison, float %427, i32 0
+  %429 = shufflevector <16 x float> %428, <16 x float> poison, <16 x i32> zeroinitializer
+  %430 = load <16 x float>, ptr %qacc84, align 4
+  %431 = fmul <16 x float> %429, %w1690
+  %432 = fadd <16 x float> %430, %431
+  store <16 x float> %432, ptr %qacc84, align 4
+  %433 = load <16 x float>, ptr %qacc85, align 4
+  %434 = fmul <16 x float> %429, %w1691
+  %435 = fadd <16 x float> %433, %434
+  store <16 x float> %435, ptr %qacc85, align 4
+  %436 = add nsw i64 %qh89, 1
+  br label %qh.head86
+
+qh.end88:                                         ; preds = %qh.head86
+  %437 = load <16 x float>, ptr %qacc84, align 4
+  %438 = load <16 x float>, ptr %qacc85, align 4
+  %439 = getelementptr inbounds float, ptr %400, i64 0
+  store <16 x float> %437, ptr %439, align 4
+  %440 = getelementptr inbounds float, ptr %400, i64 16
+  store <16 x float> %438, ptr %440, align 4
+  %441 = add nsw i64 %r183, 1
+  br label %r1.head80
+
+r1.end82:                                         ; preds = %r1.head80
+  %442 = add nsw i64 %qb79, 4
+  br label %qb.head76
+
+qb.end78:                                         ; preds = %qb.head76
+  br label %qb1.head92
+
+qb1.head92:                                       ; preds = %r1.end98, %qb.end78
+  %qb195 = phi i64 [ 32, %qb.end78 ], [ %470, %r1.end98 ]
+  %443 = icmp slt i64 %qb195, 32
+  br i1 %443, label %qb1.body93, label %qb1.end94
+
+qb1.body93:                                       ; preds = %qb1.head92
+  %444 = mul nsw i64 %qb195, 8
+  br label %r1.head96
+
+r1.head96:                                        ; preds = %qh.end103, %qb1.body93
+  %r199 = phi i64 [ %full42, %qb1.body93 ], [ %469, %qh.end103 ]
+  %445 = icmp slt i64 %r199, %gn
+  br i1 %445, label %r1.body97, label %r1.end98
+
+r1.body97:                                        ; preds = %r1.head96
+  %446 = add nsw i64 %r199, 0
+  %447 = mul nsw i64 %446, 512
+  %448 = getelementptr inbounds float, ptr %238, i64 %447
+  %449 = mul nsw i64 %446, 256
+  %450 = add nsw i64 %449, %444
+  %451 = getelementptr inbounds float, ptr %nlb, i64 %450
+  store <8 x float> zeroinitializer, ptr %qacc100, align 4
+  br label %qh.head101
+
+qh.head101:                                       ; preds = %qh.body102, %r1.body97
+  %qh104 = phi i64 [ 0, %r1.body97 ], [ %466, %qh.body102 ]
+  %452 = icmp slt i64 %qh104, 512
+  br i1 %452, label %qh.body102, label %qh.end103
+
+qh.body102:                                       ; preds = %qh.head101
+  %453 = add nsw i64 %qb195, 0
+  %454 = mul nsw i64 %qh104, 8
+  %455 = mul nsw i64 %453, 4096
+  %456 = add nsw i64 %455, %454
+  %457 = getelementptr inbounds float, ptr %noise, i64 %456
+  %458 = load <8 x float>, ptr %457, align 4
+  %459 = getelementptr inbounds float, ptr %448, i64 %qh104
+  %460 = load float, ptr %459, align 4
+  %461 = insertelement <8 x float> poison, float %460, i32 0
+  %462 = shufflevector <8 x float> %461, <8 x float> poison, <8 x i32> zeroinitializer
+  %463 = load <8 x float>, ptr %qacc100, align 4
+  %464 = fmul <8 x float> %462, %458
+  %465 = fadd <8 x float> %463, %464
+  store <8 x float> %465, ptr %qacc100, align 4
+  %466 = add nsw i64 %qh104, 1
+  br label %qh.head101
+
+qh.end103:                                        ; preds = %qh.head101
+  %467 = load <8 x float>, ptr %qacc100, align 4
+  %468 = getelementptr inbounds float, ptr %451, i64 0
+  store <8 x float> %467, ptr %468, align 4
+  %469 = add nsw i64 %r199, 1
+  br label %r1.head96
+
+r1.end98:                                         ; preds = %r1.head96
+  %470 = add nsw i64 %qb195, 1
+  br label %qb1.head92
+
+qb1.end94:                                        ; preds = %qb1.head92
   br label %gtraining.end
 
-gtraining.end:                                    ; preds = %qb1.end96, %qb1.end
-  %803 = mul nsw i64 %tg, 512
-  %804 = getelementptr inbounds float, ptr %x, i64 %803
-  %805 = sdiv i64 %gn, 8
-  %full123 = mul i64 %805, 8
-  br label %qb.head124
+gtraining.end:                                    ; preds = %qb1.end94, %qb1.end30
+  %471 = mul nsw i64 %tg, 512
+  %472 = getelementptr inbounds float, ptr %x, i64 %471
+  %473 = sdiv i64 %gn, 4
+  %full105 = mul i64 %473, 4
+  br label %qb.head106
 
-qb.head124:                                       ; preds = %r1.end156, %gtraining.end
-  %qb127 = phi i64 [ 0, %gtraining.end ], [ %1044, %r1.end156 ]
-  %806 = icmp slt i64 %qb127, 0
-  br i1 %806, label %qb.body125, label %qb.end126
+qb.head106:                                       ; preds = %rb.end112, %gtraining.end
+  %qb109 = phi i64 [ 0, %gtraining.end ], [ %552, %rb.end112 ]
+  %474 = icmp slt i64 %qb109, 2
+  br i1 %474, label %qb.body107, label %qb.end108
 
-qb.body125:                                       ; preds = %qb.head124
-  %807 = mul nsw i64 %qb127, 8
-  br label %rb.head128
+qb.body107:                                       ; preds = %qb.head106
+  %475 = mul nsw i64 %qb109, 8
+  br label %rb.head110
 
-rb.head128:                                       ; preds = %qh.end150, %qb.body125
-  %rb131 = phi i64 [ 0, %qb.body125 ], [ %995, %qh.end150 ]
-  %808 = icmp slt i64 %rb131, %full123
-  br i1 %808, label %rb.body129, label %rb.end130
+rb.head110:                                       ; preds = %qh.end120, %qb.body107
+  %rb113 = phi i64 [ 0, %qb.body107 ], [ %551, %qh.end120 ]
+  %476 = icmp slt i64 %rb113, %full105
+  br i1 %476, label %rb.body111, label %rb.end112
 
-rb.body129:                                       ; preds = %rb.head128
-  %809 = add nsw i64 %rb131, 0
-  %810 = mul nsw i64 %809, 512
-  %811 = getelementptr inbounds float, ptr %804, i64 %810
-  %812 = mul nsw i64 %809, 16
-  %813 = add nsw i64 %812, %807
-  %814 = getelementptr inbounds float, ptr %glb, i64 %813
-  %815 = add nsw i64 %rb131, 1
-  %816 = mul nsw i64 %815, 512
-  %817 = getelementptr inbounds float, ptr %804, i64 %816
-  %818 = mul nsw i64 %815, 16
-  %819 = add nsw i64 %818, %807
-  %820 = getelementptr inbounds float, ptr %glb, i64 %819
-  %821 = add nsw i64 %rb131, 2
-  %822 = mul nsw i64 %821, 512
-  %823 = getelementptr inbounds float, ptr %804, i64 %822
-  %824 = mul nsw i64 %821, 16
-  %825 = add nsw i64 %824, %807
-  %826 = getelementptr inbounds float, ptr %glb, i64 %825
-  %827 = add nsw i64 %rb131, 3
-  %828 = mul nsw i64 %827, 512
-  %829 = getelementptr inbounds float, ptr %804, i64 %828
-  %830 = mul nsw i64 %827, 16
-  %831 = add nsw i64 %830, %807
-  %832 = getelementptr inbounds float, ptr %glb, i64 %831
-  %833 = add nsw i64 %rb131, 4
-  %834 = mul nsw i64 %833, 512
-  %835 = getelementptr inbounds float, ptr %804, i64 %834
-  %836 = mul nsw i64 %833, 16
-  %837 = add nsw i64 %836, %807
-  %838 = getelementptr inbounds float, ptr %glb, i64 %837
-  %839 = add nsw i64 %rb131, 5
-  %840 = mul nsw i64 %839, 512
-  %841 = getelementptr inbounds float, ptr %804, i64 %840
-  %842 = mul nsw i64 %839, 16
-  %843 = add nsw i64 %842, %807
-  %844 = getelementptr inbounds float, ptr %glb, i64 %843
-  %845 = add nsw i64 %rb131, 6
-  %846 = mul nsw i64 %845, 512
-  %847 = getelementptr inbounds float, ptr %804, i64 %846
-  %848 = mul nsw i64 %845, 16
-  %849 = add nsw i64 %848, %807
-  %850 = getelementptr inbounds float, ptr %glb, i64 %849
-  %851 = add nsw i64 %rb131, 7
-  %852 = mul nsw i64 %851, 512
-  %853 = getelementptr inbounds float, ptr %804, i64 %852
-  %854 = mul nsw i64 %851, 16
-  %855 = add nsw i64 %854, %807
-  %856 = getelementptr inbounds float, ptr %glb, i64 %855
-  store <16 x float> zeroinitializer, ptr %qacc132, align 4
-  store <16 x float> zeroinitializer, ptr %qacc133, align 4
-  store <16 x float> zeroinitializer, ptr %qacc134, align 4
-  store <16 x float> zeroinitializer, ptr %qacc135, align 4
-  store <16 x float> zeroinitializer, ptr %qacc136, align 4
-  store <16 x float> zeroinitializer, ptr %qacc137, align 4
-  store <16 x float> zeroinitializer, ptr %qacc138, align 4
-  store <16 x float> zeroinitializer, ptr %qacc139, align 4
-  store <16 x float> zeroinitializer, ptr %qacc140, align 4
-  store <16 x float> zeroinitializer, ptr %qacc141, align 4
-  store <16 x float> zeroinitializer, ptr %qacc142, align 4
-  store <16 x float> zeroinitializer, ptr %qacc143, align 4
-  store <16 x float> zeroinitializer, ptr %qacc144, align 4
-  store <16 x float> zeroinitializer, ptr %qacc145, align 4
-  store <16 x float> zeroinitializer, ptr %qacc146, align 4
+rb.body111:                                       ; preds = %rb.head110
+  %477 = add nsw i64 %rb113, 0
+  %478 = mul nsw i64 %477, 512
+  %479 = getelementptr inbounds float, ptr %472, i64 %478
+  %480 = mul nsw i64 %477, 16
+  %481 = add nsw i64 %480, %475
+  %482 = getelementptr inbounds float, ptr %glb, i64 %481
+  %483 = add nsw i64 %rb113, 1
+  %484 = mul nsw i64 %483, 512
+  %485 = getelementptr inbounds float, ptr %472, i64 %484
+  %486 = mul nsw i64 %483, 16
+  %487 = add nsw i64 %486, %475
+  %488 = getelementptr inbounds float, ptr %glb, i64 %487
+  %489 = add nsw i64 %rb113, 2
+  %490 = mul nsw i64 %489, 512
+  %491 = getelementptr inbounds float, ptr %472, i64 %490
+  %492 = mul nsw i64 %489, 16
+  %493 = add nsw i64 %492, %475
+  %494 = getelementptr inbounds float, ptr %glb, i64 %493
+  %495 = add nsw i64 %rb113, 3
+  %496 = mul nsw i64 %495, 512
+  %497 = getelementptr inbounds float, ptr %472, i64 %496
+  %498 = mul nsw i64 %495, 16
+  %499 = add nsw i64 %498, %475
+  %500 = getelementptr inbounds float, ptr %glb, i64 %499
+  store <16 x float> zeroinitializer, ptr %qacc114, align 4
+  store <16 x float> zeroinitializer, ptr %qacc115, align 4
+  store <16 x float> zeroinitializer, ptr %qacc116, align 4
+  store <16 x float> zeroinitializer, ptr %qacc117, align 4
+  br label %qh.head118
+
+qh.head118:                                       ; preds = %qh.body119, %rb.body111
+  %qh121 = phi i64 [ 0, %rb.body111 ], [ %542, %qh.body119 ]
+  %501 = icmp slt i64 %qh121, 512
+  br i1 %501, label %qh.body119, label %qh.end120
+
+qh.body119:                                       ; preds = %qh.head118
+  %502 = add nsw i64 %qb109, 0
+  %503 = mul nsw i64 %qh121, 8
+  %504 = mul nsw i64 %502, 4096
+  %505 = add nsw i64 %504, %503
+  %506 = getelementptr inbounds float, ptr %group, i64 %505
+  %507 = load <8 x float>, ptr %506, align 4
+  %508 = add nsw i64 %qb109, 1
+  %509 = mul nsw i64 %qh121, 8
+  %510 = mul nsw i64 %508, 4096
+  %511 = add nsw i64 %510, %509
+  %512 = getelementptr inbounds float, ptr %group, i64 %511
+  %513 = load <8 x float>, ptr %512, align 4
+  %w16122 = shufflevector <8 x float> %507, <8 x float> %513, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %514 = getelementptr inbounds float, ptr %479, i64 %qh121
+  %515 = load float, ptr %514, align 4
+  %516 = insertelement <16 x float> poison, float %515, i32 0
+  %517 = shufflevector <16 x float> %516, <16 x float> poison, <16 x i32> zeroinitializer
+  %518 = load <16 x float>, ptr %qacc114, align 4
+  %519 = fmul <16 x float> %517, %w16122
+  %520 = fadd <16 x float> %518, %519
+  store <16 x float> %520, ptr %qacc114, align 4
+  %521 = getelementptr inbounds float, ptr %485, i64 %qh121
+  %522 = load float, ptr %521, align 4
+  %523 = insertelement <16 x float> poison, float %522, i32 0
+  %524 = shufflevector <16 x float> %523, <16 x float> poison, <16 x i32> zeroinitializer
+  %525 = load <16 x float>, ptr %qacc115, align 4
+  %526 = fmul <16 x float> %524, %w16122
+  %527 = fadd <16 x float> %525, %526
+  store <16 x float> %527, ptr %qacc115, align 4
+  %528 = getelementptr inbounds float, ptr %491, i64 %qh121
+  %529 = load float, ptr %528, align 4
+  %530 = insertelement <16 x float> poison, float %529, i32 0
+  %531 = shufflevector <16 x float> %530, <16 x float> poison, <16 x i32> zeroinitializer
+  %532 = load <16 x float>, ptr %qacc116, align 4
+  %533 = fmul <16 x float> %531, %w16122
+  %534 = fadd <16 x float> %532, %533
+  store <16 x float> %534, ptr %qacc116, align 4
+  %535 = getelementptr inbounds float, ptr %497, i64 %qh121
+  %536 = load float, ptr %535, align 4
+  %537 = insertelement <16 x float> poison, float %536, i32 0
+  %538 = shufflevector <16 x float> %537, <16 x float> poison, <16 x i32> zeroinitializer
+  %539 = load <16 x float>, ptr %qacc117, align 4
+  %540 = fmul <16 x float> %538, %w16122
+  %541 = fadd <16 x float> %539, %540
+  store <16 x float> %541, ptr %qacc117, align 4
+  %542 = add nsw i64 %qh121, 1
+  br label %qh.head118
+
+qh.end120:                                        ; preds = %qh.head118
+  %543 = load <16 x float>, ptr %qacc114, align 4
+  %544 = load <16 x float>, ptr %qacc115, align 4
+  %545 = load <16 x float>, ptr %qacc116, align 4
+  %546 = load <16 x float>, ptr %qacc117, align 4
+  %547 = getelementptr inbounds float, ptr %482, i64 0
+  store <16 x float> %543, ptr %547, align 4
+  %548 = getelementptr inbounds float, ptr %488, i64 0
+  store <16 x float> %544, ptr %548, align 4
+  %549 = getelementptr inbounds float, ptr %494, i64 0
+  store <16 x float> %545, ptr %549, align 4
+  %550 = getelementptr inbounds float, ptr %500, i64 0
+  store <16 x float> %546, ptr %550, align 4
+  %551 = add nsw i64 %rb113, 4
+  br label %rb.head110
+
+rb.end112:                                        ; preds = %rb.head110
+  %552 = add nsw i64 %qb109, 2
+  br label %qb.head106
+
+qb.end108:                                        ; preds = %qb.head106
+  br label %qb1.head123
+
+qb1.head123:                                      ; preds = %rb.end129, %qb.end108
+  %qb1126 = phi i64 [ 2, %qb.end108 ], [ %625, %rb.end129 ]
+  %553 = icmp slt i64 %qb1126, 2
+  br i1 %553, label %qb1.body124, label %qb1.end125
+
+qb1.body124:                                      ; preds = %qb1.head123
+  %554 = mul nsw i64 %qb1126, 8
+  br label %rb.head127
+
+rb.head127:                                       ; preds = %qh.end137, %qb1.body124
+  %rb130 = phi i64 [ 0, %qb1.body124 ], [ %624, %qh.end137 ]
+  %555 = icmp slt i64 %rb130, %full105
+  br i1 %555, label %rb.body128, label %rb.end129
+
+rb.body128:                                       ; preds = %rb.head127
+  %556 = add nsw i64 %rb130, 0
+  %557 = mul nsw i64 %556, 512
+  %558 = getelementptr inbounds float, ptr %472, i64 %557
+  %559 = mul nsw i64 %556, 16
+  %560 = add nsw i64 %559, %554
+  %561 = getelementptr inbounds float, ptr %glb, i64 %560
+  %562 = add nsw i64 %rb130, 1
+  %563 = mul nsw i64 %562, 512
+  %564 = getelementptr inbounds float, ptr %472, i64 %563
+  %565 = mul nsw i64 %562, 16
+  %566 = add nsw i64 %565, %554
+  %567 = getelementptr inbounds float, ptr %glb, i64 %566
+  %568 = add nsw i64 %rb130, 2
+  %569 = mul nsw i64 %568, 512
+  %570 = getelementptr inbounds float, ptr %472, i64 %569
+  %571 = mul nsw i64 %568, 16
+  %572 = add nsw i64 %571, %554
+  %573 = getelementptr inbounds float, ptr %glb, i64 %572
+  %574 = add nsw i64 %rb130, 3
+  %575 = mul nsw i64 %574, 512
+  %576 = getelementptr inbounds float, ptr %472, i64 %575
+  %577 = mul nsw i64 %574, 16
+  %578 = add nsw i64 %577, %554
+  %579 = getelementptr inbounds float, ptr %glb, i64 %578
+  store <8 x float> zeroinitializer, ptr %qacc131, align 4
+  store <8 x float> zeroinitializer, ptr %qacc132, align 4
+  store <8 x float> zeroinitializer, ptr %qacc133, align 4
+  store <8 x float> zeroinitializer, ptr %qacc134, align 4
+  br label %qh.head135
+
+qh.head135:                                       ; preds = %qh.body136, %rb.body128
+  %qh138 = phi i64 [ 0, %rb.body128 ], [ %615, %qh.body136 ]
+  %580 = icmp slt i64 %qh138, 512
+  br i1 %580, label %qh.body136, label %qh.end137
+
+qh.body136:                                       ; preds = %qh.head135
+  %581 = add nsw i64 %qb1126, 0
+  %582 = mul nsw i64 %qh138, 8
+  %583 = mul nsw i64 %581, 4096
+  %584 = add nsw i64 %583, %582
+  %585 = getelementptr inbounds float, ptr %group, i64 %584
+  %586 = load <8 x float>, ptr %585, align 4
+  %587 = getelementptr inbounds float, ptr %558, i64 %qh138
+  %588 = load float, ptr %587, align 4
+  %589 = insertelement <8 x float> poison, float %588, i32 0
+  %590 = shufflevector <8 x float> %589, <8 x float> poison, <8 x i32> zeroinitializer
+  %591 = load <8 x float>, ptr %qacc131, align 4
+  %592 = fmul <8 x float> %590, %586
+  %593 = fadd <8 x float> %591, %592
+  store <8 x float> %593, ptr %qacc131, align 4
+  %594 = getelementptr inbounds float, ptr %564, i64 %qh138
+  %595 = load float, ptr %594, align 4
+  %596 = insertelement <8 x float> poison, float %595, i32 0
+  %597 = shufflevector <8 x float> %596, <8 x float> poison, <8 x i32> zeroinitializer
+  %598 = load <8 x float>, ptr %qacc132, align 4
+  %599 = fmul <8 x float> %597, %586
+  %600 = fadd <8 x float> %598, %599
+  store <8 x float> %600, ptr %qacc132, align 4
+  %601 = getelementptr inbounds float, ptr %570, i64 %qh138
+  %602 = load float, ptr %601, align 4
+  %603 = insertelement <8 x float> poison, float %602, i32 0
+  %604 = shufflevector <8 x float> %603, <8 x float> poison, <8 x i32> zeroinitializer
+  %605 = load <8 x float>, ptr %qacc133, align 4
+  %606 = fmul <8 x float> %604, %586
+  %607 = fadd <8 x float> %605, %606
+  store <8 x float> %607, ptr %qacc133, align 4
+  %608 = getelementptr inbounds float, ptr %576, i64 %qh138
+  %609 = load float, ptr %608, align 4
+  %610 = insertelement <8 x float> poison, float %609, i32 0
+  %611 = shufflevector <8 x float> %610, <8 x float> poison, <8 x i32> zeroinitializer
+  %612 = load <8 x float>, ptr %qacc134, align 4
+  %613 = fmul <8 x float> %611, %586
+  %614 = fadd <8 x float> %612, %613
+  store <8 x float> %614, ptr %qacc134, align 4
+  %615 = add nsw i64 %qh138, 1
+  br label %qh.head135
+
+qh.end137:                                        ; preds = %qh.head135
+  %616 = load <8 x float>, ptr %qacc131, align 4
+  %617 = load <8 x float>, ptr %qacc132, align 4
+  %618 = load <8 x float>, ptr %qacc133, align 4
+  %619 = load <8 x float>, ptr %qacc134, align 4
+  %620 = getelementptr inbounds float, ptr %561, i64 0
+  store <8 x float> %616, ptr %620, align 4
+  %621 = getelementptr inbounds float, ptr %567, i64 0
+  store <8 x float> %617, ptr %621, align 4
+  %622 = getelementptr inbounds float, ptr %573, i64 0
+  store <8 x float> %618, ptr %622, align 4
+  %623 = getelementptr inbounds float, ptr %579, i64 0
+  store <8 x float> %619, ptr %623, align 4
+  %624 = add nsw i64 %rb130, 4
+  br label %rb.head127
+
+rb.end129:                                        ; preds = %rb.head127
+  %625 = add nsw i64 %qb1126, 1
+  br label %qb1.head123
+
+qb1.end125:                                       ; preds = %qb1.head123
+  br label %qb.head139
+
+qb.head139:                                       ; preds = %r1.end145, %qb1.end125
+  %qb142 = phi i64 [ 0, %qb1.end125 ], [ %676, %r1.end145 ]
+  %626 = icmp slt i64 %qb142, 0
+  br i1 %626, label %qb.body140, label %qb.end141
+
+qb.body140:                                       ; preds = %qb.head139
+  %627 = mul nsw i64 %qb142, 8
+  br label %r1.head143
+
+r1.head143:                                       ; preds = %qh.end151, %qb.body140
+  %r1146 = phi i64 [ %full105, %qb.body140 ], [ %675, %qh.end151 ]
+  %628 = icmp slt i64 %r1146, %gn
+  br i1 %628, label %r1.body144, label %r1.end145
+
+r1.body144:                                       ; preds = %r1.head143
+  %629 = add nsw i64 %r1146, 0
+  %630 = mul nsw i64 %629, 512
+  %631 = getelementptr inbounds float, ptr %472, i64 %630
+  %632 = mul nsw i64 %629, 16
+  %633 = add nsw i64 %632, %627
+  %634 = getelementptr inbounds float, ptr %glb, i64 %633
   store <16 x float> zeroinitializer, ptr %qacc147, align 4
-  br label %qh.head148
+  store <16 x float> zeroinitializer, ptr %qacc148, align 4
+  br label %qh.head149
 
-qh.head148:                                       ; preds = %qh.body149, %rb.body129
-  %qh151 = phi i64 [ 0, %rb.body129 ], [ %962, %qh.body149 ]
-  %857 = icmp slt i64 %qh151, 512
-  br i1 %857, label %qh.body149, label %qh.end150
+qh.head149:                                       ; preds = %qh.body150, %r1.body144
+  %qh152 = phi i64 [ 0, %r1.body144 ], [ %670, %qh.body150 ]
+  %635 = icmp slt i64 %qh152, 512
+  br i1 %635, label %qh.body150, label %qh.end151
 
-qh.body149:                                       ; preds = %qh.head148
-  %858 = add nsw i64 %qb127, 0
-  %859 = mul nsw i64 %qh151, 8
-  %860 = mul nsw i64 %858, 4096
-  %861 = add nsw i64 %860, %859
-  %862 = getelementptr inbounds float, ptr %group, i64 %861
-  %863 = load <8 x float>, ptr %862, align 4
-  %864 = add nsw i64 %qb127, 1
-  %865 = mul nsw i64 %qh151, 8
-  %866 = mul nsw i64 %864, 4096
-  %867 = add nsw i64 %866, %865
-  %868 = getelementptr inbounds float, ptr %group, i64 %867
-  %869 = load <8 x float>, ptr %868, align 4
-  %w16152 = shufflevector <8 x float> %863, <8 x float> %869, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %870 = add nsw i64 %qb127, 2
-  %871 = mul nsw i64 %qh151, 8
-  %872 = mul nsw i64 %870, 4096
-  %873 = add nsw i64 %872, %871
-  %874 = getelementptr inbounds float, ptr %group, i64 %873
-  %875 = load <8 x float>, ptr %874, align 4
-  %876 = add nsw i64 %qb127, 3
-  %877 = mul nsw i64 %qh151, 8
-  %878 = mul nsw i64 %876, 4096
-  %879 = add nsw i64 %878, %877
-  %880 = getelementptr inbounds float, ptr %group, i64 %879
-  %881 = load <8 x float>, ptr %880, align 4
-  %w16153 = shufflevector <8 x float> %875, <8 x float> %881, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %882 = getelementptr inbounds float, ptr %811, i64 %qh151
-  %883 = load float, ptr %882, align 4
-  %884 = insertelement <16 x float> poison, float %883, i32 0
-  %885 = shufflevector <16 x float> %884, <16 x float> poison, <16 x i32> zeroinitializer
-  %886 = load <16 x float>, ptr %qacc132, align 4
-  %887 = fmul <16 x float> %885, %w16152
-  %888 = fadd <16 x float> %886, %887
-  store <16 x float> %888, ptr %qacc132, align 4
-  %889 = load <16 x float>, ptr %qacc133, align 4
-  %890 = fmul <16 x float> %885, %w16153
-  %891 = fadd <16 x float> %889, %890
-  store <16 x float> %891, ptr %qacc133, align 4
-  %892 = getelementptr inbounds float, ptr %817, i64 %qh151
-  %893 = load float, ptr %892, align 4
-  %894 = insertelement <16 x float> poison, float %893, i32 0
-  %895 = shufflevector <16 x float> %894, <16 x float> poison, <16 x i32> zeroinitializer
-  %896 = load <16 x float>, ptr %qacc134, align 4
-  %897 = fmul <16 x float> %895, %w16152
-  %898 = fadd <16 x float> %896, %897
-  store <16 x float> %898, ptr %qacc134, align 4
-  %899 = load <16 x float>, ptr %qacc135, align 4
-  %900 = fmul <16 x float> %895, %w16153
-  %901 = fadd <16 x float> %899, %900
-  store <16 x float> %901, ptr %qacc135, align 4
-  %902 = getelementptr inbounds float, ptr %823, i64 %qh151
-  %903 = load float, ptr %902, align 4
-  %904 = insertelement <16 x float> poison, float %903, i32 0
-  %905 = shufflevector <16 x float> %904, <16 x float> poison, <16 x i32> zeroinitializer
-  %906 = load <16 x float>, ptr %qacc136, align 4
-  %907 = fmul <16 x float> %905, %w16152
-  %908 = fadd <16 x float> %906, %907
-  store <16 x float> %908, ptr %qacc136, align 4
-  %909 = load <16 x float>, ptr %qacc137, align 4
-  %910 = fmul <16 x float> %905, %w16153
-  %911 = fadd <16 x float> %909, %910
-  store <16 x float> %911, ptr %qacc137, align 4
-  %912 = getelementptr inbounds float, ptr %829, i64 %qh151
-  %913 = load float, ptr %912, align 4
-  %914 = insertelement <16 x float> poison, float %913, i32 0
-  %915 = shufflevector <16 x float> %914, <16 x float> poison, <16 x i32> zeroinitializer
-  %916 = load <16 x float>, ptr %qacc138, align 4
-  %917 = fmul <16 x float> %915, %w16152
-  %918 = fadd <16 x float> %916, %917
-  store <16 x float> %918, ptr %qacc138, align 4
-  %919 = load <16 x float>, ptr %qacc139, align 4
-  %920 = fmul <16 x float> %915, %w16153
-  %921 = fadd <16 x float> %919, %920
-  store <16 x float> %921, ptr %qacc139, align 4
-  %922 = getelementptr inbounds float, ptr %835, i64 %qh151
-  %923 = load float, ptr %922, align 4
-  %924 = insertelement <16 x float> poison, float %923, i32 0
-  %925 = shufflevector <16 x float> %924, <16 x float> poison, <16 x i32> zeroinitializer
-  %926 = load <16 x float>, ptr %qacc140, align 4
-  %927 = fmul <16 x float> %925, %w16152
-  %928 = fadd <16 x float> %926, %927
-  store <16 x float> %928, ptr %qacc140, align 4
-  %929 = load <16 x float>, ptr %qacc141, align 4
-  %930 = fmul <16 x float> %925, %w16153
-  %931 = fadd <16 x float> %929, %930
-  store <16 x float> %931, ptr %qacc141, align 4
-  %932 = getelementptr inbounds float, ptr %841, i64 %qh151
-  %933 = load float, ptr %932, align 4
-  %934 = insertelement <16 x float> poison, float %933, i32 0
-  %935 = shufflevector <16 x float> %934, <16 x float> poison, <16 x i32> zeroinitializer
-  %936 = load <16 x float>, ptr %qacc142, align 4
-  %937 = fmul <16 x float> %935, %w16152
-  %938 = fadd <16 x float> %936, %937
-  store <16 x float> %938, ptr %qacc142, align 4
-  %939 = load <16 x float>, ptr %qacc143, align 4
-  %940 = fmul <16 x float> %935, %w16153
-  %941 = fadd <16 x float> %939, %940
-  store <16 x float> %941, ptr %qacc143, align 4
-  %942 = getelementptr inbounds float, ptr %847, i64 %qh151
-  %943 = load float, ptr %942, align 4
-  %944 = insertelement <16 x float> poison, float %943, i32 0
-  %945 = shufflevector <16 x float> %944, <16 x float> poison, <16 x i32> zeroinitializer
-  %946 = load <16 x float>, ptr %qacc144, align 4
-  %947 = fmul <16 x float> %945, %w16152
-  %948 = fadd <16 x float> %946, %947
-  store <16 x float> %948, ptr %qacc144, align 4
-  %949 = load <16 x float>, ptr %qacc145, align 4
-  %950 = fmul <16 x float> %945, %w16153
-  %951 = fadd <16 x float> %949, %950
-  store <16 x float> %951, ptr %qacc145, align 4
-  %952 = getelementptr inbounds float, ptr %853, i64 %qh151
-  %953 = load float, ptr %952, align 4
-  %954 = insertelement <16 x float> poison, float %953, i32 0
-  %955 = shufflevector <16 x float> %954, <16 x float> poison, <16 x i32> zeroinitializer
-  %956 = load <16 x float>, ptr %qacc146, align 4
-  %957 = fmul <16 x float> %955, %w16152
-  %958 = fadd <16 x float> %956, %957
-  store <16 x float> %958, ptr %qacc146, align 4
-  %959 = load <16 x float>, ptr %qacc147, align 4
-  %960 = fmul <16 x float> %955, %w16153
-  %961 = fadd <16 x float> %959, %960
-  store <16 x float> %961, ptr %qacc147, align 4
-  %962 = add nsw i64 %qh151, 1
-  br label %qh.head148
+qh.body150:                                       ; preds = %qh.head149
+  %636 = add nsw i64 %qb142, 0
+  %637 = mul nsw i64 %qh152, 8
+  %638 = mul nsw i64 %636, 4096
+  %639 = add nsw i64 %638, %637
+  %640 = getelementptr inbounds float, ptr %group, i64 %639
+  %641 = load <8 x float>, ptr %640, align 4
+  %642 = add nsw i64 %qb142, 1
+  %643 = mul nsw i64 %qh152, 8
+  %644 = mul nsw i64 %642, 4096
+  %645 = add nsw i64 %644, %643
+  %646 = getelementptr inbounds float, ptr %group, i64 %645
+  %647 = load <8 x float>, ptr %646, align 4
+  %w16153 = shufflevector <8 x float> %641, <8 x float> %647, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %648 = add nsw i64 %qb142, 2
+  %649 = mul nsw i64 %qh152, 8
+  %650 = mul nsw i64 %648, 4096
+  %651 = add nsw i64 %650, %649
+  %652 = getelementptr inbounds float, ptr %group, i64 %651
+  %653 = load <8 x float>, ptr %652, align 4
+  %654 = add nsw i64 %qb142, 3
+  %655 = mul nsw i64 %qh152, 8
+  %656 = mul nsw i64 %654, 4096
+  %657 = add nsw i64 %656, %655
+  %658 = getelementptr inbounds float, ptr %group, i64 %657
+  %659 = load <8 x float>, ptr %658, align 4
+  %w16154 = shufflevector <8 x float> %653, <8 x float> %659, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %660 = getelementptr inbounds float, ptr %631, i64 %qh152
+  %661 = load float, ptr %660, align 4
+  %662 = insertelement <16 x float> poison, float %661, i32 0
+  %663 = shufflevector <16 x float> %662, <16 x float> poison, <16 x i32> zeroinitializer
+  %664 = load <16 x float>, ptr %qacc147, align 4
+  %665 = fmul <16 x float> %663, %w16153
+  %666 = fadd <16 x float> %664, %665
+  store <16 x float> %666, ptr %qacc147, align 4
+  %667 = load <16 x float>, ptr %qacc148, align 4
+  %668 = fmul <16 x float> %663, %w16154
+  %669 = fadd <16 x float> %667, %668
+  store <16 x float> %669, ptr %qacc148, align 4
+  %670 = add nsw i64 %qh152, 1
+  br label %qh.head149
 
-qh.end150:                                        ; preds = %qh.head148
-  %963 = load <16 x float>, ptr %qacc132, align 4
-  %964 = load <16 x float>, ptr %qacc133, align 4
-  %965 = load <16 x float>, ptr %qacc134, align 4
-  %966 = load <16 x float>, ptr %qacc135, align 4
-  %967 = load <16 x float>, ptr %qacc136, align 4
-  %968 = load <16 x float>, ptr %qacc137, align 4
-  %969 = load <16 x float>, ptr %qacc138, align 4
-  %970 = load <16 x float>, ptr %qacc139, align 4
-  %971 = load <16 x float>, ptr %qacc140, align 4
-  %972 = load <16 x float>, ptr %qacc141, align 4
-  %973 = load <16 x float>, ptr %qacc142, align 4
-  %974 = load <16 x float>, ptr %qacc143, align 4
-  %975 = load <16 x float>, ptr %qacc144, align 4
-  %976 = load <16 x float>, ptr %qacc145, align 4
-  %977 = load <16 x float>, ptr %qacc146, align 4
-  %978 = load <16 x float>, ptr %qacc147, align 4
-  %979 = getelementptr inbounds float, ptr %814, i64 0
-  store <16 x float> %963, ptr %979, align 4
-  %980 = getelementptr inbounds float, ptr %814, i64 16
-  store <16 x float> %964, ptr %980, align 4
-  %981 = getelementptr inbounds float, ptr %820, i64 0
-  store <16 x float> %965, ptr %981, align 4
-  %982 = getelementptr inbounds float, ptr %820, i64 16
-  store <16 x float> %966, ptr %982, align 4
-  %983 = getelementptr inbounds float, ptr %826, i64 0
-  store <16 x float> %967, ptr %983, align 4
-  %984 = getelementptr inbounds float, ptr %826, i64 16
-  store <16 x float> %968, ptr %984, align 4
-  %985 = getelementptr inbounds float, ptr %832, i64 0
-  store <16 x float> %969, ptr %985, align 4
-  %986 = getelementptr inbounds float, ptr %832, i64 16
-  store <16 x float> %970, ptr %986, align 4
-  %987 = getelementptr inbounds float, ptr %838, i64 0
-  store <16 x float> %971, ptr %987, align 4
-  %988 = getelementptr inbounds float, ptr %838, i64 16
-  store <16 x float> %972, ptr %988, align 4
-  %989 = getelementptr inbounds float, ptr %844, i64 0
-  store <16 x float> %973, ptr %989, align 4
-  %990 = getelementptr inbounds float, ptr %844, i64 16
-  store <16 x float> %974, ptr %990, align 4
-  %991 = getelementptr inbounds float, ptr %850, i64 0
-  store <16 x float> %975, ptr %991, align 4
-  %992 = getelementptr inbounds float, ptr %850, i64 16
-  store <16 x float> %976, ptr %992, align 4
-  %993 = getelementptr inbounds float, ptr %856, i64 0
-  store <16 x float> %977, ptr %993, align 4
-  %994 = getelementptr inbounds float, ptr %856, i64 16
-  store <16 x float> %978, ptr %994, align 4
-  %995 = add nsw i64 %rb131, 8
-  br label %rb.head128
+qh.end151:                                        ; preds = %qh.head149
+  %671 = load <16 x float>, ptr %qacc147, align 4
+  %672 = load <16 x float>, ptr %qacc148, align 4
+  %673 = getelementptr inbounds float, ptr %634, i64 0
+  store <16 x float> %671, ptr %673, align 4
+  %674 = getelementptr inbounds float, ptr %634, i64 16
+  store <16 x float> %672, ptr %674, align 4
+  %675 = add nsw i64 %r1146, 1
+  br label %r1.head143
 
-rb.end130:                                        ; preds = %rb.head128
-  br label %r1.head154
+r1.end145:                                        ; preds = %r1.head143
+  %676 = add nsw i64 %qb142, 4
+  br label %qb.head139
 
-r1.head154:                                       ; preds = %qh.end162, %rb.end130
-  %r1157 = phi i64 [ %full123, %rb.end130 ], [ %1043, %qh.end162 ]
-  %996 = icmp slt i64 %r1157, %gn
-  br i1 %996, label %r1.body155, label %r1.end156
+qb.end141:                                        ; preds = %qb.head139
+  br label %qb1.head155
 
-r1.body155:                                       ; preds = %r1.head154
-  %997 = add nsw i64 %r1157, 0
-  %998 = mul nsw i64 %997, 512
-  %999 = getelementptr inbounds float, ptr %804, i64 %998
-  %1000 = mul nsw i64 %997, 16
-  %1001 = add nsw i64 %1000, %807
-  %1002 = getelementptr inbounds float, ptr %glb, i64 %1001
-  store <16 x float> zeroinitializer, ptr %qacc158, align 4
-  store <16 x float> zeroinitializer, ptr %qacc159, align 4
-  br label %qh.head160
+qb1.head155:                                      ; preds = %r1.end161, %qb.end141
+  %qb1158 = phi i64 [ 0, %qb.end141 ], [ %704, %r1.end161 ]
+  %677 = icmp slt i64 %qb1158, 2
+  br i1 %677, label %qb1.body156, label %qb1.end157
 
-qh.head160:                                       ; preds = %qh.body161, %r1.body155
-  %qh163 = phi i64 [ 0, %r1.body155 ], [ %1038, %qh.body161 ]
-  %1003 = icmp slt i64 %qh163, 512
-  br i1 %1003, label %qh.body161, label %qh.end162
+qb1.body156:                                      ; preds = %qb1.head155
+  %678 = mul nsw i64 %qb1158, 8
+  br label %r1.head159
 
-qh.body161:                                       ; preds = %qh.head160
-  %1004 = add nsw i64 %qb127, 0
-  %1005 = mul nsw i64 %qh163, 8
-  %1006 = mul nsw i64 %1004, 4096
-  %1007 = add nsw i64 %1006, %1005
-  %1008 = getelementptr inbounds float, ptr %group, i64 %1007
-  %1009 = load <8 x float>, ptr %1008, align 4
-  %1010 = add nsw i64 %qb127, 1
-  %1011 = mul nsw i64 %qh163, 8
-  %1012 = mul nsw i64 %1010, 4096
-  %1013 = add nsw i64 %1012, %1011
-  %1014 = getelementptr inbounds float, ptr %group, i64 %1013
-  %1015 = load <8 x float>, ptr %1014, align 4
-  %w16164 = shufflevector <8 x float> %1009, <8 x float> %1015, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %1016 = add nsw i64 %qb127, 2
-  %1017 = mul nsw i64 %qh163, 8
-  %1018 = mul nsw i64 %1016, 4096
-  %1019 = add nsw i64 %1018, %1017
-  %1020 = getelementptr inbounds float, ptr %group, i64 %1019
-  %1021 = load <8 x float>, ptr %1020, align 4
-  %1022 = add nsw i64 %qb127, 3
-  %1023 = mul nsw i64 %qh163, 8
-  %1024 = mul nsw i64 %1022, 4096
-  %1025 = add nsw i64 %1024, %1023
-  %1026 = getelementptr inbounds float, ptr %group, i64 %1025
-  %1027 = load <8 x float>, ptr %1026, align 4
-  %w16165 = shufflevector <8 x float> %1021, <8 x float> %1027, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %1028 = getelementptr inbounds float, ptr %999, i64 %qh163
-  %1029 = load float, ptr %1028, align 4
-  %1030 = insertelement <16 x float> poison, float %1029, i32 0
-  %1031 = shufflevector <16 x float> %1030, <16 x float> poison, <16 x i32> zeroinitializer
-  %1032 = load <16 x float>, ptr %qacc158, align 4
-  %1033 = fmul <16 x float> %1031, %w16164
-  %1034 = fadd <16 x float> %1032, %1033
-  store <16 x float> %1034, ptr %qacc158, align 4
-  %1035 = load <16 x float>, ptr %qacc159, align 4
-  %1036 = fmul <16 x float> %1031, %w16165
-  %1037 = fadd <16 x float> %1035, %1036
-  store <16 x float> %1037, ptr %qacc159, align 4
-  %1038 = add nsw i64 %qh163, 1
-  br label %qh.head160
+r1.head159:                                       ; preds = %qh.end166, %qb1.body156
+  %r1162 = phi i64 [ %full105, %qb1.body156 ], [ %703, %qh.end166 ]
+  %679 = icmp slt i64 %r1162, %gn
+  br i1 %679, label %r1.body160, label %r1.end161
 
-qh.end162:                                        ; preds = %qh.head160
-  %1039 = load <16 x float>, ptr %qacc158, align 4
-  %1040 = load <16 x float>, ptr %qacc159, align 4
-  %1041 = getelementptr inbounds float, ptr %1002, i64 0
-  store <16 x float> %1039, ptr %1041, align 4
-  %1042 = getelementptr inbounds float, ptr %1002, i64 16
-  store <16 x float> %1040, ptr %1042, align 4
-  %1043 = add nsw i64 %r1157, 1
-  br label %r1.head154
+r1.body160:                                       ; preds = %r1.head159
+  %680 = add nsw i64 %r1162, 0
+  %681 = mul nsw i64 %680, 512
+  %682 = getelementptr inbounds float, ptr %472, i64 %681
+  %683 = mul nsw i64 %680, 16
+  %684 = add nsw i64 %683, %678
+  %685 = getelementptr inbounds float, ptr %glb, i64 %684
+  store <8 x float> zeroinitializer, ptr %qacc163, align 4
+  br label %qh.head164
 
-r1.end156:                                        ; preds = %r1.head154
-  %1044 = add nsw i64 %qb127, 4
-  br label %qb.head124
+qh.head164:                                       ; preds = %qh.body165, %r1.body160
+  %qh167 = phi i64 [ 0, %r1.body160 ], [ %700, %qh.body165 ]
+  %686 = icmp slt i64 %qh167, 512
+  br i1 %686, label %qh.body165, label %qh.end166
 
-qb.end126:                                        ; preds = %qb.head124
-  br label %qb1.head166
+qh.body165:                                       ; preds = %qh.head164
+  %687 = add nsw i64 %qb1158, 0
+  %688 = mul nsw i64 %qh167, 8
+  %689 = mul nsw i64 %687, 4096
+  %690 = add nsw i64 %689, %688
+  %691 = getelementptr inbounds float, ptr %group, i64 %690
+  %692 = load <8 x float>, ptr %691, align 4
+  %693 = getelementptr inbounds float, ptr %682, i64 %qh167
+  %694 = load float, ptr %693, align 4
+  %695 = insertelement <8 x float> poison, float %694, i32 0
+  %696 = shufflevector <8 x float> %695, <8 x float> poison, <8 x i32> zeroinitializer
+  %697 = load <8 x float>, ptr %qacc163, align 4
+  %698 = fmul <8 x float> %696, %692
+  %699 = fadd <8 x float> %697, %698
+  store <8 x float> %699, ptr %qacc163, align 4
+  %700 = add nsw i64 %qh167, 1
+  br label %qh.head164
 
-qb1.head166:                                      ; preds = %r1.end188, %qb.end126
-  %qb1169 = phi i64 [ 0, %qb.end126 ], [ %1202, %r1.end188 ]
-  %1045 = icmp slt i64 %qb1169, 2
-  br i1 %1045, label %qb1.body167, label %qb1.end168
+qh.end166:                                        ; preds = %qh.head164
+  %701 = load <8 x float>, ptr %qacc163, align 4
+  %702 = getelementptr inbounds float, ptr %685, i64 0
+  store <8 x float> %701, ptr %702, align 4
+  %703 = add nsw i64 %r1162, 1
+  br label %r1.head159
 
-qb1.body167:                                      ; preds = %qb1.head166
-  %1046 = mul nsw i64 %qb1169, 8
-  br label %rb.head170
+r1.end161:                                        ; preds = %r1.head159
+  %704 = add nsw i64 %qb1158, 1
+  br label %qb1.head155
 
-rb.head170:                                       ; preds = %qh.end184, %qb1.body167
-  %rb173 = phi i64 [ 0, %qb1.body167 ], [ %1176, %qh.end184 ]
-  %1047 = icmp slt i64 %rb173, %full123
-  br i1 %1047, label %rb.body171, label %rb.end172
-
-rb.body171:                                       ; preds = %rb.head170
-  %1048 = add nsw i64 %rb173, 0
-  %1049 = mul nsw i64 %1048, 512
-  %1050 = getelementptr inbounds float, ptr %804, i64 %1049
-  %1051 = mul nsw i64 %1048, 16
-  %1052 = add nsw i64 %1051, %1046
-  %1053 = getelementptr inbounds float, ptr %glb, i64 %1052
-  %1054 = add nsw i64 %rb173, 1
-  %1055 = mul nsw i64 %1054, 512
-  %1056 = getelementptr inbounds float, ptr %804, i64 %1055
-  %1057 = mul nsw i64 %1054, 16
-  %1058 = add nsw i64 %1057, %1046
-  %1059 = getelementptr inbounds float, ptr %glb, i64 %1058
-  %1060 = add nsw i64 %rb173, 2
-  %1061 = mul nsw i64 %1060, 512
-  %1062 = getelementptr inbounds float, ptr %804, i64 %1061
-  %1063 = mul nsw i64 %1060, 16
-  %1064 = add nsw i64 %1063, %1046
-  %1065 = getelementptr inbounds float, ptr %glb, i64 %1064
-  %1066 = add nsw i64 %rb173, 3
-  %1067 = mul nsw i64 %1066, 512
-  %1068 = getelementptr inbounds float, ptr %804, i64 %1067
-  %1069 = mul nsw i64 %1066, 16
-  %1070 = add nsw i64 %1069, %1046
-  %1071 = getelementptr inbounds float, ptr %glb, i64 %1070
-  %1072 = add nsw i64 %rb173, 4
-  %1073 = mul nsw i64 %1072, 512
-  %1074 = getelementptr inbounds float, ptr %804, i64 %1073
-  %1075 = mul nsw i64 %1072, 16
-  %1076 = add nsw i64 %1075, %1046
-  %1077 = getelementptr inbounds float, ptr %glb, i64 %1076
-  %1078 = add nsw i64 %rb173, 5
-  %1079 = mul nsw i64 %1078, 512
-  %1080 = getelementptr inbounds float, ptr %804, i64 %1079
-  %1081 = mul nsw i64 %1078, 16
-  %1082 = add nsw i64 %1081, %1046
-  %1083 = getelementptr inbounds float, ptr %glb, i64 %1082
-  %1084 = add nsw i64 %rb173, 6
-  %1085 = mul nsw i64 %1084, 512
-  %1086 = getelementptr inbounds float, ptr %804, i64 %1085
-  %1087 = mul nsw i64 %1084, 16
-  %1088 = add nsw i64 %1087, %1046
-  %1089 = getelementptr inbounds float, ptr %glb, i64 %1088
-  %1090 = add nsw i64 %rb173, 7
-  %1091 = mul nsw i64 %1090, 512
-  %1092 = getelementptr inbounds float, ptr %804, i64 %1091
-  %1093 = mul nsw i64 %1090, 16
-  %1094 = add nsw i64 %1093, %1046
-  %1095 = getelementptr inbounds float, ptr %glb, i64 %1094
-  store <8 x float> zeroinitializer, ptr %qacc174, align 4
-  store <8 x float> zeroinitializer, ptr %qacc175, align 4
-  store <8 x float> zeroinitializer, ptr %qacc176, align 4
-  store <8 x float> zeroinitializer, ptr %qacc177, align 4
-  store <8 x float> zeroinitializer, ptr %qacc178, align 4
-  store <8 x float> zeroinitializer, ptr %qacc179, align 4
-  store <8 x float> zeroinitializer, ptr %qacc180, align 4
-  store <8 x float> zeroinitializer, ptr %qacc181, align 4
-  br label %qh.head182
-
-qh.head182:                                       ; preds = %qh.body183, %rb.body171
-  %qh185 = phi i64 [ 0, %rb.body171 ], [ %1159, %qh.body183 ]
-  %1096 = icmp slt i64 %qh185, 512
-  br i1 %1096, label %qh.body183, label %qh.end184
-
-qh.body183:                                       ; preds = %qh.head182
-  %1097 = add nsw i64 %qb1169, 0
-  %1098 = mul nsw i64 %qh185, 8
-  %1099 = mul nsw i64 %1097, 4096
-  %1100 = add nsw i64 %1099, %1098
-  %1101 = getelementptr inbounds float, ptr %group, i64 %1100
-  %1102 = load <8 x float>, ptr %1101, align 4
-  %1103 = getelementptr inbounds float, ptr %1050, i64 %qh185
-  %1104 = load float, ptr %1103, align 4
-  %1105 = insertelement <8 x float> poison, float %1104, i32 0
-  %1106 = shufflevector <8 x float> %1105, <8 x float> poison, <8 x i32> zeroinitializer
-  %1107 = load <8 x float>, ptr %qacc174, align 4
-  %1108 = fmul <8 x float> %1106, %1102
-  %1109 = fadd <8 x float> %1107, %1108
-  store <8 x float> %1109, ptr %qacc174, align 4
-  %1110 = getelementptr inbounds float, ptr %1056, i64 %qh185
-  %1111 = load float, ptr %1110, align 4
-  %1112 = insertelement <8 x float> poison, float %1111, i32 0
-  %1113 = shufflevector <8 x float> %1112, <8 x float> poison, <8 x i32> zeroinitializer
-  %1114 = load <8 x float>, ptr %qacc175, align 4
-  %1115 = fmul <8 x float> %1113, %1102
-  %1116 = fadd <8 x float> %1114, %1115
-  store <8 x float> %1116, ptr %qacc175, align 4
-  %1117 = getelementptr inbounds float, ptr %1062, i64 %qh185
-  %1118 = load float, ptr %1117, align 4
-  %1119 = insertelement <8 x float> poison, float %1118, i32 0
-  %1120 = shufflevector <8 x float> %1119, <8 x float> poison, <8 x i32> zeroinitializer
-  %1121 = load <8 x float>, ptr %qacc176, align 4
-  %1122 = fmul <8 x float> %1120, %1102
-  %1123 = fadd <8 x float> %1121, %1122
-  store <8 x float> %1123, ptr %qacc176, align 4
-  %1124 = getelementptr inbounds float, ptr %1068, i64 %qh185
-  %1125 = load float, ptr %1124, align 4
-  %1126 = insertelement <8 x float> poison, float %1125, i32 0
-  %1127 = shufflevector <8 x float> %1126, <8 x float> poison, <8 x i32> zeroinitializer
-  %1128 = load <8 x float>, ptr %qacc177, align 4
-  %1129 = fmul <8 x float> %1127, %1102
-  %1130 = fadd <8 x float> %1128, %1129
-  store <8 x float> %1130, ptr %qacc177, align 4
-  %1131 = getelementptr inbounds float, ptr %1074, i64 %qh185
-  %1132 = load float, ptr %1131, align 4
-  %1133 = insertelement <8 x float> poison, float %1132, i32 0
-  %1134 = shufflevector <8 x float> %1133, <8 x float> poison, <8 x i32> zeroinitializer
-  %1135 = load <8 x float>, ptr %qacc178, align 4
-  %1136 = fmul <8 x float> %1134, %1102
-  %1137 = fadd <8 x float> %1135, %1136
-  store <8 x float> %1137, ptr %qacc178, align 4
-  %1138 = getelementptr inbounds float, ptr %1080, i64 %qh185
-  %1139 = load float, ptr %1138, align 4
-  %1140 = insertelement <8 x float> poison, float %1139, i32 0
-  %1141 = shufflevector <8 x float> %1140, <8 x float> poison, <8 x i32> zeroinitializer
-  %1142 = load <8 x float>, ptr %qacc179, align 4
-  %1143 = fmul <8 x float> %1141, %1102
-  %1144 = fadd <8 x float> %1142, %1143
-  store <8 x float> %1144, ptr %qacc179, align 4
-  %1145 = getelementptr inbounds float, ptr %1086, i64 %qh185
-  %1146 = load float, ptr %1145, align 4
-  %1147 = insertelement <8 x float> poison, float %1146, i32 0
-  %1148 = shufflevector <8 x float> %1147, <8 x float> poison, <8 x i32> zeroinitializer
-  %1149 = load <8 x float>, ptr %qacc180, align 4
-  %1150 = fmul <8 x float> %1148, %1102
-  %1151 = fadd <8 x float> %1149, %1150
-  store <8 x float> %1151, ptr %qacc180, align 4
-  %1152 = getelementptr inbounds float, ptr %1092, i64 %qh185
-  %1153 = load float, ptr %1152, align 4
-  %1154 = insertelement <8 x float> poison, float %1153, i32 0
-  %1155 = shufflevector <8 x float> %1154, <8 x float> poison, <8 x i32> zeroinitializer
-  %1156 = load <8 x float>, ptr %qacc181, align 4
-  %1157 = fmul <8 x float> %1155, %1102
-  %1158 = fadd <8 x float> %1156, %1157
-  store <8 x float> %1158, ptr %qacc181, align 4
-  %1159 = add nsw i64 %qh185, 1
-  br label %qh.head182
-
-qh.end184:                                        ; preds = %qh.head182
-  %1160 = load <8 x float>, ptr %qacc174, align 4
-  %1161 = load <8 x float>, ptr %qacc175, align 4
-  %1162 = load <8 x float>, ptr %qacc176, align 4
-  %1163 = load <8 x float>, ptr %qacc177, align 4
-  %1164 = load <8 x float>, ptr %qacc178, align 4
-  %1165 = load <8 x float>, ptr %qacc179, align 4
-  %1166 = load <8 x float>, ptr %qacc180, align 4
-  %1167 = load <8 x float>, ptr %qacc181, align 4
-  %1168 = getelementptr inbounds float, ptr %1053, i64 0
-  store <8 x float> %1160, ptr %1168, align 4
-  %1169 = getelementptr inbounds float, ptr %1059, i64 0
-  store <8 x float> %1161, ptr %1169, align 4
-  %1170 = getelementptr inbounds float, ptr %1065, i64 0
-  store <8 x float> %1162, ptr %1170, align 4
-  %1171 = getelementptr inbounds float, ptr %1071, i64 0
-  store <8 x float> %1163, ptr %1171, align 4
-  %1172 = getelementptr inbounds float, ptr %1077, i64 0
-  store <8 x float> %1164, ptr %1172, align 4
-  %1173 = getelementptr inbounds float, ptr %1083, i64 0
-  store <8 x float> %1165, ptr %1173, align 4
-  %1174 = getelementptr inbounds float, ptr %1089, i64 0
-  store <8 x float> %1166, ptr %1174, align 4
-  %1175 = getelementptr inbounds float, ptr %1095, i64 0
-  store <8 x float> %1167, ptr %1175, align 4
-  %1176 = add nsw i64 %rb173, 8
-  br label %rb.head170
-
-rb.end172:                                        ; preds = %rb.head170
-  br label %r1.head186
-
-r1.head186:                                       ; preds = %qh.end193, %rb.end172
-  %r1189 = phi i64 [ %full123, %rb.end172 ], [ %1201, %qh.end193 ]
-  %1177 = icmp slt i64 %r1189, %gn
-  br i1 %1177, label %r1.body187, label %r1.end188
-
-r1.body187:                                       ; preds = %r1.head186
-  %1178 = add nsw i64 %r1189, 0
-  %1179 = mul nsw i64 %1178, 512
-  %1180 = getelementptr inbounds float, ptr %804, i64 %1179
-  %1181 = mul nsw i64 %1178, 16
-  %1182 = add nsw i64 %1181, %1046
-  %1183 = getelementptr inbounds float, ptr %glb, i64 %1182
-  store <8 x float> zeroinitializer, ptr %qacc190, align 4
-  br label %qh.head191
-
-qh.head191:                                       ; preds = %qh.body192, %r1.body187
-  %qh194 = phi i64 [ 0, %r1.body187 ], [ %1198, %qh.body192 ]
-  %1184 = icmp slt i64 %qh194, 512
-  br i1 %1184, label %qh.body192, label %qh.end193
-
-qh.body192:                                       ; preds = %qh.head191
-  %1185 = add nsw i64 %qb1169, 0
-  %1186 = mul nsw i64 %qh194, 8
-  %1187 = mul nsw i64 %1185, 4096
-  %1188 = add nsw i64 %1187, %1186
-  %1189 = getelementptr inbounds float, ptr %group, i64 %1188
-  %1190 = load <8 x float>, ptr %1189, align 4
-  %1191 = getelementptr inbounds float, ptr %1180, i64 %qh194
-  %1192 = load float, ptr %1191, align 4
-  %1193 = insertelement <8 x float> poison, float %1192, i32 0
-  %1194 = shufflevector <8 x float> %1193, <8 x float> poison, <8 x i32> zeroinitializer
-  %1195 = load <8 x float>, ptr %qacc190, align 4
-  %1196 = fmul <8 x float> %1194, %1190
-  %1197 = fadd <8 x float> %1195, %1196
-  store <8 x float> %1197, ptr %qacc190, align 4
-  %1198 = add nsw i64 %qh194, 1
-  br label %qh.head191
-
-qh.end193:                                        ; preds = %qh.head191
-  %1199 = load <8 x float>, ptr %qacc190, align 4
-  %1200 = getelementptr inbounds float, ptr %1183, i64 0
-  store <8 x float> %1199, ptr %1200, align 4
-  %1201 = add nsw i64 %r1189, 1
-  br label %r1.head186
-
-r1.end188:                                        ; preds = %r1.head186
-  %1202 = add nsw i64 %qb1169, 1
-  br label %qb1.head166
-
-qb1.end168:                                       ; preds = %qb1.head166
+qb1.end157:                                       ; preds = %qb1.head155
   br label %t.head
 
-t.head:                                           ; preds = %h.p.end, %qb1.end168
-  %t = phi i64 [ 0, %qb1.end168 ], [ %1498, %h.p.end ]
-  %1203 = icmp slt i64 %t, %gn
-  br i1 %1203, label %t.body, label %t.end
+t.head:                                           ; preds = %h.p.end, %qb1.end157
+  %t = phi i64 [ 0, %qb1.end157 ], [ %1000, %h.p.end ]
+  %705 = icmp slt i64 %t, %gn
+  br i1 %705, label %t.body, label %t.end
 
 t.body:                                           ; preds = %t.head
   %tok = add nsw i64 %tg, %t
-  %1204 = mul nsw i64 %t, 256
-  %1205 = getelementptr inbounds float, ptr %lb, i64 %1204
-  %1206 = mul nsw i64 %t, 256
-  %1207 = getelementptr inbounds float, ptr %nlb, i64 %1206
-  %training195 = icmp ne i32 %training, 0
-  br i1 %training195, label %training.then, label %training.end
+  %706 = mul nsw i64 %t, 256
+  %707 = getelementptr inbounds float, ptr %lb, i64 %706
+  %708 = mul nsw i64 %t, 256
+  %709 = getelementptr inbounds float, ptr %nlb, i64 %708
+  %training168 = icmp ne i32 %training, 0
+  br i1 %training168, label %training.then, label %training.end
 
 training.then:                                    ; preds = %t.body
   br label %noise.head
 
 noise.head:                                       ; preds = %noise.body, %training.then
-  %noise196 = phi i64 [ 0, %training.then ], [ %1315, %noise.body ]
-  %1208 = icmp slt i64 %noise196, 256
-  br i1 %1208, label %noise.body, label %noise.end
+  %noise169 = phi i64 [ 0, %training.then ], [ %817, %noise.body ]
+  %710 = icmp slt i64 %noise169, 256
+  br i1 %710, label %noise.body, label %noise.end
 
 noise.body:                                       ; preds = %noise.head
-  %1209 = add i64 %seed, -7046029254386353131
-  %1210 = lshr i64 %1209, 30
-  %1211 = xor i64 %1209, %1210
-  %1212 = mul i64 %1211, -4658895280553007687
-  %1213 = lshr i64 %1212, 27
-  %1214 = xor i64 %1212, %1213
-  %1215 = mul i64 %1214, -7723592293110705685
-  %1216 = lshr i64 %1215, 31
-  %1217 = xor i64 %1215, %1216
-  %1218 = xor i64 %1217, %layer
-  %1219 = add i64 %1218, -7046029254386353131
-  %1220 = lshr i64 %1219, 30
-  %1221 = xor i64 %1219, %1220
-  %1222 = mul i64 %1221, -4658895280553007687
-  %1223 = lshr i64 %1222, 27
-  %1224 = xor i64 %1222, %1223
-  %1225 = mul i64 %1224, -7723592293110705685
-  %1226 = lshr i64 %1225, 31
-  %1227 = xor i64 %1225, %1226
-  %1228 = xor i64 %1227, %tok
-  %1229 = add i64 %1228, -7046029254386353131
-  %1230 = lshr i64 %1229, 30
-  %1231 = xor i64 %1229, %1230
-  %1232 = mul i64 %1231, -4658895280553007687
-  %1233 = lshr i64 %1232, 27
-  %1234 = xor i64 %1232, %1233
-  %1235 = mul i64 %1234, -7723592293110705685
-  %1236 = lshr i64 %1235, 31
-  %1237 = xor i64 %1235, %1236
-  %1238 = xor i64 %1237, %noise196
-  %1239 = add i64 %1238, -7046029254386353131
-  %1240 = lshr i64 %1239, 30
-  %1241 = xor i64 %1239, %1240
-  %1242 = mul i64 %1241, -4658895280553007687
-  %1243 = lshr i64 %1242, 27
-  %1244 = xor i64 %1242, %1243
-  %1245 = mul i64 %1244, -7723592293110705685
-  %1246 = lshr i64 %1245, 31
-  %1247 = xor i64 %1245, %1246
-  %1248 = lshr i64 %1247, 40
-  %1249 = uitofp i64 %1248 to float
-  %u = fmul float %1249, 0x3E70000000000000
-  %1250 = xor i64 %noise196, -9223372036854775808
-  %1251 = add i64 %seed, -7046029254386353131
-  %1252 = lshr i64 %1251, 30
-  %1253 = xor i64 %1251, %1252
-  %1254 = mul i64 %1253, -4658895280553007687
-  %1255 = lshr i64 %1254, 27
-  %1256 = xor i64 %1254, %1255
-  %1257 = mul i64 %1256, -7723592293110705685
-  %1258 = lshr i64 %1257, 31
-  %1259 = xor i64 %1257, %1258
-  %1260 = xor i64 %1259, %layer
-  %1261 = add i64 %1260, -7046029254386353131
-  %1262 = lshr i64 %1261, 30
-  %1263 = xor i64 %1261, %1262
-  %1264 = mul i64 %1263, -4658895280553007687
-  %1265 = lshr i64 %1264, 27
-  %1266 = xor i64 %1264, %1265
-  %1267 = mul i64 %1266, -7723592293110705685
-  %1268 = lshr i64 %1267, 31
-  %1269 = xor i64 %1267, %1268
-  %1270 = xor i64 %1269, %tok
-  %1271 = add i64 %1270, -7046029254386353131
-  %1272 = lshr i64 %1271, 30
-  %1273 = xor i64 %1271, %1272
-  %1274 = mul i64 %1273, -4658895280553007687
-  %1275 = lshr i64 %1274, 27
-  %1276 = xor i64 %1274, %1275
-  %1277 = mul i64 %1276, -7723592293110705685
-  %1278 = lshr i64 %1277, 31
-  %1279 = xor i64 %1277, %1278
-  %1280 = xor i64 %1279, %1250
-  %1281 = add i64 %1280, -7046029254386353131
-  %1282 = lshr i64 %1281, 30
-  %1283 = xor i64 %1281, %1282
-  %1284 = mul i64 %1283, -4658895280553007687
-  %1285 = lshr i64 %1284, 27
-  %1286 = xor i64 %1284, %1285
-  %1287 = mul i64 %1286, -7723592293110705685
-  %1288 = lshr i64 %1287, 31
-  %1289 = xor i64 %1287, %1288
-  %1290 = lshr i64 %1289, 40
-  %1291 = uitofp i64 %1290 to float
-  %u197 = fmul float %1291, 0x3E70000000000000
-  %1292 = fpext float %u to double
-  %1293 = fpext float %u197 to double
-  %1294 = fsub double 1.000000e+00, %1292
-  %1295 = call double @log(double %1294)
-  %1296 = fmul double -2.000000e+00, %1295
-  %1297 = call double @llvm.sqrt.f64(double %1296)
-  %1298 = fmul double 0x401921FB54442D18, %1293
-  %1299 = call double @cos(double %1298)
-  %1300 = fmul double %1297, %1299
-  %1301 = fptrunc double %1300 to float
-  %1302 = getelementptr inbounds float, ptr %1207, i64 %noise196
-  %1303 = load float, ptr %1302, align 4
-  %1304 = fpext float %1303 to double
-  %1305 = call double @exp(double %1304)
-  %1306 = call double @log1p(double %1305)
-  %1307 = fcmp ogt double %1304, 2.000000e+01
-  %1308 = select i1 %1307, double %1304, double %1306
-  %1309 = fptrunc double %1308 to float
-  %sd = fadd float %1309, 0x3F847AE140000000
-  %1310 = fmul float %1301, %sd
-  %1311 = getelementptr inbounds float, ptr %1205, i64 %noise196
-  %1312 = load float, ptr %1311, align 4
-  %1313 = fadd float %1312, %1310
-  %1314 = getelementptr inbounds float, ptr %1205, i64 %noise196
-  store float %1313, ptr %1314, align 4
-  %1315 = add nsw i64 %noise196, 1
+  %711 = add i64 %seed, -7046029254386353131
+  %712 = lshr i64 %711, 30
+  %713 = xor i64 %711, %712
+  %714 = mul i64 %713, -4658895280553007687
+  %715 = lshr i64 %714, 27
+  %716 = xor i64 %714, %715
+  %717 = mul i64 %716, -7723592293110705685
+  %718 = lshr i64 %717, 31
+  %719 = xor i64 %717, %718
+  %720 = xor i64 %719, %layer
+  %721 = add i64 %720, -7046029254386353131
+  %722 = lshr i64 %721, 30
+  %723 = xor i64 %721, %722
+  %724 = mul i64 %723, -4658895280553007687
+  %725 = lshr i64 %724, 27
+  %726 = xor i64 %724, %725
+  %727 = mul i64 %726, -7723592293110705685
+  %728 = lshr i64 %727, 31
+  %729 = xor i64 %727, %728
+  %730 = xor i64 %729, %tok
+  %731 = add i64 %730, -7046029254386353131
+  %732 = lshr i64 %731, 30
+  %733 = xor i64 %731, %732
+  %734 = mul i64 %733, -4658895280553007687
+  %735 = lshr i64 %734, 27
+  %736 = xor i64 %734, %735
+  %737 = mul i64 %736, -7723592293110705685
+  %738 = lshr i64 %737, 31
+  %739 = xor i64 %737, %738
+  %740 = xor i64 %739, %noise169
+  %741 = add i64 %740, -7046029254386353131
+  %742 = lshr i64 %741, 30
+  %743 = xor i64 %741, %742
+  %744 = mul i64 %743, -4658895280553007687
+  %745 = lshr i64 %744, 27
+  %746 = xor i64 %744, %745
+  %747 = mul i64 %746, -7723592293110705685
+  %748 = lshr i64 %747, 31
+  %749 = xor i64 %747, %748
+  %750 = lshr i64 %749, 40
+  %751 = uitofp i64 %750 to float
+  %u = fmul float %751, 0x3E70000000000000
+  %752 = xor i64 %noise169, -9223372036854775808
+  %753 = add i64 %seed, -7046029254386353131
+  %754 = lshr i64 %753, 30
+  %755 = xor i64 %753, %754
+  %756 = mul i64 %755, -4658895280553007687
+  %757 = lshr i64 %756, 27
+  %758 = xor i64 %756, %757
+  %759 = mul i64 %758, -7723592293110705685
+  %760 = lshr i64 %759, 31
+  %761 = xor i64 %759, %760
+  %762 = xor i64 %761, %layer
+  %763 = add i64 %762, -7046029254386353131
+  %764 = lshr i64 %763, 30
+  %765 = xor i64 %763, %764
+  %766 = mul i64 %765, -4658895280553007687
+  %767 = lshr i64 %766, 27
+  %768 = xor i64 %766, %767
+  %769 = mul i64 %768, -7723592293110705685
+  %770 = lshr i64 %769, 31
+  %771 = xor i64 %769, %770
+  %772 = xor i64 %771, %tok
+  %773 = add i64 %772, -7046029254386353131
+  %774 = lshr i64 %773, 30
+  %775 = xor i64 %773, %774
+  %776 = mul i64 %775, -4658895280553007687
+  %777 = lshr i64 %776, 27
+  %778 = xor i64 %776, %777
+  %779 = mul i64 %778, -7723592293110705685
+  %780 = lshr i64 %779, 31
+  %781 = xor i64 %779, %780
+  %782 = xor i64 %781, %752
+  %783 = add i64 %782, -7046029254386353131
+  %784 = lshr i64 %783, 30
+  %785 = xor i64 %783, %784
+  %786 = mul i64 %785, -4658895280553007687
+  %787 = lshr i64 %786, 27
+  %788 = xor i64 %786, %787
+  %789 = mul i64 %788, -7723592293110705685
+  %790 = lshr i64 %789, 31
+  %791 = xor i64 %789, %790
+  %792 = lshr i64 %791, 40
+  %793 = uitofp i64 %792 to float
+  %u170 = fmul float %793, 0x3E70000000000000
+  %794 = fpext float %u to double
+  %795 = fpext float %u170 to double
+  %796 = fsub double 1.000000e+00, %794
+  %797 = call double @log(double %796)
+  %798 = fmul double -2.000000e+00, %797
+  %799 = call double @llvm.sqrt.f64(double %798)
+  %800 = fmul double 0x401921FB54442D18, %795
+  %801 = call double @cos(double %800)
+  %802 = fmul double %799, %801
+  %803 = fptrunc double %802 to float
+  %804 = getelementptr inbounds float, ptr %709, i64 %noise169
+  %805 = load float, ptr %804, align 4
+  %806 = fpext float %805 to double
+  %807 = call double @exp(double %806)
+  %808 = call double @log1p(double %807)
+  %809 = fcmp ogt double %806, 2.000000e+01
+  %810 = select i1 %809, double %806, double %808
+  %811 = fptrunc double %810 to float
+  %sd = fadd float %811, 0x3F847AE140000000
+  %812 = fmul float %803, %sd
+  %813 = getelementptr inbounds float, ptr %707, i64 %noise169
+  %814 = load float, ptr %813, align 4
+  %815 = fadd float %814, %812
+  %816 = getelementptr inbounds float, ptr %707, i64 %noise169
+  store float %815, ptr %816, align 4
+  %817 = add nsw i64 %noise169, 1
   br label %noise.head
 
 noise.end:                                        ; preds = %noise.head
   br label %training.end
 
 training.end:                                     ; preds = %noise.end, %t.body
-  %1316 = mul nsw i64 %tok, 256
-  %1317 = getelementptr inbounds float, ptr %logits, i64 %1316
-  %1318 = getelementptr inbounds float, ptr %prob, i64 %1316
+  %818 = mul nsw i64 %tok, 256
+  %819 = getelementptr inbounds float, ptr %logits, i64 %818
+  %820 = getelementptr inbounds float, ptr %prob, i64 %818
   br label %lcopy.head
 
 lcopy.head:                                       ; preds = %lcopy.body, %training.end
-  %lcopy = phi i64 [ 0, %training.end ], [ %1323, %lcopy.body ]
-  %1319 = icmp slt i64 %lcopy, 256
-  br i1 %1319, label %lcopy.body, label %lcopy.end
+  %lcopy = phi i64 [ 0, %training.end ], [ %825, %lcopy.body ]
+  %821 = icmp slt i64 %lcopy, 256
+  br i1 %821, label %lcopy.body, label %lcopy.end
 
 lcopy.body:                                       ; preds = %lcopy.head
-  %1320 = getelementptr inbounds float, ptr %1205, i64 %lcopy
-  %1321 = load float, ptr %1320, align 4
-  %1322 = getelementptr inbounds float, ptr %1317, i64 %lcopy
-  store float %1321, ptr %1322, align 4
-  %1323 = add nsw i64 %lcopy, 1
+  %822 = getelementptr inbounds float, ptr %707, i64 %lcopy
+  %823 = load float, ptr %822, align 4
+  %824 = getelementptr inbounds float, ptr %819, i64 %lcopy
+  store float %823, ptr %824, align 4
+  %825 = add nsw i64 %lcopy, 1
   br label %lcopy.head
 
 lcopy.end:                                        ; preds = %lcopy.head
   %wbase = mul nsw i64 %tok, 4
-  %1324 = mul nsw i64 %t, 16
-  %1325 = getelementptr inbounds float, ptr %glb, i64 %1324
+  %826 = mul nsw i64 %t, 16
+  %827 = getelementptr inbounds float, ptr %glb, i64 %826
   store float 0xFFF0000000000000, ptr %smax, align 4
   br label %smax.head
 
 smax.head:                                        ; preds = %smax.body, %lcopy.end
-  %smax198 = phi i64 [ 0, %lcopy.end ], [ %1333, %smax.body ]
-  %1326 = icmp slt i64 %smax198, 16
-  br i1 %1326, label %smax.body, label %smax.end
+  %smax171 = phi i64 [ 0, %lcopy.end ], [ %835, %smax.body ]
+  %828 = icmp slt i64 %smax171, 16
+  br i1 %828, label %smax.body, label %smax.end
 
 smax.body:                                        ; preds = %smax.head
-  %1327 = add nsw i64 0, %smax198
-  %1328 = getelementptr inbounds float, ptr %1325, i64 %1327
-  %1329 = load float, ptr %1328, align 4
-  %1330 = load float, ptr %smax, align 4
-  %1331 = fcmp ogt float %1329, %1330
-  %1332 = select i1 %1331, float %1329, float %1330
-  store float %1332, ptr %smax, align 4
-  %1333 = add nsw i64 %smax198, 1
+  %829 = add nsw i64 0, %smax171
+  %830 = getelementptr inbounds float, ptr %827, i64 %829
+  %831 = load float, ptr %830, align 4
+  %832 = load float, ptr %smax, align 4
+  %833 = fcmp ogt float %831, %832
+  %834 = select i1 %833, float %831, float %832
+  store float %834, ptr %smax, align 4
+  %835 = add nsw i64 %smax171, 1
   br label %smax.head
 
 smax.end:                                         ; preds = %smax.head
-  %1334 = load float, ptr %smax, align 4
+  %836 = load float, ptr %smax, align 4
   store float 0.000000e+00, ptr %ssum, align 4
   br label %sexp.head
 
 sexp.head:                                        ; preds = %sexp.body, %smax.end
-  %sexp = phi i64 [ 0, %smax.end ], [ %1347, %sexp.body ]
-  %1335 = icmp slt i64 %sexp, 16
-  br i1 %1335, label %sexp.body, label %sexp.end
+  %sexp = phi i64 [ 0, %smax.end ], [ %849, %sexp.body ]
+  %837 = icmp slt i64 %sexp, 16
+  br i1 %837, label %sexp.body, label %sexp.end
 
 sexp.body:                                        ; preds = %sexp.head
-  %1336 = add nsw i64 0, %sexp
-  %1337 = getelementptr inbounds float, ptr %1325, i64 %1336
-  %1338 = load float, ptr %1337, align 4
-  %1339 = fsub float %1338, %1334
-  %1340 = fpext float %1339 to double
-  %1341 = call double @exp(double %1340)
-  %1342 = fptrunc double %1341 to float
-  %1343 = add nsw i64 0, %sexp
-  %1344 = getelementptr inbounds float, ptr %gs, i64 %1343
-  store float %1342, ptr %1344, align 4
-  %1345 = load float, ptr %ssum, align 4
-  %1346 = fadd float %1345, %1342
-  store float %1346, ptr %ssum, align 4
-  %1347 = add nsw i64 %sexp, 1
+  %838 = add nsw i64 0, %sexp
+  %839 = getelementptr inbounds float, ptr %827, i64 %838
+  %840 = load float, ptr %839, align 4
+  %841 = fsub float %840, %836
+  %842 = fpext float %841 to double
+  %843 = call double @exp(double %842)
+  %844 = fptrunc double %843 to float
+  %845 = add nsw i64 0, %sexp
+  %846 = getelementptr inbounds float, ptr %gs, i64 %845
+  store float %844, ptr %846, align 4
+  %847 = load float, ptr %ssum, align 4
+  %848 = fadd float %847, %844
+  store float %848, ptr %ssum, align 4
+  %849 = add nsw i64 %sexp, 1
   br label %sexp.head
 
 sexp.end:                                         ; preds = %sexp.head
-  %1348 = load float, ptr %ssum, align 4
+  %850 = load float, ptr %ssum, align 4
   br label %sdiv.head
 
 sdiv.head:                                        ; preds = %sdiv.body, %sexp.end
-  %sdiv = phi i64 [ 0, %sexp.end ], [ %1355, %sdiv.body ]
-  %1349 = icmp slt i64 %sdiv, 16
-  br i1 %1349, label %sdiv.body, label %sdiv.end
+  %sdiv = phi i64 [ 0, %sexp.end ], [ %857, %sdiv.body ]
+  %851 = icmp slt i64 %sdiv, 16
+  br i1 %851, label %sdiv.body, label %sdiv.end
 
 sdiv.body:                                        ; preds = %sdiv.head
-  %1350 = add nsw i64 0, %sdiv
-  %1351 = getelementptr inbounds float, ptr %gs, i64 %1350
-  %1352 = load float, ptr %1351, align 4
-  %1353 = fdiv float %1352, %1348
-  %1354 = getelementptr inbounds float, ptr %gs, i64 %1350
-  store float %1353, ptr %1354, align 4
-  %1355 = add nsw i64 %sdiv, 1
+  %852 = add nsw i64 0, %sdiv
+  %853 = getelementptr inbounds float, ptr %gs, i64 %852
+  %854 = load float, ptr %853, align 4
+  %855 = fdiv float %854, %850
+  %856 = getelementptr inbounds float, ptr %gs, i64 %852
+  store float %855, ptr %856, align 4
+  %857 = add nsw i64 %sdiv, 1
   br label %sdiv.head
 
 sdiv.end:                                         ; preds = %sdiv.head
@@ -2124,40 +1491,40 @@ sdiv.end:                                         ; preds = %sdiv.head
   br label %tk.head
 
 tk.head:                                          ; preds = %tk.put.end, %sdiv.end
-  %tk = phi i64 [ 0, %sdiv.end ], [ %1377, %tk.put.end ]
-  %1356 = icmp slt i64 %tk, 16
-  br i1 %1356, label %tk.body, label %tk.end
+  %tk = phi i64 [ 0, %sdiv.end ], [ %879, %tk.put.end ]
+  %858 = icmp slt i64 %tk, 16
+  br i1 %858, label %tk.body, label %tk.end
 
 tk.body:                                          ; preds = %tk.head
-  %1357 = getelementptr inbounds float, ptr %gs, i64 %tk
-  %1358 = load float, ptr %1357, align 4
-  %1359 = load i64, ptr %tk.m, align 8
+  %859 = getelementptr inbounds float, ptr %gs, i64 %tk
+  %860 = load float, ptr %859, align 4
+  %861 = load i64, ptr %tk.m, align 8
   br label %tk.ins.head
 
 tk.ins.head:                                      ; preds = %tk.shift.end, %tk.body
-  %p = phi i64 [ %1359, %tk.body ], [ %1361, %tk.shift.end ]
-  %1360 = icmp sgt i64 %p, 0
-  br i1 %1360, label %tk.ins.chk, label %tk.ins.end
+  %p = phi i64 [ %861, %tk.body ], [ %863, %tk.shift.end ]
+  %862 = icmp sgt i64 %p, 0
+  br i1 %862, label %tk.ins.chk, label %tk.ins.end
 
 tk.ins.chk:                                       ; preds = %tk.ins.head
-  %1361 = sub nsw i64 %p, 1
-  %1362 = getelementptr inbounds i64, ptr %gidx, i64 %1361
-  %1363 = load i64, ptr %1362, align 8
-  %1364 = getelementptr inbounds float, ptr %gs, i64 %1363
-  %1365 = load float, ptr %1364, align 4
-  %1366 = fcmp uno float %1358, %1358
-  %1367 = fcmp ugt float %1358, %1365
-  %1368 = xor i1 %1366, true
-  %1369 = and i1 %1368, %1367
-  br i1 %1369, label %tk.ins.body, label %tk.ins.end
+  %863 = sub nsw i64 %p, 1
+  %864 = getelementptr inbounds i64, ptr %gidx, i64 %863
+  %865 = load i64, ptr %864, align 8
+  %866 = getelementptr inbounds float, ptr %gs, i64 %865
+  %867 = load float, ptr %866, align 4
+  %868 = fcmp uno float %860, %860
+  %869 = fcmp ugt float %860, %867
+  %870 = xor i1 %868, true
+  %871 = and i1 %870, %869
+  br i1 %871, label %tk.ins.body, label %tk.ins.end
 
 tk.ins.body:                                      ; preds = %tk.ins.chk
-  %1370 = icmp slt i64 %p, 2
-  br i1 %1370, label %tk.shift.then, label %tk.shift.end
+  %872 = icmp slt i64 %p, 2
+  br i1 %872, label %tk.shift.then, label %tk.shift.end
 
 tk.shift.then:                                    ; preds = %tk.ins.body
-  %1371 = getelementptr inbounds i64, ptr %gidx, i64 %p
-  store i64 %1363, ptr %1371, align 8
+  %873 = getelementptr inbounds i64, ptr %gidx, i64 %p
+  store i64 %865, ptr %873, align 8
   br label %tk.shift.end
 
 tk.shift.end:                                     ; preds = %tk.shift.then, %tk.ins.body
@@ -2165,323 +1532,323 @@ tk.shift.end:                                     ; preds = %tk.shift.then, %tk.
 
 tk.ins.end:                                       ; preds = %tk.ins.chk, %tk.ins.head
   %pf = phi i64 [ %p, %tk.ins.head ], [ %p, %tk.ins.chk ]
-  %1372 = icmp slt i64 %pf, 2
-  br i1 %1372, label %tk.put.then, label %tk.put.end
+  %874 = icmp slt i64 %pf, 2
+  br i1 %874, label %tk.put.then, label %tk.put.end
 
 tk.put.then:                                      ; preds = %tk.ins.end
-  %1373 = getelementptr inbounds i64, ptr %gidx, i64 %pf
-  store i64 %tk, ptr %1373, align 8
+  %875 = getelementptr inbounds i64, ptr %gidx, i64 %pf
+  store i64 %tk, ptr %875, align 8
   br label %tk.put.end
 
 tk.put.end:                                       ; preds = %tk.put.then, %tk.ins.end
-  %1374 = add nsw i64 %1359, 1
-  %1375 = icmp slt i64 %1374, 2
-  %1376 = select i1 %1375, i64 %1374, i64 2
-  store i64 %1376, ptr %tk.m, align 8
-  %1377 = add nsw i64 %tk, 1
+  %876 = add nsw i64 %861, 1
+  %877 = icmp slt i64 %876, 2
+  %878 = select i1 %877, i64 %876, i64 2
+  store i64 %878, ptr %tk.m, align 8
+  %879 = add nsw i64 %tk, 1
   br label %tk.head
 
 tk.end:                                           ; preds = %tk.head
-  %1378 = load i64, ptr %tk.m, align 8
+  %880 = load i64, ptr %tk.m, align 8
   br label %h.gw.head
 
 h.gw.head:                                        ; preds = %h.gw.body, %tk.end
-  %h.gw = phi i64 [ 0, %tk.end ], [ %1385, %h.gw.body ]
-  %1379 = icmp slt i64 %h.gw, 2
-  br i1 %1379, label %h.gw.body, label %h.gw.end
+  %h.gw = phi i64 [ 0, %tk.end ], [ %887, %h.gw.body ]
+  %881 = icmp slt i64 %h.gw, 2
+  br i1 %881, label %h.gw.body, label %h.gw.end
 
 h.gw.body:                                        ; preds = %h.gw.head
-  %1380 = getelementptr inbounds i64, ptr %gidx, i64 %h.gw
-  %1381 = load i64, ptr %1380, align 8
-  %1382 = getelementptr inbounds float, ptr %gs, i64 %1381
-  %1383 = load float, ptr %1382, align 4
-  %1384 = getelementptr inbounds float, ptr %gw, i64 %h.gw
-  store float %1383, ptr %1384, align 4
-  %1385 = add nsw i64 %h.gw, 1
+  %882 = getelementptr inbounds i64, ptr %gidx, i64 %h.gw
+  %883 = load i64, ptr %882, align 8
+  %884 = getelementptr inbounds float, ptr %gs, i64 %883
+  %885 = load float, ptr %884, align 4
+  %886 = getelementptr inbounds float, ptr %gw, i64 %h.gw
+  store float %885, ptr %886, align 4
+  %887 = add nsw i64 %h.gw, 1
   br label %h.gw.head
 
 h.gw.end:                                         ; preds = %h.gw.head
   br label %h.s2.head
 
-h.s2.head:                                        ; preds = %sdiv.end211, %h.gw.end
-  %h.s2 = phi i64 [ 0, %h.gw.end ], [ %1418, %sdiv.end211 ]
-  %1386 = icmp slt i64 %h.s2, 16
-  br i1 %1386, label %h.s2.body, label %h.s2.end
+h.s2.head:                                        ; preds = %sdiv.end184, %h.gw.end
+  %h.s2 = phi i64 [ 0, %h.gw.end ], [ %920, %sdiv.end184 ]
+  %888 = icmp slt i64 %h.s2, 16
+  br i1 %888, label %h.s2.body, label %h.s2.end
 
 h.s2.body:                                        ; preds = %h.s2.head
-  %1387 = mul nsw i64 %h.s2, 16
-  store float 0xFFF0000000000000, ptr %smax199, align 4
-  br label %smax.head201
+  %889 = mul nsw i64 %h.s2, 16
+  store float 0xFFF0000000000000, ptr %smax172, align 4
+  br label %smax.head174
 
-smax.head201:                                     ; preds = %smax.body202, %h.s2.body
-  %smax204 = phi i64 [ 0, %h.s2.body ], [ %1395, %smax.body202 ]
-  %1388 = icmp slt i64 %smax204, 16
-  br i1 %1388, label %smax.body202, label %smax.end203
+smax.head174:                                     ; preds = %smax.body175, %h.s2.body
+  %smax177 = phi i64 [ 0, %h.s2.body ], [ %897, %smax.body175 ]
+  %890 = icmp slt i64 %smax177, 16
+  br i1 %890, label %smax.body175, label %smax.end176
 
-smax.body202:                                     ; preds = %smax.head201
-  %1389 = add nsw i64 %1387, %smax204
-  %1390 = getelementptr inbounds float, ptr %1205, i64 %1389
-  %1391 = load float, ptr %1390, align 4
-  %1392 = load float, ptr %smax199, align 4
-  %1393 = fcmp ogt float %1391, %1392
-  %1394 = select i1 %1393, float %1391, float %1392
-  store float %1394, ptr %smax199, align 4
-  %1395 = add nsw i64 %smax204, 1
-  br label %smax.head201
+smax.body175:                                     ; preds = %smax.head174
+  %891 = add nsw i64 %889, %smax177
+  %892 = getelementptr inbounds float, ptr %707, i64 %891
+  %893 = load float, ptr %892, align 4
+  %894 = load float, ptr %smax172, align 4
+  %895 = fcmp ogt float %893, %894
+  %896 = select i1 %895, float %893, float %894
+  store float %896, ptr %smax172, align 4
+  %897 = add nsw i64 %smax177, 1
+  br label %smax.head174
 
-smax.end203:                                      ; preds = %smax.head201
-  %1396 = load float, ptr %smax199, align 4
-  store float 0.000000e+00, ptr %ssum200, align 4
-  br label %sexp.head205
+smax.end176:                                      ; preds = %smax.head174
+  %898 = load float, ptr %smax172, align 4
+  store float 0.000000e+00, ptr %ssum173, align 4
+  br label %sexp.head178
 
-sexp.head205:                                     ; preds = %sexp.body206, %smax.end203
-  %sexp208 = phi i64 [ 0, %smax.end203 ], [ %1409, %sexp.body206 ]
-  %1397 = icmp slt i64 %sexp208, 16
-  br i1 %1397, label %sexp.body206, label %sexp.end207
+sexp.head178:                                     ; preds = %sexp.body179, %smax.end176
+  %sexp181 = phi i64 [ 0, %smax.end176 ], [ %911, %sexp.body179 ]
+  %899 = icmp slt i64 %sexp181, 16
+  br i1 %899, label %sexp.body179, label %sexp.end180
 
-sexp.body206:                                     ; preds = %sexp.head205
-  %1398 = add nsw i64 %1387, %sexp208
-  %1399 = getelementptr inbounds float, ptr %1205, i64 %1398
-  %1400 = load float, ptr %1399, align 4
-  %1401 = fsub float %1400, %1396
-  %1402 = fpext float %1401 to double
-  %1403 = call double @exp(double %1402)
-  %1404 = fptrunc double %1403 to float
-  %1405 = add nsw i64 %1387, %sexp208
-  %1406 = getelementptr inbounds float, ptr %s, i64 %1405
-  store float %1404, ptr %1406, align 4
-  %1407 = load float, ptr %ssum200, align 4
-  %1408 = fadd float %1407, %1404
-  store float %1408, ptr %ssum200, align 4
-  %1409 = add nsw i64 %sexp208, 1
-  br label %sexp.head205
+sexp.body179:                                     ; preds = %sexp.head178
+  %900 = add nsw i64 %889, %sexp181
+  %901 = getelementptr inbounds float, ptr %707, i64 %900
+  %902 = load float, ptr %901, align 4
+  %903 = fsub float %902, %898
+  %904 = fpext float %903 to double
+  %905 = call double @exp(double %904)
+  %906 = fptrunc double %905 to float
+  %907 = add nsw i64 %889, %sexp181
+  %908 = getelementptr inbounds float, ptr %s, i64 %907
+  store float %906, ptr %908, align 4
+  %909 = load float, ptr %ssum173, align 4
+  %910 = fadd float %909, %906
+  store float %910, ptr %ssum173, align 4
+  %911 = add nsw i64 %sexp181, 1
+  br label %sexp.head178
 
-sexp.end207:                                      ; preds = %sexp.head205
-  %1410 = load float, ptr %ssum200, align 4
-  br label %sdiv.head209
+sexp.end180:                                      ; preds = %sexp.head178
+  %912 = load float, ptr %ssum173, align 4
+  br label %sdiv.head182
 
-sdiv.head209:                                     ; preds = %sdiv.body210, %sexp.end207
-  %sdiv212 = phi i64 [ 0, %sexp.end207 ], [ %1417, %sdiv.body210 ]
-  %1411 = icmp slt i64 %sdiv212, 16
-  br i1 %1411, label %sdiv.body210, label %sdiv.end211
+sdiv.head182:                                     ; preds = %sdiv.body183, %sexp.end180
+  %sdiv185 = phi i64 [ 0, %sexp.end180 ], [ %919, %sdiv.body183 ]
+  %913 = icmp slt i64 %sdiv185, 16
+  br i1 %913, label %sdiv.body183, label %sdiv.end184
 
-sdiv.body210:                                     ; preds = %sdiv.head209
-  %1412 = add nsw i64 %1387, %sdiv212
-  %1413 = getelementptr inbounds float, ptr %s, i64 %1412
-  %1414 = load float, ptr %1413, align 4
-  %1415 = fdiv float %1414, %1410
-  %1416 = getelementptr inbounds float, ptr %s, i64 %1412
-  store float %1415, ptr %1416, align 4
-  %1417 = add nsw i64 %sdiv212, 1
-  br label %sdiv.head209
+sdiv.body183:                                     ; preds = %sdiv.head182
+  %914 = add nsw i64 %889, %sdiv185
+  %915 = getelementptr inbounds float, ptr %s, i64 %914
+  %916 = load float, ptr %915, align 4
+  %917 = fdiv float %916, %912
+  %918 = getelementptr inbounds float, ptr %s, i64 %914
+  store float %917, ptr %918, align 4
+  %919 = add nsw i64 %sdiv185, 1
+  br label %sdiv.head182
 
-sdiv.end211:                                      ; preds = %sdiv.head209
-  %1418 = add nsw i64 %h.s2, 1
+sdiv.end184:                                      ; preds = %sdiv.head182
+  %920 = add nsw i64 %h.s2, 1
   br label %h.s2.head
 
 h.s2.end:                                         ; preds = %h.s2.head
   br label %h.j.head
 
 h.j.head:                                         ; preds = %h.out.end, %h.s2.end
-  %h.j = phi i64 [ 0, %h.s2.end ], [ %1478, %h.out.end ]
-  %1419 = icmp slt i64 %h.j, 2
-  br i1 %1419, label %h.j.body, label %h.j.end
+  %h.j = phi i64 [ 0, %h.s2.end ], [ %980, %h.out.end ]
+  %921 = icmp slt i64 %h.j, 2
+  br i1 %921, label %h.j.body, label %h.j.end
 
 h.j.body:                                         ; preds = %h.j.head
-  %1420 = getelementptr inbounds i64, ptr %gidx, i64 %h.j
-  %1421 = load i64, ptr %1420, align 8
-  %goff = mul nsw i64 %1421, 16
+  %922 = getelementptr inbounds i64, ptr %gidx, i64 %h.j
+  %923 = load i64, ptr %922, align 8
+  %goff = mul nsw i64 %923, 16
   br label %h.c.head
 
 h.c.head:                                         ; preds = %h.c.body, %h.j.body
-  %h.c = phi i64 [ 0, %h.j.body ], [ %1427, %h.c.body ]
-  %1422 = icmp slt i64 %h.c, 16
-  br i1 %1422, label %h.c.body, label %h.c.end
+  %h.c = phi i64 [ 0, %h.j.body ], [ %929, %h.c.body ]
+  %924 = icmp slt i64 %h.c, 16
+  br i1 %924, label %h.c.body, label %h.c.end
 
 h.c.body:                                         ; preds = %h.c.head
-  %1423 = add nsw i64 %goff, %h.c
-  %1424 = getelementptr inbounds float, ptr %s, i64 %1423
-  %1425 = load float, ptr %1424, align 4
-  %1426 = getelementptr inbounds float, ptr %c, i64 %1423
-  store float %1425, ptr %1426, align 4
-  %1427 = add nsw i64 %h.c, 1
+  %925 = add nsw i64 %goff, %h.c
+  %926 = getelementptr inbounds float, ptr %s, i64 %925
+  %927 = load float, ptr %926, align 4
+  %928 = getelementptr inbounds float, ptr %c, i64 %925
+  store float %927, ptr %928, align 4
+  %929 = add nsw i64 %h.c, 1
   br label %h.c.head
 
 h.c.end:                                          ; preds = %h.c.head
-  store i64 0, ptr %tk.m213, align 8
-  br label %tk.head214
+  store i64 0, ptr %tk.m186, align 8
+  br label %tk.head187
 
-tk.head214:                                       ; preds = %tk.put.end227, %h.c.end
-  %tk217 = phi i64 [ 0, %h.c.end ], [ %1451, %tk.put.end227 ]
-  %1428 = icmp slt i64 %tk217, 16
-  br i1 %1428, label %tk.body215, label %tk.end216
+tk.head187:                                       ; preds = %tk.put.end200, %h.c.end
+  %tk190 = phi i64 [ 0, %h.c.end ], [ %953, %tk.put.end200 ]
+  %930 = icmp slt i64 %tk190, 16
+  br i1 %930, label %tk.body188, label %tk.end189
 
-tk.body215:                                       ; preds = %tk.head214
-  %1429 = add nsw i64 %goff, %tk217
-  %1430 = getelementptr inbounds float, ptr %c, i64 %1429
-  %1431 = load float, ptr %1430, align 4
-  %1432 = load i64, ptr %tk.m213, align 8
-  br label %tk.ins.head218
+tk.body188:                                       ; preds = %tk.head187
+  %931 = add nsw i64 %goff, %tk190
+  %932 = getelementptr inbounds float, ptr %c, i64 %931
+  %933 = load float, ptr %932, align 4
+  %934 = load i64, ptr %tk.m186, align 8
+  br label %tk.ins.head191
 
-tk.ins.head218:                                   ; preds = %tk.shift.end224, %tk.body215
-  %p222 = phi i64 [ %1432, %tk.body215 ], [ %1434, %tk.shift.end224 ]
-  %1433 = icmp sgt i64 %p222, 0
-  br i1 %1433, label %tk.ins.chk219, label %tk.ins.end221
+tk.ins.head191:                                   ; preds = %tk.shift.end197, %tk.body188
+  %p195 = phi i64 [ %934, %tk.body188 ], [ %936, %tk.shift.end197 ]
+  %935 = icmp sgt i64 %p195, 0
+  br i1 %935, label %tk.ins.chk192, label %tk.ins.end194
 
-tk.ins.chk219:                                    ; preds = %tk.ins.head218
-  %1434 = sub nsw i64 %p222, 1
-  %1435 = getelementptr inbounds i64, ptr %idx, i64 %1434
-  %1436 = load i64, ptr %1435, align 8
-  %1437 = add nsw i64 %goff, %1436
-  %1438 = getelementptr inbounds float, ptr %c, i64 %1437
-  %1439 = load float, ptr %1438, align 4
-  %1440 = fcmp uno float %1431, %1431
-  %1441 = fcmp ugt float %1431, %1439
-  %1442 = xor i1 %1440, true
-  %1443 = and i1 %1442, %1441
-  br i1 %1443, label %tk.ins.body220, label %tk.ins.end221
+tk.ins.chk192:                                    ; preds = %tk.ins.head191
+  %936 = sub nsw i64 %p195, 1
+  %937 = getelementptr inbounds i64, ptr %idx, i64 %936
+  %938 = load i64, ptr %937, align 8
+  %939 = add nsw i64 %goff, %938
+  %940 = getelementptr inbounds float, ptr %c, i64 %939
+  %941 = load float, ptr %940, align 4
+  %942 = fcmp uno float %933, %933
+  %943 = fcmp ugt float %933, %941
+  %944 = xor i1 %942, true
+  %945 = and i1 %944, %943
+  br i1 %945, label %tk.ins.body193, label %tk.ins.end194
 
-tk.ins.body220:                                   ; preds = %tk.ins.chk219
-  %1444 = icmp slt i64 %p222, 2
-  br i1 %1444, label %tk.shift.then223, label %tk.shift.end224
+tk.ins.body193:                                   ; preds = %tk.ins.chk192
+  %946 = icmp slt i64 %p195, 2
+  br i1 %946, label %tk.shift.then196, label %tk.shift.end197
 
-tk.shift.then223:                                 ; preds = %tk.ins.body220
-  %1445 = getelementptr inbounds i64, ptr %idx, i64 %p222
-  store i64 %1436, ptr %1445, align 8
-  br label %tk.shift.end224
+tk.shift.then196:                                 ; preds = %tk.ins.body193
+  %947 = getelementptr inbounds i64, ptr %idx, i64 %p195
+  store i64 %938, ptr %947, align 8
+  br label %tk.shift.end197
 
-tk.shift.end224:                                  ; preds = %tk.shift.then223, %tk.ins.body220
-  br label %tk.ins.head218
+tk.shift.end197:                                  ; preds = %tk.shift.then196, %tk.ins.body193
+  br label %tk.ins.head191
 
-tk.ins.end221:                                    ; preds = %tk.ins.chk219, %tk.ins.head218
-  %pf225 = phi i64 [ %p222, %tk.ins.head218 ], [ %p222, %tk.ins.chk219 ]
-  %1446 = icmp slt i64 %pf225, 2
-  br i1 %1446, label %tk.put.then226, label %tk.put.end227
+tk.ins.end194:                                    ; preds = %tk.ins.chk192, %tk.ins.head191
+  %pf198 = phi i64 [ %p195, %tk.ins.head191 ], [ %p195, %tk.ins.chk192 ]
+  %948 = icmp slt i64 %pf198, 2
+  br i1 %948, label %tk.put.then199, label %tk.put.end200
 
-tk.put.then226:                                   ; preds = %tk.ins.end221
-  %1447 = getelementptr inbounds i64, ptr %idx, i64 %pf225
-  store i64 %tk217, ptr %1447, align 8
-  br label %tk.put.end227
+tk.put.then199:                                   ; preds = %tk.ins.end194
+  %949 = getelementptr inbounds i64, ptr %idx, i64 %pf198
+  store i64 %tk190, ptr %949, align 8
+  br label %tk.put.end200
 
-tk.put.end227:                                    ; preds = %tk.put.then226, %tk.ins.end221
-  %1448 = add nsw i64 %1432, 1
-  %1449 = icmp slt i64 %1448, 2
-  %1450 = select i1 %1449, i64 %1448, i64 2
-  store i64 %1450, ptr %tk.m213, align 8
-  %1451 = add nsw i64 %tk217, 1
-  br label %tk.head214
+tk.put.end200:                                    ; preds = %tk.put.then199, %tk.ins.end194
+  %950 = add nsw i64 %934, 1
+  %951 = icmp slt i64 %950, 2
+  %952 = select i1 %951, i64 %950, i64 2
+  store i64 %952, ptr %tk.m186, align 8
+  %953 = add nsw i64 %tk190, 1
+  br label %tk.head187
 
-tk.end216:                                        ; preds = %tk.head214
-  %1452 = load i64, ptr %tk.m213, align 8
+tk.end189:                                        ; preds = %tk.head187
+  %954 = load i64, ptr %tk.m186, align 8
   br label %h.w2.head
 
-h.w2.head:                                        ; preds = %h.w2.body, %tk.end216
-  %h.w2 = phi i64 [ 0, %tk.end216 ], [ %1460, %h.w2.body ]
-  %1453 = icmp slt i64 %h.w2, 2
-  br i1 %1453, label %h.w2.body, label %h.w2.end
+h.w2.head:                                        ; preds = %h.w2.body, %tk.end189
+  %h.w2 = phi i64 [ 0, %tk.end189 ], [ %962, %h.w2.body ]
+  %955 = icmp slt i64 %h.w2, 2
+  br i1 %955, label %h.w2.body, label %h.w2.end
 
 h.w2.body:                                        ; preds = %h.w2.head
-  %1454 = getelementptr inbounds i64, ptr %idx, i64 %h.w2
-  %1455 = load i64, ptr %1454, align 8
-  %1456 = add nsw i64 %goff, %1455
-  %1457 = getelementptr inbounds float, ptr %s, i64 %1456
-  %1458 = load float, ptr %1457, align 4
-  %1459 = getelementptr inbounds float, ptr %w2, i64 %h.w2
-  store float %1458, ptr %1459, align 4
-  %1460 = add nsw i64 %h.w2, 1
+  %956 = getelementptr inbounds i64, ptr %idx, i64 %h.w2
+  %957 = load i64, ptr %956, align 8
+  %958 = add nsw i64 %goff, %957
+  %959 = getelementptr inbounds float, ptr %s, i64 %958
+  %960 = load float, ptr %959, align 4
+  %961 = getelementptr inbounds float, ptr %w2, i64 %h.w2
+  store float %960, ptr %961, align 4
+  %962 = add nsw i64 %h.w2, 1
   br label %h.w2.head
 
 h.w2.end:                                         ; preds = %h.w2.head
-  %1461 = getelementptr inbounds float, ptr %gw, i64 %h.j
-  %1462 = load float, ptr %1461, align 4
-  %1463 = mul nsw i64 %h.j, 2
-  %1464 = add nsw i64 %wbase, %1463
+  %963 = getelementptr inbounds float, ptr %gw, i64 %h.j
+  %964 = load float, ptr %963, align 4
+  %965 = mul nsw i64 %h.j, 2
+  %966 = add nsw i64 %wbase, %965
   br label %h.out.head
 
 h.out.head:                                       ; preds = %h.out.body, %h.w2.end
-  %h.out = phi i64 [ 0, %h.w2.end ], [ %1477, %h.out.body ]
-  %1465 = icmp slt i64 %h.out, 2
-  br i1 %1465, label %h.out.body, label %h.out.end
+  %h.out = phi i64 [ 0, %h.w2.end ], [ %979, %h.out.body ]
+  %967 = icmp slt i64 %h.out, 2
+  br i1 %967, label %h.out.body, label %h.out.end
 
 h.out.body:                                       ; preds = %h.out.head
-  %1466 = getelementptr inbounds i64, ptr %idx, i64 %h.out
-  %1467 = load i64, ptr %1466, align 8
-  %1468 = add nsw i64 %goff, %1467
-  %1469 = getelementptr inbounds float, ptr %w2, i64 %h.out
-  %1470 = load float, ptr %1469, align 4
-  %1471 = fmul float %1462, %1470
-  %1472 = fmul float %1471, 1.000000e+00
-  %1473 = add nsw i64 %1464, %h.out
-  %1474 = getelementptr inbounds i32, ptr %ids, i64 %1473
-  %1475 = trunc i64 %1468 to i32
-  store i32 %1475, ptr %1474, align 4
-  %1476 = getelementptr inbounds float, ptr %weights, i64 %1473
-  store float %1472, ptr %1476, align 4
-  %1477 = add nsw i64 %h.out, 1
+  %968 = getelementptr inbounds i64, ptr %idx, i64 %h.out
+  %969 = load i64, ptr %968, align 8
+  %970 = add nsw i64 %goff, %969
+  %971 = getelementptr inbounds float, ptr %w2, i64 %h.out
+  %972 = load float, ptr %971, align 4
+  %973 = fmul float %964, %972
+  %974 = fmul float %973, 1.000000e+00
+  %975 = add nsw i64 %966, %h.out
+  %976 = getelementptr inbounds i32, ptr %ids, i64 %975
+  %977 = trunc i64 %970 to i32
+  store i32 %977, ptr %976, align 4
+  %978 = getelementptr inbounds float, ptr %weights, i64 %975
+  store float %974, ptr %978, align 4
+  %979 = add nsw i64 %h.out, 1
   br label %h.out.head
 
 h.out.end:                                        ; preds = %h.out.head
-  %1478 = add nsw i64 %h.j, 1
+  %980 = add nsw i64 %h.j, 1
   br label %h.j.head
 
 h.j.end:                                          ; preds = %h.j.head
   br label %pset.head
 
 pset.head:                                        ; preds = %pset.body, %h.j.end
-  %pset = phi i64 [ 0, %h.j.end ], [ %1484, %pset.body ]
-  %1479 = icmp slt i64 %pset, 16
-  br i1 %1479, label %pset.body, label %pset.end
+  %pset = phi i64 [ 0, %h.j.end ], [ %986, %pset.body ]
+  %981 = icmp slt i64 %pset, 16
+  br i1 %981, label %pset.body, label %pset.end
 
 pset.body:                                        ; preds = %pset.head
-  %1480 = add nsw i64 0, %pset
-  %1481 = getelementptr inbounds float, ptr %gs, i64 %1480
-  %1482 = load float, ptr %1481, align 4
-  %1483 = getelementptr inbounds float, ptr %gp, i64 %1480
-  store float %1482, ptr %1483, align 4
-  %1484 = add nsw i64 %pset, 1
+  %982 = add nsw i64 0, %pset
+  %983 = getelementptr inbounds float, ptr %gs, i64 %982
+  %984 = load float, ptr %983, align 4
+  %985 = getelementptr inbounds float, ptr %gp, i64 %982
+  store float %984, ptr %985, align 4
+  %986 = add nsw i64 %pset, 1
   br label %pset.head
 
 pset.end:                                         ; preds = %pset.head
   br label %h.p.head
 
-h.p.head:                                         ; preds = %pset.end230, %pset.end
-  %h.p = phi i64 [ 0, %pset.end ], [ %1496, %pset.end230 ]
-  %1485 = icmp slt i64 %h.p, 16
-  br i1 %1485, label %h.p.body, label %h.p.end
+h.p.head:                                         ; preds = %pset.end203, %pset.end
+  %h.p = phi i64 [ 0, %pset.end ], [ %998, %pset.end203 ]
+  %987 = icmp slt i64 %h.p, 16
+  br i1 %987, label %h.p.body, label %h.p.end
 
 h.p.body:                                         ; preds = %h.p.head
-  %1486 = getelementptr inbounds float, ptr %gp, i64 %h.p
-  %1487 = load float, ptr %1486, align 4
-  %1488 = mul nsw i64 %h.p, 16
-  br label %pset.head228
+  %988 = getelementptr inbounds float, ptr %gp, i64 %h.p
+  %989 = load float, ptr %988, align 4
+  %990 = mul nsw i64 %h.p, 16
+  br label %pset.head201
 
-pset.head228:                                     ; preds = %pset.body229, %h.p.body
-  %pset231 = phi i64 [ 0, %h.p.body ], [ %1495, %pset.body229 ]
-  %1489 = icmp slt i64 %pset231, 16
-  br i1 %1489, label %pset.body229, label %pset.end230
+pset.head201:                                     ; preds = %pset.body202, %h.p.body
+  %pset204 = phi i64 [ 0, %h.p.body ], [ %997, %pset.body202 ]
+  %991 = icmp slt i64 %pset204, 16
+  br i1 %991, label %pset.body202, label %pset.end203
 
-pset.body229:                                     ; preds = %pset.head228
-  %1490 = add nsw i64 %1488, %pset231
-  %1491 = getelementptr inbounds float, ptr %s, i64 %1490
-  %1492 = load float, ptr %1491, align 4
-  %1493 = fmul float %1492, %1487
-  %1494 = getelementptr inbounds float, ptr %1318, i64 %1490
-  store float %1493, ptr %1494, align 4
-  %1495 = add nsw i64 %pset231, 1
-  br label %pset.head228
+pset.body202:                                     ; preds = %pset.head201
+  %992 = add nsw i64 %990, %pset204
+  %993 = getelementptr inbounds float, ptr %s, i64 %992
+  %994 = load float, ptr %993, align 4
+  %995 = fmul float %994, %989
+  %996 = getelementptr inbounds float, ptr %820, i64 %992
+  store float %995, ptr %996, align 4
+  %997 = add nsw i64 %pset204, 1
+  br label %pset.head201
 
-pset.end230:                                      ; preds = %pset.head228
-  %1496 = add nsw i64 %h.p, 1
+pset.end203:                                      ; preds = %pset.head201
+  %998 = add nsw i64 %h.p, 1
   br label %h.p.head
 
 h.p.end:                                          ; preds = %h.p.head
-  %1497 = getelementptr inbounds float, ptr %prio, i64 %tok
-  store float 0.000000e+00, ptr %1497, align 4
-  %1498 = add nsw i64 %t, 1
+  %999 = getelementptr inbounds float, ptr %prio, i64 %tok
+  store float 0.000000e+00, ptr %999, align 4
+  %1000 = add nsw i64 %t, 1
   br label %t.head
 
 t.end:                                            ; preds = %t.head
-  %1499 = add nsw i64 %tg, 8
+  %1001 = add nsw i64 %tg, 8
   br label %tg.head
 
 tg.end:                                           ; preds = %tg.head
