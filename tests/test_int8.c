@@ -26,15 +26,27 @@
 #include "moe_kernels.h"
 #include "moegen.h"
 
-/* Whether this machine runs the 512-bit int8 dot (the tests that execute
- * int8 kernels skip without it: no CPU without the instruction can run
- * them, and the plan gives such a host the f32 kernels). */
+/* Whether this machine runs the 512-bit int8 dot (test_narrow compares its
+ * bits with the 256-bit forms'). */
 static int host_vnni(void)
 {
 	__builtin_cpu_init();
 	return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
 	       __builtin_cpu_supports("avx512vl");
 }
+
+/* Whether the host's kernels compute in int8: vpdpbusd, or AVX2's
+ * multiply-adds (an x86-64 CPU without AVX2 gets the f32 kernels, and the
+ * tests that need int8 kernels skip there). */
+static int host_int8(void)
+{
+	__builtin_cpu_init();
+	return host_vnni() || __builtin_cpu_supports("avx2");
+}
+
+/* Features that leave a target no int8 dot product: no VNNI, no AVX2 (and
+ * so no AVX-512). */
+static const char *const no_int8 = "-avx512vnni,-avxvnni,-avx2,-avx512f,-evex512";
 
 static void set_q(struct moe_desc *d, int m, enum moe_qformat k, uint32_t group, int zero)
 {
@@ -117,7 +129,7 @@ static void test_resolved(void **state)
 static void test_vs_reference(void **state)
 {
 	(void)state;
-	if (!host_vnni())
+	if (!host_int8())
 		skip();
 	static const size_t Ts[] = {1, 77};
 	double worst = 0.0;
@@ -133,11 +145,12 @@ static void test_vs_reference(void **state)
 	print_message("int8 compute: max rel err %.3g (bound %.3g)\n", worst, MOE_INT8_COMPUTE_TOL);
 }
 
-/* Without avx512vnni the same spec computes in f32 on the kept codes. */
+/* Without an int8 dot product the same spec computes in f32 on the kept
+ * codes. */
 static void test_fallback(void **state)
 {
 	(void)state;
-	h_features = "-avx512vnni";
+	h_features = no_int8;
 	for (size_t i = 0; i < sizeof cases / sizeof *cases; i += 2) {
 		struct moe_desc d;
 		idesc(&d, &cases[i]);
@@ -183,10 +196,11 @@ static void test_overflow(void **state)
 }
 
 /* The 256-bit kernels (AVX-VNNI targets; here AVX-512 VNNI limited to
- * 256-bit vectors by -evex512, the same instruction in EVEX form) give the
- * bits of the 512-bit ones: the int32 sums are exact, and every f32 lane
- * computes the same operations in the same order. And they are int8
- * compute, not the f32 fallback: quantized against the reference. */
+ * 256-bit vectors by -evex512, the same instruction in EVEX form), and those
+ * of AVX2 targets without VNNI, give the bits of the 512-bit ones: the int32
+ * sums are exact, and every f32 lane computes the same operations in the
+ * same order. And they are int8 compute, not the f32 fallback: quantized
+ * against the reference. */
 static void test_narrow(void **state)
 {
 	(void)state;
@@ -202,6 +216,12 @@ static void test_narrow(void **state)
 		h_features = "-evex512";
 		forward(&d, T, 2, yb);
 		h_compare(&d, 9, 1, 40 + c, NULL, NULL);
+		assert_memory_equal(ya, yb, T * H * 4);
+		assert_true(h_last_rel > H_TOL);
+		/* AVX2's multiply-adds in place of vpdpbusd: the same exact sums */
+		h_features = "-avx512vnni,-avxvnni,-evex512";
+		forward(&d, T, 2, yb);
+		h_compare(&d, 9, 1, 50 + c, NULL, NULL);
 		h_features = NULL;
 		assert_memory_equal(ya, yb, T * H * 4);
 		assert_true(h_last_rel > H_TOL);
@@ -210,8 +230,9 @@ static void test_narrow(void **state)
 }
 
 /* An AVX-VNNI target without AVX-512 (alderlake) gets int8 compute in the
- * VEX form of vpdpbusd and no 512-bit register; without avxvnni the f32
- * kernels, no vpdpbusd. */
+ * VEX form of vpdpbusd and no 512-bit register; an AVX2 one without
+ * avxvnni AVX2's multiply-adds, no vpdpbusd; x86-64 without AVX2 the f32
+ * kernels. */
 static void test_avxvnni_asm(void **state)
 {
 	(void)state;
@@ -220,8 +241,12 @@ static void test_avxvnni_asm(void **state)
 	plan_case(&d, &cases[1], &p);
 	static const struct {
 		const char *cpu, *features;
-		int vnni;
-	} ts[] = {{"alderlake", NULL, 1}, {"x86-64-v3", "+avxvnni", 1}, {"x86-64-v3", NULL, 0}};
+		int vnni, madd;
+	} ts[] = {{"alderlake", NULL, 1, 0},
+		  {"x86-64-v3", "+avxvnni", 1, 0},
+		  {"x86-64-v3", NULL, 0, 1},
+		  {"znver3", NULL, 0, 1},
+		  {"x86-64-v2", NULL, 0, 0}};
 	for (size_t i = 0; i < sizeof ts / sizeof *ts; i++) {
 		struct moe_cpu_target t = {.triple = "x86_64-unknown-linux-gnu",
 					   .cpu = ts[i].cpu,
@@ -236,6 +261,7 @@ static void test_avxvnni_asm(void **state)
 		assert_non_null(out);
 		assert_true((strstr(out, "{vex}\tvpdpbusd") != NULL) == ts[i].vnni);
 		assert_true((strstr(out, "vpdpbusd") != NULL) == ts[i].vnni);
+		assert_true((strstr(out, "vpmaddubsw") != NULL) == ts[i].madd);
 		assert_null(strstr(out, "%zmm"));
 		free(out);
 	}

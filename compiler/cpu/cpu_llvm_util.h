@@ -24,6 +24,9 @@ struct moe_ll {
 	const struct moe_plan *p;
 	const struct moe_desc *d;
 	int wide; /* AVX-512: expert tiles keep one 16-lane accumulator per row */
+	/* int8 compute's dot product: 1 vpdpbusd (VNNI), 2 AVX2's vpmaddubsw
+	 * and vpmaddwd (exact for the codes the kernels give it) */
+	int dot8;
 	/* AArch64 SVE of a known length: vscale = bits / 128, given to every
 	 * function as vscale_range(vscale, vscale); 0: none */
 	unsigned vscale;

@@ -78,7 +78,7 @@ void moe_plan_dump(const struct moe_plan *p, FILE *out)
 	fprintf(out, "compute %s%s\n", moe_compute_names[p->compute],
 		p->compute != MOE_COMPUTE_AUTO ? ""
 		: moe_desc_int8_compute(d)
-		    ? " (int8 where the target cpu has avx512vnni or avxvnni, else f32)"
+		    ? " (int8 where the target cpu has avx512vnni, avxvnni or avx2, else f32)"
 		    : " (bf16 where the target cpu has avx512bf16)");
 	dump_geom(out, "routed", &p->routed);
 	if (p->shared.width)
