@@ -115,10 +115,15 @@ void h_model_close(struct h_model *m)
 	unlink(m->path);
 }
 
+int h_sign_inputs;
+
 void h_fill_input(float *x, size_t n, uint64_t seed)
 {
-	for (size_t i = 0; i < n; i++)
+	for (size_t i = 0; i < n; i++) {
 		x[i] = 2.0f * moe_rng_uniform(moe_rng_hash(seed, 99, i, 0)) - 1.0f;
+		if (h_sign_inputs)
+			x[i] = x[i] < 0.0f ? -1.0f : 1.0f;
+	}
 }
 
 enum moe_status h_forward(const struct moe_desc *d, const float *x, size_t T, uint32_t threads,

@@ -51,7 +51,9 @@ int h_model_open(const struct moe_desc *d, struct h_model *m, char *err, size_t 
  * checkpoint file path (each step asserted). */
 moe_model *h_model_open_loaded(const struct moe_desc *d, struct h_model *m, const char *path);
 void h_model_close(struct h_model *m);
-/* x[i] uniform in [-1, 1), a function of (seed, i) only. */
+/* x[i] uniform in [-1, 1), a function of (seed, i) only; with h_sign_inputs
+ * set, its sign: -1 or 1. */
+extern int h_sign_inputs;
 void h_fill_input(float *x, size_t n, uint64_t seed);
 /* Compile d, create it with threads, moe_init_random(7), and forward T tokens
  * of x (NULL: h_fill_input with seed) into y; the forward's status. */

@@ -1,16 +1,16 @@
 /* test_int8.c: int8 compute (dtype.compute int8): activations quantized per
  * row to int8 and multiplied by the kept int8/int4 codes in int32. The plan
- * resolves it per target (the int8 dot instructions, else f32) and lays the
- * codes out in runs of 4 inputs; the generated layer (per channel and
- * grouped, with and without zero points, mixed formats, MLP, biases,
- * apply_to input, shared experts, an input width that is not a multiple of
- * 64) against the f32 reference on the dequantized weights within
- * MOE_INT8_COMPUTE_TOL with identical expert choices, and really quantized
- * (an error no f32 sum would make); batch and thread invariance bit for
- * bit; a target without the instructions computes in f32 within the f32
- * bound; the 256-bit form (AVX-VNNI, run here as AVX-512 VNNI with
- * -evex512) gives the 512-bit form's bits, and AVX-VNNI targets get the VEX
- * instruction. */
+ * resolves it per target (the int8 dot instructions or AVX2's multiply-adds,
+ * else f32) and lays the codes out in runs of 4 inputs; the generated layer
+ * (per channel and grouped, with and without zero points, mixed formats,
+ * MLP, biases, apply_to input, shared experts, an input width that is not a
+ * multiple of 64) against the f32 reference on the dequantized weights
+ * within MOE_INT8_COMPUTE_TOL with identical expert choices, and really
+ * quantized (an error no f32 sum would make); batch and thread invariance
+ * bit for bit; a target without them computes in f32 within the f32 bound;
+ * the 256-bit forms (AVX-VNNI, run here as AVX-512 VNNI with -evex512, and
+ * AVX2's multiply-adds) give the 512-bit form's bits, AVX-VNNI targets get
+ * the VEX instruction and AVX2 ones vpmaddubsw. */
 #include "harness.h"
 
 #include <math.h>
@@ -145,6 +145,26 @@ static void test_vs_reference(void **state)
 	print_message("int8 compute: max rel err %.3g (bound %.3g)\n", worst, MOE_INT8_COMPUTE_TOL);
 }
 
+/* Inputs of one magnitude (each x is -1 or 1) quantize to codes of
+ * magnitude 127, exactly, so the up projection's int32 sums meet int8 codes
+ * at the largest activations: two products of one int16 pair reach
+ * 2 * 255 * 127 > 32767, where a single vpmaddubsw on the stored codes
+ * (plus 128) would saturate. Its output must stay within the int8 bound
+ * (only h's rounding remains) on whatever int8 kernels the host gets. */
+static void test_extreme_codes(void **state)
+{
+	(void)state;
+	if (!host_int8())
+		skip();
+	h_sign_inputs = 1;
+	for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+		struct moe_desc d;
+		idesc(&d, &cases[i]);
+		h_compare(&d, 41, 2, 70 + i, NULL, NULL);
+	}
+	h_sign_inputs = 0;
+}
+
 /* Without an int8 dot product the same spec computes in f32 on the kept
  * codes. */
 static void test_fallback(void **state)
@@ -276,10 +296,10 @@ static int setup(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_resolved),    cmocka_unit_test(test_vs_reference),
-	    cmocka_unit_test(test_fallback),    cmocka_unit_test(test_invariant),
-	    cmocka_unit_test(test_overflow),    cmocka_unit_test(test_narrow),
-	    cmocka_unit_test(test_avxvnni_asm),
+	    cmocka_unit_test(test_resolved),      cmocka_unit_test(test_vs_reference),
+	    cmocka_unit_test(test_extreme_codes), cmocka_unit_test(test_fallback),
+	    cmocka_unit_test(test_invariant),     cmocka_unit_test(test_overflow),
+	    cmocka_unit_test(test_narrow),        cmocka_unit_test(test_avxvnni_asm),
 	};
 	return cmocka_run_group_tests(tests, setup, h_teardown);
 }
