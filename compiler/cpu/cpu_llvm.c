@@ -1490,6 +1490,14 @@ static LLVMValueRef dot4_avx2(struct moe_ll *g, LLVMValueRef acc, const LLVMValu
 	return join8(g, h[0], h[1]);
 }
 
+/* A quantized row's 4 activation codes at input k (h = 1: k + 4, an int4
+ * run's second half) as one int32. */
+static LLVMValueRef run_codes(struct moe_ll *g, LLVMValueRef xq, LLVMValueRef k, int h)
+{
+	LLVMValueRef kk = h ? LLVMBuildNSWAdd(g->b, k, moe_ll_i64c(g, 4), "") : k;
+	return moe_ll_ld(g, g->t_i32, moe_ll_at(g, g->t_i8, xq, kk));
+}
+
 /* acc[r] += the mr quantized rows (xq[r]: K int8 codes, qs[r]: their sums
  * per group) times the dot4 panel pan (moe_kernels.h), in units of each
  * row's scale: per group the exact int32 sums P of code * q over its runs,
@@ -1547,20 +1555,13 @@ static void dot4_kloop(struct moe_ll *g, const struct moe_qfmt *f, uint32_t K, i
 		for (int r = 0; emu && r < mr; r++) {
 			LLVMValueRef a[2];
 			for (int h = 0; h < halves; h++)
-				a[h] = moe_ll_ld(
-				    g, g->t_i32,
-				    moe_ll_at(g, g->t_i8, xq[r],
-					      h ? LLVMBuildNSWAdd(b, k, moe_ll_i64c(g, 4), "")
-						: k));
+				a[h] = run_codes(g, xq[r], k, h);
 			LLVMValueRef *c = &accg[r][u];
 			moe_ll_st(g, dot4_avx2(g, moe_ll_ld(g, ti, *c), ws, a, i4), *c);
 		}
 		for (int h = 0; !emu && h < halves; h++)
 			for (int r = 0; r < mr; r++) {
-				LLVMValueRef kk =
-				    h ? LLVMBuildNSWAdd(b, k, moe_ll_i64c(g, 4), "") : k;
-				LLVMValueRef a =
-				    moe_ll_ld(g, g->t_i32, moe_ll_at(g, g->t_i8, xq[r], kk));
+				LLVMValueRef a = run_codes(g, xq[r], k, h);
 				LLVMValueRef *c = &accg[r][(int)u * halves + h];
 				moe_ll_st(g, dpbusd(g, moe_ll_ld(g, ti, *c), ws[h], a), *c);
 			}
