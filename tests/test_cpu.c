@@ -307,6 +307,44 @@ static void test_invariance(void **state)
 	free(x), free(y1), free(yb), free(y2);
 }
 
+/* The K blocks of the f32 tiles on 256-bit targets (K over 256 and more
+ * than one row block in a call): 160 tokens, about 107 rows per expert (two
+ * chunks of at most 96), 97 up panels (groups of 16, the last one short),
+ * K in blocks of 130 (H 520), 194 (I 776) and 98 (shared I 392), the last
+ * down panel masked (520 = 32 x 16 + 8), a shared expert whose down adds
+ * to y. Each token alone (one row block: the unblocked loops) gives the
+ * batch's row bit for bit, and the batch is within the reference's bound. */
+static void test_k_blocks(void **state)
+{
+	(void)state;
+	struct moe_desc d;
+	h_base_desc(&d, 520, 3, 2, 776);
+	d.shared_count = 1;
+	d.shared_intermediate = 392;
+	d.expert_bias = 1;
+	h_features = "-avx512f";
+	struct h_model m;
+	char err[1024];
+	assert_int_equal(h_model_open(&d, &m, err, sizeof err), 0);
+	size_t T = 160, H = d.hidden;
+	float *x = malloc(T * H * 4), *y = malloc(T * H * 4), *y1 = malloc(T * H * 4);
+	assert_true(x && y && y1);
+	h_fill_input(x, T * H, 11);
+	moe_model *a;
+	struct moe_create_opts two = {.threads = 2};
+	assert_int_equal(m.create(&a, &two), MOE_OK);
+	assert_int_equal(m.init_random(a, 12), MOE_OK);
+	assert_int_equal(m.forward(a, 1, x, y, T, NULL, NULL), MOE_OK);
+	for (size_t t = 0; t < T; t++)
+		assert_int_equal(m.forward(a, 1, x + t * H, y1 + t * H, 1, NULL, NULL), MOE_OK);
+	assert_memory_equal(y, y1, T * H * 4);
+	m.destroy(a);
+	h_model_close(&m);
+	compare(&d, T, 2, 13, TOL);
+	h_features = NULL;
+	free(x), free(y), free(y1);
+}
+
 static void test_errors(void **state)
 {
 	(void)state;
@@ -790,11 +828,12 @@ static int setup(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-	    cmocka_unit_test(test_expert_counts),     cmocka_unit_test(test_features),
-	    cmocka_unit_test(test_invariance),        cmocka_unit_test(test_errors),
-	    cmocka_unit_test(test_refusals),          cmocka_unit_test(test_deterministic),
-	    cmocka_unit_test(test_safetensors),       cmocka_unit_test(test_gelu_sweep),
-	    cmocka_unit_test(test_capacity_and_bias), cmocka_unit_test(test_random),
+	    cmocka_unit_test(test_expert_counts), cmocka_unit_test(test_features),
+	    cmocka_unit_test(test_invariance),    cmocka_unit_test(test_k_blocks),
+	    cmocka_unit_test(test_errors),        cmocka_unit_test(test_refusals),
+	    cmocka_unit_test(test_deterministic), cmocka_unit_test(test_safetensors),
+	    cmocka_unit_test(test_gelu_sweep),    cmocka_unit_test(test_capacity_and_bias),
+	    cmocka_unit_test(test_random),
 	};
 	return cmocka_run_group_tests(tests, setup, h_teardown);
 }

@@ -248,6 +248,15 @@ struct ffn {
 	 * and log2 of their count (pf_sh) */
 	LLVMValueRef pf_on, pf_j, pf_sh;
 	LLVMValueRef pf_multi; /* more than one row block: prefetch at all */
+	/* K blocking (kblock_nest; k0 NULL: the tiles run the whole K): the
+	 * row blocks start at row0; the tiles compute k in [k0, k0 + kc),
+	 * starting from zero (kfirst) or from their partial sums, and finish
+	 * (activation, biases) in the last block (klast) only; up keeps the
+	 * partial sums in part ([KB_ROWS][KB_PANELS][16] from row row0 and
+	 * panel pg0), down in y; a tile prefetches the slice pf_step bytes past
+	 * its own when pf_next */
+	LLVMValueRef row0, k0, kfirst, klast, part, pg0, pf_step, pf_next;
+	int64_t kc;
 };
 
 /* Store 8 h values at column c of row hrow: f32, or bf16 for the bf16 down
@@ -329,29 +338,35 @@ struct pf {
 	LLVMValueRef base, sh, any;
 };
 
+/* The prefetches of a tile reading the bytes bytes at pan: when more, the
+ * row block's slice of those at pan + step, else its own lines. */
+static struct pf prefetch_to(struct moe_ll *g, const struct ffn *f, LLVMValueRef more,
+			     LLVMValueRef pan, LLVMValueRef step, int64_t bytes)
+{
+	LLVMBuilderRef b = g->b;
+	LLVMValueRef on = LLVMBuildAnd(b, f->pf_on, more, "pf.on");
+	LLVMValueRef slice =
+	    LLVMBuildLShr(b, LLVMBuildNSWMul(b, f->pf_j, moe_ll_i64c(g, bytes), ""), f->pf_sh, "");
+	LLVMValueRef next = moe_ll_at(g, g->t_i8, pan, LLVMBuildNSWAdd(b, step, slice, ""));
+	struct pf r = {LLVMBuildSelect(b, on, next, pan, "pf"),
+		       LLVMBuildSelect(b, on, f->pf_sh, moe_ll_i64c(g, 0), "pf.sh"), f->pf_multi};
+	return r;
+}
+
 static struct pf panel_prefetch(struct moe_ll *g, const struct ffn *f, LLVMValueRef p,
 				LLVMValueRef p1, LLVMValueRef pan, int64_t bytes)
 {
 	LLVMBuilderRef b = g->b;
 	LLVMValueRef more =
 	    LLVMBuildICmp(b, LLVMIntSLT, LLVMBuildNSWAdd(b, p, moe_ll_i64c(g, 1), ""), p1, "");
-	LLVMValueRef on = LLVMBuildAnd(b, f->pf_on, more, "pf.on");
-	LLVMValueRef slice =
-	    LLVMBuildLShr(b, LLVMBuildNSWMul(b, f->pf_j, moe_ll_i64c(g, bytes), ""), f->pf_sh, "");
-	LLVMValueRef next =
-	    moe_ll_at(g, g->t_i8, pan, LLVMBuildNSWAdd(b, moe_ll_i64c(g, bytes), slice, ""));
-	struct pf r = {LLVMBuildSelect(b, on, next, pan, "pf"),
-		       LLVMBuildSelect(b, on, f->pf_sh, moe_ll_i64c(g, 0), "pf.sh"), f->pf_multi};
-	return r;
+	return prefetch_to(g, f, more, pan, moe_ll_i64c(g, bytes), bytes);
 }
 
 /* Prefetch toward L2 the line for byte off of the tile's panel. */
 static void prefetch_at(struct moe_ll *g, struct pf pf, LLVMValueRef off)
 {
 	LLVMBasicBlockRef end = moe_ll_when(g, pf.any, "pf.any");
-	LLVMValueRef args[4] = {moe_ll_at(g, g->t_i8, pf.base, LLVMBuildLShr(g->b, off, pf.sh, "")),
-				moe_ll_i32c(g, 0), moe_ll_i32c(g, 2), moe_ll_i32c(g, 1)};
-	moe_ll_intr(g, "llvm.prefetch", &g->t_ptr, 1, args, 4);
+	moe_ll_prefetch(g, moe_ll_at(g, g->t_i8, pf.base, LLVMBuildLShr(g->b, off, pf.sh, "")), 2);
 	moe_ll_when_end(g, end);
 }
 
@@ -464,8 +479,44 @@ static void f32_k_loop(struct moe_ll *g, int mr, int wide, int nv, int nch,
 					  acc[0][r][v]);
 }
 
-/* One up tile of mr rows at row r0 and panel p, K = hidden: the accumulators
- * (12 at mr = 6 and AVX-512) stay in registers across the K loop. */
+/* K blocking of the f32-compute tiles on 256-bit targets (kblock_nest):
+ * rows in chunks of KB_ROWS, panels in groups of KB_PANELS, K in blocks of
+ * at most KB_K. */
+#define KB_ROWS 96
+#define KB_PANELS 16
+#define KB_K 256
+
+/* Under K blocking (f->k0), the 16 floats of row ri's partial sums at panel
+ * p in f->part. */
+static LLVMValueRef part_at(struct moe_ll *g, const struct ffn *f, LLVMValueRef ri, LLVMValueRef p)
+{
+	LLVMBuilderRef b = g->b;
+	LLVMValueRef i = LLVMBuildNSWAdd(
+	    b,
+	    LLVMBuildNSWMul(b, LLVMBuildNSWSub(b, ri, f->row0, ""), moe_ll_i64c(g, KB_PANELS), ""),
+	    LLVMBuildNSWSub(b, p, f->pg0, ""), "");
+	return moe_ll_at(g, g->t_f32, f->part, LLVMBuildNSWMul(b, i, moe_ll_i64c(g, MOE_NR), ""));
+}
+
+/* The panel bytes per k of the f32-compute tiles. */
+static int64_t panel_row_bytes(const struct moe_ll *g)
+{
+	return (g->d->weight_dtype == MOE_DTYPE_F32 ? 4 : 2) * (int64_t)MOE_NR;
+}
+
+/* The prefetches of a K-blocked tile (f->k0) whose slice of the panels
+ * starts at element pbase: the slice pf_step bytes further when pf_next. */
+static struct pf slice_prefetch(struct moe_ll *g, const struct ffn *f, LLVMValueRef panels,
+				LLVMValueRef pbase)
+{
+	int es = g->d->weight_dtype == MOE_DTYPE_F32 ? 4 : 2;
+	LLVMValueRef pan = moe_ll_at(g, es == 4 ? g->t_f32 : g->t_i16, panels, pbase);
+	return prefetch_to(g, f, f->pf_next, pan, f->pf_step, f->kc * panel_row_bytes(g));
+}
+
+/* One up tile of mr rows at row r0 and panel p, K = hidden (or, K-blocked,
+ * its block [k0, k0 + kc)): the accumulators (12 at mr = 6 and AVX-512)
+ * stay in registers across the K loop. */
 static void up_tile(struct moe_ll *g, const struct ffn *f, int mr, LLVMValueRef r0, LLVMValueRef p)
 {
 	LLVMBuilderRef b = g->b;
@@ -474,29 +525,60 @@ static void up_tile(struct moe_ll *g, const struct ffn *f, int mr, LLVMValueRef 
 	LLVMValueRef a_row[MOE_MR], acc[2][MOE_MR][2];
 	LLVMTypeRef t16 = LLVMVectorType(g->t_f32, 2 * MOE_VW);
 	int wide = g->wide, nch = f32_chains(g);
+	LLVMValueRef k0 = f->k0 ? f->k0 : moe_ll_i64c(g, 0);
 	char nm[48];
 
 	for (int r = 0; r < mr; r++) {
 		LLVMValueRef ri = LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), "");
 		LLVMValueRef tok = moe_ll_ld(g, g->t_i32, moe_ll_at(g, g->t_i32, rows, ri));
 		tok = LLVMBuildSExt(b, tok, g->t_i64, "");
-		a_row[r] = moe_ll_at(g, g->t_f32, x,
-				     LLVMBuildNSWMul(b, tok, moe_ll_i64c(g, ge->hidden), ""));
+		a_row[r] = moe_ll_at(
+		    g, g->t_f32, x,
+		    LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, tok, moe_ll_i64c(g, ge->hidden), ""), k0,
+				    ""));
 		for (int c = 0; c < nch; c++)
 			for (int v = 0; v < 2 - wide; v++) {
+				LLVMTypeRef t = wide ? t16 : g->t_v8f;
+				LLVMValueRef z = LLVMConstNull(t);
 				snprintf(nm, sizeof nm, "acc%d%d%d", c, r, v);
-				acc[c][r][v] = moe_ll_alloca(g, wide ? t16 : g->t_v8f, 1, nm);
-				moe_ll_st(g, LLVMConstNull(wide ? t16 : g->t_v8f), acc[c][r][v]);
+				acc[c][r][v] = moe_ll_alloca(g, t, 1, nm);
+				if (f->k0) /* one chain (kblock_kc) */
+					z = LLVMBuildSelect(
+					    b, f->kfirst, z,
+					    moe_ll_ld(g, t,
+						      moe_ll_at(g, g->t_f32, part_at(g, f, ri, p),
+								moe_ll_i64c(g, v * MOE_VW))),
+					    "");
+				moe_ll_st(g, z, acc[c][r][v]);
 			}
 	}
-	LLVMValueRef pbase =
-	    LLVMBuildNSWMul(b, p, moe_ll_i64c(g, (int64_t)ge->hidden * MOE_NR), "panel.off");
-	struct pf pf = panel_prefetch_w(g, f, p, moe_ll_prm(g, 9), panels, pbase, ge->hidden);
-	f32_k_loop(g, mr, wide, 2, nch, a_row, acc, panels, pbase, pf, ge->hidden);
+	LLVMValueRef pbase = LLVMBuildNSWAdd(
+	    b, LLVMBuildNSWMul(b, p, moe_ll_i64c(g, (int64_t)ge->hidden * MOE_NR), ""),
+	    LLVMBuildNSWMul(b, k0, moe_ll_i64c(g, MOE_NR), ""), "panel.off");
+	struct pf pf = f->k0
+			   ? slice_prefetch(g, f, panels, pbase)
+			   : panel_prefetch_w(g, f, p, moe_ll_prm(g, 9), panels, pbase, ge->hidden);
+	f32_k_loop(g, mr, wide, 2, nch, a_row, acc, panels, pbase, pf, f->k0 ? f->kc : ge->hidden);
 
-	/* Epilogue: scale, bias, activation, store to h. */
+	/* Epilogue: scale, bias, activation, store to h; K-blocked, the
+	 * blocks before the last store their partial sums. */
+	LLVMBasicBlockRef end = NULL;
+	if (f->k0) {
+		end = moe_ll_when(g, LLVMBuildNot(b, f->klast, ""), "part");
+		for (int r = 0; r < mr; r++) {
+			LLVMValueRef ri = LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), "");
+			for (int v = 0; v < 2; v++)
+				moe_ll_st(g, moe_ll_ld(g, g->t_v8f, acc[0][r][v]),
+					  moe_ll_at(g, g->t_f32, part_at(g, f, ri, p),
+						    moe_ll_i64c(g, v * MOE_VW)));
+		}
+		moe_ll_when_end(g, end);
+		end = moe_ll_when(g, f->klast, "last");
+	}
 	for (int r = 0; r < mr; r++)
 		up_store(g, f, LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), ""), p, acc[0][r], wide);
+	if (end)
+		moe_ll_when_end(g, end);
 }
 
 /* Constant <8 x i1> mask of lanes [0, n). */
@@ -528,8 +610,9 @@ static void vstore_cols(struct moe_ll *g, LLVMValueRef v, LLVMValueRef ptr, int 
 	moe_ll_intr(g, "llvm.masked.store", tys, 2, args, 4);
 }
 
-/* One down tile of mr rows at row r0 and panel p, K = width, accumulating
- * into y; ncols < 16 for the last panel of a hidden size that is not a
+/* One down tile of mr rows at row r0 and panel p, K = width (or, K-blocked,
+ * its block [k0, k0 + kc), the partial sums in y), accumulating into y;
+ * ncols < 16 for the last panel of a hidden size that is not a
  * multiple of 16. */
 static void down_tile(struct moe_ll *g, const struct ffn *f, int mr, int ncols, LLVMValueRef r0,
 		      LLVMValueRef p)
@@ -546,11 +629,14 @@ static void down_tile(struct moe_ll *g, const struct ffn *f, int mr, int ncols, 
 	LLVMValueRef a_row[MOE_MR], y_ptr[MOE_MR][2], acc[2][MOE_MR][2];
 	char nm[48];
 	LLVMValueRef c0 = LLVMBuildNSWMul(b, p, moe_ll_i64c(g, MOE_NR), "col");
+	LLVMValueRef k0 = f->k0 ? f->k0 : moe_ll_i64c(g, 0);
 
 	for (int r = 0; r < mr; r++) {
 		LLVMValueRef ri = LLVMBuildNSWAdd(b, r0, moe_ll_i64c(g, r), "");
-		a_row[r] = moe_ll_at(g, g->t_f32, hbuf,
-				     LLVMBuildNSWMul(b, ri, moe_ll_i64c(g, ge->ld_h), ""));
+		a_row[r] =
+		    moe_ll_at(g, g->t_f32, hbuf,
+			      LLVMBuildNSWAdd(
+				  b, LLVMBuildNSWMul(b, ri, moe_ll_i64c(g, ge->ld_h), ""), k0, ""));
 		LLVMValueRef tok = moe_ll_ld(g, g->t_i32, moe_ll_at(g, g->t_i32, rows, ri));
 		tok = LLVMBuildSExt(b, tok, g->t_i64, "");
 		LLVMValueRef yrow = moe_ll_at(
@@ -561,23 +647,30 @@ static void down_tile(struct moe_ll *g, const struct ffn *f, int mr, int ncols, 
 				      LLVMBuildNSWAdd(b, c0, moe_ll_i64c(g, v * MOE_VW), ""));
 			if (wide && v)
 				continue;
-			/* chain 0 starts from y when adding to it, the others from 0 */
+			/* chain 0 starts from y when adding to it or past the first
+			 * K block, the others from 0 */
 			for (int c = 0; c < nch; c++) {
 				LLVMTypeRef t = wide ? t16 : g->t_v8f;
 				snprintf(nm, sizeof nm, "acc%d%d%d", c, r, v);
 				acc[c][r][v] = moe_ll_alloca(g, t, 1, nm);
-				moe_ll_st(g,
-					  f->store || c ? LLVMConstNull(t)
-					  : wide        ? moe_ll_ld(g, t16, y_ptr[r][0])
-							: vload_cols(g, y_ptr[r][v], lanes[v]),
-					  acc[c][r][v]);
+				LLVMValueRef a0 = c      ? LLVMConstNull(t)
+						  : wide ? moe_ll_ld(g, t16, y_ptr[r][0])
+							 : vload_cols(g, y_ptr[r][v], lanes[v]);
+				if (!c && f->store)
+					a0 = f->k0 ? LLVMBuildSelect(b, f->kfirst, LLVMConstNull(t),
+								     a0, "")
+						   : LLVMConstNull(t);
+				moe_ll_st(g, a0, acc[c][r][v]);
 			}
 		}
 	}
-	LLVMValueRef pbase =
-	    LLVMBuildNSWMul(b, p, moe_ll_i64c(g, (int64_t)ge->width * MOE_NR), "panel.off");
-	struct pf pf = panel_prefetch_w(g, f, p, moe_ll_prm(g, 8), panels, pbase, ge->width);
-	f32_k_loop(g, mr, wide, nv, nch, a_row, acc, panels, pbase, pf, ge->width);
+	LLVMValueRef pbase = LLVMBuildNSWAdd(
+	    b, LLVMBuildNSWMul(b, p, moe_ll_i64c(g, (int64_t)ge->width * MOE_NR), ""),
+	    LLVMBuildNSWMul(b, k0, moe_ll_i64c(g, MOE_NR), ""), "panel.off");
+	struct pf pf = f->k0
+			   ? slice_prefetch(g, f, panels, pbase)
+			   : panel_prefetch_w(g, f, p, moe_ll_prm(g, 8), panels, pbase, ge->width);
+	f32_k_loop(g, mr, wide, nv, nch, a_row, acc, panels, pbase, pf, f->k0 ? f->kc : ge->width);
 
 	for (int r = 0; r < mr; r++) {
 		LLVMValueRef w = NULL;
@@ -596,7 +689,8 @@ static void down_tile(struct moe_ll *g, const struct ffn *f, int mr, int ncols, 
 				    moe_ll_ld(g, g->t_v8f, moe_ll_at(g, g->t_f32, bd, c));
 				if (w)
 					bv = LLVMBuildFMul(b, bv, w, "");
-				o = LLVMBuildFAdd(b, o, bv, "");
+				LLVMValueRef ob = LLVMBuildFAdd(b, o, bv, "");
+				o = f->k0 ? LLVMBuildSelect(b, f->klast, ob, o, "") : ob;
 			}
 			vstore_cols(g, o, y_ptr[r][v], lanes[v]);
 		}
@@ -639,6 +733,8 @@ static void row_blocks_mr(struct moe_ll *g, const struct ffn *f, tile_fn *tile, 
 	    b, LLVMBuildNSWMul(b, LLVMBuildNSWAdd(b, r.iv, moe_ll_i64c(g, 1), ""), n, ""), nrb,
 	    "r1");
 	LLVMValueRef mr = LLVMBuildNSWSub(b, r1, r0, "mr");
+	if (f->row0)
+		r0 = LLVMBuildNSWAdd(b, f->row0, r0, "r0");
 	LLVMBasicBlockRef done = moe_ll_bb(g, "tile.done");
 	LLVMBasicBlockRef cases[MAX_MR + 1];
 	for (int m = 1; m <= MR; m++) {
@@ -681,6 +777,102 @@ static void row_blocks(struct moe_ll *g, const struct ffn *f, tile_fn *tile, int
 		       LLVMValueRef p, LLVMValueRef n)
 {
 	row_blocks_mr(g, f, tile, ncols, p, n, MOE_MR, 0);
+}
+
+/* The K block of the f32-compute tiles for a K loop of K, 0 for none: on
+ * 256-bit targets (one accumulator chain, so the partial sums add in the
+ * order of the unblocked loop: the same bits), the largest divisor of K
+ * from 64 to KB_K when K is longer. */
+static int64_t kblock_kc(const struct moe_ll *g, int64_t K)
+{
+	if (g->wide || K <= KB_K)
+		return 0;
+	for (int64_t kc = KB_K; kc >= 64; kc--)
+		if (K % kc == 0)
+			return kc;
+	return 0;
+}
+
+/* The K-blocked loops of an f32-compute call over rows [0, n) and panels
+ * [p0, p1) of K = kc * nkb: for each chunk of KB_ROWS rows, each group of
+ * KB_PANELS panels, each K block, each panel of the group, the row blocks.
+ * A block's slice of a panel (kc rows of 16: 16 KiB of f32 at kc = 256)
+ * stays in L1 across the row blocks, the chunk's rows of the block (96 KiB)
+ * and the partial sums in L2 across the group's panels. Each tile
+ * prefetches its row block's share of the next slice of the loop: the next
+ * panel's, or the group's first panel's in the next block. */
+static void kblock_nest(struct moe_ll *g, const struct ffn *f, tile_fn *tile, int ncols,
+			LLVMValueRef p0, LLVMValueRef p1, LLVMValueRef n, int64_t K, int64_t kc,
+			LLVMValueRef part)
+{
+	LLVMBuilderRef b = g->b;
+	int64_t nkb = K / kc, pbytes = K * panel_row_bytes(g);
+	struct moe_ll_loop rc, pg, kb, p;
+	struct ffn fk = *f;
+	fk.kc = kc;
+	fk.part = part;
+	moe_ll_loop_open(g, &rc, moe_ll_i64c(g, 0), n, KB_ROWS, "kb.rc");
+	LLVMValueRef rn = LLVMBuildNSWSub(b, n, rc.iv, "");
+	rn = LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLT, rn, moe_ll_i64c(g, KB_ROWS), ""), rn,
+			     moe_ll_i64c(g, KB_ROWS), "kb.rn");
+	fk.row0 = rc.iv;
+	moe_ll_loop_open(g, &pg, p0, p1, KB_PANELS, "kb.pg");
+	LLVMValueRef pg1 = LLVMBuildNSWAdd(b, pg.iv, moe_ll_i64c(g, KB_PANELS), "");
+	pg1 = LLVMBuildSelect(b, LLVMBuildICmp(b, LLVMIntSLT, pg1, p1, ""), pg1, p1, "kb.pg1");
+	fk.pg0 = pg.iv;
+	moe_ll_loop_open(g, &kb, moe_ll_i64c(g, 0), moe_ll_i64c(g, nkb), 1, "kb.k");
+	fk.k0 = LLVMBuildNSWMul(b, kb.iv, moe_ll_i64c(g, kc), "k0");
+	fk.kfirst = LLVMBuildICmp(b, LLVMIntEQ, kb.iv, moe_ll_i64c(g, 0), "kfirst");
+	fk.klast = LLVMBuildICmp(b, LLVMIntEQ, kb.iv, moe_ll_i64c(g, nkb - 1), "klast");
+	moe_ll_loop_open(g, &p, pg.iv, pg1, 1, "kb.p");
+	LLVMValueRef pn = LLVMBuildNSWAdd(b, p.iv, moe_ll_i64c(g, 1), "");
+	LLVMValueRef in_group = LLVMBuildICmp(b, LLVMIntSLT, pn, pg1, "");
+	/* back to the group's first panel, one block on */
+	LLVMValueRef back = LLVMBuildNSWSub(
+	    b, moe_ll_i64c(g, kc * panel_row_bytes(g)),
+	    LLVMBuildNSWMul(b, LLVMBuildNSWSub(b, p.iv, pg.iv, ""), moe_ll_i64c(g, pbytes), ""),
+	    "");
+	fk.pf_step = LLVMBuildSelect(b, in_group, moe_ll_i64c(g, pbytes), back, "pf.step");
+	fk.pf_next = LLVMBuildOr(b, in_group, LLVMBuildNot(b, fk.klast, ""), "pf.next");
+	row_blocks_mr(g, &fk, tile, ncols, p.iv, rn, MOE_MR, 0);
+	moe_ll_loop_close(g, &p);
+	moe_ll_loop_close(g, &kb);
+	moe_ll_loop_close(g, &pg);
+	moe_ll_loop_close(g, &rc);
+}
+
+/* The loops of an f32-compute call: K-blocked (kblock_kc) when it has
+ * more than one row block, else (decode: one pass over each panel, which
+ * the hardware's stream prefetch follows) over the panels, then the row
+ * blocks. */
+static void f32_call(struct moe_ll *g, const struct ffn *f, tile_fn *tile, int ncols,
+		     LLVMValueRef p0, LLVMValueRef p1, LLVMValueRef n, int64_t K)
+{
+	LLVMBuilderRef b = g->b;
+	int64_t kc = kblock_kc(g, K);
+	LLVMBasicBlockRef end = NULL;
+	if (kc) {
+		LLVMValueRef part =
+		    moe_ll_alloca(g, g->t_f32, (uint64_t)KB_ROWS * KB_PANELS * MOE_NR, "part");
+		LLVMValueRef many = LLVMBuildICmp(b, LLVMIntSGT, n, moe_ll_i64c(g, MOE_MR), "");
+		LLVMBasicBlockRef blk = moe_ll_bb(g, "kb"), flat = moe_ll_bb(g, "flat");
+		end = moe_ll_bb(g, "call.end");
+		LLVMBuildCondBr(b, many, blk, flat);
+		LLVMPositionBuilderAtEnd(b, blk);
+		kblock_nest(g, f, tile, ncols, p0, p1, n, K, kc, part);
+		LLVMBuildBr(b, end);
+		LLVMMoveBasicBlockAfter(flat, LLVMGetInsertBlock(b));
+		LLVMPositionBuilderAtEnd(b, flat);
+	}
+	struct moe_ll_loop p;
+	moe_ll_loop_open(g, &p, p0, p1, 1, "p");
+	row_blocks(g, f, tile, ncols, p.iv, n);
+	moe_ll_loop_close(g, &p);
+	if (end) {
+		LLVMBuildBr(b, end);
+		LLVMMoveBasicBlockAfter(end, LLVMGetInsertBlock(b));
+		LLVMPositionBuilderAtEnd(b, end);
+	}
 }
 
 /* bf16 compute ------------------------------------------------------------ */
@@ -1761,13 +1953,15 @@ static void gen_up(struct moe_ll *g, const char *name, const struct ffn *f)
 	for (unsigned i = 0; i < 8; i++)
 		if (i != 3)
 			moe_ll_noalias(g, i);
+	if (f->geom->q_up.kind == MOE_QFORMAT_NONE) {
+		f32_call(g, f, up_tile_adapter, MOE_NR, moe_ll_prm(g, 8), moe_ll_prm(g, 9),
+			 moe_ll_prm(g, 3), f->geom->hidden);
+		moe_ll_fn_end(g);
+		return;
+	}
 	struct moe_ll_loop p;
 	moe_ll_loop_open(g, &p, moe_ll_prm(g, 8), moe_ll_prm(g, 9), 1, "p");
-	if (f->geom->q_up.kind != MOE_QFORMAT_NONE)
-		row_blocks_mr(g, f, up_tile_q, MOE_NR, p.iv, moe_ll_prm(g, 3),
-			      q_mr(g, &f->geom->q_up), 1);
-	else
-		row_blocks(g, f, up_tile_adapter, MOE_NR, p.iv, moe_ll_prm(g, 3));
+	row_blocks_mr(g, f, up_tile_q, MOE_NR, p.iv, moe_ll_prm(g, 3), q_mr(g, &f->geom->q_up), 1);
 	moe_ll_loop_close(g, &p);
 	moe_ll_fn_end(g);
 }
@@ -1805,9 +1999,13 @@ static void gen_down(struct moe_ll *g, const char *name, const struct ffn *f)
 	if (i8) /* chunks of h's rows quantized, then the panels over each */
 		n = i8_chunk_open(g, &fc, &c, i8_chunk(g, &fc, ge->width, &ge->q_down), ge->width,
 				  ge->q_down.group, 0);
-	moe_ll_loop_open(g, &p, p0, end, 1, "p");
-	row_blocks_mr(g, &fc, tile, MOE_NR, p.iv, n, mr, quant);
-	moe_ll_loop_close(g, &p);
+	if (tile == down_tile) {
+		f32_call(g, &fc, tile, MOE_NR, p0, end, n, ge->width);
+	} else {
+		moe_ll_loop_open(g, &p, p0, end, 1, "p");
+		row_blocks_mr(g, &fc, tile, MOE_NR, p.iv, n, mr, quant);
+		moe_ll_loop_close(g, &p);
+	}
 	if (n_full != ge->down_panels) {
 		/* the partial last panel: masked loads and stores of y */
 		LLVMValueRef in = LLVMBuildAnd(

@@ -128,9 +128,7 @@ static void gemm_tile(struct moe_ll *g, int mr, int ncols, LLVMValueRef a, LLVMV
 		LLVMValueRef kn = LLVMBuildNSWAdd(bd, k.iv, moe_ll_i64c(g, ahead), "");
 		LLVMValueRef last = LLVMBuildNSWSub(bd, K, moe_ll_i64c(g, 1), "");
 		kn = LLVMBuildSelect(bd, LLVMBuildICmp(bd, LLVMIntSLT, kn, K, ""), kn, last, "");
-		LLVMValueRef args[4] = {moe_ll_at(g, g->t_f32, b, LLVMBuildNSWMul(bd, kn, bs, "")),
-					moe_ll_i32c(g, 0), moe_ll_i32c(g, 3), moe_ll_i32c(g, 1)};
-		moe_ll_intr(g, "llvm.prefetch", &g->t_ptr, 1, args, 4);
+		moe_ll_prefetch(g, moe_ll_at(g, g->t_f32, b, LLVMBuildNSWMul(bd, kn, bs, "")), 3);
 	}
 	LLVMValueRef bv[2];
 	for (int j = 0; j < v.nv; j++)

@@ -256,6 +256,12 @@ LLVMValueRef moe_ll_intr1(struct moe_ll *g, const char *name, LLVMValueRef a)
 	return moe_ll_intr(g, name, &t, 1, &a, 1);
 }
 
+void moe_ll_prefetch(struct moe_ll *g, LLVMValueRef p, int locality)
+{
+	LLVMValueRef args[4] = {p, moe_ll_i32c(g, 0), moe_ll_i32c(g, locality), moe_ll_i32c(g, 1)};
+	moe_ll_intr(g, "llvm.prefetch", &g->t_ptr, 1, args, 4);
+}
+
 LLVMValueRef moe_ll_fma(struct moe_ll *g, LLVMValueRef a, LLVMValueRef b, LLVMValueRef c)
 {
 	LLVMTypeRef t = LLVMTypeOf(a);
@@ -340,13 +346,20 @@ LLVMValueRef moe_ll_splat(struct moe_ll *g, LLVMValueRef s, LLVMTypeRef vt)
 
 /* Router pieces ------------------------------------------------------------ */
 
+/* A row tile's prefetches: when on, the line at (k * bytes per k) >> sh
+ * past base for each k. */
+struct rows_pf {
+	LLVMValueRef on, base, sh;
+};
+
 /* acc[t * nv + v] = sum over h ascending of x_t[h] * w[h] (fused: one
  * rounding per term; else the product rounded, then the sum) for the nr rows x[] and
  * nb blocks of 8 from block qb of the packed [blocks][K][8] matrix w: the
  * blocks as nb / 2 vectors of 16 lanes (two blocks' rows joined), or one of 8
- * when nb is 1. */
+ * when nb is 1; with pf's prefetches. */
 static void rows_tile(struct moe_ll *g, const LLVMValueRef *x, int nr, LLVMValueRef w,
-		      LLVMValueRef qb, int nb, int64_t K, int fused, LLVMValueRef *acc)
+		      LLVMValueRef qb, int nb, int64_t K, int fused, LLVMValueRef *acc,
+		      struct rows_pf pf)
 {
 	LLVMBuilderRef b = g->b;
 	int nv = nb > 1 ? nb / 2 : 1;
@@ -360,6 +373,11 @@ static void rows_tile(struct moe_ll *g, const LLVMValueRef *x, int nr, LLVMValue
 	}
 	struct moe_ll_loop h;
 	moe_ll_loop_open(g, &h, moe_ll_i64c(g, 0), moe_ll_i64c(g, K), 1, "qh");
+	LLVMBasicBlockRef pf_end = moe_ll_when(g, pf.on, "pf");
+	LLVMValueRef at = LLVMBuildLShr(
+	    b, LLVMBuildNSWMul(b, h.iv, moe_ll_i64c(g, nb * MOE_RB * 4), ""), pf.sh, "");
+	moe_ll_prefetch(g, moe_ll_at(g, g->t_i8, pf.base, at), 2);
+	moe_ll_when_end(g, pf_end);
 	for (int v = 0; v < nv; v++) {
 		LLVMValueRef half[2];
 		for (int e = 0; e < (nb > 1 ? 2 : 1); e++) {
@@ -417,7 +435,34 @@ static void panels_sweep(struct moe_ll *g, LLVMValueRef x0, int64_t xs, LLVMValu
 			    g, vt,
 			    moe_ll_at(g, g->t_f32, bias,
 				      LLVMBuildNSWAdd(b, q8, moe_ll_i64c(g, 16 * v), "")));
+		/* the row tiles: the first S of them (S the largest power of two
+		 * up to 8 and their count) each prefetch a 1/S slice of the next
+		 * pass's blocks (contiguous after these) toward L2, so that pass
+		 * finds them there */
+		LLVMValueRef ntile =
+		    LLVMBuildSDiv(b, LLVMBuildNSWSub(b, r1, r0, ""), moe_ll_i64c(g, nr), "ntile");
+		LLVMValueRef sh = moe_ll_i64c(g, 0);
+		for (int k = 1; k <= 3; k++)
+			sh = LLVMBuildSelect(
+			    b, LLVMBuildICmp(b, LLVMIntSGE, ntile, moe_ll_i64c(g, 1 << k), ""),
+			    moe_ll_i64c(g, k), sh, "");
+		LLVMValueRef nq = LLVMBuildNSWAdd(b, qb.iv, moe_ll_i64c(g, nb), "");
+		LLVMValueRef more = LLVMBuildICmp(b, LLVMIntSLT, nq, b1, "more");
+		int64_t pass = (int64_t)nb * K * MOE_RB * 4; /* bytes of a pass's blocks */
+		LLVMValueRef nxt = moe_ll_at(
+		    g, g->t_i8, w, LLVMBuildNSWMul(b, nq, moe_ll_i64c(g, K * MOE_RB * 4), ""));
 		moe_ll_loop_open(g, &tb, r0, r1, nr, nr > 1 ? "rb" : "r1");
+		LLVMValueRef j =
+		    LLVMBuildSDiv(b, LLVMBuildNSWSub(b, tb.iv, r0, ""), moe_ll_i64c(g, nr), "j");
+		LLVMValueRef on = LLVMBuildAnd(
+		    b,
+		    LLVMBuildAnd(b, more,
+				 LLVMBuildICmp(b, LLVMIntSGT, ntile, moe_ll_i64c(g, 1), ""), ""),
+		    LLVMBuildICmp(b, LLVMIntSLT, j, LLVMBuildShl(b, moe_ll_i64c(g, 1), sh, ""), ""),
+		    "pf.on");
+		LLVMValueRef slice = moe_ll_at(
+		    g, g->t_i8, nxt,
+		    LLVMBuildLShr(b, LLVMBuildNSWMul(b, j, moe_ll_i64c(g, pass), ""), sh, ""));
 		LLVMValueRef xr[MOE_LL_ROWS], qo[MOE_LL_ROWS];
 		for (int t = 0; t < nr; t++) {
 			LLVMValueRef tt = LLVMBuildNSWAdd(b, tb.iv, moe_ll_i64c(g, t), "");
@@ -428,7 +473,8 @@ static void panels_sweep(struct moe_ll *g, LLVMValueRef x0, int64_t xs, LLVMValu
 			    LLVMBuildNSWAdd(b, LLVMBuildNSWMul(b, tt, moe_ll_i64c(g, os), ""), q8,
 					    ""));
 		}
-		rows_tile(g, xr, nr, w, qb.iv, nb, K, fused, acc);
+		struct rows_pf pf = {on, slice, sh};
+		rows_tile(g, xr, nr, w, qb.iv, nb, K, fused, acc, pf);
 		for (int t = 0; t < nr; t++)
 			for (int v = 0; v < nv; v++) {
 				LLVMValueRef o = acc[t * nv + v];

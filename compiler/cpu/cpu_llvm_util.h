@@ -80,6 +80,8 @@ LLVMValueRef moe_ll_intr(struct moe_ll *g, const char *name, LLVMTypeRef *tys, s
 			 LLVMValueRef *args, unsigned n_args);
 LLVMValueRef moe_ll_intr1(struct moe_ll *g, const char *name, LLVMValueRef a);
 LLVMValueRef moe_ll_fma(struct moe_ll *g, LLVMValueRef a, LLVMValueRef b, LLVMValueRef c);
+/* A read prefetch of the line at p: locality 2 toward L2, 3 toward L1. */
+void moe_ll_prefetch(struct moe_ll *g, LLVMValueRef p, int locality);
 /* Rows per tile and 8-lane blocks per pass of moe_ll_rows_panels. */
 #define MOE_LL_ROWS 8
 #define MOE_LL_BLOCKS 4

@@ -21,13 +21,13 @@ entry:
   %qacc1 = alloca <16 x float>, align 32
   %qacc2 = alloca <16 x float>, align 32
   %qacc3 = alloca <16 x float>, align 32
-  %qacc8 = alloca <8 x float>, align 32
-  %qacc9 = alloca <8 x float>, align 32
-  %qacc10 = alloca <8 x float>, align 32
-  %qacc11 = alloca <8 x float>, align 32
-  %qacc20 = alloca <16 x float>, align 32
-  %qacc21 = alloca <16 x float>, align 32
-  %qacc36 = alloca <8 x float>, align 32
+  %qacc12 = alloca <8 x float>, align 32
+  %qacc13 = alloca <8 x float>, align 32
+  %qacc14 = alloca <8 x float>, align 32
+  %qacc15 = alloca <8 x float>, align 32
+  %qacc30 = alloca <16 x float>, align 32
+  %qacc31 = alloca <16 x float>, align 32
+  %qacc52 = alloca <8 x float>, align 32
   %smax = alloca float, align 32
   %ssum = alloca float, align 32
   %tk.m = alloca i64, align 32
@@ -38,7 +38,7 @@ start:                                            ; preds = %entry
   br label %tg.head
 
 tg.head:                                          ; preds = %t.end, %start
-  %tg = phi i64 [ %t0, %start ], [ %346, %t.end ]
+  %tg = phi i64 [ %t0, %start ], [ %430, %t.end ]
   %0 = icmp slt i64 %tg, %t1
   br i1 %0, label %tg.body, label %tg.end
 
@@ -53,422 +53,550 @@ tg.body:                                          ; preds = %tg.head
   br label %qb.head
 
 qb.head:                                          ; preds = %rb.end, %tg.body
-  %qb = phi i64 [ 0, %tg.body ], [ %84, %rb.end ]
+  %qb = phi i64 [ 0, %tg.body ], [ %105, %rb.end ]
   %6 = icmp slt i64 %qb, 4
   br i1 %6, label %qb.body, label %qb.end
 
 qb.body:                                          ; preds = %qb.head
   %7 = mul nsw i64 %qb, 8
+  %8 = sub nsw i64 %full, 0
+  %ntile = sdiv i64 %8, 4
+  %9 = icmp sge i64 %ntile, 2
+  %10 = select i1 %9, i64 1, i64 0
+  %11 = icmp sge i64 %ntile, 4
+  %12 = select i1 %11, i64 2, i64 %10
+  %13 = icmp sge i64 %ntile, 8
+  %14 = select i1 %13, i64 3, i64 %12
+  %15 = add nsw i64 %qb, 2
+  %more = icmp slt i64 %15, 4
+  %16 = mul nsw i64 %15, 92160
+  %17 = getelementptr inbounds i8, ptr %router, i64 %16
   br label %rb.head
 
 rb.head:                                          ; preds = %qh.end, %qb.body
-  %rb = phi i64 [ 0, %qb.body ], [ %83, %qh.end ]
-  %8 = icmp slt i64 %rb, %full
-  br i1 %8, label %rb.body, label %rb.end
+  %rb = phi i64 [ 0, %qb.body ], [ %104, %qh.end ]
+  %18 = icmp slt i64 %rb, %full
+  br i1 %18, label %rb.body, label %rb.end
 
 rb.body:                                          ; preds = %rb.head
-  %9 = add nsw i64 %rb, 0
-  %10 = mul nsw i64 %9, 2880
-  %11 = getelementptr inbounds float, ptr %4, i64 %10
-  %12 = mul nsw i64 %9, 32
-  %13 = add nsw i64 %12, %7
-  %14 = getelementptr inbounds float, ptr %lt, i64 %13
-  %15 = add nsw i64 %rb, 1
-  %16 = mul nsw i64 %15, 2880
-  %17 = getelementptr inbounds float, ptr %4, i64 %16
-  %18 = mul nsw i64 %15, 32
-  %19 = add nsw i64 %18, %7
-  %20 = getelementptr inbounds float, ptr %lt, i64 %19
-  %21 = add nsw i64 %rb, 2
-  %22 = mul nsw i64 %21, 2880
-  %23 = getelementptr inbounds float, ptr %4, i64 %22
-  %24 = mul nsw i64 %21, 32
-  %25 = add nsw i64 %24, %7
-  %26 = getelementptr inbounds float, ptr %lt, i64 %25
-  %27 = add nsw i64 %rb, 3
+  %19 = sub nsw i64 %rb, 0
+  %j = sdiv i64 %19, 4
+  %20 = shl i64 1, %14
+  %21 = icmp slt i64 %j, %20
+  %22 = icmp sgt i64 %ntile, 1
+  %23 = and i1 %more, %22
+  %pf.on = and i1 %23, %21
+  %24 = mul nsw i64 %j, 184320
+  %25 = lshr i64 %24, %14
+  %26 = getelementptr inbounds i8, ptr %17, i64 %25
+  %27 = add nsw i64 %rb, 0
   %28 = mul nsw i64 %27, 2880
   %29 = getelementptr inbounds float, ptr %4, i64 %28
   %30 = mul nsw i64 %27, 32
   %31 = add nsw i64 %30, %7
   %32 = getelementptr inbounds float, ptr %lt, i64 %31
+  %33 = add nsw i64 %rb, 1
+  %34 = mul nsw i64 %33, 2880
+  %35 = getelementptr inbounds float, ptr %4, i64 %34
+  %36 = mul nsw i64 %33, 32
+  %37 = add nsw i64 %36, %7
+  %38 = getelementptr inbounds float, ptr %lt, i64 %37
+  %39 = add nsw i64 %rb, 2
+  %40 = mul nsw i64 %39, 2880
+  %41 = getelementptr inbounds float, ptr %4, i64 %40
+  %42 = mul nsw i64 %39, 32
+  %43 = add nsw i64 %42, %7
+  %44 = getelementptr inbounds float, ptr %lt, i64 %43
+  %45 = add nsw i64 %rb, 3
+  %46 = mul nsw i64 %45, 2880
+  %47 = getelementptr inbounds float, ptr %4, i64 %46
+  %48 = mul nsw i64 %45, 32
+  %49 = add nsw i64 %48, %7
+  %50 = getelementptr inbounds float, ptr %lt, i64 %49
   store <16 x float> zeroinitializer, ptr %qacc, align 4
   store <16 x float> zeroinitializer, ptr %qacc1, align 4
   store <16 x float> zeroinitializer, ptr %qacc2, align 4
   store <16 x float> zeroinitializer, ptr %qacc3, align 4
   br label %qh.head
 
-qh.head:                                          ; preds = %qh.body, %rb.body
-  %qh = phi i64 [ 0, %rb.body ], [ %74, %qh.body ]
-  %33 = icmp slt i64 %qh, 2880
-  br i1 %33, label %qh.body, label %qh.end
+qh.head:                                          ; preds = %pf.end, %rb.body
+  %qh = phi i64 [ 0, %rb.body ], [ %95, %pf.end ]
+  %51 = icmp slt i64 %qh, 2880
+  br i1 %51, label %qh.body, label %qh.end
 
 qh.body:                                          ; preds = %qh.head
-  %34 = add nsw i64 %qb, 0
-  %35 = mul nsw i64 %qh, 8
-  %36 = mul nsw i64 %34, 23040
-  %37 = add nsw i64 %36, %35
-  %38 = getelementptr inbounds float, ptr %router, i64 %37
-  %39 = load <8 x float>, ptr %38, align 4
-  %40 = add nsw i64 %qb, 1
-  %41 = mul nsw i64 %qh, 8
-  %42 = mul nsw i64 %40, 23040
-  %43 = add nsw i64 %42, %41
-  %44 = getelementptr inbounds float, ptr %router, i64 %43
-  %45 = load <8 x float>, ptr %44, align 4
-  %w16 = shufflevector <8 x float> %39, <8 x float> %45, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %46 = getelementptr inbounds float, ptr %11, i64 %qh
-  %47 = load float, ptr %46, align 4
-  %48 = insertelement <16 x float> poison, float %47, i32 0
-  %49 = shufflevector <16 x float> %48, <16 x float> poison, <16 x i32> zeroinitializer
-  %50 = load <16 x float>, ptr %qacc, align 4
-  %51 = fmul <16 x float> %49, %w16
-  %52 = fadd <16 x float> %50, %51
-  store <16 x float> %52, ptr %qacc, align 4
-  %53 = getelementptr inbounds float, ptr %17, i64 %qh
-  %54 = load float, ptr %53, align 4
-  %55 = insertelement <16 x float> poison, float %54, i32 0
-  %56 = shufflevector <16 x float> %55, <16 x float> poison, <16 x i32> zeroinitializer
-  %57 = load <16 x float>, ptr %qacc1, align 4
-  %58 = fmul <16 x float> %56, %w16
-  %59 = fadd <16 x float> %57, %58
-  store <16 x float> %59, ptr %qacc1, align 4
-  %60 = getelementptr inbounds float, ptr %23, i64 %qh
-  %61 = load float, ptr %60, align 4
-  %62 = insertelement <16 x float> poison, float %61, i32 0
-  %63 = shufflevector <16 x float> %62, <16 x float> poison, <16 x i32> zeroinitializer
-  %64 = load <16 x float>, ptr %qacc2, align 4
-  %65 = fmul <16 x float> %63, %w16
-  %66 = fadd <16 x float> %64, %65
-  store <16 x float> %66, ptr %qacc2, align 4
+  br i1 %pf.on, label %pf.then, label %pf.end
+
+pf.then:                                          ; preds = %qh.body
+  %52 = mul nsw i64 %qh, 64
+  %53 = lshr i64 %52, %14
+  %54 = getelementptr inbounds i8, ptr %26, i64 %53
+  call void @llvm.prefetch.p0(ptr %54, i32 0, i32 2, i32 1)
+  br label %pf.end
+
+pf.end:                                           ; preds = %pf.then, %qh.body
+  %55 = add nsw i64 %qb, 0
+  %56 = mul nsw i64 %qh, 8
+  %57 = mul nsw i64 %55, 23040
+  %58 = add nsw i64 %57, %56
+  %59 = getelementptr inbounds float, ptr %router, i64 %58
+  %60 = load <8 x float>, ptr %59, align 4
+  %61 = add nsw i64 %qb, 1
+  %62 = mul nsw i64 %qh, 8
+  %63 = mul nsw i64 %61, 23040
+  %64 = add nsw i64 %63, %62
+  %65 = getelementptr inbounds float, ptr %router, i64 %64
+  %66 = load <8 x float>, ptr %65, align 4
+  %w16 = shufflevector <8 x float> %60, <8 x float> %66, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
   %67 = getelementptr inbounds float, ptr %29, i64 %qh
   %68 = load float, ptr %67, align 4
   %69 = insertelement <16 x float> poison, float %68, i32 0
   %70 = shufflevector <16 x float> %69, <16 x float> poison, <16 x i32> zeroinitializer
-  %71 = load <16 x float>, ptr %qacc3, align 4
+  %71 = load <16 x float>, ptr %qacc, align 4
   %72 = fmul <16 x float> %70, %w16
   %73 = fadd <16 x float> %71, %72
-  store <16 x float> %73, ptr %qacc3, align 4
-  %74 = add nsw i64 %qh, 1
+  store <16 x float> %73, ptr %qacc, align 4
+  %74 = getelementptr inbounds float, ptr %35, i64 %qh
+  %75 = load float, ptr %74, align 4
+  %76 = insertelement <16 x float> poison, float %75, i32 0
+  %77 = shufflevector <16 x float> %76, <16 x float> poison, <16 x i32> zeroinitializer
+  %78 = load <16 x float>, ptr %qacc1, align 4
+  %79 = fmul <16 x float> %77, %w16
+  %80 = fadd <16 x float> %78, %79
+  store <16 x float> %80, ptr %qacc1, align 4
+  %81 = getelementptr inbounds float, ptr %41, i64 %qh
+  %82 = load float, ptr %81, align 4
+  %83 = insertelement <16 x float> poison, float %82, i32 0
+  %84 = shufflevector <16 x float> %83, <16 x float> poison, <16 x i32> zeroinitializer
+  %85 = load <16 x float>, ptr %qacc2, align 4
+  %86 = fmul <16 x float> %84, %w16
+  %87 = fadd <16 x float> %85, %86
+  store <16 x float> %87, ptr %qacc2, align 4
+  %88 = getelementptr inbounds float, ptr %47, i64 %qh
+  %89 = load float, ptr %88, align 4
+  %90 = insertelement <16 x float> poison, float %89, i32 0
+  %91 = shufflevector <16 x float> %90, <16 x float> poison, <16 x i32> zeroinitializer
+  %92 = load <16 x float>, ptr %qacc3, align 4
+  %93 = fmul <16 x float> %91, %w16
+  %94 = fadd <16 x float> %92, %93
+  store <16 x float> %94, ptr %qacc3, align 4
+  %95 = add nsw i64 %qh, 1
   br label %qh.head
 
 qh.end:                                           ; preds = %qh.head
-  %75 = load <16 x float>, ptr %qacc, align 4
-  %76 = load <16 x float>, ptr %qacc1, align 4
-  %77 = load <16 x float>, ptr %qacc2, align 4
-  %78 = load <16 x float>, ptr %qacc3, align 4
-  %79 = getelementptr inbounds float, ptr %14, i64 0
-  store <16 x float> %75, ptr %79, align 4
-  %80 = getelementptr inbounds float, ptr %20, i64 0
-  store <16 x float> %76, ptr %80, align 4
-  %81 = getelementptr inbounds float, ptr %26, i64 0
-  store <16 x float> %77, ptr %81, align 4
-  %82 = getelementptr inbounds float, ptr %32, i64 0
-  store <16 x float> %78, ptr %82, align 4
-  %83 = add nsw i64 %rb, 4
+  %96 = load <16 x float>, ptr %qacc, align 4
+  %97 = load <16 x float>, ptr %qacc1, align 4
+  %98 = load <16 x float>, ptr %qacc2, align 4
+  %99 = load <16 x float>, ptr %qacc3, align 4
+  %100 = getelementptr inbounds float, ptr %32, i64 0
+  store <16 x float> %96, ptr %100, align 4
+  %101 = getelementptr inbounds float, ptr %38, i64 0
+  store <16 x float> %97, ptr %101, align 4
+  %102 = getelementptr inbounds float, ptr %44, i64 0
+  store <16 x float> %98, ptr %102, align 4
+  %103 = getelementptr inbounds float, ptr %50, i64 0
+  store <16 x float> %99, ptr %103, align 4
+  %104 = add nsw i64 %rb, 4
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %84 = add nsw i64 %qb, 2
+  %105 = add nsw i64 %qb, 2
   br label %qb.head
 
 qb.end:                                           ; preds = %qb.head
   br label %qb1.head
 
-qb1.head:                                         ; preds = %rb.end6, %qb.end
-  %qb1 = phi i64 [ 4, %qb.end ], [ %157, %rb.end6 ]
-  %85 = icmp slt i64 %qb1, 4
-  br i1 %85, label %qb1.body, label %qb1.end
+qb1.head:                                         ; preds = %rb.end8, %qb.end
+  %qb1 = phi i64 [ 4, %qb.end ], [ %199, %rb.end8 ]
+  %106 = icmp slt i64 %qb1, 4
+  br i1 %106, label %qb1.body, label %qb1.end
 
 qb1.body:                                         ; preds = %qb1.head
-  %86 = mul nsw i64 %qb1, 8
-  br label %rb.head4
+  %107 = mul nsw i64 %qb1, 8
+  %108 = sub nsw i64 %full, 0
+  %ntile4 = sdiv i64 %108, 4
+  %109 = icmp sge i64 %ntile4, 2
+  %110 = select i1 %109, i64 1, i64 0
+  %111 = icmp sge i64 %ntile4, 4
+  %112 = select i1 %111, i64 2, i64 %110
+  %113 = icmp sge i64 %ntile4, 8
+  %114 = select i1 %113, i64 3, i64 %112
+  %115 = add nsw i64 %qb1, 1
+  %more5 = icmp slt i64 %115, 4
+  %116 = mul nsw i64 %115, 92160
+  %117 = getelementptr inbounds i8, ptr %router, i64 %116
+  br label %rb.head6
 
-rb.head4:                                         ; preds = %qh.end14, %qb1.body
-  %rb7 = phi i64 [ 0, %qb1.body ], [ %156, %qh.end14 ]
-  %87 = icmp slt i64 %rb7, %full
-  br i1 %87, label %rb.body5, label %rb.end6
+rb.head6:                                         ; preds = %qh.end18, %qb1.body
+  %rb9 = phi i64 [ 0, %qb1.body ], [ %198, %qh.end18 ]
+  %118 = icmp slt i64 %rb9, %full
+  br i1 %118, label %rb.body7, label %rb.end8
 
-rb.body5:                                         ; preds = %rb.head4
-  %88 = add nsw i64 %rb7, 0
-  %89 = mul nsw i64 %88, 2880
-  %90 = getelementptr inbounds float, ptr %4, i64 %89
-  %91 = mul nsw i64 %88, 32
-  %92 = add nsw i64 %91, %86
-  %93 = getelementptr inbounds float, ptr %lt, i64 %92
-  %94 = add nsw i64 %rb7, 1
-  %95 = mul nsw i64 %94, 2880
-  %96 = getelementptr inbounds float, ptr %4, i64 %95
-  %97 = mul nsw i64 %94, 32
-  %98 = add nsw i64 %97, %86
-  %99 = getelementptr inbounds float, ptr %lt, i64 %98
-  %100 = add nsw i64 %rb7, 2
-  %101 = mul nsw i64 %100, 2880
-  %102 = getelementptr inbounds float, ptr %4, i64 %101
-  %103 = mul nsw i64 %100, 32
-  %104 = add nsw i64 %103, %86
-  %105 = getelementptr inbounds float, ptr %lt, i64 %104
-  %106 = add nsw i64 %rb7, 3
-  %107 = mul nsw i64 %106, 2880
-  %108 = getelementptr inbounds float, ptr %4, i64 %107
-  %109 = mul nsw i64 %106, 32
-  %110 = add nsw i64 %109, %86
-  %111 = getelementptr inbounds float, ptr %lt, i64 %110
-  store <8 x float> zeroinitializer, ptr %qacc8, align 4
-  store <8 x float> zeroinitializer, ptr %qacc9, align 4
-  store <8 x float> zeroinitializer, ptr %qacc10, align 4
-  store <8 x float> zeroinitializer, ptr %qacc11, align 4
-  br label %qh.head12
+rb.body7:                                         ; preds = %rb.head6
+  %119 = sub nsw i64 %rb9, 0
+  %j10 = sdiv i64 %119, 4
+  %120 = shl i64 1, %114
+  %121 = icmp slt i64 %j10, %120
+  %122 = icmp sgt i64 %ntile4, 1
+  %123 = and i1 %more5, %122
+  %pf.on11 = and i1 %123, %121
+  %124 = mul nsw i64 %j10, 92160
+  %125 = lshr i64 %124, %114
+  %126 = getelementptr inbounds i8, ptr %117, i64 %125
+  %127 = add nsw i64 %rb9, 0
+  %128 = mul nsw i64 %127, 2880
+  %129 = getelementptr inbounds float, ptr %4, i64 %128
+  %130 = mul nsw i64 %127, 32
+  %131 = add nsw i64 %130, %107
+  %132 = getelementptr inbounds float, ptr %lt, i64 %131
+  %133 = add nsw i64 %rb9, 1
+  %134 = mul nsw i64 %133, 2880
+  %135 = getelementptr inbounds float, ptr %4, i64 %134
+  %136 = mul nsw i64 %133, 32
+  %137 = add nsw i64 %136, %107
+  %138 = getelementptr inbounds float, ptr %lt, i64 %137
+  %139 = add nsw i64 %rb9, 2
+  %140 = mul nsw i64 %139, 2880
+  %141 = getelementptr inbounds float, ptr %4, i64 %140
+  %142 = mul nsw i64 %139, 32
+  %143 = add nsw i64 %142, %107
+  %144 = getelementptr inbounds float, ptr %lt, i64 %143
+  %145 = add nsw i64 %rb9, 3
+  %146 = mul nsw i64 %145, 2880
+  %147 = getelementptr inbounds float, ptr %4, i64 %146
+  %148 = mul nsw i64 %145, 32
+  %149 = add nsw i64 %148, %107
+  %150 = getelementptr inbounds float, ptr %lt, i64 %149
+  store <8 x float> zeroinitializer, ptr %qacc12, align 4
+  store <8 x float> zeroinitializer, ptr %qacc13, align 4
+  store <8 x float> zeroinitializer, ptr %qacc14, align 4
+  store <8 x float> zeroinitializer, ptr %qacc15, align 4
+  br label %qh.head16
 
-qh.head12:                                        ; preds = %qh.body13, %rb.body5
-  %qh15 = phi i64 [ 0, %rb.body5 ], [ %147, %qh.body13 ]
-  %112 = icmp slt i64 %qh15, 2880
-  br i1 %112, label %qh.body13, label %qh.end14
+qh.head16:                                        ; preds = %pf.end21, %rb.body7
+  %qh19 = phi i64 [ 0, %rb.body7 ], [ %189, %pf.end21 ]
+  %151 = icmp slt i64 %qh19, 2880
+  br i1 %151, label %qh.body17, label %qh.end18
 
-qh.body13:                                        ; preds = %qh.head12
-  %113 = add nsw i64 %qb1, 0
-  %114 = mul nsw i64 %qh15, 8
-  %115 = mul nsw i64 %113, 23040
-  %116 = add nsw i64 %115, %114
-  %117 = getelementptr inbounds float, ptr %router, i64 %116
-  %118 = load <8 x float>, ptr %117, align 4
-  %119 = getelementptr inbounds float, ptr %90, i64 %qh15
-  %120 = load float, ptr %119, align 4
-  %121 = insertelement <8 x float> poison, float %120, i32 0
-  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
-  %123 = load <8 x float>, ptr %qacc8, align 4
-  %124 = fmul <8 x float> %122, %118
-  %125 = fadd <8 x float> %123, %124
-  store <8 x float> %125, ptr %qacc8, align 4
-  %126 = getelementptr inbounds float, ptr %96, i64 %qh15
-  %127 = load float, ptr %126, align 4
-  %128 = insertelement <8 x float> poison, float %127, i32 0
-  %129 = shufflevector <8 x float> %128, <8 x float> poison, <8 x i32> zeroinitializer
-  %130 = load <8 x float>, ptr %qacc9, align 4
-  %131 = fmul <8 x float> %129, %118
-  %132 = fadd <8 x float> %130, %131
-  store <8 x float> %132, ptr %qacc9, align 4
-  %133 = getelementptr inbounds float, ptr %102, i64 %qh15
-  %134 = load float, ptr %133, align 4
-  %135 = insertelement <8 x float> poison, float %134, i32 0
-  %136 = shufflevector <8 x float> %135, <8 x float> poison, <8 x i32> zeroinitializer
-  %137 = load <8 x float>, ptr %qacc10, align 4
-  %138 = fmul <8 x float> %136, %118
-  %139 = fadd <8 x float> %137, %138
-  store <8 x float> %139, ptr %qacc10, align 4
-  %140 = getelementptr inbounds float, ptr %108, i64 %qh15
-  %141 = load float, ptr %140, align 4
-  %142 = insertelement <8 x float> poison, float %141, i32 0
-  %143 = shufflevector <8 x float> %142, <8 x float> poison, <8 x i32> zeroinitializer
-  %144 = load <8 x float>, ptr %qacc11, align 4
-  %145 = fmul <8 x float> %143, %118
-  %146 = fadd <8 x float> %144, %145
-  store <8 x float> %146, ptr %qacc11, align 4
-  %147 = add nsw i64 %qh15, 1
-  br label %qh.head12
+qh.body17:                                        ; preds = %qh.head16
+  br i1 %pf.on11, label %pf.then20, label %pf.end21
 
-qh.end14:                                         ; preds = %qh.head12
-  %148 = load <8 x float>, ptr %qacc8, align 4
-  %149 = load <8 x float>, ptr %qacc9, align 4
-  %150 = load <8 x float>, ptr %qacc10, align 4
-  %151 = load <8 x float>, ptr %qacc11, align 4
-  %152 = getelementptr inbounds float, ptr %93, i64 0
-  store <8 x float> %148, ptr %152, align 4
-  %153 = getelementptr inbounds float, ptr %99, i64 0
-  store <8 x float> %149, ptr %153, align 4
-  %154 = getelementptr inbounds float, ptr %105, i64 0
-  store <8 x float> %150, ptr %154, align 4
-  %155 = getelementptr inbounds float, ptr %111, i64 0
-  store <8 x float> %151, ptr %155, align 4
-  %156 = add nsw i64 %rb7, 4
-  br label %rb.head4
+pf.then20:                                        ; preds = %qh.body17
+  %152 = mul nsw i64 %qh19, 32
+  %153 = lshr i64 %152, %114
+  %154 = getelementptr inbounds i8, ptr %126, i64 %153
+  call void @llvm.prefetch.p0(ptr %154, i32 0, i32 2, i32 1)
+  br label %pf.end21
 
-rb.end6:                                          ; preds = %rb.head4
-  %157 = add nsw i64 %qb1, 1
+pf.end21:                                         ; preds = %pf.then20, %qh.body17
+  %155 = add nsw i64 %qb1, 0
+  %156 = mul nsw i64 %qh19, 8
+  %157 = mul nsw i64 %155, 23040
+  %158 = add nsw i64 %157, %156
+  %159 = getelementptr inbounds float, ptr %router, i64 %158
+  %160 = load <8 x float>, ptr %159, align 4
+  %161 = getelementptr inbounds float, ptr %129, i64 %qh19
+  %162 = load float, ptr %161, align 4
+  %163 = insertelement <8 x float> poison, float %162, i32 0
+  %164 = shufflevector <8 x float> %163, <8 x float> poison, <8 x i32> zeroinitializer
+  %165 = load <8 x float>, ptr %qacc12, align 4
+  %166 = fmul <8 x float> %164, %160
+  %167 = fadd <8 x float> %165, %166
+  store <8 x float> %167, ptr %qacc12, align 4
+  %168 = getelementptr inbounds float, ptr %135, i64 %qh19
+  %169 = load float, ptr %168, align 4
+  %170 = insertelement <8 x float> poison, float %169, i32 0
+  %171 = shufflevector <8 x float> %170, <8 x float> poison, <8 x i32> zeroinitializer
+  %172 = load <8 x float>, ptr %qacc13, align 4
+  %173 = fmul <8 x float> %171, %160
+  %174 = fadd <8 x float> %172, %173
+  store <8 x float> %174, ptr %qacc13, align 4
+  %175 = getelementptr inbounds float, ptr %141, i64 %qh19
+  %176 = load float, ptr %175, align 4
+  %177 = insertelement <8 x float> poison, float %176, i32 0
+  %178 = shufflevector <8 x float> %177, <8 x float> poison, <8 x i32> zeroinitializer
+  %179 = load <8 x float>, ptr %qacc14, align 4
+  %180 = fmul <8 x float> %178, %160
+  %181 = fadd <8 x float> %179, %180
+  store <8 x float> %181, ptr %qacc14, align 4
+  %182 = getelementptr inbounds float, ptr %147, i64 %qh19
+  %183 = load float, ptr %182, align 4
+  %184 = insertelement <8 x float> poison, float %183, i32 0
+  %185 = shufflevector <8 x float> %184, <8 x float> poison, <8 x i32> zeroinitializer
+  %186 = load <8 x float>, ptr %qacc15, align 4
+  %187 = fmul <8 x float> %185, %160
+  %188 = fadd <8 x float> %186, %187
+  store <8 x float> %188, ptr %qacc15, align 4
+  %189 = add nsw i64 %qh19, 1
+  br label %qh.head16
+
+qh.end18:                                         ; preds = %qh.head16
+  %190 = load <8 x float>, ptr %qacc12, align 4
+  %191 = load <8 x float>, ptr %qacc13, align 4
+  %192 = load <8 x float>, ptr %qacc14, align 4
+  %193 = load <8 x float>, ptr %qacc15, align 4
+  %194 = getelementptr inbounds float, ptr %132, i64 0
+  store <8 x float> %190, ptr %194, align 4
+  %195 = getelementptr inbounds float, ptr %138, i64 0
+  store <8 x float> %191, ptr %195, align 4
+  %196 = getelementptr inbounds float, ptr %144, i64 0
+  store <8 x float> %192, ptr %196, align 4
+  %197 = getelementptr inbounds float, ptr %150, i64 0
+  store <8 x float> %193, ptr %197, align 4
+  %198 = add nsw i64 %rb9, 4
+  br label %rb.head6
+
+rb.end8:                                          ; preds = %rb.head6
+  %199 = add nsw i64 %qb1, 1
   br label %qb1.head
 
 qb1.end:                                          ; preds = %qb1.head
-  br label %qb.head16
+  br label %qb.head22
 
-qb.head16:                                        ; preds = %r1.end, %qb1.end
-  %qb19 = phi i64 [ 0, %qb1.end ], [ %208, %r1.end ]
-  %158 = icmp slt i64 %qb19, 4
-  br i1 %158, label %qb.body17, label %qb.end18
+qb.head22:                                        ; preds = %r1.end, %qb1.end
+  %qb25 = phi i64 [ 0, %qb1.end ], [ %271, %r1.end ]
+  %200 = icmp slt i64 %qb25, 4
+  br i1 %200, label %qb.body23, label %qb.end24
 
-qb.body17:                                        ; preds = %qb.head16
-  %159 = mul nsw i64 %qb19, 8
+qb.body23:                                        ; preds = %qb.head22
+  %201 = mul nsw i64 %qb25, 8
+  %202 = sub nsw i64 %gn, %full
+  %ntile26 = sdiv i64 %202, 1
+  %203 = icmp sge i64 %ntile26, 2
+  %204 = select i1 %203, i64 1, i64 0
+  %205 = icmp sge i64 %ntile26, 4
+  %206 = select i1 %205, i64 2, i64 %204
+  %207 = icmp sge i64 %ntile26, 8
+  %208 = select i1 %207, i64 3, i64 %206
+  %209 = add nsw i64 %qb25, 4
+  %more27 = icmp slt i64 %209, 4
+  %210 = mul nsw i64 %209, 92160
+  %211 = getelementptr inbounds i8, ptr %router, i64 %210
   br label %r1.head
 
-r1.head:                                          ; preds = %qh.end24, %qb.body17
-  %r1 = phi i64 [ %full, %qb.body17 ], [ %207, %qh.end24 ]
-  %160 = icmp slt i64 %r1, %gn
-  br i1 %160, label %r1.body, label %r1.end
+r1.head:                                          ; preds = %qh.end34, %qb.body23
+  %r1 = phi i64 [ %full, %qb.body23 ], [ %270, %qh.end34 ]
+  %212 = icmp slt i64 %r1, %gn
+  br i1 %212, label %r1.body, label %r1.end
 
 r1.body:                                          ; preds = %r1.head
-  %161 = add nsw i64 %r1, 0
-  %162 = mul nsw i64 %161, 2880
-  %163 = getelementptr inbounds float, ptr %4, i64 %162
-  %164 = mul nsw i64 %161, 32
-  %165 = add nsw i64 %164, %159
-  %166 = getelementptr inbounds float, ptr %lt, i64 %165
-  store <16 x float> zeroinitializer, ptr %qacc20, align 4
-  store <16 x float> zeroinitializer, ptr %qacc21, align 4
-  br label %qh.head22
+  %213 = sub nsw i64 %r1, %full
+  %j28 = sdiv i64 %213, 1
+  %214 = shl i64 1, %208
+  %215 = icmp slt i64 %j28, %214
+  %216 = icmp sgt i64 %ntile26, 1
+  %217 = and i1 %more27, %216
+  %pf.on29 = and i1 %217, %215
+  %218 = mul nsw i64 %j28, 368640
+  %219 = lshr i64 %218, %208
+  %220 = getelementptr inbounds i8, ptr %211, i64 %219
+  %221 = add nsw i64 %r1, 0
+  %222 = mul nsw i64 %221, 2880
+  %223 = getelementptr inbounds float, ptr %4, i64 %222
+  %224 = mul nsw i64 %221, 32
+  %225 = add nsw i64 %224, %201
+  %226 = getelementptr inbounds float, ptr %lt, i64 %225
+  store <16 x float> zeroinitializer, ptr %qacc30, align 4
+  store <16 x float> zeroinitializer, ptr %qacc31, align 4
+  br label %qh.head32
 
-qh.head22:                                        ; preds = %qh.body23, %r1.body
-  %qh25 = phi i64 [ 0, %r1.body ], [ %202, %qh.body23 ]
-  %167 = icmp slt i64 %qh25, 2880
-  br i1 %167, label %qh.body23, label %qh.end24
+qh.head32:                                        ; preds = %pf.end37, %r1.body
+  %qh35 = phi i64 [ 0, %r1.body ], [ %265, %pf.end37 ]
+  %227 = icmp slt i64 %qh35, 2880
+  br i1 %227, label %qh.body33, label %qh.end34
 
-qh.body23:                                        ; preds = %qh.head22
-  %168 = add nsw i64 %qb19, 0
-  %169 = mul nsw i64 %qh25, 8
-  %170 = mul nsw i64 %168, 23040
-  %171 = add nsw i64 %170, %169
-  %172 = getelementptr inbounds float, ptr %router, i64 %171
-  %173 = load <8 x float>, ptr %172, align 4
-  %174 = add nsw i64 %qb19, 1
-  %175 = mul nsw i64 %qh25, 8
-  %176 = mul nsw i64 %174, 23040
-  %177 = add nsw i64 %176, %175
-  %178 = getelementptr inbounds float, ptr %router, i64 %177
-  %179 = load <8 x float>, ptr %178, align 4
-  %w1626 = shufflevector <8 x float> %173, <8 x float> %179, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %180 = add nsw i64 %qb19, 2
-  %181 = mul nsw i64 %qh25, 8
-  %182 = mul nsw i64 %180, 23040
-  %183 = add nsw i64 %182, %181
-  %184 = getelementptr inbounds float, ptr %router, i64 %183
-  %185 = load <8 x float>, ptr %184, align 4
-  %186 = add nsw i64 %qb19, 3
-  %187 = mul nsw i64 %qh25, 8
-  %188 = mul nsw i64 %186, 23040
-  %189 = add nsw i64 %188, %187
-  %190 = getelementptr inbounds float, ptr %router, i64 %189
-  %191 = load <8 x float>, ptr %190, align 4
-  %w1627 = shufflevector <8 x float> %185, <8 x float> %191, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %192 = getelementptr inbounds float, ptr %163, i64 %qh25
-  %193 = load float, ptr %192, align 4
-  %194 = insertelement <16 x float> poison, float %193, i32 0
-  %195 = shufflevector <16 x float> %194, <16 x float> poison, <16 x i32> zeroinitializer
-  %196 = load <16 x float>, ptr %qacc20, align 4
-  %197 = fmul <16 x float> %195, %w1626
-  %198 = fadd <16 x float> %196, %197
-  store <16 x float> %198, ptr %qacc20, align 4
-  %199 = load <16 x float>, ptr %qacc21, align 4
-  %200 = fmul <16 x float> %195, %w1627
-  %201 = fadd <16 x float> %199, %200
-  store <16 x float> %201, ptr %qacc21, align 4
-  %202 = add nsw i64 %qh25, 1
-  br label %qh.head22
+qh.body33:                                        ; preds = %qh.head32
+  br i1 %pf.on29, label %pf.then36, label %pf.end37
 
-qh.end24:                                         ; preds = %qh.head22
-  %203 = load <16 x float>, ptr %qacc20, align 4
-  %204 = load <16 x float>, ptr %qacc21, align 4
-  %205 = getelementptr inbounds float, ptr %166, i64 0
-  store <16 x float> %203, ptr %205, align 4
-  %206 = getelementptr inbounds float, ptr %166, i64 16
-  store <16 x float> %204, ptr %206, align 4
-  %207 = add nsw i64 %r1, 1
+pf.then36:                                        ; preds = %qh.body33
+  %228 = mul nsw i64 %qh35, 128
+  %229 = lshr i64 %228, %208
+  %230 = getelementptr inbounds i8, ptr %220, i64 %229
+  call void @llvm.prefetch.p0(ptr %230, i32 0, i32 2, i32 1)
+  br label %pf.end37
+
+pf.end37:                                         ; preds = %pf.then36, %qh.body33
+  %231 = add nsw i64 %qb25, 0
+  %232 = mul nsw i64 %qh35, 8
+  %233 = mul nsw i64 %231, 23040
+  %234 = add nsw i64 %233, %232
+  %235 = getelementptr inbounds float, ptr %router, i64 %234
+  %236 = load <8 x float>, ptr %235, align 4
+  %237 = add nsw i64 %qb25, 1
+  %238 = mul nsw i64 %qh35, 8
+  %239 = mul nsw i64 %237, 23040
+  %240 = add nsw i64 %239, %238
+  %241 = getelementptr inbounds float, ptr %router, i64 %240
+  %242 = load <8 x float>, ptr %241, align 4
+  %w1638 = shufflevector <8 x float> %236, <8 x float> %242, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %243 = add nsw i64 %qb25, 2
+  %244 = mul nsw i64 %qh35, 8
+  %245 = mul nsw i64 %243, 23040
+  %246 = add nsw i64 %245, %244
+  %247 = getelementptr inbounds float, ptr %router, i64 %246
+  %248 = load <8 x float>, ptr %247, align 4
+  %249 = add nsw i64 %qb25, 3
+  %250 = mul nsw i64 %qh35, 8
+  %251 = mul nsw i64 %249, 23040
+  %252 = add nsw i64 %251, %250
+  %253 = getelementptr inbounds float, ptr %router, i64 %252
+  %254 = load <8 x float>, ptr %253, align 4
+  %w1639 = shufflevector <8 x float> %248, <8 x float> %254, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %255 = getelementptr inbounds float, ptr %223, i64 %qh35
+  %256 = load float, ptr %255, align 4
+  %257 = insertelement <16 x float> poison, float %256, i32 0
+  %258 = shufflevector <16 x float> %257, <16 x float> poison, <16 x i32> zeroinitializer
+  %259 = load <16 x float>, ptr %qacc30, align 4
+  %260 = fmul <16 x float> %258, %w1638
+  %261 = fadd <16 x float> %259, %260
+  store <16 x float> %261, ptr %qacc30, align 4
+  %262 = load <16 x float>, ptr %qacc31, align 4
+  %263 = fmul <16 x float> %258, %w1639
+  %264 = fadd <16 x float> %262, %263
+  store <16 x float> %264, ptr %qacc31, align 4
+  %265 = add nsw i64 %qh35, 1
+  br label %qh.head32
+
+qh.end34:                                         ; preds = %qh.head32
+  %266 = load <16 x float>, ptr %qacc30, align 4
+  %267 = load <16 x float>, ptr %qacc31, align 4
+  %268 = getelementptr inbounds float, ptr %226, i64 0
+  store <16 x float> %266, ptr %268, align 4
+  %269 = getelementptr inbounds float, ptr %226, i64 16
+  store <16 x float> %267, ptr %269, align 4
+  %270 = add nsw i64 %r1, 1
   br label %r1.head
 
 r1.end:                                           ; preds = %r1.head
-  %208 = add nsw i64 %qb19, 4
-  br label %qb.head16
+  %271 = add nsw i64 %qb25, 4
+  br label %qb.head22
 
-qb.end18:                                         ; preds = %qb.head16
-  br label %qb1.head28
+qb.end24:                                         ; preds = %qb.head22
+  br label %qb1.head40
 
-qb1.head28:                                       ; preds = %r1.end34, %qb.end18
-  %qb131 = phi i64 [ 4, %qb.end18 ], [ %236, %r1.end34 ]
-  %209 = icmp slt i64 %qb131, 4
-  br i1 %209, label %qb1.body29, label %qb1.end30
+qb1.head40:                                       ; preds = %r1.end48, %qb.end24
+  %qb143 = phi i64 [ 4, %qb.end24 ], [ %320, %r1.end48 ]
+  %272 = icmp slt i64 %qb143, 4
+  br i1 %272, label %qb1.body41, label %qb1.end42
 
-qb1.body29:                                       ; preds = %qb1.head28
-  %210 = mul nsw i64 %qb131, 8
-  br label %r1.head32
+qb1.body41:                                       ; preds = %qb1.head40
+  %273 = mul nsw i64 %qb143, 8
+  %274 = sub nsw i64 %gn, %full
+  %ntile44 = sdiv i64 %274, 1
+  %275 = icmp sge i64 %ntile44, 2
+  %276 = select i1 %275, i64 1, i64 0
+  %277 = icmp sge i64 %ntile44, 4
+  %278 = select i1 %277, i64 2, i64 %276
+  %279 = icmp sge i64 %ntile44, 8
+  %280 = select i1 %279, i64 3, i64 %278
+  %281 = add nsw i64 %qb143, 1
+  %more45 = icmp slt i64 %281, 4
+  %282 = mul nsw i64 %281, 92160
+  %283 = getelementptr inbounds i8, ptr %router, i64 %282
+  br label %r1.head46
 
-r1.head32:                                        ; preds = %qh.end39, %qb1.body29
-  %r135 = phi i64 [ %full, %qb1.body29 ], [ %235, %qh.end39 ]
-  %211 = icmp slt i64 %r135, %gn
-  br i1 %211, label %r1.body33, label %r1.end34
+r1.head46:                                        ; preds = %qh.end55, %qb1.body41
+  %r149 = phi i64 [ %full, %qb1.body41 ], [ %319, %qh.end55 ]
+  %284 = icmp slt i64 %r149, %gn
+  br i1 %284, label %r1.body47, label %r1.end48
 
-r1.body33:                                        ; preds = %r1.head32
-  %212 = add nsw i64 %r135, 0
-  %213 = mul nsw i64 %212, 2880
-  %214 = getelementptr inbounds float, ptr %4, i64 %213
-  %215 = mul nsw i64 %212, 32
-  %216 = add nsw i64 %215, %210
-  %217 = getelementptr inbounds float, ptr %lt, i64 %216
-  store <8 x float> zeroinitializer, ptr %qacc36, align 4
-  br label %qh.head37
+r1.body47:                                        ; preds = %r1.head46
+  %285 = sub nsw i64 %r149, %full
+  %j50 = sdiv i64 %285, 1
+  %286 = shl i64 1, %280
+  %287 = icmp slt i64 %j50, %286
+  %288 = icmp sgt i64 %ntile44, 1
+  %289 = and i1 %more45, %288
+  %pf.on51 = and i1 %289, %287
+  %290 = mul nsw i64 %j50, 92160
+  %291 = lshr i64 %290, %280
+  %292 = getelementptr inbounds i8, ptr %283, i64 %291
+  %293 = add nsw i64 %r149, 0
+  %294 = mul nsw i64 %293, 2880
+  %295 = getelementptr inbounds float, ptr %4, i64 %294
+  %296 = mul nsw i64 %293, 32
+  %297 = add nsw i64 %296, %273
+  %298 = getelementptr inbounds float, ptr %lt, i64 %297
+  store <8 x float> zeroinitializer, ptr %qacc52, align 4
+  br label %qh.head53
 
-qh.head37:                                        ; preds = %qh.body38, %r1.body33
-  %qh40 = phi i64 [ 0, %r1.body33 ], [ %232, %qh.body38 ]
-  %218 = icmp slt i64 %qh40, 2880
-  br i1 %218, label %qh.body38, label %qh.end39
+qh.head53:                                        ; preds = %pf.end58, %r1.body47
+  %qh56 = phi i64 [ 0, %r1.body47 ], [ %316, %pf.end58 ]
+  %299 = icmp slt i64 %qh56, 2880
+  br i1 %299, label %qh.body54, label %qh.end55
 
-qh.body38:                                        ; preds = %qh.head37
-  %219 = add nsw i64 %qb131, 0
-  %220 = mul nsw i64 %qh40, 8
-  %221 = mul nsw i64 %219, 23040
-  %222 = add nsw i64 %221, %220
-  %223 = getelementptr inbounds float, ptr %router, i64 %222
-  %224 = load <8 x float>, ptr %223, align 4
-  %225 = getelementptr inbounds float, ptr %214, i64 %qh40
-  %226 = load float, ptr %225, align 4
-  %227 = insertelement <8 x float> poison, float %226, i32 0
-  %228 = shufflevector <8 x float> %227, <8 x float> poison, <8 x i32> zeroinitializer
-  %229 = load <8 x float>, ptr %qacc36, align 4
-  %230 = fmul <8 x float> %228, %224
-  %231 = fadd <8 x float> %229, %230
-  store <8 x float> %231, ptr %qacc36, align 4
-  %232 = add nsw i64 %qh40, 1
-  br label %qh.head37
+qh.body54:                                        ; preds = %qh.head53
+  br i1 %pf.on51, label %pf.then57, label %pf.end58
 
-qh.end39:                                         ; preds = %qh.head37
-  %233 = load <8 x float>, ptr %qacc36, align 4
-  %234 = getelementptr inbounds float, ptr %217, i64 0
-  store <8 x float> %233, ptr %234, align 4
-  %235 = add nsw i64 %r135, 1
-  br label %r1.head32
+pf.then57:                                        ; preds = %qh.body54
+  %300 = mul nsw i64 %qh56, 32
+  %301 = lshr i64 %300, %280
+  %302 = getelementptr inbounds i8, ptr %292, i64 %301
+  call void @llvm.prefetch.p0(ptr %302, i32 0, i32 2, i32 1)
+  br label %pf.end58
 
-r1.end34:                                         ; preds = %r1.head32
-  %236 = add nsw i64 %qb131, 1
-  br label %qb1.head28
+pf.end58:                                         ; preds = %pf.then57, %qh.body54
+  %303 = add nsw i64 %qb143, 0
+  %304 = mul nsw i64 %qh56, 8
+  %305 = mul nsw i64 %303, 23040
+  %306 = add nsw i64 %305, %304
+  %307 = getelementptr inbounds float, ptr %router, i64 %306
+  %308 = load <8 x float>, ptr %307, align 4
+  %309 = getelementptr inbounds float, ptr %295, i64 %qh56
+  %310 = load float, ptr %309, align 4
+  %311 = insertelement <8 x float> poison, float %310, i32 0
+  %312 = shufflevector <8 x float> %311, <8 x float> poison, <8 x i32> zeroinitializer
+  %313 = load <8 x float>, ptr %qacc52, align 4
+  %314 = fmul <8 x float> %312, %308
+  %315 = fadd <8 x float> %313, %314
+  store <8 x float> %315, ptr %qacc52, align 4
+  %316 = add nsw i64 %qh56, 1
+  br label %qh.head53
 
-qb1.end30:                                        ; preds = %qb1.head28
+qh.end55:                                         ; preds = %qh.head53
+  %317 = load <8 x float>, ptr %qacc52, align 4
+  %318 = getelementptr inbounds float, ptr %298, i64 0
+  store <8 x float> %317, ptr %318, align 4
+  %319 = add nsw i64 %r149, 1
+  br label %r1.head46
+
+r1.end48:                                         ; preds = %r1.head46
+  %320 = add nsw i64 %qb143, 1
+  br label %qb1.head40
+
+qb1.end42:                                        ; preds = %qb1.head40
   br label %t.head
 
-t.head:                                           ; preds = %ndiv.end, %qb1.end30
-  %t = phi i64 [ 0, %qb1.end30 ], [ %345, %ndiv.end ]
-  %237 = icmp slt i64 %t, %gn
-  br i1 %237, label %t.body, label %t.end
+t.head:                                           ; preds = %ndiv.end, %qb1.end42
+  %t = phi i64 [ 0, %qb1.end42 ], [ %429, %ndiv.end ]
+  %321 = icmp slt i64 %t, %gn
+  br i1 %321, label %t.body, label %t.end
 
 t.body:                                           ; preds = %t.head
   %tok = add nsw i64 %tg, %t
-  %238 = mul nsw i64 %t, 32
-  %239 = getelementptr inbounds float, ptr %lt, i64 %238
-  %240 = mul nsw i64 %tok, 2880
-  %241 = getelementptr inbounds float, ptr %x, i64 %240
-  %242 = mul nsw i64 %tok, 32
-  %243 = getelementptr inbounds float, ptr %logits, i64 %242
+  %322 = mul nsw i64 %t, 32
+  %323 = getelementptr inbounds float, ptr %lt, i64 %322
+  %324 = mul nsw i64 %tok, 2880
+  %325 = getelementptr inbounds float, ptr %x, i64 %324
+  %326 = mul nsw i64 %tok, 32
+  %327 = getelementptr inbounds float, ptr %logits, i64 %326
   br label %lb.head
 
 lb.head:                                          ; preds = %lb.body, %t.body
-  %lb = phi i64 [ 0, %t.body ], [ %251, %lb.body ]
-  %244 = icmp slt i64 %lb, 32
-  br i1 %244, label %lb.body, label %lb.end
+  %lb = phi i64 [ 0, %t.body ], [ %335, %lb.body ]
+  %328 = icmp slt i64 %lb, 32
+  br i1 %328, label %lb.body, label %lb.end
 
 lb.body:                                          ; preds = %lb.head
-  %245 = getelementptr inbounds float, ptr %239, i64 %lb
-  %246 = load float, ptr %245, align 4
-  %247 = getelementptr inbounds float, ptr %router_bias, i64 %lb
-  %248 = load float, ptr %247, align 4
-  %249 = fadd float %246, %248
-  store float %249, ptr %245, align 4
-  %250 = getelementptr inbounds float, ptr %243, i64 %lb
-  store float %249, ptr %250, align 4
-  %251 = add nsw i64 %lb, 1
+  %329 = getelementptr inbounds float, ptr %323, i64 %lb
+  %330 = load float, ptr %329, align 4
+  %331 = getelementptr inbounds float, ptr %router_bias, i64 %lb
+  %332 = load float, ptr %331, align 4
+  %333 = fadd float %330, %332
+  store float %333, ptr %329, align 4
+  %334 = getelementptr inbounds float, ptr %327, i64 %lb
+  store float %333, ptr %334, align 4
+  %335 = add nsw i64 %lb, 1
   br label %lb.head
 
 lb.end:                                           ; preds = %lb.head
@@ -476,84 +604,84 @@ lb.end:                                           ; preds = %lb.head
   br label %smax.head
 
 smax.head:                                        ; preds = %smax.body, %lb.end
-  %smax41 = phi i64 [ 0, %lb.end ], [ %259, %smax.body ]
-  %252 = icmp slt i64 %smax41, 32
-  br i1 %252, label %smax.body, label %smax.end
+  %smax59 = phi i64 [ 0, %lb.end ], [ %343, %smax.body ]
+  %336 = icmp slt i64 %smax59, 32
+  br i1 %336, label %smax.body, label %smax.end
 
 smax.body:                                        ; preds = %smax.head
-  %253 = add nsw i64 0, %smax41
-  %254 = getelementptr inbounds float, ptr %239, i64 %253
-  %255 = load float, ptr %254, align 4
-  %256 = load float, ptr %smax, align 4
-  %257 = fcmp ogt float %255, %256
-  %258 = select i1 %257, float %255, float %256
-  store float %258, ptr %smax, align 4
-  %259 = add nsw i64 %smax41, 1
+  %337 = add nsw i64 0, %smax59
+  %338 = getelementptr inbounds float, ptr %323, i64 %337
+  %339 = load float, ptr %338, align 4
+  %340 = load float, ptr %smax, align 4
+  %341 = fcmp ogt float %339, %340
+  %342 = select i1 %341, float %339, float %340
+  store float %342, ptr %smax, align 4
+  %343 = add nsw i64 %smax59, 1
   br label %smax.head
 
 smax.end:                                         ; preds = %smax.head
-  %260 = load float, ptr %smax, align 4
+  %344 = load float, ptr %smax, align 4
   store float 0.000000e+00, ptr %ssum, align 4
   br label %sexp.head
 
 sexp.head:                                        ; preds = %sexp.body, %smax.end
-  %sexp = phi i64 [ 0, %smax.end ], [ %273, %sexp.body ]
-  %261 = icmp slt i64 %sexp, 32
-  br i1 %261, label %sexp.body, label %sexp.end
+  %sexp = phi i64 [ 0, %smax.end ], [ %357, %sexp.body ]
+  %345 = icmp slt i64 %sexp, 32
+  br i1 %345, label %sexp.body, label %sexp.end
 
 sexp.body:                                        ; preds = %sexp.head
-  %262 = add nsw i64 0, %sexp
-  %263 = getelementptr inbounds float, ptr %239, i64 %262
-  %264 = load float, ptr %263, align 4
-  %265 = fsub float %264, %260
-  %266 = fpext float %265 to double
-  %267 = call double @exp(double %266)
-  %268 = fptrunc double %267 to float
-  %269 = add nsw i64 0, %sexp
-  %270 = getelementptr inbounds float, ptr %s, i64 %269
-  store float %268, ptr %270, align 4
-  %271 = load float, ptr %ssum, align 4
-  %272 = fadd float %271, %268
-  store float %272, ptr %ssum, align 4
-  %273 = add nsw i64 %sexp, 1
+  %346 = add nsw i64 0, %sexp
+  %347 = getelementptr inbounds float, ptr %323, i64 %346
+  %348 = load float, ptr %347, align 4
+  %349 = fsub float %348, %344
+  %350 = fpext float %349 to double
+  %351 = call double @exp(double %350)
+  %352 = fptrunc double %351 to float
+  %353 = add nsw i64 0, %sexp
+  %354 = getelementptr inbounds float, ptr %s, i64 %353
+  store float %352, ptr %354, align 4
+  %355 = load float, ptr %ssum, align 4
+  %356 = fadd float %355, %352
+  store float %356, ptr %ssum, align 4
+  %357 = add nsw i64 %sexp, 1
   br label %sexp.head
 
 sexp.end:                                         ; preds = %sexp.head
-  %274 = load float, ptr %ssum, align 4
+  %358 = load float, ptr %ssum, align 4
   br label %sdiv.head
 
 sdiv.head:                                        ; preds = %sdiv.body, %sexp.end
-  %sdiv = phi i64 [ 0, %sexp.end ], [ %281, %sdiv.body ]
-  %275 = icmp slt i64 %sdiv, 32
-  br i1 %275, label %sdiv.body, label %sdiv.end
+  %sdiv = phi i64 [ 0, %sexp.end ], [ %365, %sdiv.body ]
+  %359 = icmp slt i64 %sdiv, 32
+  br i1 %359, label %sdiv.body, label %sdiv.end
 
 sdiv.body:                                        ; preds = %sdiv.head
-  %276 = add nsw i64 0, %sdiv
-  %277 = getelementptr inbounds float, ptr %s, i64 %276
-  %278 = load float, ptr %277, align 4
-  %279 = fdiv float %278, %274
-  %280 = getelementptr inbounds float, ptr %s, i64 %276
-  store float %279, ptr %280, align 4
-  %281 = add nsw i64 %sdiv, 1
+  %360 = add nsw i64 0, %sdiv
+  %361 = getelementptr inbounds float, ptr %s, i64 %360
+  %362 = load float, ptr %361, align 4
+  %363 = fdiv float %362, %358
+  %364 = getelementptr inbounds float, ptr %s, i64 %360
+  store float %363, ptr %364, align 4
+  %365 = add nsw i64 %sdiv, 1
   br label %sdiv.head
 
 sdiv.end:                                         ; preds = %sdiv.head
-  %282 = mul nsw i64 %tok, 4
-  %283 = getelementptr inbounds i32, ptr %ids, i64 %282
-  %284 = getelementptr inbounds float, ptr %weights, i64 %282
+  %366 = mul nsw i64 %tok, 4
+  %367 = getelementptr inbounds i32, ptr %ids, i64 %366
+  %368 = getelementptr inbounds float, ptr %weights, i64 %366
   br label %sel.head
 
 sel.head:                                         ; preds = %sel.body, %sdiv.end
-  %sel = phi i64 [ 0, %sdiv.end ], [ %289, %sel.body ]
-  %285 = icmp slt i64 %sel, 32
-  br i1 %285, label %sel.body, label %sel.end
+  %sel = phi i64 [ 0, %sdiv.end ], [ %373, %sel.body ]
+  %369 = icmp slt i64 %sel, 32
+  br i1 %369, label %sel.body, label %sel.end
 
 sel.body:                                         ; preds = %sel.head
-  %286 = getelementptr inbounds float, ptr %s, i64 %sel
-  %287 = load float, ptr %286, align 4
-  %288 = getelementptr inbounds float, ptr %c, i64 %sel
-  store float %287, ptr %288, align 4
-  %289 = add nsw i64 %sel, 1
+  %370 = getelementptr inbounds float, ptr %s, i64 %sel
+  %371 = load float, ptr %370, align 4
+  %372 = getelementptr inbounds float, ptr %c, i64 %sel
+  store float %371, ptr %372, align 4
+  %373 = add nsw i64 %sel, 1
   br label %sel.head
 
 sel.end:                                          ; preds = %sel.head
@@ -561,40 +689,40 @@ sel.end:                                          ; preds = %sel.head
   br label %tk.head
 
 tk.head:                                          ; preds = %tk.put.end, %sel.end
-  %tk = phi i64 [ 0, %sel.end ], [ %311, %tk.put.end ]
-  %290 = icmp slt i64 %tk, 32
-  br i1 %290, label %tk.body, label %tk.end
+  %tk = phi i64 [ 0, %sel.end ], [ %395, %tk.put.end ]
+  %374 = icmp slt i64 %tk, 32
+  br i1 %374, label %tk.body, label %tk.end
 
 tk.body:                                          ; preds = %tk.head
-  %291 = getelementptr inbounds float, ptr %c, i64 %tk
-  %292 = load float, ptr %291, align 4
-  %293 = load i64, ptr %tk.m, align 8
+  %375 = getelementptr inbounds float, ptr %c, i64 %tk
+  %376 = load float, ptr %375, align 4
+  %377 = load i64, ptr %tk.m, align 8
   br label %tk.ins.head
 
 tk.ins.head:                                      ; preds = %tk.shift.end, %tk.body
-  %p = phi i64 [ %293, %tk.body ], [ %295, %tk.shift.end ]
-  %294 = icmp sgt i64 %p, 0
-  br i1 %294, label %tk.ins.chk, label %tk.ins.end
+  %p = phi i64 [ %377, %tk.body ], [ %379, %tk.shift.end ]
+  %378 = icmp sgt i64 %p, 0
+  br i1 %378, label %tk.ins.chk, label %tk.ins.end
 
 tk.ins.chk:                                       ; preds = %tk.ins.head
-  %295 = sub nsw i64 %p, 1
-  %296 = getelementptr inbounds i64, ptr %idx, i64 %295
-  %297 = load i64, ptr %296, align 8
-  %298 = getelementptr inbounds float, ptr %c, i64 %297
-  %299 = load float, ptr %298, align 4
-  %300 = fcmp uno float %292, %292
-  %301 = fcmp ugt float %292, %299
-  %302 = xor i1 %300, true
-  %303 = and i1 %302, %301
-  br i1 %303, label %tk.ins.body, label %tk.ins.end
+  %379 = sub nsw i64 %p, 1
+  %380 = getelementptr inbounds i64, ptr %idx, i64 %379
+  %381 = load i64, ptr %380, align 8
+  %382 = getelementptr inbounds float, ptr %c, i64 %381
+  %383 = load float, ptr %382, align 4
+  %384 = fcmp uno float %376, %376
+  %385 = fcmp ugt float %376, %383
+  %386 = xor i1 %384, true
+  %387 = and i1 %386, %385
+  br i1 %387, label %tk.ins.body, label %tk.ins.end
 
 tk.ins.body:                                      ; preds = %tk.ins.chk
-  %304 = icmp slt i64 %p, 4
-  br i1 %304, label %tk.shift.then, label %tk.shift.end
+  %388 = icmp slt i64 %p, 4
+  br i1 %388, label %tk.shift.then, label %tk.shift.end
 
 tk.shift.then:                                    ; preds = %tk.ins.body
-  %305 = getelementptr inbounds i64, ptr %idx, i64 %p
-  store i64 %297, ptr %305, align 8
+  %389 = getelementptr inbounds i64, ptr %idx, i64 %p
+  store i64 %381, ptr %389, align 8
   br label %tk.shift.end
 
 tk.shift.end:                                     ; preds = %tk.shift.then, %tk.ins.body
@@ -602,102 +730,105 @@ tk.shift.end:                                     ; preds = %tk.shift.then, %tk.
 
 tk.ins.end:                                       ; preds = %tk.ins.chk, %tk.ins.head
   %pf = phi i64 [ %p, %tk.ins.head ], [ %p, %tk.ins.chk ]
-  %306 = icmp slt i64 %pf, 4
-  br i1 %306, label %tk.put.then, label %tk.put.end
+  %390 = icmp slt i64 %pf, 4
+  br i1 %390, label %tk.put.then, label %tk.put.end
 
 tk.put.then:                                      ; preds = %tk.ins.end
-  %307 = getelementptr inbounds i64, ptr %idx, i64 %pf
-  store i64 %tk, ptr %307, align 8
+  %391 = getelementptr inbounds i64, ptr %idx, i64 %pf
+  store i64 %tk, ptr %391, align 8
   br label %tk.put.end
 
 tk.put.end:                                       ; preds = %tk.put.then, %tk.ins.end
-  %308 = add nsw i64 %293, 1
-  %309 = icmp slt i64 %308, 4
-  %310 = select i1 %309, i64 %308, i64 4
-  store i64 %310, ptr %tk.m, align 8
-  %311 = add nsw i64 %tk, 1
+  %392 = add nsw i64 %377, 1
+  %393 = icmp slt i64 %392, 4
+  %394 = select i1 %393, i64 %392, i64 4
+  store i64 %394, ptr %tk.m, align 8
+  %395 = add nsw i64 %tk, 1
   br label %tk.head
 
 tk.end:                                           ; preds = %tk.head
-  %312 = load i64, ptr %tk.m, align 8
+  %396 = load i64, ptr %tk.m, align 8
   br label %top.head
 
 top.head:                                         ; preds = %top.body, %tk.end
-  %top = phi i64 [ 0, %tk.end ], [ %321, %top.body ]
-  %313 = icmp slt i64 %top, 4
-  br i1 %313, label %top.body, label %top.end
+  %top = phi i64 [ 0, %tk.end ], [ %405, %top.body ]
+  %397 = icmp slt i64 %top, 4
+  br i1 %397, label %top.body, label %top.end
 
 top.body:                                         ; preds = %top.head
-  %314 = getelementptr inbounds i64, ptr %idx, i64 %top
-  %315 = load i64, ptr %314, align 8
-  %316 = getelementptr inbounds i32, ptr %283, i64 %top
-  %317 = trunc i64 %315 to i32
-  store i32 %317, ptr %316, align 4
-  %318 = getelementptr inbounds float, ptr %s, i64 %315
-  %319 = load float, ptr %318, align 4
-  %320 = getelementptr inbounds float, ptr %284, i64 %top
-  store float %319, ptr %320, align 4
-  %321 = add nsw i64 %top, 1
+  %398 = getelementptr inbounds i64, ptr %idx, i64 %top
+  %399 = load i64, ptr %398, align 8
+  %400 = getelementptr inbounds i32, ptr %367, i64 %top
+  %401 = trunc i64 %399 to i32
+  store i32 %401, ptr %400, align 4
+  %402 = getelementptr inbounds float, ptr %s, i64 %399
+  %403 = load float, ptr %402, align 4
+  %404 = getelementptr inbounds float, ptr %368, i64 %top
+  store float %403, ptr %404, align 4
+  %405 = add nsw i64 %top, 1
   br label %top.head
 
 top.end:                                          ; preds = %top.head
-  %322 = getelementptr inbounds i64, ptr %idx, i64 0
-  %323 = load i64, ptr %322, align 8
-  %324 = getelementptr inbounds float, ptr %c, i64 %323
-  %325 = load float, ptr %324, align 4
-  %326 = getelementptr inbounds float, ptr %prio, i64 %tok
-  store float %325, ptr %326, align 4
+  %406 = getelementptr inbounds i64, ptr %idx, i64 0
+  %407 = load i64, ptr %406, align 8
+  %408 = getelementptr inbounds float, ptr %c, i64 %407
+  %409 = load float, ptr %408, align 4
+  %410 = getelementptr inbounds float, ptr %prio, i64 %tok
+  store float %409, ptr %410, align 4
   store float 0.000000e+00, ptr %wsum, align 4
   br label %nsum.head
 
 nsum.head:                                        ; preds = %nsum.body, %top.end
-  %nsum = phi i64 [ 0, %top.end ], [ %332, %nsum.body ]
-  %327 = icmp slt i64 %nsum, 4
-  br i1 %327, label %nsum.body, label %nsum.end
+  %nsum = phi i64 [ 0, %top.end ], [ %416, %nsum.body ]
+  %411 = icmp slt i64 %nsum, 4
+  br i1 %411, label %nsum.body, label %nsum.end
 
 nsum.body:                                        ; preds = %nsum.head
-  %328 = getelementptr inbounds float, ptr %284, i64 %nsum
-  %329 = load float, ptr %328, align 4
-  %330 = load float, ptr %wsum, align 4
-  %331 = fadd float %330, %329
-  store float %331, ptr %wsum, align 4
-  %332 = add nsw i64 %nsum, 1
+  %412 = getelementptr inbounds float, ptr %368, i64 %nsum
+  %413 = load float, ptr %412, align 4
+  %414 = load float, ptr %wsum, align 4
+  %415 = fadd float %414, %413
+  store float %415, ptr %wsum, align 4
+  %416 = add nsw i64 %nsum, 1
   br label %nsum.head
 
 nsum.end:                                         ; preds = %nsum.head
-  %333 = load float, ptr %wsum, align 4
-  %334 = fadd float %333, 0.000000e+00
-  %335 = fcmp olt float %334, 0.000000e+00
-  %336 = select i1 %335, float 0.000000e+00, float %334
-  %337 = fcmp ogt float %336, 0.000000e+00
-  %338 = select i1 %337, float %336, float 1.000000e+00
+  %417 = load float, ptr %wsum, align 4
+  %418 = fadd float %417, 0.000000e+00
+  %419 = fcmp olt float %418, 0.000000e+00
+  %420 = select i1 %419, float 0.000000e+00, float %418
+  %421 = fcmp ogt float %420, 0.000000e+00
+  %422 = select i1 %421, float %420, float 1.000000e+00
   br label %ndiv.head
 
 ndiv.head:                                        ; preds = %ndiv.body, %nsum.end
-  %ndiv = phi i64 [ 0, %nsum.end ], [ %344, %ndiv.body ]
-  %339 = icmp slt i64 %ndiv, 4
-  br i1 %339, label %ndiv.body, label %ndiv.end
+  %ndiv = phi i64 [ 0, %nsum.end ], [ %428, %ndiv.body ]
+  %423 = icmp slt i64 %ndiv, 4
+  br i1 %423, label %ndiv.body, label %ndiv.end
 
 ndiv.body:                                        ; preds = %ndiv.head
-  %340 = getelementptr inbounds float, ptr %284, i64 %ndiv
-  %341 = load float, ptr %340, align 4
-  %342 = fdiv float %341, %338
-  %343 = getelementptr inbounds float, ptr %284, i64 %ndiv
-  store float %342, ptr %343, align 4
-  %344 = add nsw i64 %ndiv, 1
+  %424 = getelementptr inbounds float, ptr %368, i64 %ndiv
+  %425 = load float, ptr %424, align 4
+  %426 = fdiv float %425, %422
+  %427 = getelementptr inbounds float, ptr %368, i64 %ndiv
+  store float %426, ptr %427, align 4
+  %428 = add nsw i64 %ndiv, 1
   br label %ndiv.head
 
 ndiv.end:                                         ; preds = %ndiv.head
-  %345 = add nsw i64 %t, 1
+  %429 = add nsw i64 %t, 1
   br label %t.head
 
 t.end:                                            ; preds = %t.head
-  %346 = add nsw i64 %tg, 8
+  %430 = add nsw i64 %tg, 8
   br label %tg.head
 
 tg.end:                                           ; preds = %tg.head
   ret void
 }
+
+; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
+declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #1
 
 ; Function Attrs: nounwind
 declare double @exp(double) #0
@@ -705,6 +836,7 @@ declare double @exp(double) #0
 ; Function Attrs: nounwind
 define hidden void @moe_up(ptr noalias %x, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bg, ptr noalias %bu, ptr noalias %h, i64 %p0, i64 %p1) #0 {
 entry:
+  %part = alloca [24576 x float], align 32
   %acc000 = alloca <8 x float>, align 32
   %acc001 = alloca <8 x float>, align 32
   %acc010 = alloca <8 x float>, align 32
@@ -717,73 +849,161 @@ entry:
   %acc041 = alloca <8 x float>, align 32
   %acc050 = alloca <8 x float>, align 32
   %acc051 = alloca <8 x float>, align 32
-  %acc00027 = alloca <8 x float>, align 32
-  %acc00128 = alloca <8 x float>, align 32
-  %acc01029 = alloca <8 x float>, align 32
-  %acc01130 = alloca <8 x float>, align 32
-  %acc02031 = alloca <8 x float>, align 32
-  %acc02132 = alloca <8 x float>, align 32
-  %acc03033 = alloca <8 x float>, align 32
-  %acc03134 = alloca <8 x float>, align 32
-  %acc04035 = alloca <8 x float>, align 32
-  %acc04136 = alloca <8 x float>, align 32
-  %acc00074 = alloca <8 x float>, align 32
-  %acc00175 = alloca <8 x float>, align 32
-  %acc01076 = alloca <8 x float>, align 32
-  %acc01177 = alloca <8 x float>, align 32
-  %acc02078 = alloca <8 x float>, align 32
-  %acc02179 = alloca <8 x float>, align 32
-  %acc03080 = alloca <8 x float>, align 32
-  %acc03181 = alloca <8 x float>, align 32
-  %acc000114 = alloca <8 x float>, align 32
-  %acc001115 = alloca <8 x float>, align 32
-  %acc010116 = alloca <8 x float>, align 32
-  %acc011117 = alloca <8 x float>, align 32
-  %acc020118 = alloca <8 x float>, align 32
-  %acc021119 = alloca <8 x float>, align 32
-  %acc000147 = alloca <8 x float>, align 32
-  %acc001148 = alloca <8 x float>, align 32
-  %acc010149 = alloca <8 x float>, align 32
-  %acc011150 = alloca <8 x float>, align 32
-  %acc000173 = alloca <8 x float>, align 32
-  %acc001174 = alloca <8 x float>, align 32
+  %acc00028 = alloca <8 x float>, align 32
+  %acc00129 = alloca <8 x float>, align 32
+  %acc01030 = alloca <8 x float>, align 32
+  %acc01131 = alloca <8 x float>, align 32
+  %acc02032 = alloca <8 x float>, align 32
+  %acc02133 = alloca <8 x float>, align 32
+  %acc03034 = alloca <8 x float>, align 32
+  %acc03135 = alloca <8 x float>, align 32
+  %acc04036 = alloca <8 x float>, align 32
+  %acc04137 = alloca <8 x float>, align 32
+  %acc00079 = alloca <8 x float>, align 32
+  %acc00180 = alloca <8 x float>, align 32
+  %acc01081 = alloca <8 x float>, align 32
+  %acc01182 = alloca <8 x float>, align 32
+  %acc02083 = alloca <8 x float>, align 32
+  %acc02184 = alloca <8 x float>, align 32
+  %acc03085 = alloca <8 x float>, align 32
+  %acc03186 = alloca <8 x float>, align 32
+  %acc000123 = alloca <8 x float>, align 32
+  %acc001124 = alloca <8 x float>, align 32
+  %acc010125 = alloca <8 x float>, align 32
+  %acc011126 = alloca <8 x float>, align 32
+  %acc020127 = alloca <8 x float>, align 32
+  %acc021128 = alloca <8 x float>, align 32
+  %acc000160 = alloca <8 x float>, align 32
+  %acc001161 = alloca <8 x float>, align 32
+  %acc010162 = alloca <8 x float>, align 32
+  %acc011163 = alloca <8 x float>, align 32
+  %acc000190 = alloca <8 x float>, align 32
+  %acc001191 = alloca <8 x float>, align 32
+  %acc000230 = alloca <8 x float>, align 32
+  %acc001231 = alloca <8 x float>, align 32
+  %acc010232 = alloca <8 x float>, align 32
+  %acc011233 = alloca <8 x float>, align 32
+  %acc020234 = alloca <8 x float>, align 32
+  %acc021235 = alloca <8 x float>, align 32
+  %acc030236 = alloca <8 x float>, align 32
+  %acc031237 = alloca <8 x float>, align 32
+  %acc040238 = alloca <8 x float>, align 32
+  %acc041239 = alloca <8 x float>, align 32
+  %acc050240 = alloca <8 x float>, align 32
+  %acc051241 = alloca <8 x float>, align 32
+  %acc000284 = alloca <8 x float>, align 32
+  %acc001285 = alloca <8 x float>, align 32
+  %acc010286 = alloca <8 x float>, align 32
+  %acc011287 = alloca <8 x float>, align 32
+  %acc020288 = alloca <8 x float>, align 32
+  %acc021289 = alloca <8 x float>, align 32
+  %acc030290 = alloca <8 x float>, align 32
+  %acc031291 = alloca <8 x float>, align 32
+  %acc040292 = alloca <8 x float>, align 32
+  %acc041293 = alloca <8 x float>, align 32
+  %acc000331 = alloca <8 x float>, align 32
+  %acc001332 = alloca <8 x float>, align 32
+  %acc010333 = alloca <8 x float>, align 32
+  %acc011334 = alloca <8 x float>, align 32
+  %acc020335 = alloca <8 x float>, align 32
+  %acc021336 = alloca <8 x float>, align 32
+  %acc030337 = alloca <8 x float>, align 32
+  %acc031338 = alloca <8 x float>, align 32
+  %acc000371 = alloca <8 x float>, align 32
+  %acc001372 = alloca <8 x float>, align 32
+  %acc010373 = alloca <8 x float>, align 32
+  %acc011374 = alloca <8 x float>, align 32
+  %acc020375 = alloca <8 x float>, align 32
+  %acc021376 = alloca <8 x float>, align 32
+  %acc000404 = alloca <8 x float>, align 32
+  %acc001405 = alloca <8 x float>, align 32
+  %acc010406 = alloca <8 x float>, align 32
+  %acc011407 = alloca <8 x float>, align 32
+  %acc000430 = alloca <8 x float>, align 32
+  %acc001431 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
-  br label %p.head
+  %0 = icmp sgt i64 %n, 6
+  br i1 %0, label %kb, label %flat
 
-p.head:                                           ; preds = %rb.end, %start
-  %p = phi i64 [ %p0, %start ], [ %1416, %rb.end ]
-  %0 = icmp slt i64 %p, %p1
-  br i1 %0, label %p.body, label %p.end
+kb:                                               ; preds = %start
+  br label %kb.rc.head
 
-p.body:                                           ; preds = %p.head
-  %1 = add nsw i64 %n, 5
-  %nrb = sdiv i64 %1, 6
+kb.rc.head:                                       ; preds = %kb.pg.end, %kb
+  %kb.rc = phi i64 [ 0, %kb ], [ %2195, %kb.pg.end ]
+  %1 = icmp slt i64 %kb.rc, %n
+  br i1 %1, label %kb.rc.body, label %kb.rc.end
+
+kb.rc.body:                                       ; preds = %kb.rc.head
+  %2 = sub nsw i64 %n, %kb.rc
+  %3 = icmp slt i64 %2, 96
+  %kb.rn = select i1 %3, i64 %2, i64 96
+  br label %kb.pg.head
+
+kb.pg.head:                                       ; preds = %kb.k.end, %kb.rc.body
+  %kb.pg = phi i64 [ %p0, %kb.rc.body ], [ %2194, %kb.k.end ]
+  %4 = icmp slt i64 %kb.pg, %p1
+  br i1 %4, label %kb.pg.body, label %kb.pg.end
+
+kb.pg.body:                                       ; preds = %kb.pg.head
+  %5 = add nsw i64 %kb.pg, 16
+  %6 = icmp slt i64 %5, %p1
+  %kb.pg1 = select i1 %6, i64 %5, i64 %p1
+  br label %kb.k.head
+
+kb.k.head:                                        ; preds = %kb.p.end, %kb.pg.body
+  %kb.k = phi i64 [ 0, %kb.pg.body ], [ %2193, %kb.p.end ]
+  %7 = icmp slt i64 %kb.k, 12
+  br i1 %7, label %kb.k.body, label %kb.k.end
+
+kb.k.body:                                        ; preds = %kb.k.head
+  %k0 = mul nsw i64 %kb.k, 240
+  %kfirst = icmp eq i64 %kb.k, 0
+  %klast = icmp eq i64 %kb.k, 11
+  br label %kb.p.head
+
+kb.p.head:                                        ; preds = %rb.end, %kb.k.body
+  %kb.p = phi i64 [ %kb.pg, %kb.k.body ], [ %2192, %rb.end ]
+  %8 = icmp slt i64 %kb.p, %kb.pg1
+  br i1 %8, label %kb.p.body, label %kb.p.end
+
+kb.p.body:                                        ; preds = %kb.p.head
+  %9 = add nsw i64 %kb.p, 1
+  %10 = icmp slt i64 %9, %kb.pg1
+  %11 = sub nsw i64 %kb.p, %kb.pg
+  %12 = mul nsw i64 %11, 92160
+  %13 = sub nsw i64 7680, %12
+  %pf.step = select i1 %10, i64 92160, i64 %13
+  %14 = xor i1 %klast, true
+  %pf.next = or i1 %10, %14
+  %15 = add nsw i64 %kb.rn, 5
+  %nrb = sdiv i64 %15, 6
   br label %rb.head
 
-rb.head:                                          ; preds = %tile.done, %p.body
-  %rb = phi i64 [ 0, %p.body ], [ %1415, %tile.done ]
-  %2 = icmp slt i64 %rb, %nrb
-  br i1 %2, label %rb.body, label %rb.end
+rb.head:                                          ; preds = %tile.done, %kb.p.body
+  %rb = phi i64 [ 0, %kb.p.body ], [ %2191, %tile.done ]
+  %16 = icmp slt i64 %rb, %nrb
+  br i1 %16, label %rb.body, label %rb.end
 
 rb.body:                                          ; preds = %rb.head
-  %3 = mul nsw i64 %rb, %n
-  %r0 = sdiv i64 %3, %nrb
-  %4 = add nsw i64 %rb, 1
-  %5 = mul nsw i64 %4, %n
-  %r1 = sdiv i64 %5, %nrb
+  %17 = mul nsw i64 %rb, %kb.rn
+  %r0 = sdiv i64 %17, %nrb
+  %18 = add nsw i64 %rb, 1
+  %19 = mul nsw i64 %18, %kb.rn
+  %r1 = sdiv i64 %19, %nrb
   %mr = sub nsw i64 %r1, %r0
-  %6 = icmp sge i64 %nrb, 2
-  %7 = select i1 %6, i64 1, i64 0
-  %8 = icmp sge i64 %nrb, 4
-  %9 = select i1 %8, i64 2, i64 %7
-  %10 = icmp sge i64 %nrb, 8
-  %11 = select i1 %10, i64 3, i64 %9
+  %r01 = add nsw i64 %kb.rc, %r0
+  %20 = icmp sge i64 %nrb, 2
+  %21 = select i1 %20, i64 1, i64 0
+  %22 = icmp sge i64 %nrb, 4
+  %23 = select i1 %22, i64 2, i64 %21
+  %24 = icmp sge i64 %nrb, 8
+  %25 = select i1 %24, i64 3, i64 %23
   %pf.multi = icmp sgt i64 %nrb, 1
-  %12 = shl i64 1, %11
-  %13 = icmp slt i64 %rb, %12
-  %pf.on = and i1 %pf.multi, %13
+  %26 = shl i64 1, %25
+  %27 = icmp slt i64 %rb, %26
+  %pf.on = and i1 %pf.multi, %27
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -793,625 +1013,568 @@ rb.body:                                          ; preds = %rb.head
   ]
 
 tile.mr6:                                         ; preds = %rb.body
-  %14 = add nsw i64 %r0, 0
-  %15 = getelementptr inbounds i32, ptr %rows, i64 %14
-  %16 = load i32, ptr %15, align 4
-  %17 = sext i32 %16 to i64
-  %18 = mul nsw i64 %17, 2880
-  %19 = getelementptr inbounds float, ptr %x, i64 %18
-  store <8 x float> zeroinitializer, ptr %acc000, align 4
-  store <8 x float> zeroinitializer, ptr %acc001, align 4
-  %20 = add nsw i64 %r0, 1
-  %21 = getelementptr inbounds i32, ptr %rows, i64 %20
-  %22 = load i32, ptr %21, align 4
-  %23 = sext i32 %22 to i64
-  %24 = mul nsw i64 %23, 2880
-  %25 = getelementptr inbounds float, ptr %x, i64 %24
-  store <8 x float> zeroinitializer, ptr %acc010, align 4
-  store <8 x float> zeroinitializer, ptr %acc011, align 4
-  %26 = add nsw i64 %r0, 2
-  %27 = getelementptr inbounds i32, ptr %rows, i64 %26
-  %28 = load i32, ptr %27, align 4
-  %29 = sext i32 %28 to i64
-  %30 = mul nsw i64 %29, 2880
-  %31 = getelementptr inbounds float, ptr %x, i64 %30
-  store <8 x float> zeroinitializer, ptr %acc020, align 4
-  store <8 x float> zeroinitializer, ptr %acc021, align 4
-  %32 = add nsw i64 %r0, 3
-  %33 = getelementptr inbounds i32, ptr %rows, i64 %32
-  %34 = load i32, ptr %33, align 4
-  %35 = sext i32 %34 to i64
-  %36 = mul nsw i64 %35, 2880
-  %37 = getelementptr inbounds float, ptr %x, i64 %36
-  store <8 x float> zeroinitializer, ptr %acc030, align 4
-  store <8 x float> zeroinitializer, ptr %acc031, align 4
-  %38 = add nsw i64 %r0, 4
-  %39 = getelementptr inbounds i32, ptr %rows, i64 %38
-  %40 = load i32, ptr %39, align 4
-  %41 = sext i32 %40 to i64
-  %42 = mul nsw i64 %41, 2880
-  %43 = getelementptr inbounds float, ptr %x, i64 %42
-  store <8 x float> zeroinitializer, ptr %acc040, align 4
-  store <8 x float> zeroinitializer, ptr %acc041, align 4
-  %44 = add nsw i64 %r0, 5
-  %45 = getelementptr inbounds i32, ptr %rows, i64 %44
-  %46 = load i32, ptr %45, align 4
-  %47 = sext i32 %46 to i64
-  %48 = mul nsw i64 %47, 2880
-  %49 = getelementptr inbounds float, ptr %x, i64 %48
-  store <8 x float> zeroinitializer, ptr %acc050, align 4
-  store <8 x float> zeroinitializer, ptr %acc051, align 4
-  %panel.off = mul nsw i64 %p, 46080
-  %50 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
-  %51 = add nsw i64 %p, 1
-  %52 = icmp slt i64 %51, %p1
-  %pf.on1 = and i1 %pf.on, %52
-  %53 = mul nsw i64 %rb, 92160
-  %54 = lshr i64 %53, %11
-  %55 = add nsw i64 92160, %54
-  %56 = getelementptr inbounds i8, ptr %50, i64 %55
-  %pf = select i1 %pf.on1, ptr %56, ptr %50
-  %pf.sh = select i1 %pf.on1, i64 %11, i64 0
+  %28 = add nsw i64 %r01, 0
+  %29 = getelementptr inbounds i32, ptr %rows, i64 %28
+  %30 = load i32, ptr %29, align 4
+  %31 = sext i32 %30 to i64
+  %32 = mul nsw i64 %31, 2880
+  %33 = add nsw i64 %32, %k0
+  %34 = getelementptr inbounds float, ptr %x, i64 %33
+  %35 = sub nsw i64 %kb.p, %kb.pg
+  %36 = sub nsw i64 %28, %kb.rc
+  %37 = mul nsw i64 %36, 16
+  %38 = add nsw i64 %37, %35
+  %39 = mul nsw i64 %38, 16
+  %40 = getelementptr inbounds float, ptr %part, i64 %39
+  %41 = getelementptr inbounds float, ptr %40, i64 0
+  %42 = load <8 x float>, ptr %41, align 4
+  %43 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %42
+  store <8 x float> %43, ptr %acc000, align 4
+  %44 = sub nsw i64 %kb.p, %kb.pg
+  %45 = sub nsw i64 %28, %kb.rc
+  %46 = mul nsw i64 %45, 16
+  %47 = add nsw i64 %46, %44
+  %48 = mul nsw i64 %47, 16
+  %49 = getelementptr inbounds float, ptr %part, i64 %48
+  %50 = getelementptr inbounds float, ptr %49, i64 8
+  %51 = load <8 x float>, ptr %50, align 4
+  %52 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %51
+  store <8 x float> %52, ptr %acc001, align 4
+  %53 = add nsw i64 %r01, 1
+  %54 = getelementptr inbounds i32, ptr %rows, i64 %53
+  %55 = load i32, ptr %54, align 4
+  %56 = sext i32 %55 to i64
+  %57 = mul nsw i64 %56, 2880
+  %58 = add nsw i64 %57, %k0
+  %59 = getelementptr inbounds float, ptr %x, i64 %58
+  %60 = sub nsw i64 %kb.p, %kb.pg
+  %61 = sub nsw i64 %53, %kb.rc
+  %62 = mul nsw i64 %61, 16
+  %63 = add nsw i64 %62, %60
+  %64 = mul nsw i64 %63, 16
+  %65 = getelementptr inbounds float, ptr %part, i64 %64
+  %66 = getelementptr inbounds float, ptr %65, i64 0
+  %67 = load <8 x float>, ptr %66, align 4
+  %68 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %67
+  store <8 x float> %68, ptr %acc010, align 4
+  %69 = sub nsw i64 %kb.p, %kb.pg
+  %70 = sub nsw i64 %53, %kb.rc
+  %71 = mul nsw i64 %70, 16
+  %72 = add nsw i64 %71, %69
+  %73 = mul nsw i64 %72, 16
+  %74 = getelementptr inbounds float, ptr %part, i64 %73
+  %75 = getelementptr inbounds float, ptr %74, i64 8
+  %76 = load <8 x float>, ptr %75, align 4
+  %77 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %76
+  store <8 x float> %77, ptr %acc011, align 4
+  %78 = add nsw i64 %r01, 2
+  %79 = getelementptr inbounds i32, ptr %rows, i64 %78
+  %80 = load i32, ptr %79, align 4
+  %81 = sext i32 %80 to i64
+  %82 = mul nsw i64 %81, 2880
+  %83 = add nsw i64 %82, %k0
+  %84 = getelementptr inbounds float, ptr %x, i64 %83
+  %85 = sub nsw i64 %kb.p, %kb.pg
+  %86 = sub nsw i64 %78, %kb.rc
+  %87 = mul nsw i64 %86, 16
+  %88 = add nsw i64 %87, %85
+  %89 = mul nsw i64 %88, 16
+  %90 = getelementptr inbounds float, ptr %part, i64 %89
+  %91 = getelementptr inbounds float, ptr %90, i64 0
+  %92 = load <8 x float>, ptr %91, align 4
+  %93 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %92
+  store <8 x float> %93, ptr %acc020, align 4
+  %94 = sub nsw i64 %kb.p, %kb.pg
+  %95 = sub nsw i64 %78, %kb.rc
+  %96 = mul nsw i64 %95, 16
+  %97 = add nsw i64 %96, %94
+  %98 = mul nsw i64 %97, 16
+  %99 = getelementptr inbounds float, ptr %part, i64 %98
+  %100 = getelementptr inbounds float, ptr %99, i64 8
+  %101 = load <8 x float>, ptr %100, align 4
+  %102 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %101
+  store <8 x float> %102, ptr %acc021, align 4
+  %103 = add nsw i64 %r01, 3
+  %104 = getelementptr inbounds i32, ptr %rows, i64 %103
+  %105 = load i32, ptr %104, align 4
+  %106 = sext i32 %105 to i64
+  %107 = mul nsw i64 %106, 2880
+  %108 = add nsw i64 %107, %k0
+  %109 = getelementptr inbounds float, ptr %x, i64 %108
+  %110 = sub nsw i64 %kb.p, %kb.pg
+  %111 = sub nsw i64 %103, %kb.rc
+  %112 = mul nsw i64 %111, 16
+  %113 = add nsw i64 %112, %110
+  %114 = mul nsw i64 %113, 16
+  %115 = getelementptr inbounds float, ptr %part, i64 %114
+  %116 = getelementptr inbounds float, ptr %115, i64 0
+  %117 = load <8 x float>, ptr %116, align 4
+  %118 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %117
+  store <8 x float> %118, ptr %acc030, align 4
+  %119 = sub nsw i64 %kb.p, %kb.pg
+  %120 = sub nsw i64 %103, %kb.rc
+  %121 = mul nsw i64 %120, 16
+  %122 = add nsw i64 %121, %119
+  %123 = mul nsw i64 %122, 16
+  %124 = getelementptr inbounds float, ptr %part, i64 %123
+  %125 = getelementptr inbounds float, ptr %124, i64 8
+  %126 = load <8 x float>, ptr %125, align 4
+  %127 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %126
+  store <8 x float> %127, ptr %acc031, align 4
+  %128 = add nsw i64 %r01, 4
+  %129 = getelementptr inbounds i32, ptr %rows, i64 %128
+  %130 = load i32, ptr %129, align 4
+  %131 = sext i32 %130 to i64
+  %132 = mul nsw i64 %131, 2880
+  %133 = add nsw i64 %132, %k0
+  %134 = getelementptr inbounds float, ptr %x, i64 %133
+  %135 = sub nsw i64 %kb.p, %kb.pg
+  %136 = sub nsw i64 %128, %kb.rc
+  %137 = mul nsw i64 %136, 16
+  %138 = add nsw i64 %137, %135
+  %139 = mul nsw i64 %138, 16
+  %140 = getelementptr inbounds float, ptr %part, i64 %139
+  %141 = getelementptr inbounds float, ptr %140, i64 0
+  %142 = load <8 x float>, ptr %141, align 4
+  %143 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %142
+  store <8 x float> %143, ptr %acc040, align 4
+  %144 = sub nsw i64 %kb.p, %kb.pg
+  %145 = sub nsw i64 %128, %kb.rc
+  %146 = mul nsw i64 %145, 16
+  %147 = add nsw i64 %146, %144
+  %148 = mul nsw i64 %147, 16
+  %149 = getelementptr inbounds float, ptr %part, i64 %148
+  %150 = getelementptr inbounds float, ptr %149, i64 8
+  %151 = load <8 x float>, ptr %150, align 4
+  %152 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %151
+  store <8 x float> %152, ptr %acc041, align 4
+  %153 = add nsw i64 %r01, 5
+  %154 = getelementptr inbounds i32, ptr %rows, i64 %153
+  %155 = load i32, ptr %154, align 4
+  %156 = sext i32 %155 to i64
+  %157 = mul nsw i64 %156, 2880
+  %158 = add nsw i64 %157, %k0
+  %159 = getelementptr inbounds float, ptr %x, i64 %158
+  %160 = sub nsw i64 %kb.p, %kb.pg
+  %161 = sub nsw i64 %153, %kb.rc
+  %162 = mul nsw i64 %161, 16
+  %163 = add nsw i64 %162, %160
+  %164 = mul nsw i64 %163, 16
+  %165 = getelementptr inbounds float, ptr %part, i64 %164
+  %166 = getelementptr inbounds float, ptr %165, i64 0
+  %167 = load <8 x float>, ptr %166, align 4
+  %168 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %167
+  store <8 x float> %168, ptr %acc050, align 4
+  %169 = sub nsw i64 %kb.p, %kb.pg
+  %170 = sub nsw i64 %153, %kb.rc
+  %171 = mul nsw i64 %170, 16
+  %172 = add nsw i64 %171, %169
+  %173 = mul nsw i64 %172, 16
+  %174 = getelementptr inbounds float, ptr %part, i64 %173
+  %175 = getelementptr inbounds float, ptr %174, i64 8
+  %176 = load <8 x float>, ptr %175, align 4
+  %177 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %176
+  store <8 x float> %177, ptr %acc051, align 4
+  %178 = mul nsw i64 %k0, 16
+  %179 = mul nsw i64 %kb.p, 46080
+  %panel.off = add nsw i64 %179, %178
+  %180 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %pf.on2 = and i1 %pf.on, %pf.next
+  %181 = mul nsw i64 %rb, 7680
+  %182 = lshr i64 %181, %25
+  %183 = add nsw i64 %pf.step, %182
+  %184 = getelementptr inbounds i8, ptr %180, i64 %183
+  %pf = select i1 %pf.on2, ptr %184, ptr %180
+  %pf.sh = select i1 %pf.on2, i64 %25, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %117, %pf.any.end ]
-  %57 = icmp slt i64 %k, 2880
-  br i1 %57, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %245, %pf.any.end ]
+  %185 = icmp slt i64 %k, 240
+  br i1 %185, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %58 = mul nsw i64 %k, 1
-  %59 = add nsw i64 %58, 0
-  %60 = mul nsw i64 %59, 32
+  %186 = mul nsw i64 %k, 1
+  %187 = add nsw i64 %186, 0
+  %188 = mul nsw i64 %187, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %61 = lshr i64 %60, %pf.sh
-  %62 = getelementptr inbounds i8, ptr %pf, i64 %61
-  call void @llvm.prefetch.p0(ptr %62, i32 0, i32 2, i32 1)
+  %189 = lshr i64 %188, %pf.sh
+  %190 = getelementptr inbounds i8, ptr %pf, i64 %189
+  call void @llvm.prefetch.p0(ptr %190, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %63 = mul nsw i64 %59, 16
-  %64 = add nsw i64 %panel.off, %63
-  %65 = getelementptr inbounds i16, ptr %panels, i64 %64
-  %66 = load <8 x i32>, ptr %65, align 4
-  %67 = shl <8 x i32> %66, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %67 to <8 x float>
-  %68 = and <8 x i32> %66, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %68 to <8 x float>
-  %69 = getelementptr inbounds float, ptr %19, i64 %59
-  %70 = load float, ptr %69, align 4
-  %71 = insertelement <8 x float> poison, float %70, i32 0
-  %72 = shufflevector <8 x float> %71, <8 x float> poison, <8 x i32> zeroinitializer
-  %73 = load <8 x float>, ptr %acc000, align 4
-  %74 = call <8 x float> @llvm.fma.v8f32(<8 x float> %72, <8 x float> %b0, <8 x float> %73)
-  store <8 x float> %74, ptr %acc000, align 4
-  %75 = load <8 x float>, ptr %acc001, align 4
-  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %72, <8 x float> %b1, <8 x float> %75)
-  store <8 x float> %76, ptr %acc001, align 4
-  %77 = getelementptr inbounds float, ptr %25, i64 %59
-  %78 = load float, ptr %77, align 4
-  %79 = insertelement <8 x float> poison, float %78, i32 0
-  %80 = shufflevector <8 x float> %79, <8 x float> poison, <8 x i32> zeroinitializer
-  %81 = load <8 x float>, ptr %acc010, align 4
-  %82 = call <8 x float> @llvm.fma.v8f32(<8 x float> %80, <8 x float> %b0, <8 x float> %81)
-  store <8 x float> %82, ptr %acc010, align 4
-  %83 = load <8 x float>, ptr %acc011, align 4
-  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %80, <8 x float> %b1, <8 x float> %83)
-  store <8 x float> %84, ptr %acc011, align 4
-  %85 = getelementptr inbounds float, ptr %31, i64 %59
-  %86 = load float, ptr %85, align 4
-  %87 = insertelement <8 x float> poison, float %86, i32 0
-  %88 = shufflevector <8 x float> %87, <8 x float> poison, <8 x i32> zeroinitializer
-  %89 = load <8 x float>, ptr %acc020, align 4
-  %90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %88, <8 x float> %b0, <8 x float> %89)
-  store <8 x float> %90, ptr %acc020, align 4
-  %91 = load <8 x float>, ptr %acc021, align 4
-  %92 = call <8 x float> @llvm.fma.v8f32(<8 x float> %88, <8 x float> %b1, <8 x float> %91)
-  store <8 x float> %92, ptr %acc021, align 4
-  %93 = getelementptr inbounds float, ptr %37, i64 %59
-  %94 = load float, ptr %93, align 4
-  %95 = insertelement <8 x float> poison, float %94, i32 0
-  %96 = shufflevector <8 x float> %95, <8 x float> poison, <8 x i32> zeroinitializer
-  %97 = load <8 x float>, ptr %acc030, align 4
-  %98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %96, <8 x float> %b0, <8 x float> %97)
-  store <8 x float> %98, ptr %acc030, align 4
-  %99 = load <8 x float>, ptr %acc031, align 4
-  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %96, <8 x float> %b1, <8 x float> %99)
-  store <8 x float> %100, ptr %acc031, align 4
-  %101 = getelementptr inbounds float, ptr %43, i64 %59
-  %102 = load float, ptr %101, align 4
-  %103 = insertelement <8 x float> poison, float %102, i32 0
-  %104 = shufflevector <8 x float> %103, <8 x float> poison, <8 x i32> zeroinitializer
-  %105 = load <8 x float>, ptr %acc040, align 4
-  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %104, <8 x float> %b0, <8 x float> %105)
-  store <8 x float> %106, ptr %acc040, align 4
-  %107 = load <8 x float>, ptr %acc041, align 4
-  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %104, <8 x float> %b1, <8 x float> %107)
-  store <8 x float> %108, ptr %acc041, align 4
-  %109 = getelementptr inbounds float, ptr %49, i64 %59
-  %110 = load float, ptr %109, align 4
-  %111 = insertelement <8 x float> poison, float %110, i32 0
-  %112 = shufflevector <8 x float> %111, <8 x float> poison, <8 x i32> zeroinitializer
-  %113 = load <8 x float>, ptr %acc050, align 4
-  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %112, <8 x float> %b0, <8 x float> %113)
-  store <8 x float> %114, ptr %acc050, align 4
-  %115 = load <8 x float>, ptr %acc051, align 4
-  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %112, <8 x float> %b1, <8 x float> %115)
-  store <8 x float> %116, ptr %acc051, align 4
-  %117 = add nsw i64 %k, 1
-  br label %k.head
-
-k.end:                                            ; preds = %k.head
-  %118 = add nsw i64 %r0, 0
-  %119 = getelementptr inbounds float, ptr %rw, i64 %118
-  %120 = load float, ptr %119, align 4
-  %121 = insertelement <8 x float> poison, float %120, i32 0
-  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
-  %123 = mul nsw i64 %118, 2880
-  %124 = getelementptr inbounds float, ptr %h, i64 %123
-  %col = mul nsw i64 %p, 8
-  %125 = load <8 x float>, ptr %acc000, align 4
-  %126 = load <8 x float>, ptr %acc001, align 4
-  %127 = getelementptr inbounds float, ptr %bg, i64 %col
-  %128 = load <8 x float>, ptr %127, align 4
-  %129 = fadd <8 x float> %125, %128
-  %130 = getelementptr inbounds float, ptr %bu, i64 %col
-  %131 = load <8 x float>, ptr %130, align 4
-  %132 = fadd <8 x float> %126, %131
-  %133 = fcmp olt <8 x float> %129, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %134 = select <8 x i1> %133, <8 x float> %129, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %135 = fcmp olt <8 x float> %132, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %136 = select <8 x i1> %135, <8 x float> %132, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %137 = fcmp ogt <8 x float> %136, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %138 = select <8 x i1> %137, <8 x float> %136, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %139 = fmul <8 x float> %134, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %140 = fneg <8 x float> %139
-  %141 = fcmp olt <8 x float> %140, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %142 = select <8 x i1> %141, <8 x float> %140, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %143 = fcmp ogt <8 x float> %142, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %144 = select <8 x i1> %143, <8 x float> %142, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %144, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %146 = call <8 x float> @llvm.floor.v8f32(<8 x float> %145)
-  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %144)
-  %148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %147)
-  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %148, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> %148, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %148, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %151, <8 x float> %148, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %152, <8 x float> %148, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %154 = fmul <8 x float> %148, %148
-  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> %154, <8 x float> %148)
-  %156 = fadd <8 x float> %155, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %157 = fptosi <8 x float> %146 to <8 x i32>
-  %158 = add <8 x i32> %157, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %159 = shl <8 x i32> %158, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %159 to <8 x float>
-  %exp = fmul <8 x float> %156, %exp.2n
-  %160 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %160
-  %161 = fmul <8 x float> %134, %sigmoid
-  %162 = fadd <8 x float> %138, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai = fmul <8 x float> %161, %162
-  %163 = fmul <8 x float> %oai, %122
-  %164 = getelementptr inbounds float, ptr %124, i64 %col
-  store <8 x float> %163, ptr %164, align 4
-  %165 = add nsw i64 %r0, 1
-  %166 = getelementptr inbounds float, ptr %rw, i64 %165
-  %167 = load float, ptr %166, align 4
-  %168 = insertelement <8 x float> poison, float %167, i32 0
-  %169 = shufflevector <8 x float> %168, <8 x float> poison, <8 x i32> zeroinitializer
-  %170 = mul nsw i64 %165, 2880
-  %171 = getelementptr inbounds float, ptr %h, i64 %170
-  %col2 = mul nsw i64 %p, 8
-  %172 = load <8 x float>, ptr %acc010, align 4
-  %173 = load <8 x float>, ptr %acc011, align 4
-  %174 = getelementptr inbounds float, ptr %bg, i64 %col2
-  %175 = load <8 x float>, ptr %174, align 4
-  %176 = fadd <8 x float> %172, %175
-  %177 = getelementptr inbounds float, ptr %bu, i64 %col2
-  %178 = load <8 x float>, ptr %177, align 4
-  %179 = fadd <8 x float> %173, %178
-  %180 = fcmp olt <8 x float> %176, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %181 = select <8 x i1> %180, <8 x float> %176, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %182 = fcmp olt <8 x float> %179, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %183 = select <8 x i1> %182, <8 x float> %179, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %184 = fcmp ogt <8 x float> %183, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %185 = select <8 x i1> %184, <8 x float> %183, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %186 = fmul <8 x float> %181, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %187 = fneg <8 x float> %186
-  %188 = fcmp olt <8 x float> %187, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %189 = select <8 x i1> %188, <8 x float> %187, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %190 = fcmp ogt <8 x float> %189, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %191 = select <8 x i1> %190, <8 x float> %189, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %192 = call <8 x float> @llvm.fma.v8f32(<8 x float> %191, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %193 = call <8 x float> @llvm.floor.v8f32(<8 x float> %192)
-  %194 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %191)
-  %195 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %194)
-  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %195, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %196, <8 x float> %195, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> %197, <8 x float> %195, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %199 = call <8 x float> @llvm.fma.v8f32(<8 x float> %198, <8 x float> %195, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %200 = call <8 x float> @llvm.fma.v8f32(<8 x float> %199, <8 x float> %195, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %201 = fmul <8 x float> %195, %195
-  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %201, <8 x float> %195)
-  %203 = fadd <8 x float> %202, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %204 = fptosi <8 x float> %193 to <8 x i32>
-  %205 = add <8 x i32> %204, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %206 = shl <8 x i32> %205, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n3 = bitcast <8 x i32> %206 to <8 x float>
-  %exp4 = fmul <8 x float> %203, %exp.2n3
-  %207 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %207
-  %208 = fmul <8 x float> %181, %sigmoid5
-  %209 = fadd <8 x float> %185, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai6 = fmul <8 x float> %208, %209
-  %210 = fmul <8 x float> %oai6, %169
-  %211 = getelementptr inbounds float, ptr %171, i64 %col2
-  store <8 x float> %210, ptr %211, align 4
-  %212 = add nsw i64 %r0, 2
-  %213 = getelementptr inbounds float, ptr %rw, i64 %212
+  %191 = mul nsw i64 %187, 16
+  %192 = add nsw i64 %panel.off, %191
+  %193 = getelementptr inbounds i16, ptr %panels, i64 %192
+  %194 = load <8 x i32>, ptr %193, align 4
+  %195 = shl <8 x i32> %194, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %195 to <8 x float>
+  %196 = and <8 x i32> %194, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %196 to <8 x float>
+  %197 = getelementptr inbounds float, ptr %34, i64 %187
+  %198 = load float, ptr %197, align 4
+  %199 = insertelement <8 x float> poison, float %198, i32 0
+  %200 = shufflevector <8 x float> %199, <8 x float> poison, <8 x i32> zeroinitializer
+  %201 = load <8 x float>, ptr %acc000, align 4
+  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %b0, <8 x float> %201)
+  store <8 x float> %202, ptr %acc000, align 4
+  %203 = load <8 x float>, ptr %acc001, align 4
+  %204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %b1, <8 x float> %203)
+  store <8 x float> %204, ptr %acc001, align 4
+  %205 = getelementptr inbounds float, ptr %59, i64 %187
+  %206 = load float, ptr %205, align 4
+  %207 = insertelement <8 x float> poison, float %206, i32 0
+  %208 = shufflevector <8 x float> %207, <8 x float> poison, <8 x i32> zeroinitializer
+  %209 = load <8 x float>, ptr %acc010, align 4
+  %210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> %b0, <8 x float> %209)
+  store <8 x float> %210, ptr %acc010, align 4
+  %211 = load <8 x float>, ptr %acc011, align 4
+  %212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> %b1, <8 x float> %211)
+  store <8 x float> %212, ptr %acc011, align 4
+  %213 = getelementptr inbounds float, ptr %84, i64 %187
   %214 = load float, ptr %213, align 4
   %215 = insertelement <8 x float> poison, float %214, i32 0
   %216 = shufflevector <8 x float> %215, <8 x float> poison, <8 x i32> zeroinitializer
-  %217 = mul nsw i64 %212, 2880
-  %218 = getelementptr inbounds float, ptr %h, i64 %217
-  %col7 = mul nsw i64 %p, 8
-  %219 = load <8 x float>, ptr %acc020, align 4
-  %220 = load <8 x float>, ptr %acc021, align 4
-  %221 = getelementptr inbounds float, ptr %bg, i64 %col7
-  %222 = load <8 x float>, ptr %221, align 4
-  %223 = fadd <8 x float> %219, %222
-  %224 = getelementptr inbounds float, ptr %bu, i64 %col7
-  %225 = load <8 x float>, ptr %224, align 4
-  %226 = fadd <8 x float> %220, %225
-  %227 = fcmp olt <8 x float> %223, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %228 = select <8 x i1> %227, <8 x float> %223, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %229 = fcmp olt <8 x float> %226, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %230 = select <8 x i1> %229, <8 x float> %226, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %231 = fcmp ogt <8 x float> %230, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %232 = select <8 x i1> %231, <8 x float> %230, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %233 = fmul <8 x float> %228, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %234 = fneg <8 x float> %233
-  %235 = fcmp olt <8 x float> %234, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %236 = select <8 x i1> %235, <8 x float> %234, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %237 = fcmp ogt <8 x float> %236, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %238 = select <8 x i1> %237, <8 x float> %236, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %238, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %240 = call <8 x float> @llvm.floor.v8f32(<8 x float> %239)
-  %241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %238)
-  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %241)
-  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %242, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %243, <8 x float> %242, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %242, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %245, <8 x float> %242, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %246, <8 x float> %242, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %248 = fmul <8 x float> %242, %242
-  %249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %247, <8 x float> %248, <8 x float> %242)
-  %250 = fadd <8 x float> %249, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %251 = fptosi <8 x float> %240 to <8 x i32>
-  %252 = add <8 x i32> %251, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %253 = shl <8 x i32> %252, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n8 = bitcast <8 x i32> %253 to <8 x float>
-  %exp9 = fmul <8 x float> %250, %exp.2n8
-  %254 = fadd <8 x float> %exp9, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid10 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %254
-  %255 = fmul <8 x float> %228, %sigmoid10
-  %256 = fadd <8 x float> %232, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai11 = fmul <8 x float> %255, %256
-  %257 = fmul <8 x float> %oai11, %216
-  %258 = getelementptr inbounds float, ptr %218, i64 %col7
-  store <8 x float> %257, ptr %258, align 4
-  %259 = add nsw i64 %r0, 3
-  %260 = getelementptr inbounds float, ptr %rw, i64 %259
-  %261 = load float, ptr %260, align 4
-  %262 = insertelement <8 x float> poison, float %261, i32 0
-  %263 = shufflevector <8 x float> %262, <8 x float> poison, <8 x i32> zeroinitializer
-  %264 = mul nsw i64 %259, 2880
-  %265 = getelementptr inbounds float, ptr %h, i64 %264
-  %col12 = mul nsw i64 %p, 8
-  %266 = load <8 x float>, ptr %acc030, align 4
-  %267 = load <8 x float>, ptr %acc031, align 4
-  %268 = getelementptr inbounds float, ptr %bg, i64 %col12
-  %269 = load <8 x float>, ptr %268, align 4
-  %270 = fadd <8 x float> %266, %269
-  %271 = getelementptr inbounds float, ptr %bu, i64 %col12
-  %272 = load <8 x float>, ptr %271, align 4
-  %273 = fadd <8 x float> %267, %272
-  %274 = fcmp olt <8 x float> %270, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %275 = select <8 x i1> %274, <8 x float> %270, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %276 = fcmp olt <8 x float> %273, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %277 = select <8 x i1> %276, <8 x float> %273, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %278 = fcmp ogt <8 x float> %277, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %279 = select <8 x i1> %278, <8 x float> %277, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %280 = fmul <8 x float> %275, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %281 = fneg <8 x float> %280
-  %282 = fcmp olt <8 x float> %281, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %283 = select <8 x i1> %282, <8 x float> %281, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %284 = fcmp ogt <8 x float> %283, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %285 = select <8 x i1> %284, <8 x float> %283, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %285, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %287 = call <8 x float> @llvm.floor.v8f32(<8 x float> %286)
-  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %287, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %285)
-  %289 = call <8 x float> @llvm.fma.v8f32(<8 x float> %287, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %288)
-  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %289, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %291 = call <8 x float> @llvm.fma.v8f32(<8 x float> %290, <8 x float> %289, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> %289, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %292, <8 x float> %289, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %293, <8 x float> %289, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %295 = fmul <8 x float> %289, %289
-  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %294, <8 x float> %295, <8 x float> %289)
-  %297 = fadd <8 x float> %296, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %298 = fptosi <8 x float> %287 to <8 x i32>
-  %299 = add <8 x i32> %298, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %300 = shl <8 x i32> %299, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n13 = bitcast <8 x i32> %300 to <8 x float>
-  %exp14 = fmul <8 x float> %297, %exp.2n13
-  %301 = fadd <8 x float> %exp14, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid15 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %301
-  %302 = fmul <8 x float> %275, %sigmoid15
-  %303 = fadd <8 x float> %279, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai16 = fmul <8 x float> %302, %303
-  %304 = fmul <8 x float> %oai16, %263
-  %305 = getelementptr inbounds float, ptr %265, i64 %col12
-  store <8 x float> %304, ptr %305, align 4
-  %306 = add nsw i64 %r0, 4
-  %307 = getelementptr inbounds float, ptr %rw, i64 %306
-  %308 = load float, ptr %307, align 4
-  %309 = insertelement <8 x float> poison, float %308, i32 0
-  %310 = shufflevector <8 x float> %309, <8 x float> poison, <8 x i32> zeroinitializer
-  %311 = mul nsw i64 %306, 2880
-  %312 = getelementptr inbounds float, ptr %h, i64 %311
-  %col17 = mul nsw i64 %p, 8
-  %313 = load <8 x float>, ptr %acc040, align 4
-  %314 = load <8 x float>, ptr %acc041, align 4
-  %315 = getelementptr inbounds float, ptr %bg, i64 %col17
-  %316 = load <8 x float>, ptr %315, align 4
-  %317 = fadd <8 x float> %313, %316
-  %318 = getelementptr inbounds float, ptr %bu, i64 %col17
-  %319 = load <8 x float>, ptr %318, align 4
-  %320 = fadd <8 x float> %314, %319
-  %321 = fcmp olt <8 x float> %317, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %322 = select <8 x i1> %321, <8 x float> %317, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %323 = fcmp olt <8 x float> %320, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %324 = select <8 x i1> %323, <8 x float> %320, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %325 = fcmp ogt <8 x float> %324, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %326 = select <8 x i1> %325, <8 x float> %324, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %327 = fmul <8 x float> %322, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %328 = fneg <8 x float> %327
-  %329 = fcmp olt <8 x float> %328, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %330 = select <8 x i1> %329, <8 x float> %328, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %331 = fcmp ogt <8 x float> %330, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %332 = select <8 x i1> %331, <8 x float> %330, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %333 = call <8 x float> @llvm.fma.v8f32(<8 x float> %332, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %334 = call <8 x float> @llvm.floor.v8f32(<8 x float> %333)
-  %335 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %332)
-  %336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %335)
-  %337 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %336, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %337, <8 x float> %336, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %339 = call <8 x float> @llvm.fma.v8f32(<8 x float> %338, <8 x float> %336, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %340 = call <8 x float> @llvm.fma.v8f32(<8 x float> %339, <8 x float> %336, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %341 = call <8 x float> @llvm.fma.v8f32(<8 x float> %340, <8 x float> %336, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %342 = fmul <8 x float> %336, %336
-  %343 = call <8 x float> @llvm.fma.v8f32(<8 x float> %341, <8 x float> %342, <8 x float> %336)
-  %344 = fadd <8 x float> %343, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %345 = fptosi <8 x float> %334 to <8 x i32>
-  %346 = add <8 x i32> %345, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %347 = shl <8 x i32> %346, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n18 = bitcast <8 x i32> %347 to <8 x float>
-  %exp19 = fmul <8 x float> %344, %exp.2n18
-  %348 = fadd <8 x float> %exp19, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid20 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %348
-  %349 = fmul <8 x float> %322, %sigmoid20
-  %350 = fadd <8 x float> %326, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai21 = fmul <8 x float> %349, %350
-  %351 = fmul <8 x float> %oai21, %310
-  %352 = getelementptr inbounds float, ptr %312, i64 %col17
-  store <8 x float> %351, ptr %352, align 4
-  %353 = add nsw i64 %r0, 5
-  %354 = getelementptr inbounds float, ptr %rw, i64 %353
-  %355 = load float, ptr %354, align 4
-  %356 = insertelement <8 x float> poison, float %355, i32 0
-  %357 = shufflevector <8 x float> %356, <8 x float> poison, <8 x i32> zeroinitializer
-  %358 = mul nsw i64 %353, 2880
-  %359 = getelementptr inbounds float, ptr %h, i64 %358
-  %col22 = mul nsw i64 %p, 8
-  %360 = load <8 x float>, ptr %acc050, align 4
-  %361 = load <8 x float>, ptr %acc051, align 4
-  %362 = getelementptr inbounds float, ptr %bg, i64 %col22
-  %363 = load <8 x float>, ptr %362, align 4
-  %364 = fadd <8 x float> %360, %363
-  %365 = getelementptr inbounds float, ptr %bu, i64 %col22
-  %366 = load <8 x float>, ptr %365, align 4
-  %367 = fadd <8 x float> %361, %366
-  %368 = fcmp olt <8 x float> %364, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %369 = select <8 x i1> %368, <8 x float> %364, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %370 = fcmp olt <8 x float> %367, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %371 = select <8 x i1> %370, <8 x float> %367, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %372 = fcmp ogt <8 x float> %371, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %373 = select <8 x i1> %372, <8 x float> %371, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %374 = fmul <8 x float> %369, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %375 = fneg <8 x float> %374
-  %376 = fcmp olt <8 x float> %375, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %377 = select <8 x i1> %376, <8 x float> %375, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %378 = fcmp ogt <8 x float> %377, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %379 = select <8 x i1> %378, <8 x float> %377, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %379, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %381 = call <8 x float> @llvm.floor.v8f32(<8 x float> %380)
-  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %379)
-  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %382)
-  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %383, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %383, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %385, <8 x float> %383, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %386, <8 x float> %383, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %387, <8 x float> %383, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %389 = fmul <8 x float> %383, %383
-  %390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> %389, <8 x float> %383)
-  %391 = fadd <8 x float> %390, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %392 = fptosi <8 x float> %381 to <8 x i32>
-  %393 = add <8 x i32> %392, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %394 = shl <8 x i32> %393, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n23 = bitcast <8 x i32> %394 to <8 x float>
-  %exp24 = fmul <8 x float> %391, %exp.2n23
-  %395 = fadd <8 x float> %exp24, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid25 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %395
-  %396 = fmul <8 x float> %369, %sigmoid25
-  %397 = fadd <8 x float> %373, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai26 = fmul <8 x float> %396, %397
-  %398 = fmul <8 x float> %oai26, %357
-  %399 = getelementptr inbounds float, ptr %359, i64 %col22
-  store <8 x float> %398, ptr %399, align 4
-  br label %tile.done
+  %217 = load <8 x float>, ptr %acc020, align 4
+  %218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> %b0, <8 x float> %217)
+  store <8 x float> %218, ptr %acc020, align 4
+  %219 = load <8 x float>, ptr %acc021, align 4
+  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> %b1, <8 x float> %219)
+  store <8 x float> %220, ptr %acc021, align 4
+  %221 = getelementptr inbounds float, ptr %109, i64 %187
+  %222 = load float, ptr %221, align 4
+  %223 = insertelement <8 x float> poison, float %222, i32 0
+  %224 = shufflevector <8 x float> %223, <8 x float> poison, <8 x i32> zeroinitializer
+  %225 = load <8 x float>, ptr %acc030, align 4
+  %226 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> %b0, <8 x float> %225)
+  store <8 x float> %226, ptr %acc030, align 4
+  %227 = load <8 x float>, ptr %acc031, align 4
+  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> %b1, <8 x float> %227)
+  store <8 x float> %228, ptr %acc031, align 4
+  %229 = getelementptr inbounds float, ptr %134, i64 %187
+  %230 = load float, ptr %229, align 4
+  %231 = insertelement <8 x float> poison, float %230, i32 0
+  %232 = shufflevector <8 x float> %231, <8 x float> poison, <8 x i32> zeroinitializer
+  %233 = load <8 x float>, ptr %acc040, align 4
+  %234 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %b0, <8 x float> %233)
+  store <8 x float> %234, ptr %acc040, align 4
+  %235 = load <8 x float>, ptr %acc041, align 4
+  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %b1, <8 x float> %235)
+  store <8 x float> %236, ptr %acc041, align 4
+  %237 = getelementptr inbounds float, ptr %159, i64 %187
+  %238 = load float, ptr %237, align 4
+  %239 = insertelement <8 x float> poison, float %238, i32 0
+  %240 = shufflevector <8 x float> %239, <8 x float> poison, <8 x i32> zeroinitializer
+  %241 = load <8 x float>, ptr %acc050, align 4
+  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %b0, <8 x float> %241)
+  store <8 x float> %242, ptr %acc050, align 4
+  %243 = load <8 x float>, ptr %acc051, align 4
+  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %b1, <8 x float> %243)
+  store <8 x float> %244, ptr %acc051, align 4
+  %245 = add nsw i64 %k, 1
+  br label %k.head
 
-tile.mr5:                                         ; preds = %rb.body
-  %400 = add nsw i64 %r0, 0
-  %401 = getelementptr inbounds i32, ptr %rows, i64 %400
-  %402 = load i32, ptr %401, align 4
-  %403 = sext i32 %402 to i64
-  %404 = mul nsw i64 %403, 2880
-  %405 = getelementptr inbounds float, ptr %x, i64 %404
-  store <8 x float> zeroinitializer, ptr %acc00027, align 4
-  store <8 x float> zeroinitializer, ptr %acc00128, align 4
-  %406 = add nsw i64 %r0, 1
-  %407 = getelementptr inbounds i32, ptr %rows, i64 %406
-  %408 = load i32, ptr %407, align 4
-  %409 = sext i32 %408 to i64
-  %410 = mul nsw i64 %409, 2880
-  %411 = getelementptr inbounds float, ptr %x, i64 %410
-  store <8 x float> zeroinitializer, ptr %acc01029, align 4
-  store <8 x float> zeroinitializer, ptr %acc01130, align 4
-  %412 = add nsw i64 %r0, 2
-  %413 = getelementptr inbounds i32, ptr %rows, i64 %412
-  %414 = load i32, ptr %413, align 4
-  %415 = sext i32 %414 to i64
-  %416 = mul nsw i64 %415, 2880
-  %417 = getelementptr inbounds float, ptr %x, i64 %416
-  store <8 x float> zeroinitializer, ptr %acc02031, align 4
-  store <8 x float> zeroinitializer, ptr %acc02132, align 4
-  %418 = add nsw i64 %r0, 3
-  %419 = getelementptr inbounds i32, ptr %rows, i64 %418
-  %420 = load i32, ptr %419, align 4
-  %421 = sext i32 %420 to i64
-  %422 = mul nsw i64 %421, 2880
-  %423 = getelementptr inbounds float, ptr %x, i64 %422
-  store <8 x float> zeroinitializer, ptr %acc03033, align 4
-  store <8 x float> zeroinitializer, ptr %acc03134, align 4
-  %424 = add nsw i64 %r0, 4
-  %425 = getelementptr inbounds i32, ptr %rows, i64 %424
-  %426 = load i32, ptr %425, align 4
-  %427 = sext i32 %426 to i64
-  %428 = mul nsw i64 %427, 2880
-  %429 = getelementptr inbounds float, ptr %x, i64 %428
-  store <8 x float> zeroinitializer, ptr %acc04035, align 4
-  store <8 x float> zeroinitializer, ptr %acc04136, align 4
-  %panel.off37 = mul nsw i64 %p, 46080
-  %430 = getelementptr inbounds i16, ptr %panels, i64 %panel.off37
-  %431 = add nsw i64 %p, 1
-  %432 = icmp slt i64 %431, %p1
-  %pf.on38 = and i1 %pf.on, %432
-  %433 = mul nsw i64 %rb, 92160
-  %434 = lshr i64 %433, %11
-  %435 = add nsw i64 92160, %434
-  %436 = getelementptr inbounds i8, ptr %430, i64 %435
-  %pf39 = select i1 %pf.on38, ptr %436, ptr %430
-  %pf.sh40 = select i1 %pf.on38, i64 %11, i64 0
-  br label %k.head41
+k.end:                                            ; preds = %k.head
+  %246 = xor i1 %klast, true
+  br i1 %246, label %part.then, label %part.end
 
-k.head41:                                         ; preds = %pf.any.end46, %tile.mr5
-  %k44 = phi i64 [ 0, %tile.mr5 ], [ %489, %pf.any.end46 ]
-  %437 = icmp slt i64 %k44, 2880
-  br i1 %437, label %k.body42, label %k.end43
+part.then:                                        ; preds = %k.end
+  %247 = add nsw i64 %r01, 0
+  %248 = sub nsw i64 %kb.p, %kb.pg
+  %249 = sub nsw i64 %247, %kb.rc
+  %250 = mul nsw i64 %249, 16
+  %251 = add nsw i64 %250, %248
+  %252 = mul nsw i64 %251, 16
+  %253 = getelementptr inbounds float, ptr %part, i64 %252
+  %254 = getelementptr inbounds float, ptr %253, i64 0
+  %255 = load <8 x float>, ptr %acc000, align 4
+  store <8 x float> %255, ptr %254, align 4
+  %256 = sub nsw i64 %kb.p, %kb.pg
+  %257 = sub nsw i64 %247, %kb.rc
+  %258 = mul nsw i64 %257, 16
+  %259 = add nsw i64 %258, %256
+  %260 = mul nsw i64 %259, 16
+  %261 = getelementptr inbounds float, ptr %part, i64 %260
+  %262 = getelementptr inbounds float, ptr %261, i64 8
+  %263 = load <8 x float>, ptr %acc001, align 4
+  store <8 x float> %263, ptr %262, align 4
+  %264 = add nsw i64 %r01, 1
+  %265 = sub nsw i64 %kb.p, %kb.pg
+  %266 = sub nsw i64 %264, %kb.rc
+  %267 = mul nsw i64 %266, 16
+  %268 = add nsw i64 %267, %265
+  %269 = mul nsw i64 %268, 16
+  %270 = getelementptr inbounds float, ptr %part, i64 %269
+  %271 = getelementptr inbounds float, ptr %270, i64 0
+  %272 = load <8 x float>, ptr %acc010, align 4
+  store <8 x float> %272, ptr %271, align 4
+  %273 = sub nsw i64 %kb.p, %kb.pg
+  %274 = sub nsw i64 %264, %kb.rc
+  %275 = mul nsw i64 %274, 16
+  %276 = add nsw i64 %275, %273
+  %277 = mul nsw i64 %276, 16
+  %278 = getelementptr inbounds float, ptr %part, i64 %277
+  %279 = getelementptr inbounds float, ptr %278, i64 8
+  %280 = load <8 x float>, ptr %acc011, align 4
+  store <8 x float> %280, ptr %279, align 4
+  %281 = add nsw i64 %r01, 2
+  %282 = sub nsw i64 %kb.p, %kb.pg
+  %283 = sub nsw i64 %281, %kb.rc
+  %284 = mul nsw i64 %283, 16
+  %285 = add nsw i64 %284, %282
+  %286 = mul nsw i64 %285, 16
+  %287 = getelementptr inbounds float, ptr %part, i64 %286
+  %288 = getelementptr inbounds float, ptr %287, i64 0
+  %289 = load <8 x float>, ptr %acc020, align 4
+  store <8 x float> %289, ptr %288, align 4
+  %290 = sub nsw i64 %kb.p, %kb.pg
+  %291 = sub nsw i64 %281, %kb.rc
+  %292 = mul nsw i64 %291, 16
+  %293 = add nsw i64 %292, %290
+  %294 = mul nsw i64 %293, 16
+  %295 = getelementptr inbounds float, ptr %part, i64 %294
+  %296 = getelementptr inbounds float, ptr %295, i64 8
+  %297 = load <8 x float>, ptr %acc021, align 4
+  store <8 x float> %297, ptr %296, align 4
+  %298 = add nsw i64 %r01, 3
+  %299 = sub nsw i64 %kb.p, %kb.pg
+  %300 = sub nsw i64 %298, %kb.rc
+  %301 = mul nsw i64 %300, 16
+  %302 = add nsw i64 %301, %299
+  %303 = mul nsw i64 %302, 16
+  %304 = getelementptr inbounds float, ptr %part, i64 %303
+  %305 = getelementptr inbounds float, ptr %304, i64 0
+  %306 = load <8 x float>, ptr %acc030, align 4
+  store <8 x float> %306, ptr %305, align 4
+  %307 = sub nsw i64 %kb.p, %kb.pg
+  %308 = sub nsw i64 %298, %kb.rc
+  %309 = mul nsw i64 %308, 16
+  %310 = add nsw i64 %309, %307
+  %311 = mul nsw i64 %310, 16
+  %312 = getelementptr inbounds float, ptr %part, i64 %311
+  %313 = getelementptr inbounds float, ptr %312, i64 8
+  %314 = load <8 x float>, ptr %acc031, align 4
+  store <8 x float> %314, ptr %313, align 4
+  %315 = add nsw i64 %r01, 4
+  %316 = sub nsw i64 %kb.p, %kb.pg
+  %317 = sub nsw i64 %315, %kb.rc
+  %318 = mul nsw i64 %317, 16
+  %319 = add nsw i64 %318, %316
+  %320 = mul nsw i64 %319, 16
+  %321 = getelementptr inbounds float, ptr %part, i64 %320
+  %322 = getelementptr inbounds float, ptr %321, i64 0
+  %323 = load <8 x float>, ptr %acc040, align 4
+  store <8 x float> %323, ptr %322, align 4
+  %324 = sub nsw i64 %kb.p, %kb.pg
+  %325 = sub nsw i64 %315, %kb.rc
+  %326 = mul nsw i64 %325, 16
+  %327 = add nsw i64 %326, %324
+  %328 = mul nsw i64 %327, 16
+  %329 = getelementptr inbounds float, ptr %part, i64 %328
+  %330 = getelementptr inbounds float, ptr %329, i64 8
+  %331 = load <8 x float>, ptr %acc041, align 4
+  store <8 x float> %331, ptr %330, align 4
+  %332 = add nsw i64 %r01, 5
+  %333 = sub nsw i64 %kb.p, %kb.pg
+  %334 = sub nsw i64 %332, %kb.rc
+  %335 = mul nsw i64 %334, 16
+  %336 = add nsw i64 %335, %333
+  %337 = mul nsw i64 %336, 16
+  %338 = getelementptr inbounds float, ptr %part, i64 %337
+  %339 = getelementptr inbounds float, ptr %338, i64 0
+  %340 = load <8 x float>, ptr %acc050, align 4
+  store <8 x float> %340, ptr %339, align 4
+  %341 = sub nsw i64 %kb.p, %kb.pg
+  %342 = sub nsw i64 %332, %kb.rc
+  %343 = mul nsw i64 %342, 16
+  %344 = add nsw i64 %343, %341
+  %345 = mul nsw i64 %344, 16
+  %346 = getelementptr inbounds float, ptr %part, i64 %345
+  %347 = getelementptr inbounds float, ptr %346, i64 8
+  %348 = load <8 x float>, ptr %acc051, align 4
+  store <8 x float> %348, ptr %347, align 4
+  br label %part.end
 
-k.body42:                                         ; preds = %k.head41
-  %438 = mul nsw i64 %k44, 1
-  %439 = add nsw i64 %438, 0
-  %440 = mul nsw i64 %439, 32
-  br i1 %pf.multi, label %pf.any.then45, label %pf.any.end46
+part.end:                                         ; preds = %part.then, %k.end
+  br i1 %klast, label %last.then, label %last.end
 
-pf.any.then45:                                    ; preds = %k.body42
-  %441 = lshr i64 %440, %pf.sh40
-  %442 = getelementptr inbounds i8, ptr %pf39, i64 %441
-  call void @llvm.prefetch.p0(ptr %442, i32 0, i32 2, i32 1)
-  br label %pf.any.end46
-
-pf.any.end46:                                     ; preds = %pf.any.then45, %k.body42
-  %443 = mul nsw i64 %439, 16
-  %444 = add nsw i64 %panel.off37, %443
-  %445 = getelementptr inbounds i16, ptr %panels, i64 %444
-  %446 = load <8 x i32>, ptr %445, align 4
-  %447 = shl <8 x i32> %446, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b047 = bitcast <8 x i32> %447 to <8 x float>
-  %448 = and <8 x i32> %446, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b148 = bitcast <8 x i32> %448 to <8 x float>
-  %449 = getelementptr inbounds float, ptr %405, i64 %439
-  %450 = load float, ptr %449, align 4
-  %451 = insertelement <8 x float> poison, float %450, i32 0
-  %452 = shufflevector <8 x float> %451, <8 x float> poison, <8 x i32> zeroinitializer
-  %453 = load <8 x float>, ptr %acc00027, align 4
-  %454 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> %b047, <8 x float> %453)
-  store <8 x float> %454, ptr %acc00027, align 4
-  %455 = load <8 x float>, ptr %acc00128, align 4
-  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> %b148, <8 x float> %455)
-  store <8 x float> %456, ptr %acc00128, align 4
-  %457 = getelementptr inbounds float, ptr %411, i64 %439
-  %458 = load float, ptr %457, align 4
-  %459 = insertelement <8 x float> poison, float %458, i32 0
-  %460 = shufflevector <8 x float> %459, <8 x float> poison, <8 x i32> zeroinitializer
-  %461 = load <8 x float>, ptr %acc01029, align 4
-  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> %b047, <8 x float> %461)
-  store <8 x float> %462, ptr %acc01029, align 4
-  %463 = load <8 x float>, ptr %acc01130, align 4
-  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> %b148, <8 x float> %463)
-  store <8 x float> %464, ptr %acc01130, align 4
-  %465 = getelementptr inbounds float, ptr %417, i64 %439
-  %466 = load float, ptr %465, align 4
-  %467 = insertelement <8 x float> poison, float %466, i32 0
-  %468 = shufflevector <8 x float> %467, <8 x float> poison, <8 x i32> zeroinitializer
-  %469 = load <8 x float>, ptr %acc02031, align 4
-  %470 = call <8 x float> @llvm.fma.v8f32(<8 x float> %468, <8 x float> %b047, <8 x float> %469)
-  store <8 x float> %470, ptr %acc02031, align 4
-  %471 = load <8 x float>, ptr %acc02132, align 4
-  %472 = call <8 x float> @llvm.fma.v8f32(<8 x float> %468, <8 x float> %b148, <8 x float> %471)
-  store <8 x float> %472, ptr %acc02132, align 4
-  %473 = getelementptr inbounds float, ptr %423, i64 %439
-  %474 = load float, ptr %473, align 4
-  %475 = insertelement <8 x float> poison, float %474, i32 0
-  %476 = shufflevector <8 x float> %475, <8 x float> poison, <8 x i32> zeroinitializer
-  %477 = load <8 x float>, ptr %acc03033, align 4
-  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %476, <8 x float> %b047, <8 x float> %477)
-  store <8 x float> %478, ptr %acc03033, align 4
-  %479 = load <8 x float>, ptr %acc03134, align 4
-  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %476, <8 x float> %b148, <8 x float> %479)
-  store <8 x float> %480, ptr %acc03134, align 4
-  %481 = getelementptr inbounds float, ptr %429, i64 %439
-  %482 = load float, ptr %481, align 4
-  %483 = insertelement <8 x float> poison, float %482, i32 0
-  %484 = shufflevector <8 x float> %483, <8 x float> poison, <8 x i32> zeroinitializer
-  %485 = load <8 x float>, ptr %acc04035, align 4
-  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %484, <8 x float> %b047, <8 x float> %485)
-  store <8 x float> %486, ptr %acc04035, align 4
-  %487 = load <8 x float>, ptr %acc04136, align 4
-  %488 = call <8 x float> @llvm.fma.v8f32(<8 x float> %484, <8 x float> %b148, <8 x float> %487)
-  store <8 x float> %488, ptr %acc04136, align 4
-  %489 = add nsw i64 %k44, 1
-  br label %k.head41
-
-k.end43:                                          ; preds = %k.head41
-  %490 = add nsw i64 %r0, 0
+last.then:                                        ; preds = %part.end
+  %349 = add nsw i64 %r01, 0
+  %350 = getelementptr inbounds float, ptr %rw, i64 %349
+  %351 = load float, ptr %350, align 4
+  %352 = insertelement <8 x float> poison, float %351, i32 0
+  %353 = shufflevector <8 x float> %352, <8 x float> poison, <8 x i32> zeroinitializer
+  %354 = mul nsw i64 %349, 2880
+  %355 = getelementptr inbounds float, ptr %h, i64 %354
+  %col = mul nsw i64 %kb.p, 8
+  %356 = load <8 x float>, ptr %acc000, align 4
+  %357 = load <8 x float>, ptr %acc001, align 4
+  %358 = getelementptr inbounds float, ptr %bg, i64 %col
+  %359 = load <8 x float>, ptr %358, align 4
+  %360 = fadd <8 x float> %356, %359
+  %361 = getelementptr inbounds float, ptr %bu, i64 %col
+  %362 = load <8 x float>, ptr %361, align 4
+  %363 = fadd <8 x float> %357, %362
+  %364 = fcmp olt <8 x float> %360, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %365 = select <8 x i1> %364, <8 x float> %360, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %366 = fcmp olt <8 x float> %363, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %367 = select <8 x i1> %366, <8 x float> %363, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %368 = fcmp ogt <8 x float> %367, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %369 = select <8 x i1> %368, <8 x float> %367, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %370 = fmul <8 x float> %365, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %371 = fneg <8 x float> %370
+  %372 = fcmp olt <8 x float> %371, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %373 = select <8 x i1> %372, <8 x float> %371, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %374 = fcmp ogt <8 x float> %373, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %375 = select <8 x i1> %374, <8 x float> %373, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %377 = call <8 x float> @llvm.floor.v8f32(<8 x float> %376)
+  %378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %375)
+  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %378)
+  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %379, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %379, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %381, <8 x float> %379, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %382, <8 x float> %379, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %383, <8 x float> %379, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %385 = fmul <8 x float> %379, %379
+  %386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %384, <8 x float> %385, <8 x float> %379)
+  %387 = fadd <8 x float> %386, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %388 = fptosi <8 x float> %377 to <8 x i32>
+  %389 = add <8 x i32> %388, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %390 = shl <8 x i32> %389, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %390 to <8 x float>
+  %exp = fmul <8 x float> %387, %exp.2n
+  %391 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %391
+  %392 = fmul <8 x float> %365, %sigmoid
+  %393 = fadd <8 x float> %369, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai = fmul <8 x float> %392, %393
+  %394 = fmul <8 x float> %oai, %353
+  %395 = getelementptr inbounds float, ptr %355, i64 %col
+  store <8 x float> %394, ptr %395, align 4
+  %396 = add nsw i64 %r01, 1
+  %397 = getelementptr inbounds float, ptr %rw, i64 %396
+  %398 = load float, ptr %397, align 4
+  %399 = insertelement <8 x float> poison, float %398, i32 0
+  %400 = shufflevector <8 x float> %399, <8 x float> poison, <8 x i32> zeroinitializer
+  %401 = mul nsw i64 %396, 2880
+  %402 = getelementptr inbounds float, ptr %h, i64 %401
+  %col3 = mul nsw i64 %kb.p, 8
+  %403 = load <8 x float>, ptr %acc010, align 4
+  %404 = load <8 x float>, ptr %acc011, align 4
+  %405 = getelementptr inbounds float, ptr %bg, i64 %col3
+  %406 = load <8 x float>, ptr %405, align 4
+  %407 = fadd <8 x float> %403, %406
+  %408 = getelementptr inbounds float, ptr %bu, i64 %col3
+  %409 = load <8 x float>, ptr %408, align 4
+  %410 = fadd <8 x float> %404, %409
+  %411 = fcmp olt <8 x float> %407, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %412 = select <8 x i1> %411, <8 x float> %407, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %413 = fcmp olt <8 x float> %410, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %414 = select <8 x i1> %413, <8 x float> %410, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %415 = fcmp ogt <8 x float> %414, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %416 = select <8 x i1> %415, <8 x float> %414, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %417 = fmul <8 x float> %412, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %418 = fneg <8 x float> %417
+  %419 = fcmp olt <8 x float> %418, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %420 = select <8 x i1> %419, <8 x float> %418, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %421 = fcmp ogt <8 x float> %420, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %422 = select <8 x i1> %421, <8 x float> %420, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %423 = call <8 x float> @llvm.fma.v8f32(<8 x float> %422, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %424 = call <8 x float> @llvm.floor.v8f32(<8 x float> %423)
+  %425 = call <8 x float> @llvm.fma.v8f32(<8 x float> %424, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %422)
+  %426 = call <8 x float> @llvm.fma.v8f32(<8 x float> %424, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %425)
+  %427 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %426, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %428 = call <8 x float> @llvm.fma.v8f32(<8 x float> %427, <8 x float> %426, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %429 = call <8 x float> @llvm.fma.v8f32(<8 x float> %428, <8 x float> %426, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %430 = call <8 x float> @llvm.fma.v8f32(<8 x float> %429, <8 x float> %426, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %431 = call <8 x float> @llvm.fma.v8f32(<8 x float> %430, <8 x float> %426, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %432 = fmul <8 x float> %426, %426
+  %433 = call <8 x float> @llvm.fma.v8f32(<8 x float> %431, <8 x float> %432, <8 x float> %426)
+  %434 = fadd <8 x float> %433, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %435 = fptosi <8 x float> %424 to <8 x i32>
+  %436 = add <8 x i32> %435, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %437 = shl <8 x i32> %436, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n4 = bitcast <8 x i32> %437 to <8 x float>
+  %exp5 = fmul <8 x float> %434, %exp.2n4
+  %438 = fadd <8 x float> %exp5, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid6 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %438
+  %439 = fmul <8 x float> %412, %sigmoid6
+  %440 = fadd <8 x float> %416, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai7 = fmul <8 x float> %439, %440
+  %441 = fmul <8 x float> %oai7, %400
+  %442 = getelementptr inbounds float, ptr %402, i64 %col3
+  store <8 x float> %441, ptr %442, align 4
+  %443 = add nsw i64 %r01, 2
+  %444 = getelementptr inbounds float, ptr %rw, i64 %443
+  %445 = load float, ptr %444, align 4
+  %446 = insertelement <8 x float> poison, float %445, i32 0
+  %447 = shufflevector <8 x float> %446, <8 x float> poison, <8 x i32> zeroinitializer
+  %448 = mul nsw i64 %443, 2880
+  %449 = getelementptr inbounds float, ptr %h, i64 %448
+  %col8 = mul nsw i64 %kb.p, 8
+  %450 = load <8 x float>, ptr %acc020, align 4
+  %451 = load <8 x float>, ptr %acc021, align 4
+  %452 = getelementptr inbounds float, ptr %bg, i64 %col8
+  %453 = load <8 x float>, ptr %452, align 4
+  %454 = fadd <8 x float> %450, %453
+  %455 = getelementptr inbounds float, ptr %bu, i64 %col8
+  %456 = load <8 x float>, ptr %455, align 4
+  %457 = fadd <8 x float> %451, %456
+  %458 = fcmp olt <8 x float> %454, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %459 = select <8 x i1> %458, <8 x float> %454, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %460 = fcmp olt <8 x float> %457, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %461 = select <8 x i1> %460, <8 x float> %457, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %462 = fcmp ogt <8 x float> %461, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %463 = select <8 x i1> %462, <8 x float> %461, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %464 = fmul <8 x float> %459, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %465 = fneg <8 x float> %464
+  %466 = fcmp olt <8 x float> %465, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %467 = select <8 x i1> %466, <8 x float> %465, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %468 = fcmp ogt <8 x float> %467, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %469 = select <8 x i1> %468, <8 x float> %467, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %470 = call <8 x float> @llvm.fma.v8f32(<8 x float> %469, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %471 = call <8 x float> @llvm.floor.v8f32(<8 x float> %470)
+  %472 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %469)
+  %473 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %472)
+  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %473, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %473, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %473, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %476, <8 x float> %473, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %477, <8 x float> %473, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %479 = fmul <8 x float> %473, %473
+  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %478, <8 x float> %479, <8 x float> %473)
+  %481 = fadd <8 x float> %480, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %482 = fptosi <8 x float> %471 to <8 x i32>
+  %483 = add <8 x i32> %482, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %484 = shl <8 x i32> %483, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n9 = bitcast <8 x i32> %484 to <8 x float>
+  %exp10 = fmul <8 x float> %481, %exp.2n9
+  %485 = fadd <8 x float> %exp10, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid11 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %485
+  %486 = fmul <8 x float> %459, %sigmoid11
+  %487 = fadd <8 x float> %463, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai12 = fmul <8 x float> %486, %487
+  %488 = fmul <8 x float> %oai12, %447
+  %489 = getelementptr inbounds float, ptr %449, i64 %col8
+  store <8 x float> %488, ptr %489, align 4
+  %490 = add nsw i64 %r01, 3
   %491 = getelementptr inbounds float, ptr %rw, i64 %490
   %492 = load float, ptr %491, align 4
   %493 = insertelement <8 x float> poison, float %492, i32 0
   %494 = shufflevector <8 x float> %493, <8 x float> poison, <8 x i32> zeroinitializer
   %495 = mul nsw i64 %490, 2880
   %496 = getelementptr inbounds float, ptr %h, i64 %495
-  %col49 = mul nsw i64 %p, 8
-  %497 = load <8 x float>, ptr %acc00027, align 4
-  %498 = load <8 x float>, ptr %acc00128, align 4
-  %499 = getelementptr inbounds float, ptr %bg, i64 %col49
+  %col13 = mul nsw i64 %kb.p, 8
+  %497 = load <8 x float>, ptr %acc030, align 4
+  %498 = load <8 x float>, ptr %acc031, align 4
+  %499 = getelementptr inbounds float, ptr %bg, i64 %col13
   %500 = load <8 x float>, ptr %499, align 4
   %501 = fadd <8 x float> %497, %500
-  %502 = getelementptr inbounds float, ptr %bu, i64 %col49
+  %502 = getelementptr inbounds float, ptr %bu, i64 %col13
   %503 = load <8 x float>, ptr %502, align 4
   %504 = fadd <8 x float> %498, %503
   %505 = fcmp olt <8 x float> %501, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
@@ -1441,30 +1604,30 @@ k.end43:                                          ; preds = %k.head41
   %529 = fptosi <8 x float> %518 to <8 x i32>
   %530 = add <8 x i32> %529, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %531 = shl <8 x i32> %530, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n50 = bitcast <8 x i32> %531 to <8 x float>
-  %exp51 = fmul <8 x float> %528, %exp.2n50
-  %532 = fadd <8 x float> %exp51, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid52 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %532
-  %533 = fmul <8 x float> %506, %sigmoid52
+  %exp.2n14 = bitcast <8 x i32> %531 to <8 x float>
+  %exp15 = fmul <8 x float> %528, %exp.2n14
+  %532 = fadd <8 x float> %exp15, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid16 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %532
+  %533 = fmul <8 x float> %506, %sigmoid16
   %534 = fadd <8 x float> %510, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai53 = fmul <8 x float> %533, %534
-  %535 = fmul <8 x float> %oai53, %494
-  %536 = getelementptr inbounds float, ptr %496, i64 %col49
+  %oai17 = fmul <8 x float> %533, %534
+  %535 = fmul <8 x float> %oai17, %494
+  %536 = getelementptr inbounds float, ptr %496, i64 %col13
   store <8 x float> %535, ptr %536, align 4
-  %537 = add nsw i64 %r0, 1
+  %537 = add nsw i64 %r01, 4
   %538 = getelementptr inbounds float, ptr %rw, i64 %537
   %539 = load float, ptr %538, align 4
   %540 = insertelement <8 x float> poison, float %539, i32 0
   %541 = shufflevector <8 x float> %540, <8 x float> poison, <8 x i32> zeroinitializer
   %542 = mul nsw i64 %537, 2880
   %543 = getelementptr inbounds float, ptr %h, i64 %542
-  %col54 = mul nsw i64 %p, 8
-  %544 = load <8 x float>, ptr %acc01029, align 4
-  %545 = load <8 x float>, ptr %acc01130, align 4
-  %546 = getelementptr inbounds float, ptr %bg, i64 %col54
+  %col18 = mul nsw i64 %kb.p, 8
+  %544 = load <8 x float>, ptr %acc040, align 4
+  %545 = load <8 x float>, ptr %acc041, align 4
+  %546 = getelementptr inbounds float, ptr %bg, i64 %col18
   %547 = load <8 x float>, ptr %546, align 4
   %548 = fadd <8 x float> %544, %547
-  %549 = getelementptr inbounds float, ptr %bu, i64 %col54
+  %549 = getelementptr inbounds float, ptr %bu, i64 %col18
   %550 = load <8 x float>, ptr %549, align 4
   %551 = fadd <8 x float> %545, %550
   %552 = fcmp olt <8 x float> %548, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
@@ -1494,30 +1657,30 @@ k.end43:                                          ; preds = %k.head41
   %576 = fptosi <8 x float> %565 to <8 x i32>
   %577 = add <8 x i32> %576, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %578 = shl <8 x i32> %577, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n55 = bitcast <8 x i32> %578 to <8 x float>
-  %exp56 = fmul <8 x float> %575, %exp.2n55
-  %579 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %579
-  %580 = fmul <8 x float> %553, %sigmoid57
+  %exp.2n19 = bitcast <8 x i32> %578 to <8 x float>
+  %exp20 = fmul <8 x float> %575, %exp.2n19
+  %579 = fadd <8 x float> %exp20, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid21 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %579
+  %580 = fmul <8 x float> %553, %sigmoid21
   %581 = fadd <8 x float> %557, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai58 = fmul <8 x float> %580, %581
-  %582 = fmul <8 x float> %oai58, %541
-  %583 = getelementptr inbounds float, ptr %543, i64 %col54
+  %oai22 = fmul <8 x float> %580, %581
+  %582 = fmul <8 x float> %oai22, %541
+  %583 = getelementptr inbounds float, ptr %543, i64 %col18
   store <8 x float> %582, ptr %583, align 4
-  %584 = add nsw i64 %r0, 2
+  %584 = add nsw i64 %r01, 5
   %585 = getelementptr inbounds float, ptr %rw, i64 %584
   %586 = load float, ptr %585, align 4
   %587 = insertelement <8 x float> poison, float %586, i32 0
   %588 = shufflevector <8 x float> %587, <8 x float> poison, <8 x i32> zeroinitializer
   %589 = mul nsw i64 %584, 2880
   %590 = getelementptr inbounds float, ptr %h, i64 %589
-  %col59 = mul nsw i64 %p, 8
-  %591 = load <8 x float>, ptr %acc02031, align 4
-  %592 = load <8 x float>, ptr %acc02132, align 4
-  %593 = getelementptr inbounds float, ptr %bg, i64 %col59
+  %col23 = mul nsw i64 %kb.p, 8
+  %591 = load <8 x float>, ptr %acc050, align 4
+  %592 = load <8 x float>, ptr %acc051, align 4
+  %593 = getelementptr inbounds float, ptr %bg, i64 %col23
   %594 = load <8 x float>, ptr %593, align 4
   %595 = fadd <8 x float> %591, %594
-  %596 = getelementptr inbounds float, ptr %bu, i64 %col59
+  %596 = getelementptr inbounds float, ptr %bu, i64 %col23
   %597 = load <8 x float>, ptr %596, align 4
   %598 = fadd <8 x float> %592, %597
   %599 = fcmp olt <8 x float> %595, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
@@ -1547,1032 +1710,3825 @@ k.end43:                                          ; preds = %k.head41
   %623 = fptosi <8 x float> %612 to <8 x i32>
   %624 = add <8 x i32> %623, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
   %625 = shl <8 x i32> %624, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n60 = bitcast <8 x i32> %625 to <8 x float>
-  %exp61 = fmul <8 x float> %622, %exp.2n60
-  %626 = fadd <8 x float> %exp61, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid62 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %626
-  %627 = fmul <8 x float> %600, %sigmoid62
+  %exp.2n24 = bitcast <8 x i32> %625 to <8 x float>
+  %exp25 = fmul <8 x float> %622, %exp.2n24
+  %626 = fadd <8 x float> %exp25, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid26 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %626
+  %627 = fmul <8 x float> %600, %sigmoid26
   %628 = fadd <8 x float> %604, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai63 = fmul <8 x float> %627, %628
-  %629 = fmul <8 x float> %oai63, %588
-  %630 = getelementptr inbounds float, ptr %590, i64 %col59
+  %oai27 = fmul <8 x float> %627, %628
+  %629 = fmul <8 x float> %oai27, %588
+  %630 = getelementptr inbounds float, ptr %590, i64 %col23
   store <8 x float> %629, ptr %630, align 4
-  %631 = add nsw i64 %r0, 3
-  %632 = getelementptr inbounds float, ptr %rw, i64 %631
-  %633 = load float, ptr %632, align 4
-  %634 = insertelement <8 x float> poison, float %633, i32 0
-  %635 = shufflevector <8 x float> %634, <8 x float> poison, <8 x i32> zeroinitializer
-  %636 = mul nsw i64 %631, 2880
-  %637 = getelementptr inbounds float, ptr %h, i64 %636
-  %col64 = mul nsw i64 %p, 8
-  %638 = load <8 x float>, ptr %acc03033, align 4
-  %639 = load <8 x float>, ptr %acc03134, align 4
-  %640 = getelementptr inbounds float, ptr %bg, i64 %col64
-  %641 = load <8 x float>, ptr %640, align 4
-  %642 = fadd <8 x float> %638, %641
-  %643 = getelementptr inbounds float, ptr %bu, i64 %col64
-  %644 = load <8 x float>, ptr %643, align 4
-  %645 = fadd <8 x float> %639, %644
-  %646 = fcmp olt <8 x float> %642, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %647 = select <8 x i1> %646, <8 x float> %642, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %648 = fcmp olt <8 x float> %645, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %649 = select <8 x i1> %648, <8 x float> %645, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %650 = fcmp ogt <8 x float> %649, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %651 = select <8 x i1> %650, <8 x float> %649, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %652 = fmul <8 x float> %647, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %653 = fneg <8 x float> %652
-  %654 = fcmp olt <8 x float> %653, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %655 = select <8 x i1> %654, <8 x float> %653, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %656 = fcmp ogt <8 x float> %655, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %657 = select <8 x i1> %656, <8 x float> %655, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> %657, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %659 = call <8 x float> @llvm.floor.v8f32(<8 x float> %658)
-  %660 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %657)
-  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %660)
-  %662 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %661, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %663 = call <8 x float> @llvm.fma.v8f32(<8 x float> %662, <8 x float> %661, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %664 = call <8 x float> @llvm.fma.v8f32(<8 x float> %663, <8 x float> %661, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %665 = call <8 x float> @llvm.fma.v8f32(<8 x float> %664, <8 x float> %661, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %666 = call <8 x float> @llvm.fma.v8f32(<8 x float> %665, <8 x float> %661, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %667 = fmul <8 x float> %661, %661
-  %668 = call <8 x float> @llvm.fma.v8f32(<8 x float> %666, <8 x float> %667, <8 x float> %661)
-  %669 = fadd <8 x float> %668, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %670 = fptosi <8 x float> %659 to <8 x i32>
-  %671 = add <8 x i32> %670, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %672 = shl <8 x i32> %671, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n65 = bitcast <8 x i32> %672 to <8 x float>
-  %exp66 = fmul <8 x float> %669, %exp.2n65
-  %673 = fadd <8 x float> %exp66, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid67 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %673
-  %674 = fmul <8 x float> %647, %sigmoid67
-  %675 = fadd <8 x float> %651, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai68 = fmul <8 x float> %674, %675
-  %676 = fmul <8 x float> %oai68, %635
-  %677 = getelementptr inbounds float, ptr %637, i64 %col64
-  store <8 x float> %676, ptr %677, align 4
-  %678 = add nsw i64 %r0, 4
-  %679 = getelementptr inbounds float, ptr %rw, i64 %678
-  %680 = load float, ptr %679, align 4
-  %681 = insertelement <8 x float> poison, float %680, i32 0
-  %682 = shufflevector <8 x float> %681, <8 x float> poison, <8 x i32> zeroinitializer
-  %683 = mul nsw i64 %678, 2880
-  %684 = getelementptr inbounds float, ptr %h, i64 %683
-  %col69 = mul nsw i64 %p, 8
-  %685 = load <8 x float>, ptr %acc04035, align 4
-  %686 = load <8 x float>, ptr %acc04136, align 4
-  %687 = getelementptr inbounds float, ptr %bg, i64 %col69
-  %688 = load <8 x float>, ptr %687, align 4
-  %689 = fadd <8 x float> %685, %688
-  %690 = getelementptr inbounds float, ptr %bu, i64 %col69
-  %691 = load <8 x float>, ptr %690, align 4
-  %692 = fadd <8 x float> %686, %691
-  %693 = fcmp olt <8 x float> %689, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %694 = select <8 x i1> %693, <8 x float> %689, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %695 = fcmp olt <8 x float> %692, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %696 = select <8 x i1> %695, <8 x float> %692, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %697 = fcmp ogt <8 x float> %696, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %698 = select <8 x i1> %697, <8 x float> %696, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %699 = fmul <8 x float> %694, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %700 = fneg <8 x float> %699
-  %701 = fcmp olt <8 x float> %700, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %702 = select <8 x i1> %701, <8 x float> %700, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %703 = fcmp ogt <8 x float> %702, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %704 = select <8 x i1> %703, <8 x float> %702, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %705 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %706 = call <8 x float> @llvm.floor.v8f32(<8 x float> %705)
-  %707 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %704)
-  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %707)
-  %709 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %708, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %709, <8 x float> %708, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %711 = call <8 x float> @llvm.fma.v8f32(<8 x float> %710, <8 x float> %708, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %712 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> %708, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %712, <8 x float> %708, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %714 = fmul <8 x float> %708, %708
-  %715 = call <8 x float> @llvm.fma.v8f32(<8 x float> %713, <8 x float> %714, <8 x float> %708)
-  %716 = fadd <8 x float> %715, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %717 = fptosi <8 x float> %706 to <8 x i32>
-  %718 = add <8 x i32> %717, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %719 = shl <8 x i32> %718, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n70 = bitcast <8 x i32> %719 to <8 x float>
-  %exp71 = fmul <8 x float> %716, %exp.2n70
-  %720 = fadd <8 x float> %exp71, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid72 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %720
-  %721 = fmul <8 x float> %694, %sigmoid72
-  %722 = fadd <8 x float> %698, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai73 = fmul <8 x float> %721, %722
-  %723 = fmul <8 x float> %oai73, %682
-  %724 = getelementptr inbounds float, ptr %684, i64 %col69
-  store <8 x float> %723, ptr %724, align 4
+  br label %last.end
+
+last.end:                                         ; preds = %last.then, %part.end
   br label %tile.done
 
-tile.mr4:                                         ; preds = %rb.body
-  %725 = add nsw i64 %r0, 0
-  %726 = getelementptr inbounds i32, ptr %rows, i64 %725
-  %727 = load i32, ptr %726, align 4
-  %728 = sext i32 %727 to i64
-  %729 = mul nsw i64 %728, 2880
-  %730 = getelementptr inbounds float, ptr %x, i64 %729
-  store <8 x float> zeroinitializer, ptr %acc00074, align 4
-  store <8 x float> zeroinitializer, ptr %acc00175, align 4
-  %731 = add nsw i64 %r0, 1
+tile.mr5:                                         ; preds = %rb.body
+  %631 = add nsw i64 %r01, 0
+  %632 = getelementptr inbounds i32, ptr %rows, i64 %631
+  %633 = load i32, ptr %632, align 4
+  %634 = sext i32 %633 to i64
+  %635 = mul nsw i64 %634, 2880
+  %636 = add nsw i64 %635, %k0
+  %637 = getelementptr inbounds float, ptr %x, i64 %636
+  %638 = sub nsw i64 %kb.p, %kb.pg
+  %639 = sub nsw i64 %631, %kb.rc
+  %640 = mul nsw i64 %639, 16
+  %641 = add nsw i64 %640, %638
+  %642 = mul nsw i64 %641, 16
+  %643 = getelementptr inbounds float, ptr %part, i64 %642
+  %644 = getelementptr inbounds float, ptr %643, i64 0
+  %645 = load <8 x float>, ptr %644, align 4
+  %646 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %645
+  store <8 x float> %646, ptr %acc00028, align 4
+  %647 = sub nsw i64 %kb.p, %kb.pg
+  %648 = sub nsw i64 %631, %kb.rc
+  %649 = mul nsw i64 %648, 16
+  %650 = add nsw i64 %649, %647
+  %651 = mul nsw i64 %650, 16
+  %652 = getelementptr inbounds float, ptr %part, i64 %651
+  %653 = getelementptr inbounds float, ptr %652, i64 8
+  %654 = load <8 x float>, ptr %653, align 4
+  %655 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %654
+  store <8 x float> %655, ptr %acc00129, align 4
+  %656 = add nsw i64 %r01, 1
+  %657 = getelementptr inbounds i32, ptr %rows, i64 %656
+  %658 = load i32, ptr %657, align 4
+  %659 = sext i32 %658 to i64
+  %660 = mul nsw i64 %659, 2880
+  %661 = add nsw i64 %660, %k0
+  %662 = getelementptr inbounds float, ptr %x, i64 %661
+  %663 = sub nsw i64 %kb.p, %kb.pg
+  %664 = sub nsw i64 %656, %kb.rc
+  %665 = mul nsw i64 %664, 16
+  %666 = add nsw i64 %665, %663
+  %667 = mul nsw i64 %666, 16
+  %668 = getelementptr inbounds float, ptr %part, i64 %667
+  %669 = getelementptr inbounds float, ptr %668, i64 0
+  %670 = load <8 x float>, ptr %669, align 4
+  %671 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %670
+  store <8 x float> %671, ptr %acc01030, align 4
+  %672 = sub nsw i64 %kb.p, %kb.pg
+  %673 = sub nsw i64 %656, %kb.rc
+  %674 = mul nsw i64 %673, 16
+  %675 = add nsw i64 %674, %672
+  %676 = mul nsw i64 %675, 16
+  %677 = getelementptr inbounds float, ptr %part, i64 %676
+  %678 = getelementptr inbounds float, ptr %677, i64 8
+  %679 = load <8 x float>, ptr %678, align 4
+  %680 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %679
+  store <8 x float> %680, ptr %acc01131, align 4
+  %681 = add nsw i64 %r01, 2
+  %682 = getelementptr inbounds i32, ptr %rows, i64 %681
+  %683 = load i32, ptr %682, align 4
+  %684 = sext i32 %683 to i64
+  %685 = mul nsw i64 %684, 2880
+  %686 = add nsw i64 %685, %k0
+  %687 = getelementptr inbounds float, ptr %x, i64 %686
+  %688 = sub nsw i64 %kb.p, %kb.pg
+  %689 = sub nsw i64 %681, %kb.rc
+  %690 = mul nsw i64 %689, 16
+  %691 = add nsw i64 %690, %688
+  %692 = mul nsw i64 %691, 16
+  %693 = getelementptr inbounds float, ptr %part, i64 %692
+  %694 = getelementptr inbounds float, ptr %693, i64 0
+  %695 = load <8 x float>, ptr %694, align 4
+  %696 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %695
+  store <8 x float> %696, ptr %acc02032, align 4
+  %697 = sub nsw i64 %kb.p, %kb.pg
+  %698 = sub nsw i64 %681, %kb.rc
+  %699 = mul nsw i64 %698, 16
+  %700 = add nsw i64 %699, %697
+  %701 = mul nsw i64 %700, 16
+  %702 = getelementptr inbounds float, ptr %part, i64 %701
+  %703 = getelementptr inbounds float, ptr %702, i64 8
+  %704 = load <8 x float>, ptr %703, align 4
+  %705 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %704
+  store <8 x float> %705, ptr %acc02133, align 4
+  %706 = add nsw i64 %r01, 3
+  %707 = getelementptr inbounds i32, ptr %rows, i64 %706
+  %708 = load i32, ptr %707, align 4
+  %709 = sext i32 %708 to i64
+  %710 = mul nsw i64 %709, 2880
+  %711 = add nsw i64 %710, %k0
+  %712 = getelementptr inbounds float, ptr %x, i64 %711
+  %713 = sub nsw i64 %kb.p, %kb.pg
+  %714 = sub nsw i64 %706, %kb.rc
+  %715 = mul nsw i64 %714, 16
+  %716 = add nsw i64 %715, %713
+  %717 = mul nsw i64 %716, 16
+  %718 = getelementptr inbounds float, ptr %part, i64 %717
+  %719 = getelementptr inbounds float, ptr %718, i64 0
+  %720 = load <8 x float>, ptr %719, align 4
+  %721 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %720
+  store <8 x float> %721, ptr %acc03034, align 4
+  %722 = sub nsw i64 %kb.p, %kb.pg
+  %723 = sub nsw i64 %706, %kb.rc
+  %724 = mul nsw i64 %723, 16
+  %725 = add nsw i64 %724, %722
+  %726 = mul nsw i64 %725, 16
+  %727 = getelementptr inbounds float, ptr %part, i64 %726
+  %728 = getelementptr inbounds float, ptr %727, i64 8
+  %729 = load <8 x float>, ptr %728, align 4
+  %730 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %729
+  store <8 x float> %730, ptr %acc03135, align 4
+  %731 = add nsw i64 %r01, 4
   %732 = getelementptr inbounds i32, ptr %rows, i64 %731
   %733 = load i32, ptr %732, align 4
   %734 = sext i32 %733 to i64
   %735 = mul nsw i64 %734, 2880
-  %736 = getelementptr inbounds float, ptr %x, i64 %735
-  store <8 x float> zeroinitializer, ptr %acc01076, align 4
-  store <8 x float> zeroinitializer, ptr %acc01177, align 4
-  %737 = add nsw i64 %r0, 2
-  %738 = getelementptr inbounds i32, ptr %rows, i64 %737
-  %739 = load i32, ptr %738, align 4
-  %740 = sext i32 %739 to i64
-  %741 = mul nsw i64 %740, 2880
-  %742 = getelementptr inbounds float, ptr %x, i64 %741
-  store <8 x float> zeroinitializer, ptr %acc02078, align 4
-  store <8 x float> zeroinitializer, ptr %acc02179, align 4
-  %743 = add nsw i64 %r0, 3
-  %744 = getelementptr inbounds i32, ptr %rows, i64 %743
-  %745 = load i32, ptr %744, align 4
-  %746 = sext i32 %745 to i64
-  %747 = mul nsw i64 %746, 2880
-  %748 = getelementptr inbounds float, ptr %x, i64 %747
-  store <8 x float> zeroinitializer, ptr %acc03080, align 4
-  store <8 x float> zeroinitializer, ptr %acc03181, align 4
-  %panel.off82 = mul nsw i64 %p, 46080
-  %749 = getelementptr inbounds i16, ptr %panels, i64 %panel.off82
-  %750 = add nsw i64 %p, 1
-  %751 = icmp slt i64 %750, %p1
-  %pf.on83 = and i1 %pf.on, %751
-  %752 = mul nsw i64 %rb, 92160
-  %753 = lshr i64 %752, %11
-  %754 = add nsw i64 92160, %753
-  %755 = getelementptr inbounds i8, ptr %749, i64 %754
-  %pf84 = select i1 %pf.on83, ptr %755, ptr %749
-  %pf.sh85 = select i1 %pf.on83, i64 %11, i64 0
-  br label %k.head86
+  %736 = add nsw i64 %735, %k0
+  %737 = getelementptr inbounds float, ptr %x, i64 %736
+  %738 = sub nsw i64 %kb.p, %kb.pg
+  %739 = sub nsw i64 %731, %kb.rc
+  %740 = mul nsw i64 %739, 16
+  %741 = add nsw i64 %740, %738
+  %742 = mul nsw i64 %741, 16
+  %743 = getelementptr inbounds float, ptr %part, i64 %742
+  %744 = getelementptr inbounds float, ptr %743, i64 0
+  %745 = load <8 x float>, ptr %744, align 4
+  %746 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %745
+  store <8 x float> %746, ptr %acc04036, align 4
+  %747 = sub nsw i64 %kb.p, %kb.pg
+  %748 = sub nsw i64 %731, %kb.rc
+  %749 = mul nsw i64 %748, 16
+  %750 = add nsw i64 %749, %747
+  %751 = mul nsw i64 %750, 16
+  %752 = getelementptr inbounds float, ptr %part, i64 %751
+  %753 = getelementptr inbounds float, ptr %752, i64 8
+  %754 = load <8 x float>, ptr %753, align 4
+  %755 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %754
+  store <8 x float> %755, ptr %acc04137, align 4
+  %756 = mul nsw i64 %k0, 16
+  %757 = mul nsw i64 %kb.p, 46080
+  %panel.off38 = add nsw i64 %757, %756
+  %758 = getelementptr inbounds i16, ptr %panels, i64 %panel.off38
+  %pf.on39 = and i1 %pf.on, %pf.next
+  %759 = mul nsw i64 %rb, 7680
+  %760 = lshr i64 %759, %25
+  %761 = add nsw i64 %pf.step, %760
+  %762 = getelementptr inbounds i8, ptr %758, i64 %761
+  %pf40 = select i1 %pf.on39, ptr %762, ptr %758
+  %pf.sh41 = select i1 %pf.on39, i64 %25, i64 0
+  br label %k.head42
 
-k.head86:                                         ; preds = %pf.any.end91, %tile.mr4
-  %k89 = phi i64 [ 0, %tile.mr4 ], [ %800, %pf.any.end91 ]
-  %756 = icmp slt i64 %k89, 2880
-  br i1 %756, label %k.body87, label %k.end88
+k.head42:                                         ; preds = %pf.any.end47, %tile.mr5
+  %k45 = phi i64 [ 0, %tile.mr5 ], [ %815, %pf.any.end47 ]
+  %763 = icmp slt i64 %k45, 240
+  br i1 %763, label %k.body43, label %k.end44
 
-k.body87:                                         ; preds = %k.head86
-  %757 = mul nsw i64 %k89, 1
-  %758 = add nsw i64 %757, 0
-  %759 = mul nsw i64 %758, 32
-  br i1 %pf.multi, label %pf.any.then90, label %pf.any.end91
+k.body43:                                         ; preds = %k.head42
+  %764 = mul nsw i64 %k45, 1
+  %765 = add nsw i64 %764, 0
+  %766 = mul nsw i64 %765, 32
+  br i1 %pf.multi, label %pf.any.then46, label %pf.any.end47
 
-pf.any.then90:                                    ; preds = %k.body87
-  %760 = lshr i64 %759, %pf.sh85
-  %761 = getelementptr inbounds i8, ptr %pf84, i64 %760
-  call void @llvm.prefetch.p0(ptr %761, i32 0, i32 2, i32 1)
-  br label %pf.any.end91
+pf.any.then46:                                    ; preds = %k.body43
+  %767 = lshr i64 %766, %pf.sh41
+  %768 = getelementptr inbounds i8, ptr %pf40, i64 %767
+  call void @llvm.prefetch.p0(ptr %768, i32 0, i32 2, i32 1)
+  br label %pf.any.end47
 
-pf.any.end91:                                     ; preds = %pf.any.then90, %k.body87
-  %762 = mul nsw i64 %758, 16
-  %763 = add nsw i64 %panel.off82, %762
-  %764 = getelementptr inbounds i16, ptr %panels, i64 %763
-  %765 = load <8 x i32>, ptr %764, align 4
-  %766 = shl <8 x i32> %765, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b092 = bitcast <8 x i32> %766 to <8 x float>
-  %767 = and <8 x i32> %765, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b193 = bitcast <8 x i32> %767 to <8 x float>
-  %768 = getelementptr inbounds float, ptr %730, i64 %758
-  %769 = load float, ptr %768, align 4
-  %770 = insertelement <8 x float> poison, float %769, i32 0
-  %771 = shufflevector <8 x float> %770, <8 x float> poison, <8 x i32> zeroinitializer
-  %772 = load <8 x float>, ptr %acc00074, align 4
-  %773 = call <8 x float> @llvm.fma.v8f32(<8 x float> %771, <8 x float> %b092, <8 x float> %772)
-  store <8 x float> %773, ptr %acc00074, align 4
-  %774 = load <8 x float>, ptr %acc00175, align 4
-  %775 = call <8 x float> @llvm.fma.v8f32(<8 x float> %771, <8 x float> %b193, <8 x float> %774)
-  store <8 x float> %775, ptr %acc00175, align 4
-  %776 = getelementptr inbounds float, ptr %736, i64 %758
-  %777 = load float, ptr %776, align 4
-  %778 = insertelement <8 x float> poison, float %777, i32 0
-  %779 = shufflevector <8 x float> %778, <8 x float> poison, <8 x i32> zeroinitializer
-  %780 = load <8 x float>, ptr %acc01076, align 4
-  %781 = call <8 x float> @llvm.fma.v8f32(<8 x float> %779, <8 x float> %b092, <8 x float> %780)
-  store <8 x float> %781, ptr %acc01076, align 4
-  %782 = load <8 x float>, ptr %acc01177, align 4
-  %783 = call <8 x float> @llvm.fma.v8f32(<8 x float> %779, <8 x float> %b193, <8 x float> %782)
-  store <8 x float> %783, ptr %acc01177, align 4
-  %784 = getelementptr inbounds float, ptr %742, i64 %758
-  %785 = load float, ptr %784, align 4
-  %786 = insertelement <8 x float> poison, float %785, i32 0
-  %787 = shufflevector <8 x float> %786, <8 x float> poison, <8 x i32> zeroinitializer
-  %788 = load <8 x float>, ptr %acc02078, align 4
-  %789 = call <8 x float> @llvm.fma.v8f32(<8 x float> %787, <8 x float> %b092, <8 x float> %788)
-  store <8 x float> %789, ptr %acc02078, align 4
-  %790 = load <8 x float>, ptr %acc02179, align 4
-  %791 = call <8 x float> @llvm.fma.v8f32(<8 x float> %787, <8 x float> %b193, <8 x float> %790)
-  store <8 x float> %791, ptr %acc02179, align 4
-  %792 = getelementptr inbounds float, ptr %748, i64 %758
-  %793 = load float, ptr %792, align 4
-  %794 = insertelement <8 x float> poison, float %793, i32 0
-  %795 = shufflevector <8 x float> %794, <8 x float> poison, <8 x i32> zeroinitializer
-  %796 = load <8 x float>, ptr %acc03080, align 4
-  %797 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %b092, <8 x float> %796)
-  store <8 x float> %797, ptr %acc03080, align 4
-  %798 = load <8 x float>, ptr %acc03181, align 4
-  %799 = call <8 x float> @llvm.fma.v8f32(<8 x float> %795, <8 x float> %b193, <8 x float> %798)
-  store <8 x float> %799, ptr %acc03181, align 4
-  %800 = add nsw i64 %k89, 1
-  br label %k.head86
+pf.any.end47:                                     ; preds = %pf.any.then46, %k.body43
+  %769 = mul nsw i64 %765, 16
+  %770 = add nsw i64 %panel.off38, %769
+  %771 = getelementptr inbounds i16, ptr %panels, i64 %770
+  %772 = load <8 x i32>, ptr %771, align 4
+  %773 = shl <8 x i32> %772, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b048 = bitcast <8 x i32> %773 to <8 x float>
+  %774 = and <8 x i32> %772, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b149 = bitcast <8 x i32> %774 to <8 x float>
+  %775 = getelementptr inbounds float, ptr %637, i64 %765
+  %776 = load float, ptr %775, align 4
+  %777 = insertelement <8 x float> poison, float %776, i32 0
+  %778 = shufflevector <8 x float> %777, <8 x float> poison, <8 x i32> zeroinitializer
+  %779 = load <8 x float>, ptr %acc00028, align 4
+  %780 = call <8 x float> @llvm.fma.v8f32(<8 x float> %778, <8 x float> %b048, <8 x float> %779)
+  store <8 x float> %780, ptr %acc00028, align 4
+  %781 = load <8 x float>, ptr %acc00129, align 4
+  %782 = call <8 x float> @llvm.fma.v8f32(<8 x float> %778, <8 x float> %b149, <8 x float> %781)
+  store <8 x float> %782, ptr %acc00129, align 4
+  %783 = getelementptr inbounds float, ptr %662, i64 %765
+  %784 = load float, ptr %783, align 4
+  %785 = insertelement <8 x float> poison, float %784, i32 0
+  %786 = shufflevector <8 x float> %785, <8 x float> poison, <8 x i32> zeroinitializer
+  %787 = load <8 x float>, ptr %acc01030, align 4
+  %788 = call <8 x float> @llvm.fma.v8f32(<8 x float> %786, <8 x float> %b048, <8 x float> %787)
+  store <8 x float> %788, ptr %acc01030, align 4
+  %789 = load <8 x float>, ptr %acc01131, align 4
+  %790 = call <8 x float> @llvm.fma.v8f32(<8 x float> %786, <8 x float> %b149, <8 x float> %789)
+  store <8 x float> %790, ptr %acc01131, align 4
+  %791 = getelementptr inbounds float, ptr %687, i64 %765
+  %792 = load float, ptr %791, align 4
+  %793 = insertelement <8 x float> poison, float %792, i32 0
+  %794 = shufflevector <8 x float> %793, <8 x float> poison, <8 x i32> zeroinitializer
+  %795 = load <8 x float>, ptr %acc02032, align 4
+  %796 = call <8 x float> @llvm.fma.v8f32(<8 x float> %794, <8 x float> %b048, <8 x float> %795)
+  store <8 x float> %796, ptr %acc02032, align 4
+  %797 = load <8 x float>, ptr %acc02133, align 4
+  %798 = call <8 x float> @llvm.fma.v8f32(<8 x float> %794, <8 x float> %b149, <8 x float> %797)
+  store <8 x float> %798, ptr %acc02133, align 4
+  %799 = getelementptr inbounds float, ptr %712, i64 %765
+  %800 = load float, ptr %799, align 4
+  %801 = insertelement <8 x float> poison, float %800, i32 0
+  %802 = shufflevector <8 x float> %801, <8 x float> poison, <8 x i32> zeroinitializer
+  %803 = load <8 x float>, ptr %acc03034, align 4
+  %804 = call <8 x float> @llvm.fma.v8f32(<8 x float> %802, <8 x float> %b048, <8 x float> %803)
+  store <8 x float> %804, ptr %acc03034, align 4
+  %805 = load <8 x float>, ptr %acc03135, align 4
+  %806 = call <8 x float> @llvm.fma.v8f32(<8 x float> %802, <8 x float> %b149, <8 x float> %805)
+  store <8 x float> %806, ptr %acc03135, align 4
+  %807 = getelementptr inbounds float, ptr %737, i64 %765
+  %808 = load float, ptr %807, align 4
+  %809 = insertelement <8 x float> poison, float %808, i32 0
+  %810 = shufflevector <8 x float> %809, <8 x float> poison, <8 x i32> zeroinitializer
+  %811 = load <8 x float>, ptr %acc04036, align 4
+  %812 = call <8 x float> @llvm.fma.v8f32(<8 x float> %810, <8 x float> %b048, <8 x float> %811)
+  store <8 x float> %812, ptr %acc04036, align 4
+  %813 = load <8 x float>, ptr %acc04137, align 4
+  %814 = call <8 x float> @llvm.fma.v8f32(<8 x float> %810, <8 x float> %b149, <8 x float> %813)
+  store <8 x float> %814, ptr %acc04137, align 4
+  %815 = add nsw i64 %k45, 1
+  br label %k.head42
 
-k.end88:                                          ; preds = %k.head86
-  %801 = add nsw i64 %r0, 0
-  %802 = getelementptr inbounds float, ptr %rw, i64 %801
-  %803 = load float, ptr %802, align 4
-  %804 = insertelement <8 x float> poison, float %803, i32 0
-  %805 = shufflevector <8 x float> %804, <8 x float> poison, <8 x i32> zeroinitializer
-  %806 = mul nsw i64 %801, 2880
-  %807 = getelementptr inbounds float, ptr %h, i64 %806
-  %col94 = mul nsw i64 %p, 8
-  %808 = load <8 x float>, ptr %acc00074, align 4
-  %809 = load <8 x float>, ptr %acc00175, align 4
-  %810 = getelementptr inbounds float, ptr %bg, i64 %col94
-  %811 = load <8 x float>, ptr %810, align 4
-  %812 = fadd <8 x float> %808, %811
-  %813 = getelementptr inbounds float, ptr %bu, i64 %col94
-  %814 = load <8 x float>, ptr %813, align 4
-  %815 = fadd <8 x float> %809, %814
-  %816 = fcmp olt <8 x float> %812, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %817 = select <8 x i1> %816, <8 x float> %812, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %818 = fcmp olt <8 x float> %815, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %819 = select <8 x i1> %818, <8 x float> %815, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %820 = fcmp ogt <8 x float> %819, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %821 = select <8 x i1> %820, <8 x float> %819, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %822 = fmul <8 x float> %817, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %823 = fneg <8 x float> %822
-  %824 = fcmp olt <8 x float> %823, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %825 = select <8 x i1> %824, <8 x float> %823, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %826 = fcmp ogt <8 x float> %825, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %827 = select <8 x i1> %826, <8 x float> %825, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %828 = call <8 x float> @llvm.fma.v8f32(<8 x float> %827, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %829 = call <8 x float> @llvm.floor.v8f32(<8 x float> %828)
-  %830 = call <8 x float> @llvm.fma.v8f32(<8 x float> %829, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %827)
-  %831 = call <8 x float> @llvm.fma.v8f32(<8 x float> %829, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %830)
-  %832 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %831, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %833 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> %831, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %833, <8 x float> %831, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %835 = call <8 x float> @llvm.fma.v8f32(<8 x float> %834, <8 x float> %831, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %835, <8 x float> %831, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %837 = fmul <8 x float> %831, %831
-  %838 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> %837, <8 x float> %831)
-  %839 = fadd <8 x float> %838, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %840 = fptosi <8 x float> %829 to <8 x i32>
-  %841 = add <8 x i32> %840, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %842 = shl <8 x i32> %841, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n95 = bitcast <8 x i32> %842 to <8 x float>
-  %exp96 = fmul <8 x float> %839, %exp.2n95
-  %843 = fadd <8 x float> %exp96, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid97 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %843
-  %844 = fmul <8 x float> %817, %sigmoid97
-  %845 = fadd <8 x float> %821, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai98 = fmul <8 x float> %844, %845
-  %846 = fmul <8 x float> %oai98, %805
-  %847 = getelementptr inbounds float, ptr %807, i64 %col94
-  store <8 x float> %846, ptr %847, align 4
-  %848 = add nsw i64 %r0, 1
-  %849 = getelementptr inbounds float, ptr %rw, i64 %848
-  %850 = load float, ptr %849, align 4
-  %851 = insertelement <8 x float> poison, float %850, i32 0
-  %852 = shufflevector <8 x float> %851, <8 x float> poison, <8 x i32> zeroinitializer
-  %853 = mul nsw i64 %848, 2880
-  %854 = getelementptr inbounds float, ptr %h, i64 %853
-  %col99 = mul nsw i64 %p, 8
-  %855 = load <8 x float>, ptr %acc01076, align 4
-  %856 = load <8 x float>, ptr %acc01177, align 4
-  %857 = getelementptr inbounds float, ptr %bg, i64 %col99
-  %858 = load <8 x float>, ptr %857, align 4
-  %859 = fadd <8 x float> %855, %858
-  %860 = getelementptr inbounds float, ptr %bu, i64 %col99
-  %861 = load <8 x float>, ptr %860, align 4
-  %862 = fadd <8 x float> %856, %861
-  %863 = fcmp olt <8 x float> %859, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %864 = select <8 x i1> %863, <8 x float> %859, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %865 = fcmp olt <8 x float> %862, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %866 = select <8 x i1> %865, <8 x float> %862, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %867 = fcmp ogt <8 x float> %866, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %868 = select <8 x i1> %867, <8 x float> %866, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %869 = fmul <8 x float> %864, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %870 = fneg <8 x float> %869
-  %871 = fcmp olt <8 x float> %870, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %872 = select <8 x i1> %871, <8 x float> %870, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %873 = fcmp ogt <8 x float> %872, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %874 = select <8 x i1> %873, <8 x float> %872, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %875 = call <8 x float> @llvm.fma.v8f32(<8 x float> %874, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %876 = call <8 x float> @llvm.floor.v8f32(<8 x float> %875)
-  %877 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %874)
-  %878 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %877)
-  %879 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %878, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %880 = call <8 x float> @llvm.fma.v8f32(<8 x float> %879, <8 x float> %878, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %881 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> %878, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %882 = call <8 x float> @llvm.fma.v8f32(<8 x float> %881, <8 x float> %878, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %882, <8 x float> %878, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %884 = fmul <8 x float> %878, %878
-  %885 = call <8 x float> @llvm.fma.v8f32(<8 x float> %883, <8 x float> %884, <8 x float> %878)
-  %886 = fadd <8 x float> %885, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %887 = fptosi <8 x float> %876 to <8 x i32>
-  %888 = add <8 x i32> %887, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %889 = shl <8 x i32> %888, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n100 = bitcast <8 x i32> %889 to <8 x float>
-  %exp101 = fmul <8 x float> %886, %exp.2n100
-  %890 = fadd <8 x float> %exp101, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid102 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %890
-  %891 = fmul <8 x float> %864, %sigmoid102
-  %892 = fadd <8 x float> %868, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai103 = fmul <8 x float> %891, %892
-  %893 = fmul <8 x float> %oai103, %852
-  %894 = getelementptr inbounds float, ptr %854, i64 %col99
-  store <8 x float> %893, ptr %894, align 4
-  %895 = add nsw i64 %r0, 2
-  %896 = getelementptr inbounds float, ptr %rw, i64 %895
-  %897 = load float, ptr %896, align 4
-  %898 = insertelement <8 x float> poison, float %897, i32 0
-  %899 = shufflevector <8 x float> %898, <8 x float> poison, <8 x i32> zeroinitializer
-  %900 = mul nsw i64 %895, 2880
-  %901 = getelementptr inbounds float, ptr %h, i64 %900
-  %col104 = mul nsw i64 %p, 8
-  %902 = load <8 x float>, ptr %acc02078, align 4
-  %903 = load <8 x float>, ptr %acc02179, align 4
-  %904 = getelementptr inbounds float, ptr %bg, i64 %col104
-  %905 = load <8 x float>, ptr %904, align 4
-  %906 = fadd <8 x float> %902, %905
-  %907 = getelementptr inbounds float, ptr %bu, i64 %col104
-  %908 = load <8 x float>, ptr %907, align 4
-  %909 = fadd <8 x float> %903, %908
-  %910 = fcmp olt <8 x float> %906, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %911 = select <8 x i1> %910, <8 x float> %906, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %912 = fcmp olt <8 x float> %909, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %913 = select <8 x i1> %912, <8 x float> %909, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %914 = fcmp ogt <8 x float> %913, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %915 = select <8 x i1> %914, <8 x float> %913, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %916 = fmul <8 x float> %911, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %917 = fneg <8 x float> %916
-  %918 = fcmp olt <8 x float> %917, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %919 = select <8 x i1> %918, <8 x float> %917, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %920 = fcmp ogt <8 x float> %919, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %921 = select <8 x i1> %920, <8 x float> %919, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %922 = call <8 x float> @llvm.fma.v8f32(<8 x float> %921, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %923 = call <8 x float> @llvm.floor.v8f32(<8 x float> %922)
-  %924 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %921)
-  %925 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %924)
-  %926 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %925, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %927 = call <8 x float> @llvm.fma.v8f32(<8 x float> %926, <8 x float> %925, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %928 = call <8 x float> @llvm.fma.v8f32(<8 x float> %927, <8 x float> %925, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %929 = call <8 x float> @llvm.fma.v8f32(<8 x float> %928, <8 x float> %925, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %930 = call <8 x float> @llvm.fma.v8f32(<8 x float> %929, <8 x float> %925, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %931 = fmul <8 x float> %925, %925
-  %932 = call <8 x float> @llvm.fma.v8f32(<8 x float> %930, <8 x float> %931, <8 x float> %925)
-  %933 = fadd <8 x float> %932, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %934 = fptosi <8 x float> %923 to <8 x i32>
-  %935 = add <8 x i32> %934, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %936 = shl <8 x i32> %935, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n105 = bitcast <8 x i32> %936 to <8 x float>
-  %exp106 = fmul <8 x float> %933, %exp.2n105
-  %937 = fadd <8 x float> %exp106, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid107 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %937
-  %938 = fmul <8 x float> %911, %sigmoid107
-  %939 = fadd <8 x float> %915, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai108 = fmul <8 x float> %938, %939
-  %940 = fmul <8 x float> %oai108, %899
-  %941 = getelementptr inbounds float, ptr %901, i64 %col104
-  store <8 x float> %940, ptr %941, align 4
-  %942 = add nsw i64 %r0, 3
-  %943 = getelementptr inbounds float, ptr %rw, i64 %942
-  %944 = load float, ptr %943, align 4
-  %945 = insertelement <8 x float> poison, float %944, i32 0
-  %946 = shufflevector <8 x float> %945, <8 x float> poison, <8 x i32> zeroinitializer
-  %947 = mul nsw i64 %942, 2880
-  %948 = getelementptr inbounds float, ptr %h, i64 %947
-  %col109 = mul nsw i64 %p, 8
-  %949 = load <8 x float>, ptr %acc03080, align 4
-  %950 = load <8 x float>, ptr %acc03181, align 4
-  %951 = getelementptr inbounds float, ptr %bg, i64 %col109
-  %952 = load <8 x float>, ptr %951, align 4
-  %953 = fadd <8 x float> %949, %952
-  %954 = getelementptr inbounds float, ptr %bu, i64 %col109
-  %955 = load <8 x float>, ptr %954, align 4
-  %956 = fadd <8 x float> %950, %955
-  %957 = fcmp olt <8 x float> %953, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %958 = select <8 x i1> %957, <8 x float> %953, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %959 = fcmp olt <8 x float> %956, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %960 = select <8 x i1> %959, <8 x float> %956, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %961 = fcmp ogt <8 x float> %960, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %962 = select <8 x i1> %961, <8 x float> %960, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %963 = fmul <8 x float> %958, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %964 = fneg <8 x float> %963
-  %965 = fcmp olt <8 x float> %964, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %966 = select <8 x i1> %965, <8 x float> %964, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %967 = fcmp ogt <8 x float> %966, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %968 = select <8 x i1> %967, <8 x float> %966, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %969 = call <8 x float> @llvm.fma.v8f32(<8 x float> %968, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %970 = call <8 x float> @llvm.floor.v8f32(<8 x float> %969)
-  %971 = call <8 x float> @llvm.fma.v8f32(<8 x float> %970, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %968)
-  %972 = call <8 x float> @llvm.fma.v8f32(<8 x float> %970, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %971)
-  %973 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %972, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %974 = call <8 x float> @llvm.fma.v8f32(<8 x float> %973, <8 x float> %972, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %975 = call <8 x float> @llvm.fma.v8f32(<8 x float> %974, <8 x float> %972, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %976 = call <8 x float> @llvm.fma.v8f32(<8 x float> %975, <8 x float> %972, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %977 = call <8 x float> @llvm.fma.v8f32(<8 x float> %976, <8 x float> %972, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %978 = fmul <8 x float> %972, %972
-  %979 = call <8 x float> @llvm.fma.v8f32(<8 x float> %977, <8 x float> %978, <8 x float> %972)
-  %980 = fadd <8 x float> %979, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %981 = fptosi <8 x float> %970 to <8 x i32>
-  %982 = add <8 x i32> %981, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %983 = shl <8 x i32> %982, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n110 = bitcast <8 x i32> %983 to <8 x float>
-  %exp111 = fmul <8 x float> %980, %exp.2n110
-  %984 = fadd <8 x float> %exp111, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid112 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %984
-  %985 = fmul <8 x float> %958, %sigmoid112
-  %986 = fadd <8 x float> %962, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai113 = fmul <8 x float> %985, %986
-  %987 = fmul <8 x float> %oai113, %946
-  %988 = getelementptr inbounds float, ptr %948, i64 %col109
-  store <8 x float> %987, ptr %988, align 4
+k.end44:                                          ; preds = %k.head42
+  %816 = xor i1 %klast, true
+  br i1 %816, label %part.then50, label %part.end51
+
+part.then50:                                      ; preds = %k.end44
+  %817 = add nsw i64 %r01, 0
+  %818 = sub nsw i64 %kb.p, %kb.pg
+  %819 = sub nsw i64 %817, %kb.rc
+  %820 = mul nsw i64 %819, 16
+  %821 = add nsw i64 %820, %818
+  %822 = mul nsw i64 %821, 16
+  %823 = getelementptr inbounds float, ptr %part, i64 %822
+  %824 = getelementptr inbounds float, ptr %823, i64 0
+  %825 = load <8 x float>, ptr %acc00028, align 4
+  store <8 x float> %825, ptr %824, align 4
+  %826 = sub nsw i64 %kb.p, %kb.pg
+  %827 = sub nsw i64 %817, %kb.rc
+  %828 = mul nsw i64 %827, 16
+  %829 = add nsw i64 %828, %826
+  %830 = mul nsw i64 %829, 16
+  %831 = getelementptr inbounds float, ptr %part, i64 %830
+  %832 = getelementptr inbounds float, ptr %831, i64 8
+  %833 = load <8 x float>, ptr %acc00129, align 4
+  store <8 x float> %833, ptr %832, align 4
+  %834 = add nsw i64 %r01, 1
+  %835 = sub nsw i64 %kb.p, %kb.pg
+  %836 = sub nsw i64 %834, %kb.rc
+  %837 = mul nsw i64 %836, 16
+  %838 = add nsw i64 %837, %835
+  %839 = mul nsw i64 %838, 16
+  %840 = getelementptr inbounds float, ptr %part, i64 %839
+  %841 = getelementptr inbounds float, ptr %840, i64 0
+  %842 = load <8 x float>, ptr %acc01030, align 4
+  store <8 x float> %842, ptr %841, align 4
+  %843 = sub nsw i64 %kb.p, %kb.pg
+  %844 = sub nsw i64 %834, %kb.rc
+  %845 = mul nsw i64 %844, 16
+  %846 = add nsw i64 %845, %843
+  %847 = mul nsw i64 %846, 16
+  %848 = getelementptr inbounds float, ptr %part, i64 %847
+  %849 = getelementptr inbounds float, ptr %848, i64 8
+  %850 = load <8 x float>, ptr %acc01131, align 4
+  store <8 x float> %850, ptr %849, align 4
+  %851 = add nsw i64 %r01, 2
+  %852 = sub nsw i64 %kb.p, %kb.pg
+  %853 = sub nsw i64 %851, %kb.rc
+  %854 = mul nsw i64 %853, 16
+  %855 = add nsw i64 %854, %852
+  %856 = mul nsw i64 %855, 16
+  %857 = getelementptr inbounds float, ptr %part, i64 %856
+  %858 = getelementptr inbounds float, ptr %857, i64 0
+  %859 = load <8 x float>, ptr %acc02032, align 4
+  store <8 x float> %859, ptr %858, align 4
+  %860 = sub nsw i64 %kb.p, %kb.pg
+  %861 = sub nsw i64 %851, %kb.rc
+  %862 = mul nsw i64 %861, 16
+  %863 = add nsw i64 %862, %860
+  %864 = mul nsw i64 %863, 16
+  %865 = getelementptr inbounds float, ptr %part, i64 %864
+  %866 = getelementptr inbounds float, ptr %865, i64 8
+  %867 = load <8 x float>, ptr %acc02133, align 4
+  store <8 x float> %867, ptr %866, align 4
+  %868 = add nsw i64 %r01, 3
+  %869 = sub nsw i64 %kb.p, %kb.pg
+  %870 = sub nsw i64 %868, %kb.rc
+  %871 = mul nsw i64 %870, 16
+  %872 = add nsw i64 %871, %869
+  %873 = mul nsw i64 %872, 16
+  %874 = getelementptr inbounds float, ptr %part, i64 %873
+  %875 = getelementptr inbounds float, ptr %874, i64 0
+  %876 = load <8 x float>, ptr %acc03034, align 4
+  store <8 x float> %876, ptr %875, align 4
+  %877 = sub nsw i64 %kb.p, %kb.pg
+  %878 = sub nsw i64 %868, %kb.rc
+  %879 = mul nsw i64 %878, 16
+  %880 = add nsw i64 %879, %877
+  %881 = mul nsw i64 %880, 16
+  %882 = getelementptr inbounds float, ptr %part, i64 %881
+  %883 = getelementptr inbounds float, ptr %882, i64 8
+  %884 = load <8 x float>, ptr %acc03135, align 4
+  store <8 x float> %884, ptr %883, align 4
+  %885 = add nsw i64 %r01, 4
+  %886 = sub nsw i64 %kb.p, %kb.pg
+  %887 = sub nsw i64 %885, %kb.rc
+  %888 = mul nsw i64 %887, 16
+  %889 = add nsw i64 %888, %886
+  %890 = mul nsw i64 %889, 16
+  %891 = getelementptr inbounds float, ptr %part, i64 %890
+  %892 = getelementptr inbounds float, ptr %891, i64 0
+  %893 = load <8 x float>, ptr %acc04036, align 4
+  store <8 x float> %893, ptr %892, align 4
+  %894 = sub nsw i64 %kb.p, %kb.pg
+  %895 = sub nsw i64 %885, %kb.rc
+  %896 = mul nsw i64 %895, 16
+  %897 = add nsw i64 %896, %894
+  %898 = mul nsw i64 %897, 16
+  %899 = getelementptr inbounds float, ptr %part, i64 %898
+  %900 = getelementptr inbounds float, ptr %899, i64 8
+  %901 = load <8 x float>, ptr %acc04137, align 4
+  store <8 x float> %901, ptr %900, align 4
+  br label %part.end51
+
+part.end51:                                       ; preds = %part.then50, %k.end44
+  br i1 %klast, label %last.then52, label %last.end53
+
+last.then52:                                      ; preds = %part.end51
+  %902 = add nsw i64 %r01, 0
+  %903 = getelementptr inbounds float, ptr %rw, i64 %902
+  %904 = load float, ptr %903, align 4
+  %905 = insertelement <8 x float> poison, float %904, i32 0
+  %906 = shufflevector <8 x float> %905, <8 x float> poison, <8 x i32> zeroinitializer
+  %907 = mul nsw i64 %902, 2880
+  %908 = getelementptr inbounds float, ptr %h, i64 %907
+  %col54 = mul nsw i64 %kb.p, 8
+  %909 = load <8 x float>, ptr %acc00028, align 4
+  %910 = load <8 x float>, ptr %acc00129, align 4
+  %911 = getelementptr inbounds float, ptr %bg, i64 %col54
+  %912 = load <8 x float>, ptr %911, align 4
+  %913 = fadd <8 x float> %909, %912
+  %914 = getelementptr inbounds float, ptr %bu, i64 %col54
+  %915 = load <8 x float>, ptr %914, align 4
+  %916 = fadd <8 x float> %910, %915
+  %917 = fcmp olt <8 x float> %913, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %918 = select <8 x i1> %917, <8 x float> %913, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %919 = fcmp olt <8 x float> %916, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %920 = select <8 x i1> %919, <8 x float> %916, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %921 = fcmp ogt <8 x float> %920, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %922 = select <8 x i1> %921, <8 x float> %920, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %923 = fmul <8 x float> %918, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %924 = fneg <8 x float> %923
+  %925 = fcmp olt <8 x float> %924, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %926 = select <8 x i1> %925, <8 x float> %924, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %927 = fcmp ogt <8 x float> %926, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %928 = select <8 x i1> %927, <8 x float> %926, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %929 = call <8 x float> @llvm.fma.v8f32(<8 x float> %928, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %930 = call <8 x float> @llvm.floor.v8f32(<8 x float> %929)
+  %931 = call <8 x float> @llvm.fma.v8f32(<8 x float> %930, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %928)
+  %932 = call <8 x float> @llvm.fma.v8f32(<8 x float> %930, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %931)
+  %933 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %932, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %934 = call <8 x float> @llvm.fma.v8f32(<8 x float> %933, <8 x float> %932, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %935 = call <8 x float> @llvm.fma.v8f32(<8 x float> %934, <8 x float> %932, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %936 = call <8 x float> @llvm.fma.v8f32(<8 x float> %935, <8 x float> %932, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %937 = call <8 x float> @llvm.fma.v8f32(<8 x float> %936, <8 x float> %932, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %938 = fmul <8 x float> %932, %932
+  %939 = call <8 x float> @llvm.fma.v8f32(<8 x float> %937, <8 x float> %938, <8 x float> %932)
+  %940 = fadd <8 x float> %939, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %941 = fptosi <8 x float> %930 to <8 x i32>
+  %942 = add <8 x i32> %941, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %943 = shl <8 x i32> %942, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n55 = bitcast <8 x i32> %943 to <8 x float>
+  %exp56 = fmul <8 x float> %940, %exp.2n55
+  %944 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %944
+  %945 = fmul <8 x float> %918, %sigmoid57
+  %946 = fadd <8 x float> %922, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai58 = fmul <8 x float> %945, %946
+  %947 = fmul <8 x float> %oai58, %906
+  %948 = getelementptr inbounds float, ptr %908, i64 %col54
+  store <8 x float> %947, ptr %948, align 4
+  %949 = add nsw i64 %r01, 1
+  %950 = getelementptr inbounds float, ptr %rw, i64 %949
+  %951 = load float, ptr %950, align 4
+  %952 = insertelement <8 x float> poison, float %951, i32 0
+  %953 = shufflevector <8 x float> %952, <8 x float> poison, <8 x i32> zeroinitializer
+  %954 = mul nsw i64 %949, 2880
+  %955 = getelementptr inbounds float, ptr %h, i64 %954
+  %col59 = mul nsw i64 %kb.p, 8
+  %956 = load <8 x float>, ptr %acc01030, align 4
+  %957 = load <8 x float>, ptr %acc01131, align 4
+  %958 = getelementptr inbounds float, ptr %bg, i64 %col59
+  %959 = load <8 x float>, ptr %958, align 4
+  %960 = fadd <8 x float> %956, %959
+  %961 = getelementptr inbounds float, ptr %bu, i64 %col59
+  %962 = load <8 x float>, ptr %961, align 4
+  %963 = fadd <8 x float> %957, %962
+  %964 = fcmp olt <8 x float> %960, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %965 = select <8 x i1> %964, <8 x float> %960, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %966 = fcmp olt <8 x float> %963, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %967 = select <8 x i1> %966, <8 x float> %963, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %968 = fcmp ogt <8 x float> %967, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %969 = select <8 x i1> %968, <8 x float> %967, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %970 = fmul <8 x float> %965, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %971 = fneg <8 x float> %970
+  %972 = fcmp olt <8 x float> %971, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %973 = select <8 x i1> %972, <8 x float> %971, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %974 = fcmp ogt <8 x float> %973, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %975 = select <8 x i1> %974, <8 x float> %973, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %976 = call <8 x float> @llvm.fma.v8f32(<8 x float> %975, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %977 = call <8 x float> @llvm.floor.v8f32(<8 x float> %976)
+  %978 = call <8 x float> @llvm.fma.v8f32(<8 x float> %977, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %975)
+  %979 = call <8 x float> @llvm.fma.v8f32(<8 x float> %977, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %978)
+  %980 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %979, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %981 = call <8 x float> @llvm.fma.v8f32(<8 x float> %980, <8 x float> %979, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %982 = call <8 x float> @llvm.fma.v8f32(<8 x float> %981, <8 x float> %979, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %983 = call <8 x float> @llvm.fma.v8f32(<8 x float> %982, <8 x float> %979, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %984 = call <8 x float> @llvm.fma.v8f32(<8 x float> %983, <8 x float> %979, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %985 = fmul <8 x float> %979, %979
+  %986 = call <8 x float> @llvm.fma.v8f32(<8 x float> %984, <8 x float> %985, <8 x float> %979)
+  %987 = fadd <8 x float> %986, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %988 = fptosi <8 x float> %977 to <8 x i32>
+  %989 = add <8 x i32> %988, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %990 = shl <8 x i32> %989, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n60 = bitcast <8 x i32> %990 to <8 x float>
+  %exp61 = fmul <8 x float> %987, %exp.2n60
+  %991 = fadd <8 x float> %exp61, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid62 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %991
+  %992 = fmul <8 x float> %965, %sigmoid62
+  %993 = fadd <8 x float> %969, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai63 = fmul <8 x float> %992, %993
+  %994 = fmul <8 x float> %oai63, %953
+  %995 = getelementptr inbounds float, ptr %955, i64 %col59
+  store <8 x float> %994, ptr %995, align 4
+  %996 = add nsw i64 %r01, 2
+  %997 = getelementptr inbounds float, ptr %rw, i64 %996
+  %998 = load float, ptr %997, align 4
+  %999 = insertelement <8 x float> poison, float %998, i32 0
+  %1000 = shufflevector <8 x float> %999, <8 x float> poison, <8 x i32> zeroinitializer
+  %1001 = mul nsw i64 %996, 2880
+  %1002 = getelementptr inbounds float, ptr %h, i64 %1001
+  %col64 = mul nsw i64 %kb.p, 8
+  %1003 = load <8 x float>, ptr %acc02032, align 4
+  %1004 = load <8 x float>, ptr %acc02133, align 4
+  %1005 = getelementptr inbounds float, ptr %bg, i64 %col64
+  %1006 = load <8 x float>, ptr %1005, align 4
+  %1007 = fadd <8 x float> %1003, %1006
+  %1008 = getelementptr inbounds float, ptr %bu, i64 %col64
+  %1009 = load <8 x float>, ptr %1008, align 4
+  %1010 = fadd <8 x float> %1004, %1009
+  %1011 = fcmp olt <8 x float> %1007, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1012 = select <8 x i1> %1011, <8 x float> %1007, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1013 = fcmp olt <8 x float> %1010, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1014 = select <8 x i1> %1013, <8 x float> %1010, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1015 = fcmp ogt <8 x float> %1014, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1016 = select <8 x i1> %1015, <8 x float> %1014, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1017 = fmul <8 x float> %1012, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1018 = fneg <8 x float> %1017
+  %1019 = fcmp olt <8 x float> %1018, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1020 = select <8 x i1> %1019, <8 x float> %1018, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1021 = fcmp ogt <8 x float> %1020, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1022 = select <8 x i1> %1021, <8 x float> %1020, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1023 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1022, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1024 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1023)
+  %1025 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1024, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1022)
+  %1026 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1024, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1025)
+  %1027 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1026, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1028 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1027, <8 x float> %1026, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1029 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %1026, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1030 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1029, <8 x float> %1026, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1031 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1030, <8 x float> %1026, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1032 = fmul <8 x float> %1026, %1026
+  %1033 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1031, <8 x float> %1032, <8 x float> %1026)
+  %1034 = fadd <8 x float> %1033, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1035 = fptosi <8 x float> %1024 to <8 x i32>
+  %1036 = add <8 x i32> %1035, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1037 = shl <8 x i32> %1036, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n65 = bitcast <8 x i32> %1037 to <8 x float>
+  %exp66 = fmul <8 x float> %1034, %exp.2n65
+  %1038 = fadd <8 x float> %exp66, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid67 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1038
+  %1039 = fmul <8 x float> %1012, %sigmoid67
+  %1040 = fadd <8 x float> %1016, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai68 = fmul <8 x float> %1039, %1040
+  %1041 = fmul <8 x float> %oai68, %1000
+  %1042 = getelementptr inbounds float, ptr %1002, i64 %col64
+  store <8 x float> %1041, ptr %1042, align 4
+  %1043 = add nsw i64 %r01, 3
+  %1044 = getelementptr inbounds float, ptr %rw, i64 %1043
+  %1045 = load float, ptr %1044, align 4
+  %1046 = insertelement <8 x float> poison, float %1045, i32 0
+  %1047 = shufflevector <8 x float> %1046, <8 x float> poison, <8 x i32> zeroinitializer
+  %1048 = mul nsw i64 %1043, 2880
+  %1049 = getelementptr inbounds float, ptr %h, i64 %1048
+  %col69 = mul nsw i64 %kb.p, 8
+  %1050 = load <8 x float>, ptr %acc03034, align 4
+  %1051 = load <8 x float>, ptr %acc03135, align 4
+  %1052 = getelementptr inbounds float, ptr %bg, i64 %col69
+  %1053 = load <8 x float>, ptr %1052, align 4
+  %1054 = fadd <8 x float> %1050, %1053
+  %1055 = getelementptr inbounds float, ptr %bu, i64 %col69
+  %1056 = load <8 x float>, ptr %1055, align 4
+  %1057 = fadd <8 x float> %1051, %1056
+  %1058 = fcmp olt <8 x float> %1054, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1059 = select <8 x i1> %1058, <8 x float> %1054, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1060 = fcmp olt <8 x float> %1057, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1061 = select <8 x i1> %1060, <8 x float> %1057, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1062 = fcmp ogt <8 x float> %1061, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1063 = select <8 x i1> %1062, <8 x float> %1061, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1064 = fmul <8 x float> %1059, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1065 = fneg <8 x float> %1064
+  %1066 = fcmp olt <8 x float> %1065, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1067 = select <8 x i1> %1066, <8 x float> %1065, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1068 = fcmp ogt <8 x float> %1067, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1069 = select <8 x i1> %1068, <8 x float> %1067, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1070 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1069, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1071 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1070)
+  %1072 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1071, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1069)
+  %1073 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1071, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1072)
+  %1074 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1073, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1075 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1074, <8 x float> %1073, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1076 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1075, <8 x float> %1073, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1077 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1076, <8 x float> %1073, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1078 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1077, <8 x float> %1073, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1079 = fmul <8 x float> %1073, %1073
+  %1080 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1078, <8 x float> %1079, <8 x float> %1073)
+  %1081 = fadd <8 x float> %1080, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1082 = fptosi <8 x float> %1071 to <8 x i32>
+  %1083 = add <8 x i32> %1082, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1084 = shl <8 x i32> %1083, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n70 = bitcast <8 x i32> %1084 to <8 x float>
+  %exp71 = fmul <8 x float> %1081, %exp.2n70
+  %1085 = fadd <8 x float> %exp71, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid72 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1085
+  %1086 = fmul <8 x float> %1059, %sigmoid72
+  %1087 = fadd <8 x float> %1063, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai73 = fmul <8 x float> %1086, %1087
+  %1088 = fmul <8 x float> %oai73, %1047
+  %1089 = getelementptr inbounds float, ptr %1049, i64 %col69
+  store <8 x float> %1088, ptr %1089, align 4
+  %1090 = add nsw i64 %r01, 4
+  %1091 = getelementptr inbounds float, ptr %rw, i64 %1090
+  %1092 = load float, ptr %1091, align 4
+  %1093 = insertelement <8 x float> poison, float %1092, i32 0
+  %1094 = shufflevector <8 x float> %1093, <8 x float> poison, <8 x i32> zeroinitializer
+  %1095 = mul nsw i64 %1090, 2880
+  %1096 = getelementptr inbounds float, ptr %h, i64 %1095
+  %col74 = mul nsw i64 %kb.p, 8
+  %1097 = load <8 x float>, ptr %acc04036, align 4
+  %1098 = load <8 x float>, ptr %acc04137, align 4
+  %1099 = getelementptr inbounds float, ptr %bg, i64 %col74
+  %1100 = load <8 x float>, ptr %1099, align 4
+  %1101 = fadd <8 x float> %1097, %1100
+  %1102 = getelementptr inbounds float, ptr %bu, i64 %col74
+  %1103 = load <8 x float>, ptr %1102, align 4
+  %1104 = fadd <8 x float> %1098, %1103
+  %1105 = fcmp olt <8 x float> %1101, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1106 = select <8 x i1> %1105, <8 x float> %1101, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1107 = fcmp olt <8 x float> %1104, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1108 = select <8 x i1> %1107, <8 x float> %1104, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1109 = fcmp ogt <8 x float> %1108, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1110 = select <8 x i1> %1109, <8 x float> %1108, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1111 = fmul <8 x float> %1106, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1112 = fneg <8 x float> %1111
+  %1113 = fcmp olt <8 x float> %1112, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1114 = select <8 x i1> %1113, <8 x float> %1112, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1115 = fcmp ogt <8 x float> %1114, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1116 = select <8 x i1> %1115, <8 x float> %1114, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1116, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1118 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1117)
+  %1119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1118, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1116)
+  %1120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1118, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1119)
+  %1121 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1120, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1121, <8 x float> %1120, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1122, <8 x float> %1120, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1123, <8 x float> %1120, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1124, <8 x float> %1120, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1126 = fmul <8 x float> %1120, %1120
+  %1127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1125, <8 x float> %1126, <8 x float> %1120)
+  %1128 = fadd <8 x float> %1127, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1129 = fptosi <8 x float> %1118 to <8 x i32>
+  %1130 = add <8 x i32> %1129, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1131 = shl <8 x i32> %1130, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n75 = bitcast <8 x i32> %1131 to <8 x float>
+  %exp76 = fmul <8 x float> %1128, %exp.2n75
+  %1132 = fadd <8 x float> %exp76, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid77 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1132
+  %1133 = fmul <8 x float> %1106, %sigmoid77
+  %1134 = fadd <8 x float> %1110, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai78 = fmul <8 x float> %1133, %1134
+  %1135 = fmul <8 x float> %oai78, %1094
+  %1136 = getelementptr inbounds float, ptr %1096, i64 %col74
+  store <8 x float> %1135, ptr %1136, align 4
+  br label %last.end53
+
+last.end53:                                       ; preds = %last.then52, %part.end51
   br label %tile.done
 
-tile.mr3:                                         ; preds = %rb.body
-  %989 = add nsw i64 %r0, 0
-  %990 = getelementptr inbounds i32, ptr %rows, i64 %989
-  %991 = load i32, ptr %990, align 4
-  %992 = sext i32 %991 to i64
-  %993 = mul nsw i64 %992, 2880
-  %994 = getelementptr inbounds float, ptr %x, i64 %993
-  store <8 x float> zeroinitializer, ptr %acc000114, align 4
-  store <8 x float> zeroinitializer, ptr %acc001115, align 4
-  %995 = add nsw i64 %r0, 1
-  %996 = getelementptr inbounds i32, ptr %rows, i64 %995
-  %997 = load i32, ptr %996, align 4
-  %998 = sext i32 %997 to i64
-  %999 = mul nsw i64 %998, 2880
-  %1000 = getelementptr inbounds float, ptr %x, i64 %999
-  store <8 x float> zeroinitializer, ptr %acc010116, align 4
-  store <8 x float> zeroinitializer, ptr %acc011117, align 4
-  %1001 = add nsw i64 %r0, 2
-  %1002 = getelementptr inbounds i32, ptr %rows, i64 %1001
-  %1003 = load i32, ptr %1002, align 4
-  %1004 = sext i32 %1003 to i64
-  %1005 = mul nsw i64 %1004, 2880
-  %1006 = getelementptr inbounds float, ptr %x, i64 %1005
-  store <8 x float> zeroinitializer, ptr %acc020118, align 4
-  store <8 x float> zeroinitializer, ptr %acc021119, align 4
-  %panel.off120 = mul nsw i64 %p, 46080
-  %1007 = getelementptr inbounds i16, ptr %panels, i64 %panel.off120
-  %1008 = add nsw i64 %p, 1
-  %1009 = icmp slt i64 %1008, %p1
-  %pf.on121 = and i1 %pf.on, %1009
-  %1010 = mul nsw i64 %rb, 92160
-  %1011 = lshr i64 %1010, %11
-  %1012 = add nsw i64 92160, %1011
-  %1013 = getelementptr inbounds i8, ptr %1007, i64 %1012
-  %pf122 = select i1 %pf.on121, ptr %1013, ptr %1007
-  %pf.sh123 = select i1 %pf.on121, i64 %11, i64 0
-  br label %k.head124
+tile.mr4:                                         ; preds = %rb.body
+  %1137 = add nsw i64 %r01, 0
+  %1138 = getelementptr inbounds i32, ptr %rows, i64 %1137
+  %1139 = load i32, ptr %1138, align 4
+  %1140 = sext i32 %1139 to i64
+  %1141 = mul nsw i64 %1140, 2880
+  %1142 = add nsw i64 %1141, %k0
+  %1143 = getelementptr inbounds float, ptr %x, i64 %1142
+  %1144 = sub nsw i64 %kb.p, %kb.pg
+  %1145 = sub nsw i64 %1137, %kb.rc
+  %1146 = mul nsw i64 %1145, 16
+  %1147 = add nsw i64 %1146, %1144
+  %1148 = mul nsw i64 %1147, 16
+  %1149 = getelementptr inbounds float, ptr %part, i64 %1148
+  %1150 = getelementptr inbounds float, ptr %1149, i64 0
+  %1151 = load <8 x float>, ptr %1150, align 4
+  %1152 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1151
+  store <8 x float> %1152, ptr %acc00079, align 4
+  %1153 = sub nsw i64 %kb.p, %kb.pg
+  %1154 = sub nsw i64 %1137, %kb.rc
+  %1155 = mul nsw i64 %1154, 16
+  %1156 = add nsw i64 %1155, %1153
+  %1157 = mul nsw i64 %1156, 16
+  %1158 = getelementptr inbounds float, ptr %part, i64 %1157
+  %1159 = getelementptr inbounds float, ptr %1158, i64 8
+  %1160 = load <8 x float>, ptr %1159, align 4
+  %1161 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1160
+  store <8 x float> %1161, ptr %acc00180, align 4
+  %1162 = add nsw i64 %r01, 1
+  %1163 = getelementptr inbounds i32, ptr %rows, i64 %1162
+  %1164 = load i32, ptr %1163, align 4
+  %1165 = sext i32 %1164 to i64
+  %1166 = mul nsw i64 %1165, 2880
+  %1167 = add nsw i64 %1166, %k0
+  %1168 = getelementptr inbounds float, ptr %x, i64 %1167
+  %1169 = sub nsw i64 %kb.p, %kb.pg
+  %1170 = sub nsw i64 %1162, %kb.rc
+  %1171 = mul nsw i64 %1170, 16
+  %1172 = add nsw i64 %1171, %1169
+  %1173 = mul nsw i64 %1172, 16
+  %1174 = getelementptr inbounds float, ptr %part, i64 %1173
+  %1175 = getelementptr inbounds float, ptr %1174, i64 0
+  %1176 = load <8 x float>, ptr %1175, align 4
+  %1177 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1176
+  store <8 x float> %1177, ptr %acc01081, align 4
+  %1178 = sub nsw i64 %kb.p, %kb.pg
+  %1179 = sub nsw i64 %1162, %kb.rc
+  %1180 = mul nsw i64 %1179, 16
+  %1181 = add nsw i64 %1180, %1178
+  %1182 = mul nsw i64 %1181, 16
+  %1183 = getelementptr inbounds float, ptr %part, i64 %1182
+  %1184 = getelementptr inbounds float, ptr %1183, i64 8
+  %1185 = load <8 x float>, ptr %1184, align 4
+  %1186 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1185
+  store <8 x float> %1186, ptr %acc01182, align 4
+  %1187 = add nsw i64 %r01, 2
+  %1188 = getelementptr inbounds i32, ptr %rows, i64 %1187
+  %1189 = load i32, ptr %1188, align 4
+  %1190 = sext i32 %1189 to i64
+  %1191 = mul nsw i64 %1190, 2880
+  %1192 = add nsw i64 %1191, %k0
+  %1193 = getelementptr inbounds float, ptr %x, i64 %1192
+  %1194 = sub nsw i64 %kb.p, %kb.pg
+  %1195 = sub nsw i64 %1187, %kb.rc
+  %1196 = mul nsw i64 %1195, 16
+  %1197 = add nsw i64 %1196, %1194
+  %1198 = mul nsw i64 %1197, 16
+  %1199 = getelementptr inbounds float, ptr %part, i64 %1198
+  %1200 = getelementptr inbounds float, ptr %1199, i64 0
+  %1201 = load <8 x float>, ptr %1200, align 4
+  %1202 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1201
+  store <8 x float> %1202, ptr %acc02083, align 4
+  %1203 = sub nsw i64 %kb.p, %kb.pg
+  %1204 = sub nsw i64 %1187, %kb.rc
+  %1205 = mul nsw i64 %1204, 16
+  %1206 = add nsw i64 %1205, %1203
+  %1207 = mul nsw i64 %1206, 16
+  %1208 = getelementptr inbounds float, ptr %part, i64 %1207
+  %1209 = getelementptr inbounds float, ptr %1208, i64 8
+  %1210 = load <8 x float>, ptr %1209, align 4
+  %1211 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1210
+  store <8 x float> %1211, ptr %acc02184, align 4
+  %1212 = add nsw i64 %r01, 3
+  %1213 = getelementptr inbounds i32, ptr %rows, i64 %1212
+  %1214 = load i32, ptr %1213, align 4
+  %1215 = sext i32 %1214 to i64
+  %1216 = mul nsw i64 %1215, 2880
+  %1217 = add nsw i64 %1216, %k0
+  %1218 = getelementptr inbounds float, ptr %x, i64 %1217
+  %1219 = sub nsw i64 %kb.p, %kb.pg
+  %1220 = sub nsw i64 %1212, %kb.rc
+  %1221 = mul nsw i64 %1220, 16
+  %1222 = add nsw i64 %1221, %1219
+  %1223 = mul nsw i64 %1222, 16
+  %1224 = getelementptr inbounds float, ptr %part, i64 %1223
+  %1225 = getelementptr inbounds float, ptr %1224, i64 0
+  %1226 = load <8 x float>, ptr %1225, align 4
+  %1227 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1226
+  store <8 x float> %1227, ptr %acc03085, align 4
+  %1228 = sub nsw i64 %kb.p, %kb.pg
+  %1229 = sub nsw i64 %1212, %kb.rc
+  %1230 = mul nsw i64 %1229, 16
+  %1231 = add nsw i64 %1230, %1228
+  %1232 = mul nsw i64 %1231, 16
+  %1233 = getelementptr inbounds float, ptr %part, i64 %1232
+  %1234 = getelementptr inbounds float, ptr %1233, i64 8
+  %1235 = load <8 x float>, ptr %1234, align 4
+  %1236 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1235
+  store <8 x float> %1236, ptr %acc03186, align 4
+  %1237 = mul nsw i64 %k0, 16
+  %1238 = mul nsw i64 %kb.p, 46080
+  %panel.off87 = add nsw i64 %1238, %1237
+  %1239 = getelementptr inbounds i16, ptr %panels, i64 %panel.off87
+  %pf.on88 = and i1 %pf.on, %pf.next
+  %1240 = mul nsw i64 %rb, 7680
+  %1241 = lshr i64 %1240, %25
+  %1242 = add nsw i64 %pf.step, %1241
+  %1243 = getelementptr inbounds i8, ptr %1239, i64 %1242
+  %pf89 = select i1 %pf.on88, ptr %1243, ptr %1239
+  %pf.sh90 = select i1 %pf.on88, i64 %25, i64 0
+  br label %k.head91
 
-k.head124:                                        ; preds = %pf.any.end129, %tile.mr3
-  %k127 = phi i64 [ 0, %tile.mr3 ], [ %1050, %pf.any.end129 ]
-  %1014 = icmp slt i64 %k127, 2880
-  br i1 %1014, label %k.body125, label %k.end126
+k.head91:                                         ; preds = %pf.any.end96, %tile.mr4
+  %k94 = phi i64 [ 0, %tile.mr4 ], [ %1288, %pf.any.end96 ]
+  %1244 = icmp slt i64 %k94, 240
+  br i1 %1244, label %k.body92, label %k.end93
 
-k.body125:                                        ; preds = %k.head124
-  %1015 = mul nsw i64 %k127, 1
-  %1016 = add nsw i64 %1015, 0
-  %1017 = mul nsw i64 %1016, 32
-  br i1 %pf.multi, label %pf.any.then128, label %pf.any.end129
+k.body92:                                         ; preds = %k.head91
+  %1245 = mul nsw i64 %k94, 1
+  %1246 = add nsw i64 %1245, 0
+  %1247 = mul nsw i64 %1246, 32
+  br i1 %pf.multi, label %pf.any.then95, label %pf.any.end96
 
-pf.any.then128:                                   ; preds = %k.body125
-  %1018 = lshr i64 %1017, %pf.sh123
-  %1019 = getelementptr inbounds i8, ptr %pf122, i64 %1018
-  call void @llvm.prefetch.p0(ptr %1019, i32 0, i32 2, i32 1)
-  br label %pf.any.end129
+pf.any.then95:                                    ; preds = %k.body92
+  %1248 = lshr i64 %1247, %pf.sh90
+  %1249 = getelementptr inbounds i8, ptr %pf89, i64 %1248
+  call void @llvm.prefetch.p0(ptr %1249, i32 0, i32 2, i32 1)
+  br label %pf.any.end96
 
-pf.any.end129:                                    ; preds = %pf.any.then128, %k.body125
-  %1020 = mul nsw i64 %1016, 16
-  %1021 = add nsw i64 %panel.off120, %1020
-  %1022 = getelementptr inbounds i16, ptr %panels, i64 %1021
-  %1023 = load <8 x i32>, ptr %1022, align 4
-  %1024 = shl <8 x i32> %1023, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0130 = bitcast <8 x i32> %1024 to <8 x float>
-  %1025 = and <8 x i32> %1023, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1131 = bitcast <8 x i32> %1025 to <8 x float>
-  %1026 = getelementptr inbounds float, ptr %994, i64 %1016
-  %1027 = load float, ptr %1026, align 4
-  %1028 = insertelement <8 x float> poison, float %1027, i32 0
-  %1029 = shufflevector <8 x float> %1028, <8 x float> poison, <8 x i32> zeroinitializer
-  %1030 = load <8 x float>, ptr %acc000114, align 4
-  %1031 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1029, <8 x float> %b0130, <8 x float> %1030)
-  store <8 x float> %1031, ptr %acc000114, align 4
-  %1032 = load <8 x float>, ptr %acc001115, align 4
-  %1033 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1029, <8 x float> %b1131, <8 x float> %1032)
-  store <8 x float> %1033, ptr %acc001115, align 4
-  %1034 = getelementptr inbounds float, ptr %1000, i64 %1016
-  %1035 = load float, ptr %1034, align 4
-  %1036 = insertelement <8 x float> poison, float %1035, i32 0
-  %1037 = shufflevector <8 x float> %1036, <8 x float> poison, <8 x i32> zeroinitializer
-  %1038 = load <8 x float>, ptr %acc010116, align 4
-  %1039 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1037, <8 x float> %b0130, <8 x float> %1038)
-  store <8 x float> %1039, ptr %acc010116, align 4
-  %1040 = load <8 x float>, ptr %acc011117, align 4
-  %1041 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1037, <8 x float> %b1131, <8 x float> %1040)
-  store <8 x float> %1041, ptr %acc011117, align 4
-  %1042 = getelementptr inbounds float, ptr %1006, i64 %1016
-  %1043 = load float, ptr %1042, align 4
-  %1044 = insertelement <8 x float> poison, float %1043, i32 0
-  %1045 = shufflevector <8 x float> %1044, <8 x float> poison, <8 x i32> zeroinitializer
-  %1046 = load <8 x float>, ptr %acc020118, align 4
-  %1047 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1045, <8 x float> %b0130, <8 x float> %1046)
-  store <8 x float> %1047, ptr %acc020118, align 4
-  %1048 = load <8 x float>, ptr %acc021119, align 4
-  %1049 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1045, <8 x float> %b1131, <8 x float> %1048)
-  store <8 x float> %1049, ptr %acc021119, align 4
-  %1050 = add nsw i64 %k127, 1
-  br label %k.head124
+pf.any.end96:                                     ; preds = %pf.any.then95, %k.body92
+  %1250 = mul nsw i64 %1246, 16
+  %1251 = add nsw i64 %panel.off87, %1250
+  %1252 = getelementptr inbounds i16, ptr %panels, i64 %1251
+  %1253 = load <8 x i32>, ptr %1252, align 4
+  %1254 = shl <8 x i32> %1253, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b097 = bitcast <8 x i32> %1254 to <8 x float>
+  %1255 = and <8 x i32> %1253, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b198 = bitcast <8 x i32> %1255 to <8 x float>
+  %1256 = getelementptr inbounds float, ptr %1143, i64 %1246
+  %1257 = load float, ptr %1256, align 4
+  %1258 = insertelement <8 x float> poison, float %1257, i32 0
+  %1259 = shufflevector <8 x float> %1258, <8 x float> poison, <8 x i32> zeroinitializer
+  %1260 = load <8 x float>, ptr %acc00079, align 4
+  %1261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1259, <8 x float> %b097, <8 x float> %1260)
+  store <8 x float> %1261, ptr %acc00079, align 4
+  %1262 = load <8 x float>, ptr %acc00180, align 4
+  %1263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1259, <8 x float> %b198, <8 x float> %1262)
+  store <8 x float> %1263, ptr %acc00180, align 4
+  %1264 = getelementptr inbounds float, ptr %1168, i64 %1246
+  %1265 = load float, ptr %1264, align 4
+  %1266 = insertelement <8 x float> poison, float %1265, i32 0
+  %1267 = shufflevector <8 x float> %1266, <8 x float> poison, <8 x i32> zeroinitializer
+  %1268 = load <8 x float>, ptr %acc01081, align 4
+  %1269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1267, <8 x float> %b097, <8 x float> %1268)
+  store <8 x float> %1269, ptr %acc01081, align 4
+  %1270 = load <8 x float>, ptr %acc01182, align 4
+  %1271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1267, <8 x float> %b198, <8 x float> %1270)
+  store <8 x float> %1271, ptr %acc01182, align 4
+  %1272 = getelementptr inbounds float, ptr %1193, i64 %1246
+  %1273 = load float, ptr %1272, align 4
+  %1274 = insertelement <8 x float> poison, float %1273, i32 0
+  %1275 = shufflevector <8 x float> %1274, <8 x float> poison, <8 x i32> zeroinitializer
+  %1276 = load <8 x float>, ptr %acc02083, align 4
+  %1277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1275, <8 x float> %b097, <8 x float> %1276)
+  store <8 x float> %1277, ptr %acc02083, align 4
+  %1278 = load <8 x float>, ptr %acc02184, align 4
+  %1279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1275, <8 x float> %b198, <8 x float> %1278)
+  store <8 x float> %1279, ptr %acc02184, align 4
+  %1280 = getelementptr inbounds float, ptr %1218, i64 %1246
+  %1281 = load float, ptr %1280, align 4
+  %1282 = insertelement <8 x float> poison, float %1281, i32 0
+  %1283 = shufflevector <8 x float> %1282, <8 x float> poison, <8 x i32> zeroinitializer
+  %1284 = load <8 x float>, ptr %acc03085, align 4
+  %1285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1283, <8 x float> %b097, <8 x float> %1284)
+  store <8 x float> %1285, ptr %acc03085, align 4
+  %1286 = load <8 x float>, ptr %acc03186, align 4
+  %1287 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1283, <8 x float> %b198, <8 x float> %1286)
+  store <8 x float> %1287, ptr %acc03186, align 4
+  %1288 = add nsw i64 %k94, 1
+  br label %k.head91
 
-k.end126:                                         ; preds = %k.head124
-  %1051 = add nsw i64 %r0, 0
-  %1052 = getelementptr inbounds float, ptr %rw, i64 %1051
-  %1053 = load float, ptr %1052, align 4
-  %1054 = insertelement <8 x float> poison, float %1053, i32 0
-  %1055 = shufflevector <8 x float> %1054, <8 x float> poison, <8 x i32> zeroinitializer
-  %1056 = mul nsw i64 %1051, 2880
-  %1057 = getelementptr inbounds float, ptr %h, i64 %1056
-  %col132 = mul nsw i64 %p, 8
-  %1058 = load <8 x float>, ptr %acc000114, align 4
-  %1059 = load <8 x float>, ptr %acc001115, align 4
-  %1060 = getelementptr inbounds float, ptr %bg, i64 %col132
-  %1061 = load <8 x float>, ptr %1060, align 4
-  %1062 = fadd <8 x float> %1058, %1061
-  %1063 = getelementptr inbounds float, ptr %bu, i64 %col132
-  %1064 = load <8 x float>, ptr %1063, align 4
-  %1065 = fadd <8 x float> %1059, %1064
-  %1066 = fcmp olt <8 x float> %1062, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1067 = select <8 x i1> %1066, <8 x float> %1062, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1068 = fcmp olt <8 x float> %1065, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1069 = select <8 x i1> %1068, <8 x float> %1065, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1070 = fcmp ogt <8 x float> %1069, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1071 = select <8 x i1> %1070, <8 x float> %1069, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1072 = fmul <8 x float> %1067, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1073 = fneg <8 x float> %1072
-  %1074 = fcmp olt <8 x float> %1073, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1075 = select <8 x i1> %1074, <8 x float> %1073, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1076 = fcmp ogt <8 x float> %1075, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1077 = select <8 x i1> %1076, <8 x float> %1075, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1078 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1077, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1079 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1078)
-  %1080 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1079, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1077)
-  %1081 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1079, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1080)
-  %1082 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1081, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1083 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1082, <8 x float> %1081, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1084 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1083, <8 x float> %1081, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1085 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1084, <8 x float> %1081, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1086 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1085, <8 x float> %1081, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1087 = fmul <8 x float> %1081, %1081
-  %1088 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1086, <8 x float> %1087, <8 x float> %1081)
-  %1089 = fadd <8 x float> %1088, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1090 = fptosi <8 x float> %1079 to <8 x i32>
-  %1091 = add <8 x i32> %1090, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1092 = shl <8 x i32> %1091, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n133 = bitcast <8 x i32> %1092 to <8 x float>
-  %exp134 = fmul <8 x float> %1089, %exp.2n133
-  %1093 = fadd <8 x float> %exp134, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid135 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1093
-  %1094 = fmul <8 x float> %1067, %sigmoid135
-  %1095 = fadd <8 x float> %1071, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai136 = fmul <8 x float> %1094, %1095
-  %1096 = fmul <8 x float> %oai136, %1055
-  %1097 = getelementptr inbounds float, ptr %1057, i64 %col132
-  store <8 x float> %1096, ptr %1097, align 4
-  %1098 = add nsw i64 %r0, 1
-  %1099 = getelementptr inbounds float, ptr %rw, i64 %1098
-  %1100 = load float, ptr %1099, align 4
-  %1101 = insertelement <8 x float> poison, float %1100, i32 0
-  %1102 = shufflevector <8 x float> %1101, <8 x float> poison, <8 x i32> zeroinitializer
-  %1103 = mul nsw i64 %1098, 2880
-  %1104 = getelementptr inbounds float, ptr %h, i64 %1103
-  %col137 = mul nsw i64 %p, 8
-  %1105 = load <8 x float>, ptr %acc010116, align 4
-  %1106 = load <8 x float>, ptr %acc011117, align 4
-  %1107 = getelementptr inbounds float, ptr %bg, i64 %col137
-  %1108 = load <8 x float>, ptr %1107, align 4
-  %1109 = fadd <8 x float> %1105, %1108
-  %1110 = getelementptr inbounds float, ptr %bu, i64 %col137
-  %1111 = load <8 x float>, ptr %1110, align 4
-  %1112 = fadd <8 x float> %1106, %1111
-  %1113 = fcmp olt <8 x float> %1109, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1114 = select <8 x i1> %1113, <8 x float> %1109, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1115 = fcmp olt <8 x float> %1112, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1116 = select <8 x i1> %1115, <8 x float> %1112, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1117 = fcmp ogt <8 x float> %1116, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1118 = select <8 x i1> %1117, <8 x float> %1116, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1119 = fmul <8 x float> %1114, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1120 = fneg <8 x float> %1119
-  %1121 = fcmp olt <8 x float> %1120, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1122 = select <8 x i1> %1121, <8 x float> %1120, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1123 = fcmp ogt <8 x float> %1122, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1124 = select <8 x i1> %1123, <8 x float> %1122, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1124, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1126 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1125)
-  %1127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1126, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1124)
-  %1128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1126, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1127)
-  %1129 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1128, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1129, <8 x float> %1128, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1130, <8 x float> %1128, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1131, <8 x float> %1128, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1132, <8 x float> %1128, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1134 = fmul <8 x float> %1128, %1128
-  %1135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1133, <8 x float> %1134, <8 x float> %1128)
-  %1136 = fadd <8 x float> %1135, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1137 = fptosi <8 x float> %1126 to <8 x i32>
-  %1138 = add <8 x i32> %1137, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1139 = shl <8 x i32> %1138, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n138 = bitcast <8 x i32> %1139 to <8 x float>
-  %exp139 = fmul <8 x float> %1136, %exp.2n138
-  %1140 = fadd <8 x float> %exp139, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid140 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1140
-  %1141 = fmul <8 x float> %1114, %sigmoid140
-  %1142 = fadd <8 x float> %1118, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai141 = fmul <8 x float> %1141, %1142
-  %1143 = fmul <8 x float> %oai141, %1102
-  %1144 = getelementptr inbounds float, ptr %1104, i64 %col137
-  store <8 x float> %1143, ptr %1144, align 4
-  %1145 = add nsw i64 %r0, 2
-  %1146 = getelementptr inbounds float, ptr %rw, i64 %1145
-  %1147 = load float, ptr %1146, align 4
-  %1148 = insertelement <8 x float> poison, float %1147, i32 0
-  %1149 = shufflevector <8 x float> %1148, <8 x float> poison, <8 x i32> zeroinitializer
-  %1150 = mul nsw i64 %1145, 2880
-  %1151 = getelementptr inbounds float, ptr %h, i64 %1150
-  %col142 = mul nsw i64 %p, 8
-  %1152 = load <8 x float>, ptr %acc020118, align 4
-  %1153 = load <8 x float>, ptr %acc021119, align 4
-  %1154 = getelementptr inbounds float, ptr %bg, i64 %col142
-  %1155 = load <8 x float>, ptr %1154, align 4
-  %1156 = fadd <8 x float> %1152, %1155
-  %1157 = getelementptr inbounds float, ptr %bu, i64 %col142
-  %1158 = load <8 x float>, ptr %1157, align 4
-  %1159 = fadd <8 x float> %1153, %1158
-  %1160 = fcmp olt <8 x float> %1156, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1161 = select <8 x i1> %1160, <8 x float> %1156, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1162 = fcmp olt <8 x float> %1159, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1163 = select <8 x i1> %1162, <8 x float> %1159, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1164 = fcmp ogt <8 x float> %1163, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1165 = select <8 x i1> %1164, <8 x float> %1163, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1166 = fmul <8 x float> %1161, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1167 = fneg <8 x float> %1166
-  %1168 = fcmp olt <8 x float> %1167, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1169 = select <8 x i1> %1168, <8 x float> %1167, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1170 = fcmp ogt <8 x float> %1169, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1171 = select <8 x i1> %1170, <8 x float> %1169, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1171, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1173 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1172)
-  %1174 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1173, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1171)
-  %1175 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1173, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1174)
-  %1176 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1175, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1177 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1176, <8 x float> %1175, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1178 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1177, <8 x float> %1175, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1178, <8 x float> %1175, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1179, <8 x float> %1175, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1181 = fmul <8 x float> %1175, %1175
-  %1182 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1180, <8 x float> %1181, <8 x float> %1175)
-  %1183 = fadd <8 x float> %1182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1184 = fptosi <8 x float> %1173 to <8 x i32>
-  %1185 = add <8 x i32> %1184, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1186 = shl <8 x i32> %1185, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n143 = bitcast <8 x i32> %1186 to <8 x float>
-  %exp144 = fmul <8 x float> %1183, %exp.2n143
-  %1187 = fadd <8 x float> %exp144, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid145 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1187
-  %1188 = fmul <8 x float> %1161, %sigmoid145
-  %1189 = fadd <8 x float> %1165, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai146 = fmul <8 x float> %1188, %1189
-  %1190 = fmul <8 x float> %oai146, %1149
-  %1191 = getelementptr inbounds float, ptr %1151, i64 %col142
-  store <8 x float> %1190, ptr %1191, align 4
-  br label %tile.done
+k.end93:                                          ; preds = %k.head91
+  %1289 = xor i1 %klast, true
+  br i1 %1289, label %part.then99, label %part.end100
 
-tile.mr2:                                         ; preds = %rb.body
-  %1192 = add nsw i64 %r0, 0
-  %1193 = getelementptr inbounds i32, ptr %rows, i64 %1192
-  %1194 = load i32, ptr %1193, align 4
-  %1195 = sext i32 %1194 to i64
-  %1196 = mul nsw i64 %1195, 2880
-  %1197 = getelementptr inbounds float, ptr %x, i64 %1196
-  store <8 x float> zeroinitializer, ptr %acc000147, align 4
-  store <8 x float> zeroinitializer, ptr %acc001148, align 4
-  %1198 = add nsw i64 %r0, 1
-  %1199 = getelementptr inbounds i32, ptr %rows, i64 %1198
-  %1200 = load i32, ptr %1199, align 4
-  %1201 = sext i32 %1200 to i64
-  %1202 = mul nsw i64 %1201, 2880
-  %1203 = getelementptr inbounds float, ptr %x, i64 %1202
-  store <8 x float> zeroinitializer, ptr %acc010149, align 4
-  store <8 x float> zeroinitializer, ptr %acc011150, align 4
-  %panel.off151 = mul nsw i64 %p, 46080
-  %1204 = getelementptr inbounds i16, ptr %panels, i64 %panel.off151
-  %1205 = add nsw i64 %p, 1
-  %1206 = icmp slt i64 %1205, %p1
-  %pf.on152 = and i1 %pf.on, %1206
-  %1207 = mul nsw i64 %rb, 92160
-  %1208 = lshr i64 %1207, %11
-  %1209 = add nsw i64 92160, %1208
-  %1210 = getelementptr inbounds i8, ptr %1204, i64 %1209
-  %pf153 = select i1 %pf.on152, ptr %1210, ptr %1204
-  %pf.sh154 = select i1 %pf.on152, i64 %11, i64 0
-  br label %k.head155
+part.then99:                                      ; preds = %k.end93
+  %1290 = add nsw i64 %r01, 0
+  %1291 = sub nsw i64 %kb.p, %kb.pg
+  %1292 = sub nsw i64 %1290, %kb.rc
+  %1293 = mul nsw i64 %1292, 16
+  %1294 = add nsw i64 %1293, %1291
+  %1295 = mul nsw i64 %1294, 16
+  %1296 = getelementptr inbounds float, ptr %part, i64 %1295
+  %1297 = getelementptr inbounds float, ptr %1296, i64 0
+  %1298 = load <8 x float>, ptr %acc00079, align 4
+  store <8 x float> %1298, ptr %1297, align 4
+  %1299 = sub nsw i64 %kb.p, %kb.pg
+  %1300 = sub nsw i64 %1290, %kb.rc
+  %1301 = mul nsw i64 %1300, 16
+  %1302 = add nsw i64 %1301, %1299
+  %1303 = mul nsw i64 %1302, 16
+  %1304 = getelementptr inbounds float, ptr %part, i64 %1303
+  %1305 = getelementptr inbounds float, ptr %1304, i64 8
+  %1306 = load <8 x float>, ptr %acc00180, align 4
+  store <8 x float> %1306, ptr %1305, align 4
+  %1307 = add nsw i64 %r01, 1
+  %1308 = sub nsw i64 %kb.p, %kb.pg
+  %1309 = sub nsw i64 %1307, %kb.rc
+  %1310 = mul nsw i64 %1309, 16
+  %1311 = add nsw i64 %1310, %1308
+  %1312 = mul nsw i64 %1311, 16
+  %1313 = getelementptr inbounds float, ptr %part, i64 %1312
+  %1314 = getelementptr inbounds float, ptr %1313, i64 0
+  %1315 = load <8 x float>, ptr %acc01081, align 4
+  store <8 x float> %1315, ptr %1314, align 4
+  %1316 = sub nsw i64 %kb.p, %kb.pg
+  %1317 = sub nsw i64 %1307, %kb.rc
+  %1318 = mul nsw i64 %1317, 16
+  %1319 = add nsw i64 %1318, %1316
+  %1320 = mul nsw i64 %1319, 16
+  %1321 = getelementptr inbounds float, ptr %part, i64 %1320
+  %1322 = getelementptr inbounds float, ptr %1321, i64 8
+  %1323 = load <8 x float>, ptr %acc01182, align 4
+  store <8 x float> %1323, ptr %1322, align 4
+  %1324 = add nsw i64 %r01, 2
+  %1325 = sub nsw i64 %kb.p, %kb.pg
+  %1326 = sub nsw i64 %1324, %kb.rc
+  %1327 = mul nsw i64 %1326, 16
+  %1328 = add nsw i64 %1327, %1325
+  %1329 = mul nsw i64 %1328, 16
+  %1330 = getelementptr inbounds float, ptr %part, i64 %1329
+  %1331 = getelementptr inbounds float, ptr %1330, i64 0
+  %1332 = load <8 x float>, ptr %acc02083, align 4
+  store <8 x float> %1332, ptr %1331, align 4
+  %1333 = sub nsw i64 %kb.p, %kb.pg
+  %1334 = sub nsw i64 %1324, %kb.rc
+  %1335 = mul nsw i64 %1334, 16
+  %1336 = add nsw i64 %1335, %1333
+  %1337 = mul nsw i64 %1336, 16
+  %1338 = getelementptr inbounds float, ptr %part, i64 %1337
+  %1339 = getelementptr inbounds float, ptr %1338, i64 8
+  %1340 = load <8 x float>, ptr %acc02184, align 4
+  store <8 x float> %1340, ptr %1339, align 4
+  %1341 = add nsw i64 %r01, 3
+  %1342 = sub nsw i64 %kb.p, %kb.pg
+  %1343 = sub nsw i64 %1341, %kb.rc
+  %1344 = mul nsw i64 %1343, 16
+  %1345 = add nsw i64 %1344, %1342
+  %1346 = mul nsw i64 %1345, 16
+  %1347 = getelementptr inbounds float, ptr %part, i64 %1346
+  %1348 = getelementptr inbounds float, ptr %1347, i64 0
+  %1349 = load <8 x float>, ptr %acc03085, align 4
+  store <8 x float> %1349, ptr %1348, align 4
+  %1350 = sub nsw i64 %kb.p, %kb.pg
+  %1351 = sub nsw i64 %1341, %kb.rc
+  %1352 = mul nsw i64 %1351, 16
+  %1353 = add nsw i64 %1352, %1350
+  %1354 = mul nsw i64 %1353, 16
+  %1355 = getelementptr inbounds float, ptr %part, i64 %1354
+  %1356 = getelementptr inbounds float, ptr %1355, i64 8
+  %1357 = load <8 x float>, ptr %acc03186, align 4
+  store <8 x float> %1357, ptr %1356, align 4
+  br label %part.end100
 
-k.head155:                                        ; preds = %pf.any.end160, %tile.mr2
-  %k158 = phi i64 [ 0, %tile.mr2 ], [ %1239, %pf.any.end160 ]
-  %1211 = icmp slt i64 %k158, 2880
-  br i1 %1211, label %k.body156, label %k.end157
+part.end100:                                      ; preds = %part.then99, %k.end93
+  br i1 %klast, label %last.then101, label %last.end102
 
-k.body156:                                        ; preds = %k.head155
-  %1212 = mul nsw i64 %k158, 1
-  %1213 = add nsw i64 %1212, 0
-  %1214 = mul nsw i64 %1213, 32
-  br i1 %pf.multi, label %pf.any.then159, label %pf.any.end160
-
-pf.any.then159:                                   ; preds = %k.body156
-  %1215 = lshr i64 %1214, %pf.sh154
-  %1216 = getelementptr inbounds i8, ptr %pf153, i64 %1215
-  call void @llvm.prefetch.p0(ptr %1216, i32 0, i32 2, i32 1)
-  br label %pf.any.end160
-
-pf.any.end160:                                    ; preds = %pf.any.then159, %k.body156
-  %1217 = mul nsw i64 %1213, 16
-  %1218 = add nsw i64 %panel.off151, %1217
-  %1219 = getelementptr inbounds i16, ptr %panels, i64 %1218
-  %1220 = load <8 x i32>, ptr %1219, align 4
-  %1221 = shl <8 x i32> %1220, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0161 = bitcast <8 x i32> %1221 to <8 x float>
-  %1222 = and <8 x i32> %1220, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1162 = bitcast <8 x i32> %1222 to <8 x float>
-  %1223 = getelementptr inbounds float, ptr %1197, i64 %1213
-  %1224 = load float, ptr %1223, align 4
-  %1225 = insertelement <8 x float> poison, float %1224, i32 0
-  %1226 = shufflevector <8 x float> %1225, <8 x float> poison, <8 x i32> zeroinitializer
-  %1227 = load <8 x float>, ptr %acc000147, align 4
-  %1228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1226, <8 x float> %b0161, <8 x float> %1227)
-  store <8 x float> %1228, ptr %acc000147, align 4
-  %1229 = load <8 x float>, ptr %acc001148, align 4
-  %1230 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1226, <8 x float> %b1162, <8 x float> %1229)
-  store <8 x float> %1230, ptr %acc001148, align 4
-  %1231 = getelementptr inbounds float, ptr %1203, i64 %1213
-  %1232 = load float, ptr %1231, align 4
-  %1233 = insertelement <8 x float> poison, float %1232, i32 0
-  %1234 = shufflevector <8 x float> %1233, <8 x float> poison, <8 x i32> zeroinitializer
-  %1235 = load <8 x float>, ptr %acc010149, align 4
-  %1236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1234, <8 x float> %b0161, <8 x float> %1235)
-  store <8 x float> %1236, ptr %acc010149, align 4
-  %1237 = load <8 x float>, ptr %acc011150, align 4
-  %1238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1234, <8 x float> %b1162, <8 x float> %1237)
-  store <8 x float> %1238, ptr %acc011150, align 4
-  %1239 = add nsw i64 %k158, 1
-  br label %k.head155
-
-k.end157:                                         ; preds = %k.head155
-  %1240 = add nsw i64 %r0, 0
-  %1241 = getelementptr inbounds float, ptr %rw, i64 %1240
-  %1242 = load float, ptr %1241, align 4
-  %1243 = insertelement <8 x float> poison, float %1242, i32 0
-  %1244 = shufflevector <8 x float> %1243, <8 x float> poison, <8 x i32> zeroinitializer
-  %1245 = mul nsw i64 %1240, 2880
-  %1246 = getelementptr inbounds float, ptr %h, i64 %1245
-  %col163 = mul nsw i64 %p, 8
-  %1247 = load <8 x float>, ptr %acc000147, align 4
-  %1248 = load <8 x float>, ptr %acc001148, align 4
-  %1249 = getelementptr inbounds float, ptr %bg, i64 %col163
-  %1250 = load <8 x float>, ptr %1249, align 4
-  %1251 = fadd <8 x float> %1247, %1250
-  %1252 = getelementptr inbounds float, ptr %bu, i64 %col163
-  %1253 = load <8 x float>, ptr %1252, align 4
-  %1254 = fadd <8 x float> %1248, %1253
-  %1255 = fcmp olt <8 x float> %1251, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1256 = select <8 x i1> %1255, <8 x float> %1251, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1257 = fcmp olt <8 x float> %1254, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1258 = select <8 x i1> %1257, <8 x float> %1254, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1259 = fcmp ogt <8 x float> %1258, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1260 = select <8 x i1> %1259, <8 x float> %1258, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1261 = fmul <8 x float> %1256, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1262 = fneg <8 x float> %1261
-  %1263 = fcmp olt <8 x float> %1262, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1264 = select <8 x i1> %1263, <8 x float> %1262, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1265 = fcmp ogt <8 x float> %1264, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1266 = select <8 x i1> %1265, <8 x float> %1264, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1266, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1268 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1267)
-  %1269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1268, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1266)
-  %1270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1268, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1269)
-  %1271 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1270, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1271, <8 x float> %1270, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1273 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1272, <8 x float> %1270, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1273, <8 x float> %1270, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1274, <8 x float> %1270, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1276 = fmul <8 x float> %1270, %1270
-  %1277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1275, <8 x float> %1276, <8 x float> %1270)
-  %1278 = fadd <8 x float> %1277, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1279 = fptosi <8 x float> %1268 to <8 x i32>
-  %1280 = add <8 x i32> %1279, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1281 = shl <8 x i32> %1280, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n164 = bitcast <8 x i32> %1281 to <8 x float>
-  %exp165 = fmul <8 x float> %1278, %exp.2n164
-  %1282 = fadd <8 x float> %exp165, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid166 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1282
-  %1283 = fmul <8 x float> %1256, %sigmoid166
-  %1284 = fadd <8 x float> %1260, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai167 = fmul <8 x float> %1283, %1284
-  %1285 = fmul <8 x float> %oai167, %1244
-  %1286 = getelementptr inbounds float, ptr %1246, i64 %col163
-  store <8 x float> %1285, ptr %1286, align 4
-  %1287 = add nsw i64 %r0, 1
-  %1288 = getelementptr inbounds float, ptr %rw, i64 %1287
-  %1289 = load float, ptr %1288, align 4
-  %1290 = insertelement <8 x float> poison, float %1289, i32 0
-  %1291 = shufflevector <8 x float> %1290, <8 x float> poison, <8 x i32> zeroinitializer
-  %1292 = mul nsw i64 %1287, 2880
-  %1293 = getelementptr inbounds float, ptr %h, i64 %1292
-  %col168 = mul nsw i64 %p, 8
-  %1294 = load <8 x float>, ptr %acc010149, align 4
-  %1295 = load <8 x float>, ptr %acc011150, align 4
-  %1296 = getelementptr inbounds float, ptr %bg, i64 %col168
-  %1297 = load <8 x float>, ptr %1296, align 4
-  %1298 = fadd <8 x float> %1294, %1297
-  %1299 = getelementptr inbounds float, ptr %bu, i64 %col168
-  %1300 = load <8 x float>, ptr %1299, align 4
-  %1301 = fadd <8 x float> %1295, %1300
-  %1302 = fcmp olt <8 x float> %1298, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1303 = select <8 x i1> %1302, <8 x float> %1298, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1304 = fcmp olt <8 x float> %1301, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1305 = select <8 x i1> %1304, <8 x float> %1301, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1306 = fcmp ogt <8 x float> %1305, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1307 = select <8 x i1> %1306, <8 x float> %1305, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1308 = fmul <8 x float> %1303, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1309 = fneg <8 x float> %1308
-  %1310 = fcmp olt <8 x float> %1309, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1311 = select <8 x i1> %1310, <8 x float> %1309, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1312 = fcmp ogt <8 x float> %1311, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1313 = select <8 x i1> %1312, <8 x float> %1311, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1313, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1315 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1314)
-  %1316 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1315, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1313)
-  %1317 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1315, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1316)
-  %1318 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1317, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1319 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1318, <8 x float> %1317, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1319, <8 x float> %1317, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1321 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1320, <8 x float> %1317, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1321, <8 x float> %1317, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1323 = fmul <8 x float> %1317, %1317
-  %1324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1322, <8 x float> %1323, <8 x float> %1317)
-  %1325 = fadd <8 x float> %1324, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1326 = fptosi <8 x float> %1315 to <8 x i32>
-  %1327 = add <8 x i32> %1326, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1328 = shl <8 x i32> %1327, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n169 = bitcast <8 x i32> %1328 to <8 x float>
-  %exp170 = fmul <8 x float> %1325, %exp.2n169
-  %1329 = fadd <8 x float> %exp170, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid171 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1329
-  %1330 = fmul <8 x float> %1303, %sigmoid171
-  %1331 = fadd <8 x float> %1307, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai172 = fmul <8 x float> %1330, %1331
-  %1332 = fmul <8 x float> %oai172, %1291
-  %1333 = getelementptr inbounds float, ptr %1293, i64 %col168
-  store <8 x float> %1332, ptr %1333, align 4
-  br label %tile.done
-
-tile.mr1:                                         ; preds = %rb.body
-  %1334 = add nsw i64 %r0, 0
-  %1335 = getelementptr inbounds i32, ptr %rows, i64 %1334
-  %1336 = load i32, ptr %1335, align 4
-  %1337 = sext i32 %1336 to i64
-  %1338 = mul nsw i64 %1337, 2880
-  %1339 = getelementptr inbounds float, ptr %x, i64 %1338
-  store <8 x float> zeroinitializer, ptr %acc000173, align 4
-  store <8 x float> zeroinitializer, ptr %acc001174, align 4
-  %panel.off175 = mul nsw i64 %p, 46080
-  %1340 = getelementptr inbounds i16, ptr %panels, i64 %panel.off175
-  %1341 = add nsw i64 %p, 1
-  %1342 = icmp slt i64 %1341, %p1
-  %pf.on176 = and i1 %pf.on, %1342
-  %1343 = mul nsw i64 %rb, 92160
-  %1344 = lshr i64 %1343, %11
-  %1345 = add nsw i64 92160, %1344
-  %1346 = getelementptr inbounds i8, ptr %1340, i64 %1345
-  %pf177 = select i1 %pf.on176, ptr %1346, ptr %1340
-  %pf.sh178 = select i1 %pf.on176, i64 %11, i64 0
-  br label %k.head179
-
-k.head179:                                        ; preds = %pf.any.end184, %tile.mr1
-  %k182 = phi i64 [ 0, %tile.mr1 ], [ %1367, %pf.any.end184 ]
-  %1347 = icmp slt i64 %k182, 2880
-  br i1 %1347, label %k.body180, label %k.end181
-
-k.body180:                                        ; preds = %k.head179
-  %1348 = mul nsw i64 %k182, 1
-  %1349 = add nsw i64 %1348, 0
-  %1350 = mul nsw i64 %1349, 32
-  br i1 %pf.multi, label %pf.any.then183, label %pf.any.end184
-
-pf.any.then183:                                   ; preds = %k.body180
-  %1351 = lshr i64 %1350, %pf.sh178
-  %1352 = getelementptr inbounds i8, ptr %pf177, i64 %1351
-  call void @llvm.prefetch.p0(ptr %1352, i32 0, i32 2, i32 1)
-  br label %pf.any.end184
-
-pf.any.end184:                                    ; preds = %pf.any.then183, %k.body180
-  %1353 = mul nsw i64 %1349, 16
-  %1354 = add nsw i64 %panel.off175, %1353
-  %1355 = getelementptr inbounds i16, ptr %panels, i64 %1354
-  %1356 = load <8 x i32>, ptr %1355, align 4
-  %1357 = shl <8 x i32> %1356, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0185 = bitcast <8 x i32> %1357 to <8 x float>
-  %1358 = and <8 x i32> %1356, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1186 = bitcast <8 x i32> %1358 to <8 x float>
-  %1359 = getelementptr inbounds float, ptr %1339, i64 %1349
+last.then101:                                     ; preds = %part.end100
+  %1358 = add nsw i64 %r01, 0
+  %1359 = getelementptr inbounds float, ptr %rw, i64 %1358
   %1360 = load float, ptr %1359, align 4
   %1361 = insertelement <8 x float> poison, float %1360, i32 0
   %1362 = shufflevector <8 x float> %1361, <8 x float> poison, <8 x i32> zeroinitializer
-  %1363 = load <8 x float>, ptr %acc000173, align 4
-  %1364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1362, <8 x float> %b0185, <8 x float> %1363)
-  store <8 x float> %1364, ptr %acc000173, align 4
-  %1365 = load <8 x float>, ptr %acc001174, align 4
-  %1366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1362, <8 x float> %b1186, <8 x float> %1365)
-  store <8 x float> %1366, ptr %acc001174, align 4
-  %1367 = add nsw i64 %k182, 1
-  br label %k.head179
+  %1363 = mul nsw i64 %1358, 2880
+  %1364 = getelementptr inbounds float, ptr %h, i64 %1363
+  %col103 = mul nsw i64 %kb.p, 8
+  %1365 = load <8 x float>, ptr %acc00079, align 4
+  %1366 = load <8 x float>, ptr %acc00180, align 4
+  %1367 = getelementptr inbounds float, ptr %bg, i64 %col103
+  %1368 = load <8 x float>, ptr %1367, align 4
+  %1369 = fadd <8 x float> %1365, %1368
+  %1370 = getelementptr inbounds float, ptr %bu, i64 %col103
+  %1371 = load <8 x float>, ptr %1370, align 4
+  %1372 = fadd <8 x float> %1366, %1371
+  %1373 = fcmp olt <8 x float> %1369, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1374 = select <8 x i1> %1373, <8 x float> %1369, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1375 = fcmp olt <8 x float> %1372, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1376 = select <8 x i1> %1375, <8 x float> %1372, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1377 = fcmp ogt <8 x float> %1376, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1378 = select <8 x i1> %1377, <8 x float> %1376, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1379 = fmul <8 x float> %1374, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1380 = fneg <8 x float> %1379
+  %1381 = fcmp olt <8 x float> %1380, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1382 = select <8 x i1> %1381, <8 x float> %1380, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1383 = fcmp ogt <8 x float> %1382, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1384 = select <8 x i1> %1383, <8 x float> %1382, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1384, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1386 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1385)
+  %1387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1386, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1384)
+  %1388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1386, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1387)
+  %1389 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1388, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1389, <8 x float> %1388, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1391 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1390, <8 x float> %1388, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1391, <8 x float> %1388, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1392, <8 x float> %1388, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1394 = fmul <8 x float> %1388, %1388
+  %1395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1393, <8 x float> %1394, <8 x float> %1388)
+  %1396 = fadd <8 x float> %1395, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1397 = fptosi <8 x float> %1386 to <8 x i32>
+  %1398 = add <8 x i32> %1397, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1399 = shl <8 x i32> %1398, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n104 = bitcast <8 x i32> %1399 to <8 x float>
+  %exp105 = fmul <8 x float> %1396, %exp.2n104
+  %1400 = fadd <8 x float> %exp105, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid106 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1400
+  %1401 = fmul <8 x float> %1374, %sigmoid106
+  %1402 = fadd <8 x float> %1378, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai107 = fmul <8 x float> %1401, %1402
+  %1403 = fmul <8 x float> %oai107, %1362
+  %1404 = getelementptr inbounds float, ptr %1364, i64 %col103
+  store <8 x float> %1403, ptr %1404, align 4
+  %1405 = add nsw i64 %r01, 1
+  %1406 = getelementptr inbounds float, ptr %rw, i64 %1405
+  %1407 = load float, ptr %1406, align 4
+  %1408 = insertelement <8 x float> poison, float %1407, i32 0
+  %1409 = shufflevector <8 x float> %1408, <8 x float> poison, <8 x i32> zeroinitializer
+  %1410 = mul nsw i64 %1405, 2880
+  %1411 = getelementptr inbounds float, ptr %h, i64 %1410
+  %col108 = mul nsw i64 %kb.p, 8
+  %1412 = load <8 x float>, ptr %acc01081, align 4
+  %1413 = load <8 x float>, ptr %acc01182, align 4
+  %1414 = getelementptr inbounds float, ptr %bg, i64 %col108
+  %1415 = load <8 x float>, ptr %1414, align 4
+  %1416 = fadd <8 x float> %1412, %1415
+  %1417 = getelementptr inbounds float, ptr %bu, i64 %col108
+  %1418 = load <8 x float>, ptr %1417, align 4
+  %1419 = fadd <8 x float> %1413, %1418
+  %1420 = fcmp olt <8 x float> %1416, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1421 = select <8 x i1> %1420, <8 x float> %1416, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1422 = fcmp olt <8 x float> %1419, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1423 = select <8 x i1> %1422, <8 x float> %1419, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1424 = fcmp ogt <8 x float> %1423, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1425 = select <8 x i1> %1424, <8 x float> %1423, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1426 = fmul <8 x float> %1421, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1427 = fneg <8 x float> %1426
+  %1428 = fcmp olt <8 x float> %1427, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1429 = select <8 x i1> %1428, <8 x float> %1427, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1430 = fcmp ogt <8 x float> %1429, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1431 = select <8 x i1> %1430, <8 x float> %1429, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1432 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1431, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1433 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1432)
+  %1434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1433, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1431)
+  %1435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1433, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1434)
+  %1436 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1435, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1437 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1436, <8 x float> %1435, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1438 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1437, <8 x float> %1435, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1439 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1438, <8 x float> %1435, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1440 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1439, <8 x float> %1435, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1441 = fmul <8 x float> %1435, %1435
+  %1442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1440, <8 x float> %1441, <8 x float> %1435)
+  %1443 = fadd <8 x float> %1442, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1444 = fptosi <8 x float> %1433 to <8 x i32>
+  %1445 = add <8 x i32> %1444, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1446 = shl <8 x i32> %1445, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n109 = bitcast <8 x i32> %1446 to <8 x float>
+  %exp110 = fmul <8 x float> %1443, %exp.2n109
+  %1447 = fadd <8 x float> %exp110, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid111 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1447
+  %1448 = fmul <8 x float> %1421, %sigmoid111
+  %1449 = fadd <8 x float> %1425, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai112 = fmul <8 x float> %1448, %1449
+  %1450 = fmul <8 x float> %oai112, %1409
+  %1451 = getelementptr inbounds float, ptr %1411, i64 %col108
+  store <8 x float> %1450, ptr %1451, align 4
+  %1452 = add nsw i64 %r01, 2
+  %1453 = getelementptr inbounds float, ptr %rw, i64 %1452
+  %1454 = load float, ptr %1453, align 4
+  %1455 = insertelement <8 x float> poison, float %1454, i32 0
+  %1456 = shufflevector <8 x float> %1455, <8 x float> poison, <8 x i32> zeroinitializer
+  %1457 = mul nsw i64 %1452, 2880
+  %1458 = getelementptr inbounds float, ptr %h, i64 %1457
+  %col113 = mul nsw i64 %kb.p, 8
+  %1459 = load <8 x float>, ptr %acc02083, align 4
+  %1460 = load <8 x float>, ptr %acc02184, align 4
+  %1461 = getelementptr inbounds float, ptr %bg, i64 %col113
+  %1462 = load <8 x float>, ptr %1461, align 4
+  %1463 = fadd <8 x float> %1459, %1462
+  %1464 = getelementptr inbounds float, ptr %bu, i64 %col113
+  %1465 = load <8 x float>, ptr %1464, align 4
+  %1466 = fadd <8 x float> %1460, %1465
+  %1467 = fcmp olt <8 x float> %1463, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1468 = select <8 x i1> %1467, <8 x float> %1463, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1469 = fcmp olt <8 x float> %1466, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1470 = select <8 x i1> %1469, <8 x float> %1466, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1471 = fcmp ogt <8 x float> %1470, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1472 = select <8 x i1> %1471, <8 x float> %1470, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1473 = fmul <8 x float> %1468, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1474 = fneg <8 x float> %1473
+  %1475 = fcmp olt <8 x float> %1474, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1476 = select <8 x i1> %1475, <8 x float> %1474, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1477 = fcmp ogt <8 x float> %1476, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1478 = select <8 x i1> %1477, <8 x float> %1476, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1478, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1480 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1479)
+  %1481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1480, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1478)
+  %1482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1480, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1481)
+  %1483 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1482, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1483, <8 x float> %1482, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1484, <8 x float> %1482, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1485, <8 x float> %1482, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1487 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1486, <8 x float> %1482, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1488 = fmul <8 x float> %1482, %1482
+  %1489 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1487, <8 x float> %1488, <8 x float> %1482)
+  %1490 = fadd <8 x float> %1489, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1491 = fptosi <8 x float> %1480 to <8 x i32>
+  %1492 = add <8 x i32> %1491, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1493 = shl <8 x i32> %1492, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n114 = bitcast <8 x i32> %1493 to <8 x float>
+  %exp115 = fmul <8 x float> %1490, %exp.2n114
+  %1494 = fadd <8 x float> %exp115, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid116 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1494
+  %1495 = fmul <8 x float> %1468, %sigmoid116
+  %1496 = fadd <8 x float> %1472, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai117 = fmul <8 x float> %1495, %1496
+  %1497 = fmul <8 x float> %oai117, %1456
+  %1498 = getelementptr inbounds float, ptr %1458, i64 %col113
+  store <8 x float> %1497, ptr %1498, align 4
+  %1499 = add nsw i64 %r01, 3
+  %1500 = getelementptr inbounds float, ptr %rw, i64 %1499
+  %1501 = load float, ptr %1500, align 4
+  %1502 = insertelement <8 x float> poison, float %1501, i32 0
+  %1503 = shufflevector <8 x float> %1502, <8 x float> poison, <8 x i32> zeroinitializer
+  %1504 = mul nsw i64 %1499, 2880
+  %1505 = getelementptr inbounds float, ptr %h, i64 %1504
+  %col118 = mul nsw i64 %kb.p, 8
+  %1506 = load <8 x float>, ptr %acc03085, align 4
+  %1507 = load <8 x float>, ptr %acc03186, align 4
+  %1508 = getelementptr inbounds float, ptr %bg, i64 %col118
+  %1509 = load <8 x float>, ptr %1508, align 4
+  %1510 = fadd <8 x float> %1506, %1509
+  %1511 = getelementptr inbounds float, ptr %bu, i64 %col118
+  %1512 = load <8 x float>, ptr %1511, align 4
+  %1513 = fadd <8 x float> %1507, %1512
+  %1514 = fcmp olt <8 x float> %1510, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1515 = select <8 x i1> %1514, <8 x float> %1510, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1516 = fcmp olt <8 x float> %1513, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1517 = select <8 x i1> %1516, <8 x float> %1513, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1518 = fcmp ogt <8 x float> %1517, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1519 = select <8 x i1> %1518, <8 x float> %1517, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1520 = fmul <8 x float> %1515, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1521 = fneg <8 x float> %1520
+  %1522 = fcmp olt <8 x float> %1521, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1523 = select <8 x i1> %1522, <8 x float> %1521, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1524 = fcmp ogt <8 x float> %1523, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1525 = select <8 x i1> %1524, <8 x float> %1523, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1526 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1525, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1527 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1526)
+  %1528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1527, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1525)
+  %1529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1527, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1528)
+  %1530 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1529, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1531 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1530, <8 x float> %1529, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1532 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1531, <8 x float> %1529, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1533 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1532, <8 x float> %1529, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1534 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1533, <8 x float> %1529, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1535 = fmul <8 x float> %1529, %1529
+  %1536 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1534, <8 x float> %1535, <8 x float> %1529)
+  %1537 = fadd <8 x float> %1536, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1538 = fptosi <8 x float> %1527 to <8 x i32>
+  %1539 = add <8 x i32> %1538, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1540 = shl <8 x i32> %1539, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n119 = bitcast <8 x i32> %1540 to <8 x float>
+  %exp120 = fmul <8 x float> %1537, %exp.2n119
+  %1541 = fadd <8 x float> %exp120, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid121 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1541
+  %1542 = fmul <8 x float> %1515, %sigmoid121
+  %1543 = fadd <8 x float> %1519, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai122 = fmul <8 x float> %1542, %1543
+  %1544 = fmul <8 x float> %oai122, %1503
+  %1545 = getelementptr inbounds float, ptr %1505, i64 %col118
+  store <8 x float> %1544, ptr %1545, align 4
+  br label %last.end102
 
-k.end181:                                         ; preds = %k.head179
-  %1368 = add nsw i64 %r0, 0
-  %1369 = getelementptr inbounds float, ptr %rw, i64 %1368
-  %1370 = load float, ptr %1369, align 4
-  %1371 = insertelement <8 x float> poison, float %1370, i32 0
-  %1372 = shufflevector <8 x float> %1371, <8 x float> poison, <8 x i32> zeroinitializer
-  %1373 = mul nsw i64 %1368, 2880
-  %1374 = getelementptr inbounds float, ptr %h, i64 %1373
-  %col187 = mul nsw i64 %p, 8
-  %1375 = load <8 x float>, ptr %acc000173, align 4
-  %1376 = load <8 x float>, ptr %acc001174, align 4
-  %1377 = getelementptr inbounds float, ptr %bg, i64 %col187
-  %1378 = load <8 x float>, ptr %1377, align 4
-  %1379 = fadd <8 x float> %1375, %1378
-  %1380 = getelementptr inbounds float, ptr %bu, i64 %col187
-  %1381 = load <8 x float>, ptr %1380, align 4
-  %1382 = fadd <8 x float> %1376, %1381
-  %1383 = fcmp olt <8 x float> %1379, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1384 = select <8 x i1> %1383, <8 x float> %1379, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1385 = fcmp olt <8 x float> %1382, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1386 = select <8 x i1> %1385, <8 x float> %1382, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
-  %1387 = fcmp ogt <8 x float> %1386, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1388 = select <8 x i1> %1387, <8 x float> %1386, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
-  %1389 = fmul <8 x float> %1384, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
-  %1390 = fneg <8 x float> %1389
-  %1391 = fcmp olt <8 x float> %1390, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1392 = select <8 x i1> %1391, <8 x float> %1390, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1393 = fcmp ogt <8 x float> %1392, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1394 = select <8 x i1> %1393, <8 x float> %1392, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1394, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1396 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1395)
-  %1397 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1396, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1394)
-  %1398 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1396, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1397)
-  %1399 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1398, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1399, <8 x float> %1398, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1400, <8 x float> %1398, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1401, <8 x float> %1398, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1403 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1402, <8 x float> %1398, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1404 = fmul <8 x float> %1398, %1398
-  %1405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1403, <8 x float> %1404, <8 x float> %1398)
-  %1406 = fadd <8 x float> %1405, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1407 = fptosi <8 x float> %1396 to <8 x i32>
-  %1408 = add <8 x i32> %1407, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1409 = shl <8 x i32> %1408, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n188 = bitcast <8 x i32> %1409 to <8 x float>
-  %exp189 = fmul <8 x float> %1406, %exp.2n188
-  %1410 = fadd <8 x float> %exp189, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid190 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1410
-  %1411 = fmul <8 x float> %1384, %sigmoid190
-  %1412 = fadd <8 x float> %1388, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %oai191 = fmul <8 x float> %1411, %1412
-  %1413 = fmul <8 x float> %oai191, %1372
-  %1414 = getelementptr inbounds float, ptr %1374, i64 %col187
-  store <8 x float> %1413, ptr %1414, align 4
+last.end102:                                      ; preds = %last.then101, %part.end100
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end181, %k.end157, %k.end126, %k.end88, %k.end43, %k.end
-  %1415 = add nsw i64 %rb, 1
+tile.mr3:                                         ; preds = %rb.body
+  %1546 = add nsw i64 %r01, 0
+  %1547 = getelementptr inbounds i32, ptr %rows, i64 %1546
+  %1548 = load i32, ptr %1547, align 4
+  %1549 = sext i32 %1548 to i64
+  %1550 = mul nsw i64 %1549, 2880
+  %1551 = add nsw i64 %1550, %k0
+  %1552 = getelementptr inbounds float, ptr %x, i64 %1551
+  %1553 = sub nsw i64 %kb.p, %kb.pg
+  %1554 = sub nsw i64 %1546, %kb.rc
+  %1555 = mul nsw i64 %1554, 16
+  %1556 = add nsw i64 %1555, %1553
+  %1557 = mul nsw i64 %1556, 16
+  %1558 = getelementptr inbounds float, ptr %part, i64 %1557
+  %1559 = getelementptr inbounds float, ptr %1558, i64 0
+  %1560 = load <8 x float>, ptr %1559, align 4
+  %1561 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1560
+  store <8 x float> %1561, ptr %acc000123, align 4
+  %1562 = sub nsw i64 %kb.p, %kb.pg
+  %1563 = sub nsw i64 %1546, %kb.rc
+  %1564 = mul nsw i64 %1563, 16
+  %1565 = add nsw i64 %1564, %1562
+  %1566 = mul nsw i64 %1565, 16
+  %1567 = getelementptr inbounds float, ptr %part, i64 %1566
+  %1568 = getelementptr inbounds float, ptr %1567, i64 8
+  %1569 = load <8 x float>, ptr %1568, align 4
+  %1570 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1569
+  store <8 x float> %1570, ptr %acc001124, align 4
+  %1571 = add nsw i64 %r01, 1
+  %1572 = getelementptr inbounds i32, ptr %rows, i64 %1571
+  %1573 = load i32, ptr %1572, align 4
+  %1574 = sext i32 %1573 to i64
+  %1575 = mul nsw i64 %1574, 2880
+  %1576 = add nsw i64 %1575, %k0
+  %1577 = getelementptr inbounds float, ptr %x, i64 %1576
+  %1578 = sub nsw i64 %kb.p, %kb.pg
+  %1579 = sub nsw i64 %1571, %kb.rc
+  %1580 = mul nsw i64 %1579, 16
+  %1581 = add nsw i64 %1580, %1578
+  %1582 = mul nsw i64 %1581, 16
+  %1583 = getelementptr inbounds float, ptr %part, i64 %1582
+  %1584 = getelementptr inbounds float, ptr %1583, i64 0
+  %1585 = load <8 x float>, ptr %1584, align 4
+  %1586 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1585
+  store <8 x float> %1586, ptr %acc010125, align 4
+  %1587 = sub nsw i64 %kb.p, %kb.pg
+  %1588 = sub nsw i64 %1571, %kb.rc
+  %1589 = mul nsw i64 %1588, 16
+  %1590 = add nsw i64 %1589, %1587
+  %1591 = mul nsw i64 %1590, 16
+  %1592 = getelementptr inbounds float, ptr %part, i64 %1591
+  %1593 = getelementptr inbounds float, ptr %1592, i64 8
+  %1594 = load <8 x float>, ptr %1593, align 4
+  %1595 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1594
+  store <8 x float> %1595, ptr %acc011126, align 4
+  %1596 = add nsw i64 %r01, 2
+  %1597 = getelementptr inbounds i32, ptr %rows, i64 %1596
+  %1598 = load i32, ptr %1597, align 4
+  %1599 = sext i32 %1598 to i64
+  %1600 = mul nsw i64 %1599, 2880
+  %1601 = add nsw i64 %1600, %k0
+  %1602 = getelementptr inbounds float, ptr %x, i64 %1601
+  %1603 = sub nsw i64 %kb.p, %kb.pg
+  %1604 = sub nsw i64 %1596, %kb.rc
+  %1605 = mul nsw i64 %1604, 16
+  %1606 = add nsw i64 %1605, %1603
+  %1607 = mul nsw i64 %1606, 16
+  %1608 = getelementptr inbounds float, ptr %part, i64 %1607
+  %1609 = getelementptr inbounds float, ptr %1608, i64 0
+  %1610 = load <8 x float>, ptr %1609, align 4
+  %1611 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1610
+  store <8 x float> %1611, ptr %acc020127, align 4
+  %1612 = sub nsw i64 %kb.p, %kb.pg
+  %1613 = sub nsw i64 %1596, %kb.rc
+  %1614 = mul nsw i64 %1613, 16
+  %1615 = add nsw i64 %1614, %1612
+  %1616 = mul nsw i64 %1615, 16
+  %1617 = getelementptr inbounds float, ptr %part, i64 %1616
+  %1618 = getelementptr inbounds float, ptr %1617, i64 8
+  %1619 = load <8 x float>, ptr %1618, align 4
+  %1620 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1619
+  store <8 x float> %1620, ptr %acc021128, align 4
+  %1621 = mul nsw i64 %k0, 16
+  %1622 = mul nsw i64 %kb.p, 46080
+  %panel.off129 = add nsw i64 %1622, %1621
+  %1623 = getelementptr inbounds i16, ptr %panels, i64 %panel.off129
+  %pf.on130 = and i1 %pf.on, %pf.next
+  %1624 = mul nsw i64 %rb, 7680
+  %1625 = lshr i64 %1624, %25
+  %1626 = add nsw i64 %pf.step, %1625
+  %1627 = getelementptr inbounds i8, ptr %1623, i64 %1626
+  %pf131 = select i1 %pf.on130, ptr %1627, ptr %1623
+  %pf.sh132 = select i1 %pf.on130, i64 %25, i64 0
+  br label %k.head133
+
+k.head133:                                        ; preds = %pf.any.end138, %tile.mr3
+  %k136 = phi i64 [ 0, %tile.mr3 ], [ %1664, %pf.any.end138 ]
+  %1628 = icmp slt i64 %k136, 240
+  br i1 %1628, label %k.body134, label %k.end135
+
+k.body134:                                        ; preds = %k.head133
+  %1629 = mul nsw i64 %k136, 1
+  %1630 = add nsw i64 %1629, 0
+  %1631 = mul nsw i64 %1630, 32
+  br i1 %pf.multi, label %pf.any.then137, label %pf.any.end138
+
+pf.any.then137:                                   ; preds = %k.body134
+  %1632 = lshr i64 %1631, %pf.sh132
+  %1633 = getelementptr inbounds i8, ptr %pf131, i64 %1632
+  call void @llvm.prefetch.p0(ptr %1633, i32 0, i32 2, i32 1)
+  br label %pf.any.end138
+
+pf.any.end138:                                    ; preds = %pf.any.then137, %k.body134
+  %1634 = mul nsw i64 %1630, 16
+  %1635 = add nsw i64 %panel.off129, %1634
+  %1636 = getelementptr inbounds i16, ptr %panels, i64 %1635
+  %1637 = load <8 x i32>, ptr %1636, align 4
+  %1638 = shl <8 x i32> %1637, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0139 = bitcast <8 x i32> %1638 to <8 x float>
+  %1639 = and <8 x i32> %1637, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1140 = bitcast <8 x i32> %1639 to <8 x float>
+  %1640 = getelementptr inbounds float, ptr %1552, i64 %1630
+  %1641 = load float, ptr %1640, align 4
+  %1642 = insertelement <8 x float> poison, float %1641, i32 0
+  %1643 = shufflevector <8 x float> %1642, <8 x float> poison, <8 x i32> zeroinitializer
+  %1644 = load <8 x float>, ptr %acc000123, align 4
+  %1645 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1643, <8 x float> %b0139, <8 x float> %1644)
+  store <8 x float> %1645, ptr %acc000123, align 4
+  %1646 = load <8 x float>, ptr %acc001124, align 4
+  %1647 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1643, <8 x float> %b1140, <8 x float> %1646)
+  store <8 x float> %1647, ptr %acc001124, align 4
+  %1648 = getelementptr inbounds float, ptr %1577, i64 %1630
+  %1649 = load float, ptr %1648, align 4
+  %1650 = insertelement <8 x float> poison, float %1649, i32 0
+  %1651 = shufflevector <8 x float> %1650, <8 x float> poison, <8 x i32> zeroinitializer
+  %1652 = load <8 x float>, ptr %acc010125, align 4
+  %1653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1651, <8 x float> %b0139, <8 x float> %1652)
+  store <8 x float> %1653, ptr %acc010125, align 4
+  %1654 = load <8 x float>, ptr %acc011126, align 4
+  %1655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1651, <8 x float> %b1140, <8 x float> %1654)
+  store <8 x float> %1655, ptr %acc011126, align 4
+  %1656 = getelementptr inbounds float, ptr %1602, i64 %1630
+  %1657 = load float, ptr %1656, align 4
+  %1658 = insertelement <8 x float> poison, float %1657, i32 0
+  %1659 = shufflevector <8 x float> %1658, <8 x float> poison, <8 x i32> zeroinitializer
+  %1660 = load <8 x float>, ptr %acc020127, align 4
+  %1661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1659, <8 x float> %b0139, <8 x float> %1660)
+  store <8 x float> %1661, ptr %acc020127, align 4
+  %1662 = load <8 x float>, ptr %acc021128, align 4
+  %1663 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1659, <8 x float> %b1140, <8 x float> %1662)
+  store <8 x float> %1663, ptr %acc021128, align 4
+  %1664 = add nsw i64 %k136, 1
+  br label %k.head133
+
+k.end135:                                         ; preds = %k.head133
+  %1665 = xor i1 %klast, true
+  br i1 %1665, label %part.then141, label %part.end142
+
+part.then141:                                     ; preds = %k.end135
+  %1666 = add nsw i64 %r01, 0
+  %1667 = sub nsw i64 %kb.p, %kb.pg
+  %1668 = sub nsw i64 %1666, %kb.rc
+  %1669 = mul nsw i64 %1668, 16
+  %1670 = add nsw i64 %1669, %1667
+  %1671 = mul nsw i64 %1670, 16
+  %1672 = getelementptr inbounds float, ptr %part, i64 %1671
+  %1673 = getelementptr inbounds float, ptr %1672, i64 0
+  %1674 = load <8 x float>, ptr %acc000123, align 4
+  store <8 x float> %1674, ptr %1673, align 4
+  %1675 = sub nsw i64 %kb.p, %kb.pg
+  %1676 = sub nsw i64 %1666, %kb.rc
+  %1677 = mul nsw i64 %1676, 16
+  %1678 = add nsw i64 %1677, %1675
+  %1679 = mul nsw i64 %1678, 16
+  %1680 = getelementptr inbounds float, ptr %part, i64 %1679
+  %1681 = getelementptr inbounds float, ptr %1680, i64 8
+  %1682 = load <8 x float>, ptr %acc001124, align 4
+  store <8 x float> %1682, ptr %1681, align 4
+  %1683 = add nsw i64 %r01, 1
+  %1684 = sub nsw i64 %kb.p, %kb.pg
+  %1685 = sub nsw i64 %1683, %kb.rc
+  %1686 = mul nsw i64 %1685, 16
+  %1687 = add nsw i64 %1686, %1684
+  %1688 = mul nsw i64 %1687, 16
+  %1689 = getelementptr inbounds float, ptr %part, i64 %1688
+  %1690 = getelementptr inbounds float, ptr %1689, i64 0
+  %1691 = load <8 x float>, ptr %acc010125, align 4
+  store <8 x float> %1691, ptr %1690, align 4
+  %1692 = sub nsw i64 %kb.p, %kb.pg
+  %1693 = sub nsw i64 %1683, %kb.rc
+  %1694 = mul nsw i64 %1693, 16
+  %1695 = add nsw i64 %1694, %1692
+  %1696 = mul nsw i64 %1695, 16
+  %1697 = getelementptr inbounds float, ptr %part, i64 %1696
+  %1698 = getelementptr inbounds float, ptr %1697, i64 8
+  %1699 = load <8 x float>, ptr %acc011126, align 4
+  store <8 x float> %1699, ptr %1698, align 4
+  %1700 = add nsw i64 %r01, 2
+  %1701 = sub nsw i64 %kb.p, %kb.pg
+  %1702 = sub nsw i64 %1700, %kb.rc
+  %1703 = mul nsw i64 %1702, 16
+  %1704 = add nsw i64 %1703, %1701
+  %1705 = mul nsw i64 %1704, 16
+  %1706 = getelementptr inbounds float, ptr %part, i64 %1705
+  %1707 = getelementptr inbounds float, ptr %1706, i64 0
+  %1708 = load <8 x float>, ptr %acc020127, align 4
+  store <8 x float> %1708, ptr %1707, align 4
+  %1709 = sub nsw i64 %kb.p, %kb.pg
+  %1710 = sub nsw i64 %1700, %kb.rc
+  %1711 = mul nsw i64 %1710, 16
+  %1712 = add nsw i64 %1711, %1709
+  %1713 = mul nsw i64 %1712, 16
+  %1714 = getelementptr inbounds float, ptr %part, i64 %1713
+  %1715 = getelementptr inbounds float, ptr %1714, i64 8
+  %1716 = load <8 x float>, ptr %acc021128, align 4
+  store <8 x float> %1716, ptr %1715, align 4
+  br label %part.end142
+
+part.end142:                                      ; preds = %part.then141, %k.end135
+  br i1 %klast, label %last.then143, label %last.end144
+
+last.then143:                                     ; preds = %part.end142
+  %1717 = add nsw i64 %r01, 0
+  %1718 = getelementptr inbounds float, ptr %rw, i64 %1717
+  %1719 = load float, ptr %1718, align 4
+  %1720 = insertelement <8 x float> poison, float %1719, i32 0
+  %1721 = shufflevector <8 x float> %1720, <8 x float> poison, <8 x i32> zeroinitializer
+  %1722 = mul nsw i64 %1717, 2880
+  %1723 = getelementptr inbounds float, ptr %h, i64 %1722
+  %col145 = mul nsw i64 %kb.p, 8
+  %1724 = load <8 x float>, ptr %acc000123, align 4
+  %1725 = load <8 x float>, ptr %acc001124, align 4
+  %1726 = getelementptr inbounds float, ptr %bg, i64 %col145
+  %1727 = load <8 x float>, ptr %1726, align 4
+  %1728 = fadd <8 x float> %1724, %1727
+  %1729 = getelementptr inbounds float, ptr %bu, i64 %col145
+  %1730 = load <8 x float>, ptr %1729, align 4
+  %1731 = fadd <8 x float> %1725, %1730
+  %1732 = fcmp olt <8 x float> %1728, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1733 = select <8 x i1> %1732, <8 x float> %1728, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1734 = fcmp olt <8 x float> %1731, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1735 = select <8 x i1> %1734, <8 x float> %1731, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1736 = fcmp ogt <8 x float> %1735, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1737 = select <8 x i1> %1736, <8 x float> %1735, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1738 = fmul <8 x float> %1733, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1739 = fneg <8 x float> %1738
+  %1740 = fcmp olt <8 x float> %1739, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1741 = select <8 x i1> %1740, <8 x float> %1739, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1742 = fcmp ogt <8 x float> %1741, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1743 = select <8 x i1> %1742, <8 x float> %1741, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1744 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1743, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1745 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1744)
+  %1746 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1745, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1743)
+  %1747 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1745, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1746)
+  %1748 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1747, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1749 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1748, <8 x float> %1747, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1750 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1749, <8 x float> %1747, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1751 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1750, <8 x float> %1747, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1752 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1751, <8 x float> %1747, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1753 = fmul <8 x float> %1747, %1747
+  %1754 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1752, <8 x float> %1753, <8 x float> %1747)
+  %1755 = fadd <8 x float> %1754, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1756 = fptosi <8 x float> %1745 to <8 x i32>
+  %1757 = add <8 x i32> %1756, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1758 = shl <8 x i32> %1757, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n146 = bitcast <8 x i32> %1758 to <8 x float>
+  %exp147 = fmul <8 x float> %1755, %exp.2n146
+  %1759 = fadd <8 x float> %exp147, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid148 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1759
+  %1760 = fmul <8 x float> %1733, %sigmoid148
+  %1761 = fadd <8 x float> %1737, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai149 = fmul <8 x float> %1760, %1761
+  %1762 = fmul <8 x float> %oai149, %1721
+  %1763 = getelementptr inbounds float, ptr %1723, i64 %col145
+  store <8 x float> %1762, ptr %1763, align 4
+  %1764 = add nsw i64 %r01, 1
+  %1765 = getelementptr inbounds float, ptr %rw, i64 %1764
+  %1766 = load float, ptr %1765, align 4
+  %1767 = insertelement <8 x float> poison, float %1766, i32 0
+  %1768 = shufflevector <8 x float> %1767, <8 x float> poison, <8 x i32> zeroinitializer
+  %1769 = mul nsw i64 %1764, 2880
+  %1770 = getelementptr inbounds float, ptr %h, i64 %1769
+  %col150 = mul nsw i64 %kb.p, 8
+  %1771 = load <8 x float>, ptr %acc010125, align 4
+  %1772 = load <8 x float>, ptr %acc011126, align 4
+  %1773 = getelementptr inbounds float, ptr %bg, i64 %col150
+  %1774 = load <8 x float>, ptr %1773, align 4
+  %1775 = fadd <8 x float> %1771, %1774
+  %1776 = getelementptr inbounds float, ptr %bu, i64 %col150
+  %1777 = load <8 x float>, ptr %1776, align 4
+  %1778 = fadd <8 x float> %1772, %1777
+  %1779 = fcmp olt <8 x float> %1775, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1780 = select <8 x i1> %1779, <8 x float> %1775, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1781 = fcmp olt <8 x float> %1778, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1782 = select <8 x i1> %1781, <8 x float> %1778, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1783 = fcmp ogt <8 x float> %1782, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1784 = select <8 x i1> %1783, <8 x float> %1782, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1785 = fmul <8 x float> %1780, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1786 = fneg <8 x float> %1785
+  %1787 = fcmp olt <8 x float> %1786, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1788 = select <8 x i1> %1787, <8 x float> %1786, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1789 = fcmp ogt <8 x float> %1788, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1790 = select <8 x i1> %1789, <8 x float> %1788, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1791 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1790, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1792 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1791)
+  %1793 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1792, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1790)
+  %1794 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1792, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1793)
+  %1795 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1794, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1796 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1795, <8 x float> %1794, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1797 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1796, <8 x float> %1794, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1798 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1797, <8 x float> %1794, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1799 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1798, <8 x float> %1794, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1800 = fmul <8 x float> %1794, %1794
+  %1801 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1799, <8 x float> %1800, <8 x float> %1794)
+  %1802 = fadd <8 x float> %1801, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1803 = fptosi <8 x float> %1792 to <8 x i32>
+  %1804 = add <8 x i32> %1803, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1805 = shl <8 x i32> %1804, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n151 = bitcast <8 x i32> %1805 to <8 x float>
+  %exp152 = fmul <8 x float> %1802, %exp.2n151
+  %1806 = fadd <8 x float> %exp152, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid153 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1806
+  %1807 = fmul <8 x float> %1780, %sigmoid153
+  %1808 = fadd <8 x float> %1784, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai154 = fmul <8 x float> %1807, %1808
+  %1809 = fmul <8 x float> %oai154, %1768
+  %1810 = getelementptr inbounds float, ptr %1770, i64 %col150
+  store <8 x float> %1809, ptr %1810, align 4
+  %1811 = add nsw i64 %r01, 2
+  %1812 = getelementptr inbounds float, ptr %rw, i64 %1811
+  %1813 = load float, ptr %1812, align 4
+  %1814 = insertelement <8 x float> poison, float %1813, i32 0
+  %1815 = shufflevector <8 x float> %1814, <8 x float> poison, <8 x i32> zeroinitializer
+  %1816 = mul nsw i64 %1811, 2880
+  %1817 = getelementptr inbounds float, ptr %h, i64 %1816
+  %col155 = mul nsw i64 %kb.p, 8
+  %1818 = load <8 x float>, ptr %acc020127, align 4
+  %1819 = load <8 x float>, ptr %acc021128, align 4
+  %1820 = getelementptr inbounds float, ptr %bg, i64 %col155
+  %1821 = load <8 x float>, ptr %1820, align 4
+  %1822 = fadd <8 x float> %1818, %1821
+  %1823 = getelementptr inbounds float, ptr %bu, i64 %col155
+  %1824 = load <8 x float>, ptr %1823, align 4
+  %1825 = fadd <8 x float> %1819, %1824
+  %1826 = fcmp olt <8 x float> %1822, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1827 = select <8 x i1> %1826, <8 x float> %1822, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1828 = fcmp olt <8 x float> %1825, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1829 = select <8 x i1> %1828, <8 x float> %1825, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1830 = fcmp ogt <8 x float> %1829, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1831 = select <8 x i1> %1830, <8 x float> %1829, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1832 = fmul <8 x float> %1827, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %1833 = fneg <8 x float> %1832
+  %1834 = fcmp olt <8 x float> %1833, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1835 = select <8 x i1> %1834, <8 x float> %1833, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1836 = fcmp ogt <8 x float> %1835, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1837 = select <8 x i1> %1836, <8 x float> %1835, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1838 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1837, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1839 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1838)
+  %1840 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1839, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1837)
+  %1841 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1839, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1840)
+  %1842 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1841, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1843 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1842, <8 x float> %1841, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1844 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1843, <8 x float> %1841, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1845 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1844, <8 x float> %1841, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1846 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1845, <8 x float> %1841, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1847 = fmul <8 x float> %1841, %1841
+  %1848 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1846, <8 x float> %1847, <8 x float> %1841)
+  %1849 = fadd <8 x float> %1848, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1850 = fptosi <8 x float> %1839 to <8 x i32>
+  %1851 = add <8 x i32> %1850, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1852 = shl <8 x i32> %1851, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n156 = bitcast <8 x i32> %1852 to <8 x float>
+  %exp157 = fmul <8 x float> %1849, %exp.2n156
+  %1853 = fadd <8 x float> %exp157, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid158 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1853
+  %1854 = fmul <8 x float> %1827, %sigmoid158
+  %1855 = fadd <8 x float> %1831, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai159 = fmul <8 x float> %1854, %1855
+  %1856 = fmul <8 x float> %oai159, %1815
+  %1857 = getelementptr inbounds float, ptr %1817, i64 %col155
+  store <8 x float> %1856, ptr %1857, align 4
+  br label %last.end144
+
+last.end144:                                      ; preds = %last.then143, %part.end142
+  br label %tile.done
+
+tile.mr2:                                         ; preds = %rb.body
+  %1858 = add nsw i64 %r01, 0
+  %1859 = getelementptr inbounds i32, ptr %rows, i64 %1858
+  %1860 = load i32, ptr %1859, align 4
+  %1861 = sext i32 %1860 to i64
+  %1862 = mul nsw i64 %1861, 2880
+  %1863 = add nsw i64 %1862, %k0
+  %1864 = getelementptr inbounds float, ptr %x, i64 %1863
+  %1865 = sub nsw i64 %kb.p, %kb.pg
+  %1866 = sub nsw i64 %1858, %kb.rc
+  %1867 = mul nsw i64 %1866, 16
+  %1868 = add nsw i64 %1867, %1865
+  %1869 = mul nsw i64 %1868, 16
+  %1870 = getelementptr inbounds float, ptr %part, i64 %1869
+  %1871 = getelementptr inbounds float, ptr %1870, i64 0
+  %1872 = load <8 x float>, ptr %1871, align 4
+  %1873 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1872
+  store <8 x float> %1873, ptr %acc000160, align 4
+  %1874 = sub nsw i64 %kb.p, %kb.pg
+  %1875 = sub nsw i64 %1858, %kb.rc
+  %1876 = mul nsw i64 %1875, 16
+  %1877 = add nsw i64 %1876, %1874
+  %1878 = mul nsw i64 %1877, 16
+  %1879 = getelementptr inbounds float, ptr %part, i64 %1878
+  %1880 = getelementptr inbounds float, ptr %1879, i64 8
+  %1881 = load <8 x float>, ptr %1880, align 4
+  %1882 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1881
+  store <8 x float> %1882, ptr %acc001161, align 4
+  %1883 = add nsw i64 %r01, 1
+  %1884 = getelementptr inbounds i32, ptr %rows, i64 %1883
+  %1885 = load i32, ptr %1884, align 4
+  %1886 = sext i32 %1885 to i64
+  %1887 = mul nsw i64 %1886, 2880
+  %1888 = add nsw i64 %1887, %k0
+  %1889 = getelementptr inbounds float, ptr %x, i64 %1888
+  %1890 = sub nsw i64 %kb.p, %kb.pg
+  %1891 = sub nsw i64 %1883, %kb.rc
+  %1892 = mul nsw i64 %1891, 16
+  %1893 = add nsw i64 %1892, %1890
+  %1894 = mul nsw i64 %1893, 16
+  %1895 = getelementptr inbounds float, ptr %part, i64 %1894
+  %1896 = getelementptr inbounds float, ptr %1895, i64 0
+  %1897 = load <8 x float>, ptr %1896, align 4
+  %1898 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1897
+  store <8 x float> %1898, ptr %acc010162, align 4
+  %1899 = sub nsw i64 %kb.p, %kb.pg
+  %1900 = sub nsw i64 %1883, %kb.rc
+  %1901 = mul nsw i64 %1900, 16
+  %1902 = add nsw i64 %1901, %1899
+  %1903 = mul nsw i64 %1902, 16
+  %1904 = getelementptr inbounds float, ptr %part, i64 %1903
+  %1905 = getelementptr inbounds float, ptr %1904, i64 8
+  %1906 = load <8 x float>, ptr %1905, align 4
+  %1907 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1906
+  store <8 x float> %1907, ptr %acc011163, align 4
+  %1908 = mul nsw i64 %k0, 16
+  %1909 = mul nsw i64 %kb.p, 46080
+  %panel.off164 = add nsw i64 %1909, %1908
+  %1910 = getelementptr inbounds i16, ptr %panels, i64 %panel.off164
+  %pf.on165 = and i1 %pf.on, %pf.next
+  %1911 = mul nsw i64 %rb, 7680
+  %1912 = lshr i64 %1911, %25
+  %1913 = add nsw i64 %pf.step, %1912
+  %1914 = getelementptr inbounds i8, ptr %1910, i64 %1913
+  %pf166 = select i1 %pf.on165, ptr %1914, ptr %1910
+  %pf.sh167 = select i1 %pf.on165, i64 %25, i64 0
+  br label %k.head168
+
+k.head168:                                        ; preds = %pf.any.end173, %tile.mr2
+  %k171 = phi i64 [ 0, %tile.mr2 ], [ %1943, %pf.any.end173 ]
+  %1915 = icmp slt i64 %k171, 240
+  br i1 %1915, label %k.body169, label %k.end170
+
+k.body169:                                        ; preds = %k.head168
+  %1916 = mul nsw i64 %k171, 1
+  %1917 = add nsw i64 %1916, 0
+  %1918 = mul nsw i64 %1917, 32
+  br i1 %pf.multi, label %pf.any.then172, label %pf.any.end173
+
+pf.any.then172:                                   ; preds = %k.body169
+  %1919 = lshr i64 %1918, %pf.sh167
+  %1920 = getelementptr inbounds i8, ptr %pf166, i64 %1919
+  call void @llvm.prefetch.p0(ptr %1920, i32 0, i32 2, i32 1)
+  br label %pf.any.end173
+
+pf.any.end173:                                    ; preds = %pf.any.then172, %k.body169
+  %1921 = mul nsw i64 %1917, 16
+  %1922 = add nsw i64 %panel.off164, %1921
+  %1923 = getelementptr inbounds i16, ptr %panels, i64 %1922
+  %1924 = load <8 x i32>, ptr %1923, align 4
+  %1925 = shl <8 x i32> %1924, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0174 = bitcast <8 x i32> %1925 to <8 x float>
+  %1926 = and <8 x i32> %1924, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1175 = bitcast <8 x i32> %1926 to <8 x float>
+  %1927 = getelementptr inbounds float, ptr %1864, i64 %1917
+  %1928 = load float, ptr %1927, align 4
+  %1929 = insertelement <8 x float> poison, float %1928, i32 0
+  %1930 = shufflevector <8 x float> %1929, <8 x float> poison, <8 x i32> zeroinitializer
+  %1931 = load <8 x float>, ptr %acc000160, align 4
+  %1932 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1930, <8 x float> %b0174, <8 x float> %1931)
+  store <8 x float> %1932, ptr %acc000160, align 4
+  %1933 = load <8 x float>, ptr %acc001161, align 4
+  %1934 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1930, <8 x float> %b1175, <8 x float> %1933)
+  store <8 x float> %1934, ptr %acc001161, align 4
+  %1935 = getelementptr inbounds float, ptr %1889, i64 %1917
+  %1936 = load float, ptr %1935, align 4
+  %1937 = insertelement <8 x float> poison, float %1936, i32 0
+  %1938 = shufflevector <8 x float> %1937, <8 x float> poison, <8 x i32> zeroinitializer
+  %1939 = load <8 x float>, ptr %acc010162, align 4
+  %1940 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1938, <8 x float> %b0174, <8 x float> %1939)
+  store <8 x float> %1940, ptr %acc010162, align 4
+  %1941 = load <8 x float>, ptr %acc011163, align 4
+  %1942 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1938, <8 x float> %b1175, <8 x float> %1941)
+  store <8 x float> %1942, ptr %acc011163, align 4
+  %1943 = add nsw i64 %k171, 1
+  br label %k.head168
+
+k.end170:                                         ; preds = %k.head168
+  %1944 = xor i1 %klast, true
+  br i1 %1944, label %part.then176, label %part.end177
+
+part.then176:                                     ; preds = %k.end170
+  %1945 = add nsw i64 %r01, 0
+  %1946 = sub nsw i64 %kb.p, %kb.pg
+  %1947 = sub nsw i64 %1945, %kb.rc
+  %1948 = mul nsw i64 %1947, 16
+  %1949 = add nsw i64 %1948, %1946
+  %1950 = mul nsw i64 %1949, 16
+  %1951 = getelementptr inbounds float, ptr %part, i64 %1950
+  %1952 = getelementptr inbounds float, ptr %1951, i64 0
+  %1953 = load <8 x float>, ptr %acc000160, align 4
+  store <8 x float> %1953, ptr %1952, align 4
+  %1954 = sub nsw i64 %kb.p, %kb.pg
+  %1955 = sub nsw i64 %1945, %kb.rc
+  %1956 = mul nsw i64 %1955, 16
+  %1957 = add nsw i64 %1956, %1954
+  %1958 = mul nsw i64 %1957, 16
+  %1959 = getelementptr inbounds float, ptr %part, i64 %1958
+  %1960 = getelementptr inbounds float, ptr %1959, i64 8
+  %1961 = load <8 x float>, ptr %acc001161, align 4
+  store <8 x float> %1961, ptr %1960, align 4
+  %1962 = add nsw i64 %r01, 1
+  %1963 = sub nsw i64 %kb.p, %kb.pg
+  %1964 = sub nsw i64 %1962, %kb.rc
+  %1965 = mul nsw i64 %1964, 16
+  %1966 = add nsw i64 %1965, %1963
+  %1967 = mul nsw i64 %1966, 16
+  %1968 = getelementptr inbounds float, ptr %part, i64 %1967
+  %1969 = getelementptr inbounds float, ptr %1968, i64 0
+  %1970 = load <8 x float>, ptr %acc010162, align 4
+  store <8 x float> %1970, ptr %1969, align 4
+  %1971 = sub nsw i64 %kb.p, %kb.pg
+  %1972 = sub nsw i64 %1962, %kb.rc
+  %1973 = mul nsw i64 %1972, 16
+  %1974 = add nsw i64 %1973, %1971
+  %1975 = mul nsw i64 %1974, 16
+  %1976 = getelementptr inbounds float, ptr %part, i64 %1975
+  %1977 = getelementptr inbounds float, ptr %1976, i64 8
+  %1978 = load <8 x float>, ptr %acc011163, align 4
+  store <8 x float> %1978, ptr %1977, align 4
+  br label %part.end177
+
+part.end177:                                      ; preds = %part.then176, %k.end170
+  br i1 %klast, label %last.then178, label %last.end179
+
+last.then178:                                     ; preds = %part.end177
+  %1979 = add nsw i64 %r01, 0
+  %1980 = getelementptr inbounds float, ptr %rw, i64 %1979
+  %1981 = load float, ptr %1980, align 4
+  %1982 = insertelement <8 x float> poison, float %1981, i32 0
+  %1983 = shufflevector <8 x float> %1982, <8 x float> poison, <8 x i32> zeroinitializer
+  %1984 = mul nsw i64 %1979, 2880
+  %1985 = getelementptr inbounds float, ptr %h, i64 %1984
+  %col180 = mul nsw i64 %kb.p, 8
+  %1986 = load <8 x float>, ptr %acc000160, align 4
+  %1987 = load <8 x float>, ptr %acc001161, align 4
+  %1988 = getelementptr inbounds float, ptr %bg, i64 %col180
+  %1989 = load <8 x float>, ptr %1988, align 4
+  %1990 = fadd <8 x float> %1986, %1989
+  %1991 = getelementptr inbounds float, ptr %bu, i64 %col180
+  %1992 = load <8 x float>, ptr %1991, align 4
+  %1993 = fadd <8 x float> %1987, %1992
+  %1994 = fcmp olt <8 x float> %1990, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1995 = select <8 x i1> %1994, <8 x float> %1990, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1996 = fcmp olt <8 x float> %1993, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1997 = select <8 x i1> %1996, <8 x float> %1993, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %1998 = fcmp ogt <8 x float> %1997, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %1999 = select <8 x i1> %1998, <8 x float> %1997, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %2000 = fmul <8 x float> %1995, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %2001 = fneg <8 x float> %2000
+  %2002 = fcmp olt <8 x float> %2001, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2003 = select <8 x i1> %2002, <8 x float> %2001, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2004 = fcmp ogt <8 x float> %2003, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2005 = select <8 x i1> %2004, <8 x float> %2003, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2006 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2005, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2007 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2006)
+  %2008 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2007, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2005)
+  %2009 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2007, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2008)
+  %2010 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2009, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2011 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2010, <8 x float> %2009, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2012 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2011, <8 x float> %2009, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2013 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2012, <8 x float> %2009, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2014 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2013, <8 x float> %2009, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2015 = fmul <8 x float> %2009, %2009
+  %2016 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2014, <8 x float> %2015, <8 x float> %2009)
+  %2017 = fadd <8 x float> %2016, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2018 = fptosi <8 x float> %2007 to <8 x i32>
+  %2019 = add <8 x i32> %2018, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2020 = shl <8 x i32> %2019, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n181 = bitcast <8 x i32> %2020 to <8 x float>
+  %exp182 = fmul <8 x float> %2017, %exp.2n181
+  %2021 = fadd <8 x float> %exp182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid183 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2021
+  %2022 = fmul <8 x float> %1995, %sigmoid183
+  %2023 = fadd <8 x float> %1999, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai184 = fmul <8 x float> %2022, %2023
+  %2024 = fmul <8 x float> %oai184, %1983
+  %2025 = getelementptr inbounds float, ptr %1985, i64 %col180
+  store <8 x float> %2024, ptr %2025, align 4
+  %2026 = add nsw i64 %r01, 1
+  %2027 = getelementptr inbounds float, ptr %rw, i64 %2026
+  %2028 = load float, ptr %2027, align 4
+  %2029 = insertelement <8 x float> poison, float %2028, i32 0
+  %2030 = shufflevector <8 x float> %2029, <8 x float> poison, <8 x i32> zeroinitializer
+  %2031 = mul nsw i64 %2026, 2880
+  %2032 = getelementptr inbounds float, ptr %h, i64 %2031
+  %col185 = mul nsw i64 %kb.p, 8
+  %2033 = load <8 x float>, ptr %acc010162, align 4
+  %2034 = load <8 x float>, ptr %acc011163, align 4
+  %2035 = getelementptr inbounds float, ptr %bg, i64 %col185
+  %2036 = load <8 x float>, ptr %2035, align 4
+  %2037 = fadd <8 x float> %2033, %2036
+  %2038 = getelementptr inbounds float, ptr %bu, i64 %col185
+  %2039 = load <8 x float>, ptr %2038, align 4
+  %2040 = fadd <8 x float> %2034, %2039
+  %2041 = fcmp olt <8 x float> %2037, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2042 = select <8 x i1> %2041, <8 x float> %2037, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2043 = fcmp olt <8 x float> %2040, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2044 = select <8 x i1> %2043, <8 x float> %2040, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2045 = fcmp ogt <8 x float> %2044, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %2046 = select <8 x i1> %2045, <8 x float> %2044, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %2047 = fmul <8 x float> %2042, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %2048 = fneg <8 x float> %2047
+  %2049 = fcmp olt <8 x float> %2048, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2050 = select <8 x i1> %2049, <8 x float> %2048, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2051 = fcmp ogt <8 x float> %2050, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2052 = select <8 x i1> %2051, <8 x float> %2050, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2053 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2052, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2054 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2053)
+  %2055 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2054, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2052)
+  %2056 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2054, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2055)
+  %2057 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2056, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2058 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2057, <8 x float> %2056, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2059 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2058, <8 x float> %2056, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2060 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2059, <8 x float> %2056, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2061 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2060, <8 x float> %2056, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2062 = fmul <8 x float> %2056, %2056
+  %2063 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2061, <8 x float> %2062, <8 x float> %2056)
+  %2064 = fadd <8 x float> %2063, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2065 = fptosi <8 x float> %2054 to <8 x i32>
+  %2066 = add <8 x i32> %2065, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2067 = shl <8 x i32> %2066, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n186 = bitcast <8 x i32> %2067 to <8 x float>
+  %exp187 = fmul <8 x float> %2064, %exp.2n186
+  %2068 = fadd <8 x float> %exp187, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid188 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2068
+  %2069 = fmul <8 x float> %2042, %sigmoid188
+  %2070 = fadd <8 x float> %2046, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai189 = fmul <8 x float> %2069, %2070
+  %2071 = fmul <8 x float> %oai189, %2030
+  %2072 = getelementptr inbounds float, ptr %2032, i64 %col185
+  store <8 x float> %2071, ptr %2072, align 4
+  br label %last.end179
+
+last.end179:                                      ; preds = %last.then178, %part.end177
+  br label %tile.done
+
+tile.mr1:                                         ; preds = %rb.body
+  %2073 = add nsw i64 %r01, 0
+  %2074 = getelementptr inbounds i32, ptr %rows, i64 %2073
+  %2075 = load i32, ptr %2074, align 4
+  %2076 = sext i32 %2075 to i64
+  %2077 = mul nsw i64 %2076, 2880
+  %2078 = add nsw i64 %2077, %k0
+  %2079 = getelementptr inbounds float, ptr %x, i64 %2078
+  %2080 = sub nsw i64 %kb.p, %kb.pg
+  %2081 = sub nsw i64 %2073, %kb.rc
+  %2082 = mul nsw i64 %2081, 16
+  %2083 = add nsw i64 %2082, %2080
+  %2084 = mul nsw i64 %2083, 16
+  %2085 = getelementptr inbounds float, ptr %part, i64 %2084
+  %2086 = getelementptr inbounds float, ptr %2085, i64 0
+  %2087 = load <8 x float>, ptr %2086, align 4
+  %2088 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %2087
+  store <8 x float> %2088, ptr %acc000190, align 4
+  %2089 = sub nsw i64 %kb.p, %kb.pg
+  %2090 = sub nsw i64 %2073, %kb.rc
+  %2091 = mul nsw i64 %2090, 16
+  %2092 = add nsw i64 %2091, %2089
+  %2093 = mul nsw i64 %2092, 16
+  %2094 = getelementptr inbounds float, ptr %part, i64 %2093
+  %2095 = getelementptr inbounds float, ptr %2094, i64 8
+  %2096 = load <8 x float>, ptr %2095, align 4
+  %2097 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %2096
+  store <8 x float> %2097, ptr %acc001191, align 4
+  %2098 = mul nsw i64 %k0, 16
+  %2099 = mul nsw i64 %kb.p, 46080
+  %panel.off192 = add nsw i64 %2099, %2098
+  %2100 = getelementptr inbounds i16, ptr %panels, i64 %panel.off192
+  %pf.on193 = and i1 %pf.on, %pf.next
+  %2101 = mul nsw i64 %rb, 7680
+  %2102 = lshr i64 %2101, %25
+  %2103 = add nsw i64 %pf.step, %2102
+  %2104 = getelementptr inbounds i8, ptr %2100, i64 %2103
+  %pf194 = select i1 %pf.on193, ptr %2104, ptr %2100
+  %pf.sh195 = select i1 %pf.on193, i64 %25, i64 0
+  br label %k.head196
+
+k.head196:                                        ; preds = %pf.any.end201, %tile.mr1
+  %k199 = phi i64 [ 0, %tile.mr1 ], [ %2125, %pf.any.end201 ]
+  %2105 = icmp slt i64 %k199, 240
+  br i1 %2105, label %k.body197, label %k.end198
+
+k.body197:                                        ; preds = %k.head196
+  %2106 = mul nsw i64 %k199, 1
+  %2107 = add nsw i64 %2106, 0
+  %2108 = mul nsw i64 %2107, 32
+  br i1 %pf.multi, label %pf.any.then200, label %pf.any.end201
+
+pf.any.then200:                                   ; preds = %k.body197
+  %2109 = lshr i64 %2108, %pf.sh195
+  %2110 = getelementptr inbounds i8, ptr %pf194, i64 %2109
+  call void @llvm.prefetch.p0(ptr %2110, i32 0, i32 2, i32 1)
+  br label %pf.any.end201
+
+pf.any.end201:                                    ; preds = %pf.any.then200, %k.body197
+  %2111 = mul nsw i64 %2107, 16
+  %2112 = add nsw i64 %panel.off192, %2111
+  %2113 = getelementptr inbounds i16, ptr %panels, i64 %2112
+  %2114 = load <8 x i32>, ptr %2113, align 4
+  %2115 = shl <8 x i32> %2114, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0202 = bitcast <8 x i32> %2115 to <8 x float>
+  %2116 = and <8 x i32> %2114, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1203 = bitcast <8 x i32> %2116 to <8 x float>
+  %2117 = getelementptr inbounds float, ptr %2079, i64 %2107
+  %2118 = load float, ptr %2117, align 4
+  %2119 = insertelement <8 x float> poison, float %2118, i32 0
+  %2120 = shufflevector <8 x float> %2119, <8 x float> poison, <8 x i32> zeroinitializer
+  %2121 = load <8 x float>, ptr %acc000190, align 4
+  %2122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2120, <8 x float> %b0202, <8 x float> %2121)
+  store <8 x float> %2122, ptr %acc000190, align 4
+  %2123 = load <8 x float>, ptr %acc001191, align 4
+  %2124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2120, <8 x float> %b1203, <8 x float> %2123)
+  store <8 x float> %2124, ptr %acc001191, align 4
+  %2125 = add nsw i64 %k199, 1
+  br label %k.head196
+
+k.end198:                                         ; preds = %k.head196
+  %2126 = xor i1 %klast, true
+  br i1 %2126, label %part.then204, label %part.end205
+
+part.then204:                                     ; preds = %k.end198
+  %2127 = add nsw i64 %r01, 0
+  %2128 = sub nsw i64 %kb.p, %kb.pg
+  %2129 = sub nsw i64 %2127, %kb.rc
+  %2130 = mul nsw i64 %2129, 16
+  %2131 = add nsw i64 %2130, %2128
+  %2132 = mul nsw i64 %2131, 16
+  %2133 = getelementptr inbounds float, ptr %part, i64 %2132
+  %2134 = getelementptr inbounds float, ptr %2133, i64 0
+  %2135 = load <8 x float>, ptr %acc000190, align 4
+  store <8 x float> %2135, ptr %2134, align 4
+  %2136 = sub nsw i64 %kb.p, %kb.pg
+  %2137 = sub nsw i64 %2127, %kb.rc
+  %2138 = mul nsw i64 %2137, 16
+  %2139 = add nsw i64 %2138, %2136
+  %2140 = mul nsw i64 %2139, 16
+  %2141 = getelementptr inbounds float, ptr %part, i64 %2140
+  %2142 = getelementptr inbounds float, ptr %2141, i64 8
+  %2143 = load <8 x float>, ptr %acc001191, align 4
+  store <8 x float> %2143, ptr %2142, align 4
+  br label %part.end205
+
+part.end205:                                      ; preds = %part.then204, %k.end198
+  br i1 %klast, label %last.then206, label %last.end207
+
+last.then206:                                     ; preds = %part.end205
+  %2144 = add nsw i64 %r01, 0
+  %2145 = getelementptr inbounds float, ptr %rw, i64 %2144
+  %2146 = load float, ptr %2145, align 4
+  %2147 = insertelement <8 x float> poison, float %2146, i32 0
+  %2148 = shufflevector <8 x float> %2147, <8 x float> poison, <8 x i32> zeroinitializer
+  %2149 = mul nsw i64 %2144, 2880
+  %2150 = getelementptr inbounds float, ptr %h, i64 %2149
+  %col208 = mul nsw i64 %kb.p, 8
+  %2151 = load <8 x float>, ptr %acc000190, align 4
+  %2152 = load <8 x float>, ptr %acc001191, align 4
+  %2153 = getelementptr inbounds float, ptr %bg, i64 %col208
+  %2154 = load <8 x float>, ptr %2153, align 4
+  %2155 = fadd <8 x float> %2151, %2154
+  %2156 = getelementptr inbounds float, ptr %bu, i64 %col208
+  %2157 = load <8 x float>, ptr %2156, align 4
+  %2158 = fadd <8 x float> %2152, %2157
+  %2159 = fcmp olt <8 x float> %2155, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2160 = select <8 x i1> %2159, <8 x float> %2155, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2161 = fcmp olt <8 x float> %2158, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2162 = select <8 x i1> %2161, <8 x float> %2158, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2163 = fcmp ogt <8 x float> %2162, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %2164 = select <8 x i1> %2163, <8 x float> %2162, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %2165 = fmul <8 x float> %2160, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %2166 = fneg <8 x float> %2165
+  %2167 = fcmp olt <8 x float> %2166, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2168 = select <8 x i1> %2167, <8 x float> %2166, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2169 = fcmp ogt <8 x float> %2168, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2170 = select <8 x i1> %2169, <8 x float> %2168, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2170, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2172 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2171)
+  %2173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2172, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2170)
+  %2174 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2172, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2173)
+  %2175 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2174, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2176 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2175, <8 x float> %2174, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2177 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2176, <8 x float> %2174, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2178 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2177, <8 x float> %2174, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2178, <8 x float> %2174, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2180 = fmul <8 x float> %2174, %2174
+  %2181 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2179, <8 x float> %2180, <8 x float> %2174)
+  %2182 = fadd <8 x float> %2181, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2183 = fptosi <8 x float> %2172 to <8 x i32>
+  %2184 = add <8 x i32> %2183, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2185 = shl <8 x i32> %2184, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n209 = bitcast <8 x i32> %2185 to <8 x float>
+  %exp210 = fmul <8 x float> %2182, %exp.2n209
+  %2186 = fadd <8 x float> %exp210, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid211 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2186
+  %2187 = fmul <8 x float> %2160, %sigmoid211
+  %2188 = fadd <8 x float> %2164, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai212 = fmul <8 x float> %2187, %2188
+  %2189 = fmul <8 x float> %oai212, %2148
+  %2190 = getelementptr inbounds float, ptr %2150, i64 %col208
+  store <8 x float> %2189, ptr %2190, align 4
+  br label %last.end207
+
+last.end207:                                      ; preds = %last.then206, %part.end205
+  br label %tile.done
+
+tile.done:                                        ; preds = %last.end207, %last.end179, %last.end144, %last.end102, %last.end53, %last.end
+  %2191 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %1416 = add nsw i64 %p, 1
+  %2192 = add nsw i64 %kb.p, 1
+  br label %kb.p.head
+
+kb.p.end:                                         ; preds = %kb.p.head
+  %2193 = add nsw i64 %kb.k, 1
+  br label %kb.k.head
+
+kb.k.end:                                         ; preds = %kb.k.head
+  %2194 = add nsw i64 %kb.pg, 16
+  br label %kb.pg.head
+
+kb.pg.end:                                        ; preds = %kb.pg.head
+  %2195 = add nsw i64 %kb.rc, 96
+  br label %kb.rc.head
+
+kb.rc.end:                                        ; preds = %kb.rc.head
+  br label %call.end
+
+flat:                                             ; preds = %start
+  br label %p.head
+
+p.head:                                           ; preds = %rb.end216, %flat
+  %p = phi i64 [ %p0, %flat ], [ %3639, %rb.end216 ]
+  %2196 = icmp slt i64 %p, %p1
+  br i1 %2196, label %p.body, label %p.end
+
+p.body:                                           ; preds = %p.head
+  %2197 = add nsw i64 %n, 5
+  %nrb213 = sdiv i64 %2197, 6
+  br label %rb.head214
+
+rb.head214:                                       ; preds = %tile.done221, %p.body
+  %rb217 = phi i64 [ 0, %p.body ], [ %3638, %tile.done221 ]
+  %2198 = icmp slt i64 %rb217, %nrb213
+  br i1 %2198, label %rb.body215, label %rb.end216
+
+rb.body215:                                       ; preds = %rb.head214
+  %2199 = mul nsw i64 %rb217, %n
+  %r0218 = sdiv i64 %2199, %nrb213
+  %2200 = add nsw i64 %rb217, 1
+  %2201 = mul nsw i64 %2200, %n
+  %r1219 = sdiv i64 %2201, %nrb213
+  %mr220 = sub nsw i64 %r1219, %r0218
+  %2202 = icmp sge i64 %nrb213, 2
+  %2203 = select i1 %2202, i64 1, i64 0
+  %2204 = icmp sge i64 %nrb213, 4
+  %2205 = select i1 %2204, i64 2, i64 %2203
+  %2206 = icmp sge i64 %nrb213, 8
+  %2207 = select i1 %2206, i64 3, i64 %2205
+  %pf.multi228 = icmp sgt i64 %nrb213, 1
+  %2208 = shl i64 1, %2207
+  %2209 = icmp slt i64 %rb217, %2208
+  %pf.on229 = and i1 %pf.multi228, %2209
+  switch i64 %mr220, label %tile.mr6227 [
+    i64 1, label %tile.mr1222
+    i64 2, label %tile.mr2223
+    i64 3, label %tile.mr3224
+    i64 4, label %tile.mr4225
+    i64 5, label %tile.mr5226
+  ]
+
+tile.mr6227:                                      ; preds = %rb.body215
+  %2210 = add nsw i64 %r0218, 0
+  %2211 = getelementptr inbounds i32, ptr %rows, i64 %2210
+  %2212 = load i32, ptr %2211, align 4
+  %2213 = sext i32 %2212 to i64
+  %2214 = mul nsw i64 %2213, 2880
+  %2215 = add nsw i64 %2214, 0
+  %2216 = getelementptr inbounds float, ptr %x, i64 %2215
+  store <8 x float> zeroinitializer, ptr %acc000230, align 4
+  store <8 x float> zeroinitializer, ptr %acc001231, align 4
+  %2217 = add nsw i64 %r0218, 1
+  %2218 = getelementptr inbounds i32, ptr %rows, i64 %2217
+  %2219 = load i32, ptr %2218, align 4
+  %2220 = sext i32 %2219 to i64
+  %2221 = mul nsw i64 %2220, 2880
+  %2222 = add nsw i64 %2221, 0
+  %2223 = getelementptr inbounds float, ptr %x, i64 %2222
+  store <8 x float> zeroinitializer, ptr %acc010232, align 4
+  store <8 x float> zeroinitializer, ptr %acc011233, align 4
+  %2224 = add nsw i64 %r0218, 2
+  %2225 = getelementptr inbounds i32, ptr %rows, i64 %2224
+  %2226 = load i32, ptr %2225, align 4
+  %2227 = sext i32 %2226 to i64
+  %2228 = mul nsw i64 %2227, 2880
+  %2229 = add nsw i64 %2228, 0
+  %2230 = getelementptr inbounds float, ptr %x, i64 %2229
+  store <8 x float> zeroinitializer, ptr %acc020234, align 4
+  store <8 x float> zeroinitializer, ptr %acc021235, align 4
+  %2231 = add nsw i64 %r0218, 3
+  %2232 = getelementptr inbounds i32, ptr %rows, i64 %2231
+  %2233 = load i32, ptr %2232, align 4
+  %2234 = sext i32 %2233 to i64
+  %2235 = mul nsw i64 %2234, 2880
+  %2236 = add nsw i64 %2235, 0
+  %2237 = getelementptr inbounds float, ptr %x, i64 %2236
+  store <8 x float> zeroinitializer, ptr %acc030236, align 4
+  store <8 x float> zeroinitializer, ptr %acc031237, align 4
+  %2238 = add nsw i64 %r0218, 4
+  %2239 = getelementptr inbounds i32, ptr %rows, i64 %2238
+  %2240 = load i32, ptr %2239, align 4
+  %2241 = sext i32 %2240 to i64
+  %2242 = mul nsw i64 %2241, 2880
+  %2243 = add nsw i64 %2242, 0
+  %2244 = getelementptr inbounds float, ptr %x, i64 %2243
+  store <8 x float> zeroinitializer, ptr %acc040238, align 4
+  store <8 x float> zeroinitializer, ptr %acc041239, align 4
+  %2245 = add nsw i64 %r0218, 5
+  %2246 = getelementptr inbounds i32, ptr %rows, i64 %2245
+  %2247 = load i32, ptr %2246, align 4
+  %2248 = sext i32 %2247 to i64
+  %2249 = mul nsw i64 %2248, 2880
+  %2250 = add nsw i64 %2249, 0
+  %2251 = getelementptr inbounds float, ptr %x, i64 %2250
+  store <8 x float> zeroinitializer, ptr %acc050240, align 4
+  store <8 x float> zeroinitializer, ptr %acc051241, align 4
+  %2252 = mul nsw i64 %p, 46080
+  %panel.off242 = add nsw i64 %2252, 0
+  %2253 = getelementptr inbounds i16, ptr %panels, i64 %panel.off242
+  %2254 = add nsw i64 %p, 1
+  %2255 = icmp slt i64 %2254, %p1
+  %pf.on243 = and i1 %pf.on229, %2255
+  %2256 = mul nsw i64 %rb217, 92160
+  %2257 = lshr i64 %2256, %2207
+  %2258 = add nsw i64 92160, %2257
+  %2259 = getelementptr inbounds i8, ptr %2253, i64 %2258
+  %pf244 = select i1 %pf.on243, ptr %2259, ptr %2253
+  %pf.sh245 = select i1 %pf.on243, i64 %2207, i64 0
+  br label %k.head246
+
+k.head246:                                        ; preds = %pf.any.end251, %tile.mr6227
+  %k249 = phi i64 [ 0, %tile.mr6227 ], [ %2320, %pf.any.end251 ]
+  %2260 = icmp slt i64 %k249, 2880
+  br i1 %2260, label %k.body247, label %k.end248
+
+k.body247:                                        ; preds = %k.head246
+  %2261 = mul nsw i64 %k249, 1
+  %2262 = add nsw i64 %2261, 0
+  %2263 = mul nsw i64 %2262, 32
+  br i1 %pf.multi228, label %pf.any.then250, label %pf.any.end251
+
+pf.any.then250:                                   ; preds = %k.body247
+  %2264 = lshr i64 %2263, %pf.sh245
+  %2265 = getelementptr inbounds i8, ptr %pf244, i64 %2264
+  call void @llvm.prefetch.p0(ptr %2265, i32 0, i32 2, i32 1)
+  br label %pf.any.end251
+
+pf.any.end251:                                    ; preds = %pf.any.then250, %k.body247
+  %2266 = mul nsw i64 %2262, 16
+  %2267 = add nsw i64 %panel.off242, %2266
+  %2268 = getelementptr inbounds i16, ptr %panels, i64 %2267
+  %2269 = load <8 x i32>, ptr %2268, align 4
+  %2270 = shl <8 x i32> %2269, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0252 = bitcast <8 x i32> %2270 to <8 x float>
+  %2271 = and <8 x i32> %2269, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1253 = bitcast <8 x i32> %2271 to <8 x float>
+  %2272 = getelementptr inbounds float, ptr %2216, i64 %2262
+  %2273 = load float, ptr %2272, align 4
+  %2274 = insertelement <8 x float> poison, float %2273, i32 0
+  %2275 = shufflevector <8 x float> %2274, <8 x float> poison, <8 x i32> zeroinitializer
+  %2276 = load <8 x float>, ptr %acc000230, align 4
+  %2277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2275, <8 x float> %b0252, <8 x float> %2276)
+  store <8 x float> %2277, ptr %acc000230, align 4
+  %2278 = load <8 x float>, ptr %acc001231, align 4
+  %2279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2275, <8 x float> %b1253, <8 x float> %2278)
+  store <8 x float> %2279, ptr %acc001231, align 4
+  %2280 = getelementptr inbounds float, ptr %2223, i64 %2262
+  %2281 = load float, ptr %2280, align 4
+  %2282 = insertelement <8 x float> poison, float %2281, i32 0
+  %2283 = shufflevector <8 x float> %2282, <8 x float> poison, <8 x i32> zeroinitializer
+  %2284 = load <8 x float>, ptr %acc010232, align 4
+  %2285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2283, <8 x float> %b0252, <8 x float> %2284)
+  store <8 x float> %2285, ptr %acc010232, align 4
+  %2286 = load <8 x float>, ptr %acc011233, align 4
+  %2287 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2283, <8 x float> %b1253, <8 x float> %2286)
+  store <8 x float> %2287, ptr %acc011233, align 4
+  %2288 = getelementptr inbounds float, ptr %2230, i64 %2262
+  %2289 = load float, ptr %2288, align 4
+  %2290 = insertelement <8 x float> poison, float %2289, i32 0
+  %2291 = shufflevector <8 x float> %2290, <8 x float> poison, <8 x i32> zeroinitializer
+  %2292 = load <8 x float>, ptr %acc020234, align 4
+  %2293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2291, <8 x float> %b0252, <8 x float> %2292)
+  store <8 x float> %2293, ptr %acc020234, align 4
+  %2294 = load <8 x float>, ptr %acc021235, align 4
+  %2295 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2291, <8 x float> %b1253, <8 x float> %2294)
+  store <8 x float> %2295, ptr %acc021235, align 4
+  %2296 = getelementptr inbounds float, ptr %2237, i64 %2262
+  %2297 = load float, ptr %2296, align 4
+  %2298 = insertelement <8 x float> poison, float %2297, i32 0
+  %2299 = shufflevector <8 x float> %2298, <8 x float> poison, <8 x i32> zeroinitializer
+  %2300 = load <8 x float>, ptr %acc030236, align 4
+  %2301 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2299, <8 x float> %b0252, <8 x float> %2300)
+  store <8 x float> %2301, ptr %acc030236, align 4
+  %2302 = load <8 x float>, ptr %acc031237, align 4
+  %2303 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2299, <8 x float> %b1253, <8 x float> %2302)
+  store <8 x float> %2303, ptr %acc031237, align 4
+  %2304 = getelementptr inbounds float, ptr %2244, i64 %2262
+  %2305 = load float, ptr %2304, align 4
+  %2306 = insertelement <8 x float> poison, float %2305, i32 0
+  %2307 = shufflevector <8 x float> %2306, <8 x float> poison, <8 x i32> zeroinitializer
+  %2308 = load <8 x float>, ptr %acc040238, align 4
+  %2309 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2307, <8 x float> %b0252, <8 x float> %2308)
+  store <8 x float> %2309, ptr %acc040238, align 4
+  %2310 = load <8 x float>, ptr %acc041239, align 4
+  %2311 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2307, <8 x float> %b1253, <8 x float> %2310)
+  store <8 x float> %2311, ptr %acc041239, align 4
+  %2312 = getelementptr inbounds float, ptr %2251, i64 %2262
+  %2313 = load float, ptr %2312, align 4
+  %2314 = insertelement <8 x float> poison, float %2313, i32 0
+  %2315 = shufflevector <8 x float> %2314, <8 x float> poison, <8 x i32> zeroinitializer
+  %2316 = load <8 x float>, ptr %acc050240, align 4
+  %2317 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2315, <8 x float> %b0252, <8 x float> %2316)
+  store <8 x float> %2317, ptr %acc050240, align 4
+  %2318 = load <8 x float>, ptr %acc051241, align 4
+  %2319 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2315, <8 x float> %b1253, <8 x float> %2318)
+  store <8 x float> %2319, ptr %acc051241, align 4
+  %2320 = add nsw i64 %k249, 1
+  br label %k.head246
+
+k.end248:                                         ; preds = %k.head246
+  %2321 = add nsw i64 %r0218, 0
+  %2322 = getelementptr inbounds float, ptr %rw, i64 %2321
+  %2323 = load float, ptr %2322, align 4
+  %2324 = insertelement <8 x float> poison, float %2323, i32 0
+  %2325 = shufflevector <8 x float> %2324, <8 x float> poison, <8 x i32> zeroinitializer
+  %2326 = mul nsw i64 %2321, 2880
+  %2327 = getelementptr inbounds float, ptr %h, i64 %2326
+  %col254 = mul nsw i64 %p, 8
+  %2328 = load <8 x float>, ptr %acc000230, align 4
+  %2329 = load <8 x float>, ptr %acc001231, align 4
+  %2330 = getelementptr inbounds float, ptr %bg, i64 %col254
+  %2331 = load <8 x float>, ptr %2330, align 4
+  %2332 = fadd <8 x float> %2328, %2331
+  %2333 = getelementptr inbounds float, ptr %bu, i64 %col254
+  %2334 = load <8 x float>, ptr %2333, align 4
+  %2335 = fadd <8 x float> %2329, %2334
+  %2336 = fcmp olt <8 x float> %2332, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2337 = select <8 x i1> %2336, <8 x float> %2332, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2338 = fcmp olt <8 x float> %2335, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2339 = select <8 x i1> %2338, <8 x float> %2335, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2340 = fcmp ogt <8 x float> %2339, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %2341 = select <8 x i1> %2340, <8 x float> %2339, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %2342 = fmul <8 x float> %2337, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %2343 = fneg <8 x float> %2342
+  %2344 = fcmp olt <8 x float> %2343, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2345 = select <8 x i1> %2344, <8 x float> %2343, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2346 = fcmp ogt <8 x float> %2345, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2347 = select <8 x i1> %2346, <8 x float> %2345, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2348 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2347, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2349 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2348)
+  %2350 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2349, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2347)
+  %2351 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2349, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2350)
+  %2352 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2351, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2352, <8 x float> %2351, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2353, <8 x float> %2351, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2354, <8 x float> %2351, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2356 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2355, <8 x float> %2351, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2357 = fmul <8 x float> %2351, %2351
+  %2358 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2356, <8 x float> %2357, <8 x float> %2351)
+  %2359 = fadd <8 x float> %2358, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2360 = fptosi <8 x float> %2349 to <8 x i32>
+  %2361 = add <8 x i32> %2360, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2362 = shl <8 x i32> %2361, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n255 = bitcast <8 x i32> %2362 to <8 x float>
+  %exp256 = fmul <8 x float> %2359, %exp.2n255
+  %2363 = fadd <8 x float> %exp256, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid257 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2363
+  %2364 = fmul <8 x float> %2337, %sigmoid257
+  %2365 = fadd <8 x float> %2341, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai258 = fmul <8 x float> %2364, %2365
+  %2366 = fmul <8 x float> %oai258, %2325
+  %2367 = getelementptr inbounds float, ptr %2327, i64 %col254
+  store <8 x float> %2366, ptr %2367, align 4
+  %2368 = add nsw i64 %r0218, 1
+  %2369 = getelementptr inbounds float, ptr %rw, i64 %2368
+  %2370 = load float, ptr %2369, align 4
+  %2371 = insertelement <8 x float> poison, float %2370, i32 0
+  %2372 = shufflevector <8 x float> %2371, <8 x float> poison, <8 x i32> zeroinitializer
+  %2373 = mul nsw i64 %2368, 2880
+  %2374 = getelementptr inbounds float, ptr %h, i64 %2373
+  %col259 = mul nsw i64 %p, 8
+  %2375 = load <8 x float>, ptr %acc010232, align 4
+  %2376 = load <8 x float>, ptr %acc011233, align 4
+  %2377 = getelementptr inbounds float, ptr %bg, i64 %col259
+  %2378 = load <8 x float>, ptr %2377, align 4
+  %2379 = fadd <8 x float> %2375, %2378
+  %2380 = getelementptr inbounds float, ptr %bu, i64 %col259
+  %2381 = load <8 x float>, ptr %2380, align 4
+  %2382 = fadd <8 x float> %2376, %2381
+  %2383 = fcmp olt <8 x float> %2379, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2384 = select <8 x i1> %2383, <8 x float> %2379, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2385 = fcmp olt <8 x float> %2382, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2386 = select <8 x i1> %2385, <8 x float> %2382, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2387 = fcmp ogt <8 x float> %2386, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %2388 = select <8 x i1> %2387, <8 x float> %2386, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %2389 = fmul <8 x float> %2384, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %2390 = fneg <8 x float> %2389
+  %2391 = fcmp olt <8 x float> %2390, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2392 = select <8 x i1> %2391, <8 x float> %2390, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2393 = fcmp ogt <8 x float> %2392, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2394 = select <8 x i1> %2393, <8 x float> %2392, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2394, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2396 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2395)
+  %2397 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2396, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2394)
+  %2398 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2396, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2397)
+  %2399 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2398, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2399, <8 x float> %2398, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2400, <8 x float> %2398, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2401, <8 x float> %2398, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2403 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2402, <8 x float> %2398, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2404 = fmul <8 x float> %2398, %2398
+  %2405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2403, <8 x float> %2404, <8 x float> %2398)
+  %2406 = fadd <8 x float> %2405, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2407 = fptosi <8 x float> %2396 to <8 x i32>
+  %2408 = add <8 x i32> %2407, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2409 = shl <8 x i32> %2408, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n260 = bitcast <8 x i32> %2409 to <8 x float>
+  %exp261 = fmul <8 x float> %2406, %exp.2n260
+  %2410 = fadd <8 x float> %exp261, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid262 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2410
+  %2411 = fmul <8 x float> %2384, %sigmoid262
+  %2412 = fadd <8 x float> %2388, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai263 = fmul <8 x float> %2411, %2412
+  %2413 = fmul <8 x float> %oai263, %2372
+  %2414 = getelementptr inbounds float, ptr %2374, i64 %col259
+  store <8 x float> %2413, ptr %2414, align 4
+  %2415 = add nsw i64 %r0218, 2
+  %2416 = getelementptr inbounds float, ptr %rw, i64 %2415
+  %2417 = load float, ptr %2416, align 4
+  %2418 = insertelement <8 x float> poison, float %2417, i32 0
+  %2419 = shufflevector <8 x float> %2418, <8 x float> poison, <8 x i32> zeroinitializer
+  %2420 = mul nsw i64 %2415, 2880
+  %2421 = getelementptr inbounds float, ptr %h, i64 %2420
+  %col264 = mul nsw i64 %p, 8
+  %2422 = load <8 x float>, ptr %acc020234, align 4
+  %2423 = load <8 x float>, ptr %acc021235, align 4
+  %2424 = getelementptr inbounds float, ptr %bg, i64 %col264
+  %2425 = load <8 x float>, ptr %2424, align 4
+  %2426 = fadd <8 x float> %2422, %2425
+  %2427 = getelementptr inbounds float, ptr %bu, i64 %col264
+  %2428 = load <8 x float>, ptr %2427, align 4
+  %2429 = fadd <8 x float> %2423, %2428
+  %2430 = fcmp olt <8 x float> %2426, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2431 = select <8 x i1> %2430, <8 x float> %2426, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2432 = fcmp olt <8 x float> %2429, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2433 = select <8 x i1> %2432, <8 x float> %2429, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2434 = fcmp ogt <8 x float> %2433, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %2435 = select <8 x i1> %2434, <8 x float> %2433, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %2436 = fmul <8 x float> %2431, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %2437 = fneg <8 x float> %2436
+  %2438 = fcmp olt <8 x float> %2437, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2439 = select <8 x i1> %2438, <8 x float> %2437, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2440 = fcmp ogt <8 x float> %2439, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2441 = select <8 x i1> %2440, <8 x float> %2439, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2441, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2443 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2442)
+  %2444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2443, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2441)
+  %2445 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2443, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2444)
+  %2446 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2445, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2447 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2446, <8 x float> %2445, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2447, <8 x float> %2445, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2448, <8 x float> %2445, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2449, <8 x float> %2445, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2451 = fmul <8 x float> %2445, %2445
+  %2452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2450, <8 x float> %2451, <8 x float> %2445)
+  %2453 = fadd <8 x float> %2452, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2454 = fptosi <8 x float> %2443 to <8 x i32>
+  %2455 = add <8 x i32> %2454, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2456 = shl <8 x i32> %2455, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n265 = bitcast <8 x i32> %2456 to <8 x float>
+  %exp266 = fmul <8 x float> %2453, %exp.2n265
+  %2457 = fadd <8 x float> %exp266, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid267 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2457
+  %2458 = fmul <8 x float> %2431, %sigmoid267
+  %2459 = fadd <8 x float> %2435, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai268 = fmul <8 x float> %2458, %2459
+  %2460 = fmul <8 x float> %oai268, %2419
+  %2461 = getelementptr inbounds float, ptr %2421, i64 %col264
+  store <8 x float> %2460, ptr %2461, align 4
+  %2462 = add nsw i64 %r0218, 3
+  %2463 = getelementptr inbounds float, ptr %rw, i64 %2462
+  %2464 = load float, ptr %2463, align 4
+  %2465 = insertelement <8 x float> poison, float %2464, i32 0
+  %2466 = shufflevector <8 x float> %2465, <8 x float> poison, <8 x i32> zeroinitializer
+  %2467 = mul nsw i64 %2462, 2880
+  %2468 = getelementptr inbounds float, ptr %h, i64 %2467
+  %col269 = mul nsw i64 %p, 8
+  %2469 = load <8 x float>, ptr %acc030236, align 4
+  %2470 = load <8 x float>, ptr %acc031237, align 4
+  %2471 = getelementptr inbounds float, ptr %bg, i64 %col269
+  %2472 = load <8 x float>, ptr %2471, align 4
+  %2473 = fadd <8 x float> %2469, %2472
+  %2474 = getelementptr inbounds float, ptr %bu, i64 %col269
+  %2475 = load <8 x float>, ptr %2474, align 4
+  %2476 = fadd <8 x float> %2470, %2475
+  %2477 = fcmp olt <8 x float> %2473, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2478 = select <8 x i1> %2477, <8 x float> %2473, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2479 = fcmp olt <8 x float> %2476, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2480 = select <8 x i1> %2479, <8 x float> %2476, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2481 = fcmp ogt <8 x float> %2480, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %2482 = select <8 x i1> %2481, <8 x float> %2480, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %2483 = fmul <8 x float> %2478, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %2484 = fneg <8 x float> %2483
+  %2485 = fcmp olt <8 x float> %2484, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2486 = select <8 x i1> %2485, <8 x float> %2484, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2487 = fcmp ogt <8 x float> %2486, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2488 = select <8 x i1> %2487, <8 x float> %2486, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2489 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2488, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2490 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2489)
+  %2491 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2490, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2488)
+  %2492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2490, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2491)
+  %2493 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2492, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2493, <8 x float> %2492, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2495 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2494, <8 x float> %2492, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2496 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2495, <8 x float> %2492, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2497 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2496, <8 x float> %2492, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2498 = fmul <8 x float> %2492, %2492
+  %2499 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2497, <8 x float> %2498, <8 x float> %2492)
+  %2500 = fadd <8 x float> %2499, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2501 = fptosi <8 x float> %2490 to <8 x i32>
+  %2502 = add <8 x i32> %2501, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2503 = shl <8 x i32> %2502, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n270 = bitcast <8 x i32> %2503 to <8 x float>
+  %exp271 = fmul <8 x float> %2500, %exp.2n270
+  %2504 = fadd <8 x float> %exp271, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid272 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2504
+  %2505 = fmul <8 x float> %2478, %sigmoid272
+  %2506 = fadd <8 x float> %2482, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai273 = fmul <8 x float> %2505, %2506
+  %2507 = fmul <8 x float> %oai273, %2466
+  %2508 = getelementptr inbounds float, ptr %2468, i64 %col269
+  store <8 x float> %2507, ptr %2508, align 4
+  %2509 = add nsw i64 %r0218, 4
+  %2510 = getelementptr inbounds float, ptr %rw, i64 %2509
+  %2511 = load float, ptr %2510, align 4
+  %2512 = insertelement <8 x float> poison, float %2511, i32 0
+  %2513 = shufflevector <8 x float> %2512, <8 x float> poison, <8 x i32> zeroinitializer
+  %2514 = mul nsw i64 %2509, 2880
+  %2515 = getelementptr inbounds float, ptr %h, i64 %2514
+  %col274 = mul nsw i64 %p, 8
+  %2516 = load <8 x float>, ptr %acc040238, align 4
+  %2517 = load <8 x float>, ptr %acc041239, align 4
+  %2518 = getelementptr inbounds float, ptr %bg, i64 %col274
+  %2519 = load <8 x float>, ptr %2518, align 4
+  %2520 = fadd <8 x float> %2516, %2519
+  %2521 = getelementptr inbounds float, ptr %bu, i64 %col274
+  %2522 = load <8 x float>, ptr %2521, align 4
+  %2523 = fadd <8 x float> %2517, %2522
+  %2524 = fcmp olt <8 x float> %2520, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2525 = select <8 x i1> %2524, <8 x float> %2520, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2526 = fcmp olt <8 x float> %2523, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2527 = select <8 x i1> %2526, <8 x float> %2523, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2528 = fcmp ogt <8 x float> %2527, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %2529 = select <8 x i1> %2528, <8 x float> %2527, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %2530 = fmul <8 x float> %2525, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %2531 = fneg <8 x float> %2530
+  %2532 = fcmp olt <8 x float> %2531, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2533 = select <8 x i1> %2532, <8 x float> %2531, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2534 = fcmp ogt <8 x float> %2533, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2535 = select <8 x i1> %2534, <8 x float> %2533, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2536 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2535, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2537 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2536)
+  %2538 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2537, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2535)
+  %2539 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2537, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2538)
+  %2540 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2539, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2541 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2540, <8 x float> %2539, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2541, <8 x float> %2539, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2542, <8 x float> %2539, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2543, <8 x float> %2539, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2545 = fmul <8 x float> %2539, %2539
+  %2546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2544, <8 x float> %2545, <8 x float> %2539)
+  %2547 = fadd <8 x float> %2546, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2548 = fptosi <8 x float> %2537 to <8 x i32>
+  %2549 = add <8 x i32> %2548, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2550 = shl <8 x i32> %2549, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n275 = bitcast <8 x i32> %2550 to <8 x float>
+  %exp276 = fmul <8 x float> %2547, %exp.2n275
+  %2551 = fadd <8 x float> %exp276, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid277 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2551
+  %2552 = fmul <8 x float> %2525, %sigmoid277
+  %2553 = fadd <8 x float> %2529, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai278 = fmul <8 x float> %2552, %2553
+  %2554 = fmul <8 x float> %oai278, %2513
+  %2555 = getelementptr inbounds float, ptr %2515, i64 %col274
+  store <8 x float> %2554, ptr %2555, align 4
+  %2556 = add nsw i64 %r0218, 5
+  %2557 = getelementptr inbounds float, ptr %rw, i64 %2556
+  %2558 = load float, ptr %2557, align 4
+  %2559 = insertelement <8 x float> poison, float %2558, i32 0
+  %2560 = shufflevector <8 x float> %2559, <8 x float> poison, <8 x i32> zeroinitializer
+  %2561 = mul nsw i64 %2556, 2880
+  %2562 = getelementptr inbounds float, ptr %h, i64 %2561
+  %col279 = mul nsw i64 %p, 8
+  %2563 = load <8 x float>, ptr %acc050240, align 4
+  %2564 = load <8 x float>, ptr %acc051241, align 4
+  %2565 = getelementptr inbounds float, ptr %bg, i64 %col279
+  %2566 = load <8 x float>, ptr %2565, align 4
+  %2567 = fadd <8 x float> %2563, %2566
+  %2568 = getelementptr inbounds float, ptr %bu, i64 %col279
+  %2569 = load <8 x float>, ptr %2568, align 4
+  %2570 = fadd <8 x float> %2564, %2569
+  %2571 = fcmp olt <8 x float> %2567, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2572 = select <8 x i1> %2571, <8 x float> %2567, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2573 = fcmp olt <8 x float> %2570, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2574 = select <8 x i1> %2573, <8 x float> %2570, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2575 = fcmp ogt <8 x float> %2574, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %2576 = select <8 x i1> %2575, <8 x float> %2574, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %2577 = fmul <8 x float> %2572, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %2578 = fneg <8 x float> %2577
+  %2579 = fcmp olt <8 x float> %2578, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2580 = select <8 x i1> %2579, <8 x float> %2578, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2581 = fcmp ogt <8 x float> %2580, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2582 = select <8 x i1> %2581, <8 x float> %2580, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2583 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2582, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2584 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2583)
+  %2585 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2584, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2582)
+  %2586 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2584, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2585)
+  %2587 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2586, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2588 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2587, <8 x float> %2586, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2589 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2588, <8 x float> %2586, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2590 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2589, <8 x float> %2586, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2591 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2590, <8 x float> %2586, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2592 = fmul <8 x float> %2586, %2586
+  %2593 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2591, <8 x float> %2592, <8 x float> %2586)
+  %2594 = fadd <8 x float> %2593, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2595 = fptosi <8 x float> %2584 to <8 x i32>
+  %2596 = add <8 x i32> %2595, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2597 = shl <8 x i32> %2596, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n280 = bitcast <8 x i32> %2597 to <8 x float>
+  %exp281 = fmul <8 x float> %2594, %exp.2n280
+  %2598 = fadd <8 x float> %exp281, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid282 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2598
+  %2599 = fmul <8 x float> %2572, %sigmoid282
+  %2600 = fadd <8 x float> %2576, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai283 = fmul <8 x float> %2599, %2600
+  %2601 = fmul <8 x float> %oai283, %2560
+  %2602 = getelementptr inbounds float, ptr %2562, i64 %col279
+  store <8 x float> %2601, ptr %2602, align 4
+  br label %tile.done221
+
+tile.mr5226:                                      ; preds = %rb.body215
+  %2603 = add nsw i64 %r0218, 0
+  %2604 = getelementptr inbounds i32, ptr %rows, i64 %2603
+  %2605 = load i32, ptr %2604, align 4
+  %2606 = sext i32 %2605 to i64
+  %2607 = mul nsw i64 %2606, 2880
+  %2608 = add nsw i64 %2607, 0
+  %2609 = getelementptr inbounds float, ptr %x, i64 %2608
+  store <8 x float> zeroinitializer, ptr %acc000284, align 4
+  store <8 x float> zeroinitializer, ptr %acc001285, align 4
+  %2610 = add nsw i64 %r0218, 1
+  %2611 = getelementptr inbounds i32, ptr %rows, i64 %2610
+  %2612 = load i32, ptr %2611, align 4
+  %2613 = sext i32 %2612 to i64
+  %2614 = mul nsw i64 %2613, 2880
+  %2615 = add nsw i64 %2614, 0
+  %2616 = getelementptr inbounds float, ptr %x, i64 %2615
+  store <8 x float> zeroinitializer, ptr %acc010286, align 4
+  store <8 x float> zeroinitializer, ptr %acc011287, align 4
+  %2617 = add nsw i64 %r0218, 2
+  %2618 = getelementptr inbounds i32, ptr %rows, i64 %2617
+  %2619 = load i32, ptr %2618, align 4
+  %2620 = sext i32 %2619 to i64
+  %2621 = mul nsw i64 %2620, 2880
+  %2622 = add nsw i64 %2621, 0
+  %2623 = getelementptr inbounds float, ptr %x, i64 %2622
+  store <8 x float> zeroinitializer, ptr %acc020288, align 4
+  store <8 x float> zeroinitializer, ptr %acc021289, align 4
+  %2624 = add nsw i64 %r0218, 3
+  %2625 = getelementptr inbounds i32, ptr %rows, i64 %2624
+  %2626 = load i32, ptr %2625, align 4
+  %2627 = sext i32 %2626 to i64
+  %2628 = mul nsw i64 %2627, 2880
+  %2629 = add nsw i64 %2628, 0
+  %2630 = getelementptr inbounds float, ptr %x, i64 %2629
+  store <8 x float> zeroinitializer, ptr %acc030290, align 4
+  store <8 x float> zeroinitializer, ptr %acc031291, align 4
+  %2631 = add nsw i64 %r0218, 4
+  %2632 = getelementptr inbounds i32, ptr %rows, i64 %2631
+  %2633 = load i32, ptr %2632, align 4
+  %2634 = sext i32 %2633 to i64
+  %2635 = mul nsw i64 %2634, 2880
+  %2636 = add nsw i64 %2635, 0
+  %2637 = getelementptr inbounds float, ptr %x, i64 %2636
+  store <8 x float> zeroinitializer, ptr %acc040292, align 4
+  store <8 x float> zeroinitializer, ptr %acc041293, align 4
+  %2638 = mul nsw i64 %p, 46080
+  %panel.off294 = add nsw i64 %2638, 0
+  %2639 = getelementptr inbounds i16, ptr %panels, i64 %panel.off294
+  %2640 = add nsw i64 %p, 1
+  %2641 = icmp slt i64 %2640, %p1
+  %pf.on295 = and i1 %pf.on229, %2641
+  %2642 = mul nsw i64 %rb217, 92160
+  %2643 = lshr i64 %2642, %2207
+  %2644 = add nsw i64 92160, %2643
+  %2645 = getelementptr inbounds i8, ptr %2639, i64 %2644
+  %pf296 = select i1 %pf.on295, ptr %2645, ptr %2639
+  %pf.sh297 = select i1 %pf.on295, i64 %2207, i64 0
+  br label %k.head298
+
+k.head298:                                        ; preds = %pf.any.end303, %tile.mr5226
+  %k301 = phi i64 [ 0, %tile.mr5226 ], [ %2698, %pf.any.end303 ]
+  %2646 = icmp slt i64 %k301, 2880
+  br i1 %2646, label %k.body299, label %k.end300
+
+k.body299:                                        ; preds = %k.head298
+  %2647 = mul nsw i64 %k301, 1
+  %2648 = add nsw i64 %2647, 0
+  %2649 = mul nsw i64 %2648, 32
+  br i1 %pf.multi228, label %pf.any.then302, label %pf.any.end303
+
+pf.any.then302:                                   ; preds = %k.body299
+  %2650 = lshr i64 %2649, %pf.sh297
+  %2651 = getelementptr inbounds i8, ptr %pf296, i64 %2650
+  call void @llvm.prefetch.p0(ptr %2651, i32 0, i32 2, i32 1)
+  br label %pf.any.end303
+
+pf.any.end303:                                    ; preds = %pf.any.then302, %k.body299
+  %2652 = mul nsw i64 %2648, 16
+  %2653 = add nsw i64 %panel.off294, %2652
+  %2654 = getelementptr inbounds i16, ptr %panels, i64 %2653
+  %2655 = load <8 x i32>, ptr %2654, align 4
+  %2656 = shl <8 x i32> %2655, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0304 = bitcast <8 x i32> %2656 to <8 x float>
+  %2657 = and <8 x i32> %2655, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1305 = bitcast <8 x i32> %2657 to <8 x float>
+  %2658 = getelementptr inbounds float, ptr %2609, i64 %2648
+  %2659 = load float, ptr %2658, align 4
+  %2660 = insertelement <8 x float> poison, float %2659, i32 0
+  %2661 = shufflevector <8 x float> %2660, <8 x float> poison, <8 x i32> zeroinitializer
+  %2662 = load <8 x float>, ptr %acc000284, align 4
+  %2663 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2661, <8 x float> %b0304, <8 x float> %2662)
+  store <8 x float> %2663, ptr %acc000284, align 4
+  %2664 = load <8 x float>, ptr %acc001285, align 4
+  %2665 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2661, <8 x float> %b1305, <8 x float> %2664)
+  store <8 x float> %2665, ptr %acc001285, align 4
+  %2666 = getelementptr inbounds float, ptr %2616, i64 %2648
+  %2667 = load float, ptr %2666, align 4
+  %2668 = insertelement <8 x float> poison, float %2667, i32 0
+  %2669 = shufflevector <8 x float> %2668, <8 x float> poison, <8 x i32> zeroinitializer
+  %2670 = load <8 x float>, ptr %acc010286, align 4
+  %2671 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2669, <8 x float> %b0304, <8 x float> %2670)
+  store <8 x float> %2671, ptr %acc010286, align 4
+  %2672 = load <8 x float>, ptr %acc011287, align 4
+  %2673 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2669, <8 x float> %b1305, <8 x float> %2672)
+  store <8 x float> %2673, ptr %acc011287, align 4
+  %2674 = getelementptr inbounds float, ptr %2623, i64 %2648
+  %2675 = load float, ptr %2674, align 4
+  %2676 = insertelement <8 x float> poison, float %2675, i32 0
+  %2677 = shufflevector <8 x float> %2676, <8 x float> poison, <8 x i32> zeroinitializer
+  %2678 = load <8 x float>, ptr %acc020288, align 4
+  %2679 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2677, <8 x float> %b0304, <8 x float> %2678)
+  store <8 x float> %2679, ptr %acc020288, align 4
+  %2680 = load <8 x float>, ptr %acc021289, align 4
+  %2681 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2677, <8 x float> %b1305, <8 x float> %2680)
+  store <8 x float> %2681, ptr %acc021289, align 4
+  %2682 = getelementptr inbounds float, ptr %2630, i64 %2648
+  %2683 = load float, ptr %2682, align 4
+  %2684 = insertelement <8 x float> poison, float %2683, i32 0
+  %2685 = shufflevector <8 x float> %2684, <8 x float> poison, <8 x i32> zeroinitializer
+  %2686 = load <8 x float>, ptr %acc030290, align 4
+  %2687 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2685, <8 x float> %b0304, <8 x float> %2686)
+  store <8 x float> %2687, ptr %acc030290, align 4
+  %2688 = load <8 x float>, ptr %acc031291, align 4
+  %2689 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2685, <8 x float> %b1305, <8 x float> %2688)
+  store <8 x float> %2689, ptr %acc031291, align 4
+  %2690 = getelementptr inbounds float, ptr %2637, i64 %2648
+  %2691 = load float, ptr %2690, align 4
+  %2692 = insertelement <8 x float> poison, float %2691, i32 0
+  %2693 = shufflevector <8 x float> %2692, <8 x float> poison, <8 x i32> zeroinitializer
+  %2694 = load <8 x float>, ptr %acc040292, align 4
+  %2695 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2693, <8 x float> %b0304, <8 x float> %2694)
+  store <8 x float> %2695, ptr %acc040292, align 4
+  %2696 = load <8 x float>, ptr %acc041293, align 4
+  %2697 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2693, <8 x float> %b1305, <8 x float> %2696)
+  store <8 x float> %2697, ptr %acc041293, align 4
+  %2698 = add nsw i64 %k301, 1
+  br label %k.head298
+
+k.end300:                                         ; preds = %k.head298
+  %2699 = add nsw i64 %r0218, 0
+  %2700 = getelementptr inbounds float, ptr %rw, i64 %2699
+  %2701 = load float, ptr %2700, align 4
+  %2702 = insertelement <8 x float> poison, float %2701, i32 0
+  %2703 = shufflevector <8 x float> %2702, <8 x float> poison, <8 x i32> zeroinitializer
+  %2704 = mul nsw i64 %2699, 2880
+  %2705 = getelementptr inbounds float, ptr %h, i64 %2704
+  %col306 = mul nsw i64 %p, 8
+  %2706 = load <8 x float>, ptr %acc000284, align 4
+  %2707 = load <8 x float>, ptr %acc001285, align 4
+  %2708 = getelementptr inbounds float, ptr %bg, i64 %col306
+  %2709 = load <8 x float>, ptr %2708, align 4
+  %2710 = fadd <8 x float> %2706, %2709
+  %2711 = getelementptr inbounds float, ptr %bu, i64 %col306
+  %2712 = load <8 x float>, ptr %2711, align 4
+  %2713 = fadd <8 x float> %2707, %2712
+  %2714 = fcmp olt <8 x float> %2710, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2715 = select <8 x i1> %2714, <8 x float> %2710, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2716 = fcmp olt <8 x float> %2713, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2717 = select <8 x i1> %2716, <8 x float> %2713, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2718 = fcmp ogt <8 x float> %2717, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %2719 = select <8 x i1> %2718, <8 x float> %2717, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %2720 = fmul <8 x float> %2715, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %2721 = fneg <8 x float> %2720
+  %2722 = fcmp olt <8 x float> %2721, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2723 = select <8 x i1> %2722, <8 x float> %2721, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2724 = fcmp ogt <8 x float> %2723, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2725 = select <8 x i1> %2724, <8 x float> %2723, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2726 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2725, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2727 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2726)
+  %2728 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2727, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2725)
+  %2729 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2727, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2728)
+  %2730 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2729, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2731 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2730, <8 x float> %2729, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2732 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2731, <8 x float> %2729, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2733 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2732, <8 x float> %2729, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2734 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2733, <8 x float> %2729, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2735 = fmul <8 x float> %2729, %2729
+  %2736 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2734, <8 x float> %2735, <8 x float> %2729)
+  %2737 = fadd <8 x float> %2736, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2738 = fptosi <8 x float> %2727 to <8 x i32>
+  %2739 = add <8 x i32> %2738, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2740 = shl <8 x i32> %2739, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n307 = bitcast <8 x i32> %2740 to <8 x float>
+  %exp308 = fmul <8 x float> %2737, %exp.2n307
+  %2741 = fadd <8 x float> %exp308, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid309 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2741
+  %2742 = fmul <8 x float> %2715, %sigmoid309
+  %2743 = fadd <8 x float> %2719, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai310 = fmul <8 x float> %2742, %2743
+  %2744 = fmul <8 x float> %oai310, %2703
+  %2745 = getelementptr inbounds float, ptr %2705, i64 %col306
+  store <8 x float> %2744, ptr %2745, align 4
+  %2746 = add nsw i64 %r0218, 1
+  %2747 = getelementptr inbounds float, ptr %rw, i64 %2746
+  %2748 = load float, ptr %2747, align 4
+  %2749 = insertelement <8 x float> poison, float %2748, i32 0
+  %2750 = shufflevector <8 x float> %2749, <8 x float> poison, <8 x i32> zeroinitializer
+  %2751 = mul nsw i64 %2746, 2880
+  %2752 = getelementptr inbounds float, ptr %h, i64 %2751
+  %col311 = mul nsw i64 %p, 8
+  %2753 = load <8 x float>, ptr %acc010286, align 4
+  %2754 = load <8 x float>, ptr %acc011287, align 4
+  %2755 = getelementptr inbounds float, ptr %bg, i64 %col311
+  %2756 = load <8 x float>, ptr %2755, align 4
+  %2757 = fadd <8 x float> %2753, %2756
+  %2758 = getelementptr inbounds float, ptr %bu, i64 %col311
+  %2759 = load <8 x float>, ptr %2758, align 4
+  %2760 = fadd <8 x float> %2754, %2759
+  %2761 = fcmp olt <8 x float> %2757, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2762 = select <8 x i1> %2761, <8 x float> %2757, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2763 = fcmp olt <8 x float> %2760, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2764 = select <8 x i1> %2763, <8 x float> %2760, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2765 = fcmp ogt <8 x float> %2764, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %2766 = select <8 x i1> %2765, <8 x float> %2764, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %2767 = fmul <8 x float> %2762, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %2768 = fneg <8 x float> %2767
+  %2769 = fcmp olt <8 x float> %2768, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2770 = select <8 x i1> %2769, <8 x float> %2768, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2771 = fcmp ogt <8 x float> %2770, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2772 = select <8 x i1> %2771, <8 x float> %2770, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2773 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2772, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2774 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2773)
+  %2775 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2774, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2772)
+  %2776 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2774, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2775)
+  %2777 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2776, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2778 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2777, <8 x float> %2776, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2779 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2778, <8 x float> %2776, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2780 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2779, <8 x float> %2776, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2781 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2780, <8 x float> %2776, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2782 = fmul <8 x float> %2776, %2776
+  %2783 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2781, <8 x float> %2782, <8 x float> %2776)
+  %2784 = fadd <8 x float> %2783, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2785 = fptosi <8 x float> %2774 to <8 x i32>
+  %2786 = add <8 x i32> %2785, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2787 = shl <8 x i32> %2786, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n312 = bitcast <8 x i32> %2787 to <8 x float>
+  %exp313 = fmul <8 x float> %2784, %exp.2n312
+  %2788 = fadd <8 x float> %exp313, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid314 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2788
+  %2789 = fmul <8 x float> %2762, %sigmoid314
+  %2790 = fadd <8 x float> %2766, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai315 = fmul <8 x float> %2789, %2790
+  %2791 = fmul <8 x float> %oai315, %2750
+  %2792 = getelementptr inbounds float, ptr %2752, i64 %col311
+  store <8 x float> %2791, ptr %2792, align 4
+  %2793 = add nsw i64 %r0218, 2
+  %2794 = getelementptr inbounds float, ptr %rw, i64 %2793
+  %2795 = load float, ptr %2794, align 4
+  %2796 = insertelement <8 x float> poison, float %2795, i32 0
+  %2797 = shufflevector <8 x float> %2796, <8 x float> poison, <8 x i32> zeroinitializer
+  %2798 = mul nsw i64 %2793, 2880
+  %2799 = getelementptr inbounds float, ptr %h, i64 %2798
+  %col316 = mul nsw i64 %p, 8
+  %2800 = load <8 x float>, ptr %acc020288, align 4
+  %2801 = load <8 x float>, ptr %acc021289, align 4
+  %2802 = getelementptr inbounds float, ptr %bg, i64 %col316
+  %2803 = load <8 x float>, ptr %2802, align 4
+  %2804 = fadd <8 x float> %2800, %2803
+  %2805 = getelementptr inbounds float, ptr %bu, i64 %col316
+  %2806 = load <8 x float>, ptr %2805, align 4
+  %2807 = fadd <8 x float> %2801, %2806
+  %2808 = fcmp olt <8 x float> %2804, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2809 = select <8 x i1> %2808, <8 x float> %2804, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2810 = fcmp olt <8 x float> %2807, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2811 = select <8 x i1> %2810, <8 x float> %2807, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2812 = fcmp ogt <8 x float> %2811, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %2813 = select <8 x i1> %2812, <8 x float> %2811, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %2814 = fmul <8 x float> %2809, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %2815 = fneg <8 x float> %2814
+  %2816 = fcmp olt <8 x float> %2815, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2817 = select <8 x i1> %2816, <8 x float> %2815, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2818 = fcmp ogt <8 x float> %2817, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2819 = select <8 x i1> %2818, <8 x float> %2817, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2820 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2819, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2821 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2820)
+  %2822 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2821, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2819)
+  %2823 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2821, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2822)
+  %2824 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2823, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2825 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2824, <8 x float> %2823, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2826 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2825, <8 x float> %2823, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2827 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2826, <8 x float> %2823, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2828 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2827, <8 x float> %2823, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2829 = fmul <8 x float> %2823, %2823
+  %2830 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2828, <8 x float> %2829, <8 x float> %2823)
+  %2831 = fadd <8 x float> %2830, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2832 = fptosi <8 x float> %2821 to <8 x i32>
+  %2833 = add <8 x i32> %2832, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2834 = shl <8 x i32> %2833, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n317 = bitcast <8 x i32> %2834 to <8 x float>
+  %exp318 = fmul <8 x float> %2831, %exp.2n317
+  %2835 = fadd <8 x float> %exp318, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid319 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2835
+  %2836 = fmul <8 x float> %2809, %sigmoid319
+  %2837 = fadd <8 x float> %2813, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai320 = fmul <8 x float> %2836, %2837
+  %2838 = fmul <8 x float> %oai320, %2797
+  %2839 = getelementptr inbounds float, ptr %2799, i64 %col316
+  store <8 x float> %2838, ptr %2839, align 4
+  %2840 = add nsw i64 %r0218, 3
+  %2841 = getelementptr inbounds float, ptr %rw, i64 %2840
+  %2842 = load float, ptr %2841, align 4
+  %2843 = insertelement <8 x float> poison, float %2842, i32 0
+  %2844 = shufflevector <8 x float> %2843, <8 x float> poison, <8 x i32> zeroinitializer
+  %2845 = mul nsw i64 %2840, 2880
+  %2846 = getelementptr inbounds float, ptr %h, i64 %2845
+  %col321 = mul nsw i64 %p, 8
+  %2847 = load <8 x float>, ptr %acc030290, align 4
+  %2848 = load <8 x float>, ptr %acc031291, align 4
+  %2849 = getelementptr inbounds float, ptr %bg, i64 %col321
+  %2850 = load <8 x float>, ptr %2849, align 4
+  %2851 = fadd <8 x float> %2847, %2850
+  %2852 = getelementptr inbounds float, ptr %bu, i64 %col321
+  %2853 = load <8 x float>, ptr %2852, align 4
+  %2854 = fadd <8 x float> %2848, %2853
+  %2855 = fcmp olt <8 x float> %2851, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2856 = select <8 x i1> %2855, <8 x float> %2851, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2857 = fcmp olt <8 x float> %2854, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2858 = select <8 x i1> %2857, <8 x float> %2854, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2859 = fcmp ogt <8 x float> %2858, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %2860 = select <8 x i1> %2859, <8 x float> %2858, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %2861 = fmul <8 x float> %2856, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %2862 = fneg <8 x float> %2861
+  %2863 = fcmp olt <8 x float> %2862, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2864 = select <8 x i1> %2863, <8 x float> %2862, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2865 = fcmp ogt <8 x float> %2864, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2866 = select <8 x i1> %2865, <8 x float> %2864, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2866, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2868 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2867)
+  %2869 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2868, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2866)
+  %2870 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2868, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2869)
+  %2871 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2870, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2872 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2871, <8 x float> %2870, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2873 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2872, <8 x float> %2870, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2873, <8 x float> %2870, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2875 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2874, <8 x float> %2870, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2876 = fmul <8 x float> %2870, %2870
+  %2877 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2875, <8 x float> %2876, <8 x float> %2870)
+  %2878 = fadd <8 x float> %2877, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2879 = fptosi <8 x float> %2868 to <8 x i32>
+  %2880 = add <8 x i32> %2879, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2881 = shl <8 x i32> %2880, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n322 = bitcast <8 x i32> %2881 to <8 x float>
+  %exp323 = fmul <8 x float> %2878, %exp.2n322
+  %2882 = fadd <8 x float> %exp323, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid324 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2882
+  %2883 = fmul <8 x float> %2856, %sigmoid324
+  %2884 = fadd <8 x float> %2860, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai325 = fmul <8 x float> %2883, %2884
+  %2885 = fmul <8 x float> %oai325, %2844
+  %2886 = getelementptr inbounds float, ptr %2846, i64 %col321
+  store <8 x float> %2885, ptr %2886, align 4
+  %2887 = add nsw i64 %r0218, 4
+  %2888 = getelementptr inbounds float, ptr %rw, i64 %2887
+  %2889 = load float, ptr %2888, align 4
+  %2890 = insertelement <8 x float> poison, float %2889, i32 0
+  %2891 = shufflevector <8 x float> %2890, <8 x float> poison, <8 x i32> zeroinitializer
+  %2892 = mul nsw i64 %2887, 2880
+  %2893 = getelementptr inbounds float, ptr %h, i64 %2892
+  %col326 = mul nsw i64 %p, 8
+  %2894 = load <8 x float>, ptr %acc040292, align 4
+  %2895 = load <8 x float>, ptr %acc041293, align 4
+  %2896 = getelementptr inbounds float, ptr %bg, i64 %col326
+  %2897 = load <8 x float>, ptr %2896, align 4
+  %2898 = fadd <8 x float> %2894, %2897
+  %2899 = getelementptr inbounds float, ptr %bu, i64 %col326
+  %2900 = load <8 x float>, ptr %2899, align 4
+  %2901 = fadd <8 x float> %2895, %2900
+  %2902 = fcmp olt <8 x float> %2898, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2903 = select <8 x i1> %2902, <8 x float> %2898, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2904 = fcmp olt <8 x float> %2901, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2905 = select <8 x i1> %2904, <8 x float> %2901, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %2906 = fcmp ogt <8 x float> %2905, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %2907 = select <8 x i1> %2906, <8 x float> %2905, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %2908 = fmul <8 x float> %2903, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %2909 = fneg <8 x float> %2908
+  %2910 = fcmp olt <8 x float> %2909, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2911 = select <8 x i1> %2910, <8 x float> %2909, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2912 = fcmp ogt <8 x float> %2911, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2913 = select <8 x i1> %2912, <8 x float> %2911, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2914 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2913, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2915 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2914)
+  %2916 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2915, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2913)
+  %2917 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2915, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2916)
+  %2918 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2917, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2919 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2918, <8 x float> %2917, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2920 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2919, <8 x float> %2917, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2921 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2920, <8 x float> %2917, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2922 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2921, <8 x float> %2917, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2923 = fmul <8 x float> %2917, %2917
+  %2924 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2922, <8 x float> %2923, <8 x float> %2917)
+  %2925 = fadd <8 x float> %2924, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2926 = fptosi <8 x float> %2915 to <8 x i32>
+  %2927 = add <8 x i32> %2926, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2928 = shl <8 x i32> %2927, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n327 = bitcast <8 x i32> %2928 to <8 x float>
+  %exp328 = fmul <8 x float> %2925, %exp.2n327
+  %2929 = fadd <8 x float> %exp328, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid329 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2929
+  %2930 = fmul <8 x float> %2903, %sigmoid329
+  %2931 = fadd <8 x float> %2907, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai330 = fmul <8 x float> %2930, %2931
+  %2932 = fmul <8 x float> %oai330, %2891
+  %2933 = getelementptr inbounds float, ptr %2893, i64 %col326
+  store <8 x float> %2932, ptr %2933, align 4
+  br label %tile.done221
+
+tile.mr4225:                                      ; preds = %rb.body215
+  %2934 = add nsw i64 %r0218, 0
+  %2935 = getelementptr inbounds i32, ptr %rows, i64 %2934
+  %2936 = load i32, ptr %2935, align 4
+  %2937 = sext i32 %2936 to i64
+  %2938 = mul nsw i64 %2937, 2880
+  %2939 = add nsw i64 %2938, 0
+  %2940 = getelementptr inbounds float, ptr %x, i64 %2939
+  store <8 x float> zeroinitializer, ptr %acc000331, align 4
+  store <8 x float> zeroinitializer, ptr %acc001332, align 4
+  %2941 = add nsw i64 %r0218, 1
+  %2942 = getelementptr inbounds i32, ptr %rows, i64 %2941
+  %2943 = load i32, ptr %2942, align 4
+  %2944 = sext i32 %2943 to i64
+  %2945 = mul nsw i64 %2944, 2880
+  %2946 = add nsw i64 %2945, 0
+  %2947 = getelementptr inbounds float, ptr %x, i64 %2946
+  store <8 x float> zeroinitializer, ptr %acc010333, align 4
+  store <8 x float> zeroinitializer, ptr %acc011334, align 4
+  %2948 = add nsw i64 %r0218, 2
+  %2949 = getelementptr inbounds i32, ptr %rows, i64 %2948
+  %2950 = load i32, ptr %2949, align 4
+  %2951 = sext i32 %2950 to i64
+  %2952 = mul nsw i64 %2951, 2880
+  %2953 = add nsw i64 %2952, 0
+  %2954 = getelementptr inbounds float, ptr %x, i64 %2953
+  store <8 x float> zeroinitializer, ptr %acc020335, align 4
+  store <8 x float> zeroinitializer, ptr %acc021336, align 4
+  %2955 = add nsw i64 %r0218, 3
+  %2956 = getelementptr inbounds i32, ptr %rows, i64 %2955
+  %2957 = load i32, ptr %2956, align 4
+  %2958 = sext i32 %2957 to i64
+  %2959 = mul nsw i64 %2958, 2880
+  %2960 = add nsw i64 %2959, 0
+  %2961 = getelementptr inbounds float, ptr %x, i64 %2960
+  store <8 x float> zeroinitializer, ptr %acc030337, align 4
+  store <8 x float> zeroinitializer, ptr %acc031338, align 4
+  %2962 = mul nsw i64 %p, 46080
+  %panel.off339 = add nsw i64 %2962, 0
+  %2963 = getelementptr inbounds i16, ptr %panels, i64 %panel.off339
+  %2964 = add nsw i64 %p, 1
+  %2965 = icmp slt i64 %2964, %p1
+  %pf.on340 = and i1 %pf.on229, %2965
+  %2966 = mul nsw i64 %rb217, 92160
+  %2967 = lshr i64 %2966, %2207
+  %2968 = add nsw i64 92160, %2967
+  %2969 = getelementptr inbounds i8, ptr %2963, i64 %2968
+  %pf341 = select i1 %pf.on340, ptr %2969, ptr %2963
+  %pf.sh342 = select i1 %pf.on340, i64 %2207, i64 0
+  br label %k.head343
+
+k.head343:                                        ; preds = %pf.any.end348, %tile.mr4225
+  %k346 = phi i64 [ 0, %tile.mr4225 ], [ %3014, %pf.any.end348 ]
+  %2970 = icmp slt i64 %k346, 2880
+  br i1 %2970, label %k.body344, label %k.end345
+
+k.body344:                                        ; preds = %k.head343
+  %2971 = mul nsw i64 %k346, 1
+  %2972 = add nsw i64 %2971, 0
+  %2973 = mul nsw i64 %2972, 32
+  br i1 %pf.multi228, label %pf.any.then347, label %pf.any.end348
+
+pf.any.then347:                                   ; preds = %k.body344
+  %2974 = lshr i64 %2973, %pf.sh342
+  %2975 = getelementptr inbounds i8, ptr %pf341, i64 %2974
+  call void @llvm.prefetch.p0(ptr %2975, i32 0, i32 2, i32 1)
+  br label %pf.any.end348
+
+pf.any.end348:                                    ; preds = %pf.any.then347, %k.body344
+  %2976 = mul nsw i64 %2972, 16
+  %2977 = add nsw i64 %panel.off339, %2976
+  %2978 = getelementptr inbounds i16, ptr %panels, i64 %2977
+  %2979 = load <8 x i32>, ptr %2978, align 4
+  %2980 = shl <8 x i32> %2979, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0349 = bitcast <8 x i32> %2980 to <8 x float>
+  %2981 = and <8 x i32> %2979, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1350 = bitcast <8 x i32> %2981 to <8 x float>
+  %2982 = getelementptr inbounds float, ptr %2940, i64 %2972
+  %2983 = load float, ptr %2982, align 4
+  %2984 = insertelement <8 x float> poison, float %2983, i32 0
+  %2985 = shufflevector <8 x float> %2984, <8 x float> poison, <8 x i32> zeroinitializer
+  %2986 = load <8 x float>, ptr %acc000331, align 4
+  %2987 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2985, <8 x float> %b0349, <8 x float> %2986)
+  store <8 x float> %2987, ptr %acc000331, align 4
+  %2988 = load <8 x float>, ptr %acc001332, align 4
+  %2989 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2985, <8 x float> %b1350, <8 x float> %2988)
+  store <8 x float> %2989, ptr %acc001332, align 4
+  %2990 = getelementptr inbounds float, ptr %2947, i64 %2972
+  %2991 = load float, ptr %2990, align 4
+  %2992 = insertelement <8 x float> poison, float %2991, i32 0
+  %2993 = shufflevector <8 x float> %2992, <8 x float> poison, <8 x i32> zeroinitializer
+  %2994 = load <8 x float>, ptr %acc010333, align 4
+  %2995 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2993, <8 x float> %b0349, <8 x float> %2994)
+  store <8 x float> %2995, ptr %acc010333, align 4
+  %2996 = load <8 x float>, ptr %acc011334, align 4
+  %2997 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2993, <8 x float> %b1350, <8 x float> %2996)
+  store <8 x float> %2997, ptr %acc011334, align 4
+  %2998 = getelementptr inbounds float, ptr %2954, i64 %2972
+  %2999 = load float, ptr %2998, align 4
+  %3000 = insertelement <8 x float> poison, float %2999, i32 0
+  %3001 = shufflevector <8 x float> %3000, <8 x float> poison, <8 x i32> zeroinitializer
+  %3002 = load <8 x float>, ptr %acc020335, align 4
+  %3003 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3001, <8 x float> %b0349, <8 x float> %3002)
+  store <8 x float> %3003, ptr %acc020335, align 4
+  %3004 = load <8 x float>, ptr %acc021336, align 4
+  %3005 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3001, <8 x float> %b1350, <8 x float> %3004)
+  store <8 x float> %3005, ptr %acc021336, align 4
+  %3006 = getelementptr inbounds float, ptr %2961, i64 %2972
+  %3007 = load float, ptr %3006, align 4
+  %3008 = insertelement <8 x float> poison, float %3007, i32 0
+  %3009 = shufflevector <8 x float> %3008, <8 x float> poison, <8 x i32> zeroinitializer
+  %3010 = load <8 x float>, ptr %acc030337, align 4
+  %3011 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3009, <8 x float> %b0349, <8 x float> %3010)
+  store <8 x float> %3011, ptr %acc030337, align 4
+  %3012 = load <8 x float>, ptr %acc031338, align 4
+  %3013 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3009, <8 x float> %b1350, <8 x float> %3012)
+  store <8 x float> %3013, ptr %acc031338, align 4
+  %3014 = add nsw i64 %k346, 1
+  br label %k.head343
+
+k.end345:                                         ; preds = %k.head343
+  %3015 = add nsw i64 %r0218, 0
+  %3016 = getelementptr inbounds float, ptr %rw, i64 %3015
+  %3017 = load float, ptr %3016, align 4
+  %3018 = insertelement <8 x float> poison, float %3017, i32 0
+  %3019 = shufflevector <8 x float> %3018, <8 x float> poison, <8 x i32> zeroinitializer
+  %3020 = mul nsw i64 %3015, 2880
+  %3021 = getelementptr inbounds float, ptr %h, i64 %3020
+  %col351 = mul nsw i64 %p, 8
+  %3022 = load <8 x float>, ptr %acc000331, align 4
+  %3023 = load <8 x float>, ptr %acc001332, align 4
+  %3024 = getelementptr inbounds float, ptr %bg, i64 %col351
+  %3025 = load <8 x float>, ptr %3024, align 4
+  %3026 = fadd <8 x float> %3022, %3025
+  %3027 = getelementptr inbounds float, ptr %bu, i64 %col351
+  %3028 = load <8 x float>, ptr %3027, align 4
+  %3029 = fadd <8 x float> %3023, %3028
+  %3030 = fcmp olt <8 x float> %3026, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3031 = select <8 x i1> %3030, <8 x float> %3026, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3032 = fcmp olt <8 x float> %3029, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3033 = select <8 x i1> %3032, <8 x float> %3029, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3034 = fcmp ogt <8 x float> %3033, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %3035 = select <8 x i1> %3034, <8 x float> %3033, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %3036 = fmul <8 x float> %3031, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %3037 = fneg <8 x float> %3036
+  %3038 = fcmp olt <8 x float> %3037, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %3039 = select <8 x i1> %3038, <8 x float> %3037, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %3040 = fcmp ogt <8 x float> %3039, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %3041 = select <8 x i1> %3040, <8 x float> %3039, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %3042 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3041, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %3043 = call <8 x float> @llvm.floor.v8f32(<8 x float> %3042)
+  %3044 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3043, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %3041)
+  %3045 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3043, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %3044)
+  %3046 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %3045, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %3047 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3046, <8 x float> %3045, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %3048 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3047, <8 x float> %3045, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %3049 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3048, <8 x float> %3045, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %3050 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3049, <8 x float> %3045, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %3051 = fmul <8 x float> %3045, %3045
+  %3052 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3050, <8 x float> %3051, <8 x float> %3045)
+  %3053 = fadd <8 x float> %3052, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %3054 = fptosi <8 x float> %3043 to <8 x i32>
+  %3055 = add <8 x i32> %3054, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %3056 = shl <8 x i32> %3055, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n352 = bitcast <8 x i32> %3056 to <8 x float>
+  %exp353 = fmul <8 x float> %3053, %exp.2n352
+  %3057 = fadd <8 x float> %exp353, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid354 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %3057
+  %3058 = fmul <8 x float> %3031, %sigmoid354
+  %3059 = fadd <8 x float> %3035, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai355 = fmul <8 x float> %3058, %3059
+  %3060 = fmul <8 x float> %oai355, %3019
+  %3061 = getelementptr inbounds float, ptr %3021, i64 %col351
+  store <8 x float> %3060, ptr %3061, align 4
+  %3062 = add nsw i64 %r0218, 1
+  %3063 = getelementptr inbounds float, ptr %rw, i64 %3062
+  %3064 = load float, ptr %3063, align 4
+  %3065 = insertelement <8 x float> poison, float %3064, i32 0
+  %3066 = shufflevector <8 x float> %3065, <8 x float> poison, <8 x i32> zeroinitializer
+  %3067 = mul nsw i64 %3062, 2880
+  %3068 = getelementptr inbounds float, ptr %h, i64 %3067
+  %col356 = mul nsw i64 %p, 8
+  %3069 = load <8 x float>, ptr %acc010333, align 4
+  %3070 = load <8 x float>, ptr %acc011334, align 4
+  %3071 = getelementptr inbounds float, ptr %bg, i64 %col356
+  %3072 = load <8 x float>, ptr %3071, align 4
+  %3073 = fadd <8 x float> %3069, %3072
+  %3074 = getelementptr inbounds float, ptr %bu, i64 %col356
+  %3075 = load <8 x float>, ptr %3074, align 4
+  %3076 = fadd <8 x float> %3070, %3075
+  %3077 = fcmp olt <8 x float> %3073, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3078 = select <8 x i1> %3077, <8 x float> %3073, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3079 = fcmp olt <8 x float> %3076, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3080 = select <8 x i1> %3079, <8 x float> %3076, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3081 = fcmp ogt <8 x float> %3080, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %3082 = select <8 x i1> %3081, <8 x float> %3080, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %3083 = fmul <8 x float> %3078, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %3084 = fneg <8 x float> %3083
+  %3085 = fcmp olt <8 x float> %3084, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %3086 = select <8 x i1> %3085, <8 x float> %3084, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %3087 = fcmp ogt <8 x float> %3086, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %3088 = select <8 x i1> %3087, <8 x float> %3086, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %3089 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3088, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %3090 = call <8 x float> @llvm.floor.v8f32(<8 x float> %3089)
+  %3091 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3090, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %3088)
+  %3092 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3090, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %3091)
+  %3093 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %3092, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %3094 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3093, <8 x float> %3092, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %3095 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3094, <8 x float> %3092, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %3096 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3095, <8 x float> %3092, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %3097 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3096, <8 x float> %3092, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %3098 = fmul <8 x float> %3092, %3092
+  %3099 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3097, <8 x float> %3098, <8 x float> %3092)
+  %3100 = fadd <8 x float> %3099, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %3101 = fptosi <8 x float> %3090 to <8 x i32>
+  %3102 = add <8 x i32> %3101, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %3103 = shl <8 x i32> %3102, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n357 = bitcast <8 x i32> %3103 to <8 x float>
+  %exp358 = fmul <8 x float> %3100, %exp.2n357
+  %3104 = fadd <8 x float> %exp358, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid359 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %3104
+  %3105 = fmul <8 x float> %3078, %sigmoid359
+  %3106 = fadd <8 x float> %3082, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai360 = fmul <8 x float> %3105, %3106
+  %3107 = fmul <8 x float> %oai360, %3066
+  %3108 = getelementptr inbounds float, ptr %3068, i64 %col356
+  store <8 x float> %3107, ptr %3108, align 4
+  %3109 = add nsw i64 %r0218, 2
+  %3110 = getelementptr inbounds float, ptr %rw, i64 %3109
+  %3111 = load float, ptr %3110, align 4
+  %3112 = insertelement <8 x float> poison, float %3111, i32 0
+  %3113 = shufflevector <8 x float> %3112, <8 x float> poison, <8 x i32> zeroinitializer
+  %3114 = mul nsw i64 %3109, 2880
+  %3115 = getelementptr inbounds float, ptr %h, i64 %3114
+  %col361 = mul nsw i64 %p, 8
+  %3116 = load <8 x float>, ptr %acc020335, align 4
+  %3117 = load <8 x float>, ptr %acc021336, align 4
+  %3118 = getelementptr inbounds float, ptr %bg, i64 %col361
+  %3119 = load <8 x float>, ptr %3118, align 4
+  %3120 = fadd <8 x float> %3116, %3119
+  %3121 = getelementptr inbounds float, ptr %bu, i64 %col361
+  %3122 = load <8 x float>, ptr %3121, align 4
+  %3123 = fadd <8 x float> %3117, %3122
+  %3124 = fcmp olt <8 x float> %3120, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3125 = select <8 x i1> %3124, <8 x float> %3120, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3126 = fcmp olt <8 x float> %3123, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3127 = select <8 x i1> %3126, <8 x float> %3123, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3128 = fcmp ogt <8 x float> %3127, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %3129 = select <8 x i1> %3128, <8 x float> %3127, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %3130 = fmul <8 x float> %3125, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %3131 = fneg <8 x float> %3130
+  %3132 = fcmp olt <8 x float> %3131, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %3133 = select <8 x i1> %3132, <8 x float> %3131, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %3134 = fcmp ogt <8 x float> %3133, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %3135 = select <8 x i1> %3134, <8 x float> %3133, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %3136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3135, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %3137 = call <8 x float> @llvm.floor.v8f32(<8 x float> %3136)
+  %3138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3137, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %3135)
+  %3139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3137, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %3138)
+  %3140 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %3139, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %3141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3140, <8 x float> %3139, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %3142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3141, <8 x float> %3139, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %3143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3142, <8 x float> %3139, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %3144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3143, <8 x float> %3139, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %3145 = fmul <8 x float> %3139, %3139
+  %3146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3144, <8 x float> %3145, <8 x float> %3139)
+  %3147 = fadd <8 x float> %3146, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %3148 = fptosi <8 x float> %3137 to <8 x i32>
+  %3149 = add <8 x i32> %3148, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %3150 = shl <8 x i32> %3149, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n362 = bitcast <8 x i32> %3150 to <8 x float>
+  %exp363 = fmul <8 x float> %3147, %exp.2n362
+  %3151 = fadd <8 x float> %exp363, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid364 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %3151
+  %3152 = fmul <8 x float> %3125, %sigmoid364
+  %3153 = fadd <8 x float> %3129, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai365 = fmul <8 x float> %3152, %3153
+  %3154 = fmul <8 x float> %oai365, %3113
+  %3155 = getelementptr inbounds float, ptr %3115, i64 %col361
+  store <8 x float> %3154, ptr %3155, align 4
+  %3156 = add nsw i64 %r0218, 3
+  %3157 = getelementptr inbounds float, ptr %rw, i64 %3156
+  %3158 = load float, ptr %3157, align 4
+  %3159 = insertelement <8 x float> poison, float %3158, i32 0
+  %3160 = shufflevector <8 x float> %3159, <8 x float> poison, <8 x i32> zeroinitializer
+  %3161 = mul nsw i64 %3156, 2880
+  %3162 = getelementptr inbounds float, ptr %h, i64 %3161
+  %col366 = mul nsw i64 %p, 8
+  %3163 = load <8 x float>, ptr %acc030337, align 4
+  %3164 = load <8 x float>, ptr %acc031338, align 4
+  %3165 = getelementptr inbounds float, ptr %bg, i64 %col366
+  %3166 = load <8 x float>, ptr %3165, align 4
+  %3167 = fadd <8 x float> %3163, %3166
+  %3168 = getelementptr inbounds float, ptr %bu, i64 %col366
+  %3169 = load <8 x float>, ptr %3168, align 4
+  %3170 = fadd <8 x float> %3164, %3169
+  %3171 = fcmp olt <8 x float> %3167, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3172 = select <8 x i1> %3171, <8 x float> %3167, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3173 = fcmp olt <8 x float> %3170, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3174 = select <8 x i1> %3173, <8 x float> %3170, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3175 = fcmp ogt <8 x float> %3174, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %3176 = select <8 x i1> %3175, <8 x float> %3174, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %3177 = fmul <8 x float> %3172, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %3178 = fneg <8 x float> %3177
+  %3179 = fcmp olt <8 x float> %3178, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %3180 = select <8 x i1> %3179, <8 x float> %3178, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %3181 = fcmp ogt <8 x float> %3180, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %3182 = select <8 x i1> %3181, <8 x float> %3180, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %3183 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3182, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %3184 = call <8 x float> @llvm.floor.v8f32(<8 x float> %3183)
+  %3185 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3184, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %3182)
+  %3186 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3184, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %3185)
+  %3187 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %3186, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %3188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3187, <8 x float> %3186, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %3189 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3188, <8 x float> %3186, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %3190 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3189, <8 x float> %3186, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %3191 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3190, <8 x float> %3186, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %3192 = fmul <8 x float> %3186, %3186
+  %3193 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3191, <8 x float> %3192, <8 x float> %3186)
+  %3194 = fadd <8 x float> %3193, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %3195 = fptosi <8 x float> %3184 to <8 x i32>
+  %3196 = add <8 x i32> %3195, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %3197 = shl <8 x i32> %3196, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n367 = bitcast <8 x i32> %3197 to <8 x float>
+  %exp368 = fmul <8 x float> %3194, %exp.2n367
+  %3198 = fadd <8 x float> %exp368, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid369 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %3198
+  %3199 = fmul <8 x float> %3172, %sigmoid369
+  %3200 = fadd <8 x float> %3176, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai370 = fmul <8 x float> %3199, %3200
+  %3201 = fmul <8 x float> %oai370, %3160
+  %3202 = getelementptr inbounds float, ptr %3162, i64 %col366
+  store <8 x float> %3201, ptr %3202, align 4
+  br label %tile.done221
+
+tile.mr3224:                                      ; preds = %rb.body215
+  %3203 = add nsw i64 %r0218, 0
+  %3204 = getelementptr inbounds i32, ptr %rows, i64 %3203
+  %3205 = load i32, ptr %3204, align 4
+  %3206 = sext i32 %3205 to i64
+  %3207 = mul nsw i64 %3206, 2880
+  %3208 = add nsw i64 %3207, 0
+  %3209 = getelementptr inbounds float, ptr %x, i64 %3208
+  store <8 x float> zeroinitializer, ptr %acc000371, align 4
+  store <8 x float> zeroinitializer, ptr %acc001372, align 4
+  %3210 = add nsw i64 %r0218, 1
+  %3211 = getelementptr inbounds i32, ptr %rows, i64 %3210
+  %3212 = load i32, ptr %3211, align 4
+  %3213 = sext i32 %3212 to i64
+  %3214 = mul nsw i64 %3213, 2880
+  %3215 = add nsw i64 %3214, 0
+  %3216 = getelementptr inbounds float, ptr %x, i64 %3215
+  store <8 x float> zeroinitializer, ptr %acc010373, align 4
+  store <8 x float> zeroinitializer, ptr %acc011374, align 4
+  %3217 = add nsw i64 %r0218, 2
+  %3218 = getelementptr inbounds i32, ptr %rows, i64 %3217
+  %3219 = load i32, ptr %3218, align 4
+  %3220 = sext i32 %3219 to i64
+  %3221 = mul nsw i64 %3220, 2880
+  %3222 = add nsw i64 %3221, 0
+  %3223 = getelementptr inbounds float, ptr %x, i64 %3222
+  store <8 x float> zeroinitializer, ptr %acc020375, align 4
+  store <8 x float> zeroinitializer, ptr %acc021376, align 4
+  %3224 = mul nsw i64 %p, 46080
+  %panel.off377 = add nsw i64 %3224, 0
+  %3225 = getelementptr inbounds i16, ptr %panels, i64 %panel.off377
+  %3226 = add nsw i64 %p, 1
+  %3227 = icmp slt i64 %3226, %p1
+  %pf.on378 = and i1 %pf.on229, %3227
+  %3228 = mul nsw i64 %rb217, 92160
+  %3229 = lshr i64 %3228, %2207
+  %3230 = add nsw i64 92160, %3229
+  %3231 = getelementptr inbounds i8, ptr %3225, i64 %3230
+  %pf379 = select i1 %pf.on378, ptr %3231, ptr %3225
+  %pf.sh380 = select i1 %pf.on378, i64 %2207, i64 0
+  br label %k.head381
+
+k.head381:                                        ; preds = %pf.any.end386, %tile.mr3224
+  %k384 = phi i64 [ 0, %tile.mr3224 ], [ %3268, %pf.any.end386 ]
+  %3232 = icmp slt i64 %k384, 2880
+  br i1 %3232, label %k.body382, label %k.end383
+
+k.body382:                                        ; preds = %k.head381
+  %3233 = mul nsw i64 %k384, 1
+  %3234 = add nsw i64 %3233, 0
+  %3235 = mul nsw i64 %3234, 32
+  br i1 %pf.multi228, label %pf.any.then385, label %pf.any.end386
+
+pf.any.then385:                                   ; preds = %k.body382
+  %3236 = lshr i64 %3235, %pf.sh380
+  %3237 = getelementptr inbounds i8, ptr %pf379, i64 %3236
+  call void @llvm.prefetch.p0(ptr %3237, i32 0, i32 2, i32 1)
+  br label %pf.any.end386
+
+pf.any.end386:                                    ; preds = %pf.any.then385, %k.body382
+  %3238 = mul nsw i64 %3234, 16
+  %3239 = add nsw i64 %panel.off377, %3238
+  %3240 = getelementptr inbounds i16, ptr %panels, i64 %3239
+  %3241 = load <8 x i32>, ptr %3240, align 4
+  %3242 = shl <8 x i32> %3241, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0387 = bitcast <8 x i32> %3242 to <8 x float>
+  %3243 = and <8 x i32> %3241, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1388 = bitcast <8 x i32> %3243 to <8 x float>
+  %3244 = getelementptr inbounds float, ptr %3209, i64 %3234
+  %3245 = load float, ptr %3244, align 4
+  %3246 = insertelement <8 x float> poison, float %3245, i32 0
+  %3247 = shufflevector <8 x float> %3246, <8 x float> poison, <8 x i32> zeroinitializer
+  %3248 = load <8 x float>, ptr %acc000371, align 4
+  %3249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3247, <8 x float> %b0387, <8 x float> %3248)
+  store <8 x float> %3249, ptr %acc000371, align 4
+  %3250 = load <8 x float>, ptr %acc001372, align 4
+  %3251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3247, <8 x float> %b1388, <8 x float> %3250)
+  store <8 x float> %3251, ptr %acc001372, align 4
+  %3252 = getelementptr inbounds float, ptr %3216, i64 %3234
+  %3253 = load float, ptr %3252, align 4
+  %3254 = insertelement <8 x float> poison, float %3253, i32 0
+  %3255 = shufflevector <8 x float> %3254, <8 x float> poison, <8 x i32> zeroinitializer
+  %3256 = load <8 x float>, ptr %acc010373, align 4
+  %3257 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3255, <8 x float> %b0387, <8 x float> %3256)
+  store <8 x float> %3257, ptr %acc010373, align 4
+  %3258 = load <8 x float>, ptr %acc011374, align 4
+  %3259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3255, <8 x float> %b1388, <8 x float> %3258)
+  store <8 x float> %3259, ptr %acc011374, align 4
+  %3260 = getelementptr inbounds float, ptr %3223, i64 %3234
+  %3261 = load float, ptr %3260, align 4
+  %3262 = insertelement <8 x float> poison, float %3261, i32 0
+  %3263 = shufflevector <8 x float> %3262, <8 x float> poison, <8 x i32> zeroinitializer
+  %3264 = load <8 x float>, ptr %acc020375, align 4
+  %3265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3263, <8 x float> %b0387, <8 x float> %3264)
+  store <8 x float> %3265, ptr %acc020375, align 4
+  %3266 = load <8 x float>, ptr %acc021376, align 4
+  %3267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3263, <8 x float> %b1388, <8 x float> %3266)
+  store <8 x float> %3267, ptr %acc021376, align 4
+  %3268 = add nsw i64 %k384, 1
+  br label %k.head381
+
+k.end383:                                         ; preds = %k.head381
+  %3269 = add nsw i64 %r0218, 0
+  %3270 = getelementptr inbounds float, ptr %rw, i64 %3269
+  %3271 = load float, ptr %3270, align 4
+  %3272 = insertelement <8 x float> poison, float %3271, i32 0
+  %3273 = shufflevector <8 x float> %3272, <8 x float> poison, <8 x i32> zeroinitializer
+  %3274 = mul nsw i64 %3269, 2880
+  %3275 = getelementptr inbounds float, ptr %h, i64 %3274
+  %col389 = mul nsw i64 %p, 8
+  %3276 = load <8 x float>, ptr %acc000371, align 4
+  %3277 = load <8 x float>, ptr %acc001372, align 4
+  %3278 = getelementptr inbounds float, ptr %bg, i64 %col389
+  %3279 = load <8 x float>, ptr %3278, align 4
+  %3280 = fadd <8 x float> %3276, %3279
+  %3281 = getelementptr inbounds float, ptr %bu, i64 %col389
+  %3282 = load <8 x float>, ptr %3281, align 4
+  %3283 = fadd <8 x float> %3277, %3282
+  %3284 = fcmp olt <8 x float> %3280, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3285 = select <8 x i1> %3284, <8 x float> %3280, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3286 = fcmp olt <8 x float> %3283, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3287 = select <8 x i1> %3286, <8 x float> %3283, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3288 = fcmp ogt <8 x float> %3287, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %3289 = select <8 x i1> %3288, <8 x float> %3287, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %3290 = fmul <8 x float> %3285, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %3291 = fneg <8 x float> %3290
+  %3292 = fcmp olt <8 x float> %3291, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %3293 = select <8 x i1> %3292, <8 x float> %3291, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %3294 = fcmp ogt <8 x float> %3293, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %3295 = select <8 x i1> %3294, <8 x float> %3293, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %3296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3295, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %3297 = call <8 x float> @llvm.floor.v8f32(<8 x float> %3296)
+  %3298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3297, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %3295)
+  %3299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3297, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %3298)
+  %3300 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %3299, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %3301 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3300, <8 x float> %3299, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %3302 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3301, <8 x float> %3299, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %3303 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3302, <8 x float> %3299, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %3304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3303, <8 x float> %3299, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %3305 = fmul <8 x float> %3299, %3299
+  %3306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3304, <8 x float> %3305, <8 x float> %3299)
+  %3307 = fadd <8 x float> %3306, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %3308 = fptosi <8 x float> %3297 to <8 x i32>
+  %3309 = add <8 x i32> %3308, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %3310 = shl <8 x i32> %3309, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n390 = bitcast <8 x i32> %3310 to <8 x float>
+  %exp391 = fmul <8 x float> %3307, %exp.2n390
+  %3311 = fadd <8 x float> %exp391, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid392 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %3311
+  %3312 = fmul <8 x float> %3285, %sigmoid392
+  %3313 = fadd <8 x float> %3289, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai393 = fmul <8 x float> %3312, %3313
+  %3314 = fmul <8 x float> %oai393, %3273
+  %3315 = getelementptr inbounds float, ptr %3275, i64 %col389
+  store <8 x float> %3314, ptr %3315, align 4
+  %3316 = add nsw i64 %r0218, 1
+  %3317 = getelementptr inbounds float, ptr %rw, i64 %3316
+  %3318 = load float, ptr %3317, align 4
+  %3319 = insertelement <8 x float> poison, float %3318, i32 0
+  %3320 = shufflevector <8 x float> %3319, <8 x float> poison, <8 x i32> zeroinitializer
+  %3321 = mul nsw i64 %3316, 2880
+  %3322 = getelementptr inbounds float, ptr %h, i64 %3321
+  %col394 = mul nsw i64 %p, 8
+  %3323 = load <8 x float>, ptr %acc010373, align 4
+  %3324 = load <8 x float>, ptr %acc011374, align 4
+  %3325 = getelementptr inbounds float, ptr %bg, i64 %col394
+  %3326 = load <8 x float>, ptr %3325, align 4
+  %3327 = fadd <8 x float> %3323, %3326
+  %3328 = getelementptr inbounds float, ptr %bu, i64 %col394
+  %3329 = load <8 x float>, ptr %3328, align 4
+  %3330 = fadd <8 x float> %3324, %3329
+  %3331 = fcmp olt <8 x float> %3327, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3332 = select <8 x i1> %3331, <8 x float> %3327, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3333 = fcmp olt <8 x float> %3330, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3334 = select <8 x i1> %3333, <8 x float> %3330, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3335 = fcmp ogt <8 x float> %3334, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %3336 = select <8 x i1> %3335, <8 x float> %3334, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %3337 = fmul <8 x float> %3332, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %3338 = fneg <8 x float> %3337
+  %3339 = fcmp olt <8 x float> %3338, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %3340 = select <8 x i1> %3339, <8 x float> %3338, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %3341 = fcmp ogt <8 x float> %3340, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %3342 = select <8 x i1> %3341, <8 x float> %3340, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %3343 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3342, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %3344 = call <8 x float> @llvm.floor.v8f32(<8 x float> %3343)
+  %3345 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3344, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %3342)
+  %3346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3344, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %3345)
+  %3347 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %3346, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %3348 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3347, <8 x float> %3346, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %3349 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3348, <8 x float> %3346, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %3350 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3349, <8 x float> %3346, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %3351 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3350, <8 x float> %3346, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %3352 = fmul <8 x float> %3346, %3346
+  %3353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3351, <8 x float> %3352, <8 x float> %3346)
+  %3354 = fadd <8 x float> %3353, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %3355 = fptosi <8 x float> %3344 to <8 x i32>
+  %3356 = add <8 x i32> %3355, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %3357 = shl <8 x i32> %3356, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n395 = bitcast <8 x i32> %3357 to <8 x float>
+  %exp396 = fmul <8 x float> %3354, %exp.2n395
+  %3358 = fadd <8 x float> %exp396, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid397 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %3358
+  %3359 = fmul <8 x float> %3332, %sigmoid397
+  %3360 = fadd <8 x float> %3336, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai398 = fmul <8 x float> %3359, %3360
+  %3361 = fmul <8 x float> %oai398, %3320
+  %3362 = getelementptr inbounds float, ptr %3322, i64 %col394
+  store <8 x float> %3361, ptr %3362, align 4
+  %3363 = add nsw i64 %r0218, 2
+  %3364 = getelementptr inbounds float, ptr %rw, i64 %3363
+  %3365 = load float, ptr %3364, align 4
+  %3366 = insertelement <8 x float> poison, float %3365, i32 0
+  %3367 = shufflevector <8 x float> %3366, <8 x float> poison, <8 x i32> zeroinitializer
+  %3368 = mul nsw i64 %3363, 2880
+  %3369 = getelementptr inbounds float, ptr %h, i64 %3368
+  %col399 = mul nsw i64 %p, 8
+  %3370 = load <8 x float>, ptr %acc020375, align 4
+  %3371 = load <8 x float>, ptr %acc021376, align 4
+  %3372 = getelementptr inbounds float, ptr %bg, i64 %col399
+  %3373 = load <8 x float>, ptr %3372, align 4
+  %3374 = fadd <8 x float> %3370, %3373
+  %3375 = getelementptr inbounds float, ptr %bu, i64 %col399
+  %3376 = load <8 x float>, ptr %3375, align 4
+  %3377 = fadd <8 x float> %3371, %3376
+  %3378 = fcmp olt <8 x float> %3374, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3379 = select <8 x i1> %3378, <8 x float> %3374, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3380 = fcmp olt <8 x float> %3377, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3381 = select <8 x i1> %3380, <8 x float> %3377, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3382 = fcmp ogt <8 x float> %3381, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %3383 = select <8 x i1> %3382, <8 x float> %3381, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %3384 = fmul <8 x float> %3379, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %3385 = fneg <8 x float> %3384
+  %3386 = fcmp olt <8 x float> %3385, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %3387 = select <8 x i1> %3386, <8 x float> %3385, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %3388 = fcmp ogt <8 x float> %3387, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %3389 = select <8 x i1> %3388, <8 x float> %3387, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %3390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3389, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %3391 = call <8 x float> @llvm.floor.v8f32(<8 x float> %3390)
+  %3392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3391, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %3389)
+  %3393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3391, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %3392)
+  %3394 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %3393, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %3395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3394, <8 x float> %3393, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %3396 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3395, <8 x float> %3393, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %3397 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3396, <8 x float> %3393, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %3398 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3397, <8 x float> %3393, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %3399 = fmul <8 x float> %3393, %3393
+  %3400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3398, <8 x float> %3399, <8 x float> %3393)
+  %3401 = fadd <8 x float> %3400, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %3402 = fptosi <8 x float> %3391 to <8 x i32>
+  %3403 = add <8 x i32> %3402, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %3404 = shl <8 x i32> %3403, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n400 = bitcast <8 x i32> %3404 to <8 x float>
+  %exp401 = fmul <8 x float> %3401, %exp.2n400
+  %3405 = fadd <8 x float> %exp401, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid402 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %3405
+  %3406 = fmul <8 x float> %3379, %sigmoid402
+  %3407 = fadd <8 x float> %3383, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai403 = fmul <8 x float> %3406, %3407
+  %3408 = fmul <8 x float> %oai403, %3367
+  %3409 = getelementptr inbounds float, ptr %3369, i64 %col399
+  store <8 x float> %3408, ptr %3409, align 4
+  br label %tile.done221
+
+tile.mr2223:                                      ; preds = %rb.body215
+  %3410 = add nsw i64 %r0218, 0
+  %3411 = getelementptr inbounds i32, ptr %rows, i64 %3410
+  %3412 = load i32, ptr %3411, align 4
+  %3413 = sext i32 %3412 to i64
+  %3414 = mul nsw i64 %3413, 2880
+  %3415 = add nsw i64 %3414, 0
+  %3416 = getelementptr inbounds float, ptr %x, i64 %3415
+  store <8 x float> zeroinitializer, ptr %acc000404, align 4
+  store <8 x float> zeroinitializer, ptr %acc001405, align 4
+  %3417 = add nsw i64 %r0218, 1
+  %3418 = getelementptr inbounds i32, ptr %rows, i64 %3417
+  %3419 = load i32, ptr %3418, align 4
+  %3420 = sext i32 %3419 to i64
+  %3421 = mul nsw i64 %3420, 2880
+  %3422 = add nsw i64 %3421, 0
+  %3423 = getelementptr inbounds float, ptr %x, i64 %3422
+  store <8 x float> zeroinitializer, ptr %acc010406, align 4
+  store <8 x float> zeroinitializer, ptr %acc011407, align 4
+  %3424 = mul nsw i64 %p, 46080
+  %panel.off408 = add nsw i64 %3424, 0
+  %3425 = getelementptr inbounds i16, ptr %panels, i64 %panel.off408
+  %3426 = add nsw i64 %p, 1
+  %3427 = icmp slt i64 %3426, %p1
+  %pf.on409 = and i1 %pf.on229, %3427
+  %3428 = mul nsw i64 %rb217, 92160
+  %3429 = lshr i64 %3428, %2207
+  %3430 = add nsw i64 92160, %3429
+  %3431 = getelementptr inbounds i8, ptr %3425, i64 %3430
+  %pf410 = select i1 %pf.on409, ptr %3431, ptr %3425
+  %pf.sh411 = select i1 %pf.on409, i64 %2207, i64 0
+  br label %k.head412
+
+k.head412:                                        ; preds = %pf.any.end417, %tile.mr2223
+  %k415 = phi i64 [ 0, %tile.mr2223 ], [ %3460, %pf.any.end417 ]
+  %3432 = icmp slt i64 %k415, 2880
+  br i1 %3432, label %k.body413, label %k.end414
+
+k.body413:                                        ; preds = %k.head412
+  %3433 = mul nsw i64 %k415, 1
+  %3434 = add nsw i64 %3433, 0
+  %3435 = mul nsw i64 %3434, 32
+  br i1 %pf.multi228, label %pf.any.then416, label %pf.any.end417
+
+pf.any.then416:                                   ; preds = %k.body413
+  %3436 = lshr i64 %3435, %pf.sh411
+  %3437 = getelementptr inbounds i8, ptr %pf410, i64 %3436
+  call void @llvm.prefetch.p0(ptr %3437, i32 0, i32 2, i32 1)
+  br label %pf.any.end417
+
+pf.any.end417:                                    ; preds = %pf.any.then416, %k.body413
+  %3438 = mul nsw i64 %3434, 16
+  %3439 = add nsw i64 %panel.off408, %3438
+  %3440 = getelementptr inbounds i16, ptr %panels, i64 %3439
+  %3441 = load <8 x i32>, ptr %3440, align 4
+  %3442 = shl <8 x i32> %3441, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0418 = bitcast <8 x i32> %3442 to <8 x float>
+  %3443 = and <8 x i32> %3441, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1419 = bitcast <8 x i32> %3443 to <8 x float>
+  %3444 = getelementptr inbounds float, ptr %3416, i64 %3434
+  %3445 = load float, ptr %3444, align 4
+  %3446 = insertelement <8 x float> poison, float %3445, i32 0
+  %3447 = shufflevector <8 x float> %3446, <8 x float> poison, <8 x i32> zeroinitializer
+  %3448 = load <8 x float>, ptr %acc000404, align 4
+  %3449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3447, <8 x float> %b0418, <8 x float> %3448)
+  store <8 x float> %3449, ptr %acc000404, align 4
+  %3450 = load <8 x float>, ptr %acc001405, align 4
+  %3451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3447, <8 x float> %b1419, <8 x float> %3450)
+  store <8 x float> %3451, ptr %acc001405, align 4
+  %3452 = getelementptr inbounds float, ptr %3423, i64 %3434
+  %3453 = load float, ptr %3452, align 4
+  %3454 = insertelement <8 x float> poison, float %3453, i32 0
+  %3455 = shufflevector <8 x float> %3454, <8 x float> poison, <8 x i32> zeroinitializer
+  %3456 = load <8 x float>, ptr %acc010406, align 4
+  %3457 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3455, <8 x float> %b0418, <8 x float> %3456)
+  store <8 x float> %3457, ptr %acc010406, align 4
+  %3458 = load <8 x float>, ptr %acc011407, align 4
+  %3459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3455, <8 x float> %b1419, <8 x float> %3458)
+  store <8 x float> %3459, ptr %acc011407, align 4
+  %3460 = add nsw i64 %k415, 1
+  br label %k.head412
+
+k.end414:                                         ; preds = %k.head412
+  %3461 = add nsw i64 %r0218, 0
+  %3462 = getelementptr inbounds float, ptr %rw, i64 %3461
+  %3463 = load float, ptr %3462, align 4
+  %3464 = insertelement <8 x float> poison, float %3463, i32 0
+  %3465 = shufflevector <8 x float> %3464, <8 x float> poison, <8 x i32> zeroinitializer
+  %3466 = mul nsw i64 %3461, 2880
+  %3467 = getelementptr inbounds float, ptr %h, i64 %3466
+  %col420 = mul nsw i64 %p, 8
+  %3468 = load <8 x float>, ptr %acc000404, align 4
+  %3469 = load <8 x float>, ptr %acc001405, align 4
+  %3470 = getelementptr inbounds float, ptr %bg, i64 %col420
+  %3471 = load <8 x float>, ptr %3470, align 4
+  %3472 = fadd <8 x float> %3468, %3471
+  %3473 = getelementptr inbounds float, ptr %bu, i64 %col420
+  %3474 = load <8 x float>, ptr %3473, align 4
+  %3475 = fadd <8 x float> %3469, %3474
+  %3476 = fcmp olt <8 x float> %3472, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3477 = select <8 x i1> %3476, <8 x float> %3472, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3478 = fcmp olt <8 x float> %3475, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3479 = select <8 x i1> %3478, <8 x float> %3475, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3480 = fcmp ogt <8 x float> %3479, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %3481 = select <8 x i1> %3480, <8 x float> %3479, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %3482 = fmul <8 x float> %3477, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %3483 = fneg <8 x float> %3482
+  %3484 = fcmp olt <8 x float> %3483, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %3485 = select <8 x i1> %3484, <8 x float> %3483, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %3486 = fcmp ogt <8 x float> %3485, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %3487 = select <8 x i1> %3486, <8 x float> %3485, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %3488 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3487, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %3489 = call <8 x float> @llvm.floor.v8f32(<8 x float> %3488)
+  %3490 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3489, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %3487)
+  %3491 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3489, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %3490)
+  %3492 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %3491, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %3493 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3492, <8 x float> %3491, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %3494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3493, <8 x float> %3491, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %3495 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3494, <8 x float> %3491, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %3496 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3495, <8 x float> %3491, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %3497 = fmul <8 x float> %3491, %3491
+  %3498 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3496, <8 x float> %3497, <8 x float> %3491)
+  %3499 = fadd <8 x float> %3498, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %3500 = fptosi <8 x float> %3489 to <8 x i32>
+  %3501 = add <8 x i32> %3500, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %3502 = shl <8 x i32> %3501, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n421 = bitcast <8 x i32> %3502 to <8 x float>
+  %exp422 = fmul <8 x float> %3499, %exp.2n421
+  %3503 = fadd <8 x float> %exp422, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid423 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %3503
+  %3504 = fmul <8 x float> %3477, %sigmoid423
+  %3505 = fadd <8 x float> %3481, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai424 = fmul <8 x float> %3504, %3505
+  %3506 = fmul <8 x float> %oai424, %3465
+  %3507 = getelementptr inbounds float, ptr %3467, i64 %col420
+  store <8 x float> %3506, ptr %3507, align 4
+  %3508 = add nsw i64 %r0218, 1
+  %3509 = getelementptr inbounds float, ptr %rw, i64 %3508
+  %3510 = load float, ptr %3509, align 4
+  %3511 = insertelement <8 x float> poison, float %3510, i32 0
+  %3512 = shufflevector <8 x float> %3511, <8 x float> poison, <8 x i32> zeroinitializer
+  %3513 = mul nsw i64 %3508, 2880
+  %3514 = getelementptr inbounds float, ptr %h, i64 %3513
+  %col425 = mul nsw i64 %p, 8
+  %3515 = load <8 x float>, ptr %acc010406, align 4
+  %3516 = load <8 x float>, ptr %acc011407, align 4
+  %3517 = getelementptr inbounds float, ptr %bg, i64 %col425
+  %3518 = load <8 x float>, ptr %3517, align 4
+  %3519 = fadd <8 x float> %3515, %3518
+  %3520 = getelementptr inbounds float, ptr %bu, i64 %col425
+  %3521 = load <8 x float>, ptr %3520, align 4
+  %3522 = fadd <8 x float> %3516, %3521
+  %3523 = fcmp olt <8 x float> %3519, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3524 = select <8 x i1> %3523, <8 x float> %3519, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3525 = fcmp olt <8 x float> %3522, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3526 = select <8 x i1> %3525, <8 x float> %3522, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3527 = fcmp ogt <8 x float> %3526, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %3528 = select <8 x i1> %3527, <8 x float> %3526, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %3529 = fmul <8 x float> %3524, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %3530 = fneg <8 x float> %3529
+  %3531 = fcmp olt <8 x float> %3530, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %3532 = select <8 x i1> %3531, <8 x float> %3530, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %3533 = fcmp ogt <8 x float> %3532, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %3534 = select <8 x i1> %3533, <8 x float> %3532, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %3535 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3534, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %3536 = call <8 x float> @llvm.floor.v8f32(<8 x float> %3535)
+  %3537 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3536, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %3534)
+  %3538 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3536, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %3537)
+  %3539 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %3538, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %3540 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3539, <8 x float> %3538, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %3541 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3540, <8 x float> %3538, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %3542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3541, <8 x float> %3538, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %3543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3542, <8 x float> %3538, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %3544 = fmul <8 x float> %3538, %3538
+  %3545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3543, <8 x float> %3544, <8 x float> %3538)
+  %3546 = fadd <8 x float> %3545, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %3547 = fptosi <8 x float> %3536 to <8 x i32>
+  %3548 = add <8 x i32> %3547, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %3549 = shl <8 x i32> %3548, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n426 = bitcast <8 x i32> %3549 to <8 x float>
+  %exp427 = fmul <8 x float> %3546, %exp.2n426
+  %3550 = fadd <8 x float> %exp427, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid428 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %3550
+  %3551 = fmul <8 x float> %3524, %sigmoid428
+  %3552 = fadd <8 x float> %3528, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai429 = fmul <8 x float> %3551, %3552
+  %3553 = fmul <8 x float> %oai429, %3512
+  %3554 = getelementptr inbounds float, ptr %3514, i64 %col425
+  store <8 x float> %3553, ptr %3554, align 4
+  br label %tile.done221
+
+tile.mr1222:                                      ; preds = %rb.body215
+  %3555 = add nsw i64 %r0218, 0
+  %3556 = getelementptr inbounds i32, ptr %rows, i64 %3555
+  %3557 = load i32, ptr %3556, align 4
+  %3558 = sext i32 %3557 to i64
+  %3559 = mul nsw i64 %3558, 2880
+  %3560 = add nsw i64 %3559, 0
+  %3561 = getelementptr inbounds float, ptr %x, i64 %3560
+  store <8 x float> zeroinitializer, ptr %acc000430, align 4
+  store <8 x float> zeroinitializer, ptr %acc001431, align 4
+  %3562 = mul nsw i64 %p, 46080
+  %panel.off432 = add nsw i64 %3562, 0
+  %3563 = getelementptr inbounds i16, ptr %panels, i64 %panel.off432
+  %3564 = add nsw i64 %p, 1
+  %3565 = icmp slt i64 %3564, %p1
+  %pf.on433 = and i1 %pf.on229, %3565
+  %3566 = mul nsw i64 %rb217, 92160
+  %3567 = lshr i64 %3566, %2207
+  %3568 = add nsw i64 92160, %3567
+  %3569 = getelementptr inbounds i8, ptr %3563, i64 %3568
+  %pf434 = select i1 %pf.on433, ptr %3569, ptr %3563
+  %pf.sh435 = select i1 %pf.on433, i64 %2207, i64 0
+  br label %k.head436
+
+k.head436:                                        ; preds = %pf.any.end441, %tile.mr1222
+  %k439 = phi i64 [ 0, %tile.mr1222 ], [ %3590, %pf.any.end441 ]
+  %3570 = icmp slt i64 %k439, 2880
+  br i1 %3570, label %k.body437, label %k.end438
+
+k.body437:                                        ; preds = %k.head436
+  %3571 = mul nsw i64 %k439, 1
+  %3572 = add nsw i64 %3571, 0
+  %3573 = mul nsw i64 %3572, 32
+  br i1 %pf.multi228, label %pf.any.then440, label %pf.any.end441
+
+pf.any.then440:                                   ; preds = %k.body437
+  %3574 = lshr i64 %3573, %pf.sh435
+  %3575 = getelementptr inbounds i8, ptr %pf434, i64 %3574
+  call void @llvm.prefetch.p0(ptr %3575, i32 0, i32 2, i32 1)
+  br label %pf.any.end441
+
+pf.any.end441:                                    ; preds = %pf.any.then440, %k.body437
+  %3576 = mul nsw i64 %3572, 16
+  %3577 = add nsw i64 %panel.off432, %3576
+  %3578 = getelementptr inbounds i16, ptr %panels, i64 %3577
+  %3579 = load <8 x i32>, ptr %3578, align 4
+  %3580 = shl <8 x i32> %3579, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0442 = bitcast <8 x i32> %3580 to <8 x float>
+  %3581 = and <8 x i32> %3579, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1443 = bitcast <8 x i32> %3581 to <8 x float>
+  %3582 = getelementptr inbounds float, ptr %3561, i64 %3572
+  %3583 = load float, ptr %3582, align 4
+  %3584 = insertelement <8 x float> poison, float %3583, i32 0
+  %3585 = shufflevector <8 x float> %3584, <8 x float> poison, <8 x i32> zeroinitializer
+  %3586 = load <8 x float>, ptr %acc000430, align 4
+  %3587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3585, <8 x float> %b0442, <8 x float> %3586)
+  store <8 x float> %3587, ptr %acc000430, align 4
+  %3588 = load <8 x float>, ptr %acc001431, align 4
+  %3589 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3585, <8 x float> %b1443, <8 x float> %3588)
+  store <8 x float> %3589, ptr %acc001431, align 4
+  %3590 = add nsw i64 %k439, 1
+  br label %k.head436
+
+k.end438:                                         ; preds = %k.head436
+  %3591 = add nsw i64 %r0218, 0
+  %3592 = getelementptr inbounds float, ptr %rw, i64 %3591
+  %3593 = load float, ptr %3592, align 4
+  %3594 = insertelement <8 x float> poison, float %3593, i32 0
+  %3595 = shufflevector <8 x float> %3594, <8 x float> poison, <8 x i32> zeroinitializer
+  %3596 = mul nsw i64 %3591, 2880
+  %3597 = getelementptr inbounds float, ptr %h, i64 %3596
+  %col444 = mul nsw i64 %p, 8
+  %3598 = load <8 x float>, ptr %acc000430, align 4
+  %3599 = load <8 x float>, ptr %acc001431, align 4
+  %3600 = getelementptr inbounds float, ptr %bg, i64 %col444
+  %3601 = load <8 x float>, ptr %3600, align 4
+  %3602 = fadd <8 x float> %3598, %3601
+  %3603 = getelementptr inbounds float, ptr %bu, i64 %col444
+  %3604 = load <8 x float>, ptr %3603, align 4
+  %3605 = fadd <8 x float> %3599, %3604
+  %3606 = fcmp olt <8 x float> %3602, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3607 = select <8 x i1> %3606, <8 x float> %3602, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3608 = fcmp olt <8 x float> %3605, <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3609 = select <8 x i1> %3608, <8 x float> %3605, <8 x float> <float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00, float 7.000000e+00>
+  %3610 = fcmp ogt <8 x float> %3609, <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %3611 = select <8 x i1> %3610, <8 x float> %3609, <8 x float> <float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00, float -7.000000e+00>
+  %3612 = fmul <8 x float> %3607, <float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000, float 0x3FFB3B6460000000>
+  %3613 = fneg <8 x float> %3612
+  %3614 = fcmp olt <8 x float> %3613, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %3615 = select <8 x i1> %3614, <8 x float> %3613, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %3616 = fcmp ogt <8 x float> %3615, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %3617 = select <8 x i1> %3616, <8 x float> %3615, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %3618 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3617, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %3619 = call <8 x float> @llvm.floor.v8f32(<8 x float> %3618)
+  %3620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3619, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %3617)
+  %3621 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3619, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %3620)
+  %3622 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %3621, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %3623 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3622, <8 x float> %3621, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %3624 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3623, <8 x float> %3621, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %3625 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3624, <8 x float> %3621, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %3626 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3625, <8 x float> %3621, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %3627 = fmul <8 x float> %3621, %3621
+  %3628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3626, <8 x float> %3627, <8 x float> %3621)
+  %3629 = fadd <8 x float> %3628, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %3630 = fptosi <8 x float> %3619 to <8 x i32>
+  %3631 = add <8 x i32> %3630, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %3632 = shl <8 x i32> %3631, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n445 = bitcast <8 x i32> %3632 to <8 x float>
+  %exp446 = fmul <8 x float> %3629, %exp.2n445
+  %3633 = fadd <8 x float> %exp446, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid447 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %3633
+  %3634 = fmul <8 x float> %3607, %sigmoid447
+  %3635 = fadd <8 x float> %3611, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %oai448 = fmul <8 x float> %3634, %3635
+  %3636 = fmul <8 x float> %oai448, %3595
+  %3637 = getelementptr inbounds float, ptr %3597, i64 %col444
+  store <8 x float> %3636, ptr %3637, align 4
+  br label %tile.done221
+
+tile.done221:                                     ; preds = %k.end438, %k.end414, %k.end383, %k.end345, %k.end300, %k.end248
+  %3638 = add nsw i64 %rb217, 1
+  br label %rb.head214
+
+rb.end216:                                        ; preds = %rb.head214
+  %3639 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
+  br label %call.end
+
+call.end:                                         ; preds = %p.end, %kb.rc.end
   ret void
 }
-
-; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
-declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #1
 
 ; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
 declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #2
@@ -2583,6 +5539,7 @@ declare <8 x float> @llvm.floor.v8f32(<8 x float>) #2
 ; Function Attrs: nounwind
 define hidden void @moe_down(ptr noalias %h, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bd, ptr noalias %y, i64 %p0, i64 %p1) #0 {
 entry:
+  %part = alloca [24576 x float], align 32
   %acc000 = alloca <8 x float>, align 32
   %acc001 = alloca <8 x float>, align 32
   %acc010 = alloca <8 x float>, align 32
@@ -2595,75 +5552,163 @@ entry:
   %acc041 = alloca <8 x float>, align 32
   %acc050 = alloca <8 x float>, align 32
   %acc051 = alloca <8 x float>, align 32
-  %acc0003 = alloca <8 x float>, align 32
-  %acc0014 = alloca <8 x float>, align 32
-  %acc0105 = alloca <8 x float>, align 32
-  %acc0116 = alloca <8 x float>, align 32
-  %acc0207 = alloca <8 x float>, align 32
-  %acc0218 = alloca <8 x float>, align 32
-  %acc0309 = alloca <8 x float>, align 32
-  %acc03110 = alloca <8 x float>, align 32
-  %acc04011 = alloca <8 x float>, align 32
-  %acc04112 = alloca <8 x float>, align 32
-  %acc00026 = alloca <8 x float>, align 32
-  %acc00127 = alloca <8 x float>, align 32
-  %acc01028 = alloca <8 x float>, align 32
-  %acc01129 = alloca <8 x float>, align 32
-  %acc02030 = alloca <8 x float>, align 32
-  %acc02131 = alloca <8 x float>, align 32
-  %acc03032 = alloca <8 x float>, align 32
-  %acc03133 = alloca <8 x float>, align 32
-  %acc00047 = alloca <8 x float>, align 32
-  %acc00148 = alloca <8 x float>, align 32
-  %acc01049 = alloca <8 x float>, align 32
-  %acc01150 = alloca <8 x float>, align 32
-  %acc02051 = alloca <8 x float>, align 32
-  %acc02152 = alloca <8 x float>, align 32
-  %acc00066 = alloca <8 x float>, align 32
-  %acc00167 = alloca <8 x float>, align 32
-  %acc01068 = alloca <8 x float>, align 32
-  %acc01169 = alloca <8 x float>, align 32
-  %acc00083 = alloca <8 x float>, align 32
-  %acc00184 = alloca <8 x float>, align 32
+  %acc0004 = alloca <8 x float>, align 32
+  %acc0015 = alloca <8 x float>, align 32
+  %acc0106 = alloca <8 x float>, align 32
+  %acc0117 = alloca <8 x float>, align 32
+  %acc0208 = alloca <8 x float>, align 32
+  %acc0219 = alloca <8 x float>, align 32
+  %acc03010 = alloca <8 x float>, align 32
+  %acc03111 = alloca <8 x float>, align 32
+  %acc04012 = alloca <8 x float>, align 32
+  %acc04113 = alloca <8 x float>, align 32
+  %acc00027 = alloca <8 x float>, align 32
+  %acc00128 = alloca <8 x float>, align 32
+  %acc01029 = alloca <8 x float>, align 32
+  %acc01130 = alloca <8 x float>, align 32
+  %acc02031 = alloca <8 x float>, align 32
+  %acc02132 = alloca <8 x float>, align 32
+  %acc03033 = alloca <8 x float>, align 32
+  %acc03134 = alloca <8 x float>, align 32
+  %acc00048 = alloca <8 x float>, align 32
+  %acc00149 = alloca <8 x float>, align 32
+  %acc01050 = alloca <8 x float>, align 32
+  %acc01151 = alloca <8 x float>, align 32
+  %acc02052 = alloca <8 x float>, align 32
+  %acc02153 = alloca <8 x float>, align 32
+  %acc00067 = alloca <8 x float>, align 32
+  %acc00168 = alloca <8 x float>, align 32
+  %acc01069 = alloca <8 x float>, align 32
+  %acc01170 = alloca <8 x float>, align 32
+  %acc00084 = alloca <8 x float>, align 32
+  %acc00185 = alloca <8 x float>, align 32
+  %acc000116 = alloca <8 x float>, align 32
+  %acc001117 = alloca <8 x float>, align 32
+  %acc010118 = alloca <8 x float>, align 32
+  %acc011119 = alloca <8 x float>, align 32
+  %acc020120 = alloca <8 x float>, align 32
+  %acc021121 = alloca <8 x float>, align 32
+  %acc030122 = alloca <8 x float>, align 32
+  %acc031123 = alloca <8 x float>, align 32
+  %acc040124 = alloca <8 x float>, align 32
+  %acc041125 = alloca <8 x float>, align 32
+  %acc050126 = alloca <8 x float>, align 32
+  %acc051127 = alloca <8 x float>, align 32
+  %acc000141 = alloca <8 x float>, align 32
+  %acc001142 = alloca <8 x float>, align 32
+  %acc010143 = alloca <8 x float>, align 32
+  %acc011144 = alloca <8 x float>, align 32
+  %acc020145 = alloca <8 x float>, align 32
+  %acc021146 = alloca <8 x float>, align 32
+  %acc030147 = alloca <8 x float>, align 32
+  %acc031148 = alloca <8 x float>, align 32
+  %acc040149 = alloca <8 x float>, align 32
+  %acc041150 = alloca <8 x float>, align 32
+  %acc000164 = alloca <8 x float>, align 32
+  %acc001165 = alloca <8 x float>, align 32
+  %acc010166 = alloca <8 x float>, align 32
+  %acc011167 = alloca <8 x float>, align 32
+  %acc020168 = alloca <8 x float>, align 32
+  %acc021169 = alloca <8 x float>, align 32
+  %acc030170 = alloca <8 x float>, align 32
+  %acc031171 = alloca <8 x float>, align 32
+  %acc000185 = alloca <8 x float>, align 32
+  %acc001186 = alloca <8 x float>, align 32
+  %acc010187 = alloca <8 x float>, align 32
+  %acc011188 = alloca <8 x float>, align 32
+  %acc020189 = alloca <8 x float>, align 32
+  %acc021190 = alloca <8 x float>, align 32
+  %acc000204 = alloca <8 x float>, align 32
+  %acc001205 = alloca <8 x float>, align 32
+  %acc010206 = alloca <8 x float>, align 32
+  %acc011207 = alloca <8 x float>, align 32
+  %acc000221 = alloca <8 x float>, align 32
+  %acc001222 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   %0 = icmp slt i64 %p1, 180
   %end = select i1 %0, i64 %p1, i64 180
-  br label %p.head
+  %1 = icmp sgt i64 %n, 6
+  br i1 %1, label %kb, label %flat
 
-p.head:                                           ; preds = %rb.end, %start
-  %p = phi i64 [ %p0, %start ], [ %913, %rb.end ]
-  %1 = icmp slt i64 %p, %end
-  br i1 %1, label %p.body, label %p.end
+kb:                                               ; preds = %start
+  br label %kb.rc.head
 
-p.body:                                           ; preds = %p.head
-  %2 = add nsw i64 %n, 5
-  %nrb = sdiv i64 %2, 6
+kb.rc.head:                                       ; preds = %kb.pg.end, %kb
+  %kb.rc = phi i64 [ 0, %kb ], [ %1077, %kb.pg.end ]
+  %2 = icmp slt i64 %kb.rc, %n
+  br i1 %2, label %kb.rc.body, label %kb.rc.end
+
+kb.rc.body:                                       ; preds = %kb.rc.head
+  %3 = sub nsw i64 %n, %kb.rc
+  %4 = icmp slt i64 %3, 96
+  %kb.rn = select i1 %4, i64 %3, i64 96
+  br label %kb.pg.head
+
+kb.pg.head:                                       ; preds = %kb.k.end, %kb.rc.body
+  %kb.pg = phi i64 [ %p0, %kb.rc.body ], [ %1076, %kb.k.end ]
+  %5 = icmp slt i64 %kb.pg, %end
+  br i1 %5, label %kb.pg.body, label %kb.pg.end
+
+kb.pg.body:                                       ; preds = %kb.pg.head
+  %6 = add nsw i64 %kb.pg, 16
+  %7 = icmp slt i64 %6, %end
+  %kb.pg1 = select i1 %7, i64 %6, i64 %end
+  br label %kb.k.head
+
+kb.k.head:                                        ; preds = %kb.p.end, %kb.pg.body
+  %kb.k = phi i64 [ 0, %kb.pg.body ], [ %1075, %kb.p.end ]
+  %8 = icmp slt i64 %kb.k, 12
+  br i1 %8, label %kb.k.body, label %kb.k.end
+
+kb.k.body:                                        ; preds = %kb.k.head
+  %k0 = mul nsw i64 %kb.k, 240
+  %kfirst = icmp eq i64 %kb.k, 0
+  %klast = icmp eq i64 %kb.k, 11
+  br label %kb.p.head
+
+kb.p.head:                                        ; preds = %rb.end, %kb.k.body
+  %kb.p = phi i64 [ %kb.pg, %kb.k.body ], [ %1074, %rb.end ]
+  %9 = icmp slt i64 %kb.p, %kb.pg1
+  br i1 %9, label %kb.p.body, label %kb.p.end
+
+kb.p.body:                                        ; preds = %kb.p.head
+  %10 = add nsw i64 %kb.p, 1
+  %11 = icmp slt i64 %10, %kb.pg1
+  %12 = sub nsw i64 %kb.p, %kb.pg
+  %13 = mul nsw i64 %12, 92160
+  %14 = sub nsw i64 7680, %13
+  %pf.step = select i1 %11, i64 92160, i64 %14
+  %15 = xor i1 %klast, true
+  %pf.next = or i1 %11, %15
+  %16 = add nsw i64 %kb.rn, 5
+  %nrb = sdiv i64 %16, 6
   br label %rb.head
 
-rb.head:                                          ; preds = %tile.done, %p.body
-  %rb = phi i64 [ 0, %p.body ], [ %912, %tile.done ]
-  %3 = icmp slt i64 %rb, %nrb
-  br i1 %3, label %rb.body, label %rb.end
+rb.head:                                          ; preds = %tile.done, %kb.p.body
+  %rb = phi i64 [ 0, %kb.p.body ], [ %1073, %tile.done ]
+  %17 = icmp slt i64 %rb, %nrb
+  br i1 %17, label %rb.body, label %rb.end
 
 rb.body:                                          ; preds = %rb.head
-  %4 = mul nsw i64 %rb, %n
-  %r0 = sdiv i64 %4, %nrb
-  %5 = add nsw i64 %rb, 1
-  %6 = mul nsw i64 %5, %n
-  %r1 = sdiv i64 %6, %nrb
+  %18 = mul nsw i64 %rb, %kb.rn
+  %r0 = sdiv i64 %18, %nrb
+  %19 = add nsw i64 %rb, 1
+  %20 = mul nsw i64 %19, %kb.rn
+  %r1 = sdiv i64 %20, %nrb
   %mr = sub nsw i64 %r1, %r0
-  %7 = icmp sge i64 %nrb, 2
-  %8 = select i1 %7, i64 1, i64 0
-  %9 = icmp sge i64 %nrb, 4
-  %10 = select i1 %9, i64 2, i64 %8
-  %11 = icmp sge i64 %nrb, 8
-  %12 = select i1 %11, i64 3, i64 %10
+  %r01 = add nsw i64 %kb.rc, %r0
+  %21 = icmp sge i64 %nrb, 2
+  %22 = select i1 %21, i64 1, i64 0
+  %23 = icmp sge i64 %nrb, 4
+  %24 = select i1 %23, i64 2, i64 %22
+  %25 = icmp sge i64 %nrb, 8
+  %26 = select i1 %25, i64 3, i64 %24
   %pf.multi = icmp sgt i64 %nrb, 1
-  %13 = shl i64 1, %12
-  %14 = icmp slt i64 %rb, %13
-  %pf.on = and i1 %pf.multi, %14
+  %27 = shl i64 1, %26
+  %28 = icmp slt i64 %rb, %27
+  %pf.on = and i1 %pf.multi, %28
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -2673,1199 +5718,2669 @@ rb.body:                                          ; preds = %rb.head
   ]
 
 tile.mr6:                                         ; preds = %rb.body
-  %col = mul nsw i64 %p, 16
-  %15 = add nsw i64 %r0, 0
-  %16 = mul nsw i64 %15, 2880
-  %17 = getelementptr inbounds float, ptr %h, i64 %16
-  %18 = getelementptr inbounds i32, ptr %rows, i64 %15
-  %19 = load i32, ptr %18, align 4
-  %20 = sext i32 %19 to i64
-  %21 = mul nsw i64 %20, 2880
-  %22 = getelementptr inbounds float, ptr %y, i64 %21
-  %23 = add nsw i64 %col, 0
-  %24 = getelementptr inbounds float, ptr %22, i64 %23
-  store <8 x float> zeroinitializer, ptr %acc000, align 4
-  %25 = add nsw i64 %col, 8
-  %26 = getelementptr inbounds float, ptr %22, i64 %25
-  store <8 x float> zeroinitializer, ptr %acc001, align 4
-  %27 = add nsw i64 %r0, 1
-  %28 = mul nsw i64 %27, 2880
-  %29 = getelementptr inbounds float, ptr %h, i64 %28
-  %30 = getelementptr inbounds i32, ptr %rows, i64 %27
-  %31 = load i32, ptr %30, align 4
-  %32 = sext i32 %31 to i64
-  %33 = mul nsw i64 %32, 2880
-  %34 = getelementptr inbounds float, ptr %y, i64 %33
-  %35 = add nsw i64 %col, 0
-  %36 = getelementptr inbounds float, ptr %34, i64 %35
-  store <8 x float> zeroinitializer, ptr %acc010, align 4
-  %37 = add nsw i64 %col, 8
-  %38 = getelementptr inbounds float, ptr %34, i64 %37
-  store <8 x float> zeroinitializer, ptr %acc011, align 4
-  %39 = add nsw i64 %r0, 2
-  %40 = mul nsw i64 %39, 2880
-  %41 = getelementptr inbounds float, ptr %h, i64 %40
-  %42 = getelementptr inbounds i32, ptr %rows, i64 %39
-  %43 = load i32, ptr %42, align 4
-  %44 = sext i32 %43 to i64
-  %45 = mul nsw i64 %44, 2880
-  %46 = getelementptr inbounds float, ptr %y, i64 %45
-  %47 = add nsw i64 %col, 0
-  %48 = getelementptr inbounds float, ptr %46, i64 %47
-  store <8 x float> zeroinitializer, ptr %acc020, align 4
-  %49 = add nsw i64 %col, 8
-  %50 = getelementptr inbounds float, ptr %46, i64 %49
-  store <8 x float> zeroinitializer, ptr %acc021, align 4
-  %51 = add nsw i64 %r0, 3
-  %52 = mul nsw i64 %51, 2880
-  %53 = getelementptr inbounds float, ptr %h, i64 %52
-  %54 = getelementptr inbounds i32, ptr %rows, i64 %51
-  %55 = load i32, ptr %54, align 4
-  %56 = sext i32 %55 to i64
-  %57 = mul nsw i64 %56, 2880
-  %58 = getelementptr inbounds float, ptr %y, i64 %57
-  %59 = add nsw i64 %col, 0
-  %60 = getelementptr inbounds float, ptr %58, i64 %59
-  store <8 x float> zeroinitializer, ptr %acc030, align 4
-  %61 = add nsw i64 %col, 8
-  %62 = getelementptr inbounds float, ptr %58, i64 %61
-  store <8 x float> zeroinitializer, ptr %acc031, align 4
-  %63 = add nsw i64 %r0, 4
+  %col = mul nsw i64 %kb.p, 16
+  %29 = add nsw i64 %r01, 0
+  %30 = mul nsw i64 %29, 2880
+  %31 = add nsw i64 %30, %k0
+  %32 = getelementptr inbounds float, ptr %h, i64 %31
+  %33 = getelementptr inbounds i32, ptr %rows, i64 %29
+  %34 = load i32, ptr %33, align 4
+  %35 = sext i32 %34 to i64
+  %36 = mul nsw i64 %35, 2880
+  %37 = getelementptr inbounds float, ptr %y, i64 %36
+  %38 = add nsw i64 %col, 0
+  %39 = getelementptr inbounds float, ptr %37, i64 %38
+  %40 = load <8 x float>, ptr %39, align 4
+  %41 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %40
+  store <8 x float> %41, ptr %acc000, align 4
+  %42 = add nsw i64 %col, 8
+  %43 = getelementptr inbounds float, ptr %37, i64 %42
+  %44 = load <8 x float>, ptr %43, align 4
+  %45 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %44
+  store <8 x float> %45, ptr %acc001, align 4
+  %46 = add nsw i64 %r01, 1
+  %47 = mul nsw i64 %46, 2880
+  %48 = add nsw i64 %47, %k0
+  %49 = getelementptr inbounds float, ptr %h, i64 %48
+  %50 = getelementptr inbounds i32, ptr %rows, i64 %46
+  %51 = load i32, ptr %50, align 4
+  %52 = sext i32 %51 to i64
+  %53 = mul nsw i64 %52, 2880
+  %54 = getelementptr inbounds float, ptr %y, i64 %53
+  %55 = add nsw i64 %col, 0
+  %56 = getelementptr inbounds float, ptr %54, i64 %55
+  %57 = load <8 x float>, ptr %56, align 4
+  %58 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %57
+  store <8 x float> %58, ptr %acc010, align 4
+  %59 = add nsw i64 %col, 8
+  %60 = getelementptr inbounds float, ptr %54, i64 %59
+  %61 = load <8 x float>, ptr %60, align 4
+  %62 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %61
+  store <8 x float> %62, ptr %acc011, align 4
+  %63 = add nsw i64 %r01, 2
   %64 = mul nsw i64 %63, 2880
-  %65 = getelementptr inbounds float, ptr %h, i64 %64
-  %66 = getelementptr inbounds i32, ptr %rows, i64 %63
-  %67 = load i32, ptr %66, align 4
-  %68 = sext i32 %67 to i64
-  %69 = mul nsw i64 %68, 2880
-  %70 = getelementptr inbounds float, ptr %y, i64 %69
-  %71 = add nsw i64 %col, 0
-  %72 = getelementptr inbounds float, ptr %70, i64 %71
-  store <8 x float> zeroinitializer, ptr %acc040, align 4
-  %73 = add nsw i64 %col, 8
-  %74 = getelementptr inbounds float, ptr %70, i64 %73
-  store <8 x float> zeroinitializer, ptr %acc041, align 4
-  %75 = add nsw i64 %r0, 5
-  %76 = mul nsw i64 %75, 2880
-  %77 = getelementptr inbounds float, ptr %h, i64 %76
-  %78 = getelementptr inbounds i32, ptr %rows, i64 %75
-  %79 = load i32, ptr %78, align 4
-  %80 = sext i32 %79 to i64
+  %65 = add nsw i64 %64, %k0
+  %66 = getelementptr inbounds float, ptr %h, i64 %65
+  %67 = getelementptr inbounds i32, ptr %rows, i64 %63
+  %68 = load i32, ptr %67, align 4
+  %69 = sext i32 %68 to i64
+  %70 = mul nsw i64 %69, 2880
+  %71 = getelementptr inbounds float, ptr %y, i64 %70
+  %72 = add nsw i64 %col, 0
+  %73 = getelementptr inbounds float, ptr %71, i64 %72
+  %74 = load <8 x float>, ptr %73, align 4
+  %75 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %74
+  store <8 x float> %75, ptr %acc020, align 4
+  %76 = add nsw i64 %col, 8
+  %77 = getelementptr inbounds float, ptr %71, i64 %76
+  %78 = load <8 x float>, ptr %77, align 4
+  %79 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %78
+  store <8 x float> %79, ptr %acc021, align 4
+  %80 = add nsw i64 %r01, 3
   %81 = mul nsw i64 %80, 2880
-  %82 = getelementptr inbounds float, ptr %y, i64 %81
-  %83 = add nsw i64 %col, 0
-  %84 = getelementptr inbounds float, ptr %82, i64 %83
-  store <8 x float> zeroinitializer, ptr %acc050, align 4
-  %85 = add nsw i64 %col, 8
-  %86 = getelementptr inbounds float, ptr %82, i64 %85
-  store <8 x float> zeroinitializer, ptr %acc051, align 4
-  %panel.off = mul nsw i64 %p, 46080
-  %87 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
-  %88 = add nsw i64 %p, 1
-  %89 = icmp slt i64 %88, %p1
-  %pf.on1 = and i1 %pf.on, %89
-  %90 = mul nsw i64 %rb, 92160
-  %91 = lshr i64 %90, %12
-  %92 = add nsw i64 92160, %91
-  %93 = getelementptr inbounds i8, ptr %87, i64 %92
-  %pf = select i1 %pf.on1, ptr %93, ptr %87
-  %pf.sh = select i1 %pf.on1, i64 %12, i64 0
+  %82 = add nsw i64 %81, %k0
+  %83 = getelementptr inbounds float, ptr %h, i64 %82
+  %84 = getelementptr inbounds i32, ptr %rows, i64 %80
+  %85 = load i32, ptr %84, align 4
+  %86 = sext i32 %85 to i64
+  %87 = mul nsw i64 %86, 2880
+  %88 = getelementptr inbounds float, ptr %y, i64 %87
+  %89 = add nsw i64 %col, 0
+  %90 = getelementptr inbounds float, ptr %88, i64 %89
+  %91 = load <8 x float>, ptr %90, align 4
+  %92 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %91
+  store <8 x float> %92, ptr %acc030, align 4
+  %93 = add nsw i64 %col, 8
+  %94 = getelementptr inbounds float, ptr %88, i64 %93
+  %95 = load <8 x float>, ptr %94, align 4
+  %96 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %95
+  store <8 x float> %96, ptr %acc031, align 4
+  %97 = add nsw i64 %r01, 4
+  %98 = mul nsw i64 %97, 2880
+  %99 = add nsw i64 %98, %k0
+  %100 = getelementptr inbounds float, ptr %h, i64 %99
+  %101 = getelementptr inbounds i32, ptr %rows, i64 %97
+  %102 = load i32, ptr %101, align 4
+  %103 = sext i32 %102 to i64
+  %104 = mul nsw i64 %103, 2880
+  %105 = getelementptr inbounds float, ptr %y, i64 %104
+  %106 = add nsw i64 %col, 0
+  %107 = getelementptr inbounds float, ptr %105, i64 %106
+  %108 = load <8 x float>, ptr %107, align 4
+  %109 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %108
+  store <8 x float> %109, ptr %acc040, align 4
+  %110 = add nsw i64 %col, 8
+  %111 = getelementptr inbounds float, ptr %105, i64 %110
+  %112 = load <8 x float>, ptr %111, align 4
+  %113 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %112
+  store <8 x float> %113, ptr %acc041, align 4
+  %114 = add nsw i64 %r01, 5
+  %115 = mul nsw i64 %114, 2880
+  %116 = add nsw i64 %115, %k0
+  %117 = getelementptr inbounds float, ptr %h, i64 %116
+  %118 = getelementptr inbounds i32, ptr %rows, i64 %114
+  %119 = load i32, ptr %118, align 4
+  %120 = sext i32 %119 to i64
+  %121 = mul nsw i64 %120, 2880
+  %122 = getelementptr inbounds float, ptr %y, i64 %121
+  %123 = add nsw i64 %col, 0
+  %124 = getelementptr inbounds float, ptr %122, i64 %123
+  %125 = load <8 x float>, ptr %124, align 4
+  %126 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %125
+  store <8 x float> %126, ptr %acc050, align 4
+  %127 = add nsw i64 %col, 8
+  %128 = getelementptr inbounds float, ptr %122, i64 %127
+  %129 = load <8 x float>, ptr %128, align 4
+  %130 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %129
+  store <8 x float> %130, ptr %acc051, align 4
+  %131 = mul nsw i64 %k0, 16
+  %132 = mul nsw i64 %kb.p, 46080
+  %panel.off = add nsw i64 %132, %131
+  %133 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %pf.on2 = and i1 %pf.on, %pf.next
+  %134 = mul nsw i64 %rb, 7680
+  %135 = lshr i64 %134, %26
+  %136 = add nsw i64 %pf.step, %135
+  %137 = getelementptr inbounds i8, ptr %133, i64 %136
+  %pf = select i1 %pf.on2, ptr %137, ptr %133
+  %pf.sh = select i1 %pf.on2, i64 %26, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %154, %pf.any.end ]
-  %94 = icmp slt i64 %k, 2880
-  br i1 %94, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %198, %pf.any.end ]
+  %138 = icmp slt i64 %k, 240
+  br i1 %138, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %95 = mul nsw i64 %k, 1
-  %96 = add nsw i64 %95, 0
-  %97 = mul nsw i64 %96, 32
+  %139 = mul nsw i64 %k, 1
+  %140 = add nsw i64 %139, 0
+  %141 = mul nsw i64 %140, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %98 = lshr i64 %97, %pf.sh
-  %99 = getelementptr inbounds i8, ptr %pf, i64 %98
-  call void @llvm.prefetch.p0(ptr %99, i32 0, i32 2, i32 1)
+  %142 = lshr i64 %141, %pf.sh
+  %143 = getelementptr inbounds i8, ptr %pf, i64 %142
+  call void @llvm.prefetch.p0(ptr %143, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %100 = mul nsw i64 %96, 16
-  %101 = add nsw i64 %panel.off, %100
-  %102 = getelementptr inbounds i16, ptr %panels, i64 %101
-  %103 = load <8 x i32>, ptr %102, align 4
-  %104 = shl <8 x i32> %103, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %104 to <8 x float>
-  %105 = and <8 x i32> %103, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %105 to <8 x float>
-  %106 = getelementptr inbounds float, ptr %17, i64 %96
-  %107 = load float, ptr %106, align 4
-  %108 = insertelement <8 x float> poison, float %107, i32 0
-  %109 = shufflevector <8 x float> %108, <8 x float> poison, <8 x i32> zeroinitializer
-  %110 = load <8 x float>, ptr %acc000, align 4
-  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b0, <8 x float> %110)
-  store <8 x float> %111, ptr %acc000, align 4
-  %112 = load <8 x float>, ptr %acc001, align 4
-  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b1, <8 x float> %112)
-  store <8 x float> %113, ptr %acc001, align 4
-  %114 = getelementptr inbounds float, ptr %29, i64 %96
-  %115 = load float, ptr %114, align 4
-  %116 = insertelement <8 x float> poison, float %115, i32 0
-  %117 = shufflevector <8 x float> %116, <8 x float> poison, <8 x i32> zeroinitializer
-  %118 = load <8 x float>, ptr %acc010, align 4
-  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %117, <8 x float> %b0, <8 x float> %118)
-  store <8 x float> %119, ptr %acc010, align 4
-  %120 = load <8 x float>, ptr %acc011, align 4
-  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %117, <8 x float> %b1, <8 x float> %120)
-  store <8 x float> %121, ptr %acc011, align 4
-  %122 = getelementptr inbounds float, ptr %41, i64 %96
-  %123 = load float, ptr %122, align 4
-  %124 = insertelement <8 x float> poison, float %123, i32 0
-  %125 = shufflevector <8 x float> %124, <8 x float> poison, <8 x i32> zeroinitializer
-  %126 = load <8 x float>, ptr %acc020, align 4
-  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %125, <8 x float> %b0, <8 x float> %126)
-  store <8 x float> %127, ptr %acc020, align 4
-  %128 = load <8 x float>, ptr %acc021, align 4
-  %129 = call <8 x float> @llvm.fma.v8f32(<8 x float> %125, <8 x float> %b1, <8 x float> %128)
-  store <8 x float> %129, ptr %acc021, align 4
-  %130 = getelementptr inbounds float, ptr %53, i64 %96
-  %131 = load float, ptr %130, align 4
-  %132 = insertelement <8 x float> poison, float %131, i32 0
-  %133 = shufflevector <8 x float> %132, <8 x float> poison, <8 x i32> zeroinitializer
-  %134 = load <8 x float>, ptr %acc030, align 4
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> %b0, <8 x float> %134)
-  store <8 x float> %135, ptr %acc030, align 4
-  %136 = load <8 x float>, ptr %acc031, align 4
-  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> %b1, <8 x float> %136)
-  store <8 x float> %137, ptr %acc031, align 4
-  %138 = getelementptr inbounds float, ptr %65, i64 %96
-  %139 = load float, ptr %138, align 4
-  %140 = insertelement <8 x float> poison, float %139, i32 0
-  %141 = shufflevector <8 x float> %140, <8 x float> poison, <8 x i32> zeroinitializer
-  %142 = load <8 x float>, ptr %acc040, align 4
-  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %141, <8 x float> %b0, <8 x float> %142)
-  store <8 x float> %143, ptr %acc040, align 4
-  %144 = load <8 x float>, ptr %acc041, align 4
-  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %141, <8 x float> %b1, <8 x float> %144)
-  store <8 x float> %145, ptr %acc041, align 4
-  %146 = getelementptr inbounds float, ptr %77, i64 %96
-  %147 = load float, ptr %146, align 4
-  %148 = insertelement <8 x float> poison, float %147, i32 0
-  %149 = shufflevector <8 x float> %148, <8 x float> poison, <8 x i32> zeroinitializer
-  %150 = load <8 x float>, ptr %acc050, align 4
-  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> %b0, <8 x float> %150)
-  store <8 x float> %151, ptr %acc050, align 4
-  %152 = load <8 x float>, ptr %acc051, align 4
-  %153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> %b1, <8 x float> %152)
-  store <8 x float> %153, ptr %acc051, align 4
-  %154 = add nsw i64 %k, 1
-  br label %k.head
-
-k.end:                                            ; preds = %k.head
-  %155 = add nsw i64 %r0, 0
-  %156 = getelementptr inbounds float, ptr %rw, i64 %155
-  %157 = load float, ptr %156, align 4
-  %158 = insertelement <8 x float> poison, float %157, i32 0
-  %159 = shufflevector <8 x float> %158, <8 x float> poison, <8 x i32> zeroinitializer
-  %160 = load <8 x float>, ptr %acc000, align 4
-  %161 = add nsw i64 %col, 0
-  %162 = getelementptr inbounds float, ptr %bd, i64 %161
-  %163 = load <8 x float>, ptr %162, align 4
-  %164 = fmul <8 x float> %163, %159
-  %165 = fadd <8 x float> %160, %164
-  store <8 x float> %165, ptr %24, align 4
-  %166 = load <8 x float>, ptr %acc001, align 4
-  %167 = add nsw i64 %col, 8
-  %168 = getelementptr inbounds float, ptr %bd, i64 %167
-  %169 = load <8 x float>, ptr %168, align 4
-  %170 = fmul <8 x float> %169, %159
-  %171 = fadd <8 x float> %166, %170
-  store <8 x float> %171, ptr %26, align 4
-  %172 = add nsw i64 %r0, 1
-  %173 = getelementptr inbounds float, ptr %rw, i64 %172
-  %174 = load float, ptr %173, align 4
-  %175 = insertelement <8 x float> poison, float %174, i32 0
-  %176 = shufflevector <8 x float> %175, <8 x float> poison, <8 x i32> zeroinitializer
-  %177 = load <8 x float>, ptr %acc010, align 4
-  %178 = add nsw i64 %col, 0
-  %179 = getelementptr inbounds float, ptr %bd, i64 %178
-  %180 = load <8 x float>, ptr %179, align 4
-  %181 = fmul <8 x float> %180, %176
-  %182 = fadd <8 x float> %177, %181
-  store <8 x float> %182, ptr %36, align 4
-  %183 = load <8 x float>, ptr %acc011, align 4
-  %184 = add nsw i64 %col, 8
-  %185 = getelementptr inbounds float, ptr %bd, i64 %184
-  %186 = load <8 x float>, ptr %185, align 4
-  %187 = fmul <8 x float> %186, %176
-  %188 = fadd <8 x float> %183, %187
-  store <8 x float> %188, ptr %38, align 4
-  %189 = add nsw i64 %r0, 2
-  %190 = getelementptr inbounds float, ptr %rw, i64 %189
+  %144 = mul nsw i64 %140, 16
+  %145 = add nsw i64 %panel.off, %144
+  %146 = getelementptr inbounds i16, ptr %panels, i64 %145
+  %147 = load <8 x i32>, ptr %146, align 4
+  %148 = shl <8 x i32> %147, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %148 to <8 x float>
+  %149 = and <8 x i32> %147, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %149 to <8 x float>
+  %150 = getelementptr inbounds float, ptr %32, i64 %140
+  %151 = load float, ptr %150, align 4
+  %152 = insertelement <8 x float> poison, float %151, i32 0
+  %153 = shufflevector <8 x float> %152, <8 x float> poison, <8 x i32> zeroinitializer
+  %154 = load <8 x float>, ptr %acc000, align 4
+  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> %b0, <8 x float> %154)
+  store <8 x float> %155, ptr %acc000, align 4
+  %156 = load <8 x float>, ptr %acc001, align 4
+  %157 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> %b1, <8 x float> %156)
+  store <8 x float> %157, ptr %acc001, align 4
+  %158 = getelementptr inbounds float, ptr %49, i64 %140
+  %159 = load float, ptr %158, align 4
+  %160 = insertelement <8 x float> poison, float %159, i32 0
+  %161 = shufflevector <8 x float> %160, <8 x float> poison, <8 x i32> zeroinitializer
+  %162 = load <8 x float>, ptr %acc010, align 4
+  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> %b0, <8 x float> %162)
+  store <8 x float> %163, ptr %acc010, align 4
+  %164 = load <8 x float>, ptr %acc011, align 4
+  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> %b1, <8 x float> %164)
+  store <8 x float> %165, ptr %acc011, align 4
+  %166 = getelementptr inbounds float, ptr %66, i64 %140
+  %167 = load float, ptr %166, align 4
+  %168 = insertelement <8 x float> poison, float %167, i32 0
+  %169 = shufflevector <8 x float> %168, <8 x float> poison, <8 x i32> zeroinitializer
+  %170 = load <8 x float>, ptr %acc020, align 4
+  %171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %b0, <8 x float> %170)
+  store <8 x float> %171, ptr %acc020, align 4
+  %172 = load <8 x float>, ptr %acc021, align 4
+  %173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %b1, <8 x float> %172)
+  store <8 x float> %173, ptr %acc021, align 4
+  %174 = getelementptr inbounds float, ptr %83, i64 %140
+  %175 = load float, ptr %174, align 4
+  %176 = insertelement <8 x float> poison, float %175, i32 0
+  %177 = shufflevector <8 x float> %176, <8 x float> poison, <8 x i32> zeroinitializer
+  %178 = load <8 x float>, ptr %acc030, align 4
+  %179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> %b0, <8 x float> %178)
+  store <8 x float> %179, ptr %acc030, align 4
+  %180 = load <8 x float>, ptr %acc031, align 4
+  %181 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> %b1, <8 x float> %180)
+  store <8 x float> %181, ptr %acc031, align 4
+  %182 = getelementptr inbounds float, ptr %100, i64 %140
+  %183 = load float, ptr %182, align 4
+  %184 = insertelement <8 x float> poison, float %183, i32 0
+  %185 = shufflevector <8 x float> %184, <8 x float> poison, <8 x i32> zeroinitializer
+  %186 = load <8 x float>, ptr %acc040, align 4
+  %187 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> %b0, <8 x float> %186)
+  store <8 x float> %187, ptr %acc040, align 4
+  %188 = load <8 x float>, ptr %acc041, align 4
+  %189 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> %b1, <8 x float> %188)
+  store <8 x float> %189, ptr %acc041, align 4
+  %190 = getelementptr inbounds float, ptr %117, i64 %140
   %191 = load float, ptr %190, align 4
   %192 = insertelement <8 x float> poison, float %191, i32 0
   %193 = shufflevector <8 x float> %192, <8 x float> poison, <8 x i32> zeroinitializer
-  %194 = load <8 x float>, ptr %acc020, align 4
-  %195 = add nsw i64 %col, 0
-  %196 = getelementptr inbounds float, ptr %bd, i64 %195
-  %197 = load <8 x float>, ptr %196, align 4
-  %198 = fmul <8 x float> %197, %193
-  %199 = fadd <8 x float> %194, %198
-  store <8 x float> %199, ptr %48, align 4
-  %200 = load <8 x float>, ptr %acc021, align 4
-  %201 = add nsw i64 %col, 8
-  %202 = getelementptr inbounds float, ptr %bd, i64 %201
-  %203 = load <8 x float>, ptr %202, align 4
-  %204 = fmul <8 x float> %203, %193
-  %205 = fadd <8 x float> %200, %204
-  store <8 x float> %205, ptr %50, align 4
-  %206 = add nsw i64 %r0, 3
-  %207 = getelementptr inbounds float, ptr %rw, i64 %206
-  %208 = load float, ptr %207, align 4
-  %209 = insertelement <8 x float> poison, float %208, i32 0
-  %210 = shufflevector <8 x float> %209, <8 x float> poison, <8 x i32> zeroinitializer
-  %211 = load <8 x float>, ptr %acc030, align 4
-  %212 = add nsw i64 %col, 0
+  %194 = load <8 x float>, ptr %acc050, align 4
+  %195 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> %b0, <8 x float> %194)
+  store <8 x float> %195, ptr %acc050, align 4
+  %196 = load <8 x float>, ptr %acc051, align 4
+  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> %b1, <8 x float> %196)
+  store <8 x float> %197, ptr %acc051, align 4
+  %198 = add nsw i64 %k, 1
+  br label %k.head
+
+k.end:                                            ; preds = %k.head
+  %199 = add nsw i64 %r01, 0
+  %200 = getelementptr inbounds float, ptr %rw, i64 %199
+  %201 = load float, ptr %200, align 4
+  %202 = insertelement <8 x float> poison, float %201, i32 0
+  %203 = shufflevector <8 x float> %202, <8 x float> poison, <8 x i32> zeroinitializer
+  %204 = load <8 x float>, ptr %acc000, align 4
+  %205 = add nsw i64 %col, 0
+  %206 = getelementptr inbounds float, ptr %bd, i64 %205
+  %207 = load <8 x float>, ptr %206, align 4
+  %208 = fmul <8 x float> %207, %203
+  %209 = fadd <8 x float> %204, %208
+  %210 = select i1 %klast, <8 x float> %209, <8 x float> %204
+  store <8 x float> %210, ptr %39, align 4
+  %211 = load <8 x float>, ptr %acc001, align 4
+  %212 = add nsw i64 %col, 8
   %213 = getelementptr inbounds float, ptr %bd, i64 %212
   %214 = load <8 x float>, ptr %213, align 4
-  %215 = fmul <8 x float> %214, %210
+  %215 = fmul <8 x float> %214, %203
   %216 = fadd <8 x float> %211, %215
-  store <8 x float> %216, ptr %60, align 4
-  %217 = load <8 x float>, ptr %acc031, align 4
-  %218 = add nsw i64 %col, 8
-  %219 = getelementptr inbounds float, ptr %bd, i64 %218
-  %220 = load <8 x float>, ptr %219, align 4
-  %221 = fmul <8 x float> %220, %210
-  %222 = fadd <8 x float> %217, %221
-  store <8 x float> %222, ptr %62, align 4
-  %223 = add nsw i64 %r0, 4
-  %224 = getelementptr inbounds float, ptr %rw, i64 %223
-  %225 = load float, ptr %224, align 4
-  %226 = insertelement <8 x float> poison, float %225, i32 0
-  %227 = shufflevector <8 x float> %226, <8 x float> poison, <8 x i32> zeroinitializer
-  %228 = load <8 x float>, ptr %acc040, align 4
-  %229 = add nsw i64 %col, 0
-  %230 = getelementptr inbounds float, ptr %bd, i64 %229
-  %231 = load <8 x float>, ptr %230, align 4
-  %232 = fmul <8 x float> %231, %227
-  %233 = fadd <8 x float> %228, %232
-  store <8 x float> %233, ptr %72, align 4
-  %234 = load <8 x float>, ptr %acc041, align 4
-  %235 = add nsw i64 %col, 8
-  %236 = getelementptr inbounds float, ptr %bd, i64 %235
-  %237 = load <8 x float>, ptr %236, align 4
-  %238 = fmul <8 x float> %237, %227
-  %239 = fadd <8 x float> %234, %238
-  store <8 x float> %239, ptr %74, align 4
-  %240 = add nsw i64 %r0, 5
-  %241 = getelementptr inbounds float, ptr %rw, i64 %240
-  %242 = load float, ptr %241, align 4
-  %243 = insertelement <8 x float> poison, float %242, i32 0
-  %244 = shufflevector <8 x float> %243, <8 x float> poison, <8 x i32> zeroinitializer
-  %245 = load <8 x float>, ptr %acc050, align 4
-  %246 = add nsw i64 %col, 0
-  %247 = getelementptr inbounds float, ptr %bd, i64 %246
-  %248 = load <8 x float>, ptr %247, align 4
-  %249 = fmul <8 x float> %248, %244
-  %250 = fadd <8 x float> %245, %249
-  store <8 x float> %250, ptr %84, align 4
-  %251 = load <8 x float>, ptr %acc051, align 4
-  %252 = add nsw i64 %col, 8
-  %253 = getelementptr inbounds float, ptr %bd, i64 %252
-  %254 = load <8 x float>, ptr %253, align 4
-  %255 = fmul <8 x float> %254, %244
-  %256 = fadd <8 x float> %251, %255
-  store <8 x float> %256, ptr %86, align 4
+  %217 = select i1 %klast, <8 x float> %216, <8 x float> %211
+  store <8 x float> %217, ptr %43, align 4
+  %218 = add nsw i64 %r01, 1
+  %219 = getelementptr inbounds float, ptr %rw, i64 %218
+  %220 = load float, ptr %219, align 4
+  %221 = insertelement <8 x float> poison, float %220, i32 0
+  %222 = shufflevector <8 x float> %221, <8 x float> poison, <8 x i32> zeroinitializer
+  %223 = load <8 x float>, ptr %acc010, align 4
+  %224 = add nsw i64 %col, 0
+  %225 = getelementptr inbounds float, ptr %bd, i64 %224
+  %226 = load <8 x float>, ptr %225, align 4
+  %227 = fmul <8 x float> %226, %222
+  %228 = fadd <8 x float> %223, %227
+  %229 = select i1 %klast, <8 x float> %228, <8 x float> %223
+  store <8 x float> %229, ptr %56, align 4
+  %230 = load <8 x float>, ptr %acc011, align 4
+  %231 = add nsw i64 %col, 8
+  %232 = getelementptr inbounds float, ptr %bd, i64 %231
+  %233 = load <8 x float>, ptr %232, align 4
+  %234 = fmul <8 x float> %233, %222
+  %235 = fadd <8 x float> %230, %234
+  %236 = select i1 %klast, <8 x float> %235, <8 x float> %230
+  store <8 x float> %236, ptr %60, align 4
+  %237 = add nsw i64 %r01, 2
+  %238 = getelementptr inbounds float, ptr %rw, i64 %237
+  %239 = load float, ptr %238, align 4
+  %240 = insertelement <8 x float> poison, float %239, i32 0
+  %241 = shufflevector <8 x float> %240, <8 x float> poison, <8 x i32> zeroinitializer
+  %242 = load <8 x float>, ptr %acc020, align 4
+  %243 = add nsw i64 %col, 0
+  %244 = getelementptr inbounds float, ptr %bd, i64 %243
+  %245 = load <8 x float>, ptr %244, align 4
+  %246 = fmul <8 x float> %245, %241
+  %247 = fadd <8 x float> %242, %246
+  %248 = select i1 %klast, <8 x float> %247, <8 x float> %242
+  store <8 x float> %248, ptr %73, align 4
+  %249 = load <8 x float>, ptr %acc021, align 4
+  %250 = add nsw i64 %col, 8
+  %251 = getelementptr inbounds float, ptr %bd, i64 %250
+  %252 = load <8 x float>, ptr %251, align 4
+  %253 = fmul <8 x float> %252, %241
+  %254 = fadd <8 x float> %249, %253
+  %255 = select i1 %klast, <8 x float> %254, <8 x float> %249
+  store <8 x float> %255, ptr %77, align 4
+  %256 = add nsw i64 %r01, 3
+  %257 = getelementptr inbounds float, ptr %rw, i64 %256
+  %258 = load float, ptr %257, align 4
+  %259 = insertelement <8 x float> poison, float %258, i32 0
+  %260 = shufflevector <8 x float> %259, <8 x float> poison, <8 x i32> zeroinitializer
+  %261 = load <8 x float>, ptr %acc030, align 4
+  %262 = add nsw i64 %col, 0
+  %263 = getelementptr inbounds float, ptr %bd, i64 %262
+  %264 = load <8 x float>, ptr %263, align 4
+  %265 = fmul <8 x float> %264, %260
+  %266 = fadd <8 x float> %261, %265
+  %267 = select i1 %klast, <8 x float> %266, <8 x float> %261
+  store <8 x float> %267, ptr %90, align 4
+  %268 = load <8 x float>, ptr %acc031, align 4
+  %269 = add nsw i64 %col, 8
+  %270 = getelementptr inbounds float, ptr %bd, i64 %269
+  %271 = load <8 x float>, ptr %270, align 4
+  %272 = fmul <8 x float> %271, %260
+  %273 = fadd <8 x float> %268, %272
+  %274 = select i1 %klast, <8 x float> %273, <8 x float> %268
+  store <8 x float> %274, ptr %94, align 4
+  %275 = add nsw i64 %r01, 4
+  %276 = getelementptr inbounds float, ptr %rw, i64 %275
+  %277 = load float, ptr %276, align 4
+  %278 = insertelement <8 x float> poison, float %277, i32 0
+  %279 = shufflevector <8 x float> %278, <8 x float> poison, <8 x i32> zeroinitializer
+  %280 = load <8 x float>, ptr %acc040, align 4
+  %281 = add nsw i64 %col, 0
+  %282 = getelementptr inbounds float, ptr %bd, i64 %281
+  %283 = load <8 x float>, ptr %282, align 4
+  %284 = fmul <8 x float> %283, %279
+  %285 = fadd <8 x float> %280, %284
+  %286 = select i1 %klast, <8 x float> %285, <8 x float> %280
+  store <8 x float> %286, ptr %107, align 4
+  %287 = load <8 x float>, ptr %acc041, align 4
+  %288 = add nsw i64 %col, 8
+  %289 = getelementptr inbounds float, ptr %bd, i64 %288
+  %290 = load <8 x float>, ptr %289, align 4
+  %291 = fmul <8 x float> %290, %279
+  %292 = fadd <8 x float> %287, %291
+  %293 = select i1 %klast, <8 x float> %292, <8 x float> %287
+  store <8 x float> %293, ptr %111, align 4
+  %294 = add nsw i64 %r01, 5
+  %295 = getelementptr inbounds float, ptr %rw, i64 %294
+  %296 = load float, ptr %295, align 4
+  %297 = insertelement <8 x float> poison, float %296, i32 0
+  %298 = shufflevector <8 x float> %297, <8 x float> poison, <8 x i32> zeroinitializer
+  %299 = load <8 x float>, ptr %acc050, align 4
+  %300 = add nsw i64 %col, 0
+  %301 = getelementptr inbounds float, ptr %bd, i64 %300
+  %302 = load <8 x float>, ptr %301, align 4
+  %303 = fmul <8 x float> %302, %298
+  %304 = fadd <8 x float> %299, %303
+  %305 = select i1 %klast, <8 x float> %304, <8 x float> %299
+  store <8 x float> %305, ptr %124, align 4
+  %306 = load <8 x float>, ptr %acc051, align 4
+  %307 = add nsw i64 %col, 8
+  %308 = getelementptr inbounds float, ptr %bd, i64 %307
+  %309 = load <8 x float>, ptr %308, align 4
+  %310 = fmul <8 x float> %309, %298
+  %311 = fadd <8 x float> %306, %310
+  %312 = select i1 %klast, <8 x float> %311, <8 x float> %306
+  store <8 x float> %312, ptr %128, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
-  %col2 = mul nsw i64 %p, 16
-  %257 = add nsw i64 %r0, 0
-  %258 = mul nsw i64 %257, 2880
-  %259 = getelementptr inbounds float, ptr %h, i64 %258
-  %260 = getelementptr inbounds i32, ptr %rows, i64 %257
-  %261 = load i32, ptr %260, align 4
-  %262 = sext i32 %261 to i64
-  %263 = mul nsw i64 %262, 2880
-  %264 = getelementptr inbounds float, ptr %y, i64 %263
-  %265 = add nsw i64 %col2, 0
-  %266 = getelementptr inbounds float, ptr %264, i64 %265
-  store <8 x float> zeroinitializer, ptr %acc0003, align 4
-  %267 = add nsw i64 %col2, 8
-  %268 = getelementptr inbounds float, ptr %264, i64 %267
-  store <8 x float> zeroinitializer, ptr %acc0014, align 4
-  %269 = add nsw i64 %r0, 1
-  %270 = mul nsw i64 %269, 2880
-  %271 = getelementptr inbounds float, ptr %h, i64 %270
-  %272 = getelementptr inbounds i32, ptr %rows, i64 %269
-  %273 = load i32, ptr %272, align 4
-  %274 = sext i32 %273 to i64
-  %275 = mul nsw i64 %274, 2880
-  %276 = getelementptr inbounds float, ptr %y, i64 %275
-  %277 = add nsw i64 %col2, 0
-  %278 = getelementptr inbounds float, ptr %276, i64 %277
-  store <8 x float> zeroinitializer, ptr %acc0105, align 4
-  %279 = add nsw i64 %col2, 8
-  %280 = getelementptr inbounds float, ptr %276, i64 %279
-  store <8 x float> zeroinitializer, ptr %acc0116, align 4
-  %281 = add nsw i64 %r0, 2
-  %282 = mul nsw i64 %281, 2880
-  %283 = getelementptr inbounds float, ptr %h, i64 %282
-  %284 = getelementptr inbounds i32, ptr %rows, i64 %281
-  %285 = load i32, ptr %284, align 4
-  %286 = sext i32 %285 to i64
-  %287 = mul nsw i64 %286, 2880
-  %288 = getelementptr inbounds float, ptr %y, i64 %287
-  %289 = add nsw i64 %col2, 0
-  %290 = getelementptr inbounds float, ptr %288, i64 %289
-  store <8 x float> zeroinitializer, ptr %acc0207, align 4
-  %291 = add nsw i64 %col2, 8
-  %292 = getelementptr inbounds float, ptr %288, i64 %291
-  store <8 x float> zeroinitializer, ptr %acc0218, align 4
-  %293 = add nsw i64 %r0, 3
-  %294 = mul nsw i64 %293, 2880
-  %295 = getelementptr inbounds float, ptr %h, i64 %294
-  %296 = getelementptr inbounds i32, ptr %rows, i64 %293
-  %297 = load i32, ptr %296, align 4
-  %298 = sext i32 %297 to i64
-  %299 = mul nsw i64 %298, 2880
-  %300 = getelementptr inbounds float, ptr %y, i64 %299
-  %301 = add nsw i64 %col2, 0
-  %302 = getelementptr inbounds float, ptr %300, i64 %301
-  store <8 x float> zeroinitializer, ptr %acc0309, align 4
-  %303 = add nsw i64 %col2, 8
-  %304 = getelementptr inbounds float, ptr %300, i64 %303
-  store <8 x float> zeroinitializer, ptr %acc03110, align 4
-  %305 = add nsw i64 %r0, 4
-  %306 = mul nsw i64 %305, 2880
-  %307 = getelementptr inbounds float, ptr %h, i64 %306
-  %308 = getelementptr inbounds i32, ptr %rows, i64 %305
-  %309 = load i32, ptr %308, align 4
-  %310 = sext i32 %309 to i64
-  %311 = mul nsw i64 %310, 2880
-  %312 = getelementptr inbounds float, ptr %y, i64 %311
-  %313 = add nsw i64 %col2, 0
-  %314 = getelementptr inbounds float, ptr %312, i64 %313
-  store <8 x float> zeroinitializer, ptr %acc04011, align 4
-  %315 = add nsw i64 %col2, 8
-  %316 = getelementptr inbounds float, ptr %312, i64 %315
-  store <8 x float> zeroinitializer, ptr %acc04112, align 4
-  %panel.off13 = mul nsw i64 %p, 46080
-  %317 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
-  %318 = add nsw i64 %p, 1
-  %319 = icmp slt i64 %318, %p1
-  %pf.on14 = and i1 %pf.on, %319
-  %320 = mul nsw i64 %rb, 92160
-  %321 = lshr i64 %320, %12
-  %322 = add nsw i64 92160, %321
-  %323 = getelementptr inbounds i8, ptr %317, i64 %322
-  %pf15 = select i1 %pf.on14, ptr %323, ptr %317
-  %pf.sh16 = select i1 %pf.on14, i64 %12, i64 0
-  br label %k.head17
+  %col3 = mul nsw i64 %kb.p, 16
+  %313 = add nsw i64 %r01, 0
+  %314 = mul nsw i64 %313, 2880
+  %315 = add nsw i64 %314, %k0
+  %316 = getelementptr inbounds float, ptr %h, i64 %315
+  %317 = getelementptr inbounds i32, ptr %rows, i64 %313
+  %318 = load i32, ptr %317, align 4
+  %319 = sext i32 %318 to i64
+  %320 = mul nsw i64 %319, 2880
+  %321 = getelementptr inbounds float, ptr %y, i64 %320
+  %322 = add nsw i64 %col3, 0
+  %323 = getelementptr inbounds float, ptr %321, i64 %322
+  %324 = load <8 x float>, ptr %323, align 4
+  %325 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %324
+  store <8 x float> %325, ptr %acc0004, align 4
+  %326 = add nsw i64 %col3, 8
+  %327 = getelementptr inbounds float, ptr %321, i64 %326
+  %328 = load <8 x float>, ptr %327, align 4
+  %329 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %328
+  store <8 x float> %329, ptr %acc0015, align 4
+  %330 = add nsw i64 %r01, 1
+  %331 = mul nsw i64 %330, 2880
+  %332 = add nsw i64 %331, %k0
+  %333 = getelementptr inbounds float, ptr %h, i64 %332
+  %334 = getelementptr inbounds i32, ptr %rows, i64 %330
+  %335 = load i32, ptr %334, align 4
+  %336 = sext i32 %335 to i64
+  %337 = mul nsw i64 %336, 2880
+  %338 = getelementptr inbounds float, ptr %y, i64 %337
+  %339 = add nsw i64 %col3, 0
+  %340 = getelementptr inbounds float, ptr %338, i64 %339
+  %341 = load <8 x float>, ptr %340, align 4
+  %342 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %341
+  store <8 x float> %342, ptr %acc0106, align 4
+  %343 = add nsw i64 %col3, 8
+  %344 = getelementptr inbounds float, ptr %338, i64 %343
+  %345 = load <8 x float>, ptr %344, align 4
+  %346 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %345
+  store <8 x float> %346, ptr %acc0117, align 4
+  %347 = add nsw i64 %r01, 2
+  %348 = mul nsw i64 %347, 2880
+  %349 = add nsw i64 %348, %k0
+  %350 = getelementptr inbounds float, ptr %h, i64 %349
+  %351 = getelementptr inbounds i32, ptr %rows, i64 %347
+  %352 = load i32, ptr %351, align 4
+  %353 = sext i32 %352 to i64
+  %354 = mul nsw i64 %353, 2880
+  %355 = getelementptr inbounds float, ptr %y, i64 %354
+  %356 = add nsw i64 %col3, 0
+  %357 = getelementptr inbounds float, ptr %355, i64 %356
+  %358 = load <8 x float>, ptr %357, align 4
+  %359 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %358
+  store <8 x float> %359, ptr %acc0208, align 4
+  %360 = add nsw i64 %col3, 8
+  %361 = getelementptr inbounds float, ptr %355, i64 %360
+  %362 = load <8 x float>, ptr %361, align 4
+  %363 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %362
+  store <8 x float> %363, ptr %acc0219, align 4
+  %364 = add nsw i64 %r01, 3
+  %365 = mul nsw i64 %364, 2880
+  %366 = add nsw i64 %365, %k0
+  %367 = getelementptr inbounds float, ptr %h, i64 %366
+  %368 = getelementptr inbounds i32, ptr %rows, i64 %364
+  %369 = load i32, ptr %368, align 4
+  %370 = sext i32 %369 to i64
+  %371 = mul nsw i64 %370, 2880
+  %372 = getelementptr inbounds float, ptr %y, i64 %371
+  %373 = add nsw i64 %col3, 0
+  %374 = getelementptr inbounds float, ptr %372, i64 %373
+  %375 = load <8 x float>, ptr %374, align 4
+  %376 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %375
+  store <8 x float> %376, ptr %acc03010, align 4
+  %377 = add nsw i64 %col3, 8
+  %378 = getelementptr inbounds float, ptr %372, i64 %377
+  %379 = load <8 x float>, ptr %378, align 4
+  %380 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %379
+  store <8 x float> %380, ptr %acc03111, align 4
+  %381 = add nsw i64 %r01, 4
+  %382 = mul nsw i64 %381, 2880
+  %383 = add nsw i64 %382, %k0
+  %384 = getelementptr inbounds float, ptr %h, i64 %383
+  %385 = getelementptr inbounds i32, ptr %rows, i64 %381
+  %386 = load i32, ptr %385, align 4
+  %387 = sext i32 %386 to i64
+  %388 = mul nsw i64 %387, 2880
+  %389 = getelementptr inbounds float, ptr %y, i64 %388
+  %390 = add nsw i64 %col3, 0
+  %391 = getelementptr inbounds float, ptr %389, i64 %390
+  %392 = load <8 x float>, ptr %391, align 4
+  %393 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %392
+  store <8 x float> %393, ptr %acc04012, align 4
+  %394 = add nsw i64 %col3, 8
+  %395 = getelementptr inbounds float, ptr %389, i64 %394
+  %396 = load <8 x float>, ptr %395, align 4
+  %397 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %396
+  store <8 x float> %397, ptr %acc04113, align 4
+  %398 = mul nsw i64 %k0, 16
+  %399 = mul nsw i64 %kb.p, 46080
+  %panel.off14 = add nsw i64 %399, %398
+  %400 = getelementptr inbounds i16, ptr %panels, i64 %panel.off14
+  %pf.on15 = and i1 %pf.on, %pf.next
+  %401 = mul nsw i64 %rb, 7680
+  %402 = lshr i64 %401, %26
+  %403 = add nsw i64 %pf.step, %402
+  %404 = getelementptr inbounds i8, ptr %400, i64 %403
+  %pf16 = select i1 %pf.on15, ptr %404, ptr %400
+  %pf.sh17 = select i1 %pf.on15, i64 %26, i64 0
+  br label %k.head18
 
-k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %376, %pf.any.end22 ]
-  %324 = icmp slt i64 %k20, 2880
-  br i1 %324, label %k.body18, label %k.end19
+k.head18:                                         ; preds = %pf.any.end23, %tile.mr5
+  %k21 = phi i64 [ 0, %tile.mr5 ], [ %457, %pf.any.end23 ]
+  %405 = icmp slt i64 %k21, 240
+  br i1 %405, label %k.body19, label %k.end20
 
-k.body18:                                         ; preds = %k.head17
-  %325 = mul nsw i64 %k20, 1
-  %326 = add nsw i64 %325, 0
-  %327 = mul nsw i64 %326, 32
-  br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
+k.body19:                                         ; preds = %k.head18
+  %406 = mul nsw i64 %k21, 1
+  %407 = add nsw i64 %406, 0
+  %408 = mul nsw i64 %407, 32
+  br i1 %pf.multi, label %pf.any.then22, label %pf.any.end23
 
-pf.any.then21:                                    ; preds = %k.body18
-  %328 = lshr i64 %327, %pf.sh16
-  %329 = getelementptr inbounds i8, ptr %pf15, i64 %328
-  call void @llvm.prefetch.p0(ptr %329, i32 0, i32 2, i32 1)
-  br label %pf.any.end22
+pf.any.then22:                                    ; preds = %k.body19
+  %409 = lshr i64 %408, %pf.sh17
+  %410 = getelementptr inbounds i8, ptr %pf16, i64 %409
+  call void @llvm.prefetch.p0(ptr %410, i32 0, i32 2, i32 1)
+  br label %pf.any.end23
 
-pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
-  %330 = mul nsw i64 %326, 16
-  %331 = add nsw i64 %panel.off13, %330
-  %332 = getelementptr inbounds i16, ptr %panels, i64 %331
-  %333 = load <8 x i32>, ptr %332, align 4
-  %334 = shl <8 x i32> %333, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b023 = bitcast <8 x i32> %334 to <8 x float>
-  %335 = and <8 x i32> %333, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b124 = bitcast <8 x i32> %335 to <8 x float>
-  %336 = getelementptr inbounds float, ptr %259, i64 %326
-  %337 = load float, ptr %336, align 4
-  %338 = insertelement <8 x float> poison, float %337, i32 0
-  %339 = shufflevector <8 x float> %338, <8 x float> poison, <8 x i32> zeroinitializer
-  %340 = load <8 x float>, ptr %acc0003, align 4
-  %341 = call <8 x float> @llvm.fma.v8f32(<8 x float> %339, <8 x float> %b023, <8 x float> %340)
-  store <8 x float> %341, ptr %acc0003, align 4
-  %342 = load <8 x float>, ptr %acc0014, align 4
-  %343 = call <8 x float> @llvm.fma.v8f32(<8 x float> %339, <8 x float> %b124, <8 x float> %342)
-  store <8 x float> %343, ptr %acc0014, align 4
-  %344 = getelementptr inbounds float, ptr %271, i64 %326
-  %345 = load float, ptr %344, align 4
-  %346 = insertelement <8 x float> poison, float %345, i32 0
-  %347 = shufflevector <8 x float> %346, <8 x float> poison, <8 x i32> zeroinitializer
-  %348 = load <8 x float>, ptr %acc0105, align 4
-  %349 = call <8 x float> @llvm.fma.v8f32(<8 x float> %347, <8 x float> %b023, <8 x float> %348)
-  store <8 x float> %349, ptr %acc0105, align 4
-  %350 = load <8 x float>, ptr %acc0116, align 4
-  %351 = call <8 x float> @llvm.fma.v8f32(<8 x float> %347, <8 x float> %b124, <8 x float> %350)
-  store <8 x float> %351, ptr %acc0116, align 4
-  %352 = getelementptr inbounds float, ptr %283, i64 %326
-  %353 = load float, ptr %352, align 4
-  %354 = insertelement <8 x float> poison, float %353, i32 0
-  %355 = shufflevector <8 x float> %354, <8 x float> poison, <8 x i32> zeroinitializer
-  %356 = load <8 x float>, ptr %acc0207, align 4
-  %357 = call <8 x float> @llvm.fma.v8f32(<8 x float> %355, <8 x float> %b023, <8 x float> %356)
-  store <8 x float> %357, ptr %acc0207, align 4
-  %358 = load <8 x float>, ptr %acc0218, align 4
-  %359 = call <8 x float> @llvm.fma.v8f32(<8 x float> %355, <8 x float> %b124, <8 x float> %358)
-  store <8 x float> %359, ptr %acc0218, align 4
-  %360 = getelementptr inbounds float, ptr %295, i64 %326
-  %361 = load float, ptr %360, align 4
-  %362 = insertelement <8 x float> poison, float %361, i32 0
-  %363 = shufflevector <8 x float> %362, <8 x float> poison, <8 x i32> zeroinitializer
-  %364 = load <8 x float>, ptr %acc0309, align 4
-  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %363, <8 x float> %b023, <8 x float> %364)
-  store <8 x float> %365, ptr %acc0309, align 4
-  %366 = load <8 x float>, ptr %acc03110, align 4
-  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %363, <8 x float> %b124, <8 x float> %366)
-  store <8 x float> %367, ptr %acc03110, align 4
-  %368 = getelementptr inbounds float, ptr %307, i64 %326
-  %369 = load float, ptr %368, align 4
-  %370 = insertelement <8 x float> poison, float %369, i32 0
-  %371 = shufflevector <8 x float> %370, <8 x float> poison, <8 x i32> zeroinitializer
-  %372 = load <8 x float>, ptr %acc04011, align 4
-  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %b023, <8 x float> %372)
-  store <8 x float> %373, ptr %acc04011, align 4
-  %374 = load <8 x float>, ptr %acc04112, align 4
-  %375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %b124, <8 x float> %374)
-  store <8 x float> %375, ptr %acc04112, align 4
-  %376 = add nsw i64 %k20, 1
-  br label %k.head17
+pf.any.end23:                                     ; preds = %pf.any.then22, %k.body19
+  %411 = mul nsw i64 %407, 16
+  %412 = add nsw i64 %panel.off14, %411
+  %413 = getelementptr inbounds i16, ptr %panels, i64 %412
+  %414 = load <8 x i32>, ptr %413, align 4
+  %415 = shl <8 x i32> %414, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b024 = bitcast <8 x i32> %415 to <8 x float>
+  %416 = and <8 x i32> %414, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b125 = bitcast <8 x i32> %416 to <8 x float>
+  %417 = getelementptr inbounds float, ptr %316, i64 %407
+  %418 = load float, ptr %417, align 4
+  %419 = insertelement <8 x float> poison, float %418, i32 0
+  %420 = shufflevector <8 x float> %419, <8 x float> poison, <8 x i32> zeroinitializer
+  %421 = load <8 x float>, ptr %acc0004, align 4
+  %422 = call <8 x float> @llvm.fma.v8f32(<8 x float> %420, <8 x float> %b024, <8 x float> %421)
+  store <8 x float> %422, ptr %acc0004, align 4
+  %423 = load <8 x float>, ptr %acc0015, align 4
+  %424 = call <8 x float> @llvm.fma.v8f32(<8 x float> %420, <8 x float> %b125, <8 x float> %423)
+  store <8 x float> %424, ptr %acc0015, align 4
+  %425 = getelementptr inbounds float, ptr %333, i64 %407
+  %426 = load float, ptr %425, align 4
+  %427 = insertelement <8 x float> poison, float %426, i32 0
+  %428 = shufflevector <8 x float> %427, <8 x float> poison, <8 x i32> zeroinitializer
+  %429 = load <8 x float>, ptr %acc0106, align 4
+  %430 = call <8 x float> @llvm.fma.v8f32(<8 x float> %428, <8 x float> %b024, <8 x float> %429)
+  store <8 x float> %430, ptr %acc0106, align 4
+  %431 = load <8 x float>, ptr %acc0117, align 4
+  %432 = call <8 x float> @llvm.fma.v8f32(<8 x float> %428, <8 x float> %b125, <8 x float> %431)
+  store <8 x float> %432, ptr %acc0117, align 4
+  %433 = getelementptr inbounds float, ptr %350, i64 %407
+  %434 = load float, ptr %433, align 4
+  %435 = insertelement <8 x float> poison, float %434, i32 0
+  %436 = shufflevector <8 x float> %435, <8 x float> poison, <8 x i32> zeroinitializer
+  %437 = load <8 x float>, ptr %acc0208, align 4
+  %438 = call <8 x float> @llvm.fma.v8f32(<8 x float> %436, <8 x float> %b024, <8 x float> %437)
+  store <8 x float> %438, ptr %acc0208, align 4
+  %439 = load <8 x float>, ptr %acc0219, align 4
+  %440 = call <8 x float> @llvm.fma.v8f32(<8 x float> %436, <8 x float> %b125, <8 x float> %439)
+  store <8 x float> %440, ptr %acc0219, align 4
+  %441 = getelementptr inbounds float, ptr %367, i64 %407
+  %442 = load float, ptr %441, align 4
+  %443 = insertelement <8 x float> poison, float %442, i32 0
+  %444 = shufflevector <8 x float> %443, <8 x float> poison, <8 x i32> zeroinitializer
+  %445 = load <8 x float>, ptr %acc03010, align 4
+  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> %b024, <8 x float> %445)
+  store <8 x float> %446, ptr %acc03010, align 4
+  %447 = load <8 x float>, ptr %acc03111, align 4
+  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %444, <8 x float> %b125, <8 x float> %447)
+  store <8 x float> %448, ptr %acc03111, align 4
+  %449 = getelementptr inbounds float, ptr %384, i64 %407
+  %450 = load float, ptr %449, align 4
+  %451 = insertelement <8 x float> poison, float %450, i32 0
+  %452 = shufflevector <8 x float> %451, <8 x float> poison, <8 x i32> zeroinitializer
+  %453 = load <8 x float>, ptr %acc04012, align 4
+  %454 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> %b024, <8 x float> %453)
+  store <8 x float> %454, ptr %acc04012, align 4
+  %455 = load <8 x float>, ptr %acc04113, align 4
+  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> %b125, <8 x float> %455)
+  store <8 x float> %456, ptr %acc04113, align 4
+  %457 = add nsw i64 %k21, 1
+  br label %k.head18
 
-k.end19:                                          ; preds = %k.head17
-  %377 = add nsw i64 %r0, 0
-  %378 = getelementptr inbounds float, ptr %rw, i64 %377
-  %379 = load float, ptr %378, align 4
-  %380 = insertelement <8 x float> poison, float %379, i32 0
-  %381 = shufflevector <8 x float> %380, <8 x float> poison, <8 x i32> zeroinitializer
-  %382 = load <8 x float>, ptr %acc0003, align 4
-  %383 = add nsw i64 %col2, 0
-  %384 = getelementptr inbounds float, ptr %bd, i64 %383
-  %385 = load <8 x float>, ptr %384, align 4
-  %386 = fmul <8 x float> %385, %381
-  %387 = fadd <8 x float> %382, %386
-  store <8 x float> %387, ptr %266, align 4
-  %388 = load <8 x float>, ptr %acc0014, align 4
-  %389 = add nsw i64 %col2, 8
-  %390 = getelementptr inbounds float, ptr %bd, i64 %389
-  %391 = load <8 x float>, ptr %390, align 4
-  %392 = fmul <8 x float> %391, %381
-  %393 = fadd <8 x float> %388, %392
-  store <8 x float> %393, ptr %268, align 4
-  %394 = add nsw i64 %r0, 1
-  %395 = getelementptr inbounds float, ptr %rw, i64 %394
-  %396 = load float, ptr %395, align 4
-  %397 = insertelement <8 x float> poison, float %396, i32 0
-  %398 = shufflevector <8 x float> %397, <8 x float> poison, <8 x i32> zeroinitializer
-  %399 = load <8 x float>, ptr %acc0105, align 4
-  %400 = add nsw i64 %col2, 0
-  %401 = getelementptr inbounds float, ptr %bd, i64 %400
-  %402 = load <8 x float>, ptr %401, align 4
-  %403 = fmul <8 x float> %402, %398
-  %404 = fadd <8 x float> %399, %403
-  store <8 x float> %404, ptr %278, align 4
-  %405 = load <8 x float>, ptr %acc0116, align 4
-  %406 = add nsw i64 %col2, 8
-  %407 = getelementptr inbounds float, ptr %bd, i64 %406
-  %408 = load <8 x float>, ptr %407, align 4
-  %409 = fmul <8 x float> %408, %398
-  %410 = fadd <8 x float> %405, %409
-  store <8 x float> %410, ptr %280, align 4
-  %411 = add nsw i64 %r0, 2
-  %412 = getelementptr inbounds float, ptr %rw, i64 %411
-  %413 = load float, ptr %412, align 4
-  %414 = insertelement <8 x float> poison, float %413, i32 0
-  %415 = shufflevector <8 x float> %414, <8 x float> poison, <8 x i32> zeroinitializer
-  %416 = load <8 x float>, ptr %acc0207, align 4
-  %417 = add nsw i64 %col2, 0
-  %418 = getelementptr inbounds float, ptr %bd, i64 %417
-  %419 = load <8 x float>, ptr %418, align 4
-  %420 = fmul <8 x float> %419, %415
-  %421 = fadd <8 x float> %416, %420
-  store <8 x float> %421, ptr %290, align 4
-  %422 = load <8 x float>, ptr %acc0218, align 4
-  %423 = add nsw i64 %col2, 8
-  %424 = getelementptr inbounds float, ptr %bd, i64 %423
-  %425 = load <8 x float>, ptr %424, align 4
-  %426 = fmul <8 x float> %425, %415
-  %427 = fadd <8 x float> %422, %426
-  store <8 x float> %427, ptr %292, align 4
-  %428 = add nsw i64 %r0, 3
-  %429 = getelementptr inbounds float, ptr %rw, i64 %428
-  %430 = load float, ptr %429, align 4
-  %431 = insertelement <8 x float> poison, float %430, i32 0
-  %432 = shufflevector <8 x float> %431, <8 x float> poison, <8 x i32> zeroinitializer
-  %433 = load <8 x float>, ptr %acc0309, align 4
-  %434 = add nsw i64 %col2, 0
-  %435 = getelementptr inbounds float, ptr %bd, i64 %434
-  %436 = load <8 x float>, ptr %435, align 4
-  %437 = fmul <8 x float> %436, %432
-  %438 = fadd <8 x float> %433, %437
-  store <8 x float> %438, ptr %302, align 4
-  %439 = load <8 x float>, ptr %acc03110, align 4
-  %440 = add nsw i64 %col2, 8
-  %441 = getelementptr inbounds float, ptr %bd, i64 %440
-  %442 = load <8 x float>, ptr %441, align 4
-  %443 = fmul <8 x float> %442, %432
-  %444 = fadd <8 x float> %439, %443
-  store <8 x float> %444, ptr %304, align 4
-  %445 = add nsw i64 %r0, 4
-  %446 = getelementptr inbounds float, ptr %rw, i64 %445
-  %447 = load float, ptr %446, align 4
-  %448 = insertelement <8 x float> poison, float %447, i32 0
-  %449 = shufflevector <8 x float> %448, <8 x float> poison, <8 x i32> zeroinitializer
-  %450 = load <8 x float>, ptr %acc04011, align 4
-  %451 = add nsw i64 %col2, 0
-  %452 = getelementptr inbounds float, ptr %bd, i64 %451
-  %453 = load <8 x float>, ptr %452, align 4
-  %454 = fmul <8 x float> %453, %449
-  %455 = fadd <8 x float> %450, %454
-  store <8 x float> %455, ptr %314, align 4
-  %456 = load <8 x float>, ptr %acc04112, align 4
-  %457 = add nsw i64 %col2, 8
-  %458 = getelementptr inbounds float, ptr %bd, i64 %457
-  %459 = load <8 x float>, ptr %458, align 4
-  %460 = fmul <8 x float> %459, %449
-  %461 = fadd <8 x float> %456, %460
-  store <8 x float> %461, ptr %316, align 4
+k.end20:                                          ; preds = %k.head18
+  %458 = add nsw i64 %r01, 0
+  %459 = getelementptr inbounds float, ptr %rw, i64 %458
+  %460 = load float, ptr %459, align 4
+  %461 = insertelement <8 x float> poison, float %460, i32 0
+  %462 = shufflevector <8 x float> %461, <8 x float> poison, <8 x i32> zeroinitializer
+  %463 = load <8 x float>, ptr %acc0004, align 4
+  %464 = add nsw i64 %col3, 0
+  %465 = getelementptr inbounds float, ptr %bd, i64 %464
+  %466 = load <8 x float>, ptr %465, align 4
+  %467 = fmul <8 x float> %466, %462
+  %468 = fadd <8 x float> %463, %467
+  %469 = select i1 %klast, <8 x float> %468, <8 x float> %463
+  store <8 x float> %469, ptr %323, align 4
+  %470 = load <8 x float>, ptr %acc0015, align 4
+  %471 = add nsw i64 %col3, 8
+  %472 = getelementptr inbounds float, ptr %bd, i64 %471
+  %473 = load <8 x float>, ptr %472, align 4
+  %474 = fmul <8 x float> %473, %462
+  %475 = fadd <8 x float> %470, %474
+  %476 = select i1 %klast, <8 x float> %475, <8 x float> %470
+  store <8 x float> %476, ptr %327, align 4
+  %477 = add nsw i64 %r01, 1
+  %478 = getelementptr inbounds float, ptr %rw, i64 %477
+  %479 = load float, ptr %478, align 4
+  %480 = insertelement <8 x float> poison, float %479, i32 0
+  %481 = shufflevector <8 x float> %480, <8 x float> poison, <8 x i32> zeroinitializer
+  %482 = load <8 x float>, ptr %acc0106, align 4
+  %483 = add nsw i64 %col3, 0
+  %484 = getelementptr inbounds float, ptr %bd, i64 %483
+  %485 = load <8 x float>, ptr %484, align 4
+  %486 = fmul <8 x float> %485, %481
+  %487 = fadd <8 x float> %482, %486
+  %488 = select i1 %klast, <8 x float> %487, <8 x float> %482
+  store <8 x float> %488, ptr %340, align 4
+  %489 = load <8 x float>, ptr %acc0117, align 4
+  %490 = add nsw i64 %col3, 8
+  %491 = getelementptr inbounds float, ptr %bd, i64 %490
+  %492 = load <8 x float>, ptr %491, align 4
+  %493 = fmul <8 x float> %492, %481
+  %494 = fadd <8 x float> %489, %493
+  %495 = select i1 %klast, <8 x float> %494, <8 x float> %489
+  store <8 x float> %495, ptr %344, align 4
+  %496 = add nsw i64 %r01, 2
+  %497 = getelementptr inbounds float, ptr %rw, i64 %496
+  %498 = load float, ptr %497, align 4
+  %499 = insertelement <8 x float> poison, float %498, i32 0
+  %500 = shufflevector <8 x float> %499, <8 x float> poison, <8 x i32> zeroinitializer
+  %501 = load <8 x float>, ptr %acc0208, align 4
+  %502 = add nsw i64 %col3, 0
+  %503 = getelementptr inbounds float, ptr %bd, i64 %502
+  %504 = load <8 x float>, ptr %503, align 4
+  %505 = fmul <8 x float> %504, %500
+  %506 = fadd <8 x float> %501, %505
+  %507 = select i1 %klast, <8 x float> %506, <8 x float> %501
+  store <8 x float> %507, ptr %357, align 4
+  %508 = load <8 x float>, ptr %acc0219, align 4
+  %509 = add nsw i64 %col3, 8
+  %510 = getelementptr inbounds float, ptr %bd, i64 %509
+  %511 = load <8 x float>, ptr %510, align 4
+  %512 = fmul <8 x float> %511, %500
+  %513 = fadd <8 x float> %508, %512
+  %514 = select i1 %klast, <8 x float> %513, <8 x float> %508
+  store <8 x float> %514, ptr %361, align 4
+  %515 = add nsw i64 %r01, 3
+  %516 = getelementptr inbounds float, ptr %rw, i64 %515
+  %517 = load float, ptr %516, align 4
+  %518 = insertelement <8 x float> poison, float %517, i32 0
+  %519 = shufflevector <8 x float> %518, <8 x float> poison, <8 x i32> zeroinitializer
+  %520 = load <8 x float>, ptr %acc03010, align 4
+  %521 = add nsw i64 %col3, 0
+  %522 = getelementptr inbounds float, ptr %bd, i64 %521
+  %523 = load <8 x float>, ptr %522, align 4
+  %524 = fmul <8 x float> %523, %519
+  %525 = fadd <8 x float> %520, %524
+  %526 = select i1 %klast, <8 x float> %525, <8 x float> %520
+  store <8 x float> %526, ptr %374, align 4
+  %527 = load <8 x float>, ptr %acc03111, align 4
+  %528 = add nsw i64 %col3, 8
+  %529 = getelementptr inbounds float, ptr %bd, i64 %528
+  %530 = load <8 x float>, ptr %529, align 4
+  %531 = fmul <8 x float> %530, %519
+  %532 = fadd <8 x float> %527, %531
+  %533 = select i1 %klast, <8 x float> %532, <8 x float> %527
+  store <8 x float> %533, ptr %378, align 4
+  %534 = add nsw i64 %r01, 4
+  %535 = getelementptr inbounds float, ptr %rw, i64 %534
+  %536 = load float, ptr %535, align 4
+  %537 = insertelement <8 x float> poison, float %536, i32 0
+  %538 = shufflevector <8 x float> %537, <8 x float> poison, <8 x i32> zeroinitializer
+  %539 = load <8 x float>, ptr %acc04012, align 4
+  %540 = add nsw i64 %col3, 0
+  %541 = getelementptr inbounds float, ptr %bd, i64 %540
+  %542 = load <8 x float>, ptr %541, align 4
+  %543 = fmul <8 x float> %542, %538
+  %544 = fadd <8 x float> %539, %543
+  %545 = select i1 %klast, <8 x float> %544, <8 x float> %539
+  store <8 x float> %545, ptr %391, align 4
+  %546 = load <8 x float>, ptr %acc04113, align 4
+  %547 = add nsw i64 %col3, 8
+  %548 = getelementptr inbounds float, ptr %bd, i64 %547
+  %549 = load <8 x float>, ptr %548, align 4
+  %550 = fmul <8 x float> %549, %538
+  %551 = fadd <8 x float> %546, %550
+  %552 = select i1 %klast, <8 x float> %551, <8 x float> %546
+  store <8 x float> %552, ptr %395, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
-  %col25 = mul nsw i64 %p, 16
-  %462 = add nsw i64 %r0, 0
-  %463 = mul nsw i64 %462, 2880
-  %464 = getelementptr inbounds float, ptr %h, i64 %463
-  %465 = getelementptr inbounds i32, ptr %rows, i64 %462
-  %466 = load i32, ptr %465, align 4
-  %467 = sext i32 %466 to i64
-  %468 = mul nsw i64 %467, 2880
-  %469 = getelementptr inbounds float, ptr %y, i64 %468
-  %470 = add nsw i64 %col25, 0
-  %471 = getelementptr inbounds float, ptr %469, i64 %470
-  store <8 x float> zeroinitializer, ptr %acc00026, align 4
-  %472 = add nsw i64 %col25, 8
-  %473 = getelementptr inbounds float, ptr %469, i64 %472
-  store <8 x float> zeroinitializer, ptr %acc00127, align 4
-  %474 = add nsw i64 %r0, 1
-  %475 = mul nsw i64 %474, 2880
-  %476 = getelementptr inbounds float, ptr %h, i64 %475
-  %477 = getelementptr inbounds i32, ptr %rows, i64 %474
-  %478 = load i32, ptr %477, align 4
-  %479 = sext i32 %478 to i64
-  %480 = mul nsw i64 %479, 2880
-  %481 = getelementptr inbounds float, ptr %y, i64 %480
-  %482 = add nsw i64 %col25, 0
-  %483 = getelementptr inbounds float, ptr %481, i64 %482
-  store <8 x float> zeroinitializer, ptr %acc01028, align 4
-  %484 = add nsw i64 %col25, 8
-  %485 = getelementptr inbounds float, ptr %481, i64 %484
-  store <8 x float> zeroinitializer, ptr %acc01129, align 4
-  %486 = add nsw i64 %r0, 2
-  %487 = mul nsw i64 %486, 2880
-  %488 = getelementptr inbounds float, ptr %h, i64 %487
-  %489 = getelementptr inbounds i32, ptr %rows, i64 %486
-  %490 = load i32, ptr %489, align 4
-  %491 = sext i32 %490 to i64
-  %492 = mul nsw i64 %491, 2880
-  %493 = getelementptr inbounds float, ptr %y, i64 %492
-  %494 = add nsw i64 %col25, 0
-  %495 = getelementptr inbounds float, ptr %493, i64 %494
-  store <8 x float> zeroinitializer, ptr %acc02030, align 4
-  %496 = add nsw i64 %col25, 8
-  %497 = getelementptr inbounds float, ptr %493, i64 %496
-  store <8 x float> zeroinitializer, ptr %acc02131, align 4
-  %498 = add nsw i64 %r0, 3
-  %499 = mul nsw i64 %498, 2880
-  %500 = getelementptr inbounds float, ptr %h, i64 %499
-  %501 = getelementptr inbounds i32, ptr %rows, i64 %498
-  %502 = load i32, ptr %501, align 4
-  %503 = sext i32 %502 to i64
-  %504 = mul nsw i64 %503, 2880
-  %505 = getelementptr inbounds float, ptr %y, i64 %504
-  %506 = add nsw i64 %col25, 0
-  %507 = getelementptr inbounds float, ptr %505, i64 %506
-  store <8 x float> zeroinitializer, ptr %acc03032, align 4
-  %508 = add nsw i64 %col25, 8
-  %509 = getelementptr inbounds float, ptr %505, i64 %508
-  store <8 x float> zeroinitializer, ptr %acc03133, align 4
-  %panel.off34 = mul nsw i64 %p, 46080
-  %510 = getelementptr inbounds i16, ptr %panels, i64 %panel.off34
-  %511 = add nsw i64 %p, 1
-  %512 = icmp slt i64 %511, %p1
-  %pf.on35 = and i1 %pf.on, %512
-  %513 = mul nsw i64 %rb, 92160
-  %514 = lshr i64 %513, %12
-  %515 = add nsw i64 92160, %514
-  %516 = getelementptr inbounds i8, ptr %510, i64 %515
-  %pf36 = select i1 %pf.on35, ptr %516, ptr %510
-  %pf.sh37 = select i1 %pf.on35, i64 %12, i64 0
-  br label %k.head38
+  %col26 = mul nsw i64 %kb.p, 16
+  %553 = add nsw i64 %r01, 0
+  %554 = mul nsw i64 %553, 2880
+  %555 = add nsw i64 %554, %k0
+  %556 = getelementptr inbounds float, ptr %h, i64 %555
+  %557 = getelementptr inbounds i32, ptr %rows, i64 %553
+  %558 = load i32, ptr %557, align 4
+  %559 = sext i32 %558 to i64
+  %560 = mul nsw i64 %559, 2880
+  %561 = getelementptr inbounds float, ptr %y, i64 %560
+  %562 = add nsw i64 %col26, 0
+  %563 = getelementptr inbounds float, ptr %561, i64 %562
+  %564 = load <8 x float>, ptr %563, align 4
+  %565 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %564
+  store <8 x float> %565, ptr %acc00027, align 4
+  %566 = add nsw i64 %col26, 8
+  %567 = getelementptr inbounds float, ptr %561, i64 %566
+  %568 = load <8 x float>, ptr %567, align 4
+  %569 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %568
+  store <8 x float> %569, ptr %acc00128, align 4
+  %570 = add nsw i64 %r01, 1
+  %571 = mul nsw i64 %570, 2880
+  %572 = add nsw i64 %571, %k0
+  %573 = getelementptr inbounds float, ptr %h, i64 %572
+  %574 = getelementptr inbounds i32, ptr %rows, i64 %570
+  %575 = load i32, ptr %574, align 4
+  %576 = sext i32 %575 to i64
+  %577 = mul nsw i64 %576, 2880
+  %578 = getelementptr inbounds float, ptr %y, i64 %577
+  %579 = add nsw i64 %col26, 0
+  %580 = getelementptr inbounds float, ptr %578, i64 %579
+  %581 = load <8 x float>, ptr %580, align 4
+  %582 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %581
+  store <8 x float> %582, ptr %acc01029, align 4
+  %583 = add nsw i64 %col26, 8
+  %584 = getelementptr inbounds float, ptr %578, i64 %583
+  %585 = load <8 x float>, ptr %584, align 4
+  %586 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %585
+  store <8 x float> %586, ptr %acc01130, align 4
+  %587 = add nsw i64 %r01, 2
+  %588 = mul nsw i64 %587, 2880
+  %589 = add nsw i64 %588, %k0
+  %590 = getelementptr inbounds float, ptr %h, i64 %589
+  %591 = getelementptr inbounds i32, ptr %rows, i64 %587
+  %592 = load i32, ptr %591, align 4
+  %593 = sext i32 %592 to i64
+  %594 = mul nsw i64 %593, 2880
+  %595 = getelementptr inbounds float, ptr %y, i64 %594
+  %596 = add nsw i64 %col26, 0
+  %597 = getelementptr inbounds float, ptr %595, i64 %596
+  %598 = load <8 x float>, ptr %597, align 4
+  %599 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %598
+  store <8 x float> %599, ptr %acc02031, align 4
+  %600 = add nsw i64 %col26, 8
+  %601 = getelementptr inbounds float, ptr %595, i64 %600
+  %602 = load <8 x float>, ptr %601, align 4
+  %603 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %602
+  store <8 x float> %603, ptr %acc02132, align 4
+  %604 = add nsw i64 %r01, 3
+  %605 = mul nsw i64 %604, 2880
+  %606 = add nsw i64 %605, %k0
+  %607 = getelementptr inbounds float, ptr %h, i64 %606
+  %608 = getelementptr inbounds i32, ptr %rows, i64 %604
+  %609 = load i32, ptr %608, align 4
+  %610 = sext i32 %609 to i64
+  %611 = mul nsw i64 %610, 2880
+  %612 = getelementptr inbounds float, ptr %y, i64 %611
+  %613 = add nsw i64 %col26, 0
+  %614 = getelementptr inbounds float, ptr %612, i64 %613
+  %615 = load <8 x float>, ptr %614, align 4
+  %616 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %615
+  store <8 x float> %616, ptr %acc03033, align 4
+  %617 = add nsw i64 %col26, 8
+  %618 = getelementptr inbounds float, ptr %612, i64 %617
+  %619 = load <8 x float>, ptr %618, align 4
+  %620 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %619
+  store <8 x float> %620, ptr %acc03134, align 4
+  %621 = mul nsw i64 %k0, 16
+  %622 = mul nsw i64 %kb.p, 46080
+  %panel.off35 = add nsw i64 %622, %621
+  %623 = getelementptr inbounds i16, ptr %panels, i64 %panel.off35
+  %pf.on36 = and i1 %pf.on, %pf.next
+  %624 = mul nsw i64 %rb, 7680
+  %625 = lshr i64 %624, %26
+  %626 = add nsw i64 %pf.step, %625
+  %627 = getelementptr inbounds i8, ptr %623, i64 %626
+  %pf37 = select i1 %pf.on36, ptr %627, ptr %623
+  %pf.sh38 = select i1 %pf.on36, i64 %26, i64 0
+  br label %k.head39
 
-k.head38:                                         ; preds = %pf.any.end43, %tile.mr4
-  %k41 = phi i64 [ 0, %tile.mr4 ], [ %561, %pf.any.end43 ]
-  %517 = icmp slt i64 %k41, 2880
-  br i1 %517, label %k.body39, label %k.end40
+k.head39:                                         ; preds = %pf.any.end44, %tile.mr4
+  %k42 = phi i64 [ 0, %tile.mr4 ], [ %672, %pf.any.end44 ]
+  %628 = icmp slt i64 %k42, 240
+  br i1 %628, label %k.body40, label %k.end41
 
-k.body39:                                         ; preds = %k.head38
-  %518 = mul nsw i64 %k41, 1
-  %519 = add nsw i64 %518, 0
-  %520 = mul nsw i64 %519, 32
-  br i1 %pf.multi, label %pf.any.then42, label %pf.any.end43
+k.body40:                                         ; preds = %k.head39
+  %629 = mul nsw i64 %k42, 1
+  %630 = add nsw i64 %629, 0
+  %631 = mul nsw i64 %630, 32
+  br i1 %pf.multi, label %pf.any.then43, label %pf.any.end44
 
-pf.any.then42:                                    ; preds = %k.body39
-  %521 = lshr i64 %520, %pf.sh37
-  %522 = getelementptr inbounds i8, ptr %pf36, i64 %521
-  call void @llvm.prefetch.p0(ptr %522, i32 0, i32 2, i32 1)
-  br label %pf.any.end43
+pf.any.then43:                                    ; preds = %k.body40
+  %632 = lshr i64 %631, %pf.sh38
+  %633 = getelementptr inbounds i8, ptr %pf37, i64 %632
+  call void @llvm.prefetch.p0(ptr %633, i32 0, i32 2, i32 1)
+  br label %pf.any.end44
 
-pf.any.end43:                                     ; preds = %pf.any.then42, %k.body39
-  %523 = mul nsw i64 %519, 16
-  %524 = add nsw i64 %panel.off34, %523
-  %525 = getelementptr inbounds i16, ptr %panels, i64 %524
-  %526 = load <8 x i32>, ptr %525, align 4
-  %527 = shl <8 x i32> %526, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b044 = bitcast <8 x i32> %527 to <8 x float>
-  %528 = and <8 x i32> %526, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b145 = bitcast <8 x i32> %528 to <8 x float>
-  %529 = getelementptr inbounds float, ptr %464, i64 %519
-  %530 = load float, ptr %529, align 4
-  %531 = insertelement <8 x float> poison, float %530, i32 0
-  %532 = shufflevector <8 x float> %531, <8 x float> poison, <8 x i32> zeroinitializer
-  %533 = load <8 x float>, ptr %acc00026, align 4
-  %534 = call <8 x float> @llvm.fma.v8f32(<8 x float> %532, <8 x float> %b044, <8 x float> %533)
-  store <8 x float> %534, ptr %acc00026, align 4
-  %535 = load <8 x float>, ptr %acc00127, align 4
-  %536 = call <8 x float> @llvm.fma.v8f32(<8 x float> %532, <8 x float> %b145, <8 x float> %535)
-  store <8 x float> %536, ptr %acc00127, align 4
-  %537 = getelementptr inbounds float, ptr %476, i64 %519
-  %538 = load float, ptr %537, align 4
-  %539 = insertelement <8 x float> poison, float %538, i32 0
-  %540 = shufflevector <8 x float> %539, <8 x float> poison, <8 x i32> zeroinitializer
-  %541 = load <8 x float>, ptr %acc01028, align 4
-  %542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %540, <8 x float> %b044, <8 x float> %541)
-  store <8 x float> %542, ptr %acc01028, align 4
-  %543 = load <8 x float>, ptr %acc01129, align 4
-  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %540, <8 x float> %b145, <8 x float> %543)
-  store <8 x float> %544, ptr %acc01129, align 4
-  %545 = getelementptr inbounds float, ptr %488, i64 %519
-  %546 = load float, ptr %545, align 4
-  %547 = insertelement <8 x float> poison, float %546, i32 0
-  %548 = shufflevector <8 x float> %547, <8 x float> poison, <8 x i32> zeroinitializer
-  %549 = load <8 x float>, ptr %acc02030, align 4
-  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %b044, <8 x float> %549)
-  store <8 x float> %550, ptr %acc02030, align 4
-  %551 = load <8 x float>, ptr %acc02131, align 4
-  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %b145, <8 x float> %551)
-  store <8 x float> %552, ptr %acc02131, align 4
-  %553 = getelementptr inbounds float, ptr %500, i64 %519
-  %554 = load float, ptr %553, align 4
-  %555 = insertelement <8 x float> poison, float %554, i32 0
-  %556 = shufflevector <8 x float> %555, <8 x float> poison, <8 x i32> zeroinitializer
-  %557 = load <8 x float>, ptr %acc03032, align 4
-  %558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %556, <8 x float> %b044, <8 x float> %557)
-  store <8 x float> %558, ptr %acc03032, align 4
-  %559 = load <8 x float>, ptr %acc03133, align 4
-  %560 = call <8 x float> @llvm.fma.v8f32(<8 x float> %556, <8 x float> %b145, <8 x float> %559)
-  store <8 x float> %560, ptr %acc03133, align 4
-  %561 = add nsw i64 %k41, 1
-  br label %k.head38
+pf.any.end44:                                     ; preds = %pf.any.then43, %k.body40
+  %634 = mul nsw i64 %630, 16
+  %635 = add nsw i64 %panel.off35, %634
+  %636 = getelementptr inbounds i16, ptr %panels, i64 %635
+  %637 = load <8 x i32>, ptr %636, align 4
+  %638 = shl <8 x i32> %637, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b045 = bitcast <8 x i32> %638 to <8 x float>
+  %639 = and <8 x i32> %637, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b146 = bitcast <8 x i32> %639 to <8 x float>
+  %640 = getelementptr inbounds float, ptr %556, i64 %630
+  %641 = load float, ptr %640, align 4
+  %642 = insertelement <8 x float> poison, float %641, i32 0
+  %643 = shufflevector <8 x float> %642, <8 x float> poison, <8 x i32> zeroinitializer
+  %644 = load <8 x float>, ptr %acc00027, align 4
+  %645 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> %b045, <8 x float> %644)
+  store <8 x float> %645, ptr %acc00027, align 4
+  %646 = load <8 x float>, ptr %acc00128, align 4
+  %647 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> %b146, <8 x float> %646)
+  store <8 x float> %647, ptr %acc00128, align 4
+  %648 = getelementptr inbounds float, ptr %573, i64 %630
+  %649 = load float, ptr %648, align 4
+  %650 = insertelement <8 x float> poison, float %649, i32 0
+  %651 = shufflevector <8 x float> %650, <8 x float> poison, <8 x i32> zeroinitializer
+  %652 = load <8 x float>, ptr %acc01029, align 4
+  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %b045, <8 x float> %652)
+  store <8 x float> %653, ptr %acc01029, align 4
+  %654 = load <8 x float>, ptr %acc01130, align 4
+  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %b146, <8 x float> %654)
+  store <8 x float> %655, ptr %acc01130, align 4
+  %656 = getelementptr inbounds float, ptr %590, i64 %630
+  %657 = load float, ptr %656, align 4
+  %658 = insertelement <8 x float> poison, float %657, i32 0
+  %659 = shufflevector <8 x float> %658, <8 x float> poison, <8 x i32> zeroinitializer
+  %660 = load <8 x float>, ptr %acc02031, align 4
+  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %b045, <8 x float> %660)
+  store <8 x float> %661, ptr %acc02031, align 4
+  %662 = load <8 x float>, ptr %acc02132, align 4
+  %663 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %b146, <8 x float> %662)
+  store <8 x float> %663, ptr %acc02132, align 4
+  %664 = getelementptr inbounds float, ptr %607, i64 %630
+  %665 = load float, ptr %664, align 4
+  %666 = insertelement <8 x float> poison, float %665, i32 0
+  %667 = shufflevector <8 x float> %666, <8 x float> poison, <8 x i32> zeroinitializer
+  %668 = load <8 x float>, ptr %acc03033, align 4
+  %669 = call <8 x float> @llvm.fma.v8f32(<8 x float> %667, <8 x float> %b045, <8 x float> %668)
+  store <8 x float> %669, ptr %acc03033, align 4
+  %670 = load <8 x float>, ptr %acc03134, align 4
+  %671 = call <8 x float> @llvm.fma.v8f32(<8 x float> %667, <8 x float> %b146, <8 x float> %670)
+  store <8 x float> %671, ptr %acc03134, align 4
+  %672 = add nsw i64 %k42, 1
+  br label %k.head39
 
-k.end40:                                          ; preds = %k.head38
-  %562 = add nsw i64 %r0, 0
-  %563 = getelementptr inbounds float, ptr %rw, i64 %562
-  %564 = load float, ptr %563, align 4
-  %565 = insertelement <8 x float> poison, float %564, i32 0
-  %566 = shufflevector <8 x float> %565, <8 x float> poison, <8 x i32> zeroinitializer
-  %567 = load <8 x float>, ptr %acc00026, align 4
-  %568 = add nsw i64 %col25, 0
-  %569 = getelementptr inbounds float, ptr %bd, i64 %568
-  %570 = load <8 x float>, ptr %569, align 4
-  %571 = fmul <8 x float> %570, %566
-  %572 = fadd <8 x float> %567, %571
-  store <8 x float> %572, ptr %471, align 4
-  %573 = load <8 x float>, ptr %acc00127, align 4
-  %574 = add nsw i64 %col25, 8
-  %575 = getelementptr inbounds float, ptr %bd, i64 %574
-  %576 = load <8 x float>, ptr %575, align 4
-  %577 = fmul <8 x float> %576, %566
-  %578 = fadd <8 x float> %573, %577
-  store <8 x float> %578, ptr %473, align 4
-  %579 = add nsw i64 %r0, 1
-  %580 = getelementptr inbounds float, ptr %rw, i64 %579
-  %581 = load float, ptr %580, align 4
-  %582 = insertelement <8 x float> poison, float %581, i32 0
-  %583 = shufflevector <8 x float> %582, <8 x float> poison, <8 x i32> zeroinitializer
-  %584 = load <8 x float>, ptr %acc01028, align 4
-  %585 = add nsw i64 %col25, 0
-  %586 = getelementptr inbounds float, ptr %bd, i64 %585
-  %587 = load <8 x float>, ptr %586, align 4
-  %588 = fmul <8 x float> %587, %583
-  %589 = fadd <8 x float> %584, %588
-  store <8 x float> %589, ptr %483, align 4
-  %590 = load <8 x float>, ptr %acc01129, align 4
-  %591 = add nsw i64 %col25, 8
-  %592 = getelementptr inbounds float, ptr %bd, i64 %591
-  %593 = load <8 x float>, ptr %592, align 4
-  %594 = fmul <8 x float> %593, %583
-  %595 = fadd <8 x float> %590, %594
-  store <8 x float> %595, ptr %485, align 4
-  %596 = add nsw i64 %r0, 2
-  %597 = getelementptr inbounds float, ptr %rw, i64 %596
-  %598 = load float, ptr %597, align 4
-  %599 = insertelement <8 x float> poison, float %598, i32 0
-  %600 = shufflevector <8 x float> %599, <8 x float> poison, <8 x i32> zeroinitializer
-  %601 = load <8 x float>, ptr %acc02030, align 4
-  %602 = add nsw i64 %col25, 0
-  %603 = getelementptr inbounds float, ptr %bd, i64 %602
-  %604 = load <8 x float>, ptr %603, align 4
-  %605 = fmul <8 x float> %604, %600
-  %606 = fadd <8 x float> %601, %605
-  store <8 x float> %606, ptr %495, align 4
-  %607 = load <8 x float>, ptr %acc02131, align 4
-  %608 = add nsw i64 %col25, 8
-  %609 = getelementptr inbounds float, ptr %bd, i64 %608
-  %610 = load <8 x float>, ptr %609, align 4
-  %611 = fmul <8 x float> %610, %600
-  %612 = fadd <8 x float> %607, %611
-  store <8 x float> %612, ptr %497, align 4
-  %613 = add nsw i64 %r0, 3
-  %614 = getelementptr inbounds float, ptr %rw, i64 %613
-  %615 = load float, ptr %614, align 4
-  %616 = insertelement <8 x float> poison, float %615, i32 0
-  %617 = shufflevector <8 x float> %616, <8 x float> poison, <8 x i32> zeroinitializer
-  %618 = load <8 x float>, ptr %acc03032, align 4
-  %619 = add nsw i64 %col25, 0
-  %620 = getelementptr inbounds float, ptr %bd, i64 %619
-  %621 = load <8 x float>, ptr %620, align 4
-  %622 = fmul <8 x float> %621, %617
-  %623 = fadd <8 x float> %618, %622
-  store <8 x float> %623, ptr %507, align 4
-  %624 = load <8 x float>, ptr %acc03133, align 4
-  %625 = add nsw i64 %col25, 8
-  %626 = getelementptr inbounds float, ptr %bd, i64 %625
-  %627 = load <8 x float>, ptr %626, align 4
-  %628 = fmul <8 x float> %627, %617
-  %629 = fadd <8 x float> %624, %628
-  store <8 x float> %629, ptr %509, align 4
-  br label %tile.done
-
-tile.mr3:                                         ; preds = %rb.body
-  %col46 = mul nsw i64 %p, 16
-  %630 = add nsw i64 %r0, 0
-  %631 = mul nsw i64 %630, 2880
-  %632 = getelementptr inbounds float, ptr %h, i64 %631
-  %633 = getelementptr inbounds i32, ptr %rows, i64 %630
-  %634 = load i32, ptr %633, align 4
-  %635 = sext i32 %634 to i64
-  %636 = mul nsw i64 %635, 2880
-  %637 = getelementptr inbounds float, ptr %y, i64 %636
-  %638 = add nsw i64 %col46, 0
-  %639 = getelementptr inbounds float, ptr %637, i64 %638
-  store <8 x float> zeroinitializer, ptr %acc00047, align 4
-  %640 = add nsw i64 %col46, 8
-  %641 = getelementptr inbounds float, ptr %637, i64 %640
-  store <8 x float> zeroinitializer, ptr %acc00148, align 4
-  %642 = add nsw i64 %r0, 1
-  %643 = mul nsw i64 %642, 2880
-  %644 = getelementptr inbounds float, ptr %h, i64 %643
-  %645 = getelementptr inbounds i32, ptr %rows, i64 %642
-  %646 = load i32, ptr %645, align 4
-  %647 = sext i32 %646 to i64
-  %648 = mul nsw i64 %647, 2880
-  %649 = getelementptr inbounds float, ptr %y, i64 %648
-  %650 = add nsw i64 %col46, 0
-  %651 = getelementptr inbounds float, ptr %649, i64 %650
-  store <8 x float> zeroinitializer, ptr %acc01049, align 4
-  %652 = add nsw i64 %col46, 8
-  %653 = getelementptr inbounds float, ptr %649, i64 %652
-  store <8 x float> zeroinitializer, ptr %acc01150, align 4
-  %654 = add nsw i64 %r0, 2
-  %655 = mul nsw i64 %654, 2880
-  %656 = getelementptr inbounds float, ptr %h, i64 %655
-  %657 = getelementptr inbounds i32, ptr %rows, i64 %654
-  %658 = load i32, ptr %657, align 4
-  %659 = sext i32 %658 to i64
-  %660 = mul nsw i64 %659, 2880
-  %661 = getelementptr inbounds float, ptr %y, i64 %660
-  %662 = add nsw i64 %col46, 0
-  %663 = getelementptr inbounds float, ptr %661, i64 %662
-  store <8 x float> zeroinitializer, ptr %acc02051, align 4
-  %664 = add nsw i64 %col46, 8
-  %665 = getelementptr inbounds float, ptr %661, i64 %664
-  store <8 x float> zeroinitializer, ptr %acc02152, align 4
-  %panel.off53 = mul nsw i64 %p, 46080
-  %666 = getelementptr inbounds i16, ptr %panels, i64 %panel.off53
-  %667 = add nsw i64 %p, 1
-  %668 = icmp slt i64 %667, %p1
-  %pf.on54 = and i1 %pf.on, %668
-  %669 = mul nsw i64 %rb, 92160
-  %670 = lshr i64 %669, %12
-  %671 = add nsw i64 92160, %670
-  %672 = getelementptr inbounds i8, ptr %666, i64 %671
-  %pf55 = select i1 %pf.on54, ptr %672, ptr %666
-  %pf.sh56 = select i1 %pf.on54, i64 %12, i64 0
-  br label %k.head57
-
-k.head57:                                         ; preds = %pf.any.end62, %tile.mr3
-  %k60 = phi i64 [ 0, %tile.mr3 ], [ %709, %pf.any.end62 ]
-  %673 = icmp slt i64 %k60, 2880
-  br i1 %673, label %k.body58, label %k.end59
-
-k.body58:                                         ; preds = %k.head57
-  %674 = mul nsw i64 %k60, 1
-  %675 = add nsw i64 %674, 0
-  %676 = mul nsw i64 %675, 32
-  br i1 %pf.multi, label %pf.any.then61, label %pf.any.end62
-
-pf.any.then61:                                    ; preds = %k.body58
-  %677 = lshr i64 %676, %pf.sh56
-  %678 = getelementptr inbounds i8, ptr %pf55, i64 %677
-  call void @llvm.prefetch.p0(ptr %678, i32 0, i32 2, i32 1)
-  br label %pf.any.end62
-
-pf.any.end62:                                     ; preds = %pf.any.then61, %k.body58
-  %679 = mul nsw i64 %675, 16
-  %680 = add nsw i64 %panel.off53, %679
-  %681 = getelementptr inbounds i16, ptr %panels, i64 %680
-  %682 = load <8 x i32>, ptr %681, align 4
-  %683 = shl <8 x i32> %682, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b063 = bitcast <8 x i32> %683 to <8 x float>
-  %684 = and <8 x i32> %682, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b164 = bitcast <8 x i32> %684 to <8 x float>
-  %685 = getelementptr inbounds float, ptr %632, i64 %675
-  %686 = load float, ptr %685, align 4
-  %687 = insertelement <8 x float> poison, float %686, i32 0
-  %688 = shufflevector <8 x float> %687, <8 x float> poison, <8 x i32> zeroinitializer
-  %689 = load <8 x float>, ptr %acc00047, align 4
-  %690 = call <8 x float> @llvm.fma.v8f32(<8 x float> %688, <8 x float> %b063, <8 x float> %689)
-  store <8 x float> %690, ptr %acc00047, align 4
-  %691 = load <8 x float>, ptr %acc00148, align 4
-  %692 = call <8 x float> @llvm.fma.v8f32(<8 x float> %688, <8 x float> %b164, <8 x float> %691)
-  store <8 x float> %692, ptr %acc00148, align 4
-  %693 = getelementptr inbounds float, ptr %644, i64 %675
+k.end41:                                          ; preds = %k.head39
+  %673 = add nsw i64 %r01, 0
+  %674 = getelementptr inbounds float, ptr %rw, i64 %673
+  %675 = load float, ptr %674, align 4
+  %676 = insertelement <8 x float> poison, float %675, i32 0
+  %677 = shufflevector <8 x float> %676, <8 x float> poison, <8 x i32> zeroinitializer
+  %678 = load <8 x float>, ptr %acc00027, align 4
+  %679 = add nsw i64 %col26, 0
+  %680 = getelementptr inbounds float, ptr %bd, i64 %679
+  %681 = load <8 x float>, ptr %680, align 4
+  %682 = fmul <8 x float> %681, %677
+  %683 = fadd <8 x float> %678, %682
+  %684 = select i1 %klast, <8 x float> %683, <8 x float> %678
+  store <8 x float> %684, ptr %563, align 4
+  %685 = load <8 x float>, ptr %acc00128, align 4
+  %686 = add nsw i64 %col26, 8
+  %687 = getelementptr inbounds float, ptr %bd, i64 %686
+  %688 = load <8 x float>, ptr %687, align 4
+  %689 = fmul <8 x float> %688, %677
+  %690 = fadd <8 x float> %685, %689
+  %691 = select i1 %klast, <8 x float> %690, <8 x float> %685
+  store <8 x float> %691, ptr %567, align 4
+  %692 = add nsw i64 %r01, 1
+  %693 = getelementptr inbounds float, ptr %rw, i64 %692
   %694 = load float, ptr %693, align 4
   %695 = insertelement <8 x float> poison, float %694, i32 0
   %696 = shufflevector <8 x float> %695, <8 x float> poison, <8 x i32> zeroinitializer
-  %697 = load <8 x float>, ptr %acc01049, align 4
-  %698 = call <8 x float> @llvm.fma.v8f32(<8 x float> %696, <8 x float> %b063, <8 x float> %697)
-  store <8 x float> %698, ptr %acc01049, align 4
-  %699 = load <8 x float>, ptr %acc01150, align 4
-  %700 = call <8 x float> @llvm.fma.v8f32(<8 x float> %696, <8 x float> %b164, <8 x float> %699)
-  store <8 x float> %700, ptr %acc01150, align 4
-  %701 = getelementptr inbounds float, ptr %656, i64 %675
-  %702 = load float, ptr %701, align 4
-  %703 = insertelement <8 x float> poison, float %702, i32 0
-  %704 = shufflevector <8 x float> %703, <8 x float> poison, <8 x i32> zeroinitializer
-  %705 = load <8 x float>, ptr %acc02051, align 4
-  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> %b063, <8 x float> %705)
-  store <8 x float> %706, ptr %acc02051, align 4
-  %707 = load <8 x float>, ptr %acc02152, align 4
-  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> %b164, <8 x float> %707)
-  store <8 x float> %708, ptr %acc02152, align 4
-  %709 = add nsw i64 %k60, 1
-  br label %k.head57
+  %697 = load <8 x float>, ptr %acc01029, align 4
+  %698 = add nsw i64 %col26, 0
+  %699 = getelementptr inbounds float, ptr %bd, i64 %698
+  %700 = load <8 x float>, ptr %699, align 4
+  %701 = fmul <8 x float> %700, %696
+  %702 = fadd <8 x float> %697, %701
+  %703 = select i1 %klast, <8 x float> %702, <8 x float> %697
+  store <8 x float> %703, ptr %580, align 4
+  %704 = load <8 x float>, ptr %acc01130, align 4
+  %705 = add nsw i64 %col26, 8
+  %706 = getelementptr inbounds float, ptr %bd, i64 %705
+  %707 = load <8 x float>, ptr %706, align 4
+  %708 = fmul <8 x float> %707, %696
+  %709 = fadd <8 x float> %704, %708
+  %710 = select i1 %klast, <8 x float> %709, <8 x float> %704
+  store <8 x float> %710, ptr %584, align 4
+  %711 = add nsw i64 %r01, 2
+  %712 = getelementptr inbounds float, ptr %rw, i64 %711
+  %713 = load float, ptr %712, align 4
+  %714 = insertelement <8 x float> poison, float %713, i32 0
+  %715 = shufflevector <8 x float> %714, <8 x float> poison, <8 x i32> zeroinitializer
+  %716 = load <8 x float>, ptr %acc02031, align 4
+  %717 = add nsw i64 %col26, 0
+  %718 = getelementptr inbounds float, ptr %bd, i64 %717
+  %719 = load <8 x float>, ptr %718, align 4
+  %720 = fmul <8 x float> %719, %715
+  %721 = fadd <8 x float> %716, %720
+  %722 = select i1 %klast, <8 x float> %721, <8 x float> %716
+  store <8 x float> %722, ptr %597, align 4
+  %723 = load <8 x float>, ptr %acc02132, align 4
+  %724 = add nsw i64 %col26, 8
+  %725 = getelementptr inbounds float, ptr %bd, i64 %724
+  %726 = load <8 x float>, ptr %725, align 4
+  %727 = fmul <8 x float> %726, %715
+  %728 = fadd <8 x float> %723, %727
+  %729 = select i1 %klast, <8 x float> %728, <8 x float> %723
+  store <8 x float> %729, ptr %601, align 4
+  %730 = add nsw i64 %r01, 3
+  %731 = getelementptr inbounds float, ptr %rw, i64 %730
+  %732 = load float, ptr %731, align 4
+  %733 = insertelement <8 x float> poison, float %732, i32 0
+  %734 = shufflevector <8 x float> %733, <8 x float> poison, <8 x i32> zeroinitializer
+  %735 = load <8 x float>, ptr %acc03033, align 4
+  %736 = add nsw i64 %col26, 0
+  %737 = getelementptr inbounds float, ptr %bd, i64 %736
+  %738 = load <8 x float>, ptr %737, align 4
+  %739 = fmul <8 x float> %738, %734
+  %740 = fadd <8 x float> %735, %739
+  %741 = select i1 %klast, <8 x float> %740, <8 x float> %735
+  store <8 x float> %741, ptr %614, align 4
+  %742 = load <8 x float>, ptr %acc03134, align 4
+  %743 = add nsw i64 %col26, 8
+  %744 = getelementptr inbounds float, ptr %bd, i64 %743
+  %745 = load <8 x float>, ptr %744, align 4
+  %746 = fmul <8 x float> %745, %734
+  %747 = fadd <8 x float> %742, %746
+  %748 = select i1 %klast, <8 x float> %747, <8 x float> %742
+  store <8 x float> %748, ptr %618, align 4
+  br label %tile.done
 
-k.end59:                                          ; preds = %k.head57
-  %710 = add nsw i64 %r0, 0
-  %711 = getelementptr inbounds float, ptr %rw, i64 %710
-  %712 = load float, ptr %711, align 4
-  %713 = insertelement <8 x float> poison, float %712, i32 0
-  %714 = shufflevector <8 x float> %713, <8 x float> poison, <8 x i32> zeroinitializer
-  %715 = load <8 x float>, ptr %acc00047, align 4
-  %716 = add nsw i64 %col46, 0
-  %717 = getelementptr inbounds float, ptr %bd, i64 %716
-  %718 = load <8 x float>, ptr %717, align 4
-  %719 = fmul <8 x float> %718, %714
-  %720 = fadd <8 x float> %715, %719
-  store <8 x float> %720, ptr %639, align 4
-  %721 = load <8 x float>, ptr %acc00148, align 4
-  %722 = add nsw i64 %col46, 8
-  %723 = getelementptr inbounds float, ptr %bd, i64 %722
-  %724 = load <8 x float>, ptr %723, align 4
-  %725 = fmul <8 x float> %724, %714
-  %726 = fadd <8 x float> %721, %725
-  store <8 x float> %726, ptr %641, align 4
-  %727 = add nsw i64 %r0, 1
-  %728 = getelementptr inbounds float, ptr %rw, i64 %727
-  %729 = load float, ptr %728, align 4
-  %730 = insertelement <8 x float> poison, float %729, i32 0
-  %731 = shufflevector <8 x float> %730, <8 x float> poison, <8 x i32> zeroinitializer
-  %732 = load <8 x float>, ptr %acc01049, align 4
-  %733 = add nsw i64 %col46, 0
-  %734 = getelementptr inbounds float, ptr %bd, i64 %733
-  %735 = load <8 x float>, ptr %734, align 4
-  %736 = fmul <8 x float> %735, %731
-  %737 = fadd <8 x float> %732, %736
-  store <8 x float> %737, ptr %651, align 4
-  %738 = load <8 x float>, ptr %acc01150, align 4
-  %739 = add nsw i64 %col46, 8
-  %740 = getelementptr inbounds float, ptr %bd, i64 %739
-  %741 = load <8 x float>, ptr %740, align 4
-  %742 = fmul <8 x float> %741, %731
-  %743 = fadd <8 x float> %738, %742
-  store <8 x float> %743, ptr %653, align 4
-  %744 = add nsw i64 %r0, 2
-  %745 = getelementptr inbounds float, ptr %rw, i64 %744
-  %746 = load float, ptr %745, align 4
-  %747 = insertelement <8 x float> poison, float %746, i32 0
-  %748 = shufflevector <8 x float> %747, <8 x float> poison, <8 x i32> zeroinitializer
-  %749 = load <8 x float>, ptr %acc02051, align 4
-  %750 = add nsw i64 %col46, 0
-  %751 = getelementptr inbounds float, ptr %bd, i64 %750
-  %752 = load <8 x float>, ptr %751, align 4
-  %753 = fmul <8 x float> %752, %748
-  %754 = fadd <8 x float> %749, %753
-  store <8 x float> %754, ptr %663, align 4
-  %755 = load <8 x float>, ptr %acc02152, align 4
-  %756 = add nsw i64 %col46, 8
-  %757 = getelementptr inbounds float, ptr %bd, i64 %756
-  %758 = load <8 x float>, ptr %757, align 4
-  %759 = fmul <8 x float> %758, %748
-  %760 = fadd <8 x float> %755, %759
-  store <8 x float> %760, ptr %665, align 4
+tile.mr3:                                         ; preds = %rb.body
+  %col47 = mul nsw i64 %kb.p, 16
+  %749 = add nsw i64 %r01, 0
+  %750 = mul nsw i64 %749, 2880
+  %751 = add nsw i64 %750, %k0
+  %752 = getelementptr inbounds float, ptr %h, i64 %751
+  %753 = getelementptr inbounds i32, ptr %rows, i64 %749
+  %754 = load i32, ptr %753, align 4
+  %755 = sext i32 %754 to i64
+  %756 = mul nsw i64 %755, 2880
+  %757 = getelementptr inbounds float, ptr %y, i64 %756
+  %758 = add nsw i64 %col47, 0
+  %759 = getelementptr inbounds float, ptr %757, i64 %758
+  %760 = load <8 x float>, ptr %759, align 4
+  %761 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %760
+  store <8 x float> %761, ptr %acc00048, align 4
+  %762 = add nsw i64 %col47, 8
+  %763 = getelementptr inbounds float, ptr %757, i64 %762
+  %764 = load <8 x float>, ptr %763, align 4
+  %765 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %764
+  store <8 x float> %765, ptr %acc00149, align 4
+  %766 = add nsw i64 %r01, 1
+  %767 = mul nsw i64 %766, 2880
+  %768 = add nsw i64 %767, %k0
+  %769 = getelementptr inbounds float, ptr %h, i64 %768
+  %770 = getelementptr inbounds i32, ptr %rows, i64 %766
+  %771 = load i32, ptr %770, align 4
+  %772 = sext i32 %771 to i64
+  %773 = mul nsw i64 %772, 2880
+  %774 = getelementptr inbounds float, ptr %y, i64 %773
+  %775 = add nsw i64 %col47, 0
+  %776 = getelementptr inbounds float, ptr %774, i64 %775
+  %777 = load <8 x float>, ptr %776, align 4
+  %778 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %777
+  store <8 x float> %778, ptr %acc01050, align 4
+  %779 = add nsw i64 %col47, 8
+  %780 = getelementptr inbounds float, ptr %774, i64 %779
+  %781 = load <8 x float>, ptr %780, align 4
+  %782 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %781
+  store <8 x float> %782, ptr %acc01151, align 4
+  %783 = add nsw i64 %r01, 2
+  %784 = mul nsw i64 %783, 2880
+  %785 = add nsw i64 %784, %k0
+  %786 = getelementptr inbounds float, ptr %h, i64 %785
+  %787 = getelementptr inbounds i32, ptr %rows, i64 %783
+  %788 = load i32, ptr %787, align 4
+  %789 = sext i32 %788 to i64
+  %790 = mul nsw i64 %789, 2880
+  %791 = getelementptr inbounds float, ptr %y, i64 %790
+  %792 = add nsw i64 %col47, 0
+  %793 = getelementptr inbounds float, ptr %791, i64 %792
+  %794 = load <8 x float>, ptr %793, align 4
+  %795 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %794
+  store <8 x float> %795, ptr %acc02052, align 4
+  %796 = add nsw i64 %col47, 8
+  %797 = getelementptr inbounds float, ptr %791, i64 %796
+  %798 = load <8 x float>, ptr %797, align 4
+  %799 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %798
+  store <8 x float> %799, ptr %acc02153, align 4
+  %800 = mul nsw i64 %k0, 16
+  %801 = mul nsw i64 %kb.p, 46080
+  %panel.off54 = add nsw i64 %801, %800
+  %802 = getelementptr inbounds i16, ptr %panels, i64 %panel.off54
+  %pf.on55 = and i1 %pf.on, %pf.next
+  %803 = mul nsw i64 %rb, 7680
+  %804 = lshr i64 %803, %26
+  %805 = add nsw i64 %pf.step, %804
+  %806 = getelementptr inbounds i8, ptr %802, i64 %805
+  %pf56 = select i1 %pf.on55, ptr %806, ptr %802
+  %pf.sh57 = select i1 %pf.on55, i64 %26, i64 0
+  br label %k.head58
+
+k.head58:                                         ; preds = %pf.any.end63, %tile.mr3
+  %k61 = phi i64 [ 0, %tile.mr3 ], [ %843, %pf.any.end63 ]
+  %807 = icmp slt i64 %k61, 240
+  br i1 %807, label %k.body59, label %k.end60
+
+k.body59:                                         ; preds = %k.head58
+  %808 = mul nsw i64 %k61, 1
+  %809 = add nsw i64 %808, 0
+  %810 = mul nsw i64 %809, 32
+  br i1 %pf.multi, label %pf.any.then62, label %pf.any.end63
+
+pf.any.then62:                                    ; preds = %k.body59
+  %811 = lshr i64 %810, %pf.sh57
+  %812 = getelementptr inbounds i8, ptr %pf56, i64 %811
+  call void @llvm.prefetch.p0(ptr %812, i32 0, i32 2, i32 1)
+  br label %pf.any.end63
+
+pf.any.end63:                                     ; preds = %pf.any.then62, %k.body59
+  %813 = mul nsw i64 %809, 16
+  %814 = add nsw i64 %panel.off54, %813
+  %815 = getelementptr inbounds i16, ptr %panels, i64 %814
+  %816 = load <8 x i32>, ptr %815, align 4
+  %817 = shl <8 x i32> %816, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b064 = bitcast <8 x i32> %817 to <8 x float>
+  %818 = and <8 x i32> %816, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b165 = bitcast <8 x i32> %818 to <8 x float>
+  %819 = getelementptr inbounds float, ptr %752, i64 %809
+  %820 = load float, ptr %819, align 4
+  %821 = insertelement <8 x float> poison, float %820, i32 0
+  %822 = shufflevector <8 x float> %821, <8 x float> poison, <8 x i32> zeroinitializer
+  %823 = load <8 x float>, ptr %acc00048, align 4
+  %824 = call <8 x float> @llvm.fma.v8f32(<8 x float> %822, <8 x float> %b064, <8 x float> %823)
+  store <8 x float> %824, ptr %acc00048, align 4
+  %825 = load <8 x float>, ptr %acc00149, align 4
+  %826 = call <8 x float> @llvm.fma.v8f32(<8 x float> %822, <8 x float> %b165, <8 x float> %825)
+  store <8 x float> %826, ptr %acc00149, align 4
+  %827 = getelementptr inbounds float, ptr %769, i64 %809
+  %828 = load float, ptr %827, align 4
+  %829 = insertelement <8 x float> poison, float %828, i32 0
+  %830 = shufflevector <8 x float> %829, <8 x float> poison, <8 x i32> zeroinitializer
+  %831 = load <8 x float>, ptr %acc01050, align 4
+  %832 = call <8 x float> @llvm.fma.v8f32(<8 x float> %830, <8 x float> %b064, <8 x float> %831)
+  store <8 x float> %832, ptr %acc01050, align 4
+  %833 = load <8 x float>, ptr %acc01151, align 4
+  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %830, <8 x float> %b165, <8 x float> %833)
+  store <8 x float> %834, ptr %acc01151, align 4
+  %835 = getelementptr inbounds float, ptr %786, i64 %809
+  %836 = load float, ptr %835, align 4
+  %837 = insertelement <8 x float> poison, float %836, i32 0
+  %838 = shufflevector <8 x float> %837, <8 x float> poison, <8 x i32> zeroinitializer
+  %839 = load <8 x float>, ptr %acc02052, align 4
+  %840 = call <8 x float> @llvm.fma.v8f32(<8 x float> %838, <8 x float> %b064, <8 x float> %839)
+  store <8 x float> %840, ptr %acc02052, align 4
+  %841 = load <8 x float>, ptr %acc02153, align 4
+  %842 = call <8 x float> @llvm.fma.v8f32(<8 x float> %838, <8 x float> %b165, <8 x float> %841)
+  store <8 x float> %842, ptr %acc02153, align 4
+  %843 = add nsw i64 %k61, 1
+  br label %k.head58
+
+k.end60:                                          ; preds = %k.head58
+  %844 = add nsw i64 %r01, 0
+  %845 = getelementptr inbounds float, ptr %rw, i64 %844
+  %846 = load float, ptr %845, align 4
+  %847 = insertelement <8 x float> poison, float %846, i32 0
+  %848 = shufflevector <8 x float> %847, <8 x float> poison, <8 x i32> zeroinitializer
+  %849 = load <8 x float>, ptr %acc00048, align 4
+  %850 = add nsw i64 %col47, 0
+  %851 = getelementptr inbounds float, ptr %bd, i64 %850
+  %852 = load <8 x float>, ptr %851, align 4
+  %853 = fmul <8 x float> %852, %848
+  %854 = fadd <8 x float> %849, %853
+  %855 = select i1 %klast, <8 x float> %854, <8 x float> %849
+  store <8 x float> %855, ptr %759, align 4
+  %856 = load <8 x float>, ptr %acc00149, align 4
+  %857 = add nsw i64 %col47, 8
+  %858 = getelementptr inbounds float, ptr %bd, i64 %857
+  %859 = load <8 x float>, ptr %858, align 4
+  %860 = fmul <8 x float> %859, %848
+  %861 = fadd <8 x float> %856, %860
+  %862 = select i1 %klast, <8 x float> %861, <8 x float> %856
+  store <8 x float> %862, ptr %763, align 4
+  %863 = add nsw i64 %r01, 1
+  %864 = getelementptr inbounds float, ptr %rw, i64 %863
+  %865 = load float, ptr %864, align 4
+  %866 = insertelement <8 x float> poison, float %865, i32 0
+  %867 = shufflevector <8 x float> %866, <8 x float> poison, <8 x i32> zeroinitializer
+  %868 = load <8 x float>, ptr %acc01050, align 4
+  %869 = add nsw i64 %col47, 0
+  %870 = getelementptr inbounds float, ptr %bd, i64 %869
+  %871 = load <8 x float>, ptr %870, align 4
+  %872 = fmul <8 x float> %871, %867
+  %873 = fadd <8 x float> %868, %872
+  %874 = select i1 %klast, <8 x float> %873, <8 x float> %868
+  store <8 x float> %874, ptr %776, align 4
+  %875 = load <8 x float>, ptr %acc01151, align 4
+  %876 = add nsw i64 %col47, 8
+  %877 = getelementptr inbounds float, ptr %bd, i64 %876
+  %878 = load <8 x float>, ptr %877, align 4
+  %879 = fmul <8 x float> %878, %867
+  %880 = fadd <8 x float> %875, %879
+  %881 = select i1 %klast, <8 x float> %880, <8 x float> %875
+  store <8 x float> %881, ptr %780, align 4
+  %882 = add nsw i64 %r01, 2
+  %883 = getelementptr inbounds float, ptr %rw, i64 %882
+  %884 = load float, ptr %883, align 4
+  %885 = insertelement <8 x float> poison, float %884, i32 0
+  %886 = shufflevector <8 x float> %885, <8 x float> poison, <8 x i32> zeroinitializer
+  %887 = load <8 x float>, ptr %acc02052, align 4
+  %888 = add nsw i64 %col47, 0
+  %889 = getelementptr inbounds float, ptr %bd, i64 %888
+  %890 = load <8 x float>, ptr %889, align 4
+  %891 = fmul <8 x float> %890, %886
+  %892 = fadd <8 x float> %887, %891
+  %893 = select i1 %klast, <8 x float> %892, <8 x float> %887
+  store <8 x float> %893, ptr %793, align 4
+  %894 = load <8 x float>, ptr %acc02153, align 4
+  %895 = add nsw i64 %col47, 8
+  %896 = getelementptr inbounds float, ptr %bd, i64 %895
+  %897 = load <8 x float>, ptr %896, align 4
+  %898 = fmul <8 x float> %897, %886
+  %899 = fadd <8 x float> %894, %898
+  %900 = select i1 %klast, <8 x float> %899, <8 x float> %894
+  store <8 x float> %900, ptr %797, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
-  %col65 = mul nsw i64 %p, 16
-  %761 = add nsw i64 %r0, 0
-  %762 = mul nsw i64 %761, 2880
-  %763 = getelementptr inbounds float, ptr %h, i64 %762
-  %764 = getelementptr inbounds i32, ptr %rows, i64 %761
-  %765 = load i32, ptr %764, align 4
-  %766 = sext i32 %765 to i64
-  %767 = mul nsw i64 %766, 2880
-  %768 = getelementptr inbounds float, ptr %y, i64 %767
-  %769 = add nsw i64 %col65, 0
-  %770 = getelementptr inbounds float, ptr %768, i64 %769
-  store <8 x float> zeroinitializer, ptr %acc00066, align 4
-  %771 = add nsw i64 %col65, 8
-  %772 = getelementptr inbounds float, ptr %768, i64 %771
-  store <8 x float> zeroinitializer, ptr %acc00167, align 4
-  %773 = add nsw i64 %r0, 1
-  %774 = mul nsw i64 %773, 2880
-  %775 = getelementptr inbounds float, ptr %h, i64 %774
-  %776 = getelementptr inbounds i32, ptr %rows, i64 %773
-  %777 = load i32, ptr %776, align 4
-  %778 = sext i32 %777 to i64
-  %779 = mul nsw i64 %778, 2880
-  %780 = getelementptr inbounds float, ptr %y, i64 %779
-  %781 = add nsw i64 %col65, 0
-  %782 = getelementptr inbounds float, ptr %780, i64 %781
-  store <8 x float> zeroinitializer, ptr %acc01068, align 4
-  %783 = add nsw i64 %col65, 8
-  %784 = getelementptr inbounds float, ptr %780, i64 %783
-  store <8 x float> zeroinitializer, ptr %acc01169, align 4
-  %panel.off70 = mul nsw i64 %p, 46080
-  %785 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
-  %786 = add nsw i64 %p, 1
-  %787 = icmp slt i64 %786, %p1
-  %pf.on71 = and i1 %pf.on, %787
-  %788 = mul nsw i64 %rb, 92160
-  %789 = lshr i64 %788, %12
-  %790 = add nsw i64 92160, %789
-  %791 = getelementptr inbounds i8, ptr %785, i64 %790
-  %pf72 = select i1 %pf.on71, ptr %791, ptr %785
-  %pf.sh73 = select i1 %pf.on71, i64 %12, i64 0
-  br label %k.head74
+  %col66 = mul nsw i64 %kb.p, 16
+  %901 = add nsw i64 %r01, 0
+  %902 = mul nsw i64 %901, 2880
+  %903 = add nsw i64 %902, %k0
+  %904 = getelementptr inbounds float, ptr %h, i64 %903
+  %905 = getelementptr inbounds i32, ptr %rows, i64 %901
+  %906 = load i32, ptr %905, align 4
+  %907 = sext i32 %906 to i64
+  %908 = mul nsw i64 %907, 2880
+  %909 = getelementptr inbounds float, ptr %y, i64 %908
+  %910 = add nsw i64 %col66, 0
+  %911 = getelementptr inbounds float, ptr %909, i64 %910
+  %912 = load <8 x float>, ptr %911, align 4
+  %913 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %912
+  store <8 x float> %913, ptr %acc00067, align 4
+  %914 = add nsw i64 %col66, 8
+  %915 = getelementptr inbounds float, ptr %909, i64 %914
+  %916 = load <8 x float>, ptr %915, align 4
+  %917 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %916
+  store <8 x float> %917, ptr %acc00168, align 4
+  %918 = add nsw i64 %r01, 1
+  %919 = mul nsw i64 %918, 2880
+  %920 = add nsw i64 %919, %k0
+  %921 = getelementptr inbounds float, ptr %h, i64 %920
+  %922 = getelementptr inbounds i32, ptr %rows, i64 %918
+  %923 = load i32, ptr %922, align 4
+  %924 = sext i32 %923 to i64
+  %925 = mul nsw i64 %924, 2880
+  %926 = getelementptr inbounds float, ptr %y, i64 %925
+  %927 = add nsw i64 %col66, 0
+  %928 = getelementptr inbounds float, ptr %926, i64 %927
+  %929 = load <8 x float>, ptr %928, align 4
+  %930 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %929
+  store <8 x float> %930, ptr %acc01069, align 4
+  %931 = add nsw i64 %col66, 8
+  %932 = getelementptr inbounds float, ptr %926, i64 %931
+  %933 = load <8 x float>, ptr %932, align 4
+  %934 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %933
+  store <8 x float> %934, ptr %acc01170, align 4
+  %935 = mul nsw i64 %k0, 16
+  %936 = mul nsw i64 %kb.p, 46080
+  %panel.off71 = add nsw i64 %936, %935
+  %937 = getelementptr inbounds i16, ptr %panels, i64 %panel.off71
+  %pf.on72 = and i1 %pf.on, %pf.next
+  %938 = mul nsw i64 %rb, 7680
+  %939 = lshr i64 %938, %26
+  %940 = add nsw i64 %pf.step, %939
+  %941 = getelementptr inbounds i8, ptr %937, i64 %940
+  %pf73 = select i1 %pf.on72, ptr %941, ptr %937
+  %pf.sh74 = select i1 %pf.on72, i64 %26, i64 0
+  br label %k.head75
 
-k.head74:                                         ; preds = %pf.any.end79, %tile.mr2
-  %k77 = phi i64 [ 0, %tile.mr2 ], [ %820, %pf.any.end79 ]
-  %792 = icmp slt i64 %k77, 2880
-  br i1 %792, label %k.body75, label %k.end76
+k.head75:                                         ; preds = %pf.any.end80, %tile.mr2
+  %k78 = phi i64 [ 0, %tile.mr2 ], [ %970, %pf.any.end80 ]
+  %942 = icmp slt i64 %k78, 240
+  br i1 %942, label %k.body76, label %k.end77
 
-k.body75:                                         ; preds = %k.head74
-  %793 = mul nsw i64 %k77, 1
-  %794 = add nsw i64 %793, 0
-  %795 = mul nsw i64 %794, 32
-  br i1 %pf.multi, label %pf.any.then78, label %pf.any.end79
+k.body76:                                         ; preds = %k.head75
+  %943 = mul nsw i64 %k78, 1
+  %944 = add nsw i64 %943, 0
+  %945 = mul nsw i64 %944, 32
+  br i1 %pf.multi, label %pf.any.then79, label %pf.any.end80
 
-pf.any.then78:                                    ; preds = %k.body75
-  %796 = lshr i64 %795, %pf.sh73
-  %797 = getelementptr inbounds i8, ptr %pf72, i64 %796
-  call void @llvm.prefetch.p0(ptr %797, i32 0, i32 2, i32 1)
-  br label %pf.any.end79
+pf.any.then79:                                    ; preds = %k.body76
+  %946 = lshr i64 %945, %pf.sh74
+  %947 = getelementptr inbounds i8, ptr %pf73, i64 %946
+  call void @llvm.prefetch.p0(ptr %947, i32 0, i32 2, i32 1)
+  br label %pf.any.end80
 
-pf.any.end79:                                     ; preds = %pf.any.then78, %k.body75
-  %798 = mul nsw i64 %794, 16
-  %799 = add nsw i64 %panel.off70, %798
-  %800 = getelementptr inbounds i16, ptr %panels, i64 %799
-  %801 = load <8 x i32>, ptr %800, align 4
-  %802 = shl <8 x i32> %801, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b080 = bitcast <8 x i32> %802 to <8 x float>
-  %803 = and <8 x i32> %801, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b181 = bitcast <8 x i32> %803 to <8 x float>
-  %804 = getelementptr inbounds float, ptr %763, i64 %794
-  %805 = load float, ptr %804, align 4
-  %806 = insertelement <8 x float> poison, float %805, i32 0
-  %807 = shufflevector <8 x float> %806, <8 x float> poison, <8 x i32> zeroinitializer
-  %808 = load <8 x float>, ptr %acc00066, align 4
-  %809 = call <8 x float> @llvm.fma.v8f32(<8 x float> %807, <8 x float> %b080, <8 x float> %808)
-  store <8 x float> %809, ptr %acc00066, align 4
-  %810 = load <8 x float>, ptr %acc00167, align 4
-  %811 = call <8 x float> @llvm.fma.v8f32(<8 x float> %807, <8 x float> %b181, <8 x float> %810)
-  store <8 x float> %811, ptr %acc00167, align 4
-  %812 = getelementptr inbounds float, ptr %775, i64 %794
-  %813 = load float, ptr %812, align 4
-  %814 = insertelement <8 x float> poison, float %813, i32 0
-  %815 = shufflevector <8 x float> %814, <8 x float> poison, <8 x i32> zeroinitializer
-  %816 = load <8 x float>, ptr %acc01068, align 4
-  %817 = call <8 x float> @llvm.fma.v8f32(<8 x float> %815, <8 x float> %b080, <8 x float> %816)
-  store <8 x float> %817, ptr %acc01068, align 4
-  %818 = load <8 x float>, ptr %acc01169, align 4
-  %819 = call <8 x float> @llvm.fma.v8f32(<8 x float> %815, <8 x float> %b181, <8 x float> %818)
-  store <8 x float> %819, ptr %acc01169, align 4
-  %820 = add nsw i64 %k77, 1
-  br label %k.head74
+pf.any.end80:                                     ; preds = %pf.any.then79, %k.body76
+  %948 = mul nsw i64 %944, 16
+  %949 = add nsw i64 %panel.off71, %948
+  %950 = getelementptr inbounds i16, ptr %panels, i64 %949
+  %951 = load <8 x i32>, ptr %950, align 4
+  %952 = shl <8 x i32> %951, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b081 = bitcast <8 x i32> %952 to <8 x float>
+  %953 = and <8 x i32> %951, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b182 = bitcast <8 x i32> %953 to <8 x float>
+  %954 = getelementptr inbounds float, ptr %904, i64 %944
+  %955 = load float, ptr %954, align 4
+  %956 = insertelement <8 x float> poison, float %955, i32 0
+  %957 = shufflevector <8 x float> %956, <8 x float> poison, <8 x i32> zeroinitializer
+  %958 = load <8 x float>, ptr %acc00067, align 4
+  %959 = call <8 x float> @llvm.fma.v8f32(<8 x float> %957, <8 x float> %b081, <8 x float> %958)
+  store <8 x float> %959, ptr %acc00067, align 4
+  %960 = load <8 x float>, ptr %acc00168, align 4
+  %961 = call <8 x float> @llvm.fma.v8f32(<8 x float> %957, <8 x float> %b182, <8 x float> %960)
+  store <8 x float> %961, ptr %acc00168, align 4
+  %962 = getelementptr inbounds float, ptr %921, i64 %944
+  %963 = load float, ptr %962, align 4
+  %964 = insertelement <8 x float> poison, float %963, i32 0
+  %965 = shufflevector <8 x float> %964, <8 x float> poison, <8 x i32> zeroinitializer
+  %966 = load <8 x float>, ptr %acc01069, align 4
+  %967 = call <8 x float> @llvm.fma.v8f32(<8 x float> %965, <8 x float> %b081, <8 x float> %966)
+  store <8 x float> %967, ptr %acc01069, align 4
+  %968 = load <8 x float>, ptr %acc01170, align 4
+  %969 = call <8 x float> @llvm.fma.v8f32(<8 x float> %965, <8 x float> %b182, <8 x float> %968)
+  store <8 x float> %969, ptr %acc01170, align 4
+  %970 = add nsw i64 %k78, 1
+  br label %k.head75
 
-k.end76:                                          ; preds = %k.head74
-  %821 = add nsw i64 %r0, 0
-  %822 = getelementptr inbounds float, ptr %rw, i64 %821
-  %823 = load float, ptr %822, align 4
-  %824 = insertelement <8 x float> poison, float %823, i32 0
-  %825 = shufflevector <8 x float> %824, <8 x float> poison, <8 x i32> zeroinitializer
-  %826 = load <8 x float>, ptr %acc00066, align 4
-  %827 = add nsw i64 %col65, 0
-  %828 = getelementptr inbounds float, ptr %bd, i64 %827
-  %829 = load <8 x float>, ptr %828, align 4
-  %830 = fmul <8 x float> %829, %825
-  %831 = fadd <8 x float> %826, %830
-  store <8 x float> %831, ptr %770, align 4
-  %832 = load <8 x float>, ptr %acc00167, align 4
-  %833 = add nsw i64 %col65, 8
-  %834 = getelementptr inbounds float, ptr %bd, i64 %833
-  %835 = load <8 x float>, ptr %834, align 4
-  %836 = fmul <8 x float> %835, %825
-  %837 = fadd <8 x float> %832, %836
-  store <8 x float> %837, ptr %772, align 4
-  %838 = add nsw i64 %r0, 1
-  %839 = getelementptr inbounds float, ptr %rw, i64 %838
-  %840 = load float, ptr %839, align 4
-  %841 = insertelement <8 x float> poison, float %840, i32 0
-  %842 = shufflevector <8 x float> %841, <8 x float> poison, <8 x i32> zeroinitializer
-  %843 = load <8 x float>, ptr %acc01068, align 4
-  %844 = add nsw i64 %col65, 0
-  %845 = getelementptr inbounds float, ptr %bd, i64 %844
-  %846 = load <8 x float>, ptr %845, align 4
-  %847 = fmul <8 x float> %846, %842
-  %848 = fadd <8 x float> %843, %847
-  store <8 x float> %848, ptr %782, align 4
-  %849 = load <8 x float>, ptr %acc01169, align 4
-  %850 = add nsw i64 %col65, 8
-  %851 = getelementptr inbounds float, ptr %bd, i64 %850
-  %852 = load <8 x float>, ptr %851, align 4
-  %853 = fmul <8 x float> %852, %842
-  %854 = fadd <8 x float> %849, %853
-  store <8 x float> %854, ptr %784, align 4
+k.end77:                                          ; preds = %k.head75
+  %971 = add nsw i64 %r01, 0
+  %972 = getelementptr inbounds float, ptr %rw, i64 %971
+  %973 = load float, ptr %972, align 4
+  %974 = insertelement <8 x float> poison, float %973, i32 0
+  %975 = shufflevector <8 x float> %974, <8 x float> poison, <8 x i32> zeroinitializer
+  %976 = load <8 x float>, ptr %acc00067, align 4
+  %977 = add nsw i64 %col66, 0
+  %978 = getelementptr inbounds float, ptr %bd, i64 %977
+  %979 = load <8 x float>, ptr %978, align 4
+  %980 = fmul <8 x float> %979, %975
+  %981 = fadd <8 x float> %976, %980
+  %982 = select i1 %klast, <8 x float> %981, <8 x float> %976
+  store <8 x float> %982, ptr %911, align 4
+  %983 = load <8 x float>, ptr %acc00168, align 4
+  %984 = add nsw i64 %col66, 8
+  %985 = getelementptr inbounds float, ptr %bd, i64 %984
+  %986 = load <8 x float>, ptr %985, align 4
+  %987 = fmul <8 x float> %986, %975
+  %988 = fadd <8 x float> %983, %987
+  %989 = select i1 %klast, <8 x float> %988, <8 x float> %983
+  store <8 x float> %989, ptr %915, align 4
+  %990 = add nsw i64 %r01, 1
+  %991 = getelementptr inbounds float, ptr %rw, i64 %990
+  %992 = load float, ptr %991, align 4
+  %993 = insertelement <8 x float> poison, float %992, i32 0
+  %994 = shufflevector <8 x float> %993, <8 x float> poison, <8 x i32> zeroinitializer
+  %995 = load <8 x float>, ptr %acc01069, align 4
+  %996 = add nsw i64 %col66, 0
+  %997 = getelementptr inbounds float, ptr %bd, i64 %996
+  %998 = load <8 x float>, ptr %997, align 4
+  %999 = fmul <8 x float> %998, %994
+  %1000 = fadd <8 x float> %995, %999
+  %1001 = select i1 %klast, <8 x float> %1000, <8 x float> %995
+  store <8 x float> %1001, ptr %928, align 4
+  %1002 = load <8 x float>, ptr %acc01170, align 4
+  %1003 = add nsw i64 %col66, 8
+  %1004 = getelementptr inbounds float, ptr %bd, i64 %1003
+  %1005 = load <8 x float>, ptr %1004, align 4
+  %1006 = fmul <8 x float> %1005, %994
+  %1007 = fadd <8 x float> %1002, %1006
+  %1008 = select i1 %klast, <8 x float> %1007, <8 x float> %1002
+  store <8 x float> %1008, ptr %932, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
-  %col82 = mul nsw i64 %p, 16
-  %855 = add nsw i64 %r0, 0
-  %856 = mul nsw i64 %855, 2880
-  %857 = getelementptr inbounds float, ptr %h, i64 %856
-  %858 = getelementptr inbounds i32, ptr %rows, i64 %855
-  %859 = load i32, ptr %858, align 4
-  %860 = sext i32 %859 to i64
-  %861 = mul nsw i64 %860, 2880
-  %862 = getelementptr inbounds float, ptr %y, i64 %861
-  %863 = add nsw i64 %col82, 0
-  %864 = getelementptr inbounds float, ptr %862, i64 %863
-  store <8 x float> zeroinitializer, ptr %acc00083, align 4
-  %865 = add nsw i64 %col82, 8
-  %866 = getelementptr inbounds float, ptr %862, i64 %865
-  store <8 x float> zeroinitializer, ptr %acc00184, align 4
-  %panel.off85 = mul nsw i64 %p, 46080
-  %867 = getelementptr inbounds i16, ptr %panels, i64 %panel.off85
-  %868 = add nsw i64 %p, 1
-  %869 = icmp slt i64 %868, %p1
-  %pf.on86 = and i1 %pf.on, %869
-  %870 = mul nsw i64 %rb, 92160
-  %871 = lshr i64 %870, %12
-  %872 = add nsw i64 92160, %871
-  %873 = getelementptr inbounds i8, ptr %867, i64 %872
-  %pf87 = select i1 %pf.on86, ptr %873, ptr %867
-  %pf.sh88 = select i1 %pf.on86, i64 %12, i64 0
-  br label %k.head89
+  %col83 = mul nsw i64 %kb.p, 16
+  %1009 = add nsw i64 %r01, 0
+  %1010 = mul nsw i64 %1009, 2880
+  %1011 = add nsw i64 %1010, %k0
+  %1012 = getelementptr inbounds float, ptr %h, i64 %1011
+  %1013 = getelementptr inbounds i32, ptr %rows, i64 %1009
+  %1014 = load i32, ptr %1013, align 4
+  %1015 = sext i32 %1014 to i64
+  %1016 = mul nsw i64 %1015, 2880
+  %1017 = getelementptr inbounds float, ptr %y, i64 %1016
+  %1018 = add nsw i64 %col83, 0
+  %1019 = getelementptr inbounds float, ptr %1017, i64 %1018
+  %1020 = load <8 x float>, ptr %1019, align 4
+  %1021 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1020
+  store <8 x float> %1021, ptr %acc00084, align 4
+  %1022 = add nsw i64 %col83, 8
+  %1023 = getelementptr inbounds float, ptr %1017, i64 %1022
+  %1024 = load <8 x float>, ptr %1023, align 4
+  %1025 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1024
+  store <8 x float> %1025, ptr %acc00185, align 4
+  %1026 = mul nsw i64 %k0, 16
+  %1027 = mul nsw i64 %kb.p, 46080
+  %panel.off86 = add nsw i64 %1027, %1026
+  %1028 = getelementptr inbounds i16, ptr %panels, i64 %panel.off86
+  %pf.on87 = and i1 %pf.on, %pf.next
+  %1029 = mul nsw i64 %rb, 7680
+  %1030 = lshr i64 %1029, %26
+  %1031 = add nsw i64 %pf.step, %1030
+  %1032 = getelementptr inbounds i8, ptr %1028, i64 %1031
+  %pf88 = select i1 %pf.on87, ptr %1032, ptr %1028
+  %pf.sh89 = select i1 %pf.on87, i64 %26, i64 0
+  br label %k.head90
 
-k.head89:                                         ; preds = %pf.any.end94, %tile.mr1
-  %k92 = phi i64 [ 0, %tile.mr1 ], [ %894, %pf.any.end94 ]
-  %874 = icmp slt i64 %k92, 2880
-  br i1 %874, label %k.body90, label %k.end91
+k.head90:                                         ; preds = %pf.any.end95, %tile.mr1
+  %k93 = phi i64 [ 0, %tile.mr1 ], [ %1053, %pf.any.end95 ]
+  %1033 = icmp slt i64 %k93, 240
+  br i1 %1033, label %k.body91, label %k.end92
 
-k.body90:                                         ; preds = %k.head89
-  %875 = mul nsw i64 %k92, 1
-  %876 = add nsw i64 %875, 0
-  %877 = mul nsw i64 %876, 32
-  br i1 %pf.multi, label %pf.any.then93, label %pf.any.end94
+k.body91:                                         ; preds = %k.head90
+  %1034 = mul nsw i64 %k93, 1
+  %1035 = add nsw i64 %1034, 0
+  %1036 = mul nsw i64 %1035, 32
+  br i1 %pf.multi, label %pf.any.then94, label %pf.any.end95
 
-pf.any.then93:                                    ; preds = %k.body90
-  %878 = lshr i64 %877, %pf.sh88
-  %879 = getelementptr inbounds i8, ptr %pf87, i64 %878
-  call void @llvm.prefetch.p0(ptr %879, i32 0, i32 2, i32 1)
-  br label %pf.any.end94
+pf.any.then94:                                    ; preds = %k.body91
+  %1037 = lshr i64 %1036, %pf.sh89
+  %1038 = getelementptr inbounds i8, ptr %pf88, i64 %1037
+  call void @llvm.prefetch.p0(ptr %1038, i32 0, i32 2, i32 1)
+  br label %pf.any.end95
 
-pf.any.end94:                                     ; preds = %pf.any.then93, %k.body90
-  %880 = mul nsw i64 %876, 16
-  %881 = add nsw i64 %panel.off85, %880
-  %882 = getelementptr inbounds i16, ptr %panels, i64 %881
-  %883 = load <8 x i32>, ptr %882, align 4
-  %884 = shl <8 x i32> %883, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b095 = bitcast <8 x i32> %884 to <8 x float>
-  %885 = and <8 x i32> %883, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b196 = bitcast <8 x i32> %885 to <8 x float>
-  %886 = getelementptr inbounds float, ptr %857, i64 %876
-  %887 = load float, ptr %886, align 4
-  %888 = insertelement <8 x float> poison, float %887, i32 0
-  %889 = shufflevector <8 x float> %888, <8 x float> poison, <8 x i32> zeroinitializer
-  %890 = load <8 x float>, ptr %acc00083, align 4
-  %891 = call <8 x float> @llvm.fma.v8f32(<8 x float> %889, <8 x float> %b095, <8 x float> %890)
-  store <8 x float> %891, ptr %acc00083, align 4
-  %892 = load <8 x float>, ptr %acc00184, align 4
-  %893 = call <8 x float> @llvm.fma.v8f32(<8 x float> %889, <8 x float> %b196, <8 x float> %892)
-  store <8 x float> %893, ptr %acc00184, align 4
-  %894 = add nsw i64 %k92, 1
-  br label %k.head89
+pf.any.end95:                                     ; preds = %pf.any.then94, %k.body91
+  %1039 = mul nsw i64 %1035, 16
+  %1040 = add nsw i64 %panel.off86, %1039
+  %1041 = getelementptr inbounds i16, ptr %panels, i64 %1040
+  %1042 = load <8 x i32>, ptr %1041, align 4
+  %1043 = shl <8 x i32> %1042, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b096 = bitcast <8 x i32> %1043 to <8 x float>
+  %1044 = and <8 x i32> %1042, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b197 = bitcast <8 x i32> %1044 to <8 x float>
+  %1045 = getelementptr inbounds float, ptr %1012, i64 %1035
+  %1046 = load float, ptr %1045, align 4
+  %1047 = insertelement <8 x float> poison, float %1046, i32 0
+  %1048 = shufflevector <8 x float> %1047, <8 x float> poison, <8 x i32> zeroinitializer
+  %1049 = load <8 x float>, ptr %acc00084, align 4
+  %1050 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1048, <8 x float> %b096, <8 x float> %1049)
+  store <8 x float> %1050, ptr %acc00084, align 4
+  %1051 = load <8 x float>, ptr %acc00185, align 4
+  %1052 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1048, <8 x float> %b197, <8 x float> %1051)
+  store <8 x float> %1052, ptr %acc00185, align 4
+  %1053 = add nsw i64 %k93, 1
+  br label %k.head90
 
-k.end91:                                          ; preds = %k.head89
-  %895 = add nsw i64 %r0, 0
-  %896 = getelementptr inbounds float, ptr %rw, i64 %895
-  %897 = load float, ptr %896, align 4
-  %898 = insertelement <8 x float> poison, float %897, i32 0
-  %899 = shufflevector <8 x float> %898, <8 x float> poison, <8 x i32> zeroinitializer
-  %900 = load <8 x float>, ptr %acc00083, align 4
-  %901 = add nsw i64 %col82, 0
-  %902 = getelementptr inbounds float, ptr %bd, i64 %901
-  %903 = load <8 x float>, ptr %902, align 4
-  %904 = fmul <8 x float> %903, %899
-  %905 = fadd <8 x float> %900, %904
-  store <8 x float> %905, ptr %864, align 4
-  %906 = load <8 x float>, ptr %acc00184, align 4
-  %907 = add nsw i64 %col82, 8
-  %908 = getelementptr inbounds float, ptr %bd, i64 %907
-  %909 = load <8 x float>, ptr %908, align 4
-  %910 = fmul <8 x float> %909, %899
-  %911 = fadd <8 x float> %906, %910
-  store <8 x float> %911, ptr %866, align 4
+k.end92:                                          ; preds = %k.head90
+  %1054 = add nsw i64 %r01, 0
+  %1055 = getelementptr inbounds float, ptr %rw, i64 %1054
+  %1056 = load float, ptr %1055, align 4
+  %1057 = insertelement <8 x float> poison, float %1056, i32 0
+  %1058 = shufflevector <8 x float> %1057, <8 x float> poison, <8 x i32> zeroinitializer
+  %1059 = load <8 x float>, ptr %acc00084, align 4
+  %1060 = add nsw i64 %col83, 0
+  %1061 = getelementptr inbounds float, ptr %bd, i64 %1060
+  %1062 = load <8 x float>, ptr %1061, align 4
+  %1063 = fmul <8 x float> %1062, %1058
+  %1064 = fadd <8 x float> %1059, %1063
+  %1065 = select i1 %klast, <8 x float> %1064, <8 x float> %1059
+  store <8 x float> %1065, ptr %1019, align 4
+  %1066 = load <8 x float>, ptr %acc00185, align 4
+  %1067 = add nsw i64 %col83, 8
+  %1068 = getelementptr inbounds float, ptr %bd, i64 %1067
+  %1069 = load <8 x float>, ptr %1068, align 4
+  %1070 = fmul <8 x float> %1069, %1058
+  %1071 = fadd <8 x float> %1066, %1070
+  %1072 = select i1 %klast, <8 x float> %1071, <8 x float> %1066
+  store <8 x float> %1072, ptr %1023, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end91, %k.end76, %k.end59, %k.end40, %k.end19, %k.end
-  %912 = add nsw i64 %rb, 1
+tile.done:                                        ; preds = %k.end92, %k.end77, %k.end60, %k.end41, %k.end20, %k.end
+  %1073 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %913 = add nsw i64 %p, 1
+  %1074 = add nsw i64 %kb.p, 1
+  br label %kb.p.head
+
+kb.p.end:                                         ; preds = %kb.p.head
+  %1075 = add nsw i64 %kb.k, 1
+  br label %kb.k.head
+
+kb.k.end:                                         ; preds = %kb.k.head
+  %1076 = add nsw i64 %kb.pg, 16
+  br label %kb.pg.head
+
+kb.pg.end:                                        ; preds = %kb.pg.head
+  %1077 = add nsw i64 %kb.rc, 96
+  br label %kb.rc.head
+
+kb.rc.end:                                        ; preds = %kb.rc.head
+  br label %call.end
+
+flat:                                             ; preds = %start
+  br label %p.head
+
+p.head:                                           ; preds = %rb.end101, %flat
+  %p = phi i64 [ %p0, %flat ], [ %2059, %rb.end101 ]
+  %1078 = icmp slt i64 %p, %end
+  br i1 %1078, label %p.body, label %p.end
+
+p.body:                                           ; preds = %p.head
+  %1079 = add nsw i64 %n, 5
+  %nrb98 = sdiv i64 %1079, 6
+  br label %rb.head99
+
+rb.head99:                                        ; preds = %tile.done106, %p.body
+  %rb102 = phi i64 [ 0, %p.body ], [ %2058, %tile.done106 ]
+  %1080 = icmp slt i64 %rb102, %nrb98
+  br i1 %1080, label %rb.body100, label %rb.end101
+
+rb.body100:                                       ; preds = %rb.head99
+  %1081 = mul nsw i64 %rb102, %n
+  %r0103 = sdiv i64 %1081, %nrb98
+  %1082 = add nsw i64 %rb102, 1
+  %1083 = mul nsw i64 %1082, %n
+  %r1104 = sdiv i64 %1083, %nrb98
+  %mr105 = sub nsw i64 %r1104, %r0103
+  %1084 = icmp sge i64 %nrb98, 2
+  %1085 = select i1 %1084, i64 1, i64 0
+  %1086 = icmp sge i64 %nrb98, 4
+  %1087 = select i1 %1086, i64 2, i64 %1085
+  %1088 = icmp sge i64 %nrb98, 8
+  %1089 = select i1 %1088, i64 3, i64 %1087
+  %pf.multi113 = icmp sgt i64 %nrb98, 1
+  %1090 = shl i64 1, %1089
+  %1091 = icmp slt i64 %rb102, %1090
+  %pf.on114 = and i1 %pf.multi113, %1091
+  switch i64 %mr105, label %tile.mr6112 [
+    i64 1, label %tile.mr1107
+    i64 2, label %tile.mr2108
+    i64 3, label %tile.mr3109
+    i64 4, label %tile.mr4110
+    i64 5, label %tile.mr5111
+  ]
+
+tile.mr6112:                                      ; preds = %rb.body100
+  %col115 = mul nsw i64 %p, 16
+  %1092 = add nsw i64 %r0103, 0
+  %1093 = mul nsw i64 %1092, 2880
+  %1094 = add nsw i64 %1093, 0
+  %1095 = getelementptr inbounds float, ptr %h, i64 %1094
+  %1096 = getelementptr inbounds i32, ptr %rows, i64 %1092
+  %1097 = load i32, ptr %1096, align 4
+  %1098 = sext i32 %1097 to i64
+  %1099 = mul nsw i64 %1098, 2880
+  %1100 = getelementptr inbounds float, ptr %y, i64 %1099
+  %1101 = add nsw i64 %col115, 0
+  %1102 = getelementptr inbounds float, ptr %1100, i64 %1101
+  %1103 = load <8 x float>, ptr %1102, align 4
+  store <8 x float> zeroinitializer, ptr %acc000116, align 4
+  %1104 = add nsw i64 %col115, 8
+  %1105 = getelementptr inbounds float, ptr %1100, i64 %1104
+  %1106 = load <8 x float>, ptr %1105, align 4
+  store <8 x float> zeroinitializer, ptr %acc001117, align 4
+  %1107 = add nsw i64 %r0103, 1
+  %1108 = mul nsw i64 %1107, 2880
+  %1109 = add nsw i64 %1108, 0
+  %1110 = getelementptr inbounds float, ptr %h, i64 %1109
+  %1111 = getelementptr inbounds i32, ptr %rows, i64 %1107
+  %1112 = load i32, ptr %1111, align 4
+  %1113 = sext i32 %1112 to i64
+  %1114 = mul nsw i64 %1113, 2880
+  %1115 = getelementptr inbounds float, ptr %y, i64 %1114
+  %1116 = add nsw i64 %col115, 0
+  %1117 = getelementptr inbounds float, ptr %1115, i64 %1116
+  %1118 = load <8 x float>, ptr %1117, align 4
+  store <8 x float> zeroinitializer, ptr %acc010118, align 4
+  %1119 = add nsw i64 %col115, 8
+  %1120 = getelementptr inbounds float, ptr %1115, i64 %1119
+  %1121 = load <8 x float>, ptr %1120, align 4
+  store <8 x float> zeroinitializer, ptr %acc011119, align 4
+  %1122 = add nsw i64 %r0103, 2
+  %1123 = mul nsw i64 %1122, 2880
+  %1124 = add nsw i64 %1123, 0
+  %1125 = getelementptr inbounds float, ptr %h, i64 %1124
+  %1126 = getelementptr inbounds i32, ptr %rows, i64 %1122
+  %1127 = load i32, ptr %1126, align 4
+  %1128 = sext i32 %1127 to i64
+  %1129 = mul nsw i64 %1128, 2880
+  %1130 = getelementptr inbounds float, ptr %y, i64 %1129
+  %1131 = add nsw i64 %col115, 0
+  %1132 = getelementptr inbounds float, ptr %1130, i64 %1131
+  %1133 = load <8 x float>, ptr %1132, align 4
+  store <8 x float> zeroinitializer, ptr %acc020120, align 4
+  %1134 = add nsw i64 %col115, 8
+  %1135 = getelementptr inbounds float, ptr %1130, i64 %1134
+  %1136 = load <8 x float>, ptr %1135, align 4
+  store <8 x float> zeroinitializer, ptr %acc021121, align 4
+  %1137 = add nsw i64 %r0103, 3
+  %1138 = mul nsw i64 %1137, 2880
+  %1139 = add nsw i64 %1138, 0
+  %1140 = getelementptr inbounds float, ptr %h, i64 %1139
+  %1141 = getelementptr inbounds i32, ptr %rows, i64 %1137
+  %1142 = load i32, ptr %1141, align 4
+  %1143 = sext i32 %1142 to i64
+  %1144 = mul nsw i64 %1143, 2880
+  %1145 = getelementptr inbounds float, ptr %y, i64 %1144
+  %1146 = add nsw i64 %col115, 0
+  %1147 = getelementptr inbounds float, ptr %1145, i64 %1146
+  %1148 = load <8 x float>, ptr %1147, align 4
+  store <8 x float> zeroinitializer, ptr %acc030122, align 4
+  %1149 = add nsw i64 %col115, 8
+  %1150 = getelementptr inbounds float, ptr %1145, i64 %1149
+  %1151 = load <8 x float>, ptr %1150, align 4
+  store <8 x float> zeroinitializer, ptr %acc031123, align 4
+  %1152 = add nsw i64 %r0103, 4
+  %1153 = mul nsw i64 %1152, 2880
+  %1154 = add nsw i64 %1153, 0
+  %1155 = getelementptr inbounds float, ptr %h, i64 %1154
+  %1156 = getelementptr inbounds i32, ptr %rows, i64 %1152
+  %1157 = load i32, ptr %1156, align 4
+  %1158 = sext i32 %1157 to i64
+  %1159 = mul nsw i64 %1158, 2880
+  %1160 = getelementptr inbounds float, ptr %y, i64 %1159
+  %1161 = add nsw i64 %col115, 0
+  %1162 = getelementptr inbounds float, ptr %1160, i64 %1161
+  %1163 = load <8 x float>, ptr %1162, align 4
+  store <8 x float> zeroinitializer, ptr %acc040124, align 4
+  %1164 = add nsw i64 %col115, 8
+  %1165 = getelementptr inbounds float, ptr %1160, i64 %1164
+  %1166 = load <8 x float>, ptr %1165, align 4
+  store <8 x float> zeroinitializer, ptr %acc041125, align 4
+  %1167 = add nsw i64 %r0103, 5
+  %1168 = mul nsw i64 %1167, 2880
+  %1169 = add nsw i64 %1168, 0
+  %1170 = getelementptr inbounds float, ptr %h, i64 %1169
+  %1171 = getelementptr inbounds i32, ptr %rows, i64 %1167
+  %1172 = load i32, ptr %1171, align 4
+  %1173 = sext i32 %1172 to i64
+  %1174 = mul nsw i64 %1173, 2880
+  %1175 = getelementptr inbounds float, ptr %y, i64 %1174
+  %1176 = add nsw i64 %col115, 0
+  %1177 = getelementptr inbounds float, ptr %1175, i64 %1176
+  %1178 = load <8 x float>, ptr %1177, align 4
+  store <8 x float> zeroinitializer, ptr %acc050126, align 4
+  %1179 = add nsw i64 %col115, 8
+  %1180 = getelementptr inbounds float, ptr %1175, i64 %1179
+  %1181 = load <8 x float>, ptr %1180, align 4
+  store <8 x float> zeroinitializer, ptr %acc051127, align 4
+  %1182 = mul nsw i64 %p, 46080
+  %panel.off128 = add nsw i64 %1182, 0
+  %1183 = getelementptr inbounds i16, ptr %panels, i64 %panel.off128
+  %1184 = add nsw i64 %p, 1
+  %1185 = icmp slt i64 %1184, %p1
+  %pf.on129 = and i1 %pf.on114, %1185
+  %1186 = mul nsw i64 %rb102, 92160
+  %1187 = lshr i64 %1186, %1089
+  %1188 = add nsw i64 92160, %1187
+  %1189 = getelementptr inbounds i8, ptr %1183, i64 %1188
+  %pf130 = select i1 %pf.on129, ptr %1189, ptr %1183
+  %pf.sh131 = select i1 %pf.on129, i64 %1089, i64 0
+  br label %k.head132
+
+k.head132:                                        ; preds = %pf.any.end137, %tile.mr6112
+  %k135 = phi i64 [ 0, %tile.mr6112 ], [ %1250, %pf.any.end137 ]
+  %1190 = icmp slt i64 %k135, 2880
+  br i1 %1190, label %k.body133, label %k.end134
+
+k.body133:                                        ; preds = %k.head132
+  %1191 = mul nsw i64 %k135, 1
+  %1192 = add nsw i64 %1191, 0
+  %1193 = mul nsw i64 %1192, 32
+  br i1 %pf.multi113, label %pf.any.then136, label %pf.any.end137
+
+pf.any.then136:                                   ; preds = %k.body133
+  %1194 = lshr i64 %1193, %pf.sh131
+  %1195 = getelementptr inbounds i8, ptr %pf130, i64 %1194
+  call void @llvm.prefetch.p0(ptr %1195, i32 0, i32 2, i32 1)
+  br label %pf.any.end137
+
+pf.any.end137:                                    ; preds = %pf.any.then136, %k.body133
+  %1196 = mul nsw i64 %1192, 16
+  %1197 = add nsw i64 %panel.off128, %1196
+  %1198 = getelementptr inbounds i16, ptr %panels, i64 %1197
+  %1199 = load <8 x i32>, ptr %1198, align 4
+  %1200 = shl <8 x i32> %1199, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0138 = bitcast <8 x i32> %1200 to <8 x float>
+  %1201 = and <8 x i32> %1199, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1139 = bitcast <8 x i32> %1201 to <8 x float>
+  %1202 = getelementptr inbounds float, ptr %1095, i64 %1192
+  %1203 = load float, ptr %1202, align 4
+  %1204 = insertelement <8 x float> poison, float %1203, i32 0
+  %1205 = shufflevector <8 x float> %1204, <8 x float> poison, <8 x i32> zeroinitializer
+  %1206 = load <8 x float>, ptr %acc000116, align 4
+  %1207 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1205, <8 x float> %b0138, <8 x float> %1206)
+  store <8 x float> %1207, ptr %acc000116, align 4
+  %1208 = load <8 x float>, ptr %acc001117, align 4
+  %1209 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1205, <8 x float> %b1139, <8 x float> %1208)
+  store <8 x float> %1209, ptr %acc001117, align 4
+  %1210 = getelementptr inbounds float, ptr %1110, i64 %1192
+  %1211 = load float, ptr %1210, align 4
+  %1212 = insertelement <8 x float> poison, float %1211, i32 0
+  %1213 = shufflevector <8 x float> %1212, <8 x float> poison, <8 x i32> zeroinitializer
+  %1214 = load <8 x float>, ptr %acc010118, align 4
+  %1215 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1213, <8 x float> %b0138, <8 x float> %1214)
+  store <8 x float> %1215, ptr %acc010118, align 4
+  %1216 = load <8 x float>, ptr %acc011119, align 4
+  %1217 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1213, <8 x float> %b1139, <8 x float> %1216)
+  store <8 x float> %1217, ptr %acc011119, align 4
+  %1218 = getelementptr inbounds float, ptr %1125, i64 %1192
+  %1219 = load float, ptr %1218, align 4
+  %1220 = insertelement <8 x float> poison, float %1219, i32 0
+  %1221 = shufflevector <8 x float> %1220, <8 x float> poison, <8 x i32> zeroinitializer
+  %1222 = load <8 x float>, ptr %acc020120, align 4
+  %1223 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1221, <8 x float> %b0138, <8 x float> %1222)
+  store <8 x float> %1223, ptr %acc020120, align 4
+  %1224 = load <8 x float>, ptr %acc021121, align 4
+  %1225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1221, <8 x float> %b1139, <8 x float> %1224)
+  store <8 x float> %1225, ptr %acc021121, align 4
+  %1226 = getelementptr inbounds float, ptr %1140, i64 %1192
+  %1227 = load float, ptr %1226, align 4
+  %1228 = insertelement <8 x float> poison, float %1227, i32 0
+  %1229 = shufflevector <8 x float> %1228, <8 x float> poison, <8 x i32> zeroinitializer
+  %1230 = load <8 x float>, ptr %acc030122, align 4
+  %1231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1229, <8 x float> %b0138, <8 x float> %1230)
+  store <8 x float> %1231, ptr %acc030122, align 4
+  %1232 = load <8 x float>, ptr %acc031123, align 4
+  %1233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1229, <8 x float> %b1139, <8 x float> %1232)
+  store <8 x float> %1233, ptr %acc031123, align 4
+  %1234 = getelementptr inbounds float, ptr %1155, i64 %1192
+  %1235 = load float, ptr %1234, align 4
+  %1236 = insertelement <8 x float> poison, float %1235, i32 0
+  %1237 = shufflevector <8 x float> %1236, <8 x float> poison, <8 x i32> zeroinitializer
+  %1238 = load <8 x float>, ptr %acc040124, align 4
+  %1239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1237, <8 x float> %b0138, <8 x float> %1238)
+  store <8 x float> %1239, ptr %acc040124, align 4
+  %1240 = load <8 x float>, ptr %acc041125, align 4
+  %1241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1237, <8 x float> %b1139, <8 x float> %1240)
+  store <8 x float> %1241, ptr %acc041125, align 4
+  %1242 = getelementptr inbounds float, ptr %1170, i64 %1192
+  %1243 = load float, ptr %1242, align 4
+  %1244 = insertelement <8 x float> poison, float %1243, i32 0
+  %1245 = shufflevector <8 x float> %1244, <8 x float> poison, <8 x i32> zeroinitializer
+  %1246 = load <8 x float>, ptr %acc050126, align 4
+  %1247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1245, <8 x float> %b0138, <8 x float> %1246)
+  store <8 x float> %1247, ptr %acc050126, align 4
+  %1248 = load <8 x float>, ptr %acc051127, align 4
+  %1249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1245, <8 x float> %b1139, <8 x float> %1248)
+  store <8 x float> %1249, ptr %acc051127, align 4
+  %1250 = add nsw i64 %k135, 1
+  br label %k.head132
+
+k.end134:                                         ; preds = %k.head132
+  %1251 = add nsw i64 %r0103, 0
+  %1252 = getelementptr inbounds float, ptr %rw, i64 %1251
+  %1253 = load float, ptr %1252, align 4
+  %1254 = insertelement <8 x float> poison, float %1253, i32 0
+  %1255 = shufflevector <8 x float> %1254, <8 x float> poison, <8 x i32> zeroinitializer
+  %1256 = load <8 x float>, ptr %acc000116, align 4
+  %1257 = add nsw i64 %col115, 0
+  %1258 = getelementptr inbounds float, ptr %bd, i64 %1257
+  %1259 = load <8 x float>, ptr %1258, align 4
+  %1260 = fmul <8 x float> %1259, %1255
+  %1261 = fadd <8 x float> %1256, %1260
+  store <8 x float> %1261, ptr %1102, align 4
+  %1262 = load <8 x float>, ptr %acc001117, align 4
+  %1263 = add nsw i64 %col115, 8
+  %1264 = getelementptr inbounds float, ptr %bd, i64 %1263
+  %1265 = load <8 x float>, ptr %1264, align 4
+  %1266 = fmul <8 x float> %1265, %1255
+  %1267 = fadd <8 x float> %1262, %1266
+  store <8 x float> %1267, ptr %1105, align 4
+  %1268 = add nsw i64 %r0103, 1
+  %1269 = getelementptr inbounds float, ptr %rw, i64 %1268
+  %1270 = load float, ptr %1269, align 4
+  %1271 = insertelement <8 x float> poison, float %1270, i32 0
+  %1272 = shufflevector <8 x float> %1271, <8 x float> poison, <8 x i32> zeroinitializer
+  %1273 = load <8 x float>, ptr %acc010118, align 4
+  %1274 = add nsw i64 %col115, 0
+  %1275 = getelementptr inbounds float, ptr %bd, i64 %1274
+  %1276 = load <8 x float>, ptr %1275, align 4
+  %1277 = fmul <8 x float> %1276, %1272
+  %1278 = fadd <8 x float> %1273, %1277
+  store <8 x float> %1278, ptr %1117, align 4
+  %1279 = load <8 x float>, ptr %acc011119, align 4
+  %1280 = add nsw i64 %col115, 8
+  %1281 = getelementptr inbounds float, ptr %bd, i64 %1280
+  %1282 = load <8 x float>, ptr %1281, align 4
+  %1283 = fmul <8 x float> %1282, %1272
+  %1284 = fadd <8 x float> %1279, %1283
+  store <8 x float> %1284, ptr %1120, align 4
+  %1285 = add nsw i64 %r0103, 2
+  %1286 = getelementptr inbounds float, ptr %rw, i64 %1285
+  %1287 = load float, ptr %1286, align 4
+  %1288 = insertelement <8 x float> poison, float %1287, i32 0
+  %1289 = shufflevector <8 x float> %1288, <8 x float> poison, <8 x i32> zeroinitializer
+  %1290 = load <8 x float>, ptr %acc020120, align 4
+  %1291 = add nsw i64 %col115, 0
+  %1292 = getelementptr inbounds float, ptr %bd, i64 %1291
+  %1293 = load <8 x float>, ptr %1292, align 4
+  %1294 = fmul <8 x float> %1293, %1289
+  %1295 = fadd <8 x float> %1290, %1294
+  store <8 x float> %1295, ptr %1132, align 4
+  %1296 = load <8 x float>, ptr %acc021121, align 4
+  %1297 = add nsw i64 %col115, 8
+  %1298 = getelementptr inbounds float, ptr %bd, i64 %1297
+  %1299 = load <8 x float>, ptr %1298, align 4
+  %1300 = fmul <8 x float> %1299, %1289
+  %1301 = fadd <8 x float> %1296, %1300
+  store <8 x float> %1301, ptr %1135, align 4
+  %1302 = add nsw i64 %r0103, 3
+  %1303 = getelementptr inbounds float, ptr %rw, i64 %1302
+  %1304 = load float, ptr %1303, align 4
+  %1305 = insertelement <8 x float> poison, float %1304, i32 0
+  %1306 = shufflevector <8 x float> %1305, <8 x float> poison, <8 x i32> zeroinitializer
+  %1307 = load <8 x float>, ptr %acc030122, align 4
+  %1308 = add nsw i64 %col115, 0
+  %1309 = getelementptr inbounds float, ptr %bd, i64 %1308
+  %1310 = load <8 x float>, ptr %1309, align 4
+  %1311 = fmul <8 x float> %1310, %1306
+  %1312 = fadd <8 x float> %1307, %1311
+  store <8 x float> %1312, ptr %1147, align 4
+  %1313 = load <8 x float>, ptr %acc031123, align 4
+  %1314 = add nsw i64 %col115, 8
+  %1315 = getelementptr inbounds float, ptr %bd, i64 %1314
+  %1316 = load <8 x float>, ptr %1315, align 4
+  %1317 = fmul <8 x float> %1316, %1306
+  %1318 = fadd <8 x float> %1313, %1317
+  store <8 x float> %1318, ptr %1150, align 4
+  %1319 = add nsw i64 %r0103, 4
+  %1320 = getelementptr inbounds float, ptr %rw, i64 %1319
+  %1321 = load float, ptr %1320, align 4
+  %1322 = insertelement <8 x float> poison, float %1321, i32 0
+  %1323 = shufflevector <8 x float> %1322, <8 x float> poison, <8 x i32> zeroinitializer
+  %1324 = load <8 x float>, ptr %acc040124, align 4
+  %1325 = add nsw i64 %col115, 0
+  %1326 = getelementptr inbounds float, ptr %bd, i64 %1325
+  %1327 = load <8 x float>, ptr %1326, align 4
+  %1328 = fmul <8 x float> %1327, %1323
+  %1329 = fadd <8 x float> %1324, %1328
+  store <8 x float> %1329, ptr %1162, align 4
+  %1330 = load <8 x float>, ptr %acc041125, align 4
+  %1331 = add nsw i64 %col115, 8
+  %1332 = getelementptr inbounds float, ptr %bd, i64 %1331
+  %1333 = load <8 x float>, ptr %1332, align 4
+  %1334 = fmul <8 x float> %1333, %1323
+  %1335 = fadd <8 x float> %1330, %1334
+  store <8 x float> %1335, ptr %1165, align 4
+  %1336 = add nsw i64 %r0103, 5
+  %1337 = getelementptr inbounds float, ptr %rw, i64 %1336
+  %1338 = load float, ptr %1337, align 4
+  %1339 = insertelement <8 x float> poison, float %1338, i32 0
+  %1340 = shufflevector <8 x float> %1339, <8 x float> poison, <8 x i32> zeroinitializer
+  %1341 = load <8 x float>, ptr %acc050126, align 4
+  %1342 = add nsw i64 %col115, 0
+  %1343 = getelementptr inbounds float, ptr %bd, i64 %1342
+  %1344 = load <8 x float>, ptr %1343, align 4
+  %1345 = fmul <8 x float> %1344, %1340
+  %1346 = fadd <8 x float> %1341, %1345
+  store <8 x float> %1346, ptr %1177, align 4
+  %1347 = load <8 x float>, ptr %acc051127, align 4
+  %1348 = add nsw i64 %col115, 8
+  %1349 = getelementptr inbounds float, ptr %bd, i64 %1348
+  %1350 = load <8 x float>, ptr %1349, align 4
+  %1351 = fmul <8 x float> %1350, %1340
+  %1352 = fadd <8 x float> %1347, %1351
+  store <8 x float> %1352, ptr %1180, align 4
+  br label %tile.done106
+
+tile.mr5111:                                      ; preds = %rb.body100
+  %col140 = mul nsw i64 %p, 16
+  %1353 = add nsw i64 %r0103, 0
+  %1354 = mul nsw i64 %1353, 2880
+  %1355 = add nsw i64 %1354, 0
+  %1356 = getelementptr inbounds float, ptr %h, i64 %1355
+  %1357 = getelementptr inbounds i32, ptr %rows, i64 %1353
+  %1358 = load i32, ptr %1357, align 4
+  %1359 = sext i32 %1358 to i64
+  %1360 = mul nsw i64 %1359, 2880
+  %1361 = getelementptr inbounds float, ptr %y, i64 %1360
+  %1362 = add nsw i64 %col140, 0
+  %1363 = getelementptr inbounds float, ptr %1361, i64 %1362
+  %1364 = load <8 x float>, ptr %1363, align 4
+  store <8 x float> zeroinitializer, ptr %acc000141, align 4
+  %1365 = add nsw i64 %col140, 8
+  %1366 = getelementptr inbounds float, ptr %1361, i64 %1365
+  %1367 = load <8 x float>, ptr %1366, align 4
+  store <8 x float> zeroinitializer, ptr %acc001142, align 4
+  %1368 = add nsw i64 %r0103, 1
+  %1369 = mul nsw i64 %1368, 2880
+  %1370 = add nsw i64 %1369, 0
+  %1371 = getelementptr inbounds float, ptr %h, i64 %1370
+  %1372 = getelementptr inbounds i32, ptr %rows, i64 %1368
+  %1373 = load i32, ptr %1372, align 4
+  %1374 = sext i32 %1373 to i64
+  %1375 = mul nsw i64 %1374, 2880
+  %1376 = getelementptr inbounds float, ptr %y, i64 %1375
+  %1377 = add nsw i64 %col140, 0
+  %1378 = getelementptr inbounds float, ptr %1376, i64 %1377
+  %1379 = load <8 x float>, ptr %1378, align 4
+  store <8 x float> zeroinitializer, ptr %acc010143, align 4
+  %1380 = add nsw i64 %col140, 8
+  %1381 = getelementptr inbounds float, ptr %1376, i64 %1380
+  %1382 = load <8 x float>, ptr %1381, align 4
+  store <8 x float> zeroinitializer, ptr %acc011144, align 4
+  %1383 = add nsw i64 %r0103, 2
+  %1384 = mul nsw i64 %1383, 2880
+  %1385 = add nsw i64 %1384, 0
+  %1386 = getelementptr inbounds float, ptr %h, i64 %1385
+  %1387 = getelementptr inbounds i32, ptr %rows, i64 %1383
+  %1388 = load i32, ptr %1387, align 4
+  %1389 = sext i32 %1388 to i64
+  %1390 = mul nsw i64 %1389, 2880
+  %1391 = getelementptr inbounds float, ptr %y, i64 %1390
+  %1392 = add nsw i64 %col140, 0
+  %1393 = getelementptr inbounds float, ptr %1391, i64 %1392
+  %1394 = load <8 x float>, ptr %1393, align 4
+  store <8 x float> zeroinitializer, ptr %acc020145, align 4
+  %1395 = add nsw i64 %col140, 8
+  %1396 = getelementptr inbounds float, ptr %1391, i64 %1395
+  %1397 = load <8 x float>, ptr %1396, align 4
+  store <8 x float> zeroinitializer, ptr %acc021146, align 4
+  %1398 = add nsw i64 %r0103, 3
+  %1399 = mul nsw i64 %1398, 2880
+  %1400 = add nsw i64 %1399, 0
+  %1401 = getelementptr inbounds float, ptr %h, i64 %1400
+  %1402 = getelementptr inbounds i32, ptr %rows, i64 %1398
+  %1403 = load i32, ptr %1402, align 4
+  %1404 = sext i32 %1403 to i64
+  %1405 = mul nsw i64 %1404, 2880
+  %1406 = getelementptr inbounds float, ptr %y, i64 %1405
+  %1407 = add nsw i64 %col140, 0
+  %1408 = getelementptr inbounds float, ptr %1406, i64 %1407
+  %1409 = load <8 x float>, ptr %1408, align 4
+  store <8 x float> zeroinitializer, ptr %acc030147, align 4
+  %1410 = add nsw i64 %col140, 8
+  %1411 = getelementptr inbounds float, ptr %1406, i64 %1410
+  %1412 = load <8 x float>, ptr %1411, align 4
+  store <8 x float> zeroinitializer, ptr %acc031148, align 4
+  %1413 = add nsw i64 %r0103, 4
+  %1414 = mul nsw i64 %1413, 2880
+  %1415 = add nsw i64 %1414, 0
+  %1416 = getelementptr inbounds float, ptr %h, i64 %1415
+  %1417 = getelementptr inbounds i32, ptr %rows, i64 %1413
+  %1418 = load i32, ptr %1417, align 4
+  %1419 = sext i32 %1418 to i64
+  %1420 = mul nsw i64 %1419, 2880
+  %1421 = getelementptr inbounds float, ptr %y, i64 %1420
+  %1422 = add nsw i64 %col140, 0
+  %1423 = getelementptr inbounds float, ptr %1421, i64 %1422
+  %1424 = load <8 x float>, ptr %1423, align 4
+  store <8 x float> zeroinitializer, ptr %acc040149, align 4
+  %1425 = add nsw i64 %col140, 8
+  %1426 = getelementptr inbounds float, ptr %1421, i64 %1425
+  %1427 = load <8 x float>, ptr %1426, align 4
+  store <8 x float> zeroinitializer, ptr %acc041150, align 4
+  %1428 = mul nsw i64 %p, 46080
+  %panel.off151 = add nsw i64 %1428, 0
+  %1429 = getelementptr inbounds i16, ptr %panels, i64 %panel.off151
+  %1430 = add nsw i64 %p, 1
+  %1431 = icmp slt i64 %1430, %p1
+  %pf.on152 = and i1 %pf.on114, %1431
+  %1432 = mul nsw i64 %rb102, 92160
+  %1433 = lshr i64 %1432, %1089
+  %1434 = add nsw i64 92160, %1433
+  %1435 = getelementptr inbounds i8, ptr %1429, i64 %1434
+  %pf153 = select i1 %pf.on152, ptr %1435, ptr %1429
+  %pf.sh154 = select i1 %pf.on152, i64 %1089, i64 0
+  br label %k.head155
+
+k.head155:                                        ; preds = %pf.any.end160, %tile.mr5111
+  %k158 = phi i64 [ 0, %tile.mr5111 ], [ %1488, %pf.any.end160 ]
+  %1436 = icmp slt i64 %k158, 2880
+  br i1 %1436, label %k.body156, label %k.end157
+
+k.body156:                                        ; preds = %k.head155
+  %1437 = mul nsw i64 %k158, 1
+  %1438 = add nsw i64 %1437, 0
+  %1439 = mul nsw i64 %1438, 32
+  br i1 %pf.multi113, label %pf.any.then159, label %pf.any.end160
+
+pf.any.then159:                                   ; preds = %k.body156
+  %1440 = lshr i64 %1439, %pf.sh154
+  %1441 = getelementptr inbounds i8, ptr %pf153, i64 %1440
+  call void @llvm.prefetch.p0(ptr %1441, i32 0, i32 2, i32 1)
+  br label %pf.any.end160
+
+pf.any.end160:                                    ; preds = %pf.any.then159, %k.body156
+  %1442 = mul nsw i64 %1438, 16
+  %1443 = add nsw i64 %panel.off151, %1442
+  %1444 = getelementptr inbounds i16, ptr %panels, i64 %1443
+  %1445 = load <8 x i32>, ptr %1444, align 4
+  %1446 = shl <8 x i32> %1445, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0161 = bitcast <8 x i32> %1446 to <8 x float>
+  %1447 = and <8 x i32> %1445, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1162 = bitcast <8 x i32> %1447 to <8 x float>
+  %1448 = getelementptr inbounds float, ptr %1356, i64 %1438
+  %1449 = load float, ptr %1448, align 4
+  %1450 = insertelement <8 x float> poison, float %1449, i32 0
+  %1451 = shufflevector <8 x float> %1450, <8 x float> poison, <8 x i32> zeroinitializer
+  %1452 = load <8 x float>, ptr %acc000141, align 4
+  %1453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1451, <8 x float> %b0161, <8 x float> %1452)
+  store <8 x float> %1453, ptr %acc000141, align 4
+  %1454 = load <8 x float>, ptr %acc001142, align 4
+  %1455 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1451, <8 x float> %b1162, <8 x float> %1454)
+  store <8 x float> %1455, ptr %acc001142, align 4
+  %1456 = getelementptr inbounds float, ptr %1371, i64 %1438
+  %1457 = load float, ptr %1456, align 4
+  %1458 = insertelement <8 x float> poison, float %1457, i32 0
+  %1459 = shufflevector <8 x float> %1458, <8 x float> poison, <8 x i32> zeroinitializer
+  %1460 = load <8 x float>, ptr %acc010143, align 4
+  %1461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1459, <8 x float> %b0161, <8 x float> %1460)
+  store <8 x float> %1461, ptr %acc010143, align 4
+  %1462 = load <8 x float>, ptr %acc011144, align 4
+  %1463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1459, <8 x float> %b1162, <8 x float> %1462)
+  store <8 x float> %1463, ptr %acc011144, align 4
+  %1464 = getelementptr inbounds float, ptr %1386, i64 %1438
+  %1465 = load float, ptr %1464, align 4
+  %1466 = insertelement <8 x float> poison, float %1465, i32 0
+  %1467 = shufflevector <8 x float> %1466, <8 x float> poison, <8 x i32> zeroinitializer
+  %1468 = load <8 x float>, ptr %acc020145, align 4
+  %1469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1467, <8 x float> %b0161, <8 x float> %1468)
+  store <8 x float> %1469, ptr %acc020145, align 4
+  %1470 = load <8 x float>, ptr %acc021146, align 4
+  %1471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1467, <8 x float> %b1162, <8 x float> %1470)
+  store <8 x float> %1471, ptr %acc021146, align 4
+  %1472 = getelementptr inbounds float, ptr %1401, i64 %1438
+  %1473 = load float, ptr %1472, align 4
+  %1474 = insertelement <8 x float> poison, float %1473, i32 0
+  %1475 = shufflevector <8 x float> %1474, <8 x float> poison, <8 x i32> zeroinitializer
+  %1476 = load <8 x float>, ptr %acc030147, align 4
+  %1477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1475, <8 x float> %b0161, <8 x float> %1476)
+  store <8 x float> %1477, ptr %acc030147, align 4
+  %1478 = load <8 x float>, ptr %acc031148, align 4
+  %1479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1475, <8 x float> %b1162, <8 x float> %1478)
+  store <8 x float> %1479, ptr %acc031148, align 4
+  %1480 = getelementptr inbounds float, ptr %1416, i64 %1438
+  %1481 = load float, ptr %1480, align 4
+  %1482 = insertelement <8 x float> poison, float %1481, i32 0
+  %1483 = shufflevector <8 x float> %1482, <8 x float> poison, <8 x i32> zeroinitializer
+  %1484 = load <8 x float>, ptr %acc040149, align 4
+  %1485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1483, <8 x float> %b0161, <8 x float> %1484)
+  store <8 x float> %1485, ptr %acc040149, align 4
+  %1486 = load <8 x float>, ptr %acc041150, align 4
+  %1487 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1483, <8 x float> %b1162, <8 x float> %1486)
+  store <8 x float> %1487, ptr %acc041150, align 4
+  %1488 = add nsw i64 %k158, 1
+  br label %k.head155
+
+k.end157:                                         ; preds = %k.head155
+  %1489 = add nsw i64 %r0103, 0
+  %1490 = getelementptr inbounds float, ptr %rw, i64 %1489
+  %1491 = load float, ptr %1490, align 4
+  %1492 = insertelement <8 x float> poison, float %1491, i32 0
+  %1493 = shufflevector <8 x float> %1492, <8 x float> poison, <8 x i32> zeroinitializer
+  %1494 = load <8 x float>, ptr %acc000141, align 4
+  %1495 = add nsw i64 %col140, 0
+  %1496 = getelementptr inbounds float, ptr %bd, i64 %1495
+  %1497 = load <8 x float>, ptr %1496, align 4
+  %1498 = fmul <8 x float> %1497, %1493
+  %1499 = fadd <8 x float> %1494, %1498
+  store <8 x float> %1499, ptr %1363, align 4
+  %1500 = load <8 x float>, ptr %acc001142, align 4
+  %1501 = add nsw i64 %col140, 8
+  %1502 = getelementptr inbounds float, ptr %bd, i64 %1501
+  %1503 = load <8 x float>, ptr %1502, align 4
+  %1504 = fmul <8 x float> %1503, %1493
+  %1505 = fadd <8 x float> %1500, %1504
+  store <8 x float> %1505, ptr %1366, align 4
+  %1506 = add nsw i64 %r0103, 1
+  %1507 = getelementptr inbounds float, ptr %rw, i64 %1506
+  %1508 = load float, ptr %1507, align 4
+  %1509 = insertelement <8 x float> poison, float %1508, i32 0
+  %1510 = shufflevector <8 x float> %1509, <8 x float> poison, <8 x i32> zeroinitializer
+  %1511 = load <8 x float>, ptr %acc010143, align 4
+  %1512 = add nsw i64 %col140, 0
+  %1513 = getelementptr inbounds float, ptr %bd, i64 %1512
+  %1514 = load <8 x float>, ptr %1513, align 4
+  %1515 = fmul <8 x float> %1514, %1510
+  %1516 = fadd <8 x float> %1511, %1515
+  store <8 x float> %1516, ptr %1378, align 4
+  %1517 = load <8 x float>, ptr %acc011144, align 4
+  %1518 = add nsw i64 %col140, 8
+  %1519 = getelementptr inbounds float, ptr %bd, i64 %1518
+  %1520 = load <8 x float>, ptr %1519, align 4
+  %1521 = fmul <8 x float> %1520, %1510
+  %1522 = fadd <8 x float> %1517, %1521
+  store <8 x float> %1522, ptr %1381, align 4
+  %1523 = add nsw i64 %r0103, 2
+  %1524 = getelementptr inbounds float, ptr %rw, i64 %1523
+  %1525 = load float, ptr %1524, align 4
+  %1526 = insertelement <8 x float> poison, float %1525, i32 0
+  %1527 = shufflevector <8 x float> %1526, <8 x float> poison, <8 x i32> zeroinitializer
+  %1528 = load <8 x float>, ptr %acc020145, align 4
+  %1529 = add nsw i64 %col140, 0
+  %1530 = getelementptr inbounds float, ptr %bd, i64 %1529
+  %1531 = load <8 x float>, ptr %1530, align 4
+  %1532 = fmul <8 x float> %1531, %1527
+  %1533 = fadd <8 x float> %1528, %1532
+  store <8 x float> %1533, ptr %1393, align 4
+  %1534 = load <8 x float>, ptr %acc021146, align 4
+  %1535 = add nsw i64 %col140, 8
+  %1536 = getelementptr inbounds float, ptr %bd, i64 %1535
+  %1537 = load <8 x float>, ptr %1536, align 4
+  %1538 = fmul <8 x float> %1537, %1527
+  %1539 = fadd <8 x float> %1534, %1538
+  store <8 x float> %1539, ptr %1396, align 4
+  %1540 = add nsw i64 %r0103, 3
+  %1541 = getelementptr inbounds float, ptr %rw, i64 %1540
+  %1542 = load float, ptr %1541, align 4
+  %1543 = insertelement <8 x float> poison, float %1542, i32 0
+  %1544 = shufflevector <8 x float> %1543, <8 x float> poison, <8 x i32> zeroinitializer
+  %1545 = load <8 x float>, ptr %acc030147, align 4
+  %1546 = add nsw i64 %col140, 0
+  %1547 = getelementptr inbounds float, ptr %bd, i64 %1546
+  %1548 = load <8 x float>, ptr %1547, align 4
+  %1549 = fmul <8 x float> %1548, %1544
+  %1550 = fadd <8 x float> %1545, %1549
+  store <8 x float> %1550, ptr %1408, align 4
+  %1551 = load <8 x float>, ptr %acc031148, align 4
+  %1552 = add nsw i64 %col140, 8
+  %1553 = getelementptr inbounds float, ptr %bd, i64 %1552
+  %1554 = load <8 x float>, ptr %1553, align 4
+  %1555 = fmul <8 x float> %1554, %1544
+  %1556 = fadd <8 x float> %1551, %1555
+  store <8 x float> %1556, ptr %1411, align 4
+  %1557 = add nsw i64 %r0103, 4
+  %1558 = getelementptr inbounds float, ptr %rw, i64 %1557
+  %1559 = load float, ptr %1558, align 4
+  %1560 = insertelement <8 x float> poison, float %1559, i32 0
+  %1561 = shufflevector <8 x float> %1560, <8 x float> poison, <8 x i32> zeroinitializer
+  %1562 = load <8 x float>, ptr %acc040149, align 4
+  %1563 = add nsw i64 %col140, 0
+  %1564 = getelementptr inbounds float, ptr %bd, i64 %1563
+  %1565 = load <8 x float>, ptr %1564, align 4
+  %1566 = fmul <8 x float> %1565, %1561
+  %1567 = fadd <8 x float> %1562, %1566
+  store <8 x float> %1567, ptr %1423, align 4
+  %1568 = load <8 x float>, ptr %acc041150, align 4
+  %1569 = add nsw i64 %col140, 8
+  %1570 = getelementptr inbounds float, ptr %bd, i64 %1569
+  %1571 = load <8 x float>, ptr %1570, align 4
+  %1572 = fmul <8 x float> %1571, %1561
+  %1573 = fadd <8 x float> %1568, %1572
+  store <8 x float> %1573, ptr %1426, align 4
+  br label %tile.done106
+
+tile.mr4110:                                      ; preds = %rb.body100
+  %col163 = mul nsw i64 %p, 16
+  %1574 = add nsw i64 %r0103, 0
+  %1575 = mul nsw i64 %1574, 2880
+  %1576 = add nsw i64 %1575, 0
+  %1577 = getelementptr inbounds float, ptr %h, i64 %1576
+  %1578 = getelementptr inbounds i32, ptr %rows, i64 %1574
+  %1579 = load i32, ptr %1578, align 4
+  %1580 = sext i32 %1579 to i64
+  %1581 = mul nsw i64 %1580, 2880
+  %1582 = getelementptr inbounds float, ptr %y, i64 %1581
+  %1583 = add nsw i64 %col163, 0
+  %1584 = getelementptr inbounds float, ptr %1582, i64 %1583
+  %1585 = load <8 x float>, ptr %1584, align 4
+  store <8 x float> zeroinitializer, ptr %acc000164, align 4
+  %1586 = add nsw i64 %col163, 8
+  %1587 = getelementptr inbounds float, ptr %1582, i64 %1586
+  %1588 = load <8 x float>, ptr %1587, align 4
+  store <8 x float> zeroinitializer, ptr %acc001165, align 4
+  %1589 = add nsw i64 %r0103, 1
+  %1590 = mul nsw i64 %1589, 2880
+  %1591 = add nsw i64 %1590, 0
+  %1592 = getelementptr inbounds float, ptr %h, i64 %1591
+  %1593 = getelementptr inbounds i32, ptr %rows, i64 %1589
+  %1594 = load i32, ptr %1593, align 4
+  %1595 = sext i32 %1594 to i64
+  %1596 = mul nsw i64 %1595, 2880
+  %1597 = getelementptr inbounds float, ptr %y, i64 %1596
+  %1598 = add nsw i64 %col163, 0
+  %1599 = getelementptr inbounds float, ptr %1597, i64 %1598
+  %1600 = load <8 x float>, ptr %1599, align 4
+  store <8 x float> zeroinitializer, ptr %acc010166, align 4
+  %1601 = add nsw i64 %col163, 8
+  %1602 = getelementptr inbounds float, ptr %1597, i64 %1601
+  %1603 = load <8 x float>, ptr %1602, align 4
+  store <8 x float> zeroinitializer, ptr %acc011167, align 4
+  %1604 = add nsw i64 %r0103, 2
+  %1605 = mul nsw i64 %1604, 2880
+  %1606 = add nsw i64 %1605, 0
+  %1607 = getelementptr inbounds float, ptr %h, i64 %1606
+  %1608 = getelementptr inbounds i32, ptr %rows, i64 %1604
+  %1609 = load i32, ptr %1608, align 4
+  %1610 = sext i32 %1609 to i64
+  %1611 = mul nsw i64 %1610, 2880
+  %1612 = getelementptr inbounds float, ptr %y, i64 %1611
+  %1613 = add nsw i64 %col163, 0
+  %1614 = getelementptr inbounds float, ptr %1612, i64 %1613
+  %1615 = load <8 x float>, ptr %1614, align 4
+  store <8 x float> zeroinitializer, ptr %acc020168, align 4
+  %1616 = add nsw i64 %col163, 8
+  %1617 = getelementptr inbounds float, ptr %1612, i64 %1616
+  %1618 = load <8 x float>, ptr %1617, align 4
+  store <8 x float> zeroinitializer, ptr %acc021169, align 4
+  %1619 = add nsw i64 %r0103, 3
+  %1620 = mul nsw i64 %1619, 2880
+  %1621 = add nsw i64 %1620, 0
+  %1622 = getelementptr inbounds float, ptr %h, i64 %1621
+  %1623 = getelementptr inbounds i32, ptr %rows, i64 %1619
+  %1624 = load i32, ptr %1623, align 4
+  %1625 = sext i32 %1624 to i64
+  %1626 = mul nsw i64 %1625, 2880
+  %1627 = getelementptr inbounds float, ptr %y, i64 %1626
+  %1628 = add nsw i64 %col163, 0
+  %1629 = getelementptr inbounds float, ptr %1627, i64 %1628
+  %1630 = load <8 x float>, ptr %1629, align 4
+  store <8 x float> zeroinitializer, ptr %acc030170, align 4
+  %1631 = add nsw i64 %col163, 8
+  %1632 = getelementptr inbounds float, ptr %1627, i64 %1631
+  %1633 = load <8 x float>, ptr %1632, align 4
+  store <8 x float> zeroinitializer, ptr %acc031171, align 4
+  %1634 = mul nsw i64 %p, 46080
+  %panel.off172 = add nsw i64 %1634, 0
+  %1635 = getelementptr inbounds i16, ptr %panels, i64 %panel.off172
+  %1636 = add nsw i64 %p, 1
+  %1637 = icmp slt i64 %1636, %p1
+  %pf.on173 = and i1 %pf.on114, %1637
+  %1638 = mul nsw i64 %rb102, 92160
+  %1639 = lshr i64 %1638, %1089
+  %1640 = add nsw i64 92160, %1639
+  %1641 = getelementptr inbounds i8, ptr %1635, i64 %1640
+  %pf174 = select i1 %pf.on173, ptr %1641, ptr %1635
+  %pf.sh175 = select i1 %pf.on173, i64 %1089, i64 0
+  br label %k.head176
+
+k.head176:                                        ; preds = %pf.any.end181, %tile.mr4110
+  %k179 = phi i64 [ 0, %tile.mr4110 ], [ %1686, %pf.any.end181 ]
+  %1642 = icmp slt i64 %k179, 2880
+  br i1 %1642, label %k.body177, label %k.end178
+
+k.body177:                                        ; preds = %k.head176
+  %1643 = mul nsw i64 %k179, 1
+  %1644 = add nsw i64 %1643, 0
+  %1645 = mul nsw i64 %1644, 32
+  br i1 %pf.multi113, label %pf.any.then180, label %pf.any.end181
+
+pf.any.then180:                                   ; preds = %k.body177
+  %1646 = lshr i64 %1645, %pf.sh175
+  %1647 = getelementptr inbounds i8, ptr %pf174, i64 %1646
+  call void @llvm.prefetch.p0(ptr %1647, i32 0, i32 2, i32 1)
+  br label %pf.any.end181
+
+pf.any.end181:                                    ; preds = %pf.any.then180, %k.body177
+  %1648 = mul nsw i64 %1644, 16
+  %1649 = add nsw i64 %panel.off172, %1648
+  %1650 = getelementptr inbounds i16, ptr %panels, i64 %1649
+  %1651 = load <8 x i32>, ptr %1650, align 4
+  %1652 = shl <8 x i32> %1651, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0182 = bitcast <8 x i32> %1652 to <8 x float>
+  %1653 = and <8 x i32> %1651, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1183 = bitcast <8 x i32> %1653 to <8 x float>
+  %1654 = getelementptr inbounds float, ptr %1577, i64 %1644
+  %1655 = load float, ptr %1654, align 4
+  %1656 = insertelement <8 x float> poison, float %1655, i32 0
+  %1657 = shufflevector <8 x float> %1656, <8 x float> poison, <8 x i32> zeroinitializer
+  %1658 = load <8 x float>, ptr %acc000164, align 4
+  %1659 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1657, <8 x float> %b0182, <8 x float> %1658)
+  store <8 x float> %1659, ptr %acc000164, align 4
+  %1660 = load <8 x float>, ptr %acc001165, align 4
+  %1661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1657, <8 x float> %b1183, <8 x float> %1660)
+  store <8 x float> %1661, ptr %acc001165, align 4
+  %1662 = getelementptr inbounds float, ptr %1592, i64 %1644
+  %1663 = load float, ptr %1662, align 4
+  %1664 = insertelement <8 x float> poison, float %1663, i32 0
+  %1665 = shufflevector <8 x float> %1664, <8 x float> poison, <8 x i32> zeroinitializer
+  %1666 = load <8 x float>, ptr %acc010166, align 4
+  %1667 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1665, <8 x float> %b0182, <8 x float> %1666)
+  store <8 x float> %1667, ptr %acc010166, align 4
+  %1668 = load <8 x float>, ptr %acc011167, align 4
+  %1669 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1665, <8 x float> %b1183, <8 x float> %1668)
+  store <8 x float> %1669, ptr %acc011167, align 4
+  %1670 = getelementptr inbounds float, ptr %1607, i64 %1644
+  %1671 = load float, ptr %1670, align 4
+  %1672 = insertelement <8 x float> poison, float %1671, i32 0
+  %1673 = shufflevector <8 x float> %1672, <8 x float> poison, <8 x i32> zeroinitializer
+  %1674 = load <8 x float>, ptr %acc020168, align 4
+  %1675 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1673, <8 x float> %b0182, <8 x float> %1674)
+  store <8 x float> %1675, ptr %acc020168, align 4
+  %1676 = load <8 x float>, ptr %acc021169, align 4
+  %1677 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1673, <8 x float> %b1183, <8 x float> %1676)
+  store <8 x float> %1677, ptr %acc021169, align 4
+  %1678 = getelementptr inbounds float, ptr %1622, i64 %1644
+  %1679 = load float, ptr %1678, align 4
+  %1680 = insertelement <8 x float> poison, float %1679, i32 0
+  %1681 = shufflevector <8 x float> %1680, <8 x float> poison, <8 x i32> zeroinitializer
+  %1682 = load <8 x float>, ptr %acc030170, align 4
+  %1683 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1681, <8 x float> %b0182, <8 x float> %1682)
+  store <8 x float> %1683, ptr %acc030170, align 4
+  %1684 = load <8 x float>, ptr %acc031171, align 4
+  %1685 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1681, <8 x float> %b1183, <8 x float> %1684)
+  store <8 x float> %1685, ptr %acc031171, align 4
+  %1686 = add nsw i64 %k179, 1
+  br label %k.head176
+
+k.end178:                                         ; preds = %k.head176
+  %1687 = add nsw i64 %r0103, 0
+  %1688 = getelementptr inbounds float, ptr %rw, i64 %1687
+  %1689 = load float, ptr %1688, align 4
+  %1690 = insertelement <8 x float> poison, float %1689, i32 0
+  %1691 = shufflevector <8 x float> %1690, <8 x float> poison, <8 x i32> zeroinitializer
+  %1692 = load <8 x float>, ptr %acc000164, align 4
+  %1693 = add nsw i64 %col163, 0
+  %1694 = getelementptr inbounds float, ptr %bd, i64 %1693
+  %1695 = load <8 x float>, ptr %1694, align 4
+  %1696 = fmul <8 x float> %1695, %1691
+  %1697 = fadd <8 x float> %1692, %1696
+  store <8 x float> %1697, ptr %1584, align 4
+  %1698 = load <8 x float>, ptr %acc001165, align 4
+  %1699 = add nsw i64 %col163, 8
+  %1700 = getelementptr inbounds float, ptr %bd, i64 %1699
+  %1701 = load <8 x float>, ptr %1700, align 4
+  %1702 = fmul <8 x float> %1701, %1691
+  %1703 = fadd <8 x float> %1698, %1702
+  store <8 x float> %1703, ptr %1587, align 4
+  %1704 = add nsw i64 %r0103, 1
+  %1705 = getelementptr inbounds float, ptr %rw, i64 %1704
+  %1706 = load float, ptr %1705, align 4
+  %1707 = insertelement <8 x float> poison, float %1706, i32 0
+  %1708 = shufflevector <8 x float> %1707, <8 x float> poison, <8 x i32> zeroinitializer
+  %1709 = load <8 x float>, ptr %acc010166, align 4
+  %1710 = add nsw i64 %col163, 0
+  %1711 = getelementptr inbounds float, ptr %bd, i64 %1710
+  %1712 = load <8 x float>, ptr %1711, align 4
+  %1713 = fmul <8 x float> %1712, %1708
+  %1714 = fadd <8 x float> %1709, %1713
+  store <8 x float> %1714, ptr %1599, align 4
+  %1715 = load <8 x float>, ptr %acc011167, align 4
+  %1716 = add nsw i64 %col163, 8
+  %1717 = getelementptr inbounds float, ptr %bd, i64 %1716
+  %1718 = load <8 x float>, ptr %1717, align 4
+  %1719 = fmul <8 x float> %1718, %1708
+  %1720 = fadd <8 x float> %1715, %1719
+  store <8 x float> %1720, ptr %1602, align 4
+  %1721 = add nsw i64 %r0103, 2
+  %1722 = getelementptr inbounds float, ptr %rw, i64 %1721
+  %1723 = load float, ptr %1722, align 4
+  %1724 = insertelement <8 x float> poison, float %1723, i32 0
+  %1725 = shufflevector <8 x float> %1724, <8 x float> poison, <8 x i32> zeroinitializer
+  %1726 = load <8 x float>, ptr %acc020168, align 4
+  %1727 = add nsw i64 %col163, 0
+  %1728 = getelementptr inbounds float, ptr %bd, i64 %1727
+  %1729 = load <8 x float>, ptr %1728, align 4
+  %1730 = fmul <8 x float> %1729, %1725
+  %1731 = fadd <8 x float> %1726, %1730
+  store <8 x float> %1731, ptr %1614, align 4
+  %1732 = load <8 x float>, ptr %acc021169, align 4
+  %1733 = add nsw i64 %col163, 8
+  %1734 = getelementptr inbounds float, ptr %bd, i64 %1733
+  %1735 = load <8 x float>, ptr %1734, align 4
+  %1736 = fmul <8 x float> %1735, %1725
+  %1737 = fadd <8 x float> %1732, %1736
+  store <8 x float> %1737, ptr %1617, align 4
+  %1738 = add nsw i64 %r0103, 3
+  %1739 = getelementptr inbounds float, ptr %rw, i64 %1738
+  %1740 = load float, ptr %1739, align 4
+  %1741 = insertelement <8 x float> poison, float %1740, i32 0
+  %1742 = shufflevector <8 x float> %1741, <8 x float> poison, <8 x i32> zeroinitializer
+  %1743 = load <8 x float>, ptr %acc030170, align 4
+  %1744 = add nsw i64 %col163, 0
+  %1745 = getelementptr inbounds float, ptr %bd, i64 %1744
+  %1746 = load <8 x float>, ptr %1745, align 4
+  %1747 = fmul <8 x float> %1746, %1742
+  %1748 = fadd <8 x float> %1743, %1747
+  store <8 x float> %1748, ptr %1629, align 4
+  %1749 = load <8 x float>, ptr %acc031171, align 4
+  %1750 = add nsw i64 %col163, 8
+  %1751 = getelementptr inbounds float, ptr %bd, i64 %1750
+  %1752 = load <8 x float>, ptr %1751, align 4
+  %1753 = fmul <8 x float> %1752, %1742
+  %1754 = fadd <8 x float> %1749, %1753
+  store <8 x float> %1754, ptr %1632, align 4
+  br label %tile.done106
+
+tile.mr3109:                                      ; preds = %rb.body100
+  %col184 = mul nsw i64 %p, 16
+  %1755 = add nsw i64 %r0103, 0
+  %1756 = mul nsw i64 %1755, 2880
+  %1757 = add nsw i64 %1756, 0
+  %1758 = getelementptr inbounds float, ptr %h, i64 %1757
+  %1759 = getelementptr inbounds i32, ptr %rows, i64 %1755
+  %1760 = load i32, ptr %1759, align 4
+  %1761 = sext i32 %1760 to i64
+  %1762 = mul nsw i64 %1761, 2880
+  %1763 = getelementptr inbounds float, ptr %y, i64 %1762
+  %1764 = add nsw i64 %col184, 0
+  %1765 = getelementptr inbounds float, ptr %1763, i64 %1764
+  %1766 = load <8 x float>, ptr %1765, align 4
+  store <8 x float> zeroinitializer, ptr %acc000185, align 4
+  %1767 = add nsw i64 %col184, 8
+  %1768 = getelementptr inbounds float, ptr %1763, i64 %1767
+  %1769 = load <8 x float>, ptr %1768, align 4
+  store <8 x float> zeroinitializer, ptr %acc001186, align 4
+  %1770 = add nsw i64 %r0103, 1
+  %1771 = mul nsw i64 %1770, 2880
+  %1772 = add nsw i64 %1771, 0
+  %1773 = getelementptr inbounds float, ptr %h, i64 %1772
+  %1774 = getelementptr inbounds i32, ptr %rows, i64 %1770
+  %1775 = load i32, ptr %1774, align 4
+  %1776 = sext i32 %1775 to i64
+  %1777 = mul nsw i64 %1776, 2880
+  %1778 = getelementptr inbounds float, ptr %y, i64 %1777
+  %1779 = add nsw i64 %col184, 0
+  %1780 = getelementptr inbounds float, ptr %1778, i64 %1779
+  %1781 = load <8 x float>, ptr %1780, align 4
+  store <8 x float> zeroinitializer, ptr %acc010187, align 4
+  %1782 = add nsw i64 %col184, 8
+  %1783 = getelementptr inbounds float, ptr %1778, i64 %1782
+  %1784 = load <8 x float>, ptr %1783, align 4
+  store <8 x float> zeroinitializer, ptr %acc011188, align 4
+  %1785 = add nsw i64 %r0103, 2
+  %1786 = mul nsw i64 %1785, 2880
+  %1787 = add nsw i64 %1786, 0
+  %1788 = getelementptr inbounds float, ptr %h, i64 %1787
+  %1789 = getelementptr inbounds i32, ptr %rows, i64 %1785
+  %1790 = load i32, ptr %1789, align 4
+  %1791 = sext i32 %1790 to i64
+  %1792 = mul nsw i64 %1791, 2880
+  %1793 = getelementptr inbounds float, ptr %y, i64 %1792
+  %1794 = add nsw i64 %col184, 0
+  %1795 = getelementptr inbounds float, ptr %1793, i64 %1794
+  %1796 = load <8 x float>, ptr %1795, align 4
+  store <8 x float> zeroinitializer, ptr %acc020189, align 4
+  %1797 = add nsw i64 %col184, 8
+  %1798 = getelementptr inbounds float, ptr %1793, i64 %1797
+  %1799 = load <8 x float>, ptr %1798, align 4
+  store <8 x float> zeroinitializer, ptr %acc021190, align 4
+  %1800 = mul nsw i64 %p, 46080
+  %panel.off191 = add nsw i64 %1800, 0
+  %1801 = getelementptr inbounds i16, ptr %panels, i64 %panel.off191
+  %1802 = add nsw i64 %p, 1
+  %1803 = icmp slt i64 %1802, %p1
+  %pf.on192 = and i1 %pf.on114, %1803
+  %1804 = mul nsw i64 %rb102, 92160
+  %1805 = lshr i64 %1804, %1089
+  %1806 = add nsw i64 92160, %1805
+  %1807 = getelementptr inbounds i8, ptr %1801, i64 %1806
+  %pf193 = select i1 %pf.on192, ptr %1807, ptr %1801
+  %pf.sh194 = select i1 %pf.on192, i64 %1089, i64 0
+  br label %k.head195
+
+k.head195:                                        ; preds = %pf.any.end200, %tile.mr3109
+  %k198 = phi i64 [ 0, %tile.mr3109 ], [ %1844, %pf.any.end200 ]
+  %1808 = icmp slt i64 %k198, 2880
+  br i1 %1808, label %k.body196, label %k.end197
+
+k.body196:                                        ; preds = %k.head195
+  %1809 = mul nsw i64 %k198, 1
+  %1810 = add nsw i64 %1809, 0
+  %1811 = mul nsw i64 %1810, 32
+  br i1 %pf.multi113, label %pf.any.then199, label %pf.any.end200
+
+pf.any.then199:                                   ; preds = %k.body196
+  %1812 = lshr i64 %1811, %pf.sh194
+  %1813 = getelementptr inbounds i8, ptr %pf193, i64 %1812
+  call void @llvm.prefetch.p0(ptr %1813, i32 0, i32 2, i32 1)
+  br label %pf.any.end200
+
+pf.any.end200:                                    ; preds = %pf.any.then199, %k.body196
+  %1814 = mul nsw i64 %1810, 16
+  %1815 = add nsw i64 %panel.off191, %1814
+  %1816 = getelementptr inbounds i16, ptr %panels, i64 %1815
+  %1817 = load <8 x i32>, ptr %1816, align 4
+  %1818 = shl <8 x i32> %1817, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0201 = bitcast <8 x i32> %1818 to <8 x float>
+  %1819 = and <8 x i32> %1817, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1202 = bitcast <8 x i32> %1819 to <8 x float>
+  %1820 = getelementptr inbounds float, ptr %1758, i64 %1810
+  %1821 = load float, ptr %1820, align 4
+  %1822 = insertelement <8 x float> poison, float %1821, i32 0
+  %1823 = shufflevector <8 x float> %1822, <8 x float> poison, <8 x i32> zeroinitializer
+  %1824 = load <8 x float>, ptr %acc000185, align 4
+  %1825 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1823, <8 x float> %b0201, <8 x float> %1824)
+  store <8 x float> %1825, ptr %acc000185, align 4
+  %1826 = load <8 x float>, ptr %acc001186, align 4
+  %1827 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1823, <8 x float> %b1202, <8 x float> %1826)
+  store <8 x float> %1827, ptr %acc001186, align 4
+  %1828 = getelementptr inbounds float, ptr %1773, i64 %1810
+  %1829 = load float, ptr %1828, align 4
+  %1830 = insertelement <8 x float> poison, float %1829, i32 0
+  %1831 = shufflevector <8 x float> %1830, <8 x float> poison, <8 x i32> zeroinitializer
+  %1832 = load <8 x float>, ptr %acc010187, align 4
+  %1833 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1831, <8 x float> %b0201, <8 x float> %1832)
+  store <8 x float> %1833, ptr %acc010187, align 4
+  %1834 = load <8 x float>, ptr %acc011188, align 4
+  %1835 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1831, <8 x float> %b1202, <8 x float> %1834)
+  store <8 x float> %1835, ptr %acc011188, align 4
+  %1836 = getelementptr inbounds float, ptr %1788, i64 %1810
+  %1837 = load float, ptr %1836, align 4
+  %1838 = insertelement <8 x float> poison, float %1837, i32 0
+  %1839 = shufflevector <8 x float> %1838, <8 x float> poison, <8 x i32> zeroinitializer
+  %1840 = load <8 x float>, ptr %acc020189, align 4
+  %1841 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1839, <8 x float> %b0201, <8 x float> %1840)
+  store <8 x float> %1841, ptr %acc020189, align 4
+  %1842 = load <8 x float>, ptr %acc021190, align 4
+  %1843 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1839, <8 x float> %b1202, <8 x float> %1842)
+  store <8 x float> %1843, ptr %acc021190, align 4
+  %1844 = add nsw i64 %k198, 1
+  br label %k.head195
+
+k.end197:                                         ; preds = %k.head195
+  %1845 = add nsw i64 %r0103, 0
+  %1846 = getelementptr inbounds float, ptr %rw, i64 %1845
+  %1847 = load float, ptr %1846, align 4
+  %1848 = insertelement <8 x float> poison, float %1847, i32 0
+  %1849 = shufflevector <8 x float> %1848, <8 x float> poison, <8 x i32> zeroinitializer
+  %1850 = load <8 x float>, ptr %acc000185, align 4
+  %1851 = add nsw i64 %col184, 0
+  %1852 = getelementptr inbounds float, ptr %bd, i64 %1851
+  %1853 = load <8 x float>, ptr %1852, align 4
+  %1854 = fmul <8 x float> %1853, %1849
+  %1855 = fadd <8 x float> %1850, %1854
+  store <8 x float> %1855, ptr %1765, align 4
+  %1856 = load <8 x float>, ptr %acc001186, align 4
+  %1857 = add nsw i64 %col184, 8
+  %1858 = getelementptr inbounds float, ptr %bd, i64 %1857
+  %1859 = load <8 x float>, ptr %1858, align 4
+  %1860 = fmul <8 x float> %1859, %1849
+  %1861 = fadd <8 x float> %1856, %1860
+  store <8 x float> %1861, ptr %1768, align 4
+  %1862 = add nsw i64 %r0103, 1
+  %1863 = getelementptr inbounds float, ptr %rw, i64 %1862
+  %1864 = load float, ptr %1863, align 4
+  %1865 = insertelement <8 x float> poison, float %1864, i32 0
+  %1866 = shufflevector <8 x float> %1865, <8 x float> poison, <8 x i32> zeroinitializer
+  %1867 = load <8 x float>, ptr %acc010187, align 4
+  %1868 = add nsw i64 %col184, 0
+  %1869 = getelementptr inbounds float, ptr %bd, i64 %1868
+  %1870 = load <8 x float>, ptr %1869, align 4
+  %1871 = fmul <8 x float> %1870, %1866
+  %1872 = fadd <8 x float> %1867, %1871
+  store <8 x float> %1872, ptr %1780, align 4
+  %1873 = load <8 x float>, ptr %acc011188, align 4
+  %1874 = add nsw i64 %col184, 8
+  %1875 = getelementptr inbounds float, ptr %bd, i64 %1874
+  %1876 = load <8 x float>, ptr %1875, align 4
+  %1877 = fmul <8 x float> %1876, %1866
+  %1878 = fadd <8 x float> %1873, %1877
+  store <8 x float> %1878, ptr %1783, align 4
+  %1879 = add nsw i64 %r0103, 2
+  %1880 = getelementptr inbounds float, ptr %rw, i64 %1879
+  %1881 = load float, ptr %1880, align 4
+  %1882 = insertelement <8 x float> poison, float %1881, i32 0
+  %1883 = shufflevector <8 x float> %1882, <8 x float> poison, <8 x i32> zeroinitializer
+  %1884 = load <8 x float>, ptr %acc020189, align 4
+  %1885 = add nsw i64 %col184, 0
+  %1886 = getelementptr inbounds float, ptr %bd, i64 %1885
+  %1887 = load <8 x float>, ptr %1886, align 4
+  %1888 = fmul <8 x float> %1887, %1883
+  %1889 = fadd <8 x float> %1884, %1888
+  store <8 x float> %1889, ptr %1795, align 4
+  %1890 = load <8 x float>, ptr %acc021190, align 4
+  %1891 = add nsw i64 %col184, 8
+  %1892 = getelementptr inbounds float, ptr %bd, i64 %1891
+  %1893 = load <8 x float>, ptr %1892, align 4
+  %1894 = fmul <8 x float> %1893, %1883
+  %1895 = fadd <8 x float> %1890, %1894
+  store <8 x float> %1895, ptr %1798, align 4
+  br label %tile.done106
+
+tile.mr2108:                                      ; preds = %rb.body100
+  %col203 = mul nsw i64 %p, 16
+  %1896 = add nsw i64 %r0103, 0
+  %1897 = mul nsw i64 %1896, 2880
+  %1898 = add nsw i64 %1897, 0
+  %1899 = getelementptr inbounds float, ptr %h, i64 %1898
+  %1900 = getelementptr inbounds i32, ptr %rows, i64 %1896
+  %1901 = load i32, ptr %1900, align 4
+  %1902 = sext i32 %1901 to i64
+  %1903 = mul nsw i64 %1902, 2880
+  %1904 = getelementptr inbounds float, ptr %y, i64 %1903
+  %1905 = add nsw i64 %col203, 0
+  %1906 = getelementptr inbounds float, ptr %1904, i64 %1905
+  %1907 = load <8 x float>, ptr %1906, align 4
+  store <8 x float> zeroinitializer, ptr %acc000204, align 4
+  %1908 = add nsw i64 %col203, 8
+  %1909 = getelementptr inbounds float, ptr %1904, i64 %1908
+  %1910 = load <8 x float>, ptr %1909, align 4
+  store <8 x float> zeroinitializer, ptr %acc001205, align 4
+  %1911 = add nsw i64 %r0103, 1
+  %1912 = mul nsw i64 %1911, 2880
+  %1913 = add nsw i64 %1912, 0
+  %1914 = getelementptr inbounds float, ptr %h, i64 %1913
+  %1915 = getelementptr inbounds i32, ptr %rows, i64 %1911
+  %1916 = load i32, ptr %1915, align 4
+  %1917 = sext i32 %1916 to i64
+  %1918 = mul nsw i64 %1917, 2880
+  %1919 = getelementptr inbounds float, ptr %y, i64 %1918
+  %1920 = add nsw i64 %col203, 0
+  %1921 = getelementptr inbounds float, ptr %1919, i64 %1920
+  %1922 = load <8 x float>, ptr %1921, align 4
+  store <8 x float> zeroinitializer, ptr %acc010206, align 4
+  %1923 = add nsw i64 %col203, 8
+  %1924 = getelementptr inbounds float, ptr %1919, i64 %1923
+  %1925 = load <8 x float>, ptr %1924, align 4
+  store <8 x float> zeroinitializer, ptr %acc011207, align 4
+  %1926 = mul nsw i64 %p, 46080
+  %panel.off208 = add nsw i64 %1926, 0
+  %1927 = getelementptr inbounds i16, ptr %panels, i64 %panel.off208
+  %1928 = add nsw i64 %p, 1
+  %1929 = icmp slt i64 %1928, %p1
+  %pf.on209 = and i1 %pf.on114, %1929
+  %1930 = mul nsw i64 %rb102, 92160
+  %1931 = lshr i64 %1930, %1089
+  %1932 = add nsw i64 92160, %1931
+  %1933 = getelementptr inbounds i8, ptr %1927, i64 %1932
+  %pf210 = select i1 %pf.on209, ptr %1933, ptr %1927
+  %pf.sh211 = select i1 %pf.on209, i64 %1089, i64 0
+  br label %k.head212
+
+k.head212:                                        ; preds = %pf.any.end217, %tile.mr2108
+  %k215 = phi i64 [ 0, %tile.mr2108 ], [ %1962, %pf.any.end217 ]
+  %1934 = icmp slt i64 %k215, 2880
+  br i1 %1934, label %k.body213, label %k.end214
+
+k.body213:                                        ; preds = %k.head212
+  %1935 = mul nsw i64 %k215, 1
+  %1936 = add nsw i64 %1935, 0
+  %1937 = mul nsw i64 %1936, 32
+  br i1 %pf.multi113, label %pf.any.then216, label %pf.any.end217
+
+pf.any.then216:                                   ; preds = %k.body213
+  %1938 = lshr i64 %1937, %pf.sh211
+  %1939 = getelementptr inbounds i8, ptr %pf210, i64 %1938
+  call void @llvm.prefetch.p0(ptr %1939, i32 0, i32 2, i32 1)
+  br label %pf.any.end217
+
+pf.any.end217:                                    ; preds = %pf.any.then216, %k.body213
+  %1940 = mul nsw i64 %1936, 16
+  %1941 = add nsw i64 %panel.off208, %1940
+  %1942 = getelementptr inbounds i16, ptr %panels, i64 %1941
+  %1943 = load <8 x i32>, ptr %1942, align 4
+  %1944 = shl <8 x i32> %1943, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0218 = bitcast <8 x i32> %1944 to <8 x float>
+  %1945 = and <8 x i32> %1943, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1219 = bitcast <8 x i32> %1945 to <8 x float>
+  %1946 = getelementptr inbounds float, ptr %1899, i64 %1936
+  %1947 = load float, ptr %1946, align 4
+  %1948 = insertelement <8 x float> poison, float %1947, i32 0
+  %1949 = shufflevector <8 x float> %1948, <8 x float> poison, <8 x i32> zeroinitializer
+  %1950 = load <8 x float>, ptr %acc000204, align 4
+  %1951 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1949, <8 x float> %b0218, <8 x float> %1950)
+  store <8 x float> %1951, ptr %acc000204, align 4
+  %1952 = load <8 x float>, ptr %acc001205, align 4
+  %1953 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1949, <8 x float> %b1219, <8 x float> %1952)
+  store <8 x float> %1953, ptr %acc001205, align 4
+  %1954 = getelementptr inbounds float, ptr %1914, i64 %1936
+  %1955 = load float, ptr %1954, align 4
+  %1956 = insertelement <8 x float> poison, float %1955, i32 0
+  %1957 = shufflevector <8 x float> %1956, <8 x float> poison, <8 x i32> zeroinitializer
+  %1958 = load <8 x float>, ptr %acc010206, align 4
+  %1959 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1957, <8 x float> %b0218, <8 x float> %1958)
+  store <8 x float> %1959, ptr %acc010206, align 4
+  %1960 = load <8 x float>, ptr %acc011207, align 4
+  %1961 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1957, <8 x float> %b1219, <8 x float> %1960)
+  store <8 x float> %1961, ptr %acc011207, align 4
+  %1962 = add nsw i64 %k215, 1
+  br label %k.head212
+
+k.end214:                                         ; preds = %k.head212
+  %1963 = add nsw i64 %r0103, 0
+  %1964 = getelementptr inbounds float, ptr %rw, i64 %1963
+  %1965 = load float, ptr %1964, align 4
+  %1966 = insertelement <8 x float> poison, float %1965, i32 0
+  %1967 = shufflevector <8 x float> %1966, <8 x float> poison, <8 x i32> zeroinitializer
+  %1968 = load <8 x float>, ptr %acc000204, align 4
+  %1969 = add nsw i64 %col203, 0
+  %1970 = getelementptr inbounds float, ptr %bd, i64 %1969
+  %1971 = load <8 x float>, ptr %1970, align 4
+  %1972 = fmul <8 x float> %1971, %1967
+  %1973 = fadd <8 x float> %1968, %1972
+  store <8 x float> %1973, ptr %1906, align 4
+  %1974 = load <8 x float>, ptr %acc001205, align 4
+  %1975 = add nsw i64 %col203, 8
+  %1976 = getelementptr inbounds float, ptr %bd, i64 %1975
+  %1977 = load <8 x float>, ptr %1976, align 4
+  %1978 = fmul <8 x float> %1977, %1967
+  %1979 = fadd <8 x float> %1974, %1978
+  store <8 x float> %1979, ptr %1909, align 4
+  %1980 = add nsw i64 %r0103, 1
+  %1981 = getelementptr inbounds float, ptr %rw, i64 %1980
+  %1982 = load float, ptr %1981, align 4
+  %1983 = insertelement <8 x float> poison, float %1982, i32 0
+  %1984 = shufflevector <8 x float> %1983, <8 x float> poison, <8 x i32> zeroinitializer
+  %1985 = load <8 x float>, ptr %acc010206, align 4
+  %1986 = add nsw i64 %col203, 0
+  %1987 = getelementptr inbounds float, ptr %bd, i64 %1986
+  %1988 = load <8 x float>, ptr %1987, align 4
+  %1989 = fmul <8 x float> %1988, %1984
+  %1990 = fadd <8 x float> %1985, %1989
+  store <8 x float> %1990, ptr %1921, align 4
+  %1991 = load <8 x float>, ptr %acc011207, align 4
+  %1992 = add nsw i64 %col203, 8
+  %1993 = getelementptr inbounds float, ptr %bd, i64 %1992
+  %1994 = load <8 x float>, ptr %1993, align 4
+  %1995 = fmul <8 x float> %1994, %1984
+  %1996 = fadd <8 x float> %1991, %1995
+  store <8 x float> %1996, ptr %1924, align 4
+  br label %tile.done106
+
+tile.mr1107:                                      ; preds = %rb.body100
+  %col220 = mul nsw i64 %p, 16
+  %1997 = add nsw i64 %r0103, 0
+  %1998 = mul nsw i64 %1997, 2880
+  %1999 = add nsw i64 %1998, 0
+  %2000 = getelementptr inbounds float, ptr %h, i64 %1999
+  %2001 = getelementptr inbounds i32, ptr %rows, i64 %1997
+  %2002 = load i32, ptr %2001, align 4
+  %2003 = sext i32 %2002 to i64
+  %2004 = mul nsw i64 %2003, 2880
+  %2005 = getelementptr inbounds float, ptr %y, i64 %2004
+  %2006 = add nsw i64 %col220, 0
+  %2007 = getelementptr inbounds float, ptr %2005, i64 %2006
+  %2008 = load <8 x float>, ptr %2007, align 4
+  store <8 x float> zeroinitializer, ptr %acc000221, align 4
+  %2009 = add nsw i64 %col220, 8
+  %2010 = getelementptr inbounds float, ptr %2005, i64 %2009
+  %2011 = load <8 x float>, ptr %2010, align 4
+  store <8 x float> zeroinitializer, ptr %acc001222, align 4
+  %2012 = mul nsw i64 %p, 46080
+  %panel.off223 = add nsw i64 %2012, 0
+  %2013 = getelementptr inbounds i16, ptr %panels, i64 %panel.off223
+  %2014 = add nsw i64 %p, 1
+  %2015 = icmp slt i64 %2014, %p1
+  %pf.on224 = and i1 %pf.on114, %2015
+  %2016 = mul nsw i64 %rb102, 92160
+  %2017 = lshr i64 %2016, %1089
+  %2018 = add nsw i64 92160, %2017
+  %2019 = getelementptr inbounds i8, ptr %2013, i64 %2018
+  %pf225 = select i1 %pf.on224, ptr %2019, ptr %2013
+  %pf.sh226 = select i1 %pf.on224, i64 %1089, i64 0
+  br label %k.head227
+
+k.head227:                                        ; preds = %pf.any.end232, %tile.mr1107
+  %k230 = phi i64 [ 0, %tile.mr1107 ], [ %2040, %pf.any.end232 ]
+  %2020 = icmp slt i64 %k230, 2880
+  br i1 %2020, label %k.body228, label %k.end229
+
+k.body228:                                        ; preds = %k.head227
+  %2021 = mul nsw i64 %k230, 1
+  %2022 = add nsw i64 %2021, 0
+  %2023 = mul nsw i64 %2022, 32
+  br i1 %pf.multi113, label %pf.any.then231, label %pf.any.end232
+
+pf.any.then231:                                   ; preds = %k.body228
+  %2024 = lshr i64 %2023, %pf.sh226
+  %2025 = getelementptr inbounds i8, ptr %pf225, i64 %2024
+  call void @llvm.prefetch.p0(ptr %2025, i32 0, i32 2, i32 1)
+  br label %pf.any.end232
+
+pf.any.end232:                                    ; preds = %pf.any.then231, %k.body228
+  %2026 = mul nsw i64 %2022, 16
+  %2027 = add nsw i64 %panel.off223, %2026
+  %2028 = getelementptr inbounds i16, ptr %panels, i64 %2027
+  %2029 = load <8 x i32>, ptr %2028, align 4
+  %2030 = shl <8 x i32> %2029, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0233 = bitcast <8 x i32> %2030 to <8 x float>
+  %2031 = and <8 x i32> %2029, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1234 = bitcast <8 x i32> %2031 to <8 x float>
+  %2032 = getelementptr inbounds float, ptr %2000, i64 %2022
+  %2033 = load float, ptr %2032, align 4
+  %2034 = insertelement <8 x float> poison, float %2033, i32 0
+  %2035 = shufflevector <8 x float> %2034, <8 x float> poison, <8 x i32> zeroinitializer
+  %2036 = load <8 x float>, ptr %acc000221, align 4
+  %2037 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2035, <8 x float> %b0233, <8 x float> %2036)
+  store <8 x float> %2037, ptr %acc000221, align 4
+  %2038 = load <8 x float>, ptr %acc001222, align 4
+  %2039 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2035, <8 x float> %b1234, <8 x float> %2038)
+  store <8 x float> %2039, ptr %acc001222, align 4
+  %2040 = add nsw i64 %k230, 1
+  br label %k.head227
+
+k.end229:                                         ; preds = %k.head227
+  %2041 = add nsw i64 %r0103, 0
+  %2042 = getelementptr inbounds float, ptr %rw, i64 %2041
+  %2043 = load float, ptr %2042, align 4
+  %2044 = insertelement <8 x float> poison, float %2043, i32 0
+  %2045 = shufflevector <8 x float> %2044, <8 x float> poison, <8 x i32> zeroinitializer
+  %2046 = load <8 x float>, ptr %acc000221, align 4
+  %2047 = add nsw i64 %col220, 0
+  %2048 = getelementptr inbounds float, ptr %bd, i64 %2047
+  %2049 = load <8 x float>, ptr %2048, align 4
+  %2050 = fmul <8 x float> %2049, %2045
+  %2051 = fadd <8 x float> %2046, %2050
+  store <8 x float> %2051, ptr %2007, align 4
+  %2052 = load <8 x float>, ptr %acc001222, align 4
+  %2053 = add nsw i64 %col220, 8
+  %2054 = getelementptr inbounds float, ptr %bd, i64 %2053
+  %2055 = load <8 x float>, ptr %2054, align 4
+  %2056 = fmul <8 x float> %2055, %2045
+  %2057 = fadd <8 x float> %2052, %2056
+  store <8 x float> %2057, ptr %2010, align 4
+  br label %tile.done106
+
+tile.done106:                                     ; preds = %k.end229, %k.end214, %k.end197, %k.end178, %k.end157, %k.end134
+  %2058 = add nsw i64 %rb102, 1
+  br label %rb.head99
+
+rb.end101:                                        ; preds = %rb.head99
+  %2059 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
+  br label %call.end
+
+call.end:                                         ; preds = %p.end, %kb.rc.end
   ret void
 }
 

@@ -21,13 +21,13 @@ entry:
   %qacc1 = alloca <16 x float>, align 32
   %qacc2 = alloca <16 x float>, align 32
   %qacc3 = alloca <16 x float>, align 32
-  %qacc8 = alloca <8 x float>, align 32
-  %qacc9 = alloca <8 x float>, align 32
-  %qacc10 = alloca <8 x float>, align 32
-  %qacc11 = alloca <8 x float>, align 32
-  %qacc20 = alloca <16 x float>, align 32
-  %qacc21 = alloca <16 x float>, align 32
-  %qacc36 = alloca <8 x float>, align 32
+  %qacc12 = alloca <8 x float>, align 32
+  %qacc13 = alloca <8 x float>, align 32
+  %qacc14 = alloca <8 x float>, align 32
+  %qacc15 = alloca <8 x float>, align 32
+  %qacc30 = alloca <16 x float>, align 32
+  %qacc31 = alloca <16 x float>, align 32
+  %qacc52 = alloca <8 x float>, align 32
   %smax = alloca float, align 32
   %ssum = alloca float, align 32
   %tk.m = alloca i64, align 32
@@ -38,7 +38,7 @@ start:                                            ; preds = %entry
   br label %tg.head
 
 tg.head:                                          ; preds = %t.end, %start
-  %tg = phi i64 [ %t0, %start ], [ %343, %t.end ]
+  %tg = phi i64 [ %t0, %start ], [ %427, %t.end ]
   %0 = icmp slt i64 %tg, %t1
   br i1 %0, label %tg.body, label %tg.end
 
@@ -53,418 +53,546 @@ tg.body:                                          ; preds = %tg.head
   br label %qb.head
 
 qb.head:                                          ; preds = %rb.end, %tg.body
-  %qb = phi i64 [ 0, %tg.body ], [ %84, %rb.end ]
+  %qb = phi i64 [ 0, %tg.body ], [ %105, %rb.end ]
   %6 = icmp slt i64 %qb, 0
   br i1 %6, label %qb.body, label %qb.end
 
 qb.body:                                          ; preds = %qb.head
   %7 = mul nsw i64 %qb, 8
+  %8 = sub nsw i64 %full, 0
+  %ntile = sdiv i64 %8, 4
+  %9 = icmp sge i64 %ntile, 2
+  %10 = select i1 %9, i64 1, i64 0
+  %11 = icmp sge i64 %ntile, 4
+  %12 = select i1 %11, i64 2, i64 %10
+  %13 = icmp sge i64 %ntile, 8
+  %14 = select i1 %13, i64 3, i64 %12
+  %15 = add nsw i64 %qb, 2
+  %more = icmp slt i64 %15, 1
+  %16 = mul nsw i64 %15, 2048
+  %17 = getelementptr inbounds i8, ptr %router, i64 %16
   br label %rb.head
 
 rb.head:                                          ; preds = %qh.end, %qb.body
-  %rb = phi i64 [ 0, %qb.body ], [ %83, %qh.end ]
-  %8 = icmp slt i64 %rb, %full
-  br i1 %8, label %rb.body, label %rb.end
+  %rb = phi i64 [ 0, %qb.body ], [ %104, %qh.end ]
+  %18 = icmp slt i64 %rb, %full
+  br i1 %18, label %rb.body, label %rb.end
 
 rb.body:                                          ; preds = %rb.head
-  %9 = add nsw i64 %rb, 0
-  %10 = mul nsw i64 %9, 64
-  %11 = getelementptr inbounds float, ptr %4, i64 %10
-  %12 = mul nsw i64 %9, 8
-  %13 = add nsw i64 %12, %7
-  %14 = getelementptr inbounds float, ptr %lt, i64 %13
-  %15 = add nsw i64 %rb, 1
-  %16 = mul nsw i64 %15, 64
-  %17 = getelementptr inbounds float, ptr %4, i64 %16
-  %18 = mul nsw i64 %15, 8
-  %19 = add nsw i64 %18, %7
-  %20 = getelementptr inbounds float, ptr %lt, i64 %19
-  %21 = add nsw i64 %rb, 2
-  %22 = mul nsw i64 %21, 64
-  %23 = getelementptr inbounds float, ptr %4, i64 %22
-  %24 = mul nsw i64 %21, 8
-  %25 = add nsw i64 %24, %7
-  %26 = getelementptr inbounds float, ptr %lt, i64 %25
-  %27 = add nsw i64 %rb, 3
+  %19 = sub nsw i64 %rb, 0
+  %j = sdiv i64 %19, 4
+  %20 = shl i64 1, %14
+  %21 = icmp slt i64 %j, %20
+  %22 = icmp sgt i64 %ntile, 1
+  %23 = and i1 %more, %22
+  %pf.on = and i1 %23, %21
+  %24 = mul nsw i64 %j, 4096
+  %25 = lshr i64 %24, %14
+  %26 = getelementptr inbounds i8, ptr %17, i64 %25
+  %27 = add nsw i64 %rb, 0
   %28 = mul nsw i64 %27, 64
   %29 = getelementptr inbounds float, ptr %4, i64 %28
   %30 = mul nsw i64 %27, 8
   %31 = add nsw i64 %30, %7
   %32 = getelementptr inbounds float, ptr %lt, i64 %31
+  %33 = add nsw i64 %rb, 1
+  %34 = mul nsw i64 %33, 64
+  %35 = getelementptr inbounds float, ptr %4, i64 %34
+  %36 = mul nsw i64 %33, 8
+  %37 = add nsw i64 %36, %7
+  %38 = getelementptr inbounds float, ptr %lt, i64 %37
+  %39 = add nsw i64 %rb, 2
+  %40 = mul nsw i64 %39, 64
+  %41 = getelementptr inbounds float, ptr %4, i64 %40
+  %42 = mul nsw i64 %39, 8
+  %43 = add nsw i64 %42, %7
+  %44 = getelementptr inbounds float, ptr %lt, i64 %43
+  %45 = add nsw i64 %rb, 3
+  %46 = mul nsw i64 %45, 64
+  %47 = getelementptr inbounds float, ptr %4, i64 %46
+  %48 = mul nsw i64 %45, 8
+  %49 = add nsw i64 %48, %7
+  %50 = getelementptr inbounds float, ptr %lt, i64 %49
   store <16 x float> zeroinitializer, ptr %qacc, align 4
   store <16 x float> zeroinitializer, ptr %qacc1, align 4
   store <16 x float> zeroinitializer, ptr %qacc2, align 4
   store <16 x float> zeroinitializer, ptr %qacc3, align 4
   br label %qh.head
 
-qh.head:                                          ; preds = %qh.body, %rb.body
-  %qh = phi i64 [ 0, %rb.body ], [ %74, %qh.body ]
-  %33 = icmp slt i64 %qh, 64
-  br i1 %33, label %qh.body, label %qh.end
+qh.head:                                          ; preds = %pf.end, %rb.body
+  %qh = phi i64 [ 0, %rb.body ], [ %95, %pf.end ]
+  %51 = icmp slt i64 %qh, 64
+  br i1 %51, label %qh.body, label %qh.end
 
 qh.body:                                          ; preds = %qh.head
-  %34 = add nsw i64 %qb, 0
-  %35 = mul nsw i64 %qh, 8
-  %36 = mul nsw i64 %34, 512
-  %37 = add nsw i64 %36, %35
-  %38 = getelementptr inbounds float, ptr %router, i64 %37
-  %39 = load <8 x float>, ptr %38, align 4
-  %40 = add nsw i64 %qb, 1
-  %41 = mul nsw i64 %qh, 8
-  %42 = mul nsw i64 %40, 512
-  %43 = add nsw i64 %42, %41
-  %44 = getelementptr inbounds float, ptr %router, i64 %43
-  %45 = load <8 x float>, ptr %44, align 4
-  %w16 = shufflevector <8 x float> %39, <8 x float> %45, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %46 = getelementptr inbounds float, ptr %11, i64 %qh
-  %47 = load float, ptr %46, align 4
-  %48 = insertelement <16 x float> poison, float %47, i32 0
-  %49 = shufflevector <16 x float> %48, <16 x float> poison, <16 x i32> zeroinitializer
-  %50 = load <16 x float>, ptr %qacc, align 4
-  %51 = fmul <16 x float> %49, %w16
-  %52 = fadd <16 x float> %50, %51
-  store <16 x float> %52, ptr %qacc, align 4
-  %53 = getelementptr inbounds float, ptr %17, i64 %qh
-  %54 = load float, ptr %53, align 4
-  %55 = insertelement <16 x float> poison, float %54, i32 0
-  %56 = shufflevector <16 x float> %55, <16 x float> poison, <16 x i32> zeroinitializer
-  %57 = load <16 x float>, ptr %qacc1, align 4
-  %58 = fmul <16 x float> %56, %w16
-  %59 = fadd <16 x float> %57, %58
-  store <16 x float> %59, ptr %qacc1, align 4
-  %60 = getelementptr inbounds float, ptr %23, i64 %qh
-  %61 = load float, ptr %60, align 4
-  %62 = insertelement <16 x float> poison, float %61, i32 0
-  %63 = shufflevector <16 x float> %62, <16 x float> poison, <16 x i32> zeroinitializer
-  %64 = load <16 x float>, ptr %qacc2, align 4
-  %65 = fmul <16 x float> %63, %w16
-  %66 = fadd <16 x float> %64, %65
-  store <16 x float> %66, ptr %qacc2, align 4
+  br i1 %pf.on, label %pf.then, label %pf.end
+
+pf.then:                                          ; preds = %qh.body
+  %52 = mul nsw i64 %qh, 64
+  %53 = lshr i64 %52, %14
+  %54 = getelementptr inbounds i8, ptr %26, i64 %53
+  call void @llvm.prefetch.p0(ptr %54, i32 0, i32 2, i32 1)
+  br label %pf.end
+
+pf.end:                                           ; preds = %pf.then, %qh.body
+  %55 = add nsw i64 %qb, 0
+  %56 = mul nsw i64 %qh, 8
+  %57 = mul nsw i64 %55, 512
+  %58 = add nsw i64 %57, %56
+  %59 = getelementptr inbounds float, ptr %router, i64 %58
+  %60 = load <8 x float>, ptr %59, align 4
+  %61 = add nsw i64 %qb, 1
+  %62 = mul nsw i64 %qh, 8
+  %63 = mul nsw i64 %61, 512
+  %64 = add nsw i64 %63, %62
+  %65 = getelementptr inbounds float, ptr %router, i64 %64
+  %66 = load <8 x float>, ptr %65, align 4
+  %w16 = shufflevector <8 x float> %60, <8 x float> %66, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
   %67 = getelementptr inbounds float, ptr %29, i64 %qh
   %68 = load float, ptr %67, align 4
   %69 = insertelement <16 x float> poison, float %68, i32 0
   %70 = shufflevector <16 x float> %69, <16 x float> poison, <16 x i32> zeroinitializer
-  %71 = load <16 x float>, ptr %qacc3, align 4
+  %71 = load <16 x float>, ptr %qacc, align 4
   %72 = fmul <16 x float> %70, %w16
   %73 = fadd <16 x float> %71, %72
-  store <16 x float> %73, ptr %qacc3, align 4
-  %74 = add nsw i64 %qh, 1
+  store <16 x float> %73, ptr %qacc, align 4
+  %74 = getelementptr inbounds float, ptr %35, i64 %qh
+  %75 = load float, ptr %74, align 4
+  %76 = insertelement <16 x float> poison, float %75, i32 0
+  %77 = shufflevector <16 x float> %76, <16 x float> poison, <16 x i32> zeroinitializer
+  %78 = load <16 x float>, ptr %qacc1, align 4
+  %79 = fmul <16 x float> %77, %w16
+  %80 = fadd <16 x float> %78, %79
+  store <16 x float> %80, ptr %qacc1, align 4
+  %81 = getelementptr inbounds float, ptr %41, i64 %qh
+  %82 = load float, ptr %81, align 4
+  %83 = insertelement <16 x float> poison, float %82, i32 0
+  %84 = shufflevector <16 x float> %83, <16 x float> poison, <16 x i32> zeroinitializer
+  %85 = load <16 x float>, ptr %qacc2, align 4
+  %86 = fmul <16 x float> %84, %w16
+  %87 = fadd <16 x float> %85, %86
+  store <16 x float> %87, ptr %qacc2, align 4
+  %88 = getelementptr inbounds float, ptr %47, i64 %qh
+  %89 = load float, ptr %88, align 4
+  %90 = insertelement <16 x float> poison, float %89, i32 0
+  %91 = shufflevector <16 x float> %90, <16 x float> poison, <16 x i32> zeroinitializer
+  %92 = load <16 x float>, ptr %qacc3, align 4
+  %93 = fmul <16 x float> %91, %w16
+  %94 = fadd <16 x float> %92, %93
+  store <16 x float> %94, ptr %qacc3, align 4
+  %95 = add nsw i64 %qh, 1
   br label %qh.head
 
 qh.end:                                           ; preds = %qh.head
-  %75 = load <16 x float>, ptr %qacc, align 4
-  %76 = load <16 x float>, ptr %qacc1, align 4
-  %77 = load <16 x float>, ptr %qacc2, align 4
-  %78 = load <16 x float>, ptr %qacc3, align 4
-  %79 = getelementptr inbounds float, ptr %14, i64 0
-  store <16 x float> %75, ptr %79, align 4
-  %80 = getelementptr inbounds float, ptr %20, i64 0
-  store <16 x float> %76, ptr %80, align 4
-  %81 = getelementptr inbounds float, ptr %26, i64 0
-  store <16 x float> %77, ptr %81, align 4
-  %82 = getelementptr inbounds float, ptr %32, i64 0
-  store <16 x float> %78, ptr %82, align 4
-  %83 = add nsw i64 %rb, 4
+  %96 = load <16 x float>, ptr %qacc, align 4
+  %97 = load <16 x float>, ptr %qacc1, align 4
+  %98 = load <16 x float>, ptr %qacc2, align 4
+  %99 = load <16 x float>, ptr %qacc3, align 4
+  %100 = getelementptr inbounds float, ptr %32, i64 0
+  store <16 x float> %96, ptr %100, align 4
+  %101 = getelementptr inbounds float, ptr %38, i64 0
+  store <16 x float> %97, ptr %101, align 4
+  %102 = getelementptr inbounds float, ptr %44, i64 0
+  store <16 x float> %98, ptr %102, align 4
+  %103 = getelementptr inbounds float, ptr %50, i64 0
+  store <16 x float> %99, ptr %103, align 4
+  %104 = add nsw i64 %rb, 4
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %84 = add nsw i64 %qb, 2
+  %105 = add nsw i64 %qb, 2
   br label %qb.head
 
 qb.end:                                           ; preds = %qb.head
   br label %qb1.head
 
-qb1.head:                                         ; preds = %rb.end6, %qb.end
-  %qb1 = phi i64 [ 0, %qb.end ], [ %157, %rb.end6 ]
-  %85 = icmp slt i64 %qb1, 1
-  br i1 %85, label %qb1.body, label %qb1.end
+qb1.head:                                         ; preds = %rb.end8, %qb.end
+  %qb1 = phi i64 [ 0, %qb.end ], [ %199, %rb.end8 ]
+  %106 = icmp slt i64 %qb1, 1
+  br i1 %106, label %qb1.body, label %qb1.end
 
 qb1.body:                                         ; preds = %qb1.head
-  %86 = mul nsw i64 %qb1, 8
-  br label %rb.head4
+  %107 = mul nsw i64 %qb1, 8
+  %108 = sub nsw i64 %full, 0
+  %ntile4 = sdiv i64 %108, 4
+  %109 = icmp sge i64 %ntile4, 2
+  %110 = select i1 %109, i64 1, i64 0
+  %111 = icmp sge i64 %ntile4, 4
+  %112 = select i1 %111, i64 2, i64 %110
+  %113 = icmp sge i64 %ntile4, 8
+  %114 = select i1 %113, i64 3, i64 %112
+  %115 = add nsw i64 %qb1, 1
+  %more5 = icmp slt i64 %115, 1
+  %116 = mul nsw i64 %115, 2048
+  %117 = getelementptr inbounds i8, ptr %router, i64 %116
+  br label %rb.head6
 
-rb.head4:                                         ; preds = %qh.end14, %qb1.body
-  %rb7 = phi i64 [ 0, %qb1.body ], [ %156, %qh.end14 ]
-  %87 = icmp slt i64 %rb7, %full
-  br i1 %87, label %rb.body5, label %rb.end6
+rb.head6:                                         ; preds = %qh.end18, %qb1.body
+  %rb9 = phi i64 [ 0, %qb1.body ], [ %198, %qh.end18 ]
+  %118 = icmp slt i64 %rb9, %full
+  br i1 %118, label %rb.body7, label %rb.end8
 
-rb.body5:                                         ; preds = %rb.head4
-  %88 = add nsw i64 %rb7, 0
-  %89 = mul nsw i64 %88, 64
-  %90 = getelementptr inbounds float, ptr %4, i64 %89
-  %91 = mul nsw i64 %88, 8
-  %92 = add nsw i64 %91, %86
-  %93 = getelementptr inbounds float, ptr %lt, i64 %92
-  %94 = add nsw i64 %rb7, 1
-  %95 = mul nsw i64 %94, 64
-  %96 = getelementptr inbounds float, ptr %4, i64 %95
-  %97 = mul nsw i64 %94, 8
-  %98 = add nsw i64 %97, %86
-  %99 = getelementptr inbounds float, ptr %lt, i64 %98
-  %100 = add nsw i64 %rb7, 2
-  %101 = mul nsw i64 %100, 64
-  %102 = getelementptr inbounds float, ptr %4, i64 %101
-  %103 = mul nsw i64 %100, 8
-  %104 = add nsw i64 %103, %86
-  %105 = getelementptr inbounds float, ptr %lt, i64 %104
-  %106 = add nsw i64 %rb7, 3
-  %107 = mul nsw i64 %106, 64
-  %108 = getelementptr inbounds float, ptr %4, i64 %107
-  %109 = mul nsw i64 %106, 8
-  %110 = add nsw i64 %109, %86
-  %111 = getelementptr inbounds float, ptr %lt, i64 %110
-  store <8 x float> zeroinitializer, ptr %qacc8, align 4
-  store <8 x float> zeroinitializer, ptr %qacc9, align 4
-  store <8 x float> zeroinitializer, ptr %qacc10, align 4
-  store <8 x float> zeroinitializer, ptr %qacc11, align 4
-  br label %qh.head12
+rb.body7:                                         ; preds = %rb.head6
+  %119 = sub nsw i64 %rb9, 0
+  %j10 = sdiv i64 %119, 4
+  %120 = shl i64 1, %114
+  %121 = icmp slt i64 %j10, %120
+  %122 = icmp sgt i64 %ntile4, 1
+  %123 = and i1 %more5, %122
+  %pf.on11 = and i1 %123, %121
+  %124 = mul nsw i64 %j10, 2048
+  %125 = lshr i64 %124, %114
+  %126 = getelementptr inbounds i8, ptr %117, i64 %125
+  %127 = add nsw i64 %rb9, 0
+  %128 = mul nsw i64 %127, 64
+  %129 = getelementptr inbounds float, ptr %4, i64 %128
+  %130 = mul nsw i64 %127, 8
+  %131 = add nsw i64 %130, %107
+  %132 = getelementptr inbounds float, ptr %lt, i64 %131
+  %133 = add nsw i64 %rb9, 1
+  %134 = mul nsw i64 %133, 64
+  %135 = getelementptr inbounds float, ptr %4, i64 %134
+  %136 = mul nsw i64 %133, 8
+  %137 = add nsw i64 %136, %107
+  %138 = getelementptr inbounds float, ptr %lt, i64 %137
+  %139 = add nsw i64 %rb9, 2
+  %140 = mul nsw i64 %139, 64
+  %141 = getelementptr inbounds float, ptr %4, i64 %140
+  %142 = mul nsw i64 %139, 8
+  %143 = add nsw i64 %142, %107
+  %144 = getelementptr inbounds float, ptr %lt, i64 %143
+  %145 = add nsw i64 %rb9, 3
+  %146 = mul nsw i64 %145, 64
+  %147 = getelementptr inbounds float, ptr %4, i64 %146
+  %148 = mul nsw i64 %145, 8
+  %149 = add nsw i64 %148, %107
+  %150 = getelementptr inbounds float, ptr %lt, i64 %149
+  store <8 x float> zeroinitializer, ptr %qacc12, align 4
+  store <8 x float> zeroinitializer, ptr %qacc13, align 4
+  store <8 x float> zeroinitializer, ptr %qacc14, align 4
+  store <8 x float> zeroinitializer, ptr %qacc15, align 4
+  br label %qh.head16
 
-qh.head12:                                        ; preds = %qh.body13, %rb.body5
-  %qh15 = phi i64 [ 0, %rb.body5 ], [ %147, %qh.body13 ]
-  %112 = icmp slt i64 %qh15, 64
-  br i1 %112, label %qh.body13, label %qh.end14
+qh.head16:                                        ; preds = %pf.end21, %rb.body7
+  %qh19 = phi i64 [ 0, %rb.body7 ], [ %189, %pf.end21 ]
+  %151 = icmp slt i64 %qh19, 64
+  br i1 %151, label %qh.body17, label %qh.end18
 
-qh.body13:                                        ; preds = %qh.head12
-  %113 = add nsw i64 %qb1, 0
-  %114 = mul nsw i64 %qh15, 8
-  %115 = mul nsw i64 %113, 512
-  %116 = add nsw i64 %115, %114
-  %117 = getelementptr inbounds float, ptr %router, i64 %116
-  %118 = load <8 x float>, ptr %117, align 4
-  %119 = getelementptr inbounds float, ptr %90, i64 %qh15
-  %120 = load float, ptr %119, align 4
-  %121 = insertelement <8 x float> poison, float %120, i32 0
-  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
-  %123 = load <8 x float>, ptr %qacc8, align 4
-  %124 = fmul <8 x float> %122, %118
-  %125 = fadd <8 x float> %123, %124
-  store <8 x float> %125, ptr %qacc8, align 4
-  %126 = getelementptr inbounds float, ptr %96, i64 %qh15
-  %127 = load float, ptr %126, align 4
-  %128 = insertelement <8 x float> poison, float %127, i32 0
-  %129 = shufflevector <8 x float> %128, <8 x float> poison, <8 x i32> zeroinitializer
-  %130 = load <8 x float>, ptr %qacc9, align 4
-  %131 = fmul <8 x float> %129, %118
-  %132 = fadd <8 x float> %130, %131
-  store <8 x float> %132, ptr %qacc9, align 4
-  %133 = getelementptr inbounds float, ptr %102, i64 %qh15
-  %134 = load float, ptr %133, align 4
-  %135 = insertelement <8 x float> poison, float %134, i32 0
-  %136 = shufflevector <8 x float> %135, <8 x float> poison, <8 x i32> zeroinitializer
-  %137 = load <8 x float>, ptr %qacc10, align 4
-  %138 = fmul <8 x float> %136, %118
-  %139 = fadd <8 x float> %137, %138
-  store <8 x float> %139, ptr %qacc10, align 4
-  %140 = getelementptr inbounds float, ptr %108, i64 %qh15
-  %141 = load float, ptr %140, align 4
-  %142 = insertelement <8 x float> poison, float %141, i32 0
-  %143 = shufflevector <8 x float> %142, <8 x float> poison, <8 x i32> zeroinitializer
-  %144 = load <8 x float>, ptr %qacc11, align 4
-  %145 = fmul <8 x float> %143, %118
-  %146 = fadd <8 x float> %144, %145
-  store <8 x float> %146, ptr %qacc11, align 4
-  %147 = add nsw i64 %qh15, 1
-  br label %qh.head12
+qh.body17:                                        ; preds = %qh.head16
+  br i1 %pf.on11, label %pf.then20, label %pf.end21
 
-qh.end14:                                         ; preds = %qh.head12
-  %148 = load <8 x float>, ptr %qacc8, align 4
-  %149 = load <8 x float>, ptr %qacc9, align 4
-  %150 = load <8 x float>, ptr %qacc10, align 4
-  %151 = load <8 x float>, ptr %qacc11, align 4
-  %152 = getelementptr inbounds float, ptr %93, i64 0
-  store <8 x float> %148, ptr %152, align 4
-  %153 = getelementptr inbounds float, ptr %99, i64 0
-  store <8 x float> %149, ptr %153, align 4
-  %154 = getelementptr inbounds float, ptr %105, i64 0
-  store <8 x float> %150, ptr %154, align 4
-  %155 = getelementptr inbounds float, ptr %111, i64 0
-  store <8 x float> %151, ptr %155, align 4
-  %156 = add nsw i64 %rb7, 4
-  br label %rb.head4
+pf.then20:                                        ; preds = %qh.body17
+  %152 = mul nsw i64 %qh19, 32
+  %153 = lshr i64 %152, %114
+  %154 = getelementptr inbounds i8, ptr %126, i64 %153
+  call void @llvm.prefetch.p0(ptr %154, i32 0, i32 2, i32 1)
+  br label %pf.end21
 
-rb.end6:                                          ; preds = %rb.head4
-  %157 = add nsw i64 %qb1, 1
+pf.end21:                                         ; preds = %pf.then20, %qh.body17
+  %155 = add nsw i64 %qb1, 0
+  %156 = mul nsw i64 %qh19, 8
+  %157 = mul nsw i64 %155, 512
+  %158 = add nsw i64 %157, %156
+  %159 = getelementptr inbounds float, ptr %router, i64 %158
+  %160 = load <8 x float>, ptr %159, align 4
+  %161 = getelementptr inbounds float, ptr %129, i64 %qh19
+  %162 = load float, ptr %161, align 4
+  %163 = insertelement <8 x float> poison, float %162, i32 0
+  %164 = shufflevector <8 x float> %163, <8 x float> poison, <8 x i32> zeroinitializer
+  %165 = load <8 x float>, ptr %qacc12, align 4
+  %166 = fmul <8 x float> %164, %160
+  %167 = fadd <8 x float> %165, %166
+  store <8 x float> %167, ptr %qacc12, align 4
+  %168 = getelementptr inbounds float, ptr %135, i64 %qh19
+  %169 = load float, ptr %168, align 4
+  %170 = insertelement <8 x float> poison, float %169, i32 0
+  %171 = shufflevector <8 x float> %170, <8 x float> poison, <8 x i32> zeroinitializer
+  %172 = load <8 x float>, ptr %qacc13, align 4
+  %173 = fmul <8 x float> %171, %160
+  %174 = fadd <8 x float> %172, %173
+  store <8 x float> %174, ptr %qacc13, align 4
+  %175 = getelementptr inbounds float, ptr %141, i64 %qh19
+  %176 = load float, ptr %175, align 4
+  %177 = insertelement <8 x float> poison, float %176, i32 0
+  %178 = shufflevector <8 x float> %177, <8 x float> poison, <8 x i32> zeroinitializer
+  %179 = load <8 x float>, ptr %qacc14, align 4
+  %180 = fmul <8 x float> %178, %160
+  %181 = fadd <8 x float> %179, %180
+  store <8 x float> %181, ptr %qacc14, align 4
+  %182 = getelementptr inbounds float, ptr %147, i64 %qh19
+  %183 = load float, ptr %182, align 4
+  %184 = insertelement <8 x float> poison, float %183, i32 0
+  %185 = shufflevector <8 x float> %184, <8 x float> poison, <8 x i32> zeroinitializer
+  %186 = load <8 x float>, ptr %qacc15, align 4
+  %187 = fmul <8 x float> %185, %160
+  %188 = fadd <8 x float> %186, %187
+  store <8 x float> %188, ptr %qacc15, align 4
+  %189 = add nsw i64 %qh19, 1
+  br label %qh.head16
+
+qh.end18:                                         ; preds = %qh.head16
+  %190 = load <8 x float>, ptr %qacc12, align 4
+  %191 = load <8 x float>, ptr %qacc13, align 4
+  %192 = load <8 x float>, ptr %qacc14, align 4
+  %193 = load <8 x float>, ptr %qacc15, align 4
+  %194 = getelementptr inbounds float, ptr %132, i64 0
+  store <8 x float> %190, ptr %194, align 4
+  %195 = getelementptr inbounds float, ptr %138, i64 0
+  store <8 x float> %191, ptr %195, align 4
+  %196 = getelementptr inbounds float, ptr %144, i64 0
+  store <8 x float> %192, ptr %196, align 4
+  %197 = getelementptr inbounds float, ptr %150, i64 0
+  store <8 x float> %193, ptr %197, align 4
+  %198 = add nsw i64 %rb9, 4
+  br label %rb.head6
+
+rb.end8:                                          ; preds = %rb.head6
+  %199 = add nsw i64 %qb1, 1
   br label %qb1.head
 
 qb1.end:                                          ; preds = %qb1.head
-  br label %qb.head16
+  br label %qb.head22
 
-qb.head16:                                        ; preds = %r1.end, %qb1.end
-  %qb19 = phi i64 [ 0, %qb1.end ], [ %208, %r1.end ]
-  %158 = icmp slt i64 %qb19, 0
-  br i1 %158, label %qb.body17, label %qb.end18
+qb.head22:                                        ; preds = %r1.end, %qb1.end
+  %qb25 = phi i64 [ 0, %qb1.end ], [ %271, %r1.end ]
+  %200 = icmp slt i64 %qb25, 0
+  br i1 %200, label %qb.body23, label %qb.end24
 
-qb.body17:                                        ; preds = %qb.head16
-  %159 = mul nsw i64 %qb19, 8
+qb.body23:                                        ; preds = %qb.head22
+  %201 = mul nsw i64 %qb25, 8
+  %202 = sub nsw i64 %gn, %full
+  %ntile26 = sdiv i64 %202, 1
+  %203 = icmp sge i64 %ntile26, 2
+  %204 = select i1 %203, i64 1, i64 0
+  %205 = icmp sge i64 %ntile26, 4
+  %206 = select i1 %205, i64 2, i64 %204
+  %207 = icmp sge i64 %ntile26, 8
+  %208 = select i1 %207, i64 3, i64 %206
+  %209 = add nsw i64 %qb25, 4
+  %more27 = icmp slt i64 %209, 1
+  %210 = mul nsw i64 %209, 2048
+  %211 = getelementptr inbounds i8, ptr %router, i64 %210
   br label %r1.head
 
-r1.head:                                          ; preds = %qh.end24, %qb.body17
-  %r1 = phi i64 [ %full, %qb.body17 ], [ %207, %qh.end24 ]
-  %160 = icmp slt i64 %r1, %gn
-  br i1 %160, label %r1.body, label %r1.end
+r1.head:                                          ; preds = %qh.end34, %qb.body23
+  %r1 = phi i64 [ %full, %qb.body23 ], [ %270, %qh.end34 ]
+  %212 = icmp slt i64 %r1, %gn
+  br i1 %212, label %r1.body, label %r1.end
 
 r1.body:                                          ; preds = %r1.head
-  %161 = add nsw i64 %r1, 0
-  %162 = mul nsw i64 %161, 64
-  %163 = getelementptr inbounds float, ptr %4, i64 %162
-  %164 = mul nsw i64 %161, 8
-  %165 = add nsw i64 %164, %159
-  %166 = getelementptr inbounds float, ptr %lt, i64 %165
-  store <16 x float> zeroinitializer, ptr %qacc20, align 4
-  store <16 x float> zeroinitializer, ptr %qacc21, align 4
-  br label %qh.head22
+  %213 = sub nsw i64 %r1, %full
+  %j28 = sdiv i64 %213, 1
+  %214 = shl i64 1, %208
+  %215 = icmp slt i64 %j28, %214
+  %216 = icmp sgt i64 %ntile26, 1
+  %217 = and i1 %more27, %216
+  %pf.on29 = and i1 %217, %215
+  %218 = mul nsw i64 %j28, 8192
+  %219 = lshr i64 %218, %208
+  %220 = getelementptr inbounds i8, ptr %211, i64 %219
+  %221 = add nsw i64 %r1, 0
+  %222 = mul nsw i64 %221, 64
+  %223 = getelementptr inbounds float, ptr %4, i64 %222
+  %224 = mul nsw i64 %221, 8
+  %225 = add nsw i64 %224, %201
+  %226 = getelementptr inbounds float, ptr %lt, i64 %225
+  store <16 x float> zeroinitializer, ptr %qacc30, align 4
+  store <16 x float> zeroinitializer, ptr %qacc31, align 4
+  br label %qh.head32
 
-qh.head22:                                        ; preds = %qh.body23, %r1.body
-  %qh25 = phi i64 [ 0, %r1.body ], [ %202, %qh.body23 ]
-  %167 = icmp slt i64 %qh25, 64
-  br i1 %167, label %qh.body23, label %qh.end24
+qh.head32:                                        ; preds = %pf.end37, %r1.body
+  %qh35 = phi i64 [ 0, %r1.body ], [ %265, %pf.end37 ]
+  %227 = icmp slt i64 %qh35, 64
+  br i1 %227, label %qh.body33, label %qh.end34
 
-qh.body23:                                        ; preds = %qh.head22
-  %168 = add nsw i64 %qb19, 0
-  %169 = mul nsw i64 %qh25, 8
-  %170 = mul nsw i64 %168, 512
-  %171 = add nsw i64 %170, %169
-  %172 = getelementptr inbounds float, ptr %router, i64 %171
-  %173 = load <8 x float>, ptr %172, align 4
-  %174 = add nsw i64 %qb19, 1
-  %175 = mul nsw i64 %qh25, 8
-  %176 = mul nsw i64 %174, 512
-  %177 = add nsw i64 %176, %175
-  %178 = getelementptr inbounds float, ptr %router, i64 %177
-  %179 = load <8 x float>, ptr %178, align 4
-  %w1626 = shufflevector <8 x float> %173, <8 x float> %179, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %180 = add nsw i64 %qb19, 2
-  %181 = mul nsw i64 %qh25, 8
-  %182 = mul nsw i64 %180, 512
-  %183 = add nsw i64 %182, %181
-  %184 = getelementptr inbounds float, ptr %router, i64 %183
-  %185 = load <8 x float>, ptr %184, align 4
-  %186 = add nsw i64 %qb19, 3
-  %187 = mul nsw i64 %qh25, 8
-  %188 = mul nsw i64 %186, 512
-  %189 = add nsw i64 %188, %187
-  %190 = getelementptr inbounds float, ptr %router, i64 %189
-  %191 = load <8 x float>, ptr %190, align 4
-  %w1627 = shufflevector <8 x float> %185, <8 x float> %191, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %192 = getelementptr inbounds float, ptr %163, i64 %qh25
-  %193 = load float, ptr %192, align 4
-  %194 = insertelement <16 x float> poison, float %193, i32 0
-  %195 = shufflevector <16 x float> %194, <16 x float> poison, <16 x i32> zeroinitializer
-  %196 = load <16 x float>, ptr %qacc20, align 4
-  %197 = fmul <16 x float> %195, %w1626
-  %198 = fadd <16 x float> %196, %197
-  store <16 x float> %198, ptr %qacc20, align 4
-  %199 = load <16 x float>, ptr %qacc21, align 4
-  %200 = fmul <16 x float> %195, %w1627
-  %201 = fadd <16 x float> %199, %200
-  store <16 x float> %201, ptr %qacc21, align 4
-  %202 = add nsw i64 %qh25, 1
-  br label %qh.head22
+qh.body33:                                        ; preds = %qh.head32
+  br i1 %pf.on29, label %pf.then36, label %pf.end37
 
-qh.end24:                                         ; preds = %qh.head22
-  %203 = load <16 x float>, ptr %qacc20, align 4
-  %204 = load <16 x float>, ptr %qacc21, align 4
-  %205 = getelementptr inbounds float, ptr %166, i64 0
-  store <16 x float> %203, ptr %205, align 4
-  %206 = getelementptr inbounds float, ptr %166, i64 16
-  store <16 x float> %204, ptr %206, align 4
-  %207 = add nsw i64 %r1, 1
+pf.then36:                                        ; preds = %qh.body33
+  %228 = mul nsw i64 %qh35, 128
+  %229 = lshr i64 %228, %208
+  %230 = getelementptr inbounds i8, ptr %220, i64 %229
+  call void @llvm.prefetch.p0(ptr %230, i32 0, i32 2, i32 1)
+  br label %pf.end37
+
+pf.end37:                                         ; preds = %pf.then36, %qh.body33
+  %231 = add nsw i64 %qb25, 0
+  %232 = mul nsw i64 %qh35, 8
+  %233 = mul nsw i64 %231, 512
+  %234 = add nsw i64 %233, %232
+  %235 = getelementptr inbounds float, ptr %router, i64 %234
+  %236 = load <8 x float>, ptr %235, align 4
+  %237 = add nsw i64 %qb25, 1
+  %238 = mul nsw i64 %qh35, 8
+  %239 = mul nsw i64 %237, 512
+  %240 = add nsw i64 %239, %238
+  %241 = getelementptr inbounds float, ptr %router, i64 %240
+  %242 = load <8 x float>, ptr %241, align 4
+  %w1638 = shufflevector <8 x float> %236, <8 x float> %242, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %243 = add nsw i64 %qb25, 2
+  %244 = mul nsw i64 %qh35, 8
+  %245 = mul nsw i64 %243, 512
+  %246 = add nsw i64 %245, %244
+  %247 = getelementptr inbounds float, ptr %router, i64 %246
+  %248 = load <8 x float>, ptr %247, align 4
+  %249 = add nsw i64 %qb25, 3
+  %250 = mul nsw i64 %qh35, 8
+  %251 = mul nsw i64 %249, 512
+  %252 = add nsw i64 %251, %250
+  %253 = getelementptr inbounds float, ptr %router, i64 %252
+  %254 = load <8 x float>, ptr %253, align 4
+  %w1639 = shufflevector <8 x float> %248, <8 x float> %254, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %255 = getelementptr inbounds float, ptr %223, i64 %qh35
+  %256 = load float, ptr %255, align 4
+  %257 = insertelement <16 x float> poison, float %256, i32 0
+  %258 = shufflevector <16 x float> %257, <16 x float> poison, <16 x i32> zeroinitializer
+  %259 = load <16 x float>, ptr %qacc30, align 4
+  %260 = fmul <16 x float> %258, %w1638
+  %261 = fadd <16 x float> %259, %260
+  store <16 x float> %261, ptr %qacc30, align 4
+  %262 = load <16 x float>, ptr %qacc31, align 4
+  %263 = fmul <16 x float> %258, %w1639
+  %264 = fadd <16 x float> %262, %263
+  store <16 x float> %264, ptr %qacc31, align 4
+  %265 = add nsw i64 %qh35, 1
+  br label %qh.head32
+
+qh.end34:                                         ; preds = %qh.head32
+  %266 = load <16 x float>, ptr %qacc30, align 4
+  %267 = load <16 x float>, ptr %qacc31, align 4
+  %268 = getelementptr inbounds float, ptr %226, i64 0
+  store <16 x float> %266, ptr %268, align 4
+  %269 = getelementptr inbounds float, ptr %226, i64 16
+  store <16 x float> %267, ptr %269, align 4
+  %270 = add nsw i64 %r1, 1
   br label %r1.head
 
 r1.end:                                           ; preds = %r1.head
-  %208 = add nsw i64 %qb19, 4
-  br label %qb.head16
+  %271 = add nsw i64 %qb25, 4
+  br label %qb.head22
 
-qb.end18:                                         ; preds = %qb.head16
-  br label %qb1.head28
+qb.end24:                                         ; preds = %qb.head22
+  br label %qb1.head40
 
-qb1.head28:                                       ; preds = %r1.end34, %qb.end18
-  %qb131 = phi i64 [ 0, %qb.end18 ], [ %236, %r1.end34 ]
-  %209 = icmp slt i64 %qb131, 1
-  br i1 %209, label %qb1.body29, label %qb1.end30
+qb1.head40:                                       ; preds = %r1.end48, %qb.end24
+  %qb143 = phi i64 [ 0, %qb.end24 ], [ %320, %r1.end48 ]
+  %272 = icmp slt i64 %qb143, 1
+  br i1 %272, label %qb1.body41, label %qb1.end42
 
-qb1.body29:                                       ; preds = %qb1.head28
-  %210 = mul nsw i64 %qb131, 8
-  br label %r1.head32
+qb1.body41:                                       ; preds = %qb1.head40
+  %273 = mul nsw i64 %qb143, 8
+  %274 = sub nsw i64 %gn, %full
+  %ntile44 = sdiv i64 %274, 1
+  %275 = icmp sge i64 %ntile44, 2
+  %276 = select i1 %275, i64 1, i64 0
+  %277 = icmp sge i64 %ntile44, 4
+  %278 = select i1 %277, i64 2, i64 %276
+  %279 = icmp sge i64 %ntile44, 8
+  %280 = select i1 %279, i64 3, i64 %278
+  %281 = add nsw i64 %qb143, 1
+  %more45 = icmp slt i64 %281, 1
+  %282 = mul nsw i64 %281, 2048
+  %283 = getelementptr inbounds i8, ptr %router, i64 %282
+  br label %r1.head46
 
-r1.head32:                                        ; preds = %qh.end39, %qb1.body29
-  %r135 = phi i64 [ %full, %qb1.body29 ], [ %235, %qh.end39 ]
-  %211 = icmp slt i64 %r135, %gn
-  br i1 %211, label %r1.body33, label %r1.end34
+r1.head46:                                        ; preds = %qh.end55, %qb1.body41
+  %r149 = phi i64 [ %full, %qb1.body41 ], [ %319, %qh.end55 ]
+  %284 = icmp slt i64 %r149, %gn
+  br i1 %284, label %r1.body47, label %r1.end48
 
-r1.body33:                                        ; preds = %r1.head32
-  %212 = add nsw i64 %r135, 0
-  %213 = mul nsw i64 %212, 64
-  %214 = getelementptr inbounds float, ptr %4, i64 %213
-  %215 = mul nsw i64 %212, 8
-  %216 = add nsw i64 %215, %210
-  %217 = getelementptr inbounds float, ptr %lt, i64 %216
-  store <8 x float> zeroinitializer, ptr %qacc36, align 4
-  br label %qh.head37
+r1.body47:                                        ; preds = %r1.head46
+  %285 = sub nsw i64 %r149, %full
+  %j50 = sdiv i64 %285, 1
+  %286 = shl i64 1, %280
+  %287 = icmp slt i64 %j50, %286
+  %288 = icmp sgt i64 %ntile44, 1
+  %289 = and i1 %more45, %288
+  %pf.on51 = and i1 %289, %287
+  %290 = mul nsw i64 %j50, 2048
+  %291 = lshr i64 %290, %280
+  %292 = getelementptr inbounds i8, ptr %283, i64 %291
+  %293 = add nsw i64 %r149, 0
+  %294 = mul nsw i64 %293, 64
+  %295 = getelementptr inbounds float, ptr %4, i64 %294
+  %296 = mul nsw i64 %293, 8
+  %297 = add nsw i64 %296, %273
+  %298 = getelementptr inbounds float, ptr %lt, i64 %297
+  store <8 x float> zeroinitializer, ptr %qacc52, align 4
+  br label %qh.head53
 
-qh.head37:                                        ; preds = %qh.body38, %r1.body33
-  %qh40 = phi i64 [ 0, %r1.body33 ], [ %232, %qh.body38 ]
-  %218 = icmp slt i64 %qh40, 64
-  br i1 %218, label %qh.body38, label %qh.end39
+qh.head53:                                        ; preds = %pf.end58, %r1.body47
+  %qh56 = phi i64 [ 0, %r1.body47 ], [ %316, %pf.end58 ]
+  %299 = icmp slt i64 %qh56, 64
+  br i1 %299, label %qh.body54, label %qh.end55
 
-qh.body38:                                        ; preds = %qh.head37
-  %219 = add nsw i64 %qb131, 0
-  %220 = mul nsw i64 %qh40, 8
-  %221 = mul nsw i64 %219, 512
-  %222 = add nsw i64 %221, %220
-  %223 = getelementptr inbounds float, ptr %router, i64 %222
-  %224 = load <8 x float>, ptr %223, align 4
-  %225 = getelementptr inbounds float, ptr %214, i64 %qh40
-  %226 = load float, ptr %225, align 4
-  %227 = insertelement <8 x float> poison, float %226, i32 0
-  %228 = shufflevector <8 x float> %227, <8 x float> poison, <8 x i32> zeroinitializer
-  %229 = load <8 x float>, ptr %qacc36, align 4
-  %230 = fmul <8 x float> %228, %224
-  %231 = fadd <8 x float> %229, %230
-  store <8 x float> %231, ptr %qacc36, align 4
-  %232 = add nsw i64 %qh40, 1
-  br label %qh.head37
+qh.body54:                                        ; preds = %qh.head53
+  br i1 %pf.on51, label %pf.then57, label %pf.end58
 
-qh.end39:                                         ; preds = %qh.head37
-  %233 = load <8 x float>, ptr %qacc36, align 4
-  %234 = getelementptr inbounds float, ptr %217, i64 0
-  store <8 x float> %233, ptr %234, align 4
-  %235 = add nsw i64 %r135, 1
-  br label %r1.head32
+pf.then57:                                        ; preds = %qh.body54
+  %300 = mul nsw i64 %qh56, 32
+  %301 = lshr i64 %300, %280
+  %302 = getelementptr inbounds i8, ptr %292, i64 %301
+  call void @llvm.prefetch.p0(ptr %302, i32 0, i32 2, i32 1)
+  br label %pf.end58
 
-r1.end34:                                         ; preds = %r1.head32
-  %236 = add nsw i64 %qb131, 1
-  br label %qb1.head28
+pf.end58:                                         ; preds = %pf.then57, %qh.body54
+  %303 = add nsw i64 %qb143, 0
+  %304 = mul nsw i64 %qh56, 8
+  %305 = mul nsw i64 %303, 512
+  %306 = add nsw i64 %305, %304
+  %307 = getelementptr inbounds float, ptr %router, i64 %306
+  %308 = load <8 x float>, ptr %307, align 4
+  %309 = getelementptr inbounds float, ptr %295, i64 %qh56
+  %310 = load float, ptr %309, align 4
+  %311 = insertelement <8 x float> poison, float %310, i32 0
+  %312 = shufflevector <8 x float> %311, <8 x float> poison, <8 x i32> zeroinitializer
+  %313 = load <8 x float>, ptr %qacc52, align 4
+  %314 = fmul <8 x float> %312, %308
+  %315 = fadd <8 x float> %313, %314
+  store <8 x float> %315, ptr %qacc52, align 4
+  %316 = add nsw i64 %qh56, 1
+  br label %qh.head53
 
-qb1.end30:                                        ; preds = %qb1.head28
+qh.end55:                                         ; preds = %qh.head53
+  %317 = load <8 x float>, ptr %qacc52, align 4
+  %318 = getelementptr inbounds float, ptr %298, i64 0
+  store <8 x float> %317, ptr %318, align 4
+  %319 = add nsw i64 %r149, 1
+  br label %r1.head46
+
+r1.end48:                                         ; preds = %r1.head46
+  %320 = add nsw i64 %qb143, 1
+  br label %qb1.head40
+
+qb1.end42:                                        ; preds = %qb1.head40
   br label %t.head
 
-t.head:                                           ; preds = %ndiv.end, %qb1.end30
-  %t = phi i64 [ 0, %qb1.end30 ], [ %342, %ndiv.end ]
-  %237 = icmp slt i64 %t, %gn
-  br i1 %237, label %t.body, label %t.end
+t.head:                                           ; preds = %ndiv.end, %qb1.end42
+  %t = phi i64 [ 0, %qb1.end42 ], [ %426, %ndiv.end ]
+  %321 = icmp slt i64 %t, %gn
+  br i1 %321, label %t.body, label %t.end
 
 t.body:                                           ; preds = %t.head
   %tok = add nsw i64 %tg, %t
-  %238 = mul nsw i64 %t, 8
-  %239 = getelementptr inbounds float, ptr %lt, i64 %238
-  %240 = mul nsw i64 %tok, 64
-  %241 = getelementptr inbounds float, ptr %x, i64 %240
-  %242 = mul nsw i64 %tok, 8
-  %243 = getelementptr inbounds float, ptr %logits, i64 %242
+  %322 = mul nsw i64 %t, 8
+  %323 = getelementptr inbounds float, ptr %lt, i64 %322
+  %324 = mul nsw i64 %tok, 64
+  %325 = getelementptr inbounds float, ptr %x, i64 %324
+  %326 = mul nsw i64 %tok, 8
+  %327 = getelementptr inbounds float, ptr %logits, i64 %326
   br label %lb.head
 
 lb.head:                                          ; preds = %lb.body, %t.body
-  %lb = phi i64 [ 0, %t.body ], [ %248, %lb.body ]
-  %244 = icmp slt i64 %lb, 8
-  br i1 %244, label %lb.body, label %lb.end
+  %lb = phi i64 [ 0, %t.body ], [ %332, %lb.body ]
+  %328 = icmp slt i64 %lb, 8
+  br i1 %328, label %lb.body, label %lb.end
 
 lb.body:                                          ; preds = %lb.head
-  %245 = getelementptr inbounds float, ptr %239, i64 %lb
-  %246 = load float, ptr %245, align 4
-  %247 = getelementptr inbounds float, ptr %243, i64 %lb
-  store float %246, ptr %247, align 4
-  %248 = add nsw i64 %lb, 1
+  %329 = getelementptr inbounds float, ptr %323, i64 %lb
+  %330 = load float, ptr %329, align 4
+  %331 = getelementptr inbounds float, ptr %327, i64 %lb
+  store float %330, ptr %331, align 4
+  %332 = add nsw i64 %lb, 1
   br label %lb.head
 
 lb.end:                                           ; preds = %lb.head
@@ -472,84 +600,84 @@ lb.end:                                           ; preds = %lb.head
   br label %smax.head
 
 smax.head:                                        ; preds = %smax.body, %lb.end
-  %smax41 = phi i64 [ 0, %lb.end ], [ %256, %smax.body ]
-  %249 = icmp slt i64 %smax41, 8
-  br i1 %249, label %smax.body, label %smax.end
+  %smax59 = phi i64 [ 0, %lb.end ], [ %340, %smax.body ]
+  %333 = icmp slt i64 %smax59, 8
+  br i1 %333, label %smax.body, label %smax.end
 
 smax.body:                                        ; preds = %smax.head
-  %250 = add nsw i64 0, %smax41
-  %251 = getelementptr inbounds float, ptr %239, i64 %250
-  %252 = load float, ptr %251, align 4
-  %253 = load float, ptr %smax, align 4
-  %254 = fcmp ogt float %252, %253
-  %255 = select i1 %254, float %252, float %253
-  store float %255, ptr %smax, align 4
-  %256 = add nsw i64 %smax41, 1
+  %334 = add nsw i64 0, %smax59
+  %335 = getelementptr inbounds float, ptr %323, i64 %334
+  %336 = load float, ptr %335, align 4
+  %337 = load float, ptr %smax, align 4
+  %338 = fcmp ogt float %336, %337
+  %339 = select i1 %338, float %336, float %337
+  store float %339, ptr %smax, align 4
+  %340 = add nsw i64 %smax59, 1
   br label %smax.head
 
 smax.end:                                         ; preds = %smax.head
-  %257 = load float, ptr %smax, align 4
+  %341 = load float, ptr %smax, align 4
   store float 0.000000e+00, ptr %ssum, align 4
   br label %sexp.head
 
 sexp.head:                                        ; preds = %sexp.body, %smax.end
-  %sexp = phi i64 [ 0, %smax.end ], [ %270, %sexp.body ]
-  %258 = icmp slt i64 %sexp, 8
-  br i1 %258, label %sexp.body, label %sexp.end
+  %sexp = phi i64 [ 0, %smax.end ], [ %354, %sexp.body ]
+  %342 = icmp slt i64 %sexp, 8
+  br i1 %342, label %sexp.body, label %sexp.end
 
 sexp.body:                                        ; preds = %sexp.head
-  %259 = add nsw i64 0, %sexp
-  %260 = getelementptr inbounds float, ptr %239, i64 %259
-  %261 = load float, ptr %260, align 4
-  %262 = fsub float %261, %257
-  %263 = fpext float %262 to double
-  %264 = call double @exp(double %263)
-  %265 = fptrunc double %264 to float
-  %266 = add nsw i64 0, %sexp
-  %267 = getelementptr inbounds float, ptr %s, i64 %266
-  store float %265, ptr %267, align 4
-  %268 = load float, ptr %ssum, align 4
-  %269 = fadd float %268, %265
-  store float %269, ptr %ssum, align 4
-  %270 = add nsw i64 %sexp, 1
+  %343 = add nsw i64 0, %sexp
+  %344 = getelementptr inbounds float, ptr %323, i64 %343
+  %345 = load float, ptr %344, align 4
+  %346 = fsub float %345, %341
+  %347 = fpext float %346 to double
+  %348 = call double @exp(double %347)
+  %349 = fptrunc double %348 to float
+  %350 = add nsw i64 0, %sexp
+  %351 = getelementptr inbounds float, ptr %s, i64 %350
+  store float %349, ptr %351, align 4
+  %352 = load float, ptr %ssum, align 4
+  %353 = fadd float %352, %349
+  store float %353, ptr %ssum, align 4
+  %354 = add nsw i64 %sexp, 1
   br label %sexp.head
 
 sexp.end:                                         ; preds = %sexp.head
-  %271 = load float, ptr %ssum, align 4
+  %355 = load float, ptr %ssum, align 4
   br label %sdiv.head
 
 sdiv.head:                                        ; preds = %sdiv.body, %sexp.end
-  %sdiv = phi i64 [ 0, %sexp.end ], [ %278, %sdiv.body ]
-  %272 = icmp slt i64 %sdiv, 8
-  br i1 %272, label %sdiv.body, label %sdiv.end
+  %sdiv = phi i64 [ 0, %sexp.end ], [ %362, %sdiv.body ]
+  %356 = icmp slt i64 %sdiv, 8
+  br i1 %356, label %sdiv.body, label %sdiv.end
 
 sdiv.body:                                        ; preds = %sdiv.head
-  %273 = add nsw i64 0, %sdiv
-  %274 = getelementptr inbounds float, ptr %s, i64 %273
-  %275 = load float, ptr %274, align 4
-  %276 = fdiv float %275, %271
-  %277 = getelementptr inbounds float, ptr %s, i64 %273
-  store float %276, ptr %277, align 4
-  %278 = add nsw i64 %sdiv, 1
+  %357 = add nsw i64 0, %sdiv
+  %358 = getelementptr inbounds float, ptr %s, i64 %357
+  %359 = load float, ptr %358, align 4
+  %360 = fdiv float %359, %355
+  %361 = getelementptr inbounds float, ptr %s, i64 %357
+  store float %360, ptr %361, align 4
+  %362 = add nsw i64 %sdiv, 1
   br label %sdiv.head
 
 sdiv.end:                                         ; preds = %sdiv.head
-  %279 = mul nsw i64 %tok, 2
-  %280 = getelementptr inbounds i32, ptr %ids, i64 %279
-  %281 = getelementptr inbounds float, ptr %weights, i64 %279
+  %363 = mul nsw i64 %tok, 2
+  %364 = getelementptr inbounds i32, ptr %ids, i64 %363
+  %365 = getelementptr inbounds float, ptr %weights, i64 %363
   br label %sel.head
 
 sel.head:                                         ; preds = %sel.body, %sdiv.end
-  %sel = phi i64 [ 0, %sdiv.end ], [ %286, %sel.body ]
-  %282 = icmp slt i64 %sel, 8
-  br i1 %282, label %sel.body, label %sel.end
+  %sel = phi i64 [ 0, %sdiv.end ], [ %370, %sel.body ]
+  %366 = icmp slt i64 %sel, 8
+  br i1 %366, label %sel.body, label %sel.end
 
 sel.body:                                         ; preds = %sel.head
-  %283 = getelementptr inbounds float, ptr %s, i64 %sel
-  %284 = load float, ptr %283, align 4
-  %285 = getelementptr inbounds float, ptr %c, i64 %sel
-  store float %284, ptr %285, align 4
-  %286 = add nsw i64 %sel, 1
+  %367 = getelementptr inbounds float, ptr %s, i64 %sel
+  %368 = load float, ptr %367, align 4
+  %369 = getelementptr inbounds float, ptr %c, i64 %sel
+  store float %368, ptr %369, align 4
+  %370 = add nsw i64 %sel, 1
   br label %sel.head
 
 sel.end:                                          ; preds = %sel.head
@@ -557,40 +685,40 @@ sel.end:                                          ; preds = %sel.head
   br label %tk.head
 
 tk.head:                                          ; preds = %tk.put.end, %sel.end
-  %tk = phi i64 [ 0, %sel.end ], [ %308, %tk.put.end ]
-  %287 = icmp slt i64 %tk, 8
-  br i1 %287, label %tk.body, label %tk.end
+  %tk = phi i64 [ 0, %sel.end ], [ %392, %tk.put.end ]
+  %371 = icmp slt i64 %tk, 8
+  br i1 %371, label %tk.body, label %tk.end
 
 tk.body:                                          ; preds = %tk.head
-  %288 = getelementptr inbounds float, ptr %c, i64 %tk
-  %289 = load float, ptr %288, align 4
-  %290 = load i64, ptr %tk.m, align 8
+  %372 = getelementptr inbounds float, ptr %c, i64 %tk
+  %373 = load float, ptr %372, align 4
+  %374 = load i64, ptr %tk.m, align 8
   br label %tk.ins.head
 
 tk.ins.head:                                      ; preds = %tk.shift.end, %tk.body
-  %p = phi i64 [ %290, %tk.body ], [ %292, %tk.shift.end ]
-  %291 = icmp sgt i64 %p, 0
-  br i1 %291, label %tk.ins.chk, label %tk.ins.end
+  %p = phi i64 [ %374, %tk.body ], [ %376, %tk.shift.end ]
+  %375 = icmp sgt i64 %p, 0
+  br i1 %375, label %tk.ins.chk, label %tk.ins.end
 
 tk.ins.chk:                                       ; preds = %tk.ins.head
-  %292 = sub nsw i64 %p, 1
-  %293 = getelementptr inbounds i64, ptr %idx, i64 %292
-  %294 = load i64, ptr %293, align 8
-  %295 = getelementptr inbounds float, ptr %c, i64 %294
-  %296 = load float, ptr %295, align 4
-  %297 = fcmp uno float %289, %289
-  %298 = fcmp ugt float %289, %296
-  %299 = xor i1 %297, true
-  %300 = and i1 %299, %298
-  br i1 %300, label %tk.ins.body, label %tk.ins.end
+  %376 = sub nsw i64 %p, 1
+  %377 = getelementptr inbounds i64, ptr %idx, i64 %376
+  %378 = load i64, ptr %377, align 8
+  %379 = getelementptr inbounds float, ptr %c, i64 %378
+  %380 = load float, ptr %379, align 4
+  %381 = fcmp uno float %373, %373
+  %382 = fcmp ugt float %373, %380
+  %383 = xor i1 %381, true
+  %384 = and i1 %383, %382
+  br i1 %384, label %tk.ins.body, label %tk.ins.end
 
 tk.ins.body:                                      ; preds = %tk.ins.chk
-  %301 = icmp slt i64 %p, 2
-  br i1 %301, label %tk.shift.then, label %tk.shift.end
+  %385 = icmp slt i64 %p, 2
+  br i1 %385, label %tk.shift.then, label %tk.shift.end
 
 tk.shift.then:                                    ; preds = %tk.ins.body
-  %302 = getelementptr inbounds i64, ptr %idx, i64 %p
-  store i64 %294, ptr %302, align 8
+  %386 = getelementptr inbounds i64, ptr %idx, i64 %p
+  store i64 %378, ptr %386, align 8
   br label %tk.shift.end
 
 tk.shift.end:                                     ; preds = %tk.shift.then, %tk.ins.body
@@ -598,102 +726,105 @@ tk.shift.end:                                     ; preds = %tk.shift.then, %tk.
 
 tk.ins.end:                                       ; preds = %tk.ins.chk, %tk.ins.head
   %pf = phi i64 [ %p, %tk.ins.head ], [ %p, %tk.ins.chk ]
-  %303 = icmp slt i64 %pf, 2
-  br i1 %303, label %tk.put.then, label %tk.put.end
+  %387 = icmp slt i64 %pf, 2
+  br i1 %387, label %tk.put.then, label %tk.put.end
 
 tk.put.then:                                      ; preds = %tk.ins.end
-  %304 = getelementptr inbounds i64, ptr %idx, i64 %pf
-  store i64 %tk, ptr %304, align 8
+  %388 = getelementptr inbounds i64, ptr %idx, i64 %pf
+  store i64 %tk, ptr %388, align 8
   br label %tk.put.end
 
 tk.put.end:                                       ; preds = %tk.put.then, %tk.ins.end
-  %305 = add nsw i64 %290, 1
-  %306 = icmp slt i64 %305, 2
-  %307 = select i1 %306, i64 %305, i64 2
-  store i64 %307, ptr %tk.m, align 8
-  %308 = add nsw i64 %tk, 1
+  %389 = add nsw i64 %374, 1
+  %390 = icmp slt i64 %389, 2
+  %391 = select i1 %390, i64 %389, i64 2
+  store i64 %391, ptr %tk.m, align 8
+  %392 = add nsw i64 %tk, 1
   br label %tk.head
 
 tk.end:                                           ; preds = %tk.head
-  %309 = load i64, ptr %tk.m, align 8
+  %393 = load i64, ptr %tk.m, align 8
   br label %top.head
 
 top.head:                                         ; preds = %top.body, %tk.end
-  %top = phi i64 [ 0, %tk.end ], [ %318, %top.body ]
-  %310 = icmp slt i64 %top, 2
-  br i1 %310, label %top.body, label %top.end
+  %top = phi i64 [ 0, %tk.end ], [ %402, %top.body ]
+  %394 = icmp slt i64 %top, 2
+  br i1 %394, label %top.body, label %top.end
 
 top.body:                                         ; preds = %top.head
-  %311 = getelementptr inbounds i64, ptr %idx, i64 %top
-  %312 = load i64, ptr %311, align 8
-  %313 = getelementptr inbounds i32, ptr %280, i64 %top
-  %314 = trunc i64 %312 to i32
-  store i32 %314, ptr %313, align 4
-  %315 = getelementptr inbounds float, ptr %s, i64 %312
-  %316 = load float, ptr %315, align 4
-  %317 = getelementptr inbounds float, ptr %281, i64 %top
-  store float %316, ptr %317, align 4
-  %318 = add nsw i64 %top, 1
+  %395 = getelementptr inbounds i64, ptr %idx, i64 %top
+  %396 = load i64, ptr %395, align 8
+  %397 = getelementptr inbounds i32, ptr %364, i64 %top
+  %398 = trunc i64 %396 to i32
+  store i32 %398, ptr %397, align 4
+  %399 = getelementptr inbounds float, ptr %s, i64 %396
+  %400 = load float, ptr %399, align 4
+  %401 = getelementptr inbounds float, ptr %365, i64 %top
+  store float %400, ptr %401, align 4
+  %402 = add nsw i64 %top, 1
   br label %top.head
 
 top.end:                                          ; preds = %top.head
-  %319 = getelementptr inbounds i64, ptr %idx, i64 0
-  %320 = load i64, ptr %319, align 8
-  %321 = getelementptr inbounds float, ptr %c, i64 %320
-  %322 = load float, ptr %321, align 4
-  %323 = getelementptr inbounds float, ptr %prio, i64 %tok
-  store float %322, ptr %323, align 4
+  %403 = getelementptr inbounds i64, ptr %idx, i64 0
+  %404 = load i64, ptr %403, align 8
+  %405 = getelementptr inbounds float, ptr %c, i64 %404
+  %406 = load float, ptr %405, align 4
+  %407 = getelementptr inbounds float, ptr %prio, i64 %tok
+  store float %406, ptr %407, align 4
   store float 0.000000e+00, ptr %wsum, align 4
   br label %nsum.head
 
 nsum.head:                                        ; preds = %nsum.body, %top.end
-  %nsum = phi i64 [ 0, %top.end ], [ %329, %nsum.body ]
-  %324 = icmp slt i64 %nsum, 2
-  br i1 %324, label %nsum.body, label %nsum.end
+  %nsum = phi i64 [ 0, %top.end ], [ %413, %nsum.body ]
+  %408 = icmp slt i64 %nsum, 2
+  br i1 %408, label %nsum.body, label %nsum.end
 
 nsum.body:                                        ; preds = %nsum.head
-  %325 = getelementptr inbounds float, ptr %281, i64 %nsum
-  %326 = load float, ptr %325, align 4
-  %327 = load float, ptr %wsum, align 4
-  %328 = fadd float %327, %326
-  store float %328, ptr %wsum, align 4
-  %329 = add nsw i64 %nsum, 1
+  %409 = getelementptr inbounds float, ptr %365, i64 %nsum
+  %410 = load float, ptr %409, align 4
+  %411 = load float, ptr %wsum, align 4
+  %412 = fadd float %411, %410
+  store float %412, ptr %wsum, align 4
+  %413 = add nsw i64 %nsum, 1
   br label %nsum.head
 
 nsum.end:                                         ; preds = %nsum.head
-  %330 = load float, ptr %wsum, align 4
-  %331 = fadd float %330, 0.000000e+00
-  %332 = fcmp olt float %331, 0.000000e+00
-  %333 = select i1 %332, float 0.000000e+00, float %331
-  %334 = fcmp ogt float %333, 0.000000e+00
-  %335 = select i1 %334, float %333, float 1.000000e+00
+  %414 = load float, ptr %wsum, align 4
+  %415 = fadd float %414, 0.000000e+00
+  %416 = fcmp olt float %415, 0.000000e+00
+  %417 = select i1 %416, float 0.000000e+00, float %415
+  %418 = fcmp ogt float %417, 0.000000e+00
+  %419 = select i1 %418, float %417, float 1.000000e+00
   br label %ndiv.head
 
 ndiv.head:                                        ; preds = %ndiv.body, %nsum.end
-  %ndiv = phi i64 [ 0, %nsum.end ], [ %341, %ndiv.body ]
-  %336 = icmp slt i64 %ndiv, 2
-  br i1 %336, label %ndiv.body, label %ndiv.end
+  %ndiv = phi i64 [ 0, %nsum.end ], [ %425, %ndiv.body ]
+  %420 = icmp slt i64 %ndiv, 2
+  br i1 %420, label %ndiv.body, label %ndiv.end
 
 ndiv.body:                                        ; preds = %ndiv.head
-  %337 = getelementptr inbounds float, ptr %281, i64 %ndiv
-  %338 = load float, ptr %337, align 4
-  %339 = fdiv float %338, %335
-  %340 = getelementptr inbounds float, ptr %281, i64 %ndiv
-  store float %339, ptr %340, align 4
-  %341 = add nsw i64 %ndiv, 1
+  %421 = getelementptr inbounds float, ptr %365, i64 %ndiv
+  %422 = load float, ptr %421, align 4
+  %423 = fdiv float %422, %419
+  %424 = getelementptr inbounds float, ptr %365, i64 %ndiv
+  store float %423, ptr %424, align 4
+  %425 = add nsw i64 %ndiv, 1
   br label %ndiv.head
 
 ndiv.end:                                         ; preds = %ndiv.head
-  %342 = add nsw i64 %t, 1
+  %426 = add nsw i64 %t, 1
   br label %t.head
 
 t.end:                                            ; preds = %t.head
-  %343 = add nsw i64 %tg, 8
+  %427 = add nsw i64 %tg, 8
   br label %tg.head
 
 tg.end:                                           ; preds = %tg.head
   ret void
 }
+
+; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
+declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #1
 
 ; Function Attrs: nounwind
 declare double @exp(double) #0
@@ -749,7 +880,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %rb.end, %start
-  %p = phi i64 [ %p0, %start ], [ %1107, %rb.end ]
+  %p = phi i64 [ %p0, %start ], [ %1134, %rb.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -759,7 +890,7 @@ p.body:                                           ; preds = %p.head
   br label %rb.head
 
 rb.head:                                          ; preds = %tile.done, %p.body
-  %rb = phi i64 [ 0, %p.body ], [ %1106, %tile.done ]
+  %rb = phi i64 [ 0, %p.body ], [ %1133, %tile.done ]
   %2 = icmp slt i64 %rb, %nrb
   br i1 %2, label %rb.body, label %rb.end
 
@@ -794,1481 +925,1505 @@ tile.mr6:                                         ; preds = %rb.body
   %16 = load i32, ptr %15, align 4
   %17 = sext i32 %16 to i64
   %18 = mul nsw i64 %17, 64
-  %19 = getelementptr inbounds float, ptr %x, i64 %18
+  %19 = add nsw i64 %18, 0
+  %20 = getelementptr inbounds float, ptr %x, i64 %19
   store <8 x float> zeroinitializer, ptr %acc000, align 4
   store <8 x float> zeroinitializer, ptr %acc001, align 4
-  %20 = add nsw i64 %r0, 1
-  %21 = getelementptr inbounds i32, ptr %rows, i64 %20
-  %22 = load i32, ptr %21, align 4
-  %23 = sext i32 %22 to i64
-  %24 = mul nsw i64 %23, 64
-  %25 = getelementptr inbounds float, ptr %x, i64 %24
+  %21 = add nsw i64 %r0, 1
+  %22 = getelementptr inbounds i32, ptr %rows, i64 %21
+  %23 = load i32, ptr %22, align 4
+  %24 = sext i32 %23 to i64
+  %25 = mul nsw i64 %24, 64
+  %26 = add nsw i64 %25, 0
+  %27 = getelementptr inbounds float, ptr %x, i64 %26
   store <8 x float> zeroinitializer, ptr %acc010, align 4
   store <8 x float> zeroinitializer, ptr %acc011, align 4
-  %26 = add nsw i64 %r0, 2
-  %27 = getelementptr inbounds i32, ptr %rows, i64 %26
-  %28 = load i32, ptr %27, align 4
-  %29 = sext i32 %28 to i64
-  %30 = mul nsw i64 %29, 64
-  %31 = getelementptr inbounds float, ptr %x, i64 %30
+  %28 = add nsw i64 %r0, 2
+  %29 = getelementptr inbounds i32, ptr %rows, i64 %28
+  %30 = load i32, ptr %29, align 4
+  %31 = sext i32 %30 to i64
+  %32 = mul nsw i64 %31, 64
+  %33 = add nsw i64 %32, 0
+  %34 = getelementptr inbounds float, ptr %x, i64 %33
   store <8 x float> zeroinitializer, ptr %acc020, align 4
   store <8 x float> zeroinitializer, ptr %acc021, align 4
-  %32 = add nsw i64 %r0, 3
-  %33 = getelementptr inbounds i32, ptr %rows, i64 %32
-  %34 = load i32, ptr %33, align 4
-  %35 = sext i32 %34 to i64
-  %36 = mul nsw i64 %35, 64
-  %37 = getelementptr inbounds float, ptr %x, i64 %36
+  %35 = add nsw i64 %r0, 3
+  %36 = getelementptr inbounds i32, ptr %rows, i64 %35
+  %37 = load i32, ptr %36, align 4
+  %38 = sext i32 %37 to i64
+  %39 = mul nsw i64 %38, 64
+  %40 = add nsw i64 %39, 0
+  %41 = getelementptr inbounds float, ptr %x, i64 %40
   store <8 x float> zeroinitializer, ptr %acc030, align 4
   store <8 x float> zeroinitializer, ptr %acc031, align 4
-  %38 = add nsw i64 %r0, 4
-  %39 = getelementptr inbounds i32, ptr %rows, i64 %38
-  %40 = load i32, ptr %39, align 4
-  %41 = sext i32 %40 to i64
-  %42 = mul nsw i64 %41, 64
-  %43 = getelementptr inbounds float, ptr %x, i64 %42
+  %42 = add nsw i64 %r0, 4
+  %43 = getelementptr inbounds i32, ptr %rows, i64 %42
+  %44 = load i32, ptr %43, align 4
+  %45 = sext i32 %44 to i64
+  %46 = mul nsw i64 %45, 64
+  %47 = add nsw i64 %46, 0
+  %48 = getelementptr inbounds float, ptr %x, i64 %47
   store <8 x float> zeroinitializer, ptr %acc040, align 4
   store <8 x float> zeroinitializer, ptr %acc041, align 4
-  %44 = add nsw i64 %r0, 5
-  %45 = getelementptr inbounds i32, ptr %rows, i64 %44
-  %46 = load i32, ptr %45, align 4
-  %47 = sext i32 %46 to i64
-  %48 = mul nsw i64 %47, 64
-  %49 = getelementptr inbounds float, ptr %x, i64 %48
+  %49 = add nsw i64 %r0, 5
+  %50 = getelementptr inbounds i32, ptr %rows, i64 %49
+  %51 = load i32, ptr %50, align 4
+  %52 = sext i32 %51 to i64
+  %53 = mul nsw i64 %52, 64
+  %54 = add nsw i64 %53, 0
+  %55 = getelementptr inbounds float, ptr %x, i64 %54
   store <8 x float> zeroinitializer, ptr %acc050, align 4
   store <8 x float> zeroinitializer, ptr %acc051, align 4
-  %panel.off = mul nsw i64 %p, 1024
-  %50 = getelementptr inbounds float, ptr %panels, i64 %panel.off
-  %51 = add nsw i64 %p, 1
-  %52 = icmp slt i64 %51, %p1
-  %pf.on1 = and i1 %pf.on, %52
-  %53 = mul nsw i64 %rb, 4096
-  %54 = lshr i64 %53, %11
-  %55 = add nsw i64 4096, %54
-  %56 = getelementptr inbounds i8, ptr %50, i64 %55
-  %pf = select i1 %pf.on1, ptr %56, ptr %50
+  %56 = mul nsw i64 %p, 1024
+  %panel.off = add nsw i64 %56, 0
+  %57 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %58 = add nsw i64 %p, 1
+  %59 = icmp slt i64 %58, %p1
+  %pf.on1 = and i1 %pf.on, %59
+  %60 = mul nsw i64 %rb, 4096
+  %61 = lshr i64 %60, %11
+  %62 = add nsw i64 4096, %61
+  %63 = getelementptr inbounds i8, ptr %57, i64 %62
+  %pf = select i1 %pf.on1, ptr %63, ptr %57
   %pf.sh = select i1 %pf.on1, i64 %11, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %118, %pf.any.end ]
-  %57 = icmp slt i64 %k, 64
-  br i1 %57, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %125, %pf.any.end ]
+  %64 = icmp slt i64 %k, 64
+  br i1 %64, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %58 = mul nsw i64 %k, 1
-  %59 = add nsw i64 %58, 0
-  %60 = mul nsw i64 %59, 64
+  %65 = mul nsw i64 %k, 1
+  %66 = add nsw i64 %65, 0
+  %67 = mul nsw i64 %66, 64
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %61 = lshr i64 %60, %pf.sh
-  %62 = getelementptr inbounds i8, ptr %pf, i64 %61
-  call void @llvm.prefetch.p0(ptr %62, i32 0, i32 2, i32 1)
+  %68 = lshr i64 %67, %pf.sh
+  %69 = getelementptr inbounds i8, ptr %pf, i64 %68
+  call void @llvm.prefetch.p0(ptr %69, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %63 = mul nsw i64 %59, 16
-  %64 = add nsw i64 %panel.off, %63
-  %65 = getelementptr inbounds float, ptr %panels, i64 %64
-  %66 = load <8 x float>, ptr %65, align 4
-  %67 = add nsw i64 %64, 8
-  %68 = getelementptr inbounds float, ptr %panels, i64 %67
-  %69 = load <8 x float>, ptr %68, align 4
-  %70 = getelementptr inbounds float, ptr %19, i64 %59
-  %71 = load float, ptr %70, align 4
-  %72 = insertelement <8 x float> poison, float %71, i32 0
-  %73 = shufflevector <8 x float> %72, <8 x float> poison, <8 x i32> zeroinitializer
-  %74 = load <8 x float>, ptr %acc000, align 4
-  %75 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %66, <8 x float> %74)
-  store <8 x float> %75, ptr %acc000, align 4
-  %76 = load <8 x float>, ptr %acc001, align 4
-  %77 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %69, <8 x float> %76)
-  store <8 x float> %77, ptr %acc001, align 4
-  %78 = getelementptr inbounds float, ptr %25, i64 %59
-  %79 = load float, ptr %78, align 4
-  %80 = insertelement <8 x float> poison, float %79, i32 0
-  %81 = shufflevector <8 x float> %80, <8 x float> poison, <8 x i32> zeroinitializer
-  %82 = load <8 x float>, ptr %acc010, align 4
-  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %66, <8 x float> %82)
-  store <8 x float> %83, ptr %acc010, align 4
-  %84 = load <8 x float>, ptr %acc011, align 4
-  %85 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %69, <8 x float> %84)
-  store <8 x float> %85, ptr %acc011, align 4
-  %86 = getelementptr inbounds float, ptr %31, i64 %59
-  %87 = load float, ptr %86, align 4
-  %88 = insertelement <8 x float> poison, float %87, i32 0
-  %89 = shufflevector <8 x float> %88, <8 x float> poison, <8 x i32> zeroinitializer
-  %90 = load <8 x float>, ptr %acc020, align 4
-  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %66, <8 x float> %90)
-  store <8 x float> %91, ptr %acc020, align 4
-  %92 = load <8 x float>, ptr %acc021, align 4
-  %93 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %69, <8 x float> %92)
-  store <8 x float> %93, ptr %acc021, align 4
-  %94 = getelementptr inbounds float, ptr %37, i64 %59
-  %95 = load float, ptr %94, align 4
-  %96 = insertelement <8 x float> poison, float %95, i32 0
-  %97 = shufflevector <8 x float> %96, <8 x float> poison, <8 x i32> zeroinitializer
-  %98 = load <8 x float>, ptr %acc030, align 4
-  %99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %97, <8 x float> %66, <8 x float> %98)
-  store <8 x float> %99, ptr %acc030, align 4
-  %100 = load <8 x float>, ptr %acc031, align 4
-  %101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %97, <8 x float> %69, <8 x float> %100)
-  store <8 x float> %101, ptr %acc031, align 4
-  %102 = getelementptr inbounds float, ptr %43, i64 %59
-  %103 = load float, ptr %102, align 4
-  %104 = insertelement <8 x float> poison, float %103, i32 0
-  %105 = shufflevector <8 x float> %104, <8 x float> poison, <8 x i32> zeroinitializer
-  %106 = load <8 x float>, ptr %acc040, align 4
-  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %105, <8 x float> %66, <8 x float> %106)
-  store <8 x float> %107, ptr %acc040, align 4
-  %108 = load <8 x float>, ptr %acc041, align 4
-  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %105, <8 x float> %69, <8 x float> %108)
-  store <8 x float> %109, ptr %acc041, align 4
-  %110 = getelementptr inbounds float, ptr %49, i64 %59
-  %111 = load float, ptr %110, align 4
-  %112 = insertelement <8 x float> poison, float %111, i32 0
-  %113 = shufflevector <8 x float> %112, <8 x float> poison, <8 x i32> zeroinitializer
-  %114 = load <8 x float>, ptr %acc050, align 4
-  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %113, <8 x float> %66, <8 x float> %114)
-  store <8 x float> %115, ptr %acc050, align 4
-  %116 = load <8 x float>, ptr %acc051, align 4
-  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %113, <8 x float> %69, <8 x float> %116)
-  store <8 x float> %117, ptr %acc051, align 4
-  %118 = add nsw i64 %k, 1
+  %70 = mul nsw i64 %66, 16
+  %71 = add nsw i64 %panel.off, %70
+  %72 = getelementptr inbounds float, ptr %panels, i64 %71
+  %73 = load <8 x float>, ptr %72, align 4
+  %74 = add nsw i64 %71, 8
+  %75 = getelementptr inbounds float, ptr %panels, i64 %74
+  %76 = load <8 x float>, ptr %75, align 4
+  %77 = getelementptr inbounds float, ptr %20, i64 %66
+  %78 = load float, ptr %77, align 4
+  %79 = insertelement <8 x float> poison, float %78, i32 0
+  %80 = shufflevector <8 x float> %79, <8 x float> poison, <8 x i32> zeroinitializer
+  %81 = load <8 x float>, ptr %acc000, align 4
+  %82 = call <8 x float> @llvm.fma.v8f32(<8 x float> %80, <8 x float> %73, <8 x float> %81)
+  store <8 x float> %82, ptr %acc000, align 4
+  %83 = load <8 x float>, ptr %acc001, align 4
+  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %80, <8 x float> %76, <8 x float> %83)
+  store <8 x float> %84, ptr %acc001, align 4
+  %85 = getelementptr inbounds float, ptr %27, i64 %66
+  %86 = load float, ptr %85, align 4
+  %87 = insertelement <8 x float> poison, float %86, i32 0
+  %88 = shufflevector <8 x float> %87, <8 x float> poison, <8 x i32> zeroinitializer
+  %89 = load <8 x float>, ptr %acc010, align 4
+  %90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %88, <8 x float> %73, <8 x float> %89)
+  store <8 x float> %90, ptr %acc010, align 4
+  %91 = load <8 x float>, ptr %acc011, align 4
+  %92 = call <8 x float> @llvm.fma.v8f32(<8 x float> %88, <8 x float> %76, <8 x float> %91)
+  store <8 x float> %92, ptr %acc011, align 4
+  %93 = getelementptr inbounds float, ptr %34, i64 %66
+  %94 = load float, ptr %93, align 4
+  %95 = insertelement <8 x float> poison, float %94, i32 0
+  %96 = shufflevector <8 x float> %95, <8 x float> poison, <8 x i32> zeroinitializer
+  %97 = load <8 x float>, ptr %acc020, align 4
+  %98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %96, <8 x float> %73, <8 x float> %97)
+  store <8 x float> %98, ptr %acc020, align 4
+  %99 = load <8 x float>, ptr %acc021, align 4
+  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %96, <8 x float> %76, <8 x float> %99)
+  store <8 x float> %100, ptr %acc021, align 4
+  %101 = getelementptr inbounds float, ptr %41, i64 %66
+  %102 = load float, ptr %101, align 4
+  %103 = insertelement <8 x float> poison, float %102, i32 0
+  %104 = shufflevector <8 x float> %103, <8 x float> poison, <8 x i32> zeroinitializer
+  %105 = load <8 x float>, ptr %acc030, align 4
+  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %104, <8 x float> %73, <8 x float> %105)
+  store <8 x float> %106, ptr %acc030, align 4
+  %107 = load <8 x float>, ptr %acc031, align 4
+  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %104, <8 x float> %76, <8 x float> %107)
+  store <8 x float> %108, ptr %acc031, align 4
+  %109 = getelementptr inbounds float, ptr %48, i64 %66
+  %110 = load float, ptr %109, align 4
+  %111 = insertelement <8 x float> poison, float %110, i32 0
+  %112 = shufflevector <8 x float> %111, <8 x float> poison, <8 x i32> zeroinitializer
+  %113 = load <8 x float>, ptr %acc040, align 4
+  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %112, <8 x float> %73, <8 x float> %113)
+  store <8 x float> %114, ptr %acc040, align 4
+  %115 = load <8 x float>, ptr %acc041, align 4
+  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %112, <8 x float> %76, <8 x float> %115)
+  store <8 x float> %116, ptr %acc041, align 4
+  %117 = getelementptr inbounds float, ptr %55, i64 %66
+  %118 = load float, ptr %117, align 4
+  %119 = insertelement <8 x float> poison, float %118, i32 0
+  %120 = shufflevector <8 x float> %119, <8 x float> poison, <8 x i32> zeroinitializer
+  %121 = load <8 x float>, ptr %acc050, align 4
+  %122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %120, <8 x float> %73, <8 x float> %121)
+  store <8 x float> %122, ptr %acc050, align 4
+  %123 = load <8 x float>, ptr %acc051, align 4
+  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %120, <8 x float> %76, <8 x float> %123)
+  store <8 x float> %124, ptr %acc051, align 4
+  %125 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %119 = add nsw i64 %r0, 0
-  %120 = getelementptr inbounds float, ptr %rw, i64 %119
-  %121 = load float, ptr %120, align 4
-  %122 = insertelement <8 x float> poison, float %121, i32 0
-  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
-  %124 = mul nsw i64 %119, 192
-  %125 = getelementptr inbounds float, ptr %h, i64 %124
+  %126 = add nsw i64 %r0, 0
+  %127 = getelementptr inbounds float, ptr %rw, i64 %126
+  %128 = load float, ptr %127, align 4
+  %129 = insertelement <8 x float> poison, float %128, i32 0
+  %130 = shufflevector <8 x float> %129, <8 x float> poison, <8 x i32> zeroinitializer
+  %131 = mul nsw i64 %126, 192
+  %132 = getelementptr inbounds float, ptr %h, i64 %131
   %col = mul nsw i64 %p, 8
-  %126 = load <8 x float>, ptr %acc000, align 4
-  %127 = load <8 x float>, ptr %acc001, align 4
-  %128 = fneg <8 x float> %126
-  %129 = fcmp olt <8 x float> %128, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %130 = select <8 x i1> %129, <8 x float> %128, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %131 = fcmp ogt <8 x float> %130, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %132 = select <8 x i1> %131, <8 x float> %130, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %134 = call <8 x float> @llvm.floor.v8f32(<8 x float> %133)
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %132)
-  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %135)
-  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %136, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %136, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %136, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %136, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %136, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %142 = fmul <8 x float> %136, %136
-  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %141, <8 x float> %142, <8 x float> %136)
-  %144 = fadd <8 x float> %143, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %145 = fptosi <8 x float> %134 to <8 x i32>
-  %146 = add <8 x i32> %145, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %147 = shl <8 x i32> %146, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %147 to <8 x float>
-  %exp = fmul <8 x float> %144, %exp.2n
-  %148 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %148
-  %silu = fmul <8 x float> %126, %sigmoid
-  %glu = fmul <8 x float> %silu, %127
-  %149 = fmul <8 x float> %glu, %123
-  %150 = getelementptr inbounds float, ptr %125, i64 %col
-  store <8 x float> %149, ptr %150, align 4
-  %151 = add nsw i64 %r0, 1
-  %152 = getelementptr inbounds float, ptr %rw, i64 %151
-  %153 = load float, ptr %152, align 4
-  %154 = insertelement <8 x float> poison, float %153, i32 0
-  %155 = shufflevector <8 x float> %154, <8 x float> poison, <8 x i32> zeroinitializer
-  %156 = mul nsw i64 %151, 192
-  %157 = getelementptr inbounds float, ptr %h, i64 %156
+  %133 = load <8 x float>, ptr %acc000, align 4
+  %134 = load <8 x float>, ptr %acc001, align 4
+  %135 = fneg <8 x float> %133
+  %136 = fcmp olt <8 x float> %135, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %137 = select <8 x i1> %136, <8 x float> %135, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %138 = fcmp ogt <8 x float> %137, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %139 = select <8 x i1> %138, <8 x float> %137, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %141 = call <8 x float> @llvm.floor.v8f32(<8 x float> %140)
+  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %141, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %139)
+  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %141, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %142)
+  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %143, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %144, <8 x float> %143, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %145, <8 x float> %143, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> %143, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %143, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %149 = fmul <8 x float> %143, %143
+  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %149, <8 x float> %143)
+  %151 = fadd <8 x float> %150, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %152 = fptosi <8 x float> %141 to <8 x i32>
+  %153 = add <8 x i32> %152, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %154 = shl <8 x i32> %153, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %154 to <8 x float>
+  %exp = fmul <8 x float> %151, %exp.2n
+  %155 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %155
+  %silu = fmul <8 x float> %133, %sigmoid
+  %glu = fmul <8 x float> %silu, %134
+  %156 = fmul <8 x float> %glu, %130
+  %157 = getelementptr inbounds float, ptr %132, i64 %col
+  store <8 x float> %156, ptr %157, align 4
+  %158 = add nsw i64 %r0, 1
+  %159 = getelementptr inbounds float, ptr %rw, i64 %158
+  %160 = load float, ptr %159, align 4
+  %161 = insertelement <8 x float> poison, float %160, i32 0
+  %162 = shufflevector <8 x float> %161, <8 x float> poison, <8 x i32> zeroinitializer
+  %163 = mul nsw i64 %158, 192
+  %164 = getelementptr inbounds float, ptr %h, i64 %163
   %col2 = mul nsw i64 %p, 8
-  %158 = load <8 x float>, ptr %acc010, align 4
-  %159 = load <8 x float>, ptr %acc011, align 4
-  %160 = fneg <8 x float> %158
-  %161 = fcmp olt <8 x float> %160, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %162 = select <8 x i1> %161, <8 x float> %160, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %163 = fcmp ogt <8 x float> %162, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %164 = select <8 x i1> %163, <8 x float> %162, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %164, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %166 = call <8 x float> @llvm.floor.v8f32(<8 x float> %165)
-  %167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %166, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %164)
-  %168 = call <8 x float> @llvm.fma.v8f32(<8 x float> %166, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %167)
-  %169 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %168, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %170 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %168, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %170, <8 x float> %168, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %171, <8 x float> %168, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %172, <8 x float> %168, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %174 = fmul <8 x float> %168, %168
-  %175 = call <8 x float> @llvm.fma.v8f32(<8 x float> %173, <8 x float> %174, <8 x float> %168)
-  %176 = fadd <8 x float> %175, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %177 = fptosi <8 x float> %166 to <8 x i32>
-  %178 = add <8 x i32> %177, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %179 = shl <8 x i32> %178, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n3 = bitcast <8 x i32> %179 to <8 x float>
-  %exp4 = fmul <8 x float> %176, %exp.2n3
-  %180 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %180
-  %silu6 = fmul <8 x float> %158, %sigmoid5
-  %glu7 = fmul <8 x float> %silu6, %159
-  %181 = fmul <8 x float> %glu7, %155
-  %182 = getelementptr inbounds float, ptr %157, i64 %col2
-  store <8 x float> %181, ptr %182, align 4
-  %183 = add nsw i64 %r0, 2
-  %184 = getelementptr inbounds float, ptr %rw, i64 %183
-  %185 = load float, ptr %184, align 4
-  %186 = insertelement <8 x float> poison, float %185, i32 0
-  %187 = shufflevector <8 x float> %186, <8 x float> poison, <8 x i32> zeroinitializer
-  %188 = mul nsw i64 %183, 192
-  %189 = getelementptr inbounds float, ptr %h, i64 %188
+  %165 = load <8 x float>, ptr %acc010, align 4
+  %166 = load <8 x float>, ptr %acc011, align 4
+  %167 = fneg <8 x float> %165
+  %168 = fcmp olt <8 x float> %167, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %169 = select <8 x i1> %168, <8 x float> %167, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %170 = fcmp ogt <8 x float> %169, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %171 = select <8 x i1> %170, <8 x float> %169, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %171, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %173 = call <8 x float> @llvm.floor.v8f32(<8 x float> %172)
+  %174 = call <8 x float> @llvm.fma.v8f32(<8 x float> %173, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %171)
+  %175 = call <8 x float> @llvm.fma.v8f32(<8 x float> %173, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %174)
+  %176 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %175, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %177 = call <8 x float> @llvm.fma.v8f32(<8 x float> %176, <8 x float> %175, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %178 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> %175, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %178, <8 x float> %175, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %179, <8 x float> %175, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %181 = fmul <8 x float> %175, %175
+  %182 = call <8 x float> @llvm.fma.v8f32(<8 x float> %180, <8 x float> %181, <8 x float> %175)
+  %183 = fadd <8 x float> %182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %184 = fptosi <8 x float> %173 to <8 x i32>
+  %185 = add <8 x i32> %184, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %186 = shl <8 x i32> %185, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n3 = bitcast <8 x i32> %186 to <8 x float>
+  %exp4 = fmul <8 x float> %183, %exp.2n3
+  %187 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %187
+  %silu6 = fmul <8 x float> %165, %sigmoid5
+  %glu7 = fmul <8 x float> %silu6, %166
+  %188 = fmul <8 x float> %glu7, %162
+  %189 = getelementptr inbounds float, ptr %164, i64 %col2
+  store <8 x float> %188, ptr %189, align 4
+  %190 = add nsw i64 %r0, 2
+  %191 = getelementptr inbounds float, ptr %rw, i64 %190
+  %192 = load float, ptr %191, align 4
+  %193 = insertelement <8 x float> poison, float %192, i32 0
+  %194 = shufflevector <8 x float> %193, <8 x float> poison, <8 x i32> zeroinitializer
+  %195 = mul nsw i64 %190, 192
+  %196 = getelementptr inbounds float, ptr %h, i64 %195
   %col8 = mul nsw i64 %p, 8
-  %190 = load <8 x float>, ptr %acc020, align 4
-  %191 = load <8 x float>, ptr %acc021, align 4
-  %192 = fneg <8 x float> %190
-  %193 = fcmp olt <8 x float> %192, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %194 = select <8 x i1> %193, <8 x float> %192, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %195 = fcmp ogt <8 x float> %194, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %196 = select <8 x i1> %195, <8 x float> %194, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %196, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %198 = call <8 x float> @llvm.floor.v8f32(<8 x float> %197)
-  %199 = call <8 x float> @llvm.fma.v8f32(<8 x float> %198, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %196)
-  %200 = call <8 x float> @llvm.fma.v8f32(<8 x float> %198, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %199)
-  %201 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %200, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %200, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %202, <8 x float> %200, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %203, <8 x float> %200, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %204, <8 x float> %200, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %206 = fmul <8 x float> %200, %200
-  %207 = call <8 x float> @llvm.fma.v8f32(<8 x float> %205, <8 x float> %206, <8 x float> %200)
-  %208 = fadd <8 x float> %207, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %209 = fptosi <8 x float> %198 to <8 x i32>
-  %210 = add <8 x i32> %209, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %211 = shl <8 x i32> %210, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n9 = bitcast <8 x i32> %211 to <8 x float>
-  %exp10 = fmul <8 x float> %208, %exp.2n9
-  %212 = fadd <8 x float> %exp10, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid11 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %212
-  %silu12 = fmul <8 x float> %190, %sigmoid11
-  %glu13 = fmul <8 x float> %silu12, %191
-  %213 = fmul <8 x float> %glu13, %187
-  %214 = getelementptr inbounds float, ptr %189, i64 %col8
-  store <8 x float> %213, ptr %214, align 4
-  %215 = add nsw i64 %r0, 3
-  %216 = getelementptr inbounds float, ptr %rw, i64 %215
-  %217 = load float, ptr %216, align 4
-  %218 = insertelement <8 x float> poison, float %217, i32 0
-  %219 = shufflevector <8 x float> %218, <8 x float> poison, <8 x i32> zeroinitializer
-  %220 = mul nsw i64 %215, 192
-  %221 = getelementptr inbounds float, ptr %h, i64 %220
+  %197 = load <8 x float>, ptr %acc020, align 4
+  %198 = load <8 x float>, ptr %acc021, align 4
+  %199 = fneg <8 x float> %197
+  %200 = fcmp olt <8 x float> %199, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %201 = select <8 x i1> %200, <8 x float> %199, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %202 = fcmp ogt <8 x float> %201, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %203 = select <8 x i1> %202, <8 x float> %201, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %203, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %205 = call <8 x float> @llvm.floor.v8f32(<8 x float> %204)
+  %206 = call <8 x float> @llvm.fma.v8f32(<8 x float> %205, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %203)
+  %207 = call <8 x float> @llvm.fma.v8f32(<8 x float> %205, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %206)
+  %208 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %207, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %209 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> %207, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %207, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %210, <8 x float> %207, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %211, <8 x float> %207, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %213 = fmul <8 x float> %207, %207
+  %214 = call <8 x float> @llvm.fma.v8f32(<8 x float> %212, <8 x float> %213, <8 x float> %207)
+  %215 = fadd <8 x float> %214, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %216 = fptosi <8 x float> %205 to <8 x i32>
+  %217 = add <8 x i32> %216, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %218 = shl <8 x i32> %217, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n9 = bitcast <8 x i32> %218 to <8 x float>
+  %exp10 = fmul <8 x float> %215, %exp.2n9
+  %219 = fadd <8 x float> %exp10, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid11 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %219
+  %silu12 = fmul <8 x float> %197, %sigmoid11
+  %glu13 = fmul <8 x float> %silu12, %198
+  %220 = fmul <8 x float> %glu13, %194
+  %221 = getelementptr inbounds float, ptr %196, i64 %col8
+  store <8 x float> %220, ptr %221, align 4
+  %222 = add nsw i64 %r0, 3
+  %223 = getelementptr inbounds float, ptr %rw, i64 %222
+  %224 = load float, ptr %223, align 4
+  %225 = insertelement <8 x float> poison, float %224, i32 0
+  %226 = shufflevector <8 x float> %225, <8 x float> poison, <8 x i32> zeroinitializer
+  %227 = mul nsw i64 %222, 192
+  %228 = getelementptr inbounds float, ptr %h, i64 %227
   %col14 = mul nsw i64 %p, 8
-  %222 = load <8 x float>, ptr %acc030, align 4
-  %223 = load <8 x float>, ptr %acc031, align 4
-  %224 = fneg <8 x float> %222
-  %225 = fcmp olt <8 x float> %224, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %226 = select <8 x i1> %225, <8 x float> %224, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %227 = fcmp ogt <8 x float> %226, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %228 = select <8 x i1> %227, <8 x float> %226, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %228, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %230 = call <8 x float> @llvm.floor.v8f32(<8 x float> %229)
-  %231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %230, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %228)
-  %232 = call <8 x float> @llvm.fma.v8f32(<8 x float> %230, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %231)
-  %233 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %232, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %234 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %232, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %234, <8 x float> %232, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %235, <8 x float> %232, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> %232, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %238 = fmul <8 x float> %232, %232
-  %239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %237, <8 x float> %238, <8 x float> %232)
-  %240 = fadd <8 x float> %239, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %241 = fptosi <8 x float> %230 to <8 x i32>
-  %242 = add <8 x i32> %241, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %243 = shl <8 x i32> %242, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n15 = bitcast <8 x i32> %243 to <8 x float>
-  %exp16 = fmul <8 x float> %240, %exp.2n15
-  %244 = fadd <8 x float> %exp16, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid17 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %244
-  %silu18 = fmul <8 x float> %222, %sigmoid17
-  %glu19 = fmul <8 x float> %silu18, %223
-  %245 = fmul <8 x float> %glu19, %219
-  %246 = getelementptr inbounds float, ptr %221, i64 %col14
-  store <8 x float> %245, ptr %246, align 4
-  %247 = add nsw i64 %r0, 4
-  %248 = getelementptr inbounds float, ptr %rw, i64 %247
-  %249 = load float, ptr %248, align 4
-  %250 = insertelement <8 x float> poison, float %249, i32 0
-  %251 = shufflevector <8 x float> %250, <8 x float> poison, <8 x i32> zeroinitializer
-  %252 = mul nsw i64 %247, 192
-  %253 = getelementptr inbounds float, ptr %h, i64 %252
+  %229 = load <8 x float>, ptr %acc030, align 4
+  %230 = load <8 x float>, ptr %acc031, align 4
+  %231 = fneg <8 x float> %229
+  %232 = fcmp olt <8 x float> %231, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %233 = select <8 x i1> %232, <8 x float> %231, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %234 = fcmp ogt <8 x float> %233, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %235 = select <8 x i1> %234, <8 x float> %233, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %235, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %237 = call <8 x float> @llvm.floor.v8f32(<8 x float> %236)
+  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %237, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %235)
+  %239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %237, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %238)
+  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %239, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %239, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> %239, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %242, <8 x float> %239, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %243, <8 x float> %239, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %245 = fmul <8 x float> %239, %239
+  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %245, <8 x float> %239)
+  %247 = fadd <8 x float> %246, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %248 = fptosi <8 x float> %237 to <8 x i32>
+  %249 = add <8 x i32> %248, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %250 = shl <8 x i32> %249, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n15 = bitcast <8 x i32> %250 to <8 x float>
+  %exp16 = fmul <8 x float> %247, %exp.2n15
+  %251 = fadd <8 x float> %exp16, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid17 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %251
+  %silu18 = fmul <8 x float> %229, %sigmoid17
+  %glu19 = fmul <8 x float> %silu18, %230
+  %252 = fmul <8 x float> %glu19, %226
+  %253 = getelementptr inbounds float, ptr %228, i64 %col14
+  store <8 x float> %252, ptr %253, align 4
+  %254 = add nsw i64 %r0, 4
+  %255 = getelementptr inbounds float, ptr %rw, i64 %254
+  %256 = load float, ptr %255, align 4
+  %257 = insertelement <8 x float> poison, float %256, i32 0
+  %258 = shufflevector <8 x float> %257, <8 x float> poison, <8 x i32> zeroinitializer
+  %259 = mul nsw i64 %254, 192
+  %260 = getelementptr inbounds float, ptr %h, i64 %259
   %col20 = mul nsw i64 %p, 8
-  %254 = load <8 x float>, ptr %acc040, align 4
-  %255 = load <8 x float>, ptr %acc041, align 4
-  %256 = fneg <8 x float> %254
-  %257 = fcmp olt <8 x float> %256, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %258 = select <8 x i1> %257, <8 x float> %256, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %259 = fcmp ogt <8 x float> %258, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %260 = select <8 x i1> %259, <8 x float> %258, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %262 = call <8 x float> @llvm.floor.v8f32(<8 x float> %261)
-  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %260)
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %263)
-  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %264, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %264, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %264, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %264, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %264, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %270 = fmul <8 x float> %264, %264
-  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %269, <8 x float> %270, <8 x float> %264)
-  %272 = fadd <8 x float> %271, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %273 = fptosi <8 x float> %262 to <8 x i32>
-  %274 = add <8 x i32> %273, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %275 = shl <8 x i32> %274, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n21 = bitcast <8 x i32> %275 to <8 x float>
-  %exp22 = fmul <8 x float> %272, %exp.2n21
-  %276 = fadd <8 x float> %exp22, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid23 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %276
-  %silu24 = fmul <8 x float> %254, %sigmoid23
-  %glu25 = fmul <8 x float> %silu24, %255
-  %277 = fmul <8 x float> %glu25, %251
-  %278 = getelementptr inbounds float, ptr %253, i64 %col20
-  store <8 x float> %277, ptr %278, align 4
-  %279 = add nsw i64 %r0, 5
-  %280 = getelementptr inbounds float, ptr %rw, i64 %279
-  %281 = load float, ptr %280, align 4
-  %282 = insertelement <8 x float> poison, float %281, i32 0
-  %283 = shufflevector <8 x float> %282, <8 x float> poison, <8 x i32> zeroinitializer
-  %284 = mul nsw i64 %279, 192
-  %285 = getelementptr inbounds float, ptr %h, i64 %284
+  %261 = load <8 x float>, ptr %acc040, align 4
+  %262 = load <8 x float>, ptr %acc041, align 4
+  %263 = fneg <8 x float> %261
+  %264 = fcmp olt <8 x float> %263, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %265 = select <8 x i1> %264, <8 x float> %263, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %266 = fcmp ogt <8 x float> %265, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %267 = select <8 x i1> %266, <8 x float> %265, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %269 = call <8 x float> @llvm.floor.v8f32(<8 x float> %268)
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %269, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %267)
+  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %269, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %270)
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %271, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %273 = call <8 x float> @llvm.fma.v8f32(<8 x float> %272, <8 x float> %271, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> %271, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %274, <8 x float> %271, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %271, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %277 = fmul <8 x float> %271, %271
+  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %277, <8 x float> %271)
+  %279 = fadd <8 x float> %278, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %280 = fptosi <8 x float> %269 to <8 x i32>
+  %281 = add <8 x i32> %280, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %282 = shl <8 x i32> %281, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n21 = bitcast <8 x i32> %282 to <8 x float>
+  %exp22 = fmul <8 x float> %279, %exp.2n21
+  %283 = fadd <8 x float> %exp22, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid23 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %283
+  %silu24 = fmul <8 x float> %261, %sigmoid23
+  %glu25 = fmul <8 x float> %silu24, %262
+  %284 = fmul <8 x float> %glu25, %258
+  %285 = getelementptr inbounds float, ptr %260, i64 %col20
+  store <8 x float> %284, ptr %285, align 4
+  %286 = add nsw i64 %r0, 5
+  %287 = getelementptr inbounds float, ptr %rw, i64 %286
+  %288 = load float, ptr %287, align 4
+  %289 = insertelement <8 x float> poison, float %288, i32 0
+  %290 = shufflevector <8 x float> %289, <8 x float> poison, <8 x i32> zeroinitializer
+  %291 = mul nsw i64 %286, 192
+  %292 = getelementptr inbounds float, ptr %h, i64 %291
   %col26 = mul nsw i64 %p, 8
-  %286 = load <8 x float>, ptr %acc050, align 4
-  %287 = load <8 x float>, ptr %acc051, align 4
-  %288 = fneg <8 x float> %286
-  %289 = fcmp olt <8 x float> %288, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %290 = select <8 x i1> %289, <8 x float> %288, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %291 = fcmp ogt <8 x float> %290, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %292 = select <8 x i1> %291, <8 x float> %290, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %292, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %294 = call <8 x float> @llvm.floor.v8f32(<8 x float> %293)
-  %295 = call <8 x float> @llvm.fma.v8f32(<8 x float> %294, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %292)
-  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %294, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %295)
-  %297 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %296, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %296, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %296, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %299, <8 x float> %296, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %301 = call <8 x float> @llvm.fma.v8f32(<8 x float> %300, <8 x float> %296, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %302 = fmul <8 x float> %296, %296
-  %303 = call <8 x float> @llvm.fma.v8f32(<8 x float> %301, <8 x float> %302, <8 x float> %296)
-  %304 = fadd <8 x float> %303, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %305 = fptosi <8 x float> %294 to <8 x i32>
-  %306 = add <8 x i32> %305, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %307 = shl <8 x i32> %306, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n27 = bitcast <8 x i32> %307 to <8 x float>
-  %exp28 = fmul <8 x float> %304, %exp.2n27
-  %308 = fadd <8 x float> %exp28, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid29 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %308
-  %silu30 = fmul <8 x float> %286, %sigmoid29
-  %glu31 = fmul <8 x float> %silu30, %287
-  %309 = fmul <8 x float> %glu31, %283
-  %310 = getelementptr inbounds float, ptr %285, i64 %col26
-  store <8 x float> %309, ptr %310, align 4
+  %293 = load <8 x float>, ptr %acc050, align 4
+  %294 = load <8 x float>, ptr %acc051, align 4
+  %295 = fneg <8 x float> %293
+  %296 = fcmp olt <8 x float> %295, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %297 = select <8 x i1> %296, <8 x float> %295, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %298 = fcmp ogt <8 x float> %297, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %299 = select <8 x i1> %298, <8 x float> %297, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %299, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %301 = call <8 x float> @llvm.floor.v8f32(<8 x float> %300)
+  %302 = call <8 x float> @llvm.fma.v8f32(<8 x float> %301, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %299)
+  %303 = call <8 x float> @llvm.fma.v8f32(<8 x float> %301, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %302)
+  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %303, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %305 = call <8 x float> @llvm.fma.v8f32(<8 x float> %304, <8 x float> %303, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %305, <8 x float> %303, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %307 = call <8 x float> @llvm.fma.v8f32(<8 x float> %306, <8 x float> %303, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %308 = call <8 x float> @llvm.fma.v8f32(<8 x float> %307, <8 x float> %303, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %309 = fmul <8 x float> %303, %303
+  %310 = call <8 x float> @llvm.fma.v8f32(<8 x float> %308, <8 x float> %309, <8 x float> %303)
+  %311 = fadd <8 x float> %310, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %312 = fptosi <8 x float> %301 to <8 x i32>
+  %313 = add <8 x i32> %312, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %314 = shl <8 x i32> %313, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n27 = bitcast <8 x i32> %314 to <8 x float>
+  %exp28 = fmul <8 x float> %311, %exp.2n27
+  %315 = fadd <8 x float> %exp28, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid29 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %315
+  %silu30 = fmul <8 x float> %293, %sigmoid29
+  %glu31 = fmul <8 x float> %silu30, %294
+  %316 = fmul <8 x float> %glu31, %290
+  %317 = getelementptr inbounds float, ptr %292, i64 %col26
+  store <8 x float> %316, ptr %317, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
-  %311 = add nsw i64 %r0, 0
-  %312 = getelementptr inbounds i32, ptr %rows, i64 %311
-  %313 = load i32, ptr %312, align 4
-  %314 = sext i32 %313 to i64
-  %315 = mul nsw i64 %314, 64
-  %316 = getelementptr inbounds float, ptr %x, i64 %315
+  %318 = add nsw i64 %r0, 0
+  %319 = getelementptr inbounds i32, ptr %rows, i64 %318
+  %320 = load i32, ptr %319, align 4
+  %321 = sext i32 %320 to i64
+  %322 = mul nsw i64 %321, 64
+  %323 = add nsw i64 %322, 0
+  %324 = getelementptr inbounds float, ptr %x, i64 %323
   store <8 x float> zeroinitializer, ptr %acc00032, align 4
   store <8 x float> zeroinitializer, ptr %acc00133, align 4
-  %317 = add nsw i64 %r0, 1
-  %318 = getelementptr inbounds i32, ptr %rows, i64 %317
-  %319 = load i32, ptr %318, align 4
-  %320 = sext i32 %319 to i64
-  %321 = mul nsw i64 %320, 64
-  %322 = getelementptr inbounds float, ptr %x, i64 %321
+  %325 = add nsw i64 %r0, 1
+  %326 = getelementptr inbounds i32, ptr %rows, i64 %325
+  %327 = load i32, ptr %326, align 4
+  %328 = sext i32 %327 to i64
+  %329 = mul nsw i64 %328, 64
+  %330 = add nsw i64 %329, 0
+  %331 = getelementptr inbounds float, ptr %x, i64 %330
   store <8 x float> zeroinitializer, ptr %acc01034, align 4
   store <8 x float> zeroinitializer, ptr %acc01135, align 4
-  %323 = add nsw i64 %r0, 2
-  %324 = getelementptr inbounds i32, ptr %rows, i64 %323
-  %325 = load i32, ptr %324, align 4
-  %326 = sext i32 %325 to i64
-  %327 = mul nsw i64 %326, 64
-  %328 = getelementptr inbounds float, ptr %x, i64 %327
+  %332 = add nsw i64 %r0, 2
+  %333 = getelementptr inbounds i32, ptr %rows, i64 %332
+  %334 = load i32, ptr %333, align 4
+  %335 = sext i32 %334 to i64
+  %336 = mul nsw i64 %335, 64
+  %337 = add nsw i64 %336, 0
+  %338 = getelementptr inbounds float, ptr %x, i64 %337
   store <8 x float> zeroinitializer, ptr %acc02036, align 4
   store <8 x float> zeroinitializer, ptr %acc02137, align 4
-  %329 = add nsw i64 %r0, 3
-  %330 = getelementptr inbounds i32, ptr %rows, i64 %329
-  %331 = load i32, ptr %330, align 4
-  %332 = sext i32 %331 to i64
-  %333 = mul nsw i64 %332, 64
-  %334 = getelementptr inbounds float, ptr %x, i64 %333
+  %339 = add nsw i64 %r0, 3
+  %340 = getelementptr inbounds i32, ptr %rows, i64 %339
+  %341 = load i32, ptr %340, align 4
+  %342 = sext i32 %341 to i64
+  %343 = mul nsw i64 %342, 64
+  %344 = add nsw i64 %343, 0
+  %345 = getelementptr inbounds float, ptr %x, i64 %344
   store <8 x float> zeroinitializer, ptr %acc03038, align 4
   store <8 x float> zeroinitializer, ptr %acc03139, align 4
-  %335 = add nsw i64 %r0, 4
-  %336 = getelementptr inbounds i32, ptr %rows, i64 %335
-  %337 = load i32, ptr %336, align 4
-  %338 = sext i32 %337 to i64
-  %339 = mul nsw i64 %338, 64
-  %340 = getelementptr inbounds float, ptr %x, i64 %339
+  %346 = add nsw i64 %r0, 4
+  %347 = getelementptr inbounds i32, ptr %rows, i64 %346
+  %348 = load i32, ptr %347, align 4
+  %349 = sext i32 %348 to i64
+  %350 = mul nsw i64 %349, 64
+  %351 = add nsw i64 %350, 0
+  %352 = getelementptr inbounds float, ptr %x, i64 %351
   store <8 x float> zeroinitializer, ptr %acc04040, align 4
   store <8 x float> zeroinitializer, ptr %acc04141, align 4
-  %panel.off42 = mul nsw i64 %p, 1024
-  %341 = getelementptr inbounds float, ptr %panels, i64 %panel.off42
-  %342 = add nsw i64 %p, 1
-  %343 = icmp slt i64 %342, %p1
-  %pf.on43 = and i1 %pf.on, %343
-  %344 = mul nsw i64 %rb, 4096
-  %345 = lshr i64 %344, %11
-  %346 = add nsw i64 4096, %345
-  %347 = getelementptr inbounds i8, ptr %341, i64 %346
-  %pf44 = select i1 %pf.on43, ptr %347, ptr %341
+  %353 = mul nsw i64 %p, 1024
+  %panel.off42 = add nsw i64 %353, 0
+  %354 = getelementptr inbounds float, ptr %panels, i64 %panel.off42
+  %355 = add nsw i64 %p, 1
+  %356 = icmp slt i64 %355, %p1
+  %pf.on43 = and i1 %pf.on, %356
+  %357 = mul nsw i64 %rb, 4096
+  %358 = lshr i64 %357, %11
+  %359 = add nsw i64 4096, %358
+  %360 = getelementptr inbounds i8, ptr %354, i64 %359
+  %pf44 = select i1 %pf.on43, ptr %360, ptr %354
   %pf.sh45 = select i1 %pf.on43, i64 %11, i64 0
   br label %k.head46
 
 k.head46:                                         ; preds = %pf.any.end51, %tile.mr5
-  %k49 = phi i64 [ 0, %tile.mr5 ], [ %401, %pf.any.end51 ]
-  %348 = icmp slt i64 %k49, 64
-  br i1 %348, label %k.body47, label %k.end48
+  %k49 = phi i64 [ 0, %tile.mr5 ], [ %414, %pf.any.end51 ]
+  %361 = icmp slt i64 %k49, 64
+  br i1 %361, label %k.body47, label %k.end48
 
 k.body47:                                         ; preds = %k.head46
-  %349 = mul nsw i64 %k49, 1
-  %350 = add nsw i64 %349, 0
-  %351 = mul nsw i64 %350, 64
+  %362 = mul nsw i64 %k49, 1
+  %363 = add nsw i64 %362, 0
+  %364 = mul nsw i64 %363, 64
   br i1 %pf.multi, label %pf.any.then50, label %pf.any.end51
 
 pf.any.then50:                                    ; preds = %k.body47
-  %352 = lshr i64 %351, %pf.sh45
-  %353 = getelementptr inbounds i8, ptr %pf44, i64 %352
-  call void @llvm.prefetch.p0(ptr %353, i32 0, i32 2, i32 1)
+  %365 = lshr i64 %364, %pf.sh45
+  %366 = getelementptr inbounds i8, ptr %pf44, i64 %365
+  call void @llvm.prefetch.p0(ptr %366, i32 0, i32 2, i32 1)
   br label %pf.any.end51
 
 pf.any.end51:                                     ; preds = %pf.any.then50, %k.body47
-  %354 = mul nsw i64 %350, 16
-  %355 = add nsw i64 %panel.off42, %354
-  %356 = getelementptr inbounds float, ptr %panels, i64 %355
-  %357 = load <8 x float>, ptr %356, align 4
-  %358 = add nsw i64 %355, 8
-  %359 = getelementptr inbounds float, ptr %panels, i64 %358
-  %360 = load <8 x float>, ptr %359, align 4
-  %361 = getelementptr inbounds float, ptr %316, i64 %350
-  %362 = load float, ptr %361, align 4
-  %363 = insertelement <8 x float> poison, float %362, i32 0
-  %364 = shufflevector <8 x float> %363, <8 x float> poison, <8 x i32> zeroinitializer
-  %365 = load <8 x float>, ptr %acc00032, align 4
-  %366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> %357, <8 x float> %365)
-  store <8 x float> %366, ptr %acc00032, align 4
-  %367 = load <8 x float>, ptr %acc00133, align 4
-  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> %360, <8 x float> %367)
-  store <8 x float> %368, ptr %acc00133, align 4
-  %369 = getelementptr inbounds float, ptr %322, i64 %350
-  %370 = load float, ptr %369, align 4
-  %371 = insertelement <8 x float> poison, float %370, i32 0
-  %372 = shufflevector <8 x float> %371, <8 x float> poison, <8 x i32> zeroinitializer
-  %373 = load <8 x float>, ptr %acc01034, align 4
-  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %357, <8 x float> %373)
-  store <8 x float> %374, ptr %acc01034, align 4
-  %375 = load <8 x float>, ptr %acc01135, align 4
-  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %360, <8 x float> %375)
-  store <8 x float> %376, ptr %acc01135, align 4
-  %377 = getelementptr inbounds float, ptr %328, i64 %350
-  %378 = load float, ptr %377, align 4
-  %379 = insertelement <8 x float> poison, float %378, i32 0
-  %380 = shufflevector <8 x float> %379, <8 x float> poison, <8 x i32> zeroinitializer
-  %381 = load <8 x float>, ptr %acc02036, align 4
-  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %357, <8 x float> %381)
-  store <8 x float> %382, ptr %acc02036, align 4
-  %383 = load <8 x float>, ptr %acc02137, align 4
-  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %360, <8 x float> %383)
-  store <8 x float> %384, ptr %acc02137, align 4
-  %385 = getelementptr inbounds float, ptr %334, i64 %350
-  %386 = load float, ptr %385, align 4
-  %387 = insertelement <8 x float> poison, float %386, i32 0
-  %388 = shufflevector <8 x float> %387, <8 x float> poison, <8 x i32> zeroinitializer
-  %389 = load <8 x float>, ptr %acc03038, align 4
-  %390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> %357, <8 x float> %389)
-  store <8 x float> %390, ptr %acc03038, align 4
-  %391 = load <8 x float>, ptr %acc03139, align 4
-  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> %360, <8 x float> %391)
-  store <8 x float> %392, ptr %acc03139, align 4
-  %393 = getelementptr inbounds float, ptr %340, i64 %350
-  %394 = load float, ptr %393, align 4
-  %395 = insertelement <8 x float> poison, float %394, i32 0
-  %396 = shufflevector <8 x float> %395, <8 x float> poison, <8 x i32> zeroinitializer
-  %397 = load <8 x float>, ptr %acc04040, align 4
-  %398 = call <8 x float> @llvm.fma.v8f32(<8 x float> %396, <8 x float> %357, <8 x float> %397)
-  store <8 x float> %398, ptr %acc04040, align 4
-  %399 = load <8 x float>, ptr %acc04141, align 4
-  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %396, <8 x float> %360, <8 x float> %399)
-  store <8 x float> %400, ptr %acc04141, align 4
-  %401 = add nsw i64 %k49, 1
+  %367 = mul nsw i64 %363, 16
+  %368 = add nsw i64 %panel.off42, %367
+  %369 = getelementptr inbounds float, ptr %panels, i64 %368
+  %370 = load <8 x float>, ptr %369, align 4
+  %371 = add nsw i64 %368, 8
+  %372 = getelementptr inbounds float, ptr %panels, i64 %371
+  %373 = load <8 x float>, ptr %372, align 4
+  %374 = getelementptr inbounds float, ptr %324, i64 %363
+  %375 = load float, ptr %374, align 4
+  %376 = insertelement <8 x float> poison, float %375, i32 0
+  %377 = shufflevector <8 x float> %376, <8 x float> poison, <8 x i32> zeroinitializer
+  %378 = load <8 x float>, ptr %acc00032, align 4
+  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %370, <8 x float> %378)
+  store <8 x float> %379, ptr %acc00032, align 4
+  %380 = load <8 x float>, ptr %acc00133, align 4
+  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %373, <8 x float> %380)
+  store <8 x float> %381, ptr %acc00133, align 4
+  %382 = getelementptr inbounds float, ptr %331, i64 %363
+  %383 = load float, ptr %382, align 4
+  %384 = insertelement <8 x float> poison, float %383, i32 0
+  %385 = shufflevector <8 x float> %384, <8 x float> poison, <8 x i32> zeroinitializer
+  %386 = load <8 x float>, ptr %acc01034, align 4
+  %387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %385, <8 x float> %370, <8 x float> %386)
+  store <8 x float> %387, ptr %acc01034, align 4
+  %388 = load <8 x float>, ptr %acc01135, align 4
+  %389 = call <8 x float> @llvm.fma.v8f32(<8 x float> %385, <8 x float> %373, <8 x float> %388)
+  store <8 x float> %389, ptr %acc01135, align 4
+  %390 = getelementptr inbounds float, ptr %338, i64 %363
+  %391 = load float, ptr %390, align 4
+  %392 = insertelement <8 x float> poison, float %391, i32 0
+  %393 = shufflevector <8 x float> %392, <8 x float> poison, <8 x i32> zeroinitializer
+  %394 = load <8 x float>, ptr %acc02036, align 4
+  %395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %393, <8 x float> %370, <8 x float> %394)
+  store <8 x float> %395, ptr %acc02036, align 4
+  %396 = load <8 x float>, ptr %acc02137, align 4
+  %397 = call <8 x float> @llvm.fma.v8f32(<8 x float> %393, <8 x float> %373, <8 x float> %396)
+  store <8 x float> %397, ptr %acc02137, align 4
+  %398 = getelementptr inbounds float, ptr %345, i64 %363
+  %399 = load float, ptr %398, align 4
+  %400 = insertelement <8 x float> poison, float %399, i32 0
+  %401 = shufflevector <8 x float> %400, <8 x float> poison, <8 x i32> zeroinitializer
+  %402 = load <8 x float>, ptr %acc03038, align 4
+  %403 = call <8 x float> @llvm.fma.v8f32(<8 x float> %401, <8 x float> %370, <8 x float> %402)
+  store <8 x float> %403, ptr %acc03038, align 4
+  %404 = load <8 x float>, ptr %acc03139, align 4
+  %405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %401, <8 x float> %373, <8 x float> %404)
+  store <8 x float> %405, ptr %acc03139, align 4
+  %406 = getelementptr inbounds float, ptr %352, i64 %363
+  %407 = load float, ptr %406, align 4
+  %408 = insertelement <8 x float> poison, float %407, i32 0
+  %409 = shufflevector <8 x float> %408, <8 x float> poison, <8 x i32> zeroinitializer
+  %410 = load <8 x float>, ptr %acc04040, align 4
+  %411 = call <8 x float> @llvm.fma.v8f32(<8 x float> %409, <8 x float> %370, <8 x float> %410)
+  store <8 x float> %411, ptr %acc04040, align 4
+  %412 = load <8 x float>, ptr %acc04141, align 4
+  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> %409, <8 x float> %373, <8 x float> %412)
+  store <8 x float> %413, ptr %acc04141, align 4
+  %414 = add nsw i64 %k49, 1
   br label %k.head46
 
 k.end48:                                          ; preds = %k.head46
-  %402 = add nsw i64 %r0, 0
-  %403 = getelementptr inbounds float, ptr %rw, i64 %402
-  %404 = load float, ptr %403, align 4
-  %405 = insertelement <8 x float> poison, float %404, i32 0
-  %406 = shufflevector <8 x float> %405, <8 x float> poison, <8 x i32> zeroinitializer
-  %407 = mul nsw i64 %402, 192
-  %408 = getelementptr inbounds float, ptr %h, i64 %407
+  %415 = add nsw i64 %r0, 0
+  %416 = getelementptr inbounds float, ptr %rw, i64 %415
+  %417 = load float, ptr %416, align 4
+  %418 = insertelement <8 x float> poison, float %417, i32 0
+  %419 = shufflevector <8 x float> %418, <8 x float> poison, <8 x i32> zeroinitializer
+  %420 = mul nsw i64 %415, 192
+  %421 = getelementptr inbounds float, ptr %h, i64 %420
   %col52 = mul nsw i64 %p, 8
-  %409 = load <8 x float>, ptr %acc00032, align 4
-  %410 = load <8 x float>, ptr %acc00133, align 4
-  %411 = fneg <8 x float> %409
-  %412 = fcmp olt <8 x float> %411, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %413 = select <8 x i1> %412, <8 x float> %411, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %414 = fcmp ogt <8 x float> %413, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %415 = select <8 x i1> %414, <8 x float> %413, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> %415, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %417 = call <8 x float> @llvm.floor.v8f32(<8 x float> %416)
-  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %415)
-  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %418)
-  %420 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %419, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %421 = call <8 x float> @llvm.fma.v8f32(<8 x float> %420, <8 x float> %419, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %422 = call <8 x float> @llvm.fma.v8f32(<8 x float> %421, <8 x float> %419, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %423 = call <8 x float> @llvm.fma.v8f32(<8 x float> %422, <8 x float> %419, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %424 = call <8 x float> @llvm.fma.v8f32(<8 x float> %423, <8 x float> %419, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %425 = fmul <8 x float> %419, %419
-  %426 = call <8 x float> @llvm.fma.v8f32(<8 x float> %424, <8 x float> %425, <8 x float> %419)
-  %427 = fadd <8 x float> %426, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %428 = fptosi <8 x float> %417 to <8 x i32>
-  %429 = add <8 x i32> %428, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %430 = shl <8 x i32> %429, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n53 = bitcast <8 x i32> %430 to <8 x float>
-  %exp54 = fmul <8 x float> %427, %exp.2n53
-  %431 = fadd <8 x float> %exp54, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid55 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %431
-  %silu56 = fmul <8 x float> %409, %sigmoid55
-  %glu57 = fmul <8 x float> %silu56, %410
-  %432 = fmul <8 x float> %glu57, %406
-  %433 = getelementptr inbounds float, ptr %408, i64 %col52
-  store <8 x float> %432, ptr %433, align 4
-  %434 = add nsw i64 %r0, 1
-  %435 = getelementptr inbounds float, ptr %rw, i64 %434
-  %436 = load float, ptr %435, align 4
-  %437 = insertelement <8 x float> poison, float %436, i32 0
-  %438 = shufflevector <8 x float> %437, <8 x float> poison, <8 x i32> zeroinitializer
-  %439 = mul nsw i64 %434, 192
-  %440 = getelementptr inbounds float, ptr %h, i64 %439
+  %422 = load <8 x float>, ptr %acc00032, align 4
+  %423 = load <8 x float>, ptr %acc00133, align 4
+  %424 = fneg <8 x float> %422
+  %425 = fcmp olt <8 x float> %424, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %426 = select <8 x i1> %425, <8 x float> %424, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %427 = fcmp ogt <8 x float> %426, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %428 = select <8 x i1> %427, <8 x float> %426, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %429 = call <8 x float> @llvm.fma.v8f32(<8 x float> %428, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %430 = call <8 x float> @llvm.floor.v8f32(<8 x float> %429)
+  %431 = call <8 x float> @llvm.fma.v8f32(<8 x float> %430, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %428)
+  %432 = call <8 x float> @llvm.fma.v8f32(<8 x float> %430, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %431)
+  %433 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %432, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> %432, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %432, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %435, <8 x float> %432, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %437 = call <8 x float> @llvm.fma.v8f32(<8 x float> %436, <8 x float> %432, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %438 = fmul <8 x float> %432, %432
+  %439 = call <8 x float> @llvm.fma.v8f32(<8 x float> %437, <8 x float> %438, <8 x float> %432)
+  %440 = fadd <8 x float> %439, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %441 = fptosi <8 x float> %430 to <8 x i32>
+  %442 = add <8 x i32> %441, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %443 = shl <8 x i32> %442, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n53 = bitcast <8 x i32> %443 to <8 x float>
+  %exp54 = fmul <8 x float> %440, %exp.2n53
+  %444 = fadd <8 x float> %exp54, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid55 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %444
+  %silu56 = fmul <8 x float> %422, %sigmoid55
+  %glu57 = fmul <8 x float> %silu56, %423
+  %445 = fmul <8 x float> %glu57, %419
+  %446 = getelementptr inbounds float, ptr %421, i64 %col52
+  store <8 x float> %445, ptr %446, align 4
+  %447 = add nsw i64 %r0, 1
+  %448 = getelementptr inbounds float, ptr %rw, i64 %447
+  %449 = load float, ptr %448, align 4
+  %450 = insertelement <8 x float> poison, float %449, i32 0
+  %451 = shufflevector <8 x float> %450, <8 x float> poison, <8 x i32> zeroinitializer
+  %452 = mul nsw i64 %447, 192
+  %453 = getelementptr inbounds float, ptr %h, i64 %452
   %col58 = mul nsw i64 %p, 8
-  %441 = load <8 x float>, ptr %acc01034, align 4
-  %442 = load <8 x float>, ptr %acc01135, align 4
-  %443 = fneg <8 x float> %441
-  %444 = fcmp olt <8 x float> %443, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %445 = select <8 x i1> %444, <8 x float> %443, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %446 = fcmp ogt <8 x float> %445, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %447 = select <8 x i1> %446, <8 x float> %445, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %449 = call <8 x float> @llvm.floor.v8f32(<8 x float> %448)
-  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %447)
-  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %450)
-  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %451, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> %451, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %454 = call <8 x float> @llvm.fma.v8f32(<8 x float> %453, <8 x float> %451, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %455 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> %451, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %455, <8 x float> %451, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %457 = fmul <8 x float> %451, %451
-  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %457, <8 x float> %451)
-  %459 = fadd <8 x float> %458, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %460 = fptosi <8 x float> %449 to <8 x i32>
-  %461 = add <8 x i32> %460, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %462 = shl <8 x i32> %461, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n59 = bitcast <8 x i32> %462 to <8 x float>
-  %exp60 = fmul <8 x float> %459, %exp.2n59
-  %463 = fadd <8 x float> %exp60, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid61 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %463
-  %silu62 = fmul <8 x float> %441, %sigmoid61
-  %glu63 = fmul <8 x float> %silu62, %442
-  %464 = fmul <8 x float> %glu63, %438
-  %465 = getelementptr inbounds float, ptr %440, i64 %col58
-  store <8 x float> %464, ptr %465, align 4
-  %466 = add nsw i64 %r0, 2
-  %467 = getelementptr inbounds float, ptr %rw, i64 %466
-  %468 = load float, ptr %467, align 4
-  %469 = insertelement <8 x float> poison, float %468, i32 0
-  %470 = shufflevector <8 x float> %469, <8 x float> poison, <8 x i32> zeroinitializer
-  %471 = mul nsw i64 %466, 192
-  %472 = getelementptr inbounds float, ptr %h, i64 %471
+  %454 = load <8 x float>, ptr %acc01034, align 4
+  %455 = load <8 x float>, ptr %acc01135, align 4
+  %456 = fneg <8 x float> %454
+  %457 = fcmp olt <8 x float> %456, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %458 = select <8 x i1> %457, <8 x float> %456, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %459 = fcmp ogt <8 x float> %458, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %460 = select <8 x i1> %459, <8 x float> %458, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %462 = call <8 x float> @llvm.floor.v8f32(<8 x float> %461)
+  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %460)
+  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %463)
+  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %464, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %464, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %464, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %464, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %468, <8 x float> %464, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %470 = fmul <8 x float> %464, %464
+  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %469, <8 x float> %470, <8 x float> %464)
+  %472 = fadd <8 x float> %471, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %473 = fptosi <8 x float> %462 to <8 x i32>
+  %474 = add <8 x i32> %473, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %475 = shl <8 x i32> %474, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n59 = bitcast <8 x i32> %475 to <8 x float>
+  %exp60 = fmul <8 x float> %472, %exp.2n59
+  %476 = fadd <8 x float> %exp60, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid61 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %476
+  %silu62 = fmul <8 x float> %454, %sigmoid61
+  %glu63 = fmul <8 x float> %silu62, %455
+  %477 = fmul <8 x float> %glu63, %451
+  %478 = getelementptr inbounds float, ptr %453, i64 %col58
+  store <8 x float> %477, ptr %478, align 4
+  %479 = add nsw i64 %r0, 2
+  %480 = getelementptr inbounds float, ptr %rw, i64 %479
+  %481 = load float, ptr %480, align 4
+  %482 = insertelement <8 x float> poison, float %481, i32 0
+  %483 = shufflevector <8 x float> %482, <8 x float> poison, <8 x i32> zeroinitializer
+  %484 = mul nsw i64 %479, 192
+  %485 = getelementptr inbounds float, ptr %h, i64 %484
   %col64 = mul nsw i64 %p, 8
-  %473 = load <8 x float>, ptr %acc02036, align 4
-  %474 = load <8 x float>, ptr %acc02137, align 4
-  %475 = fneg <8 x float> %473
-  %476 = fcmp olt <8 x float> %475, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %477 = select <8 x i1> %476, <8 x float> %475, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %478 = fcmp ogt <8 x float> %477, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %479 = select <8 x i1> %478, <8 x float> %477, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %481 = call <8 x float> @llvm.floor.v8f32(<8 x float> %480)
-  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %479)
-  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %482)
-  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %483, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %484, <8 x float> %483, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %485, <8 x float> %483, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %487 = call <8 x float> @llvm.fma.v8f32(<8 x float> %486, <8 x float> %483, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %488 = call <8 x float> @llvm.fma.v8f32(<8 x float> %487, <8 x float> %483, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %489 = fmul <8 x float> %483, %483
-  %490 = call <8 x float> @llvm.fma.v8f32(<8 x float> %488, <8 x float> %489, <8 x float> %483)
-  %491 = fadd <8 x float> %490, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %492 = fptosi <8 x float> %481 to <8 x i32>
-  %493 = add <8 x i32> %492, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %494 = shl <8 x i32> %493, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n65 = bitcast <8 x i32> %494 to <8 x float>
-  %exp66 = fmul <8 x float> %491, %exp.2n65
-  %495 = fadd <8 x float> %exp66, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid67 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %495
-  %silu68 = fmul <8 x float> %473, %sigmoid67
-  %glu69 = fmul <8 x float> %silu68, %474
-  %496 = fmul <8 x float> %glu69, %470
-  %497 = getelementptr inbounds float, ptr %472, i64 %col64
-  store <8 x float> %496, ptr %497, align 4
-  %498 = add nsw i64 %r0, 3
-  %499 = getelementptr inbounds float, ptr %rw, i64 %498
-  %500 = load float, ptr %499, align 4
-  %501 = insertelement <8 x float> poison, float %500, i32 0
-  %502 = shufflevector <8 x float> %501, <8 x float> poison, <8 x i32> zeroinitializer
-  %503 = mul nsw i64 %498, 192
-  %504 = getelementptr inbounds float, ptr %h, i64 %503
+  %486 = load <8 x float>, ptr %acc02036, align 4
+  %487 = load <8 x float>, ptr %acc02137, align 4
+  %488 = fneg <8 x float> %486
+  %489 = fcmp olt <8 x float> %488, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %490 = select <8 x i1> %489, <8 x float> %488, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %491 = fcmp ogt <8 x float> %490, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %492 = select <8 x i1> %491, <8 x float> %490, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %493 = call <8 x float> @llvm.fma.v8f32(<8 x float> %492, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %494 = call <8 x float> @llvm.floor.v8f32(<8 x float> %493)
+  %495 = call <8 x float> @llvm.fma.v8f32(<8 x float> %494, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %492)
+  %496 = call <8 x float> @llvm.fma.v8f32(<8 x float> %494, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %495)
+  %497 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %496, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %498 = call <8 x float> @llvm.fma.v8f32(<8 x float> %497, <8 x float> %496, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %499 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %496, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %500 = call <8 x float> @llvm.fma.v8f32(<8 x float> %499, <8 x float> %496, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %501 = call <8 x float> @llvm.fma.v8f32(<8 x float> %500, <8 x float> %496, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %502 = fmul <8 x float> %496, %496
+  %503 = call <8 x float> @llvm.fma.v8f32(<8 x float> %501, <8 x float> %502, <8 x float> %496)
+  %504 = fadd <8 x float> %503, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %505 = fptosi <8 x float> %494 to <8 x i32>
+  %506 = add <8 x i32> %505, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %507 = shl <8 x i32> %506, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n65 = bitcast <8 x i32> %507 to <8 x float>
+  %exp66 = fmul <8 x float> %504, %exp.2n65
+  %508 = fadd <8 x float> %exp66, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid67 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %508
+  %silu68 = fmul <8 x float> %486, %sigmoid67
+  %glu69 = fmul <8 x float> %silu68, %487
+  %509 = fmul <8 x float> %glu69, %483
+  %510 = getelementptr inbounds float, ptr %485, i64 %col64
+  store <8 x float> %509, ptr %510, align 4
+  %511 = add nsw i64 %r0, 3
+  %512 = getelementptr inbounds float, ptr %rw, i64 %511
+  %513 = load float, ptr %512, align 4
+  %514 = insertelement <8 x float> poison, float %513, i32 0
+  %515 = shufflevector <8 x float> %514, <8 x float> poison, <8 x i32> zeroinitializer
+  %516 = mul nsw i64 %511, 192
+  %517 = getelementptr inbounds float, ptr %h, i64 %516
   %col70 = mul nsw i64 %p, 8
-  %505 = load <8 x float>, ptr %acc03038, align 4
-  %506 = load <8 x float>, ptr %acc03139, align 4
-  %507 = fneg <8 x float> %505
-  %508 = fcmp olt <8 x float> %507, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %509 = select <8 x i1> %508, <8 x float> %507, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %510 = fcmp ogt <8 x float> %509, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %511 = select <8 x i1> %510, <8 x float> %509, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %513 = call <8 x float> @llvm.floor.v8f32(<8 x float> %512)
-  %514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %513, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %511)
-  %515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %513, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %514)
-  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %515, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %517 = call <8 x float> @llvm.fma.v8f32(<8 x float> %516, <8 x float> %515, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %517, <8 x float> %515, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %519 = call <8 x float> @llvm.fma.v8f32(<8 x float> %518, <8 x float> %515, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %520 = call <8 x float> @llvm.fma.v8f32(<8 x float> %519, <8 x float> %515, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %521 = fmul <8 x float> %515, %515
-  %522 = call <8 x float> @llvm.fma.v8f32(<8 x float> %520, <8 x float> %521, <8 x float> %515)
-  %523 = fadd <8 x float> %522, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %524 = fptosi <8 x float> %513 to <8 x i32>
-  %525 = add <8 x i32> %524, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %526 = shl <8 x i32> %525, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n71 = bitcast <8 x i32> %526 to <8 x float>
-  %exp72 = fmul <8 x float> %523, %exp.2n71
-  %527 = fadd <8 x float> %exp72, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid73 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %527
-  %silu74 = fmul <8 x float> %505, %sigmoid73
-  %glu75 = fmul <8 x float> %silu74, %506
-  %528 = fmul <8 x float> %glu75, %502
-  %529 = getelementptr inbounds float, ptr %504, i64 %col70
-  store <8 x float> %528, ptr %529, align 4
-  %530 = add nsw i64 %r0, 4
-  %531 = getelementptr inbounds float, ptr %rw, i64 %530
-  %532 = load float, ptr %531, align 4
-  %533 = insertelement <8 x float> poison, float %532, i32 0
-  %534 = shufflevector <8 x float> %533, <8 x float> poison, <8 x i32> zeroinitializer
-  %535 = mul nsw i64 %530, 192
-  %536 = getelementptr inbounds float, ptr %h, i64 %535
+  %518 = load <8 x float>, ptr %acc03038, align 4
+  %519 = load <8 x float>, ptr %acc03139, align 4
+  %520 = fneg <8 x float> %518
+  %521 = fcmp olt <8 x float> %520, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %522 = select <8 x i1> %521, <8 x float> %520, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %523 = fcmp ogt <8 x float> %522, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %524 = select <8 x i1> %523, <8 x float> %522, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %525 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %526 = call <8 x float> @llvm.floor.v8f32(<8 x float> %525)
+  %527 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %524)
+  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %527)
+  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %528, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %529, <8 x float> %528, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %531 = call <8 x float> @llvm.fma.v8f32(<8 x float> %530, <8 x float> %528, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %532 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %528, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %533 = call <8 x float> @llvm.fma.v8f32(<8 x float> %532, <8 x float> %528, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %534 = fmul <8 x float> %528, %528
+  %535 = call <8 x float> @llvm.fma.v8f32(<8 x float> %533, <8 x float> %534, <8 x float> %528)
+  %536 = fadd <8 x float> %535, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %537 = fptosi <8 x float> %526 to <8 x i32>
+  %538 = add <8 x i32> %537, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %539 = shl <8 x i32> %538, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n71 = bitcast <8 x i32> %539 to <8 x float>
+  %exp72 = fmul <8 x float> %536, %exp.2n71
+  %540 = fadd <8 x float> %exp72, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid73 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %540
+  %silu74 = fmul <8 x float> %518, %sigmoid73
+  %glu75 = fmul <8 x float> %silu74, %519
+  %541 = fmul <8 x float> %glu75, %515
+  %542 = getelementptr inbounds float, ptr %517, i64 %col70
+  store <8 x float> %541, ptr %542, align 4
+  %543 = add nsw i64 %r0, 4
+  %544 = getelementptr inbounds float, ptr %rw, i64 %543
+  %545 = load float, ptr %544, align 4
+  %546 = insertelement <8 x float> poison, float %545, i32 0
+  %547 = shufflevector <8 x float> %546, <8 x float> poison, <8 x i32> zeroinitializer
+  %548 = mul nsw i64 %543, 192
+  %549 = getelementptr inbounds float, ptr %h, i64 %548
   %col76 = mul nsw i64 %p, 8
-  %537 = load <8 x float>, ptr %acc04040, align 4
-  %538 = load <8 x float>, ptr %acc04141, align 4
-  %539 = fneg <8 x float> %537
-  %540 = fcmp olt <8 x float> %539, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %541 = select <8 x i1> %540, <8 x float> %539, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %542 = fcmp ogt <8 x float> %541, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %543 = select <8 x i1> %542, <8 x float> %541, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %545 = call <8 x float> @llvm.floor.v8f32(<8 x float> %544)
-  %546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %543)
-  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %546)
-  %548 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %547, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %549 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %547, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %549, <8 x float> %547, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %551 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %547, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %547, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %553 = fmul <8 x float> %547, %547
-  %554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %552, <8 x float> %553, <8 x float> %547)
-  %555 = fadd <8 x float> %554, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %556 = fptosi <8 x float> %545 to <8 x i32>
-  %557 = add <8 x i32> %556, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %558 = shl <8 x i32> %557, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n77 = bitcast <8 x i32> %558 to <8 x float>
-  %exp78 = fmul <8 x float> %555, %exp.2n77
-  %559 = fadd <8 x float> %exp78, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid79 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %559
-  %silu80 = fmul <8 x float> %537, %sigmoid79
-  %glu81 = fmul <8 x float> %silu80, %538
-  %560 = fmul <8 x float> %glu81, %534
-  %561 = getelementptr inbounds float, ptr %536, i64 %col76
-  store <8 x float> %560, ptr %561, align 4
+  %550 = load <8 x float>, ptr %acc04040, align 4
+  %551 = load <8 x float>, ptr %acc04141, align 4
+  %552 = fneg <8 x float> %550
+  %553 = fcmp olt <8 x float> %552, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %554 = select <8 x i1> %553, <8 x float> %552, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %555 = fcmp ogt <8 x float> %554, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %556 = select <8 x i1> %555, <8 x float> %554, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %557 = call <8 x float> @llvm.fma.v8f32(<8 x float> %556, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %558 = call <8 x float> @llvm.floor.v8f32(<8 x float> %557)
+  %559 = call <8 x float> @llvm.fma.v8f32(<8 x float> %558, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %556)
+  %560 = call <8 x float> @llvm.fma.v8f32(<8 x float> %558, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %559)
+  %561 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %560, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %562 = call <8 x float> @llvm.fma.v8f32(<8 x float> %561, <8 x float> %560, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %563 = call <8 x float> @llvm.fma.v8f32(<8 x float> %562, <8 x float> %560, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %564 = call <8 x float> @llvm.fma.v8f32(<8 x float> %563, <8 x float> %560, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %565 = call <8 x float> @llvm.fma.v8f32(<8 x float> %564, <8 x float> %560, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %566 = fmul <8 x float> %560, %560
+  %567 = call <8 x float> @llvm.fma.v8f32(<8 x float> %565, <8 x float> %566, <8 x float> %560)
+  %568 = fadd <8 x float> %567, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %569 = fptosi <8 x float> %558 to <8 x i32>
+  %570 = add <8 x i32> %569, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %571 = shl <8 x i32> %570, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n77 = bitcast <8 x i32> %571 to <8 x float>
+  %exp78 = fmul <8 x float> %568, %exp.2n77
+  %572 = fadd <8 x float> %exp78, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid79 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %572
+  %silu80 = fmul <8 x float> %550, %sigmoid79
+  %glu81 = fmul <8 x float> %silu80, %551
+  %573 = fmul <8 x float> %glu81, %547
+  %574 = getelementptr inbounds float, ptr %549, i64 %col76
+  store <8 x float> %573, ptr %574, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
-  %562 = add nsw i64 %r0, 0
-  %563 = getelementptr inbounds i32, ptr %rows, i64 %562
-  %564 = load i32, ptr %563, align 4
-  %565 = sext i32 %564 to i64
-  %566 = mul nsw i64 %565, 64
-  %567 = getelementptr inbounds float, ptr %x, i64 %566
+  %575 = add nsw i64 %r0, 0
+  %576 = getelementptr inbounds i32, ptr %rows, i64 %575
+  %577 = load i32, ptr %576, align 4
+  %578 = sext i32 %577 to i64
+  %579 = mul nsw i64 %578, 64
+  %580 = add nsw i64 %579, 0
+  %581 = getelementptr inbounds float, ptr %x, i64 %580
   store <8 x float> zeroinitializer, ptr %acc00082, align 4
   store <8 x float> zeroinitializer, ptr %acc00183, align 4
-  %568 = add nsw i64 %r0, 1
-  %569 = getelementptr inbounds i32, ptr %rows, i64 %568
-  %570 = load i32, ptr %569, align 4
-  %571 = sext i32 %570 to i64
-  %572 = mul nsw i64 %571, 64
-  %573 = getelementptr inbounds float, ptr %x, i64 %572
+  %582 = add nsw i64 %r0, 1
+  %583 = getelementptr inbounds i32, ptr %rows, i64 %582
+  %584 = load i32, ptr %583, align 4
+  %585 = sext i32 %584 to i64
+  %586 = mul nsw i64 %585, 64
+  %587 = add nsw i64 %586, 0
+  %588 = getelementptr inbounds float, ptr %x, i64 %587
   store <8 x float> zeroinitializer, ptr %acc01084, align 4
   store <8 x float> zeroinitializer, ptr %acc01185, align 4
-  %574 = add nsw i64 %r0, 2
-  %575 = getelementptr inbounds i32, ptr %rows, i64 %574
-  %576 = load i32, ptr %575, align 4
-  %577 = sext i32 %576 to i64
-  %578 = mul nsw i64 %577, 64
-  %579 = getelementptr inbounds float, ptr %x, i64 %578
+  %589 = add nsw i64 %r0, 2
+  %590 = getelementptr inbounds i32, ptr %rows, i64 %589
+  %591 = load i32, ptr %590, align 4
+  %592 = sext i32 %591 to i64
+  %593 = mul nsw i64 %592, 64
+  %594 = add nsw i64 %593, 0
+  %595 = getelementptr inbounds float, ptr %x, i64 %594
   store <8 x float> zeroinitializer, ptr %acc02086, align 4
   store <8 x float> zeroinitializer, ptr %acc02187, align 4
-  %580 = add nsw i64 %r0, 3
-  %581 = getelementptr inbounds i32, ptr %rows, i64 %580
-  %582 = load i32, ptr %581, align 4
-  %583 = sext i32 %582 to i64
-  %584 = mul nsw i64 %583, 64
-  %585 = getelementptr inbounds float, ptr %x, i64 %584
+  %596 = add nsw i64 %r0, 3
+  %597 = getelementptr inbounds i32, ptr %rows, i64 %596
+  %598 = load i32, ptr %597, align 4
+  %599 = sext i32 %598 to i64
+  %600 = mul nsw i64 %599, 64
+  %601 = add nsw i64 %600, 0
+  %602 = getelementptr inbounds float, ptr %x, i64 %601
   store <8 x float> zeroinitializer, ptr %acc03088, align 4
   store <8 x float> zeroinitializer, ptr %acc03189, align 4
-  %panel.off90 = mul nsw i64 %p, 1024
-  %586 = getelementptr inbounds float, ptr %panels, i64 %panel.off90
-  %587 = add nsw i64 %p, 1
-  %588 = icmp slt i64 %587, %p1
-  %pf.on91 = and i1 %pf.on, %588
-  %589 = mul nsw i64 %rb, 4096
-  %590 = lshr i64 %589, %11
-  %591 = add nsw i64 4096, %590
-  %592 = getelementptr inbounds i8, ptr %586, i64 %591
-  %pf92 = select i1 %pf.on91, ptr %592, ptr %586
+  %603 = mul nsw i64 %p, 1024
+  %panel.off90 = add nsw i64 %603, 0
+  %604 = getelementptr inbounds float, ptr %panels, i64 %panel.off90
+  %605 = add nsw i64 %p, 1
+  %606 = icmp slt i64 %605, %p1
+  %pf.on91 = and i1 %pf.on, %606
+  %607 = mul nsw i64 %rb, 4096
+  %608 = lshr i64 %607, %11
+  %609 = add nsw i64 4096, %608
+  %610 = getelementptr inbounds i8, ptr %604, i64 %609
+  %pf92 = select i1 %pf.on91, ptr %610, ptr %604
   %pf.sh93 = select i1 %pf.on91, i64 %11, i64 0
   br label %k.head94
 
 k.head94:                                         ; preds = %pf.any.end99, %tile.mr4
-  %k97 = phi i64 [ 0, %tile.mr4 ], [ %638, %pf.any.end99 ]
-  %593 = icmp slt i64 %k97, 64
-  br i1 %593, label %k.body95, label %k.end96
+  %k97 = phi i64 [ 0, %tile.mr4 ], [ %656, %pf.any.end99 ]
+  %611 = icmp slt i64 %k97, 64
+  br i1 %611, label %k.body95, label %k.end96
 
 k.body95:                                         ; preds = %k.head94
-  %594 = mul nsw i64 %k97, 1
-  %595 = add nsw i64 %594, 0
-  %596 = mul nsw i64 %595, 64
+  %612 = mul nsw i64 %k97, 1
+  %613 = add nsw i64 %612, 0
+  %614 = mul nsw i64 %613, 64
   br i1 %pf.multi, label %pf.any.then98, label %pf.any.end99
 
 pf.any.then98:                                    ; preds = %k.body95
-  %597 = lshr i64 %596, %pf.sh93
-  %598 = getelementptr inbounds i8, ptr %pf92, i64 %597
-  call void @llvm.prefetch.p0(ptr %598, i32 0, i32 2, i32 1)
+  %615 = lshr i64 %614, %pf.sh93
+  %616 = getelementptr inbounds i8, ptr %pf92, i64 %615
+  call void @llvm.prefetch.p0(ptr %616, i32 0, i32 2, i32 1)
   br label %pf.any.end99
 
 pf.any.end99:                                     ; preds = %pf.any.then98, %k.body95
-  %599 = mul nsw i64 %595, 16
-  %600 = add nsw i64 %panel.off90, %599
-  %601 = getelementptr inbounds float, ptr %panels, i64 %600
-  %602 = load <8 x float>, ptr %601, align 4
-  %603 = add nsw i64 %600, 8
-  %604 = getelementptr inbounds float, ptr %panels, i64 %603
-  %605 = load <8 x float>, ptr %604, align 4
-  %606 = getelementptr inbounds float, ptr %567, i64 %595
-  %607 = load float, ptr %606, align 4
-  %608 = insertelement <8 x float> poison, float %607, i32 0
-  %609 = shufflevector <8 x float> %608, <8 x float> poison, <8 x i32> zeroinitializer
-  %610 = load <8 x float>, ptr %acc00082, align 4
-  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> %609, <8 x float> %602, <8 x float> %610)
-  store <8 x float> %611, ptr %acc00082, align 4
-  %612 = load <8 x float>, ptr %acc00183, align 4
-  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %609, <8 x float> %605, <8 x float> %612)
-  store <8 x float> %613, ptr %acc00183, align 4
-  %614 = getelementptr inbounds float, ptr %573, i64 %595
-  %615 = load float, ptr %614, align 4
-  %616 = insertelement <8 x float> poison, float %615, i32 0
-  %617 = shufflevector <8 x float> %616, <8 x float> poison, <8 x i32> zeroinitializer
-  %618 = load <8 x float>, ptr %acc01084, align 4
-  %619 = call <8 x float> @llvm.fma.v8f32(<8 x float> %617, <8 x float> %602, <8 x float> %618)
-  store <8 x float> %619, ptr %acc01084, align 4
-  %620 = load <8 x float>, ptr %acc01185, align 4
-  %621 = call <8 x float> @llvm.fma.v8f32(<8 x float> %617, <8 x float> %605, <8 x float> %620)
-  store <8 x float> %621, ptr %acc01185, align 4
-  %622 = getelementptr inbounds float, ptr %579, i64 %595
-  %623 = load float, ptr %622, align 4
-  %624 = insertelement <8 x float> poison, float %623, i32 0
-  %625 = shufflevector <8 x float> %624, <8 x float> poison, <8 x i32> zeroinitializer
-  %626 = load <8 x float>, ptr %acc02086, align 4
-  %627 = call <8 x float> @llvm.fma.v8f32(<8 x float> %625, <8 x float> %602, <8 x float> %626)
-  store <8 x float> %627, ptr %acc02086, align 4
-  %628 = load <8 x float>, ptr %acc02187, align 4
-  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> %625, <8 x float> %605, <8 x float> %628)
-  store <8 x float> %629, ptr %acc02187, align 4
-  %630 = getelementptr inbounds float, ptr %585, i64 %595
-  %631 = load float, ptr %630, align 4
-  %632 = insertelement <8 x float> poison, float %631, i32 0
-  %633 = shufflevector <8 x float> %632, <8 x float> poison, <8 x i32> zeroinitializer
-  %634 = load <8 x float>, ptr %acc03088, align 4
-  %635 = call <8 x float> @llvm.fma.v8f32(<8 x float> %633, <8 x float> %602, <8 x float> %634)
-  store <8 x float> %635, ptr %acc03088, align 4
-  %636 = load <8 x float>, ptr %acc03189, align 4
-  %637 = call <8 x float> @llvm.fma.v8f32(<8 x float> %633, <8 x float> %605, <8 x float> %636)
-  store <8 x float> %637, ptr %acc03189, align 4
-  %638 = add nsw i64 %k97, 1
-  br label %k.head94
-
-k.end96:                                          ; preds = %k.head94
-  %639 = add nsw i64 %r0, 0
-  %640 = getelementptr inbounds float, ptr %rw, i64 %639
+  %617 = mul nsw i64 %613, 16
+  %618 = add nsw i64 %panel.off90, %617
+  %619 = getelementptr inbounds float, ptr %panels, i64 %618
+  %620 = load <8 x float>, ptr %619, align 4
+  %621 = add nsw i64 %618, 8
+  %622 = getelementptr inbounds float, ptr %panels, i64 %621
+  %623 = load <8 x float>, ptr %622, align 4
+  %624 = getelementptr inbounds float, ptr %581, i64 %613
+  %625 = load float, ptr %624, align 4
+  %626 = insertelement <8 x float> poison, float %625, i32 0
+  %627 = shufflevector <8 x float> %626, <8 x float> poison, <8 x i32> zeroinitializer
+  %628 = load <8 x float>, ptr %acc00082, align 4
+  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> %627, <8 x float> %620, <8 x float> %628)
+  store <8 x float> %629, ptr %acc00082, align 4
+  %630 = load <8 x float>, ptr %acc00183, align 4
+  %631 = call <8 x float> @llvm.fma.v8f32(<8 x float> %627, <8 x float> %623, <8 x float> %630)
+  store <8 x float> %631, ptr %acc00183, align 4
+  %632 = getelementptr inbounds float, ptr %588, i64 %613
+  %633 = load float, ptr %632, align 4
+  %634 = insertelement <8 x float> poison, float %633, i32 0
+  %635 = shufflevector <8 x float> %634, <8 x float> poison, <8 x i32> zeroinitializer
+  %636 = load <8 x float>, ptr %acc01084, align 4
+  %637 = call <8 x float> @llvm.fma.v8f32(<8 x float> %635, <8 x float> %620, <8 x float> %636)
+  store <8 x float> %637, ptr %acc01084, align 4
+  %638 = load <8 x float>, ptr %acc01185, align 4
+  %639 = call <8 x float> @llvm.fma.v8f32(<8 x float> %635, <8 x float> %623, <8 x float> %638)
+  store <8 x float> %639, ptr %acc01185, align 4
+  %640 = getelementptr inbounds float, ptr %595, i64 %613
   %641 = load float, ptr %640, align 4
   %642 = insertelement <8 x float> poison, float %641, i32 0
   %643 = shufflevector <8 x float> %642, <8 x float> poison, <8 x i32> zeroinitializer
-  %644 = mul nsw i64 %639, 192
-  %645 = getelementptr inbounds float, ptr %h, i64 %644
+  %644 = load <8 x float>, ptr %acc02086, align 4
+  %645 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> %620, <8 x float> %644)
+  store <8 x float> %645, ptr %acc02086, align 4
+  %646 = load <8 x float>, ptr %acc02187, align 4
+  %647 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> %623, <8 x float> %646)
+  store <8 x float> %647, ptr %acc02187, align 4
+  %648 = getelementptr inbounds float, ptr %602, i64 %613
+  %649 = load float, ptr %648, align 4
+  %650 = insertelement <8 x float> poison, float %649, i32 0
+  %651 = shufflevector <8 x float> %650, <8 x float> poison, <8 x i32> zeroinitializer
+  %652 = load <8 x float>, ptr %acc03088, align 4
+  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %620, <8 x float> %652)
+  store <8 x float> %653, ptr %acc03088, align 4
+  %654 = load <8 x float>, ptr %acc03189, align 4
+  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %623, <8 x float> %654)
+  store <8 x float> %655, ptr %acc03189, align 4
+  %656 = add nsw i64 %k97, 1
+  br label %k.head94
+
+k.end96:                                          ; preds = %k.head94
+  %657 = add nsw i64 %r0, 0
+  %658 = getelementptr inbounds float, ptr %rw, i64 %657
+  %659 = load float, ptr %658, align 4
+  %660 = insertelement <8 x float> poison, float %659, i32 0
+  %661 = shufflevector <8 x float> %660, <8 x float> poison, <8 x i32> zeroinitializer
+  %662 = mul nsw i64 %657, 192
+  %663 = getelementptr inbounds float, ptr %h, i64 %662
   %col100 = mul nsw i64 %p, 8
-  %646 = load <8 x float>, ptr %acc00082, align 4
-  %647 = load <8 x float>, ptr %acc00183, align 4
-  %648 = fneg <8 x float> %646
-  %649 = fcmp olt <8 x float> %648, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %650 = select <8 x i1> %649, <8 x float> %648, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %651 = fcmp ogt <8 x float> %650, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %652 = select <8 x i1> %651, <8 x float> %650, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %652, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %654 = call <8 x float> @llvm.floor.v8f32(<8 x float> %653)
-  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %654, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %652)
-  %656 = call <8 x float> @llvm.fma.v8f32(<8 x float> %654, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %655)
-  %657 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %656, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> %657, <8 x float> %656, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %659 = call <8 x float> @llvm.fma.v8f32(<8 x float> %658, <8 x float> %656, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %660 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %656, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %660, <8 x float> %656, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %662 = fmul <8 x float> %656, %656
-  %663 = call <8 x float> @llvm.fma.v8f32(<8 x float> %661, <8 x float> %662, <8 x float> %656)
-  %664 = fadd <8 x float> %663, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %665 = fptosi <8 x float> %654 to <8 x i32>
-  %666 = add <8 x i32> %665, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %667 = shl <8 x i32> %666, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n101 = bitcast <8 x i32> %667 to <8 x float>
-  %exp102 = fmul <8 x float> %664, %exp.2n101
-  %668 = fadd <8 x float> %exp102, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid103 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %668
-  %silu104 = fmul <8 x float> %646, %sigmoid103
-  %glu105 = fmul <8 x float> %silu104, %647
-  %669 = fmul <8 x float> %glu105, %643
-  %670 = getelementptr inbounds float, ptr %645, i64 %col100
-  store <8 x float> %669, ptr %670, align 4
-  %671 = add nsw i64 %r0, 1
-  %672 = getelementptr inbounds float, ptr %rw, i64 %671
-  %673 = load float, ptr %672, align 4
-  %674 = insertelement <8 x float> poison, float %673, i32 0
-  %675 = shufflevector <8 x float> %674, <8 x float> poison, <8 x i32> zeroinitializer
-  %676 = mul nsw i64 %671, 192
-  %677 = getelementptr inbounds float, ptr %h, i64 %676
+  %664 = load <8 x float>, ptr %acc00082, align 4
+  %665 = load <8 x float>, ptr %acc00183, align 4
+  %666 = fneg <8 x float> %664
+  %667 = fcmp olt <8 x float> %666, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %668 = select <8 x i1> %667, <8 x float> %666, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %669 = fcmp ogt <8 x float> %668, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %670 = select <8 x i1> %669, <8 x float> %668, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %671 = call <8 x float> @llvm.fma.v8f32(<8 x float> %670, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %672 = call <8 x float> @llvm.floor.v8f32(<8 x float> %671)
+  %673 = call <8 x float> @llvm.fma.v8f32(<8 x float> %672, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %670)
+  %674 = call <8 x float> @llvm.fma.v8f32(<8 x float> %672, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %673)
+  %675 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %674, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %676 = call <8 x float> @llvm.fma.v8f32(<8 x float> %675, <8 x float> %674, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %677 = call <8 x float> @llvm.fma.v8f32(<8 x float> %676, <8 x float> %674, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %678 = call <8 x float> @llvm.fma.v8f32(<8 x float> %677, <8 x float> %674, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %679 = call <8 x float> @llvm.fma.v8f32(<8 x float> %678, <8 x float> %674, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %680 = fmul <8 x float> %674, %674
+  %681 = call <8 x float> @llvm.fma.v8f32(<8 x float> %679, <8 x float> %680, <8 x float> %674)
+  %682 = fadd <8 x float> %681, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %683 = fptosi <8 x float> %672 to <8 x i32>
+  %684 = add <8 x i32> %683, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %685 = shl <8 x i32> %684, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n101 = bitcast <8 x i32> %685 to <8 x float>
+  %exp102 = fmul <8 x float> %682, %exp.2n101
+  %686 = fadd <8 x float> %exp102, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid103 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %686
+  %silu104 = fmul <8 x float> %664, %sigmoid103
+  %glu105 = fmul <8 x float> %silu104, %665
+  %687 = fmul <8 x float> %glu105, %661
+  %688 = getelementptr inbounds float, ptr %663, i64 %col100
+  store <8 x float> %687, ptr %688, align 4
+  %689 = add nsw i64 %r0, 1
+  %690 = getelementptr inbounds float, ptr %rw, i64 %689
+  %691 = load float, ptr %690, align 4
+  %692 = insertelement <8 x float> poison, float %691, i32 0
+  %693 = shufflevector <8 x float> %692, <8 x float> poison, <8 x i32> zeroinitializer
+  %694 = mul nsw i64 %689, 192
+  %695 = getelementptr inbounds float, ptr %h, i64 %694
   %col106 = mul nsw i64 %p, 8
-  %678 = load <8 x float>, ptr %acc01084, align 4
-  %679 = load <8 x float>, ptr %acc01185, align 4
-  %680 = fneg <8 x float> %678
-  %681 = fcmp olt <8 x float> %680, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %682 = select <8 x i1> %681, <8 x float> %680, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %683 = fcmp ogt <8 x float> %682, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %684 = select <8 x i1> %683, <8 x float> %682, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %685 = call <8 x float> @llvm.fma.v8f32(<8 x float> %684, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %686 = call <8 x float> @llvm.floor.v8f32(<8 x float> %685)
-  %687 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %684)
-  %688 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %687)
-  %689 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %688, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %690 = call <8 x float> @llvm.fma.v8f32(<8 x float> %689, <8 x float> %688, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %691 = call <8 x float> @llvm.fma.v8f32(<8 x float> %690, <8 x float> %688, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %692 = call <8 x float> @llvm.fma.v8f32(<8 x float> %691, <8 x float> %688, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %693 = call <8 x float> @llvm.fma.v8f32(<8 x float> %692, <8 x float> %688, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %694 = fmul <8 x float> %688, %688
-  %695 = call <8 x float> @llvm.fma.v8f32(<8 x float> %693, <8 x float> %694, <8 x float> %688)
-  %696 = fadd <8 x float> %695, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %697 = fptosi <8 x float> %686 to <8 x i32>
-  %698 = add <8 x i32> %697, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %699 = shl <8 x i32> %698, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n107 = bitcast <8 x i32> %699 to <8 x float>
-  %exp108 = fmul <8 x float> %696, %exp.2n107
-  %700 = fadd <8 x float> %exp108, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid109 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %700
-  %silu110 = fmul <8 x float> %678, %sigmoid109
-  %glu111 = fmul <8 x float> %silu110, %679
-  %701 = fmul <8 x float> %glu111, %675
-  %702 = getelementptr inbounds float, ptr %677, i64 %col106
-  store <8 x float> %701, ptr %702, align 4
-  %703 = add nsw i64 %r0, 2
-  %704 = getelementptr inbounds float, ptr %rw, i64 %703
-  %705 = load float, ptr %704, align 4
-  %706 = insertelement <8 x float> poison, float %705, i32 0
-  %707 = shufflevector <8 x float> %706, <8 x float> poison, <8 x i32> zeroinitializer
-  %708 = mul nsw i64 %703, 192
-  %709 = getelementptr inbounds float, ptr %h, i64 %708
+  %696 = load <8 x float>, ptr %acc01084, align 4
+  %697 = load <8 x float>, ptr %acc01185, align 4
+  %698 = fneg <8 x float> %696
+  %699 = fcmp olt <8 x float> %698, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %700 = select <8 x i1> %699, <8 x float> %698, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %701 = fcmp ogt <8 x float> %700, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %702 = select <8 x i1> %701, <8 x float> %700, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %703 = call <8 x float> @llvm.fma.v8f32(<8 x float> %702, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %704 = call <8 x float> @llvm.floor.v8f32(<8 x float> %703)
+  %705 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %702)
+  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %705)
+  %707 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %706, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %707, <8 x float> %706, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %709 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %706, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %709, <8 x float> %706, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %711 = call <8 x float> @llvm.fma.v8f32(<8 x float> %710, <8 x float> %706, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %712 = fmul <8 x float> %706, %706
+  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> %712, <8 x float> %706)
+  %714 = fadd <8 x float> %713, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %715 = fptosi <8 x float> %704 to <8 x i32>
+  %716 = add <8 x i32> %715, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %717 = shl <8 x i32> %716, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n107 = bitcast <8 x i32> %717 to <8 x float>
+  %exp108 = fmul <8 x float> %714, %exp.2n107
+  %718 = fadd <8 x float> %exp108, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid109 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %718
+  %silu110 = fmul <8 x float> %696, %sigmoid109
+  %glu111 = fmul <8 x float> %silu110, %697
+  %719 = fmul <8 x float> %glu111, %693
+  %720 = getelementptr inbounds float, ptr %695, i64 %col106
+  store <8 x float> %719, ptr %720, align 4
+  %721 = add nsw i64 %r0, 2
+  %722 = getelementptr inbounds float, ptr %rw, i64 %721
+  %723 = load float, ptr %722, align 4
+  %724 = insertelement <8 x float> poison, float %723, i32 0
+  %725 = shufflevector <8 x float> %724, <8 x float> poison, <8 x i32> zeroinitializer
+  %726 = mul nsw i64 %721, 192
+  %727 = getelementptr inbounds float, ptr %h, i64 %726
   %col112 = mul nsw i64 %p, 8
-  %710 = load <8 x float>, ptr %acc02086, align 4
-  %711 = load <8 x float>, ptr %acc02187, align 4
-  %712 = fneg <8 x float> %710
-  %713 = fcmp olt <8 x float> %712, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %714 = select <8 x i1> %713, <8 x float> %712, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %715 = fcmp ogt <8 x float> %714, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %716 = select <8 x i1> %715, <8 x float> %714, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %717 = call <8 x float> @llvm.fma.v8f32(<8 x float> %716, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %718 = call <8 x float> @llvm.floor.v8f32(<8 x float> %717)
-  %719 = call <8 x float> @llvm.fma.v8f32(<8 x float> %718, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %716)
-  %720 = call <8 x float> @llvm.fma.v8f32(<8 x float> %718, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %719)
-  %721 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %720, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %722 = call <8 x float> @llvm.fma.v8f32(<8 x float> %721, <8 x float> %720, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %723 = call <8 x float> @llvm.fma.v8f32(<8 x float> %722, <8 x float> %720, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %724 = call <8 x float> @llvm.fma.v8f32(<8 x float> %723, <8 x float> %720, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %725 = call <8 x float> @llvm.fma.v8f32(<8 x float> %724, <8 x float> %720, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %726 = fmul <8 x float> %720, %720
-  %727 = call <8 x float> @llvm.fma.v8f32(<8 x float> %725, <8 x float> %726, <8 x float> %720)
-  %728 = fadd <8 x float> %727, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %729 = fptosi <8 x float> %718 to <8 x i32>
-  %730 = add <8 x i32> %729, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %731 = shl <8 x i32> %730, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n113 = bitcast <8 x i32> %731 to <8 x float>
-  %exp114 = fmul <8 x float> %728, %exp.2n113
-  %732 = fadd <8 x float> %exp114, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid115 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %732
-  %silu116 = fmul <8 x float> %710, %sigmoid115
-  %glu117 = fmul <8 x float> %silu116, %711
-  %733 = fmul <8 x float> %glu117, %707
-  %734 = getelementptr inbounds float, ptr %709, i64 %col112
-  store <8 x float> %733, ptr %734, align 4
-  %735 = add nsw i64 %r0, 3
-  %736 = getelementptr inbounds float, ptr %rw, i64 %735
-  %737 = load float, ptr %736, align 4
-  %738 = insertelement <8 x float> poison, float %737, i32 0
-  %739 = shufflevector <8 x float> %738, <8 x float> poison, <8 x i32> zeroinitializer
-  %740 = mul nsw i64 %735, 192
-  %741 = getelementptr inbounds float, ptr %h, i64 %740
+  %728 = load <8 x float>, ptr %acc02086, align 4
+  %729 = load <8 x float>, ptr %acc02187, align 4
+  %730 = fneg <8 x float> %728
+  %731 = fcmp olt <8 x float> %730, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %732 = select <8 x i1> %731, <8 x float> %730, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %733 = fcmp ogt <8 x float> %732, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %734 = select <8 x i1> %733, <8 x float> %732, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %735 = call <8 x float> @llvm.fma.v8f32(<8 x float> %734, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %736 = call <8 x float> @llvm.floor.v8f32(<8 x float> %735)
+  %737 = call <8 x float> @llvm.fma.v8f32(<8 x float> %736, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %734)
+  %738 = call <8 x float> @llvm.fma.v8f32(<8 x float> %736, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %737)
+  %739 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %738, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %740 = call <8 x float> @llvm.fma.v8f32(<8 x float> %739, <8 x float> %738, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %741 = call <8 x float> @llvm.fma.v8f32(<8 x float> %740, <8 x float> %738, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %742 = call <8 x float> @llvm.fma.v8f32(<8 x float> %741, <8 x float> %738, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %743 = call <8 x float> @llvm.fma.v8f32(<8 x float> %742, <8 x float> %738, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %744 = fmul <8 x float> %738, %738
+  %745 = call <8 x float> @llvm.fma.v8f32(<8 x float> %743, <8 x float> %744, <8 x float> %738)
+  %746 = fadd <8 x float> %745, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %747 = fptosi <8 x float> %736 to <8 x i32>
+  %748 = add <8 x i32> %747, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %749 = shl <8 x i32> %748, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n113 = bitcast <8 x i32> %749 to <8 x float>
+  %exp114 = fmul <8 x float> %746, %exp.2n113
+  %750 = fadd <8 x float> %exp114, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid115 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %750
+  %silu116 = fmul <8 x float> %728, %sigmoid115
+  %glu117 = fmul <8 x float> %silu116, %729
+  %751 = fmul <8 x float> %glu117, %725
+  %752 = getelementptr inbounds float, ptr %727, i64 %col112
+  store <8 x float> %751, ptr %752, align 4
+  %753 = add nsw i64 %r0, 3
+  %754 = getelementptr inbounds float, ptr %rw, i64 %753
+  %755 = load float, ptr %754, align 4
+  %756 = insertelement <8 x float> poison, float %755, i32 0
+  %757 = shufflevector <8 x float> %756, <8 x float> poison, <8 x i32> zeroinitializer
+  %758 = mul nsw i64 %753, 192
+  %759 = getelementptr inbounds float, ptr %h, i64 %758
   %col118 = mul nsw i64 %p, 8
-  %742 = load <8 x float>, ptr %acc03088, align 4
-  %743 = load <8 x float>, ptr %acc03189, align 4
-  %744 = fneg <8 x float> %742
-  %745 = fcmp olt <8 x float> %744, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %746 = select <8 x i1> %745, <8 x float> %744, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %747 = fcmp ogt <8 x float> %746, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %748 = select <8 x i1> %747, <8 x float> %746, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %749 = call <8 x float> @llvm.fma.v8f32(<8 x float> %748, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %750 = call <8 x float> @llvm.floor.v8f32(<8 x float> %749)
-  %751 = call <8 x float> @llvm.fma.v8f32(<8 x float> %750, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %748)
-  %752 = call <8 x float> @llvm.fma.v8f32(<8 x float> %750, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %751)
-  %753 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %752, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %754 = call <8 x float> @llvm.fma.v8f32(<8 x float> %753, <8 x float> %752, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %755 = call <8 x float> @llvm.fma.v8f32(<8 x float> %754, <8 x float> %752, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %756 = call <8 x float> @llvm.fma.v8f32(<8 x float> %755, <8 x float> %752, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %757 = call <8 x float> @llvm.fma.v8f32(<8 x float> %756, <8 x float> %752, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %758 = fmul <8 x float> %752, %752
-  %759 = call <8 x float> @llvm.fma.v8f32(<8 x float> %757, <8 x float> %758, <8 x float> %752)
-  %760 = fadd <8 x float> %759, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %761 = fptosi <8 x float> %750 to <8 x i32>
-  %762 = add <8 x i32> %761, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %763 = shl <8 x i32> %762, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n119 = bitcast <8 x i32> %763 to <8 x float>
-  %exp120 = fmul <8 x float> %760, %exp.2n119
-  %764 = fadd <8 x float> %exp120, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid121 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %764
-  %silu122 = fmul <8 x float> %742, %sigmoid121
-  %glu123 = fmul <8 x float> %silu122, %743
-  %765 = fmul <8 x float> %glu123, %739
-  %766 = getelementptr inbounds float, ptr %741, i64 %col118
-  store <8 x float> %765, ptr %766, align 4
+  %760 = load <8 x float>, ptr %acc03088, align 4
+  %761 = load <8 x float>, ptr %acc03189, align 4
+  %762 = fneg <8 x float> %760
+  %763 = fcmp olt <8 x float> %762, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %764 = select <8 x i1> %763, <8 x float> %762, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %765 = fcmp ogt <8 x float> %764, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %766 = select <8 x i1> %765, <8 x float> %764, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %767 = call <8 x float> @llvm.fma.v8f32(<8 x float> %766, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %768 = call <8 x float> @llvm.floor.v8f32(<8 x float> %767)
+  %769 = call <8 x float> @llvm.fma.v8f32(<8 x float> %768, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %766)
+  %770 = call <8 x float> @llvm.fma.v8f32(<8 x float> %768, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %769)
+  %771 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %770, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %772 = call <8 x float> @llvm.fma.v8f32(<8 x float> %771, <8 x float> %770, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %773 = call <8 x float> @llvm.fma.v8f32(<8 x float> %772, <8 x float> %770, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %774 = call <8 x float> @llvm.fma.v8f32(<8 x float> %773, <8 x float> %770, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %775 = call <8 x float> @llvm.fma.v8f32(<8 x float> %774, <8 x float> %770, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %776 = fmul <8 x float> %770, %770
+  %777 = call <8 x float> @llvm.fma.v8f32(<8 x float> %775, <8 x float> %776, <8 x float> %770)
+  %778 = fadd <8 x float> %777, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %779 = fptosi <8 x float> %768 to <8 x i32>
+  %780 = add <8 x i32> %779, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %781 = shl <8 x i32> %780, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n119 = bitcast <8 x i32> %781 to <8 x float>
+  %exp120 = fmul <8 x float> %778, %exp.2n119
+  %782 = fadd <8 x float> %exp120, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid121 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %782
+  %silu122 = fmul <8 x float> %760, %sigmoid121
+  %glu123 = fmul <8 x float> %silu122, %761
+  %783 = fmul <8 x float> %glu123, %757
+  %784 = getelementptr inbounds float, ptr %759, i64 %col118
+  store <8 x float> %783, ptr %784, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
-  %767 = add nsw i64 %r0, 0
-  %768 = getelementptr inbounds i32, ptr %rows, i64 %767
-  %769 = load i32, ptr %768, align 4
-  %770 = sext i32 %769 to i64
-  %771 = mul nsw i64 %770, 64
-  %772 = getelementptr inbounds float, ptr %x, i64 %771
+  %785 = add nsw i64 %r0, 0
+  %786 = getelementptr inbounds i32, ptr %rows, i64 %785
+  %787 = load i32, ptr %786, align 4
+  %788 = sext i32 %787 to i64
+  %789 = mul nsw i64 %788, 64
+  %790 = add nsw i64 %789, 0
+  %791 = getelementptr inbounds float, ptr %x, i64 %790
   store <8 x float> zeroinitializer, ptr %acc000124, align 4
   store <8 x float> zeroinitializer, ptr %acc001125, align 4
-  %773 = add nsw i64 %r0, 1
-  %774 = getelementptr inbounds i32, ptr %rows, i64 %773
-  %775 = load i32, ptr %774, align 4
-  %776 = sext i32 %775 to i64
-  %777 = mul nsw i64 %776, 64
-  %778 = getelementptr inbounds float, ptr %x, i64 %777
+  %792 = add nsw i64 %r0, 1
+  %793 = getelementptr inbounds i32, ptr %rows, i64 %792
+  %794 = load i32, ptr %793, align 4
+  %795 = sext i32 %794 to i64
+  %796 = mul nsw i64 %795, 64
+  %797 = add nsw i64 %796, 0
+  %798 = getelementptr inbounds float, ptr %x, i64 %797
   store <8 x float> zeroinitializer, ptr %acc010126, align 4
   store <8 x float> zeroinitializer, ptr %acc011127, align 4
-  %779 = add nsw i64 %r0, 2
-  %780 = getelementptr inbounds i32, ptr %rows, i64 %779
-  %781 = load i32, ptr %780, align 4
-  %782 = sext i32 %781 to i64
-  %783 = mul nsw i64 %782, 64
-  %784 = getelementptr inbounds float, ptr %x, i64 %783
+  %799 = add nsw i64 %r0, 2
+  %800 = getelementptr inbounds i32, ptr %rows, i64 %799
+  %801 = load i32, ptr %800, align 4
+  %802 = sext i32 %801 to i64
+  %803 = mul nsw i64 %802, 64
+  %804 = add nsw i64 %803, 0
+  %805 = getelementptr inbounds float, ptr %x, i64 %804
   store <8 x float> zeroinitializer, ptr %acc020128, align 4
   store <8 x float> zeroinitializer, ptr %acc021129, align 4
-  %panel.off130 = mul nsw i64 %p, 1024
-  %785 = getelementptr inbounds float, ptr %panels, i64 %panel.off130
-  %786 = add nsw i64 %p, 1
-  %787 = icmp slt i64 %786, %p1
-  %pf.on131 = and i1 %pf.on, %787
-  %788 = mul nsw i64 %rb, 4096
-  %789 = lshr i64 %788, %11
-  %790 = add nsw i64 4096, %789
-  %791 = getelementptr inbounds i8, ptr %785, i64 %790
-  %pf132 = select i1 %pf.on131, ptr %791, ptr %785
+  %806 = mul nsw i64 %p, 1024
+  %panel.off130 = add nsw i64 %806, 0
+  %807 = getelementptr inbounds float, ptr %panels, i64 %panel.off130
+  %808 = add nsw i64 %p, 1
+  %809 = icmp slt i64 %808, %p1
+  %pf.on131 = and i1 %pf.on, %809
+  %810 = mul nsw i64 %rb, 4096
+  %811 = lshr i64 %810, %11
+  %812 = add nsw i64 4096, %811
+  %813 = getelementptr inbounds i8, ptr %807, i64 %812
+  %pf132 = select i1 %pf.on131, ptr %813, ptr %807
   %pf.sh133 = select i1 %pf.on131, i64 %11, i64 0
   br label %k.head134
 
 k.head134:                                        ; preds = %pf.any.end139, %tile.mr3
-  %k137 = phi i64 [ 0, %tile.mr3 ], [ %829, %pf.any.end139 ]
-  %792 = icmp slt i64 %k137, 64
-  br i1 %792, label %k.body135, label %k.end136
+  %k137 = phi i64 [ 0, %tile.mr3 ], [ %851, %pf.any.end139 ]
+  %814 = icmp slt i64 %k137, 64
+  br i1 %814, label %k.body135, label %k.end136
 
 k.body135:                                        ; preds = %k.head134
-  %793 = mul nsw i64 %k137, 1
-  %794 = add nsw i64 %793, 0
-  %795 = mul nsw i64 %794, 64
+  %815 = mul nsw i64 %k137, 1
+  %816 = add nsw i64 %815, 0
+  %817 = mul nsw i64 %816, 64
   br i1 %pf.multi, label %pf.any.then138, label %pf.any.end139
 
 pf.any.then138:                                   ; preds = %k.body135
-  %796 = lshr i64 %795, %pf.sh133
-  %797 = getelementptr inbounds i8, ptr %pf132, i64 %796
-  call void @llvm.prefetch.p0(ptr %797, i32 0, i32 2, i32 1)
+  %818 = lshr i64 %817, %pf.sh133
+  %819 = getelementptr inbounds i8, ptr %pf132, i64 %818
+  call void @llvm.prefetch.p0(ptr %819, i32 0, i32 2, i32 1)
   br label %pf.any.end139
 
 pf.any.end139:                                    ; preds = %pf.any.then138, %k.body135
-  %798 = mul nsw i64 %794, 16
-  %799 = add nsw i64 %panel.off130, %798
-  %800 = getelementptr inbounds float, ptr %panels, i64 %799
-  %801 = load <8 x float>, ptr %800, align 4
-  %802 = add nsw i64 %799, 8
-  %803 = getelementptr inbounds float, ptr %panels, i64 %802
-  %804 = load <8 x float>, ptr %803, align 4
-  %805 = getelementptr inbounds float, ptr %772, i64 %794
-  %806 = load float, ptr %805, align 4
-  %807 = insertelement <8 x float> poison, float %806, i32 0
-  %808 = shufflevector <8 x float> %807, <8 x float> poison, <8 x i32> zeroinitializer
-  %809 = load <8 x float>, ptr %acc000124, align 4
-  %810 = call <8 x float> @llvm.fma.v8f32(<8 x float> %808, <8 x float> %801, <8 x float> %809)
-  store <8 x float> %810, ptr %acc000124, align 4
-  %811 = load <8 x float>, ptr %acc001125, align 4
-  %812 = call <8 x float> @llvm.fma.v8f32(<8 x float> %808, <8 x float> %804, <8 x float> %811)
-  store <8 x float> %812, ptr %acc001125, align 4
-  %813 = getelementptr inbounds float, ptr %778, i64 %794
-  %814 = load float, ptr %813, align 4
-  %815 = insertelement <8 x float> poison, float %814, i32 0
-  %816 = shufflevector <8 x float> %815, <8 x float> poison, <8 x i32> zeroinitializer
-  %817 = load <8 x float>, ptr %acc010126, align 4
-  %818 = call <8 x float> @llvm.fma.v8f32(<8 x float> %816, <8 x float> %801, <8 x float> %817)
-  store <8 x float> %818, ptr %acc010126, align 4
-  %819 = load <8 x float>, ptr %acc011127, align 4
-  %820 = call <8 x float> @llvm.fma.v8f32(<8 x float> %816, <8 x float> %804, <8 x float> %819)
-  store <8 x float> %820, ptr %acc011127, align 4
-  %821 = getelementptr inbounds float, ptr %784, i64 %794
-  %822 = load float, ptr %821, align 4
-  %823 = insertelement <8 x float> poison, float %822, i32 0
-  %824 = shufflevector <8 x float> %823, <8 x float> poison, <8 x i32> zeroinitializer
-  %825 = load <8 x float>, ptr %acc020128, align 4
-  %826 = call <8 x float> @llvm.fma.v8f32(<8 x float> %824, <8 x float> %801, <8 x float> %825)
-  store <8 x float> %826, ptr %acc020128, align 4
-  %827 = load <8 x float>, ptr %acc021129, align 4
-  %828 = call <8 x float> @llvm.fma.v8f32(<8 x float> %824, <8 x float> %804, <8 x float> %827)
-  store <8 x float> %828, ptr %acc021129, align 4
-  %829 = add nsw i64 %k137, 1
+  %820 = mul nsw i64 %816, 16
+  %821 = add nsw i64 %panel.off130, %820
+  %822 = getelementptr inbounds float, ptr %panels, i64 %821
+  %823 = load <8 x float>, ptr %822, align 4
+  %824 = add nsw i64 %821, 8
+  %825 = getelementptr inbounds float, ptr %panels, i64 %824
+  %826 = load <8 x float>, ptr %825, align 4
+  %827 = getelementptr inbounds float, ptr %791, i64 %816
+  %828 = load float, ptr %827, align 4
+  %829 = insertelement <8 x float> poison, float %828, i32 0
+  %830 = shufflevector <8 x float> %829, <8 x float> poison, <8 x i32> zeroinitializer
+  %831 = load <8 x float>, ptr %acc000124, align 4
+  %832 = call <8 x float> @llvm.fma.v8f32(<8 x float> %830, <8 x float> %823, <8 x float> %831)
+  store <8 x float> %832, ptr %acc000124, align 4
+  %833 = load <8 x float>, ptr %acc001125, align 4
+  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %830, <8 x float> %826, <8 x float> %833)
+  store <8 x float> %834, ptr %acc001125, align 4
+  %835 = getelementptr inbounds float, ptr %798, i64 %816
+  %836 = load float, ptr %835, align 4
+  %837 = insertelement <8 x float> poison, float %836, i32 0
+  %838 = shufflevector <8 x float> %837, <8 x float> poison, <8 x i32> zeroinitializer
+  %839 = load <8 x float>, ptr %acc010126, align 4
+  %840 = call <8 x float> @llvm.fma.v8f32(<8 x float> %838, <8 x float> %823, <8 x float> %839)
+  store <8 x float> %840, ptr %acc010126, align 4
+  %841 = load <8 x float>, ptr %acc011127, align 4
+  %842 = call <8 x float> @llvm.fma.v8f32(<8 x float> %838, <8 x float> %826, <8 x float> %841)
+  store <8 x float> %842, ptr %acc011127, align 4
+  %843 = getelementptr inbounds float, ptr %805, i64 %816
+  %844 = load float, ptr %843, align 4
+  %845 = insertelement <8 x float> poison, float %844, i32 0
+  %846 = shufflevector <8 x float> %845, <8 x float> poison, <8 x i32> zeroinitializer
+  %847 = load <8 x float>, ptr %acc020128, align 4
+  %848 = call <8 x float> @llvm.fma.v8f32(<8 x float> %846, <8 x float> %823, <8 x float> %847)
+  store <8 x float> %848, ptr %acc020128, align 4
+  %849 = load <8 x float>, ptr %acc021129, align 4
+  %850 = call <8 x float> @llvm.fma.v8f32(<8 x float> %846, <8 x float> %826, <8 x float> %849)
+  store <8 x float> %850, ptr %acc021129, align 4
+  %851 = add nsw i64 %k137, 1
   br label %k.head134
 
 k.end136:                                         ; preds = %k.head134
-  %830 = add nsw i64 %r0, 0
-  %831 = getelementptr inbounds float, ptr %rw, i64 %830
-  %832 = load float, ptr %831, align 4
-  %833 = insertelement <8 x float> poison, float %832, i32 0
-  %834 = shufflevector <8 x float> %833, <8 x float> poison, <8 x i32> zeroinitializer
-  %835 = mul nsw i64 %830, 192
-  %836 = getelementptr inbounds float, ptr %h, i64 %835
+  %852 = add nsw i64 %r0, 0
+  %853 = getelementptr inbounds float, ptr %rw, i64 %852
+  %854 = load float, ptr %853, align 4
+  %855 = insertelement <8 x float> poison, float %854, i32 0
+  %856 = shufflevector <8 x float> %855, <8 x float> poison, <8 x i32> zeroinitializer
+  %857 = mul nsw i64 %852, 192
+  %858 = getelementptr inbounds float, ptr %h, i64 %857
   %col140 = mul nsw i64 %p, 8
-  %837 = load <8 x float>, ptr %acc000124, align 4
-  %838 = load <8 x float>, ptr %acc001125, align 4
-  %839 = fneg <8 x float> %837
-  %840 = fcmp olt <8 x float> %839, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %841 = select <8 x i1> %840, <8 x float> %839, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %842 = fcmp ogt <8 x float> %841, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %843 = select <8 x i1> %842, <8 x float> %841, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %844 = call <8 x float> @llvm.fma.v8f32(<8 x float> %843, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %845 = call <8 x float> @llvm.floor.v8f32(<8 x float> %844)
-  %846 = call <8 x float> @llvm.fma.v8f32(<8 x float> %845, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %843)
-  %847 = call <8 x float> @llvm.fma.v8f32(<8 x float> %845, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %846)
-  %848 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %847, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %849 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> %847, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %850 = call <8 x float> @llvm.fma.v8f32(<8 x float> %849, <8 x float> %847, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %851 = call <8 x float> @llvm.fma.v8f32(<8 x float> %850, <8 x float> %847, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %852 = call <8 x float> @llvm.fma.v8f32(<8 x float> %851, <8 x float> %847, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %853 = fmul <8 x float> %847, %847
-  %854 = call <8 x float> @llvm.fma.v8f32(<8 x float> %852, <8 x float> %853, <8 x float> %847)
-  %855 = fadd <8 x float> %854, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %856 = fptosi <8 x float> %845 to <8 x i32>
-  %857 = add <8 x i32> %856, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %858 = shl <8 x i32> %857, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n141 = bitcast <8 x i32> %858 to <8 x float>
-  %exp142 = fmul <8 x float> %855, %exp.2n141
-  %859 = fadd <8 x float> %exp142, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid143 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %859
-  %silu144 = fmul <8 x float> %837, %sigmoid143
-  %glu145 = fmul <8 x float> %silu144, %838
-  %860 = fmul <8 x float> %glu145, %834
-  %861 = getelementptr inbounds float, ptr %836, i64 %col140
-  store <8 x float> %860, ptr %861, align 4
-  %862 = add nsw i64 %r0, 1
-  %863 = getelementptr inbounds float, ptr %rw, i64 %862
-  %864 = load float, ptr %863, align 4
-  %865 = insertelement <8 x float> poison, float %864, i32 0
-  %866 = shufflevector <8 x float> %865, <8 x float> poison, <8 x i32> zeroinitializer
-  %867 = mul nsw i64 %862, 192
-  %868 = getelementptr inbounds float, ptr %h, i64 %867
+  %859 = load <8 x float>, ptr %acc000124, align 4
+  %860 = load <8 x float>, ptr %acc001125, align 4
+  %861 = fneg <8 x float> %859
+  %862 = fcmp olt <8 x float> %861, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %863 = select <8 x i1> %862, <8 x float> %861, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %864 = fcmp ogt <8 x float> %863, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %865 = select <8 x i1> %864, <8 x float> %863, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %865, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %867 = call <8 x float> @llvm.floor.v8f32(<8 x float> %866)
+  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %867, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %865)
+  %869 = call <8 x float> @llvm.fma.v8f32(<8 x float> %867, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %868)
+  %870 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %869, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %871 = call <8 x float> @llvm.fma.v8f32(<8 x float> %870, <8 x float> %869, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %872 = call <8 x float> @llvm.fma.v8f32(<8 x float> %871, <8 x float> %869, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %873 = call <8 x float> @llvm.fma.v8f32(<8 x float> %872, <8 x float> %869, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %873, <8 x float> %869, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %875 = fmul <8 x float> %869, %869
+  %876 = call <8 x float> @llvm.fma.v8f32(<8 x float> %874, <8 x float> %875, <8 x float> %869)
+  %877 = fadd <8 x float> %876, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %878 = fptosi <8 x float> %867 to <8 x i32>
+  %879 = add <8 x i32> %878, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %880 = shl <8 x i32> %879, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n141 = bitcast <8 x i32> %880 to <8 x float>
+  %exp142 = fmul <8 x float> %877, %exp.2n141
+  %881 = fadd <8 x float> %exp142, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid143 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %881
+  %silu144 = fmul <8 x float> %859, %sigmoid143
+  %glu145 = fmul <8 x float> %silu144, %860
+  %882 = fmul <8 x float> %glu145, %856
+  %883 = getelementptr inbounds float, ptr %858, i64 %col140
+  store <8 x float> %882, ptr %883, align 4
+  %884 = add nsw i64 %r0, 1
+  %885 = getelementptr inbounds float, ptr %rw, i64 %884
+  %886 = load float, ptr %885, align 4
+  %887 = insertelement <8 x float> poison, float %886, i32 0
+  %888 = shufflevector <8 x float> %887, <8 x float> poison, <8 x i32> zeroinitializer
+  %889 = mul nsw i64 %884, 192
+  %890 = getelementptr inbounds float, ptr %h, i64 %889
   %col146 = mul nsw i64 %p, 8
-  %869 = load <8 x float>, ptr %acc010126, align 4
-  %870 = load <8 x float>, ptr %acc011127, align 4
-  %871 = fneg <8 x float> %869
-  %872 = fcmp olt <8 x float> %871, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %873 = select <8 x i1> %872, <8 x float> %871, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %874 = fcmp ogt <8 x float> %873, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %875 = select <8 x i1> %874, <8 x float> %873, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %876 = call <8 x float> @llvm.fma.v8f32(<8 x float> %875, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %877 = call <8 x float> @llvm.floor.v8f32(<8 x float> %876)
-  %878 = call <8 x float> @llvm.fma.v8f32(<8 x float> %877, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %875)
-  %879 = call <8 x float> @llvm.fma.v8f32(<8 x float> %877, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %878)
-  %880 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %879, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %881 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> %879, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %882 = call <8 x float> @llvm.fma.v8f32(<8 x float> %881, <8 x float> %879, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %882, <8 x float> %879, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %884 = call <8 x float> @llvm.fma.v8f32(<8 x float> %883, <8 x float> %879, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %885 = fmul <8 x float> %879, %879
-  %886 = call <8 x float> @llvm.fma.v8f32(<8 x float> %884, <8 x float> %885, <8 x float> %879)
-  %887 = fadd <8 x float> %886, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %888 = fptosi <8 x float> %877 to <8 x i32>
-  %889 = add <8 x i32> %888, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %890 = shl <8 x i32> %889, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n147 = bitcast <8 x i32> %890 to <8 x float>
-  %exp148 = fmul <8 x float> %887, %exp.2n147
-  %891 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %891
-  %silu150 = fmul <8 x float> %869, %sigmoid149
-  %glu151 = fmul <8 x float> %silu150, %870
-  %892 = fmul <8 x float> %glu151, %866
-  %893 = getelementptr inbounds float, ptr %868, i64 %col146
-  store <8 x float> %892, ptr %893, align 4
-  %894 = add nsw i64 %r0, 2
-  %895 = getelementptr inbounds float, ptr %rw, i64 %894
-  %896 = load float, ptr %895, align 4
-  %897 = insertelement <8 x float> poison, float %896, i32 0
-  %898 = shufflevector <8 x float> %897, <8 x float> poison, <8 x i32> zeroinitializer
-  %899 = mul nsw i64 %894, 192
-  %900 = getelementptr inbounds float, ptr %h, i64 %899
+  %891 = load <8 x float>, ptr %acc010126, align 4
+  %892 = load <8 x float>, ptr %acc011127, align 4
+  %893 = fneg <8 x float> %891
+  %894 = fcmp olt <8 x float> %893, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %895 = select <8 x i1> %894, <8 x float> %893, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %896 = fcmp ogt <8 x float> %895, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %897 = select <8 x i1> %896, <8 x float> %895, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %898 = call <8 x float> @llvm.fma.v8f32(<8 x float> %897, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %899 = call <8 x float> @llvm.floor.v8f32(<8 x float> %898)
+  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %899, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %897)
+  %901 = call <8 x float> @llvm.fma.v8f32(<8 x float> %899, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %900)
+  %902 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %901, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %903 = call <8 x float> @llvm.fma.v8f32(<8 x float> %902, <8 x float> %901, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %904 = call <8 x float> @llvm.fma.v8f32(<8 x float> %903, <8 x float> %901, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %905 = call <8 x float> @llvm.fma.v8f32(<8 x float> %904, <8 x float> %901, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %906 = call <8 x float> @llvm.fma.v8f32(<8 x float> %905, <8 x float> %901, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %907 = fmul <8 x float> %901, %901
+  %908 = call <8 x float> @llvm.fma.v8f32(<8 x float> %906, <8 x float> %907, <8 x float> %901)
+  %909 = fadd <8 x float> %908, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %910 = fptosi <8 x float> %899 to <8 x i32>
+  %911 = add <8 x i32> %910, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %912 = shl <8 x i32> %911, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n147 = bitcast <8 x i32> %912 to <8 x float>
+  %exp148 = fmul <8 x float> %909, %exp.2n147
+  %913 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %913
+  %silu150 = fmul <8 x float> %891, %sigmoid149
+  %glu151 = fmul <8 x float> %silu150, %892
+  %914 = fmul <8 x float> %glu151, %888
+  %915 = getelementptr inbounds float, ptr %890, i64 %col146
+  store <8 x float> %914, ptr %915, align 4
+  %916 = add nsw i64 %r0, 2
+  %917 = getelementptr inbounds float, ptr %rw, i64 %916
+  %918 = load float, ptr %917, align 4
+  %919 = insertelement <8 x float> poison, float %918, i32 0
+  %920 = shufflevector <8 x float> %919, <8 x float> poison, <8 x i32> zeroinitializer
+  %921 = mul nsw i64 %916, 192
+  %922 = getelementptr inbounds float, ptr %h, i64 %921
   %col152 = mul nsw i64 %p, 8
-  %901 = load <8 x float>, ptr %acc020128, align 4
-  %902 = load <8 x float>, ptr %acc021129, align 4
-  %903 = fneg <8 x float> %901
-  %904 = fcmp olt <8 x float> %903, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %905 = select <8 x i1> %904, <8 x float> %903, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %906 = fcmp ogt <8 x float> %905, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %907 = select <8 x i1> %906, <8 x float> %905, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %908 = call <8 x float> @llvm.fma.v8f32(<8 x float> %907, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %909 = call <8 x float> @llvm.floor.v8f32(<8 x float> %908)
-  %910 = call <8 x float> @llvm.fma.v8f32(<8 x float> %909, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %907)
-  %911 = call <8 x float> @llvm.fma.v8f32(<8 x float> %909, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %910)
-  %912 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %911, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %913 = call <8 x float> @llvm.fma.v8f32(<8 x float> %912, <8 x float> %911, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %914 = call <8 x float> @llvm.fma.v8f32(<8 x float> %913, <8 x float> %911, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %915 = call <8 x float> @llvm.fma.v8f32(<8 x float> %914, <8 x float> %911, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %916 = call <8 x float> @llvm.fma.v8f32(<8 x float> %915, <8 x float> %911, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %917 = fmul <8 x float> %911, %911
-  %918 = call <8 x float> @llvm.fma.v8f32(<8 x float> %916, <8 x float> %917, <8 x float> %911)
-  %919 = fadd <8 x float> %918, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %920 = fptosi <8 x float> %909 to <8 x i32>
-  %921 = add <8 x i32> %920, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %922 = shl <8 x i32> %921, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n153 = bitcast <8 x i32> %922 to <8 x float>
-  %exp154 = fmul <8 x float> %919, %exp.2n153
-  %923 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %923
-  %silu156 = fmul <8 x float> %901, %sigmoid155
-  %glu157 = fmul <8 x float> %silu156, %902
-  %924 = fmul <8 x float> %glu157, %898
-  %925 = getelementptr inbounds float, ptr %900, i64 %col152
-  store <8 x float> %924, ptr %925, align 4
+  %923 = load <8 x float>, ptr %acc020128, align 4
+  %924 = load <8 x float>, ptr %acc021129, align 4
+  %925 = fneg <8 x float> %923
+  %926 = fcmp olt <8 x float> %925, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %927 = select <8 x i1> %926, <8 x float> %925, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %928 = fcmp ogt <8 x float> %927, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %929 = select <8 x i1> %928, <8 x float> %927, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %930 = call <8 x float> @llvm.fma.v8f32(<8 x float> %929, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %931 = call <8 x float> @llvm.floor.v8f32(<8 x float> %930)
+  %932 = call <8 x float> @llvm.fma.v8f32(<8 x float> %931, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %929)
+  %933 = call <8 x float> @llvm.fma.v8f32(<8 x float> %931, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %932)
+  %934 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %933, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %935 = call <8 x float> @llvm.fma.v8f32(<8 x float> %934, <8 x float> %933, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %936 = call <8 x float> @llvm.fma.v8f32(<8 x float> %935, <8 x float> %933, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %937 = call <8 x float> @llvm.fma.v8f32(<8 x float> %936, <8 x float> %933, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %938 = call <8 x float> @llvm.fma.v8f32(<8 x float> %937, <8 x float> %933, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %939 = fmul <8 x float> %933, %933
+  %940 = call <8 x float> @llvm.fma.v8f32(<8 x float> %938, <8 x float> %939, <8 x float> %933)
+  %941 = fadd <8 x float> %940, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %942 = fptosi <8 x float> %931 to <8 x i32>
+  %943 = add <8 x i32> %942, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %944 = shl <8 x i32> %943, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n153 = bitcast <8 x i32> %944 to <8 x float>
+  %exp154 = fmul <8 x float> %941, %exp.2n153
+  %945 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %945
+  %silu156 = fmul <8 x float> %923, %sigmoid155
+  %glu157 = fmul <8 x float> %silu156, %924
+  %946 = fmul <8 x float> %glu157, %920
+  %947 = getelementptr inbounds float, ptr %922, i64 %col152
+  store <8 x float> %946, ptr %947, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
-  %926 = add nsw i64 %r0, 0
-  %927 = getelementptr inbounds i32, ptr %rows, i64 %926
-  %928 = load i32, ptr %927, align 4
-  %929 = sext i32 %928 to i64
-  %930 = mul nsw i64 %929, 64
-  %931 = getelementptr inbounds float, ptr %x, i64 %930
+  %948 = add nsw i64 %r0, 0
+  %949 = getelementptr inbounds i32, ptr %rows, i64 %948
+  %950 = load i32, ptr %949, align 4
+  %951 = sext i32 %950 to i64
+  %952 = mul nsw i64 %951, 64
+  %953 = add nsw i64 %952, 0
+  %954 = getelementptr inbounds float, ptr %x, i64 %953
   store <8 x float> zeroinitializer, ptr %acc000158, align 4
   store <8 x float> zeroinitializer, ptr %acc001159, align 4
-  %932 = add nsw i64 %r0, 1
-  %933 = getelementptr inbounds i32, ptr %rows, i64 %932
-  %934 = load i32, ptr %933, align 4
-  %935 = sext i32 %934 to i64
-  %936 = mul nsw i64 %935, 64
-  %937 = getelementptr inbounds float, ptr %x, i64 %936
+  %955 = add nsw i64 %r0, 1
+  %956 = getelementptr inbounds i32, ptr %rows, i64 %955
+  %957 = load i32, ptr %956, align 4
+  %958 = sext i32 %957 to i64
+  %959 = mul nsw i64 %958, 64
+  %960 = add nsw i64 %959, 0
+  %961 = getelementptr inbounds float, ptr %x, i64 %960
   store <8 x float> zeroinitializer, ptr %acc010160, align 4
   store <8 x float> zeroinitializer, ptr %acc011161, align 4
-  %panel.off162 = mul nsw i64 %p, 1024
-  %938 = getelementptr inbounds float, ptr %panels, i64 %panel.off162
-  %939 = add nsw i64 %p, 1
-  %940 = icmp slt i64 %939, %p1
-  %pf.on163 = and i1 %pf.on, %940
-  %941 = mul nsw i64 %rb, 4096
-  %942 = lshr i64 %941, %11
-  %943 = add nsw i64 4096, %942
-  %944 = getelementptr inbounds i8, ptr %938, i64 %943
-  %pf164 = select i1 %pf.on163, ptr %944, ptr %938
+  %962 = mul nsw i64 %p, 1024
+  %panel.off162 = add nsw i64 %962, 0
+  %963 = getelementptr inbounds float, ptr %panels, i64 %panel.off162
+  %964 = add nsw i64 %p, 1
+  %965 = icmp slt i64 %964, %p1
+  %pf.on163 = and i1 %pf.on, %965
+  %966 = mul nsw i64 %rb, 4096
+  %967 = lshr i64 %966, %11
+  %968 = add nsw i64 4096, %967
+  %969 = getelementptr inbounds i8, ptr %963, i64 %968
+  %pf164 = select i1 %pf.on163, ptr %969, ptr %963
   %pf.sh165 = select i1 %pf.on163, i64 %11, i64 0
   br label %k.head166
 
 k.head166:                                        ; preds = %pf.any.end171, %tile.mr2
-  %k169 = phi i64 [ 0, %tile.mr2 ], [ %974, %pf.any.end171 ]
-  %945 = icmp slt i64 %k169, 64
-  br i1 %945, label %k.body167, label %k.end168
+  %k169 = phi i64 [ 0, %tile.mr2 ], [ %999, %pf.any.end171 ]
+  %970 = icmp slt i64 %k169, 64
+  br i1 %970, label %k.body167, label %k.end168
 
 k.body167:                                        ; preds = %k.head166
-  %946 = mul nsw i64 %k169, 1
-  %947 = add nsw i64 %946, 0
-  %948 = mul nsw i64 %947, 64
+  %971 = mul nsw i64 %k169, 1
+  %972 = add nsw i64 %971, 0
+  %973 = mul nsw i64 %972, 64
   br i1 %pf.multi, label %pf.any.then170, label %pf.any.end171
 
 pf.any.then170:                                   ; preds = %k.body167
-  %949 = lshr i64 %948, %pf.sh165
-  %950 = getelementptr inbounds i8, ptr %pf164, i64 %949
-  call void @llvm.prefetch.p0(ptr %950, i32 0, i32 2, i32 1)
+  %974 = lshr i64 %973, %pf.sh165
+  %975 = getelementptr inbounds i8, ptr %pf164, i64 %974
+  call void @llvm.prefetch.p0(ptr %975, i32 0, i32 2, i32 1)
   br label %pf.any.end171
 
 pf.any.end171:                                    ; preds = %pf.any.then170, %k.body167
-  %951 = mul nsw i64 %947, 16
-  %952 = add nsw i64 %panel.off162, %951
-  %953 = getelementptr inbounds float, ptr %panels, i64 %952
-  %954 = load <8 x float>, ptr %953, align 4
-  %955 = add nsw i64 %952, 8
-  %956 = getelementptr inbounds float, ptr %panels, i64 %955
-  %957 = load <8 x float>, ptr %956, align 4
-  %958 = getelementptr inbounds float, ptr %931, i64 %947
-  %959 = load float, ptr %958, align 4
-  %960 = insertelement <8 x float> poison, float %959, i32 0
-  %961 = shufflevector <8 x float> %960, <8 x float> poison, <8 x i32> zeroinitializer
-  %962 = load <8 x float>, ptr %acc000158, align 4
-  %963 = call <8 x float> @llvm.fma.v8f32(<8 x float> %961, <8 x float> %954, <8 x float> %962)
-  store <8 x float> %963, ptr %acc000158, align 4
-  %964 = load <8 x float>, ptr %acc001159, align 4
-  %965 = call <8 x float> @llvm.fma.v8f32(<8 x float> %961, <8 x float> %957, <8 x float> %964)
-  store <8 x float> %965, ptr %acc001159, align 4
-  %966 = getelementptr inbounds float, ptr %937, i64 %947
-  %967 = load float, ptr %966, align 4
-  %968 = insertelement <8 x float> poison, float %967, i32 0
-  %969 = shufflevector <8 x float> %968, <8 x float> poison, <8 x i32> zeroinitializer
-  %970 = load <8 x float>, ptr %acc010160, align 4
-  %971 = call <8 x float> @llvm.fma.v8f32(<8 x float> %969, <8 x float> %954, <8 x float> %970)
-  store <8 x float> %971, ptr %acc010160, align 4
-  %972 = load <8 x float>, ptr %acc011161, align 4
-  %973 = call <8 x float> @llvm.fma.v8f32(<8 x float> %969, <8 x float> %957, <8 x float> %972)
-  store <8 x float> %973, ptr %acc011161, align 4
-  %974 = add nsw i64 %k169, 1
+  %976 = mul nsw i64 %972, 16
+  %977 = add nsw i64 %panel.off162, %976
+  %978 = getelementptr inbounds float, ptr %panels, i64 %977
+  %979 = load <8 x float>, ptr %978, align 4
+  %980 = add nsw i64 %977, 8
+  %981 = getelementptr inbounds float, ptr %panels, i64 %980
+  %982 = load <8 x float>, ptr %981, align 4
+  %983 = getelementptr inbounds float, ptr %954, i64 %972
+  %984 = load float, ptr %983, align 4
+  %985 = insertelement <8 x float> poison, float %984, i32 0
+  %986 = shufflevector <8 x float> %985, <8 x float> poison, <8 x i32> zeroinitializer
+  %987 = load <8 x float>, ptr %acc000158, align 4
+  %988 = call <8 x float> @llvm.fma.v8f32(<8 x float> %986, <8 x float> %979, <8 x float> %987)
+  store <8 x float> %988, ptr %acc000158, align 4
+  %989 = load <8 x float>, ptr %acc001159, align 4
+  %990 = call <8 x float> @llvm.fma.v8f32(<8 x float> %986, <8 x float> %982, <8 x float> %989)
+  store <8 x float> %990, ptr %acc001159, align 4
+  %991 = getelementptr inbounds float, ptr %961, i64 %972
+  %992 = load float, ptr %991, align 4
+  %993 = insertelement <8 x float> poison, float %992, i32 0
+  %994 = shufflevector <8 x float> %993, <8 x float> poison, <8 x i32> zeroinitializer
+  %995 = load <8 x float>, ptr %acc010160, align 4
+  %996 = call <8 x float> @llvm.fma.v8f32(<8 x float> %994, <8 x float> %979, <8 x float> %995)
+  store <8 x float> %996, ptr %acc010160, align 4
+  %997 = load <8 x float>, ptr %acc011161, align 4
+  %998 = call <8 x float> @llvm.fma.v8f32(<8 x float> %994, <8 x float> %982, <8 x float> %997)
+  store <8 x float> %998, ptr %acc011161, align 4
+  %999 = add nsw i64 %k169, 1
   br label %k.head166
 
 k.end168:                                         ; preds = %k.head166
-  %975 = add nsw i64 %r0, 0
-  %976 = getelementptr inbounds float, ptr %rw, i64 %975
-  %977 = load float, ptr %976, align 4
-  %978 = insertelement <8 x float> poison, float %977, i32 0
-  %979 = shufflevector <8 x float> %978, <8 x float> poison, <8 x i32> zeroinitializer
-  %980 = mul nsw i64 %975, 192
-  %981 = getelementptr inbounds float, ptr %h, i64 %980
+  %1000 = add nsw i64 %r0, 0
+  %1001 = getelementptr inbounds float, ptr %rw, i64 %1000
+  %1002 = load float, ptr %1001, align 4
+  %1003 = insertelement <8 x float> poison, float %1002, i32 0
+  %1004 = shufflevector <8 x float> %1003, <8 x float> poison, <8 x i32> zeroinitializer
+  %1005 = mul nsw i64 %1000, 192
+  %1006 = getelementptr inbounds float, ptr %h, i64 %1005
   %col172 = mul nsw i64 %p, 8
-  %982 = load <8 x float>, ptr %acc000158, align 4
-  %983 = load <8 x float>, ptr %acc001159, align 4
-  %984 = fneg <8 x float> %982
-  %985 = fcmp olt <8 x float> %984, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %986 = select <8 x i1> %985, <8 x float> %984, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %987 = fcmp ogt <8 x float> %986, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %988 = select <8 x i1> %987, <8 x float> %986, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %989 = call <8 x float> @llvm.fma.v8f32(<8 x float> %988, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %990 = call <8 x float> @llvm.floor.v8f32(<8 x float> %989)
-  %991 = call <8 x float> @llvm.fma.v8f32(<8 x float> %990, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %988)
-  %992 = call <8 x float> @llvm.fma.v8f32(<8 x float> %990, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %991)
-  %993 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %992, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %994 = call <8 x float> @llvm.fma.v8f32(<8 x float> %993, <8 x float> %992, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %995 = call <8 x float> @llvm.fma.v8f32(<8 x float> %994, <8 x float> %992, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %996 = call <8 x float> @llvm.fma.v8f32(<8 x float> %995, <8 x float> %992, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %997 = call <8 x float> @llvm.fma.v8f32(<8 x float> %996, <8 x float> %992, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %998 = fmul <8 x float> %992, %992
-  %999 = call <8 x float> @llvm.fma.v8f32(<8 x float> %997, <8 x float> %998, <8 x float> %992)
-  %1000 = fadd <8 x float> %999, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1001 = fptosi <8 x float> %990 to <8 x i32>
-  %1002 = add <8 x i32> %1001, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1003 = shl <8 x i32> %1002, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n173 = bitcast <8 x i32> %1003 to <8 x float>
-  %exp174 = fmul <8 x float> %1000, %exp.2n173
-  %1004 = fadd <8 x float> %exp174, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid175 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1004
-  %silu176 = fmul <8 x float> %982, %sigmoid175
-  %glu177 = fmul <8 x float> %silu176, %983
-  %1005 = fmul <8 x float> %glu177, %979
-  %1006 = getelementptr inbounds float, ptr %981, i64 %col172
-  store <8 x float> %1005, ptr %1006, align 4
-  %1007 = add nsw i64 %r0, 1
-  %1008 = getelementptr inbounds float, ptr %rw, i64 %1007
-  %1009 = load float, ptr %1008, align 4
-  %1010 = insertelement <8 x float> poison, float %1009, i32 0
-  %1011 = shufflevector <8 x float> %1010, <8 x float> poison, <8 x i32> zeroinitializer
-  %1012 = mul nsw i64 %1007, 192
-  %1013 = getelementptr inbounds float, ptr %h, i64 %1012
+  %1007 = load <8 x float>, ptr %acc000158, align 4
+  %1008 = load <8 x float>, ptr %acc001159, align 4
+  %1009 = fneg <8 x float> %1007
+  %1010 = fcmp olt <8 x float> %1009, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1011 = select <8 x i1> %1010, <8 x float> %1009, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1012 = fcmp ogt <8 x float> %1011, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1013 = select <8 x i1> %1012, <8 x float> %1011, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1014 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1013, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1015 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1014)
+  %1016 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1015, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1013)
+  %1017 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1015, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1016)
+  %1018 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1017, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1019 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1018, <8 x float> %1017, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1020 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1019, <8 x float> %1017, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1021 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %1017, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1022 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1021, <8 x float> %1017, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1023 = fmul <8 x float> %1017, %1017
+  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1022, <8 x float> %1023, <8 x float> %1017)
+  %1025 = fadd <8 x float> %1024, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1026 = fptosi <8 x float> %1015 to <8 x i32>
+  %1027 = add <8 x i32> %1026, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1028 = shl <8 x i32> %1027, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n173 = bitcast <8 x i32> %1028 to <8 x float>
+  %exp174 = fmul <8 x float> %1025, %exp.2n173
+  %1029 = fadd <8 x float> %exp174, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid175 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1029
+  %silu176 = fmul <8 x float> %1007, %sigmoid175
+  %glu177 = fmul <8 x float> %silu176, %1008
+  %1030 = fmul <8 x float> %glu177, %1004
+  %1031 = getelementptr inbounds float, ptr %1006, i64 %col172
+  store <8 x float> %1030, ptr %1031, align 4
+  %1032 = add nsw i64 %r0, 1
+  %1033 = getelementptr inbounds float, ptr %rw, i64 %1032
+  %1034 = load float, ptr %1033, align 4
+  %1035 = insertelement <8 x float> poison, float %1034, i32 0
+  %1036 = shufflevector <8 x float> %1035, <8 x float> poison, <8 x i32> zeroinitializer
+  %1037 = mul nsw i64 %1032, 192
+  %1038 = getelementptr inbounds float, ptr %h, i64 %1037
   %col178 = mul nsw i64 %p, 8
-  %1014 = load <8 x float>, ptr %acc010160, align 4
-  %1015 = load <8 x float>, ptr %acc011161, align 4
-  %1016 = fneg <8 x float> %1014
-  %1017 = fcmp olt <8 x float> %1016, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1018 = select <8 x i1> %1017, <8 x float> %1016, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1019 = fcmp ogt <8 x float> %1018, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1020 = select <8 x i1> %1019, <8 x float> %1018, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1021 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1022 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1021)
-  %1023 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1022, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1020)
-  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1022, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1023)
-  %1025 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1024, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1026 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1025, <8 x float> %1024, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1027 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1026, <8 x float> %1024, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1028 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1027, <8 x float> %1024, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1029 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %1024, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1030 = fmul <8 x float> %1024, %1024
-  %1031 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1029, <8 x float> %1030, <8 x float> %1024)
-  %1032 = fadd <8 x float> %1031, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1033 = fptosi <8 x float> %1022 to <8 x i32>
-  %1034 = add <8 x i32> %1033, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1035 = shl <8 x i32> %1034, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n179 = bitcast <8 x i32> %1035 to <8 x float>
-  %exp180 = fmul <8 x float> %1032, %exp.2n179
-  %1036 = fadd <8 x float> %exp180, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid181 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1036
-  %silu182 = fmul <8 x float> %1014, %sigmoid181
-  %glu183 = fmul <8 x float> %silu182, %1015
-  %1037 = fmul <8 x float> %glu183, %1011
-  %1038 = getelementptr inbounds float, ptr %1013, i64 %col178
-  store <8 x float> %1037, ptr %1038, align 4
+  %1039 = load <8 x float>, ptr %acc010160, align 4
+  %1040 = load <8 x float>, ptr %acc011161, align 4
+  %1041 = fneg <8 x float> %1039
+  %1042 = fcmp olt <8 x float> %1041, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1043 = select <8 x i1> %1042, <8 x float> %1041, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1044 = fcmp ogt <8 x float> %1043, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1045 = select <8 x i1> %1044, <8 x float> %1043, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1046 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1045, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1047 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1046)
+  %1048 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1047, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1045)
+  %1049 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1047, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1048)
+  %1050 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1049, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1051 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1050, <8 x float> %1049, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1052 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1051, <8 x float> %1049, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1053 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1052, <8 x float> %1049, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1054 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1053, <8 x float> %1049, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1055 = fmul <8 x float> %1049, %1049
+  %1056 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1054, <8 x float> %1055, <8 x float> %1049)
+  %1057 = fadd <8 x float> %1056, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1058 = fptosi <8 x float> %1047 to <8 x i32>
+  %1059 = add <8 x i32> %1058, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1060 = shl <8 x i32> %1059, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n179 = bitcast <8 x i32> %1060 to <8 x float>
+  %exp180 = fmul <8 x float> %1057, %exp.2n179
+  %1061 = fadd <8 x float> %exp180, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid181 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1061
+  %silu182 = fmul <8 x float> %1039, %sigmoid181
+  %glu183 = fmul <8 x float> %silu182, %1040
+  %1062 = fmul <8 x float> %glu183, %1036
+  %1063 = getelementptr inbounds float, ptr %1038, i64 %col178
+  store <8 x float> %1062, ptr %1063, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
-  %1039 = add nsw i64 %r0, 0
-  %1040 = getelementptr inbounds i32, ptr %rows, i64 %1039
-  %1041 = load i32, ptr %1040, align 4
-  %1042 = sext i32 %1041 to i64
-  %1043 = mul nsw i64 %1042, 64
-  %1044 = getelementptr inbounds float, ptr %x, i64 %1043
+  %1064 = add nsw i64 %r0, 0
+  %1065 = getelementptr inbounds i32, ptr %rows, i64 %1064
+  %1066 = load i32, ptr %1065, align 4
+  %1067 = sext i32 %1066 to i64
+  %1068 = mul nsw i64 %1067, 64
+  %1069 = add nsw i64 %1068, 0
+  %1070 = getelementptr inbounds float, ptr %x, i64 %1069
   store <8 x float> zeroinitializer, ptr %acc000184, align 4
   store <8 x float> zeroinitializer, ptr %acc001185, align 4
-  %panel.off186 = mul nsw i64 %p, 1024
-  %1045 = getelementptr inbounds float, ptr %panels, i64 %panel.off186
-  %1046 = add nsw i64 %p, 1
-  %1047 = icmp slt i64 %1046, %p1
-  %pf.on187 = and i1 %pf.on, %1047
-  %1048 = mul nsw i64 %rb, 4096
-  %1049 = lshr i64 %1048, %11
-  %1050 = add nsw i64 4096, %1049
-  %1051 = getelementptr inbounds i8, ptr %1045, i64 %1050
-  %pf188 = select i1 %pf.on187, ptr %1051, ptr %1045
+  %1071 = mul nsw i64 %p, 1024
+  %panel.off186 = add nsw i64 %1071, 0
+  %1072 = getelementptr inbounds float, ptr %panels, i64 %panel.off186
+  %1073 = add nsw i64 %p, 1
+  %1074 = icmp slt i64 %1073, %p1
+  %pf.on187 = and i1 %pf.on, %1074
+  %1075 = mul nsw i64 %rb, 4096
+  %1076 = lshr i64 %1075, %11
+  %1077 = add nsw i64 4096, %1076
+  %1078 = getelementptr inbounds i8, ptr %1072, i64 %1077
+  %pf188 = select i1 %pf.on187, ptr %1078, ptr %1072
   %pf.sh189 = select i1 %pf.on187, i64 %11, i64 0
   br label %k.head190
 
 k.head190:                                        ; preds = %pf.any.end195, %tile.mr1
-  %k193 = phi i64 [ 0, %tile.mr1 ], [ %1073, %pf.any.end195 ]
-  %1052 = icmp slt i64 %k193, 64
-  br i1 %1052, label %k.body191, label %k.end192
+  %k193 = phi i64 [ 0, %tile.mr1 ], [ %1100, %pf.any.end195 ]
+  %1079 = icmp slt i64 %k193, 64
+  br i1 %1079, label %k.body191, label %k.end192
 
 k.body191:                                        ; preds = %k.head190
-  %1053 = mul nsw i64 %k193, 1
-  %1054 = add nsw i64 %1053, 0
-  %1055 = mul nsw i64 %1054, 64
+  %1080 = mul nsw i64 %k193, 1
+  %1081 = add nsw i64 %1080, 0
+  %1082 = mul nsw i64 %1081, 64
   br i1 %pf.multi, label %pf.any.then194, label %pf.any.end195
 
 pf.any.then194:                                   ; preds = %k.body191
-  %1056 = lshr i64 %1055, %pf.sh189
-  %1057 = getelementptr inbounds i8, ptr %pf188, i64 %1056
-  call void @llvm.prefetch.p0(ptr %1057, i32 0, i32 2, i32 1)
+  %1083 = lshr i64 %1082, %pf.sh189
+  %1084 = getelementptr inbounds i8, ptr %pf188, i64 %1083
+  call void @llvm.prefetch.p0(ptr %1084, i32 0, i32 2, i32 1)
   br label %pf.any.end195
 
 pf.any.end195:                                    ; preds = %pf.any.then194, %k.body191
-  %1058 = mul nsw i64 %1054, 16
-  %1059 = add nsw i64 %panel.off186, %1058
-  %1060 = getelementptr inbounds float, ptr %panels, i64 %1059
-  %1061 = load <8 x float>, ptr %1060, align 4
-  %1062 = add nsw i64 %1059, 8
-  %1063 = getelementptr inbounds float, ptr %panels, i64 %1062
-  %1064 = load <8 x float>, ptr %1063, align 4
-  %1065 = getelementptr inbounds float, ptr %1044, i64 %1054
-  %1066 = load float, ptr %1065, align 4
-  %1067 = insertelement <8 x float> poison, float %1066, i32 0
-  %1068 = shufflevector <8 x float> %1067, <8 x float> poison, <8 x i32> zeroinitializer
-  %1069 = load <8 x float>, ptr %acc000184, align 4
-  %1070 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1068, <8 x float> %1061, <8 x float> %1069)
-  store <8 x float> %1070, ptr %acc000184, align 4
-  %1071 = load <8 x float>, ptr %acc001185, align 4
-  %1072 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1068, <8 x float> %1064, <8 x float> %1071)
-  store <8 x float> %1072, ptr %acc001185, align 4
-  %1073 = add nsw i64 %k193, 1
+  %1085 = mul nsw i64 %1081, 16
+  %1086 = add nsw i64 %panel.off186, %1085
+  %1087 = getelementptr inbounds float, ptr %panels, i64 %1086
+  %1088 = load <8 x float>, ptr %1087, align 4
+  %1089 = add nsw i64 %1086, 8
+  %1090 = getelementptr inbounds float, ptr %panels, i64 %1089
+  %1091 = load <8 x float>, ptr %1090, align 4
+  %1092 = getelementptr inbounds float, ptr %1070, i64 %1081
+  %1093 = load float, ptr %1092, align 4
+  %1094 = insertelement <8 x float> poison, float %1093, i32 0
+  %1095 = shufflevector <8 x float> %1094, <8 x float> poison, <8 x i32> zeroinitializer
+  %1096 = load <8 x float>, ptr %acc000184, align 4
+  %1097 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1095, <8 x float> %1088, <8 x float> %1096)
+  store <8 x float> %1097, ptr %acc000184, align 4
+  %1098 = load <8 x float>, ptr %acc001185, align 4
+  %1099 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1095, <8 x float> %1091, <8 x float> %1098)
+  store <8 x float> %1099, ptr %acc001185, align 4
+  %1100 = add nsw i64 %k193, 1
   br label %k.head190
 
 k.end192:                                         ; preds = %k.head190
-  %1074 = add nsw i64 %r0, 0
-  %1075 = getelementptr inbounds float, ptr %rw, i64 %1074
-  %1076 = load float, ptr %1075, align 4
-  %1077 = insertelement <8 x float> poison, float %1076, i32 0
-  %1078 = shufflevector <8 x float> %1077, <8 x float> poison, <8 x i32> zeroinitializer
-  %1079 = mul nsw i64 %1074, 192
-  %1080 = getelementptr inbounds float, ptr %h, i64 %1079
+  %1101 = add nsw i64 %r0, 0
+  %1102 = getelementptr inbounds float, ptr %rw, i64 %1101
+  %1103 = load float, ptr %1102, align 4
+  %1104 = insertelement <8 x float> poison, float %1103, i32 0
+  %1105 = shufflevector <8 x float> %1104, <8 x float> poison, <8 x i32> zeroinitializer
+  %1106 = mul nsw i64 %1101, 192
+  %1107 = getelementptr inbounds float, ptr %h, i64 %1106
   %col196 = mul nsw i64 %p, 8
-  %1081 = load <8 x float>, ptr %acc000184, align 4
-  %1082 = load <8 x float>, ptr %acc001185, align 4
-  %1083 = fneg <8 x float> %1081
-  %1084 = fcmp olt <8 x float> %1083, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1085 = select <8 x i1> %1084, <8 x float> %1083, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1086 = fcmp ogt <8 x float> %1085, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1087 = select <8 x i1> %1086, <8 x float> %1085, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1088 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1087, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1089 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1088)
-  %1090 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1089, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1087)
-  %1091 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1089, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1090)
-  %1092 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1091, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1093 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1092, <8 x float> %1091, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1094 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1093, <8 x float> %1091, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1095 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1094, <8 x float> %1091, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1096 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1095, <8 x float> %1091, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1097 = fmul <8 x float> %1091, %1091
-  %1098 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1096, <8 x float> %1097, <8 x float> %1091)
-  %1099 = fadd <8 x float> %1098, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1100 = fptosi <8 x float> %1089 to <8 x i32>
-  %1101 = add <8 x i32> %1100, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1102 = shl <8 x i32> %1101, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n197 = bitcast <8 x i32> %1102 to <8 x float>
-  %exp198 = fmul <8 x float> %1099, %exp.2n197
-  %1103 = fadd <8 x float> %exp198, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid199 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1103
-  %silu200 = fmul <8 x float> %1081, %sigmoid199
-  %glu201 = fmul <8 x float> %silu200, %1082
-  %1104 = fmul <8 x float> %glu201, %1078
-  %1105 = getelementptr inbounds float, ptr %1080, i64 %col196
-  store <8 x float> %1104, ptr %1105, align 4
+  %1108 = load <8 x float>, ptr %acc000184, align 4
+  %1109 = load <8 x float>, ptr %acc001185, align 4
+  %1110 = fneg <8 x float> %1108
+  %1111 = fcmp olt <8 x float> %1110, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1112 = select <8 x i1> %1111, <8 x float> %1110, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1113 = fcmp ogt <8 x float> %1112, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1114 = select <8 x i1> %1113, <8 x float> %1112, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1114, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1116 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1115)
+  %1117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1116, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1114)
+  %1118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1116, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1117)
+  %1119 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1118, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1119, <8 x float> %1118, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1120, <8 x float> %1118, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1121, <8 x float> %1118, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1122, <8 x float> %1118, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1124 = fmul <8 x float> %1118, %1118
+  %1125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1123, <8 x float> %1124, <8 x float> %1118)
+  %1126 = fadd <8 x float> %1125, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1127 = fptosi <8 x float> %1116 to <8 x i32>
+  %1128 = add <8 x i32> %1127, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1129 = shl <8 x i32> %1128, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n197 = bitcast <8 x i32> %1129 to <8 x float>
+  %exp198 = fmul <8 x float> %1126, %exp.2n197
+  %1130 = fadd <8 x float> %exp198, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid199 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1130
+  %silu200 = fmul <8 x float> %1108, %sigmoid199
+  %glu201 = fmul <8 x float> %silu200, %1109
+  %1131 = fmul <8 x float> %glu201, %1105
+  %1132 = getelementptr inbounds float, ptr %1107, i64 %col196
+  store <8 x float> %1131, ptr %1132, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end192, %k.end168, %k.end136, %k.end96, %k.end48, %k.end
-  %1106 = add nsw i64 %rb, 1
+  %1133 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %1107 = add nsw i64 %p, 1
+  %1134 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
   ret void
 }
-
-; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
-declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #1
 
 ; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
 declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #2
@@ -2329,7 +2484,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %rb.end, %start
-  %p = phi i64 [ %p0, %start ], [ %604, %rb.end ]
+  %p = phi i64 [ %p0, %start ], [ %673, %rb.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -2339,7 +2494,7 @@ p.body:                                           ; preds = %p.head
   br label %rb.head
 
 rb.head:                                          ; preds = %tile.done, %p.body
-  %rb = phi i64 [ 0, %p.body ], [ %603, %tile.done ]
+  %rb = phi i64 [ 0, %p.body ], [ %672, %tile.done ]
   %3 = icmp slt i64 %rb, %nrb
   br i1 %3, label %rb.body, label %rb.end
 
@@ -2372,872 +2527,941 @@ tile.mr6:                                         ; preds = %rb.body
   %col = mul nsw i64 %p, 16
   %15 = add nsw i64 %r0, 0
   %16 = mul nsw i64 %15, 192
-  %17 = getelementptr inbounds float, ptr %h, i64 %16
-  %18 = getelementptr inbounds i32, ptr %rows, i64 %15
-  %19 = load i32, ptr %18, align 4
-  %20 = sext i32 %19 to i64
-  %21 = mul nsw i64 %20, 64
-  %22 = getelementptr inbounds float, ptr %y, i64 %21
-  %23 = add nsw i64 %col, 0
-  %24 = getelementptr inbounds float, ptr %22, i64 %23
+  %17 = add nsw i64 %16, 0
+  %18 = getelementptr inbounds float, ptr %h, i64 %17
+  %19 = getelementptr inbounds i32, ptr %rows, i64 %15
+  %20 = load i32, ptr %19, align 4
+  %21 = sext i32 %20 to i64
+  %22 = mul nsw i64 %21, 64
+  %23 = getelementptr inbounds float, ptr %y, i64 %22
+  %24 = add nsw i64 %col, 0
+  %25 = getelementptr inbounds float, ptr %23, i64 %24
+  %26 = load <8 x float>, ptr %25, align 4
   store <8 x float> zeroinitializer, ptr %acc000, align 4
-  %25 = add nsw i64 %col, 8
-  %26 = getelementptr inbounds float, ptr %22, i64 %25
+  %27 = add nsw i64 %col, 8
+  %28 = getelementptr inbounds float, ptr %23, i64 %27
+  %29 = load <8 x float>, ptr %28, align 4
   store <8 x float> zeroinitializer, ptr %acc001, align 4
-  %27 = add nsw i64 %r0, 1
-  %28 = mul nsw i64 %27, 192
-  %29 = getelementptr inbounds float, ptr %h, i64 %28
-  %30 = getelementptr inbounds i32, ptr %rows, i64 %27
-  %31 = load i32, ptr %30, align 4
-  %32 = sext i32 %31 to i64
-  %33 = mul nsw i64 %32, 64
-  %34 = getelementptr inbounds float, ptr %y, i64 %33
-  %35 = add nsw i64 %col, 0
-  %36 = getelementptr inbounds float, ptr %34, i64 %35
+  %30 = add nsw i64 %r0, 1
+  %31 = mul nsw i64 %30, 192
+  %32 = add nsw i64 %31, 0
+  %33 = getelementptr inbounds float, ptr %h, i64 %32
+  %34 = getelementptr inbounds i32, ptr %rows, i64 %30
+  %35 = load i32, ptr %34, align 4
+  %36 = sext i32 %35 to i64
+  %37 = mul nsw i64 %36, 64
+  %38 = getelementptr inbounds float, ptr %y, i64 %37
+  %39 = add nsw i64 %col, 0
+  %40 = getelementptr inbounds float, ptr %38, i64 %39
+  %41 = load <8 x float>, ptr %40, align 4
   store <8 x float> zeroinitializer, ptr %acc010, align 4
-  %37 = add nsw i64 %col, 8
-  %38 = getelementptr inbounds float, ptr %34, i64 %37
+  %42 = add nsw i64 %col, 8
+  %43 = getelementptr inbounds float, ptr %38, i64 %42
+  %44 = load <8 x float>, ptr %43, align 4
   store <8 x float> zeroinitializer, ptr %acc011, align 4
-  %39 = add nsw i64 %r0, 2
-  %40 = mul nsw i64 %39, 192
-  %41 = getelementptr inbounds float, ptr %h, i64 %40
-  %42 = getelementptr inbounds i32, ptr %rows, i64 %39
-  %43 = load i32, ptr %42, align 4
-  %44 = sext i32 %43 to i64
-  %45 = mul nsw i64 %44, 64
-  %46 = getelementptr inbounds float, ptr %y, i64 %45
-  %47 = add nsw i64 %col, 0
-  %48 = getelementptr inbounds float, ptr %46, i64 %47
+  %45 = add nsw i64 %r0, 2
+  %46 = mul nsw i64 %45, 192
+  %47 = add nsw i64 %46, 0
+  %48 = getelementptr inbounds float, ptr %h, i64 %47
+  %49 = getelementptr inbounds i32, ptr %rows, i64 %45
+  %50 = load i32, ptr %49, align 4
+  %51 = sext i32 %50 to i64
+  %52 = mul nsw i64 %51, 64
+  %53 = getelementptr inbounds float, ptr %y, i64 %52
+  %54 = add nsw i64 %col, 0
+  %55 = getelementptr inbounds float, ptr %53, i64 %54
+  %56 = load <8 x float>, ptr %55, align 4
   store <8 x float> zeroinitializer, ptr %acc020, align 4
-  %49 = add nsw i64 %col, 8
-  %50 = getelementptr inbounds float, ptr %46, i64 %49
+  %57 = add nsw i64 %col, 8
+  %58 = getelementptr inbounds float, ptr %53, i64 %57
+  %59 = load <8 x float>, ptr %58, align 4
   store <8 x float> zeroinitializer, ptr %acc021, align 4
-  %51 = add nsw i64 %r0, 3
-  %52 = mul nsw i64 %51, 192
-  %53 = getelementptr inbounds float, ptr %h, i64 %52
-  %54 = getelementptr inbounds i32, ptr %rows, i64 %51
-  %55 = load i32, ptr %54, align 4
-  %56 = sext i32 %55 to i64
-  %57 = mul nsw i64 %56, 64
-  %58 = getelementptr inbounds float, ptr %y, i64 %57
-  %59 = add nsw i64 %col, 0
-  %60 = getelementptr inbounds float, ptr %58, i64 %59
+  %60 = add nsw i64 %r0, 3
+  %61 = mul nsw i64 %60, 192
+  %62 = add nsw i64 %61, 0
+  %63 = getelementptr inbounds float, ptr %h, i64 %62
+  %64 = getelementptr inbounds i32, ptr %rows, i64 %60
+  %65 = load i32, ptr %64, align 4
+  %66 = sext i32 %65 to i64
+  %67 = mul nsw i64 %66, 64
+  %68 = getelementptr inbounds float, ptr %y, i64 %67
+  %69 = add nsw i64 %col, 0
+  %70 = getelementptr inbounds float, ptr %68, i64 %69
+  %71 = load <8 x float>, ptr %70, align 4
   store <8 x float> zeroinitializer, ptr %acc030, align 4
-  %61 = add nsw i64 %col, 8
-  %62 = getelementptr inbounds float, ptr %58, i64 %61
+  %72 = add nsw i64 %col, 8
+  %73 = getelementptr inbounds float, ptr %68, i64 %72
+  %74 = load <8 x float>, ptr %73, align 4
   store <8 x float> zeroinitializer, ptr %acc031, align 4
-  %63 = add nsw i64 %r0, 4
-  %64 = mul nsw i64 %63, 192
-  %65 = getelementptr inbounds float, ptr %h, i64 %64
-  %66 = getelementptr inbounds i32, ptr %rows, i64 %63
-  %67 = load i32, ptr %66, align 4
-  %68 = sext i32 %67 to i64
-  %69 = mul nsw i64 %68, 64
-  %70 = getelementptr inbounds float, ptr %y, i64 %69
-  %71 = add nsw i64 %col, 0
-  %72 = getelementptr inbounds float, ptr %70, i64 %71
-  store <8 x float> zeroinitializer, ptr %acc040, align 4
-  %73 = add nsw i64 %col, 8
-  %74 = getelementptr inbounds float, ptr %70, i64 %73
-  store <8 x float> zeroinitializer, ptr %acc041, align 4
-  %75 = add nsw i64 %r0, 5
+  %75 = add nsw i64 %r0, 4
   %76 = mul nsw i64 %75, 192
-  %77 = getelementptr inbounds float, ptr %h, i64 %76
-  %78 = getelementptr inbounds i32, ptr %rows, i64 %75
-  %79 = load i32, ptr %78, align 4
-  %80 = sext i32 %79 to i64
-  %81 = mul nsw i64 %80, 64
-  %82 = getelementptr inbounds float, ptr %y, i64 %81
-  %83 = add nsw i64 %col, 0
-  %84 = getelementptr inbounds float, ptr %82, i64 %83
+  %77 = add nsw i64 %76, 0
+  %78 = getelementptr inbounds float, ptr %h, i64 %77
+  %79 = getelementptr inbounds i32, ptr %rows, i64 %75
+  %80 = load i32, ptr %79, align 4
+  %81 = sext i32 %80 to i64
+  %82 = mul nsw i64 %81, 64
+  %83 = getelementptr inbounds float, ptr %y, i64 %82
+  %84 = add nsw i64 %col, 0
+  %85 = getelementptr inbounds float, ptr %83, i64 %84
+  %86 = load <8 x float>, ptr %85, align 4
+  store <8 x float> zeroinitializer, ptr %acc040, align 4
+  %87 = add nsw i64 %col, 8
+  %88 = getelementptr inbounds float, ptr %83, i64 %87
+  %89 = load <8 x float>, ptr %88, align 4
+  store <8 x float> zeroinitializer, ptr %acc041, align 4
+  %90 = add nsw i64 %r0, 5
+  %91 = mul nsw i64 %90, 192
+  %92 = add nsw i64 %91, 0
+  %93 = getelementptr inbounds float, ptr %h, i64 %92
+  %94 = getelementptr inbounds i32, ptr %rows, i64 %90
+  %95 = load i32, ptr %94, align 4
+  %96 = sext i32 %95 to i64
+  %97 = mul nsw i64 %96, 64
+  %98 = getelementptr inbounds float, ptr %y, i64 %97
+  %99 = add nsw i64 %col, 0
+  %100 = getelementptr inbounds float, ptr %98, i64 %99
+  %101 = load <8 x float>, ptr %100, align 4
   store <8 x float> zeroinitializer, ptr %acc050, align 4
-  %85 = add nsw i64 %col, 8
-  %86 = getelementptr inbounds float, ptr %82, i64 %85
+  %102 = add nsw i64 %col, 8
+  %103 = getelementptr inbounds float, ptr %98, i64 %102
+  %104 = load <8 x float>, ptr %103, align 4
   store <8 x float> zeroinitializer, ptr %acc051, align 4
-  %panel.off = mul nsw i64 %p, 3072
-  %87 = getelementptr inbounds float, ptr %panels, i64 %panel.off
-  %88 = add nsw i64 %p, 1
-  %89 = icmp slt i64 %88, %p1
-  %pf.on1 = and i1 %pf.on, %89
-  %90 = mul nsw i64 %rb, 12288
-  %91 = lshr i64 %90, %12
-  %92 = add nsw i64 12288, %91
-  %93 = getelementptr inbounds i8, ptr %87, i64 %92
-  %pf = select i1 %pf.on1, ptr %93, ptr %87
+  %105 = mul nsw i64 %p, 3072
+  %panel.off = add nsw i64 %105, 0
+  %106 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %107 = add nsw i64 %p, 1
+  %108 = icmp slt i64 %107, %p1
+  %pf.on1 = and i1 %pf.on, %108
+  %109 = mul nsw i64 %rb, 12288
+  %110 = lshr i64 %109, %12
+  %111 = add nsw i64 12288, %110
+  %112 = getelementptr inbounds i8, ptr %106, i64 %111
+  %pf = select i1 %pf.on1, ptr %112, ptr %106
   %pf.sh = select i1 %pf.on1, i64 %12, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %155, %pf.any.end ]
-  %94 = icmp slt i64 %k, 192
-  br i1 %94, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %174, %pf.any.end ]
+  %113 = icmp slt i64 %k, 192
+  br i1 %113, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %95 = mul nsw i64 %k, 1
-  %96 = add nsw i64 %95, 0
-  %97 = mul nsw i64 %96, 64
+  %114 = mul nsw i64 %k, 1
+  %115 = add nsw i64 %114, 0
+  %116 = mul nsw i64 %115, 64
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %98 = lshr i64 %97, %pf.sh
-  %99 = getelementptr inbounds i8, ptr %pf, i64 %98
-  call void @llvm.prefetch.p0(ptr %99, i32 0, i32 2, i32 1)
+  %117 = lshr i64 %116, %pf.sh
+  %118 = getelementptr inbounds i8, ptr %pf, i64 %117
+  call void @llvm.prefetch.p0(ptr %118, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %100 = mul nsw i64 %96, 16
-  %101 = add nsw i64 %panel.off, %100
-  %102 = getelementptr inbounds float, ptr %panels, i64 %101
-  %103 = load <8 x float>, ptr %102, align 4
-  %104 = add nsw i64 %101, 8
-  %105 = getelementptr inbounds float, ptr %panels, i64 %104
-  %106 = load <8 x float>, ptr %105, align 4
-  %107 = getelementptr inbounds float, ptr %17, i64 %96
-  %108 = load float, ptr %107, align 4
-  %109 = insertelement <8 x float> poison, float %108, i32 0
-  %110 = shufflevector <8 x float> %109, <8 x float> poison, <8 x i32> zeroinitializer
-  %111 = load <8 x float>, ptr %acc000, align 4
-  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %103, <8 x float> %111)
-  store <8 x float> %112, ptr %acc000, align 4
-  %113 = load <8 x float>, ptr %acc001, align 4
-  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %106, <8 x float> %113)
-  store <8 x float> %114, ptr %acc001, align 4
-  %115 = getelementptr inbounds float, ptr %29, i64 %96
-  %116 = load float, ptr %115, align 4
-  %117 = insertelement <8 x float> poison, float %116, i32 0
-  %118 = shufflevector <8 x float> %117, <8 x float> poison, <8 x i32> zeroinitializer
-  %119 = load <8 x float>, ptr %acc010, align 4
-  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %103, <8 x float> %119)
-  store <8 x float> %120, ptr %acc010, align 4
-  %121 = load <8 x float>, ptr %acc011, align 4
-  %122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %106, <8 x float> %121)
-  store <8 x float> %122, ptr %acc011, align 4
-  %123 = getelementptr inbounds float, ptr %41, i64 %96
-  %124 = load float, ptr %123, align 4
-  %125 = insertelement <8 x float> poison, float %124, i32 0
-  %126 = shufflevector <8 x float> %125, <8 x float> poison, <8 x i32> zeroinitializer
-  %127 = load <8 x float>, ptr %acc020, align 4
-  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %103, <8 x float> %127)
-  store <8 x float> %128, ptr %acc020, align 4
-  %129 = load <8 x float>, ptr %acc021, align 4
-  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %106, <8 x float> %129)
-  store <8 x float> %130, ptr %acc021, align 4
-  %131 = getelementptr inbounds float, ptr %53, i64 %96
-  %132 = load float, ptr %131, align 4
-  %133 = insertelement <8 x float> poison, float %132, i32 0
-  %134 = shufflevector <8 x float> %133, <8 x float> poison, <8 x i32> zeroinitializer
-  %135 = load <8 x float>, ptr %acc030, align 4
-  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %103, <8 x float> %135)
-  store <8 x float> %136, ptr %acc030, align 4
-  %137 = load <8 x float>, ptr %acc031, align 4
-  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %106, <8 x float> %137)
-  store <8 x float> %138, ptr %acc031, align 4
-  %139 = getelementptr inbounds float, ptr %65, i64 %96
-  %140 = load float, ptr %139, align 4
-  %141 = insertelement <8 x float> poison, float %140, i32 0
-  %142 = shufflevector <8 x float> %141, <8 x float> poison, <8 x i32> zeroinitializer
-  %143 = load <8 x float>, ptr %acc040, align 4
-  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> %103, <8 x float> %143)
-  store <8 x float> %144, ptr %acc040, align 4
-  %145 = load <8 x float>, ptr %acc041, align 4
-  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> %106, <8 x float> %145)
-  store <8 x float> %146, ptr %acc041, align 4
-  %147 = getelementptr inbounds float, ptr %77, i64 %96
-  %148 = load float, ptr %147, align 4
-  %149 = insertelement <8 x float> poison, float %148, i32 0
-  %150 = shufflevector <8 x float> %149, <8 x float> poison, <8 x i32> zeroinitializer
-  %151 = load <8 x float>, ptr %acc050, align 4
-  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %103, <8 x float> %151)
-  store <8 x float> %152, ptr %acc050, align 4
-  %153 = load <8 x float>, ptr %acc051, align 4
-  %154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %106, <8 x float> %153)
-  store <8 x float> %154, ptr %acc051, align 4
-  %155 = add nsw i64 %k, 1
+  %119 = mul nsw i64 %115, 16
+  %120 = add nsw i64 %panel.off, %119
+  %121 = getelementptr inbounds float, ptr %panels, i64 %120
+  %122 = load <8 x float>, ptr %121, align 4
+  %123 = add nsw i64 %120, 8
+  %124 = getelementptr inbounds float, ptr %panels, i64 %123
+  %125 = load <8 x float>, ptr %124, align 4
+  %126 = getelementptr inbounds float, ptr %18, i64 %115
+  %127 = load float, ptr %126, align 4
+  %128 = insertelement <8 x float> poison, float %127, i32 0
+  %129 = shufflevector <8 x float> %128, <8 x float> poison, <8 x i32> zeroinitializer
+  %130 = load <8 x float>, ptr %acc000, align 4
+  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> %122, <8 x float> %130)
+  store <8 x float> %131, ptr %acc000, align 4
+  %132 = load <8 x float>, ptr %acc001, align 4
+  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> %125, <8 x float> %132)
+  store <8 x float> %133, ptr %acc001, align 4
+  %134 = getelementptr inbounds float, ptr %33, i64 %115
+  %135 = load float, ptr %134, align 4
+  %136 = insertelement <8 x float> poison, float %135, i32 0
+  %137 = shufflevector <8 x float> %136, <8 x float> poison, <8 x i32> zeroinitializer
+  %138 = load <8 x float>, ptr %acc010, align 4
+  %139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %122, <8 x float> %138)
+  store <8 x float> %139, ptr %acc010, align 4
+  %140 = load <8 x float>, ptr %acc011, align 4
+  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %125, <8 x float> %140)
+  store <8 x float> %141, ptr %acc011, align 4
+  %142 = getelementptr inbounds float, ptr %48, i64 %115
+  %143 = load float, ptr %142, align 4
+  %144 = insertelement <8 x float> poison, float %143, i32 0
+  %145 = shufflevector <8 x float> %144, <8 x float> poison, <8 x i32> zeroinitializer
+  %146 = load <8 x float>, ptr %acc020, align 4
+  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %145, <8 x float> %122, <8 x float> %146)
+  store <8 x float> %147, ptr %acc020, align 4
+  %148 = load <8 x float>, ptr %acc021, align 4
+  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %145, <8 x float> %125, <8 x float> %148)
+  store <8 x float> %149, ptr %acc021, align 4
+  %150 = getelementptr inbounds float, ptr %63, i64 %115
+  %151 = load float, ptr %150, align 4
+  %152 = insertelement <8 x float> poison, float %151, i32 0
+  %153 = shufflevector <8 x float> %152, <8 x float> poison, <8 x i32> zeroinitializer
+  %154 = load <8 x float>, ptr %acc030, align 4
+  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> %122, <8 x float> %154)
+  store <8 x float> %155, ptr %acc030, align 4
+  %156 = load <8 x float>, ptr %acc031, align 4
+  %157 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> %125, <8 x float> %156)
+  store <8 x float> %157, ptr %acc031, align 4
+  %158 = getelementptr inbounds float, ptr %78, i64 %115
+  %159 = load float, ptr %158, align 4
+  %160 = insertelement <8 x float> poison, float %159, i32 0
+  %161 = shufflevector <8 x float> %160, <8 x float> poison, <8 x i32> zeroinitializer
+  %162 = load <8 x float>, ptr %acc040, align 4
+  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> %122, <8 x float> %162)
+  store <8 x float> %163, ptr %acc040, align 4
+  %164 = load <8 x float>, ptr %acc041, align 4
+  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> %125, <8 x float> %164)
+  store <8 x float> %165, ptr %acc041, align 4
+  %166 = getelementptr inbounds float, ptr %93, i64 %115
+  %167 = load float, ptr %166, align 4
+  %168 = insertelement <8 x float> poison, float %167, i32 0
+  %169 = shufflevector <8 x float> %168, <8 x float> poison, <8 x i32> zeroinitializer
+  %170 = load <8 x float>, ptr %acc050, align 4
+  %171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %122, <8 x float> %170)
+  store <8 x float> %171, ptr %acc050, align 4
+  %172 = load <8 x float>, ptr %acc051, align 4
+  %173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %125, <8 x float> %172)
+  store <8 x float> %173, ptr %acc051, align 4
+  %174 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %156 = load <8 x float>, ptr %acc000, align 4
-  store <8 x float> %156, ptr %24, align 4
-  %157 = load <8 x float>, ptr %acc001, align 4
-  store <8 x float> %157, ptr %26, align 4
-  %158 = load <8 x float>, ptr %acc010, align 4
-  store <8 x float> %158, ptr %36, align 4
-  %159 = load <8 x float>, ptr %acc011, align 4
-  store <8 x float> %159, ptr %38, align 4
-  %160 = load <8 x float>, ptr %acc020, align 4
-  store <8 x float> %160, ptr %48, align 4
-  %161 = load <8 x float>, ptr %acc021, align 4
-  store <8 x float> %161, ptr %50, align 4
-  %162 = load <8 x float>, ptr %acc030, align 4
-  store <8 x float> %162, ptr %60, align 4
-  %163 = load <8 x float>, ptr %acc031, align 4
-  store <8 x float> %163, ptr %62, align 4
-  %164 = load <8 x float>, ptr %acc040, align 4
-  store <8 x float> %164, ptr %72, align 4
-  %165 = load <8 x float>, ptr %acc041, align 4
-  store <8 x float> %165, ptr %74, align 4
-  %166 = load <8 x float>, ptr %acc050, align 4
-  store <8 x float> %166, ptr %84, align 4
-  %167 = load <8 x float>, ptr %acc051, align 4
-  store <8 x float> %167, ptr %86, align 4
+  %175 = load <8 x float>, ptr %acc000, align 4
+  store <8 x float> %175, ptr %25, align 4
+  %176 = load <8 x float>, ptr %acc001, align 4
+  store <8 x float> %176, ptr %28, align 4
+  %177 = load <8 x float>, ptr %acc010, align 4
+  store <8 x float> %177, ptr %40, align 4
+  %178 = load <8 x float>, ptr %acc011, align 4
+  store <8 x float> %178, ptr %43, align 4
+  %179 = load <8 x float>, ptr %acc020, align 4
+  store <8 x float> %179, ptr %55, align 4
+  %180 = load <8 x float>, ptr %acc021, align 4
+  store <8 x float> %180, ptr %58, align 4
+  %181 = load <8 x float>, ptr %acc030, align 4
+  store <8 x float> %181, ptr %70, align 4
+  %182 = load <8 x float>, ptr %acc031, align 4
+  store <8 x float> %182, ptr %73, align 4
+  %183 = load <8 x float>, ptr %acc040, align 4
+  store <8 x float> %183, ptr %85, align 4
+  %184 = load <8 x float>, ptr %acc041, align 4
+  store <8 x float> %184, ptr %88, align 4
+  %185 = load <8 x float>, ptr %acc050, align 4
+  store <8 x float> %185, ptr %100, align 4
+  %186 = load <8 x float>, ptr %acc051, align 4
+  store <8 x float> %186, ptr %103, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
   %col2 = mul nsw i64 %p, 16
-  %168 = add nsw i64 %r0, 0
-  %169 = mul nsw i64 %168, 192
-  %170 = getelementptr inbounds float, ptr %h, i64 %169
-  %171 = getelementptr inbounds i32, ptr %rows, i64 %168
-  %172 = load i32, ptr %171, align 4
-  %173 = sext i32 %172 to i64
-  %174 = mul nsw i64 %173, 64
-  %175 = getelementptr inbounds float, ptr %y, i64 %174
-  %176 = add nsw i64 %col2, 0
-  %177 = getelementptr inbounds float, ptr %175, i64 %176
+  %187 = add nsw i64 %r0, 0
+  %188 = mul nsw i64 %187, 192
+  %189 = add nsw i64 %188, 0
+  %190 = getelementptr inbounds float, ptr %h, i64 %189
+  %191 = getelementptr inbounds i32, ptr %rows, i64 %187
+  %192 = load i32, ptr %191, align 4
+  %193 = sext i32 %192 to i64
+  %194 = mul nsw i64 %193, 64
+  %195 = getelementptr inbounds float, ptr %y, i64 %194
+  %196 = add nsw i64 %col2, 0
+  %197 = getelementptr inbounds float, ptr %195, i64 %196
+  %198 = load <8 x float>, ptr %197, align 4
   store <8 x float> zeroinitializer, ptr %acc0003, align 4
-  %178 = add nsw i64 %col2, 8
-  %179 = getelementptr inbounds float, ptr %175, i64 %178
+  %199 = add nsw i64 %col2, 8
+  %200 = getelementptr inbounds float, ptr %195, i64 %199
+  %201 = load <8 x float>, ptr %200, align 4
   store <8 x float> zeroinitializer, ptr %acc0014, align 4
-  %180 = add nsw i64 %r0, 1
-  %181 = mul nsw i64 %180, 192
-  %182 = getelementptr inbounds float, ptr %h, i64 %181
-  %183 = getelementptr inbounds i32, ptr %rows, i64 %180
-  %184 = load i32, ptr %183, align 4
-  %185 = sext i32 %184 to i64
-  %186 = mul nsw i64 %185, 64
-  %187 = getelementptr inbounds float, ptr %y, i64 %186
-  %188 = add nsw i64 %col2, 0
-  %189 = getelementptr inbounds float, ptr %187, i64 %188
+  %202 = add nsw i64 %r0, 1
+  %203 = mul nsw i64 %202, 192
+  %204 = add nsw i64 %203, 0
+  %205 = getelementptr inbounds float, ptr %h, i64 %204
+  %206 = getelementptr inbounds i32, ptr %rows, i64 %202
+  %207 = load i32, ptr %206, align 4
+  %208 = sext i32 %207 to i64
+  %209 = mul nsw i64 %208, 64
+  %210 = getelementptr inbounds float, ptr %y, i64 %209
+  %211 = add nsw i64 %col2, 0
+  %212 = getelementptr inbounds float, ptr %210, i64 %211
+  %213 = load <8 x float>, ptr %212, align 4
   store <8 x float> zeroinitializer, ptr %acc0105, align 4
-  %190 = add nsw i64 %col2, 8
-  %191 = getelementptr inbounds float, ptr %187, i64 %190
-  store <8 x float> zeroinitializer, ptr %acc0116, align 4
-  %192 = add nsw i64 %r0, 2
-  %193 = mul nsw i64 %192, 192
-  %194 = getelementptr inbounds float, ptr %h, i64 %193
-  %195 = getelementptr inbounds i32, ptr %rows, i64 %192
-  %196 = load i32, ptr %195, align 4
-  %197 = sext i32 %196 to i64
-  %198 = mul nsw i64 %197, 64
-  %199 = getelementptr inbounds float, ptr %y, i64 %198
-  %200 = add nsw i64 %col2, 0
-  %201 = getelementptr inbounds float, ptr %199, i64 %200
-  store <8 x float> zeroinitializer, ptr %acc0207, align 4
-  %202 = add nsw i64 %col2, 8
-  %203 = getelementptr inbounds float, ptr %199, i64 %202
-  store <8 x float> zeroinitializer, ptr %acc0218, align 4
-  %204 = add nsw i64 %r0, 3
-  %205 = mul nsw i64 %204, 192
-  %206 = getelementptr inbounds float, ptr %h, i64 %205
-  %207 = getelementptr inbounds i32, ptr %rows, i64 %204
-  %208 = load i32, ptr %207, align 4
-  %209 = sext i32 %208 to i64
-  %210 = mul nsw i64 %209, 64
-  %211 = getelementptr inbounds float, ptr %y, i64 %210
-  %212 = add nsw i64 %col2, 0
-  %213 = getelementptr inbounds float, ptr %211, i64 %212
-  store <8 x float> zeroinitializer, ptr %acc0309, align 4
   %214 = add nsw i64 %col2, 8
-  %215 = getelementptr inbounds float, ptr %211, i64 %214
+  %215 = getelementptr inbounds float, ptr %210, i64 %214
+  %216 = load <8 x float>, ptr %215, align 4
+  store <8 x float> zeroinitializer, ptr %acc0116, align 4
+  %217 = add nsw i64 %r0, 2
+  %218 = mul nsw i64 %217, 192
+  %219 = add nsw i64 %218, 0
+  %220 = getelementptr inbounds float, ptr %h, i64 %219
+  %221 = getelementptr inbounds i32, ptr %rows, i64 %217
+  %222 = load i32, ptr %221, align 4
+  %223 = sext i32 %222 to i64
+  %224 = mul nsw i64 %223, 64
+  %225 = getelementptr inbounds float, ptr %y, i64 %224
+  %226 = add nsw i64 %col2, 0
+  %227 = getelementptr inbounds float, ptr %225, i64 %226
+  %228 = load <8 x float>, ptr %227, align 4
+  store <8 x float> zeroinitializer, ptr %acc0207, align 4
+  %229 = add nsw i64 %col2, 8
+  %230 = getelementptr inbounds float, ptr %225, i64 %229
+  %231 = load <8 x float>, ptr %230, align 4
+  store <8 x float> zeroinitializer, ptr %acc0218, align 4
+  %232 = add nsw i64 %r0, 3
+  %233 = mul nsw i64 %232, 192
+  %234 = add nsw i64 %233, 0
+  %235 = getelementptr inbounds float, ptr %h, i64 %234
+  %236 = getelementptr inbounds i32, ptr %rows, i64 %232
+  %237 = load i32, ptr %236, align 4
+  %238 = sext i32 %237 to i64
+  %239 = mul nsw i64 %238, 64
+  %240 = getelementptr inbounds float, ptr %y, i64 %239
+  %241 = add nsw i64 %col2, 0
+  %242 = getelementptr inbounds float, ptr %240, i64 %241
+  %243 = load <8 x float>, ptr %242, align 4
+  store <8 x float> zeroinitializer, ptr %acc0309, align 4
+  %244 = add nsw i64 %col2, 8
+  %245 = getelementptr inbounds float, ptr %240, i64 %244
+  %246 = load <8 x float>, ptr %245, align 4
   store <8 x float> zeroinitializer, ptr %acc03110, align 4
-  %216 = add nsw i64 %r0, 4
-  %217 = mul nsw i64 %216, 192
-  %218 = getelementptr inbounds float, ptr %h, i64 %217
-  %219 = getelementptr inbounds i32, ptr %rows, i64 %216
-  %220 = load i32, ptr %219, align 4
-  %221 = sext i32 %220 to i64
-  %222 = mul nsw i64 %221, 64
-  %223 = getelementptr inbounds float, ptr %y, i64 %222
-  %224 = add nsw i64 %col2, 0
-  %225 = getelementptr inbounds float, ptr %223, i64 %224
+  %247 = add nsw i64 %r0, 4
+  %248 = mul nsw i64 %247, 192
+  %249 = add nsw i64 %248, 0
+  %250 = getelementptr inbounds float, ptr %h, i64 %249
+  %251 = getelementptr inbounds i32, ptr %rows, i64 %247
+  %252 = load i32, ptr %251, align 4
+  %253 = sext i32 %252 to i64
+  %254 = mul nsw i64 %253, 64
+  %255 = getelementptr inbounds float, ptr %y, i64 %254
+  %256 = add nsw i64 %col2, 0
+  %257 = getelementptr inbounds float, ptr %255, i64 %256
+  %258 = load <8 x float>, ptr %257, align 4
   store <8 x float> zeroinitializer, ptr %acc04011, align 4
-  %226 = add nsw i64 %col2, 8
-  %227 = getelementptr inbounds float, ptr %223, i64 %226
+  %259 = add nsw i64 %col2, 8
+  %260 = getelementptr inbounds float, ptr %255, i64 %259
+  %261 = load <8 x float>, ptr %260, align 4
   store <8 x float> zeroinitializer, ptr %acc04112, align 4
-  %panel.off13 = mul nsw i64 %p, 3072
-  %228 = getelementptr inbounds float, ptr %panels, i64 %panel.off13
-  %229 = add nsw i64 %p, 1
-  %230 = icmp slt i64 %229, %p1
-  %pf.on14 = and i1 %pf.on, %230
-  %231 = mul nsw i64 %rb, 12288
-  %232 = lshr i64 %231, %12
-  %233 = add nsw i64 12288, %232
-  %234 = getelementptr inbounds i8, ptr %228, i64 %233
-  %pf15 = select i1 %pf.on14, ptr %234, ptr %228
+  %262 = mul nsw i64 %p, 3072
+  %panel.off13 = add nsw i64 %262, 0
+  %263 = getelementptr inbounds float, ptr %panels, i64 %panel.off13
+  %264 = add nsw i64 %p, 1
+  %265 = icmp slt i64 %264, %p1
+  %pf.on14 = and i1 %pf.on, %265
+  %266 = mul nsw i64 %rb, 12288
+  %267 = lshr i64 %266, %12
+  %268 = add nsw i64 12288, %267
+  %269 = getelementptr inbounds i8, ptr %263, i64 %268
+  %pf15 = select i1 %pf.on14, ptr %269, ptr %263
   %pf.sh16 = select i1 %pf.on14, i64 %12, i64 0
   br label %k.head17
 
 k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %288, %pf.any.end22 ]
-  %235 = icmp slt i64 %k20, 192
-  br i1 %235, label %k.body18, label %k.end19
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %323, %pf.any.end22 ]
+  %270 = icmp slt i64 %k20, 192
+  br i1 %270, label %k.body18, label %k.end19
 
 k.body18:                                         ; preds = %k.head17
-  %236 = mul nsw i64 %k20, 1
-  %237 = add nsw i64 %236, 0
-  %238 = mul nsw i64 %237, 64
+  %271 = mul nsw i64 %k20, 1
+  %272 = add nsw i64 %271, 0
+  %273 = mul nsw i64 %272, 64
   br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
 
 pf.any.then21:                                    ; preds = %k.body18
-  %239 = lshr i64 %238, %pf.sh16
-  %240 = getelementptr inbounds i8, ptr %pf15, i64 %239
-  call void @llvm.prefetch.p0(ptr %240, i32 0, i32 2, i32 1)
+  %274 = lshr i64 %273, %pf.sh16
+  %275 = getelementptr inbounds i8, ptr %pf15, i64 %274
+  call void @llvm.prefetch.p0(ptr %275, i32 0, i32 2, i32 1)
   br label %pf.any.end22
 
 pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
-  %241 = mul nsw i64 %237, 16
-  %242 = add nsw i64 %panel.off13, %241
-  %243 = getelementptr inbounds float, ptr %panels, i64 %242
-  %244 = load <8 x float>, ptr %243, align 4
-  %245 = add nsw i64 %242, 8
-  %246 = getelementptr inbounds float, ptr %panels, i64 %245
-  %247 = load <8 x float>, ptr %246, align 4
-  %248 = getelementptr inbounds float, ptr %170, i64 %237
-  %249 = load float, ptr %248, align 4
-  %250 = insertelement <8 x float> poison, float %249, i32 0
-  %251 = shufflevector <8 x float> %250, <8 x float> poison, <8 x i32> zeroinitializer
-  %252 = load <8 x float>, ptr %acc0003, align 4
-  %253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %251, <8 x float> %244, <8 x float> %252)
-  store <8 x float> %253, ptr %acc0003, align 4
-  %254 = load <8 x float>, ptr %acc0014, align 4
-  %255 = call <8 x float> @llvm.fma.v8f32(<8 x float> %251, <8 x float> %247, <8 x float> %254)
-  store <8 x float> %255, ptr %acc0014, align 4
-  %256 = getelementptr inbounds float, ptr %182, i64 %237
-  %257 = load float, ptr %256, align 4
-  %258 = insertelement <8 x float> poison, float %257, i32 0
-  %259 = shufflevector <8 x float> %258, <8 x float> poison, <8 x i32> zeroinitializer
-  %260 = load <8 x float>, ptr %acc0105, align 4
-  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> %244, <8 x float> %260)
-  store <8 x float> %261, ptr %acc0105, align 4
-  %262 = load <8 x float>, ptr %acc0116, align 4
-  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> %247, <8 x float> %262)
-  store <8 x float> %263, ptr %acc0116, align 4
-  %264 = getelementptr inbounds float, ptr %194, i64 %237
-  %265 = load float, ptr %264, align 4
-  %266 = insertelement <8 x float> poison, float %265, i32 0
-  %267 = shufflevector <8 x float> %266, <8 x float> poison, <8 x i32> zeroinitializer
-  %268 = load <8 x float>, ptr %acc0207, align 4
-  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %244, <8 x float> %268)
-  store <8 x float> %269, ptr %acc0207, align 4
-  %270 = load <8 x float>, ptr %acc0218, align 4
-  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %247, <8 x float> %270)
-  store <8 x float> %271, ptr %acc0218, align 4
-  %272 = getelementptr inbounds float, ptr %206, i64 %237
-  %273 = load float, ptr %272, align 4
-  %274 = insertelement <8 x float> poison, float %273, i32 0
-  %275 = shufflevector <8 x float> %274, <8 x float> poison, <8 x i32> zeroinitializer
-  %276 = load <8 x float>, ptr %acc0309, align 4
-  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %244, <8 x float> %276)
-  store <8 x float> %277, ptr %acc0309, align 4
-  %278 = load <8 x float>, ptr %acc03110, align 4
-  %279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %247, <8 x float> %278)
-  store <8 x float> %279, ptr %acc03110, align 4
-  %280 = getelementptr inbounds float, ptr %218, i64 %237
-  %281 = load float, ptr %280, align 4
-  %282 = insertelement <8 x float> poison, float %281, i32 0
-  %283 = shufflevector <8 x float> %282, <8 x float> poison, <8 x i32> zeroinitializer
-  %284 = load <8 x float>, ptr %acc04011, align 4
-  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %244, <8 x float> %284)
-  store <8 x float> %285, ptr %acc04011, align 4
-  %286 = load <8 x float>, ptr %acc04112, align 4
-  %287 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %247, <8 x float> %286)
-  store <8 x float> %287, ptr %acc04112, align 4
-  %288 = add nsw i64 %k20, 1
+  %276 = mul nsw i64 %272, 16
+  %277 = add nsw i64 %panel.off13, %276
+  %278 = getelementptr inbounds float, ptr %panels, i64 %277
+  %279 = load <8 x float>, ptr %278, align 4
+  %280 = add nsw i64 %277, 8
+  %281 = getelementptr inbounds float, ptr %panels, i64 %280
+  %282 = load <8 x float>, ptr %281, align 4
+  %283 = getelementptr inbounds float, ptr %190, i64 %272
+  %284 = load float, ptr %283, align 4
+  %285 = insertelement <8 x float> poison, float %284, i32 0
+  %286 = shufflevector <8 x float> %285, <8 x float> poison, <8 x i32> zeroinitializer
+  %287 = load <8 x float>, ptr %acc0003, align 4
+  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %286, <8 x float> %279, <8 x float> %287)
+  store <8 x float> %288, ptr %acc0003, align 4
+  %289 = load <8 x float>, ptr %acc0014, align 4
+  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %286, <8 x float> %282, <8 x float> %289)
+  store <8 x float> %290, ptr %acc0014, align 4
+  %291 = getelementptr inbounds float, ptr %205, i64 %272
+  %292 = load float, ptr %291, align 4
+  %293 = insertelement <8 x float> poison, float %292, i32 0
+  %294 = shufflevector <8 x float> %293, <8 x float> poison, <8 x i32> zeroinitializer
+  %295 = load <8 x float>, ptr %acc0105, align 4
+  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %294, <8 x float> %279, <8 x float> %295)
+  store <8 x float> %296, ptr %acc0105, align 4
+  %297 = load <8 x float>, ptr %acc0116, align 4
+  %298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %294, <8 x float> %282, <8 x float> %297)
+  store <8 x float> %298, ptr %acc0116, align 4
+  %299 = getelementptr inbounds float, ptr %220, i64 %272
+  %300 = load float, ptr %299, align 4
+  %301 = insertelement <8 x float> poison, float %300, i32 0
+  %302 = shufflevector <8 x float> %301, <8 x float> poison, <8 x i32> zeroinitializer
+  %303 = load <8 x float>, ptr %acc0207, align 4
+  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %279, <8 x float> %303)
+  store <8 x float> %304, ptr %acc0207, align 4
+  %305 = load <8 x float>, ptr %acc0218, align 4
+  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %282, <8 x float> %305)
+  store <8 x float> %306, ptr %acc0218, align 4
+  %307 = getelementptr inbounds float, ptr %235, i64 %272
+  %308 = load float, ptr %307, align 4
+  %309 = insertelement <8 x float> poison, float %308, i32 0
+  %310 = shufflevector <8 x float> %309, <8 x float> poison, <8 x i32> zeroinitializer
+  %311 = load <8 x float>, ptr %acc0309, align 4
+  %312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %279, <8 x float> %311)
+  store <8 x float> %312, ptr %acc0309, align 4
+  %313 = load <8 x float>, ptr %acc03110, align 4
+  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %282, <8 x float> %313)
+  store <8 x float> %314, ptr %acc03110, align 4
+  %315 = getelementptr inbounds float, ptr %250, i64 %272
+  %316 = load float, ptr %315, align 4
+  %317 = insertelement <8 x float> poison, float %316, i32 0
+  %318 = shufflevector <8 x float> %317, <8 x float> poison, <8 x i32> zeroinitializer
+  %319 = load <8 x float>, ptr %acc04011, align 4
+  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %279, <8 x float> %319)
+  store <8 x float> %320, ptr %acc04011, align 4
+  %321 = load <8 x float>, ptr %acc04112, align 4
+  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %282, <8 x float> %321)
+  store <8 x float> %322, ptr %acc04112, align 4
+  %323 = add nsw i64 %k20, 1
   br label %k.head17
 
 k.end19:                                          ; preds = %k.head17
-  %289 = load <8 x float>, ptr %acc0003, align 4
-  store <8 x float> %289, ptr %177, align 4
-  %290 = load <8 x float>, ptr %acc0014, align 4
-  store <8 x float> %290, ptr %179, align 4
-  %291 = load <8 x float>, ptr %acc0105, align 4
-  store <8 x float> %291, ptr %189, align 4
-  %292 = load <8 x float>, ptr %acc0116, align 4
-  store <8 x float> %292, ptr %191, align 4
-  %293 = load <8 x float>, ptr %acc0207, align 4
-  store <8 x float> %293, ptr %201, align 4
-  %294 = load <8 x float>, ptr %acc0218, align 4
-  store <8 x float> %294, ptr %203, align 4
-  %295 = load <8 x float>, ptr %acc0309, align 4
-  store <8 x float> %295, ptr %213, align 4
-  %296 = load <8 x float>, ptr %acc03110, align 4
-  store <8 x float> %296, ptr %215, align 4
-  %297 = load <8 x float>, ptr %acc04011, align 4
-  store <8 x float> %297, ptr %225, align 4
-  %298 = load <8 x float>, ptr %acc04112, align 4
-  store <8 x float> %298, ptr %227, align 4
+  %324 = load <8 x float>, ptr %acc0003, align 4
+  store <8 x float> %324, ptr %197, align 4
+  %325 = load <8 x float>, ptr %acc0014, align 4
+  store <8 x float> %325, ptr %200, align 4
+  %326 = load <8 x float>, ptr %acc0105, align 4
+  store <8 x float> %326, ptr %212, align 4
+  %327 = load <8 x float>, ptr %acc0116, align 4
+  store <8 x float> %327, ptr %215, align 4
+  %328 = load <8 x float>, ptr %acc0207, align 4
+  store <8 x float> %328, ptr %227, align 4
+  %329 = load <8 x float>, ptr %acc0218, align 4
+  store <8 x float> %329, ptr %230, align 4
+  %330 = load <8 x float>, ptr %acc0309, align 4
+  store <8 x float> %330, ptr %242, align 4
+  %331 = load <8 x float>, ptr %acc03110, align 4
+  store <8 x float> %331, ptr %245, align 4
+  %332 = load <8 x float>, ptr %acc04011, align 4
+  store <8 x float> %332, ptr %257, align 4
+  %333 = load <8 x float>, ptr %acc04112, align 4
+  store <8 x float> %333, ptr %260, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
   %col23 = mul nsw i64 %p, 16
-  %299 = add nsw i64 %r0, 0
-  %300 = mul nsw i64 %299, 192
-  %301 = getelementptr inbounds float, ptr %h, i64 %300
-  %302 = getelementptr inbounds i32, ptr %rows, i64 %299
-  %303 = load i32, ptr %302, align 4
-  %304 = sext i32 %303 to i64
-  %305 = mul nsw i64 %304, 64
-  %306 = getelementptr inbounds float, ptr %y, i64 %305
-  %307 = add nsw i64 %col23, 0
-  %308 = getelementptr inbounds float, ptr %306, i64 %307
-  store <8 x float> zeroinitializer, ptr %acc00024, align 4
-  %309 = add nsw i64 %col23, 8
-  %310 = getelementptr inbounds float, ptr %306, i64 %309
-  store <8 x float> zeroinitializer, ptr %acc00125, align 4
-  %311 = add nsw i64 %r0, 1
-  %312 = mul nsw i64 %311, 192
-  %313 = getelementptr inbounds float, ptr %h, i64 %312
-  %314 = getelementptr inbounds i32, ptr %rows, i64 %311
-  %315 = load i32, ptr %314, align 4
-  %316 = sext i32 %315 to i64
-  %317 = mul nsw i64 %316, 64
-  %318 = getelementptr inbounds float, ptr %y, i64 %317
-  %319 = add nsw i64 %col23, 0
-  %320 = getelementptr inbounds float, ptr %318, i64 %319
-  store <8 x float> zeroinitializer, ptr %acc01026, align 4
-  %321 = add nsw i64 %col23, 8
-  %322 = getelementptr inbounds float, ptr %318, i64 %321
-  store <8 x float> zeroinitializer, ptr %acc01127, align 4
-  %323 = add nsw i64 %r0, 2
-  %324 = mul nsw i64 %323, 192
-  %325 = getelementptr inbounds float, ptr %h, i64 %324
-  %326 = getelementptr inbounds i32, ptr %rows, i64 %323
-  %327 = load i32, ptr %326, align 4
-  %328 = sext i32 %327 to i64
-  %329 = mul nsw i64 %328, 64
-  %330 = getelementptr inbounds float, ptr %y, i64 %329
-  %331 = add nsw i64 %col23, 0
-  %332 = getelementptr inbounds float, ptr %330, i64 %331
-  store <8 x float> zeroinitializer, ptr %acc02028, align 4
-  %333 = add nsw i64 %col23, 8
-  %334 = getelementptr inbounds float, ptr %330, i64 %333
-  store <8 x float> zeroinitializer, ptr %acc02129, align 4
-  %335 = add nsw i64 %r0, 3
-  %336 = mul nsw i64 %335, 192
+  %334 = add nsw i64 %r0, 0
+  %335 = mul nsw i64 %334, 192
+  %336 = add nsw i64 %335, 0
   %337 = getelementptr inbounds float, ptr %h, i64 %336
-  %338 = getelementptr inbounds i32, ptr %rows, i64 %335
+  %338 = getelementptr inbounds i32, ptr %rows, i64 %334
   %339 = load i32, ptr %338, align 4
   %340 = sext i32 %339 to i64
   %341 = mul nsw i64 %340, 64
   %342 = getelementptr inbounds float, ptr %y, i64 %341
   %343 = add nsw i64 %col23, 0
   %344 = getelementptr inbounds float, ptr %342, i64 %343
+  %345 = load <8 x float>, ptr %344, align 4
+  store <8 x float> zeroinitializer, ptr %acc00024, align 4
+  %346 = add nsw i64 %col23, 8
+  %347 = getelementptr inbounds float, ptr %342, i64 %346
+  %348 = load <8 x float>, ptr %347, align 4
+  store <8 x float> zeroinitializer, ptr %acc00125, align 4
+  %349 = add nsw i64 %r0, 1
+  %350 = mul nsw i64 %349, 192
+  %351 = add nsw i64 %350, 0
+  %352 = getelementptr inbounds float, ptr %h, i64 %351
+  %353 = getelementptr inbounds i32, ptr %rows, i64 %349
+  %354 = load i32, ptr %353, align 4
+  %355 = sext i32 %354 to i64
+  %356 = mul nsw i64 %355, 64
+  %357 = getelementptr inbounds float, ptr %y, i64 %356
+  %358 = add nsw i64 %col23, 0
+  %359 = getelementptr inbounds float, ptr %357, i64 %358
+  %360 = load <8 x float>, ptr %359, align 4
+  store <8 x float> zeroinitializer, ptr %acc01026, align 4
+  %361 = add nsw i64 %col23, 8
+  %362 = getelementptr inbounds float, ptr %357, i64 %361
+  %363 = load <8 x float>, ptr %362, align 4
+  store <8 x float> zeroinitializer, ptr %acc01127, align 4
+  %364 = add nsw i64 %r0, 2
+  %365 = mul nsw i64 %364, 192
+  %366 = add nsw i64 %365, 0
+  %367 = getelementptr inbounds float, ptr %h, i64 %366
+  %368 = getelementptr inbounds i32, ptr %rows, i64 %364
+  %369 = load i32, ptr %368, align 4
+  %370 = sext i32 %369 to i64
+  %371 = mul nsw i64 %370, 64
+  %372 = getelementptr inbounds float, ptr %y, i64 %371
+  %373 = add nsw i64 %col23, 0
+  %374 = getelementptr inbounds float, ptr %372, i64 %373
+  %375 = load <8 x float>, ptr %374, align 4
+  store <8 x float> zeroinitializer, ptr %acc02028, align 4
+  %376 = add nsw i64 %col23, 8
+  %377 = getelementptr inbounds float, ptr %372, i64 %376
+  %378 = load <8 x float>, ptr %377, align 4
+  store <8 x float> zeroinitializer, ptr %acc02129, align 4
+  %379 = add nsw i64 %r0, 3
+  %380 = mul nsw i64 %379, 192
+  %381 = add nsw i64 %380, 0
+  %382 = getelementptr inbounds float, ptr %h, i64 %381
+  %383 = getelementptr inbounds i32, ptr %rows, i64 %379
+  %384 = load i32, ptr %383, align 4
+  %385 = sext i32 %384 to i64
+  %386 = mul nsw i64 %385, 64
+  %387 = getelementptr inbounds float, ptr %y, i64 %386
+  %388 = add nsw i64 %col23, 0
+  %389 = getelementptr inbounds float, ptr %387, i64 %388
+  %390 = load <8 x float>, ptr %389, align 4
   store <8 x float> zeroinitializer, ptr %acc03030, align 4
-  %345 = add nsw i64 %col23, 8
-  %346 = getelementptr inbounds float, ptr %342, i64 %345
+  %391 = add nsw i64 %col23, 8
+  %392 = getelementptr inbounds float, ptr %387, i64 %391
+  %393 = load <8 x float>, ptr %392, align 4
   store <8 x float> zeroinitializer, ptr %acc03131, align 4
-  %panel.off32 = mul nsw i64 %p, 3072
-  %347 = getelementptr inbounds float, ptr %panels, i64 %panel.off32
-  %348 = add nsw i64 %p, 1
-  %349 = icmp slt i64 %348, %p1
-  %pf.on33 = and i1 %pf.on, %349
-  %350 = mul nsw i64 %rb, 12288
-  %351 = lshr i64 %350, %12
-  %352 = add nsw i64 12288, %351
-  %353 = getelementptr inbounds i8, ptr %347, i64 %352
-  %pf34 = select i1 %pf.on33, ptr %353, ptr %347
+  %394 = mul nsw i64 %p, 3072
+  %panel.off32 = add nsw i64 %394, 0
+  %395 = getelementptr inbounds float, ptr %panels, i64 %panel.off32
+  %396 = add nsw i64 %p, 1
+  %397 = icmp slt i64 %396, %p1
+  %pf.on33 = and i1 %pf.on, %397
+  %398 = mul nsw i64 %rb, 12288
+  %399 = lshr i64 %398, %12
+  %400 = add nsw i64 12288, %399
+  %401 = getelementptr inbounds i8, ptr %395, i64 %400
+  %pf34 = select i1 %pf.on33, ptr %401, ptr %395
   %pf.sh35 = select i1 %pf.on33, i64 %12, i64 0
   br label %k.head36
 
 k.head36:                                         ; preds = %pf.any.end41, %tile.mr4
-  %k39 = phi i64 [ 0, %tile.mr4 ], [ %399, %pf.any.end41 ]
-  %354 = icmp slt i64 %k39, 192
-  br i1 %354, label %k.body37, label %k.end38
+  %k39 = phi i64 [ 0, %tile.mr4 ], [ %447, %pf.any.end41 ]
+  %402 = icmp slt i64 %k39, 192
+  br i1 %402, label %k.body37, label %k.end38
 
 k.body37:                                         ; preds = %k.head36
-  %355 = mul nsw i64 %k39, 1
-  %356 = add nsw i64 %355, 0
-  %357 = mul nsw i64 %356, 64
+  %403 = mul nsw i64 %k39, 1
+  %404 = add nsw i64 %403, 0
+  %405 = mul nsw i64 %404, 64
   br i1 %pf.multi, label %pf.any.then40, label %pf.any.end41
 
 pf.any.then40:                                    ; preds = %k.body37
-  %358 = lshr i64 %357, %pf.sh35
-  %359 = getelementptr inbounds i8, ptr %pf34, i64 %358
-  call void @llvm.prefetch.p0(ptr %359, i32 0, i32 2, i32 1)
+  %406 = lshr i64 %405, %pf.sh35
+  %407 = getelementptr inbounds i8, ptr %pf34, i64 %406
+  call void @llvm.prefetch.p0(ptr %407, i32 0, i32 2, i32 1)
   br label %pf.any.end41
 
 pf.any.end41:                                     ; preds = %pf.any.then40, %k.body37
-  %360 = mul nsw i64 %356, 16
-  %361 = add nsw i64 %panel.off32, %360
-  %362 = getelementptr inbounds float, ptr %panels, i64 %361
-  %363 = load <8 x float>, ptr %362, align 4
-  %364 = add nsw i64 %361, 8
-  %365 = getelementptr inbounds float, ptr %panels, i64 %364
-  %366 = load <8 x float>, ptr %365, align 4
-  %367 = getelementptr inbounds float, ptr %301, i64 %356
-  %368 = load float, ptr %367, align 4
-  %369 = insertelement <8 x float> poison, float %368, i32 0
-  %370 = shufflevector <8 x float> %369, <8 x float> poison, <8 x i32> zeroinitializer
-  %371 = load <8 x float>, ptr %acc00024, align 4
-  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %370, <8 x float> %363, <8 x float> %371)
-  store <8 x float> %372, ptr %acc00024, align 4
-  %373 = load <8 x float>, ptr %acc00125, align 4
-  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %370, <8 x float> %366, <8 x float> %373)
-  store <8 x float> %374, ptr %acc00125, align 4
-  %375 = getelementptr inbounds float, ptr %313, i64 %356
-  %376 = load float, ptr %375, align 4
-  %377 = insertelement <8 x float> poison, float %376, i32 0
-  %378 = shufflevector <8 x float> %377, <8 x float> poison, <8 x i32> zeroinitializer
-  %379 = load <8 x float>, ptr %acc01026, align 4
-  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %378, <8 x float> %363, <8 x float> %379)
-  store <8 x float> %380, ptr %acc01026, align 4
-  %381 = load <8 x float>, ptr %acc01127, align 4
-  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %378, <8 x float> %366, <8 x float> %381)
-  store <8 x float> %382, ptr %acc01127, align 4
-  %383 = getelementptr inbounds float, ptr %325, i64 %356
-  %384 = load float, ptr %383, align 4
-  %385 = insertelement <8 x float> poison, float %384, i32 0
-  %386 = shufflevector <8 x float> %385, <8 x float> poison, <8 x i32> zeroinitializer
-  %387 = load <8 x float>, ptr %acc02028, align 4
-  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %386, <8 x float> %363, <8 x float> %387)
-  store <8 x float> %388, ptr %acc02028, align 4
-  %389 = load <8 x float>, ptr %acc02129, align 4
-  %390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %386, <8 x float> %366, <8 x float> %389)
-  store <8 x float> %390, ptr %acc02129, align 4
-  %391 = getelementptr inbounds float, ptr %337, i64 %356
-  %392 = load float, ptr %391, align 4
-  %393 = insertelement <8 x float> poison, float %392, i32 0
-  %394 = shufflevector <8 x float> %393, <8 x float> poison, <8 x i32> zeroinitializer
-  %395 = load <8 x float>, ptr %acc03030, align 4
-  %396 = call <8 x float> @llvm.fma.v8f32(<8 x float> %394, <8 x float> %363, <8 x float> %395)
-  store <8 x float> %396, ptr %acc03030, align 4
-  %397 = load <8 x float>, ptr %acc03131, align 4
-  %398 = call <8 x float> @llvm.fma.v8f32(<8 x float> %394, <8 x float> %366, <8 x float> %397)
-  store <8 x float> %398, ptr %acc03131, align 4
-  %399 = add nsw i64 %k39, 1
+  %408 = mul nsw i64 %404, 16
+  %409 = add nsw i64 %panel.off32, %408
+  %410 = getelementptr inbounds float, ptr %panels, i64 %409
+  %411 = load <8 x float>, ptr %410, align 4
+  %412 = add nsw i64 %409, 8
+  %413 = getelementptr inbounds float, ptr %panels, i64 %412
+  %414 = load <8 x float>, ptr %413, align 4
+  %415 = getelementptr inbounds float, ptr %337, i64 %404
+  %416 = load float, ptr %415, align 4
+  %417 = insertelement <8 x float> poison, float %416, i32 0
+  %418 = shufflevector <8 x float> %417, <8 x float> poison, <8 x i32> zeroinitializer
+  %419 = load <8 x float>, ptr %acc00024, align 4
+  %420 = call <8 x float> @llvm.fma.v8f32(<8 x float> %418, <8 x float> %411, <8 x float> %419)
+  store <8 x float> %420, ptr %acc00024, align 4
+  %421 = load <8 x float>, ptr %acc00125, align 4
+  %422 = call <8 x float> @llvm.fma.v8f32(<8 x float> %418, <8 x float> %414, <8 x float> %421)
+  store <8 x float> %422, ptr %acc00125, align 4
+  %423 = getelementptr inbounds float, ptr %352, i64 %404
+  %424 = load float, ptr %423, align 4
+  %425 = insertelement <8 x float> poison, float %424, i32 0
+  %426 = shufflevector <8 x float> %425, <8 x float> poison, <8 x i32> zeroinitializer
+  %427 = load <8 x float>, ptr %acc01026, align 4
+  %428 = call <8 x float> @llvm.fma.v8f32(<8 x float> %426, <8 x float> %411, <8 x float> %427)
+  store <8 x float> %428, ptr %acc01026, align 4
+  %429 = load <8 x float>, ptr %acc01127, align 4
+  %430 = call <8 x float> @llvm.fma.v8f32(<8 x float> %426, <8 x float> %414, <8 x float> %429)
+  store <8 x float> %430, ptr %acc01127, align 4
+  %431 = getelementptr inbounds float, ptr %367, i64 %404
+  %432 = load float, ptr %431, align 4
+  %433 = insertelement <8 x float> poison, float %432, i32 0
+  %434 = shufflevector <8 x float> %433, <8 x float> poison, <8 x i32> zeroinitializer
+  %435 = load <8 x float>, ptr %acc02028, align 4
+  %436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %411, <8 x float> %435)
+  store <8 x float> %436, ptr %acc02028, align 4
+  %437 = load <8 x float>, ptr %acc02129, align 4
+  %438 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %414, <8 x float> %437)
+  store <8 x float> %438, ptr %acc02129, align 4
+  %439 = getelementptr inbounds float, ptr %382, i64 %404
+  %440 = load float, ptr %439, align 4
+  %441 = insertelement <8 x float> poison, float %440, i32 0
+  %442 = shufflevector <8 x float> %441, <8 x float> poison, <8 x i32> zeroinitializer
+  %443 = load <8 x float>, ptr %acc03030, align 4
+  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %442, <8 x float> %411, <8 x float> %443)
+  store <8 x float> %444, ptr %acc03030, align 4
+  %445 = load <8 x float>, ptr %acc03131, align 4
+  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %442, <8 x float> %414, <8 x float> %445)
+  store <8 x float> %446, ptr %acc03131, align 4
+  %447 = add nsw i64 %k39, 1
   br label %k.head36
 
 k.end38:                                          ; preds = %k.head36
-  %400 = load <8 x float>, ptr %acc00024, align 4
-  store <8 x float> %400, ptr %308, align 4
-  %401 = load <8 x float>, ptr %acc00125, align 4
-  store <8 x float> %401, ptr %310, align 4
-  %402 = load <8 x float>, ptr %acc01026, align 4
-  store <8 x float> %402, ptr %320, align 4
-  %403 = load <8 x float>, ptr %acc01127, align 4
-  store <8 x float> %403, ptr %322, align 4
-  %404 = load <8 x float>, ptr %acc02028, align 4
-  store <8 x float> %404, ptr %332, align 4
-  %405 = load <8 x float>, ptr %acc02129, align 4
-  store <8 x float> %405, ptr %334, align 4
-  %406 = load <8 x float>, ptr %acc03030, align 4
-  store <8 x float> %406, ptr %344, align 4
-  %407 = load <8 x float>, ptr %acc03131, align 4
-  store <8 x float> %407, ptr %346, align 4
+  %448 = load <8 x float>, ptr %acc00024, align 4
+  store <8 x float> %448, ptr %344, align 4
+  %449 = load <8 x float>, ptr %acc00125, align 4
+  store <8 x float> %449, ptr %347, align 4
+  %450 = load <8 x float>, ptr %acc01026, align 4
+  store <8 x float> %450, ptr %359, align 4
+  %451 = load <8 x float>, ptr %acc01127, align 4
+  store <8 x float> %451, ptr %362, align 4
+  %452 = load <8 x float>, ptr %acc02028, align 4
+  store <8 x float> %452, ptr %374, align 4
+  %453 = load <8 x float>, ptr %acc02129, align 4
+  store <8 x float> %453, ptr %377, align 4
+  %454 = load <8 x float>, ptr %acc03030, align 4
+  store <8 x float> %454, ptr %389, align 4
+  %455 = load <8 x float>, ptr %acc03131, align 4
+  store <8 x float> %455, ptr %392, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
   %col42 = mul nsw i64 %p, 16
-  %408 = add nsw i64 %r0, 0
-  %409 = mul nsw i64 %408, 192
-  %410 = getelementptr inbounds float, ptr %h, i64 %409
-  %411 = getelementptr inbounds i32, ptr %rows, i64 %408
-  %412 = load i32, ptr %411, align 4
-  %413 = sext i32 %412 to i64
-  %414 = mul nsw i64 %413, 64
-  %415 = getelementptr inbounds float, ptr %y, i64 %414
-  %416 = add nsw i64 %col42, 0
-  %417 = getelementptr inbounds float, ptr %415, i64 %416
+  %456 = add nsw i64 %r0, 0
+  %457 = mul nsw i64 %456, 192
+  %458 = add nsw i64 %457, 0
+  %459 = getelementptr inbounds float, ptr %h, i64 %458
+  %460 = getelementptr inbounds i32, ptr %rows, i64 %456
+  %461 = load i32, ptr %460, align 4
+  %462 = sext i32 %461 to i64
+  %463 = mul nsw i64 %462, 64
+  %464 = getelementptr inbounds float, ptr %y, i64 %463
+  %465 = add nsw i64 %col42, 0
+  %466 = getelementptr inbounds float, ptr %464, i64 %465
+  %467 = load <8 x float>, ptr %466, align 4
   store <8 x float> zeroinitializer, ptr %acc00043, align 4
-  %418 = add nsw i64 %col42, 8
-  %419 = getelementptr inbounds float, ptr %415, i64 %418
+  %468 = add nsw i64 %col42, 8
+  %469 = getelementptr inbounds float, ptr %464, i64 %468
+  %470 = load <8 x float>, ptr %469, align 4
   store <8 x float> zeroinitializer, ptr %acc00144, align 4
-  %420 = add nsw i64 %r0, 1
-  %421 = mul nsw i64 %420, 192
-  %422 = getelementptr inbounds float, ptr %h, i64 %421
-  %423 = getelementptr inbounds i32, ptr %rows, i64 %420
-  %424 = load i32, ptr %423, align 4
-  %425 = sext i32 %424 to i64
-  %426 = mul nsw i64 %425, 64
-  %427 = getelementptr inbounds float, ptr %y, i64 %426
-  %428 = add nsw i64 %col42, 0
-  %429 = getelementptr inbounds float, ptr %427, i64 %428
+  %471 = add nsw i64 %r0, 1
+  %472 = mul nsw i64 %471, 192
+  %473 = add nsw i64 %472, 0
+  %474 = getelementptr inbounds float, ptr %h, i64 %473
+  %475 = getelementptr inbounds i32, ptr %rows, i64 %471
+  %476 = load i32, ptr %475, align 4
+  %477 = sext i32 %476 to i64
+  %478 = mul nsw i64 %477, 64
+  %479 = getelementptr inbounds float, ptr %y, i64 %478
+  %480 = add nsw i64 %col42, 0
+  %481 = getelementptr inbounds float, ptr %479, i64 %480
+  %482 = load <8 x float>, ptr %481, align 4
   store <8 x float> zeroinitializer, ptr %acc01045, align 4
-  %430 = add nsw i64 %col42, 8
-  %431 = getelementptr inbounds float, ptr %427, i64 %430
+  %483 = add nsw i64 %col42, 8
+  %484 = getelementptr inbounds float, ptr %479, i64 %483
+  %485 = load <8 x float>, ptr %484, align 4
   store <8 x float> zeroinitializer, ptr %acc01146, align 4
-  %432 = add nsw i64 %r0, 2
-  %433 = mul nsw i64 %432, 192
-  %434 = getelementptr inbounds float, ptr %h, i64 %433
-  %435 = getelementptr inbounds i32, ptr %rows, i64 %432
-  %436 = load i32, ptr %435, align 4
-  %437 = sext i32 %436 to i64
-  %438 = mul nsw i64 %437, 64
-  %439 = getelementptr inbounds float, ptr %y, i64 %438
-  %440 = add nsw i64 %col42, 0
-  %441 = getelementptr inbounds float, ptr %439, i64 %440
+  %486 = add nsw i64 %r0, 2
+  %487 = mul nsw i64 %486, 192
+  %488 = add nsw i64 %487, 0
+  %489 = getelementptr inbounds float, ptr %h, i64 %488
+  %490 = getelementptr inbounds i32, ptr %rows, i64 %486
+  %491 = load i32, ptr %490, align 4
+  %492 = sext i32 %491 to i64
+  %493 = mul nsw i64 %492, 64
+  %494 = getelementptr inbounds float, ptr %y, i64 %493
+  %495 = add nsw i64 %col42, 0
+  %496 = getelementptr inbounds float, ptr %494, i64 %495
+  %497 = load <8 x float>, ptr %496, align 4
   store <8 x float> zeroinitializer, ptr %acc02047, align 4
-  %442 = add nsw i64 %col42, 8
-  %443 = getelementptr inbounds float, ptr %439, i64 %442
+  %498 = add nsw i64 %col42, 8
+  %499 = getelementptr inbounds float, ptr %494, i64 %498
+  %500 = load <8 x float>, ptr %499, align 4
   store <8 x float> zeroinitializer, ptr %acc02148, align 4
-  %panel.off49 = mul nsw i64 %p, 3072
-  %444 = getelementptr inbounds float, ptr %panels, i64 %panel.off49
-  %445 = add nsw i64 %p, 1
-  %446 = icmp slt i64 %445, %p1
-  %pf.on50 = and i1 %pf.on, %446
-  %447 = mul nsw i64 %rb, 12288
-  %448 = lshr i64 %447, %12
-  %449 = add nsw i64 12288, %448
-  %450 = getelementptr inbounds i8, ptr %444, i64 %449
-  %pf51 = select i1 %pf.on50, ptr %450, ptr %444
+  %501 = mul nsw i64 %p, 3072
+  %panel.off49 = add nsw i64 %501, 0
+  %502 = getelementptr inbounds float, ptr %panels, i64 %panel.off49
+  %503 = add nsw i64 %p, 1
+  %504 = icmp slt i64 %503, %p1
+  %pf.on50 = and i1 %pf.on, %504
+  %505 = mul nsw i64 %rb, 12288
+  %506 = lshr i64 %505, %12
+  %507 = add nsw i64 12288, %506
+  %508 = getelementptr inbounds i8, ptr %502, i64 %507
+  %pf51 = select i1 %pf.on50, ptr %508, ptr %502
   %pf.sh52 = select i1 %pf.on50, i64 %12, i64 0
   br label %k.head53
 
 k.head53:                                         ; preds = %pf.any.end58, %tile.mr3
-  %k56 = phi i64 [ 0, %tile.mr3 ], [ %488, %pf.any.end58 ]
-  %451 = icmp slt i64 %k56, 192
-  br i1 %451, label %k.body54, label %k.end55
+  %k56 = phi i64 [ 0, %tile.mr3 ], [ %546, %pf.any.end58 ]
+  %509 = icmp slt i64 %k56, 192
+  br i1 %509, label %k.body54, label %k.end55
 
 k.body54:                                         ; preds = %k.head53
-  %452 = mul nsw i64 %k56, 1
-  %453 = add nsw i64 %452, 0
-  %454 = mul nsw i64 %453, 64
+  %510 = mul nsw i64 %k56, 1
+  %511 = add nsw i64 %510, 0
+  %512 = mul nsw i64 %511, 64
   br i1 %pf.multi, label %pf.any.then57, label %pf.any.end58
 
 pf.any.then57:                                    ; preds = %k.body54
-  %455 = lshr i64 %454, %pf.sh52
-  %456 = getelementptr inbounds i8, ptr %pf51, i64 %455
-  call void @llvm.prefetch.p0(ptr %456, i32 0, i32 2, i32 1)
+  %513 = lshr i64 %512, %pf.sh52
+  %514 = getelementptr inbounds i8, ptr %pf51, i64 %513
+  call void @llvm.prefetch.p0(ptr %514, i32 0, i32 2, i32 1)
   br label %pf.any.end58
 
 pf.any.end58:                                     ; preds = %pf.any.then57, %k.body54
-  %457 = mul nsw i64 %453, 16
-  %458 = add nsw i64 %panel.off49, %457
-  %459 = getelementptr inbounds float, ptr %panels, i64 %458
-  %460 = load <8 x float>, ptr %459, align 4
-  %461 = add nsw i64 %458, 8
-  %462 = getelementptr inbounds float, ptr %panels, i64 %461
-  %463 = load <8 x float>, ptr %462, align 4
-  %464 = getelementptr inbounds float, ptr %410, i64 %453
-  %465 = load float, ptr %464, align 4
-  %466 = insertelement <8 x float> poison, float %465, i32 0
-  %467 = shufflevector <8 x float> %466, <8 x float> poison, <8 x i32> zeroinitializer
-  %468 = load <8 x float>, ptr %acc00043, align 4
-  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %460, <8 x float> %468)
-  store <8 x float> %469, ptr %acc00043, align 4
-  %470 = load <8 x float>, ptr %acc00144, align 4
-  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %463, <8 x float> %470)
-  store <8 x float> %471, ptr %acc00144, align 4
-  %472 = getelementptr inbounds float, ptr %422, i64 %453
-  %473 = load float, ptr %472, align 4
-  %474 = insertelement <8 x float> poison, float %473, i32 0
-  %475 = shufflevector <8 x float> %474, <8 x float> poison, <8 x i32> zeroinitializer
-  %476 = load <8 x float>, ptr %acc01045, align 4
-  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %460, <8 x float> %476)
-  store <8 x float> %477, ptr %acc01045, align 4
-  %478 = load <8 x float>, ptr %acc01146, align 4
-  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %463, <8 x float> %478)
-  store <8 x float> %479, ptr %acc01146, align 4
-  %480 = getelementptr inbounds float, ptr %434, i64 %453
-  %481 = load float, ptr %480, align 4
-  %482 = insertelement <8 x float> poison, float %481, i32 0
-  %483 = shufflevector <8 x float> %482, <8 x float> poison, <8 x i32> zeroinitializer
-  %484 = load <8 x float>, ptr %acc02047, align 4
-  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %460, <8 x float> %484)
-  store <8 x float> %485, ptr %acc02047, align 4
-  %486 = load <8 x float>, ptr %acc02148, align 4
-  %487 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %463, <8 x float> %486)
-  store <8 x float> %487, ptr %acc02148, align 4
-  %488 = add nsw i64 %k56, 1
+  %515 = mul nsw i64 %511, 16
+  %516 = add nsw i64 %panel.off49, %515
+  %517 = getelementptr inbounds float, ptr %panels, i64 %516
+  %518 = load <8 x float>, ptr %517, align 4
+  %519 = add nsw i64 %516, 8
+  %520 = getelementptr inbounds float, ptr %panels, i64 %519
+  %521 = load <8 x float>, ptr %520, align 4
+  %522 = getelementptr inbounds float, ptr %459, i64 %511
+  %523 = load float, ptr %522, align 4
+  %524 = insertelement <8 x float> poison, float %523, i32 0
+  %525 = shufflevector <8 x float> %524, <8 x float> poison, <8 x i32> zeroinitializer
+  %526 = load <8 x float>, ptr %acc00043, align 4
+  %527 = call <8 x float> @llvm.fma.v8f32(<8 x float> %525, <8 x float> %518, <8 x float> %526)
+  store <8 x float> %527, ptr %acc00043, align 4
+  %528 = load <8 x float>, ptr %acc00144, align 4
+  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %525, <8 x float> %521, <8 x float> %528)
+  store <8 x float> %529, ptr %acc00144, align 4
+  %530 = getelementptr inbounds float, ptr %474, i64 %511
+  %531 = load float, ptr %530, align 4
+  %532 = insertelement <8 x float> poison, float %531, i32 0
+  %533 = shufflevector <8 x float> %532, <8 x float> poison, <8 x i32> zeroinitializer
+  %534 = load <8 x float>, ptr %acc01045, align 4
+  %535 = call <8 x float> @llvm.fma.v8f32(<8 x float> %533, <8 x float> %518, <8 x float> %534)
+  store <8 x float> %535, ptr %acc01045, align 4
+  %536 = load <8 x float>, ptr %acc01146, align 4
+  %537 = call <8 x float> @llvm.fma.v8f32(<8 x float> %533, <8 x float> %521, <8 x float> %536)
+  store <8 x float> %537, ptr %acc01146, align 4
+  %538 = getelementptr inbounds float, ptr %489, i64 %511
+  %539 = load float, ptr %538, align 4
+  %540 = insertelement <8 x float> poison, float %539, i32 0
+  %541 = shufflevector <8 x float> %540, <8 x float> poison, <8 x i32> zeroinitializer
+  %542 = load <8 x float>, ptr %acc02047, align 4
+  %543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %541, <8 x float> %518, <8 x float> %542)
+  store <8 x float> %543, ptr %acc02047, align 4
+  %544 = load <8 x float>, ptr %acc02148, align 4
+  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %541, <8 x float> %521, <8 x float> %544)
+  store <8 x float> %545, ptr %acc02148, align 4
+  %546 = add nsw i64 %k56, 1
   br label %k.head53
 
 k.end55:                                          ; preds = %k.head53
-  %489 = load <8 x float>, ptr %acc00043, align 4
-  store <8 x float> %489, ptr %417, align 4
-  %490 = load <8 x float>, ptr %acc00144, align 4
-  store <8 x float> %490, ptr %419, align 4
-  %491 = load <8 x float>, ptr %acc01045, align 4
-  store <8 x float> %491, ptr %429, align 4
-  %492 = load <8 x float>, ptr %acc01146, align 4
-  store <8 x float> %492, ptr %431, align 4
-  %493 = load <8 x float>, ptr %acc02047, align 4
-  store <8 x float> %493, ptr %441, align 4
-  %494 = load <8 x float>, ptr %acc02148, align 4
-  store <8 x float> %494, ptr %443, align 4
+  %547 = load <8 x float>, ptr %acc00043, align 4
+  store <8 x float> %547, ptr %466, align 4
+  %548 = load <8 x float>, ptr %acc00144, align 4
+  store <8 x float> %548, ptr %469, align 4
+  %549 = load <8 x float>, ptr %acc01045, align 4
+  store <8 x float> %549, ptr %481, align 4
+  %550 = load <8 x float>, ptr %acc01146, align 4
+  store <8 x float> %550, ptr %484, align 4
+  %551 = load <8 x float>, ptr %acc02047, align 4
+  store <8 x float> %551, ptr %496, align 4
+  %552 = load <8 x float>, ptr %acc02148, align 4
+  store <8 x float> %552, ptr %499, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
   %col59 = mul nsw i64 %p, 16
-  %495 = add nsw i64 %r0, 0
-  %496 = mul nsw i64 %495, 192
-  %497 = getelementptr inbounds float, ptr %h, i64 %496
-  %498 = getelementptr inbounds i32, ptr %rows, i64 %495
-  %499 = load i32, ptr %498, align 4
-  %500 = sext i32 %499 to i64
-  %501 = mul nsw i64 %500, 64
-  %502 = getelementptr inbounds float, ptr %y, i64 %501
-  %503 = add nsw i64 %col59, 0
-  %504 = getelementptr inbounds float, ptr %502, i64 %503
+  %553 = add nsw i64 %r0, 0
+  %554 = mul nsw i64 %553, 192
+  %555 = add nsw i64 %554, 0
+  %556 = getelementptr inbounds float, ptr %h, i64 %555
+  %557 = getelementptr inbounds i32, ptr %rows, i64 %553
+  %558 = load i32, ptr %557, align 4
+  %559 = sext i32 %558 to i64
+  %560 = mul nsw i64 %559, 64
+  %561 = getelementptr inbounds float, ptr %y, i64 %560
+  %562 = add nsw i64 %col59, 0
+  %563 = getelementptr inbounds float, ptr %561, i64 %562
+  %564 = load <8 x float>, ptr %563, align 4
   store <8 x float> zeroinitializer, ptr %acc00060, align 4
-  %505 = add nsw i64 %col59, 8
-  %506 = getelementptr inbounds float, ptr %502, i64 %505
+  %565 = add nsw i64 %col59, 8
+  %566 = getelementptr inbounds float, ptr %561, i64 %565
+  %567 = load <8 x float>, ptr %566, align 4
   store <8 x float> zeroinitializer, ptr %acc00161, align 4
-  %507 = add nsw i64 %r0, 1
-  %508 = mul nsw i64 %507, 192
-  %509 = getelementptr inbounds float, ptr %h, i64 %508
-  %510 = getelementptr inbounds i32, ptr %rows, i64 %507
-  %511 = load i32, ptr %510, align 4
-  %512 = sext i32 %511 to i64
-  %513 = mul nsw i64 %512, 64
-  %514 = getelementptr inbounds float, ptr %y, i64 %513
-  %515 = add nsw i64 %col59, 0
-  %516 = getelementptr inbounds float, ptr %514, i64 %515
+  %568 = add nsw i64 %r0, 1
+  %569 = mul nsw i64 %568, 192
+  %570 = add nsw i64 %569, 0
+  %571 = getelementptr inbounds float, ptr %h, i64 %570
+  %572 = getelementptr inbounds i32, ptr %rows, i64 %568
+  %573 = load i32, ptr %572, align 4
+  %574 = sext i32 %573 to i64
+  %575 = mul nsw i64 %574, 64
+  %576 = getelementptr inbounds float, ptr %y, i64 %575
+  %577 = add nsw i64 %col59, 0
+  %578 = getelementptr inbounds float, ptr %576, i64 %577
+  %579 = load <8 x float>, ptr %578, align 4
   store <8 x float> zeroinitializer, ptr %acc01062, align 4
-  %517 = add nsw i64 %col59, 8
-  %518 = getelementptr inbounds float, ptr %514, i64 %517
+  %580 = add nsw i64 %col59, 8
+  %581 = getelementptr inbounds float, ptr %576, i64 %580
+  %582 = load <8 x float>, ptr %581, align 4
   store <8 x float> zeroinitializer, ptr %acc01163, align 4
-  %panel.off64 = mul nsw i64 %p, 3072
-  %519 = getelementptr inbounds float, ptr %panels, i64 %panel.off64
-  %520 = add nsw i64 %p, 1
-  %521 = icmp slt i64 %520, %p1
-  %pf.on65 = and i1 %pf.on, %521
-  %522 = mul nsw i64 %rb, 12288
-  %523 = lshr i64 %522, %12
-  %524 = add nsw i64 12288, %523
-  %525 = getelementptr inbounds i8, ptr %519, i64 %524
-  %pf66 = select i1 %pf.on65, ptr %525, ptr %519
+  %583 = mul nsw i64 %p, 3072
+  %panel.off64 = add nsw i64 %583, 0
+  %584 = getelementptr inbounds float, ptr %panels, i64 %panel.off64
+  %585 = add nsw i64 %p, 1
+  %586 = icmp slt i64 %585, %p1
+  %pf.on65 = and i1 %pf.on, %586
+  %587 = mul nsw i64 %rb, 12288
+  %588 = lshr i64 %587, %12
+  %589 = add nsw i64 12288, %588
+  %590 = getelementptr inbounds i8, ptr %584, i64 %589
+  %pf66 = select i1 %pf.on65, ptr %590, ptr %584
   %pf.sh67 = select i1 %pf.on65, i64 %12, i64 0
   br label %k.head68
 
 k.head68:                                         ; preds = %pf.any.end73, %tile.mr2
-  %k71 = phi i64 [ 0, %tile.mr2 ], [ %555, %pf.any.end73 ]
-  %526 = icmp slt i64 %k71, 192
-  br i1 %526, label %k.body69, label %k.end70
+  %k71 = phi i64 [ 0, %tile.mr2 ], [ %620, %pf.any.end73 ]
+  %591 = icmp slt i64 %k71, 192
+  br i1 %591, label %k.body69, label %k.end70
 
 k.body69:                                         ; preds = %k.head68
-  %527 = mul nsw i64 %k71, 1
-  %528 = add nsw i64 %527, 0
-  %529 = mul nsw i64 %528, 64
+  %592 = mul nsw i64 %k71, 1
+  %593 = add nsw i64 %592, 0
+  %594 = mul nsw i64 %593, 64
   br i1 %pf.multi, label %pf.any.then72, label %pf.any.end73
 
 pf.any.then72:                                    ; preds = %k.body69
-  %530 = lshr i64 %529, %pf.sh67
-  %531 = getelementptr inbounds i8, ptr %pf66, i64 %530
-  call void @llvm.prefetch.p0(ptr %531, i32 0, i32 2, i32 1)
+  %595 = lshr i64 %594, %pf.sh67
+  %596 = getelementptr inbounds i8, ptr %pf66, i64 %595
+  call void @llvm.prefetch.p0(ptr %596, i32 0, i32 2, i32 1)
   br label %pf.any.end73
 
 pf.any.end73:                                     ; preds = %pf.any.then72, %k.body69
-  %532 = mul nsw i64 %528, 16
-  %533 = add nsw i64 %panel.off64, %532
-  %534 = getelementptr inbounds float, ptr %panels, i64 %533
-  %535 = load <8 x float>, ptr %534, align 4
-  %536 = add nsw i64 %533, 8
-  %537 = getelementptr inbounds float, ptr %panels, i64 %536
-  %538 = load <8 x float>, ptr %537, align 4
-  %539 = getelementptr inbounds float, ptr %497, i64 %528
-  %540 = load float, ptr %539, align 4
-  %541 = insertelement <8 x float> poison, float %540, i32 0
-  %542 = shufflevector <8 x float> %541, <8 x float> poison, <8 x i32> zeroinitializer
-  %543 = load <8 x float>, ptr %acc00060, align 4
-  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %542, <8 x float> %535, <8 x float> %543)
-  store <8 x float> %544, ptr %acc00060, align 4
-  %545 = load <8 x float>, ptr %acc00161, align 4
-  %546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %542, <8 x float> %538, <8 x float> %545)
-  store <8 x float> %546, ptr %acc00161, align 4
-  %547 = getelementptr inbounds float, ptr %509, i64 %528
-  %548 = load float, ptr %547, align 4
-  %549 = insertelement <8 x float> poison, float %548, i32 0
-  %550 = shufflevector <8 x float> %549, <8 x float> poison, <8 x i32> zeroinitializer
-  %551 = load <8 x float>, ptr %acc01062, align 4
-  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %535, <8 x float> %551)
-  store <8 x float> %552, ptr %acc01062, align 4
-  %553 = load <8 x float>, ptr %acc01163, align 4
-  %554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %538, <8 x float> %553)
-  store <8 x float> %554, ptr %acc01163, align 4
-  %555 = add nsw i64 %k71, 1
+  %597 = mul nsw i64 %593, 16
+  %598 = add nsw i64 %panel.off64, %597
+  %599 = getelementptr inbounds float, ptr %panels, i64 %598
+  %600 = load <8 x float>, ptr %599, align 4
+  %601 = add nsw i64 %598, 8
+  %602 = getelementptr inbounds float, ptr %panels, i64 %601
+  %603 = load <8 x float>, ptr %602, align 4
+  %604 = getelementptr inbounds float, ptr %556, i64 %593
+  %605 = load float, ptr %604, align 4
+  %606 = insertelement <8 x float> poison, float %605, i32 0
+  %607 = shufflevector <8 x float> %606, <8 x float> poison, <8 x i32> zeroinitializer
+  %608 = load <8 x float>, ptr %acc00060, align 4
+  %609 = call <8 x float> @llvm.fma.v8f32(<8 x float> %607, <8 x float> %600, <8 x float> %608)
+  store <8 x float> %609, ptr %acc00060, align 4
+  %610 = load <8 x float>, ptr %acc00161, align 4
+  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> %607, <8 x float> %603, <8 x float> %610)
+  store <8 x float> %611, ptr %acc00161, align 4
+  %612 = getelementptr inbounds float, ptr %571, i64 %593
+  %613 = load float, ptr %612, align 4
+  %614 = insertelement <8 x float> poison, float %613, i32 0
+  %615 = shufflevector <8 x float> %614, <8 x float> poison, <8 x i32> zeroinitializer
+  %616 = load <8 x float>, ptr %acc01062, align 4
+  %617 = call <8 x float> @llvm.fma.v8f32(<8 x float> %615, <8 x float> %600, <8 x float> %616)
+  store <8 x float> %617, ptr %acc01062, align 4
+  %618 = load <8 x float>, ptr %acc01163, align 4
+  %619 = call <8 x float> @llvm.fma.v8f32(<8 x float> %615, <8 x float> %603, <8 x float> %618)
+  store <8 x float> %619, ptr %acc01163, align 4
+  %620 = add nsw i64 %k71, 1
   br label %k.head68
 
 k.end70:                                          ; preds = %k.head68
-  %556 = load <8 x float>, ptr %acc00060, align 4
-  store <8 x float> %556, ptr %504, align 4
-  %557 = load <8 x float>, ptr %acc00161, align 4
-  store <8 x float> %557, ptr %506, align 4
-  %558 = load <8 x float>, ptr %acc01062, align 4
-  store <8 x float> %558, ptr %516, align 4
-  %559 = load <8 x float>, ptr %acc01163, align 4
-  store <8 x float> %559, ptr %518, align 4
+  %621 = load <8 x float>, ptr %acc00060, align 4
+  store <8 x float> %621, ptr %563, align 4
+  %622 = load <8 x float>, ptr %acc00161, align 4
+  store <8 x float> %622, ptr %566, align 4
+  %623 = load <8 x float>, ptr %acc01062, align 4
+  store <8 x float> %623, ptr %578, align 4
+  %624 = load <8 x float>, ptr %acc01163, align 4
+  store <8 x float> %624, ptr %581, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
   %col74 = mul nsw i64 %p, 16
-  %560 = add nsw i64 %r0, 0
-  %561 = mul nsw i64 %560, 192
-  %562 = getelementptr inbounds float, ptr %h, i64 %561
-  %563 = getelementptr inbounds i32, ptr %rows, i64 %560
-  %564 = load i32, ptr %563, align 4
-  %565 = sext i32 %564 to i64
-  %566 = mul nsw i64 %565, 64
-  %567 = getelementptr inbounds float, ptr %y, i64 %566
-  %568 = add nsw i64 %col74, 0
-  %569 = getelementptr inbounds float, ptr %567, i64 %568
+  %625 = add nsw i64 %r0, 0
+  %626 = mul nsw i64 %625, 192
+  %627 = add nsw i64 %626, 0
+  %628 = getelementptr inbounds float, ptr %h, i64 %627
+  %629 = getelementptr inbounds i32, ptr %rows, i64 %625
+  %630 = load i32, ptr %629, align 4
+  %631 = sext i32 %630 to i64
+  %632 = mul nsw i64 %631, 64
+  %633 = getelementptr inbounds float, ptr %y, i64 %632
+  %634 = add nsw i64 %col74, 0
+  %635 = getelementptr inbounds float, ptr %633, i64 %634
+  %636 = load <8 x float>, ptr %635, align 4
   store <8 x float> zeroinitializer, ptr %acc00075, align 4
-  %570 = add nsw i64 %col74, 8
-  %571 = getelementptr inbounds float, ptr %567, i64 %570
+  %637 = add nsw i64 %col74, 8
+  %638 = getelementptr inbounds float, ptr %633, i64 %637
+  %639 = load <8 x float>, ptr %638, align 4
   store <8 x float> zeroinitializer, ptr %acc00176, align 4
-  %panel.off77 = mul nsw i64 %p, 3072
-  %572 = getelementptr inbounds float, ptr %panels, i64 %panel.off77
-  %573 = add nsw i64 %p, 1
-  %574 = icmp slt i64 %573, %p1
-  %pf.on78 = and i1 %pf.on, %574
-  %575 = mul nsw i64 %rb, 12288
-  %576 = lshr i64 %575, %12
-  %577 = add nsw i64 12288, %576
-  %578 = getelementptr inbounds i8, ptr %572, i64 %577
-  %pf79 = select i1 %pf.on78, ptr %578, ptr %572
+  %640 = mul nsw i64 %p, 3072
+  %panel.off77 = add nsw i64 %640, 0
+  %641 = getelementptr inbounds float, ptr %panels, i64 %panel.off77
+  %642 = add nsw i64 %p, 1
+  %643 = icmp slt i64 %642, %p1
+  %pf.on78 = and i1 %pf.on, %643
+  %644 = mul nsw i64 %rb, 12288
+  %645 = lshr i64 %644, %12
+  %646 = add nsw i64 12288, %645
+  %647 = getelementptr inbounds i8, ptr %641, i64 %646
+  %pf79 = select i1 %pf.on78, ptr %647, ptr %641
   %pf.sh80 = select i1 %pf.on78, i64 %12, i64 0
   br label %k.head81
 
 k.head81:                                         ; preds = %pf.any.end86, %tile.mr1
-  %k84 = phi i64 [ 0, %tile.mr1 ], [ %600, %pf.any.end86 ]
-  %579 = icmp slt i64 %k84, 192
-  br i1 %579, label %k.body82, label %k.end83
+  %k84 = phi i64 [ 0, %tile.mr1 ], [ %669, %pf.any.end86 ]
+  %648 = icmp slt i64 %k84, 192
+  br i1 %648, label %k.body82, label %k.end83
 
 k.body82:                                         ; preds = %k.head81
-  %580 = mul nsw i64 %k84, 1
-  %581 = add nsw i64 %580, 0
-  %582 = mul nsw i64 %581, 64
+  %649 = mul nsw i64 %k84, 1
+  %650 = add nsw i64 %649, 0
+  %651 = mul nsw i64 %650, 64
   br i1 %pf.multi, label %pf.any.then85, label %pf.any.end86
 
 pf.any.then85:                                    ; preds = %k.body82
-  %583 = lshr i64 %582, %pf.sh80
-  %584 = getelementptr inbounds i8, ptr %pf79, i64 %583
-  call void @llvm.prefetch.p0(ptr %584, i32 0, i32 2, i32 1)
+  %652 = lshr i64 %651, %pf.sh80
+  %653 = getelementptr inbounds i8, ptr %pf79, i64 %652
+  call void @llvm.prefetch.p0(ptr %653, i32 0, i32 2, i32 1)
   br label %pf.any.end86
 
 pf.any.end86:                                     ; preds = %pf.any.then85, %k.body82
-  %585 = mul nsw i64 %581, 16
-  %586 = add nsw i64 %panel.off77, %585
-  %587 = getelementptr inbounds float, ptr %panels, i64 %586
-  %588 = load <8 x float>, ptr %587, align 4
-  %589 = add nsw i64 %586, 8
-  %590 = getelementptr inbounds float, ptr %panels, i64 %589
-  %591 = load <8 x float>, ptr %590, align 4
-  %592 = getelementptr inbounds float, ptr %562, i64 %581
-  %593 = load float, ptr %592, align 4
-  %594 = insertelement <8 x float> poison, float %593, i32 0
-  %595 = shufflevector <8 x float> %594, <8 x float> poison, <8 x i32> zeroinitializer
-  %596 = load <8 x float>, ptr %acc00075, align 4
-  %597 = call <8 x float> @llvm.fma.v8f32(<8 x float> %595, <8 x float> %588, <8 x float> %596)
-  store <8 x float> %597, ptr %acc00075, align 4
-  %598 = load <8 x float>, ptr %acc00176, align 4
-  %599 = call <8 x float> @llvm.fma.v8f32(<8 x float> %595, <8 x float> %591, <8 x float> %598)
-  store <8 x float> %599, ptr %acc00176, align 4
-  %600 = add nsw i64 %k84, 1
+  %654 = mul nsw i64 %650, 16
+  %655 = add nsw i64 %panel.off77, %654
+  %656 = getelementptr inbounds float, ptr %panels, i64 %655
+  %657 = load <8 x float>, ptr %656, align 4
+  %658 = add nsw i64 %655, 8
+  %659 = getelementptr inbounds float, ptr %panels, i64 %658
+  %660 = load <8 x float>, ptr %659, align 4
+  %661 = getelementptr inbounds float, ptr %628, i64 %650
+  %662 = load float, ptr %661, align 4
+  %663 = insertelement <8 x float> poison, float %662, i32 0
+  %664 = shufflevector <8 x float> %663, <8 x float> poison, <8 x i32> zeroinitializer
+  %665 = load <8 x float>, ptr %acc00075, align 4
+  %666 = call <8 x float> @llvm.fma.v8f32(<8 x float> %664, <8 x float> %657, <8 x float> %665)
+  store <8 x float> %666, ptr %acc00075, align 4
+  %667 = load <8 x float>, ptr %acc00176, align 4
+  %668 = call <8 x float> @llvm.fma.v8f32(<8 x float> %664, <8 x float> %660, <8 x float> %667)
+  store <8 x float> %668, ptr %acc00176, align 4
+  %669 = add nsw i64 %k84, 1
   br label %k.head81
 
 k.end83:                                          ; preds = %k.head81
-  %601 = load <8 x float>, ptr %acc00075, align 4
-  store <8 x float> %601, ptr %569, align 4
-  %602 = load <8 x float>, ptr %acc00176, align 4
-  store <8 x float> %602, ptr %571, align 4
+  %670 = load <8 x float>, ptr %acc00075, align 4
+  store <8 x float> %670, ptr %635, align 4
+  %671 = load <8 x float>, ptr %acc00176, align 4
+  store <8 x float> %671, ptr %638, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end83, %k.end70, %k.end55, %k.end38, %k.end19, %k.end
-  %603 = add nsw i64 %rb, 1
+  %672 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %604 = add nsw i64 %p, 1
+  %673 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

@@ -21,24 +21,24 @@ entry:
   %qacc1 = alloca <16 x float>, align 32
   %qacc2 = alloca <16 x float>, align 32
   %qacc3 = alloca <16 x float>, align 32
-  %qacc8 = alloca <8 x float>, align 32
-  %qacc9 = alloca <8 x float>, align 32
-  %qacc10 = alloca <8 x float>, align 32
-  %qacc11 = alloca <8 x float>, align 32
-  %qacc20 = alloca <16 x float>, align 32
-  %qacc21 = alloca <16 x float>, align 32
-  %qacc36 = alloca <8 x float>, align 32
-  %qacc51 = alloca <16 x float>, align 32
-  %qacc52 = alloca <16 x float>, align 32
-  %qacc53 = alloca <16 x float>, align 32
-  %qacc54 = alloca <16 x float>, align 32
-  %qacc68 = alloca <8 x float>, align 32
-  %qacc69 = alloca <8 x float>, align 32
-  %qacc70 = alloca <8 x float>, align 32
-  %qacc71 = alloca <8 x float>, align 32
-  %qacc84 = alloca <16 x float>, align 32
-  %qacc85 = alloca <16 x float>, align 32
-  %qacc100 = alloca <8 x float>, align 32
+  %qacc12 = alloca <8 x float>, align 32
+  %qacc13 = alloca <8 x float>, align 32
+  %qacc14 = alloca <8 x float>, align 32
+  %qacc15 = alloca <8 x float>, align 32
+  %qacc30 = alloca <16 x float>, align 32
+  %qacc31 = alloca <16 x float>, align 32
+  %qacc52 = alloca <8 x float>, align 32
+  %qacc73 = alloca <16 x float>, align 32
+  %qacc74 = alloca <16 x float>, align 32
+  %qacc75 = alloca <16 x float>, align 32
+  %qacc76 = alloca <16 x float>, align 32
+  %qacc96 = alloca <8 x float>, align 32
+  %qacc97 = alloca <8 x float>, align 32
+  %qacc98 = alloca <8 x float>, align 32
+  %qacc99 = alloca <8 x float>, align 32
+  %qacc118 = alloca <16 x float>, align 32
+  %qacc119 = alloca <16 x float>, align 32
+  %qacc140 = alloca <8 x float>, align 32
   %idx = alloca [4 x i64], align 32
   %w = alloca [4 x float], align 32
   %smax = alloca float, align 32
@@ -51,7 +51,7 @@ start:                                            ; preds = %entry
   br label %tg.head
 
 tg.head:                                          ; preds = %t.end, %start
-  %tg = phi i64 [ %t0, %start ], [ %696, %t.end ]
+  %tg = phi i64 [ %t0, %start ], [ %864, %t.end ]
   %0 = icmp slt i64 %tg, %t1
   br i1 %0, label %tg.body, label %tg.end
 
@@ -66,946 +66,1202 @@ tg.body:                                          ; preds = %tg.head
   br label %qb.head
 
 qb.head:                                          ; preds = %rb.end, %tg.body
-  %qb = phi i64 [ 0, %tg.body ], [ %84, %rb.end ]
+  %qb = phi i64 [ 0, %tg.body ], [ %105, %rb.end ]
   %6 = icmp slt i64 %qb, 4
   br i1 %6, label %qb.body, label %qb.end
 
 qb.body:                                          ; preds = %qb.head
   %7 = mul nsw i64 %qb, 8
+  %8 = sub nsw i64 %full, 0
+  %ntile = sdiv i64 %8, 4
+  %9 = icmp sge i64 %ntile, 2
+  %10 = select i1 %9, i64 1, i64 0
+  %11 = icmp sge i64 %ntile, 4
+  %12 = select i1 %11, i64 2, i64 %10
+  %13 = icmp sge i64 %ntile, 8
+  %14 = select i1 %13, i64 3, i64 %12
+  %15 = add nsw i64 %qb, 2
+  %more = icmp slt i64 %15, 4
+  %16 = mul nsw i64 %15, 16384
+  %17 = getelementptr inbounds i8, ptr %router, i64 %16
   br label %rb.head
 
 rb.head:                                          ; preds = %qh.end, %qb.body
-  %rb = phi i64 [ 0, %qb.body ], [ %83, %qh.end ]
-  %8 = icmp slt i64 %rb, %full
-  br i1 %8, label %rb.body, label %rb.end
+  %rb = phi i64 [ 0, %qb.body ], [ %104, %qh.end ]
+  %18 = icmp slt i64 %rb, %full
+  br i1 %18, label %rb.body, label %rb.end
 
 rb.body:                                          ; preds = %rb.head
-  %9 = add nsw i64 %rb, 0
-  %10 = mul nsw i64 %9, 512
-  %11 = getelementptr inbounds float, ptr %4, i64 %10
-  %12 = mul nsw i64 %9, 32
-  %13 = add nsw i64 %12, %7
-  %14 = getelementptr inbounds float, ptr %lb, i64 %13
-  %15 = add nsw i64 %rb, 1
-  %16 = mul nsw i64 %15, 512
-  %17 = getelementptr inbounds float, ptr %4, i64 %16
-  %18 = mul nsw i64 %15, 32
-  %19 = add nsw i64 %18, %7
-  %20 = getelementptr inbounds float, ptr %lb, i64 %19
-  %21 = add nsw i64 %rb, 2
-  %22 = mul nsw i64 %21, 512
-  %23 = getelementptr inbounds float, ptr %4, i64 %22
-  %24 = mul nsw i64 %21, 32
-  %25 = add nsw i64 %24, %7
-  %26 = getelementptr inbounds float, ptr %lb, i64 %25
-  %27 = add nsw i64 %rb, 3
+  %19 = sub nsw i64 %rb, 0
+  %j = sdiv i64 %19, 4
+  %20 = shl i64 1, %14
+  %21 = icmp slt i64 %j, %20
+  %22 = icmp sgt i64 %ntile, 1
+  %23 = and i1 %more, %22
+  %pf.on = and i1 %23, %21
+  %24 = mul nsw i64 %j, 32768
+  %25 = lshr i64 %24, %14
+  %26 = getelementptr inbounds i8, ptr %17, i64 %25
+  %27 = add nsw i64 %rb, 0
   %28 = mul nsw i64 %27, 512
   %29 = getelementptr inbounds float, ptr %4, i64 %28
   %30 = mul nsw i64 %27, 32
   %31 = add nsw i64 %30, %7
   %32 = getelementptr inbounds float, ptr %lb, i64 %31
+  %33 = add nsw i64 %rb, 1
+  %34 = mul nsw i64 %33, 512
+  %35 = getelementptr inbounds float, ptr %4, i64 %34
+  %36 = mul nsw i64 %33, 32
+  %37 = add nsw i64 %36, %7
+  %38 = getelementptr inbounds float, ptr %lb, i64 %37
+  %39 = add nsw i64 %rb, 2
+  %40 = mul nsw i64 %39, 512
+  %41 = getelementptr inbounds float, ptr %4, i64 %40
+  %42 = mul nsw i64 %39, 32
+  %43 = add nsw i64 %42, %7
+  %44 = getelementptr inbounds float, ptr %lb, i64 %43
+  %45 = add nsw i64 %rb, 3
+  %46 = mul nsw i64 %45, 512
+  %47 = getelementptr inbounds float, ptr %4, i64 %46
+  %48 = mul nsw i64 %45, 32
+  %49 = add nsw i64 %48, %7
+  %50 = getelementptr inbounds float, ptr %lb, i64 %49
   store <16 x float> zeroinitializer, ptr %qacc, align 4
   store <16 x float> zeroinitializer, ptr %qacc1, align 4
   store <16 x float> zeroinitializer, ptr %qacc2, align 4
   store <16 x float> zeroinitializer, ptr %qacc3, align 4
   br label %qh.head
 
-qh.head:                                          ; preds = %qh.body, %rb.body
-  %qh = phi i64 [ 0, %rb.body ], [ %74, %qh.body ]
-  %33 = icmp slt i64 %qh, 512
-  br i1 %33, label %qh.body, label %qh.end
+qh.head:                                          ; preds = %pf.end, %rb.body
+  %qh = phi i64 [ 0, %rb.body ], [ %95, %pf.end ]
+  %51 = icmp slt i64 %qh, 512
+  br i1 %51, label %qh.body, label %qh.end
 
 qh.body:                                          ; preds = %qh.head
-  %34 = add nsw i64 %qb, 0
-  %35 = mul nsw i64 %qh, 8
-  %36 = mul nsw i64 %34, 4096
-  %37 = add nsw i64 %36, %35
-  %38 = getelementptr inbounds float, ptr %router, i64 %37
-  %39 = load <8 x float>, ptr %38, align 4
-  %40 = add nsw i64 %qb, 1
-  %41 = mul nsw i64 %qh, 8
-  %42 = mul nsw i64 %40, 4096
-  %43 = add nsw i64 %42, %41
-  %44 = getelementptr inbounds float, ptr %router, i64 %43
-  %45 = load <8 x float>, ptr %44, align 4
-  %w16 = shufflevector <8 x float> %39, <8 x float> %45, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %46 = getelementptr inbounds float, ptr %11, i64 %qh
-  %47 = load float, ptr %46, align 4
-  %48 = insertelement <16 x float> poison, float %47, i32 0
-  %49 = shufflevector <16 x float> %48, <16 x float> poison, <16 x i32> zeroinitializer
-  %50 = load <16 x float>, ptr %qacc, align 4
-  %51 = fmul <16 x float> %49, %w16
-  %52 = fadd <16 x float> %50, %51
-  store <16 x float> %52, ptr %qacc, align 4
-  %53 = getelementptr inbounds float, ptr %17, i64 %qh
-  %54 = load float, ptr %53, align 4
-  %55 = insertelement <16 x float> poison, float %54, i32 0
-  %56 = shufflevector <16 x float> %55, <16 x float> poison, <16 x i32> zeroinitializer
-  %57 = load <16 x float>, ptr %qacc1, align 4
-  %58 = fmul <16 x float> %56, %w16
-  %59 = fadd <16 x float> %57, %58
-  store <16 x float> %59, ptr %qacc1, align 4
-  %60 = getelementptr inbounds float, ptr %23, i64 %qh
-  %61 = load float, ptr %60, align 4
-  %62 = insertelement <16 x float> poison, float %61, i32 0
-  %63 = shufflevector <16 x float> %62, <16 x float> poison, <16 x i32> zeroinitializer
-  %64 = load <16 x float>, ptr %qacc2, align 4
-  %65 = fmul <16 x float> %63, %w16
-  %66 = fadd <16 x float> %64, %65
-  store <16 x float> %66, ptr %qacc2, align 4
+  br i1 %pf.on, label %pf.then, label %pf.end
+
+pf.then:                                          ; preds = %qh.body
+  %52 = mul nsw i64 %qh, 64
+  %53 = lshr i64 %52, %14
+  %54 = getelementptr inbounds i8, ptr %26, i64 %53
+  call void @llvm.prefetch.p0(ptr %54, i32 0, i32 2, i32 1)
+  br label %pf.end
+
+pf.end:                                           ; preds = %pf.then, %qh.body
+  %55 = add nsw i64 %qb, 0
+  %56 = mul nsw i64 %qh, 8
+  %57 = mul nsw i64 %55, 4096
+  %58 = add nsw i64 %57, %56
+  %59 = getelementptr inbounds float, ptr %router, i64 %58
+  %60 = load <8 x float>, ptr %59, align 4
+  %61 = add nsw i64 %qb, 1
+  %62 = mul nsw i64 %qh, 8
+  %63 = mul nsw i64 %61, 4096
+  %64 = add nsw i64 %63, %62
+  %65 = getelementptr inbounds float, ptr %router, i64 %64
+  %66 = load <8 x float>, ptr %65, align 4
+  %w16 = shufflevector <8 x float> %60, <8 x float> %66, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
   %67 = getelementptr inbounds float, ptr %29, i64 %qh
   %68 = load float, ptr %67, align 4
   %69 = insertelement <16 x float> poison, float %68, i32 0
   %70 = shufflevector <16 x float> %69, <16 x float> poison, <16 x i32> zeroinitializer
-  %71 = load <16 x float>, ptr %qacc3, align 4
+  %71 = load <16 x float>, ptr %qacc, align 4
   %72 = fmul <16 x float> %70, %w16
   %73 = fadd <16 x float> %71, %72
-  store <16 x float> %73, ptr %qacc3, align 4
-  %74 = add nsw i64 %qh, 1
+  store <16 x float> %73, ptr %qacc, align 4
+  %74 = getelementptr inbounds float, ptr %35, i64 %qh
+  %75 = load float, ptr %74, align 4
+  %76 = insertelement <16 x float> poison, float %75, i32 0
+  %77 = shufflevector <16 x float> %76, <16 x float> poison, <16 x i32> zeroinitializer
+  %78 = load <16 x float>, ptr %qacc1, align 4
+  %79 = fmul <16 x float> %77, %w16
+  %80 = fadd <16 x float> %78, %79
+  store <16 x float> %80, ptr %qacc1, align 4
+  %81 = getelementptr inbounds float, ptr %41, i64 %qh
+  %82 = load float, ptr %81, align 4
+  %83 = insertelement <16 x float> poison, float %82, i32 0
+  %84 = shufflevector <16 x float> %83, <16 x float> poison, <16 x i32> zeroinitializer
+  %85 = load <16 x float>, ptr %qacc2, align 4
+  %86 = fmul <16 x float> %84, %w16
+  %87 = fadd <16 x float> %85, %86
+  store <16 x float> %87, ptr %qacc2, align 4
+  %88 = getelementptr inbounds float, ptr %47, i64 %qh
+  %89 = load float, ptr %88, align 4
+  %90 = insertelement <16 x float> poison, float %89, i32 0
+  %91 = shufflevector <16 x float> %90, <16 x float> poison, <16 x i32> zeroinitializer
+  %92 = load <16 x float>, ptr %qacc3, align 4
+  %93 = fmul <16 x float> %91, %w16
+  %94 = fadd <16 x float> %92, %93
+  store <16 x float> %94, ptr %qacc3, align 4
+  %95 = add nsw i64 %qh, 1
   br label %qh.head
 
 qh.end:                                           ; preds = %qh.head
-  %75 = load <16 x float>, ptr %qacc, align 4
-  %76 = load <16 x float>, ptr %qacc1, align 4
-  %77 = load <16 x float>, ptr %qacc2, align 4
-  %78 = load <16 x float>, ptr %qacc3, align 4
-  %79 = getelementptr inbounds float, ptr %14, i64 0
-  store <16 x float> %75, ptr %79, align 4
-  %80 = getelementptr inbounds float, ptr %20, i64 0
-  store <16 x float> %76, ptr %80, align 4
-  %81 = getelementptr inbounds float, ptr %26, i64 0
-  store <16 x float> %77, ptr %81, align 4
-  %82 = getelementptr inbounds float, ptr %32, i64 0
-  store <16 x float> %78, ptr %82, align 4
-  %83 = add nsw i64 %rb, 4
+  %96 = load <16 x float>, ptr %qacc, align 4
+  %97 = load <16 x float>, ptr %qacc1, align 4
+  %98 = load <16 x float>, ptr %qacc2, align 4
+  %99 = load <16 x float>, ptr %qacc3, align 4
+  %100 = getelementptr inbounds float, ptr %32, i64 0
+  store <16 x float> %96, ptr %100, align 4
+  %101 = getelementptr inbounds float, ptr %38, i64 0
+  store <16 x float> %97, ptr %101, align 4
+  %102 = getelementptr inbounds float, ptr %44, i64 0
+  store <16 x float> %98, ptr %102, align 4
+  %103 = getelementptr inbounds float, ptr %50, i64 0
+  store <16 x float> %99, ptr %103, align 4
+  %104 = add nsw i64 %rb, 4
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %84 = add nsw i64 %qb, 2
+  %105 = add nsw i64 %qb, 2
   br label %qb.head
 
 qb.end:                                           ; preds = %qb.head
   br label %qb1.head
 
-qb1.head:                                         ; preds = %rb.end6, %qb.end
-  %qb1 = phi i64 [ 4, %qb.end ], [ %157, %rb.end6 ]
-  %85 = icmp slt i64 %qb1, 4
-  br i1 %85, label %qb1.body, label %qb1.end
+qb1.head:                                         ; preds = %rb.end8, %qb.end
+  %qb1 = phi i64 [ 4, %qb.end ], [ %199, %rb.end8 ]
+  %106 = icmp slt i64 %qb1, 4
+  br i1 %106, label %qb1.body, label %qb1.end
 
 qb1.body:                                         ; preds = %qb1.head
-  %86 = mul nsw i64 %qb1, 8
-  br label %rb.head4
+  %107 = mul nsw i64 %qb1, 8
+  %108 = sub nsw i64 %full, 0
+  %ntile4 = sdiv i64 %108, 4
+  %109 = icmp sge i64 %ntile4, 2
+  %110 = select i1 %109, i64 1, i64 0
+  %111 = icmp sge i64 %ntile4, 4
+  %112 = select i1 %111, i64 2, i64 %110
+  %113 = icmp sge i64 %ntile4, 8
+  %114 = select i1 %113, i64 3, i64 %112
+  %115 = add nsw i64 %qb1, 1
+  %more5 = icmp slt i64 %115, 4
+  %116 = mul nsw i64 %115, 16384
+  %117 = getelementptr inbounds i8, ptr %router, i64 %116
+  br label %rb.head6
 
-rb.head4:                                         ; preds = %qh.end14, %qb1.body
-  %rb7 = phi i64 [ 0, %qb1.body ], [ %156, %qh.end14 ]
-  %87 = icmp slt i64 %rb7, %full
-  br i1 %87, label %rb.body5, label %rb.end6
+rb.head6:                                         ; preds = %qh.end18, %qb1.body
+  %rb9 = phi i64 [ 0, %qb1.body ], [ %198, %qh.end18 ]
+  %118 = icmp slt i64 %rb9, %full
+  br i1 %118, label %rb.body7, label %rb.end8
 
-rb.body5:                                         ; preds = %rb.head4
-  %88 = add nsw i64 %rb7, 0
-  %89 = mul nsw i64 %88, 512
-  %90 = getelementptr inbounds float, ptr %4, i64 %89
-  %91 = mul nsw i64 %88, 32
-  %92 = add nsw i64 %91, %86
-  %93 = getelementptr inbounds float, ptr %lb, i64 %92
-  %94 = add nsw i64 %rb7, 1
-  %95 = mul nsw i64 %94, 512
-  %96 = getelementptr inbounds float, ptr %4, i64 %95
-  %97 = mul nsw i64 %94, 32
-  %98 = add nsw i64 %97, %86
-  %99 = getelementptr inbounds float, ptr %lb, i64 %98
-  %100 = add nsw i64 %rb7, 2
-  %101 = mul nsw i64 %100, 512
-  %102 = getelementptr inbounds float, ptr %4, i64 %101
-  %103 = mul nsw i64 %100, 32
-  %104 = add nsw i64 %103, %86
-  %105 = getelementptr inbounds float, ptr %lb, i64 %104
-  %106 = add nsw i64 %rb7, 3
-  %107 = mul nsw i64 %106, 512
-  %108 = getelementptr inbounds float, ptr %4, i64 %107
-  %109 = mul nsw i64 %106, 32
-  %110 = add nsw i64 %109, %86
-  %111 = getelementptr inbounds float, ptr %lb, i64 %110
-  store <8 x float> zeroinitializer, ptr %qacc8, align 4
-  store <8 x float> zeroinitializer, ptr %qacc9, align 4
-  store <8 x float> zeroinitializer, ptr %qacc10, align 4
-  store <8 x float> zeroinitializer, ptr %qacc11, align 4
-  br label %qh.head12
+rb.body7:                                         ; preds = %rb.head6
+  %119 = sub nsw i64 %rb9, 0
+  %j10 = sdiv i64 %119, 4
+  %120 = shl i64 1, %114
+  %121 = icmp slt i64 %j10, %120
+  %122 = icmp sgt i64 %ntile4, 1
+  %123 = and i1 %more5, %122
+  %pf.on11 = and i1 %123, %121
+  %124 = mul nsw i64 %j10, 16384
+  %125 = lshr i64 %124, %114
+  %126 = getelementptr inbounds i8, ptr %117, i64 %125
+  %127 = add nsw i64 %rb9, 0
+  %128 = mul nsw i64 %127, 512
+  %129 = getelementptr inbounds float, ptr %4, i64 %128
+  %130 = mul nsw i64 %127, 32
+  %131 = add nsw i64 %130, %107
+  %132 = getelementptr inbounds float, ptr %lb, i64 %131
+  %133 = add nsw i64 %rb9, 1
+  %134 = mul nsw i64 %133, 512
+  %135 = getelementptr inbounds float, ptr %4, i64 %134
+  %136 = mul nsw i64 %133, 32
+  %137 = add nsw i64 %136, %107
+  %138 = getelementptr inbounds float, ptr %lb, i64 %137
+  %139 = add nsw i64 %rb9, 2
+  %140 = mul nsw i64 %139, 512
+  %141 = getelementptr inbounds float, ptr %4, i64 %140
+  %142 = mul nsw i64 %139, 32
+  %143 = add nsw i64 %142, %107
+  %144 = getelementptr inbounds float, ptr %lb, i64 %143
+  %145 = add nsw i64 %rb9, 3
+  %146 = mul nsw i64 %145, 512
+  %147 = getelementptr inbounds float, ptr %4, i64 %146
+  %148 = mul nsw i64 %145, 32
+  %149 = add nsw i64 %148, %107
+  %150 = getelementptr inbounds float, ptr %lb, i64 %149
+  store <8 x float> zeroinitializer, ptr %qacc12, align 4
+  store <8 x float> zeroinitializer, ptr %qacc13, align 4
+  store <8 x float> zeroinitializer, ptr %qacc14, align 4
+  store <8 x float> zeroinitializer, ptr %qacc15, align 4
+  br label %qh.head16
 
-qh.head12:                                        ; preds = %qh.body13, %rb.body5
-  %qh15 = phi i64 [ 0, %rb.body5 ], [ %147, %qh.body13 ]
-  %112 = icmp slt i64 %qh15, 512
-  br i1 %112, label %qh.body13, label %qh.end14
+qh.head16:                                        ; preds = %pf.end21, %rb.body7
+  %qh19 = phi i64 [ 0, %rb.body7 ], [ %189, %pf.end21 ]
+  %151 = icmp slt i64 %qh19, 512
+  br i1 %151, label %qh.body17, label %qh.end18
 
-qh.body13:                                        ; preds = %qh.head12
-  %113 = add nsw i64 %qb1, 0
-  %114 = mul nsw i64 %qh15, 8
-  %115 = mul nsw i64 %113, 4096
-  %116 = add nsw i64 %115, %114
-  %117 = getelementptr inbounds float, ptr %router, i64 %116
-  %118 = load <8 x float>, ptr %117, align 4
-  %119 = getelementptr inbounds float, ptr %90, i64 %qh15
-  %120 = load float, ptr %119, align 4
-  %121 = insertelement <8 x float> poison, float %120, i32 0
-  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
-  %123 = load <8 x float>, ptr %qacc8, align 4
-  %124 = fmul <8 x float> %122, %118
-  %125 = fadd <8 x float> %123, %124
-  store <8 x float> %125, ptr %qacc8, align 4
-  %126 = getelementptr inbounds float, ptr %96, i64 %qh15
-  %127 = load float, ptr %126, align 4
-  %128 = insertelement <8 x float> poison, float %127, i32 0
-  %129 = shufflevector <8 x float> %128, <8 x float> poison, <8 x i32> zeroinitializer
-  %130 = load <8 x float>, ptr %qacc9, align 4
-  %131 = fmul <8 x float> %129, %118
-  %132 = fadd <8 x float> %130, %131
-  store <8 x float> %132, ptr %qacc9, align 4
-  %133 = getelementptr inbounds float, ptr %102, i64 %qh15
-  %134 = load float, ptr %133, align 4
-  %135 = insertelement <8 x float> poison, float %134, i32 0
-  %136 = shufflevector <8 x float> %135, <8 x float> poison, <8 x i32> zeroinitializer
-  %137 = load <8 x float>, ptr %qacc10, align 4
-  %138 = fmul <8 x float> %136, %118
-  %139 = fadd <8 x float> %137, %138
-  store <8 x float> %139, ptr %qacc10, align 4
-  %140 = getelementptr inbounds float, ptr %108, i64 %qh15
-  %141 = load float, ptr %140, align 4
-  %142 = insertelement <8 x float> poison, float %141, i32 0
-  %143 = shufflevector <8 x float> %142, <8 x float> poison, <8 x i32> zeroinitializer
-  %144 = load <8 x float>, ptr %qacc11, align 4
-  %145 = fmul <8 x float> %143, %118
-  %146 = fadd <8 x float> %144, %145
-  store <8 x float> %146, ptr %qacc11, align 4
-  %147 = add nsw i64 %qh15, 1
-  br label %qh.head12
+qh.body17:                                        ; preds = %qh.head16
+  br i1 %pf.on11, label %pf.then20, label %pf.end21
 
-qh.end14:                                         ; preds = %qh.head12
-  %148 = load <8 x float>, ptr %qacc8, align 4
-  %149 = load <8 x float>, ptr %qacc9, align 4
-  %150 = load <8 x float>, ptr %qacc10, align 4
-  %151 = load <8 x float>, ptr %qacc11, align 4
-  %152 = getelementptr inbounds float, ptr %93, i64 0
-  store <8 x float> %148, ptr %152, align 4
-  %153 = getelementptr inbounds float, ptr %99, i64 0
-  store <8 x float> %149, ptr %153, align 4
-  %154 = getelementptr inbounds float, ptr %105, i64 0
-  store <8 x float> %150, ptr %154, align 4
-  %155 = getelementptr inbounds float, ptr %111, i64 0
-  store <8 x float> %151, ptr %155, align 4
-  %156 = add nsw i64 %rb7, 4
-  br label %rb.head4
+pf.then20:                                        ; preds = %qh.body17
+  %152 = mul nsw i64 %qh19, 32
+  %153 = lshr i64 %152, %114
+  %154 = getelementptr inbounds i8, ptr %126, i64 %153
+  call void @llvm.prefetch.p0(ptr %154, i32 0, i32 2, i32 1)
+  br label %pf.end21
 
-rb.end6:                                          ; preds = %rb.head4
-  %157 = add nsw i64 %qb1, 1
+pf.end21:                                         ; preds = %pf.then20, %qh.body17
+  %155 = add nsw i64 %qb1, 0
+  %156 = mul nsw i64 %qh19, 8
+  %157 = mul nsw i64 %155, 4096
+  %158 = add nsw i64 %157, %156
+  %159 = getelementptr inbounds float, ptr %router, i64 %158
+  %160 = load <8 x float>, ptr %159, align 4
+  %161 = getelementptr inbounds float, ptr %129, i64 %qh19
+  %162 = load float, ptr %161, align 4
+  %163 = insertelement <8 x float> poison, float %162, i32 0
+  %164 = shufflevector <8 x float> %163, <8 x float> poison, <8 x i32> zeroinitializer
+  %165 = load <8 x float>, ptr %qacc12, align 4
+  %166 = fmul <8 x float> %164, %160
+  %167 = fadd <8 x float> %165, %166
+  store <8 x float> %167, ptr %qacc12, align 4
+  %168 = getelementptr inbounds float, ptr %135, i64 %qh19
+  %169 = load float, ptr %168, align 4
+  %170 = insertelement <8 x float> poison, float %169, i32 0
+  %171 = shufflevector <8 x float> %170, <8 x float> poison, <8 x i32> zeroinitializer
+  %172 = load <8 x float>, ptr %qacc13, align 4
+  %173 = fmul <8 x float> %171, %160
+  %174 = fadd <8 x float> %172, %173
+  store <8 x float> %174, ptr %qacc13, align 4
+  %175 = getelementptr inbounds float, ptr %141, i64 %qh19
+  %176 = load float, ptr %175, align 4
+  %177 = insertelement <8 x float> poison, float %176, i32 0
+  %178 = shufflevector <8 x float> %177, <8 x float> poison, <8 x i32> zeroinitializer
+  %179 = load <8 x float>, ptr %qacc14, align 4
+  %180 = fmul <8 x float> %178, %160
+  %181 = fadd <8 x float> %179, %180
+  store <8 x float> %181, ptr %qacc14, align 4
+  %182 = getelementptr inbounds float, ptr %147, i64 %qh19
+  %183 = load float, ptr %182, align 4
+  %184 = insertelement <8 x float> poison, float %183, i32 0
+  %185 = shufflevector <8 x float> %184, <8 x float> poison, <8 x i32> zeroinitializer
+  %186 = load <8 x float>, ptr %qacc15, align 4
+  %187 = fmul <8 x float> %185, %160
+  %188 = fadd <8 x float> %186, %187
+  store <8 x float> %188, ptr %qacc15, align 4
+  %189 = add nsw i64 %qh19, 1
+  br label %qh.head16
+
+qh.end18:                                         ; preds = %qh.head16
+  %190 = load <8 x float>, ptr %qacc12, align 4
+  %191 = load <8 x float>, ptr %qacc13, align 4
+  %192 = load <8 x float>, ptr %qacc14, align 4
+  %193 = load <8 x float>, ptr %qacc15, align 4
+  %194 = getelementptr inbounds float, ptr %132, i64 0
+  store <8 x float> %190, ptr %194, align 4
+  %195 = getelementptr inbounds float, ptr %138, i64 0
+  store <8 x float> %191, ptr %195, align 4
+  %196 = getelementptr inbounds float, ptr %144, i64 0
+  store <8 x float> %192, ptr %196, align 4
+  %197 = getelementptr inbounds float, ptr %150, i64 0
+  store <8 x float> %193, ptr %197, align 4
+  %198 = add nsw i64 %rb9, 4
+  br label %rb.head6
+
+rb.end8:                                          ; preds = %rb.head6
+  %199 = add nsw i64 %qb1, 1
   br label %qb1.head
 
 qb1.end:                                          ; preds = %qb1.head
-  br label %qb.head16
+  br label %qb.head22
 
-qb.head16:                                        ; preds = %r1.end, %qb1.end
-  %qb19 = phi i64 [ 0, %qb1.end ], [ %208, %r1.end ]
-  %158 = icmp slt i64 %qb19, 4
-  br i1 %158, label %qb.body17, label %qb.end18
+qb.head22:                                        ; preds = %r1.end, %qb1.end
+  %qb25 = phi i64 [ 0, %qb1.end ], [ %271, %r1.end ]
+  %200 = icmp slt i64 %qb25, 4
+  br i1 %200, label %qb.body23, label %qb.end24
 
-qb.body17:                                        ; preds = %qb.head16
-  %159 = mul nsw i64 %qb19, 8
+qb.body23:                                        ; preds = %qb.head22
+  %201 = mul nsw i64 %qb25, 8
+  %202 = sub nsw i64 %gn, %full
+  %ntile26 = sdiv i64 %202, 1
+  %203 = icmp sge i64 %ntile26, 2
+  %204 = select i1 %203, i64 1, i64 0
+  %205 = icmp sge i64 %ntile26, 4
+  %206 = select i1 %205, i64 2, i64 %204
+  %207 = icmp sge i64 %ntile26, 8
+  %208 = select i1 %207, i64 3, i64 %206
+  %209 = add nsw i64 %qb25, 4
+  %more27 = icmp slt i64 %209, 4
+  %210 = mul nsw i64 %209, 16384
+  %211 = getelementptr inbounds i8, ptr %router, i64 %210
   br label %r1.head
 
-r1.head:                                          ; preds = %qh.end24, %qb.body17
-  %r1 = phi i64 [ %full, %qb.body17 ], [ %207, %qh.end24 ]
-  %160 = icmp slt i64 %r1, %gn
-  br i1 %160, label %r1.body, label %r1.end
+r1.head:                                          ; preds = %qh.end34, %qb.body23
+  %r1 = phi i64 [ %full, %qb.body23 ], [ %270, %qh.end34 ]
+  %212 = icmp slt i64 %r1, %gn
+  br i1 %212, label %r1.body, label %r1.end
 
 r1.body:                                          ; preds = %r1.head
-  %161 = add nsw i64 %r1, 0
-  %162 = mul nsw i64 %161, 512
-  %163 = getelementptr inbounds float, ptr %4, i64 %162
-  %164 = mul nsw i64 %161, 32
-  %165 = add nsw i64 %164, %159
-  %166 = getelementptr inbounds float, ptr %lb, i64 %165
-  store <16 x float> zeroinitializer, ptr %qacc20, align 4
-  store <16 x float> zeroinitializer, ptr %qacc21, align 4
-  br label %qh.head22
+  %213 = sub nsw i64 %r1, %full
+  %j28 = sdiv i64 %213, 1
+  %214 = shl i64 1, %208
+  %215 = icmp slt i64 %j28, %214
+  %216 = icmp sgt i64 %ntile26, 1
+  %217 = and i1 %more27, %216
+  %pf.on29 = and i1 %217, %215
+  %218 = mul nsw i64 %j28, 65536
+  %219 = lshr i64 %218, %208
+  %220 = getelementptr inbounds i8, ptr %211, i64 %219
+  %221 = add nsw i64 %r1, 0
+  %222 = mul nsw i64 %221, 512
+  %223 = getelementptr inbounds float, ptr %4, i64 %222
+  %224 = mul nsw i64 %221, 32
+  %225 = add nsw i64 %224, %201
+  %226 = getelementptr inbounds float, ptr %lb, i64 %225
+  store <16 x float> zeroinitializer, ptr %qacc30, align 4
+  store <16 x float> zeroinitializer, ptr %qacc31, align 4
+  br label %qh.head32
 
-qh.head22:                                        ; preds = %qh.body23, %r1.body
-  %qh25 = phi i64 [ 0, %r1.body ], [ %202, %qh.body23 ]
-  %167 = icmp slt i64 %qh25, 512
-  br i1 %167, label %qh.body23, label %qh.end24
+qh.head32:                                        ; preds = %pf.end37, %r1.body
+  %qh35 = phi i64 [ 0, %r1.body ], [ %265, %pf.end37 ]
+  %227 = icmp slt i64 %qh35, 512
+  br i1 %227, label %qh.body33, label %qh.end34
 
-qh.body23:                                        ; preds = %qh.head22
-  %168 = add nsw i64 %qb19, 0
-  %169 = mul nsw i64 %qh25, 8
-  %170 = mul nsw i64 %168, 4096
-  %171 = add nsw i64 %170, %169
-  %172 = getelementptr inbounds float, ptr %router, i64 %171
-  %173 = load <8 x float>, ptr %172, align 4
-  %174 = add nsw i64 %qb19, 1
-  %175 = mul nsw i64 %qh25, 8
-  %176 = mul nsw i64 %174, 4096
-  %177 = add nsw i64 %176, %175
-  %178 = getelementptr inbounds float, ptr %router, i64 %177
-  %179 = load <8 x float>, ptr %178, align 4
-  %w1626 = shufflevector <8 x float> %173, <8 x float> %179, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %180 = add nsw i64 %qb19, 2
-  %181 = mul nsw i64 %qh25, 8
-  %182 = mul nsw i64 %180, 4096
-  %183 = add nsw i64 %182, %181
-  %184 = getelementptr inbounds float, ptr %router, i64 %183
-  %185 = load <8 x float>, ptr %184, align 4
-  %186 = add nsw i64 %qb19, 3
-  %187 = mul nsw i64 %qh25, 8
-  %188 = mul nsw i64 %186, 4096
-  %189 = add nsw i64 %188, %187
-  %190 = getelementptr inbounds float, ptr %router, i64 %189
-  %191 = load <8 x float>, ptr %190, align 4
-  %w1627 = shufflevector <8 x float> %185, <8 x float> %191, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %192 = getelementptr inbounds float, ptr %163, i64 %qh25
-  %193 = load float, ptr %192, align 4
-  %194 = insertelement <16 x float> poison, float %193, i32 0
-  %195 = shufflevector <16 x float> %194, <16 x float> poison, <16 x i32> zeroinitializer
-  %196 = load <16 x float>, ptr %qacc20, align 4
-  %197 = fmul <16 x float> %195, %w1626
-  %198 = fadd <16 x float> %196, %197
-  store <16 x float> %198, ptr %qacc20, align 4
-  %199 = load <16 x float>, ptr %qacc21, align 4
-  %200 = fmul <16 x float> %195, %w1627
-  %201 = fadd <16 x float> %199, %200
-  store <16 x float> %201, ptr %qacc21, align 4
-  %202 = add nsw i64 %qh25, 1
-  br label %qh.head22
+qh.body33:                                        ; preds = %qh.head32
+  br i1 %pf.on29, label %pf.then36, label %pf.end37
 
-qh.end24:                                         ; preds = %qh.head22
-  %203 = load <16 x float>, ptr %qacc20, align 4
-  %204 = load <16 x float>, ptr %qacc21, align 4
-  %205 = getelementptr inbounds float, ptr %166, i64 0
-  store <16 x float> %203, ptr %205, align 4
-  %206 = getelementptr inbounds float, ptr %166, i64 16
-  store <16 x float> %204, ptr %206, align 4
-  %207 = add nsw i64 %r1, 1
+pf.then36:                                        ; preds = %qh.body33
+  %228 = mul nsw i64 %qh35, 128
+  %229 = lshr i64 %228, %208
+  %230 = getelementptr inbounds i8, ptr %220, i64 %229
+  call void @llvm.prefetch.p0(ptr %230, i32 0, i32 2, i32 1)
+  br label %pf.end37
+
+pf.end37:                                         ; preds = %pf.then36, %qh.body33
+  %231 = add nsw i64 %qb25, 0
+  %232 = mul nsw i64 %qh35, 8
+  %233 = mul nsw i64 %231, 4096
+  %234 = add nsw i64 %233, %232
+  %235 = getelementptr inbounds float, ptr %router, i64 %234
+  %236 = load <8 x float>, ptr %235, align 4
+  %237 = add nsw i64 %qb25, 1
+  %238 = mul nsw i64 %qh35, 8
+  %239 = mul nsw i64 %237, 4096
+  %240 = add nsw i64 %239, %238
+  %241 = getelementptr inbounds float, ptr %router, i64 %240
+  %242 = load <8 x float>, ptr %241, align 4
+  %w1638 = shufflevector <8 x float> %236, <8 x float> %242, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %243 = add nsw i64 %qb25, 2
+  %244 = mul nsw i64 %qh35, 8
+  %245 = mul nsw i64 %243, 4096
+  %246 = add nsw i64 %245, %244
+  %247 = getelementptr inbounds float, ptr %router, i64 %246
+  %248 = load <8 x float>, ptr %247, align 4
+  %249 = add nsw i64 %qb25, 3
+  %250 = mul nsw i64 %qh35, 8
+  %251 = mul nsw i64 %249, 4096
+  %252 = add nsw i64 %251, %250
+  %253 = getelementptr inbounds float, ptr %router, i64 %252
+  %254 = load <8 x float>, ptr %253, align 4
+  %w1639 = shufflevector <8 x float> %248, <8 x float> %254, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %255 = getelementptr inbounds float, ptr %223, i64 %qh35
+  %256 = load float, ptr %255, align 4
+  %257 = insertelement <16 x float> poison, float %256, i32 0
+  %258 = shufflevector <16 x float> %257, <16 x float> poison, <16 x i32> zeroinitializer
+  %259 = load <16 x float>, ptr %qacc30, align 4
+  %260 = fmul <16 x float> %258, %w1638
+  %261 = fadd <16 x float> %259, %260
+  store <16 x float> %261, ptr %qacc30, align 4
+  %262 = load <16 x float>, ptr %qacc31, align 4
+  %263 = fmul <16 x float> %258, %w1639
+  %264 = fadd <16 x float> %262, %263
+  store <16 x float> %264, ptr %qacc31, align 4
+  %265 = add nsw i64 %qh35, 1
+  br label %qh.head32
+
+qh.end34:                                         ; preds = %qh.head32
+  %266 = load <16 x float>, ptr %qacc30, align 4
+  %267 = load <16 x float>, ptr %qacc31, align 4
+  %268 = getelementptr inbounds float, ptr %226, i64 0
+  store <16 x float> %266, ptr %268, align 4
+  %269 = getelementptr inbounds float, ptr %226, i64 16
+  store <16 x float> %267, ptr %269, align 4
+  %270 = add nsw i64 %r1, 1
   br label %r1.head
 
 r1.end:                                           ; preds = %r1.head
-  %208 = add nsw i64 %qb19, 4
-  br label %qb.head16
+  %271 = add nsw i64 %qb25, 4
+  br label %qb.head22
 
-qb.end18:                                         ; preds = %qb.head16
-  br label %qb1.head28
+qb.end24:                                         ; preds = %qb.head22
+  br label %qb1.head40
 
-qb1.head28:                                       ; preds = %r1.end34, %qb.end18
-  %qb131 = phi i64 [ 4, %qb.end18 ], [ %236, %r1.end34 ]
-  %209 = icmp slt i64 %qb131, 4
-  br i1 %209, label %qb1.body29, label %qb1.end30
+qb1.head40:                                       ; preds = %r1.end48, %qb.end24
+  %qb143 = phi i64 [ 4, %qb.end24 ], [ %320, %r1.end48 ]
+  %272 = icmp slt i64 %qb143, 4
+  br i1 %272, label %qb1.body41, label %qb1.end42
 
-qb1.body29:                                       ; preds = %qb1.head28
-  %210 = mul nsw i64 %qb131, 8
-  br label %r1.head32
+qb1.body41:                                       ; preds = %qb1.head40
+  %273 = mul nsw i64 %qb143, 8
+  %274 = sub nsw i64 %gn, %full
+  %ntile44 = sdiv i64 %274, 1
+  %275 = icmp sge i64 %ntile44, 2
+  %276 = select i1 %275, i64 1, i64 0
+  %277 = icmp sge i64 %ntile44, 4
+  %278 = select i1 %277, i64 2, i64 %276
+  %279 = icmp sge i64 %ntile44, 8
+  %280 = select i1 %279, i64 3, i64 %278
+  %281 = add nsw i64 %qb143, 1
+  %more45 = icmp slt i64 %281, 4
+  %282 = mul nsw i64 %281, 16384
+  %283 = getelementptr inbounds i8, ptr %router, i64 %282
+  br label %r1.head46
 
-r1.head32:                                        ; preds = %qh.end39, %qb1.body29
-  %r135 = phi i64 [ %full, %qb1.body29 ], [ %235, %qh.end39 ]
-  %211 = icmp slt i64 %r135, %gn
-  br i1 %211, label %r1.body33, label %r1.end34
+r1.head46:                                        ; preds = %qh.end55, %qb1.body41
+  %r149 = phi i64 [ %full, %qb1.body41 ], [ %319, %qh.end55 ]
+  %284 = icmp slt i64 %r149, %gn
+  br i1 %284, label %r1.body47, label %r1.end48
 
-r1.body33:                                        ; preds = %r1.head32
-  %212 = add nsw i64 %r135, 0
-  %213 = mul nsw i64 %212, 512
-  %214 = getelementptr inbounds float, ptr %4, i64 %213
-  %215 = mul nsw i64 %212, 32
-  %216 = add nsw i64 %215, %210
-  %217 = getelementptr inbounds float, ptr %lb, i64 %216
-  store <8 x float> zeroinitializer, ptr %qacc36, align 4
-  br label %qh.head37
+r1.body47:                                        ; preds = %r1.head46
+  %285 = sub nsw i64 %r149, %full
+  %j50 = sdiv i64 %285, 1
+  %286 = shl i64 1, %280
+  %287 = icmp slt i64 %j50, %286
+  %288 = icmp sgt i64 %ntile44, 1
+  %289 = and i1 %more45, %288
+  %pf.on51 = and i1 %289, %287
+  %290 = mul nsw i64 %j50, 16384
+  %291 = lshr i64 %290, %280
+  %292 = getelementptr inbounds i8, ptr %283, i64 %291
+  %293 = add nsw i64 %r149, 0
+  %294 = mul nsw i64 %293, 512
+  %295 = getelementptr inbounds float, ptr %4, i64 %294
+  %296 = mul nsw i64 %293, 32
+  %297 = add nsw i64 %296, %273
+  %298 = getelementptr inbounds float, ptr %lb, i64 %297
+  store <8 x float> zeroinitializer, ptr %qacc52, align 4
+  br label %qh.head53
 
-qh.head37:                                        ; preds = %qh.body38, %r1.body33
-  %qh40 = phi i64 [ 0, %r1.body33 ], [ %232, %qh.body38 ]
-  %218 = icmp slt i64 %qh40, 512
-  br i1 %218, label %qh.body38, label %qh.end39
+qh.head53:                                        ; preds = %pf.end58, %r1.body47
+  %qh56 = phi i64 [ 0, %r1.body47 ], [ %316, %pf.end58 ]
+  %299 = icmp slt i64 %qh56, 512
+  br i1 %299, label %qh.body54, label %qh.end55
 
-qh.body38:                                        ; preds = %qh.head37
-  %219 = add nsw i64 %qb131, 0
-  %220 = mul nsw i64 %qh40, 8
-  %221 = mul nsw i64 %219, 4096
-  %222 = add nsw i64 %221, %220
-  %223 = getelementptr inbounds float, ptr %router, i64 %222
-  %224 = load <8 x float>, ptr %223, align 4
-  %225 = getelementptr inbounds float, ptr %214, i64 %qh40
-  %226 = load float, ptr %225, align 4
-  %227 = insertelement <8 x float> poison, float %226, i32 0
-  %228 = shufflevector <8 x float> %227, <8 x float> poison, <8 x i32> zeroinitializer
-  %229 = load <8 x float>, ptr %qacc36, align 4
-  %230 = fmul <8 x float> %228, %224
-  %231 = fadd <8 x float> %229, %230
-  store <8 x float> %231, ptr %qacc36, align 4
-  %232 = add nsw i64 %qh40, 1
-  br label %qh.head37
+qh.body54:                                        ; preds = %qh.head53
+  br i1 %pf.on51, label %pf.then57, label %pf.end58
 
-qh.end39:                                         ; preds = %qh.head37
-  %233 = load <8 x float>, ptr %qacc36, align 4
-  %234 = getelementptr inbounds float, ptr %217, i64 0
-  store <8 x float> %233, ptr %234, align 4
-  %235 = add nsw i64 %r135, 1
-  br label %r1.head32
+pf.then57:                                        ; preds = %qh.body54
+  %300 = mul nsw i64 %qh56, 32
+  %301 = lshr i64 %300, %280
+  %302 = getelementptr inbounds i8, ptr %292, i64 %301
+  call void @llvm.prefetch.p0(ptr %302, i32 0, i32 2, i32 1)
+  br label %pf.end58
 
-r1.end34:                                         ; preds = %r1.head32
-  %236 = add nsw i64 %qb131, 1
-  br label %qb1.head28
+pf.end58:                                         ; preds = %pf.then57, %qh.body54
+  %303 = add nsw i64 %qb143, 0
+  %304 = mul nsw i64 %qh56, 8
+  %305 = mul nsw i64 %303, 4096
+  %306 = add nsw i64 %305, %304
+  %307 = getelementptr inbounds float, ptr %router, i64 %306
+  %308 = load <8 x float>, ptr %307, align 4
+  %309 = getelementptr inbounds float, ptr %295, i64 %qh56
+  %310 = load float, ptr %309, align 4
+  %311 = insertelement <8 x float> poison, float %310, i32 0
+  %312 = shufflevector <8 x float> %311, <8 x float> poison, <8 x i32> zeroinitializer
+  %313 = load <8 x float>, ptr %qacc52, align 4
+  %314 = fmul <8 x float> %312, %308
+  %315 = fadd <8 x float> %313, %314
+  store <8 x float> %315, ptr %qacc52, align 4
+  %316 = add nsw i64 %qh56, 1
+  br label %qh.head53
 
-qb1.end30:                                        ; preds = %qb1.head28
-  %training41 = icmp ne i32 %training, 0
-  br i1 %training41, label %gtraining.then, label %gtraining.end
+qh.end55:                                         ; preds = %qh.head53
+  %317 = load <8 x float>, ptr %qacc52, align 4
+  %318 = getelementptr inbounds float, ptr %298, i64 0
+  store <8 x float> %317, ptr %318, align 4
+  %319 = add nsw i64 %r149, 1
+  br label %r1.head46
 
-gtraining.then:                                   ; preds = %qb1.end30
-  %237 = mul nsw i64 %tg, 512
-  %238 = getelementptr inbounds float, ptr %x, i64 %237
-  %239 = sdiv i64 %gn, 4
-  %full42 = mul i64 %239, 4
-  br label %qb.head43
+r1.end48:                                         ; preds = %r1.head46
+  %320 = add nsw i64 %qb143, 1
+  br label %qb1.head40
 
-qb.head43:                                        ; preds = %rb.end49, %gtraining.then
-  %qb46 = phi i64 [ 0, %gtraining.then ], [ %318, %rb.end49 ]
-  %240 = icmp slt i64 %qb46, 4
-  br i1 %240, label %qb.body44, label %qb.end45
+qb1.end42:                                        ; preds = %qb1.head40
+  %training59 = icmp ne i32 %training, 0
+  br i1 %training59, label %gtraining.then, label %gtraining.end
 
-qb.body44:                                        ; preds = %qb.head43
-  %241 = mul nsw i64 %qb46, 8
-  br label %rb.head47
+gtraining.then:                                   ; preds = %qb1.end42
+  %321 = mul nsw i64 %tg, 512
+  %322 = getelementptr inbounds float, ptr %x, i64 %321
+  %323 = sdiv i64 %gn, 4
+  %full60 = mul i64 %323, 4
+  br label %qb.head61
 
-rb.head47:                                        ; preds = %qh.end57, %qb.body44
-  %rb50 = phi i64 [ 0, %qb.body44 ], [ %317, %qh.end57 ]
-  %242 = icmp slt i64 %rb50, %full42
-  br i1 %242, label %rb.body48, label %rb.end49
+qb.head61:                                        ; preds = %rb.end69, %gtraining.then
+  %qb64 = phi i64 [ 0, %gtraining.then ], [ %423, %rb.end69 ]
+  %324 = icmp slt i64 %qb64, 4
+  br i1 %324, label %qb.body62, label %qb.end63
 
-rb.body48:                                        ; preds = %rb.head47
-  %243 = add nsw i64 %rb50, 0
-  %244 = mul nsw i64 %243, 512
-  %245 = getelementptr inbounds float, ptr %238, i64 %244
-  %246 = mul nsw i64 %243, 32
-  %247 = add nsw i64 %246, %241
-  %248 = getelementptr inbounds float, ptr %nlb, i64 %247
-  %249 = add nsw i64 %rb50, 1
-  %250 = mul nsw i64 %249, 512
-  %251 = getelementptr inbounds float, ptr %238, i64 %250
-  %252 = mul nsw i64 %249, 32
-  %253 = add nsw i64 %252, %241
-  %254 = getelementptr inbounds float, ptr %nlb, i64 %253
-  %255 = add nsw i64 %rb50, 2
-  %256 = mul nsw i64 %255, 512
-  %257 = getelementptr inbounds float, ptr %238, i64 %256
-  %258 = mul nsw i64 %255, 32
-  %259 = add nsw i64 %258, %241
-  %260 = getelementptr inbounds float, ptr %nlb, i64 %259
-  %261 = add nsw i64 %rb50, 3
-  %262 = mul nsw i64 %261, 512
-  %263 = getelementptr inbounds float, ptr %238, i64 %262
-  %264 = mul nsw i64 %261, 32
-  %265 = add nsw i64 %264, %241
-  %266 = getelementptr inbounds float, ptr %nlb, i64 %265
-  store <16 x float> zeroinitializer, ptr %qacc51, align 4
-  store <16 x float> zeroinitializer, ptr %qacc52, align 4
-  store <16 x float> zeroinitializer, ptr %qacc53, align 4
-  store <16 x float> zeroinitializer, ptr %qacc54, align 4
-  br label %qh.head55
+qb.body62:                                        ; preds = %qb.head61
+  %325 = mul nsw i64 %qb64, 8
+  %326 = sub nsw i64 %full60, 0
+  %ntile65 = sdiv i64 %326, 4
+  %327 = icmp sge i64 %ntile65, 2
+  %328 = select i1 %327, i64 1, i64 0
+  %329 = icmp sge i64 %ntile65, 4
+  %330 = select i1 %329, i64 2, i64 %328
+  %331 = icmp sge i64 %ntile65, 8
+  %332 = select i1 %331, i64 3, i64 %330
+  %333 = add nsw i64 %qb64, 2
+  %more66 = icmp slt i64 %333, 4
+  %334 = mul nsw i64 %333, 16384
+  %335 = getelementptr inbounds i8, ptr %noise, i64 %334
+  br label %rb.head67
 
-qh.head55:                                        ; preds = %qh.body56, %rb.body48
-  %qh58 = phi i64 [ 0, %rb.body48 ], [ %308, %qh.body56 ]
-  %267 = icmp slt i64 %qh58, 512
-  br i1 %267, label %qh.body56, label %qh.end57
+rb.head67:                                        ; preds = %qh.end79, %qb.body62
+  %rb70 = phi i64 [ 0, %qb.body62 ], [ %422, %qh.end79 ]
+  %336 = icmp slt i64 %rb70, %full60
+  br i1 %336, label %rb.body68, label %rb.end69
 
-qh.body56:                                        ; preds = %qh.head55
-  %268 = add nsw i64 %qb46, 0
-  %269 = mul nsw i64 %qh58, 8
-  %270 = mul nsw i64 %268, 4096
-  %271 = add nsw i64 %270, %269
-  %272 = getelementptr inbounds float, ptr %noise, i64 %271
-  %273 = load <8 x float>, ptr %272, align 4
-  %274 = add nsw i64 %qb46, 1
-  %275 = mul nsw i64 %qh58, 8
-  %276 = mul nsw i64 %274, 4096
-  %277 = add nsw i64 %276, %275
-  %278 = getelementptr inbounds float, ptr %noise, i64 %277
-  %279 = load <8 x float>, ptr %278, align 4
-  %w1659 = shufflevector <8 x float> %273, <8 x float> %279, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %280 = getelementptr inbounds float, ptr %245, i64 %qh58
-  %281 = load float, ptr %280, align 4
-  %282 = insertelement <16 x float> poison, float %281, i32 0
-  %283 = shufflevector <16 x float> %282, <16 x float> poison, <16 x i32> zeroinitializer
-  %284 = load <16 x float>, ptr %qacc51, align 4
-  %285 = fmul <16 x float> %283, %w1659
-  %286 = fadd <16 x float> %284, %285
-  store <16 x float> %286, ptr %qacc51, align 4
-  %287 = getelementptr inbounds float, ptr %251, i64 %qh58
-  %288 = load float, ptr %287, align 4
-  %289 = insertelement <16 x float> poison, float %288, i32 0
-  %290 = shufflevector <16 x float> %289, <16 x float> poison, <16 x i32> zeroinitializer
-  %291 = load <16 x float>, ptr %qacc52, align 4
-  %292 = fmul <16 x float> %290, %w1659
-  %293 = fadd <16 x float> %291, %292
-  store <16 x float> %293, ptr %qacc52, align 4
-  %294 = getelementptr inbounds float, ptr %257, i64 %qh58
-  %295 = load float, ptr %294, align 4
-  %296 = insertelement <16 x float> poison, float %295, i32 0
-  %297 = shufflevector <16 x float> %296, <16 x float> poison, <16 x i32> zeroinitializer
-  %298 = load <16 x float>, ptr %qacc53, align 4
-  %299 = fmul <16 x float> %297, %w1659
-  %300 = fadd <16 x float> %298, %299
-  store <16 x float> %300, ptr %qacc53, align 4
-  %301 = getelementptr inbounds float, ptr %263, i64 %qh58
-  %302 = load float, ptr %301, align 4
-  %303 = insertelement <16 x float> poison, float %302, i32 0
-  %304 = shufflevector <16 x float> %303, <16 x float> poison, <16 x i32> zeroinitializer
-  %305 = load <16 x float>, ptr %qacc54, align 4
-  %306 = fmul <16 x float> %304, %w1659
-  %307 = fadd <16 x float> %305, %306
-  store <16 x float> %307, ptr %qacc54, align 4
-  %308 = add nsw i64 %qh58, 1
-  br label %qh.head55
+rb.body68:                                        ; preds = %rb.head67
+  %337 = sub nsw i64 %rb70, 0
+  %j71 = sdiv i64 %337, 4
+  %338 = shl i64 1, %332
+  %339 = icmp slt i64 %j71, %338
+  %340 = icmp sgt i64 %ntile65, 1
+  %341 = and i1 %more66, %340
+  %pf.on72 = and i1 %341, %339
+  %342 = mul nsw i64 %j71, 32768
+  %343 = lshr i64 %342, %332
+  %344 = getelementptr inbounds i8, ptr %335, i64 %343
+  %345 = add nsw i64 %rb70, 0
+  %346 = mul nsw i64 %345, 512
+  %347 = getelementptr inbounds float, ptr %322, i64 %346
+  %348 = mul nsw i64 %345, 32
+  %349 = add nsw i64 %348, %325
+  %350 = getelementptr inbounds float, ptr %nlb, i64 %349
+  %351 = add nsw i64 %rb70, 1
+  %352 = mul nsw i64 %351, 512
+  %353 = getelementptr inbounds float, ptr %322, i64 %352
+  %354 = mul nsw i64 %351, 32
+  %355 = add nsw i64 %354, %325
+  %356 = getelementptr inbounds float, ptr %nlb, i64 %355
+  %357 = add nsw i64 %rb70, 2
+  %358 = mul nsw i64 %357, 512
+  %359 = getelementptr inbounds float, ptr %322, i64 %358
+  %360 = mul nsw i64 %357, 32
+  %361 = add nsw i64 %360, %325
+  %362 = getelementptr inbounds float, ptr %nlb, i64 %361
+  %363 = add nsw i64 %rb70, 3
+  %364 = mul nsw i64 %363, 512
+  %365 = getelementptr inbounds float, ptr %322, i64 %364
+  %366 = mul nsw i64 %363, 32
+  %367 = add nsw i64 %366, %325
+  %368 = getelementptr inbounds float, ptr %nlb, i64 %367
+  store <16 x float> zeroinitializer, ptr %qacc73, align 4
+  store <16 x float> zeroinitializer, ptr %qacc74, align 4
+  store <16 x float> zeroinitializer, ptr %qacc75, align 4
+  store <16 x float> zeroinitializer, ptr %qacc76, align 4
+  br label %qh.head77
 
-qh.end57:                                         ; preds = %qh.head55
-  %309 = load <16 x float>, ptr %qacc51, align 4
-  %310 = load <16 x float>, ptr %qacc52, align 4
-  %311 = load <16 x float>, ptr %qacc53, align 4
-  %312 = load <16 x float>, ptr %qacc54, align 4
-  %313 = getelementptr inbounds float, ptr %248, i64 0
-  store <16 x float> %309, ptr %313, align 4
-  %314 = getelementptr inbounds float, ptr %254, i64 0
-  store <16 x float> %310, ptr %314, align 4
-  %315 = getelementptr inbounds float, ptr %260, i64 0
-  store <16 x float> %311, ptr %315, align 4
-  %316 = getelementptr inbounds float, ptr %266, i64 0
-  store <16 x float> %312, ptr %316, align 4
-  %317 = add nsw i64 %rb50, 4
-  br label %rb.head47
+qh.head77:                                        ; preds = %pf.end82, %rb.body68
+  %qh80 = phi i64 [ 0, %rb.body68 ], [ %413, %pf.end82 ]
+  %369 = icmp slt i64 %qh80, 512
+  br i1 %369, label %qh.body78, label %qh.end79
 
-rb.end49:                                         ; preds = %rb.head47
-  %318 = add nsw i64 %qb46, 2
-  br label %qb.head43
+qh.body78:                                        ; preds = %qh.head77
+  br i1 %pf.on72, label %pf.then81, label %pf.end82
 
-qb.end45:                                         ; preds = %qb.head43
-  br label %qb1.head60
+pf.then81:                                        ; preds = %qh.body78
+  %370 = mul nsw i64 %qh80, 64
+  %371 = lshr i64 %370, %332
+  %372 = getelementptr inbounds i8, ptr %344, i64 %371
+  call void @llvm.prefetch.p0(ptr %372, i32 0, i32 2, i32 1)
+  br label %pf.end82
 
-qb1.head60:                                       ; preds = %rb.end66, %qb.end45
-  %qb163 = phi i64 [ 4, %qb.end45 ], [ %391, %rb.end66 ]
-  %319 = icmp slt i64 %qb163, 4
-  br i1 %319, label %qb1.body61, label %qb1.end62
+pf.end82:                                         ; preds = %pf.then81, %qh.body78
+  %373 = add nsw i64 %qb64, 0
+  %374 = mul nsw i64 %qh80, 8
+  %375 = mul nsw i64 %373, 4096
+  %376 = add nsw i64 %375, %374
+  %377 = getelementptr inbounds float, ptr %noise, i64 %376
+  %378 = load <8 x float>, ptr %377, align 4
+  %379 = add nsw i64 %qb64, 1
+  %380 = mul nsw i64 %qh80, 8
+  %381 = mul nsw i64 %379, 4096
+  %382 = add nsw i64 %381, %380
+  %383 = getelementptr inbounds float, ptr %noise, i64 %382
+  %384 = load <8 x float>, ptr %383, align 4
+  %w1683 = shufflevector <8 x float> %378, <8 x float> %384, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %385 = getelementptr inbounds float, ptr %347, i64 %qh80
+  %386 = load float, ptr %385, align 4
+  %387 = insertelement <16 x float> poison, float %386, i32 0
+  %388 = shufflevector <16 x float> %387, <16 x float> poison, <16 x i32> zeroinitializer
+  %389 = load <16 x float>, ptr %qacc73, align 4
+  %390 = fmul <16 x float> %388, %w1683
+  %391 = fadd <16 x float> %389, %390
+  store <16 x float> %391, ptr %qacc73, align 4
+  %392 = getelementptr inbounds float, ptr %353, i64 %qh80
+  %393 = load float, ptr %392, align 4
+  %394 = insertelement <16 x float> poison, float %393, i32 0
+  %395 = shufflevector <16 x float> %394, <16 x float> poison, <16 x i32> zeroinitializer
+  %396 = load <16 x float>, ptr %qacc74, align 4
+  %397 = fmul <16 x float> %395, %w1683
+  %398 = fadd <16 x float> %396, %397
+  store <16 x float> %398, ptr %qacc74, align 4
+  %399 = getelementptr inbounds float, ptr %359, i64 %qh80
+  %400 = load float, ptr %399, align 4
+  %401 = insertelement <16 x float> poison, float %400, i32 0
+  %402 = shufflevector <16 x float> %401, <16 x float> poison, <16 x i32> zeroinitializer
+  %403 = load <16 x float>, ptr %qacc75, align 4
+  %404 = fmul <16 x float> %402, %w1683
+  %405 = fadd <16 x float> %403, %404
+  store <16 x float> %405, ptr %qacc75, align 4
+  %406 = getelementptr inbounds float, ptr %365, i64 %qh80
+  %407 = load float, ptr %406, align 4
+  %408 = insertelement <16 x float> poison, float %407, i32 0
+  %409 = shufflevector <16 x float> %408, <16 x float> poison, <16 x i32> zeroinitializer
+  %410 = load <16 x float>, ptr %qacc76, align 4
+  %411 = fmul <16 x float> %409, %w1683
+  %412 = fadd <16 x float> %410, %411
+  store <16 x float> %412, ptr %qacc76, align 4
+  %413 = add nsw i64 %qh80, 1
+  br label %qh.head77
 
-qb1.body61:                                       ; preds = %qb1.head60
-  %320 = mul nsw i64 %qb163, 8
-  br label %rb.head64
+qh.end79:                                         ; preds = %qh.head77
+  %414 = load <16 x float>, ptr %qacc73, align 4
+  %415 = load <16 x float>, ptr %qacc74, align 4
+  %416 = load <16 x float>, ptr %qacc75, align 4
+  %417 = load <16 x float>, ptr %qacc76, align 4
+  %418 = getelementptr inbounds float, ptr %350, i64 0
+  store <16 x float> %414, ptr %418, align 4
+  %419 = getelementptr inbounds float, ptr %356, i64 0
+  store <16 x float> %415, ptr %419, align 4
+  %420 = getelementptr inbounds float, ptr %362, i64 0
+  store <16 x float> %416, ptr %420, align 4
+  %421 = getelementptr inbounds float, ptr %368, i64 0
+  store <16 x float> %417, ptr %421, align 4
+  %422 = add nsw i64 %rb70, 4
+  br label %rb.head67
 
-rb.head64:                                        ; preds = %qh.end74, %qb1.body61
-  %rb67 = phi i64 [ 0, %qb1.body61 ], [ %390, %qh.end74 ]
-  %321 = icmp slt i64 %rb67, %full42
-  br i1 %321, label %rb.body65, label %rb.end66
+rb.end69:                                         ; preds = %rb.head67
+  %423 = add nsw i64 %qb64, 2
+  br label %qb.head61
 
-rb.body65:                                        ; preds = %rb.head64
-  %322 = add nsw i64 %rb67, 0
-  %323 = mul nsw i64 %322, 512
-  %324 = getelementptr inbounds float, ptr %238, i64 %323
-  %325 = mul nsw i64 %322, 32
-  %326 = add nsw i64 %325, %320
-  %327 = getelementptr inbounds float, ptr %nlb, i64 %326
-  %328 = add nsw i64 %rb67, 1
-  %329 = mul nsw i64 %328, 512
-  %330 = getelementptr inbounds float, ptr %238, i64 %329
-  %331 = mul nsw i64 %328, 32
-  %332 = add nsw i64 %331, %320
-  %333 = getelementptr inbounds float, ptr %nlb, i64 %332
-  %334 = add nsw i64 %rb67, 2
-  %335 = mul nsw i64 %334, 512
-  %336 = getelementptr inbounds float, ptr %238, i64 %335
-  %337 = mul nsw i64 %334, 32
-  %338 = add nsw i64 %337, %320
-  %339 = getelementptr inbounds float, ptr %nlb, i64 %338
-  %340 = add nsw i64 %rb67, 3
-  %341 = mul nsw i64 %340, 512
-  %342 = getelementptr inbounds float, ptr %238, i64 %341
-  %343 = mul nsw i64 %340, 32
-  %344 = add nsw i64 %343, %320
-  %345 = getelementptr inbounds float, ptr %nlb, i64 %344
-  store <8 x float> zeroinitializer, ptr %qacc68, align 4
-  store <8 x float> zeroinitializer, ptr %qacc69, align 4
-  store <8 x float> zeroinitializer, ptr %qacc70, align 4
-  store <8 x float> zeroinitializer, ptr %qacc71, align 4
-  br label %qh.head72
+qb.end63:                                         ; preds = %qb.head61
+  br label %qb1.head84
 
-qh.head72:                                        ; preds = %qh.body73, %rb.body65
-  %qh75 = phi i64 [ 0, %rb.body65 ], [ %381, %qh.body73 ]
-  %346 = icmp slt i64 %qh75, 512
-  br i1 %346, label %qh.body73, label %qh.end74
+qb1.head84:                                       ; preds = %rb.end92, %qb.end63
+  %qb187 = phi i64 [ 4, %qb.end63 ], [ %517, %rb.end92 ]
+  %424 = icmp slt i64 %qb187, 4
+  br i1 %424, label %qb1.body85, label %qb1.end86
 
-qh.body73:                                        ; preds = %qh.head72
-  %347 = add nsw i64 %qb163, 0
-  %348 = mul nsw i64 %qh75, 8
-  %349 = mul nsw i64 %347, 4096
-  %350 = add nsw i64 %349, %348
-  %351 = getelementptr inbounds float, ptr %noise, i64 %350
-  %352 = load <8 x float>, ptr %351, align 4
-  %353 = getelementptr inbounds float, ptr %324, i64 %qh75
-  %354 = load float, ptr %353, align 4
-  %355 = insertelement <8 x float> poison, float %354, i32 0
-  %356 = shufflevector <8 x float> %355, <8 x float> poison, <8 x i32> zeroinitializer
-  %357 = load <8 x float>, ptr %qacc68, align 4
-  %358 = fmul <8 x float> %356, %352
-  %359 = fadd <8 x float> %357, %358
-  store <8 x float> %359, ptr %qacc68, align 4
-  %360 = getelementptr inbounds float, ptr %330, i64 %qh75
-  %361 = load float, ptr %360, align 4
-  %362 = insertelement <8 x float> poison, float %361, i32 0
-  %363 = shufflevector <8 x float> %362, <8 x float> poison, <8 x i32> zeroinitializer
-  %364 = load <8 x float>, ptr %qacc69, align 4
-  %365 = fmul <8 x float> %363, %352
-  %366 = fadd <8 x float> %364, %365
-  store <8 x float> %366, ptr %qacc69, align 4
-  %367 = getelementptr inbounds float, ptr %336, i64 %qh75
-  %368 = load float, ptr %367, align 4
-  %369 = insertelement <8 x float> poison, float %368, i32 0
-  %370 = shufflevector <8 x float> %369, <8 x float> poison, <8 x i32> zeroinitializer
-  %371 = load <8 x float>, ptr %qacc70, align 4
-  %372 = fmul <8 x float> %370, %352
-  %373 = fadd <8 x float> %371, %372
-  store <8 x float> %373, ptr %qacc70, align 4
-  %374 = getelementptr inbounds float, ptr %342, i64 %qh75
-  %375 = load float, ptr %374, align 4
-  %376 = insertelement <8 x float> poison, float %375, i32 0
-  %377 = shufflevector <8 x float> %376, <8 x float> poison, <8 x i32> zeroinitializer
-  %378 = load <8 x float>, ptr %qacc71, align 4
-  %379 = fmul <8 x float> %377, %352
-  %380 = fadd <8 x float> %378, %379
-  store <8 x float> %380, ptr %qacc71, align 4
-  %381 = add nsw i64 %qh75, 1
-  br label %qh.head72
+qb1.body85:                                       ; preds = %qb1.head84
+  %425 = mul nsw i64 %qb187, 8
+  %426 = sub nsw i64 %full60, 0
+  %ntile88 = sdiv i64 %426, 4
+  %427 = icmp sge i64 %ntile88, 2
+  %428 = select i1 %427, i64 1, i64 0
+  %429 = icmp sge i64 %ntile88, 4
+  %430 = select i1 %429, i64 2, i64 %428
+  %431 = icmp sge i64 %ntile88, 8
+  %432 = select i1 %431, i64 3, i64 %430
+  %433 = add nsw i64 %qb187, 1
+  %more89 = icmp slt i64 %433, 4
+  %434 = mul nsw i64 %433, 16384
+  %435 = getelementptr inbounds i8, ptr %noise, i64 %434
+  br label %rb.head90
 
-qh.end74:                                         ; preds = %qh.head72
-  %382 = load <8 x float>, ptr %qacc68, align 4
-  %383 = load <8 x float>, ptr %qacc69, align 4
-  %384 = load <8 x float>, ptr %qacc70, align 4
-  %385 = load <8 x float>, ptr %qacc71, align 4
-  %386 = getelementptr inbounds float, ptr %327, i64 0
-  store <8 x float> %382, ptr %386, align 4
-  %387 = getelementptr inbounds float, ptr %333, i64 0
-  store <8 x float> %383, ptr %387, align 4
-  %388 = getelementptr inbounds float, ptr %339, i64 0
-  store <8 x float> %384, ptr %388, align 4
-  %389 = getelementptr inbounds float, ptr %345, i64 0
-  store <8 x float> %385, ptr %389, align 4
-  %390 = add nsw i64 %rb67, 4
-  br label %rb.head64
+rb.head90:                                        ; preds = %qh.end102, %qb1.body85
+  %rb93 = phi i64 [ 0, %qb1.body85 ], [ %516, %qh.end102 ]
+  %436 = icmp slt i64 %rb93, %full60
+  br i1 %436, label %rb.body91, label %rb.end92
 
-rb.end66:                                         ; preds = %rb.head64
-  %391 = add nsw i64 %qb163, 1
-  br label %qb1.head60
+rb.body91:                                        ; preds = %rb.head90
+  %437 = sub nsw i64 %rb93, 0
+  %j94 = sdiv i64 %437, 4
+  %438 = shl i64 1, %432
+  %439 = icmp slt i64 %j94, %438
+  %440 = icmp sgt i64 %ntile88, 1
+  %441 = and i1 %more89, %440
+  %pf.on95 = and i1 %441, %439
+  %442 = mul nsw i64 %j94, 16384
+  %443 = lshr i64 %442, %432
+  %444 = getelementptr inbounds i8, ptr %435, i64 %443
+  %445 = add nsw i64 %rb93, 0
+  %446 = mul nsw i64 %445, 512
+  %447 = getelementptr inbounds float, ptr %322, i64 %446
+  %448 = mul nsw i64 %445, 32
+  %449 = add nsw i64 %448, %425
+  %450 = getelementptr inbounds float, ptr %nlb, i64 %449
+  %451 = add nsw i64 %rb93, 1
+  %452 = mul nsw i64 %451, 512
+  %453 = getelementptr inbounds float, ptr %322, i64 %452
+  %454 = mul nsw i64 %451, 32
+  %455 = add nsw i64 %454, %425
+  %456 = getelementptr inbounds float, ptr %nlb, i64 %455
+  %457 = add nsw i64 %rb93, 2
+  %458 = mul nsw i64 %457, 512
+  %459 = getelementptr inbounds float, ptr %322, i64 %458
+  %460 = mul nsw i64 %457, 32
+  %461 = add nsw i64 %460, %425
+  %462 = getelementptr inbounds float, ptr %nlb, i64 %461
+  %463 = add nsw i64 %rb93, 3
+  %464 = mul nsw i64 %463, 512
+  %465 = getelementptr inbounds float, ptr %322, i64 %464
+  %466 = mul nsw i64 %463, 32
+  %467 = add nsw i64 %466, %425
+  %468 = getelementptr inbounds float, ptr %nlb, i64 %467
+  store <8 x float> zeroinitializer, ptr %qacc96, align 4
+  store <8 x float> zeroinitializer, ptr %qacc97, align 4
+  store <8 x float> zeroinitializer, ptr %qacc98, align 4
+  store <8 x float> zeroinitializer, ptr %qacc99, align 4
+  br label %qh.head100
 
-qb1.end62:                                        ; preds = %qb1.head60
-  br label %qb.head76
+qh.head100:                                       ; preds = %pf.end105, %rb.body91
+  %qh103 = phi i64 [ 0, %rb.body91 ], [ %507, %pf.end105 ]
+  %469 = icmp slt i64 %qh103, 512
+  br i1 %469, label %qh.body101, label %qh.end102
 
-qb.head76:                                        ; preds = %r1.end82, %qb1.end62
-  %qb79 = phi i64 [ 0, %qb1.end62 ], [ %442, %r1.end82 ]
-  %392 = icmp slt i64 %qb79, 4
-  br i1 %392, label %qb.body77, label %qb.end78
+qh.body101:                                       ; preds = %qh.head100
+  br i1 %pf.on95, label %pf.then104, label %pf.end105
 
-qb.body77:                                        ; preds = %qb.head76
-  %393 = mul nsw i64 %qb79, 8
-  br label %r1.head80
+pf.then104:                                       ; preds = %qh.body101
+  %470 = mul nsw i64 %qh103, 32
+  %471 = lshr i64 %470, %432
+  %472 = getelementptr inbounds i8, ptr %444, i64 %471
+  call void @llvm.prefetch.p0(ptr %472, i32 0, i32 2, i32 1)
+  br label %pf.end105
 
-r1.head80:                                        ; preds = %qh.end88, %qb.body77
-  %r183 = phi i64 [ %full42, %qb.body77 ], [ %441, %qh.end88 ]
-  %394 = icmp slt i64 %r183, %gn
-  br i1 %394, label %r1.body81, label %r1.end82
+pf.end105:                                        ; preds = %pf.then104, %qh.body101
+  %473 = add nsw i64 %qb187, 0
+  %474 = mul nsw i64 %qh103, 8
+  %475 = mul nsw i64 %473, 4096
+  %476 = add nsw i64 %475, %474
+  %477 = getelementptr inbounds float, ptr %noise, i64 %476
+  %478 = load <8 x float>, ptr %477, align 4
+  %479 = getelementptr inbounds float, ptr %447, i64 %qh103
+  %480 = load float, ptr %479, align 4
+  %481 = insertelement <8 x float> poison, float %480, i32 0
+  %482 = shufflevector <8 x float> %481, <8 x float> poison, <8 x i32> zeroinitializer
+  %483 = load <8 x float>, ptr %qacc96, align 4
+  %484 = fmul <8 x float> %482, %478
+  %485 = fadd <8 x float> %483, %484
+  store <8 x float> %485, ptr %qacc96, align 4
+  %486 = getelementptr inbounds float, ptr %453, i64 %qh103
+  %487 = load float, ptr %486, align 4
+  %488 = insertelement <8 x float> poison, float %487, i32 0
+  %489 = shufflevector <8 x float> %488, <8 x float> poison, <8 x i32> zeroinitializer
+  %490 = load <8 x float>, ptr %qacc97, align 4
+  %491 = fmul <8 x float> %489, %478
+  %492 = fadd <8 x float> %490, %491
+  store <8 x float> %492, ptr %qacc97, align 4
+  %493 = getelementptr inbounds float, ptr %459, i64 %qh103
+  %494 = load float, ptr %493, align 4
+  %495 = insertelement <8 x float> poison, float %494, i32 0
+  %496 = shufflevector <8 x float> %495, <8 x float> poison, <8 x i32> zeroinitializer
+  %497 = load <8 x float>, ptr %qacc98, align 4
+  %498 = fmul <8 x float> %496, %478
+  %499 = fadd <8 x float> %497, %498
+  store <8 x float> %499, ptr %qacc98, align 4
+  %500 = getelementptr inbounds float, ptr %465, i64 %qh103
+  %501 = load float, ptr %500, align 4
+  %502 = insertelement <8 x float> poison, float %501, i32 0
+  %503 = shufflevector <8 x float> %502, <8 x float> poison, <8 x i32> zeroinitializer
+  %504 = load <8 x float>, ptr %qacc99, align 4
+  %505 = fmul <8 x float> %503, %478
+  %506 = fadd <8 x float> %504, %505
+  store <8 x float> %506, ptr %qacc99, align 4
+  %507 = add nsw i64 %qh103, 1
+  br label %qh.head100
 
-r1.body81:                                        ; preds = %r1.head80
-  %395 = add nsw i64 %r183, 0
-  %396 = mul nsw i64 %395, 512
-  %397 = getelementptr inbounds float, ptr %238, i64 %396
-  %398 = mul nsw i64 %395, 32
-  %399 = add nsw i64 %398, %393
-  %400 = getelementptr inbounds float, ptr %nlb, i64 %399
-  store <16 x float> zeroinitializer, ptr %qacc84, align 4
-  store <16 x float> zeroinitializer, ptr %qacc85, align 4
-  br label %qh.head86
+qh.end102:                                        ; preds = %qh.head100
+  %508 = load <8 x float>, ptr %qacc96, align 4
+  %509 = load <8 x float>, ptr %qacc97, align 4
+  %510 = load <8 x float>, ptr %qacc98, align 4
+  %511 = load <8 x float>, ptr %qacc99, align 4
+  %512 = getelementptr inbounds float, ptr %450, i64 0
+  store <8 x float> %508, ptr %512, align 4
+  %513 = getelementptr inbounds float, ptr %456, i64 0
+  store <8 x float> %509, ptr %513, align 4
+  %514 = getelementptr inbounds float, ptr %462, i64 0
+  store <8 x float> %510, ptr %514, align 4
+  %515 = getelementptr inbounds float, ptr %468, i64 0
+  store <8 x float> %511, ptr %515, align 4
+  %516 = add nsw i64 %rb93, 4
+  br label %rb.head90
 
-qh.head86:                                        ; preds = %qh.body87, %r1.body81
-  %qh89 = phi i64 [ 0, %r1.body81 ], [ %436, %qh.body87 ]
-  %401 = icmp slt i64 %qh89, 512
-  br i1 %401, label %qh.body87, label %qh.end88
+rb.end92:                                         ; preds = %rb.head90
+  %517 = add nsw i64 %qb187, 1
+  br label %qb1.head84
 
-qh.body87:                                        ; preds = %qh.head86
-  %402 = add nsw i64 %qb79, 0
-  %403 = mul nsw i64 %qh89, 8
-  %404 = mul nsw i64 %402, 4096
-  %405 = add nsw i64 %404, %403
-  %406 = getelementptr inbounds float, ptr %noise, i64 %405
-  %407 = load <8 x float>, ptr %406, align 4
-  %408 = add nsw i64 %qb79, 1
-  %409 = mul nsw i64 %qh89, 8
-  %410 = mul nsw i64 %408, 4096
-  %411 = add nsw i64 %410, %409
-  %412 = getelementptr inbounds float, ptr %noise, i64 %411
-  %413 = load <8 x float>, ptr %412, align 4
-  %w1690 = shufflevector <8 x float> %407, <8 x float> %413, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %414 = add nsw i64 %qb79, 2
-  %415 = mul nsw i64 %qh89, 8
-  %416 = mul nsw i64 %414, 4096
-  %417 = add nsw i64 %416, %415
-  %418 = getelementptr inbounds float, ptr %noise, i64 %417
-  %419 = load <8 x float>, ptr %418, align 4
-  %420 = add nsw i64 %qb79, 3
-  %421 = mul nsw i64 %qh89, 8
-  %422 = mul nsw i64 %420, 4096
-  %423 = add nsw i64 %422, %421
-  %424 = getelementptr inbounds float, ptr %noise, i64 %423
-  %425 = load <8 x float>, ptr %424, align 4
-  %w1691 = shufflevector <8 x float> %419, <8 x float> %425, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %426 = getelementptr inbounds float, ptr %397, i64 %qh89
-  %427 = load float, ptr %426, align 4
-  %428 = insertelement <16 x float> poison, float %427, i32 0
-  %429 = shufflevector <16 x float> %428, <16 x float> poison, <16 x i32> zeroinitializer
-  %430 = load <16 x float>, ptr %qacc84, align 4
-  %431 = fmul <16 x float> %429, %w1690
-  %432 = fadd <16 x float> %430, %431
-  store <16 x float> %432, ptr %qacc84, align 4
-  %433 = load <16 x float>, ptr %qacc85, align 4
-  %434 = fmul <16 x float> %429, %w1691
-  %435 = fadd <16 x float> %433, %434
-  store <16 x float> %435, ptr %qacc85, align 4
-  %436 = add nsw i64 %qh89, 1
-  br label %qh.head86
+qb1.end86:                                        ; preds = %qb1.head84
+  br label %qb.head106
 
-qh.end88:                                         ; preds = %qh.head86
-  %437 = load <16 x float>, ptr %qacc84, align 4
-  %438 = load <16 x float>, ptr %qacc85, align 4
-  %439 = getelementptr inbounds float, ptr %400, i64 0
-  store <16 x float> %437, ptr %439, align 4
-  %440 = getelementptr inbounds float, ptr %400, i64 16
-  store <16 x float> %438, ptr %440, align 4
-  %441 = add nsw i64 %r183, 1
-  br label %r1.head80
+qb.head106:                                       ; preds = %r1.end114, %qb1.end86
+  %qb109 = phi i64 [ 0, %qb1.end86 ], [ %589, %r1.end114 ]
+  %518 = icmp slt i64 %qb109, 4
+  br i1 %518, label %qb.body107, label %qb.end108
 
-r1.end82:                                         ; preds = %r1.head80
-  %442 = add nsw i64 %qb79, 4
-  br label %qb.head76
+qb.body107:                                       ; preds = %qb.head106
+  %519 = mul nsw i64 %qb109, 8
+  %520 = sub nsw i64 %gn, %full60
+  %ntile110 = sdiv i64 %520, 1
+  %521 = icmp sge i64 %ntile110, 2
+  %522 = select i1 %521, i64 1, i64 0
+  %523 = icmp sge i64 %ntile110, 4
+  %524 = select i1 %523, i64 2, i64 %522
+  %525 = icmp sge i64 %ntile110, 8
+  %526 = select i1 %525, i64 3, i64 %524
+  %527 = add nsw i64 %qb109, 4
+  %more111 = icmp slt i64 %527, 4
+  %528 = mul nsw i64 %527, 16384
+  %529 = getelementptr inbounds i8, ptr %noise, i64 %528
+  br label %r1.head112
 
-qb.end78:                                         ; preds = %qb.head76
-  br label %qb1.head92
+r1.head112:                                       ; preds = %qh.end122, %qb.body107
+  %r1115 = phi i64 [ %full60, %qb.body107 ], [ %588, %qh.end122 ]
+  %530 = icmp slt i64 %r1115, %gn
+  br i1 %530, label %r1.body113, label %r1.end114
 
-qb1.head92:                                       ; preds = %r1.end98, %qb.end78
-  %qb195 = phi i64 [ 4, %qb.end78 ], [ %470, %r1.end98 ]
-  %443 = icmp slt i64 %qb195, 4
-  br i1 %443, label %qb1.body93, label %qb1.end94
+r1.body113:                                       ; preds = %r1.head112
+  %531 = sub nsw i64 %r1115, %full60
+  %j116 = sdiv i64 %531, 1
+  %532 = shl i64 1, %526
+  %533 = icmp slt i64 %j116, %532
+  %534 = icmp sgt i64 %ntile110, 1
+  %535 = and i1 %more111, %534
+  %pf.on117 = and i1 %535, %533
+  %536 = mul nsw i64 %j116, 65536
+  %537 = lshr i64 %536, %526
+  %538 = getelementptr inbounds i8, ptr %529, i64 %537
+  %539 = add nsw i64 %r1115, 0
+  %540 = mul nsw i64 %539, 512
+  %541 = getelementptr inbounds float, ptr %322, i64 %540
+  %542 = mul nsw i64 %539, 32
+  %543 = add nsw i64 %542, %519
+  %544 = getelementptr inbounds float, ptr %nlb, i64 %543
+  store <16 x float> zeroinitializer, ptr %qacc118, align 4
+  store <16 x float> zeroinitializer, ptr %qacc119, align 4
+  br label %qh.head120
 
-qb1.body93:                                       ; preds = %qb1.head92
-  %444 = mul nsw i64 %qb195, 8
-  br label %r1.head96
+qh.head120:                                       ; preds = %pf.end125, %r1.body113
+  %qh123 = phi i64 [ 0, %r1.body113 ], [ %583, %pf.end125 ]
+  %545 = icmp slt i64 %qh123, 512
+  br i1 %545, label %qh.body121, label %qh.end122
 
-r1.head96:                                        ; preds = %qh.end103, %qb1.body93
-  %r199 = phi i64 [ %full42, %qb1.body93 ], [ %469, %qh.end103 ]
-  %445 = icmp slt i64 %r199, %gn
-  br i1 %445, label %r1.body97, label %r1.end98
+qh.body121:                                       ; preds = %qh.head120
+  br i1 %pf.on117, label %pf.then124, label %pf.end125
 
-r1.body97:                                        ; preds = %r1.head96
-  %446 = add nsw i64 %r199, 0
-  %447 = mul nsw i64 %446, 512
-  %448 = getelementptr inbounds float, ptr %238, i64 %447
-  %449 = mul nsw i64 %446, 32
-  %450 = add nsw i64 %449, %444
-  %451 = getelementptr inbounds float, ptr %nlb, i64 %450
-  store <8 x float> zeroinitializer, ptr %qacc100, align 4
-  br label %qh.head101
+pf.then124:                                       ; preds = %qh.body121
+  %546 = mul nsw i64 %qh123, 128
+  %547 = lshr i64 %546, %526
+  %548 = getelementptr inbounds i8, ptr %538, i64 %547
+  call void @llvm.prefetch.p0(ptr %548, i32 0, i32 2, i32 1)
+  br label %pf.end125
 
-qh.head101:                                       ; preds = %qh.body102, %r1.body97
-  %qh104 = phi i64 [ 0, %r1.body97 ], [ %466, %qh.body102 ]
-  %452 = icmp slt i64 %qh104, 512
-  br i1 %452, label %qh.body102, label %qh.end103
+pf.end125:                                        ; preds = %pf.then124, %qh.body121
+  %549 = add nsw i64 %qb109, 0
+  %550 = mul nsw i64 %qh123, 8
+  %551 = mul nsw i64 %549, 4096
+  %552 = add nsw i64 %551, %550
+  %553 = getelementptr inbounds float, ptr %noise, i64 %552
+  %554 = load <8 x float>, ptr %553, align 4
+  %555 = add nsw i64 %qb109, 1
+  %556 = mul nsw i64 %qh123, 8
+  %557 = mul nsw i64 %555, 4096
+  %558 = add nsw i64 %557, %556
+  %559 = getelementptr inbounds float, ptr %noise, i64 %558
+  %560 = load <8 x float>, ptr %559, align 4
+  %w16126 = shufflevector <8 x float> %554, <8 x float> %560, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %561 = add nsw i64 %qb109, 2
+  %562 = mul nsw i64 %qh123, 8
+  %563 = mul nsw i64 %561, 4096
+  %564 = add nsw i64 %563, %562
+  %565 = getelementptr inbounds float, ptr %noise, i64 %564
+  %566 = load <8 x float>, ptr %565, align 4
+  %567 = add nsw i64 %qb109, 3
+  %568 = mul nsw i64 %qh123, 8
+  %569 = mul nsw i64 %567, 4096
+  %570 = add nsw i64 %569, %568
+  %571 = getelementptr inbounds float, ptr %noise, i64 %570
+  %572 = load <8 x float>, ptr %571, align 4
+  %w16127 = shufflevector <8 x float> %566, <8 x float> %572, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %573 = getelementptr inbounds float, ptr %541, i64 %qh123
+  %574 = load float, ptr %573, align 4
+  %575 = insertelement <16 x float> poison, float %574, i32 0
+  %576 = shufflevector <16 x float> %575, <16 x float> poison, <16 x i32> zeroinitializer
+  %577 = load <16 x float>, ptr %qacc118, align 4
+  %578 = fmul <16 x float> %576, %w16126
+  %579 = fadd <16 x float> %577, %578
+  store <16 x float> %579, ptr %qacc118, align 4
+  %580 = load <16 x float>, ptr %qacc119, align 4
+  %581 = fmul <16 x float> %576, %w16127
+  %582 = fadd <16 x float> %580, %581
+  store <16 x float> %582, ptr %qacc119, align 4
+  %583 = add nsw i64 %qh123, 1
+  br label %qh.head120
 
-qh.body102:                                       ; preds = %qh.head101
-  %453 = add nsw i64 %qb195, 0
-  %454 = mul nsw i64 %qh104, 8
-  %455 = mul nsw i64 %453, 4096
-  %456 = add nsw i64 %455, %454
-  %457 = getelementptr inbounds float, ptr %noise, i64 %456
-  %458 = load <8 x float>, ptr %457, align 4
-  %459 = getelementptr inbounds float, ptr %448, i64 %qh104
-  %460 = load float, ptr %459, align 4
-  %461 = insertelement <8 x float> poison, float %460, i32 0
-  %462 = shufflevector <8 x float> %461, <8 x float> poison, <8 x i32> zeroinitializer
-  %463 = load <8 x float>, ptr %qacc100, align 4
-  %464 = fmul <8 x float> %462, %458
-  %465 = fadd <8 x float> %463, %464
-  store <8 x float> %465, ptr %qacc100, align 4
-  %466 = add nsw i64 %qh104, 1
-  br label %qh.head101
+qh.end122:                                        ; preds = %qh.head120
+  %584 = load <16 x float>, ptr %qacc118, align 4
+  %585 = load <16 x float>, ptr %qacc119, align 4
+  %586 = getelementptr inbounds float, ptr %544, i64 0
+  store <16 x float> %584, ptr %586, align 4
+  %587 = getelementptr inbounds float, ptr %544, i64 16
+  store <16 x float> %585, ptr %587, align 4
+  %588 = add nsw i64 %r1115, 1
+  br label %r1.head112
 
-qh.end103:                                        ; preds = %qh.head101
-  %467 = load <8 x float>, ptr %qacc100, align 4
-  %468 = getelementptr inbounds float, ptr %451, i64 0
-  store <8 x float> %467, ptr %468, align 4
-  %469 = add nsw i64 %r199, 1
-  br label %r1.head96
+r1.end114:                                        ; preds = %r1.head112
+  %589 = add nsw i64 %qb109, 4
+  br label %qb.head106
 
-r1.end98:                                         ; preds = %r1.head96
-  %470 = add nsw i64 %qb195, 1
-  br label %qb1.head92
+qb.end108:                                        ; preds = %qb.head106
+  br label %qb1.head128
 
-qb1.end94:                                        ; preds = %qb1.head92
+qb1.head128:                                      ; preds = %r1.end136, %qb.end108
+  %qb1131 = phi i64 [ 4, %qb.end108 ], [ %638, %r1.end136 ]
+  %590 = icmp slt i64 %qb1131, 4
+  br i1 %590, label %qb1.body129, label %qb1.end130
+
+qb1.body129:                                      ; preds = %qb1.head128
+  %591 = mul nsw i64 %qb1131, 8
+  %592 = sub nsw i64 %gn, %full60
+  %ntile132 = sdiv i64 %592, 1
+  %593 = icmp sge i64 %ntile132, 2
+  %594 = select i1 %593, i64 1, i64 0
+  %595 = icmp sge i64 %ntile132, 4
+  %596 = select i1 %595, i64 2, i64 %594
+  %597 = icmp sge i64 %ntile132, 8
+  %598 = select i1 %597, i64 3, i64 %596
+  %599 = add nsw i64 %qb1131, 1
+  %more133 = icmp slt i64 %599, 4
+  %600 = mul nsw i64 %599, 16384
+  %601 = getelementptr inbounds i8, ptr %noise, i64 %600
+  br label %r1.head134
+
+r1.head134:                                       ; preds = %qh.end143, %qb1.body129
+  %r1137 = phi i64 [ %full60, %qb1.body129 ], [ %637, %qh.end143 ]
+  %602 = icmp slt i64 %r1137, %gn
+  br i1 %602, label %r1.body135, label %r1.end136
+
+r1.body135:                                       ; preds = %r1.head134
+  %603 = sub nsw i64 %r1137, %full60
+  %j138 = sdiv i64 %603, 1
+  %604 = shl i64 1, %598
+  %605 = icmp slt i64 %j138, %604
+  %606 = icmp sgt i64 %ntile132, 1
+  %607 = and i1 %more133, %606
+  %pf.on139 = and i1 %607, %605
+  %608 = mul nsw i64 %j138, 16384
+  %609 = lshr i64 %608, %598
+  %610 = getelementptr inbounds i8, ptr %601, i64 %609
+  %611 = add nsw i64 %r1137, 0
+  %612 = mul nsw i64 %611, 512
+  %613 = getelementptr inbounds float, ptr %322, i64 %612
+  %614 = mul nsw i64 %611, 32
+  %615 = add nsw i64 %614, %591
+  %616 = getelementptr inbounds float, ptr %nlb, i64 %615
+  store <8 x float> zeroinitializer, ptr %qacc140, align 4
+  br label %qh.head141
+
+qh.head141:                                       ; preds = %pf.end146, %r1.body135
+  %qh144 = phi i64 [ 0, %r1.body135 ], [ %634, %pf.end146 ]
+  %617 = icmp slt i64 %qh144, 512
+  br i1 %617, label %qh.body142, label %qh.end143
+
+qh.body142:                                       ; preds = %qh.head141
+  br i1 %pf.on139, label %pf.then145, label %pf.end146
+
+pf.then145:                                       ; preds = %qh.body142
+  %618 = mul nsw i64 %qh144, 32
+  %619 = lshr i64 %618, %598
+  %620 = getelementptr inbounds i8, ptr %610, i64 %619
+  call void @llvm.prefetch.p0(ptr %620, i32 0, i32 2, i32 1)
+  br label %pf.end146
+
+pf.end146:                                        ; preds = %pf.then145, %qh.body142
+  %621 = add nsw i64 %qb1131, 0
+  %622 = mul nsw i64 %qh144, 8
+  %623 = mul nsw i64 %621, 4096
+  %624 = add nsw i64 %623, %622
+  %625 = getelementptr inbounds float, ptr %noise, i64 %624
+  %626 = load <8 x float>, ptr %625, align 4
+  %627 = getelementptr inbounds float, ptr %613, i64 %qh144
+  %628 = load float, ptr %627, align 4
+  %629 = insertelement <8 x float> poison, float %628, i32 0
+  %630 = shufflevector <8 x float> %629, <8 x float> poison, <8 x i32> zeroinitializer
+  %631 = load <8 x float>, ptr %qacc140, align 4
+  %632 = fmul <8 x float> %630, %626
+  %633 = fadd <8 x float> %631, %632
+  store <8 x float> %633, ptr %qacc140, align 4
+  %634 = add nsw i64 %qh144, 1
+  br label %qh.head141
+
+qh.end143:                                        ; preds = %qh.head141
+  %635 = load <8 x float>, ptr %qacc140, align 4
+  %636 = getelementptr inbounds float, ptr %616, i64 0
+  store <8 x float> %635, ptr %636, align 4
+  %637 = add nsw i64 %r1137, 1
+  br label %r1.head134
+
+r1.end136:                                        ; preds = %r1.head134
+  %638 = add nsw i64 %qb1131, 1
+  br label %qb1.head128
+
+qb1.end130:                                       ; preds = %qb1.head128
   br label %gtraining.end
 
-gtraining.end:                                    ; preds = %qb1.end94, %qb1.end30
+gtraining.end:                                    ; preds = %qb1.end130, %qb1.end42
   br label %t.head
 
 t.head:                                           ; preds = %pset.end, %gtraining.end
-  %t = phi i64 [ 0, %gtraining.end ], [ %695, %pset.end ]
-  %471 = icmp slt i64 %t, %gn
-  br i1 %471, label %t.body, label %t.end
+  %t = phi i64 [ 0, %gtraining.end ], [ %863, %pset.end ]
+  %639 = icmp slt i64 %t, %gn
+  br i1 %639, label %t.body, label %t.end
 
 t.body:                                           ; preds = %t.head
   %tok = add nsw i64 %tg, %t
-  %472 = mul nsw i64 %t, 32
-  %473 = getelementptr inbounds float, ptr %lb, i64 %472
-  %474 = mul nsw i64 %t, 32
-  %475 = getelementptr inbounds float, ptr %nlb, i64 %474
-  %training105 = icmp ne i32 %training, 0
-  br i1 %training105, label %training.then, label %training.end
+  %640 = mul nsw i64 %t, 32
+  %641 = getelementptr inbounds float, ptr %lb, i64 %640
+  %642 = mul nsw i64 %t, 32
+  %643 = getelementptr inbounds float, ptr %nlb, i64 %642
+  %training147 = icmp ne i32 %training, 0
+  br i1 %training147, label %training.then, label %training.end
 
 training.then:                                    ; preds = %t.body
   br label %noise.head
 
 noise.head:                                       ; preds = %noise.body, %training.then
-  %noise106 = phi i64 [ 0, %training.then ], [ %583, %noise.body ]
-  %476 = icmp slt i64 %noise106, 32
-  br i1 %476, label %noise.body, label %noise.end
+  %noise148 = phi i64 [ 0, %training.then ], [ %751, %noise.body ]
+  %644 = icmp slt i64 %noise148, 32
+  br i1 %644, label %noise.body, label %noise.end
 
 noise.body:                                       ; preds = %noise.head
-  %477 = add i64 %seed, -7046029254386353131
-  %478 = lshr i64 %477, 30
-  %479 = xor i64 %477, %478
-  %480 = mul i64 %479, -4658895280553007687
-  %481 = lshr i64 %480, 27
-  %482 = xor i64 %480, %481
-  %483 = mul i64 %482, -7723592293110705685
-  %484 = lshr i64 %483, 31
-  %485 = xor i64 %483, %484
-  %486 = xor i64 %485, %layer
-  %487 = add i64 %486, -7046029254386353131
-  %488 = lshr i64 %487, 30
-  %489 = xor i64 %487, %488
-  %490 = mul i64 %489, -4658895280553007687
-  %491 = lshr i64 %490, 27
-  %492 = xor i64 %490, %491
-  %493 = mul i64 %492, -7723592293110705685
-  %494 = lshr i64 %493, 31
-  %495 = xor i64 %493, %494
-  %496 = xor i64 %495, %tok
-  %497 = add i64 %496, -7046029254386353131
-  %498 = lshr i64 %497, 30
-  %499 = xor i64 %497, %498
-  %500 = mul i64 %499, -4658895280553007687
-  %501 = lshr i64 %500, 27
-  %502 = xor i64 %500, %501
-  %503 = mul i64 %502, -7723592293110705685
-  %504 = lshr i64 %503, 31
-  %505 = xor i64 %503, %504
-  %506 = xor i64 %505, %noise106
-  %507 = add i64 %506, -7046029254386353131
-  %508 = lshr i64 %507, 30
-  %509 = xor i64 %507, %508
-  %510 = mul i64 %509, -4658895280553007687
-  %511 = lshr i64 %510, 27
-  %512 = xor i64 %510, %511
-  %513 = mul i64 %512, -7723592293110705685
-  %514 = lshr i64 %513, 31
-  %515 = xor i64 %513, %514
-  %516 = lshr i64 %515, 40
-  %517 = uitofp i64 %516 to float
-  %u = fmul float %517, 0x3E70000000000000
-  %518 = xor i64 %noise106, -9223372036854775808
-  %519 = add i64 %seed, -7046029254386353131
-  %520 = lshr i64 %519, 30
-  %521 = xor i64 %519, %520
-  %522 = mul i64 %521, -4658895280553007687
-  %523 = lshr i64 %522, 27
-  %524 = xor i64 %522, %523
-  %525 = mul i64 %524, -7723592293110705685
-  %526 = lshr i64 %525, 31
-  %527 = xor i64 %525, %526
-  %528 = xor i64 %527, %layer
-  %529 = add i64 %528, -7046029254386353131
-  %530 = lshr i64 %529, 30
-  %531 = xor i64 %529, %530
-  %532 = mul i64 %531, -4658895280553007687
-  %533 = lshr i64 %532, 27
-  %534 = xor i64 %532, %533
-  %535 = mul i64 %534, -7723592293110705685
-  %536 = lshr i64 %535, 31
-  %537 = xor i64 %535, %536
-  %538 = xor i64 %537, %tok
-  %539 = add i64 %538, -7046029254386353131
-  %540 = lshr i64 %539, 30
-  %541 = xor i64 %539, %540
-  %542 = mul i64 %541, -4658895280553007687
-  %543 = lshr i64 %542, 27
-  %544 = xor i64 %542, %543
-  %545 = mul i64 %544, -7723592293110705685
-  %546 = lshr i64 %545, 31
-  %547 = xor i64 %545, %546
-  %548 = xor i64 %547, %518
-  %549 = add i64 %548, -7046029254386353131
-  %550 = lshr i64 %549, 30
-  %551 = xor i64 %549, %550
-  %552 = mul i64 %551, -4658895280553007687
-  %553 = lshr i64 %552, 27
-  %554 = xor i64 %552, %553
-  %555 = mul i64 %554, -7723592293110705685
-  %556 = lshr i64 %555, 31
-  %557 = xor i64 %555, %556
-  %558 = lshr i64 %557, 40
-  %559 = uitofp i64 %558 to float
-  %u107 = fmul float %559, 0x3E70000000000000
-  %560 = fpext float %u to double
-  %561 = fpext float %u107 to double
-  %562 = fsub double 1.000000e+00, %560
-  %563 = call double @log(double %562)
-  %564 = fmul double -2.000000e+00, %563
-  %565 = call double @llvm.sqrt.f64(double %564)
-  %566 = fmul double 0x401921FB54442D18, %561
-  %567 = call double @cos(double %566)
-  %568 = fmul double %565, %567
-  %569 = fptrunc double %568 to float
-  %570 = getelementptr inbounds float, ptr %475, i64 %noise106
-  %571 = load float, ptr %570, align 4
-  %572 = fpext float %571 to double
-  %573 = call double @exp(double %572)
-  %574 = call double @log1p(double %573)
-  %575 = fcmp ogt double %572, 2.000000e+01
-  %576 = select i1 %575, double %572, double %574
-  %577 = fptrunc double %576 to float
-  %sd = fadd float %577, 0x3F847AE140000000
-  %578 = fmul float %569, %sd
-  %579 = getelementptr inbounds float, ptr %473, i64 %noise106
-  %580 = load float, ptr %579, align 4
-  %581 = fadd float %580, %578
-  %582 = getelementptr inbounds float, ptr %473, i64 %noise106
-  store float %581, ptr %582, align 4
-  %583 = add nsw i64 %noise106, 1
+  %645 = add i64 %seed, -7046029254386353131
+  %646 = lshr i64 %645, 30
+  %647 = xor i64 %645, %646
+  %648 = mul i64 %647, -4658895280553007687
+  %649 = lshr i64 %648, 27
+  %650 = xor i64 %648, %649
+  %651 = mul i64 %650, -7723592293110705685
+  %652 = lshr i64 %651, 31
+  %653 = xor i64 %651, %652
+  %654 = xor i64 %653, %layer
+  %655 = add i64 %654, -7046029254386353131
+  %656 = lshr i64 %655, 30
+  %657 = xor i64 %655, %656
+  %658 = mul i64 %657, -4658895280553007687
+  %659 = lshr i64 %658, 27
+  %660 = xor i64 %658, %659
+  %661 = mul i64 %660, -7723592293110705685
+  %662 = lshr i64 %661, 31
+  %663 = xor i64 %661, %662
+  %664 = xor i64 %663, %tok
+  %665 = add i64 %664, -7046029254386353131
+  %666 = lshr i64 %665, 30
+  %667 = xor i64 %665, %666
+  %668 = mul i64 %667, -4658895280553007687
+  %669 = lshr i64 %668, 27
+  %670 = xor i64 %668, %669
+  %671 = mul i64 %670, -7723592293110705685
+  %672 = lshr i64 %671, 31
+  %673 = xor i64 %671, %672
+  %674 = xor i64 %673, %noise148
+  %675 = add i64 %674, -7046029254386353131
+  %676 = lshr i64 %675, 30
+  %677 = xor i64 %675, %676
+  %678 = mul i64 %677, -4658895280553007687
+  %679 = lshr i64 %678, 27
+  %680 = xor i64 %678, %679
+  %681 = mul i64 %680, -7723592293110705685
+  %682 = lshr i64 %681, 31
+  %683 = xor i64 %681, %682
+  %684 = lshr i64 %683, 40
+  %685 = uitofp i64 %684 to float
+  %u = fmul float %685, 0x3E70000000000000
+  %686 = xor i64 %noise148, -9223372036854775808
+  %687 = add i64 %seed, -7046029254386353131
+  %688 = lshr i64 %687, 30
+  %689 = xor i64 %687, %688
+  %690 = mul i64 %689, -4658895280553007687
+  %691 = lshr i64 %690, 27
+  %692 = xor i64 %690, %691
+  %693 = mul i64 %692, -7723592293110705685
+  %694 = lshr i64 %693, 31
+  %695 = xor i64 %693, %694
+  %696 = xor i64 %695, %layer
+  %697 = add i64 %696, -7046029254386353131
+  %698 = lshr i64 %697, 30
+  %699 = xor i64 %697, %698
+  %700 = mul i64 %699, -4658895280553007687
+  %701 = lshr i64 %700, 27
+  %702 = xor i64 %700, %701
+  %703 = mul i64 %702, -7723592293110705685
+  %704 = lshr i64 %703, 31
+  %705 = xor i64 %703, %704
+  %706 = xor i64 %705, %tok
+  %707 = add i64 %706, -7046029254386353131
+  %708 = lshr i64 %707, 30
+  %709 = xor i64 %707, %708
+  %710 = mul i64 %709, -4658895280553007687
+  %711 = lshr i64 %710, 27
+  %712 = xor i64 %710, %711
+  %713 = mul i64 %712, -7723592293110705685
+  %714 = lshr i64 %713, 31
+  %715 = xor i64 %713, %714
+  %716 = xor i64 %715, %686
+  %717 = add i64 %716, -7046029254386353131
+  %718 = lshr i64 %717, 30
+  %719 = xor i64 %717, %718
+  %720 = mul i64 %719, -4658895280553007687
+  %721 = lshr i64 %720, 27
+  %722 = xor i64 %720, %721
+  %723 = mul i64 %722, -7723592293110705685
+  %724 = lshr i64 %723, 31
+  %725 = xor i64 %723, %724
+  %726 = lshr i64 %725, 40
+  %727 = uitofp i64 %726 to float
+  %u149 = fmul float %727, 0x3E70000000000000
+  %728 = fpext float %u to double
+  %729 = fpext float %u149 to double
+  %730 = fsub double 1.000000e+00, %728
+  %731 = call double @log(double %730)
+  %732 = fmul double -2.000000e+00, %731
+  %733 = call double @llvm.sqrt.f64(double %732)
+  %734 = fmul double 0x401921FB54442D18, %729
+  %735 = call double @cos(double %734)
+  %736 = fmul double %733, %735
+  %737 = fptrunc double %736 to float
+  %738 = getelementptr inbounds float, ptr %643, i64 %noise148
+  %739 = load float, ptr %738, align 4
+  %740 = fpext float %739 to double
+  %741 = call double @exp(double %740)
+  %742 = call double @log1p(double %741)
+  %743 = fcmp ogt double %740, 2.000000e+01
+  %744 = select i1 %743, double %740, double %742
+  %745 = fptrunc double %744 to float
+  %sd = fadd float %745, 0x3F847AE140000000
+  %746 = fmul float %737, %sd
+  %747 = getelementptr inbounds float, ptr %641, i64 %noise148
+  %748 = load float, ptr %747, align 4
+  %749 = fadd float %748, %746
+  %750 = getelementptr inbounds float, ptr %641, i64 %noise148
+  store float %749, ptr %750, align 4
+  %751 = add nsw i64 %noise148, 1
   br label %noise.head
 
 noise.end:                                        ; preds = %noise.head
   br label %training.end
 
 training.end:                                     ; preds = %noise.end, %t.body
-  %584 = mul nsw i64 %tok, 32
-  %585 = getelementptr inbounds float, ptr %logits, i64 %584
-  %586 = getelementptr inbounds float, ptr %prob, i64 %584
+  %752 = mul nsw i64 %tok, 32
+  %753 = getelementptr inbounds float, ptr %logits, i64 %752
+  %754 = getelementptr inbounds float, ptr %prob, i64 %752
   br label %lcopy.head
 
 lcopy.head:                                       ; preds = %lcopy.body, %training.end
-  %lcopy = phi i64 [ 0, %training.end ], [ %591, %lcopy.body ]
-  %587 = icmp slt i64 %lcopy, 32
-  br i1 %587, label %lcopy.body, label %lcopy.end
+  %lcopy = phi i64 [ 0, %training.end ], [ %759, %lcopy.body ]
+  %755 = icmp slt i64 %lcopy, 32
+  br i1 %755, label %lcopy.body, label %lcopy.end
 
 lcopy.body:                                       ; preds = %lcopy.head
-  %588 = getelementptr inbounds float, ptr %473, i64 %lcopy
-  %589 = load float, ptr %588, align 4
-  %590 = getelementptr inbounds float, ptr %585, i64 %lcopy
-  store float %589, ptr %590, align 4
-  %591 = add nsw i64 %lcopy, 1
+  %756 = getelementptr inbounds float, ptr %641, i64 %lcopy
+  %757 = load float, ptr %756, align 4
+  %758 = getelementptr inbounds float, ptr %753, i64 %lcopy
+  store float %757, ptr %758, align 4
+  %759 = add nsw i64 %lcopy, 1
   br label %lcopy.head
 
 lcopy.end:                                        ; preds = %lcopy.head
@@ -1014,81 +1270,81 @@ lcopy.end:                                        ; preds = %lcopy.head
   br label %smax.head
 
 smax.head:                                        ; preds = %smax.body, %lcopy.end
-  %smax108 = phi i64 [ 0, %lcopy.end ], [ %599, %smax.body ]
-  %592 = icmp slt i64 %smax108, 32
-  br i1 %592, label %smax.body, label %smax.end
+  %smax150 = phi i64 [ 0, %lcopy.end ], [ %767, %smax.body ]
+  %760 = icmp slt i64 %smax150, 32
+  br i1 %760, label %smax.body, label %smax.end
 
 smax.body:                                        ; preds = %smax.head
-  %593 = add nsw i64 0, %smax108
-  %594 = getelementptr inbounds float, ptr %473, i64 %593
-  %595 = load float, ptr %594, align 4
-  %596 = load float, ptr %smax, align 4
-  %597 = fcmp ogt float %595, %596
-  %598 = select i1 %597, float %595, float %596
-  store float %598, ptr %smax, align 4
-  %599 = add nsw i64 %smax108, 1
+  %761 = add nsw i64 0, %smax150
+  %762 = getelementptr inbounds float, ptr %641, i64 %761
+  %763 = load float, ptr %762, align 4
+  %764 = load float, ptr %smax, align 4
+  %765 = fcmp ogt float %763, %764
+  %766 = select i1 %765, float %763, float %764
+  store float %766, ptr %smax, align 4
+  %767 = add nsw i64 %smax150, 1
   br label %smax.head
 
 smax.end:                                         ; preds = %smax.head
-  %600 = load float, ptr %smax, align 4
+  %768 = load float, ptr %smax, align 4
   store float 0.000000e+00, ptr %ssum, align 4
   br label %sexp.head
 
 sexp.head:                                        ; preds = %sexp.body, %smax.end
-  %sexp = phi i64 [ 0, %smax.end ], [ %613, %sexp.body ]
-  %601 = icmp slt i64 %sexp, 32
-  br i1 %601, label %sexp.body, label %sexp.end
+  %sexp = phi i64 [ 0, %smax.end ], [ %781, %sexp.body ]
+  %769 = icmp slt i64 %sexp, 32
+  br i1 %769, label %sexp.body, label %sexp.end
 
 sexp.body:                                        ; preds = %sexp.head
-  %602 = add nsw i64 0, %sexp
-  %603 = getelementptr inbounds float, ptr %473, i64 %602
-  %604 = load float, ptr %603, align 4
-  %605 = fsub float %604, %600
-  %606 = fpext float %605 to double
-  %607 = call double @exp(double %606)
-  %608 = fptrunc double %607 to float
-  %609 = add nsw i64 0, %sexp
-  %610 = getelementptr inbounds float, ptr %s, i64 %609
-  store float %608, ptr %610, align 4
-  %611 = load float, ptr %ssum, align 4
-  %612 = fadd float %611, %608
-  store float %612, ptr %ssum, align 4
-  %613 = add nsw i64 %sexp, 1
+  %770 = add nsw i64 0, %sexp
+  %771 = getelementptr inbounds float, ptr %641, i64 %770
+  %772 = load float, ptr %771, align 4
+  %773 = fsub float %772, %768
+  %774 = fpext float %773 to double
+  %775 = call double @exp(double %774)
+  %776 = fptrunc double %775 to float
+  %777 = add nsw i64 0, %sexp
+  %778 = getelementptr inbounds float, ptr %s, i64 %777
+  store float %776, ptr %778, align 4
+  %779 = load float, ptr %ssum, align 4
+  %780 = fadd float %779, %776
+  store float %780, ptr %ssum, align 4
+  %781 = add nsw i64 %sexp, 1
   br label %sexp.head
 
 sexp.end:                                         ; preds = %sexp.head
-  %614 = load float, ptr %ssum, align 4
+  %782 = load float, ptr %ssum, align 4
   br label %sdiv.head
 
 sdiv.head:                                        ; preds = %sdiv.body, %sexp.end
-  %sdiv = phi i64 [ 0, %sexp.end ], [ %621, %sdiv.body ]
-  %615 = icmp slt i64 %sdiv, 32
-  br i1 %615, label %sdiv.body, label %sdiv.end
+  %sdiv = phi i64 [ 0, %sexp.end ], [ %789, %sdiv.body ]
+  %783 = icmp slt i64 %sdiv, 32
+  br i1 %783, label %sdiv.body, label %sdiv.end
 
 sdiv.body:                                        ; preds = %sdiv.head
-  %616 = add nsw i64 0, %sdiv
-  %617 = getelementptr inbounds float, ptr %s, i64 %616
-  %618 = load float, ptr %617, align 4
-  %619 = fdiv float %618, %614
-  %620 = getelementptr inbounds float, ptr %s, i64 %616
-  store float %619, ptr %620, align 4
-  %621 = add nsw i64 %sdiv, 1
+  %784 = add nsw i64 0, %sdiv
+  %785 = getelementptr inbounds float, ptr %s, i64 %784
+  %786 = load float, ptr %785, align 4
+  %787 = fdiv float %786, %782
+  %788 = getelementptr inbounds float, ptr %s, i64 %784
+  store float %787, ptr %788, align 4
+  %789 = add nsw i64 %sdiv, 1
   br label %sdiv.head
 
 sdiv.end:                                         ; preds = %sdiv.head
   br label %n.c.head
 
 n.c.head:                                         ; preds = %n.c.body, %sdiv.end
-  %n.c = phi i64 [ 0, %sdiv.end ], [ %626, %n.c.body ]
-  %622 = icmp slt i64 %n.c, 32
-  br i1 %622, label %n.c.body, label %n.c.end
+  %n.c = phi i64 [ 0, %sdiv.end ], [ %794, %n.c.body ]
+  %790 = icmp slt i64 %n.c, 32
+  br i1 %790, label %n.c.body, label %n.c.end
 
 n.c.body:                                         ; preds = %n.c.head
-  %623 = getelementptr inbounds float, ptr %s, i64 %n.c
-  %624 = load float, ptr %623, align 4
-  %625 = getelementptr inbounds float, ptr %c, i64 %n.c
-  store float %624, ptr %625, align 4
-  %626 = add nsw i64 %n.c, 1
+  %791 = getelementptr inbounds float, ptr %s, i64 %n.c
+  %792 = load float, ptr %791, align 4
+  %793 = getelementptr inbounds float, ptr %c, i64 %n.c
+  store float %792, ptr %793, align 4
+  %794 = add nsw i64 %n.c, 1
   br label %n.c.head
 
 n.c.end:                                          ; preds = %n.c.head
@@ -1096,40 +1352,40 @@ n.c.end:                                          ; preds = %n.c.head
   br label %tk.head
 
 tk.head:                                          ; preds = %tk.put.end, %n.c.end
-  %tk = phi i64 [ 0, %n.c.end ], [ %648, %tk.put.end ]
-  %627 = icmp slt i64 %tk, 32
-  br i1 %627, label %tk.body, label %tk.end
+  %tk = phi i64 [ 0, %n.c.end ], [ %816, %tk.put.end ]
+  %795 = icmp slt i64 %tk, 32
+  br i1 %795, label %tk.body, label %tk.end
 
 tk.body:                                          ; preds = %tk.head
-  %628 = getelementptr inbounds float, ptr %c, i64 %tk
-  %629 = load float, ptr %628, align 4
-  %630 = load i64, ptr %tk.m, align 8
+  %796 = getelementptr inbounds float, ptr %c, i64 %tk
+  %797 = load float, ptr %796, align 4
+  %798 = load i64, ptr %tk.m, align 8
   br label %tk.ins.head
 
 tk.ins.head:                                      ; preds = %tk.shift.end, %tk.body
-  %p = phi i64 [ %630, %tk.body ], [ %632, %tk.shift.end ]
-  %631 = icmp sgt i64 %p, 0
-  br i1 %631, label %tk.ins.chk, label %tk.ins.end
+  %p = phi i64 [ %798, %tk.body ], [ %800, %tk.shift.end ]
+  %799 = icmp sgt i64 %p, 0
+  br i1 %799, label %tk.ins.chk, label %tk.ins.end
 
 tk.ins.chk:                                       ; preds = %tk.ins.head
-  %632 = sub nsw i64 %p, 1
-  %633 = getelementptr inbounds i64, ptr %idx, i64 %632
-  %634 = load i64, ptr %633, align 8
-  %635 = getelementptr inbounds float, ptr %c, i64 %634
-  %636 = load float, ptr %635, align 4
-  %637 = fcmp uno float %629, %629
-  %638 = fcmp ugt float %629, %636
-  %639 = xor i1 %637, true
-  %640 = and i1 %639, %638
-  br i1 %640, label %tk.ins.body, label %tk.ins.end
+  %800 = sub nsw i64 %p, 1
+  %801 = getelementptr inbounds i64, ptr %idx, i64 %800
+  %802 = load i64, ptr %801, align 8
+  %803 = getelementptr inbounds float, ptr %c, i64 %802
+  %804 = load float, ptr %803, align 4
+  %805 = fcmp uno float %797, %797
+  %806 = fcmp ugt float %797, %804
+  %807 = xor i1 %805, true
+  %808 = and i1 %807, %806
+  br i1 %808, label %tk.ins.body, label %tk.ins.end
 
 tk.ins.body:                                      ; preds = %tk.ins.chk
-  %641 = icmp slt i64 %p, 4
-  br i1 %641, label %tk.shift.then, label %tk.shift.end
+  %809 = icmp slt i64 %p, 4
+  br i1 %809, label %tk.shift.then, label %tk.shift.end
 
 tk.shift.then:                                    ; preds = %tk.ins.body
-  %642 = getelementptr inbounds i64, ptr %idx, i64 %p
-  store i64 %634, ptr %642, align 8
+  %810 = getelementptr inbounds i64, ptr %idx, i64 %p
+  store i64 %802, ptr %810, align 8
   br label %tk.shift.end
 
 tk.shift.end:                                     ; preds = %tk.shift.then, %tk.ins.body
@@ -1137,39 +1393,39 @@ tk.shift.end:                                     ; preds = %tk.shift.then, %tk.
 
 tk.ins.end:                                       ; preds = %tk.ins.chk, %tk.ins.head
   %pf = phi i64 [ %p, %tk.ins.head ], [ %p, %tk.ins.chk ]
-  %643 = icmp slt i64 %pf, 4
-  br i1 %643, label %tk.put.then, label %tk.put.end
+  %811 = icmp slt i64 %pf, 4
+  br i1 %811, label %tk.put.then, label %tk.put.end
 
 tk.put.then:                                      ; preds = %tk.ins.end
-  %644 = getelementptr inbounds i64, ptr %idx, i64 %pf
-  store i64 %tk, ptr %644, align 8
+  %812 = getelementptr inbounds i64, ptr %idx, i64 %pf
+  store i64 %tk, ptr %812, align 8
   br label %tk.put.end
 
 tk.put.end:                                       ; preds = %tk.put.then, %tk.ins.end
-  %645 = add nsw i64 %630, 1
-  %646 = icmp slt i64 %645, 4
-  %647 = select i1 %646, i64 %645, i64 4
-  store i64 %647, ptr %tk.m, align 8
-  %648 = add nsw i64 %tk, 1
+  %813 = add nsw i64 %798, 1
+  %814 = icmp slt i64 %813, 4
+  %815 = select i1 %814, i64 %813, i64 4
+  store i64 %815, ptr %tk.m, align 8
+  %816 = add nsw i64 %tk, 1
   br label %tk.head
 
 tk.end:                                           ; preds = %tk.head
-  %649 = load i64, ptr %tk.m, align 8
+  %817 = load i64, ptr %tk.m, align 8
   br label %n.w.head
 
 n.w.head:                                         ; preds = %n.w.body, %tk.end
-  %n.w = phi i64 [ 0, %tk.end ], [ %656, %n.w.body ]
-  %650 = icmp slt i64 %n.w, 4
-  br i1 %650, label %n.w.body, label %n.w.end
+  %n.w = phi i64 [ 0, %tk.end ], [ %824, %n.w.body ]
+  %818 = icmp slt i64 %n.w, 4
+  br i1 %818, label %n.w.body, label %n.w.end
 
 n.w.body:                                         ; preds = %n.w.head
-  %651 = getelementptr inbounds i64, ptr %idx, i64 %n.w
-  %652 = load i64, ptr %651, align 8
-  %653 = getelementptr inbounds float, ptr %s, i64 %652
-  %654 = load float, ptr %653, align 4
-  %655 = getelementptr inbounds float, ptr %w, i64 %n.w
-  store float %654, ptr %655, align 4
-  %656 = add nsw i64 %n.w, 1
+  %819 = getelementptr inbounds i64, ptr %idx, i64 %n.w
+  %820 = load i64, ptr %819, align 8
+  %821 = getelementptr inbounds float, ptr %s, i64 %820
+  %822 = load float, ptr %821, align 4
+  %823 = getelementptr inbounds float, ptr %w, i64 %n.w
+  store float %822, ptr %823, align 4
+  %824 = add nsw i64 %n.w, 1
   br label %n.w.head
 
 n.w.end:                                          ; preds = %n.w.head
@@ -1177,103 +1433,106 @@ n.w.end:                                          ; preds = %n.w.head
   br label %nsum.head
 
 nsum.head:                                        ; preds = %nsum.body, %n.w.end
-  %nsum = phi i64 [ 0, %n.w.end ], [ %662, %nsum.body ]
-  %657 = icmp slt i64 %nsum, 4
-  br i1 %657, label %nsum.body, label %nsum.end
+  %nsum = phi i64 [ 0, %n.w.end ], [ %830, %nsum.body ]
+  %825 = icmp slt i64 %nsum, 4
+  br i1 %825, label %nsum.body, label %nsum.end
 
 nsum.body:                                        ; preds = %nsum.head
-  %658 = getelementptr inbounds float, ptr %w, i64 %nsum
-  %659 = load float, ptr %658, align 4
-  %660 = load float, ptr %wsum, align 4
-  %661 = fadd float %660, %659
-  store float %661, ptr %wsum, align 4
-  %662 = add nsw i64 %nsum, 1
+  %826 = getelementptr inbounds float, ptr %w, i64 %nsum
+  %827 = load float, ptr %826, align 4
+  %828 = load float, ptr %wsum, align 4
+  %829 = fadd float %828, %827
+  store float %829, ptr %wsum, align 4
+  %830 = add nsw i64 %nsum, 1
   br label %nsum.head
 
 nsum.end:                                         ; preds = %nsum.head
-  %663 = load float, ptr %wsum, align 4
-  %664 = fadd float %663, 0.000000e+00
-  %665 = fcmp olt float %664, 0.000000e+00
-  %666 = select i1 %665, float 0.000000e+00, float %664
-  %667 = fcmp ogt float %666, 0.000000e+00
-  %668 = select i1 %667, float %666, float 1.000000e+00
+  %831 = load float, ptr %wsum, align 4
+  %832 = fadd float %831, 0.000000e+00
+  %833 = fcmp olt float %832, 0.000000e+00
+  %834 = select i1 %833, float 0.000000e+00, float %832
+  %835 = fcmp ogt float %834, 0.000000e+00
+  %836 = select i1 %835, float %834, float 1.000000e+00
   br label %ndiv.head
 
 ndiv.head:                                        ; preds = %ndiv.body, %nsum.end
-  %ndiv = phi i64 [ 0, %nsum.end ], [ %674, %ndiv.body ]
-  %669 = icmp slt i64 %ndiv, 4
-  br i1 %669, label %ndiv.body, label %ndiv.end
+  %ndiv = phi i64 [ 0, %nsum.end ], [ %842, %ndiv.body ]
+  %837 = icmp slt i64 %ndiv, 4
+  br i1 %837, label %ndiv.body, label %ndiv.end
 
 ndiv.body:                                        ; preds = %ndiv.head
-  %670 = getelementptr inbounds float, ptr %w, i64 %ndiv
-  %671 = load float, ptr %670, align 4
-  %672 = fdiv float %671, %668
-  %673 = getelementptr inbounds float, ptr %w, i64 %ndiv
-  store float %672, ptr %673, align 4
-  %674 = add nsw i64 %ndiv, 1
+  %838 = getelementptr inbounds float, ptr %w, i64 %ndiv
+  %839 = load float, ptr %838, align 4
+  %840 = fdiv float %839, %836
+  %841 = getelementptr inbounds float, ptr %w, i64 %ndiv
+  store float %840, ptr %841, align 4
+  %842 = add nsw i64 %ndiv, 1
   br label %ndiv.head
 
 ndiv.end:                                         ; preds = %ndiv.head
   br label %n.out.head
 
 n.out.head:                                       ; preds = %n.out.body, %ndiv.end
-  %n.out = phi i64 [ 0, %ndiv.end ], [ %684, %n.out.body ]
-  %675 = icmp slt i64 %n.out, 4
-  br i1 %675, label %n.out.body, label %n.out.end
+  %n.out = phi i64 [ 0, %ndiv.end ], [ %852, %n.out.body ]
+  %843 = icmp slt i64 %n.out, 4
+  br i1 %843, label %n.out.body, label %n.out.end
 
 n.out.body:                                       ; preds = %n.out.head
-  %676 = add nsw i64 %wbase, %n.out
-  %677 = getelementptr inbounds i32, ptr %ids, i64 %676
-  %678 = getelementptr inbounds i64, ptr %idx, i64 %n.out
-  %679 = load i64, ptr %678, align 8
-  %680 = trunc i64 %679 to i32
-  store i32 %680, ptr %677, align 4
-  %681 = getelementptr inbounds float, ptr %w, i64 %n.out
-  %682 = load float, ptr %681, align 4
-  %683 = getelementptr inbounds float, ptr %weights, i64 %676
-  store float %682, ptr %683, align 4
-  %684 = add nsw i64 %n.out, 1
+  %844 = add nsw i64 %wbase, %n.out
+  %845 = getelementptr inbounds i32, ptr %ids, i64 %844
+  %846 = getelementptr inbounds i64, ptr %idx, i64 %n.out
+  %847 = load i64, ptr %846, align 8
+  %848 = trunc i64 %847 to i32
+  store i32 %848, ptr %845, align 4
+  %849 = getelementptr inbounds float, ptr %w, i64 %n.out
+  %850 = load float, ptr %849, align 4
+  %851 = getelementptr inbounds float, ptr %weights, i64 %844
+  store float %850, ptr %851, align 4
+  %852 = add nsw i64 %n.out, 1
   br label %n.out.head
 
 n.out.end:                                        ; preds = %n.out.head
-  %685 = load i64, ptr %idx, align 8
-  %686 = getelementptr inbounds float, ptr %c, i64 %685
-  %687 = load float, ptr %686, align 4
-  %688 = getelementptr inbounds float, ptr %prio, i64 %tok
-  store float %687, ptr %688, align 4
+  %853 = load i64, ptr %idx, align 8
+  %854 = getelementptr inbounds float, ptr %c, i64 %853
+  %855 = load float, ptr %854, align 4
+  %856 = getelementptr inbounds float, ptr %prio, i64 %tok
+  store float %855, ptr %856, align 4
   br label %pset.head
 
 pset.head:                                        ; preds = %pset.body, %n.out.end
-  %pset = phi i64 [ 0, %n.out.end ], [ %694, %pset.body ]
-  %689 = icmp slt i64 %pset, 32
-  br i1 %689, label %pset.body, label %pset.end
+  %pset = phi i64 [ 0, %n.out.end ], [ %862, %pset.body ]
+  %857 = icmp slt i64 %pset, 32
+  br i1 %857, label %pset.body, label %pset.end
 
 pset.body:                                        ; preds = %pset.head
-  %690 = add nsw i64 0, %pset
-  %691 = getelementptr inbounds float, ptr %s, i64 %690
-  %692 = load float, ptr %691, align 4
-  %693 = getelementptr inbounds float, ptr %586, i64 %690
-  store float %692, ptr %693, align 4
-  %694 = add nsw i64 %pset, 1
+  %858 = add nsw i64 0, %pset
+  %859 = getelementptr inbounds float, ptr %s, i64 %858
+  %860 = load float, ptr %859, align 4
+  %861 = getelementptr inbounds float, ptr %754, i64 %858
+  store float %860, ptr %861, align 4
+  %862 = add nsw i64 %pset, 1
   br label %pset.head
 
 pset.end:                                         ; preds = %pset.head
-  %695 = add nsw i64 %t, 1
+  %863 = add nsw i64 %t, 1
   br label %t.head
 
 t.end:                                            ; preds = %t.head
-  %696 = add nsw i64 %tg, 8
+  %864 = add nsw i64 %tg, 8
   br label %tg.head
 
 tg.end:                                           ; preds = %tg.head
   ret void
 }
 
+; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
+declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #1
+
 ; Function Attrs: nounwind
 declare double @log(double) #0
 
 ; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
-declare double @llvm.sqrt.f64(double) #1
+declare double @llvm.sqrt.f64(double) #2
 
 ; Function Attrs: nounwind
 declare double @cos(double) #0
@@ -1287,6 +1546,7 @@ declare double @log1p(double) #0
 ; Function Attrs: nounwind
 define hidden void @moe_up(ptr noalias %x, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bg, ptr noalias %bu, ptr noalias %h, i64 %p0, i64 %p1) #0 {
 entry:
+  %part = alloca [24576 x float], align 32
   %acc000 = alloca <8 x float>, align 32
   %acc001 = alloca <8 x float>, align 32
   %acc010 = alloca <8 x float>, align 32
@@ -1299,73 +1559,161 @@ entry:
   %acc041 = alloca <8 x float>, align 32
   %acc050 = alloca <8 x float>, align 32
   %acc051 = alloca <8 x float>, align 32
-  %acc0007 = alloca <8 x float>, align 32
-  %acc0018 = alloca <8 x float>, align 32
-  %acc0109 = alloca <8 x float>, align 32
-  %acc01110 = alloca <8 x float>, align 32
-  %acc02011 = alloca <8 x float>, align 32
-  %acc02112 = alloca <8 x float>, align 32
-  %acc03013 = alloca <8 x float>, align 32
-  %acc03114 = alloca <8 x float>, align 32
-  %acc04015 = alloca <8 x float>, align 32
-  %acc04116 = alloca <8 x float>, align 32
-  %acc00032 = alloca <8 x float>, align 32
-  %acc00133 = alloca <8 x float>, align 32
-  %acc01034 = alloca <8 x float>, align 32
-  %acc01135 = alloca <8 x float>, align 32
-  %acc02036 = alloca <8 x float>, align 32
-  %acc02137 = alloca <8 x float>, align 32
-  %acc03038 = alloca <8 x float>, align 32
-  %acc03139 = alloca <8 x float>, align 32
-  %acc00054 = alloca <8 x float>, align 32
-  %acc00155 = alloca <8 x float>, align 32
-  %acc01056 = alloca <8 x float>, align 32
-  %acc01157 = alloca <8 x float>, align 32
-  %acc02058 = alloca <8 x float>, align 32
-  %acc02159 = alloca <8 x float>, align 32
-  %acc00073 = alloca <8 x float>, align 32
-  %acc00174 = alloca <8 x float>, align 32
-  %acc01075 = alloca <8 x float>, align 32
-  %acc01176 = alloca <8 x float>, align 32
-  %acc00089 = alloca <8 x float>, align 32
-  %acc00190 = alloca <8 x float>, align 32
+  %acc0008 = alloca <8 x float>, align 32
+  %acc0019 = alloca <8 x float>, align 32
+  %acc01010 = alloca <8 x float>, align 32
+  %acc01111 = alloca <8 x float>, align 32
+  %acc02012 = alloca <8 x float>, align 32
+  %acc02113 = alloca <8 x float>, align 32
+  %acc03014 = alloca <8 x float>, align 32
+  %acc03115 = alloca <8 x float>, align 32
+  %acc04016 = alloca <8 x float>, align 32
+  %acc04117 = alloca <8 x float>, align 32
+  %acc00037 = alloca <8 x float>, align 32
+  %acc00138 = alloca <8 x float>, align 32
+  %acc01039 = alloca <8 x float>, align 32
+  %acc01140 = alloca <8 x float>, align 32
+  %acc02041 = alloca <8 x float>, align 32
+  %acc02142 = alloca <8 x float>, align 32
+  %acc03043 = alloca <8 x float>, align 32
+  %acc03144 = alloca <8 x float>, align 32
+  %acc00063 = alloca <8 x float>, align 32
+  %acc00164 = alloca <8 x float>, align 32
+  %acc01065 = alloca <8 x float>, align 32
+  %acc01166 = alloca <8 x float>, align 32
+  %acc02067 = alloca <8 x float>, align 32
+  %acc02168 = alloca <8 x float>, align 32
+  %acc00086 = alloca <8 x float>, align 32
+  %acc00187 = alloca <8 x float>, align 32
+  %acc01088 = alloca <8 x float>, align 32
+  %acc01189 = alloca <8 x float>, align 32
+  %acc000106 = alloca <8 x float>, align 32
+  %acc001107 = alloca <8 x float>, align 32
+  %acc000140 = alloca <8 x float>, align 32
+  %acc001141 = alloca <8 x float>, align 32
+  %acc010142 = alloca <8 x float>, align 32
+  %acc011143 = alloca <8 x float>, align 32
+  %acc020144 = alloca <8 x float>, align 32
+  %acc021145 = alloca <8 x float>, align 32
+  %acc030146 = alloca <8 x float>, align 32
+  %acc031147 = alloca <8 x float>, align 32
+  %acc040148 = alloca <8 x float>, align 32
+  %acc041149 = alloca <8 x float>, align 32
+  %acc050150 = alloca <8 x float>, align 32
+  %acc051151 = alloca <8 x float>, align 32
+  %acc000168 = alloca <8 x float>, align 32
+  %acc001169 = alloca <8 x float>, align 32
+  %acc010170 = alloca <8 x float>, align 32
+  %acc011171 = alloca <8 x float>, align 32
+  %acc020172 = alloca <8 x float>, align 32
+  %acc021173 = alloca <8 x float>, align 32
+  %acc030174 = alloca <8 x float>, align 32
+  %acc031175 = alloca <8 x float>, align 32
+  %acc040176 = alloca <8 x float>, align 32
+  %acc041177 = alloca <8 x float>, align 32
+  %acc000193 = alloca <8 x float>, align 32
+  %acc001194 = alloca <8 x float>, align 32
+  %acc010195 = alloca <8 x float>, align 32
+  %acc011196 = alloca <8 x float>, align 32
+  %acc020197 = alloca <8 x float>, align 32
+  %acc021198 = alloca <8 x float>, align 32
+  %acc030199 = alloca <8 x float>, align 32
+  %acc031200 = alloca <8 x float>, align 32
+  %acc000215 = alloca <8 x float>, align 32
+  %acc001216 = alloca <8 x float>, align 32
+  %acc010217 = alloca <8 x float>, align 32
+  %acc011218 = alloca <8 x float>, align 32
+  %acc020219 = alloca <8 x float>, align 32
+  %acc021220 = alloca <8 x float>, align 32
+  %acc000234 = alloca <8 x float>, align 32
+  %acc001235 = alloca <8 x float>, align 32
+  %acc010236 = alloca <8 x float>, align 32
+  %acc011237 = alloca <8 x float>, align 32
+  %acc000250 = alloca <8 x float>, align 32
+  %acc001251 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
-  br label %p.head
+  %0 = icmp sgt i64 %n, 6
+  br i1 %0, label %kb, label %flat
 
-p.head:                                           ; preds = %rb.end, %start
-  %p = phi i64 [ %p0, %start ], [ %834, %rb.end ]
-  %0 = icmp slt i64 %p, %p1
-  br i1 %0, label %p.body, label %p.end
+kb:                                               ; preds = %start
+  br label %kb.rc.head
 
-p.body:                                           ; preds = %p.head
-  %1 = add nsw i64 %n, 5
-  %nrb = sdiv i64 %1, 6
+kb.rc.head:                                       ; preds = %kb.pg.end, %kb
+  %kb.rc = phi i64 [ 0, %kb ], [ %1613, %kb.pg.end ]
+  %1 = icmp slt i64 %kb.rc, %n
+  br i1 %1, label %kb.rc.body, label %kb.rc.end
+
+kb.rc.body:                                       ; preds = %kb.rc.head
+  %2 = sub nsw i64 %n, %kb.rc
+  %3 = icmp slt i64 %2, 96
+  %kb.rn = select i1 %3, i64 %2, i64 96
+  br label %kb.pg.head
+
+kb.pg.head:                                       ; preds = %kb.k.end, %kb.rc.body
+  %kb.pg = phi i64 [ %p0, %kb.rc.body ], [ %1612, %kb.k.end ]
+  %4 = icmp slt i64 %kb.pg, %p1
+  br i1 %4, label %kb.pg.body, label %kb.pg.end
+
+kb.pg.body:                                       ; preds = %kb.pg.head
+  %5 = add nsw i64 %kb.pg, 16
+  %6 = icmp slt i64 %5, %p1
+  %kb.pg1 = select i1 %6, i64 %5, i64 %p1
+  br label %kb.k.head
+
+kb.k.head:                                        ; preds = %kb.p.end, %kb.pg.body
+  %kb.k = phi i64 [ 0, %kb.pg.body ], [ %1611, %kb.p.end ]
+  %7 = icmp slt i64 %kb.k, 2
+  br i1 %7, label %kb.k.body, label %kb.k.end
+
+kb.k.body:                                        ; preds = %kb.k.head
+  %k0 = mul nsw i64 %kb.k, 256
+  %kfirst = icmp eq i64 %kb.k, 0
+  %klast = icmp eq i64 %kb.k, 1
+  br label %kb.p.head
+
+kb.p.head:                                        ; preds = %rb.end, %kb.k.body
+  %kb.p = phi i64 [ %kb.pg, %kb.k.body ], [ %1610, %rb.end ]
+  %8 = icmp slt i64 %kb.p, %kb.pg1
+  br i1 %8, label %kb.p.body, label %kb.p.end
+
+kb.p.body:                                        ; preds = %kb.p.head
+  %9 = add nsw i64 %kb.p, 1
+  %10 = icmp slt i64 %9, %kb.pg1
+  %11 = sub nsw i64 %kb.p, %kb.pg
+  %12 = mul nsw i64 %11, 32768
+  %13 = sub nsw i64 16384, %12
+  %pf.step = select i1 %10, i64 32768, i64 %13
+  %14 = xor i1 %klast, true
+  %pf.next = or i1 %10, %14
+  %15 = add nsw i64 %kb.rn, 5
+  %nrb = sdiv i64 %15, 6
   br label %rb.head
 
-rb.head:                                          ; preds = %tile.done, %p.body
-  %rb = phi i64 [ 0, %p.body ], [ %833, %tile.done ]
-  %2 = icmp slt i64 %rb, %nrb
-  br i1 %2, label %rb.body, label %rb.end
+rb.head:                                          ; preds = %tile.done, %kb.p.body
+  %rb = phi i64 [ 0, %kb.p.body ], [ %1609, %tile.done ]
+  %16 = icmp slt i64 %rb, %nrb
+  br i1 %16, label %rb.body, label %rb.end
 
 rb.body:                                          ; preds = %rb.head
-  %3 = mul nsw i64 %rb, %n
-  %r0 = sdiv i64 %3, %nrb
-  %4 = add nsw i64 %rb, 1
-  %5 = mul nsw i64 %4, %n
-  %r1 = sdiv i64 %5, %nrb
+  %17 = mul nsw i64 %rb, %kb.rn
+  %r0 = sdiv i64 %17, %nrb
+  %18 = add nsw i64 %rb, 1
+  %19 = mul nsw i64 %18, %kb.rn
+  %r1 = sdiv i64 %19, %nrb
   %mr = sub nsw i64 %r1, %r0
-  %6 = icmp sge i64 %nrb, 2
-  %7 = select i1 %6, i64 1, i64 0
-  %8 = icmp sge i64 %nrb, 4
-  %9 = select i1 %8, i64 2, i64 %7
-  %10 = icmp sge i64 %nrb, 8
-  %11 = select i1 %10, i64 3, i64 %9
+  %r01 = add nsw i64 %kb.rc, %r0
+  %20 = icmp sge i64 %nrb, 2
+  %21 = select i1 %20, i64 1, i64 0
+  %22 = icmp sge i64 %nrb, 4
+  %23 = select i1 %22, i64 2, i64 %21
+  %24 = icmp sge i64 %nrb, 8
+  %25 = select i1 %24, i64 3, i64 %23
   %pf.multi = icmp sgt i64 %nrb, 1
-  %12 = shl i64 1, %11
-  %13 = icmp slt i64 %rb, %12
-  %pf.on = and i1 %pf.multi, %13
+  %26 = shl i64 1, %25
+  %27 = icmp slt i64 %rb, %26
+  %pf.on = and i1 %pf.multi, %27
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -1375,1136 +1723,3216 @@ rb.body:                                          ; preds = %rb.head
   ]
 
 tile.mr6:                                         ; preds = %rb.body
-  %14 = add nsw i64 %r0, 0
-  %15 = getelementptr inbounds i32, ptr %rows, i64 %14
-  %16 = load i32, ptr %15, align 4
-  %17 = sext i32 %16 to i64
-  %18 = mul nsw i64 %17, 512
-  %19 = getelementptr inbounds float, ptr %x, i64 %18
-  store <8 x float> zeroinitializer, ptr %acc000, align 4
-  store <8 x float> zeroinitializer, ptr %acc001, align 4
-  %20 = add nsw i64 %r0, 1
-  %21 = getelementptr inbounds i32, ptr %rows, i64 %20
-  %22 = load i32, ptr %21, align 4
-  %23 = sext i32 %22 to i64
-  %24 = mul nsw i64 %23, 512
-  %25 = getelementptr inbounds float, ptr %x, i64 %24
-  store <8 x float> zeroinitializer, ptr %acc010, align 4
-  store <8 x float> zeroinitializer, ptr %acc011, align 4
-  %26 = add nsw i64 %r0, 2
-  %27 = getelementptr inbounds i32, ptr %rows, i64 %26
-  %28 = load i32, ptr %27, align 4
-  %29 = sext i32 %28 to i64
-  %30 = mul nsw i64 %29, 512
-  %31 = getelementptr inbounds float, ptr %x, i64 %30
-  store <8 x float> zeroinitializer, ptr %acc020, align 4
-  store <8 x float> zeroinitializer, ptr %acc021, align 4
-  %32 = add nsw i64 %r0, 3
-  %33 = getelementptr inbounds i32, ptr %rows, i64 %32
-  %34 = load i32, ptr %33, align 4
-  %35 = sext i32 %34 to i64
-  %36 = mul nsw i64 %35, 512
-  %37 = getelementptr inbounds float, ptr %x, i64 %36
-  store <8 x float> zeroinitializer, ptr %acc030, align 4
-  store <8 x float> zeroinitializer, ptr %acc031, align 4
-  %38 = add nsw i64 %r0, 4
-  %39 = getelementptr inbounds i32, ptr %rows, i64 %38
-  %40 = load i32, ptr %39, align 4
-  %41 = sext i32 %40 to i64
-  %42 = mul nsw i64 %41, 512
-  %43 = getelementptr inbounds float, ptr %x, i64 %42
-  store <8 x float> zeroinitializer, ptr %acc040, align 4
-  store <8 x float> zeroinitializer, ptr %acc041, align 4
-  %44 = add nsw i64 %r0, 5
-  %45 = getelementptr inbounds i32, ptr %rows, i64 %44
-  %46 = load i32, ptr %45, align 4
-  %47 = sext i32 %46 to i64
-  %48 = mul nsw i64 %47, 512
-  %49 = getelementptr inbounds float, ptr %x, i64 %48
-  store <8 x float> zeroinitializer, ptr %acc050, align 4
-  store <8 x float> zeroinitializer, ptr %acc051, align 4
-  %panel.off = mul nsw i64 %p, 8192
-  %50 = getelementptr inbounds float, ptr %panels, i64 %panel.off
-  %51 = add nsw i64 %p, 1
-  %52 = icmp slt i64 %51, %p1
-  %pf.on1 = and i1 %pf.on, %52
-  %53 = mul nsw i64 %rb, 32768
-  %54 = lshr i64 %53, %11
-  %55 = add nsw i64 32768, %54
-  %56 = getelementptr inbounds i8, ptr %50, i64 %55
-  %pf = select i1 %pf.on1, ptr %56, ptr %50
-  %pf.sh = select i1 %pf.on1, i64 %11, i64 0
+  %28 = add nsw i64 %r01, 0
+  %29 = getelementptr inbounds i32, ptr %rows, i64 %28
+  %30 = load i32, ptr %29, align 4
+  %31 = sext i32 %30 to i64
+  %32 = mul nsw i64 %31, 512
+  %33 = add nsw i64 %32, %k0
+  %34 = getelementptr inbounds float, ptr %x, i64 %33
+  %35 = sub nsw i64 %kb.p, %kb.pg
+  %36 = sub nsw i64 %28, %kb.rc
+  %37 = mul nsw i64 %36, 16
+  %38 = add nsw i64 %37, %35
+  %39 = mul nsw i64 %38, 16
+  %40 = getelementptr inbounds float, ptr %part, i64 %39
+  %41 = getelementptr inbounds float, ptr %40, i64 0
+  %42 = load <8 x float>, ptr %41, align 4
+  %43 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %42
+  store <8 x float> %43, ptr %acc000, align 4
+  %44 = sub nsw i64 %kb.p, %kb.pg
+  %45 = sub nsw i64 %28, %kb.rc
+  %46 = mul nsw i64 %45, 16
+  %47 = add nsw i64 %46, %44
+  %48 = mul nsw i64 %47, 16
+  %49 = getelementptr inbounds float, ptr %part, i64 %48
+  %50 = getelementptr inbounds float, ptr %49, i64 8
+  %51 = load <8 x float>, ptr %50, align 4
+  %52 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %51
+  store <8 x float> %52, ptr %acc001, align 4
+  %53 = add nsw i64 %r01, 1
+  %54 = getelementptr inbounds i32, ptr %rows, i64 %53
+  %55 = load i32, ptr %54, align 4
+  %56 = sext i32 %55 to i64
+  %57 = mul nsw i64 %56, 512
+  %58 = add nsw i64 %57, %k0
+  %59 = getelementptr inbounds float, ptr %x, i64 %58
+  %60 = sub nsw i64 %kb.p, %kb.pg
+  %61 = sub nsw i64 %53, %kb.rc
+  %62 = mul nsw i64 %61, 16
+  %63 = add nsw i64 %62, %60
+  %64 = mul nsw i64 %63, 16
+  %65 = getelementptr inbounds float, ptr %part, i64 %64
+  %66 = getelementptr inbounds float, ptr %65, i64 0
+  %67 = load <8 x float>, ptr %66, align 4
+  %68 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %67
+  store <8 x float> %68, ptr %acc010, align 4
+  %69 = sub nsw i64 %kb.p, %kb.pg
+  %70 = sub nsw i64 %53, %kb.rc
+  %71 = mul nsw i64 %70, 16
+  %72 = add nsw i64 %71, %69
+  %73 = mul nsw i64 %72, 16
+  %74 = getelementptr inbounds float, ptr %part, i64 %73
+  %75 = getelementptr inbounds float, ptr %74, i64 8
+  %76 = load <8 x float>, ptr %75, align 4
+  %77 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %76
+  store <8 x float> %77, ptr %acc011, align 4
+  %78 = add nsw i64 %r01, 2
+  %79 = getelementptr inbounds i32, ptr %rows, i64 %78
+  %80 = load i32, ptr %79, align 4
+  %81 = sext i32 %80 to i64
+  %82 = mul nsw i64 %81, 512
+  %83 = add nsw i64 %82, %k0
+  %84 = getelementptr inbounds float, ptr %x, i64 %83
+  %85 = sub nsw i64 %kb.p, %kb.pg
+  %86 = sub nsw i64 %78, %kb.rc
+  %87 = mul nsw i64 %86, 16
+  %88 = add nsw i64 %87, %85
+  %89 = mul nsw i64 %88, 16
+  %90 = getelementptr inbounds float, ptr %part, i64 %89
+  %91 = getelementptr inbounds float, ptr %90, i64 0
+  %92 = load <8 x float>, ptr %91, align 4
+  %93 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %92
+  store <8 x float> %93, ptr %acc020, align 4
+  %94 = sub nsw i64 %kb.p, %kb.pg
+  %95 = sub nsw i64 %78, %kb.rc
+  %96 = mul nsw i64 %95, 16
+  %97 = add nsw i64 %96, %94
+  %98 = mul nsw i64 %97, 16
+  %99 = getelementptr inbounds float, ptr %part, i64 %98
+  %100 = getelementptr inbounds float, ptr %99, i64 8
+  %101 = load <8 x float>, ptr %100, align 4
+  %102 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %101
+  store <8 x float> %102, ptr %acc021, align 4
+  %103 = add nsw i64 %r01, 3
+  %104 = getelementptr inbounds i32, ptr %rows, i64 %103
+  %105 = load i32, ptr %104, align 4
+  %106 = sext i32 %105 to i64
+  %107 = mul nsw i64 %106, 512
+  %108 = add nsw i64 %107, %k0
+  %109 = getelementptr inbounds float, ptr %x, i64 %108
+  %110 = sub nsw i64 %kb.p, %kb.pg
+  %111 = sub nsw i64 %103, %kb.rc
+  %112 = mul nsw i64 %111, 16
+  %113 = add nsw i64 %112, %110
+  %114 = mul nsw i64 %113, 16
+  %115 = getelementptr inbounds float, ptr %part, i64 %114
+  %116 = getelementptr inbounds float, ptr %115, i64 0
+  %117 = load <8 x float>, ptr %116, align 4
+  %118 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %117
+  store <8 x float> %118, ptr %acc030, align 4
+  %119 = sub nsw i64 %kb.p, %kb.pg
+  %120 = sub nsw i64 %103, %kb.rc
+  %121 = mul nsw i64 %120, 16
+  %122 = add nsw i64 %121, %119
+  %123 = mul nsw i64 %122, 16
+  %124 = getelementptr inbounds float, ptr %part, i64 %123
+  %125 = getelementptr inbounds float, ptr %124, i64 8
+  %126 = load <8 x float>, ptr %125, align 4
+  %127 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %126
+  store <8 x float> %127, ptr %acc031, align 4
+  %128 = add nsw i64 %r01, 4
+  %129 = getelementptr inbounds i32, ptr %rows, i64 %128
+  %130 = load i32, ptr %129, align 4
+  %131 = sext i32 %130 to i64
+  %132 = mul nsw i64 %131, 512
+  %133 = add nsw i64 %132, %k0
+  %134 = getelementptr inbounds float, ptr %x, i64 %133
+  %135 = sub nsw i64 %kb.p, %kb.pg
+  %136 = sub nsw i64 %128, %kb.rc
+  %137 = mul nsw i64 %136, 16
+  %138 = add nsw i64 %137, %135
+  %139 = mul nsw i64 %138, 16
+  %140 = getelementptr inbounds float, ptr %part, i64 %139
+  %141 = getelementptr inbounds float, ptr %140, i64 0
+  %142 = load <8 x float>, ptr %141, align 4
+  %143 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %142
+  store <8 x float> %143, ptr %acc040, align 4
+  %144 = sub nsw i64 %kb.p, %kb.pg
+  %145 = sub nsw i64 %128, %kb.rc
+  %146 = mul nsw i64 %145, 16
+  %147 = add nsw i64 %146, %144
+  %148 = mul nsw i64 %147, 16
+  %149 = getelementptr inbounds float, ptr %part, i64 %148
+  %150 = getelementptr inbounds float, ptr %149, i64 8
+  %151 = load <8 x float>, ptr %150, align 4
+  %152 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %151
+  store <8 x float> %152, ptr %acc041, align 4
+  %153 = add nsw i64 %r01, 5
+  %154 = getelementptr inbounds i32, ptr %rows, i64 %153
+  %155 = load i32, ptr %154, align 4
+  %156 = sext i32 %155 to i64
+  %157 = mul nsw i64 %156, 512
+  %158 = add nsw i64 %157, %k0
+  %159 = getelementptr inbounds float, ptr %x, i64 %158
+  %160 = sub nsw i64 %kb.p, %kb.pg
+  %161 = sub nsw i64 %153, %kb.rc
+  %162 = mul nsw i64 %161, 16
+  %163 = add nsw i64 %162, %160
+  %164 = mul nsw i64 %163, 16
+  %165 = getelementptr inbounds float, ptr %part, i64 %164
+  %166 = getelementptr inbounds float, ptr %165, i64 0
+  %167 = load <8 x float>, ptr %166, align 4
+  %168 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %167
+  store <8 x float> %168, ptr %acc050, align 4
+  %169 = sub nsw i64 %kb.p, %kb.pg
+  %170 = sub nsw i64 %153, %kb.rc
+  %171 = mul nsw i64 %170, 16
+  %172 = add nsw i64 %171, %169
+  %173 = mul nsw i64 %172, 16
+  %174 = getelementptr inbounds float, ptr %part, i64 %173
+  %175 = getelementptr inbounds float, ptr %174, i64 8
+  %176 = load <8 x float>, ptr %175, align 4
+  %177 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %176
+  store <8 x float> %177, ptr %acc051, align 4
+  %178 = mul nsw i64 %k0, 16
+  %179 = mul nsw i64 %kb.p, 8192
+  %panel.off = add nsw i64 %179, %178
+  %180 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %pf.on2 = and i1 %pf.on, %pf.next
+  %181 = mul nsw i64 %rb, 16384
+  %182 = lshr i64 %181, %25
+  %183 = add nsw i64 %pf.step, %182
+  %184 = getelementptr inbounds i8, ptr %180, i64 %183
+  %pf = select i1 %pf.on2, ptr %184, ptr %180
+  %pf.sh = select i1 %pf.on2, i64 %25, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %118, %pf.any.end ]
-  %57 = icmp slt i64 %k, 512
-  br i1 %57, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %246, %pf.any.end ]
+  %185 = icmp slt i64 %k, 256
+  br i1 %185, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %58 = mul nsw i64 %k, 1
-  %59 = add nsw i64 %58, 0
-  %60 = mul nsw i64 %59, 64
+  %186 = mul nsw i64 %k, 1
+  %187 = add nsw i64 %186, 0
+  %188 = mul nsw i64 %187, 64
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %61 = lshr i64 %60, %pf.sh
-  %62 = getelementptr inbounds i8, ptr %pf, i64 %61
-  call void @llvm.prefetch.p0(ptr %62, i32 0, i32 2, i32 1)
+  %189 = lshr i64 %188, %pf.sh
+  %190 = getelementptr inbounds i8, ptr %pf, i64 %189
+  call void @llvm.prefetch.p0(ptr %190, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %63 = mul nsw i64 %59, 16
-  %64 = add nsw i64 %panel.off, %63
-  %65 = getelementptr inbounds float, ptr %panels, i64 %64
-  %66 = load <8 x float>, ptr %65, align 4
-  %67 = add nsw i64 %64, 8
-  %68 = getelementptr inbounds float, ptr %panels, i64 %67
-  %69 = load <8 x float>, ptr %68, align 4
-  %70 = getelementptr inbounds float, ptr %19, i64 %59
-  %71 = load float, ptr %70, align 4
-  %72 = insertelement <8 x float> poison, float %71, i32 0
-  %73 = shufflevector <8 x float> %72, <8 x float> poison, <8 x i32> zeroinitializer
-  %74 = load <8 x float>, ptr %acc000, align 4
-  %75 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %66, <8 x float> %74)
-  store <8 x float> %75, ptr %acc000, align 4
-  %76 = load <8 x float>, ptr %acc001, align 4
-  %77 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %69, <8 x float> %76)
-  store <8 x float> %77, ptr %acc001, align 4
-  %78 = getelementptr inbounds float, ptr %25, i64 %59
-  %79 = load float, ptr %78, align 4
-  %80 = insertelement <8 x float> poison, float %79, i32 0
-  %81 = shufflevector <8 x float> %80, <8 x float> poison, <8 x i32> zeroinitializer
-  %82 = load <8 x float>, ptr %acc010, align 4
-  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %66, <8 x float> %82)
-  store <8 x float> %83, ptr %acc010, align 4
-  %84 = load <8 x float>, ptr %acc011, align 4
-  %85 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %69, <8 x float> %84)
-  store <8 x float> %85, ptr %acc011, align 4
-  %86 = getelementptr inbounds float, ptr %31, i64 %59
-  %87 = load float, ptr %86, align 4
-  %88 = insertelement <8 x float> poison, float %87, i32 0
-  %89 = shufflevector <8 x float> %88, <8 x float> poison, <8 x i32> zeroinitializer
-  %90 = load <8 x float>, ptr %acc020, align 4
-  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %66, <8 x float> %90)
-  store <8 x float> %91, ptr %acc020, align 4
-  %92 = load <8 x float>, ptr %acc021, align 4
-  %93 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %69, <8 x float> %92)
-  store <8 x float> %93, ptr %acc021, align 4
-  %94 = getelementptr inbounds float, ptr %37, i64 %59
-  %95 = load float, ptr %94, align 4
-  %96 = insertelement <8 x float> poison, float %95, i32 0
-  %97 = shufflevector <8 x float> %96, <8 x float> poison, <8 x i32> zeroinitializer
-  %98 = load <8 x float>, ptr %acc030, align 4
-  %99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %97, <8 x float> %66, <8 x float> %98)
-  store <8 x float> %99, ptr %acc030, align 4
-  %100 = load <8 x float>, ptr %acc031, align 4
-  %101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %97, <8 x float> %69, <8 x float> %100)
-  store <8 x float> %101, ptr %acc031, align 4
-  %102 = getelementptr inbounds float, ptr %43, i64 %59
-  %103 = load float, ptr %102, align 4
-  %104 = insertelement <8 x float> poison, float %103, i32 0
-  %105 = shufflevector <8 x float> %104, <8 x float> poison, <8 x i32> zeroinitializer
-  %106 = load <8 x float>, ptr %acc040, align 4
-  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %105, <8 x float> %66, <8 x float> %106)
-  store <8 x float> %107, ptr %acc040, align 4
-  %108 = load <8 x float>, ptr %acc041, align 4
-  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %105, <8 x float> %69, <8 x float> %108)
-  store <8 x float> %109, ptr %acc041, align 4
-  %110 = getelementptr inbounds float, ptr %49, i64 %59
-  %111 = load float, ptr %110, align 4
-  %112 = insertelement <8 x float> poison, float %111, i32 0
-  %113 = shufflevector <8 x float> %112, <8 x float> poison, <8 x i32> zeroinitializer
-  %114 = load <8 x float>, ptr %acc050, align 4
-  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %113, <8 x float> %66, <8 x float> %114)
-  store <8 x float> %115, ptr %acc050, align 4
-  %116 = load <8 x float>, ptr %acc051, align 4
-  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %113, <8 x float> %69, <8 x float> %116)
-  store <8 x float> %117, ptr %acc051, align 4
-  %118 = add nsw i64 %k, 1
+  %191 = mul nsw i64 %187, 16
+  %192 = add nsw i64 %panel.off, %191
+  %193 = getelementptr inbounds float, ptr %panels, i64 %192
+  %194 = load <8 x float>, ptr %193, align 4
+  %195 = add nsw i64 %192, 8
+  %196 = getelementptr inbounds float, ptr %panels, i64 %195
+  %197 = load <8 x float>, ptr %196, align 4
+  %198 = getelementptr inbounds float, ptr %34, i64 %187
+  %199 = load float, ptr %198, align 4
+  %200 = insertelement <8 x float> poison, float %199, i32 0
+  %201 = shufflevector <8 x float> %200, <8 x float> poison, <8 x i32> zeroinitializer
+  %202 = load <8 x float>, ptr %acc000, align 4
+  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %194, <8 x float> %202)
+  store <8 x float> %203, ptr %acc000, align 4
+  %204 = load <8 x float>, ptr %acc001, align 4
+  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %197, <8 x float> %204)
+  store <8 x float> %205, ptr %acc001, align 4
+  %206 = getelementptr inbounds float, ptr %59, i64 %187
+  %207 = load float, ptr %206, align 4
+  %208 = insertelement <8 x float> poison, float %207, i32 0
+  %209 = shufflevector <8 x float> %208, <8 x float> poison, <8 x i32> zeroinitializer
+  %210 = load <8 x float>, ptr %acc010, align 4
+  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %194, <8 x float> %210)
+  store <8 x float> %211, ptr %acc010, align 4
+  %212 = load <8 x float>, ptr %acc011, align 4
+  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %197, <8 x float> %212)
+  store <8 x float> %213, ptr %acc011, align 4
+  %214 = getelementptr inbounds float, ptr %84, i64 %187
+  %215 = load float, ptr %214, align 4
+  %216 = insertelement <8 x float> poison, float %215, i32 0
+  %217 = shufflevector <8 x float> %216, <8 x float> poison, <8 x i32> zeroinitializer
+  %218 = load <8 x float>, ptr %acc020, align 4
+  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %194, <8 x float> %218)
+  store <8 x float> %219, ptr %acc020, align 4
+  %220 = load <8 x float>, ptr %acc021, align 4
+  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %197, <8 x float> %220)
+  store <8 x float> %221, ptr %acc021, align 4
+  %222 = getelementptr inbounds float, ptr %109, i64 %187
+  %223 = load float, ptr %222, align 4
+  %224 = insertelement <8 x float> poison, float %223, i32 0
+  %225 = shufflevector <8 x float> %224, <8 x float> poison, <8 x i32> zeroinitializer
+  %226 = load <8 x float>, ptr %acc030, align 4
+  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %194, <8 x float> %226)
+  store <8 x float> %227, ptr %acc030, align 4
+  %228 = load <8 x float>, ptr %acc031, align 4
+  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %197, <8 x float> %228)
+  store <8 x float> %229, ptr %acc031, align 4
+  %230 = getelementptr inbounds float, ptr %134, i64 %187
+  %231 = load float, ptr %230, align 4
+  %232 = insertelement <8 x float> poison, float %231, i32 0
+  %233 = shufflevector <8 x float> %232, <8 x float> poison, <8 x i32> zeroinitializer
+  %234 = load <8 x float>, ptr %acc040, align 4
+  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %194, <8 x float> %234)
+  store <8 x float> %235, ptr %acc040, align 4
+  %236 = load <8 x float>, ptr %acc041, align 4
+  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %197, <8 x float> %236)
+  store <8 x float> %237, ptr %acc041, align 4
+  %238 = getelementptr inbounds float, ptr %159, i64 %187
+  %239 = load float, ptr %238, align 4
+  %240 = insertelement <8 x float> poison, float %239, i32 0
+  %241 = shufflevector <8 x float> %240, <8 x float> poison, <8 x i32> zeroinitializer
+  %242 = load <8 x float>, ptr %acc050, align 4
+  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> %194, <8 x float> %242)
+  store <8 x float> %243, ptr %acc050, align 4
+  %244 = load <8 x float>, ptr %acc051, align 4
+  %245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> %197, <8 x float> %244)
+  store <8 x float> %245, ptr %acc051, align 4
+  %246 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %119 = add nsw i64 %r0, 0
-  %120 = getelementptr inbounds float, ptr %rw, i64 %119
-  %121 = load float, ptr %120, align 4
-  %122 = insertelement <8 x float> poison, float %121, i32 0
-  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
-  %124 = mul nsw i64 %119, 1024
-  %125 = getelementptr inbounds float, ptr %h, i64 %124
-  %col = mul nsw i64 %p, 16
-  %126 = load <8 x float>, ptr %acc000, align 4
-  %127 = load <8 x float>, ptr %acc001, align 4
-  %128 = add nsw i64 %col, 0
-  %129 = fcmp ogt <8 x float> %126, zeroinitializer
-  %130 = select <8 x i1> %129, <8 x float> %126, <8 x float> zeroinitializer
-  %131 = fmul <8 x float> %130, %123
-  %132 = getelementptr inbounds float, ptr %125, i64 %128
-  store <8 x float> %131, ptr %132, align 4
-  %133 = add nsw i64 %col, 8
-  %134 = fcmp ogt <8 x float> %127, zeroinitializer
-  %135 = select <8 x i1> %134, <8 x float> %127, <8 x float> zeroinitializer
-  %136 = fmul <8 x float> %135, %123
-  %137 = getelementptr inbounds float, ptr %125, i64 %133
-  store <8 x float> %136, ptr %137, align 4
-  %138 = add nsw i64 %r0, 1
-  %139 = getelementptr inbounds float, ptr %rw, i64 %138
-  %140 = load float, ptr %139, align 4
-  %141 = insertelement <8 x float> poison, float %140, i32 0
-  %142 = shufflevector <8 x float> %141, <8 x float> poison, <8 x i32> zeroinitializer
-  %143 = mul nsw i64 %138, 1024
-  %144 = getelementptr inbounds float, ptr %h, i64 %143
-  %col2 = mul nsw i64 %p, 16
-  %145 = load <8 x float>, ptr %acc010, align 4
-  %146 = load <8 x float>, ptr %acc011, align 4
-  %147 = add nsw i64 %col2, 0
-  %148 = fcmp ogt <8 x float> %145, zeroinitializer
-  %149 = select <8 x i1> %148, <8 x float> %145, <8 x float> zeroinitializer
-  %150 = fmul <8 x float> %149, %142
-  %151 = getelementptr inbounds float, ptr %144, i64 %147
-  store <8 x float> %150, ptr %151, align 4
-  %152 = add nsw i64 %col2, 8
-  %153 = fcmp ogt <8 x float> %146, zeroinitializer
-  %154 = select <8 x i1> %153, <8 x float> %146, <8 x float> zeroinitializer
-  %155 = fmul <8 x float> %154, %142
-  %156 = getelementptr inbounds float, ptr %144, i64 %152
-  store <8 x float> %155, ptr %156, align 4
-  %157 = add nsw i64 %r0, 2
-  %158 = getelementptr inbounds float, ptr %rw, i64 %157
-  %159 = load float, ptr %158, align 4
-  %160 = insertelement <8 x float> poison, float %159, i32 0
-  %161 = shufflevector <8 x float> %160, <8 x float> poison, <8 x i32> zeroinitializer
-  %162 = mul nsw i64 %157, 1024
-  %163 = getelementptr inbounds float, ptr %h, i64 %162
-  %col3 = mul nsw i64 %p, 16
-  %164 = load <8 x float>, ptr %acc020, align 4
-  %165 = load <8 x float>, ptr %acc021, align 4
-  %166 = add nsw i64 %col3, 0
-  %167 = fcmp ogt <8 x float> %164, zeroinitializer
-  %168 = select <8 x i1> %167, <8 x float> %164, <8 x float> zeroinitializer
-  %169 = fmul <8 x float> %168, %161
-  %170 = getelementptr inbounds float, ptr %163, i64 %166
-  store <8 x float> %169, ptr %170, align 4
-  %171 = add nsw i64 %col3, 8
-  %172 = fcmp ogt <8 x float> %165, zeroinitializer
-  %173 = select <8 x i1> %172, <8 x float> %165, <8 x float> zeroinitializer
-  %174 = fmul <8 x float> %173, %161
-  %175 = getelementptr inbounds float, ptr %163, i64 %171
-  store <8 x float> %174, ptr %175, align 4
-  %176 = add nsw i64 %r0, 3
-  %177 = getelementptr inbounds float, ptr %rw, i64 %176
-  %178 = load float, ptr %177, align 4
-  %179 = insertelement <8 x float> poison, float %178, i32 0
-  %180 = shufflevector <8 x float> %179, <8 x float> poison, <8 x i32> zeroinitializer
-  %181 = mul nsw i64 %176, 1024
-  %182 = getelementptr inbounds float, ptr %h, i64 %181
-  %col4 = mul nsw i64 %p, 16
-  %183 = load <8 x float>, ptr %acc030, align 4
-  %184 = load <8 x float>, ptr %acc031, align 4
-  %185 = add nsw i64 %col4, 0
-  %186 = fcmp ogt <8 x float> %183, zeroinitializer
-  %187 = select <8 x i1> %186, <8 x float> %183, <8 x float> zeroinitializer
-  %188 = fmul <8 x float> %187, %180
-  %189 = getelementptr inbounds float, ptr %182, i64 %185
-  store <8 x float> %188, ptr %189, align 4
-  %190 = add nsw i64 %col4, 8
-  %191 = fcmp ogt <8 x float> %184, zeroinitializer
-  %192 = select <8 x i1> %191, <8 x float> %184, <8 x float> zeroinitializer
-  %193 = fmul <8 x float> %192, %180
-  %194 = getelementptr inbounds float, ptr %182, i64 %190
-  store <8 x float> %193, ptr %194, align 4
-  %195 = add nsw i64 %r0, 4
-  %196 = getelementptr inbounds float, ptr %rw, i64 %195
-  %197 = load float, ptr %196, align 4
-  %198 = insertelement <8 x float> poison, float %197, i32 0
-  %199 = shufflevector <8 x float> %198, <8 x float> poison, <8 x i32> zeroinitializer
-  %200 = mul nsw i64 %195, 1024
-  %201 = getelementptr inbounds float, ptr %h, i64 %200
-  %col5 = mul nsw i64 %p, 16
-  %202 = load <8 x float>, ptr %acc040, align 4
-  %203 = load <8 x float>, ptr %acc041, align 4
-  %204 = add nsw i64 %col5, 0
-  %205 = fcmp ogt <8 x float> %202, zeroinitializer
-  %206 = select <8 x i1> %205, <8 x float> %202, <8 x float> zeroinitializer
-  %207 = fmul <8 x float> %206, %199
-  %208 = getelementptr inbounds float, ptr %201, i64 %204
-  store <8 x float> %207, ptr %208, align 4
-  %209 = add nsw i64 %col5, 8
-  %210 = fcmp ogt <8 x float> %203, zeroinitializer
-  %211 = select <8 x i1> %210, <8 x float> %203, <8 x float> zeroinitializer
-  %212 = fmul <8 x float> %211, %199
-  %213 = getelementptr inbounds float, ptr %201, i64 %209
-  store <8 x float> %212, ptr %213, align 4
-  %214 = add nsw i64 %r0, 5
-  %215 = getelementptr inbounds float, ptr %rw, i64 %214
-  %216 = load float, ptr %215, align 4
-  %217 = insertelement <8 x float> poison, float %216, i32 0
-  %218 = shufflevector <8 x float> %217, <8 x float> poison, <8 x i32> zeroinitializer
-  %219 = mul nsw i64 %214, 1024
-  %220 = getelementptr inbounds float, ptr %h, i64 %219
-  %col6 = mul nsw i64 %p, 16
-  %221 = load <8 x float>, ptr %acc050, align 4
-  %222 = load <8 x float>, ptr %acc051, align 4
-  %223 = add nsw i64 %col6, 0
-  %224 = fcmp ogt <8 x float> %221, zeroinitializer
-  %225 = select <8 x i1> %224, <8 x float> %221, <8 x float> zeroinitializer
-  %226 = fmul <8 x float> %225, %218
-  %227 = getelementptr inbounds float, ptr %220, i64 %223
-  store <8 x float> %226, ptr %227, align 4
-  %228 = add nsw i64 %col6, 8
-  %229 = fcmp ogt <8 x float> %222, zeroinitializer
-  %230 = select <8 x i1> %229, <8 x float> %222, <8 x float> zeroinitializer
-  %231 = fmul <8 x float> %230, %218
-  %232 = getelementptr inbounds float, ptr %220, i64 %228
-  store <8 x float> %231, ptr %232, align 4
+  %247 = xor i1 %klast, true
+  br i1 %247, label %part.then, label %part.end
+
+part.then:                                        ; preds = %k.end
+  %248 = add nsw i64 %r01, 0
+  %249 = sub nsw i64 %kb.p, %kb.pg
+  %250 = sub nsw i64 %248, %kb.rc
+  %251 = mul nsw i64 %250, 16
+  %252 = add nsw i64 %251, %249
+  %253 = mul nsw i64 %252, 16
+  %254 = getelementptr inbounds float, ptr %part, i64 %253
+  %255 = getelementptr inbounds float, ptr %254, i64 0
+  %256 = load <8 x float>, ptr %acc000, align 4
+  store <8 x float> %256, ptr %255, align 4
+  %257 = sub nsw i64 %kb.p, %kb.pg
+  %258 = sub nsw i64 %248, %kb.rc
+  %259 = mul nsw i64 %258, 16
+  %260 = add nsw i64 %259, %257
+  %261 = mul nsw i64 %260, 16
+  %262 = getelementptr inbounds float, ptr %part, i64 %261
+  %263 = getelementptr inbounds float, ptr %262, i64 8
+  %264 = load <8 x float>, ptr %acc001, align 4
+  store <8 x float> %264, ptr %263, align 4
+  %265 = add nsw i64 %r01, 1
+  %266 = sub nsw i64 %kb.p, %kb.pg
+  %267 = sub nsw i64 %265, %kb.rc
+  %268 = mul nsw i64 %267, 16
+  %269 = add nsw i64 %268, %266
+  %270 = mul nsw i64 %269, 16
+  %271 = getelementptr inbounds float, ptr %part, i64 %270
+  %272 = getelementptr inbounds float, ptr %271, i64 0
+  %273 = load <8 x float>, ptr %acc010, align 4
+  store <8 x float> %273, ptr %272, align 4
+  %274 = sub nsw i64 %kb.p, %kb.pg
+  %275 = sub nsw i64 %265, %kb.rc
+  %276 = mul nsw i64 %275, 16
+  %277 = add nsw i64 %276, %274
+  %278 = mul nsw i64 %277, 16
+  %279 = getelementptr inbounds float, ptr %part, i64 %278
+  %280 = getelementptr inbounds float, ptr %279, i64 8
+  %281 = load <8 x float>, ptr %acc011, align 4
+  store <8 x float> %281, ptr %280, align 4
+  %282 = add nsw i64 %r01, 2
+  %283 = sub nsw i64 %kb.p, %kb.pg
+  %284 = sub nsw i64 %282, %kb.rc
+  %285 = mul nsw i64 %284, 16
+  %286 = add nsw i64 %285, %283
+  %287 = mul nsw i64 %286, 16
+  %288 = getelementptr inbounds float, ptr %part, i64 %287
+  %289 = getelementptr inbounds float, ptr %288, i64 0
+  %290 = load <8 x float>, ptr %acc020, align 4
+  store <8 x float> %290, ptr %289, align 4
+  %291 = sub nsw i64 %kb.p, %kb.pg
+  %292 = sub nsw i64 %282, %kb.rc
+  %293 = mul nsw i64 %292, 16
+  %294 = add nsw i64 %293, %291
+  %295 = mul nsw i64 %294, 16
+  %296 = getelementptr inbounds float, ptr %part, i64 %295
+  %297 = getelementptr inbounds float, ptr %296, i64 8
+  %298 = load <8 x float>, ptr %acc021, align 4
+  store <8 x float> %298, ptr %297, align 4
+  %299 = add nsw i64 %r01, 3
+  %300 = sub nsw i64 %kb.p, %kb.pg
+  %301 = sub nsw i64 %299, %kb.rc
+  %302 = mul nsw i64 %301, 16
+  %303 = add nsw i64 %302, %300
+  %304 = mul nsw i64 %303, 16
+  %305 = getelementptr inbounds float, ptr %part, i64 %304
+  %306 = getelementptr inbounds float, ptr %305, i64 0
+  %307 = load <8 x float>, ptr %acc030, align 4
+  store <8 x float> %307, ptr %306, align 4
+  %308 = sub nsw i64 %kb.p, %kb.pg
+  %309 = sub nsw i64 %299, %kb.rc
+  %310 = mul nsw i64 %309, 16
+  %311 = add nsw i64 %310, %308
+  %312 = mul nsw i64 %311, 16
+  %313 = getelementptr inbounds float, ptr %part, i64 %312
+  %314 = getelementptr inbounds float, ptr %313, i64 8
+  %315 = load <8 x float>, ptr %acc031, align 4
+  store <8 x float> %315, ptr %314, align 4
+  %316 = add nsw i64 %r01, 4
+  %317 = sub nsw i64 %kb.p, %kb.pg
+  %318 = sub nsw i64 %316, %kb.rc
+  %319 = mul nsw i64 %318, 16
+  %320 = add nsw i64 %319, %317
+  %321 = mul nsw i64 %320, 16
+  %322 = getelementptr inbounds float, ptr %part, i64 %321
+  %323 = getelementptr inbounds float, ptr %322, i64 0
+  %324 = load <8 x float>, ptr %acc040, align 4
+  store <8 x float> %324, ptr %323, align 4
+  %325 = sub nsw i64 %kb.p, %kb.pg
+  %326 = sub nsw i64 %316, %kb.rc
+  %327 = mul nsw i64 %326, 16
+  %328 = add nsw i64 %327, %325
+  %329 = mul nsw i64 %328, 16
+  %330 = getelementptr inbounds float, ptr %part, i64 %329
+  %331 = getelementptr inbounds float, ptr %330, i64 8
+  %332 = load <8 x float>, ptr %acc041, align 4
+  store <8 x float> %332, ptr %331, align 4
+  %333 = add nsw i64 %r01, 5
+  %334 = sub nsw i64 %kb.p, %kb.pg
+  %335 = sub nsw i64 %333, %kb.rc
+  %336 = mul nsw i64 %335, 16
+  %337 = add nsw i64 %336, %334
+  %338 = mul nsw i64 %337, 16
+  %339 = getelementptr inbounds float, ptr %part, i64 %338
+  %340 = getelementptr inbounds float, ptr %339, i64 0
+  %341 = load <8 x float>, ptr %acc050, align 4
+  store <8 x float> %341, ptr %340, align 4
+  %342 = sub nsw i64 %kb.p, %kb.pg
+  %343 = sub nsw i64 %333, %kb.rc
+  %344 = mul nsw i64 %343, 16
+  %345 = add nsw i64 %344, %342
+  %346 = mul nsw i64 %345, 16
+  %347 = getelementptr inbounds float, ptr %part, i64 %346
+  %348 = getelementptr inbounds float, ptr %347, i64 8
+  %349 = load <8 x float>, ptr %acc051, align 4
+  store <8 x float> %349, ptr %348, align 4
+  br label %part.end
+
+part.end:                                         ; preds = %part.then, %k.end
+  br i1 %klast, label %last.then, label %last.end
+
+last.then:                                        ; preds = %part.end
+  %350 = add nsw i64 %r01, 0
+  %351 = getelementptr inbounds float, ptr %rw, i64 %350
+  %352 = load float, ptr %351, align 4
+  %353 = insertelement <8 x float> poison, float %352, i32 0
+  %354 = shufflevector <8 x float> %353, <8 x float> poison, <8 x i32> zeroinitializer
+  %355 = mul nsw i64 %350, 1024
+  %356 = getelementptr inbounds float, ptr %h, i64 %355
+  %col = mul nsw i64 %kb.p, 16
+  %357 = load <8 x float>, ptr %acc000, align 4
+  %358 = load <8 x float>, ptr %acc001, align 4
+  %359 = add nsw i64 %col, 0
+  %360 = fcmp ogt <8 x float> %357, zeroinitializer
+  %361 = select <8 x i1> %360, <8 x float> %357, <8 x float> zeroinitializer
+  %362 = fmul <8 x float> %361, %354
+  %363 = getelementptr inbounds float, ptr %356, i64 %359
+  store <8 x float> %362, ptr %363, align 4
+  %364 = add nsw i64 %col, 8
+  %365 = fcmp ogt <8 x float> %358, zeroinitializer
+  %366 = select <8 x i1> %365, <8 x float> %358, <8 x float> zeroinitializer
+  %367 = fmul <8 x float> %366, %354
+  %368 = getelementptr inbounds float, ptr %356, i64 %364
+  store <8 x float> %367, ptr %368, align 4
+  %369 = add nsw i64 %r01, 1
+  %370 = getelementptr inbounds float, ptr %rw, i64 %369
+  %371 = load float, ptr %370, align 4
+  %372 = insertelement <8 x float> poison, float %371, i32 0
+  %373 = shufflevector <8 x float> %372, <8 x float> poison, <8 x i32> zeroinitializer
+  %374 = mul nsw i64 %369, 1024
+  %375 = getelementptr inbounds float, ptr %h, i64 %374
+  %col3 = mul nsw i64 %kb.p, 16
+  %376 = load <8 x float>, ptr %acc010, align 4
+  %377 = load <8 x float>, ptr %acc011, align 4
+  %378 = add nsw i64 %col3, 0
+  %379 = fcmp ogt <8 x float> %376, zeroinitializer
+  %380 = select <8 x i1> %379, <8 x float> %376, <8 x float> zeroinitializer
+  %381 = fmul <8 x float> %380, %373
+  %382 = getelementptr inbounds float, ptr %375, i64 %378
+  store <8 x float> %381, ptr %382, align 4
+  %383 = add nsw i64 %col3, 8
+  %384 = fcmp ogt <8 x float> %377, zeroinitializer
+  %385 = select <8 x i1> %384, <8 x float> %377, <8 x float> zeroinitializer
+  %386 = fmul <8 x float> %385, %373
+  %387 = getelementptr inbounds float, ptr %375, i64 %383
+  store <8 x float> %386, ptr %387, align 4
+  %388 = add nsw i64 %r01, 2
+  %389 = getelementptr inbounds float, ptr %rw, i64 %388
+  %390 = load float, ptr %389, align 4
+  %391 = insertelement <8 x float> poison, float %390, i32 0
+  %392 = shufflevector <8 x float> %391, <8 x float> poison, <8 x i32> zeroinitializer
+  %393 = mul nsw i64 %388, 1024
+  %394 = getelementptr inbounds float, ptr %h, i64 %393
+  %col4 = mul nsw i64 %kb.p, 16
+  %395 = load <8 x float>, ptr %acc020, align 4
+  %396 = load <8 x float>, ptr %acc021, align 4
+  %397 = add nsw i64 %col4, 0
+  %398 = fcmp ogt <8 x float> %395, zeroinitializer
+  %399 = select <8 x i1> %398, <8 x float> %395, <8 x float> zeroinitializer
+  %400 = fmul <8 x float> %399, %392
+  %401 = getelementptr inbounds float, ptr %394, i64 %397
+  store <8 x float> %400, ptr %401, align 4
+  %402 = add nsw i64 %col4, 8
+  %403 = fcmp ogt <8 x float> %396, zeroinitializer
+  %404 = select <8 x i1> %403, <8 x float> %396, <8 x float> zeroinitializer
+  %405 = fmul <8 x float> %404, %392
+  %406 = getelementptr inbounds float, ptr %394, i64 %402
+  store <8 x float> %405, ptr %406, align 4
+  %407 = add nsw i64 %r01, 3
+  %408 = getelementptr inbounds float, ptr %rw, i64 %407
+  %409 = load float, ptr %408, align 4
+  %410 = insertelement <8 x float> poison, float %409, i32 0
+  %411 = shufflevector <8 x float> %410, <8 x float> poison, <8 x i32> zeroinitializer
+  %412 = mul nsw i64 %407, 1024
+  %413 = getelementptr inbounds float, ptr %h, i64 %412
+  %col5 = mul nsw i64 %kb.p, 16
+  %414 = load <8 x float>, ptr %acc030, align 4
+  %415 = load <8 x float>, ptr %acc031, align 4
+  %416 = add nsw i64 %col5, 0
+  %417 = fcmp ogt <8 x float> %414, zeroinitializer
+  %418 = select <8 x i1> %417, <8 x float> %414, <8 x float> zeroinitializer
+  %419 = fmul <8 x float> %418, %411
+  %420 = getelementptr inbounds float, ptr %413, i64 %416
+  store <8 x float> %419, ptr %420, align 4
+  %421 = add nsw i64 %col5, 8
+  %422 = fcmp ogt <8 x float> %415, zeroinitializer
+  %423 = select <8 x i1> %422, <8 x float> %415, <8 x float> zeroinitializer
+  %424 = fmul <8 x float> %423, %411
+  %425 = getelementptr inbounds float, ptr %413, i64 %421
+  store <8 x float> %424, ptr %425, align 4
+  %426 = add nsw i64 %r01, 4
+  %427 = getelementptr inbounds float, ptr %rw, i64 %426
+  %428 = load float, ptr %427, align 4
+  %429 = insertelement <8 x float> poison, float %428, i32 0
+  %430 = shufflevector <8 x float> %429, <8 x float> poison, <8 x i32> zeroinitializer
+  %431 = mul nsw i64 %426, 1024
+  %432 = getelementptr inbounds float, ptr %h, i64 %431
+  %col6 = mul nsw i64 %kb.p, 16
+  %433 = load <8 x float>, ptr %acc040, align 4
+  %434 = load <8 x float>, ptr %acc041, align 4
+  %435 = add nsw i64 %col6, 0
+  %436 = fcmp ogt <8 x float> %433, zeroinitializer
+  %437 = select <8 x i1> %436, <8 x float> %433, <8 x float> zeroinitializer
+  %438 = fmul <8 x float> %437, %430
+  %439 = getelementptr inbounds float, ptr %432, i64 %435
+  store <8 x float> %438, ptr %439, align 4
+  %440 = add nsw i64 %col6, 8
+  %441 = fcmp ogt <8 x float> %434, zeroinitializer
+  %442 = select <8 x i1> %441, <8 x float> %434, <8 x float> zeroinitializer
+  %443 = fmul <8 x float> %442, %430
+  %444 = getelementptr inbounds float, ptr %432, i64 %440
+  store <8 x float> %443, ptr %444, align 4
+  %445 = add nsw i64 %r01, 5
+  %446 = getelementptr inbounds float, ptr %rw, i64 %445
+  %447 = load float, ptr %446, align 4
+  %448 = insertelement <8 x float> poison, float %447, i32 0
+  %449 = shufflevector <8 x float> %448, <8 x float> poison, <8 x i32> zeroinitializer
+  %450 = mul nsw i64 %445, 1024
+  %451 = getelementptr inbounds float, ptr %h, i64 %450
+  %col7 = mul nsw i64 %kb.p, 16
+  %452 = load <8 x float>, ptr %acc050, align 4
+  %453 = load <8 x float>, ptr %acc051, align 4
+  %454 = add nsw i64 %col7, 0
+  %455 = fcmp ogt <8 x float> %452, zeroinitializer
+  %456 = select <8 x i1> %455, <8 x float> %452, <8 x float> zeroinitializer
+  %457 = fmul <8 x float> %456, %449
+  %458 = getelementptr inbounds float, ptr %451, i64 %454
+  store <8 x float> %457, ptr %458, align 4
+  %459 = add nsw i64 %col7, 8
+  %460 = fcmp ogt <8 x float> %453, zeroinitializer
+  %461 = select <8 x i1> %460, <8 x float> %453, <8 x float> zeroinitializer
+  %462 = fmul <8 x float> %461, %449
+  %463 = getelementptr inbounds float, ptr %451, i64 %459
+  store <8 x float> %462, ptr %463, align 4
+  br label %last.end
+
+last.end:                                         ; preds = %last.then, %part.end
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
-  %233 = add nsw i64 %r0, 0
-  %234 = getelementptr inbounds i32, ptr %rows, i64 %233
-  %235 = load i32, ptr %234, align 4
-  %236 = sext i32 %235 to i64
-  %237 = mul nsw i64 %236, 512
-  %238 = getelementptr inbounds float, ptr %x, i64 %237
-  store <8 x float> zeroinitializer, ptr %acc0007, align 4
-  store <8 x float> zeroinitializer, ptr %acc0018, align 4
-  %239 = add nsw i64 %r0, 1
-  %240 = getelementptr inbounds i32, ptr %rows, i64 %239
-  %241 = load i32, ptr %240, align 4
-  %242 = sext i32 %241 to i64
-  %243 = mul nsw i64 %242, 512
-  %244 = getelementptr inbounds float, ptr %x, i64 %243
-  store <8 x float> zeroinitializer, ptr %acc0109, align 4
-  store <8 x float> zeroinitializer, ptr %acc01110, align 4
-  %245 = add nsw i64 %r0, 2
-  %246 = getelementptr inbounds i32, ptr %rows, i64 %245
-  %247 = load i32, ptr %246, align 4
-  %248 = sext i32 %247 to i64
-  %249 = mul nsw i64 %248, 512
-  %250 = getelementptr inbounds float, ptr %x, i64 %249
-  store <8 x float> zeroinitializer, ptr %acc02011, align 4
-  store <8 x float> zeroinitializer, ptr %acc02112, align 4
-  %251 = add nsw i64 %r0, 3
-  %252 = getelementptr inbounds i32, ptr %rows, i64 %251
-  %253 = load i32, ptr %252, align 4
-  %254 = sext i32 %253 to i64
-  %255 = mul nsw i64 %254, 512
-  %256 = getelementptr inbounds float, ptr %x, i64 %255
-  store <8 x float> zeroinitializer, ptr %acc03013, align 4
-  store <8 x float> zeroinitializer, ptr %acc03114, align 4
-  %257 = add nsw i64 %r0, 4
-  %258 = getelementptr inbounds i32, ptr %rows, i64 %257
-  %259 = load i32, ptr %258, align 4
-  %260 = sext i32 %259 to i64
-  %261 = mul nsw i64 %260, 512
-  %262 = getelementptr inbounds float, ptr %x, i64 %261
-  store <8 x float> zeroinitializer, ptr %acc04015, align 4
-  store <8 x float> zeroinitializer, ptr %acc04116, align 4
-  %panel.off17 = mul nsw i64 %p, 8192
-  %263 = getelementptr inbounds float, ptr %panels, i64 %panel.off17
-  %264 = add nsw i64 %p, 1
-  %265 = icmp slt i64 %264, %p1
-  %pf.on18 = and i1 %pf.on, %265
-  %266 = mul nsw i64 %rb, 32768
-  %267 = lshr i64 %266, %11
-  %268 = add nsw i64 32768, %267
-  %269 = getelementptr inbounds i8, ptr %263, i64 %268
-  %pf19 = select i1 %pf.on18, ptr %269, ptr %263
-  %pf.sh20 = select i1 %pf.on18, i64 %11, i64 0
-  br label %k.head21
+  %464 = add nsw i64 %r01, 0
+  %465 = getelementptr inbounds i32, ptr %rows, i64 %464
+  %466 = load i32, ptr %465, align 4
+  %467 = sext i32 %466 to i64
+  %468 = mul nsw i64 %467, 512
+  %469 = add nsw i64 %468, %k0
+  %470 = getelementptr inbounds float, ptr %x, i64 %469
+  %471 = sub nsw i64 %kb.p, %kb.pg
+  %472 = sub nsw i64 %464, %kb.rc
+  %473 = mul nsw i64 %472, 16
+  %474 = add nsw i64 %473, %471
+  %475 = mul nsw i64 %474, 16
+  %476 = getelementptr inbounds float, ptr %part, i64 %475
+  %477 = getelementptr inbounds float, ptr %476, i64 0
+  %478 = load <8 x float>, ptr %477, align 4
+  %479 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %478
+  store <8 x float> %479, ptr %acc0008, align 4
+  %480 = sub nsw i64 %kb.p, %kb.pg
+  %481 = sub nsw i64 %464, %kb.rc
+  %482 = mul nsw i64 %481, 16
+  %483 = add nsw i64 %482, %480
+  %484 = mul nsw i64 %483, 16
+  %485 = getelementptr inbounds float, ptr %part, i64 %484
+  %486 = getelementptr inbounds float, ptr %485, i64 8
+  %487 = load <8 x float>, ptr %486, align 4
+  %488 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %487
+  store <8 x float> %488, ptr %acc0019, align 4
+  %489 = add nsw i64 %r01, 1
+  %490 = getelementptr inbounds i32, ptr %rows, i64 %489
+  %491 = load i32, ptr %490, align 4
+  %492 = sext i32 %491 to i64
+  %493 = mul nsw i64 %492, 512
+  %494 = add nsw i64 %493, %k0
+  %495 = getelementptr inbounds float, ptr %x, i64 %494
+  %496 = sub nsw i64 %kb.p, %kb.pg
+  %497 = sub nsw i64 %489, %kb.rc
+  %498 = mul nsw i64 %497, 16
+  %499 = add nsw i64 %498, %496
+  %500 = mul nsw i64 %499, 16
+  %501 = getelementptr inbounds float, ptr %part, i64 %500
+  %502 = getelementptr inbounds float, ptr %501, i64 0
+  %503 = load <8 x float>, ptr %502, align 4
+  %504 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %503
+  store <8 x float> %504, ptr %acc01010, align 4
+  %505 = sub nsw i64 %kb.p, %kb.pg
+  %506 = sub nsw i64 %489, %kb.rc
+  %507 = mul nsw i64 %506, 16
+  %508 = add nsw i64 %507, %505
+  %509 = mul nsw i64 %508, 16
+  %510 = getelementptr inbounds float, ptr %part, i64 %509
+  %511 = getelementptr inbounds float, ptr %510, i64 8
+  %512 = load <8 x float>, ptr %511, align 4
+  %513 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %512
+  store <8 x float> %513, ptr %acc01111, align 4
+  %514 = add nsw i64 %r01, 2
+  %515 = getelementptr inbounds i32, ptr %rows, i64 %514
+  %516 = load i32, ptr %515, align 4
+  %517 = sext i32 %516 to i64
+  %518 = mul nsw i64 %517, 512
+  %519 = add nsw i64 %518, %k0
+  %520 = getelementptr inbounds float, ptr %x, i64 %519
+  %521 = sub nsw i64 %kb.p, %kb.pg
+  %522 = sub nsw i64 %514, %kb.rc
+  %523 = mul nsw i64 %522, 16
+  %524 = add nsw i64 %523, %521
+  %525 = mul nsw i64 %524, 16
+  %526 = getelementptr inbounds float, ptr %part, i64 %525
+  %527 = getelementptr inbounds float, ptr %526, i64 0
+  %528 = load <8 x float>, ptr %527, align 4
+  %529 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %528
+  store <8 x float> %529, ptr %acc02012, align 4
+  %530 = sub nsw i64 %kb.p, %kb.pg
+  %531 = sub nsw i64 %514, %kb.rc
+  %532 = mul nsw i64 %531, 16
+  %533 = add nsw i64 %532, %530
+  %534 = mul nsw i64 %533, 16
+  %535 = getelementptr inbounds float, ptr %part, i64 %534
+  %536 = getelementptr inbounds float, ptr %535, i64 8
+  %537 = load <8 x float>, ptr %536, align 4
+  %538 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %537
+  store <8 x float> %538, ptr %acc02113, align 4
+  %539 = add nsw i64 %r01, 3
+  %540 = getelementptr inbounds i32, ptr %rows, i64 %539
+  %541 = load i32, ptr %540, align 4
+  %542 = sext i32 %541 to i64
+  %543 = mul nsw i64 %542, 512
+  %544 = add nsw i64 %543, %k0
+  %545 = getelementptr inbounds float, ptr %x, i64 %544
+  %546 = sub nsw i64 %kb.p, %kb.pg
+  %547 = sub nsw i64 %539, %kb.rc
+  %548 = mul nsw i64 %547, 16
+  %549 = add nsw i64 %548, %546
+  %550 = mul nsw i64 %549, 16
+  %551 = getelementptr inbounds float, ptr %part, i64 %550
+  %552 = getelementptr inbounds float, ptr %551, i64 0
+  %553 = load <8 x float>, ptr %552, align 4
+  %554 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %553
+  store <8 x float> %554, ptr %acc03014, align 4
+  %555 = sub nsw i64 %kb.p, %kb.pg
+  %556 = sub nsw i64 %539, %kb.rc
+  %557 = mul nsw i64 %556, 16
+  %558 = add nsw i64 %557, %555
+  %559 = mul nsw i64 %558, 16
+  %560 = getelementptr inbounds float, ptr %part, i64 %559
+  %561 = getelementptr inbounds float, ptr %560, i64 8
+  %562 = load <8 x float>, ptr %561, align 4
+  %563 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %562
+  store <8 x float> %563, ptr %acc03115, align 4
+  %564 = add nsw i64 %r01, 4
+  %565 = getelementptr inbounds i32, ptr %rows, i64 %564
+  %566 = load i32, ptr %565, align 4
+  %567 = sext i32 %566 to i64
+  %568 = mul nsw i64 %567, 512
+  %569 = add nsw i64 %568, %k0
+  %570 = getelementptr inbounds float, ptr %x, i64 %569
+  %571 = sub nsw i64 %kb.p, %kb.pg
+  %572 = sub nsw i64 %564, %kb.rc
+  %573 = mul nsw i64 %572, 16
+  %574 = add nsw i64 %573, %571
+  %575 = mul nsw i64 %574, 16
+  %576 = getelementptr inbounds float, ptr %part, i64 %575
+  %577 = getelementptr inbounds float, ptr %576, i64 0
+  %578 = load <8 x float>, ptr %577, align 4
+  %579 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %578
+  store <8 x float> %579, ptr %acc04016, align 4
+  %580 = sub nsw i64 %kb.p, %kb.pg
+  %581 = sub nsw i64 %564, %kb.rc
+  %582 = mul nsw i64 %581, 16
+  %583 = add nsw i64 %582, %580
+  %584 = mul nsw i64 %583, 16
+  %585 = getelementptr inbounds float, ptr %part, i64 %584
+  %586 = getelementptr inbounds float, ptr %585, i64 8
+  %587 = load <8 x float>, ptr %586, align 4
+  %588 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %587
+  store <8 x float> %588, ptr %acc04117, align 4
+  %589 = mul nsw i64 %k0, 16
+  %590 = mul nsw i64 %kb.p, 8192
+  %panel.off18 = add nsw i64 %590, %589
+  %591 = getelementptr inbounds float, ptr %panels, i64 %panel.off18
+  %pf.on19 = and i1 %pf.on, %pf.next
+  %592 = mul nsw i64 %rb, 16384
+  %593 = lshr i64 %592, %25
+  %594 = add nsw i64 %pf.step, %593
+  %595 = getelementptr inbounds i8, ptr %591, i64 %594
+  %pf20 = select i1 %pf.on19, ptr %595, ptr %591
+  %pf.sh21 = select i1 %pf.on19, i64 %25, i64 0
+  br label %k.head22
 
-k.head21:                                         ; preds = %pf.any.end26, %tile.mr5
-  %k24 = phi i64 [ 0, %tile.mr5 ], [ %323, %pf.any.end26 ]
-  %270 = icmp slt i64 %k24, 512
-  br i1 %270, label %k.body22, label %k.end23
+k.head22:                                         ; preds = %pf.any.end27, %tile.mr5
+  %k25 = phi i64 [ 0, %tile.mr5 ], [ %649, %pf.any.end27 ]
+  %596 = icmp slt i64 %k25, 256
+  br i1 %596, label %k.body23, label %k.end24
 
-k.body22:                                         ; preds = %k.head21
-  %271 = mul nsw i64 %k24, 1
-  %272 = add nsw i64 %271, 0
-  %273 = mul nsw i64 %272, 64
-  br i1 %pf.multi, label %pf.any.then25, label %pf.any.end26
+k.body23:                                         ; preds = %k.head22
+  %597 = mul nsw i64 %k25, 1
+  %598 = add nsw i64 %597, 0
+  %599 = mul nsw i64 %598, 64
+  br i1 %pf.multi, label %pf.any.then26, label %pf.any.end27
 
-pf.any.then25:                                    ; preds = %k.body22
-  %274 = lshr i64 %273, %pf.sh20
-  %275 = getelementptr inbounds i8, ptr %pf19, i64 %274
-  call void @llvm.prefetch.p0(ptr %275, i32 0, i32 2, i32 1)
-  br label %pf.any.end26
+pf.any.then26:                                    ; preds = %k.body23
+  %600 = lshr i64 %599, %pf.sh21
+  %601 = getelementptr inbounds i8, ptr %pf20, i64 %600
+  call void @llvm.prefetch.p0(ptr %601, i32 0, i32 2, i32 1)
+  br label %pf.any.end27
 
-pf.any.end26:                                     ; preds = %pf.any.then25, %k.body22
-  %276 = mul nsw i64 %272, 16
-  %277 = add nsw i64 %panel.off17, %276
-  %278 = getelementptr inbounds float, ptr %panels, i64 %277
-  %279 = load <8 x float>, ptr %278, align 4
-  %280 = add nsw i64 %277, 8
-  %281 = getelementptr inbounds float, ptr %panels, i64 %280
-  %282 = load <8 x float>, ptr %281, align 4
-  %283 = getelementptr inbounds float, ptr %238, i64 %272
-  %284 = load float, ptr %283, align 4
-  %285 = insertelement <8 x float> poison, float %284, i32 0
-  %286 = shufflevector <8 x float> %285, <8 x float> poison, <8 x i32> zeroinitializer
-  %287 = load <8 x float>, ptr %acc0007, align 4
-  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %286, <8 x float> %279, <8 x float> %287)
-  store <8 x float> %288, ptr %acc0007, align 4
-  %289 = load <8 x float>, ptr %acc0018, align 4
-  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %286, <8 x float> %282, <8 x float> %289)
-  store <8 x float> %290, ptr %acc0018, align 4
-  %291 = getelementptr inbounds float, ptr %244, i64 %272
-  %292 = load float, ptr %291, align 4
-  %293 = insertelement <8 x float> poison, float %292, i32 0
-  %294 = shufflevector <8 x float> %293, <8 x float> poison, <8 x i32> zeroinitializer
-  %295 = load <8 x float>, ptr %acc0109, align 4
-  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %294, <8 x float> %279, <8 x float> %295)
-  store <8 x float> %296, ptr %acc0109, align 4
-  %297 = load <8 x float>, ptr %acc01110, align 4
-  %298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %294, <8 x float> %282, <8 x float> %297)
-  store <8 x float> %298, ptr %acc01110, align 4
-  %299 = getelementptr inbounds float, ptr %250, i64 %272
-  %300 = load float, ptr %299, align 4
-  %301 = insertelement <8 x float> poison, float %300, i32 0
-  %302 = shufflevector <8 x float> %301, <8 x float> poison, <8 x i32> zeroinitializer
-  %303 = load <8 x float>, ptr %acc02011, align 4
-  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %279, <8 x float> %303)
-  store <8 x float> %304, ptr %acc02011, align 4
-  %305 = load <8 x float>, ptr %acc02112, align 4
-  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %282, <8 x float> %305)
-  store <8 x float> %306, ptr %acc02112, align 4
-  %307 = getelementptr inbounds float, ptr %256, i64 %272
-  %308 = load float, ptr %307, align 4
-  %309 = insertelement <8 x float> poison, float %308, i32 0
-  %310 = shufflevector <8 x float> %309, <8 x float> poison, <8 x i32> zeroinitializer
-  %311 = load <8 x float>, ptr %acc03013, align 4
-  %312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %279, <8 x float> %311)
-  store <8 x float> %312, ptr %acc03013, align 4
-  %313 = load <8 x float>, ptr %acc03114, align 4
-  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %282, <8 x float> %313)
-  store <8 x float> %314, ptr %acc03114, align 4
-  %315 = getelementptr inbounds float, ptr %262, i64 %272
-  %316 = load float, ptr %315, align 4
-  %317 = insertelement <8 x float> poison, float %316, i32 0
-  %318 = shufflevector <8 x float> %317, <8 x float> poison, <8 x i32> zeroinitializer
-  %319 = load <8 x float>, ptr %acc04015, align 4
-  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %279, <8 x float> %319)
-  store <8 x float> %320, ptr %acc04015, align 4
-  %321 = load <8 x float>, ptr %acc04116, align 4
-  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %282, <8 x float> %321)
-  store <8 x float> %322, ptr %acc04116, align 4
-  %323 = add nsw i64 %k24, 1
-  br label %k.head21
+pf.any.end27:                                     ; preds = %pf.any.then26, %k.body23
+  %602 = mul nsw i64 %598, 16
+  %603 = add nsw i64 %panel.off18, %602
+  %604 = getelementptr inbounds float, ptr %panels, i64 %603
+  %605 = load <8 x float>, ptr %604, align 4
+  %606 = add nsw i64 %603, 8
+  %607 = getelementptr inbounds float, ptr %panels, i64 %606
+  %608 = load <8 x float>, ptr %607, align 4
+  %609 = getelementptr inbounds float, ptr %470, i64 %598
+  %610 = load float, ptr %609, align 4
+  %611 = insertelement <8 x float> poison, float %610, i32 0
+  %612 = shufflevector <8 x float> %611, <8 x float> poison, <8 x i32> zeroinitializer
+  %613 = load <8 x float>, ptr %acc0008, align 4
+  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %612, <8 x float> %605, <8 x float> %613)
+  store <8 x float> %614, ptr %acc0008, align 4
+  %615 = load <8 x float>, ptr %acc0019, align 4
+  %616 = call <8 x float> @llvm.fma.v8f32(<8 x float> %612, <8 x float> %608, <8 x float> %615)
+  store <8 x float> %616, ptr %acc0019, align 4
+  %617 = getelementptr inbounds float, ptr %495, i64 %598
+  %618 = load float, ptr %617, align 4
+  %619 = insertelement <8 x float> poison, float %618, i32 0
+  %620 = shufflevector <8 x float> %619, <8 x float> poison, <8 x i32> zeroinitializer
+  %621 = load <8 x float>, ptr %acc01010, align 4
+  %622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %620, <8 x float> %605, <8 x float> %621)
+  store <8 x float> %622, ptr %acc01010, align 4
+  %623 = load <8 x float>, ptr %acc01111, align 4
+  %624 = call <8 x float> @llvm.fma.v8f32(<8 x float> %620, <8 x float> %608, <8 x float> %623)
+  store <8 x float> %624, ptr %acc01111, align 4
+  %625 = getelementptr inbounds float, ptr %520, i64 %598
+  %626 = load float, ptr %625, align 4
+  %627 = insertelement <8 x float> poison, float %626, i32 0
+  %628 = shufflevector <8 x float> %627, <8 x float> poison, <8 x i32> zeroinitializer
+  %629 = load <8 x float>, ptr %acc02012, align 4
+  %630 = call <8 x float> @llvm.fma.v8f32(<8 x float> %628, <8 x float> %605, <8 x float> %629)
+  store <8 x float> %630, ptr %acc02012, align 4
+  %631 = load <8 x float>, ptr %acc02113, align 4
+  %632 = call <8 x float> @llvm.fma.v8f32(<8 x float> %628, <8 x float> %608, <8 x float> %631)
+  store <8 x float> %632, ptr %acc02113, align 4
+  %633 = getelementptr inbounds float, ptr %545, i64 %598
+  %634 = load float, ptr %633, align 4
+  %635 = insertelement <8 x float> poison, float %634, i32 0
+  %636 = shufflevector <8 x float> %635, <8 x float> poison, <8 x i32> zeroinitializer
+  %637 = load <8 x float>, ptr %acc03014, align 4
+  %638 = call <8 x float> @llvm.fma.v8f32(<8 x float> %636, <8 x float> %605, <8 x float> %637)
+  store <8 x float> %638, ptr %acc03014, align 4
+  %639 = load <8 x float>, ptr %acc03115, align 4
+  %640 = call <8 x float> @llvm.fma.v8f32(<8 x float> %636, <8 x float> %608, <8 x float> %639)
+  store <8 x float> %640, ptr %acc03115, align 4
+  %641 = getelementptr inbounds float, ptr %570, i64 %598
+  %642 = load float, ptr %641, align 4
+  %643 = insertelement <8 x float> poison, float %642, i32 0
+  %644 = shufflevector <8 x float> %643, <8 x float> poison, <8 x i32> zeroinitializer
+  %645 = load <8 x float>, ptr %acc04016, align 4
+  %646 = call <8 x float> @llvm.fma.v8f32(<8 x float> %644, <8 x float> %605, <8 x float> %645)
+  store <8 x float> %646, ptr %acc04016, align 4
+  %647 = load <8 x float>, ptr %acc04117, align 4
+  %648 = call <8 x float> @llvm.fma.v8f32(<8 x float> %644, <8 x float> %608, <8 x float> %647)
+  store <8 x float> %648, ptr %acc04117, align 4
+  %649 = add nsw i64 %k25, 1
+  br label %k.head22
 
-k.end23:                                          ; preds = %k.head21
-  %324 = add nsw i64 %r0, 0
-  %325 = getelementptr inbounds float, ptr %rw, i64 %324
-  %326 = load float, ptr %325, align 4
-  %327 = insertelement <8 x float> poison, float %326, i32 0
-  %328 = shufflevector <8 x float> %327, <8 x float> poison, <8 x i32> zeroinitializer
-  %329 = mul nsw i64 %324, 1024
-  %330 = getelementptr inbounds float, ptr %h, i64 %329
-  %col27 = mul nsw i64 %p, 16
-  %331 = load <8 x float>, ptr %acc0007, align 4
-  %332 = load <8 x float>, ptr %acc0018, align 4
-  %333 = add nsw i64 %col27, 0
-  %334 = fcmp ogt <8 x float> %331, zeroinitializer
-  %335 = select <8 x i1> %334, <8 x float> %331, <8 x float> zeroinitializer
-  %336 = fmul <8 x float> %335, %328
-  %337 = getelementptr inbounds float, ptr %330, i64 %333
-  store <8 x float> %336, ptr %337, align 4
-  %338 = add nsw i64 %col27, 8
-  %339 = fcmp ogt <8 x float> %332, zeroinitializer
-  %340 = select <8 x i1> %339, <8 x float> %332, <8 x float> zeroinitializer
-  %341 = fmul <8 x float> %340, %328
-  %342 = getelementptr inbounds float, ptr %330, i64 %338
-  store <8 x float> %341, ptr %342, align 4
-  %343 = add nsw i64 %r0, 1
-  %344 = getelementptr inbounds float, ptr %rw, i64 %343
-  %345 = load float, ptr %344, align 4
-  %346 = insertelement <8 x float> poison, float %345, i32 0
-  %347 = shufflevector <8 x float> %346, <8 x float> poison, <8 x i32> zeroinitializer
-  %348 = mul nsw i64 %343, 1024
-  %349 = getelementptr inbounds float, ptr %h, i64 %348
-  %col28 = mul nsw i64 %p, 16
-  %350 = load <8 x float>, ptr %acc0109, align 4
-  %351 = load <8 x float>, ptr %acc01110, align 4
-  %352 = add nsw i64 %col28, 0
-  %353 = fcmp ogt <8 x float> %350, zeroinitializer
-  %354 = select <8 x i1> %353, <8 x float> %350, <8 x float> zeroinitializer
-  %355 = fmul <8 x float> %354, %347
-  %356 = getelementptr inbounds float, ptr %349, i64 %352
-  store <8 x float> %355, ptr %356, align 4
-  %357 = add nsw i64 %col28, 8
-  %358 = fcmp ogt <8 x float> %351, zeroinitializer
-  %359 = select <8 x i1> %358, <8 x float> %351, <8 x float> zeroinitializer
-  %360 = fmul <8 x float> %359, %347
-  %361 = getelementptr inbounds float, ptr %349, i64 %357
-  store <8 x float> %360, ptr %361, align 4
-  %362 = add nsw i64 %r0, 2
-  %363 = getelementptr inbounds float, ptr %rw, i64 %362
-  %364 = load float, ptr %363, align 4
-  %365 = insertelement <8 x float> poison, float %364, i32 0
-  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
-  %367 = mul nsw i64 %362, 1024
-  %368 = getelementptr inbounds float, ptr %h, i64 %367
-  %col29 = mul nsw i64 %p, 16
-  %369 = load <8 x float>, ptr %acc02011, align 4
-  %370 = load <8 x float>, ptr %acc02112, align 4
-  %371 = add nsw i64 %col29, 0
-  %372 = fcmp ogt <8 x float> %369, zeroinitializer
-  %373 = select <8 x i1> %372, <8 x float> %369, <8 x float> zeroinitializer
-  %374 = fmul <8 x float> %373, %366
-  %375 = getelementptr inbounds float, ptr %368, i64 %371
-  store <8 x float> %374, ptr %375, align 4
-  %376 = add nsw i64 %col29, 8
-  %377 = fcmp ogt <8 x float> %370, zeroinitializer
-  %378 = select <8 x i1> %377, <8 x float> %370, <8 x float> zeroinitializer
-  %379 = fmul <8 x float> %378, %366
-  %380 = getelementptr inbounds float, ptr %368, i64 %376
-  store <8 x float> %379, ptr %380, align 4
-  %381 = add nsw i64 %r0, 3
-  %382 = getelementptr inbounds float, ptr %rw, i64 %381
-  %383 = load float, ptr %382, align 4
-  %384 = insertelement <8 x float> poison, float %383, i32 0
-  %385 = shufflevector <8 x float> %384, <8 x float> poison, <8 x i32> zeroinitializer
-  %386 = mul nsw i64 %381, 1024
-  %387 = getelementptr inbounds float, ptr %h, i64 %386
-  %col30 = mul nsw i64 %p, 16
-  %388 = load <8 x float>, ptr %acc03013, align 4
-  %389 = load <8 x float>, ptr %acc03114, align 4
-  %390 = add nsw i64 %col30, 0
-  %391 = fcmp ogt <8 x float> %388, zeroinitializer
-  %392 = select <8 x i1> %391, <8 x float> %388, <8 x float> zeroinitializer
-  %393 = fmul <8 x float> %392, %385
-  %394 = getelementptr inbounds float, ptr %387, i64 %390
-  store <8 x float> %393, ptr %394, align 4
-  %395 = add nsw i64 %col30, 8
-  %396 = fcmp ogt <8 x float> %389, zeroinitializer
-  %397 = select <8 x i1> %396, <8 x float> %389, <8 x float> zeroinitializer
-  %398 = fmul <8 x float> %397, %385
-  %399 = getelementptr inbounds float, ptr %387, i64 %395
-  store <8 x float> %398, ptr %399, align 4
-  %400 = add nsw i64 %r0, 4
-  %401 = getelementptr inbounds float, ptr %rw, i64 %400
-  %402 = load float, ptr %401, align 4
-  %403 = insertelement <8 x float> poison, float %402, i32 0
-  %404 = shufflevector <8 x float> %403, <8 x float> poison, <8 x i32> zeroinitializer
-  %405 = mul nsw i64 %400, 1024
-  %406 = getelementptr inbounds float, ptr %h, i64 %405
-  %col31 = mul nsw i64 %p, 16
-  %407 = load <8 x float>, ptr %acc04015, align 4
-  %408 = load <8 x float>, ptr %acc04116, align 4
-  %409 = add nsw i64 %col31, 0
-  %410 = fcmp ogt <8 x float> %407, zeroinitializer
-  %411 = select <8 x i1> %410, <8 x float> %407, <8 x float> zeroinitializer
-  %412 = fmul <8 x float> %411, %404
-  %413 = getelementptr inbounds float, ptr %406, i64 %409
-  store <8 x float> %412, ptr %413, align 4
-  %414 = add nsw i64 %col31, 8
-  %415 = fcmp ogt <8 x float> %408, zeroinitializer
-  %416 = select <8 x i1> %415, <8 x float> %408, <8 x float> zeroinitializer
-  %417 = fmul <8 x float> %416, %404
-  %418 = getelementptr inbounds float, ptr %406, i64 %414
-  store <8 x float> %417, ptr %418, align 4
+k.end24:                                          ; preds = %k.head22
+  %650 = xor i1 %klast, true
+  br i1 %650, label %part.then28, label %part.end29
+
+part.then28:                                      ; preds = %k.end24
+  %651 = add nsw i64 %r01, 0
+  %652 = sub nsw i64 %kb.p, %kb.pg
+  %653 = sub nsw i64 %651, %kb.rc
+  %654 = mul nsw i64 %653, 16
+  %655 = add nsw i64 %654, %652
+  %656 = mul nsw i64 %655, 16
+  %657 = getelementptr inbounds float, ptr %part, i64 %656
+  %658 = getelementptr inbounds float, ptr %657, i64 0
+  %659 = load <8 x float>, ptr %acc0008, align 4
+  store <8 x float> %659, ptr %658, align 4
+  %660 = sub nsw i64 %kb.p, %kb.pg
+  %661 = sub nsw i64 %651, %kb.rc
+  %662 = mul nsw i64 %661, 16
+  %663 = add nsw i64 %662, %660
+  %664 = mul nsw i64 %663, 16
+  %665 = getelementptr inbounds float, ptr %part, i64 %664
+  %666 = getelementptr inbounds float, ptr %665, i64 8
+  %667 = load <8 x float>, ptr %acc0019, align 4
+  store <8 x float> %667, ptr %666, align 4
+  %668 = add nsw i64 %r01, 1
+  %669 = sub nsw i64 %kb.p, %kb.pg
+  %670 = sub nsw i64 %668, %kb.rc
+  %671 = mul nsw i64 %670, 16
+  %672 = add nsw i64 %671, %669
+  %673 = mul nsw i64 %672, 16
+  %674 = getelementptr inbounds float, ptr %part, i64 %673
+  %675 = getelementptr inbounds float, ptr %674, i64 0
+  %676 = load <8 x float>, ptr %acc01010, align 4
+  store <8 x float> %676, ptr %675, align 4
+  %677 = sub nsw i64 %kb.p, %kb.pg
+  %678 = sub nsw i64 %668, %kb.rc
+  %679 = mul nsw i64 %678, 16
+  %680 = add nsw i64 %679, %677
+  %681 = mul nsw i64 %680, 16
+  %682 = getelementptr inbounds float, ptr %part, i64 %681
+  %683 = getelementptr inbounds float, ptr %682, i64 8
+  %684 = load <8 x float>, ptr %acc01111, align 4
+  store <8 x float> %684, ptr %683, align 4
+  %685 = add nsw i64 %r01, 2
+  %686 = sub nsw i64 %kb.p, %kb.pg
+  %687 = sub nsw i64 %685, %kb.rc
+  %688 = mul nsw i64 %687, 16
+  %689 = add nsw i64 %688, %686
+  %690 = mul nsw i64 %689, 16
+  %691 = getelementptr inbounds float, ptr %part, i64 %690
+  %692 = getelementptr inbounds float, ptr %691, i64 0
+  %693 = load <8 x float>, ptr %acc02012, align 4
+  store <8 x float> %693, ptr %692, align 4
+  %694 = sub nsw i64 %kb.p, %kb.pg
+  %695 = sub nsw i64 %685, %kb.rc
+  %696 = mul nsw i64 %695, 16
+  %697 = add nsw i64 %696, %694
+  %698 = mul nsw i64 %697, 16
+  %699 = getelementptr inbounds float, ptr %part, i64 %698
+  %700 = getelementptr inbounds float, ptr %699, i64 8
+  %701 = load <8 x float>, ptr %acc02113, align 4
+  store <8 x float> %701, ptr %700, align 4
+  %702 = add nsw i64 %r01, 3
+  %703 = sub nsw i64 %kb.p, %kb.pg
+  %704 = sub nsw i64 %702, %kb.rc
+  %705 = mul nsw i64 %704, 16
+  %706 = add nsw i64 %705, %703
+  %707 = mul nsw i64 %706, 16
+  %708 = getelementptr inbounds float, ptr %part, i64 %707
+  %709 = getelementptr inbounds float, ptr %708, i64 0
+  %710 = load <8 x float>, ptr %acc03014, align 4
+  store <8 x float> %710, ptr %709, align 4
+  %711 = sub nsw i64 %kb.p, %kb.pg
+  %712 = sub nsw i64 %702, %kb.rc
+  %713 = mul nsw i64 %712, 16
+  %714 = add nsw i64 %713, %711
+  %715 = mul nsw i64 %714, 16
+  %716 = getelementptr inbounds float, ptr %part, i64 %715
+  %717 = getelementptr inbounds float, ptr %716, i64 8
+  %718 = load <8 x float>, ptr %acc03115, align 4
+  store <8 x float> %718, ptr %717, align 4
+  %719 = add nsw i64 %r01, 4
+  %720 = sub nsw i64 %kb.p, %kb.pg
+  %721 = sub nsw i64 %719, %kb.rc
+  %722 = mul nsw i64 %721, 16
+  %723 = add nsw i64 %722, %720
+  %724 = mul nsw i64 %723, 16
+  %725 = getelementptr inbounds float, ptr %part, i64 %724
+  %726 = getelementptr inbounds float, ptr %725, i64 0
+  %727 = load <8 x float>, ptr %acc04016, align 4
+  store <8 x float> %727, ptr %726, align 4
+  %728 = sub nsw i64 %kb.p, %kb.pg
+  %729 = sub nsw i64 %719, %kb.rc
+  %730 = mul nsw i64 %729, 16
+  %731 = add nsw i64 %730, %728
+  %732 = mul nsw i64 %731, 16
+  %733 = getelementptr inbounds float, ptr %part, i64 %732
+  %734 = getelementptr inbounds float, ptr %733, i64 8
+  %735 = load <8 x float>, ptr %acc04117, align 4
+  store <8 x float> %735, ptr %734, align 4
+  br label %part.end29
+
+part.end29:                                       ; preds = %part.then28, %k.end24
+  br i1 %klast, label %last.then30, label %last.end31
+
+last.then30:                                      ; preds = %part.end29
+  %736 = add nsw i64 %r01, 0
+  %737 = getelementptr inbounds float, ptr %rw, i64 %736
+  %738 = load float, ptr %737, align 4
+  %739 = insertelement <8 x float> poison, float %738, i32 0
+  %740 = shufflevector <8 x float> %739, <8 x float> poison, <8 x i32> zeroinitializer
+  %741 = mul nsw i64 %736, 1024
+  %742 = getelementptr inbounds float, ptr %h, i64 %741
+  %col32 = mul nsw i64 %kb.p, 16
+  %743 = load <8 x float>, ptr %acc0008, align 4
+  %744 = load <8 x float>, ptr %acc0019, align 4
+  %745 = add nsw i64 %col32, 0
+  %746 = fcmp ogt <8 x float> %743, zeroinitializer
+  %747 = select <8 x i1> %746, <8 x float> %743, <8 x float> zeroinitializer
+  %748 = fmul <8 x float> %747, %740
+  %749 = getelementptr inbounds float, ptr %742, i64 %745
+  store <8 x float> %748, ptr %749, align 4
+  %750 = add nsw i64 %col32, 8
+  %751 = fcmp ogt <8 x float> %744, zeroinitializer
+  %752 = select <8 x i1> %751, <8 x float> %744, <8 x float> zeroinitializer
+  %753 = fmul <8 x float> %752, %740
+  %754 = getelementptr inbounds float, ptr %742, i64 %750
+  store <8 x float> %753, ptr %754, align 4
+  %755 = add nsw i64 %r01, 1
+  %756 = getelementptr inbounds float, ptr %rw, i64 %755
+  %757 = load float, ptr %756, align 4
+  %758 = insertelement <8 x float> poison, float %757, i32 0
+  %759 = shufflevector <8 x float> %758, <8 x float> poison, <8 x i32> zeroinitializer
+  %760 = mul nsw i64 %755, 1024
+  %761 = getelementptr inbounds float, ptr %h, i64 %760
+  %col33 = mul nsw i64 %kb.p, 16
+  %762 = load <8 x float>, ptr %acc01010, align 4
+  %763 = load <8 x float>, ptr %acc01111, align 4
+  %764 = add nsw i64 %col33, 0
+  %765 = fcmp ogt <8 x float> %762, zeroinitializer
+  %766 = select <8 x i1> %765, <8 x float> %762, <8 x float> zeroinitializer
+  %767 = fmul <8 x float> %766, %759
+  %768 = getelementptr inbounds float, ptr %761, i64 %764
+  store <8 x float> %767, ptr %768, align 4
+  %769 = add nsw i64 %col33, 8
+  %770 = fcmp ogt <8 x float> %763, zeroinitializer
+  %771 = select <8 x i1> %770, <8 x float> %763, <8 x float> zeroinitializer
+  %772 = fmul <8 x float> %771, %759
+  %773 = getelementptr inbounds float, ptr %761, i64 %769
+  store <8 x float> %772, ptr %773, align 4
+  %774 = add nsw i64 %r01, 2
+  %775 = getelementptr inbounds float, ptr %rw, i64 %774
+  %776 = load float, ptr %775, align 4
+  %777 = insertelement <8 x float> poison, float %776, i32 0
+  %778 = shufflevector <8 x float> %777, <8 x float> poison, <8 x i32> zeroinitializer
+  %779 = mul nsw i64 %774, 1024
+  %780 = getelementptr inbounds float, ptr %h, i64 %779
+  %col34 = mul nsw i64 %kb.p, 16
+  %781 = load <8 x float>, ptr %acc02012, align 4
+  %782 = load <8 x float>, ptr %acc02113, align 4
+  %783 = add nsw i64 %col34, 0
+  %784 = fcmp ogt <8 x float> %781, zeroinitializer
+  %785 = select <8 x i1> %784, <8 x float> %781, <8 x float> zeroinitializer
+  %786 = fmul <8 x float> %785, %778
+  %787 = getelementptr inbounds float, ptr %780, i64 %783
+  store <8 x float> %786, ptr %787, align 4
+  %788 = add nsw i64 %col34, 8
+  %789 = fcmp ogt <8 x float> %782, zeroinitializer
+  %790 = select <8 x i1> %789, <8 x float> %782, <8 x float> zeroinitializer
+  %791 = fmul <8 x float> %790, %778
+  %792 = getelementptr inbounds float, ptr %780, i64 %788
+  store <8 x float> %791, ptr %792, align 4
+  %793 = add nsw i64 %r01, 3
+  %794 = getelementptr inbounds float, ptr %rw, i64 %793
+  %795 = load float, ptr %794, align 4
+  %796 = insertelement <8 x float> poison, float %795, i32 0
+  %797 = shufflevector <8 x float> %796, <8 x float> poison, <8 x i32> zeroinitializer
+  %798 = mul nsw i64 %793, 1024
+  %799 = getelementptr inbounds float, ptr %h, i64 %798
+  %col35 = mul nsw i64 %kb.p, 16
+  %800 = load <8 x float>, ptr %acc03014, align 4
+  %801 = load <8 x float>, ptr %acc03115, align 4
+  %802 = add nsw i64 %col35, 0
+  %803 = fcmp ogt <8 x float> %800, zeroinitializer
+  %804 = select <8 x i1> %803, <8 x float> %800, <8 x float> zeroinitializer
+  %805 = fmul <8 x float> %804, %797
+  %806 = getelementptr inbounds float, ptr %799, i64 %802
+  store <8 x float> %805, ptr %806, align 4
+  %807 = add nsw i64 %col35, 8
+  %808 = fcmp ogt <8 x float> %801, zeroinitializer
+  %809 = select <8 x i1> %808, <8 x float> %801, <8 x float> zeroinitializer
+  %810 = fmul <8 x float> %809, %797
+  %811 = getelementptr inbounds float, ptr %799, i64 %807
+  store <8 x float> %810, ptr %811, align 4
+  %812 = add nsw i64 %r01, 4
+  %813 = getelementptr inbounds float, ptr %rw, i64 %812
+  %814 = load float, ptr %813, align 4
+  %815 = insertelement <8 x float> poison, float %814, i32 0
+  %816 = shufflevector <8 x float> %815, <8 x float> poison, <8 x i32> zeroinitializer
+  %817 = mul nsw i64 %812, 1024
+  %818 = getelementptr inbounds float, ptr %h, i64 %817
+  %col36 = mul nsw i64 %kb.p, 16
+  %819 = load <8 x float>, ptr %acc04016, align 4
+  %820 = load <8 x float>, ptr %acc04117, align 4
+  %821 = add nsw i64 %col36, 0
+  %822 = fcmp ogt <8 x float> %819, zeroinitializer
+  %823 = select <8 x i1> %822, <8 x float> %819, <8 x float> zeroinitializer
+  %824 = fmul <8 x float> %823, %816
+  %825 = getelementptr inbounds float, ptr %818, i64 %821
+  store <8 x float> %824, ptr %825, align 4
+  %826 = add nsw i64 %col36, 8
+  %827 = fcmp ogt <8 x float> %820, zeroinitializer
+  %828 = select <8 x i1> %827, <8 x float> %820, <8 x float> zeroinitializer
+  %829 = fmul <8 x float> %828, %816
+  %830 = getelementptr inbounds float, ptr %818, i64 %826
+  store <8 x float> %829, ptr %830, align 4
+  br label %last.end31
+
+last.end31:                                       ; preds = %last.then30, %part.end29
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
-  %419 = add nsw i64 %r0, 0
-  %420 = getelementptr inbounds i32, ptr %rows, i64 %419
-  %421 = load i32, ptr %420, align 4
-  %422 = sext i32 %421 to i64
-  %423 = mul nsw i64 %422, 512
-  %424 = getelementptr inbounds float, ptr %x, i64 %423
-  store <8 x float> zeroinitializer, ptr %acc00032, align 4
-  store <8 x float> zeroinitializer, ptr %acc00133, align 4
-  %425 = add nsw i64 %r0, 1
-  %426 = getelementptr inbounds i32, ptr %rows, i64 %425
-  %427 = load i32, ptr %426, align 4
-  %428 = sext i32 %427 to i64
-  %429 = mul nsw i64 %428, 512
-  %430 = getelementptr inbounds float, ptr %x, i64 %429
-  store <8 x float> zeroinitializer, ptr %acc01034, align 4
-  store <8 x float> zeroinitializer, ptr %acc01135, align 4
-  %431 = add nsw i64 %r0, 2
-  %432 = getelementptr inbounds i32, ptr %rows, i64 %431
-  %433 = load i32, ptr %432, align 4
-  %434 = sext i32 %433 to i64
-  %435 = mul nsw i64 %434, 512
-  %436 = getelementptr inbounds float, ptr %x, i64 %435
-  store <8 x float> zeroinitializer, ptr %acc02036, align 4
-  store <8 x float> zeroinitializer, ptr %acc02137, align 4
-  %437 = add nsw i64 %r0, 3
-  %438 = getelementptr inbounds i32, ptr %rows, i64 %437
-  %439 = load i32, ptr %438, align 4
-  %440 = sext i32 %439 to i64
-  %441 = mul nsw i64 %440, 512
-  %442 = getelementptr inbounds float, ptr %x, i64 %441
-  store <8 x float> zeroinitializer, ptr %acc03038, align 4
-  store <8 x float> zeroinitializer, ptr %acc03139, align 4
-  %panel.off40 = mul nsw i64 %p, 8192
-  %443 = getelementptr inbounds float, ptr %panels, i64 %panel.off40
-  %444 = add nsw i64 %p, 1
-  %445 = icmp slt i64 %444, %p1
-  %pf.on41 = and i1 %pf.on, %445
-  %446 = mul nsw i64 %rb, 32768
-  %447 = lshr i64 %446, %11
-  %448 = add nsw i64 32768, %447
-  %449 = getelementptr inbounds i8, ptr %443, i64 %448
-  %pf42 = select i1 %pf.on41, ptr %449, ptr %443
-  %pf.sh43 = select i1 %pf.on41, i64 %11, i64 0
-  br label %k.head44
+  %831 = add nsw i64 %r01, 0
+  %832 = getelementptr inbounds i32, ptr %rows, i64 %831
+  %833 = load i32, ptr %832, align 4
+  %834 = sext i32 %833 to i64
+  %835 = mul nsw i64 %834, 512
+  %836 = add nsw i64 %835, %k0
+  %837 = getelementptr inbounds float, ptr %x, i64 %836
+  %838 = sub nsw i64 %kb.p, %kb.pg
+  %839 = sub nsw i64 %831, %kb.rc
+  %840 = mul nsw i64 %839, 16
+  %841 = add nsw i64 %840, %838
+  %842 = mul nsw i64 %841, 16
+  %843 = getelementptr inbounds float, ptr %part, i64 %842
+  %844 = getelementptr inbounds float, ptr %843, i64 0
+  %845 = load <8 x float>, ptr %844, align 4
+  %846 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %845
+  store <8 x float> %846, ptr %acc00037, align 4
+  %847 = sub nsw i64 %kb.p, %kb.pg
+  %848 = sub nsw i64 %831, %kb.rc
+  %849 = mul nsw i64 %848, 16
+  %850 = add nsw i64 %849, %847
+  %851 = mul nsw i64 %850, 16
+  %852 = getelementptr inbounds float, ptr %part, i64 %851
+  %853 = getelementptr inbounds float, ptr %852, i64 8
+  %854 = load <8 x float>, ptr %853, align 4
+  %855 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %854
+  store <8 x float> %855, ptr %acc00138, align 4
+  %856 = add nsw i64 %r01, 1
+  %857 = getelementptr inbounds i32, ptr %rows, i64 %856
+  %858 = load i32, ptr %857, align 4
+  %859 = sext i32 %858 to i64
+  %860 = mul nsw i64 %859, 512
+  %861 = add nsw i64 %860, %k0
+  %862 = getelementptr inbounds float, ptr %x, i64 %861
+  %863 = sub nsw i64 %kb.p, %kb.pg
+  %864 = sub nsw i64 %856, %kb.rc
+  %865 = mul nsw i64 %864, 16
+  %866 = add nsw i64 %865, %863
+  %867 = mul nsw i64 %866, 16
+  %868 = getelementptr inbounds float, ptr %part, i64 %867
+  %869 = getelementptr inbounds float, ptr %868, i64 0
+  %870 = load <8 x float>, ptr %869, align 4
+  %871 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %870
+  store <8 x float> %871, ptr %acc01039, align 4
+  %872 = sub nsw i64 %kb.p, %kb.pg
+  %873 = sub nsw i64 %856, %kb.rc
+  %874 = mul nsw i64 %873, 16
+  %875 = add nsw i64 %874, %872
+  %876 = mul nsw i64 %875, 16
+  %877 = getelementptr inbounds float, ptr %part, i64 %876
+  %878 = getelementptr inbounds float, ptr %877, i64 8
+  %879 = load <8 x float>, ptr %878, align 4
+  %880 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %879
+  store <8 x float> %880, ptr %acc01140, align 4
+  %881 = add nsw i64 %r01, 2
+  %882 = getelementptr inbounds i32, ptr %rows, i64 %881
+  %883 = load i32, ptr %882, align 4
+  %884 = sext i32 %883 to i64
+  %885 = mul nsw i64 %884, 512
+  %886 = add nsw i64 %885, %k0
+  %887 = getelementptr inbounds float, ptr %x, i64 %886
+  %888 = sub nsw i64 %kb.p, %kb.pg
+  %889 = sub nsw i64 %881, %kb.rc
+  %890 = mul nsw i64 %889, 16
+  %891 = add nsw i64 %890, %888
+  %892 = mul nsw i64 %891, 16
+  %893 = getelementptr inbounds float, ptr %part, i64 %892
+  %894 = getelementptr inbounds float, ptr %893, i64 0
+  %895 = load <8 x float>, ptr %894, align 4
+  %896 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %895
+  store <8 x float> %896, ptr %acc02041, align 4
+  %897 = sub nsw i64 %kb.p, %kb.pg
+  %898 = sub nsw i64 %881, %kb.rc
+  %899 = mul nsw i64 %898, 16
+  %900 = add nsw i64 %899, %897
+  %901 = mul nsw i64 %900, 16
+  %902 = getelementptr inbounds float, ptr %part, i64 %901
+  %903 = getelementptr inbounds float, ptr %902, i64 8
+  %904 = load <8 x float>, ptr %903, align 4
+  %905 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %904
+  store <8 x float> %905, ptr %acc02142, align 4
+  %906 = add nsw i64 %r01, 3
+  %907 = getelementptr inbounds i32, ptr %rows, i64 %906
+  %908 = load i32, ptr %907, align 4
+  %909 = sext i32 %908 to i64
+  %910 = mul nsw i64 %909, 512
+  %911 = add nsw i64 %910, %k0
+  %912 = getelementptr inbounds float, ptr %x, i64 %911
+  %913 = sub nsw i64 %kb.p, %kb.pg
+  %914 = sub nsw i64 %906, %kb.rc
+  %915 = mul nsw i64 %914, 16
+  %916 = add nsw i64 %915, %913
+  %917 = mul nsw i64 %916, 16
+  %918 = getelementptr inbounds float, ptr %part, i64 %917
+  %919 = getelementptr inbounds float, ptr %918, i64 0
+  %920 = load <8 x float>, ptr %919, align 4
+  %921 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %920
+  store <8 x float> %921, ptr %acc03043, align 4
+  %922 = sub nsw i64 %kb.p, %kb.pg
+  %923 = sub nsw i64 %906, %kb.rc
+  %924 = mul nsw i64 %923, 16
+  %925 = add nsw i64 %924, %922
+  %926 = mul nsw i64 %925, 16
+  %927 = getelementptr inbounds float, ptr %part, i64 %926
+  %928 = getelementptr inbounds float, ptr %927, i64 8
+  %929 = load <8 x float>, ptr %928, align 4
+  %930 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %929
+  store <8 x float> %930, ptr %acc03144, align 4
+  %931 = mul nsw i64 %k0, 16
+  %932 = mul nsw i64 %kb.p, 8192
+  %panel.off45 = add nsw i64 %932, %931
+  %933 = getelementptr inbounds float, ptr %panels, i64 %panel.off45
+  %pf.on46 = and i1 %pf.on, %pf.next
+  %934 = mul nsw i64 %rb, 16384
+  %935 = lshr i64 %934, %25
+  %936 = add nsw i64 %pf.step, %935
+  %937 = getelementptr inbounds i8, ptr %933, i64 %936
+  %pf47 = select i1 %pf.on46, ptr %937, ptr %933
+  %pf.sh48 = select i1 %pf.on46, i64 %25, i64 0
+  br label %k.head49
 
-k.head44:                                         ; preds = %pf.any.end49, %tile.mr4
-  %k47 = phi i64 [ 0, %tile.mr4 ], [ %495, %pf.any.end49 ]
-  %450 = icmp slt i64 %k47, 512
-  br i1 %450, label %k.body45, label %k.end46
+k.head49:                                         ; preds = %pf.any.end54, %tile.mr4
+  %k52 = phi i64 [ 0, %tile.mr4 ], [ %983, %pf.any.end54 ]
+  %938 = icmp slt i64 %k52, 256
+  br i1 %938, label %k.body50, label %k.end51
 
-k.body45:                                         ; preds = %k.head44
-  %451 = mul nsw i64 %k47, 1
-  %452 = add nsw i64 %451, 0
-  %453 = mul nsw i64 %452, 64
-  br i1 %pf.multi, label %pf.any.then48, label %pf.any.end49
+k.body50:                                         ; preds = %k.head49
+  %939 = mul nsw i64 %k52, 1
+  %940 = add nsw i64 %939, 0
+  %941 = mul nsw i64 %940, 64
+  br i1 %pf.multi, label %pf.any.then53, label %pf.any.end54
 
-pf.any.then48:                                    ; preds = %k.body45
-  %454 = lshr i64 %453, %pf.sh43
-  %455 = getelementptr inbounds i8, ptr %pf42, i64 %454
-  call void @llvm.prefetch.p0(ptr %455, i32 0, i32 2, i32 1)
-  br label %pf.any.end49
+pf.any.then53:                                    ; preds = %k.body50
+  %942 = lshr i64 %941, %pf.sh48
+  %943 = getelementptr inbounds i8, ptr %pf47, i64 %942
+  call void @llvm.prefetch.p0(ptr %943, i32 0, i32 2, i32 1)
+  br label %pf.any.end54
 
-pf.any.end49:                                     ; preds = %pf.any.then48, %k.body45
-  %456 = mul nsw i64 %452, 16
-  %457 = add nsw i64 %panel.off40, %456
-  %458 = getelementptr inbounds float, ptr %panels, i64 %457
-  %459 = load <8 x float>, ptr %458, align 4
-  %460 = add nsw i64 %457, 8
-  %461 = getelementptr inbounds float, ptr %panels, i64 %460
-  %462 = load <8 x float>, ptr %461, align 4
-  %463 = getelementptr inbounds float, ptr %424, i64 %452
-  %464 = load float, ptr %463, align 4
-  %465 = insertelement <8 x float> poison, float %464, i32 0
-  %466 = shufflevector <8 x float> %465, <8 x float> poison, <8 x i32> zeroinitializer
-  %467 = load <8 x float>, ptr %acc00032, align 4
-  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %459, <8 x float> %467)
-  store <8 x float> %468, ptr %acc00032, align 4
-  %469 = load <8 x float>, ptr %acc00133, align 4
-  %470 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %462, <8 x float> %469)
-  store <8 x float> %470, ptr %acc00133, align 4
-  %471 = getelementptr inbounds float, ptr %430, i64 %452
-  %472 = load float, ptr %471, align 4
-  %473 = insertelement <8 x float> poison, float %472, i32 0
-  %474 = shufflevector <8 x float> %473, <8 x float> poison, <8 x i32> zeroinitializer
-  %475 = load <8 x float>, ptr %acc01034, align 4
-  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %459, <8 x float> %475)
-  store <8 x float> %476, ptr %acc01034, align 4
-  %477 = load <8 x float>, ptr %acc01135, align 4
-  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %462, <8 x float> %477)
-  store <8 x float> %478, ptr %acc01135, align 4
-  %479 = getelementptr inbounds float, ptr %436, i64 %452
-  %480 = load float, ptr %479, align 4
-  %481 = insertelement <8 x float> poison, float %480, i32 0
-  %482 = shufflevector <8 x float> %481, <8 x float> poison, <8 x i32> zeroinitializer
-  %483 = load <8 x float>, ptr %acc02036, align 4
-  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %459, <8 x float> %483)
-  store <8 x float> %484, ptr %acc02036, align 4
-  %485 = load <8 x float>, ptr %acc02137, align 4
-  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %462, <8 x float> %485)
-  store <8 x float> %486, ptr %acc02137, align 4
-  %487 = getelementptr inbounds float, ptr %442, i64 %452
-  %488 = load float, ptr %487, align 4
-  %489 = insertelement <8 x float> poison, float %488, i32 0
-  %490 = shufflevector <8 x float> %489, <8 x float> poison, <8 x i32> zeroinitializer
-  %491 = load <8 x float>, ptr %acc03038, align 4
-  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %459, <8 x float> %491)
-  store <8 x float> %492, ptr %acc03038, align 4
-  %493 = load <8 x float>, ptr %acc03139, align 4
-  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> %462, <8 x float> %493)
-  store <8 x float> %494, ptr %acc03139, align 4
-  %495 = add nsw i64 %k47, 1
-  br label %k.head44
+pf.any.end54:                                     ; preds = %pf.any.then53, %k.body50
+  %944 = mul nsw i64 %940, 16
+  %945 = add nsw i64 %panel.off45, %944
+  %946 = getelementptr inbounds float, ptr %panels, i64 %945
+  %947 = load <8 x float>, ptr %946, align 4
+  %948 = add nsw i64 %945, 8
+  %949 = getelementptr inbounds float, ptr %panels, i64 %948
+  %950 = load <8 x float>, ptr %949, align 4
+  %951 = getelementptr inbounds float, ptr %837, i64 %940
+  %952 = load float, ptr %951, align 4
+  %953 = insertelement <8 x float> poison, float %952, i32 0
+  %954 = shufflevector <8 x float> %953, <8 x float> poison, <8 x i32> zeroinitializer
+  %955 = load <8 x float>, ptr %acc00037, align 4
+  %956 = call <8 x float> @llvm.fma.v8f32(<8 x float> %954, <8 x float> %947, <8 x float> %955)
+  store <8 x float> %956, ptr %acc00037, align 4
+  %957 = load <8 x float>, ptr %acc00138, align 4
+  %958 = call <8 x float> @llvm.fma.v8f32(<8 x float> %954, <8 x float> %950, <8 x float> %957)
+  store <8 x float> %958, ptr %acc00138, align 4
+  %959 = getelementptr inbounds float, ptr %862, i64 %940
+  %960 = load float, ptr %959, align 4
+  %961 = insertelement <8 x float> poison, float %960, i32 0
+  %962 = shufflevector <8 x float> %961, <8 x float> poison, <8 x i32> zeroinitializer
+  %963 = load <8 x float>, ptr %acc01039, align 4
+  %964 = call <8 x float> @llvm.fma.v8f32(<8 x float> %962, <8 x float> %947, <8 x float> %963)
+  store <8 x float> %964, ptr %acc01039, align 4
+  %965 = load <8 x float>, ptr %acc01140, align 4
+  %966 = call <8 x float> @llvm.fma.v8f32(<8 x float> %962, <8 x float> %950, <8 x float> %965)
+  store <8 x float> %966, ptr %acc01140, align 4
+  %967 = getelementptr inbounds float, ptr %887, i64 %940
+  %968 = load float, ptr %967, align 4
+  %969 = insertelement <8 x float> poison, float %968, i32 0
+  %970 = shufflevector <8 x float> %969, <8 x float> poison, <8 x i32> zeroinitializer
+  %971 = load <8 x float>, ptr %acc02041, align 4
+  %972 = call <8 x float> @llvm.fma.v8f32(<8 x float> %970, <8 x float> %947, <8 x float> %971)
+  store <8 x float> %972, ptr %acc02041, align 4
+  %973 = load <8 x float>, ptr %acc02142, align 4
+  %974 = call <8 x float> @llvm.fma.v8f32(<8 x float> %970, <8 x float> %950, <8 x float> %973)
+  store <8 x float> %974, ptr %acc02142, align 4
+  %975 = getelementptr inbounds float, ptr %912, i64 %940
+  %976 = load float, ptr %975, align 4
+  %977 = insertelement <8 x float> poison, float %976, i32 0
+  %978 = shufflevector <8 x float> %977, <8 x float> poison, <8 x i32> zeroinitializer
+  %979 = load <8 x float>, ptr %acc03043, align 4
+  %980 = call <8 x float> @llvm.fma.v8f32(<8 x float> %978, <8 x float> %947, <8 x float> %979)
+  store <8 x float> %980, ptr %acc03043, align 4
+  %981 = load <8 x float>, ptr %acc03144, align 4
+  %982 = call <8 x float> @llvm.fma.v8f32(<8 x float> %978, <8 x float> %950, <8 x float> %981)
+  store <8 x float> %982, ptr %acc03144, align 4
+  %983 = add nsw i64 %k52, 1
+  br label %k.head49
 
-k.end46:                                          ; preds = %k.head44
-  %496 = add nsw i64 %r0, 0
-  %497 = getelementptr inbounds float, ptr %rw, i64 %496
-  %498 = load float, ptr %497, align 4
-  %499 = insertelement <8 x float> poison, float %498, i32 0
-  %500 = shufflevector <8 x float> %499, <8 x float> poison, <8 x i32> zeroinitializer
-  %501 = mul nsw i64 %496, 1024
-  %502 = getelementptr inbounds float, ptr %h, i64 %501
-  %col50 = mul nsw i64 %p, 16
-  %503 = load <8 x float>, ptr %acc00032, align 4
-  %504 = load <8 x float>, ptr %acc00133, align 4
-  %505 = add nsw i64 %col50, 0
-  %506 = fcmp ogt <8 x float> %503, zeroinitializer
-  %507 = select <8 x i1> %506, <8 x float> %503, <8 x float> zeroinitializer
-  %508 = fmul <8 x float> %507, %500
-  %509 = getelementptr inbounds float, ptr %502, i64 %505
-  store <8 x float> %508, ptr %509, align 4
-  %510 = add nsw i64 %col50, 8
-  %511 = fcmp ogt <8 x float> %504, zeroinitializer
-  %512 = select <8 x i1> %511, <8 x float> %504, <8 x float> zeroinitializer
-  %513 = fmul <8 x float> %512, %500
-  %514 = getelementptr inbounds float, ptr %502, i64 %510
-  store <8 x float> %513, ptr %514, align 4
-  %515 = add nsw i64 %r0, 1
-  %516 = getelementptr inbounds float, ptr %rw, i64 %515
-  %517 = load float, ptr %516, align 4
-  %518 = insertelement <8 x float> poison, float %517, i32 0
-  %519 = shufflevector <8 x float> %518, <8 x float> poison, <8 x i32> zeroinitializer
-  %520 = mul nsw i64 %515, 1024
-  %521 = getelementptr inbounds float, ptr %h, i64 %520
-  %col51 = mul nsw i64 %p, 16
-  %522 = load <8 x float>, ptr %acc01034, align 4
-  %523 = load <8 x float>, ptr %acc01135, align 4
-  %524 = add nsw i64 %col51, 0
-  %525 = fcmp ogt <8 x float> %522, zeroinitializer
-  %526 = select <8 x i1> %525, <8 x float> %522, <8 x float> zeroinitializer
-  %527 = fmul <8 x float> %526, %519
-  %528 = getelementptr inbounds float, ptr %521, i64 %524
-  store <8 x float> %527, ptr %528, align 4
-  %529 = add nsw i64 %col51, 8
-  %530 = fcmp ogt <8 x float> %523, zeroinitializer
-  %531 = select <8 x i1> %530, <8 x float> %523, <8 x float> zeroinitializer
-  %532 = fmul <8 x float> %531, %519
-  %533 = getelementptr inbounds float, ptr %521, i64 %529
-  store <8 x float> %532, ptr %533, align 4
-  %534 = add nsw i64 %r0, 2
-  %535 = getelementptr inbounds float, ptr %rw, i64 %534
-  %536 = load float, ptr %535, align 4
-  %537 = insertelement <8 x float> poison, float %536, i32 0
-  %538 = shufflevector <8 x float> %537, <8 x float> poison, <8 x i32> zeroinitializer
-  %539 = mul nsw i64 %534, 1024
-  %540 = getelementptr inbounds float, ptr %h, i64 %539
-  %col52 = mul nsw i64 %p, 16
-  %541 = load <8 x float>, ptr %acc02036, align 4
-  %542 = load <8 x float>, ptr %acc02137, align 4
-  %543 = add nsw i64 %col52, 0
-  %544 = fcmp ogt <8 x float> %541, zeroinitializer
-  %545 = select <8 x i1> %544, <8 x float> %541, <8 x float> zeroinitializer
-  %546 = fmul <8 x float> %545, %538
-  %547 = getelementptr inbounds float, ptr %540, i64 %543
-  store <8 x float> %546, ptr %547, align 4
-  %548 = add nsw i64 %col52, 8
-  %549 = fcmp ogt <8 x float> %542, zeroinitializer
-  %550 = select <8 x i1> %549, <8 x float> %542, <8 x float> zeroinitializer
-  %551 = fmul <8 x float> %550, %538
-  %552 = getelementptr inbounds float, ptr %540, i64 %548
-  store <8 x float> %551, ptr %552, align 4
-  %553 = add nsw i64 %r0, 3
-  %554 = getelementptr inbounds float, ptr %rw, i64 %553
-  %555 = load float, ptr %554, align 4
-  %556 = insertelement <8 x float> poison, float %555, i32 0
-  %557 = shufflevector <8 x float> %556, <8 x float> poison, <8 x i32> zeroinitializer
-  %558 = mul nsw i64 %553, 1024
-  %559 = getelementptr inbounds float, ptr %h, i64 %558
-  %col53 = mul nsw i64 %p, 16
-  %560 = load <8 x float>, ptr %acc03038, align 4
-  %561 = load <8 x float>, ptr %acc03139, align 4
-  %562 = add nsw i64 %col53, 0
-  %563 = fcmp ogt <8 x float> %560, zeroinitializer
-  %564 = select <8 x i1> %563, <8 x float> %560, <8 x float> zeroinitializer
-  %565 = fmul <8 x float> %564, %557
-  %566 = getelementptr inbounds float, ptr %559, i64 %562
-  store <8 x float> %565, ptr %566, align 4
-  %567 = add nsw i64 %col53, 8
-  %568 = fcmp ogt <8 x float> %561, zeroinitializer
-  %569 = select <8 x i1> %568, <8 x float> %561, <8 x float> zeroinitializer
-  %570 = fmul <8 x float> %569, %557
-  %571 = getelementptr inbounds float, ptr %559, i64 %567
-  store <8 x float> %570, ptr %571, align 4
+k.end51:                                          ; preds = %k.head49
+  %984 = xor i1 %klast, true
+  br i1 %984, label %part.then55, label %part.end56
+
+part.then55:                                      ; preds = %k.end51
+  %985 = add nsw i64 %r01, 0
+  %986 = sub nsw i64 %kb.p, %kb.pg
+  %987 = sub nsw i64 %985, %kb.rc
+  %988 = mul nsw i64 %987, 16
+  %989 = add nsw i64 %988, %986
+  %990 = mul nsw i64 %989, 16
+  %991 = getelementptr inbounds float, ptr %part, i64 %990
+  %992 = getelementptr inbounds float, ptr %991, i64 0
+  %993 = load <8 x float>, ptr %acc00037, align 4
+  store <8 x float> %993, ptr %992, align 4
+  %994 = sub nsw i64 %kb.p, %kb.pg
+  %995 = sub nsw i64 %985, %kb.rc
+  %996 = mul nsw i64 %995, 16
+  %997 = add nsw i64 %996, %994
+  %998 = mul nsw i64 %997, 16
+  %999 = getelementptr inbounds float, ptr %part, i64 %998
+  %1000 = getelementptr inbounds float, ptr %999, i64 8
+  %1001 = load <8 x float>, ptr %acc00138, align 4
+  store <8 x float> %1001, ptr %1000, align 4
+  %1002 = add nsw i64 %r01, 1
+  %1003 = sub nsw i64 %kb.p, %kb.pg
+  %1004 = sub nsw i64 %1002, %kb.rc
+  %1005 = mul nsw i64 %1004, 16
+  %1006 = add nsw i64 %1005, %1003
+  %1007 = mul nsw i64 %1006, 16
+  %1008 = getelementptr inbounds float, ptr %part, i64 %1007
+  %1009 = getelementptr inbounds float, ptr %1008, i64 0
+  %1010 = load <8 x float>, ptr %acc01039, align 4
+  store <8 x float> %1010, ptr %1009, align 4
+  %1011 = sub nsw i64 %kb.p, %kb.pg
+  %1012 = sub nsw i64 %1002, %kb.rc
+  %1013 = mul nsw i64 %1012, 16
+  %1014 = add nsw i64 %1013, %1011
+  %1015 = mul nsw i64 %1014, 16
+  %1016 = getelementptr inbounds float, ptr %part, i64 %1015
+  %1017 = getelementptr inbounds float, ptr %1016, i64 8
+  %1018 = load <8 x float>, ptr %acc01140, align 4
+  store <8 x float> %1018, ptr %1017, align 4
+  %1019 = add nsw i64 %r01, 2
+  %1020 = sub nsw i64 %kb.p, %kb.pg
+  %1021 = sub nsw i64 %1019, %kb.rc
+  %1022 = mul nsw i64 %1021, 16
+  %1023 = add nsw i64 %1022, %1020
+  %1024 = mul nsw i64 %1023, 16
+  %1025 = getelementptr inbounds float, ptr %part, i64 %1024
+  %1026 = getelementptr inbounds float, ptr %1025, i64 0
+  %1027 = load <8 x float>, ptr %acc02041, align 4
+  store <8 x float> %1027, ptr %1026, align 4
+  %1028 = sub nsw i64 %kb.p, %kb.pg
+  %1029 = sub nsw i64 %1019, %kb.rc
+  %1030 = mul nsw i64 %1029, 16
+  %1031 = add nsw i64 %1030, %1028
+  %1032 = mul nsw i64 %1031, 16
+  %1033 = getelementptr inbounds float, ptr %part, i64 %1032
+  %1034 = getelementptr inbounds float, ptr %1033, i64 8
+  %1035 = load <8 x float>, ptr %acc02142, align 4
+  store <8 x float> %1035, ptr %1034, align 4
+  %1036 = add nsw i64 %r01, 3
+  %1037 = sub nsw i64 %kb.p, %kb.pg
+  %1038 = sub nsw i64 %1036, %kb.rc
+  %1039 = mul nsw i64 %1038, 16
+  %1040 = add nsw i64 %1039, %1037
+  %1041 = mul nsw i64 %1040, 16
+  %1042 = getelementptr inbounds float, ptr %part, i64 %1041
+  %1043 = getelementptr inbounds float, ptr %1042, i64 0
+  %1044 = load <8 x float>, ptr %acc03043, align 4
+  store <8 x float> %1044, ptr %1043, align 4
+  %1045 = sub nsw i64 %kb.p, %kb.pg
+  %1046 = sub nsw i64 %1036, %kb.rc
+  %1047 = mul nsw i64 %1046, 16
+  %1048 = add nsw i64 %1047, %1045
+  %1049 = mul nsw i64 %1048, 16
+  %1050 = getelementptr inbounds float, ptr %part, i64 %1049
+  %1051 = getelementptr inbounds float, ptr %1050, i64 8
+  %1052 = load <8 x float>, ptr %acc03144, align 4
+  store <8 x float> %1052, ptr %1051, align 4
+  br label %part.end56
+
+part.end56:                                       ; preds = %part.then55, %k.end51
+  br i1 %klast, label %last.then57, label %last.end58
+
+last.then57:                                      ; preds = %part.end56
+  %1053 = add nsw i64 %r01, 0
+  %1054 = getelementptr inbounds float, ptr %rw, i64 %1053
+  %1055 = load float, ptr %1054, align 4
+  %1056 = insertelement <8 x float> poison, float %1055, i32 0
+  %1057 = shufflevector <8 x float> %1056, <8 x float> poison, <8 x i32> zeroinitializer
+  %1058 = mul nsw i64 %1053, 1024
+  %1059 = getelementptr inbounds float, ptr %h, i64 %1058
+  %col59 = mul nsw i64 %kb.p, 16
+  %1060 = load <8 x float>, ptr %acc00037, align 4
+  %1061 = load <8 x float>, ptr %acc00138, align 4
+  %1062 = add nsw i64 %col59, 0
+  %1063 = fcmp ogt <8 x float> %1060, zeroinitializer
+  %1064 = select <8 x i1> %1063, <8 x float> %1060, <8 x float> zeroinitializer
+  %1065 = fmul <8 x float> %1064, %1057
+  %1066 = getelementptr inbounds float, ptr %1059, i64 %1062
+  store <8 x float> %1065, ptr %1066, align 4
+  %1067 = add nsw i64 %col59, 8
+  %1068 = fcmp ogt <8 x float> %1061, zeroinitializer
+  %1069 = select <8 x i1> %1068, <8 x float> %1061, <8 x float> zeroinitializer
+  %1070 = fmul <8 x float> %1069, %1057
+  %1071 = getelementptr inbounds float, ptr %1059, i64 %1067
+  store <8 x float> %1070, ptr %1071, align 4
+  %1072 = add nsw i64 %r01, 1
+  %1073 = getelementptr inbounds float, ptr %rw, i64 %1072
+  %1074 = load float, ptr %1073, align 4
+  %1075 = insertelement <8 x float> poison, float %1074, i32 0
+  %1076 = shufflevector <8 x float> %1075, <8 x float> poison, <8 x i32> zeroinitializer
+  %1077 = mul nsw i64 %1072, 1024
+  %1078 = getelementptr inbounds float, ptr %h, i64 %1077
+  %col60 = mul nsw i64 %kb.p, 16
+  %1079 = load <8 x float>, ptr %acc01039, align 4
+  %1080 = load <8 x float>, ptr %acc01140, align 4
+  %1081 = add nsw i64 %col60, 0
+  %1082 = fcmp ogt <8 x float> %1079, zeroinitializer
+  %1083 = select <8 x i1> %1082, <8 x float> %1079, <8 x float> zeroinitializer
+  %1084 = fmul <8 x float> %1083, %1076
+  %1085 = getelementptr inbounds float, ptr %1078, i64 %1081
+  store <8 x float> %1084, ptr %1085, align 4
+  %1086 = add nsw i64 %col60, 8
+  %1087 = fcmp ogt <8 x float> %1080, zeroinitializer
+  %1088 = select <8 x i1> %1087, <8 x float> %1080, <8 x float> zeroinitializer
+  %1089 = fmul <8 x float> %1088, %1076
+  %1090 = getelementptr inbounds float, ptr %1078, i64 %1086
+  store <8 x float> %1089, ptr %1090, align 4
+  %1091 = add nsw i64 %r01, 2
+  %1092 = getelementptr inbounds float, ptr %rw, i64 %1091
+  %1093 = load float, ptr %1092, align 4
+  %1094 = insertelement <8 x float> poison, float %1093, i32 0
+  %1095 = shufflevector <8 x float> %1094, <8 x float> poison, <8 x i32> zeroinitializer
+  %1096 = mul nsw i64 %1091, 1024
+  %1097 = getelementptr inbounds float, ptr %h, i64 %1096
+  %col61 = mul nsw i64 %kb.p, 16
+  %1098 = load <8 x float>, ptr %acc02041, align 4
+  %1099 = load <8 x float>, ptr %acc02142, align 4
+  %1100 = add nsw i64 %col61, 0
+  %1101 = fcmp ogt <8 x float> %1098, zeroinitializer
+  %1102 = select <8 x i1> %1101, <8 x float> %1098, <8 x float> zeroinitializer
+  %1103 = fmul <8 x float> %1102, %1095
+  %1104 = getelementptr inbounds float, ptr %1097, i64 %1100
+  store <8 x float> %1103, ptr %1104, align 4
+  %1105 = add nsw i64 %col61, 8
+  %1106 = fcmp ogt <8 x float> %1099, zeroinitializer
+  %1107 = select <8 x i1> %1106, <8 x float> %1099, <8 x float> zeroinitializer
+  %1108 = fmul <8 x float> %1107, %1095
+  %1109 = getelementptr inbounds float, ptr %1097, i64 %1105
+  store <8 x float> %1108, ptr %1109, align 4
+  %1110 = add nsw i64 %r01, 3
+  %1111 = getelementptr inbounds float, ptr %rw, i64 %1110
+  %1112 = load float, ptr %1111, align 4
+  %1113 = insertelement <8 x float> poison, float %1112, i32 0
+  %1114 = shufflevector <8 x float> %1113, <8 x float> poison, <8 x i32> zeroinitializer
+  %1115 = mul nsw i64 %1110, 1024
+  %1116 = getelementptr inbounds float, ptr %h, i64 %1115
+  %col62 = mul nsw i64 %kb.p, 16
+  %1117 = load <8 x float>, ptr %acc03043, align 4
+  %1118 = load <8 x float>, ptr %acc03144, align 4
+  %1119 = add nsw i64 %col62, 0
+  %1120 = fcmp ogt <8 x float> %1117, zeroinitializer
+  %1121 = select <8 x i1> %1120, <8 x float> %1117, <8 x float> zeroinitializer
+  %1122 = fmul <8 x float> %1121, %1114
+  %1123 = getelementptr inbounds float, ptr %1116, i64 %1119
+  store <8 x float> %1122, ptr %1123, align 4
+  %1124 = add nsw i64 %col62, 8
+  %1125 = fcmp ogt <8 x float> %1118, zeroinitializer
+  %1126 = select <8 x i1> %1125, <8 x float> %1118, <8 x float> zeroinitializer
+  %1127 = fmul <8 x float> %1126, %1114
+  %1128 = getelementptr inbounds float, ptr %1116, i64 %1124
+  store <8 x float> %1127, ptr %1128, align 4
+  br label %last.end58
+
+last.end58:                                       ; preds = %last.then57, %part.end56
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
-  %572 = add nsw i64 %r0, 0
-  %573 = getelementptr inbounds i32, ptr %rows, i64 %572
-  %574 = load i32, ptr %573, align 4
-  %575 = sext i32 %574 to i64
-  %576 = mul nsw i64 %575, 512
-  %577 = getelementptr inbounds float, ptr %x, i64 %576
-  store <8 x float> zeroinitializer, ptr %acc00054, align 4
-  store <8 x float> zeroinitializer, ptr %acc00155, align 4
-  %578 = add nsw i64 %r0, 1
-  %579 = getelementptr inbounds i32, ptr %rows, i64 %578
-  %580 = load i32, ptr %579, align 4
-  %581 = sext i32 %580 to i64
-  %582 = mul nsw i64 %581, 512
-  %583 = getelementptr inbounds float, ptr %x, i64 %582
-  store <8 x float> zeroinitializer, ptr %acc01056, align 4
-  store <8 x float> zeroinitializer, ptr %acc01157, align 4
-  %584 = add nsw i64 %r0, 2
-  %585 = getelementptr inbounds i32, ptr %rows, i64 %584
-  %586 = load i32, ptr %585, align 4
-  %587 = sext i32 %586 to i64
-  %588 = mul nsw i64 %587, 512
-  %589 = getelementptr inbounds float, ptr %x, i64 %588
-  store <8 x float> zeroinitializer, ptr %acc02058, align 4
-  store <8 x float> zeroinitializer, ptr %acc02159, align 4
-  %panel.off60 = mul nsw i64 %p, 8192
-  %590 = getelementptr inbounds float, ptr %panels, i64 %panel.off60
-  %591 = add nsw i64 %p, 1
-  %592 = icmp slt i64 %591, %p1
-  %pf.on61 = and i1 %pf.on, %592
-  %593 = mul nsw i64 %rb, 32768
-  %594 = lshr i64 %593, %11
-  %595 = add nsw i64 32768, %594
-  %596 = getelementptr inbounds i8, ptr %590, i64 %595
-  %pf62 = select i1 %pf.on61, ptr %596, ptr %590
-  %pf.sh63 = select i1 %pf.on61, i64 %11, i64 0
-  br label %k.head64
+  %1129 = add nsw i64 %r01, 0
+  %1130 = getelementptr inbounds i32, ptr %rows, i64 %1129
+  %1131 = load i32, ptr %1130, align 4
+  %1132 = sext i32 %1131 to i64
+  %1133 = mul nsw i64 %1132, 512
+  %1134 = add nsw i64 %1133, %k0
+  %1135 = getelementptr inbounds float, ptr %x, i64 %1134
+  %1136 = sub nsw i64 %kb.p, %kb.pg
+  %1137 = sub nsw i64 %1129, %kb.rc
+  %1138 = mul nsw i64 %1137, 16
+  %1139 = add nsw i64 %1138, %1136
+  %1140 = mul nsw i64 %1139, 16
+  %1141 = getelementptr inbounds float, ptr %part, i64 %1140
+  %1142 = getelementptr inbounds float, ptr %1141, i64 0
+  %1143 = load <8 x float>, ptr %1142, align 4
+  %1144 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1143
+  store <8 x float> %1144, ptr %acc00063, align 4
+  %1145 = sub nsw i64 %kb.p, %kb.pg
+  %1146 = sub nsw i64 %1129, %kb.rc
+  %1147 = mul nsw i64 %1146, 16
+  %1148 = add nsw i64 %1147, %1145
+  %1149 = mul nsw i64 %1148, 16
+  %1150 = getelementptr inbounds float, ptr %part, i64 %1149
+  %1151 = getelementptr inbounds float, ptr %1150, i64 8
+  %1152 = load <8 x float>, ptr %1151, align 4
+  %1153 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1152
+  store <8 x float> %1153, ptr %acc00164, align 4
+  %1154 = add nsw i64 %r01, 1
+  %1155 = getelementptr inbounds i32, ptr %rows, i64 %1154
+  %1156 = load i32, ptr %1155, align 4
+  %1157 = sext i32 %1156 to i64
+  %1158 = mul nsw i64 %1157, 512
+  %1159 = add nsw i64 %1158, %k0
+  %1160 = getelementptr inbounds float, ptr %x, i64 %1159
+  %1161 = sub nsw i64 %kb.p, %kb.pg
+  %1162 = sub nsw i64 %1154, %kb.rc
+  %1163 = mul nsw i64 %1162, 16
+  %1164 = add nsw i64 %1163, %1161
+  %1165 = mul nsw i64 %1164, 16
+  %1166 = getelementptr inbounds float, ptr %part, i64 %1165
+  %1167 = getelementptr inbounds float, ptr %1166, i64 0
+  %1168 = load <8 x float>, ptr %1167, align 4
+  %1169 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1168
+  store <8 x float> %1169, ptr %acc01065, align 4
+  %1170 = sub nsw i64 %kb.p, %kb.pg
+  %1171 = sub nsw i64 %1154, %kb.rc
+  %1172 = mul nsw i64 %1171, 16
+  %1173 = add nsw i64 %1172, %1170
+  %1174 = mul nsw i64 %1173, 16
+  %1175 = getelementptr inbounds float, ptr %part, i64 %1174
+  %1176 = getelementptr inbounds float, ptr %1175, i64 8
+  %1177 = load <8 x float>, ptr %1176, align 4
+  %1178 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1177
+  store <8 x float> %1178, ptr %acc01166, align 4
+  %1179 = add nsw i64 %r01, 2
+  %1180 = getelementptr inbounds i32, ptr %rows, i64 %1179
+  %1181 = load i32, ptr %1180, align 4
+  %1182 = sext i32 %1181 to i64
+  %1183 = mul nsw i64 %1182, 512
+  %1184 = add nsw i64 %1183, %k0
+  %1185 = getelementptr inbounds float, ptr %x, i64 %1184
+  %1186 = sub nsw i64 %kb.p, %kb.pg
+  %1187 = sub nsw i64 %1179, %kb.rc
+  %1188 = mul nsw i64 %1187, 16
+  %1189 = add nsw i64 %1188, %1186
+  %1190 = mul nsw i64 %1189, 16
+  %1191 = getelementptr inbounds float, ptr %part, i64 %1190
+  %1192 = getelementptr inbounds float, ptr %1191, i64 0
+  %1193 = load <8 x float>, ptr %1192, align 4
+  %1194 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1193
+  store <8 x float> %1194, ptr %acc02067, align 4
+  %1195 = sub nsw i64 %kb.p, %kb.pg
+  %1196 = sub nsw i64 %1179, %kb.rc
+  %1197 = mul nsw i64 %1196, 16
+  %1198 = add nsw i64 %1197, %1195
+  %1199 = mul nsw i64 %1198, 16
+  %1200 = getelementptr inbounds float, ptr %part, i64 %1199
+  %1201 = getelementptr inbounds float, ptr %1200, i64 8
+  %1202 = load <8 x float>, ptr %1201, align 4
+  %1203 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1202
+  store <8 x float> %1203, ptr %acc02168, align 4
+  %1204 = mul nsw i64 %k0, 16
+  %1205 = mul nsw i64 %kb.p, 8192
+  %panel.off69 = add nsw i64 %1205, %1204
+  %1206 = getelementptr inbounds float, ptr %panels, i64 %panel.off69
+  %pf.on70 = and i1 %pf.on, %pf.next
+  %1207 = mul nsw i64 %rb, 16384
+  %1208 = lshr i64 %1207, %25
+  %1209 = add nsw i64 %pf.step, %1208
+  %1210 = getelementptr inbounds i8, ptr %1206, i64 %1209
+  %pf71 = select i1 %pf.on70, ptr %1210, ptr %1206
+  %pf.sh72 = select i1 %pf.on70, i64 %25, i64 0
+  br label %k.head73
 
-k.head64:                                         ; preds = %pf.any.end69, %tile.mr3
-  %k67 = phi i64 [ 0, %tile.mr3 ], [ %634, %pf.any.end69 ]
-  %597 = icmp slt i64 %k67, 512
-  br i1 %597, label %k.body65, label %k.end66
+k.head73:                                         ; preds = %pf.any.end78, %tile.mr3
+  %k76 = phi i64 [ 0, %tile.mr3 ], [ %1248, %pf.any.end78 ]
+  %1211 = icmp slt i64 %k76, 256
+  br i1 %1211, label %k.body74, label %k.end75
 
-k.body65:                                         ; preds = %k.head64
-  %598 = mul nsw i64 %k67, 1
-  %599 = add nsw i64 %598, 0
-  %600 = mul nsw i64 %599, 64
-  br i1 %pf.multi, label %pf.any.then68, label %pf.any.end69
+k.body74:                                         ; preds = %k.head73
+  %1212 = mul nsw i64 %k76, 1
+  %1213 = add nsw i64 %1212, 0
+  %1214 = mul nsw i64 %1213, 64
+  br i1 %pf.multi, label %pf.any.then77, label %pf.any.end78
 
-pf.any.then68:                                    ; preds = %k.body65
-  %601 = lshr i64 %600, %pf.sh63
-  %602 = getelementptr inbounds i8, ptr %pf62, i64 %601
-  call void @llvm.prefetch.p0(ptr %602, i32 0, i32 2, i32 1)
-  br label %pf.any.end69
+pf.any.then77:                                    ; preds = %k.body74
+  %1215 = lshr i64 %1214, %pf.sh72
+  %1216 = getelementptr inbounds i8, ptr %pf71, i64 %1215
+  call void @llvm.prefetch.p0(ptr %1216, i32 0, i32 2, i32 1)
+  br label %pf.any.end78
 
-pf.any.end69:                                     ; preds = %pf.any.then68, %k.body65
-  %603 = mul nsw i64 %599, 16
-  %604 = add nsw i64 %panel.off60, %603
-  %605 = getelementptr inbounds float, ptr %panels, i64 %604
-  %606 = load <8 x float>, ptr %605, align 4
-  %607 = add nsw i64 %604, 8
-  %608 = getelementptr inbounds float, ptr %panels, i64 %607
-  %609 = load <8 x float>, ptr %608, align 4
-  %610 = getelementptr inbounds float, ptr %577, i64 %599
-  %611 = load float, ptr %610, align 4
-  %612 = insertelement <8 x float> poison, float %611, i32 0
-  %613 = shufflevector <8 x float> %612, <8 x float> poison, <8 x i32> zeroinitializer
-  %614 = load <8 x float>, ptr %acc00054, align 4
-  %615 = call <8 x float> @llvm.fma.v8f32(<8 x float> %613, <8 x float> %606, <8 x float> %614)
-  store <8 x float> %615, ptr %acc00054, align 4
-  %616 = load <8 x float>, ptr %acc00155, align 4
-  %617 = call <8 x float> @llvm.fma.v8f32(<8 x float> %613, <8 x float> %609, <8 x float> %616)
-  store <8 x float> %617, ptr %acc00155, align 4
-  %618 = getelementptr inbounds float, ptr %583, i64 %599
-  %619 = load float, ptr %618, align 4
-  %620 = insertelement <8 x float> poison, float %619, i32 0
-  %621 = shufflevector <8 x float> %620, <8 x float> poison, <8 x i32> zeroinitializer
-  %622 = load <8 x float>, ptr %acc01056, align 4
-  %623 = call <8 x float> @llvm.fma.v8f32(<8 x float> %621, <8 x float> %606, <8 x float> %622)
-  store <8 x float> %623, ptr %acc01056, align 4
-  %624 = load <8 x float>, ptr %acc01157, align 4
-  %625 = call <8 x float> @llvm.fma.v8f32(<8 x float> %621, <8 x float> %609, <8 x float> %624)
-  store <8 x float> %625, ptr %acc01157, align 4
-  %626 = getelementptr inbounds float, ptr %589, i64 %599
-  %627 = load float, ptr %626, align 4
-  %628 = insertelement <8 x float> poison, float %627, i32 0
-  %629 = shufflevector <8 x float> %628, <8 x float> poison, <8 x i32> zeroinitializer
-  %630 = load <8 x float>, ptr %acc02058, align 4
-  %631 = call <8 x float> @llvm.fma.v8f32(<8 x float> %629, <8 x float> %606, <8 x float> %630)
-  store <8 x float> %631, ptr %acc02058, align 4
-  %632 = load <8 x float>, ptr %acc02159, align 4
-  %633 = call <8 x float> @llvm.fma.v8f32(<8 x float> %629, <8 x float> %609, <8 x float> %632)
-  store <8 x float> %633, ptr %acc02159, align 4
-  %634 = add nsw i64 %k67, 1
-  br label %k.head64
+pf.any.end78:                                     ; preds = %pf.any.then77, %k.body74
+  %1217 = mul nsw i64 %1213, 16
+  %1218 = add nsw i64 %panel.off69, %1217
+  %1219 = getelementptr inbounds float, ptr %panels, i64 %1218
+  %1220 = load <8 x float>, ptr %1219, align 4
+  %1221 = add nsw i64 %1218, 8
+  %1222 = getelementptr inbounds float, ptr %panels, i64 %1221
+  %1223 = load <8 x float>, ptr %1222, align 4
+  %1224 = getelementptr inbounds float, ptr %1135, i64 %1213
+  %1225 = load float, ptr %1224, align 4
+  %1226 = insertelement <8 x float> poison, float %1225, i32 0
+  %1227 = shufflevector <8 x float> %1226, <8 x float> poison, <8 x i32> zeroinitializer
+  %1228 = load <8 x float>, ptr %acc00063, align 4
+  %1229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1227, <8 x float> %1220, <8 x float> %1228)
+  store <8 x float> %1229, ptr %acc00063, align 4
+  %1230 = load <8 x float>, ptr %acc00164, align 4
+  %1231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1227, <8 x float> %1223, <8 x float> %1230)
+  store <8 x float> %1231, ptr %acc00164, align 4
+  %1232 = getelementptr inbounds float, ptr %1160, i64 %1213
+  %1233 = load float, ptr %1232, align 4
+  %1234 = insertelement <8 x float> poison, float %1233, i32 0
+  %1235 = shufflevector <8 x float> %1234, <8 x float> poison, <8 x i32> zeroinitializer
+  %1236 = load <8 x float>, ptr %acc01065, align 4
+  %1237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1235, <8 x float> %1220, <8 x float> %1236)
+  store <8 x float> %1237, ptr %acc01065, align 4
+  %1238 = load <8 x float>, ptr %acc01166, align 4
+  %1239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1235, <8 x float> %1223, <8 x float> %1238)
+  store <8 x float> %1239, ptr %acc01166, align 4
+  %1240 = getelementptr inbounds float, ptr %1185, i64 %1213
+  %1241 = load float, ptr %1240, align 4
+  %1242 = insertelement <8 x float> poison, float %1241, i32 0
+  %1243 = shufflevector <8 x float> %1242, <8 x float> poison, <8 x i32> zeroinitializer
+  %1244 = load <8 x float>, ptr %acc02067, align 4
+  %1245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1243, <8 x float> %1220, <8 x float> %1244)
+  store <8 x float> %1245, ptr %acc02067, align 4
+  %1246 = load <8 x float>, ptr %acc02168, align 4
+  %1247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1243, <8 x float> %1223, <8 x float> %1246)
+  store <8 x float> %1247, ptr %acc02168, align 4
+  %1248 = add nsw i64 %k76, 1
+  br label %k.head73
 
-k.end66:                                          ; preds = %k.head64
-  %635 = add nsw i64 %r0, 0
-  %636 = getelementptr inbounds float, ptr %rw, i64 %635
-  %637 = load float, ptr %636, align 4
-  %638 = insertelement <8 x float> poison, float %637, i32 0
-  %639 = shufflevector <8 x float> %638, <8 x float> poison, <8 x i32> zeroinitializer
-  %640 = mul nsw i64 %635, 1024
-  %641 = getelementptr inbounds float, ptr %h, i64 %640
-  %col70 = mul nsw i64 %p, 16
-  %642 = load <8 x float>, ptr %acc00054, align 4
-  %643 = load <8 x float>, ptr %acc00155, align 4
-  %644 = add nsw i64 %col70, 0
-  %645 = fcmp ogt <8 x float> %642, zeroinitializer
-  %646 = select <8 x i1> %645, <8 x float> %642, <8 x float> zeroinitializer
-  %647 = fmul <8 x float> %646, %639
-  %648 = getelementptr inbounds float, ptr %641, i64 %644
-  store <8 x float> %647, ptr %648, align 4
-  %649 = add nsw i64 %col70, 8
-  %650 = fcmp ogt <8 x float> %643, zeroinitializer
-  %651 = select <8 x i1> %650, <8 x float> %643, <8 x float> zeroinitializer
-  %652 = fmul <8 x float> %651, %639
-  %653 = getelementptr inbounds float, ptr %641, i64 %649
-  store <8 x float> %652, ptr %653, align 4
-  %654 = add nsw i64 %r0, 1
-  %655 = getelementptr inbounds float, ptr %rw, i64 %654
-  %656 = load float, ptr %655, align 4
-  %657 = insertelement <8 x float> poison, float %656, i32 0
-  %658 = shufflevector <8 x float> %657, <8 x float> poison, <8 x i32> zeroinitializer
-  %659 = mul nsw i64 %654, 1024
-  %660 = getelementptr inbounds float, ptr %h, i64 %659
-  %col71 = mul nsw i64 %p, 16
-  %661 = load <8 x float>, ptr %acc01056, align 4
-  %662 = load <8 x float>, ptr %acc01157, align 4
-  %663 = add nsw i64 %col71, 0
-  %664 = fcmp ogt <8 x float> %661, zeroinitializer
-  %665 = select <8 x i1> %664, <8 x float> %661, <8 x float> zeroinitializer
-  %666 = fmul <8 x float> %665, %658
-  %667 = getelementptr inbounds float, ptr %660, i64 %663
-  store <8 x float> %666, ptr %667, align 4
-  %668 = add nsw i64 %col71, 8
-  %669 = fcmp ogt <8 x float> %662, zeroinitializer
-  %670 = select <8 x i1> %669, <8 x float> %662, <8 x float> zeroinitializer
-  %671 = fmul <8 x float> %670, %658
-  %672 = getelementptr inbounds float, ptr %660, i64 %668
-  store <8 x float> %671, ptr %672, align 4
-  %673 = add nsw i64 %r0, 2
-  %674 = getelementptr inbounds float, ptr %rw, i64 %673
-  %675 = load float, ptr %674, align 4
-  %676 = insertelement <8 x float> poison, float %675, i32 0
-  %677 = shufflevector <8 x float> %676, <8 x float> poison, <8 x i32> zeroinitializer
-  %678 = mul nsw i64 %673, 1024
-  %679 = getelementptr inbounds float, ptr %h, i64 %678
-  %col72 = mul nsw i64 %p, 16
-  %680 = load <8 x float>, ptr %acc02058, align 4
-  %681 = load <8 x float>, ptr %acc02159, align 4
-  %682 = add nsw i64 %col72, 0
-  %683 = fcmp ogt <8 x float> %680, zeroinitializer
-  %684 = select <8 x i1> %683, <8 x float> %680, <8 x float> zeroinitializer
-  %685 = fmul <8 x float> %684, %677
-  %686 = getelementptr inbounds float, ptr %679, i64 %682
-  store <8 x float> %685, ptr %686, align 4
-  %687 = add nsw i64 %col72, 8
-  %688 = fcmp ogt <8 x float> %681, zeroinitializer
-  %689 = select <8 x i1> %688, <8 x float> %681, <8 x float> zeroinitializer
-  %690 = fmul <8 x float> %689, %677
-  %691 = getelementptr inbounds float, ptr %679, i64 %687
-  store <8 x float> %690, ptr %691, align 4
+k.end75:                                          ; preds = %k.head73
+  %1249 = xor i1 %klast, true
+  br i1 %1249, label %part.then79, label %part.end80
+
+part.then79:                                      ; preds = %k.end75
+  %1250 = add nsw i64 %r01, 0
+  %1251 = sub nsw i64 %kb.p, %kb.pg
+  %1252 = sub nsw i64 %1250, %kb.rc
+  %1253 = mul nsw i64 %1252, 16
+  %1254 = add nsw i64 %1253, %1251
+  %1255 = mul nsw i64 %1254, 16
+  %1256 = getelementptr inbounds float, ptr %part, i64 %1255
+  %1257 = getelementptr inbounds float, ptr %1256, i64 0
+  %1258 = load <8 x float>, ptr %acc00063, align 4
+  store <8 x float> %1258, ptr %1257, align 4
+  %1259 = sub nsw i64 %kb.p, %kb.pg
+  %1260 = sub nsw i64 %1250, %kb.rc
+  %1261 = mul nsw i64 %1260, 16
+  %1262 = add nsw i64 %1261, %1259
+  %1263 = mul nsw i64 %1262, 16
+  %1264 = getelementptr inbounds float, ptr %part, i64 %1263
+  %1265 = getelementptr inbounds float, ptr %1264, i64 8
+  %1266 = load <8 x float>, ptr %acc00164, align 4
+  store <8 x float> %1266, ptr %1265, align 4
+  %1267 = add nsw i64 %r01, 1
+  %1268 = sub nsw i64 %kb.p, %kb.pg
+  %1269 = sub nsw i64 %1267, %kb.rc
+  %1270 = mul nsw i64 %1269, 16
+  %1271 = add nsw i64 %1270, %1268
+  %1272 = mul nsw i64 %1271, 16
+  %1273 = getelementptr inbounds float, ptr %part, i64 %1272
+  %1274 = getelementptr inbounds float, ptr %1273, i64 0
+  %1275 = load <8 x float>, ptr %acc01065, align 4
+  store <8 x float> %1275, ptr %1274, align 4
+  %1276 = sub nsw i64 %kb.p, %kb.pg
+  %1277 = sub nsw i64 %1267, %kb.rc
+  %1278 = mul nsw i64 %1277, 16
+  %1279 = add nsw i64 %1278, %1276
+  %1280 = mul nsw i64 %1279, 16
+  %1281 = getelementptr inbounds float, ptr %part, i64 %1280
+  %1282 = getelementptr inbounds float, ptr %1281, i64 8
+  %1283 = load <8 x float>, ptr %acc01166, align 4
+  store <8 x float> %1283, ptr %1282, align 4
+  %1284 = add nsw i64 %r01, 2
+  %1285 = sub nsw i64 %kb.p, %kb.pg
+  %1286 = sub nsw i64 %1284, %kb.rc
+  %1287 = mul nsw i64 %1286, 16
+  %1288 = add nsw i64 %1287, %1285
+  %1289 = mul nsw i64 %1288, 16
+  %1290 = getelementptr inbounds float, ptr %part, i64 %1289
+  %1291 = getelementptr inbounds float, ptr %1290, i64 0
+  %1292 = load <8 x float>, ptr %acc02067, align 4
+  store <8 x float> %1292, ptr %1291, align 4
+  %1293 = sub nsw i64 %kb.p, %kb.pg
+  %1294 = sub nsw i64 %1284, %kb.rc
+  %1295 = mul nsw i64 %1294, 16
+  %1296 = add nsw i64 %1295, %1293
+  %1297 = mul nsw i64 %1296, 16
+  %1298 = getelementptr inbounds float, ptr %part, i64 %1297
+  %1299 = getelementptr inbounds float, ptr %1298, i64 8
+  %1300 = load <8 x float>, ptr %acc02168, align 4
+  store <8 x float> %1300, ptr %1299, align 4
+  br label %part.end80
+
+part.end80:                                       ; preds = %part.then79, %k.end75
+  br i1 %klast, label %last.then81, label %last.end82
+
+last.then81:                                      ; preds = %part.end80
+  %1301 = add nsw i64 %r01, 0
+  %1302 = getelementptr inbounds float, ptr %rw, i64 %1301
+  %1303 = load float, ptr %1302, align 4
+  %1304 = insertelement <8 x float> poison, float %1303, i32 0
+  %1305 = shufflevector <8 x float> %1304, <8 x float> poison, <8 x i32> zeroinitializer
+  %1306 = mul nsw i64 %1301, 1024
+  %1307 = getelementptr inbounds float, ptr %h, i64 %1306
+  %col83 = mul nsw i64 %kb.p, 16
+  %1308 = load <8 x float>, ptr %acc00063, align 4
+  %1309 = load <8 x float>, ptr %acc00164, align 4
+  %1310 = add nsw i64 %col83, 0
+  %1311 = fcmp ogt <8 x float> %1308, zeroinitializer
+  %1312 = select <8 x i1> %1311, <8 x float> %1308, <8 x float> zeroinitializer
+  %1313 = fmul <8 x float> %1312, %1305
+  %1314 = getelementptr inbounds float, ptr %1307, i64 %1310
+  store <8 x float> %1313, ptr %1314, align 4
+  %1315 = add nsw i64 %col83, 8
+  %1316 = fcmp ogt <8 x float> %1309, zeroinitializer
+  %1317 = select <8 x i1> %1316, <8 x float> %1309, <8 x float> zeroinitializer
+  %1318 = fmul <8 x float> %1317, %1305
+  %1319 = getelementptr inbounds float, ptr %1307, i64 %1315
+  store <8 x float> %1318, ptr %1319, align 4
+  %1320 = add nsw i64 %r01, 1
+  %1321 = getelementptr inbounds float, ptr %rw, i64 %1320
+  %1322 = load float, ptr %1321, align 4
+  %1323 = insertelement <8 x float> poison, float %1322, i32 0
+  %1324 = shufflevector <8 x float> %1323, <8 x float> poison, <8 x i32> zeroinitializer
+  %1325 = mul nsw i64 %1320, 1024
+  %1326 = getelementptr inbounds float, ptr %h, i64 %1325
+  %col84 = mul nsw i64 %kb.p, 16
+  %1327 = load <8 x float>, ptr %acc01065, align 4
+  %1328 = load <8 x float>, ptr %acc01166, align 4
+  %1329 = add nsw i64 %col84, 0
+  %1330 = fcmp ogt <8 x float> %1327, zeroinitializer
+  %1331 = select <8 x i1> %1330, <8 x float> %1327, <8 x float> zeroinitializer
+  %1332 = fmul <8 x float> %1331, %1324
+  %1333 = getelementptr inbounds float, ptr %1326, i64 %1329
+  store <8 x float> %1332, ptr %1333, align 4
+  %1334 = add nsw i64 %col84, 8
+  %1335 = fcmp ogt <8 x float> %1328, zeroinitializer
+  %1336 = select <8 x i1> %1335, <8 x float> %1328, <8 x float> zeroinitializer
+  %1337 = fmul <8 x float> %1336, %1324
+  %1338 = getelementptr inbounds float, ptr %1326, i64 %1334
+  store <8 x float> %1337, ptr %1338, align 4
+  %1339 = add nsw i64 %r01, 2
+  %1340 = getelementptr inbounds float, ptr %rw, i64 %1339
+  %1341 = load float, ptr %1340, align 4
+  %1342 = insertelement <8 x float> poison, float %1341, i32 0
+  %1343 = shufflevector <8 x float> %1342, <8 x float> poison, <8 x i32> zeroinitializer
+  %1344 = mul nsw i64 %1339, 1024
+  %1345 = getelementptr inbounds float, ptr %h, i64 %1344
+  %col85 = mul nsw i64 %kb.p, 16
+  %1346 = load <8 x float>, ptr %acc02067, align 4
+  %1347 = load <8 x float>, ptr %acc02168, align 4
+  %1348 = add nsw i64 %col85, 0
+  %1349 = fcmp ogt <8 x float> %1346, zeroinitializer
+  %1350 = select <8 x i1> %1349, <8 x float> %1346, <8 x float> zeroinitializer
+  %1351 = fmul <8 x float> %1350, %1343
+  %1352 = getelementptr inbounds float, ptr %1345, i64 %1348
+  store <8 x float> %1351, ptr %1352, align 4
+  %1353 = add nsw i64 %col85, 8
+  %1354 = fcmp ogt <8 x float> %1347, zeroinitializer
+  %1355 = select <8 x i1> %1354, <8 x float> %1347, <8 x float> zeroinitializer
+  %1356 = fmul <8 x float> %1355, %1343
+  %1357 = getelementptr inbounds float, ptr %1345, i64 %1353
+  store <8 x float> %1356, ptr %1357, align 4
+  br label %last.end82
+
+last.end82:                                       ; preds = %last.then81, %part.end80
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
-  %692 = add nsw i64 %r0, 0
-  %693 = getelementptr inbounds i32, ptr %rows, i64 %692
-  %694 = load i32, ptr %693, align 4
-  %695 = sext i32 %694 to i64
-  %696 = mul nsw i64 %695, 512
-  %697 = getelementptr inbounds float, ptr %x, i64 %696
-  store <8 x float> zeroinitializer, ptr %acc00073, align 4
-  store <8 x float> zeroinitializer, ptr %acc00174, align 4
-  %698 = add nsw i64 %r0, 1
-  %699 = getelementptr inbounds i32, ptr %rows, i64 %698
-  %700 = load i32, ptr %699, align 4
-  %701 = sext i32 %700 to i64
-  %702 = mul nsw i64 %701, 512
-  %703 = getelementptr inbounds float, ptr %x, i64 %702
-  store <8 x float> zeroinitializer, ptr %acc01075, align 4
-  store <8 x float> zeroinitializer, ptr %acc01176, align 4
-  %panel.off77 = mul nsw i64 %p, 8192
-  %704 = getelementptr inbounds float, ptr %panels, i64 %panel.off77
-  %705 = add nsw i64 %p, 1
-  %706 = icmp slt i64 %705, %p1
-  %pf.on78 = and i1 %pf.on, %706
-  %707 = mul nsw i64 %rb, 32768
-  %708 = lshr i64 %707, %11
-  %709 = add nsw i64 32768, %708
-  %710 = getelementptr inbounds i8, ptr %704, i64 %709
-  %pf79 = select i1 %pf.on78, ptr %710, ptr %704
-  %pf.sh80 = select i1 %pf.on78, i64 %11, i64 0
-  br label %k.head81
+  %1358 = add nsw i64 %r01, 0
+  %1359 = getelementptr inbounds i32, ptr %rows, i64 %1358
+  %1360 = load i32, ptr %1359, align 4
+  %1361 = sext i32 %1360 to i64
+  %1362 = mul nsw i64 %1361, 512
+  %1363 = add nsw i64 %1362, %k0
+  %1364 = getelementptr inbounds float, ptr %x, i64 %1363
+  %1365 = sub nsw i64 %kb.p, %kb.pg
+  %1366 = sub nsw i64 %1358, %kb.rc
+  %1367 = mul nsw i64 %1366, 16
+  %1368 = add nsw i64 %1367, %1365
+  %1369 = mul nsw i64 %1368, 16
+  %1370 = getelementptr inbounds float, ptr %part, i64 %1369
+  %1371 = getelementptr inbounds float, ptr %1370, i64 0
+  %1372 = load <8 x float>, ptr %1371, align 4
+  %1373 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1372
+  store <8 x float> %1373, ptr %acc00086, align 4
+  %1374 = sub nsw i64 %kb.p, %kb.pg
+  %1375 = sub nsw i64 %1358, %kb.rc
+  %1376 = mul nsw i64 %1375, 16
+  %1377 = add nsw i64 %1376, %1374
+  %1378 = mul nsw i64 %1377, 16
+  %1379 = getelementptr inbounds float, ptr %part, i64 %1378
+  %1380 = getelementptr inbounds float, ptr %1379, i64 8
+  %1381 = load <8 x float>, ptr %1380, align 4
+  %1382 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1381
+  store <8 x float> %1382, ptr %acc00187, align 4
+  %1383 = add nsw i64 %r01, 1
+  %1384 = getelementptr inbounds i32, ptr %rows, i64 %1383
+  %1385 = load i32, ptr %1384, align 4
+  %1386 = sext i32 %1385 to i64
+  %1387 = mul nsw i64 %1386, 512
+  %1388 = add nsw i64 %1387, %k0
+  %1389 = getelementptr inbounds float, ptr %x, i64 %1388
+  %1390 = sub nsw i64 %kb.p, %kb.pg
+  %1391 = sub nsw i64 %1383, %kb.rc
+  %1392 = mul nsw i64 %1391, 16
+  %1393 = add nsw i64 %1392, %1390
+  %1394 = mul nsw i64 %1393, 16
+  %1395 = getelementptr inbounds float, ptr %part, i64 %1394
+  %1396 = getelementptr inbounds float, ptr %1395, i64 0
+  %1397 = load <8 x float>, ptr %1396, align 4
+  %1398 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1397
+  store <8 x float> %1398, ptr %acc01088, align 4
+  %1399 = sub nsw i64 %kb.p, %kb.pg
+  %1400 = sub nsw i64 %1383, %kb.rc
+  %1401 = mul nsw i64 %1400, 16
+  %1402 = add nsw i64 %1401, %1399
+  %1403 = mul nsw i64 %1402, 16
+  %1404 = getelementptr inbounds float, ptr %part, i64 %1403
+  %1405 = getelementptr inbounds float, ptr %1404, i64 8
+  %1406 = load <8 x float>, ptr %1405, align 4
+  %1407 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1406
+  store <8 x float> %1407, ptr %acc01189, align 4
+  %1408 = mul nsw i64 %k0, 16
+  %1409 = mul nsw i64 %kb.p, 8192
+  %panel.off90 = add nsw i64 %1409, %1408
+  %1410 = getelementptr inbounds float, ptr %panels, i64 %panel.off90
+  %pf.on91 = and i1 %pf.on, %pf.next
+  %1411 = mul nsw i64 %rb, 16384
+  %1412 = lshr i64 %1411, %25
+  %1413 = add nsw i64 %pf.step, %1412
+  %1414 = getelementptr inbounds i8, ptr %1410, i64 %1413
+  %pf92 = select i1 %pf.on91, ptr %1414, ptr %1410
+  %pf.sh93 = select i1 %pf.on91, i64 %25, i64 0
+  br label %k.head94
 
-k.head81:                                         ; preds = %pf.any.end86, %tile.mr2
-  %k84 = phi i64 [ 0, %tile.mr2 ], [ %740, %pf.any.end86 ]
-  %711 = icmp slt i64 %k84, 512
-  br i1 %711, label %k.body82, label %k.end83
+k.head94:                                         ; preds = %pf.any.end99, %tile.mr2
+  %k97 = phi i64 [ 0, %tile.mr2 ], [ %1444, %pf.any.end99 ]
+  %1415 = icmp slt i64 %k97, 256
+  br i1 %1415, label %k.body95, label %k.end96
 
-k.body82:                                         ; preds = %k.head81
-  %712 = mul nsw i64 %k84, 1
-  %713 = add nsw i64 %712, 0
-  %714 = mul nsw i64 %713, 64
-  br i1 %pf.multi, label %pf.any.then85, label %pf.any.end86
+k.body95:                                         ; preds = %k.head94
+  %1416 = mul nsw i64 %k97, 1
+  %1417 = add nsw i64 %1416, 0
+  %1418 = mul nsw i64 %1417, 64
+  br i1 %pf.multi, label %pf.any.then98, label %pf.any.end99
 
-pf.any.then85:                                    ; preds = %k.body82
-  %715 = lshr i64 %714, %pf.sh80
-  %716 = getelementptr inbounds i8, ptr %pf79, i64 %715
-  call void @llvm.prefetch.p0(ptr %716, i32 0, i32 2, i32 1)
-  br label %pf.any.end86
+pf.any.then98:                                    ; preds = %k.body95
+  %1419 = lshr i64 %1418, %pf.sh93
+  %1420 = getelementptr inbounds i8, ptr %pf92, i64 %1419
+  call void @llvm.prefetch.p0(ptr %1420, i32 0, i32 2, i32 1)
+  br label %pf.any.end99
 
-pf.any.end86:                                     ; preds = %pf.any.then85, %k.body82
-  %717 = mul nsw i64 %713, 16
-  %718 = add nsw i64 %panel.off77, %717
-  %719 = getelementptr inbounds float, ptr %panels, i64 %718
-  %720 = load <8 x float>, ptr %719, align 4
-  %721 = add nsw i64 %718, 8
-  %722 = getelementptr inbounds float, ptr %panels, i64 %721
-  %723 = load <8 x float>, ptr %722, align 4
-  %724 = getelementptr inbounds float, ptr %697, i64 %713
-  %725 = load float, ptr %724, align 4
-  %726 = insertelement <8 x float> poison, float %725, i32 0
-  %727 = shufflevector <8 x float> %726, <8 x float> poison, <8 x i32> zeroinitializer
-  %728 = load <8 x float>, ptr %acc00073, align 4
-  %729 = call <8 x float> @llvm.fma.v8f32(<8 x float> %727, <8 x float> %720, <8 x float> %728)
-  store <8 x float> %729, ptr %acc00073, align 4
-  %730 = load <8 x float>, ptr %acc00174, align 4
-  %731 = call <8 x float> @llvm.fma.v8f32(<8 x float> %727, <8 x float> %723, <8 x float> %730)
-  store <8 x float> %731, ptr %acc00174, align 4
-  %732 = getelementptr inbounds float, ptr %703, i64 %713
-  %733 = load float, ptr %732, align 4
-  %734 = insertelement <8 x float> poison, float %733, i32 0
-  %735 = shufflevector <8 x float> %734, <8 x float> poison, <8 x i32> zeroinitializer
-  %736 = load <8 x float>, ptr %acc01075, align 4
-  %737 = call <8 x float> @llvm.fma.v8f32(<8 x float> %735, <8 x float> %720, <8 x float> %736)
-  store <8 x float> %737, ptr %acc01075, align 4
-  %738 = load <8 x float>, ptr %acc01176, align 4
-  %739 = call <8 x float> @llvm.fma.v8f32(<8 x float> %735, <8 x float> %723, <8 x float> %738)
-  store <8 x float> %739, ptr %acc01176, align 4
-  %740 = add nsw i64 %k84, 1
-  br label %k.head81
+pf.any.end99:                                     ; preds = %pf.any.then98, %k.body95
+  %1421 = mul nsw i64 %1417, 16
+  %1422 = add nsw i64 %panel.off90, %1421
+  %1423 = getelementptr inbounds float, ptr %panels, i64 %1422
+  %1424 = load <8 x float>, ptr %1423, align 4
+  %1425 = add nsw i64 %1422, 8
+  %1426 = getelementptr inbounds float, ptr %panels, i64 %1425
+  %1427 = load <8 x float>, ptr %1426, align 4
+  %1428 = getelementptr inbounds float, ptr %1364, i64 %1417
+  %1429 = load float, ptr %1428, align 4
+  %1430 = insertelement <8 x float> poison, float %1429, i32 0
+  %1431 = shufflevector <8 x float> %1430, <8 x float> poison, <8 x i32> zeroinitializer
+  %1432 = load <8 x float>, ptr %acc00086, align 4
+  %1433 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1431, <8 x float> %1424, <8 x float> %1432)
+  store <8 x float> %1433, ptr %acc00086, align 4
+  %1434 = load <8 x float>, ptr %acc00187, align 4
+  %1435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1431, <8 x float> %1427, <8 x float> %1434)
+  store <8 x float> %1435, ptr %acc00187, align 4
+  %1436 = getelementptr inbounds float, ptr %1389, i64 %1417
+  %1437 = load float, ptr %1436, align 4
+  %1438 = insertelement <8 x float> poison, float %1437, i32 0
+  %1439 = shufflevector <8 x float> %1438, <8 x float> poison, <8 x i32> zeroinitializer
+  %1440 = load <8 x float>, ptr %acc01088, align 4
+  %1441 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1439, <8 x float> %1424, <8 x float> %1440)
+  store <8 x float> %1441, ptr %acc01088, align 4
+  %1442 = load <8 x float>, ptr %acc01189, align 4
+  %1443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1439, <8 x float> %1427, <8 x float> %1442)
+  store <8 x float> %1443, ptr %acc01189, align 4
+  %1444 = add nsw i64 %k97, 1
+  br label %k.head94
 
-k.end83:                                          ; preds = %k.head81
-  %741 = add nsw i64 %r0, 0
-  %742 = getelementptr inbounds float, ptr %rw, i64 %741
-  %743 = load float, ptr %742, align 4
-  %744 = insertelement <8 x float> poison, float %743, i32 0
-  %745 = shufflevector <8 x float> %744, <8 x float> poison, <8 x i32> zeroinitializer
-  %746 = mul nsw i64 %741, 1024
-  %747 = getelementptr inbounds float, ptr %h, i64 %746
-  %col87 = mul nsw i64 %p, 16
-  %748 = load <8 x float>, ptr %acc00073, align 4
-  %749 = load <8 x float>, ptr %acc00174, align 4
-  %750 = add nsw i64 %col87, 0
-  %751 = fcmp ogt <8 x float> %748, zeroinitializer
-  %752 = select <8 x i1> %751, <8 x float> %748, <8 x float> zeroinitializer
-  %753 = fmul <8 x float> %752, %745
-  %754 = getelementptr inbounds float, ptr %747, i64 %750
-  store <8 x float> %753, ptr %754, align 4
-  %755 = add nsw i64 %col87, 8
-  %756 = fcmp ogt <8 x float> %749, zeroinitializer
-  %757 = select <8 x i1> %756, <8 x float> %749, <8 x float> zeroinitializer
-  %758 = fmul <8 x float> %757, %745
-  %759 = getelementptr inbounds float, ptr %747, i64 %755
-  store <8 x float> %758, ptr %759, align 4
-  %760 = add nsw i64 %r0, 1
-  %761 = getelementptr inbounds float, ptr %rw, i64 %760
-  %762 = load float, ptr %761, align 4
-  %763 = insertelement <8 x float> poison, float %762, i32 0
-  %764 = shufflevector <8 x float> %763, <8 x float> poison, <8 x i32> zeroinitializer
-  %765 = mul nsw i64 %760, 1024
-  %766 = getelementptr inbounds float, ptr %h, i64 %765
-  %col88 = mul nsw i64 %p, 16
-  %767 = load <8 x float>, ptr %acc01075, align 4
-  %768 = load <8 x float>, ptr %acc01176, align 4
-  %769 = add nsw i64 %col88, 0
-  %770 = fcmp ogt <8 x float> %767, zeroinitializer
-  %771 = select <8 x i1> %770, <8 x float> %767, <8 x float> zeroinitializer
-  %772 = fmul <8 x float> %771, %764
-  %773 = getelementptr inbounds float, ptr %766, i64 %769
-  store <8 x float> %772, ptr %773, align 4
-  %774 = add nsw i64 %col88, 8
-  %775 = fcmp ogt <8 x float> %768, zeroinitializer
-  %776 = select <8 x i1> %775, <8 x float> %768, <8 x float> zeroinitializer
-  %777 = fmul <8 x float> %776, %764
-  %778 = getelementptr inbounds float, ptr %766, i64 %774
-  store <8 x float> %777, ptr %778, align 4
+k.end96:                                          ; preds = %k.head94
+  %1445 = xor i1 %klast, true
+  br i1 %1445, label %part.then100, label %part.end101
+
+part.then100:                                     ; preds = %k.end96
+  %1446 = add nsw i64 %r01, 0
+  %1447 = sub nsw i64 %kb.p, %kb.pg
+  %1448 = sub nsw i64 %1446, %kb.rc
+  %1449 = mul nsw i64 %1448, 16
+  %1450 = add nsw i64 %1449, %1447
+  %1451 = mul nsw i64 %1450, 16
+  %1452 = getelementptr inbounds float, ptr %part, i64 %1451
+  %1453 = getelementptr inbounds float, ptr %1452, i64 0
+  %1454 = load <8 x float>, ptr %acc00086, align 4
+  store <8 x float> %1454, ptr %1453, align 4
+  %1455 = sub nsw i64 %kb.p, %kb.pg
+  %1456 = sub nsw i64 %1446, %kb.rc
+  %1457 = mul nsw i64 %1456, 16
+  %1458 = add nsw i64 %1457, %1455
+  %1459 = mul nsw i64 %1458, 16
+  %1460 = getelementptr inbounds float, ptr %part, i64 %1459
+  %1461 = getelementptr inbounds float, ptr %1460, i64 8
+  %1462 = load <8 x float>, ptr %acc00187, align 4
+  store <8 x float> %1462, ptr %1461, align 4
+  %1463 = add nsw i64 %r01, 1
+  %1464 = sub nsw i64 %kb.p, %kb.pg
+  %1465 = sub nsw i64 %1463, %kb.rc
+  %1466 = mul nsw i64 %1465, 16
+  %1467 = add nsw i64 %1466, %1464
+  %1468 = mul nsw i64 %1467, 16
+  %1469 = getelementptr inbounds float, ptr %part, i64 %1468
+  %1470 = getelementptr inbounds float, ptr %1469, i64 0
+  %1471 = load <8 x float>, ptr %acc01088, align 4
+  store <8 x float> %1471, ptr %1470, align 4
+  %1472 = sub nsw i64 %kb.p, %kb.pg
+  %1473 = sub nsw i64 %1463, %kb.rc
+  %1474 = mul nsw i64 %1473, 16
+  %1475 = add nsw i64 %1474, %1472
+  %1476 = mul nsw i64 %1475, 16
+  %1477 = getelementptr inbounds float, ptr %part, i64 %1476
+  %1478 = getelementptr inbounds float, ptr %1477, i64 8
+  %1479 = load <8 x float>, ptr %acc01189, align 4
+  store <8 x float> %1479, ptr %1478, align 4
+  br label %part.end101
+
+part.end101:                                      ; preds = %part.then100, %k.end96
+  br i1 %klast, label %last.then102, label %last.end103
+
+last.then102:                                     ; preds = %part.end101
+  %1480 = add nsw i64 %r01, 0
+  %1481 = getelementptr inbounds float, ptr %rw, i64 %1480
+  %1482 = load float, ptr %1481, align 4
+  %1483 = insertelement <8 x float> poison, float %1482, i32 0
+  %1484 = shufflevector <8 x float> %1483, <8 x float> poison, <8 x i32> zeroinitializer
+  %1485 = mul nsw i64 %1480, 1024
+  %1486 = getelementptr inbounds float, ptr %h, i64 %1485
+  %col104 = mul nsw i64 %kb.p, 16
+  %1487 = load <8 x float>, ptr %acc00086, align 4
+  %1488 = load <8 x float>, ptr %acc00187, align 4
+  %1489 = add nsw i64 %col104, 0
+  %1490 = fcmp ogt <8 x float> %1487, zeroinitializer
+  %1491 = select <8 x i1> %1490, <8 x float> %1487, <8 x float> zeroinitializer
+  %1492 = fmul <8 x float> %1491, %1484
+  %1493 = getelementptr inbounds float, ptr %1486, i64 %1489
+  store <8 x float> %1492, ptr %1493, align 4
+  %1494 = add nsw i64 %col104, 8
+  %1495 = fcmp ogt <8 x float> %1488, zeroinitializer
+  %1496 = select <8 x i1> %1495, <8 x float> %1488, <8 x float> zeroinitializer
+  %1497 = fmul <8 x float> %1496, %1484
+  %1498 = getelementptr inbounds float, ptr %1486, i64 %1494
+  store <8 x float> %1497, ptr %1498, align 4
+  %1499 = add nsw i64 %r01, 1
+  %1500 = getelementptr inbounds float, ptr %rw, i64 %1499
+  %1501 = load float, ptr %1500, align 4
+  %1502 = insertelement <8 x float> poison, float %1501, i32 0
+  %1503 = shufflevector <8 x float> %1502, <8 x float> poison, <8 x i32> zeroinitializer
+  %1504 = mul nsw i64 %1499, 1024
+  %1505 = getelementptr inbounds float, ptr %h, i64 %1504
+  %col105 = mul nsw i64 %kb.p, 16
+  %1506 = load <8 x float>, ptr %acc01088, align 4
+  %1507 = load <8 x float>, ptr %acc01189, align 4
+  %1508 = add nsw i64 %col105, 0
+  %1509 = fcmp ogt <8 x float> %1506, zeroinitializer
+  %1510 = select <8 x i1> %1509, <8 x float> %1506, <8 x float> zeroinitializer
+  %1511 = fmul <8 x float> %1510, %1503
+  %1512 = getelementptr inbounds float, ptr %1505, i64 %1508
+  store <8 x float> %1511, ptr %1512, align 4
+  %1513 = add nsw i64 %col105, 8
+  %1514 = fcmp ogt <8 x float> %1507, zeroinitializer
+  %1515 = select <8 x i1> %1514, <8 x float> %1507, <8 x float> zeroinitializer
+  %1516 = fmul <8 x float> %1515, %1503
+  %1517 = getelementptr inbounds float, ptr %1505, i64 %1513
+  store <8 x float> %1516, ptr %1517, align 4
+  br label %last.end103
+
+last.end103:                                      ; preds = %last.then102, %part.end101
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
-  %779 = add nsw i64 %r0, 0
-  %780 = getelementptr inbounds i32, ptr %rows, i64 %779
-  %781 = load i32, ptr %780, align 4
-  %782 = sext i32 %781 to i64
-  %783 = mul nsw i64 %782, 512
-  %784 = getelementptr inbounds float, ptr %x, i64 %783
-  store <8 x float> zeroinitializer, ptr %acc00089, align 4
-  store <8 x float> zeroinitializer, ptr %acc00190, align 4
-  %panel.off91 = mul nsw i64 %p, 8192
-  %785 = getelementptr inbounds float, ptr %panels, i64 %panel.off91
-  %786 = add nsw i64 %p, 1
-  %787 = icmp slt i64 %786, %p1
-  %pf.on92 = and i1 %pf.on, %787
-  %788 = mul nsw i64 %rb, 32768
-  %789 = lshr i64 %788, %11
-  %790 = add nsw i64 32768, %789
-  %791 = getelementptr inbounds i8, ptr %785, i64 %790
-  %pf93 = select i1 %pf.on92, ptr %791, ptr %785
-  %pf.sh94 = select i1 %pf.on92, i64 %11, i64 0
-  br label %k.head95
+  %1518 = add nsw i64 %r01, 0
+  %1519 = getelementptr inbounds i32, ptr %rows, i64 %1518
+  %1520 = load i32, ptr %1519, align 4
+  %1521 = sext i32 %1520 to i64
+  %1522 = mul nsw i64 %1521, 512
+  %1523 = add nsw i64 %1522, %k0
+  %1524 = getelementptr inbounds float, ptr %x, i64 %1523
+  %1525 = sub nsw i64 %kb.p, %kb.pg
+  %1526 = sub nsw i64 %1518, %kb.rc
+  %1527 = mul nsw i64 %1526, 16
+  %1528 = add nsw i64 %1527, %1525
+  %1529 = mul nsw i64 %1528, 16
+  %1530 = getelementptr inbounds float, ptr %part, i64 %1529
+  %1531 = getelementptr inbounds float, ptr %1530, i64 0
+  %1532 = load <8 x float>, ptr %1531, align 4
+  %1533 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1532
+  store <8 x float> %1533, ptr %acc000106, align 4
+  %1534 = sub nsw i64 %kb.p, %kb.pg
+  %1535 = sub nsw i64 %1518, %kb.rc
+  %1536 = mul nsw i64 %1535, 16
+  %1537 = add nsw i64 %1536, %1534
+  %1538 = mul nsw i64 %1537, 16
+  %1539 = getelementptr inbounds float, ptr %part, i64 %1538
+  %1540 = getelementptr inbounds float, ptr %1539, i64 8
+  %1541 = load <8 x float>, ptr %1540, align 4
+  %1542 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1541
+  store <8 x float> %1542, ptr %acc001107, align 4
+  %1543 = mul nsw i64 %k0, 16
+  %1544 = mul nsw i64 %kb.p, 8192
+  %panel.off108 = add nsw i64 %1544, %1543
+  %1545 = getelementptr inbounds float, ptr %panels, i64 %panel.off108
+  %pf.on109 = and i1 %pf.on, %pf.next
+  %1546 = mul nsw i64 %rb, 16384
+  %1547 = lshr i64 %1546, %25
+  %1548 = add nsw i64 %pf.step, %1547
+  %1549 = getelementptr inbounds i8, ptr %1545, i64 %1548
+  %pf110 = select i1 %pf.on109, ptr %1549, ptr %1545
+  %pf.sh111 = select i1 %pf.on109, i64 %25, i64 0
+  br label %k.head112
 
-k.head95:                                         ; preds = %pf.any.end100, %tile.mr1
-  %k98 = phi i64 [ 0, %tile.mr1 ], [ %813, %pf.any.end100 ]
-  %792 = icmp slt i64 %k98, 512
-  br i1 %792, label %k.body96, label %k.end97
+k.head112:                                        ; preds = %pf.any.end117, %tile.mr1
+  %k115 = phi i64 [ 0, %tile.mr1 ], [ %1571, %pf.any.end117 ]
+  %1550 = icmp slt i64 %k115, 256
+  br i1 %1550, label %k.body113, label %k.end114
 
-k.body96:                                         ; preds = %k.head95
-  %793 = mul nsw i64 %k98, 1
-  %794 = add nsw i64 %793, 0
-  %795 = mul nsw i64 %794, 64
-  br i1 %pf.multi, label %pf.any.then99, label %pf.any.end100
+k.body113:                                        ; preds = %k.head112
+  %1551 = mul nsw i64 %k115, 1
+  %1552 = add nsw i64 %1551, 0
+  %1553 = mul nsw i64 %1552, 64
+  br i1 %pf.multi, label %pf.any.then116, label %pf.any.end117
 
-pf.any.then99:                                    ; preds = %k.body96
-  %796 = lshr i64 %795, %pf.sh94
-  %797 = getelementptr inbounds i8, ptr %pf93, i64 %796
-  call void @llvm.prefetch.p0(ptr %797, i32 0, i32 2, i32 1)
-  br label %pf.any.end100
+pf.any.then116:                                   ; preds = %k.body113
+  %1554 = lshr i64 %1553, %pf.sh111
+  %1555 = getelementptr inbounds i8, ptr %pf110, i64 %1554
+  call void @llvm.prefetch.p0(ptr %1555, i32 0, i32 2, i32 1)
+  br label %pf.any.end117
 
-pf.any.end100:                                    ; preds = %pf.any.then99, %k.body96
-  %798 = mul nsw i64 %794, 16
-  %799 = add nsw i64 %panel.off91, %798
-  %800 = getelementptr inbounds float, ptr %panels, i64 %799
-  %801 = load <8 x float>, ptr %800, align 4
-  %802 = add nsw i64 %799, 8
-  %803 = getelementptr inbounds float, ptr %panels, i64 %802
-  %804 = load <8 x float>, ptr %803, align 4
-  %805 = getelementptr inbounds float, ptr %784, i64 %794
-  %806 = load float, ptr %805, align 4
-  %807 = insertelement <8 x float> poison, float %806, i32 0
-  %808 = shufflevector <8 x float> %807, <8 x float> poison, <8 x i32> zeroinitializer
-  %809 = load <8 x float>, ptr %acc00089, align 4
-  %810 = call <8 x float> @llvm.fma.v8f32(<8 x float> %808, <8 x float> %801, <8 x float> %809)
-  store <8 x float> %810, ptr %acc00089, align 4
-  %811 = load <8 x float>, ptr %acc00190, align 4
-  %812 = call <8 x float> @llvm.fma.v8f32(<8 x float> %808, <8 x float> %804, <8 x float> %811)
-  store <8 x float> %812, ptr %acc00190, align 4
-  %813 = add nsw i64 %k98, 1
-  br label %k.head95
+pf.any.end117:                                    ; preds = %pf.any.then116, %k.body113
+  %1556 = mul nsw i64 %1552, 16
+  %1557 = add nsw i64 %panel.off108, %1556
+  %1558 = getelementptr inbounds float, ptr %panels, i64 %1557
+  %1559 = load <8 x float>, ptr %1558, align 4
+  %1560 = add nsw i64 %1557, 8
+  %1561 = getelementptr inbounds float, ptr %panels, i64 %1560
+  %1562 = load <8 x float>, ptr %1561, align 4
+  %1563 = getelementptr inbounds float, ptr %1524, i64 %1552
+  %1564 = load float, ptr %1563, align 4
+  %1565 = insertelement <8 x float> poison, float %1564, i32 0
+  %1566 = shufflevector <8 x float> %1565, <8 x float> poison, <8 x i32> zeroinitializer
+  %1567 = load <8 x float>, ptr %acc000106, align 4
+  %1568 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1566, <8 x float> %1559, <8 x float> %1567)
+  store <8 x float> %1568, ptr %acc000106, align 4
+  %1569 = load <8 x float>, ptr %acc001107, align 4
+  %1570 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1566, <8 x float> %1562, <8 x float> %1569)
+  store <8 x float> %1570, ptr %acc001107, align 4
+  %1571 = add nsw i64 %k115, 1
+  br label %k.head112
 
-k.end97:                                          ; preds = %k.head95
-  %814 = add nsw i64 %r0, 0
-  %815 = getelementptr inbounds float, ptr %rw, i64 %814
-  %816 = load float, ptr %815, align 4
-  %817 = insertelement <8 x float> poison, float %816, i32 0
-  %818 = shufflevector <8 x float> %817, <8 x float> poison, <8 x i32> zeroinitializer
-  %819 = mul nsw i64 %814, 1024
-  %820 = getelementptr inbounds float, ptr %h, i64 %819
-  %col101 = mul nsw i64 %p, 16
-  %821 = load <8 x float>, ptr %acc00089, align 4
-  %822 = load <8 x float>, ptr %acc00190, align 4
-  %823 = add nsw i64 %col101, 0
-  %824 = fcmp ogt <8 x float> %821, zeroinitializer
-  %825 = select <8 x i1> %824, <8 x float> %821, <8 x float> zeroinitializer
-  %826 = fmul <8 x float> %825, %818
-  %827 = getelementptr inbounds float, ptr %820, i64 %823
-  store <8 x float> %826, ptr %827, align 4
-  %828 = add nsw i64 %col101, 8
-  %829 = fcmp ogt <8 x float> %822, zeroinitializer
-  %830 = select <8 x i1> %829, <8 x float> %822, <8 x float> zeroinitializer
-  %831 = fmul <8 x float> %830, %818
-  %832 = getelementptr inbounds float, ptr %820, i64 %828
-  store <8 x float> %831, ptr %832, align 4
+k.end114:                                         ; preds = %k.head112
+  %1572 = xor i1 %klast, true
+  br i1 %1572, label %part.then118, label %part.end119
+
+part.then118:                                     ; preds = %k.end114
+  %1573 = add nsw i64 %r01, 0
+  %1574 = sub nsw i64 %kb.p, %kb.pg
+  %1575 = sub nsw i64 %1573, %kb.rc
+  %1576 = mul nsw i64 %1575, 16
+  %1577 = add nsw i64 %1576, %1574
+  %1578 = mul nsw i64 %1577, 16
+  %1579 = getelementptr inbounds float, ptr %part, i64 %1578
+  %1580 = getelementptr inbounds float, ptr %1579, i64 0
+  %1581 = load <8 x float>, ptr %acc000106, align 4
+  store <8 x float> %1581, ptr %1580, align 4
+  %1582 = sub nsw i64 %kb.p, %kb.pg
+  %1583 = sub nsw i64 %1573, %kb.rc
+  %1584 = mul nsw i64 %1583, 16
+  %1585 = add nsw i64 %1584, %1582
+  %1586 = mul nsw i64 %1585, 16
+  %1587 = getelementptr inbounds float, ptr %part, i64 %1586
+  %1588 = getelementptr inbounds float, ptr %1587, i64 8
+  %1589 = load <8 x float>, ptr %acc001107, align 4
+  store <8 x float> %1589, ptr %1588, align 4
+  br label %part.end119
+
+part.end119:                                      ; preds = %part.then118, %k.end114
+  br i1 %klast, label %last.then120, label %last.end121
+
+last.then120:                                     ; preds = %part.end119
+  %1590 = add nsw i64 %r01, 0
+  %1591 = getelementptr inbounds float, ptr %rw, i64 %1590
+  %1592 = load float, ptr %1591, align 4
+  %1593 = insertelement <8 x float> poison, float %1592, i32 0
+  %1594 = shufflevector <8 x float> %1593, <8 x float> poison, <8 x i32> zeroinitializer
+  %1595 = mul nsw i64 %1590, 1024
+  %1596 = getelementptr inbounds float, ptr %h, i64 %1595
+  %col122 = mul nsw i64 %kb.p, 16
+  %1597 = load <8 x float>, ptr %acc000106, align 4
+  %1598 = load <8 x float>, ptr %acc001107, align 4
+  %1599 = add nsw i64 %col122, 0
+  %1600 = fcmp ogt <8 x float> %1597, zeroinitializer
+  %1601 = select <8 x i1> %1600, <8 x float> %1597, <8 x float> zeroinitializer
+  %1602 = fmul <8 x float> %1601, %1594
+  %1603 = getelementptr inbounds float, ptr %1596, i64 %1599
+  store <8 x float> %1602, ptr %1603, align 4
+  %1604 = add nsw i64 %col122, 8
+  %1605 = fcmp ogt <8 x float> %1598, zeroinitializer
+  %1606 = select <8 x i1> %1605, <8 x float> %1598, <8 x float> zeroinitializer
+  %1607 = fmul <8 x float> %1606, %1594
+  %1608 = getelementptr inbounds float, ptr %1596, i64 %1604
+  store <8 x float> %1607, ptr %1608, align 4
+  br label %last.end121
+
+last.end121:                                      ; preds = %last.then120, %part.end119
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end97, %k.end83, %k.end66, %k.end46, %k.end23, %k.end
-  %833 = add nsw i64 %rb, 1
+tile.done:                                        ; preds = %last.end121, %last.end103, %last.end82, %last.end58, %last.end31, %last.end
+  %1609 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %834 = add nsw i64 %p, 1
+  %1610 = add nsw i64 %kb.p, 1
+  br label %kb.p.head
+
+kb.p.end:                                         ; preds = %kb.p.head
+  %1611 = add nsw i64 %kb.k, 1
+  br label %kb.k.head
+
+kb.k.end:                                         ; preds = %kb.k.head
+  %1612 = add nsw i64 %kb.pg, 16
+  br label %kb.pg.head
+
+kb.pg.end:                                        ; preds = %kb.pg.head
+  %1613 = add nsw i64 %kb.rc, 96
+  br label %kb.rc.head
+
+kb.rc.end:                                        ; preds = %kb.rc.head
+  br label %call.end
+
+flat:                                             ; preds = %start
+  br label %p.head
+
+p.head:                                           ; preds = %rb.end126, %flat
+  %p = phi i64 [ %p0, %flat ], [ %2475, %rb.end126 ]
+  %1614 = icmp slt i64 %p, %p1
+  br i1 %1614, label %p.body, label %p.end
+
+p.body:                                           ; preds = %p.head
+  %1615 = add nsw i64 %n, 5
+  %nrb123 = sdiv i64 %1615, 6
+  br label %rb.head124
+
+rb.head124:                                       ; preds = %tile.done131, %p.body
+  %rb127 = phi i64 [ 0, %p.body ], [ %2474, %tile.done131 ]
+  %1616 = icmp slt i64 %rb127, %nrb123
+  br i1 %1616, label %rb.body125, label %rb.end126
+
+rb.body125:                                       ; preds = %rb.head124
+  %1617 = mul nsw i64 %rb127, %n
+  %r0128 = sdiv i64 %1617, %nrb123
+  %1618 = add nsw i64 %rb127, 1
+  %1619 = mul nsw i64 %1618, %n
+  %r1129 = sdiv i64 %1619, %nrb123
+  %mr130 = sub nsw i64 %r1129, %r0128
+  %1620 = icmp sge i64 %nrb123, 2
+  %1621 = select i1 %1620, i64 1, i64 0
+  %1622 = icmp sge i64 %nrb123, 4
+  %1623 = select i1 %1622, i64 2, i64 %1621
+  %1624 = icmp sge i64 %nrb123, 8
+  %1625 = select i1 %1624, i64 3, i64 %1623
+  %pf.multi138 = icmp sgt i64 %nrb123, 1
+  %1626 = shl i64 1, %1625
+  %1627 = icmp slt i64 %rb127, %1626
+  %pf.on139 = and i1 %pf.multi138, %1627
+  switch i64 %mr130, label %tile.mr6137 [
+    i64 1, label %tile.mr1132
+    i64 2, label %tile.mr2133
+    i64 3, label %tile.mr3134
+    i64 4, label %tile.mr4135
+    i64 5, label %tile.mr5136
+  ]
+
+tile.mr6137:                                      ; preds = %rb.body125
+  %1628 = add nsw i64 %r0128, 0
+  %1629 = getelementptr inbounds i32, ptr %rows, i64 %1628
+  %1630 = load i32, ptr %1629, align 4
+  %1631 = sext i32 %1630 to i64
+  %1632 = mul nsw i64 %1631, 512
+  %1633 = add nsw i64 %1632, 0
+  %1634 = getelementptr inbounds float, ptr %x, i64 %1633
+  store <8 x float> zeroinitializer, ptr %acc000140, align 4
+  store <8 x float> zeroinitializer, ptr %acc001141, align 4
+  %1635 = add nsw i64 %r0128, 1
+  %1636 = getelementptr inbounds i32, ptr %rows, i64 %1635
+  %1637 = load i32, ptr %1636, align 4
+  %1638 = sext i32 %1637 to i64
+  %1639 = mul nsw i64 %1638, 512
+  %1640 = add nsw i64 %1639, 0
+  %1641 = getelementptr inbounds float, ptr %x, i64 %1640
+  store <8 x float> zeroinitializer, ptr %acc010142, align 4
+  store <8 x float> zeroinitializer, ptr %acc011143, align 4
+  %1642 = add nsw i64 %r0128, 2
+  %1643 = getelementptr inbounds i32, ptr %rows, i64 %1642
+  %1644 = load i32, ptr %1643, align 4
+  %1645 = sext i32 %1644 to i64
+  %1646 = mul nsw i64 %1645, 512
+  %1647 = add nsw i64 %1646, 0
+  %1648 = getelementptr inbounds float, ptr %x, i64 %1647
+  store <8 x float> zeroinitializer, ptr %acc020144, align 4
+  store <8 x float> zeroinitializer, ptr %acc021145, align 4
+  %1649 = add nsw i64 %r0128, 3
+  %1650 = getelementptr inbounds i32, ptr %rows, i64 %1649
+  %1651 = load i32, ptr %1650, align 4
+  %1652 = sext i32 %1651 to i64
+  %1653 = mul nsw i64 %1652, 512
+  %1654 = add nsw i64 %1653, 0
+  %1655 = getelementptr inbounds float, ptr %x, i64 %1654
+  store <8 x float> zeroinitializer, ptr %acc030146, align 4
+  store <8 x float> zeroinitializer, ptr %acc031147, align 4
+  %1656 = add nsw i64 %r0128, 4
+  %1657 = getelementptr inbounds i32, ptr %rows, i64 %1656
+  %1658 = load i32, ptr %1657, align 4
+  %1659 = sext i32 %1658 to i64
+  %1660 = mul nsw i64 %1659, 512
+  %1661 = add nsw i64 %1660, 0
+  %1662 = getelementptr inbounds float, ptr %x, i64 %1661
+  store <8 x float> zeroinitializer, ptr %acc040148, align 4
+  store <8 x float> zeroinitializer, ptr %acc041149, align 4
+  %1663 = add nsw i64 %r0128, 5
+  %1664 = getelementptr inbounds i32, ptr %rows, i64 %1663
+  %1665 = load i32, ptr %1664, align 4
+  %1666 = sext i32 %1665 to i64
+  %1667 = mul nsw i64 %1666, 512
+  %1668 = add nsw i64 %1667, 0
+  %1669 = getelementptr inbounds float, ptr %x, i64 %1668
+  store <8 x float> zeroinitializer, ptr %acc050150, align 4
+  store <8 x float> zeroinitializer, ptr %acc051151, align 4
+  %1670 = mul nsw i64 %p, 8192
+  %panel.off152 = add nsw i64 %1670, 0
+  %1671 = getelementptr inbounds float, ptr %panels, i64 %panel.off152
+  %1672 = add nsw i64 %p, 1
+  %1673 = icmp slt i64 %1672, %p1
+  %pf.on153 = and i1 %pf.on139, %1673
+  %1674 = mul nsw i64 %rb127, 32768
+  %1675 = lshr i64 %1674, %1625
+  %1676 = add nsw i64 32768, %1675
+  %1677 = getelementptr inbounds i8, ptr %1671, i64 %1676
+  %pf154 = select i1 %pf.on153, ptr %1677, ptr %1671
+  %pf.sh155 = select i1 %pf.on153, i64 %1625, i64 0
+  br label %k.head156
+
+k.head156:                                        ; preds = %pf.any.end161, %tile.mr6137
+  %k159 = phi i64 [ 0, %tile.mr6137 ], [ %1739, %pf.any.end161 ]
+  %1678 = icmp slt i64 %k159, 512
+  br i1 %1678, label %k.body157, label %k.end158
+
+k.body157:                                        ; preds = %k.head156
+  %1679 = mul nsw i64 %k159, 1
+  %1680 = add nsw i64 %1679, 0
+  %1681 = mul nsw i64 %1680, 64
+  br i1 %pf.multi138, label %pf.any.then160, label %pf.any.end161
+
+pf.any.then160:                                   ; preds = %k.body157
+  %1682 = lshr i64 %1681, %pf.sh155
+  %1683 = getelementptr inbounds i8, ptr %pf154, i64 %1682
+  call void @llvm.prefetch.p0(ptr %1683, i32 0, i32 2, i32 1)
+  br label %pf.any.end161
+
+pf.any.end161:                                    ; preds = %pf.any.then160, %k.body157
+  %1684 = mul nsw i64 %1680, 16
+  %1685 = add nsw i64 %panel.off152, %1684
+  %1686 = getelementptr inbounds float, ptr %panels, i64 %1685
+  %1687 = load <8 x float>, ptr %1686, align 4
+  %1688 = add nsw i64 %1685, 8
+  %1689 = getelementptr inbounds float, ptr %panels, i64 %1688
+  %1690 = load <8 x float>, ptr %1689, align 4
+  %1691 = getelementptr inbounds float, ptr %1634, i64 %1680
+  %1692 = load float, ptr %1691, align 4
+  %1693 = insertelement <8 x float> poison, float %1692, i32 0
+  %1694 = shufflevector <8 x float> %1693, <8 x float> poison, <8 x i32> zeroinitializer
+  %1695 = load <8 x float>, ptr %acc000140, align 4
+  %1696 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1694, <8 x float> %1687, <8 x float> %1695)
+  store <8 x float> %1696, ptr %acc000140, align 4
+  %1697 = load <8 x float>, ptr %acc001141, align 4
+  %1698 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1694, <8 x float> %1690, <8 x float> %1697)
+  store <8 x float> %1698, ptr %acc001141, align 4
+  %1699 = getelementptr inbounds float, ptr %1641, i64 %1680
+  %1700 = load float, ptr %1699, align 4
+  %1701 = insertelement <8 x float> poison, float %1700, i32 0
+  %1702 = shufflevector <8 x float> %1701, <8 x float> poison, <8 x i32> zeroinitializer
+  %1703 = load <8 x float>, ptr %acc010142, align 4
+  %1704 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1702, <8 x float> %1687, <8 x float> %1703)
+  store <8 x float> %1704, ptr %acc010142, align 4
+  %1705 = load <8 x float>, ptr %acc011143, align 4
+  %1706 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1702, <8 x float> %1690, <8 x float> %1705)
+  store <8 x float> %1706, ptr %acc011143, align 4
+  %1707 = getelementptr inbounds float, ptr %1648, i64 %1680
+  %1708 = load float, ptr %1707, align 4
+  %1709 = insertelement <8 x float> poison, float %1708, i32 0
+  %1710 = shufflevector <8 x float> %1709, <8 x float> poison, <8 x i32> zeroinitializer
+  %1711 = load <8 x float>, ptr %acc020144, align 4
+  %1712 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1710, <8 x float> %1687, <8 x float> %1711)
+  store <8 x float> %1712, ptr %acc020144, align 4
+  %1713 = load <8 x float>, ptr %acc021145, align 4
+  %1714 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1710, <8 x float> %1690, <8 x float> %1713)
+  store <8 x float> %1714, ptr %acc021145, align 4
+  %1715 = getelementptr inbounds float, ptr %1655, i64 %1680
+  %1716 = load float, ptr %1715, align 4
+  %1717 = insertelement <8 x float> poison, float %1716, i32 0
+  %1718 = shufflevector <8 x float> %1717, <8 x float> poison, <8 x i32> zeroinitializer
+  %1719 = load <8 x float>, ptr %acc030146, align 4
+  %1720 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1718, <8 x float> %1687, <8 x float> %1719)
+  store <8 x float> %1720, ptr %acc030146, align 4
+  %1721 = load <8 x float>, ptr %acc031147, align 4
+  %1722 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1718, <8 x float> %1690, <8 x float> %1721)
+  store <8 x float> %1722, ptr %acc031147, align 4
+  %1723 = getelementptr inbounds float, ptr %1662, i64 %1680
+  %1724 = load float, ptr %1723, align 4
+  %1725 = insertelement <8 x float> poison, float %1724, i32 0
+  %1726 = shufflevector <8 x float> %1725, <8 x float> poison, <8 x i32> zeroinitializer
+  %1727 = load <8 x float>, ptr %acc040148, align 4
+  %1728 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1726, <8 x float> %1687, <8 x float> %1727)
+  store <8 x float> %1728, ptr %acc040148, align 4
+  %1729 = load <8 x float>, ptr %acc041149, align 4
+  %1730 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1726, <8 x float> %1690, <8 x float> %1729)
+  store <8 x float> %1730, ptr %acc041149, align 4
+  %1731 = getelementptr inbounds float, ptr %1669, i64 %1680
+  %1732 = load float, ptr %1731, align 4
+  %1733 = insertelement <8 x float> poison, float %1732, i32 0
+  %1734 = shufflevector <8 x float> %1733, <8 x float> poison, <8 x i32> zeroinitializer
+  %1735 = load <8 x float>, ptr %acc050150, align 4
+  %1736 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1734, <8 x float> %1687, <8 x float> %1735)
+  store <8 x float> %1736, ptr %acc050150, align 4
+  %1737 = load <8 x float>, ptr %acc051151, align 4
+  %1738 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1734, <8 x float> %1690, <8 x float> %1737)
+  store <8 x float> %1738, ptr %acc051151, align 4
+  %1739 = add nsw i64 %k159, 1
+  br label %k.head156
+
+k.end158:                                         ; preds = %k.head156
+  %1740 = add nsw i64 %r0128, 0
+  %1741 = getelementptr inbounds float, ptr %rw, i64 %1740
+  %1742 = load float, ptr %1741, align 4
+  %1743 = insertelement <8 x float> poison, float %1742, i32 0
+  %1744 = shufflevector <8 x float> %1743, <8 x float> poison, <8 x i32> zeroinitializer
+  %1745 = mul nsw i64 %1740, 1024
+  %1746 = getelementptr inbounds float, ptr %h, i64 %1745
+  %col162 = mul nsw i64 %p, 16
+  %1747 = load <8 x float>, ptr %acc000140, align 4
+  %1748 = load <8 x float>, ptr %acc001141, align 4
+  %1749 = add nsw i64 %col162, 0
+  %1750 = fcmp ogt <8 x float> %1747, zeroinitializer
+  %1751 = select <8 x i1> %1750, <8 x float> %1747, <8 x float> zeroinitializer
+  %1752 = fmul <8 x float> %1751, %1744
+  %1753 = getelementptr inbounds float, ptr %1746, i64 %1749
+  store <8 x float> %1752, ptr %1753, align 4
+  %1754 = add nsw i64 %col162, 8
+  %1755 = fcmp ogt <8 x float> %1748, zeroinitializer
+  %1756 = select <8 x i1> %1755, <8 x float> %1748, <8 x float> zeroinitializer
+  %1757 = fmul <8 x float> %1756, %1744
+  %1758 = getelementptr inbounds float, ptr %1746, i64 %1754
+  store <8 x float> %1757, ptr %1758, align 4
+  %1759 = add nsw i64 %r0128, 1
+  %1760 = getelementptr inbounds float, ptr %rw, i64 %1759
+  %1761 = load float, ptr %1760, align 4
+  %1762 = insertelement <8 x float> poison, float %1761, i32 0
+  %1763 = shufflevector <8 x float> %1762, <8 x float> poison, <8 x i32> zeroinitializer
+  %1764 = mul nsw i64 %1759, 1024
+  %1765 = getelementptr inbounds float, ptr %h, i64 %1764
+  %col163 = mul nsw i64 %p, 16
+  %1766 = load <8 x float>, ptr %acc010142, align 4
+  %1767 = load <8 x float>, ptr %acc011143, align 4
+  %1768 = add nsw i64 %col163, 0
+  %1769 = fcmp ogt <8 x float> %1766, zeroinitializer
+  %1770 = select <8 x i1> %1769, <8 x float> %1766, <8 x float> zeroinitializer
+  %1771 = fmul <8 x float> %1770, %1763
+  %1772 = getelementptr inbounds float, ptr %1765, i64 %1768
+  store <8 x float> %1771, ptr %1772, align 4
+  %1773 = add nsw i64 %col163, 8
+  %1774 = fcmp ogt <8 x float> %1767, zeroinitializer
+  %1775 = select <8 x i1> %1774, <8 x float> %1767, <8 x float> zeroinitializer
+  %1776 = fmul <8 x float> %1775, %1763
+  %1777 = getelementptr inbounds float, ptr %1765, i64 %1773
+  store <8 x float> %1776, ptr %1777, align 4
+  %1778 = add nsw i64 %r0128, 2
+  %1779 = getelementptr inbounds float, ptr %rw, i64 %1778
+  %1780 = load float, ptr %1779, align 4
+  %1781 = insertelement <8 x float> poison, float %1780, i32 0
+  %1782 = shufflevector <8 x float> %1781, <8 x float> poison, <8 x i32> zeroinitializer
+  %1783 = mul nsw i64 %1778, 1024
+  %1784 = getelementptr inbounds float, ptr %h, i64 %1783
+  %col164 = mul nsw i64 %p, 16
+  %1785 = load <8 x float>, ptr %acc020144, align 4
+  %1786 = load <8 x float>, ptr %acc021145, align 4
+  %1787 = add nsw i64 %col164, 0
+  %1788 = fcmp ogt <8 x float> %1785, zeroinitializer
+  %1789 = select <8 x i1> %1788, <8 x float> %1785, <8 x float> zeroinitializer
+  %1790 = fmul <8 x float> %1789, %1782
+  %1791 = getelementptr inbounds float, ptr %1784, i64 %1787
+  store <8 x float> %1790, ptr %1791, align 4
+  %1792 = add nsw i64 %col164, 8
+  %1793 = fcmp ogt <8 x float> %1786, zeroinitializer
+  %1794 = select <8 x i1> %1793, <8 x float> %1786, <8 x float> zeroinitializer
+  %1795 = fmul <8 x float> %1794, %1782
+  %1796 = getelementptr inbounds float, ptr %1784, i64 %1792
+  store <8 x float> %1795, ptr %1796, align 4
+  %1797 = add nsw i64 %r0128, 3
+  %1798 = getelementptr inbounds float, ptr %rw, i64 %1797
+  %1799 = load float, ptr %1798, align 4
+  %1800 = insertelement <8 x float> poison, float %1799, i32 0
+  %1801 = shufflevector <8 x float> %1800, <8 x float> poison, <8 x i32> zeroinitializer
+  %1802 = mul nsw i64 %1797, 1024
+  %1803 = getelementptr inbounds float, ptr %h, i64 %1802
+  %col165 = mul nsw i64 %p, 16
+  %1804 = load <8 x float>, ptr %acc030146, align 4
+  %1805 = load <8 x float>, ptr %acc031147, align 4
+  %1806 = add nsw i64 %col165, 0
+  %1807 = fcmp ogt <8 x float> %1804, zeroinitializer
+  %1808 = select <8 x i1> %1807, <8 x float> %1804, <8 x float> zeroinitializer
+  %1809 = fmul <8 x float> %1808, %1801
+  %1810 = getelementptr inbounds float, ptr %1803, i64 %1806
+  store <8 x float> %1809, ptr %1810, align 4
+  %1811 = add nsw i64 %col165, 8
+  %1812 = fcmp ogt <8 x float> %1805, zeroinitializer
+  %1813 = select <8 x i1> %1812, <8 x float> %1805, <8 x float> zeroinitializer
+  %1814 = fmul <8 x float> %1813, %1801
+  %1815 = getelementptr inbounds float, ptr %1803, i64 %1811
+  store <8 x float> %1814, ptr %1815, align 4
+  %1816 = add nsw i64 %r0128, 4
+  %1817 = getelementptr inbounds float, ptr %rw, i64 %1816
+  %1818 = load float, ptr %1817, align 4
+  %1819 = insertelement <8 x float> poison, float %1818, i32 0
+  %1820 = shufflevector <8 x float> %1819, <8 x float> poison, <8 x i32> zeroinitializer
+  %1821 = mul nsw i64 %1816, 1024
+  %1822 = getelementptr inbounds float, ptr %h, i64 %1821
+  %col166 = mul nsw i64 %p, 16
+  %1823 = load <8 x float>, ptr %acc040148, align 4
+  %1824 = load <8 x float>, ptr %acc041149, align 4
+  %1825 = add nsw i64 %col166, 0
+  %1826 = fcmp ogt <8 x float> %1823, zeroinitializer
+  %1827 = select <8 x i1> %1826, <8 x float> %1823, <8 x float> zeroinitializer
+  %1828 = fmul <8 x float> %1827, %1820
+  %1829 = getelementptr inbounds float, ptr %1822, i64 %1825
+  store <8 x float> %1828, ptr %1829, align 4
+  %1830 = add nsw i64 %col166, 8
+  %1831 = fcmp ogt <8 x float> %1824, zeroinitializer
+  %1832 = select <8 x i1> %1831, <8 x float> %1824, <8 x float> zeroinitializer
+  %1833 = fmul <8 x float> %1832, %1820
+  %1834 = getelementptr inbounds float, ptr %1822, i64 %1830
+  store <8 x float> %1833, ptr %1834, align 4
+  %1835 = add nsw i64 %r0128, 5
+  %1836 = getelementptr inbounds float, ptr %rw, i64 %1835
+  %1837 = load float, ptr %1836, align 4
+  %1838 = insertelement <8 x float> poison, float %1837, i32 0
+  %1839 = shufflevector <8 x float> %1838, <8 x float> poison, <8 x i32> zeroinitializer
+  %1840 = mul nsw i64 %1835, 1024
+  %1841 = getelementptr inbounds float, ptr %h, i64 %1840
+  %col167 = mul nsw i64 %p, 16
+  %1842 = load <8 x float>, ptr %acc050150, align 4
+  %1843 = load <8 x float>, ptr %acc051151, align 4
+  %1844 = add nsw i64 %col167, 0
+  %1845 = fcmp ogt <8 x float> %1842, zeroinitializer
+  %1846 = select <8 x i1> %1845, <8 x float> %1842, <8 x float> zeroinitializer
+  %1847 = fmul <8 x float> %1846, %1839
+  %1848 = getelementptr inbounds float, ptr %1841, i64 %1844
+  store <8 x float> %1847, ptr %1848, align 4
+  %1849 = add nsw i64 %col167, 8
+  %1850 = fcmp ogt <8 x float> %1843, zeroinitializer
+  %1851 = select <8 x i1> %1850, <8 x float> %1843, <8 x float> zeroinitializer
+  %1852 = fmul <8 x float> %1851, %1839
+  %1853 = getelementptr inbounds float, ptr %1841, i64 %1849
+  store <8 x float> %1852, ptr %1853, align 4
+  br label %tile.done131
+
+tile.mr5136:                                      ; preds = %rb.body125
+  %1854 = add nsw i64 %r0128, 0
+  %1855 = getelementptr inbounds i32, ptr %rows, i64 %1854
+  %1856 = load i32, ptr %1855, align 4
+  %1857 = sext i32 %1856 to i64
+  %1858 = mul nsw i64 %1857, 512
+  %1859 = add nsw i64 %1858, 0
+  %1860 = getelementptr inbounds float, ptr %x, i64 %1859
+  store <8 x float> zeroinitializer, ptr %acc000168, align 4
+  store <8 x float> zeroinitializer, ptr %acc001169, align 4
+  %1861 = add nsw i64 %r0128, 1
+  %1862 = getelementptr inbounds i32, ptr %rows, i64 %1861
+  %1863 = load i32, ptr %1862, align 4
+  %1864 = sext i32 %1863 to i64
+  %1865 = mul nsw i64 %1864, 512
+  %1866 = add nsw i64 %1865, 0
+  %1867 = getelementptr inbounds float, ptr %x, i64 %1866
+  store <8 x float> zeroinitializer, ptr %acc010170, align 4
+  store <8 x float> zeroinitializer, ptr %acc011171, align 4
+  %1868 = add nsw i64 %r0128, 2
+  %1869 = getelementptr inbounds i32, ptr %rows, i64 %1868
+  %1870 = load i32, ptr %1869, align 4
+  %1871 = sext i32 %1870 to i64
+  %1872 = mul nsw i64 %1871, 512
+  %1873 = add nsw i64 %1872, 0
+  %1874 = getelementptr inbounds float, ptr %x, i64 %1873
+  store <8 x float> zeroinitializer, ptr %acc020172, align 4
+  store <8 x float> zeroinitializer, ptr %acc021173, align 4
+  %1875 = add nsw i64 %r0128, 3
+  %1876 = getelementptr inbounds i32, ptr %rows, i64 %1875
+  %1877 = load i32, ptr %1876, align 4
+  %1878 = sext i32 %1877 to i64
+  %1879 = mul nsw i64 %1878, 512
+  %1880 = add nsw i64 %1879, 0
+  %1881 = getelementptr inbounds float, ptr %x, i64 %1880
+  store <8 x float> zeroinitializer, ptr %acc030174, align 4
+  store <8 x float> zeroinitializer, ptr %acc031175, align 4
+  %1882 = add nsw i64 %r0128, 4
+  %1883 = getelementptr inbounds i32, ptr %rows, i64 %1882
+  %1884 = load i32, ptr %1883, align 4
+  %1885 = sext i32 %1884 to i64
+  %1886 = mul nsw i64 %1885, 512
+  %1887 = add nsw i64 %1886, 0
+  %1888 = getelementptr inbounds float, ptr %x, i64 %1887
+  store <8 x float> zeroinitializer, ptr %acc040176, align 4
+  store <8 x float> zeroinitializer, ptr %acc041177, align 4
+  %1889 = mul nsw i64 %p, 8192
+  %panel.off178 = add nsw i64 %1889, 0
+  %1890 = getelementptr inbounds float, ptr %panels, i64 %panel.off178
+  %1891 = add nsw i64 %p, 1
+  %1892 = icmp slt i64 %1891, %p1
+  %pf.on179 = and i1 %pf.on139, %1892
+  %1893 = mul nsw i64 %rb127, 32768
+  %1894 = lshr i64 %1893, %1625
+  %1895 = add nsw i64 32768, %1894
+  %1896 = getelementptr inbounds i8, ptr %1890, i64 %1895
+  %pf180 = select i1 %pf.on179, ptr %1896, ptr %1890
+  %pf.sh181 = select i1 %pf.on179, i64 %1625, i64 0
+  br label %k.head182
+
+k.head182:                                        ; preds = %pf.any.end187, %tile.mr5136
+  %k185 = phi i64 [ 0, %tile.mr5136 ], [ %1950, %pf.any.end187 ]
+  %1897 = icmp slt i64 %k185, 512
+  br i1 %1897, label %k.body183, label %k.end184
+
+k.body183:                                        ; preds = %k.head182
+  %1898 = mul nsw i64 %k185, 1
+  %1899 = add nsw i64 %1898, 0
+  %1900 = mul nsw i64 %1899, 64
+  br i1 %pf.multi138, label %pf.any.then186, label %pf.any.end187
+
+pf.any.then186:                                   ; preds = %k.body183
+  %1901 = lshr i64 %1900, %pf.sh181
+  %1902 = getelementptr inbounds i8, ptr %pf180, i64 %1901
+  call void @llvm.prefetch.p0(ptr %1902, i32 0, i32 2, i32 1)
+  br label %pf.any.end187
+
+pf.any.end187:                                    ; preds = %pf.any.then186, %k.body183
+  %1903 = mul nsw i64 %1899, 16
+  %1904 = add nsw i64 %panel.off178, %1903
+  %1905 = getelementptr inbounds float, ptr %panels, i64 %1904
+  %1906 = load <8 x float>, ptr %1905, align 4
+  %1907 = add nsw i64 %1904, 8
+  %1908 = getelementptr inbounds float, ptr %panels, i64 %1907
+  %1909 = load <8 x float>, ptr %1908, align 4
+  %1910 = getelementptr inbounds float, ptr %1860, i64 %1899
+  %1911 = load float, ptr %1910, align 4
+  %1912 = insertelement <8 x float> poison, float %1911, i32 0
+  %1913 = shufflevector <8 x float> %1912, <8 x float> poison, <8 x i32> zeroinitializer
+  %1914 = load <8 x float>, ptr %acc000168, align 4
+  %1915 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1913, <8 x float> %1906, <8 x float> %1914)
+  store <8 x float> %1915, ptr %acc000168, align 4
+  %1916 = load <8 x float>, ptr %acc001169, align 4
+  %1917 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1913, <8 x float> %1909, <8 x float> %1916)
+  store <8 x float> %1917, ptr %acc001169, align 4
+  %1918 = getelementptr inbounds float, ptr %1867, i64 %1899
+  %1919 = load float, ptr %1918, align 4
+  %1920 = insertelement <8 x float> poison, float %1919, i32 0
+  %1921 = shufflevector <8 x float> %1920, <8 x float> poison, <8 x i32> zeroinitializer
+  %1922 = load <8 x float>, ptr %acc010170, align 4
+  %1923 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1921, <8 x float> %1906, <8 x float> %1922)
+  store <8 x float> %1923, ptr %acc010170, align 4
+  %1924 = load <8 x float>, ptr %acc011171, align 4
+  %1925 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1921, <8 x float> %1909, <8 x float> %1924)
+  store <8 x float> %1925, ptr %acc011171, align 4
+  %1926 = getelementptr inbounds float, ptr %1874, i64 %1899
+  %1927 = load float, ptr %1926, align 4
+  %1928 = insertelement <8 x float> poison, float %1927, i32 0
+  %1929 = shufflevector <8 x float> %1928, <8 x float> poison, <8 x i32> zeroinitializer
+  %1930 = load <8 x float>, ptr %acc020172, align 4
+  %1931 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1929, <8 x float> %1906, <8 x float> %1930)
+  store <8 x float> %1931, ptr %acc020172, align 4
+  %1932 = load <8 x float>, ptr %acc021173, align 4
+  %1933 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1929, <8 x float> %1909, <8 x float> %1932)
+  store <8 x float> %1933, ptr %acc021173, align 4
+  %1934 = getelementptr inbounds float, ptr %1881, i64 %1899
+  %1935 = load float, ptr %1934, align 4
+  %1936 = insertelement <8 x float> poison, float %1935, i32 0
+  %1937 = shufflevector <8 x float> %1936, <8 x float> poison, <8 x i32> zeroinitializer
+  %1938 = load <8 x float>, ptr %acc030174, align 4
+  %1939 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1937, <8 x float> %1906, <8 x float> %1938)
+  store <8 x float> %1939, ptr %acc030174, align 4
+  %1940 = load <8 x float>, ptr %acc031175, align 4
+  %1941 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1937, <8 x float> %1909, <8 x float> %1940)
+  store <8 x float> %1941, ptr %acc031175, align 4
+  %1942 = getelementptr inbounds float, ptr %1888, i64 %1899
+  %1943 = load float, ptr %1942, align 4
+  %1944 = insertelement <8 x float> poison, float %1943, i32 0
+  %1945 = shufflevector <8 x float> %1944, <8 x float> poison, <8 x i32> zeroinitializer
+  %1946 = load <8 x float>, ptr %acc040176, align 4
+  %1947 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1945, <8 x float> %1906, <8 x float> %1946)
+  store <8 x float> %1947, ptr %acc040176, align 4
+  %1948 = load <8 x float>, ptr %acc041177, align 4
+  %1949 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1945, <8 x float> %1909, <8 x float> %1948)
+  store <8 x float> %1949, ptr %acc041177, align 4
+  %1950 = add nsw i64 %k185, 1
+  br label %k.head182
+
+k.end184:                                         ; preds = %k.head182
+  %1951 = add nsw i64 %r0128, 0
+  %1952 = getelementptr inbounds float, ptr %rw, i64 %1951
+  %1953 = load float, ptr %1952, align 4
+  %1954 = insertelement <8 x float> poison, float %1953, i32 0
+  %1955 = shufflevector <8 x float> %1954, <8 x float> poison, <8 x i32> zeroinitializer
+  %1956 = mul nsw i64 %1951, 1024
+  %1957 = getelementptr inbounds float, ptr %h, i64 %1956
+  %col188 = mul nsw i64 %p, 16
+  %1958 = load <8 x float>, ptr %acc000168, align 4
+  %1959 = load <8 x float>, ptr %acc001169, align 4
+  %1960 = add nsw i64 %col188, 0
+  %1961 = fcmp ogt <8 x float> %1958, zeroinitializer
+  %1962 = select <8 x i1> %1961, <8 x float> %1958, <8 x float> zeroinitializer
+  %1963 = fmul <8 x float> %1962, %1955
+  %1964 = getelementptr inbounds float, ptr %1957, i64 %1960
+  store <8 x float> %1963, ptr %1964, align 4
+  %1965 = add nsw i64 %col188, 8
+  %1966 = fcmp ogt <8 x float> %1959, zeroinitializer
+  %1967 = select <8 x i1> %1966, <8 x float> %1959, <8 x float> zeroinitializer
+  %1968 = fmul <8 x float> %1967, %1955
+  %1969 = getelementptr inbounds float, ptr %1957, i64 %1965
+  store <8 x float> %1968, ptr %1969, align 4
+  %1970 = add nsw i64 %r0128, 1
+  %1971 = getelementptr inbounds float, ptr %rw, i64 %1970
+  %1972 = load float, ptr %1971, align 4
+  %1973 = insertelement <8 x float> poison, float %1972, i32 0
+  %1974 = shufflevector <8 x float> %1973, <8 x float> poison, <8 x i32> zeroinitializer
+  %1975 = mul nsw i64 %1970, 1024
+  %1976 = getelementptr inbounds float, ptr %h, i64 %1975
+  %col189 = mul nsw i64 %p, 16
+  %1977 = load <8 x float>, ptr %acc010170, align 4
+  %1978 = load <8 x float>, ptr %acc011171, align 4
+  %1979 = add nsw i64 %col189, 0
+  %1980 = fcmp ogt <8 x float> %1977, zeroinitializer
+  %1981 = select <8 x i1> %1980, <8 x float> %1977, <8 x float> zeroinitializer
+  %1982 = fmul <8 x float> %1981, %1974
+  %1983 = getelementptr inbounds float, ptr %1976, i64 %1979
+  store <8 x float> %1982, ptr %1983, align 4
+  %1984 = add nsw i64 %col189, 8
+  %1985 = fcmp ogt <8 x float> %1978, zeroinitializer
+  %1986 = select <8 x i1> %1985, <8 x float> %1978, <8 x float> zeroinitializer
+  %1987 = fmul <8 x float> %1986, %1974
+  %1988 = getelementptr inbounds float, ptr %1976, i64 %1984
+  store <8 x float> %1987, ptr %1988, align 4
+  %1989 = add nsw i64 %r0128, 2
+  %1990 = getelementptr inbounds float, ptr %rw, i64 %1989
+  %1991 = load float, ptr %1990, align 4
+  %1992 = insertelement <8 x float> poison, float %1991, i32 0
+  %1993 = shufflevector <8 x float> %1992, <8 x float> poison, <8 x i32> zeroinitializer
+  %1994 = mul nsw i64 %1989, 1024
+  %1995 = getelementptr inbounds float, ptr %h, i64 %1994
+  %col190 = mul nsw i64 %p, 16
+  %1996 = load <8 x float>, ptr %acc020172, align 4
+  %1997 = load <8 x float>, ptr %acc021173, align 4
+  %1998 = add nsw i64 %col190, 0
+  %1999 = fcmp ogt <8 x float> %1996, zeroinitializer
+  %2000 = select <8 x i1> %1999, <8 x float> %1996, <8 x float> zeroinitializer
+  %2001 = fmul <8 x float> %2000, %1993
+  %2002 = getelementptr inbounds float, ptr %1995, i64 %1998
+  store <8 x float> %2001, ptr %2002, align 4
+  %2003 = add nsw i64 %col190, 8
+  %2004 = fcmp ogt <8 x float> %1997, zeroinitializer
+  %2005 = select <8 x i1> %2004, <8 x float> %1997, <8 x float> zeroinitializer
+  %2006 = fmul <8 x float> %2005, %1993
+  %2007 = getelementptr inbounds float, ptr %1995, i64 %2003
+  store <8 x float> %2006, ptr %2007, align 4
+  %2008 = add nsw i64 %r0128, 3
+  %2009 = getelementptr inbounds float, ptr %rw, i64 %2008
+  %2010 = load float, ptr %2009, align 4
+  %2011 = insertelement <8 x float> poison, float %2010, i32 0
+  %2012 = shufflevector <8 x float> %2011, <8 x float> poison, <8 x i32> zeroinitializer
+  %2013 = mul nsw i64 %2008, 1024
+  %2014 = getelementptr inbounds float, ptr %h, i64 %2013
+  %col191 = mul nsw i64 %p, 16
+  %2015 = load <8 x float>, ptr %acc030174, align 4
+  %2016 = load <8 x float>, ptr %acc031175, align 4
+  %2017 = add nsw i64 %col191, 0
+  %2018 = fcmp ogt <8 x float> %2015, zeroinitializer
+  %2019 = select <8 x i1> %2018, <8 x float> %2015, <8 x float> zeroinitializer
+  %2020 = fmul <8 x float> %2019, %2012
+  %2021 = getelementptr inbounds float, ptr %2014, i64 %2017
+  store <8 x float> %2020, ptr %2021, align 4
+  %2022 = add nsw i64 %col191, 8
+  %2023 = fcmp ogt <8 x float> %2016, zeroinitializer
+  %2024 = select <8 x i1> %2023, <8 x float> %2016, <8 x float> zeroinitializer
+  %2025 = fmul <8 x float> %2024, %2012
+  %2026 = getelementptr inbounds float, ptr %2014, i64 %2022
+  store <8 x float> %2025, ptr %2026, align 4
+  %2027 = add nsw i64 %r0128, 4
+  %2028 = getelementptr inbounds float, ptr %rw, i64 %2027
+  %2029 = load float, ptr %2028, align 4
+  %2030 = insertelement <8 x float> poison, float %2029, i32 0
+  %2031 = shufflevector <8 x float> %2030, <8 x float> poison, <8 x i32> zeroinitializer
+  %2032 = mul nsw i64 %2027, 1024
+  %2033 = getelementptr inbounds float, ptr %h, i64 %2032
+  %col192 = mul nsw i64 %p, 16
+  %2034 = load <8 x float>, ptr %acc040176, align 4
+  %2035 = load <8 x float>, ptr %acc041177, align 4
+  %2036 = add nsw i64 %col192, 0
+  %2037 = fcmp ogt <8 x float> %2034, zeroinitializer
+  %2038 = select <8 x i1> %2037, <8 x float> %2034, <8 x float> zeroinitializer
+  %2039 = fmul <8 x float> %2038, %2031
+  %2040 = getelementptr inbounds float, ptr %2033, i64 %2036
+  store <8 x float> %2039, ptr %2040, align 4
+  %2041 = add nsw i64 %col192, 8
+  %2042 = fcmp ogt <8 x float> %2035, zeroinitializer
+  %2043 = select <8 x i1> %2042, <8 x float> %2035, <8 x float> zeroinitializer
+  %2044 = fmul <8 x float> %2043, %2031
+  %2045 = getelementptr inbounds float, ptr %2033, i64 %2041
+  store <8 x float> %2044, ptr %2045, align 4
+  br label %tile.done131
+
+tile.mr4135:                                      ; preds = %rb.body125
+  %2046 = add nsw i64 %r0128, 0
+  %2047 = getelementptr inbounds i32, ptr %rows, i64 %2046
+  %2048 = load i32, ptr %2047, align 4
+  %2049 = sext i32 %2048 to i64
+  %2050 = mul nsw i64 %2049, 512
+  %2051 = add nsw i64 %2050, 0
+  %2052 = getelementptr inbounds float, ptr %x, i64 %2051
+  store <8 x float> zeroinitializer, ptr %acc000193, align 4
+  store <8 x float> zeroinitializer, ptr %acc001194, align 4
+  %2053 = add nsw i64 %r0128, 1
+  %2054 = getelementptr inbounds i32, ptr %rows, i64 %2053
+  %2055 = load i32, ptr %2054, align 4
+  %2056 = sext i32 %2055 to i64
+  %2057 = mul nsw i64 %2056, 512
+  %2058 = add nsw i64 %2057, 0
+  %2059 = getelementptr inbounds float, ptr %x, i64 %2058
+  store <8 x float> zeroinitializer, ptr %acc010195, align 4
+  store <8 x float> zeroinitializer, ptr %acc011196, align 4
+  %2060 = add nsw i64 %r0128, 2
+  %2061 = getelementptr inbounds i32, ptr %rows, i64 %2060
+  %2062 = load i32, ptr %2061, align 4
+  %2063 = sext i32 %2062 to i64
+  %2064 = mul nsw i64 %2063, 512
+  %2065 = add nsw i64 %2064, 0
+  %2066 = getelementptr inbounds float, ptr %x, i64 %2065
+  store <8 x float> zeroinitializer, ptr %acc020197, align 4
+  store <8 x float> zeroinitializer, ptr %acc021198, align 4
+  %2067 = add nsw i64 %r0128, 3
+  %2068 = getelementptr inbounds i32, ptr %rows, i64 %2067
+  %2069 = load i32, ptr %2068, align 4
+  %2070 = sext i32 %2069 to i64
+  %2071 = mul nsw i64 %2070, 512
+  %2072 = add nsw i64 %2071, 0
+  %2073 = getelementptr inbounds float, ptr %x, i64 %2072
+  store <8 x float> zeroinitializer, ptr %acc030199, align 4
+  store <8 x float> zeroinitializer, ptr %acc031200, align 4
+  %2074 = mul nsw i64 %p, 8192
+  %panel.off201 = add nsw i64 %2074, 0
+  %2075 = getelementptr inbounds float, ptr %panels, i64 %panel.off201
+  %2076 = add nsw i64 %p, 1
+  %2077 = icmp slt i64 %2076, %p1
+  %pf.on202 = and i1 %pf.on139, %2077
+  %2078 = mul nsw i64 %rb127, 32768
+  %2079 = lshr i64 %2078, %1625
+  %2080 = add nsw i64 32768, %2079
+  %2081 = getelementptr inbounds i8, ptr %2075, i64 %2080
+  %pf203 = select i1 %pf.on202, ptr %2081, ptr %2075
+  %pf.sh204 = select i1 %pf.on202, i64 %1625, i64 0
+  br label %k.head205
+
+k.head205:                                        ; preds = %pf.any.end210, %tile.mr4135
+  %k208 = phi i64 [ 0, %tile.mr4135 ], [ %2127, %pf.any.end210 ]
+  %2082 = icmp slt i64 %k208, 512
+  br i1 %2082, label %k.body206, label %k.end207
+
+k.body206:                                        ; preds = %k.head205
+  %2083 = mul nsw i64 %k208, 1
+  %2084 = add nsw i64 %2083, 0
+  %2085 = mul nsw i64 %2084, 64
+  br i1 %pf.multi138, label %pf.any.then209, label %pf.any.end210
+
+pf.any.then209:                                   ; preds = %k.body206
+  %2086 = lshr i64 %2085, %pf.sh204
+  %2087 = getelementptr inbounds i8, ptr %pf203, i64 %2086
+  call void @llvm.prefetch.p0(ptr %2087, i32 0, i32 2, i32 1)
+  br label %pf.any.end210
+
+pf.any.end210:                                    ; preds = %pf.any.then209, %k.body206
+  %2088 = mul nsw i64 %2084, 16
+  %2089 = add nsw i64 %panel.off201, %2088
+  %2090 = getelementptr inbounds float, ptr %panels, i64 %2089
+  %2091 = load <8 x float>, ptr %2090, align 4
+  %2092 = add nsw i64 %2089, 8
+  %2093 = getelementptr inbounds float, ptr %panels, i64 %2092
+  %2094 = load <8 x float>, ptr %2093, align 4
+  %2095 = getelementptr inbounds float, ptr %2052, i64 %2084
+  %2096 = load float, ptr %2095, align 4
+  %2097 = insertelement <8 x float> poison, float %2096, i32 0
+  %2098 = shufflevector <8 x float> %2097, <8 x float> poison, <8 x i32> zeroinitializer
+  %2099 = load <8 x float>, ptr %acc000193, align 4
+  %2100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2098, <8 x float> %2091, <8 x float> %2099)
+  store <8 x float> %2100, ptr %acc000193, align 4
+  %2101 = load <8 x float>, ptr %acc001194, align 4
+  %2102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2098, <8 x float> %2094, <8 x float> %2101)
+  store <8 x float> %2102, ptr %acc001194, align 4
+  %2103 = getelementptr inbounds float, ptr %2059, i64 %2084
+  %2104 = load float, ptr %2103, align 4
+  %2105 = insertelement <8 x float> poison, float %2104, i32 0
+  %2106 = shufflevector <8 x float> %2105, <8 x float> poison, <8 x i32> zeroinitializer
+  %2107 = load <8 x float>, ptr %acc010195, align 4
+  %2108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2106, <8 x float> %2091, <8 x float> %2107)
+  store <8 x float> %2108, ptr %acc010195, align 4
+  %2109 = load <8 x float>, ptr %acc011196, align 4
+  %2110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2106, <8 x float> %2094, <8 x float> %2109)
+  store <8 x float> %2110, ptr %acc011196, align 4
+  %2111 = getelementptr inbounds float, ptr %2066, i64 %2084
+  %2112 = load float, ptr %2111, align 4
+  %2113 = insertelement <8 x float> poison, float %2112, i32 0
+  %2114 = shufflevector <8 x float> %2113, <8 x float> poison, <8 x i32> zeroinitializer
+  %2115 = load <8 x float>, ptr %acc020197, align 4
+  %2116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2114, <8 x float> %2091, <8 x float> %2115)
+  store <8 x float> %2116, ptr %acc020197, align 4
+  %2117 = load <8 x float>, ptr %acc021198, align 4
+  %2118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2114, <8 x float> %2094, <8 x float> %2117)
+  store <8 x float> %2118, ptr %acc021198, align 4
+  %2119 = getelementptr inbounds float, ptr %2073, i64 %2084
+  %2120 = load float, ptr %2119, align 4
+  %2121 = insertelement <8 x float> poison, float %2120, i32 0
+  %2122 = shufflevector <8 x float> %2121, <8 x float> poison, <8 x i32> zeroinitializer
+  %2123 = load <8 x float>, ptr %acc030199, align 4
+  %2124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2122, <8 x float> %2091, <8 x float> %2123)
+  store <8 x float> %2124, ptr %acc030199, align 4
+  %2125 = load <8 x float>, ptr %acc031200, align 4
+  %2126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2122, <8 x float> %2094, <8 x float> %2125)
+  store <8 x float> %2126, ptr %acc031200, align 4
+  %2127 = add nsw i64 %k208, 1
+  br label %k.head205
+
+k.end207:                                         ; preds = %k.head205
+  %2128 = add nsw i64 %r0128, 0
+  %2129 = getelementptr inbounds float, ptr %rw, i64 %2128
+  %2130 = load float, ptr %2129, align 4
+  %2131 = insertelement <8 x float> poison, float %2130, i32 0
+  %2132 = shufflevector <8 x float> %2131, <8 x float> poison, <8 x i32> zeroinitializer
+  %2133 = mul nsw i64 %2128, 1024
+  %2134 = getelementptr inbounds float, ptr %h, i64 %2133
+  %col211 = mul nsw i64 %p, 16
+  %2135 = load <8 x float>, ptr %acc000193, align 4
+  %2136 = load <8 x float>, ptr %acc001194, align 4
+  %2137 = add nsw i64 %col211, 0
+  %2138 = fcmp ogt <8 x float> %2135, zeroinitializer
+  %2139 = select <8 x i1> %2138, <8 x float> %2135, <8 x float> zeroinitializer
+  %2140 = fmul <8 x float> %2139, %2132
+  %2141 = getelementptr inbounds float, ptr %2134, i64 %2137
+  store <8 x float> %2140, ptr %2141, align 4
+  %2142 = add nsw i64 %col211, 8
+  %2143 = fcmp ogt <8 x float> %2136, zeroinitializer
+  %2144 = select <8 x i1> %2143, <8 x float> %2136, <8 x float> zeroinitializer
+  %2145 = fmul <8 x float> %2144, %2132
+  %2146 = getelementptr inbounds float, ptr %2134, i64 %2142
+  store <8 x float> %2145, ptr %2146, align 4
+  %2147 = add nsw i64 %r0128, 1
+  %2148 = getelementptr inbounds float, ptr %rw, i64 %2147
+  %2149 = load float, ptr %2148, align 4
+  %2150 = insertelement <8 x float> poison, float %2149, i32 0
+  %2151 = shufflevector <8 x float> %2150, <8 x float> poison, <8 x i32> zeroinitializer
+  %2152 = mul nsw i64 %2147, 1024
+  %2153 = getelementptr inbounds float, ptr %h, i64 %2152
+  %col212 = mul nsw i64 %p, 16
+  %2154 = load <8 x float>, ptr %acc010195, align 4
+  %2155 = load <8 x float>, ptr %acc011196, align 4
+  %2156 = add nsw i64 %col212, 0
+  %2157 = fcmp ogt <8 x float> %2154, zeroinitializer
+  %2158 = select <8 x i1> %2157, <8 x float> %2154, <8 x float> zeroinitializer
+  %2159 = fmul <8 x float> %2158, %2151
+  %2160 = getelementptr inbounds float, ptr %2153, i64 %2156
+  store <8 x float> %2159, ptr %2160, align 4
+  %2161 = add nsw i64 %col212, 8
+  %2162 = fcmp ogt <8 x float> %2155, zeroinitializer
+  %2163 = select <8 x i1> %2162, <8 x float> %2155, <8 x float> zeroinitializer
+  %2164 = fmul <8 x float> %2163, %2151
+  %2165 = getelementptr inbounds float, ptr %2153, i64 %2161
+  store <8 x float> %2164, ptr %2165, align 4
+  %2166 = add nsw i64 %r0128, 2
+  %2167 = getelementptr inbounds float, ptr %rw, i64 %2166
+  %2168 = load float, ptr %2167, align 4
+  %2169 = insertelement <8 x float> poison, float %2168, i32 0
+  %2170 = shufflevector <8 x float> %2169, <8 x float> poison, <8 x i32> zeroinitializer
+  %2171 = mul nsw i64 %2166, 1024
+  %2172 = getelementptr inbounds float, ptr %h, i64 %2171
+  %col213 = mul nsw i64 %p, 16
+  %2173 = load <8 x float>, ptr %acc020197, align 4
+  %2174 = load <8 x float>, ptr %acc021198, align 4
+  %2175 = add nsw i64 %col213, 0
+  %2176 = fcmp ogt <8 x float> %2173, zeroinitializer
+  %2177 = select <8 x i1> %2176, <8 x float> %2173, <8 x float> zeroinitializer
+  %2178 = fmul <8 x float> %2177, %2170
+  %2179 = getelementptr inbounds float, ptr %2172, i64 %2175
+  store <8 x float> %2178, ptr %2179, align 4
+  %2180 = add nsw i64 %col213, 8
+  %2181 = fcmp ogt <8 x float> %2174, zeroinitializer
+  %2182 = select <8 x i1> %2181, <8 x float> %2174, <8 x float> zeroinitializer
+  %2183 = fmul <8 x float> %2182, %2170
+  %2184 = getelementptr inbounds float, ptr %2172, i64 %2180
+  store <8 x float> %2183, ptr %2184, align 4
+  %2185 = add nsw i64 %r0128, 3
+  %2186 = getelementptr inbounds float, ptr %rw, i64 %2185
+  %2187 = load float, ptr %2186, align 4
+  %2188 = insertelement <8 x float> poison, float %2187, i32 0
+  %2189 = shufflevector <8 x float> %2188, <8 x float> poison, <8 x i32> zeroinitializer
+  %2190 = mul nsw i64 %2185, 1024
+  %2191 = getelementptr inbounds float, ptr %h, i64 %2190
+  %col214 = mul nsw i64 %p, 16
+  %2192 = load <8 x float>, ptr %acc030199, align 4
+  %2193 = load <8 x float>, ptr %acc031200, align 4
+  %2194 = add nsw i64 %col214, 0
+  %2195 = fcmp ogt <8 x float> %2192, zeroinitializer
+  %2196 = select <8 x i1> %2195, <8 x float> %2192, <8 x float> zeroinitializer
+  %2197 = fmul <8 x float> %2196, %2189
+  %2198 = getelementptr inbounds float, ptr %2191, i64 %2194
+  store <8 x float> %2197, ptr %2198, align 4
+  %2199 = add nsw i64 %col214, 8
+  %2200 = fcmp ogt <8 x float> %2193, zeroinitializer
+  %2201 = select <8 x i1> %2200, <8 x float> %2193, <8 x float> zeroinitializer
+  %2202 = fmul <8 x float> %2201, %2189
+  %2203 = getelementptr inbounds float, ptr %2191, i64 %2199
+  store <8 x float> %2202, ptr %2203, align 4
+  br label %tile.done131
+
+tile.mr3134:                                      ; preds = %rb.body125
+  %2204 = add nsw i64 %r0128, 0
+  %2205 = getelementptr inbounds i32, ptr %rows, i64 %2204
+  %2206 = load i32, ptr %2205, align 4
+  %2207 = sext i32 %2206 to i64
+  %2208 = mul nsw i64 %2207, 512
+  %2209 = add nsw i64 %2208, 0
+  %2210 = getelementptr inbounds float, ptr %x, i64 %2209
+  store <8 x float> zeroinitializer, ptr %acc000215, align 4
+  store <8 x float> zeroinitializer, ptr %acc001216, align 4
+  %2211 = add nsw i64 %r0128, 1
+  %2212 = getelementptr inbounds i32, ptr %rows, i64 %2211
+  %2213 = load i32, ptr %2212, align 4
+  %2214 = sext i32 %2213 to i64
+  %2215 = mul nsw i64 %2214, 512
+  %2216 = add nsw i64 %2215, 0
+  %2217 = getelementptr inbounds float, ptr %x, i64 %2216
+  store <8 x float> zeroinitializer, ptr %acc010217, align 4
+  store <8 x float> zeroinitializer, ptr %acc011218, align 4
+  %2218 = add nsw i64 %r0128, 2
+  %2219 = getelementptr inbounds i32, ptr %rows, i64 %2218
+  %2220 = load i32, ptr %2219, align 4
+  %2221 = sext i32 %2220 to i64
+  %2222 = mul nsw i64 %2221, 512
+  %2223 = add nsw i64 %2222, 0
+  %2224 = getelementptr inbounds float, ptr %x, i64 %2223
+  store <8 x float> zeroinitializer, ptr %acc020219, align 4
+  store <8 x float> zeroinitializer, ptr %acc021220, align 4
+  %2225 = mul nsw i64 %p, 8192
+  %panel.off221 = add nsw i64 %2225, 0
+  %2226 = getelementptr inbounds float, ptr %panels, i64 %panel.off221
+  %2227 = add nsw i64 %p, 1
+  %2228 = icmp slt i64 %2227, %p1
+  %pf.on222 = and i1 %pf.on139, %2228
+  %2229 = mul nsw i64 %rb127, 32768
+  %2230 = lshr i64 %2229, %1625
+  %2231 = add nsw i64 32768, %2230
+  %2232 = getelementptr inbounds i8, ptr %2226, i64 %2231
+  %pf223 = select i1 %pf.on222, ptr %2232, ptr %2226
+  %pf.sh224 = select i1 %pf.on222, i64 %1625, i64 0
+  br label %k.head225
+
+k.head225:                                        ; preds = %pf.any.end230, %tile.mr3134
+  %k228 = phi i64 [ 0, %tile.mr3134 ], [ %2270, %pf.any.end230 ]
+  %2233 = icmp slt i64 %k228, 512
+  br i1 %2233, label %k.body226, label %k.end227
+
+k.body226:                                        ; preds = %k.head225
+  %2234 = mul nsw i64 %k228, 1
+  %2235 = add nsw i64 %2234, 0
+  %2236 = mul nsw i64 %2235, 64
+  br i1 %pf.multi138, label %pf.any.then229, label %pf.any.end230
+
+pf.any.then229:                                   ; preds = %k.body226
+  %2237 = lshr i64 %2236, %pf.sh224
+  %2238 = getelementptr inbounds i8, ptr %pf223, i64 %2237
+  call void @llvm.prefetch.p0(ptr %2238, i32 0, i32 2, i32 1)
+  br label %pf.any.end230
+
+pf.any.end230:                                    ; preds = %pf.any.then229, %k.body226
+  %2239 = mul nsw i64 %2235, 16
+  %2240 = add nsw i64 %panel.off221, %2239
+  %2241 = getelementptr inbounds float, ptr %panels, i64 %2240
+  %2242 = load <8 x float>, ptr %2241, align 4
+  %2243 = add nsw i64 %2240, 8
+  %2244 = getelementptr inbounds float, ptr %panels, i64 %2243
+  %2245 = load <8 x float>, ptr %2244, align 4
+  %2246 = getelementptr inbounds float, ptr %2210, i64 %2235
+  %2247 = load float, ptr %2246, align 4
+  %2248 = insertelement <8 x float> poison, float %2247, i32 0
+  %2249 = shufflevector <8 x float> %2248, <8 x float> poison, <8 x i32> zeroinitializer
+  %2250 = load <8 x float>, ptr %acc000215, align 4
+  %2251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2249, <8 x float> %2242, <8 x float> %2250)
+  store <8 x float> %2251, ptr %acc000215, align 4
+  %2252 = load <8 x float>, ptr %acc001216, align 4
+  %2253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2249, <8 x float> %2245, <8 x float> %2252)
+  store <8 x float> %2253, ptr %acc001216, align 4
+  %2254 = getelementptr inbounds float, ptr %2217, i64 %2235
+  %2255 = load float, ptr %2254, align 4
+  %2256 = insertelement <8 x float> poison, float %2255, i32 0
+  %2257 = shufflevector <8 x float> %2256, <8 x float> poison, <8 x i32> zeroinitializer
+  %2258 = load <8 x float>, ptr %acc010217, align 4
+  %2259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2257, <8 x float> %2242, <8 x float> %2258)
+  store <8 x float> %2259, ptr %acc010217, align 4
+  %2260 = load <8 x float>, ptr %acc011218, align 4
+  %2261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2257, <8 x float> %2245, <8 x float> %2260)
+  store <8 x float> %2261, ptr %acc011218, align 4
+  %2262 = getelementptr inbounds float, ptr %2224, i64 %2235
+  %2263 = load float, ptr %2262, align 4
+  %2264 = insertelement <8 x float> poison, float %2263, i32 0
+  %2265 = shufflevector <8 x float> %2264, <8 x float> poison, <8 x i32> zeroinitializer
+  %2266 = load <8 x float>, ptr %acc020219, align 4
+  %2267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2265, <8 x float> %2242, <8 x float> %2266)
+  store <8 x float> %2267, ptr %acc020219, align 4
+  %2268 = load <8 x float>, ptr %acc021220, align 4
+  %2269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2265, <8 x float> %2245, <8 x float> %2268)
+  store <8 x float> %2269, ptr %acc021220, align 4
+  %2270 = add nsw i64 %k228, 1
+  br label %k.head225
+
+k.end227:                                         ; preds = %k.head225
+  %2271 = add nsw i64 %r0128, 0
+  %2272 = getelementptr inbounds float, ptr %rw, i64 %2271
+  %2273 = load float, ptr %2272, align 4
+  %2274 = insertelement <8 x float> poison, float %2273, i32 0
+  %2275 = shufflevector <8 x float> %2274, <8 x float> poison, <8 x i32> zeroinitializer
+  %2276 = mul nsw i64 %2271, 1024
+  %2277 = getelementptr inbounds float, ptr %h, i64 %2276
+  %col231 = mul nsw i64 %p, 16
+  %2278 = load <8 x float>, ptr %acc000215, align 4
+  %2279 = load <8 x float>, ptr %acc001216, align 4
+  %2280 = add nsw i64 %col231, 0
+  %2281 = fcmp ogt <8 x float> %2278, zeroinitializer
+  %2282 = select <8 x i1> %2281, <8 x float> %2278, <8 x float> zeroinitializer
+  %2283 = fmul <8 x float> %2282, %2275
+  %2284 = getelementptr inbounds float, ptr %2277, i64 %2280
+  store <8 x float> %2283, ptr %2284, align 4
+  %2285 = add nsw i64 %col231, 8
+  %2286 = fcmp ogt <8 x float> %2279, zeroinitializer
+  %2287 = select <8 x i1> %2286, <8 x float> %2279, <8 x float> zeroinitializer
+  %2288 = fmul <8 x float> %2287, %2275
+  %2289 = getelementptr inbounds float, ptr %2277, i64 %2285
+  store <8 x float> %2288, ptr %2289, align 4
+  %2290 = add nsw i64 %r0128, 1
+  %2291 = getelementptr inbounds float, ptr %rw, i64 %2290
+  %2292 = load float, ptr %2291, align 4
+  %2293 = insertelement <8 x float> poison, float %2292, i32 0
+  %2294 = shufflevector <8 x float> %2293, <8 x float> poison, <8 x i32> zeroinitializer
+  %2295 = mul nsw i64 %2290, 1024
+  %2296 = getelementptr inbounds float, ptr %h, i64 %2295
+  %col232 = mul nsw i64 %p, 16
+  %2297 = load <8 x float>, ptr %acc010217, align 4
+  %2298 = load <8 x float>, ptr %acc011218, align 4
+  %2299 = add nsw i64 %col232, 0
+  %2300 = fcmp ogt <8 x float> %2297, zeroinitializer
+  %2301 = select <8 x i1> %2300, <8 x float> %2297, <8 x float> zeroinitializer
+  %2302 = fmul <8 x float> %2301, %2294
+  %2303 = getelementptr inbounds float, ptr %2296, i64 %2299
+  store <8 x float> %2302, ptr %2303, align 4
+  %2304 = add nsw i64 %col232, 8
+  %2305 = fcmp ogt <8 x float> %2298, zeroinitializer
+  %2306 = select <8 x i1> %2305, <8 x float> %2298, <8 x float> zeroinitializer
+  %2307 = fmul <8 x float> %2306, %2294
+  %2308 = getelementptr inbounds float, ptr %2296, i64 %2304
+  store <8 x float> %2307, ptr %2308, align 4
+  %2309 = add nsw i64 %r0128, 2
+  %2310 = getelementptr inbounds float, ptr %rw, i64 %2309
+  %2311 = load float, ptr %2310, align 4
+  %2312 = insertelement <8 x float> poison, float %2311, i32 0
+  %2313 = shufflevector <8 x float> %2312, <8 x float> poison, <8 x i32> zeroinitializer
+  %2314 = mul nsw i64 %2309, 1024
+  %2315 = getelementptr inbounds float, ptr %h, i64 %2314
+  %col233 = mul nsw i64 %p, 16
+  %2316 = load <8 x float>, ptr %acc020219, align 4
+  %2317 = load <8 x float>, ptr %acc021220, align 4
+  %2318 = add nsw i64 %col233, 0
+  %2319 = fcmp ogt <8 x float> %2316, zeroinitializer
+  %2320 = select <8 x i1> %2319, <8 x float> %2316, <8 x float> zeroinitializer
+  %2321 = fmul <8 x float> %2320, %2313
+  %2322 = getelementptr inbounds float, ptr %2315, i64 %2318
+  store <8 x float> %2321, ptr %2322, align 4
+  %2323 = add nsw i64 %col233, 8
+  %2324 = fcmp ogt <8 x float> %2317, zeroinitializer
+  %2325 = select <8 x i1> %2324, <8 x float> %2317, <8 x float> zeroinitializer
+  %2326 = fmul <8 x float> %2325, %2313
+  %2327 = getelementptr inbounds float, ptr %2315, i64 %2323
+  store <8 x float> %2326, ptr %2327, align 4
+  br label %tile.done131
+
+tile.mr2133:                                      ; preds = %rb.body125
+  %2328 = add nsw i64 %r0128, 0
+  %2329 = getelementptr inbounds i32, ptr %rows, i64 %2328
+  %2330 = load i32, ptr %2329, align 4
+  %2331 = sext i32 %2330 to i64
+  %2332 = mul nsw i64 %2331, 512
+  %2333 = add nsw i64 %2332, 0
+  %2334 = getelementptr inbounds float, ptr %x, i64 %2333
+  store <8 x float> zeroinitializer, ptr %acc000234, align 4
+  store <8 x float> zeroinitializer, ptr %acc001235, align 4
+  %2335 = add nsw i64 %r0128, 1
+  %2336 = getelementptr inbounds i32, ptr %rows, i64 %2335
+  %2337 = load i32, ptr %2336, align 4
+  %2338 = sext i32 %2337 to i64
+  %2339 = mul nsw i64 %2338, 512
+  %2340 = add nsw i64 %2339, 0
+  %2341 = getelementptr inbounds float, ptr %x, i64 %2340
+  store <8 x float> zeroinitializer, ptr %acc010236, align 4
+  store <8 x float> zeroinitializer, ptr %acc011237, align 4
+  %2342 = mul nsw i64 %p, 8192
+  %panel.off238 = add nsw i64 %2342, 0
+  %2343 = getelementptr inbounds float, ptr %panels, i64 %panel.off238
+  %2344 = add nsw i64 %p, 1
+  %2345 = icmp slt i64 %2344, %p1
+  %pf.on239 = and i1 %pf.on139, %2345
+  %2346 = mul nsw i64 %rb127, 32768
+  %2347 = lshr i64 %2346, %1625
+  %2348 = add nsw i64 32768, %2347
+  %2349 = getelementptr inbounds i8, ptr %2343, i64 %2348
+  %pf240 = select i1 %pf.on239, ptr %2349, ptr %2343
+  %pf.sh241 = select i1 %pf.on239, i64 %1625, i64 0
+  br label %k.head242
+
+k.head242:                                        ; preds = %pf.any.end247, %tile.mr2133
+  %k245 = phi i64 [ 0, %tile.mr2133 ], [ %2379, %pf.any.end247 ]
+  %2350 = icmp slt i64 %k245, 512
+  br i1 %2350, label %k.body243, label %k.end244
+
+k.body243:                                        ; preds = %k.head242
+  %2351 = mul nsw i64 %k245, 1
+  %2352 = add nsw i64 %2351, 0
+  %2353 = mul nsw i64 %2352, 64
+  br i1 %pf.multi138, label %pf.any.then246, label %pf.any.end247
+
+pf.any.then246:                                   ; preds = %k.body243
+  %2354 = lshr i64 %2353, %pf.sh241
+  %2355 = getelementptr inbounds i8, ptr %pf240, i64 %2354
+  call void @llvm.prefetch.p0(ptr %2355, i32 0, i32 2, i32 1)
+  br label %pf.any.end247
+
+pf.any.end247:                                    ; preds = %pf.any.then246, %k.body243
+  %2356 = mul nsw i64 %2352, 16
+  %2357 = add nsw i64 %panel.off238, %2356
+  %2358 = getelementptr inbounds float, ptr %panels, i64 %2357
+  %2359 = load <8 x float>, ptr %2358, align 4
+  %2360 = add nsw i64 %2357, 8
+  %2361 = getelementptr inbounds float, ptr %panels, i64 %2360
+  %2362 = load <8 x float>, ptr %2361, align 4
+  %2363 = getelementptr inbounds float, ptr %2334, i64 %2352
+  %2364 = load float, ptr %2363, align 4
+  %2365 = insertelement <8 x float> poison, float %2364, i32 0
+  %2366 = shufflevector <8 x float> %2365, <8 x float> poison, <8 x i32> zeroinitializer
+  %2367 = load <8 x float>, ptr %acc000234, align 4
+  %2368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2366, <8 x float> %2359, <8 x float> %2367)
+  store <8 x float> %2368, ptr %acc000234, align 4
+  %2369 = load <8 x float>, ptr %acc001235, align 4
+  %2370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2366, <8 x float> %2362, <8 x float> %2369)
+  store <8 x float> %2370, ptr %acc001235, align 4
+  %2371 = getelementptr inbounds float, ptr %2341, i64 %2352
+  %2372 = load float, ptr %2371, align 4
+  %2373 = insertelement <8 x float> poison, float %2372, i32 0
+  %2374 = shufflevector <8 x float> %2373, <8 x float> poison, <8 x i32> zeroinitializer
+  %2375 = load <8 x float>, ptr %acc010236, align 4
+  %2376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2374, <8 x float> %2359, <8 x float> %2375)
+  store <8 x float> %2376, ptr %acc010236, align 4
+  %2377 = load <8 x float>, ptr %acc011237, align 4
+  %2378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2374, <8 x float> %2362, <8 x float> %2377)
+  store <8 x float> %2378, ptr %acc011237, align 4
+  %2379 = add nsw i64 %k245, 1
+  br label %k.head242
+
+k.end244:                                         ; preds = %k.head242
+  %2380 = add nsw i64 %r0128, 0
+  %2381 = getelementptr inbounds float, ptr %rw, i64 %2380
+  %2382 = load float, ptr %2381, align 4
+  %2383 = insertelement <8 x float> poison, float %2382, i32 0
+  %2384 = shufflevector <8 x float> %2383, <8 x float> poison, <8 x i32> zeroinitializer
+  %2385 = mul nsw i64 %2380, 1024
+  %2386 = getelementptr inbounds float, ptr %h, i64 %2385
+  %col248 = mul nsw i64 %p, 16
+  %2387 = load <8 x float>, ptr %acc000234, align 4
+  %2388 = load <8 x float>, ptr %acc001235, align 4
+  %2389 = add nsw i64 %col248, 0
+  %2390 = fcmp ogt <8 x float> %2387, zeroinitializer
+  %2391 = select <8 x i1> %2390, <8 x float> %2387, <8 x float> zeroinitializer
+  %2392 = fmul <8 x float> %2391, %2384
+  %2393 = getelementptr inbounds float, ptr %2386, i64 %2389
+  store <8 x float> %2392, ptr %2393, align 4
+  %2394 = add nsw i64 %col248, 8
+  %2395 = fcmp ogt <8 x float> %2388, zeroinitializer
+  %2396 = select <8 x i1> %2395, <8 x float> %2388, <8 x float> zeroinitializer
+  %2397 = fmul <8 x float> %2396, %2384
+  %2398 = getelementptr inbounds float, ptr %2386, i64 %2394
+  store <8 x float> %2397, ptr %2398, align 4
+  %2399 = add nsw i64 %r0128, 1
+  %2400 = getelementptr inbounds float, ptr %rw, i64 %2399
+  %2401 = load float, ptr %2400, align 4
+  %2402 = insertelement <8 x float> poison, float %2401, i32 0
+  %2403 = shufflevector <8 x float> %2402, <8 x float> poison, <8 x i32> zeroinitializer
+  %2404 = mul nsw i64 %2399, 1024
+  %2405 = getelementptr inbounds float, ptr %h, i64 %2404
+  %col249 = mul nsw i64 %p, 16
+  %2406 = load <8 x float>, ptr %acc010236, align 4
+  %2407 = load <8 x float>, ptr %acc011237, align 4
+  %2408 = add nsw i64 %col249, 0
+  %2409 = fcmp ogt <8 x float> %2406, zeroinitializer
+  %2410 = select <8 x i1> %2409, <8 x float> %2406, <8 x float> zeroinitializer
+  %2411 = fmul <8 x float> %2410, %2403
+  %2412 = getelementptr inbounds float, ptr %2405, i64 %2408
+  store <8 x float> %2411, ptr %2412, align 4
+  %2413 = add nsw i64 %col249, 8
+  %2414 = fcmp ogt <8 x float> %2407, zeroinitializer
+  %2415 = select <8 x i1> %2414, <8 x float> %2407, <8 x float> zeroinitializer
+  %2416 = fmul <8 x float> %2415, %2403
+  %2417 = getelementptr inbounds float, ptr %2405, i64 %2413
+  store <8 x float> %2416, ptr %2417, align 4
+  br label %tile.done131
+
+tile.mr1132:                                      ; preds = %rb.body125
+  %2418 = add nsw i64 %r0128, 0
+  %2419 = getelementptr inbounds i32, ptr %rows, i64 %2418
+  %2420 = load i32, ptr %2419, align 4
+  %2421 = sext i32 %2420 to i64
+  %2422 = mul nsw i64 %2421, 512
+  %2423 = add nsw i64 %2422, 0
+  %2424 = getelementptr inbounds float, ptr %x, i64 %2423
+  store <8 x float> zeroinitializer, ptr %acc000250, align 4
+  store <8 x float> zeroinitializer, ptr %acc001251, align 4
+  %2425 = mul nsw i64 %p, 8192
+  %panel.off252 = add nsw i64 %2425, 0
+  %2426 = getelementptr inbounds float, ptr %panels, i64 %panel.off252
+  %2427 = add nsw i64 %p, 1
+  %2428 = icmp slt i64 %2427, %p1
+  %pf.on253 = and i1 %pf.on139, %2428
+  %2429 = mul nsw i64 %rb127, 32768
+  %2430 = lshr i64 %2429, %1625
+  %2431 = add nsw i64 32768, %2430
+  %2432 = getelementptr inbounds i8, ptr %2426, i64 %2431
+  %pf254 = select i1 %pf.on253, ptr %2432, ptr %2426
+  %pf.sh255 = select i1 %pf.on253, i64 %1625, i64 0
+  br label %k.head256
+
+k.head256:                                        ; preds = %pf.any.end261, %tile.mr1132
+  %k259 = phi i64 [ 0, %tile.mr1132 ], [ %2454, %pf.any.end261 ]
+  %2433 = icmp slt i64 %k259, 512
+  br i1 %2433, label %k.body257, label %k.end258
+
+k.body257:                                        ; preds = %k.head256
+  %2434 = mul nsw i64 %k259, 1
+  %2435 = add nsw i64 %2434, 0
+  %2436 = mul nsw i64 %2435, 64
+  br i1 %pf.multi138, label %pf.any.then260, label %pf.any.end261
+
+pf.any.then260:                                   ; preds = %k.body257
+  %2437 = lshr i64 %2436, %pf.sh255
+  %2438 = getelementptr inbounds i8, ptr %pf254, i64 %2437
+  call void @llvm.prefetch.p0(ptr %2438, i32 0, i32 2, i32 1)
+  br label %pf.any.end261
+
+pf.any.end261:                                    ; preds = %pf.any.then260, %k.body257
+  %2439 = mul nsw i64 %2435, 16
+  %2440 = add nsw i64 %panel.off252, %2439
+  %2441 = getelementptr inbounds float, ptr %panels, i64 %2440
+  %2442 = load <8 x float>, ptr %2441, align 4
+  %2443 = add nsw i64 %2440, 8
+  %2444 = getelementptr inbounds float, ptr %panels, i64 %2443
+  %2445 = load <8 x float>, ptr %2444, align 4
+  %2446 = getelementptr inbounds float, ptr %2424, i64 %2435
+  %2447 = load float, ptr %2446, align 4
+  %2448 = insertelement <8 x float> poison, float %2447, i32 0
+  %2449 = shufflevector <8 x float> %2448, <8 x float> poison, <8 x i32> zeroinitializer
+  %2450 = load <8 x float>, ptr %acc000250, align 4
+  %2451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2449, <8 x float> %2442, <8 x float> %2450)
+  store <8 x float> %2451, ptr %acc000250, align 4
+  %2452 = load <8 x float>, ptr %acc001251, align 4
+  %2453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2449, <8 x float> %2445, <8 x float> %2452)
+  store <8 x float> %2453, ptr %acc001251, align 4
+  %2454 = add nsw i64 %k259, 1
+  br label %k.head256
+
+k.end258:                                         ; preds = %k.head256
+  %2455 = add nsw i64 %r0128, 0
+  %2456 = getelementptr inbounds float, ptr %rw, i64 %2455
+  %2457 = load float, ptr %2456, align 4
+  %2458 = insertelement <8 x float> poison, float %2457, i32 0
+  %2459 = shufflevector <8 x float> %2458, <8 x float> poison, <8 x i32> zeroinitializer
+  %2460 = mul nsw i64 %2455, 1024
+  %2461 = getelementptr inbounds float, ptr %h, i64 %2460
+  %col262 = mul nsw i64 %p, 16
+  %2462 = load <8 x float>, ptr %acc000250, align 4
+  %2463 = load <8 x float>, ptr %acc001251, align 4
+  %2464 = add nsw i64 %col262, 0
+  %2465 = fcmp ogt <8 x float> %2462, zeroinitializer
+  %2466 = select <8 x i1> %2465, <8 x float> %2462, <8 x float> zeroinitializer
+  %2467 = fmul <8 x float> %2466, %2459
+  %2468 = getelementptr inbounds float, ptr %2461, i64 %2464
+  store <8 x float> %2467, ptr %2468, align 4
+  %2469 = add nsw i64 %col262, 8
+  %2470 = fcmp ogt <8 x float> %2463, zeroinitializer
+  %2471 = select <8 x i1> %2470, <8 x float> %2463, <8 x float> zeroinitializer
+  %2472 = fmul <8 x float> %2471, %2459
+  %2473 = getelementptr inbounds float, ptr %2461, i64 %2469
+  store <8 x float> %2472, ptr %2473, align 4
+  br label %tile.done131
+
+tile.done131:                                     ; preds = %k.end258, %k.end244, %k.end227, %k.end207, %k.end184, %k.end158
+  %2474 = add nsw i64 %rb127, 1
+  br label %rb.head124
+
+rb.end126:                                        ; preds = %rb.head124
+  %2475 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
+  br label %call.end
+
+call.end:                                         ; preds = %p.end, %kb.rc.end
   ret void
 }
 
-; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
-declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #2
-
 ; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
-declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #1
+declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #2
 
 ; Function Attrs: nounwind
 define hidden void @moe_down(ptr noalias %h, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bd, ptr noalias %y, i64 %p0, i64 %p1) #0 {
 entry:
+  %part = alloca [24576 x float], align 32
   %acc000 = alloca <8 x float>, align 32
   %acc001 = alloca <8 x float>, align 32
   %acc010 = alloca <8 x float>, align 32
@@ -2517,75 +4945,163 @@ entry:
   %acc041 = alloca <8 x float>, align 32
   %acc050 = alloca <8 x float>, align 32
   %acc051 = alloca <8 x float>, align 32
-  %acc0003 = alloca <8 x float>, align 32
-  %acc0014 = alloca <8 x float>, align 32
-  %acc0105 = alloca <8 x float>, align 32
-  %acc0116 = alloca <8 x float>, align 32
-  %acc0207 = alloca <8 x float>, align 32
-  %acc0218 = alloca <8 x float>, align 32
-  %acc0309 = alloca <8 x float>, align 32
-  %acc03110 = alloca <8 x float>, align 32
-  %acc04011 = alloca <8 x float>, align 32
-  %acc04112 = alloca <8 x float>, align 32
-  %acc00024 = alloca <8 x float>, align 32
-  %acc00125 = alloca <8 x float>, align 32
-  %acc01026 = alloca <8 x float>, align 32
-  %acc01127 = alloca <8 x float>, align 32
-  %acc02028 = alloca <8 x float>, align 32
-  %acc02129 = alloca <8 x float>, align 32
-  %acc03030 = alloca <8 x float>, align 32
-  %acc03131 = alloca <8 x float>, align 32
-  %acc00043 = alloca <8 x float>, align 32
-  %acc00144 = alloca <8 x float>, align 32
-  %acc01045 = alloca <8 x float>, align 32
-  %acc01146 = alloca <8 x float>, align 32
-  %acc02047 = alloca <8 x float>, align 32
-  %acc02148 = alloca <8 x float>, align 32
-  %acc00060 = alloca <8 x float>, align 32
-  %acc00161 = alloca <8 x float>, align 32
-  %acc01062 = alloca <8 x float>, align 32
-  %acc01163 = alloca <8 x float>, align 32
-  %acc00075 = alloca <8 x float>, align 32
-  %acc00176 = alloca <8 x float>, align 32
+  %acc0004 = alloca <8 x float>, align 32
+  %acc0015 = alloca <8 x float>, align 32
+  %acc0106 = alloca <8 x float>, align 32
+  %acc0117 = alloca <8 x float>, align 32
+  %acc0208 = alloca <8 x float>, align 32
+  %acc0219 = alloca <8 x float>, align 32
+  %acc03010 = alloca <8 x float>, align 32
+  %acc03111 = alloca <8 x float>, align 32
+  %acc04012 = alloca <8 x float>, align 32
+  %acc04113 = alloca <8 x float>, align 32
+  %acc00025 = alloca <8 x float>, align 32
+  %acc00126 = alloca <8 x float>, align 32
+  %acc01027 = alloca <8 x float>, align 32
+  %acc01128 = alloca <8 x float>, align 32
+  %acc02029 = alloca <8 x float>, align 32
+  %acc02130 = alloca <8 x float>, align 32
+  %acc03031 = alloca <8 x float>, align 32
+  %acc03132 = alloca <8 x float>, align 32
+  %acc00044 = alloca <8 x float>, align 32
+  %acc00145 = alloca <8 x float>, align 32
+  %acc01046 = alloca <8 x float>, align 32
+  %acc01147 = alloca <8 x float>, align 32
+  %acc02048 = alloca <8 x float>, align 32
+  %acc02149 = alloca <8 x float>, align 32
+  %acc00061 = alloca <8 x float>, align 32
+  %acc00162 = alloca <8 x float>, align 32
+  %acc01063 = alloca <8 x float>, align 32
+  %acc01164 = alloca <8 x float>, align 32
+  %acc00076 = alloca <8 x float>, align 32
+  %acc00177 = alloca <8 x float>, align 32
+  %acc000106 = alloca <8 x float>, align 32
+  %acc001107 = alloca <8 x float>, align 32
+  %acc010108 = alloca <8 x float>, align 32
+  %acc011109 = alloca <8 x float>, align 32
+  %acc020110 = alloca <8 x float>, align 32
+  %acc021111 = alloca <8 x float>, align 32
+  %acc030112 = alloca <8 x float>, align 32
+  %acc031113 = alloca <8 x float>, align 32
+  %acc040114 = alloca <8 x float>, align 32
+  %acc041115 = alloca <8 x float>, align 32
+  %acc050116 = alloca <8 x float>, align 32
+  %acc051117 = alloca <8 x float>, align 32
+  %acc000129 = alloca <8 x float>, align 32
+  %acc001130 = alloca <8 x float>, align 32
+  %acc010131 = alloca <8 x float>, align 32
+  %acc011132 = alloca <8 x float>, align 32
+  %acc020133 = alloca <8 x float>, align 32
+  %acc021134 = alloca <8 x float>, align 32
+  %acc030135 = alloca <8 x float>, align 32
+  %acc031136 = alloca <8 x float>, align 32
+  %acc040137 = alloca <8 x float>, align 32
+  %acc041138 = alloca <8 x float>, align 32
+  %acc000150 = alloca <8 x float>, align 32
+  %acc001151 = alloca <8 x float>, align 32
+  %acc010152 = alloca <8 x float>, align 32
+  %acc011153 = alloca <8 x float>, align 32
+  %acc020154 = alloca <8 x float>, align 32
+  %acc021155 = alloca <8 x float>, align 32
+  %acc030156 = alloca <8 x float>, align 32
+  %acc031157 = alloca <8 x float>, align 32
+  %acc000169 = alloca <8 x float>, align 32
+  %acc001170 = alloca <8 x float>, align 32
+  %acc010171 = alloca <8 x float>, align 32
+  %acc011172 = alloca <8 x float>, align 32
+  %acc020173 = alloca <8 x float>, align 32
+  %acc021174 = alloca <8 x float>, align 32
+  %acc000186 = alloca <8 x float>, align 32
+  %acc001187 = alloca <8 x float>, align 32
+  %acc010188 = alloca <8 x float>, align 32
+  %acc011189 = alloca <8 x float>, align 32
+  %acc000201 = alloca <8 x float>, align 32
+  %acc001202 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   %0 = icmp slt i64 %p1, 32
   %end = select i1 %0, i64 %p1, i64 32
-  br label %p.head
+  %1 = icmp sgt i64 %n, 6
+  br i1 %1, label %kb, label %flat
 
-p.head:                                           ; preds = %rb.end, %start
-  %p = phi i64 [ %p0, %start ], [ %604, %rb.end ]
-  %1 = icmp slt i64 %p, %end
-  br i1 %1, label %p.body, label %p.end
+kb:                                               ; preds = %start
+  br label %kb.rc.head
 
-p.body:                                           ; preds = %p.head
-  %2 = add nsw i64 %n, 5
-  %nrb = sdiv i64 %2, 6
+kb.rc.head:                                       ; preds = %kb.pg.end, %kb
+  %kb.rc = phi i64 [ 0, %kb ], [ %726, %kb.pg.end ]
+  %2 = icmp slt i64 %kb.rc, %n
+  br i1 %2, label %kb.rc.body, label %kb.rc.end
+
+kb.rc.body:                                       ; preds = %kb.rc.head
+  %3 = sub nsw i64 %n, %kb.rc
+  %4 = icmp slt i64 %3, 96
+  %kb.rn = select i1 %4, i64 %3, i64 96
+  br label %kb.pg.head
+
+kb.pg.head:                                       ; preds = %kb.k.end, %kb.rc.body
+  %kb.pg = phi i64 [ %p0, %kb.rc.body ], [ %725, %kb.k.end ]
+  %5 = icmp slt i64 %kb.pg, %end
+  br i1 %5, label %kb.pg.body, label %kb.pg.end
+
+kb.pg.body:                                       ; preds = %kb.pg.head
+  %6 = add nsw i64 %kb.pg, 16
+  %7 = icmp slt i64 %6, %end
+  %kb.pg1 = select i1 %7, i64 %6, i64 %end
+  br label %kb.k.head
+
+kb.k.head:                                        ; preds = %kb.p.end, %kb.pg.body
+  %kb.k = phi i64 [ 0, %kb.pg.body ], [ %724, %kb.p.end ]
+  %8 = icmp slt i64 %kb.k, 4
+  br i1 %8, label %kb.k.body, label %kb.k.end
+
+kb.k.body:                                        ; preds = %kb.k.head
+  %k0 = mul nsw i64 %kb.k, 256
+  %kfirst = icmp eq i64 %kb.k, 0
+  %klast = icmp eq i64 %kb.k, 3
+  br label %kb.p.head
+
+kb.p.head:                                        ; preds = %rb.end, %kb.k.body
+  %kb.p = phi i64 [ %kb.pg, %kb.k.body ], [ %723, %rb.end ]
+  %9 = icmp slt i64 %kb.p, %kb.pg1
+  br i1 %9, label %kb.p.body, label %kb.p.end
+
+kb.p.body:                                        ; preds = %kb.p.head
+  %10 = add nsw i64 %kb.p, 1
+  %11 = icmp slt i64 %10, %kb.pg1
+  %12 = sub nsw i64 %kb.p, %kb.pg
+  %13 = mul nsw i64 %12, 65536
+  %14 = sub nsw i64 16384, %13
+  %pf.step = select i1 %11, i64 65536, i64 %14
+  %15 = xor i1 %klast, true
+  %pf.next = or i1 %11, %15
+  %16 = add nsw i64 %kb.rn, 5
+  %nrb = sdiv i64 %16, 6
   br label %rb.head
 
-rb.head:                                          ; preds = %tile.done, %p.body
-  %rb = phi i64 [ 0, %p.body ], [ %603, %tile.done ]
-  %3 = icmp slt i64 %rb, %nrb
-  br i1 %3, label %rb.body, label %rb.end
+rb.head:                                          ; preds = %tile.done, %kb.p.body
+  %rb = phi i64 [ 0, %kb.p.body ], [ %722, %tile.done ]
+  %17 = icmp slt i64 %rb, %nrb
+  br i1 %17, label %rb.body, label %rb.end
 
 rb.body:                                          ; preds = %rb.head
-  %4 = mul nsw i64 %rb, %n
-  %r0 = sdiv i64 %4, %nrb
-  %5 = add nsw i64 %rb, 1
-  %6 = mul nsw i64 %5, %n
-  %r1 = sdiv i64 %6, %nrb
+  %18 = mul nsw i64 %rb, %kb.rn
+  %r0 = sdiv i64 %18, %nrb
+  %19 = add nsw i64 %rb, 1
+  %20 = mul nsw i64 %19, %kb.rn
+  %r1 = sdiv i64 %20, %nrb
   %mr = sub nsw i64 %r1, %r0
-  %7 = icmp sge i64 %nrb, 2
-  %8 = select i1 %7, i64 1, i64 0
-  %9 = icmp sge i64 %nrb, 4
-  %10 = select i1 %9, i64 2, i64 %8
-  %11 = icmp sge i64 %nrb, 8
-  %12 = select i1 %11, i64 3, i64 %10
+  %r01 = add nsw i64 %kb.rc, %r0
+  %21 = icmp sge i64 %nrb, 2
+  %22 = select i1 %21, i64 1, i64 0
+  %23 = icmp sge i64 %nrb, 4
+  %24 = select i1 %23, i64 2, i64 %22
+  %25 = icmp sge i64 %nrb, 8
+  %26 = select i1 %25, i64 3, i64 %24
   %pf.multi = icmp sgt i64 %nrb, 1
-  %13 = shl i64 1, %12
-  %14 = icmp slt i64 %rb, %13
-  %pf.on = and i1 %pf.multi, %14
+  %27 = shl i64 1, %26
+  %28 = icmp slt i64 %rb, %27
+  %pf.on = and i1 %pf.multi, %28
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -2595,881 +5111,1988 @@ rb.body:                                          ; preds = %rb.head
   ]
 
 tile.mr6:                                         ; preds = %rb.body
-  %col = mul nsw i64 %p, 16
-  %15 = add nsw i64 %r0, 0
-  %16 = mul nsw i64 %15, 1024
-  %17 = getelementptr inbounds float, ptr %h, i64 %16
-  %18 = getelementptr inbounds i32, ptr %rows, i64 %15
-  %19 = load i32, ptr %18, align 4
-  %20 = sext i32 %19 to i64
-  %21 = mul nsw i64 %20, 512
-  %22 = getelementptr inbounds float, ptr %y, i64 %21
-  %23 = add nsw i64 %col, 0
-  %24 = getelementptr inbounds float, ptr %22, i64 %23
-  store <8 x float> zeroinitializer, ptr %acc000, align 4
-  %25 = add nsw i64 %col, 8
-  %26 = getelementptr inbounds float, ptr %22, i64 %25
-  store <8 x float> zeroinitializer, ptr %acc001, align 4
-  %27 = add nsw i64 %r0, 1
-  %28 = mul nsw i64 %27, 1024
-  %29 = getelementptr inbounds float, ptr %h, i64 %28
-  %30 = getelementptr inbounds i32, ptr %rows, i64 %27
-  %31 = load i32, ptr %30, align 4
-  %32 = sext i32 %31 to i64
-  %33 = mul nsw i64 %32, 512
-  %34 = getelementptr inbounds float, ptr %y, i64 %33
-  %35 = add nsw i64 %col, 0
-  %36 = getelementptr inbounds float, ptr %34, i64 %35
-  store <8 x float> zeroinitializer, ptr %acc010, align 4
-  %37 = add nsw i64 %col, 8
-  %38 = getelementptr inbounds float, ptr %34, i64 %37
-  store <8 x float> zeroinitializer, ptr %acc011, align 4
-  %39 = add nsw i64 %r0, 2
-  %40 = mul nsw i64 %39, 1024
-  %41 = getelementptr inbounds float, ptr %h, i64 %40
-  %42 = getelementptr inbounds i32, ptr %rows, i64 %39
-  %43 = load i32, ptr %42, align 4
-  %44 = sext i32 %43 to i64
-  %45 = mul nsw i64 %44, 512
-  %46 = getelementptr inbounds float, ptr %y, i64 %45
-  %47 = add nsw i64 %col, 0
-  %48 = getelementptr inbounds float, ptr %46, i64 %47
-  store <8 x float> zeroinitializer, ptr %acc020, align 4
-  %49 = add nsw i64 %col, 8
-  %50 = getelementptr inbounds float, ptr %46, i64 %49
-  store <8 x float> zeroinitializer, ptr %acc021, align 4
-  %51 = add nsw i64 %r0, 3
-  %52 = mul nsw i64 %51, 1024
-  %53 = getelementptr inbounds float, ptr %h, i64 %52
-  %54 = getelementptr inbounds i32, ptr %rows, i64 %51
-  %55 = load i32, ptr %54, align 4
-  %56 = sext i32 %55 to i64
-  %57 = mul nsw i64 %56, 512
-  %58 = getelementptr inbounds float, ptr %y, i64 %57
-  %59 = add nsw i64 %col, 0
-  %60 = getelementptr inbounds float, ptr %58, i64 %59
-  store <8 x float> zeroinitializer, ptr %acc030, align 4
-  %61 = add nsw i64 %col, 8
-  %62 = getelementptr inbounds float, ptr %58, i64 %61
-  store <8 x float> zeroinitializer, ptr %acc031, align 4
-  %63 = add nsw i64 %r0, 4
+  %col = mul nsw i64 %kb.p, 16
+  %29 = add nsw i64 %r01, 0
+  %30 = mul nsw i64 %29, 1024
+  %31 = add nsw i64 %30, %k0
+  %32 = getelementptr inbounds float, ptr %h, i64 %31
+  %33 = getelementptr inbounds i32, ptr %rows, i64 %29
+  %34 = load i32, ptr %33, align 4
+  %35 = sext i32 %34 to i64
+  %36 = mul nsw i64 %35, 512
+  %37 = getelementptr inbounds float, ptr %y, i64 %36
+  %38 = add nsw i64 %col, 0
+  %39 = getelementptr inbounds float, ptr %37, i64 %38
+  %40 = load <8 x float>, ptr %39, align 4
+  %41 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %40
+  store <8 x float> %41, ptr %acc000, align 4
+  %42 = add nsw i64 %col, 8
+  %43 = getelementptr inbounds float, ptr %37, i64 %42
+  %44 = load <8 x float>, ptr %43, align 4
+  %45 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %44
+  store <8 x float> %45, ptr %acc001, align 4
+  %46 = add nsw i64 %r01, 1
+  %47 = mul nsw i64 %46, 1024
+  %48 = add nsw i64 %47, %k0
+  %49 = getelementptr inbounds float, ptr %h, i64 %48
+  %50 = getelementptr inbounds i32, ptr %rows, i64 %46
+  %51 = load i32, ptr %50, align 4
+  %52 = sext i32 %51 to i64
+  %53 = mul nsw i64 %52, 512
+  %54 = getelementptr inbounds float, ptr %y, i64 %53
+  %55 = add nsw i64 %col, 0
+  %56 = getelementptr inbounds float, ptr %54, i64 %55
+  %57 = load <8 x float>, ptr %56, align 4
+  %58 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %57
+  store <8 x float> %58, ptr %acc010, align 4
+  %59 = add nsw i64 %col, 8
+  %60 = getelementptr inbounds float, ptr %54, i64 %59
+  %61 = load <8 x float>, ptr %60, align 4
+  %62 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %61
+  store <8 x float> %62, ptr %acc011, align 4
+  %63 = add nsw i64 %r01, 2
   %64 = mul nsw i64 %63, 1024
-  %65 = getelementptr inbounds float, ptr %h, i64 %64
-  %66 = getelementptr inbounds i32, ptr %rows, i64 %63
-  %67 = load i32, ptr %66, align 4
-  %68 = sext i32 %67 to i64
-  %69 = mul nsw i64 %68, 512
-  %70 = getelementptr inbounds float, ptr %y, i64 %69
-  %71 = add nsw i64 %col, 0
-  %72 = getelementptr inbounds float, ptr %70, i64 %71
-  store <8 x float> zeroinitializer, ptr %acc040, align 4
-  %73 = add nsw i64 %col, 8
-  %74 = getelementptr inbounds float, ptr %70, i64 %73
-  store <8 x float> zeroinitializer, ptr %acc041, align 4
-  %75 = add nsw i64 %r0, 5
-  %76 = mul nsw i64 %75, 1024
-  %77 = getelementptr inbounds float, ptr %h, i64 %76
-  %78 = getelementptr inbounds i32, ptr %rows, i64 %75
-  %79 = load i32, ptr %78, align 4
-  %80 = sext i32 %79 to i64
-  %81 = mul nsw i64 %80, 512
-  %82 = getelementptr inbounds float, ptr %y, i64 %81
-  %83 = add nsw i64 %col, 0
-  %84 = getelementptr inbounds float, ptr %82, i64 %83
-  store <8 x float> zeroinitializer, ptr %acc050, align 4
-  %85 = add nsw i64 %col, 8
-  %86 = getelementptr inbounds float, ptr %82, i64 %85
-  store <8 x float> zeroinitializer, ptr %acc051, align 4
-  %panel.off = mul nsw i64 %p, 16384
-  %87 = getelementptr inbounds float, ptr %panels, i64 %panel.off
-  %88 = add nsw i64 %p, 1
-  %89 = icmp slt i64 %88, %p1
-  %pf.on1 = and i1 %pf.on, %89
-  %90 = mul nsw i64 %rb, 65536
-  %91 = lshr i64 %90, %12
-  %92 = add nsw i64 65536, %91
-  %93 = getelementptr inbounds i8, ptr %87, i64 %92
-  %pf = select i1 %pf.on1, ptr %93, ptr %87
-  %pf.sh = select i1 %pf.on1, i64 %12, i64 0
+  %65 = add nsw i64 %64, %k0
+  %66 = getelementptr inbounds float, ptr %h, i64 %65
+  %67 = getelementptr inbounds i32, ptr %rows, i64 %63
+  %68 = load i32, ptr %67, align 4
+  %69 = sext i32 %68 to i64
+  %70 = mul nsw i64 %69, 512
+  %71 = getelementptr inbounds float, ptr %y, i64 %70
+  %72 = add nsw i64 %col, 0
+  %73 = getelementptr inbounds float, ptr %71, i64 %72
+  %74 = load <8 x float>, ptr %73, align 4
+  %75 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %74
+  store <8 x float> %75, ptr %acc020, align 4
+  %76 = add nsw i64 %col, 8
+  %77 = getelementptr inbounds float, ptr %71, i64 %76
+  %78 = load <8 x float>, ptr %77, align 4
+  %79 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %78
+  store <8 x float> %79, ptr %acc021, align 4
+  %80 = add nsw i64 %r01, 3
+  %81 = mul nsw i64 %80, 1024
+  %82 = add nsw i64 %81, %k0
+  %83 = getelementptr inbounds float, ptr %h, i64 %82
+  %84 = getelementptr inbounds i32, ptr %rows, i64 %80
+  %85 = load i32, ptr %84, align 4
+  %86 = sext i32 %85 to i64
+  %87 = mul nsw i64 %86, 512
+  %88 = getelementptr inbounds float, ptr %y, i64 %87
+  %89 = add nsw i64 %col, 0
+  %90 = getelementptr inbounds float, ptr %88, i64 %89
+  %91 = load <8 x float>, ptr %90, align 4
+  %92 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %91
+  store <8 x float> %92, ptr %acc030, align 4
+  %93 = add nsw i64 %col, 8
+  %94 = getelementptr inbounds float, ptr %88, i64 %93
+  %95 = load <8 x float>, ptr %94, align 4
+  %96 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %95
+  store <8 x float> %96, ptr %acc031, align 4
+  %97 = add nsw i64 %r01, 4
+  %98 = mul nsw i64 %97, 1024
+  %99 = add nsw i64 %98, %k0
+  %100 = getelementptr inbounds float, ptr %h, i64 %99
+  %101 = getelementptr inbounds i32, ptr %rows, i64 %97
+  %102 = load i32, ptr %101, align 4
+  %103 = sext i32 %102 to i64
+  %104 = mul nsw i64 %103, 512
+  %105 = getelementptr inbounds float, ptr %y, i64 %104
+  %106 = add nsw i64 %col, 0
+  %107 = getelementptr inbounds float, ptr %105, i64 %106
+  %108 = load <8 x float>, ptr %107, align 4
+  %109 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %108
+  store <8 x float> %109, ptr %acc040, align 4
+  %110 = add nsw i64 %col, 8
+  %111 = getelementptr inbounds float, ptr %105, i64 %110
+  %112 = load <8 x float>, ptr %111, align 4
+  %113 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %112
+  store <8 x float> %113, ptr %acc041, align 4
+  %114 = add nsw i64 %r01, 5
+  %115 = mul nsw i64 %114, 1024
+  %116 = add nsw i64 %115, %k0
+  %117 = getelementptr inbounds float, ptr %h, i64 %116
+  %118 = getelementptr inbounds i32, ptr %rows, i64 %114
+  %119 = load i32, ptr %118, align 4
+  %120 = sext i32 %119 to i64
+  %121 = mul nsw i64 %120, 512
+  %122 = getelementptr inbounds float, ptr %y, i64 %121
+  %123 = add nsw i64 %col, 0
+  %124 = getelementptr inbounds float, ptr %122, i64 %123
+  %125 = load <8 x float>, ptr %124, align 4
+  %126 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %125
+  store <8 x float> %126, ptr %acc050, align 4
+  %127 = add nsw i64 %col, 8
+  %128 = getelementptr inbounds float, ptr %122, i64 %127
+  %129 = load <8 x float>, ptr %128, align 4
+  %130 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %129
+  store <8 x float> %130, ptr %acc051, align 4
+  %131 = mul nsw i64 %k0, 16
+  %132 = mul nsw i64 %kb.p, 16384
+  %panel.off = add nsw i64 %132, %131
+  %133 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %pf.on2 = and i1 %pf.on, %pf.next
+  %134 = mul nsw i64 %rb, 16384
+  %135 = lshr i64 %134, %26
+  %136 = add nsw i64 %pf.step, %135
+  %137 = getelementptr inbounds i8, ptr %133, i64 %136
+  %pf = select i1 %pf.on2, ptr %137, ptr %133
+  %pf.sh = select i1 %pf.on2, i64 %26, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %155, %pf.any.end ]
-  %94 = icmp slt i64 %k, 1024
-  br i1 %94, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %199, %pf.any.end ]
+  %138 = icmp slt i64 %k, 256
+  br i1 %138, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %95 = mul nsw i64 %k, 1
-  %96 = add nsw i64 %95, 0
-  %97 = mul nsw i64 %96, 64
+  %139 = mul nsw i64 %k, 1
+  %140 = add nsw i64 %139, 0
+  %141 = mul nsw i64 %140, 64
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %98 = lshr i64 %97, %pf.sh
-  %99 = getelementptr inbounds i8, ptr %pf, i64 %98
-  call void @llvm.prefetch.p0(ptr %99, i32 0, i32 2, i32 1)
+  %142 = lshr i64 %141, %pf.sh
+  %143 = getelementptr inbounds i8, ptr %pf, i64 %142
+  call void @llvm.prefetch.p0(ptr %143, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %100 = mul nsw i64 %96, 16
-  %101 = add nsw i64 %panel.off, %100
-  %102 = getelementptr inbounds float, ptr %panels, i64 %101
-  %103 = load <8 x float>, ptr %102, align 4
-  %104 = add nsw i64 %101, 8
-  %105 = getelementptr inbounds float, ptr %panels, i64 %104
-  %106 = load <8 x float>, ptr %105, align 4
-  %107 = getelementptr inbounds float, ptr %17, i64 %96
-  %108 = load float, ptr %107, align 4
-  %109 = insertelement <8 x float> poison, float %108, i32 0
-  %110 = shufflevector <8 x float> %109, <8 x float> poison, <8 x i32> zeroinitializer
-  %111 = load <8 x float>, ptr %acc000, align 4
-  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %103, <8 x float> %111)
-  store <8 x float> %112, ptr %acc000, align 4
-  %113 = load <8 x float>, ptr %acc001, align 4
-  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %106, <8 x float> %113)
-  store <8 x float> %114, ptr %acc001, align 4
-  %115 = getelementptr inbounds float, ptr %29, i64 %96
-  %116 = load float, ptr %115, align 4
-  %117 = insertelement <8 x float> poison, float %116, i32 0
-  %118 = shufflevector <8 x float> %117, <8 x float> poison, <8 x i32> zeroinitializer
-  %119 = load <8 x float>, ptr %acc010, align 4
-  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %103, <8 x float> %119)
-  store <8 x float> %120, ptr %acc010, align 4
-  %121 = load <8 x float>, ptr %acc011, align 4
-  %122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %106, <8 x float> %121)
-  store <8 x float> %122, ptr %acc011, align 4
-  %123 = getelementptr inbounds float, ptr %41, i64 %96
-  %124 = load float, ptr %123, align 4
-  %125 = insertelement <8 x float> poison, float %124, i32 0
-  %126 = shufflevector <8 x float> %125, <8 x float> poison, <8 x i32> zeroinitializer
-  %127 = load <8 x float>, ptr %acc020, align 4
-  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %103, <8 x float> %127)
-  store <8 x float> %128, ptr %acc020, align 4
-  %129 = load <8 x float>, ptr %acc021, align 4
-  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %106, <8 x float> %129)
-  store <8 x float> %130, ptr %acc021, align 4
-  %131 = getelementptr inbounds float, ptr %53, i64 %96
-  %132 = load float, ptr %131, align 4
-  %133 = insertelement <8 x float> poison, float %132, i32 0
-  %134 = shufflevector <8 x float> %133, <8 x float> poison, <8 x i32> zeroinitializer
-  %135 = load <8 x float>, ptr %acc030, align 4
-  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %103, <8 x float> %135)
-  store <8 x float> %136, ptr %acc030, align 4
-  %137 = load <8 x float>, ptr %acc031, align 4
-  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %106, <8 x float> %137)
-  store <8 x float> %138, ptr %acc031, align 4
-  %139 = getelementptr inbounds float, ptr %65, i64 %96
-  %140 = load float, ptr %139, align 4
-  %141 = insertelement <8 x float> poison, float %140, i32 0
-  %142 = shufflevector <8 x float> %141, <8 x float> poison, <8 x i32> zeroinitializer
-  %143 = load <8 x float>, ptr %acc040, align 4
-  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> %103, <8 x float> %143)
-  store <8 x float> %144, ptr %acc040, align 4
-  %145 = load <8 x float>, ptr %acc041, align 4
-  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> %106, <8 x float> %145)
-  store <8 x float> %146, ptr %acc041, align 4
-  %147 = getelementptr inbounds float, ptr %77, i64 %96
-  %148 = load float, ptr %147, align 4
-  %149 = insertelement <8 x float> poison, float %148, i32 0
-  %150 = shufflevector <8 x float> %149, <8 x float> poison, <8 x i32> zeroinitializer
-  %151 = load <8 x float>, ptr %acc050, align 4
-  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %103, <8 x float> %151)
-  store <8 x float> %152, ptr %acc050, align 4
-  %153 = load <8 x float>, ptr %acc051, align 4
-  %154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %106, <8 x float> %153)
-  store <8 x float> %154, ptr %acc051, align 4
-  %155 = add nsw i64 %k, 1
+  %144 = mul nsw i64 %140, 16
+  %145 = add nsw i64 %panel.off, %144
+  %146 = getelementptr inbounds float, ptr %panels, i64 %145
+  %147 = load <8 x float>, ptr %146, align 4
+  %148 = add nsw i64 %145, 8
+  %149 = getelementptr inbounds float, ptr %panels, i64 %148
+  %150 = load <8 x float>, ptr %149, align 4
+  %151 = getelementptr inbounds float, ptr %32, i64 %140
+  %152 = load float, ptr %151, align 4
+  %153 = insertelement <8 x float> poison, float %152, i32 0
+  %154 = shufflevector <8 x float> %153, <8 x float> poison, <8 x i32> zeroinitializer
+  %155 = load <8 x float>, ptr %acc000, align 4
+  %156 = call <8 x float> @llvm.fma.v8f32(<8 x float> %154, <8 x float> %147, <8 x float> %155)
+  store <8 x float> %156, ptr %acc000, align 4
+  %157 = load <8 x float>, ptr %acc001, align 4
+  %158 = call <8 x float> @llvm.fma.v8f32(<8 x float> %154, <8 x float> %150, <8 x float> %157)
+  store <8 x float> %158, ptr %acc001, align 4
+  %159 = getelementptr inbounds float, ptr %49, i64 %140
+  %160 = load float, ptr %159, align 4
+  %161 = insertelement <8 x float> poison, float %160, i32 0
+  %162 = shufflevector <8 x float> %161, <8 x float> poison, <8 x i32> zeroinitializer
+  %163 = load <8 x float>, ptr %acc010, align 4
+  %164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %162, <8 x float> %147, <8 x float> %163)
+  store <8 x float> %164, ptr %acc010, align 4
+  %165 = load <8 x float>, ptr %acc011, align 4
+  %166 = call <8 x float> @llvm.fma.v8f32(<8 x float> %162, <8 x float> %150, <8 x float> %165)
+  store <8 x float> %166, ptr %acc011, align 4
+  %167 = getelementptr inbounds float, ptr %66, i64 %140
+  %168 = load float, ptr %167, align 4
+  %169 = insertelement <8 x float> poison, float %168, i32 0
+  %170 = shufflevector <8 x float> %169, <8 x float> poison, <8 x i32> zeroinitializer
+  %171 = load <8 x float>, ptr %acc020, align 4
+  %172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %170, <8 x float> %147, <8 x float> %171)
+  store <8 x float> %172, ptr %acc020, align 4
+  %173 = load <8 x float>, ptr %acc021, align 4
+  %174 = call <8 x float> @llvm.fma.v8f32(<8 x float> %170, <8 x float> %150, <8 x float> %173)
+  store <8 x float> %174, ptr %acc021, align 4
+  %175 = getelementptr inbounds float, ptr %83, i64 %140
+  %176 = load float, ptr %175, align 4
+  %177 = insertelement <8 x float> poison, float %176, i32 0
+  %178 = shufflevector <8 x float> %177, <8 x float> poison, <8 x i32> zeroinitializer
+  %179 = load <8 x float>, ptr %acc030, align 4
+  %180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %178, <8 x float> %147, <8 x float> %179)
+  store <8 x float> %180, ptr %acc030, align 4
+  %181 = load <8 x float>, ptr %acc031, align 4
+  %182 = call <8 x float> @llvm.fma.v8f32(<8 x float> %178, <8 x float> %150, <8 x float> %181)
+  store <8 x float> %182, ptr %acc031, align 4
+  %183 = getelementptr inbounds float, ptr %100, i64 %140
+  %184 = load float, ptr %183, align 4
+  %185 = insertelement <8 x float> poison, float %184, i32 0
+  %186 = shufflevector <8 x float> %185, <8 x float> poison, <8 x i32> zeroinitializer
+  %187 = load <8 x float>, ptr %acc040, align 4
+  %188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %186, <8 x float> %147, <8 x float> %187)
+  store <8 x float> %188, ptr %acc040, align 4
+  %189 = load <8 x float>, ptr %acc041, align 4
+  %190 = call <8 x float> @llvm.fma.v8f32(<8 x float> %186, <8 x float> %150, <8 x float> %189)
+  store <8 x float> %190, ptr %acc041, align 4
+  %191 = getelementptr inbounds float, ptr %117, i64 %140
+  %192 = load float, ptr %191, align 4
+  %193 = insertelement <8 x float> poison, float %192, i32 0
+  %194 = shufflevector <8 x float> %193, <8 x float> poison, <8 x i32> zeroinitializer
+  %195 = load <8 x float>, ptr %acc050, align 4
+  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> %147, <8 x float> %195)
+  store <8 x float> %196, ptr %acc050, align 4
+  %197 = load <8 x float>, ptr %acc051, align 4
+  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> %150, <8 x float> %197)
+  store <8 x float> %198, ptr %acc051, align 4
+  %199 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %156 = load <8 x float>, ptr %acc000, align 4
-  store <8 x float> %156, ptr %24, align 4
-  %157 = load <8 x float>, ptr %acc001, align 4
-  store <8 x float> %157, ptr %26, align 4
-  %158 = load <8 x float>, ptr %acc010, align 4
-  store <8 x float> %158, ptr %36, align 4
-  %159 = load <8 x float>, ptr %acc011, align 4
-  store <8 x float> %159, ptr %38, align 4
-  %160 = load <8 x float>, ptr %acc020, align 4
-  store <8 x float> %160, ptr %48, align 4
-  %161 = load <8 x float>, ptr %acc021, align 4
-  store <8 x float> %161, ptr %50, align 4
-  %162 = load <8 x float>, ptr %acc030, align 4
-  store <8 x float> %162, ptr %60, align 4
-  %163 = load <8 x float>, ptr %acc031, align 4
-  store <8 x float> %163, ptr %62, align 4
-  %164 = load <8 x float>, ptr %acc040, align 4
-  store <8 x float> %164, ptr %72, align 4
-  %165 = load <8 x float>, ptr %acc041, align 4
-  store <8 x float> %165, ptr %74, align 4
-  %166 = load <8 x float>, ptr %acc050, align 4
-  store <8 x float> %166, ptr %84, align 4
-  %167 = load <8 x float>, ptr %acc051, align 4
-  store <8 x float> %167, ptr %86, align 4
+  %200 = load <8 x float>, ptr %acc000, align 4
+  store <8 x float> %200, ptr %39, align 4
+  %201 = load <8 x float>, ptr %acc001, align 4
+  store <8 x float> %201, ptr %43, align 4
+  %202 = load <8 x float>, ptr %acc010, align 4
+  store <8 x float> %202, ptr %56, align 4
+  %203 = load <8 x float>, ptr %acc011, align 4
+  store <8 x float> %203, ptr %60, align 4
+  %204 = load <8 x float>, ptr %acc020, align 4
+  store <8 x float> %204, ptr %73, align 4
+  %205 = load <8 x float>, ptr %acc021, align 4
+  store <8 x float> %205, ptr %77, align 4
+  %206 = load <8 x float>, ptr %acc030, align 4
+  store <8 x float> %206, ptr %90, align 4
+  %207 = load <8 x float>, ptr %acc031, align 4
+  store <8 x float> %207, ptr %94, align 4
+  %208 = load <8 x float>, ptr %acc040, align 4
+  store <8 x float> %208, ptr %107, align 4
+  %209 = load <8 x float>, ptr %acc041, align 4
+  store <8 x float> %209, ptr %111, align 4
+  %210 = load <8 x float>, ptr %acc050, align 4
+  store <8 x float> %210, ptr %124, align 4
+  %211 = load <8 x float>, ptr %acc051, align 4
+  store <8 x float> %211, ptr %128, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
-  %col2 = mul nsw i64 %p, 16
-  %168 = add nsw i64 %r0, 0
-  %169 = mul nsw i64 %168, 1024
-  %170 = getelementptr inbounds float, ptr %h, i64 %169
-  %171 = getelementptr inbounds i32, ptr %rows, i64 %168
-  %172 = load i32, ptr %171, align 4
-  %173 = sext i32 %172 to i64
-  %174 = mul nsw i64 %173, 512
-  %175 = getelementptr inbounds float, ptr %y, i64 %174
-  %176 = add nsw i64 %col2, 0
-  %177 = getelementptr inbounds float, ptr %175, i64 %176
-  store <8 x float> zeroinitializer, ptr %acc0003, align 4
-  %178 = add nsw i64 %col2, 8
-  %179 = getelementptr inbounds float, ptr %175, i64 %178
-  store <8 x float> zeroinitializer, ptr %acc0014, align 4
-  %180 = add nsw i64 %r0, 1
-  %181 = mul nsw i64 %180, 1024
-  %182 = getelementptr inbounds float, ptr %h, i64 %181
-  %183 = getelementptr inbounds i32, ptr %rows, i64 %180
-  %184 = load i32, ptr %183, align 4
-  %185 = sext i32 %184 to i64
-  %186 = mul nsw i64 %185, 512
-  %187 = getelementptr inbounds float, ptr %y, i64 %186
-  %188 = add nsw i64 %col2, 0
-  %189 = getelementptr inbounds float, ptr %187, i64 %188
-  store <8 x float> zeroinitializer, ptr %acc0105, align 4
-  %190 = add nsw i64 %col2, 8
-  %191 = getelementptr inbounds float, ptr %187, i64 %190
-  store <8 x float> zeroinitializer, ptr %acc0116, align 4
-  %192 = add nsw i64 %r0, 2
-  %193 = mul nsw i64 %192, 1024
-  %194 = getelementptr inbounds float, ptr %h, i64 %193
-  %195 = getelementptr inbounds i32, ptr %rows, i64 %192
-  %196 = load i32, ptr %195, align 4
-  %197 = sext i32 %196 to i64
-  %198 = mul nsw i64 %197, 512
-  %199 = getelementptr inbounds float, ptr %y, i64 %198
-  %200 = add nsw i64 %col2, 0
-  %201 = getelementptr inbounds float, ptr %199, i64 %200
-  store <8 x float> zeroinitializer, ptr %acc0207, align 4
-  %202 = add nsw i64 %col2, 8
-  %203 = getelementptr inbounds float, ptr %199, i64 %202
-  store <8 x float> zeroinitializer, ptr %acc0218, align 4
-  %204 = add nsw i64 %r0, 3
-  %205 = mul nsw i64 %204, 1024
-  %206 = getelementptr inbounds float, ptr %h, i64 %205
-  %207 = getelementptr inbounds i32, ptr %rows, i64 %204
-  %208 = load i32, ptr %207, align 4
-  %209 = sext i32 %208 to i64
-  %210 = mul nsw i64 %209, 512
-  %211 = getelementptr inbounds float, ptr %y, i64 %210
-  %212 = add nsw i64 %col2, 0
-  %213 = getelementptr inbounds float, ptr %211, i64 %212
-  store <8 x float> zeroinitializer, ptr %acc0309, align 4
-  %214 = add nsw i64 %col2, 8
-  %215 = getelementptr inbounds float, ptr %211, i64 %214
-  store <8 x float> zeroinitializer, ptr %acc03110, align 4
-  %216 = add nsw i64 %r0, 4
-  %217 = mul nsw i64 %216, 1024
-  %218 = getelementptr inbounds float, ptr %h, i64 %217
-  %219 = getelementptr inbounds i32, ptr %rows, i64 %216
-  %220 = load i32, ptr %219, align 4
-  %221 = sext i32 %220 to i64
-  %222 = mul nsw i64 %221, 512
-  %223 = getelementptr inbounds float, ptr %y, i64 %222
-  %224 = add nsw i64 %col2, 0
-  %225 = getelementptr inbounds float, ptr %223, i64 %224
-  store <8 x float> zeroinitializer, ptr %acc04011, align 4
-  %226 = add nsw i64 %col2, 8
-  %227 = getelementptr inbounds float, ptr %223, i64 %226
-  store <8 x float> zeroinitializer, ptr %acc04112, align 4
-  %panel.off13 = mul nsw i64 %p, 16384
-  %228 = getelementptr inbounds float, ptr %panels, i64 %panel.off13
-  %229 = add nsw i64 %p, 1
-  %230 = icmp slt i64 %229, %p1
-  %pf.on14 = and i1 %pf.on, %230
-  %231 = mul nsw i64 %rb, 65536
-  %232 = lshr i64 %231, %12
-  %233 = add nsw i64 65536, %232
-  %234 = getelementptr inbounds i8, ptr %228, i64 %233
-  %pf15 = select i1 %pf.on14, ptr %234, ptr %228
-  %pf.sh16 = select i1 %pf.on14, i64 %12, i64 0
-  br label %k.head17
-
-k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %288, %pf.any.end22 ]
-  %235 = icmp slt i64 %k20, 1024
-  br i1 %235, label %k.body18, label %k.end19
-
-k.body18:                                         ; preds = %k.head17
-  %236 = mul nsw i64 %k20, 1
-  %237 = add nsw i64 %236, 0
-  %238 = mul nsw i64 %237, 64
-  br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
-
-pf.any.then21:                                    ; preds = %k.body18
-  %239 = lshr i64 %238, %pf.sh16
-  %240 = getelementptr inbounds i8, ptr %pf15, i64 %239
-  call void @llvm.prefetch.p0(ptr %240, i32 0, i32 2, i32 1)
-  br label %pf.any.end22
-
-pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
-  %241 = mul nsw i64 %237, 16
-  %242 = add nsw i64 %panel.off13, %241
-  %243 = getelementptr inbounds float, ptr %panels, i64 %242
+  %col3 = mul nsw i64 %kb.p, 16
+  %212 = add nsw i64 %r01, 0
+  %213 = mul nsw i64 %212, 1024
+  %214 = add nsw i64 %213, %k0
+  %215 = getelementptr inbounds float, ptr %h, i64 %214
+  %216 = getelementptr inbounds i32, ptr %rows, i64 %212
+  %217 = load i32, ptr %216, align 4
+  %218 = sext i32 %217 to i64
+  %219 = mul nsw i64 %218, 512
+  %220 = getelementptr inbounds float, ptr %y, i64 %219
+  %221 = add nsw i64 %col3, 0
+  %222 = getelementptr inbounds float, ptr %220, i64 %221
+  %223 = load <8 x float>, ptr %222, align 4
+  %224 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %223
+  store <8 x float> %224, ptr %acc0004, align 4
+  %225 = add nsw i64 %col3, 8
+  %226 = getelementptr inbounds float, ptr %220, i64 %225
+  %227 = load <8 x float>, ptr %226, align 4
+  %228 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %227
+  store <8 x float> %228, ptr %acc0015, align 4
+  %229 = add nsw i64 %r01, 1
+  %230 = mul nsw i64 %229, 1024
+  %231 = add nsw i64 %230, %k0
+  %232 = getelementptr inbounds float, ptr %h, i64 %231
+  %233 = getelementptr inbounds i32, ptr %rows, i64 %229
+  %234 = load i32, ptr %233, align 4
+  %235 = sext i32 %234 to i64
+  %236 = mul nsw i64 %235, 512
+  %237 = getelementptr inbounds float, ptr %y, i64 %236
+  %238 = add nsw i64 %col3, 0
+  %239 = getelementptr inbounds float, ptr %237, i64 %238
+  %240 = load <8 x float>, ptr %239, align 4
+  %241 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %240
+  store <8 x float> %241, ptr %acc0106, align 4
+  %242 = add nsw i64 %col3, 8
+  %243 = getelementptr inbounds float, ptr %237, i64 %242
   %244 = load <8 x float>, ptr %243, align 4
-  %245 = add nsw i64 %242, 8
-  %246 = getelementptr inbounds float, ptr %panels, i64 %245
-  %247 = load <8 x float>, ptr %246, align 4
-  %248 = getelementptr inbounds float, ptr %170, i64 %237
-  %249 = load float, ptr %248, align 4
-  %250 = insertelement <8 x float> poison, float %249, i32 0
-  %251 = shufflevector <8 x float> %250, <8 x float> poison, <8 x i32> zeroinitializer
-  %252 = load <8 x float>, ptr %acc0003, align 4
-  %253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %251, <8 x float> %244, <8 x float> %252)
-  store <8 x float> %253, ptr %acc0003, align 4
-  %254 = load <8 x float>, ptr %acc0014, align 4
-  %255 = call <8 x float> @llvm.fma.v8f32(<8 x float> %251, <8 x float> %247, <8 x float> %254)
-  store <8 x float> %255, ptr %acc0014, align 4
-  %256 = getelementptr inbounds float, ptr %182, i64 %237
-  %257 = load float, ptr %256, align 4
-  %258 = insertelement <8 x float> poison, float %257, i32 0
-  %259 = shufflevector <8 x float> %258, <8 x float> poison, <8 x i32> zeroinitializer
-  %260 = load <8 x float>, ptr %acc0105, align 4
-  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> %244, <8 x float> %260)
-  store <8 x float> %261, ptr %acc0105, align 4
-  %262 = load <8 x float>, ptr %acc0116, align 4
-  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> %247, <8 x float> %262)
-  store <8 x float> %263, ptr %acc0116, align 4
-  %264 = getelementptr inbounds float, ptr %194, i64 %237
-  %265 = load float, ptr %264, align 4
-  %266 = insertelement <8 x float> poison, float %265, i32 0
-  %267 = shufflevector <8 x float> %266, <8 x float> poison, <8 x i32> zeroinitializer
-  %268 = load <8 x float>, ptr %acc0207, align 4
-  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %244, <8 x float> %268)
-  store <8 x float> %269, ptr %acc0207, align 4
-  %270 = load <8 x float>, ptr %acc0218, align 4
-  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %247, <8 x float> %270)
-  store <8 x float> %271, ptr %acc0218, align 4
-  %272 = getelementptr inbounds float, ptr %206, i64 %237
-  %273 = load float, ptr %272, align 4
-  %274 = insertelement <8 x float> poison, float %273, i32 0
-  %275 = shufflevector <8 x float> %274, <8 x float> poison, <8 x i32> zeroinitializer
-  %276 = load <8 x float>, ptr %acc0309, align 4
-  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %244, <8 x float> %276)
-  store <8 x float> %277, ptr %acc0309, align 4
-  %278 = load <8 x float>, ptr %acc03110, align 4
-  %279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %247, <8 x float> %278)
-  store <8 x float> %279, ptr %acc03110, align 4
-  %280 = getelementptr inbounds float, ptr %218, i64 %237
-  %281 = load float, ptr %280, align 4
-  %282 = insertelement <8 x float> poison, float %281, i32 0
-  %283 = shufflevector <8 x float> %282, <8 x float> poison, <8 x i32> zeroinitializer
-  %284 = load <8 x float>, ptr %acc04011, align 4
-  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %244, <8 x float> %284)
-  store <8 x float> %285, ptr %acc04011, align 4
-  %286 = load <8 x float>, ptr %acc04112, align 4
-  %287 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %247, <8 x float> %286)
-  store <8 x float> %287, ptr %acc04112, align 4
-  %288 = add nsw i64 %k20, 1
-  br label %k.head17
+  %245 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %244
+  store <8 x float> %245, ptr %acc0117, align 4
+  %246 = add nsw i64 %r01, 2
+  %247 = mul nsw i64 %246, 1024
+  %248 = add nsw i64 %247, %k0
+  %249 = getelementptr inbounds float, ptr %h, i64 %248
+  %250 = getelementptr inbounds i32, ptr %rows, i64 %246
+  %251 = load i32, ptr %250, align 4
+  %252 = sext i32 %251 to i64
+  %253 = mul nsw i64 %252, 512
+  %254 = getelementptr inbounds float, ptr %y, i64 %253
+  %255 = add nsw i64 %col3, 0
+  %256 = getelementptr inbounds float, ptr %254, i64 %255
+  %257 = load <8 x float>, ptr %256, align 4
+  %258 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %257
+  store <8 x float> %258, ptr %acc0208, align 4
+  %259 = add nsw i64 %col3, 8
+  %260 = getelementptr inbounds float, ptr %254, i64 %259
+  %261 = load <8 x float>, ptr %260, align 4
+  %262 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %261
+  store <8 x float> %262, ptr %acc0219, align 4
+  %263 = add nsw i64 %r01, 3
+  %264 = mul nsw i64 %263, 1024
+  %265 = add nsw i64 %264, %k0
+  %266 = getelementptr inbounds float, ptr %h, i64 %265
+  %267 = getelementptr inbounds i32, ptr %rows, i64 %263
+  %268 = load i32, ptr %267, align 4
+  %269 = sext i32 %268 to i64
+  %270 = mul nsw i64 %269, 512
+  %271 = getelementptr inbounds float, ptr %y, i64 %270
+  %272 = add nsw i64 %col3, 0
+  %273 = getelementptr inbounds float, ptr %271, i64 %272
+  %274 = load <8 x float>, ptr %273, align 4
+  %275 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %274
+  store <8 x float> %275, ptr %acc03010, align 4
+  %276 = add nsw i64 %col3, 8
+  %277 = getelementptr inbounds float, ptr %271, i64 %276
+  %278 = load <8 x float>, ptr %277, align 4
+  %279 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %278
+  store <8 x float> %279, ptr %acc03111, align 4
+  %280 = add nsw i64 %r01, 4
+  %281 = mul nsw i64 %280, 1024
+  %282 = add nsw i64 %281, %k0
+  %283 = getelementptr inbounds float, ptr %h, i64 %282
+  %284 = getelementptr inbounds i32, ptr %rows, i64 %280
+  %285 = load i32, ptr %284, align 4
+  %286 = sext i32 %285 to i64
+  %287 = mul nsw i64 %286, 512
+  %288 = getelementptr inbounds float, ptr %y, i64 %287
+  %289 = add nsw i64 %col3, 0
+  %290 = getelementptr inbounds float, ptr %288, i64 %289
+  %291 = load <8 x float>, ptr %290, align 4
+  %292 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %291
+  store <8 x float> %292, ptr %acc04012, align 4
+  %293 = add nsw i64 %col3, 8
+  %294 = getelementptr inbounds float, ptr %288, i64 %293
+  %295 = load <8 x float>, ptr %294, align 4
+  %296 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %295
+  store <8 x float> %296, ptr %acc04113, align 4
+  %297 = mul nsw i64 %k0, 16
+  %298 = mul nsw i64 %kb.p, 16384
+  %panel.off14 = add nsw i64 %298, %297
+  %299 = getelementptr inbounds float, ptr %panels, i64 %panel.off14
+  %pf.on15 = and i1 %pf.on, %pf.next
+  %300 = mul nsw i64 %rb, 16384
+  %301 = lshr i64 %300, %26
+  %302 = add nsw i64 %pf.step, %301
+  %303 = getelementptr inbounds i8, ptr %299, i64 %302
+  %pf16 = select i1 %pf.on15, ptr %303, ptr %299
+  %pf.sh17 = select i1 %pf.on15, i64 %26, i64 0
+  br label %k.head18
 
-k.end19:                                          ; preds = %k.head17
-  %289 = load <8 x float>, ptr %acc0003, align 4
-  store <8 x float> %289, ptr %177, align 4
-  %290 = load <8 x float>, ptr %acc0014, align 4
-  store <8 x float> %290, ptr %179, align 4
-  %291 = load <8 x float>, ptr %acc0105, align 4
-  store <8 x float> %291, ptr %189, align 4
-  %292 = load <8 x float>, ptr %acc0116, align 4
-  store <8 x float> %292, ptr %191, align 4
-  %293 = load <8 x float>, ptr %acc0207, align 4
-  store <8 x float> %293, ptr %201, align 4
-  %294 = load <8 x float>, ptr %acc0218, align 4
-  store <8 x float> %294, ptr %203, align 4
-  %295 = load <8 x float>, ptr %acc0309, align 4
-  store <8 x float> %295, ptr %213, align 4
-  %296 = load <8 x float>, ptr %acc03110, align 4
-  store <8 x float> %296, ptr %215, align 4
-  %297 = load <8 x float>, ptr %acc04011, align 4
-  store <8 x float> %297, ptr %225, align 4
-  %298 = load <8 x float>, ptr %acc04112, align 4
-  store <8 x float> %298, ptr %227, align 4
+k.head18:                                         ; preds = %pf.any.end23, %tile.mr5
+  %k21 = phi i64 [ 0, %tile.mr5 ], [ %357, %pf.any.end23 ]
+  %304 = icmp slt i64 %k21, 256
+  br i1 %304, label %k.body19, label %k.end20
+
+k.body19:                                         ; preds = %k.head18
+  %305 = mul nsw i64 %k21, 1
+  %306 = add nsw i64 %305, 0
+  %307 = mul nsw i64 %306, 64
+  br i1 %pf.multi, label %pf.any.then22, label %pf.any.end23
+
+pf.any.then22:                                    ; preds = %k.body19
+  %308 = lshr i64 %307, %pf.sh17
+  %309 = getelementptr inbounds i8, ptr %pf16, i64 %308
+  call void @llvm.prefetch.p0(ptr %309, i32 0, i32 2, i32 1)
+  br label %pf.any.end23
+
+pf.any.end23:                                     ; preds = %pf.any.then22, %k.body19
+  %310 = mul nsw i64 %306, 16
+  %311 = add nsw i64 %panel.off14, %310
+  %312 = getelementptr inbounds float, ptr %panels, i64 %311
+  %313 = load <8 x float>, ptr %312, align 4
+  %314 = add nsw i64 %311, 8
+  %315 = getelementptr inbounds float, ptr %panels, i64 %314
+  %316 = load <8 x float>, ptr %315, align 4
+  %317 = getelementptr inbounds float, ptr %215, i64 %306
+  %318 = load float, ptr %317, align 4
+  %319 = insertelement <8 x float> poison, float %318, i32 0
+  %320 = shufflevector <8 x float> %319, <8 x float> poison, <8 x i32> zeroinitializer
+  %321 = load <8 x float>, ptr %acc0004, align 4
+  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %320, <8 x float> %313, <8 x float> %321)
+  store <8 x float> %322, ptr %acc0004, align 4
+  %323 = load <8 x float>, ptr %acc0015, align 4
+  %324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %320, <8 x float> %316, <8 x float> %323)
+  store <8 x float> %324, ptr %acc0015, align 4
+  %325 = getelementptr inbounds float, ptr %232, i64 %306
+  %326 = load float, ptr %325, align 4
+  %327 = insertelement <8 x float> poison, float %326, i32 0
+  %328 = shufflevector <8 x float> %327, <8 x float> poison, <8 x i32> zeroinitializer
+  %329 = load <8 x float>, ptr %acc0106, align 4
+  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %328, <8 x float> %313, <8 x float> %329)
+  store <8 x float> %330, ptr %acc0106, align 4
+  %331 = load <8 x float>, ptr %acc0117, align 4
+  %332 = call <8 x float> @llvm.fma.v8f32(<8 x float> %328, <8 x float> %316, <8 x float> %331)
+  store <8 x float> %332, ptr %acc0117, align 4
+  %333 = getelementptr inbounds float, ptr %249, i64 %306
+  %334 = load float, ptr %333, align 4
+  %335 = insertelement <8 x float> poison, float %334, i32 0
+  %336 = shufflevector <8 x float> %335, <8 x float> poison, <8 x i32> zeroinitializer
+  %337 = load <8 x float>, ptr %acc0208, align 4
+  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %336, <8 x float> %313, <8 x float> %337)
+  store <8 x float> %338, ptr %acc0208, align 4
+  %339 = load <8 x float>, ptr %acc0219, align 4
+  %340 = call <8 x float> @llvm.fma.v8f32(<8 x float> %336, <8 x float> %316, <8 x float> %339)
+  store <8 x float> %340, ptr %acc0219, align 4
+  %341 = getelementptr inbounds float, ptr %266, i64 %306
+  %342 = load float, ptr %341, align 4
+  %343 = insertelement <8 x float> poison, float %342, i32 0
+  %344 = shufflevector <8 x float> %343, <8 x float> poison, <8 x i32> zeroinitializer
+  %345 = load <8 x float>, ptr %acc03010, align 4
+  %346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %344, <8 x float> %313, <8 x float> %345)
+  store <8 x float> %346, ptr %acc03010, align 4
+  %347 = load <8 x float>, ptr %acc03111, align 4
+  %348 = call <8 x float> @llvm.fma.v8f32(<8 x float> %344, <8 x float> %316, <8 x float> %347)
+  store <8 x float> %348, ptr %acc03111, align 4
+  %349 = getelementptr inbounds float, ptr %283, i64 %306
+  %350 = load float, ptr %349, align 4
+  %351 = insertelement <8 x float> poison, float %350, i32 0
+  %352 = shufflevector <8 x float> %351, <8 x float> poison, <8 x i32> zeroinitializer
+  %353 = load <8 x float>, ptr %acc04012, align 4
+  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %352, <8 x float> %313, <8 x float> %353)
+  store <8 x float> %354, ptr %acc04012, align 4
+  %355 = load <8 x float>, ptr %acc04113, align 4
+  %356 = call <8 x float> @llvm.fma.v8f32(<8 x float> %352, <8 x float> %316, <8 x float> %355)
+  store <8 x float> %356, ptr %acc04113, align 4
+  %357 = add nsw i64 %k21, 1
+  br label %k.head18
+
+k.end20:                                          ; preds = %k.head18
+  %358 = load <8 x float>, ptr %acc0004, align 4
+  store <8 x float> %358, ptr %222, align 4
+  %359 = load <8 x float>, ptr %acc0015, align 4
+  store <8 x float> %359, ptr %226, align 4
+  %360 = load <8 x float>, ptr %acc0106, align 4
+  store <8 x float> %360, ptr %239, align 4
+  %361 = load <8 x float>, ptr %acc0117, align 4
+  store <8 x float> %361, ptr %243, align 4
+  %362 = load <8 x float>, ptr %acc0208, align 4
+  store <8 x float> %362, ptr %256, align 4
+  %363 = load <8 x float>, ptr %acc0219, align 4
+  store <8 x float> %363, ptr %260, align 4
+  %364 = load <8 x float>, ptr %acc03010, align 4
+  store <8 x float> %364, ptr %273, align 4
+  %365 = load <8 x float>, ptr %acc03111, align 4
+  store <8 x float> %365, ptr %277, align 4
+  %366 = load <8 x float>, ptr %acc04012, align 4
+  store <8 x float> %366, ptr %290, align 4
+  %367 = load <8 x float>, ptr %acc04113, align 4
+  store <8 x float> %367, ptr %294, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
-  %col23 = mul nsw i64 %p, 16
-  %299 = add nsw i64 %r0, 0
-  %300 = mul nsw i64 %299, 1024
-  %301 = getelementptr inbounds float, ptr %h, i64 %300
-  %302 = getelementptr inbounds i32, ptr %rows, i64 %299
-  %303 = load i32, ptr %302, align 4
-  %304 = sext i32 %303 to i64
-  %305 = mul nsw i64 %304, 512
-  %306 = getelementptr inbounds float, ptr %y, i64 %305
-  %307 = add nsw i64 %col23, 0
-  %308 = getelementptr inbounds float, ptr %306, i64 %307
-  store <8 x float> zeroinitializer, ptr %acc00024, align 4
-  %309 = add nsw i64 %col23, 8
-  %310 = getelementptr inbounds float, ptr %306, i64 %309
-  store <8 x float> zeroinitializer, ptr %acc00125, align 4
-  %311 = add nsw i64 %r0, 1
-  %312 = mul nsw i64 %311, 1024
-  %313 = getelementptr inbounds float, ptr %h, i64 %312
-  %314 = getelementptr inbounds i32, ptr %rows, i64 %311
-  %315 = load i32, ptr %314, align 4
-  %316 = sext i32 %315 to i64
-  %317 = mul nsw i64 %316, 512
-  %318 = getelementptr inbounds float, ptr %y, i64 %317
-  %319 = add nsw i64 %col23, 0
-  %320 = getelementptr inbounds float, ptr %318, i64 %319
-  store <8 x float> zeroinitializer, ptr %acc01026, align 4
-  %321 = add nsw i64 %col23, 8
-  %322 = getelementptr inbounds float, ptr %318, i64 %321
-  store <8 x float> zeroinitializer, ptr %acc01127, align 4
-  %323 = add nsw i64 %r0, 2
-  %324 = mul nsw i64 %323, 1024
-  %325 = getelementptr inbounds float, ptr %h, i64 %324
-  %326 = getelementptr inbounds i32, ptr %rows, i64 %323
-  %327 = load i32, ptr %326, align 4
-  %328 = sext i32 %327 to i64
-  %329 = mul nsw i64 %328, 512
-  %330 = getelementptr inbounds float, ptr %y, i64 %329
-  %331 = add nsw i64 %col23, 0
-  %332 = getelementptr inbounds float, ptr %330, i64 %331
-  store <8 x float> zeroinitializer, ptr %acc02028, align 4
-  %333 = add nsw i64 %col23, 8
-  %334 = getelementptr inbounds float, ptr %330, i64 %333
-  store <8 x float> zeroinitializer, ptr %acc02129, align 4
-  %335 = add nsw i64 %r0, 3
-  %336 = mul nsw i64 %335, 1024
-  %337 = getelementptr inbounds float, ptr %h, i64 %336
-  %338 = getelementptr inbounds i32, ptr %rows, i64 %335
-  %339 = load i32, ptr %338, align 4
-  %340 = sext i32 %339 to i64
-  %341 = mul nsw i64 %340, 512
-  %342 = getelementptr inbounds float, ptr %y, i64 %341
-  %343 = add nsw i64 %col23, 0
-  %344 = getelementptr inbounds float, ptr %342, i64 %343
-  store <8 x float> zeroinitializer, ptr %acc03030, align 4
-  %345 = add nsw i64 %col23, 8
-  %346 = getelementptr inbounds float, ptr %342, i64 %345
-  store <8 x float> zeroinitializer, ptr %acc03131, align 4
-  %panel.off32 = mul nsw i64 %p, 16384
-  %347 = getelementptr inbounds float, ptr %panels, i64 %panel.off32
-  %348 = add nsw i64 %p, 1
-  %349 = icmp slt i64 %348, %p1
-  %pf.on33 = and i1 %pf.on, %349
-  %350 = mul nsw i64 %rb, 65536
-  %351 = lshr i64 %350, %12
-  %352 = add nsw i64 65536, %351
-  %353 = getelementptr inbounds i8, ptr %347, i64 %352
-  %pf34 = select i1 %pf.on33, ptr %353, ptr %347
-  %pf.sh35 = select i1 %pf.on33, i64 %12, i64 0
-  br label %k.head36
-
-k.head36:                                         ; preds = %pf.any.end41, %tile.mr4
-  %k39 = phi i64 [ 0, %tile.mr4 ], [ %399, %pf.any.end41 ]
-  %354 = icmp slt i64 %k39, 1024
-  br i1 %354, label %k.body37, label %k.end38
-
-k.body37:                                         ; preds = %k.head36
-  %355 = mul nsw i64 %k39, 1
-  %356 = add nsw i64 %355, 0
-  %357 = mul nsw i64 %356, 64
-  br i1 %pf.multi, label %pf.any.then40, label %pf.any.end41
-
-pf.any.then40:                                    ; preds = %k.body37
-  %358 = lshr i64 %357, %pf.sh35
-  %359 = getelementptr inbounds i8, ptr %pf34, i64 %358
-  call void @llvm.prefetch.p0(ptr %359, i32 0, i32 2, i32 1)
-  br label %pf.any.end41
-
-pf.any.end41:                                     ; preds = %pf.any.then40, %k.body37
-  %360 = mul nsw i64 %356, 16
-  %361 = add nsw i64 %panel.off32, %360
-  %362 = getelementptr inbounds float, ptr %panels, i64 %361
-  %363 = load <8 x float>, ptr %362, align 4
-  %364 = add nsw i64 %361, 8
-  %365 = getelementptr inbounds float, ptr %panels, i64 %364
-  %366 = load <8 x float>, ptr %365, align 4
-  %367 = getelementptr inbounds float, ptr %301, i64 %356
-  %368 = load float, ptr %367, align 4
-  %369 = insertelement <8 x float> poison, float %368, i32 0
-  %370 = shufflevector <8 x float> %369, <8 x float> poison, <8 x i32> zeroinitializer
-  %371 = load <8 x float>, ptr %acc00024, align 4
-  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %370, <8 x float> %363, <8 x float> %371)
-  store <8 x float> %372, ptr %acc00024, align 4
-  %373 = load <8 x float>, ptr %acc00125, align 4
-  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %370, <8 x float> %366, <8 x float> %373)
-  store <8 x float> %374, ptr %acc00125, align 4
-  %375 = getelementptr inbounds float, ptr %313, i64 %356
-  %376 = load float, ptr %375, align 4
-  %377 = insertelement <8 x float> poison, float %376, i32 0
-  %378 = shufflevector <8 x float> %377, <8 x float> poison, <8 x i32> zeroinitializer
-  %379 = load <8 x float>, ptr %acc01026, align 4
-  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %378, <8 x float> %363, <8 x float> %379)
-  store <8 x float> %380, ptr %acc01026, align 4
-  %381 = load <8 x float>, ptr %acc01127, align 4
-  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %378, <8 x float> %366, <8 x float> %381)
-  store <8 x float> %382, ptr %acc01127, align 4
-  %383 = getelementptr inbounds float, ptr %325, i64 %356
-  %384 = load float, ptr %383, align 4
-  %385 = insertelement <8 x float> poison, float %384, i32 0
-  %386 = shufflevector <8 x float> %385, <8 x float> poison, <8 x i32> zeroinitializer
-  %387 = load <8 x float>, ptr %acc02028, align 4
-  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %386, <8 x float> %363, <8 x float> %387)
-  store <8 x float> %388, ptr %acc02028, align 4
-  %389 = load <8 x float>, ptr %acc02129, align 4
-  %390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %386, <8 x float> %366, <8 x float> %389)
-  store <8 x float> %390, ptr %acc02129, align 4
-  %391 = getelementptr inbounds float, ptr %337, i64 %356
-  %392 = load float, ptr %391, align 4
-  %393 = insertelement <8 x float> poison, float %392, i32 0
-  %394 = shufflevector <8 x float> %393, <8 x float> poison, <8 x i32> zeroinitializer
-  %395 = load <8 x float>, ptr %acc03030, align 4
-  %396 = call <8 x float> @llvm.fma.v8f32(<8 x float> %394, <8 x float> %363, <8 x float> %395)
-  store <8 x float> %396, ptr %acc03030, align 4
-  %397 = load <8 x float>, ptr %acc03131, align 4
-  %398 = call <8 x float> @llvm.fma.v8f32(<8 x float> %394, <8 x float> %366, <8 x float> %397)
-  store <8 x float> %398, ptr %acc03131, align 4
-  %399 = add nsw i64 %k39, 1
-  br label %k.head36
-
-k.end38:                                          ; preds = %k.head36
-  %400 = load <8 x float>, ptr %acc00024, align 4
-  store <8 x float> %400, ptr %308, align 4
-  %401 = load <8 x float>, ptr %acc00125, align 4
-  store <8 x float> %401, ptr %310, align 4
-  %402 = load <8 x float>, ptr %acc01026, align 4
-  store <8 x float> %402, ptr %320, align 4
-  %403 = load <8 x float>, ptr %acc01127, align 4
-  store <8 x float> %403, ptr %322, align 4
-  %404 = load <8 x float>, ptr %acc02028, align 4
-  store <8 x float> %404, ptr %332, align 4
-  %405 = load <8 x float>, ptr %acc02129, align 4
-  store <8 x float> %405, ptr %334, align 4
-  %406 = load <8 x float>, ptr %acc03030, align 4
-  store <8 x float> %406, ptr %344, align 4
-  %407 = load <8 x float>, ptr %acc03131, align 4
-  store <8 x float> %407, ptr %346, align 4
-  br label %tile.done
-
-tile.mr3:                                         ; preds = %rb.body
-  %col42 = mul nsw i64 %p, 16
-  %408 = add nsw i64 %r0, 0
-  %409 = mul nsw i64 %408, 1024
-  %410 = getelementptr inbounds float, ptr %h, i64 %409
-  %411 = getelementptr inbounds i32, ptr %rows, i64 %408
-  %412 = load i32, ptr %411, align 4
-  %413 = sext i32 %412 to i64
-  %414 = mul nsw i64 %413, 512
-  %415 = getelementptr inbounds float, ptr %y, i64 %414
-  %416 = add nsw i64 %col42, 0
-  %417 = getelementptr inbounds float, ptr %415, i64 %416
-  store <8 x float> zeroinitializer, ptr %acc00043, align 4
-  %418 = add nsw i64 %col42, 8
-  %419 = getelementptr inbounds float, ptr %415, i64 %418
-  store <8 x float> zeroinitializer, ptr %acc00144, align 4
-  %420 = add nsw i64 %r0, 1
-  %421 = mul nsw i64 %420, 1024
+  %col24 = mul nsw i64 %kb.p, 16
+  %368 = add nsw i64 %r01, 0
+  %369 = mul nsw i64 %368, 1024
+  %370 = add nsw i64 %369, %k0
+  %371 = getelementptr inbounds float, ptr %h, i64 %370
+  %372 = getelementptr inbounds i32, ptr %rows, i64 %368
+  %373 = load i32, ptr %372, align 4
+  %374 = sext i32 %373 to i64
+  %375 = mul nsw i64 %374, 512
+  %376 = getelementptr inbounds float, ptr %y, i64 %375
+  %377 = add nsw i64 %col24, 0
+  %378 = getelementptr inbounds float, ptr %376, i64 %377
+  %379 = load <8 x float>, ptr %378, align 4
+  %380 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %379
+  store <8 x float> %380, ptr %acc00025, align 4
+  %381 = add nsw i64 %col24, 8
+  %382 = getelementptr inbounds float, ptr %376, i64 %381
+  %383 = load <8 x float>, ptr %382, align 4
+  %384 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %383
+  store <8 x float> %384, ptr %acc00126, align 4
+  %385 = add nsw i64 %r01, 1
+  %386 = mul nsw i64 %385, 1024
+  %387 = add nsw i64 %386, %k0
+  %388 = getelementptr inbounds float, ptr %h, i64 %387
+  %389 = getelementptr inbounds i32, ptr %rows, i64 %385
+  %390 = load i32, ptr %389, align 4
+  %391 = sext i32 %390 to i64
+  %392 = mul nsw i64 %391, 512
+  %393 = getelementptr inbounds float, ptr %y, i64 %392
+  %394 = add nsw i64 %col24, 0
+  %395 = getelementptr inbounds float, ptr %393, i64 %394
+  %396 = load <8 x float>, ptr %395, align 4
+  %397 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %396
+  store <8 x float> %397, ptr %acc01027, align 4
+  %398 = add nsw i64 %col24, 8
+  %399 = getelementptr inbounds float, ptr %393, i64 %398
+  %400 = load <8 x float>, ptr %399, align 4
+  %401 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %400
+  store <8 x float> %401, ptr %acc01128, align 4
+  %402 = add nsw i64 %r01, 2
+  %403 = mul nsw i64 %402, 1024
+  %404 = add nsw i64 %403, %k0
+  %405 = getelementptr inbounds float, ptr %h, i64 %404
+  %406 = getelementptr inbounds i32, ptr %rows, i64 %402
+  %407 = load i32, ptr %406, align 4
+  %408 = sext i32 %407 to i64
+  %409 = mul nsw i64 %408, 512
+  %410 = getelementptr inbounds float, ptr %y, i64 %409
+  %411 = add nsw i64 %col24, 0
+  %412 = getelementptr inbounds float, ptr %410, i64 %411
+  %413 = load <8 x float>, ptr %412, align 4
+  %414 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %413
+  store <8 x float> %414, ptr %acc02029, align 4
+  %415 = add nsw i64 %col24, 8
+  %416 = getelementptr inbounds float, ptr %410, i64 %415
+  %417 = load <8 x float>, ptr %416, align 4
+  %418 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %417
+  store <8 x float> %418, ptr %acc02130, align 4
+  %419 = add nsw i64 %r01, 3
+  %420 = mul nsw i64 %419, 1024
+  %421 = add nsw i64 %420, %k0
   %422 = getelementptr inbounds float, ptr %h, i64 %421
-  %423 = getelementptr inbounds i32, ptr %rows, i64 %420
+  %423 = getelementptr inbounds i32, ptr %rows, i64 %419
   %424 = load i32, ptr %423, align 4
   %425 = sext i32 %424 to i64
   %426 = mul nsw i64 %425, 512
   %427 = getelementptr inbounds float, ptr %y, i64 %426
-  %428 = add nsw i64 %col42, 0
+  %428 = add nsw i64 %col24, 0
   %429 = getelementptr inbounds float, ptr %427, i64 %428
-  store <8 x float> zeroinitializer, ptr %acc01045, align 4
-  %430 = add nsw i64 %col42, 8
-  %431 = getelementptr inbounds float, ptr %427, i64 %430
-  store <8 x float> zeroinitializer, ptr %acc01146, align 4
-  %432 = add nsw i64 %r0, 2
-  %433 = mul nsw i64 %432, 1024
-  %434 = getelementptr inbounds float, ptr %h, i64 %433
-  %435 = getelementptr inbounds i32, ptr %rows, i64 %432
-  %436 = load i32, ptr %435, align 4
-  %437 = sext i32 %436 to i64
-  %438 = mul nsw i64 %437, 512
-  %439 = getelementptr inbounds float, ptr %y, i64 %438
-  %440 = add nsw i64 %col42, 0
-  %441 = getelementptr inbounds float, ptr %439, i64 %440
-  store <8 x float> zeroinitializer, ptr %acc02047, align 4
-  %442 = add nsw i64 %col42, 8
-  %443 = getelementptr inbounds float, ptr %439, i64 %442
-  store <8 x float> zeroinitializer, ptr %acc02148, align 4
-  %panel.off49 = mul nsw i64 %p, 16384
-  %444 = getelementptr inbounds float, ptr %panels, i64 %panel.off49
-  %445 = add nsw i64 %p, 1
-  %446 = icmp slt i64 %445, %p1
-  %pf.on50 = and i1 %pf.on, %446
-  %447 = mul nsw i64 %rb, 65536
-  %448 = lshr i64 %447, %12
-  %449 = add nsw i64 65536, %448
-  %450 = getelementptr inbounds i8, ptr %444, i64 %449
-  %pf51 = select i1 %pf.on50, ptr %450, ptr %444
-  %pf.sh52 = select i1 %pf.on50, i64 %12, i64 0
-  br label %k.head53
+  %430 = load <8 x float>, ptr %429, align 4
+  %431 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %430
+  store <8 x float> %431, ptr %acc03031, align 4
+  %432 = add nsw i64 %col24, 8
+  %433 = getelementptr inbounds float, ptr %427, i64 %432
+  %434 = load <8 x float>, ptr %433, align 4
+  %435 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %434
+  store <8 x float> %435, ptr %acc03132, align 4
+  %436 = mul nsw i64 %k0, 16
+  %437 = mul nsw i64 %kb.p, 16384
+  %panel.off33 = add nsw i64 %437, %436
+  %438 = getelementptr inbounds float, ptr %panels, i64 %panel.off33
+  %pf.on34 = and i1 %pf.on, %pf.next
+  %439 = mul nsw i64 %rb, 16384
+  %440 = lshr i64 %439, %26
+  %441 = add nsw i64 %pf.step, %440
+  %442 = getelementptr inbounds i8, ptr %438, i64 %441
+  %pf35 = select i1 %pf.on34, ptr %442, ptr %438
+  %pf.sh36 = select i1 %pf.on34, i64 %26, i64 0
+  br label %k.head37
 
-k.head53:                                         ; preds = %pf.any.end58, %tile.mr3
-  %k56 = phi i64 [ 0, %tile.mr3 ], [ %488, %pf.any.end58 ]
-  %451 = icmp slt i64 %k56, 1024
-  br i1 %451, label %k.body54, label %k.end55
+k.head37:                                         ; preds = %pf.any.end42, %tile.mr4
+  %k40 = phi i64 [ 0, %tile.mr4 ], [ %488, %pf.any.end42 ]
+  %443 = icmp slt i64 %k40, 256
+  br i1 %443, label %k.body38, label %k.end39
 
-k.body54:                                         ; preds = %k.head53
-  %452 = mul nsw i64 %k56, 1
-  %453 = add nsw i64 %452, 0
-  %454 = mul nsw i64 %453, 64
-  br i1 %pf.multi, label %pf.any.then57, label %pf.any.end58
+k.body38:                                         ; preds = %k.head37
+  %444 = mul nsw i64 %k40, 1
+  %445 = add nsw i64 %444, 0
+  %446 = mul nsw i64 %445, 64
+  br i1 %pf.multi, label %pf.any.then41, label %pf.any.end42
 
-pf.any.then57:                                    ; preds = %k.body54
-  %455 = lshr i64 %454, %pf.sh52
-  %456 = getelementptr inbounds i8, ptr %pf51, i64 %455
-  call void @llvm.prefetch.p0(ptr %456, i32 0, i32 2, i32 1)
-  br label %pf.any.end58
+pf.any.then41:                                    ; preds = %k.body38
+  %447 = lshr i64 %446, %pf.sh36
+  %448 = getelementptr inbounds i8, ptr %pf35, i64 %447
+  call void @llvm.prefetch.p0(ptr %448, i32 0, i32 2, i32 1)
+  br label %pf.any.end42
 
-pf.any.end58:                                     ; preds = %pf.any.then57, %k.body54
-  %457 = mul nsw i64 %453, 16
-  %458 = add nsw i64 %panel.off49, %457
-  %459 = getelementptr inbounds float, ptr %panels, i64 %458
-  %460 = load <8 x float>, ptr %459, align 4
-  %461 = add nsw i64 %458, 8
-  %462 = getelementptr inbounds float, ptr %panels, i64 %461
-  %463 = load <8 x float>, ptr %462, align 4
-  %464 = getelementptr inbounds float, ptr %410, i64 %453
+pf.any.end42:                                     ; preds = %pf.any.then41, %k.body38
+  %449 = mul nsw i64 %445, 16
+  %450 = add nsw i64 %panel.off33, %449
+  %451 = getelementptr inbounds float, ptr %panels, i64 %450
+  %452 = load <8 x float>, ptr %451, align 4
+  %453 = add nsw i64 %450, 8
+  %454 = getelementptr inbounds float, ptr %panels, i64 %453
+  %455 = load <8 x float>, ptr %454, align 4
+  %456 = getelementptr inbounds float, ptr %371, i64 %445
+  %457 = load float, ptr %456, align 4
+  %458 = insertelement <8 x float> poison, float %457, i32 0
+  %459 = shufflevector <8 x float> %458, <8 x float> poison, <8 x i32> zeroinitializer
+  %460 = load <8 x float>, ptr %acc00025, align 4
+  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %452, <8 x float> %460)
+  store <8 x float> %461, ptr %acc00025, align 4
+  %462 = load <8 x float>, ptr %acc00126, align 4
+  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %455, <8 x float> %462)
+  store <8 x float> %463, ptr %acc00126, align 4
+  %464 = getelementptr inbounds float, ptr %388, i64 %445
   %465 = load float, ptr %464, align 4
   %466 = insertelement <8 x float> poison, float %465, i32 0
   %467 = shufflevector <8 x float> %466, <8 x float> poison, <8 x i32> zeroinitializer
-  %468 = load <8 x float>, ptr %acc00043, align 4
-  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %460, <8 x float> %468)
-  store <8 x float> %469, ptr %acc00043, align 4
-  %470 = load <8 x float>, ptr %acc00144, align 4
-  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %463, <8 x float> %470)
-  store <8 x float> %471, ptr %acc00144, align 4
-  %472 = getelementptr inbounds float, ptr %422, i64 %453
+  %468 = load <8 x float>, ptr %acc01027, align 4
+  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %452, <8 x float> %468)
+  store <8 x float> %469, ptr %acc01027, align 4
+  %470 = load <8 x float>, ptr %acc01128, align 4
+  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %455, <8 x float> %470)
+  store <8 x float> %471, ptr %acc01128, align 4
+  %472 = getelementptr inbounds float, ptr %405, i64 %445
   %473 = load float, ptr %472, align 4
   %474 = insertelement <8 x float> poison, float %473, i32 0
   %475 = shufflevector <8 x float> %474, <8 x float> poison, <8 x i32> zeroinitializer
-  %476 = load <8 x float>, ptr %acc01045, align 4
-  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %460, <8 x float> %476)
-  store <8 x float> %477, ptr %acc01045, align 4
-  %478 = load <8 x float>, ptr %acc01146, align 4
-  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %463, <8 x float> %478)
-  store <8 x float> %479, ptr %acc01146, align 4
-  %480 = getelementptr inbounds float, ptr %434, i64 %453
+  %476 = load <8 x float>, ptr %acc02029, align 4
+  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %452, <8 x float> %476)
+  store <8 x float> %477, ptr %acc02029, align 4
+  %478 = load <8 x float>, ptr %acc02130, align 4
+  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %455, <8 x float> %478)
+  store <8 x float> %479, ptr %acc02130, align 4
+  %480 = getelementptr inbounds float, ptr %422, i64 %445
   %481 = load float, ptr %480, align 4
   %482 = insertelement <8 x float> poison, float %481, i32 0
   %483 = shufflevector <8 x float> %482, <8 x float> poison, <8 x i32> zeroinitializer
-  %484 = load <8 x float>, ptr %acc02047, align 4
-  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %460, <8 x float> %484)
-  store <8 x float> %485, ptr %acc02047, align 4
-  %486 = load <8 x float>, ptr %acc02148, align 4
-  %487 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %463, <8 x float> %486)
-  store <8 x float> %487, ptr %acc02148, align 4
-  %488 = add nsw i64 %k56, 1
-  br label %k.head53
+  %484 = load <8 x float>, ptr %acc03031, align 4
+  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %452, <8 x float> %484)
+  store <8 x float> %485, ptr %acc03031, align 4
+  %486 = load <8 x float>, ptr %acc03132, align 4
+  %487 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %455, <8 x float> %486)
+  store <8 x float> %487, ptr %acc03132, align 4
+  %488 = add nsw i64 %k40, 1
+  br label %k.head37
 
-k.end55:                                          ; preds = %k.head53
-  %489 = load <8 x float>, ptr %acc00043, align 4
-  store <8 x float> %489, ptr %417, align 4
-  %490 = load <8 x float>, ptr %acc00144, align 4
-  store <8 x float> %490, ptr %419, align 4
-  %491 = load <8 x float>, ptr %acc01045, align 4
-  store <8 x float> %491, ptr %429, align 4
-  %492 = load <8 x float>, ptr %acc01146, align 4
-  store <8 x float> %492, ptr %431, align 4
-  %493 = load <8 x float>, ptr %acc02047, align 4
-  store <8 x float> %493, ptr %441, align 4
-  %494 = load <8 x float>, ptr %acc02148, align 4
-  store <8 x float> %494, ptr %443, align 4
+k.end39:                                          ; preds = %k.head37
+  %489 = load <8 x float>, ptr %acc00025, align 4
+  store <8 x float> %489, ptr %378, align 4
+  %490 = load <8 x float>, ptr %acc00126, align 4
+  store <8 x float> %490, ptr %382, align 4
+  %491 = load <8 x float>, ptr %acc01027, align 4
+  store <8 x float> %491, ptr %395, align 4
+  %492 = load <8 x float>, ptr %acc01128, align 4
+  store <8 x float> %492, ptr %399, align 4
+  %493 = load <8 x float>, ptr %acc02029, align 4
+  store <8 x float> %493, ptr %412, align 4
+  %494 = load <8 x float>, ptr %acc02130, align 4
+  store <8 x float> %494, ptr %416, align 4
+  %495 = load <8 x float>, ptr %acc03031, align 4
+  store <8 x float> %495, ptr %429, align 4
+  %496 = load <8 x float>, ptr %acc03132, align 4
+  store <8 x float> %496, ptr %433, align 4
+  br label %tile.done
+
+tile.mr3:                                         ; preds = %rb.body
+  %col43 = mul nsw i64 %kb.p, 16
+  %497 = add nsw i64 %r01, 0
+  %498 = mul nsw i64 %497, 1024
+  %499 = add nsw i64 %498, %k0
+  %500 = getelementptr inbounds float, ptr %h, i64 %499
+  %501 = getelementptr inbounds i32, ptr %rows, i64 %497
+  %502 = load i32, ptr %501, align 4
+  %503 = sext i32 %502 to i64
+  %504 = mul nsw i64 %503, 512
+  %505 = getelementptr inbounds float, ptr %y, i64 %504
+  %506 = add nsw i64 %col43, 0
+  %507 = getelementptr inbounds float, ptr %505, i64 %506
+  %508 = load <8 x float>, ptr %507, align 4
+  %509 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %508
+  store <8 x float> %509, ptr %acc00044, align 4
+  %510 = add nsw i64 %col43, 8
+  %511 = getelementptr inbounds float, ptr %505, i64 %510
+  %512 = load <8 x float>, ptr %511, align 4
+  %513 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %512
+  store <8 x float> %513, ptr %acc00145, align 4
+  %514 = add nsw i64 %r01, 1
+  %515 = mul nsw i64 %514, 1024
+  %516 = add nsw i64 %515, %k0
+  %517 = getelementptr inbounds float, ptr %h, i64 %516
+  %518 = getelementptr inbounds i32, ptr %rows, i64 %514
+  %519 = load i32, ptr %518, align 4
+  %520 = sext i32 %519 to i64
+  %521 = mul nsw i64 %520, 512
+  %522 = getelementptr inbounds float, ptr %y, i64 %521
+  %523 = add nsw i64 %col43, 0
+  %524 = getelementptr inbounds float, ptr %522, i64 %523
+  %525 = load <8 x float>, ptr %524, align 4
+  %526 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %525
+  store <8 x float> %526, ptr %acc01046, align 4
+  %527 = add nsw i64 %col43, 8
+  %528 = getelementptr inbounds float, ptr %522, i64 %527
+  %529 = load <8 x float>, ptr %528, align 4
+  %530 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %529
+  store <8 x float> %530, ptr %acc01147, align 4
+  %531 = add nsw i64 %r01, 2
+  %532 = mul nsw i64 %531, 1024
+  %533 = add nsw i64 %532, %k0
+  %534 = getelementptr inbounds float, ptr %h, i64 %533
+  %535 = getelementptr inbounds i32, ptr %rows, i64 %531
+  %536 = load i32, ptr %535, align 4
+  %537 = sext i32 %536 to i64
+  %538 = mul nsw i64 %537, 512
+  %539 = getelementptr inbounds float, ptr %y, i64 %538
+  %540 = add nsw i64 %col43, 0
+  %541 = getelementptr inbounds float, ptr %539, i64 %540
+  %542 = load <8 x float>, ptr %541, align 4
+  %543 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %542
+  store <8 x float> %543, ptr %acc02048, align 4
+  %544 = add nsw i64 %col43, 8
+  %545 = getelementptr inbounds float, ptr %539, i64 %544
+  %546 = load <8 x float>, ptr %545, align 4
+  %547 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %546
+  store <8 x float> %547, ptr %acc02149, align 4
+  %548 = mul nsw i64 %k0, 16
+  %549 = mul nsw i64 %kb.p, 16384
+  %panel.off50 = add nsw i64 %549, %548
+  %550 = getelementptr inbounds float, ptr %panels, i64 %panel.off50
+  %pf.on51 = and i1 %pf.on, %pf.next
+  %551 = mul nsw i64 %rb, 16384
+  %552 = lshr i64 %551, %26
+  %553 = add nsw i64 %pf.step, %552
+  %554 = getelementptr inbounds i8, ptr %550, i64 %553
+  %pf52 = select i1 %pf.on51, ptr %554, ptr %550
+  %pf.sh53 = select i1 %pf.on51, i64 %26, i64 0
+  br label %k.head54
+
+k.head54:                                         ; preds = %pf.any.end59, %tile.mr3
+  %k57 = phi i64 [ 0, %tile.mr3 ], [ %592, %pf.any.end59 ]
+  %555 = icmp slt i64 %k57, 256
+  br i1 %555, label %k.body55, label %k.end56
+
+k.body55:                                         ; preds = %k.head54
+  %556 = mul nsw i64 %k57, 1
+  %557 = add nsw i64 %556, 0
+  %558 = mul nsw i64 %557, 64
+  br i1 %pf.multi, label %pf.any.then58, label %pf.any.end59
+
+pf.any.then58:                                    ; preds = %k.body55
+  %559 = lshr i64 %558, %pf.sh53
+  %560 = getelementptr inbounds i8, ptr %pf52, i64 %559
+  call void @llvm.prefetch.p0(ptr %560, i32 0, i32 2, i32 1)
+  br label %pf.any.end59
+
+pf.any.end59:                                     ; preds = %pf.any.then58, %k.body55
+  %561 = mul nsw i64 %557, 16
+  %562 = add nsw i64 %panel.off50, %561
+  %563 = getelementptr inbounds float, ptr %panels, i64 %562
+  %564 = load <8 x float>, ptr %563, align 4
+  %565 = add nsw i64 %562, 8
+  %566 = getelementptr inbounds float, ptr %panels, i64 %565
+  %567 = load <8 x float>, ptr %566, align 4
+  %568 = getelementptr inbounds float, ptr %500, i64 %557
+  %569 = load float, ptr %568, align 4
+  %570 = insertelement <8 x float> poison, float %569, i32 0
+  %571 = shufflevector <8 x float> %570, <8 x float> poison, <8 x i32> zeroinitializer
+  %572 = load <8 x float>, ptr %acc00044, align 4
+  %573 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> %564, <8 x float> %572)
+  store <8 x float> %573, ptr %acc00044, align 4
+  %574 = load <8 x float>, ptr %acc00145, align 4
+  %575 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> %567, <8 x float> %574)
+  store <8 x float> %575, ptr %acc00145, align 4
+  %576 = getelementptr inbounds float, ptr %517, i64 %557
+  %577 = load float, ptr %576, align 4
+  %578 = insertelement <8 x float> poison, float %577, i32 0
+  %579 = shufflevector <8 x float> %578, <8 x float> poison, <8 x i32> zeroinitializer
+  %580 = load <8 x float>, ptr %acc01046, align 4
+  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %564, <8 x float> %580)
+  store <8 x float> %581, ptr %acc01046, align 4
+  %582 = load <8 x float>, ptr %acc01147, align 4
+  %583 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %567, <8 x float> %582)
+  store <8 x float> %583, ptr %acc01147, align 4
+  %584 = getelementptr inbounds float, ptr %534, i64 %557
+  %585 = load float, ptr %584, align 4
+  %586 = insertelement <8 x float> poison, float %585, i32 0
+  %587 = shufflevector <8 x float> %586, <8 x float> poison, <8 x i32> zeroinitializer
+  %588 = load <8 x float>, ptr %acc02048, align 4
+  %589 = call <8 x float> @llvm.fma.v8f32(<8 x float> %587, <8 x float> %564, <8 x float> %588)
+  store <8 x float> %589, ptr %acc02048, align 4
+  %590 = load <8 x float>, ptr %acc02149, align 4
+  %591 = call <8 x float> @llvm.fma.v8f32(<8 x float> %587, <8 x float> %567, <8 x float> %590)
+  store <8 x float> %591, ptr %acc02149, align 4
+  %592 = add nsw i64 %k57, 1
+  br label %k.head54
+
+k.end56:                                          ; preds = %k.head54
+  %593 = load <8 x float>, ptr %acc00044, align 4
+  store <8 x float> %593, ptr %507, align 4
+  %594 = load <8 x float>, ptr %acc00145, align 4
+  store <8 x float> %594, ptr %511, align 4
+  %595 = load <8 x float>, ptr %acc01046, align 4
+  store <8 x float> %595, ptr %524, align 4
+  %596 = load <8 x float>, ptr %acc01147, align 4
+  store <8 x float> %596, ptr %528, align 4
+  %597 = load <8 x float>, ptr %acc02048, align 4
+  store <8 x float> %597, ptr %541, align 4
+  %598 = load <8 x float>, ptr %acc02149, align 4
+  store <8 x float> %598, ptr %545, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
-  %col59 = mul nsw i64 %p, 16
-  %495 = add nsw i64 %r0, 0
-  %496 = mul nsw i64 %495, 1024
-  %497 = getelementptr inbounds float, ptr %h, i64 %496
-  %498 = getelementptr inbounds i32, ptr %rows, i64 %495
-  %499 = load i32, ptr %498, align 4
-  %500 = sext i32 %499 to i64
-  %501 = mul nsw i64 %500, 512
-  %502 = getelementptr inbounds float, ptr %y, i64 %501
-  %503 = add nsw i64 %col59, 0
-  %504 = getelementptr inbounds float, ptr %502, i64 %503
-  store <8 x float> zeroinitializer, ptr %acc00060, align 4
-  %505 = add nsw i64 %col59, 8
-  %506 = getelementptr inbounds float, ptr %502, i64 %505
-  store <8 x float> zeroinitializer, ptr %acc00161, align 4
-  %507 = add nsw i64 %r0, 1
-  %508 = mul nsw i64 %507, 1024
-  %509 = getelementptr inbounds float, ptr %h, i64 %508
-  %510 = getelementptr inbounds i32, ptr %rows, i64 %507
-  %511 = load i32, ptr %510, align 4
-  %512 = sext i32 %511 to i64
-  %513 = mul nsw i64 %512, 512
-  %514 = getelementptr inbounds float, ptr %y, i64 %513
-  %515 = add nsw i64 %col59, 0
-  %516 = getelementptr inbounds float, ptr %514, i64 %515
-  store <8 x float> zeroinitializer, ptr %acc01062, align 4
-  %517 = add nsw i64 %col59, 8
-  %518 = getelementptr inbounds float, ptr %514, i64 %517
-  store <8 x float> zeroinitializer, ptr %acc01163, align 4
-  %panel.off64 = mul nsw i64 %p, 16384
-  %519 = getelementptr inbounds float, ptr %panels, i64 %panel.off64
-  %520 = add nsw i64 %p, 1
-  %521 = icmp slt i64 %520, %p1
-  %pf.on65 = and i1 %pf.on, %521
-  %522 = mul nsw i64 %rb, 65536
-  %523 = lshr i64 %522, %12
-  %524 = add nsw i64 65536, %523
-  %525 = getelementptr inbounds i8, ptr %519, i64 %524
-  %pf66 = select i1 %pf.on65, ptr %525, ptr %519
-  %pf.sh67 = select i1 %pf.on65, i64 %12, i64 0
-  br label %k.head68
+  %col60 = mul nsw i64 %kb.p, 16
+  %599 = add nsw i64 %r01, 0
+  %600 = mul nsw i64 %599, 1024
+  %601 = add nsw i64 %600, %k0
+  %602 = getelementptr inbounds float, ptr %h, i64 %601
+  %603 = getelementptr inbounds i32, ptr %rows, i64 %599
+  %604 = load i32, ptr %603, align 4
+  %605 = sext i32 %604 to i64
+  %606 = mul nsw i64 %605, 512
+  %607 = getelementptr inbounds float, ptr %y, i64 %606
+  %608 = add nsw i64 %col60, 0
+  %609 = getelementptr inbounds float, ptr %607, i64 %608
+  %610 = load <8 x float>, ptr %609, align 4
+  %611 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %610
+  store <8 x float> %611, ptr %acc00061, align 4
+  %612 = add nsw i64 %col60, 8
+  %613 = getelementptr inbounds float, ptr %607, i64 %612
+  %614 = load <8 x float>, ptr %613, align 4
+  %615 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %614
+  store <8 x float> %615, ptr %acc00162, align 4
+  %616 = add nsw i64 %r01, 1
+  %617 = mul nsw i64 %616, 1024
+  %618 = add nsw i64 %617, %k0
+  %619 = getelementptr inbounds float, ptr %h, i64 %618
+  %620 = getelementptr inbounds i32, ptr %rows, i64 %616
+  %621 = load i32, ptr %620, align 4
+  %622 = sext i32 %621 to i64
+  %623 = mul nsw i64 %622, 512
+  %624 = getelementptr inbounds float, ptr %y, i64 %623
+  %625 = add nsw i64 %col60, 0
+  %626 = getelementptr inbounds float, ptr %624, i64 %625
+  %627 = load <8 x float>, ptr %626, align 4
+  %628 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %627
+  store <8 x float> %628, ptr %acc01063, align 4
+  %629 = add nsw i64 %col60, 8
+  %630 = getelementptr inbounds float, ptr %624, i64 %629
+  %631 = load <8 x float>, ptr %630, align 4
+  %632 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %631
+  store <8 x float> %632, ptr %acc01164, align 4
+  %633 = mul nsw i64 %k0, 16
+  %634 = mul nsw i64 %kb.p, 16384
+  %panel.off65 = add nsw i64 %634, %633
+  %635 = getelementptr inbounds float, ptr %panels, i64 %panel.off65
+  %pf.on66 = and i1 %pf.on, %pf.next
+  %636 = mul nsw i64 %rb, 16384
+  %637 = lshr i64 %636, %26
+  %638 = add nsw i64 %pf.step, %637
+  %639 = getelementptr inbounds i8, ptr %635, i64 %638
+  %pf67 = select i1 %pf.on66, ptr %639, ptr %635
+  %pf.sh68 = select i1 %pf.on66, i64 %26, i64 0
+  br label %k.head69
 
-k.head68:                                         ; preds = %pf.any.end73, %tile.mr2
-  %k71 = phi i64 [ 0, %tile.mr2 ], [ %555, %pf.any.end73 ]
-  %526 = icmp slt i64 %k71, 1024
-  br i1 %526, label %k.body69, label %k.end70
+k.head69:                                         ; preds = %pf.any.end74, %tile.mr2
+  %k72 = phi i64 [ 0, %tile.mr2 ], [ %669, %pf.any.end74 ]
+  %640 = icmp slt i64 %k72, 256
+  br i1 %640, label %k.body70, label %k.end71
 
-k.body69:                                         ; preds = %k.head68
-  %527 = mul nsw i64 %k71, 1
-  %528 = add nsw i64 %527, 0
-  %529 = mul nsw i64 %528, 64
-  br i1 %pf.multi, label %pf.any.then72, label %pf.any.end73
+k.body70:                                         ; preds = %k.head69
+  %641 = mul nsw i64 %k72, 1
+  %642 = add nsw i64 %641, 0
+  %643 = mul nsw i64 %642, 64
+  br i1 %pf.multi, label %pf.any.then73, label %pf.any.end74
 
-pf.any.then72:                                    ; preds = %k.body69
-  %530 = lshr i64 %529, %pf.sh67
-  %531 = getelementptr inbounds i8, ptr %pf66, i64 %530
-  call void @llvm.prefetch.p0(ptr %531, i32 0, i32 2, i32 1)
-  br label %pf.any.end73
+pf.any.then73:                                    ; preds = %k.body70
+  %644 = lshr i64 %643, %pf.sh68
+  %645 = getelementptr inbounds i8, ptr %pf67, i64 %644
+  call void @llvm.prefetch.p0(ptr %645, i32 0, i32 2, i32 1)
+  br label %pf.any.end74
 
-pf.any.end73:                                     ; preds = %pf.any.then72, %k.body69
-  %532 = mul nsw i64 %528, 16
-  %533 = add nsw i64 %panel.off64, %532
-  %534 = getelementptr inbounds float, ptr %panels, i64 %533
-  %535 = load <8 x float>, ptr %534, align 4
-  %536 = add nsw i64 %533, 8
-  %537 = getelementptr inbounds float, ptr %panels, i64 %536
-  %538 = load <8 x float>, ptr %537, align 4
-  %539 = getelementptr inbounds float, ptr %497, i64 %528
-  %540 = load float, ptr %539, align 4
-  %541 = insertelement <8 x float> poison, float %540, i32 0
-  %542 = shufflevector <8 x float> %541, <8 x float> poison, <8 x i32> zeroinitializer
-  %543 = load <8 x float>, ptr %acc00060, align 4
-  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %542, <8 x float> %535, <8 x float> %543)
-  store <8 x float> %544, ptr %acc00060, align 4
-  %545 = load <8 x float>, ptr %acc00161, align 4
-  %546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %542, <8 x float> %538, <8 x float> %545)
-  store <8 x float> %546, ptr %acc00161, align 4
-  %547 = getelementptr inbounds float, ptr %509, i64 %528
-  %548 = load float, ptr %547, align 4
-  %549 = insertelement <8 x float> poison, float %548, i32 0
-  %550 = shufflevector <8 x float> %549, <8 x float> poison, <8 x i32> zeroinitializer
-  %551 = load <8 x float>, ptr %acc01062, align 4
-  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %535, <8 x float> %551)
-  store <8 x float> %552, ptr %acc01062, align 4
-  %553 = load <8 x float>, ptr %acc01163, align 4
-  %554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %538, <8 x float> %553)
-  store <8 x float> %554, ptr %acc01163, align 4
-  %555 = add nsw i64 %k71, 1
-  br label %k.head68
+pf.any.end74:                                     ; preds = %pf.any.then73, %k.body70
+  %646 = mul nsw i64 %642, 16
+  %647 = add nsw i64 %panel.off65, %646
+  %648 = getelementptr inbounds float, ptr %panels, i64 %647
+  %649 = load <8 x float>, ptr %648, align 4
+  %650 = add nsw i64 %647, 8
+  %651 = getelementptr inbounds float, ptr %panels, i64 %650
+  %652 = load <8 x float>, ptr %651, align 4
+  %653 = getelementptr inbounds float, ptr %602, i64 %642
+  %654 = load float, ptr %653, align 4
+  %655 = insertelement <8 x float> poison, float %654, i32 0
+  %656 = shufflevector <8 x float> %655, <8 x float> poison, <8 x i32> zeroinitializer
+  %657 = load <8 x float>, ptr %acc00061, align 4
+  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> %656, <8 x float> %649, <8 x float> %657)
+  store <8 x float> %658, ptr %acc00061, align 4
+  %659 = load <8 x float>, ptr %acc00162, align 4
+  %660 = call <8 x float> @llvm.fma.v8f32(<8 x float> %656, <8 x float> %652, <8 x float> %659)
+  store <8 x float> %660, ptr %acc00162, align 4
+  %661 = getelementptr inbounds float, ptr %619, i64 %642
+  %662 = load float, ptr %661, align 4
+  %663 = insertelement <8 x float> poison, float %662, i32 0
+  %664 = shufflevector <8 x float> %663, <8 x float> poison, <8 x i32> zeroinitializer
+  %665 = load <8 x float>, ptr %acc01063, align 4
+  %666 = call <8 x float> @llvm.fma.v8f32(<8 x float> %664, <8 x float> %649, <8 x float> %665)
+  store <8 x float> %666, ptr %acc01063, align 4
+  %667 = load <8 x float>, ptr %acc01164, align 4
+  %668 = call <8 x float> @llvm.fma.v8f32(<8 x float> %664, <8 x float> %652, <8 x float> %667)
+  store <8 x float> %668, ptr %acc01164, align 4
+  %669 = add nsw i64 %k72, 1
+  br label %k.head69
 
-k.end70:                                          ; preds = %k.head68
-  %556 = load <8 x float>, ptr %acc00060, align 4
-  store <8 x float> %556, ptr %504, align 4
-  %557 = load <8 x float>, ptr %acc00161, align 4
-  store <8 x float> %557, ptr %506, align 4
-  %558 = load <8 x float>, ptr %acc01062, align 4
-  store <8 x float> %558, ptr %516, align 4
-  %559 = load <8 x float>, ptr %acc01163, align 4
-  store <8 x float> %559, ptr %518, align 4
+k.end71:                                          ; preds = %k.head69
+  %670 = load <8 x float>, ptr %acc00061, align 4
+  store <8 x float> %670, ptr %609, align 4
+  %671 = load <8 x float>, ptr %acc00162, align 4
+  store <8 x float> %671, ptr %613, align 4
+  %672 = load <8 x float>, ptr %acc01063, align 4
+  store <8 x float> %672, ptr %626, align 4
+  %673 = load <8 x float>, ptr %acc01164, align 4
+  store <8 x float> %673, ptr %630, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
-  %col74 = mul nsw i64 %p, 16
-  %560 = add nsw i64 %r0, 0
-  %561 = mul nsw i64 %560, 1024
-  %562 = getelementptr inbounds float, ptr %h, i64 %561
-  %563 = getelementptr inbounds i32, ptr %rows, i64 %560
-  %564 = load i32, ptr %563, align 4
-  %565 = sext i32 %564 to i64
-  %566 = mul nsw i64 %565, 512
-  %567 = getelementptr inbounds float, ptr %y, i64 %566
-  %568 = add nsw i64 %col74, 0
-  %569 = getelementptr inbounds float, ptr %567, i64 %568
-  store <8 x float> zeroinitializer, ptr %acc00075, align 4
-  %570 = add nsw i64 %col74, 8
-  %571 = getelementptr inbounds float, ptr %567, i64 %570
-  store <8 x float> zeroinitializer, ptr %acc00176, align 4
-  %panel.off77 = mul nsw i64 %p, 16384
-  %572 = getelementptr inbounds float, ptr %panels, i64 %panel.off77
-  %573 = add nsw i64 %p, 1
-  %574 = icmp slt i64 %573, %p1
-  %pf.on78 = and i1 %pf.on, %574
-  %575 = mul nsw i64 %rb, 65536
-  %576 = lshr i64 %575, %12
-  %577 = add nsw i64 65536, %576
-  %578 = getelementptr inbounds i8, ptr %572, i64 %577
-  %pf79 = select i1 %pf.on78, ptr %578, ptr %572
-  %pf.sh80 = select i1 %pf.on78, i64 %12, i64 0
-  br label %k.head81
+  %col75 = mul nsw i64 %kb.p, 16
+  %674 = add nsw i64 %r01, 0
+  %675 = mul nsw i64 %674, 1024
+  %676 = add nsw i64 %675, %k0
+  %677 = getelementptr inbounds float, ptr %h, i64 %676
+  %678 = getelementptr inbounds i32, ptr %rows, i64 %674
+  %679 = load i32, ptr %678, align 4
+  %680 = sext i32 %679 to i64
+  %681 = mul nsw i64 %680, 512
+  %682 = getelementptr inbounds float, ptr %y, i64 %681
+  %683 = add nsw i64 %col75, 0
+  %684 = getelementptr inbounds float, ptr %682, i64 %683
+  %685 = load <8 x float>, ptr %684, align 4
+  %686 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %685
+  store <8 x float> %686, ptr %acc00076, align 4
+  %687 = add nsw i64 %col75, 8
+  %688 = getelementptr inbounds float, ptr %682, i64 %687
+  %689 = load <8 x float>, ptr %688, align 4
+  %690 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %689
+  store <8 x float> %690, ptr %acc00177, align 4
+  %691 = mul nsw i64 %k0, 16
+  %692 = mul nsw i64 %kb.p, 16384
+  %panel.off78 = add nsw i64 %692, %691
+  %693 = getelementptr inbounds float, ptr %panels, i64 %panel.off78
+  %pf.on79 = and i1 %pf.on, %pf.next
+  %694 = mul nsw i64 %rb, 16384
+  %695 = lshr i64 %694, %26
+  %696 = add nsw i64 %pf.step, %695
+  %697 = getelementptr inbounds i8, ptr %693, i64 %696
+  %pf80 = select i1 %pf.on79, ptr %697, ptr %693
+  %pf.sh81 = select i1 %pf.on79, i64 %26, i64 0
+  br label %k.head82
 
-k.head81:                                         ; preds = %pf.any.end86, %tile.mr1
-  %k84 = phi i64 [ 0, %tile.mr1 ], [ %600, %pf.any.end86 ]
-  %579 = icmp slt i64 %k84, 1024
-  br i1 %579, label %k.body82, label %k.end83
+k.head82:                                         ; preds = %pf.any.end87, %tile.mr1
+  %k85 = phi i64 [ 0, %tile.mr1 ], [ %719, %pf.any.end87 ]
+  %698 = icmp slt i64 %k85, 256
+  br i1 %698, label %k.body83, label %k.end84
 
-k.body82:                                         ; preds = %k.head81
-  %580 = mul nsw i64 %k84, 1
-  %581 = add nsw i64 %580, 0
-  %582 = mul nsw i64 %581, 64
-  br i1 %pf.multi, label %pf.any.then85, label %pf.any.end86
+k.body83:                                         ; preds = %k.head82
+  %699 = mul nsw i64 %k85, 1
+  %700 = add nsw i64 %699, 0
+  %701 = mul nsw i64 %700, 64
+  br i1 %pf.multi, label %pf.any.then86, label %pf.any.end87
 
-pf.any.then85:                                    ; preds = %k.body82
-  %583 = lshr i64 %582, %pf.sh80
-  %584 = getelementptr inbounds i8, ptr %pf79, i64 %583
-  call void @llvm.prefetch.p0(ptr %584, i32 0, i32 2, i32 1)
-  br label %pf.any.end86
+pf.any.then86:                                    ; preds = %k.body83
+  %702 = lshr i64 %701, %pf.sh81
+  %703 = getelementptr inbounds i8, ptr %pf80, i64 %702
+  call void @llvm.prefetch.p0(ptr %703, i32 0, i32 2, i32 1)
+  br label %pf.any.end87
 
-pf.any.end86:                                     ; preds = %pf.any.then85, %k.body82
-  %585 = mul nsw i64 %581, 16
-  %586 = add nsw i64 %panel.off77, %585
-  %587 = getelementptr inbounds float, ptr %panels, i64 %586
-  %588 = load <8 x float>, ptr %587, align 4
-  %589 = add nsw i64 %586, 8
-  %590 = getelementptr inbounds float, ptr %panels, i64 %589
-  %591 = load <8 x float>, ptr %590, align 4
-  %592 = getelementptr inbounds float, ptr %562, i64 %581
-  %593 = load float, ptr %592, align 4
-  %594 = insertelement <8 x float> poison, float %593, i32 0
-  %595 = shufflevector <8 x float> %594, <8 x float> poison, <8 x i32> zeroinitializer
-  %596 = load <8 x float>, ptr %acc00075, align 4
-  %597 = call <8 x float> @llvm.fma.v8f32(<8 x float> %595, <8 x float> %588, <8 x float> %596)
-  store <8 x float> %597, ptr %acc00075, align 4
-  %598 = load <8 x float>, ptr %acc00176, align 4
-  %599 = call <8 x float> @llvm.fma.v8f32(<8 x float> %595, <8 x float> %591, <8 x float> %598)
-  store <8 x float> %599, ptr %acc00176, align 4
-  %600 = add nsw i64 %k84, 1
-  br label %k.head81
+pf.any.end87:                                     ; preds = %pf.any.then86, %k.body83
+  %704 = mul nsw i64 %700, 16
+  %705 = add nsw i64 %panel.off78, %704
+  %706 = getelementptr inbounds float, ptr %panels, i64 %705
+  %707 = load <8 x float>, ptr %706, align 4
+  %708 = add nsw i64 %705, 8
+  %709 = getelementptr inbounds float, ptr %panels, i64 %708
+  %710 = load <8 x float>, ptr %709, align 4
+  %711 = getelementptr inbounds float, ptr %677, i64 %700
+  %712 = load float, ptr %711, align 4
+  %713 = insertelement <8 x float> poison, float %712, i32 0
+  %714 = shufflevector <8 x float> %713, <8 x float> poison, <8 x i32> zeroinitializer
+  %715 = load <8 x float>, ptr %acc00076, align 4
+  %716 = call <8 x float> @llvm.fma.v8f32(<8 x float> %714, <8 x float> %707, <8 x float> %715)
+  store <8 x float> %716, ptr %acc00076, align 4
+  %717 = load <8 x float>, ptr %acc00177, align 4
+  %718 = call <8 x float> @llvm.fma.v8f32(<8 x float> %714, <8 x float> %710, <8 x float> %717)
+  store <8 x float> %718, ptr %acc00177, align 4
+  %719 = add nsw i64 %k85, 1
+  br label %k.head82
 
-k.end83:                                          ; preds = %k.head81
-  %601 = load <8 x float>, ptr %acc00075, align 4
-  store <8 x float> %601, ptr %569, align 4
-  %602 = load <8 x float>, ptr %acc00176, align 4
-  store <8 x float> %602, ptr %571, align 4
+k.end84:                                          ; preds = %k.head82
+  %720 = load <8 x float>, ptr %acc00076, align 4
+  store <8 x float> %720, ptr %684, align 4
+  %721 = load <8 x float>, ptr %acc00177, align 4
+  store <8 x float> %721, ptr %688, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end83, %k.end70, %k.end55, %k.end38, %k.end19, %k.end
-  %603 = add nsw i64 %rb, 1
+tile.done:                                        ; preds = %k.end84, %k.end71, %k.end56, %k.end39, %k.end20, %k.end
+  %722 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %604 = add nsw i64 %p, 1
+  %723 = add nsw i64 %kb.p, 1
+  br label %kb.p.head
+
+kb.p.end:                                         ; preds = %kb.p.head
+  %724 = add nsw i64 %kb.k, 1
+  br label %kb.k.head
+
+kb.k.end:                                         ; preds = %kb.k.head
+  %725 = add nsw i64 %kb.pg, 16
+  br label %kb.pg.head
+
+kb.pg.end:                                        ; preds = %kb.pg.head
+  %726 = add nsw i64 %kb.rc, 96
+  br label %kb.rc.head
+
+kb.rc.end:                                        ; preds = %kb.rc.head
+  br label %call.end
+
+flat:                                             ; preds = %start
+  br label %p.head
+
+p.head:                                           ; preds = %rb.end91, %flat
+  %p = phi i64 [ %p0, %flat ], [ %1399, %rb.end91 ]
+  %727 = icmp slt i64 %p, %end
+  br i1 %727, label %p.body, label %p.end
+
+p.body:                                           ; preds = %p.head
+  %728 = add nsw i64 %n, 5
+  %nrb88 = sdiv i64 %728, 6
+  br label %rb.head89
+
+rb.head89:                                        ; preds = %tile.done96, %p.body
+  %rb92 = phi i64 [ 0, %p.body ], [ %1398, %tile.done96 ]
+  %729 = icmp slt i64 %rb92, %nrb88
+  br i1 %729, label %rb.body90, label %rb.end91
+
+rb.body90:                                        ; preds = %rb.head89
+  %730 = mul nsw i64 %rb92, %n
+  %r093 = sdiv i64 %730, %nrb88
+  %731 = add nsw i64 %rb92, 1
+  %732 = mul nsw i64 %731, %n
+  %r194 = sdiv i64 %732, %nrb88
+  %mr95 = sub nsw i64 %r194, %r093
+  %733 = icmp sge i64 %nrb88, 2
+  %734 = select i1 %733, i64 1, i64 0
+  %735 = icmp sge i64 %nrb88, 4
+  %736 = select i1 %735, i64 2, i64 %734
+  %737 = icmp sge i64 %nrb88, 8
+  %738 = select i1 %737, i64 3, i64 %736
+  %pf.multi103 = icmp sgt i64 %nrb88, 1
+  %739 = shl i64 1, %738
+  %740 = icmp slt i64 %rb92, %739
+  %pf.on104 = and i1 %pf.multi103, %740
+  switch i64 %mr95, label %tile.mr6102 [
+    i64 1, label %tile.mr197
+    i64 2, label %tile.mr298
+    i64 3, label %tile.mr399
+    i64 4, label %tile.mr4100
+    i64 5, label %tile.mr5101
+  ]
+
+tile.mr6102:                                      ; preds = %rb.body90
+  %col105 = mul nsw i64 %p, 16
+  %741 = add nsw i64 %r093, 0
+  %742 = mul nsw i64 %741, 1024
+  %743 = add nsw i64 %742, 0
+  %744 = getelementptr inbounds float, ptr %h, i64 %743
+  %745 = getelementptr inbounds i32, ptr %rows, i64 %741
+  %746 = load i32, ptr %745, align 4
+  %747 = sext i32 %746 to i64
+  %748 = mul nsw i64 %747, 512
+  %749 = getelementptr inbounds float, ptr %y, i64 %748
+  %750 = add nsw i64 %col105, 0
+  %751 = getelementptr inbounds float, ptr %749, i64 %750
+  %752 = load <8 x float>, ptr %751, align 4
+  store <8 x float> zeroinitializer, ptr %acc000106, align 4
+  %753 = add nsw i64 %col105, 8
+  %754 = getelementptr inbounds float, ptr %749, i64 %753
+  %755 = load <8 x float>, ptr %754, align 4
+  store <8 x float> zeroinitializer, ptr %acc001107, align 4
+  %756 = add nsw i64 %r093, 1
+  %757 = mul nsw i64 %756, 1024
+  %758 = add nsw i64 %757, 0
+  %759 = getelementptr inbounds float, ptr %h, i64 %758
+  %760 = getelementptr inbounds i32, ptr %rows, i64 %756
+  %761 = load i32, ptr %760, align 4
+  %762 = sext i32 %761 to i64
+  %763 = mul nsw i64 %762, 512
+  %764 = getelementptr inbounds float, ptr %y, i64 %763
+  %765 = add nsw i64 %col105, 0
+  %766 = getelementptr inbounds float, ptr %764, i64 %765
+  %767 = load <8 x float>, ptr %766, align 4
+  store <8 x float> zeroinitializer, ptr %acc010108, align 4
+  %768 = add nsw i64 %col105, 8
+  %769 = getelementptr inbounds float, ptr %764, i64 %768
+  %770 = load <8 x float>, ptr %769, align 4
+  store <8 x float> zeroinitializer, ptr %acc011109, align 4
+  %771 = add nsw i64 %r093, 2
+  %772 = mul nsw i64 %771, 1024
+  %773 = add nsw i64 %772, 0
+  %774 = getelementptr inbounds float, ptr %h, i64 %773
+  %775 = getelementptr inbounds i32, ptr %rows, i64 %771
+  %776 = load i32, ptr %775, align 4
+  %777 = sext i32 %776 to i64
+  %778 = mul nsw i64 %777, 512
+  %779 = getelementptr inbounds float, ptr %y, i64 %778
+  %780 = add nsw i64 %col105, 0
+  %781 = getelementptr inbounds float, ptr %779, i64 %780
+  %782 = load <8 x float>, ptr %781, align 4
+  store <8 x float> zeroinitializer, ptr %acc020110, align 4
+  %783 = add nsw i64 %col105, 8
+  %784 = getelementptr inbounds float, ptr %779, i64 %783
+  %785 = load <8 x float>, ptr %784, align 4
+  store <8 x float> zeroinitializer, ptr %acc021111, align 4
+  %786 = add nsw i64 %r093, 3
+  %787 = mul nsw i64 %786, 1024
+  %788 = add nsw i64 %787, 0
+  %789 = getelementptr inbounds float, ptr %h, i64 %788
+  %790 = getelementptr inbounds i32, ptr %rows, i64 %786
+  %791 = load i32, ptr %790, align 4
+  %792 = sext i32 %791 to i64
+  %793 = mul nsw i64 %792, 512
+  %794 = getelementptr inbounds float, ptr %y, i64 %793
+  %795 = add nsw i64 %col105, 0
+  %796 = getelementptr inbounds float, ptr %794, i64 %795
+  %797 = load <8 x float>, ptr %796, align 4
+  store <8 x float> zeroinitializer, ptr %acc030112, align 4
+  %798 = add nsw i64 %col105, 8
+  %799 = getelementptr inbounds float, ptr %794, i64 %798
+  %800 = load <8 x float>, ptr %799, align 4
+  store <8 x float> zeroinitializer, ptr %acc031113, align 4
+  %801 = add nsw i64 %r093, 4
+  %802 = mul nsw i64 %801, 1024
+  %803 = add nsw i64 %802, 0
+  %804 = getelementptr inbounds float, ptr %h, i64 %803
+  %805 = getelementptr inbounds i32, ptr %rows, i64 %801
+  %806 = load i32, ptr %805, align 4
+  %807 = sext i32 %806 to i64
+  %808 = mul nsw i64 %807, 512
+  %809 = getelementptr inbounds float, ptr %y, i64 %808
+  %810 = add nsw i64 %col105, 0
+  %811 = getelementptr inbounds float, ptr %809, i64 %810
+  %812 = load <8 x float>, ptr %811, align 4
+  store <8 x float> zeroinitializer, ptr %acc040114, align 4
+  %813 = add nsw i64 %col105, 8
+  %814 = getelementptr inbounds float, ptr %809, i64 %813
+  %815 = load <8 x float>, ptr %814, align 4
+  store <8 x float> zeroinitializer, ptr %acc041115, align 4
+  %816 = add nsw i64 %r093, 5
+  %817 = mul nsw i64 %816, 1024
+  %818 = add nsw i64 %817, 0
+  %819 = getelementptr inbounds float, ptr %h, i64 %818
+  %820 = getelementptr inbounds i32, ptr %rows, i64 %816
+  %821 = load i32, ptr %820, align 4
+  %822 = sext i32 %821 to i64
+  %823 = mul nsw i64 %822, 512
+  %824 = getelementptr inbounds float, ptr %y, i64 %823
+  %825 = add nsw i64 %col105, 0
+  %826 = getelementptr inbounds float, ptr %824, i64 %825
+  %827 = load <8 x float>, ptr %826, align 4
+  store <8 x float> zeroinitializer, ptr %acc050116, align 4
+  %828 = add nsw i64 %col105, 8
+  %829 = getelementptr inbounds float, ptr %824, i64 %828
+  %830 = load <8 x float>, ptr %829, align 4
+  store <8 x float> zeroinitializer, ptr %acc051117, align 4
+  %831 = mul nsw i64 %p, 16384
+  %panel.off118 = add nsw i64 %831, 0
+  %832 = getelementptr inbounds float, ptr %panels, i64 %panel.off118
+  %833 = add nsw i64 %p, 1
+  %834 = icmp slt i64 %833, %p1
+  %pf.on119 = and i1 %pf.on104, %834
+  %835 = mul nsw i64 %rb92, 65536
+  %836 = lshr i64 %835, %738
+  %837 = add nsw i64 65536, %836
+  %838 = getelementptr inbounds i8, ptr %832, i64 %837
+  %pf120 = select i1 %pf.on119, ptr %838, ptr %832
+  %pf.sh121 = select i1 %pf.on119, i64 %738, i64 0
+  br label %k.head122
+
+k.head122:                                        ; preds = %pf.any.end127, %tile.mr6102
+  %k125 = phi i64 [ 0, %tile.mr6102 ], [ %900, %pf.any.end127 ]
+  %839 = icmp slt i64 %k125, 1024
+  br i1 %839, label %k.body123, label %k.end124
+
+k.body123:                                        ; preds = %k.head122
+  %840 = mul nsw i64 %k125, 1
+  %841 = add nsw i64 %840, 0
+  %842 = mul nsw i64 %841, 64
+  br i1 %pf.multi103, label %pf.any.then126, label %pf.any.end127
+
+pf.any.then126:                                   ; preds = %k.body123
+  %843 = lshr i64 %842, %pf.sh121
+  %844 = getelementptr inbounds i8, ptr %pf120, i64 %843
+  call void @llvm.prefetch.p0(ptr %844, i32 0, i32 2, i32 1)
+  br label %pf.any.end127
+
+pf.any.end127:                                    ; preds = %pf.any.then126, %k.body123
+  %845 = mul nsw i64 %841, 16
+  %846 = add nsw i64 %panel.off118, %845
+  %847 = getelementptr inbounds float, ptr %panels, i64 %846
+  %848 = load <8 x float>, ptr %847, align 4
+  %849 = add nsw i64 %846, 8
+  %850 = getelementptr inbounds float, ptr %panels, i64 %849
+  %851 = load <8 x float>, ptr %850, align 4
+  %852 = getelementptr inbounds float, ptr %744, i64 %841
+  %853 = load float, ptr %852, align 4
+  %854 = insertelement <8 x float> poison, float %853, i32 0
+  %855 = shufflevector <8 x float> %854, <8 x float> poison, <8 x i32> zeroinitializer
+  %856 = load <8 x float>, ptr %acc000106, align 4
+  %857 = call <8 x float> @llvm.fma.v8f32(<8 x float> %855, <8 x float> %848, <8 x float> %856)
+  store <8 x float> %857, ptr %acc000106, align 4
+  %858 = load <8 x float>, ptr %acc001107, align 4
+  %859 = call <8 x float> @llvm.fma.v8f32(<8 x float> %855, <8 x float> %851, <8 x float> %858)
+  store <8 x float> %859, ptr %acc001107, align 4
+  %860 = getelementptr inbounds float, ptr %759, i64 %841
+  %861 = load float, ptr %860, align 4
+  %862 = insertelement <8 x float> poison, float %861, i32 0
+  %863 = shufflevector <8 x float> %862, <8 x float> poison, <8 x i32> zeroinitializer
+  %864 = load <8 x float>, ptr %acc010108, align 4
+  %865 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> %848, <8 x float> %864)
+  store <8 x float> %865, ptr %acc010108, align 4
+  %866 = load <8 x float>, ptr %acc011109, align 4
+  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> %851, <8 x float> %866)
+  store <8 x float> %867, ptr %acc011109, align 4
+  %868 = getelementptr inbounds float, ptr %774, i64 %841
+  %869 = load float, ptr %868, align 4
+  %870 = insertelement <8 x float> poison, float %869, i32 0
+  %871 = shufflevector <8 x float> %870, <8 x float> poison, <8 x i32> zeroinitializer
+  %872 = load <8 x float>, ptr %acc020110, align 4
+  %873 = call <8 x float> @llvm.fma.v8f32(<8 x float> %871, <8 x float> %848, <8 x float> %872)
+  store <8 x float> %873, ptr %acc020110, align 4
+  %874 = load <8 x float>, ptr %acc021111, align 4
+  %875 = call <8 x float> @llvm.fma.v8f32(<8 x float> %871, <8 x float> %851, <8 x float> %874)
+  store <8 x float> %875, ptr %acc021111, align 4
+  %876 = getelementptr inbounds float, ptr %789, i64 %841
+  %877 = load float, ptr %876, align 4
+  %878 = insertelement <8 x float> poison, float %877, i32 0
+  %879 = shufflevector <8 x float> %878, <8 x float> poison, <8 x i32> zeroinitializer
+  %880 = load <8 x float>, ptr %acc030112, align 4
+  %881 = call <8 x float> @llvm.fma.v8f32(<8 x float> %879, <8 x float> %848, <8 x float> %880)
+  store <8 x float> %881, ptr %acc030112, align 4
+  %882 = load <8 x float>, ptr %acc031113, align 4
+  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %879, <8 x float> %851, <8 x float> %882)
+  store <8 x float> %883, ptr %acc031113, align 4
+  %884 = getelementptr inbounds float, ptr %804, i64 %841
+  %885 = load float, ptr %884, align 4
+  %886 = insertelement <8 x float> poison, float %885, i32 0
+  %887 = shufflevector <8 x float> %886, <8 x float> poison, <8 x i32> zeroinitializer
+  %888 = load <8 x float>, ptr %acc040114, align 4
+  %889 = call <8 x float> @llvm.fma.v8f32(<8 x float> %887, <8 x float> %848, <8 x float> %888)
+  store <8 x float> %889, ptr %acc040114, align 4
+  %890 = load <8 x float>, ptr %acc041115, align 4
+  %891 = call <8 x float> @llvm.fma.v8f32(<8 x float> %887, <8 x float> %851, <8 x float> %890)
+  store <8 x float> %891, ptr %acc041115, align 4
+  %892 = getelementptr inbounds float, ptr %819, i64 %841
+  %893 = load float, ptr %892, align 4
+  %894 = insertelement <8 x float> poison, float %893, i32 0
+  %895 = shufflevector <8 x float> %894, <8 x float> poison, <8 x i32> zeroinitializer
+  %896 = load <8 x float>, ptr %acc050116, align 4
+  %897 = call <8 x float> @llvm.fma.v8f32(<8 x float> %895, <8 x float> %848, <8 x float> %896)
+  store <8 x float> %897, ptr %acc050116, align 4
+  %898 = load <8 x float>, ptr %acc051117, align 4
+  %899 = call <8 x float> @llvm.fma.v8f32(<8 x float> %895, <8 x float> %851, <8 x float> %898)
+  store <8 x float> %899, ptr %acc051117, align 4
+  %900 = add nsw i64 %k125, 1
+  br label %k.head122
+
+k.end124:                                         ; preds = %k.head122
+  %901 = load <8 x float>, ptr %acc000106, align 4
+  store <8 x float> %901, ptr %751, align 4
+  %902 = load <8 x float>, ptr %acc001107, align 4
+  store <8 x float> %902, ptr %754, align 4
+  %903 = load <8 x float>, ptr %acc010108, align 4
+  store <8 x float> %903, ptr %766, align 4
+  %904 = load <8 x float>, ptr %acc011109, align 4
+  store <8 x float> %904, ptr %769, align 4
+  %905 = load <8 x float>, ptr %acc020110, align 4
+  store <8 x float> %905, ptr %781, align 4
+  %906 = load <8 x float>, ptr %acc021111, align 4
+  store <8 x float> %906, ptr %784, align 4
+  %907 = load <8 x float>, ptr %acc030112, align 4
+  store <8 x float> %907, ptr %796, align 4
+  %908 = load <8 x float>, ptr %acc031113, align 4
+  store <8 x float> %908, ptr %799, align 4
+  %909 = load <8 x float>, ptr %acc040114, align 4
+  store <8 x float> %909, ptr %811, align 4
+  %910 = load <8 x float>, ptr %acc041115, align 4
+  store <8 x float> %910, ptr %814, align 4
+  %911 = load <8 x float>, ptr %acc050116, align 4
+  store <8 x float> %911, ptr %826, align 4
+  %912 = load <8 x float>, ptr %acc051117, align 4
+  store <8 x float> %912, ptr %829, align 4
+  br label %tile.done96
+
+tile.mr5101:                                      ; preds = %rb.body90
+  %col128 = mul nsw i64 %p, 16
+  %913 = add nsw i64 %r093, 0
+  %914 = mul nsw i64 %913, 1024
+  %915 = add nsw i64 %914, 0
+  %916 = getelementptr inbounds float, ptr %h, i64 %915
+  %917 = getelementptr inbounds i32, ptr %rows, i64 %913
+  %918 = load i32, ptr %917, align 4
+  %919 = sext i32 %918 to i64
+  %920 = mul nsw i64 %919, 512
+  %921 = getelementptr inbounds float, ptr %y, i64 %920
+  %922 = add nsw i64 %col128, 0
+  %923 = getelementptr inbounds float, ptr %921, i64 %922
+  %924 = load <8 x float>, ptr %923, align 4
+  store <8 x float> zeroinitializer, ptr %acc000129, align 4
+  %925 = add nsw i64 %col128, 8
+  %926 = getelementptr inbounds float, ptr %921, i64 %925
+  %927 = load <8 x float>, ptr %926, align 4
+  store <8 x float> zeroinitializer, ptr %acc001130, align 4
+  %928 = add nsw i64 %r093, 1
+  %929 = mul nsw i64 %928, 1024
+  %930 = add nsw i64 %929, 0
+  %931 = getelementptr inbounds float, ptr %h, i64 %930
+  %932 = getelementptr inbounds i32, ptr %rows, i64 %928
+  %933 = load i32, ptr %932, align 4
+  %934 = sext i32 %933 to i64
+  %935 = mul nsw i64 %934, 512
+  %936 = getelementptr inbounds float, ptr %y, i64 %935
+  %937 = add nsw i64 %col128, 0
+  %938 = getelementptr inbounds float, ptr %936, i64 %937
+  %939 = load <8 x float>, ptr %938, align 4
+  store <8 x float> zeroinitializer, ptr %acc010131, align 4
+  %940 = add nsw i64 %col128, 8
+  %941 = getelementptr inbounds float, ptr %936, i64 %940
+  %942 = load <8 x float>, ptr %941, align 4
+  store <8 x float> zeroinitializer, ptr %acc011132, align 4
+  %943 = add nsw i64 %r093, 2
+  %944 = mul nsw i64 %943, 1024
+  %945 = add nsw i64 %944, 0
+  %946 = getelementptr inbounds float, ptr %h, i64 %945
+  %947 = getelementptr inbounds i32, ptr %rows, i64 %943
+  %948 = load i32, ptr %947, align 4
+  %949 = sext i32 %948 to i64
+  %950 = mul nsw i64 %949, 512
+  %951 = getelementptr inbounds float, ptr %y, i64 %950
+  %952 = add nsw i64 %col128, 0
+  %953 = getelementptr inbounds float, ptr %951, i64 %952
+  %954 = load <8 x float>, ptr %953, align 4
+  store <8 x float> zeroinitializer, ptr %acc020133, align 4
+  %955 = add nsw i64 %col128, 8
+  %956 = getelementptr inbounds float, ptr %951, i64 %955
+  %957 = load <8 x float>, ptr %956, align 4
+  store <8 x float> zeroinitializer, ptr %acc021134, align 4
+  %958 = add nsw i64 %r093, 3
+  %959 = mul nsw i64 %958, 1024
+  %960 = add nsw i64 %959, 0
+  %961 = getelementptr inbounds float, ptr %h, i64 %960
+  %962 = getelementptr inbounds i32, ptr %rows, i64 %958
+  %963 = load i32, ptr %962, align 4
+  %964 = sext i32 %963 to i64
+  %965 = mul nsw i64 %964, 512
+  %966 = getelementptr inbounds float, ptr %y, i64 %965
+  %967 = add nsw i64 %col128, 0
+  %968 = getelementptr inbounds float, ptr %966, i64 %967
+  %969 = load <8 x float>, ptr %968, align 4
+  store <8 x float> zeroinitializer, ptr %acc030135, align 4
+  %970 = add nsw i64 %col128, 8
+  %971 = getelementptr inbounds float, ptr %966, i64 %970
+  %972 = load <8 x float>, ptr %971, align 4
+  store <8 x float> zeroinitializer, ptr %acc031136, align 4
+  %973 = add nsw i64 %r093, 4
+  %974 = mul nsw i64 %973, 1024
+  %975 = add nsw i64 %974, 0
+  %976 = getelementptr inbounds float, ptr %h, i64 %975
+  %977 = getelementptr inbounds i32, ptr %rows, i64 %973
+  %978 = load i32, ptr %977, align 4
+  %979 = sext i32 %978 to i64
+  %980 = mul nsw i64 %979, 512
+  %981 = getelementptr inbounds float, ptr %y, i64 %980
+  %982 = add nsw i64 %col128, 0
+  %983 = getelementptr inbounds float, ptr %981, i64 %982
+  %984 = load <8 x float>, ptr %983, align 4
+  store <8 x float> zeroinitializer, ptr %acc040137, align 4
+  %985 = add nsw i64 %col128, 8
+  %986 = getelementptr inbounds float, ptr %981, i64 %985
+  %987 = load <8 x float>, ptr %986, align 4
+  store <8 x float> zeroinitializer, ptr %acc041138, align 4
+  %988 = mul nsw i64 %p, 16384
+  %panel.off139 = add nsw i64 %988, 0
+  %989 = getelementptr inbounds float, ptr %panels, i64 %panel.off139
+  %990 = add nsw i64 %p, 1
+  %991 = icmp slt i64 %990, %p1
+  %pf.on140 = and i1 %pf.on104, %991
+  %992 = mul nsw i64 %rb92, 65536
+  %993 = lshr i64 %992, %738
+  %994 = add nsw i64 65536, %993
+  %995 = getelementptr inbounds i8, ptr %989, i64 %994
+  %pf141 = select i1 %pf.on140, ptr %995, ptr %989
+  %pf.sh142 = select i1 %pf.on140, i64 %738, i64 0
+  br label %k.head143
+
+k.head143:                                        ; preds = %pf.any.end148, %tile.mr5101
+  %k146 = phi i64 [ 0, %tile.mr5101 ], [ %1049, %pf.any.end148 ]
+  %996 = icmp slt i64 %k146, 1024
+  br i1 %996, label %k.body144, label %k.end145
+
+k.body144:                                        ; preds = %k.head143
+  %997 = mul nsw i64 %k146, 1
+  %998 = add nsw i64 %997, 0
+  %999 = mul nsw i64 %998, 64
+  br i1 %pf.multi103, label %pf.any.then147, label %pf.any.end148
+
+pf.any.then147:                                   ; preds = %k.body144
+  %1000 = lshr i64 %999, %pf.sh142
+  %1001 = getelementptr inbounds i8, ptr %pf141, i64 %1000
+  call void @llvm.prefetch.p0(ptr %1001, i32 0, i32 2, i32 1)
+  br label %pf.any.end148
+
+pf.any.end148:                                    ; preds = %pf.any.then147, %k.body144
+  %1002 = mul nsw i64 %998, 16
+  %1003 = add nsw i64 %panel.off139, %1002
+  %1004 = getelementptr inbounds float, ptr %panels, i64 %1003
+  %1005 = load <8 x float>, ptr %1004, align 4
+  %1006 = add nsw i64 %1003, 8
+  %1007 = getelementptr inbounds float, ptr %panels, i64 %1006
+  %1008 = load <8 x float>, ptr %1007, align 4
+  %1009 = getelementptr inbounds float, ptr %916, i64 %998
+  %1010 = load float, ptr %1009, align 4
+  %1011 = insertelement <8 x float> poison, float %1010, i32 0
+  %1012 = shufflevector <8 x float> %1011, <8 x float> poison, <8 x i32> zeroinitializer
+  %1013 = load <8 x float>, ptr %acc000129, align 4
+  %1014 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %1005, <8 x float> %1013)
+  store <8 x float> %1014, ptr %acc000129, align 4
+  %1015 = load <8 x float>, ptr %acc001130, align 4
+  %1016 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %1008, <8 x float> %1015)
+  store <8 x float> %1016, ptr %acc001130, align 4
+  %1017 = getelementptr inbounds float, ptr %931, i64 %998
+  %1018 = load float, ptr %1017, align 4
+  %1019 = insertelement <8 x float> poison, float %1018, i32 0
+  %1020 = shufflevector <8 x float> %1019, <8 x float> poison, <8 x i32> zeroinitializer
+  %1021 = load <8 x float>, ptr %acc010131, align 4
+  %1022 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %1005, <8 x float> %1021)
+  store <8 x float> %1022, ptr %acc010131, align 4
+  %1023 = load <8 x float>, ptr %acc011132, align 4
+  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %1008, <8 x float> %1023)
+  store <8 x float> %1024, ptr %acc011132, align 4
+  %1025 = getelementptr inbounds float, ptr %946, i64 %998
+  %1026 = load float, ptr %1025, align 4
+  %1027 = insertelement <8 x float> poison, float %1026, i32 0
+  %1028 = shufflevector <8 x float> %1027, <8 x float> poison, <8 x i32> zeroinitializer
+  %1029 = load <8 x float>, ptr %acc020133, align 4
+  %1030 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %1005, <8 x float> %1029)
+  store <8 x float> %1030, ptr %acc020133, align 4
+  %1031 = load <8 x float>, ptr %acc021134, align 4
+  %1032 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %1008, <8 x float> %1031)
+  store <8 x float> %1032, ptr %acc021134, align 4
+  %1033 = getelementptr inbounds float, ptr %961, i64 %998
+  %1034 = load float, ptr %1033, align 4
+  %1035 = insertelement <8 x float> poison, float %1034, i32 0
+  %1036 = shufflevector <8 x float> %1035, <8 x float> poison, <8 x i32> zeroinitializer
+  %1037 = load <8 x float>, ptr %acc030135, align 4
+  %1038 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %1005, <8 x float> %1037)
+  store <8 x float> %1038, ptr %acc030135, align 4
+  %1039 = load <8 x float>, ptr %acc031136, align 4
+  %1040 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %1008, <8 x float> %1039)
+  store <8 x float> %1040, ptr %acc031136, align 4
+  %1041 = getelementptr inbounds float, ptr %976, i64 %998
+  %1042 = load float, ptr %1041, align 4
+  %1043 = insertelement <8 x float> poison, float %1042, i32 0
+  %1044 = shufflevector <8 x float> %1043, <8 x float> poison, <8 x i32> zeroinitializer
+  %1045 = load <8 x float>, ptr %acc040137, align 4
+  %1046 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1044, <8 x float> %1005, <8 x float> %1045)
+  store <8 x float> %1046, ptr %acc040137, align 4
+  %1047 = load <8 x float>, ptr %acc041138, align 4
+  %1048 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1044, <8 x float> %1008, <8 x float> %1047)
+  store <8 x float> %1048, ptr %acc041138, align 4
+  %1049 = add nsw i64 %k146, 1
+  br label %k.head143
+
+k.end145:                                         ; preds = %k.head143
+  %1050 = load <8 x float>, ptr %acc000129, align 4
+  store <8 x float> %1050, ptr %923, align 4
+  %1051 = load <8 x float>, ptr %acc001130, align 4
+  store <8 x float> %1051, ptr %926, align 4
+  %1052 = load <8 x float>, ptr %acc010131, align 4
+  store <8 x float> %1052, ptr %938, align 4
+  %1053 = load <8 x float>, ptr %acc011132, align 4
+  store <8 x float> %1053, ptr %941, align 4
+  %1054 = load <8 x float>, ptr %acc020133, align 4
+  store <8 x float> %1054, ptr %953, align 4
+  %1055 = load <8 x float>, ptr %acc021134, align 4
+  store <8 x float> %1055, ptr %956, align 4
+  %1056 = load <8 x float>, ptr %acc030135, align 4
+  store <8 x float> %1056, ptr %968, align 4
+  %1057 = load <8 x float>, ptr %acc031136, align 4
+  store <8 x float> %1057, ptr %971, align 4
+  %1058 = load <8 x float>, ptr %acc040137, align 4
+  store <8 x float> %1058, ptr %983, align 4
+  %1059 = load <8 x float>, ptr %acc041138, align 4
+  store <8 x float> %1059, ptr %986, align 4
+  br label %tile.done96
+
+tile.mr4100:                                      ; preds = %rb.body90
+  %col149 = mul nsw i64 %p, 16
+  %1060 = add nsw i64 %r093, 0
+  %1061 = mul nsw i64 %1060, 1024
+  %1062 = add nsw i64 %1061, 0
+  %1063 = getelementptr inbounds float, ptr %h, i64 %1062
+  %1064 = getelementptr inbounds i32, ptr %rows, i64 %1060
+  %1065 = load i32, ptr %1064, align 4
+  %1066 = sext i32 %1065 to i64
+  %1067 = mul nsw i64 %1066, 512
+  %1068 = getelementptr inbounds float, ptr %y, i64 %1067
+  %1069 = add nsw i64 %col149, 0
+  %1070 = getelementptr inbounds float, ptr %1068, i64 %1069
+  %1071 = load <8 x float>, ptr %1070, align 4
+  store <8 x float> zeroinitializer, ptr %acc000150, align 4
+  %1072 = add nsw i64 %col149, 8
+  %1073 = getelementptr inbounds float, ptr %1068, i64 %1072
+  %1074 = load <8 x float>, ptr %1073, align 4
+  store <8 x float> zeroinitializer, ptr %acc001151, align 4
+  %1075 = add nsw i64 %r093, 1
+  %1076 = mul nsw i64 %1075, 1024
+  %1077 = add nsw i64 %1076, 0
+  %1078 = getelementptr inbounds float, ptr %h, i64 %1077
+  %1079 = getelementptr inbounds i32, ptr %rows, i64 %1075
+  %1080 = load i32, ptr %1079, align 4
+  %1081 = sext i32 %1080 to i64
+  %1082 = mul nsw i64 %1081, 512
+  %1083 = getelementptr inbounds float, ptr %y, i64 %1082
+  %1084 = add nsw i64 %col149, 0
+  %1085 = getelementptr inbounds float, ptr %1083, i64 %1084
+  %1086 = load <8 x float>, ptr %1085, align 4
+  store <8 x float> zeroinitializer, ptr %acc010152, align 4
+  %1087 = add nsw i64 %col149, 8
+  %1088 = getelementptr inbounds float, ptr %1083, i64 %1087
+  %1089 = load <8 x float>, ptr %1088, align 4
+  store <8 x float> zeroinitializer, ptr %acc011153, align 4
+  %1090 = add nsw i64 %r093, 2
+  %1091 = mul nsw i64 %1090, 1024
+  %1092 = add nsw i64 %1091, 0
+  %1093 = getelementptr inbounds float, ptr %h, i64 %1092
+  %1094 = getelementptr inbounds i32, ptr %rows, i64 %1090
+  %1095 = load i32, ptr %1094, align 4
+  %1096 = sext i32 %1095 to i64
+  %1097 = mul nsw i64 %1096, 512
+  %1098 = getelementptr inbounds float, ptr %y, i64 %1097
+  %1099 = add nsw i64 %col149, 0
+  %1100 = getelementptr inbounds float, ptr %1098, i64 %1099
+  %1101 = load <8 x float>, ptr %1100, align 4
+  store <8 x float> zeroinitializer, ptr %acc020154, align 4
+  %1102 = add nsw i64 %col149, 8
+  %1103 = getelementptr inbounds float, ptr %1098, i64 %1102
+  %1104 = load <8 x float>, ptr %1103, align 4
+  store <8 x float> zeroinitializer, ptr %acc021155, align 4
+  %1105 = add nsw i64 %r093, 3
+  %1106 = mul nsw i64 %1105, 1024
+  %1107 = add nsw i64 %1106, 0
+  %1108 = getelementptr inbounds float, ptr %h, i64 %1107
+  %1109 = getelementptr inbounds i32, ptr %rows, i64 %1105
+  %1110 = load i32, ptr %1109, align 4
+  %1111 = sext i32 %1110 to i64
+  %1112 = mul nsw i64 %1111, 512
+  %1113 = getelementptr inbounds float, ptr %y, i64 %1112
+  %1114 = add nsw i64 %col149, 0
+  %1115 = getelementptr inbounds float, ptr %1113, i64 %1114
+  %1116 = load <8 x float>, ptr %1115, align 4
+  store <8 x float> zeroinitializer, ptr %acc030156, align 4
+  %1117 = add nsw i64 %col149, 8
+  %1118 = getelementptr inbounds float, ptr %1113, i64 %1117
+  %1119 = load <8 x float>, ptr %1118, align 4
+  store <8 x float> zeroinitializer, ptr %acc031157, align 4
+  %1120 = mul nsw i64 %p, 16384
+  %panel.off158 = add nsw i64 %1120, 0
+  %1121 = getelementptr inbounds float, ptr %panels, i64 %panel.off158
+  %1122 = add nsw i64 %p, 1
+  %1123 = icmp slt i64 %1122, %p1
+  %pf.on159 = and i1 %pf.on104, %1123
+  %1124 = mul nsw i64 %rb92, 65536
+  %1125 = lshr i64 %1124, %738
+  %1126 = add nsw i64 65536, %1125
+  %1127 = getelementptr inbounds i8, ptr %1121, i64 %1126
+  %pf160 = select i1 %pf.on159, ptr %1127, ptr %1121
+  %pf.sh161 = select i1 %pf.on159, i64 %738, i64 0
+  br label %k.head162
+
+k.head162:                                        ; preds = %pf.any.end167, %tile.mr4100
+  %k165 = phi i64 [ 0, %tile.mr4100 ], [ %1173, %pf.any.end167 ]
+  %1128 = icmp slt i64 %k165, 1024
+  br i1 %1128, label %k.body163, label %k.end164
+
+k.body163:                                        ; preds = %k.head162
+  %1129 = mul nsw i64 %k165, 1
+  %1130 = add nsw i64 %1129, 0
+  %1131 = mul nsw i64 %1130, 64
+  br i1 %pf.multi103, label %pf.any.then166, label %pf.any.end167
+
+pf.any.then166:                                   ; preds = %k.body163
+  %1132 = lshr i64 %1131, %pf.sh161
+  %1133 = getelementptr inbounds i8, ptr %pf160, i64 %1132
+  call void @llvm.prefetch.p0(ptr %1133, i32 0, i32 2, i32 1)
+  br label %pf.any.end167
+
+pf.any.end167:                                    ; preds = %pf.any.then166, %k.body163
+  %1134 = mul nsw i64 %1130, 16
+  %1135 = add nsw i64 %panel.off158, %1134
+  %1136 = getelementptr inbounds float, ptr %panels, i64 %1135
+  %1137 = load <8 x float>, ptr %1136, align 4
+  %1138 = add nsw i64 %1135, 8
+  %1139 = getelementptr inbounds float, ptr %panels, i64 %1138
+  %1140 = load <8 x float>, ptr %1139, align 4
+  %1141 = getelementptr inbounds float, ptr %1063, i64 %1130
+  %1142 = load float, ptr %1141, align 4
+  %1143 = insertelement <8 x float> poison, float %1142, i32 0
+  %1144 = shufflevector <8 x float> %1143, <8 x float> poison, <8 x i32> zeroinitializer
+  %1145 = load <8 x float>, ptr %acc000150, align 4
+  %1146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1144, <8 x float> %1137, <8 x float> %1145)
+  store <8 x float> %1146, ptr %acc000150, align 4
+  %1147 = load <8 x float>, ptr %acc001151, align 4
+  %1148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1144, <8 x float> %1140, <8 x float> %1147)
+  store <8 x float> %1148, ptr %acc001151, align 4
+  %1149 = getelementptr inbounds float, ptr %1078, i64 %1130
+  %1150 = load float, ptr %1149, align 4
+  %1151 = insertelement <8 x float> poison, float %1150, i32 0
+  %1152 = shufflevector <8 x float> %1151, <8 x float> poison, <8 x i32> zeroinitializer
+  %1153 = load <8 x float>, ptr %acc010152, align 4
+  %1154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1152, <8 x float> %1137, <8 x float> %1153)
+  store <8 x float> %1154, ptr %acc010152, align 4
+  %1155 = load <8 x float>, ptr %acc011153, align 4
+  %1156 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1152, <8 x float> %1140, <8 x float> %1155)
+  store <8 x float> %1156, ptr %acc011153, align 4
+  %1157 = getelementptr inbounds float, ptr %1093, i64 %1130
+  %1158 = load float, ptr %1157, align 4
+  %1159 = insertelement <8 x float> poison, float %1158, i32 0
+  %1160 = shufflevector <8 x float> %1159, <8 x float> poison, <8 x i32> zeroinitializer
+  %1161 = load <8 x float>, ptr %acc020154, align 4
+  %1162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1160, <8 x float> %1137, <8 x float> %1161)
+  store <8 x float> %1162, ptr %acc020154, align 4
+  %1163 = load <8 x float>, ptr %acc021155, align 4
+  %1164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1160, <8 x float> %1140, <8 x float> %1163)
+  store <8 x float> %1164, ptr %acc021155, align 4
+  %1165 = getelementptr inbounds float, ptr %1108, i64 %1130
+  %1166 = load float, ptr %1165, align 4
+  %1167 = insertelement <8 x float> poison, float %1166, i32 0
+  %1168 = shufflevector <8 x float> %1167, <8 x float> poison, <8 x i32> zeroinitializer
+  %1169 = load <8 x float>, ptr %acc030156, align 4
+  %1170 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1168, <8 x float> %1137, <8 x float> %1169)
+  store <8 x float> %1170, ptr %acc030156, align 4
+  %1171 = load <8 x float>, ptr %acc031157, align 4
+  %1172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1168, <8 x float> %1140, <8 x float> %1171)
+  store <8 x float> %1172, ptr %acc031157, align 4
+  %1173 = add nsw i64 %k165, 1
+  br label %k.head162
+
+k.end164:                                         ; preds = %k.head162
+  %1174 = load <8 x float>, ptr %acc000150, align 4
+  store <8 x float> %1174, ptr %1070, align 4
+  %1175 = load <8 x float>, ptr %acc001151, align 4
+  store <8 x float> %1175, ptr %1073, align 4
+  %1176 = load <8 x float>, ptr %acc010152, align 4
+  store <8 x float> %1176, ptr %1085, align 4
+  %1177 = load <8 x float>, ptr %acc011153, align 4
+  store <8 x float> %1177, ptr %1088, align 4
+  %1178 = load <8 x float>, ptr %acc020154, align 4
+  store <8 x float> %1178, ptr %1100, align 4
+  %1179 = load <8 x float>, ptr %acc021155, align 4
+  store <8 x float> %1179, ptr %1103, align 4
+  %1180 = load <8 x float>, ptr %acc030156, align 4
+  store <8 x float> %1180, ptr %1115, align 4
+  %1181 = load <8 x float>, ptr %acc031157, align 4
+  store <8 x float> %1181, ptr %1118, align 4
+  br label %tile.done96
+
+tile.mr399:                                       ; preds = %rb.body90
+  %col168 = mul nsw i64 %p, 16
+  %1182 = add nsw i64 %r093, 0
+  %1183 = mul nsw i64 %1182, 1024
+  %1184 = add nsw i64 %1183, 0
+  %1185 = getelementptr inbounds float, ptr %h, i64 %1184
+  %1186 = getelementptr inbounds i32, ptr %rows, i64 %1182
+  %1187 = load i32, ptr %1186, align 4
+  %1188 = sext i32 %1187 to i64
+  %1189 = mul nsw i64 %1188, 512
+  %1190 = getelementptr inbounds float, ptr %y, i64 %1189
+  %1191 = add nsw i64 %col168, 0
+  %1192 = getelementptr inbounds float, ptr %1190, i64 %1191
+  %1193 = load <8 x float>, ptr %1192, align 4
+  store <8 x float> zeroinitializer, ptr %acc000169, align 4
+  %1194 = add nsw i64 %col168, 8
+  %1195 = getelementptr inbounds float, ptr %1190, i64 %1194
+  %1196 = load <8 x float>, ptr %1195, align 4
+  store <8 x float> zeroinitializer, ptr %acc001170, align 4
+  %1197 = add nsw i64 %r093, 1
+  %1198 = mul nsw i64 %1197, 1024
+  %1199 = add nsw i64 %1198, 0
+  %1200 = getelementptr inbounds float, ptr %h, i64 %1199
+  %1201 = getelementptr inbounds i32, ptr %rows, i64 %1197
+  %1202 = load i32, ptr %1201, align 4
+  %1203 = sext i32 %1202 to i64
+  %1204 = mul nsw i64 %1203, 512
+  %1205 = getelementptr inbounds float, ptr %y, i64 %1204
+  %1206 = add nsw i64 %col168, 0
+  %1207 = getelementptr inbounds float, ptr %1205, i64 %1206
+  %1208 = load <8 x float>, ptr %1207, align 4
+  store <8 x float> zeroinitializer, ptr %acc010171, align 4
+  %1209 = add nsw i64 %col168, 8
+  %1210 = getelementptr inbounds float, ptr %1205, i64 %1209
+  %1211 = load <8 x float>, ptr %1210, align 4
+  store <8 x float> zeroinitializer, ptr %acc011172, align 4
+  %1212 = add nsw i64 %r093, 2
+  %1213 = mul nsw i64 %1212, 1024
+  %1214 = add nsw i64 %1213, 0
+  %1215 = getelementptr inbounds float, ptr %h, i64 %1214
+  %1216 = getelementptr inbounds i32, ptr %rows, i64 %1212
+  %1217 = load i32, ptr %1216, align 4
+  %1218 = sext i32 %1217 to i64
+  %1219 = mul nsw i64 %1218, 512
+  %1220 = getelementptr inbounds float, ptr %y, i64 %1219
+  %1221 = add nsw i64 %col168, 0
+  %1222 = getelementptr inbounds float, ptr %1220, i64 %1221
+  %1223 = load <8 x float>, ptr %1222, align 4
+  store <8 x float> zeroinitializer, ptr %acc020173, align 4
+  %1224 = add nsw i64 %col168, 8
+  %1225 = getelementptr inbounds float, ptr %1220, i64 %1224
+  %1226 = load <8 x float>, ptr %1225, align 4
+  store <8 x float> zeroinitializer, ptr %acc021174, align 4
+  %1227 = mul nsw i64 %p, 16384
+  %panel.off175 = add nsw i64 %1227, 0
+  %1228 = getelementptr inbounds float, ptr %panels, i64 %panel.off175
+  %1229 = add nsw i64 %p, 1
+  %1230 = icmp slt i64 %1229, %p1
+  %pf.on176 = and i1 %pf.on104, %1230
+  %1231 = mul nsw i64 %rb92, 65536
+  %1232 = lshr i64 %1231, %738
+  %1233 = add nsw i64 65536, %1232
+  %1234 = getelementptr inbounds i8, ptr %1228, i64 %1233
+  %pf177 = select i1 %pf.on176, ptr %1234, ptr %1228
+  %pf.sh178 = select i1 %pf.on176, i64 %738, i64 0
+  br label %k.head179
+
+k.head179:                                        ; preds = %pf.any.end184, %tile.mr399
+  %k182 = phi i64 [ 0, %tile.mr399 ], [ %1272, %pf.any.end184 ]
+  %1235 = icmp slt i64 %k182, 1024
+  br i1 %1235, label %k.body180, label %k.end181
+
+k.body180:                                        ; preds = %k.head179
+  %1236 = mul nsw i64 %k182, 1
+  %1237 = add nsw i64 %1236, 0
+  %1238 = mul nsw i64 %1237, 64
+  br i1 %pf.multi103, label %pf.any.then183, label %pf.any.end184
+
+pf.any.then183:                                   ; preds = %k.body180
+  %1239 = lshr i64 %1238, %pf.sh178
+  %1240 = getelementptr inbounds i8, ptr %pf177, i64 %1239
+  call void @llvm.prefetch.p0(ptr %1240, i32 0, i32 2, i32 1)
+  br label %pf.any.end184
+
+pf.any.end184:                                    ; preds = %pf.any.then183, %k.body180
+  %1241 = mul nsw i64 %1237, 16
+  %1242 = add nsw i64 %panel.off175, %1241
+  %1243 = getelementptr inbounds float, ptr %panels, i64 %1242
+  %1244 = load <8 x float>, ptr %1243, align 4
+  %1245 = add nsw i64 %1242, 8
+  %1246 = getelementptr inbounds float, ptr %panels, i64 %1245
+  %1247 = load <8 x float>, ptr %1246, align 4
+  %1248 = getelementptr inbounds float, ptr %1185, i64 %1237
+  %1249 = load float, ptr %1248, align 4
+  %1250 = insertelement <8 x float> poison, float %1249, i32 0
+  %1251 = shufflevector <8 x float> %1250, <8 x float> poison, <8 x i32> zeroinitializer
+  %1252 = load <8 x float>, ptr %acc000169, align 4
+  %1253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1251, <8 x float> %1244, <8 x float> %1252)
+  store <8 x float> %1253, ptr %acc000169, align 4
+  %1254 = load <8 x float>, ptr %acc001170, align 4
+  %1255 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1251, <8 x float> %1247, <8 x float> %1254)
+  store <8 x float> %1255, ptr %acc001170, align 4
+  %1256 = getelementptr inbounds float, ptr %1200, i64 %1237
+  %1257 = load float, ptr %1256, align 4
+  %1258 = insertelement <8 x float> poison, float %1257, i32 0
+  %1259 = shufflevector <8 x float> %1258, <8 x float> poison, <8 x i32> zeroinitializer
+  %1260 = load <8 x float>, ptr %acc010171, align 4
+  %1261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1259, <8 x float> %1244, <8 x float> %1260)
+  store <8 x float> %1261, ptr %acc010171, align 4
+  %1262 = load <8 x float>, ptr %acc011172, align 4
+  %1263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1259, <8 x float> %1247, <8 x float> %1262)
+  store <8 x float> %1263, ptr %acc011172, align 4
+  %1264 = getelementptr inbounds float, ptr %1215, i64 %1237
+  %1265 = load float, ptr %1264, align 4
+  %1266 = insertelement <8 x float> poison, float %1265, i32 0
+  %1267 = shufflevector <8 x float> %1266, <8 x float> poison, <8 x i32> zeroinitializer
+  %1268 = load <8 x float>, ptr %acc020173, align 4
+  %1269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1267, <8 x float> %1244, <8 x float> %1268)
+  store <8 x float> %1269, ptr %acc020173, align 4
+  %1270 = load <8 x float>, ptr %acc021174, align 4
+  %1271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1267, <8 x float> %1247, <8 x float> %1270)
+  store <8 x float> %1271, ptr %acc021174, align 4
+  %1272 = add nsw i64 %k182, 1
+  br label %k.head179
+
+k.end181:                                         ; preds = %k.head179
+  %1273 = load <8 x float>, ptr %acc000169, align 4
+  store <8 x float> %1273, ptr %1192, align 4
+  %1274 = load <8 x float>, ptr %acc001170, align 4
+  store <8 x float> %1274, ptr %1195, align 4
+  %1275 = load <8 x float>, ptr %acc010171, align 4
+  store <8 x float> %1275, ptr %1207, align 4
+  %1276 = load <8 x float>, ptr %acc011172, align 4
+  store <8 x float> %1276, ptr %1210, align 4
+  %1277 = load <8 x float>, ptr %acc020173, align 4
+  store <8 x float> %1277, ptr %1222, align 4
+  %1278 = load <8 x float>, ptr %acc021174, align 4
+  store <8 x float> %1278, ptr %1225, align 4
+  br label %tile.done96
+
+tile.mr298:                                       ; preds = %rb.body90
+  %col185 = mul nsw i64 %p, 16
+  %1279 = add nsw i64 %r093, 0
+  %1280 = mul nsw i64 %1279, 1024
+  %1281 = add nsw i64 %1280, 0
+  %1282 = getelementptr inbounds float, ptr %h, i64 %1281
+  %1283 = getelementptr inbounds i32, ptr %rows, i64 %1279
+  %1284 = load i32, ptr %1283, align 4
+  %1285 = sext i32 %1284 to i64
+  %1286 = mul nsw i64 %1285, 512
+  %1287 = getelementptr inbounds float, ptr %y, i64 %1286
+  %1288 = add nsw i64 %col185, 0
+  %1289 = getelementptr inbounds float, ptr %1287, i64 %1288
+  %1290 = load <8 x float>, ptr %1289, align 4
+  store <8 x float> zeroinitializer, ptr %acc000186, align 4
+  %1291 = add nsw i64 %col185, 8
+  %1292 = getelementptr inbounds float, ptr %1287, i64 %1291
+  %1293 = load <8 x float>, ptr %1292, align 4
+  store <8 x float> zeroinitializer, ptr %acc001187, align 4
+  %1294 = add nsw i64 %r093, 1
+  %1295 = mul nsw i64 %1294, 1024
+  %1296 = add nsw i64 %1295, 0
+  %1297 = getelementptr inbounds float, ptr %h, i64 %1296
+  %1298 = getelementptr inbounds i32, ptr %rows, i64 %1294
+  %1299 = load i32, ptr %1298, align 4
+  %1300 = sext i32 %1299 to i64
+  %1301 = mul nsw i64 %1300, 512
+  %1302 = getelementptr inbounds float, ptr %y, i64 %1301
+  %1303 = add nsw i64 %col185, 0
+  %1304 = getelementptr inbounds float, ptr %1302, i64 %1303
+  %1305 = load <8 x float>, ptr %1304, align 4
+  store <8 x float> zeroinitializer, ptr %acc010188, align 4
+  %1306 = add nsw i64 %col185, 8
+  %1307 = getelementptr inbounds float, ptr %1302, i64 %1306
+  %1308 = load <8 x float>, ptr %1307, align 4
+  store <8 x float> zeroinitializer, ptr %acc011189, align 4
+  %1309 = mul nsw i64 %p, 16384
+  %panel.off190 = add nsw i64 %1309, 0
+  %1310 = getelementptr inbounds float, ptr %panels, i64 %panel.off190
+  %1311 = add nsw i64 %p, 1
+  %1312 = icmp slt i64 %1311, %p1
+  %pf.on191 = and i1 %pf.on104, %1312
+  %1313 = mul nsw i64 %rb92, 65536
+  %1314 = lshr i64 %1313, %738
+  %1315 = add nsw i64 65536, %1314
+  %1316 = getelementptr inbounds i8, ptr %1310, i64 %1315
+  %pf192 = select i1 %pf.on191, ptr %1316, ptr %1310
+  %pf.sh193 = select i1 %pf.on191, i64 %738, i64 0
+  br label %k.head194
+
+k.head194:                                        ; preds = %pf.any.end199, %tile.mr298
+  %k197 = phi i64 [ 0, %tile.mr298 ], [ %1346, %pf.any.end199 ]
+  %1317 = icmp slt i64 %k197, 1024
+  br i1 %1317, label %k.body195, label %k.end196
+
+k.body195:                                        ; preds = %k.head194
+  %1318 = mul nsw i64 %k197, 1
+  %1319 = add nsw i64 %1318, 0
+  %1320 = mul nsw i64 %1319, 64
+  br i1 %pf.multi103, label %pf.any.then198, label %pf.any.end199
+
+pf.any.then198:                                   ; preds = %k.body195
+  %1321 = lshr i64 %1320, %pf.sh193
+  %1322 = getelementptr inbounds i8, ptr %pf192, i64 %1321
+  call void @llvm.prefetch.p0(ptr %1322, i32 0, i32 2, i32 1)
+  br label %pf.any.end199
+
+pf.any.end199:                                    ; preds = %pf.any.then198, %k.body195
+  %1323 = mul nsw i64 %1319, 16
+  %1324 = add nsw i64 %panel.off190, %1323
+  %1325 = getelementptr inbounds float, ptr %panels, i64 %1324
+  %1326 = load <8 x float>, ptr %1325, align 4
+  %1327 = add nsw i64 %1324, 8
+  %1328 = getelementptr inbounds float, ptr %panels, i64 %1327
+  %1329 = load <8 x float>, ptr %1328, align 4
+  %1330 = getelementptr inbounds float, ptr %1282, i64 %1319
+  %1331 = load float, ptr %1330, align 4
+  %1332 = insertelement <8 x float> poison, float %1331, i32 0
+  %1333 = shufflevector <8 x float> %1332, <8 x float> poison, <8 x i32> zeroinitializer
+  %1334 = load <8 x float>, ptr %acc000186, align 4
+  %1335 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1333, <8 x float> %1326, <8 x float> %1334)
+  store <8 x float> %1335, ptr %acc000186, align 4
+  %1336 = load <8 x float>, ptr %acc001187, align 4
+  %1337 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1333, <8 x float> %1329, <8 x float> %1336)
+  store <8 x float> %1337, ptr %acc001187, align 4
+  %1338 = getelementptr inbounds float, ptr %1297, i64 %1319
+  %1339 = load float, ptr %1338, align 4
+  %1340 = insertelement <8 x float> poison, float %1339, i32 0
+  %1341 = shufflevector <8 x float> %1340, <8 x float> poison, <8 x i32> zeroinitializer
+  %1342 = load <8 x float>, ptr %acc010188, align 4
+  %1343 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1341, <8 x float> %1326, <8 x float> %1342)
+  store <8 x float> %1343, ptr %acc010188, align 4
+  %1344 = load <8 x float>, ptr %acc011189, align 4
+  %1345 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1341, <8 x float> %1329, <8 x float> %1344)
+  store <8 x float> %1345, ptr %acc011189, align 4
+  %1346 = add nsw i64 %k197, 1
+  br label %k.head194
+
+k.end196:                                         ; preds = %k.head194
+  %1347 = load <8 x float>, ptr %acc000186, align 4
+  store <8 x float> %1347, ptr %1289, align 4
+  %1348 = load <8 x float>, ptr %acc001187, align 4
+  store <8 x float> %1348, ptr %1292, align 4
+  %1349 = load <8 x float>, ptr %acc010188, align 4
+  store <8 x float> %1349, ptr %1304, align 4
+  %1350 = load <8 x float>, ptr %acc011189, align 4
+  store <8 x float> %1350, ptr %1307, align 4
+  br label %tile.done96
+
+tile.mr197:                                       ; preds = %rb.body90
+  %col200 = mul nsw i64 %p, 16
+  %1351 = add nsw i64 %r093, 0
+  %1352 = mul nsw i64 %1351, 1024
+  %1353 = add nsw i64 %1352, 0
+  %1354 = getelementptr inbounds float, ptr %h, i64 %1353
+  %1355 = getelementptr inbounds i32, ptr %rows, i64 %1351
+  %1356 = load i32, ptr %1355, align 4
+  %1357 = sext i32 %1356 to i64
+  %1358 = mul nsw i64 %1357, 512
+  %1359 = getelementptr inbounds float, ptr %y, i64 %1358
+  %1360 = add nsw i64 %col200, 0
+  %1361 = getelementptr inbounds float, ptr %1359, i64 %1360
+  %1362 = load <8 x float>, ptr %1361, align 4
+  store <8 x float> zeroinitializer, ptr %acc000201, align 4
+  %1363 = add nsw i64 %col200, 8
+  %1364 = getelementptr inbounds float, ptr %1359, i64 %1363
+  %1365 = load <8 x float>, ptr %1364, align 4
+  store <8 x float> zeroinitializer, ptr %acc001202, align 4
+  %1366 = mul nsw i64 %p, 16384
+  %panel.off203 = add nsw i64 %1366, 0
+  %1367 = getelementptr inbounds float, ptr %panels, i64 %panel.off203
+  %1368 = add nsw i64 %p, 1
+  %1369 = icmp slt i64 %1368, %p1
+  %pf.on204 = and i1 %pf.on104, %1369
+  %1370 = mul nsw i64 %rb92, 65536
+  %1371 = lshr i64 %1370, %738
+  %1372 = add nsw i64 65536, %1371
+  %1373 = getelementptr inbounds i8, ptr %1367, i64 %1372
+  %pf205 = select i1 %pf.on204, ptr %1373, ptr %1367
+  %pf.sh206 = select i1 %pf.on204, i64 %738, i64 0
+  br label %k.head207
+
+k.head207:                                        ; preds = %pf.any.end212, %tile.mr197
+  %k210 = phi i64 [ 0, %tile.mr197 ], [ %1395, %pf.any.end212 ]
+  %1374 = icmp slt i64 %k210, 1024
+  br i1 %1374, label %k.body208, label %k.end209
+
+k.body208:                                        ; preds = %k.head207
+  %1375 = mul nsw i64 %k210, 1
+  %1376 = add nsw i64 %1375, 0
+  %1377 = mul nsw i64 %1376, 64
+  br i1 %pf.multi103, label %pf.any.then211, label %pf.any.end212
+
+pf.any.then211:                                   ; preds = %k.body208
+  %1378 = lshr i64 %1377, %pf.sh206
+  %1379 = getelementptr inbounds i8, ptr %pf205, i64 %1378
+  call void @llvm.prefetch.p0(ptr %1379, i32 0, i32 2, i32 1)
+  br label %pf.any.end212
+
+pf.any.end212:                                    ; preds = %pf.any.then211, %k.body208
+  %1380 = mul nsw i64 %1376, 16
+  %1381 = add nsw i64 %panel.off203, %1380
+  %1382 = getelementptr inbounds float, ptr %panels, i64 %1381
+  %1383 = load <8 x float>, ptr %1382, align 4
+  %1384 = add nsw i64 %1381, 8
+  %1385 = getelementptr inbounds float, ptr %panels, i64 %1384
+  %1386 = load <8 x float>, ptr %1385, align 4
+  %1387 = getelementptr inbounds float, ptr %1354, i64 %1376
+  %1388 = load float, ptr %1387, align 4
+  %1389 = insertelement <8 x float> poison, float %1388, i32 0
+  %1390 = shufflevector <8 x float> %1389, <8 x float> poison, <8 x i32> zeroinitializer
+  %1391 = load <8 x float>, ptr %acc000201, align 4
+  %1392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1390, <8 x float> %1383, <8 x float> %1391)
+  store <8 x float> %1392, ptr %acc000201, align 4
+  %1393 = load <8 x float>, ptr %acc001202, align 4
+  %1394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1390, <8 x float> %1386, <8 x float> %1393)
+  store <8 x float> %1394, ptr %acc001202, align 4
+  %1395 = add nsw i64 %k210, 1
+  br label %k.head207
+
+k.end209:                                         ; preds = %k.head207
+  %1396 = load <8 x float>, ptr %acc000201, align 4
+  store <8 x float> %1396, ptr %1361, align 4
+  %1397 = load <8 x float>, ptr %acc001202, align 4
+  store <8 x float> %1397, ptr %1364, align 4
+  br label %tile.done96
+
+tile.done96:                                      ; preds = %k.end209, %k.end196, %k.end181, %k.end164, %k.end145, %k.end124
+  %1398 = add nsw i64 %rb92, 1
+  br label %rb.head89
+
+rb.end91:                                         ; preds = %rb.head89
+  %1399 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
+  br label %call.end
+
+call.end:                                         ; preds = %p.end, %kb.rc.end
   ret void
 }
 
 attributes #0 = { nounwind }
-attributes #1 = { nocallback nofree nosync nounwind speculatable willreturn memory(none) }
-attributes #2 = { nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite) }
+attributes #1 = { nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite) }
+attributes #2 = { nocallback nofree nosync nounwind speculatable willreturn memory(none) }

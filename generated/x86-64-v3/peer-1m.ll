@@ -17,13 +17,13 @@ entry:
   %qacc1 = alloca <16 x float>, align 32
   %qacc2 = alloca <16 x float>, align 32
   %qacc3 = alloca <16 x float>, align 32
-  %qacc8 = alloca <8 x float>, align 32
-  %qacc9 = alloca <8 x float>, align 32
-  %qacc10 = alloca <8 x float>, align 32
-  %qacc11 = alloca <8 x float>, align 32
-  %qacc21 = alloca <16 x float>, align 32
-  %qacc22 = alloca <16 x float>, align 32
-  %qacc37 = alloca <8 x float>, align 32
+  %qacc12 = alloca <8 x float>, align 32
+  %qacc13 = alloca <8 x float>, align 32
+  %qacc14 = alloca <8 x float>, align 32
+  %qacc15 = alloca <8 x float>, align 32
+  %qacc31 = alloca <16 x float>, align 32
+  %qacc32 = alloca <16 x float>, align 32
+  %qacc53 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -41,7 +41,7 @@ start:                                            ; preds = %entry
   br label %qb.head
 
 qb.head:                                          ; preds = %rb.end, %start
-  %qb = phi i64 [ %b0, %start ], [ %89, %rb.end ]
+  %qb = phi i64 [ %b0, %start ], [ %110, %rb.end ]
   %8 = icmp slt i64 %qb, %bw
   br i1 %8, label %qb.body, label %qb.end
 
@@ -50,408 +50,539 @@ qb.body:                                          ; preds = %qb.head
   %10 = add nsw i64 %9, 0
   %11 = getelementptr inbounds float, ptr %qbias, i64 %10
   %12 = load <16 x float>, ptr %11, align 4
+  %13 = sub nsw i64 %full, 0
+  %ntile = sdiv i64 %13, 4
+  %14 = icmp sge i64 %ntile, 2
+  %15 = select i1 %14, i64 1, i64 0
+  %16 = icmp sge i64 %ntile, 4
+  %17 = select i1 %16, i64 2, i64 %15
+  %18 = icmp sge i64 %ntile, 8
+  %19 = select i1 %18, i64 3, i64 %17
+  %20 = add nsw i64 %qb, 2
+  %more = icmp slt i64 %20, %b1
+  %21 = mul nsw i64 %20, 32768
+  %22 = getelementptr inbounds i8, ptr %query, i64 %21
   br label %rb.head
 
 rb.head:                                          ; preds = %qh.end, %qb.body
-  %rb = phi i64 [ 0, %qb.body ], [ %88, %qh.end ]
-  %13 = icmp slt i64 %rb, %full
-  br i1 %13, label %rb.body, label %rb.end
+  %rb = phi i64 [ 0, %qb.body ], [ %109, %qh.end ]
+  %23 = icmp slt i64 %rb, %full
+  br i1 %23, label %rb.body, label %rb.end
 
 rb.body:                                          ; preds = %rb.head
-  %14 = add nsw i64 %rb, 0
-  %15 = mul nsw i64 %14, 1024
-  %16 = getelementptr inbounds float, ptr %1, i64 %15
-  %17 = mul nsw i64 %14, 2048
-  %18 = add nsw i64 %17, %9
-  %19 = getelementptr inbounds float, ptr %3, i64 %18
-  %20 = add nsw i64 %rb, 1
-  %21 = mul nsw i64 %20, 1024
-  %22 = getelementptr inbounds float, ptr %1, i64 %21
-  %23 = mul nsw i64 %20, 2048
-  %24 = add nsw i64 %23, %9
-  %25 = getelementptr inbounds float, ptr %3, i64 %24
-  %26 = add nsw i64 %rb, 2
-  %27 = mul nsw i64 %26, 1024
-  %28 = getelementptr inbounds float, ptr %1, i64 %27
-  %29 = mul nsw i64 %26, 2048
-  %30 = add nsw i64 %29, %9
-  %31 = getelementptr inbounds float, ptr %3, i64 %30
-  %32 = add nsw i64 %rb, 3
+  %24 = sub nsw i64 %rb, 0
+  %j = sdiv i64 %24, 4
+  %25 = shl i64 1, %19
+  %26 = icmp slt i64 %j, %25
+  %27 = icmp sgt i64 %ntile, 1
+  %28 = and i1 %more, %27
+  %pf.on = and i1 %28, %26
+  %29 = mul nsw i64 %j, 65536
+  %30 = lshr i64 %29, %19
+  %31 = getelementptr inbounds i8, ptr %22, i64 %30
+  %32 = add nsw i64 %rb, 0
   %33 = mul nsw i64 %32, 1024
   %34 = getelementptr inbounds float, ptr %1, i64 %33
   %35 = mul nsw i64 %32, 2048
   %36 = add nsw i64 %35, %9
   %37 = getelementptr inbounds float, ptr %3, i64 %36
+  %38 = add nsw i64 %rb, 1
+  %39 = mul nsw i64 %38, 1024
+  %40 = getelementptr inbounds float, ptr %1, i64 %39
+  %41 = mul nsw i64 %38, 2048
+  %42 = add nsw i64 %41, %9
+  %43 = getelementptr inbounds float, ptr %3, i64 %42
+  %44 = add nsw i64 %rb, 2
+  %45 = mul nsw i64 %44, 1024
+  %46 = getelementptr inbounds float, ptr %1, i64 %45
+  %47 = mul nsw i64 %44, 2048
+  %48 = add nsw i64 %47, %9
+  %49 = getelementptr inbounds float, ptr %3, i64 %48
+  %50 = add nsw i64 %rb, 3
+  %51 = mul nsw i64 %50, 1024
+  %52 = getelementptr inbounds float, ptr %1, i64 %51
+  %53 = mul nsw i64 %50, 2048
+  %54 = add nsw i64 %53, %9
+  %55 = getelementptr inbounds float, ptr %3, i64 %54
   store <16 x float> zeroinitializer, ptr %qacc, align 4
   store <16 x float> zeroinitializer, ptr %qacc1, align 4
   store <16 x float> zeroinitializer, ptr %qacc2, align 4
   store <16 x float> zeroinitializer, ptr %qacc3, align 4
   br label %qh.head
 
-qh.head:                                          ; preds = %qh.body, %rb.body
-  %qh = phi i64 [ 0, %rb.body ], [ %75, %qh.body ]
-  %38 = icmp slt i64 %qh, 1024
-  br i1 %38, label %qh.body, label %qh.end
+qh.head:                                          ; preds = %pf.end, %rb.body
+  %qh = phi i64 [ 0, %rb.body ], [ %96, %pf.end ]
+  %56 = icmp slt i64 %qh, 1024
+  br i1 %56, label %qh.body, label %qh.end
 
 qh.body:                                          ; preds = %qh.head
-  %39 = add nsw i64 %qb, 0
-  %40 = mul nsw i64 %qh, 8
-  %41 = mul nsw i64 %39, 8192
-  %42 = add nsw i64 %41, %40
-  %43 = getelementptr inbounds float, ptr %query, i64 %42
-  %44 = load <8 x float>, ptr %43, align 4
-  %45 = add nsw i64 %qb, 1
-  %46 = mul nsw i64 %qh, 8
-  %47 = mul nsw i64 %45, 8192
-  %48 = add nsw i64 %47, %46
-  %49 = getelementptr inbounds float, ptr %query, i64 %48
-  %50 = load <8 x float>, ptr %49, align 4
-  %w16 = shufflevector <8 x float> %44, <8 x float> %50, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %51 = getelementptr inbounds float, ptr %16, i64 %qh
-  %52 = load float, ptr %51, align 4
-  %53 = insertelement <16 x float> poison, float %52, i32 0
-  %54 = shufflevector <16 x float> %53, <16 x float> poison, <16 x i32> zeroinitializer
-  %55 = load <16 x float>, ptr %qacc, align 4
-  %56 = call <16 x float> @llvm.fma.v16f32(<16 x float> %54, <16 x float> %w16, <16 x float> %55)
-  store <16 x float> %56, ptr %qacc, align 4
-  %57 = getelementptr inbounds float, ptr %22, i64 %qh
-  %58 = load float, ptr %57, align 4
-  %59 = insertelement <16 x float> poison, float %58, i32 0
-  %60 = shufflevector <16 x float> %59, <16 x float> poison, <16 x i32> zeroinitializer
-  %61 = load <16 x float>, ptr %qacc1, align 4
-  %62 = call <16 x float> @llvm.fma.v16f32(<16 x float> %60, <16 x float> %w16, <16 x float> %61)
-  store <16 x float> %62, ptr %qacc1, align 4
-  %63 = getelementptr inbounds float, ptr %28, i64 %qh
-  %64 = load float, ptr %63, align 4
-  %65 = insertelement <16 x float> poison, float %64, i32 0
-  %66 = shufflevector <16 x float> %65, <16 x float> poison, <16 x i32> zeroinitializer
-  %67 = load <16 x float>, ptr %qacc2, align 4
-  %68 = call <16 x float> @llvm.fma.v16f32(<16 x float> %66, <16 x float> %w16, <16 x float> %67)
-  store <16 x float> %68, ptr %qacc2, align 4
-  %69 = getelementptr inbounds float, ptr %34, i64 %qh
-  %70 = load float, ptr %69, align 4
-  %71 = insertelement <16 x float> poison, float %70, i32 0
-  %72 = shufflevector <16 x float> %71, <16 x float> poison, <16 x i32> zeroinitializer
-  %73 = load <16 x float>, ptr %qacc3, align 4
-  %74 = call <16 x float> @llvm.fma.v16f32(<16 x float> %72, <16 x float> %w16, <16 x float> %73)
-  store <16 x float> %74, ptr %qacc3, align 4
-  %75 = add nsw i64 %qh, 1
+  br i1 %pf.on, label %pf.then, label %pf.end
+
+pf.then:                                          ; preds = %qh.body
+  %57 = mul nsw i64 %qh, 64
+  %58 = lshr i64 %57, %19
+  %59 = getelementptr inbounds i8, ptr %31, i64 %58
+  call void @llvm.prefetch.p0(ptr %59, i32 0, i32 2, i32 1)
+  br label %pf.end
+
+pf.end:                                           ; preds = %pf.then, %qh.body
+  %60 = add nsw i64 %qb, 0
+  %61 = mul nsw i64 %qh, 8
+  %62 = mul nsw i64 %60, 8192
+  %63 = add nsw i64 %62, %61
+  %64 = getelementptr inbounds float, ptr %query, i64 %63
+  %65 = load <8 x float>, ptr %64, align 4
+  %66 = add nsw i64 %qb, 1
+  %67 = mul nsw i64 %qh, 8
+  %68 = mul nsw i64 %66, 8192
+  %69 = add nsw i64 %68, %67
+  %70 = getelementptr inbounds float, ptr %query, i64 %69
+  %71 = load <8 x float>, ptr %70, align 4
+  %w16 = shufflevector <8 x float> %65, <8 x float> %71, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %72 = getelementptr inbounds float, ptr %34, i64 %qh
+  %73 = load float, ptr %72, align 4
+  %74 = insertelement <16 x float> poison, float %73, i32 0
+  %75 = shufflevector <16 x float> %74, <16 x float> poison, <16 x i32> zeroinitializer
+  %76 = load <16 x float>, ptr %qacc, align 4
+  %77 = call <16 x float> @llvm.fma.v16f32(<16 x float> %75, <16 x float> %w16, <16 x float> %76)
+  store <16 x float> %77, ptr %qacc, align 4
+  %78 = getelementptr inbounds float, ptr %40, i64 %qh
+  %79 = load float, ptr %78, align 4
+  %80 = insertelement <16 x float> poison, float %79, i32 0
+  %81 = shufflevector <16 x float> %80, <16 x float> poison, <16 x i32> zeroinitializer
+  %82 = load <16 x float>, ptr %qacc1, align 4
+  %83 = call <16 x float> @llvm.fma.v16f32(<16 x float> %81, <16 x float> %w16, <16 x float> %82)
+  store <16 x float> %83, ptr %qacc1, align 4
+  %84 = getelementptr inbounds float, ptr %46, i64 %qh
+  %85 = load float, ptr %84, align 4
+  %86 = insertelement <16 x float> poison, float %85, i32 0
+  %87 = shufflevector <16 x float> %86, <16 x float> poison, <16 x i32> zeroinitializer
+  %88 = load <16 x float>, ptr %qacc2, align 4
+  %89 = call <16 x float> @llvm.fma.v16f32(<16 x float> %87, <16 x float> %w16, <16 x float> %88)
+  store <16 x float> %89, ptr %qacc2, align 4
+  %90 = getelementptr inbounds float, ptr %52, i64 %qh
+  %91 = load float, ptr %90, align 4
+  %92 = insertelement <16 x float> poison, float %91, i32 0
+  %93 = shufflevector <16 x float> %92, <16 x float> poison, <16 x i32> zeroinitializer
+  %94 = load <16 x float>, ptr %qacc3, align 4
+  %95 = call <16 x float> @llvm.fma.v16f32(<16 x float> %93, <16 x float> %w16, <16 x float> %94)
+  store <16 x float> %95, ptr %qacc3, align 4
+  %96 = add nsw i64 %qh, 1
   br label %qh.head
 
 qh.end:                                           ; preds = %qh.head
-  %76 = load <16 x float>, ptr %qacc, align 4
-  %77 = load <16 x float>, ptr %qacc1, align 4
-  %78 = load <16 x float>, ptr %qacc2, align 4
-  %79 = load <16 x float>, ptr %qacc3, align 4
-  %80 = fadd <16 x float> %76, %12
-  %81 = getelementptr inbounds float, ptr %19, i64 0
-  store <16 x float> %80, ptr %81, align 4
-  %82 = fadd <16 x float> %77, %12
-  %83 = getelementptr inbounds float, ptr %25, i64 0
-  store <16 x float> %82, ptr %83, align 4
-  %84 = fadd <16 x float> %78, %12
-  %85 = getelementptr inbounds float, ptr %31, i64 0
-  store <16 x float> %84, ptr %85, align 4
-  %86 = fadd <16 x float> %79, %12
-  %87 = getelementptr inbounds float, ptr %37, i64 0
-  store <16 x float> %86, ptr %87, align 4
-  %88 = add nsw i64 %rb, 4
+  %97 = load <16 x float>, ptr %qacc, align 4
+  %98 = load <16 x float>, ptr %qacc1, align 4
+  %99 = load <16 x float>, ptr %qacc2, align 4
+  %100 = load <16 x float>, ptr %qacc3, align 4
+  %101 = fadd <16 x float> %97, %12
+  %102 = getelementptr inbounds float, ptr %37, i64 0
+  store <16 x float> %101, ptr %102, align 4
+  %103 = fadd <16 x float> %98, %12
+  %104 = getelementptr inbounds float, ptr %43, i64 0
+  store <16 x float> %103, ptr %104, align 4
+  %105 = fadd <16 x float> %99, %12
+  %106 = getelementptr inbounds float, ptr %49, i64 0
+  store <16 x float> %105, ptr %106, align 4
+  %107 = fadd <16 x float> %100, %12
+  %108 = getelementptr inbounds float, ptr %55, i64 0
+  store <16 x float> %107, ptr %108, align 4
+  %109 = add nsw i64 %rb, 4
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %89 = add nsw i64 %qb, 2
+  %110 = add nsw i64 %qb, 2
   br label %qb.head
 
 qb.end:                                           ; preds = %qb.head
   br label %qb1.head
 
-qb1.head:                                         ; preds = %rb.end6, %qb.end
-  %qb1 = phi i64 [ %bw, %qb.end ], [ %165, %rb.end6 ]
-  %90 = icmp slt i64 %qb1, %b1
-  br i1 %90, label %qb1.body, label %qb1.end
+qb1.head:                                         ; preds = %rb.end8, %qb.end
+  %qb1 = phi i64 [ %bw, %qb.end ], [ %207, %rb.end8 ]
+  %111 = icmp slt i64 %qb1, %b1
+  br i1 %111, label %qb1.body, label %qb1.end
 
 qb1.body:                                         ; preds = %qb1.head
-  %91 = mul nsw i64 %qb1, 8
-  %92 = add nsw i64 %91, 0
-  %93 = getelementptr inbounds float, ptr %qbias, i64 %92
-  %94 = load <8 x float>, ptr %93, align 4
-  br label %rb.head4
+  %112 = mul nsw i64 %qb1, 8
+  %113 = add nsw i64 %112, 0
+  %114 = getelementptr inbounds float, ptr %qbias, i64 %113
+  %115 = load <8 x float>, ptr %114, align 4
+  %116 = sub nsw i64 %full, 0
+  %ntile4 = sdiv i64 %116, 4
+  %117 = icmp sge i64 %ntile4, 2
+  %118 = select i1 %117, i64 1, i64 0
+  %119 = icmp sge i64 %ntile4, 4
+  %120 = select i1 %119, i64 2, i64 %118
+  %121 = icmp sge i64 %ntile4, 8
+  %122 = select i1 %121, i64 3, i64 %120
+  %123 = add nsw i64 %qb1, 1
+  %more5 = icmp slt i64 %123, %b1
+  %124 = mul nsw i64 %123, 32768
+  %125 = getelementptr inbounds i8, ptr %query, i64 %124
+  br label %rb.head6
 
-rb.head4:                                         ; preds = %qh.end14, %qb1.body
-  %rb7 = phi i64 [ 0, %qb1.body ], [ %164, %qh.end14 ]
-  %95 = icmp slt i64 %rb7, %full
-  br i1 %95, label %rb.body5, label %rb.end6
+rb.head6:                                         ; preds = %qh.end18, %qb1.body
+  %rb9 = phi i64 [ 0, %qb1.body ], [ %206, %qh.end18 ]
+  %126 = icmp slt i64 %rb9, %full
+  br i1 %126, label %rb.body7, label %rb.end8
 
-rb.body5:                                         ; preds = %rb.head4
-  %96 = add nsw i64 %rb7, 0
-  %97 = mul nsw i64 %96, 1024
-  %98 = getelementptr inbounds float, ptr %1, i64 %97
-  %99 = mul nsw i64 %96, 2048
-  %100 = add nsw i64 %99, %91
-  %101 = getelementptr inbounds float, ptr %3, i64 %100
-  %102 = add nsw i64 %rb7, 1
-  %103 = mul nsw i64 %102, 1024
-  %104 = getelementptr inbounds float, ptr %1, i64 %103
-  %105 = mul nsw i64 %102, 2048
-  %106 = add nsw i64 %105, %91
-  %107 = getelementptr inbounds float, ptr %3, i64 %106
-  %108 = add nsw i64 %rb7, 2
-  %109 = mul nsw i64 %108, 1024
-  %110 = getelementptr inbounds float, ptr %1, i64 %109
-  %111 = mul nsw i64 %108, 2048
-  %112 = add nsw i64 %111, %91
-  %113 = getelementptr inbounds float, ptr %3, i64 %112
-  %114 = add nsw i64 %rb7, 3
-  %115 = mul nsw i64 %114, 1024
-  %116 = getelementptr inbounds float, ptr %1, i64 %115
-  %117 = mul nsw i64 %114, 2048
-  %118 = add nsw i64 %117, %91
-  %119 = getelementptr inbounds float, ptr %3, i64 %118
-  store <8 x float> zeroinitializer, ptr %qacc8, align 4
-  store <8 x float> zeroinitializer, ptr %qacc9, align 4
-  store <8 x float> zeroinitializer, ptr %qacc10, align 4
-  store <8 x float> zeroinitializer, ptr %qacc11, align 4
-  br label %qh.head12
+rb.body7:                                         ; preds = %rb.head6
+  %127 = sub nsw i64 %rb9, 0
+  %j10 = sdiv i64 %127, 4
+  %128 = shl i64 1, %122
+  %129 = icmp slt i64 %j10, %128
+  %130 = icmp sgt i64 %ntile4, 1
+  %131 = and i1 %more5, %130
+  %pf.on11 = and i1 %131, %129
+  %132 = mul nsw i64 %j10, 32768
+  %133 = lshr i64 %132, %122
+  %134 = getelementptr inbounds i8, ptr %125, i64 %133
+  %135 = add nsw i64 %rb9, 0
+  %136 = mul nsw i64 %135, 1024
+  %137 = getelementptr inbounds float, ptr %1, i64 %136
+  %138 = mul nsw i64 %135, 2048
+  %139 = add nsw i64 %138, %112
+  %140 = getelementptr inbounds float, ptr %3, i64 %139
+  %141 = add nsw i64 %rb9, 1
+  %142 = mul nsw i64 %141, 1024
+  %143 = getelementptr inbounds float, ptr %1, i64 %142
+  %144 = mul nsw i64 %141, 2048
+  %145 = add nsw i64 %144, %112
+  %146 = getelementptr inbounds float, ptr %3, i64 %145
+  %147 = add nsw i64 %rb9, 2
+  %148 = mul nsw i64 %147, 1024
+  %149 = getelementptr inbounds float, ptr %1, i64 %148
+  %150 = mul nsw i64 %147, 2048
+  %151 = add nsw i64 %150, %112
+  %152 = getelementptr inbounds float, ptr %3, i64 %151
+  %153 = add nsw i64 %rb9, 3
+  %154 = mul nsw i64 %153, 1024
+  %155 = getelementptr inbounds float, ptr %1, i64 %154
+  %156 = mul nsw i64 %153, 2048
+  %157 = add nsw i64 %156, %112
+  %158 = getelementptr inbounds float, ptr %3, i64 %157
+  store <8 x float> zeroinitializer, ptr %qacc12, align 4
+  store <8 x float> zeroinitializer, ptr %qacc13, align 4
+  store <8 x float> zeroinitializer, ptr %qacc14, align 4
+  store <8 x float> zeroinitializer, ptr %qacc15, align 4
+  br label %qh.head16
 
-qh.head12:                                        ; preds = %qh.body13, %rb.body5
-  %qh15 = phi i64 [ 0, %rb.body5 ], [ %151, %qh.body13 ]
-  %120 = icmp slt i64 %qh15, 1024
-  br i1 %120, label %qh.body13, label %qh.end14
+qh.head16:                                        ; preds = %pf.end21, %rb.body7
+  %qh19 = phi i64 [ 0, %rb.body7 ], [ %193, %pf.end21 ]
+  %159 = icmp slt i64 %qh19, 1024
+  br i1 %159, label %qh.body17, label %qh.end18
 
-qh.body13:                                        ; preds = %qh.head12
-  %121 = add nsw i64 %qb1, 0
-  %122 = mul nsw i64 %qh15, 8
-  %123 = mul nsw i64 %121, 8192
-  %124 = add nsw i64 %123, %122
-  %125 = getelementptr inbounds float, ptr %query, i64 %124
-  %126 = load <8 x float>, ptr %125, align 4
-  %127 = getelementptr inbounds float, ptr %98, i64 %qh15
-  %128 = load float, ptr %127, align 4
-  %129 = insertelement <8 x float> poison, float %128, i32 0
-  %130 = shufflevector <8 x float> %129, <8 x float> poison, <8 x i32> zeroinitializer
-  %131 = load <8 x float>, ptr %qacc8, align 4
-  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %130, <8 x float> %126, <8 x float> %131)
-  store <8 x float> %132, ptr %qacc8, align 4
-  %133 = getelementptr inbounds float, ptr %104, i64 %qh15
-  %134 = load float, ptr %133, align 4
-  %135 = insertelement <8 x float> poison, float %134, i32 0
-  %136 = shufflevector <8 x float> %135, <8 x float> poison, <8 x i32> zeroinitializer
-  %137 = load <8 x float>, ptr %qacc9, align 4
-  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %136, <8 x float> %126, <8 x float> %137)
-  store <8 x float> %138, ptr %qacc9, align 4
-  %139 = getelementptr inbounds float, ptr %110, i64 %qh15
-  %140 = load float, ptr %139, align 4
-  %141 = insertelement <8 x float> poison, float %140, i32 0
-  %142 = shufflevector <8 x float> %141, <8 x float> poison, <8 x i32> zeroinitializer
-  %143 = load <8 x float>, ptr %qacc10, align 4
-  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> %126, <8 x float> %143)
-  store <8 x float> %144, ptr %qacc10, align 4
-  %145 = getelementptr inbounds float, ptr %116, i64 %qh15
-  %146 = load float, ptr %145, align 4
-  %147 = insertelement <8 x float> poison, float %146, i32 0
-  %148 = shufflevector <8 x float> %147, <8 x float> poison, <8 x i32> zeroinitializer
-  %149 = load <8 x float>, ptr %qacc11, align 4
-  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %126, <8 x float> %149)
-  store <8 x float> %150, ptr %qacc11, align 4
-  %151 = add nsw i64 %qh15, 1
-  br label %qh.head12
+qh.body17:                                        ; preds = %qh.head16
+  br i1 %pf.on11, label %pf.then20, label %pf.end21
 
-qh.end14:                                         ; preds = %qh.head12
-  %152 = load <8 x float>, ptr %qacc8, align 4
-  %153 = load <8 x float>, ptr %qacc9, align 4
-  %154 = load <8 x float>, ptr %qacc10, align 4
-  %155 = load <8 x float>, ptr %qacc11, align 4
-  %156 = fadd <8 x float> %152, %94
-  %157 = getelementptr inbounds float, ptr %101, i64 0
-  store <8 x float> %156, ptr %157, align 4
-  %158 = fadd <8 x float> %153, %94
-  %159 = getelementptr inbounds float, ptr %107, i64 0
-  store <8 x float> %158, ptr %159, align 4
-  %160 = fadd <8 x float> %154, %94
-  %161 = getelementptr inbounds float, ptr %113, i64 0
-  store <8 x float> %160, ptr %161, align 4
-  %162 = fadd <8 x float> %155, %94
-  %163 = getelementptr inbounds float, ptr %119, i64 0
-  store <8 x float> %162, ptr %163, align 4
-  %164 = add nsw i64 %rb7, 4
-  br label %rb.head4
+pf.then20:                                        ; preds = %qh.body17
+  %160 = mul nsw i64 %qh19, 32
+  %161 = lshr i64 %160, %122
+  %162 = getelementptr inbounds i8, ptr %134, i64 %161
+  call void @llvm.prefetch.p0(ptr %162, i32 0, i32 2, i32 1)
+  br label %pf.end21
 
-rb.end6:                                          ; preds = %rb.head4
-  %165 = add nsw i64 %qb1, 1
+pf.end21:                                         ; preds = %pf.then20, %qh.body17
+  %163 = add nsw i64 %qb1, 0
+  %164 = mul nsw i64 %qh19, 8
+  %165 = mul nsw i64 %163, 8192
+  %166 = add nsw i64 %165, %164
+  %167 = getelementptr inbounds float, ptr %query, i64 %166
+  %168 = load <8 x float>, ptr %167, align 4
+  %169 = getelementptr inbounds float, ptr %137, i64 %qh19
+  %170 = load float, ptr %169, align 4
+  %171 = insertelement <8 x float> poison, float %170, i32 0
+  %172 = shufflevector <8 x float> %171, <8 x float> poison, <8 x i32> zeroinitializer
+  %173 = load <8 x float>, ptr %qacc12, align 4
+  %174 = call <8 x float> @llvm.fma.v8f32(<8 x float> %172, <8 x float> %168, <8 x float> %173)
+  store <8 x float> %174, ptr %qacc12, align 4
+  %175 = getelementptr inbounds float, ptr %143, i64 %qh19
+  %176 = load float, ptr %175, align 4
+  %177 = insertelement <8 x float> poison, float %176, i32 0
+  %178 = shufflevector <8 x float> %177, <8 x float> poison, <8 x i32> zeroinitializer
+  %179 = load <8 x float>, ptr %qacc13, align 4
+  %180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %178, <8 x float> %168, <8 x float> %179)
+  store <8 x float> %180, ptr %qacc13, align 4
+  %181 = getelementptr inbounds float, ptr %149, i64 %qh19
+  %182 = load float, ptr %181, align 4
+  %183 = insertelement <8 x float> poison, float %182, i32 0
+  %184 = shufflevector <8 x float> %183, <8 x float> poison, <8 x i32> zeroinitializer
+  %185 = load <8 x float>, ptr %qacc14, align 4
+  %186 = call <8 x float> @llvm.fma.v8f32(<8 x float> %184, <8 x float> %168, <8 x float> %185)
+  store <8 x float> %186, ptr %qacc14, align 4
+  %187 = getelementptr inbounds float, ptr %155, i64 %qh19
+  %188 = load float, ptr %187, align 4
+  %189 = insertelement <8 x float> poison, float %188, i32 0
+  %190 = shufflevector <8 x float> %189, <8 x float> poison, <8 x i32> zeroinitializer
+  %191 = load <8 x float>, ptr %qacc15, align 4
+  %192 = call <8 x float> @llvm.fma.v8f32(<8 x float> %190, <8 x float> %168, <8 x float> %191)
+  store <8 x float> %192, ptr %qacc15, align 4
+  %193 = add nsw i64 %qh19, 1
+  br label %qh.head16
+
+qh.end18:                                         ; preds = %qh.head16
+  %194 = load <8 x float>, ptr %qacc12, align 4
+  %195 = load <8 x float>, ptr %qacc13, align 4
+  %196 = load <8 x float>, ptr %qacc14, align 4
+  %197 = load <8 x float>, ptr %qacc15, align 4
+  %198 = fadd <8 x float> %194, %115
+  %199 = getelementptr inbounds float, ptr %140, i64 0
+  store <8 x float> %198, ptr %199, align 4
+  %200 = fadd <8 x float> %195, %115
+  %201 = getelementptr inbounds float, ptr %146, i64 0
+  store <8 x float> %200, ptr %201, align 4
+  %202 = fadd <8 x float> %196, %115
+  %203 = getelementptr inbounds float, ptr %152, i64 0
+  store <8 x float> %202, ptr %203, align 4
+  %204 = fadd <8 x float> %197, %115
+  %205 = getelementptr inbounds float, ptr %158, i64 0
+  store <8 x float> %204, ptr %205, align 4
+  %206 = add nsw i64 %rb9, 4
+  br label %rb.head6
+
+rb.end8:                                          ; preds = %rb.head6
+  %207 = add nsw i64 %qb1, 1
   br label %qb1.head
 
 qb1.end:                                          ; preds = %qb1.head
-  %166 = sub nsw i64 %b1, %b0
-  %167 = sdiv i64 %166, 4
-  %168 = mul i64 %167, 4
-  %bw16 = add nsw i64 %b0, %168
-  br label %qb.head17
+  %208 = sub nsw i64 %b1, %b0
+  %209 = sdiv i64 %208, 4
+  %210 = mul i64 %209, 4
+  %bw22 = add nsw i64 %b0, %210
+  br label %qb.head23
 
-qb.head17:                                        ; preds = %r1.end, %qb1.end
-  %qb20 = phi i64 [ %b0, %qb1.end ], [ %225, %r1.end ]
-  %169 = icmp slt i64 %qb20, %bw16
-  br i1 %169, label %qb.body18, label %qb.end19
+qb.head23:                                        ; preds = %r1.end, %qb1.end
+  %qb26 = phi i64 [ %b0, %qb1.end ], [ %288, %r1.end ]
+  %211 = icmp slt i64 %qb26, %bw22
+  br i1 %211, label %qb.body24, label %qb.end25
 
-qb.body18:                                        ; preds = %qb.head17
-  %170 = mul nsw i64 %qb20, 8
-  %171 = add nsw i64 %170, 0
-  %172 = getelementptr inbounds float, ptr %qbias, i64 %171
-  %173 = load <16 x float>, ptr %172, align 4
-  %174 = add nsw i64 %170, 16
-  %175 = getelementptr inbounds float, ptr %qbias, i64 %174
-  %176 = load <16 x float>, ptr %175, align 4
+qb.body24:                                        ; preds = %qb.head23
+  %212 = mul nsw i64 %qb26, 8
+  %213 = add nsw i64 %212, 0
+  %214 = getelementptr inbounds float, ptr %qbias, i64 %213
+  %215 = load <16 x float>, ptr %214, align 4
+  %216 = add nsw i64 %212, 16
+  %217 = getelementptr inbounds float, ptr %qbias, i64 %216
+  %218 = load <16 x float>, ptr %217, align 4
+  %219 = sub nsw i64 %n, %full
+  %ntile27 = sdiv i64 %219, 1
+  %220 = icmp sge i64 %ntile27, 2
+  %221 = select i1 %220, i64 1, i64 0
+  %222 = icmp sge i64 %ntile27, 4
+  %223 = select i1 %222, i64 2, i64 %221
+  %224 = icmp sge i64 %ntile27, 8
+  %225 = select i1 %224, i64 3, i64 %223
+  %226 = add nsw i64 %qb26, 4
+  %more28 = icmp slt i64 %226, %b1
+  %227 = mul nsw i64 %226, 32768
+  %228 = getelementptr inbounds i8, ptr %query, i64 %227
   br label %r1.head
 
-r1.head:                                          ; preds = %qh.end25, %qb.body18
-  %r1 = phi i64 [ %full, %qb.body18 ], [ %224, %qh.end25 ]
-  %177 = icmp slt i64 %r1, %n
-  br i1 %177, label %r1.body, label %r1.end
+r1.head:                                          ; preds = %qh.end35, %qb.body24
+  %r1 = phi i64 [ %full, %qb.body24 ], [ %287, %qh.end35 ]
+  %229 = icmp slt i64 %r1, %n
+  br i1 %229, label %r1.body, label %r1.end
 
 r1.body:                                          ; preds = %r1.head
-  %178 = add nsw i64 %r1, 0
-  %179 = mul nsw i64 %178, 1024
-  %180 = getelementptr inbounds float, ptr %1, i64 %179
-  %181 = mul nsw i64 %178, 2048
-  %182 = add nsw i64 %181, %170
-  %183 = getelementptr inbounds float, ptr %3, i64 %182
-  store <16 x float> zeroinitializer, ptr %qacc21, align 4
-  store <16 x float> zeroinitializer, ptr %qacc22, align 4
-  br label %qh.head23
+  %230 = sub nsw i64 %r1, %full
+  %j29 = sdiv i64 %230, 1
+  %231 = shl i64 1, %225
+  %232 = icmp slt i64 %j29, %231
+  %233 = icmp sgt i64 %ntile27, 1
+  %234 = and i1 %more28, %233
+  %pf.on30 = and i1 %234, %232
+  %235 = mul nsw i64 %j29, 131072
+  %236 = lshr i64 %235, %225
+  %237 = getelementptr inbounds i8, ptr %228, i64 %236
+  %238 = add nsw i64 %r1, 0
+  %239 = mul nsw i64 %238, 1024
+  %240 = getelementptr inbounds float, ptr %1, i64 %239
+  %241 = mul nsw i64 %238, 2048
+  %242 = add nsw i64 %241, %212
+  %243 = getelementptr inbounds float, ptr %3, i64 %242
+  store <16 x float> zeroinitializer, ptr %qacc31, align 4
+  store <16 x float> zeroinitializer, ptr %qacc32, align 4
+  br label %qh.head33
 
-qh.head23:                                        ; preds = %qh.body24, %r1.body
-  %qh26 = phi i64 [ 0, %r1.body ], [ %217, %qh.body24 ]
-  %184 = icmp slt i64 %qh26, 1024
-  br i1 %184, label %qh.body24, label %qh.end25
+qh.head33:                                        ; preds = %pf.end38, %r1.body
+  %qh36 = phi i64 [ 0, %r1.body ], [ %280, %pf.end38 ]
+  %244 = icmp slt i64 %qh36, 1024
+  br i1 %244, label %qh.body34, label %qh.end35
 
-qh.body24:                                        ; preds = %qh.head23
-  %185 = add nsw i64 %qb20, 0
-  %186 = mul nsw i64 %qh26, 8
-  %187 = mul nsw i64 %185, 8192
-  %188 = add nsw i64 %187, %186
-  %189 = getelementptr inbounds float, ptr %query, i64 %188
-  %190 = load <8 x float>, ptr %189, align 4
-  %191 = add nsw i64 %qb20, 1
-  %192 = mul nsw i64 %qh26, 8
-  %193 = mul nsw i64 %191, 8192
-  %194 = add nsw i64 %193, %192
-  %195 = getelementptr inbounds float, ptr %query, i64 %194
-  %196 = load <8 x float>, ptr %195, align 4
-  %w1627 = shufflevector <8 x float> %190, <8 x float> %196, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %197 = add nsw i64 %qb20, 2
-  %198 = mul nsw i64 %qh26, 8
-  %199 = mul nsw i64 %197, 8192
-  %200 = add nsw i64 %199, %198
-  %201 = getelementptr inbounds float, ptr %query, i64 %200
-  %202 = load <8 x float>, ptr %201, align 4
-  %203 = add nsw i64 %qb20, 3
-  %204 = mul nsw i64 %qh26, 8
-  %205 = mul nsw i64 %203, 8192
-  %206 = add nsw i64 %205, %204
-  %207 = getelementptr inbounds float, ptr %query, i64 %206
-  %208 = load <8 x float>, ptr %207, align 4
-  %w1628 = shufflevector <8 x float> %202, <8 x float> %208, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %209 = getelementptr inbounds float, ptr %180, i64 %qh26
-  %210 = load float, ptr %209, align 4
-  %211 = insertelement <16 x float> poison, float %210, i32 0
-  %212 = shufflevector <16 x float> %211, <16 x float> poison, <16 x i32> zeroinitializer
-  %213 = load <16 x float>, ptr %qacc21, align 4
-  %214 = call <16 x float> @llvm.fma.v16f32(<16 x float> %212, <16 x float> %w1627, <16 x float> %213)
-  store <16 x float> %214, ptr %qacc21, align 4
-  %215 = load <16 x float>, ptr %qacc22, align 4
-  %216 = call <16 x float> @llvm.fma.v16f32(<16 x float> %212, <16 x float> %w1628, <16 x float> %215)
-  store <16 x float> %216, ptr %qacc22, align 4
-  %217 = add nsw i64 %qh26, 1
-  br label %qh.head23
+qh.body34:                                        ; preds = %qh.head33
+  br i1 %pf.on30, label %pf.then37, label %pf.end38
 
-qh.end25:                                         ; preds = %qh.head23
-  %218 = load <16 x float>, ptr %qacc21, align 4
-  %219 = load <16 x float>, ptr %qacc22, align 4
-  %220 = fadd <16 x float> %218, %173
-  %221 = getelementptr inbounds float, ptr %183, i64 0
-  store <16 x float> %220, ptr %221, align 4
-  %222 = fadd <16 x float> %219, %176
-  %223 = getelementptr inbounds float, ptr %183, i64 16
-  store <16 x float> %222, ptr %223, align 4
-  %224 = add nsw i64 %r1, 1
+pf.then37:                                        ; preds = %qh.body34
+  %245 = mul nsw i64 %qh36, 128
+  %246 = lshr i64 %245, %225
+  %247 = getelementptr inbounds i8, ptr %237, i64 %246
+  call void @llvm.prefetch.p0(ptr %247, i32 0, i32 2, i32 1)
+  br label %pf.end38
+
+pf.end38:                                         ; preds = %pf.then37, %qh.body34
+  %248 = add nsw i64 %qb26, 0
+  %249 = mul nsw i64 %qh36, 8
+  %250 = mul nsw i64 %248, 8192
+  %251 = add nsw i64 %250, %249
+  %252 = getelementptr inbounds float, ptr %query, i64 %251
+  %253 = load <8 x float>, ptr %252, align 4
+  %254 = add nsw i64 %qb26, 1
+  %255 = mul nsw i64 %qh36, 8
+  %256 = mul nsw i64 %254, 8192
+  %257 = add nsw i64 %256, %255
+  %258 = getelementptr inbounds float, ptr %query, i64 %257
+  %259 = load <8 x float>, ptr %258, align 4
+  %w1639 = shufflevector <8 x float> %253, <8 x float> %259, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %260 = add nsw i64 %qb26, 2
+  %261 = mul nsw i64 %qh36, 8
+  %262 = mul nsw i64 %260, 8192
+  %263 = add nsw i64 %262, %261
+  %264 = getelementptr inbounds float, ptr %query, i64 %263
+  %265 = load <8 x float>, ptr %264, align 4
+  %266 = add nsw i64 %qb26, 3
+  %267 = mul nsw i64 %qh36, 8
+  %268 = mul nsw i64 %266, 8192
+  %269 = add nsw i64 %268, %267
+  %270 = getelementptr inbounds float, ptr %query, i64 %269
+  %271 = load <8 x float>, ptr %270, align 4
+  %w1640 = shufflevector <8 x float> %265, <8 x float> %271, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %272 = getelementptr inbounds float, ptr %240, i64 %qh36
+  %273 = load float, ptr %272, align 4
+  %274 = insertelement <16 x float> poison, float %273, i32 0
+  %275 = shufflevector <16 x float> %274, <16 x float> poison, <16 x i32> zeroinitializer
+  %276 = load <16 x float>, ptr %qacc31, align 4
+  %277 = call <16 x float> @llvm.fma.v16f32(<16 x float> %275, <16 x float> %w1639, <16 x float> %276)
+  store <16 x float> %277, ptr %qacc31, align 4
+  %278 = load <16 x float>, ptr %qacc32, align 4
+  %279 = call <16 x float> @llvm.fma.v16f32(<16 x float> %275, <16 x float> %w1640, <16 x float> %278)
+  store <16 x float> %279, ptr %qacc32, align 4
+  %280 = add nsw i64 %qh36, 1
+  br label %qh.head33
+
+qh.end35:                                         ; preds = %qh.head33
+  %281 = load <16 x float>, ptr %qacc31, align 4
+  %282 = load <16 x float>, ptr %qacc32, align 4
+  %283 = fadd <16 x float> %281, %215
+  %284 = getelementptr inbounds float, ptr %243, i64 0
+  store <16 x float> %283, ptr %284, align 4
+  %285 = fadd <16 x float> %282, %218
+  %286 = getelementptr inbounds float, ptr %243, i64 16
+  store <16 x float> %285, ptr %286, align 4
+  %287 = add nsw i64 %r1, 1
   br label %r1.head
 
 r1.end:                                           ; preds = %r1.head
-  %225 = add nsw i64 %qb20, 4
-  br label %qb.head17
+  %288 = add nsw i64 %qb26, 4
+  br label %qb.head23
 
-qb.end19:                                         ; preds = %qb.head17
-  br label %qb1.head29
+qb.end25:                                         ; preds = %qb.head23
+  br label %qb1.head41
 
-qb1.head29:                                       ; preds = %r1.end35, %qb.end19
-  %qb132 = phi i64 [ %bw16, %qb.end19 ], [ %256, %r1.end35 ]
-  %226 = icmp slt i64 %qb132, %b1
-  br i1 %226, label %qb1.body30, label %qb1.end31
+qb1.head41:                                       ; preds = %r1.end49, %qb.end25
+  %qb144 = phi i64 [ %bw22, %qb.end25 ], [ %340, %r1.end49 ]
+  %289 = icmp slt i64 %qb144, %b1
+  br i1 %289, label %qb1.body42, label %qb1.end43
 
-qb1.body30:                                       ; preds = %qb1.head29
-  %227 = mul nsw i64 %qb132, 8
-  %228 = add nsw i64 %227, 0
-  %229 = getelementptr inbounds float, ptr %qbias, i64 %228
-  %230 = load <8 x float>, ptr %229, align 4
-  br label %r1.head33
+qb1.body42:                                       ; preds = %qb1.head41
+  %290 = mul nsw i64 %qb144, 8
+  %291 = add nsw i64 %290, 0
+  %292 = getelementptr inbounds float, ptr %qbias, i64 %291
+  %293 = load <8 x float>, ptr %292, align 4
+  %294 = sub nsw i64 %n, %full
+  %ntile45 = sdiv i64 %294, 1
+  %295 = icmp sge i64 %ntile45, 2
+  %296 = select i1 %295, i64 1, i64 0
+  %297 = icmp sge i64 %ntile45, 4
+  %298 = select i1 %297, i64 2, i64 %296
+  %299 = icmp sge i64 %ntile45, 8
+  %300 = select i1 %299, i64 3, i64 %298
+  %301 = add nsw i64 %qb144, 1
+  %more46 = icmp slt i64 %301, %b1
+  %302 = mul nsw i64 %301, 32768
+  %303 = getelementptr inbounds i8, ptr %query, i64 %302
+  br label %r1.head47
 
-r1.head33:                                        ; preds = %qh.end40, %qb1.body30
-  %r136 = phi i64 [ %full, %qb1.body30 ], [ %255, %qh.end40 ]
-  %231 = icmp slt i64 %r136, %n
-  br i1 %231, label %r1.body34, label %r1.end35
+r1.head47:                                        ; preds = %qh.end56, %qb1.body42
+  %r150 = phi i64 [ %full, %qb1.body42 ], [ %339, %qh.end56 ]
+  %304 = icmp slt i64 %r150, %n
+  br i1 %304, label %r1.body48, label %r1.end49
 
-r1.body34:                                        ; preds = %r1.head33
-  %232 = add nsw i64 %r136, 0
-  %233 = mul nsw i64 %232, 1024
-  %234 = getelementptr inbounds float, ptr %1, i64 %233
-  %235 = mul nsw i64 %232, 2048
-  %236 = add nsw i64 %235, %227
-  %237 = getelementptr inbounds float, ptr %3, i64 %236
-  store <8 x float> zeroinitializer, ptr %qacc37, align 4
-  br label %qh.head38
+r1.body48:                                        ; preds = %r1.head47
+  %305 = sub nsw i64 %r150, %full
+  %j51 = sdiv i64 %305, 1
+  %306 = shl i64 1, %300
+  %307 = icmp slt i64 %j51, %306
+  %308 = icmp sgt i64 %ntile45, 1
+  %309 = and i1 %more46, %308
+  %pf.on52 = and i1 %309, %307
+  %310 = mul nsw i64 %j51, 32768
+  %311 = lshr i64 %310, %300
+  %312 = getelementptr inbounds i8, ptr %303, i64 %311
+  %313 = add nsw i64 %r150, 0
+  %314 = mul nsw i64 %313, 1024
+  %315 = getelementptr inbounds float, ptr %1, i64 %314
+  %316 = mul nsw i64 %313, 2048
+  %317 = add nsw i64 %316, %290
+  %318 = getelementptr inbounds float, ptr %3, i64 %317
+  store <8 x float> zeroinitializer, ptr %qacc53, align 4
+  br label %qh.head54
 
-qh.head38:                                        ; preds = %qh.body39, %r1.body34
-  %qh41 = phi i64 [ 0, %r1.body34 ], [ %251, %qh.body39 ]
-  %238 = icmp slt i64 %qh41, 1024
-  br i1 %238, label %qh.body39, label %qh.end40
+qh.head54:                                        ; preds = %pf.end59, %r1.body48
+  %qh57 = phi i64 [ 0, %r1.body48 ], [ %335, %pf.end59 ]
+  %319 = icmp slt i64 %qh57, 1024
+  br i1 %319, label %qh.body55, label %qh.end56
 
-qh.body39:                                        ; preds = %qh.head38
-  %239 = add nsw i64 %qb132, 0
-  %240 = mul nsw i64 %qh41, 8
-  %241 = mul nsw i64 %239, 8192
-  %242 = add nsw i64 %241, %240
-  %243 = getelementptr inbounds float, ptr %query, i64 %242
-  %244 = load <8 x float>, ptr %243, align 4
-  %245 = getelementptr inbounds float, ptr %234, i64 %qh41
-  %246 = load float, ptr %245, align 4
-  %247 = insertelement <8 x float> poison, float %246, i32 0
-  %248 = shufflevector <8 x float> %247, <8 x float> poison, <8 x i32> zeroinitializer
-  %249 = load <8 x float>, ptr %qacc37, align 4
-  %250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %248, <8 x float> %244, <8 x float> %249)
-  store <8 x float> %250, ptr %qacc37, align 4
-  %251 = add nsw i64 %qh41, 1
-  br label %qh.head38
+qh.body55:                                        ; preds = %qh.head54
+  br i1 %pf.on52, label %pf.then58, label %pf.end59
 
-qh.end40:                                         ; preds = %qh.head38
-  %252 = load <8 x float>, ptr %qacc37, align 4
-  %253 = fadd <8 x float> %252, %230
-  %254 = getelementptr inbounds float, ptr %237, i64 0
-  store <8 x float> %253, ptr %254, align 4
-  %255 = add nsw i64 %r136, 1
-  br label %r1.head33
+pf.then58:                                        ; preds = %qh.body55
+  %320 = mul nsw i64 %qh57, 32
+  %321 = lshr i64 %320, %300
+  %322 = getelementptr inbounds i8, ptr %312, i64 %321
+  call void @llvm.prefetch.p0(ptr %322, i32 0, i32 2, i32 1)
+  br label %pf.end59
 
-r1.end35:                                         ; preds = %r1.head33
-  %256 = add nsw i64 %qb132, 1
-  br label %qb1.head29
+pf.end59:                                         ; preds = %pf.then58, %qh.body55
+  %323 = add nsw i64 %qb144, 0
+  %324 = mul nsw i64 %qh57, 8
+  %325 = mul nsw i64 %323, 8192
+  %326 = add nsw i64 %325, %324
+  %327 = getelementptr inbounds float, ptr %query, i64 %326
+  %328 = load <8 x float>, ptr %327, align 4
+  %329 = getelementptr inbounds float, ptr %315, i64 %qh57
+  %330 = load float, ptr %329, align 4
+  %331 = insertelement <8 x float> poison, float %330, i32 0
+  %332 = shufflevector <8 x float> %331, <8 x float> poison, <8 x i32> zeroinitializer
+  %333 = load <8 x float>, ptr %qacc53, align 4
+  %334 = call <8 x float> @llvm.fma.v8f32(<8 x float> %332, <8 x float> %328, <8 x float> %333)
+  store <8 x float> %334, ptr %qacc53, align 4
+  %335 = add nsw i64 %qh57, 1
+  br label %qh.head54
 
-qb1.end31:                                        ; preds = %qb1.head29
+qh.end56:                                         ; preds = %qh.head54
+  %336 = load <8 x float>, ptr %qacc53, align 4
+  %337 = fadd <8 x float> %336, %293
+  %338 = getelementptr inbounds float, ptr %318, i64 0
+  store <8 x float> %337, ptr %338, align 4
+  %339 = add nsw i64 %r150, 1
+  br label %r1.head47
+
+r1.end49:                                         ; preds = %r1.head47
+  %340 = add nsw i64 %qb144, 1
+  br label %qb1.head41
+
+qb1.end43:                                        ; preds = %qb1.head41
   ret void
 }
 
-; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
-declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>) #1
+; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
+declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #1
 
 ; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
-declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #1
+declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>) #2
+
+; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
+declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #2
 
 ; Function Attrs: nounwind
 define hidden void @moe_pk_route(ptr %q, i64 %t0, i64 %t1, ptr %keys, ptr %ids, ptr %weights) #0 {
@@ -468,39 +599,39 @@ entry:
   %qacc1 = alloca <16 x float>, align 32
   %qacc2 = alloca <16 x float>, align 32
   %qacc3 = alloca <16 x float>, align 32
-  %qacc8 = alloca <8 x float>, align 32
-  %qacc9 = alloca <8 x float>, align 32
-  %qacc10 = alloca <8 x float>, align 32
-  %qacc11 = alloca <8 x float>, align 32
-  %qacc20 = alloca <16 x float>, align 32
-  %qacc21 = alloca <16 x float>, align 32
-  %qacc36 = alloca <8 x float>, align 32
-  %qacc50 = alloca <16 x float>, align 32
-  %qacc51 = alloca <16 x float>, align 32
-  %qacc52 = alloca <16 x float>, align 32
-  %qacc53 = alloca <16 x float>, align 32
-  %qacc67 = alloca <8 x float>, align 32
-  %qacc68 = alloca <8 x float>, align 32
-  %qacc69 = alloca <8 x float>, align 32
-  %qacc70 = alloca <8 x float>, align 32
-  %qacc83 = alloca <16 x float>, align 32
-  %qacc84 = alloca <16 x float>, align 32
-  %qacc99 = alloca <8 x float>, align 32
+  %qacc12 = alloca <8 x float>, align 32
+  %qacc13 = alloca <8 x float>, align 32
+  %qacc14 = alloca <8 x float>, align 32
+  %qacc15 = alloca <8 x float>, align 32
+  %qacc30 = alloca <16 x float>, align 32
+  %qacc31 = alloca <16 x float>, align 32
+  %qacc52 = alloca <8 x float>, align 32
+  %qacc72 = alloca <16 x float>, align 32
+  %qacc73 = alloca <16 x float>, align 32
+  %qacc74 = alloca <16 x float>, align 32
+  %qacc75 = alloca <16 x float>, align 32
+  %qacc95 = alloca <8 x float>, align 32
+  %qacc96 = alloca <8 x float>, align 32
+  %qacc97 = alloca <8 x float>, align 32
+  %qacc98 = alloca <8 x float>, align 32
+  %qacc117 = alloca <16 x float>, align 32
+  %qacc118 = alloca <16 x float>, align 32
+  %qacc139 = alloca <8 x float>, align 32
   %tkv.v = alloca <16 x float>, align 32
   %tkv.i = alloca <16 x i32>, align 32
   %tkv.k = alloca <16 x i32>, align 32
   %tkv.m = alloca i32, align 32
   %tkv.bits = alloca i16, align 32
-  %tkv.v136 = alloca <16 x float>, align 32
-  %tkv.i137 = alloca <16 x i32>, align 32
-  %tkv.k138 = alloca <16 x i32>, align 32
-  %tkv.m139 = alloca i32, align 32
-  %tkv.bits140 = alloca i16, align 32
-  %tkv.v188 = alloca <16 x float>, align 32
-  %tkv.i189 = alloca <16 x i32>, align 32
-  %tkv.k190 = alloca <16 x i32>, align 32
-  %tkv.m191 = alloca i32, align 32
-  %tkv.bits192 = alloca i16, align 32
+  %tkv.v178 = alloca <16 x float>, align 32
+  %tkv.i179 = alloca <16 x i32>, align 32
+  %tkv.k180 = alloca <16 x i32>, align 32
+  %tkv.m181 = alloca i32, align 32
+  %tkv.bits182 = alloca i16, align 32
+  %tkv.v230 = alloca <16 x float>, align 32
+  %tkv.i231 = alloca <16 x i32>, align 32
+  %tkv.k232 = alloca <16 x i32>, align 32
+  %tkv.m233 = alloca i32, align 32
+  %tkv.bits234 = alloca i16, align 32
   %smax = alloca float, align 32
   %ssum = alloca float, align 32
   br label %start
@@ -509,7 +640,7 @@ start:                                            ; preds = %entry
   br label %tok.head
 
 tok.head:                                         ; preds = %hgroup.end, %start
-  %tok = phi i64 [ %t0, %start ], [ %1138, %hgroup.end ]
+  %tok = phi i64 [ %t0, %start ], [ %1306, %hgroup.end ]
   %0 = icmp slt i64 %tok, %t1
   br i1 %0, label %tok.body, label %tok.end
 
@@ -519,7 +650,7 @@ tok.body:                                         ; preds = %tok.head
   br label %hgroup.head
 
 hgroup.head:                                      ; preds = %head.end, %tok.body
-  %hgroup = phi i64 [ 0, %tok.body ], [ %1137, %head.end ]
+  %hgroup = phi i64 [ 0, %tok.body ], [ %1305, %head.end ]
   %3 = icmp slt i64 %hgroup, 8
   br i1 %3, label %hgroup.body, label %hgroup.end
 
@@ -536,772 +667,1028 @@ hgroup.body:                                      ; preds = %hgroup.head
   br label %qb.head
 
 qb.head:                                          ; preds = %rb.end, %hgroup.body
-  %qb = phi i64 [ 0, %hgroup.body ], [ %85, %rb.end ]
+  %qb = phi i64 [ 0, %hgroup.body ], [ %106, %rb.end ]
   %11 = icmp slt i64 %qb, 128
   br i1 %11, label %qb.body, label %qb.end
 
 qb.body:                                          ; preds = %qb.head
   %12 = mul nsw i64 %qb, 8
+  %13 = sub nsw i64 %full, 0
+  %ntile = sdiv i64 %13, 4
+  %14 = icmp sge i64 %ntile, 2
+  %15 = select i1 %14, i64 1, i64 0
+  %16 = icmp sge i64 %ntile, 4
+  %17 = select i1 %16, i64 2, i64 %15
+  %18 = icmp sge i64 %ntile, 8
+  %19 = select i1 %18, i64 3, i64 %17
+  %20 = add nsw i64 %qb, 2
+  %more = icmp slt i64 %20, 128
+  %21 = mul nsw i64 %20, 4096
+  %22 = getelementptr inbounds i8, ptr %9, i64 %21
   br label %rb.head
 
 rb.head:                                          ; preds = %qh.end, %qb.body
-  %rb = phi i64 [ 0, %qb.body ], [ %84, %qh.end ]
-  %13 = icmp slt i64 %rb, %full
-  br i1 %13, label %rb.body, label %rb.end
+  %rb = phi i64 [ 0, %qb.body ], [ %105, %qh.end ]
+  %23 = icmp slt i64 %rb, %full
+  br i1 %23, label %rb.body, label %rb.end
 
 rb.body:                                          ; preds = %rb.head
-  %14 = add nsw i64 %rb, 0
-  %15 = mul nsw i64 %14, 256
-  %16 = getelementptr inbounds float, ptr %8, i64 %15
-  %17 = mul nsw i64 %14, 1024
-  %18 = add nsw i64 %17, %12
-  %19 = getelementptr inbounds float, ptr %sa, i64 %18
-  %20 = add nsw i64 %rb, 1
-  %21 = mul nsw i64 %20, 256
-  %22 = getelementptr inbounds float, ptr %8, i64 %21
-  %23 = mul nsw i64 %20, 1024
-  %24 = add nsw i64 %23, %12
-  %25 = getelementptr inbounds float, ptr %sa, i64 %24
-  %26 = add nsw i64 %rb, 2
-  %27 = mul nsw i64 %26, 256
-  %28 = getelementptr inbounds float, ptr %8, i64 %27
-  %29 = mul nsw i64 %26, 1024
-  %30 = add nsw i64 %29, %12
-  %31 = getelementptr inbounds float, ptr %sa, i64 %30
-  %32 = add nsw i64 %rb, 3
+  %24 = sub nsw i64 %rb, 0
+  %j = sdiv i64 %24, 4
+  %25 = shl i64 1, %19
+  %26 = icmp slt i64 %j, %25
+  %27 = icmp sgt i64 %ntile, 1
+  %28 = and i1 %more, %27
+  %pf.on = and i1 %28, %26
+  %29 = mul nsw i64 %j, 8192
+  %30 = lshr i64 %29, %19
+  %31 = getelementptr inbounds i8, ptr %22, i64 %30
+  %32 = add nsw i64 %rb, 0
   %33 = mul nsw i64 %32, 256
   %34 = getelementptr inbounds float, ptr %8, i64 %33
   %35 = mul nsw i64 %32, 1024
   %36 = add nsw i64 %35, %12
   %37 = getelementptr inbounds float, ptr %sa, i64 %36
+  %38 = add nsw i64 %rb, 1
+  %39 = mul nsw i64 %38, 256
+  %40 = getelementptr inbounds float, ptr %8, i64 %39
+  %41 = mul nsw i64 %38, 1024
+  %42 = add nsw i64 %41, %12
+  %43 = getelementptr inbounds float, ptr %sa, i64 %42
+  %44 = add nsw i64 %rb, 2
+  %45 = mul nsw i64 %44, 256
+  %46 = getelementptr inbounds float, ptr %8, i64 %45
+  %47 = mul nsw i64 %44, 1024
+  %48 = add nsw i64 %47, %12
+  %49 = getelementptr inbounds float, ptr %sa, i64 %48
+  %50 = add nsw i64 %rb, 3
+  %51 = mul nsw i64 %50, 256
+  %52 = getelementptr inbounds float, ptr %8, i64 %51
+  %53 = mul nsw i64 %50, 1024
+  %54 = add nsw i64 %53, %12
+  %55 = getelementptr inbounds float, ptr %sa, i64 %54
   store <16 x float> zeroinitializer, ptr %qacc, align 4
   store <16 x float> zeroinitializer, ptr %qacc1, align 4
   store <16 x float> zeroinitializer, ptr %qacc2, align 4
   store <16 x float> zeroinitializer, ptr %qacc3, align 4
   br label %qh.head
 
-qh.head:                                          ; preds = %qh.body, %rb.body
-  %qh = phi i64 [ 0, %rb.body ], [ %75, %qh.body ]
-  %38 = icmp slt i64 %qh, 128
-  br i1 %38, label %qh.body, label %qh.end
+qh.head:                                          ; preds = %pf.end, %rb.body
+  %qh = phi i64 [ 0, %rb.body ], [ %96, %pf.end ]
+  %56 = icmp slt i64 %qh, 128
+  br i1 %56, label %qh.body, label %qh.end
 
 qh.body:                                          ; preds = %qh.head
-  %39 = add nsw i64 %qb, 0
-  %40 = mul nsw i64 %qh, 8
-  %41 = mul nsw i64 %39, 1024
-  %42 = add nsw i64 %41, %40
-  %43 = getelementptr inbounds float, ptr %9, i64 %42
-  %44 = load <8 x float>, ptr %43, align 4
-  %45 = add nsw i64 %qb, 1
-  %46 = mul nsw i64 %qh, 8
-  %47 = mul nsw i64 %45, 1024
-  %48 = add nsw i64 %47, %46
-  %49 = getelementptr inbounds float, ptr %9, i64 %48
-  %50 = load <8 x float>, ptr %49, align 4
-  %w16 = shufflevector <8 x float> %44, <8 x float> %50, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %51 = getelementptr inbounds float, ptr %16, i64 %qh
-  %52 = load float, ptr %51, align 4
-  %53 = insertelement <16 x float> poison, float %52, i32 0
-  %54 = shufflevector <16 x float> %53, <16 x float> poison, <16 x i32> zeroinitializer
-  %55 = load <16 x float>, ptr %qacc, align 4
-  %56 = call <16 x float> @llvm.fma.v16f32(<16 x float> %54, <16 x float> %w16, <16 x float> %55)
-  store <16 x float> %56, ptr %qacc, align 4
-  %57 = getelementptr inbounds float, ptr %22, i64 %qh
-  %58 = load float, ptr %57, align 4
-  %59 = insertelement <16 x float> poison, float %58, i32 0
-  %60 = shufflevector <16 x float> %59, <16 x float> poison, <16 x i32> zeroinitializer
-  %61 = load <16 x float>, ptr %qacc1, align 4
-  %62 = call <16 x float> @llvm.fma.v16f32(<16 x float> %60, <16 x float> %w16, <16 x float> %61)
-  store <16 x float> %62, ptr %qacc1, align 4
-  %63 = getelementptr inbounds float, ptr %28, i64 %qh
-  %64 = load float, ptr %63, align 4
-  %65 = insertelement <16 x float> poison, float %64, i32 0
-  %66 = shufflevector <16 x float> %65, <16 x float> poison, <16 x i32> zeroinitializer
-  %67 = load <16 x float>, ptr %qacc2, align 4
-  %68 = call <16 x float> @llvm.fma.v16f32(<16 x float> %66, <16 x float> %w16, <16 x float> %67)
-  store <16 x float> %68, ptr %qacc2, align 4
-  %69 = getelementptr inbounds float, ptr %34, i64 %qh
-  %70 = load float, ptr %69, align 4
-  %71 = insertelement <16 x float> poison, float %70, i32 0
-  %72 = shufflevector <16 x float> %71, <16 x float> poison, <16 x i32> zeroinitializer
-  %73 = load <16 x float>, ptr %qacc3, align 4
-  %74 = call <16 x float> @llvm.fma.v16f32(<16 x float> %72, <16 x float> %w16, <16 x float> %73)
-  store <16 x float> %74, ptr %qacc3, align 4
-  %75 = add nsw i64 %qh, 1
+  br i1 %pf.on, label %pf.then, label %pf.end
+
+pf.then:                                          ; preds = %qh.body
+  %57 = mul nsw i64 %qh, 64
+  %58 = lshr i64 %57, %19
+  %59 = getelementptr inbounds i8, ptr %31, i64 %58
+  call void @llvm.prefetch.p0(ptr %59, i32 0, i32 2, i32 1)
+  br label %pf.end
+
+pf.end:                                           ; preds = %pf.then, %qh.body
+  %60 = add nsw i64 %qb, 0
+  %61 = mul nsw i64 %qh, 8
+  %62 = mul nsw i64 %60, 1024
+  %63 = add nsw i64 %62, %61
+  %64 = getelementptr inbounds float, ptr %9, i64 %63
+  %65 = load <8 x float>, ptr %64, align 4
+  %66 = add nsw i64 %qb, 1
+  %67 = mul nsw i64 %qh, 8
+  %68 = mul nsw i64 %66, 1024
+  %69 = add nsw i64 %68, %67
+  %70 = getelementptr inbounds float, ptr %9, i64 %69
+  %71 = load <8 x float>, ptr %70, align 4
+  %w16 = shufflevector <8 x float> %65, <8 x float> %71, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %72 = getelementptr inbounds float, ptr %34, i64 %qh
+  %73 = load float, ptr %72, align 4
+  %74 = insertelement <16 x float> poison, float %73, i32 0
+  %75 = shufflevector <16 x float> %74, <16 x float> poison, <16 x i32> zeroinitializer
+  %76 = load <16 x float>, ptr %qacc, align 4
+  %77 = call <16 x float> @llvm.fma.v16f32(<16 x float> %75, <16 x float> %w16, <16 x float> %76)
+  store <16 x float> %77, ptr %qacc, align 4
+  %78 = getelementptr inbounds float, ptr %40, i64 %qh
+  %79 = load float, ptr %78, align 4
+  %80 = insertelement <16 x float> poison, float %79, i32 0
+  %81 = shufflevector <16 x float> %80, <16 x float> poison, <16 x i32> zeroinitializer
+  %82 = load <16 x float>, ptr %qacc1, align 4
+  %83 = call <16 x float> @llvm.fma.v16f32(<16 x float> %81, <16 x float> %w16, <16 x float> %82)
+  store <16 x float> %83, ptr %qacc1, align 4
+  %84 = getelementptr inbounds float, ptr %46, i64 %qh
+  %85 = load float, ptr %84, align 4
+  %86 = insertelement <16 x float> poison, float %85, i32 0
+  %87 = shufflevector <16 x float> %86, <16 x float> poison, <16 x i32> zeroinitializer
+  %88 = load <16 x float>, ptr %qacc2, align 4
+  %89 = call <16 x float> @llvm.fma.v16f32(<16 x float> %87, <16 x float> %w16, <16 x float> %88)
+  store <16 x float> %89, ptr %qacc2, align 4
+  %90 = getelementptr inbounds float, ptr %52, i64 %qh
+  %91 = load float, ptr %90, align 4
+  %92 = insertelement <16 x float> poison, float %91, i32 0
+  %93 = shufflevector <16 x float> %92, <16 x float> poison, <16 x i32> zeroinitializer
+  %94 = load <16 x float>, ptr %qacc3, align 4
+  %95 = call <16 x float> @llvm.fma.v16f32(<16 x float> %93, <16 x float> %w16, <16 x float> %94)
+  store <16 x float> %95, ptr %qacc3, align 4
+  %96 = add nsw i64 %qh, 1
   br label %qh.head
 
 qh.end:                                           ; preds = %qh.head
-  %76 = load <16 x float>, ptr %qacc, align 4
-  %77 = load <16 x float>, ptr %qacc1, align 4
-  %78 = load <16 x float>, ptr %qacc2, align 4
-  %79 = load <16 x float>, ptr %qacc3, align 4
-  %80 = getelementptr inbounds float, ptr %19, i64 0
-  store <16 x float> %76, ptr %80, align 4
-  %81 = getelementptr inbounds float, ptr %25, i64 0
-  store <16 x float> %77, ptr %81, align 4
-  %82 = getelementptr inbounds float, ptr %31, i64 0
-  store <16 x float> %78, ptr %82, align 4
-  %83 = getelementptr inbounds float, ptr %37, i64 0
-  store <16 x float> %79, ptr %83, align 4
-  %84 = add nsw i64 %rb, 4
+  %97 = load <16 x float>, ptr %qacc, align 4
+  %98 = load <16 x float>, ptr %qacc1, align 4
+  %99 = load <16 x float>, ptr %qacc2, align 4
+  %100 = load <16 x float>, ptr %qacc3, align 4
+  %101 = getelementptr inbounds float, ptr %37, i64 0
+  store <16 x float> %97, ptr %101, align 4
+  %102 = getelementptr inbounds float, ptr %43, i64 0
+  store <16 x float> %98, ptr %102, align 4
+  %103 = getelementptr inbounds float, ptr %49, i64 0
+  store <16 x float> %99, ptr %103, align 4
+  %104 = getelementptr inbounds float, ptr %55, i64 0
+  store <16 x float> %100, ptr %104, align 4
+  %105 = add nsw i64 %rb, 4
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %85 = add nsw i64 %qb, 2
+  %106 = add nsw i64 %qb, 2
   br label %qb.head
 
 qb.end:                                           ; preds = %qb.head
   br label %qb1.head
 
-qb1.head:                                         ; preds = %rb.end6, %qb.end
-  %qb1 = phi i64 [ 128, %qb.end ], [ %154, %rb.end6 ]
-  %86 = icmp slt i64 %qb1, 128
-  br i1 %86, label %qb1.body, label %qb1.end
+qb1.head:                                         ; preds = %rb.end8, %qb.end
+  %qb1 = phi i64 [ 128, %qb.end ], [ %196, %rb.end8 ]
+  %107 = icmp slt i64 %qb1, 128
+  br i1 %107, label %qb1.body, label %qb1.end
 
 qb1.body:                                         ; preds = %qb1.head
-  %87 = mul nsw i64 %qb1, 8
-  br label %rb.head4
+  %108 = mul nsw i64 %qb1, 8
+  %109 = sub nsw i64 %full, 0
+  %ntile4 = sdiv i64 %109, 4
+  %110 = icmp sge i64 %ntile4, 2
+  %111 = select i1 %110, i64 1, i64 0
+  %112 = icmp sge i64 %ntile4, 4
+  %113 = select i1 %112, i64 2, i64 %111
+  %114 = icmp sge i64 %ntile4, 8
+  %115 = select i1 %114, i64 3, i64 %113
+  %116 = add nsw i64 %qb1, 1
+  %more5 = icmp slt i64 %116, 128
+  %117 = mul nsw i64 %116, 4096
+  %118 = getelementptr inbounds i8, ptr %9, i64 %117
+  br label %rb.head6
 
-rb.head4:                                         ; preds = %qh.end14, %qb1.body
-  %rb7 = phi i64 [ 0, %qb1.body ], [ %153, %qh.end14 ]
-  %88 = icmp slt i64 %rb7, %full
-  br i1 %88, label %rb.body5, label %rb.end6
+rb.head6:                                         ; preds = %qh.end18, %qb1.body
+  %rb9 = phi i64 [ 0, %qb1.body ], [ %195, %qh.end18 ]
+  %119 = icmp slt i64 %rb9, %full
+  br i1 %119, label %rb.body7, label %rb.end8
 
-rb.body5:                                         ; preds = %rb.head4
-  %89 = add nsw i64 %rb7, 0
-  %90 = mul nsw i64 %89, 256
-  %91 = getelementptr inbounds float, ptr %8, i64 %90
-  %92 = mul nsw i64 %89, 1024
-  %93 = add nsw i64 %92, %87
-  %94 = getelementptr inbounds float, ptr %sa, i64 %93
-  %95 = add nsw i64 %rb7, 1
-  %96 = mul nsw i64 %95, 256
-  %97 = getelementptr inbounds float, ptr %8, i64 %96
-  %98 = mul nsw i64 %95, 1024
-  %99 = add nsw i64 %98, %87
-  %100 = getelementptr inbounds float, ptr %sa, i64 %99
-  %101 = add nsw i64 %rb7, 2
-  %102 = mul nsw i64 %101, 256
-  %103 = getelementptr inbounds float, ptr %8, i64 %102
-  %104 = mul nsw i64 %101, 1024
-  %105 = add nsw i64 %104, %87
-  %106 = getelementptr inbounds float, ptr %sa, i64 %105
-  %107 = add nsw i64 %rb7, 3
-  %108 = mul nsw i64 %107, 256
-  %109 = getelementptr inbounds float, ptr %8, i64 %108
-  %110 = mul nsw i64 %107, 1024
-  %111 = add nsw i64 %110, %87
-  %112 = getelementptr inbounds float, ptr %sa, i64 %111
-  store <8 x float> zeroinitializer, ptr %qacc8, align 4
-  store <8 x float> zeroinitializer, ptr %qacc9, align 4
-  store <8 x float> zeroinitializer, ptr %qacc10, align 4
-  store <8 x float> zeroinitializer, ptr %qacc11, align 4
-  br label %qh.head12
+rb.body7:                                         ; preds = %rb.head6
+  %120 = sub nsw i64 %rb9, 0
+  %j10 = sdiv i64 %120, 4
+  %121 = shl i64 1, %115
+  %122 = icmp slt i64 %j10, %121
+  %123 = icmp sgt i64 %ntile4, 1
+  %124 = and i1 %more5, %123
+  %pf.on11 = and i1 %124, %122
+  %125 = mul nsw i64 %j10, 4096
+  %126 = lshr i64 %125, %115
+  %127 = getelementptr inbounds i8, ptr %118, i64 %126
+  %128 = add nsw i64 %rb9, 0
+  %129 = mul nsw i64 %128, 256
+  %130 = getelementptr inbounds float, ptr %8, i64 %129
+  %131 = mul nsw i64 %128, 1024
+  %132 = add nsw i64 %131, %108
+  %133 = getelementptr inbounds float, ptr %sa, i64 %132
+  %134 = add nsw i64 %rb9, 1
+  %135 = mul nsw i64 %134, 256
+  %136 = getelementptr inbounds float, ptr %8, i64 %135
+  %137 = mul nsw i64 %134, 1024
+  %138 = add nsw i64 %137, %108
+  %139 = getelementptr inbounds float, ptr %sa, i64 %138
+  %140 = add nsw i64 %rb9, 2
+  %141 = mul nsw i64 %140, 256
+  %142 = getelementptr inbounds float, ptr %8, i64 %141
+  %143 = mul nsw i64 %140, 1024
+  %144 = add nsw i64 %143, %108
+  %145 = getelementptr inbounds float, ptr %sa, i64 %144
+  %146 = add nsw i64 %rb9, 3
+  %147 = mul nsw i64 %146, 256
+  %148 = getelementptr inbounds float, ptr %8, i64 %147
+  %149 = mul nsw i64 %146, 1024
+  %150 = add nsw i64 %149, %108
+  %151 = getelementptr inbounds float, ptr %sa, i64 %150
+  store <8 x float> zeroinitializer, ptr %qacc12, align 4
+  store <8 x float> zeroinitializer, ptr %qacc13, align 4
+  store <8 x float> zeroinitializer, ptr %qacc14, align 4
+  store <8 x float> zeroinitializer, ptr %qacc15, align 4
+  br label %qh.head16
 
-qh.head12:                                        ; preds = %qh.body13, %rb.body5
-  %qh15 = phi i64 [ 0, %rb.body5 ], [ %144, %qh.body13 ]
-  %113 = icmp slt i64 %qh15, 128
-  br i1 %113, label %qh.body13, label %qh.end14
+qh.head16:                                        ; preds = %pf.end21, %rb.body7
+  %qh19 = phi i64 [ 0, %rb.body7 ], [ %186, %pf.end21 ]
+  %152 = icmp slt i64 %qh19, 128
+  br i1 %152, label %qh.body17, label %qh.end18
 
-qh.body13:                                        ; preds = %qh.head12
-  %114 = add nsw i64 %qb1, 0
-  %115 = mul nsw i64 %qh15, 8
-  %116 = mul nsw i64 %114, 1024
-  %117 = add nsw i64 %116, %115
-  %118 = getelementptr inbounds float, ptr %9, i64 %117
-  %119 = load <8 x float>, ptr %118, align 4
-  %120 = getelementptr inbounds float, ptr %91, i64 %qh15
-  %121 = load float, ptr %120, align 4
-  %122 = insertelement <8 x float> poison, float %121, i32 0
-  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
-  %124 = load <8 x float>, ptr %qacc8, align 4
-  %125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %123, <8 x float> %119, <8 x float> %124)
-  store <8 x float> %125, ptr %qacc8, align 4
-  %126 = getelementptr inbounds float, ptr %97, i64 %qh15
-  %127 = load float, ptr %126, align 4
-  %128 = insertelement <8 x float> poison, float %127, i32 0
-  %129 = shufflevector <8 x float> %128, <8 x float> poison, <8 x i32> zeroinitializer
-  %130 = load <8 x float>, ptr %qacc9, align 4
-  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> %119, <8 x float> %130)
-  store <8 x float> %131, ptr %qacc9, align 4
-  %132 = getelementptr inbounds float, ptr %103, i64 %qh15
-  %133 = load float, ptr %132, align 4
-  %134 = insertelement <8 x float> poison, float %133, i32 0
-  %135 = shufflevector <8 x float> %134, <8 x float> poison, <8 x i32> zeroinitializer
-  %136 = load <8 x float>, ptr %qacc10, align 4
-  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %135, <8 x float> %119, <8 x float> %136)
-  store <8 x float> %137, ptr %qacc10, align 4
-  %138 = getelementptr inbounds float, ptr %109, i64 %qh15
-  %139 = load float, ptr %138, align 4
-  %140 = insertelement <8 x float> poison, float %139, i32 0
-  %141 = shufflevector <8 x float> %140, <8 x float> poison, <8 x i32> zeroinitializer
-  %142 = load <8 x float>, ptr %qacc11, align 4
-  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %141, <8 x float> %119, <8 x float> %142)
-  store <8 x float> %143, ptr %qacc11, align 4
-  %144 = add nsw i64 %qh15, 1
-  br label %qh.head12
+qh.body17:                                        ; preds = %qh.head16
+  br i1 %pf.on11, label %pf.then20, label %pf.end21
 
-qh.end14:                                         ; preds = %qh.head12
-  %145 = load <8 x float>, ptr %qacc8, align 4
-  %146 = load <8 x float>, ptr %qacc9, align 4
-  %147 = load <8 x float>, ptr %qacc10, align 4
-  %148 = load <8 x float>, ptr %qacc11, align 4
-  %149 = getelementptr inbounds float, ptr %94, i64 0
-  store <8 x float> %145, ptr %149, align 4
-  %150 = getelementptr inbounds float, ptr %100, i64 0
-  store <8 x float> %146, ptr %150, align 4
-  %151 = getelementptr inbounds float, ptr %106, i64 0
-  store <8 x float> %147, ptr %151, align 4
-  %152 = getelementptr inbounds float, ptr %112, i64 0
-  store <8 x float> %148, ptr %152, align 4
-  %153 = add nsw i64 %rb7, 4
-  br label %rb.head4
+pf.then20:                                        ; preds = %qh.body17
+  %153 = mul nsw i64 %qh19, 32
+  %154 = lshr i64 %153, %115
+  %155 = getelementptr inbounds i8, ptr %127, i64 %154
+  call void @llvm.prefetch.p0(ptr %155, i32 0, i32 2, i32 1)
+  br label %pf.end21
 
-rb.end6:                                          ; preds = %rb.head4
-  %154 = add nsw i64 %qb1, 1
+pf.end21:                                         ; preds = %pf.then20, %qh.body17
+  %156 = add nsw i64 %qb1, 0
+  %157 = mul nsw i64 %qh19, 8
+  %158 = mul nsw i64 %156, 1024
+  %159 = add nsw i64 %158, %157
+  %160 = getelementptr inbounds float, ptr %9, i64 %159
+  %161 = load <8 x float>, ptr %160, align 4
+  %162 = getelementptr inbounds float, ptr %130, i64 %qh19
+  %163 = load float, ptr %162, align 4
+  %164 = insertelement <8 x float> poison, float %163, i32 0
+  %165 = shufflevector <8 x float> %164, <8 x float> poison, <8 x i32> zeroinitializer
+  %166 = load <8 x float>, ptr %qacc12, align 4
+  %167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %165, <8 x float> %161, <8 x float> %166)
+  store <8 x float> %167, ptr %qacc12, align 4
+  %168 = getelementptr inbounds float, ptr %136, i64 %qh19
+  %169 = load float, ptr %168, align 4
+  %170 = insertelement <8 x float> poison, float %169, i32 0
+  %171 = shufflevector <8 x float> %170, <8 x float> poison, <8 x i32> zeroinitializer
+  %172 = load <8 x float>, ptr %qacc13, align 4
+  %173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %171, <8 x float> %161, <8 x float> %172)
+  store <8 x float> %173, ptr %qacc13, align 4
+  %174 = getelementptr inbounds float, ptr %142, i64 %qh19
+  %175 = load float, ptr %174, align 4
+  %176 = insertelement <8 x float> poison, float %175, i32 0
+  %177 = shufflevector <8 x float> %176, <8 x float> poison, <8 x i32> zeroinitializer
+  %178 = load <8 x float>, ptr %qacc14, align 4
+  %179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> %161, <8 x float> %178)
+  store <8 x float> %179, ptr %qacc14, align 4
+  %180 = getelementptr inbounds float, ptr %148, i64 %qh19
+  %181 = load float, ptr %180, align 4
+  %182 = insertelement <8 x float> poison, float %181, i32 0
+  %183 = shufflevector <8 x float> %182, <8 x float> poison, <8 x i32> zeroinitializer
+  %184 = load <8 x float>, ptr %qacc15, align 4
+  %185 = call <8 x float> @llvm.fma.v8f32(<8 x float> %183, <8 x float> %161, <8 x float> %184)
+  store <8 x float> %185, ptr %qacc15, align 4
+  %186 = add nsw i64 %qh19, 1
+  br label %qh.head16
+
+qh.end18:                                         ; preds = %qh.head16
+  %187 = load <8 x float>, ptr %qacc12, align 4
+  %188 = load <8 x float>, ptr %qacc13, align 4
+  %189 = load <8 x float>, ptr %qacc14, align 4
+  %190 = load <8 x float>, ptr %qacc15, align 4
+  %191 = getelementptr inbounds float, ptr %133, i64 0
+  store <8 x float> %187, ptr %191, align 4
+  %192 = getelementptr inbounds float, ptr %139, i64 0
+  store <8 x float> %188, ptr %192, align 4
+  %193 = getelementptr inbounds float, ptr %145, i64 0
+  store <8 x float> %189, ptr %193, align 4
+  %194 = getelementptr inbounds float, ptr %151, i64 0
+  store <8 x float> %190, ptr %194, align 4
+  %195 = add nsw i64 %rb9, 4
+  br label %rb.head6
+
+rb.end8:                                          ; preds = %rb.head6
+  %196 = add nsw i64 %qb1, 1
   br label %qb1.head
 
 qb1.end:                                          ; preds = %qb1.head
-  br label %qb.head16
+  br label %qb.head22
 
-qb.head16:                                        ; preds = %r1.end, %qb1.end
-  %qb19 = phi i64 [ 0, %qb1.end ], [ %203, %r1.end ]
-  %155 = icmp slt i64 %qb19, 128
-  br i1 %155, label %qb.body17, label %qb.end18
+qb.head22:                                        ; preds = %r1.end, %qb1.end
+  %qb25 = phi i64 [ 0, %qb1.end ], [ %266, %r1.end ]
+  %197 = icmp slt i64 %qb25, 128
+  br i1 %197, label %qb.body23, label %qb.end24
 
-qb.body17:                                        ; preds = %qb.head16
-  %156 = mul nsw i64 %qb19, 8
+qb.body23:                                        ; preds = %qb.head22
+  %198 = mul nsw i64 %qb25, 8
+  %199 = sub nsw i64 %gn, %full
+  %ntile26 = sdiv i64 %199, 1
+  %200 = icmp sge i64 %ntile26, 2
+  %201 = select i1 %200, i64 1, i64 0
+  %202 = icmp sge i64 %ntile26, 4
+  %203 = select i1 %202, i64 2, i64 %201
+  %204 = icmp sge i64 %ntile26, 8
+  %205 = select i1 %204, i64 3, i64 %203
+  %206 = add nsw i64 %qb25, 4
+  %more27 = icmp slt i64 %206, 128
+  %207 = mul nsw i64 %206, 4096
+  %208 = getelementptr inbounds i8, ptr %9, i64 %207
   br label %r1.head
 
-r1.head:                                          ; preds = %qh.end24, %qb.body17
-  %r1 = phi i64 [ %full, %qb.body17 ], [ %202, %qh.end24 ]
-  %157 = icmp slt i64 %r1, %gn
-  br i1 %157, label %r1.body, label %r1.end
+r1.head:                                          ; preds = %qh.end34, %qb.body23
+  %r1 = phi i64 [ %full, %qb.body23 ], [ %265, %qh.end34 ]
+  %209 = icmp slt i64 %r1, %gn
+  br i1 %209, label %r1.body, label %r1.end
 
 r1.body:                                          ; preds = %r1.head
-  %158 = add nsw i64 %r1, 0
-  %159 = mul nsw i64 %158, 256
-  %160 = getelementptr inbounds float, ptr %8, i64 %159
-  %161 = mul nsw i64 %158, 1024
-  %162 = add nsw i64 %161, %156
-  %163 = getelementptr inbounds float, ptr %sa, i64 %162
-  store <16 x float> zeroinitializer, ptr %qacc20, align 4
-  store <16 x float> zeroinitializer, ptr %qacc21, align 4
-  br label %qh.head22
+  %210 = sub nsw i64 %r1, %full
+  %j28 = sdiv i64 %210, 1
+  %211 = shl i64 1, %205
+  %212 = icmp slt i64 %j28, %211
+  %213 = icmp sgt i64 %ntile26, 1
+  %214 = and i1 %more27, %213
+  %pf.on29 = and i1 %214, %212
+  %215 = mul nsw i64 %j28, 16384
+  %216 = lshr i64 %215, %205
+  %217 = getelementptr inbounds i8, ptr %208, i64 %216
+  %218 = add nsw i64 %r1, 0
+  %219 = mul nsw i64 %218, 256
+  %220 = getelementptr inbounds float, ptr %8, i64 %219
+  %221 = mul nsw i64 %218, 1024
+  %222 = add nsw i64 %221, %198
+  %223 = getelementptr inbounds float, ptr %sa, i64 %222
+  store <16 x float> zeroinitializer, ptr %qacc30, align 4
+  store <16 x float> zeroinitializer, ptr %qacc31, align 4
+  br label %qh.head32
 
-qh.head22:                                        ; preds = %qh.body23, %r1.body
-  %qh25 = phi i64 [ 0, %r1.body ], [ %197, %qh.body23 ]
-  %164 = icmp slt i64 %qh25, 128
-  br i1 %164, label %qh.body23, label %qh.end24
+qh.head32:                                        ; preds = %pf.end37, %r1.body
+  %qh35 = phi i64 [ 0, %r1.body ], [ %260, %pf.end37 ]
+  %224 = icmp slt i64 %qh35, 128
+  br i1 %224, label %qh.body33, label %qh.end34
 
-qh.body23:                                        ; preds = %qh.head22
-  %165 = add nsw i64 %qb19, 0
-  %166 = mul nsw i64 %qh25, 8
-  %167 = mul nsw i64 %165, 1024
-  %168 = add nsw i64 %167, %166
-  %169 = getelementptr inbounds float, ptr %9, i64 %168
-  %170 = load <8 x float>, ptr %169, align 4
-  %171 = add nsw i64 %qb19, 1
-  %172 = mul nsw i64 %qh25, 8
-  %173 = mul nsw i64 %171, 1024
-  %174 = add nsw i64 %173, %172
-  %175 = getelementptr inbounds float, ptr %9, i64 %174
-  %176 = load <8 x float>, ptr %175, align 4
-  %w1626 = shufflevector <8 x float> %170, <8 x float> %176, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %177 = add nsw i64 %qb19, 2
-  %178 = mul nsw i64 %qh25, 8
-  %179 = mul nsw i64 %177, 1024
-  %180 = add nsw i64 %179, %178
-  %181 = getelementptr inbounds float, ptr %9, i64 %180
-  %182 = load <8 x float>, ptr %181, align 4
-  %183 = add nsw i64 %qb19, 3
-  %184 = mul nsw i64 %qh25, 8
-  %185 = mul nsw i64 %183, 1024
-  %186 = add nsw i64 %185, %184
-  %187 = getelementptr inbounds float, ptr %9, i64 %186
-  %188 = load <8 x float>, ptr %187, align 4
-  %w1627 = shufflevector <8 x float> %182, <8 x float> %188, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %189 = getelementptr inbounds float, ptr %160, i64 %qh25
-  %190 = load float, ptr %189, align 4
-  %191 = insertelement <16 x float> poison, float %190, i32 0
-  %192 = shufflevector <16 x float> %191, <16 x float> poison, <16 x i32> zeroinitializer
-  %193 = load <16 x float>, ptr %qacc20, align 4
-  %194 = call <16 x float> @llvm.fma.v16f32(<16 x float> %192, <16 x float> %w1626, <16 x float> %193)
-  store <16 x float> %194, ptr %qacc20, align 4
-  %195 = load <16 x float>, ptr %qacc21, align 4
-  %196 = call <16 x float> @llvm.fma.v16f32(<16 x float> %192, <16 x float> %w1627, <16 x float> %195)
-  store <16 x float> %196, ptr %qacc21, align 4
-  %197 = add nsw i64 %qh25, 1
-  br label %qh.head22
+qh.body33:                                        ; preds = %qh.head32
+  br i1 %pf.on29, label %pf.then36, label %pf.end37
 
-qh.end24:                                         ; preds = %qh.head22
-  %198 = load <16 x float>, ptr %qacc20, align 4
-  %199 = load <16 x float>, ptr %qacc21, align 4
-  %200 = getelementptr inbounds float, ptr %163, i64 0
-  store <16 x float> %198, ptr %200, align 4
-  %201 = getelementptr inbounds float, ptr %163, i64 16
-  store <16 x float> %199, ptr %201, align 4
-  %202 = add nsw i64 %r1, 1
+pf.then36:                                        ; preds = %qh.body33
+  %225 = mul nsw i64 %qh35, 128
+  %226 = lshr i64 %225, %205
+  %227 = getelementptr inbounds i8, ptr %217, i64 %226
+  call void @llvm.prefetch.p0(ptr %227, i32 0, i32 2, i32 1)
+  br label %pf.end37
+
+pf.end37:                                         ; preds = %pf.then36, %qh.body33
+  %228 = add nsw i64 %qb25, 0
+  %229 = mul nsw i64 %qh35, 8
+  %230 = mul nsw i64 %228, 1024
+  %231 = add nsw i64 %230, %229
+  %232 = getelementptr inbounds float, ptr %9, i64 %231
+  %233 = load <8 x float>, ptr %232, align 4
+  %234 = add nsw i64 %qb25, 1
+  %235 = mul nsw i64 %qh35, 8
+  %236 = mul nsw i64 %234, 1024
+  %237 = add nsw i64 %236, %235
+  %238 = getelementptr inbounds float, ptr %9, i64 %237
+  %239 = load <8 x float>, ptr %238, align 4
+  %w1638 = shufflevector <8 x float> %233, <8 x float> %239, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %240 = add nsw i64 %qb25, 2
+  %241 = mul nsw i64 %qh35, 8
+  %242 = mul nsw i64 %240, 1024
+  %243 = add nsw i64 %242, %241
+  %244 = getelementptr inbounds float, ptr %9, i64 %243
+  %245 = load <8 x float>, ptr %244, align 4
+  %246 = add nsw i64 %qb25, 3
+  %247 = mul nsw i64 %qh35, 8
+  %248 = mul nsw i64 %246, 1024
+  %249 = add nsw i64 %248, %247
+  %250 = getelementptr inbounds float, ptr %9, i64 %249
+  %251 = load <8 x float>, ptr %250, align 4
+  %w1639 = shufflevector <8 x float> %245, <8 x float> %251, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %252 = getelementptr inbounds float, ptr %220, i64 %qh35
+  %253 = load float, ptr %252, align 4
+  %254 = insertelement <16 x float> poison, float %253, i32 0
+  %255 = shufflevector <16 x float> %254, <16 x float> poison, <16 x i32> zeroinitializer
+  %256 = load <16 x float>, ptr %qacc30, align 4
+  %257 = call <16 x float> @llvm.fma.v16f32(<16 x float> %255, <16 x float> %w1638, <16 x float> %256)
+  store <16 x float> %257, ptr %qacc30, align 4
+  %258 = load <16 x float>, ptr %qacc31, align 4
+  %259 = call <16 x float> @llvm.fma.v16f32(<16 x float> %255, <16 x float> %w1639, <16 x float> %258)
+  store <16 x float> %259, ptr %qacc31, align 4
+  %260 = add nsw i64 %qh35, 1
+  br label %qh.head32
+
+qh.end34:                                         ; preds = %qh.head32
+  %261 = load <16 x float>, ptr %qacc30, align 4
+  %262 = load <16 x float>, ptr %qacc31, align 4
+  %263 = getelementptr inbounds float, ptr %223, i64 0
+  store <16 x float> %261, ptr %263, align 4
+  %264 = getelementptr inbounds float, ptr %223, i64 16
+  store <16 x float> %262, ptr %264, align 4
+  %265 = add nsw i64 %r1, 1
   br label %r1.head
 
 r1.end:                                           ; preds = %r1.head
-  %203 = add nsw i64 %qb19, 4
-  br label %qb.head16
+  %266 = add nsw i64 %qb25, 4
+  br label %qb.head22
 
-qb.end18:                                         ; preds = %qb.head16
-  br label %qb1.head28
+qb.end24:                                         ; preds = %qb.head22
+  br label %qb1.head40
 
-qb1.head28:                                       ; preds = %r1.end34, %qb.end18
-  %qb131 = phi i64 [ 128, %qb.end18 ], [ %230, %r1.end34 ]
-  %204 = icmp slt i64 %qb131, 128
-  br i1 %204, label %qb1.body29, label %qb1.end30
+qb1.head40:                                       ; preds = %r1.end48, %qb.end24
+  %qb143 = phi i64 [ 128, %qb.end24 ], [ %314, %r1.end48 ]
+  %267 = icmp slt i64 %qb143, 128
+  br i1 %267, label %qb1.body41, label %qb1.end42
 
-qb1.body29:                                       ; preds = %qb1.head28
-  %205 = mul nsw i64 %qb131, 8
-  br label %r1.head32
+qb1.body41:                                       ; preds = %qb1.head40
+  %268 = mul nsw i64 %qb143, 8
+  %269 = sub nsw i64 %gn, %full
+  %ntile44 = sdiv i64 %269, 1
+  %270 = icmp sge i64 %ntile44, 2
+  %271 = select i1 %270, i64 1, i64 0
+  %272 = icmp sge i64 %ntile44, 4
+  %273 = select i1 %272, i64 2, i64 %271
+  %274 = icmp sge i64 %ntile44, 8
+  %275 = select i1 %274, i64 3, i64 %273
+  %276 = add nsw i64 %qb143, 1
+  %more45 = icmp slt i64 %276, 128
+  %277 = mul nsw i64 %276, 4096
+  %278 = getelementptr inbounds i8, ptr %9, i64 %277
+  br label %r1.head46
 
-r1.head32:                                        ; preds = %qh.end39, %qb1.body29
-  %r135 = phi i64 [ %full, %qb1.body29 ], [ %229, %qh.end39 ]
-  %206 = icmp slt i64 %r135, %gn
-  br i1 %206, label %r1.body33, label %r1.end34
+r1.head46:                                        ; preds = %qh.end55, %qb1.body41
+  %r149 = phi i64 [ %full, %qb1.body41 ], [ %313, %qh.end55 ]
+  %279 = icmp slt i64 %r149, %gn
+  br i1 %279, label %r1.body47, label %r1.end48
 
-r1.body33:                                        ; preds = %r1.head32
-  %207 = add nsw i64 %r135, 0
-  %208 = mul nsw i64 %207, 256
-  %209 = getelementptr inbounds float, ptr %8, i64 %208
-  %210 = mul nsw i64 %207, 1024
-  %211 = add nsw i64 %210, %205
-  %212 = getelementptr inbounds float, ptr %sa, i64 %211
-  store <8 x float> zeroinitializer, ptr %qacc36, align 4
-  br label %qh.head37
+r1.body47:                                        ; preds = %r1.head46
+  %280 = sub nsw i64 %r149, %full
+  %j50 = sdiv i64 %280, 1
+  %281 = shl i64 1, %275
+  %282 = icmp slt i64 %j50, %281
+  %283 = icmp sgt i64 %ntile44, 1
+  %284 = and i1 %more45, %283
+  %pf.on51 = and i1 %284, %282
+  %285 = mul nsw i64 %j50, 4096
+  %286 = lshr i64 %285, %275
+  %287 = getelementptr inbounds i8, ptr %278, i64 %286
+  %288 = add nsw i64 %r149, 0
+  %289 = mul nsw i64 %288, 256
+  %290 = getelementptr inbounds float, ptr %8, i64 %289
+  %291 = mul nsw i64 %288, 1024
+  %292 = add nsw i64 %291, %268
+  %293 = getelementptr inbounds float, ptr %sa, i64 %292
+  store <8 x float> zeroinitializer, ptr %qacc52, align 4
+  br label %qh.head53
 
-qh.head37:                                        ; preds = %qh.body38, %r1.body33
-  %qh40 = phi i64 [ 0, %r1.body33 ], [ %226, %qh.body38 ]
-  %213 = icmp slt i64 %qh40, 128
-  br i1 %213, label %qh.body38, label %qh.end39
+qh.head53:                                        ; preds = %pf.end58, %r1.body47
+  %qh56 = phi i64 [ 0, %r1.body47 ], [ %310, %pf.end58 ]
+  %294 = icmp slt i64 %qh56, 128
+  br i1 %294, label %qh.body54, label %qh.end55
 
-qh.body38:                                        ; preds = %qh.head37
-  %214 = add nsw i64 %qb131, 0
-  %215 = mul nsw i64 %qh40, 8
-  %216 = mul nsw i64 %214, 1024
-  %217 = add nsw i64 %216, %215
-  %218 = getelementptr inbounds float, ptr %9, i64 %217
-  %219 = load <8 x float>, ptr %218, align 4
-  %220 = getelementptr inbounds float, ptr %209, i64 %qh40
-  %221 = load float, ptr %220, align 4
-  %222 = insertelement <8 x float> poison, float %221, i32 0
-  %223 = shufflevector <8 x float> %222, <8 x float> poison, <8 x i32> zeroinitializer
-  %224 = load <8 x float>, ptr %qacc36, align 4
-  %225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %223, <8 x float> %219, <8 x float> %224)
-  store <8 x float> %225, ptr %qacc36, align 4
-  %226 = add nsw i64 %qh40, 1
-  br label %qh.head37
+qh.body54:                                        ; preds = %qh.head53
+  br i1 %pf.on51, label %pf.then57, label %pf.end58
 
-qh.end39:                                         ; preds = %qh.head37
-  %227 = load <8 x float>, ptr %qacc36, align 4
-  %228 = getelementptr inbounds float, ptr %212, i64 0
-  store <8 x float> %227, ptr %228, align 4
-  %229 = add nsw i64 %r135, 1
-  br label %r1.head32
+pf.then57:                                        ; preds = %qh.body54
+  %295 = mul nsw i64 %qh56, 32
+  %296 = lshr i64 %295, %275
+  %297 = getelementptr inbounds i8, ptr %287, i64 %296
+  call void @llvm.prefetch.p0(ptr %297, i32 0, i32 2, i32 1)
+  br label %pf.end58
 
-r1.end34:                                         ; preds = %r1.head32
-  %230 = add nsw i64 %qb131, 1
-  br label %qb1.head28
+pf.end58:                                         ; preds = %pf.then57, %qh.body54
+  %298 = add nsw i64 %qb143, 0
+  %299 = mul nsw i64 %qh56, 8
+  %300 = mul nsw i64 %298, 1024
+  %301 = add nsw i64 %300, %299
+  %302 = getelementptr inbounds float, ptr %9, i64 %301
+  %303 = load <8 x float>, ptr %302, align 4
+  %304 = getelementptr inbounds float, ptr %290, i64 %qh56
+  %305 = load float, ptr %304, align 4
+  %306 = insertelement <8 x float> poison, float %305, i32 0
+  %307 = shufflevector <8 x float> %306, <8 x float> poison, <8 x i32> zeroinitializer
+  %308 = load <8 x float>, ptr %qacc52, align 4
+  %309 = call <8 x float> @llvm.fma.v8f32(<8 x float> %307, <8 x float> %303, <8 x float> %308)
+  store <8 x float> %309, ptr %qacc52, align 4
+  %310 = add nsw i64 %qh56, 1
+  br label %qh.head53
 
-qb1.end30:                                        ; preds = %qb1.head28
-  %231 = mul nsw i64 %hgroup, 256
-  %232 = add nsw i64 %231, 128
-  %233 = getelementptr inbounds float, ptr %2, i64 %232
-  %234 = getelementptr inbounds float, ptr %keys, i64 131072
-  %235 = sdiv i64 %gn, 4
-  %full41 = mul i64 %235, 4
-  br label %qb.head42
+qh.end55:                                         ; preds = %qh.head53
+  %311 = load <8 x float>, ptr %qacc52, align 4
+  %312 = getelementptr inbounds float, ptr %293, i64 0
+  store <8 x float> %311, ptr %312, align 4
+  %313 = add nsw i64 %r149, 1
+  br label %r1.head46
 
-qb.head42:                                        ; preds = %rb.end48, %qb1.end30
-  %qb45 = phi i64 [ 0, %qb1.end30 ], [ %310, %rb.end48 ]
-  %236 = icmp slt i64 %qb45, 128
-  br i1 %236, label %qb.body43, label %qb.end44
+r1.end48:                                         ; preds = %r1.head46
+  %314 = add nsw i64 %qb143, 1
+  br label %qb1.head40
 
-qb.body43:                                        ; preds = %qb.head42
-  %237 = mul nsw i64 %qb45, 8
-  br label %rb.head46
+qb1.end42:                                        ; preds = %qb1.head40
+  %315 = mul nsw i64 %hgroup, 256
+  %316 = add nsw i64 %315, 128
+  %317 = getelementptr inbounds float, ptr %2, i64 %316
+  %318 = getelementptr inbounds float, ptr %keys, i64 131072
+  %319 = sdiv i64 %gn, 4
+  %full59 = mul i64 %319, 4
+  br label %qb.head60
 
-rb.head46:                                        ; preds = %qh.end56, %qb.body43
-  %rb49 = phi i64 [ 0, %qb.body43 ], [ %309, %qh.end56 ]
-  %238 = icmp slt i64 %rb49, %full41
-  br i1 %238, label %rb.body47, label %rb.end48
+qb.head60:                                        ; preds = %rb.end68, %qb1.end42
+  %qb63 = phi i64 [ 0, %qb1.end42 ], [ %415, %rb.end68 ]
+  %320 = icmp slt i64 %qb63, 128
+  br i1 %320, label %qb.body61, label %qb.end62
 
-rb.body47:                                        ; preds = %rb.head46
-  %239 = add nsw i64 %rb49, 0
-  %240 = mul nsw i64 %239, 256
-  %241 = getelementptr inbounds float, ptr %233, i64 %240
-  %242 = mul nsw i64 %239, 1024
-  %243 = add nsw i64 %242, %237
-  %244 = getelementptr inbounds float, ptr %sb, i64 %243
-  %245 = add nsw i64 %rb49, 1
-  %246 = mul nsw i64 %245, 256
-  %247 = getelementptr inbounds float, ptr %233, i64 %246
-  %248 = mul nsw i64 %245, 1024
-  %249 = add nsw i64 %248, %237
-  %250 = getelementptr inbounds float, ptr %sb, i64 %249
-  %251 = add nsw i64 %rb49, 2
-  %252 = mul nsw i64 %251, 256
-  %253 = getelementptr inbounds float, ptr %233, i64 %252
-  %254 = mul nsw i64 %251, 1024
-  %255 = add nsw i64 %254, %237
-  %256 = getelementptr inbounds float, ptr %sb, i64 %255
-  %257 = add nsw i64 %rb49, 3
-  %258 = mul nsw i64 %257, 256
-  %259 = getelementptr inbounds float, ptr %233, i64 %258
-  %260 = mul nsw i64 %257, 1024
-  %261 = add nsw i64 %260, %237
-  %262 = getelementptr inbounds float, ptr %sb, i64 %261
-  store <16 x float> zeroinitializer, ptr %qacc50, align 4
-  store <16 x float> zeroinitializer, ptr %qacc51, align 4
-  store <16 x float> zeroinitializer, ptr %qacc52, align 4
-  store <16 x float> zeroinitializer, ptr %qacc53, align 4
-  br label %qh.head54
+qb.body61:                                        ; preds = %qb.head60
+  %321 = mul nsw i64 %qb63, 8
+  %322 = sub nsw i64 %full59, 0
+  %ntile64 = sdiv i64 %322, 4
+  %323 = icmp sge i64 %ntile64, 2
+  %324 = select i1 %323, i64 1, i64 0
+  %325 = icmp sge i64 %ntile64, 4
+  %326 = select i1 %325, i64 2, i64 %324
+  %327 = icmp sge i64 %ntile64, 8
+  %328 = select i1 %327, i64 3, i64 %326
+  %329 = add nsw i64 %qb63, 2
+  %more65 = icmp slt i64 %329, 128
+  %330 = mul nsw i64 %329, 4096
+  %331 = getelementptr inbounds i8, ptr %318, i64 %330
+  br label %rb.head66
 
-qh.head54:                                        ; preds = %qh.body55, %rb.body47
-  %qh57 = phi i64 [ 0, %rb.body47 ], [ %300, %qh.body55 ]
-  %263 = icmp slt i64 %qh57, 128
-  br i1 %263, label %qh.body55, label %qh.end56
+rb.head66:                                        ; preds = %qh.end78, %qb.body61
+  %rb69 = phi i64 [ 0, %qb.body61 ], [ %414, %qh.end78 ]
+  %332 = icmp slt i64 %rb69, %full59
+  br i1 %332, label %rb.body67, label %rb.end68
 
-qh.body55:                                        ; preds = %qh.head54
-  %264 = add nsw i64 %qb45, 0
-  %265 = mul nsw i64 %qh57, 8
-  %266 = mul nsw i64 %264, 1024
-  %267 = add nsw i64 %266, %265
-  %268 = getelementptr inbounds float, ptr %234, i64 %267
-  %269 = load <8 x float>, ptr %268, align 4
-  %270 = add nsw i64 %qb45, 1
-  %271 = mul nsw i64 %qh57, 8
-  %272 = mul nsw i64 %270, 1024
-  %273 = add nsw i64 %272, %271
-  %274 = getelementptr inbounds float, ptr %234, i64 %273
-  %275 = load <8 x float>, ptr %274, align 4
-  %w1658 = shufflevector <8 x float> %269, <8 x float> %275, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %276 = getelementptr inbounds float, ptr %241, i64 %qh57
-  %277 = load float, ptr %276, align 4
-  %278 = insertelement <16 x float> poison, float %277, i32 0
-  %279 = shufflevector <16 x float> %278, <16 x float> poison, <16 x i32> zeroinitializer
-  %280 = load <16 x float>, ptr %qacc50, align 4
-  %281 = call <16 x float> @llvm.fma.v16f32(<16 x float> %279, <16 x float> %w1658, <16 x float> %280)
-  store <16 x float> %281, ptr %qacc50, align 4
-  %282 = getelementptr inbounds float, ptr %247, i64 %qh57
-  %283 = load float, ptr %282, align 4
-  %284 = insertelement <16 x float> poison, float %283, i32 0
-  %285 = shufflevector <16 x float> %284, <16 x float> poison, <16 x i32> zeroinitializer
-  %286 = load <16 x float>, ptr %qacc51, align 4
-  %287 = call <16 x float> @llvm.fma.v16f32(<16 x float> %285, <16 x float> %w1658, <16 x float> %286)
-  store <16 x float> %287, ptr %qacc51, align 4
-  %288 = getelementptr inbounds float, ptr %253, i64 %qh57
-  %289 = load float, ptr %288, align 4
-  %290 = insertelement <16 x float> poison, float %289, i32 0
-  %291 = shufflevector <16 x float> %290, <16 x float> poison, <16 x i32> zeroinitializer
-  %292 = load <16 x float>, ptr %qacc52, align 4
-  %293 = call <16 x float> @llvm.fma.v16f32(<16 x float> %291, <16 x float> %w1658, <16 x float> %292)
-  store <16 x float> %293, ptr %qacc52, align 4
-  %294 = getelementptr inbounds float, ptr %259, i64 %qh57
-  %295 = load float, ptr %294, align 4
-  %296 = insertelement <16 x float> poison, float %295, i32 0
-  %297 = shufflevector <16 x float> %296, <16 x float> poison, <16 x i32> zeroinitializer
-  %298 = load <16 x float>, ptr %qacc53, align 4
-  %299 = call <16 x float> @llvm.fma.v16f32(<16 x float> %297, <16 x float> %w1658, <16 x float> %298)
-  store <16 x float> %299, ptr %qacc53, align 4
-  %300 = add nsw i64 %qh57, 1
-  br label %qh.head54
+rb.body67:                                        ; preds = %rb.head66
+  %333 = sub nsw i64 %rb69, 0
+  %j70 = sdiv i64 %333, 4
+  %334 = shl i64 1, %328
+  %335 = icmp slt i64 %j70, %334
+  %336 = icmp sgt i64 %ntile64, 1
+  %337 = and i1 %more65, %336
+  %pf.on71 = and i1 %337, %335
+  %338 = mul nsw i64 %j70, 8192
+  %339 = lshr i64 %338, %328
+  %340 = getelementptr inbounds i8, ptr %331, i64 %339
+  %341 = add nsw i64 %rb69, 0
+  %342 = mul nsw i64 %341, 256
+  %343 = getelementptr inbounds float, ptr %317, i64 %342
+  %344 = mul nsw i64 %341, 1024
+  %345 = add nsw i64 %344, %321
+  %346 = getelementptr inbounds float, ptr %sb, i64 %345
+  %347 = add nsw i64 %rb69, 1
+  %348 = mul nsw i64 %347, 256
+  %349 = getelementptr inbounds float, ptr %317, i64 %348
+  %350 = mul nsw i64 %347, 1024
+  %351 = add nsw i64 %350, %321
+  %352 = getelementptr inbounds float, ptr %sb, i64 %351
+  %353 = add nsw i64 %rb69, 2
+  %354 = mul nsw i64 %353, 256
+  %355 = getelementptr inbounds float, ptr %317, i64 %354
+  %356 = mul nsw i64 %353, 1024
+  %357 = add nsw i64 %356, %321
+  %358 = getelementptr inbounds float, ptr %sb, i64 %357
+  %359 = add nsw i64 %rb69, 3
+  %360 = mul nsw i64 %359, 256
+  %361 = getelementptr inbounds float, ptr %317, i64 %360
+  %362 = mul nsw i64 %359, 1024
+  %363 = add nsw i64 %362, %321
+  %364 = getelementptr inbounds float, ptr %sb, i64 %363
+  store <16 x float> zeroinitializer, ptr %qacc72, align 4
+  store <16 x float> zeroinitializer, ptr %qacc73, align 4
+  store <16 x float> zeroinitializer, ptr %qacc74, align 4
+  store <16 x float> zeroinitializer, ptr %qacc75, align 4
+  br label %qh.head76
 
-qh.end56:                                         ; preds = %qh.head54
-  %301 = load <16 x float>, ptr %qacc50, align 4
-  %302 = load <16 x float>, ptr %qacc51, align 4
-  %303 = load <16 x float>, ptr %qacc52, align 4
-  %304 = load <16 x float>, ptr %qacc53, align 4
-  %305 = getelementptr inbounds float, ptr %244, i64 0
-  store <16 x float> %301, ptr %305, align 4
-  %306 = getelementptr inbounds float, ptr %250, i64 0
-  store <16 x float> %302, ptr %306, align 4
-  %307 = getelementptr inbounds float, ptr %256, i64 0
-  store <16 x float> %303, ptr %307, align 4
-  %308 = getelementptr inbounds float, ptr %262, i64 0
-  store <16 x float> %304, ptr %308, align 4
-  %309 = add nsw i64 %rb49, 4
-  br label %rb.head46
+qh.head76:                                        ; preds = %pf.end81, %rb.body67
+  %qh79 = phi i64 [ 0, %rb.body67 ], [ %405, %pf.end81 ]
+  %365 = icmp slt i64 %qh79, 128
+  br i1 %365, label %qh.body77, label %qh.end78
 
-rb.end48:                                         ; preds = %rb.head46
-  %310 = add nsw i64 %qb45, 2
-  br label %qb.head42
+qh.body77:                                        ; preds = %qh.head76
+  br i1 %pf.on71, label %pf.then80, label %pf.end81
 
-qb.end44:                                         ; preds = %qb.head42
-  br label %qb1.head59
+pf.then80:                                        ; preds = %qh.body77
+  %366 = mul nsw i64 %qh79, 64
+  %367 = lshr i64 %366, %328
+  %368 = getelementptr inbounds i8, ptr %340, i64 %367
+  call void @llvm.prefetch.p0(ptr %368, i32 0, i32 2, i32 1)
+  br label %pf.end81
 
-qb1.head59:                                       ; preds = %rb.end65, %qb.end44
-  %qb162 = phi i64 [ 128, %qb.end44 ], [ %379, %rb.end65 ]
-  %311 = icmp slt i64 %qb162, 128
-  br i1 %311, label %qb1.body60, label %qb1.end61
+pf.end81:                                         ; preds = %pf.then80, %qh.body77
+  %369 = add nsw i64 %qb63, 0
+  %370 = mul nsw i64 %qh79, 8
+  %371 = mul nsw i64 %369, 1024
+  %372 = add nsw i64 %371, %370
+  %373 = getelementptr inbounds float, ptr %318, i64 %372
+  %374 = load <8 x float>, ptr %373, align 4
+  %375 = add nsw i64 %qb63, 1
+  %376 = mul nsw i64 %qh79, 8
+  %377 = mul nsw i64 %375, 1024
+  %378 = add nsw i64 %377, %376
+  %379 = getelementptr inbounds float, ptr %318, i64 %378
+  %380 = load <8 x float>, ptr %379, align 4
+  %w1682 = shufflevector <8 x float> %374, <8 x float> %380, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %381 = getelementptr inbounds float, ptr %343, i64 %qh79
+  %382 = load float, ptr %381, align 4
+  %383 = insertelement <16 x float> poison, float %382, i32 0
+  %384 = shufflevector <16 x float> %383, <16 x float> poison, <16 x i32> zeroinitializer
+  %385 = load <16 x float>, ptr %qacc72, align 4
+  %386 = call <16 x float> @llvm.fma.v16f32(<16 x float> %384, <16 x float> %w1682, <16 x float> %385)
+  store <16 x float> %386, ptr %qacc72, align 4
+  %387 = getelementptr inbounds float, ptr %349, i64 %qh79
+  %388 = load float, ptr %387, align 4
+  %389 = insertelement <16 x float> poison, float %388, i32 0
+  %390 = shufflevector <16 x float> %389, <16 x float> poison, <16 x i32> zeroinitializer
+  %391 = load <16 x float>, ptr %qacc73, align 4
+  %392 = call <16 x float> @llvm.fma.v16f32(<16 x float> %390, <16 x float> %w1682, <16 x float> %391)
+  store <16 x float> %392, ptr %qacc73, align 4
+  %393 = getelementptr inbounds float, ptr %355, i64 %qh79
+  %394 = load float, ptr %393, align 4
+  %395 = insertelement <16 x float> poison, float %394, i32 0
+  %396 = shufflevector <16 x float> %395, <16 x float> poison, <16 x i32> zeroinitializer
+  %397 = load <16 x float>, ptr %qacc74, align 4
+  %398 = call <16 x float> @llvm.fma.v16f32(<16 x float> %396, <16 x float> %w1682, <16 x float> %397)
+  store <16 x float> %398, ptr %qacc74, align 4
+  %399 = getelementptr inbounds float, ptr %361, i64 %qh79
+  %400 = load float, ptr %399, align 4
+  %401 = insertelement <16 x float> poison, float %400, i32 0
+  %402 = shufflevector <16 x float> %401, <16 x float> poison, <16 x i32> zeroinitializer
+  %403 = load <16 x float>, ptr %qacc75, align 4
+  %404 = call <16 x float> @llvm.fma.v16f32(<16 x float> %402, <16 x float> %w1682, <16 x float> %403)
+  store <16 x float> %404, ptr %qacc75, align 4
+  %405 = add nsw i64 %qh79, 1
+  br label %qh.head76
 
-qb1.body60:                                       ; preds = %qb1.head59
-  %312 = mul nsw i64 %qb162, 8
-  br label %rb.head63
+qh.end78:                                         ; preds = %qh.head76
+  %406 = load <16 x float>, ptr %qacc72, align 4
+  %407 = load <16 x float>, ptr %qacc73, align 4
+  %408 = load <16 x float>, ptr %qacc74, align 4
+  %409 = load <16 x float>, ptr %qacc75, align 4
+  %410 = getelementptr inbounds float, ptr %346, i64 0
+  store <16 x float> %406, ptr %410, align 4
+  %411 = getelementptr inbounds float, ptr %352, i64 0
+  store <16 x float> %407, ptr %411, align 4
+  %412 = getelementptr inbounds float, ptr %358, i64 0
+  store <16 x float> %408, ptr %412, align 4
+  %413 = getelementptr inbounds float, ptr %364, i64 0
+  store <16 x float> %409, ptr %413, align 4
+  %414 = add nsw i64 %rb69, 4
+  br label %rb.head66
 
-rb.head63:                                        ; preds = %qh.end73, %qb1.body60
-  %rb66 = phi i64 [ 0, %qb1.body60 ], [ %378, %qh.end73 ]
-  %313 = icmp slt i64 %rb66, %full41
-  br i1 %313, label %rb.body64, label %rb.end65
+rb.end68:                                         ; preds = %rb.head66
+  %415 = add nsw i64 %qb63, 2
+  br label %qb.head60
 
-rb.body64:                                        ; preds = %rb.head63
-  %314 = add nsw i64 %rb66, 0
-  %315 = mul nsw i64 %314, 256
-  %316 = getelementptr inbounds float, ptr %233, i64 %315
-  %317 = mul nsw i64 %314, 1024
-  %318 = add nsw i64 %317, %312
-  %319 = getelementptr inbounds float, ptr %sb, i64 %318
-  %320 = add nsw i64 %rb66, 1
-  %321 = mul nsw i64 %320, 256
-  %322 = getelementptr inbounds float, ptr %233, i64 %321
-  %323 = mul nsw i64 %320, 1024
-  %324 = add nsw i64 %323, %312
-  %325 = getelementptr inbounds float, ptr %sb, i64 %324
-  %326 = add nsw i64 %rb66, 2
-  %327 = mul nsw i64 %326, 256
-  %328 = getelementptr inbounds float, ptr %233, i64 %327
-  %329 = mul nsw i64 %326, 1024
-  %330 = add nsw i64 %329, %312
-  %331 = getelementptr inbounds float, ptr %sb, i64 %330
-  %332 = add nsw i64 %rb66, 3
-  %333 = mul nsw i64 %332, 256
-  %334 = getelementptr inbounds float, ptr %233, i64 %333
-  %335 = mul nsw i64 %332, 1024
-  %336 = add nsw i64 %335, %312
-  %337 = getelementptr inbounds float, ptr %sb, i64 %336
-  store <8 x float> zeroinitializer, ptr %qacc67, align 4
-  store <8 x float> zeroinitializer, ptr %qacc68, align 4
-  store <8 x float> zeroinitializer, ptr %qacc69, align 4
-  store <8 x float> zeroinitializer, ptr %qacc70, align 4
-  br label %qh.head71
+qb.end62:                                         ; preds = %qb.head60
+  br label %qb1.head83
 
-qh.head71:                                        ; preds = %qh.body72, %rb.body64
-  %qh74 = phi i64 [ 0, %rb.body64 ], [ %369, %qh.body72 ]
-  %338 = icmp slt i64 %qh74, 128
-  br i1 %338, label %qh.body72, label %qh.end73
+qb1.head83:                                       ; preds = %rb.end91, %qb.end62
+  %qb186 = phi i64 [ 128, %qb.end62 ], [ %505, %rb.end91 ]
+  %416 = icmp slt i64 %qb186, 128
+  br i1 %416, label %qb1.body84, label %qb1.end85
 
-qh.body72:                                        ; preds = %qh.head71
-  %339 = add nsw i64 %qb162, 0
-  %340 = mul nsw i64 %qh74, 8
-  %341 = mul nsw i64 %339, 1024
-  %342 = add nsw i64 %341, %340
-  %343 = getelementptr inbounds float, ptr %234, i64 %342
-  %344 = load <8 x float>, ptr %343, align 4
-  %345 = getelementptr inbounds float, ptr %316, i64 %qh74
-  %346 = load float, ptr %345, align 4
-  %347 = insertelement <8 x float> poison, float %346, i32 0
-  %348 = shufflevector <8 x float> %347, <8 x float> poison, <8 x i32> zeroinitializer
-  %349 = load <8 x float>, ptr %qacc67, align 4
-  %350 = call <8 x float> @llvm.fma.v8f32(<8 x float> %348, <8 x float> %344, <8 x float> %349)
-  store <8 x float> %350, ptr %qacc67, align 4
-  %351 = getelementptr inbounds float, ptr %322, i64 %qh74
-  %352 = load float, ptr %351, align 4
-  %353 = insertelement <8 x float> poison, float %352, i32 0
-  %354 = shufflevector <8 x float> %353, <8 x float> poison, <8 x i32> zeroinitializer
-  %355 = load <8 x float>, ptr %qacc68, align 4
-  %356 = call <8 x float> @llvm.fma.v8f32(<8 x float> %354, <8 x float> %344, <8 x float> %355)
-  store <8 x float> %356, ptr %qacc68, align 4
-  %357 = getelementptr inbounds float, ptr %328, i64 %qh74
-  %358 = load float, ptr %357, align 4
-  %359 = insertelement <8 x float> poison, float %358, i32 0
-  %360 = shufflevector <8 x float> %359, <8 x float> poison, <8 x i32> zeroinitializer
-  %361 = load <8 x float>, ptr %qacc69, align 4
-  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %360, <8 x float> %344, <8 x float> %361)
-  store <8 x float> %362, ptr %qacc69, align 4
-  %363 = getelementptr inbounds float, ptr %334, i64 %qh74
-  %364 = load float, ptr %363, align 4
-  %365 = insertelement <8 x float> poison, float %364, i32 0
-  %366 = shufflevector <8 x float> %365, <8 x float> poison, <8 x i32> zeroinitializer
-  %367 = load <8 x float>, ptr %qacc70, align 4
-  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %344, <8 x float> %367)
-  store <8 x float> %368, ptr %qacc70, align 4
-  %369 = add nsw i64 %qh74, 1
-  br label %qh.head71
+qb1.body84:                                       ; preds = %qb1.head83
+  %417 = mul nsw i64 %qb186, 8
+  %418 = sub nsw i64 %full59, 0
+  %ntile87 = sdiv i64 %418, 4
+  %419 = icmp sge i64 %ntile87, 2
+  %420 = select i1 %419, i64 1, i64 0
+  %421 = icmp sge i64 %ntile87, 4
+  %422 = select i1 %421, i64 2, i64 %420
+  %423 = icmp sge i64 %ntile87, 8
+  %424 = select i1 %423, i64 3, i64 %422
+  %425 = add nsw i64 %qb186, 1
+  %more88 = icmp slt i64 %425, 128
+  %426 = mul nsw i64 %425, 4096
+  %427 = getelementptr inbounds i8, ptr %318, i64 %426
+  br label %rb.head89
 
-qh.end73:                                         ; preds = %qh.head71
-  %370 = load <8 x float>, ptr %qacc67, align 4
-  %371 = load <8 x float>, ptr %qacc68, align 4
-  %372 = load <8 x float>, ptr %qacc69, align 4
-  %373 = load <8 x float>, ptr %qacc70, align 4
-  %374 = getelementptr inbounds float, ptr %319, i64 0
-  store <8 x float> %370, ptr %374, align 4
-  %375 = getelementptr inbounds float, ptr %325, i64 0
-  store <8 x float> %371, ptr %375, align 4
-  %376 = getelementptr inbounds float, ptr %331, i64 0
-  store <8 x float> %372, ptr %376, align 4
-  %377 = getelementptr inbounds float, ptr %337, i64 0
-  store <8 x float> %373, ptr %377, align 4
-  %378 = add nsw i64 %rb66, 4
-  br label %rb.head63
+rb.head89:                                        ; preds = %qh.end101, %qb1.body84
+  %rb92 = phi i64 [ 0, %qb1.body84 ], [ %504, %qh.end101 ]
+  %428 = icmp slt i64 %rb92, %full59
+  br i1 %428, label %rb.body90, label %rb.end91
 
-rb.end65:                                         ; preds = %rb.head63
-  %379 = add nsw i64 %qb162, 1
-  br label %qb1.head59
+rb.body90:                                        ; preds = %rb.head89
+  %429 = sub nsw i64 %rb92, 0
+  %j93 = sdiv i64 %429, 4
+  %430 = shl i64 1, %424
+  %431 = icmp slt i64 %j93, %430
+  %432 = icmp sgt i64 %ntile87, 1
+  %433 = and i1 %more88, %432
+  %pf.on94 = and i1 %433, %431
+  %434 = mul nsw i64 %j93, 4096
+  %435 = lshr i64 %434, %424
+  %436 = getelementptr inbounds i8, ptr %427, i64 %435
+  %437 = add nsw i64 %rb92, 0
+  %438 = mul nsw i64 %437, 256
+  %439 = getelementptr inbounds float, ptr %317, i64 %438
+  %440 = mul nsw i64 %437, 1024
+  %441 = add nsw i64 %440, %417
+  %442 = getelementptr inbounds float, ptr %sb, i64 %441
+  %443 = add nsw i64 %rb92, 1
+  %444 = mul nsw i64 %443, 256
+  %445 = getelementptr inbounds float, ptr %317, i64 %444
+  %446 = mul nsw i64 %443, 1024
+  %447 = add nsw i64 %446, %417
+  %448 = getelementptr inbounds float, ptr %sb, i64 %447
+  %449 = add nsw i64 %rb92, 2
+  %450 = mul nsw i64 %449, 256
+  %451 = getelementptr inbounds float, ptr %317, i64 %450
+  %452 = mul nsw i64 %449, 1024
+  %453 = add nsw i64 %452, %417
+  %454 = getelementptr inbounds float, ptr %sb, i64 %453
+  %455 = add nsw i64 %rb92, 3
+  %456 = mul nsw i64 %455, 256
+  %457 = getelementptr inbounds float, ptr %317, i64 %456
+  %458 = mul nsw i64 %455, 1024
+  %459 = add nsw i64 %458, %417
+  %460 = getelementptr inbounds float, ptr %sb, i64 %459
+  store <8 x float> zeroinitializer, ptr %qacc95, align 4
+  store <8 x float> zeroinitializer, ptr %qacc96, align 4
+  store <8 x float> zeroinitializer, ptr %qacc97, align 4
+  store <8 x float> zeroinitializer, ptr %qacc98, align 4
+  br label %qh.head99
 
-qb1.end61:                                        ; preds = %qb1.head59
-  br label %qb.head75
+qh.head99:                                        ; preds = %pf.end104, %rb.body90
+  %qh102 = phi i64 [ 0, %rb.body90 ], [ %495, %pf.end104 ]
+  %461 = icmp slt i64 %qh102, 128
+  br i1 %461, label %qh.body100, label %qh.end101
 
-qb.head75:                                        ; preds = %r1.end81, %qb1.end61
-  %qb78 = phi i64 [ 0, %qb1.end61 ], [ %428, %r1.end81 ]
-  %380 = icmp slt i64 %qb78, 128
-  br i1 %380, label %qb.body76, label %qb.end77
+qh.body100:                                       ; preds = %qh.head99
+  br i1 %pf.on94, label %pf.then103, label %pf.end104
 
-qb.body76:                                        ; preds = %qb.head75
-  %381 = mul nsw i64 %qb78, 8
-  br label %r1.head79
+pf.then103:                                       ; preds = %qh.body100
+  %462 = mul nsw i64 %qh102, 32
+  %463 = lshr i64 %462, %424
+  %464 = getelementptr inbounds i8, ptr %436, i64 %463
+  call void @llvm.prefetch.p0(ptr %464, i32 0, i32 2, i32 1)
+  br label %pf.end104
 
-r1.head79:                                        ; preds = %qh.end87, %qb.body76
-  %r182 = phi i64 [ %full41, %qb.body76 ], [ %427, %qh.end87 ]
-  %382 = icmp slt i64 %r182, %gn
-  br i1 %382, label %r1.body80, label %r1.end81
+pf.end104:                                        ; preds = %pf.then103, %qh.body100
+  %465 = add nsw i64 %qb186, 0
+  %466 = mul nsw i64 %qh102, 8
+  %467 = mul nsw i64 %465, 1024
+  %468 = add nsw i64 %467, %466
+  %469 = getelementptr inbounds float, ptr %318, i64 %468
+  %470 = load <8 x float>, ptr %469, align 4
+  %471 = getelementptr inbounds float, ptr %439, i64 %qh102
+  %472 = load float, ptr %471, align 4
+  %473 = insertelement <8 x float> poison, float %472, i32 0
+  %474 = shufflevector <8 x float> %473, <8 x float> poison, <8 x i32> zeroinitializer
+  %475 = load <8 x float>, ptr %qacc95, align 4
+  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %474, <8 x float> %470, <8 x float> %475)
+  store <8 x float> %476, ptr %qacc95, align 4
+  %477 = getelementptr inbounds float, ptr %445, i64 %qh102
+  %478 = load float, ptr %477, align 4
+  %479 = insertelement <8 x float> poison, float %478, i32 0
+  %480 = shufflevector <8 x float> %479, <8 x float> poison, <8 x i32> zeroinitializer
+  %481 = load <8 x float>, ptr %qacc96, align 4
+  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %470, <8 x float> %481)
+  store <8 x float> %482, ptr %qacc96, align 4
+  %483 = getelementptr inbounds float, ptr %451, i64 %qh102
+  %484 = load float, ptr %483, align 4
+  %485 = insertelement <8 x float> poison, float %484, i32 0
+  %486 = shufflevector <8 x float> %485, <8 x float> poison, <8 x i32> zeroinitializer
+  %487 = load <8 x float>, ptr %qacc97, align 4
+  %488 = call <8 x float> @llvm.fma.v8f32(<8 x float> %486, <8 x float> %470, <8 x float> %487)
+  store <8 x float> %488, ptr %qacc97, align 4
+  %489 = getelementptr inbounds float, ptr %457, i64 %qh102
+  %490 = load float, ptr %489, align 4
+  %491 = insertelement <8 x float> poison, float %490, i32 0
+  %492 = shufflevector <8 x float> %491, <8 x float> poison, <8 x i32> zeroinitializer
+  %493 = load <8 x float>, ptr %qacc98, align 4
+  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %492, <8 x float> %470, <8 x float> %493)
+  store <8 x float> %494, ptr %qacc98, align 4
+  %495 = add nsw i64 %qh102, 1
+  br label %qh.head99
 
-r1.body80:                                        ; preds = %r1.head79
-  %383 = add nsw i64 %r182, 0
-  %384 = mul nsw i64 %383, 256
-  %385 = getelementptr inbounds float, ptr %233, i64 %384
-  %386 = mul nsw i64 %383, 1024
-  %387 = add nsw i64 %386, %381
-  %388 = getelementptr inbounds float, ptr %sb, i64 %387
-  store <16 x float> zeroinitializer, ptr %qacc83, align 4
-  store <16 x float> zeroinitializer, ptr %qacc84, align 4
-  br label %qh.head85
+qh.end101:                                        ; preds = %qh.head99
+  %496 = load <8 x float>, ptr %qacc95, align 4
+  %497 = load <8 x float>, ptr %qacc96, align 4
+  %498 = load <8 x float>, ptr %qacc97, align 4
+  %499 = load <8 x float>, ptr %qacc98, align 4
+  %500 = getelementptr inbounds float, ptr %442, i64 0
+  store <8 x float> %496, ptr %500, align 4
+  %501 = getelementptr inbounds float, ptr %448, i64 0
+  store <8 x float> %497, ptr %501, align 4
+  %502 = getelementptr inbounds float, ptr %454, i64 0
+  store <8 x float> %498, ptr %502, align 4
+  %503 = getelementptr inbounds float, ptr %460, i64 0
+  store <8 x float> %499, ptr %503, align 4
+  %504 = add nsw i64 %rb92, 4
+  br label %rb.head89
 
-qh.head85:                                        ; preds = %qh.body86, %r1.body80
-  %qh88 = phi i64 [ 0, %r1.body80 ], [ %422, %qh.body86 ]
-  %389 = icmp slt i64 %qh88, 128
-  br i1 %389, label %qh.body86, label %qh.end87
+rb.end91:                                         ; preds = %rb.head89
+  %505 = add nsw i64 %qb186, 1
+  br label %qb1.head83
 
-qh.body86:                                        ; preds = %qh.head85
-  %390 = add nsw i64 %qb78, 0
-  %391 = mul nsw i64 %qh88, 8
-  %392 = mul nsw i64 %390, 1024
-  %393 = add nsw i64 %392, %391
-  %394 = getelementptr inbounds float, ptr %234, i64 %393
-  %395 = load <8 x float>, ptr %394, align 4
-  %396 = add nsw i64 %qb78, 1
-  %397 = mul nsw i64 %qh88, 8
-  %398 = mul nsw i64 %396, 1024
-  %399 = add nsw i64 %398, %397
-  %400 = getelementptr inbounds float, ptr %234, i64 %399
-  %401 = load <8 x float>, ptr %400, align 4
-  %w1689 = shufflevector <8 x float> %395, <8 x float> %401, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %402 = add nsw i64 %qb78, 2
-  %403 = mul nsw i64 %qh88, 8
-  %404 = mul nsw i64 %402, 1024
-  %405 = add nsw i64 %404, %403
-  %406 = getelementptr inbounds float, ptr %234, i64 %405
-  %407 = load <8 x float>, ptr %406, align 4
-  %408 = add nsw i64 %qb78, 3
-  %409 = mul nsw i64 %qh88, 8
-  %410 = mul nsw i64 %408, 1024
-  %411 = add nsw i64 %410, %409
-  %412 = getelementptr inbounds float, ptr %234, i64 %411
-  %413 = load <8 x float>, ptr %412, align 4
-  %w1690 = shufflevector <8 x float> %407, <8 x float> %413, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %414 = getelementptr inbounds float, ptr %385, i64 %qh88
-  %415 = load float, ptr %414, align 4
-  %416 = insertelement <16 x float> poison, float %415, i32 0
-  %417 = shufflevector <16 x float> %416, <16 x float> poison, <16 x i32> zeroinitializer
-  %418 = load <16 x float>, ptr %qacc83, align 4
-  %419 = call <16 x float> @llvm.fma.v16f32(<16 x float> %417, <16 x float> %w1689, <16 x float> %418)
-  store <16 x float> %419, ptr %qacc83, align 4
-  %420 = load <16 x float>, ptr %qacc84, align 4
-  %421 = call <16 x float> @llvm.fma.v16f32(<16 x float> %417, <16 x float> %w1690, <16 x float> %420)
-  store <16 x float> %421, ptr %qacc84, align 4
-  %422 = add nsw i64 %qh88, 1
-  br label %qh.head85
+qb1.end85:                                        ; preds = %qb1.head83
+  br label %qb.head105
 
-qh.end87:                                         ; preds = %qh.head85
-  %423 = load <16 x float>, ptr %qacc83, align 4
-  %424 = load <16 x float>, ptr %qacc84, align 4
-  %425 = getelementptr inbounds float, ptr %388, i64 0
-  store <16 x float> %423, ptr %425, align 4
-  %426 = getelementptr inbounds float, ptr %388, i64 16
-  store <16 x float> %424, ptr %426, align 4
-  %427 = add nsw i64 %r182, 1
-  br label %r1.head79
+qb.head105:                                       ; preds = %r1.end113, %qb1.end85
+  %qb108 = phi i64 [ 0, %qb1.end85 ], [ %575, %r1.end113 ]
+  %506 = icmp slt i64 %qb108, 128
+  br i1 %506, label %qb.body106, label %qb.end107
 
-r1.end81:                                         ; preds = %r1.head79
-  %428 = add nsw i64 %qb78, 4
-  br label %qb.head75
+qb.body106:                                       ; preds = %qb.head105
+  %507 = mul nsw i64 %qb108, 8
+  %508 = sub nsw i64 %gn, %full59
+  %ntile109 = sdiv i64 %508, 1
+  %509 = icmp sge i64 %ntile109, 2
+  %510 = select i1 %509, i64 1, i64 0
+  %511 = icmp sge i64 %ntile109, 4
+  %512 = select i1 %511, i64 2, i64 %510
+  %513 = icmp sge i64 %ntile109, 8
+  %514 = select i1 %513, i64 3, i64 %512
+  %515 = add nsw i64 %qb108, 4
+  %more110 = icmp slt i64 %515, 128
+  %516 = mul nsw i64 %515, 4096
+  %517 = getelementptr inbounds i8, ptr %318, i64 %516
+  br label %r1.head111
 
-qb.end77:                                         ; preds = %qb.head75
-  br label %qb1.head91
+r1.head111:                                       ; preds = %qh.end121, %qb.body106
+  %r1114 = phi i64 [ %full59, %qb.body106 ], [ %574, %qh.end121 ]
+  %518 = icmp slt i64 %r1114, %gn
+  br i1 %518, label %r1.body112, label %r1.end113
 
-qb1.head91:                                       ; preds = %r1.end97, %qb.end77
-  %qb194 = phi i64 [ 128, %qb.end77 ], [ %455, %r1.end97 ]
-  %429 = icmp slt i64 %qb194, 128
-  br i1 %429, label %qb1.body92, label %qb1.end93
+r1.body112:                                       ; preds = %r1.head111
+  %519 = sub nsw i64 %r1114, %full59
+  %j115 = sdiv i64 %519, 1
+  %520 = shl i64 1, %514
+  %521 = icmp slt i64 %j115, %520
+  %522 = icmp sgt i64 %ntile109, 1
+  %523 = and i1 %more110, %522
+  %pf.on116 = and i1 %523, %521
+  %524 = mul nsw i64 %j115, 16384
+  %525 = lshr i64 %524, %514
+  %526 = getelementptr inbounds i8, ptr %517, i64 %525
+  %527 = add nsw i64 %r1114, 0
+  %528 = mul nsw i64 %527, 256
+  %529 = getelementptr inbounds float, ptr %317, i64 %528
+  %530 = mul nsw i64 %527, 1024
+  %531 = add nsw i64 %530, %507
+  %532 = getelementptr inbounds float, ptr %sb, i64 %531
+  store <16 x float> zeroinitializer, ptr %qacc117, align 4
+  store <16 x float> zeroinitializer, ptr %qacc118, align 4
+  br label %qh.head119
 
-qb1.body92:                                       ; preds = %qb1.head91
-  %430 = mul nsw i64 %qb194, 8
-  br label %r1.head95
+qh.head119:                                       ; preds = %pf.end124, %r1.body112
+  %qh122 = phi i64 [ 0, %r1.body112 ], [ %569, %pf.end124 ]
+  %533 = icmp slt i64 %qh122, 128
+  br i1 %533, label %qh.body120, label %qh.end121
 
-r1.head95:                                        ; preds = %qh.end102, %qb1.body92
-  %r198 = phi i64 [ %full41, %qb1.body92 ], [ %454, %qh.end102 ]
-  %431 = icmp slt i64 %r198, %gn
-  br i1 %431, label %r1.body96, label %r1.end97
+qh.body120:                                       ; preds = %qh.head119
+  br i1 %pf.on116, label %pf.then123, label %pf.end124
 
-r1.body96:                                        ; preds = %r1.head95
-  %432 = add nsw i64 %r198, 0
-  %433 = mul nsw i64 %432, 256
-  %434 = getelementptr inbounds float, ptr %233, i64 %433
-  %435 = mul nsw i64 %432, 1024
-  %436 = add nsw i64 %435, %430
-  %437 = getelementptr inbounds float, ptr %sb, i64 %436
-  store <8 x float> zeroinitializer, ptr %qacc99, align 4
-  br label %qh.head100
+pf.then123:                                       ; preds = %qh.body120
+  %534 = mul nsw i64 %qh122, 128
+  %535 = lshr i64 %534, %514
+  %536 = getelementptr inbounds i8, ptr %526, i64 %535
+  call void @llvm.prefetch.p0(ptr %536, i32 0, i32 2, i32 1)
+  br label %pf.end124
 
-qh.head100:                                       ; preds = %qh.body101, %r1.body96
-  %qh103 = phi i64 [ 0, %r1.body96 ], [ %451, %qh.body101 ]
-  %438 = icmp slt i64 %qh103, 128
-  br i1 %438, label %qh.body101, label %qh.end102
+pf.end124:                                        ; preds = %pf.then123, %qh.body120
+  %537 = add nsw i64 %qb108, 0
+  %538 = mul nsw i64 %qh122, 8
+  %539 = mul nsw i64 %537, 1024
+  %540 = add nsw i64 %539, %538
+  %541 = getelementptr inbounds float, ptr %318, i64 %540
+  %542 = load <8 x float>, ptr %541, align 4
+  %543 = add nsw i64 %qb108, 1
+  %544 = mul nsw i64 %qh122, 8
+  %545 = mul nsw i64 %543, 1024
+  %546 = add nsw i64 %545, %544
+  %547 = getelementptr inbounds float, ptr %318, i64 %546
+  %548 = load <8 x float>, ptr %547, align 4
+  %w16125 = shufflevector <8 x float> %542, <8 x float> %548, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %549 = add nsw i64 %qb108, 2
+  %550 = mul nsw i64 %qh122, 8
+  %551 = mul nsw i64 %549, 1024
+  %552 = add nsw i64 %551, %550
+  %553 = getelementptr inbounds float, ptr %318, i64 %552
+  %554 = load <8 x float>, ptr %553, align 4
+  %555 = add nsw i64 %qb108, 3
+  %556 = mul nsw i64 %qh122, 8
+  %557 = mul nsw i64 %555, 1024
+  %558 = add nsw i64 %557, %556
+  %559 = getelementptr inbounds float, ptr %318, i64 %558
+  %560 = load <8 x float>, ptr %559, align 4
+  %w16126 = shufflevector <8 x float> %554, <8 x float> %560, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %561 = getelementptr inbounds float, ptr %529, i64 %qh122
+  %562 = load float, ptr %561, align 4
+  %563 = insertelement <16 x float> poison, float %562, i32 0
+  %564 = shufflevector <16 x float> %563, <16 x float> poison, <16 x i32> zeroinitializer
+  %565 = load <16 x float>, ptr %qacc117, align 4
+  %566 = call <16 x float> @llvm.fma.v16f32(<16 x float> %564, <16 x float> %w16125, <16 x float> %565)
+  store <16 x float> %566, ptr %qacc117, align 4
+  %567 = load <16 x float>, ptr %qacc118, align 4
+  %568 = call <16 x float> @llvm.fma.v16f32(<16 x float> %564, <16 x float> %w16126, <16 x float> %567)
+  store <16 x float> %568, ptr %qacc118, align 4
+  %569 = add nsw i64 %qh122, 1
+  br label %qh.head119
 
-qh.body101:                                       ; preds = %qh.head100
-  %439 = add nsw i64 %qb194, 0
-  %440 = mul nsw i64 %qh103, 8
-  %441 = mul nsw i64 %439, 1024
-  %442 = add nsw i64 %441, %440
-  %443 = getelementptr inbounds float, ptr %234, i64 %442
-  %444 = load <8 x float>, ptr %443, align 4
-  %445 = getelementptr inbounds float, ptr %434, i64 %qh103
-  %446 = load float, ptr %445, align 4
-  %447 = insertelement <8 x float> poison, float %446, i32 0
-  %448 = shufflevector <8 x float> %447, <8 x float> poison, <8 x i32> zeroinitializer
-  %449 = load <8 x float>, ptr %qacc99, align 4
-  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %448, <8 x float> %444, <8 x float> %449)
-  store <8 x float> %450, ptr %qacc99, align 4
-  %451 = add nsw i64 %qh103, 1
-  br label %qh.head100
+qh.end121:                                        ; preds = %qh.head119
+  %570 = load <16 x float>, ptr %qacc117, align 4
+  %571 = load <16 x float>, ptr %qacc118, align 4
+  %572 = getelementptr inbounds float, ptr %532, i64 0
+  store <16 x float> %570, ptr %572, align 4
+  %573 = getelementptr inbounds float, ptr %532, i64 16
+  store <16 x float> %571, ptr %573, align 4
+  %574 = add nsw i64 %r1114, 1
+  br label %r1.head111
 
-qh.end102:                                        ; preds = %qh.head100
-  %452 = load <8 x float>, ptr %qacc99, align 4
-  %453 = getelementptr inbounds float, ptr %437, i64 0
-  store <8 x float> %452, ptr %453, align 4
-  %454 = add nsw i64 %r198, 1
-  br label %r1.head95
+r1.end113:                                        ; preds = %r1.head111
+  %575 = add nsw i64 %qb108, 4
+  br label %qb.head105
 
-r1.end97:                                         ; preds = %r1.head95
-  %455 = add nsw i64 %qb194, 1
-  br label %qb1.head91
+qb.end107:                                        ; preds = %qb.head105
+  br label %qb1.head127
 
-qb1.end93:                                        ; preds = %qb1.head91
+qb1.head127:                                      ; preds = %r1.end135, %qb.end107
+  %qb1130 = phi i64 [ 128, %qb.end107 ], [ %623, %r1.end135 ]
+  %576 = icmp slt i64 %qb1130, 128
+  br i1 %576, label %qb1.body128, label %qb1.end129
+
+qb1.body128:                                      ; preds = %qb1.head127
+  %577 = mul nsw i64 %qb1130, 8
+  %578 = sub nsw i64 %gn, %full59
+  %ntile131 = sdiv i64 %578, 1
+  %579 = icmp sge i64 %ntile131, 2
+  %580 = select i1 %579, i64 1, i64 0
+  %581 = icmp sge i64 %ntile131, 4
+  %582 = select i1 %581, i64 2, i64 %580
+  %583 = icmp sge i64 %ntile131, 8
+  %584 = select i1 %583, i64 3, i64 %582
+  %585 = add nsw i64 %qb1130, 1
+  %more132 = icmp slt i64 %585, 128
+  %586 = mul nsw i64 %585, 4096
+  %587 = getelementptr inbounds i8, ptr %318, i64 %586
+  br label %r1.head133
+
+r1.head133:                                       ; preds = %qh.end142, %qb1.body128
+  %r1136 = phi i64 [ %full59, %qb1.body128 ], [ %622, %qh.end142 ]
+  %588 = icmp slt i64 %r1136, %gn
+  br i1 %588, label %r1.body134, label %r1.end135
+
+r1.body134:                                       ; preds = %r1.head133
+  %589 = sub nsw i64 %r1136, %full59
+  %j137 = sdiv i64 %589, 1
+  %590 = shl i64 1, %584
+  %591 = icmp slt i64 %j137, %590
+  %592 = icmp sgt i64 %ntile131, 1
+  %593 = and i1 %more132, %592
+  %pf.on138 = and i1 %593, %591
+  %594 = mul nsw i64 %j137, 4096
+  %595 = lshr i64 %594, %584
+  %596 = getelementptr inbounds i8, ptr %587, i64 %595
+  %597 = add nsw i64 %r1136, 0
+  %598 = mul nsw i64 %597, 256
+  %599 = getelementptr inbounds float, ptr %317, i64 %598
+  %600 = mul nsw i64 %597, 1024
+  %601 = add nsw i64 %600, %577
+  %602 = getelementptr inbounds float, ptr %sb, i64 %601
+  store <8 x float> zeroinitializer, ptr %qacc139, align 4
+  br label %qh.head140
+
+qh.head140:                                       ; preds = %pf.end145, %r1.body134
+  %qh143 = phi i64 [ 0, %r1.body134 ], [ %619, %pf.end145 ]
+  %603 = icmp slt i64 %qh143, 128
+  br i1 %603, label %qh.body141, label %qh.end142
+
+qh.body141:                                       ; preds = %qh.head140
+  br i1 %pf.on138, label %pf.then144, label %pf.end145
+
+pf.then144:                                       ; preds = %qh.body141
+  %604 = mul nsw i64 %qh143, 32
+  %605 = lshr i64 %604, %584
+  %606 = getelementptr inbounds i8, ptr %596, i64 %605
+  call void @llvm.prefetch.p0(ptr %606, i32 0, i32 2, i32 1)
+  br label %pf.end145
+
+pf.end145:                                        ; preds = %pf.then144, %qh.body141
+  %607 = add nsw i64 %qb1130, 0
+  %608 = mul nsw i64 %qh143, 8
+  %609 = mul nsw i64 %607, 1024
+  %610 = add nsw i64 %609, %608
+  %611 = getelementptr inbounds float, ptr %318, i64 %610
+  %612 = load <8 x float>, ptr %611, align 4
+  %613 = getelementptr inbounds float, ptr %599, i64 %qh143
+  %614 = load float, ptr %613, align 4
+  %615 = insertelement <8 x float> poison, float %614, i32 0
+  %616 = shufflevector <8 x float> %615, <8 x float> poison, <8 x i32> zeroinitializer
+  %617 = load <8 x float>, ptr %qacc139, align 4
+  %618 = call <8 x float> @llvm.fma.v8f32(<8 x float> %616, <8 x float> %612, <8 x float> %617)
+  store <8 x float> %618, ptr %qacc139, align 4
+  %619 = add nsw i64 %qh143, 1
+  br label %qh.head140
+
+qh.end142:                                        ; preds = %qh.head140
+  %620 = load <8 x float>, ptr %qacc139, align 4
+  %621 = getelementptr inbounds float, ptr %602, i64 0
+  store <8 x float> %620, ptr %621, align 4
+  %622 = add nsw i64 %r1136, 1
+  br label %r1.head133
+
+r1.end135:                                        ; preds = %r1.head133
+  %623 = add nsw i64 %qb1130, 1
+  br label %qb1.head127
+
+qb1.end129:                                       ; preds = %qb1.head127
   br label %head.head
 
-head.head:                                        ; preds = %out.end, %qb1.end93
-  %head = phi i64 [ 0, %qb1.end93 ], [ %1136, %out.end ]
-  %456 = icmp slt i64 %head, %gn
-  br i1 %456, label %head.body, label %head.end
+head.head:                                        ; preds = %out.end, %qb1.end129
+  %head = phi i64 [ 0, %qb1.end129 ], [ %1304, %out.end ]
+  %624 = icmp slt i64 %head, %gn
+  br i1 %624, label %head.body, label %head.end
 
 head.body:                                        ; preds = %head.head
   %hd = add nsw i64 %hgroup, %head
-  %457 = mul nsw i64 %head, 1024
-  %458 = getelementptr inbounds float, ptr %sa, i64 %457
+  %625 = mul nsw i64 %head, 1024
+  %626 = getelementptr inbounds float, ptr %sa, i64 %625
   store <16 x float> zeroinitializer, ptr %tkv.v, align 4
   store <16 x i32> zeroinitializer, ptr %tkv.i, align 4
   store <16 x i32> zeroinitializer, ptr %tkv.k, align 4
@@ -1309,1161 +1696,1161 @@ head.body:                                        ; preds = %head.head
   br label %tkv.c.head
 
 tkv.c.head:                                       ; preds = %tkv.w.end, %head.body
-  %tkv.c = phi i64 [ 0, %head.body ], [ %528, %tkv.w.end ]
-  %459 = icmp slt i64 %tkv.c, 1024
-  br i1 %459, label %tkv.c.body, label %tkv.c.end
+  %tkv.c = phi i64 [ 0, %head.body ], [ %696, %tkv.w.end ]
+  %627 = icmp slt i64 %tkv.c, 1024
+  br i1 %627, label %tkv.c.body, label %tkv.c.end
 
 tkv.c.body:                                       ; preds = %tkv.c.head
-  %460 = load <16 x float>, ptr %tkv.v, align 4
-  %461 = load <16 x i32>, ptr %tkv.k, align 4
-  %462 = getelementptr inbounds float, ptr %458, i64 %tkv.c
-  %463 = load <16 x float>, ptr %462, align 4
-  %464 = extractelement <16 x float> %460, i32 15
-  %465 = insertelement <16 x float> poison, float %464, i32 0
-  %466 = shufflevector <16 x float> %465, <16 x float> poison, <16 x i32> zeroinitializer
-  %467 = fcmp uno <16 x float> %463, %463
-  %468 = fcmp ugt <16 x float> %463, %466
-  %469 = xor <16 x i1> %467, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
-  %470 = and <16 x i1> %469, %468
-  %471 = bitcast <16 x i1> %470 to i16
-  %472 = load i32, ptr %tkv.m, align 4
-  %473 = icmp eq i32 %472, 16
-  %474 = select i1 %473, i16 %471, i16 -1
-  store i16 %474, ptr %tkv.bits, align 2
+  %628 = load <16 x float>, ptr %tkv.v, align 4
+  %629 = load <16 x i32>, ptr %tkv.k, align 4
+  %630 = getelementptr inbounds float, ptr %626, i64 %tkv.c
+  %631 = load <16 x float>, ptr %630, align 4
+  %632 = extractelement <16 x float> %628, i32 15
+  %633 = insertelement <16 x float> poison, float %632, i32 0
+  %634 = shufflevector <16 x float> %633, <16 x float> poison, <16 x i32> zeroinitializer
+  %635 = fcmp uno <16 x float> %631, %631
+  %636 = fcmp ugt <16 x float> %631, %634
+  %637 = xor <16 x i1> %635, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
+  %638 = and <16 x i1> %637, %636
+  %639 = bitcast <16 x i1> %638 to i16
+  %640 = load i32, ptr %tkv.m, align 4
+  %641 = icmp eq i32 %640, 16
+  %642 = select i1 %641, i16 %639, i16 -1
+  store i16 %642, ptr %tkv.bits, align 2
   br label %tkv.w.head
 
 tkv.w.head:                                       ; preds = %tkv.in.end, %tkv.c.body
-  %475 = load i16, ptr %tkv.bits, align 2
-  %476 = icmp ne i16 %475, 0
-  br i1 %476, label %tkv.w.body, label %tkv.w.end
+  %643 = load i16, ptr %tkv.bits, align 2
+  %644 = icmp ne i16 %643, 0
+  br i1 %644, label %tkv.w.body, label %tkv.w.end
 
 tkv.w.body:                                       ; preds = %tkv.w.head
-  %477 = call i16 @llvm.cttz.i16(i16 %475, i1 true)
-  %478 = zext i16 %477 to i64
-  %479 = sub i16 %475, 1
-  %480 = and i16 %475, %479
-  store i16 %480, ptr %tkv.bits, align 2
-  %481 = add nsw i64 %tkv.c, %478
-  %482 = getelementptr inbounds float, ptr %458, i64 %481
-  %483 = load float, ptr %482, align 4
-  %484 = load i32, ptr %tkv.m, align 4
-  %485 = load <16 x float>, ptr %tkv.v, align 4
-  %486 = load <16 x i32>, ptr %tkv.k, align 4
-  %487 = extractelement <16 x float> %485, i32 15
-  %488 = fcmp uno float %483, %483
-  %489 = fcmp ugt float %483, %487
-  %490 = xor i1 %488, true
-  %491 = and i1 %490, %489
-  %492 = icmp slt i32 %484, 16
-  %493 = or i1 %492, %491
-  br i1 %493, label %tkv.in.then, label %tkv.in.end
+  %645 = call i16 @llvm.cttz.i16(i16 %643, i1 true)
+  %646 = zext i16 %645 to i64
+  %647 = sub i16 %643, 1
+  %648 = and i16 %643, %647
+  store i16 %648, ptr %tkv.bits, align 2
+  %649 = add nsw i64 %tkv.c, %646
+  %650 = getelementptr inbounds float, ptr %626, i64 %649
+  %651 = load float, ptr %650, align 4
+  %652 = load i32, ptr %tkv.m, align 4
+  %653 = load <16 x float>, ptr %tkv.v, align 4
+  %654 = load <16 x i32>, ptr %tkv.k, align 4
+  %655 = extractelement <16 x float> %653, i32 15
+  %656 = fcmp uno float %651, %651
+  %657 = fcmp ugt float %651, %655
+  %658 = xor i1 %656, true
+  %659 = and i1 %658, %657
+  %660 = icmp slt i32 %652, 16
+  %661 = or i1 %660, %659
+  br i1 %661, label %tkv.in.then, label %tkv.in.end
 
 tkv.in.then:                                      ; preds = %tkv.w.body
-  %494 = insertelement <16 x float> poison, float %483, i32 0
-  %495 = shufflevector <16 x float> %494, <16 x float> poison, <16 x i32> zeroinitializer
-  %496 = insertelement <16 x i32> poison, i32 %484, i32 0
-  %497 = shufflevector <16 x i32> %496, <16 x i32> poison, <16 x i32> zeroinitializer
-  %498 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %497
-  %499 = fcmp uno <16 x float> %495, %495
-  %500 = fcmp ugt <16 x float> %495, %485
-  %501 = xor <16 x i1> %499, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
-  %502 = and <16 x i1> %501, %500
-  %503 = or <16 x i1> %502, %498
-  %504 = bitcast <16 x i1> %503 to i16
-  %505 = call i16 @llvm.cttz.i16(i16 %504, i1 false)
-  %506 = zext i16 %505 to i64
-  %507 = trunc i64 %506 to i32
-  %508 = insertelement <16 x i32> poison, i32 %507, i32 0
-  %509 = shufflevector <16 x i32> %508, <16 x i32> poison, <16 x i32> zeroinitializer
-  %510 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %509
-  %511 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %509
-  %512 = trunc i64 %481 to i32
-  %513 = insertelement <16 x i32> poison, i32 %512, i32 0
-  %514 = shufflevector <16 x i32> %513, <16 x i32> poison, <16 x i32> zeroinitializer
-  %515 = shufflevector <16 x float> %485, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %516 = select <16 x i1> %511, <16 x float> %515, <16 x float> %485
-  %517 = select <16 x i1> %510, <16 x float> %495, <16 x float> %516
-  store <16 x float> %517, ptr %tkv.v, align 4
-  %518 = load <16 x i32>, ptr %tkv.i, align 4
-  %519 = shufflevector <16 x i32> %518, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %520 = select <16 x i1> %511, <16 x i32> %519, <16 x i32> %518
-  %521 = select <16 x i1> %510, <16 x i32> %514, <16 x i32> %520
-  store <16 x i32> %521, ptr %tkv.i, align 4
-  %522 = shufflevector <16 x i32> %486, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %523 = select <16 x i1> %511, <16 x i32> %522, <16 x i32> %486
-  %524 = select <16 x i1> %510, <16 x i32> zeroinitializer, <16 x i32> %523
-  store <16 x i32> %524, ptr %tkv.k, align 4
-  %525 = add nsw i32 %484, 1
-  %526 = icmp slt i32 %525, 16
-  %527 = select i1 %526, i32 %525, i32 16
-  store i32 %527, ptr %tkv.m, align 4
+  %662 = insertelement <16 x float> poison, float %651, i32 0
+  %663 = shufflevector <16 x float> %662, <16 x float> poison, <16 x i32> zeroinitializer
+  %664 = insertelement <16 x i32> poison, i32 %652, i32 0
+  %665 = shufflevector <16 x i32> %664, <16 x i32> poison, <16 x i32> zeroinitializer
+  %666 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %665
+  %667 = fcmp uno <16 x float> %663, %663
+  %668 = fcmp ugt <16 x float> %663, %653
+  %669 = xor <16 x i1> %667, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
+  %670 = and <16 x i1> %669, %668
+  %671 = or <16 x i1> %670, %666
+  %672 = bitcast <16 x i1> %671 to i16
+  %673 = call i16 @llvm.cttz.i16(i16 %672, i1 false)
+  %674 = zext i16 %673 to i64
+  %675 = trunc i64 %674 to i32
+  %676 = insertelement <16 x i32> poison, i32 %675, i32 0
+  %677 = shufflevector <16 x i32> %676, <16 x i32> poison, <16 x i32> zeroinitializer
+  %678 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %677
+  %679 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %677
+  %680 = trunc i64 %649 to i32
+  %681 = insertelement <16 x i32> poison, i32 %680, i32 0
+  %682 = shufflevector <16 x i32> %681, <16 x i32> poison, <16 x i32> zeroinitializer
+  %683 = shufflevector <16 x float> %653, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %684 = select <16 x i1> %679, <16 x float> %683, <16 x float> %653
+  %685 = select <16 x i1> %678, <16 x float> %663, <16 x float> %684
+  store <16 x float> %685, ptr %tkv.v, align 4
+  %686 = load <16 x i32>, ptr %tkv.i, align 4
+  %687 = shufflevector <16 x i32> %686, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %688 = select <16 x i1> %679, <16 x i32> %687, <16 x i32> %686
+  %689 = select <16 x i1> %678, <16 x i32> %682, <16 x i32> %688
+  store <16 x i32> %689, ptr %tkv.i, align 4
+  %690 = shufflevector <16 x i32> %654, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %691 = select <16 x i1> %679, <16 x i32> %690, <16 x i32> %654
+  %692 = select <16 x i1> %678, <16 x i32> zeroinitializer, <16 x i32> %691
+  store <16 x i32> %692, ptr %tkv.k, align 4
+  %693 = add nsw i32 %652, 1
+  %694 = icmp slt i32 %693, 16
+  %695 = select i1 %694, i32 %693, i32 16
+  store i32 %695, ptr %tkv.m, align 4
   br label %tkv.in.end
 
 tkv.in.end:                                       ; preds = %tkv.in.then, %tkv.w.body
   br label %tkv.w.head
 
 tkv.w.end:                                        ; preds = %tkv.w.head
-  %528 = add nsw i64 %tkv.c, 16
+  %696 = add nsw i64 %tkv.c, 16
   br label %tkv.c.head
 
 tkv.c.end:                                        ; preds = %tkv.c.head
   br label %tkv.tail.head
 
-tkv.tail.head:                                    ; preds = %tkv.in.end105, %tkv.c.end
-  %tkv.tail = phi i64 [ 1024, %tkv.c.end ], [ %576, %tkv.in.end105 ]
-  %529 = icmp slt i64 %tkv.tail, 1024
-  br i1 %529, label %tkv.tail.body, label %tkv.tail.end
+tkv.tail.head:                                    ; preds = %tkv.in.end147, %tkv.c.end
+  %tkv.tail = phi i64 [ 1024, %tkv.c.end ], [ %744, %tkv.in.end147 ]
+  %697 = icmp slt i64 %tkv.tail, 1024
+  br i1 %697, label %tkv.tail.body, label %tkv.tail.end
 
 tkv.tail.body:                                    ; preds = %tkv.tail.head
-  %530 = getelementptr inbounds float, ptr %458, i64 %tkv.tail
-  %531 = load float, ptr %530, align 4
-  %532 = load i32, ptr %tkv.m, align 4
-  %533 = load <16 x float>, ptr %tkv.v, align 4
-  %534 = load <16 x i32>, ptr %tkv.k, align 4
-  %535 = extractelement <16 x float> %533, i32 15
-  %536 = fcmp uno float %531, %531
-  %537 = fcmp ugt float %531, %535
-  %538 = xor i1 %536, true
-  %539 = and i1 %538, %537
-  %540 = icmp slt i32 %532, 16
-  %541 = or i1 %540, %539
-  br i1 %541, label %tkv.in.then104, label %tkv.in.end105
+  %698 = getelementptr inbounds float, ptr %626, i64 %tkv.tail
+  %699 = load float, ptr %698, align 4
+  %700 = load i32, ptr %tkv.m, align 4
+  %701 = load <16 x float>, ptr %tkv.v, align 4
+  %702 = load <16 x i32>, ptr %tkv.k, align 4
+  %703 = extractelement <16 x float> %701, i32 15
+  %704 = fcmp uno float %699, %699
+  %705 = fcmp ugt float %699, %703
+  %706 = xor i1 %704, true
+  %707 = and i1 %706, %705
+  %708 = icmp slt i32 %700, 16
+  %709 = or i1 %708, %707
+  br i1 %709, label %tkv.in.then146, label %tkv.in.end147
 
-tkv.in.then104:                                   ; preds = %tkv.tail.body
-  %542 = insertelement <16 x float> poison, float %531, i32 0
-  %543 = shufflevector <16 x float> %542, <16 x float> poison, <16 x i32> zeroinitializer
-  %544 = insertelement <16 x i32> poison, i32 %532, i32 0
-  %545 = shufflevector <16 x i32> %544, <16 x i32> poison, <16 x i32> zeroinitializer
-  %546 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %545
-  %547 = fcmp uno <16 x float> %543, %543
-  %548 = fcmp ugt <16 x float> %543, %533
-  %549 = xor <16 x i1> %547, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
-  %550 = and <16 x i1> %549, %548
-  %551 = or <16 x i1> %550, %546
-  %552 = bitcast <16 x i1> %551 to i16
-  %553 = call i16 @llvm.cttz.i16(i16 %552, i1 false)
-  %554 = zext i16 %553 to i64
-  %555 = trunc i64 %554 to i32
-  %556 = insertelement <16 x i32> poison, i32 %555, i32 0
-  %557 = shufflevector <16 x i32> %556, <16 x i32> poison, <16 x i32> zeroinitializer
-  %558 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %557
-  %559 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %557
-  %560 = trunc i64 %tkv.tail to i32
-  %561 = insertelement <16 x i32> poison, i32 %560, i32 0
-  %562 = shufflevector <16 x i32> %561, <16 x i32> poison, <16 x i32> zeroinitializer
-  %563 = shufflevector <16 x float> %533, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %564 = select <16 x i1> %559, <16 x float> %563, <16 x float> %533
-  %565 = select <16 x i1> %558, <16 x float> %543, <16 x float> %564
-  store <16 x float> %565, ptr %tkv.v, align 4
-  %566 = load <16 x i32>, ptr %tkv.i, align 4
-  %567 = shufflevector <16 x i32> %566, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %568 = select <16 x i1> %559, <16 x i32> %567, <16 x i32> %566
-  %569 = select <16 x i1> %558, <16 x i32> %562, <16 x i32> %568
-  store <16 x i32> %569, ptr %tkv.i, align 4
-  %570 = shufflevector <16 x i32> %534, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %571 = select <16 x i1> %559, <16 x i32> %570, <16 x i32> %534
-  %572 = select <16 x i1> %558, <16 x i32> zeroinitializer, <16 x i32> %571
-  store <16 x i32> %572, ptr %tkv.k, align 4
-  %573 = add nsw i32 %532, 1
-  %574 = icmp slt i32 %573, 16
-  %575 = select i1 %574, i32 %573, i32 16
-  store i32 %575, ptr %tkv.m, align 4
-  br label %tkv.in.end105
+tkv.in.then146:                                   ; preds = %tkv.tail.body
+  %710 = insertelement <16 x float> poison, float %699, i32 0
+  %711 = shufflevector <16 x float> %710, <16 x float> poison, <16 x i32> zeroinitializer
+  %712 = insertelement <16 x i32> poison, i32 %700, i32 0
+  %713 = shufflevector <16 x i32> %712, <16 x i32> poison, <16 x i32> zeroinitializer
+  %714 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %713
+  %715 = fcmp uno <16 x float> %711, %711
+  %716 = fcmp ugt <16 x float> %711, %701
+  %717 = xor <16 x i1> %715, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
+  %718 = and <16 x i1> %717, %716
+  %719 = or <16 x i1> %718, %714
+  %720 = bitcast <16 x i1> %719 to i16
+  %721 = call i16 @llvm.cttz.i16(i16 %720, i1 false)
+  %722 = zext i16 %721 to i64
+  %723 = trunc i64 %722 to i32
+  %724 = insertelement <16 x i32> poison, i32 %723, i32 0
+  %725 = shufflevector <16 x i32> %724, <16 x i32> poison, <16 x i32> zeroinitializer
+  %726 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %725
+  %727 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %725
+  %728 = trunc i64 %tkv.tail to i32
+  %729 = insertelement <16 x i32> poison, i32 %728, i32 0
+  %730 = shufflevector <16 x i32> %729, <16 x i32> poison, <16 x i32> zeroinitializer
+  %731 = shufflevector <16 x float> %701, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %732 = select <16 x i1> %727, <16 x float> %731, <16 x float> %701
+  %733 = select <16 x i1> %726, <16 x float> %711, <16 x float> %732
+  store <16 x float> %733, ptr %tkv.v, align 4
+  %734 = load <16 x i32>, ptr %tkv.i, align 4
+  %735 = shufflevector <16 x i32> %734, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %736 = select <16 x i1> %727, <16 x i32> %735, <16 x i32> %734
+  %737 = select <16 x i1> %726, <16 x i32> %730, <16 x i32> %736
+  store <16 x i32> %737, ptr %tkv.i, align 4
+  %738 = shufflevector <16 x i32> %702, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %739 = select <16 x i1> %727, <16 x i32> %738, <16 x i32> %702
+  %740 = select <16 x i1> %726, <16 x i32> zeroinitializer, <16 x i32> %739
+  store <16 x i32> %740, ptr %tkv.k, align 4
+  %741 = add nsw i32 %700, 1
+  %742 = icmp slt i32 %741, 16
+  %743 = select i1 %742, i32 %741, i32 16
+  store i32 %743, ptr %tkv.m, align 4
+  br label %tkv.in.end147
 
-tkv.in.end105:                                    ; preds = %tkv.in.then104, %tkv.tail.body
-  %576 = add nsw i64 %tkv.tail, 1
+tkv.in.end147:                                    ; preds = %tkv.in.then146, %tkv.tail.body
+  %744 = add nsw i64 %tkv.tail, 1
   br label %tkv.tail.head
 
 tkv.tail.end:                                     ; preds = %tkv.tail.head
-  %577 = load i32, ptr %tkv.m, align 4
-  %578 = zext i32 %577 to i64
-  %579 = load <16 x i32>, ptr %tkv.i, align 4
-  %580 = icmp slt i64 0, %578
-  br i1 %580, label %tkv.out.then, label %tkv.out.end
+  %745 = load i32, ptr %tkv.m, align 4
+  %746 = zext i32 %745 to i64
+  %747 = load <16 x i32>, ptr %tkv.i, align 4
+  %748 = icmp slt i64 0, %746
+  br i1 %748, label %tkv.out.then, label %tkv.out.end
 
 tkv.out.then:                                     ; preds = %tkv.tail.end
-  %581 = getelementptr inbounds i64, ptr %ia, i64 0
-  %582 = extractelement <16 x i32> %579, i32 0
-  %583 = zext i32 %582 to i64
-  store i64 %583, ptr %581, align 8
+  %749 = getelementptr inbounds i64, ptr %ia, i64 0
+  %750 = extractelement <16 x i32> %747, i32 0
+  %751 = zext i32 %750 to i64
+  store i64 %751, ptr %749, align 8
   br label %tkv.out.end
 
 tkv.out.end:                                      ; preds = %tkv.out.then, %tkv.tail.end
-  %584 = icmp slt i64 1, %578
-  br i1 %584, label %tkv.out.then106, label %tkv.out.end107
+  %752 = icmp slt i64 1, %746
+  br i1 %752, label %tkv.out.then148, label %tkv.out.end149
 
-tkv.out.then106:                                  ; preds = %tkv.out.end
-  %585 = getelementptr inbounds i64, ptr %ia, i64 1
-  %586 = extractelement <16 x i32> %579, i32 1
-  %587 = zext i32 %586 to i64
-  store i64 %587, ptr %585, align 8
-  br label %tkv.out.end107
+tkv.out.then148:                                  ; preds = %tkv.out.end
+  %753 = getelementptr inbounds i64, ptr %ia, i64 1
+  %754 = extractelement <16 x i32> %747, i32 1
+  %755 = zext i32 %754 to i64
+  store i64 %755, ptr %753, align 8
+  br label %tkv.out.end149
 
-tkv.out.end107:                                   ; preds = %tkv.out.then106, %tkv.out.end
-  %588 = icmp slt i64 2, %578
-  br i1 %588, label %tkv.out.then108, label %tkv.out.end109
+tkv.out.end149:                                   ; preds = %tkv.out.then148, %tkv.out.end
+  %756 = icmp slt i64 2, %746
+  br i1 %756, label %tkv.out.then150, label %tkv.out.end151
 
-tkv.out.then108:                                  ; preds = %tkv.out.end107
-  %589 = getelementptr inbounds i64, ptr %ia, i64 2
-  %590 = extractelement <16 x i32> %579, i32 2
-  %591 = zext i32 %590 to i64
-  store i64 %591, ptr %589, align 8
-  br label %tkv.out.end109
+tkv.out.then150:                                  ; preds = %tkv.out.end149
+  %757 = getelementptr inbounds i64, ptr %ia, i64 2
+  %758 = extractelement <16 x i32> %747, i32 2
+  %759 = zext i32 %758 to i64
+  store i64 %759, ptr %757, align 8
+  br label %tkv.out.end151
 
-tkv.out.end109:                                   ; preds = %tkv.out.then108, %tkv.out.end107
-  %592 = icmp slt i64 3, %578
-  br i1 %592, label %tkv.out.then110, label %tkv.out.end111
+tkv.out.end151:                                   ; preds = %tkv.out.then150, %tkv.out.end149
+  %760 = icmp slt i64 3, %746
+  br i1 %760, label %tkv.out.then152, label %tkv.out.end153
 
-tkv.out.then110:                                  ; preds = %tkv.out.end109
-  %593 = getelementptr inbounds i64, ptr %ia, i64 3
-  %594 = extractelement <16 x i32> %579, i32 3
-  %595 = zext i32 %594 to i64
-  store i64 %595, ptr %593, align 8
-  br label %tkv.out.end111
+tkv.out.then152:                                  ; preds = %tkv.out.end151
+  %761 = getelementptr inbounds i64, ptr %ia, i64 3
+  %762 = extractelement <16 x i32> %747, i32 3
+  %763 = zext i32 %762 to i64
+  store i64 %763, ptr %761, align 8
+  br label %tkv.out.end153
 
-tkv.out.end111:                                   ; preds = %tkv.out.then110, %tkv.out.end109
-  %596 = icmp slt i64 4, %578
-  br i1 %596, label %tkv.out.then112, label %tkv.out.end113
+tkv.out.end153:                                   ; preds = %tkv.out.then152, %tkv.out.end151
+  %764 = icmp slt i64 4, %746
+  br i1 %764, label %tkv.out.then154, label %tkv.out.end155
 
-tkv.out.then112:                                  ; preds = %tkv.out.end111
-  %597 = getelementptr inbounds i64, ptr %ia, i64 4
-  %598 = extractelement <16 x i32> %579, i32 4
-  %599 = zext i32 %598 to i64
-  store i64 %599, ptr %597, align 8
-  br label %tkv.out.end113
+tkv.out.then154:                                  ; preds = %tkv.out.end153
+  %765 = getelementptr inbounds i64, ptr %ia, i64 4
+  %766 = extractelement <16 x i32> %747, i32 4
+  %767 = zext i32 %766 to i64
+  store i64 %767, ptr %765, align 8
+  br label %tkv.out.end155
 
-tkv.out.end113:                                   ; preds = %tkv.out.then112, %tkv.out.end111
-  %600 = icmp slt i64 5, %578
-  br i1 %600, label %tkv.out.then114, label %tkv.out.end115
+tkv.out.end155:                                   ; preds = %tkv.out.then154, %tkv.out.end153
+  %768 = icmp slt i64 5, %746
+  br i1 %768, label %tkv.out.then156, label %tkv.out.end157
 
-tkv.out.then114:                                  ; preds = %tkv.out.end113
-  %601 = getelementptr inbounds i64, ptr %ia, i64 5
-  %602 = extractelement <16 x i32> %579, i32 5
-  %603 = zext i32 %602 to i64
-  store i64 %603, ptr %601, align 8
-  br label %tkv.out.end115
-
-tkv.out.end115:                                   ; preds = %tkv.out.then114, %tkv.out.end113
-  %604 = icmp slt i64 6, %578
-  br i1 %604, label %tkv.out.then116, label %tkv.out.end117
-
-tkv.out.then116:                                  ; preds = %tkv.out.end115
-  %605 = getelementptr inbounds i64, ptr %ia, i64 6
-  %606 = extractelement <16 x i32> %579, i32 6
-  %607 = zext i32 %606 to i64
-  store i64 %607, ptr %605, align 8
-  br label %tkv.out.end117
-
-tkv.out.end117:                                   ; preds = %tkv.out.then116, %tkv.out.end115
-  %608 = icmp slt i64 7, %578
-  br i1 %608, label %tkv.out.then118, label %tkv.out.end119
-
-tkv.out.then118:                                  ; preds = %tkv.out.end117
-  %609 = getelementptr inbounds i64, ptr %ia, i64 7
-  %610 = extractelement <16 x i32> %579, i32 7
-  %611 = zext i32 %610 to i64
-  store i64 %611, ptr %609, align 8
-  br label %tkv.out.end119
-
-tkv.out.end119:                                   ; preds = %tkv.out.then118, %tkv.out.end117
-  %612 = icmp slt i64 8, %578
-  br i1 %612, label %tkv.out.then120, label %tkv.out.end121
-
-tkv.out.then120:                                  ; preds = %tkv.out.end119
-  %613 = getelementptr inbounds i64, ptr %ia, i64 8
-  %614 = extractelement <16 x i32> %579, i32 8
-  %615 = zext i32 %614 to i64
-  store i64 %615, ptr %613, align 8
-  br label %tkv.out.end121
-
-tkv.out.end121:                                   ; preds = %tkv.out.then120, %tkv.out.end119
-  %616 = icmp slt i64 9, %578
-  br i1 %616, label %tkv.out.then122, label %tkv.out.end123
-
-tkv.out.then122:                                  ; preds = %tkv.out.end121
-  %617 = getelementptr inbounds i64, ptr %ia, i64 9
-  %618 = extractelement <16 x i32> %579, i32 9
-  %619 = zext i32 %618 to i64
-  store i64 %619, ptr %617, align 8
-  br label %tkv.out.end123
-
-tkv.out.end123:                                   ; preds = %tkv.out.then122, %tkv.out.end121
-  %620 = icmp slt i64 10, %578
-  br i1 %620, label %tkv.out.then124, label %tkv.out.end125
-
-tkv.out.then124:                                  ; preds = %tkv.out.end123
-  %621 = getelementptr inbounds i64, ptr %ia, i64 10
-  %622 = extractelement <16 x i32> %579, i32 10
-  %623 = zext i32 %622 to i64
-  store i64 %623, ptr %621, align 8
-  br label %tkv.out.end125
-
-tkv.out.end125:                                   ; preds = %tkv.out.then124, %tkv.out.end123
-  %624 = icmp slt i64 11, %578
-  br i1 %624, label %tkv.out.then126, label %tkv.out.end127
-
-tkv.out.then126:                                  ; preds = %tkv.out.end125
-  %625 = getelementptr inbounds i64, ptr %ia, i64 11
-  %626 = extractelement <16 x i32> %579, i32 11
-  %627 = zext i32 %626 to i64
-  store i64 %627, ptr %625, align 8
-  br label %tkv.out.end127
-
-tkv.out.end127:                                   ; preds = %tkv.out.then126, %tkv.out.end125
-  %628 = icmp slt i64 12, %578
-  br i1 %628, label %tkv.out.then128, label %tkv.out.end129
-
-tkv.out.then128:                                  ; preds = %tkv.out.end127
-  %629 = getelementptr inbounds i64, ptr %ia, i64 12
-  %630 = extractelement <16 x i32> %579, i32 12
-  %631 = zext i32 %630 to i64
-  store i64 %631, ptr %629, align 8
-  br label %tkv.out.end129
-
-tkv.out.end129:                                   ; preds = %tkv.out.then128, %tkv.out.end127
-  %632 = icmp slt i64 13, %578
-  br i1 %632, label %tkv.out.then130, label %tkv.out.end131
-
-tkv.out.then130:                                  ; preds = %tkv.out.end129
-  %633 = getelementptr inbounds i64, ptr %ia, i64 13
-  %634 = extractelement <16 x i32> %579, i32 13
-  %635 = zext i32 %634 to i64
-  store i64 %635, ptr %633, align 8
-  br label %tkv.out.end131
-
-tkv.out.end131:                                   ; preds = %tkv.out.then130, %tkv.out.end129
-  %636 = icmp slt i64 14, %578
-  br i1 %636, label %tkv.out.then132, label %tkv.out.end133
-
-tkv.out.then132:                                  ; preds = %tkv.out.end131
-  %637 = getelementptr inbounds i64, ptr %ia, i64 14
-  %638 = extractelement <16 x i32> %579, i32 14
-  %639 = zext i32 %638 to i64
-  store i64 %639, ptr %637, align 8
-  br label %tkv.out.end133
-
-tkv.out.end133:                                   ; preds = %tkv.out.then132, %tkv.out.end131
-  %640 = icmp slt i64 15, %578
-  br i1 %640, label %tkv.out.then134, label %tkv.out.end135
-
-tkv.out.then134:                                  ; preds = %tkv.out.end133
-  %641 = getelementptr inbounds i64, ptr %ia, i64 15
-  %642 = extractelement <16 x i32> %579, i32 15
-  %643 = zext i32 %642 to i64
-  store i64 %643, ptr %641, align 8
-  br label %tkv.out.end135
-
-tkv.out.end135:                                   ; preds = %tkv.out.then134, %tkv.out.end133
-  %644 = mul nsw i64 %head, 1024
-  %645 = getelementptr inbounds float, ptr %sb, i64 %644
-  store <16 x float> zeroinitializer, ptr %tkv.v136, align 4
-  store <16 x i32> zeroinitializer, ptr %tkv.i137, align 4
-  store <16 x i32> zeroinitializer, ptr %tkv.k138, align 4
-  store i32 0, ptr %tkv.m139, align 4
-  br label %tkv.c.head141
-
-tkv.c.head141:                                    ; preds = %tkv.w.end147, %tkv.out.end135
-  %tkv.c144 = phi i64 [ 0, %tkv.out.end135 ], [ %715, %tkv.w.end147 ]
-  %646 = icmp slt i64 %tkv.c144, 1024
-  br i1 %646, label %tkv.c.body142, label %tkv.c.end143
-
-tkv.c.body142:                                    ; preds = %tkv.c.head141
-  %647 = load <16 x float>, ptr %tkv.v136, align 4
-  %648 = load <16 x i32>, ptr %tkv.k138, align 4
-  %649 = getelementptr inbounds float, ptr %645, i64 %tkv.c144
-  %650 = load <16 x float>, ptr %649, align 4
-  %651 = extractelement <16 x float> %647, i32 15
-  %652 = insertelement <16 x float> poison, float %651, i32 0
-  %653 = shufflevector <16 x float> %652, <16 x float> poison, <16 x i32> zeroinitializer
-  %654 = fcmp uno <16 x float> %650, %650
-  %655 = fcmp ugt <16 x float> %650, %653
-  %656 = xor <16 x i1> %654, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
-  %657 = and <16 x i1> %656, %655
-  %658 = bitcast <16 x i1> %657 to i16
-  %659 = load i32, ptr %tkv.m139, align 4
-  %660 = icmp eq i32 %659, 16
-  %661 = select i1 %660, i16 %658, i16 -1
-  store i16 %661, ptr %tkv.bits140, align 2
-  br label %tkv.w.head145
-
-tkv.w.head145:                                    ; preds = %tkv.in.end149, %tkv.c.body142
-  %662 = load i16, ptr %tkv.bits140, align 2
-  %663 = icmp ne i16 %662, 0
-  br i1 %663, label %tkv.w.body146, label %tkv.w.end147
-
-tkv.w.body146:                                    ; preds = %tkv.w.head145
-  %664 = call i16 @llvm.cttz.i16(i16 %662, i1 true)
-  %665 = zext i16 %664 to i64
-  %666 = sub i16 %662, 1
-  %667 = and i16 %662, %666
-  store i16 %667, ptr %tkv.bits140, align 2
-  %668 = add nsw i64 %tkv.c144, %665
-  %669 = getelementptr inbounds float, ptr %645, i64 %668
-  %670 = load float, ptr %669, align 4
-  %671 = load i32, ptr %tkv.m139, align 4
-  %672 = load <16 x float>, ptr %tkv.v136, align 4
-  %673 = load <16 x i32>, ptr %tkv.k138, align 4
-  %674 = extractelement <16 x float> %672, i32 15
-  %675 = fcmp uno float %670, %670
-  %676 = fcmp ugt float %670, %674
-  %677 = xor i1 %675, true
-  %678 = and i1 %677, %676
-  %679 = icmp slt i32 %671, 16
-  %680 = or i1 %679, %678
-  br i1 %680, label %tkv.in.then148, label %tkv.in.end149
-
-tkv.in.then148:                                   ; preds = %tkv.w.body146
-  %681 = insertelement <16 x float> poison, float %670, i32 0
-  %682 = shufflevector <16 x float> %681, <16 x float> poison, <16 x i32> zeroinitializer
-  %683 = insertelement <16 x i32> poison, i32 %671, i32 0
-  %684 = shufflevector <16 x i32> %683, <16 x i32> poison, <16 x i32> zeroinitializer
-  %685 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %684
-  %686 = fcmp uno <16 x float> %682, %682
-  %687 = fcmp ugt <16 x float> %682, %672
-  %688 = xor <16 x i1> %686, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
-  %689 = and <16 x i1> %688, %687
-  %690 = or <16 x i1> %689, %685
-  %691 = bitcast <16 x i1> %690 to i16
-  %692 = call i16 @llvm.cttz.i16(i16 %691, i1 false)
-  %693 = zext i16 %692 to i64
-  %694 = trunc i64 %693 to i32
-  %695 = insertelement <16 x i32> poison, i32 %694, i32 0
-  %696 = shufflevector <16 x i32> %695, <16 x i32> poison, <16 x i32> zeroinitializer
-  %697 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %696
-  %698 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %696
-  %699 = trunc i64 %668 to i32
-  %700 = insertelement <16 x i32> poison, i32 %699, i32 0
-  %701 = shufflevector <16 x i32> %700, <16 x i32> poison, <16 x i32> zeroinitializer
-  %702 = shufflevector <16 x float> %672, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %703 = select <16 x i1> %698, <16 x float> %702, <16 x float> %672
-  %704 = select <16 x i1> %697, <16 x float> %682, <16 x float> %703
-  store <16 x float> %704, ptr %tkv.v136, align 4
-  %705 = load <16 x i32>, ptr %tkv.i137, align 4
-  %706 = shufflevector <16 x i32> %705, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %707 = select <16 x i1> %698, <16 x i32> %706, <16 x i32> %705
-  %708 = select <16 x i1> %697, <16 x i32> %701, <16 x i32> %707
-  store <16 x i32> %708, ptr %tkv.i137, align 4
-  %709 = shufflevector <16 x i32> %673, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %710 = select <16 x i1> %698, <16 x i32> %709, <16 x i32> %673
-  %711 = select <16 x i1> %697, <16 x i32> zeroinitializer, <16 x i32> %710
-  store <16 x i32> %711, ptr %tkv.k138, align 4
-  %712 = add nsw i32 %671, 1
-  %713 = icmp slt i32 %712, 16
-  %714 = select i1 %713, i32 %712, i32 16
-  store i32 %714, ptr %tkv.m139, align 4
-  br label %tkv.in.end149
-
-tkv.in.end149:                                    ; preds = %tkv.in.then148, %tkv.w.body146
-  br label %tkv.w.head145
-
-tkv.w.end147:                                     ; preds = %tkv.w.head145
-  %715 = add nsw i64 %tkv.c144, 16
-  br label %tkv.c.head141
-
-tkv.c.end143:                                     ; preds = %tkv.c.head141
-  br label %tkv.tail.head150
-
-tkv.tail.head150:                                 ; preds = %tkv.in.end155, %tkv.c.end143
-  %tkv.tail153 = phi i64 [ 1024, %tkv.c.end143 ], [ %763, %tkv.in.end155 ]
-  %716 = icmp slt i64 %tkv.tail153, 1024
-  br i1 %716, label %tkv.tail.body151, label %tkv.tail.end152
-
-tkv.tail.body151:                                 ; preds = %tkv.tail.head150
-  %717 = getelementptr inbounds float, ptr %645, i64 %tkv.tail153
-  %718 = load float, ptr %717, align 4
-  %719 = load i32, ptr %tkv.m139, align 4
-  %720 = load <16 x float>, ptr %tkv.v136, align 4
-  %721 = load <16 x i32>, ptr %tkv.k138, align 4
-  %722 = extractelement <16 x float> %720, i32 15
-  %723 = fcmp uno float %718, %718
-  %724 = fcmp ugt float %718, %722
-  %725 = xor i1 %723, true
-  %726 = and i1 %725, %724
-  %727 = icmp slt i32 %719, 16
-  %728 = or i1 %727, %726
-  br i1 %728, label %tkv.in.then154, label %tkv.in.end155
-
-tkv.in.then154:                                   ; preds = %tkv.tail.body151
-  %729 = insertelement <16 x float> poison, float %718, i32 0
-  %730 = shufflevector <16 x float> %729, <16 x float> poison, <16 x i32> zeroinitializer
-  %731 = insertelement <16 x i32> poison, i32 %719, i32 0
-  %732 = shufflevector <16 x i32> %731, <16 x i32> poison, <16 x i32> zeroinitializer
-  %733 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %732
-  %734 = fcmp uno <16 x float> %730, %730
-  %735 = fcmp ugt <16 x float> %730, %720
-  %736 = xor <16 x i1> %734, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
-  %737 = and <16 x i1> %736, %735
-  %738 = or <16 x i1> %737, %733
-  %739 = bitcast <16 x i1> %738 to i16
-  %740 = call i16 @llvm.cttz.i16(i16 %739, i1 false)
-  %741 = zext i16 %740 to i64
-  %742 = trunc i64 %741 to i32
-  %743 = insertelement <16 x i32> poison, i32 %742, i32 0
-  %744 = shufflevector <16 x i32> %743, <16 x i32> poison, <16 x i32> zeroinitializer
-  %745 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %744
-  %746 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %744
-  %747 = trunc i64 %tkv.tail153 to i32
-  %748 = insertelement <16 x i32> poison, i32 %747, i32 0
-  %749 = shufflevector <16 x i32> %748, <16 x i32> poison, <16 x i32> zeroinitializer
-  %750 = shufflevector <16 x float> %720, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %751 = select <16 x i1> %746, <16 x float> %750, <16 x float> %720
-  %752 = select <16 x i1> %745, <16 x float> %730, <16 x float> %751
-  store <16 x float> %752, ptr %tkv.v136, align 4
-  %753 = load <16 x i32>, ptr %tkv.i137, align 4
-  %754 = shufflevector <16 x i32> %753, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %755 = select <16 x i1> %746, <16 x i32> %754, <16 x i32> %753
-  %756 = select <16 x i1> %745, <16 x i32> %749, <16 x i32> %755
-  store <16 x i32> %756, ptr %tkv.i137, align 4
-  %757 = shufflevector <16 x i32> %721, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %758 = select <16 x i1> %746, <16 x i32> %757, <16 x i32> %721
-  %759 = select <16 x i1> %745, <16 x i32> zeroinitializer, <16 x i32> %758
-  store <16 x i32> %759, ptr %tkv.k138, align 4
-  %760 = add nsw i32 %719, 1
-  %761 = icmp slt i32 %760, 16
-  %762 = select i1 %761, i32 %760, i32 16
-  store i32 %762, ptr %tkv.m139, align 4
-  br label %tkv.in.end155
-
-tkv.in.end155:                                    ; preds = %tkv.in.then154, %tkv.tail.body151
-  %763 = add nsw i64 %tkv.tail153, 1
-  br label %tkv.tail.head150
-
-tkv.tail.end152:                                  ; preds = %tkv.tail.head150
-  %764 = load i32, ptr %tkv.m139, align 4
-  %765 = zext i32 %764 to i64
-  %766 = load <16 x i32>, ptr %tkv.i137, align 4
-  %767 = icmp slt i64 0, %765
-  br i1 %767, label %tkv.out.then156, label %tkv.out.end157
-
-tkv.out.then156:                                  ; preds = %tkv.tail.end152
-  %768 = getelementptr inbounds i64, ptr %ib, i64 0
-  %769 = extractelement <16 x i32> %766, i32 0
-  %770 = zext i32 %769 to i64
-  store i64 %770, ptr %768, align 8
+tkv.out.then156:                                  ; preds = %tkv.out.end155
+  %769 = getelementptr inbounds i64, ptr %ia, i64 5
+  %770 = extractelement <16 x i32> %747, i32 5
+  %771 = zext i32 %770 to i64
+  store i64 %771, ptr %769, align 8
   br label %tkv.out.end157
 
-tkv.out.end157:                                   ; preds = %tkv.out.then156, %tkv.tail.end152
-  %771 = icmp slt i64 1, %765
-  br i1 %771, label %tkv.out.then158, label %tkv.out.end159
+tkv.out.end157:                                   ; preds = %tkv.out.then156, %tkv.out.end155
+  %772 = icmp slt i64 6, %746
+  br i1 %772, label %tkv.out.then158, label %tkv.out.end159
 
 tkv.out.then158:                                  ; preds = %tkv.out.end157
-  %772 = getelementptr inbounds i64, ptr %ib, i64 1
-  %773 = extractelement <16 x i32> %766, i32 1
-  %774 = zext i32 %773 to i64
-  store i64 %774, ptr %772, align 8
+  %773 = getelementptr inbounds i64, ptr %ia, i64 6
+  %774 = extractelement <16 x i32> %747, i32 6
+  %775 = zext i32 %774 to i64
+  store i64 %775, ptr %773, align 8
   br label %tkv.out.end159
 
 tkv.out.end159:                                   ; preds = %tkv.out.then158, %tkv.out.end157
-  %775 = icmp slt i64 2, %765
-  br i1 %775, label %tkv.out.then160, label %tkv.out.end161
+  %776 = icmp slt i64 7, %746
+  br i1 %776, label %tkv.out.then160, label %tkv.out.end161
 
 tkv.out.then160:                                  ; preds = %tkv.out.end159
-  %776 = getelementptr inbounds i64, ptr %ib, i64 2
-  %777 = extractelement <16 x i32> %766, i32 2
-  %778 = zext i32 %777 to i64
-  store i64 %778, ptr %776, align 8
+  %777 = getelementptr inbounds i64, ptr %ia, i64 7
+  %778 = extractelement <16 x i32> %747, i32 7
+  %779 = zext i32 %778 to i64
+  store i64 %779, ptr %777, align 8
   br label %tkv.out.end161
 
 tkv.out.end161:                                   ; preds = %tkv.out.then160, %tkv.out.end159
-  %779 = icmp slt i64 3, %765
-  br i1 %779, label %tkv.out.then162, label %tkv.out.end163
+  %780 = icmp slt i64 8, %746
+  br i1 %780, label %tkv.out.then162, label %tkv.out.end163
 
 tkv.out.then162:                                  ; preds = %tkv.out.end161
-  %780 = getelementptr inbounds i64, ptr %ib, i64 3
-  %781 = extractelement <16 x i32> %766, i32 3
-  %782 = zext i32 %781 to i64
-  store i64 %782, ptr %780, align 8
+  %781 = getelementptr inbounds i64, ptr %ia, i64 8
+  %782 = extractelement <16 x i32> %747, i32 8
+  %783 = zext i32 %782 to i64
+  store i64 %783, ptr %781, align 8
   br label %tkv.out.end163
 
 tkv.out.end163:                                   ; preds = %tkv.out.then162, %tkv.out.end161
-  %783 = icmp slt i64 4, %765
-  br i1 %783, label %tkv.out.then164, label %tkv.out.end165
+  %784 = icmp slt i64 9, %746
+  br i1 %784, label %tkv.out.then164, label %tkv.out.end165
 
 tkv.out.then164:                                  ; preds = %tkv.out.end163
-  %784 = getelementptr inbounds i64, ptr %ib, i64 4
-  %785 = extractelement <16 x i32> %766, i32 4
-  %786 = zext i32 %785 to i64
-  store i64 %786, ptr %784, align 8
+  %785 = getelementptr inbounds i64, ptr %ia, i64 9
+  %786 = extractelement <16 x i32> %747, i32 9
+  %787 = zext i32 %786 to i64
+  store i64 %787, ptr %785, align 8
   br label %tkv.out.end165
 
 tkv.out.end165:                                   ; preds = %tkv.out.then164, %tkv.out.end163
-  %787 = icmp slt i64 5, %765
-  br i1 %787, label %tkv.out.then166, label %tkv.out.end167
+  %788 = icmp slt i64 10, %746
+  br i1 %788, label %tkv.out.then166, label %tkv.out.end167
 
 tkv.out.then166:                                  ; preds = %tkv.out.end165
-  %788 = getelementptr inbounds i64, ptr %ib, i64 5
-  %789 = extractelement <16 x i32> %766, i32 5
-  %790 = zext i32 %789 to i64
-  store i64 %790, ptr %788, align 8
+  %789 = getelementptr inbounds i64, ptr %ia, i64 10
+  %790 = extractelement <16 x i32> %747, i32 10
+  %791 = zext i32 %790 to i64
+  store i64 %791, ptr %789, align 8
   br label %tkv.out.end167
 
 tkv.out.end167:                                   ; preds = %tkv.out.then166, %tkv.out.end165
-  %791 = icmp slt i64 6, %765
-  br i1 %791, label %tkv.out.then168, label %tkv.out.end169
+  %792 = icmp slt i64 11, %746
+  br i1 %792, label %tkv.out.then168, label %tkv.out.end169
 
 tkv.out.then168:                                  ; preds = %tkv.out.end167
-  %792 = getelementptr inbounds i64, ptr %ib, i64 6
-  %793 = extractelement <16 x i32> %766, i32 6
-  %794 = zext i32 %793 to i64
-  store i64 %794, ptr %792, align 8
+  %793 = getelementptr inbounds i64, ptr %ia, i64 11
+  %794 = extractelement <16 x i32> %747, i32 11
+  %795 = zext i32 %794 to i64
+  store i64 %795, ptr %793, align 8
   br label %tkv.out.end169
 
 tkv.out.end169:                                   ; preds = %tkv.out.then168, %tkv.out.end167
-  %795 = icmp slt i64 7, %765
-  br i1 %795, label %tkv.out.then170, label %tkv.out.end171
+  %796 = icmp slt i64 12, %746
+  br i1 %796, label %tkv.out.then170, label %tkv.out.end171
 
 tkv.out.then170:                                  ; preds = %tkv.out.end169
-  %796 = getelementptr inbounds i64, ptr %ib, i64 7
-  %797 = extractelement <16 x i32> %766, i32 7
-  %798 = zext i32 %797 to i64
-  store i64 %798, ptr %796, align 8
+  %797 = getelementptr inbounds i64, ptr %ia, i64 12
+  %798 = extractelement <16 x i32> %747, i32 12
+  %799 = zext i32 %798 to i64
+  store i64 %799, ptr %797, align 8
   br label %tkv.out.end171
 
 tkv.out.end171:                                   ; preds = %tkv.out.then170, %tkv.out.end169
-  %799 = icmp slt i64 8, %765
-  br i1 %799, label %tkv.out.then172, label %tkv.out.end173
+  %800 = icmp slt i64 13, %746
+  br i1 %800, label %tkv.out.then172, label %tkv.out.end173
 
 tkv.out.then172:                                  ; preds = %tkv.out.end171
-  %800 = getelementptr inbounds i64, ptr %ib, i64 8
-  %801 = extractelement <16 x i32> %766, i32 8
-  %802 = zext i32 %801 to i64
-  store i64 %802, ptr %800, align 8
+  %801 = getelementptr inbounds i64, ptr %ia, i64 13
+  %802 = extractelement <16 x i32> %747, i32 13
+  %803 = zext i32 %802 to i64
+  store i64 %803, ptr %801, align 8
   br label %tkv.out.end173
 
 tkv.out.end173:                                   ; preds = %tkv.out.then172, %tkv.out.end171
-  %803 = icmp slt i64 9, %765
-  br i1 %803, label %tkv.out.then174, label %tkv.out.end175
+  %804 = icmp slt i64 14, %746
+  br i1 %804, label %tkv.out.then174, label %tkv.out.end175
 
 tkv.out.then174:                                  ; preds = %tkv.out.end173
-  %804 = getelementptr inbounds i64, ptr %ib, i64 9
-  %805 = extractelement <16 x i32> %766, i32 9
-  %806 = zext i32 %805 to i64
-  store i64 %806, ptr %804, align 8
+  %805 = getelementptr inbounds i64, ptr %ia, i64 14
+  %806 = extractelement <16 x i32> %747, i32 14
+  %807 = zext i32 %806 to i64
+  store i64 %807, ptr %805, align 8
   br label %tkv.out.end175
 
 tkv.out.end175:                                   ; preds = %tkv.out.then174, %tkv.out.end173
-  %807 = icmp slt i64 10, %765
-  br i1 %807, label %tkv.out.then176, label %tkv.out.end177
+  %808 = icmp slt i64 15, %746
+  br i1 %808, label %tkv.out.then176, label %tkv.out.end177
 
 tkv.out.then176:                                  ; preds = %tkv.out.end175
-  %808 = getelementptr inbounds i64, ptr %ib, i64 10
-  %809 = extractelement <16 x i32> %766, i32 10
-  %810 = zext i32 %809 to i64
-  store i64 %810, ptr %808, align 8
+  %809 = getelementptr inbounds i64, ptr %ia, i64 15
+  %810 = extractelement <16 x i32> %747, i32 15
+  %811 = zext i32 %810 to i64
+  store i64 %811, ptr %809, align 8
   br label %tkv.out.end177
 
 tkv.out.end177:                                   ; preds = %tkv.out.then176, %tkv.out.end175
-  %811 = icmp slt i64 11, %765
-  br i1 %811, label %tkv.out.then178, label %tkv.out.end179
+  %812 = mul nsw i64 %head, 1024
+  %813 = getelementptr inbounds float, ptr %sb, i64 %812
+  store <16 x float> zeroinitializer, ptr %tkv.v178, align 4
+  store <16 x i32> zeroinitializer, ptr %tkv.i179, align 4
+  store <16 x i32> zeroinitializer, ptr %tkv.k180, align 4
+  store i32 0, ptr %tkv.m181, align 4
+  br label %tkv.c.head183
 
-tkv.out.then178:                                  ; preds = %tkv.out.end177
-  %812 = getelementptr inbounds i64, ptr %ib, i64 11
-  %813 = extractelement <16 x i32> %766, i32 11
-  %814 = zext i32 %813 to i64
-  store i64 %814, ptr %812, align 8
-  br label %tkv.out.end179
+tkv.c.head183:                                    ; preds = %tkv.w.end189, %tkv.out.end177
+  %tkv.c186 = phi i64 [ 0, %tkv.out.end177 ], [ %883, %tkv.w.end189 ]
+  %814 = icmp slt i64 %tkv.c186, 1024
+  br i1 %814, label %tkv.c.body184, label %tkv.c.end185
 
-tkv.out.end179:                                   ; preds = %tkv.out.then178, %tkv.out.end177
-  %815 = icmp slt i64 12, %765
-  br i1 %815, label %tkv.out.then180, label %tkv.out.end181
+tkv.c.body184:                                    ; preds = %tkv.c.head183
+  %815 = load <16 x float>, ptr %tkv.v178, align 4
+  %816 = load <16 x i32>, ptr %tkv.k180, align 4
+  %817 = getelementptr inbounds float, ptr %813, i64 %tkv.c186
+  %818 = load <16 x float>, ptr %817, align 4
+  %819 = extractelement <16 x float> %815, i32 15
+  %820 = insertelement <16 x float> poison, float %819, i32 0
+  %821 = shufflevector <16 x float> %820, <16 x float> poison, <16 x i32> zeroinitializer
+  %822 = fcmp uno <16 x float> %818, %818
+  %823 = fcmp ugt <16 x float> %818, %821
+  %824 = xor <16 x i1> %822, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
+  %825 = and <16 x i1> %824, %823
+  %826 = bitcast <16 x i1> %825 to i16
+  %827 = load i32, ptr %tkv.m181, align 4
+  %828 = icmp eq i32 %827, 16
+  %829 = select i1 %828, i16 %826, i16 -1
+  store i16 %829, ptr %tkv.bits182, align 2
+  br label %tkv.w.head187
 
-tkv.out.then180:                                  ; preds = %tkv.out.end179
-  %816 = getelementptr inbounds i64, ptr %ib, i64 12
-  %817 = extractelement <16 x i32> %766, i32 12
-  %818 = zext i32 %817 to i64
-  store i64 %818, ptr %816, align 8
-  br label %tkv.out.end181
+tkv.w.head187:                                    ; preds = %tkv.in.end191, %tkv.c.body184
+  %830 = load i16, ptr %tkv.bits182, align 2
+  %831 = icmp ne i16 %830, 0
+  br i1 %831, label %tkv.w.body188, label %tkv.w.end189
 
-tkv.out.end181:                                   ; preds = %tkv.out.then180, %tkv.out.end179
-  %819 = icmp slt i64 13, %765
-  br i1 %819, label %tkv.out.then182, label %tkv.out.end183
+tkv.w.body188:                                    ; preds = %tkv.w.head187
+  %832 = call i16 @llvm.cttz.i16(i16 %830, i1 true)
+  %833 = zext i16 %832 to i64
+  %834 = sub i16 %830, 1
+  %835 = and i16 %830, %834
+  store i16 %835, ptr %tkv.bits182, align 2
+  %836 = add nsw i64 %tkv.c186, %833
+  %837 = getelementptr inbounds float, ptr %813, i64 %836
+  %838 = load float, ptr %837, align 4
+  %839 = load i32, ptr %tkv.m181, align 4
+  %840 = load <16 x float>, ptr %tkv.v178, align 4
+  %841 = load <16 x i32>, ptr %tkv.k180, align 4
+  %842 = extractelement <16 x float> %840, i32 15
+  %843 = fcmp uno float %838, %838
+  %844 = fcmp ugt float %838, %842
+  %845 = xor i1 %843, true
+  %846 = and i1 %845, %844
+  %847 = icmp slt i32 %839, 16
+  %848 = or i1 %847, %846
+  br i1 %848, label %tkv.in.then190, label %tkv.in.end191
 
-tkv.out.then182:                                  ; preds = %tkv.out.end181
-  %820 = getelementptr inbounds i64, ptr %ib, i64 13
-  %821 = extractelement <16 x i32> %766, i32 13
-  %822 = zext i32 %821 to i64
-  store i64 %822, ptr %820, align 8
-  br label %tkv.out.end183
+tkv.in.then190:                                   ; preds = %tkv.w.body188
+  %849 = insertelement <16 x float> poison, float %838, i32 0
+  %850 = shufflevector <16 x float> %849, <16 x float> poison, <16 x i32> zeroinitializer
+  %851 = insertelement <16 x i32> poison, i32 %839, i32 0
+  %852 = shufflevector <16 x i32> %851, <16 x i32> poison, <16 x i32> zeroinitializer
+  %853 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %852
+  %854 = fcmp uno <16 x float> %850, %850
+  %855 = fcmp ugt <16 x float> %850, %840
+  %856 = xor <16 x i1> %854, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
+  %857 = and <16 x i1> %856, %855
+  %858 = or <16 x i1> %857, %853
+  %859 = bitcast <16 x i1> %858 to i16
+  %860 = call i16 @llvm.cttz.i16(i16 %859, i1 false)
+  %861 = zext i16 %860 to i64
+  %862 = trunc i64 %861 to i32
+  %863 = insertelement <16 x i32> poison, i32 %862, i32 0
+  %864 = shufflevector <16 x i32> %863, <16 x i32> poison, <16 x i32> zeroinitializer
+  %865 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %864
+  %866 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %864
+  %867 = trunc i64 %836 to i32
+  %868 = insertelement <16 x i32> poison, i32 %867, i32 0
+  %869 = shufflevector <16 x i32> %868, <16 x i32> poison, <16 x i32> zeroinitializer
+  %870 = shufflevector <16 x float> %840, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %871 = select <16 x i1> %866, <16 x float> %870, <16 x float> %840
+  %872 = select <16 x i1> %865, <16 x float> %850, <16 x float> %871
+  store <16 x float> %872, ptr %tkv.v178, align 4
+  %873 = load <16 x i32>, ptr %tkv.i179, align 4
+  %874 = shufflevector <16 x i32> %873, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %875 = select <16 x i1> %866, <16 x i32> %874, <16 x i32> %873
+  %876 = select <16 x i1> %865, <16 x i32> %869, <16 x i32> %875
+  store <16 x i32> %876, ptr %tkv.i179, align 4
+  %877 = shufflevector <16 x i32> %841, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %878 = select <16 x i1> %866, <16 x i32> %877, <16 x i32> %841
+  %879 = select <16 x i1> %865, <16 x i32> zeroinitializer, <16 x i32> %878
+  store <16 x i32> %879, ptr %tkv.k180, align 4
+  %880 = add nsw i32 %839, 1
+  %881 = icmp slt i32 %880, 16
+  %882 = select i1 %881, i32 %880, i32 16
+  store i32 %882, ptr %tkv.m181, align 4
+  br label %tkv.in.end191
 
-tkv.out.end183:                                   ; preds = %tkv.out.then182, %tkv.out.end181
-  %823 = icmp slt i64 14, %765
-  br i1 %823, label %tkv.out.then184, label %tkv.out.end185
+tkv.in.end191:                                    ; preds = %tkv.in.then190, %tkv.w.body188
+  br label %tkv.w.head187
 
-tkv.out.then184:                                  ; preds = %tkv.out.end183
-  %824 = getelementptr inbounds i64, ptr %ib, i64 14
-  %825 = extractelement <16 x i32> %766, i32 14
-  %826 = zext i32 %825 to i64
-  store i64 %826, ptr %824, align 8
-  br label %tkv.out.end185
+tkv.w.end189:                                     ; preds = %tkv.w.head187
+  %883 = add nsw i64 %tkv.c186, 16
+  br label %tkv.c.head183
 
-tkv.out.end185:                                   ; preds = %tkv.out.then184, %tkv.out.end183
-  %827 = icmp slt i64 15, %765
-  br i1 %827, label %tkv.out.then186, label %tkv.out.end187
+tkv.c.end185:                                     ; preds = %tkv.c.head183
+  br label %tkv.tail.head192
 
-tkv.out.then186:                                  ; preds = %tkv.out.end185
-  %828 = getelementptr inbounds i64, ptr %ib, i64 15
-  %829 = extractelement <16 x i32> %766, i32 15
-  %830 = zext i32 %829 to i64
-  store i64 %830, ptr %828, align 8
-  br label %tkv.out.end187
+tkv.tail.head192:                                 ; preds = %tkv.in.end197, %tkv.c.end185
+  %tkv.tail195 = phi i64 [ 1024, %tkv.c.end185 ], [ %931, %tkv.in.end197 ]
+  %884 = icmp slt i64 %tkv.tail195, 1024
+  br i1 %884, label %tkv.tail.body193, label %tkv.tail.end194
 
-tkv.out.end187:                                   ; preds = %tkv.out.then186, %tkv.out.end185
-  br label %ca.head
-
-ca.head:                                          ; preds = %cb.end, %tkv.out.end187
-  %ca = phi i64 [ 0, %tkv.out.end187 ], [ %849, %cb.end ]
-  %831 = icmp slt i64 %ca, 16
-  br i1 %831, label %ca.body, label %ca.end
-
-ca.body:                                          ; preds = %ca.head
-  %832 = getelementptr inbounds i64, ptr %ia, i64 %ca
-  %833 = load i64, ptr %832, align 8
-  %834 = getelementptr inbounds float, ptr %458, i64 %833
-  %835 = load float, ptr %834, align 4
-  br label %cb.head
-
-cb.head:                                          ; preds = %cb.body, %ca.body
-  %cb = phi i64 [ 0, %ca.body ], [ %848, %cb.body ]
-  %836 = icmp slt i64 %cb, 16
-  br i1 %836, label %cb.body, label %cb.end
-
-cb.body:                                          ; preds = %cb.head
-  %837 = getelementptr inbounds i64, ptr %ib, i64 %cb
-  %838 = load i64, ptr %837, align 8
-  %839 = mul nsw i64 %ca, 16
-  %840 = add nsw i64 %839, %cb
-  %841 = getelementptr inbounds float, ptr %645, i64 %838
-  %842 = load float, ptr %841, align 4
-  %843 = fadd float %835, %842
-  %844 = getelementptr inbounds float, ptr %cv, i64 %840
-  store float %843, ptr %844, align 4
-  %845 = getelementptr inbounds i64, ptr %ck, i64 %840
-  %846 = mul nsw i64 %833, 1024
-  %847 = add nsw i64 %846, %838
-  store i64 %847, ptr %845, align 8
-  %848 = add nsw i64 %cb, 1
-  br label %cb.head
-
-cb.end:                                           ; preds = %cb.head
-  %849 = add nsw i64 %ca, 1
-  br label %ca.head
-
-ca.end:                                           ; preds = %ca.head
-  store <16 x float> zeroinitializer, ptr %tkv.v188, align 4
-  store <16 x i32> zeroinitializer, ptr %tkv.i189, align 4
-  store <16 x i32> zeroinitializer, ptr %tkv.k190, align 4
-  store i32 0, ptr %tkv.m191, align 4
-  br label %tkv.c.head193
-
-tkv.c.head193:                                    ; preds = %tkv.w.end199, %ca.end
-  %tkv.c196 = phi i64 [ 0, %ca.end ], [ %949, %tkv.w.end199 ]
-  %850 = icmp slt i64 %tkv.c196, 256
-  br i1 %850, label %tkv.c.body194, label %tkv.c.end195
-
-tkv.c.body194:                                    ; preds = %tkv.c.head193
-  %851 = load <16 x float>, ptr %tkv.v188, align 4
-  %852 = load <16 x i32>, ptr %tkv.k190, align 4
-  %853 = getelementptr inbounds float, ptr %cv, i64 %tkv.c196
-  %854 = load <16 x float>, ptr %853, align 4
-  %855 = getelementptr inbounds i64, ptr %ck, i64 %tkv.c196
-  %856 = load <16 x i64>, ptr %855, align 8
-  %857 = trunc <16 x i64> %856 to <16 x i32>
-  %858 = extractelement <16 x float> %851, i32 15
-  %859 = insertelement <16 x float> poison, float %858, i32 0
-  %860 = shufflevector <16 x float> %859, <16 x float> poison, <16 x i32> zeroinitializer
-  %861 = extractelement <16 x i32> %852, i32 15
-  %862 = insertelement <16 x i32> poison, i32 %861, i32 0
-  %863 = shufflevector <16 x i32> %862, <16 x i32> poison, <16 x i32> zeroinitializer
-  %864 = fcmp uno <16 x float> %854, %854
-  %865 = fcmp uno <16 x float> %860, %860
-  %866 = fcmp one <16 x float> %854, %860
-  %867 = xor <16 x i1> %864, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
-  %868 = and <16 x i1> %867, %866
-  %869 = icmp ult <16 x i32> %857, %863
-  %870 = fcmp ogt <16 x float> %854, %860
-  %871 = select <16 x i1> %868, <16 x i1> %870, <16 x i1> %869
-  %872 = xor <16 x i1> %864, %865
-  %873 = select <16 x i1> %872, <16 x i1> %865, <16 x i1> %871
-  %874 = bitcast <16 x i1> %873 to i16
-  %875 = load i32, ptr %tkv.m191, align 4
-  %876 = icmp eq i32 %875, 16
-  %877 = select i1 %876, i16 %874, i16 -1
-  store i16 %877, ptr %tkv.bits192, align 2
-  br label %tkv.w.head197
-
-tkv.w.head197:                                    ; preds = %tkv.in.end201, %tkv.c.body194
-  %878 = load i16, ptr %tkv.bits192, align 2
-  %879 = icmp ne i16 %878, 0
-  br i1 %879, label %tkv.w.body198, label %tkv.w.end199
-
-tkv.w.body198:                                    ; preds = %tkv.w.head197
-  %880 = call i16 @llvm.cttz.i16(i16 %878, i1 true)
-  %881 = zext i16 %880 to i64
-  %882 = sub i16 %878, 1
-  %883 = and i16 %878, %882
-  store i16 %883, ptr %tkv.bits192, align 2
-  %884 = add nsw i64 %tkv.c196, %881
-  %885 = getelementptr inbounds float, ptr %cv, i64 %884
+tkv.tail.body193:                                 ; preds = %tkv.tail.head192
+  %885 = getelementptr inbounds float, ptr %813, i64 %tkv.tail195
   %886 = load float, ptr %885, align 4
-  %887 = getelementptr inbounds i64, ptr %ck, i64 %884
-  %888 = load i64, ptr %887, align 8
-  %889 = trunc i64 %888 to i32
-  %890 = load i32, ptr %tkv.m191, align 4
-  %891 = load <16 x float>, ptr %tkv.v188, align 4
-  %892 = load <16 x i32>, ptr %tkv.k190, align 4
-  %893 = extractelement <16 x i32> %892, i32 15
-  %894 = extractelement <16 x float> %891, i32 15
-  %895 = fcmp uno float %886, %886
-  %896 = fcmp uno float %894, %894
-  %897 = fcmp one float %886, %894
-  %898 = xor i1 %895, true
-  %899 = and i1 %898, %897
-  %900 = icmp ult i32 %889, %893
-  %901 = fcmp ogt float %886, %894
-  %902 = select i1 %899, i1 %901, i1 %900
-  %903 = xor i1 %895, %896
-  %904 = select i1 %903, i1 %896, i1 %902
-  %905 = icmp slt i32 %890, 16
-  %906 = or i1 %905, %904
-  br i1 %906, label %tkv.in.then200, label %tkv.in.end201
+  %887 = load i32, ptr %tkv.m181, align 4
+  %888 = load <16 x float>, ptr %tkv.v178, align 4
+  %889 = load <16 x i32>, ptr %tkv.k180, align 4
+  %890 = extractelement <16 x float> %888, i32 15
+  %891 = fcmp uno float %886, %886
+  %892 = fcmp ugt float %886, %890
+  %893 = xor i1 %891, true
+  %894 = and i1 %893, %892
+  %895 = icmp slt i32 %887, 16
+  %896 = or i1 %895, %894
+  br i1 %896, label %tkv.in.then196, label %tkv.in.end197
 
-tkv.in.then200:                                   ; preds = %tkv.w.body198
-  %907 = insertelement <16 x float> poison, float %886, i32 0
-  %908 = shufflevector <16 x float> %907, <16 x float> poison, <16 x i32> zeroinitializer
-  %909 = insertelement <16 x i32> poison, i32 %889, i32 0
-  %910 = shufflevector <16 x i32> %909, <16 x i32> poison, <16 x i32> zeroinitializer
-  %911 = insertelement <16 x i32> poison, i32 %890, i32 0
+tkv.in.then196:                                   ; preds = %tkv.tail.body193
+  %897 = insertelement <16 x float> poison, float %886, i32 0
+  %898 = shufflevector <16 x float> %897, <16 x float> poison, <16 x i32> zeroinitializer
+  %899 = insertelement <16 x i32> poison, i32 %887, i32 0
+  %900 = shufflevector <16 x i32> %899, <16 x i32> poison, <16 x i32> zeroinitializer
+  %901 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %900
+  %902 = fcmp uno <16 x float> %898, %898
+  %903 = fcmp ugt <16 x float> %898, %888
+  %904 = xor <16 x i1> %902, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
+  %905 = and <16 x i1> %904, %903
+  %906 = or <16 x i1> %905, %901
+  %907 = bitcast <16 x i1> %906 to i16
+  %908 = call i16 @llvm.cttz.i16(i16 %907, i1 false)
+  %909 = zext i16 %908 to i64
+  %910 = trunc i64 %909 to i32
+  %911 = insertelement <16 x i32> poison, i32 %910, i32 0
   %912 = shufflevector <16 x i32> %911, <16 x i32> poison, <16 x i32> zeroinitializer
-  %913 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %912
-  %914 = fcmp uno <16 x float> %908, %908
-  %915 = fcmp uno <16 x float> %891, %891
-  %916 = fcmp one <16 x float> %908, %891
-  %917 = xor <16 x i1> %914, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
-  %918 = and <16 x i1> %917, %916
-  %919 = icmp ult <16 x i32> %910, %892
-  %920 = fcmp ogt <16 x float> %908, %891
-  %921 = select <16 x i1> %918, <16 x i1> %920, <16 x i1> %919
-  %922 = xor <16 x i1> %914, %915
-  %923 = select <16 x i1> %922, <16 x i1> %915, <16 x i1> %921
-  %924 = or <16 x i1> %923, %913
-  %925 = bitcast <16 x i1> %924 to i16
-  %926 = call i16 @llvm.cttz.i16(i16 %925, i1 false)
-  %927 = zext i16 %926 to i64
-  %928 = trunc i64 %927 to i32
-  %929 = insertelement <16 x i32> poison, i32 %928, i32 0
-  %930 = shufflevector <16 x i32> %929, <16 x i32> poison, <16 x i32> zeroinitializer
-  %931 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %930
-  %932 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %930
-  %933 = trunc i64 %884 to i32
-  %934 = insertelement <16 x i32> poison, i32 %933, i32 0
-  %935 = shufflevector <16 x i32> %934, <16 x i32> poison, <16 x i32> zeroinitializer
-  %936 = shufflevector <16 x float> %891, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %937 = select <16 x i1> %932, <16 x float> %936, <16 x float> %891
-  %938 = select <16 x i1> %931, <16 x float> %908, <16 x float> %937
-  store <16 x float> %938, ptr %tkv.v188, align 4
-  %939 = load <16 x i32>, ptr %tkv.i189, align 4
-  %940 = shufflevector <16 x i32> %939, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %941 = select <16 x i1> %932, <16 x i32> %940, <16 x i32> %939
-  %942 = select <16 x i1> %931, <16 x i32> %935, <16 x i32> %941
-  store <16 x i32> %942, ptr %tkv.i189, align 4
-  %943 = shufflevector <16 x i32> %892, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %944 = select <16 x i1> %932, <16 x i32> %943, <16 x i32> %892
-  %945 = select <16 x i1> %931, <16 x i32> %910, <16 x i32> %944
-  store <16 x i32> %945, ptr %tkv.k190, align 4
-  %946 = add nsw i32 %890, 1
-  %947 = icmp slt i32 %946, 16
-  %948 = select i1 %947, i32 %946, i32 16
-  store i32 %948, ptr %tkv.m191, align 4
-  br label %tkv.in.end201
+  %913 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %912
+  %914 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %912
+  %915 = trunc i64 %tkv.tail195 to i32
+  %916 = insertelement <16 x i32> poison, i32 %915, i32 0
+  %917 = shufflevector <16 x i32> %916, <16 x i32> poison, <16 x i32> zeroinitializer
+  %918 = shufflevector <16 x float> %888, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %919 = select <16 x i1> %914, <16 x float> %918, <16 x float> %888
+  %920 = select <16 x i1> %913, <16 x float> %898, <16 x float> %919
+  store <16 x float> %920, ptr %tkv.v178, align 4
+  %921 = load <16 x i32>, ptr %tkv.i179, align 4
+  %922 = shufflevector <16 x i32> %921, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %923 = select <16 x i1> %914, <16 x i32> %922, <16 x i32> %921
+  %924 = select <16 x i1> %913, <16 x i32> %917, <16 x i32> %923
+  store <16 x i32> %924, ptr %tkv.i179, align 4
+  %925 = shufflevector <16 x i32> %889, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %926 = select <16 x i1> %914, <16 x i32> %925, <16 x i32> %889
+  %927 = select <16 x i1> %913, <16 x i32> zeroinitializer, <16 x i32> %926
+  store <16 x i32> %927, ptr %tkv.k180, align 4
+  %928 = add nsw i32 %887, 1
+  %929 = icmp slt i32 %928, 16
+  %930 = select i1 %929, i32 %928, i32 16
+  store i32 %930, ptr %tkv.m181, align 4
+  br label %tkv.in.end197
 
-tkv.in.end201:                                    ; preds = %tkv.in.then200, %tkv.w.body198
-  br label %tkv.w.head197
+tkv.in.end197:                                    ; preds = %tkv.in.then196, %tkv.tail.body193
+  %931 = add nsw i64 %tkv.tail195, 1
+  br label %tkv.tail.head192
 
-tkv.w.end199:                                     ; preds = %tkv.w.head197
-  %949 = add nsw i64 %tkv.c196, 16
-  br label %tkv.c.head193
+tkv.tail.end194:                                  ; preds = %tkv.tail.head192
+  %932 = load i32, ptr %tkv.m181, align 4
+  %933 = zext i32 %932 to i64
+  %934 = load <16 x i32>, ptr %tkv.i179, align 4
+  %935 = icmp slt i64 0, %933
+  br i1 %935, label %tkv.out.then198, label %tkv.out.end199
 
-tkv.c.end195:                                     ; preds = %tkv.c.head193
-  br label %tkv.tail.head202
+tkv.out.then198:                                  ; preds = %tkv.tail.end194
+  %936 = getelementptr inbounds i64, ptr %ib, i64 0
+  %937 = extractelement <16 x i32> %934, i32 0
+  %938 = zext i32 %937 to i64
+  store i64 %938, ptr %936, align 8
+  br label %tkv.out.end199
 
-tkv.tail.head202:                                 ; preds = %tkv.in.end207, %tkv.c.end195
-  %tkv.tail205 = phi i64 [ 256, %tkv.c.end195 ], [ %1015, %tkv.in.end207 ]
-  %950 = icmp slt i64 %tkv.tail205, 256
-  br i1 %950, label %tkv.tail.body203, label %tkv.tail.end204
+tkv.out.end199:                                   ; preds = %tkv.out.then198, %tkv.tail.end194
+  %939 = icmp slt i64 1, %933
+  br i1 %939, label %tkv.out.then200, label %tkv.out.end201
 
-tkv.tail.body203:                                 ; preds = %tkv.tail.head202
-  %951 = getelementptr inbounds float, ptr %cv, i64 %tkv.tail205
-  %952 = load float, ptr %951, align 4
-  %953 = getelementptr inbounds i64, ptr %ck, i64 %tkv.tail205
-  %954 = load i64, ptr %953, align 8
-  %955 = trunc i64 %954 to i32
-  %956 = load i32, ptr %tkv.m191, align 4
-  %957 = load <16 x float>, ptr %tkv.v188, align 4
-  %958 = load <16 x i32>, ptr %tkv.k190, align 4
-  %959 = extractelement <16 x i32> %958, i32 15
-  %960 = extractelement <16 x float> %957, i32 15
-  %961 = fcmp uno float %952, %952
-  %962 = fcmp uno float %960, %960
-  %963 = fcmp one float %952, %960
-  %964 = xor i1 %961, true
-  %965 = and i1 %964, %963
-  %966 = icmp ult i32 %955, %959
-  %967 = fcmp ogt float %952, %960
-  %968 = select i1 %965, i1 %967, i1 %966
-  %969 = xor i1 %961, %962
-  %970 = select i1 %969, i1 %962, i1 %968
-  %971 = icmp slt i32 %956, 16
-  %972 = or i1 %971, %970
-  br i1 %972, label %tkv.in.then206, label %tkv.in.end207
+tkv.out.then200:                                  ; preds = %tkv.out.end199
+  %940 = getelementptr inbounds i64, ptr %ib, i64 1
+  %941 = extractelement <16 x i32> %934, i32 1
+  %942 = zext i32 %941 to i64
+  store i64 %942, ptr %940, align 8
+  br label %tkv.out.end201
 
-tkv.in.then206:                                   ; preds = %tkv.tail.body203
-  %973 = insertelement <16 x float> poison, float %952, i32 0
-  %974 = shufflevector <16 x float> %973, <16 x float> poison, <16 x i32> zeroinitializer
-  %975 = insertelement <16 x i32> poison, i32 %955, i32 0
-  %976 = shufflevector <16 x i32> %975, <16 x i32> poison, <16 x i32> zeroinitializer
-  %977 = insertelement <16 x i32> poison, i32 %956, i32 0
-  %978 = shufflevector <16 x i32> %977, <16 x i32> poison, <16 x i32> zeroinitializer
-  %979 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %978
-  %980 = fcmp uno <16 x float> %974, %974
-  %981 = fcmp uno <16 x float> %957, %957
-  %982 = fcmp one <16 x float> %974, %957
-  %983 = xor <16 x i1> %980, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
-  %984 = and <16 x i1> %983, %982
-  %985 = icmp ult <16 x i32> %976, %958
-  %986 = fcmp ogt <16 x float> %974, %957
-  %987 = select <16 x i1> %984, <16 x i1> %986, <16 x i1> %985
-  %988 = xor <16 x i1> %980, %981
-  %989 = select <16 x i1> %988, <16 x i1> %981, <16 x i1> %987
-  %990 = or <16 x i1> %989, %979
-  %991 = bitcast <16 x i1> %990 to i16
-  %992 = call i16 @llvm.cttz.i16(i16 %991, i1 false)
-  %993 = zext i16 %992 to i64
-  %994 = trunc i64 %993 to i32
-  %995 = insertelement <16 x i32> poison, i32 %994, i32 0
-  %996 = shufflevector <16 x i32> %995, <16 x i32> poison, <16 x i32> zeroinitializer
-  %997 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %996
-  %998 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %996
-  %999 = trunc i64 %tkv.tail205 to i32
-  %1000 = insertelement <16 x i32> poison, i32 %999, i32 0
-  %1001 = shufflevector <16 x i32> %1000, <16 x i32> poison, <16 x i32> zeroinitializer
-  %1002 = shufflevector <16 x float> %957, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %1003 = select <16 x i1> %998, <16 x float> %1002, <16 x float> %957
-  %1004 = select <16 x i1> %997, <16 x float> %974, <16 x float> %1003
-  store <16 x float> %1004, ptr %tkv.v188, align 4
-  %1005 = load <16 x i32>, ptr %tkv.i189, align 4
-  %1006 = shufflevector <16 x i32> %1005, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %1007 = select <16 x i1> %998, <16 x i32> %1006, <16 x i32> %1005
-  %1008 = select <16 x i1> %997, <16 x i32> %1001, <16 x i32> %1007
-  store <16 x i32> %1008, ptr %tkv.i189, align 4
-  %1009 = shufflevector <16 x i32> %958, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
-  %1010 = select <16 x i1> %998, <16 x i32> %1009, <16 x i32> %958
-  %1011 = select <16 x i1> %997, <16 x i32> %976, <16 x i32> %1010
-  store <16 x i32> %1011, ptr %tkv.k190, align 4
-  %1012 = add nsw i32 %956, 1
-  %1013 = icmp slt i32 %1012, 16
-  %1014 = select i1 %1013, i32 %1012, i32 16
-  store i32 %1014, ptr %tkv.m191, align 4
-  br label %tkv.in.end207
+tkv.out.end201:                                   ; preds = %tkv.out.then200, %tkv.out.end199
+  %943 = icmp slt i64 2, %933
+  br i1 %943, label %tkv.out.then202, label %tkv.out.end203
 
-tkv.in.end207:                                    ; preds = %tkv.in.then206, %tkv.tail.body203
-  %1015 = add nsw i64 %tkv.tail205, 1
-  br label %tkv.tail.head202
+tkv.out.then202:                                  ; preds = %tkv.out.end201
+  %944 = getelementptr inbounds i64, ptr %ib, i64 2
+  %945 = extractelement <16 x i32> %934, i32 2
+  %946 = zext i32 %945 to i64
+  store i64 %946, ptr %944, align 8
+  br label %tkv.out.end203
 
-tkv.tail.end204:                                  ; preds = %tkv.tail.head202
-  %1016 = load i32, ptr %tkv.m191, align 4
-  %1017 = zext i32 %1016 to i64
-  %1018 = load <16 x i32>, ptr %tkv.i189, align 4
-  %1019 = icmp slt i64 0, %1017
-  br i1 %1019, label %tkv.out.then208, label %tkv.out.end209
+tkv.out.end203:                                   ; preds = %tkv.out.then202, %tkv.out.end201
+  %947 = icmp slt i64 3, %933
+  br i1 %947, label %tkv.out.then204, label %tkv.out.end205
 
-tkv.out.then208:                                  ; preds = %tkv.tail.end204
-  %1020 = getelementptr inbounds i64, ptr %ic, i64 0
-  %1021 = extractelement <16 x i32> %1018, i32 0
-  %1022 = zext i32 %1021 to i64
-  store i64 %1022, ptr %1020, align 8
+tkv.out.then204:                                  ; preds = %tkv.out.end203
+  %948 = getelementptr inbounds i64, ptr %ib, i64 3
+  %949 = extractelement <16 x i32> %934, i32 3
+  %950 = zext i32 %949 to i64
+  store i64 %950, ptr %948, align 8
+  br label %tkv.out.end205
+
+tkv.out.end205:                                   ; preds = %tkv.out.then204, %tkv.out.end203
+  %951 = icmp slt i64 4, %933
+  br i1 %951, label %tkv.out.then206, label %tkv.out.end207
+
+tkv.out.then206:                                  ; preds = %tkv.out.end205
+  %952 = getelementptr inbounds i64, ptr %ib, i64 4
+  %953 = extractelement <16 x i32> %934, i32 4
+  %954 = zext i32 %953 to i64
+  store i64 %954, ptr %952, align 8
+  br label %tkv.out.end207
+
+tkv.out.end207:                                   ; preds = %tkv.out.then206, %tkv.out.end205
+  %955 = icmp slt i64 5, %933
+  br i1 %955, label %tkv.out.then208, label %tkv.out.end209
+
+tkv.out.then208:                                  ; preds = %tkv.out.end207
+  %956 = getelementptr inbounds i64, ptr %ib, i64 5
+  %957 = extractelement <16 x i32> %934, i32 5
+  %958 = zext i32 %957 to i64
+  store i64 %958, ptr %956, align 8
   br label %tkv.out.end209
 
-tkv.out.end209:                                   ; preds = %tkv.out.then208, %tkv.tail.end204
-  %1023 = icmp slt i64 1, %1017
-  br i1 %1023, label %tkv.out.then210, label %tkv.out.end211
+tkv.out.end209:                                   ; preds = %tkv.out.then208, %tkv.out.end207
+  %959 = icmp slt i64 6, %933
+  br i1 %959, label %tkv.out.then210, label %tkv.out.end211
 
 tkv.out.then210:                                  ; preds = %tkv.out.end209
-  %1024 = getelementptr inbounds i64, ptr %ic, i64 1
-  %1025 = extractelement <16 x i32> %1018, i32 1
-  %1026 = zext i32 %1025 to i64
-  store i64 %1026, ptr %1024, align 8
+  %960 = getelementptr inbounds i64, ptr %ib, i64 6
+  %961 = extractelement <16 x i32> %934, i32 6
+  %962 = zext i32 %961 to i64
+  store i64 %962, ptr %960, align 8
   br label %tkv.out.end211
 
 tkv.out.end211:                                   ; preds = %tkv.out.then210, %tkv.out.end209
-  %1027 = icmp slt i64 2, %1017
-  br i1 %1027, label %tkv.out.then212, label %tkv.out.end213
+  %963 = icmp slt i64 7, %933
+  br i1 %963, label %tkv.out.then212, label %tkv.out.end213
 
 tkv.out.then212:                                  ; preds = %tkv.out.end211
-  %1028 = getelementptr inbounds i64, ptr %ic, i64 2
-  %1029 = extractelement <16 x i32> %1018, i32 2
-  %1030 = zext i32 %1029 to i64
-  store i64 %1030, ptr %1028, align 8
+  %964 = getelementptr inbounds i64, ptr %ib, i64 7
+  %965 = extractelement <16 x i32> %934, i32 7
+  %966 = zext i32 %965 to i64
+  store i64 %966, ptr %964, align 8
   br label %tkv.out.end213
 
 tkv.out.end213:                                   ; preds = %tkv.out.then212, %tkv.out.end211
-  %1031 = icmp slt i64 3, %1017
-  br i1 %1031, label %tkv.out.then214, label %tkv.out.end215
+  %967 = icmp slt i64 8, %933
+  br i1 %967, label %tkv.out.then214, label %tkv.out.end215
 
 tkv.out.then214:                                  ; preds = %tkv.out.end213
-  %1032 = getelementptr inbounds i64, ptr %ic, i64 3
-  %1033 = extractelement <16 x i32> %1018, i32 3
-  %1034 = zext i32 %1033 to i64
-  store i64 %1034, ptr %1032, align 8
+  %968 = getelementptr inbounds i64, ptr %ib, i64 8
+  %969 = extractelement <16 x i32> %934, i32 8
+  %970 = zext i32 %969 to i64
+  store i64 %970, ptr %968, align 8
   br label %tkv.out.end215
 
 tkv.out.end215:                                   ; preds = %tkv.out.then214, %tkv.out.end213
-  %1035 = icmp slt i64 4, %1017
-  br i1 %1035, label %tkv.out.then216, label %tkv.out.end217
+  %971 = icmp slt i64 9, %933
+  br i1 %971, label %tkv.out.then216, label %tkv.out.end217
 
 tkv.out.then216:                                  ; preds = %tkv.out.end215
-  %1036 = getelementptr inbounds i64, ptr %ic, i64 4
-  %1037 = extractelement <16 x i32> %1018, i32 4
-  %1038 = zext i32 %1037 to i64
-  store i64 %1038, ptr %1036, align 8
+  %972 = getelementptr inbounds i64, ptr %ib, i64 9
+  %973 = extractelement <16 x i32> %934, i32 9
+  %974 = zext i32 %973 to i64
+  store i64 %974, ptr %972, align 8
   br label %tkv.out.end217
 
 tkv.out.end217:                                   ; preds = %tkv.out.then216, %tkv.out.end215
-  %1039 = icmp slt i64 5, %1017
-  br i1 %1039, label %tkv.out.then218, label %tkv.out.end219
+  %975 = icmp slt i64 10, %933
+  br i1 %975, label %tkv.out.then218, label %tkv.out.end219
 
 tkv.out.then218:                                  ; preds = %tkv.out.end217
-  %1040 = getelementptr inbounds i64, ptr %ic, i64 5
-  %1041 = extractelement <16 x i32> %1018, i32 5
-  %1042 = zext i32 %1041 to i64
-  store i64 %1042, ptr %1040, align 8
+  %976 = getelementptr inbounds i64, ptr %ib, i64 10
+  %977 = extractelement <16 x i32> %934, i32 10
+  %978 = zext i32 %977 to i64
+  store i64 %978, ptr %976, align 8
   br label %tkv.out.end219
 
 tkv.out.end219:                                   ; preds = %tkv.out.then218, %tkv.out.end217
-  %1043 = icmp slt i64 6, %1017
-  br i1 %1043, label %tkv.out.then220, label %tkv.out.end221
+  %979 = icmp slt i64 11, %933
+  br i1 %979, label %tkv.out.then220, label %tkv.out.end221
 
 tkv.out.then220:                                  ; preds = %tkv.out.end219
-  %1044 = getelementptr inbounds i64, ptr %ic, i64 6
-  %1045 = extractelement <16 x i32> %1018, i32 6
-  %1046 = zext i32 %1045 to i64
-  store i64 %1046, ptr %1044, align 8
+  %980 = getelementptr inbounds i64, ptr %ib, i64 11
+  %981 = extractelement <16 x i32> %934, i32 11
+  %982 = zext i32 %981 to i64
+  store i64 %982, ptr %980, align 8
   br label %tkv.out.end221
 
 tkv.out.end221:                                   ; preds = %tkv.out.then220, %tkv.out.end219
-  %1047 = icmp slt i64 7, %1017
-  br i1 %1047, label %tkv.out.then222, label %tkv.out.end223
+  %983 = icmp slt i64 12, %933
+  br i1 %983, label %tkv.out.then222, label %tkv.out.end223
 
 tkv.out.then222:                                  ; preds = %tkv.out.end221
-  %1048 = getelementptr inbounds i64, ptr %ic, i64 7
-  %1049 = extractelement <16 x i32> %1018, i32 7
-  %1050 = zext i32 %1049 to i64
-  store i64 %1050, ptr %1048, align 8
+  %984 = getelementptr inbounds i64, ptr %ib, i64 12
+  %985 = extractelement <16 x i32> %934, i32 12
+  %986 = zext i32 %985 to i64
+  store i64 %986, ptr %984, align 8
   br label %tkv.out.end223
 
 tkv.out.end223:                                   ; preds = %tkv.out.then222, %tkv.out.end221
-  %1051 = icmp slt i64 8, %1017
-  br i1 %1051, label %tkv.out.then224, label %tkv.out.end225
+  %987 = icmp slt i64 13, %933
+  br i1 %987, label %tkv.out.then224, label %tkv.out.end225
 
 tkv.out.then224:                                  ; preds = %tkv.out.end223
-  %1052 = getelementptr inbounds i64, ptr %ic, i64 8
-  %1053 = extractelement <16 x i32> %1018, i32 8
-  %1054 = zext i32 %1053 to i64
-  store i64 %1054, ptr %1052, align 8
+  %988 = getelementptr inbounds i64, ptr %ib, i64 13
+  %989 = extractelement <16 x i32> %934, i32 13
+  %990 = zext i32 %989 to i64
+  store i64 %990, ptr %988, align 8
   br label %tkv.out.end225
 
 tkv.out.end225:                                   ; preds = %tkv.out.then224, %tkv.out.end223
-  %1055 = icmp slt i64 9, %1017
-  br i1 %1055, label %tkv.out.then226, label %tkv.out.end227
+  %991 = icmp slt i64 14, %933
+  br i1 %991, label %tkv.out.then226, label %tkv.out.end227
 
 tkv.out.then226:                                  ; preds = %tkv.out.end225
-  %1056 = getelementptr inbounds i64, ptr %ic, i64 9
-  %1057 = extractelement <16 x i32> %1018, i32 9
-  %1058 = zext i32 %1057 to i64
-  store i64 %1058, ptr %1056, align 8
+  %992 = getelementptr inbounds i64, ptr %ib, i64 14
+  %993 = extractelement <16 x i32> %934, i32 14
+  %994 = zext i32 %993 to i64
+  store i64 %994, ptr %992, align 8
   br label %tkv.out.end227
 
 tkv.out.end227:                                   ; preds = %tkv.out.then226, %tkv.out.end225
-  %1059 = icmp slt i64 10, %1017
-  br i1 %1059, label %tkv.out.then228, label %tkv.out.end229
+  %995 = icmp slt i64 15, %933
+  br i1 %995, label %tkv.out.then228, label %tkv.out.end229
 
 tkv.out.then228:                                  ; preds = %tkv.out.end227
-  %1060 = getelementptr inbounds i64, ptr %ic, i64 10
-  %1061 = extractelement <16 x i32> %1018, i32 10
-  %1062 = zext i32 %1061 to i64
-  store i64 %1062, ptr %1060, align 8
+  %996 = getelementptr inbounds i64, ptr %ib, i64 15
+  %997 = extractelement <16 x i32> %934, i32 15
+  %998 = zext i32 %997 to i64
+  store i64 %998, ptr %996, align 8
   br label %tkv.out.end229
 
 tkv.out.end229:                                   ; preds = %tkv.out.then228, %tkv.out.end227
-  %1063 = icmp slt i64 11, %1017
-  br i1 %1063, label %tkv.out.then230, label %tkv.out.end231
+  br label %ca.head
 
-tkv.out.then230:                                  ; preds = %tkv.out.end229
-  %1064 = getelementptr inbounds i64, ptr %ic, i64 11
-  %1065 = extractelement <16 x i32> %1018, i32 11
-  %1066 = zext i32 %1065 to i64
-  store i64 %1066, ptr %1064, align 8
-  br label %tkv.out.end231
+ca.head:                                          ; preds = %cb.end, %tkv.out.end229
+  %ca = phi i64 [ 0, %tkv.out.end229 ], [ %1017, %cb.end ]
+  %999 = icmp slt i64 %ca, 16
+  br i1 %999, label %ca.body, label %ca.end
 
-tkv.out.end231:                                   ; preds = %tkv.out.then230, %tkv.out.end229
-  %1067 = icmp slt i64 12, %1017
-  br i1 %1067, label %tkv.out.then232, label %tkv.out.end233
+ca.body:                                          ; preds = %ca.head
+  %1000 = getelementptr inbounds i64, ptr %ia, i64 %ca
+  %1001 = load i64, ptr %1000, align 8
+  %1002 = getelementptr inbounds float, ptr %626, i64 %1001
+  %1003 = load float, ptr %1002, align 4
+  br label %cb.head
 
-tkv.out.then232:                                  ; preds = %tkv.out.end231
-  %1068 = getelementptr inbounds i64, ptr %ic, i64 12
-  %1069 = extractelement <16 x i32> %1018, i32 12
-  %1070 = zext i32 %1069 to i64
-  store i64 %1070, ptr %1068, align 8
-  br label %tkv.out.end233
+cb.head:                                          ; preds = %cb.body, %ca.body
+  %cb = phi i64 [ 0, %ca.body ], [ %1016, %cb.body ]
+  %1004 = icmp slt i64 %cb, 16
+  br i1 %1004, label %cb.body, label %cb.end
 
-tkv.out.end233:                                   ; preds = %tkv.out.then232, %tkv.out.end231
-  %1071 = icmp slt i64 13, %1017
-  br i1 %1071, label %tkv.out.then234, label %tkv.out.end235
+cb.body:                                          ; preds = %cb.head
+  %1005 = getelementptr inbounds i64, ptr %ib, i64 %cb
+  %1006 = load i64, ptr %1005, align 8
+  %1007 = mul nsw i64 %ca, 16
+  %1008 = add nsw i64 %1007, %cb
+  %1009 = getelementptr inbounds float, ptr %813, i64 %1006
+  %1010 = load float, ptr %1009, align 4
+  %1011 = fadd float %1003, %1010
+  %1012 = getelementptr inbounds float, ptr %cv, i64 %1008
+  store float %1011, ptr %1012, align 4
+  %1013 = getelementptr inbounds i64, ptr %ck, i64 %1008
+  %1014 = mul nsw i64 %1001, 1024
+  %1015 = add nsw i64 %1014, %1006
+  store i64 %1015, ptr %1013, align 8
+  %1016 = add nsw i64 %cb, 1
+  br label %cb.head
 
-tkv.out.then234:                                  ; preds = %tkv.out.end233
-  %1072 = getelementptr inbounds i64, ptr %ic, i64 13
-  %1073 = extractelement <16 x i32> %1018, i32 13
-  %1074 = zext i32 %1073 to i64
-  store i64 %1074, ptr %1072, align 8
-  br label %tkv.out.end235
+cb.end:                                           ; preds = %cb.head
+  %1017 = add nsw i64 %ca, 1
+  br label %ca.head
 
-tkv.out.end235:                                   ; preds = %tkv.out.then234, %tkv.out.end233
-  %1075 = icmp slt i64 14, %1017
-  br i1 %1075, label %tkv.out.then236, label %tkv.out.end237
+ca.end:                                           ; preds = %ca.head
+  store <16 x float> zeroinitializer, ptr %tkv.v230, align 4
+  store <16 x i32> zeroinitializer, ptr %tkv.i231, align 4
+  store <16 x i32> zeroinitializer, ptr %tkv.k232, align 4
+  store i32 0, ptr %tkv.m233, align 4
+  br label %tkv.c.head235
 
-tkv.out.then236:                                  ; preds = %tkv.out.end235
-  %1076 = getelementptr inbounds i64, ptr %ic, i64 14
-  %1077 = extractelement <16 x i32> %1018, i32 14
-  %1078 = zext i32 %1077 to i64
-  store i64 %1078, ptr %1076, align 8
-  br label %tkv.out.end237
+tkv.c.head235:                                    ; preds = %tkv.w.end241, %ca.end
+  %tkv.c238 = phi i64 [ 0, %ca.end ], [ %1117, %tkv.w.end241 ]
+  %1018 = icmp slt i64 %tkv.c238, 256
+  br i1 %1018, label %tkv.c.body236, label %tkv.c.end237
 
-tkv.out.end237:                                   ; preds = %tkv.out.then236, %tkv.out.end235
-  %1079 = icmp slt i64 15, %1017
-  br i1 %1079, label %tkv.out.then238, label %tkv.out.end239
+tkv.c.body236:                                    ; preds = %tkv.c.head235
+  %1019 = load <16 x float>, ptr %tkv.v230, align 4
+  %1020 = load <16 x i32>, ptr %tkv.k232, align 4
+  %1021 = getelementptr inbounds float, ptr %cv, i64 %tkv.c238
+  %1022 = load <16 x float>, ptr %1021, align 4
+  %1023 = getelementptr inbounds i64, ptr %ck, i64 %tkv.c238
+  %1024 = load <16 x i64>, ptr %1023, align 8
+  %1025 = trunc <16 x i64> %1024 to <16 x i32>
+  %1026 = extractelement <16 x float> %1019, i32 15
+  %1027 = insertelement <16 x float> poison, float %1026, i32 0
+  %1028 = shufflevector <16 x float> %1027, <16 x float> poison, <16 x i32> zeroinitializer
+  %1029 = extractelement <16 x i32> %1020, i32 15
+  %1030 = insertelement <16 x i32> poison, i32 %1029, i32 0
+  %1031 = shufflevector <16 x i32> %1030, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1032 = fcmp uno <16 x float> %1022, %1022
+  %1033 = fcmp uno <16 x float> %1028, %1028
+  %1034 = fcmp one <16 x float> %1022, %1028
+  %1035 = xor <16 x i1> %1032, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
+  %1036 = and <16 x i1> %1035, %1034
+  %1037 = icmp ult <16 x i32> %1025, %1031
+  %1038 = fcmp ogt <16 x float> %1022, %1028
+  %1039 = select <16 x i1> %1036, <16 x i1> %1038, <16 x i1> %1037
+  %1040 = xor <16 x i1> %1032, %1033
+  %1041 = select <16 x i1> %1040, <16 x i1> %1033, <16 x i1> %1039
+  %1042 = bitcast <16 x i1> %1041 to i16
+  %1043 = load i32, ptr %tkv.m233, align 4
+  %1044 = icmp eq i32 %1043, 16
+  %1045 = select i1 %1044, i16 %1042, i16 -1
+  store i16 %1045, ptr %tkv.bits234, align 2
+  br label %tkv.w.head239
 
-tkv.out.then238:                                  ; preds = %tkv.out.end237
-  %1080 = getelementptr inbounds i64, ptr %ic, i64 15
-  %1081 = extractelement <16 x i32> %1018, i32 15
-  %1082 = zext i32 %1081 to i64
-  store i64 %1082, ptr %1080, align 8
-  br label %tkv.out.end239
+tkv.w.head239:                                    ; preds = %tkv.in.end243, %tkv.c.body236
+  %1046 = load i16, ptr %tkv.bits234, align 2
+  %1047 = icmp ne i16 %1046, 0
+  br i1 %1047, label %tkv.w.body240, label %tkv.w.end241
 
-tkv.out.end239:                                   ; preds = %tkv.out.then238, %tkv.out.end237
+tkv.w.body240:                                    ; preds = %tkv.w.head239
+  %1048 = call i16 @llvm.cttz.i16(i16 %1046, i1 true)
+  %1049 = zext i16 %1048 to i64
+  %1050 = sub i16 %1046, 1
+  %1051 = and i16 %1046, %1050
+  store i16 %1051, ptr %tkv.bits234, align 2
+  %1052 = add nsw i64 %tkv.c238, %1049
+  %1053 = getelementptr inbounds float, ptr %cv, i64 %1052
+  %1054 = load float, ptr %1053, align 4
+  %1055 = getelementptr inbounds i64, ptr %ck, i64 %1052
+  %1056 = load i64, ptr %1055, align 8
+  %1057 = trunc i64 %1056 to i32
+  %1058 = load i32, ptr %tkv.m233, align 4
+  %1059 = load <16 x float>, ptr %tkv.v230, align 4
+  %1060 = load <16 x i32>, ptr %tkv.k232, align 4
+  %1061 = extractelement <16 x i32> %1060, i32 15
+  %1062 = extractelement <16 x float> %1059, i32 15
+  %1063 = fcmp uno float %1054, %1054
+  %1064 = fcmp uno float %1062, %1062
+  %1065 = fcmp one float %1054, %1062
+  %1066 = xor i1 %1063, true
+  %1067 = and i1 %1066, %1065
+  %1068 = icmp ult i32 %1057, %1061
+  %1069 = fcmp ogt float %1054, %1062
+  %1070 = select i1 %1067, i1 %1069, i1 %1068
+  %1071 = xor i1 %1063, %1064
+  %1072 = select i1 %1071, i1 %1064, i1 %1070
+  %1073 = icmp slt i32 %1058, 16
+  %1074 = or i1 %1073, %1072
+  br i1 %1074, label %tkv.in.then242, label %tkv.in.end243
+
+tkv.in.then242:                                   ; preds = %tkv.w.body240
+  %1075 = insertelement <16 x float> poison, float %1054, i32 0
+  %1076 = shufflevector <16 x float> %1075, <16 x float> poison, <16 x i32> zeroinitializer
+  %1077 = insertelement <16 x i32> poison, i32 %1057, i32 0
+  %1078 = shufflevector <16 x i32> %1077, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1079 = insertelement <16 x i32> poison, i32 %1058, i32 0
+  %1080 = shufflevector <16 x i32> %1079, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1081 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %1080
+  %1082 = fcmp uno <16 x float> %1076, %1076
+  %1083 = fcmp uno <16 x float> %1059, %1059
+  %1084 = fcmp one <16 x float> %1076, %1059
+  %1085 = xor <16 x i1> %1082, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
+  %1086 = and <16 x i1> %1085, %1084
+  %1087 = icmp ult <16 x i32> %1078, %1060
+  %1088 = fcmp ogt <16 x float> %1076, %1059
+  %1089 = select <16 x i1> %1086, <16 x i1> %1088, <16 x i1> %1087
+  %1090 = xor <16 x i1> %1082, %1083
+  %1091 = select <16 x i1> %1090, <16 x i1> %1083, <16 x i1> %1089
+  %1092 = or <16 x i1> %1091, %1081
+  %1093 = bitcast <16 x i1> %1092 to i16
+  %1094 = call i16 @llvm.cttz.i16(i16 %1093, i1 false)
+  %1095 = zext i16 %1094 to i64
+  %1096 = trunc i64 %1095 to i32
+  %1097 = insertelement <16 x i32> poison, i32 %1096, i32 0
+  %1098 = shufflevector <16 x i32> %1097, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1099 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %1098
+  %1100 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %1098
+  %1101 = trunc i64 %1052 to i32
+  %1102 = insertelement <16 x i32> poison, i32 %1101, i32 0
+  %1103 = shufflevector <16 x i32> %1102, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1104 = shufflevector <16 x float> %1059, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %1105 = select <16 x i1> %1100, <16 x float> %1104, <16 x float> %1059
+  %1106 = select <16 x i1> %1099, <16 x float> %1076, <16 x float> %1105
+  store <16 x float> %1106, ptr %tkv.v230, align 4
+  %1107 = load <16 x i32>, ptr %tkv.i231, align 4
+  %1108 = shufflevector <16 x i32> %1107, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %1109 = select <16 x i1> %1100, <16 x i32> %1108, <16 x i32> %1107
+  %1110 = select <16 x i1> %1099, <16 x i32> %1103, <16 x i32> %1109
+  store <16 x i32> %1110, ptr %tkv.i231, align 4
+  %1111 = shufflevector <16 x i32> %1060, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %1112 = select <16 x i1> %1100, <16 x i32> %1111, <16 x i32> %1060
+  %1113 = select <16 x i1> %1099, <16 x i32> %1078, <16 x i32> %1112
+  store <16 x i32> %1113, ptr %tkv.k232, align 4
+  %1114 = add nsw i32 %1058, 1
+  %1115 = icmp slt i32 %1114, 16
+  %1116 = select i1 %1115, i32 %1114, i32 16
+  store i32 %1116, ptr %tkv.m233, align 4
+  br label %tkv.in.end243
+
+tkv.in.end243:                                    ; preds = %tkv.in.then242, %tkv.w.body240
+  br label %tkv.w.head239
+
+tkv.w.end241:                                     ; preds = %tkv.w.head239
+  %1117 = add nsw i64 %tkv.c238, 16
+  br label %tkv.c.head235
+
+tkv.c.end237:                                     ; preds = %tkv.c.head235
+  br label %tkv.tail.head244
+
+tkv.tail.head244:                                 ; preds = %tkv.in.end249, %tkv.c.end237
+  %tkv.tail247 = phi i64 [ 256, %tkv.c.end237 ], [ %1183, %tkv.in.end249 ]
+  %1118 = icmp slt i64 %tkv.tail247, 256
+  br i1 %1118, label %tkv.tail.body245, label %tkv.tail.end246
+
+tkv.tail.body245:                                 ; preds = %tkv.tail.head244
+  %1119 = getelementptr inbounds float, ptr %cv, i64 %tkv.tail247
+  %1120 = load float, ptr %1119, align 4
+  %1121 = getelementptr inbounds i64, ptr %ck, i64 %tkv.tail247
+  %1122 = load i64, ptr %1121, align 8
+  %1123 = trunc i64 %1122 to i32
+  %1124 = load i32, ptr %tkv.m233, align 4
+  %1125 = load <16 x float>, ptr %tkv.v230, align 4
+  %1126 = load <16 x i32>, ptr %tkv.k232, align 4
+  %1127 = extractelement <16 x i32> %1126, i32 15
+  %1128 = extractelement <16 x float> %1125, i32 15
+  %1129 = fcmp uno float %1120, %1120
+  %1130 = fcmp uno float %1128, %1128
+  %1131 = fcmp one float %1120, %1128
+  %1132 = xor i1 %1129, true
+  %1133 = and i1 %1132, %1131
+  %1134 = icmp ult i32 %1123, %1127
+  %1135 = fcmp ogt float %1120, %1128
+  %1136 = select i1 %1133, i1 %1135, i1 %1134
+  %1137 = xor i1 %1129, %1130
+  %1138 = select i1 %1137, i1 %1130, i1 %1136
+  %1139 = icmp slt i32 %1124, 16
+  %1140 = or i1 %1139, %1138
+  br i1 %1140, label %tkv.in.then248, label %tkv.in.end249
+
+tkv.in.then248:                                   ; preds = %tkv.tail.body245
+  %1141 = insertelement <16 x float> poison, float %1120, i32 0
+  %1142 = shufflevector <16 x float> %1141, <16 x float> poison, <16 x i32> zeroinitializer
+  %1143 = insertelement <16 x i32> poison, i32 %1123, i32 0
+  %1144 = shufflevector <16 x i32> %1143, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1145 = insertelement <16 x i32> poison, i32 %1124, i32 0
+  %1146 = shufflevector <16 x i32> %1145, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1147 = icmp uge <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %1146
+  %1148 = fcmp uno <16 x float> %1142, %1142
+  %1149 = fcmp uno <16 x float> %1125, %1125
+  %1150 = fcmp one <16 x float> %1142, %1125
+  %1151 = xor <16 x i1> %1148, <i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true, i1 true>
+  %1152 = and <16 x i1> %1151, %1150
+  %1153 = icmp ult <16 x i32> %1144, %1126
+  %1154 = fcmp ogt <16 x float> %1142, %1125
+  %1155 = select <16 x i1> %1152, <16 x i1> %1154, <16 x i1> %1153
+  %1156 = xor <16 x i1> %1148, %1149
+  %1157 = select <16 x i1> %1156, <16 x i1> %1149, <16 x i1> %1155
+  %1158 = or <16 x i1> %1157, %1147
+  %1159 = bitcast <16 x i1> %1158 to i16
+  %1160 = call i16 @llvm.cttz.i16(i16 %1159, i1 false)
+  %1161 = zext i16 %1160 to i64
+  %1162 = trunc i64 %1161 to i32
+  %1163 = insertelement <16 x i32> poison, i32 %1162, i32 0
+  %1164 = shufflevector <16 x i32> %1163, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1165 = icmp eq <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %1164
+  %1166 = icmp ugt <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>, %1164
+  %1167 = trunc i64 %tkv.tail247 to i32
+  %1168 = insertelement <16 x i32> poison, i32 %1167, i32 0
+  %1169 = shufflevector <16 x i32> %1168, <16 x i32> poison, <16 x i32> zeroinitializer
+  %1170 = shufflevector <16 x float> %1125, <16 x float> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %1171 = select <16 x i1> %1166, <16 x float> %1170, <16 x float> %1125
+  %1172 = select <16 x i1> %1165, <16 x float> %1142, <16 x float> %1171
+  store <16 x float> %1172, ptr %tkv.v230, align 4
+  %1173 = load <16 x i32>, ptr %tkv.i231, align 4
+  %1174 = shufflevector <16 x i32> %1173, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %1175 = select <16 x i1> %1166, <16 x i32> %1174, <16 x i32> %1173
+  %1176 = select <16 x i1> %1165, <16 x i32> %1169, <16 x i32> %1175
+  store <16 x i32> %1176, ptr %tkv.i231, align 4
+  %1177 = shufflevector <16 x i32> %1126, <16 x i32> poison, <16 x i32> <i32 0, i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14>
+  %1178 = select <16 x i1> %1166, <16 x i32> %1177, <16 x i32> %1126
+  %1179 = select <16 x i1> %1165, <16 x i32> %1144, <16 x i32> %1178
+  store <16 x i32> %1179, ptr %tkv.k232, align 4
+  %1180 = add nsw i32 %1124, 1
+  %1181 = icmp slt i32 %1180, 16
+  %1182 = select i1 %1181, i32 %1180, i32 16
+  store i32 %1182, ptr %tkv.m233, align 4
+  br label %tkv.in.end249
+
+tkv.in.end249:                                    ; preds = %tkv.in.then248, %tkv.tail.body245
+  %1183 = add nsw i64 %tkv.tail247, 1
+  br label %tkv.tail.head244
+
+tkv.tail.end246:                                  ; preds = %tkv.tail.head244
+  %1184 = load i32, ptr %tkv.m233, align 4
+  %1185 = zext i32 %1184 to i64
+  %1186 = load <16 x i32>, ptr %tkv.i231, align 4
+  %1187 = icmp slt i64 0, %1185
+  br i1 %1187, label %tkv.out.then250, label %tkv.out.end251
+
+tkv.out.then250:                                  ; preds = %tkv.tail.end246
+  %1188 = getelementptr inbounds i64, ptr %ic, i64 0
+  %1189 = extractelement <16 x i32> %1186, i32 0
+  %1190 = zext i32 %1189 to i64
+  store i64 %1190, ptr %1188, align 8
+  br label %tkv.out.end251
+
+tkv.out.end251:                                   ; preds = %tkv.out.then250, %tkv.tail.end246
+  %1191 = icmp slt i64 1, %1185
+  br i1 %1191, label %tkv.out.then252, label %tkv.out.end253
+
+tkv.out.then252:                                  ; preds = %tkv.out.end251
+  %1192 = getelementptr inbounds i64, ptr %ic, i64 1
+  %1193 = extractelement <16 x i32> %1186, i32 1
+  %1194 = zext i32 %1193 to i64
+  store i64 %1194, ptr %1192, align 8
+  br label %tkv.out.end253
+
+tkv.out.end253:                                   ; preds = %tkv.out.then252, %tkv.out.end251
+  %1195 = icmp slt i64 2, %1185
+  br i1 %1195, label %tkv.out.then254, label %tkv.out.end255
+
+tkv.out.then254:                                  ; preds = %tkv.out.end253
+  %1196 = getelementptr inbounds i64, ptr %ic, i64 2
+  %1197 = extractelement <16 x i32> %1186, i32 2
+  %1198 = zext i32 %1197 to i64
+  store i64 %1198, ptr %1196, align 8
+  br label %tkv.out.end255
+
+tkv.out.end255:                                   ; preds = %tkv.out.then254, %tkv.out.end253
+  %1199 = icmp slt i64 3, %1185
+  br i1 %1199, label %tkv.out.then256, label %tkv.out.end257
+
+tkv.out.then256:                                  ; preds = %tkv.out.end255
+  %1200 = getelementptr inbounds i64, ptr %ic, i64 3
+  %1201 = extractelement <16 x i32> %1186, i32 3
+  %1202 = zext i32 %1201 to i64
+  store i64 %1202, ptr %1200, align 8
+  br label %tkv.out.end257
+
+tkv.out.end257:                                   ; preds = %tkv.out.then256, %tkv.out.end255
+  %1203 = icmp slt i64 4, %1185
+  br i1 %1203, label %tkv.out.then258, label %tkv.out.end259
+
+tkv.out.then258:                                  ; preds = %tkv.out.end257
+  %1204 = getelementptr inbounds i64, ptr %ic, i64 4
+  %1205 = extractelement <16 x i32> %1186, i32 4
+  %1206 = zext i32 %1205 to i64
+  store i64 %1206, ptr %1204, align 8
+  br label %tkv.out.end259
+
+tkv.out.end259:                                   ; preds = %tkv.out.then258, %tkv.out.end257
+  %1207 = icmp slt i64 5, %1185
+  br i1 %1207, label %tkv.out.then260, label %tkv.out.end261
+
+tkv.out.then260:                                  ; preds = %tkv.out.end259
+  %1208 = getelementptr inbounds i64, ptr %ic, i64 5
+  %1209 = extractelement <16 x i32> %1186, i32 5
+  %1210 = zext i32 %1209 to i64
+  store i64 %1210, ptr %1208, align 8
+  br label %tkv.out.end261
+
+tkv.out.end261:                                   ; preds = %tkv.out.then260, %tkv.out.end259
+  %1211 = icmp slt i64 6, %1185
+  br i1 %1211, label %tkv.out.then262, label %tkv.out.end263
+
+tkv.out.then262:                                  ; preds = %tkv.out.end261
+  %1212 = getelementptr inbounds i64, ptr %ic, i64 6
+  %1213 = extractelement <16 x i32> %1186, i32 6
+  %1214 = zext i32 %1213 to i64
+  store i64 %1214, ptr %1212, align 8
+  br label %tkv.out.end263
+
+tkv.out.end263:                                   ; preds = %tkv.out.then262, %tkv.out.end261
+  %1215 = icmp slt i64 7, %1185
+  br i1 %1215, label %tkv.out.then264, label %tkv.out.end265
+
+tkv.out.then264:                                  ; preds = %tkv.out.end263
+  %1216 = getelementptr inbounds i64, ptr %ic, i64 7
+  %1217 = extractelement <16 x i32> %1186, i32 7
+  %1218 = zext i32 %1217 to i64
+  store i64 %1218, ptr %1216, align 8
+  br label %tkv.out.end265
+
+tkv.out.end265:                                   ; preds = %tkv.out.then264, %tkv.out.end263
+  %1219 = icmp slt i64 8, %1185
+  br i1 %1219, label %tkv.out.then266, label %tkv.out.end267
+
+tkv.out.then266:                                  ; preds = %tkv.out.end265
+  %1220 = getelementptr inbounds i64, ptr %ic, i64 8
+  %1221 = extractelement <16 x i32> %1186, i32 8
+  %1222 = zext i32 %1221 to i64
+  store i64 %1222, ptr %1220, align 8
+  br label %tkv.out.end267
+
+tkv.out.end267:                                   ; preds = %tkv.out.then266, %tkv.out.end265
+  %1223 = icmp slt i64 9, %1185
+  br i1 %1223, label %tkv.out.then268, label %tkv.out.end269
+
+tkv.out.then268:                                  ; preds = %tkv.out.end267
+  %1224 = getelementptr inbounds i64, ptr %ic, i64 9
+  %1225 = extractelement <16 x i32> %1186, i32 9
+  %1226 = zext i32 %1225 to i64
+  store i64 %1226, ptr %1224, align 8
+  br label %tkv.out.end269
+
+tkv.out.end269:                                   ; preds = %tkv.out.then268, %tkv.out.end267
+  %1227 = icmp slt i64 10, %1185
+  br i1 %1227, label %tkv.out.then270, label %tkv.out.end271
+
+tkv.out.then270:                                  ; preds = %tkv.out.end269
+  %1228 = getelementptr inbounds i64, ptr %ic, i64 10
+  %1229 = extractelement <16 x i32> %1186, i32 10
+  %1230 = zext i32 %1229 to i64
+  store i64 %1230, ptr %1228, align 8
+  br label %tkv.out.end271
+
+tkv.out.end271:                                   ; preds = %tkv.out.then270, %tkv.out.end269
+  %1231 = icmp slt i64 11, %1185
+  br i1 %1231, label %tkv.out.then272, label %tkv.out.end273
+
+tkv.out.then272:                                  ; preds = %tkv.out.end271
+  %1232 = getelementptr inbounds i64, ptr %ic, i64 11
+  %1233 = extractelement <16 x i32> %1186, i32 11
+  %1234 = zext i32 %1233 to i64
+  store i64 %1234, ptr %1232, align 8
+  br label %tkv.out.end273
+
+tkv.out.end273:                                   ; preds = %tkv.out.then272, %tkv.out.end271
+  %1235 = icmp slt i64 12, %1185
+  br i1 %1235, label %tkv.out.then274, label %tkv.out.end275
+
+tkv.out.then274:                                  ; preds = %tkv.out.end273
+  %1236 = getelementptr inbounds i64, ptr %ic, i64 12
+  %1237 = extractelement <16 x i32> %1186, i32 12
+  %1238 = zext i32 %1237 to i64
+  store i64 %1238, ptr %1236, align 8
+  br label %tkv.out.end275
+
+tkv.out.end275:                                   ; preds = %tkv.out.then274, %tkv.out.end273
+  %1239 = icmp slt i64 13, %1185
+  br i1 %1239, label %tkv.out.then276, label %tkv.out.end277
+
+tkv.out.then276:                                  ; preds = %tkv.out.end275
+  %1240 = getelementptr inbounds i64, ptr %ic, i64 13
+  %1241 = extractelement <16 x i32> %1186, i32 13
+  %1242 = zext i32 %1241 to i64
+  store i64 %1242, ptr %1240, align 8
+  br label %tkv.out.end277
+
+tkv.out.end277:                                   ; preds = %tkv.out.then276, %tkv.out.end275
+  %1243 = icmp slt i64 14, %1185
+  br i1 %1243, label %tkv.out.then278, label %tkv.out.end279
+
+tkv.out.then278:                                  ; preds = %tkv.out.end277
+  %1244 = getelementptr inbounds i64, ptr %ic, i64 14
+  %1245 = extractelement <16 x i32> %1186, i32 14
+  %1246 = zext i32 %1245 to i64
+  store i64 %1246, ptr %1244, align 8
+  br label %tkv.out.end279
+
+tkv.out.end279:                                   ; preds = %tkv.out.then278, %tkv.out.end277
+  %1247 = icmp slt i64 15, %1185
+  br i1 %1247, label %tkv.out.then280, label %tkv.out.end281
+
+tkv.out.then280:                                  ; preds = %tkv.out.end279
+  %1248 = getelementptr inbounds i64, ptr %ic, i64 15
+  %1249 = extractelement <16 x i32> %1186, i32 15
+  %1250 = zext i32 %1249 to i64
+  store i64 %1250, ptr %1248, align 8
+  br label %tkv.out.end281
+
+tkv.out.end281:                                   ; preds = %tkv.out.then280, %tkv.out.end279
   br label %gather.head
 
-gather.head:                                      ; preds = %gather.body, %tkv.out.end239
-  %gather = phi i64 [ 0, %tkv.out.end239 ], [ %1089, %gather.body ]
-  %1083 = icmp slt i64 %gather, 16
-  br i1 %1083, label %gather.body, label %gather.end
+gather.head:                                      ; preds = %gather.body, %tkv.out.end281
+  %gather = phi i64 [ 0, %tkv.out.end281 ], [ %1257, %gather.body ]
+  %1251 = icmp slt i64 %gather, 16
+  br i1 %1251, label %gather.body, label %gather.end
 
 gather.body:                                      ; preds = %gather.head
-  %1084 = getelementptr inbounds i64, ptr %ic, i64 %gather
-  %1085 = load i64, ptr %1084, align 8
-  %1086 = getelementptr inbounds float, ptr %cv, i64 %1085
-  %1087 = load float, ptr %1086, align 4
-  %1088 = getelementptr inbounds float, ptr %g, i64 %gather
-  store float %1087, ptr %1088, align 4
-  %1089 = add nsw i64 %gather, 1
+  %1252 = getelementptr inbounds i64, ptr %ic, i64 %gather
+  %1253 = load i64, ptr %1252, align 8
+  %1254 = getelementptr inbounds float, ptr %cv, i64 %1253
+  %1255 = load float, ptr %1254, align 4
+  %1256 = getelementptr inbounds float, ptr %g, i64 %gather
+  store float %1255, ptr %1256, align 4
+  %1257 = add nsw i64 %gather, 1
   br label %gather.head
 
 gather.end:                                       ; preds = %gather.head
@@ -2471,105 +2858,105 @@ gather.end:                                       ; preds = %gather.head
   br label %smax.head
 
 smax.head:                                        ; preds = %smax.body, %gather.end
-  %smax240 = phi i64 [ 0, %gather.end ], [ %1097, %smax.body ]
-  %1090 = icmp slt i64 %smax240, 16
-  br i1 %1090, label %smax.body, label %smax.end
+  %smax282 = phi i64 [ 0, %gather.end ], [ %1265, %smax.body ]
+  %1258 = icmp slt i64 %smax282, 16
+  br i1 %1258, label %smax.body, label %smax.end
 
 smax.body:                                        ; preds = %smax.head
-  %1091 = add nsw i64 0, %smax240
-  %1092 = getelementptr inbounds float, ptr %g, i64 %1091
-  %1093 = load float, ptr %1092, align 4
-  %1094 = load float, ptr %smax, align 4
-  %1095 = fcmp ogt float %1093, %1094
-  %1096 = select i1 %1095, float %1093, float %1094
-  store float %1096, ptr %smax, align 4
-  %1097 = add nsw i64 %smax240, 1
+  %1259 = add nsw i64 0, %smax282
+  %1260 = getelementptr inbounds float, ptr %g, i64 %1259
+  %1261 = load float, ptr %1260, align 4
+  %1262 = load float, ptr %smax, align 4
+  %1263 = fcmp ogt float %1261, %1262
+  %1264 = select i1 %1263, float %1261, float %1262
+  store float %1264, ptr %smax, align 4
+  %1265 = add nsw i64 %smax282, 1
   br label %smax.head
 
 smax.end:                                         ; preds = %smax.head
-  %1098 = load float, ptr %smax, align 4
+  %1266 = load float, ptr %smax, align 4
   store float 0.000000e+00, ptr %ssum, align 4
   br label %sexp.head
 
 sexp.head:                                        ; preds = %sexp.body, %smax.end
-  %sexp = phi i64 [ 0, %smax.end ], [ %1111, %sexp.body ]
-  %1099 = icmp slt i64 %sexp, 16
-  br i1 %1099, label %sexp.body, label %sexp.end
+  %sexp = phi i64 [ 0, %smax.end ], [ %1279, %sexp.body ]
+  %1267 = icmp slt i64 %sexp, 16
+  br i1 %1267, label %sexp.body, label %sexp.end
 
 sexp.body:                                        ; preds = %sexp.head
-  %1100 = add nsw i64 0, %sexp
-  %1101 = getelementptr inbounds float, ptr %g, i64 %1100
-  %1102 = load float, ptr %1101, align 4
-  %1103 = fsub float %1102, %1098
-  %1104 = fpext float %1103 to double
-  %1105 = call double @exp(double %1104)
-  %1106 = fptrunc double %1105 to float
-  %1107 = add nsw i64 0, %sexp
-  %1108 = getelementptr inbounds float, ptr %g, i64 %1107
-  store float %1106, ptr %1108, align 4
-  %1109 = load float, ptr %ssum, align 4
-  %1110 = fadd float %1109, %1106
-  store float %1110, ptr %ssum, align 4
-  %1111 = add nsw i64 %sexp, 1
+  %1268 = add nsw i64 0, %sexp
+  %1269 = getelementptr inbounds float, ptr %g, i64 %1268
+  %1270 = load float, ptr %1269, align 4
+  %1271 = fsub float %1270, %1266
+  %1272 = fpext float %1271 to double
+  %1273 = call double @exp(double %1272)
+  %1274 = fptrunc double %1273 to float
+  %1275 = add nsw i64 0, %sexp
+  %1276 = getelementptr inbounds float, ptr %g, i64 %1275
+  store float %1274, ptr %1276, align 4
+  %1277 = load float, ptr %ssum, align 4
+  %1278 = fadd float %1277, %1274
+  store float %1278, ptr %ssum, align 4
+  %1279 = add nsw i64 %sexp, 1
   br label %sexp.head
 
 sexp.end:                                         ; preds = %sexp.head
-  %1112 = load float, ptr %ssum, align 4
+  %1280 = load float, ptr %ssum, align 4
   br label %sdiv.head
 
 sdiv.head:                                        ; preds = %sdiv.body, %sexp.end
-  %sdiv = phi i64 [ 0, %sexp.end ], [ %1119, %sdiv.body ]
-  %1113 = icmp slt i64 %sdiv, 16
-  br i1 %1113, label %sdiv.body, label %sdiv.end
+  %sdiv = phi i64 [ 0, %sexp.end ], [ %1287, %sdiv.body ]
+  %1281 = icmp slt i64 %sdiv, 16
+  br i1 %1281, label %sdiv.body, label %sdiv.end
 
 sdiv.body:                                        ; preds = %sdiv.head
-  %1114 = add nsw i64 0, %sdiv
-  %1115 = getelementptr inbounds float, ptr %g, i64 %1114
-  %1116 = load float, ptr %1115, align 4
-  %1117 = fdiv float %1116, %1112
-  %1118 = getelementptr inbounds float, ptr %g, i64 %1114
-  store float %1117, ptr %1118, align 4
-  %1119 = add nsw i64 %sdiv, 1
+  %1282 = add nsw i64 0, %sdiv
+  %1283 = getelementptr inbounds float, ptr %g, i64 %1282
+  %1284 = load float, ptr %1283, align 4
+  %1285 = fdiv float %1284, %1280
+  %1286 = getelementptr inbounds float, ptr %g, i64 %1282
+  store float %1285, ptr %1286, align 4
+  %1287 = add nsw i64 %sdiv, 1
   br label %sdiv.head
 
 sdiv.end:                                         ; preds = %sdiv.head
-  %1120 = mul nsw i64 %hd, 16
-  %1121 = mul nsw i64 %tok, 128
-  %1122 = add nsw i64 %1121, %1120
+  %1288 = mul nsw i64 %hd, 16
+  %1289 = mul nsw i64 %tok, 128
+  %1290 = add nsw i64 %1289, %1288
   br label %out.head
 
 out.head:                                         ; preds = %out.body, %sdiv.end
-  %out = phi i64 [ 0, %sdiv.end ], [ %1135, %out.body ]
-  %1123 = icmp slt i64 %out, 16
-  br i1 %1123, label %out.body, label %out.end
+  %out = phi i64 [ 0, %sdiv.end ], [ %1303, %out.body ]
+  %1291 = icmp slt i64 %out, 16
+  br i1 %1291, label %out.body, label %out.end
 
 out.body:                                         ; preds = %out.head
-  %1124 = add nsw i64 %1122, %out
-  %1125 = getelementptr inbounds i32, ptr %ids, i64 %1124
-  %1126 = getelementptr inbounds i64, ptr %ic, i64 %out
-  %1127 = load i64, ptr %1126, align 8
-  %1128 = getelementptr inbounds i64, ptr %ck, i64 %1127
-  %1129 = load i64, ptr %1128, align 8
-  %1130 = trunc i64 %1129 to i32
-  store i32 %1130, ptr %1125, align 4
-  %1131 = getelementptr inbounds float, ptr %g, i64 %out
-  %1132 = load float, ptr %1131, align 4
-  %1133 = fmul float %1132, 1.000000e+00
-  %1134 = getelementptr inbounds float, ptr %weights, i64 %1124
-  store float %1133, ptr %1134, align 4
-  %1135 = add nsw i64 %out, 1
+  %1292 = add nsw i64 %1290, %out
+  %1293 = getelementptr inbounds i32, ptr %ids, i64 %1292
+  %1294 = getelementptr inbounds i64, ptr %ic, i64 %out
+  %1295 = load i64, ptr %1294, align 8
+  %1296 = getelementptr inbounds i64, ptr %ck, i64 %1295
+  %1297 = load i64, ptr %1296, align 8
+  %1298 = trunc i64 %1297 to i32
+  store i32 %1298, ptr %1293, align 4
+  %1299 = getelementptr inbounds float, ptr %g, i64 %out
+  %1300 = load float, ptr %1299, align 4
+  %1301 = fmul float %1300, 1.000000e+00
+  %1302 = getelementptr inbounds float, ptr %weights, i64 %1292
+  store float %1301, ptr %1302, align 4
+  %1303 = add nsw i64 %out, 1
   br label %out.head
 
 out.end:                                          ; preds = %out.head
-  %1136 = add nsw i64 %head, 1
+  %1304 = add nsw i64 %head, 1
   br label %head.head
 
 head.end:                                         ; preds = %head.head
-  %1137 = add nsw i64 %hgroup, 8
+  %1305 = add nsw i64 %hgroup, 8
   br label %hgroup.head
 
 hgroup.end:                                       ; preds = %hgroup.head
-  %1138 = add nsw i64 %tok, 1
+  %1306 = add nsw i64 %tok, 1
   br label %tok.head
 
 tok.end:                                          ; preds = %tok.head
@@ -2577,7 +2964,7 @@ tok.end:                                          ; preds = %tok.head
 }
 
 ; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
-declare i16 @llvm.cttz.i16(i16, i1 immarg) #1
+declare i16 @llvm.cttz.i16(i16, i1 immarg) #2
 
 ; Function Attrs: nounwind
 declare double @exp(double) #0
@@ -2636,7 +3023,7 @@ slot.body:                                        ; preds = %slot.head
   %12 = add nsw i64 %11, %slot
   %13 = mul nsw i64 %t1, 128
   %14 = sub nsw i64 %13, 1
-  %15 = add nsw i64 %12, 2
+  %15 = add nsw i64 %12, 4
   %16 = icmp slt i64 %15, %14
   %17 = select i1 %16, i64 %15, i64 %14
   %18 = getelementptr inbounds i32, ptr %ids, i64 %17
@@ -2664,7 +3051,7 @@ slot.then:                                        ; preds = %slot.body
   br label %dot.head
 
 dot.head:                                         ; preds = %dot.body, %slot.then
-  %dot = phi i64 [ 0, %slot.then ], [ %74, %dot.body ]
+  %dot = phi i64 [ 0, %slot.then ], [ %72, %dot.body ]
   %33 = icmp slt i64 %dot, 1024
   br i1 %33, label %dot.body, label %dot.end
 
@@ -2673,99 +3060,98 @@ dot.body:                                         ; preds = %dot.head
   %35 = add nsw i64 %23, %34
   %36 = getelementptr inbounds float, ptr %u, i64 %35
   call void @llvm.prefetch.p0(ptr %36, i32 0, i32 2, i32 1)
-  %37 = getelementptr inbounds float, ptr %v, i64 %35
-  call void @llvm.prefetch.p0(ptr %37, i32 0, i32 2, i32 1)
-  %38 = add nsw i64 %dot, 16
-  %39 = add nsw i64 %23, %38
-  %40 = getelementptr inbounds float, ptr %u, i64 %39
-  call void @llvm.prefetch.p0(ptr %40, i32 0, i32 2, i32 1)
-  %41 = getelementptr inbounds float, ptr %v, i64 %39
-  call void @llvm.prefetch.p0(ptr %41, i32 0, i32 2, i32 1)
-  %42 = add nsw i64 %dot, 0
-  %43 = getelementptr inbounds double, ptr %xd, i64 %42
-  %44 = load <8 x double>, ptr %43, align 8
-  %45 = getelementptr inbounds float, ptr %31, i64 %42
-  %46 = load <8 x float>, ptr %45, align 4
-  %47 = fpext <8 x float> %46 to <8 x double>
-  %48 = load <8 x double>, ptr %dacc, align 8
-  %49 = call <8 x double> @llvm.fma.v8f64(<8 x double> %44, <8 x double> %47, <8 x double> %48)
-  store <8 x double> %49, ptr %dacc, align 8
-  %50 = add nsw i64 %dot, 8
-  %51 = getelementptr inbounds double, ptr %xd, i64 %50
-  %52 = load <8 x double>, ptr %51, align 8
-  %53 = getelementptr inbounds float, ptr %31, i64 %50
-  %54 = load <8 x float>, ptr %53, align 4
-  %55 = fpext <8 x float> %54 to <8 x double>
-  %56 = load <8 x double>, ptr %dacc1, align 8
-  %57 = call <8 x double> @llvm.fma.v8f64(<8 x double> %52, <8 x double> %55, <8 x double> %56)
-  store <8 x double> %57, ptr %dacc1, align 8
-  %58 = add nsw i64 %dot, 16
-  %59 = getelementptr inbounds double, ptr %xd, i64 %58
-  %60 = load <8 x double>, ptr %59, align 8
-  %61 = getelementptr inbounds float, ptr %31, i64 %58
-  %62 = load <8 x float>, ptr %61, align 4
-  %63 = fpext <8 x float> %62 to <8 x double>
-  %64 = load <8 x double>, ptr %dacc2, align 8
-  %65 = call <8 x double> @llvm.fma.v8f64(<8 x double> %60, <8 x double> %63, <8 x double> %64)
-  store <8 x double> %65, ptr %dacc2, align 8
-  %66 = add nsw i64 %dot, 24
-  %67 = getelementptr inbounds double, ptr %xd, i64 %66
-  %68 = load <8 x double>, ptr %67, align 8
-  %69 = getelementptr inbounds float, ptr %31, i64 %66
-  %70 = load <8 x float>, ptr %69, align 4
-  %71 = fpext <8 x float> %70 to <8 x double>
-  %72 = load <8 x double>, ptr %dacc3, align 8
-  %73 = call <8 x double> @llvm.fma.v8f64(<8 x double> %68, <8 x double> %71, <8 x double> %72)
-  store <8 x double> %73, ptr %dacc3, align 8
-  %74 = add nsw i64 %dot, 32
+  %37 = add nsw i64 %dot, 16
+  %38 = add nsw i64 %23, %37
+  %39 = getelementptr inbounds float, ptr %u, i64 %38
+  call void @llvm.prefetch.p0(ptr %39, i32 0, i32 2, i32 1)
+  %40 = add nsw i64 %dot, 0
+  %41 = getelementptr inbounds double, ptr %xd, i64 %40
+  %42 = load <8 x double>, ptr %41, align 8
+  %43 = getelementptr inbounds float, ptr %31, i64 %40
+  %44 = load <8 x float>, ptr %43, align 4
+  %45 = fpext <8 x float> %44 to <8 x double>
+  %46 = load <8 x double>, ptr %dacc, align 8
+  %47 = call <8 x double> @llvm.fma.v8f64(<8 x double> %42, <8 x double> %45, <8 x double> %46)
+  store <8 x double> %47, ptr %dacc, align 8
+  %48 = add nsw i64 %dot, 8
+  %49 = getelementptr inbounds double, ptr %xd, i64 %48
+  %50 = load <8 x double>, ptr %49, align 8
+  %51 = getelementptr inbounds float, ptr %31, i64 %48
+  %52 = load <8 x float>, ptr %51, align 4
+  %53 = fpext <8 x float> %52 to <8 x double>
+  %54 = load <8 x double>, ptr %dacc1, align 8
+  %55 = call <8 x double> @llvm.fma.v8f64(<8 x double> %50, <8 x double> %53, <8 x double> %54)
+  store <8 x double> %55, ptr %dacc1, align 8
+  %56 = add nsw i64 %dot, 16
+  %57 = getelementptr inbounds double, ptr %xd, i64 %56
+  %58 = load <8 x double>, ptr %57, align 8
+  %59 = getelementptr inbounds float, ptr %31, i64 %56
+  %60 = load <8 x float>, ptr %59, align 4
+  %61 = fpext <8 x float> %60 to <8 x double>
+  %62 = load <8 x double>, ptr %dacc2, align 8
+  %63 = call <8 x double> @llvm.fma.v8f64(<8 x double> %58, <8 x double> %61, <8 x double> %62)
+  store <8 x double> %63, ptr %dacc2, align 8
+  %64 = add nsw i64 %dot, 24
+  %65 = getelementptr inbounds double, ptr %xd, i64 %64
+  %66 = load <8 x double>, ptr %65, align 8
+  %67 = getelementptr inbounds float, ptr %31, i64 %64
+  %68 = load <8 x float>, ptr %67, align 4
+  %69 = fpext <8 x float> %68 to <8 x double>
+  %70 = load <8 x double>, ptr %dacc3, align 8
+  %71 = call <8 x double> @llvm.fma.v8f64(<8 x double> %66, <8 x double> %69, <8 x double> %70)
+  store <8 x double> %71, ptr %dacc3, align 8
+  %72 = add nsw i64 %dot, 32
   br label %dot.head
 
 dot.end:                                          ; preds = %dot.head
-  %75 = load <8 x double>, ptr %dacc, align 8
-  %76 = load <8 x double>, ptr %dacc3, align 8
-  %77 = load <8 x double>, ptr %dacc2, align 8
-  %78 = fadd <8 x double> %77, %76
-  %79 = load <8 x double>, ptr %dacc1, align 8
-  %80 = fadd <8 x double> %75, %79
-  %81 = fadd <8 x double> %80, %78
-  %82 = extractelement <8 x double> %81, i32 0
-  %83 = fadd double 0.000000e+00, %82
-  %84 = extractelement <8 x double> %81, i32 1
+  %73 = load <8 x double>, ptr %dacc, align 8
+  %74 = load <8 x double>, ptr %dacc3, align 8
+  %75 = load <8 x double>, ptr %dacc2, align 8
+  %76 = fadd <8 x double> %75, %74
+  %77 = load <8 x double>, ptr %dacc1, align 8
+  %78 = fadd <8 x double> %73, %77
+  %79 = fadd <8 x double> %78, %76
+  %80 = extractelement <8 x double> %79, i32 0
+  %81 = fadd double 0.000000e+00, %80
+  %82 = extractelement <8 x double> %79, i32 1
+  %83 = fadd double %81, %82
+  %84 = extractelement <8 x double> %79, i32 2
   %85 = fadd double %83, %84
-  %86 = extractelement <8 x double> %81, i32 2
+  %86 = extractelement <8 x double> %79, i32 3
   %87 = fadd double %85, %86
-  %88 = extractelement <8 x double> %81, i32 3
+  %88 = extractelement <8 x double> %79, i32 4
   %89 = fadd double %87, %88
-  %90 = extractelement <8 x double> %81, i32 4
+  %90 = extractelement <8 x double> %79, i32 5
   %91 = fadd double %89, %90
-  %92 = extractelement <8 x double> %81, i32 5
+  %92 = extractelement <8 x double> %79, i32 6
   %93 = fadd double %91, %92
-  %94 = extractelement <8 x double> %81, i32 6
+  %94 = extractelement <8 x double> %79, i32 7
   %95 = fadd double %93, %94
-  %96 = extractelement <8 x double> %81, i32 7
-  %97 = fadd double %95, %96
-  store double %97, ptr %dtail, align 8
-  %98 = load double, ptr %dtail, align 8
-  %99 = fptrunc double %98 to float
-  %100 = fpext float %99 to double
-  %101 = fcmp ogt float %99, 0.000000e+00
-  %102 = select i1 %101, float %99, float 0.000000e+00
-  %103 = insertelement <8 x float> poison, float %102, i32 0
+  store double %95, ptr %dtail, align 8
+  %96 = load double, ptr %dtail, align 8
+  %97 = fptrunc double %96 to float
+  %98 = fpext float %97 to double
+  %99 = fcmp ogt float %97, 0.000000e+00
+  %100 = select i1 %99, float %97, float 0.000000e+00
+  %101 = insertelement <8 x float> poison, float %100, i32 0
+  %102 = shufflevector <8 x float> %101, <8 x float> poison, <8 x i32> zeroinitializer
+  %103 = insertelement <8 x float> poison, float %28, i32 0
   %104 = shufflevector <8 x float> %103, <8 x float> poison, <8 x i32> zeroinitializer
-  %105 = insertelement <8 x float> poison, float %28, i32 0
-  %106 = shufflevector <8 x float> %105, <8 x float> poison, <8 x i32> zeroinitializer
   br label %axpy.head
 
 axpy.head:                                        ; preds = %axpy.body, %dot.end
   %axpy = phi i64 [ 0, %dot.end ], [ %116, %axpy.body ]
-  %107 = icmp slt i64 %axpy, 1024
-  br i1 %107, label %axpy.body, label %axpy.end
+  %105 = icmp slt i64 %axpy, 1024
+  br i1 %105, label %axpy.body, label %axpy.end
 
 axpy.body:                                        ; preds = %axpy.head
+  %106 = add nsw i64 %23, %axpy
+  %107 = getelementptr inbounds float, ptr %v, i64 %106
+  call void @llvm.prefetch.p0(ptr %107, i32 0, i32 2, i32 1)
   %108 = getelementptr inbounds float, ptr %32, i64 %axpy
   %109 = load <8 x float>, ptr %108, align 4
-  %110 = fmul <8 x float> %104, %109
-  %111 = fmul <8 x float> %106, %110
+  %110 = fmul <8 x float> %102, %109
+  %111 = fmul <8 x float> %104, %110
   %112 = getelementptr inbounds double, ptr %acc, i64 %axpy
   %113 = load <8 x double>, ptr %112, align 8
   %114 = fpext <8 x float> %111 to <8 x double>
@@ -2808,12 +3194,9 @@ t.end:                                            ; preds = %t.head
   ret void
 }
 
-; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
-declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #2
-
 ; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
-declare <8 x double> @llvm.fma.v8f64(<8 x double>, <8 x double>, <8 x double>) #1
+declare <8 x double> @llvm.fma.v8f64(<8 x double>, <8 x double>, <8 x double>) #2
 
 attributes #0 = { nounwind }
-attributes #1 = { nocallback nofree nosync nounwind speculatable willreturn memory(none) }
-attributes #2 = { nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite) }
+attributes #1 = { nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite) }
+attributes #2 = { nocallback nofree nosync nounwind speculatable willreturn memory(none) }

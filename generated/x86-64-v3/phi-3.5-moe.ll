@@ -20,27 +20,27 @@ entry:
   %qacc1 = alloca <16 x float>, align 32
   %qacc2 = alloca <16 x float>, align 32
   %qacc3 = alloca <16 x float>, align 32
-  %qacc8 = alloca <8 x float>, align 32
-  %qacc9 = alloca <8 x float>, align 32
-  %qacc10 = alloca <8 x float>, align 32
-  %qacc11 = alloca <8 x float>, align 32
-  %qacc20 = alloca <16 x float>, align 32
-  %qacc21 = alloca <16 x float>, align 32
-  %qacc36 = alloca <8 x float>, align 32
+  %qacc12 = alloca <8 x float>, align 32
+  %qacc13 = alloca <8 x float>, align 32
+  %qacc14 = alloca <8 x float>, align 32
+  %qacc15 = alloca <8 x float>, align 32
+  %qacc30 = alloca <16 x float>, align 32
+  %qacc31 = alloca <16 x float>, align 32
+  %qacc52 = alloca <8 x float>, align 32
   %arg = alloca i64, align 32
   %smax = alloca float, align 32
   %ssum = alloca float, align 32
-  %smax50 = alloca float, align 32
-  %ssum51 = alloca float, align 32
-  %smax64 = alloca float, align 32
-  %ssum65 = alloca float, align 32
+  %smax68 = alloca float, align 32
+  %ssum69 = alloca float, align 32
+  %smax82 = alloca float, align 32
+  %ssum83 = alloca float, align 32
   br label %start
 
 start:                                            ; preds = %entry
   br label %tg.head
 
 tg.head:                                          ; preds = %t.end, %start
-  %tg = phi i64 [ %t0, %start ], [ %408, %t.end ]
+  %tg = phi i64 [ %t0, %start ], [ %492, %t.end ]
   %0 = icmp slt i64 %tg, %t1
   br i1 %0, label %tg.body, label %tg.end
 
@@ -55,417 +55,545 @@ tg.body:                                          ; preds = %tg.head
   br label %qb.head
 
 qb.head:                                          ; preds = %rb.end, %tg.body
-  %qb = phi i64 [ 0, %tg.body ], [ %84, %rb.end ]
+  %qb = phi i64 [ 0, %tg.body ], [ %105, %rb.end ]
   %6 = icmp slt i64 %qb, 2
   br i1 %6, label %qb.body, label %qb.end
 
 qb.body:                                          ; preds = %qb.head
   %7 = mul nsw i64 %qb, 8
+  %8 = sub nsw i64 %full, 0
+  %ntile = sdiv i64 %8, 4
+  %9 = icmp sge i64 %ntile, 2
+  %10 = select i1 %9, i64 1, i64 0
+  %11 = icmp sge i64 %ntile, 4
+  %12 = select i1 %11, i64 2, i64 %10
+  %13 = icmp sge i64 %ntile, 8
+  %14 = select i1 %13, i64 3, i64 %12
+  %15 = add nsw i64 %qb, 2
+  %more = icmp slt i64 %15, 2
+  %16 = mul nsw i64 %15, 131072
+  %17 = getelementptr inbounds i8, ptr %router, i64 %16
   br label %rb.head
 
 rb.head:                                          ; preds = %qh.end, %qb.body
-  %rb = phi i64 [ 0, %qb.body ], [ %83, %qh.end ]
-  %8 = icmp slt i64 %rb, %full
-  br i1 %8, label %rb.body, label %rb.end
+  %rb = phi i64 [ 0, %qb.body ], [ %104, %qh.end ]
+  %18 = icmp slt i64 %rb, %full
+  br i1 %18, label %rb.body, label %rb.end
 
 rb.body:                                          ; preds = %rb.head
-  %9 = add nsw i64 %rb, 0
-  %10 = mul nsw i64 %9, 4096
-  %11 = getelementptr inbounds float, ptr %4, i64 %10
-  %12 = mul nsw i64 %9, 16
-  %13 = add nsw i64 %12, %7
-  %14 = getelementptr inbounds float, ptr %lb, i64 %13
-  %15 = add nsw i64 %rb, 1
-  %16 = mul nsw i64 %15, 4096
-  %17 = getelementptr inbounds float, ptr %4, i64 %16
-  %18 = mul nsw i64 %15, 16
-  %19 = add nsw i64 %18, %7
-  %20 = getelementptr inbounds float, ptr %lb, i64 %19
-  %21 = add nsw i64 %rb, 2
-  %22 = mul nsw i64 %21, 4096
-  %23 = getelementptr inbounds float, ptr %4, i64 %22
-  %24 = mul nsw i64 %21, 16
-  %25 = add nsw i64 %24, %7
-  %26 = getelementptr inbounds float, ptr %lb, i64 %25
-  %27 = add nsw i64 %rb, 3
+  %19 = sub nsw i64 %rb, 0
+  %j = sdiv i64 %19, 4
+  %20 = shl i64 1, %14
+  %21 = icmp slt i64 %j, %20
+  %22 = icmp sgt i64 %ntile, 1
+  %23 = and i1 %more, %22
+  %pf.on = and i1 %23, %21
+  %24 = mul nsw i64 %j, 262144
+  %25 = lshr i64 %24, %14
+  %26 = getelementptr inbounds i8, ptr %17, i64 %25
+  %27 = add nsw i64 %rb, 0
   %28 = mul nsw i64 %27, 4096
   %29 = getelementptr inbounds float, ptr %4, i64 %28
   %30 = mul nsw i64 %27, 16
   %31 = add nsw i64 %30, %7
   %32 = getelementptr inbounds float, ptr %lb, i64 %31
+  %33 = add nsw i64 %rb, 1
+  %34 = mul nsw i64 %33, 4096
+  %35 = getelementptr inbounds float, ptr %4, i64 %34
+  %36 = mul nsw i64 %33, 16
+  %37 = add nsw i64 %36, %7
+  %38 = getelementptr inbounds float, ptr %lb, i64 %37
+  %39 = add nsw i64 %rb, 2
+  %40 = mul nsw i64 %39, 4096
+  %41 = getelementptr inbounds float, ptr %4, i64 %40
+  %42 = mul nsw i64 %39, 16
+  %43 = add nsw i64 %42, %7
+  %44 = getelementptr inbounds float, ptr %lb, i64 %43
+  %45 = add nsw i64 %rb, 3
+  %46 = mul nsw i64 %45, 4096
+  %47 = getelementptr inbounds float, ptr %4, i64 %46
+  %48 = mul nsw i64 %45, 16
+  %49 = add nsw i64 %48, %7
+  %50 = getelementptr inbounds float, ptr %lb, i64 %49
   store <16 x float> zeroinitializer, ptr %qacc, align 4
   store <16 x float> zeroinitializer, ptr %qacc1, align 4
   store <16 x float> zeroinitializer, ptr %qacc2, align 4
   store <16 x float> zeroinitializer, ptr %qacc3, align 4
   br label %qh.head
 
-qh.head:                                          ; preds = %qh.body, %rb.body
-  %qh = phi i64 [ 0, %rb.body ], [ %74, %qh.body ]
-  %33 = icmp slt i64 %qh, 4096
-  br i1 %33, label %qh.body, label %qh.end
+qh.head:                                          ; preds = %pf.end, %rb.body
+  %qh = phi i64 [ 0, %rb.body ], [ %95, %pf.end ]
+  %51 = icmp slt i64 %qh, 4096
+  br i1 %51, label %qh.body, label %qh.end
 
 qh.body:                                          ; preds = %qh.head
-  %34 = add nsw i64 %qb, 0
-  %35 = mul nsw i64 %qh, 8
-  %36 = mul nsw i64 %34, 32768
-  %37 = add nsw i64 %36, %35
-  %38 = getelementptr inbounds float, ptr %router, i64 %37
-  %39 = load <8 x float>, ptr %38, align 4
-  %40 = add nsw i64 %qb, 1
-  %41 = mul nsw i64 %qh, 8
-  %42 = mul nsw i64 %40, 32768
-  %43 = add nsw i64 %42, %41
-  %44 = getelementptr inbounds float, ptr %router, i64 %43
-  %45 = load <8 x float>, ptr %44, align 4
-  %w16 = shufflevector <8 x float> %39, <8 x float> %45, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %46 = getelementptr inbounds float, ptr %11, i64 %qh
-  %47 = load float, ptr %46, align 4
-  %48 = insertelement <16 x float> poison, float %47, i32 0
-  %49 = shufflevector <16 x float> %48, <16 x float> poison, <16 x i32> zeroinitializer
-  %50 = load <16 x float>, ptr %qacc, align 4
-  %51 = fmul <16 x float> %49, %w16
-  %52 = fadd <16 x float> %50, %51
-  store <16 x float> %52, ptr %qacc, align 4
-  %53 = getelementptr inbounds float, ptr %17, i64 %qh
-  %54 = load float, ptr %53, align 4
-  %55 = insertelement <16 x float> poison, float %54, i32 0
-  %56 = shufflevector <16 x float> %55, <16 x float> poison, <16 x i32> zeroinitializer
-  %57 = load <16 x float>, ptr %qacc1, align 4
-  %58 = fmul <16 x float> %56, %w16
-  %59 = fadd <16 x float> %57, %58
-  store <16 x float> %59, ptr %qacc1, align 4
-  %60 = getelementptr inbounds float, ptr %23, i64 %qh
-  %61 = load float, ptr %60, align 4
-  %62 = insertelement <16 x float> poison, float %61, i32 0
-  %63 = shufflevector <16 x float> %62, <16 x float> poison, <16 x i32> zeroinitializer
-  %64 = load <16 x float>, ptr %qacc2, align 4
-  %65 = fmul <16 x float> %63, %w16
-  %66 = fadd <16 x float> %64, %65
-  store <16 x float> %66, ptr %qacc2, align 4
+  br i1 %pf.on, label %pf.then, label %pf.end
+
+pf.then:                                          ; preds = %qh.body
+  %52 = mul nsw i64 %qh, 64
+  %53 = lshr i64 %52, %14
+  %54 = getelementptr inbounds i8, ptr %26, i64 %53
+  call void @llvm.prefetch.p0(ptr %54, i32 0, i32 2, i32 1)
+  br label %pf.end
+
+pf.end:                                           ; preds = %pf.then, %qh.body
+  %55 = add nsw i64 %qb, 0
+  %56 = mul nsw i64 %qh, 8
+  %57 = mul nsw i64 %55, 32768
+  %58 = add nsw i64 %57, %56
+  %59 = getelementptr inbounds float, ptr %router, i64 %58
+  %60 = load <8 x float>, ptr %59, align 4
+  %61 = add nsw i64 %qb, 1
+  %62 = mul nsw i64 %qh, 8
+  %63 = mul nsw i64 %61, 32768
+  %64 = add nsw i64 %63, %62
+  %65 = getelementptr inbounds float, ptr %router, i64 %64
+  %66 = load <8 x float>, ptr %65, align 4
+  %w16 = shufflevector <8 x float> %60, <8 x float> %66, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
   %67 = getelementptr inbounds float, ptr %29, i64 %qh
   %68 = load float, ptr %67, align 4
   %69 = insertelement <16 x float> poison, float %68, i32 0
   %70 = shufflevector <16 x float> %69, <16 x float> poison, <16 x i32> zeroinitializer
-  %71 = load <16 x float>, ptr %qacc3, align 4
+  %71 = load <16 x float>, ptr %qacc, align 4
   %72 = fmul <16 x float> %70, %w16
   %73 = fadd <16 x float> %71, %72
-  store <16 x float> %73, ptr %qacc3, align 4
-  %74 = add nsw i64 %qh, 1
+  store <16 x float> %73, ptr %qacc, align 4
+  %74 = getelementptr inbounds float, ptr %35, i64 %qh
+  %75 = load float, ptr %74, align 4
+  %76 = insertelement <16 x float> poison, float %75, i32 0
+  %77 = shufflevector <16 x float> %76, <16 x float> poison, <16 x i32> zeroinitializer
+  %78 = load <16 x float>, ptr %qacc1, align 4
+  %79 = fmul <16 x float> %77, %w16
+  %80 = fadd <16 x float> %78, %79
+  store <16 x float> %80, ptr %qacc1, align 4
+  %81 = getelementptr inbounds float, ptr %41, i64 %qh
+  %82 = load float, ptr %81, align 4
+  %83 = insertelement <16 x float> poison, float %82, i32 0
+  %84 = shufflevector <16 x float> %83, <16 x float> poison, <16 x i32> zeroinitializer
+  %85 = load <16 x float>, ptr %qacc2, align 4
+  %86 = fmul <16 x float> %84, %w16
+  %87 = fadd <16 x float> %85, %86
+  store <16 x float> %87, ptr %qacc2, align 4
+  %88 = getelementptr inbounds float, ptr %47, i64 %qh
+  %89 = load float, ptr %88, align 4
+  %90 = insertelement <16 x float> poison, float %89, i32 0
+  %91 = shufflevector <16 x float> %90, <16 x float> poison, <16 x i32> zeroinitializer
+  %92 = load <16 x float>, ptr %qacc3, align 4
+  %93 = fmul <16 x float> %91, %w16
+  %94 = fadd <16 x float> %92, %93
+  store <16 x float> %94, ptr %qacc3, align 4
+  %95 = add nsw i64 %qh, 1
   br label %qh.head
 
 qh.end:                                           ; preds = %qh.head
-  %75 = load <16 x float>, ptr %qacc, align 4
-  %76 = load <16 x float>, ptr %qacc1, align 4
-  %77 = load <16 x float>, ptr %qacc2, align 4
-  %78 = load <16 x float>, ptr %qacc3, align 4
-  %79 = getelementptr inbounds float, ptr %14, i64 0
-  store <16 x float> %75, ptr %79, align 4
-  %80 = getelementptr inbounds float, ptr %20, i64 0
-  store <16 x float> %76, ptr %80, align 4
-  %81 = getelementptr inbounds float, ptr %26, i64 0
-  store <16 x float> %77, ptr %81, align 4
-  %82 = getelementptr inbounds float, ptr %32, i64 0
-  store <16 x float> %78, ptr %82, align 4
-  %83 = add nsw i64 %rb, 4
+  %96 = load <16 x float>, ptr %qacc, align 4
+  %97 = load <16 x float>, ptr %qacc1, align 4
+  %98 = load <16 x float>, ptr %qacc2, align 4
+  %99 = load <16 x float>, ptr %qacc3, align 4
+  %100 = getelementptr inbounds float, ptr %32, i64 0
+  store <16 x float> %96, ptr %100, align 4
+  %101 = getelementptr inbounds float, ptr %38, i64 0
+  store <16 x float> %97, ptr %101, align 4
+  %102 = getelementptr inbounds float, ptr %44, i64 0
+  store <16 x float> %98, ptr %102, align 4
+  %103 = getelementptr inbounds float, ptr %50, i64 0
+  store <16 x float> %99, ptr %103, align 4
+  %104 = add nsw i64 %rb, 4
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %84 = add nsw i64 %qb, 2
+  %105 = add nsw i64 %qb, 2
   br label %qb.head
 
 qb.end:                                           ; preds = %qb.head
   br label %qb1.head
 
-qb1.head:                                         ; preds = %rb.end6, %qb.end
-  %qb1 = phi i64 [ 2, %qb.end ], [ %157, %rb.end6 ]
-  %85 = icmp slt i64 %qb1, 2
-  br i1 %85, label %qb1.body, label %qb1.end
+qb1.head:                                         ; preds = %rb.end8, %qb.end
+  %qb1 = phi i64 [ 2, %qb.end ], [ %199, %rb.end8 ]
+  %106 = icmp slt i64 %qb1, 2
+  br i1 %106, label %qb1.body, label %qb1.end
 
 qb1.body:                                         ; preds = %qb1.head
-  %86 = mul nsw i64 %qb1, 8
-  br label %rb.head4
+  %107 = mul nsw i64 %qb1, 8
+  %108 = sub nsw i64 %full, 0
+  %ntile4 = sdiv i64 %108, 4
+  %109 = icmp sge i64 %ntile4, 2
+  %110 = select i1 %109, i64 1, i64 0
+  %111 = icmp sge i64 %ntile4, 4
+  %112 = select i1 %111, i64 2, i64 %110
+  %113 = icmp sge i64 %ntile4, 8
+  %114 = select i1 %113, i64 3, i64 %112
+  %115 = add nsw i64 %qb1, 1
+  %more5 = icmp slt i64 %115, 2
+  %116 = mul nsw i64 %115, 131072
+  %117 = getelementptr inbounds i8, ptr %router, i64 %116
+  br label %rb.head6
 
-rb.head4:                                         ; preds = %qh.end14, %qb1.body
-  %rb7 = phi i64 [ 0, %qb1.body ], [ %156, %qh.end14 ]
-  %87 = icmp slt i64 %rb7, %full
-  br i1 %87, label %rb.body5, label %rb.end6
+rb.head6:                                         ; preds = %qh.end18, %qb1.body
+  %rb9 = phi i64 [ 0, %qb1.body ], [ %198, %qh.end18 ]
+  %118 = icmp slt i64 %rb9, %full
+  br i1 %118, label %rb.body7, label %rb.end8
 
-rb.body5:                                         ; preds = %rb.head4
-  %88 = add nsw i64 %rb7, 0
-  %89 = mul nsw i64 %88, 4096
-  %90 = getelementptr inbounds float, ptr %4, i64 %89
-  %91 = mul nsw i64 %88, 16
-  %92 = add nsw i64 %91, %86
-  %93 = getelementptr inbounds float, ptr %lb, i64 %92
-  %94 = add nsw i64 %rb7, 1
-  %95 = mul nsw i64 %94, 4096
-  %96 = getelementptr inbounds float, ptr %4, i64 %95
-  %97 = mul nsw i64 %94, 16
-  %98 = add nsw i64 %97, %86
-  %99 = getelementptr inbounds float, ptr %lb, i64 %98
-  %100 = add nsw i64 %rb7, 2
-  %101 = mul nsw i64 %100, 4096
-  %102 = getelementptr inbounds float, ptr %4, i64 %101
-  %103 = mul nsw i64 %100, 16
-  %104 = add nsw i64 %103, %86
-  %105 = getelementptr inbounds float, ptr %lb, i64 %104
-  %106 = add nsw i64 %rb7, 3
-  %107 = mul nsw i64 %106, 4096
-  %108 = getelementptr inbounds float, ptr %4, i64 %107
-  %109 = mul nsw i64 %106, 16
-  %110 = add nsw i64 %109, %86
-  %111 = getelementptr inbounds float, ptr %lb, i64 %110
-  store <8 x float> zeroinitializer, ptr %qacc8, align 4
-  store <8 x float> zeroinitializer, ptr %qacc9, align 4
-  store <8 x float> zeroinitializer, ptr %qacc10, align 4
-  store <8 x float> zeroinitializer, ptr %qacc11, align 4
-  br label %qh.head12
+rb.body7:                                         ; preds = %rb.head6
+  %119 = sub nsw i64 %rb9, 0
+  %j10 = sdiv i64 %119, 4
+  %120 = shl i64 1, %114
+  %121 = icmp slt i64 %j10, %120
+  %122 = icmp sgt i64 %ntile4, 1
+  %123 = and i1 %more5, %122
+  %pf.on11 = and i1 %123, %121
+  %124 = mul nsw i64 %j10, 131072
+  %125 = lshr i64 %124, %114
+  %126 = getelementptr inbounds i8, ptr %117, i64 %125
+  %127 = add nsw i64 %rb9, 0
+  %128 = mul nsw i64 %127, 4096
+  %129 = getelementptr inbounds float, ptr %4, i64 %128
+  %130 = mul nsw i64 %127, 16
+  %131 = add nsw i64 %130, %107
+  %132 = getelementptr inbounds float, ptr %lb, i64 %131
+  %133 = add nsw i64 %rb9, 1
+  %134 = mul nsw i64 %133, 4096
+  %135 = getelementptr inbounds float, ptr %4, i64 %134
+  %136 = mul nsw i64 %133, 16
+  %137 = add nsw i64 %136, %107
+  %138 = getelementptr inbounds float, ptr %lb, i64 %137
+  %139 = add nsw i64 %rb9, 2
+  %140 = mul nsw i64 %139, 4096
+  %141 = getelementptr inbounds float, ptr %4, i64 %140
+  %142 = mul nsw i64 %139, 16
+  %143 = add nsw i64 %142, %107
+  %144 = getelementptr inbounds float, ptr %lb, i64 %143
+  %145 = add nsw i64 %rb9, 3
+  %146 = mul nsw i64 %145, 4096
+  %147 = getelementptr inbounds float, ptr %4, i64 %146
+  %148 = mul nsw i64 %145, 16
+  %149 = add nsw i64 %148, %107
+  %150 = getelementptr inbounds float, ptr %lb, i64 %149
+  store <8 x float> zeroinitializer, ptr %qacc12, align 4
+  store <8 x float> zeroinitializer, ptr %qacc13, align 4
+  store <8 x float> zeroinitializer, ptr %qacc14, align 4
+  store <8 x float> zeroinitializer, ptr %qacc15, align 4
+  br label %qh.head16
 
-qh.head12:                                        ; preds = %qh.body13, %rb.body5
-  %qh15 = phi i64 [ 0, %rb.body5 ], [ %147, %qh.body13 ]
-  %112 = icmp slt i64 %qh15, 4096
-  br i1 %112, label %qh.body13, label %qh.end14
+qh.head16:                                        ; preds = %pf.end21, %rb.body7
+  %qh19 = phi i64 [ 0, %rb.body7 ], [ %189, %pf.end21 ]
+  %151 = icmp slt i64 %qh19, 4096
+  br i1 %151, label %qh.body17, label %qh.end18
 
-qh.body13:                                        ; preds = %qh.head12
-  %113 = add nsw i64 %qb1, 0
-  %114 = mul nsw i64 %qh15, 8
-  %115 = mul nsw i64 %113, 32768
-  %116 = add nsw i64 %115, %114
-  %117 = getelementptr inbounds float, ptr %router, i64 %116
-  %118 = load <8 x float>, ptr %117, align 4
-  %119 = getelementptr inbounds float, ptr %90, i64 %qh15
-  %120 = load float, ptr %119, align 4
-  %121 = insertelement <8 x float> poison, float %120, i32 0
-  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
-  %123 = load <8 x float>, ptr %qacc8, align 4
-  %124 = fmul <8 x float> %122, %118
-  %125 = fadd <8 x float> %123, %124
-  store <8 x float> %125, ptr %qacc8, align 4
-  %126 = getelementptr inbounds float, ptr %96, i64 %qh15
-  %127 = load float, ptr %126, align 4
-  %128 = insertelement <8 x float> poison, float %127, i32 0
-  %129 = shufflevector <8 x float> %128, <8 x float> poison, <8 x i32> zeroinitializer
-  %130 = load <8 x float>, ptr %qacc9, align 4
-  %131 = fmul <8 x float> %129, %118
-  %132 = fadd <8 x float> %130, %131
-  store <8 x float> %132, ptr %qacc9, align 4
-  %133 = getelementptr inbounds float, ptr %102, i64 %qh15
-  %134 = load float, ptr %133, align 4
-  %135 = insertelement <8 x float> poison, float %134, i32 0
-  %136 = shufflevector <8 x float> %135, <8 x float> poison, <8 x i32> zeroinitializer
-  %137 = load <8 x float>, ptr %qacc10, align 4
-  %138 = fmul <8 x float> %136, %118
-  %139 = fadd <8 x float> %137, %138
-  store <8 x float> %139, ptr %qacc10, align 4
-  %140 = getelementptr inbounds float, ptr %108, i64 %qh15
-  %141 = load float, ptr %140, align 4
-  %142 = insertelement <8 x float> poison, float %141, i32 0
-  %143 = shufflevector <8 x float> %142, <8 x float> poison, <8 x i32> zeroinitializer
-  %144 = load <8 x float>, ptr %qacc11, align 4
-  %145 = fmul <8 x float> %143, %118
-  %146 = fadd <8 x float> %144, %145
-  store <8 x float> %146, ptr %qacc11, align 4
-  %147 = add nsw i64 %qh15, 1
-  br label %qh.head12
+qh.body17:                                        ; preds = %qh.head16
+  br i1 %pf.on11, label %pf.then20, label %pf.end21
 
-qh.end14:                                         ; preds = %qh.head12
-  %148 = load <8 x float>, ptr %qacc8, align 4
-  %149 = load <8 x float>, ptr %qacc9, align 4
-  %150 = load <8 x float>, ptr %qacc10, align 4
-  %151 = load <8 x float>, ptr %qacc11, align 4
-  %152 = getelementptr inbounds float, ptr %93, i64 0
-  store <8 x float> %148, ptr %152, align 4
-  %153 = getelementptr inbounds float, ptr %99, i64 0
-  store <8 x float> %149, ptr %153, align 4
-  %154 = getelementptr inbounds float, ptr %105, i64 0
-  store <8 x float> %150, ptr %154, align 4
-  %155 = getelementptr inbounds float, ptr %111, i64 0
-  store <8 x float> %151, ptr %155, align 4
-  %156 = add nsw i64 %rb7, 4
-  br label %rb.head4
+pf.then20:                                        ; preds = %qh.body17
+  %152 = mul nsw i64 %qh19, 32
+  %153 = lshr i64 %152, %114
+  %154 = getelementptr inbounds i8, ptr %126, i64 %153
+  call void @llvm.prefetch.p0(ptr %154, i32 0, i32 2, i32 1)
+  br label %pf.end21
 
-rb.end6:                                          ; preds = %rb.head4
-  %157 = add nsw i64 %qb1, 1
+pf.end21:                                         ; preds = %pf.then20, %qh.body17
+  %155 = add nsw i64 %qb1, 0
+  %156 = mul nsw i64 %qh19, 8
+  %157 = mul nsw i64 %155, 32768
+  %158 = add nsw i64 %157, %156
+  %159 = getelementptr inbounds float, ptr %router, i64 %158
+  %160 = load <8 x float>, ptr %159, align 4
+  %161 = getelementptr inbounds float, ptr %129, i64 %qh19
+  %162 = load float, ptr %161, align 4
+  %163 = insertelement <8 x float> poison, float %162, i32 0
+  %164 = shufflevector <8 x float> %163, <8 x float> poison, <8 x i32> zeroinitializer
+  %165 = load <8 x float>, ptr %qacc12, align 4
+  %166 = fmul <8 x float> %164, %160
+  %167 = fadd <8 x float> %165, %166
+  store <8 x float> %167, ptr %qacc12, align 4
+  %168 = getelementptr inbounds float, ptr %135, i64 %qh19
+  %169 = load float, ptr %168, align 4
+  %170 = insertelement <8 x float> poison, float %169, i32 0
+  %171 = shufflevector <8 x float> %170, <8 x float> poison, <8 x i32> zeroinitializer
+  %172 = load <8 x float>, ptr %qacc13, align 4
+  %173 = fmul <8 x float> %171, %160
+  %174 = fadd <8 x float> %172, %173
+  store <8 x float> %174, ptr %qacc13, align 4
+  %175 = getelementptr inbounds float, ptr %141, i64 %qh19
+  %176 = load float, ptr %175, align 4
+  %177 = insertelement <8 x float> poison, float %176, i32 0
+  %178 = shufflevector <8 x float> %177, <8 x float> poison, <8 x i32> zeroinitializer
+  %179 = load <8 x float>, ptr %qacc14, align 4
+  %180 = fmul <8 x float> %178, %160
+  %181 = fadd <8 x float> %179, %180
+  store <8 x float> %181, ptr %qacc14, align 4
+  %182 = getelementptr inbounds float, ptr %147, i64 %qh19
+  %183 = load float, ptr %182, align 4
+  %184 = insertelement <8 x float> poison, float %183, i32 0
+  %185 = shufflevector <8 x float> %184, <8 x float> poison, <8 x i32> zeroinitializer
+  %186 = load <8 x float>, ptr %qacc15, align 4
+  %187 = fmul <8 x float> %185, %160
+  %188 = fadd <8 x float> %186, %187
+  store <8 x float> %188, ptr %qacc15, align 4
+  %189 = add nsw i64 %qh19, 1
+  br label %qh.head16
+
+qh.end18:                                         ; preds = %qh.head16
+  %190 = load <8 x float>, ptr %qacc12, align 4
+  %191 = load <8 x float>, ptr %qacc13, align 4
+  %192 = load <8 x float>, ptr %qacc14, align 4
+  %193 = load <8 x float>, ptr %qacc15, align 4
+  %194 = getelementptr inbounds float, ptr %132, i64 0
+  store <8 x float> %190, ptr %194, align 4
+  %195 = getelementptr inbounds float, ptr %138, i64 0
+  store <8 x float> %191, ptr %195, align 4
+  %196 = getelementptr inbounds float, ptr %144, i64 0
+  store <8 x float> %192, ptr %196, align 4
+  %197 = getelementptr inbounds float, ptr %150, i64 0
+  store <8 x float> %193, ptr %197, align 4
+  %198 = add nsw i64 %rb9, 4
+  br label %rb.head6
+
+rb.end8:                                          ; preds = %rb.head6
+  %199 = add nsw i64 %qb1, 1
   br label %qb1.head
 
 qb1.end:                                          ; preds = %qb1.head
-  br label %qb.head16
+  br label %qb.head22
 
-qb.head16:                                        ; preds = %r1.end, %qb1.end
-  %qb19 = phi i64 [ 0, %qb1.end ], [ %208, %r1.end ]
-  %158 = icmp slt i64 %qb19, 0
-  br i1 %158, label %qb.body17, label %qb.end18
+qb.head22:                                        ; preds = %r1.end, %qb1.end
+  %qb25 = phi i64 [ 0, %qb1.end ], [ %271, %r1.end ]
+  %200 = icmp slt i64 %qb25, 0
+  br i1 %200, label %qb.body23, label %qb.end24
 
-qb.body17:                                        ; preds = %qb.head16
-  %159 = mul nsw i64 %qb19, 8
+qb.body23:                                        ; preds = %qb.head22
+  %201 = mul nsw i64 %qb25, 8
+  %202 = sub nsw i64 %gn, %full
+  %ntile26 = sdiv i64 %202, 1
+  %203 = icmp sge i64 %ntile26, 2
+  %204 = select i1 %203, i64 1, i64 0
+  %205 = icmp sge i64 %ntile26, 4
+  %206 = select i1 %205, i64 2, i64 %204
+  %207 = icmp sge i64 %ntile26, 8
+  %208 = select i1 %207, i64 3, i64 %206
+  %209 = add nsw i64 %qb25, 4
+  %more27 = icmp slt i64 %209, 2
+  %210 = mul nsw i64 %209, 131072
+  %211 = getelementptr inbounds i8, ptr %router, i64 %210
   br label %r1.head
 
-r1.head:                                          ; preds = %qh.end24, %qb.body17
-  %r1 = phi i64 [ %full, %qb.body17 ], [ %207, %qh.end24 ]
-  %160 = icmp slt i64 %r1, %gn
-  br i1 %160, label %r1.body, label %r1.end
+r1.head:                                          ; preds = %qh.end34, %qb.body23
+  %r1 = phi i64 [ %full, %qb.body23 ], [ %270, %qh.end34 ]
+  %212 = icmp slt i64 %r1, %gn
+  br i1 %212, label %r1.body, label %r1.end
 
 r1.body:                                          ; preds = %r1.head
-  %161 = add nsw i64 %r1, 0
-  %162 = mul nsw i64 %161, 4096
-  %163 = getelementptr inbounds float, ptr %4, i64 %162
-  %164 = mul nsw i64 %161, 16
-  %165 = add nsw i64 %164, %159
-  %166 = getelementptr inbounds float, ptr %lb, i64 %165
-  store <16 x float> zeroinitializer, ptr %qacc20, align 4
-  store <16 x float> zeroinitializer, ptr %qacc21, align 4
-  br label %qh.head22
+  %213 = sub nsw i64 %r1, %full
+  %j28 = sdiv i64 %213, 1
+  %214 = shl i64 1, %208
+  %215 = icmp slt i64 %j28, %214
+  %216 = icmp sgt i64 %ntile26, 1
+  %217 = and i1 %more27, %216
+  %pf.on29 = and i1 %217, %215
+  %218 = mul nsw i64 %j28, 524288
+  %219 = lshr i64 %218, %208
+  %220 = getelementptr inbounds i8, ptr %211, i64 %219
+  %221 = add nsw i64 %r1, 0
+  %222 = mul nsw i64 %221, 4096
+  %223 = getelementptr inbounds float, ptr %4, i64 %222
+  %224 = mul nsw i64 %221, 16
+  %225 = add nsw i64 %224, %201
+  %226 = getelementptr inbounds float, ptr %lb, i64 %225
+  store <16 x float> zeroinitializer, ptr %qacc30, align 4
+  store <16 x float> zeroinitializer, ptr %qacc31, align 4
+  br label %qh.head32
 
-qh.head22:                                        ; preds = %qh.body23, %r1.body
-  %qh25 = phi i64 [ 0, %r1.body ], [ %202, %qh.body23 ]
-  %167 = icmp slt i64 %qh25, 4096
-  br i1 %167, label %qh.body23, label %qh.end24
+qh.head32:                                        ; preds = %pf.end37, %r1.body
+  %qh35 = phi i64 [ 0, %r1.body ], [ %265, %pf.end37 ]
+  %227 = icmp slt i64 %qh35, 4096
+  br i1 %227, label %qh.body33, label %qh.end34
 
-qh.body23:                                        ; preds = %qh.head22
-  %168 = add nsw i64 %qb19, 0
-  %169 = mul nsw i64 %qh25, 8
-  %170 = mul nsw i64 %168, 32768
-  %171 = add nsw i64 %170, %169
-  %172 = getelementptr inbounds float, ptr %router, i64 %171
-  %173 = load <8 x float>, ptr %172, align 4
-  %174 = add nsw i64 %qb19, 1
-  %175 = mul nsw i64 %qh25, 8
-  %176 = mul nsw i64 %174, 32768
-  %177 = add nsw i64 %176, %175
-  %178 = getelementptr inbounds float, ptr %router, i64 %177
-  %179 = load <8 x float>, ptr %178, align 4
-  %w1626 = shufflevector <8 x float> %173, <8 x float> %179, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %180 = add nsw i64 %qb19, 2
-  %181 = mul nsw i64 %qh25, 8
-  %182 = mul nsw i64 %180, 32768
-  %183 = add nsw i64 %182, %181
-  %184 = getelementptr inbounds float, ptr %router, i64 %183
-  %185 = load <8 x float>, ptr %184, align 4
-  %186 = add nsw i64 %qb19, 3
-  %187 = mul nsw i64 %qh25, 8
-  %188 = mul nsw i64 %186, 32768
-  %189 = add nsw i64 %188, %187
-  %190 = getelementptr inbounds float, ptr %router, i64 %189
-  %191 = load <8 x float>, ptr %190, align 4
-  %w1627 = shufflevector <8 x float> %185, <8 x float> %191, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %192 = getelementptr inbounds float, ptr %163, i64 %qh25
-  %193 = load float, ptr %192, align 4
-  %194 = insertelement <16 x float> poison, float %193, i32 0
-  %195 = shufflevector <16 x float> %194, <16 x float> poison, <16 x i32> zeroinitializer
-  %196 = load <16 x float>, ptr %qacc20, align 4
-  %197 = fmul <16 x float> %195, %w1626
-  %198 = fadd <16 x float> %196, %197
-  store <16 x float> %198, ptr %qacc20, align 4
-  %199 = load <16 x float>, ptr %qacc21, align 4
-  %200 = fmul <16 x float> %195, %w1627
-  %201 = fadd <16 x float> %199, %200
-  store <16 x float> %201, ptr %qacc21, align 4
-  %202 = add nsw i64 %qh25, 1
-  br label %qh.head22
+qh.body33:                                        ; preds = %qh.head32
+  br i1 %pf.on29, label %pf.then36, label %pf.end37
 
-qh.end24:                                         ; preds = %qh.head22
-  %203 = load <16 x float>, ptr %qacc20, align 4
-  %204 = load <16 x float>, ptr %qacc21, align 4
-  %205 = getelementptr inbounds float, ptr %166, i64 0
-  store <16 x float> %203, ptr %205, align 4
-  %206 = getelementptr inbounds float, ptr %166, i64 16
-  store <16 x float> %204, ptr %206, align 4
-  %207 = add nsw i64 %r1, 1
+pf.then36:                                        ; preds = %qh.body33
+  %228 = mul nsw i64 %qh35, 128
+  %229 = lshr i64 %228, %208
+  %230 = getelementptr inbounds i8, ptr %220, i64 %229
+  call void @llvm.prefetch.p0(ptr %230, i32 0, i32 2, i32 1)
+  br label %pf.end37
+
+pf.end37:                                         ; preds = %pf.then36, %qh.body33
+  %231 = add nsw i64 %qb25, 0
+  %232 = mul nsw i64 %qh35, 8
+  %233 = mul nsw i64 %231, 32768
+  %234 = add nsw i64 %233, %232
+  %235 = getelementptr inbounds float, ptr %router, i64 %234
+  %236 = load <8 x float>, ptr %235, align 4
+  %237 = add nsw i64 %qb25, 1
+  %238 = mul nsw i64 %qh35, 8
+  %239 = mul nsw i64 %237, 32768
+  %240 = add nsw i64 %239, %238
+  %241 = getelementptr inbounds float, ptr %router, i64 %240
+  %242 = load <8 x float>, ptr %241, align 4
+  %w1638 = shufflevector <8 x float> %236, <8 x float> %242, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %243 = add nsw i64 %qb25, 2
+  %244 = mul nsw i64 %qh35, 8
+  %245 = mul nsw i64 %243, 32768
+  %246 = add nsw i64 %245, %244
+  %247 = getelementptr inbounds float, ptr %router, i64 %246
+  %248 = load <8 x float>, ptr %247, align 4
+  %249 = add nsw i64 %qb25, 3
+  %250 = mul nsw i64 %qh35, 8
+  %251 = mul nsw i64 %249, 32768
+  %252 = add nsw i64 %251, %250
+  %253 = getelementptr inbounds float, ptr %router, i64 %252
+  %254 = load <8 x float>, ptr %253, align 4
+  %w1639 = shufflevector <8 x float> %248, <8 x float> %254, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %255 = getelementptr inbounds float, ptr %223, i64 %qh35
+  %256 = load float, ptr %255, align 4
+  %257 = insertelement <16 x float> poison, float %256, i32 0
+  %258 = shufflevector <16 x float> %257, <16 x float> poison, <16 x i32> zeroinitializer
+  %259 = load <16 x float>, ptr %qacc30, align 4
+  %260 = fmul <16 x float> %258, %w1638
+  %261 = fadd <16 x float> %259, %260
+  store <16 x float> %261, ptr %qacc30, align 4
+  %262 = load <16 x float>, ptr %qacc31, align 4
+  %263 = fmul <16 x float> %258, %w1639
+  %264 = fadd <16 x float> %262, %263
+  store <16 x float> %264, ptr %qacc31, align 4
+  %265 = add nsw i64 %qh35, 1
+  br label %qh.head32
+
+qh.end34:                                         ; preds = %qh.head32
+  %266 = load <16 x float>, ptr %qacc30, align 4
+  %267 = load <16 x float>, ptr %qacc31, align 4
+  %268 = getelementptr inbounds float, ptr %226, i64 0
+  store <16 x float> %266, ptr %268, align 4
+  %269 = getelementptr inbounds float, ptr %226, i64 16
+  store <16 x float> %267, ptr %269, align 4
+  %270 = add nsw i64 %r1, 1
   br label %r1.head
 
 r1.end:                                           ; preds = %r1.head
-  %208 = add nsw i64 %qb19, 4
-  br label %qb.head16
+  %271 = add nsw i64 %qb25, 4
+  br label %qb.head22
 
-qb.end18:                                         ; preds = %qb.head16
-  br label %qb1.head28
+qb.end24:                                         ; preds = %qb.head22
+  br label %qb1.head40
 
-qb1.head28:                                       ; preds = %r1.end34, %qb.end18
-  %qb131 = phi i64 [ 0, %qb.end18 ], [ %236, %r1.end34 ]
-  %209 = icmp slt i64 %qb131, 2
-  br i1 %209, label %qb1.body29, label %qb1.end30
+qb1.head40:                                       ; preds = %r1.end48, %qb.end24
+  %qb143 = phi i64 [ 0, %qb.end24 ], [ %320, %r1.end48 ]
+  %272 = icmp slt i64 %qb143, 2
+  br i1 %272, label %qb1.body41, label %qb1.end42
 
-qb1.body29:                                       ; preds = %qb1.head28
-  %210 = mul nsw i64 %qb131, 8
-  br label %r1.head32
+qb1.body41:                                       ; preds = %qb1.head40
+  %273 = mul nsw i64 %qb143, 8
+  %274 = sub nsw i64 %gn, %full
+  %ntile44 = sdiv i64 %274, 1
+  %275 = icmp sge i64 %ntile44, 2
+  %276 = select i1 %275, i64 1, i64 0
+  %277 = icmp sge i64 %ntile44, 4
+  %278 = select i1 %277, i64 2, i64 %276
+  %279 = icmp sge i64 %ntile44, 8
+  %280 = select i1 %279, i64 3, i64 %278
+  %281 = add nsw i64 %qb143, 1
+  %more45 = icmp slt i64 %281, 2
+  %282 = mul nsw i64 %281, 131072
+  %283 = getelementptr inbounds i8, ptr %router, i64 %282
+  br label %r1.head46
 
-r1.head32:                                        ; preds = %qh.end39, %qb1.body29
-  %r135 = phi i64 [ %full, %qb1.body29 ], [ %235, %qh.end39 ]
-  %211 = icmp slt i64 %r135, %gn
-  br i1 %211, label %r1.body33, label %r1.end34
+r1.head46:                                        ; preds = %qh.end55, %qb1.body41
+  %r149 = phi i64 [ %full, %qb1.body41 ], [ %319, %qh.end55 ]
+  %284 = icmp slt i64 %r149, %gn
+  br i1 %284, label %r1.body47, label %r1.end48
 
-r1.body33:                                        ; preds = %r1.head32
-  %212 = add nsw i64 %r135, 0
-  %213 = mul nsw i64 %212, 4096
-  %214 = getelementptr inbounds float, ptr %4, i64 %213
-  %215 = mul nsw i64 %212, 16
-  %216 = add nsw i64 %215, %210
-  %217 = getelementptr inbounds float, ptr %lb, i64 %216
-  store <8 x float> zeroinitializer, ptr %qacc36, align 4
-  br label %qh.head37
+r1.body47:                                        ; preds = %r1.head46
+  %285 = sub nsw i64 %r149, %full
+  %j50 = sdiv i64 %285, 1
+  %286 = shl i64 1, %280
+  %287 = icmp slt i64 %j50, %286
+  %288 = icmp sgt i64 %ntile44, 1
+  %289 = and i1 %more45, %288
+  %pf.on51 = and i1 %289, %287
+  %290 = mul nsw i64 %j50, 131072
+  %291 = lshr i64 %290, %280
+  %292 = getelementptr inbounds i8, ptr %283, i64 %291
+  %293 = add nsw i64 %r149, 0
+  %294 = mul nsw i64 %293, 4096
+  %295 = getelementptr inbounds float, ptr %4, i64 %294
+  %296 = mul nsw i64 %293, 16
+  %297 = add nsw i64 %296, %273
+  %298 = getelementptr inbounds float, ptr %lb, i64 %297
+  store <8 x float> zeroinitializer, ptr %qacc52, align 4
+  br label %qh.head53
 
-qh.head37:                                        ; preds = %qh.body38, %r1.body33
-  %qh40 = phi i64 [ 0, %r1.body33 ], [ %232, %qh.body38 ]
-  %218 = icmp slt i64 %qh40, 4096
-  br i1 %218, label %qh.body38, label %qh.end39
+qh.head53:                                        ; preds = %pf.end58, %r1.body47
+  %qh56 = phi i64 [ 0, %r1.body47 ], [ %316, %pf.end58 ]
+  %299 = icmp slt i64 %qh56, 4096
+  br i1 %299, label %qh.body54, label %qh.end55
 
-qh.body38:                                        ; preds = %qh.head37
-  %219 = add nsw i64 %qb131, 0
-  %220 = mul nsw i64 %qh40, 8
-  %221 = mul nsw i64 %219, 32768
-  %222 = add nsw i64 %221, %220
-  %223 = getelementptr inbounds float, ptr %router, i64 %222
-  %224 = load <8 x float>, ptr %223, align 4
-  %225 = getelementptr inbounds float, ptr %214, i64 %qh40
-  %226 = load float, ptr %225, align 4
-  %227 = insertelement <8 x float> poison, float %226, i32 0
-  %228 = shufflevector <8 x float> %227, <8 x float> poison, <8 x i32> zeroinitializer
-  %229 = load <8 x float>, ptr %qacc36, align 4
-  %230 = fmul <8 x float> %228, %224
-  %231 = fadd <8 x float> %229, %230
-  store <8 x float> %231, ptr %qacc36, align 4
-  %232 = add nsw i64 %qh40, 1
-  br label %qh.head37
+qh.body54:                                        ; preds = %qh.head53
+  br i1 %pf.on51, label %pf.then57, label %pf.end58
 
-qh.end39:                                         ; preds = %qh.head37
-  %233 = load <8 x float>, ptr %qacc36, align 4
-  %234 = getelementptr inbounds float, ptr %217, i64 0
-  store <8 x float> %233, ptr %234, align 4
-  %235 = add nsw i64 %r135, 1
-  br label %r1.head32
+pf.then57:                                        ; preds = %qh.body54
+  %300 = mul nsw i64 %qh56, 32
+  %301 = lshr i64 %300, %280
+  %302 = getelementptr inbounds i8, ptr %292, i64 %301
+  call void @llvm.prefetch.p0(ptr %302, i32 0, i32 2, i32 1)
+  br label %pf.end58
 
-r1.end34:                                         ; preds = %r1.head32
-  %236 = add nsw i64 %qb131, 1
-  br label %qb1.head28
+pf.end58:                                         ; preds = %pf.then57, %qh.body54
+  %303 = add nsw i64 %qb143, 0
+  %304 = mul nsw i64 %qh56, 8
+  %305 = mul nsw i64 %303, 32768
+  %306 = add nsw i64 %305, %304
+  %307 = getelementptr inbounds float, ptr %router, i64 %306
+  %308 = load <8 x float>, ptr %307, align 4
+  %309 = getelementptr inbounds float, ptr %295, i64 %qh56
+  %310 = load float, ptr %309, align 4
+  %311 = insertelement <8 x float> poison, float %310, i32 0
+  %312 = shufflevector <8 x float> %311, <8 x float> poison, <8 x i32> zeroinitializer
+  %313 = load <8 x float>, ptr %qacc52, align 4
+  %314 = fmul <8 x float> %312, %308
+  %315 = fadd <8 x float> %313, %314
+  store <8 x float> %315, ptr %qacc52, align 4
+  %316 = add nsw i64 %qh56, 1
+  br label %qh.head53
 
-qb1.end30:                                        ; preds = %qb1.head28
+qh.end55:                                         ; preds = %qh.head53
+  %317 = load <8 x float>, ptr %qacc52, align 4
+  %318 = getelementptr inbounds float, ptr %298, i64 0
+  store <8 x float> %317, ptr %318, align 4
+  %319 = add nsw i64 %r149, 1
+  br label %r1.head46
+
+r1.end48:                                         ; preds = %r1.head46
+  %320 = add nsw i64 %qb143, 1
+  br label %qb1.head40
+
+qb1.end42:                                        ; preds = %qb1.head40
   br label %t.head
 
-t.head:                                           ; preds = %sdiv.end76, %qb1.end30
-  %t = phi i64 [ 0, %qb1.end30 ], [ %407, %sdiv.end76 ]
-  %237 = icmp slt i64 %t, %gn
-  br i1 %237, label %t.body, label %t.end
+t.head:                                           ; preds = %sdiv.end94, %qb1.end42
+  %t = phi i64 [ 0, %qb1.end42 ], [ %491, %sdiv.end94 ]
+  %321 = icmp slt i64 %t, %gn
+  br i1 %321, label %t.body, label %t.end
 
 t.body:                                           ; preds = %t.head
   %tok = add nsw i64 %tg, %t
-  %238 = mul nsw i64 %t, 16
-  %239 = getelementptr inbounds float, ptr %lb, i64 %238
-  %240 = mul nsw i64 %tok, 16
-  %241 = getelementptr inbounds float, ptr %logits, i64 %240
-  %242 = getelementptr inbounds float, ptr %prob, i64 %240
+  %322 = mul nsw i64 %t, 16
+  %323 = getelementptr inbounds float, ptr %lb, i64 %322
+  %324 = mul nsw i64 %tok, 16
+  %325 = getelementptr inbounds float, ptr %logits, i64 %324
+  %326 = getelementptr inbounds float, ptr %prob, i64 %324
   br label %lcopy.head
 
 lcopy.head:                                       ; preds = %lcopy.body, %t.body
-  %lcopy = phi i64 [ 0, %t.body ], [ %247, %lcopy.body ]
-  %243 = icmp slt i64 %lcopy, 16
-  br i1 %243, label %lcopy.body, label %lcopy.end
+  %lcopy = phi i64 [ 0, %t.body ], [ %331, %lcopy.body ]
+  %327 = icmp slt i64 %lcopy, 16
+  br i1 %327, label %lcopy.body, label %lcopy.end
 
 lcopy.body:                                       ; preds = %lcopy.head
-  %244 = getelementptr inbounds float, ptr %239, i64 %lcopy
-  %245 = load float, ptr %244, align 4
-  %246 = getelementptr inbounds float, ptr %241, i64 %lcopy
-  store float %245, ptr %246, align 4
-  %247 = add nsw i64 %lcopy, 1
+  %328 = getelementptr inbounds float, ptr %323, i64 %lcopy
+  %329 = load float, ptr %328, align 4
+  %330 = getelementptr inbounds float, ptr %325, i64 %lcopy
+  store float %329, ptr %330, align 4
+  %331 = add nsw i64 %lcopy, 1
   br label %lcopy.head
 
 lcopy.end:                                        ; preds = %lcopy.head
@@ -474,46 +602,46 @@ lcopy.end:                                        ; preds = %lcopy.head
   br label %sx.arg.head
 
 sx.arg.head:                                      ; preds = %sx.arg.body, %lcopy.end
-  %sx.arg = phi i64 [ 1, %lcopy.end ], [ %256, %sx.arg.body ]
-  %248 = icmp slt i64 %sx.arg, 16
-  br i1 %248, label %sx.arg.body, label %sx.arg.end
+  %sx.arg = phi i64 [ 1, %lcopy.end ], [ %340, %sx.arg.body ]
+  %332 = icmp slt i64 %sx.arg, 16
+  br i1 %332, label %sx.arg.body, label %sx.arg.end
 
 sx.arg.body:                                      ; preds = %sx.arg.head
-  %249 = load i64, ptr %arg, align 8
-  %250 = getelementptr inbounds float, ptr %239, i64 %249
-  %251 = load float, ptr %250, align 4
-  %252 = getelementptr inbounds float, ptr %239, i64 %sx.arg
-  %253 = load float, ptr %252, align 4
-  %254 = fcmp ogt float %253, %251
-  %255 = select i1 %254, i64 %sx.arg, i64 %249
-  store i64 %255, ptr %arg, align 8
-  %256 = add nsw i64 %sx.arg, 1
+  %333 = load i64, ptr %arg, align 8
+  %334 = getelementptr inbounds float, ptr %323, i64 %333
+  %335 = load float, ptr %334, align 4
+  %336 = getelementptr inbounds float, ptr %323, i64 %sx.arg
+  %337 = load float, ptr %336, align 4
+  %338 = fcmp ogt float %337, %335
+  %339 = select i1 %338, i64 %sx.arg, i64 %333
+  store i64 %339, ptr %arg, align 8
+  %340 = add nsw i64 %sx.arg, 1
   br label %sx.arg.head
 
 sx.arg.end:                                       ; preds = %sx.arg.head
-  %257 = load i64, ptr %arg, align 8
-  %258 = getelementptr inbounds float, ptr %239, i64 %257
-  %259 = load float, ptr %258, align 4
+  %341 = load i64, ptr %arg, align 8
+  %342 = getelementptr inbounds float, ptr %323, i64 %341
+  %343 = load float, ptr %342, align 4
   br label %sx.mask.head
 
 sx.mask.head:                                     ; preds = %sx.mask.body, %sx.arg.end
-  %sx.mask = phi i64 [ 0, %sx.arg.end ], [ %271, %sx.mask.body ]
-  %260 = icmp slt i64 %sx.mask, 16
-  br i1 %260, label %sx.mask.body, label %sx.mask.end
+  %sx.mask = phi i64 [ 0, %sx.arg.end ], [ %355, %sx.mask.body ]
+  %344 = icmp slt i64 %sx.mask, 16
+  br i1 %344, label %sx.mask.body, label %sx.mask.end
 
 sx.mask.body:                                     ; preds = %sx.mask.head
-  %261 = getelementptr inbounds float, ptr %239, i64 %sx.mask
-  %262 = load float, ptr %261, align 4
-  %263 = call float @llvm.fabs.f32(float %262)
-  %264 = fcmp ogt float %263, %259
-  %265 = select i1 %264, float %263, float %259
-  %266 = fsub float %259, %262
-  %267 = fdiv float %266, %265
-  %268 = fcmp ogt float %267, 0x3F947AE140000000
-  %269 = select i1 %268, float 0xFFF0000000000000, float %262
-  %270 = getelementptr inbounds float, ptr %c, i64 %sx.mask
-  store float %269, ptr %270, align 4
-  %271 = add nsw i64 %sx.mask, 1
+  %345 = getelementptr inbounds float, ptr %323, i64 %sx.mask
+  %346 = load float, ptr %345, align 4
+  %347 = call float @llvm.fabs.f32(float %346)
+  %348 = fcmp ogt float %347, %343
+  %349 = select i1 %348, float %347, float %343
+  %350 = fsub float %343, %346
+  %351 = fdiv float %350, %349
+  %352 = fcmp ogt float %351, 0x3F947AE140000000
+  %353 = select i1 %352, float 0xFFF0000000000000, float %346
+  %354 = getelementptr inbounds float, ptr %c, i64 %sx.mask
+  store float %353, ptr %354, align 4
+  %355 = add nsw i64 %sx.mask, 1
   br label %sx.mask.head
 
 sx.mask.end:                                      ; preds = %sx.mask.head
@@ -521,286 +649,289 @@ sx.mask.end:                                      ; preds = %sx.mask.head
   br label %smax.head
 
 smax.head:                                        ; preds = %smax.body, %sx.mask.end
-  %smax41 = phi i64 [ 0, %sx.mask.end ], [ %279, %smax.body ]
-  %272 = icmp slt i64 %smax41, 16
-  br i1 %272, label %smax.body, label %smax.end
+  %smax59 = phi i64 [ 0, %sx.mask.end ], [ %363, %smax.body ]
+  %356 = icmp slt i64 %smax59, 16
+  br i1 %356, label %smax.body, label %smax.end
 
 smax.body:                                        ; preds = %smax.head
-  %273 = add nsw i64 0, %smax41
-  %274 = getelementptr inbounds float, ptr %c, i64 %273
-  %275 = load float, ptr %274, align 4
-  %276 = load float, ptr %smax, align 4
-  %277 = fcmp ogt float %275, %276
-  %278 = select i1 %277, float %275, float %276
-  store float %278, ptr %smax, align 4
-  %279 = add nsw i64 %smax41, 1
+  %357 = add nsw i64 0, %smax59
+  %358 = getelementptr inbounds float, ptr %c, i64 %357
+  %359 = load float, ptr %358, align 4
+  %360 = load float, ptr %smax, align 4
+  %361 = fcmp ogt float %359, %360
+  %362 = select i1 %361, float %359, float %360
+  store float %362, ptr %smax, align 4
+  %363 = add nsw i64 %smax59, 1
   br label %smax.head
 
 smax.end:                                         ; preds = %smax.head
-  %280 = load float, ptr %smax, align 4
+  %364 = load float, ptr %smax, align 4
   store float 0.000000e+00, ptr %ssum, align 4
   br label %sexp.head
 
 sexp.head:                                        ; preds = %sexp.body, %smax.end
-  %sexp = phi i64 [ 0, %smax.end ], [ %293, %sexp.body ]
-  %281 = icmp slt i64 %sexp, 16
-  br i1 %281, label %sexp.body, label %sexp.end
+  %sexp = phi i64 [ 0, %smax.end ], [ %377, %sexp.body ]
+  %365 = icmp slt i64 %sexp, 16
+  br i1 %365, label %sexp.body, label %sexp.end
 
 sexp.body:                                        ; preds = %sexp.head
-  %282 = add nsw i64 0, %sexp
-  %283 = getelementptr inbounds float, ptr %c, i64 %282
-  %284 = load float, ptr %283, align 4
-  %285 = fsub float %284, %280
-  %286 = fpext float %285 to double
-  %287 = call double @exp(double %286)
-  %288 = fptrunc double %287 to float
-  %289 = add nsw i64 0, %sexp
-  %290 = getelementptr inbounds float, ptr %s, i64 %289
-  store float %288, ptr %290, align 4
-  %291 = load float, ptr %ssum, align 4
-  %292 = fadd float %291, %288
-  store float %292, ptr %ssum, align 4
-  %293 = add nsw i64 %sexp, 1
+  %366 = add nsw i64 0, %sexp
+  %367 = getelementptr inbounds float, ptr %c, i64 %366
+  %368 = load float, ptr %367, align 4
+  %369 = fsub float %368, %364
+  %370 = fpext float %369 to double
+  %371 = call double @exp(double %370)
+  %372 = fptrunc double %371 to float
+  %373 = add nsw i64 0, %sexp
+  %374 = getelementptr inbounds float, ptr %s, i64 %373
+  store float %372, ptr %374, align 4
+  %375 = load float, ptr %ssum, align 4
+  %376 = fadd float %375, %372
+  store float %376, ptr %ssum, align 4
+  %377 = add nsw i64 %sexp, 1
   br label %sexp.head
 
 sexp.end:                                         ; preds = %sexp.head
-  %294 = load float, ptr %ssum, align 4
+  %378 = load float, ptr %ssum, align 4
   br label %sdiv.head
 
 sdiv.head:                                        ; preds = %sdiv.body, %sexp.end
-  %sdiv = phi i64 [ 0, %sexp.end ], [ %301, %sdiv.body ]
-  %295 = icmp slt i64 %sdiv, 16
-  br i1 %295, label %sdiv.body, label %sdiv.end
+  %sdiv = phi i64 [ 0, %sexp.end ], [ %385, %sdiv.body ]
+  %379 = icmp slt i64 %sdiv, 16
+  br i1 %379, label %sdiv.body, label %sdiv.end
 
 sdiv.body:                                        ; preds = %sdiv.head
-  %296 = add nsw i64 0, %sdiv
-  %297 = getelementptr inbounds float, ptr %s, i64 %296
-  %298 = load float, ptr %297, align 4
-  %299 = fdiv float %298, %294
-  %300 = getelementptr inbounds float, ptr %s, i64 %296
-  store float %299, ptr %300, align 4
-  %301 = add nsw i64 %sdiv, 1
+  %380 = add nsw i64 0, %sdiv
+  %381 = getelementptr inbounds float, ptr %s, i64 %380
+  %382 = load float, ptr %381, align 4
+  %383 = fdiv float %382, %378
+  %384 = getelementptr inbounds float, ptr %s, i64 %380
+  store float %383, ptr %384, align 4
+  %385 = add nsw i64 %sdiv, 1
   br label %sdiv.head
 
 sdiv.end:                                         ; preds = %sdiv.head
-  %302 = getelementptr inbounds float, ptr %s, i64 %257
-  %303 = load float, ptr %302, align 4
-  %304 = fmul float %303, 1.000000e+00
-  %305 = icmp eq i64 %257, 0
-  %306 = zext i1 %305 to i64
-  store i64 %306, ptr %arg, align 8
-  br label %sx.arg.head42
+  %386 = getelementptr inbounds float, ptr %s, i64 %341
+  %387 = load float, ptr %386, align 4
+  %388 = fmul float %387, 1.000000e+00
+  %389 = icmp eq i64 %341, 0
+  %390 = zext i1 %389 to i64
+  store i64 %390, ptr %arg, align 8
+  br label %sx.arg.head60
 
-sx.arg.head42:                                    ; preds = %sx.arg.body43, %sdiv.end
-  %sx.arg45 = phi i64 [ 0, %sdiv.end ], [ %317, %sx.arg.body43 ]
-  %307 = icmp slt i64 %sx.arg45, 16
-  br i1 %307, label %sx.arg.body43, label %sx.arg.end44
+sx.arg.head60:                                    ; preds = %sx.arg.body61, %sdiv.end
+  %sx.arg63 = phi i64 [ 0, %sdiv.end ], [ %401, %sx.arg.body61 ]
+  %391 = icmp slt i64 %sx.arg63, 16
+  br i1 %391, label %sx.arg.body61, label %sx.arg.end62
 
-sx.arg.body43:                                    ; preds = %sx.arg.head42
-  %308 = load i64, ptr %arg, align 8
-  %309 = getelementptr inbounds float, ptr %239, i64 %308
-  %310 = load float, ptr %309, align 4
-  %311 = getelementptr inbounds float, ptr %239, i64 %sx.arg45
-  %312 = load float, ptr %311, align 4
-  %313 = fcmp ogt float %312, %310
-  %314 = icmp ne i64 %sx.arg45, %257
-  %315 = and i1 %313, %314
-  %316 = select i1 %315, i64 %sx.arg45, i64 %308
-  store i64 %316, ptr %arg, align 8
-  %317 = add nsw i64 %sx.arg45, 1
-  br label %sx.arg.head42
+sx.arg.body61:                                    ; preds = %sx.arg.head60
+  %392 = load i64, ptr %arg, align 8
+  %393 = getelementptr inbounds float, ptr %323, i64 %392
+  %394 = load float, ptr %393, align 4
+  %395 = getelementptr inbounds float, ptr %323, i64 %sx.arg63
+  %396 = load float, ptr %395, align 4
+  %397 = fcmp ogt float %396, %394
+  %398 = icmp ne i64 %sx.arg63, %341
+  %399 = and i1 %397, %398
+  %400 = select i1 %399, i64 %sx.arg63, i64 %392
+  store i64 %400, ptr %arg, align 8
+  %401 = add nsw i64 %sx.arg63, 1
+  br label %sx.arg.head60
 
-sx.arg.end44:                                     ; preds = %sx.arg.head42
-  %318 = load i64, ptr %arg, align 8
-  %319 = getelementptr inbounds float, ptr %239, i64 %318
-  %320 = load float, ptr %319, align 4
-  br label %sx.mask.head46
+sx.arg.end62:                                     ; preds = %sx.arg.head60
+  %402 = load i64, ptr %arg, align 8
+  %403 = getelementptr inbounds float, ptr %323, i64 %402
+  %404 = load float, ptr %403, align 4
+  br label %sx.mask.head64
 
-sx.mask.head46:                                   ; preds = %sx.mask.body47, %sx.arg.end44
-  %sx.mask49 = phi i64 [ 0, %sx.arg.end44 ], [ %334, %sx.mask.body47 ]
-  %321 = icmp slt i64 %sx.mask49, 16
-  br i1 %321, label %sx.mask.body47, label %sx.mask.end48
+sx.mask.head64:                                   ; preds = %sx.mask.body65, %sx.arg.end62
+  %sx.mask67 = phi i64 [ 0, %sx.arg.end62 ], [ %418, %sx.mask.body65 ]
+  %405 = icmp slt i64 %sx.mask67, 16
+  br i1 %405, label %sx.mask.body65, label %sx.mask.end66
 
-sx.mask.body47:                                   ; preds = %sx.mask.head46
-  %322 = getelementptr inbounds float, ptr %239, i64 %sx.mask49
-  %323 = load float, ptr %322, align 4
-  %324 = call float @llvm.fabs.f32(float %323)
-  %325 = fcmp ogt float %324, %320
-  %326 = select i1 %325, float %324, float %320
-  %327 = fsub float %320, %323
-  %328 = fdiv float %327, %326
-  %329 = fcmp ogt float %328, 0x3F947AE140000000
-  %330 = icmp eq i64 %sx.mask49, %257
-  %331 = or i1 %329, %330
-  %332 = select i1 %331, float 0xFFF0000000000000, float %323
-  %333 = getelementptr inbounds float, ptr %c, i64 %sx.mask49
-  store float %332, ptr %333, align 4
-  %334 = add nsw i64 %sx.mask49, 1
-  br label %sx.mask.head46
+sx.mask.body65:                                   ; preds = %sx.mask.head64
+  %406 = getelementptr inbounds float, ptr %323, i64 %sx.mask67
+  %407 = load float, ptr %406, align 4
+  %408 = call float @llvm.fabs.f32(float %407)
+  %409 = fcmp ogt float %408, %404
+  %410 = select i1 %409, float %408, float %404
+  %411 = fsub float %404, %407
+  %412 = fdiv float %411, %410
+  %413 = fcmp ogt float %412, 0x3F947AE140000000
+  %414 = icmp eq i64 %sx.mask67, %341
+  %415 = or i1 %413, %414
+  %416 = select i1 %415, float 0xFFF0000000000000, float %407
+  %417 = getelementptr inbounds float, ptr %c, i64 %sx.mask67
+  store float %416, ptr %417, align 4
+  %418 = add nsw i64 %sx.mask67, 1
+  br label %sx.mask.head64
 
-sx.mask.end48:                                    ; preds = %sx.mask.head46
-  store float 0xFFF0000000000000, ptr %smax50, align 4
-  br label %smax.head52
+sx.mask.end66:                                    ; preds = %sx.mask.head64
+  store float 0xFFF0000000000000, ptr %smax68, align 4
+  br label %smax.head70
 
-smax.head52:                                      ; preds = %smax.body53, %sx.mask.end48
-  %smax55 = phi i64 [ 0, %sx.mask.end48 ], [ %342, %smax.body53 ]
-  %335 = icmp slt i64 %smax55, 16
-  br i1 %335, label %smax.body53, label %smax.end54
+smax.head70:                                      ; preds = %smax.body71, %sx.mask.end66
+  %smax73 = phi i64 [ 0, %sx.mask.end66 ], [ %426, %smax.body71 ]
+  %419 = icmp slt i64 %smax73, 16
+  br i1 %419, label %smax.body71, label %smax.end72
 
-smax.body53:                                      ; preds = %smax.head52
-  %336 = add nsw i64 0, %smax55
-  %337 = getelementptr inbounds float, ptr %c, i64 %336
-  %338 = load float, ptr %337, align 4
-  %339 = load float, ptr %smax50, align 4
-  %340 = fcmp ogt float %338, %339
-  %341 = select i1 %340, float %338, float %339
-  store float %341, ptr %smax50, align 4
-  %342 = add nsw i64 %smax55, 1
-  br label %smax.head52
+smax.body71:                                      ; preds = %smax.head70
+  %420 = add nsw i64 0, %smax73
+  %421 = getelementptr inbounds float, ptr %c, i64 %420
+  %422 = load float, ptr %421, align 4
+  %423 = load float, ptr %smax68, align 4
+  %424 = fcmp ogt float %422, %423
+  %425 = select i1 %424, float %422, float %423
+  store float %425, ptr %smax68, align 4
+  %426 = add nsw i64 %smax73, 1
+  br label %smax.head70
 
-smax.end54:                                       ; preds = %smax.head52
-  %343 = load float, ptr %smax50, align 4
-  store float 0.000000e+00, ptr %ssum51, align 4
-  br label %sexp.head56
+smax.end72:                                       ; preds = %smax.head70
+  %427 = load float, ptr %smax68, align 4
+  store float 0.000000e+00, ptr %ssum69, align 4
+  br label %sexp.head74
 
-sexp.head56:                                      ; preds = %sexp.body57, %smax.end54
-  %sexp59 = phi i64 [ 0, %smax.end54 ], [ %356, %sexp.body57 ]
-  %344 = icmp slt i64 %sexp59, 16
-  br i1 %344, label %sexp.body57, label %sexp.end58
+sexp.head74:                                      ; preds = %sexp.body75, %smax.end72
+  %sexp77 = phi i64 [ 0, %smax.end72 ], [ %440, %sexp.body75 ]
+  %428 = icmp slt i64 %sexp77, 16
+  br i1 %428, label %sexp.body75, label %sexp.end76
 
-sexp.body57:                                      ; preds = %sexp.head56
-  %345 = add nsw i64 0, %sexp59
-  %346 = getelementptr inbounds float, ptr %c, i64 %345
-  %347 = load float, ptr %346, align 4
-  %348 = fsub float %347, %343
-  %349 = fpext float %348 to double
-  %350 = call double @exp(double %349)
-  %351 = fptrunc double %350 to float
-  %352 = add nsw i64 0, %sexp59
-  %353 = getelementptr inbounds float, ptr %s, i64 %352
-  store float %351, ptr %353, align 4
-  %354 = load float, ptr %ssum51, align 4
-  %355 = fadd float %354, %351
-  store float %355, ptr %ssum51, align 4
-  %356 = add nsw i64 %sexp59, 1
-  br label %sexp.head56
+sexp.body75:                                      ; preds = %sexp.head74
+  %429 = add nsw i64 0, %sexp77
+  %430 = getelementptr inbounds float, ptr %c, i64 %429
+  %431 = load float, ptr %430, align 4
+  %432 = fsub float %431, %427
+  %433 = fpext float %432 to double
+  %434 = call double @exp(double %433)
+  %435 = fptrunc double %434 to float
+  %436 = add nsw i64 0, %sexp77
+  %437 = getelementptr inbounds float, ptr %s, i64 %436
+  store float %435, ptr %437, align 4
+  %438 = load float, ptr %ssum69, align 4
+  %439 = fadd float %438, %435
+  store float %439, ptr %ssum69, align 4
+  %440 = add nsw i64 %sexp77, 1
+  br label %sexp.head74
 
-sexp.end58:                                       ; preds = %sexp.head56
-  %357 = load float, ptr %ssum51, align 4
-  br label %sdiv.head60
+sexp.end76:                                       ; preds = %sexp.head74
+  %441 = load float, ptr %ssum69, align 4
+  br label %sdiv.head78
 
-sdiv.head60:                                      ; preds = %sdiv.body61, %sexp.end58
-  %sdiv63 = phi i64 [ 0, %sexp.end58 ], [ %364, %sdiv.body61 ]
-  %358 = icmp slt i64 %sdiv63, 16
-  br i1 %358, label %sdiv.body61, label %sdiv.end62
+sdiv.head78:                                      ; preds = %sdiv.body79, %sexp.end76
+  %sdiv81 = phi i64 [ 0, %sexp.end76 ], [ %448, %sdiv.body79 ]
+  %442 = icmp slt i64 %sdiv81, 16
+  br i1 %442, label %sdiv.body79, label %sdiv.end80
 
-sdiv.body61:                                      ; preds = %sdiv.head60
-  %359 = add nsw i64 0, %sdiv63
-  %360 = getelementptr inbounds float, ptr %s, i64 %359
-  %361 = load float, ptr %360, align 4
-  %362 = fdiv float %361, %357
-  %363 = getelementptr inbounds float, ptr %s, i64 %359
-  store float %362, ptr %363, align 4
-  %364 = add nsw i64 %sdiv63, 1
-  br label %sdiv.head60
+sdiv.body79:                                      ; preds = %sdiv.head78
+  %443 = add nsw i64 0, %sdiv81
+  %444 = getelementptr inbounds float, ptr %s, i64 %443
+  %445 = load float, ptr %444, align 4
+  %446 = fdiv float %445, %441
+  %447 = getelementptr inbounds float, ptr %s, i64 %443
+  store float %446, ptr %447, align 4
+  %448 = add nsw i64 %sdiv81, 1
+  br label %sdiv.head78
 
-sdiv.end62:                                       ; preds = %sdiv.head60
-  %365 = getelementptr inbounds float, ptr %s, i64 %318
-  %366 = load float, ptr %365, align 4
-  %367 = fmul float %366, 1.000000e+00
-  %368 = add nsw i64 %wbase, 0
-  %369 = getelementptr inbounds i32, ptr %ids, i64 %368
-  %370 = trunc i64 %257 to i32
-  store i32 %370, ptr %369, align 4
-  %371 = getelementptr inbounds float, ptr %weights, i64 %368
-  store float %304, ptr %371, align 4
-  %372 = add nsw i64 %wbase, 1
-  %373 = getelementptr inbounds i32, ptr %ids, i64 %372
-  %374 = trunc i64 %318 to i32
-  store i32 %374, ptr %373, align 4
-  %375 = getelementptr inbounds float, ptr %weights, i64 %372
-  store float %367, ptr %375, align 4
-  store float 0xFFF0000000000000, ptr %smax64, align 4
-  br label %smax.head66
+sdiv.end80:                                       ; preds = %sdiv.head78
+  %449 = getelementptr inbounds float, ptr %s, i64 %402
+  %450 = load float, ptr %449, align 4
+  %451 = fmul float %450, 1.000000e+00
+  %452 = add nsw i64 %wbase, 0
+  %453 = getelementptr inbounds i32, ptr %ids, i64 %452
+  %454 = trunc i64 %341 to i32
+  store i32 %454, ptr %453, align 4
+  %455 = getelementptr inbounds float, ptr %weights, i64 %452
+  store float %388, ptr %455, align 4
+  %456 = add nsw i64 %wbase, 1
+  %457 = getelementptr inbounds i32, ptr %ids, i64 %456
+  %458 = trunc i64 %402 to i32
+  store i32 %458, ptr %457, align 4
+  %459 = getelementptr inbounds float, ptr %weights, i64 %456
+  store float %451, ptr %459, align 4
+  store float 0xFFF0000000000000, ptr %smax82, align 4
+  br label %smax.head84
 
-smax.head66:                                      ; preds = %smax.body67, %sdiv.end62
-  %smax69 = phi i64 [ 0, %sdiv.end62 ], [ %383, %smax.body67 ]
-  %376 = icmp slt i64 %smax69, 16
-  br i1 %376, label %smax.body67, label %smax.end68
+smax.head84:                                      ; preds = %smax.body85, %sdiv.end80
+  %smax87 = phi i64 [ 0, %sdiv.end80 ], [ %467, %smax.body85 ]
+  %460 = icmp slt i64 %smax87, 16
+  br i1 %460, label %smax.body85, label %smax.end86
 
-smax.body67:                                      ; preds = %smax.head66
-  %377 = add nsw i64 0, %smax69
-  %378 = getelementptr inbounds float, ptr %239, i64 %377
-  %379 = load float, ptr %378, align 4
-  %380 = load float, ptr %smax64, align 4
-  %381 = fcmp ogt float %379, %380
-  %382 = select i1 %381, float %379, float %380
-  store float %382, ptr %smax64, align 4
-  %383 = add nsw i64 %smax69, 1
-  br label %smax.head66
+smax.body85:                                      ; preds = %smax.head84
+  %461 = add nsw i64 0, %smax87
+  %462 = getelementptr inbounds float, ptr %323, i64 %461
+  %463 = load float, ptr %462, align 4
+  %464 = load float, ptr %smax82, align 4
+  %465 = fcmp ogt float %463, %464
+  %466 = select i1 %465, float %463, float %464
+  store float %466, ptr %smax82, align 4
+  %467 = add nsw i64 %smax87, 1
+  br label %smax.head84
 
-smax.end68:                                       ; preds = %smax.head66
-  %384 = load float, ptr %smax64, align 4
-  store float 0.000000e+00, ptr %ssum65, align 4
-  br label %sexp.head70
+smax.end86:                                       ; preds = %smax.head84
+  %468 = load float, ptr %smax82, align 4
+  store float 0.000000e+00, ptr %ssum83, align 4
+  br label %sexp.head88
 
-sexp.head70:                                      ; preds = %sexp.body71, %smax.end68
-  %sexp73 = phi i64 [ 0, %smax.end68 ], [ %397, %sexp.body71 ]
-  %385 = icmp slt i64 %sexp73, 16
-  br i1 %385, label %sexp.body71, label %sexp.end72
+sexp.head88:                                      ; preds = %sexp.body89, %smax.end86
+  %sexp91 = phi i64 [ 0, %smax.end86 ], [ %481, %sexp.body89 ]
+  %469 = icmp slt i64 %sexp91, 16
+  br i1 %469, label %sexp.body89, label %sexp.end90
 
-sexp.body71:                                      ; preds = %sexp.head70
-  %386 = add nsw i64 0, %sexp73
-  %387 = getelementptr inbounds float, ptr %239, i64 %386
-  %388 = load float, ptr %387, align 4
-  %389 = fsub float %388, %384
-  %390 = fpext float %389 to double
-  %391 = call double @exp(double %390)
-  %392 = fptrunc double %391 to float
-  %393 = add nsw i64 0, %sexp73
-  %394 = getelementptr inbounds float, ptr %242, i64 %393
-  store float %392, ptr %394, align 4
-  %395 = load float, ptr %ssum65, align 4
-  %396 = fadd float %395, %392
-  store float %396, ptr %ssum65, align 4
-  %397 = add nsw i64 %sexp73, 1
-  br label %sexp.head70
+sexp.body89:                                      ; preds = %sexp.head88
+  %470 = add nsw i64 0, %sexp91
+  %471 = getelementptr inbounds float, ptr %323, i64 %470
+  %472 = load float, ptr %471, align 4
+  %473 = fsub float %472, %468
+  %474 = fpext float %473 to double
+  %475 = call double @exp(double %474)
+  %476 = fptrunc double %475 to float
+  %477 = add nsw i64 0, %sexp91
+  %478 = getelementptr inbounds float, ptr %326, i64 %477
+  store float %476, ptr %478, align 4
+  %479 = load float, ptr %ssum83, align 4
+  %480 = fadd float %479, %476
+  store float %480, ptr %ssum83, align 4
+  %481 = add nsw i64 %sexp91, 1
+  br label %sexp.head88
 
-sexp.end72:                                       ; preds = %sexp.head70
-  %398 = load float, ptr %ssum65, align 4
-  br label %sdiv.head74
+sexp.end90:                                       ; preds = %sexp.head88
+  %482 = load float, ptr %ssum83, align 4
+  br label %sdiv.head92
 
-sdiv.head74:                                      ; preds = %sdiv.body75, %sexp.end72
-  %sdiv77 = phi i64 [ 0, %sexp.end72 ], [ %405, %sdiv.body75 ]
-  %399 = icmp slt i64 %sdiv77, 16
-  br i1 %399, label %sdiv.body75, label %sdiv.end76
+sdiv.head92:                                      ; preds = %sdiv.body93, %sexp.end90
+  %sdiv95 = phi i64 [ 0, %sexp.end90 ], [ %489, %sdiv.body93 ]
+  %483 = icmp slt i64 %sdiv95, 16
+  br i1 %483, label %sdiv.body93, label %sdiv.end94
 
-sdiv.body75:                                      ; preds = %sdiv.head74
-  %400 = add nsw i64 0, %sdiv77
-  %401 = getelementptr inbounds float, ptr %242, i64 %400
-  %402 = load float, ptr %401, align 4
-  %403 = fdiv float %402, %398
-  %404 = getelementptr inbounds float, ptr %242, i64 %400
-  store float %403, ptr %404, align 4
-  %405 = add nsw i64 %sdiv77, 1
-  br label %sdiv.head74
+sdiv.body93:                                      ; preds = %sdiv.head92
+  %484 = add nsw i64 0, %sdiv95
+  %485 = getelementptr inbounds float, ptr %326, i64 %484
+  %486 = load float, ptr %485, align 4
+  %487 = fdiv float %486, %482
+  %488 = getelementptr inbounds float, ptr %326, i64 %484
+  store float %487, ptr %488, align 4
+  %489 = add nsw i64 %sdiv95, 1
+  br label %sdiv.head92
 
-sdiv.end76:                                       ; preds = %sdiv.head74
-  %406 = getelementptr inbounds float, ptr %prio, i64 %tok
-  store float 0.000000e+00, ptr %406, align 4
-  %407 = add nsw i64 %t, 1
+sdiv.end94:                                       ; preds = %sdiv.head92
+  %490 = getelementptr inbounds float, ptr %prio, i64 %tok
+  store float 0.000000e+00, ptr %490, align 4
+  %491 = add nsw i64 %t, 1
   br label %t.head
 
 t.end:                                            ; preds = %t.head
-  %408 = add nsw i64 %tg, 8
+  %492 = add nsw i64 %tg, 8
   br label %tg.head
 
 tg.end:                                           ; preds = %tg.head
   ret void
 }
 
+; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
+declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #1
+
 ; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
-declare float @llvm.fabs.f32(float) #1
+declare float @llvm.fabs.f32(float) #2
 
 ; Function Attrs: nounwind
 declare double @exp(double) #0
@@ -894,6 +1025,7 @@ t.end:                                            ; preds = %t.head
 ; Function Attrs: nounwind
 define hidden void @moe_up(ptr noalias %x, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bg, ptr noalias %bu, ptr noalias %h, i64 %p0, i64 %p1) #0 {
 entry:
+  %part = alloca [24576 x float], align 32
   %acc000 = alloca <8 x float>, align 32
   %acc001 = alloca <8 x float>, align 32
   %acc010 = alloca <8 x float>, align 32
@@ -906,73 +1038,161 @@ entry:
   %acc041 = alloca <8 x float>, align 32
   %acc050 = alloca <8 x float>, align 32
   %acc051 = alloca <8 x float>, align 32
-  %acc00032 = alloca <8 x float>, align 32
-  %acc00133 = alloca <8 x float>, align 32
-  %acc01034 = alloca <8 x float>, align 32
-  %acc01135 = alloca <8 x float>, align 32
-  %acc02036 = alloca <8 x float>, align 32
-  %acc02137 = alloca <8 x float>, align 32
-  %acc03038 = alloca <8 x float>, align 32
-  %acc03139 = alloca <8 x float>, align 32
-  %acc04040 = alloca <8 x float>, align 32
-  %acc04141 = alloca <8 x float>, align 32
-  %acc00084 = alloca <8 x float>, align 32
-  %acc00185 = alloca <8 x float>, align 32
-  %acc01086 = alloca <8 x float>, align 32
-  %acc01187 = alloca <8 x float>, align 32
-  %acc02088 = alloca <8 x float>, align 32
-  %acc02189 = alloca <8 x float>, align 32
-  %acc03090 = alloca <8 x float>, align 32
-  %acc03191 = alloca <8 x float>, align 32
-  %acc000128 = alloca <8 x float>, align 32
-  %acc001129 = alloca <8 x float>, align 32
-  %acc010130 = alloca <8 x float>, align 32
-  %acc011131 = alloca <8 x float>, align 32
-  %acc020132 = alloca <8 x float>, align 32
-  %acc021133 = alloca <8 x float>, align 32
-  %acc000164 = alloca <8 x float>, align 32
-  %acc001165 = alloca <8 x float>, align 32
-  %acc010166 = alloca <8 x float>, align 32
-  %acc011167 = alloca <8 x float>, align 32
-  %acc000192 = alloca <8 x float>, align 32
-  %acc001193 = alloca <8 x float>, align 32
+  %acc00033 = alloca <8 x float>, align 32
+  %acc00134 = alloca <8 x float>, align 32
+  %acc01035 = alloca <8 x float>, align 32
+  %acc01136 = alloca <8 x float>, align 32
+  %acc02037 = alloca <8 x float>, align 32
+  %acc02138 = alloca <8 x float>, align 32
+  %acc03039 = alloca <8 x float>, align 32
+  %acc03140 = alloca <8 x float>, align 32
+  %acc04041 = alloca <8 x float>, align 32
+  %acc04142 = alloca <8 x float>, align 32
+  %acc00089 = alloca <8 x float>, align 32
+  %acc00190 = alloca <8 x float>, align 32
+  %acc01091 = alloca <8 x float>, align 32
+  %acc01192 = alloca <8 x float>, align 32
+  %acc02093 = alloca <8 x float>, align 32
+  %acc02194 = alloca <8 x float>, align 32
+  %acc03095 = alloca <8 x float>, align 32
+  %acc03196 = alloca <8 x float>, align 32
+  %acc000137 = alloca <8 x float>, align 32
+  %acc001138 = alloca <8 x float>, align 32
+  %acc010139 = alloca <8 x float>, align 32
+  %acc011140 = alloca <8 x float>, align 32
+  %acc020141 = alloca <8 x float>, align 32
+  %acc021142 = alloca <8 x float>, align 32
+  %acc000177 = alloca <8 x float>, align 32
+  %acc001178 = alloca <8 x float>, align 32
+  %acc010179 = alloca <8 x float>, align 32
+  %acc011180 = alloca <8 x float>, align 32
+  %acc000209 = alloca <8 x float>, align 32
+  %acc001210 = alloca <8 x float>, align 32
+  %acc000250 = alloca <8 x float>, align 32
+  %acc001251 = alloca <8 x float>, align 32
+  %acc010252 = alloca <8 x float>, align 32
+  %acc011253 = alloca <8 x float>, align 32
+  %acc020254 = alloca <8 x float>, align 32
+  %acc021255 = alloca <8 x float>, align 32
+  %acc030256 = alloca <8 x float>, align 32
+  %acc031257 = alloca <8 x float>, align 32
+  %acc040258 = alloca <8 x float>, align 32
+  %acc041259 = alloca <8 x float>, align 32
+  %acc050260 = alloca <8 x float>, align 32
+  %acc051261 = alloca <8 x float>, align 32
+  %acc000310 = alloca <8 x float>, align 32
+  %acc001311 = alloca <8 x float>, align 32
+  %acc010312 = alloca <8 x float>, align 32
+  %acc011313 = alloca <8 x float>, align 32
+  %acc020314 = alloca <8 x float>, align 32
+  %acc021315 = alloca <8 x float>, align 32
+  %acc030316 = alloca <8 x float>, align 32
+  %acc031317 = alloca <8 x float>, align 32
+  %acc040318 = alloca <8 x float>, align 32
+  %acc041319 = alloca <8 x float>, align 32
+  %acc000362 = alloca <8 x float>, align 32
+  %acc001363 = alloca <8 x float>, align 32
+  %acc010364 = alloca <8 x float>, align 32
+  %acc011365 = alloca <8 x float>, align 32
+  %acc020366 = alloca <8 x float>, align 32
+  %acc021367 = alloca <8 x float>, align 32
+  %acc030368 = alloca <8 x float>, align 32
+  %acc031369 = alloca <8 x float>, align 32
+  %acc000406 = alloca <8 x float>, align 32
+  %acc001407 = alloca <8 x float>, align 32
+  %acc010408 = alloca <8 x float>, align 32
+  %acc011409 = alloca <8 x float>, align 32
+  %acc020410 = alloca <8 x float>, align 32
+  %acc021411 = alloca <8 x float>, align 32
+  %acc000442 = alloca <8 x float>, align 32
+  %acc001443 = alloca <8 x float>, align 32
+  %acc010444 = alloca <8 x float>, align 32
+  %acc011445 = alloca <8 x float>, align 32
+  %acc000470 = alloca <8 x float>, align 32
+  %acc001471 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
-  br label %p.head
+  %0 = icmp sgt i64 %n, 6
+  br i1 %0, label %kb, label %flat
 
-p.head:                                           ; preds = %rb.end, %start
-  %p = phi i64 [ %p0, %start ], [ %1101, %rb.end ]
-  %0 = icmp slt i64 %p, %p1
-  br i1 %0, label %p.body, label %p.end
+kb:                                               ; preds = %start
+  br label %kb.rc.head
 
-p.body:                                           ; preds = %p.head
-  %1 = add nsw i64 %n, 5
-  %nrb = sdiv i64 %1, 6
+kb.rc.head:                                       ; preds = %kb.pg.end, %kb
+  %kb.rc = phi i64 [ 0, %kb ], [ %1880, %kb.pg.end ]
+  %1 = icmp slt i64 %kb.rc, %n
+  br i1 %1, label %kb.rc.body, label %kb.rc.end
+
+kb.rc.body:                                       ; preds = %kb.rc.head
+  %2 = sub nsw i64 %n, %kb.rc
+  %3 = icmp slt i64 %2, 96
+  %kb.rn = select i1 %3, i64 %2, i64 96
+  br label %kb.pg.head
+
+kb.pg.head:                                       ; preds = %kb.k.end, %kb.rc.body
+  %kb.pg = phi i64 [ %p0, %kb.rc.body ], [ %1879, %kb.k.end ]
+  %4 = icmp slt i64 %kb.pg, %p1
+  br i1 %4, label %kb.pg.body, label %kb.pg.end
+
+kb.pg.body:                                       ; preds = %kb.pg.head
+  %5 = add nsw i64 %kb.pg, 16
+  %6 = icmp slt i64 %5, %p1
+  %kb.pg1 = select i1 %6, i64 %5, i64 %p1
+  br label %kb.k.head
+
+kb.k.head:                                        ; preds = %kb.p.end, %kb.pg.body
+  %kb.k = phi i64 [ 0, %kb.pg.body ], [ %1878, %kb.p.end ]
+  %7 = icmp slt i64 %kb.k, 16
+  br i1 %7, label %kb.k.body, label %kb.k.end
+
+kb.k.body:                                        ; preds = %kb.k.head
+  %k0 = mul nsw i64 %kb.k, 256
+  %kfirst = icmp eq i64 %kb.k, 0
+  %klast = icmp eq i64 %kb.k, 15
+  br label %kb.p.head
+
+kb.p.head:                                        ; preds = %rb.end, %kb.k.body
+  %kb.p = phi i64 [ %kb.pg, %kb.k.body ], [ %1877, %rb.end ]
+  %8 = icmp slt i64 %kb.p, %kb.pg1
+  br i1 %8, label %kb.p.body, label %kb.p.end
+
+kb.p.body:                                        ; preds = %kb.p.head
+  %9 = add nsw i64 %kb.p, 1
+  %10 = icmp slt i64 %9, %kb.pg1
+  %11 = sub nsw i64 %kb.p, %kb.pg
+  %12 = mul nsw i64 %11, 131072
+  %13 = sub nsw i64 8192, %12
+  %pf.step = select i1 %10, i64 131072, i64 %13
+  %14 = xor i1 %klast, true
+  %pf.next = or i1 %10, %14
+  %15 = add nsw i64 %kb.rn, 5
+  %nrb = sdiv i64 %15, 6
   br label %rb.head
 
-rb.head:                                          ; preds = %tile.done, %p.body
-  %rb = phi i64 [ 0, %p.body ], [ %1100, %tile.done ]
-  %2 = icmp slt i64 %rb, %nrb
-  br i1 %2, label %rb.body, label %rb.end
+rb.head:                                          ; preds = %tile.done, %kb.p.body
+  %rb = phi i64 [ 0, %kb.p.body ], [ %1876, %tile.done ]
+  %16 = icmp slt i64 %rb, %nrb
+  br i1 %16, label %rb.body, label %rb.end
 
 rb.body:                                          ; preds = %rb.head
-  %3 = mul nsw i64 %rb, %n
-  %r0 = sdiv i64 %3, %nrb
-  %4 = add nsw i64 %rb, 1
-  %5 = mul nsw i64 %4, %n
-  %r1 = sdiv i64 %5, %nrb
+  %17 = mul nsw i64 %rb, %kb.rn
+  %r0 = sdiv i64 %17, %nrb
+  %18 = add nsw i64 %rb, 1
+  %19 = mul nsw i64 %18, %kb.rn
+  %r1 = sdiv i64 %19, %nrb
   %mr = sub nsw i64 %r1, %r0
-  %6 = icmp sge i64 %nrb, 2
-  %7 = select i1 %6, i64 1, i64 0
-  %8 = icmp sge i64 %nrb, 4
-  %9 = select i1 %8, i64 2, i64 %7
-  %10 = icmp sge i64 %nrb, 8
-  %11 = select i1 %10, i64 3, i64 %9
+  %r01 = add nsw i64 %kb.rc, %r0
+  %20 = icmp sge i64 %nrb, 2
+  %21 = select i1 %20, i64 1, i64 0
+  %22 = icmp sge i64 %nrb, 4
+  %23 = select i1 %22, i64 2, i64 %21
+  %24 = icmp sge i64 %nrb, 8
+  %25 = select i1 %24, i64 3, i64 %23
   %pf.multi = icmp sgt i64 %nrb, 1
-  %12 = shl i64 1, %11
-  %13 = icmp slt i64 %rb, %12
-  %pf.on = and i1 %pf.multi, %13
+  %26 = shl i64 1, %25
+  %27 = icmp slt i64 %rb, %26
+  %pf.on = and i1 %pf.multi, %27
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -982,1502 +1202,3945 @@ rb.body:                                          ; preds = %rb.head
   ]
 
 tile.mr6:                                         ; preds = %rb.body
-  %14 = add nsw i64 %r0, 0
-  %15 = getelementptr inbounds i32, ptr %rows, i64 %14
-  %16 = load i32, ptr %15, align 4
-  %17 = sext i32 %16 to i64
-  %18 = mul nsw i64 %17, 4096
-  %19 = getelementptr inbounds float, ptr %x, i64 %18
-  store <8 x float> zeroinitializer, ptr %acc000, align 4
-  store <8 x float> zeroinitializer, ptr %acc001, align 4
-  %20 = add nsw i64 %r0, 1
-  %21 = getelementptr inbounds i32, ptr %rows, i64 %20
-  %22 = load i32, ptr %21, align 4
-  %23 = sext i32 %22 to i64
-  %24 = mul nsw i64 %23, 4096
-  %25 = getelementptr inbounds float, ptr %x, i64 %24
-  store <8 x float> zeroinitializer, ptr %acc010, align 4
-  store <8 x float> zeroinitializer, ptr %acc011, align 4
-  %26 = add nsw i64 %r0, 2
-  %27 = getelementptr inbounds i32, ptr %rows, i64 %26
-  %28 = load i32, ptr %27, align 4
-  %29 = sext i32 %28 to i64
-  %30 = mul nsw i64 %29, 4096
-  %31 = getelementptr inbounds float, ptr %x, i64 %30
-  store <8 x float> zeroinitializer, ptr %acc020, align 4
-  store <8 x float> zeroinitializer, ptr %acc021, align 4
-  %32 = add nsw i64 %r0, 3
-  %33 = getelementptr inbounds i32, ptr %rows, i64 %32
-  %34 = load i32, ptr %33, align 4
-  %35 = sext i32 %34 to i64
-  %36 = mul nsw i64 %35, 4096
-  %37 = getelementptr inbounds float, ptr %x, i64 %36
-  store <8 x float> zeroinitializer, ptr %acc030, align 4
-  store <8 x float> zeroinitializer, ptr %acc031, align 4
-  %38 = add nsw i64 %r0, 4
-  %39 = getelementptr inbounds i32, ptr %rows, i64 %38
-  %40 = load i32, ptr %39, align 4
-  %41 = sext i32 %40 to i64
-  %42 = mul nsw i64 %41, 4096
-  %43 = getelementptr inbounds float, ptr %x, i64 %42
-  store <8 x float> zeroinitializer, ptr %acc040, align 4
-  store <8 x float> zeroinitializer, ptr %acc041, align 4
-  %44 = add nsw i64 %r0, 5
-  %45 = getelementptr inbounds i32, ptr %rows, i64 %44
-  %46 = load i32, ptr %45, align 4
-  %47 = sext i32 %46 to i64
-  %48 = mul nsw i64 %47, 4096
-  %49 = getelementptr inbounds float, ptr %x, i64 %48
-  store <8 x float> zeroinitializer, ptr %acc050, align 4
-  store <8 x float> zeroinitializer, ptr %acc051, align 4
-  %panel.off = mul nsw i64 %p, 65536
-  %50 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
-  %51 = add nsw i64 %p, 1
-  %52 = icmp slt i64 %51, %p1
-  %pf.on1 = and i1 %pf.on, %52
-  %53 = mul nsw i64 %rb, 131072
-  %54 = lshr i64 %53, %11
-  %55 = add nsw i64 131072, %54
-  %56 = getelementptr inbounds i8, ptr %50, i64 %55
-  %pf = select i1 %pf.on1, ptr %56, ptr %50
-  %pf.sh = select i1 %pf.on1, i64 %11, i64 0
+  %28 = add nsw i64 %r01, 0
+  %29 = getelementptr inbounds i32, ptr %rows, i64 %28
+  %30 = load i32, ptr %29, align 4
+  %31 = sext i32 %30 to i64
+  %32 = mul nsw i64 %31, 4096
+  %33 = add nsw i64 %32, %k0
+  %34 = getelementptr inbounds float, ptr %x, i64 %33
+  %35 = sub nsw i64 %kb.p, %kb.pg
+  %36 = sub nsw i64 %28, %kb.rc
+  %37 = mul nsw i64 %36, 16
+  %38 = add nsw i64 %37, %35
+  %39 = mul nsw i64 %38, 16
+  %40 = getelementptr inbounds float, ptr %part, i64 %39
+  %41 = getelementptr inbounds float, ptr %40, i64 0
+  %42 = load <8 x float>, ptr %41, align 4
+  %43 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %42
+  store <8 x float> %43, ptr %acc000, align 4
+  %44 = sub nsw i64 %kb.p, %kb.pg
+  %45 = sub nsw i64 %28, %kb.rc
+  %46 = mul nsw i64 %45, 16
+  %47 = add nsw i64 %46, %44
+  %48 = mul nsw i64 %47, 16
+  %49 = getelementptr inbounds float, ptr %part, i64 %48
+  %50 = getelementptr inbounds float, ptr %49, i64 8
+  %51 = load <8 x float>, ptr %50, align 4
+  %52 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %51
+  store <8 x float> %52, ptr %acc001, align 4
+  %53 = add nsw i64 %r01, 1
+  %54 = getelementptr inbounds i32, ptr %rows, i64 %53
+  %55 = load i32, ptr %54, align 4
+  %56 = sext i32 %55 to i64
+  %57 = mul nsw i64 %56, 4096
+  %58 = add nsw i64 %57, %k0
+  %59 = getelementptr inbounds float, ptr %x, i64 %58
+  %60 = sub nsw i64 %kb.p, %kb.pg
+  %61 = sub nsw i64 %53, %kb.rc
+  %62 = mul nsw i64 %61, 16
+  %63 = add nsw i64 %62, %60
+  %64 = mul nsw i64 %63, 16
+  %65 = getelementptr inbounds float, ptr %part, i64 %64
+  %66 = getelementptr inbounds float, ptr %65, i64 0
+  %67 = load <8 x float>, ptr %66, align 4
+  %68 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %67
+  store <8 x float> %68, ptr %acc010, align 4
+  %69 = sub nsw i64 %kb.p, %kb.pg
+  %70 = sub nsw i64 %53, %kb.rc
+  %71 = mul nsw i64 %70, 16
+  %72 = add nsw i64 %71, %69
+  %73 = mul nsw i64 %72, 16
+  %74 = getelementptr inbounds float, ptr %part, i64 %73
+  %75 = getelementptr inbounds float, ptr %74, i64 8
+  %76 = load <8 x float>, ptr %75, align 4
+  %77 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %76
+  store <8 x float> %77, ptr %acc011, align 4
+  %78 = add nsw i64 %r01, 2
+  %79 = getelementptr inbounds i32, ptr %rows, i64 %78
+  %80 = load i32, ptr %79, align 4
+  %81 = sext i32 %80 to i64
+  %82 = mul nsw i64 %81, 4096
+  %83 = add nsw i64 %82, %k0
+  %84 = getelementptr inbounds float, ptr %x, i64 %83
+  %85 = sub nsw i64 %kb.p, %kb.pg
+  %86 = sub nsw i64 %78, %kb.rc
+  %87 = mul nsw i64 %86, 16
+  %88 = add nsw i64 %87, %85
+  %89 = mul nsw i64 %88, 16
+  %90 = getelementptr inbounds float, ptr %part, i64 %89
+  %91 = getelementptr inbounds float, ptr %90, i64 0
+  %92 = load <8 x float>, ptr %91, align 4
+  %93 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %92
+  store <8 x float> %93, ptr %acc020, align 4
+  %94 = sub nsw i64 %kb.p, %kb.pg
+  %95 = sub nsw i64 %78, %kb.rc
+  %96 = mul nsw i64 %95, 16
+  %97 = add nsw i64 %96, %94
+  %98 = mul nsw i64 %97, 16
+  %99 = getelementptr inbounds float, ptr %part, i64 %98
+  %100 = getelementptr inbounds float, ptr %99, i64 8
+  %101 = load <8 x float>, ptr %100, align 4
+  %102 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %101
+  store <8 x float> %102, ptr %acc021, align 4
+  %103 = add nsw i64 %r01, 3
+  %104 = getelementptr inbounds i32, ptr %rows, i64 %103
+  %105 = load i32, ptr %104, align 4
+  %106 = sext i32 %105 to i64
+  %107 = mul nsw i64 %106, 4096
+  %108 = add nsw i64 %107, %k0
+  %109 = getelementptr inbounds float, ptr %x, i64 %108
+  %110 = sub nsw i64 %kb.p, %kb.pg
+  %111 = sub nsw i64 %103, %kb.rc
+  %112 = mul nsw i64 %111, 16
+  %113 = add nsw i64 %112, %110
+  %114 = mul nsw i64 %113, 16
+  %115 = getelementptr inbounds float, ptr %part, i64 %114
+  %116 = getelementptr inbounds float, ptr %115, i64 0
+  %117 = load <8 x float>, ptr %116, align 4
+  %118 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %117
+  store <8 x float> %118, ptr %acc030, align 4
+  %119 = sub nsw i64 %kb.p, %kb.pg
+  %120 = sub nsw i64 %103, %kb.rc
+  %121 = mul nsw i64 %120, 16
+  %122 = add nsw i64 %121, %119
+  %123 = mul nsw i64 %122, 16
+  %124 = getelementptr inbounds float, ptr %part, i64 %123
+  %125 = getelementptr inbounds float, ptr %124, i64 8
+  %126 = load <8 x float>, ptr %125, align 4
+  %127 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %126
+  store <8 x float> %127, ptr %acc031, align 4
+  %128 = add nsw i64 %r01, 4
+  %129 = getelementptr inbounds i32, ptr %rows, i64 %128
+  %130 = load i32, ptr %129, align 4
+  %131 = sext i32 %130 to i64
+  %132 = mul nsw i64 %131, 4096
+  %133 = add nsw i64 %132, %k0
+  %134 = getelementptr inbounds float, ptr %x, i64 %133
+  %135 = sub nsw i64 %kb.p, %kb.pg
+  %136 = sub nsw i64 %128, %kb.rc
+  %137 = mul nsw i64 %136, 16
+  %138 = add nsw i64 %137, %135
+  %139 = mul nsw i64 %138, 16
+  %140 = getelementptr inbounds float, ptr %part, i64 %139
+  %141 = getelementptr inbounds float, ptr %140, i64 0
+  %142 = load <8 x float>, ptr %141, align 4
+  %143 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %142
+  store <8 x float> %143, ptr %acc040, align 4
+  %144 = sub nsw i64 %kb.p, %kb.pg
+  %145 = sub nsw i64 %128, %kb.rc
+  %146 = mul nsw i64 %145, 16
+  %147 = add nsw i64 %146, %144
+  %148 = mul nsw i64 %147, 16
+  %149 = getelementptr inbounds float, ptr %part, i64 %148
+  %150 = getelementptr inbounds float, ptr %149, i64 8
+  %151 = load <8 x float>, ptr %150, align 4
+  %152 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %151
+  store <8 x float> %152, ptr %acc041, align 4
+  %153 = add nsw i64 %r01, 5
+  %154 = getelementptr inbounds i32, ptr %rows, i64 %153
+  %155 = load i32, ptr %154, align 4
+  %156 = sext i32 %155 to i64
+  %157 = mul nsw i64 %156, 4096
+  %158 = add nsw i64 %157, %k0
+  %159 = getelementptr inbounds float, ptr %x, i64 %158
+  %160 = sub nsw i64 %kb.p, %kb.pg
+  %161 = sub nsw i64 %153, %kb.rc
+  %162 = mul nsw i64 %161, 16
+  %163 = add nsw i64 %162, %160
+  %164 = mul nsw i64 %163, 16
+  %165 = getelementptr inbounds float, ptr %part, i64 %164
+  %166 = getelementptr inbounds float, ptr %165, i64 0
+  %167 = load <8 x float>, ptr %166, align 4
+  %168 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %167
+  store <8 x float> %168, ptr %acc050, align 4
+  %169 = sub nsw i64 %kb.p, %kb.pg
+  %170 = sub nsw i64 %153, %kb.rc
+  %171 = mul nsw i64 %170, 16
+  %172 = add nsw i64 %171, %169
+  %173 = mul nsw i64 %172, 16
+  %174 = getelementptr inbounds float, ptr %part, i64 %173
+  %175 = getelementptr inbounds float, ptr %174, i64 8
+  %176 = load <8 x float>, ptr %175, align 4
+  %177 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %176
+  store <8 x float> %177, ptr %acc051, align 4
+  %178 = mul nsw i64 %k0, 16
+  %179 = mul nsw i64 %kb.p, 65536
+  %panel.off = add nsw i64 %179, %178
+  %180 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %pf.on2 = and i1 %pf.on, %pf.next
+  %181 = mul nsw i64 %rb, 8192
+  %182 = lshr i64 %181, %25
+  %183 = add nsw i64 %pf.step, %182
+  %184 = getelementptr inbounds i8, ptr %180, i64 %183
+  %pf = select i1 %pf.on2, ptr %184, ptr %180
+  %pf.sh = select i1 %pf.on2, i64 %25, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %117, %pf.any.end ]
-  %57 = icmp slt i64 %k, 4096
-  br i1 %57, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %245, %pf.any.end ]
+  %185 = icmp slt i64 %k, 256
+  br i1 %185, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %58 = mul nsw i64 %k, 1
-  %59 = add nsw i64 %58, 0
-  %60 = mul nsw i64 %59, 32
+  %186 = mul nsw i64 %k, 1
+  %187 = add nsw i64 %186, 0
+  %188 = mul nsw i64 %187, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %61 = lshr i64 %60, %pf.sh
-  %62 = getelementptr inbounds i8, ptr %pf, i64 %61
-  call void @llvm.prefetch.p0(ptr %62, i32 0, i32 2, i32 1)
+  %189 = lshr i64 %188, %pf.sh
+  %190 = getelementptr inbounds i8, ptr %pf, i64 %189
+  call void @llvm.prefetch.p0(ptr %190, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %63 = mul nsw i64 %59, 16
-  %64 = add nsw i64 %panel.off, %63
-  %65 = getelementptr inbounds i16, ptr %panels, i64 %64
-  %66 = load <8 x i32>, ptr %65, align 4
-  %67 = shl <8 x i32> %66, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %67 to <8 x float>
-  %68 = and <8 x i32> %66, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %68 to <8 x float>
-  %69 = getelementptr inbounds float, ptr %19, i64 %59
-  %70 = load float, ptr %69, align 4
-  %71 = insertelement <8 x float> poison, float %70, i32 0
-  %72 = shufflevector <8 x float> %71, <8 x float> poison, <8 x i32> zeroinitializer
-  %73 = load <8 x float>, ptr %acc000, align 4
-  %74 = call <8 x float> @llvm.fma.v8f32(<8 x float> %72, <8 x float> %b0, <8 x float> %73)
-  store <8 x float> %74, ptr %acc000, align 4
-  %75 = load <8 x float>, ptr %acc001, align 4
-  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %72, <8 x float> %b1, <8 x float> %75)
-  store <8 x float> %76, ptr %acc001, align 4
-  %77 = getelementptr inbounds float, ptr %25, i64 %59
-  %78 = load float, ptr %77, align 4
-  %79 = insertelement <8 x float> poison, float %78, i32 0
-  %80 = shufflevector <8 x float> %79, <8 x float> poison, <8 x i32> zeroinitializer
-  %81 = load <8 x float>, ptr %acc010, align 4
-  %82 = call <8 x float> @llvm.fma.v8f32(<8 x float> %80, <8 x float> %b0, <8 x float> %81)
-  store <8 x float> %82, ptr %acc010, align 4
-  %83 = load <8 x float>, ptr %acc011, align 4
-  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %80, <8 x float> %b1, <8 x float> %83)
-  store <8 x float> %84, ptr %acc011, align 4
-  %85 = getelementptr inbounds float, ptr %31, i64 %59
-  %86 = load float, ptr %85, align 4
-  %87 = insertelement <8 x float> poison, float %86, i32 0
-  %88 = shufflevector <8 x float> %87, <8 x float> poison, <8 x i32> zeroinitializer
-  %89 = load <8 x float>, ptr %acc020, align 4
-  %90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %88, <8 x float> %b0, <8 x float> %89)
-  store <8 x float> %90, ptr %acc020, align 4
-  %91 = load <8 x float>, ptr %acc021, align 4
-  %92 = call <8 x float> @llvm.fma.v8f32(<8 x float> %88, <8 x float> %b1, <8 x float> %91)
-  store <8 x float> %92, ptr %acc021, align 4
-  %93 = getelementptr inbounds float, ptr %37, i64 %59
-  %94 = load float, ptr %93, align 4
-  %95 = insertelement <8 x float> poison, float %94, i32 0
-  %96 = shufflevector <8 x float> %95, <8 x float> poison, <8 x i32> zeroinitializer
-  %97 = load <8 x float>, ptr %acc030, align 4
-  %98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %96, <8 x float> %b0, <8 x float> %97)
-  store <8 x float> %98, ptr %acc030, align 4
-  %99 = load <8 x float>, ptr %acc031, align 4
-  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %96, <8 x float> %b1, <8 x float> %99)
-  store <8 x float> %100, ptr %acc031, align 4
-  %101 = getelementptr inbounds float, ptr %43, i64 %59
-  %102 = load float, ptr %101, align 4
-  %103 = insertelement <8 x float> poison, float %102, i32 0
-  %104 = shufflevector <8 x float> %103, <8 x float> poison, <8 x i32> zeroinitializer
-  %105 = load <8 x float>, ptr %acc040, align 4
-  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %104, <8 x float> %b0, <8 x float> %105)
-  store <8 x float> %106, ptr %acc040, align 4
-  %107 = load <8 x float>, ptr %acc041, align 4
-  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %104, <8 x float> %b1, <8 x float> %107)
-  store <8 x float> %108, ptr %acc041, align 4
-  %109 = getelementptr inbounds float, ptr %49, i64 %59
-  %110 = load float, ptr %109, align 4
-  %111 = insertelement <8 x float> poison, float %110, i32 0
-  %112 = shufflevector <8 x float> %111, <8 x float> poison, <8 x i32> zeroinitializer
-  %113 = load <8 x float>, ptr %acc050, align 4
-  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %112, <8 x float> %b0, <8 x float> %113)
-  store <8 x float> %114, ptr %acc050, align 4
-  %115 = load <8 x float>, ptr %acc051, align 4
-  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %112, <8 x float> %b1, <8 x float> %115)
-  store <8 x float> %116, ptr %acc051, align 4
-  %117 = add nsw i64 %k, 1
+  %191 = mul nsw i64 %187, 16
+  %192 = add nsw i64 %panel.off, %191
+  %193 = getelementptr inbounds i16, ptr %panels, i64 %192
+  %194 = load <8 x i32>, ptr %193, align 4
+  %195 = shl <8 x i32> %194, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %195 to <8 x float>
+  %196 = and <8 x i32> %194, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %196 to <8 x float>
+  %197 = getelementptr inbounds float, ptr %34, i64 %187
+  %198 = load float, ptr %197, align 4
+  %199 = insertelement <8 x float> poison, float %198, i32 0
+  %200 = shufflevector <8 x float> %199, <8 x float> poison, <8 x i32> zeroinitializer
+  %201 = load <8 x float>, ptr %acc000, align 4
+  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %b0, <8 x float> %201)
+  store <8 x float> %202, ptr %acc000, align 4
+  %203 = load <8 x float>, ptr %acc001, align 4
+  %204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %b1, <8 x float> %203)
+  store <8 x float> %204, ptr %acc001, align 4
+  %205 = getelementptr inbounds float, ptr %59, i64 %187
+  %206 = load float, ptr %205, align 4
+  %207 = insertelement <8 x float> poison, float %206, i32 0
+  %208 = shufflevector <8 x float> %207, <8 x float> poison, <8 x i32> zeroinitializer
+  %209 = load <8 x float>, ptr %acc010, align 4
+  %210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> %b0, <8 x float> %209)
+  store <8 x float> %210, ptr %acc010, align 4
+  %211 = load <8 x float>, ptr %acc011, align 4
+  %212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> %b1, <8 x float> %211)
+  store <8 x float> %212, ptr %acc011, align 4
+  %213 = getelementptr inbounds float, ptr %84, i64 %187
+  %214 = load float, ptr %213, align 4
+  %215 = insertelement <8 x float> poison, float %214, i32 0
+  %216 = shufflevector <8 x float> %215, <8 x float> poison, <8 x i32> zeroinitializer
+  %217 = load <8 x float>, ptr %acc020, align 4
+  %218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> %b0, <8 x float> %217)
+  store <8 x float> %218, ptr %acc020, align 4
+  %219 = load <8 x float>, ptr %acc021, align 4
+  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> %b1, <8 x float> %219)
+  store <8 x float> %220, ptr %acc021, align 4
+  %221 = getelementptr inbounds float, ptr %109, i64 %187
+  %222 = load float, ptr %221, align 4
+  %223 = insertelement <8 x float> poison, float %222, i32 0
+  %224 = shufflevector <8 x float> %223, <8 x float> poison, <8 x i32> zeroinitializer
+  %225 = load <8 x float>, ptr %acc030, align 4
+  %226 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> %b0, <8 x float> %225)
+  store <8 x float> %226, ptr %acc030, align 4
+  %227 = load <8 x float>, ptr %acc031, align 4
+  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> %b1, <8 x float> %227)
+  store <8 x float> %228, ptr %acc031, align 4
+  %229 = getelementptr inbounds float, ptr %134, i64 %187
+  %230 = load float, ptr %229, align 4
+  %231 = insertelement <8 x float> poison, float %230, i32 0
+  %232 = shufflevector <8 x float> %231, <8 x float> poison, <8 x i32> zeroinitializer
+  %233 = load <8 x float>, ptr %acc040, align 4
+  %234 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %b0, <8 x float> %233)
+  store <8 x float> %234, ptr %acc040, align 4
+  %235 = load <8 x float>, ptr %acc041, align 4
+  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %b1, <8 x float> %235)
+  store <8 x float> %236, ptr %acc041, align 4
+  %237 = getelementptr inbounds float, ptr %159, i64 %187
+  %238 = load float, ptr %237, align 4
+  %239 = insertelement <8 x float> poison, float %238, i32 0
+  %240 = shufflevector <8 x float> %239, <8 x float> poison, <8 x i32> zeroinitializer
+  %241 = load <8 x float>, ptr %acc050, align 4
+  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %b0, <8 x float> %241)
+  store <8 x float> %242, ptr %acc050, align 4
+  %243 = load <8 x float>, ptr %acc051, align 4
+  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %b1, <8 x float> %243)
+  store <8 x float> %244, ptr %acc051, align 4
+  %245 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %118 = add nsw i64 %r0, 0
-  %119 = getelementptr inbounds float, ptr %rw, i64 %118
-  %120 = load float, ptr %119, align 4
-  %121 = insertelement <8 x float> poison, float %120, i32 0
-  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
-  %123 = mul nsw i64 %118, 6400
-  %124 = getelementptr inbounds float, ptr %h, i64 %123
-  %col = mul nsw i64 %p, 8
-  %125 = load <8 x float>, ptr %acc000, align 4
-  %126 = load <8 x float>, ptr %acc001, align 4
-  %127 = fneg <8 x float> %125
-  %128 = fcmp olt <8 x float> %127, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %129 = select <8 x i1> %128, <8 x float> %127, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %130 = fcmp ogt <8 x float> %129, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %131 = select <8 x i1> %130, <8 x float> %129, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %131, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %133 = call <8 x float> @llvm.floor.v8f32(<8 x float> %132)
-  %134 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %131)
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %134)
-  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %135, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %136, <8 x float> %135, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %135, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %135, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %135, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %141 = fmul <8 x float> %135, %135
-  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %141, <8 x float> %135)
-  %143 = fadd <8 x float> %142, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %144 = fptosi <8 x float> %133 to <8 x i32>
-  %145 = add <8 x i32> %144, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %146 = shl <8 x i32> %145, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %146 to <8 x float>
-  %exp = fmul <8 x float> %143, %exp.2n
-  %147 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %147
-  %silu = fmul <8 x float> %125, %sigmoid
-  %glu = fmul <8 x float> %silu, %126
-  %148 = fmul <8 x float> %glu, %122
-  %149 = getelementptr inbounds float, ptr %124, i64 %col
-  store <8 x float> %148, ptr %149, align 4
-  %150 = add nsw i64 %r0, 1
-  %151 = getelementptr inbounds float, ptr %rw, i64 %150
-  %152 = load float, ptr %151, align 4
-  %153 = insertelement <8 x float> poison, float %152, i32 0
-  %154 = shufflevector <8 x float> %153, <8 x float> poison, <8 x i32> zeroinitializer
-  %155 = mul nsw i64 %150, 6400
-  %156 = getelementptr inbounds float, ptr %h, i64 %155
-  %col2 = mul nsw i64 %p, 8
-  %157 = load <8 x float>, ptr %acc010, align 4
-  %158 = load <8 x float>, ptr %acc011, align 4
-  %159 = fneg <8 x float> %157
-  %160 = fcmp olt <8 x float> %159, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %161 = select <8 x i1> %160, <8 x float> %159, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %162 = fcmp ogt <8 x float> %161, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %163 = select <8 x i1> %162, <8 x float> %161, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %163, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %165 = call <8 x float> @llvm.floor.v8f32(<8 x float> %164)
-  %166 = call <8 x float> @llvm.fma.v8f32(<8 x float> %165, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %163)
-  %167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %165, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %166)
-  %168 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %167, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %169 = call <8 x float> @llvm.fma.v8f32(<8 x float> %168, <8 x float> %167, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %170 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %167, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %170, <8 x float> %167, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %171, <8 x float> %167, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %173 = fmul <8 x float> %167, %167
-  %174 = call <8 x float> @llvm.fma.v8f32(<8 x float> %172, <8 x float> %173, <8 x float> %167)
-  %175 = fadd <8 x float> %174, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %176 = fptosi <8 x float> %165 to <8 x i32>
-  %177 = add <8 x i32> %176, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %178 = shl <8 x i32> %177, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n3 = bitcast <8 x i32> %178 to <8 x float>
-  %exp4 = fmul <8 x float> %175, %exp.2n3
-  %179 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %179
-  %silu6 = fmul <8 x float> %157, %sigmoid5
-  %glu7 = fmul <8 x float> %silu6, %158
-  %180 = fmul <8 x float> %glu7, %154
-  %181 = getelementptr inbounds float, ptr %156, i64 %col2
-  store <8 x float> %180, ptr %181, align 4
-  %182 = add nsw i64 %r0, 2
-  %183 = getelementptr inbounds float, ptr %rw, i64 %182
-  %184 = load float, ptr %183, align 4
-  %185 = insertelement <8 x float> poison, float %184, i32 0
-  %186 = shufflevector <8 x float> %185, <8 x float> poison, <8 x i32> zeroinitializer
-  %187 = mul nsw i64 %182, 6400
-  %188 = getelementptr inbounds float, ptr %h, i64 %187
-  %col8 = mul nsw i64 %p, 8
-  %189 = load <8 x float>, ptr %acc020, align 4
-  %190 = load <8 x float>, ptr %acc021, align 4
-  %191 = fneg <8 x float> %189
-  %192 = fcmp olt <8 x float> %191, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %193 = select <8 x i1> %192, <8 x float> %191, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %194 = fcmp ogt <8 x float> %193, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %195 = select <8 x i1> %194, <8 x float> %193, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %195, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %197 = call <8 x float> @llvm.floor.v8f32(<8 x float> %196)
-  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> %197, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %195)
-  %199 = call <8 x float> @llvm.fma.v8f32(<8 x float> %197, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %198)
-  %200 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %199, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %201 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %199, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %199, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %202, <8 x float> %199, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %203, <8 x float> %199, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %205 = fmul <8 x float> %199, %199
-  %206 = call <8 x float> @llvm.fma.v8f32(<8 x float> %204, <8 x float> %205, <8 x float> %199)
-  %207 = fadd <8 x float> %206, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %208 = fptosi <8 x float> %197 to <8 x i32>
-  %209 = add <8 x i32> %208, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %210 = shl <8 x i32> %209, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n9 = bitcast <8 x i32> %210 to <8 x float>
-  %exp10 = fmul <8 x float> %207, %exp.2n9
-  %211 = fadd <8 x float> %exp10, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid11 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %211
-  %silu12 = fmul <8 x float> %189, %sigmoid11
-  %glu13 = fmul <8 x float> %silu12, %190
-  %212 = fmul <8 x float> %glu13, %186
-  %213 = getelementptr inbounds float, ptr %188, i64 %col8
-  store <8 x float> %212, ptr %213, align 4
-  %214 = add nsw i64 %r0, 3
-  %215 = getelementptr inbounds float, ptr %rw, i64 %214
-  %216 = load float, ptr %215, align 4
-  %217 = insertelement <8 x float> poison, float %216, i32 0
-  %218 = shufflevector <8 x float> %217, <8 x float> poison, <8 x i32> zeroinitializer
-  %219 = mul nsw i64 %214, 6400
-  %220 = getelementptr inbounds float, ptr %h, i64 %219
-  %col14 = mul nsw i64 %p, 8
-  %221 = load <8 x float>, ptr %acc030, align 4
-  %222 = load <8 x float>, ptr %acc031, align 4
-  %223 = fneg <8 x float> %221
-  %224 = fcmp olt <8 x float> %223, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %225 = select <8 x i1> %224, <8 x float> %223, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %226 = fcmp ogt <8 x float> %225, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %227 = select <8 x i1> %226, <8 x float> %225, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %227, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %229 = call <8 x float> @llvm.floor.v8f32(<8 x float> %228)
-  %230 = call <8 x float> @llvm.fma.v8f32(<8 x float> %229, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %227)
-  %231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %229, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %230)
-  %232 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %231, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %231, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %234 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %231, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %234, <8 x float> %231, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %235, <8 x float> %231, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %237 = fmul <8 x float> %231, %231
-  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> %237, <8 x float> %231)
-  %239 = fadd <8 x float> %238, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %240 = fptosi <8 x float> %229 to <8 x i32>
-  %241 = add <8 x i32> %240, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %242 = shl <8 x i32> %241, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n15 = bitcast <8 x i32> %242 to <8 x float>
-  %exp16 = fmul <8 x float> %239, %exp.2n15
-  %243 = fadd <8 x float> %exp16, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid17 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %243
-  %silu18 = fmul <8 x float> %221, %sigmoid17
-  %glu19 = fmul <8 x float> %silu18, %222
-  %244 = fmul <8 x float> %glu19, %218
-  %245 = getelementptr inbounds float, ptr %220, i64 %col14
-  store <8 x float> %244, ptr %245, align 4
-  %246 = add nsw i64 %r0, 4
-  %247 = getelementptr inbounds float, ptr %rw, i64 %246
-  %248 = load float, ptr %247, align 4
-  %249 = insertelement <8 x float> poison, float %248, i32 0
-  %250 = shufflevector <8 x float> %249, <8 x float> poison, <8 x i32> zeroinitializer
-  %251 = mul nsw i64 %246, 6400
-  %252 = getelementptr inbounds float, ptr %h, i64 %251
-  %col20 = mul nsw i64 %p, 8
-  %253 = load <8 x float>, ptr %acc040, align 4
-  %254 = load <8 x float>, ptr %acc041, align 4
-  %255 = fneg <8 x float> %253
-  %256 = fcmp olt <8 x float> %255, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %257 = select <8 x i1> %256, <8 x float> %255, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %258 = fcmp ogt <8 x float> %257, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %259 = select <8 x i1> %258, <8 x float> %257, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %261 = call <8 x float> @llvm.floor.v8f32(<8 x float> %260)
-  %262 = call <8 x float> @llvm.fma.v8f32(<8 x float> %261, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %259)
-  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %261, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %262)
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %263, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> %264, <8 x float> %263, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %263, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %263, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %263, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %269 = fmul <8 x float> %263, %263
-  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %269, <8 x float> %263)
-  %271 = fadd <8 x float> %270, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %272 = fptosi <8 x float> %261 to <8 x i32>
-  %273 = add <8 x i32> %272, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %274 = shl <8 x i32> %273, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n21 = bitcast <8 x i32> %274 to <8 x float>
-  %exp22 = fmul <8 x float> %271, %exp.2n21
-  %275 = fadd <8 x float> %exp22, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid23 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %275
-  %silu24 = fmul <8 x float> %253, %sigmoid23
-  %glu25 = fmul <8 x float> %silu24, %254
-  %276 = fmul <8 x float> %glu25, %250
-  %277 = getelementptr inbounds float, ptr %252, i64 %col20
-  store <8 x float> %276, ptr %277, align 4
-  %278 = add nsw i64 %r0, 5
-  %279 = getelementptr inbounds float, ptr %rw, i64 %278
-  %280 = load float, ptr %279, align 4
-  %281 = insertelement <8 x float> poison, float %280, i32 0
-  %282 = shufflevector <8 x float> %281, <8 x float> poison, <8 x i32> zeroinitializer
-  %283 = mul nsw i64 %278, 6400
-  %284 = getelementptr inbounds float, ptr %h, i64 %283
-  %col26 = mul nsw i64 %p, 8
-  %285 = load <8 x float>, ptr %acc050, align 4
-  %286 = load <8 x float>, ptr %acc051, align 4
-  %287 = fneg <8 x float> %285
-  %288 = fcmp olt <8 x float> %287, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %289 = select <8 x i1> %288, <8 x float> %287, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %290 = fcmp ogt <8 x float> %289, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %291 = select <8 x i1> %290, <8 x float> %289, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %291, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %293 = call <8 x float> @llvm.floor.v8f32(<8 x float> %292)
-  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %293, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %291)
-  %295 = call <8 x float> @llvm.fma.v8f32(<8 x float> %293, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %294)
-  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %295, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %297 = call <8 x float> @llvm.fma.v8f32(<8 x float> %296, <8 x float> %295, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %295, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %295, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %299, <8 x float> %295, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %301 = fmul <8 x float> %295, %295
-  %302 = call <8 x float> @llvm.fma.v8f32(<8 x float> %300, <8 x float> %301, <8 x float> %295)
-  %303 = fadd <8 x float> %302, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %304 = fptosi <8 x float> %293 to <8 x i32>
-  %305 = add <8 x i32> %304, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %306 = shl <8 x i32> %305, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n27 = bitcast <8 x i32> %306 to <8 x float>
-  %exp28 = fmul <8 x float> %303, %exp.2n27
-  %307 = fadd <8 x float> %exp28, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid29 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %307
-  %silu30 = fmul <8 x float> %285, %sigmoid29
-  %glu31 = fmul <8 x float> %silu30, %286
-  %308 = fmul <8 x float> %glu31, %282
-  %309 = getelementptr inbounds float, ptr %284, i64 %col26
-  store <8 x float> %308, ptr %309, align 4
+  %246 = xor i1 %klast, true
+  br i1 %246, label %part.then, label %part.end
+
+part.then:                                        ; preds = %k.end
+  %247 = add nsw i64 %r01, 0
+  %248 = sub nsw i64 %kb.p, %kb.pg
+  %249 = sub nsw i64 %247, %kb.rc
+  %250 = mul nsw i64 %249, 16
+  %251 = add nsw i64 %250, %248
+  %252 = mul nsw i64 %251, 16
+  %253 = getelementptr inbounds float, ptr %part, i64 %252
+  %254 = getelementptr inbounds float, ptr %253, i64 0
+  %255 = load <8 x float>, ptr %acc000, align 4
+  store <8 x float> %255, ptr %254, align 4
+  %256 = sub nsw i64 %kb.p, %kb.pg
+  %257 = sub nsw i64 %247, %kb.rc
+  %258 = mul nsw i64 %257, 16
+  %259 = add nsw i64 %258, %256
+  %260 = mul nsw i64 %259, 16
+  %261 = getelementptr inbounds float, ptr %part, i64 %260
+  %262 = getelementptr inbounds float, ptr %261, i64 8
+  %263 = load <8 x float>, ptr %acc001, align 4
+  store <8 x float> %263, ptr %262, align 4
+  %264 = add nsw i64 %r01, 1
+  %265 = sub nsw i64 %kb.p, %kb.pg
+  %266 = sub nsw i64 %264, %kb.rc
+  %267 = mul nsw i64 %266, 16
+  %268 = add nsw i64 %267, %265
+  %269 = mul nsw i64 %268, 16
+  %270 = getelementptr inbounds float, ptr %part, i64 %269
+  %271 = getelementptr inbounds float, ptr %270, i64 0
+  %272 = load <8 x float>, ptr %acc010, align 4
+  store <8 x float> %272, ptr %271, align 4
+  %273 = sub nsw i64 %kb.p, %kb.pg
+  %274 = sub nsw i64 %264, %kb.rc
+  %275 = mul nsw i64 %274, 16
+  %276 = add nsw i64 %275, %273
+  %277 = mul nsw i64 %276, 16
+  %278 = getelementptr inbounds float, ptr %part, i64 %277
+  %279 = getelementptr inbounds float, ptr %278, i64 8
+  %280 = load <8 x float>, ptr %acc011, align 4
+  store <8 x float> %280, ptr %279, align 4
+  %281 = add nsw i64 %r01, 2
+  %282 = sub nsw i64 %kb.p, %kb.pg
+  %283 = sub nsw i64 %281, %kb.rc
+  %284 = mul nsw i64 %283, 16
+  %285 = add nsw i64 %284, %282
+  %286 = mul nsw i64 %285, 16
+  %287 = getelementptr inbounds float, ptr %part, i64 %286
+  %288 = getelementptr inbounds float, ptr %287, i64 0
+  %289 = load <8 x float>, ptr %acc020, align 4
+  store <8 x float> %289, ptr %288, align 4
+  %290 = sub nsw i64 %kb.p, %kb.pg
+  %291 = sub nsw i64 %281, %kb.rc
+  %292 = mul nsw i64 %291, 16
+  %293 = add nsw i64 %292, %290
+  %294 = mul nsw i64 %293, 16
+  %295 = getelementptr inbounds float, ptr %part, i64 %294
+  %296 = getelementptr inbounds float, ptr %295, i64 8
+  %297 = load <8 x float>, ptr %acc021, align 4
+  store <8 x float> %297, ptr %296, align 4
+  %298 = add nsw i64 %r01, 3
+  %299 = sub nsw i64 %kb.p, %kb.pg
+  %300 = sub nsw i64 %298, %kb.rc
+  %301 = mul nsw i64 %300, 16
+  %302 = add nsw i64 %301, %299
+  %303 = mul nsw i64 %302, 16
+  %304 = getelementptr inbounds float, ptr %part, i64 %303
+  %305 = getelementptr inbounds float, ptr %304, i64 0
+  %306 = load <8 x float>, ptr %acc030, align 4
+  store <8 x float> %306, ptr %305, align 4
+  %307 = sub nsw i64 %kb.p, %kb.pg
+  %308 = sub nsw i64 %298, %kb.rc
+  %309 = mul nsw i64 %308, 16
+  %310 = add nsw i64 %309, %307
+  %311 = mul nsw i64 %310, 16
+  %312 = getelementptr inbounds float, ptr %part, i64 %311
+  %313 = getelementptr inbounds float, ptr %312, i64 8
+  %314 = load <8 x float>, ptr %acc031, align 4
+  store <8 x float> %314, ptr %313, align 4
+  %315 = add nsw i64 %r01, 4
+  %316 = sub nsw i64 %kb.p, %kb.pg
+  %317 = sub nsw i64 %315, %kb.rc
+  %318 = mul nsw i64 %317, 16
+  %319 = add nsw i64 %318, %316
+  %320 = mul nsw i64 %319, 16
+  %321 = getelementptr inbounds float, ptr %part, i64 %320
+  %322 = getelementptr inbounds float, ptr %321, i64 0
+  %323 = load <8 x float>, ptr %acc040, align 4
+  store <8 x float> %323, ptr %322, align 4
+  %324 = sub nsw i64 %kb.p, %kb.pg
+  %325 = sub nsw i64 %315, %kb.rc
+  %326 = mul nsw i64 %325, 16
+  %327 = add nsw i64 %326, %324
+  %328 = mul nsw i64 %327, 16
+  %329 = getelementptr inbounds float, ptr %part, i64 %328
+  %330 = getelementptr inbounds float, ptr %329, i64 8
+  %331 = load <8 x float>, ptr %acc041, align 4
+  store <8 x float> %331, ptr %330, align 4
+  %332 = add nsw i64 %r01, 5
+  %333 = sub nsw i64 %kb.p, %kb.pg
+  %334 = sub nsw i64 %332, %kb.rc
+  %335 = mul nsw i64 %334, 16
+  %336 = add nsw i64 %335, %333
+  %337 = mul nsw i64 %336, 16
+  %338 = getelementptr inbounds float, ptr %part, i64 %337
+  %339 = getelementptr inbounds float, ptr %338, i64 0
+  %340 = load <8 x float>, ptr %acc050, align 4
+  store <8 x float> %340, ptr %339, align 4
+  %341 = sub nsw i64 %kb.p, %kb.pg
+  %342 = sub nsw i64 %332, %kb.rc
+  %343 = mul nsw i64 %342, 16
+  %344 = add nsw i64 %343, %341
+  %345 = mul nsw i64 %344, 16
+  %346 = getelementptr inbounds float, ptr %part, i64 %345
+  %347 = getelementptr inbounds float, ptr %346, i64 8
+  %348 = load <8 x float>, ptr %acc051, align 4
+  store <8 x float> %348, ptr %347, align 4
+  br label %part.end
+
+part.end:                                         ; preds = %part.then, %k.end
+  br i1 %klast, label %last.then, label %last.end
+
+last.then:                                        ; preds = %part.end
+  %349 = add nsw i64 %r01, 0
+  %350 = getelementptr inbounds float, ptr %rw, i64 %349
+  %351 = load float, ptr %350, align 4
+  %352 = insertelement <8 x float> poison, float %351, i32 0
+  %353 = shufflevector <8 x float> %352, <8 x float> poison, <8 x i32> zeroinitializer
+  %354 = mul nsw i64 %349, 6400
+  %355 = getelementptr inbounds float, ptr %h, i64 %354
+  %col = mul nsw i64 %kb.p, 8
+  %356 = load <8 x float>, ptr %acc000, align 4
+  %357 = load <8 x float>, ptr %acc001, align 4
+  %358 = fneg <8 x float> %356
+  %359 = fcmp olt <8 x float> %358, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %360 = select <8 x i1> %359, <8 x float> %358, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %361 = fcmp ogt <8 x float> %360, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %362 = select <8 x i1> %361, <8 x float> %360, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %362, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %364 = call <8 x float> @llvm.floor.v8f32(<8 x float> %363)
+  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %362)
+  %366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %365)
+  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %366, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> %366, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %366, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %366, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %370, <8 x float> %366, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %372 = fmul <8 x float> %366, %366
+  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %372, <8 x float> %366)
+  %374 = fadd <8 x float> %373, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %375 = fptosi <8 x float> %364 to <8 x i32>
+  %376 = add <8 x i32> %375, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %377 = shl <8 x i32> %376, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %377 to <8 x float>
+  %exp = fmul <8 x float> %374, %exp.2n
+  %378 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %378
+  %silu = fmul <8 x float> %356, %sigmoid
+  %glu = fmul <8 x float> %silu, %357
+  %379 = fmul <8 x float> %glu, %353
+  %380 = getelementptr inbounds float, ptr %355, i64 %col
+  store <8 x float> %379, ptr %380, align 4
+  %381 = add nsw i64 %r01, 1
+  %382 = getelementptr inbounds float, ptr %rw, i64 %381
+  %383 = load float, ptr %382, align 4
+  %384 = insertelement <8 x float> poison, float %383, i32 0
+  %385 = shufflevector <8 x float> %384, <8 x float> poison, <8 x i32> zeroinitializer
+  %386 = mul nsw i64 %381, 6400
+  %387 = getelementptr inbounds float, ptr %h, i64 %386
+  %col3 = mul nsw i64 %kb.p, 8
+  %388 = load <8 x float>, ptr %acc010, align 4
+  %389 = load <8 x float>, ptr %acc011, align 4
+  %390 = fneg <8 x float> %388
+  %391 = fcmp olt <8 x float> %390, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %392 = select <8 x i1> %391, <8 x float> %390, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %393 = fcmp ogt <8 x float> %392, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %394 = select <8 x i1> %393, <8 x float> %392, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %394, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %396 = call <8 x float> @llvm.floor.v8f32(<8 x float> %395)
+  %397 = call <8 x float> @llvm.fma.v8f32(<8 x float> %396, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %394)
+  %398 = call <8 x float> @llvm.fma.v8f32(<8 x float> %396, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %397)
+  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %398, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %399, <8 x float> %398, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> %398, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %401, <8 x float> %398, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %403 = call <8 x float> @llvm.fma.v8f32(<8 x float> %402, <8 x float> %398, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %404 = fmul <8 x float> %398, %398
+  %405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %403, <8 x float> %404, <8 x float> %398)
+  %406 = fadd <8 x float> %405, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %407 = fptosi <8 x float> %396 to <8 x i32>
+  %408 = add <8 x i32> %407, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %409 = shl <8 x i32> %408, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n4 = bitcast <8 x i32> %409 to <8 x float>
+  %exp5 = fmul <8 x float> %406, %exp.2n4
+  %410 = fadd <8 x float> %exp5, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid6 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %410
+  %silu7 = fmul <8 x float> %388, %sigmoid6
+  %glu8 = fmul <8 x float> %silu7, %389
+  %411 = fmul <8 x float> %glu8, %385
+  %412 = getelementptr inbounds float, ptr %387, i64 %col3
+  store <8 x float> %411, ptr %412, align 4
+  %413 = add nsw i64 %r01, 2
+  %414 = getelementptr inbounds float, ptr %rw, i64 %413
+  %415 = load float, ptr %414, align 4
+  %416 = insertelement <8 x float> poison, float %415, i32 0
+  %417 = shufflevector <8 x float> %416, <8 x float> poison, <8 x i32> zeroinitializer
+  %418 = mul nsw i64 %413, 6400
+  %419 = getelementptr inbounds float, ptr %h, i64 %418
+  %col9 = mul nsw i64 %kb.p, 8
+  %420 = load <8 x float>, ptr %acc020, align 4
+  %421 = load <8 x float>, ptr %acc021, align 4
+  %422 = fneg <8 x float> %420
+  %423 = fcmp olt <8 x float> %422, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %424 = select <8 x i1> %423, <8 x float> %422, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %425 = fcmp ogt <8 x float> %424, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %426 = select <8 x i1> %425, <8 x float> %424, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %427 = call <8 x float> @llvm.fma.v8f32(<8 x float> %426, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %428 = call <8 x float> @llvm.floor.v8f32(<8 x float> %427)
+  %429 = call <8 x float> @llvm.fma.v8f32(<8 x float> %428, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %426)
+  %430 = call <8 x float> @llvm.fma.v8f32(<8 x float> %428, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %429)
+  %431 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %430, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %432 = call <8 x float> @llvm.fma.v8f32(<8 x float> %431, <8 x float> %430, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %433 = call <8 x float> @llvm.fma.v8f32(<8 x float> %432, <8 x float> %430, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> %430, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %430, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %436 = fmul <8 x float> %430, %430
+  %437 = call <8 x float> @llvm.fma.v8f32(<8 x float> %435, <8 x float> %436, <8 x float> %430)
+  %438 = fadd <8 x float> %437, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %439 = fptosi <8 x float> %428 to <8 x i32>
+  %440 = add <8 x i32> %439, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %441 = shl <8 x i32> %440, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n10 = bitcast <8 x i32> %441 to <8 x float>
+  %exp11 = fmul <8 x float> %438, %exp.2n10
+  %442 = fadd <8 x float> %exp11, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid12 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %442
+  %silu13 = fmul <8 x float> %420, %sigmoid12
+  %glu14 = fmul <8 x float> %silu13, %421
+  %443 = fmul <8 x float> %glu14, %417
+  %444 = getelementptr inbounds float, ptr %419, i64 %col9
+  store <8 x float> %443, ptr %444, align 4
+  %445 = add nsw i64 %r01, 3
+  %446 = getelementptr inbounds float, ptr %rw, i64 %445
+  %447 = load float, ptr %446, align 4
+  %448 = insertelement <8 x float> poison, float %447, i32 0
+  %449 = shufflevector <8 x float> %448, <8 x float> poison, <8 x i32> zeroinitializer
+  %450 = mul nsw i64 %445, 6400
+  %451 = getelementptr inbounds float, ptr %h, i64 %450
+  %col15 = mul nsw i64 %kb.p, 8
+  %452 = load <8 x float>, ptr %acc030, align 4
+  %453 = load <8 x float>, ptr %acc031, align 4
+  %454 = fneg <8 x float> %452
+  %455 = fcmp olt <8 x float> %454, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %456 = select <8 x i1> %455, <8 x float> %454, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %457 = fcmp ogt <8 x float> %456, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %458 = select <8 x i1> %457, <8 x float> %456, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %460 = call <8 x float> @llvm.floor.v8f32(<8 x float> %459)
+  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %458)
+  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %461)
+  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %462, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %462, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %462, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %462, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %462, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %468 = fmul <8 x float> %462, %462
+  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %468, <8 x float> %462)
+  %470 = fadd <8 x float> %469, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %471 = fptosi <8 x float> %460 to <8 x i32>
+  %472 = add <8 x i32> %471, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %473 = shl <8 x i32> %472, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n16 = bitcast <8 x i32> %473 to <8 x float>
+  %exp17 = fmul <8 x float> %470, %exp.2n16
+  %474 = fadd <8 x float> %exp17, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid18 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %474
+  %silu19 = fmul <8 x float> %452, %sigmoid18
+  %glu20 = fmul <8 x float> %silu19, %453
+  %475 = fmul <8 x float> %glu20, %449
+  %476 = getelementptr inbounds float, ptr %451, i64 %col15
+  store <8 x float> %475, ptr %476, align 4
+  %477 = add nsw i64 %r01, 4
+  %478 = getelementptr inbounds float, ptr %rw, i64 %477
+  %479 = load float, ptr %478, align 4
+  %480 = insertelement <8 x float> poison, float %479, i32 0
+  %481 = shufflevector <8 x float> %480, <8 x float> poison, <8 x i32> zeroinitializer
+  %482 = mul nsw i64 %477, 6400
+  %483 = getelementptr inbounds float, ptr %h, i64 %482
+  %col21 = mul nsw i64 %kb.p, 8
+  %484 = load <8 x float>, ptr %acc040, align 4
+  %485 = load <8 x float>, ptr %acc041, align 4
+  %486 = fneg <8 x float> %484
+  %487 = fcmp olt <8 x float> %486, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %488 = select <8 x i1> %487, <8 x float> %486, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %489 = fcmp ogt <8 x float> %488, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %490 = select <8 x i1> %489, <8 x float> %488, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %491 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %492 = call <8 x float> @llvm.floor.v8f32(<8 x float> %491)
+  %493 = call <8 x float> @llvm.fma.v8f32(<8 x float> %492, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %490)
+  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %492, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %493)
+  %495 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %494, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %496 = call <8 x float> @llvm.fma.v8f32(<8 x float> %495, <8 x float> %494, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %497 = call <8 x float> @llvm.fma.v8f32(<8 x float> %496, <8 x float> %494, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %498 = call <8 x float> @llvm.fma.v8f32(<8 x float> %497, <8 x float> %494, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %499 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %494, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %500 = fmul <8 x float> %494, %494
+  %501 = call <8 x float> @llvm.fma.v8f32(<8 x float> %499, <8 x float> %500, <8 x float> %494)
+  %502 = fadd <8 x float> %501, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %503 = fptosi <8 x float> %492 to <8 x i32>
+  %504 = add <8 x i32> %503, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %505 = shl <8 x i32> %504, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n22 = bitcast <8 x i32> %505 to <8 x float>
+  %exp23 = fmul <8 x float> %502, %exp.2n22
+  %506 = fadd <8 x float> %exp23, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid24 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %506
+  %silu25 = fmul <8 x float> %484, %sigmoid24
+  %glu26 = fmul <8 x float> %silu25, %485
+  %507 = fmul <8 x float> %glu26, %481
+  %508 = getelementptr inbounds float, ptr %483, i64 %col21
+  store <8 x float> %507, ptr %508, align 4
+  %509 = add nsw i64 %r01, 5
+  %510 = getelementptr inbounds float, ptr %rw, i64 %509
+  %511 = load float, ptr %510, align 4
+  %512 = insertelement <8 x float> poison, float %511, i32 0
+  %513 = shufflevector <8 x float> %512, <8 x float> poison, <8 x i32> zeroinitializer
+  %514 = mul nsw i64 %509, 6400
+  %515 = getelementptr inbounds float, ptr %h, i64 %514
+  %col27 = mul nsw i64 %kb.p, 8
+  %516 = load <8 x float>, ptr %acc050, align 4
+  %517 = load <8 x float>, ptr %acc051, align 4
+  %518 = fneg <8 x float> %516
+  %519 = fcmp olt <8 x float> %518, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %520 = select <8 x i1> %519, <8 x float> %518, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %521 = fcmp ogt <8 x float> %520, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %522 = select <8 x i1> %521, <8 x float> %520, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %523 = call <8 x float> @llvm.fma.v8f32(<8 x float> %522, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %524 = call <8 x float> @llvm.floor.v8f32(<8 x float> %523)
+  %525 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %522)
+  %526 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %525)
+  %527 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %526, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %527, <8 x float> %526, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %528, <8 x float> %526, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %529, <8 x float> %526, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %531 = call <8 x float> @llvm.fma.v8f32(<8 x float> %530, <8 x float> %526, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %532 = fmul <8 x float> %526, %526
+  %533 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %532, <8 x float> %526)
+  %534 = fadd <8 x float> %533, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %535 = fptosi <8 x float> %524 to <8 x i32>
+  %536 = add <8 x i32> %535, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %537 = shl <8 x i32> %536, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n28 = bitcast <8 x i32> %537 to <8 x float>
+  %exp29 = fmul <8 x float> %534, %exp.2n28
+  %538 = fadd <8 x float> %exp29, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid30 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %538
+  %silu31 = fmul <8 x float> %516, %sigmoid30
+  %glu32 = fmul <8 x float> %silu31, %517
+  %539 = fmul <8 x float> %glu32, %513
+  %540 = getelementptr inbounds float, ptr %515, i64 %col27
+  store <8 x float> %539, ptr %540, align 4
+  br label %last.end
+
+last.end:                                         ; preds = %last.then, %part.end
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
-  %310 = add nsw i64 %r0, 0
-  %311 = getelementptr inbounds i32, ptr %rows, i64 %310
-  %312 = load i32, ptr %311, align 4
-  %313 = sext i32 %312 to i64
-  %314 = mul nsw i64 %313, 4096
-  %315 = getelementptr inbounds float, ptr %x, i64 %314
-  store <8 x float> zeroinitializer, ptr %acc00032, align 4
-  store <8 x float> zeroinitializer, ptr %acc00133, align 4
-  %316 = add nsw i64 %r0, 1
-  %317 = getelementptr inbounds i32, ptr %rows, i64 %316
-  %318 = load i32, ptr %317, align 4
-  %319 = sext i32 %318 to i64
-  %320 = mul nsw i64 %319, 4096
-  %321 = getelementptr inbounds float, ptr %x, i64 %320
-  store <8 x float> zeroinitializer, ptr %acc01034, align 4
-  store <8 x float> zeroinitializer, ptr %acc01135, align 4
-  %322 = add nsw i64 %r0, 2
-  %323 = getelementptr inbounds i32, ptr %rows, i64 %322
-  %324 = load i32, ptr %323, align 4
-  %325 = sext i32 %324 to i64
-  %326 = mul nsw i64 %325, 4096
-  %327 = getelementptr inbounds float, ptr %x, i64 %326
-  store <8 x float> zeroinitializer, ptr %acc02036, align 4
-  store <8 x float> zeroinitializer, ptr %acc02137, align 4
-  %328 = add nsw i64 %r0, 3
-  %329 = getelementptr inbounds i32, ptr %rows, i64 %328
-  %330 = load i32, ptr %329, align 4
-  %331 = sext i32 %330 to i64
-  %332 = mul nsw i64 %331, 4096
-  %333 = getelementptr inbounds float, ptr %x, i64 %332
-  store <8 x float> zeroinitializer, ptr %acc03038, align 4
-  store <8 x float> zeroinitializer, ptr %acc03139, align 4
-  %334 = add nsw i64 %r0, 4
-  %335 = getelementptr inbounds i32, ptr %rows, i64 %334
-  %336 = load i32, ptr %335, align 4
-  %337 = sext i32 %336 to i64
-  %338 = mul nsw i64 %337, 4096
-  %339 = getelementptr inbounds float, ptr %x, i64 %338
-  store <8 x float> zeroinitializer, ptr %acc04040, align 4
-  store <8 x float> zeroinitializer, ptr %acc04141, align 4
-  %panel.off42 = mul nsw i64 %p, 65536
-  %340 = getelementptr inbounds i16, ptr %panels, i64 %panel.off42
-  %341 = add nsw i64 %p, 1
-  %342 = icmp slt i64 %341, %p1
-  %pf.on43 = and i1 %pf.on, %342
-  %343 = mul nsw i64 %rb, 131072
-  %344 = lshr i64 %343, %11
-  %345 = add nsw i64 131072, %344
-  %346 = getelementptr inbounds i8, ptr %340, i64 %345
-  %pf44 = select i1 %pf.on43, ptr %346, ptr %340
-  %pf.sh45 = select i1 %pf.on43, i64 %11, i64 0
-  br label %k.head46
-
-k.head46:                                         ; preds = %pf.any.end51, %tile.mr5
-  %k49 = phi i64 [ 0, %tile.mr5 ], [ %399, %pf.any.end51 ]
-  %347 = icmp slt i64 %k49, 4096
-  br i1 %347, label %k.body47, label %k.end48
-
-k.body47:                                         ; preds = %k.head46
-  %348 = mul nsw i64 %k49, 1
-  %349 = add nsw i64 %348, 0
-  %350 = mul nsw i64 %349, 32
-  br i1 %pf.multi, label %pf.any.then50, label %pf.any.end51
-
-pf.any.then50:                                    ; preds = %k.body47
-  %351 = lshr i64 %350, %pf.sh45
-  %352 = getelementptr inbounds i8, ptr %pf44, i64 %351
-  call void @llvm.prefetch.p0(ptr %352, i32 0, i32 2, i32 1)
-  br label %pf.any.end51
-
-pf.any.end51:                                     ; preds = %pf.any.then50, %k.body47
-  %353 = mul nsw i64 %349, 16
-  %354 = add nsw i64 %panel.off42, %353
-  %355 = getelementptr inbounds i16, ptr %panels, i64 %354
-  %356 = load <8 x i32>, ptr %355, align 4
-  %357 = shl <8 x i32> %356, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b052 = bitcast <8 x i32> %357 to <8 x float>
-  %358 = and <8 x i32> %356, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b153 = bitcast <8 x i32> %358 to <8 x float>
-  %359 = getelementptr inbounds float, ptr %315, i64 %349
-  %360 = load float, ptr %359, align 4
-  %361 = insertelement <8 x float> poison, float %360, i32 0
-  %362 = shufflevector <8 x float> %361, <8 x float> poison, <8 x i32> zeroinitializer
-  %363 = load <8 x float>, ptr %acc00032, align 4
-  %364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %362, <8 x float> %b052, <8 x float> %363)
-  store <8 x float> %364, ptr %acc00032, align 4
-  %365 = load <8 x float>, ptr %acc00133, align 4
-  %366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %362, <8 x float> %b153, <8 x float> %365)
-  store <8 x float> %366, ptr %acc00133, align 4
-  %367 = getelementptr inbounds float, ptr %321, i64 %349
-  %368 = load float, ptr %367, align 4
-  %369 = insertelement <8 x float> poison, float %368, i32 0
-  %370 = shufflevector <8 x float> %369, <8 x float> poison, <8 x i32> zeroinitializer
-  %371 = load <8 x float>, ptr %acc01034, align 4
-  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %370, <8 x float> %b052, <8 x float> %371)
-  store <8 x float> %372, ptr %acc01034, align 4
-  %373 = load <8 x float>, ptr %acc01135, align 4
-  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %370, <8 x float> %b153, <8 x float> %373)
-  store <8 x float> %374, ptr %acc01135, align 4
-  %375 = getelementptr inbounds float, ptr %327, i64 %349
-  %376 = load float, ptr %375, align 4
-  %377 = insertelement <8 x float> poison, float %376, i32 0
-  %378 = shufflevector <8 x float> %377, <8 x float> poison, <8 x i32> zeroinitializer
-  %379 = load <8 x float>, ptr %acc02036, align 4
-  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %378, <8 x float> %b052, <8 x float> %379)
-  store <8 x float> %380, ptr %acc02036, align 4
-  %381 = load <8 x float>, ptr %acc02137, align 4
-  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %378, <8 x float> %b153, <8 x float> %381)
-  store <8 x float> %382, ptr %acc02137, align 4
-  %383 = getelementptr inbounds float, ptr %333, i64 %349
-  %384 = load float, ptr %383, align 4
-  %385 = insertelement <8 x float> poison, float %384, i32 0
-  %386 = shufflevector <8 x float> %385, <8 x float> poison, <8 x i32> zeroinitializer
-  %387 = load <8 x float>, ptr %acc03038, align 4
-  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %386, <8 x float> %b052, <8 x float> %387)
-  store <8 x float> %388, ptr %acc03038, align 4
-  %389 = load <8 x float>, ptr %acc03139, align 4
-  %390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %386, <8 x float> %b153, <8 x float> %389)
-  store <8 x float> %390, ptr %acc03139, align 4
-  %391 = getelementptr inbounds float, ptr %339, i64 %349
-  %392 = load float, ptr %391, align 4
-  %393 = insertelement <8 x float> poison, float %392, i32 0
-  %394 = shufflevector <8 x float> %393, <8 x float> poison, <8 x i32> zeroinitializer
-  %395 = load <8 x float>, ptr %acc04040, align 4
-  %396 = call <8 x float> @llvm.fma.v8f32(<8 x float> %394, <8 x float> %b052, <8 x float> %395)
-  store <8 x float> %396, ptr %acc04040, align 4
-  %397 = load <8 x float>, ptr %acc04141, align 4
-  %398 = call <8 x float> @llvm.fma.v8f32(<8 x float> %394, <8 x float> %b153, <8 x float> %397)
-  store <8 x float> %398, ptr %acc04141, align 4
-  %399 = add nsw i64 %k49, 1
-  br label %k.head46
-
-k.end48:                                          ; preds = %k.head46
-  %400 = add nsw i64 %r0, 0
-  %401 = getelementptr inbounds float, ptr %rw, i64 %400
-  %402 = load float, ptr %401, align 4
-  %403 = insertelement <8 x float> poison, float %402, i32 0
-  %404 = shufflevector <8 x float> %403, <8 x float> poison, <8 x i32> zeroinitializer
-  %405 = mul nsw i64 %400, 6400
-  %406 = getelementptr inbounds float, ptr %h, i64 %405
-  %col54 = mul nsw i64 %p, 8
-  %407 = load <8 x float>, ptr %acc00032, align 4
-  %408 = load <8 x float>, ptr %acc00133, align 4
-  %409 = fneg <8 x float> %407
-  %410 = fcmp olt <8 x float> %409, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %411 = select <8 x i1> %410, <8 x float> %409, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %412 = fcmp ogt <8 x float> %411, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %413 = select <8 x i1> %412, <8 x float> %411, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %414 = call <8 x float> @llvm.fma.v8f32(<8 x float> %413, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %415 = call <8 x float> @llvm.floor.v8f32(<8 x float> %414)
-  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> %415, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %413)
-  %417 = call <8 x float> @llvm.fma.v8f32(<8 x float> %415, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %416)
-  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %417, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %418, <8 x float> %417, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %420 = call <8 x float> @llvm.fma.v8f32(<8 x float> %419, <8 x float> %417, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %421 = call <8 x float> @llvm.fma.v8f32(<8 x float> %420, <8 x float> %417, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %422 = call <8 x float> @llvm.fma.v8f32(<8 x float> %421, <8 x float> %417, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %423 = fmul <8 x float> %417, %417
-  %424 = call <8 x float> @llvm.fma.v8f32(<8 x float> %422, <8 x float> %423, <8 x float> %417)
-  %425 = fadd <8 x float> %424, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %426 = fptosi <8 x float> %415 to <8 x i32>
-  %427 = add <8 x i32> %426, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %428 = shl <8 x i32> %427, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n55 = bitcast <8 x i32> %428 to <8 x float>
-  %exp56 = fmul <8 x float> %425, %exp.2n55
-  %429 = fadd <8 x float> %exp56, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid57 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %429
-  %silu58 = fmul <8 x float> %407, %sigmoid57
-  %glu59 = fmul <8 x float> %silu58, %408
-  %430 = fmul <8 x float> %glu59, %404
-  %431 = getelementptr inbounds float, ptr %406, i64 %col54
-  store <8 x float> %430, ptr %431, align 4
-  %432 = add nsw i64 %r0, 1
-  %433 = getelementptr inbounds float, ptr %rw, i64 %432
-  %434 = load float, ptr %433, align 4
-  %435 = insertelement <8 x float> poison, float %434, i32 0
-  %436 = shufflevector <8 x float> %435, <8 x float> poison, <8 x i32> zeroinitializer
-  %437 = mul nsw i64 %432, 6400
-  %438 = getelementptr inbounds float, ptr %h, i64 %437
-  %col60 = mul nsw i64 %p, 8
-  %439 = load <8 x float>, ptr %acc01034, align 4
-  %440 = load <8 x float>, ptr %acc01135, align 4
-  %441 = fneg <8 x float> %439
-  %442 = fcmp olt <8 x float> %441, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %443 = select <8 x i1> %442, <8 x float> %441, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %444 = fcmp ogt <8 x float> %443, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %445 = select <8 x i1> %444, <8 x float> %443, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %445, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %447 = call <8 x float> @llvm.floor.v8f32(<8 x float> %446)
-  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %445)
-  %449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %448)
-  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %449, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %450, <8 x float> %449, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %451, <8 x float> %449, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> %449, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %454 = call <8 x float> @llvm.fma.v8f32(<8 x float> %453, <8 x float> %449, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %455 = fmul <8 x float> %449, %449
-  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> %455, <8 x float> %449)
-  %457 = fadd <8 x float> %456, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %458 = fptosi <8 x float> %447 to <8 x i32>
-  %459 = add <8 x i32> %458, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %460 = shl <8 x i32> %459, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n61 = bitcast <8 x i32> %460 to <8 x float>
-  %exp62 = fmul <8 x float> %457, %exp.2n61
-  %461 = fadd <8 x float> %exp62, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid63 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %461
-  %silu64 = fmul <8 x float> %439, %sigmoid63
-  %glu65 = fmul <8 x float> %silu64, %440
-  %462 = fmul <8 x float> %glu65, %436
-  %463 = getelementptr inbounds float, ptr %438, i64 %col60
-  store <8 x float> %462, ptr %463, align 4
-  %464 = add nsw i64 %r0, 2
-  %465 = getelementptr inbounds float, ptr %rw, i64 %464
-  %466 = load float, ptr %465, align 4
-  %467 = insertelement <8 x float> poison, float %466, i32 0
-  %468 = shufflevector <8 x float> %467, <8 x float> poison, <8 x i32> zeroinitializer
-  %469 = mul nsw i64 %464, 6400
-  %470 = getelementptr inbounds float, ptr %h, i64 %469
-  %col66 = mul nsw i64 %p, 8
-  %471 = load <8 x float>, ptr %acc02036, align 4
-  %472 = load <8 x float>, ptr %acc02137, align 4
-  %473 = fneg <8 x float> %471
-  %474 = fcmp olt <8 x float> %473, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %475 = select <8 x i1> %474, <8 x float> %473, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %476 = fcmp ogt <8 x float> %475, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %477 = select <8 x i1> %476, <8 x float> %475, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %478 = call <8 x float> @llvm.fma.v8f32(<8 x float> %477, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %479 = call <8 x float> @llvm.floor.v8f32(<8 x float> %478)
-  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %477)
-  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %480)
-  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %481, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %482, <8 x float> %481, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %481, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %484, <8 x float> %481, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %485, <8 x float> %481, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %487 = fmul <8 x float> %481, %481
-  %488 = call <8 x float> @llvm.fma.v8f32(<8 x float> %486, <8 x float> %487, <8 x float> %481)
-  %489 = fadd <8 x float> %488, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %490 = fptosi <8 x float> %479 to <8 x i32>
-  %491 = add <8 x i32> %490, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %492 = shl <8 x i32> %491, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n67 = bitcast <8 x i32> %492 to <8 x float>
-  %exp68 = fmul <8 x float> %489, %exp.2n67
-  %493 = fadd <8 x float> %exp68, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid69 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %493
-  %silu70 = fmul <8 x float> %471, %sigmoid69
-  %glu71 = fmul <8 x float> %silu70, %472
-  %494 = fmul <8 x float> %glu71, %468
-  %495 = getelementptr inbounds float, ptr %470, i64 %col66
-  store <8 x float> %494, ptr %495, align 4
-  %496 = add nsw i64 %r0, 3
-  %497 = getelementptr inbounds float, ptr %rw, i64 %496
-  %498 = load float, ptr %497, align 4
-  %499 = insertelement <8 x float> poison, float %498, i32 0
-  %500 = shufflevector <8 x float> %499, <8 x float> poison, <8 x i32> zeroinitializer
-  %501 = mul nsw i64 %496, 6400
-  %502 = getelementptr inbounds float, ptr %h, i64 %501
-  %col72 = mul nsw i64 %p, 8
-  %503 = load <8 x float>, ptr %acc03038, align 4
-  %504 = load <8 x float>, ptr %acc03139, align 4
-  %505 = fneg <8 x float> %503
-  %506 = fcmp olt <8 x float> %505, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %507 = select <8 x i1> %506, <8 x float> %505, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %508 = fcmp ogt <8 x float> %507, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %509 = select <8 x i1> %508, <8 x float> %507, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %509, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %511 = call <8 x float> @llvm.floor.v8f32(<8 x float> %510)
-  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %509)
-  %513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %512)
-  %514 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %513, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %514, <8 x float> %513, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %515, <8 x float> %513, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %517 = call <8 x float> @llvm.fma.v8f32(<8 x float> %516, <8 x float> %513, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %517, <8 x float> %513, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %519 = fmul <8 x float> %513, %513
-  %520 = call <8 x float> @llvm.fma.v8f32(<8 x float> %518, <8 x float> %519, <8 x float> %513)
-  %521 = fadd <8 x float> %520, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %522 = fptosi <8 x float> %511 to <8 x i32>
-  %523 = add <8 x i32> %522, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %524 = shl <8 x i32> %523, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n73 = bitcast <8 x i32> %524 to <8 x float>
-  %exp74 = fmul <8 x float> %521, %exp.2n73
-  %525 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %525
-  %silu76 = fmul <8 x float> %503, %sigmoid75
-  %glu77 = fmul <8 x float> %silu76, %504
-  %526 = fmul <8 x float> %glu77, %500
-  %527 = getelementptr inbounds float, ptr %502, i64 %col72
-  store <8 x float> %526, ptr %527, align 4
-  %528 = add nsw i64 %r0, 4
-  %529 = getelementptr inbounds float, ptr %rw, i64 %528
-  %530 = load float, ptr %529, align 4
-  %531 = insertelement <8 x float> poison, float %530, i32 0
-  %532 = shufflevector <8 x float> %531, <8 x float> poison, <8 x i32> zeroinitializer
-  %533 = mul nsw i64 %528, 6400
-  %534 = getelementptr inbounds float, ptr %h, i64 %533
-  %col78 = mul nsw i64 %p, 8
-  %535 = load <8 x float>, ptr %acc04040, align 4
-  %536 = load <8 x float>, ptr %acc04141, align 4
-  %537 = fneg <8 x float> %535
-  %538 = fcmp olt <8 x float> %537, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %539 = select <8 x i1> %538, <8 x float> %537, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %540 = fcmp ogt <8 x float> %539, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %541 = select <8 x i1> %540, <8 x float> %539, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %541, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %543 = call <8 x float> @llvm.floor.v8f32(<8 x float> %542)
-  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %541)
-  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %544)
-  %546 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %545, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %546, <8 x float> %545, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %548 = call <8 x float> @llvm.fma.v8f32(<8 x float> %547, <8 x float> %545, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %549 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %545, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %549, <8 x float> %545, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %551 = fmul <8 x float> %545, %545
-  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %551, <8 x float> %545)
-  %553 = fadd <8 x float> %552, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %554 = fptosi <8 x float> %543 to <8 x i32>
-  %555 = add <8 x i32> %554, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %556 = shl <8 x i32> %555, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n79 = bitcast <8 x i32> %556 to <8 x float>
-  %exp80 = fmul <8 x float> %553, %exp.2n79
-  %557 = fadd <8 x float> %exp80, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid81 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %557
-  %silu82 = fmul <8 x float> %535, %sigmoid81
-  %glu83 = fmul <8 x float> %silu82, %536
-  %558 = fmul <8 x float> %glu83, %532
-  %559 = getelementptr inbounds float, ptr %534, i64 %col78
-  store <8 x float> %558, ptr %559, align 4
-  br label %tile.done
-
-tile.mr4:                                         ; preds = %rb.body
-  %560 = add nsw i64 %r0, 0
-  %561 = getelementptr inbounds i32, ptr %rows, i64 %560
-  %562 = load i32, ptr %561, align 4
-  %563 = sext i32 %562 to i64
-  %564 = mul nsw i64 %563, 4096
-  %565 = getelementptr inbounds float, ptr %x, i64 %564
-  store <8 x float> zeroinitializer, ptr %acc00084, align 4
-  store <8 x float> zeroinitializer, ptr %acc00185, align 4
-  %566 = add nsw i64 %r0, 1
+  %541 = add nsw i64 %r01, 0
+  %542 = getelementptr inbounds i32, ptr %rows, i64 %541
+  %543 = load i32, ptr %542, align 4
+  %544 = sext i32 %543 to i64
+  %545 = mul nsw i64 %544, 4096
+  %546 = add nsw i64 %545, %k0
+  %547 = getelementptr inbounds float, ptr %x, i64 %546
+  %548 = sub nsw i64 %kb.p, %kb.pg
+  %549 = sub nsw i64 %541, %kb.rc
+  %550 = mul nsw i64 %549, 16
+  %551 = add nsw i64 %550, %548
+  %552 = mul nsw i64 %551, 16
+  %553 = getelementptr inbounds float, ptr %part, i64 %552
+  %554 = getelementptr inbounds float, ptr %553, i64 0
+  %555 = load <8 x float>, ptr %554, align 4
+  %556 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %555
+  store <8 x float> %556, ptr %acc00033, align 4
+  %557 = sub nsw i64 %kb.p, %kb.pg
+  %558 = sub nsw i64 %541, %kb.rc
+  %559 = mul nsw i64 %558, 16
+  %560 = add nsw i64 %559, %557
+  %561 = mul nsw i64 %560, 16
+  %562 = getelementptr inbounds float, ptr %part, i64 %561
+  %563 = getelementptr inbounds float, ptr %562, i64 8
+  %564 = load <8 x float>, ptr %563, align 4
+  %565 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %564
+  store <8 x float> %565, ptr %acc00134, align 4
+  %566 = add nsw i64 %r01, 1
   %567 = getelementptr inbounds i32, ptr %rows, i64 %566
   %568 = load i32, ptr %567, align 4
   %569 = sext i32 %568 to i64
   %570 = mul nsw i64 %569, 4096
-  %571 = getelementptr inbounds float, ptr %x, i64 %570
-  store <8 x float> zeroinitializer, ptr %acc01086, align 4
-  store <8 x float> zeroinitializer, ptr %acc01187, align 4
-  %572 = add nsw i64 %r0, 2
-  %573 = getelementptr inbounds i32, ptr %rows, i64 %572
-  %574 = load i32, ptr %573, align 4
-  %575 = sext i32 %574 to i64
-  %576 = mul nsw i64 %575, 4096
-  %577 = getelementptr inbounds float, ptr %x, i64 %576
-  store <8 x float> zeroinitializer, ptr %acc02088, align 4
-  store <8 x float> zeroinitializer, ptr %acc02189, align 4
-  %578 = add nsw i64 %r0, 3
-  %579 = getelementptr inbounds i32, ptr %rows, i64 %578
-  %580 = load i32, ptr %579, align 4
-  %581 = sext i32 %580 to i64
-  %582 = mul nsw i64 %581, 4096
-  %583 = getelementptr inbounds float, ptr %x, i64 %582
-  store <8 x float> zeroinitializer, ptr %acc03090, align 4
-  store <8 x float> zeroinitializer, ptr %acc03191, align 4
-  %panel.off92 = mul nsw i64 %p, 65536
-  %584 = getelementptr inbounds i16, ptr %panels, i64 %panel.off92
-  %585 = add nsw i64 %p, 1
-  %586 = icmp slt i64 %585, %p1
-  %pf.on93 = and i1 %pf.on, %586
-  %587 = mul nsw i64 %rb, 131072
-  %588 = lshr i64 %587, %11
-  %589 = add nsw i64 131072, %588
-  %590 = getelementptr inbounds i8, ptr %584, i64 %589
-  %pf94 = select i1 %pf.on93, ptr %590, ptr %584
-  %pf.sh95 = select i1 %pf.on93, i64 %11, i64 0
-  br label %k.head96
+  %571 = add nsw i64 %570, %k0
+  %572 = getelementptr inbounds float, ptr %x, i64 %571
+  %573 = sub nsw i64 %kb.p, %kb.pg
+  %574 = sub nsw i64 %566, %kb.rc
+  %575 = mul nsw i64 %574, 16
+  %576 = add nsw i64 %575, %573
+  %577 = mul nsw i64 %576, 16
+  %578 = getelementptr inbounds float, ptr %part, i64 %577
+  %579 = getelementptr inbounds float, ptr %578, i64 0
+  %580 = load <8 x float>, ptr %579, align 4
+  %581 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %580
+  store <8 x float> %581, ptr %acc01035, align 4
+  %582 = sub nsw i64 %kb.p, %kb.pg
+  %583 = sub nsw i64 %566, %kb.rc
+  %584 = mul nsw i64 %583, 16
+  %585 = add nsw i64 %584, %582
+  %586 = mul nsw i64 %585, 16
+  %587 = getelementptr inbounds float, ptr %part, i64 %586
+  %588 = getelementptr inbounds float, ptr %587, i64 8
+  %589 = load <8 x float>, ptr %588, align 4
+  %590 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %589
+  store <8 x float> %590, ptr %acc01136, align 4
+  %591 = add nsw i64 %r01, 2
+  %592 = getelementptr inbounds i32, ptr %rows, i64 %591
+  %593 = load i32, ptr %592, align 4
+  %594 = sext i32 %593 to i64
+  %595 = mul nsw i64 %594, 4096
+  %596 = add nsw i64 %595, %k0
+  %597 = getelementptr inbounds float, ptr %x, i64 %596
+  %598 = sub nsw i64 %kb.p, %kb.pg
+  %599 = sub nsw i64 %591, %kb.rc
+  %600 = mul nsw i64 %599, 16
+  %601 = add nsw i64 %600, %598
+  %602 = mul nsw i64 %601, 16
+  %603 = getelementptr inbounds float, ptr %part, i64 %602
+  %604 = getelementptr inbounds float, ptr %603, i64 0
+  %605 = load <8 x float>, ptr %604, align 4
+  %606 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %605
+  store <8 x float> %606, ptr %acc02037, align 4
+  %607 = sub nsw i64 %kb.p, %kb.pg
+  %608 = sub nsw i64 %591, %kb.rc
+  %609 = mul nsw i64 %608, 16
+  %610 = add nsw i64 %609, %607
+  %611 = mul nsw i64 %610, 16
+  %612 = getelementptr inbounds float, ptr %part, i64 %611
+  %613 = getelementptr inbounds float, ptr %612, i64 8
+  %614 = load <8 x float>, ptr %613, align 4
+  %615 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %614
+  store <8 x float> %615, ptr %acc02138, align 4
+  %616 = add nsw i64 %r01, 3
+  %617 = getelementptr inbounds i32, ptr %rows, i64 %616
+  %618 = load i32, ptr %617, align 4
+  %619 = sext i32 %618 to i64
+  %620 = mul nsw i64 %619, 4096
+  %621 = add nsw i64 %620, %k0
+  %622 = getelementptr inbounds float, ptr %x, i64 %621
+  %623 = sub nsw i64 %kb.p, %kb.pg
+  %624 = sub nsw i64 %616, %kb.rc
+  %625 = mul nsw i64 %624, 16
+  %626 = add nsw i64 %625, %623
+  %627 = mul nsw i64 %626, 16
+  %628 = getelementptr inbounds float, ptr %part, i64 %627
+  %629 = getelementptr inbounds float, ptr %628, i64 0
+  %630 = load <8 x float>, ptr %629, align 4
+  %631 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %630
+  store <8 x float> %631, ptr %acc03039, align 4
+  %632 = sub nsw i64 %kb.p, %kb.pg
+  %633 = sub nsw i64 %616, %kb.rc
+  %634 = mul nsw i64 %633, 16
+  %635 = add nsw i64 %634, %632
+  %636 = mul nsw i64 %635, 16
+  %637 = getelementptr inbounds float, ptr %part, i64 %636
+  %638 = getelementptr inbounds float, ptr %637, i64 8
+  %639 = load <8 x float>, ptr %638, align 4
+  %640 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %639
+  store <8 x float> %640, ptr %acc03140, align 4
+  %641 = add nsw i64 %r01, 4
+  %642 = getelementptr inbounds i32, ptr %rows, i64 %641
+  %643 = load i32, ptr %642, align 4
+  %644 = sext i32 %643 to i64
+  %645 = mul nsw i64 %644, 4096
+  %646 = add nsw i64 %645, %k0
+  %647 = getelementptr inbounds float, ptr %x, i64 %646
+  %648 = sub nsw i64 %kb.p, %kb.pg
+  %649 = sub nsw i64 %641, %kb.rc
+  %650 = mul nsw i64 %649, 16
+  %651 = add nsw i64 %650, %648
+  %652 = mul nsw i64 %651, 16
+  %653 = getelementptr inbounds float, ptr %part, i64 %652
+  %654 = getelementptr inbounds float, ptr %653, i64 0
+  %655 = load <8 x float>, ptr %654, align 4
+  %656 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %655
+  store <8 x float> %656, ptr %acc04041, align 4
+  %657 = sub nsw i64 %kb.p, %kb.pg
+  %658 = sub nsw i64 %641, %kb.rc
+  %659 = mul nsw i64 %658, 16
+  %660 = add nsw i64 %659, %657
+  %661 = mul nsw i64 %660, 16
+  %662 = getelementptr inbounds float, ptr %part, i64 %661
+  %663 = getelementptr inbounds float, ptr %662, i64 8
+  %664 = load <8 x float>, ptr %663, align 4
+  %665 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %664
+  store <8 x float> %665, ptr %acc04142, align 4
+  %666 = mul nsw i64 %k0, 16
+  %667 = mul nsw i64 %kb.p, 65536
+  %panel.off43 = add nsw i64 %667, %666
+  %668 = getelementptr inbounds i16, ptr %panels, i64 %panel.off43
+  %pf.on44 = and i1 %pf.on, %pf.next
+  %669 = mul nsw i64 %rb, 8192
+  %670 = lshr i64 %669, %25
+  %671 = add nsw i64 %pf.step, %670
+  %672 = getelementptr inbounds i8, ptr %668, i64 %671
+  %pf45 = select i1 %pf.on44, ptr %672, ptr %668
+  %pf.sh46 = select i1 %pf.on44, i64 %25, i64 0
+  br label %k.head47
 
-k.head96:                                         ; preds = %pf.any.end101, %tile.mr4
-  %k99 = phi i64 [ 0, %tile.mr4 ], [ %635, %pf.any.end101 ]
-  %591 = icmp slt i64 %k99, 4096
-  br i1 %591, label %k.body97, label %k.end98
+k.head47:                                         ; preds = %pf.any.end52, %tile.mr5
+  %k50 = phi i64 [ 0, %tile.mr5 ], [ %725, %pf.any.end52 ]
+  %673 = icmp slt i64 %k50, 256
+  br i1 %673, label %k.body48, label %k.end49
 
-k.body97:                                         ; preds = %k.head96
-  %592 = mul nsw i64 %k99, 1
-  %593 = add nsw i64 %592, 0
-  %594 = mul nsw i64 %593, 32
-  br i1 %pf.multi, label %pf.any.then100, label %pf.any.end101
+k.body48:                                         ; preds = %k.head47
+  %674 = mul nsw i64 %k50, 1
+  %675 = add nsw i64 %674, 0
+  %676 = mul nsw i64 %675, 32
+  br i1 %pf.multi, label %pf.any.then51, label %pf.any.end52
 
-pf.any.then100:                                   ; preds = %k.body97
-  %595 = lshr i64 %594, %pf.sh95
-  %596 = getelementptr inbounds i8, ptr %pf94, i64 %595
-  call void @llvm.prefetch.p0(ptr %596, i32 0, i32 2, i32 1)
-  br label %pf.any.end101
+pf.any.then51:                                    ; preds = %k.body48
+  %677 = lshr i64 %676, %pf.sh46
+  %678 = getelementptr inbounds i8, ptr %pf45, i64 %677
+  call void @llvm.prefetch.p0(ptr %678, i32 0, i32 2, i32 1)
+  br label %pf.any.end52
 
-pf.any.end101:                                    ; preds = %pf.any.then100, %k.body97
-  %597 = mul nsw i64 %593, 16
-  %598 = add nsw i64 %panel.off92, %597
-  %599 = getelementptr inbounds i16, ptr %panels, i64 %598
-  %600 = load <8 x i32>, ptr %599, align 4
-  %601 = shl <8 x i32> %600, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0102 = bitcast <8 x i32> %601 to <8 x float>
-  %602 = and <8 x i32> %600, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1103 = bitcast <8 x i32> %602 to <8 x float>
-  %603 = getelementptr inbounds float, ptr %565, i64 %593
-  %604 = load float, ptr %603, align 4
-  %605 = insertelement <8 x float> poison, float %604, i32 0
-  %606 = shufflevector <8 x float> %605, <8 x float> poison, <8 x i32> zeroinitializer
-  %607 = load <8 x float>, ptr %acc00084, align 4
-  %608 = call <8 x float> @llvm.fma.v8f32(<8 x float> %606, <8 x float> %b0102, <8 x float> %607)
-  store <8 x float> %608, ptr %acc00084, align 4
-  %609 = load <8 x float>, ptr %acc00185, align 4
-  %610 = call <8 x float> @llvm.fma.v8f32(<8 x float> %606, <8 x float> %b1103, <8 x float> %609)
-  store <8 x float> %610, ptr %acc00185, align 4
-  %611 = getelementptr inbounds float, ptr %571, i64 %593
-  %612 = load float, ptr %611, align 4
-  %613 = insertelement <8 x float> poison, float %612, i32 0
-  %614 = shufflevector <8 x float> %613, <8 x float> poison, <8 x i32> zeroinitializer
-  %615 = load <8 x float>, ptr %acc01086, align 4
-  %616 = call <8 x float> @llvm.fma.v8f32(<8 x float> %614, <8 x float> %b0102, <8 x float> %615)
-  store <8 x float> %616, ptr %acc01086, align 4
-  %617 = load <8 x float>, ptr %acc01187, align 4
-  %618 = call <8 x float> @llvm.fma.v8f32(<8 x float> %614, <8 x float> %b1103, <8 x float> %617)
-  store <8 x float> %618, ptr %acc01187, align 4
-  %619 = getelementptr inbounds float, ptr %577, i64 %593
-  %620 = load float, ptr %619, align 4
-  %621 = insertelement <8 x float> poison, float %620, i32 0
-  %622 = shufflevector <8 x float> %621, <8 x float> poison, <8 x i32> zeroinitializer
-  %623 = load <8 x float>, ptr %acc02088, align 4
-  %624 = call <8 x float> @llvm.fma.v8f32(<8 x float> %622, <8 x float> %b0102, <8 x float> %623)
-  store <8 x float> %624, ptr %acc02088, align 4
-  %625 = load <8 x float>, ptr %acc02189, align 4
-  %626 = call <8 x float> @llvm.fma.v8f32(<8 x float> %622, <8 x float> %b1103, <8 x float> %625)
-  store <8 x float> %626, ptr %acc02189, align 4
-  %627 = getelementptr inbounds float, ptr %583, i64 %593
-  %628 = load float, ptr %627, align 4
-  %629 = insertelement <8 x float> poison, float %628, i32 0
-  %630 = shufflevector <8 x float> %629, <8 x float> poison, <8 x i32> zeroinitializer
-  %631 = load <8 x float>, ptr %acc03090, align 4
-  %632 = call <8 x float> @llvm.fma.v8f32(<8 x float> %630, <8 x float> %b0102, <8 x float> %631)
-  store <8 x float> %632, ptr %acc03090, align 4
-  %633 = load <8 x float>, ptr %acc03191, align 4
-  %634 = call <8 x float> @llvm.fma.v8f32(<8 x float> %630, <8 x float> %b1103, <8 x float> %633)
-  store <8 x float> %634, ptr %acc03191, align 4
-  %635 = add nsw i64 %k99, 1
-  br label %k.head96
-
-k.end98:                                          ; preds = %k.head96
-  %636 = add nsw i64 %r0, 0
-  %637 = getelementptr inbounds float, ptr %rw, i64 %636
-  %638 = load float, ptr %637, align 4
-  %639 = insertelement <8 x float> poison, float %638, i32 0
-  %640 = shufflevector <8 x float> %639, <8 x float> poison, <8 x i32> zeroinitializer
-  %641 = mul nsw i64 %636, 6400
-  %642 = getelementptr inbounds float, ptr %h, i64 %641
-  %col104 = mul nsw i64 %p, 8
-  %643 = load <8 x float>, ptr %acc00084, align 4
-  %644 = load <8 x float>, ptr %acc00185, align 4
-  %645 = fneg <8 x float> %643
-  %646 = fcmp olt <8 x float> %645, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %647 = select <8 x i1> %646, <8 x float> %645, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %648 = fcmp ogt <8 x float> %647, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %649 = select <8 x i1> %648, <8 x float> %647, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %650 = call <8 x float> @llvm.fma.v8f32(<8 x float> %649, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %651 = call <8 x float> @llvm.floor.v8f32(<8 x float> %650)
-  %652 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %649)
-  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %652)
-  %654 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %653, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %654, <8 x float> %653, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %656 = call <8 x float> @llvm.fma.v8f32(<8 x float> %655, <8 x float> %653, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %657 = call <8 x float> @llvm.fma.v8f32(<8 x float> %656, <8 x float> %653, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> %657, <8 x float> %653, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %659 = fmul <8 x float> %653, %653
-  %660 = call <8 x float> @llvm.fma.v8f32(<8 x float> %658, <8 x float> %659, <8 x float> %653)
-  %661 = fadd <8 x float> %660, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %662 = fptosi <8 x float> %651 to <8 x i32>
-  %663 = add <8 x i32> %662, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %664 = shl <8 x i32> %663, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n105 = bitcast <8 x i32> %664 to <8 x float>
-  %exp106 = fmul <8 x float> %661, %exp.2n105
-  %665 = fadd <8 x float> %exp106, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid107 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %665
-  %silu108 = fmul <8 x float> %643, %sigmoid107
-  %glu109 = fmul <8 x float> %silu108, %644
-  %666 = fmul <8 x float> %glu109, %640
-  %667 = getelementptr inbounds float, ptr %642, i64 %col104
-  store <8 x float> %666, ptr %667, align 4
-  %668 = add nsw i64 %r0, 1
-  %669 = getelementptr inbounds float, ptr %rw, i64 %668
-  %670 = load float, ptr %669, align 4
-  %671 = insertelement <8 x float> poison, float %670, i32 0
-  %672 = shufflevector <8 x float> %671, <8 x float> poison, <8 x i32> zeroinitializer
-  %673 = mul nsw i64 %668, 6400
-  %674 = getelementptr inbounds float, ptr %h, i64 %673
-  %col110 = mul nsw i64 %p, 8
-  %675 = load <8 x float>, ptr %acc01086, align 4
-  %676 = load <8 x float>, ptr %acc01187, align 4
-  %677 = fneg <8 x float> %675
-  %678 = fcmp olt <8 x float> %677, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %679 = select <8 x i1> %678, <8 x float> %677, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %680 = fcmp ogt <8 x float> %679, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %681 = select <8 x i1> %680, <8 x float> %679, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %682 = call <8 x float> @llvm.fma.v8f32(<8 x float> %681, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %683 = call <8 x float> @llvm.floor.v8f32(<8 x float> %682)
-  %684 = call <8 x float> @llvm.fma.v8f32(<8 x float> %683, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %681)
-  %685 = call <8 x float> @llvm.fma.v8f32(<8 x float> %683, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %684)
-  %686 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %685, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %687 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> %685, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %688 = call <8 x float> @llvm.fma.v8f32(<8 x float> %687, <8 x float> %685, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %689 = call <8 x float> @llvm.fma.v8f32(<8 x float> %688, <8 x float> %685, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %690 = call <8 x float> @llvm.fma.v8f32(<8 x float> %689, <8 x float> %685, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %691 = fmul <8 x float> %685, %685
-  %692 = call <8 x float> @llvm.fma.v8f32(<8 x float> %690, <8 x float> %691, <8 x float> %685)
-  %693 = fadd <8 x float> %692, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %694 = fptosi <8 x float> %683 to <8 x i32>
-  %695 = add <8 x i32> %694, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %696 = shl <8 x i32> %695, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n111 = bitcast <8 x i32> %696 to <8 x float>
-  %exp112 = fmul <8 x float> %693, %exp.2n111
-  %697 = fadd <8 x float> %exp112, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid113 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %697
-  %silu114 = fmul <8 x float> %675, %sigmoid113
-  %glu115 = fmul <8 x float> %silu114, %676
-  %698 = fmul <8 x float> %glu115, %672
-  %699 = getelementptr inbounds float, ptr %674, i64 %col110
-  store <8 x float> %698, ptr %699, align 4
-  %700 = add nsw i64 %r0, 2
-  %701 = getelementptr inbounds float, ptr %rw, i64 %700
+pf.any.end52:                                     ; preds = %pf.any.then51, %k.body48
+  %679 = mul nsw i64 %675, 16
+  %680 = add nsw i64 %panel.off43, %679
+  %681 = getelementptr inbounds i16, ptr %panels, i64 %680
+  %682 = load <8 x i32>, ptr %681, align 4
+  %683 = shl <8 x i32> %682, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b053 = bitcast <8 x i32> %683 to <8 x float>
+  %684 = and <8 x i32> %682, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b154 = bitcast <8 x i32> %684 to <8 x float>
+  %685 = getelementptr inbounds float, ptr %547, i64 %675
+  %686 = load float, ptr %685, align 4
+  %687 = insertelement <8 x float> poison, float %686, i32 0
+  %688 = shufflevector <8 x float> %687, <8 x float> poison, <8 x i32> zeroinitializer
+  %689 = load <8 x float>, ptr %acc00033, align 4
+  %690 = call <8 x float> @llvm.fma.v8f32(<8 x float> %688, <8 x float> %b053, <8 x float> %689)
+  store <8 x float> %690, ptr %acc00033, align 4
+  %691 = load <8 x float>, ptr %acc00134, align 4
+  %692 = call <8 x float> @llvm.fma.v8f32(<8 x float> %688, <8 x float> %b154, <8 x float> %691)
+  store <8 x float> %692, ptr %acc00134, align 4
+  %693 = getelementptr inbounds float, ptr %572, i64 %675
+  %694 = load float, ptr %693, align 4
+  %695 = insertelement <8 x float> poison, float %694, i32 0
+  %696 = shufflevector <8 x float> %695, <8 x float> poison, <8 x i32> zeroinitializer
+  %697 = load <8 x float>, ptr %acc01035, align 4
+  %698 = call <8 x float> @llvm.fma.v8f32(<8 x float> %696, <8 x float> %b053, <8 x float> %697)
+  store <8 x float> %698, ptr %acc01035, align 4
+  %699 = load <8 x float>, ptr %acc01136, align 4
+  %700 = call <8 x float> @llvm.fma.v8f32(<8 x float> %696, <8 x float> %b154, <8 x float> %699)
+  store <8 x float> %700, ptr %acc01136, align 4
+  %701 = getelementptr inbounds float, ptr %597, i64 %675
   %702 = load float, ptr %701, align 4
   %703 = insertelement <8 x float> poison, float %702, i32 0
   %704 = shufflevector <8 x float> %703, <8 x float> poison, <8 x i32> zeroinitializer
-  %705 = mul nsw i64 %700, 6400
-  %706 = getelementptr inbounds float, ptr %h, i64 %705
-  %col116 = mul nsw i64 %p, 8
-  %707 = load <8 x float>, ptr %acc02088, align 4
-  %708 = load <8 x float>, ptr %acc02189, align 4
-  %709 = fneg <8 x float> %707
-  %710 = fcmp olt <8 x float> %709, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %711 = select <8 x i1> %710, <8 x float> %709, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %712 = fcmp ogt <8 x float> %711, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %713 = select <8 x i1> %712, <8 x float> %711, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %714 = call <8 x float> @llvm.fma.v8f32(<8 x float> %713, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %715 = call <8 x float> @llvm.floor.v8f32(<8 x float> %714)
-  %716 = call <8 x float> @llvm.fma.v8f32(<8 x float> %715, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %713)
-  %717 = call <8 x float> @llvm.fma.v8f32(<8 x float> %715, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %716)
-  %718 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %717, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %719 = call <8 x float> @llvm.fma.v8f32(<8 x float> %718, <8 x float> %717, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %720 = call <8 x float> @llvm.fma.v8f32(<8 x float> %719, <8 x float> %717, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %721 = call <8 x float> @llvm.fma.v8f32(<8 x float> %720, <8 x float> %717, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %722 = call <8 x float> @llvm.fma.v8f32(<8 x float> %721, <8 x float> %717, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %723 = fmul <8 x float> %717, %717
-  %724 = call <8 x float> @llvm.fma.v8f32(<8 x float> %722, <8 x float> %723, <8 x float> %717)
-  %725 = fadd <8 x float> %724, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %726 = fptosi <8 x float> %715 to <8 x i32>
-  %727 = add <8 x i32> %726, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %728 = shl <8 x i32> %727, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n117 = bitcast <8 x i32> %728 to <8 x float>
-  %exp118 = fmul <8 x float> %725, %exp.2n117
-  %729 = fadd <8 x float> %exp118, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid119 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %729
-  %silu120 = fmul <8 x float> %707, %sigmoid119
-  %glu121 = fmul <8 x float> %silu120, %708
-  %730 = fmul <8 x float> %glu121, %704
-  %731 = getelementptr inbounds float, ptr %706, i64 %col116
-  store <8 x float> %730, ptr %731, align 4
-  %732 = add nsw i64 %r0, 3
-  %733 = getelementptr inbounds float, ptr %rw, i64 %732
-  %734 = load float, ptr %733, align 4
-  %735 = insertelement <8 x float> poison, float %734, i32 0
-  %736 = shufflevector <8 x float> %735, <8 x float> poison, <8 x i32> zeroinitializer
-  %737 = mul nsw i64 %732, 6400
-  %738 = getelementptr inbounds float, ptr %h, i64 %737
-  %col122 = mul nsw i64 %p, 8
-  %739 = load <8 x float>, ptr %acc03090, align 4
-  %740 = load <8 x float>, ptr %acc03191, align 4
-  %741 = fneg <8 x float> %739
-  %742 = fcmp olt <8 x float> %741, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %743 = select <8 x i1> %742, <8 x float> %741, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %744 = fcmp ogt <8 x float> %743, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %745 = select <8 x i1> %744, <8 x float> %743, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %746 = call <8 x float> @llvm.fma.v8f32(<8 x float> %745, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %747 = call <8 x float> @llvm.floor.v8f32(<8 x float> %746)
-  %748 = call <8 x float> @llvm.fma.v8f32(<8 x float> %747, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %745)
-  %749 = call <8 x float> @llvm.fma.v8f32(<8 x float> %747, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %748)
-  %750 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %749, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %751 = call <8 x float> @llvm.fma.v8f32(<8 x float> %750, <8 x float> %749, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %752 = call <8 x float> @llvm.fma.v8f32(<8 x float> %751, <8 x float> %749, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %753 = call <8 x float> @llvm.fma.v8f32(<8 x float> %752, <8 x float> %749, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %754 = call <8 x float> @llvm.fma.v8f32(<8 x float> %753, <8 x float> %749, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %755 = fmul <8 x float> %749, %749
-  %756 = call <8 x float> @llvm.fma.v8f32(<8 x float> %754, <8 x float> %755, <8 x float> %749)
-  %757 = fadd <8 x float> %756, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %758 = fptosi <8 x float> %747 to <8 x i32>
-  %759 = add <8 x i32> %758, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %760 = shl <8 x i32> %759, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n123 = bitcast <8 x i32> %760 to <8 x float>
-  %exp124 = fmul <8 x float> %757, %exp.2n123
-  %761 = fadd <8 x float> %exp124, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid125 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %761
-  %silu126 = fmul <8 x float> %739, %sigmoid125
-  %glu127 = fmul <8 x float> %silu126, %740
-  %762 = fmul <8 x float> %glu127, %736
-  %763 = getelementptr inbounds float, ptr %738, i64 %col122
-  store <8 x float> %762, ptr %763, align 4
+  %705 = load <8 x float>, ptr %acc02037, align 4
+  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> %b053, <8 x float> %705)
+  store <8 x float> %706, ptr %acc02037, align 4
+  %707 = load <8 x float>, ptr %acc02138, align 4
+  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> %b154, <8 x float> %707)
+  store <8 x float> %708, ptr %acc02138, align 4
+  %709 = getelementptr inbounds float, ptr %622, i64 %675
+  %710 = load float, ptr %709, align 4
+  %711 = insertelement <8 x float> poison, float %710, i32 0
+  %712 = shufflevector <8 x float> %711, <8 x float> poison, <8 x i32> zeroinitializer
+  %713 = load <8 x float>, ptr %acc03039, align 4
+  %714 = call <8 x float> @llvm.fma.v8f32(<8 x float> %712, <8 x float> %b053, <8 x float> %713)
+  store <8 x float> %714, ptr %acc03039, align 4
+  %715 = load <8 x float>, ptr %acc03140, align 4
+  %716 = call <8 x float> @llvm.fma.v8f32(<8 x float> %712, <8 x float> %b154, <8 x float> %715)
+  store <8 x float> %716, ptr %acc03140, align 4
+  %717 = getelementptr inbounds float, ptr %647, i64 %675
+  %718 = load float, ptr %717, align 4
+  %719 = insertelement <8 x float> poison, float %718, i32 0
+  %720 = shufflevector <8 x float> %719, <8 x float> poison, <8 x i32> zeroinitializer
+  %721 = load <8 x float>, ptr %acc04041, align 4
+  %722 = call <8 x float> @llvm.fma.v8f32(<8 x float> %720, <8 x float> %b053, <8 x float> %721)
+  store <8 x float> %722, ptr %acc04041, align 4
+  %723 = load <8 x float>, ptr %acc04142, align 4
+  %724 = call <8 x float> @llvm.fma.v8f32(<8 x float> %720, <8 x float> %b154, <8 x float> %723)
+  store <8 x float> %724, ptr %acc04142, align 4
+  %725 = add nsw i64 %k50, 1
+  br label %k.head47
+
+k.end49:                                          ; preds = %k.head47
+  %726 = xor i1 %klast, true
+  br i1 %726, label %part.then55, label %part.end56
+
+part.then55:                                      ; preds = %k.end49
+  %727 = add nsw i64 %r01, 0
+  %728 = sub nsw i64 %kb.p, %kb.pg
+  %729 = sub nsw i64 %727, %kb.rc
+  %730 = mul nsw i64 %729, 16
+  %731 = add nsw i64 %730, %728
+  %732 = mul nsw i64 %731, 16
+  %733 = getelementptr inbounds float, ptr %part, i64 %732
+  %734 = getelementptr inbounds float, ptr %733, i64 0
+  %735 = load <8 x float>, ptr %acc00033, align 4
+  store <8 x float> %735, ptr %734, align 4
+  %736 = sub nsw i64 %kb.p, %kb.pg
+  %737 = sub nsw i64 %727, %kb.rc
+  %738 = mul nsw i64 %737, 16
+  %739 = add nsw i64 %738, %736
+  %740 = mul nsw i64 %739, 16
+  %741 = getelementptr inbounds float, ptr %part, i64 %740
+  %742 = getelementptr inbounds float, ptr %741, i64 8
+  %743 = load <8 x float>, ptr %acc00134, align 4
+  store <8 x float> %743, ptr %742, align 4
+  %744 = add nsw i64 %r01, 1
+  %745 = sub nsw i64 %kb.p, %kb.pg
+  %746 = sub nsw i64 %744, %kb.rc
+  %747 = mul nsw i64 %746, 16
+  %748 = add nsw i64 %747, %745
+  %749 = mul nsw i64 %748, 16
+  %750 = getelementptr inbounds float, ptr %part, i64 %749
+  %751 = getelementptr inbounds float, ptr %750, i64 0
+  %752 = load <8 x float>, ptr %acc01035, align 4
+  store <8 x float> %752, ptr %751, align 4
+  %753 = sub nsw i64 %kb.p, %kb.pg
+  %754 = sub nsw i64 %744, %kb.rc
+  %755 = mul nsw i64 %754, 16
+  %756 = add nsw i64 %755, %753
+  %757 = mul nsw i64 %756, 16
+  %758 = getelementptr inbounds float, ptr %part, i64 %757
+  %759 = getelementptr inbounds float, ptr %758, i64 8
+  %760 = load <8 x float>, ptr %acc01136, align 4
+  store <8 x float> %760, ptr %759, align 4
+  %761 = add nsw i64 %r01, 2
+  %762 = sub nsw i64 %kb.p, %kb.pg
+  %763 = sub nsw i64 %761, %kb.rc
+  %764 = mul nsw i64 %763, 16
+  %765 = add nsw i64 %764, %762
+  %766 = mul nsw i64 %765, 16
+  %767 = getelementptr inbounds float, ptr %part, i64 %766
+  %768 = getelementptr inbounds float, ptr %767, i64 0
+  %769 = load <8 x float>, ptr %acc02037, align 4
+  store <8 x float> %769, ptr %768, align 4
+  %770 = sub nsw i64 %kb.p, %kb.pg
+  %771 = sub nsw i64 %761, %kb.rc
+  %772 = mul nsw i64 %771, 16
+  %773 = add nsw i64 %772, %770
+  %774 = mul nsw i64 %773, 16
+  %775 = getelementptr inbounds float, ptr %part, i64 %774
+  %776 = getelementptr inbounds float, ptr %775, i64 8
+  %777 = load <8 x float>, ptr %acc02138, align 4
+  store <8 x float> %777, ptr %776, align 4
+  %778 = add nsw i64 %r01, 3
+  %779 = sub nsw i64 %kb.p, %kb.pg
+  %780 = sub nsw i64 %778, %kb.rc
+  %781 = mul nsw i64 %780, 16
+  %782 = add nsw i64 %781, %779
+  %783 = mul nsw i64 %782, 16
+  %784 = getelementptr inbounds float, ptr %part, i64 %783
+  %785 = getelementptr inbounds float, ptr %784, i64 0
+  %786 = load <8 x float>, ptr %acc03039, align 4
+  store <8 x float> %786, ptr %785, align 4
+  %787 = sub nsw i64 %kb.p, %kb.pg
+  %788 = sub nsw i64 %778, %kb.rc
+  %789 = mul nsw i64 %788, 16
+  %790 = add nsw i64 %789, %787
+  %791 = mul nsw i64 %790, 16
+  %792 = getelementptr inbounds float, ptr %part, i64 %791
+  %793 = getelementptr inbounds float, ptr %792, i64 8
+  %794 = load <8 x float>, ptr %acc03140, align 4
+  store <8 x float> %794, ptr %793, align 4
+  %795 = add nsw i64 %r01, 4
+  %796 = sub nsw i64 %kb.p, %kb.pg
+  %797 = sub nsw i64 %795, %kb.rc
+  %798 = mul nsw i64 %797, 16
+  %799 = add nsw i64 %798, %796
+  %800 = mul nsw i64 %799, 16
+  %801 = getelementptr inbounds float, ptr %part, i64 %800
+  %802 = getelementptr inbounds float, ptr %801, i64 0
+  %803 = load <8 x float>, ptr %acc04041, align 4
+  store <8 x float> %803, ptr %802, align 4
+  %804 = sub nsw i64 %kb.p, %kb.pg
+  %805 = sub nsw i64 %795, %kb.rc
+  %806 = mul nsw i64 %805, 16
+  %807 = add nsw i64 %806, %804
+  %808 = mul nsw i64 %807, 16
+  %809 = getelementptr inbounds float, ptr %part, i64 %808
+  %810 = getelementptr inbounds float, ptr %809, i64 8
+  %811 = load <8 x float>, ptr %acc04142, align 4
+  store <8 x float> %811, ptr %810, align 4
+  br label %part.end56
+
+part.end56:                                       ; preds = %part.then55, %k.end49
+  br i1 %klast, label %last.then57, label %last.end58
+
+last.then57:                                      ; preds = %part.end56
+  %812 = add nsw i64 %r01, 0
+  %813 = getelementptr inbounds float, ptr %rw, i64 %812
+  %814 = load float, ptr %813, align 4
+  %815 = insertelement <8 x float> poison, float %814, i32 0
+  %816 = shufflevector <8 x float> %815, <8 x float> poison, <8 x i32> zeroinitializer
+  %817 = mul nsw i64 %812, 6400
+  %818 = getelementptr inbounds float, ptr %h, i64 %817
+  %col59 = mul nsw i64 %kb.p, 8
+  %819 = load <8 x float>, ptr %acc00033, align 4
+  %820 = load <8 x float>, ptr %acc00134, align 4
+  %821 = fneg <8 x float> %819
+  %822 = fcmp olt <8 x float> %821, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %823 = select <8 x i1> %822, <8 x float> %821, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %824 = fcmp ogt <8 x float> %823, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %825 = select <8 x i1> %824, <8 x float> %823, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %826 = call <8 x float> @llvm.fma.v8f32(<8 x float> %825, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %827 = call <8 x float> @llvm.floor.v8f32(<8 x float> %826)
+  %828 = call <8 x float> @llvm.fma.v8f32(<8 x float> %827, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %825)
+  %829 = call <8 x float> @llvm.fma.v8f32(<8 x float> %827, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %828)
+  %830 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %829, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %831 = call <8 x float> @llvm.fma.v8f32(<8 x float> %830, <8 x float> %829, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %832 = call <8 x float> @llvm.fma.v8f32(<8 x float> %831, <8 x float> %829, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %833 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> %829, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %833, <8 x float> %829, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %835 = fmul <8 x float> %829, %829
+  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %834, <8 x float> %835, <8 x float> %829)
+  %837 = fadd <8 x float> %836, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %838 = fptosi <8 x float> %827 to <8 x i32>
+  %839 = add <8 x i32> %838, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %840 = shl <8 x i32> %839, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n60 = bitcast <8 x i32> %840 to <8 x float>
+  %exp61 = fmul <8 x float> %837, %exp.2n60
+  %841 = fadd <8 x float> %exp61, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid62 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %841
+  %silu63 = fmul <8 x float> %819, %sigmoid62
+  %glu64 = fmul <8 x float> %silu63, %820
+  %842 = fmul <8 x float> %glu64, %816
+  %843 = getelementptr inbounds float, ptr %818, i64 %col59
+  store <8 x float> %842, ptr %843, align 4
+  %844 = add nsw i64 %r01, 1
+  %845 = getelementptr inbounds float, ptr %rw, i64 %844
+  %846 = load float, ptr %845, align 4
+  %847 = insertelement <8 x float> poison, float %846, i32 0
+  %848 = shufflevector <8 x float> %847, <8 x float> poison, <8 x i32> zeroinitializer
+  %849 = mul nsw i64 %844, 6400
+  %850 = getelementptr inbounds float, ptr %h, i64 %849
+  %col65 = mul nsw i64 %kb.p, 8
+  %851 = load <8 x float>, ptr %acc01035, align 4
+  %852 = load <8 x float>, ptr %acc01136, align 4
+  %853 = fneg <8 x float> %851
+  %854 = fcmp olt <8 x float> %853, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %855 = select <8 x i1> %854, <8 x float> %853, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %856 = fcmp ogt <8 x float> %855, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %857 = select <8 x i1> %856, <8 x float> %855, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %858 = call <8 x float> @llvm.fma.v8f32(<8 x float> %857, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %859 = call <8 x float> @llvm.floor.v8f32(<8 x float> %858)
+  %860 = call <8 x float> @llvm.fma.v8f32(<8 x float> %859, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %857)
+  %861 = call <8 x float> @llvm.fma.v8f32(<8 x float> %859, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %860)
+  %862 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %861, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %863 = call <8 x float> @llvm.fma.v8f32(<8 x float> %862, <8 x float> %861, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %864 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> %861, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %865 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> %861, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %865, <8 x float> %861, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %867 = fmul <8 x float> %861, %861
+  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %866, <8 x float> %867, <8 x float> %861)
+  %869 = fadd <8 x float> %868, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %870 = fptosi <8 x float> %859 to <8 x i32>
+  %871 = add <8 x i32> %870, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %872 = shl <8 x i32> %871, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n66 = bitcast <8 x i32> %872 to <8 x float>
+  %exp67 = fmul <8 x float> %869, %exp.2n66
+  %873 = fadd <8 x float> %exp67, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid68 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %873
+  %silu69 = fmul <8 x float> %851, %sigmoid68
+  %glu70 = fmul <8 x float> %silu69, %852
+  %874 = fmul <8 x float> %glu70, %848
+  %875 = getelementptr inbounds float, ptr %850, i64 %col65
+  store <8 x float> %874, ptr %875, align 4
+  %876 = add nsw i64 %r01, 2
+  %877 = getelementptr inbounds float, ptr %rw, i64 %876
+  %878 = load float, ptr %877, align 4
+  %879 = insertelement <8 x float> poison, float %878, i32 0
+  %880 = shufflevector <8 x float> %879, <8 x float> poison, <8 x i32> zeroinitializer
+  %881 = mul nsw i64 %876, 6400
+  %882 = getelementptr inbounds float, ptr %h, i64 %881
+  %col71 = mul nsw i64 %kb.p, 8
+  %883 = load <8 x float>, ptr %acc02037, align 4
+  %884 = load <8 x float>, ptr %acc02138, align 4
+  %885 = fneg <8 x float> %883
+  %886 = fcmp olt <8 x float> %885, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %887 = select <8 x i1> %886, <8 x float> %885, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %888 = fcmp ogt <8 x float> %887, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %889 = select <8 x i1> %888, <8 x float> %887, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %890 = call <8 x float> @llvm.fma.v8f32(<8 x float> %889, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %891 = call <8 x float> @llvm.floor.v8f32(<8 x float> %890)
+  %892 = call <8 x float> @llvm.fma.v8f32(<8 x float> %891, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %889)
+  %893 = call <8 x float> @llvm.fma.v8f32(<8 x float> %891, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %892)
+  %894 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %893, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %895 = call <8 x float> @llvm.fma.v8f32(<8 x float> %894, <8 x float> %893, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %896 = call <8 x float> @llvm.fma.v8f32(<8 x float> %895, <8 x float> %893, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %897 = call <8 x float> @llvm.fma.v8f32(<8 x float> %896, <8 x float> %893, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %898 = call <8 x float> @llvm.fma.v8f32(<8 x float> %897, <8 x float> %893, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %899 = fmul <8 x float> %893, %893
+  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %898, <8 x float> %899, <8 x float> %893)
+  %901 = fadd <8 x float> %900, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %902 = fptosi <8 x float> %891 to <8 x i32>
+  %903 = add <8 x i32> %902, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %904 = shl <8 x i32> %903, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n72 = bitcast <8 x i32> %904 to <8 x float>
+  %exp73 = fmul <8 x float> %901, %exp.2n72
+  %905 = fadd <8 x float> %exp73, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid74 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %905
+  %silu75 = fmul <8 x float> %883, %sigmoid74
+  %glu76 = fmul <8 x float> %silu75, %884
+  %906 = fmul <8 x float> %glu76, %880
+  %907 = getelementptr inbounds float, ptr %882, i64 %col71
+  store <8 x float> %906, ptr %907, align 4
+  %908 = add nsw i64 %r01, 3
+  %909 = getelementptr inbounds float, ptr %rw, i64 %908
+  %910 = load float, ptr %909, align 4
+  %911 = insertelement <8 x float> poison, float %910, i32 0
+  %912 = shufflevector <8 x float> %911, <8 x float> poison, <8 x i32> zeroinitializer
+  %913 = mul nsw i64 %908, 6400
+  %914 = getelementptr inbounds float, ptr %h, i64 %913
+  %col77 = mul nsw i64 %kb.p, 8
+  %915 = load <8 x float>, ptr %acc03039, align 4
+  %916 = load <8 x float>, ptr %acc03140, align 4
+  %917 = fneg <8 x float> %915
+  %918 = fcmp olt <8 x float> %917, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %919 = select <8 x i1> %918, <8 x float> %917, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %920 = fcmp ogt <8 x float> %919, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %921 = select <8 x i1> %920, <8 x float> %919, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %922 = call <8 x float> @llvm.fma.v8f32(<8 x float> %921, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %923 = call <8 x float> @llvm.floor.v8f32(<8 x float> %922)
+  %924 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %921)
+  %925 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %924)
+  %926 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %925, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %927 = call <8 x float> @llvm.fma.v8f32(<8 x float> %926, <8 x float> %925, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %928 = call <8 x float> @llvm.fma.v8f32(<8 x float> %927, <8 x float> %925, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %929 = call <8 x float> @llvm.fma.v8f32(<8 x float> %928, <8 x float> %925, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %930 = call <8 x float> @llvm.fma.v8f32(<8 x float> %929, <8 x float> %925, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %931 = fmul <8 x float> %925, %925
+  %932 = call <8 x float> @llvm.fma.v8f32(<8 x float> %930, <8 x float> %931, <8 x float> %925)
+  %933 = fadd <8 x float> %932, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %934 = fptosi <8 x float> %923 to <8 x i32>
+  %935 = add <8 x i32> %934, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %936 = shl <8 x i32> %935, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n78 = bitcast <8 x i32> %936 to <8 x float>
+  %exp79 = fmul <8 x float> %933, %exp.2n78
+  %937 = fadd <8 x float> %exp79, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid80 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %937
+  %silu81 = fmul <8 x float> %915, %sigmoid80
+  %glu82 = fmul <8 x float> %silu81, %916
+  %938 = fmul <8 x float> %glu82, %912
+  %939 = getelementptr inbounds float, ptr %914, i64 %col77
+  store <8 x float> %938, ptr %939, align 4
+  %940 = add nsw i64 %r01, 4
+  %941 = getelementptr inbounds float, ptr %rw, i64 %940
+  %942 = load float, ptr %941, align 4
+  %943 = insertelement <8 x float> poison, float %942, i32 0
+  %944 = shufflevector <8 x float> %943, <8 x float> poison, <8 x i32> zeroinitializer
+  %945 = mul nsw i64 %940, 6400
+  %946 = getelementptr inbounds float, ptr %h, i64 %945
+  %col83 = mul nsw i64 %kb.p, 8
+  %947 = load <8 x float>, ptr %acc04041, align 4
+  %948 = load <8 x float>, ptr %acc04142, align 4
+  %949 = fneg <8 x float> %947
+  %950 = fcmp olt <8 x float> %949, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %951 = select <8 x i1> %950, <8 x float> %949, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %952 = fcmp ogt <8 x float> %951, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %953 = select <8 x i1> %952, <8 x float> %951, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %954 = call <8 x float> @llvm.fma.v8f32(<8 x float> %953, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %955 = call <8 x float> @llvm.floor.v8f32(<8 x float> %954)
+  %956 = call <8 x float> @llvm.fma.v8f32(<8 x float> %955, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %953)
+  %957 = call <8 x float> @llvm.fma.v8f32(<8 x float> %955, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %956)
+  %958 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %957, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %959 = call <8 x float> @llvm.fma.v8f32(<8 x float> %958, <8 x float> %957, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %960 = call <8 x float> @llvm.fma.v8f32(<8 x float> %959, <8 x float> %957, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %961 = call <8 x float> @llvm.fma.v8f32(<8 x float> %960, <8 x float> %957, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %962 = call <8 x float> @llvm.fma.v8f32(<8 x float> %961, <8 x float> %957, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %963 = fmul <8 x float> %957, %957
+  %964 = call <8 x float> @llvm.fma.v8f32(<8 x float> %962, <8 x float> %963, <8 x float> %957)
+  %965 = fadd <8 x float> %964, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %966 = fptosi <8 x float> %955 to <8 x i32>
+  %967 = add <8 x i32> %966, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %968 = shl <8 x i32> %967, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n84 = bitcast <8 x i32> %968 to <8 x float>
+  %exp85 = fmul <8 x float> %965, %exp.2n84
+  %969 = fadd <8 x float> %exp85, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid86 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %969
+  %silu87 = fmul <8 x float> %947, %sigmoid86
+  %glu88 = fmul <8 x float> %silu87, %948
+  %970 = fmul <8 x float> %glu88, %944
+  %971 = getelementptr inbounds float, ptr %946, i64 %col83
+  store <8 x float> %970, ptr %971, align 4
+  br label %last.end58
+
+last.end58:                                       ; preds = %last.then57, %part.end56
+  br label %tile.done
+
+tile.mr4:                                         ; preds = %rb.body
+  %972 = add nsw i64 %r01, 0
+  %973 = getelementptr inbounds i32, ptr %rows, i64 %972
+  %974 = load i32, ptr %973, align 4
+  %975 = sext i32 %974 to i64
+  %976 = mul nsw i64 %975, 4096
+  %977 = add nsw i64 %976, %k0
+  %978 = getelementptr inbounds float, ptr %x, i64 %977
+  %979 = sub nsw i64 %kb.p, %kb.pg
+  %980 = sub nsw i64 %972, %kb.rc
+  %981 = mul nsw i64 %980, 16
+  %982 = add nsw i64 %981, %979
+  %983 = mul nsw i64 %982, 16
+  %984 = getelementptr inbounds float, ptr %part, i64 %983
+  %985 = getelementptr inbounds float, ptr %984, i64 0
+  %986 = load <8 x float>, ptr %985, align 4
+  %987 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %986
+  store <8 x float> %987, ptr %acc00089, align 4
+  %988 = sub nsw i64 %kb.p, %kb.pg
+  %989 = sub nsw i64 %972, %kb.rc
+  %990 = mul nsw i64 %989, 16
+  %991 = add nsw i64 %990, %988
+  %992 = mul nsw i64 %991, 16
+  %993 = getelementptr inbounds float, ptr %part, i64 %992
+  %994 = getelementptr inbounds float, ptr %993, i64 8
+  %995 = load <8 x float>, ptr %994, align 4
+  %996 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %995
+  store <8 x float> %996, ptr %acc00190, align 4
+  %997 = add nsw i64 %r01, 1
+  %998 = getelementptr inbounds i32, ptr %rows, i64 %997
+  %999 = load i32, ptr %998, align 4
+  %1000 = sext i32 %999 to i64
+  %1001 = mul nsw i64 %1000, 4096
+  %1002 = add nsw i64 %1001, %k0
+  %1003 = getelementptr inbounds float, ptr %x, i64 %1002
+  %1004 = sub nsw i64 %kb.p, %kb.pg
+  %1005 = sub nsw i64 %997, %kb.rc
+  %1006 = mul nsw i64 %1005, 16
+  %1007 = add nsw i64 %1006, %1004
+  %1008 = mul nsw i64 %1007, 16
+  %1009 = getelementptr inbounds float, ptr %part, i64 %1008
+  %1010 = getelementptr inbounds float, ptr %1009, i64 0
+  %1011 = load <8 x float>, ptr %1010, align 4
+  %1012 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1011
+  store <8 x float> %1012, ptr %acc01091, align 4
+  %1013 = sub nsw i64 %kb.p, %kb.pg
+  %1014 = sub nsw i64 %997, %kb.rc
+  %1015 = mul nsw i64 %1014, 16
+  %1016 = add nsw i64 %1015, %1013
+  %1017 = mul nsw i64 %1016, 16
+  %1018 = getelementptr inbounds float, ptr %part, i64 %1017
+  %1019 = getelementptr inbounds float, ptr %1018, i64 8
+  %1020 = load <8 x float>, ptr %1019, align 4
+  %1021 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1020
+  store <8 x float> %1021, ptr %acc01192, align 4
+  %1022 = add nsw i64 %r01, 2
+  %1023 = getelementptr inbounds i32, ptr %rows, i64 %1022
+  %1024 = load i32, ptr %1023, align 4
+  %1025 = sext i32 %1024 to i64
+  %1026 = mul nsw i64 %1025, 4096
+  %1027 = add nsw i64 %1026, %k0
+  %1028 = getelementptr inbounds float, ptr %x, i64 %1027
+  %1029 = sub nsw i64 %kb.p, %kb.pg
+  %1030 = sub nsw i64 %1022, %kb.rc
+  %1031 = mul nsw i64 %1030, 16
+  %1032 = add nsw i64 %1031, %1029
+  %1033 = mul nsw i64 %1032, 16
+  %1034 = getelementptr inbounds float, ptr %part, i64 %1033
+  %1035 = getelementptr inbounds float, ptr %1034, i64 0
+  %1036 = load <8 x float>, ptr %1035, align 4
+  %1037 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1036
+  store <8 x float> %1037, ptr %acc02093, align 4
+  %1038 = sub nsw i64 %kb.p, %kb.pg
+  %1039 = sub nsw i64 %1022, %kb.rc
+  %1040 = mul nsw i64 %1039, 16
+  %1041 = add nsw i64 %1040, %1038
+  %1042 = mul nsw i64 %1041, 16
+  %1043 = getelementptr inbounds float, ptr %part, i64 %1042
+  %1044 = getelementptr inbounds float, ptr %1043, i64 8
+  %1045 = load <8 x float>, ptr %1044, align 4
+  %1046 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1045
+  store <8 x float> %1046, ptr %acc02194, align 4
+  %1047 = add nsw i64 %r01, 3
+  %1048 = getelementptr inbounds i32, ptr %rows, i64 %1047
+  %1049 = load i32, ptr %1048, align 4
+  %1050 = sext i32 %1049 to i64
+  %1051 = mul nsw i64 %1050, 4096
+  %1052 = add nsw i64 %1051, %k0
+  %1053 = getelementptr inbounds float, ptr %x, i64 %1052
+  %1054 = sub nsw i64 %kb.p, %kb.pg
+  %1055 = sub nsw i64 %1047, %kb.rc
+  %1056 = mul nsw i64 %1055, 16
+  %1057 = add nsw i64 %1056, %1054
+  %1058 = mul nsw i64 %1057, 16
+  %1059 = getelementptr inbounds float, ptr %part, i64 %1058
+  %1060 = getelementptr inbounds float, ptr %1059, i64 0
+  %1061 = load <8 x float>, ptr %1060, align 4
+  %1062 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1061
+  store <8 x float> %1062, ptr %acc03095, align 4
+  %1063 = sub nsw i64 %kb.p, %kb.pg
+  %1064 = sub nsw i64 %1047, %kb.rc
+  %1065 = mul nsw i64 %1064, 16
+  %1066 = add nsw i64 %1065, %1063
+  %1067 = mul nsw i64 %1066, 16
+  %1068 = getelementptr inbounds float, ptr %part, i64 %1067
+  %1069 = getelementptr inbounds float, ptr %1068, i64 8
+  %1070 = load <8 x float>, ptr %1069, align 4
+  %1071 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1070
+  store <8 x float> %1071, ptr %acc03196, align 4
+  %1072 = mul nsw i64 %k0, 16
+  %1073 = mul nsw i64 %kb.p, 65536
+  %panel.off97 = add nsw i64 %1073, %1072
+  %1074 = getelementptr inbounds i16, ptr %panels, i64 %panel.off97
+  %pf.on98 = and i1 %pf.on, %pf.next
+  %1075 = mul nsw i64 %rb, 8192
+  %1076 = lshr i64 %1075, %25
+  %1077 = add nsw i64 %pf.step, %1076
+  %1078 = getelementptr inbounds i8, ptr %1074, i64 %1077
+  %pf99 = select i1 %pf.on98, ptr %1078, ptr %1074
+  %pf.sh100 = select i1 %pf.on98, i64 %25, i64 0
+  br label %k.head101
+
+k.head101:                                        ; preds = %pf.any.end106, %tile.mr4
+  %k104 = phi i64 [ 0, %tile.mr4 ], [ %1123, %pf.any.end106 ]
+  %1079 = icmp slt i64 %k104, 256
+  br i1 %1079, label %k.body102, label %k.end103
+
+k.body102:                                        ; preds = %k.head101
+  %1080 = mul nsw i64 %k104, 1
+  %1081 = add nsw i64 %1080, 0
+  %1082 = mul nsw i64 %1081, 32
+  br i1 %pf.multi, label %pf.any.then105, label %pf.any.end106
+
+pf.any.then105:                                   ; preds = %k.body102
+  %1083 = lshr i64 %1082, %pf.sh100
+  %1084 = getelementptr inbounds i8, ptr %pf99, i64 %1083
+  call void @llvm.prefetch.p0(ptr %1084, i32 0, i32 2, i32 1)
+  br label %pf.any.end106
+
+pf.any.end106:                                    ; preds = %pf.any.then105, %k.body102
+  %1085 = mul nsw i64 %1081, 16
+  %1086 = add nsw i64 %panel.off97, %1085
+  %1087 = getelementptr inbounds i16, ptr %panels, i64 %1086
+  %1088 = load <8 x i32>, ptr %1087, align 4
+  %1089 = shl <8 x i32> %1088, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0107 = bitcast <8 x i32> %1089 to <8 x float>
+  %1090 = and <8 x i32> %1088, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1108 = bitcast <8 x i32> %1090 to <8 x float>
+  %1091 = getelementptr inbounds float, ptr %978, i64 %1081
+  %1092 = load float, ptr %1091, align 4
+  %1093 = insertelement <8 x float> poison, float %1092, i32 0
+  %1094 = shufflevector <8 x float> %1093, <8 x float> poison, <8 x i32> zeroinitializer
+  %1095 = load <8 x float>, ptr %acc00089, align 4
+  %1096 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1094, <8 x float> %b0107, <8 x float> %1095)
+  store <8 x float> %1096, ptr %acc00089, align 4
+  %1097 = load <8 x float>, ptr %acc00190, align 4
+  %1098 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1094, <8 x float> %b1108, <8 x float> %1097)
+  store <8 x float> %1098, ptr %acc00190, align 4
+  %1099 = getelementptr inbounds float, ptr %1003, i64 %1081
+  %1100 = load float, ptr %1099, align 4
+  %1101 = insertelement <8 x float> poison, float %1100, i32 0
+  %1102 = shufflevector <8 x float> %1101, <8 x float> poison, <8 x i32> zeroinitializer
+  %1103 = load <8 x float>, ptr %acc01091, align 4
+  %1104 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1102, <8 x float> %b0107, <8 x float> %1103)
+  store <8 x float> %1104, ptr %acc01091, align 4
+  %1105 = load <8 x float>, ptr %acc01192, align 4
+  %1106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1102, <8 x float> %b1108, <8 x float> %1105)
+  store <8 x float> %1106, ptr %acc01192, align 4
+  %1107 = getelementptr inbounds float, ptr %1028, i64 %1081
+  %1108 = load float, ptr %1107, align 4
+  %1109 = insertelement <8 x float> poison, float %1108, i32 0
+  %1110 = shufflevector <8 x float> %1109, <8 x float> poison, <8 x i32> zeroinitializer
+  %1111 = load <8 x float>, ptr %acc02093, align 4
+  %1112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1110, <8 x float> %b0107, <8 x float> %1111)
+  store <8 x float> %1112, ptr %acc02093, align 4
+  %1113 = load <8 x float>, ptr %acc02194, align 4
+  %1114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1110, <8 x float> %b1108, <8 x float> %1113)
+  store <8 x float> %1114, ptr %acc02194, align 4
+  %1115 = getelementptr inbounds float, ptr %1053, i64 %1081
+  %1116 = load float, ptr %1115, align 4
+  %1117 = insertelement <8 x float> poison, float %1116, i32 0
+  %1118 = shufflevector <8 x float> %1117, <8 x float> poison, <8 x i32> zeroinitializer
+  %1119 = load <8 x float>, ptr %acc03095, align 4
+  %1120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1118, <8 x float> %b0107, <8 x float> %1119)
+  store <8 x float> %1120, ptr %acc03095, align 4
+  %1121 = load <8 x float>, ptr %acc03196, align 4
+  %1122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1118, <8 x float> %b1108, <8 x float> %1121)
+  store <8 x float> %1122, ptr %acc03196, align 4
+  %1123 = add nsw i64 %k104, 1
+  br label %k.head101
+
+k.end103:                                         ; preds = %k.head101
+  %1124 = xor i1 %klast, true
+  br i1 %1124, label %part.then109, label %part.end110
+
+part.then109:                                     ; preds = %k.end103
+  %1125 = add nsw i64 %r01, 0
+  %1126 = sub nsw i64 %kb.p, %kb.pg
+  %1127 = sub nsw i64 %1125, %kb.rc
+  %1128 = mul nsw i64 %1127, 16
+  %1129 = add nsw i64 %1128, %1126
+  %1130 = mul nsw i64 %1129, 16
+  %1131 = getelementptr inbounds float, ptr %part, i64 %1130
+  %1132 = getelementptr inbounds float, ptr %1131, i64 0
+  %1133 = load <8 x float>, ptr %acc00089, align 4
+  store <8 x float> %1133, ptr %1132, align 4
+  %1134 = sub nsw i64 %kb.p, %kb.pg
+  %1135 = sub nsw i64 %1125, %kb.rc
+  %1136 = mul nsw i64 %1135, 16
+  %1137 = add nsw i64 %1136, %1134
+  %1138 = mul nsw i64 %1137, 16
+  %1139 = getelementptr inbounds float, ptr %part, i64 %1138
+  %1140 = getelementptr inbounds float, ptr %1139, i64 8
+  %1141 = load <8 x float>, ptr %acc00190, align 4
+  store <8 x float> %1141, ptr %1140, align 4
+  %1142 = add nsw i64 %r01, 1
+  %1143 = sub nsw i64 %kb.p, %kb.pg
+  %1144 = sub nsw i64 %1142, %kb.rc
+  %1145 = mul nsw i64 %1144, 16
+  %1146 = add nsw i64 %1145, %1143
+  %1147 = mul nsw i64 %1146, 16
+  %1148 = getelementptr inbounds float, ptr %part, i64 %1147
+  %1149 = getelementptr inbounds float, ptr %1148, i64 0
+  %1150 = load <8 x float>, ptr %acc01091, align 4
+  store <8 x float> %1150, ptr %1149, align 4
+  %1151 = sub nsw i64 %kb.p, %kb.pg
+  %1152 = sub nsw i64 %1142, %kb.rc
+  %1153 = mul nsw i64 %1152, 16
+  %1154 = add nsw i64 %1153, %1151
+  %1155 = mul nsw i64 %1154, 16
+  %1156 = getelementptr inbounds float, ptr %part, i64 %1155
+  %1157 = getelementptr inbounds float, ptr %1156, i64 8
+  %1158 = load <8 x float>, ptr %acc01192, align 4
+  store <8 x float> %1158, ptr %1157, align 4
+  %1159 = add nsw i64 %r01, 2
+  %1160 = sub nsw i64 %kb.p, %kb.pg
+  %1161 = sub nsw i64 %1159, %kb.rc
+  %1162 = mul nsw i64 %1161, 16
+  %1163 = add nsw i64 %1162, %1160
+  %1164 = mul nsw i64 %1163, 16
+  %1165 = getelementptr inbounds float, ptr %part, i64 %1164
+  %1166 = getelementptr inbounds float, ptr %1165, i64 0
+  %1167 = load <8 x float>, ptr %acc02093, align 4
+  store <8 x float> %1167, ptr %1166, align 4
+  %1168 = sub nsw i64 %kb.p, %kb.pg
+  %1169 = sub nsw i64 %1159, %kb.rc
+  %1170 = mul nsw i64 %1169, 16
+  %1171 = add nsw i64 %1170, %1168
+  %1172 = mul nsw i64 %1171, 16
+  %1173 = getelementptr inbounds float, ptr %part, i64 %1172
+  %1174 = getelementptr inbounds float, ptr %1173, i64 8
+  %1175 = load <8 x float>, ptr %acc02194, align 4
+  store <8 x float> %1175, ptr %1174, align 4
+  %1176 = add nsw i64 %r01, 3
+  %1177 = sub nsw i64 %kb.p, %kb.pg
+  %1178 = sub nsw i64 %1176, %kb.rc
+  %1179 = mul nsw i64 %1178, 16
+  %1180 = add nsw i64 %1179, %1177
+  %1181 = mul nsw i64 %1180, 16
+  %1182 = getelementptr inbounds float, ptr %part, i64 %1181
+  %1183 = getelementptr inbounds float, ptr %1182, i64 0
+  %1184 = load <8 x float>, ptr %acc03095, align 4
+  store <8 x float> %1184, ptr %1183, align 4
+  %1185 = sub nsw i64 %kb.p, %kb.pg
+  %1186 = sub nsw i64 %1176, %kb.rc
+  %1187 = mul nsw i64 %1186, 16
+  %1188 = add nsw i64 %1187, %1185
+  %1189 = mul nsw i64 %1188, 16
+  %1190 = getelementptr inbounds float, ptr %part, i64 %1189
+  %1191 = getelementptr inbounds float, ptr %1190, i64 8
+  %1192 = load <8 x float>, ptr %acc03196, align 4
+  store <8 x float> %1192, ptr %1191, align 4
+  br label %part.end110
+
+part.end110:                                      ; preds = %part.then109, %k.end103
+  br i1 %klast, label %last.then111, label %last.end112
+
+last.then111:                                     ; preds = %part.end110
+  %1193 = add nsw i64 %r01, 0
+  %1194 = getelementptr inbounds float, ptr %rw, i64 %1193
+  %1195 = load float, ptr %1194, align 4
+  %1196 = insertelement <8 x float> poison, float %1195, i32 0
+  %1197 = shufflevector <8 x float> %1196, <8 x float> poison, <8 x i32> zeroinitializer
+  %1198 = mul nsw i64 %1193, 6400
+  %1199 = getelementptr inbounds float, ptr %h, i64 %1198
+  %col113 = mul nsw i64 %kb.p, 8
+  %1200 = load <8 x float>, ptr %acc00089, align 4
+  %1201 = load <8 x float>, ptr %acc00190, align 4
+  %1202 = fneg <8 x float> %1200
+  %1203 = fcmp olt <8 x float> %1202, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1204 = select <8 x i1> %1203, <8 x float> %1202, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1205 = fcmp ogt <8 x float> %1204, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1206 = select <8 x i1> %1205, <8 x float> %1204, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1207 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1206, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1208 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1207)
+  %1209 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1208, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1206)
+  %1210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1208, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1209)
+  %1211 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1210, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1211, <8 x float> %1210, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1212, <8 x float> %1210, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1214 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1213, <8 x float> %1210, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1215 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1214, <8 x float> %1210, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1216 = fmul <8 x float> %1210, %1210
+  %1217 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1215, <8 x float> %1216, <8 x float> %1210)
+  %1218 = fadd <8 x float> %1217, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1219 = fptosi <8 x float> %1208 to <8 x i32>
+  %1220 = add <8 x i32> %1219, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1221 = shl <8 x i32> %1220, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n114 = bitcast <8 x i32> %1221 to <8 x float>
+  %exp115 = fmul <8 x float> %1218, %exp.2n114
+  %1222 = fadd <8 x float> %exp115, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid116 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1222
+  %silu117 = fmul <8 x float> %1200, %sigmoid116
+  %glu118 = fmul <8 x float> %silu117, %1201
+  %1223 = fmul <8 x float> %glu118, %1197
+  %1224 = getelementptr inbounds float, ptr %1199, i64 %col113
+  store <8 x float> %1223, ptr %1224, align 4
+  %1225 = add nsw i64 %r01, 1
+  %1226 = getelementptr inbounds float, ptr %rw, i64 %1225
+  %1227 = load float, ptr %1226, align 4
+  %1228 = insertelement <8 x float> poison, float %1227, i32 0
+  %1229 = shufflevector <8 x float> %1228, <8 x float> poison, <8 x i32> zeroinitializer
+  %1230 = mul nsw i64 %1225, 6400
+  %1231 = getelementptr inbounds float, ptr %h, i64 %1230
+  %col119 = mul nsw i64 %kb.p, 8
+  %1232 = load <8 x float>, ptr %acc01091, align 4
+  %1233 = load <8 x float>, ptr %acc01192, align 4
+  %1234 = fneg <8 x float> %1232
+  %1235 = fcmp olt <8 x float> %1234, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1236 = select <8 x i1> %1235, <8 x float> %1234, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1237 = fcmp ogt <8 x float> %1236, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1238 = select <8 x i1> %1237, <8 x float> %1236, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1238, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1240 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1239)
+  %1241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1240, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1238)
+  %1242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1240, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1241)
+  %1243 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1242, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1243, <8 x float> %1242, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1244, <8 x float> %1242, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1245, <8 x float> %1242, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1246, <8 x float> %1242, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1248 = fmul <8 x float> %1242, %1242
+  %1249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1247, <8 x float> %1248, <8 x float> %1242)
+  %1250 = fadd <8 x float> %1249, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1251 = fptosi <8 x float> %1240 to <8 x i32>
+  %1252 = add <8 x i32> %1251, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1253 = shl <8 x i32> %1252, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n120 = bitcast <8 x i32> %1253 to <8 x float>
+  %exp121 = fmul <8 x float> %1250, %exp.2n120
+  %1254 = fadd <8 x float> %exp121, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid122 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1254
+  %silu123 = fmul <8 x float> %1232, %sigmoid122
+  %glu124 = fmul <8 x float> %silu123, %1233
+  %1255 = fmul <8 x float> %glu124, %1229
+  %1256 = getelementptr inbounds float, ptr %1231, i64 %col119
+  store <8 x float> %1255, ptr %1256, align 4
+  %1257 = add nsw i64 %r01, 2
+  %1258 = getelementptr inbounds float, ptr %rw, i64 %1257
+  %1259 = load float, ptr %1258, align 4
+  %1260 = insertelement <8 x float> poison, float %1259, i32 0
+  %1261 = shufflevector <8 x float> %1260, <8 x float> poison, <8 x i32> zeroinitializer
+  %1262 = mul nsw i64 %1257, 6400
+  %1263 = getelementptr inbounds float, ptr %h, i64 %1262
+  %col125 = mul nsw i64 %kb.p, 8
+  %1264 = load <8 x float>, ptr %acc02093, align 4
+  %1265 = load <8 x float>, ptr %acc02194, align 4
+  %1266 = fneg <8 x float> %1264
+  %1267 = fcmp olt <8 x float> %1266, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1268 = select <8 x i1> %1267, <8 x float> %1266, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1269 = fcmp ogt <8 x float> %1268, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1270 = select <8 x i1> %1269, <8 x float> %1268, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1270, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1272 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1271)
+  %1273 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1272, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1270)
+  %1274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1272, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1273)
+  %1275 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1274, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1275, <8 x float> %1274, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1276, <8 x float> %1274, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1277, <8 x float> %1274, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1278, <8 x float> %1274, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1280 = fmul <8 x float> %1274, %1274
+  %1281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1279, <8 x float> %1280, <8 x float> %1274)
+  %1282 = fadd <8 x float> %1281, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1283 = fptosi <8 x float> %1272 to <8 x i32>
+  %1284 = add <8 x i32> %1283, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1285 = shl <8 x i32> %1284, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n126 = bitcast <8 x i32> %1285 to <8 x float>
+  %exp127 = fmul <8 x float> %1282, %exp.2n126
+  %1286 = fadd <8 x float> %exp127, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid128 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1286
+  %silu129 = fmul <8 x float> %1264, %sigmoid128
+  %glu130 = fmul <8 x float> %silu129, %1265
+  %1287 = fmul <8 x float> %glu130, %1261
+  %1288 = getelementptr inbounds float, ptr %1263, i64 %col125
+  store <8 x float> %1287, ptr %1288, align 4
+  %1289 = add nsw i64 %r01, 3
+  %1290 = getelementptr inbounds float, ptr %rw, i64 %1289
+  %1291 = load float, ptr %1290, align 4
+  %1292 = insertelement <8 x float> poison, float %1291, i32 0
+  %1293 = shufflevector <8 x float> %1292, <8 x float> poison, <8 x i32> zeroinitializer
+  %1294 = mul nsw i64 %1289, 6400
+  %1295 = getelementptr inbounds float, ptr %h, i64 %1294
+  %col131 = mul nsw i64 %kb.p, 8
+  %1296 = load <8 x float>, ptr %acc03095, align 4
+  %1297 = load <8 x float>, ptr %acc03196, align 4
+  %1298 = fneg <8 x float> %1296
+  %1299 = fcmp olt <8 x float> %1298, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1300 = select <8 x i1> %1299, <8 x float> %1298, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1301 = fcmp ogt <8 x float> %1300, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1302 = select <8 x i1> %1301, <8 x float> %1300, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1303 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1302, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1304 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1303)
+  %1305 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1304, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1302)
+  %1306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1304, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1305)
+  %1307 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1306, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1308 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1307, <8 x float> %1306, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1309 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1308, <8 x float> %1306, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1310 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1309, <8 x float> %1306, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1311 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1310, <8 x float> %1306, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1312 = fmul <8 x float> %1306, %1306
+  %1313 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1311, <8 x float> %1312, <8 x float> %1306)
+  %1314 = fadd <8 x float> %1313, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1315 = fptosi <8 x float> %1304 to <8 x i32>
+  %1316 = add <8 x i32> %1315, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1317 = shl <8 x i32> %1316, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n132 = bitcast <8 x i32> %1317 to <8 x float>
+  %exp133 = fmul <8 x float> %1314, %exp.2n132
+  %1318 = fadd <8 x float> %exp133, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid134 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1318
+  %silu135 = fmul <8 x float> %1296, %sigmoid134
+  %glu136 = fmul <8 x float> %silu135, %1297
+  %1319 = fmul <8 x float> %glu136, %1293
+  %1320 = getelementptr inbounds float, ptr %1295, i64 %col131
+  store <8 x float> %1319, ptr %1320, align 4
+  br label %last.end112
+
+last.end112:                                      ; preds = %last.then111, %part.end110
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
-  %764 = add nsw i64 %r0, 0
-  %765 = getelementptr inbounds i32, ptr %rows, i64 %764
-  %766 = load i32, ptr %765, align 4
-  %767 = sext i32 %766 to i64
-  %768 = mul nsw i64 %767, 4096
-  %769 = getelementptr inbounds float, ptr %x, i64 %768
-  store <8 x float> zeroinitializer, ptr %acc000128, align 4
-  store <8 x float> zeroinitializer, ptr %acc001129, align 4
-  %770 = add nsw i64 %r0, 1
-  %771 = getelementptr inbounds i32, ptr %rows, i64 %770
-  %772 = load i32, ptr %771, align 4
-  %773 = sext i32 %772 to i64
-  %774 = mul nsw i64 %773, 4096
-  %775 = getelementptr inbounds float, ptr %x, i64 %774
-  store <8 x float> zeroinitializer, ptr %acc010130, align 4
-  store <8 x float> zeroinitializer, ptr %acc011131, align 4
-  %776 = add nsw i64 %r0, 2
-  %777 = getelementptr inbounds i32, ptr %rows, i64 %776
-  %778 = load i32, ptr %777, align 4
-  %779 = sext i32 %778 to i64
-  %780 = mul nsw i64 %779, 4096
-  %781 = getelementptr inbounds float, ptr %x, i64 %780
-  store <8 x float> zeroinitializer, ptr %acc020132, align 4
-  store <8 x float> zeroinitializer, ptr %acc021133, align 4
-  %panel.off134 = mul nsw i64 %p, 65536
-  %782 = getelementptr inbounds i16, ptr %panels, i64 %panel.off134
-  %783 = add nsw i64 %p, 1
-  %784 = icmp slt i64 %783, %p1
-  %pf.on135 = and i1 %pf.on, %784
-  %785 = mul nsw i64 %rb, 131072
-  %786 = lshr i64 %785, %11
-  %787 = add nsw i64 131072, %786
-  %788 = getelementptr inbounds i8, ptr %782, i64 %787
-  %pf136 = select i1 %pf.on135, ptr %788, ptr %782
-  %pf.sh137 = select i1 %pf.on135, i64 %11, i64 0
-  br label %k.head138
+  %1321 = add nsw i64 %r01, 0
+  %1322 = getelementptr inbounds i32, ptr %rows, i64 %1321
+  %1323 = load i32, ptr %1322, align 4
+  %1324 = sext i32 %1323 to i64
+  %1325 = mul nsw i64 %1324, 4096
+  %1326 = add nsw i64 %1325, %k0
+  %1327 = getelementptr inbounds float, ptr %x, i64 %1326
+  %1328 = sub nsw i64 %kb.p, %kb.pg
+  %1329 = sub nsw i64 %1321, %kb.rc
+  %1330 = mul nsw i64 %1329, 16
+  %1331 = add nsw i64 %1330, %1328
+  %1332 = mul nsw i64 %1331, 16
+  %1333 = getelementptr inbounds float, ptr %part, i64 %1332
+  %1334 = getelementptr inbounds float, ptr %1333, i64 0
+  %1335 = load <8 x float>, ptr %1334, align 4
+  %1336 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1335
+  store <8 x float> %1336, ptr %acc000137, align 4
+  %1337 = sub nsw i64 %kb.p, %kb.pg
+  %1338 = sub nsw i64 %1321, %kb.rc
+  %1339 = mul nsw i64 %1338, 16
+  %1340 = add nsw i64 %1339, %1337
+  %1341 = mul nsw i64 %1340, 16
+  %1342 = getelementptr inbounds float, ptr %part, i64 %1341
+  %1343 = getelementptr inbounds float, ptr %1342, i64 8
+  %1344 = load <8 x float>, ptr %1343, align 4
+  %1345 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1344
+  store <8 x float> %1345, ptr %acc001138, align 4
+  %1346 = add nsw i64 %r01, 1
+  %1347 = getelementptr inbounds i32, ptr %rows, i64 %1346
+  %1348 = load i32, ptr %1347, align 4
+  %1349 = sext i32 %1348 to i64
+  %1350 = mul nsw i64 %1349, 4096
+  %1351 = add nsw i64 %1350, %k0
+  %1352 = getelementptr inbounds float, ptr %x, i64 %1351
+  %1353 = sub nsw i64 %kb.p, %kb.pg
+  %1354 = sub nsw i64 %1346, %kb.rc
+  %1355 = mul nsw i64 %1354, 16
+  %1356 = add nsw i64 %1355, %1353
+  %1357 = mul nsw i64 %1356, 16
+  %1358 = getelementptr inbounds float, ptr %part, i64 %1357
+  %1359 = getelementptr inbounds float, ptr %1358, i64 0
+  %1360 = load <8 x float>, ptr %1359, align 4
+  %1361 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1360
+  store <8 x float> %1361, ptr %acc010139, align 4
+  %1362 = sub nsw i64 %kb.p, %kb.pg
+  %1363 = sub nsw i64 %1346, %kb.rc
+  %1364 = mul nsw i64 %1363, 16
+  %1365 = add nsw i64 %1364, %1362
+  %1366 = mul nsw i64 %1365, 16
+  %1367 = getelementptr inbounds float, ptr %part, i64 %1366
+  %1368 = getelementptr inbounds float, ptr %1367, i64 8
+  %1369 = load <8 x float>, ptr %1368, align 4
+  %1370 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1369
+  store <8 x float> %1370, ptr %acc011140, align 4
+  %1371 = add nsw i64 %r01, 2
+  %1372 = getelementptr inbounds i32, ptr %rows, i64 %1371
+  %1373 = load i32, ptr %1372, align 4
+  %1374 = sext i32 %1373 to i64
+  %1375 = mul nsw i64 %1374, 4096
+  %1376 = add nsw i64 %1375, %k0
+  %1377 = getelementptr inbounds float, ptr %x, i64 %1376
+  %1378 = sub nsw i64 %kb.p, %kb.pg
+  %1379 = sub nsw i64 %1371, %kb.rc
+  %1380 = mul nsw i64 %1379, 16
+  %1381 = add nsw i64 %1380, %1378
+  %1382 = mul nsw i64 %1381, 16
+  %1383 = getelementptr inbounds float, ptr %part, i64 %1382
+  %1384 = getelementptr inbounds float, ptr %1383, i64 0
+  %1385 = load <8 x float>, ptr %1384, align 4
+  %1386 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1385
+  store <8 x float> %1386, ptr %acc020141, align 4
+  %1387 = sub nsw i64 %kb.p, %kb.pg
+  %1388 = sub nsw i64 %1371, %kb.rc
+  %1389 = mul nsw i64 %1388, 16
+  %1390 = add nsw i64 %1389, %1387
+  %1391 = mul nsw i64 %1390, 16
+  %1392 = getelementptr inbounds float, ptr %part, i64 %1391
+  %1393 = getelementptr inbounds float, ptr %1392, i64 8
+  %1394 = load <8 x float>, ptr %1393, align 4
+  %1395 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1394
+  store <8 x float> %1395, ptr %acc021142, align 4
+  %1396 = mul nsw i64 %k0, 16
+  %1397 = mul nsw i64 %kb.p, 65536
+  %panel.off143 = add nsw i64 %1397, %1396
+  %1398 = getelementptr inbounds i16, ptr %panels, i64 %panel.off143
+  %pf.on144 = and i1 %pf.on, %pf.next
+  %1399 = mul nsw i64 %rb, 8192
+  %1400 = lshr i64 %1399, %25
+  %1401 = add nsw i64 %pf.step, %1400
+  %1402 = getelementptr inbounds i8, ptr %1398, i64 %1401
+  %pf145 = select i1 %pf.on144, ptr %1402, ptr %1398
+  %pf.sh146 = select i1 %pf.on144, i64 %25, i64 0
+  br label %k.head147
 
-k.head138:                                        ; preds = %pf.any.end143, %tile.mr3
-  %k141 = phi i64 [ 0, %tile.mr3 ], [ %825, %pf.any.end143 ]
-  %789 = icmp slt i64 %k141, 4096
-  br i1 %789, label %k.body139, label %k.end140
+k.head147:                                        ; preds = %pf.any.end152, %tile.mr3
+  %k150 = phi i64 [ 0, %tile.mr3 ], [ %1439, %pf.any.end152 ]
+  %1403 = icmp slt i64 %k150, 256
+  br i1 %1403, label %k.body148, label %k.end149
 
-k.body139:                                        ; preds = %k.head138
-  %790 = mul nsw i64 %k141, 1
-  %791 = add nsw i64 %790, 0
-  %792 = mul nsw i64 %791, 32
-  br i1 %pf.multi, label %pf.any.then142, label %pf.any.end143
+k.body148:                                        ; preds = %k.head147
+  %1404 = mul nsw i64 %k150, 1
+  %1405 = add nsw i64 %1404, 0
+  %1406 = mul nsw i64 %1405, 32
+  br i1 %pf.multi, label %pf.any.then151, label %pf.any.end152
 
-pf.any.then142:                                   ; preds = %k.body139
-  %793 = lshr i64 %792, %pf.sh137
-  %794 = getelementptr inbounds i8, ptr %pf136, i64 %793
-  call void @llvm.prefetch.p0(ptr %794, i32 0, i32 2, i32 1)
-  br label %pf.any.end143
+pf.any.then151:                                   ; preds = %k.body148
+  %1407 = lshr i64 %1406, %pf.sh146
+  %1408 = getelementptr inbounds i8, ptr %pf145, i64 %1407
+  call void @llvm.prefetch.p0(ptr %1408, i32 0, i32 2, i32 1)
+  br label %pf.any.end152
 
-pf.any.end143:                                    ; preds = %pf.any.then142, %k.body139
-  %795 = mul nsw i64 %791, 16
-  %796 = add nsw i64 %panel.off134, %795
-  %797 = getelementptr inbounds i16, ptr %panels, i64 %796
-  %798 = load <8 x i32>, ptr %797, align 4
-  %799 = shl <8 x i32> %798, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0144 = bitcast <8 x i32> %799 to <8 x float>
-  %800 = and <8 x i32> %798, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1145 = bitcast <8 x i32> %800 to <8 x float>
-  %801 = getelementptr inbounds float, ptr %769, i64 %791
-  %802 = load float, ptr %801, align 4
-  %803 = insertelement <8 x float> poison, float %802, i32 0
-  %804 = shufflevector <8 x float> %803, <8 x float> poison, <8 x i32> zeroinitializer
-  %805 = load <8 x float>, ptr %acc000128, align 4
-  %806 = call <8 x float> @llvm.fma.v8f32(<8 x float> %804, <8 x float> %b0144, <8 x float> %805)
-  store <8 x float> %806, ptr %acc000128, align 4
-  %807 = load <8 x float>, ptr %acc001129, align 4
-  %808 = call <8 x float> @llvm.fma.v8f32(<8 x float> %804, <8 x float> %b1145, <8 x float> %807)
-  store <8 x float> %808, ptr %acc001129, align 4
-  %809 = getelementptr inbounds float, ptr %775, i64 %791
-  %810 = load float, ptr %809, align 4
-  %811 = insertelement <8 x float> poison, float %810, i32 0
-  %812 = shufflevector <8 x float> %811, <8 x float> poison, <8 x i32> zeroinitializer
-  %813 = load <8 x float>, ptr %acc010130, align 4
-  %814 = call <8 x float> @llvm.fma.v8f32(<8 x float> %812, <8 x float> %b0144, <8 x float> %813)
-  store <8 x float> %814, ptr %acc010130, align 4
-  %815 = load <8 x float>, ptr %acc011131, align 4
-  %816 = call <8 x float> @llvm.fma.v8f32(<8 x float> %812, <8 x float> %b1145, <8 x float> %815)
-  store <8 x float> %816, ptr %acc011131, align 4
-  %817 = getelementptr inbounds float, ptr %781, i64 %791
-  %818 = load float, ptr %817, align 4
-  %819 = insertelement <8 x float> poison, float %818, i32 0
-  %820 = shufflevector <8 x float> %819, <8 x float> poison, <8 x i32> zeroinitializer
-  %821 = load <8 x float>, ptr %acc020132, align 4
-  %822 = call <8 x float> @llvm.fma.v8f32(<8 x float> %820, <8 x float> %b0144, <8 x float> %821)
-  store <8 x float> %822, ptr %acc020132, align 4
-  %823 = load <8 x float>, ptr %acc021133, align 4
-  %824 = call <8 x float> @llvm.fma.v8f32(<8 x float> %820, <8 x float> %b1145, <8 x float> %823)
-  store <8 x float> %824, ptr %acc021133, align 4
-  %825 = add nsw i64 %k141, 1
-  br label %k.head138
+pf.any.end152:                                    ; preds = %pf.any.then151, %k.body148
+  %1409 = mul nsw i64 %1405, 16
+  %1410 = add nsw i64 %panel.off143, %1409
+  %1411 = getelementptr inbounds i16, ptr %panels, i64 %1410
+  %1412 = load <8 x i32>, ptr %1411, align 4
+  %1413 = shl <8 x i32> %1412, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0153 = bitcast <8 x i32> %1413 to <8 x float>
+  %1414 = and <8 x i32> %1412, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1154 = bitcast <8 x i32> %1414 to <8 x float>
+  %1415 = getelementptr inbounds float, ptr %1327, i64 %1405
+  %1416 = load float, ptr %1415, align 4
+  %1417 = insertelement <8 x float> poison, float %1416, i32 0
+  %1418 = shufflevector <8 x float> %1417, <8 x float> poison, <8 x i32> zeroinitializer
+  %1419 = load <8 x float>, ptr %acc000137, align 4
+  %1420 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1418, <8 x float> %b0153, <8 x float> %1419)
+  store <8 x float> %1420, ptr %acc000137, align 4
+  %1421 = load <8 x float>, ptr %acc001138, align 4
+  %1422 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1418, <8 x float> %b1154, <8 x float> %1421)
+  store <8 x float> %1422, ptr %acc001138, align 4
+  %1423 = getelementptr inbounds float, ptr %1352, i64 %1405
+  %1424 = load float, ptr %1423, align 4
+  %1425 = insertelement <8 x float> poison, float %1424, i32 0
+  %1426 = shufflevector <8 x float> %1425, <8 x float> poison, <8 x i32> zeroinitializer
+  %1427 = load <8 x float>, ptr %acc010139, align 4
+  %1428 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1426, <8 x float> %b0153, <8 x float> %1427)
+  store <8 x float> %1428, ptr %acc010139, align 4
+  %1429 = load <8 x float>, ptr %acc011140, align 4
+  %1430 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1426, <8 x float> %b1154, <8 x float> %1429)
+  store <8 x float> %1430, ptr %acc011140, align 4
+  %1431 = getelementptr inbounds float, ptr %1377, i64 %1405
+  %1432 = load float, ptr %1431, align 4
+  %1433 = insertelement <8 x float> poison, float %1432, i32 0
+  %1434 = shufflevector <8 x float> %1433, <8 x float> poison, <8 x i32> zeroinitializer
+  %1435 = load <8 x float>, ptr %acc020141, align 4
+  %1436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1434, <8 x float> %b0153, <8 x float> %1435)
+  store <8 x float> %1436, ptr %acc020141, align 4
+  %1437 = load <8 x float>, ptr %acc021142, align 4
+  %1438 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1434, <8 x float> %b1154, <8 x float> %1437)
+  store <8 x float> %1438, ptr %acc021142, align 4
+  %1439 = add nsw i64 %k150, 1
+  br label %k.head147
 
-k.end140:                                         ; preds = %k.head138
-  %826 = add nsw i64 %r0, 0
-  %827 = getelementptr inbounds float, ptr %rw, i64 %826
-  %828 = load float, ptr %827, align 4
-  %829 = insertelement <8 x float> poison, float %828, i32 0
-  %830 = shufflevector <8 x float> %829, <8 x float> poison, <8 x i32> zeroinitializer
-  %831 = mul nsw i64 %826, 6400
-  %832 = getelementptr inbounds float, ptr %h, i64 %831
-  %col146 = mul nsw i64 %p, 8
-  %833 = load <8 x float>, ptr %acc000128, align 4
-  %834 = load <8 x float>, ptr %acc001129, align 4
-  %835 = fneg <8 x float> %833
-  %836 = fcmp olt <8 x float> %835, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %837 = select <8 x i1> %836, <8 x float> %835, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %838 = fcmp ogt <8 x float> %837, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %839 = select <8 x i1> %838, <8 x float> %837, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %840 = call <8 x float> @llvm.fma.v8f32(<8 x float> %839, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %841 = call <8 x float> @llvm.floor.v8f32(<8 x float> %840)
-  %842 = call <8 x float> @llvm.fma.v8f32(<8 x float> %841, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %839)
-  %843 = call <8 x float> @llvm.fma.v8f32(<8 x float> %841, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %842)
-  %844 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %843, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %845 = call <8 x float> @llvm.fma.v8f32(<8 x float> %844, <8 x float> %843, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %846 = call <8 x float> @llvm.fma.v8f32(<8 x float> %845, <8 x float> %843, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %847 = call <8 x float> @llvm.fma.v8f32(<8 x float> %846, <8 x float> %843, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %848 = call <8 x float> @llvm.fma.v8f32(<8 x float> %847, <8 x float> %843, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %849 = fmul <8 x float> %843, %843
-  %850 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> %849, <8 x float> %843)
-  %851 = fadd <8 x float> %850, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %852 = fptosi <8 x float> %841 to <8 x i32>
-  %853 = add <8 x i32> %852, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %854 = shl <8 x i32> %853, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n147 = bitcast <8 x i32> %854 to <8 x float>
-  %exp148 = fmul <8 x float> %851, %exp.2n147
-  %855 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %855
-  %silu150 = fmul <8 x float> %833, %sigmoid149
-  %glu151 = fmul <8 x float> %silu150, %834
-  %856 = fmul <8 x float> %glu151, %830
-  %857 = getelementptr inbounds float, ptr %832, i64 %col146
-  store <8 x float> %856, ptr %857, align 4
-  %858 = add nsw i64 %r0, 1
-  %859 = getelementptr inbounds float, ptr %rw, i64 %858
-  %860 = load float, ptr %859, align 4
-  %861 = insertelement <8 x float> poison, float %860, i32 0
-  %862 = shufflevector <8 x float> %861, <8 x float> poison, <8 x i32> zeroinitializer
-  %863 = mul nsw i64 %858, 6400
-  %864 = getelementptr inbounds float, ptr %h, i64 %863
-  %col152 = mul nsw i64 %p, 8
-  %865 = load <8 x float>, ptr %acc010130, align 4
-  %866 = load <8 x float>, ptr %acc011131, align 4
-  %867 = fneg <8 x float> %865
-  %868 = fcmp olt <8 x float> %867, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %869 = select <8 x i1> %868, <8 x float> %867, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %870 = fcmp ogt <8 x float> %869, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %871 = select <8 x i1> %870, <8 x float> %869, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %872 = call <8 x float> @llvm.fma.v8f32(<8 x float> %871, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %873 = call <8 x float> @llvm.floor.v8f32(<8 x float> %872)
-  %874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %873, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %871)
-  %875 = call <8 x float> @llvm.fma.v8f32(<8 x float> %873, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %874)
-  %876 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %875, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %877 = call <8 x float> @llvm.fma.v8f32(<8 x float> %876, <8 x float> %875, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %878 = call <8 x float> @llvm.fma.v8f32(<8 x float> %877, <8 x float> %875, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %879 = call <8 x float> @llvm.fma.v8f32(<8 x float> %878, <8 x float> %875, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %880 = call <8 x float> @llvm.fma.v8f32(<8 x float> %879, <8 x float> %875, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %881 = fmul <8 x float> %875, %875
-  %882 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> %881, <8 x float> %875)
-  %883 = fadd <8 x float> %882, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %884 = fptosi <8 x float> %873 to <8 x i32>
-  %885 = add <8 x i32> %884, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %886 = shl <8 x i32> %885, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n153 = bitcast <8 x i32> %886 to <8 x float>
-  %exp154 = fmul <8 x float> %883, %exp.2n153
-  %887 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %887
-  %silu156 = fmul <8 x float> %865, %sigmoid155
-  %glu157 = fmul <8 x float> %silu156, %866
-  %888 = fmul <8 x float> %glu157, %862
-  %889 = getelementptr inbounds float, ptr %864, i64 %col152
-  store <8 x float> %888, ptr %889, align 4
-  %890 = add nsw i64 %r0, 2
-  %891 = getelementptr inbounds float, ptr %rw, i64 %890
-  %892 = load float, ptr %891, align 4
-  %893 = insertelement <8 x float> poison, float %892, i32 0
-  %894 = shufflevector <8 x float> %893, <8 x float> poison, <8 x i32> zeroinitializer
-  %895 = mul nsw i64 %890, 6400
-  %896 = getelementptr inbounds float, ptr %h, i64 %895
-  %col158 = mul nsw i64 %p, 8
-  %897 = load <8 x float>, ptr %acc020132, align 4
-  %898 = load <8 x float>, ptr %acc021133, align 4
-  %899 = fneg <8 x float> %897
-  %900 = fcmp olt <8 x float> %899, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %901 = select <8 x i1> %900, <8 x float> %899, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %902 = fcmp ogt <8 x float> %901, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %903 = select <8 x i1> %902, <8 x float> %901, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %904 = call <8 x float> @llvm.fma.v8f32(<8 x float> %903, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %905 = call <8 x float> @llvm.floor.v8f32(<8 x float> %904)
-  %906 = call <8 x float> @llvm.fma.v8f32(<8 x float> %905, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %903)
-  %907 = call <8 x float> @llvm.fma.v8f32(<8 x float> %905, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %906)
-  %908 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %907, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %909 = call <8 x float> @llvm.fma.v8f32(<8 x float> %908, <8 x float> %907, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %910 = call <8 x float> @llvm.fma.v8f32(<8 x float> %909, <8 x float> %907, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %911 = call <8 x float> @llvm.fma.v8f32(<8 x float> %910, <8 x float> %907, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %912 = call <8 x float> @llvm.fma.v8f32(<8 x float> %911, <8 x float> %907, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %913 = fmul <8 x float> %907, %907
-  %914 = call <8 x float> @llvm.fma.v8f32(<8 x float> %912, <8 x float> %913, <8 x float> %907)
-  %915 = fadd <8 x float> %914, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %916 = fptosi <8 x float> %905 to <8 x i32>
-  %917 = add <8 x i32> %916, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %918 = shl <8 x i32> %917, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n159 = bitcast <8 x i32> %918 to <8 x float>
-  %exp160 = fmul <8 x float> %915, %exp.2n159
-  %919 = fadd <8 x float> %exp160, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid161 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %919
-  %silu162 = fmul <8 x float> %897, %sigmoid161
-  %glu163 = fmul <8 x float> %silu162, %898
-  %920 = fmul <8 x float> %glu163, %894
-  %921 = getelementptr inbounds float, ptr %896, i64 %col158
-  store <8 x float> %920, ptr %921, align 4
+k.end149:                                         ; preds = %k.head147
+  %1440 = xor i1 %klast, true
+  br i1 %1440, label %part.then155, label %part.end156
+
+part.then155:                                     ; preds = %k.end149
+  %1441 = add nsw i64 %r01, 0
+  %1442 = sub nsw i64 %kb.p, %kb.pg
+  %1443 = sub nsw i64 %1441, %kb.rc
+  %1444 = mul nsw i64 %1443, 16
+  %1445 = add nsw i64 %1444, %1442
+  %1446 = mul nsw i64 %1445, 16
+  %1447 = getelementptr inbounds float, ptr %part, i64 %1446
+  %1448 = getelementptr inbounds float, ptr %1447, i64 0
+  %1449 = load <8 x float>, ptr %acc000137, align 4
+  store <8 x float> %1449, ptr %1448, align 4
+  %1450 = sub nsw i64 %kb.p, %kb.pg
+  %1451 = sub nsw i64 %1441, %kb.rc
+  %1452 = mul nsw i64 %1451, 16
+  %1453 = add nsw i64 %1452, %1450
+  %1454 = mul nsw i64 %1453, 16
+  %1455 = getelementptr inbounds float, ptr %part, i64 %1454
+  %1456 = getelementptr inbounds float, ptr %1455, i64 8
+  %1457 = load <8 x float>, ptr %acc001138, align 4
+  store <8 x float> %1457, ptr %1456, align 4
+  %1458 = add nsw i64 %r01, 1
+  %1459 = sub nsw i64 %kb.p, %kb.pg
+  %1460 = sub nsw i64 %1458, %kb.rc
+  %1461 = mul nsw i64 %1460, 16
+  %1462 = add nsw i64 %1461, %1459
+  %1463 = mul nsw i64 %1462, 16
+  %1464 = getelementptr inbounds float, ptr %part, i64 %1463
+  %1465 = getelementptr inbounds float, ptr %1464, i64 0
+  %1466 = load <8 x float>, ptr %acc010139, align 4
+  store <8 x float> %1466, ptr %1465, align 4
+  %1467 = sub nsw i64 %kb.p, %kb.pg
+  %1468 = sub nsw i64 %1458, %kb.rc
+  %1469 = mul nsw i64 %1468, 16
+  %1470 = add nsw i64 %1469, %1467
+  %1471 = mul nsw i64 %1470, 16
+  %1472 = getelementptr inbounds float, ptr %part, i64 %1471
+  %1473 = getelementptr inbounds float, ptr %1472, i64 8
+  %1474 = load <8 x float>, ptr %acc011140, align 4
+  store <8 x float> %1474, ptr %1473, align 4
+  %1475 = add nsw i64 %r01, 2
+  %1476 = sub nsw i64 %kb.p, %kb.pg
+  %1477 = sub nsw i64 %1475, %kb.rc
+  %1478 = mul nsw i64 %1477, 16
+  %1479 = add nsw i64 %1478, %1476
+  %1480 = mul nsw i64 %1479, 16
+  %1481 = getelementptr inbounds float, ptr %part, i64 %1480
+  %1482 = getelementptr inbounds float, ptr %1481, i64 0
+  %1483 = load <8 x float>, ptr %acc020141, align 4
+  store <8 x float> %1483, ptr %1482, align 4
+  %1484 = sub nsw i64 %kb.p, %kb.pg
+  %1485 = sub nsw i64 %1475, %kb.rc
+  %1486 = mul nsw i64 %1485, 16
+  %1487 = add nsw i64 %1486, %1484
+  %1488 = mul nsw i64 %1487, 16
+  %1489 = getelementptr inbounds float, ptr %part, i64 %1488
+  %1490 = getelementptr inbounds float, ptr %1489, i64 8
+  %1491 = load <8 x float>, ptr %acc021142, align 4
+  store <8 x float> %1491, ptr %1490, align 4
+  br label %part.end156
+
+part.end156:                                      ; preds = %part.then155, %k.end149
+  br i1 %klast, label %last.then157, label %last.end158
+
+last.then157:                                     ; preds = %part.end156
+  %1492 = add nsw i64 %r01, 0
+  %1493 = getelementptr inbounds float, ptr %rw, i64 %1492
+  %1494 = load float, ptr %1493, align 4
+  %1495 = insertelement <8 x float> poison, float %1494, i32 0
+  %1496 = shufflevector <8 x float> %1495, <8 x float> poison, <8 x i32> zeroinitializer
+  %1497 = mul nsw i64 %1492, 6400
+  %1498 = getelementptr inbounds float, ptr %h, i64 %1497
+  %col159 = mul nsw i64 %kb.p, 8
+  %1499 = load <8 x float>, ptr %acc000137, align 4
+  %1500 = load <8 x float>, ptr %acc001138, align 4
+  %1501 = fneg <8 x float> %1499
+  %1502 = fcmp olt <8 x float> %1501, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1503 = select <8 x i1> %1502, <8 x float> %1501, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1504 = fcmp ogt <8 x float> %1503, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1505 = select <8 x i1> %1504, <8 x float> %1503, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1506 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1505, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1507 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1506)
+  %1508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1507, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1505)
+  %1509 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1507, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1508)
+  %1510 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1509, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1511 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1510, <8 x float> %1509, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1511, <8 x float> %1509, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1512, <8 x float> %1509, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1513, <8 x float> %1509, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1515 = fmul <8 x float> %1509, %1509
+  %1516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1514, <8 x float> %1515, <8 x float> %1509)
+  %1517 = fadd <8 x float> %1516, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1518 = fptosi <8 x float> %1507 to <8 x i32>
+  %1519 = add <8 x i32> %1518, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1520 = shl <8 x i32> %1519, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n160 = bitcast <8 x i32> %1520 to <8 x float>
+  %exp161 = fmul <8 x float> %1517, %exp.2n160
+  %1521 = fadd <8 x float> %exp161, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid162 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1521
+  %silu163 = fmul <8 x float> %1499, %sigmoid162
+  %glu164 = fmul <8 x float> %silu163, %1500
+  %1522 = fmul <8 x float> %glu164, %1496
+  %1523 = getelementptr inbounds float, ptr %1498, i64 %col159
+  store <8 x float> %1522, ptr %1523, align 4
+  %1524 = add nsw i64 %r01, 1
+  %1525 = getelementptr inbounds float, ptr %rw, i64 %1524
+  %1526 = load float, ptr %1525, align 4
+  %1527 = insertelement <8 x float> poison, float %1526, i32 0
+  %1528 = shufflevector <8 x float> %1527, <8 x float> poison, <8 x i32> zeroinitializer
+  %1529 = mul nsw i64 %1524, 6400
+  %1530 = getelementptr inbounds float, ptr %h, i64 %1529
+  %col165 = mul nsw i64 %kb.p, 8
+  %1531 = load <8 x float>, ptr %acc010139, align 4
+  %1532 = load <8 x float>, ptr %acc011140, align 4
+  %1533 = fneg <8 x float> %1531
+  %1534 = fcmp olt <8 x float> %1533, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1535 = select <8 x i1> %1534, <8 x float> %1533, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1536 = fcmp ogt <8 x float> %1535, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1537 = select <8 x i1> %1536, <8 x float> %1535, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1538 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1537, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1539 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1538)
+  %1540 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1539, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1537)
+  %1541 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1539, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1540)
+  %1542 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1541, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1542, <8 x float> %1541, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1543, <8 x float> %1541, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1544, <8 x float> %1541, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1545, <8 x float> %1541, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1547 = fmul <8 x float> %1541, %1541
+  %1548 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1546, <8 x float> %1547, <8 x float> %1541)
+  %1549 = fadd <8 x float> %1548, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1550 = fptosi <8 x float> %1539 to <8 x i32>
+  %1551 = add <8 x i32> %1550, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1552 = shl <8 x i32> %1551, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n166 = bitcast <8 x i32> %1552 to <8 x float>
+  %exp167 = fmul <8 x float> %1549, %exp.2n166
+  %1553 = fadd <8 x float> %exp167, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid168 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1553
+  %silu169 = fmul <8 x float> %1531, %sigmoid168
+  %glu170 = fmul <8 x float> %silu169, %1532
+  %1554 = fmul <8 x float> %glu170, %1528
+  %1555 = getelementptr inbounds float, ptr %1530, i64 %col165
+  store <8 x float> %1554, ptr %1555, align 4
+  %1556 = add nsw i64 %r01, 2
+  %1557 = getelementptr inbounds float, ptr %rw, i64 %1556
+  %1558 = load float, ptr %1557, align 4
+  %1559 = insertelement <8 x float> poison, float %1558, i32 0
+  %1560 = shufflevector <8 x float> %1559, <8 x float> poison, <8 x i32> zeroinitializer
+  %1561 = mul nsw i64 %1556, 6400
+  %1562 = getelementptr inbounds float, ptr %h, i64 %1561
+  %col171 = mul nsw i64 %kb.p, 8
+  %1563 = load <8 x float>, ptr %acc020141, align 4
+  %1564 = load <8 x float>, ptr %acc021142, align 4
+  %1565 = fneg <8 x float> %1563
+  %1566 = fcmp olt <8 x float> %1565, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1567 = select <8 x i1> %1566, <8 x float> %1565, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1568 = fcmp ogt <8 x float> %1567, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1569 = select <8 x i1> %1568, <8 x float> %1567, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1570 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1569, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1571 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1570)
+  %1572 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1571, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1569)
+  %1573 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1571, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1572)
+  %1574 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1573, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1575 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1574, <8 x float> %1573, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1576 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1575, <8 x float> %1573, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1576, <8 x float> %1573, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1577, <8 x float> %1573, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1579 = fmul <8 x float> %1573, %1573
+  %1580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1578, <8 x float> %1579, <8 x float> %1573)
+  %1581 = fadd <8 x float> %1580, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1582 = fptosi <8 x float> %1571 to <8 x i32>
+  %1583 = add <8 x i32> %1582, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1584 = shl <8 x i32> %1583, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n172 = bitcast <8 x i32> %1584 to <8 x float>
+  %exp173 = fmul <8 x float> %1581, %exp.2n172
+  %1585 = fadd <8 x float> %exp173, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid174 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1585
+  %silu175 = fmul <8 x float> %1563, %sigmoid174
+  %glu176 = fmul <8 x float> %silu175, %1564
+  %1586 = fmul <8 x float> %glu176, %1560
+  %1587 = getelementptr inbounds float, ptr %1562, i64 %col171
+  store <8 x float> %1586, ptr %1587, align 4
+  br label %last.end158
+
+last.end158:                                      ; preds = %last.then157, %part.end156
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
-  %922 = add nsw i64 %r0, 0
-  %923 = getelementptr inbounds i32, ptr %rows, i64 %922
-  %924 = load i32, ptr %923, align 4
-  %925 = sext i32 %924 to i64
-  %926 = mul nsw i64 %925, 4096
-  %927 = getelementptr inbounds float, ptr %x, i64 %926
-  store <8 x float> zeroinitializer, ptr %acc000164, align 4
-  store <8 x float> zeroinitializer, ptr %acc001165, align 4
-  %928 = add nsw i64 %r0, 1
-  %929 = getelementptr inbounds i32, ptr %rows, i64 %928
-  %930 = load i32, ptr %929, align 4
-  %931 = sext i32 %930 to i64
-  %932 = mul nsw i64 %931, 4096
-  %933 = getelementptr inbounds float, ptr %x, i64 %932
-  store <8 x float> zeroinitializer, ptr %acc010166, align 4
-  store <8 x float> zeroinitializer, ptr %acc011167, align 4
-  %panel.off168 = mul nsw i64 %p, 65536
-  %934 = getelementptr inbounds i16, ptr %panels, i64 %panel.off168
-  %935 = add nsw i64 %p, 1
-  %936 = icmp slt i64 %935, %p1
-  %pf.on169 = and i1 %pf.on, %936
-  %937 = mul nsw i64 %rb, 131072
-  %938 = lshr i64 %937, %11
-  %939 = add nsw i64 131072, %938
-  %940 = getelementptr inbounds i8, ptr %934, i64 %939
-  %pf170 = select i1 %pf.on169, ptr %940, ptr %934
-  %pf.sh171 = select i1 %pf.on169, i64 %11, i64 0
-  br label %k.head172
+  %1588 = add nsw i64 %r01, 0
+  %1589 = getelementptr inbounds i32, ptr %rows, i64 %1588
+  %1590 = load i32, ptr %1589, align 4
+  %1591 = sext i32 %1590 to i64
+  %1592 = mul nsw i64 %1591, 4096
+  %1593 = add nsw i64 %1592, %k0
+  %1594 = getelementptr inbounds float, ptr %x, i64 %1593
+  %1595 = sub nsw i64 %kb.p, %kb.pg
+  %1596 = sub nsw i64 %1588, %kb.rc
+  %1597 = mul nsw i64 %1596, 16
+  %1598 = add nsw i64 %1597, %1595
+  %1599 = mul nsw i64 %1598, 16
+  %1600 = getelementptr inbounds float, ptr %part, i64 %1599
+  %1601 = getelementptr inbounds float, ptr %1600, i64 0
+  %1602 = load <8 x float>, ptr %1601, align 4
+  %1603 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1602
+  store <8 x float> %1603, ptr %acc000177, align 4
+  %1604 = sub nsw i64 %kb.p, %kb.pg
+  %1605 = sub nsw i64 %1588, %kb.rc
+  %1606 = mul nsw i64 %1605, 16
+  %1607 = add nsw i64 %1606, %1604
+  %1608 = mul nsw i64 %1607, 16
+  %1609 = getelementptr inbounds float, ptr %part, i64 %1608
+  %1610 = getelementptr inbounds float, ptr %1609, i64 8
+  %1611 = load <8 x float>, ptr %1610, align 4
+  %1612 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1611
+  store <8 x float> %1612, ptr %acc001178, align 4
+  %1613 = add nsw i64 %r01, 1
+  %1614 = getelementptr inbounds i32, ptr %rows, i64 %1613
+  %1615 = load i32, ptr %1614, align 4
+  %1616 = sext i32 %1615 to i64
+  %1617 = mul nsw i64 %1616, 4096
+  %1618 = add nsw i64 %1617, %k0
+  %1619 = getelementptr inbounds float, ptr %x, i64 %1618
+  %1620 = sub nsw i64 %kb.p, %kb.pg
+  %1621 = sub nsw i64 %1613, %kb.rc
+  %1622 = mul nsw i64 %1621, 16
+  %1623 = add nsw i64 %1622, %1620
+  %1624 = mul nsw i64 %1623, 16
+  %1625 = getelementptr inbounds float, ptr %part, i64 %1624
+  %1626 = getelementptr inbounds float, ptr %1625, i64 0
+  %1627 = load <8 x float>, ptr %1626, align 4
+  %1628 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1627
+  store <8 x float> %1628, ptr %acc010179, align 4
+  %1629 = sub nsw i64 %kb.p, %kb.pg
+  %1630 = sub nsw i64 %1613, %kb.rc
+  %1631 = mul nsw i64 %1630, 16
+  %1632 = add nsw i64 %1631, %1629
+  %1633 = mul nsw i64 %1632, 16
+  %1634 = getelementptr inbounds float, ptr %part, i64 %1633
+  %1635 = getelementptr inbounds float, ptr %1634, i64 8
+  %1636 = load <8 x float>, ptr %1635, align 4
+  %1637 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1636
+  store <8 x float> %1637, ptr %acc011180, align 4
+  %1638 = mul nsw i64 %k0, 16
+  %1639 = mul nsw i64 %kb.p, 65536
+  %panel.off181 = add nsw i64 %1639, %1638
+  %1640 = getelementptr inbounds i16, ptr %panels, i64 %panel.off181
+  %pf.on182 = and i1 %pf.on, %pf.next
+  %1641 = mul nsw i64 %rb, 8192
+  %1642 = lshr i64 %1641, %25
+  %1643 = add nsw i64 %pf.step, %1642
+  %1644 = getelementptr inbounds i8, ptr %1640, i64 %1643
+  %pf183 = select i1 %pf.on182, ptr %1644, ptr %1640
+  %pf.sh184 = select i1 %pf.on182, i64 %25, i64 0
+  br label %k.head185
 
-k.head172:                                        ; preds = %pf.any.end177, %tile.mr2
-  %k175 = phi i64 [ 0, %tile.mr2 ], [ %969, %pf.any.end177 ]
-  %941 = icmp slt i64 %k175, 4096
-  br i1 %941, label %k.body173, label %k.end174
+k.head185:                                        ; preds = %pf.any.end190, %tile.mr2
+  %k188 = phi i64 [ 0, %tile.mr2 ], [ %1673, %pf.any.end190 ]
+  %1645 = icmp slt i64 %k188, 256
+  br i1 %1645, label %k.body186, label %k.end187
 
-k.body173:                                        ; preds = %k.head172
-  %942 = mul nsw i64 %k175, 1
-  %943 = add nsw i64 %942, 0
-  %944 = mul nsw i64 %943, 32
-  br i1 %pf.multi, label %pf.any.then176, label %pf.any.end177
+k.body186:                                        ; preds = %k.head185
+  %1646 = mul nsw i64 %k188, 1
+  %1647 = add nsw i64 %1646, 0
+  %1648 = mul nsw i64 %1647, 32
+  br i1 %pf.multi, label %pf.any.then189, label %pf.any.end190
 
-pf.any.then176:                                   ; preds = %k.body173
-  %945 = lshr i64 %944, %pf.sh171
-  %946 = getelementptr inbounds i8, ptr %pf170, i64 %945
-  call void @llvm.prefetch.p0(ptr %946, i32 0, i32 2, i32 1)
-  br label %pf.any.end177
+pf.any.then189:                                   ; preds = %k.body186
+  %1649 = lshr i64 %1648, %pf.sh184
+  %1650 = getelementptr inbounds i8, ptr %pf183, i64 %1649
+  call void @llvm.prefetch.p0(ptr %1650, i32 0, i32 2, i32 1)
+  br label %pf.any.end190
 
-pf.any.end177:                                    ; preds = %pf.any.then176, %k.body173
-  %947 = mul nsw i64 %943, 16
-  %948 = add nsw i64 %panel.off168, %947
-  %949 = getelementptr inbounds i16, ptr %panels, i64 %948
-  %950 = load <8 x i32>, ptr %949, align 4
-  %951 = shl <8 x i32> %950, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0178 = bitcast <8 x i32> %951 to <8 x float>
-  %952 = and <8 x i32> %950, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1179 = bitcast <8 x i32> %952 to <8 x float>
-  %953 = getelementptr inbounds float, ptr %927, i64 %943
-  %954 = load float, ptr %953, align 4
-  %955 = insertelement <8 x float> poison, float %954, i32 0
-  %956 = shufflevector <8 x float> %955, <8 x float> poison, <8 x i32> zeroinitializer
-  %957 = load <8 x float>, ptr %acc000164, align 4
-  %958 = call <8 x float> @llvm.fma.v8f32(<8 x float> %956, <8 x float> %b0178, <8 x float> %957)
-  store <8 x float> %958, ptr %acc000164, align 4
-  %959 = load <8 x float>, ptr %acc001165, align 4
-  %960 = call <8 x float> @llvm.fma.v8f32(<8 x float> %956, <8 x float> %b1179, <8 x float> %959)
-  store <8 x float> %960, ptr %acc001165, align 4
-  %961 = getelementptr inbounds float, ptr %933, i64 %943
-  %962 = load float, ptr %961, align 4
-  %963 = insertelement <8 x float> poison, float %962, i32 0
-  %964 = shufflevector <8 x float> %963, <8 x float> poison, <8 x i32> zeroinitializer
-  %965 = load <8 x float>, ptr %acc010166, align 4
-  %966 = call <8 x float> @llvm.fma.v8f32(<8 x float> %964, <8 x float> %b0178, <8 x float> %965)
-  store <8 x float> %966, ptr %acc010166, align 4
-  %967 = load <8 x float>, ptr %acc011167, align 4
-  %968 = call <8 x float> @llvm.fma.v8f32(<8 x float> %964, <8 x float> %b1179, <8 x float> %967)
-  store <8 x float> %968, ptr %acc011167, align 4
-  %969 = add nsw i64 %k175, 1
-  br label %k.head172
+pf.any.end190:                                    ; preds = %pf.any.then189, %k.body186
+  %1651 = mul nsw i64 %1647, 16
+  %1652 = add nsw i64 %panel.off181, %1651
+  %1653 = getelementptr inbounds i16, ptr %panels, i64 %1652
+  %1654 = load <8 x i32>, ptr %1653, align 4
+  %1655 = shl <8 x i32> %1654, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0191 = bitcast <8 x i32> %1655 to <8 x float>
+  %1656 = and <8 x i32> %1654, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1192 = bitcast <8 x i32> %1656 to <8 x float>
+  %1657 = getelementptr inbounds float, ptr %1594, i64 %1647
+  %1658 = load float, ptr %1657, align 4
+  %1659 = insertelement <8 x float> poison, float %1658, i32 0
+  %1660 = shufflevector <8 x float> %1659, <8 x float> poison, <8 x i32> zeroinitializer
+  %1661 = load <8 x float>, ptr %acc000177, align 4
+  %1662 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1660, <8 x float> %b0191, <8 x float> %1661)
+  store <8 x float> %1662, ptr %acc000177, align 4
+  %1663 = load <8 x float>, ptr %acc001178, align 4
+  %1664 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1660, <8 x float> %b1192, <8 x float> %1663)
+  store <8 x float> %1664, ptr %acc001178, align 4
+  %1665 = getelementptr inbounds float, ptr %1619, i64 %1647
+  %1666 = load float, ptr %1665, align 4
+  %1667 = insertelement <8 x float> poison, float %1666, i32 0
+  %1668 = shufflevector <8 x float> %1667, <8 x float> poison, <8 x i32> zeroinitializer
+  %1669 = load <8 x float>, ptr %acc010179, align 4
+  %1670 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1668, <8 x float> %b0191, <8 x float> %1669)
+  store <8 x float> %1670, ptr %acc010179, align 4
+  %1671 = load <8 x float>, ptr %acc011180, align 4
+  %1672 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1668, <8 x float> %b1192, <8 x float> %1671)
+  store <8 x float> %1672, ptr %acc011180, align 4
+  %1673 = add nsw i64 %k188, 1
+  br label %k.head185
 
-k.end174:                                         ; preds = %k.head172
-  %970 = add nsw i64 %r0, 0
-  %971 = getelementptr inbounds float, ptr %rw, i64 %970
-  %972 = load float, ptr %971, align 4
-  %973 = insertelement <8 x float> poison, float %972, i32 0
-  %974 = shufflevector <8 x float> %973, <8 x float> poison, <8 x i32> zeroinitializer
-  %975 = mul nsw i64 %970, 6400
-  %976 = getelementptr inbounds float, ptr %h, i64 %975
-  %col180 = mul nsw i64 %p, 8
-  %977 = load <8 x float>, ptr %acc000164, align 4
-  %978 = load <8 x float>, ptr %acc001165, align 4
-  %979 = fneg <8 x float> %977
-  %980 = fcmp olt <8 x float> %979, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %981 = select <8 x i1> %980, <8 x float> %979, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %982 = fcmp ogt <8 x float> %981, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %983 = select <8 x i1> %982, <8 x float> %981, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %984 = call <8 x float> @llvm.fma.v8f32(<8 x float> %983, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %985 = call <8 x float> @llvm.floor.v8f32(<8 x float> %984)
-  %986 = call <8 x float> @llvm.fma.v8f32(<8 x float> %985, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %983)
-  %987 = call <8 x float> @llvm.fma.v8f32(<8 x float> %985, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %986)
-  %988 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %987, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %989 = call <8 x float> @llvm.fma.v8f32(<8 x float> %988, <8 x float> %987, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %990 = call <8 x float> @llvm.fma.v8f32(<8 x float> %989, <8 x float> %987, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %991 = call <8 x float> @llvm.fma.v8f32(<8 x float> %990, <8 x float> %987, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %992 = call <8 x float> @llvm.fma.v8f32(<8 x float> %991, <8 x float> %987, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %993 = fmul <8 x float> %987, %987
-  %994 = call <8 x float> @llvm.fma.v8f32(<8 x float> %992, <8 x float> %993, <8 x float> %987)
-  %995 = fadd <8 x float> %994, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %996 = fptosi <8 x float> %985 to <8 x i32>
-  %997 = add <8 x i32> %996, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %998 = shl <8 x i32> %997, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n181 = bitcast <8 x i32> %998 to <8 x float>
-  %exp182 = fmul <8 x float> %995, %exp.2n181
-  %999 = fadd <8 x float> %exp182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid183 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %999
-  %silu184 = fmul <8 x float> %977, %sigmoid183
-  %glu185 = fmul <8 x float> %silu184, %978
-  %1000 = fmul <8 x float> %glu185, %974
-  %1001 = getelementptr inbounds float, ptr %976, i64 %col180
-  store <8 x float> %1000, ptr %1001, align 4
-  %1002 = add nsw i64 %r0, 1
-  %1003 = getelementptr inbounds float, ptr %rw, i64 %1002
-  %1004 = load float, ptr %1003, align 4
-  %1005 = insertelement <8 x float> poison, float %1004, i32 0
-  %1006 = shufflevector <8 x float> %1005, <8 x float> poison, <8 x i32> zeroinitializer
-  %1007 = mul nsw i64 %1002, 6400
-  %1008 = getelementptr inbounds float, ptr %h, i64 %1007
-  %col186 = mul nsw i64 %p, 8
-  %1009 = load <8 x float>, ptr %acc010166, align 4
-  %1010 = load <8 x float>, ptr %acc011167, align 4
-  %1011 = fneg <8 x float> %1009
-  %1012 = fcmp olt <8 x float> %1011, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1013 = select <8 x i1> %1012, <8 x float> %1011, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1014 = fcmp ogt <8 x float> %1013, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1015 = select <8 x i1> %1014, <8 x float> %1013, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1016 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1015, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1017 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1016)
-  %1018 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1017, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1015)
-  %1019 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1017, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1018)
-  %1020 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1019, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1021 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %1019, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1022 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1021, <8 x float> %1019, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1023 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1022, <8 x float> %1019, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1023, <8 x float> %1019, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1025 = fmul <8 x float> %1019, %1019
-  %1026 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1024, <8 x float> %1025, <8 x float> %1019)
-  %1027 = fadd <8 x float> %1026, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1028 = fptosi <8 x float> %1017 to <8 x i32>
-  %1029 = add <8 x i32> %1028, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1030 = shl <8 x i32> %1029, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n187 = bitcast <8 x i32> %1030 to <8 x float>
-  %exp188 = fmul <8 x float> %1027, %exp.2n187
-  %1031 = fadd <8 x float> %exp188, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid189 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1031
-  %silu190 = fmul <8 x float> %1009, %sigmoid189
-  %glu191 = fmul <8 x float> %silu190, %1010
-  %1032 = fmul <8 x float> %glu191, %1006
-  %1033 = getelementptr inbounds float, ptr %1008, i64 %col186
-  store <8 x float> %1032, ptr %1033, align 4
+k.end187:                                         ; preds = %k.head185
+  %1674 = xor i1 %klast, true
+  br i1 %1674, label %part.then193, label %part.end194
+
+part.then193:                                     ; preds = %k.end187
+  %1675 = add nsw i64 %r01, 0
+  %1676 = sub nsw i64 %kb.p, %kb.pg
+  %1677 = sub nsw i64 %1675, %kb.rc
+  %1678 = mul nsw i64 %1677, 16
+  %1679 = add nsw i64 %1678, %1676
+  %1680 = mul nsw i64 %1679, 16
+  %1681 = getelementptr inbounds float, ptr %part, i64 %1680
+  %1682 = getelementptr inbounds float, ptr %1681, i64 0
+  %1683 = load <8 x float>, ptr %acc000177, align 4
+  store <8 x float> %1683, ptr %1682, align 4
+  %1684 = sub nsw i64 %kb.p, %kb.pg
+  %1685 = sub nsw i64 %1675, %kb.rc
+  %1686 = mul nsw i64 %1685, 16
+  %1687 = add nsw i64 %1686, %1684
+  %1688 = mul nsw i64 %1687, 16
+  %1689 = getelementptr inbounds float, ptr %part, i64 %1688
+  %1690 = getelementptr inbounds float, ptr %1689, i64 8
+  %1691 = load <8 x float>, ptr %acc001178, align 4
+  store <8 x float> %1691, ptr %1690, align 4
+  %1692 = add nsw i64 %r01, 1
+  %1693 = sub nsw i64 %kb.p, %kb.pg
+  %1694 = sub nsw i64 %1692, %kb.rc
+  %1695 = mul nsw i64 %1694, 16
+  %1696 = add nsw i64 %1695, %1693
+  %1697 = mul nsw i64 %1696, 16
+  %1698 = getelementptr inbounds float, ptr %part, i64 %1697
+  %1699 = getelementptr inbounds float, ptr %1698, i64 0
+  %1700 = load <8 x float>, ptr %acc010179, align 4
+  store <8 x float> %1700, ptr %1699, align 4
+  %1701 = sub nsw i64 %kb.p, %kb.pg
+  %1702 = sub nsw i64 %1692, %kb.rc
+  %1703 = mul nsw i64 %1702, 16
+  %1704 = add nsw i64 %1703, %1701
+  %1705 = mul nsw i64 %1704, 16
+  %1706 = getelementptr inbounds float, ptr %part, i64 %1705
+  %1707 = getelementptr inbounds float, ptr %1706, i64 8
+  %1708 = load <8 x float>, ptr %acc011180, align 4
+  store <8 x float> %1708, ptr %1707, align 4
+  br label %part.end194
+
+part.end194:                                      ; preds = %part.then193, %k.end187
+  br i1 %klast, label %last.then195, label %last.end196
+
+last.then195:                                     ; preds = %part.end194
+  %1709 = add nsw i64 %r01, 0
+  %1710 = getelementptr inbounds float, ptr %rw, i64 %1709
+  %1711 = load float, ptr %1710, align 4
+  %1712 = insertelement <8 x float> poison, float %1711, i32 0
+  %1713 = shufflevector <8 x float> %1712, <8 x float> poison, <8 x i32> zeroinitializer
+  %1714 = mul nsw i64 %1709, 6400
+  %1715 = getelementptr inbounds float, ptr %h, i64 %1714
+  %col197 = mul nsw i64 %kb.p, 8
+  %1716 = load <8 x float>, ptr %acc000177, align 4
+  %1717 = load <8 x float>, ptr %acc001178, align 4
+  %1718 = fneg <8 x float> %1716
+  %1719 = fcmp olt <8 x float> %1718, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1720 = select <8 x i1> %1719, <8 x float> %1718, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1721 = fcmp ogt <8 x float> %1720, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1722 = select <8 x i1> %1721, <8 x float> %1720, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1723 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1722, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1724 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1723)
+  %1725 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1724, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1722)
+  %1726 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1724, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1725)
+  %1727 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1726, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1728 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1727, <8 x float> %1726, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1729 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1728, <8 x float> %1726, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1730 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1729, <8 x float> %1726, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1731 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1730, <8 x float> %1726, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1732 = fmul <8 x float> %1726, %1726
+  %1733 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1731, <8 x float> %1732, <8 x float> %1726)
+  %1734 = fadd <8 x float> %1733, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1735 = fptosi <8 x float> %1724 to <8 x i32>
+  %1736 = add <8 x i32> %1735, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1737 = shl <8 x i32> %1736, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n198 = bitcast <8 x i32> %1737 to <8 x float>
+  %exp199 = fmul <8 x float> %1734, %exp.2n198
+  %1738 = fadd <8 x float> %exp199, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid200 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1738
+  %silu201 = fmul <8 x float> %1716, %sigmoid200
+  %glu202 = fmul <8 x float> %silu201, %1717
+  %1739 = fmul <8 x float> %glu202, %1713
+  %1740 = getelementptr inbounds float, ptr %1715, i64 %col197
+  store <8 x float> %1739, ptr %1740, align 4
+  %1741 = add nsw i64 %r01, 1
+  %1742 = getelementptr inbounds float, ptr %rw, i64 %1741
+  %1743 = load float, ptr %1742, align 4
+  %1744 = insertelement <8 x float> poison, float %1743, i32 0
+  %1745 = shufflevector <8 x float> %1744, <8 x float> poison, <8 x i32> zeroinitializer
+  %1746 = mul nsw i64 %1741, 6400
+  %1747 = getelementptr inbounds float, ptr %h, i64 %1746
+  %col203 = mul nsw i64 %kb.p, 8
+  %1748 = load <8 x float>, ptr %acc010179, align 4
+  %1749 = load <8 x float>, ptr %acc011180, align 4
+  %1750 = fneg <8 x float> %1748
+  %1751 = fcmp olt <8 x float> %1750, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1752 = select <8 x i1> %1751, <8 x float> %1750, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1753 = fcmp ogt <8 x float> %1752, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1754 = select <8 x i1> %1753, <8 x float> %1752, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1755 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1754, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1756 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1755)
+  %1757 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1756, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1754)
+  %1758 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1756, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1757)
+  %1759 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1758, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1760 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1759, <8 x float> %1758, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1761 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1760, <8 x float> %1758, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1762 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1761, <8 x float> %1758, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1763 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1762, <8 x float> %1758, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1764 = fmul <8 x float> %1758, %1758
+  %1765 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1763, <8 x float> %1764, <8 x float> %1758)
+  %1766 = fadd <8 x float> %1765, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1767 = fptosi <8 x float> %1756 to <8 x i32>
+  %1768 = add <8 x i32> %1767, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1769 = shl <8 x i32> %1768, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n204 = bitcast <8 x i32> %1769 to <8 x float>
+  %exp205 = fmul <8 x float> %1766, %exp.2n204
+  %1770 = fadd <8 x float> %exp205, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid206 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1770
+  %silu207 = fmul <8 x float> %1748, %sigmoid206
+  %glu208 = fmul <8 x float> %silu207, %1749
+  %1771 = fmul <8 x float> %glu208, %1745
+  %1772 = getelementptr inbounds float, ptr %1747, i64 %col203
+  store <8 x float> %1771, ptr %1772, align 4
+  br label %last.end196
+
+last.end196:                                      ; preds = %last.then195, %part.end194
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
-  %1034 = add nsw i64 %r0, 0
-  %1035 = getelementptr inbounds i32, ptr %rows, i64 %1034
-  %1036 = load i32, ptr %1035, align 4
-  %1037 = sext i32 %1036 to i64
-  %1038 = mul nsw i64 %1037, 4096
-  %1039 = getelementptr inbounds float, ptr %x, i64 %1038
-  store <8 x float> zeroinitializer, ptr %acc000192, align 4
-  store <8 x float> zeroinitializer, ptr %acc001193, align 4
-  %panel.off194 = mul nsw i64 %p, 65536
-  %1040 = getelementptr inbounds i16, ptr %panels, i64 %panel.off194
-  %1041 = add nsw i64 %p, 1
-  %1042 = icmp slt i64 %1041, %p1
-  %pf.on195 = and i1 %pf.on, %1042
-  %1043 = mul nsw i64 %rb, 131072
-  %1044 = lshr i64 %1043, %11
-  %1045 = add nsw i64 131072, %1044
-  %1046 = getelementptr inbounds i8, ptr %1040, i64 %1045
-  %pf196 = select i1 %pf.on195, ptr %1046, ptr %1040
-  %pf.sh197 = select i1 %pf.on195, i64 %11, i64 0
-  br label %k.head198
+  %1773 = add nsw i64 %r01, 0
+  %1774 = getelementptr inbounds i32, ptr %rows, i64 %1773
+  %1775 = load i32, ptr %1774, align 4
+  %1776 = sext i32 %1775 to i64
+  %1777 = mul nsw i64 %1776, 4096
+  %1778 = add nsw i64 %1777, %k0
+  %1779 = getelementptr inbounds float, ptr %x, i64 %1778
+  %1780 = sub nsw i64 %kb.p, %kb.pg
+  %1781 = sub nsw i64 %1773, %kb.rc
+  %1782 = mul nsw i64 %1781, 16
+  %1783 = add nsw i64 %1782, %1780
+  %1784 = mul nsw i64 %1783, 16
+  %1785 = getelementptr inbounds float, ptr %part, i64 %1784
+  %1786 = getelementptr inbounds float, ptr %1785, i64 0
+  %1787 = load <8 x float>, ptr %1786, align 4
+  %1788 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1787
+  store <8 x float> %1788, ptr %acc000209, align 4
+  %1789 = sub nsw i64 %kb.p, %kb.pg
+  %1790 = sub nsw i64 %1773, %kb.rc
+  %1791 = mul nsw i64 %1790, 16
+  %1792 = add nsw i64 %1791, %1789
+  %1793 = mul nsw i64 %1792, 16
+  %1794 = getelementptr inbounds float, ptr %part, i64 %1793
+  %1795 = getelementptr inbounds float, ptr %1794, i64 8
+  %1796 = load <8 x float>, ptr %1795, align 4
+  %1797 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1796
+  store <8 x float> %1797, ptr %acc001210, align 4
+  %1798 = mul nsw i64 %k0, 16
+  %1799 = mul nsw i64 %kb.p, 65536
+  %panel.off211 = add nsw i64 %1799, %1798
+  %1800 = getelementptr inbounds i16, ptr %panels, i64 %panel.off211
+  %pf.on212 = and i1 %pf.on, %pf.next
+  %1801 = mul nsw i64 %rb, 8192
+  %1802 = lshr i64 %1801, %25
+  %1803 = add nsw i64 %pf.step, %1802
+  %1804 = getelementptr inbounds i8, ptr %1800, i64 %1803
+  %pf213 = select i1 %pf.on212, ptr %1804, ptr %1800
+  %pf.sh214 = select i1 %pf.on212, i64 %25, i64 0
+  br label %k.head215
 
-k.head198:                                        ; preds = %pf.any.end203, %tile.mr1
-  %k201 = phi i64 [ 0, %tile.mr1 ], [ %1067, %pf.any.end203 ]
-  %1047 = icmp slt i64 %k201, 4096
-  br i1 %1047, label %k.body199, label %k.end200
+k.head215:                                        ; preds = %pf.any.end220, %tile.mr1
+  %k218 = phi i64 [ 0, %tile.mr1 ], [ %1825, %pf.any.end220 ]
+  %1805 = icmp slt i64 %k218, 256
+  br i1 %1805, label %k.body216, label %k.end217
 
-k.body199:                                        ; preds = %k.head198
-  %1048 = mul nsw i64 %k201, 1
-  %1049 = add nsw i64 %1048, 0
-  %1050 = mul nsw i64 %1049, 32
-  br i1 %pf.multi, label %pf.any.then202, label %pf.any.end203
+k.body216:                                        ; preds = %k.head215
+  %1806 = mul nsw i64 %k218, 1
+  %1807 = add nsw i64 %1806, 0
+  %1808 = mul nsw i64 %1807, 32
+  br i1 %pf.multi, label %pf.any.then219, label %pf.any.end220
 
-pf.any.then202:                                   ; preds = %k.body199
-  %1051 = lshr i64 %1050, %pf.sh197
-  %1052 = getelementptr inbounds i8, ptr %pf196, i64 %1051
-  call void @llvm.prefetch.p0(ptr %1052, i32 0, i32 2, i32 1)
-  br label %pf.any.end203
+pf.any.then219:                                   ; preds = %k.body216
+  %1809 = lshr i64 %1808, %pf.sh214
+  %1810 = getelementptr inbounds i8, ptr %pf213, i64 %1809
+  call void @llvm.prefetch.p0(ptr %1810, i32 0, i32 2, i32 1)
+  br label %pf.any.end220
 
-pf.any.end203:                                    ; preds = %pf.any.then202, %k.body199
-  %1053 = mul nsw i64 %1049, 16
-  %1054 = add nsw i64 %panel.off194, %1053
-  %1055 = getelementptr inbounds i16, ptr %panels, i64 %1054
-  %1056 = load <8 x i32>, ptr %1055, align 4
-  %1057 = shl <8 x i32> %1056, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0204 = bitcast <8 x i32> %1057 to <8 x float>
-  %1058 = and <8 x i32> %1056, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1205 = bitcast <8 x i32> %1058 to <8 x float>
-  %1059 = getelementptr inbounds float, ptr %1039, i64 %1049
-  %1060 = load float, ptr %1059, align 4
-  %1061 = insertelement <8 x float> poison, float %1060, i32 0
-  %1062 = shufflevector <8 x float> %1061, <8 x float> poison, <8 x i32> zeroinitializer
-  %1063 = load <8 x float>, ptr %acc000192, align 4
-  %1064 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1062, <8 x float> %b0204, <8 x float> %1063)
-  store <8 x float> %1064, ptr %acc000192, align 4
-  %1065 = load <8 x float>, ptr %acc001193, align 4
-  %1066 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1062, <8 x float> %b1205, <8 x float> %1065)
-  store <8 x float> %1066, ptr %acc001193, align 4
-  %1067 = add nsw i64 %k201, 1
-  br label %k.head198
+pf.any.end220:                                    ; preds = %pf.any.then219, %k.body216
+  %1811 = mul nsw i64 %1807, 16
+  %1812 = add nsw i64 %panel.off211, %1811
+  %1813 = getelementptr inbounds i16, ptr %panels, i64 %1812
+  %1814 = load <8 x i32>, ptr %1813, align 4
+  %1815 = shl <8 x i32> %1814, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0221 = bitcast <8 x i32> %1815 to <8 x float>
+  %1816 = and <8 x i32> %1814, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1222 = bitcast <8 x i32> %1816 to <8 x float>
+  %1817 = getelementptr inbounds float, ptr %1779, i64 %1807
+  %1818 = load float, ptr %1817, align 4
+  %1819 = insertelement <8 x float> poison, float %1818, i32 0
+  %1820 = shufflevector <8 x float> %1819, <8 x float> poison, <8 x i32> zeroinitializer
+  %1821 = load <8 x float>, ptr %acc000209, align 4
+  %1822 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1820, <8 x float> %b0221, <8 x float> %1821)
+  store <8 x float> %1822, ptr %acc000209, align 4
+  %1823 = load <8 x float>, ptr %acc001210, align 4
+  %1824 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1820, <8 x float> %b1222, <8 x float> %1823)
+  store <8 x float> %1824, ptr %acc001210, align 4
+  %1825 = add nsw i64 %k218, 1
+  br label %k.head215
 
-k.end200:                                         ; preds = %k.head198
-  %1068 = add nsw i64 %r0, 0
-  %1069 = getelementptr inbounds float, ptr %rw, i64 %1068
-  %1070 = load float, ptr %1069, align 4
-  %1071 = insertelement <8 x float> poison, float %1070, i32 0
-  %1072 = shufflevector <8 x float> %1071, <8 x float> poison, <8 x i32> zeroinitializer
-  %1073 = mul nsw i64 %1068, 6400
-  %1074 = getelementptr inbounds float, ptr %h, i64 %1073
-  %col206 = mul nsw i64 %p, 8
-  %1075 = load <8 x float>, ptr %acc000192, align 4
-  %1076 = load <8 x float>, ptr %acc001193, align 4
-  %1077 = fneg <8 x float> %1075
-  %1078 = fcmp olt <8 x float> %1077, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1079 = select <8 x i1> %1078, <8 x float> %1077, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1080 = fcmp ogt <8 x float> %1079, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1081 = select <8 x i1> %1080, <8 x float> %1079, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1082 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1081, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1083 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1082)
-  %1084 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1083, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1081)
-  %1085 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1083, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1084)
-  %1086 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1085, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1087 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1086, <8 x float> %1085, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1088 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1087, <8 x float> %1085, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1089 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1088, <8 x float> %1085, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1090 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1089, <8 x float> %1085, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1091 = fmul <8 x float> %1085, %1085
-  %1092 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1090, <8 x float> %1091, <8 x float> %1085)
-  %1093 = fadd <8 x float> %1092, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1094 = fptosi <8 x float> %1083 to <8 x i32>
-  %1095 = add <8 x i32> %1094, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1096 = shl <8 x i32> %1095, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n207 = bitcast <8 x i32> %1096 to <8 x float>
-  %exp208 = fmul <8 x float> %1093, %exp.2n207
-  %1097 = fadd <8 x float> %exp208, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid209 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1097
-  %silu210 = fmul <8 x float> %1075, %sigmoid209
-  %glu211 = fmul <8 x float> %silu210, %1076
-  %1098 = fmul <8 x float> %glu211, %1072
-  %1099 = getelementptr inbounds float, ptr %1074, i64 %col206
-  store <8 x float> %1098, ptr %1099, align 4
+k.end217:                                         ; preds = %k.head215
+  %1826 = xor i1 %klast, true
+  br i1 %1826, label %part.then223, label %part.end224
+
+part.then223:                                     ; preds = %k.end217
+  %1827 = add nsw i64 %r01, 0
+  %1828 = sub nsw i64 %kb.p, %kb.pg
+  %1829 = sub nsw i64 %1827, %kb.rc
+  %1830 = mul nsw i64 %1829, 16
+  %1831 = add nsw i64 %1830, %1828
+  %1832 = mul nsw i64 %1831, 16
+  %1833 = getelementptr inbounds float, ptr %part, i64 %1832
+  %1834 = getelementptr inbounds float, ptr %1833, i64 0
+  %1835 = load <8 x float>, ptr %acc000209, align 4
+  store <8 x float> %1835, ptr %1834, align 4
+  %1836 = sub nsw i64 %kb.p, %kb.pg
+  %1837 = sub nsw i64 %1827, %kb.rc
+  %1838 = mul nsw i64 %1837, 16
+  %1839 = add nsw i64 %1838, %1836
+  %1840 = mul nsw i64 %1839, 16
+  %1841 = getelementptr inbounds float, ptr %part, i64 %1840
+  %1842 = getelementptr inbounds float, ptr %1841, i64 8
+  %1843 = load <8 x float>, ptr %acc001210, align 4
+  store <8 x float> %1843, ptr %1842, align 4
+  br label %part.end224
+
+part.end224:                                      ; preds = %part.then223, %k.end217
+  br i1 %klast, label %last.then225, label %last.end226
+
+last.then225:                                     ; preds = %part.end224
+  %1844 = add nsw i64 %r01, 0
+  %1845 = getelementptr inbounds float, ptr %rw, i64 %1844
+  %1846 = load float, ptr %1845, align 4
+  %1847 = insertelement <8 x float> poison, float %1846, i32 0
+  %1848 = shufflevector <8 x float> %1847, <8 x float> poison, <8 x i32> zeroinitializer
+  %1849 = mul nsw i64 %1844, 6400
+  %1850 = getelementptr inbounds float, ptr %h, i64 %1849
+  %col227 = mul nsw i64 %kb.p, 8
+  %1851 = load <8 x float>, ptr %acc000209, align 4
+  %1852 = load <8 x float>, ptr %acc001210, align 4
+  %1853 = fneg <8 x float> %1851
+  %1854 = fcmp olt <8 x float> %1853, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1855 = select <8 x i1> %1854, <8 x float> %1853, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1856 = fcmp ogt <8 x float> %1855, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1857 = select <8 x i1> %1856, <8 x float> %1855, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1858 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1857, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1859 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1858)
+  %1860 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1859, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1857)
+  %1861 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1859, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1860)
+  %1862 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1861, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1863 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1862, <8 x float> %1861, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1864 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1863, <8 x float> %1861, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1865 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1864, <8 x float> %1861, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1865, <8 x float> %1861, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1867 = fmul <8 x float> %1861, %1861
+  %1868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1866, <8 x float> %1867, <8 x float> %1861)
+  %1869 = fadd <8 x float> %1868, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1870 = fptosi <8 x float> %1859 to <8 x i32>
+  %1871 = add <8 x i32> %1870, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1872 = shl <8 x i32> %1871, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n228 = bitcast <8 x i32> %1872 to <8 x float>
+  %exp229 = fmul <8 x float> %1869, %exp.2n228
+  %1873 = fadd <8 x float> %exp229, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid230 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1873
+  %silu231 = fmul <8 x float> %1851, %sigmoid230
+  %glu232 = fmul <8 x float> %silu231, %1852
+  %1874 = fmul <8 x float> %glu232, %1848
+  %1875 = getelementptr inbounds float, ptr %1850, i64 %col227
+  store <8 x float> %1874, ptr %1875, align 4
+  br label %last.end226
+
+last.end226:                                      ; preds = %last.then225, %part.end224
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end200, %k.end174, %k.end140, %k.end98, %k.end48, %k.end
-  %1100 = add nsw i64 %rb, 1
+tile.done:                                        ; preds = %last.end226, %last.end196, %last.end158, %last.end112, %last.end58, %last.end
+  %1876 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %1101 = add nsw i64 %p, 1
+  %1877 = add nsw i64 %kb.p, 1
+  br label %kb.p.head
+
+kb.p.end:                                         ; preds = %kb.p.head
+  %1878 = add nsw i64 %kb.k, 1
+  br label %kb.k.head
+
+kb.k.end:                                         ; preds = %kb.k.head
+  %1879 = add nsw i64 %kb.pg, 16
+  br label %kb.pg.head
+
+kb.pg.end:                                        ; preds = %kb.pg.head
+  %1880 = add nsw i64 %kb.rc, 96
+  br label %kb.rc.head
+
+kb.rc.end:                                        ; preds = %kb.rc.head
+  br label %call.end
+
+flat:                                             ; preds = %start
+  br label %p.head
+
+p.head:                                           ; preds = %rb.end236, %flat
+  %p = phi i64 [ %p0, %flat ], [ %3009, %rb.end236 ]
+  %1881 = icmp slt i64 %p, %p1
+  br i1 %1881, label %p.body, label %p.end
+
+p.body:                                           ; preds = %p.head
+  %1882 = add nsw i64 %n, 5
+  %nrb233 = sdiv i64 %1882, 6
+  br label %rb.head234
+
+rb.head234:                                       ; preds = %tile.done241, %p.body
+  %rb237 = phi i64 [ 0, %p.body ], [ %3008, %tile.done241 ]
+  %1883 = icmp slt i64 %rb237, %nrb233
+  br i1 %1883, label %rb.body235, label %rb.end236
+
+rb.body235:                                       ; preds = %rb.head234
+  %1884 = mul nsw i64 %rb237, %n
+  %r0238 = sdiv i64 %1884, %nrb233
+  %1885 = add nsw i64 %rb237, 1
+  %1886 = mul nsw i64 %1885, %n
+  %r1239 = sdiv i64 %1886, %nrb233
+  %mr240 = sub nsw i64 %r1239, %r0238
+  %1887 = icmp sge i64 %nrb233, 2
+  %1888 = select i1 %1887, i64 1, i64 0
+  %1889 = icmp sge i64 %nrb233, 4
+  %1890 = select i1 %1889, i64 2, i64 %1888
+  %1891 = icmp sge i64 %nrb233, 8
+  %1892 = select i1 %1891, i64 3, i64 %1890
+  %pf.multi248 = icmp sgt i64 %nrb233, 1
+  %1893 = shl i64 1, %1892
+  %1894 = icmp slt i64 %rb237, %1893
+  %pf.on249 = and i1 %pf.multi248, %1894
+  switch i64 %mr240, label %tile.mr6247 [
+    i64 1, label %tile.mr1242
+    i64 2, label %tile.mr2243
+    i64 3, label %tile.mr3244
+    i64 4, label %tile.mr4245
+    i64 5, label %tile.mr5246
+  ]
+
+tile.mr6247:                                      ; preds = %rb.body235
+  %1895 = add nsw i64 %r0238, 0
+  %1896 = getelementptr inbounds i32, ptr %rows, i64 %1895
+  %1897 = load i32, ptr %1896, align 4
+  %1898 = sext i32 %1897 to i64
+  %1899 = mul nsw i64 %1898, 4096
+  %1900 = add nsw i64 %1899, 0
+  %1901 = getelementptr inbounds float, ptr %x, i64 %1900
+  store <8 x float> zeroinitializer, ptr %acc000250, align 4
+  store <8 x float> zeroinitializer, ptr %acc001251, align 4
+  %1902 = add nsw i64 %r0238, 1
+  %1903 = getelementptr inbounds i32, ptr %rows, i64 %1902
+  %1904 = load i32, ptr %1903, align 4
+  %1905 = sext i32 %1904 to i64
+  %1906 = mul nsw i64 %1905, 4096
+  %1907 = add nsw i64 %1906, 0
+  %1908 = getelementptr inbounds float, ptr %x, i64 %1907
+  store <8 x float> zeroinitializer, ptr %acc010252, align 4
+  store <8 x float> zeroinitializer, ptr %acc011253, align 4
+  %1909 = add nsw i64 %r0238, 2
+  %1910 = getelementptr inbounds i32, ptr %rows, i64 %1909
+  %1911 = load i32, ptr %1910, align 4
+  %1912 = sext i32 %1911 to i64
+  %1913 = mul nsw i64 %1912, 4096
+  %1914 = add nsw i64 %1913, 0
+  %1915 = getelementptr inbounds float, ptr %x, i64 %1914
+  store <8 x float> zeroinitializer, ptr %acc020254, align 4
+  store <8 x float> zeroinitializer, ptr %acc021255, align 4
+  %1916 = add nsw i64 %r0238, 3
+  %1917 = getelementptr inbounds i32, ptr %rows, i64 %1916
+  %1918 = load i32, ptr %1917, align 4
+  %1919 = sext i32 %1918 to i64
+  %1920 = mul nsw i64 %1919, 4096
+  %1921 = add nsw i64 %1920, 0
+  %1922 = getelementptr inbounds float, ptr %x, i64 %1921
+  store <8 x float> zeroinitializer, ptr %acc030256, align 4
+  store <8 x float> zeroinitializer, ptr %acc031257, align 4
+  %1923 = add nsw i64 %r0238, 4
+  %1924 = getelementptr inbounds i32, ptr %rows, i64 %1923
+  %1925 = load i32, ptr %1924, align 4
+  %1926 = sext i32 %1925 to i64
+  %1927 = mul nsw i64 %1926, 4096
+  %1928 = add nsw i64 %1927, 0
+  %1929 = getelementptr inbounds float, ptr %x, i64 %1928
+  store <8 x float> zeroinitializer, ptr %acc040258, align 4
+  store <8 x float> zeroinitializer, ptr %acc041259, align 4
+  %1930 = add nsw i64 %r0238, 5
+  %1931 = getelementptr inbounds i32, ptr %rows, i64 %1930
+  %1932 = load i32, ptr %1931, align 4
+  %1933 = sext i32 %1932 to i64
+  %1934 = mul nsw i64 %1933, 4096
+  %1935 = add nsw i64 %1934, 0
+  %1936 = getelementptr inbounds float, ptr %x, i64 %1935
+  store <8 x float> zeroinitializer, ptr %acc050260, align 4
+  store <8 x float> zeroinitializer, ptr %acc051261, align 4
+  %1937 = mul nsw i64 %p, 65536
+  %panel.off262 = add nsw i64 %1937, 0
+  %1938 = getelementptr inbounds i16, ptr %panels, i64 %panel.off262
+  %1939 = add nsw i64 %p, 1
+  %1940 = icmp slt i64 %1939, %p1
+  %pf.on263 = and i1 %pf.on249, %1940
+  %1941 = mul nsw i64 %rb237, 131072
+  %1942 = lshr i64 %1941, %1892
+  %1943 = add nsw i64 131072, %1942
+  %1944 = getelementptr inbounds i8, ptr %1938, i64 %1943
+  %pf264 = select i1 %pf.on263, ptr %1944, ptr %1938
+  %pf.sh265 = select i1 %pf.on263, i64 %1892, i64 0
+  br label %k.head266
+
+k.head266:                                        ; preds = %pf.any.end271, %tile.mr6247
+  %k269 = phi i64 [ 0, %tile.mr6247 ], [ %2005, %pf.any.end271 ]
+  %1945 = icmp slt i64 %k269, 4096
+  br i1 %1945, label %k.body267, label %k.end268
+
+k.body267:                                        ; preds = %k.head266
+  %1946 = mul nsw i64 %k269, 1
+  %1947 = add nsw i64 %1946, 0
+  %1948 = mul nsw i64 %1947, 32
+  br i1 %pf.multi248, label %pf.any.then270, label %pf.any.end271
+
+pf.any.then270:                                   ; preds = %k.body267
+  %1949 = lshr i64 %1948, %pf.sh265
+  %1950 = getelementptr inbounds i8, ptr %pf264, i64 %1949
+  call void @llvm.prefetch.p0(ptr %1950, i32 0, i32 2, i32 1)
+  br label %pf.any.end271
+
+pf.any.end271:                                    ; preds = %pf.any.then270, %k.body267
+  %1951 = mul nsw i64 %1947, 16
+  %1952 = add nsw i64 %panel.off262, %1951
+  %1953 = getelementptr inbounds i16, ptr %panels, i64 %1952
+  %1954 = load <8 x i32>, ptr %1953, align 4
+  %1955 = shl <8 x i32> %1954, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0272 = bitcast <8 x i32> %1955 to <8 x float>
+  %1956 = and <8 x i32> %1954, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1273 = bitcast <8 x i32> %1956 to <8 x float>
+  %1957 = getelementptr inbounds float, ptr %1901, i64 %1947
+  %1958 = load float, ptr %1957, align 4
+  %1959 = insertelement <8 x float> poison, float %1958, i32 0
+  %1960 = shufflevector <8 x float> %1959, <8 x float> poison, <8 x i32> zeroinitializer
+  %1961 = load <8 x float>, ptr %acc000250, align 4
+  %1962 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1960, <8 x float> %b0272, <8 x float> %1961)
+  store <8 x float> %1962, ptr %acc000250, align 4
+  %1963 = load <8 x float>, ptr %acc001251, align 4
+  %1964 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1960, <8 x float> %b1273, <8 x float> %1963)
+  store <8 x float> %1964, ptr %acc001251, align 4
+  %1965 = getelementptr inbounds float, ptr %1908, i64 %1947
+  %1966 = load float, ptr %1965, align 4
+  %1967 = insertelement <8 x float> poison, float %1966, i32 0
+  %1968 = shufflevector <8 x float> %1967, <8 x float> poison, <8 x i32> zeroinitializer
+  %1969 = load <8 x float>, ptr %acc010252, align 4
+  %1970 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1968, <8 x float> %b0272, <8 x float> %1969)
+  store <8 x float> %1970, ptr %acc010252, align 4
+  %1971 = load <8 x float>, ptr %acc011253, align 4
+  %1972 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1968, <8 x float> %b1273, <8 x float> %1971)
+  store <8 x float> %1972, ptr %acc011253, align 4
+  %1973 = getelementptr inbounds float, ptr %1915, i64 %1947
+  %1974 = load float, ptr %1973, align 4
+  %1975 = insertelement <8 x float> poison, float %1974, i32 0
+  %1976 = shufflevector <8 x float> %1975, <8 x float> poison, <8 x i32> zeroinitializer
+  %1977 = load <8 x float>, ptr %acc020254, align 4
+  %1978 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1976, <8 x float> %b0272, <8 x float> %1977)
+  store <8 x float> %1978, ptr %acc020254, align 4
+  %1979 = load <8 x float>, ptr %acc021255, align 4
+  %1980 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1976, <8 x float> %b1273, <8 x float> %1979)
+  store <8 x float> %1980, ptr %acc021255, align 4
+  %1981 = getelementptr inbounds float, ptr %1922, i64 %1947
+  %1982 = load float, ptr %1981, align 4
+  %1983 = insertelement <8 x float> poison, float %1982, i32 0
+  %1984 = shufflevector <8 x float> %1983, <8 x float> poison, <8 x i32> zeroinitializer
+  %1985 = load <8 x float>, ptr %acc030256, align 4
+  %1986 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1984, <8 x float> %b0272, <8 x float> %1985)
+  store <8 x float> %1986, ptr %acc030256, align 4
+  %1987 = load <8 x float>, ptr %acc031257, align 4
+  %1988 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1984, <8 x float> %b1273, <8 x float> %1987)
+  store <8 x float> %1988, ptr %acc031257, align 4
+  %1989 = getelementptr inbounds float, ptr %1929, i64 %1947
+  %1990 = load float, ptr %1989, align 4
+  %1991 = insertelement <8 x float> poison, float %1990, i32 0
+  %1992 = shufflevector <8 x float> %1991, <8 x float> poison, <8 x i32> zeroinitializer
+  %1993 = load <8 x float>, ptr %acc040258, align 4
+  %1994 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1992, <8 x float> %b0272, <8 x float> %1993)
+  store <8 x float> %1994, ptr %acc040258, align 4
+  %1995 = load <8 x float>, ptr %acc041259, align 4
+  %1996 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1992, <8 x float> %b1273, <8 x float> %1995)
+  store <8 x float> %1996, ptr %acc041259, align 4
+  %1997 = getelementptr inbounds float, ptr %1936, i64 %1947
+  %1998 = load float, ptr %1997, align 4
+  %1999 = insertelement <8 x float> poison, float %1998, i32 0
+  %2000 = shufflevector <8 x float> %1999, <8 x float> poison, <8 x i32> zeroinitializer
+  %2001 = load <8 x float>, ptr %acc050260, align 4
+  %2002 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2000, <8 x float> %b0272, <8 x float> %2001)
+  store <8 x float> %2002, ptr %acc050260, align 4
+  %2003 = load <8 x float>, ptr %acc051261, align 4
+  %2004 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2000, <8 x float> %b1273, <8 x float> %2003)
+  store <8 x float> %2004, ptr %acc051261, align 4
+  %2005 = add nsw i64 %k269, 1
+  br label %k.head266
+
+k.end268:                                         ; preds = %k.head266
+  %2006 = add nsw i64 %r0238, 0
+  %2007 = getelementptr inbounds float, ptr %rw, i64 %2006
+  %2008 = load float, ptr %2007, align 4
+  %2009 = insertelement <8 x float> poison, float %2008, i32 0
+  %2010 = shufflevector <8 x float> %2009, <8 x float> poison, <8 x i32> zeroinitializer
+  %2011 = mul nsw i64 %2006, 6400
+  %2012 = getelementptr inbounds float, ptr %h, i64 %2011
+  %col274 = mul nsw i64 %p, 8
+  %2013 = load <8 x float>, ptr %acc000250, align 4
+  %2014 = load <8 x float>, ptr %acc001251, align 4
+  %2015 = fneg <8 x float> %2013
+  %2016 = fcmp olt <8 x float> %2015, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2017 = select <8 x i1> %2016, <8 x float> %2015, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2018 = fcmp ogt <8 x float> %2017, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2019 = select <8 x i1> %2018, <8 x float> %2017, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2020 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2019, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2021 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2020)
+  %2022 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2021, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2019)
+  %2023 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2021, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2022)
+  %2024 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2023, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2025 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2024, <8 x float> %2023, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2026 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2025, <8 x float> %2023, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2027 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2026, <8 x float> %2023, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2028 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2027, <8 x float> %2023, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2029 = fmul <8 x float> %2023, %2023
+  %2030 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2028, <8 x float> %2029, <8 x float> %2023)
+  %2031 = fadd <8 x float> %2030, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2032 = fptosi <8 x float> %2021 to <8 x i32>
+  %2033 = add <8 x i32> %2032, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2034 = shl <8 x i32> %2033, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n275 = bitcast <8 x i32> %2034 to <8 x float>
+  %exp276 = fmul <8 x float> %2031, %exp.2n275
+  %2035 = fadd <8 x float> %exp276, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid277 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2035
+  %silu278 = fmul <8 x float> %2013, %sigmoid277
+  %glu279 = fmul <8 x float> %silu278, %2014
+  %2036 = fmul <8 x float> %glu279, %2010
+  %2037 = getelementptr inbounds float, ptr %2012, i64 %col274
+  store <8 x float> %2036, ptr %2037, align 4
+  %2038 = add nsw i64 %r0238, 1
+  %2039 = getelementptr inbounds float, ptr %rw, i64 %2038
+  %2040 = load float, ptr %2039, align 4
+  %2041 = insertelement <8 x float> poison, float %2040, i32 0
+  %2042 = shufflevector <8 x float> %2041, <8 x float> poison, <8 x i32> zeroinitializer
+  %2043 = mul nsw i64 %2038, 6400
+  %2044 = getelementptr inbounds float, ptr %h, i64 %2043
+  %col280 = mul nsw i64 %p, 8
+  %2045 = load <8 x float>, ptr %acc010252, align 4
+  %2046 = load <8 x float>, ptr %acc011253, align 4
+  %2047 = fneg <8 x float> %2045
+  %2048 = fcmp olt <8 x float> %2047, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2049 = select <8 x i1> %2048, <8 x float> %2047, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2050 = fcmp ogt <8 x float> %2049, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2051 = select <8 x i1> %2050, <8 x float> %2049, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2052 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2051, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2053 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2052)
+  %2054 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2053, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2051)
+  %2055 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2053, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2054)
+  %2056 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2055, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2057 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2056, <8 x float> %2055, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2058 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2057, <8 x float> %2055, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2059 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2058, <8 x float> %2055, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2060 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2059, <8 x float> %2055, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2061 = fmul <8 x float> %2055, %2055
+  %2062 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2060, <8 x float> %2061, <8 x float> %2055)
+  %2063 = fadd <8 x float> %2062, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2064 = fptosi <8 x float> %2053 to <8 x i32>
+  %2065 = add <8 x i32> %2064, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2066 = shl <8 x i32> %2065, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n281 = bitcast <8 x i32> %2066 to <8 x float>
+  %exp282 = fmul <8 x float> %2063, %exp.2n281
+  %2067 = fadd <8 x float> %exp282, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid283 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2067
+  %silu284 = fmul <8 x float> %2045, %sigmoid283
+  %glu285 = fmul <8 x float> %silu284, %2046
+  %2068 = fmul <8 x float> %glu285, %2042
+  %2069 = getelementptr inbounds float, ptr %2044, i64 %col280
+  store <8 x float> %2068, ptr %2069, align 4
+  %2070 = add nsw i64 %r0238, 2
+  %2071 = getelementptr inbounds float, ptr %rw, i64 %2070
+  %2072 = load float, ptr %2071, align 4
+  %2073 = insertelement <8 x float> poison, float %2072, i32 0
+  %2074 = shufflevector <8 x float> %2073, <8 x float> poison, <8 x i32> zeroinitializer
+  %2075 = mul nsw i64 %2070, 6400
+  %2076 = getelementptr inbounds float, ptr %h, i64 %2075
+  %col286 = mul nsw i64 %p, 8
+  %2077 = load <8 x float>, ptr %acc020254, align 4
+  %2078 = load <8 x float>, ptr %acc021255, align 4
+  %2079 = fneg <8 x float> %2077
+  %2080 = fcmp olt <8 x float> %2079, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2081 = select <8 x i1> %2080, <8 x float> %2079, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2082 = fcmp ogt <8 x float> %2081, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2083 = select <8 x i1> %2082, <8 x float> %2081, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2084 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2083, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2085 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2084)
+  %2086 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2085, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2083)
+  %2087 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2085, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2086)
+  %2088 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2087, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2089 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2088, <8 x float> %2087, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2090 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2089, <8 x float> %2087, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2091 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2090, <8 x float> %2087, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2092 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2091, <8 x float> %2087, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2093 = fmul <8 x float> %2087, %2087
+  %2094 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2092, <8 x float> %2093, <8 x float> %2087)
+  %2095 = fadd <8 x float> %2094, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2096 = fptosi <8 x float> %2085 to <8 x i32>
+  %2097 = add <8 x i32> %2096, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2098 = shl <8 x i32> %2097, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n287 = bitcast <8 x i32> %2098 to <8 x float>
+  %exp288 = fmul <8 x float> %2095, %exp.2n287
+  %2099 = fadd <8 x float> %exp288, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid289 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2099
+  %silu290 = fmul <8 x float> %2077, %sigmoid289
+  %glu291 = fmul <8 x float> %silu290, %2078
+  %2100 = fmul <8 x float> %glu291, %2074
+  %2101 = getelementptr inbounds float, ptr %2076, i64 %col286
+  store <8 x float> %2100, ptr %2101, align 4
+  %2102 = add nsw i64 %r0238, 3
+  %2103 = getelementptr inbounds float, ptr %rw, i64 %2102
+  %2104 = load float, ptr %2103, align 4
+  %2105 = insertelement <8 x float> poison, float %2104, i32 0
+  %2106 = shufflevector <8 x float> %2105, <8 x float> poison, <8 x i32> zeroinitializer
+  %2107 = mul nsw i64 %2102, 6400
+  %2108 = getelementptr inbounds float, ptr %h, i64 %2107
+  %col292 = mul nsw i64 %p, 8
+  %2109 = load <8 x float>, ptr %acc030256, align 4
+  %2110 = load <8 x float>, ptr %acc031257, align 4
+  %2111 = fneg <8 x float> %2109
+  %2112 = fcmp olt <8 x float> %2111, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2113 = select <8 x i1> %2112, <8 x float> %2111, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2114 = fcmp ogt <8 x float> %2113, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2115 = select <8 x i1> %2114, <8 x float> %2113, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2115, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2117 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2116)
+  %2118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2117, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2115)
+  %2119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2117, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2118)
+  %2120 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2119, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2120, <8 x float> %2119, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2121, <8 x float> %2119, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2122, <8 x float> %2119, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2123, <8 x float> %2119, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2125 = fmul <8 x float> %2119, %2119
+  %2126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2124, <8 x float> %2125, <8 x float> %2119)
+  %2127 = fadd <8 x float> %2126, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2128 = fptosi <8 x float> %2117 to <8 x i32>
+  %2129 = add <8 x i32> %2128, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2130 = shl <8 x i32> %2129, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n293 = bitcast <8 x i32> %2130 to <8 x float>
+  %exp294 = fmul <8 x float> %2127, %exp.2n293
+  %2131 = fadd <8 x float> %exp294, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid295 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2131
+  %silu296 = fmul <8 x float> %2109, %sigmoid295
+  %glu297 = fmul <8 x float> %silu296, %2110
+  %2132 = fmul <8 x float> %glu297, %2106
+  %2133 = getelementptr inbounds float, ptr %2108, i64 %col292
+  store <8 x float> %2132, ptr %2133, align 4
+  %2134 = add nsw i64 %r0238, 4
+  %2135 = getelementptr inbounds float, ptr %rw, i64 %2134
+  %2136 = load float, ptr %2135, align 4
+  %2137 = insertelement <8 x float> poison, float %2136, i32 0
+  %2138 = shufflevector <8 x float> %2137, <8 x float> poison, <8 x i32> zeroinitializer
+  %2139 = mul nsw i64 %2134, 6400
+  %2140 = getelementptr inbounds float, ptr %h, i64 %2139
+  %col298 = mul nsw i64 %p, 8
+  %2141 = load <8 x float>, ptr %acc040258, align 4
+  %2142 = load <8 x float>, ptr %acc041259, align 4
+  %2143 = fneg <8 x float> %2141
+  %2144 = fcmp olt <8 x float> %2143, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2145 = select <8 x i1> %2144, <8 x float> %2143, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2146 = fcmp ogt <8 x float> %2145, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2147 = select <8 x i1> %2146, <8 x float> %2145, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2147, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2149 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2148)
+  %2150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2149, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2147)
+  %2151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2149, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2150)
+  %2152 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2151, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2152, <8 x float> %2151, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2153, <8 x float> %2151, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2154, <8 x float> %2151, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2156 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2155, <8 x float> %2151, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2157 = fmul <8 x float> %2151, %2151
+  %2158 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2156, <8 x float> %2157, <8 x float> %2151)
+  %2159 = fadd <8 x float> %2158, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2160 = fptosi <8 x float> %2149 to <8 x i32>
+  %2161 = add <8 x i32> %2160, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2162 = shl <8 x i32> %2161, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n299 = bitcast <8 x i32> %2162 to <8 x float>
+  %exp300 = fmul <8 x float> %2159, %exp.2n299
+  %2163 = fadd <8 x float> %exp300, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid301 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2163
+  %silu302 = fmul <8 x float> %2141, %sigmoid301
+  %glu303 = fmul <8 x float> %silu302, %2142
+  %2164 = fmul <8 x float> %glu303, %2138
+  %2165 = getelementptr inbounds float, ptr %2140, i64 %col298
+  store <8 x float> %2164, ptr %2165, align 4
+  %2166 = add nsw i64 %r0238, 5
+  %2167 = getelementptr inbounds float, ptr %rw, i64 %2166
+  %2168 = load float, ptr %2167, align 4
+  %2169 = insertelement <8 x float> poison, float %2168, i32 0
+  %2170 = shufflevector <8 x float> %2169, <8 x float> poison, <8 x i32> zeroinitializer
+  %2171 = mul nsw i64 %2166, 6400
+  %2172 = getelementptr inbounds float, ptr %h, i64 %2171
+  %col304 = mul nsw i64 %p, 8
+  %2173 = load <8 x float>, ptr %acc050260, align 4
+  %2174 = load <8 x float>, ptr %acc051261, align 4
+  %2175 = fneg <8 x float> %2173
+  %2176 = fcmp olt <8 x float> %2175, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2177 = select <8 x i1> %2176, <8 x float> %2175, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2178 = fcmp ogt <8 x float> %2177, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2179 = select <8 x i1> %2178, <8 x float> %2177, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2179, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2181 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2180)
+  %2182 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2181, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2179)
+  %2183 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2181, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2182)
+  %2184 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2183, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2185 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2184, <8 x float> %2183, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2186 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2185, <8 x float> %2183, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2187 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2186, <8 x float> %2183, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2187, <8 x float> %2183, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2189 = fmul <8 x float> %2183, %2183
+  %2190 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2188, <8 x float> %2189, <8 x float> %2183)
+  %2191 = fadd <8 x float> %2190, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2192 = fptosi <8 x float> %2181 to <8 x i32>
+  %2193 = add <8 x i32> %2192, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2194 = shl <8 x i32> %2193, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n305 = bitcast <8 x i32> %2194 to <8 x float>
+  %exp306 = fmul <8 x float> %2191, %exp.2n305
+  %2195 = fadd <8 x float> %exp306, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid307 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2195
+  %silu308 = fmul <8 x float> %2173, %sigmoid307
+  %glu309 = fmul <8 x float> %silu308, %2174
+  %2196 = fmul <8 x float> %glu309, %2170
+  %2197 = getelementptr inbounds float, ptr %2172, i64 %col304
+  store <8 x float> %2196, ptr %2197, align 4
+  br label %tile.done241
+
+tile.mr5246:                                      ; preds = %rb.body235
+  %2198 = add nsw i64 %r0238, 0
+  %2199 = getelementptr inbounds i32, ptr %rows, i64 %2198
+  %2200 = load i32, ptr %2199, align 4
+  %2201 = sext i32 %2200 to i64
+  %2202 = mul nsw i64 %2201, 4096
+  %2203 = add nsw i64 %2202, 0
+  %2204 = getelementptr inbounds float, ptr %x, i64 %2203
+  store <8 x float> zeroinitializer, ptr %acc000310, align 4
+  store <8 x float> zeroinitializer, ptr %acc001311, align 4
+  %2205 = add nsw i64 %r0238, 1
+  %2206 = getelementptr inbounds i32, ptr %rows, i64 %2205
+  %2207 = load i32, ptr %2206, align 4
+  %2208 = sext i32 %2207 to i64
+  %2209 = mul nsw i64 %2208, 4096
+  %2210 = add nsw i64 %2209, 0
+  %2211 = getelementptr inbounds float, ptr %x, i64 %2210
+  store <8 x float> zeroinitializer, ptr %acc010312, align 4
+  store <8 x float> zeroinitializer, ptr %acc011313, align 4
+  %2212 = add nsw i64 %r0238, 2
+  %2213 = getelementptr inbounds i32, ptr %rows, i64 %2212
+  %2214 = load i32, ptr %2213, align 4
+  %2215 = sext i32 %2214 to i64
+  %2216 = mul nsw i64 %2215, 4096
+  %2217 = add nsw i64 %2216, 0
+  %2218 = getelementptr inbounds float, ptr %x, i64 %2217
+  store <8 x float> zeroinitializer, ptr %acc020314, align 4
+  store <8 x float> zeroinitializer, ptr %acc021315, align 4
+  %2219 = add nsw i64 %r0238, 3
+  %2220 = getelementptr inbounds i32, ptr %rows, i64 %2219
+  %2221 = load i32, ptr %2220, align 4
+  %2222 = sext i32 %2221 to i64
+  %2223 = mul nsw i64 %2222, 4096
+  %2224 = add nsw i64 %2223, 0
+  %2225 = getelementptr inbounds float, ptr %x, i64 %2224
+  store <8 x float> zeroinitializer, ptr %acc030316, align 4
+  store <8 x float> zeroinitializer, ptr %acc031317, align 4
+  %2226 = add nsw i64 %r0238, 4
+  %2227 = getelementptr inbounds i32, ptr %rows, i64 %2226
+  %2228 = load i32, ptr %2227, align 4
+  %2229 = sext i32 %2228 to i64
+  %2230 = mul nsw i64 %2229, 4096
+  %2231 = add nsw i64 %2230, 0
+  %2232 = getelementptr inbounds float, ptr %x, i64 %2231
+  store <8 x float> zeroinitializer, ptr %acc040318, align 4
+  store <8 x float> zeroinitializer, ptr %acc041319, align 4
+  %2233 = mul nsw i64 %p, 65536
+  %panel.off320 = add nsw i64 %2233, 0
+  %2234 = getelementptr inbounds i16, ptr %panels, i64 %panel.off320
+  %2235 = add nsw i64 %p, 1
+  %2236 = icmp slt i64 %2235, %p1
+  %pf.on321 = and i1 %pf.on249, %2236
+  %2237 = mul nsw i64 %rb237, 131072
+  %2238 = lshr i64 %2237, %1892
+  %2239 = add nsw i64 131072, %2238
+  %2240 = getelementptr inbounds i8, ptr %2234, i64 %2239
+  %pf322 = select i1 %pf.on321, ptr %2240, ptr %2234
+  %pf.sh323 = select i1 %pf.on321, i64 %1892, i64 0
+  br label %k.head324
+
+k.head324:                                        ; preds = %pf.any.end329, %tile.mr5246
+  %k327 = phi i64 [ 0, %tile.mr5246 ], [ %2293, %pf.any.end329 ]
+  %2241 = icmp slt i64 %k327, 4096
+  br i1 %2241, label %k.body325, label %k.end326
+
+k.body325:                                        ; preds = %k.head324
+  %2242 = mul nsw i64 %k327, 1
+  %2243 = add nsw i64 %2242, 0
+  %2244 = mul nsw i64 %2243, 32
+  br i1 %pf.multi248, label %pf.any.then328, label %pf.any.end329
+
+pf.any.then328:                                   ; preds = %k.body325
+  %2245 = lshr i64 %2244, %pf.sh323
+  %2246 = getelementptr inbounds i8, ptr %pf322, i64 %2245
+  call void @llvm.prefetch.p0(ptr %2246, i32 0, i32 2, i32 1)
+  br label %pf.any.end329
+
+pf.any.end329:                                    ; preds = %pf.any.then328, %k.body325
+  %2247 = mul nsw i64 %2243, 16
+  %2248 = add nsw i64 %panel.off320, %2247
+  %2249 = getelementptr inbounds i16, ptr %panels, i64 %2248
+  %2250 = load <8 x i32>, ptr %2249, align 4
+  %2251 = shl <8 x i32> %2250, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0330 = bitcast <8 x i32> %2251 to <8 x float>
+  %2252 = and <8 x i32> %2250, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1331 = bitcast <8 x i32> %2252 to <8 x float>
+  %2253 = getelementptr inbounds float, ptr %2204, i64 %2243
+  %2254 = load float, ptr %2253, align 4
+  %2255 = insertelement <8 x float> poison, float %2254, i32 0
+  %2256 = shufflevector <8 x float> %2255, <8 x float> poison, <8 x i32> zeroinitializer
+  %2257 = load <8 x float>, ptr %acc000310, align 4
+  %2258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2256, <8 x float> %b0330, <8 x float> %2257)
+  store <8 x float> %2258, ptr %acc000310, align 4
+  %2259 = load <8 x float>, ptr %acc001311, align 4
+  %2260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2256, <8 x float> %b1331, <8 x float> %2259)
+  store <8 x float> %2260, ptr %acc001311, align 4
+  %2261 = getelementptr inbounds float, ptr %2211, i64 %2243
+  %2262 = load float, ptr %2261, align 4
+  %2263 = insertelement <8 x float> poison, float %2262, i32 0
+  %2264 = shufflevector <8 x float> %2263, <8 x float> poison, <8 x i32> zeroinitializer
+  %2265 = load <8 x float>, ptr %acc010312, align 4
+  %2266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2264, <8 x float> %b0330, <8 x float> %2265)
+  store <8 x float> %2266, ptr %acc010312, align 4
+  %2267 = load <8 x float>, ptr %acc011313, align 4
+  %2268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2264, <8 x float> %b1331, <8 x float> %2267)
+  store <8 x float> %2268, ptr %acc011313, align 4
+  %2269 = getelementptr inbounds float, ptr %2218, i64 %2243
+  %2270 = load float, ptr %2269, align 4
+  %2271 = insertelement <8 x float> poison, float %2270, i32 0
+  %2272 = shufflevector <8 x float> %2271, <8 x float> poison, <8 x i32> zeroinitializer
+  %2273 = load <8 x float>, ptr %acc020314, align 4
+  %2274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2272, <8 x float> %b0330, <8 x float> %2273)
+  store <8 x float> %2274, ptr %acc020314, align 4
+  %2275 = load <8 x float>, ptr %acc021315, align 4
+  %2276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2272, <8 x float> %b1331, <8 x float> %2275)
+  store <8 x float> %2276, ptr %acc021315, align 4
+  %2277 = getelementptr inbounds float, ptr %2225, i64 %2243
+  %2278 = load float, ptr %2277, align 4
+  %2279 = insertelement <8 x float> poison, float %2278, i32 0
+  %2280 = shufflevector <8 x float> %2279, <8 x float> poison, <8 x i32> zeroinitializer
+  %2281 = load <8 x float>, ptr %acc030316, align 4
+  %2282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2280, <8 x float> %b0330, <8 x float> %2281)
+  store <8 x float> %2282, ptr %acc030316, align 4
+  %2283 = load <8 x float>, ptr %acc031317, align 4
+  %2284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2280, <8 x float> %b1331, <8 x float> %2283)
+  store <8 x float> %2284, ptr %acc031317, align 4
+  %2285 = getelementptr inbounds float, ptr %2232, i64 %2243
+  %2286 = load float, ptr %2285, align 4
+  %2287 = insertelement <8 x float> poison, float %2286, i32 0
+  %2288 = shufflevector <8 x float> %2287, <8 x float> poison, <8 x i32> zeroinitializer
+  %2289 = load <8 x float>, ptr %acc040318, align 4
+  %2290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2288, <8 x float> %b0330, <8 x float> %2289)
+  store <8 x float> %2290, ptr %acc040318, align 4
+  %2291 = load <8 x float>, ptr %acc041319, align 4
+  %2292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2288, <8 x float> %b1331, <8 x float> %2291)
+  store <8 x float> %2292, ptr %acc041319, align 4
+  %2293 = add nsw i64 %k327, 1
+  br label %k.head324
+
+k.end326:                                         ; preds = %k.head324
+  %2294 = add nsw i64 %r0238, 0
+  %2295 = getelementptr inbounds float, ptr %rw, i64 %2294
+  %2296 = load float, ptr %2295, align 4
+  %2297 = insertelement <8 x float> poison, float %2296, i32 0
+  %2298 = shufflevector <8 x float> %2297, <8 x float> poison, <8 x i32> zeroinitializer
+  %2299 = mul nsw i64 %2294, 6400
+  %2300 = getelementptr inbounds float, ptr %h, i64 %2299
+  %col332 = mul nsw i64 %p, 8
+  %2301 = load <8 x float>, ptr %acc000310, align 4
+  %2302 = load <8 x float>, ptr %acc001311, align 4
+  %2303 = fneg <8 x float> %2301
+  %2304 = fcmp olt <8 x float> %2303, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2305 = select <8 x i1> %2304, <8 x float> %2303, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2306 = fcmp ogt <8 x float> %2305, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2307 = select <8 x i1> %2306, <8 x float> %2305, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2308 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2307, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2309 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2308)
+  %2310 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2309, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2307)
+  %2311 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2309, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2310)
+  %2312 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2311, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2313 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2312, <8 x float> %2311, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2313, <8 x float> %2311, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2315 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2314, <8 x float> %2311, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2316 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2315, <8 x float> %2311, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2317 = fmul <8 x float> %2311, %2311
+  %2318 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2316, <8 x float> %2317, <8 x float> %2311)
+  %2319 = fadd <8 x float> %2318, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2320 = fptosi <8 x float> %2309 to <8 x i32>
+  %2321 = add <8 x i32> %2320, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2322 = shl <8 x i32> %2321, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n333 = bitcast <8 x i32> %2322 to <8 x float>
+  %exp334 = fmul <8 x float> %2319, %exp.2n333
+  %2323 = fadd <8 x float> %exp334, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid335 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2323
+  %silu336 = fmul <8 x float> %2301, %sigmoid335
+  %glu337 = fmul <8 x float> %silu336, %2302
+  %2324 = fmul <8 x float> %glu337, %2298
+  %2325 = getelementptr inbounds float, ptr %2300, i64 %col332
+  store <8 x float> %2324, ptr %2325, align 4
+  %2326 = add nsw i64 %r0238, 1
+  %2327 = getelementptr inbounds float, ptr %rw, i64 %2326
+  %2328 = load float, ptr %2327, align 4
+  %2329 = insertelement <8 x float> poison, float %2328, i32 0
+  %2330 = shufflevector <8 x float> %2329, <8 x float> poison, <8 x i32> zeroinitializer
+  %2331 = mul nsw i64 %2326, 6400
+  %2332 = getelementptr inbounds float, ptr %h, i64 %2331
+  %col338 = mul nsw i64 %p, 8
+  %2333 = load <8 x float>, ptr %acc010312, align 4
+  %2334 = load <8 x float>, ptr %acc011313, align 4
+  %2335 = fneg <8 x float> %2333
+  %2336 = fcmp olt <8 x float> %2335, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2337 = select <8 x i1> %2336, <8 x float> %2335, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2338 = fcmp ogt <8 x float> %2337, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2339 = select <8 x i1> %2338, <8 x float> %2337, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2340 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2339, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2341 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2340)
+  %2342 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2341, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2339)
+  %2343 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2341, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2342)
+  %2344 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2343, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2345 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2344, <8 x float> %2343, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2345, <8 x float> %2343, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2347 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2346, <8 x float> %2343, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2348 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2347, <8 x float> %2343, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2349 = fmul <8 x float> %2343, %2343
+  %2350 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2348, <8 x float> %2349, <8 x float> %2343)
+  %2351 = fadd <8 x float> %2350, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2352 = fptosi <8 x float> %2341 to <8 x i32>
+  %2353 = add <8 x i32> %2352, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2354 = shl <8 x i32> %2353, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n339 = bitcast <8 x i32> %2354 to <8 x float>
+  %exp340 = fmul <8 x float> %2351, %exp.2n339
+  %2355 = fadd <8 x float> %exp340, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid341 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2355
+  %silu342 = fmul <8 x float> %2333, %sigmoid341
+  %glu343 = fmul <8 x float> %silu342, %2334
+  %2356 = fmul <8 x float> %glu343, %2330
+  %2357 = getelementptr inbounds float, ptr %2332, i64 %col338
+  store <8 x float> %2356, ptr %2357, align 4
+  %2358 = add nsw i64 %r0238, 2
+  %2359 = getelementptr inbounds float, ptr %rw, i64 %2358
+  %2360 = load float, ptr %2359, align 4
+  %2361 = insertelement <8 x float> poison, float %2360, i32 0
+  %2362 = shufflevector <8 x float> %2361, <8 x float> poison, <8 x i32> zeroinitializer
+  %2363 = mul nsw i64 %2358, 6400
+  %2364 = getelementptr inbounds float, ptr %h, i64 %2363
+  %col344 = mul nsw i64 %p, 8
+  %2365 = load <8 x float>, ptr %acc020314, align 4
+  %2366 = load <8 x float>, ptr %acc021315, align 4
+  %2367 = fneg <8 x float> %2365
+  %2368 = fcmp olt <8 x float> %2367, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2369 = select <8 x i1> %2368, <8 x float> %2367, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2370 = fcmp ogt <8 x float> %2369, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2371 = select <8 x i1> %2370, <8 x float> %2369, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2371, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2373 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2372)
+  %2374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2373, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2371)
+  %2375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2373, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2374)
+  %2376 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2375, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2376, <8 x float> %2375, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2377, <8 x float> %2375, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2378, <8 x float> %2375, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2379, <8 x float> %2375, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2381 = fmul <8 x float> %2375, %2375
+  %2382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2380, <8 x float> %2381, <8 x float> %2375)
+  %2383 = fadd <8 x float> %2382, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2384 = fptosi <8 x float> %2373 to <8 x i32>
+  %2385 = add <8 x i32> %2384, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2386 = shl <8 x i32> %2385, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n345 = bitcast <8 x i32> %2386 to <8 x float>
+  %exp346 = fmul <8 x float> %2383, %exp.2n345
+  %2387 = fadd <8 x float> %exp346, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid347 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2387
+  %silu348 = fmul <8 x float> %2365, %sigmoid347
+  %glu349 = fmul <8 x float> %silu348, %2366
+  %2388 = fmul <8 x float> %glu349, %2362
+  %2389 = getelementptr inbounds float, ptr %2364, i64 %col344
+  store <8 x float> %2388, ptr %2389, align 4
+  %2390 = add nsw i64 %r0238, 3
+  %2391 = getelementptr inbounds float, ptr %rw, i64 %2390
+  %2392 = load float, ptr %2391, align 4
+  %2393 = insertelement <8 x float> poison, float %2392, i32 0
+  %2394 = shufflevector <8 x float> %2393, <8 x float> poison, <8 x i32> zeroinitializer
+  %2395 = mul nsw i64 %2390, 6400
+  %2396 = getelementptr inbounds float, ptr %h, i64 %2395
+  %col350 = mul nsw i64 %p, 8
+  %2397 = load <8 x float>, ptr %acc030316, align 4
+  %2398 = load <8 x float>, ptr %acc031317, align 4
+  %2399 = fneg <8 x float> %2397
+  %2400 = fcmp olt <8 x float> %2399, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2401 = select <8 x i1> %2400, <8 x float> %2399, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2402 = fcmp ogt <8 x float> %2401, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2403 = select <8 x i1> %2402, <8 x float> %2401, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2404 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2403, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2405 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2404)
+  %2406 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2405, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2403)
+  %2407 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2405, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2406)
+  %2408 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2407, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2409 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2408, <8 x float> %2407, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2410 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2409, <8 x float> %2407, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2411 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2410, <8 x float> %2407, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2412 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2411, <8 x float> %2407, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2413 = fmul <8 x float> %2407, %2407
+  %2414 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2412, <8 x float> %2413, <8 x float> %2407)
+  %2415 = fadd <8 x float> %2414, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2416 = fptosi <8 x float> %2405 to <8 x i32>
+  %2417 = add <8 x i32> %2416, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2418 = shl <8 x i32> %2417, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n351 = bitcast <8 x i32> %2418 to <8 x float>
+  %exp352 = fmul <8 x float> %2415, %exp.2n351
+  %2419 = fadd <8 x float> %exp352, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid353 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2419
+  %silu354 = fmul <8 x float> %2397, %sigmoid353
+  %glu355 = fmul <8 x float> %silu354, %2398
+  %2420 = fmul <8 x float> %glu355, %2394
+  %2421 = getelementptr inbounds float, ptr %2396, i64 %col350
+  store <8 x float> %2420, ptr %2421, align 4
+  %2422 = add nsw i64 %r0238, 4
+  %2423 = getelementptr inbounds float, ptr %rw, i64 %2422
+  %2424 = load float, ptr %2423, align 4
+  %2425 = insertelement <8 x float> poison, float %2424, i32 0
+  %2426 = shufflevector <8 x float> %2425, <8 x float> poison, <8 x i32> zeroinitializer
+  %2427 = mul nsw i64 %2422, 6400
+  %2428 = getelementptr inbounds float, ptr %h, i64 %2427
+  %col356 = mul nsw i64 %p, 8
+  %2429 = load <8 x float>, ptr %acc040318, align 4
+  %2430 = load <8 x float>, ptr %acc041319, align 4
+  %2431 = fneg <8 x float> %2429
+  %2432 = fcmp olt <8 x float> %2431, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2433 = select <8 x i1> %2432, <8 x float> %2431, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2434 = fcmp ogt <8 x float> %2433, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2435 = select <8 x i1> %2434, <8 x float> %2433, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2435, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2437 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2436)
+  %2438 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2437, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2435)
+  %2439 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2437, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2438)
+  %2440 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2439, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2441 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2440, <8 x float> %2439, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2441, <8 x float> %2439, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2442, <8 x float> %2439, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2443, <8 x float> %2439, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2445 = fmul <8 x float> %2439, %2439
+  %2446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2444, <8 x float> %2445, <8 x float> %2439)
+  %2447 = fadd <8 x float> %2446, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2448 = fptosi <8 x float> %2437 to <8 x i32>
+  %2449 = add <8 x i32> %2448, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2450 = shl <8 x i32> %2449, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n357 = bitcast <8 x i32> %2450 to <8 x float>
+  %exp358 = fmul <8 x float> %2447, %exp.2n357
+  %2451 = fadd <8 x float> %exp358, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid359 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2451
+  %silu360 = fmul <8 x float> %2429, %sigmoid359
+  %glu361 = fmul <8 x float> %silu360, %2430
+  %2452 = fmul <8 x float> %glu361, %2426
+  %2453 = getelementptr inbounds float, ptr %2428, i64 %col356
+  store <8 x float> %2452, ptr %2453, align 4
+  br label %tile.done241
+
+tile.mr4245:                                      ; preds = %rb.body235
+  %2454 = add nsw i64 %r0238, 0
+  %2455 = getelementptr inbounds i32, ptr %rows, i64 %2454
+  %2456 = load i32, ptr %2455, align 4
+  %2457 = sext i32 %2456 to i64
+  %2458 = mul nsw i64 %2457, 4096
+  %2459 = add nsw i64 %2458, 0
+  %2460 = getelementptr inbounds float, ptr %x, i64 %2459
+  store <8 x float> zeroinitializer, ptr %acc000362, align 4
+  store <8 x float> zeroinitializer, ptr %acc001363, align 4
+  %2461 = add nsw i64 %r0238, 1
+  %2462 = getelementptr inbounds i32, ptr %rows, i64 %2461
+  %2463 = load i32, ptr %2462, align 4
+  %2464 = sext i32 %2463 to i64
+  %2465 = mul nsw i64 %2464, 4096
+  %2466 = add nsw i64 %2465, 0
+  %2467 = getelementptr inbounds float, ptr %x, i64 %2466
+  store <8 x float> zeroinitializer, ptr %acc010364, align 4
+  store <8 x float> zeroinitializer, ptr %acc011365, align 4
+  %2468 = add nsw i64 %r0238, 2
+  %2469 = getelementptr inbounds i32, ptr %rows, i64 %2468
+  %2470 = load i32, ptr %2469, align 4
+  %2471 = sext i32 %2470 to i64
+  %2472 = mul nsw i64 %2471, 4096
+  %2473 = add nsw i64 %2472, 0
+  %2474 = getelementptr inbounds float, ptr %x, i64 %2473
+  store <8 x float> zeroinitializer, ptr %acc020366, align 4
+  store <8 x float> zeroinitializer, ptr %acc021367, align 4
+  %2475 = add nsw i64 %r0238, 3
+  %2476 = getelementptr inbounds i32, ptr %rows, i64 %2475
+  %2477 = load i32, ptr %2476, align 4
+  %2478 = sext i32 %2477 to i64
+  %2479 = mul nsw i64 %2478, 4096
+  %2480 = add nsw i64 %2479, 0
+  %2481 = getelementptr inbounds float, ptr %x, i64 %2480
+  store <8 x float> zeroinitializer, ptr %acc030368, align 4
+  store <8 x float> zeroinitializer, ptr %acc031369, align 4
+  %2482 = mul nsw i64 %p, 65536
+  %panel.off370 = add nsw i64 %2482, 0
+  %2483 = getelementptr inbounds i16, ptr %panels, i64 %panel.off370
+  %2484 = add nsw i64 %p, 1
+  %2485 = icmp slt i64 %2484, %p1
+  %pf.on371 = and i1 %pf.on249, %2485
+  %2486 = mul nsw i64 %rb237, 131072
+  %2487 = lshr i64 %2486, %1892
+  %2488 = add nsw i64 131072, %2487
+  %2489 = getelementptr inbounds i8, ptr %2483, i64 %2488
+  %pf372 = select i1 %pf.on371, ptr %2489, ptr %2483
+  %pf.sh373 = select i1 %pf.on371, i64 %1892, i64 0
+  br label %k.head374
+
+k.head374:                                        ; preds = %pf.any.end379, %tile.mr4245
+  %k377 = phi i64 [ 0, %tile.mr4245 ], [ %2534, %pf.any.end379 ]
+  %2490 = icmp slt i64 %k377, 4096
+  br i1 %2490, label %k.body375, label %k.end376
+
+k.body375:                                        ; preds = %k.head374
+  %2491 = mul nsw i64 %k377, 1
+  %2492 = add nsw i64 %2491, 0
+  %2493 = mul nsw i64 %2492, 32
+  br i1 %pf.multi248, label %pf.any.then378, label %pf.any.end379
+
+pf.any.then378:                                   ; preds = %k.body375
+  %2494 = lshr i64 %2493, %pf.sh373
+  %2495 = getelementptr inbounds i8, ptr %pf372, i64 %2494
+  call void @llvm.prefetch.p0(ptr %2495, i32 0, i32 2, i32 1)
+  br label %pf.any.end379
+
+pf.any.end379:                                    ; preds = %pf.any.then378, %k.body375
+  %2496 = mul nsw i64 %2492, 16
+  %2497 = add nsw i64 %panel.off370, %2496
+  %2498 = getelementptr inbounds i16, ptr %panels, i64 %2497
+  %2499 = load <8 x i32>, ptr %2498, align 4
+  %2500 = shl <8 x i32> %2499, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0380 = bitcast <8 x i32> %2500 to <8 x float>
+  %2501 = and <8 x i32> %2499, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1381 = bitcast <8 x i32> %2501 to <8 x float>
+  %2502 = getelementptr inbounds float, ptr %2460, i64 %2492
+  %2503 = load float, ptr %2502, align 4
+  %2504 = insertelement <8 x float> poison, float %2503, i32 0
+  %2505 = shufflevector <8 x float> %2504, <8 x float> poison, <8 x i32> zeroinitializer
+  %2506 = load <8 x float>, ptr %acc000362, align 4
+  %2507 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2505, <8 x float> %b0380, <8 x float> %2506)
+  store <8 x float> %2507, ptr %acc000362, align 4
+  %2508 = load <8 x float>, ptr %acc001363, align 4
+  %2509 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2505, <8 x float> %b1381, <8 x float> %2508)
+  store <8 x float> %2509, ptr %acc001363, align 4
+  %2510 = getelementptr inbounds float, ptr %2467, i64 %2492
+  %2511 = load float, ptr %2510, align 4
+  %2512 = insertelement <8 x float> poison, float %2511, i32 0
+  %2513 = shufflevector <8 x float> %2512, <8 x float> poison, <8 x i32> zeroinitializer
+  %2514 = load <8 x float>, ptr %acc010364, align 4
+  %2515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2513, <8 x float> %b0380, <8 x float> %2514)
+  store <8 x float> %2515, ptr %acc010364, align 4
+  %2516 = load <8 x float>, ptr %acc011365, align 4
+  %2517 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2513, <8 x float> %b1381, <8 x float> %2516)
+  store <8 x float> %2517, ptr %acc011365, align 4
+  %2518 = getelementptr inbounds float, ptr %2474, i64 %2492
+  %2519 = load float, ptr %2518, align 4
+  %2520 = insertelement <8 x float> poison, float %2519, i32 0
+  %2521 = shufflevector <8 x float> %2520, <8 x float> poison, <8 x i32> zeroinitializer
+  %2522 = load <8 x float>, ptr %acc020366, align 4
+  %2523 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2521, <8 x float> %b0380, <8 x float> %2522)
+  store <8 x float> %2523, ptr %acc020366, align 4
+  %2524 = load <8 x float>, ptr %acc021367, align 4
+  %2525 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2521, <8 x float> %b1381, <8 x float> %2524)
+  store <8 x float> %2525, ptr %acc021367, align 4
+  %2526 = getelementptr inbounds float, ptr %2481, i64 %2492
+  %2527 = load float, ptr %2526, align 4
+  %2528 = insertelement <8 x float> poison, float %2527, i32 0
+  %2529 = shufflevector <8 x float> %2528, <8 x float> poison, <8 x i32> zeroinitializer
+  %2530 = load <8 x float>, ptr %acc030368, align 4
+  %2531 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2529, <8 x float> %b0380, <8 x float> %2530)
+  store <8 x float> %2531, ptr %acc030368, align 4
+  %2532 = load <8 x float>, ptr %acc031369, align 4
+  %2533 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2529, <8 x float> %b1381, <8 x float> %2532)
+  store <8 x float> %2533, ptr %acc031369, align 4
+  %2534 = add nsw i64 %k377, 1
+  br label %k.head374
+
+k.end376:                                         ; preds = %k.head374
+  %2535 = add nsw i64 %r0238, 0
+  %2536 = getelementptr inbounds float, ptr %rw, i64 %2535
+  %2537 = load float, ptr %2536, align 4
+  %2538 = insertelement <8 x float> poison, float %2537, i32 0
+  %2539 = shufflevector <8 x float> %2538, <8 x float> poison, <8 x i32> zeroinitializer
+  %2540 = mul nsw i64 %2535, 6400
+  %2541 = getelementptr inbounds float, ptr %h, i64 %2540
+  %col382 = mul nsw i64 %p, 8
+  %2542 = load <8 x float>, ptr %acc000362, align 4
+  %2543 = load <8 x float>, ptr %acc001363, align 4
+  %2544 = fneg <8 x float> %2542
+  %2545 = fcmp olt <8 x float> %2544, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2546 = select <8 x i1> %2545, <8 x float> %2544, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2547 = fcmp ogt <8 x float> %2546, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2548 = select <8 x i1> %2547, <8 x float> %2546, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2549 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2548, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2550 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2549)
+  %2551 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2550, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2548)
+  %2552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2550, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2551)
+  %2553 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2552, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2553, <8 x float> %2552, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2555 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2554, <8 x float> %2552, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2556 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2555, <8 x float> %2552, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2557 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2556, <8 x float> %2552, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2558 = fmul <8 x float> %2552, %2552
+  %2559 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2557, <8 x float> %2558, <8 x float> %2552)
+  %2560 = fadd <8 x float> %2559, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2561 = fptosi <8 x float> %2550 to <8 x i32>
+  %2562 = add <8 x i32> %2561, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2563 = shl <8 x i32> %2562, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n383 = bitcast <8 x i32> %2563 to <8 x float>
+  %exp384 = fmul <8 x float> %2560, %exp.2n383
+  %2564 = fadd <8 x float> %exp384, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid385 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2564
+  %silu386 = fmul <8 x float> %2542, %sigmoid385
+  %glu387 = fmul <8 x float> %silu386, %2543
+  %2565 = fmul <8 x float> %glu387, %2539
+  %2566 = getelementptr inbounds float, ptr %2541, i64 %col382
+  store <8 x float> %2565, ptr %2566, align 4
+  %2567 = add nsw i64 %r0238, 1
+  %2568 = getelementptr inbounds float, ptr %rw, i64 %2567
+  %2569 = load float, ptr %2568, align 4
+  %2570 = insertelement <8 x float> poison, float %2569, i32 0
+  %2571 = shufflevector <8 x float> %2570, <8 x float> poison, <8 x i32> zeroinitializer
+  %2572 = mul nsw i64 %2567, 6400
+  %2573 = getelementptr inbounds float, ptr %h, i64 %2572
+  %col388 = mul nsw i64 %p, 8
+  %2574 = load <8 x float>, ptr %acc010364, align 4
+  %2575 = load <8 x float>, ptr %acc011365, align 4
+  %2576 = fneg <8 x float> %2574
+  %2577 = fcmp olt <8 x float> %2576, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2578 = select <8 x i1> %2577, <8 x float> %2576, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2579 = fcmp ogt <8 x float> %2578, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2580 = select <8 x i1> %2579, <8 x float> %2578, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2580, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2582 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2581)
+  %2583 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2582, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2580)
+  %2584 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2582, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2583)
+  %2585 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2584, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2586 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2585, <8 x float> %2584, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2586, <8 x float> %2584, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2588 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2587, <8 x float> %2584, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2589 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2588, <8 x float> %2584, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2590 = fmul <8 x float> %2584, %2584
+  %2591 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2589, <8 x float> %2590, <8 x float> %2584)
+  %2592 = fadd <8 x float> %2591, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2593 = fptosi <8 x float> %2582 to <8 x i32>
+  %2594 = add <8 x i32> %2593, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2595 = shl <8 x i32> %2594, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n389 = bitcast <8 x i32> %2595 to <8 x float>
+  %exp390 = fmul <8 x float> %2592, %exp.2n389
+  %2596 = fadd <8 x float> %exp390, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid391 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2596
+  %silu392 = fmul <8 x float> %2574, %sigmoid391
+  %glu393 = fmul <8 x float> %silu392, %2575
+  %2597 = fmul <8 x float> %glu393, %2571
+  %2598 = getelementptr inbounds float, ptr %2573, i64 %col388
+  store <8 x float> %2597, ptr %2598, align 4
+  %2599 = add nsw i64 %r0238, 2
+  %2600 = getelementptr inbounds float, ptr %rw, i64 %2599
+  %2601 = load float, ptr %2600, align 4
+  %2602 = insertelement <8 x float> poison, float %2601, i32 0
+  %2603 = shufflevector <8 x float> %2602, <8 x float> poison, <8 x i32> zeroinitializer
+  %2604 = mul nsw i64 %2599, 6400
+  %2605 = getelementptr inbounds float, ptr %h, i64 %2604
+  %col394 = mul nsw i64 %p, 8
+  %2606 = load <8 x float>, ptr %acc020366, align 4
+  %2607 = load <8 x float>, ptr %acc021367, align 4
+  %2608 = fneg <8 x float> %2606
+  %2609 = fcmp olt <8 x float> %2608, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2610 = select <8 x i1> %2609, <8 x float> %2608, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2611 = fcmp ogt <8 x float> %2610, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2612 = select <8 x i1> %2611, <8 x float> %2610, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2612, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2614 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2613)
+  %2615 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2614, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2612)
+  %2616 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2614, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2615)
+  %2617 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2616, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2618 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2617, <8 x float> %2616, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2619 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2618, <8 x float> %2616, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2619, <8 x float> %2616, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2621 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2620, <8 x float> %2616, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2622 = fmul <8 x float> %2616, %2616
+  %2623 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2621, <8 x float> %2622, <8 x float> %2616)
+  %2624 = fadd <8 x float> %2623, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2625 = fptosi <8 x float> %2614 to <8 x i32>
+  %2626 = add <8 x i32> %2625, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2627 = shl <8 x i32> %2626, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n395 = bitcast <8 x i32> %2627 to <8 x float>
+  %exp396 = fmul <8 x float> %2624, %exp.2n395
+  %2628 = fadd <8 x float> %exp396, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid397 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2628
+  %silu398 = fmul <8 x float> %2606, %sigmoid397
+  %glu399 = fmul <8 x float> %silu398, %2607
+  %2629 = fmul <8 x float> %glu399, %2603
+  %2630 = getelementptr inbounds float, ptr %2605, i64 %col394
+  store <8 x float> %2629, ptr %2630, align 4
+  %2631 = add nsw i64 %r0238, 3
+  %2632 = getelementptr inbounds float, ptr %rw, i64 %2631
+  %2633 = load float, ptr %2632, align 4
+  %2634 = insertelement <8 x float> poison, float %2633, i32 0
+  %2635 = shufflevector <8 x float> %2634, <8 x float> poison, <8 x i32> zeroinitializer
+  %2636 = mul nsw i64 %2631, 6400
+  %2637 = getelementptr inbounds float, ptr %h, i64 %2636
+  %col400 = mul nsw i64 %p, 8
+  %2638 = load <8 x float>, ptr %acc030368, align 4
+  %2639 = load <8 x float>, ptr %acc031369, align 4
+  %2640 = fneg <8 x float> %2638
+  %2641 = fcmp olt <8 x float> %2640, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2642 = select <8 x i1> %2641, <8 x float> %2640, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2643 = fcmp ogt <8 x float> %2642, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2644 = select <8 x i1> %2643, <8 x float> %2642, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2645 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2644, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2646 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2645)
+  %2647 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2646, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2644)
+  %2648 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2646, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2647)
+  %2649 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2648, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2650 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2649, <8 x float> %2648, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2651 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2650, <8 x float> %2648, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2652 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2651, <8 x float> %2648, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2652, <8 x float> %2648, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2654 = fmul <8 x float> %2648, %2648
+  %2655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2653, <8 x float> %2654, <8 x float> %2648)
+  %2656 = fadd <8 x float> %2655, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2657 = fptosi <8 x float> %2646 to <8 x i32>
+  %2658 = add <8 x i32> %2657, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2659 = shl <8 x i32> %2658, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n401 = bitcast <8 x i32> %2659 to <8 x float>
+  %exp402 = fmul <8 x float> %2656, %exp.2n401
+  %2660 = fadd <8 x float> %exp402, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid403 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2660
+  %silu404 = fmul <8 x float> %2638, %sigmoid403
+  %glu405 = fmul <8 x float> %silu404, %2639
+  %2661 = fmul <8 x float> %glu405, %2635
+  %2662 = getelementptr inbounds float, ptr %2637, i64 %col400
+  store <8 x float> %2661, ptr %2662, align 4
+  br label %tile.done241
+
+tile.mr3244:                                      ; preds = %rb.body235
+  %2663 = add nsw i64 %r0238, 0
+  %2664 = getelementptr inbounds i32, ptr %rows, i64 %2663
+  %2665 = load i32, ptr %2664, align 4
+  %2666 = sext i32 %2665 to i64
+  %2667 = mul nsw i64 %2666, 4096
+  %2668 = add nsw i64 %2667, 0
+  %2669 = getelementptr inbounds float, ptr %x, i64 %2668
+  store <8 x float> zeroinitializer, ptr %acc000406, align 4
+  store <8 x float> zeroinitializer, ptr %acc001407, align 4
+  %2670 = add nsw i64 %r0238, 1
+  %2671 = getelementptr inbounds i32, ptr %rows, i64 %2670
+  %2672 = load i32, ptr %2671, align 4
+  %2673 = sext i32 %2672 to i64
+  %2674 = mul nsw i64 %2673, 4096
+  %2675 = add nsw i64 %2674, 0
+  %2676 = getelementptr inbounds float, ptr %x, i64 %2675
+  store <8 x float> zeroinitializer, ptr %acc010408, align 4
+  store <8 x float> zeroinitializer, ptr %acc011409, align 4
+  %2677 = add nsw i64 %r0238, 2
+  %2678 = getelementptr inbounds i32, ptr %rows, i64 %2677
+  %2679 = load i32, ptr %2678, align 4
+  %2680 = sext i32 %2679 to i64
+  %2681 = mul nsw i64 %2680, 4096
+  %2682 = add nsw i64 %2681, 0
+  %2683 = getelementptr inbounds float, ptr %x, i64 %2682
+  store <8 x float> zeroinitializer, ptr %acc020410, align 4
+  store <8 x float> zeroinitializer, ptr %acc021411, align 4
+  %2684 = mul nsw i64 %p, 65536
+  %panel.off412 = add nsw i64 %2684, 0
+  %2685 = getelementptr inbounds i16, ptr %panels, i64 %panel.off412
+  %2686 = add nsw i64 %p, 1
+  %2687 = icmp slt i64 %2686, %p1
+  %pf.on413 = and i1 %pf.on249, %2687
+  %2688 = mul nsw i64 %rb237, 131072
+  %2689 = lshr i64 %2688, %1892
+  %2690 = add nsw i64 131072, %2689
+  %2691 = getelementptr inbounds i8, ptr %2685, i64 %2690
+  %pf414 = select i1 %pf.on413, ptr %2691, ptr %2685
+  %pf.sh415 = select i1 %pf.on413, i64 %1892, i64 0
+  br label %k.head416
+
+k.head416:                                        ; preds = %pf.any.end421, %tile.mr3244
+  %k419 = phi i64 [ 0, %tile.mr3244 ], [ %2728, %pf.any.end421 ]
+  %2692 = icmp slt i64 %k419, 4096
+  br i1 %2692, label %k.body417, label %k.end418
+
+k.body417:                                        ; preds = %k.head416
+  %2693 = mul nsw i64 %k419, 1
+  %2694 = add nsw i64 %2693, 0
+  %2695 = mul nsw i64 %2694, 32
+  br i1 %pf.multi248, label %pf.any.then420, label %pf.any.end421
+
+pf.any.then420:                                   ; preds = %k.body417
+  %2696 = lshr i64 %2695, %pf.sh415
+  %2697 = getelementptr inbounds i8, ptr %pf414, i64 %2696
+  call void @llvm.prefetch.p0(ptr %2697, i32 0, i32 2, i32 1)
+  br label %pf.any.end421
+
+pf.any.end421:                                    ; preds = %pf.any.then420, %k.body417
+  %2698 = mul nsw i64 %2694, 16
+  %2699 = add nsw i64 %panel.off412, %2698
+  %2700 = getelementptr inbounds i16, ptr %panels, i64 %2699
+  %2701 = load <8 x i32>, ptr %2700, align 4
+  %2702 = shl <8 x i32> %2701, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0422 = bitcast <8 x i32> %2702 to <8 x float>
+  %2703 = and <8 x i32> %2701, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1423 = bitcast <8 x i32> %2703 to <8 x float>
+  %2704 = getelementptr inbounds float, ptr %2669, i64 %2694
+  %2705 = load float, ptr %2704, align 4
+  %2706 = insertelement <8 x float> poison, float %2705, i32 0
+  %2707 = shufflevector <8 x float> %2706, <8 x float> poison, <8 x i32> zeroinitializer
+  %2708 = load <8 x float>, ptr %acc000406, align 4
+  %2709 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2707, <8 x float> %b0422, <8 x float> %2708)
+  store <8 x float> %2709, ptr %acc000406, align 4
+  %2710 = load <8 x float>, ptr %acc001407, align 4
+  %2711 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2707, <8 x float> %b1423, <8 x float> %2710)
+  store <8 x float> %2711, ptr %acc001407, align 4
+  %2712 = getelementptr inbounds float, ptr %2676, i64 %2694
+  %2713 = load float, ptr %2712, align 4
+  %2714 = insertelement <8 x float> poison, float %2713, i32 0
+  %2715 = shufflevector <8 x float> %2714, <8 x float> poison, <8 x i32> zeroinitializer
+  %2716 = load <8 x float>, ptr %acc010408, align 4
+  %2717 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2715, <8 x float> %b0422, <8 x float> %2716)
+  store <8 x float> %2717, ptr %acc010408, align 4
+  %2718 = load <8 x float>, ptr %acc011409, align 4
+  %2719 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2715, <8 x float> %b1423, <8 x float> %2718)
+  store <8 x float> %2719, ptr %acc011409, align 4
+  %2720 = getelementptr inbounds float, ptr %2683, i64 %2694
+  %2721 = load float, ptr %2720, align 4
+  %2722 = insertelement <8 x float> poison, float %2721, i32 0
+  %2723 = shufflevector <8 x float> %2722, <8 x float> poison, <8 x i32> zeroinitializer
+  %2724 = load <8 x float>, ptr %acc020410, align 4
+  %2725 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2723, <8 x float> %b0422, <8 x float> %2724)
+  store <8 x float> %2725, ptr %acc020410, align 4
+  %2726 = load <8 x float>, ptr %acc021411, align 4
+  %2727 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2723, <8 x float> %b1423, <8 x float> %2726)
+  store <8 x float> %2727, ptr %acc021411, align 4
+  %2728 = add nsw i64 %k419, 1
+  br label %k.head416
+
+k.end418:                                         ; preds = %k.head416
+  %2729 = add nsw i64 %r0238, 0
+  %2730 = getelementptr inbounds float, ptr %rw, i64 %2729
+  %2731 = load float, ptr %2730, align 4
+  %2732 = insertelement <8 x float> poison, float %2731, i32 0
+  %2733 = shufflevector <8 x float> %2732, <8 x float> poison, <8 x i32> zeroinitializer
+  %2734 = mul nsw i64 %2729, 6400
+  %2735 = getelementptr inbounds float, ptr %h, i64 %2734
+  %col424 = mul nsw i64 %p, 8
+  %2736 = load <8 x float>, ptr %acc000406, align 4
+  %2737 = load <8 x float>, ptr %acc001407, align 4
+  %2738 = fneg <8 x float> %2736
+  %2739 = fcmp olt <8 x float> %2738, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2740 = select <8 x i1> %2739, <8 x float> %2738, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2741 = fcmp ogt <8 x float> %2740, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2742 = select <8 x i1> %2741, <8 x float> %2740, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2743 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2742, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2744 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2743)
+  %2745 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2744, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2742)
+  %2746 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2744, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2745)
+  %2747 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2746, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2748 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2747, <8 x float> %2746, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2749 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2748, <8 x float> %2746, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2750 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2749, <8 x float> %2746, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2751 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2750, <8 x float> %2746, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2752 = fmul <8 x float> %2746, %2746
+  %2753 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2751, <8 x float> %2752, <8 x float> %2746)
+  %2754 = fadd <8 x float> %2753, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2755 = fptosi <8 x float> %2744 to <8 x i32>
+  %2756 = add <8 x i32> %2755, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2757 = shl <8 x i32> %2756, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n425 = bitcast <8 x i32> %2757 to <8 x float>
+  %exp426 = fmul <8 x float> %2754, %exp.2n425
+  %2758 = fadd <8 x float> %exp426, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid427 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2758
+  %silu428 = fmul <8 x float> %2736, %sigmoid427
+  %glu429 = fmul <8 x float> %silu428, %2737
+  %2759 = fmul <8 x float> %glu429, %2733
+  %2760 = getelementptr inbounds float, ptr %2735, i64 %col424
+  store <8 x float> %2759, ptr %2760, align 4
+  %2761 = add nsw i64 %r0238, 1
+  %2762 = getelementptr inbounds float, ptr %rw, i64 %2761
+  %2763 = load float, ptr %2762, align 4
+  %2764 = insertelement <8 x float> poison, float %2763, i32 0
+  %2765 = shufflevector <8 x float> %2764, <8 x float> poison, <8 x i32> zeroinitializer
+  %2766 = mul nsw i64 %2761, 6400
+  %2767 = getelementptr inbounds float, ptr %h, i64 %2766
+  %col430 = mul nsw i64 %p, 8
+  %2768 = load <8 x float>, ptr %acc010408, align 4
+  %2769 = load <8 x float>, ptr %acc011409, align 4
+  %2770 = fneg <8 x float> %2768
+  %2771 = fcmp olt <8 x float> %2770, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2772 = select <8 x i1> %2771, <8 x float> %2770, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2773 = fcmp ogt <8 x float> %2772, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2774 = select <8 x i1> %2773, <8 x float> %2772, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2775 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2774, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2776 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2775)
+  %2777 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2776, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2774)
+  %2778 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2776, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2777)
+  %2779 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2778, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2780 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2779, <8 x float> %2778, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2781 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2780, <8 x float> %2778, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2782 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2781, <8 x float> %2778, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2783 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2782, <8 x float> %2778, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2784 = fmul <8 x float> %2778, %2778
+  %2785 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2783, <8 x float> %2784, <8 x float> %2778)
+  %2786 = fadd <8 x float> %2785, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2787 = fptosi <8 x float> %2776 to <8 x i32>
+  %2788 = add <8 x i32> %2787, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2789 = shl <8 x i32> %2788, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n431 = bitcast <8 x i32> %2789 to <8 x float>
+  %exp432 = fmul <8 x float> %2786, %exp.2n431
+  %2790 = fadd <8 x float> %exp432, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid433 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2790
+  %silu434 = fmul <8 x float> %2768, %sigmoid433
+  %glu435 = fmul <8 x float> %silu434, %2769
+  %2791 = fmul <8 x float> %glu435, %2765
+  %2792 = getelementptr inbounds float, ptr %2767, i64 %col430
+  store <8 x float> %2791, ptr %2792, align 4
+  %2793 = add nsw i64 %r0238, 2
+  %2794 = getelementptr inbounds float, ptr %rw, i64 %2793
+  %2795 = load float, ptr %2794, align 4
+  %2796 = insertelement <8 x float> poison, float %2795, i32 0
+  %2797 = shufflevector <8 x float> %2796, <8 x float> poison, <8 x i32> zeroinitializer
+  %2798 = mul nsw i64 %2793, 6400
+  %2799 = getelementptr inbounds float, ptr %h, i64 %2798
+  %col436 = mul nsw i64 %p, 8
+  %2800 = load <8 x float>, ptr %acc020410, align 4
+  %2801 = load <8 x float>, ptr %acc021411, align 4
+  %2802 = fneg <8 x float> %2800
+  %2803 = fcmp olt <8 x float> %2802, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2804 = select <8 x i1> %2803, <8 x float> %2802, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2805 = fcmp ogt <8 x float> %2804, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2806 = select <8 x i1> %2805, <8 x float> %2804, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2807 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2806, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2808 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2807)
+  %2809 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2808, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2806)
+  %2810 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2808, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2809)
+  %2811 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2810, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2812 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2811, <8 x float> %2810, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2813 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2812, <8 x float> %2810, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2814 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2813, <8 x float> %2810, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2815 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2814, <8 x float> %2810, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2816 = fmul <8 x float> %2810, %2810
+  %2817 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2815, <8 x float> %2816, <8 x float> %2810)
+  %2818 = fadd <8 x float> %2817, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2819 = fptosi <8 x float> %2808 to <8 x i32>
+  %2820 = add <8 x i32> %2819, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2821 = shl <8 x i32> %2820, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n437 = bitcast <8 x i32> %2821 to <8 x float>
+  %exp438 = fmul <8 x float> %2818, %exp.2n437
+  %2822 = fadd <8 x float> %exp438, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid439 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2822
+  %silu440 = fmul <8 x float> %2800, %sigmoid439
+  %glu441 = fmul <8 x float> %silu440, %2801
+  %2823 = fmul <8 x float> %glu441, %2797
+  %2824 = getelementptr inbounds float, ptr %2799, i64 %col436
+  store <8 x float> %2823, ptr %2824, align 4
+  br label %tile.done241
+
+tile.mr2243:                                      ; preds = %rb.body235
+  %2825 = add nsw i64 %r0238, 0
+  %2826 = getelementptr inbounds i32, ptr %rows, i64 %2825
+  %2827 = load i32, ptr %2826, align 4
+  %2828 = sext i32 %2827 to i64
+  %2829 = mul nsw i64 %2828, 4096
+  %2830 = add nsw i64 %2829, 0
+  %2831 = getelementptr inbounds float, ptr %x, i64 %2830
+  store <8 x float> zeroinitializer, ptr %acc000442, align 4
+  store <8 x float> zeroinitializer, ptr %acc001443, align 4
+  %2832 = add nsw i64 %r0238, 1
+  %2833 = getelementptr inbounds i32, ptr %rows, i64 %2832
+  %2834 = load i32, ptr %2833, align 4
+  %2835 = sext i32 %2834 to i64
+  %2836 = mul nsw i64 %2835, 4096
+  %2837 = add nsw i64 %2836, 0
+  %2838 = getelementptr inbounds float, ptr %x, i64 %2837
+  store <8 x float> zeroinitializer, ptr %acc010444, align 4
+  store <8 x float> zeroinitializer, ptr %acc011445, align 4
+  %2839 = mul nsw i64 %p, 65536
+  %panel.off446 = add nsw i64 %2839, 0
+  %2840 = getelementptr inbounds i16, ptr %panels, i64 %panel.off446
+  %2841 = add nsw i64 %p, 1
+  %2842 = icmp slt i64 %2841, %p1
+  %pf.on447 = and i1 %pf.on249, %2842
+  %2843 = mul nsw i64 %rb237, 131072
+  %2844 = lshr i64 %2843, %1892
+  %2845 = add nsw i64 131072, %2844
+  %2846 = getelementptr inbounds i8, ptr %2840, i64 %2845
+  %pf448 = select i1 %pf.on447, ptr %2846, ptr %2840
+  %pf.sh449 = select i1 %pf.on447, i64 %1892, i64 0
+  br label %k.head450
+
+k.head450:                                        ; preds = %pf.any.end455, %tile.mr2243
+  %k453 = phi i64 [ 0, %tile.mr2243 ], [ %2875, %pf.any.end455 ]
+  %2847 = icmp slt i64 %k453, 4096
+  br i1 %2847, label %k.body451, label %k.end452
+
+k.body451:                                        ; preds = %k.head450
+  %2848 = mul nsw i64 %k453, 1
+  %2849 = add nsw i64 %2848, 0
+  %2850 = mul nsw i64 %2849, 32
+  br i1 %pf.multi248, label %pf.any.then454, label %pf.any.end455
+
+pf.any.then454:                                   ; preds = %k.body451
+  %2851 = lshr i64 %2850, %pf.sh449
+  %2852 = getelementptr inbounds i8, ptr %pf448, i64 %2851
+  call void @llvm.prefetch.p0(ptr %2852, i32 0, i32 2, i32 1)
+  br label %pf.any.end455
+
+pf.any.end455:                                    ; preds = %pf.any.then454, %k.body451
+  %2853 = mul nsw i64 %2849, 16
+  %2854 = add nsw i64 %panel.off446, %2853
+  %2855 = getelementptr inbounds i16, ptr %panels, i64 %2854
+  %2856 = load <8 x i32>, ptr %2855, align 4
+  %2857 = shl <8 x i32> %2856, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0456 = bitcast <8 x i32> %2857 to <8 x float>
+  %2858 = and <8 x i32> %2856, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1457 = bitcast <8 x i32> %2858 to <8 x float>
+  %2859 = getelementptr inbounds float, ptr %2831, i64 %2849
+  %2860 = load float, ptr %2859, align 4
+  %2861 = insertelement <8 x float> poison, float %2860, i32 0
+  %2862 = shufflevector <8 x float> %2861, <8 x float> poison, <8 x i32> zeroinitializer
+  %2863 = load <8 x float>, ptr %acc000442, align 4
+  %2864 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2862, <8 x float> %b0456, <8 x float> %2863)
+  store <8 x float> %2864, ptr %acc000442, align 4
+  %2865 = load <8 x float>, ptr %acc001443, align 4
+  %2866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2862, <8 x float> %b1457, <8 x float> %2865)
+  store <8 x float> %2866, ptr %acc001443, align 4
+  %2867 = getelementptr inbounds float, ptr %2838, i64 %2849
+  %2868 = load float, ptr %2867, align 4
+  %2869 = insertelement <8 x float> poison, float %2868, i32 0
+  %2870 = shufflevector <8 x float> %2869, <8 x float> poison, <8 x i32> zeroinitializer
+  %2871 = load <8 x float>, ptr %acc010444, align 4
+  %2872 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2870, <8 x float> %b0456, <8 x float> %2871)
+  store <8 x float> %2872, ptr %acc010444, align 4
+  %2873 = load <8 x float>, ptr %acc011445, align 4
+  %2874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2870, <8 x float> %b1457, <8 x float> %2873)
+  store <8 x float> %2874, ptr %acc011445, align 4
+  %2875 = add nsw i64 %k453, 1
+  br label %k.head450
+
+k.end452:                                         ; preds = %k.head450
+  %2876 = add nsw i64 %r0238, 0
+  %2877 = getelementptr inbounds float, ptr %rw, i64 %2876
+  %2878 = load float, ptr %2877, align 4
+  %2879 = insertelement <8 x float> poison, float %2878, i32 0
+  %2880 = shufflevector <8 x float> %2879, <8 x float> poison, <8 x i32> zeroinitializer
+  %2881 = mul nsw i64 %2876, 6400
+  %2882 = getelementptr inbounds float, ptr %h, i64 %2881
+  %col458 = mul nsw i64 %p, 8
+  %2883 = load <8 x float>, ptr %acc000442, align 4
+  %2884 = load <8 x float>, ptr %acc001443, align 4
+  %2885 = fneg <8 x float> %2883
+  %2886 = fcmp olt <8 x float> %2885, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2887 = select <8 x i1> %2886, <8 x float> %2885, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2888 = fcmp ogt <8 x float> %2887, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2889 = select <8 x i1> %2888, <8 x float> %2887, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2890 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2889, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2891 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2890)
+  %2892 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2891, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2889)
+  %2893 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2891, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2892)
+  %2894 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2893, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2895 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2894, <8 x float> %2893, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2896 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2895, <8 x float> %2893, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2897 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2896, <8 x float> %2893, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2898 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2897, <8 x float> %2893, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2899 = fmul <8 x float> %2893, %2893
+  %2900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2898, <8 x float> %2899, <8 x float> %2893)
+  %2901 = fadd <8 x float> %2900, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2902 = fptosi <8 x float> %2891 to <8 x i32>
+  %2903 = add <8 x i32> %2902, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2904 = shl <8 x i32> %2903, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n459 = bitcast <8 x i32> %2904 to <8 x float>
+  %exp460 = fmul <8 x float> %2901, %exp.2n459
+  %2905 = fadd <8 x float> %exp460, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid461 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2905
+  %silu462 = fmul <8 x float> %2883, %sigmoid461
+  %glu463 = fmul <8 x float> %silu462, %2884
+  %2906 = fmul <8 x float> %glu463, %2880
+  %2907 = getelementptr inbounds float, ptr %2882, i64 %col458
+  store <8 x float> %2906, ptr %2907, align 4
+  %2908 = add nsw i64 %r0238, 1
+  %2909 = getelementptr inbounds float, ptr %rw, i64 %2908
+  %2910 = load float, ptr %2909, align 4
+  %2911 = insertelement <8 x float> poison, float %2910, i32 0
+  %2912 = shufflevector <8 x float> %2911, <8 x float> poison, <8 x i32> zeroinitializer
+  %2913 = mul nsw i64 %2908, 6400
+  %2914 = getelementptr inbounds float, ptr %h, i64 %2913
+  %col464 = mul nsw i64 %p, 8
+  %2915 = load <8 x float>, ptr %acc010444, align 4
+  %2916 = load <8 x float>, ptr %acc011445, align 4
+  %2917 = fneg <8 x float> %2915
+  %2918 = fcmp olt <8 x float> %2917, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2919 = select <8 x i1> %2918, <8 x float> %2917, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2920 = fcmp ogt <8 x float> %2919, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2921 = select <8 x i1> %2920, <8 x float> %2919, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2922 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2921, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2923 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2922)
+  %2924 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2923, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2921)
+  %2925 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2923, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2924)
+  %2926 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2925, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2927 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2926, <8 x float> %2925, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2928 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2927, <8 x float> %2925, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2929 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2928, <8 x float> %2925, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2930 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2929, <8 x float> %2925, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2931 = fmul <8 x float> %2925, %2925
+  %2932 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2930, <8 x float> %2931, <8 x float> %2925)
+  %2933 = fadd <8 x float> %2932, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2934 = fptosi <8 x float> %2923 to <8 x i32>
+  %2935 = add <8 x i32> %2934, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2936 = shl <8 x i32> %2935, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n465 = bitcast <8 x i32> %2936 to <8 x float>
+  %exp466 = fmul <8 x float> %2933, %exp.2n465
+  %2937 = fadd <8 x float> %exp466, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid467 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2937
+  %silu468 = fmul <8 x float> %2915, %sigmoid467
+  %glu469 = fmul <8 x float> %silu468, %2916
+  %2938 = fmul <8 x float> %glu469, %2912
+  %2939 = getelementptr inbounds float, ptr %2914, i64 %col464
+  store <8 x float> %2938, ptr %2939, align 4
+  br label %tile.done241
+
+tile.mr1242:                                      ; preds = %rb.body235
+  %2940 = add nsw i64 %r0238, 0
+  %2941 = getelementptr inbounds i32, ptr %rows, i64 %2940
+  %2942 = load i32, ptr %2941, align 4
+  %2943 = sext i32 %2942 to i64
+  %2944 = mul nsw i64 %2943, 4096
+  %2945 = add nsw i64 %2944, 0
+  %2946 = getelementptr inbounds float, ptr %x, i64 %2945
+  store <8 x float> zeroinitializer, ptr %acc000470, align 4
+  store <8 x float> zeroinitializer, ptr %acc001471, align 4
+  %2947 = mul nsw i64 %p, 65536
+  %panel.off472 = add nsw i64 %2947, 0
+  %2948 = getelementptr inbounds i16, ptr %panels, i64 %panel.off472
+  %2949 = add nsw i64 %p, 1
+  %2950 = icmp slt i64 %2949, %p1
+  %pf.on473 = and i1 %pf.on249, %2950
+  %2951 = mul nsw i64 %rb237, 131072
+  %2952 = lshr i64 %2951, %1892
+  %2953 = add nsw i64 131072, %2952
+  %2954 = getelementptr inbounds i8, ptr %2948, i64 %2953
+  %pf474 = select i1 %pf.on473, ptr %2954, ptr %2948
+  %pf.sh475 = select i1 %pf.on473, i64 %1892, i64 0
+  br label %k.head476
+
+k.head476:                                        ; preds = %pf.any.end481, %tile.mr1242
+  %k479 = phi i64 [ 0, %tile.mr1242 ], [ %2975, %pf.any.end481 ]
+  %2955 = icmp slt i64 %k479, 4096
+  br i1 %2955, label %k.body477, label %k.end478
+
+k.body477:                                        ; preds = %k.head476
+  %2956 = mul nsw i64 %k479, 1
+  %2957 = add nsw i64 %2956, 0
+  %2958 = mul nsw i64 %2957, 32
+  br i1 %pf.multi248, label %pf.any.then480, label %pf.any.end481
+
+pf.any.then480:                                   ; preds = %k.body477
+  %2959 = lshr i64 %2958, %pf.sh475
+  %2960 = getelementptr inbounds i8, ptr %pf474, i64 %2959
+  call void @llvm.prefetch.p0(ptr %2960, i32 0, i32 2, i32 1)
+  br label %pf.any.end481
+
+pf.any.end481:                                    ; preds = %pf.any.then480, %k.body477
+  %2961 = mul nsw i64 %2957, 16
+  %2962 = add nsw i64 %panel.off472, %2961
+  %2963 = getelementptr inbounds i16, ptr %panels, i64 %2962
+  %2964 = load <8 x i32>, ptr %2963, align 4
+  %2965 = shl <8 x i32> %2964, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0482 = bitcast <8 x i32> %2965 to <8 x float>
+  %2966 = and <8 x i32> %2964, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1483 = bitcast <8 x i32> %2966 to <8 x float>
+  %2967 = getelementptr inbounds float, ptr %2946, i64 %2957
+  %2968 = load float, ptr %2967, align 4
+  %2969 = insertelement <8 x float> poison, float %2968, i32 0
+  %2970 = shufflevector <8 x float> %2969, <8 x float> poison, <8 x i32> zeroinitializer
+  %2971 = load <8 x float>, ptr %acc000470, align 4
+  %2972 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2970, <8 x float> %b0482, <8 x float> %2971)
+  store <8 x float> %2972, ptr %acc000470, align 4
+  %2973 = load <8 x float>, ptr %acc001471, align 4
+  %2974 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2970, <8 x float> %b1483, <8 x float> %2973)
+  store <8 x float> %2974, ptr %acc001471, align 4
+  %2975 = add nsw i64 %k479, 1
+  br label %k.head476
+
+k.end478:                                         ; preds = %k.head476
+  %2976 = add nsw i64 %r0238, 0
+  %2977 = getelementptr inbounds float, ptr %rw, i64 %2976
+  %2978 = load float, ptr %2977, align 4
+  %2979 = insertelement <8 x float> poison, float %2978, i32 0
+  %2980 = shufflevector <8 x float> %2979, <8 x float> poison, <8 x i32> zeroinitializer
+  %2981 = mul nsw i64 %2976, 6400
+  %2982 = getelementptr inbounds float, ptr %h, i64 %2981
+  %col484 = mul nsw i64 %p, 8
+  %2983 = load <8 x float>, ptr %acc000470, align 4
+  %2984 = load <8 x float>, ptr %acc001471, align 4
+  %2985 = fneg <8 x float> %2983
+  %2986 = fcmp olt <8 x float> %2985, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2987 = select <8 x i1> %2986, <8 x float> %2985, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2988 = fcmp ogt <8 x float> %2987, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2989 = select <8 x i1> %2988, <8 x float> %2987, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2990 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2989, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2991 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2990)
+  %2992 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2991, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2989)
+  %2993 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2991, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2992)
+  %2994 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2993, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2995 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2994, <8 x float> %2993, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2996 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2995, <8 x float> %2993, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2997 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2996, <8 x float> %2993, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2998 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2997, <8 x float> %2993, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2999 = fmul <8 x float> %2993, %2993
+  %3000 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2998, <8 x float> %2999, <8 x float> %2993)
+  %3001 = fadd <8 x float> %3000, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %3002 = fptosi <8 x float> %2991 to <8 x i32>
+  %3003 = add <8 x i32> %3002, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %3004 = shl <8 x i32> %3003, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n485 = bitcast <8 x i32> %3004 to <8 x float>
+  %exp486 = fmul <8 x float> %3001, %exp.2n485
+  %3005 = fadd <8 x float> %exp486, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid487 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %3005
+  %silu488 = fmul <8 x float> %2983, %sigmoid487
+  %glu489 = fmul <8 x float> %silu488, %2984
+  %3006 = fmul <8 x float> %glu489, %2980
+  %3007 = getelementptr inbounds float, ptr %2982, i64 %col484
+  store <8 x float> %3006, ptr %3007, align 4
+  br label %tile.done241
+
+tile.done241:                                     ; preds = %k.end478, %k.end452, %k.end418, %k.end376, %k.end326, %k.end268
+  %3008 = add nsw i64 %rb237, 1
+  br label %rb.head234
+
+rb.end236:                                        ; preds = %rb.head234
+  %3009 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
+  br label %call.end
+
+call.end:                                         ; preds = %p.end, %kb.rc.end
   ret void
 }
 
-; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
-declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #2
+; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
+declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #2
 
 ; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
-declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #1
-
-; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
-declare <8 x float> @llvm.floor.v8f32(<8 x float>) #1
+declare <8 x float> @llvm.floor.v8f32(<8 x float>) #2
 
 ; Function Attrs: nounwind
 define hidden void @moe_down(ptr noalias %h, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bd, ptr noalias %y, i64 %p0, i64 %p1) #0 {
 entry:
+  %part = alloca [24576 x float], align 32
   %acc000 = alloca <8 x float>, align 32
   %acc001 = alloca <8 x float>, align 32
   %acc010 = alloca <8 x float>, align 32
@@ -2490,75 +5153,163 @@ entry:
   %acc041 = alloca <8 x float>, align 32
   %acc050 = alloca <8 x float>, align 32
   %acc051 = alloca <8 x float>, align 32
-  %acc0003 = alloca <8 x float>, align 32
-  %acc0014 = alloca <8 x float>, align 32
-  %acc0105 = alloca <8 x float>, align 32
-  %acc0116 = alloca <8 x float>, align 32
-  %acc0207 = alloca <8 x float>, align 32
-  %acc0218 = alloca <8 x float>, align 32
-  %acc0309 = alloca <8 x float>, align 32
-  %acc03110 = alloca <8 x float>, align 32
-  %acc04011 = alloca <8 x float>, align 32
-  %acc04112 = alloca <8 x float>, align 32
-  %acc00026 = alloca <8 x float>, align 32
-  %acc00127 = alloca <8 x float>, align 32
-  %acc01028 = alloca <8 x float>, align 32
-  %acc01129 = alloca <8 x float>, align 32
-  %acc02030 = alloca <8 x float>, align 32
-  %acc02131 = alloca <8 x float>, align 32
-  %acc03032 = alloca <8 x float>, align 32
-  %acc03133 = alloca <8 x float>, align 32
-  %acc00047 = alloca <8 x float>, align 32
-  %acc00148 = alloca <8 x float>, align 32
-  %acc01049 = alloca <8 x float>, align 32
-  %acc01150 = alloca <8 x float>, align 32
-  %acc02051 = alloca <8 x float>, align 32
-  %acc02152 = alloca <8 x float>, align 32
-  %acc00066 = alloca <8 x float>, align 32
-  %acc00167 = alloca <8 x float>, align 32
-  %acc01068 = alloca <8 x float>, align 32
-  %acc01169 = alloca <8 x float>, align 32
-  %acc00083 = alloca <8 x float>, align 32
-  %acc00184 = alloca <8 x float>, align 32
+  %acc0004 = alloca <8 x float>, align 32
+  %acc0015 = alloca <8 x float>, align 32
+  %acc0106 = alloca <8 x float>, align 32
+  %acc0117 = alloca <8 x float>, align 32
+  %acc0208 = alloca <8 x float>, align 32
+  %acc0219 = alloca <8 x float>, align 32
+  %acc03010 = alloca <8 x float>, align 32
+  %acc03111 = alloca <8 x float>, align 32
+  %acc04012 = alloca <8 x float>, align 32
+  %acc04113 = alloca <8 x float>, align 32
+  %acc00027 = alloca <8 x float>, align 32
+  %acc00128 = alloca <8 x float>, align 32
+  %acc01029 = alloca <8 x float>, align 32
+  %acc01130 = alloca <8 x float>, align 32
+  %acc02031 = alloca <8 x float>, align 32
+  %acc02132 = alloca <8 x float>, align 32
+  %acc03033 = alloca <8 x float>, align 32
+  %acc03134 = alloca <8 x float>, align 32
+  %acc00048 = alloca <8 x float>, align 32
+  %acc00149 = alloca <8 x float>, align 32
+  %acc01050 = alloca <8 x float>, align 32
+  %acc01151 = alloca <8 x float>, align 32
+  %acc02052 = alloca <8 x float>, align 32
+  %acc02153 = alloca <8 x float>, align 32
+  %acc00067 = alloca <8 x float>, align 32
+  %acc00168 = alloca <8 x float>, align 32
+  %acc01069 = alloca <8 x float>, align 32
+  %acc01170 = alloca <8 x float>, align 32
+  %acc00084 = alloca <8 x float>, align 32
+  %acc00185 = alloca <8 x float>, align 32
+  %acc000116 = alloca <8 x float>, align 32
+  %acc001117 = alloca <8 x float>, align 32
+  %acc010118 = alloca <8 x float>, align 32
+  %acc011119 = alloca <8 x float>, align 32
+  %acc020120 = alloca <8 x float>, align 32
+  %acc021121 = alloca <8 x float>, align 32
+  %acc030122 = alloca <8 x float>, align 32
+  %acc031123 = alloca <8 x float>, align 32
+  %acc040124 = alloca <8 x float>, align 32
+  %acc041125 = alloca <8 x float>, align 32
+  %acc050126 = alloca <8 x float>, align 32
+  %acc051127 = alloca <8 x float>, align 32
+  %acc000141 = alloca <8 x float>, align 32
+  %acc001142 = alloca <8 x float>, align 32
+  %acc010143 = alloca <8 x float>, align 32
+  %acc011144 = alloca <8 x float>, align 32
+  %acc020145 = alloca <8 x float>, align 32
+  %acc021146 = alloca <8 x float>, align 32
+  %acc030147 = alloca <8 x float>, align 32
+  %acc031148 = alloca <8 x float>, align 32
+  %acc040149 = alloca <8 x float>, align 32
+  %acc041150 = alloca <8 x float>, align 32
+  %acc000164 = alloca <8 x float>, align 32
+  %acc001165 = alloca <8 x float>, align 32
+  %acc010166 = alloca <8 x float>, align 32
+  %acc011167 = alloca <8 x float>, align 32
+  %acc020168 = alloca <8 x float>, align 32
+  %acc021169 = alloca <8 x float>, align 32
+  %acc030170 = alloca <8 x float>, align 32
+  %acc031171 = alloca <8 x float>, align 32
+  %acc000185 = alloca <8 x float>, align 32
+  %acc001186 = alloca <8 x float>, align 32
+  %acc010187 = alloca <8 x float>, align 32
+  %acc011188 = alloca <8 x float>, align 32
+  %acc020189 = alloca <8 x float>, align 32
+  %acc021190 = alloca <8 x float>, align 32
+  %acc000204 = alloca <8 x float>, align 32
+  %acc001205 = alloca <8 x float>, align 32
+  %acc010206 = alloca <8 x float>, align 32
+  %acc011207 = alloca <8 x float>, align 32
+  %acc000221 = alloca <8 x float>, align 32
+  %acc001222 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   %0 = icmp slt i64 %p1, 256
   %end = select i1 %0, i64 %p1, i64 256
-  br label %p.head
+  %1 = icmp sgt i64 %n, 6
+  br i1 %1, label %kb, label %flat
 
-p.head:                                           ; preds = %rb.end, %start
-  %p = phi i64 [ %p0, %start ], [ %598, %rb.end ]
-  %1 = icmp slt i64 %p, %end
-  br i1 %1, label %p.body, label %p.end
+kb:                                               ; preds = %start
+  br label %kb.rc.head
 
-p.body:                                           ; preds = %p.head
-  %2 = add nsw i64 %n, 5
-  %nrb = sdiv i64 %2, 6
+kb.rc.head:                                       ; preds = %kb.pg.end, %kb
+  %kb.rc = phi i64 [ 0, %kb ], [ %720, %kb.pg.end ]
+  %2 = icmp slt i64 %kb.rc, %n
+  br i1 %2, label %kb.rc.body, label %kb.rc.end
+
+kb.rc.body:                                       ; preds = %kb.rc.head
+  %3 = sub nsw i64 %n, %kb.rc
+  %4 = icmp slt i64 %3, 96
+  %kb.rn = select i1 %4, i64 %3, i64 96
+  br label %kb.pg.head
+
+kb.pg.head:                                       ; preds = %kb.k.end, %kb.rc.body
+  %kb.pg = phi i64 [ %p0, %kb.rc.body ], [ %719, %kb.k.end ]
+  %5 = icmp slt i64 %kb.pg, %end
+  br i1 %5, label %kb.pg.body, label %kb.pg.end
+
+kb.pg.body:                                       ; preds = %kb.pg.head
+  %6 = add nsw i64 %kb.pg, 16
+  %7 = icmp slt i64 %6, %end
+  %kb.pg1 = select i1 %7, i64 %6, i64 %end
+  br label %kb.k.head
+
+kb.k.head:                                        ; preds = %kb.p.end, %kb.pg.body
+  %kb.k = phi i64 [ 0, %kb.pg.body ], [ %718, %kb.p.end ]
+  %8 = icmp slt i64 %kb.k, 25
+  br i1 %8, label %kb.k.body, label %kb.k.end
+
+kb.k.body:                                        ; preds = %kb.k.head
+  %k0 = mul nsw i64 %kb.k, 256
+  %kfirst = icmp eq i64 %kb.k, 0
+  %klast = icmp eq i64 %kb.k, 24
+  br label %kb.p.head
+
+kb.p.head:                                        ; preds = %rb.end, %kb.k.body
+  %kb.p = phi i64 [ %kb.pg, %kb.k.body ], [ %717, %rb.end ]
+  %9 = icmp slt i64 %kb.p, %kb.pg1
+  br i1 %9, label %kb.p.body, label %kb.p.end
+
+kb.p.body:                                        ; preds = %kb.p.head
+  %10 = add nsw i64 %kb.p, 1
+  %11 = icmp slt i64 %10, %kb.pg1
+  %12 = sub nsw i64 %kb.p, %kb.pg
+  %13 = mul nsw i64 %12, 204800
+  %14 = sub nsw i64 8192, %13
+  %pf.step = select i1 %11, i64 204800, i64 %14
+  %15 = xor i1 %klast, true
+  %pf.next = or i1 %11, %15
+  %16 = add nsw i64 %kb.rn, 5
+  %nrb = sdiv i64 %16, 6
   br label %rb.head
 
-rb.head:                                          ; preds = %tile.done, %p.body
-  %rb = phi i64 [ 0, %p.body ], [ %597, %tile.done ]
-  %3 = icmp slt i64 %rb, %nrb
-  br i1 %3, label %rb.body, label %rb.end
+rb.head:                                          ; preds = %tile.done, %kb.p.body
+  %rb = phi i64 [ 0, %kb.p.body ], [ %716, %tile.done ]
+  %17 = icmp slt i64 %rb, %nrb
+  br i1 %17, label %rb.body, label %rb.end
 
 rb.body:                                          ; preds = %rb.head
-  %4 = mul nsw i64 %rb, %n
-  %r0 = sdiv i64 %4, %nrb
-  %5 = add nsw i64 %rb, 1
-  %6 = mul nsw i64 %5, %n
-  %r1 = sdiv i64 %6, %nrb
+  %18 = mul nsw i64 %rb, %kb.rn
+  %r0 = sdiv i64 %18, %nrb
+  %19 = add nsw i64 %rb, 1
+  %20 = mul nsw i64 %19, %kb.rn
+  %r1 = sdiv i64 %20, %nrb
   %mr = sub nsw i64 %r1, %r0
-  %7 = icmp sge i64 %nrb, 2
-  %8 = select i1 %7, i64 1, i64 0
-  %9 = icmp sge i64 %nrb, 4
-  %10 = select i1 %9, i64 2, i64 %8
-  %11 = icmp sge i64 %nrb, 8
-  %12 = select i1 %11, i64 3, i64 %10
+  %r01 = add nsw i64 %kb.rc, %r0
+  %21 = icmp sge i64 %nrb, 2
+  %22 = select i1 %21, i64 1, i64 0
+  %23 = icmp sge i64 %nrb, 4
+  %24 = select i1 %23, i64 2, i64 %22
+  %25 = icmp sge i64 %nrb, 8
+  %26 = select i1 %25, i64 3, i64 %24
   %pf.multi = icmp sgt i64 %nrb, 1
-  %13 = shl i64 1, %12
-  %14 = icmp slt i64 %rb, %13
-  %pf.on = and i1 %pf.multi, %14
+  %27 = shl i64 1, %26
+  %28 = icmp slt i64 %rb, %27
+  %pf.on = and i1 %pf.multi, %28
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -2568,887 +5319,2000 @@ rb.body:                                          ; preds = %rb.head
   ]
 
 tile.mr6:                                         ; preds = %rb.body
-  %col = mul nsw i64 %p, 16
-  %15 = add nsw i64 %r0, 0
-  %16 = mul nsw i64 %15, 6400
-  %17 = getelementptr inbounds float, ptr %h, i64 %16
-  %18 = getelementptr inbounds i32, ptr %rows, i64 %15
-  %19 = load i32, ptr %18, align 4
-  %20 = sext i32 %19 to i64
-  %21 = mul nsw i64 %20, 4096
-  %22 = getelementptr inbounds float, ptr %y, i64 %21
-  %23 = add nsw i64 %col, 0
-  %24 = getelementptr inbounds float, ptr %22, i64 %23
-  store <8 x float> zeroinitializer, ptr %acc000, align 4
-  %25 = add nsw i64 %col, 8
-  %26 = getelementptr inbounds float, ptr %22, i64 %25
-  store <8 x float> zeroinitializer, ptr %acc001, align 4
-  %27 = add nsw i64 %r0, 1
-  %28 = mul nsw i64 %27, 6400
-  %29 = getelementptr inbounds float, ptr %h, i64 %28
-  %30 = getelementptr inbounds i32, ptr %rows, i64 %27
-  %31 = load i32, ptr %30, align 4
-  %32 = sext i32 %31 to i64
-  %33 = mul nsw i64 %32, 4096
-  %34 = getelementptr inbounds float, ptr %y, i64 %33
-  %35 = add nsw i64 %col, 0
-  %36 = getelementptr inbounds float, ptr %34, i64 %35
-  store <8 x float> zeroinitializer, ptr %acc010, align 4
-  %37 = add nsw i64 %col, 8
-  %38 = getelementptr inbounds float, ptr %34, i64 %37
-  store <8 x float> zeroinitializer, ptr %acc011, align 4
-  %39 = add nsw i64 %r0, 2
-  %40 = mul nsw i64 %39, 6400
-  %41 = getelementptr inbounds float, ptr %h, i64 %40
-  %42 = getelementptr inbounds i32, ptr %rows, i64 %39
-  %43 = load i32, ptr %42, align 4
-  %44 = sext i32 %43 to i64
-  %45 = mul nsw i64 %44, 4096
-  %46 = getelementptr inbounds float, ptr %y, i64 %45
-  %47 = add nsw i64 %col, 0
-  %48 = getelementptr inbounds float, ptr %46, i64 %47
-  store <8 x float> zeroinitializer, ptr %acc020, align 4
-  %49 = add nsw i64 %col, 8
-  %50 = getelementptr inbounds float, ptr %46, i64 %49
-  store <8 x float> zeroinitializer, ptr %acc021, align 4
-  %51 = add nsw i64 %r0, 3
-  %52 = mul nsw i64 %51, 6400
-  %53 = getelementptr inbounds float, ptr %h, i64 %52
-  %54 = getelementptr inbounds i32, ptr %rows, i64 %51
-  %55 = load i32, ptr %54, align 4
-  %56 = sext i32 %55 to i64
-  %57 = mul nsw i64 %56, 4096
-  %58 = getelementptr inbounds float, ptr %y, i64 %57
-  %59 = add nsw i64 %col, 0
-  %60 = getelementptr inbounds float, ptr %58, i64 %59
-  store <8 x float> zeroinitializer, ptr %acc030, align 4
-  %61 = add nsw i64 %col, 8
-  %62 = getelementptr inbounds float, ptr %58, i64 %61
-  store <8 x float> zeroinitializer, ptr %acc031, align 4
-  %63 = add nsw i64 %r0, 4
+  %col = mul nsw i64 %kb.p, 16
+  %29 = add nsw i64 %r01, 0
+  %30 = mul nsw i64 %29, 6400
+  %31 = add nsw i64 %30, %k0
+  %32 = getelementptr inbounds float, ptr %h, i64 %31
+  %33 = getelementptr inbounds i32, ptr %rows, i64 %29
+  %34 = load i32, ptr %33, align 4
+  %35 = sext i32 %34 to i64
+  %36 = mul nsw i64 %35, 4096
+  %37 = getelementptr inbounds float, ptr %y, i64 %36
+  %38 = add nsw i64 %col, 0
+  %39 = getelementptr inbounds float, ptr %37, i64 %38
+  %40 = load <8 x float>, ptr %39, align 4
+  %41 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %40
+  store <8 x float> %41, ptr %acc000, align 4
+  %42 = add nsw i64 %col, 8
+  %43 = getelementptr inbounds float, ptr %37, i64 %42
+  %44 = load <8 x float>, ptr %43, align 4
+  %45 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %44
+  store <8 x float> %45, ptr %acc001, align 4
+  %46 = add nsw i64 %r01, 1
+  %47 = mul nsw i64 %46, 6400
+  %48 = add nsw i64 %47, %k0
+  %49 = getelementptr inbounds float, ptr %h, i64 %48
+  %50 = getelementptr inbounds i32, ptr %rows, i64 %46
+  %51 = load i32, ptr %50, align 4
+  %52 = sext i32 %51 to i64
+  %53 = mul nsw i64 %52, 4096
+  %54 = getelementptr inbounds float, ptr %y, i64 %53
+  %55 = add nsw i64 %col, 0
+  %56 = getelementptr inbounds float, ptr %54, i64 %55
+  %57 = load <8 x float>, ptr %56, align 4
+  %58 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %57
+  store <8 x float> %58, ptr %acc010, align 4
+  %59 = add nsw i64 %col, 8
+  %60 = getelementptr inbounds float, ptr %54, i64 %59
+  %61 = load <8 x float>, ptr %60, align 4
+  %62 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %61
+  store <8 x float> %62, ptr %acc011, align 4
+  %63 = add nsw i64 %r01, 2
   %64 = mul nsw i64 %63, 6400
-  %65 = getelementptr inbounds float, ptr %h, i64 %64
-  %66 = getelementptr inbounds i32, ptr %rows, i64 %63
-  %67 = load i32, ptr %66, align 4
-  %68 = sext i32 %67 to i64
-  %69 = mul nsw i64 %68, 4096
-  %70 = getelementptr inbounds float, ptr %y, i64 %69
-  %71 = add nsw i64 %col, 0
-  %72 = getelementptr inbounds float, ptr %70, i64 %71
-  store <8 x float> zeroinitializer, ptr %acc040, align 4
-  %73 = add nsw i64 %col, 8
-  %74 = getelementptr inbounds float, ptr %70, i64 %73
-  store <8 x float> zeroinitializer, ptr %acc041, align 4
-  %75 = add nsw i64 %r0, 5
-  %76 = mul nsw i64 %75, 6400
-  %77 = getelementptr inbounds float, ptr %h, i64 %76
-  %78 = getelementptr inbounds i32, ptr %rows, i64 %75
-  %79 = load i32, ptr %78, align 4
-  %80 = sext i32 %79 to i64
-  %81 = mul nsw i64 %80, 4096
-  %82 = getelementptr inbounds float, ptr %y, i64 %81
-  %83 = add nsw i64 %col, 0
-  %84 = getelementptr inbounds float, ptr %82, i64 %83
-  store <8 x float> zeroinitializer, ptr %acc050, align 4
-  %85 = add nsw i64 %col, 8
-  %86 = getelementptr inbounds float, ptr %82, i64 %85
-  store <8 x float> zeroinitializer, ptr %acc051, align 4
-  %panel.off = mul nsw i64 %p, 102400
-  %87 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
-  %88 = add nsw i64 %p, 1
-  %89 = icmp slt i64 %88, %p1
-  %pf.on1 = and i1 %pf.on, %89
-  %90 = mul nsw i64 %rb, 204800
-  %91 = lshr i64 %90, %12
-  %92 = add nsw i64 204800, %91
-  %93 = getelementptr inbounds i8, ptr %87, i64 %92
-  %pf = select i1 %pf.on1, ptr %93, ptr %87
-  %pf.sh = select i1 %pf.on1, i64 %12, i64 0
+  %65 = add nsw i64 %64, %k0
+  %66 = getelementptr inbounds float, ptr %h, i64 %65
+  %67 = getelementptr inbounds i32, ptr %rows, i64 %63
+  %68 = load i32, ptr %67, align 4
+  %69 = sext i32 %68 to i64
+  %70 = mul nsw i64 %69, 4096
+  %71 = getelementptr inbounds float, ptr %y, i64 %70
+  %72 = add nsw i64 %col, 0
+  %73 = getelementptr inbounds float, ptr %71, i64 %72
+  %74 = load <8 x float>, ptr %73, align 4
+  %75 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %74
+  store <8 x float> %75, ptr %acc020, align 4
+  %76 = add nsw i64 %col, 8
+  %77 = getelementptr inbounds float, ptr %71, i64 %76
+  %78 = load <8 x float>, ptr %77, align 4
+  %79 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %78
+  store <8 x float> %79, ptr %acc021, align 4
+  %80 = add nsw i64 %r01, 3
+  %81 = mul nsw i64 %80, 6400
+  %82 = add nsw i64 %81, %k0
+  %83 = getelementptr inbounds float, ptr %h, i64 %82
+  %84 = getelementptr inbounds i32, ptr %rows, i64 %80
+  %85 = load i32, ptr %84, align 4
+  %86 = sext i32 %85 to i64
+  %87 = mul nsw i64 %86, 4096
+  %88 = getelementptr inbounds float, ptr %y, i64 %87
+  %89 = add nsw i64 %col, 0
+  %90 = getelementptr inbounds float, ptr %88, i64 %89
+  %91 = load <8 x float>, ptr %90, align 4
+  %92 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %91
+  store <8 x float> %92, ptr %acc030, align 4
+  %93 = add nsw i64 %col, 8
+  %94 = getelementptr inbounds float, ptr %88, i64 %93
+  %95 = load <8 x float>, ptr %94, align 4
+  %96 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %95
+  store <8 x float> %96, ptr %acc031, align 4
+  %97 = add nsw i64 %r01, 4
+  %98 = mul nsw i64 %97, 6400
+  %99 = add nsw i64 %98, %k0
+  %100 = getelementptr inbounds float, ptr %h, i64 %99
+  %101 = getelementptr inbounds i32, ptr %rows, i64 %97
+  %102 = load i32, ptr %101, align 4
+  %103 = sext i32 %102 to i64
+  %104 = mul nsw i64 %103, 4096
+  %105 = getelementptr inbounds float, ptr %y, i64 %104
+  %106 = add nsw i64 %col, 0
+  %107 = getelementptr inbounds float, ptr %105, i64 %106
+  %108 = load <8 x float>, ptr %107, align 4
+  %109 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %108
+  store <8 x float> %109, ptr %acc040, align 4
+  %110 = add nsw i64 %col, 8
+  %111 = getelementptr inbounds float, ptr %105, i64 %110
+  %112 = load <8 x float>, ptr %111, align 4
+  %113 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %112
+  store <8 x float> %113, ptr %acc041, align 4
+  %114 = add nsw i64 %r01, 5
+  %115 = mul nsw i64 %114, 6400
+  %116 = add nsw i64 %115, %k0
+  %117 = getelementptr inbounds float, ptr %h, i64 %116
+  %118 = getelementptr inbounds i32, ptr %rows, i64 %114
+  %119 = load i32, ptr %118, align 4
+  %120 = sext i32 %119 to i64
+  %121 = mul nsw i64 %120, 4096
+  %122 = getelementptr inbounds float, ptr %y, i64 %121
+  %123 = add nsw i64 %col, 0
+  %124 = getelementptr inbounds float, ptr %122, i64 %123
+  %125 = load <8 x float>, ptr %124, align 4
+  %126 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %125
+  store <8 x float> %126, ptr %acc050, align 4
+  %127 = add nsw i64 %col, 8
+  %128 = getelementptr inbounds float, ptr %122, i64 %127
+  %129 = load <8 x float>, ptr %128, align 4
+  %130 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %129
+  store <8 x float> %130, ptr %acc051, align 4
+  %131 = mul nsw i64 %k0, 16
+  %132 = mul nsw i64 %kb.p, 102400
+  %panel.off = add nsw i64 %132, %131
+  %133 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %pf.on2 = and i1 %pf.on, %pf.next
+  %134 = mul nsw i64 %rb, 8192
+  %135 = lshr i64 %134, %26
+  %136 = add nsw i64 %pf.step, %135
+  %137 = getelementptr inbounds i8, ptr %133, i64 %136
+  %pf = select i1 %pf.on2, ptr %137, ptr %133
+  %pf.sh = select i1 %pf.on2, i64 %26, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %154, %pf.any.end ]
-  %94 = icmp slt i64 %k, 6400
-  br i1 %94, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %198, %pf.any.end ]
+  %138 = icmp slt i64 %k, 256
+  br i1 %138, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %95 = mul nsw i64 %k, 1
-  %96 = add nsw i64 %95, 0
-  %97 = mul nsw i64 %96, 32
+  %139 = mul nsw i64 %k, 1
+  %140 = add nsw i64 %139, 0
+  %141 = mul nsw i64 %140, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %98 = lshr i64 %97, %pf.sh
-  %99 = getelementptr inbounds i8, ptr %pf, i64 %98
-  call void @llvm.prefetch.p0(ptr %99, i32 0, i32 2, i32 1)
+  %142 = lshr i64 %141, %pf.sh
+  %143 = getelementptr inbounds i8, ptr %pf, i64 %142
+  call void @llvm.prefetch.p0(ptr %143, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %100 = mul nsw i64 %96, 16
-  %101 = add nsw i64 %panel.off, %100
-  %102 = getelementptr inbounds i16, ptr %panels, i64 %101
-  %103 = load <8 x i32>, ptr %102, align 4
-  %104 = shl <8 x i32> %103, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %104 to <8 x float>
-  %105 = and <8 x i32> %103, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %105 to <8 x float>
-  %106 = getelementptr inbounds float, ptr %17, i64 %96
-  %107 = load float, ptr %106, align 4
-  %108 = insertelement <8 x float> poison, float %107, i32 0
-  %109 = shufflevector <8 x float> %108, <8 x float> poison, <8 x i32> zeroinitializer
-  %110 = load <8 x float>, ptr %acc000, align 4
-  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b0, <8 x float> %110)
-  store <8 x float> %111, ptr %acc000, align 4
-  %112 = load <8 x float>, ptr %acc001, align 4
-  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b1, <8 x float> %112)
-  store <8 x float> %113, ptr %acc001, align 4
-  %114 = getelementptr inbounds float, ptr %29, i64 %96
-  %115 = load float, ptr %114, align 4
-  %116 = insertelement <8 x float> poison, float %115, i32 0
-  %117 = shufflevector <8 x float> %116, <8 x float> poison, <8 x i32> zeroinitializer
-  %118 = load <8 x float>, ptr %acc010, align 4
-  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %117, <8 x float> %b0, <8 x float> %118)
-  store <8 x float> %119, ptr %acc010, align 4
-  %120 = load <8 x float>, ptr %acc011, align 4
-  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %117, <8 x float> %b1, <8 x float> %120)
-  store <8 x float> %121, ptr %acc011, align 4
-  %122 = getelementptr inbounds float, ptr %41, i64 %96
-  %123 = load float, ptr %122, align 4
-  %124 = insertelement <8 x float> poison, float %123, i32 0
-  %125 = shufflevector <8 x float> %124, <8 x float> poison, <8 x i32> zeroinitializer
-  %126 = load <8 x float>, ptr %acc020, align 4
-  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %125, <8 x float> %b0, <8 x float> %126)
-  store <8 x float> %127, ptr %acc020, align 4
-  %128 = load <8 x float>, ptr %acc021, align 4
-  %129 = call <8 x float> @llvm.fma.v8f32(<8 x float> %125, <8 x float> %b1, <8 x float> %128)
-  store <8 x float> %129, ptr %acc021, align 4
-  %130 = getelementptr inbounds float, ptr %53, i64 %96
-  %131 = load float, ptr %130, align 4
-  %132 = insertelement <8 x float> poison, float %131, i32 0
-  %133 = shufflevector <8 x float> %132, <8 x float> poison, <8 x i32> zeroinitializer
-  %134 = load <8 x float>, ptr %acc030, align 4
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> %b0, <8 x float> %134)
-  store <8 x float> %135, ptr %acc030, align 4
-  %136 = load <8 x float>, ptr %acc031, align 4
-  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> %b1, <8 x float> %136)
-  store <8 x float> %137, ptr %acc031, align 4
-  %138 = getelementptr inbounds float, ptr %65, i64 %96
-  %139 = load float, ptr %138, align 4
-  %140 = insertelement <8 x float> poison, float %139, i32 0
-  %141 = shufflevector <8 x float> %140, <8 x float> poison, <8 x i32> zeroinitializer
-  %142 = load <8 x float>, ptr %acc040, align 4
-  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %141, <8 x float> %b0, <8 x float> %142)
-  store <8 x float> %143, ptr %acc040, align 4
-  %144 = load <8 x float>, ptr %acc041, align 4
-  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %141, <8 x float> %b1, <8 x float> %144)
-  store <8 x float> %145, ptr %acc041, align 4
-  %146 = getelementptr inbounds float, ptr %77, i64 %96
-  %147 = load float, ptr %146, align 4
-  %148 = insertelement <8 x float> poison, float %147, i32 0
-  %149 = shufflevector <8 x float> %148, <8 x float> poison, <8 x i32> zeroinitializer
-  %150 = load <8 x float>, ptr %acc050, align 4
-  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> %b0, <8 x float> %150)
-  store <8 x float> %151, ptr %acc050, align 4
-  %152 = load <8 x float>, ptr %acc051, align 4
-  %153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> %b1, <8 x float> %152)
-  store <8 x float> %153, ptr %acc051, align 4
-  %154 = add nsw i64 %k, 1
+  %144 = mul nsw i64 %140, 16
+  %145 = add nsw i64 %panel.off, %144
+  %146 = getelementptr inbounds i16, ptr %panels, i64 %145
+  %147 = load <8 x i32>, ptr %146, align 4
+  %148 = shl <8 x i32> %147, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %148 to <8 x float>
+  %149 = and <8 x i32> %147, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %149 to <8 x float>
+  %150 = getelementptr inbounds float, ptr %32, i64 %140
+  %151 = load float, ptr %150, align 4
+  %152 = insertelement <8 x float> poison, float %151, i32 0
+  %153 = shufflevector <8 x float> %152, <8 x float> poison, <8 x i32> zeroinitializer
+  %154 = load <8 x float>, ptr %acc000, align 4
+  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> %b0, <8 x float> %154)
+  store <8 x float> %155, ptr %acc000, align 4
+  %156 = load <8 x float>, ptr %acc001, align 4
+  %157 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> %b1, <8 x float> %156)
+  store <8 x float> %157, ptr %acc001, align 4
+  %158 = getelementptr inbounds float, ptr %49, i64 %140
+  %159 = load float, ptr %158, align 4
+  %160 = insertelement <8 x float> poison, float %159, i32 0
+  %161 = shufflevector <8 x float> %160, <8 x float> poison, <8 x i32> zeroinitializer
+  %162 = load <8 x float>, ptr %acc010, align 4
+  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> %b0, <8 x float> %162)
+  store <8 x float> %163, ptr %acc010, align 4
+  %164 = load <8 x float>, ptr %acc011, align 4
+  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> %b1, <8 x float> %164)
+  store <8 x float> %165, ptr %acc011, align 4
+  %166 = getelementptr inbounds float, ptr %66, i64 %140
+  %167 = load float, ptr %166, align 4
+  %168 = insertelement <8 x float> poison, float %167, i32 0
+  %169 = shufflevector <8 x float> %168, <8 x float> poison, <8 x i32> zeroinitializer
+  %170 = load <8 x float>, ptr %acc020, align 4
+  %171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %b0, <8 x float> %170)
+  store <8 x float> %171, ptr %acc020, align 4
+  %172 = load <8 x float>, ptr %acc021, align 4
+  %173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %b1, <8 x float> %172)
+  store <8 x float> %173, ptr %acc021, align 4
+  %174 = getelementptr inbounds float, ptr %83, i64 %140
+  %175 = load float, ptr %174, align 4
+  %176 = insertelement <8 x float> poison, float %175, i32 0
+  %177 = shufflevector <8 x float> %176, <8 x float> poison, <8 x i32> zeroinitializer
+  %178 = load <8 x float>, ptr %acc030, align 4
+  %179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> %b0, <8 x float> %178)
+  store <8 x float> %179, ptr %acc030, align 4
+  %180 = load <8 x float>, ptr %acc031, align 4
+  %181 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> %b1, <8 x float> %180)
+  store <8 x float> %181, ptr %acc031, align 4
+  %182 = getelementptr inbounds float, ptr %100, i64 %140
+  %183 = load float, ptr %182, align 4
+  %184 = insertelement <8 x float> poison, float %183, i32 0
+  %185 = shufflevector <8 x float> %184, <8 x float> poison, <8 x i32> zeroinitializer
+  %186 = load <8 x float>, ptr %acc040, align 4
+  %187 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> %b0, <8 x float> %186)
+  store <8 x float> %187, ptr %acc040, align 4
+  %188 = load <8 x float>, ptr %acc041, align 4
+  %189 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> %b1, <8 x float> %188)
+  store <8 x float> %189, ptr %acc041, align 4
+  %190 = getelementptr inbounds float, ptr %117, i64 %140
+  %191 = load float, ptr %190, align 4
+  %192 = insertelement <8 x float> poison, float %191, i32 0
+  %193 = shufflevector <8 x float> %192, <8 x float> poison, <8 x i32> zeroinitializer
+  %194 = load <8 x float>, ptr %acc050, align 4
+  %195 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> %b0, <8 x float> %194)
+  store <8 x float> %195, ptr %acc050, align 4
+  %196 = load <8 x float>, ptr %acc051, align 4
+  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> %b1, <8 x float> %196)
+  store <8 x float> %197, ptr %acc051, align 4
+  %198 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %155 = load <8 x float>, ptr %acc000, align 4
-  store <8 x float> %155, ptr %24, align 4
-  %156 = load <8 x float>, ptr %acc001, align 4
-  store <8 x float> %156, ptr %26, align 4
-  %157 = load <8 x float>, ptr %acc010, align 4
-  store <8 x float> %157, ptr %36, align 4
-  %158 = load <8 x float>, ptr %acc011, align 4
-  store <8 x float> %158, ptr %38, align 4
-  %159 = load <8 x float>, ptr %acc020, align 4
-  store <8 x float> %159, ptr %48, align 4
-  %160 = load <8 x float>, ptr %acc021, align 4
-  store <8 x float> %160, ptr %50, align 4
-  %161 = load <8 x float>, ptr %acc030, align 4
-  store <8 x float> %161, ptr %60, align 4
-  %162 = load <8 x float>, ptr %acc031, align 4
-  store <8 x float> %162, ptr %62, align 4
-  %163 = load <8 x float>, ptr %acc040, align 4
-  store <8 x float> %163, ptr %72, align 4
-  %164 = load <8 x float>, ptr %acc041, align 4
-  store <8 x float> %164, ptr %74, align 4
-  %165 = load <8 x float>, ptr %acc050, align 4
-  store <8 x float> %165, ptr %84, align 4
-  %166 = load <8 x float>, ptr %acc051, align 4
-  store <8 x float> %166, ptr %86, align 4
+  %199 = load <8 x float>, ptr %acc000, align 4
+  store <8 x float> %199, ptr %39, align 4
+  %200 = load <8 x float>, ptr %acc001, align 4
+  store <8 x float> %200, ptr %43, align 4
+  %201 = load <8 x float>, ptr %acc010, align 4
+  store <8 x float> %201, ptr %56, align 4
+  %202 = load <8 x float>, ptr %acc011, align 4
+  store <8 x float> %202, ptr %60, align 4
+  %203 = load <8 x float>, ptr %acc020, align 4
+  store <8 x float> %203, ptr %73, align 4
+  %204 = load <8 x float>, ptr %acc021, align 4
+  store <8 x float> %204, ptr %77, align 4
+  %205 = load <8 x float>, ptr %acc030, align 4
+  store <8 x float> %205, ptr %90, align 4
+  %206 = load <8 x float>, ptr %acc031, align 4
+  store <8 x float> %206, ptr %94, align 4
+  %207 = load <8 x float>, ptr %acc040, align 4
+  store <8 x float> %207, ptr %107, align 4
+  %208 = load <8 x float>, ptr %acc041, align 4
+  store <8 x float> %208, ptr %111, align 4
+  %209 = load <8 x float>, ptr %acc050, align 4
+  store <8 x float> %209, ptr %124, align 4
+  %210 = load <8 x float>, ptr %acc051, align 4
+  store <8 x float> %210, ptr %128, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
-  %col2 = mul nsw i64 %p, 16
-  %167 = add nsw i64 %r0, 0
-  %168 = mul nsw i64 %167, 6400
-  %169 = getelementptr inbounds float, ptr %h, i64 %168
-  %170 = getelementptr inbounds i32, ptr %rows, i64 %167
-  %171 = load i32, ptr %170, align 4
-  %172 = sext i32 %171 to i64
-  %173 = mul nsw i64 %172, 4096
-  %174 = getelementptr inbounds float, ptr %y, i64 %173
-  %175 = add nsw i64 %col2, 0
-  %176 = getelementptr inbounds float, ptr %174, i64 %175
-  store <8 x float> zeroinitializer, ptr %acc0003, align 4
-  %177 = add nsw i64 %col2, 8
-  %178 = getelementptr inbounds float, ptr %174, i64 %177
-  store <8 x float> zeroinitializer, ptr %acc0014, align 4
-  %179 = add nsw i64 %r0, 1
-  %180 = mul nsw i64 %179, 6400
-  %181 = getelementptr inbounds float, ptr %h, i64 %180
-  %182 = getelementptr inbounds i32, ptr %rows, i64 %179
-  %183 = load i32, ptr %182, align 4
-  %184 = sext i32 %183 to i64
-  %185 = mul nsw i64 %184, 4096
-  %186 = getelementptr inbounds float, ptr %y, i64 %185
-  %187 = add nsw i64 %col2, 0
-  %188 = getelementptr inbounds float, ptr %186, i64 %187
-  store <8 x float> zeroinitializer, ptr %acc0105, align 4
-  %189 = add nsw i64 %col2, 8
-  %190 = getelementptr inbounds float, ptr %186, i64 %189
-  store <8 x float> zeroinitializer, ptr %acc0116, align 4
-  %191 = add nsw i64 %r0, 2
-  %192 = mul nsw i64 %191, 6400
-  %193 = getelementptr inbounds float, ptr %h, i64 %192
-  %194 = getelementptr inbounds i32, ptr %rows, i64 %191
-  %195 = load i32, ptr %194, align 4
-  %196 = sext i32 %195 to i64
-  %197 = mul nsw i64 %196, 4096
-  %198 = getelementptr inbounds float, ptr %y, i64 %197
-  %199 = add nsw i64 %col2, 0
-  %200 = getelementptr inbounds float, ptr %198, i64 %199
-  store <8 x float> zeroinitializer, ptr %acc0207, align 4
-  %201 = add nsw i64 %col2, 8
-  %202 = getelementptr inbounds float, ptr %198, i64 %201
-  store <8 x float> zeroinitializer, ptr %acc0218, align 4
-  %203 = add nsw i64 %r0, 3
-  %204 = mul nsw i64 %203, 6400
-  %205 = getelementptr inbounds float, ptr %h, i64 %204
-  %206 = getelementptr inbounds i32, ptr %rows, i64 %203
-  %207 = load i32, ptr %206, align 4
-  %208 = sext i32 %207 to i64
-  %209 = mul nsw i64 %208, 4096
-  %210 = getelementptr inbounds float, ptr %y, i64 %209
-  %211 = add nsw i64 %col2, 0
-  %212 = getelementptr inbounds float, ptr %210, i64 %211
-  store <8 x float> zeroinitializer, ptr %acc0309, align 4
-  %213 = add nsw i64 %col2, 8
-  %214 = getelementptr inbounds float, ptr %210, i64 %213
-  store <8 x float> zeroinitializer, ptr %acc03110, align 4
-  %215 = add nsw i64 %r0, 4
-  %216 = mul nsw i64 %215, 6400
-  %217 = getelementptr inbounds float, ptr %h, i64 %216
-  %218 = getelementptr inbounds i32, ptr %rows, i64 %215
-  %219 = load i32, ptr %218, align 4
-  %220 = sext i32 %219 to i64
-  %221 = mul nsw i64 %220, 4096
-  %222 = getelementptr inbounds float, ptr %y, i64 %221
-  %223 = add nsw i64 %col2, 0
-  %224 = getelementptr inbounds float, ptr %222, i64 %223
-  store <8 x float> zeroinitializer, ptr %acc04011, align 4
-  %225 = add nsw i64 %col2, 8
-  %226 = getelementptr inbounds float, ptr %222, i64 %225
-  store <8 x float> zeroinitializer, ptr %acc04112, align 4
-  %panel.off13 = mul nsw i64 %p, 102400
-  %227 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
-  %228 = add nsw i64 %p, 1
-  %229 = icmp slt i64 %228, %p1
-  %pf.on14 = and i1 %pf.on, %229
-  %230 = mul nsw i64 %rb, 204800
-  %231 = lshr i64 %230, %12
-  %232 = add nsw i64 204800, %231
-  %233 = getelementptr inbounds i8, ptr %227, i64 %232
-  %pf15 = select i1 %pf.on14, ptr %233, ptr %227
-  %pf.sh16 = select i1 %pf.on14, i64 %12, i64 0
-  br label %k.head17
+  %col3 = mul nsw i64 %kb.p, 16
+  %211 = add nsw i64 %r01, 0
+  %212 = mul nsw i64 %211, 6400
+  %213 = add nsw i64 %212, %k0
+  %214 = getelementptr inbounds float, ptr %h, i64 %213
+  %215 = getelementptr inbounds i32, ptr %rows, i64 %211
+  %216 = load i32, ptr %215, align 4
+  %217 = sext i32 %216 to i64
+  %218 = mul nsw i64 %217, 4096
+  %219 = getelementptr inbounds float, ptr %y, i64 %218
+  %220 = add nsw i64 %col3, 0
+  %221 = getelementptr inbounds float, ptr %219, i64 %220
+  %222 = load <8 x float>, ptr %221, align 4
+  %223 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %222
+  store <8 x float> %223, ptr %acc0004, align 4
+  %224 = add nsw i64 %col3, 8
+  %225 = getelementptr inbounds float, ptr %219, i64 %224
+  %226 = load <8 x float>, ptr %225, align 4
+  %227 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %226
+  store <8 x float> %227, ptr %acc0015, align 4
+  %228 = add nsw i64 %r01, 1
+  %229 = mul nsw i64 %228, 6400
+  %230 = add nsw i64 %229, %k0
+  %231 = getelementptr inbounds float, ptr %h, i64 %230
+  %232 = getelementptr inbounds i32, ptr %rows, i64 %228
+  %233 = load i32, ptr %232, align 4
+  %234 = sext i32 %233 to i64
+  %235 = mul nsw i64 %234, 4096
+  %236 = getelementptr inbounds float, ptr %y, i64 %235
+  %237 = add nsw i64 %col3, 0
+  %238 = getelementptr inbounds float, ptr %236, i64 %237
+  %239 = load <8 x float>, ptr %238, align 4
+  %240 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %239
+  store <8 x float> %240, ptr %acc0106, align 4
+  %241 = add nsw i64 %col3, 8
+  %242 = getelementptr inbounds float, ptr %236, i64 %241
+  %243 = load <8 x float>, ptr %242, align 4
+  %244 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %243
+  store <8 x float> %244, ptr %acc0117, align 4
+  %245 = add nsw i64 %r01, 2
+  %246 = mul nsw i64 %245, 6400
+  %247 = add nsw i64 %246, %k0
+  %248 = getelementptr inbounds float, ptr %h, i64 %247
+  %249 = getelementptr inbounds i32, ptr %rows, i64 %245
+  %250 = load i32, ptr %249, align 4
+  %251 = sext i32 %250 to i64
+  %252 = mul nsw i64 %251, 4096
+  %253 = getelementptr inbounds float, ptr %y, i64 %252
+  %254 = add nsw i64 %col3, 0
+  %255 = getelementptr inbounds float, ptr %253, i64 %254
+  %256 = load <8 x float>, ptr %255, align 4
+  %257 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %256
+  store <8 x float> %257, ptr %acc0208, align 4
+  %258 = add nsw i64 %col3, 8
+  %259 = getelementptr inbounds float, ptr %253, i64 %258
+  %260 = load <8 x float>, ptr %259, align 4
+  %261 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %260
+  store <8 x float> %261, ptr %acc0219, align 4
+  %262 = add nsw i64 %r01, 3
+  %263 = mul nsw i64 %262, 6400
+  %264 = add nsw i64 %263, %k0
+  %265 = getelementptr inbounds float, ptr %h, i64 %264
+  %266 = getelementptr inbounds i32, ptr %rows, i64 %262
+  %267 = load i32, ptr %266, align 4
+  %268 = sext i32 %267 to i64
+  %269 = mul nsw i64 %268, 4096
+  %270 = getelementptr inbounds float, ptr %y, i64 %269
+  %271 = add nsw i64 %col3, 0
+  %272 = getelementptr inbounds float, ptr %270, i64 %271
+  %273 = load <8 x float>, ptr %272, align 4
+  %274 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %273
+  store <8 x float> %274, ptr %acc03010, align 4
+  %275 = add nsw i64 %col3, 8
+  %276 = getelementptr inbounds float, ptr %270, i64 %275
+  %277 = load <8 x float>, ptr %276, align 4
+  %278 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %277
+  store <8 x float> %278, ptr %acc03111, align 4
+  %279 = add nsw i64 %r01, 4
+  %280 = mul nsw i64 %279, 6400
+  %281 = add nsw i64 %280, %k0
+  %282 = getelementptr inbounds float, ptr %h, i64 %281
+  %283 = getelementptr inbounds i32, ptr %rows, i64 %279
+  %284 = load i32, ptr %283, align 4
+  %285 = sext i32 %284 to i64
+  %286 = mul nsw i64 %285, 4096
+  %287 = getelementptr inbounds float, ptr %y, i64 %286
+  %288 = add nsw i64 %col3, 0
+  %289 = getelementptr inbounds float, ptr %287, i64 %288
+  %290 = load <8 x float>, ptr %289, align 4
+  %291 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %290
+  store <8 x float> %291, ptr %acc04012, align 4
+  %292 = add nsw i64 %col3, 8
+  %293 = getelementptr inbounds float, ptr %287, i64 %292
+  %294 = load <8 x float>, ptr %293, align 4
+  %295 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %294
+  store <8 x float> %295, ptr %acc04113, align 4
+  %296 = mul nsw i64 %k0, 16
+  %297 = mul nsw i64 %kb.p, 102400
+  %panel.off14 = add nsw i64 %297, %296
+  %298 = getelementptr inbounds i16, ptr %panels, i64 %panel.off14
+  %pf.on15 = and i1 %pf.on, %pf.next
+  %299 = mul nsw i64 %rb, 8192
+  %300 = lshr i64 %299, %26
+  %301 = add nsw i64 %pf.step, %300
+  %302 = getelementptr inbounds i8, ptr %298, i64 %301
+  %pf16 = select i1 %pf.on15, ptr %302, ptr %298
+  %pf.sh17 = select i1 %pf.on15, i64 %26, i64 0
+  br label %k.head18
 
-k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %286, %pf.any.end22 ]
-  %234 = icmp slt i64 %k20, 6400
-  br i1 %234, label %k.body18, label %k.end19
+k.head18:                                         ; preds = %pf.any.end23, %tile.mr5
+  %k21 = phi i64 [ 0, %tile.mr5 ], [ %355, %pf.any.end23 ]
+  %303 = icmp slt i64 %k21, 256
+  br i1 %303, label %k.body19, label %k.end20
 
-k.body18:                                         ; preds = %k.head17
-  %235 = mul nsw i64 %k20, 1
-  %236 = add nsw i64 %235, 0
-  %237 = mul nsw i64 %236, 32
-  br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
+k.body19:                                         ; preds = %k.head18
+  %304 = mul nsw i64 %k21, 1
+  %305 = add nsw i64 %304, 0
+  %306 = mul nsw i64 %305, 32
+  br i1 %pf.multi, label %pf.any.then22, label %pf.any.end23
 
-pf.any.then21:                                    ; preds = %k.body18
-  %238 = lshr i64 %237, %pf.sh16
-  %239 = getelementptr inbounds i8, ptr %pf15, i64 %238
-  call void @llvm.prefetch.p0(ptr %239, i32 0, i32 2, i32 1)
-  br label %pf.any.end22
+pf.any.then22:                                    ; preds = %k.body19
+  %307 = lshr i64 %306, %pf.sh17
+  %308 = getelementptr inbounds i8, ptr %pf16, i64 %307
+  call void @llvm.prefetch.p0(ptr %308, i32 0, i32 2, i32 1)
+  br label %pf.any.end23
 
-pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
-  %240 = mul nsw i64 %236, 16
-  %241 = add nsw i64 %panel.off13, %240
-  %242 = getelementptr inbounds i16, ptr %panels, i64 %241
-  %243 = load <8 x i32>, ptr %242, align 4
-  %244 = shl <8 x i32> %243, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b023 = bitcast <8 x i32> %244 to <8 x float>
-  %245 = and <8 x i32> %243, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b124 = bitcast <8 x i32> %245 to <8 x float>
-  %246 = getelementptr inbounds float, ptr %169, i64 %236
-  %247 = load float, ptr %246, align 4
-  %248 = insertelement <8 x float> poison, float %247, i32 0
-  %249 = shufflevector <8 x float> %248, <8 x float> poison, <8 x i32> zeroinitializer
-  %250 = load <8 x float>, ptr %acc0003, align 4
-  %251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %249, <8 x float> %b023, <8 x float> %250)
-  store <8 x float> %251, ptr %acc0003, align 4
-  %252 = load <8 x float>, ptr %acc0014, align 4
-  %253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %249, <8 x float> %b124, <8 x float> %252)
-  store <8 x float> %253, ptr %acc0014, align 4
-  %254 = getelementptr inbounds float, ptr %181, i64 %236
-  %255 = load float, ptr %254, align 4
-  %256 = insertelement <8 x float> poison, float %255, i32 0
-  %257 = shufflevector <8 x float> %256, <8 x float> poison, <8 x i32> zeroinitializer
-  %258 = load <8 x float>, ptr %acc0105, align 4
-  %259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %257, <8 x float> %b023, <8 x float> %258)
-  store <8 x float> %259, ptr %acc0105, align 4
-  %260 = load <8 x float>, ptr %acc0116, align 4
-  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %257, <8 x float> %b124, <8 x float> %260)
-  store <8 x float> %261, ptr %acc0116, align 4
-  %262 = getelementptr inbounds float, ptr %193, i64 %236
-  %263 = load float, ptr %262, align 4
-  %264 = insertelement <8 x float> poison, float %263, i32 0
-  %265 = shufflevector <8 x float> %264, <8 x float> poison, <8 x i32> zeroinitializer
-  %266 = load <8 x float>, ptr %acc0207, align 4
-  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %b023, <8 x float> %266)
-  store <8 x float> %267, ptr %acc0207, align 4
-  %268 = load <8 x float>, ptr %acc0218, align 4
-  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %b124, <8 x float> %268)
-  store <8 x float> %269, ptr %acc0218, align 4
-  %270 = getelementptr inbounds float, ptr %205, i64 %236
-  %271 = load float, ptr %270, align 4
-  %272 = insertelement <8 x float> poison, float %271, i32 0
-  %273 = shufflevector <8 x float> %272, <8 x float> poison, <8 x i32> zeroinitializer
-  %274 = load <8 x float>, ptr %acc0309, align 4
-  %275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> %b023, <8 x float> %274)
-  store <8 x float> %275, ptr %acc0309, align 4
-  %276 = load <8 x float>, ptr %acc03110, align 4
-  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> %b124, <8 x float> %276)
-  store <8 x float> %277, ptr %acc03110, align 4
-  %278 = getelementptr inbounds float, ptr %217, i64 %236
-  %279 = load float, ptr %278, align 4
-  %280 = insertelement <8 x float> poison, float %279, i32 0
-  %281 = shufflevector <8 x float> %280, <8 x float> poison, <8 x i32> zeroinitializer
-  %282 = load <8 x float>, ptr %acc04011, align 4
-  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %281, <8 x float> %b023, <8 x float> %282)
-  store <8 x float> %283, ptr %acc04011, align 4
-  %284 = load <8 x float>, ptr %acc04112, align 4
-  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %281, <8 x float> %b124, <8 x float> %284)
-  store <8 x float> %285, ptr %acc04112, align 4
-  %286 = add nsw i64 %k20, 1
-  br label %k.head17
+pf.any.end23:                                     ; preds = %pf.any.then22, %k.body19
+  %309 = mul nsw i64 %305, 16
+  %310 = add nsw i64 %panel.off14, %309
+  %311 = getelementptr inbounds i16, ptr %panels, i64 %310
+  %312 = load <8 x i32>, ptr %311, align 4
+  %313 = shl <8 x i32> %312, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b024 = bitcast <8 x i32> %313 to <8 x float>
+  %314 = and <8 x i32> %312, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b125 = bitcast <8 x i32> %314 to <8 x float>
+  %315 = getelementptr inbounds float, ptr %214, i64 %305
+  %316 = load float, ptr %315, align 4
+  %317 = insertelement <8 x float> poison, float %316, i32 0
+  %318 = shufflevector <8 x float> %317, <8 x float> poison, <8 x i32> zeroinitializer
+  %319 = load <8 x float>, ptr %acc0004, align 4
+  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b024, <8 x float> %319)
+  store <8 x float> %320, ptr %acc0004, align 4
+  %321 = load <8 x float>, ptr %acc0015, align 4
+  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b125, <8 x float> %321)
+  store <8 x float> %322, ptr %acc0015, align 4
+  %323 = getelementptr inbounds float, ptr %231, i64 %305
+  %324 = load float, ptr %323, align 4
+  %325 = insertelement <8 x float> poison, float %324, i32 0
+  %326 = shufflevector <8 x float> %325, <8 x float> poison, <8 x i32> zeroinitializer
+  %327 = load <8 x float>, ptr %acc0106, align 4
+  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b024, <8 x float> %327)
+  store <8 x float> %328, ptr %acc0106, align 4
+  %329 = load <8 x float>, ptr %acc0117, align 4
+  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b125, <8 x float> %329)
+  store <8 x float> %330, ptr %acc0117, align 4
+  %331 = getelementptr inbounds float, ptr %248, i64 %305
+  %332 = load float, ptr %331, align 4
+  %333 = insertelement <8 x float> poison, float %332, i32 0
+  %334 = shufflevector <8 x float> %333, <8 x float> poison, <8 x i32> zeroinitializer
+  %335 = load <8 x float>, ptr %acc0208, align 4
+  %336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %b024, <8 x float> %335)
+  store <8 x float> %336, ptr %acc0208, align 4
+  %337 = load <8 x float>, ptr %acc0219, align 4
+  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %b125, <8 x float> %337)
+  store <8 x float> %338, ptr %acc0219, align 4
+  %339 = getelementptr inbounds float, ptr %265, i64 %305
+  %340 = load float, ptr %339, align 4
+  %341 = insertelement <8 x float> poison, float %340, i32 0
+  %342 = shufflevector <8 x float> %341, <8 x float> poison, <8 x i32> zeroinitializer
+  %343 = load <8 x float>, ptr %acc03010, align 4
+  %344 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %b024, <8 x float> %343)
+  store <8 x float> %344, ptr %acc03010, align 4
+  %345 = load <8 x float>, ptr %acc03111, align 4
+  %346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %b125, <8 x float> %345)
+  store <8 x float> %346, ptr %acc03111, align 4
+  %347 = getelementptr inbounds float, ptr %282, i64 %305
+  %348 = load float, ptr %347, align 4
+  %349 = insertelement <8 x float> poison, float %348, i32 0
+  %350 = shufflevector <8 x float> %349, <8 x float> poison, <8 x i32> zeroinitializer
+  %351 = load <8 x float>, ptr %acc04012, align 4
+  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b024, <8 x float> %351)
+  store <8 x float> %352, ptr %acc04012, align 4
+  %353 = load <8 x float>, ptr %acc04113, align 4
+  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b125, <8 x float> %353)
+  store <8 x float> %354, ptr %acc04113, align 4
+  %355 = add nsw i64 %k21, 1
+  br label %k.head18
 
-k.end19:                                          ; preds = %k.head17
-  %287 = load <8 x float>, ptr %acc0003, align 4
-  store <8 x float> %287, ptr %176, align 4
-  %288 = load <8 x float>, ptr %acc0014, align 4
-  store <8 x float> %288, ptr %178, align 4
-  %289 = load <8 x float>, ptr %acc0105, align 4
-  store <8 x float> %289, ptr %188, align 4
-  %290 = load <8 x float>, ptr %acc0116, align 4
-  store <8 x float> %290, ptr %190, align 4
-  %291 = load <8 x float>, ptr %acc0207, align 4
-  store <8 x float> %291, ptr %200, align 4
-  %292 = load <8 x float>, ptr %acc0218, align 4
-  store <8 x float> %292, ptr %202, align 4
-  %293 = load <8 x float>, ptr %acc0309, align 4
-  store <8 x float> %293, ptr %212, align 4
-  %294 = load <8 x float>, ptr %acc03110, align 4
-  store <8 x float> %294, ptr %214, align 4
-  %295 = load <8 x float>, ptr %acc04011, align 4
-  store <8 x float> %295, ptr %224, align 4
-  %296 = load <8 x float>, ptr %acc04112, align 4
-  store <8 x float> %296, ptr %226, align 4
+k.end20:                                          ; preds = %k.head18
+  %356 = load <8 x float>, ptr %acc0004, align 4
+  store <8 x float> %356, ptr %221, align 4
+  %357 = load <8 x float>, ptr %acc0015, align 4
+  store <8 x float> %357, ptr %225, align 4
+  %358 = load <8 x float>, ptr %acc0106, align 4
+  store <8 x float> %358, ptr %238, align 4
+  %359 = load <8 x float>, ptr %acc0117, align 4
+  store <8 x float> %359, ptr %242, align 4
+  %360 = load <8 x float>, ptr %acc0208, align 4
+  store <8 x float> %360, ptr %255, align 4
+  %361 = load <8 x float>, ptr %acc0219, align 4
+  store <8 x float> %361, ptr %259, align 4
+  %362 = load <8 x float>, ptr %acc03010, align 4
+  store <8 x float> %362, ptr %272, align 4
+  %363 = load <8 x float>, ptr %acc03111, align 4
+  store <8 x float> %363, ptr %276, align 4
+  %364 = load <8 x float>, ptr %acc04012, align 4
+  store <8 x float> %364, ptr %289, align 4
+  %365 = load <8 x float>, ptr %acc04113, align 4
+  store <8 x float> %365, ptr %293, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
-  %col25 = mul nsw i64 %p, 16
-  %297 = add nsw i64 %r0, 0
-  %298 = mul nsw i64 %297, 6400
-  %299 = getelementptr inbounds float, ptr %h, i64 %298
-  %300 = getelementptr inbounds i32, ptr %rows, i64 %297
-  %301 = load i32, ptr %300, align 4
-  %302 = sext i32 %301 to i64
-  %303 = mul nsw i64 %302, 4096
-  %304 = getelementptr inbounds float, ptr %y, i64 %303
-  %305 = add nsw i64 %col25, 0
-  %306 = getelementptr inbounds float, ptr %304, i64 %305
-  store <8 x float> zeroinitializer, ptr %acc00026, align 4
-  %307 = add nsw i64 %col25, 8
-  %308 = getelementptr inbounds float, ptr %304, i64 %307
-  store <8 x float> zeroinitializer, ptr %acc00127, align 4
-  %309 = add nsw i64 %r0, 1
-  %310 = mul nsw i64 %309, 6400
-  %311 = getelementptr inbounds float, ptr %h, i64 %310
-  %312 = getelementptr inbounds i32, ptr %rows, i64 %309
-  %313 = load i32, ptr %312, align 4
-  %314 = sext i32 %313 to i64
-  %315 = mul nsw i64 %314, 4096
-  %316 = getelementptr inbounds float, ptr %y, i64 %315
-  %317 = add nsw i64 %col25, 0
-  %318 = getelementptr inbounds float, ptr %316, i64 %317
-  store <8 x float> zeroinitializer, ptr %acc01028, align 4
-  %319 = add nsw i64 %col25, 8
-  %320 = getelementptr inbounds float, ptr %316, i64 %319
-  store <8 x float> zeroinitializer, ptr %acc01129, align 4
-  %321 = add nsw i64 %r0, 2
-  %322 = mul nsw i64 %321, 6400
-  %323 = getelementptr inbounds float, ptr %h, i64 %322
-  %324 = getelementptr inbounds i32, ptr %rows, i64 %321
-  %325 = load i32, ptr %324, align 4
-  %326 = sext i32 %325 to i64
-  %327 = mul nsw i64 %326, 4096
-  %328 = getelementptr inbounds float, ptr %y, i64 %327
-  %329 = add nsw i64 %col25, 0
-  %330 = getelementptr inbounds float, ptr %328, i64 %329
-  store <8 x float> zeroinitializer, ptr %acc02030, align 4
-  %331 = add nsw i64 %col25, 8
-  %332 = getelementptr inbounds float, ptr %328, i64 %331
-  store <8 x float> zeroinitializer, ptr %acc02131, align 4
-  %333 = add nsw i64 %r0, 3
-  %334 = mul nsw i64 %333, 6400
-  %335 = getelementptr inbounds float, ptr %h, i64 %334
-  %336 = getelementptr inbounds i32, ptr %rows, i64 %333
-  %337 = load i32, ptr %336, align 4
-  %338 = sext i32 %337 to i64
-  %339 = mul nsw i64 %338, 4096
-  %340 = getelementptr inbounds float, ptr %y, i64 %339
-  %341 = add nsw i64 %col25, 0
-  %342 = getelementptr inbounds float, ptr %340, i64 %341
-  store <8 x float> zeroinitializer, ptr %acc03032, align 4
-  %343 = add nsw i64 %col25, 8
-  %344 = getelementptr inbounds float, ptr %340, i64 %343
-  store <8 x float> zeroinitializer, ptr %acc03133, align 4
-  %panel.off34 = mul nsw i64 %p, 102400
-  %345 = getelementptr inbounds i16, ptr %panels, i64 %panel.off34
-  %346 = add nsw i64 %p, 1
-  %347 = icmp slt i64 %346, %p1
-  %pf.on35 = and i1 %pf.on, %347
-  %348 = mul nsw i64 %rb, 204800
-  %349 = lshr i64 %348, %12
-  %350 = add nsw i64 204800, %349
-  %351 = getelementptr inbounds i8, ptr %345, i64 %350
-  %pf36 = select i1 %pf.on35, ptr %351, ptr %345
-  %pf.sh37 = select i1 %pf.on35, i64 %12, i64 0
-  br label %k.head38
+  %col26 = mul nsw i64 %kb.p, 16
+  %366 = add nsw i64 %r01, 0
+  %367 = mul nsw i64 %366, 6400
+  %368 = add nsw i64 %367, %k0
+  %369 = getelementptr inbounds float, ptr %h, i64 %368
+  %370 = getelementptr inbounds i32, ptr %rows, i64 %366
+  %371 = load i32, ptr %370, align 4
+  %372 = sext i32 %371 to i64
+  %373 = mul nsw i64 %372, 4096
+  %374 = getelementptr inbounds float, ptr %y, i64 %373
+  %375 = add nsw i64 %col26, 0
+  %376 = getelementptr inbounds float, ptr %374, i64 %375
+  %377 = load <8 x float>, ptr %376, align 4
+  %378 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %377
+  store <8 x float> %378, ptr %acc00027, align 4
+  %379 = add nsw i64 %col26, 8
+  %380 = getelementptr inbounds float, ptr %374, i64 %379
+  %381 = load <8 x float>, ptr %380, align 4
+  %382 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %381
+  store <8 x float> %382, ptr %acc00128, align 4
+  %383 = add nsw i64 %r01, 1
+  %384 = mul nsw i64 %383, 6400
+  %385 = add nsw i64 %384, %k0
+  %386 = getelementptr inbounds float, ptr %h, i64 %385
+  %387 = getelementptr inbounds i32, ptr %rows, i64 %383
+  %388 = load i32, ptr %387, align 4
+  %389 = sext i32 %388 to i64
+  %390 = mul nsw i64 %389, 4096
+  %391 = getelementptr inbounds float, ptr %y, i64 %390
+  %392 = add nsw i64 %col26, 0
+  %393 = getelementptr inbounds float, ptr %391, i64 %392
+  %394 = load <8 x float>, ptr %393, align 4
+  %395 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %394
+  store <8 x float> %395, ptr %acc01029, align 4
+  %396 = add nsw i64 %col26, 8
+  %397 = getelementptr inbounds float, ptr %391, i64 %396
+  %398 = load <8 x float>, ptr %397, align 4
+  %399 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %398
+  store <8 x float> %399, ptr %acc01130, align 4
+  %400 = add nsw i64 %r01, 2
+  %401 = mul nsw i64 %400, 6400
+  %402 = add nsw i64 %401, %k0
+  %403 = getelementptr inbounds float, ptr %h, i64 %402
+  %404 = getelementptr inbounds i32, ptr %rows, i64 %400
+  %405 = load i32, ptr %404, align 4
+  %406 = sext i32 %405 to i64
+  %407 = mul nsw i64 %406, 4096
+  %408 = getelementptr inbounds float, ptr %y, i64 %407
+  %409 = add nsw i64 %col26, 0
+  %410 = getelementptr inbounds float, ptr %408, i64 %409
+  %411 = load <8 x float>, ptr %410, align 4
+  %412 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %411
+  store <8 x float> %412, ptr %acc02031, align 4
+  %413 = add nsw i64 %col26, 8
+  %414 = getelementptr inbounds float, ptr %408, i64 %413
+  %415 = load <8 x float>, ptr %414, align 4
+  %416 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %415
+  store <8 x float> %416, ptr %acc02132, align 4
+  %417 = add nsw i64 %r01, 3
+  %418 = mul nsw i64 %417, 6400
+  %419 = add nsw i64 %418, %k0
+  %420 = getelementptr inbounds float, ptr %h, i64 %419
+  %421 = getelementptr inbounds i32, ptr %rows, i64 %417
+  %422 = load i32, ptr %421, align 4
+  %423 = sext i32 %422 to i64
+  %424 = mul nsw i64 %423, 4096
+  %425 = getelementptr inbounds float, ptr %y, i64 %424
+  %426 = add nsw i64 %col26, 0
+  %427 = getelementptr inbounds float, ptr %425, i64 %426
+  %428 = load <8 x float>, ptr %427, align 4
+  %429 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %428
+  store <8 x float> %429, ptr %acc03033, align 4
+  %430 = add nsw i64 %col26, 8
+  %431 = getelementptr inbounds float, ptr %425, i64 %430
+  %432 = load <8 x float>, ptr %431, align 4
+  %433 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %432
+  store <8 x float> %433, ptr %acc03134, align 4
+  %434 = mul nsw i64 %k0, 16
+  %435 = mul nsw i64 %kb.p, 102400
+  %panel.off35 = add nsw i64 %435, %434
+  %436 = getelementptr inbounds i16, ptr %panels, i64 %panel.off35
+  %pf.on36 = and i1 %pf.on, %pf.next
+  %437 = mul nsw i64 %rb, 8192
+  %438 = lshr i64 %437, %26
+  %439 = add nsw i64 %pf.step, %438
+  %440 = getelementptr inbounds i8, ptr %436, i64 %439
+  %pf37 = select i1 %pf.on36, ptr %440, ptr %436
+  %pf.sh38 = select i1 %pf.on36, i64 %26, i64 0
+  br label %k.head39
 
-k.head38:                                         ; preds = %pf.any.end43, %tile.mr4
-  %k41 = phi i64 [ 0, %tile.mr4 ], [ %396, %pf.any.end43 ]
-  %352 = icmp slt i64 %k41, 6400
-  br i1 %352, label %k.body39, label %k.end40
+k.head39:                                         ; preds = %pf.any.end44, %tile.mr4
+  %k42 = phi i64 [ 0, %tile.mr4 ], [ %485, %pf.any.end44 ]
+  %441 = icmp slt i64 %k42, 256
+  br i1 %441, label %k.body40, label %k.end41
 
-k.body39:                                         ; preds = %k.head38
-  %353 = mul nsw i64 %k41, 1
-  %354 = add nsw i64 %353, 0
-  %355 = mul nsw i64 %354, 32
-  br i1 %pf.multi, label %pf.any.then42, label %pf.any.end43
+k.body40:                                         ; preds = %k.head39
+  %442 = mul nsw i64 %k42, 1
+  %443 = add nsw i64 %442, 0
+  %444 = mul nsw i64 %443, 32
+  br i1 %pf.multi, label %pf.any.then43, label %pf.any.end44
 
-pf.any.then42:                                    ; preds = %k.body39
-  %356 = lshr i64 %355, %pf.sh37
-  %357 = getelementptr inbounds i8, ptr %pf36, i64 %356
-  call void @llvm.prefetch.p0(ptr %357, i32 0, i32 2, i32 1)
-  br label %pf.any.end43
+pf.any.then43:                                    ; preds = %k.body40
+  %445 = lshr i64 %444, %pf.sh38
+  %446 = getelementptr inbounds i8, ptr %pf37, i64 %445
+  call void @llvm.prefetch.p0(ptr %446, i32 0, i32 2, i32 1)
+  br label %pf.any.end44
 
-pf.any.end43:                                     ; preds = %pf.any.then42, %k.body39
-  %358 = mul nsw i64 %354, 16
-  %359 = add nsw i64 %panel.off34, %358
-  %360 = getelementptr inbounds i16, ptr %panels, i64 %359
-  %361 = load <8 x i32>, ptr %360, align 4
-  %362 = shl <8 x i32> %361, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b044 = bitcast <8 x i32> %362 to <8 x float>
-  %363 = and <8 x i32> %361, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b145 = bitcast <8 x i32> %363 to <8 x float>
-  %364 = getelementptr inbounds float, ptr %299, i64 %354
-  %365 = load float, ptr %364, align 4
-  %366 = insertelement <8 x float> poison, float %365, i32 0
-  %367 = shufflevector <8 x float> %366, <8 x float> poison, <8 x i32> zeroinitializer
-  %368 = load <8 x float>, ptr %acc00026, align 4
-  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> %b044, <8 x float> %368)
-  store <8 x float> %369, ptr %acc00026, align 4
-  %370 = load <8 x float>, ptr %acc00127, align 4
-  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> %b145, <8 x float> %370)
-  store <8 x float> %371, ptr %acc00127, align 4
-  %372 = getelementptr inbounds float, ptr %311, i64 %354
-  %373 = load float, ptr %372, align 4
-  %374 = insertelement <8 x float> poison, float %373, i32 0
-  %375 = shufflevector <8 x float> %374, <8 x float> poison, <8 x i32> zeroinitializer
-  %376 = load <8 x float>, ptr %acc01028, align 4
-  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> %b044, <8 x float> %376)
-  store <8 x float> %377, ptr %acc01028, align 4
-  %378 = load <8 x float>, ptr %acc01129, align 4
-  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> %b145, <8 x float> %378)
-  store <8 x float> %379, ptr %acc01129, align 4
-  %380 = getelementptr inbounds float, ptr %323, i64 %354
-  %381 = load float, ptr %380, align 4
-  %382 = insertelement <8 x float> poison, float %381, i32 0
-  %383 = shufflevector <8 x float> %382, <8 x float> poison, <8 x i32> zeroinitializer
-  %384 = load <8 x float>, ptr %acc02030, align 4
-  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %383, <8 x float> %b044, <8 x float> %384)
-  store <8 x float> %385, ptr %acc02030, align 4
-  %386 = load <8 x float>, ptr %acc02131, align 4
-  %387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %383, <8 x float> %b145, <8 x float> %386)
-  store <8 x float> %387, ptr %acc02131, align 4
-  %388 = getelementptr inbounds float, ptr %335, i64 %354
-  %389 = load float, ptr %388, align 4
-  %390 = insertelement <8 x float> poison, float %389, i32 0
-  %391 = shufflevector <8 x float> %390, <8 x float> poison, <8 x i32> zeroinitializer
-  %392 = load <8 x float>, ptr %acc03032, align 4
-  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %391, <8 x float> %b044, <8 x float> %392)
-  store <8 x float> %393, ptr %acc03032, align 4
-  %394 = load <8 x float>, ptr %acc03133, align 4
-  %395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %391, <8 x float> %b145, <8 x float> %394)
-  store <8 x float> %395, ptr %acc03133, align 4
-  %396 = add nsw i64 %k41, 1
-  br label %k.head38
+pf.any.end44:                                     ; preds = %pf.any.then43, %k.body40
+  %447 = mul nsw i64 %443, 16
+  %448 = add nsw i64 %panel.off35, %447
+  %449 = getelementptr inbounds i16, ptr %panels, i64 %448
+  %450 = load <8 x i32>, ptr %449, align 4
+  %451 = shl <8 x i32> %450, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b045 = bitcast <8 x i32> %451 to <8 x float>
+  %452 = and <8 x i32> %450, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b146 = bitcast <8 x i32> %452 to <8 x float>
+  %453 = getelementptr inbounds float, ptr %369, i64 %443
+  %454 = load float, ptr %453, align 4
+  %455 = insertelement <8 x float> poison, float %454, i32 0
+  %456 = shufflevector <8 x float> %455, <8 x float> poison, <8 x i32> zeroinitializer
+  %457 = load <8 x float>, ptr %acc00027, align 4
+  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b045, <8 x float> %457)
+  store <8 x float> %458, ptr %acc00027, align 4
+  %459 = load <8 x float>, ptr %acc00128, align 4
+  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b146, <8 x float> %459)
+  store <8 x float> %460, ptr %acc00128, align 4
+  %461 = getelementptr inbounds float, ptr %386, i64 %443
+  %462 = load float, ptr %461, align 4
+  %463 = insertelement <8 x float> poison, float %462, i32 0
+  %464 = shufflevector <8 x float> %463, <8 x float> poison, <8 x i32> zeroinitializer
+  %465 = load <8 x float>, ptr %acc01029, align 4
+  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %b045, <8 x float> %465)
+  store <8 x float> %466, ptr %acc01029, align 4
+  %467 = load <8 x float>, ptr %acc01130, align 4
+  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %b146, <8 x float> %467)
+  store <8 x float> %468, ptr %acc01130, align 4
+  %469 = getelementptr inbounds float, ptr %403, i64 %443
+  %470 = load float, ptr %469, align 4
+  %471 = insertelement <8 x float> poison, float %470, i32 0
+  %472 = shufflevector <8 x float> %471, <8 x float> poison, <8 x i32> zeroinitializer
+  %473 = load <8 x float>, ptr %acc02031, align 4
+  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %b045, <8 x float> %473)
+  store <8 x float> %474, ptr %acc02031, align 4
+  %475 = load <8 x float>, ptr %acc02132, align 4
+  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %b146, <8 x float> %475)
+  store <8 x float> %476, ptr %acc02132, align 4
+  %477 = getelementptr inbounds float, ptr %420, i64 %443
+  %478 = load float, ptr %477, align 4
+  %479 = insertelement <8 x float> poison, float %478, i32 0
+  %480 = shufflevector <8 x float> %479, <8 x float> poison, <8 x i32> zeroinitializer
+  %481 = load <8 x float>, ptr %acc03033, align 4
+  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %b045, <8 x float> %481)
+  store <8 x float> %482, ptr %acc03033, align 4
+  %483 = load <8 x float>, ptr %acc03134, align 4
+  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %b146, <8 x float> %483)
+  store <8 x float> %484, ptr %acc03134, align 4
+  %485 = add nsw i64 %k42, 1
+  br label %k.head39
 
-k.end40:                                          ; preds = %k.head38
-  %397 = load <8 x float>, ptr %acc00026, align 4
-  store <8 x float> %397, ptr %306, align 4
-  %398 = load <8 x float>, ptr %acc00127, align 4
-  store <8 x float> %398, ptr %308, align 4
-  %399 = load <8 x float>, ptr %acc01028, align 4
-  store <8 x float> %399, ptr %318, align 4
-  %400 = load <8 x float>, ptr %acc01129, align 4
-  store <8 x float> %400, ptr %320, align 4
-  %401 = load <8 x float>, ptr %acc02030, align 4
-  store <8 x float> %401, ptr %330, align 4
-  %402 = load <8 x float>, ptr %acc02131, align 4
-  store <8 x float> %402, ptr %332, align 4
-  %403 = load <8 x float>, ptr %acc03032, align 4
-  store <8 x float> %403, ptr %342, align 4
-  %404 = load <8 x float>, ptr %acc03133, align 4
-  store <8 x float> %404, ptr %344, align 4
+k.end41:                                          ; preds = %k.head39
+  %486 = load <8 x float>, ptr %acc00027, align 4
+  store <8 x float> %486, ptr %376, align 4
+  %487 = load <8 x float>, ptr %acc00128, align 4
+  store <8 x float> %487, ptr %380, align 4
+  %488 = load <8 x float>, ptr %acc01029, align 4
+  store <8 x float> %488, ptr %393, align 4
+  %489 = load <8 x float>, ptr %acc01130, align 4
+  store <8 x float> %489, ptr %397, align 4
+  %490 = load <8 x float>, ptr %acc02031, align 4
+  store <8 x float> %490, ptr %410, align 4
+  %491 = load <8 x float>, ptr %acc02132, align 4
+  store <8 x float> %491, ptr %414, align 4
+  %492 = load <8 x float>, ptr %acc03033, align 4
+  store <8 x float> %492, ptr %427, align 4
+  %493 = load <8 x float>, ptr %acc03134, align 4
+  store <8 x float> %493, ptr %431, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
-  %col46 = mul nsw i64 %p, 16
-  %405 = add nsw i64 %r0, 0
-  %406 = mul nsw i64 %405, 6400
-  %407 = getelementptr inbounds float, ptr %h, i64 %406
-  %408 = getelementptr inbounds i32, ptr %rows, i64 %405
-  %409 = load i32, ptr %408, align 4
-  %410 = sext i32 %409 to i64
-  %411 = mul nsw i64 %410, 4096
-  %412 = getelementptr inbounds float, ptr %y, i64 %411
-  %413 = add nsw i64 %col46, 0
-  %414 = getelementptr inbounds float, ptr %412, i64 %413
-  store <8 x float> zeroinitializer, ptr %acc00047, align 4
-  %415 = add nsw i64 %col46, 8
-  %416 = getelementptr inbounds float, ptr %412, i64 %415
-  store <8 x float> zeroinitializer, ptr %acc00148, align 4
-  %417 = add nsw i64 %r0, 1
-  %418 = mul nsw i64 %417, 6400
-  %419 = getelementptr inbounds float, ptr %h, i64 %418
-  %420 = getelementptr inbounds i32, ptr %rows, i64 %417
-  %421 = load i32, ptr %420, align 4
-  %422 = sext i32 %421 to i64
-  %423 = mul nsw i64 %422, 4096
-  %424 = getelementptr inbounds float, ptr %y, i64 %423
-  %425 = add nsw i64 %col46, 0
-  %426 = getelementptr inbounds float, ptr %424, i64 %425
-  store <8 x float> zeroinitializer, ptr %acc01049, align 4
-  %427 = add nsw i64 %col46, 8
-  %428 = getelementptr inbounds float, ptr %424, i64 %427
-  store <8 x float> zeroinitializer, ptr %acc01150, align 4
-  %429 = add nsw i64 %r0, 2
-  %430 = mul nsw i64 %429, 6400
-  %431 = getelementptr inbounds float, ptr %h, i64 %430
-  %432 = getelementptr inbounds i32, ptr %rows, i64 %429
-  %433 = load i32, ptr %432, align 4
-  %434 = sext i32 %433 to i64
-  %435 = mul nsw i64 %434, 4096
-  %436 = getelementptr inbounds float, ptr %y, i64 %435
-  %437 = add nsw i64 %col46, 0
-  %438 = getelementptr inbounds float, ptr %436, i64 %437
-  store <8 x float> zeroinitializer, ptr %acc02051, align 4
-  %439 = add nsw i64 %col46, 8
-  %440 = getelementptr inbounds float, ptr %436, i64 %439
-  store <8 x float> zeroinitializer, ptr %acc02152, align 4
-  %panel.off53 = mul nsw i64 %p, 102400
-  %441 = getelementptr inbounds i16, ptr %panels, i64 %panel.off53
-  %442 = add nsw i64 %p, 1
-  %443 = icmp slt i64 %442, %p1
-  %pf.on54 = and i1 %pf.on, %443
-  %444 = mul nsw i64 %rb, 204800
-  %445 = lshr i64 %444, %12
-  %446 = add nsw i64 204800, %445
-  %447 = getelementptr inbounds i8, ptr %441, i64 %446
-  %pf55 = select i1 %pf.on54, ptr %447, ptr %441
-  %pf.sh56 = select i1 %pf.on54, i64 %12, i64 0
-  br label %k.head57
+  %col47 = mul nsw i64 %kb.p, 16
+  %494 = add nsw i64 %r01, 0
+  %495 = mul nsw i64 %494, 6400
+  %496 = add nsw i64 %495, %k0
+  %497 = getelementptr inbounds float, ptr %h, i64 %496
+  %498 = getelementptr inbounds i32, ptr %rows, i64 %494
+  %499 = load i32, ptr %498, align 4
+  %500 = sext i32 %499 to i64
+  %501 = mul nsw i64 %500, 4096
+  %502 = getelementptr inbounds float, ptr %y, i64 %501
+  %503 = add nsw i64 %col47, 0
+  %504 = getelementptr inbounds float, ptr %502, i64 %503
+  %505 = load <8 x float>, ptr %504, align 4
+  %506 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %505
+  store <8 x float> %506, ptr %acc00048, align 4
+  %507 = add nsw i64 %col47, 8
+  %508 = getelementptr inbounds float, ptr %502, i64 %507
+  %509 = load <8 x float>, ptr %508, align 4
+  %510 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %509
+  store <8 x float> %510, ptr %acc00149, align 4
+  %511 = add nsw i64 %r01, 1
+  %512 = mul nsw i64 %511, 6400
+  %513 = add nsw i64 %512, %k0
+  %514 = getelementptr inbounds float, ptr %h, i64 %513
+  %515 = getelementptr inbounds i32, ptr %rows, i64 %511
+  %516 = load i32, ptr %515, align 4
+  %517 = sext i32 %516 to i64
+  %518 = mul nsw i64 %517, 4096
+  %519 = getelementptr inbounds float, ptr %y, i64 %518
+  %520 = add nsw i64 %col47, 0
+  %521 = getelementptr inbounds float, ptr %519, i64 %520
+  %522 = load <8 x float>, ptr %521, align 4
+  %523 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %522
+  store <8 x float> %523, ptr %acc01050, align 4
+  %524 = add nsw i64 %col47, 8
+  %525 = getelementptr inbounds float, ptr %519, i64 %524
+  %526 = load <8 x float>, ptr %525, align 4
+  %527 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %526
+  store <8 x float> %527, ptr %acc01151, align 4
+  %528 = add nsw i64 %r01, 2
+  %529 = mul nsw i64 %528, 6400
+  %530 = add nsw i64 %529, %k0
+  %531 = getelementptr inbounds float, ptr %h, i64 %530
+  %532 = getelementptr inbounds i32, ptr %rows, i64 %528
+  %533 = load i32, ptr %532, align 4
+  %534 = sext i32 %533 to i64
+  %535 = mul nsw i64 %534, 4096
+  %536 = getelementptr inbounds float, ptr %y, i64 %535
+  %537 = add nsw i64 %col47, 0
+  %538 = getelementptr inbounds float, ptr %536, i64 %537
+  %539 = load <8 x float>, ptr %538, align 4
+  %540 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %539
+  store <8 x float> %540, ptr %acc02052, align 4
+  %541 = add nsw i64 %col47, 8
+  %542 = getelementptr inbounds float, ptr %536, i64 %541
+  %543 = load <8 x float>, ptr %542, align 4
+  %544 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %543
+  store <8 x float> %544, ptr %acc02153, align 4
+  %545 = mul nsw i64 %k0, 16
+  %546 = mul nsw i64 %kb.p, 102400
+  %panel.off54 = add nsw i64 %546, %545
+  %547 = getelementptr inbounds i16, ptr %panels, i64 %panel.off54
+  %pf.on55 = and i1 %pf.on, %pf.next
+  %548 = mul nsw i64 %rb, 8192
+  %549 = lshr i64 %548, %26
+  %550 = add nsw i64 %pf.step, %549
+  %551 = getelementptr inbounds i8, ptr %547, i64 %550
+  %pf56 = select i1 %pf.on55, ptr %551, ptr %547
+  %pf.sh57 = select i1 %pf.on55, i64 %26, i64 0
+  br label %k.head58
 
-k.head57:                                         ; preds = %pf.any.end62, %tile.mr3
-  %k60 = phi i64 [ 0, %tile.mr3 ], [ %484, %pf.any.end62 ]
-  %448 = icmp slt i64 %k60, 6400
-  br i1 %448, label %k.body58, label %k.end59
+k.head58:                                         ; preds = %pf.any.end63, %tile.mr3
+  %k61 = phi i64 [ 0, %tile.mr3 ], [ %588, %pf.any.end63 ]
+  %552 = icmp slt i64 %k61, 256
+  br i1 %552, label %k.body59, label %k.end60
 
-k.body58:                                         ; preds = %k.head57
-  %449 = mul nsw i64 %k60, 1
-  %450 = add nsw i64 %449, 0
-  %451 = mul nsw i64 %450, 32
-  br i1 %pf.multi, label %pf.any.then61, label %pf.any.end62
+k.body59:                                         ; preds = %k.head58
+  %553 = mul nsw i64 %k61, 1
+  %554 = add nsw i64 %553, 0
+  %555 = mul nsw i64 %554, 32
+  br i1 %pf.multi, label %pf.any.then62, label %pf.any.end63
 
-pf.any.then61:                                    ; preds = %k.body58
-  %452 = lshr i64 %451, %pf.sh56
-  %453 = getelementptr inbounds i8, ptr %pf55, i64 %452
-  call void @llvm.prefetch.p0(ptr %453, i32 0, i32 2, i32 1)
-  br label %pf.any.end62
+pf.any.then62:                                    ; preds = %k.body59
+  %556 = lshr i64 %555, %pf.sh57
+  %557 = getelementptr inbounds i8, ptr %pf56, i64 %556
+  call void @llvm.prefetch.p0(ptr %557, i32 0, i32 2, i32 1)
+  br label %pf.any.end63
 
-pf.any.end62:                                     ; preds = %pf.any.then61, %k.body58
-  %454 = mul nsw i64 %450, 16
-  %455 = add nsw i64 %panel.off53, %454
-  %456 = getelementptr inbounds i16, ptr %panels, i64 %455
-  %457 = load <8 x i32>, ptr %456, align 4
-  %458 = shl <8 x i32> %457, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b063 = bitcast <8 x i32> %458 to <8 x float>
-  %459 = and <8 x i32> %457, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b164 = bitcast <8 x i32> %459 to <8 x float>
-  %460 = getelementptr inbounds float, ptr %407, i64 %450
-  %461 = load float, ptr %460, align 4
-  %462 = insertelement <8 x float> poison, float %461, i32 0
-  %463 = shufflevector <8 x float> %462, <8 x float> poison, <8 x i32> zeroinitializer
-  %464 = load <8 x float>, ptr %acc00047, align 4
-  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b063, <8 x float> %464)
-  store <8 x float> %465, ptr %acc00047, align 4
-  %466 = load <8 x float>, ptr %acc00148, align 4
-  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b164, <8 x float> %466)
-  store <8 x float> %467, ptr %acc00148, align 4
-  %468 = getelementptr inbounds float, ptr %419, i64 %450
-  %469 = load float, ptr %468, align 4
-  %470 = insertelement <8 x float> poison, float %469, i32 0
-  %471 = shufflevector <8 x float> %470, <8 x float> poison, <8 x i32> zeroinitializer
-  %472 = load <8 x float>, ptr %acc01049, align 4
-  %473 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> %b063, <8 x float> %472)
-  store <8 x float> %473, ptr %acc01049, align 4
-  %474 = load <8 x float>, ptr %acc01150, align 4
-  %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> %b164, <8 x float> %474)
-  store <8 x float> %475, ptr %acc01150, align 4
-  %476 = getelementptr inbounds float, ptr %431, i64 %450
-  %477 = load float, ptr %476, align 4
-  %478 = insertelement <8 x float> poison, float %477, i32 0
-  %479 = shufflevector <8 x float> %478, <8 x float> poison, <8 x i32> zeroinitializer
-  %480 = load <8 x float>, ptr %acc02051, align 4
-  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b063, <8 x float> %480)
-  store <8 x float> %481, ptr %acc02051, align 4
-  %482 = load <8 x float>, ptr %acc02152, align 4
-  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b164, <8 x float> %482)
-  store <8 x float> %483, ptr %acc02152, align 4
-  %484 = add nsw i64 %k60, 1
-  br label %k.head57
+pf.any.end63:                                     ; preds = %pf.any.then62, %k.body59
+  %558 = mul nsw i64 %554, 16
+  %559 = add nsw i64 %panel.off54, %558
+  %560 = getelementptr inbounds i16, ptr %panels, i64 %559
+  %561 = load <8 x i32>, ptr %560, align 4
+  %562 = shl <8 x i32> %561, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b064 = bitcast <8 x i32> %562 to <8 x float>
+  %563 = and <8 x i32> %561, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b165 = bitcast <8 x i32> %563 to <8 x float>
+  %564 = getelementptr inbounds float, ptr %497, i64 %554
+  %565 = load float, ptr %564, align 4
+  %566 = insertelement <8 x float> poison, float %565, i32 0
+  %567 = shufflevector <8 x float> %566, <8 x float> poison, <8 x i32> zeroinitializer
+  %568 = load <8 x float>, ptr %acc00048, align 4
+  %569 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %b064, <8 x float> %568)
+  store <8 x float> %569, ptr %acc00048, align 4
+  %570 = load <8 x float>, ptr %acc00149, align 4
+  %571 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %b165, <8 x float> %570)
+  store <8 x float> %571, ptr %acc00149, align 4
+  %572 = getelementptr inbounds float, ptr %514, i64 %554
+  %573 = load float, ptr %572, align 4
+  %574 = insertelement <8 x float> poison, float %573, i32 0
+  %575 = shufflevector <8 x float> %574, <8 x float> poison, <8 x i32> zeroinitializer
+  %576 = load <8 x float>, ptr %acc01050, align 4
+  %577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %b064, <8 x float> %576)
+  store <8 x float> %577, ptr %acc01050, align 4
+  %578 = load <8 x float>, ptr %acc01151, align 4
+  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %b165, <8 x float> %578)
+  store <8 x float> %579, ptr %acc01151, align 4
+  %580 = getelementptr inbounds float, ptr %531, i64 %554
+  %581 = load float, ptr %580, align 4
+  %582 = insertelement <8 x float> poison, float %581, i32 0
+  %583 = shufflevector <8 x float> %582, <8 x float> poison, <8 x i32> zeroinitializer
+  %584 = load <8 x float>, ptr %acc02052, align 4
+  %585 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %b064, <8 x float> %584)
+  store <8 x float> %585, ptr %acc02052, align 4
+  %586 = load <8 x float>, ptr %acc02153, align 4
+  %587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %b165, <8 x float> %586)
+  store <8 x float> %587, ptr %acc02153, align 4
+  %588 = add nsw i64 %k61, 1
+  br label %k.head58
 
-k.end59:                                          ; preds = %k.head57
-  %485 = load <8 x float>, ptr %acc00047, align 4
-  store <8 x float> %485, ptr %414, align 4
-  %486 = load <8 x float>, ptr %acc00148, align 4
-  store <8 x float> %486, ptr %416, align 4
-  %487 = load <8 x float>, ptr %acc01049, align 4
-  store <8 x float> %487, ptr %426, align 4
-  %488 = load <8 x float>, ptr %acc01150, align 4
-  store <8 x float> %488, ptr %428, align 4
-  %489 = load <8 x float>, ptr %acc02051, align 4
-  store <8 x float> %489, ptr %438, align 4
-  %490 = load <8 x float>, ptr %acc02152, align 4
-  store <8 x float> %490, ptr %440, align 4
+k.end60:                                          ; preds = %k.head58
+  %589 = load <8 x float>, ptr %acc00048, align 4
+  store <8 x float> %589, ptr %504, align 4
+  %590 = load <8 x float>, ptr %acc00149, align 4
+  store <8 x float> %590, ptr %508, align 4
+  %591 = load <8 x float>, ptr %acc01050, align 4
+  store <8 x float> %591, ptr %521, align 4
+  %592 = load <8 x float>, ptr %acc01151, align 4
+  store <8 x float> %592, ptr %525, align 4
+  %593 = load <8 x float>, ptr %acc02052, align 4
+  store <8 x float> %593, ptr %538, align 4
+  %594 = load <8 x float>, ptr %acc02153, align 4
+  store <8 x float> %594, ptr %542, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
-  %col65 = mul nsw i64 %p, 16
-  %491 = add nsw i64 %r0, 0
-  %492 = mul nsw i64 %491, 6400
-  %493 = getelementptr inbounds float, ptr %h, i64 %492
-  %494 = getelementptr inbounds i32, ptr %rows, i64 %491
-  %495 = load i32, ptr %494, align 4
-  %496 = sext i32 %495 to i64
-  %497 = mul nsw i64 %496, 4096
-  %498 = getelementptr inbounds float, ptr %y, i64 %497
-  %499 = add nsw i64 %col65, 0
-  %500 = getelementptr inbounds float, ptr %498, i64 %499
-  store <8 x float> zeroinitializer, ptr %acc00066, align 4
-  %501 = add nsw i64 %col65, 8
-  %502 = getelementptr inbounds float, ptr %498, i64 %501
-  store <8 x float> zeroinitializer, ptr %acc00167, align 4
-  %503 = add nsw i64 %r0, 1
-  %504 = mul nsw i64 %503, 6400
-  %505 = getelementptr inbounds float, ptr %h, i64 %504
-  %506 = getelementptr inbounds i32, ptr %rows, i64 %503
-  %507 = load i32, ptr %506, align 4
-  %508 = sext i32 %507 to i64
-  %509 = mul nsw i64 %508, 4096
-  %510 = getelementptr inbounds float, ptr %y, i64 %509
-  %511 = add nsw i64 %col65, 0
-  %512 = getelementptr inbounds float, ptr %510, i64 %511
-  store <8 x float> zeroinitializer, ptr %acc01068, align 4
-  %513 = add nsw i64 %col65, 8
-  %514 = getelementptr inbounds float, ptr %510, i64 %513
-  store <8 x float> zeroinitializer, ptr %acc01169, align 4
-  %panel.off70 = mul nsw i64 %p, 102400
-  %515 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
-  %516 = add nsw i64 %p, 1
-  %517 = icmp slt i64 %516, %p1
-  %pf.on71 = and i1 %pf.on, %517
-  %518 = mul nsw i64 %rb, 204800
-  %519 = lshr i64 %518, %12
-  %520 = add nsw i64 204800, %519
-  %521 = getelementptr inbounds i8, ptr %515, i64 %520
-  %pf72 = select i1 %pf.on71, ptr %521, ptr %515
-  %pf.sh73 = select i1 %pf.on71, i64 %12, i64 0
-  br label %k.head74
+  %col66 = mul nsw i64 %kb.p, 16
+  %595 = add nsw i64 %r01, 0
+  %596 = mul nsw i64 %595, 6400
+  %597 = add nsw i64 %596, %k0
+  %598 = getelementptr inbounds float, ptr %h, i64 %597
+  %599 = getelementptr inbounds i32, ptr %rows, i64 %595
+  %600 = load i32, ptr %599, align 4
+  %601 = sext i32 %600 to i64
+  %602 = mul nsw i64 %601, 4096
+  %603 = getelementptr inbounds float, ptr %y, i64 %602
+  %604 = add nsw i64 %col66, 0
+  %605 = getelementptr inbounds float, ptr %603, i64 %604
+  %606 = load <8 x float>, ptr %605, align 4
+  %607 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %606
+  store <8 x float> %607, ptr %acc00067, align 4
+  %608 = add nsw i64 %col66, 8
+  %609 = getelementptr inbounds float, ptr %603, i64 %608
+  %610 = load <8 x float>, ptr %609, align 4
+  %611 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %610
+  store <8 x float> %611, ptr %acc00168, align 4
+  %612 = add nsw i64 %r01, 1
+  %613 = mul nsw i64 %612, 6400
+  %614 = add nsw i64 %613, %k0
+  %615 = getelementptr inbounds float, ptr %h, i64 %614
+  %616 = getelementptr inbounds i32, ptr %rows, i64 %612
+  %617 = load i32, ptr %616, align 4
+  %618 = sext i32 %617 to i64
+  %619 = mul nsw i64 %618, 4096
+  %620 = getelementptr inbounds float, ptr %y, i64 %619
+  %621 = add nsw i64 %col66, 0
+  %622 = getelementptr inbounds float, ptr %620, i64 %621
+  %623 = load <8 x float>, ptr %622, align 4
+  %624 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %623
+  store <8 x float> %624, ptr %acc01069, align 4
+  %625 = add nsw i64 %col66, 8
+  %626 = getelementptr inbounds float, ptr %620, i64 %625
+  %627 = load <8 x float>, ptr %626, align 4
+  %628 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %627
+  store <8 x float> %628, ptr %acc01170, align 4
+  %629 = mul nsw i64 %k0, 16
+  %630 = mul nsw i64 %kb.p, 102400
+  %panel.off71 = add nsw i64 %630, %629
+  %631 = getelementptr inbounds i16, ptr %panels, i64 %panel.off71
+  %pf.on72 = and i1 %pf.on, %pf.next
+  %632 = mul nsw i64 %rb, 8192
+  %633 = lshr i64 %632, %26
+  %634 = add nsw i64 %pf.step, %633
+  %635 = getelementptr inbounds i8, ptr %631, i64 %634
+  %pf73 = select i1 %pf.on72, ptr %635, ptr %631
+  %pf.sh74 = select i1 %pf.on72, i64 %26, i64 0
+  br label %k.head75
 
-k.head74:                                         ; preds = %pf.any.end79, %tile.mr2
-  %k77 = phi i64 [ 0, %tile.mr2 ], [ %550, %pf.any.end79 ]
-  %522 = icmp slt i64 %k77, 6400
-  br i1 %522, label %k.body75, label %k.end76
+k.head75:                                         ; preds = %pf.any.end80, %tile.mr2
+  %k78 = phi i64 [ 0, %tile.mr2 ], [ %664, %pf.any.end80 ]
+  %636 = icmp slt i64 %k78, 256
+  br i1 %636, label %k.body76, label %k.end77
 
-k.body75:                                         ; preds = %k.head74
-  %523 = mul nsw i64 %k77, 1
-  %524 = add nsw i64 %523, 0
-  %525 = mul nsw i64 %524, 32
-  br i1 %pf.multi, label %pf.any.then78, label %pf.any.end79
+k.body76:                                         ; preds = %k.head75
+  %637 = mul nsw i64 %k78, 1
+  %638 = add nsw i64 %637, 0
+  %639 = mul nsw i64 %638, 32
+  br i1 %pf.multi, label %pf.any.then79, label %pf.any.end80
 
-pf.any.then78:                                    ; preds = %k.body75
-  %526 = lshr i64 %525, %pf.sh73
-  %527 = getelementptr inbounds i8, ptr %pf72, i64 %526
-  call void @llvm.prefetch.p0(ptr %527, i32 0, i32 2, i32 1)
-  br label %pf.any.end79
+pf.any.then79:                                    ; preds = %k.body76
+  %640 = lshr i64 %639, %pf.sh74
+  %641 = getelementptr inbounds i8, ptr %pf73, i64 %640
+  call void @llvm.prefetch.p0(ptr %641, i32 0, i32 2, i32 1)
+  br label %pf.any.end80
 
-pf.any.end79:                                     ; preds = %pf.any.then78, %k.body75
-  %528 = mul nsw i64 %524, 16
-  %529 = add nsw i64 %panel.off70, %528
-  %530 = getelementptr inbounds i16, ptr %panels, i64 %529
-  %531 = load <8 x i32>, ptr %530, align 4
-  %532 = shl <8 x i32> %531, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b080 = bitcast <8 x i32> %532 to <8 x float>
-  %533 = and <8 x i32> %531, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b181 = bitcast <8 x i32> %533 to <8 x float>
-  %534 = getelementptr inbounds float, ptr %493, i64 %524
-  %535 = load float, ptr %534, align 4
-  %536 = insertelement <8 x float> poison, float %535, i32 0
-  %537 = shufflevector <8 x float> %536, <8 x float> poison, <8 x i32> zeroinitializer
-  %538 = load <8 x float>, ptr %acc00066, align 4
-  %539 = call <8 x float> @llvm.fma.v8f32(<8 x float> %537, <8 x float> %b080, <8 x float> %538)
-  store <8 x float> %539, ptr %acc00066, align 4
-  %540 = load <8 x float>, ptr %acc00167, align 4
-  %541 = call <8 x float> @llvm.fma.v8f32(<8 x float> %537, <8 x float> %b181, <8 x float> %540)
-  store <8 x float> %541, ptr %acc00167, align 4
-  %542 = getelementptr inbounds float, ptr %505, i64 %524
-  %543 = load float, ptr %542, align 4
-  %544 = insertelement <8 x float> poison, float %543, i32 0
-  %545 = shufflevector <8 x float> %544, <8 x float> poison, <8 x i32> zeroinitializer
-  %546 = load <8 x float>, ptr %acc01068, align 4
-  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> %b080, <8 x float> %546)
-  store <8 x float> %547, ptr %acc01068, align 4
-  %548 = load <8 x float>, ptr %acc01169, align 4
-  %549 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> %b181, <8 x float> %548)
-  store <8 x float> %549, ptr %acc01169, align 4
-  %550 = add nsw i64 %k77, 1
-  br label %k.head74
+pf.any.end80:                                     ; preds = %pf.any.then79, %k.body76
+  %642 = mul nsw i64 %638, 16
+  %643 = add nsw i64 %panel.off71, %642
+  %644 = getelementptr inbounds i16, ptr %panels, i64 %643
+  %645 = load <8 x i32>, ptr %644, align 4
+  %646 = shl <8 x i32> %645, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b081 = bitcast <8 x i32> %646 to <8 x float>
+  %647 = and <8 x i32> %645, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b182 = bitcast <8 x i32> %647 to <8 x float>
+  %648 = getelementptr inbounds float, ptr %598, i64 %638
+  %649 = load float, ptr %648, align 4
+  %650 = insertelement <8 x float> poison, float %649, i32 0
+  %651 = shufflevector <8 x float> %650, <8 x float> poison, <8 x i32> zeroinitializer
+  %652 = load <8 x float>, ptr %acc00067, align 4
+  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %b081, <8 x float> %652)
+  store <8 x float> %653, ptr %acc00067, align 4
+  %654 = load <8 x float>, ptr %acc00168, align 4
+  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %b182, <8 x float> %654)
+  store <8 x float> %655, ptr %acc00168, align 4
+  %656 = getelementptr inbounds float, ptr %615, i64 %638
+  %657 = load float, ptr %656, align 4
+  %658 = insertelement <8 x float> poison, float %657, i32 0
+  %659 = shufflevector <8 x float> %658, <8 x float> poison, <8 x i32> zeroinitializer
+  %660 = load <8 x float>, ptr %acc01069, align 4
+  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %b081, <8 x float> %660)
+  store <8 x float> %661, ptr %acc01069, align 4
+  %662 = load <8 x float>, ptr %acc01170, align 4
+  %663 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %b182, <8 x float> %662)
+  store <8 x float> %663, ptr %acc01170, align 4
+  %664 = add nsw i64 %k78, 1
+  br label %k.head75
 
-k.end76:                                          ; preds = %k.head74
-  %551 = load <8 x float>, ptr %acc00066, align 4
-  store <8 x float> %551, ptr %500, align 4
-  %552 = load <8 x float>, ptr %acc00167, align 4
-  store <8 x float> %552, ptr %502, align 4
-  %553 = load <8 x float>, ptr %acc01068, align 4
-  store <8 x float> %553, ptr %512, align 4
-  %554 = load <8 x float>, ptr %acc01169, align 4
-  store <8 x float> %554, ptr %514, align 4
+k.end77:                                          ; preds = %k.head75
+  %665 = load <8 x float>, ptr %acc00067, align 4
+  store <8 x float> %665, ptr %605, align 4
+  %666 = load <8 x float>, ptr %acc00168, align 4
+  store <8 x float> %666, ptr %609, align 4
+  %667 = load <8 x float>, ptr %acc01069, align 4
+  store <8 x float> %667, ptr %622, align 4
+  %668 = load <8 x float>, ptr %acc01170, align 4
+  store <8 x float> %668, ptr %626, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
-  %col82 = mul nsw i64 %p, 16
-  %555 = add nsw i64 %r0, 0
-  %556 = mul nsw i64 %555, 6400
-  %557 = getelementptr inbounds float, ptr %h, i64 %556
-  %558 = getelementptr inbounds i32, ptr %rows, i64 %555
-  %559 = load i32, ptr %558, align 4
-  %560 = sext i32 %559 to i64
-  %561 = mul nsw i64 %560, 4096
-  %562 = getelementptr inbounds float, ptr %y, i64 %561
-  %563 = add nsw i64 %col82, 0
-  %564 = getelementptr inbounds float, ptr %562, i64 %563
-  store <8 x float> zeroinitializer, ptr %acc00083, align 4
-  %565 = add nsw i64 %col82, 8
-  %566 = getelementptr inbounds float, ptr %562, i64 %565
-  store <8 x float> zeroinitializer, ptr %acc00184, align 4
-  %panel.off85 = mul nsw i64 %p, 102400
-  %567 = getelementptr inbounds i16, ptr %panels, i64 %panel.off85
-  %568 = add nsw i64 %p, 1
-  %569 = icmp slt i64 %568, %p1
-  %pf.on86 = and i1 %pf.on, %569
-  %570 = mul nsw i64 %rb, 204800
-  %571 = lshr i64 %570, %12
-  %572 = add nsw i64 204800, %571
-  %573 = getelementptr inbounds i8, ptr %567, i64 %572
-  %pf87 = select i1 %pf.on86, ptr %573, ptr %567
-  %pf.sh88 = select i1 %pf.on86, i64 %12, i64 0
-  br label %k.head89
+  %col83 = mul nsw i64 %kb.p, 16
+  %669 = add nsw i64 %r01, 0
+  %670 = mul nsw i64 %669, 6400
+  %671 = add nsw i64 %670, %k0
+  %672 = getelementptr inbounds float, ptr %h, i64 %671
+  %673 = getelementptr inbounds i32, ptr %rows, i64 %669
+  %674 = load i32, ptr %673, align 4
+  %675 = sext i32 %674 to i64
+  %676 = mul nsw i64 %675, 4096
+  %677 = getelementptr inbounds float, ptr %y, i64 %676
+  %678 = add nsw i64 %col83, 0
+  %679 = getelementptr inbounds float, ptr %677, i64 %678
+  %680 = load <8 x float>, ptr %679, align 4
+  %681 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %680
+  store <8 x float> %681, ptr %acc00084, align 4
+  %682 = add nsw i64 %col83, 8
+  %683 = getelementptr inbounds float, ptr %677, i64 %682
+  %684 = load <8 x float>, ptr %683, align 4
+  %685 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %684
+  store <8 x float> %685, ptr %acc00185, align 4
+  %686 = mul nsw i64 %k0, 16
+  %687 = mul nsw i64 %kb.p, 102400
+  %panel.off86 = add nsw i64 %687, %686
+  %688 = getelementptr inbounds i16, ptr %panels, i64 %panel.off86
+  %pf.on87 = and i1 %pf.on, %pf.next
+  %689 = mul nsw i64 %rb, 8192
+  %690 = lshr i64 %689, %26
+  %691 = add nsw i64 %pf.step, %690
+  %692 = getelementptr inbounds i8, ptr %688, i64 %691
+  %pf88 = select i1 %pf.on87, ptr %692, ptr %688
+  %pf.sh89 = select i1 %pf.on87, i64 %26, i64 0
+  br label %k.head90
 
-k.head89:                                         ; preds = %pf.any.end94, %tile.mr1
-  %k92 = phi i64 [ 0, %tile.mr1 ], [ %594, %pf.any.end94 ]
-  %574 = icmp slt i64 %k92, 6400
-  br i1 %574, label %k.body90, label %k.end91
+k.head90:                                         ; preds = %pf.any.end95, %tile.mr1
+  %k93 = phi i64 [ 0, %tile.mr1 ], [ %713, %pf.any.end95 ]
+  %693 = icmp slt i64 %k93, 256
+  br i1 %693, label %k.body91, label %k.end92
 
-k.body90:                                         ; preds = %k.head89
-  %575 = mul nsw i64 %k92, 1
-  %576 = add nsw i64 %575, 0
-  %577 = mul nsw i64 %576, 32
-  br i1 %pf.multi, label %pf.any.then93, label %pf.any.end94
+k.body91:                                         ; preds = %k.head90
+  %694 = mul nsw i64 %k93, 1
+  %695 = add nsw i64 %694, 0
+  %696 = mul nsw i64 %695, 32
+  br i1 %pf.multi, label %pf.any.then94, label %pf.any.end95
 
-pf.any.then93:                                    ; preds = %k.body90
-  %578 = lshr i64 %577, %pf.sh88
-  %579 = getelementptr inbounds i8, ptr %pf87, i64 %578
-  call void @llvm.prefetch.p0(ptr %579, i32 0, i32 2, i32 1)
-  br label %pf.any.end94
+pf.any.then94:                                    ; preds = %k.body91
+  %697 = lshr i64 %696, %pf.sh89
+  %698 = getelementptr inbounds i8, ptr %pf88, i64 %697
+  call void @llvm.prefetch.p0(ptr %698, i32 0, i32 2, i32 1)
+  br label %pf.any.end95
 
-pf.any.end94:                                     ; preds = %pf.any.then93, %k.body90
-  %580 = mul nsw i64 %576, 16
-  %581 = add nsw i64 %panel.off85, %580
-  %582 = getelementptr inbounds i16, ptr %panels, i64 %581
-  %583 = load <8 x i32>, ptr %582, align 4
-  %584 = shl <8 x i32> %583, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b095 = bitcast <8 x i32> %584 to <8 x float>
-  %585 = and <8 x i32> %583, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b196 = bitcast <8 x i32> %585 to <8 x float>
-  %586 = getelementptr inbounds float, ptr %557, i64 %576
-  %587 = load float, ptr %586, align 4
-  %588 = insertelement <8 x float> poison, float %587, i32 0
-  %589 = shufflevector <8 x float> %588, <8 x float> poison, <8 x i32> zeroinitializer
-  %590 = load <8 x float>, ptr %acc00083, align 4
-  %591 = call <8 x float> @llvm.fma.v8f32(<8 x float> %589, <8 x float> %b095, <8 x float> %590)
-  store <8 x float> %591, ptr %acc00083, align 4
-  %592 = load <8 x float>, ptr %acc00184, align 4
-  %593 = call <8 x float> @llvm.fma.v8f32(<8 x float> %589, <8 x float> %b196, <8 x float> %592)
-  store <8 x float> %593, ptr %acc00184, align 4
-  %594 = add nsw i64 %k92, 1
-  br label %k.head89
+pf.any.end95:                                     ; preds = %pf.any.then94, %k.body91
+  %699 = mul nsw i64 %695, 16
+  %700 = add nsw i64 %panel.off86, %699
+  %701 = getelementptr inbounds i16, ptr %panels, i64 %700
+  %702 = load <8 x i32>, ptr %701, align 4
+  %703 = shl <8 x i32> %702, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b096 = bitcast <8 x i32> %703 to <8 x float>
+  %704 = and <8 x i32> %702, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b197 = bitcast <8 x i32> %704 to <8 x float>
+  %705 = getelementptr inbounds float, ptr %672, i64 %695
+  %706 = load float, ptr %705, align 4
+  %707 = insertelement <8 x float> poison, float %706, i32 0
+  %708 = shufflevector <8 x float> %707, <8 x float> poison, <8 x i32> zeroinitializer
+  %709 = load <8 x float>, ptr %acc00084, align 4
+  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %b096, <8 x float> %709)
+  store <8 x float> %710, ptr %acc00084, align 4
+  %711 = load <8 x float>, ptr %acc00185, align 4
+  %712 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %b197, <8 x float> %711)
+  store <8 x float> %712, ptr %acc00185, align 4
+  %713 = add nsw i64 %k93, 1
+  br label %k.head90
 
-k.end91:                                          ; preds = %k.head89
-  %595 = load <8 x float>, ptr %acc00083, align 4
-  store <8 x float> %595, ptr %564, align 4
-  %596 = load <8 x float>, ptr %acc00184, align 4
-  store <8 x float> %596, ptr %566, align 4
+k.end92:                                          ; preds = %k.head90
+  %714 = load <8 x float>, ptr %acc00084, align 4
+  store <8 x float> %714, ptr %679, align 4
+  %715 = load <8 x float>, ptr %acc00185, align 4
+  store <8 x float> %715, ptr %683, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end91, %k.end76, %k.end59, %k.end40, %k.end19, %k.end
-  %597 = add nsw i64 %rb, 1
+tile.done:                                        ; preds = %k.end92, %k.end77, %k.end60, %k.end41, %k.end20, %k.end
+  %716 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %598 = add nsw i64 %p, 1
+  %717 = add nsw i64 %kb.p, 1
+  br label %kb.p.head
+
+kb.p.end:                                         ; preds = %kb.p.head
+  %718 = add nsw i64 %kb.k, 1
+  br label %kb.k.head
+
+kb.k.end:                                         ; preds = %kb.k.head
+  %719 = add nsw i64 %kb.pg, 16
+  br label %kb.pg.head
+
+kb.pg.end:                                        ; preds = %kb.pg.head
+  %720 = add nsw i64 %kb.rc, 96
+  br label %kb.rc.head
+
+kb.rc.end:                                        ; preds = %kb.rc.head
+  br label %call.end
+
+flat:                                             ; preds = %start
+  br label %p.head
+
+p.head:                                           ; preds = %rb.end101, %flat
+  %p = phi i64 [ %p0, %flat ], [ %1387, %rb.end101 ]
+  %721 = icmp slt i64 %p, %end
+  br i1 %721, label %p.body, label %p.end
+
+p.body:                                           ; preds = %p.head
+  %722 = add nsw i64 %n, 5
+  %nrb98 = sdiv i64 %722, 6
+  br label %rb.head99
+
+rb.head99:                                        ; preds = %tile.done106, %p.body
+  %rb102 = phi i64 [ 0, %p.body ], [ %1386, %tile.done106 ]
+  %723 = icmp slt i64 %rb102, %nrb98
+  br i1 %723, label %rb.body100, label %rb.end101
+
+rb.body100:                                       ; preds = %rb.head99
+  %724 = mul nsw i64 %rb102, %n
+  %r0103 = sdiv i64 %724, %nrb98
+  %725 = add nsw i64 %rb102, 1
+  %726 = mul nsw i64 %725, %n
+  %r1104 = sdiv i64 %726, %nrb98
+  %mr105 = sub nsw i64 %r1104, %r0103
+  %727 = icmp sge i64 %nrb98, 2
+  %728 = select i1 %727, i64 1, i64 0
+  %729 = icmp sge i64 %nrb98, 4
+  %730 = select i1 %729, i64 2, i64 %728
+  %731 = icmp sge i64 %nrb98, 8
+  %732 = select i1 %731, i64 3, i64 %730
+  %pf.multi113 = icmp sgt i64 %nrb98, 1
+  %733 = shl i64 1, %732
+  %734 = icmp slt i64 %rb102, %733
+  %pf.on114 = and i1 %pf.multi113, %734
+  switch i64 %mr105, label %tile.mr6112 [
+    i64 1, label %tile.mr1107
+    i64 2, label %tile.mr2108
+    i64 3, label %tile.mr3109
+    i64 4, label %tile.mr4110
+    i64 5, label %tile.mr5111
+  ]
+
+tile.mr6112:                                      ; preds = %rb.body100
+  %col115 = mul nsw i64 %p, 16
+  %735 = add nsw i64 %r0103, 0
+  %736 = mul nsw i64 %735, 6400
+  %737 = add nsw i64 %736, 0
+  %738 = getelementptr inbounds float, ptr %h, i64 %737
+  %739 = getelementptr inbounds i32, ptr %rows, i64 %735
+  %740 = load i32, ptr %739, align 4
+  %741 = sext i32 %740 to i64
+  %742 = mul nsw i64 %741, 4096
+  %743 = getelementptr inbounds float, ptr %y, i64 %742
+  %744 = add nsw i64 %col115, 0
+  %745 = getelementptr inbounds float, ptr %743, i64 %744
+  %746 = load <8 x float>, ptr %745, align 4
+  store <8 x float> zeroinitializer, ptr %acc000116, align 4
+  %747 = add nsw i64 %col115, 8
+  %748 = getelementptr inbounds float, ptr %743, i64 %747
+  %749 = load <8 x float>, ptr %748, align 4
+  store <8 x float> zeroinitializer, ptr %acc001117, align 4
+  %750 = add nsw i64 %r0103, 1
+  %751 = mul nsw i64 %750, 6400
+  %752 = add nsw i64 %751, 0
+  %753 = getelementptr inbounds float, ptr %h, i64 %752
+  %754 = getelementptr inbounds i32, ptr %rows, i64 %750
+  %755 = load i32, ptr %754, align 4
+  %756 = sext i32 %755 to i64
+  %757 = mul nsw i64 %756, 4096
+  %758 = getelementptr inbounds float, ptr %y, i64 %757
+  %759 = add nsw i64 %col115, 0
+  %760 = getelementptr inbounds float, ptr %758, i64 %759
+  %761 = load <8 x float>, ptr %760, align 4
+  store <8 x float> zeroinitializer, ptr %acc010118, align 4
+  %762 = add nsw i64 %col115, 8
+  %763 = getelementptr inbounds float, ptr %758, i64 %762
+  %764 = load <8 x float>, ptr %763, align 4
+  store <8 x float> zeroinitializer, ptr %acc011119, align 4
+  %765 = add nsw i64 %r0103, 2
+  %766 = mul nsw i64 %765, 6400
+  %767 = add nsw i64 %766, 0
+  %768 = getelementptr inbounds float, ptr %h, i64 %767
+  %769 = getelementptr inbounds i32, ptr %rows, i64 %765
+  %770 = load i32, ptr %769, align 4
+  %771 = sext i32 %770 to i64
+  %772 = mul nsw i64 %771, 4096
+  %773 = getelementptr inbounds float, ptr %y, i64 %772
+  %774 = add nsw i64 %col115, 0
+  %775 = getelementptr inbounds float, ptr %773, i64 %774
+  %776 = load <8 x float>, ptr %775, align 4
+  store <8 x float> zeroinitializer, ptr %acc020120, align 4
+  %777 = add nsw i64 %col115, 8
+  %778 = getelementptr inbounds float, ptr %773, i64 %777
+  %779 = load <8 x float>, ptr %778, align 4
+  store <8 x float> zeroinitializer, ptr %acc021121, align 4
+  %780 = add nsw i64 %r0103, 3
+  %781 = mul nsw i64 %780, 6400
+  %782 = add nsw i64 %781, 0
+  %783 = getelementptr inbounds float, ptr %h, i64 %782
+  %784 = getelementptr inbounds i32, ptr %rows, i64 %780
+  %785 = load i32, ptr %784, align 4
+  %786 = sext i32 %785 to i64
+  %787 = mul nsw i64 %786, 4096
+  %788 = getelementptr inbounds float, ptr %y, i64 %787
+  %789 = add nsw i64 %col115, 0
+  %790 = getelementptr inbounds float, ptr %788, i64 %789
+  %791 = load <8 x float>, ptr %790, align 4
+  store <8 x float> zeroinitializer, ptr %acc030122, align 4
+  %792 = add nsw i64 %col115, 8
+  %793 = getelementptr inbounds float, ptr %788, i64 %792
+  %794 = load <8 x float>, ptr %793, align 4
+  store <8 x float> zeroinitializer, ptr %acc031123, align 4
+  %795 = add nsw i64 %r0103, 4
+  %796 = mul nsw i64 %795, 6400
+  %797 = add nsw i64 %796, 0
+  %798 = getelementptr inbounds float, ptr %h, i64 %797
+  %799 = getelementptr inbounds i32, ptr %rows, i64 %795
+  %800 = load i32, ptr %799, align 4
+  %801 = sext i32 %800 to i64
+  %802 = mul nsw i64 %801, 4096
+  %803 = getelementptr inbounds float, ptr %y, i64 %802
+  %804 = add nsw i64 %col115, 0
+  %805 = getelementptr inbounds float, ptr %803, i64 %804
+  %806 = load <8 x float>, ptr %805, align 4
+  store <8 x float> zeroinitializer, ptr %acc040124, align 4
+  %807 = add nsw i64 %col115, 8
+  %808 = getelementptr inbounds float, ptr %803, i64 %807
+  %809 = load <8 x float>, ptr %808, align 4
+  store <8 x float> zeroinitializer, ptr %acc041125, align 4
+  %810 = add nsw i64 %r0103, 5
+  %811 = mul nsw i64 %810, 6400
+  %812 = add nsw i64 %811, 0
+  %813 = getelementptr inbounds float, ptr %h, i64 %812
+  %814 = getelementptr inbounds i32, ptr %rows, i64 %810
+  %815 = load i32, ptr %814, align 4
+  %816 = sext i32 %815 to i64
+  %817 = mul nsw i64 %816, 4096
+  %818 = getelementptr inbounds float, ptr %y, i64 %817
+  %819 = add nsw i64 %col115, 0
+  %820 = getelementptr inbounds float, ptr %818, i64 %819
+  %821 = load <8 x float>, ptr %820, align 4
+  store <8 x float> zeroinitializer, ptr %acc050126, align 4
+  %822 = add nsw i64 %col115, 8
+  %823 = getelementptr inbounds float, ptr %818, i64 %822
+  %824 = load <8 x float>, ptr %823, align 4
+  store <8 x float> zeroinitializer, ptr %acc051127, align 4
+  %825 = mul nsw i64 %p, 102400
+  %panel.off128 = add nsw i64 %825, 0
+  %826 = getelementptr inbounds i16, ptr %panels, i64 %panel.off128
+  %827 = add nsw i64 %p, 1
+  %828 = icmp slt i64 %827, %p1
+  %pf.on129 = and i1 %pf.on114, %828
+  %829 = mul nsw i64 %rb102, 204800
+  %830 = lshr i64 %829, %732
+  %831 = add nsw i64 204800, %830
+  %832 = getelementptr inbounds i8, ptr %826, i64 %831
+  %pf130 = select i1 %pf.on129, ptr %832, ptr %826
+  %pf.sh131 = select i1 %pf.on129, i64 %732, i64 0
+  br label %k.head132
+
+k.head132:                                        ; preds = %pf.any.end137, %tile.mr6112
+  %k135 = phi i64 [ 0, %tile.mr6112 ], [ %893, %pf.any.end137 ]
+  %833 = icmp slt i64 %k135, 6400
+  br i1 %833, label %k.body133, label %k.end134
+
+k.body133:                                        ; preds = %k.head132
+  %834 = mul nsw i64 %k135, 1
+  %835 = add nsw i64 %834, 0
+  %836 = mul nsw i64 %835, 32
+  br i1 %pf.multi113, label %pf.any.then136, label %pf.any.end137
+
+pf.any.then136:                                   ; preds = %k.body133
+  %837 = lshr i64 %836, %pf.sh131
+  %838 = getelementptr inbounds i8, ptr %pf130, i64 %837
+  call void @llvm.prefetch.p0(ptr %838, i32 0, i32 2, i32 1)
+  br label %pf.any.end137
+
+pf.any.end137:                                    ; preds = %pf.any.then136, %k.body133
+  %839 = mul nsw i64 %835, 16
+  %840 = add nsw i64 %panel.off128, %839
+  %841 = getelementptr inbounds i16, ptr %panels, i64 %840
+  %842 = load <8 x i32>, ptr %841, align 4
+  %843 = shl <8 x i32> %842, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0138 = bitcast <8 x i32> %843 to <8 x float>
+  %844 = and <8 x i32> %842, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1139 = bitcast <8 x i32> %844 to <8 x float>
+  %845 = getelementptr inbounds float, ptr %738, i64 %835
+  %846 = load float, ptr %845, align 4
+  %847 = insertelement <8 x float> poison, float %846, i32 0
+  %848 = shufflevector <8 x float> %847, <8 x float> poison, <8 x i32> zeroinitializer
+  %849 = load <8 x float>, ptr %acc000116, align 4
+  %850 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> %b0138, <8 x float> %849)
+  store <8 x float> %850, ptr %acc000116, align 4
+  %851 = load <8 x float>, ptr %acc001117, align 4
+  %852 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> %b1139, <8 x float> %851)
+  store <8 x float> %852, ptr %acc001117, align 4
+  %853 = getelementptr inbounds float, ptr %753, i64 %835
+  %854 = load float, ptr %853, align 4
+  %855 = insertelement <8 x float> poison, float %854, i32 0
+  %856 = shufflevector <8 x float> %855, <8 x float> poison, <8 x i32> zeroinitializer
+  %857 = load <8 x float>, ptr %acc010118, align 4
+  %858 = call <8 x float> @llvm.fma.v8f32(<8 x float> %856, <8 x float> %b0138, <8 x float> %857)
+  store <8 x float> %858, ptr %acc010118, align 4
+  %859 = load <8 x float>, ptr %acc011119, align 4
+  %860 = call <8 x float> @llvm.fma.v8f32(<8 x float> %856, <8 x float> %b1139, <8 x float> %859)
+  store <8 x float> %860, ptr %acc011119, align 4
+  %861 = getelementptr inbounds float, ptr %768, i64 %835
+  %862 = load float, ptr %861, align 4
+  %863 = insertelement <8 x float> poison, float %862, i32 0
+  %864 = shufflevector <8 x float> %863, <8 x float> poison, <8 x i32> zeroinitializer
+  %865 = load <8 x float>, ptr %acc020120, align 4
+  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> %b0138, <8 x float> %865)
+  store <8 x float> %866, ptr %acc020120, align 4
+  %867 = load <8 x float>, ptr %acc021121, align 4
+  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> %b1139, <8 x float> %867)
+  store <8 x float> %868, ptr %acc021121, align 4
+  %869 = getelementptr inbounds float, ptr %783, i64 %835
+  %870 = load float, ptr %869, align 4
+  %871 = insertelement <8 x float> poison, float %870, i32 0
+  %872 = shufflevector <8 x float> %871, <8 x float> poison, <8 x i32> zeroinitializer
+  %873 = load <8 x float>, ptr %acc030122, align 4
+  %874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %872, <8 x float> %b0138, <8 x float> %873)
+  store <8 x float> %874, ptr %acc030122, align 4
+  %875 = load <8 x float>, ptr %acc031123, align 4
+  %876 = call <8 x float> @llvm.fma.v8f32(<8 x float> %872, <8 x float> %b1139, <8 x float> %875)
+  store <8 x float> %876, ptr %acc031123, align 4
+  %877 = getelementptr inbounds float, ptr %798, i64 %835
+  %878 = load float, ptr %877, align 4
+  %879 = insertelement <8 x float> poison, float %878, i32 0
+  %880 = shufflevector <8 x float> %879, <8 x float> poison, <8 x i32> zeroinitializer
+  %881 = load <8 x float>, ptr %acc040124, align 4
+  %882 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> %b0138, <8 x float> %881)
+  store <8 x float> %882, ptr %acc040124, align 4
+  %883 = load <8 x float>, ptr %acc041125, align 4
+  %884 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> %b1139, <8 x float> %883)
+  store <8 x float> %884, ptr %acc041125, align 4
+  %885 = getelementptr inbounds float, ptr %813, i64 %835
+  %886 = load float, ptr %885, align 4
+  %887 = insertelement <8 x float> poison, float %886, i32 0
+  %888 = shufflevector <8 x float> %887, <8 x float> poison, <8 x i32> zeroinitializer
+  %889 = load <8 x float>, ptr %acc050126, align 4
+  %890 = call <8 x float> @llvm.fma.v8f32(<8 x float> %888, <8 x float> %b0138, <8 x float> %889)
+  store <8 x float> %890, ptr %acc050126, align 4
+  %891 = load <8 x float>, ptr %acc051127, align 4
+  %892 = call <8 x float> @llvm.fma.v8f32(<8 x float> %888, <8 x float> %b1139, <8 x float> %891)
+  store <8 x float> %892, ptr %acc051127, align 4
+  %893 = add nsw i64 %k135, 1
+  br label %k.head132
+
+k.end134:                                         ; preds = %k.head132
+  %894 = load <8 x float>, ptr %acc000116, align 4
+  store <8 x float> %894, ptr %745, align 4
+  %895 = load <8 x float>, ptr %acc001117, align 4
+  store <8 x float> %895, ptr %748, align 4
+  %896 = load <8 x float>, ptr %acc010118, align 4
+  store <8 x float> %896, ptr %760, align 4
+  %897 = load <8 x float>, ptr %acc011119, align 4
+  store <8 x float> %897, ptr %763, align 4
+  %898 = load <8 x float>, ptr %acc020120, align 4
+  store <8 x float> %898, ptr %775, align 4
+  %899 = load <8 x float>, ptr %acc021121, align 4
+  store <8 x float> %899, ptr %778, align 4
+  %900 = load <8 x float>, ptr %acc030122, align 4
+  store <8 x float> %900, ptr %790, align 4
+  %901 = load <8 x float>, ptr %acc031123, align 4
+  store <8 x float> %901, ptr %793, align 4
+  %902 = load <8 x float>, ptr %acc040124, align 4
+  store <8 x float> %902, ptr %805, align 4
+  %903 = load <8 x float>, ptr %acc041125, align 4
+  store <8 x float> %903, ptr %808, align 4
+  %904 = load <8 x float>, ptr %acc050126, align 4
+  store <8 x float> %904, ptr %820, align 4
+  %905 = load <8 x float>, ptr %acc051127, align 4
+  store <8 x float> %905, ptr %823, align 4
+  br label %tile.done106
+
+tile.mr5111:                                      ; preds = %rb.body100
+  %col140 = mul nsw i64 %p, 16
+  %906 = add nsw i64 %r0103, 0
+  %907 = mul nsw i64 %906, 6400
+  %908 = add nsw i64 %907, 0
+  %909 = getelementptr inbounds float, ptr %h, i64 %908
+  %910 = getelementptr inbounds i32, ptr %rows, i64 %906
+  %911 = load i32, ptr %910, align 4
+  %912 = sext i32 %911 to i64
+  %913 = mul nsw i64 %912, 4096
+  %914 = getelementptr inbounds float, ptr %y, i64 %913
+  %915 = add nsw i64 %col140, 0
+  %916 = getelementptr inbounds float, ptr %914, i64 %915
+  %917 = load <8 x float>, ptr %916, align 4
+  store <8 x float> zeroinitializer, ptr %acc000141, align 4
+  %918 = add nsw i64 %col140, 8
+  %919 = getelementptr inbounds float, ptr %914, i64 %918
+  %920 = load <8 x float>, ptr %919, align 4
+  store <8 x float> zeroinitializer, ptr %acc001142, align 4
+  %921 = add nsw i64 %r0103, 1
+  %922 = mul nsw i64 %921, 6400
+  %923 = add nsw i64 %922, 0
+  %924 = getelementptr inbounds float, ptr %h, i64 %923
+  %925 = getelementptr inbounds i32, ptr %rows, i64 %921
+  %926 = load i32, ptr %925, align 4
+  %927 = sext i32 %926 to i64
+  %928 = mul nsw i64 %927, 4096
+  %929 = getelementptr inbounds float, ptr %y, i64 %928
+  %930 = add nsw i64 %col140, 0
+  %931 = getelementptr inbounds float, ptr %929, i64 %930
+  %932 = load <8 x float>, ptr %931, align 4
+  store <8 x float> zeroinitializer, ptr %acc010143, align 4
+  %933 = add nsw i64 %col140, 8
+  %934 = getelementptr inbounds float, ptr %929, i64 %933
+  %935 = load <8 x float>, ptr %934, align 4
+  store <8 x float> zeroinitializer, ptr %acc011144, align 4
+  %936 = add nsw i64 %r0103, 2
+  %937 = mul nsw i64 %936, 6400
+  %938 = add nsw i64 %937, 0
+  %939 = getelementptr inbounds float, ptr %h, i64 %938
+  %940 = getelementptr inbounds i32, ptr %rows, i64 %936
+  %941 = load i32, ptr %940, align 4
+  %942 = sext i32 %941 to i64
+  %943 = mul nsw i64 %942, 4096
+  %944 = getelementptr inbounds float, ptr %y, i64 %943
+  %945 = add nsw i64 %col140, 0
+  %946 = getelementptr inbounds float, ptr %944, i64 %945
+  %947 = load <8 x float>, ptr %946, align 4
+  store <8 x float> zeroinitializer, ptr %acc020145, align 4
+  %948 = add nsw i64 %col140, 8
+  %949 = getelementptr inbounds float, ptr %944, i64 %948
+  %950 = load <8 x float>, ptr %949, align 4
+  store <8 x float> zeroinitializer, ptr %acc021146, align 4
+  %951 = add nsw i64 %r0103, 3
+  %952 = mul nsw i64 %951, 6400
+  %953 = add nsw i64 %952, 0
+  %954 = getelementptr inbounds float, ptr %h, i64 %953
+  %955 = getelementptr inbounds i32, ptr %rows, i64 %951
+  %956 = load i32, ptr %955, align 4
+  %957 = sext i32 %956 to i64
+  %958 = mul nsw i64 %957, 4096
+  %959 = getelementptr inbounds float, ptr %y, i64 %958
+  %960 = add nsw i64 %col140, 0
+  %961 = getelementptr inbounds float, ptr %959, i64 %960
+  %962 = load <8 x float>, ptr %961, align 4
+  store <8 x float> zeroinitializer, ptr %acc030147, align 4
+  %963 = add nsw i64 %col140, 8
+  %964 = getelementptr inbounds float, ptr %959, i64 %963
+  %965 = load <8 x float>, ptr %964, align 4
+  store <8 x float> zeroinitializer, ptr %acc031148, align 4
+  %966 = add nsw i64 %r0103, 4
+  %967 = mul nsw i64 %966, 6400
+  %968 = add nsw i64 %967, 0
+  %969 = getelementptr inbounds float, ptr %h, i64 %968
+  %970 = getelementptr inbounds i32, ptr %rows, i64 %966
+  %971 = load i32, ptr %970, align 4
+  %972 = sext i32 %971 to i64
+  %973 = mul nsw i64 %972, 4096
+  %974 = getelementptr inbounds float, ptr %y, i64 %973
+  %975 = add nsw i64 %col140, 0
+  %976 = getelementptr inbounds float, ptr %974, i64 %975
+  %977 = load <8 x float>, ptr %976, align 4
+  store <8 x float> zeroinitializer, ptr %acc040149, align 4
+  %978 = add nsw i64 %col140, 8
+  %979 = getelementptr inbounds float, ptr %974, i64 %978
+  %980 = load <8 x float>, ptr %979, align 4
+  store <8 x float> zeroinitializer, ptr %acc041150, align 4
+  %981 = mul nsw i64 %p, 102400
+  %panel.off151 = add nsw i64 %981, 0
+  %982 = getelementptr inbounds i16, ptr %panels, i64 %panel.off151
+  %983 = add nsw i64 %p, 1
+  %984 = icmp slt i64 %983, %p1
+  %pf.on152 = and i1 %pf.on114, %984
+  %985 = mul nsw i64 %rb102, 204800
+  %986 = lshr i64 %985, %732
+  %987 = add nsw i64 204800, %986
+  %988 = getelementptr inbounds i8, ptr %982, i64 %987
+  %pf153 = select i1 %pf.on152, ptr %988, ptr %982
+  %pf.sh154 = select i1 %pf.on152, i64 %732, i64 0
+  br label %k.head155
+
+k.head155:                                        ; preds = %pf.any.end160, %tile.mr5111
+  %k158 = phi i64 [ 0, %tile.mr5111 ], [ %1041, %pf.any.end160 ]
+  %989 = icmp slt i64 %k158, 6400
+  br i1 %989, label %k.body156, label %k.end157
+
+k.body156:                                        ; preds = %k.head155
+  %990 = mul nsw i64 %k158, 1
+  %991 = add nsw i64 %990, 0
+  %992 = mul nsw i64 %991, 32
+  br i1 %pf.multi113, label %pf.any.then159, label %pf.any.end160
+
+pf.any.then159:                                   ; preds = %k.body156
+  %993 = lshr i64 %992, %pf.sh154
+  %994 = getelementptr inbounds i8, ptr %pf153, i64 %993
+  call void @llvm.prefetch.p0(ptr %994, i32 0, i32 2, i32 1)
+  br label %pf.any.end160
+
+pf.any.end160:                                    ; preds = %pf.any.then159, %k.body156
+  %995 = mul nsw i64 %991, 16
+  %996 = add nsw i64 %panel.off151, %995
+  %997 = getelementptr inbounds i16, ptr %panels, i64 %996
+  %998 = load <8 x i32>, ptr %997, align 4
+  %999 = shl <8 x i32> %998, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0161 = bitcast <8 x i32> %999 to <8 x float>
+  %1000 = and <8 x i32> %998, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1162 = bitcast <8 x i32> %1000 to <8 x float>
+  %1001 = getelementptr inbounds float, ptr %909, i64 %991
+  %1002 = load float, ptr %1001, align 4
+  %1003 = insertelement <8 x float> poison, float %1002, i32 0
+  %1004 = shufflevector <8 x float> %1003, <8 x float> poison, <8 x i32> zeroinitializer
+  %1005 = load <8 x float>, ptr %acc000141, align 4
+  %1006 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1004, <8 x float> %b0161, <8 x float> %1005)
+  store <8 x float> %1006, ptr %acc000141, align 4
+  %1007 = load <8 x float>, ptr %acc001142, align 4
+  %1008 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1004, <8 x float> %b1162, <8 x float> %1007)
+  store <8 x float> %1008, ptr %acc001142, align 4
+  %1009 = getelementptr inbounds float, ptr %924, i64 %991
+  %1010 = load float, ptr %1009, align 4
+  %1011 = insertelement <8 x float> poison, float %1010, i32 0
+  %1012 = shufflevector <8 x float> %1011, <8 x float> poison, <8 x i32> zeroinitializer
+  %1013 = load <8 x float>, ptr %acc010143, align 4
+  %1014 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %b0161, <8 x float> %1013)
+  store <8 x float> %1014, ptr %acc010143, align 4
+  %1015 = load <8 x float>, ptr %acc011144, align 4
+  %1016 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %b1162, <8 x float> %1015)
+  store <8 x float> %1016, ptr %acc011144, align 4
+  %1017 = getelementptr inbounds float, ptr %939, i64 %991
+  %1018 = load float, ptr %1017, align 4
+  %1019 = insertelement <8 x float> poison, float %1018, i32 0
+  %1020 = shufflevector <8 x float> %1019, <8 x float> poison, <8 x i32> zeroinitializer
+  %1021 = load <8 x float>, ptr %acc020145, align 4
+  %1022 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %b0161, <8 x float> %1021)
+  store <8 x float> %1022, ptr %acc020145, align 4
+  %1023 = load <8 x float>, ptr %acc021146, align 4
+  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %b1162, <8 x float> %1023)
+  store <8 x float> %1024, ptr %acc021146, align 4
+  %1025 = getelementptr inbounds float, ptr %954, i64 %991
+  %1026 = load float, ptr %1025, align 4
+  %1027 = insertelement <8 x float> poison, float %1026, i32 0
+  %1028 = shufflevector <8 x float> %1027, <8 x float> poison, <8 x i32> zeroinitializer
+  %1029 = load <8 x float>, ptr %acc030147, align 4
+  %1030 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %b0161, <8 x float> %1029)
+  store <8 x float> %1030, ptr %acc030147, align 4
+  %1031 = load <8 x float>, ptr %acc031148, align 4
+  %1032 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %b1162, <8 x float> %1031)
+  store <8 x float> %1032, ptr %acc031148, align 4
+  %1033 = getelementptr inbounds float, ptr %969, i64 %991
+  %1034 = load float, ptr %1033, align 4
+  %1035 = insertelement <8 x float> poison, float %1034, i32 0
+  %1036 = shufflevector <8 x float> %1035, <8 x float> poison, <8 x i32> zeroinitializer
+  %1037 = load <8 x float>, ptr %acc040149, align 4
+  %1038 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %b0161, <8 x float> %1037)
+  store <8 x float> %1038, ptr %acc040149, align 4
+  %1039 = load <8 x float>, ptr %acc041150, align 4
+  %1040 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %b1162, <8 x float> %1039)
+  store <8 x float> %1040, ptr %acc041150, align 4
+  %1041 = add nsw i64 %k158, 1
+  br label %k.head155
+
+k.end157:                                         ; preds = %k.head155
+  %1042 = load <8 x float>, ptr %acc000141, align 4
+  store <8 x float> %1042, ptr %916, align 4
+  %1043 = load <8 x float>, ptr %acc001142, align 4
+  store <8 x float> %1043, ptr %919, align 4
+  %1044 = load <8 x float>, ptr %acc010143, align 4
+  store <8 x float> %1044, ptr %931, align 4
+  %1045 = load <8 x float>, ptr %acc011144, align 4
+  store <8 x float> %1045, ptr %934, align 4
+  %1046 = load <8 x float>, ptr %acc020145, align 4
+  store <8 x float> %1046, ptr %946, align 4
+  %1047 = load <8 x float>, ptr %acc021146, align 4
+  store <8 x float> %1047, ptr %949, align 4
+  %1048 = load <8 x float>, ptr %acc030147, align 4
+  store <8 x float> %1048, ptr %961, align 4
+  %1049 = load <8 x float>, ptr %acc031148, align 4
+  store <8 x float> %1049, ptr %964, align 4
+  %1050 = load <8 x float>, ptr %acc040149, align 4
+  store <8 x float> %1050, ptr %976, align 4
+  %1051 = load <8 x float>, ptr %acc041150, align 4
+  store <8 x float> %1051, ptr %979, align 4
+  br label %tile.done106
+
+tile.mr4110:                                      ; preds = %rb.body100
+  %col163 = mul nsw i64 %p, 16
+  %1052 = add nsw i64 %r0103, 0
+  %1053 = mul nsw i64 %1052, 6400
+  %1054 = add nsw i64 %1053, 0
+  %1055 = getelementptr inbounds float, ptr %h, i64 %1054
+  %1056 = getelementptr inbounds i32, ptr %rows, i64 %1052
+  %1057 = load i32, ptr %1056, align 4
+  %1058 = sext i32 %1057 to i64
+  %1059 = mul nsw i64 %1058, 4096
+  %1060 = getelementptr inbounds float, ptr %y, i64 %1059
+  %1061 = add nsw i64 %col163, 0
+  %1062 = getelementptr inbounds float, ptr %1060, i64 %1061
+  %1063 = load <8 x float>, ptr %1062, align 4
+  store <8 x float> zeroinitializer, ptr %acc000164, align 4
+  %1064 = add nsw i64 %col163, 8
+  %1065 = getelementptr inbounds float, ptr %1060, i64 %1064
+  %1066 = load <8 x float>, ptr %1065, align 4
+  store <8 x float> zeroinitializer, ptr %acc001165, align 4
+  %1067 = add nsw i64 %r0103, 1
+  %1068 = mul nsw i64 %1067, 6400
+  %1069 = add nsw i64 %1068, 0
+  %1070 = getelementptr inbounds float, ptr %h, i64 %1069
+  %1071 = getelementptr inbounds i32, ptr %rows, i64 %1067
+  %1072 = load i32, ptr %1071, align 4
+  %1073 = sext i32 %1072 to i64
+  %1074 = mul nsw i64 %1073, 4096
+  %1075 = getelementptr inbounds float, ptr %y, i64 %1074
+  %1076 = add nsw i64 %col163, 0
+  %1077 = getelementptr inbounds float, ptr %1075, i64 %1076
+  %1078 = load <8 x float>, ptr %1077, align 4
+  store <8 x float> zeroinitializer, ptr %acc010166, align 4
+  %1079 = add nsw i64 %col163, 8
+  %1080 = getelementptr inbounds float, ptr %1075, i64 %1079
+  %1081 = load <8 x float>, ptr %1080, align 4
+  store <8 x float> zeroinitializer, ptr %acc011167, align 4
+  %1082 = add nsw i64 %r0103, 2
+  %1083 = mul nsw i64 %1082, 6400
+  %1084 = add nsw i64 %1083, 0
+  %1085 = getelementptr inbounds float, ptr %h, i64 %1084
+  %1086 = getelementptr inbounds i32, ptr %rows, i64 %1082
+  %1087 = load i32, ptr %1086, align 4
+  %1088 = sext i32 %1087 to i64
+  %1089 = mul nsw i64 %1088, 4096
+  %1090 = getelementptr inbounds float, ptr %y, i64 %1089
+  %1091 = add nsw i64 %col163, 0
+  %1092 = getelementptr inbounds float, ptr %1090, i64 %1091
+  %1093 = load <8 x float>, ptr %1092, align 4
+  store <8 x float> zeroinitializer, ptr %acc020168, align 4
+  %1094 = add nsw i64 %col163, 8
+  %1095 = getelementptr inbounds float, ptr %1090, i64 %1094
+  %1096 = load <8 x float>, ptr %1095, align 4
+  store <8 x float> zeroinitializer, ptr %acc021169, align 4
+  %1097 = add nsw i64 %r0103, 3
+  %1098 = mul nsw i64 %1097, 6400
+  %1099 = add nsw i64 %1098, 0
+  %1100 = getelementptr inbounds float, ptr %h, i64 %1099
+  %1101 = getelementptr inbounds i32, ptr %rows, i64 %1097
+  %1102 = load i32, ptr %1101, align 4
+  %1103 = sext i32 %1102 to i64
+  %1104 = mul nsw i64 %1103, 4096
+  %1105 = getelementptr inbounds float, ptr %y, i64 %1104
+  %1106 = add nsw i64 %col163, 0
+  %1107 = getelementptr inbounds float, ptr %1105, i64 %1106
+  %1108 = load <8 x float>, ptr %1107, align 4
+  store <8 x float> zeroinitializer, ptr %acc030170, align 4
+  %1109 = add nsw i64 %col163, 8
+  %1110 = getelementptr inbounds float, ptr %1105, i64 %1109
+  %1111 = load <8 x float>, ptr %1110, align 4
+  store <8 x float> zeroinitializer, ptr %acc031171, align 4
+  %1112 = mul nsw i64 %p, 102400
+  %panel.off172 = add nsw i64 %1112, 0
+  %1113 = getelementptr inbounds i16, ptr %panels, i64 %panel.off172
+  %1114 = add nsw i64 %p, 1
+  %1115 = icmp slt i64 %1114, %p1
+  %pf.on173 = and i1 %pf.on114, %1115
+  %1116 = mul nsw i64 %rb102, 204800
+  %1117 = lshr i64 %1116, %732
+  %1118 = add nsw i64 204800, %1117
+  %1119 = getelementptr inbounds i8, ptr %1113, i64 %1118
+  %pf174 = select i1 %pf.on173, ptr %1119, ptr %1113
+  %pf.sh175 = select i1 %pf.on173, i64 %732, i64 0
+  br label %k.head176
+
+k.head176:                                        ; preds = %pf.any.end181, %tile.mr4110
+  %k179 = phi i64 [ 0, %tile.mr4110 ], [ %1164, %pf.any.end181 ]
+  %1120 = icmp slt i64 %k179, 6400
+  br i1 %1120, label %k.body177, label %k.end178
+
+k.body177:                                        ; preds = %k.head176
+  %1121 = mul nsw i64 %k179, 1
+  %1122 = add nsw i64 %1121, 0
+  %1123 = mul nsw i64 %1122, 32
+  br i1 %pf.multi113, label %pf.any.then180, label %pf.any.end181
+
+pf.any.then180:                                   ; preds = %k.body177
+  %1124 = lshr i64 %1123, %pf.sh175
+  %1125 = getelementptr inbounds i8, ptr %pf174, i64 %1124
+  call void @llvm.prefetch.p0(ptr %1125, i32 0, i32 2, i32 1)
+  br label %pf.any.end181
+
+pf.any.end181:                                    ; preds = %pf.any.then180, %k.body177
+  %1126 = mul nsw i64 %1122, 16
+  %1127 = add nsw i64 %panel.off172, %1126
+  %1128 = getelementptr inbounds i16, ptr %panels, i64 %1127
+  %1129 = load <8 x i32>, ptr %1128, align 4
+  %1130 = shl <8 x i32> %1129, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0182 = bitcast <8 x i32> %1130 to <8 x float>
+  %1131 = and <8 x i32> %1129, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1183 = bitcast <8 x i32> %1131 to <8 x float>
+  %1132 = getelementptr inbounds float, ptr %1055, i64 %1122
+  %1133 = load float, ptr %1132, align 4
+  %1134 = insertelement <8 x float> poison, float %1133, i32 0
+  %1135 = shufflevector <8 x float> %1134, <8 x float> poison, <8 x i32> zeroinitializer
+  %1136 = load <8 x float>, ptr %acc000164, align 4
+  %1137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1135, <8 x float> %b0182, <8 x float> %1136)
+  store <8 x float> %1137, ptr %acc000164, align 4
+  %1138 = load <8 x float>, ptr %acc001165, align 4
+  %1139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1135, <8 x float> %b1183, <8 x float> %1138)
+  store <8 x float> %1139, ptr %acc001165, align 4
+  %1140 = getelementptr inbounds float, ptr %1070, i64 %1122
+  %1141 = load float, ptr %1140, align 4
+  %1142 = insertelement <8 x float> poison, float %1141, i32 0
+  %1143 = shufflevector <8 x float> %1142, <8 x float> poison, <8 x i32> zeroinitializer
+  %1144 = load <8 x float>, ptr %acc010166, align 4
+  %1145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1143, <8 x float> %b0182, <8 x float> %1144)
+  store <8 x float> %1145, ptr %acc010166, align 4
+  %1146 = load <8 x float>, ptr %acc011167, align 4
+  %1147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1143, <8 x float> %b1183, <8 x float> %1146)
+  store <8 x float> %1147, ptr %acc011167, align 4
+  %1148 = getelementptr inbounds float, ptr %1085, i64 %1122
+  %1149 = load float, ptr %1148, align 4
+  %1150 = insertelement <8 x float> poison, float %1149, i32 0
+  %1151 = shufflevector <8 x float> %1150, <8 x float> poison, <8 x i32> zeroinitializer
+  %1152 = load <8 x float>, ptr %acc020168, align 4
+  %1153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1151, <8 x float> %b0182, <8 x float> %1152)
+  store <8 x float> %1153, ptr %acc020168, align 4
+  %1154 = load <8 x float>, ptr %acc021169, align 4
+  %1155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1151, <8 x float> %b1183, <8 x float> %1154)
+  store <8 x float> %1155, ptr %acc021169, align 4
+  %1156 = getelementptr inbounds float, ptr %1100, i64 %1122
+  %1157 = load float, ptr %1156, align 4
+  %1158 = insertelement <8 x float> poison, float %1157, i32 0
+  %1159 = shufflevector <8 x float> %1158, <8 x float> poison, <8 x i32> zeroinitializer
+  %1160 = load <8 x float>, ptr %acc030170, align 4
+  %1161 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1159, <8 x float> %b0182, <8 x float> %1160)
+  store <8 x float> %1161, ptr %acc030170, align 4
+  %1162 = load <8 x float>, ptr %acc031171, align 4
+  %1163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1159, <8 x float> %b1183, <8 x float> %1162)
+  store <8 x float> %1163, ptr %acc031171, align 4
+  %1164 = add nsw i64 %k179, 1
+  br label %k.head176
+
+k.end178:                                         ; preds = %k.head176
+  %1165 = load <8 x float>, ptr %acc000164, align 4
+  store <8 x float> %1165, ptr %1062, align 4
+  %1166 = load <8 x float>, ptr %acc001165, align 4
+  store <8 x float> %1166, ptr %1065, align 4
+  %1167 = load <8 x float>, ptr %acc010166, align 4
+  store <8 x float> %1167, ptr %1077, align 4
+  %1168 = load <8 x float>, ptr %acc011167, align 4
+  store <8 x float> %1168, ptr %1080, align 4
+  %1169 = load <8 x float>, ptr %acc020168, align 4
+  store <8 x float> %1169, ptr %1092, align 4
+  %1170 = load <8 x float>, ptr %acc021169, align 4
+  store <8 x float> %1170, ptr %1095, align 4
+  %1171 = load <8 x float>, ptr %acc030170, align 4
+  store <8 x float> %1171, ptr %1107, align 4
+  %1172 = load <8 x float>, ptr %acc031171, align 4
+  store <8 x float> %1172, ptr %1110, align 4
+  br label %tile.done106
+
+tile.mr3109:                                      ; preds = %rb.body100
+  %col184 = mul nsw i64 %p, 16
+  %1173 = add nsw i64 %r0103, 0
+  %1174 = mul nsw i64 %1173, 6400
+  %1175 = add nsw i64 %1174, 0
+  %1176 = getelementptr inbounds float, ptr %h, i64 %1175
+  %1177 = getelementptr inbounds i32, ptr %rows, i64 %1173
+  %1178 = load i32, ptr %1177, align 4
+  %1179 = sext i32 %1178 to i64
+  %1180 = mul nsw i64 %1179, 4096
+  %1181 = getelementptr inbounds float, ptr %y, i64 %1180
+  %1182 = add nsw i64 %col184, 0
+  %1183 = getelementptr inbounds float, ptr %1181, i64 %1182
+  %1184 = load <8 x float>, ptr %1183, align 4
+  store <8 x float> zeroinitializer, ptr %acc000185, align 4
+  %1185 = add nsw i64 %col184, 8
+  %1186 = getelementptr inbounds float, ptr %1181, i64 %1185
+  %1187 = load <8 x float>, ptr %1186, align 4
+  store <8 x float> zeroinitializer, ptr %acc001186, align 4
+  %1188 = add nsw i64 %r0103, 1
+  %1189 = mul nsw i64 %1188, 6400
+  %1190 = add nsw i64 %1189, 0
+  %1191 = getelementptr inbounds float, ptr %h, i64 %1190
+  %1192 = getelementptr inbounds i32, ptr %rows, i64 %1188
+  %1193 = load i32, ptr %1192, align 4
+  %1194 = sext i32 %1193 to i64
+  %1195 = mul nsw i64 %1194, 4096
+  %1196 = getelementptr inbounds float, ptr %y, i64 %1195
+  %1197 = add nsw i64 %col184, 0
+  %1198 = getelementptr inbounds float, ptr %1196, i64 %1197
+  %1199 = load <8 x float>, ptr %1198, align 4
+  store <8 x float> zeroinitializer, ptr %acc010187, align 4
+  %1200 = add nsw i64 %col184, 8
+  %1201 = getelementptr inbounds float, ptr %1196, i64 %1200
+  %1202 = load <8 x float>, ptr %1201, align 4
+  store <8 x float> zeroinitializer, ptr %acc011188, align 4
+  %1203 = add nsw i64 %r0103, 2
+  %1204 = mul nsw i64 %1203, 6400
+  %1205 = add nsw i64 %1204, 0
+  %1206 = getelementptr inbounds float, ptr %h, i64 %1205
+  %1207 = getelementptr inbounds i32, ptr %rows, i64 %1203
+  %1208 = load i32, ptr %1207, align 4
+  %1209 = sext i32 %1208 to i64
+  %1210 = mul nsw i64 %1209, 4096
+  %1211 = getelementptr inbounds float, ptr %y, i64 %1210
+  %1212 = add nsw i64 %col184, 0
+  %1213 = getelementptr inbounds float, ptr %1211, i64 %1212
+  %1214 = load <8 x float>, ptr %1213, align 4
+  store <8 x float> zeroinitializer, ptr %acc020189, align 4
+  %1215 = add nsw i64 %col184, 8
+  %1216 = getelementptr inbounds float, ptr %1211, i64 %1215
+  %1217 = load <8 x float>, ptr %1216, align 4
+  store <8 x float> zeroinitializer, ptr %acc021190, align 4
+  %1218 = mul nsw i64 %p, 102400
+  %panel.off191 = add nsw i64 %1218, 0
+  %1219 = getelementptr inbounds i16, ptr %panels, i64 %panel.off191
+  %1220 = add nsw i64 %p, 1
+  %1221 = icmp slt i64 %1220, %p1
+  %pf.on192 = and i1 %pf.on114, %1221
+  %1222 = mul nsw i64 %rb102, 204800
+  %1223 = lshr i64 %1222, %732
+  %1224 = add nsw i64 204800, %1223
+  %1225 = getelementptr inbounds i8, ptr %1219, i64 %1224
+  %pf193 = select i1 %pf.on192, ptr %1225, ptr %1219
+  %pf.sh194 = select i1 %pf.on192, i64 %732, i64 0
+  br label %k.head195
+
+k.head195:                                        ; preds = %pf.any.end200, %tile.mr3109
+  %k198 = phi i64 [ 0, %tile.mr3109 ], [ %1262, %pf.any.end200 ]
+  %1226 = icmp slt i64 %k198, 6400
+  br i1 %1226, label %k.body196, label %k.end197
+
+k.body196:                                        ; preds = %k.head195
+  %1227 = mul nsw i64 %k198, 1
+  %1228 = add nsw i64 %1227, 0
+  %1229 = mul nsw i64 %1228, 32
+  br i1 %pf.multi113, label %pf.any.then199, label %pf.any.end200
+
+pf.any.then199:                                   ; preds = %k.body196
+  %1230 = lshr i64 %1229, %pf.sh194
+  %1231 = getelementptr inbounds i8, ptr %pf193, i64 %1230
+  call void @llvm.prefetch.p0(ptr %1231, i32 0, i32 2, i32 1)
+  br label %pf.any.end200
+
+pf.any.end200:                                    ; preds = %pf.any.then199, %k.body196
+  %1232 = mul nsw i64 %1228, 16
+  %1233 = add nsw i64 %panel.off191, %1232
+  %1234 = getelementptr inbounds i16, ptr %panels, i64 %1233
+  %1235 = load <8 x i32>, ptr %1234, align 4
+  %1236 = shl <8 x i32> %1235, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0201 = bitcast <8 x i32> %1236 to <8 x float>
+  %1237 = and <8 x i32> %1235, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1202 = bitcast <8 x i32> %1237 to <8 x float>
+  %1238 = getelementptr inbounds float, ptr %1176, i64 %1228
+  %1239 = load float, ptr %1238, align 4
+  %1240 = insertelement <8 x float> poison, float %1239, i32 0
+  %1241 = shufflevector <8 x float> %1240, <8 x float> poison, <8 x i32> zeroinitializer
+  %1242 = load <8 x float>, ptr %acc000185, align 4
+  %1243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1241, <8 x float> %b0201, <8 x float> %1242)
+  store <8 x float> %1243, ptr %acc000185, align 4
+  %1244 = load <8 x float>, ptr %acc001186, align 4
+  %1245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1241, <8 x float> %b1202, <8 x float> %1244)
+  store <8 x float> %1245, ptr %acc001186, align 4
+  %1246 = getelementptr inbounds float, ptr %1191, i64 %1228
+  %1247 = load float, ptr %1246, align 4
+  %1248 = insertelement <8 x float> poison, float %1247, i32 0
+  %1249 = shufflevector <8 x float> %1248, <8 x float> poison, <8 x i32> zeroinitializer
+  %1250 = load <8 x float>, ptr %acc010187, align 4
+  %1251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1249, <8 x float> %b0201, <8 x float> %1250)
+  store <8 x float> %1251, ptr %acc010187, align 4
+  %1252 = load <8 x float>, ptr %acc011188, align 4
+  %1253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1249, <8 x float> %b1202, <8 x float> %1252)
+  store <8 x float> %1253, ptr %acc011188, align 4
+  %1254 = getelementptr inbounds float, ptr %1206, i64 %1228
+  %1255 = load float, ptr %1254, align 4
+  %1256 = insertelement <8 x float> poison, float %1255, i32 0
+  %1257 = shufflevector <8 x float> %1256, <8 x float> poison, <8 x i32> zeroinitializer
+  %1258 = load <8 x float>, ptr %acc020189, align 4
+  %1259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1257, <8 x float> %b0201, <8 x float> %1258)
+  store <8 x float> %1259, ptr %acc020189, align 4
+  %1260 = load <8 x float>, ptr %acc021190, align 4
+  %1261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1257, <8 x float> %b1202, <8 x float> %1260)
+  store <8 x float> %1261, ptr %acc021190, align 4
+  %1262 = add nsw i64 %k198, 1
+  br label %k.head195
+
+k.end197:                                         ; preds = %k.head195
+  %1263 = load <8 x float>, ptr %acc000185, align 4
+  store <8 x float> %1263, ptr %1183, align 4
+  %1264 = load <8 x float>, ptr %acc001186, align 4
+  store <8 x float> %1264, ptr %1186, align 4
+  %1265 = load <8 x float>, ptr %acc010187, align 4
+  store <8 x float> %1265, ptr %1198, align 4
+  %1266 = load <8 x float>, ptr %acc011188, align 4
+  store <8 x float> %1266, ptr %1201, align 4
+  %1267 = load <8 x float>, ptr %acc020189, align 4
+  store <8 x float> %1267, ptr %1213, align 4
+  %1268 = load <8 x float>, ptr %acc021190, align 4
+  store <8 x float> %1268, ptr %1216, align 4
+  br label %tile.done106
+
+tile.mr2108:                                      ; preds = %rb.body100
+  %col203 = mul nsw i64 %p, 16
+  %1269 = add nsw i64 %r0103, 0
+  %1270 = mul nsw i64 %1269, 6400
+  %1271 = add nsw i64 %1270, 0
+  %1272 = getelementptr inbounds float, ptr %h, i64 %1271
+  %1273 = getelementptr inbounds i32, ptr %rows, i64 %1269
+  %1274 = load i32, ptr %1273, align 4
+  %1275 = sext i32 %1274 to i64
+  %1276 = mul nsw i64 %1275, 4096
+  %1277 = getelementptr inbounds float, ptr %y, i64 %1276
+  %1278 = add nsw i64 %col203, 0
+  %1279 = getelementptr inbounds float, ptr %1277, i64 %1278
+  %1280 = load <8 x float>, ptr %1279, align 4
+  store <8 x float> zeroinitializer, ptr %acc000204, align 4
+  %1281 = add nsw i64 %col203, 8
+  %1282 = getelementptr inbounds float, ptr %1277, i64 %1281
+  %1283 = load <8 x float>, ptr %1282, align 4
+  store <8 x float> zeroinitializer, ptr %acc001205, align 4
+  %1284 = add nsw i64 %r0103, 1
+  %1285 = mul nsw i64 %1284, 6400
+  %1286 = add nsw i64 %1285, 0
+  %1287 = getelementptr inbounds float, ptr %h, i64 %1286
+  %1288 = getelementptr inbounds i32, ptr %rows, i64 %1284
+  %1289 = load i32, ptr %1288, align 4
+  %1290 = sext i32 %1289 to i64
+  %1291 = mul nsw i64 %1290, 4096
+  %1292 = getelementptr inbounds float, ptr %y, i64 %1291
+  %1293 = add nsw i64 %col203, 0
+  %1294 = getelementptr inbounds float, ptr %1292, i64 %1293
+  %1295 = load <8 x float>, ptr %1294, align 4
+  store <8 x float> zeroinitializer, ptr %acc010206, align 4
+  %1296 = add nsw i64 %col203, 8
+  %1297 = getelementptr inbounds float, ptr %1292, i64 %1296
+  %1298 = load <8 x float>, ptr %1297, align 4
+  store <8 x float> zeroinitializer, ptr %acc011207, align 4
+  %1299 = mul nsw i64 %p, 102400
+  %panel.off208 = add nsw i64 %1299, 0
+  %1300 = getelementptr inbounds i16, ptr %panels, i64 %panel.off208
+  %1301 = add nsw i64 %p, 1
+  %1302 = icmp slt i64 %1301, %p1
+  %pf.on209 = and i1 %pf.on114, %1302
+  %1303 = mul nsw i64 %rb102, 204800
+  %1304 = lshr i64 %1303, %732
+  %1305 = add nsw i64 204800, %1304
+  %1306 = getelementptr inbounds i8, ptr %1300, i64 %1305
+  %pf210 = select i1 %pf.on209, ptr %1306, ptr %1300
+  %pf.sh211 = select i1 %pf.on209, i64 %732, i64 0
+  br label %k.head212
+
+k.head212:                                        ; preds = %pf.any.end217, %tile.mr2108
+  %k215 = phi i64 [ 0, %tile.mr2108 ], [ %1335, %pf.any.end217 ]
+  %1307 = icmp slt i64 %k215, 6400
+  br i1 %1307, label %k.body213, label %k.end214
+
+k.body213:                                        ; preds = %k.head212
+  %1308 = mul nsw i64 %k215, 1
+  %1309 = add nsw i64 %1308, 0
+  %1310 = mul nsw i64 %1309, 32
+  br i1 %pf.multi113, label %pf.any.then216, label %pf.any.end217
+
+pf.any.then216:                                   ; preds = %k.body213
+  %1311 = lshr i64 %1310, %pf.sh211
+  %1312 = getelementptr inbounds i8, ptr %pf210, i64 %1311
+  call void @llvm.prefetch.p0(ptr %1312, i32 0, i32 2, i32 1)
+  br label %pf.any.end217
+
+pf.any.end217:                                    ; preds = %pf.any.then216, %k.body213
+  %1313 = mul nsw i64 %1309, 16
+  %1314 = add nsw i64 %panel.off208, %1313
+  %1315 = getelementptr inbounds i16, ptr %panels, i64 %1314
+  %1316 = load <8 x i32>, ptr %1315, align 4
+  %1317 = shl <8 x i32> %1316, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0218 = bitcast <8 x i32> %1317 to <8 x float>
+  %1318 = and <8 x i32> %1316, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1219 = bitcast <8 x i32> %1318 to <8 x float>
+  %1319 = getelementptr inbounds float, ptr %1272, i64 %1309
+  %1320 = load float, ptr %1319, align 4
+  %1321 = insertelement <8 x float> poison, float %1320, i32 0
+  %1322 = shufflevector <8 x float> %1321, <8 x float> poison, <8 x i32> zeroinitializer
+  %1323 = load <8 x float>, ptr %acc000204, align 4
+  %1324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1322, <8 x float> %b0218, <8 x float> %1323)
+  store <8 x float> %1324, ptr %acc000204, align 4
+  %1325 = load <8 x float>, ptr %acc001205, align 4
+  %1326 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1322, <8 x float> %b1219, <8 x float> %1325)
+  store <8 x float> %1326, ptr %acc001205, align 4
+  %1327 = getelementptr inbounds float, ptr %1287, i64 %1309
+  %1328 = load float, ptr %1327, align 4
+  %1329 = insertelement <8 x float> poison, float %1328, i32 0
+  %1330 = shufflevector <8 x float> %1329, <8 x float> poison, <8 x i32> zeroinitializer
+  %1331 = load <8 x float>, ptr %acc010206, align 4
+  %1332 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1330, <8 x float> %b0218, <8 x float> %1331)
+  store <8 x float> %1332, ptr %acc010206, align 4
+  %1333 = load <8 x float>, ptr %acc011207, align 4
+  %1334 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1330, <8 x float> %b1219, <8 x float> %1333)
+  store <8 x float> %1334, ptr %acc011207, align 4
+  %1335 = add nsw i64 %k215, 1
+  br label %k.head212
+
+k.end214:                                         ; preds = %k.head212
+  %1336 = load <8 x float>, ptr %acc000204, align 4
+  store <8 x float> %1336, ptr %1279, align 4
+  %1337 = load <8 x float>, ptr %acc001205, align 4
+  store <8 x float> %1337, ptr %1282, align 4
+  %1338 = load <8 x float>, ptr %acc010206, align 4
+  store <8 x float> %1338, ptr %1294, align 4
+  %1339 = load <8 x float>, ptr %acc011207, align 4
+  store <8 x float> %1339, ptr %1297, align 4
+  br label %tile.done106
+
+tile.mr1107:                                      ; preds = %rb.body100
+  %col220 = mul nsw i64 %p, 16
+  %1340 = add nsw i64 %r0103, 0
+  %1341 = mul nsw i64 %1340, 6400
+  %1342 = add nsw i64 %1341, 0
+  %1343 = getelementptr inbounds float, ptr %h, i64 %1342
+  %1344 = getelementptr inbounds i32, ptr %rows, i64 %1340
+  %1345 = load i32, ptr %1344, align 4
+  %1346 = sext i32 %1345 to i64
+  %1347 = mul nsw i64 %1346, 4096
+  %1348 = getelementptr inbounds float, ptr %y, i64 %1347
+  %1349 = add nsw i64 %col220, 0
+  %1350 = getelementptr inbounds float, ptr %1348, i64 %1349
+  %1351 = load <8 x float>, ptr %1350, align 4
+  store <8 x float> zeroinitializer, ptr %acc000221, align 4
+  %1352 = add nsw i64 %col220, 8
+  %1353 = getelementptr inbounds float, ptr %1348, i64 %1352
+  %1354 = load <8 x float>, ptr %1353, align 4
+  store <8 x float> zeroinitializer, ptr %acc001222, align 4
+  %1355 = mul nsw i64 %p, 102400
+  %panel.off223 = add nsw i64 %1355, 0
+  %1356 = getelementptr inbounds i16, ptr %panels, i64 %panel.off223
+  %1357 = add nsw i64 %p, 1
+  %1358 = icmp slt i64 %1357, %p1
+  %pf.on224 = and i1 %pf.on114, %1358
+  %1359 = mul nsw i64 %rb102, 204800
+  %1360 = lshr i64 %1359, %732
+  %1361 = add nsw i64 204800, %1360
+  %1362 = getelementptr inbounds i8, ptr %1356, i64 %1361
+  %pf225 = select i1 %pf.on224, ptr %1362, ptr %1356
+  %pf.sh226 = select i1 %pf.on224, i64 %732, i64 0
+  br label %k.head227
+
+k.head227:                                        ; preds = %pf.any.end232, %tile.mr1107
+  %k230 = phi i64 [ 0, %tile.mr1107 ], [ %1383, %pf.any.end232 ]
+  %1363 = icmp slt i64 %k230, 6400
+  br i1 %1363, label %k.body228, label %k.end229
+
+k.body228:                                        ; preds = %k.head227
+  %1364 = mul nsw i64 %k230, 1
+  %1365 = add nsw i64 %1364, 0
+  %1366 = mul nsw i64 %1365, 32
+  br i1 %pf.multi113, label %pf.any.then231, label %pf.any.end232
+
+pf.any.then231:                                   ; preds = %k.body228
+  %1367 = lshr i64 %1366, %pf.sh226
+  %1368 = getelementptr inbounds i8, ptr %pf225, i64 %1367
+  call void @llvm.prefetch.p0(ptr %1368, i32 0, i32 2, i32 1)
+  br label %pf.any.end232
+
+pf.any.end232:                                    ; preds = %pf.any.then231, %k.body228
+  %1369 = mul nsw i64 %1365, 16
+  %1370 = add nsw i64 %panel.off223, %1369
+  %1371 = getelementptr inbounds i16, ptr %panels, i64 %1370
+  %1372 = load <8 x i32>, ptr %1371, align 4
+  %1373 = shl <8 x i32> %1372, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0233 = bitcast <8 x i32> %1373 to <8 x float>
+  %1374 = and <8 x i32> %1372, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1234 = bitcast <8 x i32> %1374 to <8 x float>
+  %1375 = getelementptr inbounds float, ptr %1343, i64 %1365
+  %1376 = load float, ptr %1375, align 4
+  %1377 = insertelement <8 x float> poison, float %1376, i32 0
+  %1378 = shufflevector <8 x float> %1377, <8 x float> poison, <8 x i32> zeroinitializer
+  %1379 = load <8 x float>, ptr %acc000221, align 4
+  %1380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1378, <8 x float> %b0233, <8 x float> %1379)
+  store <8 x float> %1380, ptr %acc000221, align 4
+  %1381 = load <8 x float>, ptr %acc001222, align 4
+  %1382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1378, <8 x float> %b1234, <8 x float> %1381)
+  store <8 x float> %1382, ptr %acc001222, align 4
+  %1383 = add nsw i64 %k230, 1
+  br label %k.head227
+
+k.end229:                                         ; preds = %k.head227
+  %1384 = load <8 x float>, ptr %acc000221, align 4
+  store <8 x float> %1384, ptr %1350, align 4
+  %1385 = load <8 x float>, ptr %acc001222, align 4
+  store <8 x float> %1385, ptr %1353, align 4
+  br label %tile.done106
+
+tile.done106:                                     ; preds = %k.end229, %k.end214, %k.end197, %k.end178, %k.end157, %k.end134
+  %1386 = add nsw i64 %rb102, 1
+  br label %rb.head99
+
+rb.end101:                                        ; preds = %rb.head99
+  %1387 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
+  br label %call.end
+
+call.end:                                         ; preds = %p.end, %kb.rc.end
   ret void
 }
 
 attributes #0 = { nounwind }
-attributes #1 = { nocallback nofree nosync nounwind speculatable willreturn memory(none) }
-attributes #2 = { nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite) }
+attributes #1 = { nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite) }
+attributes #2 = { nocallback nofree nosync nounwind speculatable willreturn memory(none) }

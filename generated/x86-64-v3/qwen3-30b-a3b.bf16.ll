@@ -33,17 +33,17 @@ entry:
   %qacc13 = alloca <16 x float>, align 32
   %qacc14 = alloca <16 x float>, align 32
   %qacc15 = alloca <16 x float>, align 32
-  %qacc21 = alloca <8 x float>, align 32
-  %qacc22 = alloca <8 x float>, align 32
-  %qacc23 = alloca <8 x float>, align 32
-  %qacc24 = alloca <8 x float>, align 32
   %qacc25 = alloca <8 x float>, align 32
   %qacc26 = alloca <8 x float>, align 32
   %qacc27 = alloca <8 x float>, align 32
   %qacc28 = alloca <8 x float>, align 32
-  %qacc37 = alloca <16 x float>, align 32
-  %qacc38 = alloca <16 x float>, align 32
-  %qacc53 = alloca <8 x float>, align 32
+  %qacc29 = alloca <8 x float>, align 32
+  %qacc30 = alloca <8 x float>, align 32
+  %qacc31 = alloca <8 x float>, align 32
+  %qacc32 = alloca <8 x float>, align 32
+  %qacc47 = alloca <16 x float>, align 32
+  %qacc48 = alloca <16 x float>, align 32
+  %qacc69 = alloca <8 x float>, align 32
   %smax = alloca float, align 32
   %ssum = alloca float, align 32
   %tk.m = alloca i64, align 32
@@ -54,7 +54,7 @@ start:                                            ; preds = %entry
   br label %tg.head
 
 tg.head:                                          ; preds = %t.end, %start
-  %tg = phi i64 [ %t0, %start ], [ %515, %t.end ]
+  %tg = phi i64 [ %t0, %start ], [ %599, %t.end ]
   %0 = icmp slt i64 %tg, %t1
   br i1 %0, label %tg.body, label %tg.end
 
@@ -69,68 +69,90 @@ tg.body:                                          ; preds = %tg.head
   br label %qb.head
 
 qb.head:                                          ; preds = %rb.end, %tg.body
-  %qb = phi i64 [ 0, %tg.body ], [ %196, %rb.end ]
+  %qb = phi i64 [ 0, %tg.body ], [ %217, %rb.end ]
   %6 = icmp slt i64 %qb, 16
   br i1 %6, label %qb.body, label %qb.end
 
 qb.body:                                          ; preds = %qb.head
   %7 = mul nsw i64 %qb, 8
+  %8 = sub nsw i64 %full, 0
+  %ntile = sdiv i64 %8, 8
+  %9 = icmp sge i64 %ntile, 2
+  %10 = select i1 %9, i64 1, i64 0
+  %11 = icmp sge i64 %ntile, 4
+  %12 = select i1 %11, i64 2, i64 %10
+  %13 = icmp sge i64 %ntile, 8
+  %14 = select i1 %13, i64 3, i64 %12
+  %15 = add nsw i64 %qb, 4
+  %more = icmp slt i64 %15, 16
+  %16 = mul nsw i64 %15, 65536
+  %17 = getelementptr inbounds i8, ptr %router, i64 %16
   br label %rb.head
 
 rb.head:                                          ; preds = %qh.end, %qb.body
-  %rb = phi i64 [ 0, %qb.body ], [ %195, %qh.end ]
-  %8 = icmp slt i64 %rb, %full
-  br i1 %8, label %rb.body, label %rb.end
+  %rb = phi i64 [ 0, %qb.body ], [ %216, %qh.end ]
+  %18 = icmp slt i64 %rb, %full
+  br i1 %18, label %rb.body, label %rb.end
 
 rb.body:                                          ; preds = %rb.head
-  %9 = add nsw i64 %rb, 0
-  %10 = mul nsw i64 %9, 2048
-  %11 = getelementptr inbounds float, ptr %4, i64 %10
-  %12 = mul nsw i64 %9, 128
-  %13 = add nsw i64 %12, %7
-  %14 = getelementptr inbounds float, ptr %lt, i64 %13
-  %15 = add nsw i64 %rb, 1
-  %16 = mul nsw i64 %15, 2048
-  %17 = getelementptr inbounds float, ptr %4, i64 %16
-  %18 = mul nsw i64 %15, 128
-  %19 = add nsw i64 %18, %7
-  %20 = getelementptr inbounds float, ptr %lt, i64 %19
-  %21 = add nsw i64 %rb, 2
-  %22 = mul nsw i64 %21, 2048
-  %23 = getelementptr inbounds float, ptr %4, i64 %22
-  %24 = mul nsw i64 %21, 128
-  %25 = add nsw i64 %24, %7
-  %26 = getelementptr inbounds float, ptr %lt, i64 %25
-  %27 = add nsw i64 %rb, 3
+  %19 = sub nsw i64 %rb, 0
+  %j = sdiv i64 %19, 8
+  %20 = shl i64 1, %14
+  %21 = icmp slt i64 %j, %20
+  %22 = icmp sgt i64 %ntile, 1
+  %23 = and i1 %more, %22
+  %pf.on = and i1 %23, %21
+  %24 = mul nsw i64 %j, 262144
+  %25 = lshr i64 %24, %14
+  %26 = getelementptr inbounds i8, ptr %17, i64 %25
+  %27 = add nsw i64 %rb, 0
   %28 = mul nsw i64 %27, 2048
   %29 = getelementptr inbounds float, ptr %4, i64 %28
   %30 = mul nsw i64 %27, 128
   %31 = add nsw i64 %30, %7
   %32 = getelementptr inbounds float, ptr %lt, i64 %31
-  %33 = add nsw i64 %rb, 4
+  %33 = add nsw i64 %rb, 1
   %34 = mul nsw i64 %33, 2048
   %35 = getelementptr inbounds float, ptr %4, i64 %34
   %36 = mul nsw i64 %33, 128
   %37 = add nsw i64 %36, %7
   %38 = getelementptr inbounds float, ptr %lt, i64 %37
-  %39 = add nsw i64 %rb, 5
+  %39 = add nsw i64 %rb, 2
   %40 = mul nsw i64 %39, 2048
   %41 = getelementptr inbounds float, ptr %4, i64 %40
   %42 = mul nsw i64 %39, 128
   %43 = add nsw i64 %42, %7
   %44 = getelementptr inbounds float, ptr %lt, i64 %43
-  %45 = add nsw i64 %rb, 6
+  %45 = add nsw i64 %rb, 3
   %46 = mul nsw i64 %45, 2048
   %47 = getelementptr inbounds float, ptr %4, i64 %46
   %48 = mul nsw i64 %45, 128
   %49 = add nsw i64 %48, %7
   %50 = getelementptr inbounds float, ptr %lt, i64 %49
-  %51 = add nsw i64 %rb, 7
+  %51 = add nsw i64 %rb, 4
   %52 = mul nsw i64 %51, 2048
   %53 = getelementptr inbounds float, ptr %4, i64 %52
   %54 = mul nsw i64 %51, 128
   %55 = add nsw i64 %54, %7
   %56 = getelementptr inbounds float, ptr %lt, i64 %55
+  %57 = add nsw i64 %rb, 5
+  %58 = mul nsw i64 %57, 2048
+  %59 = getelementptr inbounds float, ptr %4, i64 %58
+  %60 = mul nsw i64 %57, 128
+  %61 = add nsw i64 %60, %7
+  %62 = getelementptr inbounds float, ptr %lt, i64 %61
+  %63 = add nsw i64 %rb, 6
+  %64 = mul nsw i64 %63, 2048
+  %65 = getelementptr inbounds float, ptr %4, i64 %64
+  %66 = mul nsw i64 %63, 128
+  %67 = add nsw i64 %66, %7
+  %68 = getelementptr inbounds float, ptr %lt, i64 %67
+  %69 = add nsw i64 %rb, 7
+  %70 = mul nsw i64 %69, 2048
+  %71 = getelementptr inbounds float, ptr %4, i64 %70
+  %72 = mul nsw i64 %69, 128
+  %73 = add nsw i64 %72, %7
+  %74 = getelementptr inbounds float, ptr %lt, i64 %73
   store <16 x float> zeroinitializer, ptr %qacc, align 4
   store <16 x float> zeroinitializer, ptr %qacc1, align 4
   store <16 x float> zeroinitializer, ptr %qacc2, align 4
@@ -149,559 +171,665 @@ rb.body:                                          ; preds = %rb.head
   store <16 x float> zeroinitializer, ptr %qacc15, align 4
   br label %qh.head
 
-qh.head:                                          ; preds = %qh.body, %rb.body
-  %qh = phi i64 [ 0, %rb.body ], [ %162, %qh.body ]
-  %57 = icmp slt i64 %qh, 2048
-  br i1 %57, label %qh.body, label %qh.end
+qh.head:                                          ; preds = %pf.end, %rb.body
+  %qh = phi i64 [ 0, %rb.body ], [ %183, %pf.end ]
+  %75 = icmp slt i64 %qh, 2048
+  br i1 %75, label %qh.body, label %qh.end
 
 qh.body:                                          ; preds = %qh.head
-  %58 = add nsw i64 %qb, 0
-  %59 = mul nsw i64 %qh, 8
-  %60 = mul nsw i64 %58, 16384
-  %61 = add nsw i64 %60, %59
-  %62 = getelementptr inbounds float, ptr %router, i64 %61
-  %63 = load <8 x float>, ptr %62, align 4
-  %64 = add nsw i64 %qb, 1
-  %65 = mul nsw i64 %qh, 8
-  %66 = mul nsw i64 %64, 16384
-  %67 = add nsw i64 %66, %65
-  %68 = getelementptr inbounds float, ptr %router, i64 %67
-  %69 = load <8 x float>, ptr %68, align 4
-  %w16 = shufflevector <8 x float> %63, <8 x float> %69, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %70 = add nsw i64 %qb, 2
-  %71 = mul nsw i64 %qh, 8
-  %72 = mul nsw i64 %70, 16384
-  %73 = add nsw i64 %72, %71
-  %74 = getelementptr inbounds float, ptr %router, i64 %73
-  %75 = load <8 x float>, ptr %74, align 4
-  %76 = add nsw i64 %qb, 3
-  %77 = mul nsw i64 %qh, 8
-  %78 = mul nsw i64 %76, 16384
-  %79 = add nsw i64 %78, %77
-  %80 = getelementptr inbounds float, ptr %router, i64 %79
-  %81 = load <8 x float>, ptr %80, align 4
-  %w1616 = shufflevector <8 x float> %75, <8 x float> %81, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %82 = getelementptr inbounds float, ptr %11, i64 %qh
-  %83 = load float, ptr %82, align 4
-  %84 = insertelement <16 x float> poison, float %83, i32 0
-  %85 = shufflevector <16 x float> %84, <16 x float> poison, <16 x i32> zeroinitializer
-  %86 = load <16 x float>, ptr %qacc, align 4
-  %87 = fmul <16 x float> %85, %w16
-  %88 = fadd <16 x float> %86, %87
-  store <16 x float> %88, ptr %qacc, align 4
-  %89 = load <16 x float>, ptr %qacc1, align 4
-  %90 = fmul <16 x float> %85, %w1616
-  %91 = fadd <16 x float> %89, %90
-  store <16 x float> %91, ptr %qacc1, align 4
-  %92 = getelementptr inbounds float, ptr %17, i64 %qh
-  %93 = load float, ptr %92, align 4
-  %94 = insertelement <16 x float> poison, float %93, i32 0
-  %95 = shufflevector <16 x float> %94, <16 x float> poison, <16 x i32> zeroinitializer
-  %96 = load <16 x float>, ptr %qacc2, align 4
-  %97 = fmul <16 x float> %95, %w16
-  %98 = fadd <16 x float> %96, %97
-  store <16 x float> %98, ptr %qacc2, align 4
-  %99 = load <16 x float>, ptr %qacc3, align 4
-  %100 = fmul <16 x float> %95, %w1616
-  %101 = fadd <16 x float> %99, %100
-  store <16 x float> %101, ptr %qacc3, align 4
-  %102 = getelementptr inbounds float, ptr %23, i64 %qh
-  %103 = load float, ptr %102, align 4
-  %104 = insertelement <16 x float> poison, float %103, i32 0
-  %105 = shufflevector <16 x float> %104, <16 x float> poison, <16 x i32> zeroinitializer
-  %106 = load <16 x float>, ptr %qacc4, align 4
-  %107 = fmul <16 x float> %105, %w16
-  %108 = fadd <16 x float> %106, %107
-  store <16 x float> %108, ptr %qacc4, align 4
-  %109 = load <16 x float>, ptr %qacc5, align 4
-  %110 = fmul <16 x float> %105, %w1616
-  %111 = fadd <16 x float> %109, %110
-  store <16 x float> %111, ptr %qacc5, align 4
-  %112 = getelementptr inbounds float, ptr %29, i64 %qh
-  %113 = load float, ptr %112, align 4
-  %114 = insertelement <16 x float> poison, float %113, i32 0
-  %115 = shufflevector <16 x float> %114, <16 x float> poison, <16 x i32> zeroinitializer
-  %116 = load <16 x float>, ptr %qacc6, align 4
-  %117 = fmul <16 x float> %115, %w16
-  %118 = fadd <16 x float> %116, %117
-  store <16 x float> %118, ptr %qacc6, align 4
-  %119 = load <16 x float>, ptr %qacc7, align 4
-  %120 = fmul <16 x float> %115, %w1616
-  %121 = fadd <16 x float> %119, %120
-  store <16 x float> %121, ptr %qacc7, align 4
-  %122 = getelementptr inbounds float, ptr %35, i64 %qh
-  %123 = load float, ptr %122, align 4
-  %124 = insertelement <16 x float> poison, float %123, i32 0
-  %125 = shufflevector <16 x float> %124, <16 x float> poison, <16 x i32> zeroinitializer
-  %126 = load <16 x float>, ptr %qacc8, align 4
-  %127 = fmul <16 x float> %125, %w16
-  %128 = fadd <16 x float> %126, %127
-  store <16 x float> %128, ptr %qacc8, align 4
-  %129 = load <16 x float>, ptr %qacc9, align 4
-  %130 = fmul <16 x float> %125, %w1616
-  %131 = fadd <16 x float> %129, %130
-  store <16 x float> %131, ptr %qacc9, align 4
-  %132 = getelementptr inbounds float, ptr %41, i64 %qh
-  %133 = load float, ptr %132, align 4
-  %134 = insertelement <16 x float> poison, float %133, i32 0
-  %135 = shufflevector <16 x float> %134, <16 x float> poison, <16 x i32> zeroinitializer
-  %136 = load <16 x float>, ptr %qacc10, align 4
-  %137 = fmul <16 x float> %135, %w16
-  %138 = fadd <16 x float> %136, %137
-  store <16 x float> %138, ptr %qacc10, align 4
-  %139 = load <16 x float>, ptr %qacc11, align 4
-  %140 = fmul <16 x float> %135, %w1616
-  %141 = fadd <16 x float> %139, %140
-  store <16 x float> %141, ptr %qacc11, align 4
-  %142 = getelementptr inbounds float, ptr %47, i64 %qh
-  %143 = load float, ptr %142, align 4
-  %144 = insertelement <16 x float> poison, float %143, i32 0
-  %145 = shufflevector <16 x float> %144, <16 x float> poison, <16 x i32> zeroinitializer
-  %146 = load <16 x float>, ptr %qacc12, align 4
-  %147 = fmul <16 x float> %145, %w16
-  %148 = fadd <16 x float> %146, %147
-  store <16 x float> %148, ptr %qacc12, align 4
-  %149 = load <16 x float>, ptr %qacc13, align 4
-  %150 = fmul <16 x float> %145, %w1616
-  %151 = fadd <16 x float> %149, %150
-  store <16 x float> %151, ptr %qacc13, align 4
-  %152 = getelementptr inbounds float, ptr %53, i64 %qh
-  %153 = load float, ptr %152, align 4
-  %154 = insertelement <16 x float> poison, float %153, i32 0
-  %155 = shufflevector <16 x float> %154, <16 x float> poison, <16 x i32> zeroinitializer
-  %156 = load <16 x float>, ptr %qacc14, align 4
-  %157 = fmul <16 x float> %155, %w16
-  %158 = fadd <16 x float> %156, %157
-  store <16 x float> %158, ptr %qacc14, align 4
-  %159 = load <16 x float>, ptr %qacc15, align 4
-  %160 = fmul <16 x float> %155, %w1616
-  %161 = fadd <16 x float> %159, %160
-  store <16 x float> %161, ptr %qacc15, align 4
-  %162 = add nsw i64 %qh, 1
+  br i1 %pf.on, label %pf.then, label %pf.end
+
+pf.then:                                          ; preds = %qh.body
+  %76 = mul nsw i64 %qh, 128
+  %77 = lshr i64 %76, %14
+  %78 = getelementptr inbounds i8, ptr %26, i64 %77
+  call void @llvm.prefetch.p0(ptr %78, i32 0, i32 2, i32 1)
+  br label %pf.end
+
+pf.end:                                           ; preds = %pf.then, %qh.body
+  %79 = add nsw i64 %qb, 0
+  %80 = mul nsw i64 %qh, 8
+  %81 = mul nsw i64 %79, 16384
+  %82 = add nsw i64 %81, %80
+  %83 = getelementptr inbounds float, ptr %router, i64 %82
+  %84 = load <8 x float>, ptr %83, align 4
+  %85 = add nsw i64 %qb, 1
+  %86 = mul nsw i64 %qh, 8
+  %87 = mul nsw i64 %85, 16384
+  %88 = add nsw i64 %87, %86
+  %89 = getelementptr inbounds float, ptr %router, i64 %88
+  %90 = load <8 x float>, ptr %89, align 4
+  %w16 = shufflevector <8 x float> %84, <8 x float> %90, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %91 = add nsw i64 %qb, 2
+  %92 = mul nsw i64 %qh, 8
+  %93 = mul nsw i64 %91, 16384
+  %94 = add nsw i64 %93, %92
+  %95 = getelementptr inbounds float, ptr %router, i64 %94
+  %96 = load <8 x float>, ptr %95, align 4
+  %97 = add nsw i64 %qb, 3
+  %98 = mul nsw i64 %qh, 8
+  %99 = mul nsw i64 %97, 16384
+  %100 = add nsw i64 %99, %98
+  %101 = getelementptr inbounds float, ptr %router, i64 %100
+  %102 = load <8 x float>, ptr %101, align 4
+  %w1616 = shufflevector <8 x float> %96, <8 x float> %102, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %103 = getelementptr inbounds float, ptr %29, i64 %qh
+  %104 = load float, ptr %103, align 4
+  %105 = insertelement <16 x float> poison, float %104, i32 0
+  %106 = shufflevector <16 x float> %105, <16 x float> poison, <16 x i32> zeroinitializer
+  %107 = load <16 x float>, ptr %qacc, align 4
+  %108 = fmul <16 x float> %106, %w16
+  %109 = fadd <16 x float> %107, %108
+  store <16 x float> %109, ptr %qacc, align 4
+  %110 = load <16 x float>, ptr %qacc1, align 4
+  %111 = fmul <16 x float> %106, %w1616
+  %112 = fadd <16 x float> %110, %111
+  store <16 x float> %112, ptr %qacc1, align 4
+  %113 = getelementptr inbounds float, ptr %35, i64 %qh
+  %114 = load float, ptr %113, align 4
+  %115 = insertelement <16 x float> poison, float %114, i32 0
+  %116 = shufflevector <16 x float> %115, <16 x float> poison, <16 x i32> zeroinitializer
+  %117 = load <16 x float>, ptr %qacc2, align 4
+  %118 = fmul <16 x float> %116, %w16
+  %119 = fadd <16 x float> %117, %118
+  store <16 x float> %119, ptr %qacc2, align 4
+  %120 = load <16 x float>, ptr %qacc3, align 4
+  %121 = fmul <16 x float> %116, %w1616
+  %122 = fadd <16 x float> %120, %121
+  store <16 x float> %122, ptr %qacc3, align 4
+  %123 = getelementptr inbounds float, ptr %41, i64 %qh
+  %124 = load float, ptr %123, align 4
+  %125 = insertelement <16 x float> poison, float %124, i32 0
+  %126 = shufflevector <16 x float> %125, <16 x float> poison, <16 x i32> zeroinitializer
+  %127 = load <16 x float>, ptr %qacc4, align 4
+  %128 = fmul <16 x float> %126, %w16
+  %129 = fadd <16 x float> %127, %128
+  store <16 x float> %129, ptr %qacc4, align 4
+  %130 = load <16 x float>, ptr %qacc5, align 4
+  %131 = fmul <16 x float> %126, %w1616
+  %132 = fadd <16 x float> %130, %131
+  store <16 x float> %132, ptr %qacc5, align 4
+  %133 = getelementptr inbounds float, ptr %47, i64 %qh
+  %134 = load float, ptr %133, align 4
+  %135 = insertelement <16 x float> poison, float %134, i32 0
+  %136 = shufflevector <16 x float> %135, <16 x float> poison, <16 x i32> zeroinitializer
+  %137 = load <16 x float>, ptr %qacc6, align 4
+  %138 = fmul <16 x float> %136, %w16
+  %139 = fadd <16 x float> %137, %138
+  store <16 x float> %139, ptr %qacc6, align 4
+  %140 = load <16 x float>, ptr %qacc7, align 4
+  %141 = fmul <16 x float> %136, %w1616
+  %142 = fadd <16 x float> %140, %141
+  store <16 x float> %142, ptr %qacc7, align 4
+  %143 = getelementptr inbounds float, ptr %53, i64 %qh
+  %144 = load float, ptr %143, align 4
+  %145 = insertelement <16 x float> poison, float %144, i32 0
+  %146 = shufflevector <16 x float> %145, <16 x float> poison, <16 x i32> zeroinitializer
+  %147 = load <16 x float>, ptr %qacc8, align 4
+  %148 = fmul <16 x float> %146, %w16
+  %149 = fadd <16 x float> %147, %148
+  store <16 x float> %149, ptr %qacc8, align 4
+  %150 = load <16 x float>, ptr %qacc9, align 4
+  %151 = fmul <16 x float> %146, %w1616
+  %152 = fadd <16 x float> %150, %151
+  store <16 x float> %152, ptr %qacc9, align 4
+  %153 = getelementptr inbounds float, ptr %59, i64 %qh
+  %154 = load float, ptr %153, align 4
+  %155 = insertelement <16 x float> poison, float %154, i32 0
+  %156 = shufflevector <16 x float> %155, <16 x float> poison, <16 x i32> zeroinitializer
+  %157 = load <16 x float>, ptr %qacc10, align 4
+  %158 = fmul <16 x float> %156, %w16
+  %159 = fadd <16 x float> %157, %158
+  store <16 x float> %159, ptr %qacc10, align 4
+  %160 = load <16 x float>, ptr %qacc11, align 4
+  %161 = fmul <16 x float> %156, %w1616
+  %162 = fadd <16 x float> %160, %161
+  store <16 x float> %162, ptr %qacc11, align 4
+  %163 = getelementptr inbounds float, ptr %65, i64 %qh
+  %164 = load float, ptr %163, align 4
+  %165 = insertelement <16 x float> poison, float %164, i32 0
+  %166 = shufflevector <16 x float> %165, <16 x float> poison, <16 x i32> zeroinitializer
+  %167 = load <16 x float>, ptr %qacc12, align 4
+  %168 = fmul <16 x float> %166, %w16
+  %169 = fadd <16 x float> %167, %168
+  store <16 x float> %169, ptr %qacc12, align 4
+  %170 = load <16 x float>, ptr %qacc13, align 4
+  %171 = fmul <16 x float> %166, %w1616
+  %172 = fadd <16 x float> %170, %171
+  store <16 x float> %172, ptr %qacc13, align 4
+  %173 = getelementptr inbounds float, ptr %71, i64 %qh
+  %174 = load float, ptr %173, align 4
+  %175 = insertelement <16 x float> poison, float %174, i32 0
+  %176 = shufflevector <16 x float> %175, <16 x float> poison, <16 x i32> zeroinitializer
+  %177 = load <16 x float>, ptr %qacc14, align 4
+  %178 = fmul <16 x float> %176, %w16
+  %179 = fadd <16 x float> %177, %178
+  store <16 x float> %179, ptr %qacc14, align 4
+  %180 = load <16 x float>, ptr %qacc15, align 4
+  %181 = fmul <16 x float> %176, %w1616
+  %182 = fadd <16 x float> %180, %181
+  store <16 x float> %182, ptr %qacc15, align 4
+  %183 = add nsw i64 %qh, 1
   br label %qh.head
 
 qh.end:                                           ; preds = %qh.head
-  %163 = load <16 x float>, ptr %qacc, align 4
-  %164 = load <16 x float>, ptr %qacc1, align 4
-  %165 = load <16 x float>, ptr %qacc2, align 4
-  %166 = load <16 x float>, ptr %qacc3, align 4
-  %167 = load <16 x float>, ptr %qacc4, align 4
-  %168 = load <16 x float>, ptr %qacc5, align 4
-  %169 = load <16 x float>, ptr %qacc6, align 4
-  %170 = load <16 x float>, ptr %qacc7, align 4
-  %171 = load <16 x float>, ptr %qacc8, align 4
-  %172 = load <16 x float>, ptr %qacc9, align 4
-  %173 = load <16 x float>, ptr %qacc10, align 4
-  %174 = load <16 x float>, ptr %qacc11, align 4
-  %175 = load <16 x float>, ptr %qacc12, align 4
-  %176 = load <16 x float>, ptr %qacc13, align 4
-  %177 = load <16 x float>, ptr %qacc14, align 4
-  %178 = load <16 x float>, ptr %qacc15, align 4
-  %179 = getelementptr inbounds float, ptr %14, i64 0
-  store <16 x float> %163, ptr %179, align 4
-  %180 = getelementptr inbounds float, ptr %14, i64 16
-  store <16 x float> %164, ptr %180, align 4
-  %181 = getelementptr inbounds float, ptr %20, i64 0
-  store <16 x float> %165, ptr %181, align 4
-  %182 = getelementptr inbounds float, ptr %20, i64 16
-  store <16 x float> %166, ptr %182, align 4
-  %183 = getelementptr inbounds float, ptr %26, i64 0
-  store <16 x float> %167, ptr %183, align 4
-  %184 = getelementptr inbounds float, ptr %26, i64 16
-  store <16 x float> %168, ptr %184, align 4
-  %185 = getelementptr inbounds float, ptr %32, i64 0
-  store <16 x float> %169, ptr %185, align 4
-  %186 = getelementptr inbounds float, ptr %32, i64 16
-  store <16 x float> %170, ptr %186, align 4
-  %187 = getelementptr inbounds float, ptr %38, i64 0
-  store <16 x float> %171, ptr %187, align 4
-  %188 = getelementptr inbounds float, ptr %38, i64 16
-  store <16 x float> %172, ptr %188, align 4
-  %189 = getelementptr inbounds float, ptr %44, i64 0
-  store <16 x float> %173, ptr %189, align 4
-  %190 = getelementptr inbounds float, ptr %44, i64 16
-  store <16 x float> %174, ptr %190, align 4
-  %191 = getelementptr inbounds float, ptr %50, i64 0
-  store <16 x float> %175, ptr %191, align 4
-  %192 = getelementptr inbounds float, ptr %50, i64 16
-  store <16 x float> %176, ptr %192, align 4
-  %193 = getelementptr inbounds float, ptr %56, i64 0
-  store <16 x float> %177, ptr %193, align 4
-  %194 = getelementptr inbounds float, ptr %56, i64 16
-  store <16 x float> %178, ptr %194, align 4
-  %195 = add nsw i64 %rb, 8
+  %184 = load <16 x float>, ptr %qacc, align 4
+  %185 = load <16 x float>, ptr %qacc1, align 4
+  %186 = load <16 x float>, ptr %qacc2, align 4
+  %187 = load <16 x float>, ptr %qacc3, align 4
+  %188 = load <16 x float>, ptr %qacc4, align 4
+  %189 = load <16 x float>, ptr %qacc5, align 4
+  %190 = load <16 x float>, ptr %qacc6, align 4
+  %191 = load <16 x float>, ptr %qacc7, align 4
+  %192 = load <16 x float>, ptr %qacc8, align 4
+  %193 = load <16 x float>, ptr %qacc9, align 4
+  %194 = load <16 x float>, ptr %qacc10, align 4
+  %195 = load <16 x float>, ptr %qacc11, align 4
+  %196 = load <16 x float>, ptr %qacc12, align 4
+  %197 = load <16 x float>, ptr %qacc13, align 4
+  %198 = load <16 x float>, ptr %qacc14, align 4
+  %199 = load <16 x float>, ptr %qacc15, align 4
+  %200 = getelementptr inbounds float, ptr %32, i64 0
+  store <16 x float> %184, ptr %200, align 4
+  %201 = getelementptr inbounds float, ptr %32, i64 16
+  store <16 x float> %185, ptr %201, align 4
+  %202 = getelementptr inbounds float, ptr %38, i64 0
+  store <16 x float> %186, ptr %202, align 4
+  %203 = getelementptr inbounds float, ptr %38, i64 16
+  store <16 x float> %187, ptr %203, align 4
+  %204 = getelementptr inbounds float, ptr %44, i64 0
+  store <16 x float> %188, ptr %204, align 4
+  %205 = getelementptr inbounds float, ptr %44, i64 16
+  store <16 x float> %189, ptr %205, align 4
+  %206 = getelementptr inbounds float, ptr %50, i64 0
+  store <16 x float> %190, ptr %206, align 4
+  %207 = getelementptr inbounds float, ptr %50, i64 16
+  store <16 x float> %191, ptr %207, align 4
+  %208 = getelementptr inbounds float, ptr %56, i64 0
+  store <16 x float> %192, ptr %208, align 4
+  %209 = getelementptr inbounds float, ptr %56, i64 16
+  store <16 x float> %193, ptr %209, align 4
+  %210 = getelementptr inbounds float, ptr %62, i64 0
+  store <16 x float> %194, ptr %210, align 4
+  %211 = getelementptr inbounds float, ptr %62, i64 16
+  store <16 x float> %195, ptr %211, align 4
+  %212 = getelementptr inbounds float, ptr %68, i64 0
+  store <16 x float> %196, ptr %212, align 4
+  %213 = getelementptr inbounds float, ptr %68, i64 16
+  store <16 x float> %197, ptr %213, align 4
+  %214 = getelementptr inbounds float, ptr %74, i64 0
+  store <16 x float> %198, ptr %214, align 4
+  %215 = getelementptr inbounds float, ptr %74, i64 16
+  store <16 x float> %199, ptr %215, align 4
+  %216 = add nsw i64 %rb, 8
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %196 = add nsw i64 %qb, 4
+  %217 = add nsw i64 %qb, 4
   br label %qb.head
 
 qb.end:                                           ; preds = %qb.head
   br label %qb1.head
 
-qb1.head:                                         ; preds = %rb.end19, %qb.end
-  %qb1 = phi i64 [ 16, %qb.end ], [ %329, %rb.end19 ]
-  %197 = icmp slt i64 %qb1, 16
-  br i1 %197, label %qb1.body, label %qb1.end
+qb1.head:                                         ; preds = %rb.end21, %qb.end
+  %qb1 = phi i64 [ 16, %qb.end ], [ %371, %rb.end21 ]
+  %218 = icmp slt i64 %qb1, 16
+  br i1 %218, label %qb1.body, label %qb1.end
 
 qb1.body:                                         ; preds = %qb1.head
-  %198 = mul nsw i64 %qb1, 8
-  br label %rb.head17
+  %219 = mul nsw i64 %qb1, 8
+  %220 = sub nsw i64 %full, 0
+  %ntile17 = sdiv i64 %220, 8
+  %221 = icmp sge i64 %ntile17, 2
+  %222 = select i1 %221, i64 1, i64 0
+  %223 = icmp sge i64 %ntile17, 4
+  %224 = select i1 %223, i64 2, i64 %222
+  %225 = icmp sge i64 %ntile17, 8
+  %226 = select i1 %225, i64 3, i64 %224
+  %227 = add nsw i64 %qb1, 1
+  %more18 = icmp slt i64 %227, 16
+  %228 = mul nsw i64 %227, 65536
+  %229 = getelementptr inbounds i8, ptr %router, i64 %228
+  br label %rb.head19
 
-rb.head17:                                        ; preds = %qh.end31, %qb1.body
-  %rb20 = phi i64 [ 0, %qb1.body ], [ %328, %qh.end31 ]
-  %199 = icmp slt i64 %rb20, %full
-  br i1 %199, label %rb.body18, label %rb.end19
+rb.head19:                                        ; preds = %qh.end35, %qb1.body
+  %rb22 = phi i64 [ 0, %qb1.body ], [ %370, %qh.end35 ]
+  %230 = icmp slt i64 %rb22, %full
+  br i1 %230, label %rb.body20, label %rb.end21
 
-rb.body18:                                        ; preds = %rb.head17
-  %200 = add nsw i64 %rb20, 0
-  %201 = mul nsw i64 %200, 2048
-  %202 = getelementptr inbounds float, ptr %4, i64 %201
-  %203 = mul nsw i64 %200, 128
-  %204 = add nsw i64 %203, %198
-  %205 = getelementptr inbounds float, ptr %lt, i64 %204
-  %206 = add nsw i64 %rb20, 1
-  %207 = mul nsw i64 %206, 2048
-  %208 = getelementptr inbounds float, ptr %4, i64 %207
-  %209 = mul nsw i64 %206, 128
-  %210 = add nsw i64 %209, %198
-  %211 = getelementptr inbounds float, ptr %lt, i64 %210
-  %212 = add nsw i64 %rb20, 2
-  %213 = mul nsw i64 %212, 2048
-  %214 = getelementptr inbounds float, ptr %4, i64 %213
-  %215 = mul nsw i64 %212, 128
-  %216 = add nsw i64 %215, %198
-  %217 = getelementptr inbounds float, ptr %lt, i64 %216
-  %218 = add nsw i64 %rb20, 3
-  %219 = mul nsw i64 %218, 2048
-  %220 = getelementptr inbounds float, ptr %4, i64 %219
-  %221 = mul nsw i64 %218, 128
-  %222 = add nsw i64 %221, %198
-  %223 = getelementptr inbounds float, ptr %lt, i64 %222
-  %224 = add nsw i64 %rb20, 4
-  %225 = mul nsw i64 %224, 2048
-  %226 = getelementptr inbounds float, ptr %4, i64 %225
-  %227 = mul nsw i64 %224, 128
-  %228 = add nsw i64 %227, %198
-  %229 = getelementptr inbounds float, ptr %lt, i64 %228
-  %230 = add nsw i64 %rb20, 5
-  %231 = mul nsw i64 %230, 2048
-  %232 = getelementptr inbounds float, ptr %4, i64 %231
-  %233 = mul nsw i64 %230, 128
-  %234 = add nsw i64 %233, %198
-  %235 = getelementptr inbounds float, ptr %lt, i64 %234
-  %236 = add nsw i64 %rb20, 6
-  %237 = mul nsw i64 %236, 2048
-  %238 = getelementptr inbounds float, ptr %4, i64 %237
-  %239 = mul nsw i64 %236, 128
-  %240 = add nsw i64 %239, %198
-  %241 = getelementptr inbounds float, ptr %lt, i64 %240
-  %242 = add nsw i64 %rb20, 7
-  %243 = mul nsw i64 %242, 2048
-  %244 = getelementptr inbounds float, ptr %4, i64 %243
-  %245 = mul nsw i64 %242, 128
-  %246 = add nsw i64 %245, %198
-  %247 = getelementptr inbounds float, ptr %lt, i64 %246
-  store <8 x float> zeroinitializer, ptr %qacc21, align 4
-  store <8 x float> zeroinitializer, ptr %qacc22, align 4
-  store <8 x float> zeroinitializer, ptr %qacc23, align 4
-  store <8 x float> zeroinitializer, ptr %qacc24, align 4
+rb.body20:                                        ; preds = %rb.head19
+  %231 = sub nsw i64 %rb22, 0
+  %j23 = sdiv i64 %231, 8
+  %232 = shl i64 1, %226
+  %233 = icmp slt i64 %j23, %232
+  %234 = icmp sgt i64 %ntile17, 1
+  %235 = and i1 %more18, %234
+  %pf.on24 = and i1 %235, %233
+  %236 = mul nsw i64 %j23, 65536
+  %237 = lshr i64 %236, %226
+  %238 = getelementptr inbounds i8, ptr %229, i64 %237
+  %239 = add nsw i64 %rb22, 0
+  %240 = mul nsw i64 %239, 2048
+  %241 = getelementptr inbounds float, ptr %4, i64 %240
+  %242 = mul nsw i64 %239, 128
+  %243 = add nsw i64 %242, %219
+  %244 = getelementptr inbounds float, ptr %lt, i64 %243
+  %245 = add nsw i64 %rb22, 1
+  %246 = mul nsw i64 %245, 2048
+  %247 = getelementptr inbounds float, ptr %4, i64 %246
+  %248 = mul nsw i64 %245, 128
+  %249 = add nsw i64 %248, %219
+  %250 = getelementptr inbounds float, ptr %lt, i64 %249
+  %251 = add nsw i64 %rb22, 2
+  %252 = mul nsw i64 %251, 2048
+  %253 = getelementptr inbounds float, ptr %4, i64 %252
+  %254 = mul nsw i64 %251, 128
+  %255 = add nsw i64 %254, %219
+  %256 = getelementptr inbounds float, ptr %lt, i64 %255
+  %257 = add nsw i64 %rb22, 3
+  %258 = mul nsw i64 %257, 2048
+  %259 = getelementptr inbounds float, ptr %4, i64 %258
+  %260 = mul nsw i64 %257, 128
+  %261 = add nsw i64 %260, %219
+  %262 = getelementptr inbounds float, ptr %lt, i64 %261
+  %263 = add nsw i64 %rb22, 4
+  %264 = mul nsw i64 %263, 2048
+  %265 = getelementptr inbounds float, ptr %4, i64 %264
+  %266 = mul nsw i64 %263, 128
+  %267 = add nsw i64 %266, %219
+  %268 = getelementptr inbounds float, ptr %lt, i64 %267
+  %269 = add nsw i64 %rb22, 5
+  %270 = mul nsw i64 %269, 2048
+  %271 = getelementptr inbounds float, ptr %4, i64 %270
+  %272 = mul nsw i64 %269, 128
+  %273 = add nsw i64 %272, %219
+  %274 = getelementptr inbounds float, ptr %lt, i64 %273
+  %275 = add nsw i64 %rb22, 6
+  %276 = mul nsw i64 %275, 2048
+  %277 = getelementptr inbounds float, ptr %4, i64 %276
+  %278 = mul nsw i64 %275, 128
+  %279 = add nsw i64 %278, %219
+  %280 = getelementptr inbounds float, ptr %lt, i64 %279
+  %281 = add nsw i64 %rb22, 7
+  %282 = mul nsw i64 %281, 2048
+  %283 = getelementptr inbounds float, ptr %4, i64 %282
+  %284 = mul nsw i64 %281, 128
+  %285 = add nsw i64 %284, %219
+  %286 = getelementptr inbounds float, ptr %lt, i64 %285
   store <8 x float> zeroinitializer, ptr %qacc25, align 4
   store <8 x float> zeroinitializer, ptr %qacc26, align 4
   store <8 x float> zeroinitializer, ptr %qacc27, align 4
   store <8 x float> zeroinitializer, ptr %qacc28, align 4
-  br label %qh.head29
+  store <8 x float> zeroinitializer, ptr %qacc29, align 4
+  store <8 x float> zeroinitializer, ptr %qacc30, align 4
+  store <8 x float> zeroinitializer, ptr %qacc31, align 4
+  store <8 x float> zeroinitializer, ptr %qacc32, align 4
+  br label %qh.head33
 
-qh.head29:                                        ; preds = %qh.body30, %rb.body18
-  %qh32 = phi i64 [ 0, %rb.body18 ], [ %311, %qh.body30 ]
-  %248 = icmp slt i64 %qh32, 2048
-  br i1 %248, label %qh.body30, label %qh.end31
+qh.head33:                                        ; preds = %pf.end38, %rb.body20
+  %qh36 = phi i64 [ 0, %rb.body20 ], [ %353, %pf.end38 ]
+  %287 = icmp slt i64 %qh36, 2048
+  br i1 %287, label %qh.body34, label %qh.end35
 
-qh.body30:                                        ; preds = %qh.head29
-  %249 = add nsw i64 %qb1, 0
-  %250 = mul nsw i64 %qh32, 8
-  %251 = mul nsw i64 %249, 16384
-  %252 = add nsw i64 %251, %250
-  %253 = getelementptr inbounds float, ptr %router, i64 %252
-  %254 = load <8 x float>, ptr %253, align 4
-  %255 = getelementptr inbounds float, ptr %202, i64 %qh32
-  %256 = load float, ptr %255, align 4
-  %257 = insertelement <8 x float> poison, float %256, i32 0
-  %258 = shufflevector <8 x float> %257, <8 x float> poison, <8 x i32> zeroinitializer
-  %259 = load <8 x float>, ptr %qacc21, align 4
-  %260 = fmul <8 x float> %258, %254
-  %261 = fadd <8 x float> %259, %260
-  store <8 x float> %261, ptr %qacc21, align 4
-  %262 = getelementptr inbounds float, ptr %208, i64 %qh32
-  %263 = load float, ptr %262, align 4
-  %264 = insertelement <8 x float> poison, float %263, i32 0
-  %265 = shufflevector <8 x float> %264, <8 x float> poison, <8 x i32> zeroinitializer
-  %266 = load <8 x float>, ptr %qacc22, align 4
-  %267 = fmul <8 x float> %265, %254
-  %268 = fadd <8 x float> %266, %267
-  store <8 x float> %268, ptr %qacc22, align 4
-  %269 = getelementptr inbounds float, ptr %214, i64 %qh32
-  %270 = load float, ptr %269, align 4
-  %271 = insertelement <8 x float> poison, float %270, i32 0
-  %272 = shufflevector <8 x float> %271, <8 x float> poison, <8 x i32> zeroinitializer
-  %273 = load <8 x float>, ptr %qacc23, align 4
-  %274 = fmul <8 x float> %272, %254
-  %275 = fadd <8 x float> %273, %274
-  store <8 x float> %275, ptr %qacc23, align 4
-  %276 = getelementptr inbounds float, ptr %220, i64 %qh32
-  %277 = load float, ptr %276, align 4
-  %278 = insertelement <8 x float> poison, float %277, i32 0
-  %279 = shufflevector <8 x float> %278, <8 x float> poison, <8 x i32> zeroinitializer
-  %280 = load <8 x float>, ptr %qacc24, align 4
-  %281 = fmul <8 x float> %279, %254
-  %282 = fadd <8 x float> %280, %281
-  store <8 x float> %282, ptr %qacc24, align 4
-  %283 = getelementptr inbounds float, ptr %226, i64 %qh32
-  %284 = load float, ptr %283, align 4
-  %285 = insertelement <8 x float> poison, float %284, i32 0
-  %286 = shufflevector <8 x float> %285, <8 x float> poison, <8 x i32> zeroinitializer
-  %287 = load <8 x float>, ptr %qacc25, align 4
-  %288 = fmul <8 x float> %286, %254
-  %289 = fadd <8 x float> %287, %288
-  store <8 x float> %289, ptr %qacc25, align 4
-  %290 = getelementptr inbounds float, ptr %232, i64 %qh32
-  %291 = load float, ptr %290, align 4
-  %292 = insertelement <8 x float> poison, float %291, i32 0
-  %293 = shufflevector <8 x float> %292, <8 x float> poison, <8 x i32> zeroinitializer
-  %294 = load <8 x float>, ptr %qacc26, align 4
-  %295 = fmul <8 x float> %293, %254
-  %296 = fadd <8 x float> %294, %295
-  store <8 x float> %296, ptr %qacc26, align 4
-  %297 = getelementptr inbounds float, ptr %238, i64 %qh32
+qh.body34:                                        ; preds = %qh.head33
+  br i1 %pf.on24, label %pf.then37, label %pf.end38
+
+pf.then37:                                        ; preds = %qh.body34
+  %288 = mul nsw i64 %qh36, 32
+  %289 = lshr i64 %288, %226
+  %290 = getelementptr inbounds i8, ptr %238, i64 %289
+  call void @llvm.prefetch.p0(ptr %290, i32 0, i32 2, i32 1)
+  br label %pf.end38
+
+pf.end38:                                         ; preds = %pf.then37, %qh.body34
+  %291 = add nsw i64 %qb1, 0
+  %292 = mul nsw i64 %qh36, 8
+  %293 = mul nsw i64 %291, 16384
+  %294 = add nsw i64 %293, %292
+  %295 = getelementptr inbounds float, ptr %router, i64 %294
+  %296 = load <8 x float>, ptr %295, align 4
+  %297 = getelementptr inbounds float, ptr %241, i64 %qh36
   %298 = load float, ptr %297, align 4
   %299 = insertelement <8 x float> poison, float %298, i32 0
   %300 = shufflevector <8 x float> %299, <8 x float> poison, <8 x i32> zeroinitializer
-  %301 = load <8 x float>, ptr %qacc27, align 4
-  %302 = fmul <8 x float> %300, %254
+  %301 = load <8 x float>, ptr %qacc25, align 4
+  %302 = fmul <8 x float> %300, %296
   %303 = fadd <8 x float> %301, %302
-  store <8 x float> %303, ptr %qacc27, align 4
-  %304 = getelementptr inbounds float, ptr %244, i64 %qh32
+  store <8 x float> %303, ptr %qacc25, align 4
+  %304 = getelementptr inbounds float, ptr %247, i64 %qh36
   %305 = load float, ptr %304, align 4
   %306 = insertelement <8 x float> poison, float %305, i32 0
   %307 = shufflevector <8 x float> %306, <8 x float> poison, <8 x i32> zeroinitializer
-  %308 = load <8 x float>, ptr %qacc28, align 4
-  %309 = fmul <8 x float> %307, %254
+  %308 = load <8 x float>, ptr %qacc26, align 4
+  %309 = fmul <8 x float> %307, %296
   %310 = fadd <8 x float> %308, %309
-  store <8 x float> %310, ptr %qacc28, align 4
-  %311 = add nsw i64 %qh32, 1
-  br label %qh.head29
+  store <8 x float> %310, ptr %qacc26, align 4
+  %311 = getelementptr inbounds float, ptr %253, i64 %qh36
+  %312 = load float, ptr %311, align 4
+  %313 = insertelement <8 x float> poison, float %312, i32 0
+  %314 = shufflevector <8 x float> %313, <8 x float> poison, <8 x i32> zeroinitializer
+  %315 = load <8 x float>, ptr %qacc27, align 4
+  %316 = fmul <8 x float> %314, %296
+  %317 = fadd <8 x float> %315, %316
+  store <8 x float> %317, ptr %qacc27, align 4
+  %318 = getelementptr inbounds float, ptr %259, i64 %qh36
+  %319 = load float, ptr %318, align 4
+  %320 = insertelement <8 x float> poison, float %319, i32 0
+  %321 = shufflevector <8 x float> %320, <8 x float> poison, <8 x i32> zeroinitializer
+  %322 = load <8 x float>, ptr %qacc28, align 4
+  %323 = fmul <8 x float> %321, %296
+  %324 = fadd <8 x float> %322, %323
+  store <8 x float> %324, ptr %qacc28, align 4
+  %325 = getelementptr inbounds float, ptr %265, i64 %qh36
+  %326 = load float, ptr %325, align 4
+  %327 = insertelement <8 x float> poison, float %326, i32 0
+  %328 = shufflevector <8 x float> %327, <8 x float> poison, <8 x i32> zeroinitializer
+  %329 = load <8 x float>, ptr %qacc29, align 4
+  %330 = fmul <8 x float> %328, %296
+  %331 = fadd <8 x float> %329, %330
+  store <8 x float> %331, ptr %qacc29, align 4
+  %332 = getelementptr inbounds float, ptr %271, i64 %qh36
+  %333 = load float, ptr %332, align 4
+  %334 = insertelement <8 x float> poison, float %333, i32 0
+  %335 = shufflevector <8 x float> %334, <8 x float> poison, <8 x i32> zeroinitializer
+  %336 = load <8 x float>, ptr %qacc30, align 4
+  %337 = fmul <8 x float> %335, %296
+  %338 = fadd <8 x float> %336, %337
+  store <8 x float> %338, ptr %qacc30, align 4
+  %339 = getelementptr inbounds float, ptr %277, i64 %qh36
+  %340 = load float, ptr %339, align 4
+  %341 = insertelement <8 x float> poison, float %340, i32 0
+  %342 = shufflevector <8 x float> %341, <8 x float> poison, <8 x i32> zeroinitializer
+  %343 = load <8 x float>, ptr %qacc31, align 4
+  %344 = fmul <8 x float> %342, %296
+  %345 = fadd <8 x float> %343, %344
+  store <8 x float> %345, ptr %qacc31, align 4
+  %346 = getelementptr inbounds float, ptr %283, i64 %qh36
+  %347 = load float, ptr %346, align 4
+  %348 = insertelement <8 x float> poison, float %347, i32 0
+  %349 = shufflevector <8 x float> %348, <8 x float> poison, <8 x i32> zeroinitializer
+  %350 = load <8 x float>, ptr %qacc32, align 4
+  %351 = fmul <8 x float> %349, %296
+  %352 = fadd <8 x float> %350, %351
+  store <8 x float> %352, ptr %qacc32, align 4
+  %353 = add nsw i64 %qh36, 1
+  br label %qh.head33
 
-qh.end31:                                         ; preds = %qh.head29
-  %312 = load <8 x float>, ptr %qacc21, align 4
-  %313 = load <8 x float>, ptr %qacc22, align 4
-  %314 = load <8 x float>, ptr %qacc23, align 4
-  %315 = load <8 x float>, ptr %qacc24, align 4
-  %316 = load <8 x float>, ptr %qacc25, align 4
-  %317 = load <8 x float>, ptr %qacc26, align 4
-  %318 = load <8 x float>, ptr %qacc27, align 4
-  %319 = load <8 x float>, ptr %qacc28, align 4
-  %320 = getelementptr inbounds float, ptr %205, i64 0
-  store <8 x float> %312, ptr %320, align 4
-  %321 = getelementptr inbounds float, ptr %211, i64 0
-  store <8 x float> %313, ptr %321, align 4
-  %322 = getelementptr inbounds float, ptr %217, i64 0
-  store <8 x float> %314, ptr %322, align 4
-  %323 = getelementptr inbounds float, ptr %223, i64 0
-  store <8 x float> %315, ptr %323, align 4
-  %324 = getelementptr inbounds float, ptr %229, i64 0
-  store <8 x float> %316, ptr %324, align 4
-  %325 = getelementptr inbounds float, ptr %235, i64 0
-  store <8 x float> %317, ptr %325, align 4
-  %326 = getelementptr inbounds float, ptr %241, i64 0
-  store <8 x float> %318, ptr %326, align 4
-  %327 = getelementptr inbounds float, ptr %247, i64 0
-  store <8 x float> %319, ptr %327, align 4
-  %328 = add nsw i64 %rb20, 8
-  br label %rb.head17
+qh.end35:                                         ; preds = %qh.head33
+  %354 = load <8 x float>, ptr %qacc25, align 4
+  %355 = load <8 x float>, ptr %qacc26, align 4
+  %356 = load <8 x float>, ptr %qacc27, align 4
+  %357 = load <8 x float>, ptr %qacc28, align 4
+  %358 = load <8 x float>, ptr %qacc29, align 4
+  %359 = load <8 x float>, ptr %qacc30, align 4
+  %360 = load <8 x float>, ptr %qacc31, align 4
+  %361 = load <8 x float>, ptr %qacc32, align 4
+  %362 = getelementptr inbounds float, ptr %244, i64 0
+  store <8 x float> %354, ptr %362, align 4
+  %363 = getelementptr inbounds float, ptr %250, i64 0
+  store <8 x float> %355, ptr %363, align 4
+  %364 = getelementptr inbounds float, ptr %256, i64 0
+  store <8 x float> %356, ptr %364, align 4
+  %365 = getelementptr inbounds float, ptr %262, i64 0
+  store <8 x float> %357, ptr %365, align 4
+  %366 = getelementptr inbounds float, ptr %268, i64 0
+  store <8 x float> %358, ptr %366, align 4
+  %367 = getelementptr inbounds float, ptr %274, i64 0
+  store <8 x float> %359, ptr %367, align 4
+  %368 = getelementptr inbounds float, ptr %280, i64 0
+  store <8 x float> %360, ptr %368, align 4
+  %369 = getelementptr inbounds float, ptr %286, i64 0
+  store <8 x float> %361, ptr %369, align 4
+  %370 = add nsw i64 %rb22, 8
+  br label %rb.head19
 
-rb.end19:                                         ; preds = %rb.head17
-  %329 = add nsw i64 %qb1, 1
+rb.end21:                                         ; preds = %rb.head19
+  %371 = add nsw i64 %qb1, 1
   br label %qb1.head
 
 qb1.end:                                          ; preds = %qb1.head
-  br label %qb.head33
+  br label %qb.head39
 
-qb.head33:                                        ; preds = %r1.end, %qb1.end
-  %qb36 = phi i64 [ 0, %qb1.end ], [ %380, %r1.end ]
-  %330 = icmp slt i64 %qb36, 16
-  br i1 %330, label %qb.body34, label %qb.end35
+qb.head39:                                        ; preds = %r1.end, %qb1.end
+  %qb42 = phi i64 [ 0, %qb1.end ], [ %443, %r1.end ]
+  %372 = icmp slt i64 %qb42, 16
+  br i1 %372, label %qb.body40, label %qb.end41
 
-qb.body34:                                        ; preds = %qb.head33
-  %331 = mul nsw i64 %qb36, 8
+qb.body40:                                        ; preds = %qb.head39
+  %373 = mul nsw i64 %qb42, 8
+  %374 = sub nsw i64 %gn, %full
+  %ntile43 = sdiv i64 %374, 1
+  %375 = icmp sge i64 %ntile43, 2
+  %376 = select i1 %375, i64 1, i64 0
+  %377 = icmp sge i64 %ntile43, 4
+  %378 = select i1 %377, i64 2, i64 %376
+  %379 = icmp sge i64 %ntile43, 8
+  %380 = select i1 %379, i64 3, i64 %378
+  %381 = add nsw i64 %qb42, 4
+  %more44 = icmp slt i64 %381, 16
+  %382 = mul nsw i64 %381, 65536
+  %383 = getelementptr inbounds i8, ptr %router, i64 %382
   br label %r1.head
 
-r1.head:                                          ; preds = %qh.end41, %qb.body34
-  %r1 = phi i64 [ %full, %qb.body34 ], [ %379, %qh.end41 ]
-  %332 = icmp slt i64 %r1, %gn
-  br i1 %332, label %r1.body, label %r1.end
+r1.head:                                          ; preds = %qh.end51, %qb.body40
+  %r1 = phi i64 [ %full, %qb.body40 ], [ %442, %qh.end51 ]
+  %384 = icmp slt i64 %r1, %gn
+  br i1 %384, label %r1.body, label %r1.end
 
 r1.body:                                          ; preds = %r1.head
-  %333 = add nsw i64 %r1, 0
-  %334 = mul nsw i64 %333, 2048
-  %335 = getelementptr inbounds float, ptr %4, i64 %334
-  %336 = mul nsw i64 %333, 128
-  %337 = add nsw i64 %336, %331
-  %338 = getelementptr inbounds float, ptr %lt, i64 %337
-  store <16 x float> zeroinitializer, ptr %qacc37, align 4
-  store <16 x float> zeroinitializer, ptr %qacc38, align 4
-  br label %qh.head39
+  %385 = sub nsw i64 %r1, %full
+  %j45 = sdiv i64 %385, 1
+  %386 = shl i64 1, %380
+  %387 = icmp slt i64 %j45, %386
+  %388 = icmp sgt i64 %ntile43, 1
+  %389 = and i1 %more44, %388
+  %pf.on46 = and i1 %389, %387
+  %390 = mul nsw i64 %j45, 262144
+  %391 = lshr i64 %390, %380
+  %392 = getelementptr inbounds i8, ptr %383, i64 %391
+  %393 = add nsw i64 %r1, 0
+  %394 = mul nsw i64 %393, 2048
+  %395 = getelementptr inbounds float, ptr %4, i64 %394
+  %396 = mul nsw i64 %393, 128
+  %397 = add nsw i64 %396, %373
+  %398 = getelementptr inbounds float, ptr %lt, i64 %397
+  store <16 x float> zeroinitializer, ptr %qacc47, align 4
+  store <16 x float> zeroinitializer, ptr %qacc48, align 4
+  br label %qh.head49
 
-qh.head39:                                        ; preds = %qh.body40, %r1.body
-  %qh42 = phi i64 [ 0, %r1.body ], [ %374, %qh.body40 ]
-  %339 = icmp slt i64 %qh42, 2048
-  br i1 %339, label %qh.body40, label %qh.end41
+qh.head49:                                        ; preds = %pf.end54, %r1.body
+  %qh52 = phi i64 [ 0, %r1.body ], [ %437, %pf.end54 ]
+  %399 = icmp slt i64 %qh52, 2048
+  br i1 %399, label %qh.body50, label %qh.end51
 
-qh.body40:                                        ; preds = %qh.head39
-  %340 = add nsw i64 %qb36, 0
-  %341 = mul nsw i64 %qh42, 8
-  %342 = mul nsw i64 %340, 16384
-  %343 = add nsw i64 %342, %341
-  %344 = getelementptr inbounds float, ptr %router, i64 %343
-  %345 = load <8 x float>, ptr %344, align 4
-  %346 = add nsw i64 %qb36, 1
-  %347 = mul nsw i64 %qh42, 8
-  %348 = mul nsw i64 %346, 16384
-  %349 = add nsw i64 %348, %347
-  %350 = getelementptr inbounds float, ptr %router, i64 %349
-  %351 = load <8 x float>, ptr %350, align 4
-  %w1643 = shufflevector <8 x float> %345, <8 x float> %351, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %352 = add nsw i64 %qb36, 2
-  %353 = mul nsw i64 %qh42, 8
-  %354 = mul nsw i64 %352, 16384
-  %355 = add nsw i64 %354, %353
-  %356 = getelementptr inbounds float, ptr %router, i64 %355
-  %357 = load <8 x float>, ptr %356, align 4
-  %358 = add nsw i64 %qb36, 3
-  %359 = mul nsw i64 %qh42, 8
-  %360 = mul nsw i64 %358, 16384
-  %361 = add nsw i64 %360, %359
-  %362 = getelementptr inbounds float, ptr %router, i64 %361
-  %363 = load <8 x float>, ptr %362, align 4
-  %w1644 = shufflevector <8 x float> %357, <8 x float> %363, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %364 = getelementptr inbounds float, ptr %335, i64 %qh42
-  %365 = load float, ptr %364, align 4
-  %366 = insertelement <16 x float> poison, float %365, i32 0
-  %367 = shufflevector <16 x float> %366, <16 x float> poison, <16 x i32> zeroinitializer
-  %368 = load <16 x float>, ptr %qacc37, align 4
-  %369 = fmul <16 x float> %367, %w1643
-  %370 = fadd <16 x float> %368, %369
-  store <16 x float> %370, ptr %qacc37, align 4
-  %371 = load <16 x float>, ptr %qacc38, align 4
-  %372 = fmul <16 x float> %367, %w1644
-  %373 = fadd <16 x float> %371, %372
-  store <16 x float> %373, ptr %qacc38, align 4
-  %374 = add nsw i64 %qh42, 1
-  br label %qh.head39
+qh.body50:                                        ; preds = %qh.head49
+  br i1 %pf.on46, label %pf.then53, label %pf.end54
 
-qh.end41:                                         ; preds = %qh.head39
-  %375 = load <16 x float>, ptr %qacc37, align 4
-  %376 = load <16 x float>, ptr %qacc38, align 4
-  %377 = getelementptr inbounds float, ptr %338, i64 0
-  store <16 x float> %375, ptr %377, align 4
-  %378 = getelementptr inbounds float, ptr %338, i64 16
-  store <16 x float> %376, ptr %378, align 4
-  %379 = add nsw i64 %r1, 1
+pf.then53:                                        ; preds = %qh.body50
+  %400 = mul nsw i64 %qh52, 128
+  %401 = lshr i64 %400, %380
+  %402 = getelementptr inbounds i8, ptr %392, i64 %401
+  call void @llvm.prefetch.p0(ptr %402, i32 0, i32 2, i32 1)
+  br label %pf.end54
+
+pf.end54:                                         ; preds = %pf.then53, %qh.body50
+  %403 = add nsw i64 %qb42, 0
+  %404 = mul nsw i64 %qh52, 8
+  %405 = mul nsw i64 %403, 16384
+  %406 = add nsw i64 %405, %404
+  %407 = getelementptr inbounds float, ptr %router, i64 %406
+  %408 = load <8 x float>, ptr %407, align 4
+  %409 = add nsw i64 %qb42, 1
+  %410 = mul nsw i64 %qh52, 8
+  %411 = mul nsw i64 %409, 16384
+  %412 = add nsw i64 %411, %410
+  %413 = getelementptr inbounds float, ptr %router, i64 %412
+  %414 = load <8 x float>, ptr %413, align 4
+  %w1655 = shufflevector <8 x float> %408, <8 x float> %414, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %415 = add nsw i64 %qb42, 2
+  %416 = mul nsw i64 %qh52, 8
+  %417 = mul nsw i64 %415, 16384
+  %418 = add nsw i64 %417, %416
+  %419 = getelementptr inbounds float, ptr %router, i64 %418
+  %420 = load <8 x float>, ptr %419, align 4
+  %421 = add nsw i64 %qb42, 3
+  %422 = mul nsw i64 %qh52, 8
+  %423 = mul nsw i64 %421, 16384
+  %424 = add nsw i64 %423, %422
+  %425 = getelementptr inbounds float, ptr %router, i64 %424
+  %426 = load <8 x float>, ptr %425, align 4
+  %w1656 = shufflevector <8 x float> %420, <8 x float> %426, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %427 = getelementptr inbounds float, ptr %395, i64 %qh52
+  %428 = load float, ptr %427, align 4
+  %429 = insertelement <16 x float> poison, float %428, i32 0
+  %430 = shufflevector <16 x float> %429, <16 x float> poison, <16 x i32> zeroinitializer
+  %431 = load <16 x float>, ptr %qacc47, align 4
+  %432 = fmul <16 x float> %430, %w1655
+  %433 = fadd <16 x float> %431, %432
+  store <16 x float> %433, ptr %qacc47, align 4
+  %434 = load <16 x float>, ptr %qacc48, align 4
+  %435 = fmul <16 x float> %430, %w1656
+  %436 = fadd <16 x float> %434, %435
+  store <16 x float> %436, ptr %qacc48, align 4
+  %437 = add nsw i64 %qh52, 1
+  br label %qh.head49
+
+qh.end51:                                         ; preds = %qh.head49
+  %438 = load <16 x float>, ptr %qacc47, align 4
+  %439 = load <16 x float>, ptr %qacc48, align 4
+  %440 = getelementptr inbounds float, ptr %398, i64 0
+  store <16 x float> %438, ptr %440, align 4
+  %441 = getelementptr inbounds float, ptr %398, i64 16
+  store <16 x float> %439, ptr %441, align 4
+  %442 = add nsw i64 %r1, 1
   br label %r1.head
 
 r1.end:                                           ; preds = %r1.head
-  %380 = add nsw i64 %qb36, 4
-  br label %qb.head33
+  %443 = add nsw i64 %qb42, 4
+  br label %qb.head39
 
-qb.end35:                                         ; preds = %qb.head33
-  br label %qb1.head45
+qb.end41:                                         ; preds = %qb.head39
+  br label %qb1.head57
 
-qb1.head45:                                       ; preds = %r1.end51, %qb.end35
-  %qb148 = phi i64 [ 16, %qb.end35 ], [ %408, %r1.end51 ]
-  %381 = icmp slt i64 %qb148, 16
-  br i1 %381, label %qb1.body46, label %qb1.end47
+qb1.head57:                                       ; preds = %r1.end65, %qb.end41
+  %qb160 = phi i64 [ 16, %qb.end41 ], [ %492, %r1.end65 ]
+  %444 = icmp slt i64 %qb160, 16
+  br i1 %444, label %qb1.body58, label %qb1.end59
 
-qb1.body46:                                       ; preds = %qb1.head45
-  %382 = mul nsw i64 %qb148, 8
-  br label %r1.head49
+qb1.body58:                                       ; preds = %qb1.head57
+  %445 = mul nsw i64 %qb160, 8
+  %446 = sub nsw i64 %gn, %full
+  %ntile61 = sdiv i64 %446, 1
+  %447 = icmp sge i64 %ntile61, 2
+  %448 = select i1 %447, i64 1, i64 0
+  %449 = icmp sge i64 %ntile61, 4
+  %450 = select i1 %449, i64 2, i64 %448
+  %451 = icmp sge i64 %ntile61, 8
+  %452 = select i1 %451, i64 3, i64 %450
+  %453 = add nsw i64 %qb160, 1
+  %more62 = icmp slt i64 %453, 16
+  %454 = mul nsw i64 %453, 65536
+  %455 = getelementptr inbounds i8, ptr %router, i64 %454
+  br label %r1.head63
 
-r1.head49:                                        ; preds = %qh.end56, %qb1.body46
-  %r152 = phi i64 [ %full, %qb1.body46 ], [ %407, %qh.end56 ]
-  %383 = icmp slt i64 %r152, %gn
-  br i1 %383, label %r1.body50, label %r1.end51
+r1.head63:                                        ; preds = %qh.end72, %qb1.body58
+  %r166 = phi i64 [ %full, %qb1.body58 ], [ %491, %qh.end72 ]
+  %456 = icmp slt i64 %r166, %gn
+  br i1 %456, label %r1.body64, label %r1.end65
 
-r1.body50:                                        ; preds = %r1.head49
-  %384 = add nsw i64 %r152, 0
-  %385 = mul nsw i64 %384, 2048
-  %386 = getelementptr inbounds float, ptr %4, i64 %385
-  %387 = mul nsw i64 %384, 128
-  %388 = add nsw i64 %387, %382
-  %389 = getelementptr inbounds float, ptr %lt, i64 %388
-  store <8 x float> zeroinitializer, ptr %qacc53, align 4
-  br label %qh.head54
+r1.body64:                                        ; preds = %r1.head63
+  %457 = sub nsw i64 %r166, %full
+  %j67 = sdiv i64 %457, 1
+  %458 = shl i64 1, %452
+  %459 = icmp slt i64 %j67, %458
+  %460 = icmp sgt i64 %ntile61, 1
+  %461 = and i1 %more62, %460
+  %pf.on68 = and i1 %461, %459
+  %462 = mul nsw i64 %j67, 65536
+  %463 = lshr i64 %462, %452
+  %464 = getelementptr inbounds i8, ptr %455, i64 %463
+  %465 = add nsw i64 %r166, 0
+  %466 = mul nsw i64 %465, 2048
+  %467 = getelementptr inbounds float, ptr %4, i64 %466
+  %468 = mul nsw i64 %465, 128
+  %469 = add nsw i64 %468, %445
+  %470 = getelementptr inbounds float, ptr %lt, i64 %469
+  store <8 x float> zeroinitializer, ptr %qacc69, align 4
+  br label %qh.head70
 
-qh.head54:                                        ; preds = %qh.body55, %r1.body50
-  %qh57 = phi i64 [ 0, %r1.body50 ], [ %404, %qh.body55 ]
-  %390 = icmp slt i64 %qh57, 2048
-  br i1 %390, label %qh.body55, label %qh.end56
+qh.head70:                                        ; preds = %pf.end75, %r1.body64
+  %qh73 = phi i64 [ 0, %r1.body64 ], [ %488, %pf.end75 ]
+  %471 = icmp slt i64 %qh73, 2048
+  br i1 %471, label %qh.body71, label %qh.end72
 
-qh.body55:                                        ; preds = %qh.head54
-  %391 = add nsw i64 %qb148, 0
-  %392 = mul nsw i64 %qh57, 8
-  %393 = mul nsw i64 %391, 16384
-  %394 = add nsw i64 %393, %392
-  %395 = getelementptr inbounds float, ptr %router, i64 %394
-  %396 = load <8 x float>, ptr %395, align 4
-  %397 = getelementptr inbounds float, ptr %386, i64 %qh57
-  %398 = load float, ptr %397, align 4
-  %399 = insertelement <8 x float> poison, float %398, i32 0
-  %400 = shufflevector <8 x float> %399, <8 x float> poison, <8 x i32> zeroinitializer
-  %401 = load <8 x float>, ptr %qacc53, align 4
-  %402 = fmul <8 x float> %400, %396
-  %403 = fadd <8 x float> %401, %402
-  store <8 x float> %403, ptr %qacc53, align 4
-  %404 = add nsw i64 %qh57, 1
-  br label %qh.head54
+qh.body71:                                        ; preds = %qh.head70
+  br i1 %pf.on68, label %pf.then74, label %pf.end75
 
-qh.end56:                                         ; preds = %qh.head54
-  %405 = load <8 x float>, ptr %qacc53, align 4
-  %406 = getelementptr inbounds float, ptr %389, i64 0
-  store <8 x float> %405, ptr %406, align 4
-  %407 = add nsw i64 %r152, 1
-  br label %r1.head49
+pf.then74:                                        ; preds = %qh.body71
+  %472 = mul nsw i64 %qh73, 32
+  %473 = lshr i64 %472, %452
+  %474 = getelementptr inbounds i8, ptr %464, i64 %473
+  call void @llvm.prefetch.p0(ptr %474, i32 0, i32 2, i32 1)
+  br label %pf.end75
 
-r1.end51:                                         ; preds = %r1.head49
-  %408 = add nsw i64 %qb148, 1
-  br label %qb1.head45
+pf.end75:                                         ; preds = %pf.then74, %qh.body71
+  %475 = add nsw i64 %qb160, 0
+  %476 = mul nsw i64 %qh73, 8
+  %477 = mul nsw i64 %475, 16384
+  %478 = add nsw i64 %477, %476
+  %479 = getelementptr inbounds float, ptr %router, i64 %478
+  %480 = load <8 x float>, ptr %479, align 4
+  %481 = getelementptr inbounds float, ptr %467, i64 %qh73
+  %482 = load float, ptr %481, align 4
+  %483 = insertelement <8 x float> poison, float %482, i32 0
+  %484 = shufflevector <8 x float> %483, <8 x float> poison, <8 x i32> zeroinitializer
+  %485 = load <8 x float>, ptr %qacc69, align 4
+  %486 = fmul <8 x float> %484, %480
+  %487 = fadd <8 x float> %485, %486
+  store <8 x float> %487, ptr %qacc69, align 4
+  %488 = add nsw i64 %qh73, 1
+  br label %qh.head70
 
-qb1.end47:                                        ; preds = %qb1.head45
+qh.end72:                                         ; preds = %qh.head70
+  %489 = load <8 x float>, ptr %qacc69, align 4
+  %490 = getelementptr inbounds float, ptr %470, i64 0
+  store <8 x float> %489, ptr %490, align 4
+  %491 = add nsw i64 %r166, 1
+  br label %r1.head63
+
+r1.end65:                                         ; preds = %r1.head63
+  %492 = add nsw i64 %qb160, 1
+  br label %qb1.head57
+
+qb1.end59:                                        ; preds = %qb1.head57
   br label %t.head
 
-t.head:                                           ; preds = %ndiv.end, %qb1.end47
-  %t = phi i64 [ 0, %qb1.end47 ], [ %514, %ndiv.end ]
-  %409 = icmp slt i64 %t, %gn
-  br i1 %409, label %t.body, label %t.end
+t.head:                                           ; preds = %ndiv.end, %qb1.end59
+  %t = phi i64 [ 0, %qb1.end59 ], [ %598, %ndiv.end ]
+  %493 = icmp slt i64 %t, %gn
+  br i1 %493, label %t.body, label %t.end
 
 t.body:                                           ; preds = %t.head
   %tok = add nsw i64 %tg, %t
-  %410 = mul nsw i64 %t, 128
-  %411 = getelementptr inbounds float, ptr %lt, i64 %410
-  %412 = mul nsw i64 %tok, 2048
-  %413 = getelementptr inbounds float, ptr %x, i64 %412
-  %414 = mul nsw i64 %tok, 128
-  %415 = getelementptr inbounds float, ptr %logits, i64 %414
+  %494 = mul nsw i64 %t, 128
+  %495 = getelementptr inbounds float, ptr %lt, i64 %494
+  %496 = mul nsw i64 %tok, 2048
+  %497 = getelementptr inbounds float, ptr %x, i64 %496
+  %498 = mul nsw i64 %tok, 128
+  %499 = getelementptr inbounds float, ptr %logits, i64 %498
   br label %lb.head
 
 lb.head:                                          ; preds = %lb.body, %t.body
-  %lb = phi i64 [ 0, %t.body ], [ %420, %lb.body ]
-  %416 = icmp slt i64 %lb, 128
-  br i1 %416, label %lb.body, label %lb.end
+  %lb = phi i64 [ 0, %t.body ], [ %504, %lb.body ]
+  %500 = icmp slt i64 %lb, 128
+  br i1 %500, label %lb.body, label %lb.end
 
 lb.body:                                          ; preds = %lb.head
-  %417 = getelementptr inbounds float, ptr %411, i64 %lb
-  %418 = load float, ptr %417, align 4
-  %419 = getelementptr inbounds float, ptr %415, i64 %lb
-  store float %418, ptr %419, align 4
-  %420 = add nsw i64 %lb, 1
+  %501 = getelementptr inbounds float, ptr %495, i64 %lb
+  %502 = load float, ptr %501, align 4
+  %503 = getelementptr inbounds float, ptr %499, i64 %lb
+  store float %502, ptr %503, align 4
+  %504 = add nsw i64 %lb, 1
   br label %lb.head
 
 lb.end:                                           ; preds = %lb.head
@@ -709,84 +837,84 @@ lb.end:                                           ; preds = %lb.head
   br label %smax.head
 
 smax.head:                                        ; preds = %smax.body, %lb.end
-  %smax58 = phi i64 [ 0, %lb.end ], [ %428, %smax.body ]
-  %421 = icmp slt i64 %smax58, 128
-  br i1 %421, label %smax.body, label %smax.end
+  %smax76 = phi i64 [ 0, %lb.end ], [ %512, %smax.body ]
+  %505 = icmp slt i64 %smax76, 128
+  br i1 %505, label %smax.body, label %smax.end
 
 smax.body:                                        ; preds = %smax.head
-  %422 = add nsw i64 0, %smax58
-  %423 = getelementptr inbounds float, ptr %411, i64 %422
-  %424 = load float, ptr %423, align 4
-  %425 = load float, ptr %smax, align 4
-  %426 = fcmp ogt float %424, %425
-  %427 = select i1 %426, float %424, float %425
-  store float %427, ptr %smax, align 4
-  %428 = add nsw i64 %smax58, 1
+  %506 = add nsw i64 0, %smax76
+  %507 = getelementptr inbounds float, ptr %495, i64 %506
+  %508 = load float, ptr %507, align 4
+  %509 = load float, ptr %smax, align 4
+  %510 = fcmp ogt float %508, %509
+  %511 = select i1 %510, float %508, float %509
+  store float %511, ptr %smax, align 4
+  %512 = add nsw i64 %smax76, 1
   br label %smax.head
 
 smax.end:                                         ; preds = %smax.head
-  %429 = load float, ptr %smax, align 4
+  %513 = load float, ptr %smax, align 4
   store float 0.000000e+00, ptr %ssum, align 4
   br label %sexp.head
 
 sexp.head:                                        ; preds = %sexp.body, %smax.end
-  %sexp = phi i64 [ 0, %smax.end ], [ %442, %sexp.body ]
-  %430 = icmp slt i64 %sexp, 128
-  br i1 %430, label %sexp.body, label %sexp.end
+  %sexp = phi i64 [ 0, %smax.end ], [ %526, %sexp.body ]
+  %514 = icmp slt i64 %sexp, 128
+  br i1 %514, label %sexp.body, label %sexp.end
 
 sexp.body:                                        ; preds = %sexp.head
-  %431 = add nsw i64 0, %sexp
-  %432 = getelementptr inbounds float, ptr %411, i64 %431
-  %433 = load float, ptr %432, align 4
-  %434 = fsub float %433, %429
-  %435 = fpext float %434 to double
-  %436 = call double @exp(double %435)
-  %437 = fptrunc double %436 to float
-  %438 = add nsw i64 0, %sexp
-  %439 = getelementptr inbounds float, ptr %s, i64 %438
-  store float %437, ptr %439, align 4
-  %440 = load float, ptr %ssum, align 4
-  %441 = fadd float %440, %437
-  store float %441, ptr %ssum, align 4
-  %442 = add nsw i64 %sexp, 1
+  %515 = add nsw i64 0, %sexp
+  %516 = getelementptr inbounds float, ptr %495, i64 %515
+  %517 = load float, ptr %516, align 4
+  %518 = fsub float %517, %513
+  %519 = fpext float %518 to double
+  %520 = call double @exp(double %519)
+  %521 = fptrunc double %520 to float
+  %522 = add nsw i64 0, %sexp
+  %523 = getelementptr inbounds float, ptr %s, i64 %522
+  store float %521, ptr %523, align 4
+  %524 = load float, ptr %ssum, align 4
+  %525 = fadd float %524, %521
+  store float %525, ptr %ssum, align 4
+  %526 = add nsw i64 %sexp, 1
   br label %sexp.head
 
 sexp.end:                                         ; preds = %sexp.head
-  %443 = load float, ptr %ssum, align 4
+  %527 = load float, ptr %ssum, align 4
   br label %sdiv.head
 
 sdiv.head:                                        ; preds = %sdiv.body, %sexp.end
-  %sdiv = phi i64 [ 0, %sexp.end ], [ %450, %sdiv.body ]
-  %444 = icmp slt i64 %sdiv, 128
-  br i1 %444, label %sdiv.body, label %sdiv.end
+  %sdiv = phi i64 [ 0, %sexp.end ], [ %534, %sdiv.body ]
+  %528 = icmp slt i64 %sdiv, 128
+  br i1 %528, label %sdiv.body, label %sdiv.end
 
 sdiv.body:                                        ; preds = %sdiv.head
-  %445 = add nsw i64 0, %sdiv
-  %446 = getelementptr inbounds float, ptr %s, i64 %445
-  %447 = load float, ptr %446, align 4
-  %448 = fdiv float %447, %443
-  %449 = getelementptr inbounds float, ptr %s, i64 %445
-  store float %448, ptr %449, align 4
-  %450 = add nsw i64 %sdiv, 1
+  %529 = add nsw i64 0, %sdiv
+  %530 = getelementptr inbounds float, ptr %s, i64 %529
+  %531 = load float, ptr %530, align 4
+  %532 = fdiv float %531, %527
+  %533 = getelementptr inbounds float, ptr %s, i64 %529
+  store float %532, ptr %533, align 4
+  %534 = add nsw i64 %sdiv, 1
   br label %sdiv.head
 
 sdiv.end:                                         ; preds = %sdiv.head
-  %451 = mul nsw i64 %tok, 8
-  %452 = getelementptr inbounds i32, ptr %ids, i64 %451
-  %453 = getelementptr inbounds float, ptr %weights, i64 %451
+  %535 = mul nsw i64 %tok, 8
+  %536 = getelementptr inbounds i32, ptr %ids, i64 %535
+  %537 = getelementptr inbounds float, ptr %weights, i64 %535
   br label %sel.head
 
 sel.head:                                         ; preds = %sel.body, %sdiv.end
-  %sel = phi i64 [ 0, %sdiv.end ], [ %458, %sel.body ]
-  %454 = icmp slt i64 %sel, 128
-  br i1 %454, label %sel.body, label %sel.end
+  %sel = phi i64 [ 0, %sdiv.end ], [ %542, %sel.body ]
+  %538 = icmp slt i64 %sel, 128
+  br i1 %538, label %sel.body, label %sel.end
 
 sel.body:                                         ; preds = %sel.head
-  %455 = getelementptr inbounds float, ptr %s, i64 %sel
-  %456 = load float, ptr %455, align 4
-  %457 = getelementptr inbounds float, ptr %c, i64 %sel
-  store float %456, ptr %457, align 4
-  %458 = add nsw i64 %sel, 1
+  %539 = getelementptr inbounds float, ptr %s, i64 %sel
+  %540 = load float, ptr %539, align 4
+  %541 = getelementptr inbounds float, ptr %c, i64 %sel
+  store float %540, ptr %541, align 4
+  %542 = add nsw i64 %sel, 1
   br label %sel.head
 
 sel.end:                                          ; preds = %sel.head
@@ -794,40 +922,40 @@ sel.end:                                          ; preds = %sel.head
   br label %tk.head
 
 tk.head:                                          ; preds = %tk.put.end, %sel.end
-  %tk = phi i64 [ 0, %sel.end ], [ %480, %tk.put.end ]
-  %459 = icmp slt i64 %tk, 128
-  br i1 %459, label %tk.body, label %tk.end
+  %tk = phi i64 [ 0, %sel.end ], [ %564, %tk.put.end ]
+  %543 = icmp slt i64 %tk, 128
+  br i1 %543, label %tk.body, label %tk.end
 
 tk.body:                                          ; preds = %tk.head
-  %460 = getelementptr inbounds float, ptr %c, i64 %tk
-  %461 = load float, ptr %460, align 4
-  %462 = load i64, ptr %tk.m, align 8
+  %544 = getelementptr inbounds float, ptr %c, i64 %tk
+  %545 = load float, ptr %544, align 4
+  %546 = load i64, ptr %tk.m, align 8
   br label %tk.ins.head
 
 tk.ins.head:                                      ; preds = %tk.shift.end, %tk.body
-  %p = phi i64 [ %462, %tk.body ], [ %464, %tk.shift.end ]
-  %463 = icmp sgt i64 %p, 0
-  br i1 %463, label %tk.ins.chk, label %tk.ins.end
+  %p = phi i64 [ %546, %tk.body ], [ %548, %tk.shift.end ]
+  %547 = icmp sgt i64 %p, 0
+  br i1 %547, label %tk.ins.chk, label %tk.ins.end
 
 tk.ins.chk:                                       ; preds = %tk.ins.head
-  %464 = sub nsw i64 %p, 1
-  %465 = getelementptr inbounds i64, ptr %idx, i64 %464
-  %466 = load i64, ptr %465, align 8
-  %467 = getelementptr inbounds float, ptr %c, i64 %466
-  %468 = load float, ptr %467, align 4
-  %469 = fcmp uno float %461, %461
-  %470 = fcmp ugt float %461, %468
-  %471 = xor i1 %469, true
-  %472 = and i1 %471, %470
-  br i1 %472, label %tk.ins.body, label %tk.ins.end
+  %548 = sub nsw i64 %p, 1
+  %549 = getelementptr inbounds i64, ptr %idx, i64 %548
+  %550 = load i64, ptr %549, align 8
+  %551 = getelementptr inbounds float, ptr %c, i64 %550
+  %552 = load float, ptr %551, align 4
+  %553 = fcmp uno float %545, %545
+  %554 = fcmp ugt float %545, %552
+  %555 = xor i1 %553, true
+  %556 = and i1 %555, %554
+  br i1 %556, label %tk.ins.body, label %tk.ins.end
 
 tk.ins.body:                                      ; preds = %tk.ins.chk
-  %473 = icmp slt i64 %p, 8
-  br i1 %473, label %tk.shift.then, label %tk.shift.end
+  %557 = icmp slt i64 %p, 8
+  br i1 %557, label %tk.shift.then, label %tk.shift.end
 
 tk.shift.then:                                    ; preds = %tk.ins.body
-  %474 = getelementptr inbounds i64, ptr %idx, i64 %p
-  store i64 %466, ptr %474, align 8
+  %558 = getelementptr inbounds i64, ptr %idx, i64 %p
+  store i64 %550, ptr %558, align 8
   br label %tk.shift.end
 
 tk.shift.end:                                     ; preds = %tk.shift.then, %tk.ins.body
@@ -835,102 +963,105 @@ tk.shift.end:                                     ; preds = %tk.shift.then, %tk.
 
 tk.ins.end:                                       ; preds = %tk.ins.chk, %tk.ins.head
   %pf = phi i64 [ %p, %tk.ins.head ], [ %p, %tk.ins.chk ]
-  %475 = icmp slt i64 %pf, 8
-  br i1 %475, label %tk.put.then, label %tk.put.end
+  %559 = icmp slt i64 %pf, 8
+  br i1 %559, label %tk.put.then, label %tk.put.end
 
 tk.put.then:                                      ; preds = %tk.ins.end
-  %476 = getelementptr inbounds i64, ptr %idx, i64 %pf
-  store i64 %tk, ptr %476, align 8
+  %560 = getelementptr inbounds i64, ptr %idx, i64 %pf
+  store i64 %tk, ptr %560, align 8
   br label %tk.put.end
 
 tk.put.end:                                       ; preds = %tk.put.then, %tk.ins.end
-  %477 = add nsw i64 %462, 1
-  %478 = icmp slt i64 %477, 8
-  %479 = select i1 %478, i64 %477, i64 8
-  store i64 %479, ptr %tk.m, align 8
-  %480 = add nsw i64 %tk, 1
+  %561 = add nsw i64 %546, 1
+  %562 = icmp slt i64 %561, 8
+  %563 = select i1 %562, i64 %561, i64 8
+  store i64 %563, ptr %tk.m, align 8
+  %564 = add nsw i64 %tk, 1
   br label %tk.head
 
 tk.end:                                           ; preds = %tk.head
-  %481 = load i64, ptr %tk.m, align 8
+  %565 = load i64, ptr %tk.m, align 8
   br label %top.head
 
 top.head:                                         ; preds = %top.body, %tk.end
-  %top = phi i64 [ 0, %tk.end ], [ %490, %top.body ]
-  %482 = icmp slt i64 %top, 8
-  br i1 %482, label %top.body, label %top.end
+  %top = phi i64 [ 0, %tk.end ], [ %574, %top.body ]
+  %566 = icmp slt i64 %top, 8
+  br i1 %566, label %top.body, label %top.end
 
 top.body:                                         ; preds = %top.head
-  %483 = getelementptr inbounds i64, ptr %idx, i64 %top
-  %484 = load i64, ptr %483, align 8
-  %485 = getelementptr inbounds i32, ptr %452, i64 %top
-  %486 = trunc i64 %484 to i32
-  store i32 %486, ptr %485, align 4
-  %487 = getelementptr inbounds float, ptr %s, i64 %484
-  %488 = load float, ptr %487, align 4
-  %489 = getelementptr inbounds float, ptr %453, i64 %top
-  store float %488, ptr %489, align 4
-  %490 = add nsw i64 %top, 1
+  %567 = getelementptr inbounds i64, ptr %idx, i64 %top
+  %568 = load i64, ptr %567, align 8
+  %569 = getelementptr inbounds i32, ptr %536, i64 %top
+  %570 = trunc i64 %568 to i32
+  store i32 %570, ptr %569, align 4
+  %571 = getelementptr inbounds float, ptr %s, i64 %568
+  %572 = load float, ptr %571, align 4
+  %573 = getelementptr inbounds float, ptr %537, i64 %top
+  store float %572, ptr %573, align 4
+  %574 = add nsw i64 %top, 1
   br label %top.head
 
 top.end:                                          ; preds = %top.head
-  %491 = getelementptr inbounds i64, ptr %idx, i64 0
-  %492 = load i64, ptr %491, align 8
-  %493 = getelementptr inbounds float, ptr %c, i64 %492
-  %494 = load float, ptr %493, align 4
-  %495 = getelementptr inbounds float, ptr %prio, i64 %tok
-  store float %494, ptr %495, align 4
+  %575 = getelementptr inbounds i64, ptr %idx, i64 0
+  %576 = load i64, ptr %575, align 8
+  %577 = getelementptr inbounds float, ptr %c, i64 %576
+  %578 = load float, ptr %577, align 4
+  %579 = getelementptr inbounds float, ptr %prio, i64 %tok
+  store float %578, ptr %579, align 4
   store float 0.000000e+00, ptr %wsum, align 4
   br label %nsum.head
 
 nsum.head:                                        ; preds = %nsum.body, %top.end
-  %nsum = phi i64 [ 0, %top.end ], [ %501, %nsum.body ]
-  %496 = icmp slt i64 %nsum, 8
-  br i1 %496, label %nsum.body, label %nsum.end
+  %nsum = phi i64 [ 0, %top.end ], [ %585, %nsum.body ]
+  %580 = icmp slt i64 %nsum, 8
+  br i1 %580, label %nsum.body, label %nsum.end
 
 nsum.body:                                        ; preds = %nsum.head
-  %497 = getelementptr inbounds float, ptr %453, i64 %nsum
-  %498 = load float, ptr %497, align 4
-  %499 = load float, ptr %wsum, align 4
-  %500 = fadd float %499, %498
-  store float %500, ptr %wsum, align 4
-  %501 = add nsw i64 %nsum, 1
+  %581 = getelementptr inbounds float, ptr %537, i64 %nsum
+  %582 = load float, ptr %581, align 4
+  %583 = load float, ptr %wsum, align 4
+  %584 = fadd float %583, %582
+  store float %584, ptr %wsum, align 4
+  %585 = add nsw i64 %nsum, 1
   br label %nsum.head
 
 nsum.end:                                         ; preds = %nsum.head
-  %502 = load float, ptr %wsum, align 4
-  %503 = fadd float %502, 0.000000e+00
-  %504 = fcmp olt float %503, 0.000000e+00
-  %505 = select i1 %504, float 0.000000e+00, float %503
-  %506 = fcmp ogt float %505, 0.000000e+00
-  %507 = select i1 %506, float %505, float 1.000000e+00
+  %586 = load float, ptr %wsum, align 4
+  %587 = fadd float %586, 0.000000e+00
+  %588 = fcmp olt float %587, 0.000000e+00
+  %589 = select i1 %588, float 0.000000e+00, float %587
+  %590 = fcmp ogt float %589, 0.000000e+00
+  %591 = select i1 %590, float %589, float 1.000000e+00
   br label %ndiv.head
 
 ndiv.head:                                        ; preds = %ndiv.body, %nsum.end
-  %ndiv = phi i64 [ 0, %nsum.end ], [ %513, %ndiv.body ]
-  %508 = icmp slt i64 %ndiv, 8
-  br i1 %508, label %ndiv.body, label %ndiv.end
+  %ndiv = phi i64 [ 0, %nsum.end ], [ %597, %ndiv.body ]
+  %592 = icmp slt i64 %ndiv, 8
+  br i1 %592, label %ndiv.body, label %ndiv.end
 
 ndiv.body:                                        ; preds = %ndiv.head
-  %509 = getelementptr inbounds float, ptr %453, i64 %ndiv
-  %510 = load float, ptr %509, align 4
-  %511 = fdiv float %510, %507
-  %512 = getelementptr inbounds float, ptr %453, i64 %ndiv
-  store float %511, ptr %512, align 4
-  %513 = add nsw i64 %ndiv, 1
+  %593 = getelementptr inbounds float, ptr %537, i64 %ndiv
+  %594 = load float, ptr %593, align 4
+  %595 = fdiv float %594, %591
+  %596 = getelementptr inbounds float, ptr %537, i64 %ndiv
+  store float %595, ptr %596, align 4
+  %597 = add nsw i64 %ndiv, 1
   br label %ndiv.head
 
 ndiv.end:                                         ; preds = %ndiv.head
-  %514 = add nsw i64 %t, 1
+  %598 = add nsw i64 %t, 1
   br label %t.head
 
 t.end:                                            ; preds = %t.head
-  %515 = add nsw i64 %tg, 8
+  %599 = add nsw i64 %tg, 8
   br label %tg.head
 
 tg.end:                                           ; preds = %tg.head
   ret void
 }
+
+; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
+declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #1
 
 ; Function Attrs: nounwind
 declare double @exp(double) #0
@@ -2847,13 +2978,10 @@ chunk.end:                                        ; preds = %chunk.head
 }
 
 ; Function Attrs: nocallback nofree nosync nounwind willreturn memory(none)
-declare <32 x bfloat> @llvm.x86.avx512bf16.cvtne2ps2bf16.512(<16 x float>, <16 x float>) #1
-
-; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
-declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #2
+declare <32 x bfloat> @llvm.x86.avx512bf16.cvtne2ps2bf16.512(<16 x float>, <16 x float>) #2
 
 ; Function Attrs: nocallback nofree nosync nounwind willreturn memory(none)
-declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>) #1
+declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>) #2
 
 ; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
 declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #3
@@ -3989,6 +4117,6 @@ p.end:                                            ; preds = %p.head
 }
 
 attributes #0 = { nounwind }
-attributes #1 = { nocallback nofree nosync nounwind willreturn memory(none) }
-attributes #2 = { nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite) }
+attributes #1 = { nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite) }
+attributes #2 = { nocallback nofree nosync nounwind willreturn memory(none) }
 attributes #3 = { nocallback nofree nosync nounwind speculatable willreturn memory(none) }

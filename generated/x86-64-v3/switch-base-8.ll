@@ -21,13 +21,13 @@ entry:
   %qacc1 = alloca <16 x float>, align 32
   %qacc2 = alloca <16 x float>, align 32
   %qacc3 = alloca <16 x float>, align 32
-  %qacc8 = alloca <8 x float>, align 32
-  %qacc9 = alloca <8 x float>, align 32
-  %qacc10 = alloca <8 x float>, align 32
-  %qacc11 = alloca <8 x float>, align 32
-  %qacc20 = alloca <16 x float>, align 32
-  %qacc21 = alloca <16 x float>, align 32
-  %qacc36 = alloca <8 x float>, align 32
+  %qacc12 = alloca <8 x float>, align 32
+  %qacc13 = alloca <8 x float>, align 32
+  %qacc14 = alloca <8 x float>, align 32
+  %qacc15 = alloca <8 x float>, align 32
+  %qacc30 = alloca <16 x float>, align 32
+  %qacc31 = alloca <16 x float>, align 32
+  %qacc52 = alloca <8 x float>, align 32
   %smax = alloca float, align 32
   %ssum = alloca float, align 32
   %tk.m = alloca i64, align 32
@@ -37,7 +37,7 @@ start:                                            ; preds = %entry
   br label %tg.head
 
 tg.head:                                          ; preds = %t.end, %start
-  %tg = phi i64 [ %t0, %start ], [ %325, %t.end ]
+  %tg = phi i64 [ %t0, %start ], [ %409, %t.end ]
   %0 = icmp slt i64 %tg, %t1
   br i1 %0, label %tg.body, label %tg.end
 
@@ -52,418 +52,546 @@ tg.body:                                          ; preds = %tg.head
   br label %qb.head
 
 qb.head:                                          ; preds = %rb.end, %tg.body
-  %qb = phi i64 [ 0, %tg.body ], [ %84, %rb.end ]
+  %qb = phi i64 [ 0, %tg.body ], [ %105, %rb.end ]
   %6 = icmp slt i64 %qb, 0
   br i1 %6, label %qb.body, label %qb.end
 
 qb.body:                                          ; preds = %qb.head
   %7 = mul nsw i64 %qb, 8
+  %8 = sub nsw i64 %full, 0
+  %ntile = sdiv i64 %8, 4
+  %9 = icmp sge i64 %ntile, 2
+  %10 = select i1 %9, i64 1, i64 0
+  %11 = icmp sge i64 %ntile, 4
+  %12 = select i1 %11, i64 2, i64 %10
+  %13 = icmp sge i64 %ntile, 8
+  %14 = select i1 %13, i64 3, i64 %12
+  %15 = add nsw i64 %qb, 2
+  %more = icmp slt i64 %15, 1
+  %16 = mul nsw i64 %15, 24576
+  %17 = getelementptr inbounds i8, ptr %router, i64 %16
   br label %rb.head
 
 rb.head:                                          ; preds = %qh.end, %qb.body
-  %rb = phi i64 [ 0, %qb.body ], [ %83, %qh.end ]
-  %8 = icmp slt i64 %rb, %full
-  br i1 %8, label %rb.body, label %rb.end
+  %rb = phi i64 [ 0, %qb.body ], [ %104, %qh.end ]
+  %18 = icmp slt i64 %rb, %full
+  br i1 %18, label %rb.body, label %rb.end
 
 rb.body:                                          ; preds = %rb.head
-  %9 = add nsw i64 %rb, 0
-  %10 = mul nsw i64 %9, 768
-  %11 = getelementptr inbounds float, ptr %4, i64 %10
-  %12 = mul nsw i64 %9, 8
-  %13 = add nsw i64 %12, %7
-  %14 = getelementptr inbounds float, ptr %lt, i64 %13
-  %15 = add nsw i64 %rb, 1
-  %16 = mul nsw i64 %15, 768
-  %17 = getelementptr inbounds float, ptr %4, i64 %16
-  %18 = mul nsw i64 %15, 8
-  %19 = add nsw i64 %18, %7
-  %20 = getelementptr inbounds float, ptr %lt, i64 %19
-  %21 = add nsw i64 %rb, 2
-  %22 = mul nsw i64 %21, 768
-  %23 = getelementptr inbounds float, ptr %4, i64 %22
-  %24 = mul nsw i64 %21, 8
-  %25 = add nsw i64 %24, %7
-  %26 = getelementptr inbounds float, ptr %lt, i64 %25
-  %27 = add nsw i64 %rb, 3
+  %19 = sub nsw i64 %rb, 0
+  %j = sdiv i64 %19, 4
+  %20 = shl i64 1, %14
+  %21 = icmp slt i64 %j, %20
+  %22 = icmp sgt i64 %ntile, 1
+  %23 = and i1 %more, %22
+  %pf.on = and i1 %23, %21
+  %24 = mul nsw i64 %j, 49152
+  %25 = lshr i64 %24, %14
+  %26 = getelementptr inbounds i8, ptr %17, i64 %25
+  %27 = add nsw i64 %rb, 0
   %28 = mul nsw i64 %27, 768
   %29 = getelementptr inbounds float, ptr %4, i64 %28
   %30 = mul nsw i64 %27, 8
   %31 = add nsw i64 %30, %7
   %32 = getelementptr inbounds float, ptr %lt, i64 %31
+  %33 = add nsw i64 %rb, 1
+  %34 = mul nsw i64 %33, 768
+  %35 = getelementptr inbounds float, ptr %4, i64 %34
+  %36 = mul nsw i64 %33, 8
+  %37 = add nsw i64 %36, %7
+  %38 = getelementptr inbounds float, ptr %lt, i64 %37
+  %39 = add nsw i64 %rb, 2
+  %40 = mul nsw i64 %39, 768
+  %41 = getelementptr inbounds float, ptr %4, i64 %40
+  %42 = mul nsw i64 %39, 8
+  %43 = add nsw i64 %42, %7
+  %44 = getelementptr inbounds float, ptr %lt, i64 %43
+  %45 = add nsw i64 %rb, 3
+  %46 = mul nsw i64 %45, 768
+  %47 = getelementptr inbounds float, ptr %4, i64 %46
+  %48 = mul nsw i64 %45, 8
+  %49 = add nsw i64 %48, %7
+  %50 = getelementptr inbounds float, ptr %lt, i64 %49
   store <16 x float> zeroinitializer, ptr %qacc, align 4
   store <16 x float> zeroinitializer, ptr %qacc1, align 4
   store <16 x float> zeroinitializer, ptr %qacc2, align 4
   store <16 x float> zeroinitializer, ptr %qacc3, align 4
   br label %qh.head
 
-qh.head:                                          ; preds = %qh.body, %rb.body
-  %qh = phi i64 [ 0, %rb.body ], [ %74, %qh.body ]
-  %33 = icmp slt i64 %qh, 768
-  br i1 %33, label %qh.body, label %qh.end
+qh.head:                                          ; preds = %pf.end, %rb.body
+  %qh = phi i64 [ 0, %rb.body ], [ %95, %pf.end ]
+  %51 = icmp slt i64 %qh, 768
+  br i1 %51, label %qh.body, label %qh.end
 
 qh.body:                                          ; preds = %qh.head
-  %34 = add nsw i64 %qb, 0
-  %35 = mul nsw i64 %qh, 8
-  %36 = mul nsw i64 %34, 6144
-  %37 = add nsw i64 %36, %35
-  %38 = getelementptr inbounds float, ptr %router, i64 %37
-  %39 = load <8 x float>, ptr %38, align 4
-  %40 = add nsw i64 %qb, 1
-  %41 = mul nsw i64 %qh, 8
-  %42 = mul nsw i64 %40, 6144
-  %43 = add nsw i64 %42, %41
-  %44 = getelementptr inbounds float, ptr %router, i64 %43
-  %45 = load <8 x float>, ptr %44, align 4
-  %w16 = shufflevector <8 x float> %39, <8 x float> %45, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %46 = getelementptr inbounds float, ptr %11, i64 %qh
-  %47 = load float, ptr %46, align 4
-  %48 = insertelement <16 x float> poison, float %47, i32 0
-  %49 = shufflevector <16 x float> %48, <16 x float> poison, <16 x i32> zeroinitializer
-  %50 = load <16 x float>, ptr %qacc, align 4
-  %51 = fmul <16 x float> %49, %w16
-  %52 = fadd <16 x float> %50, %51
-  store <16 x float> %52, ptr %qacc, align 4
-  %53 = getelementptr inbounds float, ptr %17, i64 %qh
-  %54 = load float, ptr %53, align 4
-  %55 = insertelement <16 x float> poison, float %54, i32 0
-  %56 = shufflevector <16 x float> %55, <16 x float> poison, <16 x i32> zeroinitializer
-  %57 = load <16 x float>, ptr %qacc1, align 4
-  %58 = fmul <16 x float> %56, %w16
-  %59 = fadd <16 x float> %57, %58
-  store <16 x float> %59, ptr %qacc1, align 4
-  %60 = getelementptr inbounds float, ptr %23, i64 %qh
-  %61 = load float, ptr %60, align 4
-  %62 = insertelement <16 x float> poison, float %61, i32 0
-  %63 = shufflevector <16 x float> %62, <16 x float> poison, <16 x i32> zeroinitializer
-  %64 = load <16 x float>, ptr %qacc2, align 4
-  %65 = fmul <16 x float> %63, %w16
-  %66 = fadd <16 x float> %64, %65
-  store <16 x float> %66, ptr %qacc2, align 4
+  br i1 %pf.on, label %pf.then, label %pf.end
+
+pf.then:                                          ; preds = %qh.body
+  %52 = mul nsw i64 %qh, 64
+  %53 = lshr i64 %52, %14
+  %54 = getelementptr inbounds i8, ptr %26, i64 %53
+  call void @llvm.prefetch.p0(ptr %54, i32 0, i32 2, i32 1)
+  br label %pf.end
+
+pf.end:                                           ; preds = %pf.then, %qh.body
+  %55 = add nsw i64 %qb, 0
+  %56 = mul nsw i64 %qh, 8
+  %57 = mul nsw i64 %55, 6144
+  %58 = add nsw i64 %57, %56
+  %59 = getelementptr inbounds float, ptr %router, i64 %58
+  %60 = load <8 x float>, ptr %59, align 4
+  %61 = add nsw i64 %qb, 1
+  %62 = mul nsw i64 %qh, 8
+  %63 = mul nsw i64 %61, 6144
+  %64 = add nsw i64 %63, %62
+  %65 = getelementptr inbounds float, ptr %router, i64 %64
+  %66 = load <8 x float>, ptr %65, align 4
+  %w16 = shufflevector <8 x float> %60, <8 x float> %66, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
   %67 = getelementptr inbounds float, ptr %29, i64 %qh
   %68 = load float, ptr %67, align 4
   %69 = insertelement <16 x float> poison, float %68, i32 0
   %70 = shufflevector <16 x float> %69, <16 x float> poison, <16 x i32> zeroinitializer
-  %71 = load <16 x float>, ptr %qacc3, align 4
+  %71 = load <16 x float>, ptr %qacc, align 4
   %72 = fmul <16 x float> %70, %w16
   %73 = fadd <16 x float> %71, %72
-  store <16 x float> %73, ptr %qacc3, align 4
-  %74 = add nsw i64 %qh, 1
+  store <16 x float> %73, ptr %qacc, align 4
+  %74 = getelementptr inbounds float, ptr %35, i64 %qh
+  %75 = load float, ptr %74, align 4
+  %76 = insertelement <16 x float> poison, float %75, i32 0
+  %77 = shufflevector <16 x float> %76, <16 x float> poison, <16 x i32> zeroinitializer
+  %78 = load <16 x float>, ptr %qacc1, align 4
+  %79 = fmul <16 x float> %77, %w16
+  %80 = fadd <16 x float> %78, %79
+  store <16 x float> %80, ptr %qacc1, align 4
+  %81 = getelementptr inbounds float, ptr %41, i64 %qh
+  %82 = load float, ptr %81, align 4
+  %83 = insertelement <16 x float> poison, float %82, i32 0
+  %84 = shufflevector <16 x float> %83, <16 x float> poison, <16 x i32> zeroinitializer
+  %85 = load <16 x float>, ptr %qacc2, align 4
+  %86 = fmul <16 x float> %84, %w16
+  %87 = fadd <16 x float> %85, %86
+  store <16 x float> %87, ptr %qacc2, align 4
+  %88 = getelementptr inbounds float, ptr %47, i64 %qh
+  %89 = load float, ptr %88, align 4
+  %90 = insertelement <16 x float> poison, float %89, i32 0
+  %91 = shufflevector <16 x float> %90, <16 x float> poison, <16 x i32> zeroinitializer
+  %92 = load <16 x float>, ptr %qacc3, align 4
+  %93 = fmul <16 x float> %91, %w16
+  %94 = fadd <16 x float> %92, %93
+  store <16 x float> %94, ptr %qacc3, align 4
+  %95 = add nsw i64 %qh, 1
   br label %qh.head
 
 qh.end:                                           ; preds = %qh.head
-  %75 = load <16 x float>, ptr %qacc, align 4
-  %76 = load <16 x float>, ptr %qacc1, align 4
-  %77 = load <16 x float>, ptr %qacc2, align 4
-  %78 = load <16 x float>, ptr %qacc3, align 4
-  %79 = getelementptr inbounds float, ptr %14, i64 0
-  store <16 x float> %75, ptr %79, align 4
-  %80 = getelementptr inbounds float, ptr %20, i64 0
-  store <16 x float> %76, ptr %80, align 4
-  %81 = getelementptr inbounds float, ptr %26, i64 0
-  store <16 x float> %77, ptr %81, align 4
-  %82 = getelementptr inbounds float, ptr %32, i64 0
-  store <16 x float> %78, ptr %82, align 4
-  %83 = add nsw i64 %rb, 4
+  %96 = load <16 x float>, ptr %qacc, align 4
+  %97 = load <16 x float>, ptr %qacc1, align 4
+  %98 = load <16 x float>, ptr %qacc2, align 4
+  %99 = load <16 x float>, ptr %qacc3, align 4
+  %100 = getelementptr inbounds float, ptr %32, i64 0
+  store <16 x float> %96, ptr %100, align 4
+  %101 = getelementptr inbounds float, ptr %38, i64 0
+  store <16 x float> %97, ptr %101, align 4
+  %102 = getelementptr inbounds float, ptr %44, i64 0
+  store <16 x float> %98, ptr %102, align 4
+  %103 = getelementptr inbounds float, ptr %50, i64 0
+  store <16 x float> %99, ptr %103, align 4
+  %104 = add nsw i64 %rb, 4
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %84 = add nsw i64 %qb, 2
+  %105 = add nsw i64 %qb, 2
   br label %qb.head
 
 qb.end:                                           ; preds = %qb.head
   br label %qb1.head
 
-qb1.head:                                         ; preds = %rb.end6, %qb.end
-  %qb1 = phi i64 [ 0, %qb.end ], [ %157, %rb.end6 ]
-  %85 = icmp slt i64 %qb1, 1
-  br i1 %85, label %qb1.body, label %qb1.end
+qb1.head:                                         ; preds = %rb.end8, %qb.end
+  %qb1 = phi i64 [ 0, %qb.end ], [ %199, %rb.end8 ]
+  %106 = icmp slt i64 %qb1, 1
+  br i1 %106, label %qb1.body, label %qb1.end
 
 qb1.body:                                         ; preds = %qb1.head
-  %86 = mul nsw i64 %qb1, 8
-  br label %rb.head4
+  %107 = mul nsw i64 %qb1, 8
+  %108 = sub nsw i64 %full, 0
+  %ntile4 = sdiv i64 %108, 4
+  %109 = icmp sge i64 %ntile4, 2
+  %110 = select i1 %109, i64 1, i64 0
+  %111 = icmp sge i64 %ntile4, 4
+  %112 = select i1 %111, i64 2, i64 %110
+  %113 = icmp sge i64 %ntile4, 8
+  %114 = select i1 %113, i64 3, i64 %112
+  %115 = add nsw i64 %qb1, 1
+  %more5 = icmp slt i64 %115, 1
+  %116 = mul nsw i64 %115, 24576
+  %117 = getelementptr inbounds i8, ptr %router, i64 %116
+  br label %rb.head6
 
-rb.head4:                                         ; preds = %qh.end14, %qb1.body
-  %rb7 = phi i64 [ 0, %qb1.body ], [ %156, %qh.end14 ]
-  %87 = icmp slt i64 %rb7, %full
-  br i1 %87, label %rb.body5, label %rb.end6
+rb.head6:                                         ; preds = %qh.end18, %qb1.body
+  %rb9 = phi i64 [ 0, %qb1.body ], [ %198, %qh.end18 ]
+  %118 = icmp slt i64 %rb9, %full
+  br i1 %118, label %rb.body7, label %rb.end8
 
-rb.body5:                                         ; preds = %rb.head4
-  %88 = add nsw i64 %rb7, 0
-  %89 = mul nsw i64 %88, 768
-  %90 = getelementptr inbounds float, ptr %4, i64 %89
-  %91 = mul nsw i64 %88, 8
-  %92 = add nsw i64 %91, %86
-  %93 = getelementptr inbounds float, ptr %lt, i64 %92
-  %94 = add nsw i64 %rb7, 1
-  %95 = mul nsw i64 %94, 768
-  %96 = getelementptr inbounds float, ptr %4, i64 %95
-  %97 = mul nsw i64 %94, 8
-  %98 = add nsw i64 %97, %86
-  %99 = getelementptr inbounds float, ptr %lt, i64 %98
-  %100 = add nsw i64 %rb7, 2
-  %101 = mul nsw i64 %100, 768
-  %102 = getelementptr inbounds float, ptr %4, i64 %101
-  %103 = mul nsw i64 %100, 8
-  %104 = add nsw i64 %103, %86
-  %105 = getelementptr inbounds float, ptr %lt, i64 %104
-  %106 = add nsw i64 %rb7, 3
-  %107 = mul nsw i64 %106, 768
-  %108 = getelementptr inbounds float, ptr %4, i64 %107
-  %109 = mul nsw i64 %106, 8
-  %110 = add nsw i64 %109, %86
-  %111 = getelementptr inbounds float, ptr %lt, i64 %110
-  store <8 x float> zeroinitializer, ptr %qacc8, align 4
-  store <8 x float> zeroinitializer, ptr %qacc9, align 4
-  store <8 x float> zeroinitializer, ptr %qacc10, align 4
-  store <8 x float> zeroinitializer, ptr %qacc11, align 4
-  br label %qh.head12
+rb.body7:                                         ; preds = %rb.head6
+  %119 = sub nsw i64 %rb9, 0
+  %j10 = sdiv i64 %119, 4
+  %120 = shl i64 1, %114
+  %121 = icmp slt i64 %j10, %120
+  %122 = icmp sgt i64 %ntile4, 1
+  %123 = and i1 %more5, %122
+  %pf.on11 = and i1 %123, %121
+  %124 = mul nsw i64 %j10, 24576
+  %125 = lshr i64 %124, %114
+  %126 = getelementptr inbounds i8, ptr %117, i64 %125
+  %127 = add nsw i64 %rb9, 0
+  %128 = mul nsw i64 %127, 768
+  %129 = getelementptr inbounds float, ptr %4, i64 %128
+  %130 = mul nsw i64 %127, 8
+  %131 = add nsw i64 %130, %107
+  %132 = getelementptr inbounds float, ptr %lt, i64 %131
+  %133 = add nsw i64 %rb9, 1
+  %134 = mul nsw i64 %133, 768
+  %135 = getelementptr inbounds float, ptr %4, i64 %134
+  %136 = mul nsw i64 %133, 8
+  %137 = add nsw i64 %136, %107
+  %138 = getelementptr inbounds float, ptr %lt, i64 %137
+  %139 = add nsw i64 %rb9, 2
+  %140 = mul nsw i64 %139, 768
+  %141 = getelementptr inbounds float, ptr %4, i64 %140
+  %142 = mul nsw i64 %139, 8
+  %143 = add nsw i64 %142, %107
+  %144 = getelementptr inbounds float, ptr %lt, i64 %143
+  %145 = add nsw i64 %rb9, 3
+  %146 = mul nsw i64 %145, 768
+  %147 = getelementptr inbounds float, ptr %4, i64 %146
+  %148 = mul nsw i64 %145, 8
+  %149 = add nsw i64 %148, %107
+  %150 = getelementptr inbounds float, ptr %lt, i64 %149
+  store <8 x float> zeroinitializer, ptr %qacc12, align 4
+  store <8 x float> zeroinitializer, ptr %qacc13, align 4
+  store <8 x float> zeroinitializer, ptr %qacc14, align 4
+  store <8 x float> zeroinitializer, ptr %qacc15, align 4
+  br label %qh.head16
 
-qh.head12:                                        ; preds = %qh.body13, %rb.body5
-  %qh15 = phi i64 [ 0, %rb.body5 ], [ %147, %qh.body13 ]
-  %112 = icmp slt i64 %qh15, 768
-  br i1 %112, label %qh.body13, label %qh.end14
+qh.head16:                                        ; preds = %pf.end21, %rb.body7
+  %qh19 = phi i64 [ 0, %rb.body7 ], [ %189, %pf.end21 ]
+  %151 = icmp slt i64 %qh19, 768
+  br i1 %151, label %qh.body17, label %qh.end18
 
-qh.body13:                                        ; preds = %qh.head12
-  %113 = add nsw i64 %qb1, 0
-  %114 = mul nsw i64 %qh15, 8
-  %115 = mul nsw i64 %113, 6144
-  %116 = add nsw i64 %115, %114
-  %117 = getelementptr inbounds float, ptr %router, i64 %116
-  %118 = load <8 x float>, ptr %117, align 4
-  %119 = getelementptr inbounds float, ptr %90, i64 %qh15
-  %120 = load float, ptr %119, align 4
-  %121 = insertelement <8 x float> poison, float %120, i32 0
-  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
-  %123 = load <8 x float>, ptr %qacc8, align 4
-  %124 = fmul <8 x float> %122, %118
-  %125 = fadd <8 x float> %123, %124
-  store <8 x float> %125, ptr %qacc8, align 4
-  %126 = getelementptr inbounds float, ptr %96, i64 %qh15
-  %127 = load float, ptr %126, align 4
-  %128 = insertelement <8 x float> poison, float %127, i32 0
-  %129 = shufflevector <8 x float> %128, <8 x float> poison, <8 x i32> zeroinitializer
-  %130 = load <8 x float>, ptr %qacc9, align 4
-  %131 = fmul <8 x float> %129, %118
-  %132 = fadd <8 x float> %130, %131
-  store <8 x float> %132, ptr %qacc9, align 4
-  %133 = getelementptr inbounds float, ptr %102, i64 %qh15
-  %134 = load float, ptr %133, align 4
-  %135 = insertelement <8 x float> poison, float %134, i32 0
-  %136 = shufflevector <8 x float> %135, <8 x float> poison, <8 x i32> zeroinitializer
-  %137 = load <8 x float>, ptr %qacc10, align 4
-  %138 = fmul <8 x float> %136, %118
-  %139 = fadd <8 x float> %137, %138
-  store <8 x float> %139, ptr %qacc10, align 4
-  %140 = getelementptr inbounds float, ptr %108, i64 %qh15
-  %141 = load float, ptr %140, align 4
-  %142 = insertelement <8 x float> poison, float %141, i32 0
-  %143 = shufflevector <8 x float> %142, <8 x float> poison, <8 x i32> zeroinitializer
-  %144 = load <8 x float>, ptr %qacc11, align 4
-  %145 = fmul <8 x float> %143, %118
-  %146 = fadd <8 x float> %144, %145
-  store <8 x float> %146, ptr %qacc11, align 4
-  %147 = add nsw i64 %qh15, 1
-  br label %qh.head12
+qh.body17:                                        ; preds = %qh.head16
+  br i1 %pf.on11, label %pf.then20, label %pf.end21
 
-qh.end14:                                         ; preds = %qh.head12
-  %148 = load <8 x float>, ptr %qacc8, align 4
-  %149 = load <8 x float>, ptr %qacc9, align 4
-  %150 = load <8 x float>, ptr %qacc10, align 4
-  %151 = load <8 x float>, ptr %qacc11, align 4
-  %152 = getelementptr inbounds float, ptr %93, i64 0
-  store <8 x float> %148, ptr %152, align 4
-  %153 = getelementptr inbounds float, ptr %99, i64 0
-  store <8 x float> %149, ptr %153, align 4
-  %154 = getelementptr inbounds float, ptr %105, i64 0
-  store <8 x float> %150, ptr %154, align 4
-  %155 = getelementptr inbounds float, ptr %111, i64 0
-  store <8 x float> %151, ptr %155, align 4
-  %156 = add nsw i64 %rb7, 4
-  br label %rb.head4
+pf.then20:                                        ; preds = %qh.body17
+  %152 = mul nsw i64 %qh19, 32
+  %153 = lshr i64 %152, %114
+  %154 = getelementptr inbounds i8, ptr %126, i64 %153
+  call void @llvm.prefetch.p0(ptr %154, i32 0, i32 2, i32 1)
+  br label %pf.end21
 
-rb.end6:                                          ; preds = %rb.head4
-  %157 = add nsw i64 %qb1, 1
+pf.end21:                                         ; preds = %pf.then20, %qh.body17
+  %155 = add nsw i64 %qb1, 0
+  %156 = mul nsw i64 %qh19, 8
+  %157 = mul nsw i64 %155, 6144
+  %158 = add nsw i64 %157, %156
+  %159 = getelementptr inbounds float, ptr %router, i64 %158
+  %160 = load <8 x float>, ptr %159, align 4
+  %161 = getelementptr inbounds float, ptr %129, i64 %qh19
+  %162 = load float, ptr %161, align 4
+  %163 = insertelement <8 x float> poison, float %162, i32 0
+  %164 = shufflevector <8 x float> %163, <8 x float> poison, <8 x i32> zeroinitializer
+  %165 = load <8 x float>, ptr %qacc12, align 4
+  %166 = fmul <8 x float> %164, %160
+  %167 = fadd <8 x float> %165, %166
+  store <8 x float> %167, ptr %qacc12, align 4
+  %168 = getelementptr inbounds float, ptr %135, i64 %qh19
+  %169 = load float, ptr %168, align 4
+  %170 = insertelement <8 x float> poison, float %169, i32 0
+  %171 = shufflevector <8 x float> %170, <8 x float> poison, <8 x i32> zeroinitializer
+  %172 = load <8 x float>, ptr %qacc13, align 4
+  %173 = fmul <8 x float> %171, %160
+  %174 = fadd <8 x float> %172, %173
+  store <8 x float> %174, ptr %qacc13, align 4
+  %175 = getelementptr inbounds float, ptr %141, i64 %qh19
+  %176 = load float, ptr %175, align 4
+  %177 = insertelement <8 x float> poison, float %176, i32 0
+  %178 = shufflevector <8 x float> %177, <8 x float> poison, <8 x i32> zeroinitializer
+  %179 = load <8 x float>, ptr %qacc14, align 4
+  %180 = fmul <8 x float> %178, %160
+  %181 = fadd <8 x float> %179, %180
+  store <8 x float> %181, ptr %qacc14, align 4
+  %182 = getelementptr inbounds float, ptr %147, i64 %qh19
+  %183 = load float, ptr %182, align 4
+  %184 = insertelement <8 x float> poison, float %183, i32 0
+  %185 = shufflevector <8 x float> %184, <8 x float> poison, <8 x i32> zeroinitializer
+  %186 = load <8 x float>, ptr %qacc15, align 4
+  %187 = fmul <8 x float> %185, %160
+  %188 = fadd <8 x float> %186, %187
+  store <8 x float> %188, ptr %qacc15, align 4
+  %189 = add nsw i64 %qh19, 1
+  br label %qh.head16
+
+qh.end18:                                         ; preds = %qh.head16
+  %190 = load <8 x float>, ptr %qacc12, align 4
+  %191 = load <8 x float>, ptr %qacc13, align 4
+  %192 = load <8 x float>, ptr %qacc14, align 4
+  %193 = load <8 x float>, ptr %qacc15, align 4
+  %194 = getelementptr inbounds float, ptr %132, i64 0
+  store <8 x float> %190, ptr %194, align 4
+  %195 = getelementptr inbounds float, ptr %138, i64 0
+  store <8 x float> %191, ptr %195, align 4
+  %196 = getelementptr inbounds float, ptr %144, i64 0
+  store <8 x float> %192, ptr %196, align 4
+  %197 = getelementptr inbounds float, ptr %150, i64 0
+  store <8 x float> %193, ptr %197, align 4
+  %198 = add nsw i64 %rb9, 4
+  br label %rb.head6
+
+rb.end8:                                          ; preds = %rb.head6
+  %199 = add nsw i64 %qb1, 1
   br label %qb1.head
 
 qb1.end:                                          ; preds = %qb1.head
-  br label %qb.head16
+  br label %qb.head22
 
-qb.head16:                                        ; preds = %r1.end, %qb1.end
-  %qb19 = phi i64 [ 0, %qb1.end ], [ %208, %r1.end ]
-  %158 = icmp slt i64 %qb19, 0
-  br i1 %158, label %qb.body17, label %qb.end18
+qb.head22:                                        ; preds = %r1.end, %qb1.end
+  %qb25 = phi i64 [ 0, %qb1.end ], [ %271, %r1.end ]
+  %200 = icmp slt i64 %qb25, 0
+  br i1 %200, label %qb.body23, label %qb.end24
 
-qb.body17:                                        ; preds = %qb.head16
-  %159 = mul nsw i64 %qb19, 8
+qb.body23:                                        ; preds = %qb.head22
+  %201 = mul nsw i64 %qb25, 8
+  %202 = sub nsw i64 %gn, %full
+  %ntile26 = sdiv i64 %202, 1
+  %203 = icmp sge i64 %ntile26, 2
+  %204 = select i1 %203, i64 1, i64 0
+  %205 = icmp sge i64 %ntile26, 4
+  %206 = select i1 %205, i64 2, i64 %204
+  %207 = icmp sge i64 %ntile26, 8
+  %208 = select i1 %207, i64 3, i64 %206
+  %209 = add nsw i64 %qb25, 4
+  %more27 = icmp slt i64 %209, 1
+  %210 = mul nsw i64 %209, 24576
+  %211 = getelementptr inbounds i8, ptr %router, i64 %210
   br label %r1.head
 
-r1.head:                                          ; preds = %qh.end24, %qb.body17
-  %r1 = phi i64 [ %full, %qb.body17 ], [ %207, %qh.end24 ]
-  %160 = icmp slt i64 %r1, %gn
-  br i1 %160, label %r1.body, label %r1.end
+r1.head:                                          ; preds = %qh.end34, %qb.body23
+  %r1 = phi i64 [ %full, %qb.body23 ], [ %270, %qh.end34 ]
+  %212 = icmp slt i64 %r1, %gn
+  br i1 %212, label %r1.body, label %r1.end
 
 r1.body:                                          ; preds = %r1.head
-  %161 = add nsw i64 %r1, 0
-  %162 = mul nsw i64 %161, 768
-  %163 = getelementptr inbounds float, ptr %4, i64 %162
-  %164 = mul nsw i64 %161, 8
-  %165 = add nsw i64 %164, %159
-  %166 = getelementptr inbounds float, ptr %lt, i64 %165
-  store <16 x float> zeroinitializer, ptr %qacc20, align 4
-  store <16 x float> zeroinitializer, ptr %qacc21, align 4
-  br label %qh.head22
+  %213 = sub nsw i64 %r1, %full
+  %j28 = sdiv i64 %213, 1
+  %214 = shl i64 1, %208
+  %215 = icmp slt i64 %j28, %214
+  %216 = icmp sgt i64 %ntile26, 1
+  %217 = and i1 %more27, %216
+  %pf.on29 = and i1 %217, %215
+  %218 = mul nsw i64 %j28, 98304
+  %219 = lshr i64 %218, %208
+  %220 = getelementptr inbounds i8, ptr %211, i64 %219
+  %221 = add nsw i64 %r1, 0
+  %222 = mul nsw i64 %221, 768
+  %223 = getelementptr inbounds float, ptr %4, i64 %222
+  %224 = mul nsw i64 %221, 8
+  %225 = add nsw i64 %224, %201
+  %226 = getelementptr inbounds float, ptr %lt, i64 %225
+  store <16 x float> zeroinitializer, ptr %qacc30, align 4
+  store <16 x float> zeroinitializer, ptr %qacc31, align 4
+  br label %qh.head32
 
-qh.head22:                                        ; preds = %qh.body23, %r1.body
-  %qh25 = phi i64 [ 0, %r1.body ], [ %202, %qh.body23 ]
-  %167 = icmp slt i64 %qh25, 768
-  br i1 %167, label %qh.body23, label %qh.end24
+qh.head32:                                        ; preds = %pf.end37, %r1.body
+  %qh35 = phi i64 [ 0, %r1.body ], [ %265, %pf.end37 ]
+  %227 = icmp slt i64 %qh35, 768
+  br i1 %227, label %qh.body33, label %qh.end34
 
-qh.body23:                                        ; preds = %qh.head22
-  %168 = add nsw i64 %qb19, 0
-  %169 = mul nsw i64 %qh25, 8
-  %170 = mul nsw i64 %168, 6144
-  %171 = add nsw i64 %170, %169
-  %172 = getelementptr inbounds float, ptr %router, i64 %171
-  %173 = load <8 x float>, ptr %172, align 4
-  %174 = add nsw i64 %qb19, 1
-  %175 = mul nsw i64 %qh25, 8
-  %176 = mul nsw i64 %174, 6144
-  %177 = add nsw i64 %176, %175
-  %178 = getelementptr inbounds float, ptr %router, i64 %177
-  %179 = load <8 x float>, ptr %178, align 4
-  %w1626 = shufflevector <8 x float> %173, <8 x float> %179, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %180 = add nsw i64 %qb19, 2
-  %181 = mul nsw i64 %qh25, 8
-  %182 = mul nsw i64 %180, 6144
-  %183 = add nsw i64 %182, %181
-  %184 = getelementptr inbounds float, ptr %router, i64 %183
-  %185 = load <8 x float>, ptr %184, align 4
-  %186 = add nsw i64 %qb19, 3
-  %187 = mul nsw i64 %qh25, 8
-  %188 = mul nsw i64 %186, 6144
-  %189 = add nsw i64 %188, %187
-  %190 = getelementptr inbounds float, ptr %router, i64 %189
-  %191 = load <8 x float>, ptr %190, align 4
-  %w1627 = shufflevector <8 x float> %185, <8 x float> %191, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %192 = getelementptr inbounds float, ptr %163, i64 %qh25
-  %193 = load float, ptr %192, align 4
-  %194 = insertelement <16 x float> poison, float %193, i32 0
-  %195 = shufflevector <16 x float> %194, <16 x float> poison, <16 x i32> zeroinitializer
-  %196 = load <16 x float>, ptr %qacc20, align 4
-  %197 = fmul <16 x float> %195, %w1626
-  %198 = fadd <16 x float> %196, %197
-  store <16 x float> %198, ptr %qacc20, align 4
-  %199 = load <16 x float>, ptr %qacc21, align 4
-  %200 = fmul <16 x float> %195, %w1627
-  %201 = fadd <16 x float> %199, %200
-  store <16 x float> %201, ptr %qacc21, align 4
-  %202 = add nsw i64 %qh25, 1
-  br label %qh.head22
+qh.body33:                                        ; preds = %qh.head32
+  br i1 %pf.on29, label %pf.then36, label %pf.end37
 
-qh.end24:                                         ; preds = %qh.head22
-  %203 = load <16 x float>, ptr %qacc20, align 4
-  %204 = load <16 x float>, ptr %qacc21, align 4
-  %205 = getelementptr inbounds float, ptr %166, i64 0
-  store <16 x float> %203, ptr %205, align 4
-  %206 = getelementptr inbounds float, ptr %166, i64 16
-  store <16 x float> %204, ptr %206, align 4
-  %207 = add nsw i64 %r1, 1
+pf.then36:                                        ; preds = %qh.body33
+  %228 = mul nsw i64 %qh35, 128
+  %229 = lshr i64 %228, %208
+  %230 = getelementptr inbounds i8, ptr %220, i64 %229
+  call void @llvm.prefetch.p0(ptr %230, i32 0, i32 2, i32 1)
+  br label %pf.end37
+
+pf.end37:                                         ; preds = %pf.then36, %qh.body33
+  %231 = add nsw i64 %qb25, 0
+  %232 = mul nsw i64 %qh35, 8
+  %233 = mul nsw i64 %231, 6144
+  %234 = add nsw i64 %233, %232
+  %235 = getelementptr inbounds float, ptr %router, i64 %234
+  %236 = load <8 x float>, ptr %235, align 4
+  %237 = add nsw i64 %qb25, 1
+  %238 = mul nsw i64 %qh35, 8
+  %239 = mul nsw i64 %237, 6144
+  %240 = add nsw i64 %239, %238
+  %241 = getelementptr inbounds float, ptr %router, i64 %240
+  %242 = load <8 x float>, ptr %241, align 4
+  %w1638 = shufflevector <8 x float> %236, <8 x float> %242, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %243 = add nsw i64 %qb25, 2
+  %244 = mul nsw i64 %qh35, 8
+  %245 = mul nsw i64 %243, 6144
+  %246 = add nsw i64 %245, %244
+  %247 = getelementptr inbounds float, ptr %router, i64 %246
+  %248 = load <8 x float>, ptr %247, align 4
+  %249 = add nsw i64 %qb25, 3
+  %250 = mul nsw i64 %qh35, 8
+  %251 = mul nsw i64 %249, 6144
+  %252 = add nsw i64 %251, %250
+  %253 = getelementptr inbounds float, ptr %router, i64 %252
+  %254 = load <8 x float>, ptr %253, align 4
+  %w1639 = shufflevector <8 x float> %248, <8 x float> %254, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %255 = getelementptr inbounds float, ptr %223, i64 %qh35
+  %256 = load float, ptr %255, align 4
+  %257 = insertelement <16 x float> poison, float %256, i32 0
+  %258 = shufflevector <16 x float> %257, <16 x float> poison, <16 x i32> zeroinitializer
+  %259 = load <16 x float>, ptr %qacc30, align 4
+  %260 = fmul <16 x float> %258, %w1638
+  %261 = fadd <16 x float> %259, %260
+  store <16 x float> %261, ptr %qacc30, align 4
+  %262 = load <16 x float>, ptr %qacc31, align 4
+  %263 = fmul <16 x float> %258, %w1639
+  %264 = fadd <16 x float> %262, %263
+  store <16 x float> %264, ptr %qacc31, align 4
+  %265 = add nsw i64 %qh35, 1
+  br label %qh.head32
+
+qh.end34:                                         ; preds = %qh.head32
+  %266 = load <16 x float>, ptr %qacc30, align 4
+  %267 = load <16 x float>, ptr %qacc31, align 4
+  %268 = getelementptr inbounds float, ptr %226, i64 0
+  store <16 x float> %266, ptr %268, align 4
+  %269 = getelementptr inbounds float, ptr %226, i64 16
+  store <16 x float> %267, ptr %269, align 4
+  %270 = add nsw i64 %r1, 1
   br label %r1.head
 
 r1.end:                                           ; preds = %r1.head
-  %208 = add nsw i64 %qb19, 4
-  br label %qb.head16
+  %271 = add nsw i64 %qb25, 4
+  br label %qb.head22
 
-qb.end18:                                         ; preds = %qb.head16
-  br label %qb1.head28
+qb.end24:                                         ; preds = %qb.head22
+  br label %qb1.head40
 
-qb1.head28:                                       ; preds = %r1.end34, %qb.end18
-  %qb131 = phi i64 [ 0, %qb.end18 ], [ %236, %r1.end34 ]
-  %209 = icmp slt i64 %qb131, 1
-  br i1 %209, label %qb1.body29, label %qb1.end30
+qb1.head40:                                       ; preds = %r1.end48, %qb.end24
+  %qb143 = phi i64 [ 0, %qb.end24 ], [ %320, %r1.end48 ]
+  %272 = icmp slt i64 %qb143, 1
+  br i1 %272, label %qb1.body41, label %qb1.end42
 
-qb1.body29:                                       ; preds = %qb1.head28
-  %210 = mul nsw i64 %qb131, 8
-  br label %r1.head32
+qb1.body41:                                       ; preds = %qb1.head40
+  %273 = mul nsw i64 %qb143, 8
+  %274 = sub nsw i64 %gn, %full
+  %ntile44 = sdiv i64 %274, 1
+  %275 = icmp sge i64 %ntile44, 2
+  %276 = select i1 %275, i64 1, i64 0
+  %277 = icmp sge i64 %ntile44, 4
+  %278 = select i1 %277, i64 2, i64 %276
+  %279 = icmp sge i64 %ntile44, 8
+  %280 = select i1 %279, i64 3, i64 %278
+  %281 = add nsw i64 %qb143, 1
+  %more45 = icmp slt i64 %281, 1
+  %282 = mul nsw i64 %281, 24576
+  %283 = getelementptr inbounds i8, ptr %router, i64 %282
+  br label %r1.head46
 
-r1.head32:                                        ; preds = %qh.end39, %qb1.body29
-  %r135 = phi i64 [ %full, %qb1.body29 ], [ %235, %qh.end39 ]
-  %211 = icmp slt i64 %r135, %gn
-  br i1 %211, label %r1.body33, label %r1.end34
+r1.head46:                                        ; preds = %qh.end55, %qb1.body41
+  %r149 = phi i64 [ %full, %qb1.body41 ], [ %319, %qh.end55 ]
+  %284 = icmp slt i64 %r149, %gn
+  br i1 %284, label %r1.body47, label %r1.end48
 
-r1.body33:                                        ; preds = %r1.head32
-  %212 = add nsw i64 %r135, 0
-  %213 = mul nsw i64 %212, 768
-  %214 = getelementptr inbounds float, ptr %4, i64 %213
-  %215 = mul nsw i64 %212, 8
-  %216 = add nsw i64 %215, %210
-  %217 = getelementptr inbounds float, ptr %lt, i64 %216
-  store <8 x float> zeroinitializer, ptr %qacc36, align 4
-  br label %qh.head37
+r1.body47:                                        ; preds = %r1.head46
+  %285 = sub nsw i64 %r149, %full
+  %j50 = sdiv i64 %285, 1
+  %286 = shl i64 1, %280
+  %287 = icmp slt i64 %j50, %286
+  %288 = icmp sgt i64 %ntile44, 1
+  %289 = and i1 %more45, %288
+  %pf.on51 = and i1 %289, %287
+  %290 = mul nsw i64 %j50, 24576
+  %291 = lshr i64 %290, %280
+  %292 = getelementptr inbounds i8, ptr %283, i64 %291
+  %293 = add nsw i64 %r149, 0
+  %294 = mul nsw i64 %293, 768
+  %295 = getelementptr inbounds float, ptr %4, i64 %294
+  %296 = mul nsw i64 %293, 8
+  %297 = add nsw i64 %296, %273
+  %298 = getelementptr inbounds float, ptr %lt, i64 %297
+  store <8 x float> zeroinitializer, ptr %qacc52, align 4
+  br label %qh.head53
 
-qh.head37:                                        ; preds = %qh.body38, %r1.body33
-  %qh40 = phi i64 [ 0, %r1.body33 ], [ %232, %qh.body38 ]
-  %218 = icmp slt i64 %qh40, 768
-  br i1 %218, label %qh.body38, label %qh.end39
+qh.head53:                                        ; preds = %pf.end58, %r1.body47
+  %qh56 = phi i64 [ 0, %r1.body47 ], [ %316, %pf.end58 ]
+  %299 = icmp slt i64 %qh56, 768
+  br i1 %299, label %qh.body54, label %qh.end55
 
-qh.body38:                                        ; preds = %qh.head37
-  %219 = add nsw i64 %qb131, 0
-  %220 = mul nsw i64 %qh40, 8
-  %221 = mul nsw i64 %219, 6144
-  %222 = add nsw i64 %221, %220
-  %223 = getelementptr inbounds float, ptr %router, i64 %222
-  %224 = load <8 x float>, ptr %223, align 4
-  %225 = getelementptr inbounds float, ptr %214, i64 %qh40
-  %226 = load float, ptr %225, align 4
-  %227 = insertelement <8 x float> poison, float %226, i32 0
-  %228 = shufflevector <8 x float> %227, <8 x float> poison, <8 x i32> zeroinitializer
-  %229 = load <8 x float>, ptr %qacc36, align 4
-  %230 = fmul <8 x float> %228, %224
-  %231 = fadd <8 x float> %229, %230
-  store <8 x float> %231, ptr %qacc36, align 4
-  %232 = add nsw i64 %qh40, 1
-  br label %qh.head37
+qh.body54:                                        ; preds = %qh.head53
+  br i1 %pf.on51, label %pf.then57, label %pf.end58
 
-qh.end39:                                         ; preds = %qh.head37
-  %233 = load <8 x float>, ptr %qacc36, align 4
-  %234 = getelementptr inbounds float, ptr %217, i64 0
-  store <8 x float> %233, ptr %234, align 4
-  %235 = add nsw i64 %r135, 1
-  br label %r1.head32
+pf.then57:                                        ; preds = %qh.body54
+  %300 = mul nsw i64 %qh56, 32
+  %301 = lshr i64 %300, %280
+  %302 = getelementptr inbounds i8, ptr %292, i64 %301
+  call void @llvm.prefetch.p0(ptr %302, i32 0, i32 2, i32 1)
+  br label %pf.end58
 
-r1.end34:                                         ; preds = %r1.head32
-  %236 = add nsw i64 %qb131, 1
-  br label %qb1.head28
+pf.end58:                                         ; preds = %pf.then57, %qh.body54
+  %303 = add nsw i64 %qb143, 0
+  %304 = mul nsw i64 %qh56, 8
+  %305 = mul nsw i64 %303, 6144
+  %306 = add nsw i64 %305, %304
+  %307 = getelementptr inbounds float, ptr %router, i64 %306
+  %308 = load <8 x float>, ptr %307, align 4
+  %309 = getelementptr inbounds float, ptr %295, i64 %qh56
+  %310 = load float, ptr %309, align 4
+  %311 = insertelement <8 x float> poison, float %310, i32 0
+  %312 = shufflevector <8 x float> %311, <8 x float> poison, <8 x i32> zeroinitializer
+  %313 = load <8 x float>, ptr %qacc52, align 4
+  %314 = fmul <8 x float> %312, %308
+  %315 = fadd <8 x float> %313, %314
+  store <8 x float> %315, ptr %qacc52, align 4
+  %316 = add nsw i64 %qh56, 1
+  br label %qh.head53
 
-qb1.end30:                                        ; preds = %qb1.head28
+qh.end55:                                         ; preds = %qh.head53
+  %317 = load <8 x float>, ptr %qacc52, align 4
+  %318 = getelementptr inbounds float, ptr %298, i64 0
+  store <8 x float> %317, ptr %318, align 4
+  %319 = add nsw i64 %r149, 1
+  br label %r1.head46
+
+r1.end48:                                         ; preds = %r1.head46
+  %320 = add nsw i64 %qb143, 1
+  br label %qb1.head40
+
+qb1.end42:                                        ; preds = %qb1.head40
   br label %t.head
 
-t.head:                                           ; preds = %top.end, %qb1.end30
-  %t = phi i64 [ 0, %qb1.end30 ], [ %324, %top.end ]
-  %237 = icmp slt i64 %t, %gn
-  br i1 %237, label %t.body, label %t.end
+t.head:                                           ; preds = %top.end, %qb1.end42
+  %t = phi i64 [ 0, %qb1.end42 ], [ %408, %top.end ]
+  %321 = icmp slt i64 %t, %gn
+  br i1 %321, label %t.body, label %t.end
 
 t.body:                                           ; preds = %t.head
   %tok = add nsw i64 %tg, %t
-  %238 = mul nsw i64 %t, 8
-  %239 = getelementptr inbounds float, ptr %lt, i64 %238
-  %240 = mul nsw i64 %tok, 768
-  %241 = getelementptr inbounds float, ptr %x, i64 %240
-  %242 = mul nsw i64 %tok, 8
-  %243 = getelementptr inbounds float, ptr %logits, i64 %242
+  %322 = mul nsw i64 %t, 8
+  %323 = getelementptr inbounds float, ptr %lt, i64 %322
+  %324 = mul nsw i64 %tok, 768
+  %325 = getelementptr inbounds float, ptr %x, i64 %324
+  %326 = mul nsw i64 %tok, 8
+  %327 = getelementptr inbounds float, ptr %logits, i64 %326
   br label %lb.head
 
 lb.head:                                          ; preds = %lb.body, %t.body
-  %lb = phi i64 [ 0, %t.body ], [ %248, %lb.body ]
-  %244 = icmp slt i64 %lb, 8
-  br i1 %244, label %lb.body, label %lb.end
+  %lb = phi i64 [ 0, %t.body ], [ %332, %lb.body ]
+  %328 = icmp slt i64 %lb, 8
+  br i1 %328, label %lb.body, label %lb.end
 
 lb.body:                                          ; preds = %lb.head
-  %245 = getelementptr inbounds float, ptr %239, i64 %lb
-  %246 = load float, ptr %245, align 4
-  %247 = getelementptr inbounds float, ptr %243, i64 %lb
-  store float %246, ptr %247, align 4
-  %248 = add nsw i64 %lb, 1
+  %329 = getelementptr inbounds float, ptr %323, i64 %lb
+  %330 = load float, ptr %329, align 4
+  %331 = getelementptr inbounds float, ptr %327, i64 %lb
+  store float %330, ptr %331, align 4
+  %332 = add nsw i64 %lb, 1
   br label %lb.head
 
 lb.end:                                           ; preds = %lb.head
@@ -471,84 +599,84 @@ lb.end:                                           ; preds = %lb.head
   br label %smax.head
 
 smax.head:                                        ; preds = %smax.body, %lb.end
-  %smax41 = phi i64 [ 0, %lb.end ], [ %256, %smax.body ]
-  %249 = icmp slt i64 %smax41, 8
-  br i1 %249, label %smax.body, label %smax.end
+  %smax59 = phi i64 [ 0, %lb.end ], [ %340, %smax.body ]
+  %333 = icmp slt i64 %smax59, 8
+  br i1 %333, label %smax.body, label %smax.end
 
 smax.body:                                        ; preds = %smax.head
-  %250 = add nsw i64 0, %smax41
-  %251 = getelementptr inbounds float, ptr %239, i64 %250
-  %252 = load float, ptr %251, align 4
-  %253 = load float, ptr %smax, align 4
-  %254 = fcmp ogt float %252, %253
-  %255 = select i1 %254, float %252, float %253
-  store float %255, ptr %smax, align 4
-  %256 = add nsw i64 %smax41, 1
+  %334 = add nsw i64 0, %smax59
+  %335 = getelementptr inbounds float, ptr %323, i64 %334
+  %336 = load float, ptr %335, align 4
+  %337 = load float, ptr %smax, align 4
+  %338 = fcmp ogt float %336, %337
+  %339 = select i1 %338, float %336, float %337
+  store float %339, ptr %smax, align 4
+  %340 = add nsw i64 %smax59, 1
   br label %smax.head
 
 smax.end:                                         ; preds = %smax.head
-  %257 = load float, ptr %smax, align 4
+  %341 = load float, ptr %smax, align 4
   store float 0.000000e+00, ptr %ssum, align 4
   br label %sexp.head
 
 sexp.head:                                        ; preds = %sexp.body, %smax.end
-  %sexp = phi i64 [ 0, %smax.end ], [ %270, %sexp.body ]
-  %258 = icmp slt i64 %sexp, 8
-  br i1 %258, label %sexp.body, label %sexp.end
+  %sexp = phi i64 [ 0, %smax.end ], [ %354, %sexp.body ]
+  %342 = icmp slt i64 %sexp, 8
+  br i1 %342, label %sexp.body, label %sexp.end
 
 sexp.body:                                        ; preds = %sexp.head
-  %259 = add nsw i64 0, %sexp
-  %260 = getelementptr inbounds float, ptr %239, i64 %259
-  %261 = load float, ptr %260, align 4
-  %262 = fsub float %261, %257
-  %263 = fpext float %262 to double
-  %264 = call double @exp(double %263)
-  %265 = fptrunc double %264 to float
-  %266 = add nsw i64 0, %sexp
-  %267 = getelementptr inbounds float, ptr %s, i64 %266
-  store float %265, ptr %267, align 4
-  %268 = load float, ptr %ssum, align 4
-  %269 = fadd float %268, %265
-  store float %269, ptr %ssum, align 4
-  %270 = add nsw i64 %sexp, 1
+  %343 = add nsw i64 0, %sexp
+  %344 = getelementptr inbounds float, ptr %323, i64 %343
+  %345 = load float, ptr %344, align 4
+  %346 = fsub float %345, %341
+  %347 = fpext float %346 to double
+  %348 = call double @exp(double %347)
+  %349 = fptrunc double %348 to float
+  %350 = add nsw i64 0, %sexp
+  %351 = getelementptr inbounds float, ptr %s, i64 %350
+  store float %349, ptr %351, align 4
+  %352 = load float, ptr %ssum, align 4
+  %353 = fadd float %352, %349
+  store float %353, ptr %ssum, align 4
+  %354 = add nsw i64 %sexp, 1
   br label %sexp.head
 
 sexp.end:                                         ; preds = %sexp.head
-  %271 = load float, ptr %ssum, align 4
+  %355 = load float, ptr %ssum, align 4
   br label %sdiv.head
 
 sdiv.head:                                        ; preds = %sdiv.body, %sexp.end
-  %sdiv = phi i64 [ 0, %sexp.end ], [ %278, %sdiv.body ]
-  %272 = icmp slt i64 %sdiv, 8
-  br i1 %272, label %sdiv.body, label %sdiv.end
+  %sdiv = phi i64 [ 0, %sexp.end ], [ %362, %sdiv.body ]
+  %356 = icmp slt i64 %sdiv, 8
+  br i1 %356, label %sdiv.body, label %sdiv.end
 
 sdiv.body:                                        ; preds = %sdiv.head
-  %273 = add nsw i64 0, %sdiv
-  %274 = getelementptr inbounds float, ptr %s, i64 %273
-  %275 = load float, ptr %274, align 4
-  %276 = fdiv float %275, %271
-  %277 = getelementptr inbounds float, ptr %s, i64 %273
-  store float %276, ptr %277, align 4
-  %278 = add nsw i64 %sdiv, 1
+  %357 = add nsw i64 0, %sdiv
+  %358 = getelementptr inbounds float, ptr %s, i64 %357
+  %359 = load float, ptr %358, align 4
+  %360 = fdiv float %359, %355
+  %361 = getelementptr inbounds float, ptr %s, i64 %357
+  store float %360, ptr %361, align 4
+  %362 = add nsw i64 %sdiv, 1
   br label %sdiv.head
 
 sdiv.end:                                         ; preds = %sdiv.head
-  %279 = mul nsw i64 %tok, 1
-  %280 = getelementptr inbounds i32, ptr %ids, i64 %279
-  %281 = getelementptr inbounds float, ptr %weights, i64 %279
+  %363 = mul nsw i64 %tok, 1
+  %364 = getelementptr inbounds i32, ptr %ids, i64 %363
+  %365 = getelementptr inbounds float, ptr %weights, i64 %363
   br label %sel.head
 
 sel.head:                                         ; preds = %sel.body, %sdiv.end
-  %sel = phi i64 [ 0, %sdiv.end ], [ %286, %sel.body ]
-  %282 = icmp slt i64 %sel, 8
-  br i1 %282, label %sel.body, label %sel.end
+  %sel = phi i64 [ 0, %sdiv.end ], [ %370, %sel.body ]
+  %366 = icmp slt i64 %sel, 8
+  br i1 %366, label %sel.body, label %sel.end
 
 sel.body:                                         ; preds = %sel.head
-  %283 = getelementptr inbounds float, ptr %s, i64 %sel
-  %284 = load float, ptr %283, align 4
-  %285 = getelementptr inbounds float, ptr %c, i64 %sel
-  store float %284, ptr %285, align 4
-  %286 = add nsw i64 %sel, 1
+  %367 = getelementptr inbounds float, ptr %s, i64 %sel
+  %368 = load float, ptr %367, align 4
+  %369 = getelementptr inbounds float, ptr %c, i64 %sel
+  store float %368, ptr %369, align 4
+  %370 = add nsw i64 %sel, 1
   br label %sel.head
 
 sel.end:                                          ; preds = %sel.head
@@ -556,40 +684,40 @@ sel.end:                                          ; preds = %sel.head
   br label %tk.head
 
 tk.head:                                          ; preds = %tk.put.end, %sel.end
-  %tk = phi i64 [ 0, %sel.end ], [ %308, %tk.put.end ]
-  %287 = icmp slt i64 %tk, 8
-  br i1 %287, label %tk.body, label %tk.end
+  %tk = phi i64 [ 0, %sel.end ], [ %392, %tk.put.end ]
+  %371 = icmp slt i64 %tk, 8
+  br i1 %371, label %tk.body, label %tk.end
 
 tk.body:                                          ; preds = %tk.head
-  %288 = getelementptr inbounds float, ptr %c, i64 %tk
-  %289 = load float, ptr %288, align 4
-  %290 = load i64, ptr %tk.m, align 8
+  %372 = getelementptr inbounds float, ptr %c, i64 %tk
+  %373 = load float, ptr %372, align 4
+  %374 = load i64, ptr %tk.m, align 8
   br label %tk.ins.head
 
 tk.ins.head:                                      ; preds = %tk.shift.end, %tk.body
-  %p = phi i64 [ %290, %tk.body ], [ %292, %tk.shift.end ]
-  %291 = icmp sgt i64 %p, 0
-  br i1 %291, label %tk.ins.chk, label %tk.ins.end
+  %p = phi i64 [ %374, %tk.body ], [ %376, %tk.shift.end ]
+  %375 = icmp sgt i64 %p, 0
+  br i1 %375, label %tk.ins.chk, label %tk.ins.end
 
 tk.ins.chk:                                       ; preds = %tk.ins.head
-  %292 = sub nsw i64 %p, 1
-  %293 = getelementptr inbounds i64, ptr %idx, i64 %292
-  %294 = load i64, ptr %293, align 8
-  %295 = getelementptr inbounds float, ptr %c, i64 %294
-  %296 = load float, ptr %295, align 4
-  %297 = fcmp uno float %289, %289
-  %298 = fcmp ugt float %289, %296
-  %299 = xor i1 %297, true
-  %300 = and i1 %299, %298
-  br i1 %300, label %tk.ins.body, label %tk.ins.end
+  %376 = sub nsw i64 %p, 1
+  %377 = getelementptr inbounds i64, ptr %idx, i64 %376
+  %378 = load i64, ptr %377, align 8
+  %379 = getelementptr inbounds float, ptr %c, i64 %378
+  %380 = load float, ptr %379, align 4
+  %381 = fcmp uno float %373, %373
+  %382 = fcmp ugt float %373, %380
+  %383 = xor i1 %381, true
+  %384 = and i1 %383, %382
+  br i1 %384, label %tk.ins.body, label %tk.ins.end
 
 tk.ins.body:                                      ; preds = %tk.ins.chk
-  %301 = icmp slt i64 %p, 1
-  br i1 %301, label %tk.shift.then, label %tk.shift.end
+  %385 = icmp slt i64 %p, 1
+  br i1 %385, label %tk.shift.then, label %tk.shift.end
 
 tk.shift.then:                                    ; preds = %tk.ins.body
-  %302 = getelementptr inbounds i64, ptr %idx, i64 %p
-  store i64 %294, ptr %302, align 8
+  %386 = getelementptr inbounds i64, ptr %idx, i64 %p
+  store i64 %378, ptr %386, align 8
   br label %tk.shift.end
 
 tk.shift.end:                                     ; preds = %tk.shift.then, %tk.ins.body
@@ -597,61 +725,64 @@ tk.shift.end:                                     ; preds = %tk.shift.then, %tk.
 
 tk.ins.end:                                       ; preds = %tk.ins.chk, %tk.ins.head
   %pf = phi i64 [ %p, %tk.ins.head ], [ %p, %tk.ins.chk ]
-  %303 = icmp slt i64 %pf, 1
-  br i1 %303, label %tk.put.then, label %tk.put.end
+  %387 = icmp slt i64 %pf, 1
+  br i1 %387, label %tk.put.then, label %tk.put.end
 
 tk.put.then:                                      ; preds = %tk.ins.end
-  %304 = getelementptr inbounds i64, ptr %idx, i64 %pf
-  store i64 %tk, ptr %304, align 8
+  %388 = getelementptr inbounds i64, ptr %idx, i64 %pf
+  store i64 %tk, ptr %388, align 8
   br label %tk.put.end
 
 tk.put.end:                                       ; preds = %tk.put.then, %tk.ins.end
-  %305 = add nsw i64 %290, 1
-  %306 = icmp slt i64 %305, 1
-  %307 = select i1 %306, i64 %305, i64 1
-  store i64 %307, ptr %tk.m, align 8
-  %308 = add nsw i64 %tk, 1
+  %389 = add nsw i64 %374, 1
+  %390 = icmp slt i64 %389, 1
+  %391 = select i1 %390, i64 %389, i64 1
+  store i64 %391, ptr %tk.m, align 8
+  %392 = add nsw i64 %tk, 1
   br label %tk.head
 
 tk.end:                                           ; preds = %tk.head
-  %309 = load i64, ptr %tk.m, align 8
+  %393 = load i64, ptr %tk.m, align 8
   br label %top.head
 
 top.head:                                         ; preds = %top.body, %tk.end
-  %top = phi i64 [ 0, %tk.end ], [ %318, %top.body ]
-  %310 = icmp slt i64 %top, 1
-  br i1 %310, label %top.body, label %top.end
+  %top = phi i64 [ 0, %tk.end ], [ %402, %top.body ]
+  %394 = icmp slt i64 %top, 1
+  br i1 %394, label %top.body, label %top.end
 
 top.body:                                         ; preds = %top.head
-  %311 = getelementptr inbounds i64, ptr %idx, i64 %top
-  %312 = load i64, ptr %311, align 8
-  %313 = getelementptr inbounds i32, ptr %280, i64 %top
-  %314 = trunc i64 %312 to i32
-  store i32 %314, ptr %313, align 4
-  %315 = getelementptr inbounds float, ptr %s, i64 %312
-  %316 = load float, ptr %315, align 4
-  %317 = getelementptr inbounds float, ptr %281, i64 %top
-  store float %316, ptr %317, align 4
-  %318 = add nsw i64 %top, 1
+  %395 = getelementptr inbounds i64, ptr %idx, i64 %top
+  %396 = load i64, ptr %395, align 8
+  %397 = getelementptr inbounds i32, ptr %364, i64 %top
+  %398 = trunc i64 %396 to i32
+  store i32 %398, ptr %397, align 4
+  %399 = getelementptr inbounds float, ptr %s, i64 %396
+  %400 = load float, ptr %399, align 4
+  %401 = getelementptr inbounds float, ptr %365, i64 %top
+  store float %400, ptr %401, align 4
+  %402 = add nsw i64 %top, 1
   br label %top.head
 
 top.end:                                          ; preds = %top.head
-  %319 = getelementptr inbounds i64, ptr %idx, i64 0
-  %320 = load i64, ptr %319, align 8
-  %321 = getelementptr inbounds float, ptr %c, i64 %320
-  %322 = load float, ptr %321, align 4
-  %323 = getelementptr inbounds float, ptr %prio, i64 %tok
-  store float %322, ptr %323, align 4
-  %324 = add nsw i64 %t, 1
+  %403 = getelementptr inbounds i64, ptr %idx, i64 0
+  %404 = load i64, ptr %403, align 8
+  %405 = getelementptr inbounds float, ptr %c, i64 %404
+  %406 = load float, ptr %405, align 4
+  %407 = getelementptr inbounds float, ptr %prio, i64 %tok
+  store float %406, ptr %407, align 4
+  %408 = add nsw i64 %t, 1
   br label %t.head
 
 t.end:                                            ; preds = %t.head
-  %325 = add nsw i64 %tg, 8
+  %409 = add nsw i64 %tg, 8
   br label %tg.head
 
 tg.end:                                           ; preds = %tg.head
   ret void
 }
+
+; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
+declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #1
 
 ; Function Attrs: nounwind
 declare double @exp(double) #0
@@ -745,6 +876,7 @@ t.end:                                            ; preds = %t.head
 ; Function Attrs: nounwind
 define hidden void @moe_up(ptr noalias %x, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bg, ptr noalias %bu, ptr noalias %h, i64 %p0, i64 %p1) #0 {
 entry:
+  %part = alloca [24576 x float], align 32
   %acc000 = alloca <8 x float>, align 32
   %acc001 = alloca <8 x float>, align 32
   %acc010 = alloca <8 x float>, align 32
@@ -757,73 +889,161 @@ entry:
   %acc041 = alloca <8 x float>, align 32
   %acc050 = alloca <8 x float>, align 32
   %acc051 = alloca <8 x float>, align 32
-  %acc0007 = alloca <8 x float>, align 32
-  %acc0018 = alloca <8 x float>, align 32
-  %acc0109 = alloca <8 x float>, align 32
-  %acc01110 = alloca <8 x float>, align 32
-  %acc02011 = alloca <8 x float>, align 32
-  %acc02112 = alloca <8 x float>, align 32
-  %acc03013 = alloca <8 x float>, align 32
-  %acc03114 = alloca <8 x float>, align 32
-  %acc04015 = alloca <8 x float>, align 32
-  %acc04116 = alloca <8 x float>, align 32
-  %acc00034 = alloca <8 x float>, align 32
-  %acc00135 = alloca <8 x float>, align 32
-  %acc01036 = alloca <8 x float>, align 32
-  %acc01137 = alloca <8 x float>, align 32
-  %acc02038 = alloca <8 x float>, align 32
-  %acc02139 = alloca <8 x float>, align 32
-  %acc03040 = alloca <8 x float>, align 32
-  %acc03141 = alloca <8 x float>, align 32
-  %acc00058 = alloca <8 x float>, align 32
-  %acc00159 = alloca <8 x float>, align 32
-  %acc01060 = alloca <8 x float>, align 32
-  %acc01161 = alloca <8 x float>, align 32
-  %acc02062 = alloca <8 x float>, align 32
-  %acc02163 = alloca <8 x float>, align 32
-  %acc00079 = alloca <8 x float>, align 32
-  %acc00180 = alloca <8 x float>, align 32
-  %acc01081 = alloca <8 x float>, align 32
-  %acc01182 = alloca <8 x float>, align 32
-  %acc00097 = alloca <8 x float>, align 32
-  %acc00198 = alloca <8 x float>, align 32
+  %acc0008 = alloca <8 x float>, align 32
+  %acc0019 = alloca <8 x float>, align 32
+  %acc01010 = alloca <8 x float>, align 32
+  %acc01111 = alloca <8 x float>, align 32
+  %acc02012 = alloca <8 x float>, align 32
+  %acc02113 = alloca <8 x float>, align 32
+  %acc03014 = alloca <8 x float>, align 32
+  %acc03115 = alloca <8 x float>, align 32
+  %acc04016 = alloca <8 x float>, align 32
+  %acc04117 = alloca <8 x float>, align 32
+  %acc00039 = alloca <8 x float>, align 32
+  %acc00140 = alloca <8 x float>, align 32
+  %acc01041 = alloca <8 x float>, align 32
+  %acc01142 = alloca <8 x float>, align 32
+  %acc02043 = alloca <8 x float>, align 32
+  %acc02144 = alloca <8 x float>, align 32
+  %acc03045 = alloca <8 x float>, align 32
+  %acc03146 = alloca <8 x float>, align 32
+  %acc00067 = alloca <8 x float>, align 32
+  %acc00168 = alloca <8 x float>, align 32
+  %acc01069 = alloca <8 x float>, align 32
+  %acc01170 = alloca <8 x float>, align 32
+  %acc02071 = alloca <8 x float>, align 32
+  %acc02172 = alloca <8 x float>, align 32
+  %acc00092 = alloca <8 x float>, align 32
+  %acc00193 = alloca <8 x float>, align 32
+  %acc01094 = alloca <8 x float>, align 32
+  %acc01195 = alloca <8 x float>, align 32
+  %acc000114 = alloca <8 x float>, align 32
+  %acc001115 = alloca <8 x float>, align 32
+  %acc000150 = alloca <8 x float>, align 32
+  %acc001151 = alloca <8 x float>, align 32
+  %acc010152 = alloca <8 x float>, align 32
+  %acc011153 = alloca <8 x float>, align 32
+  %acc020154 = alloca <8 x float>, align 32
+  %acc021155 = alloca <8 x float>, align 32
+  %acc030156 = alloca <8 x float>, align 32
+  %acc031157 = alloca <8 x float>, align 32
+  %acc040158 = alloca <8 x float>, align 32
+  %acc041159 = alloca <8 x float>, align 32
+  %acc050160 = alloca <8 x float>, align 32
+  %acc051161 = alloca <8 x float>, align 32
+  %acc000180 = alloca <8 x float>, align 32
+  %acc001181 = alloca <8 x float>, align 32
+  %acc010182 = alloca <8 x float>, align 32
+  %acc011183 = alloca <8 x float>, align 32
+  %acc020184 = alloca <8 x float>, align 32
+  %acc021185 = alloca <8 x float>, align 32
+  %acc030186 = alloca <8 x float>, align 32
+  %acc031187 = alloca <8 x float>, align 32
+  %acc040188 = alloca <8 x float>, align 32
+  %acc041189 = alloca <8 x float>, align 32
+  %acc000207 = alloca <8 x float>, align 32
+  %acc001208 = alloca <8 x float>, align 32
+  %acc010209 = alloca <8 x float>, align 32
+  %acc011210 = alloca <8 x float>, align 32
+  %acc020211 = alloca <8 x float>, align 32
+  %acc021212 = alloca <8 x float>, align 32
+  %acc030213 = alloca <8 x float>, align 32
+  %acc031214 = alloca <8 x float>, align 32
+  %acc000231 = alloca <8 x float>, align 32
+  %acc001232 = alloca <8 x float>, align 32
+  %acc010233 = alloca <8 x float>, align 32
+  %acc011234 = alloca <8 x float>, align 32
+  %acc020235 = alloca <8 x float>, align 32
+  %acc021236 = alloca <8 x float>, align 32
+  %acc000252 = alloca <8 x float>, align 32
+  %acc001253 = alloca <8 x float>, align 32
+  %acc010254 = alloca <8 x float>, align 32
+  %acc011255 = alloca <8 x float>, align 32
+  %acc000270 = alloca <8 x float>, align 32
+  %acc001271 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
-  br label %p.head
+  %0 = icmp sgt i64 %n, 6
+  br i1 %0, label %kb, label %flat
 
-p.head:                                           ; preds = %rb.end, %start
-  %p = phi i64 [ %p0, %start ], [ %828, %rb.end ]
-  %0 = icmp slt i64 %p, %p1
-  br i1 %0, label %p.body, label %p.end
+kb:                                               ; preds = %start
+  br label %kb.rc.head
 
-p.body:                                           ; preds = %p.head
-  %1 = add nsw i64 %n, 5
-  %nrb = sdiv i64 %1, 6
+kb.rc.head:                                       ; preds = %kb.pg.end, %kb
+  %kb.rc = phi i64 [ 0, %kb ], [ %1607, %kb.pg.end ]
+  %1 = icmp slt i64 %kb.rc, %n
+  br i1 %1, label %kb.rc.body, label %kb.rc.end
+
+kb.rc.body:                                       ; preds = %kb.rc.head
+  %2 = sub nsw i64 %n, %kb.rc
+  %3 = icmp slt i64 %2, 96
+  %kb.rn = select i1 %3, i64 %2, i64 96
+  br label %kb.pg.head
+
+kb.pg.head:                                       ; preds = %kb.k.end, %kb.rc.body
+  %kb.pg = phi i64 [ %p0, %kb.rc.body ], [ %1606, %kb.k.end ]
+  %4 = icmp slt i64 %kb.pg, %p1
+  br i1 %4, label %kb.pg.body, label %kb.pg.end
+
+kb.pg.body:                                       ; preds = %kb.pg.head
+  %5 = add nsw i64 %kb.pg, 16
+  %6 = icmp slt i64 %5, %p1
+  %kb.pg1 = select i1 %6, i64 %5, i64 %p1
+  br label %kb.k.head
+
+kb.k.head:                                        ; preds = %kb.p.end, %kb.pg.body
+  %kb.k = phi i64 [ 0, %kb.pg.body ], [ %1605, %kb.p.end ]
+  %7 = icmp slt i64 %kb.k, 3
+  br i1 %7, label %kb.k.body, label %kb.k.end
+
+kb.k.body:                                        ; preds = %kb.k.head
+  %k0 = mul nsw i64 %kb.k, 256
+  %kfirst = icmp eq i64 %kb.k, 0
+  %klast = icmp eq i64 %kb.k, 2
+  br label %kb.p.head
+
+kb.p.head:                                        ; preds = %rb.end, %kb.k.body
+  %kb.p = phi i64 [ %kb.pg, %kb.k.body ], [ %1604, %rb.end ]
+  %8 = icmp slt i64 %kb.p, %kb.pg1
+  br i1 %8, label %kb.p.body, label %kb.p.end
+
+kb.p.body:                                        ; preds = %kb.p.head
+  %9 = add nsw i64 %kb.p, 1
+  %10 = icmp slt i64 %9, %kb.pg1
+  %11 = sub nsw i64 %kb.p, %kb.pg
+  %12 = mul nsw i64 %11, 24576
+  %13 = sub nsw i64 8192, %12
+  %pf.step = select i1 %10, i64 24576, i64 %13
+  %14 = xor i1 %klast, true
+  %pf.next = or i1 %10, %14
+  %15 = add nsw i64 %kb.rn, 5
+  %nrb = sdiv i64 %15, 6
   br label %rb.head
 
-rb.head:                                          ; preds = %tile.done, %p.body
-  %rb = phi i64 [ 0, %p.body ], [ %827, %tile.done ]
-  %2 = icmp slt i64 %rb, %nrb
-  br i1 %2, label %rb.body, label %rb.end
+rb.head:                                          ; preds = %tile.done, %kb.p.body
+  %rb = phi i64 [ 0, %kb.p.body ], [ %1603, %tile.done ]
+  %16 = icmp slt i64 %rb, %nrb
+  br i1 %16, label %rb.body, label %rb.end
 
 rb.body:                                          ; preds = %rb.head
-  %3 = mul nsw i64 %rb, %n
-  %r0 = sdiv i64 %3, %nrb
-  %4 = add nsw i64 %rb, 1
-  %5 = mul nsw i64 %4, %n
-  %r1 = sdiv i64 %5, %nrb
+  %17 = mul nsw i64 %rb, %kb.rn
+  %r0 = sdiv i64 %17, %nrb
+  %18 = add nsw i64 %rb, 1
+  %19 = mul nsw i64 %18, %kb.rn
+  %r1 = sdiv i64 %19, %nrb
   %mr = sub nsw i64 %r1, %r0
-  %6 = icmp sge i64 %nrb, 2
-  %7 = select i1 %6, i64 1, i64 0
-  %8 = icmp sge i64 %nrb, 4
-  %9 = select i1 %8, i64 2, i64 %7
-  %10 = icmp sge i64 %nrb, 8
-  %11 = select i1 %10, i64 3, i64 %9
+  %r01 = add nsw i64 %kb.rc, %r0
+  %20 = icmp sge i64 %nrb, 2
+  %21 = select i1 %20, i64 1, i64 0
+  %22 = icmp sge i64 %nrb, 4
+  %23 = select i1 %22, i64 2, i64 %21
+  %24 = icmp sge i64 %nrb, 8
+  %25 = select i1 %24, i64 3, i64 %23
   %pf.multi = icmp sgt i64 %nrb, 1
-  %12 = shl i64 1, %11
-  %13 = icmp slt i64 %rb, %12
-  %pf.on = and i1 %pf.multi, %13
+  %26 = shl i64 1, %25
+  %27 = icmp slt i64 %rb, %26
+  %pf.on = and i1 %pf.multi, %27
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -833,1135 +1053,3220 @@ rb.body:                                          ; preds = %rb.head
   ]
 
 tile.mr6:                                         ; preds = %rb.body
-  %14 = add nsw i64 %r0, 0
-  %15 = getelementptr inbounds i32, ptr %rows, i64 %14
-  %16 = load i32, ptr %15, align 4
-  %17 = sext i32 %16 to i64
-  %18 = mul nsw i64 %17, 768
-  %19 = getelementptr inbounds float, ptr %x, i64 %18
-  store <8 x float> zeroinitializer, ptr %acc000, align 4
-  store <8 x float> zeroinitializer, ptr %acc001, align 4
-  %20 = add nsw i64 %r0, 1
-  %21 = getelementptr inbounds i32, ptr %rows, i64 %20
-  %22 = load i32, ptr %21, align 4
-  %23 = sext i32 %22 to i64
-  %24 = mul nsw i64 %23, 768
-  %25 = getelementptr inbounds float, ptr %x, i64 %24
-  store <8 x float> zeroinitializer, ptr %acc010, align 4
-  store <8 x float> zeroinitializer, ptr %acc011, align 4
-  %26 = add nsw i64 %r0, 2
-  %27 = getelementptr inbounds i32, ptr %rows, i64 %26
-  %28 = load i32, ptr %27, align 4
-  %29 = sext i32 %28 to i64
-  %30 = mul nsw i64 %29, 768
-  %31 = getelementptr inbounds float, ptr %x, i64 %30
-  store <8 x float> zeroinitializer, ptr %acc020, align 4
-  store <8 x float> zeroinitializer, ptr %acc021, align 4
-  %32 = add nsw i64 %r0, 3
-  %33 = getelementptr inbounds i32, ptr %rows, i64 %32
-  %34 = load i32, ptr %33, align 4
-  %35 = sext i32 %34 to i64
-  %36 = mul nsw i64 %35, 768
-  %37 = getelementptr inbounds float, ptr %x, i64 %36
-  store <8 x float> zeroinitializer, ptr %acc030, align 4
-  store <8 x float> zeroinitializer, ptr %acc031, align 4
-  %38 = add nsw i64 %r0, 4
-  %39 = getelementptr inbounds i32, ptr %rows, i64 %38
-  %40 = load i32, ptr %39, align 4
-  %41 = sext i32 %40 to i64
-  %42 = mul nsw i64 %41, 768
-  %43 = getelementptr inbounds float, ptr %x, i64 %42
-  store <8 x float> zeroinitializer, ptr %acc040, align 4
-  store <8 x float> zeroinitializer, ptr %acc041, align 4
-  %44 = add nsw i64 %r0, 5
-  %45 = getelementptr inbounds i32, ptr %rows, i64 %44
-  %46 = load i32, ptr %45, align 4
-  %47 = sext i32 %46 to i64
-  %48 = mul nsw i64 %47, 768
-  %49 = getelementptr inbounds float, ptr %x, i64 %48
-  store <8 x float> zeroinitializer, ptr %acc050, align 4
-  store <8 x float> zeroinitializer, ptr %acc051, align 4
-  %panel.off = mul nsw i64 %p, 12288
-  %50 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
-  %51 = add nsw i64 %p, 1
-  %52 = icmp slt i64 %51, %p1
-  %pf.on1 = and i1 %pf.on, %52
-  %53 = mul nsw i64 %rb, 24576
-  %54 = lshr i64 %53, %11
-  %55 = add nsw i64 24576, %54
-  %56 = getelementptr inbounds i8, ptr %50, i64 %55
-  %pf = select i1 %pf.on1, ptr %56, ptr %50
-  %pf.sh = select i1 %pf.on1, i64 %11, i64 0
+  %28 = add nsw i64 %r01, 0
+  %29 = getelementptr inbounds i32, ptr %rows, i64 %28
+  %30 = load i32, ptr %29, align 4
+  %31 = sext i32 %30 to i64
+  %32 = mul nsw i64 %31, 768
+  %33 = add nsw i64 %32, %k0
+  %34 = getelementptr inbounds float, ptr %x, i64 %33
+  %35 = sub nsw i64 %kb.p, %kb.pg
+  %36 = sub nsw i64 %28, %kb.rc
+  %37 = mul nsw i64 %36, 16
+  %38 = add nsw i64 %37, %35
+  %39 = mul nsw i64 %38, 16
+  %40 = getelementptr inbounds float, ptr %part, i64 %39
+  %41 = getelementptr inbounds float, ptr %40, i64 0
+  %42 = load <8 x float>, ptr %41, align 4
+  %43 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %42
+  store <8 x float> %43, ptr %acc000, align 4
+  %44 = sub nsw i64 %kb.p, %kb.pg
+  %45 = sub nsw i64 %28, %kb.rc
+  %46 = mul nsw i64 %45, 16
+  %47 = add nsw i64 %46, %44
+  %48 = mul nsw i64 %47, 16
+  %49 = getelementptr inbounds float, ptr %part, i64 %48
+  %50 = getelementptr inbounds float, ptr %49, i64 8
+  %51 = load <8 x float>, ptr %50, align 4
+  %52 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %51
+  store <8 x float> %52, ptr %acc001, align 4
+  %53 = add nsw i64 %r01, 1
+  %54 = getelementptr inbounds i32, ptr %rows, i64 %53
+  %55 = load i32, ptr %54, align 4
+  %56 = sext i32 %55 to i64
+  %57 = mul nsw i64 %56, 768
+  %58 = add nsw i64 %57, %k0
+  %59 = getelementptr inbounds float, ptr %x, i64 %58
+  %60 = sub nsw i64 %kb.p, %kb.pg
+  %61 = sub nsw i64 %53, %kb.rc
+  %62 = mul nsw i64 %61, 16
+  %63 = add nsw i64 %62, %60
+  %64 = mul nsw i64 %63, 16
+  %65 = getelementptr inbounds float, ptr %part, i64 %64
+  %66 = getelementptr inbounds float, ptr %65, i64 0
+  %67 = load <8 x float>, ptr %66, align 4
+  %68 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %67
+  store <8 x float> %68, ptr %acc010, align 4
+  %69 = sub nsw i64 %kb.p, %kb.pg
+  %70 = sub nsw i64 %53, %kb.rc
+  %71 = mul nsw i64 %70, 16
+  %72 = add nsw i64 %71, %69
+  %73 = mul nsw i64 %72, 16
+  %74 = getelementptr inbounds float, ptr %part, i64 %73
+  %75 = getelementptr inbounds float, ptr %74, i64 8
+  %76 = load <8 x float>, ptr %75, align 4
+  %77 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %76
+  store <8 x float> %77, ptr %acc011, align 4
+  %78 = add nsw i64 %r01, 2
+  %79 = getelementptr inbounds i32, ptr %rows, i64 %78
+  %80 = load i32, ptr %79, align 4
+  %81 = sext i32 %80 to i64
+  %82 = mul nsw i64 %81, 768
+  %83 = add nsw i64 %82, %k0
+  %84 = getelementptr inbounds float, ptr %x, i64 %83
+  %85 = sub nsw i64 %kb.p, %kb.pg
+  %86 = sub nsw i64 %78, %kb.rc
+  %87 = mul nsw i64 %86, 16
+  %88 = add nsw i64 %87, %85
+  %89 = mul nsw i64 %88, 16
+  %90 = getelementptr inbounds float, ptr %part, i64 %89
+  %91 = getelementptr inbounds float, ptr %90, i64 0
+  %92 = load <8 x float>, ptr %91, align 4
+  %93 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %92
+  store <8 x float> %93, ptr %acc020, align 4
+  %94 = sub nsw i64 %kb.p, %kb.pg
+  %95 = sub nsw i64 %78, %kb.rc
+  %96 = mul nsw i64 %95, 16
+  %97 = add nsw i64 %96, %94
+  %98 = mul nsw i64 %97, 16
+  %99 = getelementptr inbounds float, ptr %part, i64 %98
+  %100 = getelementptr inbounds float, ptr %99, i64 8
+  %101 = load <8 x float>, ptr %100, align 4
+  %102 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %101
+  store <8 x float> %102, ptr %acc021, align 4
+  %103 = add nsw i64 %r01, 3
+  %104 = getelementptr inbounds i32, ptr %rows, i64 %103
+  %105 = load i32, ptr %104, align 4
+  %106 = sext i32 %105 to i64
+  %107 = mul nsw i64 %106, 768
+  %108 = add nsw i64 %107, %k0
+  %109 = getelementptr inbounds float, ptr %x, i64 %108
+  %110 = sub nsw i64 %kb.p, %kb.pg
+  %111 = sub nsw i64 %103, %kb.rc
+  %112 = mul nsw i64 %111, 16
+  %113 = add nsw i64 %112, %110
+  %114 = mul nsw i64 %113, 16
+  %115 = getelementptr inbounds float, ptr %part, i64 %114
+  %116 = getelementptr inbounds float, ptr %115, i64 0
+  %117 = load <8 x float>, ptr %116, align 4
+  %118 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %117
+  store <8 x float> %118, ptr %acc030, align 4
+  %119 = sub nsw i64 %kb.p, %kb.pg
+  %120 = sub nsw i64 %103, %kb.rc
+  %121 = mul nsw i64 %120, 16
+  %122 = add nsw i64 %121, %119
+  %123 = mul nsw i64 %122, 16
+  %124 = getelementptr inbounds float, ptr %part, i64 %123
+  %125 = getelementptr inbounds float, ptr %124, i64 8
+  %126 = load <8 x float>, ptr %125, align 4
+  %127 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %126
+  store <8 x float> %127, ptr %acc031, align 4
+  %128 = add nsw i64 %r01, 4
+  %129 = getelementptr inbounds i32, ptr %rows, i64 %128
+  %130 = load i32, ptr %129, align 4
+  %131 = sext i32 %130 to i64
+  %132 = mul nsw i64 %131, 768
+  %133 = add nsw i64 %132, %k0
+  %134 = getelementptr inbounds float, ptr %x, i64 %133
+  %135 = sub nsw i64 %kb.p, %kb.pg
+  %136 = sub nsw i64 %128, %kb.rc
+  %137 = mul nsw i64 %136, 16
+  %138 = add nsw i64 %137, %135
+  %139 = mul nsw i64 %138, 16
+  %140 = getelementptr inbounds float, ptr %part, i64 %139
+  %141 = getelementptr inbounds float, ptr %140, i64 0
+  %142 = load <8 x float>, ptr %141, align 4
+  %143 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %142
+  store <8 x float> %143, ptr %acc040, align 4
+  %144 = sub nsw i64 %kb.p, %kb.pg
+  %145 = sub nsw i64 %128, %kb.rc
+  %146 = mul nsw i64 %145, 16
+  %147 = add nsw i64 %146, %144
+  %148 = mul nsw i64 %147, 16
+  %149 = getelementptr inbounds float, ptr %part, i64 %148
+  %150 = getelementptr inbounds float, ptr %149, i64 8
+  %151 = load <8 x float>, ptr %150, align 4
+  %152 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %151
+  store <8 x float> %152, ptr %acc041, align 4
+  %153 = add nsw i64 %r01, 5
+  %154 = getelementptr inbounds i32, ptr %rows, i64 %153
+  %155 = load i32, ptr %154, align 4
+  %156 = sext i32 %155 to i64
+  %157 = mul nsw i64 %156, 768
+  %158 = add nsw i64 %157, %k0
+  %159 = getelementptr inbounds float, ptr %x, i64 %158
+  %160 = sub nsw i64 %kb.p, %kb.pg
+  %161 = sub nsw i64 %153, %kb.rc
+  %162 = mul nsw i64 %161, 16
+  %163 = add nsw i64 %162, %160
+  %164 = mul nsw i64 %163, 16
+  %165 = getelementptr inbounds float, ptr %part, i64 %164
+  %166 = getelementptr inbounds float, ptr %165, i64 0
+  %167 = load <8 x float>, ptr %166, align 4
+  %168 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %167
+  store <8 x float> %168, ptr %acc050, align 4
+  %169 = sub nsw i64 %kb.p, %kb.pg
+  %170 = sub nsw i64 %153, %kb.rc
+  %171 = mul nsw i64 %170, 16
+  %172 = add nsw i64 %171, %169
+  %173 = mul nsw i64 %172, 16
+  %174 = getelementptr inbounds float, ptr %part, i64 %173
+  %175 = getelementptr inbounds float, ptr %174, i64 8
+  %176 = load <8 x float>, ptr %175, align 4
+  %177 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %176
+  store <8 x float> %177, ptr %acc051, align 4
+  %178 = mul nsw i64 %k0, 16
+  %179 = mul nsw i64 %kb.p, 12288
+  %panel.off = add nsw i64 %179, %178
+  %180 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %pf.on2 = and i1 %pf.on, %pf.next
+  %181 = mul nsw i64 %rb, 8192
+  %182 = lshr i64 %181, %25
+  %183 = add nsw i64 %pf.step, %182
+  %184 = getelementptr inbounds i8, ptr %180, i64 %183
+  %pf = select i1 %pf.on2, ptr %184, ptr %180
+  %pf.sh = select i1 %pf.on2, i64 %25, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %117, %pf.any.end ]
-  %57 = icmp slt i64 %k, 768
-  br i1 %57, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %245, %pf.any.end ]
+  %185 = icmp slt i64 %k, 256
+  br i1 %185, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %58 = mul nsw i64 %k, 1
-  %59 = add nsw i64 %58, 0
-  %60 = mul nsw i64 %59, 32
+  %186 = mul nsw i64 %k, 1
+  %187 = add nsw i64 %186, 0
+  %188 = mul nsw i64 %187, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %61 = lshr i64 %60, %pf.sh
-  %62 = getelementptr inbounds i8, ptr %pf, i64 %61
-  call void @llvm.prefetch.p0(ptr %62, i32 0, i32 2, i32 1)
+  %189 = lshr i64 %188, %pf.sh
+  %190 = getelementptr inbounds i8, ptr %pf, i64 %189
+  call void @llvm.prefetch.p0(ptr %190, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %63 = mul nsw i64 %59, 16
-  %64 = add nsw i64 %panel.off, %63
-  %65 = getelementptr inbounds i16, ptr %panels, i64 %64
-  %66 = load <8 x i32>, ptr %65, align 4
-  %67 = shl <8 x i32> %66, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %67 to <8 x float>
-  %68 = and <8 x i32> %66, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %68 to <8 x float>
-  %69 = getelementptr inbounds float, ptr %19, i64 %59
-  %70 = load float, ptr %69, align 4
-  %71 = insertelement <8 x float> poison, float %70, i32 0
-  %72 = shufflevector <8 x float> %71, <8 x float> poison, <8 x i32> zeroinitializer
-  %73 = load <8 x float>, ptr %acc000, align 4
-  %74 = call <8 x float> @llvm.fma.v8f32(<8 x float> %72, <8 x float> %b0, <8 x float> %73)
-  store <8 x float> %74, ptr %acc000, align 4
-  %75 = load <8 x float>, ptr %acc001, align 4
-  %76 = call <8 x float> @llvm.fma.v8f32(<8 x float> %72, <8 x float> %b1, <8 x float> %75)
-  store <8 x float> %76, ptr %acc001, align 4
-  %77 = getelementptr inbounds float, ptr %25, i64 %59
-  %78 = load float, ptr %77, align 4
-  %79 = insertelement <8 x float> poison, float %78, i32 0
-  %80 = shufflevector <8 x float> %79, <8 x float> poison, <8 x i32> zeroinitializer
-  %81 = load <8 x float>, ptr %acc010, align 4
-  %82 = call <8 x float> @llvm.fma.v8f32(<8 x float> %80, <8 x float> %b0, <8 x float> %81)
-  store <8 x float> %82, ptr %acc010, align 4
-  %83 = load <8 x float>, ptr %acc011, align 4
-  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %80, <8 x float> %b1, <8 x float> %83)
-  store <8 x float> %84, ptr %acc011, align 4
-  %85 = getelementptr inbounds float, ptr %31, i64 %59
-  %86 = load float, ptr %85, align 4
-  %87 = insertelement <8 x float> poison, float %86, i32 0
-  %88 = shufflevector <8 x float> %87, <8 x float> poison, <8 x i32> zeroinitializer
-  %89 = load <8 x float>, ptr %acc020, align 4
-  %90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %88, <8 x float> %b0, <8 x float> %89)
-  store <8 x float> %90, ptr %acc020, align 4
-  %91 = load <8 x float>, ptr %acc021, align 4
-  %92 = call <8 x float> @llvm.fma.v8f32(<8 x float> %88, <8 x float> %b1, <8 x float> %91)
-  store <8 x float> %92, ptr %acc021, align 4
-  %93 = getelementptr inbounds float, ptr %37, i64 %59
-  %94 = load float, ptr %93, align 4
-  %95 = insertelement <8 x float> poison, float %94, i32 0
-  %96 = shufflevector <8 x float> %95, <8 x float> poison, <8 x i32> zeroinitializer
-  %97 = load <8 x float>, ptr %acc030, align 4
-  %98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %96, <8 x float> %b0, <8 x float> %97)
-  store <8 x float> %98, ptr %acc030, align 4
-  %99 = load <8 x float>, ptr %acc031, align 4
-  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %96, <8 x float> %b1, <8 x float> %99)
-  store <8 x float> %100, ptr %acc031, align 4
-  %101 = getelementptr inbounds float, ptr %43, i64 %59
-  %102 = load float, ptr %101, align 4
-  %103 = insertelement <8 x float> poison, float %102, i32 0
-  %104 = shufflevector <8 x float> %103, <8 x float> poison, <8 x i32> zeroinitializer
-  %105 = load <8 x float>, ptr %acc040, align 4
-  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %104, <8 x float> %b0, <8 x float> %105)
-  store <8 x float> %106, ptr %acc040, align 4
-  %107 = load <8 x float>, ptr %acc041, align 4
-  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %104, <8 x float> %b1, <8 x float> %107)
-  store <8 x float> %108, ptr %acc041, align 4
-  %109 = getelementptr inbounds float, ptr %49, i64 %59
-  %110 = load float, ptr %109, align 4
-  %111 = insertelement <8 x float> poison, float %110, i32 0
-  %112 = shufflevector <8 x float> %111, <8 x float> poison, <8 x i32> zeroinitializer
-  %113 = load <8 x float>, ptr %acc050, align 4
-  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %112, <8 x float> %b0, <8 x float> %113)
-  store <8 x float> %114, ptr %acc050, align 4
-  %115 = load <8 x float>, ptr %acc051, align 4
-  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %112, <8 x float> %b1, <8 x float> %115)
-  store <8 x float> %116, ptr %acc051, align 4
-  %117 = add nsw i64 %k, 1
+  %191 = mul nsw i64 %187, 16
+  %192 = add nsw i64 %panel.off, %191
+  %193 = getelementptr inbounds i16, ptr %panels, i64 %192
+  %194 = load <8 x i32>, ptr %193, align 4
+  %195 = shl <8 x i32> %194, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %195 to <8 x float>
+  %196 = and <8 x i32> %194, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %196 to <8 x float>
+  %197 = getelementptr inbounds float, ptr %34, i64 %187
+  %198 = load float, ptr %197, align 4
+  %199 = insertelement <8 x float> poison, float %198, i32 0
+  %200 = shufflevector <8 x float> %199, <8 x float> poison, <8 x i32> zeroinitializer
+  %201 = load <8 x float>, ptr %acc000, align 4
+  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %b0, <8 x float> %201)
+  store <8 x float> %202, ptr %acc000, align 4
+  %203 = load <8 x float>, ptr %acc001, align 4
+  %204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %b1, <8 x float> %203)
+  store <8 x float> %204, ptr %acc001, align 4
+  %205 = getelementptr inbounds float, ptr %59, i64 %187
+  %206 = load float, ptr %205, align 4
+  %207 = insertelement <8 x float> poison, float %206, i32 0
+  %208 = shufflevector <8 x float> %207, <8 x float> poison, <8 x i32> zeroinitializer
+  %209 = load <8 x float>, ptr %acc010, align 4
+  %210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> %b0, <8 x float> %209)
+  store <8 x float> %210, ptr %acc010, align 4
+  %211 = load <8 x float>, ptr %acc011, align 4
+  %212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> %b1, <8 x float> %211)
+  store <8 x float> %212, ptr %acc011, align 4
+  %213 = getelementptr inbounds float, ptr %84, i64 %187
+  %214 = load float, ptr %213, align 4
+  %215 = insertelement <8 x float> poison, float %214, i32 0
+  %216 = shufflevector <8 x float> %215, <8 x float> poison, <8 x i32> zeroinitializer
+  %217 = load <8 x float>, ptr %acc020, align 4
+  %218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> %b0, <8 x float> %217)
+  store <8 x float> %218, ptr %acc020, align 4
+  %219 = load <8 x float>, ptr %acc021, align 4
+  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> %b1, <8 x float> %219)
+  store <8 x float> %220, ptr %acc021, align 4
+  %221 = getelementptr inbounds float, ptr %109, i64 %187
+  %222 = load float, ptr %221, align 4
+  %223 = insertelement <8 x float> poison, float %222, i32 0
+  %224 = shufflevector <8 x float> %223, <8 x float> poison, <8 x i32> zeroinitializer
+  %225 = load <8 x float>, ptr %acc030, align 4
+  %226 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> %b0, <8 x float> %225)
+  store <8 x float> %226, ptr %acc030, align 4
+  %227 = load <8 x float>, ptr %acc031, align 4
+  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> %b1, <8 x float> %227)
+  store <8 x float> %228, ptr %acc031, align 4
+  %229 = getelementptr inbounds float, ptr %134, i64 %187
+  %230 = load float, ptr %229, align 4
+  %231 = insertelement <8 x float> poison, float %230, i32 0
+  %232 = shufflevector <8 x float> %231, <8 x float> poison, <8 x i32> zeroinitializer
+  %233 = load <8 x float>, ptr %acc040, align 4
+  %234 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %b0, <8 x float> %233)
+  store <8 x float> %234, ptr %acc040, align 4
+  %235 = load <8 x float>, ptr %acc041, align 4
+  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %b1, <8 x float> %235)
+  store <8 x float> %236, ptr %acc041, align 4
+  %237 = getelementptr inbounds float, ptr %159, i64 %187
+  %238 = load float, ptr %237, align 4
+  %239 = insertelement <8 x float> poison, float %238, i32 0
+  %240 = shufflevector <8 x float> %239, <8 x float> poison, <8 x i32> zeroinitializer
+  %241 = load <8 x float>, ptr %acc050, align 4
+  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %b0, <8 x float> %241)
+  store <8 x float> %242, ptr %acc050, align 4
+  %243 = load <8 x float>, ptr %acc051, align 4
+  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %b1, <8 x float> %243)
+  store <8 x float> %244, ptr %acc051, align 4
+  %245 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %118 = add nsw i64 %r0, 0
-  %119 = getelementptr inbounds float, ptr %rw, i64 %118
-  %120 = load float, ptr %119, align 4
-  %121 = insertelement <8 x float> poison, float %120, i32 0
-  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
-  %123 = mul nsw i64 %118, 3072
-  %124 = getelementptr inbounds float, ptr %h, i64 %123
-  %col = mul nsw i64 %p, 16
-  %125 = load <8 x float>, ptr %acc000, align 4
-  %126 = load <8 x float>, ptr %acc001, align 4
-  %127 = add nsw i64 %col, 0
-  %128 = fcmp ogt <8 x float> %125, zeroinitializer
-  %129 = select <8 x i1> %128, <8 x float> %125, <8 x float> zeroinitializer
-  %130 = fmul <8 x float> %129, %122
-  %131 = getelementptr inbounds float, ptr %124, i64 %127
-  store <8 x float> %130, ptr %131, align 4
-  %132 = add nsw i64 %col, 8
-  %133 = fcmp ogt <8 x float> %126, zeroinitializer
-  %134 = select <8 x i1> %133, <8 x float> %126, <8 x float> zeroinitializer
-  %135 = fmul <8 x float> %134, %122
-  %136 = getelementptr inbounds float, ptr %124, i64 %132
-  store <8 x float> %135, ptr %136, align 4
-  %137 = add nsw i64 %r0, 1
-  %138 = getelementptr inbounds float, ptr %rw, i64 %137
-  %139 = load float, ptr %138, align 4
-  %140 = insertelement <8 x float> poison, float %139, i32 0
-  %141 = shufflevector <8 x float> %140, <8 x float> poison, <8 x i32> zeroinitializer
-  %142 = mul nsw i64 %137, 3072
-  %143 = getelementptr inbounds float, ptr %h, i64 %142
-  %col2 = mul nsw i64 %p, 16
-  %144 = load <8 x float>, ptr %acc010, align 4
-  %145 = load <8 x float>, ptr %acc011, align 4
-  %146 = add nsw i64 %col2, 0
-  %147 = fcmp ogt <8 x float> %144, zeroinitializer
-  %148 = select <8 x i1> %147, <8 x float> %144, <8 x float> zeroinitializer
-  %149 = fmul <8 x float> %148, %141
-  %150 = getelementptr inbounds float, ptr %143, i64 %146
-  store <8 x float> %149, ptr %150, align 4
-  %151 = add nsw i64 %col2, 8
-  %152 = fcmp ogt <8 x float> %145, zeroinitializer
-  %153 = select <8 x i1> %152, <8 x float> %145, <8 x float> zeroinitializer
-  %154 = fmul <8 x float> %153, %141
-  %155 = getelementptr inbounds float, ptr %143, i64 %151
-  store <8 x float> %154, ptr %155, align 4
-  %156 = add nsw i64 %r0, 2
-  %157 = getelementptr inbounds float, ptr %rw, i64 %156
-  %158 = load float, ptr %157, align 4
-  %159 = insertelement <8 x float> poison, float %158, i32 0
-  %160 = shufflevector <8 x float> %159, <8 x float> poison, <8 x i32> zeroinitializer
-  %161 = mul nsw i64 %156, 3072
-  %162 = getelementptr inbounds float, ptr %h, i64 %161
-  %col3 = mul nsw i64 %p, 16
-  %163 = load <8 x float>, ptr %acc020, align 4
-  %164 = load <8 x float>, ptr %acc021, align 4
-  %165 = add nsw i64 %col3, 0
-  %166 = fcmp ogt <8 x float> %163, zeroinitializer
-  %167 = select <8 x i1> %166, <8 x float> %163, <8 x float> zeroinitializer
-  %168 = fmul <8 x float> %167, %160
-  %169 = getelementptr inbounds float, ptr %162, i64 %165
-  store <8 x float> %168, ptr %169, align 4
-  %170 = add nsw i64 %col3, 8
-  %171 = fcmp ogt <8 x float> %164, zeroinitializer
-  %172 = select <8 x i1> %171, <8 x float> %164, <8 x float> zeroinitializer
-  %173 = fmul <8 x float> %172, %160
-  %174 = getelementptr inbounds float, ptr %162, i64 %170
-  store <8 x float> %173, ptr %174, align 4
-  %175 = add nsw i64 %r0, 3
-  %176 = getelementptr inbounds float, ptr %rw, i64 %175
-  %177 = load float, ptr %176, align 4
-  %178 = insertelement <8 x float> poison, float %177, i32 0
-  %179 = shufflevector <8 x float> %178, <8 x float> poison, <8 x i32> zeroinitializer
-  %180 = mul nsw i64 %175, 3072
-  %181 = getelementptr inbounds float, ptr %h, i64 %180
-  %col4 = mul nsw i64 %p, 16
-  %182 = load <8 x float>, ptr %acc030, align 4
-  %183 = load <8 x float>, ptr %acc031, align 4
-  %184 = add nsw i64 %col4, 0
-  %185 = fcmp ogt <8 x float> %182, zeroinitializer
-  %186 = select <8 x i1> %185, <8 x float> %182, <8 x float> zeroinitializer
-  %187 = fmul <8 x float> %186, %179
-  %188 = getelementptr inbounds float, ptr %181, i64 %184
-  store <8 x float> %187, ptr %188, align 4
-  %189 = add nsw i64 %col4, 8
-  %190 = fcmp ogt <8 x float> %183, zeroinitializer
-  %191 = select <8 x i1> %190, <8 x float> %183, <8 x float> zeroinitializer
-  %192 = fmul <8 x float> %191, %179
-  %193 = getelementptr inbounds float, ptr %181, i64 %189
-  store <8 x float> %192, ptr %193, align 4
-  %194 = add nsw i64 %r0, 4
-  %195 = getelementptr inbounds float, ptr %rw, i64 %194
-  %196 = load float, ptr %195, align 4
-  %197 = insertelement <8 x float> poison, float %196, i32 0
-  %198 = shufflevector <8 x float> %197, <8 x float> poison, <8 x i32> zeroinitializer
-  %199 = mul nsw i64 %194, 3072
-  %200 = getelementptr inbounds float, ptr %h, i64 %199
-  %col5 = mul nsw i64 %p, 16
-  %201 = load <8 x float>, ptr %acc040, align 4
-  %202 = load <8 x float>, ptr %acc041, align 4
-  %203 = add nsw i64 %col5, 0
-  %204 = fcmp ogt <8 x float> %201, zeroinitializer
-  %205 = select <8 x i1> %204, <8 x float> %201, <8 x float> zeroinitializer
-  %206 = fmul <8 x float> %205, %198
-  %207 = getelementptr inbounds float, ptr %200, i64 %203
-  store <8 x float> %206, ptr %207, align 4
-  %208 = add nsw i64 %col5, 8
-  %209 = fcmp ogt <8 x float> %202, zeroinitializer
-  %210 = select <8 x i1> %209, <8 x float> %202, <8 x float> zeroinitializer
-  %211 = fmul <8 x float> %210, %198
-  %212 = getelementptr inbounds float, ptr %200, i64 %208
-  store <8 x float> %211, ptr %212, align 4
-  %213 = add nsw i64 %r0, 5
-  %214 = getelementptr inbounds float, ptr %rw, i64 %213
-  %215 = load float, ptr %214, align 4
-  %216 = insertelement <8 x float> poison, float %215, i32 0
-  %217 = shufflevector <8 x float> %216, <8 x float> poison, <8 x i32> zeroinitializer
-  %218 = mul nsw i64 %213, 3072
-  %219 = getelementptr inbounds float, ptr %h, i64 %218
-  %col6 = mul nsw i64 %p, 16
-  %220 = load <8 x float>, ptr %acc050, align 4
-  %221 = load <8 x float>, ptr %acc051, align 4
-  %222 = add nsw i64 %col6, 0
-  %223 = fcmp ogt <8 x float> %220, zeroinitializer
-  %224 = select <8 x i1> %223, <8 x float> %220, <8 x float> zeroinitializer
-  %225 = fmul <8 x float> %224, %217
-  %226 = getelementptr inbounds float, ptr %219, i64 %222
-  store <8 x float> %225, ptr %226, align 4
-  %227 = add nsw i64 %col6, 8
-  %228 = fcmp ogt <8 x float> %221, zeroinitializer
-  %229 = select <8 x i1> %228, <8 x float> %221, <8 x float> zeroinitializer
-  %230 = fmul <8 x float> %229, %217
-  %231 = getelementptr inbounds float, ptr %219, i64 %227
-  store <8 x float> %230, ptr %231, align 4
+  %246 = xor i1 %klast, true
+  br i1 %246, label %part.then, label %part.end
+
+part.then:                                        ; preds = %k.end
+  %247 = add nsw i64 %r01, 0
+  %248 = sub nsw i64 %kb.p, %kb.pg
+  %249 = sub nsw i64 %247, %kb.rc
+  %250 = mul nsw i64 %249, 16
+  %251 = add nsw i64 %250, %248
+  %252 = mul nsw i64 %251, 16
+  %253 = getelementptr inbounds float, ptr %part, i64 %252
+  %254 = getelementptr inbounds float, ptr %253, i64 0
+  %255 = load <8 x float>, ptr %acc000, align 4
+  store <8 x float> %255, ptr %254, align 4
+  %256 = sub nsw i64 %kb.p, %kb.pg
+  %257 = sub nsw i64 %247, %kb.rc
+  %258 = mul nsw i64 %257, 16
+  %259 = add nsw i64 %258, %256
+  %260 = mul nsw i64 %259, 16
+  %261 = getelementptr inbounds float, ptr %part, i64 %260
+  %262 = getelementptr inbounds float, ptr %261, i64 8
+  %263 = load <8 x float>, ptr %acc001, align 4
+  store <8 x float> %263, ptr %262, align 4
+  %264 = add nsw i64 %r01, 1
+  %265 = sub nsw i64 %kb.p, %kb.pg
+  %266 = sub nsw i64 %264, %kb.rc
+  %267 = mul nsw i64 %266, 16
+  %268 = add nsw i64 %267, %265
+  %269 = mul nsw i64 %268, 16
+  %270 = getelementptr inbounds float, ptr %part, i64 %269
+  %271 = getelementptr inbounds float, ptr %270, i64 0
+  %272 = load <8 x float>, ptr %acc010, align 4
+  store <8 x float> %272, ptr %271, align 4
+  %273 = sub nsw i64 %kb.p, %kb.pg
+  %274 = sub nsw i64 %264, %kb.rc
+  %275 = mul nsw i64 %274, 16
+  %276 = add nsw i64 %275, %273
+  %277 = mul nsw i64 %276, 16
+  %278 = getelementptr inbounds float, ptr %part, i64 %277
+  %279 = getelementptr inbounds float, ptr %278, i64 8
+  %280 = load <8 x float>, ptr %acc011, align 4
+  store <8 x float> %280, ptr %279, align 4
+  %281 = add nsw i64 %r01, 2
+  %282 = sub nsw i64 %kb.p, %kb.pg
+  %283 = sub nsw i64 %281, %kb.rc
+  %284 = mul nsw i64 %283, 16
+  %285 = add nsw i64 %284, %282
+  %286 = mul nsw i64 %285, 16
+  %287 = getelementptr inbounds float, ptr %part, i64 %286
+  %288 = getelementptr inbounds float, ptr %287, i64 0
+  %289 = load <8 x float>, ptr %acc020, align 4
+  store <8 x float> %289, ptr %288, align 4
+  %290 = sub nsw i64 %kb.p, %kb.pg
+  %291 = sub nsw i64 %281, %kb.rc
+  %292 = mul nsw i64 %291, 16
+  %293 = add nsw i64 %292, %290
+  %294 = mul nsw i64 %293, 16
+  %295 = getelementptr inbounds float, ptr %part, i64 %294
+  %296 = getelementptr inbounds float, ptr %295, i64 8
+  %297 = load <8 x float>, ptr %acc021, align 4
+  store <8 x float> %297, ptr %296, align 4
+  %298 = add nsw i64 %r01, 3
+  %299 = sub nsw i64 %kb.p, %kb.pg
+  %300 = sub nsw i64 %298, %kb.rc
+  %301 = mul nsw i64 %300, 16
+  %302 = add nsw i64 %301, %299
+  %303 = mul nsw i64 %302, 16
+  %304 = getelementptr inbounds float, ptr %part, i64 %303
+  %305 = getelementptr inbounds float, ptr %304, i64 0
+  %306 = load <8 x float>, ptr %acc030, align 4
+  store <8 x float> %306, ptr %305, align 4
+  %307 = sub nsw i64 %kb.p, %kb.pg
+  %308 = sub nsw i64 %298, %kb.rc
+  %309 = mul nsw i64 %308, 16
+  %310 = add nsw i64 %309, %307
+  %311 = mul nsw i64 %310, 16
+  %312 = getelementptr inbounds float, ptr %part, i64 %311
+  %313 = getelementptr inbounds float, ptr %312, i64 8
+  %314 = load <8 x float>, ptr %acc031, align 4
+  store <8 x float> %314, ptr %313, align 4
+  %315 = add nsw i64 %r01, 4
+  %316 = sub nsw i64 %kb.p, %kb.pg
+  %317 = sub nsw i64 %315, %kb.rc
+  %318 = mul nsw i64 %317, 16
+  %319 = add nsw i64 %318, %316
+  %320 = mul nsw i64 %319, 16
+  %321 = getelementptr inbounds float, ptr %part, i64 %320
+  %322 = getelementptr inbounds float, ptr %321, i64 0
+  %323 = load <8 x float>, ptr %acc040, align 4
+  store <8 x float> %323, ptr %322, align 4
+  %324 = sub nsw i64 %kb.p, %kb.pg
+  %325 = sub nsw i64 %315, %kb.rc
+  %326 = mul nsw i64 %325, 16
+  %327 = add nsw i64 %326, %324
+  %328 = mul nsw i64 %327, 16
+  %329 = getelementptr inbounds float, ptr %part, i64 %328
+  %330 = getelementptr inbounds float, ptr %329, i64 8
+  %331 = load <8 x float>, ptr %acc041, align 4
+  store <8 x float> %331, ptr %330, align 4
+  %332 = add nsw i64 %r01, 5
+  %333 = sub nsw i64 %kb.p, %kb.pg
+  %334 = sub nsw i64 %332, %kb.rc
+  %335 = mul nsw i64 %334, 16
+  %336 = add nsw i64 %335, %333
+  %337 = mul nsw i64 %336, 16
+  %338 = getelementptr inbounds float, ptr %part, i64 %337
+  %339 = getelementptr inbounds float, ptr %338, i64 0
+  %340 = load <8 x float>, ptr %acc050, align 4
+  store <8 x float> %340, ptr %339, align 4
+  %341 = sub nsw i64 %kb.p, %kb.pg
+  %342 = sub nsw i64 %332, %kb.rc
+  %343 = mul nsw i64 %342, 16
+  %344 = add nsw i64 %343, %341
+  %345 = mul nsw i64 %344, 16
+  %346 = getelementptr inbounds float, ptr %part, i64 %345
+  %347 = getelementptr inbounds float, ptr %346, i64 8
+  %348 = load <8 x float>, ptr %acc051, align 4
+  store <8 x float> %348, ptr %347, align 4
+  br label %part.end
+
+part.end:                                         ; preds = %part.then, %k.end
+  br i1 %klast, label %last.then, label %last.end
+
+last.then:                                        ; preds = %part.end
+  %349 = add nsw i64 %r01, 0
+  %350 = getelementptr inbounds float, ptr %rw, i64 %349
+  %351 = load float, ptr %350, align 4
+  %352 = insertelement <8 x float> poison, float %351, i32 0
+  %353 = shufflevector <8 x float> %352, <8 x float> poison, <8 x i32> zeroinitializer
+  %354 = mul nsw i64 %349, 3072
+  %355 = getelementptr inbounds float, ptr %h, i64 %354
+  %col = mul nsw i64 %kb.p, 16
+  %356 = load <8 x float>, ptr %acc000, align 4
+  %357 = load <8 x float>, ptr %acc001, align 4
+  %358 = add nsw i64 %col, 0
+  %359 = fcmp ogt <8 x float> %356, zeroinitializer
+  %360 = select <8 x i1> %359, <8 x float> %356, <8 x float> zeroinitializer
+  %361 = fmul <8 x float> %360, %353
+  %362 = getelementptr inbounds float, ptr %355, i64 %358
+  store <8 x float> %361, ptr %362, align 4
+  %363 = add nsw i64 %col, 8
+  %364 = fcmp ogt <8 x float> %357, zeroinitializer
+  %365 = select <8 x i1> %364, <8 x float> %357, <8 x float> zeroinitializer
+  %366 = fmul <8 x float> %365, %353
+  %367 = getelementptr inbounds float, ptr %355, i64 %363
+  store <8 x float> %366, ptr %367, align 4
+  %368 = add nsw i64 %r01, 1
+  %369 = getelementptr inbounds float, ptr %rw, i64 %368
+  %370 = load float, ptr %369, align 4
+  %371 = insertelement <8 x float> poison, float %370, i32 0
+  %372 = shufflevector <8 x float> %371, <8 x float> poison, <8 x i32> zeroinitializer
+  %373 = mul nsw i64 %368, 3072
+  %374 = getelementptr inbounds float, ptr %h, i64 %373
+  %col3 = mul nsw i64 %kb.p, 16
+  %375 = load <8 x float>, ptr %acc010, align 4
+  %376 = load <8 x float>, ptr %acc011, align 4
+  %377 = add nsw i64 %col3, 0
+  %378 = fcmp ogt <8 x float> %375, zeroinitializer
+  %379 = select <8 x i1> %378, <8 x float> %375, <8 x float> zeroinitializer
+  %380 = fmul <8 x float> %379, %372
+  %381 = getelementptr inbounds float, ptr %374, i64 %377
+  store <8 x float> %380, ptr %381, align 4
+  %382 = add nsw i64 %col3, 8
+  %383 = fcmp ogt <8 x float> %376, zeroinitializer
+  %384 = select <8 x i1> %383, <8 x float> %376, <8 x float> zeroinitializer
+  %385 = fmul <8 x float> %384, %372
+  %386 = getelementptr inbounds float, ptr %374, i64 %382
+  store <8 x float> %385, ptr %386, align 4
+  %387 = add nsw i64 %r01, 2
+  %388 = getelementptr inbounds float, ptr %rw, i64 %387
+  %389 = load float, ptr %388, align 4
+  %390 = insertelement <8 x float> poison, float %389, i32 0
+  %391 = shufflevector <8 x float> %390, <8 x float> poison, <8 x i32> zeroinitializer
+  %392 = mul nsw i64 %387, 3072
+  %393 = getelementptr inbounds float, ptr %h, i64 %392
+  %col4 = mul nsw i64 %kb.p, 16
+  %394 = load <8 x float>, ptr %acc020, align 4
+  %395 = load <8 x float>, ptr %acc021, align 4
+  %396 = add nsw i64 %col4, 0
+  %397 = fcmp ogt <8 x float> %394, zeroinitializer
+  %398 = select <8 x i1> %397, <8 x float> %394, <8 x float> zeroinitializer
+  %399 = fmul <8 x float> %398, %391
+  %400 = getelementptr inbounds float, ptr %393, i64 %396
+  store <8 x float> %399, ptr %400, align 4
+  %401 = add nsw i64 %col4, 8
+  %402 = fcmp ogt <8 x float> %395, zeroinitializer
+  %403 = select <8 x i1> %402, <8 x float> %395, <8 x float> zeroinitializer
+  %404 = fmul <8 x float> %403, %391
+  %405 = getelementptr inbounds float, ptr %393, i64 %401
+  store <8 x float> %404, ptr %405, align 4
+  %406 = add nsw i64 %r01, 3
+  %407 = getelementptr inbounds float, ptr %rw, i64 %406
+  %408 = load float, ptr %407, align 4
+  %409 = insertelement <8 x float> poison, float %408, i32 0
+  %410 = shufflevector <8 x float> %409, <8 x float> poison, <8 x i32> zeroinitializer
+  %411 = mul nsw i64 %406, 3072
+  %412 = getelementptr inbounds float, ptr %h, i64 %411
+  %col5 = mul nsw i64 %kb.p, 16
+  %413 = load <8 x float>, ptr %acc030, align 4
+  %414 = load <8 x float>, ptr %acc031, align 4
+  %415 = add nsw i64 %col5, 0
+  %416 = fcmp ogt <8 x float> %413, zeroinitializer
+  %417 = select <8 x i1> %416, <8 x float> %413, <8 x float> zeroinitializer
+  %418 = fmul <8 x float> %417, %410
+  %419 = getelementptr inbounds float, ptr %412, i64 %415
+  store <8 x float> %418, ptr %419, align 4
+  %420 = add nsw i64 %col5, 8
+  %421 = fcmp ogt <8 x float> %414, zeroinitializer
+  %422 = select <8 x i1> %421, <8 x float> %414, <8 x float> zeroinitializer
+  %423 = fmul <8 x float> %422, %410
+  %424 = getelementptr inbounds float, ptr %412, i64 %420
+  store <8 x float> %423, ptr %424, align 4
+  %425 = add nsw i64 %r01, 4
+  %426 = getelementptr inbounds float, ptr %rw, i64 %425
+  %427 = load float, ptr %426, align 4
+  %428 = insertelement <8 x float> poison, float %427, i32 0
+  %429 = shufflevector <8 x float> %428, <8 x float> poison, <8 x i32> zeroinitializer
+  %430 = mul nsw i64 %425, 3072
+  %431 = getelementptr inbounds float, ptr %h, i64 %430
+  %col6 = mul nsw i64 %kb.p, 16
+  %432 = load <8 x float>, ptr %acc040, align 4
+  %433 = load <8 x float>, ptr %acc041, align 4
+  %434 = add nsw i64 %col6, 0
+  %435 = fcmp ogt <8 x float> %432, zeroinitializer
+  %436 = select <8 x i1> %435, <8 x float> %432, <8 x float> zeroinitializer
+  %437 = fmul <8 x float> %436, %429
+  %438 = getelementptr inbounds float, ptr %431, i64 %434
+  store <8 x float> %437, ptr %438, align 4
+  %439 = add nsw i64 %col6, 8
+  %440 = fcmp ogt <8 x float> %433, zeroinitializer
+  %441 = select <8 x i1> %440, <8 x float> %433, <8 x float> zeroinitializer
+  %442 = fmul <8 x float> %441, %429
+  %443 = getelementptr inbounds float, ptr %431, i64 %439
+  store <8 x float> %442, ptr %443, align 4
+  %444 = add nsw i64 %r01, 5
+  %445 = getelementptr inbounds float, ptr %rw, i64 %444
+  %446 = load float, ptr %445, align 4
+  %447 = insertelement <8 x float> poison, float %446, i32 0
+  %448 = shufflevector <8 x float> %447, <8 x float> poison, <8 x i32> zeroinitializer
+  %449 = mul nsw i64 %444, 3072
+  %450 = getelementptr inbounds float, ptr %h, i64 %449
+  %col7 = mul nsw i64 %kb.p, 16
+  %451 = load <8 x float>, ptr %acc050, align 4
+  %452 = load <8 x float>, ptr %acc051, align 4
+  %453 = add nsw i64 %col7, 0
+  %454 = fcmp ogt <8 x float> %451, zeroinitializer
+  %455 = select <8 x i1> %454, <8 x float> %451, <8 x float> zeroinitializer
+  %456 = fmul <8 x float> %455, %448
+  %457 = getelementptr inbounds float, ptr %450, i64 %453
+  store <8 x float> %456, ptr %457, align 4
+  %458 = add nsw i64 %col7, 8
+  %459 = fcmp ogt <8 x float> %452, zeroinitializer
+  %460 = select <8 x i1> %459, <8 x float> %452, <8 x float> zeroinitializer
+  %461 = fmul <8 x float> %460, %448
+  %462 = getelementptr inbounds float, ptr %450, i64 %458
+  store <8 x float> %461, ptr %462, align 4
+  br label %last.end
+
+last.end:                                         ; preds = %last.then, %part.end
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
-  %232 = add nsw i64 %r0, 0
-  %233 = getelementptr inbounds i32, ptr %rows, i64 %232
-  %234 = load i32, ptr %233, align 4
-  %235 = sext i32 %234 to i64
-  %236 = mul nsw i64 %235, 768
-  %237 = getelementptr inbounds float, ptr %x, i64 %236
-  store <8 x float> zeroinitializer, ptr %acc0007, align 4
-  store <8 x float> zeroinitializer, ptr %acc0018, align 4
-  %238 = add nsw i64 %r0, 1
-  %239 = getelementptr inbounds i32, ptr %rows, i64 %238
-  %240 = load i32, ptr %239, align 4
-  %241 = sext i32 %240 to i64
-  %242 = mul nsw i64 %241, 768
-  %243 = getelementptr inbounds float, ptr %x, i64 %242
-  store <8 x float> zeroinitializer, ptr %acc0109, align 4
-  store <8 x float> zeroinitializer, ptr %acc01110, align 4
-  %244 = add nsw i64 %r0, 2
-  %245 = getelementptr inbounds i32, ptr %rows, i64 %244
-  %246 = load i32, ptr %245, align 4
-  %247 = sext i32 %246 to i64
-  %248 = mul nsw i64 %247, 768
-  %249 = getelementptr inbounds float, ptr %x, i64 %248
-  store <8 x float> zeroinitializer, ptr %acc02011, align 4
-  store <8 x float> zeroinitializer, ptr %acc02112, align 4
-  %250 = add nsw i64 %r0, 3
-  %251 = getelementptr inbounds i32, ptr %rows, i64 %250
-  %252 = load i32, ptr %251, align 4
-  %253 = sext i32 %252 to i64
-  %254 = mul nsw i64 %253, 768
-  %255 = getelementptr inbounds float, ptr %x, i64 %254
-  store <8 x float> zeroinitializer, ptr %acc03013, align 4
-  store <8 x float> zeroinitializer, ptr %acc03114, align 4
-  %256 = add nsw i64 %r0, 4
-  %257 = getelementptr inbounds i32, ptr %rows, i64 %256
-  %258 = load i32, ptr %257, align 4
-  %259 = sext i32 %258 to i64
-  %260 = mul nsw i64 %259, 768
-  %261 = getelementptr inbounds float, ptr %x, i64 %260
-  store <8 x float> zeroinitializer, ptr %acc04015, align 4
-  store <8 x float> zeroinitializer, ptr %acc04116, align 4
-  %panel.off17 = mul nsw i64 %p, 12288
-  %262 = getelementptr inbounds i16, ptr %panels, i64 %panel.off17
-  %263 = add nsw i64 %p, 1
-  %264 = icmp slt i64 %263, %p1
-  %pf.on18 = and i1 %pf.on, %264
-  %265 = mul nsw i64 %rb, 24576
-  %266 = lshr i64 %265, %11
-  %267 = add nsw i64 24576, %266
-  %268 = getelementptr inbounds i8, ptr %262, i64 %267
-  %pf19 = select i1 %pf.on18, ptr %268, ptr %262
-  %pf.sh20 = select i1 %pf.on18, i64 %11, i64 0
-  br label %k.head21
+  %463 = add nsw i64 %r01, 0
+  %464 = getelementptr inbounds i32, ptr %rows, i64 %463
+  %465 = load i32, ptr %464, align 4
+  %466 = sext i32 %465 to i64
+  %467 = mul nsw i64 %466, 768
+  %468 = add nsw i64 %467, %k0
+  %469 = getelementptr inbounds float, ptr %x, i64 %468
+  %470 = sub nsw i64 %kb.p, %kb.pg
+  %471 = sub nsw i64 %463, %kb.rc
+  %472 = mul nsw i64 %471, 16
+  %473 = add nsw i64 %472, %470
+  %474 = mul nsw i64 %473, 16
+  %475 = getelementptr inbounds float, ptr %part, i64 %474
+  %476 = getelementptr inbounds float, ptr %475, i64 0
+  %477 = load <8 x float>, ptr %476, align 4
+  %478 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %477
+  store <8 x float> %478, ptr %acc0008, align 4
+  %479 = sub nsw i64 %kb.p, %kb.pg
+  %480 = sub nsw i64 %463, %kb.rc
+  %481 = mul nsw i64 %480, 16
+  %482 = add nsw i64 %481, %479
+  %483 = mul nsw i64 %482, 16
+  %484 = getelementptr inbounds float, ptr %part, i64 %483
+  %485 = getelementptr inbounds float, ptr %484, i64 8
+  %486 = load <8 x float>, ptr %485, align 4
+  %487 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %486
+  store <8 x float> %487, ptr %acc0019, align 4
+  %488 = add nsw i64 %r01, 1
+  %489 = getelementptr inbounds i32, ptr %rows, i64 %488
+  %490 = load i32, ptr %489, align 4
+  %491 = sext i32 %490 to i64
+  %492 = mul nsw i64 %491, 768
+  %493 = add nsw i64 %492, %k0
+  %494 = getelementptr inbounds float, ptr %x, i64 %493
+  %495 = sub nsw i64 %kb.p, %kb.pg
+  %496 = sub nsw i64 %488, %kb.rc
+  %497 = mul nsw i64 %496, 16
+  %498 = add nsw i64 %497, %495
+  %499 = mul nsw i64 %498, 16
+  %500 = getelementptr inbounds float, ptr %part, i64 %499
+  %501 = getelementptr inbounds float, ptr %500, i64 0
+  %502 = load <8 x float>, ptr %501, align 4
+  %503 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %502
+  store <8 x float> %503, ptr %acc01010, align 4
+  %504 = sub nsw i64 %kb.p, %kb.pg
+  %505 = sub nsw i64 %488, %kb.rc
+  %506 = mul nsw i64 %505, 16
+  %507 = add nsw i64 %506, %504
+  %508 = mul nsw i64 %507, 16
+  %509 = getelementptr inbounds float, ptr %part, i64 %508
+  %510 = getelementptr inbounds float, ptr %509, i64 8
+  %511 = load <8 x float>, ptr %510, align 4
+  %512 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %511
+  store <8 x float> %512, ptr %acc01111, align 4
+  %513 = add nsw i64 %r01, 2
+  %514 = getelementptr inbounds i32, ptr %rows, i64 %513
+  %515 = load i32, ptr %514, align 4
+  %516 = sext i32 %515 to i64
+  %517 = mul nsw i64 %516, 768
+  %518 = add nsw i64 %517, %k0
+  %519 = getelementptr inbounds float, ptr %x, i64 %518
+  %520 = sub nsw i64 %kb.p, %kb.pg
+  %521 = sub nsw i64 %513, %kb.rc
+  %522 = mul nsw i64 %521, 16
+  %523 = add nsw i64 %522, %520
+  %524 = mul nsw i64 %523, 16
+  %525 = getelementptr inbounds float, ptr %part, i64 %524
+  %526 = getelementptr inbounds float, ptr %525, i64 0
+  %527 = load <8 x float>, ptr %526, align 4
+  %528 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %527
+  store <8 x float> %528, ptr %acc02012, align 4
+  %529 = sub nsw i64 %kb.p, %kb.pg
+  %530 = sub nsw i64 %513, %kb.rc
+  %531 = mul nsw i64 %530, 16
+  %532 = add nsw i64 %531, %529
+  %533 = mul nsw i64 %532, 16
+  %534 = getelementptr inbounds float, ptr %part, i64 %533
+  %535 = getelementptr inbounds float, ptr %534, i64 8
+  %536 = load <8 x float>, ptr %535, align 4
+  %537 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %536
+  store <8 x float> %537, ptr %acc02113, align 4
+  %538 = add nsw i64 %r01, 3
+  %539 = getelementptr inbounds i32, ptr %rows, i64 %538
+  %540 = load i32, ptr %539, align 4
+  %541 = sext i32 %540 to i64
+  %542 = mul nsw i64 %541, 768
+  %543 = add nsw i64 %542, %k0
+  %544 = getelementptr inbounds float, ptr %x, i64 %543
+  %545 = sub nsw i64 %kb.p, %kb.pg
+  %546 = sub nsw i64 %538, %kb.rc
+  %547 = mul nsw i64 %546, 16
+  %548 = add nsw i64 %547, %545
+  %549 = mul nsw i64 %548, 16
+  %550 = getelementptr inbounds float, ptr %part, i64 %549
+  %551 = getelementptr inbounds float, ptr %550, i64 0
+  %552 = load <8 x float>, ptr %551, align 4
+  %553 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %552
+  store <8 x float> %553, ptr %acc03014, align 4
+  %554 = sub nsw i64 %kb.p, %kb.pg
+  %555 = sub nsw i64 %538, %kb.rc
+  %556 = mul nsw i64 %555, 16
+  %557 = add nsw i64 %556, %554
+  %558 = mul nsw i64 %557, 16
+  %559 = getelementptr inbounds float, ptr %part, i64 %558
+  %560 = getelementptr inbounds float, ptr %559, i64 8
+  %561 = load <8 x float>, ptr %560, align 4
+  %562 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %561
+  store <8 x float> %562, ptr %acc03115, align 4
+  %563 = add nsw i64 %r01, 4
+  %564 = getelementptr inbounds i32, ptr %rows, i64 %563
+  %565 = load i32, ptr %564, align 4
+  %566 = sext i32 %565 to i64
+  %567 = mul nsw i64 %566, 768
+  %568 = add nsw i64 %567, %k0
+  %569 = getelementptr inbounds float, ptr %x, i64 %568
+  %570 = sub nsw i64 %kb.p, %kb.pg
+  %571 = sub nsw i64 %563, %kb.rc
+  %572 = mul nsw i64 %571, 16
+  %573 = add nsw i64 %572, %570
+  %574 = mul nsw i64 %573, 16
+  %575 = getelementptr inbounds float, ptr %part, i64 %574
+  %576 = getelementptr inbounds float, ptr %575, i64 0
+  %577 = load <8 x float>, ptr %576, align 4
+  %578 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %577
+  store <8 x float> %578, ptr %acc04016, align 4
+  %579 = sub nsw i64 %kb.p, %kb.pg
+  %580 = sub nsw i64 %563, %kb.rc
+  %581 = mul nsw i64 %580, 16
+  %582 = add nsw i64 %581, %579
+  %583 = mul nsw i64 %582, 16
+  %584 = getelementptr inbounds float, ptr %part, i64 %583
+  %585 = getelementptr inbounds float, ptr %584, i64 8
+  %586 = load <8 x float>, ptr %585, align 4
+  %587 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %586
+  store <8 x float> %587, ptr %acc04117, align 4
+  %588 = mul nsw i64 %k0, 16
+  %589 = mul nsw i64 %kb.p, 12288
+  %panel.off18 = add nsw i64 %589, %588
+  %590 = getelementptr inbounds i16, ptr %panels, i64 %panel.off18
+  %pf.on19 = and i1 %pf.on, %pf.next
+  %591 = mul nsw i64 %rb, 8192
+  %592 = lshr i64 %591, %25
+  %593 = add nsw i64 %pf.step, %592
+  %594 = getelementptr inbounds i8, ptr %590, i64 %593
+  %pf20 = select i1 %pf.on19, ptr %594, ptr %590
+  %pf.sh21 = select i1 %pf.on19, i64 %25, i64 0
+  br label %k.head22
 
-k.head21:                                         ; preds = %pf.any.end26, %tile.mr5
-  %k24 = phi i64 [ 0, %tile.mr5 ], [ %321, %pf.any.end26 ]
-  %269 = icmp slt i64 %k24, 768
-  br i1 %269, label %k.body22, label %k.end23
+k.head22:                                         ; preds = %pf.any.end27, %tile.mr5
+  %k25 = phi i64 [ 0, %tile.mr5 ], [ %647, %pf.any.end27 ]
+  %595 = icmp slt i64 %k25, 256
+  br i1 %595, label %k.body23, label %k.end24
 
-k.body22:                                         ; preds = %k.head21
-  %270 = mul nsw i64 %k24, 1
-  %271 = add nsw i64 %270, 0
-  %272 = mul nsw i64 %271, 32
-  br i1 %pf.multi, label %pf.any.then25, label %pf.any.end26
+k.body23:                                         ; preds = %k.head22
+  %596 = mul nsw i64 %k25, 1
+  %597 = add nsw i64 %596, 0
+  %598 = mul nsw i64 %597, 32
+  br i1 %pf.multi, label %pf.any.then26, label %pf.any.end27
 
-pf.any.then25:                                    ; preds = %k.body22
-  %273 = lshr i64 %272, %pf.sh20
-  %274 = getelementptr inbounds i8, ptr %pf19, i64 %273
-  call void @llvm.prefetch.p0(ptr %274, i32 0, i32 2, i32 1)
-  br label %pf.any.end26
+pf.any.then26:                                    ; preds = %k.body23
+  %599 = lshr i64 %598, %pf.sh21
+  %600 = getelementptr inbounds i8, ptr %pf20, i64 %599
+  call void @llvm.prefetch.p0(ptr %600, i32 0, i32 2, i32 1)
+  br label %pf.any.end27
 
-pf.any.end26:                                     ; preds = %pf.any.then25, %k.body22
-  %275 = mul nsw i64 %271, 16
-  %276 = add nsw i64 %panel.off17, %275
-  %277 = getelementptr inbounds i16, ptr %panels, i64 %276
-  %278 = load <8 x i32>, ptr %277, align 4
-  %279 = shl <8 x i32> %278, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b027 = bitcast <8 x i32> %279 to <8 x float>
-  %280 = and <8 x i32> %278, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b128 = bitcast <8 x i32> %280 to <8 x float>
-  %281 = getelementptr inbounds float, ptr %237, i64 %271
-  %282 = load float, ptr %281, align 4
-  %283 = insertelement <8 x float> poison, float %282, i32 0
-  %284 = shufflevector <8 x float> %283, <8 x float> poison, <8 x i32> zeroinitializer
-  %285 = load <8 x float>, ptr %acc0007, align 4
-  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %b027, <8 x float> %285)
-  store <8 x float> %286, ptr %acc0007, align 4
-  %287 = load <8 x float>, ptr %acc0018, align 4
-  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %b128, <8 x float> %287)
-  store <8 x float> %288, ptr %acc0018, align 4
-  %289 = getelementptr inbounds float, ptr %243, i64 %271
-  %290 = load float, ptr %289, align 4
-  %291 = insertelement <8 x float> poison, float %290, i32 0
-  %292 = shufflevector <8 x float> %291, <8 x float> poison, <8 x i32> zeroinitializer
-  %293 = load <8 x float>, ptr %acc0109, align 4
-  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %292, <8 x float> %b027, <8 x float> %293)
-  store <8 x float> %294, ptr %acc0109, align 4
-  %295 = load <8 x float>, ptr %acc01110, align 4
-  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %292, <8 x float> %b128, <8 x float> %295)
-  store <8 x float> %296, ptr %acc01110, align 4
-  %297 = getelementptr inbounds float, ptr %249, i64 %271
-  %298 = load float, ptr %297, align 4
-  %299 = insertelement <8 x float> poison, float %298, i32 0
-  %300 = shufflevector <8 x float> %299, <8 x float> poison, <8 x i32> zeroinitializer
-  %301 = load <8 x float>, ptr %acc02011, align 4
-  %302 = call <8 x float> @llvm.fma.v8f32(<8 x float> %300, <8 x float> %b027, <8 x float> %301)
-  store <8 x float> %302, ptr %acc02011, align 4
-  %303 = load <8 x float>, ptr %acc02112, align 4
-  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %300, <8 x float> %b128, <8 x float> %303)
-  store <8 x float> %304, ptr %acc02112, align 4
-  %305 = getelementptr inbounds float, ptr %255, i64 %271
-  %306 = load float, ptr %305, align 4
-  %307 = insertelement <8 x float> poison, float %306, i32 0
-  %308 = shufflevector <8 x float> %307, <8 x float> poison, <8 x i32> zeroinitializer
-  %309 = load <8 x float>, ptr %acc03013, align 4
-  %310 = call <8 x float> @llvm.fma.v8f32(<8 x float> %308, <8 x float> %b027, <8 x float> %309)
-  store <8 x float> %310, ptr %acc03013, align 4
-  %311 = load <8 x float>, ptr %acc03114, align 4
-  %312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %308, <8 x float> %b128, <8 x float> %311)
-  store <8 x float> %312, ptr %acc03114, align 4
-  %313 = getelementptr inbounds float, ptr %261, i64 %271
-  %314 = load float, ptr %313, align 4
-  %315 = insertelement <8 x float> poison, float %314, i32 0
-  %316 = shufflevector <8 x float> %315, <8 x float> poison, <8 x i32> zeroinitializer
-  %317 = load <8 x float>, ptr %acc04015, align 4
-  %318 = call <8 x float> @llvm.fma.v8f32(<8 x float> %316, <8 x float> %b027, <8 x float> %317)
-  store <8 x float> %318, ptr %acc04015, align 4
-  %319 = load <8 x float>, ptr %acc04116, align 4
-  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %316, <8 x float> %b128, <8 x float> %319)
-  store <8 x float> %320, ptr %acc04116, align 4
-  %321 = add nsw i64 %k24, 1
-  br label %k.head21
+pf.any.end27:                                     ; preds = %pf.any.then26, %k.body23
+  %601 = mul nsw i64 %597, 16
+  %602 = add nsw i64 %panel.off18, %601
+  %603 = getelementptr inbounds i16, ptr %panels, i64 %602
+  %604 = load <8 x i32>, ptr %603, align 4
+  %605 = shl <8 x i32> %604, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b028 = bitcast <8 x i32> %605 to <8 x float>
+  %606 = and <8 x i32> %604, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b129 = bitcast <8 x i32> %606 to <8 x float>
+  %607 = getelementptr inbounds float, ptr %469, i64 %597
+  %608 = load float, ptr %607, align 4
+  %609 = insertelement <8 x float> poison, float %608, i32 0
+  %610 = shufflevector <8 x float> %609, <8 x float> poison, <8 x i32> zeroinitializer
+  %611 = load <8 x float>, ptr %acc0008, align 4
+  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> %b028, <8 x float> %611)
+  store <8 x float> %612, ptr %acc0008, align 4
+  %613 = load <8 x float>, ptr %acc0019, align 4
+  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> %b129, <8 x float> %613)
+  store <8 x float> %614, ptr %acc0019, align 4
+  %615 = getelementptr inbounds float, ptr %494, i64 %597
+  %616 = load float, ptr %615, align 4
+  %617 = insertelement <8 x float> poison, float %616, i32 0
+  %618 = shufflevector <8 x float> %617, <8 x float> poison, <8 x i32> zeroinitializer
+  %619 = load <8 x float>, ptr %acc01010, align 4
+  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %b028, <8 x float> %619)
+  store <8 x float> %620, ptr %acc01010, align 4
+  %621 = load <8 x float>, ptr %acc01111, align 4
+  %622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %b129, <8 x float> %621)
+  store <8 x float> %622, ptr %acc01111, align 4
+  %623 = getelementptr inbounds float, ptr %519, i64 %597
+  %624 = load float, ptr %623, align 4
+  %625 = insertelement <8 x float> poison, float %624, i32 0
+  %626 = shufflevector <8 x float> %625, <8 x float> poison, <8 x i32> zeroinitializer
+  %627 = load <8 x float>, ptr %acc02012, align 4
+  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> %b028, <8 x float> %627)
+  store <8 x float> %628, ptr %acc02012, align 4
+  %629 = load <8 x float>, ptr %acc02113, align 4
+  %630 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> %b129, <8 x float> %629)
+  store <8 x float> %630, ptr %acc02113, align 4
+  %631 = getelementptr inbounds float, ptr %544, i64 %597
+  %632 = load float, ptr %631, align 4
+  %633 = insertelement <8 x float> poison, float %632, i32 0
+  %634 = shufflevector <8 x float> %633, <8 x float> poison, <8 x i32> zeroinitializer
+  %635 = load <8 x float>, ptr %acc03014, align 4
+  %636 = call <8 x float> @llvm.fma.v8f32(<8 x float> %634, <8 x float> %b028, <8 x float> %635)
+  store <8 x float> %636, ptr %acc03014, align 4
+  %637 = load <8 x float>, ptr %acc03115, align 4
+  %638 = call <8 x float> @llvm.fma.v8f32(<8 x float> %634, <8 x float> %b129, <8 x float> %637)
+  store <8 x float> %638, ptr %acc03115, align 4
+  %639 = getelementptr inbounds float, ptr %569, i64 %597
+  %640 = load float, ptr %639, align 4
+  %641 = insertelement <8 x float> poison, float %640, i32 0
+  %642 = shufflevector <8 x float> %641, <8 x float> poison, <8 x i32> zeroinitializer
+  %643 = load <8 x float>, ptr %acc04016, align 4
+  %644 = call <8 x float> @llvm.fma.v8f32(<8 x float> %642, <8 x float> %b028, <8 x float> %643)
+  store <8 x float> %644, ptr %acc04016, align 4
+  %645 = load <8 x float>, ptr %acc04117, align 4
+  %646 = call <8 x float> @llvm.fma.v8f32(<8 x float> %642, <8 x float> %b129, <8 x float> %645)
+  store <8 x float> %646, ptr %acc04117, align 4
+  %647 = add nsw i64 %k25, 1
+  br label %k.head22
 
-k.end23:                                          ; preds = %k.head21
-  %322 = add nsw i64 %r0, 0
-  %323 = getelementptr inbounds float, ptr %rw, i64 %322
-  %324 = load float, ptr %323, align 4
-  %325 = insertelement <8 x float> poison, float %324, i32 0
-  %326 = shufflevector <8 x float> %325, <8 x float> poison, <8 x i32> zeroinitializer
-  %327 = mul nsw i64 %322, 3072
-  %328 = getelementptr inbounds float, ptr %h, i64 %327
-  %col29 = mul nsw i64 %p, 16
-  %329 = load <8 x float>, ptr %acc0007, align 4
-  %330 = load <8 x float>, ptr %acc0018, align 4
-  %331 = add nsw i64 %col29, 0
-  %332 = fcmp ogt <8 x float> %329, zeroinitializer
-  %333 = select <8 x i1> %332, <8 x float> %329, <8 x float> zeroinitializer
-  %334 = fmul <8 x float> %333, %326
-  %335 = getelementptr inbounds float, ptr %328, i64 %331
-  store <8 x float> %334, ptr %335, align 4
-  %336 = add nsw i64 %col29, 8
-  %337 = fcmp ogt <8 x float> %330, zeroinitializer
-  %338 = select <8 x i1> %337, <8 x float> %330, <8 x float> zeroinitializer
-  %339 = fmul <8 x float> %338, %326
-  %340 = getelementptr inbounds float, ptr %328, i64 %336
-  store <8 x float> %339, ptr %340, align 4
-  %341 = add nsw i64 %r0, 1
-  %342 = getelementptr inbounds float, ptr %rw, i64 %341
-  %343 = load float, ptr %342, align 4
-  %344 = insertelement <8 x float> poison, float %343, i32 0
-  %345 = shufflevector <8 x float> %344, <8 x float> poison, <8 x i32> zeroinitializer
-  %346 = mul nsw i64 %341, 3072
-  %347 = getelementptr inbounds float, ptr %h, i64 %346
-  %col30 = mul nsw i64 %p, 16
-  %348 = load <8 x float>, ptr %acc0109, align 4
-  %349 = load <8 x float>, ptr %acc01110, align 4
-  %350 = add nsw i64 %col30, 0
-  %351 = fcmp ogt <8 x float> %348, zeroinitializer
-  %352 = select <8 x i1> %351, <8 x float> %348, <8 x float> zeroinitializer
-  %353 = fmul <8 x float> %352, %345
-  %354 = getelementptr inbounds float, ptr %347, i64 %350
-  store <8 x float> %353, ptr %354, align 4
-  %355 = add nsw i64 %col30, 8
-  %356 = fcmp ogt <8 x float> %349, zeroinitializer
-  %357 = select <8 x i1> %356, <8 x float> %349, <8 x float> zeroinitializer
-  %358 = fmul <8 x float> %357, %345
-  %359 = getelementptr inbounds float, ptr %347, i64 %355
-  store <8 x float> %358, ptr %359, align 4
-  %360 = add nsw i64 %r0, 2
-  %361 = getelementptr inbounds float, ptr %rw, i64 %360
-  %362 = load float, ptr %361, align 4
-  %363 = insertelement <8 x float> poison, float %362, i32 0
-  %364 = shufflevector <8 x float> %363, <8 x float> poison, <8 x i32> zeroinitializer
-  %365 = mul nsw i64 %360, 3072
-  %366 = getelementptr inbounds float, ptr %h, i64 %365
-  %col31 = mul nsw i64 %p, 16
-  %367 = load <8 x float>, ptr %acc02011, align 4
-  %368 = load <8 x float>, ptr %acc02112, align 4
-  %369 = add nsw i64 %col31, 0
-  %370 = fcmp ogt <8 x float> %367, zeroinitializer
-  %371 = select <8 x i1> %370, <8 x float> %367, <8 x float> zeroinitializer
-  %372 = fmul <8 x float> %371, %364
-  %373 = getelementptr inbounds float, ptr %366, i64 %369
-  store <8 x float> %372, ptr %373, align 4
-  %374 = add nsw i64 %col31, 8
-  %375 = fcmp ogt <8 x float> %368, zeroinitializer
-  %376 = select <8 x i1> %375, <8 x float> %368, <8 x float> zeroinitializer
-  %377 = fmul <8 x float> %376, %364
-  %378 = getelementptr inbounds float, ptr %366, i64 %374
-  store <8 x float> %377, ptr %378, align 4
-  %379 = add nsw i64 %r0, 3
-  %380 = getelementptr inbounds float, ptr %rw, i64 %379
-  %381 = load float, ptr %380, align 4
-  %382 = insertelement <8 x float> poison, float %381, i32 0
-  %383 = shufflevector <8 x float> %382, <8 x float> poison, <8 x i32> zeroinitializer
-  %384 = mul nsw i64 %379, 3072
-  %385 = getelementptr inbounds float, ptr %h, i64 %384
-  %col32 = mul nsw i64 %p, 16
-  %386 = load <8 x float>, ptr %acc03013, align 4
-  %387 = load <8 x float>, ptr %acc03114, align 4
-  %388 = add nsw i64 %col32, 0
-  %389 = fcmp ogt <8 x float> %386, zeroinitializer
-  %390 = select <8 x i1> %389, <8 x float> %386, <8 x float> zeroinitializer
-  %391 = fmul <8 x float> %390, %383
-  %392 = getelementptr inbounds float, ptr %385, i64 %388
-  store <8 x float> %391, ptr %392, align 4
-  %393 = add nsw i64 %col32, 8
-  %394 = fcmp ogt <8 x float> %387, zeroinitializer
-  %395 = select <8 x i1> %394, <8 x float> %387, <8 x float> zeroinitializer
-  %396 = fmul <8 x float> %395, %383
-  %397 = getelementptr inbounds float, ptr %385, i64 %393
-  store <8 x float> %396, ptr %397, align 4
-  %398 = add nsw i64 %r0, 4
-  %399 = getelementptr inbounds float, ptr %rw, i64 %398
-  %400 = load float, ptr %399, align 4
-  %401 = insertelement <8 x float> poison, float %400, i32 0
-  %402 = shufflevector <8 x float> %401, <8 x float> poison, <8 x i32> zeroinitializer
-  %403 = mul nsw i64 %398, 3072
-  %404 = getelementptr inbounds float, ptr %h, i64 %403
-  %col33 = mul nsw i64 %p, 16
-  %405 = load <8 x float>, ptr %acc04015, align 4
-  %406 = load <8 x float>, ptr %acc04116, align 4
-  %407 = add nsw i64 %col33, 0
-  %408 = fcmp ogt <8 x float> %405, zeroinitializer
-  %409 = select <8 x i1> %408, <8 x float> %405, <8 x float> zeroinitializer
-  %410 = fmul <8 x float> %409, %402
-  %411 = getelementptr inbounds float, ptr %404, i64 %407
-  store <8 x float> %410, ptr %411, align 4
-  %412 = add nsw i64 %col33, 8
-  %413 = fcmp ogt <8 x float> %406, zeroinitializer
-  %414 = select <8 x i1> %413, <8 x float> %406, <8 x float> zeroinitializer
-  %415 = fmul <8 x float> %414, %402
-  %416 = getelementptr inbounds float, ptr %404, i64 %412
-  store <8 x float> %415, ptr %416, align 4
+k.end24:                                          ; preds = %k.head22
+  %648 = xor i1 %klast, true
+  br i1 %648, label %part.then30, label %part.end31
+
+part.then30:                                      ; preds = %k.end24
+  %649 = add nsw i64 %r01, 0
+  %650 = sub nsw i64 %kb.p, %kb.pg
+  %651 = sub nsw i64 %649, %kb.rc
+  %652 = mul nsw i64 %651, 16
+  %653 = add nsw i64 %652, %650
+  %654 = mul nsw i64 %653, 16
+  %655 = getelementptr inbounds float, ptr %part, i64 %654
+  %656 = getelementptr inbounds float, ptr %655, i64 0
+  %657 = load <8 x float>, ptr %acc0008, align 4
+  store <8 x float> %657, ptr %656, align 4
+  %658 = sub nsw i64 %kb.p, %kb.pg
+  %659 = sub nsw i64 %649, %kb.rc
+  %660 = mul nsw i64 %659, 16
+  %661 = add nsw i64 %660, %658
+  %662 = mul nsw i64 %661, 16
+  %663 = getelementptr inbounds float, ptr %part, i64 %662
+  %664 = getelementptr inbounds float, ptr %663, i64 8
+  %665 = load <8 x float>, ptr %acc0019, align 4
+  store <8 x float> %665, ptr %664, align 4
+  %666 = add nsw i64 %r01, 1
+  %667 = sub nsw i64 %kb.p, %kb.pg
+  %668 = sub nsw i64 %666, %kb.rc
+  %669 = mul nsw i64 %668, 16
+  %670 = add nsw i64 %669, %667
+  %671 = mul nsw i64 %670, 16
+  %672 = getelementptr inbounds float, ptr %part, i64 %671
+  %673 = getelementptr inbounds float, ptr %672, i64 0
+  %674 = load <8 x float>, ptr %acc01010, align 4
+  store <8 x float> %674, ptr %673, align 4
+  %675 = sub nsw i64 %kb.p, %kb.pg
+  %676 = sub nsw i64 %666, %kb.rc
+  %677 = mul nsw i64 %676, 16
+  %678 = add nsw i64 %677, %675
+  %679 = mul nsw i64 %678, 16
+  %680 = getelementptr inbounds float, ptr %part, i64 %679
+  %681 = getelementptr inbounds float, ptr %680, i64 8
+  %682 = load <8 x float>, ptr %acc01111, align 4
+  store <8 x float> %682, ptr %681, align 4
+  %683 = add nsw i64 %r01, 2
+  %684 = sub nsw i64 %kb.p, %kb.pg
+  %685 = sub nsw i64 %683, %kb.rc
+  %686 = mul nsw i64 %685, 16
+  %687 = add nsw i64 %686, %684
+  %688 = mul nsw i64 %687, 16
+  %689 = getelementptr inbounds float, ptr %part, i64 %688
+  %690 = getelementptr inbounds float, ptr %689, i64 0
+  %691 = load <8 x float>, ptr %acc02012, align 4
+  store <8 x float> %691, ptr %690, align 4
+  %692 = sub nsw i64 %kb.p, %kb.pg
+  %693 = sub nsw i64 %683, %kb.rc
+  %694 = mul nsw i64 %693, 16
+  %695 = add nsw i64 %694, %692
+  %696 = mul nsw i64 %695, 16
+  %697 = getelementptr inbounds float, ptr %part, i64 %696
+  %698 = getelementptr inbounds float, ptr %697, i64 8
+  %699 = load <8 x float>, ptr %acc02113, align 4
+  store <8 x float> %699, ptr %698, align 4
+  %700 = add nsw i64 %r01, 3
+  %701 = sub nsw i64 %kb.p, %kb.pg
+  %702 = sub nsw i64 %700, %kb.rc
+  %703 = mul nsw i64 %702, 16
+  %704 = add nsw i64 %703, %701
+  %705 = mul nsw i64 %704, 16
+  %706 = getelementptr inbounds float, ptr %part, i64 %705
+  %707 = getelementptr inbounds float, ptr %706, i64 0
+  %708 = load <8 x float>, ptr %acc03014, align 4
+  store <8 x float> %708, ptr %707, align 4
+  %709 = sub nsw i64 %kb.p, %kb.pg
+  %710 = sub nsw i64 %700, %kb.rc
+  %711 = mul nsw i64 %710, 16
+  %712 = add nsw i64 %711, %709
+  %713 = mul nsw i64 %712, 16
+  %714 = getelementptr inbounds float, ptr %part, i64 %713
+  %715 = getelementptr inbounds float, ptr %714, i64 8
+  %716 = load <8 x float>, ptr %acc03115, align 4
+  store <8 x float> %716, ptr %715, align 4
+  %717 = add nsw i64 %r01, 4
+  %718 = sub nsw i64 %kb.p, %kb.pg
+  %719 = sub nsw i64 %717, %kb.rc
+  %720 = mul nsw i64 %719, 16
+  %721 = add nsw i64 %720, %718
+  %722 = mul nsw i64 %721, 16
+  %723 = getelementptr inbounds float, ptr %part, i64 %722
+  %724 = getelementptr inbounds float, ptr %723, i64 0
+  %725 = load <8 x float>, ptr %acc04016, align 4
+  store <8 x float> %725, ptr %724, align 4
+  %726 = sub nsw i64 %kb.p, %kb.pg
+  %727 = sub nsw i64 %717, %kb.rc
+  %728 = mul nsw i64 %727, 16
+  %729 = add nsw i64 %728, %726
+  %730 = mul nsw i64 %729, 16
+  %731 = getelementptr inbounds float, ptr %part, i64 %730
+  %732 = getelementptr inbounds float, ptr %731, i64 8
+  %733 = load <8 x float>, ptr %acc04117, align 4
+  store <8 x float> %733, ptr %732, align 4
+  br label %part.end31
+
+part.end31:                                       ; preds = %part.then30, %k.end24
+  br i1 %klast, label %last.then32, label %last.end33
+
+last.then32:                                      ; preds = %part.end31
+  %734 = add nsw i64 %r01, 0
+  %735 = getelementptr inbounds float, ptr %rw, i64 %734
+  %736 = load float, ptr %735, align 4
+  %737 = insertelement <8 x float> poison, float %736, i32 0
+  %738 = shufflevector <8 x float> %737, <8 x float> poison, <8 x i32> zeroinitializer
+  %739 = mul nsw i64 %734, 3072
+  %740 = getelementptr inbounds float, ptr %h, i64 %739
+  %col34 = mul nsw i64 %kb.p, 16
+  %741 = load <8 x float>, ptr %acc0008, align 4
+  %742 = load <8 x float>, ptr %acc0019, align 4
+  %743 = add nsw i64 %col34, 0
+  %744 = fcmp ogt <8 x float> %741, zeroinitializer
+  %745 = select <8 x i1> %744, <8 x float> %741, <8 x float> zeroinitializer
+  %746 = fmul <8 x float> %745, %738
+  %747 = getelementptr inbounds float, ptr %740, i64 %743
+  store <8 x float> %746, ptr %747, align 4
+  %748 = add nsw i64 %col34, 8
+  %749 = fcmp ogt <8 x float> %742, zeroinitializer
+  %750 = select <8 x i1> %749, <8 x float> %742, <8 x float> zeroinitializer
+  %751 = fmul <8 x float> %750, %738
+  %752 = getelementptr inbounds float, ptr %740, i64 %748
+  store <8 x float> %751, ptr %752, align 4
+  %753 = add nsw i64 %r01, 1
+  %754 = getelementptr inbounds float, ptr %rw, i64 %753
+  %755 = load float, ptr %754, align 4
+  %756 = insertelement <8 x float> poison, float %755, i32 0
+  %757 = shufflevector <8 x float> %756, <8 x float> poison, <8 x i32> zeroinitializer
+  %758 = mul nsw i64 %753, 3072
+  %759 = getelementptr inbounds float, ptr %h, i64 %758
+  %col35 = mul nsw i64 %kb.p, 16
+  %760 = load <8 x float>, ptr %acc01010, align 4
+  %761 = load <8 x float>, ptr %acc01111, align 4
+  %762 = add nsw i64 %col35, 0
+  %763 = fcmp ogt <8 x float> %760, zeroinitializer
+  %764 = select <8 x i1> %763, <8 x float> %760, <8 x float> zeroinitializer
+  %765 = fmul <8 x float> %764, %757
+  %766 = getelementptr inbounds float, ptr %759, i64 %762
+  store <8 x float> %765, ptr %766, align 4
+  %767 = add nsw i64 %col35, 8
+  %768 = fcmp ogt <8 x float> %761, zeroinitializer
+  %769 = select <8 x i1> %768, <8 x float> %761, <8 x float> zeroinitializer
+  %770 = fmul <8 x float> %769, %757
+  %771 = getelementptr inbounds float, ptr %759, i64 %767
+  store <8 x float> %770, ptr %771, align 4
+  %772 = add nsw i64 %r01, 2
+  %773 = getelementptr inbounds float, ptr %rw, i64 %772
+  %774 = load float, ptr %773, align 4
+  %775 = insertelement <8 x float> poison, float %774, i32 0
+  %776 = shufflevector <8 x float> %775, <8 x float> poison, <8 x i32> zeroinitializer
+  %777 = mul nsw i64 %772, 3072
+  %778 = getelementptr inbounds float, ptr %h, i64 %777
+  %col36 = mul nsw i64 %kb.p, 16
+  %779 = load <8 x float>, ptr %acc02012, align 4
+  %780 = load <8 x float>, ptr %acc02113, align 4
+  %781 = add nsw i64 %col36, 0
+  %782 = fcmp ogt <8 x float> %779, zeroinitializer
+  %783 = select <8 x i1> %782, <8 x float> %779, <8 x float> zeroinitializer
+  %784 = fmul <8 x float> %783, %776
+  %785 = getelementptr inbounds float, ptr %778, i64 %781
+  store <8 x float> %784, ptr %785, align 4
+  %786 = add nsw i64 %col36, 8
+  %787 = fcmp ogt <8 x float> %780, zeroinitializer
+  %788 = select <8 x i1> %787, <8 x float> %780, <8 x float> zeroinitializer
+  %789 = fmul <8 x float> %788, %776
+  %790 = getelementptr inbounds float, ptr %778, i64 %786
+  store <8 x float> %789, ptr %790, align 4
+  %791 = add nsw i64 %r01, 3
+  %792 = getelementptr inbounds float, ptr %rw, i64 %791
+  %793 = load float, ptr %792, align 4
+  %794 = insertelement <8 x float> poison, float %793, i32 0
+  %795 = shufflevector <8 x float> %794, <8 x float> poison, <8 x i32> zeroinitializer
+  %796 = mul nsw i64 %791, 3072
+  %797 = getelementptr inbounds float, ptr %h, i64 %796
+  %col37 = mul nsw i64 %kb.p, 16
+  %798 = load <8 x float>, ptr %acc03014, align 4
+  %799 = load <8 x float>, ptr %acc03115, align 4
+  %800 = add nsw i64 %col37, 0
+  %801 = fcmp ogt <8 x float> %798, zeroinitializer
+  %802 = select <8 x i1> %801, <8 x float> %798, <8 x float> zeroinitializer
+  %803 = fmul <8 x float> %802, %795
+  %804 = getelementptr inbounds float, ptr %797, i64 %800
+  store <8 x float> %803, ptr %804, align 4
+  %805 = add nsw i64 %col37, 8
+  %806 = fcmp ogt <8 x float> %799, zeroinitializer
+  %807 = select <8 x i1> %806, <8 x float> %799, <8 x float> zeroinitializer
+  %808 = fmul <8 x float> %807, %795
+  %809 = getelementptr inbounds float, ptr %797, i64 %805
+  store <8 x float> %808, ptr %809, align 4
+  %810 = add nsw i64 %r01, 4
+  %811 = getelementptr inbounds float, ptr %rw, i64 %810
+  %812 = load float, ptr %811, align 4
+  %813 = insertelement <8 x float> poison, float %812, i32 0
+  %814 = shufflevector <8 x float> %813, <8 x float> poison, <8 x i32> zeroinitializer
+  %815 = mul nsw i64 %810, 3072
+  %816 = getelementptr inbounds float, ptr %h, i64 %815
+  %col38 = mul nsw i64 %kb.p, 16
+  %817 = load <8 x float>, ptr %acc04016, align 4
+  %818 = load <8 x float>, ptr %acc04117, align 4
+  %819 = add nsw i64 %col38, 0
+  %820 = fcmp ogt <8 x float> %817, zeroinitializer
+  %821 = select <8 x i1> %820, <8 x float> %817, <8 x float> zeroinitializer
+  %822 = fmul <8 x float> %821, %814
+  %823 = getelementptr inbounds float, ptr %816, i64 %819
+  store <8 x float> %822, ptr %823, align 4
+  %824 = add nsw i64 %col38, 8
+  %825 = fcmp ogt <8 x float> %818, zeroinitializer
+  %826 = select <8 x i1> %825, <8 x float> %818, <8 x float> zeroinitializer
+  %827 = fmul <8 x float> %826, %814
+  %828 = getelementptr inbounds float, ptr %816, i64 %824
+  store <8 x float> %827, ptr %828, align 4
+  br label %last.end33
+
+last.end33:                                       ; preds = %last.then32, %part.end31
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
-  %417 = add nsw i64 %r0, 0
-  %418 = getelementptr inbounds i32, ptr %rows, i64 %417
-  %419 = load i32, ptr %418, align 4
-  %420 = sext i32 %419 to i64
-  %421 = mul nsw i64 %420, 768
-  %422 = getelementptr inbounds float, ptr %x, i64 %421
-  store <8 x float> zeroinitializer, ptr %acc00034, align 4
-  store <8 x float> zeroinitializer, ptr %acc00135, align 4
-  %423 = add nsw i64 %r0, 1
-  %424 = getelementptr inbounds i32, ptr %rows, i64 %423
-  %425 = load i32, ptr %424, align 4
-  %426 = sext i32 %425 to i64
-  %427 = mul nsw i64 %426, 768
-  %428 = getelementptr inbounds float, ptr %x, i64 %427
-  store <8 x float> zeroinitializer, ptr %acc01036, align 4
-  store <8 x float> zeroinitializer, ptr %acc01137, align 4
-  %429 = add nsw i64 %r0, 2
-  %430 = getelementptr inbounds i32, ptr %rows, i64 %429
-  %431 = load i32, ptr %430, align 4
-  %432 = sext i32 %431 to i64
-  %433 = mul nsw i64 %432, 768
-  %434 = getelementptr inbounds float, ptr %x, i64 %433
-  store <8 x float> zeroinitializer, ptr %acc02038, align 4
-  store <8 x float> zeroinitializer, ptr %acc02139, align 4
-  %435 = add nsw i64 %r0, 3
-  %436 = getelementptr inbounds i32, ptr %rows, i64 %435
-  %437 = load i32, ptr %436, align 4
-  %438 = sext i32 %437 to i64
-  %439 = mul nsw i64 %438, 768
-  %440 = getelementptr inbounds float, ptr %x, i64 %439
-  store <8 x float> zeroinitializer, ptr %acc03040, align 4
-  store <8 x float> zeroinitializer, ptr %acc03141, align 4
-  %panel.off42 = mul nsw i64 %p, 12288
-  %441 = getelementptr inbounds i16, ptr %panels, i64 %panel.off42
-  %442 = add nsw i64 %p, 1
-  %443 = icmp slt i64 %442, %p1
-  %pf.on43 = and i1 %pf.on, %443
-  %444 = mul nsw i64 %rb, 24576
-  %445 = lshr i64 %444, %11
-  %446 = add nsw i64 24576, %445
-  %447 = getelementptr inbounds i8, ptr %441, i64 %446
-  %pf44 = select i1 %pf.on43, ptr %447, ptr %441
-  %pf.sh45 = select i1 %pf.on43, i64 %11, i64 0
-  br label %k.head46
+  %829 = add nsw i64 %r01, 0
+  %830 = getelementptr inbounds i32, ptr %rows, i64 %829
+  %831 = load i32, ptr %830, align 4
+  %832 = sext i32 %831 to i64
+  %833 = mul nsw i64 %832, 768
+  %834 = add nsw i64 %833, %k0
+  %835 = getelementptr inbounds float, ptr %x, i64 %834
+  %836 = sub nsw i64 %kb.p, %kb.pg
+  %837 = sub nsw i64 %829, %kb.rc
+  %838 = mul nsw i64 %837, 16
+  %839 = add nsw i64 %838, %836
+  %840 = mul nsw i64 %839, 16
+  %841 = getelementptr inbounds float, ptr %part, i64 %840
+  %842 = getelementptr inbounds float, ptr %841, i64 0
+  %843 = load <8 x float>, ptr %842, align 4
+  %844 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %843
+  store <8 x float> %844, ptr %acc00039, align 4
+  %845 = sub nsw i64 %kb.p, %kb.pg
+  %846 = sub nsw i64 %829, %kb.rc
+  %847 = mul nsw i64 %846, 16
+  %848 = add nsw i64 %847, %845
+  %849 = mul nsw i64 %848, 16
+  %850 = getelementptr inbounds float, ptr %part, i64 %849
+  %851 = getelementptr inbounds float, ptr %850, i64 8
+  %852 = load <8 x float>, ptr %851, align 4
+  %853 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %852
+  store <8 x float> %853, ptr %acc00140, align 4
+  %854 = add nsw i64 %r01, 1
+  %855 = getelementptr inbounds i32, ptr %rows, i64 %854
+  %856 = load i32, ptr %855, align 4
+  %857 = sext i32 %856 to i64
+  %858 = mul nsw i64 %857, 768
+  %859 = add nsw i64 %858, %k0
+  %860 = getelementptr inbounds float, ptr %x, i64 %859
+  %861 = sub nsw i64 %kb.p, %kb.pg
+  %862 = sub nsw i64 %854, %kb.rc
+  %863 = mul nsw i64 %862, 16
+  %864 = add nsw i64 %863, %861
+  %865 = mul nsw i64 %864, 16
+  %866 = getelementptr inbounds float, ptr %part, i64 %865
+  %867 = getelementptr inbounds float, ptr %866, i64 0
+  %868 = load <8 x float>, ptr %867, align 4
+  %869 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %868
+  store <8 x float> %869, ptr %acc01041, align 4
+  %870 = sub nsw i64 %kb.p, %kb.pg
+  %871 = sub nsw i64 %854, %kb.rc
+  %872 = mul nsw i64 %871, 16
+  %873 = add nsw i64 %872, %870
+  %874 = mul nsw i64 %873, 16
+  %875 = getelementptr inbounds float, ptr %part, i64 %874
+  %876 = getelementptr inbounds float, ptr %875, i64 8
+  %877 = load <8 x float>, ptr %876, align 4
+  %878 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %877
+  store <8 x float> %878, ptr %acc01142, align 4
+  %879 = add nsw i64 %r01, 2
+  %880 = getelementptr inbounds i32, ptr %rows, i64 %879
+  %881 = load i32, ptr %880, align 4
+  %882 = sext i32 %881 to i64
+  %883 = mul nsw i64 %882, 768
+  %884 = add nsw i64 %883, %k0
+  %885 = getelementptr inbounds float, ptr %x, i64 %884
+  %886 = sub nsw i64 %kb.p, %kb.pg
+  %887 = sub nsw i64 %879, %kb.rc
+  %888 = mul nsw i64 %887, 16
+  %889 = add nsw i64 %888, %886
+  %890 = mul nsw i64 %889, 16
+  %891 = getelementptr inbounds float, ptr %part, i64 %890
+  %892 = getelementptr inbounds float, ptr %891, i64 0
+  %893 = load <8 x float>, ptr %892, align 4
+  %894 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %893
+  store <8 x float> %894, ptr %acc02043, align 4
+  %895 = sub nsw i64 %kb.p, %kb.pg
+  %896 = sub nsw i64 %879, %kb.rc
+  %897 = mul nsw i64 %896, 16
+  %898 = add nsw i64 %897, %895
+  %899 = mul nsw i64 %898, 16
+  %900 = getelementptr inbounds float, ptr %part, i64 %899
+  %901 = getelementptr inbounds float, ptr %900, i64 8
+  %902 = load <8 x float>, ptr %901, align 4
+  %903 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %902
+  store <8 x float> %903, ptr %acc02144, align 4
+  %904 = add nsw i64 %r01, 3
+  %905 = getelementptr inbounds i32, ptr %rows, i64 %904
+  %906 = load i32, ptr %905, align 4
+  %907 = sext i32 %906 to i64
+  %908 = mul nsw i64 %907, 768
+  %909 = add nsw i64 %908, %k0
+  %910 = getelementptr inbounds float, ptr %x, i64 %909
+  %911 = sub nsw i64 %kb.p, %kb.pg
+  %912 = sub nsw i64 %904, %kb.rc
+  %913 = mul nsw i64 %912, 16
+  %914 = add nsw i64 %913, %911
+  %915 = mul nsw i64 %914, 16
+  %916 = getelementptr inbounds float, ptr %part, i64 %915
+  %917 = getelementptr inbounds float, ptr %916, i64 0
+  %918 = load <8 x float>, ptr %917, align 4
+  %919 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %918
+  store <8 x float> %919, ptr %acc03045, align 4
+  %920 = sub nsw i64 %kb.p, %kb.pg
+  %921 = sub nsw i64 %904, %kb.rc
+  %922 = mul nsw i64 %921, 16
+  %923 = add nsw i64 %922, %920
+  %924 = mul nsw i64 %923, 16
+  %925 = getelementptr inbounds float, ptr %part, i64 %924
+  %926 = getelementptr inbounds float, ptr %925, i64 8
+  %927 = load <8 x float>, ptr %926, align 4
+  %928 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %927
+  store <8 x float> %928, ptr %acc03146, align 4
+  %929 = mul nsw i64 %k0, 16
+  %930 = mul nsw i64 %kb.p, 12288
+  %panel.off47 = add nsw i64 %930, %929
+  %931 = getelementptr inbounds i16, ptr %panels, i64 %panel.off47
+  %pf.on48 = and i1 %pf.on, %pf.next
+  %932 = mul nsw i64 %rb, 8192
+  %933 = lshr i64 %932, %25
+  %934 = add nsw i64 %pf.step, %933
+  %935 = getelementptr inbounds i8, ptr %931, i64 %934
+  %pf49 = select i1 %pf.on48, ptr %935, ptr %931
+  %pf.sh50 = select i1 %pf.on48, i64 %25, i64 0
+  br label %k.head51
 
-k.head46:                                         ; preds = %pf.any.end51, %tile.mr4
-  %k49 = phi i64 [ 0, %tile.mr4 ], [ %492, %pf.any.end51 ]
-  %448 = icmp slt i64 %k49, 768
-  br i1 %448, label %k.body47, label %k.end48
+k.head51:                                         ; preds = %pf.any.end56, %tile.mr4
+  %k54 = phi i64 [ 0, %tile.mr4 ], [ %980, %pf.any.end56 ]
+  %936 = icmp slt i64 %k54, 256
+  br i1 %936, label %k.body52, label %k.end53
 
-k.body47:                                         ; preds = %k.head46
-  %449 = mul nsw i64 %k49, 1
-  %450 = add nsw i64 %449, 0
-  %451 = mul nsw i64 %450, 32
-  br i1 %pf.multi, label %pf.any.then50, label %pf.any.end51
+k.body52:                                         ; preds = %k.head51
+  %937 = mul nsw i64 %k54, 1
+  %938 = add nsw i64 %937, 0
+  %939 = mul nsw i64 %938, 32
+  br i1 %pf.multi, label %pf.any.then55, label %pf.any.end56
 
-pf.any.then50:                                    ; preds = %k.body47
-  %452 = lshr i64 %451, %pf.sh45
-  %453 = getelementptr inbounds i8, ptr %pf44, i64 %452
-  call void @llvm.prefetch.p0(ptr %453, i32 0, i32 2, i32 1)
-  br label %pf.any.end51
+pf.any.then55:                                    ; preds = %k.body52
+  %940 = lshr i64 %939, %pf.sh50
+  %941 = getelementptr inbounds i8, ptr %pf49, i64 %940
+  call void @llvm.prefetch.p0(ptr %941, i32 0, i32 2, i32 1)
+  br label %pf.any.end56
 
-pf.any.end51:                                     ; preds = %pf.any.then50, %k.body47
-  %454 = mul nsw i64 %450, 16
-  %455 = add nsw i64 %panel.off42, %454
-  %456 = getelementptr inbounds i16, ptr %panels, i64 %455
-  %457 = load <8 x i32>, ptr %456, align 4
-  %458 = shl <8 x i32> %457, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b052 = bitcast <8 x i32> %458 to <8 x float>
-  %459 = and <8 x i32> %457, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b153 = bitcast <8 x i32> %459 to <8 x float>
-  %460 = getelementptr inbounds float, ptr %422, i64 %450
-  %461 = load float, ptr %460, align 4
-  %462 = insertelement <8 x float> poison, float %461, i32 0
-  %463 = shufflevector <8 x float> %462, <8 x float> poison, <8 x i32> zeroinitializer
-  %464 = load <8 x float>, ptr %acc00034, align 4
-  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b052, <8 x float> %464)
-  store <8 x float> %465, ptr %acc00034, align 4
-  %466 = load <8 x float>, ptr %acc00135, align 4
-  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b153, <8 x float> %466)
-  store <8 x float> %467, ptr %acc00135, align 4
-  %468 = getelementptr inbounds float, ptr %428, i64 %450
-  %469 = load float, ptr %468, align 4
-  %470 = insertelement <8 x float> poison, float %469, i32 0
-  %471 = shufflevector <8 x float> %470, <8 x float> poison, <8 x i32> zeroinitializer
-  %472 = load <8 x float>, ptr %acc01036, align 4
-  %473 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> %b052, <8 x float> %472)
-  store <8 x float> %473, ptr %acc01036, align 4
-  %474 = load <8 x float>, ptr %acc01137, align 4
-  %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> %b153, <8 x float> %474)
-  store <8 x float> %475, ptr %acc01137, align 4
-  %476 = getelementptr inbounds float, ptr %434, i64 %450
-  %477 = load float, ptr %476, align 4
-  %478 = insertelement <8 x float> poison, float %477, i32 0
-  %479 = shufflevector <8 x float> %478, <8 x float> poison, <8 x i32> zeroinitializer
-  %480 = load <8 x float>, ptr %acc02038, align 4
-  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b052, <8 x float> %480)
-  store <8 x float> %481, ptr %acc02038, align 4
-  %482 = load <8 x float>, ptr %acc02139, align 4
-  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b153, <8 x float> %482)
-  store <8 x float> %483, ptr %acc02139, align 4
-  %484 = getelementptr inbounds float, ptr %440, i64 %450
-  %485 = load float, ptr %484, align 4
-  %486 = insertelement <8 x float> poison, float %485, i32 0
-  %487 = shufflevector <8 x float> %486, <8 x float> poison, <8 x i32> zeroinitializer
-  %488 = load <8 x float>, ptr %acc03040, align 4
-  %489 = call <8 x float> @llvm.fma.v8f32(<8 x float> %487, <8 x float> %b052, <8 x float> %488)
-  store <8 x float> %489, ptr %acc03040, align 4
-  %490 = load <8 x float>, ptr %acc03141, align 4
-  %491 = call <8 x float> @llvm.fma.v8f32(<8 x float> %487, <8 x float> %b153, <8 x float> %490)
-  store <8 x float> %491, ptr %acc03141, align 4
-  %492 = add nsw i64 %k49, 1
-  br label %k.head46
+pf.any.end56:                                     ; preds = %pf.any.then55, %k.body52
+  %942 = mul nsw i64 %938, 16
+  %943 = add nsw i64 %panel.off47, %942
+  %944 = getelementptr inbounds i16, ptr %panels, i64 %943
+  %945 = load <8 x i32>, ptr %944, align 4
+  %946 = shl <8 x i32> %945, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b057 = bitcast <8 x i32> %946 to <8 x float>
+  %947 = and <8 x i32> %945, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b158 = bitcast <8 x i32> %947 to <8 x float>
+  %948 = getelementptr inbounds float, ptr %835, i64 %938
+  %949 = load float, ptr %948, align 4
+  %950 = insertelement <8 x float> poison, float %949, i32 0
+  %951 = shufflevector <8 x float> %950, <8 x float> poison, <8 x i32> zeroinitializer
+  %952 = load <8 x float>, ptr %acc00039, align 4
+  %953 = call <8 x float> @llvm.fma.v8f32(<8 x float> %951, <8 x float> %b057, <8 x float> %952)
+  store <8 x float> %953, ptr %acc00039, align 4
+  %954 = load <8 x float>, ptr %acc00140, align 4
+  %955 = call <8 x float> @llvm.fma.v8f32(<8 x float> %951, <8 x float> %b158, <8 x float> %954)
+  store <8 x float> %955, ptr %acc00140, align 4
+  %956 = getelementptr inbounds float, ptr %860, i64 %938
+  %957 = load float, ptr %956, align 4
+  %958 = insertelement <8 x float> poison, float %957, i32 0
+  %959 = shufflevector <8 x float> %958, <8 x float> poison, <8 x i32> zeroinitializer
+  %960 = load <8 x float>, ptr %acc01041, align 4
+  %961 = call <8 x float> @llvm.fma.v8f32(<8 x float> %959, <8 x float> %b057, <8 x float> %960)
+  store <8 x float> %961, ptr %acc01041, align 4
+  %962 = load <8 x float>, ptr %acc01142, align 4
+  %963 = call <8 x float> @llvm.fma.v8f32(<8 x float> %959, <8 x float> %b158, <8 x float> %962)
+  store <8 x float> %963, ptr %acc01142, align 4
+  %964 = getelementptr inbounds float, ptr %885, i64 %938
+  %965 = load float, ptr %964, align 4
+  %966 = insertelement <8 x float> poison, float %965, i32 0
+  %967 = shufflevector <8 x float> %966, <8 x float> poison, <8 x i32> zeroinitializer
+  %968 = load <8 x float>, ptr %acc02043, align 4
+  %969 = call <8 x float> @llvm.fma.v8f32(<8 x float> %967, <8 x float> %b057, <8 x float> %968)
+  store <8 x float> %969, ptr %acc02043, align 4
+  %970 = load <8 x float>, ptr %acc02144, align 4
+  %971 = call <8 x float> @llvm.fma.v8f32(<8 x float> %967, <8 x float> %b158, <8 x float> %970)
+  store <8 x float> %971, ptr %acc02144, align 4
+  %972 = getelementptr inbounds float, ptr %910, i64 %938
+  %973 = load float, ptr %972, align 4
+  %974 = insertelement <8 x float> poison, float %973, i32 0
+  %975 = shufflevector <8 x float> %974, <8 x float> poison, <8 x i32> zeroinitializer
+  %976 = load <8 x float>, ptr %acc03045, align 4
+  %977 = call <8 x float> @llvm.fma.v8f32(<8 x float> %975, <8 x float> %b057, <8 x float> %976)
+  store <8 x float> %977, ptr %acc03045, align 4
+  %978 = load <8 x float>, ptr %acc03146, align 4
+  %979 = call <8 x float> @llvm.fma.v8f32(<8 x float> %975, <8 x float> %b158, <8 x float> %978)
+  store <8 x float> %979, ptr %acc03146, align 4
+  %980 = add nsw i64 %k54, 1
+  br label %k.head51
 
-k.end48:                                          ; preds = %k.head46
-  %493 = add nsw i64 %r0, 0
-  %494 = getelementptr inbounds float, ptr %rw, i64 %493
-  %495 = load float, ptr %494, align 4
-  %496 = insertelement <8 x float> poison, float %495, i32 0
-  %497 = shufflevector <8 x float> %496, <8 x float> poison, <8 x i32> zeroinitializer
-  %498 = mul nsw i64 %493, 3072
-  %499 = getelementptr inbounds float, ptr %h, i64 %498
-  %col54 = mul nsw i64 %p, 16
-  %500 = load <8 x float>, ptr %acc00034, align 4
-  %501 = load <8 x float>, ptr %acc00135, align 4
-  %502 = add nsw i64 %col54, 0
-  %503 = fcmp ogt <8 x float> %500, zeroinitializer
-  %504 = select <8 x i1> %503, <8 x float> %500, <8 x float> zeroinitializer
-  %505 = fmul <8 x float> %504, %497
-  %506 = getelementptr inbounds float, ptr %499, i64 %502
-  store <8 x float> %505, ptr %506, align 4
-  %507 = add nsw i64 %col54, 8
-  %508 = fcmp ogt <8 x float> %501, zeroinitializer
-  %509 = select <8 x i1> %508, <8 x float> %501, <8 x float> zeroinitializer
-  %510 = fmul <8 x float> %509, %497
-  %511 = getelementptr inbounds float, ptr %499, i64 %507
-  store <8 x float> %510, ptr %511, align 4
-  %512 = add nsw i64 %r0, 1
-  %513 = getelementptr inbounds float, ptr %rw, i64 %512
-  %514 = load float, ptr %513, align 4
-  %515 = insertelement <8 x float> poison, float %514, i32 0
-  %516 = shufflevector <8 x float> %515, <8 x float> poison, <8 x i32> zeroinitializer
-  %517 = mul nsw i64 %512, 3072
-  %518 = getelementptr inbounds float, ptr %h, i64 %517
-  %col55 = mul nsw i64 %p, 16
-  %519 = load <8 x float>, ptr %acc01036, align 4
-  %520 = load <8 x float>, ptr %acc01137, align 4
-  %521 = add nsw i64 %col55, 0
-  %522 = fcmp ogt <8 x float> %519, zeroinitializer
-  %523 = select <8 x i1> %522, <8 x float> %519, <8 x float> zeroinitializer
-  %524 = fmul <8 x float> %523, %516
-  %525 = getelementptr inbounds float, ptr %518, i64 %521
-  store <8 x float> %524, ptr %525, align 4
-  %526 = add nsw i64 %col55, 8
-  %527 = fcmp ogt <8 x float> %520, zeroinitializer
-  %528 = select <8 x i1> %527, <8 x float> %520, <8 x float> zeroinitializer
-  %529 = fmul <8 x float> %528, %516
-  %530 = getelementptr inbounds float, ptr %518, i64 %526
-  store <8 x float> %529, ptr %530, align 4
-  %531 = add nsw i64 %r0, 2
-  %532 = getelementptr inbounds float, ptr %rw, i64 %531
-  %533 = load float, ptr %532, align 4
-  %534 = insertelement <8 x float> poison, float %533, i32 0
-  %535 = shufflevector <8 x float> %534, <8 x float> poison, <8 x i32> zeroinitializer
-  %536 = mul nsw i64 %531, 3072
-  %537 = getelementptr inbounds float, ptr %h, i64 %536
-  %col56 = mul nsw i64 %p, 16
-  %538 = load <8 x float>, ptr %acc02038, align 4
-  %539 = load <8 x float>, ptr %acc02139, align 4
-  %540 = add nsw i64 %col56, 0
-  %541 = fcmp ogt <8 x float> %538, zeroinitializer
-  %542 = select <8 x i1> %541, <8 x float> %538, <8 x float> zeroinitializer
-  %543 = fmul <8 x float> %542, %535
-  %544 = getelementptr inbounds float, ptr %537, i64 %540
-  store <8 x float> %543, ptr %544, align 4
-  %545 = add nsw i64 %col56, 8
-  %546 = fcmp ogt <8 x float> %539, zeroinitializer
-  %547 = select <8 x i1> %546, <8 x float> %539, <8 x float> zeroinitializer
-  %548 = fmul <8 x float> %547, %535
-  %549 = getelementptr inbounds float, ptr %537, i64 %545
-  store <8 x float> %548, ptr %549, align 4
-  %550 = add nsw i64 %r0, 3
-  %551 = getelementptr inbounds float, ptr %rw, i64 %550
-  %552 = load float, ptr %551, align 4
-  %553 = insertelement <8 x float> poison, float %552, i32 0
-  %554 = shufflevector <8 x float> %553, <8 x float> poison, <8 x i32> zeroinitializer
-  %555 = mul nsw i64 %550, 3072
-  %556 = getelementptr inbounds float, ptr %h, i64 %555
-  %col57 = mul nsw i64 %p, 16
-  %557 = load <8 x float>, ptr %acc03040, align 4
-  %558 = load <8 x float>, ptr %acc03141, align 4
-  %559 = add nsw i64 %col57, 0
-  %560 = fcmp ogt <8 x float> %557, zeroinitializer
-  %561 = select <8 x i1> %560, <8 x float> %557, <8 x float> zeroinitializer
-  %562 = fmul <8 x float> %561, %554
-  %563 = getelementptr inbounds float, ptr %556, i64 %559
-  store <8 x float> %562, ptr %563, align 4
-  %564 = add nsw i64 %col57, 8
-  %565 = fcmp ogt <8 x float> %558, zeroinitializer
-  %566 = select <8 x i1> %565, <8 x float> %558, <8 x float> zeroinitializer
-  %567 = fmul <8 x float> %566, %554
-  %568 = getelementptr inbounds float, ptr %556, i64 %564
-  store <8 x float> %567, ptr %568, align 4
+k.end53:                                          ; preds = %k.head51
+  %981 = xor i1 %klast, true
+  br i1 %981, label %part.then59, label %part.end60
+
+part.then59:                                      ; preds = %k.end53
+  %982 = add nsw i64 %r01, 0
+  %983 = sub nsw i64 %kb.p, %kb.pg
+  %984 = sub nsw i64 %982, %kb.rc
+  %985 = mul nsw i64 %984, 16
+  %986 = add nsw i64 %985, %983
+  %987 = mul nsw i64 %986, 16
+  %988 = getelementptr inbounds float, ptr %part, i64 %987
+  %989 = getelementptr inbounds float, ptr %988, i64 0
+  %990 = load <8 x float>, ptr %acc00039, align 4
+  store <8 x float> %990, ptr %989, align 4
+  %991 = sub nsw i64 %kb.p, %kb.pg
+  %992 = sub nsw i64 %982, %kb.rc
+  %993 = mul nsw i64 %992, 16
+  %994 = add nsw i64 %993, %991
+  %995 = mul nsw i64 %994, 16
+  %996 = getelementptr inbounds float, ptr %part, i64 %995
+  %997 = getelementptr inbounds float, ptr %996, i64 8
+  %998 = load <8 x float>, ptr %acc00140, align 4
+  store <8 x float> %998, ptr %997, align 4
+  %999 = add nsw i64 %r01, 1
+  %1000 = sub nsw i64 %kb.p, %kb.pg
+  %1001 = sub nsw i64 %999, %kb.rc
+  %1002 = mul nsw i64 %1001, 16
+  %1003 = add nsw i64 %1002, %1000
+  %1004 = mul nsw i64 %1003, 16
+  %1005 = getelementptr inbounds float, ptr %part, i64 %1004
+  %1006 = getelementptr inbounds float, ptr %1005, i64 0
+  %1007 = load <8 x float>, ptr %acc01041, align 4
+  store <8 x float> %1007, ptr %1006, align 4
+  %1008 = sub nsw i64 %kb.p, %kb.pg
+  %1009 = sub nsw i64 %999, %kb.rc
+  %1010 = mul nsw i64 %1009, 16
+  %1011 = add nsw i64 %1010, %1008
+  %1012 = mul nsw i64 %1011, 16
+  %1013 = getelementptr inbounds float, ptr %part, i64 %1012
+  %1014 = getelementptr inbounds float, ptr %1013, i64 8
+  %1015 = load <8 x float>, ptr %acc01142, align 4
+  store <8 x float> %1015, ptr %1014, align 4
+  %1016 = add nsw i64 %r01, 2
+  %1017 = sub nsw i64 %kb.p, %kb.pg
+  %1018 = sub nsw i64 %1016, %kb.rc
+  %1019 = mul nsw i64 %1018, 16
+  %1020 = add nsw i64 %1019, %1017
+  %1021 = mul nsw i64 %1020, 16
+  %1022 = getelementptr inbounds float, ptr %part, i64 %1021
+  %1023 = getelementptr inbounds float, ptr %1022, i64 0
+  %1024 = load <8 x float>, ptr %acc02043, align 4
+  store <8 x float> %1024, ptr %1023, align 4
+  %1025 = sub nsw i64 %kb.p, %kb.pg
+  %1026 = sub nsw i64 %1016, %kb.rc
+  %1027 = mul nsw i64 %1026, 16
+  %1028 = add nsw i64 %1027, %1025
+  %1029 = mul nsw i64 %1028, 16
+  %1030 = getelementptr inbounds float, ptr %part, i64 %1029
+  %1031 = getelementptr inbounds float, ptr %1030, i64 8
+  %1032 = load <8 x float>, ptr %acc02144, align 4
+  store <8 x float> %1032, ptr %1031, align 4
+  %1033 = add nsw i64 %r01, 3
+  %1034 = sub nsw i64 %kb.p, %kb.pg
+  %1035 = sub nsw i64 %1033, %kb.rc
+  %1036 = mul nsw i64 %1035, 16
+  %1037 = add nsw i64 %1036, %1034
+  %1038 = mul nsw i64 %1037, 16
+  %1039 = getelementptr inbounds float, ptr %part, i64 %1038
+  %1040 = getelementptr inbounds float, ptr %1039, i64 0
+  %1041 = load <8 x float>, ptr %acc03045, align 4
+  store <8 x float> %1041, ptr %1040, align 4
+  %1042 = sub nsw i64 %kb.p, %kb.pg
+  %1043 = sub nsw i64 %1033, %kb.rc
+  %1044 = mul nsw i64 %1043, 16
+  %1045 = add nsw i64 %1044, %1042
+  %1046 = mul nsw i64 %1045, 16
+  %1047 = getelementptr inbounds float, ptr %part, i64 %1046
+  %1048 = getelementptr inbounds float, ptr %1047, i64 8
+  %1049 = load <8 x float>, ptr %acc03146, align 4
+  store <8 x float> %1049, ptr %1048, align 4
+  br label %part.end60
+
+part.end60:                                       ; preds = %part.then59, %k.end53
+  br i1 %klast, label %last.then61, label %last.end62
+
+last.then61:                                      ; preds = %part.end60
+  %1050 = add nsw i64 %r01, 0
+  %1051 = getelementptr inbounds float, ptr %rw, i64 %1050
+  %1052 = load float, ptr %1051, align 4
+  %1053 = insertelement <8 x float> poison, float %1052, i32 0
+  %1054 = shufflevector <8 x float> %1053, <8 x float> poison, <8 x i32> zeroinitializer
+  %1055 = mul nsw i64 %1050, 3072
+  %1056 = getelementptr inbounds float, ptr %h, i64 %1055
+  %col63 = mul nsw i64 %kb.p, 16
+  %1057 = load <8 x float>, ptr %acc00039, align 4
+  %1058 = load <8 x float>, ptr %acc00140, align 4
+  %1059 = add nsw i64 %col63, 0
+  %1060 = fcmp ogt <8 x float> %1057, zeroinitializer
+  %1061 = select <8 x i1> %1060, <8 x float> %1057, <8 x float> zeroinitializer
+  %1062 = fmul <8 x float> %1061, %1054
+  %1063 = getelementptr inbounds float, ptr %1056, i64 %1059
+  store <8 x float> %1062, ptr %1063, align 4
+  %1064 = add nsw i64 %col63, 8
+  %1065 = fcmp ogt <8 x float> %1058, zeroinitializer
+  %1066 = select <8 x i1> %1065, <8 x float> %1058, <8 x float> zeroinitializer
+  %1067 = fmul <8 x float> %1066, %1054
+  %1068 = getelementptr inbounds float, ptr %1056, i64 %1064
+  store <8 x float> %1067, ptr %1068, align 4
+  %1069 = add nsw i64 %r01, 1
+  %1070 = getelementptr inbounds float, ptr %rw, i64 %1069
+  %1071 = load float, ptr %1070, align 4
+  %1072 = insertelement <8 x float> poison, float %1071, i32 0
+  %1073 = shufflevector <8 x float> %1072, <8 x float> poison, <8 x i32> zeroinitializer
+  %1074 = mul nsw i64 %1069, 3072
+  %1075 = getelementptr inbounds float, ptr %h, i64 %1074
+  %col64 = mul nsw i64 %kb.p, 16
+  %1076 = load <8 x float>, ptr %acc01041, align 4
+  %1077 = load <8 x float>, ptr %acc01142, align 4
+  %1078 = add nsw i64 %col64, 0
+  %1079 = fcmp ogt <8 x float> %1076, zeroinitializer
+  %1080 = select <8 x i1> %1079, <8 x float> %1076, <8 x float> zeroinitializer
+  %1081 = fmul <8 x float> %1080, %1073
+  %1082 = getelementptr inbounds float, ptr %1075, i64 %1078
+  store <8 x float> %1081, ptr %1082, align 4
+  %1083 = add nsw i64 %col64, 8
+  %1084 = fcmp ogt <8 x float> %1077, zeroinitializer
+  %1085 = select <8 x i1> %1084, <8 x float> %1077, <8 x float> zeroinitializer
+  %1086 = fmul <8 x float> %1085, %1073
+  %1087 = getelementptr inbounds float, ptr %1075, i64 %1083
+  store <8 x float> %1086, ptr %1087, align 4
+  %1088 = add nsw i64 %r01, 2
+  %1089 = getelementptr inbounds float, ptr %rw, i64 %1088
+  %1090 = load float, ptr %1089, align 4
+  %1091 = insertelement <8 x float> poison, float %1090, i32 0
+  %1092 = shufflevector <8 x float> %1091, <8 x float> poison, <8 x i32> zeroinitializer
+  %1093 = mul nsw i64 %1088, 3072
+  %1094 = getelementptr inbounds float, ptr %h, i64 %1093
+  %col65 = mul nsw i64 %kb.p, 16
+  %1095 = load <8 x float>, ptr %acc02043, align 4
+  %1096 = load <8 x float>, ptr %acc02144, align 4
+  %1097 = add nsw i64 %col65, 0
+  %1098 = fcmp ogt <8 x float> %1095, zeroinitializer
+  %1099 = select <8 x i1> %1098, <8 x float> %1095, <8 x float> zeroinitializer
+  %1100 = fmul <8 x float> %1099, %1092
+  %1101 = getelementptr inbounds float, ptr %1094, i64 %1097
+  store <8 x float> %1100, ptr %1101, align 4
+  %1102 = add nsw i64 %col65, 8
+  %1103 = fcmp ogt <8 x float> %1096, zeroinitializer
+  %1104 = select <8 x i1> %1103, <8 x float> %1096, <8 x float> zeroinitializer
+  %1105 = fmul <8 x float> %1104, %1092
+  %1106 = getelementptr inbounds float, ptr %1094, i64 %1102
+  store <8 x float> %1105, ptr %1106, align 4
+  %1107 = add nsw i64 %r01, 3
+  %1108 = getelementptr inbounds float, ptr %rw, i64 %1107
+  %1109 = load float, ptr %1108, align 4
+  %1110 = insertelement <8 x float> poison, float %1109, i32 0
+  %1111 = shufflevector <8 x float> %1110, <8 x float> poison, <8 x i32> zeroinitializer
+  %1112 = mul nsw i64 %1107, 3072
+  %1113 = getelementptr inbounds float, ptr %h, i64 %1112
+  %col66 = mul nsw i64 %kb.p, 16
+  %1114 = load <8 x float>, ptr %acc03045, align 4
+  %1115 = load <8 x float>, ptr %acc03146, align 4
+  %1116 = add nsw i64 %col66, 0
+  %1117 = fcmp ogt <8 x float> %1114, zeroinitializer
+  %1118 = select <8 x i1> %1117, <8 x float> %1114, <8 x float> zeroinitializer
+  %1119 = fmul <8 x float> %1118, %1111
+  %1120 = getelementptr inbounds float, ptr %1113, i64 %1116
+  store <8 x float> %1119, ptr %1120, align 4
+  %1121 = add nsw i64 %col66, 8
+  %1122 = fcmp ogt <8 x float> %1115, zeroinitializer
+  %1123 = select <8 x i1> %1122, <8 x float> %1115, <8 x float> zeroinitializer
+  %1124 = fmul <8 x float> %1123, %1111
+  %1125 = getelementptr inbounds float, ptr %1113, i64 %1121
+  store <8 x float> %1124, ptr %1125, align 4
+  br label %last.end62
+
+last.end62:                                       ; preds = %last.then61, %part.end60
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
-  %569 = add nsw i64 %r0, 0
-  %570 = getelementptr inbounds i32, ptr %rows, i64 %569
-  %571 = load i32, ptr %570, align 4
-  %572 = sext i32 %571 to i64
-  %573 = mul nsw i64 %572, 768
-  %574 = getelementptr inbounds float, ptr %x, i64 %573
-  store <8 x float> zeroinitializer, ptr %acc00058, align 4
-  store <8 x float> zeroinitializer, ptr %acc00159, align 4
-  %575 = add nsw i64 %r0, 1
-  %576 = getelementptr inbounds i32, ptr %rows, i64 %575
-  %577 = load i32, ptr %576, align 4
-  %578 = sext i32 %577 to i64
-  %579 = mul nsw i64 %578, 768
-  %580 = getelementptr inbounds float, ptr %x, i64 %579
-  store <8 x float> zeroinitializer, ptr %acc01060, align 4
-  store <8 x float> zeroinitializer, ptr %acc01161, align 4
-  %581 = add nsw i64 %r0, 2
-  %582 = getelementptr inbounds i32, ptr %rows, i64 %581
-  %583 = load i32, ptr %582, align 4
-  %584 = sext i32 %583 to i64
-  %585 = mul nsw i64 %584, 768
-  %586 = getelementptr inbounds float, ptr %x, i64 %585
-  store <8 x float> zeroinitializer, ptr %acc02062, align 4
-  store <8 x float> zeroinitializer, ptr %acc02163, align 4
-  %panel.off64 = mul nsw i64 %p, 12288
-  %587 = getelementptr inbounds i16, ptr %panels, i64 %panel.off64
-  %588 = add nsw i64 %p, 1
-  %589 = icmp slt i64 %588, %p1
-  %pf.on65 = and i1 %pf.on, %589
-  %590 = mul nsw i64 %rb, 24576
-  %591 = lshr i64 %590, %11
-  %592 = add nsw i64 24576, %591
-  %593 = getelementptr inbounds i8, ptr %587, i64 %592
-  %pf66 = select i1 %pf.on65, ptr %593, ptr %587
-  %pf.sh67 = select i1 %pf.on65, i64 %11, i64 0
-  br label %k.head68
+  %1126 = add nsw i64 %r01, 0
+  %1127 = getelementptr inbounds i32, ptr %rows, i64 %1126
+  %1128 = load i32, ptr %1127, align 4
+  %1129 = sext i32 %1128 to i64
+  %1130 = mul nsw i64 %1129, 768
+  %1131 = add nsw i64 %1130, %k0
+  %1132 = getelementptr inbounds float, ptr %x, i64 %1131
+  %1133 = sub nsw i64 %kb.p, %kb.pg
+  %1134 = sub nsw i64 %1126, %kb.rc
+  %1135 = mul nsw i64 %1134, 16
+  %1136 = add nsw i64 %1135, %1133
+  %1137 = mul nsw i64 %1136, 16
+  %1138 = getelementptr inbounds float, ptr %part, i64 %1137
+  %1139 = getelementptr inbounds float, ptr %1138, i64 0
+  %1140 = load <8 x float>, ptr %1139, align 4
+  %1141 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1140
+  store <8 x float> %1141, ptr %acc00067, align 4
+  %1142 = sub nsw i64 %kb.p, %kb.pg
+  %1143 = sub nsw i64 %1126, %kb.rc
+  %1144 = mul nsw i64 %1143, 16
+  %1145 = add nsw i64 %1144, %1142
+  %1146 = mul nsw i64 %1145, 16
+  %1147 = getelementptr inbounds float, ptr %part, i64 %1146
+  %1148 = getelementptr inbounds float, ptr %1147, i64 8
+  %1149 = load <8 x float>, ptr %1148, align 4
+  %1150 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1149
+  store <8 x float> %1150, ptr %acc00168, align 4
+  %1151 = add nsw i64 %r01, 1
+  %1152 = getelementptr inbounds i32, ptr %rows, i64 %1151
+  %1153 = load i32, ptr %1152, align 4
+  %1154 = sext i32 %1153 to i64
+  %1155 = mul nsw i64 %1154, 768
+  %1156 = add nsw i64 %1155, %k0
+  %1157 = getelementptr inbounds float, ptr %x, i64 %1156
+  %1158 = sub nsw i64 %kb.p, %kb.pg
+  %1159 = sub nsw i64 %1151, %kb.rc
+  %1160 = mul nsw i64 %1159, 16
+  %1161 = add nsw i64 %1160, %1158
+  %1162 = mul nsw i64 %1161, 16
+  %1163 = getelementptr inbounds float, ptr %part, i64 %1162
+  %1164 = getelementptr inbounds float, ptr %1163, i64 0
+  %1165 = load <8 x float>, ptr %1164, align 4
+  %1166 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1165
+  store <8 x float> %1166, ptr %acc01069, align 4
+  %1167 = sub nsw i64 %kb.p, %kb.pg
+  %1168 = sub nsw i64 %1151, %kb.rc
+  %1169 = mul nsw i64 %1168, 16
+  %1170 = add nsw i64 %1169, %1167
+  %1171 = mul nsw i64 %1170, 16
+  %1172 = getelementptr inbounds float, ptr %part, i64 %1171
+  %1173 = getelementptr inbounds float, ptr %1172, i64 8
+  %1174 = load <8 x float>, ptr %1173, align 4
+  %1175 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1174
+  store <8 x float> %1175, ptr %acc01170, align 4
+  %1176 = add nsw i64 %r01, 2
+  %1177 = getelementptr inbounds i32, ptr %rows, i64 %1176
+  %1178 = load i32, ptr %1177, align 4
+  %1179 = sext i32 %1178 to i64
+  %1180 = mul nsw i64 %1179, 768
+  %1181 = add nsw i64 %1180, %k0
+  %1182 = getelementptr inbounds float, ptr %x, i64 %1181
+  %1183 = sub nsw i64 %kb.p, %kb.pg
+  %1184 = sub nsw i64 %1176, %kb.rc
+  %1185 = mul nsw i64 %1184, 16
+  %1186 = add nsw i64 %1185, %1183
+  %1187 = mul nsw i64 %1186, 16
+  %1188 = getelementptr inbounds float, ptr %part, i64 %1187
+  %1189 = getelementptr inbounds float, ptr %1188, i64 0
+  %1190 = load <8 x float>, ptr %1189, align 4
+  %1191 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1190
+  store <8 x float> %1191, ptr %acc02071, align 4
+  %1192 = sub nsw i64 %kb.p, %kb.pg
+  %1193 = sub nsw i64 %1176, %kb.rc
+  %1194 = mul nsw i64 %1193, 16
+  %1195 = add nsw i64 %1194, %1192
+  %1196 = mul nsw i64 %1195, 16
+  %1197 = getelementptr inbounds float, ptr %part, i64 %1196
+  %1198 = getelementptr inbounds float, ptr %1197, i64 8
+  %1199 = load <8 x float>, ptr %1198, align 4
+  %1200 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1199
+  store <8 x float> %1200, ptr %acc02172, align 4
+  %1201 = mul nsw i64 %k0, 16
+  %1202 = mul nsw i64 %kb.p, 12288
+  %panel.off73 = add nsw i64 %1202, %1201
+  %1203 = getelementptr inbounds i16, ptr %panels, i64 %panel.off73
+  %pf.on74 = and i1 %pf.on, %pf.next
+  %1204 = mul nsw i64 %rb, 8192
+  %1205 = lshr i64 %1204, %25
+  %1206 = add nsw i64 %pf.step, %1205
+  %1207 = getelementptr inbounds i8, ptr %1203, i64 %1206
+  %pf75 = select i1 %pf.on74, ptr %1207, ptr %1203
+  %pf.sh76 = select i1 %pf.on74, i64 %25, i64 0
+  br label %k.head77
 
-k.head68:                                         ; preds = %pf.any.end73, %tile.mr3
-  %k71 = phi i64 [ 0, %tile.mr3 ], [ %630, %pf.any.end73 ]
-  %594 = icmp slt i64 %k71, 768
-  br i1 %594, label %k.body69, label %k.end70
+k.head77:                                         ; preds = %pf.any.end82, %tile.mr3
+  %k80 = phi i64 [ 0, %tile.mr3 ], [ %1244, %pf.any.end82 ]
+  %1208 = icmp slt i64 %k80, 256
+  br i1 %1208, label %k.body78, label %k.end79
 
-k.body69:                                         ; preds = %k.head68
-  %595 = mul nsw i64 %k71, 1
-  %596 = add nsw i64 %595, 0
-  %597 = mul nsw i64 %596, 32
-  br i1 %pf.multi, label %pf.any.then72, label %pf.any.end73
+k.body78:                                         ; preds = %k.head77
+  %1209 = mul nsw i64 %k80, 1
+  %1210 = add nsw i64 %1209, 0
+  %1211 = mul nsw i64 %1210, 32
+  br i1 %pf.multi, label %pf.any.then81, label %pf.any.end82
 
-pf.any.then72:                                    ; preds = %k.body69
-  %598 = lshr i64 %597, %pf.sh67
-  %599 = getelementptr inbounds i8, ptr %pf66, i64 %598
-  call void @llvm.prefetch.p0(ptr %599, i32 0, i32 2, i32 1)
-  br label %pf.any.end73
+pf.any.then81:                                    ; preds = %k.body78
+  %1212 = lshr i64 %1211, %pf.sh76
+  %1213 = getelementptr inbounds i8, ptr %pf75, i64 %1212
+  call void @llvm.prefetch.p0(ptr %1213, i32 0, i32 2, i32 1)
+  br label %pf.any.end82
 
-pf.any.end73:                                     ; preds = %pf.any.then72, %k.body69
-  %600 = mul nsw i64 %596, 16
-  %601 = add nsw i64 %panel.off64, %600
-  %602 = getelementptr inbounds i16, ptr %panels, i64 %601
-  %603 = load <8 x i32>, ptr %602, align 4
-  %604 = shl <8 x i32> %603, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b074 = bitcast <8 x i32> %604 to <8 x float>
-  %605 = and <8 x i32> %603, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b175 = bitcast <8 x i32> %605 to <8 x float>
-  %606 = getelementptr inbounds float, ptr %574, i64 %596
-  %607 = load float, ptr %606, align 4
-  %608 = insertelement <8 x float> poison, float %607, i32 0
-  %609 = shufflevector <8 x float> %608, <8 x float> poison, <8 x i32> zeroinitializer
-  %610 = load <8 x float>, ptr %acc00058, align 4
-  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> %609, <8 x float> %b074, <8 x float> %610)
-  store <8 x float> %611, ptr %acc00058, align 4
-  %612 = load <8 x float>, ptr %acc00159, align 4
-  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %609, <8 x float> %b175, <8 x float> %612)
-  store <8 x float> %613, ptr %acc00159, align 4
-  %614 = getelementptr inbounds float, ptr %580, i64 %596
-  %615 = load float, ptr %614, align 4
-  %616 = insertelement <8 x float> poison, float %615, i32 0
-  %617 = shufflevector <8 x float> %616, <8 x float> poison, <8 x i32> zeroinitializer
-  %618 = load <8 x float>, ptr %acc01060, align 4
-  %619 = call <8 x float> @llvm.fma.v8f32(<8 x float> %617, <8 x float> %b074, <8 x float> %618)
-  store <8 x float> %619, ptr %acc01060, align 4
-  %620 = load <8 x float>, ptr %acc01161, align 4
-  %621 = call <8 x float> @llvm.fma.v8f32(<8 x float> %617, <8 x float> %b175, <8 x float> %620)
-  store <8 x float> %621, ptr %acc01161, align 4
-  %622 = getelementptr inbounds float, ptr %586, i64 %596
-  %623 = load float, ptr %622, align 4
-  %624 = insertelement <8 x float> poison, float %623, i32 0
-  %625 = shufflevector <8 x float> %624, <8 x float> poison, <8 x i32> zeroinitializer
-  %626 = load <8 x float>, ptr %acc02062, align 4
-  %627 = call <8 x float> @llvm.fma.v8f32(<8 x float> %625, <8 x float> %b074, <8 x float> %626)
-  store <8 x float> %627, ptr %acc02062, align 4
-  %628 = load <8 x float>, ptr %acc02163, align 4
-  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> %625, <8 x float> %b175, <8 x float> %628)
-  store <8 x float> %629, ptr %acc02163, align 4
-  %630 = add nsw i64 %k71, 1
-  br label %k.head68
+pf.any.end82:                                     ; preds = %pf.any.then81, %k.body78
+  %1214 = mul nsw i64 %1210, 16
+  %1215 = add nsw i64 %panel.off73, %1214
+  %1216 = getelementptr inbounds i16, ptr %panels, i64 %1215
+  %1217 = load <8 x i32>, ptr %1216, align 4
+  %1218 = shl <8 x i32> %1217, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b083 = bitcast <8 x i32> %1218 to <8 x float>
+  %1219 = and <8 x i32> %1217, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b184 = bitcast <8 x i32> %1219 to <8 x float>
+  %1220 = getelementptr inbounds float, ptr %1132, i64 %1210
+  %1221 = load float, ptr %1220, align 4
+  %1222 = insertelement <8 x float> poison, float %1221, i32 0
+  %1223 = shufflevector <8 x float> %1222, <8 x float> poison, <8 x i32> zeroinitializer
+  %1224 = load <8 x float>, ptr %acc00067, align 4
+  %1225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1223, <8 x float> %b083, <8 x float> %1224)
+  store <8 x float> %1225, ptr %acc00067, align 4
+  %1226 = load <8 x float>, ptr %acc00168, align 4
+  %1227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1223, <8 x float> %b184, <8 x float> %1226)
+  store <8 x float> %1227, ptr %acc00168, align 4
+  %1228 = getelementptr inbounds float, ptr %1157, i64 %1210
+  %1229 = load float, ptr %1228, align 4
+  %1230 = insertelement <8 x float> poison, float %1229, i32 0
+  %1231 = shufflevector <8 x float> %1230, <8 x float> poison, <8 x i32> zeroinitializer
+  %1232 = load <8 x float>, ptr %acc01069, align 4
+  %1233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1231, <8 x float> %b083, <8 x float> %1232)
+  store <8 x float> %1233, ptr %acc01069, align 4
+  %1234 = load <8 x float>, ptr %acc01170, align 4
+  %1235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1231, <8 x float> %b184, <8 x float> %1234)
+  store <8 x float> %1235, ptr %acc01170, align 4
+  %1236 = getelementptr inbounds float, ptr %1182, i64 %1210
+  %1237 = load float, ptr %1236, align 4
+  %1238 = insertelement <8 x float> poison, float %1237, i32 0
+  %1239 = shufflevector <8 x float> %1238, <8 x float> poison, <8 x i32> zeroinitializer
+  %1240 = load <8 x float>, ptr %acc02071, align 4
+  %1241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1239, <8 x float> %b083, <8 x float> %1240)
+  store <8 x float> %1241, ptr %acc02071, align 4
+  %1242 = load <8 x float>, ptr %acc02172, align 4
+  %1243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1239, <8 x float> %b184, <8 x float> %1242)
+  store <8 x float> %1243, ptr %acc02172, align 4
+  %1244 = add nsw i64 %k80, 1
+  br label %k.head77
 
-k.end70:                                          ; preds = %k.head68
-  %631 = add nsw i64 %r0, 0
-  %632 = getelementptr inbounds float, ptr %rw, i64 %631
-  %633 = load float, ptr %632, align 4
-  %634 = insertelement <8 x float> poison, float %633, i32 0
-  %635 = shufflevector <8 x float> %634, <8 x float> poison, <8 x i32> zeroinitializer
-  %636 = mul nsw i64 %631, 3072
-  %637 = getelementptr inbounds float, ptr %h, i64 %636
-  %col76 = mul nsw i64 %p, 16
-  %638 = load <8 x float>, ptr %acc00058, align 4
-  %639 = load <8 x float>, ptr %acc00159, align 4
-  %640 = add nsw i64 %col76, 0
-  %641 = fcmp ogt <8 x float> %638, zeroinitializer
-  %642 = select <8 x i1> %641, <8 x float> %638, <8 x float> zeroinitializer
-  %643 = fmul <8 x float> %642, %635
-  %644 = getelementptr inbounds float, ptr %637, i64 %640
-  store <8 x float> %643, ptr %644, align 4
-  %645 = add nsw i64 %col76, 8
-  %646 = fcmp ogt <8 x float> %639, zeroinitializer
-  %647 = select <8 x i1> %646, <8 x float> %639, <8 x float> zeroinitializer
-  %648 = fmul <8 x float> %647, %635
-  %649 = getelementptr inbounds float, ptr %637, i64 %645
-  store <8 x float> %648, ptr %649, align 4
-  %650 = add nsw i64 %r0, 1
-  %651 = getelementptr inbounds float, ptr %rw, i64 %650
-  %652 = load float, ptr %651, align 4
-  %653 = insertelement <8 x float> poison, float %652, i32 0
-  %654 = shufflevector <8 x float> %653, <8 x float> poison, <8 x i32> zeroinitializer
-  %655 = mul nsw i64 %650, 3072
-  %656 = getelementptr inbounds float, ptr %h, i64 %655
-  %col77 = mul nsw i64 %p, 16
-  %657 = load <8 x float>, ptr %acc01060, align 4
-  %658 = load <8 x float>, ptr %acc01161, align 4
-  %659 = add nsw i64 %col77, 0
-  %660 = fcmp ogt <8 x float> %657, zeroinitializer
-  %661 = select <8 x i1> %660, <8 x float> %657, <8 x float> zeroinitializer
-  %662 = fmul <8 x float> %661, %654
-  %663 = getelementptr inbounds float, ptr %656, i64 %659
-  store <8 x float> %662, ptr %663, align 4
-  %664 = add nsw i64 %col77, 8
-  %665 = fcmp ogt <8 x float> %658, zeroinitializer
-  %666 = select <8 x i1> %665, <8 x float> %658, <8 x float> zeroinitializer
-  %667 = fmul <8 x float> %666, %654
-  %668 = getelementptr inbounds float, ptr %656, i64 %664
-  store <8 x float> %667, ptr %668, align 4
-  %669 = add nsw i64 %r0, 2
-  %670 = getelementptr inbounds float, ptr %rw, i64 %669
-  %671 = load float, ptr %670, align 4
-  %672 = insertelement <8 x float> poison, float %671, i32 0
-  %673 = shufflevector <8 x float> %672, <8 x float> poison, <8 x i32> zeroinitializer
-  %674 = mul nsw i64 %669, 3072
-  %675 = getelementptr inbounds float, ptr %h, i64 %674
-  %col78 = mul nsw i64 %p, 16
-  %676 = load <8 x float>, ptr %acc02062, align 4
-  %677 = load <8 x float>, ptr %acc02163, align 4
-  %678 = add nsw i64 %col78, 0
-  %679 = fcmp ogt <8 x float> %676, zeroinitializer
-  %680 = select <8 x i1> %679, <8 x float> %676, <8 x float> zeroinitializer
-  %681 = fmul <8 x float> %680, %673
-  %682 = getelementptr inbounds float, ptr %675, i64 %678
-  store <8 x float> %681, ptr %682, align 4
-  %683 = add nsw i64 %col78, 8
-  %684 = fcmp ogt <8 x float> %677, zeroinitializer
-  %685 = select <8 x i1> %684, <8 x float> %677, <8 x float> zeroinitializer
-  %686 = fmul <8 x float> %685, %673
-  %687 = getelementptr inbounds float, ptr %675, i64 %683
-  store <8 x float> %686, ptr %687, align 4
+k.end79:                                          ; preds = %k.head77
+  %1245 = xor i1 %klast, true
+  br i1 %1245, label %part.then85, label %part.end86
+
+part.then85:                                      ; preds = %k.end79
+  %1246 = add nsw i64 %r01, 0
+  %1247 = sub nsw i64 %kb.p, %kb.pg
+  %1248 = sub nsw i64 %1246, %kb.rc
+  %1249 = mul nsw i64 %1248, 16
+  %1250 = add nsw i64 %1249, %1247
+  %1251 = mul nsw i64 %1250, 16
+  %1252 = getelementptr inbounds float, ptr %part, i64 %1251
+  %1253 = getelementptr inbounds float, ptr %1252, i64 0
+  %1254 = load <8 x float>, ptr %acc00067, align 4
+  store <8 x float> %1254, ptr %1253, align 4
+  %1255 = sub nsw i64 %kb.p, %kb.pg
+  %1256 = sub nsw i64 %1246, %kb.rc
+  %1257 = mul nsw i64 %1256, 16
+  %1258 = add nsw i64 %1257, %1255
+  %1259 = mul nsw i64 %1258, 16
+  %1260 = getelementptr inbounds float, ptr %part, i64 %1259
+  %1261 = getelementptr inbounds float, ptr %1260, i64 8
+  %1262 = load <8 x float>, ptr %acc00168, align 4
+  store <8 x float> %1262, ptr %1261, align 4
+  %1263 = add nsw i64 %r01, 1
+  %1264 = sub nsw i64 %kb.p, %kb.pg
+  %1265 = sub nsw i64 %1263, %kb.rc
+  %1266 = mul nsw i64 %1265, 16
+  %1267 = add nsw i64 %1266, %1264
+  %1268 = mul nsw i64 %1267, 16
+  %1269 = getelementptr inbounds float, ptr %part, i64 %1268
+  %1270 = getelementptr inbounds float, ptr %1269, i64 0
+  %1271 = load <8 x float>, ptr %acc01069, align 4
+  store <8 x float> %1271, ptr %1270, align 4
+  %1272 = sub nsw i64 %kb.p, %kb.pg
+  %1273 = sub nsw i64 %1263, %kb.rc
+  %1274 = mul nsw i64 %1273, 16
+  %1275 = add nsw i64 %1274, %1272
+  %1276 = mul nsw i64 %1275, 16
+  %1277 = getelementptr inbounds float, ptr %part, i64 %1276
+  %1278 = getelementptr inbounds float, ptr %1277, i64 8
+  %1279 = load <8 x float>, ptr %acc01170, align 4
+  store <8 x float> %1279, ptr %1278, align 4
+  %1280 = add nsw i64 %r01, 2
+  %1281 = sub nsw i64 %kb.p, %kb.pg
+  %1282 = sub nsw i64 %1280, %kb.rc
+  %1283 = mul nsw i64 %1282, 16
+  %1284 = add nsw i64 %1283, %1281
+  %1285 = mul nsw i64 %1284, 16
+  %1286 = getelementptr inbounds float, ptr %part, i64 %1285
+  %1287 = getelementptr inbounds float, ptr %1286, i64 0
+  %1288 = load <8 x float>, ptr %acc02071, align 4
+  store <8 x float> %1288, ptr %1287, align 4
+  %1289 = sub nsw i64 %kb.p, %kb.pg
+  %1290 = sub nsw i64 %1280, %kb.rc
+  %1291 = mul nsw i64 %1290, 16
+  %1292 = add nsw i64 %1291, %1289
+  %1293 = mul nsw i64 %1292, 16
+  %1294 = getelementptr inbounds float, ptr %part, i64 %1293
+  %1295 = getelementptr inbounds float, ptr %1294, i64 8
+  %1296 = load <8 x float>, ptr %acc02172, align 4
+  store <8 x float> %1296, ptr %1295, align 4
+  br label %part.end86
+
+part.end86:                                       ; preds = %part.then85, %k.end79
+  br i1 %klast, label %last.then87, label %last.end88
+
+last.then87:                                      ; preds = %part.end86
+  %1297 = add nsw i64 %r01, 0
+  %1298 = getelementptr inbounds float, ptr %rw, i64 %1297
+  %1299 = load float, ptr %1298, align 4
+  %1300 = insertelement <8 x float> poison, float %1299, i32 0
+  %1301 = shufflevector <8 x float> %1300, <8 x float> poison, <8 x i32> zeroinitializer
+  %1302 = mul nsw i64 %1297, 3072
+  %1303 = getelementptr inbounds float, ptr %h, i64 %1302
+  %col89 = mul nsw i64 %kb.p, 16
+  %1304 = load <8 x float>, ptr %acc00067, align 4
+  %1305 = load <8 x float>, ptr %acc00168, align 4
+  %1306 = add nsw i64 %col89, 0
+  %1307 = fcmp ogt <8 x float> %1304, zeroinitializer
+  %1308 = select <8 x i1> %1307, <8 x float> %1304, <8 x float> zeroinitializer
+  %1309 = fmul <8 x float> %1308, %1301
+  %1310 = getelementptr inbounds float, ptr %1303, i64 %1306
+  store <8 x float> %1309, ptr %1310, align 4
+  %1311 = add nsw i64 %col89, 8
+  %1312 = fcmp ogt <8 x float> %1305, zeroinitializer
+  %1313 = select <8 x i1> %1312, <8 x float> %1305, <8 x float> zeroinitializer
+  %1314 = fmul <8 x float> %1313, %1301
+  %1315 = getelementptr inbounds float, ptr %1303, i64 %1311
+  store <8 x float> %1314, ptr %1315, align 4
+  %1316 = add nsw i64 %r01, 1
+  %1317 = getelementptr inbounds float, ptr %rw, i64 %1316
+  %1318 = load float, ptr %1317, align 4
+  %1319 = insertelement <8 x float> poison, float %1318, i32 0
+  %1320 = shufflevector <8 x float> %1319, <8 x float> poison, <8 x i32> zeroinitializer
+  %1321 = mul nsw i64 %1316, 3072
+  %1322 = getelementptr inbounds float, ptr %h, i64 %1321
+  %col90 = mul nsw i64 %kb.p, 16
+  %1323 = load <8 x float>, ptr %acc01069, align 4
+  %1324 = load <8 x float>, ptr %acc01170, align 4
+  %1325 = add nsw i64 %col90, 0
+  %1326 = fcmp ogt <8 x float> %1323, zeroinitializer
+  %1327 = select <8 x i1> %1326, <8 x float> %1323, <8 x float> zeroinitializer
+  %1328 = fmul <8 x float> %1327, %1320
+  %1329 = getelementptr inbounds float, ptr %1322, i64 %1325
+  store <8 x float> %1328, ptr %1329, align 4
+  %1330 = add nsw i64 %col90, 8
+  %1331 = fcmp ogt <8 x float> %1324, zeroinitializer
+  %1332 = select <8 x i1> %1331, <8 x float> %1324, <8 x float> zeroinitializer
+  %1333 = fmul <8 x float> %1332, %1320
+  %1334 = getelementptr inbounds float, ptr %1322, i64 %1330
+  store <8 x float> %1333, ptr %1334, align 4
+  %1335 = add nsw i64 %r01, 2
+  %1336 = getelementptr inbounds float, ptr %rw, i64 %1335
+  %1337 = load float, ptr %1336, align 4
+  %1338 = insertelement <8 x float> poison, float %1337, i32 0
+  %1339 = shufflevector <8 x float> %1338, <8 x float> poison, <8 x i32> zeroinitializer
+  %1340 = mul nsw i64 %1335, 3072
+  %1341 = getelementptr inbounds float, ptr %h, i64 %1340
+  %col91 = mul nsw i64 %kb.p, 16
+  %1342 = load <8 x float>, ptr %acc02071, align 4
+  %1343 = load <8 x float>, ptr %acc02172, align 4
+  %1344 = add nsw i64 %col91, 0
+  %1345 = fcmp ogt <8 x float> %1342, zeroinitializer
+  %1346 = select <8 x i1> %1345, <8 x float> %1342, <8 x float> zeroinitializer
+  %1347 = fmul <8 x float> %1346, %1339
+  %1348 = getelementptr inbounds float, ptr %1341, i64 %1344
+  store <8 x float> %1347, ptr %1348, align 4
+  %1349 = add nsw i64 %col91, 8
+  %1350 = fcmp ogt <8 x float> %1343, zeroinitializer
+  %1351 = select <8 x i1> %1350, <8 x float> %1343, <8 x float> zeroinitializer
+  %1352 = fmul <8 x float> %1351, %1339
+  %1353 = getelementptr inbounds float, ptr %1341, i64 %1349
+  store <8 x float> %1352, ptr %1353, align 4
+  br label %last.end88
+
+last.end88:                                       ; preds = %last.then87, %part.end86
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
-  %688 = add nsw i64 %r0, 0
-  %689 = getelementptr inbounds i32, ptr %rows, i64 %688
-  %690 = load i32, ptr %689, align 4
-  %691 = sext i32 %690 to i64
-  %692 = mul nsw i64 %691, 768
-  %693 = getelementptr inbounds float, ptr %x, i64 %692
-  store <8 x float> zeroinitializer, ptr %acc00079, align 4
-  store <8 x float> zeroinitializer, ptr %acc00180, align 4
-  %694 = add nsw i64 %r0, 1
-  %695 = getelementptr inbounds i32, ptr %rows, i64 %694
-  %696 = load i32, ptr %695, align 4
-  %697 = sext i32 %696 to i64
-  %698 = mul nsw i64 %697, 768
-  %699 = getelementptr inbounds float, ptr %x, i64 %698
-  store <8 x float> zeroinitializer, ptr %acc01081, align 4
-  store <8 x float> zeroinitializer, ptr %acc01182, align 4
-  %panel.off83 = mul nsw i64 %p, 12288
-  %700 = getelementptr inbounds i16, ptr %panels, i64 %panel.off83
-  %701 = add nsw i64 %p, 1
-  %702 = icmp slt i64 %701, %p1
-  %pf.on84 = and i1 %pf.on, %702
-  %703 = mul nsw i64 %rb, 24576
-  %704 = lshr i64 %703, %11
-  %705 = add nsw i64 24576, %704
-  %706 = getelementptr inbounds i8, ptr %700, i64 %705
-  %pf85 = select i1 %pf.on84, ptr %706, ptr %700
-  %pf.sh86 = select i1 %pf.on84, i64 %11, i64 0
-  br label %k.head87
+  %1354 = add nsw i64 %r01, 0
+  %1355 = getelementptr inbounds i32, ptr %rows, i64 %1354
+  %1356 = load i32, ptr %1355, align 4
+  %1357 = sext i32 %1356 to i64
+  %1358 = mul nsw i64 %1357, 768
+  %1359 = add nsw i64 %1358, %k0
+  %1360 = getelementptr inbounds float, ptr %x, i64 %1359
+  %1361 = sub nsw i64 %kb.p, %kb.pg
+  %1362 = sub nsw i64 %1354, %kb.rc
+  %1363 = mul nsw i64 %1362, 16
+  %1364 = add nsw i64 %1363, %1361
+  %1365 = mul nsw i64 %1364, 16
+  %1366 = getelementptr inbounds float, ptr %part, i64 %1365
+  %1367 = getelementptr inbounds float, ptr %1366, i64 0
+  %1368 = load <8 x float>, ptr %1367, align 4
+  %1369 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1368
+  store <8 x float> %1369, ptr %acc00092, align 4
+  %1370 = sub nsw i64 %kb.p, %kb.pg
+  %1371 = sub nsw i64 %1354, %kb.rc
+  %1372 = mul nsw i64 %1371, 16
+  %1373 = add nsw i64 %1372, %1370
+  %1374 = mul nsw i64 %1373, 16
+  %1375 = getelementptr inbounds float, ptr %part, i64 %1374
+  %1376 = getelementptr inbounds float, ptr %1375, i64 8
+  %1377 = load <8 x float>, ptr %1376, align 4
+  %1378 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1377
+  store <8 x float> %1378, ptr %acc00193, align 4
+  %1379 = add nsw i64 %r01, 1
+  %1380 = getelementptr inbounds i32, ptr %rows, i64 %1379
+  %1381 = load i32, ptr %1380, align 4
+  %1382 = sext i32 %1381 to i64
+  %1383 = mul nsw i64 %1382, 768
+  %1384 = add nsw i64 %1383, %k0
+  %1385 = getelementptr inbounds float, ptr %x, i64 %1384
+  %1386 = sub nsw i64 %kb.p, %kb.pg
+  %1387 = sub nsw i64 %1379, %kb.rc
+  %1388 = mul nsw i64 %1387, 16
+  %1389 = add nsw i64 %1388, %1386
+  %1390 = mul nsw i64 %1389, 16
+  %1391 = getelementptr inbounds float, ptr %part, i64 %1390
+  %1392 = getelementptr inbounds float, ptr %1391, i64 0
+  %1393 = load <8 x float>, ptr %1392, align 4
+  %1394 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1393
+  store <8 x float> %1394, ptr %acc01094, align 4
+  %1395 = sub nsw i64 %kb.p, %kb.pg
+  %1396 = sub nsw i64 %1379, %kb.rc
+  %1397 = mul nsw i64 %1396, 16
+  %1398 = add nsw i64 %1397, %1395
+  %1399 = mul nsw i64 %1398, 16
+  %1400 = getelementptr inbounds float, ptr %part, i64 %1399
+  %1401 = getelementptr inbounds float, ptr %1400, i64 8
+  %1402 = load <8 x float>, ptr %1401, align 4
+  %1403 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1402
+  store <8 x float> %1403, ptr %acc01195, align 4
+  %1404 = mul nsw i64 %k0, 16
+  %1405 = mul nsw i64 %kb.p, 12288
+  %panel.off96 = add nsw i64 %1405, %1404
+  %1406 = getelementptr inbounds i16, ptr %panels, i64 %panel.off96
+  %pf.on97 = and i1 %pf.on, %pf.next
+  %1407 = mul nsw i64 %rb, 8192
+  %1408 = lshr i64 %1407, %25
+  %1409 = add nsw i64 %pf.step, %1408
+  %1410 = getelementptr inbounds i8, ptr %1406, i64 %1409
+  %pf98 = select i1 %pf.on97, ptr %1410, ptr %1406
+  %pf.sh99 = select i1 %pf.on97, i64 %25, i64 0
+  br label %k.head100
 
-k.head87:                                         ; preds = %pf.any.end92, %tile.mr2
-  %k90 = phi i64 [ 0, %tile.mr2 ], [ %735, %pf.any.end92 ]
-  %707 = icmp slt i64 %k90, 768
-  br i1 %707, label %k.body88, label %k.end89
+k.head100:                                        ; preds = %pf.any.end105, %tile.mr2
+  %k103 = phi i64 [ 0, %tile.mr2 ], [ %1439, %pf.any.end105 ]
+  %1411 = icmp slt i64 %k103, 256
+  br i1 %1411, label %k.body101, label %k.end102
 
-k.body88:                                         ; preds = %k.head87
-  %708 = mul nsw i64 %k90, 1
-  %709 = add nsw i64 %708, 0
-  %710 = mul nsw i64 %709, 32
-  br i1 %pf.multi, label %pf.any.then91, label %pf.any.end92
+k.body101:                                        ; preds = %k.head100
+  %1412 = mul nsw i64 %k103, 1
+  %1413 = add nsw i64 %1412, 0
+  %1414 = mul nsw i64 %1413, 32
+  br i1 %pf.multi, label %pf.any.then104, label %pf.any.end105
 
-pf.any.then91:                                    ; preds = %k.body88
-  %711 = lshr i64 %710, %pf.sh86
-  %712 = getelementptr inbounds i8, ptr %pf85, i64 %711
-  call void @llvm.prefetch.p0(ptr %712, i32 0, i32 2, i32 1)
-  br label %pf.any.end92
+pf.any.then104:                                   ; preds = %k.body101
+  %1415 = lshr i64 %1414, %pf.sh99
+  %1416 = getelementptr inbounds i8, ptr %pf98, i64 %1415
+  call void @llvm.prefetch.p0(ptr %1416, i32 0, i32 2, i32 1)
+  br label %pf.any.end105
 
-pf.any.end92:                                     ; preds = %pf.any.then91, %k.body88
-  %713 = mul nsw i64 %709, 16
-  %714 = add nsw i64 %panel.off83, %713
-  %715 = getelementptr inbounds i16, ptr %panels, i64 %714
-  %716 = load <8 x i32>, ptr %715, align 4
-  %717 = shl <8 x i32> %716, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b093 = bitcast <8 x i32> %717 to <8 x float>
-  %718 = and <8 x i32> %716, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b194 = bitcast <8 x i32> %718 to <8 x float>
-  %719 = getelementptr inbounds float, ptr %693, i64 %709
-  %720 = load float, ptr %719, align 4
-  %721 = insertelement <8 x float> poison, float %720, i32 0
-  %722 = shufflevector <8 x float> %721, <8 x float> poison, <8 x i32> zeroinitializer
-  %723 = load <8 x float>, ptr %acc00079, align 4
-  %724 = call <8 x float> @llvm.fma.v8f32(<8 x float> %722, <8 x float> %b093, <8 x float> %723)
-  store <8 x float> %724, ptr %acc00079, align 4
-  %725 = load <8 x float>, ptr %acc00180, align 4
-  %726 = call <8 x float> @llvm.fma.v8f32(<8 x float> %722, <8 x float> %b194, <8 x float> %725)
-  store <8 x float> %726, ptr %acc00180, align 4
-  %727 = getelementptr inbounds float, ptr %699, i64 %709
-  %728 = load float, ptr %727, align 4
-  %729 = insertelement <8 x float> poison, float %728, i32 0
-  %730 = shufflevector <8 x float> %729, <8 x float> poison, <8 x i32> zeroinitializer
-  %731 = load <8 x float>, ptr %acc01081, align 4
-  %732 = call <8 x float> @llvm.fma.v8f32(<8 x float> %730, <8 x float> %b093, <8 x float> %731)
-  store <8 x float> %732, ptr %acc01081, align 4
-  %733 = load <8 x float>, ptr %acc01182, align 4
-  %734 = call <8 x float> @llvm.fma.v8f32(<8 x float> %730, <8 x float> %b194, <8 x float> %733)
-  store <8 x float> %734, ptr %acc01182, align 4
-  %735 = add nsw i64 %k90, 1
-  br label %k.head87
+pf.any.end105:                                    ; preds = %pf.any.then104, %k.body101
+  %1417 = mul nsw i64 %1413, 16
+  %1418 = add nsw i64 %panel.off96, %1417
+  %1419 = getelementptr inbounds i16, ptr %panels, i64 %1418
+  %1420 = load <8 x i32>, ptr %1419, align 4
+  %1421 = shl <8 x i32> %1420, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0106 = bitcast <8 x i32> %1421 to <8 x float>
+  %1422 = and <8 x i32> %1420, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1107 = bitcast <8 x i32> %1422 to <8 x float>
+  %1423 = getelementptr inbounds float, ptr %1360, i64 %1413
+  %1424 = load float, ptr %1423, align 4
+  %1425 = insertelement <8 x float> poison, float %1424, i32 0
+  %1426 = shufflevector <8 x float> %1425, <8 x float> poison, <8 x i32> zeroinitializer
+  %1427 = load <8 x float>, ptr %acc00092, align 4
+  %1428 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1426, <8 x float> %b0106, <8 x float> %1427)
+  store <8 x float> %1428, ptr %acc00092, align 4
+  %1429 = load <8 x float>, ptr %acc00193, align 4
+  %1430 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1426, <8 x float> %b1107, <8 x float> %1429)
+  store <8 x float> %1430, ptr %acc00193, align 4
+  %1431 = getelementptr inbounds float, ptr %1385, i64 %1413
+  %1432 = load float, ptr %1431, align 4
+  %1433 = insertelement <8 x float> poison, float %1432, i32 0
+  %1434 = shufflevector <8 x float> %1433, <8 x float> poison, <8 x i32> zeroinitializer
+  %1435 = load <8 x float>, ptr %acc01094, align 4
+  %1436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1434, <8 x float> %b0106, <8 x float> %1435)
+  store <8 x float> %1436, ptr %acc01094, align 4
+  %1437 = load <8 x float>, ptr %acc01195, align 4
+  %1438 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1434, <8 x float> %b1107, <8 x float> %1437)
+  store <8 x float> %1438, ptr %acc01195, align 4
+  %1439 = add nsw i64 %k103, 1
+  br label %k.head100
 
-k.end89:                                          ; preds = %k.head87
-  %736 = add nsw i64 %r0, 0
-  %737 = getelementptr inbounds float, ptr %rw, i64 %736
-  %738 = load float, ptr %737, align 4
-  %739 = insertelement <8 x float> poison, float %738, i32 0
-  %740 = shufflevector <8 x float> %739, <8 x float> poison, <8 x i32> zeroinitializer
-  %741 = mul nsw i64 %736, 3072
-  %742 = getelementptr inbounds float, ptr %h, i64 %741
-  %col95 = mul nsw i64 %p, 16
-  %743 = load <8 x float>, ptr %acc00079, align 4
-  %744 = load <8 x float>, ptr %acc00180, align 4
-  %745 = add nsw i64 %col95, 0
-  %746 = fcmp ogt <8 x float> %743, zeroinitializer
-  %747 = select <8 x i1> %746, <8 x float> %743, <8 x float> zeroinitializer
-  %748 = fmul <8 x float> %747, %740
-  %749 = getelementptr inbounds float, ptr %742, i64 %745
-  store <8 x float> %748, ptr %749, align 4
-  %750 = add nsw i64 %col95, 8
-  %751 = fcmp ogt <8 x float> %744, zeroinitializer
-  %752 = select <8 x i1> %751, <8 x float> %744, <8 x float> zeroinitializer
-  %753 = fmul <8 x float> %752, %740
-  %754 = getelementptr inbounds float, ptr %742, i64 %750
-  store <8 x float> %753, ptr %754, align 4
-  %755 = add nsw i64 %r0, 1
-  %756 = getelementptr inbounds float, ptr %rw, i64 %755
-  %757 = load float, ptr %756, align 4
-  %758 = insertelement <8 x float> poison, float %757, i32 0
-  %759 = shufflevector <8 x float> %758, <8 x float> poison, <8 x i32> zeroinitializer
-  %760 = mul nsw i64 %755, 3072
-  %761 = getelementptr inbounds float, ptr %h, i64 %760
-  %col96 = mul nsw i64 %p, 16
-  %762 = load <8 x float>, ptr %acc01081, align 4
-  %763 = load <8 x float>, ptr %acc01182, align 4
-  %764 = add nsw i64 %col96, 0
-  %765 = fcmp ogt <8 x float> %762, zeroinitializer
-  %766 = select <8 x i1> %765, <8 x float> %762, <8 x float> zeroinitializer
-  %767 = fmul <8 x float> %766, %759
-  %768 = getelementptr inbounds float, ptr %761, i64 %764
-  store <8 x float> %767, ptr %768, align 4
-  %769 = add nsw i64 %col96, 8
-  %770 = fcmp ogt <8 x float> %763, zeroinitializer
-  %771 = select <8 x i1> %770, <8 x float> %763, <8 x float> zeroinitializer
-  %772 = fmul <8 x float> %771, %759
-  %773 = getelementptr inbounds float, ptr %761, i64 %769
-  store <8 x float> %772, ptr %773, align 4
+k.end102:                                         ; preds = %k.head100
+  %1440 = xor i1 %klast, true
+  br i1 %1440, label %part.then108, label %part.end109
+
+part.then108:                                     ; preds = %k.end102
+  %1441 = add nsw i64 %r01, 0
+  %1442 = sub nsw i64 %kb.p, %kb.pg
+  %1443 = sub nsw i64 %1441, %kb.rc
+  %1444 = mul nsw i64 %1443, 16
+  %1445 = add nsw i64 %1444, %1442
+  %1446 = mul nsw i64 %1445, 16
+  %1447 = getelementptr inbounds float, ptr %part, i64 %1446
+  %1448 = getelementptr inbounds float, ptr %1447, i64 0
+  %1449 = load <8 x float>, ptr %acc00092, align 4
+  store <8 x float> %1449, ptr %1448, align 4
+  %1450 = sub nsw i64 %kb.p, %kb.pg
+  %1451 = sub nsw i64 %1441, %kb.rc
+  %1452 = mul nsw i64 %1451, 16
+  %1453 = add nsw i64 %1452, %1450
+  %1454 = mul nsw i64 %1453, 16
+  %1455 = getelementptr inbounds float, ptr %part, i64 %1454
+  %1456 = getelementptr inbounds float, ptr %1455, i64 8
+  %1457 = load <8 x float>, ptr %acc00193, align 4
+  store <8 x float> %1457, ptr %1456, align 4
+  %1458 = add nsw i64 %r01, 1
+  %1459 = sub nsw i64 %kb.p, %kb.pg
+  %1460 = sub nsw i64 %1458, %kb.rc
+  %1461 = mul nsw i64 %1460, 16
+  %1462 = add nsw i64 %1461, %1459
+  %1463 = mul nsw i64 %1462, 16
+  %1464 = getelementptr inbounds float, ptr %part, i64 %1463
+  %1465 = getelementptr inbounds float, ptr %1464, i64 0
+  %1466 = load <8 x float>, ptr %acc01094, align 4
+  store <8 x float> %1466, ptr %1465, align 4
+  %1467 = sub nsw i64 %kb.p, %kb.pg
+  %1468 = sub nsw i64 %1458, %kb.rc
+  %1469 = mul nsw i64 %1468, 16
+  %1470 = add nsw i64 %1469, %1467
+  %1471 = mul nsw i64 %1470, 16
+  %1472 = getelementptr inbounds float, ptr %part, i64 %1471
+  %1473 = getelementptr inbounds float, ptr %1472, i64 8
+  %1474 = load <8 x float>, ptr %acc01195, align 4
+  store <8 x float> %1474, ptr %1473, align 4
+  br label %part.end109
+
+part.end109:                                      ; preds = %part.then108, %k.end102
+  br i1 %klast, label %last.then110, label %last.end111
+
+last.then110:                                     ; preds = %part.end109
+  %1475 = add nsw i64 %r01, 0
+  %1476 = getelementptr inbounds float, ptr %rw, i64 %1475
+  %1477 = load float, ptr %1476, align 4
+  %1478 = insertelement <8 x float> poison, float %1477, i32 0
+  %1479 = shufflevector <8 x float> %1478, <8 x float> poison, <8 x i32> zeroinitializer
+  %1480 = mul nsw i64 %1475, 3072
+  %1481 = getelementptr inbounds float, ptr %h, i64 %1480
+  %col112 = mul nsw i64 %kb.p, 16
+  %1482 = load <8 x float>, ptr %acc00092, align 4
+  %1483 = load <8 x float>, ptr %acc00193, align 4
+  %1484 = add nsw i64 %col112, 0
+  %1485 = fcmp ogt <8 x float> %1482, zeroinitializer
+  %1486 = select <8 x i1> %1485, <8 x float> %1482, <8 x float> zeroinitializer
+  %1487 = fmul <8 x float> %1486, %1479
+  %1488 = getelementptr inbounds float, ptr %1481, i64 %1484
+  store <8 x float> %1487, ptr %1488, align 4
+  %1489 = add nsw i64 %col112, 8
+  %1490 = fcmp ogt <8 x float> %1483, zeroinitializer
+  %1491 = select <8 x i1> %1490, <8 x float> %1483, <8 x float> zeroinitializer
+  %1492 = fmul <8 x float> %1491, %1479
+  %1493 = getelementptr inbounds float, ptr %1481, i64 %1489
+  store <8 x float> %1492, ptr %1493, align 4
+  %1494 = add nsw i64 %r01, 1
+  %1495 = getelementptr inbounds float, ptr %rw, i64 %1494
+  %1496 = load float, ptr %1495, align 4
+  %1497 = insertelement <8 x float> poison, float %1496, i32 0
+  %1498 = shufflevector <8 x float> %1497, <8 x float> poison, <8 x i32> zeroinitializer
+  %1499 = mul nsw i64 %1494, 3072
+  %1500 = getelementptr inbounds float, ptr %h, i64 %1499
+  %col113 = mul nsw i64 %kb.p, 16
+  %1501 = load <8 x float>, ptr %acc01094, align 4
+  %1502 = load <8 x float>, ptr %acc01195, align 4
+  %1503 = add nsw i64 %col113, 0
+  %1504 = fcmp ogt <8 x float> %1501, zeroinitializer
+  %1505 = select <8 x i1> %1504, <8 x float> %1501, <8 x float> zeroinitializer
+  %1506 = fmul <8 x float> %1505, %1498
+  %1507 = getelementptr inbounds float, ptr %1500, i64 %1503
+  store <8 x float> %1506, ptr %1507, align 4
+  %1508 = add nsw i64 %col113, 8
+  %1509 = fcmp ogt <8 x float> %1502, zeroinitializer
+  %1510 = select <8 x i1> %1509, <8 x float> %1502, <8 x float> zeroinitializer
+  %1511 = fmul <8 x float> %1510, %1498
+  %1512 = getelementptr inbounds float, ptr %1500, i64 %1508
+  store <8 x float> %1511, ptr %1512, align 4
+  br label %last.end111
+
+last.end111:                                      ; preds = %last.then110, %part.end109
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
-  %774 = add nsw i64 %r0, 0
-  %775 = getelementptr inbounds i32, ptr %rows, i64 %774
-  %776 = load i32, ptr %775, align 4
-  %777 = sext i32 %776 to i64
-  %778 = mul nsw i64 %777, 768
-  %779 = getelementptr inbounds float, ptr %x, i64 %778
-  store <8 x float> zeroinitializer, ptr %acc00097, align 4
-  store <8 x float> zeroinitializer, ptr %acc00198, align 4
-  %panel.off99 = mul nsw i64 %p, 12288
-  %780 = getelementptr inbounds i16, ptr %panels, i64 %panel.off99
-  %781 = add nsw i64 %p, 1
-  %782 = icmp slt i64 %781, %p1
-  %pf.on100 = and i1 %pf.on, %782
-  %783 = mul nsw i64 %rb, 24576
-  %784 = lshr i64 %783, %11
-  %785 = add nsw i64 24576, %784
-  %786 = getelementptr inbounds i8, ptr %780, i64 %785
-  %pf101 = select i1 %pf.on100, ptr %786, ptr %780
-  %pf.sh102 = select i1 %pf.on100, i64 %11, i64 0
-  br label %k.head103
+  %1513 = add nsw i64 %r01, 0
+  %1514 = getelementptr inbounds i32, ptr %rows, i64 %1513
+  %1515 = load i32, ptr %1514, align 4
+  %1516 = sext i32 %1515 to i64
+  %1517 = mul nsw i64 %1516, 768
+  %1518 = add nsw i64 %1517, %k0
+  %1519 = getelementptr inbounds float, ptr %x, i64 %1518
+  %1520 = sub nsw i64 %kb.p, %kb.pg
+  %1521 = sub nsw i64 %1513, %kb.rc
+  %1522 = mul nsw i64 %1521, 16
+  %1523 = add nsw i64 %1522, %1520
+  %1524 = mul nsw i64 %1523, 16
+  %1525 = getelementptr inbounds float, ptr %part, i64 %1524
+  %1526 = getelementptr inbounds float, ptr %1525, i64 0
+  %1527 = load <8 x float>, ptr %1526, align 4
+  %1528 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1527
+  store <8 x float> %1528, ptr %acc000114, align 4
+  %1529 = sub nsw i64 %kb.p, %kb.pg
+  %1530 = sub nsw i64 %1513, %kb.rc
+  %1531 = mul nsw i64 %1530, 16
+  %1532 = add nsw i64 %1531, %1529
+  %1533 = mul nsw i64 %1532, 16
+  %1534 = getelementptr inbounds float, ptr %part, i64 %1533
+  %1535 = getelementptr inbounds float, ptr %1534, i64 8
+  %1536 = load <8 x float>, ptr %1535, align 4
+  %1537 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1536
+  store <8 x float> %1537, ptr %acc001115, align 4
+  %1538 = mul nsw i64 %k0, 16
+  %1539 = mul nsw i64 %kb.p, 12288
+  %panel.off116 = add nsw i64 %1539, %1538
+  %1540 = getelementptr inbounds i16, ptr %panels, i64 %panel.off116
+  %pf.on117 = and i1 %pf.on, %pf.next
+  %1541 = mul nsw i64 %rb, 8192
+  %1542 = lshr i64 %1541, %25
+  %1543 = add nsw i64 %pf.step, %1542
+  %1544 = getelementptr inbounds i8, ptr %1540, i64 %1543
+  %pf118 = select i1 %pf.on117, ptr %1544, ptr %1540
+  %pf.sh119 = select i1 %pf.on117, i64 %25, i64 0
+  br label %k.head120
 
-k.head103:                                        ; preds = %pf.any.end108, %tile.mr1
-  %k106 = phi i64 [ 0, %tile.mr1 ], [ %807, %pf.any.end108 ]
-  %787 = icmp slt i64 %k106, 768
-  br i1 %787, label %k.body104, label %k.end105
+k.head120:                                        ; preds = %pf.any.end125, %tile.mr1
+  %k123 = phi i64 [ 0, %tile.mr1 ], [ %1565, %pf.any.end125 ]
+  %1545 = icmp slt i64 %k123, 256
+  br i1 %1545, label %k.body121, label %k.end122
 
-k.body104:                                        ; preds = %k.head103
-  %788 = mul nsw i64 %k106, 1
-  %789 = add nsw i64 %788, 0
-  %790 = mul nsw i64 %789, 32
-  br i1 %pf.multi, label %pf.any.then107, label %pf.any.end108
+k.body121:                                        ; preds = %k.head120
+  %1546 = mul nsw i64 %k123, 1
+  %1547 = add nsw i64 %1546, 0
+  %1548 = mul nsw i64 %1547, 32
+  br i1 %pf.multi, label %pf.any.then124, label %pf.any.end125
 
-pf.any.then107:                                   ; preds = %k.body104
-  %791 = lshr i64 %790, %pf.sh102
-  %792 = getelementptr inbounds i8, ptr %pf101, i64 %791
-  call void @llvm.prefetch.p0(ptr %792, i32 0, i32 2, i32 1)
-  br label %pf.any.end108
+pf.any.then124:                                   ; preds = %k.body121
+  %1549 = lshr i64 %1548, %pf.sh119
+  %1550 = getelementptr inbounds i8, ptr %pf118, i64 %1549
+  call void @llvm.prefetch.p0(ptr %1550, i32 0, i32 2, i32 1)
+  br label %pf.any.end125
 
-pf.any.end108:                                    ; preds = %pf.any.then107, %k.body104
-  %793 = mul nsw i64 %789, 16
-  %794 = add nsw i64 %panel.off99, %793
-  %795 = getelementptr inbounds i16, ptr %panels, i64 %794
-  %796 = load <8 x i32>, ptr %795, align 4
-  %797 = shl <8 x i32> %796, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0109 = bitcast <8 x i32> %797 to <8 x float>
-  %798 = and <8 x i32> %796, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1110 = bitcast <8 x i32> %798 to <8 x float>
-  %799 = getelementptr inbounds float, ptr %779, i64 %789
-  %800 = load float, ptr %799, align 4
-  %801 = insertelement <8 x float> poison, float %800, i32 0
-  %802 = shufflevector <8 x float> %801, <8 x float> poison, <8 x i32> zeroinitializer
-  %803 = load <8 x float>, ptr %acc00097, align 4
-  %804 = call <8 x float> @llvm.fma.v8f32(<8 x float> %802, <8 x float> %b0109, <8 x float> %803)
-  store <8 x float> %804, ptr %acc00097, align 4
-  %805 = load <8 x float>, ptr %acc00198, align 4
-  %806 = call <8 x float> @llvm.fma.v8f32(<8 x float> %802, <8 x float> %b1110, <8 x float> %805)
-  store <8 x float> %806, ptr %acc00198, align 4
-  %807 = add nsw i64 %k106, 1
-  br label %k.head103
+pf.any.end125:                                    ; preds = %pf.any.then124, %k.body121
+  %1551 = mul nsw i64 %1547, 16
+  %1552 = add nsw i64 %panel.off116, %1551
+  %1553 = getelementptr inbounds i16, ptr %panels, i64 %1552
+  %1554 = load <8 x i32>, ptr %1553, align 4
+  %1555 = shl <8 x i32> %1554, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0126 = bitcast <8 x i32> %1555 to <8 x float>
+  %1556 = and <8 x i32> %1554, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1127 = bitcast <8 x i32> %1556 to <8 x float>
+  %1557 = getelementptr inbounds float, ptr %1519, i64 %1547
+  %1558 = load float, ptr %1557, align 4
+  %1559 = insertelement <8 x float> poison, float %1558, i32 0
+  %1560 = shufflevector <8 x float> %1559, <8 x float> poison, <8 x i32> zeroinitializer
+  %1561 = load <8 x float>, ptr %acc000114, align 4
+  %1562 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1560, <8 x float> %b0126, <8 x float> %1561)
+  store <8 x float> %1562, ptr %acc000114, align 4
+  %1563 = load <8 x float>, ptr %acc001115, align 4
+  %1564 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1560, <8 x float> %b1127, <8 x float> %1563)
+  store <8 x float> %1564, ptr %acc001115, align 4
+  %1565 = add nsw i64 %k123, 1
+  br label %k.head120
 
-k.end105:                                         ; preds = %k.head103
-  %808 = add nsw i64 %r0, 0
-  %809 = getelementptr inbounds float, ptr %rw, i64 %808
-  %810 = load float, ptr %809, align 4
-  %811 = insertelement <8 x float> poison, float %810, i32 0
-  %812 = shufflevector <8 x float> %811, <8 x float> poison, <8 x i32> zeroinitializer
-  %813 = mul nsw i64 %808, 3072
-  %814 = getelementptr inbounds float, ptr %h, i64 %813
-  %col111 = mul nsw i64 %p, 16
-  %815 = load <8 x float>, ptr %acc00097, align 4
-  %816 = load <8 x float>, ptr %acc00198, align 4
-  %817 = add nsw i64 %col111, 0
-  %818 = fcmp ogt <8 x float> %815, zeroinitializer
-  %819 = select <8 x i1> %818, <8 x float> %815, <8 x float> zeroinitializer
-  %820 = fmul <8 x float> %819, %812
-  %821 = getelementptr inbounds float, ptr %814, i64 %817
-  store <8 x float> %820, ptr %821, align 4
-  %822 = add nsw i64 %col111, 8
-  %823 = fcmp ogt <8 x float> %816, zeroinitializer
-  %824 = select <8 x i1> %823, <8 x float> %816, <8 x float> zeroinitializer
-  %825 = fmul <8 x float> %824, %812
-  %826 = getelementptr inbounds float, ptr %814, i64 %822
-  store <8 x float> %825, ptr %826, align 4
+k.end122:                                         ; preds = %k.head120
+  %1566 = xor i1 %klast, true
+  br i1 %1566, label %part.then128, label %part.end129
+
+part.then128:                                     ; preds = %k.end122
+  %1567 = add nsw i64 %r01, 0
+  %1568 = sub nsw i64 %kb.p, %kb.pg
+  %1569 = sub nsw i64 %1567, %kb.rc
+  %1570 = mul nsw i64 %1569, 16
+  %1571 = add nsw i64 %1570, %1568
+  %1572 = mul nsw i64 %1571, 16
+  %1573 = getelementptr inbounds float, ptr %part, i64 %1572
+  %1574 = getelementptr inbounds float, ptr %1573, i64 0
+  %1575 = load <8 x float>, ptr %acc000114, align 4
+  store <8 x float> %1575, ptr %1574, align 4
+  %1576 = sub nsw i64 %kb.p, %kb.pg
+  %1577 = sub nsw i64 %1567, %kb.rc
+  %1578 = mul nsw i64 %1577, 16
+  %1579 = add nsw i64 %1578, %1576
+  %1580 = mul nsw i64 %1579, 16
+  %1581 = getelementptr inbounds float, ptr %part, i64 %1580
+  %1582 = getelementptr inbounds float, ptr %1581, i64 8
+  %1583 = load <8 x float>, ptr %acc001115, align 4
+  store <8 x float> %1583, ptr %1582, align 4
+  br label %part.end129
+
+part.end129:                                      ; preds = %part.then128, %k.end122
+  br i1 %klast, label %last.then130, label %last.end131
+
+last.then130:                                     ; preds = %part.end129
+  %1584 = add nsw i64 %r01, 0
+  %1585 = getelementptr inbounds float, ptr %rw, i64 %1584
+  %1586 = load float, ptr %1585, align 4
+  %1587 = insertelement <8 x float> poison, float %1586, i32 0
+  %1588 = shufflevector <8 x float> %1587, <8 x float> poison, <8 x i32> zeroinitializer
+  %1589 = mul nsw i64 %1584, 3072
+  %1590 = getelementptr inbounds float, ptr %h, i64 %1589
+  %col132 = mul nsw i64 %kb.p, 16
+  %1591 = load <8 x float>, ptr %acc000114, align 4
+  %1592 = load <8 x float>, ptr %acc001115, align 4
+  %1593 = add nsw i64 %col132, 0
+  %1594 = fcmp ogt <8 x float> %1591, zeroinitializer
+  %1595 = select <8 x i1> %1594, <8 x float> %1591, <8 x float> zeroinitializer
+  %1596 = fmul <8 x float> %1595, %1588
+  %1597 = getelementptr inbounds float, ptr %1590, i64 %1593
+  store <8 x float> %1596, ptr %1597, align 4
+  %1598 = add nsw i64 %col132, 8
+  %1599 = fcmp ogt <8 x float> %1592, zeroinitializer
+  %1600 = select <8 x i1> %1599, <8 x float> %1592, <8 x float> zeroinitializer
+  %1601 = fmul <8 x float> %1600, %1588
+  %1602 = getelementptr inbounds float, ptr %1590, i64 %1598
+  store <8 x float> %1601, ptr %1602, align 4
+  br label %last.end131
+
+last.end131:                                      ; preds = %last.then130, %part.end129
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end105, %k.end89, %k.end70, %k.end48, %k.end23, %k.end
-  %827 = add nsw i64 %rb, 1
+tile.done:                                        ; preds = %last.end131, %last.end111, %last.end88, %last.end62, %last.end33, %last.end
+  %1603 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %828 = add nsw i64 %p, 1
+  %1604 = add nsw i64 %kb.p, 1
+  br label %kb.p.head
+
+kb.p.end:                                         ; preds = %kb.p.head
+  %1605 = add nsw i64 %kb.k, 1
+  br label %kb.k.head
+
+kb.k.end:                                         ; preds = %kb.k.head
+  %1606 = add nsw i64 %kb.pg, 16
+  br label %kb.pg.head
+
+kb.pg.end:                                        ; preds = %kb.pg.head
+  %1607 = add nsw i64 %kb.rc, 96
+  br label %kb.rc.head
+
+kb.rc.end:                                        ; preds = %kb.rc.head
+  br label %call.end
+
+flat:                                             ; preds = %start
+  br label %p.head
+
+p.head:                                           ; preds = %rb.end136, %flat
+  %p = phi i64 [ %p0, %flat ], [ %2463, %rb.end136 ]
+  %1608 = icmp slt i64 %p, %p1
+  br i1 %1608, label %p.body, label %p.end
+
+p.body:                                           ; preds = %p.head
+  %1609 = add nsw i64 %n, 5
+  %nrb133 = sdiv i64 %1609, 6
+  br label %rb.head134
+
+rb.head134:                                       ; preds = %tile.done141, %p.body
+  %rb137 = phi i64 [ 0, %p.body ], [ %2462, %tile.done141 ]
+  %1610 = icmp slt i64 %rb137, %nrb133
+  br i1 %1610, label %rb.body135, label %rb.end136
+
+rb.body135:                                       ; preds = %rb.head134
+  %1611 = mul nsw i64 %rb137, %n
+  %r0138 = sdiv i64 %1611, %nrb133
+  %1612 = add nsw i64 %rb137, 1
+  %1613 = mul nsw i64 %1612, %n
+  %r1139 = sdiv i64 %1613, %nrb133
+  %mr140 = sub nsw i64 %r1139, %r0138
+  %1614 = icmp sge i64 %nrb133, 2
+  %1615 = select i1 %1614, i64 1, i64 0
+  %1616 = icmp sge i64 %nrb133, 4
+  %1617 = select i1 %1616, i64 2, i64 %1615
+  %1618 = icmp sge i64 %nrb133, 8
+  %1619 = select i1 %1618, i64 3, i64 %1617
+  %pf.multi148 = icmp sgt i64 %nrb133, 1
+  %1620 = shl i64 1, %1619
+  %1621 = icmp slt i64 %rb137, %1620
+  %pf.on149 = and i1 %pf.multi148, %1621
+  switch i64 %mr140, label %tile.mr6147 [
+    i64 1, label %tile.mr1142
+    i64 2, label %tile.mr2143
+    i64 3, label %tile.mr3144
+    i64 4, label %tile.mr4145
+    i64 5, label %tile.mr5146
+  ]
+
+tile.mr6147:                                      ; preds = %rb.body135
+  %1622 = add nsw i64 %r0138, 0
+  %1623 = getelementptr inbounds i32, ptr %rows, i64 %1622
+  %1624 = load i32, ptr %1623, align 4
+  %1625 = sext i32 %1624 to i64
+  %1626 = mul nsw i64 %1625, 768
+  %1627 = add nsw i64 %1626, 0
+  %1628 = getelementptr inbounds float, ptr %x, i64 %1627
+  store <8 x float> zeroinitializer, ptr %acc000150, align 4
+  store <8 x float> zeroinitializer, ptr %acc001151, align 4
+  %1629 = add nsw i64 %r0138, 1
+  %1630 = getelementptr inbounds i32, ptr %rows, i64 %1629
+  %1631 = load i32, ptr %1630, align 4
+  %1632 = sext i32 %1631 to i64
+  %1633 = mul nsw i64 %1632, 768
+  %1634 = add nsw i64 %1633, 0
+  %1635 = getelementptr inbounds float, ptr %x, i64 %1634
+  store <8 x float> zeroinitializer, ptr %acc010152, align 4
+  store <8 x float> zeroinitializer, ptr %acc011153, align 4
+  %1636 = add nsw i64 %r0138, 2
+  %1637 = getelementptr inbounds i32, ptr %rows, i64 %1636
+  %1638 = load i32, ptr %1637, align 4
+  %1639 = sext i32 %1638 to i64
+  %1640 = mul nsw i64 %1639, 768
+  %1641 = add nsw i64 %1640, 0
+  %1642 = getelementptr inbounds float, ptr %x, i64 %1641
+  store <8 x float> zeroinitializer, ptr %acc020154, align 4
+  store <8 x float> zeroinitializer, ptr %acc021155, align 4
+  %1643 = add nsw i64 %r0138, 3
+  %1644 = getelementptr inbounds i32, ptr %rows, i64 %1643
+  %1645 = load i32, ptr %1644, align 4
+  %1646 = sext i32 %1645 to i64
+  %1647 = mul nsw i64 %1646, 768
+  %1648 = add nsw i64 %1647, 0
+  %1649 = getelementptr inbounds float, ptr %x, i64 %1648
+  store <8 x float> zeroinitializer, ptr %acc030156, align 4
+  store <8 x float> zeroinitializer, ptr %acc031157, align 4
+  %1650 = add nsw i64 %r0138, 4
+  %1651 = getelementptr inbounds i32, ptr %rows, i64 %1650
+  %1652 = load i32, ptr %1651, align 4
+  %1653 = sext i32 %1652 to i64
+  %1654 = mul nsw i64 %1653, 768
+  %1655 = add nsw i64 %1654, 0
+  %1656 = getelementptr inbounds float, ptr %x, i64 %1655
+  store <8 x float> zeroinitializer, ptr %acc040158, align 4
+  store <8 x float> zeroinitializer, ptr %acc041159, align 4
+  %1657 = add nsw i64 %r0138, 5
+  %1658 = getelementptr inbounds i32, ptr %rows, i64 %1657
+  %1659 = load i32, ptr %1658, align 4
+  %1660 = sext i32 %1659 to i64
+  %1661 = mul nsw i64 %1660, 768
+  %1662 = add nsw i64 %1661, 0
+  %1663 = getelementptr inbounds float, ptr %x, i64 %1662
+  store <8 x float> zeroinitializer, ptr %acc050160, align 4
+  store <8 x float> zeroinitializer, ptr %acc051161, align 4
+  %1664 = mul nsw i64 %p, 12288
+  %panel.off162 = add nsw i64 %1664, 0
+  %1665 = getelementptr inbounds i16, ptr %panels, i64 %panel.off162
+  %1666 = add nsw i64 %p, 1
+  %1667 = icmp slt i64 %1666, %p1
+  %pf.on163 = and i1 %pf.on149, %1667
+  %1668 = mul nsw i64 %rb137, 24576
+  %1669 = lshr i64 %1668, %1619
+  %1670 = add nsw i64 24576, %1669
+  %1671 = getelementptr inbounds i8, ptr %1665, i64 %1670
+  %pf164 = select i1 %pf.on163, ptr %1671, ptr %1665
+  %pf.sh165 = select i1 %pf.on163, i64 %1619, i64 0
+  br label %k.head166
+
+k.head166:                                        ; preds = %pf.any.end171, %tile.mr6147
+  %k169 = phi i64 [ 0, %tile.mr6147 ], [ %1732, %pf.any.end171 ]
+  %1672 = icmp slt i64 %k169, 768
+  br i1 %1672, label %k.body167, label %k.end168
+
+k.body167:                                        ; preds = %k.head166
+  %1673 = mul nsw i64 %k169, 1
+  %1674 = add nsw i64 %1673, 0
+  %1675 = mul nsw i64 %1674, 32
+  br i1 %pf.multi148, label %pf.any.then170, label %pf.any.end171
+
+pf.any.then170:                                   ; preds = %k.body167
+  %1676 = lshr i64 %1675, %pf.sh165
+  %1677 = getelementptr inbounds i8, ptr %pf164, i64 %1676
+  call void @llvm.prefetch.p0(ptr %1677, i32 0, i32 2, i32 1)
+  br label %pf.any.end171
+
+pf.any.end171:                                    ; preds = %pf.any.then170, %k.body167
+  %1678 = mul nsw i64 %1674, 16
+  %1679 = add nsw i64 %panel.off162, %1678
+  %1680 = getelementptr inbounds i16, ptr %panels, i64 %1679
+  %1681 = load <8 x i32>, ptr %1680, align 4
+  %1682 = shl <8 x i32> %1681, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0172 = bitcast <8 x i32> %1682 to <8 x float>
+  %1683 = and <8 x i32> %1681, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1173 = bitcast <8 x i32> %1683 to <8 x float>
+  %1684 = getelementptr inbounds float, ptr %1628, i64 %1674
+  %1685 = load float, ptr %1684, align 4
+  %1686 = insertelement <8 x float> poison, float %1685, i32 0
+  %1687 = shufflevector <8 x float> %1686, <8 x float> poison, <8 x i32> zeroinitializer
+  %1688 = load <8 x float>, ptr %acc000150, align 4
+  %1689 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1687, <8 x float> %b0172, <8 x float> %1688)
+  store <8 x float> %1689, ptr %acc000150, align 4
+  %1690 = load <8 x float>, ptr %acc001151, align 4
+  %1691 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1687, <8 x float> %b1173, <8 x float> %1690)
+  store <8 x float> %1691, ptr %acc001151, align 4
+  %1692 = getelementptr inbounds float, ptr %1635, i64 %1674
+  %1693 = load float, ptr %1692, align 4
+  %1694 = insertelement <8 x float> poison, float %1693, i32 0
+  %1695 = shufflevector <8 x float> %1694, <8 x float> poison, <8 x i32> zeroinitializer
+  %1696 = load <8 x float>, ptr %acc010152, align 4
+  %1697 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1695, <8 x float> %b0172, <8 x float> %1696)
+  store <8 x float> %1697, ptr %acc010152, align 4
+  %1698 = load <8 x float>, ptr %acc011153, align 4
+  %1699 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1695, <8 x float> %b1173, <8 x float> %1698)
+  store <8 x float> %1699, ptr %acc011153, align 4
+  %1700 = getelementptr inbounds float, ptr %1642, i64 %1674
+  %1701 = load float, ptr %1700, align 4
+  %1702 = insertelement <8 x float> poison, float %1701, i32 0
+  %1703 = shufflevector <8 x float> %1702, <8 x float> poison, <8 x i32> zeroinitializer
+  %1704 = load <8 x float>, ptr %acc020154, align 4
+  %1705 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1703, <8 x float> %b0172, <8 x float> %1704)
+  store <8 x float> %1705, ptr %acc020154, align 4
+  %1706 = load <8 x float>, ptr %acc021155, align 4
+  %1707 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1703, <8 x float> %b1173, <8 x float> %1706)
+  store <8 x float> %1707, ptr %acc021155, align 4
+  %1708 = getelementptr inbounds float, ptr %1649, i64 %1674
+  %1709 = load float, ptr %1708, align 4
+  %1710 = insertelement <8 x float> poison, float %1709, i32 0
+  %1711 = shufflevector <8 x float> %1710, <8 x float> poison, <8 x i32> zeroinitializer
+  %1712 = load <8 x float>, ptr %acc030156, align 4
+  %1713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1711, <8 x float> %b0172, <8 x float> %1712)
+  store <8 x float> %1713, ptr %acc030156, align 4
+  %1714 = load <8 x float>, ptr %acc031157, align 4
+  %1715 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1711, <8 x float> %b1173, <8 x float> %1714)
+  store <8 x float> %1715, ptr %acc031157, align 4
+  %1716 = getelementptr inbounds float, ptr %1656, i64 %1674
+  %1717 = load float, ptr %1716, align 4
+  %1718 = insertelement <8 x float> poison, float %1717, i32 0
+  %1719 = shufflevector <8 x float> %1718, <8 x float> poison, <8 x i32> zeroinitializer
+  %1720 = load <8 x float>, ptr %acc040158, align 4
+  %1721 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1719, <8 x float> %b0172, <8 x float> %1720)
+  store <8 x float> %1721, ptr %acc040158, align 4
+  %1722 = load <8 x float>, ptr %acc041159, align 4
+  %1723 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1719, <8 x float> %b1173, <8 x float> %1722)
+  store <8 x float> %1723, ptr %acc041159, align 4
+  %1724 = getelementptr inbounds float, ptr %1663, i64 %1674
+  %1725 = load float, ptr %1724, align 4
+  %1726 = insertelement <8 x float> poison, float %1725, i32 0
+  %1727 = shufflevector <8 x float> %1726, <8 x float> poison, <8 x i32> zeroinitializer
+  %1728 = load <8 x float>, ptr %acc050160, align 4
+  %1729 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1727, <8 x float> %b0172, <8 x float> %1728)
+  store <8 x float> %1729, ptr %acc050160, align 4
+  %1730 = load <8 x float>, ptr %acc051161, align 4
+  %1731 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1727, <8 x float> %b1173, <8 x float> %1730)
+  store <8 x float> %1731, ptr %acc051161, align 4
+  %1732 = add nsw i64 %k169, 1
+  br label %k.head166
+
+k.end168:                                         ; preds = %k.head166
+  %1733 = add nsw i64 %r0138, 0
+  %1734 = getelementptr inbounds float, ptr %rw, i64 %1733
+  %1735 = load float, ptr %1734, align 4
+  %1736 = insertelement <8 x float> poison, float %1735, i32 0
+  %1737 = shufflevector <8 x float> %1736, <8 x float> poison, <8 x i32> zeroinitializer
+  %1738 = mul nsw i64 %1733, 3072
+  %1739 = getelementptr inbounds float, ptr %h, i64 %1738
+  %col174 = mul nsw i64 %p, 16
+  %1740 = load <8 x float>, ptr %acc000150, align 4
+  %1741 = load <8 x float>, ptr %acc001151, align 4
+  %1742 = add nsw i64 %col174, 0
+  %1743 = fcmp ogt <8 x float> %1740, zeroinitializer
+  %1744 = select <8 x i1> %1743, <8 x float> %1740, <8 x float> zeroinitializer
+  %1745 = fmul <8 x float> %1744, %1737
+  %1746 = getelementptr inbounds float, ptr %1739, i64 %1742
+  store <8 x float> %1745, ptr %1746, align 4
+  %1747 = add nsw i64 %col174, 8
+  %1748 = fcmp ogt <8 x float> %1741, zeroinitializer
+  %1749 = select <8 x i1> %1748, <8 x float> %1741, <8 x float> zeroinitializer
+  %1750 = fmul <8 x float> %1749, %1737
+  %1751 = getelementptr inbounds float, ptr %1739, i64 %1747
+  store <8 x float> %1750, ptr %1751, align 4
+  %1752 = add nsw i64 %r0138, 1
+  %1753 = getelementptr inbounds float, ptr %rw, i64 %1752
+  %1754 = load float, ptr %1753, align 4
+  %1755 = insertelement <8 x float> poison, float %1754, i32 0
+  %1756 = shufflevector <8 x float> %1755, <8 x float> poison, <8 x i32> zeroinitializer
+  %1757 = mul nsw i64 %1752, 3072
+  %1758 = getelementptr inbounds float, ptr %h, i64 %1757
+  %col175 = mul nsw i64 %p, 16
+  %1759 = load <8 x float>, ptr %acc010152, align 4
+  %1760 = load <8 x float>, ptr %acc011153, align 4
+  %1761 = add nsw i64 %col175, 0
+  %1762 = fcmp ogt <8 x float> %1759, zeroinitializer
+  %1763 = select <8 x i1> %1762, <8 x float> %1759, <8 x float> zeroinitializer
+  %1764 = fmul <8 x float> %1763, %1756
+  %1765 = getelementptr inbounds float, ptr %1758, i64 %1761
+  store <8 x float> %1764, ptr %1765, align 4
+  %1766 = add nsw i64 %col175, 8
+  %1767 = fcmp ogt <8 x float> %1760, zeroinitializer
+  %1768 = select <8 x i1> %1767, <8 x float> %1760, <8 x float> zeroinitializer
+  %1769 = fmul <8 x float> %1768, %1756
+  %1770 = getelementptr inbounds float, ptr %1758, i64 %1766
+  store <8 x float> %1769, ptr %1770, align 4
+  %1771 = add nsw i64 %r0138, 2
+  %1772 = getelementptr inbounds float, ptr %rw, i64 %1771
+  %1773 = load float, ptr %1772, align 4
+  %1774 = insertelement <8 x float> poison, float %1773, i32 0
+  %1775 = shufflevector <8 x float> %1774, <8 x float> poison, <8 x i32> zeroinitializer
+  %1776 = mul nsw i64 %1771, 3072
+  %1777 = getelementptr inbounds float, ptr %h, i64 %1776
+  %col176 = mul nsw i64 %p, 16
+  %1778 = load <8 x float>, ptr %acc020154, align 4
+  %1779 = load <8 x float>, ptr %acc021155, align 4
+  %1780 = add nsw i64 %col176, 0
+  %1781 = fcmp ogt <8 x float> %1778, zeroinitializer
+  %1782 = select <8 x i1> %1781, <8 x float> %1778, <8 x float> zeroinitializer
+  %1783 = fmul <8 x float> %1782, %1775
+  %1784 = getelementptr inbounds float, ptr %1777, i64 %1780
+  store <8 x float> %1783, ptr %1784, align 4
+  %1785 = add nsw i64 %col176, 8
+  %1786 = fcmp ogt <8 x float> %1779, zeroinitializer
+  %1787 = select <8 x i1> %1786, <8 x float> %1779, <8 x float> zeroinitializer
+  %1788 = fmul <8 x float> %1787, %1775
+  %1789 = getelementptr inbounds float, ptr %1777, i64 %1785
+  store <8 x float> %1788, ptr %1789, align 4
+  %1790 = add nsw i64 %r0138, 3
+  %1791 = getelementptr inbounds float, ptr %rw, i64 %1790
+  %1792 = load float, ptr %1791, align 4
+  %1793 = insertelement <8 x float> poison, float %1792, i32 0
+  %1794 = shufflevector <8 x float> %1793, <8 x float> poison, <8 x i32> zeroinitializer
+  %1795 = mul nsw i64 %1790, 3072
+  %1796 = getelementptr inbounds float, ptr %h, i64 %1795
+  %col177 = mul nsw i64 %p, 16
+  %1797 = load <8 x float>, ptr %acc030156, align 4
+  %1798 = load <8 x float>, ptr %acc031157, align 4
+  %1799 = add nsw i64 %col177, 0
+  %1800 = fcmp ogt <8 x float> %1797, zeroinitializer
+  %1801 = select <8 x i1> %1800, <8 x float> %1797, <8 x float> zeroinitializer
+  %1802 = fmul <8 x float> %1801, %1794
+  %1803 = getelementptr inbounds float, ptr %1796, i64 %1799
+  store <8 x float> %1802, ptr %1803, align 4
+  %1804 = add nsw i64 %col177, 8
+  %1805 = fcmp ogt <8 x float> %1798, zeroinitializer
+  %1806 = select <8 x i1> %1805, <8 x float> %1798, <8 x float> zeroinitializer
+  %1807 = fmul <8 x float> %1806, %1794
+  %1808 = getelementptr inbounds float, ptr %1796, i64 %1804
+  store <8 x float> %1807, ptr %1808, align 4
+  %1809 = add nsw i64 %r0138, 4
+  %1810 = getelementptr inbounds float, ptr %rw, i64 %1809
+  %1811 = load float, ptr %1810, align 4
+  %1812 = insertelement <8 x float> poison, float %1811, i32 0
+  %1813 = shufflevector <8 x float> %1812, <8 x float> poison, <8 x i32> zeroinitializer
+  %1814 = mul nsw i64 %1809, 3072
+  %1815 = getelementptr inbounds float, ptr %h, i64 %1814
+  %col178 = mul nsw i64 %p, 16
+  %1816 = load <8 x float>, ptr %acc040158, align 4
+  %1817 = load <8 x float>, ptr %acc041159, align 4
+  %1818 = add nsw i64 %col178, 0
+  %1819 = fcmp ogt <8 x float> %1816, zeroinitializer
+  %1820 = select <8 x i1> %1819, <8 x float> %1816, <8 x float> zeroinitializer
+  %1821 = fmul <8 x float> %1820, %1813
+  %1822 = getelementptr inbounds float, ptr %1815, i64 %1818
+  store <8 x float> %1821, ptr %1822, align 4
+  %1823 = add nsw i64 %col178, 8
+  %1824 = fcmp ogt <8 x float> %1817, zeroinitializer
+  %1825 = select <8 x i1> %1824, <8 x float> %1817, <8 x float> zeroinitializer
+  %1826 = fmul <8 x float> %1825, %1813
+  %1827 = getelementptr inbounds float, ptr %1815, i64 %1823
+  store <8 x float> %1826, ptr %1827, align 4
+  %1828 = add nsw i64 %r0138, 5
+  %1829 = getelementptr inbounds float, ptr %rw, i64 %1828
+  %1830 = load float, ptr %1829, align 4
+  %1831 = insertelement <8 x float> poison, float %1830, i32 0
+  %1832 = shufflevector <8 x float> %1831, <8 x float> poison, <8 x i32> zeroinitializer
+  %1833 = mul nsw i64 %1828, 3072
+  %1834 = getelementptr inbounds float, ptr %h, i64 %1833
+  %col179 = mul nsw i64 %p, 16
+  %1835 = load <8 x float>, ptr %acc050160, align 4
+  %1836 = load <8 x float>, ptr %acc051161, align 4
+  %1837 = add nsw i64 %col179, 0
+  %1838 = fcmp ogt <8 x float> %1835, zeroinitializer
+  %1839 = select <8 x i1> %1838, <8 x float> %1835, <8 x float> zeroinitializer
+  %1840 = fmul <8 x float> %1839, %1832
+  %1841 = getelementptr inbounds float, ptr %1834, i64 %1837
+  store <8 x float> %1840, ptr %1841, align 4
+  %1842 = add nsw i64 %col179, 8
+  %1843 = fcmp ogt <8 x float> %1836, zeroinitializer
+  %1844 = select <8 x i1> %1843, <8 x float> %1836, <8 x float> zeroinitializer
+  %1845 = fmul <8 x float> %1844, %1832
+  %1846 = getelementptr inbounds float, ptr %1834, i64 %1842
+  store <8 x float> %1845, ptr %1846, align 4
+  br label %tile.done141
+
+tile.mr5146:                                      ; preds = %rb.body135
+  %1847 = add nsw i64 %r0138, 0
+  %1848 = getelementptr inbounds i32, ptr %rows, i64 %1847
+  %1849 = load i32, ptr %1848, align 4
+  %1850 = sext i32 %1849 to i64
+  %1851 = mul nsw i64 %1850, 768
+  %1852 = add nsw i64 %1851, 0
+  %1853 = getelementptr inbounds float, ptr %x, i64 %1852
+  store <8 x float> zeroinitializer, ptr %acc000180, align 4
+  store <8 x float> zeroinitializer, ptr %acc001181, align 4
+  %1854 = add nsw i64 %r0138, 1
+  %1855 = getelementptr inbounds i32, ptr %rows, i64 %1854
+  %1856 = load i32, ptr %1855, align 4
+  %1857 = sext i32 %1856 to i64
+  %1858 = mul nsw i64 %1857, 768
+  %1859 = add nsw i64 %1858, 0
+  %1860 = getelementptr inbounds float, ptr %x, i64 %1859
+  store <8 x float> zeroinitializer, ptr %acc010182, align 4
+  store <8 x float> zeroinitializer, ptr %acc011183, align 4
+  %1861 = add nsw i64 %r0138, 2
+  %1862 = getelementptr inbounds i32, ptr %rows, i64 %1861
+  %1863 = load i32, ptr %1862, align 4
+  %1864 = sext i32 %1863 to i64
+  %1865 = mul nsw i64 %1864, 768
+  %1866 = add nsw i64 %1865, 0
+  %1867 = getelementptr inbounds float, ptr %x, i64 %1866
+  store <8 x float> zeroinitializer, ptr %acc020184, align 4
+  store <8 x float> zeroinitializer, ptr %acc021185, align 4
+  %1868 = add nsw i64 %r0138, 3
+  %1869 = getelementptr inbounds i32, ptr %rows, i64 %1868
+  %1870 = load i32, ptr %1869, align 4
+  %1871 = sext i32 %1870 to i64
+  %1872 = mul nsw i64 %1871, 768
+  %1873 = add nsw i64 %1872, 0
+  %1874 = getelementptr inbounds float, ptr %x, i64 %1873
+  store <8 x float> zeroinitializer, ptr %acc030186, align 4
+  store <8 x float> zeroinitializer, ptr %acc031187, align 4
+  %1875 = add nsw i64 %r0138, 4
+  %1876 = getelementptr inbounds i32, ptr %rows, i64 %1875
+  %1877 = load i32, ptr %1876, align 4
+  %1878 = sext i32 %1877 to i64
+  %1879 = mul nsw i64 %1878, 768
+  %1880 = add nsw i64 %1879, 0
+  %1881 = getelementptr inbounds float, ptr %x, i64 %1880
+  store <8 x float> zeroinitializer, ptr %acc040188, align 4
+  store <8 x float> zeroinitializer, ptr %acc041189, align 4
+  %1882 = mul nsw i64 %p, 12288
+  %panel.off190 = add nsw i64 %1882, 0
+  %1883 = getelementptr inbounds i16, ptr %panels, i64 %panel.off190
+  %1884 = add nsw i64 %p, 1
+  %1885 = icmp slt i64 %1884, %p1
+  %pf.on191 = and i1 %pf.on149, %1885
+  %1886 = mul nsw i64 %rb137, 24576
+  %1887 = lshr i64 %1886, %1619
+  %1888 = add nsw i64 24576, %1887
+  %1889 = getelementptr inbounds i8, ptr %1883, i64 %1888
+  %pf192 = select i1 %pf.on191, ptr %1889, ptr %1883
+  %pf.sh193 = select i1 %pf.on191, i64 %1619, i64 0
+  br label %k.head194
+
+k.head194:                                        ; preds = %pf.any.end199, %tile.mr5146
+  %k197 = phi i64 [ 0, %tile.mr5146 ], [ %1942, %pf.any.end199 ]
+  %1890 = icmp slt i64 %k197, 768
+  br i1 %1890, label %k.body195, label %k.end196
+
+k.body195:                                        ; preds = %k.head194
+  %1891 = mul nsw i64 %k197, 1
+  %1892 = add nsw i64 %1891, 0
+  %1893 = mul nsw i64 %1892, 32
+  br i1 %pf.multi148, label %pf.any.then198, label %pf.any.end199
+
+pf.any.then198:                                   ; preds = %k.body195
+  %1894 = lshr i64 %1893, %pf.sh193
+  %1895 = getelementptr inbounds i8, ptr %pf192, i64 %1894
+  call void @llvm.prefetch.p0(ptr %1895, i32 0, i32 2, i32 1)
+  br label %pf.any.end199
+
+pf.any.end199:                                    ; preds = %pf.any.then198, %k.body195
+  %1896 = mul nsw i64 %1892, 16
+  %1897 = add nsw i64 %panel.off190, %1896
+  %1898 = getelementptr inbounds i16, ptr %panels, i64 %1897
+  %1899 = load <8 x i32>, ptr %1898, align 4
+  %1900 = shl <8 x i32> %1899, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0200 = bitcast <8 x i32> %1900 to <8 x float>
+  %1901 = and <8 x i32> %1899, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1201 = bitcast <8 x i32> %1901 to <8 x float>
+  %1902 = getelementptr inbounds float, ptr %1853, i64 %1892
+  %1903 = load float, ptr %1902, align 4
+  %1904 = insertelement <8 x float> poison, float %1903, i32 0
+  %1905 = shufflevector <8 x float> %1904, <8 x float> poison, <8 x i32> zeroinitializer
+  %1906 = load <8 x float>, ptr %acc000180, align 4
+  %1907 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1905, <8 x float> %b0200, <8 x float> %1906)
+  store <8 x float> %1907, ptr %acc000180, align 4
+  %1908 = load <8 x float>, ptr %acc001181, align 4
+  %1909 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1905, <8 x float> %b1201, <8 x float> %1908)
+  store <8 x float> %1909, ptr %acc001181, align 4
+  %1910 = getelementptr inbounds float, ptr %1860, i64 %1892
+  %1911 = load float, ptr %1910, align 4
+  %1912 = insertelement <8 x float> poison, float %1911, i32 0
+  %1913 = shufflevector <8 x float> %1912, <8 x float> poison, <8 x i32> zeroinitializer
+  %1914 = load <8 x float>, ptr %acc010182, align 4
+  %1915 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1913, <8 x float> %b0200, <8 x float> %1914)
+  store <8 x float> %1915, ptr %acc010182, align 4
+  %1916 = load <8 x float>, ptr %acc011183, align 4
+  %1917 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1913, <8 x float> %b1201, <8 x float> %1916)
+  store <8 x float> %1917, ptr %acc011183, align 4
+  %1918 = getelementptr inbounds float, ptr %1867, i64 %1892
+  %1919 = load float, ptr %1918, align 4
+  %1920 = insertelement <8 x float> poison, float %1919, i32 0
+  %1921 = shufflevector <8 x float> %1920, <8 x float> poison, <8 x i32> zeroinitializer
+  %1922 = load <8 x float>, ptr %acc020184, align 4
+  %1923 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1921, <8 x float> %b0200, <8 x float> %1922)
+  store <8 x float> %1923, ptr %acc020184, align 4
+  %1924 = load <8 x float>, ptr %acc021185, align 4
+  %1925 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1921, <8 x float> %b1201, <8 x float> %1924)
+  store <8 x float> %1925, ptr %acc021185, align 4
+  %1926 = getelementptr inbounds float, ptr %1874, i64 %1892
+  %1927 = load float, ptr %1926, align 4
+  %1928 = insertelement <8 x float> poison, float %1927, i32 0
+  %1929 = shufflevector <8 x float> %1928, <8 x float> poison, <8 x i32> zeroinitializer
+  %1930 = load <8 x float>, ptr %acc030186, align 4
+  %1931 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1929, <8 x float> %b0200, <8 x float> %1930)
+  store <8 x float> %1931, ptr %acc030186, align 4
+  %1932 = load <8 x float>, ptr %acc031187, align 4
+  %1933 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1929, <8 x float> %b1201, <8 x float> %1932)
+  store <8 x float> %1933, ptr %acc031187, align 4
+  %1934 = getelementptr inbounds float, ptr %1881, i64 %1892
+  %1935 = load float, ptr %1934, align 4
+  %1936 = insertelement <8 x float> poison, float %1935, i32 0
+  %1937 = shufflevector <8 x float> %1936, <8 x float> poison, <8 x i32> zeroinitializer
+  %1938 = load <8 x float>, ptr %acc040188, align 4
+  %1939 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1937, <8 x float> %b0200, <8 x float> %1938)
+  store <8 x float> %1939, ptr %acc040188, align 4
+  %1940 = load <8 x float>, ptr %acc041189, align 4
+  %1941 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1937, <8 x float> %b1201, <8 x float> %1940)
+  store <8 x float> %1941, ptr %acc041189, align 4
+  %1942 = add nsw i64 %k197, 1
+  br label %k.head194
+
+k.end196:                                         ; preds = %k.head194
+  %1943 = add nsw i64 %r0138, 0
+  %1944 = getelementptr inbounds float, ptr %rw, i64 %1943
+  %1945 = load float, ptr %1944, align 4
+  %1946 = insertelement <8 x float> poison, float %1945, i32 0
+  %1947 = shufflevector <8 x float> %1946, <8 x float> poison, <8 x i32> zeroinitializer
+  %1948 = mul nsw i64 %1943, 3072
+  %1949 = getelementptr inbounds float, ptr %h, i64 %1948
+  %col202 = mul nsw i64 %p, 16
+  %1950 = load <8 x float>, ptr %acc000180, align 4
+  %1951 = load <8 x float>, ptr %acc001181, align 4
+  %1952 = add nsw i64 %col202, 0
+  %1953 = fcmp ogt <8 x float> %1950, zeroinitializer
+  %1954 = select <8 x i1> %1953, <8 x float> %1950, <8 x float> zeroinitializer
+  %1955 = fmul <8 x float> %1954, %1947
+  %1956 = getelementptr inbounds float, ptr %1949, i64 %1952
+  store <8 x float> %1955, ptr %1956, align 4
+  %1957 = add nsw i64 %col202, 8
+  %1958 = fcmp ogt <8 x float> %1951, zeroinitializer
+  %1959 = select <8 x i1> %1958, <8 x float> %1951, <8 x float> zeroinitializer
+  %1960 = fmul <8 x float> %1959, %1947
+  %1961 = getelementptr inbounds float, ptr %1949, i64 %1957
+  store <8 x float> %1960, ptr %1961, align 4
+  %1962 = add nsw i64 %r0138, 1
+  %1963 = getelementptr inbounds float, ptr %rw, i64 %1962
+  %1964 = load float, ptr %1963, align 4
+  %1965 = insertelement <8 x float> poison, float %1964, i32 0
+  %1966 = shufflevector <8 x float> %1965, <8 x float> poison, <8 x i32> zeroinitializer
+  %1967 = mul nsw i64 %1962, 3072
+  %1968 = getelementptr inbounds float, ptr %h, i64 %1967
+  %col203 = mul nsw i64 %p, 16
+  %1969 = load <8 x float>, ptr %acc010182, align 4
+  %1970 = load <8 x float>, ptr %acc011183, align 4
+  %1971 = add nsw i64 %col203, 0
+  %1972 = fcmp ogt <8 x float> %1969, zeroinitializer
+  %1973 = select <8 x i1> %1972, <8 x float> %1969, <8 x float> zeroinitializer
+  %1974 = fmul <8 x float> %1973, %1966
+  %1975 = getelementptr inbounds float, ptr %1968, i64 %1971
+  store <8 x float> %1974, ptr %1975, align 4
+  %1976 = add nsw i64 %col203, 8
+  %1977 = fcmp ogt <8 x float> %1970, zeroinitializer
+  %1978 = select <8 x i1> %1977, <8 x float> %1970, <8 x float> zeroinitializer
+  %1979 = fmul <8 x float> %1978, %1966
+  %1980 = getelementptr inbounds float, ptr %1968, i64 %1976
+  store <8 x float> %1979, ptr %1980, align 4
+  %1981 = add nsw i64 %r0138, 2
+  %1982 = getelementptr inbounds float, ptr %rw, i64 %1981
+  %1983 = load float, ptr %1982, align 4
+  %1984 = insertelement <8 x float> poison, float %1983, i32 0
+  %1985 = shufflevector <8 x float> %1984, <8 x float> poison, <8 x i32> zeroinitializer
+  %1986 = mul nsw i64 %1981, 3072
+  %1987 = getelementptr inbounds float, ptr %h, i64 %1986
+  %col204 = mul nsw i64 %p, 16
+  %1988 = load <8 x float>, ptr %acc020184, align 4
+  %1989 = load <8 x float>, ptr %acc021185, align 4
+  %1990 = add nsw i64 %col204, 0
+  %1991 = fcmp ogt <8 x float> %1988, zeroinitializer
+  %1992 = select <8 x i1> %1991, <8 x float> %1988, <8 x float> zeroinitializer
+  %1993 = fmul <8 x float> %1992, %1985
+  %1994 = getelementptr inbounds float, ptr %1987, i64 %1990
+  store <8 x float> %1993, ptr %1994, align 4
+  %1995 = add nsw i64 %col204, 8
+  %1996 = fcmp ogt <8 x float> %1989, zeroinitializer
+  %1997 = select <8 x i1> %1996, <8 x float> %1989, <8 x float> zeroinitializer
+  %1998 = fmul <8 x float> %1997, %1985
+  %1999 = getelementptr inbounds float, ptr %1987, i64 %1995
+  store <8 x float> %1998, ptr %1999, align 4
+  %2000 = add nsw i64 %r0138, 3
+  %2001 = getelementptr inbounds float, ptr %rw, i64 %2000
+  %2002 = load float, ptr %2001, align 4
+  %2003 = insertelement <8 x float> poison, float %2002, i32 0
+  %2004 = shufflevector <8 x float> %2003, <8 x float> poison, <8 x i32> zeroinitializer
+  %2005 = mul nsw i64 %2000, 3072
+  %2006 = getelementptr inbounds float, ptr %h, i64 %2005
+  %col205 = mul nsw i64 %p, 16
+  %2007 = load <8 x float>, ptr %acc030186, align 4
+  %2008 = load <8 x float>, ptr %acc031187, align 4
+  %2009 = add nsw i64 %col205, 0
+  %2010 = fcmp ogt <8 x float> %2007, zeroinitializer
+  %2011 = select <8 x i1> %2010, <8 x float> %2007, <8 x float> zeroinitializer
+  %2012 = fmul <8 x float> %2011, %2004
+  %2013 = getelementptr inbounds float, ptr %2006, i64 %2009
+  store <8 x float> %2012, ptr %2013, align 4
+  %2014 = add nsw i64 %col205, 8
+  %2015 = fcmp ogt <8 x float> %2008, zeroinitializer
+  %2016 = select <8 x i1> %2015, <8 x float> %2008, <8 x float> zeroinitializer
+  %2017 = fmul <8 x float> %2016, %2004
+  %2018 = getelementptr inbounds float, ptr %2006, i64 %2014
+  store <8 x float> %2017, ptr %2018, align 4
+  %2019 = add nsw i64 %r0138, 4
+  %2020 = getelementptr inbounds float, ptr %rw, i64 %2019
+  %2021 = load float, ptr %2020, align 4
+  %2022 = insertelement <8 x float> poison, float %2021, i32 0
+  %2023 = shufflevector <8 x float> %2022, <8 x float> poison, <8 x i32> zeroinitializer
+  %2024 = mul nsw i64 %2019, 3072
+  %2025 = getelementptr inbounds float, ptr %h, i64 %2024
+  %col206 = mul nsw i64 %p, 16
+  %2026 = load <8 x float>, ptr %acc040188, align 4
+  %2027 = load <8 x float>, ptr %acc041189, align 4
+  %2028 = add nsw i64 %col206, 0
+  %2029 = fcmp ogt <8 x float> %2026, zeroinitializer
+  %2030 = select <8 x i1> %2029, <8 x float> %2026, <8 x float> zeroinitializer
+  %2031 = fmul <8 x float> %2030, %2023
+  %2032 = getelementptr inbounds float, ptr %2025, i64 %2028
+  store <8 x float> %2031, ptr %2032, align 4
+  %2033 = add nsw i64 %col206, 8
+  %2034 = fcmp ogt <8 x float> %2027, zeroinitializer
+  %2035 = select <8 x i1> %2034, <8 x float> %2027, <8 x float> zeroinitializer
+  %2036 = fmul <8 x float> %2035, %2023
+  %2037 = getelementptr inbounds float, ptr %2025, i64 %2033
+  store <8 x float> %2036, ptr %2037, align 4
+  br label %tile.done141
+
+tile.mr4145:                                      ; preds = %rb.body135
+  %2038 = add nsw i64 %r0138, 0
+  %2039 = getelementptr inbounds i32, ptr %rows, i64 %2038
+  %2040 = load i32, ptr %2039, align 4
+  %2041 = sext i32 %2040 to i64
+  %2042 = mul nsw i64 %2041, 768
+  %2043 = add nsw i64 %2042, 0
+  %2044 = getelementptr inbounds float, ptr %x, i64 %2043
+  store <8 x float> zeroinitializer, ptr %acc000207, align 4
+  store <8 x float> zeroinitializer, ptr %acc001208, align 4
+  %2045 = add nsw i64 %r0138, 1
+  %2046 = getelementptr inbounds i32, ptr %rows, i64 %2045
+  %2047 = load i32, ptr %2046, align 4
+  %2048 = sext i32 %2047 to i64
+  %2049 = mul nsw i64 %2048, 768
+  %2050 = add nsw i64 %2049, 0
+  %2051 = getelementptr inbounds float, ptr %x, i64 %2050
+  store <8 x float> zeroinitializer, ptr %acc010209, align 4
+  store <8 x float> zeroinitializer, ptr %acc011210, align 4
+  %2052 = add nsw i64 %r0138, 2
+  %2053 = getelementptr inbounds i32, ptr %rows, i64 %2052
+  %2054 = load i32, ptr %2053, align 4
+  %2055 = sext i32 %2054 to i64
+  %2056 = mul nsw i64 %2055, 768
+  %2057 = add nsw i64 %2056, 0
+  %2058 = getelementptr inbounds float, ptr %x, i64 %2057
+  store <8 x float> zeroinitializer, ptr %acc020211, align 4
+  store <8 x float> zeroinitializer, ptr %acc021212, align 4
+  %2059 = add nsw i64 %r0138, 3
+  %2060 = getelementptr inbounds i32, ptr %rows, i64 %2059
+  %2061 = load i32, ptr %2060, align 4
+  %2062 = sext i32 %2061 to i64
+  %2063 = mul nsw i64 %2062, 768
+  %2064 = add nsw i64 %2063, 0
+  %2065 = getelementptr inbounds float, ptr %x, i64 %2064
+  store <8 x float> zeroinitializer, ptr %acc030213, align 4
+  store <8 x float> zeroinitializer, ptr %acc031214, align 4
+  %2066 = mul nsw i64 %p, 12288
+  %panel.off215 = add nsw i64 %2066, 0
+  %2067 = getelementptr inbounds i16, ptr %panels, i64 %panel.off215
+  %2068 = add nsw i64 %p, 1
+  %2069 = icmp slt i64 %2068, %p1
+  %pf.on216 = and i1 %pf.on149, %2069
+  %2070 = mul nsw i64 %rb137, 24576
+  %2071 = lshr i64 %2070, %1619
+  %2072 = add nsw i64 24576, %2071
+  %2073 = getelementptr inbounds i8, ptr %2067, i64 %2072
+  %pf217 = select i1 %pf.on216, ptr %2073, ptr %2067
+  %pf.sh218 = select i1 %pf.on216, i64 %1619, i64 0
+  br label %k.head219
+
+k.head219:                                        ; preds = %pf.any.end224, %tile.mr4145
+  %k222 = phi i64 [ 0, %tile.mr4145 ], [ %2118, %pf.any.end224 ]
+  %2074 = icmp slt i64 %k222, 768
+  br i1 %2074, label %k.body220, label %k.end221
+
+k.body220:                                        ; preds = %k.head219
+  %2075 = mul nsw i64 %k222, 1
+  %2076 = add nsw i64 %2075, 0
+  %2077 = mul nsw i64 %2076, 32
+  br i1 %pf.multi148, label %pf.any.then223, label %pf.any.end224
+
+pf.any.then223:                                   ; preds = %k.body220
+  %2078 = lshr i64 %2077, %pf.sh218
+  %2079 = getelementptr inbounds i8, ptr %pf217, i64 %2078
+  call void @llvm.prefetch.p0(ptr %2079, i32 0, i32 2, i32 1)
+  br label %pf.any.end224
+
+pf.any.end224:                                    ; preds = %pf.any.then223, %k.body220
+  %2080 = mul nsw i64 %2076, 16
+  %2081 = add nsw i64 %panel.off215, %2080
+  %2082 = getelementptr inbounds i16, ptr %panels, i64 %2081
+  %2083 = load <8 x i32>, ptr %2082, align 4
+  %2084 = shl <8 x i32> %2083, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0225 = bitcast <8 x i32> %2084 to <8 x float>
+  %2085 = and <8 x i32> %2083, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1226 = bitcast <8 x i32> %2085 to <8 x float>
+  %2086 = getelementptr inbounds float, ptr %2044, i64 %2076
+  %2087 = load float, ptr %2086, align 4
+  %2088 = insertelement <8 x float> poison, float %2087, i32 0
+  %2089 = shufflevector <8 x float> %2088, <8 x float> poison, <8 x i32> zeroinitializer
+  %2090 = load <8 x float>, ptr %acc000207, align 4
+  %2091 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2089, <8 x float> %b0225, <8 x float> %2090)
+  store <8 x float> %2091, ptr %acc000207, align 4
+  %2092 = load <8 x float>, ptr %acc001208, align 4
+  %2093 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2089, <8 x float> %b1226, <8 x float> %2092)
+  store <8 x float> %2093, ptr %acc001208, align 4
+  %2094 = getelementptr inbounds float, ptr %2051, i64 %2076
+  %2095 = load float, ptr %2094, align 4
+  %2096 = insertelement <8 x float> poison, float %2095, i32 0
+  %2097 = shufflevector <8 x float> %2096, <8 x float> poison, <8 x i32> zeroinitializer
+  %2098 = load <8 x float>, ptr %acc010209, align 4
+  %2099 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2097, <8 x float> %b0225, <8 x float> %2098)
+  store <8 x float> %2099, ptr %acc010209, align 4
+  %2100 = load <8 x float>, ptr %acc011210, align 4
+  %2101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2097, <8 x float> %b1226, <8 x float> %2100)
+  store <8 x float> %2101, ptr %acc011210, align 4
+  %2102 = getelementptr inbounds float, ptr %2058, i64 %2076
+  %2103 = load float, ptr %2102, align 4
+  %2104 = insertelement <8 x float> poison, float %2103, i32 0
+  %2105 = shufflevector <8 x float> %2104, <8 x float> poison, <8 x i32> zeroinitializer
+  %2106 = load <8 x float>, ptr %acc020211, align 4
+  %2107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2105, <8 x float> %b0225, <8 x float> %2106)
+  store <8 x float> %2107, ptr %acc020211, align 4
+  %2108 = load <8 x float>, ptr %acc021212, align 4
+  %2109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2105, <8 x float> %b1226, <8 x float> %2108)
+  store <8 x float> %2109, ptr %acc021212, align 4
+  %2110 = getelementptr inbounds float, ptr %2065, i64 %2076
+  %2111 = load float, ptr %2110, align 4
+  %2112 = insertelement <8 x float> poison, float %2111, i32 0
+  %2113 = shufflevector <8 x float> %2112, <8 x float> poison, <8 x i32> zeroinitializer
+  %2114 = load <8 x float>, ptr %acc030213, align 4
+  %2115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2113, <8 x float> %b0225, <8 x float> %2114)
+  store <8 x float> %2115, ptr %acc030213, align 4
+  %2116 = load <8 x float>, ptr %acc031214, align 4
+  %2117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2113, <8 x float> %b1226, <8 x float> %2116)
+  store <8 x float> %2117, ptr %acc031214, align 4
+  %2118 = add nsw i64 %k222, 1
+  br label %k.head219
+
+k.end221:                                         ; preds = %k.head219
+  %2119 = add nsw i64 %r0138, 0
+  %2120 = getelementptr inbounds float, ptr %rw, i64 %2119
+  %2121 = load float, ptr %2120, align 4
+  %2122 = insertelement <8 x float> poison, float %2121, i32 0
+  %2123 = shufflevector <8 x float> %2122, <8 x float> poison, <8 x i32> zeroinitializer
+  %2124 = mul nsw i64 %2119, 3072
+  %2125 = getelementptr inbounds float, ptr %h, i64 %2124
+  %col227 = mul nsw i64 %p, 16
+  %2126 = load <8 x float>, ptr %acc000207, align 4
+  %2127 = load <8 x float>, ptr %acc001208, align 4
+  %2128 = add nsw i64 %col227, 0
+  %2129 = fcmp ogt <8 x float> %2126, zeroinitializer
+  %2130 = select <8 x i1> %2129, <8 x float> %2126, <8 x float> zeroinitializer
+  %2131 = fmul <8 x float> %2130, %2123
+  %2132 = getelementptr inbounds float, ptr %2125, i64 %2128
+  store <8 x float> %2131, ptr %2132, align 4
+  %2133 = add nsw i64 %col227, 8
+  %2134 = fcmp ogt <8 x float> %2127, zeroinitializer
+  %2135 = select <8 x i1> %2134, <8 x float> %2127, <8 x float> zeroinitializer
+  %2136 = fmul <8 x float> %2135, %2123
+  %2137 = getelementptr inbounds float, ptr %2125, i64 %2133
+  store <8 x float> %2136, ptr %2137, align 4
+  %2138 = add nsw i64 %r0138, 1
+  %2139 = getelementptr inbounds float, ptr %rw, i64 %2138
+  %2140 = load float, ptr %2139, align 4
+  %2141 = insertelement <8 x float> poison, float %2140, i32 0
+  %2142 = shufflevector <8 x float> %2141, <8 x float> poison, <8 x i32> zeroinitializer
+  %2143 = mul nsw i64 %2138, 3072
+  %2144 = getelementptr inbounds float, ptr %h, i64 %2143
+  %col228 = mul nsw i64 %p, 16
+  %2145 = load <8 x float>, ptr %acc010209, align 4
+  %2146 = load <8 x float>, ptr %acc011210, align 4
+  %2147 = add nsw i64 %col228, 0
+  %2148 = fcmp ogt <8 x float> %2145, zeroinitializer
+  %2149 = select <8 x i1> %2148, <8 x float> %2145, <8 x float> zeroinitializer
+  %2150 = fmul <8 x float> %2149, %2142
+  %2151 = getelementptr inbounds float, ptr %2144, i64 %2147
+  store <8 x float> %2150, ptr %2151, align 4
+  %2152 = add nsw i64 %col228, 8
+  %2153 = fcmp ogt <8 x float> %2146, zeroinitializer
+  %2154 = select <8 x i1> %2153, <8 x float> %2146, <8 x float> zeroinitializer
+  %2155 = fmul <8 x float> %2154, %2142
+  %2156 = getelementptr inbounds float, ptr %2144, i64 %2152
+  store <8 x float> %2155, ptr %2156, align 4
+  %2157 = add nsw i64 %r0138, 2
+  %2158 = getelementptr inbounds float, ptr %rw, i64 %2157
+  %2159 = load float, ptr %2158, align 4
+  %2160 = insertelement <8 x float> poison, float %2159, i32 0
+  %2161 = shufflevector <8 x float> %2160, <8 x float> poison, <8 x i32> zeroinitializer
+  %2162 = mul nsw i64 %2157, 3072
+  %2163 = getelementptr inbounds float, ptr %h, i64 %2162
+  %col229 = mul nsw i64 %p, 16
+  %2164 = load <8 x float>, ptr %acc020211, align 4
+  %2165 = load <8 x float>, ptr %acc021212, align 4
+  %2166 = add nsw i64 %col229, 0
+  %2167 = fcmp ogt <8 x float> %2164, zeroinitializer
+  %2168 = select <8 x i1> %2167, <8 x float> %2164, <8 x float> zeroinitializer
+  %2169 = fmul <8 x float> %2168, %2161
+  %2170 = getelementptr inbounds float, ptr %2163, i64 %2166
+  store <8 x float> %2169, ptr %2170, align 4
+  %2171 = add nsw i64 %col229, 8
+  %2172 = fcmp ogt <8 x float> %2165, zeroinitializer
+  %2173 = select <8 x i1> %2172, <8 x float> %2165, <8 x float> zeroinitializer
+  %2174 = fmul <8 x float> %2173, %2161
+  %2175 = getelementptr inbounds float, ptr %2163, i64 %2171
+  store <8 x float> %2174, ptr %2175, align 4
+  %2176 = add nsw i64 %r0138, 3
+  %2177 = getelementptr inbounds float, ptr %rw, i64 %2176
+  %2178 = load float, ptr %2177, align 4
+  %2179 = insertelement <8 x float> poison, float %2178, i32 0
+  %2180 = shufflevector <8 x float> %2179, <8 x float> poison, <8 x i32> zeroinitializer
+  %2181 = mul nsw i64 %2176, 3072
+  %2182 = getelementptr inbounds float, ptr %h, i64 %2181
+  %col230 = mul nsw i64 %p, 16
+  %2183 = load <8 x float>, ptr %acc030213, align 4
+  %2184 = load <8 x float>, ptr %acc031214, align 4
+  %2185 = add nsw i64 %col230, 0
+  %2186 = fcmp ogt <8 x float> %2183, zeroinitializer
+  %2187 = select <8 x i1> %2186, <8 x float> %2183, <8 x float> zeroinitializer
+  %2188 = fmul <8 x float> %2187, %2180
+  %2189 = getelementptr inbounds float, ptr %2182, i64 %2185
+  store <8 x float> %2188, ptr %2189, align 4
+  %2190 = add nsw i64 %col230, 8
+  %2191 = fcmp ogt <8 x float> %2184, zeroinitializer
+  %2192 = select <8 x i1> %2191, <8 x float> %2184, <8 x float> zeroinitializer
+  %2193 = fmul <8 x float> %2192, %2180
+  %2194 = getelementptr inbounds float, ptr %2182, i64 %2190
+  store <8 x float> %2193, ptr %2194, align 4
+  br label %tile.done141
+
+tile.mr3144:                                      ; preds = %rb.body135
+  %2195 = add nsw i64 %r0138, 0
+  %2196 = getelementptr inbounds i32, ptr %rows, i64 %2195
+  %2197 = load i32, ptr %2196, align 4
+  %2198 = sext i32 %2197 to i64
+  %2199 = mul nsw i64 %2198, 768
+  %2200 = add nsw i64 %2199, 0
+  %2201 = getelementptr inbounds float, ptr %x, i64 %2200
+  store <8 x float> zeroinitializer, ptr %acc000231, align 4
+  store <8 x float> zeroinitializer, ptr %acc001232, align 4
+  %2202 = add nsw i64 %r0138, 1
+  %2203 = getelementptr inbounds i32, ptr %rows, i64 %2202
+  %2204 = load i32, ptr %2203, align 4
+  %2205 = sext i32 %2204 to i64
+  %2206 = mul nsw i64 %2205, 768
+  %2207 = add nsw i64 %2206, 0
+  %2208 = getelementptr inbounds float, ptr %x, i64 %2207
+  store <8 x float> zeroinitializer, ptr %acc010233, align 4
+  store <8 x float> zeroinitializer, ptr %acc011234, align 4
+  %2209 = add nsw i64 %r0138, 2
+  %2210 = getelementptr inbounds i32, ptr %rows, i64 %2209
+  %2211 = load i32, ptr %2210, align 4
+  %2212 = sext i32 %2211 to i64
+  %2213 = mul nsw i64 %2212, 768
+  %2214 = add nsw i64 %2213, 0
+  %2215 = getelementptr inbounds float, ptr %x, i64 %2214
+  store <8 x float> zeroinitializer, ptr %acc020235, align 4
+  store <8 x float> zeroinitializer, ptr %acc021236, align 4
+  %2216 = mul nsw i64 %p, 12288
+  %panel.off237 = add nsw i64 %2216, 0
+  %2217 = getelementptr inbounds i16, ptr %panels, i64 %panel.off237
+  %2218 = add nsw i64 %p, 1
+  %2219 = icmp slt i64 %2218, %p1
+  %pf.on238 = and i1 %pf.on149, %2219
+  %2220 = mul nsw i64 %rb137, 24576
+  %2221 = lshr i64 %2220, %1619
+  %2222 = add nsw i64 24576, %2221
+  %2223 = getelementptr inbounds i8, ptr %2217, i64 %2222
+  %pf239 = select i1 %pf.on238, ptr %2223, ptr %2217
+  %pf.sh240 = select i1 %pf.on238, i64 %1619, i64 0
+  br label %k.head241
+
+k.head241:                                        ; preds = %pf.any.end246, %tile.mr3144
+  %k244 = phi i64 [ 0, %tile.mr3144 ], [ %2260, %pf.any.end246 ]
+  %2224 = icmp slt i64 %k244, 768
+  br i1 %2224, label %k.body242, label %k.end243
+
+k.body242:                                        ; preds = %k.head241
+  %2225 = mul nsw i64 %k244, 1
+  %2226 = add nsw i64 %2225, 0
+  %2227 = mul nsw i64 %2226, 32
+  br i1 %pf.multi148, label %pf.any.then245, label %pf.any.end246
+
+pf.any.then245:                                   ; preds = %k.body242
+  %2228 = lshr i64 %2227, %pf.sh240
+  %2229 = getelementptr inbounds i8, ptr %pf239, i64 %2228
+  call void @llvm.prefetch.p0(ptr %2229, i32 0, i32 2, i32 1)
+  br label %pf.any.end246
+
+pf.any.end246:                                    ; preds = %pf.any.then245, %k.body242
+  %2230 = mul nsw i64 %2226, 16
+  %2231 = add nsw i64 %panel.off237, %2230
+  %2232 = getelementptr inbounds i16, ptr %panels, i64 %2231
+  %2233 = load <8 x i32>, ptr %2232, align 4
+  %2234 = shl <8 x i32> %2233, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0247 = bitcast <8 x i32> %2234 to <8 x float>
+  %2235 = and <8 x i32> %2233, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1248 = bitcast <8 x i32> %2235 to <8 x float>
+  %2236 = getelementptr inbounds float, ptr %2201, i64 %2226
+  %2237 = load float, ptr %2236, align 4
+  %2238 = insertelement <8 x float> poison, float %2237, i32 0
+  %2239 = shufflevector <8 x float> %2238, <8 x float> poison, <8 x i32> zeroinitializer
+  %2240 = load <8 x float>, ptr %acc000231, align 4
+  %2241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2239, <8 x float> %b0247, <8 x float> %2240)
+  store <8 x float> %2241, ptr %acc000231, align 4
+  %2242 = load <8 x float>, ptr %acc001232, align 4
+  %2243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2239, <8 x float> %b1248, <8 x float> %2242)
+  store <8 x float> %2243, ptr %acc001232, align 4
+  %2244 = getelementptr inbounds float, ptr %2208, i64 %2226
+  %2245 = load float, ptr %2244, align 4
+  %2246 = insertelement <8 x float> poison, float %2245, i32 0
+  %2247 = shufflevector <8 x float> %2246, <8 x float> poison, <8 x i32> zeroinitializer
+  %2248 = load <8 x float>, ptr %acc010233, align 4
+  %2249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2247, <8 x float> %b0247, <8 x float> %2248)
+  store <8 x float> %2249, ptr %acc010233, align 4
+  %2250 = load <8 x float>, ptr %acc011234, align 4
+  %2251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2247, <8 x float> %b1248, <8 x float> %2250)
+  store <8 x float> %2251, ptr %acc011234, align 4
+  %2252 = getelementptr inbounds float, ptr %2215, i64 %2226
+  %2253 = load float, ptr %2252, align 4
+  %2254 = insertelement <8 x float> poison, float %2253, i32 0
+  %2255 = shufflevector <8 x float> %2254, <8 x float> poison, <8 x i32> zeroinitializer
+  %2256 = load <8 x float>, ptr %acc020235, align 4
+  %2257 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2255, <8 x float> %b0247, <8 x float> %2256)
+  store <8 x float> %2257, ptr %acc020235, align 4
+  %2258 = load <8 x float>, ptr %acc021236, align 4
+  %2259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2255, <8 x float> %b1248, <8 x float> %2258)
+  store <8 x float> %2259, ptr %acc021236, align 4
+  %2260 = add nsw i64 %k244, 1
+  br label %k.head241
+
+k.end243:                                         ; preds = %k.head241
+  %2261 = add nsw i64 %r0138, 0
+  %2262 = getelementptr inbounds float, ptr %rw, i64 %2261
+  %2263 = load float, ptr %2262, align 4
+  %2264 = insertelement <8 x float> poison, float %2263, i32 0
+  %2265 = shufflevector <8 x float> %2264, <8 x float> poison, <8 x i32> zeroinitializer
+  %2266 = mul nsw i64 %2261, 3072
+  %2267 = getelementptr inbounds float, ptr %h, i64 %2266
+  %col249 = mul nsw i64 %p, 16
+  %2268 = load <8 x float>, ptr %acc000231, align 4
+  %2269 = load <8 x float>, ptr %acc001232, align 4
+  %2270 = add nsw i64 %col249, 0
+  %2271 = fcmp ogt <8 x float> %2268, zeroinitializer
+  %2272 = select <8 x i1> %2271, <8 x float> %2268, <8 x float> zeroinitializer
+  %2273 = fmul <8 x float> %2272, %2265
+  %2274 = getelementptr inbounds float, ptr %2267, i64 %2270
+  store <8 x float> %2273, ptr %2274, align 4
+  %2275 = add nsw i64 %col249, 8
+  %2276 = fcmp ogt <8 x float> %2269, zeroinitializer
+  %2277 = select <8 x i1> %2276, <8 x float> %2269, <8 x float> zeroinitializer
+  %2278 = fmul <8 x float> %2277, %2265
+  %2279 = getelementptr inbounds float, ptr %2267, i64 %2275
+  store <8 x float> %2278, ptr %2279, align 4
+  %2280 = add nsw i64 %r0138, 1
+  %2281 = getelementptr inbounds float, ptr %rw, i64 %2280
+  %2282 = load float, ptr %2281, align 4
+  %2283 = insertelement <8 x float> poison, float %2282, i32 0
+  %2284 = shufflevector <8 x float> %2283, <8 x float> poison, <8 x i32> zeroinitializer
+  %2285 = mul nsw i64 %2280, 3072
+  %2286 = getelementptr inbounds float, ptr %h, i64 %2285
+  %col250 = mul nsw i64 %p, 16
+  %2287 = load <8 x float>, ptr %acc010233, align 4
+  %2288 = load <8 x float>, ptr %acc011234, align 4
+  %2289 = add nsw i64 %col250, 0
+  %2290 = fcmp ogt <8 x float> %2287, zeroinitializer
+  %2291 = select <8 x i1> %2290, <8 x float> %2287, <8 x float> zeroinitializer
+  %2292 = fmul <8 x float> %2291, %2284
+  %2293 = getelementptr inbounds float, ptr %2286, i64 %2289
+  store <8 x float> %2292, ptr %2293, align 4
+  %2294 = add nsw i64 %col250, 8
+  %2295 = fcmp ogt <8 x float> %2288, zeroinitializer
+  %2296 = select <8 x i1> %2295, <8 x float> %2288, <8 x float> zeroinitializer
+  %2297 = fmul <8 x float> %2296, %2284
+  %2298 = getelementptr inbounds float, ptr %2286, i64 %2294
+  store <8 x float> %2297, ptr %2298, align 4
+  %2299 = add nsw i64 %r0138, 2
+  %2300 = getelementptr inbounds float, ptr %rw, i64 %2299
+  %2301 = load float, ptr %2300, align 4
+  %2302 = insertelement <8 x float> poison, float %2301, i32 0
+  %2303 = shufflevector <8 x float> %2302, <8 x float> poison, <8 x i32> zeroinitializer
+  %2304 = mul nsw i64 %2299, 3072
+  %2305 = getelementptr inbounds float, ptr %h, i64 %2304
+  %col251 = mul nsw i64 %p, 16
+  %2306 = load <8 x float>, ptr %acc020235, align 4
+  %2307 = load <8 x float>, ptr %acc021236, align 4
+  %2308 = add nsw i64 %col251, 0
+  %2309 = fcmp ogt <8 x float> %2306, zeroinitializer
+  %2310 = select <8 x i1> %2309, <8 x float> %2306, <8 x float> zeroinitializer
+  %2311 = fmul <8 x float> %2310, %2303
+  %2312 = getelementptr inbounds float, ptr %2305, i64 %2308
+  store <8 x float> %2311, ptr %2312, align 4
+  %2313 = add nsw i64 %col251, 8
+  %2314 = fcmp ogt <8 x float> %2307, zeroinitializer
+  %2315 = select <8 x i1> %2314, <8 x float> %2307, <8 x float> zeroinitializer
+  %2316 = fmul <8 x float> %2315, %2303
+  %2317 = getelementptr inbounds float, ptr %2305, i64 %2313
+  store <8 x float> %2316, ptr %2317, align 4
+  br label %tile.done141
+
+tile.mr2143:                                      ; preds = %rb.body135
+  %2318 = add nsw i64 %r0138, 0
+  %2319 = getelementptr inbounds i32, ptr %rows, i64 %2318
+  %2320 = load i32, ptr %2319, align 4
+  %2321 = sext i32 %2320 to i64
+  %2322 = mul nsw i64 %2321, 768
+  %2323 = add nsw i64 %2322, 0
+  %2324 = getelementptr inbounds float, ptr %x, i64 %2323
+  store <8 x float> zeroinitializer, ptr %acc000252, align 4
+  store <8 x float> zeroinitializer, ptr %acc001253, align 4
+  %2325 = add nsw i64 %r0138, 1
+  %2326 = getelementptr inbounds i32, ptr %rows, i64 %2325
+  %2327 = load i32, ptr %2326, align 4
+  %2328 = sext i32 %2327 to i64
+  %2329 = mul nsw i64 %2328, 768
+  %2330 = add nsw i64 %2329, 0
+  %2331 = getelementptr inbounds float, ptr %x, i64 %2330
+  store <8 x float> zeroinitializer, ptr %acc010254, align 4
+  store <8 x float> zeroinitializer, ptr %acc011255, align 4
+  %2332 = mul nsw i64 %p, 12288
+  %panel.off256 = add nsw i64 %2332, 0
+  %2333 = getelementptr inbounds i16, ptr %panels, i64 %panel.off256
+  %2334 = add nsw i64 %p, 1
+  %2335 = icmp slt i64 %2334, %p1
+  %pf.on257 = and i1 %pf.on149, %2335
+  %2336 = mul nsw i64 %rb137, 24576
+  %2337 = lshr i64 %2336, %1619
+  %2338 = add nsw i64 24576, %2337
+  %2339 = getelementptr inbounds i8, ptr %2333, i64 %2338
+  %pf258 = select i1 %pf.on257, ptr %2339, ptr %2333
+  %pf.sh259 = select i1 %pf.on257, i64 %1619, i64 0
+  br label %k.head260
+
+k.head260:                                        ; preds = %pf.any.end265, %tile.mr2143
+  %k263 = phi i64 [ 0, %tile.mr2143 ], [ %2368, %pf.any.end265 ]
+  %2340 = icmp slt i64 %k263, 768
+  br i1 %2340, label %k.body261, label %k.end262
+
+k.body261:                                        ; preds = %k.head260
+  %2341 = mul nsw i64 %k263, 1
+  %2342 = add nsw i64 %2341, 0
+  %2343 = mul nsw i64 %2342, 32
+  br i1 %pf.multi148, label %pf.any.then264, label %pf.any.end265
+
+pf.any.then264:                                   ; preds = %k.body261
+  %2344 = lshr i64 %2343, %pf.sh259
+  %2345 = getelementptr inbounds i8, ptr %pf258, i64 %2344
+  call void @llvm.prefetch.p0(ptr %2345, i32 0, i32 2, i32 1)
+  br label %pf.any.end265
+
+pf.any.end265:                                    ; preds = %pf.any.then264, %k.body261
+  %2346 = mul nsw i64 %2342, 16
+  %2347 = add nsw i64 %panel.off256, %2346
+  %2348 = getelementptr inbounds i16, ptr %panels, i64 %2347
+  %2349 = load <8 x i32>, ptr %2348, align 4
+  %2350 = shl <8 x i32> %2349, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0266 = bitcast <8 x i32> %2350 to <8 x float>
+  %2351 = and <8 x i32> %2349, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1267 = bitcast <8 x i32> %2351 to <8 x float>
+  %2352 = getelementptr inbounds float, ptr %2324, i64 %2342
+  %2353 = load float, ptr %2352, align 4
+  %2354 = insertelement <8 x float> poison, float %2353, i32 0
+  %2355 = shufflevector <8 x float> %2354, <8 x float> poison, <8 x i32> zeroinitializer
+  %2356 = load <8 x float>, ptr %acc000252, align 4
+  %2357 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2355, <8 x float> %b0266, <8 x float> %2356)
+  store <8 x float> %2357, ptr %acc000252, align 4
+  %2358 = load <8 x float>, ptr %acc001253, align 4
+  %2359 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2355, <8 x float> %b1267, <8 x float> %2358)
+  store <8 x float> %2359, ptr %acc001253, align 4
+  %2360 = getelementptr inbounds float, ptr %2331, i64 %2342
+  %2361 = load float, ptr %2360, align 4
+  %2362 = insertelement <8 x float> poison, float %2361, i32 0
+  %2363 = shufflevector <8 x float> %2362, <8 x float> poison, <8 x i32> zeroinitializer
+  %2364 = load <8 x float>, ptr %acc010254, align 4
+  %2365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2363, <8 x float> %b0266, <8 x float> %2364)
+  store <8 x float> %2365, ptr %acc010254, align 4
+  %2366 = load <8 x float>, ptr %acc011255, align 4
+  %2367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2363, <8 x float> %b1267, <8 x float> %2366)
+  store <8 x float> %2367, ptr %acc011255, align 4
+  %2368 = add nsw i64 %k263, 1
+  br label %k.head260
+
+k.end262:                                         ; preds = %k.head260
+  %2369 = add nsw i64 %r0138, 0
+  %2370 = getelementptr inbounds float, ptr %rw, i64 %2369
+  %2371 = load float, ptr %2370, align 4
+  %2372 = insertelement <8 x float> poison, float %2371, i32 0
+  %2373 = shufflevector <8 x float> %2372, <8 x float> poison, <8 x i32> zeroinitializer
+  %2374 = mul nsw i64 %2369, 3072
+  %2375 = getelementptr inbounds float, ptr %h, i64 %2374
+  %col268 = mul nsw i64 %p, 16
+  %2376 = load <8 x float>, ptr %acc000252, align 4
+  %2377 = load <8 x float>, ptr %acc001253, align 4
+  %2378 = add nsw i64 %col268, 0
+  %2379 = fcmp ogt <8 x float> %2376, zeroinitializer
+  %2380 = select <8 x i1> %2379, <8 x float> %2376, <8 x float> zeroinitializer
+  %2381 = fmul <8 x float> %2380, %2373
+  %2382 = getelementptr inbounds float, ptr %2375, i64 %2378
+  store <8 x float> %2381, ptr %2382, align 4
+  %2383 = add nsw i64 %col268, 8
+  %2384 = fcmp ogt <8 x float> %2377, zeroinitializer
+  %2385 = select <8 x i1> %2384, <8 x float> %2377, <8 x float> zeroinitializer
+  %2386 = fmul <8 x float> %2385, %2373
+  %2387 = getelementptr inbounds float, ptr %2375, i64 %2383
+  store <8 x float> %2386, ptr %2387, align 4
+  %2388 = add nsw i64 %r0138, 1
+  %2389 = getelementptr inbounds float, ptr %rw, i64 %2388
+  %2390 = load float, ptr %2389, align 4
+  %2391 = insertelement <8 x float> poison, float %2390, i32 0
+  %2392 = shufflevector <8 x float> %2391, <8 x float> poison, <8 x i32> zeroinitializer
+  %2393 = mul nsw i64 %2388, 3072
+  %2394 = getelementptr inbounds float, ptr %h, i64 %2393
+  %col269 = mul nsw i64 %p, 16
+  %2395 = load <8 x float>, ptr %acc010254, align 4
+  %2396 = load <8 x float>, ptr %acc011255, align 4
+  %2397 = add nsw i64 %col269, 0
+  %2398 = fcmp ogt <8 x float> %2395, zeroinitializer
+  %2399 = select <8 x i1> %2398, <8 x float> %2395, <8 x float> zeroinitializer
+  %2400 = fmul <8 x float> %2399, %2392
+  %2401 = getelementptr inbounds float, ptr %2394, i64 %2397
+  store <8 x float> %2400, ptr %2401, align 4
+  %2402 = add nsw i64 %col269, 8
+  %2403 = fcmp ogt <8 x float> %2396, zeroinitializer
+  %2404 = select <8 x i1> %2403, <8 x float> %2396, <8 x float> zeroinitializer
+  %2405 = fmul <8 x float> %2404, %2392
+  %2406 = getelementptr inbounds float, ptr %2394, i64 %2402
+  store <8 x float> %2405, ptr %2406, align 4
+  br label %tile.done141
+
+tile.mr1142:                                      ; preds = %rb.body135
+  %2407 = add nsw i64 %r0138, 0
+  %2408 = getelementptr inbounds i32, ptr %rows, i64 %2407
+  %2409 = load i32, ptr %2408, align 4
+  %2410 = sext i32 %2409 to i64
+  %2411 = mul nsw i64 %2410, 768
+  %2412 = add nsw i64 %2411, 0
+  %2413 = getelementptr inbounds float, ptr %x, i64 %2412
+  store <8 x float> zeroinitializer, ptr %acc000270, align 4
+  store <8 x float> zeroinitializer, ptr %acc001271, align 4
+  %2414 = mul nsw i64 %p, 12288
+  %panel.off272 = add nsw i64 %2414, 0
+  %2415 = getelementptr inbounds i16, ptr %panels, i64 %panel.off272
+  %2416 = add nsw i64 %p, 1
+  %2417 = icmp slt i64 %2416, %p1
+  %pf.on273 = and i1 %pf.on149, %2417
+  %2418 = mul nsw i64 %rb137, 24576
+  %2419 = lshr i64 %2418, %1619
+  %2420 = add nsw i64 24576, %2419
+  %2421 = getelementptr inbounds i8, ptr %2415, i64 %2420
+  %pf274 = select i1 %pf.on273, ptr %2421, ptr %2415
+  %pf.sh275 = select i1 %pf.on273, i64 %1619, i64 0
+  br label %k.head276
+
+k.head276:                                        ; preds = %pf.any.end281, %tile.mr1142
+  %k279 = phi i64 [ 0, %tile.mr1142 ], [ %2442, %pf.any.end281 ]
+  %2422 = icmp slt i64 %k279, 768
+  br i1 %2422, label %k.body277, label %k.end278
+
+k.body277:                                        ; preds = %k.head276
+  %2423 = mul nsw i64 %k279, 1
+  %2424 = add nsw i64 %2423, 0
+  %2425 = mul nsw i64 %2424, 32
+  br i1 %pf.multi148, label %pf.any.then280, label %pf.any.end281
+
+pf.any.then280:                                   ; preds = %k.body277
+  %2426 = lshr i64 %2425, %pf.sh275
+  %2427 = getelementptr inbounds i8, ptr %pf274, i64 %2426
+  call void @llvm.prefetch.p0(ptr %2427, i32 0, i32 2, i32 1)
+  br label %pf.any.end281
+
+pf.any.end281:                                    ; preds = %pf.any.then280, %k.body277
+  %2428 = mul nsw i64 %2424, 16
+  %2429 = add nsw i64 %panel.off272, %2428
+  %2430 = getelementptr inbounds i16, ptr %panels, i64 %2429
+  %2431 = load <8 x i32>, ptr %2430, align 4
+  %2432 = shl <8 x i32> %2431, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0282 = bitcast <8 x i32> %2432 to <8 x float>
+  %2433 = and <8 x i32> %2431, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1283 = bitcast <8 x i32> %2433 to <8 x float>
+  %2434 = getelementptr inbounds float, ptr %2413, i64 %2424
+  %2435 = load float, ptr %2434, align 4
+  %2436 = insertelement <8 x float> poison, float %2435, i32 0
+  %2437 = shufflevector <8 x float> %2436, <8 x float> poison, <8 x i32> zeroinitializer
+  %2438 = load <8 x float>, ptr %acc000270, align 4
+  %2439 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2437, <8 x float> %b0282, <8 x float> %2438)
+  store <8 x float> %2439, ptr %acc000270, align 4
+  %2440 = load <8 x float>, ptr %acc001271, align 4
+  %2441 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2437, <8 x float> %b1283, <8 x float> %2440)
+  store <8 x float> %2441, ptr %acc001271, align 4
+  %2442 = add nsw i64 %k279, 1
+  br label %k.head276
+
+k.end278:                                         ; preds = %k.head276
+  %2443 = add nsw i64 %r0138, 0
+  %2444 = getelementptr inbounds float, ptr %rw, i64 %2443
+  %2445 = load float, ptr %2444, align 4
+  %2446 = insertelement <8 x float> poison, float %2445, i32 0
+  %2447 = shufflevector <8 x float> %2446, <8 x float> poison, <8 x i32> zeroinitializer
+  %2448 = mul nsw i64 %2443, 3072
+  %2449 = getelementptr inbounds float, ptr %h, i64 %2448
+  %col284 = mul nsw i64 %p, 16
+  %2450 = load <8 x float>, ptr %acc000270, align 4
+  %2451 = load <8 x float>, ptr %acc001271, align 4
+  %2452 = add nsw i64 %col284, 0
+  %2453 = fcmp ogt <8 x float> %2450, zeroinitializer
+  %2454 = select <8 x i1> %2453, <8 x float> %2450, <8 x float> zeroinitializer
+  %2455 = fmul <8 x float> %2454, %2447
+  %2456 = getelementptr inbounds float, ptr %2449, i64 %2452
+  store <8 x float> %2455, ptr %2456, align 4
+  %2457 = add nsw i64 %col284, 8
+  %2458 = fcmp ogt <8 x float> %2451, zeroinitializer
+  %2459 = select <8 x i1> %2458, <8 x float> %2451, <8 x float> zeroinitializer
+  %2460 = fmul <8 x float> %2459, %2447
+  %2461 = getelementptr inbounds float, ptr %2449, i64 %2457
+  store <8 x float> %2460, ptr %2461, align 4
+  br label %tile.done141
+
+tile.done141:                                     ; preds = %k.end278, %k.end262, %k.end243, %k.end221, %k.end196, %k.end168
+  %2462 = add nsw i64 %rb137, 1
+  br label %rb.head134
+
+rb.end136:                                        ; preds = %rb.head134
+  %2463 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
+  br label %call.end
+
+call.end:                                         ; preds = %p.end, %kb.rc.end
   ret void
 }
-
-; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
-declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #1
 
 ; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
 declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #2
@@ -1969,6 +4274,7 @@ declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #2
 ; Function Attrs: nounwind
 define hidden void @moe_down(ptr noalias %h, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bd, ptr noalias %y, i64 %p0, i64 %p1) #0 {
 entry:
+  %part = alloca [24576 x float], align 32
   %acc000 = alloca <8 x float>, align 32
   %acc001 = alloca <8 x float>, align 32
   %acc010 = alloca <8 x float>, align 32
@@ -1981,75 +4287,163 @@ entry:
   %acc041 = alloca <8 x float>, align 32
   %acc050 = alloca <8 x float>, align 32
   %acc051 = alloca <8 x float>, align 32
-  %acc0003 = alloca <8 x float>, align 32
-  %acc0014 = alloca <8 x float>, align 32
-  %acc0105 = alloca <8 x float>, align 32
-  %acc0116 = alloca <8 x float>, align 32
-  %acc0207 = alloca <8 x float>, align 32
-  %acc0218 = alloca <8 x float>, align 32
-  %acc0309 = alloca <8 x float>, align 32
-  %acc03110 = alloca <8 x float>, align 32
-  %acc04011 = alloca <8 x float>, align 32
-  %acc04112 = alloca <8 x float>, align 32
-  %acc00026 = alloca <8 x float>, align 32
-  %acc00127 = alloca <8 x float>, align 32
-  %acc01028 = alloca <8 x float>, align 32
-  %acc01129 = alloca <8 x float>, align 32
-  %acc02030 = alloca <8 x float>, align 32
-  %acc02131 = alloca <8 x float>, align 32
-  %acc03032 = alloca <8 x float>, align 32
-  %acc03133 = alloca <8 x float>, align 32
-  %acc00047 = alloca <8 x float>, align 32
-  %acc00148 = alloca <8 x float>, align 32
-  %acc01049 = alloca <8 x float>, align 32
-  %acc01150 = alloca <8 x float>, align 32
-  %acc02051 = alloca <8 x float>, align 32
-  %acc02152 = alloca <8 x float>, align 32
-  %acc00066 = alloca <8 x float>, align 32
-  %acc00167 = alloca <8 x float>, align 32
-  %acc01068 = alloca <8 x float>, align 32
-  %acc01169 = alloca <8 x float>, align 32
-  %acc00083 = alloca <8 x float>, align 32
-  %acc00184 = alloca <8 x float>, align 32
+  %acc0004 = alloca <8 x float>, align 32
+  %acc0015 = alloca <8 x float>, align 32
+  %acc0106 = alloca <8 x float>, align 32
+  %acc0117 = alloca <8 x float>, align 32
+  %acc0208 = alloca <8 x float>, align 32
+  %acc0219 = alloca <8 x float>, align 32
+  %acc03010 = alloca <8 x float>, align 32
+  %acc03111 = alloca <8 x float>, align 32
+  %acc04012 = alloca <8 x float>, align 32
+  %acc04113 = alloca <8 x float>, align 32
+  %acc00027 = alloca <8 x float>, align 32
+  %acc00128 = alloca <8 x float>, align 32
+  %acc01029 = alloca <8 x float>, align 32
+  %acc01130 = alloca <8 x float>, align 32
+  %acc02031 = alloca <8 x float>, align 32
+  %acc02132 = alloca <8 x float>, align 32
+  %acc03033 = alloca <8 x float>, align 32
+  %acc03134 = alloca <8 x float>, align 32
+  %acc00048 = alloca <8 x float>, align 32
+  %acc00149 = alloca <8 x float>, align 32
+  %acc01050 = alloca <8 x float>, align 32
+  %acc01151 = alloca <8 x float>, align 32
+  %acc02052 = alloca <8 x float>, align 32
+  %acc02153 = alloca <8 x float>, align 32
+  %acc00067 = alloca <8 x float>, align 32
+  %acc00168 = alloca <8 x float>, align 32
+  %acc01069 = alloca <8 x float>, align 32
+  %acc01170 = alloca <8 x float>, align 32
+  %acc00084 = alloca <8 x float>, align 32
+  %acc00185 = alloca <8 x float>, align 32
+  %acc000116 = alloca <8 x float>, align 32
+  %acc001117 = alloca <8 x float>, align 32
+  %acc010118 = alloca <8 x float>, align 32
+  %acc011119 = alloca <8 x float>, align 32
+  %acc020120 = alloca <8 x float>, align 32
+  %acc021121 = alloca <8 x float>, align 32
+  %acc030122 = alloca <8 x float>, align 32
+  %acc031123 = alloca <8 x float>, align 32
+  %acc040124 = alloca <8 x float>, align 32
+  %acc041125 = alloca <8 x float>, align 32
+  %acc050126 = alloca <8 x float>, align 32
+  %acc051127 = alloca <8 x float>, align 32
+  %acc000141 = alloca <8 x float>, align 32
+  %acc001142 = alloca <8 x float>, align 32
+  %acc010143 = alloca <8 x float>, align 32
+  %acc011144 = alloca <8 x float>, align 32
+  %acc020145 = alloca <8 x float>, align 32
+  %acc021146 = alloca <8 x float>, align 32
+  %acc030147 = alloca <8 x float>, align 32
+  %acc031148 = alloca <8 x float>, align 32
+  %acc040149 = alloca <8 x float>, align 32
+  %acc041150 = alloca <8 x float>, align 32
+  %acc000164 = alloca <8 x float>, align 32
+  %acc001165 = alloca <8 x float>, align 32
+  %acc010166 = alloca <8 x float>, align 32
+  %acc011167 = alloca <8 x float>, align 32
+  %acc020168 = alloca <8 x float>, align 32
+  %acc021169 = alloca <8 x float>, align 32
+  %acc030170 = alloca <8 x float>, align 32
+  %acc031171 = alloca <8 x float>, align 32
+  %acc000185 = alloca <8 x float>, align 32
+  %acc001186 = alloca <8 x float>, align 32
+  %acc010187 = alloca <8 x float>, align 32
+  %acc011188 = alloca <8 x float>, align 32
+  %acc020189 = alloca <8 x float>, align 32
+  %acc021190 = alloca <8 x float>, align 32
+  %acc000204 = alloca <8 x float>, align 32
+  %acc001205 = alloca <8 x float>, align 32
+  %acc010206 = alloca <8 x float>, align 32
+  %acc011207 = alloca <8 x float>, align 32
+  %acc000221 = alloca <8 x float>, align 32
+  %acc001222 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   %0 = icmp slt i64 %p1, 48
   %end = select i1 %0, i64 %p1, i64 48
-  br label %p.head
+  %1 = icmp sgt i64 %n, 6
+  br i1 %1, label %kb, label %flat
 
-p.head:                                           ; preds = %rb.end, %start
-  %p = phi i64 [ %p0, %start ], [ %598, %rb.end ]
-  %1 = icmp slt i64 %p, %end
-  br i1 %1, label %p.body, label %p.end
+kb:                                               ; preds = %start
+  br label %kb.rc.head
 
-p.body:                                           ; preds = %p.head
-  %2 = add nsw i64 %n, 5
-  %nrb = sdiv i64 %2, 6
+kb.rc.head:                                       ; preds = %kb.pg.end, %kb
+  %kb.rc = phi i64 [ 0, %kb ], [ %720, %kb.pg.end ]
+  %2 = icmp slt i64 %kb.rc, %n
+  br i1 %2, label %kb.rc.body, label %kb.rc.end
+
+kb.rc.body:                                       ; preds = %kb.rc.head
+  %3 = sub nsw i64 %n, %kb.rc
+  %4 = icmp slt i64 %3, 96
+  %kb.rn = select i1 %4, i64 %3, i64 96
+  br label %kb.pg.head
+
+kb.pg.head:                                       ; preds = %kb.k.end, %kb.rc.body
+  %kb.pg = phi i64 [ %p0, %kb.rc.body ], [ %719, %kb.k.end ]
+  %5 = icmp slt i64 %kb.pg, %end
+  br i1 %5, label %kb.pg.body, label %kb.pg.end
+
+kb.pg.body:                                       ; preds = %kb.pg.head
+  %6 = add nsw i64 %kb.pg, 16
+  %7 = icmp slt i64 %6, %end
+  %kb.pg1 = select i1 %7, i64 %6, i64 %end
+  br label %kb.k.head
+
+kb.k.head:                                        ; preds = %kb.p.end, %kb.pg.body
+  %kb.k = phi i64 [ 0, %kb.pg.body ], [ %718, %kb.p.end ]
+  %8 = icmp slt i64 %kb.k, 12
+  br i1 %8, label %kb.k.body, label %kb.k.end
+
+kb.k.body:                                        ; preds = %kb.k.head
+  %k0 = mul nsw i64 %kb.k, 256
+  %kfirst = icmp eq i64 %kb.k, 0
+  %klast = icmp eq i64 %kb.k, 11
+  br label %kb.p.head
+
+kb.p.head:                                        ; preds = %rb.end, %kb.k.body
+  %kb.p = phi i64 [ %kb.pg, %kb.k.body ], [ %717, %rb.end ]
+  %9 = icmp slt i64 %kb.p, %kb.pg1
+  br i1 %9, label %kb.p.body, label %kb.p.end
+
+kb.p.body:                                        ; preds = %kb.p.head
+  %10 = add nsw i64 %kb.p, 1
+  %11 = icmp slt i64 %10, %kb.pg1
+  %12 = sub nsw i64 %kb.p, %kb.pg
+  %13 = mul nsw i64 %12, 98304
+  %14 = sub nsw i64 8192, %13
+  %pf.step = select i1 %11, i64 98304, i64 %14
+  %15 = xor i1 %klast, true
+  %pf.next = or i1 %11, %15
+  %16 = add nsw i64 %kb.rn, 5
+  %nrb = sdiv i64 %16, 6
   br label %rb.head
 
-rb.head:                                          ; preds = %tile.done, %p.body
-  %rb = phi i64 [ 0, %p.body ], [ %597, %tile.done ]
-  %3 = icmp slt i64 %rb, %nrb
-  br i1 %3, label %rb.body, label %rb.end
+rb.head:                                          ; preds = %tile.done, %kb.p.body
+  %rb = phi i64 [ 0, %kb.p.body ], [ %716, %tile.done ]
+  %17 = icmp slt i64 %rb, %nrb
+  br i1 %17, label %rb.body, label %rb.end
 
 rb.body:                                          ; preds = %rb.head
-  %4 = mul nsw i64 %rb, %n
-  %r0 = sdiv i64 %4, %nrb
-  %5 = add nsw i64 %rb, 1
-  %6 = mul nsw i64 %5, %n
-  %r1 = sdiv i64 %6, %nrb
+  %18 = mul nsw i64 %rb, %kb.rn
+  %r0 = sdiv i64 %18, %nrb
+  %19 = add nsw i64 %rb, 1
+  %20 = mul nsw i64 %19, %kb.rn
+  %r1 = sdiv i64 %20, %nrb
   %mr = sub nsw i64 %r1, %r0
-  %7 = icmp sge i64 %nrb, 2
-  %8 = select i1 %7, i64 1, i64 0
-  %9 = icmp sge i64 %nrb, 4
-  %10 = select i1 %9, i64 2, i64 %8
-  %11 = icmp sge i64 %nrb, 8
-  %12 = select i1 %11, i64 3, i64 %10
+  %r01 = add nsw i64 %kb.rc, %r0
+  %21 = icmp sge i64 %nrb, 2
+  %22 = select i1 %21, i64 1, i64 0
+  %23 = icmp sge i64 %nrb, 4
+  %24 = select i1 %23, i64 2, i64 %22
+  %25 = icmp sge i64 %nrb, 8
+  %26 = select i1 %25, i64 3, i64 %24
   %pf.multi = icmp sgt i64 %nrb, 1
-  %13 = shl i64 1, %12
-  %14 = icmp slt i64 %rb, %13
-  %pf.on = and i1 %pf.multi, %14
+  %27 = shl i64 1, %26
+  %28 = icmp slt i64 %rb, %27
+  %pf.on = and i1 %pf.multi, %28
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -2059,884 +4453,1997 @@ rb.body:                                          ; preds = %rb.head
   ]
 
 tile.mr6:                                         ; preds = %rb.body
-  %col = mul nsw i64 %p, 16
-  %15 = add nsw i64 %r0, 0
-  %16 = mul nsw i64 %15, 3072
-  %17 = getelementptr inbounds float, ptr %h, i64 %16
-  %18 = getelementptr inbounds i32, ptr %rows, i64 %15
-  %19 = load i32, ptr %18, align 4
-  %20 = sext i32 %19 to i64
-  %21 = mul nsw i64 %20, 768
-  %22 = getelementptr inbounds float, ptr %y, i64 %21
-  %23 = add nsw i64 %col, 0
-  %24 = getelementptr inbounds float, ptr %22, i64 %23
-  store <8 x float> zeroinitializer, ptr %acc000, align 4
-  %25 = add nsw i64 %col, 8
-  %26 = getelementptr inbounds float, ptr %22, i64 %25
-  store <8 x float> zeroinitializer, ptr %acc001, align 4
-  %27 = add nsw i64 %r0, 1
-  %28 = mul nsw i64 %27, 3072
-  %29 = getelementptr inbounds float, ptr %h, i64 %28
-  %30 = getelementptr inbounds i32, ptr %rows, i64 %27
-  %31 = load i32, ptr %30, align 4
-  %32 = sext i32 %31 to i64
-  %33 = mul nsw i64 %32, 768
-  %34 = getelementptr inbounds float, ptr %y, i64 %33
-  %35 = add nsw i64 %col, 0
-  %36 = getelementptr inbounds float, ptr %34, i64 %35
-  store <8 x float> zeroinitializer, ptr %acc010, align 4
-  %37 = add nsw i64 %col, 8
-  %38 = getelementptr inbounds float, ptr %34, i64 %37
-  store <8 x float> zeroinitializer, ptr %acc011, align 4
-  %39 = add nsw i64 %r0, 2
-  %40 = mul nsw i64 %39, 3072
-  %41 = getelementptr inbounds float, ptr %h, i64 %40
-  %42 = getelementptr inbounds i32, ptr %rows, i64 %39
-  %43 = load i32, ptr %42, align 4
-  %44 = sext i32 %43 to i64
-  %45 = mul nsw i64 %44, 768
-  %46 = getelementptr inbounds float, ptr %y, i64 %45
-  %47 = add nsw i64 %col, 0
-  %48 = getelementptr inbounds float, ptr %46, i64 %47
-  store <8 x float> zeroinitializer, ptr %acc020, align 4
-  %49 = add nsw i64 %col, 8
-  %50 = getelementptr inbounds float, ptr %46, i64 %49
-  store <8 x float> zeroinitializer, ptr %acc021, align 4
-  %51 = add nsw i64 %r0, 3
-  %52 = mul nsw i64 %51, 3072
-  %53 = getelementptr inbounds float, ptr %h, i64 %52
-  %54 = getelementptr inbounds i32, ptr %rows, i64 %51
-  %55 = load i32, ptr %54, align 4
-  %56 = sext i32 %55 to i64
-  %57 = mul nsw i64 %56, 768
-  %58 = getelementptr inbounds float, ptr %y, i64 %57
-  %59 = add nsw i64 %col, 0
-  %60 = getelementptr inbounds float, ptr %58, i64 %59
-  store <8 x float> zeroinitializer, ptr %acc030, align 4
-  %61 = add nsw i64 %col, 8
-  %62 = getelementptr inbounds float, ptr %58, i64 %61
-  store <8 x float> zeroinitializer, ptr %acc031, align 4
-  %63 = add nsw i64 %r0, 4
+  %col = mul nsw i64 %kb.p, 16
+  %29 = add nsw i64 %r01, 0
+  %30 = mul nsw i64 %29, 3072
+  %31 = add nsw i64 %30, %k0
+  %32 = getelementptr inbounds float, ptr %h, i64 %31
+  %33 = getelementptr inbounds i32, ptr %rows, i64 %29
+  %34 = load i32, ptr %33, align 4
+  %35 = sext i32 %34 to i64
+  %36 = mul nsw i64 %35, 768
+  %37 = getelementptr inbounds float, ptr %y, i64 %36
+  %38 = add nsw i64 %col, 0
+  %39 = getelementptr inbounds float, ptr %37, i64 %38
+  %40 = load <8 x float>, ptr %39, align 4
+  %41 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %40
+  store <8 x float> %41, ptr %acc000, align 4
+  %42 = add nsw i64 %col, 8
+  %43 = getelementptr inbounds float, ptr %37, i64 %42
+  %44 = load <8 x float>, ptr %43, align 4
+  %45 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %44
+  store <8 x float> %45, ptr %acc001, align 4
+  %46 = add nsw i64 %r01, 1
+  %47 = mul nsw i64 %46, 3072
+  %48 = add nsw i64 %47, %k0
+  %49 = getelementptr inbounds float, ptr %h, i64 %48
+  %50 = getelementptr inbounds i32, ptr %rows, i64 %46
+  %51 = load i32, ptr %50, align 4
+  %52 = sext i32 %51 to i64
+  %53 = mul nsw i64 %52, 768
+  %54 = getelementptr inbounds float, ptr %y, i64 %53
+  %55 = add nsw i64 %col, 0
+  %56 = getelementptr inbounds float, ptr %54, i64 %55
+  %57 = load <8 x float>, ptr %56, align 4
+  %58 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %57
+  store <8 x float> %58, ptr %acc010, align 4
+  %59 = add nsw i64 %col, 8
+  %60 = getelementptr inbounds float, ptr %54, i64 %59
+  %61 = load <8 x float>, ptr %60, align 4
+  %62 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %61
+  store <8 x float> %62, ptr %acc011, align 4
+  %63 = add nsw i64 %r01, 2
   %64 = mul nsw i64 %63, 3072
-  %65 = getelementptr inbounds float, ptr %h, i64 %64
-  %66 = getelementptr inbounds i32, ptr %rows, i64 %63
-  %67 = load i32, ptr %66, align 4
-  %68 = sext i32 %67 to i64
-  %69 = mul nsw i64 %68, 768
-  %70 = getelementptr inbounds float, ptr %y, i64 %69
-  %71 = add nsw i64 %col, 0
-  %72 = getelementptr inbounds float, ptr %70, i64 %71
-  store <8 x float> zeroinitializer, ptr %acc040, align 4
-  %73 = add nsw i64 %col, 8
-  %74 = getelementptr inbounds float, ptr %70, i64 %73
-  store <8 x float> zeroinitializer, ptr %acc041, align 4
-  %75 = add nsw i64 %r0, 5
-  %76 = mul nsw i64 %75, 3072
-  %77 = getelementptr inbounds float, ptr %h, i64 %76
-  %78 = getelementptr inbounds i32, ptr %rows, i64 %75
-  %79 = load i32, ptr %78, align 4
-  %80 = sext i32 %79 to i64
-  %81 = mul nsw i64 %80, 768
-  %82 = getelementptr inbounds float, ptr %y, i64 %81
-  %83 = add nsw i64 %col, 0
-  %84 = getelementptr inbounds float, ptr %82, i64 %83
-  store <8 x float> zeroinitializer, ptr %acc050, align 4
-  %85 = add nsw i64 %col, 8
-  %86 = getelementptr inbounds float, ptr %82, i64 %85
-  store <8 x float> zeroinitializer, ptr %acc051, align 4
-  %panel.off = mul nsw i64 %p, 49152
-  %87 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
-  %88 = add nsw i64 %p, 1
-  %89 = icmp slt i64 %88, %p1
-  %pf.on1 = and i1 %pf.on, %89
-  %90 = mul nsw i64 %rb, 98304
-  %91 = lshr i64 %90, %12
-  %92 = add nsw i64 98304, %91
-  %93 = getelementptr inbounds i8, ptr %87, i64 %92
-  %pf = select i1 %pf.on1, ptr %93, ptr %87
-  %pf.sh = select i1 %pf.on1, i64 %12, i64 0
+  %65 = add nsw i64 %64, %k0
+  %66 = getelementptr inbounds float, ptr %h, i64 %65
+  %67 = getelementptr inbounds i32, ptr %rows, i64 %63
+  %68 = load i32, ptr %67, align 4
+  %69 = sext i32 %68 to i64
+  %70 = mul nsw i64 %69, 768
+  %71 = getelementptr inbounds float, ptr %y, i64 %70
+  %72 = add nsw i64 %col, 0
+  %73 = getelementptr inbounds float, ptr %71, i64 %72
+  %74 = load <8 x float>, ptr %73, align 4
+  %75 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %74
+  store <8 x float> %75, ptr %acc020, align 4
+  %76 = add nsw i64 %col, 8
+  %77 = getelementptr inbounds float, ptr %71, i64 %76
+  %78 = load <8 x float>, ptr %77, align 4
+  %79 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %78
+  store <8 x float> %79, ptr %acc021, align 4
+  %80 = add nsw i64 %r01, 3
+  %81 = mul nsw i64 %80, 3072
+  %82 = add nsw i64 %81, %k0
+  %83 = getelementptr inbounds float, ptr %h, i64 %82
+  %84 = getelementptr inbounds i32, ptr %rows, i64 %80
+  %85 = load i32, ptr %84, align 4
+  %86 = sext i32 %85 to i64
+  %87 = mul nsw i64 %86, 768
+  %88 = getelementptr inbounds float, ptr %y, i64 %87
+  %89 = add nsw i64 %col, 0
+  %90 = getelementptr inbounds float, ptr %88, i64 %89
+  %91 = load <8 x float>, ptr %90, align 4
+  %92 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %91
+  store <8 x float> %92, ptr %acc030, align 4
+  %93 = add nsw i64 %col, 8
+  %94 = getelementptr inbounds float, ptr %88, i64 %93
+  %95 = load <8 x float>, ptr %94, align 4
+  %96 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %95
+  store <8 x float> %96, ptr %acc031, align 4
+  %97 = add nsw i64 %r01, 4
+  %98 = mul nsw i64 %97, 3072
+  %99 = add nsw i64 %98, %k0
+  %100 = getelementptr inbounds float, ptr %h, i64 %99
+  %101 = getelementptr inbounds i32, ptr %rows, i64 %97
+  %102 = load i32, ptr %101, align 4
+  %103 = sext i32 %102 to i64
+  %104 = mul nsw i64 %103, 768
+  %105 = getelementptr inbounds float, ptr %y, i64 %104
+  %106 = add nsw i64 %col, 0
+  %107 = getelementptr inbounds float, ptr %105, i64 %106
+  %108 = load <8 x float>, ptr %107, align 4
+  %109 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %108
+  store <8 x float> %109, ptr %acc040, align 4
+  %110 = add nsw i64 %col, 8
+  %111 = getelementptr inbounds float, ptr %105, i64 %110
+  %112 = load <8 x float>, ptr %111, align 4
+  %113 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %112
+  store <8 x float> %113, ptr %acc041, align 4
+  %114 = add nsw i64 %r01, 5
+  %115 = mul nsw i64 %114, 3072
+  %116 = add nsw i64 %115, %k0
+  %117 = getelementptr inbounds float, ptr %h, i64 %116
+  %118 = getelementptr inbounds i32, ptr %rows, i64 %114
+  %119 = load i32, ptr %118, align 4
+  %120 = sext i32 %119 to i64
+  %121 = mul nsw i64 %120, 768
+  %122 = getelementptr inbounds float, ptr %y, i64 %121
+  %123 = add nsw i64 %col, 0
+  %124 = getelementptr inbounds float, ptr %122, i64 %123
+  %125 = load <8 x float>, ptr %124, align 4
+  %126 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %125
+  store <8 x float> %126, ptr %acc050, align 4
+  %127 = add nsw i64 %col, 8
+  %128 = getelementptr inbounds float, ptr %122, i64 %127
+  %129 = load <8 x float>, ptr %128, align 4
+  %130 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %129
+  store <8 x float> %130, ptr %acc051, align 4
+  %131 = mul nsw i64 %k0, 16
+  %132 = mul nsw i64 %kb.p, 49152
+  %panel.off = add nsw i64 %132, %131
+  %133 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %pf.on2 = and i1 %pf.on, %pf.next
+  %134 = mul nsw i64 %rb, 8192
+  %135 = lshr i64 %134, %26
+  %136 = add nsw i64 %pf.step, %135
+  %137 = getelementptr inbounds i8, ptr %133, i64 %136
+  %pf = select i1 %pf.on2, ptr %137, ptr %133
+  %pf.sh = select i1 %pf.on2, i64 %26, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %154, %pf.any.end ]
-  %94 = icmp slt i64 %k, 3072
-  br i1 %94, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %198, %pf.any.end ]
+  %138 = icmp slt i64 %k, 256
+  br i1 %138, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %95 = mul nsw i64 %k, 1
-  %96 = add nsw i64 %95, 0
-  %97 = mul nsw i64 %96, 32
+  %139 = mul nsw i64 %k, 1
+  %140 = add nsw i64 %139, 0
+  %141 = mul nsw i64 %140, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %98 = lshr i64 %97, %pf.sh
-  %99 = getelementptr inbounds i8, ptr %pf, i64 %98
-  call void @llvm.prefetch.p0(ptr %99, i32 0, i32 2, i32 1)
+  %142 = lshr i64 %141, %pf.sh
+  %143 = getelementptr inbounds i8, ptr %pf, i64 %142
+  call void @llvm.prefetch.p0(ptr %143, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %100 = mul nsw i64 %96, 16
-  %101 = add nsw i64 %panel.off, %100
-  %102 = getelementptr inbounds i16, ptr %panels, i64 %101
-  %103 = load <8 x i32>, ptr %102, align 4
-  %104 = shl <8 x i32> %103, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %104 to <8 x float>
-  %105 = and <8 x i32> %103, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %105 to <8 x float>
-  %106 = getelementptr inbounds float, ptr %17, i64 %96
-  %107 = load float, ptr %106, align 4
-  %108 = insertelement <8 x float> poison, float %107, i32 0
-  %109 = shufflevector <8 x float> %108, <8 x float> poison, <8 x i32> zeroinitializer
-  %110 = load <8 x float>, ptr %acc000, align 4
-  %111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b0, <8 x float> %110)
-  store <8 x float> %111, ptr %acc000, align 4
-  %112 = load <8 x float>, ptr %acc001, align 4
-  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %109, <8 x float> %b1, <8 x float> %112)
-  store <8 x float> %113, ptr %acc001, align 4
-  %114 = getelementptr inbounds float, ptr %29, i64 %96
-  %115 = load float, ptr %114, align 4
-  %116 = insertelement <8 x float> poison, float %115, i32 0
-  %117 = shufflevector <8 x float> %116, <8 x float> poison, <8 x i32> zeroinitializer
-  %118 = load <8 x float>, ptr %acc010, align 4
-  %119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %117, <8 x float> %b0, <8 x float> %118)
-  store <8 x float> %119, ptr %acc010, align 4
-  %120 = load <8 x float>, ptr %acc011, align 4
-  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %117, <8 x float> %b1, <8 x float> %120)
-  store <8 x float> %121, ptr %acc011, align 4
-  %122 = getelementptr inbounds float, ptr %41, i64 %96
-  %123 = load float, ptr %122, align 4
-  %124 = insertelement <8 x float> poison, float %123, i32 0
-  %125 = shufflevector <8 x float> %124, <8 x float> poison, <8 x i32> zeroinitializer
-  %126 = load <8 x float>, ptr %acc020, align 4
-  %127 = call <8 x float> @llvm.fma.v8f32(<8 x float> %125, <8 x float> %b0, <8 x float> %126)
-  store <8 x float> %127, ptr %acc020, align 4
-  %128 = load <8 x float>, ptr %acc021, align 4
-  %129 = call <8 x float> @llvm.fma.v8f32(<8 x float> %125, <8 x float> %b1, <8 x float> %128)
-  store <8 x float> %129, ptr %acc021, align 4
-  %130 = getelementptr inbounds float, ptr %53, i64 %96
-  %131 = load float, ptr %130, align 4
-  %132 = insertelement <8 x float> poison, float %131, i32 0
-  %133 = shufflevector <8 x float> %132, <8 x float> poison, <8 x i32> zeroinitializer
-  %134 = load <8 x float>, ptr %acc030, align 4
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> %b0, <8 x float> %134)
-  store <8 x float> %135, ptr %acc030, align 4
-  %136 = load <8 x float>, ptr %acc031, align 4
-  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %133, <8 x float> %b1, <8 x float> %136)
-  store <8 x float> %137, ptr %acc031, align 4
-  %138 = getelementptr inbounds float, ptr %65, i64 %96
-  %139 = load float, ptr %138, align 4
-  %140 = insertelement <8 x float> poison, float %139, i32 0
-  %141 = shufflevector <8 x float> %140, <8 x float> poison, <8 x i32> zeroinitializer
-  %142 = load <8 x float>, ptr %acc040, align 4
-  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %141, <8 x float> %b0, <8 x float> %142)
-  store <8 x float> %143, ptr %acc040, align 4
-  %144 = load <8 x float>, ptr %acc041, align 4
-  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %141, <8 x float> %b1, <8 x float> %144)
-  store <8 x float> %145, ptr %acc041, align 4
-  %146 = getelementptr inbounds float, ptr %77, i64 %96
-  %147 = load float, ptr %146, align 4
-  %148 = insertelement <8 x float> poison, float %147, i32 0
-  %149 = shufflevector <8 x float> %148, <8 x float> poison, <8 x i32> zeroinitializer
-  %150 = load <8 x float>, ptr %acc050, align 4
-  %151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> %b0, <8 x float> %150)
-  store <8 x float> %151, ptr %acc050, align 4
-  %152 = load <8 x float>, ptr %acc051, align 4
-  %153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %149, <8 x float> %b1, <8 x float> %152)
-  store <8 x float> %153, ptr %acc051, align 4
-  %154 = add nsw i64 %k, 1
+  %144 = mul nsw i64 %140, 16
+  %145 = add nsw i64 %panel.off, %144
+  %146 = getelementptr inbounds i16, ptr %panels, i64 %145
+  %147 = load <8 x i32>, ptr %146, align 4
+  %148 = shl <8 x i32> %147, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %148 to <8 x float>
+  %149 = and <8 x i32> %147, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %149 to <8 x float>
+  %150 = getelementptr inbounds float, ptr %32, i64 %140
+  %151 = load float, ptr %150, align 4
+  %152 = insertelement <8 x float> poison, float %151, i32 0
+  %153 = shufflevector <8 x float> %152, <8 x float> poison, <8 x i32> zeroinitializer
+  %154 = load <8 x float>, ptr %acc000, align 4
+  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> %b0, <8 x float> %154)
+  store <8 x float> %155, ptr %acc000, align 4
+  %156 = load <8 x float>, ptr %acc001, align 4
+  %157 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> %b1, <8 x float> %156)
+  store <8 x float> %157, ptr %acc001, align 4
+  %158 = getelementptr inbounds float, ptr %49, i64 %140
+  %159 = load float, ptr %158, align 4
+  %160 = insertelement <8 x float> poison, float %159, i32 0
+  %161 = shufflevector <8 x float> %160, <8 x float> poison, <8 x i32> zeroinitializer
+  %162 = load <8 x float>, ptr %acc010, align 4
+  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> %b0, <8 x float> %162)
+  store <8 x float> %163, ptr %acc010, align 4
+  %164 = load <8 x float>, ptr %acc011, align 4
+  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> %b1, <8 x float> %164)
+  store <8 x float> %165, ptr %acc011, align 4
+  %166 = getelementptr inbounds float, ptr %66, i64 %140
+  %167 = load float, ptr %166, align 4
+  %168 = insertelement <8 x float> poison, float %167, i32 0
+  %169 = shufflevector <8 x float> %168, <8 x float> poison, <8 x i32> zeroinitializer
+  %170 = load <8 x float>, ptr %acc020, align 4
+  %171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %b0, <8 x float> %170)
+  store <8 x float> %171, ptr %acc020, align 4
+  %172 = load <8 x float>, ptr %acc021, align 4
+  %173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %b1, <8 x float> %172)
+  store <8 x float> %173, ptr %acc021, align 4
+  %174 = getelementptr inbounds float, ptr %83, i64 %140
+  %175 = load float, ptr %174, align 4
+  %176 = insertelement <8 x float> poison, float %175, i32 0
+  %177 = shufflevector <8 x float> %176, <8 x float> poison, <8 x i32> zeroinitializer
+  %178 = load <8 x float>, ptr %acc030, align 4
+  %179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> %b0, <8 x float> %178)
+  store <8 x float> %179, ptr %acc030, align 4
+  %180 = load <8 x float>, ptr %acc031, align 4
+  %181 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> %b1, <8 x float> %180)
+  store <8 x float> %181, ptr %acc031, align 4
+  %182 = getelementptr inbounds float, ptr %100, i64 %140
+  %183 = load float, ptr %182, align 4
+  %184 = insertelement <8 x float> poison, float %183, i32 0
+  %185 = shufflevector <8 x float> %184, <8 x float> poison, <8 x i32> zeroinitializer
+  %186 = load <8 x float>, ptr %acc040, align 4
+  %187 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> %b0, <8 x float> %186)
+  store <8 x float> %187, ptr %acc040, align 4
+  %188 = load <8 x float>, ptr %acc041, align 4
+  %189 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> %b1, <8 x float> %188)
+  store <8 x float> %189, ptr %acc041, align 4
+  %190 = getelementptr inbounds float, ptr %117, i64 %140
+  %191 = load float, ptr %190, align 4
+  %192 = insertelement <8 x float> poison, float %191, i32 0
+  %193 = shufflevector <8 x float> %192, <8 x float> poison, <8 x i32> zeroinitializer
+  %194 = load <8 x float>, ptr %acc050, align 4
+  %195 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> %b0, <8 x float> %194)
+  store <8 x float> %195, ptr %acc050, align 4
+  %196 = load <8 x float>, ptr %acc051, align 4
+  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> %b1, <8 x float> %196)
+  store <8 x float> %197, ptr %acc051, align 4
+  %198 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %155 = load <8 x float>, ptr %acc000, align 4
-  store <8 x float> %155, ptr %24, align 4
-  %156 = load <8 x float>, ptr %acc001, align 4
-  store <8 x float> %156, ptr %26, align 4
-  %157 = load <8 x float>, ptr %acc010, align 4
-  store <8 x float> %157, ptr %36, align 4
-  %158 = load <8 x float>, ptr %acc011, align 4
-  store <8 x float> %158, ptr %38, align 4
-  %159 = load <8 x float>, ptr %acc020, align 4
-  store <8 x float> %159, ptr %48, align 4
-  %160 = load <8 x float>, ptr %acc021, align 4
-  store <8 x float> %160, ptr %50, align 4
-  %161 = load <8 x float>, ptr %acc030, align 4
-  store <8 x float> %161, ptr %60, align 4
-  %162 = load <8 x float>, ptr %acc031, align 4
-  store <8 x float> %162, ptr %62, align 4
-  %163 = load <8 x float>, ptr %acc040, align 4
-  store <8 x float> %163, ptr %72, align 4
-  %164 = load <8 x float>, ptr %acc041, align 4
-  store <8 x float> %164, ptr %74, align 4
-  %165 = load <8 x float>, ptr %acc050, align 4
-  store <8 x float> %165, ptr %84, align 4
-  %166 = load <8 x float>, ptr %acc051, align 4
-  store <8 x float> %166, ptr %86, align 4
+  %199 = load <8 x float>, ptr %acc000, align 4
+  store <8 x float> %199, ptr %39, align 4
+  %200 = load <8 x float>, ptr %acc001, align 4
+  store <8 x float> %200, ptr %43, align 4
+  %201 = load <8 x float>, ptr %acc010, align 4
+  store <8 x float> %201, ptr %56, align 4
+  %202 = load <8 x float>, ptr %acc011, align 4
+  store <8 x float> %202, ptr %60, align 4
+  %203 = load <8 x float>, ptr %acc020, align 4
+  store <8 x float> %203, ptr %73, align 4
+  %204 = load <8 x float>, ptr %acc021, align 4
+  store <8 x float> %204, ptr %77, align 4
+  %205 = load <8 x float>, ptr %acc030, align 4
+  store <8 x float> %205, ptr %90, align 4
+  %206 = load <8 x float>, ptr %acc031, align 4
+  store <8 x float> %206, ptr %94, align 4
+  %207 = load <8 x float>, ptr %acc040, align 4
+  store <8 x float> %207, ptr %107, align 4
+  %208 = load <8 x float>, ptr %acc041, align 4
+  store <8 x float> %208, ptr %111, align 4
+  %209 = load <8 x float>, ptr %acc050, align 4
+  store <8 x float> %209, ptr %124, align 4
+  %210 = load <8 x float>, ptr %acc051, align 4
+  store <8 x float> %210, ptr %128, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
-  %col2 = mul nsw i64 %p, 16
-  %167 = add nsw i64 %r0, 0
-  %168 = mul nsw i64 %167, 3072
-  %169 = getelementptr inbounds float, ptr %h, i64 %168
-  %170 = getelementptr inbounds i32, ptr %rows, i64 %167
-  %171 = load i32, ptr %170, align 4
-  %172 = sext i32 %171 to i64
-  %173 = mul nsw i64 %172, 768
-  %174 = getelementptr inbounds float, ptr %y, i64 %173
-  %175 = add nsw i64 %col2, 0
-  %176 = getelementptr inbounds float, ptr %174, i64 %175
-  store <8 x float> zeroinitializer, ptr %acc0003, align 4
-  %177 = add nsw i64 %col2, 8
-  %178 = getelementptr inbounds float, ptr %174, i64 %177
-  store <8 x float> zeroinitializer, ptr %acc0014, align 4
-  %179 = add nsw i64 %r0, 1
-  %180 = mul nsw i64 %179, 3072
-  %181 = getelementptr inbounds float, ptr %h, i64 %180
-  %182 = getelementptr inbounds i32, ptr %rows, i64 %179
-  %183 = load i32, ptr %182, align 4
-  %184 = sext i32 %183 to i64
-  %185 = mul nsw i64 %184, 768
-  %186 = getelementptr inbounds float, ptr %y, i64 %185
-  %187 = add nsw i64 %col2, 0
-  %188 = getelementptr inbounds float, ptr %186, i64 %187
-  store <8 x float> zeroinitializer, ptr %acc0105, align 4
-  %189 = add nsw i64 %col2, 8
-  %190 = getelementptr inbounds float, ptr %186, i64 %189
-  store <8 x float> zeroinitializer, ptr %acc0116, align 4
-  %191 = add nsw i64 %r0, 2
-  %192 = mul nsw i64 %191, 3072
-  %193 = getelementptr inbounds float, ptr %h, i64 %192
-  %194 = getelementptr inbounds i32, ptr %rows, i64 %191
-  %195 = load i32, ptr %194, align 4
-  %196 = sext i32 %195 to i64
-  %197 = mul nsw i64 %196, 768
-  %198 = getelementptr inbounds float, ptr %y, i64 %197
-  %199 = add nsw i64 %col2, 0
-  %200 = getelementptr inbounds float, ptr %198, i64 %199
-  store <8 x float> zeroinitializer, ptr %acc0207, align 4
-  %201 = add nsw i64 %col2, 8
-  %202 = getelementptr inbounds float, ptr %198, i64 %201
-  store <8 x float> zeroinitializer, ptr %acc0218, align 4
-  %203 = add nsw i64 %r0, 3
-  %204 = mul nsw i64 %203, 3072
-  %205 = getelementptr inbounds float, ptr %h, i64 %204
-  %206 = getelementptr inbounds i32, ptr %rows, i64 %203
-  %207 = load i32, ptr %206, align 4
-  %208 = sext i32 %207 to i64
-  %209 = mul nsw i64 %208, 768
-  %210 = getelementptr inbounds float, ptr %y, i64 %209
-  %211 = add nsw i64 %col2, 0
-  %212 = getelementptr inbounds float, ptr %210, i64 %211
-  store <8 x float> zeroinitializer, ptr %acc0309, align 4
-  %213 = add nsw i64 %col2, 8
-  %214 = getelementptr inbounds float, ptr %210, i64 %213
-  store <8 x float> zeroinitializer, ptr %acc03110, align 4
-  %215 = add nsw i64 %r0, 4
-  %216 = mul nsw i64 %215, 3072
-  %217 = getelementptr inbounds float, ptr %h, i64 %216
-  %218 = getelementptr inbounds i32, ptr %rows, i64 %215
-  %219 = load i32, ptr %218, align 4
-  %220 = sext i32 %219 to i64
-  %221 = mul nsw i64 %220, 768
-  %222 = getelementptr inbounds float, ptr %y, i64 %221
-  %223 = add nsw i64 %col2, 0
-  %224 = getelementptr inbounds float, ptr %222, i64 %223
-  store <8 x float> zeroinitializer, ptr %acc04011, align 4
-  %225 = add nsw i64 %col2, 8
-  %226 = getelementptr inbounds float, ptr %222, i64 %225
-  store <8 x float> zeroinitializer, ptr %acc04112, align 4
-  %panel.off13 = mul nsw i64 %p, 49152
-  %227 = getelementptr inbounds i16, ptr %panels, i64 %panel.off13
-  %228 = add nsw i64 %p, 1
-  %229 = icmp slt i64 %228, %p1
-  %pf.on14 = and i1 %pf.on, %229
-  %230 = mul nsw i64 %rb, 98304
-  %231 = lshr i64 %230, %12
-  %232 = add nsw i64 98304, %231
-  %233 = getelementptr inbounds i8, ptr %227, i64 %232
-  %pf15 = select i1 %pf.on14, ptr %233, ptr %227
-  %pf.sh16 = select i1 %pf.on14, i64 %12, i64 0
-  br label %k.head17
+  %col3 = mul nsw i64 %kb.p, 16
+  %211 = add nsw i64 %r01, 0
+  %212 = mul nsw i64 %211, 3072
+  %213 = add nsw i64 %212, %k0
+  %214 = getelementptr inbounds float, ptr %h, i64 %213
+  %215 = getelementptr inbounds i32, ptr %rows, i64 %211
+  %216 = load i32, ptr %215, align 4
+  %217 = sext i32 %216 to i64
+  %218 = mul nsw i64 %217, 768
+  %219 = getelementptr inbounds float, ptr %y, i64 %218
+  %220 = add nsw i64 %col3, 0
+  %221 = getelementptr inbounds float, ptr %219, i64 %220
+  %222 = load <8 x float>, ptr %221, align 4
+  %223 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %222
+  store <8 x float> %223, ptr %acc0004, align 4
+  %224 = add nsw i64 %col3, 8
+  %225 = getelementptr inbounds float, ptr %219, i64 %224
+  %226 = load <8 x float>, ptr %225, align 4
+  %227 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %226
+  store <8 x float> %227, ptr %acc0015, align 4
+  %228 = add nsw i64 %r01, 1
+  %229 = mul nsw i64 %228, 3072
+  %230 = add nsw i64 %229, %k0
+  %231 = getelementptr inbounds float, ptr %h, i64 %230
+  %232 = getelementptr inbounds i32, ptr %rows, i64 %228
+  %233 = load i32, ptr %232, align 4
+  %234 = sext i32 %233 to i64
+  %235 = mul nsw i64 %234, 768
+  %236 = getelementptr inbounds float, ptr %y, i64 %235
+  %237 = add nsw i64 %col3, 0
+  %238 = getelementptr inbounds float, ptr %236, i64 %237
+  %239 = load <8 x float>, ptr %238, align 4
+  %240 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %239
+  store <8 x float> %240, ptr %acc0106, align 4
+  %241 = add nsw i64 %col3, 8
+  %242 = getelementptr inbounds float, ptr %236, i64 %241
+  %243 = load <8 x float>, ptr %242, align 4
+  %244 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %243
+  store <8 x float> %244, ptr %acc0117, align 4
+  %245 = add nsw i64 %r01, 2
+  %246 = mul nsw i64 %245, 3072
+  %247 = add nsw i64 %246, %k0
+  %248 = getelementptr inbounds float, ptr %h, i64 %247
+  %249 = getelementptr inbounds i32, ptr %rows, i64 %245
+  %250 = load i32, ptr %249, align 4
+  %251 = sext i32 %250 to i64
+  %252 = mul nsw i64 %251, 768
+  %253 = getelementptr inbounds float, ptr %y, i64 %252
+  %254 = add nsw i64 %col3, 0
+  %255 = getelementptr inbounds float, ptr %253, i64 %254
+  %256 = load <8 x float>, ptr %255, align 4
+  %257 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %256
+  store <8 x float> %257, ptr %acc0208, align 4
+  %258 = add nsw i64 %col3, 8
+  %259 = getelementptr inbounds float, ptr %253, i64 %258
+  %260 = load <8 x float>, ptr %259, align 4
+  %261 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %260
+  store <8 x float> %261, ptr %acc0219, align 4
+  %262 = add nsw i64 %r01, 3
+  %263 = mul nsw i64 %262, 3072
+  %264 = add nsw i64 %263, %k0
+  %265 = getelementptr inbounds float, ptr %h, i64 %264
+  %266 = getelementptr inbounds i32, ptr %rows, i64 %262
+  %267 = load i32, ptr %266, align 4
+  %268 = sext i32 %267 to i64
+  %269 = mul nsw i64 %268, 768
+  %270 = getelementptr inbounds float, ptr %y, i64 %269
+  %271 = add nsw i64 %col3, 0
+  %272 = getelementptr inbounds float, ptr %270, i64 %271
+  %273 = load <8 x float>, ptr %272, align 4
+  %274 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %273
+  store <8 x float> %274, ptr %acc03010, align 4
+  %275 = add nsw i64 %col3, 8
+  %276 = getelementptr inbounds float, ptr %270, i64 %275
+  %277 = load <8 x float>, ptr %276, align 4
+  %278 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %277
+  store <8 x float> %278, ptr %acc03111, align 4
+  %279 = add nsw i64 %r01, 4
+  %280 = mul nsw i64 %279, 3072
+  %281 = add nsw i64 %280, %k0
+  %282 = getelementptr inbounds float, ptr %h, i64 %281
+  %283 = getelementptr inbounds i32, ptr %rows, i64 %279
+  %284 = load i32, ptr %283, align 4
+  %285 = sext i32 %284 to i64
+  %286 = mul nsw i64 %285, 768
+  %287 = getelementptr inbounds float, ptr %y, i64 %286
+  %288 = add nsw i64 %col3, 0
+  %289 = getelementptr inbounds float, ptr %287, i64 %288
+  %290 = load <8 x float>, ptr %289, align 4
+  %291 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %290
+  store <8 x float> %291, ptr %acc04012, align 4
+  %292 = add nsw i64 %col3, 8
+  %293 = getelementptr inbounds float, ptr %287, i64 %292
+  %294 = load <8 x float>, ptr %293, align 4
+  %295 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %294
+  store <8 x float> %295, ptr %acc04113, align 4
+  %296 = mul nsw i64 %k0, 16
+  %297 = mul nsw i64 %kb.p, 49152
+  %panel.off14 = add nsw i64 %297, %296
+  %298 = getelementptr inbounds i16, ptr %panels, i64 %panel.off14
+  %pf.on15 = and i1 %pf.on, %pf.next
+  %299 = mul nsw i64 %rb, 8192
+  %300 = lshr i64 %299, %26
+  %301 = add nsw i64 %pf.step, %300
+  %302 = getelementptr inbounds i8, ptr %298, i64 %301
+  %pf16 = select i1 %pf.on15, ptr %302, ptr %298
+  %pf.sh17 = select i1 %pf.on15, i64 %26, i64 0
+  br label %k.head18
 
-k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %286, %pf.any.end22 ]
-  %234 = icmp slt i64 %k20, 3072
-  br i1 %234, label %k.body18, label %k.end19
+k.head18:                                         ; preds = %pf.any.end23, %tile.mr5
+  %k21 = phi i64 [ 0, %tile.mr5 ], [ %355, %pf.any.end23 ]
+  %303 = icmp slt i64 %k21, 256
+  br i1 %303, label %k.body19, label %k.end20
 
-k.body18:                                         ; preds = %k.head17
-  %235 = mul nsw i64 %k20, 1
-  %236 = add nsw i64 %235, 0
-  %237 = mul nsw i64 %236, 32
-  br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
+k.body19:                                         ; preds = %k.head18
+  %304 = mul nsw i64 %k21, 1
+  %305 = add nsw i64 %304, 0
+  %306 = mul nsw i64 %305, 32
+  br i1 %pf.multi, label %pf.any.then22, label %pf.any.end23
 
-pf.any.then21:                                    ; preds = %k.body18
-  %238 = lshr i64 %237, %pf.sh16
-  %239 = getelementptr inbounds i8, ptr %pf15, i64 %238
-  call void @llvm.prefetch.p0(ptr %239, i32 0, i32 2, i32 1)
-  br label %pf.any.end22
+pf.any.then22:                                    ; preds = %k.body19
+  %307 = lshr i64 %306, %pf.sh17
+  %308 = getelementptr inbounds i8, ptr %pf16, i64 %307
+  call void @llvm.prefetch.p0(ptr %308, i32 0, i32 2, i32 1)
+  br label %pf.any.end23
 
-pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
-  %240 = mul nsw i64 %236, 16
-  %241 = add nsw i64 %panel.off13, %240
-  %242 = getelementptr inbounds i16, ptr %panels, i64 %241
-  %243 = load <8 x i32>, ptr %242, align 4
-  %244 = shl <8 x i32> %243, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b023 = bitcast <8 x i32> %244 to <8 x float>
-  %245 = and <8 x i32> %243, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b124 = bitcast <8 x i32> %245 to <8 x float>
-  %246 = getelementptr inbounds float, ptr %169, i64 %236
-  %247 = load float, ptr %246, align 4
-  %248 = insertelement <8 x float> poison, float %247, i32 0
-  %249 = shufflevector <8 x float> %248, <8 x float> poison, <8 x i32> zeroinitializer
-  %250 = load <8 x float>, ptr %acc0003, align 4
-  %251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %249, <8 x float> %b023, <8 x float> %250)
-  store <8 x float> %251, ptr %acc0003, align 4
-  %252 = load <8 x float>, ptr %acc0014, align 4
-  %253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %249, <8 x float> %b124, <8 x float> %252)
-  store <8 x float> %253, ptr %acc0014, align 4
-  %254 = getelementptr inbounds float, ptr %181, i64 %236
-  %255 = load float, ptr %254, align 4
-  %256 = insertelement <8 x float> poison, float %255, i32 0
-  %257 = shufflevector <8 x float> %256, <8 x float> poison, <8 x i32> zeroinitializer
-  %258 = load <8 x float>, ptr %acc0105, align 4
-  %259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %257, <8 x float> %b023, <8 x float> %258)
-  store <8 x float> %259, ptr %acc0105, align 4
-  %260 = load <8 x float>, ptr %acc0116, align 4
-  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %257, <8 x float> %b124, <8 x float> %260)
-  store <8 x float> %261, ptr %acc0116, align 4
-  %262 = getelementptr inbounds float, ptr %193, i64 %236
-  %263 = load float, ptr %262, align 4
-  %264 = insertelement <8 x float> poison, float %263, i32 0
-  %265 = shufflevector <8 x float> %264, <8 x float> poison, <8 x i32> zeroinitializer
-  %266 = load <8 x float>, ptr %acc0207, align 4
-  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %b023, <8 x float> %266)
-  store <8 x float> %267, ptr %acc0207, align 4
-  %268 = load <8 x float>, ptr %acc0218, align 4
-  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %b124, <8 x float> %268)
-  store <8 x float> %269, ptr %acc0218, align 4
-  %270 = getelementptr inbounds float, ptr %205, i64 %236
-  %271 = load float, ptr %270, align 4
-  %272 = insertelement <8 x float> poison, float %271, i32 0
-  %273 = shufflevector <8 x float> %272, <8 x float> poison, <8 x i32> zeroinitializer
-  %274 = load <8 x float>, ptr %acc0309, align 4
-  %275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> %b023, <8 x float> %274)
-  store <8 x float> %275, ptr %acc0309, align 4
-  %276 = load <8 x float>, ptr %acc03110, align 4
-  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> %b124, <8 x float> %276)
-  store <8 x float> %277, ptr %acc03110, align 4
-  %278 = getelementptr inbounds float, ptr %217, i64 %236
-  %279 = load float, ptr %278, align 4
-  %280 = insertelement <8 x float> poison, float %279, i32 0
-  %281 = shufflevector <8 x float> %280, <8 x float> poison, <8 x i32> zeroinitializer
-  %282 = load <8 x float>, ptr %acc04011, align 4
-  %283 = call <8 x float> @llvm.fma.v8f32(<8 x float> %281, <8 x float> %b023, <8 x float> %282)
-  store <8 x float> %283, ptr %acc04011, align 4
-  %284 = load <8 x float>, ptr %acc04112, align 4
-  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %281, <8 x float> %b124, <8 x float> %284)
-  store <8 x float> %285, ptr %acc04112, align 4
-  %286 = add nsw i64 %k20, 1
-  br label %k.head17
+pf.any.end23:                                     ; preds = %pf.any.then22, %k.body19
+  %309 = mul nsw i64 %305, 16
+  %310 = add nsw i64 %panel.off14, %309
+  %311 = getelementptr inbounds i16, ptr %panels, i64 %310
+  %312 = load <8 x i32>, ptr %311, align 4
+  %313 = shl <8 x i32> %312, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b024 = bitcast <8 x i32> %313 to <8 x float>
+  %314 = and <8 x i32> %312, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b125 = bitcast <8 x i32> %314 to <8 x float>
+  %315 = getelementptr inbounds float, ptr %214, i64 %305
+  %316 = load float, ptr %315, align 4
+  %317 = insertelement <8 x float> poison, float %316, i32 0
+  %318 = shufflevector <8 x float> %317, <8 x float> poison, <8 x i32> zeroinitializer
+  %319 = load <8 x float>, ptr %acc0004, align 4
+  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b024, <8 x float> %319)
+  store <8 x float> %320, ptr %acc0004, align 4
+  %321 = load <8 x float>, ptr %acc0015, align 4
+  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b125, <8 x float> %321)
+  store <8 x float> %322, ptr %acc0015, align 4
+  %323 = getelementptr inbounds float, ptr %231, i64 %305
+  %324 = load float, ptr %323, align 4
+  %325 = insertelement <8 x float> poison, float %324, i32 0
+  %326 = shufflevector <8 x float> %325, <8 x float> poison, <8 x i32> zeroinitializer
+  %327 = load <8 x float>, ptr %acc0106, align 4
+  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b024, <8 x float> %327)
+  store <8 x float> %328, ptr %acc0106, align 4
+  %329 = load <8 x float>, ptr %acc0117, align 4
+  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b125, <8 x float> %329)
+  store <8 x float> %330, ptr %acc0117, align 4
+  %331 = getelementptr inbounds float, ptr %248, i64 %305
+  %332 = load float, ptr %331, align 4
+  %333 = insertelement <8 x float> poison, float %332, i32 0
+  %334 = shufflevector <8 x float> %333, <8 x float> poison, <8 x i32> zeroinitializer
+  %335 = load <8 x float>, ptr %acc0208, align 4
+  %336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %b024, <8 x float> %335)
+  store <8 x float> %336, ptr %acc0208, align 4
+  %337 = load <8 x float>, ptr %acc0219, align 4
+  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %b125, <8 x float> %337)
+  store <8 x float> %338, ptr %acc0219, align 4
+  %339 = getelementptr inbounds float, ptr %265, i64 %305
+  %340 = load float, ptr %339, align 4
+  %341 = insertelement <8 x float> poison, float %340, i32 0
+  %342 = shufflevector <8 x float> %341, <8 x float> poison, <8 x i32> zeroinitializer
+  %343 = load <8 x float>, ptr %acc03010, align 4
+  %344 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %b024, <8 x float> %343)
+  store <8 x float> %344, ptr %acc03010, align 4
+  %345 = load <8 x float>, ptr %acc03111, align 4
+  %346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %b125, <8 x float> %345)
+  store <8 x float> %346, ptr %acc03111, align 4
+  %347 = getelementptr inbounds float, ptr %282, i64 %305
+  %348 = load float, ptr %347, align 4
+  %349 = insertelement <8 x float> poison, float %348, i32 0
+  %350 = shufflevector <8 x float> %349, <8 x float> poison, <8 x i32> zeroinitializer
+  %351 = load <8 x float>, ptr %acc04012, align 4
+  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b024, <8 x float> %351)
+  store <8 x float> %352, ptr %acc04012, align 4
+  %353 = load <8 x float>, ptr %acc04113, align 4
+  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b125, <8 x float> %353)
+  store <8 x float> %354, ptr %acc04113, align 4
+  %355 = add nsw i64 %k21, 1
+  br label %k.head18
 
-k.end19:                                          ; preds = %k.head17
-  %287 = load <8 x float>, ptr %acc0003, align 4
-  store <8 x float> %287, ptr %176, align 4
-  %288 = load <8 x float>, ptr %acc0014, align 4
-  store <8 x float> %288, ptr %178, align 4
-  %289 = load <8 x float>, ptr %acc0105, align 4
-  store <8 x float> %289, ptr %188, align 4
-  %290 = load <8 x float>, ptr %acc0116, align 4
-  store <8 x float> %290, ptr %190, align 4
-  %291 = load <8 x float>, ptr %acc0207, align 4
-  store <8 x float> %291, ptr %200, align 4
-  %292 = load <8 x float>, ptr %acc0218, align 4
-  store <8 x float> %292, ptr %202, align 4
-  %293 = load <8 x float>, ptr %acc0309, align 4
-  store <8 x float> %293, ptr %212, align 4
-  %294 = load <8 x float>, ptr %acc03110, align 4
-  store <8 x float> %294, ptr %214, align 4
-  %295 = load <8 x float>, ptr %acc04011, align 4
-  store <8 x float> %295, ptr %224, align 4
-  %296 = load <8 x float>, ptr %acc04112, align 4
-  store <8 x float> %296, ptr %226, align 4
+k.end20:                                          ; preds = %k.head18
+  %356 = load <8 x float>, ptr %acc0004, align 4
+  store <8 x float> %356, ptr %221, align 4
+  %357 = load <8 x float>, ptr %acc0015, align 4
+  store <8 x float> %357, ptr %225, align 4
+  %358 = load <8 x float>, ptr %acc0106, align 4
+  store <8 x float> %358, ptr %238, align 4
+  %359 = load <8 x float>, ptr %acc0117, align 4
+  store <8 x float> %359, ptr %242, align 4
+  %360 = load <8 x float>, ptr %acc0208, align 4
+  store <8 x float> %360, ptr %255, align 4
+  %361 = load <8 x float>, ptr %acc0219, align 4
+  store <8 x float> %361, ptr %259, align 4
+  %362 = load <8 x float>, ptr %acc03010, align 4
+  store <8 x float> %362, ptr %272, align 4
+  %363 = load <8 x float>, ptr %acc03111, align 4
+  store <8 x float> %363, ptr %276, align 4
+  %364 = load <8 x float>, ptr %acc04012, align 4
+  store <8 x float> %364, ptr %289, align 4
+  %365 = load <8 x float>, ptr %acc04113, align 4
+  store <8 x float> %365, ptr %293, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
-  %col25 = mul nsw i64 %p, 16
-  %297 = add nsw i64 %r0, 0
-  %298 = mul nsw i64 %297, 3072
-  %299 = getelementptr inbounds float, ptr %h, i64 %298
-  %300 = getelementptr inbounds i32, ptr %rows, i64 %297
-  %301 = load i32, ptr %300, align 4
-  %302 = sext i32 %301 to i64
-  %303 = mul nsw i64 %302, 768
-  %304 = getelementptr inbounds float, ptr %y, i64 %303
-  %305 = add nsw i64 %col25, 0
-  %306 = getelementptr inbounds float, ptr %304, i64 %305
-  store <8 x float> zeroinitializer, ptr %acc00026, align 4
-  %307 = add nsw i64 %col25, 8
-  %308 = getelementptr inbounds float, ptr %304, i64 %307
-  store <8 x float> zeroinitializer, ptr %acc00127, align 4
-  %309 = add nsw i64 %r0, 1
-  %310 = mul nsw i64 %309, 3072
-  %311 = getelementptr inbounds float, ptr %h, i64 %310
-  %312 = getelementptr inbounds i32, ptr %rows, i64 %309
-  %313 = load i32, ptr %312, align 4
-  %314 = sext i32 %313 to i64
-  %315 = mul nsw i64 %314, 768
-  %316 = getelementptr inbounds float, ptr %y, i64 %315
-  %317 = add nsw i64 %col25, 0
-  %318 = getelementptr inbounds float, ptr %316, i64 %317
-  store <8 x float> zeroinitializer, ptr %acc01028, align 4
-  %319 = add nsw i64 %col25, 8
-  %320 = getelementptr inbounds float, ptr %316, i64 %319
-  store <8 x float> zeroinitializer, ptr %acc01129, align 4
-  %321 = add nsw i64 %r0, 2
-  %322 = mul nsw i64 %321, 3072
-  %323 = getelementptr inbounds float, ptr %h, i64 %322
-  %324 = getelementptr inbounds i32, ptr %rows, i64 %321
-  %325 = load i32, ptr %324, align 4
-  %326 = sext i32 %325 to i64
-  %327 = mul nsw i64 %326, 768
-  %328 = getelementptr inbounds float, ptr %y, i64 %327
-  %329 = add nsw i64 %col25, 0
-  %330 = getelementptr inbounds float, ptr %328, i64 %329
-  store <8 x float> zeroinitializer, ptr %acc02030, align 4
-  %331 = add nsw i64 %col25, 8
-  %332 = getelementptr inbounds float, ptr %328, i64 %331
-  store <8 x float> zeroinitializer, ptr %acc02131, align 4
-  %333 = add nsw i64 %r0, 3
-  %334 = mul nsw i64 %333, 3072
-  %335 = getelementptr inbounds float, ptr %h, i64 %334
-  %336 = getelementptr inbounds i32, ptr %rows, i64 %333
-  %337 = load i32, ptr %336, align 4
-  %338 = sext i32 %337 to i64
-  %339 = mul nsw i64 %338, 768
-  %340 = getelementptr inbounds float, ptr %y, i64 %339
-  %341 = add nsw i64 %col25, 0
-  %342 = getelementptr inbounds float, ptr %340, i64 %341
-  store <8 x float> zeroinitializer, ptr %acc03032, align 4
-  %343 = add nsw i64 %col25, 8
-  %344 = getelementptr inbounds float, ptr %340, i64 %343
-  store <8 x float> zeroinitializer, ptr %acc03133, align 4
-  %panel.off34 = mul nsw i64 %p, 49152
-  %345 = getelementptr inbounds i16, ptr %panels, i64 %panel.off34
-  %346 = add nsw i64 %p, 1
-  %347 = icmp slt i64 %346, %p1
-  %pf.on35 = and i1 %pf.on, %347
-  %348 = mul nsw i64 %rb, 98304
-  %349 = lshr i64 %348, %12
-  %350 = add nsw i64 98304, %349
-  %351 = getelementptr inbounds i8, ptr %345, i64 %350
-  %pf36 = select i1 %pf.on35, ptr %351, ptr %345
-  %pf.sh37 = select i1 %pf.on35, i64 %12, i64 0
-  br label %k.head38
+  %col26 = mul nsw i64 %kb.p, 16
+  %366 = add nsw i64 %r01, 0
+  %367 = mul nsw i64 %366, 3072
+  %368 = add nsw i64 %367, %k0
+  %369 = getelementptr inbounds float, ptr %h, i64 %368
+  %370 = getelementptr inbounds i32, ptr %rows, i64 %366
+  %371 = load i32, ptr %370, align 4
+  %372 = sext i32 %371 to i64
+  %373 = mul nsw i64 %372, 768
+  %374 = getelementptr inbounds float, ptr %y, i64 %373
+  %375 = add nsw i64 %col26, 0
+  %376 = getelementptr inbounds float, ptr %374, i64 %375
+  %377 = load <8 x float>, ptr %376, align 4
+  %378 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %377
+  store <8 x float> %378, ptr %acc00027, align 4
+  %379 = add nsw i64 %col26, 8
+  %380 = getelementptr inbounds float, ptr %374, i64 %379
+  %381 = load <8 x float>, ptr %380, align 4
+  %382 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %381
+  store <8 x float> %382, ptr %acc00128, align 4
+  %383 = add nsw i64 %r01, 1
+  %384 = mul nsw i64 %383, 3072
+  %385 = add nsw i64 %384, %k0
+  %386 = getelementptr inbounds float, ptr %h, i64 %385
+  %387 = getelementptr inbounds i32, ptr %rows, i64 %383
+  %388 = load i32, ptr %387, align 4
+  %389 = sext i32 %388 to i64
+  %390 = mul nsw i64 %389, 768
+  %391 = getelementptr inbounds float, ptr %y, i64 %390
+  %392 = add nsw i64 %col26, 0
+  %393 = getelementptr inbounds float, ptr %391, i64 %392
+  %394 = load <8 x float>, ptr %393, align 4
+  %395 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %394
+  store <8 x float> %395, ptr %acc01029, align 4
+  %396 = add nsw i64 %col26, 8
+  %397 = getelementptr inbounds float, ptr %391, i64 %396
+  %398 = load <8 x float>, ptr %397, align 4
+  %399 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %398
+  store <8 x float> %399, ptr %acc01130, align 4
+  %400 = add nsw i64 %r01, 2
+  %401 = mul nsw i64 %400, 3072
+  %402 = add nsw i64 %401, %k0
+  %403 = getelementptr inbounds float, ptr %h, i64 %402
+  %404 = getelementptr inbounds i32, ptr %rows, i64 %400
+  %405 = load i32, ptr %404, align 4
+  %406 = sext i32 %405 to i64
+  %407 = mul nsw i64 %406, 768
+  %408 = getelementptr inbounds float, ptr %y, i64 %407
+  %409 = add nsw i64 %col26, 0
+  %410 = getelementptr inbounds float, ptr %408, i64 %409
+  %411 = load <8 x float>, ptr %410, align 4
+  %412 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %411
+  store <8 x float> %412, ptr %acc02031, align 4
+  %413 = add nsw i64 %col26, 8
+  %414 = getelementptr inbounds float, ptr %408, i64 %413
+  %415 = load <8 x float>, ptr %414, align 4
+  %416 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %415
+  store <8 x float> %416, ptr %acc02132, align 4
+  %417 = add nsw i64 %r01, 3
+  %418 = mul nsw i64 %417, 3072
+  %419 = add nsw i64 %418, %k0
+  %420 = getelementptr inbounds float, ptr %h, i64 %419
+  %421 = getelementptr inbounds i32, ptr %rows, i64 %417
+  %422 = load i32, ptr %421, align 4
+  %423 = sext i32 %422 to i64
+  %424 = mul nsw i64 %423, 768
+  %425 = getelementptr inbounds float, ptr %y, i64 %424
+  %426 = add nsw i64 %col26, 0
+  %427 = getelementptr inbounds float, ptr %425, i64 %426
+  %428 = load <8 x float>, ptr %427, align 4
+  %429 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %428
+  store <8 x float> %429, ptr %acc03033, align 4
+  %430 = add nsw i64 %col26, 8
+  %431 = getelementptr inbounds float, ptr %425, i64 %430
+  %432 = load <8 x float>, ptr %431, align 4
+  %433 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %432
+  store <8 x float> %433, ptr %acc03134, align 4
+  %434 = mul nsw i64 %k0, 16
+  %435 = mul nsw i64 %kb.p, 49152
+  %panel.off35 = add nsw i64 %435, %434
+  %436 = getelementptr inbounds i16, ptr %panels, i64 %panel.off35
+  %pf.on36 = and i1 %pf.on, %pf.next
+  %437 = mul nsw i64 %rb, 8192
+  %438 = lshr i64 %437, %26
+  %439 = add nsw i64 %pf.step, %438
+  %440 = getelementptr inbounds i8, ptr %436, i64 %439
+  %pf37 = select i1 %pf.on36, ptr %440, ptr %436
+  %pf.sh38 = select i1 %pf.on36, i64 %26, i64 0
+  br label %k.head39
 
-k.head38:                                         ; preds = %pf.any.end43, %tile.mr4
-  %k41 = phi i64 [ 0, %tile.mr4 ], [ %396, %pf.any.end43 ]
-  %352 = icmp slt i64 %k41, 3072
-  br i1 %352, label %k.body39, label %k.end40
+k.head39:                                         ; preds = %pf.any.end44, %tile.mr4
+  %k42 = phi i64 [ 0, %tile.mr4 ], [ %485, %pf.any.end44 ]
+  %441 = icmp slt i64 %k42, 256
+  br i1 %441, label %k.body40, label %k.end41
 
-k.body39:                                         ; preds = %k.head38
-  %353 = mul nsw i64 %k41, 1
-  %354 = add nsw i64 %353, 0
-  %355 = mul nsw i64 %354, 32
-  br i1 %pf.multi, label %pf.any.then42, label %pf.any.end43
+k.body40:                                         ; preds = %k.head39
+  %442 = mul nsw i64 %k42, 1
+  %443 = add nsw i64 %442, 0
+  %444 = mul nsw i64 %443, 32
+  br i1 %pf.multi, label %pf.any.then43, label %pf.any.end44
 
-pf.any.then42:                                    ; preds = %k.body39
-  %356 = lshr i64 %355, %pf.sh37
-  %357 = getelementptr inbounds i8, ptr %pf36, i64 %356
-  call void @llvm.prefetch.p0(ptr %357, i32 0, i32 2, i32 1)
-  br label %pf.any.end43
+pf.any.then43:                                    ; preds = %k.body40
+  %445 = lshr i64 %444, %pf.sh38
+  %446 = getelementptr inbounds i8, ptr %pf37, i64 %445
+  call void @llvm.prefetch.p0(ptr %446, i32 0, i32 2, i32 1)
+  br label %pf.any.end44
 
-pf.any.end43:                                     ; preds = %pf.any.then42, %k.body39
-  %358 = mul nsw i64 %354, 16
-  %359 = add nsw i64 %panel.off34, %358
-  %360 = getelementptr inbounds i16, ptr %panels, i64 %359
-  %361 = load <8 x i32>, ptr %360, align 4
-  %362 = shl <8 x i32> %361, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b044 = bitcast <8 x i32> %362 to <8 x float>
-  %363 = and <8 x i32> %361, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b145 = bitcast <8 x i32> %363 to <8 x float>
-  %364 = getelementptr inbounds float, ptr %299, i64 %354
-  %365 = load float, ptr %364, align 4
-  %366 = insertelement <8 x float> poison, float %365, i32 0
-  %367 = shufflevector <8 x float> %366, <8 x float> poison, <8 x i32> zeroinitializer
-  %368 = load <8 x float>, ptr %acc00026, align 4
-  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> %b044, <8 x float> %368)
-  store <8 x float> %369, ptr %acc00026, align 4
-  %370 = load <8 x float>, ptr %acc00127, align 4
-  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> %b145, <8 x float> %370)
-  store <8 x float> %371, ptr %acc00127, align 4
-  %372 = getelementptr inbounds float, ptr %311, i64 %354
-  %373 = load float, ptr %372, align 4
-  %374 = insertelement <8 x float> poison, float %373, i32 0
-  %375 = shufflevector <8 x float> %374, <8 x float> poison, <8 x i32> zeroinitializer
-  %376 = load <8 x float>, ptr %acc01028, align 4
-  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> %b044, <8 x float> %376)
-  store <8 x float> %377, ptr %acc01028, align 4
-  %378 = load <8 x float>, ptr %acc01129, align 4
-  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> %b145, <8 x float> %378)
-  store <8 x float> %379, ptr %acc01129, align 4
-  %380 = getelementptr inbounds float, ptr %323, i64 %354
-  %381 = load float, ptr %380, align 4
-  %382 = insertelement <8 x float> poison, float %381, i32 0
-  %383 = shufflevector <8 x float> %382, <8 x float> poison, <8 x i32> zeroinitializer
-  %384 = load <8 x float>, ptr %acc02030, align 4
-  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %383, <8 x float> %b044, <8 x float> %384)
-  store <8 x float> %385, ptr %acc02030, align 4
-  %386 = load <8 x float>, ptr %acc02131, align 4
-  %387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %383, <8 x float> %b145, <8 x float> %386)
-  store <8 x float> %387, ptr %acc02131, align 4
-  %388 = getelementptr inbounds float, ptr %335, i64 %354
-  %389 = load float, ptr %388, align 4
-  %390 = insertelement <8 x float> poison, float %389, i32 0
-  %391 = shufflevector <8 x float> %390, <8 x float> poison, <8 x i32> zeroinitializer
-  %392 = load <8 x float>, ptr %acc03032, align 4
-  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %391, <8 x float> %b044, <8 x float> %392)
-  store <8 x float> %393, ptr %acc03032, align 4
-  %394 = load <8 x float>, ptr %acc03133, align 4
-  %395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %391, <8 x float> %b145, <8 x float> %394)
-  store <8 x float> %395, ptr %acc03133, align 4
-  %396 = add nsw i64 %k41, 1
-  br label %k.head38
+pf.any.end44:                                     ; preds = %pf.any.then43, %k.body40
+  %447 = mul nsw i64 %443, 16
+  %448 = add nsw i64 %panel.off35, %447
+  %449 = getelementptr inbounds i16, ptr %panels, i64 %448
+  %450 = load <8 x i32>, ptr %449, align 4
+  %451 = shl <8 x i32> %450, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b045 = bitcast <8 x i32> %451 to <8 x float>
+  %452 = and <8 x i32> %450, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b146 = bitcast <8 x i32> %452 to <8 x float>
+  %453 = getelementptr inbounds float, ptr %369, i64 %443
+  %454 = load float, ptr %453, align 4
+  %455 = insertelement <8 x float> poison, float %454, i32 0
+  %456 = shufflevector <8 x float> %455, <8 x float> poison, <8 x i32> zeroinitializer
+  %457 = load <8 x float>, ptr %acc00027, align 4
+  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b045, <8 x float> %457)
+  store <8 x float> %458, ptr %acc00027, align 4
+  %459 = load <8 x float>, ptr %acc00128, align 4
+  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b146, <8 x float> %459)
+  store <8 x float> %460, ptr %acc00128, align 4
+  %461 = getelementptr inbounds float, ptr %386, i64 %443
+  %462 = load float, ptr %461, align 4
+  %463 = insertelement <8 x float> poison, float %462, i32 0
+  %464 = shufflevector <8 x float> %463, <8 x float> poison, <8 x i32> zeroinitializer
+  %465 = load <8 x float>, ptr %acc01029, align 4
+  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %b045, <8 x float> %465)
+  store <8 x float> %466, ptr %acc01029, align 4
+  %467 = load <8 x float>, ptr %acc01130, align 4
+  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %b146, <8 x float> %467)
+  store <8 x float> %468, ptr %acc01130, align 4
+  %469 = getelementptr inbounds float, ptr %403, i64 %443
+  %470 = load float, ptr %469, align 4
+  %471 = insertelement <8 x float> poison, float %470, i32 0
+  %472 = shufflevector <8 x float> %471, <8 x float> poison, <8 x i32> zeroinitializer
+  %473 = load <8 x float>, ptr %acc02031, align 4
+  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %b045, <8 x float> %473)
+  store <8 x float> %474, ptr %acc02031, align 4
+  %475 = load <8 x float>, ptr %acc02132, align 4
+  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %b146, <8 x float> %475)
+  store <8 x float> %476, ptr %acc02132, align 4
+  %477 = getelementptr inbounds float, ptr %420, i64 %443
+  %478 = load float, ptr %477, align 4
+  %479 = insertelement <8 x float> poison, float %478, i32 0
+  %480 = shufflevector <8 x float> %479, <8 x float> poison, <8 x i32> zeroinitializer
+  %481 = load <8 x float>, ptr %acc03033, align 4
+  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %b045, <8 x float> %481)
+  store <8 x float> %482, ptr %acc03033, align 4
+  %483 = load <8 x float>, ptr %acc03134, align 4
+  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %b146, <8 x float> %483)
+  store <8 x float> %484, ptr %acc03134, align 4
+  %485 = add nsw i64 %k42, 1
+  br label %k.head39
 
-k.end40:                                          ; preds = %k.head38
-  %397 = load <8 x float>, ptr %acc00026, align 4
-  store <8 x float> %397, ptr %306, align 4
-  %398 = load <8 x float>, ptr %acc00127, align 4
-  store <8 x float> %398, ptr %308, align 4
-  %399 = load <8 x float>, ptr %acc01028, align 4
-  store <8 x float> %399, ptr %318, align 4
-  %400 = load <8 x float>, ptr %acc01129, align 4
-  store <8 x float> %400, ptr %320, align 4
-  %401 = load <8 x float>, ptr %acc02030, align 4
-  store <8 x float> %401, ptr %330, align 4
-  %402 = load <8 x float>, ptr %acc02131, align 4
-  store <8 x float> %402, ptr %332, align 4
-  %403 = load <8 x float>, ptr %acc03032, align 4
-  store <8 x float> %403, ptr %342, align 4
-  %404 = load <8 x float>, ptr %acc03133, align 4
-  store <8 x float> %404, ptr %344, align 4
+k.end41:                                          ; preds = %k.head39
+  %486 = load <8 x float>, ptr %acc00027, align 4
+  store <8 x float> %486, ptr %376, align 4
+  %487 = load <8 x float>, ptr %acc00128, align 4
+  store <8 x float> %487, ptr %380, align 4
+  %488 = load <8 x float>, ptr %acc01029, align 4
+  store <8 x float> %488, ptr %393, align 4
+  %489 = load <8 x float>, ptr %acc01130, align 4
+  store <8 x float> %489, ptr %397, align 4
+  %490 = load <8 x float>, ptr %acc02031, align 4
+  store <8 x float> %490, ptr %410, align 4
+  %491 = load <8 x float>, ptr %acc02132, align 4
+  store <8 x float> %491, ptr %414, align 4
+  %492 = load <8 x float>, ptr %acc03033, align 4
+  store <8 x float> %492, ptr %427, align 4
+  %493 = load <8 x float>, ptr %acc03134, align 4
+  store <8 x float> %493, ptr %431, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
-  %col46 = mul nsw i64 %p, 16
-  %405 = add nsw i64 %r0, 0
-  %406 = mul nsw i64 %405, 3072
-  %407 = getelementptr inbounds float, ptr %h, i64 %406
-  %408 = getelementptr inbounds i32, ptr %rows, i64 %405
-  %409 = load i32, ptr %408, align 4
-  %410 = sext i32 %409 to i64
-  %411 = mul nsw i64 %410, 768
-  %412 = getelementptr inbounds float, ptr %y, i64 %411
-  %413 = add nsw i64 %col46, 0
-  %414 = getelementptr inbounds float, ptr %412, i64 %413
-  store <8 x float> zeroinitializer, ptr %acc00047, align 4
-  %415 = add nsw i64 %col46, 8
-  %416 = getelementptr inbounds float, ptr %412, i64 %415
-  store <8 x float> zeroinitializer, ptr %acc00148, align 4
-  %417 = add nsw i64 %r0, 1
-  %418 = mul nsw i64 %417, 3072
-  %419 = getelementptr inbounds float, ptr %h, i64 %418
-  %420 = getelementptr inbounds i32, ptr %rows, i64 %417
-  %421 = load i32, ptr %420, align 4
-  %422 = sext i32 %421 to i64
-  %423 = mul nsw i64 %422, 768
-  %424 = getelementptr inbounds float, ptr %y, i64 %423
-  %425 = add nsw i64 %col46, 0
-  %426 = getelementptr inbounds float, ptr %424, i64 %425
-  store <8 x float> zeroinitializer, ptr %acc01049, align 4
-  %427 = add nsw i64 %col46, 8
-  %428 = getelementptr inbounds float, ptr %424, i64 %427
-  store <8 x float> zeroinitializer, ptr %acc01150, align 4
-  %429 = add nsw i64 %r0, 2
-  %430 = mul nsw i64 %429, 3072
-  %431 = getelementptr inbounds float, ptr %h, i64 %430
-  %432 = getelementptr inbounds i32, ptr %rows, i64 %429
-  %433 = load i32, ptr %432, align 4
-  %434 = sext i32 %433 to i64
-  %435 = mul nsw i64 %434, 768
-  %436 = getelementptr inbounds float, ptr %y, i64 %435
-  %437 = add nsw i64 %col46, 0
-  %438 = getelementptr inbounds float, ptr %436, i64 %437
-  store <8 x float> zeroinitializer, ptr %acc02051, align 4
-  %439 = add nsw i64 %col46, 8
-  %440 = getelementptr inbounds float, ptr %436, i64 %439
-  store <8 x float> zeroinitializer, ptr %acc02152, align 4
-  %panel.off53 = mul nsw i64 %p, 49152
-  %441 = getelementptr inbounds i16, ptr %panels, i64 %panel.off53
-  %442 = add nsw i64 %p, 1
-  %443 = icmp slt i64 %442, %p1
-  %pf.on54 = and i1 %pf.on, %443
-  %444 = mul nsw i64 %rb, 98304
-  %445 = lshr i64 %444, %12
-  %446 = add nsw i64 98304, %445
-  %447 = getelementptr inbounds i8, ptr %441, i64 %446
-  %pf55 = select i1 %pf.on54, ptr %447, ptr %441
-  %pf.sh56 = select i1 %pf.on54, i64 %12, i64 0
-  br label %k.head57
+  %col47 = mul nsw i64 %kb.p, 16
+  %494 = add nsw i64 %r01, 0
+  %495 = mul nsw i64 %494, 3072
+  %496 = add nsw i64 %495, %k0
+  %497 = getelementptr inbounds float, ptr %h, i64 %496
+  %498 = getelementptr inbounds i32, ptr %rows, i64 %494
+  %499 = load i32, ptr %498, align 4
+  %500 = sext i32 %499 to i64
+  %501 = mul nsw i64 %500, 768
+  %502 = getelementptr inbounds float, ptr %y, i64 %501
+  %503 = add nsw i64 %col47, 0
+  %504 = getelementptr inbounds float, ptr %502, i64 %503
+  %505 = load <8 x float>, ptr %504, align 4
+  %506 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %505
+  store <8 x float> %506, ptr %acc00048, align 4
+  %507 = add nsw i64 %col47, 8
+  %508 = getelementptr inbounds float, ptr %502, i64 %507
+  %509 = load <8 x float>, ptr %508, align 4
+  %510 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %509
+  store <8 x float> %510, ptr %acc00149, align 4
+  %511 = add nsw i64 %r01, 1
+  %512 = mul nsw i64 %511, 3072
+  %513 = add nsw i64 %512, %k0
+  %514 = getelementptr inbounds float, ptr %h, i64 %513
+  %515 = getelementptr inbounds i32, ptr %rows, i64 %511
+  %516 = load i32, ptr %515, align 4
+  %517 = sext i32 %516 to i64
+  %518 = mul nsw i64 %517, 768
+  %519 = getelementptr inbounds float, ptr %y, i64 %518
+  %520 = add nsw i64 %col47, 0
+  %521 = getelementptr inbounds float, ptr %519, i64 %520
+  %522 = load <8 x float>, ptr %521, align 4
+  %523 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %522
+  store <8 x float> %523, ptr %acc01050, align 4
+  %524 = add nsw i64 %col47, 8
+  %525 = getelementptr inbounds float, ptr %519, i64 %524
+  %526 = load <8 x float>, ptr %525, align 4
+  %527 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %526
+  store <8 x float> %527, ptr %acc01151, align 4
+  %528 = add nsw i64 %r01, 2
+  %529 = mul nsw i64 %528, 3072
+  %530 = add nsw i64 %529, %k0
+  %531 = getelementptr inbounds float, ptr %h, i64 %530
+  %532 = getelementptr inbounds i32, ptr %rows, i64 %528
+  %533 = load i32, ptr %532, align 4
+  %534 = sext i32 %533 to i64
+  %535 = mul nsw i64 %534, 768
+  %536 = getelementptr inbounds float, ptr %y, i64 %535
+  %537 = add nsw i64 %col47, 0
+  %538 = getelementptr inbounds float, ptr %536, i64 %537
+  %539 = load <8 x float>, ptr %538, align 4
+  %540 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %539
+  store <8 x float> %540, ptr %acc02052, align 4
+  %541 = add nsw i64 %col47, 8
+  %542 = getelementptr inbounds float, ptr %536, i64 %541
+  %543 = load <8 x float>, ptr %542, align 4
+  %544 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %543
+  store <8 x float> %544, ptr %acc02153, align 4
+  %545 = mul nsw i64 %k0, 16
+  %546 = mul nsw i64 %kb.p, 49152
+  %panel.off54 = add nsw i64 %546, %545
+  %547 = getelementptr inbounds i16, ptr %panels, i64 %panel.off54
+  %pf.on55 = and i1 %pf.on, %pf.next
+  %548 = mul nsw i64 %rb, 8192
+  %549 = lshr i64 %548, %26
+  %550 = add nsw i64 %pf.step, %549
+  %551 = getelementptr inbounds i8, ptr %547, i64 %550
+  %pf56 = select i1 %pf.on55, ptr %551, ptr %547
+  %pf.sh57 = select i1 %pf.on55, i64 %26, i64 0
+  br label %k.head58
 
-k.head57:                                         ; preds = %pf.any.end62, %tile.mr3
-  %k60 = phi i64 [ 0, %tile.mr3 ], [ %484, %pf.any.end62 ]
-  %448 = icmp slt i64 %k60, 3072
-  br i1 %448, label %k.body58, label %k.end59
+k.head58:                                         ; preds = %pf.any.end63, %tile.mr3
+  %k61 = phi i64 [ 0, %tile.mr3 ], [ %588, %pf.any.end63 ]
+  %552 = icmp slt i64 %k61, 256
+  br i1 %552, label %k.body59, label %k.end60
 
-k.body58:                                         ; preds = %k.head57
-  %449 = mul nsw i64 %k60, 1
-  %450 = add nsw i64 %449, 0
-  %451 = mul nsw i64 %450, 32
-  br i1 %pf.multi, label %pf.any.then61, label %pf.any.end62
+k.body59:                                         ; preds = %k.head58
+  %553 = mul nsw i64 %k61, 1
+  %554 = add nsw i64 %553, 0
+  %555 = mul nsw i64 %554, 32
+  br i1 %pf.multi, label %pf.any.then62, label %pf.any.end63
 
-pf.any.then61:                                    ; preds = %k.body58
-  %452 = lshr i64 %451, %pf.sh56
-  %453 = getelementptr inbounds i8, ptr %pf55, i64 %452
-  call void @llvm.prefetch.p0(ptr %453, i32 0, i32 2, i32 1)
-  br label %pf.any.end62
+pf.any.then62:                                    ; preds = %k.body59
+  %556 = lshr i64 %555, %pf.sh57
+  %557 = getelementptr inbounds i8, ptr %pf56, i64 %556
+  call void @llvm.prefetch.p0(ptr %557, i32 0, i32 2, i32 1)
+  br label %pf.any.end63
 
-pf.any.end62:                                     ; preds = %pf.any.then61, %k.body58
-  %454 = mul nsw i64 %450, 16
-  %455 = add nsw i64 %panel.off53, %454
-  %456 = getelementptr inbounds i16, ptr %panels, i64 %455
-  %457 = load <8 x i32>, ptr %456, align 4
-  %458 = shl <8 x i32> %457, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b063 = bitcast <8 x i32> %458 to <8 x float>
-  %459 = and <8 x i32> %457, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b164 = bitcast <8 x i32> %459 to <8 x float>
-  %460 = getelementptr inbounds float, ptr %407, i64 %450
-  %461 = load float, ptr %460, align 4
-  %462 = insertelement <8 x float> poison, float %461, i32 0
-  %463 = shufflevector <8 x float> %462, <8 x float> poison, <8 x i32> zeroinitializer
-  %464 = load <8 x float>, ptr %acc00047, align 4
-  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b063, <8 x float> %464)
-  store <8 x float> %465, ptr %acc00047, align 4
-  %466 = load <8 x float>, ptr %acc00148, align 4
-  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %b164, <8 x float> %466)
-  store <8 x float> %467, ptr %acc00148, align 4
-  %468 = getelementptr inbounds float, ptr %419, i64 %450
-  %469 = load float, ptr %468, align 4
-  %470 = insertelement <8 x float> poison, float %469, i32 0
-  %471 = shufflevector <8 x float> %470, <8 x float> poison, <8 x i32> zeroinitializer
-  %472 = load <8 x float>, ptr %acc01049, align 4
-  %473 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> %b063, <8 x float> %472)
-  store <8 x float> %473, ptr %acc01049, align 4
-  %474 = load <8 x float>, ptr %acc01150, align 4
-  %475 = call <8 x float> @llvm.fma.v8f32(<8 x float> %471, <8 x float> %b164, <8 x float> %474)
-  store <8 x float> %475, ptr %acc01150, align 4
-  %476 = getelementptr inbounds float, ptr %431, i64 %450
-  %477 = load float, ptr %476, align 4
-  %478 = insertelement <8 x float> poison, float %477, i32 0
-  %479 = shufflevector <8 x float> %478, <8 x float> poison, <8 x i32> zeroinitializer
-  %480 = load <8 x float>, ptr %acc02051, align 4
-  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b063, <8 x float> %480)
-  store <8 x float> %481, ptr %acc02051, align 4
-  %482 = load <8 x float>, ptr %acc02152, align 4
-  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> %b164, <8 x float> %482)
-  store <8 x float> %483, ptr %acc02152, align 4
-  %484 = add nsw i64 %k60, 1
-  br label %k.head57
+pf.any.end63:                                     ; preds = %pf.any.then62, %k.body59
+  %558 = mul nsw i64 %554, 16
+  %559 = add nsw i64 %panel.off54, %558
+  %560 = getelementptr inbounds i16, ptr %panels, i64 %559
+  %561 = load <8 x i32>, ptr %560, align 4
+  %562 = shl <8 x i32> %561, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b064 = bitcast <8 x i32> %562 to <8 x float>
+  %563 = and <8 x i32> %561, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b165 = bitcast <8 x i32> %563 to <8 x float>
+  %564 = getelementptr inbounds float, ptr %497, i64 %554
+  %565 = load float, ptr %564, align 4
+  %566 = insertelement <8 x float> poison, float %565, i32 0
+  %567 = shufflevector <8 x float> %566, <8 x float> poison, <8 x i32> zeroinitializer
+  %568 = load <8 x float>, ptr %acc00048, align 4
+  %569 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %b064, <8 x float> %568)
+  store <8 x float> %569, ptr %acc00048, align 4
+  %570 = load <8 x float>, ptr %acc00149, align 4
+  %571 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %b165, <8 x float> %570)
+  store <8 x float> %571, ptr %acc00149, align 4
+  %572 = getelementptr inbounds float, ptr %514, i64 %554
+  %573 = load float, ptr %572, align 4
+  %574 = insertelement <8 x float> poison, float %573, i32 0
+  %575 = shufflevector <8 x float> %574, <8 x float> poison, <8 x i32> zeroinitializer
+  %576 = load <8 x float>, ptr %acc01050, align 4
+  %577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %b064, <8 x float> %576)
+  store <8 x float> %577, ptr %acc01050, align 4
+  %578 = load <8 x float>, ptr %acc01151, align 4
+  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %b165, <8 x float> %578)
+  store <8 x float> %579, ptr %acc01151, align 4
+  %580 = getelementptr inbounds float, ptr %531, i64 %554
+  %581 = load float, ptr %580, align 4
+  %582 = insertelement <8 x float> poison, float %581, i32 0
+  %583 = shufflevector <8 x float> %582, <8 x float> poison, <8 x i32> zeroinitializer
+  %584 = load <8 x float>, ptr %acc02052, align 4
+  %585 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %b064, <8 x float> %584)
+  store <8 x float> %585, ptr %acc02052, align 4
+  %586 = load <8 x float>, ptr %acc02153, align 4
+  %587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %b165, <8 x float> %586)
+  store <8 x float> %587, ptr %acc02153, align 4
+  %588 = add nsw i64 %k61, 1
+  br label %k.head58
 
-k.end59:                                          ; preds = %k.head57
-  %485 = load <8 x float>, ptr %acc00047, align 4
-  store <8 x float> %485, ptr %414, align 4
-  %486 = load <8 x float>, ptr %acc00148, align 4
-  store <8 x float> %486, ptr %416, align 4
-  %487 = load <8 x float>, ptr %acc01049, align 4
-  store <8 x float> %487, ptr %426, align 4
-  %488 = load <8 x float>, ptr %acc01150, align 4
-  store <8 x float> %488, ptr %428, align 4
-  %489 = load <8 x float>, ptr %acc02051, align 4
-  store <8 x float> %489, ptr %438, align 4
-  %490 = load <8 x float>, ptr %acc02152, align 4
-  store <8 x float> %490, ptr %440, align 4
+k.end60:                                          ; preds = %k.head58
+  %589 = load <8 x float>, ptr %acc00048, align 4
+  store <8 x float> %589, ptr %504, align 4
+  %590 = load <8 x float>, ptr %acc00149, align 4
+  store <8 x float> %590, ptr %508, align 4
+  %591 = load <8 x float>, ptr %acc01050, align 4
+  store <8 x float> %591, ptr %521, align 4
+  %592 = load <8 x float>, ptr %acc01151, align 4
+  store <8 x float> %592, ptr %525, align 4
+  %593 = load <8 x float>, ptr %acc02052, align 4
+  store <8 x float> %593, ptr %538, align 4
+  %594 = load <8 x float>, ptr %acc02153, align 4
+  store <8 x float> %594, ptr %542, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
-  %col65 = mul nsw i64 %p, 16
-  %491 = add nsw i64 %r0, 0
-  %492 = mul nsw i64 %491, 3072
-  %493 = getelementptr inbounds float, ptr %h, i64 %492
-  %494 = getelementptr inbounds i32, ptr %rows, i64 %491
-  %495 = load i32, ptr %494, align 4
-  %496 = sext i32 %495 to i64
-  %497 = mul nsw i64 %496, 768
-  %498 = getelementptr inbounds float, ptr %y, i64 %497
-  %499 = add nsw i64 %col65, 0
-  %500 = getelementptr inbounds float, ptr %498, i64 %499
-  store <8 x float> zeroinitializer, ptr %acc00066, align 4
-  %501 = add nsw i64 %col65, 8
-  %502 = getelementptr inbounds float, ptr %498, i64 %501
-  store <8 x float> zeroinitializer, ptr %acc00167, align 4
-  %503 = add nsw i64 %r0, 1
-  %504 = mul nsw i64 %503, 3072
-  %505 = getelementptr inbounds float, ptr %h, i64 %504
-  %506 = getelementptr inbounds i32, ptr %rows, i64 %503
-  %507 = load i32, ptr %506, align 4
-  %508 = sext i32 %507 to i64
-  %509 = mul nsw i64 %508, 768
-  %510 = getelementptr inbounds float, ptr %y, i64 %509
-  %511 = add nsw i64 %col65, 0
-  %512 = getelementptr inbounds float, ptr %510, i64 %511
-  store <8 x float> zeroinitializer, ptr %acc01068, align 4
-  %513 = add nsw i64 %col65, 8
-  %514 = getelementptr inbounds float, ptr %510, i64 %513
-  store <8 x float> zeroinitializer, ptr %acc01169, align 4
-  %panel.off70 = mul nsw i64 %p, 49152
-  %515 = getelementptr inbounds i16, ptr %panels, i64 %panel.off70
-  %516 = add nsw i64 %p, 1
-  %517 = icmp slt i64 %516, %p1
-  %pf.on71 = and i1 %pf.on, %517
-  %518 = mul nsw i64 %rb, 98304
-  %519 = lshr i64 %518, %12
-  %520 = add nsw i64 98304, %519
-  %521 = getelementptr inbounds i8, ptr %515, i64 %520
-  %pf72 = select i1 %pf.on71, ptr %521, ptr %515
-  %pf.sh73 = select i1 %pf.on71, i64 %12, i64 0
-  br label %k.head74
+  %col66 = mul nsw i64 %kb.p, 16
+  %595 = add nsw i64 %r01, 0
+  %596 = mul nsw i64 %595, 3072
+  %597 = add nsw i64 %596, %k0
+  %598 = getelementptr inbounds float, ptr %h, i64 %597
+  %599 = getelementptr inbounds i32, ptr %rows, i64 %595
+  %600 = load i32, ptr %599, align 4
+  %601 = sext i32 %600 to i64
+  %602 = mul nsw i64 %601, 768
+  %603 = getelementptr inbounds float, ptr %y, i64 %602
+  %604 = add nsw i64 %col66, 0
+  %605 = getelementptr inbounds float, ptr %603, i64 %604
+  %606 = load <8 x float>, ptr %605, align 4
+  %607 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %606
+  store <8 x float> %607, ptr %acc00067, align 4
+  %608 = add nsw i64 %col66, 8
+  %609 = getelementptr inbounds float, ptr %603, i64 %608
+  %610 = load <8 x float>, ptr %609, align 4
+  %611 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %610
+  store <8 x float> %611, ptr %acc00168, align 4
+  %612 = add nsw i64 %r01, 1
+  %613 = mul nsw i64 %612, 3072
+  %614 = add nsw i64 %613, %k0
+  %615 = getelementptr inbounds float, ptr %h, i64 %614
+  %616 = getelementptr inbounds i32, ptr %rows, i64 %612
+  %617 = load i32, ptr %616, align 4
+  %618 = sext i32 %617 to i64
+  %619 = mul nsw i64 %618, 768
+  %620 = getelementptr inbounds float, ptr %y, i64 %619
+  %621 = add nsw i64 %col66, 0
+  %622 = getelementptr inbounds float, ptr %620, i64 %621
+  %623 = load <8 x float>, ptr %622, align 4
+  %624 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %623
+  store <8 x float> %624, ptr %acc01069, align 4
+  %625 = add nsw i64 %col66, 8
+  %626 = getelementptr inbounds float, ptr %620, i64 %625
+  %627 = load <8 x float>, ptr %626, align 4
+  %628 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %627
+  store <8 x float> %628, ptr %acc01170, align 4
+  %629 = mul nsw i64 %k0, 16
+  %630 = mul nsw i64 %kb.p, 49152
+  %panel.off71 = add nsw i64 %630, %629
+  %631 = getelementptr inbounds i16, ptr %panels, i64 %panel.off71
+  %pf.on72 = and i1 %pf.on, %pf.next
+  %632 = mul nsw i64 %rb, 8192
+  %633 = lshr i64 %632, %26
+  %634 = add nsw i64 %pf.step, %633
+  %635 = getelementptr inbounds i8, ptr %631, i64 %634
+  %pf73 = select i1 %pf.on72, ptr %635, ptr %631
+  %pf.sh74 = select i1 %pf.on72, i64 %26, i64 0
+  br label %k.head75
 
-k.head74:                                         ; preds = %pf.any.end79, %tile.mr2
-  %k77 = phi i64 [ 0, %tile.mr2 ], [ %550, %pf.any.end79 ]
-  %522 = icmp slt i64 %k77, 3072
-  br i1 %522, label %k.body75, label %k.end76
+k.head75:                                         ; preds = %pf.any.end80, %tile.mr2
+  %k78 = phi i64 [ 0, %tile.mr2 ], [ %664, %pf.any.end80 ]
+  %636 = icmp slt i64 %k78, 256
+  br i1 %636, label %k.body76, label %k.end77
 
-k.body75:                                         ; preds = %k.head74
-  %523 = mul nsw i64 %k77, 1
-  %524 = add nsw i64 %523, 0
-  %525 = mul nsw i64 %524, 32
-  br i1 %pf.multi, label %pf.any.then78, label %pf.any.end79
+k.body76:                                         ; preds = %k.head75
+  %637 = mul nsw i64 %k78, 1
+  %638 = add nsw i64 %637, 0
+  %639 = mul nsw i64 %638, 32
+  br i1 %pf.multi, label %pf.any.then79, label %pf.any.end80
 
-pf.any.then78:                                    ; preds = %k.body75
-  %526 = lshr i64 %525, %pf.sh73
-  %527 = getelementptr inbounds i8, ptr %pf72, i64 %526
-  call void @llvm.prefetch.p0(ptr %527, i32 0, i32 2, i32 1)
-  br label %pf.any.end79
+pf.any.then79:                                    ; preds = %k.body76
+  %640 = lshr i64 %639, %pf.sh74
+  %641 = getelementptr inbounds i8, ptr %pf73, i64 %640
+  call void @llvm.prefetch.p0(ptr %641, i32 0, i32 2, i32 1)
+  br label %pf.any.end80
 
-pf.any.end79:                                     ; preds = %pf.any.then78, %k.body75
-  %528 = mul nsw i64 %524, 16
-  %529 = add nsw i64 %panel.off70, %528
-  %530 = getelementptr inbounds i16, ptr %panels, i64 %529
-  %531 = load <8 x i32>, ptr %530, align 4
-  %532 = shl <8 x i32> %531, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b080 = bitcast <8 x i32> %532 to <8 x float>
-  %533 = and <8 x i32> %531, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b181 = bitcast <8 x i32> %533 to <8 x float>
-  %534 = getelementptr inbounds float, ptr %493, i64 %524
-  %535 = load float, ptr %534, align 4
-  %536 = insertelement <8 x float> poison, float %535, i32 0
-  %537 = shufflevector <8 x float> %536, <8 x float> poison, <8 x i32> zeroinitializer
-  %538 = load <8 x float>, ptr %acc00066, align 4
-  %539 = call <8 x float> @llvm.fma.v8f32(<8 x float> %537, <8 x float> %b080, <8 x float> %538)
-  store <8 x float> %539, ptr %acc00066, align 4
-  %540 = load <8 x float>, ptr %acc00167, align 4
-  %541 = call <8 x float> @llvm.fma.v8f32(<8 x float> %537, <8 x float> %b181, <8 x float> %540)
-  store <8 x float> %541, ptr %acc00167, align 4
-  %542 = getelementptr inbounds float, ptr %505, i64 %524
-  %543 = load float, ptr %542, align 4
-  %544 = insertelement <8 x float> poison, float %543, i32 0
-  %545 = shufflevector <8 x float> %544, <8 x float> poison, <8 x i32> zeroinitializer
-  %546 = load <8 x float>, ptr %acc01068, align 4
-  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> %b080, <8 x float> %546)
-  store <8 x float> %547, ptr %acc01068, align 4
-  %548 = load <8 x float>, ptr %acc01169, align 4
-  %549 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> %b181, <8 x float> %548)
-  store <8 x float> %549, ptr %acc01169, align 4
-  %550 = add nsw i64 %k77, 1
-  br label %k.head74
+pf.any.end80:                                     ; preds = %pf.any.then79, %k.body76
+  %642 = mul nsw i64 %638, 16
+  %643 = add nsw i64 %panel.off71, %642
+  %644 = getelementptr inbounds i16, ptr %panels, i64 %643
+  %645 = load <8 x i32>, ptr %644, align 4
+  %646 = shl <8 x i32> %645, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b081 = bitcast <8 x i32> %646 to <8 x float>
+  %647 = and <8 x i32> %645, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b182 = bitcast <8 x i32> %647 to <8 x float>
+  %648 = getelementptr inbounds float, ptr %598, i64 %638
+  %649 = load float, ptr %648, align 4
+  %650 = insertelement <8 x float> poison, float %649, i32 0
+  %651 = shufflevector <8 x float> %650, <8 x float> poison, <8 x i32> zeroinitializer
+  %652 = load <8 x float>, ptr %acc00067, align 4
+  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %b081, <8 x float> %652)
+  store <8 x float> %653, ptr %acc00067, align 4
+  %654 = load <8 x float>, ptr %acc00168, align 4
+  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %b182, <8 x float> %654)
+  store <8 x float> %655, ptr %acc00168, align 4
+  %656 = getelementptr inbounds float, ptr %615, i64 %638
+  %657 = load float, ptr %656, align 4
+  %658 = insertelement <8 x float> poison, float %657, i32 0
+  %659 = shufflevector <8 x float> %658, <8 x float> poison, <8 x i32> zeroinitializer
+  %660 = load <8 x float>, ptr %acc01069, align 4
+  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %b081, <8 x float> %660)
+  store <8 x float> %661, ptr %acc01069, align 4
+  %662 = load <8 x float>, ptr %acc01170, align 4
+  %663 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %b182, <8 x float> %662)
+  store <8 x float> %663, ptr %acc01170, align 4
+  %664 = add nsw i64 %k78, 1
+  br label %k.head75
 
-k.end76:                                          ; preds = %k.head74
-  %551 = load <8 x float>, ptr %acc00066, align 4
-  store <8 x float> %551, ptr %500, align 4
-  %552 = load <8 x float>, ptr %acc00167, align 4
-  store <8 x float> %552, ptr %502, align 4
-  %553 = load <8 x float>, ptr %acc01068, align 4
-  store <8 x float> %553, ptr %512, align 4
-  %554 = load <8 x float>, ptr %acc01169, align 4
-  store <8 x float> %554, ptr %514, align 4
+k.end77:                                          ; preds = %k.head75
+  %665 = load <8 x float>, ptr %acc00067, align 4
+  store <8 x float> %665, ptr %605, align 4
+  %666 = load <8 x float>, ptr %acc00168, align 4
+  store <8 x float> %666, ptr %609, align 4
+  %667 = load <8 x float>, ptr %acc01069, align 4
+  store <8 x float> %667, ptr %622, align 4
+  %668 = load <8 x float>, ptr %acc01170, align 4
+  store <8 x float> %668, ptr %626, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
-  %col82 = mul nsw i64 %p, 16
-  %555 = add nsw i64 %r0, 0
-  %556 = mul nsw i64 %555, 3072
-  %557 = getelementptr inbounds float, ptr %h, i64 %556
-  %558 = getelementptr inbounds i32, ptr %rows, i64 %555
-  %559 = load i32, ptr %558, align 4
-  %560 = sext i32 %559 to i64
-  %561 = mul nsw i64 %560, 768
-  %562 = getelementptr inbounds float, ptr %y, i64 %561
-  %563 = add nsw i64 %col82, 0
-  %564 = getelementptr inbounds float, ptr %562, i64 %563
-  store <8 x float> zeroinitializer, ptr %acc00083, align 4
-  %565 = add nsw i64 %col82, 8
-  %566 = getelementptr inbounds float, ptr %562, i64 %565
-  store <8 x float> zeroinitializer, ptr %acc00184, align 4
-  %panel.off85 = mul nsw i64 %p, 49152
-  %567 = getelementptr inbounds i16, ptr %panels, i64 %panel.off85
-  %568 = add nsw i64 %p, 1
-  %569 = icmp slt i64 %568, %p1
-  %pf.on86 = and i1 %pf.on, %569
-  %570 = mul nsw i64 %rb, 98304
-  %571 = lshr i64 %570, %12
-  %572 = add nsw i64 98304, %571
-  %573 = getelementptr inbounds i8, ptr %567, i64 %572
-  %pf87 = select i1 %pf.on86, ptr %573, ptr %567
-  %pf.sh88 = select i1 %pf.on86, i64 %12, i64 0
-  br label %k.head89
+  %col83 = mul nsw i64 %kb.p, 16
+  %669 = add nsw i64 %r01, 0
+  %670 = mul nsw i64 %669, 3072
+  %671 = add nsw i64 %670, %k0
+  %672 = getelementptr inbounds float, ptr %h, i64 %671
+  %673 = getelementptr inbounds i32, ptr %rows, i64 %669
+  %674 = load i32, ptr %673, align 4
+  %675 = sext i32 %674 to i64
+  %676 = mul nsw i64 %675, 768
+  %677 = getelementptr inbounds float, ptr %y, i64 %676
+  %678 = add nsw i64 %col83, 0
+  %679 = getelementptr inbounds float, ptr %677, i64 %678
+  %680 = load <8 x float>, ptr %679, align 4
+  %681 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %680
+  store <8 x float> %681, ptr %acc00084, align 4
+  %682 = add nsw i64 %col83, 8
+  %683 = getelementptr inbounds float, ptr %677, i64 %682
+  %684 = load <8 x float>, ptr %683, align 4
+  %685 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %684
+  store <8 x float> %685, ptr %acc00185, align 4
+  %686 = mul nsw i64 %k0, 16
+  %687 = mul nsw i64 %kb.p, 49152
+  %panel.off86 = add nsw i64 %687, %686
+  %688 = getelementptr inbounds i16, ptr %panels, i64 %panel.off86
+  %pf.on87 = and i1 %pf.on, %pf.next
+  %689 = mul nsw i64 %rb, 8192
+  %690 = lshr i64 %689, %26
+  %691 = add nsw i64 %pf.step, %690
+  %692 = getelementptr inbounds i8, ptr %688, i64 %691
+  %pf88 = select i1 %pf.on87, ptr %692, ptr %688
+  %pf.sh89 = select i1 %pf.on87, i64 %26, i64 0
+  br label %k.head90
 
-k.head89:                                         ; preds = %pf.any.end94, %tile.mr1
-  %k92 = phi i64 [ 0, %tile.mr1 ], [ %594, %pf.any.end94 ]
-  %574 = icmp slt i64 %k92, 3072
-  br i1 %574, label %k.body90, label %k.end91
+k.head90:                                         ; preds = %pf.any.end95, %tile.mr1
+  %k93 = phi i64 [ 0, %tile.mr1 ], [ %713, %pf.any.end95 ]
+  %693 = icmp slt i64 %k93, 256
+  br i1 %693, label %k.body91, label %k.end92
 
-k.body90:                                         ; preds = %k.head89
-  %575 = mul nsw i64 %k92, 1
-  %576 = add nsw i64 %575, 0
-  %577 = mul nsw i64 %576, 32
-  br i1 %pf.multi, label %pf.any.then93, label %pf.any.end94
+k.body91:                                         ; preds = %k.head90
+  %694 = mul nsw i64 %k93, 1
+  %695 = add nsw i64 %694, 0
+  %696 = mul nsw i64 %695, 32
+  br i1 %pf.multi, label %pf.any.then94, label %pf.any.end95
 
-pf.any.then93:                                    ; preds = %k.body90
-  %578 = lshr i64 %577, %pf.sh88
-  %579 = getelementptr inbounds i8, ptr %pf87, i64 %578
-  call void @llvm.prefetch.p0(ptr %579, i32 0, i32 2, i32 1)
-  br label %pf.any.end94
+pf.any.then94:                                    ; preds = %k.body91
+  %697 = lshr i64 %696, %pf.sh89
+  %698 = getelementptr inbounds i8, ptr %pf88, i64 %697
+  call void @llvm.prefetch.p0(ptr %698, i32 0, i32 2, i32 1)
+  br label %pf.any.end95
 
-pf.any.end94:                                     ; preds = %pf.any.then93, %k.body90
-  %580 = mul nsw i64 %576, 16
-  %581 = add nsw i64 %panel.off85, %580
-  %582 = getelementptr inbounds i16, ptr %panels, i64 %581
-  %583 = load <8 x i32>, ptr %582, align 4
-  %584 = shl <8 x i32> %583, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b095 = bitcast <8 x i32> %584 to <8 x float>
-  %585 = and <8 x i32> %583, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b196 = bitcast <8 x i32> %585 to <8 x float>
-  %586 = getelementptr inbounds float, ptr %557, i64 %576
-  %587 = load float, ptr %586, align 4
-  %588 = insertelement <8 x float> poison, float %587, i32 0
-  %589 = shufflevector <8 x float> %588, <8 x float> poison, <8 x i32> zeroinitializer
-  %590 = load <8 x float>, ptr %acc00083, align 4
-  %591 = call <8 x float> @llvm.fma.v8f32(<8 x float> %589, <8 x float> %b095, <8 x float> %590)
-  store <8 x float> %591, ptr %acc00083, align 4
-  %592 = load <8 x float>, ptr %acc00184, align 4
-  %593 = call <8 x float> @llvm.fma.v8f32(<8 x float> %589, <8 x float> %b196, <8 x float> %592)
-  store <8 x float> %593, ptr %acc00184, align 4
-  %594 = add nsw i64 %k92, 1
-  br label %k.head89
+pf.any.end95:                                     ; preds = %pf.any.then94, %k.body91
+  %699 = mul nsw i64 %695, 16
+  %700 = add nsw i64 %panel.off86, %699
+  %701 = getelementptr inbounds i16, ptr %panels, i64 %700
+  %702 = load <8 x i32>, ptr %701, align 4
+  %703 = shl <8 x i32> %702, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b096 = bitcast <8 x i32> %703 to <8 x float>
+  %704 = and <8 x i32> %702, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b197 = bitcast <8 x i32> %704 to <8 x float>
+  %705 = getelementptr inbounds float, ptr %672, i64 %695
+  %706 = load float, ptr %705, align 4
+  %707 = insertelement <8 x float> poison, float %706, i32 0
+  %708 = shufflevector <8 x float> %707, <8 x float> poison, <8 x i32> zeroinitializer
+  %709 = load <8 x float>, ptr %acc00084, align 4
+  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %b096, <8 x float> %709)
+  store <8 x float> %710, ptr %acc00084, align 4
+  %711 = load <8 x float>, ptr %acc00185, align 4
+  %712 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %b197, <8 x float> %711)
+  store <8 x float> %712, ptr %acc00185, align 4
+  %713 = add nsw i64 %k93, 1
+  br label %k.head90
 
-k.end91:                                          ; preds = %k.head89
-  %595 = load <8 x float>, ptr %acc00083, align 4
-  store <8 x float> %595, ptr %564, align 4
-  %596 = load <8 x float>, ptr %acc00184, align 4
-  store <8 x float> %596, ptr %566, align 4
+k.end92:                                          ; preds = %k.head90
+  %714 = load <8 x float>, ptr %acc00084, align 4
+  store <8 x float> %714, ptr %679, align 4
+  %715 = load <8 x float>, ptr %acc00185, align 4
+  store <8 x float> %715, ptr %683, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end91, %k.end76, %k.end59, %k.end40, %k.end19, %k.end
-  %597 = add nsw i64 %rb, 1
+tile.done:                                        ; preds = %k.end92, %k.end77, %k.end60, %k.end41, %k.end20, %k.end
+  %716 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %598 = add nsw i64 %p, 1
+  %717 = add nsw i64 %kb.p, 1
+  br label %kb.p.head
+
+kb.p.end:                                         ; preds = %kb.p.head
+  %718 = add nsw i64 %kb.k, 1
+  br label %kb.k.head
+
+kb.k.end:                                         ; preds = %kb.k.head
+  %719 = add nsw i64 %kb.pg, 16
+  br label %kb.pg.head
+
+kb.pg.end:                                        ; preds = %kb.pg.head
+  %720 = add nsw i64 %kb.rc, 96
+  br label %kb.rc.head
+
+kb.rc.end:                                        ; preds = %kb.rc.head
+  br label %call.end
+
+flat:                                             ; preds = %start
+  br label %p.head
+
+p.head:                                           ; preds = %rb.end101, %flat
+  %p = phi i64 [ %p0, %flat ], [ %1387, %rb.end101 ]
+  %721 = icmp slt i64 %p, %end
+  br i1 %721, label %p.body, label %p.end
+
+p.body:                                           ; preds = %p.head
+  %722 = add nsw i64 %n, 5
+  %nrb98 = sdiv i64 %722, 6
+  br label %rb.head99
+
+rb.head99:                                        ; preds = %tile.done106, %p.body
+  %rb102 = phi i64 [ 0, %p.body ], [ %1386, %tile.done106 ]
+  %723 = icmp slt i64 %rb102, %nrb98
+  br i1 %723, label %rb.body100, label %rb.end101
+
+rb.body100:                                       ; preds = %rb.head99
+  %724 = mul nsw i64 %rb102, %n
+  %r0103 = sdiv i64 %724, %nrb98
+  %725 = add nsw i64 %rb102, 1
+  %726 = mul nsw i64 %725, %n
+  %r1104 = sdiv i64 %726, %nrb98
+  %mr105 = sub nsw i64 %r1104, %r0103
+  %727 = icmp sge i64 %nrb98, 2
+  %728 = select i1 %727, i64 1, i64 0
+  %729 = icmp sge i64 %nrb98, 4
+  %730 = select i1 %729, i64 2, i64 %728
+  %731 = icmp sge i64 %nrb98, 8
+  %732 = select i1 %731, i64 3, i64 %730
+  %pf.multi113 = icmp sgt i64 %nrb98, 1
+  %733 = shl i64 1, %732
+  %734 = icmp slt i64 %rb102, %733
+  %pf.on114 = and i1 %pf.multi113, %734
+  switch i64 %mr105, label %tile.mr6112 [
+    i64 1, label %tile.mr1107
+    i64 2, label %tile.mr2108
+    i64 3, label %tile.mr3109
+    i64 4, label %tile.mr4110
+    i64 5, label %tile.mr5111
+  ]
+
+tile.mr6112:                                      ; preds = %rb.body100
+  %col115 = mul nsw i64 %p, 16
+  %735 = add nsw i64 %r0103, 0
+  %736 = mul nsw i64 %735, 3072
+  %737 = add nsw i64 %736, 0
+  %738 = getelementptr inbounds float, ptr %h, i64 %737
+  %739 = getelementptr inbounds i32, ptr %rows, i64 %735
+  %740 = load i32, ptr %739, align 4
+  %741 = sext i32 %740 to i64
+  %742 = mul nsw i64 %741, 768
+  %743 = getelementptr inbounds float, ptr %y, i64 %742
+  %744 = add nsw i64 %col115, 0
+  %745 = getelementptr inbounds float, ptr %743, i64 %744
+  %746 = load <8 x float>, ptr %745, align 4
+  store <8 x float> zeroinitializer, ptr %acc000116, align 4
+  %747 = add nsw i64 %col115, 8
+  %748 = getelementptr inbounds float, ptr %743, i64 %747
+  %749 = load <8 x float>, ptr %748, align 4
+  store <8 x float> zeroinitializer, ptr %acc001117, align 4
+  %750 = add nsw i64 %r0103, 1
+  %751 = mul nsw i64 %750, 3072
+  %752 = add nsw i64 %751, 0
+  %753 = getelementptr inbounds float, ptr %h, i64 %752
+  %754 = getelementptr inbounds i32, ptr %rows, i64 %750
+  %755 = load i32, ptr %754, align 4
+  %756 = sext i32 %755 to i64
+  %757 = mul nsw i64 %756, 768
+  %758 = getelementptr inbounds float, ptr %y, i64 %757
+  %759 = add nsw i64 %col115, 0
+  %760 = getelementptr inbounds float, ptr %758, i64 %759
+  %761 = load <8 x float>, ptr %760, align 4
+  store <8 x float> zeroinitializer, ptr %acc010118, align 4
+  %762 = add nsw i64 %col115, 8
+  %763 = getelementptr inbounds float, ptr %758, i64 %762
+  %764 = load <8 x float>, ptr %763, align 4
+  store <8 x float> zeroinitializer, ptr %acc011119, align 4
+  %765 = add nsw i64 %r0103, 2
+  %766 = mul nsw i64 %765, 3072
+  %767 = add nsw i64 %766, 0
+  %768 = getelementptr inbounds float, ptr %h, i64 %767
+  %769 = getelementptr inbounds i32, ptr %rows, i64 %765
+  %770 = load i32, ptr %769, align 4
+  %771 = sext i32 %770 to i64
+  %772 = mul nsw i64 %771, 768
+  %773 = getelementptr inbounds float, ptr %y, i64 %772
+  %774 = add nsw i64 %col115, 0
+  %775 = getelementptr inbounds float, ptr %773, i64 %774
+  %776 = load <8 x float>, ptr %775, align 4
+  store <8 x float> zeroinitializer, ptr %acc020120, align 4
+  %777 = add nsw i64 %col115, 8
+  %778 = getelementptr inbounds float, ptr %773, i64 %777
+  %779 = load <8 x float>, ptr %778, align 4
+  store <8 x float> zeroinitializer, ptr %acc021121, align 4
+  %780 = add nsw i64 %r0103, 3
+  %781 = mul nsw i64 %780, 3072
+  %782 = add nsw i64 %781, 0
+  %783 = getelementptr inbounds float, ptr %h, i64 %782
+  %784 = getelementptr inbounds i32, ptr %rows, i64 %780
+  %785 = load i32, ptr %784, align 4
+  %786 = sext i32 %785 to i64
+  %787 = mul nsw i64 %786, 768
+  %788 = getelementptr inbounds float, ptr %y, i64 %787
+  %789 = add nsw i64 %col115, 0
+  %790 = getelementptr inbounds float, ptr %788, i64 %789
+  %791 = load <8 x float>, ptr %790, align 4
+  store <8 x float> zeroinitializer, ptr %acc030122, align 4
+  %792 = add nsw i64 %col115, 8
+  %793 = getelementptr inbounds float, ptr %788, i64 %792
+  %794 = load <8 x float>, ptr %793, align 4
+  store <8 x float> zeroinitializer, ptr %acc031123, align 4
+  %795 = add nsw i64 %r0103, 4
+  %796 = mul nsw i64 %795, 3072
+  %797 = add nsw i64 %796, 0
+  %798 = getelementptr inbounds float, ptr %h, i64 %797
+  %799 = getelementptr inbounds i32, ptr %rows, i64 %795
+  %800 = load i32, ptr %799, align 4
+  %801 = sext i32 %800 to i64
+  %802 = mul nsw i64 %801, 768
+  %803 = getelementptr inbounds float, ptr %y, i64 %802
+  %804 = add nsw i64 %col115, 0
+  %805 = getelementptr inbounds float, ptr %803, i64 %804
+  %806 = load <8 x float>, ptr %805, align 4
+  store <8 x float> zeroinitializer, ptr %acc040124, align 4
+  %807 = add nsw i64 %col115, 8
+  %808 = getelementptr inbounds float, ptr %803, i64 %807
+  %809 = load <8 x float>, ptr %808, align 4
+  store <8 x float> zeroinitializer, ptr %acc041125, align 4
+  %810 = add nsw i64 %r0103, 5
+  %811 = mul nsw i64 %810, 3072
+  %812 = add nsw i64 %811, 0
+  %813 = getelementptr inbounds float, ptr %h, i64 %812
+  %814 = getelementptr inbounds i32, ptr %rows, i64 %810
+  %815 = load i32, ptr %814, align 4
+  %816 = sext i32 %815 to i64
+  %817 = mul nsw i64 %816, 768
+  %818 = getelementptr inbounds float, ptr %y, i64 %817
+  %819 = add nsw i64 %col115, 0
+  %820 = getelementptr inbounds float, ptr %818, i64 %819
+  %821 = load <8 x float>, ptr %820, align 4
+  store <8 x float> zeroinitializer, ptr %acc050126, align 4
+  %822 = add nsw i64 %col115, 8
+  %823 = getelementptr inbounds float, ptr %818, i64 %822
+  %824 = load <8 x float>, ptr %823, align 4
+  store <8 x float> zeroinitializer, ptr %acc051127, align 4
+  %825 = mul nsw i64 %p, 49152
+  %panel.off128 = add nsw i64 %825, 0
+  %826 = getelementptr inbounds i16, ptr %panels, i64 %panel.off128
+  %827 = add nsw i64 %p, 1
+  %828 = icmp slt i64 %827, %p1
+  %pf.on129 = and i1 %pf.on114, %828
+  %829 = mul nsw i64 %rb102, 98304
+  %830 = lshr i64 %829, %732
+  %831 = add nsw i64 98304, %830
+  %832 = getelementptr inbounds i8, ptr %826, i64 %831
+  %pf130 = select i1 %pf.on129, ptr %832, ptr %826
+  %pf.sh131 = select i1 %pf.on129, i64 %732, i64 0
+  br label %k.head132
+
+k.head132:                                        ; preds = %pf.any.end137, %tile.mr6112
+  %k135 = phi i64 [ 0, %tile.mr6112 ], [ %893, %pf.any.end137 ]
+  %833 = icmp slt i64 %k135, 3072
+  br i1 %833, label %k.body133, label %k.end134
+
+k.body133:                                        ; preds = %k.head132
+  %834 = mul nsw i64 %k135, 1
+  %835 = add nsw i64 %834, 0
+  %836 = mul nsw i64 %835, 32
+  br i1 %pf.multi113, label %pf.any.then136, label %pf.any.end137
+
+pf.any.then136:                                   ; preds = %k.body133
+  %837 = lshr i64 %836, %pf.sh131
+  %838 = getelementptr inbounds i8, ptr %pf130, i64 %837
+  call void @llvm.prefetch.p0(ptr %838, i32 0, i32 2, i32 1)
+  br label %pf.any.end137
+
+pf.any.end137:                                    ; preds = %pf.any.then136, %k.body133
+  %839 = mul nsw i64 %835, 16
+  %840 = add nsw i64 %panel.off128, %839
+  %841 = getelementptr inbounds i16, ptr %panels, i64 %840
+  %842 = load <8 x i32>, ptr %841, align 4
+  %843 = shl <8 x i32> %842, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0138 = bitcast <8 x i32> %843 to <8 x float>
+  %844 = and <8 x i32> %842, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1139 = bitcast <8 x i32> %844 to <8 x float>
+  %845 = getelementptr inbounds float, ptr %738, i64 %835
+  %846 = load float, ptr %845, align 4
+  %847 = insertelement <8 x float> poison, float %846, i32 0
+  %848 = shufflevector <8 x float> %847, <8 x float> poison, <8 x i32> zeroinitializer
+  %849 = load <8 x float>, ptr %acc000116, align 4
+  %850 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> %b0138, <8 x float> %849)
+  store <8 x float> %850, ptr %acc000116, align 4
+  %851 = load <8 x float>, ptr %acc001117, align 4
+  %852 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> %b1139, <8 x float> %851)
+  store <8 x float> %852, ptr %acc001117, align 4
+  %853 = getelementptr inbounds float, ptr %753, i64 %835
+  %854 = load float, ptr %853, align 4
+  %855 = insertelement <8 x float> poison, float %854, i32 0
+  %856 = shufflevector <8 x float> %855, <8 x float> poison, <8 x i32> zeroinitializer
+  %857 = load <8 x float>, ptr %acc010118, align 4
+  %858 = call <8 x float> @llvm.fma.v8f32(<8 x float> %856, <8 x float> %b0138, <8 x float> %857)
+  store <8 x float> %858, ptr %acc010118, align 4
+  %859 = load <8 x float>, ptr %acc011119, align 4
+  %860 = call <8 x float> @llvm.fma.v8f32(<8 x float> %856, <8 x float> %b1139, <8 x float> %859)
+  store <8 x float> %860, ptr %acc011119, align 4
+  %861 = getelementptr inbounds float, ptr %768, i64 %835
+  %862 = load float, ptr %861, align 4
+  %863 = insertelement <8 x float> poison, float %862, i32 0
+  %864 = shufflevector <8 x float> %863, <8 x float> poison, <8 x i32> zeroinitializer
+  %865 = load <8 x float>, ptr %acc020120, align 4
+  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> %b0138, <8 x float> %865)
+  store <8 x float> %866, ptr %acc020120, align 4
+  %867 = load <8 x float>, ptr %acc021121, align 4
+  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> %b1139, <8 x float> %867)
+  store <8 x float> %868, ptr %acc021121, align 4
+  %869 = getelementptr inbounds float, ptr %783, i64 %835
+  %870 = load float, ptr %869, align 4
+  %871 = insertelement <8 x float> poison, float %870, i32 0
+  %872 = shufflevector <8 x float> %871, <8 x float> poison, <8 x i32> zeroinitializer
+  %873 = load <8 x float>, ptr %acc030122, align 4
+  %874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %872, <8 x float> %b0138, <8 x float> %873)
+  store <8 x float> %874, ptr %acc030122, align 4
+  %875 = load <8 x float>, ptr %acc031123, align 4
+  %876 = call <8 x float> @llvm.fma.v8f32(<8 x float> %872, <8 x float> %b1139, <8 x float> %875)
+  store <8 x float> %876, ptr %acc031123, align 4
+  %877 = getelementptr inbounds float, ptr %798, i64 %835
+  %878 = load float, ptr %877, align 4
+  %879 = insertelement <8 x float> poison, float %878, i32 0
+  %880 = shufflevector <8 x float> %879, <8 x float> poison, <8 x i32> zeroinitializer
+  %881 = load <8 x float>, ptr %acc040124, align 4
+  %882 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> %b0138, <8 x float> %881)
+  store <8 x float> %882, ptr %acc040124, align 4
+  %883 = load <8 x float>, ptr %acc041125, align 4
+  %884 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> %b1139, <8 x float> %883)
+  store <8 x float> %884, ptr %acc041125, align 4
+  %885 = getelementptr inbounds float, ptr %813, i64 %835
+  %886 = load float, ptr %885, align 4
+  %887 = insertelement <8 x float> poison, float %886, i32 0
+  %888 = shufflevector <8 x float> %887, <8 x float> poison, <8 x i32> zeroinitializer
+  %889 = load <8 x float>, ptr %acc050126, align 4
+  %890 = call <8 x float> @llvm.fma.v8f32(<8 x float> %888, <8 x float> %b0138, <8 x float> %889)
+  store <8 x float> %890, ptr %acc050126, align 4
+  %891 = load <8 x float>, ptr %acc051127, align 4
+  %892 = call <8 x float> @llvm.fma.v8f32(<8 x float> %888, <8 x float> %b1139, <8 x float> %891)
+  store <8 x float> %892, ptr %acc051127, align 4
+  %893 = add nsw i64 %k135, 1
+  br label %k.head132
+
+k.end134:                                         ; preds = %k.head132
+  %894 = load <8 x float>, ptr %acc000116, align 4
+  store <8 x float> %894, ptr %745, align 4
+  %895 = load <8 x float>, ptr %acc001117, align 4
+  store <8 x float> %895, ptr %748, align 4
+  %896 = load <8 x float>, ptr %acc010118, align 4
+  store <8 x float> %896, ptr %760, align 4
+  %897 = load <8 x float>, ptr %acc011119, align 4
+  store <8 x float> %897, ptr %763, align 4
+  %898 = load <8 x float>, ptr %acc020120, align 4
+  store <8 x float> %898, ptr %775, align 4
+  %899 = load <8 x float>, ptr %acc021121, align 4
+  store <8 x float> %899, ptr %778, align 4
+  %900 = load <8 x float>, ptr %acc030122, align 4
+  store <8 x float> %900, ptr %790, align 4
+  %901 = load <8 x float>, ptr %acc031123, align 4
+  store <8 x float> %901, ptr %793, align 4
+  %902 = load <8 x float>, ptr %acc040124, align 4
+  store <8 x float> %902, ptr %805, align 4
+  %903 = load <8 x float>, ptr %acc041125, align 4
+  store <8 x float> %903, ptr %808, align 4
+  %904 = load <8 x float>, ptr %acc050126, align 4
+  store <8 x float> %904, ptr %820, align 4
+  %905 = load <8 x float>, ptr %acc051127, align 4
+  store <8 x float> %905, ptr %823, align 4
+  br label %tile.done106
+
+tile.mr5111:                                      ; preds = %rb.body100
+  %col140 = mul nsw i64 %p, 16
+  %906 = add nsw i64 %r0103, 0
+  %907 = mul nsw i64 %906, 3072
+  %908 = add nsw i64 %907, 0
+  %909 = getelementptr inbounds float, ptr %h, i64 %908
+  %910 = getelementptr inbounds i32, ptr %rows, i64 %906
+  %911 = load i32, ptr %910, align 4
+  %912 = sext i32 %911 to i64
+  %913 = mul nsw i64 %912, 768
+  %914 = getelementptr inbounds float, ptr %y, i64 %913
+  %915 = add nsw i64 %col140, 0
+  %916 = getelementptr inbounds float, ptr %914, i64 %915
+  %917 = load <8 x float>, ptr %916, align 4
+  store <8 x float> zeroinitializer, ptr %acc000141, align 4
+  %918 = add nsw i64 %col140, 8
+  %919 = getelementptr inbounds float, ptr %914, i64 %918
+  %920 = load <8 x float>, ptr %919, align 4
+  store <8 x float> zeroinitializer, ptr %acc001142, align 4
+  %921 = add nsw i64 %r0103, 1
+  %922 = mul nsw i64 %921, 3072
+  %923 = add nsw i64 %922, 0
+  %924 = getelementptr inbounds float, ptr %h, i64 %923
+  %925 = getelementptr inbounds i32, ptr %rows, i64 %921
+  %926 = load i32, ptr %925, align 4
+  %927 = sext i32 %926 to i64
+  %928 = mul nsw i64 %927, 768
+  %929 = getelementptr inbounds float, ptr %y, i64 %928
+  %930 = add nsw i64 %col140, 0
+  %931 = getelementptr inbounds float, ptr %929, i64 %930
+  %932 = load <8 x float>, ptr %931, align 4
+  store <8 x float> zeroinitializer, ptr %acc010143, align 4
+  %933 = add nsw i64 %col140, 8
+  %934 = getelementptr inbounds float, ptr %929, i64 %933
+  %935 = load <8 x float>, ptr %934, align 4
+  store <8 x float> zeroinitializer, ptr %acc011144, align 4
+  %936 = add nsw i64 %r0103, 2
+  %937 = mul nsw i64 %936, 3072
+  %938 = add nsw i64 %937, 0
+  %939 = getelementptr inbounds float, ptr %h, i64 %938
+  %940 = getelementptr inbounds i32, ptr %rows, i64 %936
+  %941 = load i32, ptr %940, align 4
+  %942 = sext i32 %941 to i64
+  %943 = mul nsw i64 %942, 768
+  %944 = getelementptr inbounds float, ptr %y, i64 %943
+  %945 = add nsw i64 %col140, 0
+  %946 = getelementptr inbounds float, ptr %944, i64 %945
+  %947 = load <8 x float>, ptr %946, align 4
+  store <8 x float> zeroinitializer, ptr %acc020145, align 4
+  %948 = add nsw i64 %col140, 8
+  %949 = getelementptr inbounds float, ptr %944, i64 %948
+  %950 = load <8 x float>, ptr %949, align 4
+  store <8 x float> zeroinitializer, ptr %acc021146, align 4
+  %951 = add nsw i64 %r0103, 3
+  %952 = mul nsw i64 %951, 3072
+  %953 = add nsw i64 %952, 0
+  %954 = getelementptr inbounds float, ptr %h, i64 %953
+  %955 = getelementptr inbounds i32, ptr %rows, i64 %951
+  %956 = load i32, ptr %955, align 4
+  %957 = sext i32 %956 to i64
+  %958 = mul nsw i64 %957, 768
+  %959 = getelementptr inbounds float, ptr %y, i64 %958
+  %960 = add nsw i64 %col140, 0
+  %961 = getelementptr inbounds float, ptr %959, i64 %960
+  %962 = load <8 x float>, ptr %961, align 4
+  store <8 x float> zeroinitializer, ptr %acc030147, align 4
+  %963 = add nsw i64 %col140, 8
+  %964 = getelementptr inbounds float, ptr %959, i64 %963
+  %965 = load <8 x float>, ptr %964, align 4
+  store <8 x float> zeroinitializer, ptr %acc031148, align 4
+  %966 = add nsw i64 %r0103, 4
+  %967 = mul nsw i64 %966, 3072
+  %968 = add nsw i64 %967, 0
+  %969 = getelementptr inbounds float, ptr %h, i64 %968
+  %970 = getelementptr inbounds i32, ptr %rows, i64 %966
+  %971 = load i32, ptr %970, align 4
+  %972 = sext i32 %971 to i64
+  %973 = mul nsw i64 %972, 768
+  %974 = getelementptr inbounds float, ptr %y, i64 %973
+  %975 = add nsw i64 %col140, 0
+  %976 = getelementptr inbounds float, ptr %974, i64 %975
+  %977 = load <8 x float>, ptr %976, align 4
+  store <8 x float> zeroinitializer, ptr %acc040149, align 4
+  %978 = add nsw i64 %col140, 8
+  %979 = getelementptr inbounds float, ptr %974, i64 %978
+  %980 = load <8 x float>, ptr %979, align 4
+  store <8 x float> zeroinitializer, ptr %acc041150, align 4
+  %981 = mul nsw i64 %p, 49152
+  %panel.off151 = add nsw i64 %981, 0
+  %982 = getelementptr inbounds i16, ptr %panels, i64 %panel.off151
+  %983 = add nsw i64 %p, 1
+  %984 = icmp slt i64 %983, %p1
+  %pf.on152 = and i1 %pf.on114, %984
+  %985 = mul nsw i64 %rb102, 98304
+  %986 = lshr i64 %985, %732
+  %987 = add nsw i64 98304, %986
+  %988 = getelementptr inbounds i8, ptr %982, i64 %987
+  %pf153 = select i1 %pf.on152, ptr %988, ptr %982
+  %pf.sh154 = select i1 %pf.on152, i64 %732, i64 0
+  br label %k.head155
+
+k.head155:                                        ; preds = %pf.any.end160, %tile.mr5111
+  %k158 = phi i64 [ 0, %tile.mr5111 ], [ %1041, %pf.any.end160 ]
+  %989 = icmp slt i64 %k158, 3072
+  br i1 %989, label %k.body156, label %k.end157
+
+k.body156:                                        ; preds = %k.head155
+  %990 = mul nsw i64 %k158, 1
+  %991 = add nsw i64 %990, 0
+  %992 = mul nsw i64 %991, 32
+  br i1 %pf.multi113, label %pf.any.then159, label %pf.any.end160
+
+pf.any.then159:                                   ; preds = %k.body156
+  %993 = lshr i64 %992, %pf.sh154
+  %994 = getelementptr inbounds i8, ptr %pf153, i64 %993
+  call void @llvm.prefetch.p0(ptr %994, i32 0, i32 2, i32 1)
+  br label %pf.any.end160
+
+pf.any.end160:                                    ; preds = %pf.any.then159, %k.body156
+  %995 = mul nsw i64 %991, 16
+  %996 = add nsw i64 %panel.off151, %995
+  %997 = getelementptr inbounds i16, ptr %panels, i64 %996
+  %998 = load <8 x i32>, ptr %997, align 4
+  %999 = shl <8 x i32> %998, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0161 = bitcast <8 x i32> %999 to <8 x float>
+  %1000 = and <8 x i32> %998, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1162 = bitcast <8 x i32> %1000 to <8 x float>
+  %1001 = getelementptr inbounds float, ptr %909, i64 %991
+  %1002 = load float, ptr %1001, align 4
+  %1003 = insertelement <8 x float> poison, float %1002, i32 0
+  %1004 = shufflevector <8 x float> %1003, <8 x float> poison, <8 x i32> zeroinitializer
+  %1005 = load <8 x float>, ptr %acc000141, align 4
+  %1006 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1004, <8 x float> %b0161, <8 x float> %1005)
+  store <8 x float> %1006, ptr %acc000141, align 4
+  %1007 = load <8 x float>, ptr %acc001142, align 4
+  %1008 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1004, <8 x float> %b1162, <8 x float> %1007)
+  store <8 x float> %1008, ptr %acc001142, align 4
+  %1009 = getelementptr inbounds float, ptr %924, i64 %991
+  %1010 = load float, ptr %1009, align 4
+  %1011 = insertelement <8 x float> poison, float %1010, i32 0
+  %1012 = shufflevector <8 x float> %1011, <8 x float> poison, <8 x i32> zeroinitializer
+  %1013 = load <8 x float>, ptr %acc010143, align 4
+  %1014 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %b0161, <8 x float> %1013)
+  store <8 x float> %1014, ptr %acc010143, align 4
+  %1015 = load <8 x float>, ptr %acc011144, align 4
+  %1016 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %b1162, <8 x float> %1015)
+  store <8 x float> %1016, ptr %acc011144, align 4
+  %1017 = getelementptr inbounds float, ptr %939, i64 %991
+  %1018 = load float, ptr %1017, align 4
+  %1019 = insertelement <8 x float> poison, float %1018, i32 0
+  %1020 = shufflevector <8 x float> %1019, <8 x float> poison, <8 x i32> zeroinitializer
+  %1021 = load <8 x float>, ptr %acc020145, align 4
+  %1022 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %b0161, <8 x float> %1021)
+  store <8 x float> %1022, ptr %acc020145, align 4
+  %1023 = load <8 x float>, ptr %acc021146, align 4
+  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %b1162, <8 x float> %1023)
+  store <8 x float> %1024, ptr %acc021146, align 4
+  %1025 = getelementptr inbounds float, ptr %954, i64 %991
+  %1026 = load float, ptr %1025, align 4
+  %1027 = insertelement <8 x float> poison, float %1026, i32 0
+  %1028 = shufflevector <8 x float> %1027, <8 x float> poison, <8 x i32> zeroinitializer
+  %1029 = load <8 x float>, ptr %acc030147, align 4
+  %1030 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %b0161, <8 x float> %1029)
+  store <8 x float> %1030, ptr %acc030147, align 4
+  %1031 = load <8 x float>, ptr %acc031148, align 4
+  %1032 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %b1162, <8 x float> %1031)
+  store <8 x float> %1032, ptr %acc031148, align 4
+  %1033 = getelementptr inbounds float, ptr %969, i64 %991
+  %1034 = load float, ptr %1033, align 4
+  %1035 = insertelement <8 x float> poison, float %1034, i32 0
+  %1036 = shufflevector <8 x float> %1035, <8 x float> poison, <8 x i32> zeroinitializer
+  %1037 = load <8 x float>, ptr %acc040149, align 4
+  %1038 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %b0161, <8 x float> %1037)
+  store <8 x float> %1038, ptr %acc040149, align 4
+  %1039 = load <8 x float>, ptr %acc041150, align 4
+  %1040 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %b1162, <8 x float> %1039)
+  store <8 x float> %1040, ptr %acc041150, align 4
+  %1041 = add nsw i64 %k158, 1
+  br label %k.head155
+
+k.end157:                                         ; preds = %k.head155
+  %1042 = load <8 x float>, ptr %acc000141, align 4
+  store <8 x float> %1042, ptr %916, align 4
+  %1043 = load <8 x float>, ptr %acc001142, align 4
+  store <8 x float> %1043, ptr %919, align 4
+  %1044 = load <8 x float>, ptr %acc010143, align 4
+  store <8 x float> %1044, ptr %931, align 4
+  %1045 = load <8 x float>, ptr %acc011144, align 4
+  store <8 x float> %1045, ptr %934, align 4
+  %1046 = load <8 x float>, ptr %acc020145, align 4
+  store <8 x float> %1046, ptr %946, align 4
+  %1047 = load <8 x float>, ptr %acc021146, align 4
+  store <8 x float> %1047, ptr %949, align 4
+  %1048 = load <8 x float>, ptr %acc030147, align 4
+  store <8 x float> %1048, ptr %961, align 4
+  %1049 = load <8 x float>, ptr %acc031148, align 4
+  store <8 x float> %1049, ptr %964, align 4
+  %1050 = load <8 x float>, ptr %acc040149, align 4
+  store <8 x float> %1050, ptr %976, align 4
+  %1051 = load <8 x float>, ptr %acc041150, align 4
+  store <8 x float> %1051, ptr %979, align 4
+  br label %tile.done106
+
+tile.mr4110:                                      ; preds = %rb.body100
+  %col163 = mul nsw i64 %p, 16
+  %1052 = add nsw i64 %r0103, 0
+  %1053 = mul nsw i64 %1052, 3072
+  %1054 = add nsw i64 %1053, 0
+  %1055 = getelementptr inbounds float, ptr %h, i64 %1054
+  %1056 = getelementptr inbounds i32, ptr %rows, i64 %1052
+  %1057 = load i32, ptr %1056, align 4
+  %1058 = sext i32 %1057 to i64
+  %1059 = mul nsw i64 %1058, 768
+  %1060 = getelementptr inbounds float, ptr %y, i64 %1059
+  %1061 = add nsw i64 %col163, 0
+  %1062 = getelementptr inbounds float, ptr %1060, i64 %1061
+  %1063 = load <8 x float>, ptr %1062, align 4
+  store <8 x float> zeroinitializer, ptr %acc000164, align 4
+  %1064 = add nsw i64 %col163, 8
+  %1065 = getelementptr inbounds float, ptr %1060, i64 %1064
+  %1066 = load <8 x float>, ptr %1065, align 4
+  store <8 x float> zeroinitializer, ptr %acc001165, align 4
+  %1067 = add nsw i64 %r0103, 1
+  %1068 = mul nsw i64 %1067, 3072
+  %1069 = add nsw i64 %1068, 0
+  %1070 = getelementptr inbounds float, ptr %h, i64 %1069
+  %1071 = getelementptr inbounds i32, ptr %rows, i64 %1067
+  %1072 = load i32, ptr %1071, align 4
+  %1073 = sext i32 %1072 to i64
+  %1074 = mul nsw i64 %1073, 768
+  %1075 = getelementptr inbounds float, ptr %y, i64 %1074
+  %1076 = add nsw i64 %col163, 0
+  %1077 = getelementptr inbounds float, ptr %1075, i64 %1076
+  %1078 = load <8 x float>, ptr %1077, align 4
+  store <8 x float> zeroinitializer, ptr %acc010166, align 4
+  %1079 = add nsw i64 %col163, 8
+  %1080 = getelementptr inbounds float, ptr %1075, i64 %1079
+  %1081 = load <8 x float>, ptr %1080, align 4
+  store <8 x float> zeroinitializer, ptr %acc011167, align 4
+  %1082 = add nsw i64 %r0103, 2
+  %1083 = mul nsw i64 %1082, 3072
+  %1084 = add nsw i64 %1083, 0
+  %1085 = getelementptr inbounds float, ptr %h, i64 %1084
+  %1086 = getelementptr inbounds i32, ptr %rows, i64 %1082
+  %1087 = load i32, ptr %1086, align 4
+  %1088 = sext i32 %1087 to i64
+  %1089 = mul nsw i64 %1088, 768
+  %1090 = getelementptr inbounds float, ptr %y, i64 %1089
+  %1091 = add nsw i64 %col163, 0
+  %1092 = getelementptr inbounds float, ptr %1090, i64 %1091
+  %1093 = load <8 x float>, ptr %1092, align 4
+  store <8 x float> zeroinitializer, ptr %acc020168, align 4
+  %1094 = add nsw i64 %col163, 8
+  %1095 = getelementptr inbounds float, ptr %1090, i64 %1094
+  %1096 = load <8 x float>, ptr %1095, align 4
+  store <8 x float> zeroinitializer, ptr %acc021169, align 4
+  %1097 = add nsw i64 %r0103, 3
+  %1098 = mul nsw i64 %1097, 3072
+  %1099 = add nsw i64 %1098, 0
+  %1100 = getelementptr inbounds float, ptr %h, i64 %1099
+  %1101 = getelementptr inbounds i32, ptr %rows, i64 %1097
+  %1102 = load i32, ptr %1101, align 4
+  %1103 = sext i32 %1102 to i64
+  %1104 = mul nsw i64 %1103, 768
+  %1105 = getelementptr inbounds float, ptr %y, i64 %1104
+  %1106 = add nsw i64 %col163, 0
+  %1107 = getelementptr inbounds float, ptr %1105, i64 %1106
+  %1108 = load <8 x float>, ptr %1107, align 4
+  store <8 x float> zeroinitializer, ptr %acc030170, align 4
+  %1109 = add nsw i64 %col163, 8
+  %1110 = getelementptr inbounds float, ptr %1105, i64 %1109
+  %1111 = load <8 x float>, ptr %1110, align 4
+  store <8 x float> zeroinitializer, ptr %acc031171, align 4
+  %1112 = mul nsw i64 %p, 49152
+  %panel.off172 = add nsw i64 %1112, 0
+  %1113 = getelementptr inbounds i16, ptr %panels, i64 %panel.off172
+  %1114 = add nsw i64 %p, 1
+  %1115 = icmp slt i64 %1114, %p1
+  %pf.on173 = and i1 %pf.on114, %1115
+  %1116 = mul nsw i64 %rb102, 98304
+  %1117 = lshr i64 %1116, %732
+  %1118 = add nsw i64 98304, %1117
+  %1119 = getelementptr inbounds i8, ptr %1113, i64 %1118
+  %pf174 = select i1 %pf.on173, ptr %1119, ptr %1113
+  %pf.sh175 = select i1 %pf.on173, i64 %732, i64 0
+  br label %k.head176
+
+k.head176:                                        ; preds = %pf.any.end181, %tile.mr4110
+  %k179 = phi i64 [ 0, %tile.mr4110 ], [ %1164, %pf.any.end181 ]
+  %1120 = icmp slt i64 %k179, 3072
+  br i1 %1120, label %k.body177, label %k.end178
+
+k.body177:                                        ; preds = %k.head176
+  %1121 = mul nsw i64 %k179, 1
+  %1122 = add nsw i64 %1121, 0
+  %1123 = mul nsw i64 %1122, 32
+  br i1 %pf.multi113, label %pf.any.then180, label %pf.any.end181
+
+pf.any.then180:                                   ; preds = %k.body177
+  %1124 = lshr i64 %1123, %pf.sh175
+  %1125 = getelementptr inbounds i8, ptr %pf174, i64 %1124
+  call void @llvm.prefetch.p0(ptr %1125, i32 0, i32 2, i32 1)
+  br label %pf.any.end181
+
+pf.any.end181:                                    ; preds = %pf.any.then180, %k.body177
+  %1126 = mul nsw i64 %1122, 16
+  %1127 = add nsw i64 %panel.off172, %1126
+  %1128 = getelementptr inbounds i16, ptr %panels, i64 %1127
+  %1129 = load <8 x i32>, ptr %1128, align 4
+  %1130 = shl <8 x i32> %1129, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0182 = bitcast <8 x i32> %1130 to <8 x float>
+  %1131 = and <8 x i32> %1129, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1183 = bitcast <8 x i32> %1131 to <8 x float>
+  %1132 = getelementptr inbounds float, ptr %1055, i64 %1122
+  %1133 = load float, ptr %1132, align 4
+  %1134 = insertelement <8 x float> poison, float %1133, i32 0
+  %1135 = shufflevector <8 x float> %1134, <8 x float> poison, <8 x i32> zeroinitializer
+  %1136 = load <8 x float>, ptr %acc000164, align 4
+  %1137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1135, <8 x float> %b0182, <8 x float> %1136)
+  store <8 x float> %1137, ptr %acc000164, align 4
+  %1138 = load <8 x float>, ptr %acc001165, align 4
+  %1139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1135, <8 x float> %b1183, <8 x float> %1138)
+  store <8 x float> %1139, ptr %acc001165, align 4
+  %1140 = getelementptr inbounds float, ptr %1070, i64 %1122
+  %1141 = load float, ptr %1140, align 4
+  %1142 = insertelement <8 x float> poison, float %1141, i32 0
+  %1143 = shufflevector <8 x float> %1142, <8 x float> poison, <8 x i32> zeroinitializer
+  %1144 = load <8 x float>, ptr %acc010166, align 4
+  %1145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1143, <8 x float> %b0182, <8 x float> %1144)
+  store <8 x float> %1145, ptr %acc010166, align 4
+  %1146 = load <8 x float>, ptr %acc011167, align 4
+  %1147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1143, <8 x float> %b1183, <8 x float> %1146)
+  store <8 x float> %1147, ptr %acc011167, align 4
+  %1148 = getelementptr inbounds float, ptr %1085, i64 %1122
+  %1149 = load float, ptr %1148, align 4
+  %1150 = insertelement <8 x float> poison, float %1149, i32 0
+  %1151 = shufflevector <8 x float> %1150, <8 x float> poison, <8 x i32> zeroinitializer
+  %1152 = load <8 x float>, ptr %acc020168, align 4
+  %1153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1151, <8 x float> %b0182, <8 x float> %1152)
+  store <8 x float> %1153, ptr %acc020168, align 4
+  %1154 = load <8 x float>, ptr %acc021169, align 4
+  %1155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1151, <8 x float> %b1183, <8 x float> %1154)
+  store <8 x float> %1155, ptr %acc021169, align 4
+  %1156 = getelementptr inbounds float, ptr %1100, i64 %1122
+  %1157 = load float, ptr %1156, align 4
+  %1158 = insertelement <8 x float> poison, float %1157, i32 0
+  %1159 = shufflevector <8 x float> %1158, <8 x float> poison, <8 x i32> zeroinitializer
+  %1160 = load <8 x float>, ptr %acc030170, align 4
+  %1161 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1159, <8 x float> %b0182, <8 x float> %1160)
+  store <8 x float> %1161, ptr %acc030170, align 4
+  %1162 = load <8 x float>, ptr %acc031171, align 4
+  %1163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1159, <8 x float> %b1183, <8 x float> %1162)
+  store <8 x float> %1163, ptr %acc031171, align 4
+  %1164 = add nsw i64 %k179, 1
+  br label %k.head176
+
+k.end178:                                         ; preds = %k.head176
+  %1165 = load <8 x float>, ptr %acc000164, align 4
+  store <8 x float> %1165, ptr %1062, align 4
+  %1166 = load <8 x float>, ptr %acc001165, align 4
+  store <8 x float> %1166, ptr %1065, align 4
+  %1167 = load <8 x float>, ptr %acc010166, align 4
+  store <8 x float> %1167, ptr %1077, align 4
+  %1168 = load <8 x float>, ptr %acc011167, align 4
+  store <8 x float> %1168, ptr %1080, align 4
+  %1169 = load <8 x float>, ptr %acc020168, align 4
+  store <8 x float> %1169, ptr %1092, align 4
+  %1170 = load <8 x float>, ptr %acc021169, align 4
+  store <8 x float> %1170, ptr %1095, align 4
+  %1171 = load <8 x float>, ptr %acc030170, align 4
+  store <8 x float> %1171, ptr %1107, align 4
+  %1172 = load <8 x float>, ptr %acc031171, align 4
+  store <8 x float> %1172, ptr %1110, align 4
+  br label %tile.done106
+
+tile.mr3109:                                      ; preds = %rb.body100
+  %col184 = mul nsw i64 %p, 16
+  %1173 = add nsw i64 %r0103, 0
+  %1174 = mul nsw i64 %1173, 3072
+  %1175 = add nsw i64 %1174, 0
+  %1176 = getelementptr inbounds float, ptr %h, i64 %1175
+  %1177 = getelementptr inbounds i32, ptr %rows, i64 %1173
+  %1178 = load i32, ptr %1177, align 4
+  %1179 = sext i32 %1178 to i64
+  %1180 = mul nsw i64 %1179, 768
+  %1181 = getelementptr inbounds float, ptr %y, i64 %1180
+  %1182 = add nsw i64 %col184, 0
+  %1183 = getelementptr inbounds float, ptr %1181, i64 %1182
+  %1184 = load <8 x float>, ptr %1183, align 4
+  store <8 x float> zeroinitializer, ptr %acc000185, align 4
+  %1185 = add nsw i64 %col184, 8
+  %1186 = getelementptr inbounds float, ptr %1181, i64 %1185
+  %1187 = load <8 x float>, ptr %1186, align 4
+  store <8 x float> zeroinitializer, ptr %acc001186, align 4
+  %1188 = add nsw i64 %r0103, 1
+  %1189 = mul nsw i64 %1188, 3072
+  %1190 = add nsw i64 %1189, 0
+  %1191 = getelementptr inbounds float, ptr %h, i64 %1190
+  %1192 = getelementptr inbounds i32, ptr %rows, i64 %1188
+  %1193 = load i32, ptr %1192, align 4
+  %1194 = sext i32 %1193 to i64
+  %1195 = mul nsw i64 %1194, 768
+  %1196 = getelementptr inbounds float, ptr %y, i64 %1195
+  %1197 = add nsw i64 %col184, 0
+  %1198 = getelementptr inbounds float, ptr %1196, i64 %1197
+  %1199 = load <8 x float>, ptr %1198, align 4
+  store <8 x float> zeroinitializer, ptr %acc010187, align 4
+  %1200 = add nsw i64 %col184, 8
+  %1201 = getelementptr inbounds float, ptr %1196, i64 %1200
+  %1202 = load <8 x float>, ptr %1201, align 4
+  store <8 x float> zeroinitializer, ptr %acc011188, align 4
+  %1203 = add nsw i64 %r0103, 2
+  %1204 = mul nsw i64 %1203, 3072
+  %1205 = add nsw i64 %1204, 0
+  %1206 = getelementptr inbounds float, ptr %h, i64 %1205
+  %1207 = getelementptr inbounds i32, ptr %rows, i64 %1203
+  %1208 = load i32, ptr %1207, align 4
+  %1209 = sext i32 %1208 to i64
+  %1210 = mul nsw i64 %1209, 768
+  %1211 = getelementptr inbounds float, ptr %y, i64 %1210
+  %1212 = add nsw i64 %col184, 0
+  %1213 = getelementptr inbounds float, ptr %1211, i64 %1212
+  %1214 = load <8 x float>, ptr %1213, align 4
+  store <8 x float> zeroinitializer, ptr %acc020189, align 4
+  %1215 = add nsw i64 %col184, 8
+  %1216 = getelementptr inbounds float, ptr %1211, i64 %1215
+  %1217 = load <8 x float>, ptr %1216, align 4
+  store <8 x float> zeroinitializer, ptr %acc021190, align 4
+  %1218 = mul nsw i64 %p, 49152
+  %panel.off191 = add nsw i64 %1218, 0
+  %1219 = getelementptr inbounds i16, ptr %panels, i64 %panel.off191
+  %1220 = add nsw i64 %p, 1
+  %1221 = icmp slt i64 %1220, %p1
+  %pf.on192 = and i1 %pf.on114, %1221
+  %1222 = mul nsw i64 %rb102, 98304
+  %1223 = lshr i64 %1222, %732
+  %1224 = add nsw i64 98304, %1223
+  %1225 = getelementptr inbounds i8, ptr %1219, i64 %1224
+  %pf193 = select i1 %pf.on192, ptr %1225, ptr %1219
+  %pf.sh194 = select i1 %pf.on192, i64 %732, i64 0
+  br label %k.head195
+
+k.head195:                                        ; preds = %pf.any.end200, %tile.mr3109
+  %k198 = phi i64 [ 0, %tile.mr3109 ], [ %1262, %pf.any.end200 ]
+  %1226 = icmp slt i64 %k198, 3072
+  br i1 %1226, label %k.body196, label %k.end197
+
+k.body196:                                        ; preds = %k.head195
+  %1227 = mul nsw i64 %k198, 1
+  %1228 = add nsw i64 %1227, 0
+  %1229 = mul nsw i64 %1228, 32
+  br i1 %pf.multi113, label %pf.any.then199, label %pf.any.end200
+
+pf.any.then199:                                   ; preds = %k.body196
+  %1230 = lshr i64 %1229, %pf.sh194
+  %1231 = getelementptr inbounds i8, ptr %pf193, i64 %1230
+  call void @llvm.prefetch.p0(ptr %1231, i32 0, i32 2, i32 1)
+  br label %pf.any.end200
+
+pf.any.end200:                                    ; preds = %pf.any.then199, %k.body196
+  %1232 = mul nsw i64 %1228, 16
+  %1233 = add nsw i64 %panel.off191, %1232
+  %1234 = getelementptr inbounds i16, ptr %panels, i64 %1233
+  %1235 = load <8 x i32>, ptr %1234, align 4
+  %1236 = shl <8 x i32> %1235, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0201 = bitcast <8 x i32> %1236 to <8 x float>
+  %1237 = and <8 x i32> %1235, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1202 = bitcast <8 x i32> %1237 to <8 x float>
+  %1238 = getelementptr inbounds float, ptr %1176, i64 %1228
+  %1239 = load float, ptr %1238, align 4
+  %1240 = insertelement <8 x float> poison, float %1239, i32 0
+  %1241 = shufflevector <8 x float> %1240, <8 x float> poison, <8 x i32> zeroinitializer
+  %1242 = load <8 x float>, ptr %acc000185, align 4
+  %1243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1241, <8 x float> %b0201, <8 x float> %1242)
+  store <8 x float> %1243, ptr %acc000185, align 4
+  %1244 = load <8 x float>, ptr %acc001186, align 4
+  %1245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1241, <8 x float> %b1202, <8 x float> %1244)
+  store <8 x float> %1245, ptr %acc001186, align 4
+  %1246 = getelementptr inbounds float, ptr %1191, i64 %1228
+  %1247 = load float, ptr %1246, align 4
+  %1248 = insertelement <8 x float> poison, float %1247, i32 0
+  %1249 = shufflevector <8 x float> %1248, <8 x float> poison, <8 x i32> zeroinitializer
+  %1250 = load <8 x float>, ptr %acc010187, align 4
+  %1251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1249, <8 x float> %b0201, <8 x float> %1250)
+  store <8 x float> %1251, ptr %acc010187, align 4
+  %1252 = load <8 x float>, ptr %acc011188, align 4
+  %1253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1249, <8 x float> %b1202, <8 x float> %1252)
+  store <8 x float> %1253, ptr %acc011188, align 4
+  %1254 = getelementptr inbounds float, ptr %1206, i64 %1228
+  %1255 = load float, ptr %1254, align 4
+  %1256 = insertelement <8 x float> poison, float %1255, i32 0
+  %1257 = shufflevector <8 x float> %1256, <8 x float> poison, <8 x i32> zeroinitializer
+  %1258 = load <8 x float>, ptr %acc020189, align 4
+  %1259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1257, <8 x float> %b0201, <8 x float> %1258)
+  store <8 x float> %1259, ptr %acc020189, align 4
+  %1260 = load <8 x float>, ptr %acc021190, align 4
+  %1261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1257, <8 x float> %b1202, <8 x float> %1260)
+  store <8 x float> %1261, ptr %acc021190, align 4
+  %1262 = add nsw i64 %k198, 1
+  br label %k.head195
+
+k.end197:                                         ; preds = %k.head195
+  %1263 = load <8 x float>, ptr %acc000185, align 4
+  store <8 x float> %1263, ptr %1183, align 4
+  %1264 = load <8 x float>, ptr %acc001186, align 4
+  store <8 x float> %1264, ptr %1186, align 4
+  %1265 = load <8 x float>, ptr %acc010187, align 4
+  store <8 x float> %1265, ptr %1198, align 4
+  %1266 = load <8 x float>, ptr %acc011188, align 4
+  store <8 x float> %1266, ptr %1201, align 4
+  %1267 = load <8 x float>, ptr %acc020189, align 4
+  store <8 x float> %1267, ptr %1213, align 4
+  %1268 = load <8 x float>, ptr %acc021190, align 4
+  store <8 x float> %1268, ptr %1216, align 4
+  br label %tile.done106
+
+tile.mr2108:                                      ; preds = %rb.body100
+  %col203 = mul nsw i64 %p, 16
+  %1269 = add nsw i64 %r0103, 0
+  %1270 = mul nsw i64 %1269, 3072
+  %1271 = add nsw i64 %1270, 0
+  %1272 = getelementptr inbounds float, ptr %h, i64 %1271
+  %1273 = getelementptr inbounds i32, ptr %rows, i64 %1269
+  %1274 = load i32, ptr %1273, align 4
+  %1275 = sext i32 %1274 to i64
+  %1276 = mul nsw i64 %1275, 768
+  %1277 = getelementptr inbounds float, ptr %y, i64 %1276
+  %1278 = add nsw i64 %col203, 0
+  %1279 = getelementptr inbounds float, ptr %1277, i64 %1278
+  %1280 = load <8 x float>, ptr %1279, align 4
+  store <8 x float> zeroinitializer, ptr %acc000204, align 4
+  %1281 = add nsw i64 %col203, 8
+  %1282 = getelementptr inbounds float, ptr %1277, i64 %1281
+  %1283 = load <8 x float>, ptr %1282, align 4
+  store <8 x float> zeroinitializer, ptr %acc001205, align 4
+  %1284 = add nsw i64 %r0103, 1
+  %1285 = mul nsw i64 %1284, 3072
+  %1286 = add nsw i64 %1285, 0
+  %1287 = getelementptr inbounds float, ptr %h, i64 %1286
+  %1288 = getelementptr inbounds i32, ptr %rows, i64 %1284
+  %1289 = load i32, ptr %1288, align 4
+  %1290 = sext i32 %1289 to i64
+  %1291 = mul nsw i64 %1290, 768
+  %1292 = getelementptr inbounds float, ptr %y, i64 %1291
+  %1293 = add nsw i64 %col203, 0
+  %1294 = getelementptr inbounds float, ptr %1292, i64 %1293
+  %1295 = load <8 x float>, ptr %1294, align 4
+  store <8 x float> zeroinitializer, ptr %acc010206, align 4
+  %1296 = add nsw i64 %col203, 8
+  %1297 = getelementptr inbounds float, ptr %1292, i64 %1296
+  %1298 = load <8 x float>, ptr %1297, align 4
+  store <8 x float> zeroinitializer, ptr %acc011207, align 4
+  %1299 = mul nsw i64 %p, 49152
+  %panel.off208 = add nsw i64 %1299, 0
+  %1300 = getelementptr inbounds i16, ptr %panels, i64 %panel.off208
+  %1301 = add nsw i64 %p, 1
+  %1302 = icmp slt i64 %1301, %p1
+  %pf.on209 = and i1 %pf.on114, %1302
+  %1303 = mul nsw i64 %rb102, 98304
+  %1304 = lshr i64 %1303, %732
+  %1305 = add nsw i64 98304, %1304
+  %1306 = getelementptr inbounds i8, ptr %1300, i64 %1305
+  %pf210 = select i1 %pf.on209, ptr %1306, ptr %1300
+  %pf.sh211 = select i1 %pf.on209, i64 %732, i64 0
+  br label %k.head212
+
+k.head212:                                        ; preds = %pf.any.end217, %tile.mr2108
+  %k215 = phi i64 [ 0, %tile.mr2108 ], [ %1335, %pf.any.end217 ]
+  %1307 = icmp slt i64 %k215, 3072
+  br i1 %1307, label %k.body213, label %k.end214
+
+k.body213:                                        ; preds = %k.head212
+  %1308 = mul nsw i64 %k215, 1
+  %1309 = add nsw i64 %1308, 0
+  %1310 = mul nsw i64 %1309, 32
+  br i1 %pf.multi113, label %pf.any.then216, label %pf.any.end217
+
+pf.any.then216:                                   ; preds = %k.body213
+  %1311 = lshr i64 %1310, %pf.sh211
+  %1312 = getelementptr inbounds i8, ptr %pf210, i64 %1311
+  call void @llvm.prefetch.p0(ptr %1312, i32 0, i32 2, i32 1)
+  br label %pf.any.end217
+
+pf.any.end217:                                    ; preds = %pf.any.then216, %k.body213
+  %1313 = mul nsw i64 %1309, 16
+  %1314 = add nsw i64 %panel.off208, %1313
+  %1315 = getelementptr inbounds i16, ptr %panels, i64 %1314
+  %1316 = load <8 x i32>, ptr %1315, align 4
+  %1317 = shl <8 x i32> %1316, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0218 = bitcast <8 x i32> %1317 to <8 x float>
+  %1318 = and <8 x i32> %1316, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1219 = bitcast <8 x i32> %1318 to <8 x float>
+  %1319 = getelementptr inbounds float, ptr %1272, i64 %1309
+  %1320 = load float, ptr %1319, align 4
+  %1321 = insertelement <8 x float> poison, float %1320, i32 0
+  %1322 = shufflevector <8 x float> %1321, <8 x float> poison, <8 x i32> zeroinitializer
+  %1323 = load <8 x float>, ptr %acc000204, align 4
+  %1324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1322, <8 x float> %b0218, <8 x float> %1323)
+  store <8 x float> %1324, ptr %acc000204, align 4
+  %1325 = load <8 x float>, ptr %acc001205, align 4
+  %1326 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1322, <8 x float> %b1219, <8 x float> %1325)
+  store <8 x float> %1326, ptr %acc001205, align 4
+  %1327 = getelementptr inbounds float, ptr %1287, i64 %1309
+  %1328 = load float, ptr %1327, align 4
+  %1329 = insertelement <8 x float> poison, float %1328, i32 0
+  %1330 = shufflevector <8 x float> %1329, <8 x float> poison, <8 x i32> zeroinitializer
+  %1331 = load <8 x float>, ptr %acc010206, align 4
+  %1332 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1330, <8 x float> %b0218, <8 x float> %1331)
+  store <8 x float> %1332, ptr %acc010206, align 4
+  %1333 = load <8 x float>, ptr %acc011207, align 4
+  %1334 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1330, <8 x float> %b1219, <8 x float> %1333)
+  store <8 x float> %1334, ptr %acc011207, align 4
+  %1335 = add nsw i64 %k215, 1
+  br label %k.head212
+
+k.end214:                                         ; preds = %k.head212
+  %1336 = load <8 x float>, ptr %acc000204, align 4
+  store <8 x float> %1336, ptr %1279, align 4
+  %1337 = load <8 x float>, ptr %acc001205, align 4
+  store <8 x float> %1337, ptr %1282, align 4
+  %1338 = load <8 x float>, ptr %acc010206, align 4
+  store <8 x float> %1338, ptr %1294, align 4
+  %1339 = load <8 x float>, ptr %acc011207, align 4
+  store <8 x float> %1339, ptr %1297, align 4
+  br label %tile.done106
+
+tile.mr1107:                                      ; preds = %rb.body100
+  %col220 = mul nsw i64 %p, 16
+  %1340 = add nsw i64 %r0103, 0
+  %1341 = mul nsw i64 %1340, 3072
+  %1342 = add nsw i64 %1341, 0
+  %1343 = getelementptr inbounds float, ptr %h, i64 %1342
+  %1344 = getelementptr inbounds i32, ptr %rows, i64 %1340
+  %1345 = load i32, ptr %1344, align 4
+  %1346 = sext i32 %1345 to i64
+  %1347 = mul nsw i64 %1346, 768
+  %1348 = getelementptr inbounds float, ptr %y, i64 %1347
+  %1349 = add nsw i64 %col220, 0
+  %1350 = getelementptr inbounds float, ptr %1348, i64 %1349
+  %1351 = load <8 x float>, ptr %1350, align 4
+  store <8 x float> zeroinitializer, ptr %acc000221, align 4
+  %1352 = add nsw i64 %col220, 8
+  %1353 = getelementptr inbounds float, ptr %1348, i64 %1352
+  %1354 = load <8 x float>, ptr %1353, align 4
+  store <8 x float> zeroinitializer, ptr %acc001222, align 4
+  %1355 = mul nsw i64 %p, 49152
+  %panel.off223 = add nsw i64 %1355, 0
+  %1356 = getelementptr inbounds i16, ptr %panels, i64 %panel.off223
+  %1357 = add nsw i64 %p, 1
+  %1358 = icmp slt i64 %1357, %p1
+  %pf.on224 = and i1 %pf.on114, %1358
+  %1359 = mul nsw i64 %rb102, 98304
+  %1360 = lshr i64 %1359, %732
+  %1361 = add nsw i64 98304, %1360
+  %1362 = getelementptr inbounds i8, ptr %1356, i64 %1361
+  %pf225 = select i1 %pf.on224, ptr %1362, ptr %1356
+  %pf.sh226 = select i1 %pf.on224, i64 %732, i64 0
+  br label %k.head227
+
+k.head227:                                        ; preds = %pf.any.end232, %tile.mr1107
+  %k230 = phi i64 [ 0, %tile.mr1107 ], [ %1383, %pf.any.end232 ]
+  %1363 = icmp slt i64 %k230, 3072
+  br i1 %1363, label %k.body228, label %k.end229
+
+k.body228:                                        ; preds = %k.head227
+  %1364 = mul nsw i64 %k230, 1
+  %1365 = add nsw i64 %1364, 0
+  %1366 = mul nsw i64 %1365, 32
+  br i1 %pf.multi113, label %pf.any.then231, label %pf.any.end232
+
+pf.any.then231:                                   ; preds = %k.body228
+  %1367 = lshr i64 %1366, %pf.sh226
+  %1368 = getelementptr inbounds i8, ptr %pf225, i64 %1367
+  call void @llvm.prefetch.p0(ptr %1368, i32 0, i32 2, i32 1)
+  br label %pf.any.end232
+
+pf.any.end232:                                    ; preds = %pf.any.then231, %k.body228
+  %1369 = mul nsw i64 %1365, 16
+  %1370 = add nsw i64 %panel.off223, %1369
+  %1371 = getelementptr inbounds i16, ptr %panels, i64 %1370
+  %1372 = load <8 x i32>, ptr %1371, align 4
+  %1373 = shl <8 x i32> %1372, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0233 = bitcast <8 x i32> %1373 to <8 x float>
+  %1374 = and <8 x i32> %1372, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1234 = bitcast <8 x i32> %1374 to <8 x float>
+  %1375 = getelementptr inbounds float, ptr %1343, i64 %1365
+  %1376 = load float, ptr %1375, align 4
+  %1377 = insertelement <8 x float> poison, float %1376, i32 0
+  %1378 = shufflevector <8 x float> %1377, <8 x float> poison, <8 x i32> zeroinitializer
+  %1379 = load <8 x float>, ptr %acc000221, align 4
+  %1380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1378, <8 x float> %b0233, <8 x float> %1379)
+  store <8 x float> %1380, ptr %acc000221, align 4
+  %1381 = load <8 x float>, ptr %acc001222, align 4
+  %1382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1378, <8 x float> %b1234, <8 x float> %1381)
+  store <8 x float> %1382, ptr %acc001222, align 4
+  %1383 = add nsw i64 %k230, 1
+  br label %k.head227
+
+k.end229:                                         ; preds = %k.head227
+  %1384 = load <8 x float>, ptr %acc000221, align 4
+  store <8 x float> %1384, ptr %1350, align 4
+  %1385 = load <8 x float>, ptr %acc001222, align 4
+  store <8 x float> %1385, ptr %1353, align 4
+  br label %tile.done106
+
+tile.done106:                                     ; preds = %k.end229, %k.end214, %k.end197, %k.end178, %k.end157, %k.end134
+  %1386 = add nsw i64 %rb102, 1
+  br label %rb.head99
+
+rb.end101:                                        ; preds = %rb.head99
+  %1387 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
+  br label %call.end
+
+call.end:                                         ; preds = %p.end, %kb.rc.end
   ret void
 }
 

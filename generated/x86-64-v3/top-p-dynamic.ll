@@ -21,13 +21,13 @@ entry:
   %qacc1 = alloca <16 x float>, align 32
   %qacc2 = alloca <16 x float>, align 32
   %qacc3 = alloca <16 x float>, align 32
-  %qacc8 = alloca <8 x float>, align 32
-  %qacc9 = alloca <8 x float>, align 32
-  %qacc10 = alloca <8 x float>, align 32
-  %qacc11 = alloca <8 x float>, align 32
-  %qacc20 = alloca <16 x float>, align 32
-  %qacc21 = alloca <16 x float>, align 32
-  %qacc36 = alloca <8 x float>, align 32
+  %qacc12 = alloca <8 x float>, align 32
+  %qacc13 = alloca <8 x float>, align 32
+  %qacc14 = alloca <8 x float>, align 32
+  %qacc15 = alloca <8 x float>, align 32
+  %qacc30 = alloca <16 x float>, align 32
+  %qacc31 = alloca <16 x float>, align 32
+  %qacc52 = alloca <8 x float>, align 32
   %smax = alloca float, align 32
   %ssum = alloca float, align 32
   %tk.m = alloca i64, align 32
@@ -39,7 +39,7 @@ start:                                            ; preds = %entry
   br label %tg.head
 
 tg.head:                                          ; preds = %t.end, %start
-  %tg = phi i64 [ %t0, %start ], [ %338, %t.end ]
+  %tg = phi i64 [ %t0, %start ], [ %422, %t.end ]
   %0 = icmp slt i64 %tg, %t1
   br i1 %0, label %tg.body, label %tg.end
 
@@ -54,418 +54,546 @@ tg.body:                                          ; preds = %tg.head
   br label %qb.head
 
 qb.head:                                          ; preds = %rb.end, %tg.body
-  %qb = phi i64 [ 0, %tg.body ], [ %84, %rb.end ]
+  %qb = phi i64 [ 0, %tg.body ], [ %105, %rb.end ]
   %6 = icmp slt i64 %qb, 2
   br i1 %6, label %qb.body, label %qb.end
 
 qb.body:                                          ; preds = %qb.head
   %7 = mul nsw i64 %qb, 8
+  %8 = sub nsw i64 %full, 0
+  %ntile = sdiv i64 %8, 4
+  %9 = icmp sge i64 %ntile, 2
+  %10 = select i1 %9, i64 1, i64 0
+  %11 = icmp sge i64 %ntile, 4
+  %12 = select i1 %11, i64 2, i64 %10
+  %13 = icmp sge i64 %ntile, 8
+  %14 = select i1 %13, i64 3, i64 %12
+  %15 = add nsw i64 %qb, 2
+  %more = icmp slt i64 %15, 2
+  %16 = mul nsw i64 %15, 32768
+  %17 = getelementptr inbounds i8, ptr %router, i64 %16
   br label %rb.head
 
 rb.head:                                          ; preds = %qh.end, %qb.body
-  %rb = phi i64 [ 0, %qb.body ], [ %83, %qh.end ]
-  %8 = icmp slt i64 %rb, %full
-  br i1 %8, label %rb.body, label %rb.end
+  %rb = phi i64 [ 0, %qb.body ], [ %104, %qh.end ]
+  %18 = icmp slt i64 %rb, %full
+  br i1 %18, label %rb.body, label %rb.end
 
 rb.body:                                          ; preds = %rb.head
-  %9 = add nsw i64 %rb, 0
-  %10 = mul nsw i64 %9, 1024
-  %11 = getelementptr inbounds float, ptr %4, i64 %10
-  %12 = mul nsw i64 %9, 16
-  %13 = add nsw i64 %12, %7
-  %14 = getelementptr inbounds float, ptr %lt, i64 %13
-  %15 = add nsw i64 %rb, 1
-  %16 = mul nsw i64 %15, 1024
-  %17 = getelementptr inbounds float, ptr %4, i64 %16
-  %18 = mul nsw i64 %15, 16
-  %19 = add nsw i64 %18, %7
-  %20 = getelementptr inbounds float, ptr %lt, i64 %19
-  %21 = add nsw i64 %rb, 2
-  %22 = mul nsw i64 %21, 1024
-  %23 = getelementptr inbounds float, ptr %4, i64 %22
-  %24 = mul nsw i64 %21, 16
-  %25 = add nsw i64 %24, %7
-  %26 = getelementptr inbounds float, ptr %lt, i64 %25
-  %27 = add nsw i64 %rb, 3
+  %19 = sub nsw i64 %rb, 0
+  %j = sdiv i64 %19, 4
+  %20 = shl i64 1, %14
+  %21 = icmp slt i64 %j, %20
+  %22 = icmp sgt i64 %ntile, 1
+  %23 = and i1 %more, %22
+  %pf.on = and i1 %23, %21
+  %24 = mul nsw i64 %j, 65536
+  %25 = lshr i64 %24, %14
+  %26 = getelementptr inbounds i8, ptr %17, i64 %25
+  %27 = add nsw i64 %rb, 0
   %28 = mul nsw i64 %27, 1024
   %29 = getelementptr inbounds float, ptr %4, i64 %28
   %30 = mul nsw i64 %27, 16
   %31 = add nsw i64 %30, %7
   %32 = getelementptr inbounds float, ptr %lt, i64 %31
+  %33 = add nsw i64 %rb, 1
+  %34 = mul nsw i64 %33, 1024
+  %35 = getelementptr inbounds float, ptr %4, i64 %34
+  %36 = mul nsw i64 %33, 16
+  %37 = add nsw i64 %36, %7
+  %38 = getelementptr inbounds float, ptr %lt, i64 %37
+  %39 = add nsw i64 %rb, 2
+  %40 = mul nsw i64 %39, 1024
+  %41 = getelementptr inbounds float, ptr %4, i64 %40
+  %42 = mul nsw i64 %39, 16
+  %43 = add nsw i64 %42, %7
+  %44 = getelementptr inbounds float, ptr %lt, i64 %43
+  %45 = add nsw i64 %rb, 3
+  %46 = mul nsw i64 %45, 1024
+  %47 = getelementptr inbounds float, ptr %4, i64 %46
+  %48 = mul nsw i64 %45, 16
+  %49 = add nsw i64 %48, %7
+  %50 = getelementptr inbounds float, ptr %lt, i64 %49
   store <16 x float> zeroinitializer, ptr %qacc, align 4
   store <16 x float> zeroinitializer, ptr %qacc1, align 4
   store <16 x float> zeroinitializer, ptr %qacc2, align 4
   store <16 x float> zeroinitializer, ptr %qacc3, align 4
   br label %qh.head
 
-qh.head:                                          ; preds = %qh.body, %rb.body
-  %qh = phi i64 [ 0, %rb.body ], [ %74, %qh.body ]
-  %33 = icmp slt i64 %qh, 1024
-  br i1 %33, label %qh.body, label %qh.end
+qh.head:                                          ; preds = %pf.end, %rb.body
+  %qh = phi i64 [ 0, %rb.body ], [ %95, %pf.end ]
+  %51 = icmp slt i64 %qh, 1024
+  br i1 %51, label %qh.body, label %qh.end
 
 qh.body:                                          ; preds = %qh.head
-  %34 = add nsw i64 %qb, 0
-  %35 = mul nsw i64 %qh, 8
-  %36 = mul nsw i64 %34, 8192
-  %37 = add nsw i64 %36, %35
-  %38 = getelementptr inbounds float, ptr %router, i64 %37
-  %39 = load <8 x float>, ptr %38, align 4
-  %40 = add nsw i64 %qb, 1
-  %41 = mul nsw i64 %qh, 8
-  %42 = mul nsw i64 %40, 8192
-  %43 = add nsw i64 %42, %41
-  %44 = getelementptr inbounds float, ptr %router, i64 %43
-  %45 = load <8 x float>, ptr %44, align 4
-  %w16 = shufflevector <8 x float> %39, <8 x float> %45, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %46 = getelementptr inbounds float, ptr %11, i64 %qh
-  %47 = load float, ptr %46, align 4
-  %48 = insertelement <16 x float> poison, float %47, i32 0
-  %49 = shufflevector <16 x float> %48, <16 x float> poison, <16 x i32> zeroinitializer
-  %50 = load <16 x float>, ptr %qacc, align 4
-  %51 = fmul <16 x float> %49, %w16
-  %52 = fadd <16 x float> %50, %51
-  store <16 x float> %52, ptr %qacc, align 4
-  %53 = getelementptr inbounds float, ptr %17, i64 %qh
-  %54 = load float, ptr %53, align 4
-  %55 = insertelement <16 x float> poison, float %54, i32 0
-  %56 = shufflevector <16 x float> %55, <16 x float> poison, <16 x i32> zeroinitializer
-  %57 = load <16 x float>, ptr %qacc1, align 4
-  %58 = fmul <16 x float> %56, %w16
-  %59 = fadd <16 x float> %57, %58
-  store <16 x float> %59, ptr %qacc1, align 4
-  %60 = getelementptr inbounds float, ptr %23, i64 %qh
-  %61 = load float, ptr %60, align 4
-  %62 = insertelement <16 x float> poison, float %61, i32 0
-  %63 = shufflevector <16 x float> %62, <16 x float> poison, <16 x i32> zeroinitializer
-  %64 = load <16 x float>, ptr %qacc2, align 4
-  %65 = fmul <16 x float> %63, %w16
-  %66 = fadd <16 x float> %64, %65
-  store <16 x float> %66, ptr %qacc2, align 4
+  br i1 %pf.on, label %pf.then, label %pf.end
+
+pf.then:                                          ; preds = %qh.body
+  %52 = mul nsw i64 %qh, 64
+  %53 = lshr i64 %52, %14
+  %54 = getelementptr inbounds i8, ptr %26, i64 %53
+  call void @llvm.prefetch.p0(ptr %54, i32 0, i32 2, i32 1)
+  br label %pf.end
+
+pf.end:                                           ; preds = %pf.then, %qh.body
+  %55 = add nsw i64 %qb, 0
+  %56 = mul nsw i64 %qh, 8
+  %57 = mul nsw i64 %55, 8192
+  %58 = add nsw i64 %57, %56
+  %59 = getelementptr inbounds float, ptr %router, i64 %58
+  %60 = load <8 x float>, ptr %59, align 4
+  %61 = add nsw i64 %qb, 1
+  %62 = mul nsw i64 %qh, 8
+  %63 = mul nsw i64 %61, 8192
+  %64 = add nsw i64 %63, %62
+  %65 = getelementptr inbounds float, ptr %router, i64 %64
+  %66 = load <8 x float>, ptr %65, align 4
+  %w16 = shufflevector <8 x float> %60, <8 x float> %66, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
   %67 = getelementptr inbounds float, ptr %29, i64 %qh
   %68 = load float, ptr %67, align 4
   %69 = insertelement <16 x float> poison, float %68, i32 0
   %70 = shufflevector <16 x float> %69, <16 x float> poison, <16 x i32> zeroinitializer
-  %71 = load <16 x float>, ptr %qacc3, align 4
+  %71 = load <16 x float>, ptr %qacc, align 4
   %72 = fmul <16 x float> %70, %w16
   %73 = fadd <16 x float> %71, %72
-  store <16 x float> %73, ptr %qacc3, align 4
-  %74 = add nsw i64 %qh, 1
+  store <16 x float> %73, ptr %qacc, align 4
+  %74 = getelementptr inbounds float, ptr %35, i64 %qh
+  %75 = load float, ptr %74, align 4
+  %76 = insertelement <16 x float> poison, float %75, i32 0
+  %77 = shufflevector <16 x float> %76, <16 x float> poison, <16 x i32> zeroinitializer
+  %78 = load <16 x float>, ptr %qacc1, align 4
+  %79 = fmul <16 x float> %77, %w16
+  %80 = fadd <16 x float> %78, %79
+  store <16 x float> %80, ptr %qacc1, align 4
+  %81 = getelementptr inbounds float, ptr %41, i64 %qh
+  %82 = load float, ptr %81, align 4
+  %83 = insertelement <16 x float> poison, float %82, i32 0
+  %84 = shufflevector <16 x float> %83, <16 x float> poison, <16 x i32> zeroinitializer
+  %85 = load <16 x float>, ptr %qacc2, align 4
+  %86 = fmul <16 x float> %84, %w16
+  %87 = fadd <16 x float> %85, %86
+  store <16 x float> %87, ptr %qacc2, align 4
+  %88 = getelementptr inbounds float, ptr %47, i64 %qh
+  %89 = load float, ptr %88, align 4
+  %90 = insertelement <16 x float> poison, float %89, i32 0
+  %91 = shufflevector <16 x float> %90, <16 x float> poison, <16 x i32> zeroinitializer
+  %92 = load <16 x float>, ptr %qacc3, align 4
+  %93 = fmul <16 x float> %91, %w16
+  %94 = fadd <16 x float> %92, %93
+  store <16 x float> %94, ptr %qacc3, align 4
+  %95 = add nsw i64 %qh, 1
   br label %qh.head
 
 qh.end:                                           ; preds = %qh.head
-  %75 = load <16 x float>, ptr %qacc, align 4
-  %76 = load <16 x float>, ptr %qacc1, align 4
-  %77 = load <16 x float>, ptr %qacc2, align 4
-  %78 = load <16 x float>, ptr %qacc3, align 4
-  %79 = getelementptr inbounds float, ptr %14, i64 0
-  store <16 x float> %75, ptr %79, align 4
-  %80 = getelementptr inbounds float, ptr %20, i64 0
-  store <16 x float> %76, ptr %80, align 4
-  %81 = getelementptr inbounds float, ptr %26, i64 0
-  store <16 x float> %77, ptr %81, align 4
-  %82 = getelementptr inbounds float, ptr %32, i64 0
-  store <16 x float> %78, ptr %82, align 4
-  %83 = add nsw i64 %rb, 4
+  %96 = load <16 x float>, ptr %qacc, align 4
+  %97 = load <16 x float>, ptr %qacc1, align 4
+  %98 = load <16 x float>, ptr %qacc2, align 4
+  %99 = load <16 x float>, ptr %qacc3, align 4
+  %100 = getelementptr inbounds float, ptr %32, i64 0
+  store <16 x float> %96, ptr %100, align 4
+  %101 = getelementptr inbounds float, ptr %38, i64 0
+  store <16 x float> %97, ptr %101, align 4
+  %102 = getelementptr inbounds float, ptr %44, i64 0
+  store <16 x float> %98, ptr %102, align 4
+  %103 = getelementptr inbounds float, ptr %50, i64 0
+  store <16 x float> %99, ptr %103, align 4
+  %104 = add nsw i64 %rb, 4
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %84 = add nsw i64 %qb, 2
+  %105 = add nsw i64 %qb, 2
   br label %qb.head
 
 qb.end:                                           ; preds = %qb.head
   br label %qb1.head
 
-qb1.head:                                         ; preds = %rb.end6, %qb.end
-  %qb1 = phi i64 [ 2, %qb.end ], [ %157, %rb.end6 ]
-  %85 = icmp slt i64 %qb1, 2
-  br i1 %85, label %qb1.body, label %qb1.end
+qb1.head:                                         ; preds = %rb.end8, %qb.end
+  %qb1 = phi i64 [ 2, %qb.end ], [ %199, %rb.end8 ]
+  %106 = icmp slt i64 %qb1, 2
+  br i1 %106, label %qb1.body, label %qb1.end
 
 qb1.body:                                         ; preds = %qb1.head
-  %86 = mul nsw i64 %qb1, 8
-  br label %rb.head4
+  %107 = mul nsw i64 %qb1, 8
+  %108 = sub nsw i64 %full, 0
+  %ntile4 = sdiv i64 %108, 4
+  %109 = icmp sge i64 %ntile4, 2
+  %110 = select i1 %109, i64 1, i64 0
+  %111 = icmp sge i64 %ntile4, 4
+  %112 = select i1 %111, i64 2, i64 %110
+  %113 = icmp sge i64 %ntile4, 8
+  %114 = select i1 %113, i64 3, i64 %112
+  %115 = add nsw i64 %qb1, 1
+  %more5 = icmp slt i64 %115, 2
+  %116 = mul nsw i64 %115, 32768
+  %117 = getelementptr inbounds i8, ptr %router, i64 %116
+  br label %rb.head6
 
-rb.head4:                                         ; preds = %qh.end14, %qb1.body
-  %rb7 = phi i64 [ 0, %qb1.body ], [ %156, %qh.end14 ]
-  %87 = icmp slt i64 %rb7, %full
-  br i1 %87, label %rb.body5, label %rb.end6
+rb.head6:                                         ; preds = %qh.end18, %qb1.body
+  %rb9 = phi i64 [ 0, %qb1.body ], [ %198, %qh.end18 ]
+  %118 = icmp slt i64 %rb9, %full
+  br i1 %118, label %rb.body7, label %rb.end8
 
-rb.body5:                                         ; preds = %rb.head4
-  %88 = add nsw i64 %rb7, 0
-  %89 = mul nsw i64 %88, 1024
-  %90 = getelementptr inbounds float, ptr %4, i64 %89
-  %91 = mul nsw i64 %88, 16
-  %92 = add nsw i64 %91, %86
-  %93 = getelementptr inbounds float, ptr %lt, i64 %92
-  %94 = add nsw i64 %rb7, 1
-  %95 = mul nsw i64 %94, 1024
-  %96 = getelementptr inbounds float, ptr %4, i64 %95
-  %97 = mul nsw i64 %94, 16
-  %98 = add nsw i64 %97, %86
-  %99 = getelementptr inbounds float, ptr %lt, i64 %98
-  %100 = add nsw i64 %rb7, 2
-  %101 = mul nsw i64 %100, 1024
-  %102 = getelementptr inbounds float, ptr %4, i64 %101
-  %103 = mul nsw i64 %100, 16
-  %104 = add nsw i64 %103, %86
-  %105 = getelementptr inbounds float, ptr %lt, i64 %104
-  %106 = add nsw i64 %rb7, 3
-  %107 = mul nsw i64 %106, 1024
-  %108 = getelementptr inbounds float, ptr %4, i64 %107
-  %109 = mul nsw i64 %106, 16
-  %110 = add nsw i64 %109, %86
-  %111 = getelementptr inbounds float, ptr %lt, i64 %110
-  store <8 x float> zeroinitializer, ptr %qacc8, align 4
-  store <8 x float> zeroinitializer, ptr %qacc9, align 4
-  store <8 x float> zeroinitializer, ptr %qacc10, align 4
-  store <8 x float> zeroinitializer, ptr %qacc11, align 4
-  br label %qh.head12
+rb.body7:                                         ; preds = %rb.head6
+  %119 = sub nsw i64 %rb9, 0
+  %j10 = sdiv i64 %119, 4
+  %120 = shl i64 1, %114
+  %121 = icmp slt i64 %j10, %120
+  %122 = icmp sgt i64 %ntile4, 1
+  %123 = and i1 %more5, %122
+  %pf.on11 = and i1 %123, %121
+  %124 = mul nsw i64 %j10, 32768
+  %125 = lshr i64 %124, %114
+  %126 = getelementptr inbounds i8, ptr %117, i64 %125
+  %127 = add nsw i64 %rb9, 0
+  %128 = mul nsw i64 %127, 1024
+  %129 = getelementptr inbounds float, ptr %4, i64 %128
+  %130 = mul nsw i64 %127, 16
+  %131 = add nsw i64 %130, %107
+  %132 = getelementptr inbounds float, ptr %lt, i64 %131
+  %133 = add nsw i64 %rb9, 1
+  %134 = mul nsw i64 %133, 1024
+  %135 = getelementptr inbounds float, ptr %4, i64 %134
+  %136 = mul nsw i64 %133, 16
+  %137 = add nsw i64 %136, %107
+  %138 = getelementptr inbounds float, ptr %lt, i64 %137
+  %139 = add nsw i64 %rb9, 2
+  %140 = mul nsw i64 %139, 1024
+  %141 = getelementptr inbounds float, ptr %4, i64 %140
+  %142 = mul nsw i64 %139, 16
+  %143 = add nsw i64 %142, %107
+  %144 = getelementptr inbounds float, ptr %lt, i64 %143
+  %145 = add nsw i64 %rb9, 3
+  %146 = mul nsw i64 %145, 1024
+  %147 = getelementptr inbounds float, ptr %4, i64 %146
+  %148 = mul nsw i64 %145, 16
+  %149 = add nsw i64 %148, %107
+  %150 = getelementptr inbounds float, ptr %lt, i64 %149
+  store <8 x float> zeroinitializer, ptr %qacc12, align 4
+  store <8 x float> zeroinitializer, ptr %qacc13, align 4
+  store <8 x float> zeroinitializer, ptr %qacc14, align 4
+  store <8 x float> zeroinitializer, ptr %qacc15, align 4
+  br label %qh.head16
 
-qh.head12:                                        ; preds = %qh.body13, %rb.body5
-  %qh15 = phi i64 [ 0, %rb.body5 ], [ %147, %qh.body13 ]
-  %112 = icmp slt i64 %qh15, 1024
-  br i1 %112, label %qh.body13, label %qh.end14
+qh.head16:                                        ; preds = %pf.end21, %rb.body7
+  %qh19 = phi i64 [ 0, %rb.body7 ], [ %189, %pf.end21 ]
+  %151 = icmp slt i64 %qh19, 1024
+  br i1 %151, label %qh.body17, label %qh.end18
 
-qh.body13:                                        ; preds = %qh.head12
-  %113 = add nsw i64 %qb1, 0
-  %114 = mul nsw i64 %qh15, 8
-  %115 = mul nsw i64 %113, 8192
-  %116 = add nsw i64 %115, %114
-  %117 = getelementptr inbounds float, ptr %router, i64 %116
-  %118 = load <8 x float>, ptr %117, align 4
-  %119 = getelementptr inbounds float, ptr %90, i64 %qh15
-  %120 = load float, ptr %119, align 4
-  %121 = insertelement <8 x float> poison, float %120, i32 0
-  %122 = shufflevector <8 x float> %121, <8 x float> poison, <8 x i32> zeroinitializer
-  %123 = load <8 x float>, ptr %qacc8, align 4
-  %124 = fmul <8 x float> %122, %118
-  %125 = fadd <8 x float> %123, %124
-  store <8 x float> %125, ptr %qacc8, align 4
-  %126 = getelementptr inbounds float, ptr %96, i64 %qh15
-  %127 = load float, ptr %126, align 4
-  %128 = insertelement <8 x float> poison, float %127, i32 0
-  %129 = shufflevector <8 x float> %128, <8 x float> poison, <8 x i32> zeroinitializer
-  %130 = load <8 x float>, ptr %qacc9, align 4
-  %131 = fmul <8 x float> %129, %118
-  %132 = fadd <8 x float> %130, %131
-  store <8 x float> %132, ptr %qacc9, align 4
-  %133 = getelementptr inbounds float, ptr %102, i64 %qh15
-  %134 = load float, ptr %133, align 4
-  %135 = insertelement <8 x float> poison, float %134, i32 0
-  %136 = shufflevector <8 x float> %135, <8 x float> poison, <8 x i32> zeroinitializer
-  %137 = load <8 x float>, ptr %qacc10, align 4
-  %138 = fmul <8 x float> %136, %118
-  %139 = fadd <8 x float> %137, %138
-  store <8 x float> %139, ptr %qacc10, align 4
-  %140 = getelementptr inbounds float, ptr %108, i64 %qh15
-  %141 = load float, ptr %140, align 4
-  %142 = insertelement <8 x float> poison, float %141, i32 0
-  %143 = shufflevector <8 x float> %142, <8 x float> poison, <8 x i32> zeroinitializer
-  %144 = load <8 x float>, ptr %qacc11, align 4
-  %145 = fmul <8 x float> %143, %118
-  %146 = fadd <8 x float> %144, %145
-  store <8 x float> %146, ptr %qacc11, align 4
-  %147 = add nsw i64 %qh15, 1
-  br label %qh.head12
+qh.body17:                                        ; preds = %qh.head16
+  br i1 %pf.on11, label %pf.then20, label %pf.end21
 
-qh.end14:                                         ; preds = %qh.head12
-  %148 = load <8 x float>, ptr %qacc8, align 4
-  %149 = load <8 x float>, ptr %qacc9, align 4
-  %150 = load <8 x float>, ptr %qacc10, align 4
-  %151 = load <8 x float>, ptr %qacc11, align 4
-  %152 = getelementptr inbounds float, ptr %93, i64 0
-  store <8 x float> %148, ptr %152, align 4
-  %153 = getelementptr inbounds float, ptr %99, i64 0
-  store <8 x float> %149, ptr %153, align 4
-  %154 = getelementptr inbounds float, ptr %105, i64 0
-  store <8 x float> %150, ptr %154, align 4
-  %155 = getelementptr inbounds float, ptr %111, i64 0
-  store <8 x float> %151, ptr %155, align 4
-  %156 = add nsw i64 %rb7, 4
-  br label %rb.head4
+pf.then20:                                        ; preds = %qh.body17
+  %152 = mul nsw i64 %qh19, 32
+  %153 = lshr i64 %152, %114
+  %154 = getelementptr inbounds i8, ptr %126, i64 %153
+  call void @llvm.prefetch.p0(ptr %154, i32 0, i32 2, i32 1)
+  br label %pf.end21
 
-rb.end6:                                          ; preds = %rb.head4
-  %157 = add nsw i64 %qb1, 1
+pf.end21:                                         ; preds = %pf.then20, %qh.body17
+  %155 = add nsw i64 %qb1, 0
+  %156 = mul nsw i64 %qh19, 8
+  %157 = mul nsw i64 %155, 8192
+  %158 = add nsw i64 %157, %156
+  %159 = getelementptr inbounds float, ptr %router, i64 %158
+  %160 = load <8 x float>, ptr %159, align 4
+  %161 = getelementptr inbounds float, ptr %129, i64 %qh19
+  %162 = load float, ptr %161, align 4
+  %163 = insertelement <8 x float> poison, float %162, i32 0
+  %164 = shufflevector <8 x float> %163, <8 x float> poison, <8 x i32> zeroinitializer
+  %165 = load <8 x float>, ptr %qacc12, align 4
+  %166 = fmul <8 x float> %164, %160
+  %167 = fadd <8 x float> %165, %166
+  store <8 x float> %167, ptr %qacc12, align 4
+  %168 = getelementptr inbounds float, ptr %135, i64 %qh19
+  %169 = load float, ptr %168, align 4
+  %170 = insertelement <8 x float> poison, float %169, i32 0
+  %171 = shufflevector <8 x float> %170, <8 x float> poison, <8 x i32> zeroinitializer
+  %172 = load <8 x float>, ptr %qacc13, align 4
+  %173 = fmul <8 x float> %171, %160
+  %174 = fadd <8 x float> %172, %173
+  store <8 x float> %174, ptr %qacc13, align 4
+  %175 = getelementptr inbounds float, ptr %141, i64 %qh19
+  %176 = load float, ptr %175, align 4
+  %177 = insertelement <8 x float> poison, float %176, i32 0
+  %178 = shufflevector <8 x float> %177, <8 x float> poison, <8 x i32> zeroinitializer
+  %179 = load <8 x float>, ptr %qacc14, align 4
+  %180 = fmul <8 x float> %178, %160
+  %181 = fadd <8 x float> %179, %180
+  store <8 x float> %181, ptr %qacc14, align 4
+  %182 = getelementptr inbounds float, ptr %147, i64 %qh19
+  %183 = load float, ptr %182, align 4
+  %184 = insertelement <8 x float> poison, float %183, i32 0
+  %185 = shufflevector <8 x float> %184, <8 x float> poison, <8 x i32> zeroinitializer
+  %186 = load <8 x float>, ptr %qacc15, align 4
+  %187 = fmul <8 x float> %185, %160
+  %188 = fadd <8 x float> %186, %187
+  store <8 x float> %188, ptr %qacc15, align 4
+  %189 = add nsw i64 %qh19, 1
+  br label %qh.head16
+
+qh.end18:                                         ; preds = %qh.head16
+  %190 = load <8 x float>, ptr %qacc12, align 4
+  %191 = load <8 x float>, ptr %qacc13, align 4
+  %192 = load <8 x float>, ptr %qacc14, align 4
+  %193 = load <8 x float>, ptr %qacc15, align 4
+  %194 = getelementptr inbounds float, ptr %132, i64 0
+  store <8 x float> %190, ptr %194, align 4
+  %195 = getelementptr inbounds float, ptr %138, i64 0
+  store <8 x float> %191, ptr %195, align 4
+  %196 = getelementptr inbounds float, ptr %144, i64 0
+  store <8 x float> %192, ptr %196, align 4
+  %197 = getelementptr inbounds float, ptr %150, i64 0
+  store <8 x float> %193, ptr %197, align 4
+  %198 = add nsw i64 %rb9, 4
+  br label %rb.head6
+
+rb.end8:                                          ; preds = %rb.head6
+  %199 = add nsw i64 %qb1, 1
   br label %qb1.head
 
 qb1.end:                                          ; preds = %qb1.head
-  br label %qb.head16
+  br label %qb.head22
 
-qb.head16:                                        ; preds = %r1.end, %qb1.end
-  %qb19 = phi i64 [ 0, %qb1.end ], [ %208, %r1.end ]
-  %158 = icmp slt i64 %qb19, 0
-  br i1 %158, label %qb.body17, label %qb.end18
+qb.head22:                                        ; preds = %r1.end, %qb1.end
+  %qb25 = phi i64 [ 0, %qb1.end ], [ %271, %r1.end ]
+  %200 = icmp slt i64 %qb25, 0
+  br i1 %200, label %qb.body23, label %qb.end24
 
-qb.body17:                                        ; preds = %qb.head16
-  %159 = mul nsw i64 %qb19, 8
+qb.body23:                                        ; preds = %qb.head22
+  %201 = mul nsw i64 %qb25, 8
+  %202 = sub nsw i64 %gn, %full
+  %ntile26 = sdiv i64 %202, 1
+  %203 = icmp sge i64 %ntile26, 2
+  %204 = select i1 %203, i64 1, i64 0
+  %205 = icmp sge i64 %ntile26, 4
+  %206 = select i1 %205, i64 2, i64 %204
+  %207 = icmp sge i64 %ntile26, 8
+  %208 = select i1 %207, i64 3, i64 %206
+  %209 = add nsw i64 %qb25, 4
+  %more27 = icmp slt i64 %209, 2
+  %210 = mul nsw i64 %209, 32768
+  %211 = getelementptr inbounds i8, ptr %router, i64 %210
   br label %r1.head
 
-r1.head:                                          ; preds = %qh.end24, %qb.body17
-  %r1 = phi i64 [ %full, %qb.body17 ], [ %207, %qh.end24 ]
-  %160 = icmp slt i64 %r1, %gn
-  br i1 %160, label %r1.body, label %r1.end
+r1.head:                                          ; preds = %qh.end34, %qb.body23
+  %r1 = phi i64 [ %full, %qb.body23 ], [ %270, %qh.end34 ]
+  %212 = icmp slt i64 %r1, %gn
+  br i1 %212, label %r1.body, label %r1.end
 
 r1.body:                                          ; preds = %r1.head
-  %161 = add nsw i64 %r1, 0
-  %162 = mul nsw i64 %161, 1024
-  %163 = getelementptr inbounds float, ptr %4, i64 %162
-  %164 = mul nsw i64 %161, 16
-  %165 = add nsw i64 %164, %159
-  %166 = getelementptr inbounds float, ptr %lt, i64 %165
-  store <16 x float> zeroinitializer, ptr %qacc20, align 4
-  store <16 x float> zeroinitializer, ptr %qacc21, align 4
-  br label %qh.head22
+  %213 = sub nsw i64 %r1, %full
+  %j28 = sdiv i64 %213, 1
+  %214 = shl i64 1, %208
+  %215 = icmp slt i64 %j28, %214
+  %216 = icmp sgt i64 %ntile26, 1
+  %217 = and i1 %more27, %216
+  %pf.on29 = and i1 %217, %215
+  %218 = mul nsw i64 %j28, 131072
+  %219 = lshr i64 %218, %208
+  %220 = getelementptr inbounds i8, ptr %211, i64 %219
+  %221 = add nsw i64 %r1, 0
+  %222 = mul nsw i64 %221, 1024
+  %223 = getelementptr inbounds float, ptr %4, i64 %222
+  %224 = mul nsw i64 %221, 16
+  %225 = add nsw i64 %224, %201
+  %226 = getelementptr inbounds float, ptr %lt, i64 %225
+  store <16 x float> zeroinitializer, ptr %qacc30, align 4
+  store <16 x float> zeroinitializer, ptr %qacc31, align 4
+  br label %qh.head32
 
-qh.head22:                                        ; preds = %qh.body23, %r1.body
-  %qh25 = phi i64 [ 0, %r1.body ], [ %202, %qh.body23 ]
-  %167 = icmp slt i64 %qh25, 1024
-  br i1 %167, label %qh.body23, label %qh.end24
+qh.head32:                                        ; preds = %pf.end37, %r1.body
+  %qh35 = phi i64 [ 0, %r1.body ], [ %265, %pf.end37 ]
+  %227 = icmp slt i64 %qh35, 1024
+  br i1 %227, label %qh.body33, label %qh.end34
 
-qh.body23:                                        ; preds = %qh.head22
-  %168 = add nsw i64 %qb19, 0
-  %169 = mul nsw i64 %qh25, 8
-  %170 = mul nsw i64 %168, 8192
-  %171 = add nsw i64 %170, %169
-  %172 = getelementptr inbounds float, ptr %router, i64 %171
-  %173 = load <8 x float>, ptr %172, align 4
-  %174 = add nsw i64 %qb19, 1
-  %175 = mul nsw i64 %qh25, 8
-  %176 = mul nsw i64 %174, 8192
-  %177 = add nsw i64 %176, %175
-  %178 = getelementptr inbounds float, ptr %router, i64 %177
-  %179 = load <8 x float>, ptr %178, align 4
-  %w1626 = shufflevector <8 x float> %173, <8 x float> %179, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %180 = add nsw i64 %qb19, 2
-  %181 = mul nsw i64 %qh25, 8
-  %182 = mul nsw i64 %180, 8192
-  %183 = add nsw i64 %182, %181
-  %184 = getelementptr inbounds float, ptr %router, i64 %183
-  %185 = load <8 x float>, ptr %184, align 4
-  %186 = add nsw i64 %qb19, 3
-  %187 = mul nsw i64 %qh25, 8
-  %188 = mul nsw i64 %186, 8192
-  %189 = add nsw i64 %188, %187
-  %190 = getelementptr inbounds float, ptr %router, i64 %189
-  %191 = load <8 x float>, ptr %190, align 4
-  %w1627 = shufflevector <8 x float> %185, <8 x float> %191, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
-  %192 = getelementptr inbounds float, ptr %163, i64 %qh25
-  %193 = load float, ptr %192, align 4
-  %194 = insertelement <16 x float> poison, float %193, i32 0
-  %195 = shufflevector <16 x float> %194, <16 x float> poison, <16 x i32> zeroinitializer
-  %196 = load <16 x float>, ptr %qacc20, align 4
-  %197 = fmul <16 x float> %195, %w1626
-  %198 = fadd <16 x float> %196, %197
-  store <16 x float> %198, ptr %qacc20, align 4
-  %199 = load <16 x float>, ptr %qacc21, align 4
-  %200 = fmul <16 x float> %195, %w1627
-  %201 = fadd <16 x float> %199, %200
-  store <16 x float> %201, ptr %qacc21, align 4
-  %202 = add nsw i64 %qh25, 1
-  br label %qh.head22
+qh.body33:                                        ; preds = %qh.head32
+  br i1 %pf.on29, label %pf.then36, label %pf.end37
 
-qh.end24:                                         ; preds = %qh.head22
-  %203 = load <16 x float>, ptr %qacc20, align 4
-  %204 = load <16 x float>, ptr %qacc21, align 4
-  %205 = getelementptr inbounds float, ptr %166, i64 0
-  store <16 x float> %203, ptr %205, align 4
-  %206 = getelementptr inbounds float, ptr %166, i64 16
-  store <16 x float> %204, ptr %206, align 4
-  %207 = add nsw i64 %r1, 1
+pf.then36:                                        ; preds = %qh.body33
+  %228 = mul nsw i64 %qh35, 128
+  %229 = lshr i64 %228, %208
+  %230 = getelementptr inbounds i8, ptr %220, i64 %229
+  call void @llvm.prefetch.p0(ptr %230, i32 0, i32 2, i32 1)
+  br label %pf.end37
+
+pf.end37:                                         ; preds = %pf.then36, %qh.body33
+  %231 = add nsw i64 %qb25, 0
+  %232 = mul nsw i64 %qh35, 8
+  %233 = mul nsw i64 %231, 8192
+  %234 = add nsw i64 %233, %232
+  %235 = getelementptr inbounds float, ptr %router, i64 %234
+  %236 = load <8 x float>, ptr %235, align 4
+  %237 = add nsw i64 %qb25, 1
+  %238 = mul nsw i64 %qh35, 8
+  %239 = mul nsw i64 %237, 8192
+  %240 = add nsw i64 %239, %238
+  %241 = getelementptr inbounds float, ptr %router, i64 %240
+  %242 = load <8 x float>, ptr %241, align 4
+  %w1638 = shufflevector <8 x float> %236, <8 x float> %242, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %243 = add nsw i64 %qb25, 2
+  %244 = mul nsw i64 %qh35, 8
+  %245 = mul nsw i64 %243, 8192
+  %246 = add nsw i64 %245, %244
+  %247 = getelementptr inbounds float, ptr %router, i64 %246
+  %248 = load <8 x float>, ptr %247, align 4
+  %249 = add nsw i64 %qb25, 3
+  %250 = mul nsw i64 %qh35, 8
+  %251 = mul nsw i64 %249, 8192
+  %252 = add nsw i64 %251, %250
+  %253 = getelementptr inbounds float, ptr %router, i64 %252
+  %254 = load <8 x float>, ptr %253, align 4
+  %w1639 = shufflevector <8 x float> %248, <8 x float> %254, <16 x i32> <i32 0, i32 1, i32 2, i32 3, i32 4, i32 5, i32 6, i32 7, i32 8, i32 9, i32 10, i32 11, i32 12, i32 13, i32 14, i32 15>
+  %255 = getelementptr inbounds float, ptr %223, i64 %qh35
+  %256 = load float, ptr %255, align 4
+  %257 = insertelement <16 x float> poison, float %256, i32 0
+  %258 = shufflevector <16 x float> %257, <16 x float> poison, <16 x i32> zeroinitializer
+  %259 = load <16 x float>, ptr %qacc30, align 4
+  %260 = fmul <16 x float> %258, %w1638
+  %261 = fadd <16 x float> %259, %260
+  store <16 x float> %261, ptr %qacc30, align 4
+  %262 = load <16 x float>, ptr %qacc31, align 4
+  %263 = fmul <16 x float> %258, %w1639
+  %264 = fadd <16 x float> %262, %263
+  store <16 x float> %264, ptr %qacc31, align 4
+  %265 = add nsw i64 %qh35, 1
+  br label %qh.head32
+
+qh.end34:                                         ; preds = %qh.head32
+  %266 = load <16 x float>, ptr %qacc30, align 4
+  %267 = load <16 x float>, ptr %qacc31, align 4
+  %268 = getelementptr inbounds float, ptr %226, i64 0
+  store <16 x float> %266, ptr %268, align 4
+  %269 = getelementptr inbounds float, ptr %226, i64 16
+  store <16 x float> %267, ptr %269, align 4
+  %270 = add nsw i64 %r1, 1
   br label %r1.head
 
 r1.end:                                           ; preds = %r1.head
-  %208 = add nsw i64 %qb19, 4
-  br label %qb.head16
+  %271 = add nsw i64 %qb25, 4
+  br label %qb.head22
 
-qb.end18:                                         ; preds = %qb.head16
-  br label %qb1.head28
+qb.end24:                                         ; preds = %qb.head22
+  br label %qb1.head40
 
-qb1.head28:                                       ; preds = %r1.end34, %qb.end18
-  %qb131 = phi i64 [ 0, %qb.end18 ], [ %236, %r1.end34 ]
-  %209 = icmp slt i64 %qb131, 2
-  br i1 %209, label %qb1.body29, label %qb1.end30
+qb1.head40:                                       ; preds = %r1.end48, %qb.end24
+  %qb143 = phi i64 [ 0, %qb.end24 ], [ %320, %r1.end48 ]
+  %272 = icmp slt i64 %qb143, 2
+  br i1 %272, label %qb1.body41, label %qb1.end42
 
-qb1.body29:                                       ; preds = %qb1.head28
-  %210 = mul nsw i64 %qb131, 8
-  br label %r1.head32
+qb1.body41:                                       ; preds = %qb1.head40
+  %273 = mul nsw i64 %qb143, 8
+  %274 = sub nsw i64 %gn, %full
+  %ntile44 = sdiv i64 %274, 1
+  %275 = icmp sge i64 %ntile44, 2
+  %276 = select i1 %275, i64 1, i64 0
+  %277 = icmp sge i64 %ntile44, 4
+  %278 = select i1 %277, i64 2, i64 %276
+  %279 = icmp sge i64 %ntile44, 8
+  %280 = select i1 %279, i64 3, i64 %278
+  %281 = add nsw i64 %qb143, 1
+  %more45 = icmp slt i64 %281, 2
+  %282 = mul nsw i64 %281, 32768
+  %283 = getelementptr inbounds i8, ptr %router, i64 %282
+  br label %r1.head46
 
-r1.head32:                                        ; preds = %qh.end39, %qb1.body29
-  %r135 = phi i64 [ %full, %qb1.body29 ], [ %235, %qh.end39 ]
-  %211 = icmp slt i64 %r135, %gn
-  br i1 %211, label %r1.body33, label %r1.end34
+r1.head46:                                        ; preds = %qh.end55, %qb1.body41
+  %r149 = phi i64 [ %full, %qb1.body41 ], [ %319, %qh.end55 ]
+  %284 = icmp slt i64 %r149, %gn
+  br i1 %284, label %r1.body47, label %r1.end48
 
-r1.body33:                                        ; preds = %r1.head32
-  %212 = add nsw i64 %r135, 0
-  %213 = mul nsw i64 %212, 1024
-  %214 = getelementptr inbounds float, ptr %4, i64 %213
-  %215 = mul nsw i64 %212, 16
-  %216 = add nsw i64 %215, %210
-  %217 = getelementptr inbounds float, ptr %lt, i64 %216
-  store <8 x float> zeroinitializer, ptr %qacc36, align 4
-  br label %qh.head37
+r1.body47:                                        ; preds = %r1.head46
+  %285 = sub nsw i64 %r149, %full
+  %j50 = sdiv i64 %285, 1
+  %286 = shl i64 1, %280
+  %287 = icmp slt i64 %j50, %286
+  %288 = icmp sgt i64 %ntile44, 1
+  %289 = and i1 %more45, %288
+  %pf.on51 = and i1 %289, %287
+  %290 = mul nsw i64 %j50, 32768
+  %291 = lshr i64 %290, %280
+  %292 = getelementptr inbounds i8, ptr %283, i64 %291
+  %293 = add nsw i64 %r149, 0
+  %294 = mul nsw i64 %293, 1024
+  %295 = getelementptr inbounds float, ptr %4, i64 %294
+  %296 = mul nsw i64 %293, 16
+  %297 = add nsw i64 %296, %273
+  %298 = getelementptr inbounds float, ptr %lt, i64 %297
+  store <8 x float> zeroinitializer, ptr %qacc52, align 4
+  br label %qh.head53
 
-qh.head37:                                        ; preds = %qh.body38, %r1.body33
-  %qh40 = phi i64 [ 0, %r1.body33 ], [ %232, %qh.body38 ]
-  %218 = icmp slt i64 %qh40, 1024
-  br i1 %218, label %qh.body38, label %qh.end39
+qh.head53:                                        ; preds = %pf.end58, %r1.body47
+  %qh56 = phi i64 [ 0, %r1.body47 ], [ %316, %pf.end58 ]
+  %299 = icmp slt i64 %qh56, 1024
+  br i1 %299, label %qh.body54, label %qh.end55
 
-qh.body38:                                        ; preds = %qh.head37
-  %219 = add nsw i64 %qb131, 0
-  %220 = mul nsw i64 %qh40, 8
-  %221 = mul nsw i64 %219, 8192
-  %222 = add nsw i64 %221, %220
-  %223 = getelementptr inbounds float, ptr %router, i64 %222
-  %224 = load <8 x float>, ptr %223, align 4
-  %225 = getelementptr inbounds float, ptr %214, i64 %qh40
-  %226 = load float, ptr %225, align 4
-  %227 = insertelement <8 x float> poison, float %226, i32 0
-  %228 = shufflevector <8 x float> %227, <8 x float> poison, <8 x i32> zeroinitializer
-  %229 = load <8 x float>, ptr %qacc36, align 4
-  %230 = fmul <8 x float> %228, %224
-  %231 = fadd <8 x float> %229, %230
-  store <8 x float> %231, ptr %qacc36, align 4
-  %232 = add nsw i64 %qh40, 1
-  br label %qh.head37
+qh.body54:                                        ; preds = %qh.head53
+  br i1 %pf.on51, label %pf.then57, label %pf.end58
 
-qh.end39:                                         ; preds = %qh.head37
-  %233 = load <8 x float>, ptr %qacc36, align 4
-  %234 = getelementptr inbounds float, ptr %217, i64 0
-  store <8 x float> %233, ptr %234, align 4
-  %235 = add nsw i64 %r135, 1
-  br label %r1.head32
+pf.then57:                                        ; preds = %qh.body54
+  %300 = mul nsw i64 %qh56, 32
+  %301 = lshr i64 %300, %280
+  %302 = getelementptr inbounds i8, ptr %292, i64 %301
+  call void @llvm.prefetch.p0(ptr %302, i32 0, i32 2, i32 1)
+  br label %pf.end58
 
-r1.end34:                                         ; preds = %r1.head32
-  %236 = add nsw i64 %qb131, 1
-  br label %qb1.head28
+pf.end58:                                         ; preds = %pf.then57, %qh.body54
+  %303 = add nsw i64 %qb143, 0
+  %304 = mul nsw i64 %qh56, 8
+  %305 = mul nsw i64 %303, 8192
+  %306 = add nsw i64 %305, %304
+  %307 = getelementptr inbounds float, ptr %router, i64 %306
+  %308 = load <8 x float>, ptr %307, align 4
+  %309 = getelementptr inbounds float, ptr %295, i64 %qh56
+  %310 = load float, ptr %309, align 4
+  %311 = insertelement <8 x float> poison, float %310, i32 0
+  %312 = shufflevector <8 x float> %311, <8 x float> poison, <8 x i32> zeroinitializer
+  %313 = load <8 x float>, ptr %qacc52, align 4
+  %314 = fmul <8 x float> %312, %308
+  %315 = fadd <8 x float> %313, %314
+  store <8 x float> %315, ptr %qacc52, align 4
+  %316 = add nsw i64 %qh56, 1
+  br label %qh.head53
 
-qb1.end30:                                        ; preds = %qb1.head28
+qh.end55:                                         ; preds = %qh.head53
+  %317 = load <8 x float>, ptr %qacc52, align 4
+  %318 = getelementptr inbounds float, ptr %298, i64 0
+  store <8 x float> %317, ptr %318, align 4
+  %319 = add nsw i64 %r149, 1
+  br label %r1.head46
+
+r1.end48:                                         ; preds = %r1.head46
+  %320 = add nsw i64 %qb143, 1
+  br label %qb1.head40
+
+qb1.end42:                                        ; preds = %qb1.head40
   br label %t.head
 
-t.head:                                           ; preds = %topp.end, %qb1.end30
-  %t = phi i64 [ 0, %qb1.end30 ], [ %337, %topp.end ]
-  %237 = icmp slt i64 %t, %gn
-  br i1 %237, label %t.body, label %t.end
+t.head:                                           ; preds = %topp.end, %qb1.end42
+  %t = phi i64 [ 0, %qb1.end42 ], [ %421, %topp.end ]
+  %321 = icmp slt i64 %t, %gn
+  br i1 %321, label %t.body, label %t.end
 
 t.body:                                           ; preds = %t.head
   %tok = add nsw i64 %tg, %t
-  %238 = mul nsw i64 %t, 16
-  %239 = getelementptr inbounds float, ptr %lt, i64 %238
-  %240 = mul nsw i64 %tok, 1024
-  %241 = getelementptr inbounds float, ptr %x, i64 %240
-  %242 = mul nsw i64 %tok, 16
-  %243 = getelementptr inbounds float, ptr %logits, i64 %242
+  %322 = mul nsw i64 %t, 16
+  %323 = getelementptr inbounds float, ptr %lt, i64 %322
+  %324 = mul nsw i64 %tok, 1024
+  %325 = getelementptr inbounds float, ptr %x, i64 %324
+  %326 = mul nsw i64 %tok, 16
+  %327 = getelementptr inbounds float, ptr %logits, i64 %326
   br label %lb.head
 
 lb.head:                                          ; preds = %lb.body, %t.body
-  %lb = phi i64 [ 0, %t.body ], [ %248, %lb.body ]
-  %244 = icmp slt i64 %lb, 16
-  br i1 %244, label %lb.body, label %lb.end
+  %lb = phi i64 [ 0, %t.body ], [ %332, %lb.body ]
+  %328 = icmp slt i64 %lb, 16
+  br i1 %328, label %lb.body, label %lb.end
 
 lb.body:                                          ; preds = %lb.head
-  %245 = getelementptr inbounds float, ptr %239, i64 %lb
-  %246 = load float, ptr %245, align 4
-  %247 = getelementptr inbounds float, ptr %243, i64 %lb
-  store float %246, ptr %247, align 4
-  %248 = add nsw i64 %lb, 1
+  %329 = getelementptr inbounds float, ptr %323, i64 %lb
+  %330 = load float, ptr %329, align 4
+  %331 = getelementptr inbounds float, ptr %327, i64 %lb
+  store float %330, ptr %331, align 4
+  %332 = add nsw i64 %lb, 1
   br label %lb.head
 
 lb.end:                                           ; preds = %lb.head
@@ -473,84 +601,84 @@ lb.end:                                           ; preds = %lb.head
   br label %smax.head
 
 smax.head:                                        ; preds = %smax.body, %lb.end
-  %smax41 = phi i64 [ 0, %lb.end ], [ %256, %smax.body ]
-  %249 = icmp slt i64 %smax41, 16
-  br i1 %249, label %smax.body, label %smax.end
+  %smax59 = phi i64 [ 0, %lb.end ], [ %340, %smax.body ]
+  %333 = icmp slt i64 %smax59, 16
+  br i1 %333, label %smax.body, label %smax.end
 
 smax.body:                                        ; preds = %smax.head
-  %250 = add nsw i64 0, %smax41
-  %251 = getelementptr inbounds float, ptr %239, i64 %250
-  %252 = load float, ptr %251, align 4
-  %253 = load float, ptr %smax, align 4
-  %254 = fcmp ogt float %252, %253
-  %255 = select i1 %254, float %252, float %253
-  store float %255, ptr %smax, align 4
-  %256 = add nsw i64 %smax41, 1
+  %334 = add nsw i64 0, %smax59
+  %335 = getelementptr inbounds float, ptr %323, i64 %334
+  %336 = load float, ptr %335, align 4
+  %337 = load float, ptr %smax, align 4
+  %338 = fcmp ogt float %336, %337
+  %339 = select i1 %338, float %336, float %337
+  store float %339, ptr %smax, align 4
+  %340 = add nsw i64 %smax59, 1
   br label %smax.head
 
 smax.end:                                         ; preds = %smax.head
-  %257 = load float, ptr %smax, align 4
+  %341 = load float, ptr %smax, align 4
   store float 0.000000e+00, ptr %ssum, align 4
   br label %sexp.head
 
 sexp.head:                                        ; preds = %sexp.body, %smax.end
-  %sexp = phi i64 [ 0, %smax.end ], [ %270, %sexp.body ]
-  %258 = icmp slt i64 %sexp, 16
-  br i1 %258, label %sexp.body, label %sexp.end
+  %sexp = phi i64 [ 0, %smax.end ], [ %354, %sexp.body ]
+  %342 = icmp slt i64 %sexp, 16
+  br i1 %342, label %sexp.body, label %sexp.end
 
 sexp.body:                                        ; preds = %sexp.head
-  %259 = add nsw i64 0, %sexp
-  %260 = getelementptr inbounds float, ptr %239, i64 %259
-  %261 = load float, ptr %260, align 4
-  %262 = fsub float %261, %257
-  %263 = fpext float %262 to double
-  %264 = call double @exp(double %263)
-  %265 = fptrunc double %264 to float
-  %266 = add nsw i64 0, %sexp
-  %267 = getelementptr inbounds float, ptr %s, i64 %266
-  store float %265, ptr %267, align 4
-  %268 = load float, ptr %ssum, align 4
-  %269 = fadd float %268, %265
-  store float %269, ptr %ssum, align 4
-  %270 = add nsw i64 %sexp, 1
+  %343 = add nsw i64 0, %sexp
+  %344 = getelementptr inbounds float, ptr %323, i64 %343
+  %345 = load float, ptr %344, align 4
+  %346 = fsub float %345, %341
+  %347 = fpext float %346 to double
+  %348 = call double @exp(double %347)
+  %349 = fptrunc double %348 to float
+  %350 = add nsw i64 0, %sexp
+  %351 = getelementptr inbounds float, ptr %s, i64 %350
+  store float %349, ptr %351, align 4
+  %352 = load float, ptr %ssum, align 4
+  %353 = fadd float %352, %349
+  store float %353, ptr %ssum, align 4
+  %354 = add nsw i64 %sexp, 1
   br label %sexp.head
 
 sexp.end:                                         ; preds = %sexp.head
-  %271 = load float, ptr %ssum, align 4
+  %355 = load float, ptr %ssum, align 4
   br label %sdiv.head
 
 sdiv.head:                                        ; preds = %sdiv.body, %sexp.end
-  %sdiv = phi i64 [ 0, %sexp.end ], [ %278, %sdiv.body ]
-  %272 = icmp slt i64 %sdiv, 16
-  br i1 %272, label %sdiv.body, label %sdiv.end
+  %sdiv = phi i64 [ 0, %sexp.end ], [ %362, %sdiv.body ]
+  %356 = icmp slt i64 %sdiv, 16
+  br i1 %356, label %sdiv.body, label %sdiv.end
 
 sdiv.body:                                        ; preds = %sdiv.head
-  %273 = add nsw i64 0, %sdiv
-  %274 = getelementptr inbounds float, ptr %s, i64 %273
-  %275 = load float, ptr %274, align 4
-  %276 = fdiv float %275, %271
-  %277 = getelementptr inbounds float, ptr %s, i64 %273
-  store float %276, ptr %277, align 4
-  %278 = add nsw i64 %sdiv, 1
+  %357 = add nsw i64 0, %sdiv
+  %358 = getelementptr inbounds float, ptr %s, i64 %357
+  %359 = load float, ptr %358, align 4
+  %360 = fdiv float %359, %355
+  %361 = getelementptr inbounds float, ptr %s, i64 %357
+  store float %360, ptr %361, align 4
+  %362 = add nsw i64 %sdiv, 1
   br label %sdiv.head
 
 sdiv.end:                                         ; preds = %sdiv.head
-  %279 = mul nsw i64 %tok, 4
-  %280 = getelementptr inbounds i32, ptr %ids, i64 %279
-  %281 = getelementptr inbounds float, ptr %weights, i64 %279
+  %363 = mul nsw i64 %tok, 4
+  %364 = getelementptr inbounds i32, ptr %ids, i64 %363
+  %365 = getelementptr inbounds float, ptr %weights, i64 %363
   br label %sel.head
 
 sel.head:                                         ; preds = %sel.body, %sdiv.end
-  %sel = phi i64 [ 0, %sdiv.end ], [ %286, %sel.body ]
-  %282 = icmp slt i64 %sel, 16
-  br i1 %282, label %sel.body, label %sel.end
+  %sel = phi i64 [ 0, %sdiv.end ], [ %370, %sel.body ]
+  %366 = icmp slt i64 %sel, 16
+  br i1 %366, label %sel.body, label %sel.end
 
 sel.body:                                         ; preds = %sel.head
-  %283 = getelementptr inbounds float, ptr %s, i64 %sel
-  %284 = load float, ptr %283, align 4
-  %285 = getelementptr inbounds float, ptr %c, i64 %sel
-  store float %284, ptr %285, align 4
-  %286 = add nsw i64 %sel, 1
+  %367 = getelementptr inbounds float, ptr %s, i64 %sel
+  %368 = load float, ptr %367, align 4
+  %369 = getelementptr inbounds float, ptr %c, i64 %sel
+  store float %368, ptr %369, align 4
+  %370 = add nsw i64 %sel, 1
   br label %sel.head
 
 sel.end:                                          ; preds = %sel.head
@@ -558,40 +686,40 @@ sel.end:                                          ; preds = %sel.head
   br label %tk.head
 
 tk.head:                                          ; preds = %tk.put.end, %sel.end
-  %tk = phi i64 [ 0, %sel.end ], [ %308, %tk.put.end ]
-  %287 = icmp slt i64 %tk, 16
-  br i1 %287, label %tk.body, label %tk.end
+  %tk = phi i64 [ 0, %sel.end ], [ %392, %tk.put.end ]
+  %371 = icmp slt i64 %tk, 16
+  br i1 %371, label %tk.body, label %tk.end
 
 tk.body:                                          ; preds = %tk.head
-  %288 = getelementptr inbounds float, ptr %c, i64 %tk
-  %289 = load float, ptr %288, align 4
-  %290 = load i64, ptr %tk.m, align 8
+  %372 = getelementptr inbounds float, ptr %c, i64 %tk
+  %373 = load float, ptr %372, align 4
+  %374 = load i64, ptr %tk.m, align 8
   br label %tk.ins.head
 
 tk.ins.head:                                      ; preds = %tk.shift.end, %tk.body
-  %p = phi i64 [ %290, %tk.body ], [ %292, %tk.shift.end ]
-  %291 = icmp sgt i64 %p, 0
-  br i1 %291, label %tk.ins.chk, label %tk.ins.end
+  %p = phi i64 [ %374, %tk.body ], [ %376, %tk.shift.end ]
+  %375 = icmp sgt i64 %p, 0
+  br i1 %375, label %tk.ins.chk, label %tk.ins.end
 
 tk.ins.chk:                                       ; preds = %tk.ins.head
-  %292 = sub nsw i64 %p, 1
-  %293 = getelementptr inbounds i64, ptr %idx, i64 %292
-  %294 = load i64, ptr %293, align 8
-  %295 = getelementptr inbounds float, ptr %c, i64 %294
-  %296 = load float, ptr %295, align 4
-  %297 = fcmp uno float %289, %289
-  %298 = fcmp ugt float %289, %296
-  %299 = xor i1 %297, true
-  %300 = and i1 %299, %298
-  br i1 %300, label %tk.ins.body, label %tk.ins.end
+  %376 = sub nsw i64 %p, 1
+  %377 = getelementptr inbounds i64, ptr %idx, i64 %376
+  %378 = load i64, ptr %377, align 8
+  %379 = getelementptr inbounds float, ptr %c, i64 %378
+  %380 = load float, ptr %379, align 4
+  %381 = fcmp uno float %373, %373
+  %382 = fcmp ugt float %373, %380
+  %383 = xor i1 %381, true
+  %384 = and i1 %383, %382
+  br i1 %384, label %tk.ins.body, label %tk.ins.end
 
 tk.ins.body:                                      ; preds = %tk.ins.chk
-  %301 = icmp slt i64 %p, 4
-  br i1 %301, label %tk.shift.then, label %tk.shift.end
+  %385 = icmp slt i64 %p, 4
+  br i1 %385, label %tk.shift.then, label %tk.shift.end
 
 tk.shift.then:                                    ; preds = %tk.ins.body
-  %302 = getelementptr inbounds i64, ptr %idx, i64 %p
-  store i64 %294, ptr %302, align 8
+  %386 = getelementptr inbounds i64, ptr %idx, i64 %p
+  store i64 %378, ptr %386, align 8
   br label %tk.shift.end
 
 tk.shift.end:                                     ; preds = %tk.shift.then, %tk.ins.body
@@ -599,42 +727,42 @@ tk.shift.end:                                     ; preds = %tk.shift.then, %tk.
 
 tk.ins.end:                                       ; preds = %tk.ins.chk, %tk.ins.head
   %pf = phi i64 [ %p, %tk.ins.head ], [ %p, %tk.ins.chk ]
-  %303 = icmp slt i64 %pf, 4
-  br i1 %303, label %tk.put.then, label %tk.put.end
+  %387 = icmp slt i64 %pf, 4
+  br i1 %387, label %tk.put.then, label %tk.put.end
 
 tk.put.then:                                      ; preds = %tk.ins.end
-  %304 = getelementptr inbounds i64, ptr %idx, i64 %pf
-  store i64 %tk, ptr %304, align 8
+  %388 = getelementptr inbounds i64, ptr %idx, i64 %pf
+  store i64 %tk, ptr %388, align 8
   br label %tk.put.end
 
 tk.put.end:                                       ; preds = %tk.put.then, %tk.ins.end
-  %305 = add nsw i64 %290, 1
-  %306 = icmp slt i64 %305, 4
-  %307 = select i1 %306, i64 %305, i64 4
-  store i64 %307, ptr %tk.m, align 8
-  %308 = add nsw i64 %tk, 1
+  %389 = add nsw i64 %374, 1
+  %390 = icmp slt i64 %389, 4
+  %391 = select i1 %390, i64 %389, i64 4
+  store i64 %391, ptr %tk.m, align 8
+  %392 = add nsw i64 %tk, 1
   br label %tk.head
 
 tk.end:                                           ; preds = %tk.head
-  %309 = load i64, ptr %tk.m, align 8
+  %393 = load i64, ptr %tk.m, align 8
   br label %top.head
 
 top.head:                                         ; preds = %top.body, %tk.end
-  %top = phi i64 [ 0, %tk.end ], [ %318, %top.body ]
-  %310 = icmp slt i64 %top, 4
-  br i1 %310, label %top.body, label %top.end
+  %top = phi i64 [ 0, %tk.end ], [ %402, %top.body ]
+  %394 = icmp slt i64 %top, 4
+  br i1 %394, label %top.body, label %top.end
 
 top.body:                                         ; preds = %top.head
-  %311 = getelementptr inbounds i64, ptr %idx, i64 %top
-  %312 = load i64, ptr %311, align 8
-  %313 = getelementptr inbounds i32, ptr %280, i64 %top
-  %314 = trunc i64 %312 to i32
-  store i32 %314, ptr %313, align 4
-  %315 = getelementptr inbounds float, ptr %s, i64 %312
-  %316 = load float, ptr %315, align 4
-  %317 = getelementptr inbounds float, ptr %281, i64 %top
-  store float %316, ptr %317, align 4
-  %318 = add nsw i64 %top, 1
+  %395 = getelementptr inbounds i64, ptr %idx, i64 %top
+  %396 = load i64, ptr %395, align 8
+  %397 = getelementptr inbounds i32, ptr %364, i64 %top
+  %398 = trunc i64 %396 to i32
+  store i32 %398, ptr %397, align 4
+  %399 = getelementptr inbounds float, ptr %s, i64 %396
+  %400 = load float, ptr %399, align 4
+  %401 = getelementptr inbounds float, ptr %365, i64 %top
+  store float %400, ptr %401, align 4
+  %402 = add nsw i64 %top, 1
   br label %top.head
 
 top.end:                                          ; preds = %top.head
@@ -643,49 +771,52 @@ top.end:                                          ; preds = %top.head
   br label %topp.head
 
 topp.head:                                        ; preds = %topp.body, %top.end
-  %topp = phi i64 [ 0, %top.end ], [ %331, %topp.body ]
-  %319 = icmp slt i64 %topp, 4
-  br i1 %319, label %topp.body, label %topp.end
+  %topp = phi i64 [ 0, %top.end ], [ %415, %topp.body ]
+  %403 = icmp slt i64 %topp, 4
+  br i1 %403, label %topp.body, label %topp.end
 
 topp.body:                                        ; preds = %topp.head
-  %320 = getelementptr inbounds float, ptr %281, i64 %topp
-  %321 = getelementptr inbounds i32, ptr %280, i64 %topp
-  %322 = load i8, ptr %done, align 1
-  %dn = icmp ne i8 %322, 0
-  %323 = load float, ptr %320, align 4
-  %324 = load float, ptr %cum, align 4
-  %c42 = fadd float %324, %323
-  %325 = select i1 %dn, float %324, float %c42
-  store float %325, ptr %cum, align 4
-  %326 = load i32, ptr %321, align 4
-  %327 = select i1 %dn, i32 -1, i32 %326
-  store i32 %327, ptr %321, align 4
-  %328 = select i1 %dn, float 0.000000e+00, float %323
-  store float %328, ptr %320, align 4
-  %reach = fcmp oge float %c42, 0x3FD99999A0000000
-  %329 = or i1 %dn, %reach
-  %330 = zext i1 %329 to i8
-  store i8 %330, ptr %done, align 1
-  %331 = add nsw i64 %topp, 1
+  %404 = getelementptr inbounds float, ptr %365, i64 %topp
+  %405 = getelementptr inbounds i32, ptr %364, i64 %topp
+  %406 = load i8, ptr %done, align 1
+  %dn = icmp ne i8 %406, 0
+  %407 = load float, ptr %404, align 4
+  %408 = load float, ptr %cum, align 4
+  %c60 = fadd float %408, %407
+  %409 = select i1 %dn, float %408, float %c60
+  store float %409, ptr %cum, align 4
+  %410 = load i32, ptr %405, align 4
+  %411 = select i1 %dn, i32 -1, i32 %410
+  store i32 %411, ptr %405, align 4
+  %412 = select i1 %dn, float 0.000000e+00, float %407
+  store float %412, ptr %404, align 4
+  %reach = fcmp oge float %c60, 0x3FD99999A0000000
+  %413 = or i1 %dn, %reach
+  %414 = zext i1 %413 to i8
+  store i8 %414, ptr %done, align 1
+  %415 = add nsw i64 %topp, 1
   br label %topp.head
 
 topp.end:                                         ; preds = %topp.head
-  %332 = getelementptr inbounds i64, ptr %idx, i64 0
-  %333 = load i64, ptr %332, align 8
-  %334 = getelementptr inbounds float, ptr %c, i64 %333
-  %335 = load float, ptr %334, align 4
-  %336 = getelementptr inbounds float, ptr %prio, i64 %tok
-  store float %335, ptr %336, align 4
-  %337 = add nsw i64 %t, 1
+  %416 = getelementptr inbounds i64, ptr %idx, i64 0
+  %417 = load i64, ptr %416, align 8
+  %418 = getelementptr inbounds float, ptr %c, i64 %417
+  %419 = load float, ptr %418, align 4
+  %420 = getelementptr inbounds float, ptr %prio, i64 %tok
+  store float %419, ptr %420, align 4
+  %421 = add nsw i64 %t, 1
   br label %t.head
 
 t.end:                                            ; preds = %t.head
-  %338 = add nsw i64 %tg, 8
+  %422 = add nsw i64 %tg, 8
   br label %tg.head
 
 tg.end:                                           ; preds = %tg.head
   ret void
 }
+
+; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
+declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #1
 
 ; Function Attrs: nounwind
 declare double @exp(double) #0
@@ -693,6 +824,7 @@ declare double @exp(double) #0
 ; Function Attrs: nounwind
 define hidden void @moe_up(ptr noalias %x, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bg, ptr noalias %bu, ptr noalias %h, i64 %p0, i64 %p1) #0 {
 entry:
+  %part = alloca [24576 x float], align 32
   %acc000 = alloca <8 x float>, align 32
   %acc001 = alloca <8 x float>, align 32
   %acc010 = alloca <8 x float>, align 32
@@ -705,73 +837,161 @@ entry:
   %acc041 = alloca <8 x float>, align 32
   %acc050 = alloca <8 x float>, align 32
   %acc051 = alloca <8 x float>, align 32
-  %acc00032 = alloca <8 x float>, align 32
-  %acc00133 = alloca <8 x float>, align 32
-  %acc01034 = alloca <8 x float>, align 32
-  %acc01135 = alloca <8 x float>, align 32
-  %acc02036 = alloca <8 x float>, align 32
-  %acc02137 = alloca <8 x float>, align 32
-  %acc03038 = alloca <8 x float>, align 32
-  %acc03139 = alloca <8 x float>, align 32
-  %acc04040 = alloca <8 x float>, align 32
-  %acc04141 = alloca <8 x float>, align 32
-  %acc00082 = alloca <8 x float>, align 32
-  %acc00183 = alloca <8 x float>, align 32
-  %acc01084 = alloca <8 x float>, align 32
-  %acc01185 = alloca <8 x float>, align 32
-  %acc02086 = alloca <8 x float>, align 32
-  %acc02187 = alloca <8 x float>, align 32
-  %acc03088 = alloca <8 x float>, align 32
-  %acc03189 = alloca <8 x float>, align 32
-  %acc000124 = alloca <8 x float>, align 32
-  %acc001125 = alloca <8 x float>, align 32
-  %acc010126 = alloca <8 x float>, align 32
-  %acc011127 = alloca <8 x float>, align 32
-  %acc020128 = alloca <8 x float>, align 32
-  %acc021129 = alloca <8 x float>, align 32
-  %acc000158 = alloca <8 x float>, align 32
-  %acc001159 = alloca <8 x float>, align 32
-  %acc010160 = alloca <8 x float>, align 32
-  %acc011161 = alloca <8 x float>, align 32
-  %acc000184 = alloca <8 x float>, align 32
-  %acc001185 = alloca <8 x float>, align 32
+  %acc00033 = alloca <8 x float>, align 32
+  %acc00134 = alloca <8 x float>, align 32
+  %acc01035 = alloca <8 x float>, align 32
+  %acc01136 = alloca <8 x float>, align 32
+  %acc02037 = alloca <8 x float>, align 32
+  %acc02138 = alloca <8 x float>, align 32
+  %acc03039 = alloca <8 x float>, align 32
+  %acc03140 = alloca <8 x float>, align 32
+  %acc04041 = alloca <8 x float>, align 32
+  %acc04142 = alloca <8 x float>, align 32
+  %acc00087 = alloca <8 x float>, align 32
+  %acc00188 = alloca <8 x float>, align 32
+  %acc01089 = alloca <8 x float>, align 32
+  %acc01190 = alloca <8 x float>, align 32
+  %acc02091 = alloca <8 x float>, align 32
+  %acc02192 = alloca <8 x float>, align 32
+  %acc03093 = alloca <8 x float>, align 32
+  %acc03194 = alloca <8 x float>, align 32
+  %acc000133 = alloca <8 x float>, align 32
+  %acc001134 = alloca <8 x float>, align 32
+  %acc010135 = alloca <8 x float>, align 32
+  %acc011136 = alloca <8 x float>, align 32
+  %acc020137 = alloca <8 x float>, align 32
+  %acc021138 = alloca <8 x float>, align 32
+  %acc000171 = alloca <8 x float>, align 32
+  %acc001172 = alloca <8 x float>, align 32
+  %acc010173 = alloca <8 x float>, align 32
+  %acc011174 = alloca <8 x float>, align 32
+  %acc000201 = alloca <8 x float>, align 32
+  %acc001202 = alloca <8 x float>, align 32
+  %acc000240 = alloca <8 x float>, align 32
+  %acc001241 = alloca <8 x float>, align 32
+  %acc010242 = alloca <8 x float>, align 32
+  %acc011243 = alloca <8 x float>, align 32
+  %acc020244 = alloca <8 x float>, align 32
+  %acc021245 = alloca <8 x float>, align 32
+  %acc030246 = alloca <8 x float>, align 32
+  %acc031247 = alloca <8 x float>, align 32
+  %acc040248 = alloca <8 x float>, align 32
+  %acc041249 = alloca <8 x float>, align 32
+  %acc050250 = alloca <8 x float>, align 32
+  %acc051251 = alloca <8 x float>, align 32
+  %acc000298 = alloca <8 x float>, align 32
+  %acc001299 = alloca <8 x float>, align 32
+  %acc010300 = alloca <8 x float>, align 32
+  %acc011301 = alloca <8 x float>, align 32
+  %acc020302 = alloca <8 x float>, align 32
+  %acc021303 = alloca <8 x float>, align 32
+  %acc030304 = alloca <8 x float>, align 32
+  %acc031305 = alloca <8 x float>, align 32
+  %acc040306 = alloca <8 x float>, align 32
+  %acc041307 = alloca <8 x float>, align 32
+  %acc000348 = alloca <8 x float>, align 32
+  %acc001349 = alloca <8 x float>, align 32
+  %acc010350 = alloca <8 x float>, align 32
+  %acc011351 = alloca <8 x float>, align 32
+  %acc020352 = alloca <8 x float>, align 32
+  %acc021353 = alloca <8 x float>, align 32
+  %acc030354 = alloca <8 x float>, align 32
+  %acc031355 = alloca <8 x float>, align 32
+  %acc000390 = alloca <8 x float>, align 32
+  %acc001391 = alloca <8 x float>, align 32
+  %acc010392 = alloca <8 x float>, align 32
+  %acc011393 = alloca <8 x float>, align 32
+  %acc020394 = alloca <8 x float>, align 32
+  %acc021395 = alloca <8 x float>, align 32
+  %acc000424 = alloca <8 x float>, align 32
+  %acc001425 = alloca <8 x float>, align 32
+  %acc010426 = alloca <8 x float>, align 32
+  %acc011427 = alloca <8 x float>, align 32
+  %acc000450 = alloca <8 x float>, align 32
+  %acc001451 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
-  br label %p.head
+  %0 = icmp sgt i64 %n, 6
+  br i1 %0, label %kb, label %flat
 
-p.head:                                           ; preds = %rb.end, %start
-  %p = phi i64 [ %p0, %start ], [ %1107, %rb.end ]
-  %0 = icmp slt i64 %p, %p1
-  br i1 %0, label %p.body, label %p.end
+kb:                                               ; preds = %start
+  br label %kb.rc.head
 
-p.body:                                           ; preds = %p.head
-  %1 = add nsw i64 %n, 5
-  %nrb = sdiv i64 %1, 6
+kb.rc.head:                                       ; preds = %kb.pg.end, %kb
+  %kb.rc = phi i64 [ 0, %kb ], [ %1886, %kb.pg.end ]
+  %1 = icmp slt i64 %kb.rc, %n
+  br i1 %1, label %kb.rc.body, label %kb.rc.end
+
+kb.rc.body:                                       ; preds = %kb.rc.head
+  %2 = sub nsw i64 %n, %kb.rc
+  %3 = icmp slt i64 %2, 96
+  %kb.rn = select i1 %3, i64 %2, i64 96
+  br label %kb.pg.head
+
+kb.pg.head:                                       ; preds = %kb.k.end, %kb.rc.body
+  %kb.pg = phi i64 [ %p0, %kb.rc.body ], [ %1885, %kb.k.end ]
+  %4 = icmp slt i64 %kb.pg, %p1
+  br i1 %4, label %kb.pg.body, label %kb.pg.end
+
+kb.pg.body:                                       ; preds = %kb.pg.head
+  %5 = add nsw i64 %kb.pg, 16
+  %6 = icmp slt i64 %5, %p1
+  %kb.pg1 = select i1 %6, i64 %5, i64 %p1
+  br label %kb.k.head
+
+kb.k.head:                                        ; preds = %kb.p.end, %kb.pg.body
+  %kb.k = phi i64 [ 0, %kb.pg.body ], [ %1884, %kb.p.end ]
+  %7 = icmp slt i64 %kb.k, 4
+  br i1 %7, label %kb.k.body, label %kb.k.end
+
+kb.k.body:                                        ; preds = %kb.k.head
+  %k0 = mul nsw i64 %kb.k, 256
+  %kfirst = icmp eq i64 %kb.k, 0
+  %klast = icmp eq i64 %kb.k, 3
+  br label %kb.p.head
+
+kb.p.head:                                        ; preds = %rb.end, %kb.k.body
+  %kb.p = phi i64 [ %kb.pg, %kb.k.body ], [ %1883, %rb.end ]
+  %8 = icmp slt i64 %kb.p, %kb.pg1
+  br i1 %8, label %kb.p.body, label %kb.p.end
+
+kb.p.body:                                        ; preds = %kb.p.head
+  %9 = add nsw i64 %kb.p, 1
+  %10 = icmp slt i64 %9, %kb.pg1
+  %11 = sub nsw i64 %kb.p, %kb.pg
+  %12 = mul nsw i64 %11, 65536
+  %13 = sub nsw i64 16384, %12
+  %pf.step = select i1 %10, i64 65536, i64 %13
+  %14 = xor i1 %klast, true
+  %pf.next = or i1 %10, %14
+  %15 = add nsw i64 %kb.rn, 5
+  %nrb = sdiv i64 %15, 6
   br label %rb.head
 
-rb.head:                                          ; preds = %tile.done, %p.body
-  %rb = phi i64 [ 0, %p.body ], [ %1106, %tile.done ]
-  %2 = icmp slt i64 %rb, %nrb
-  br i1 %2, label %rb.body, label %rb.end
+rb.head:                                          ; preds = %tile.done, %kb.p.body
+  %rb = phi i64 [ 0, %kb.p.body ], [ %1882, %tile.done ]
+  %16 = icmp slt i64 %rb, %nrb
+  br i1 %16, label %rb.body, label %rb.end
 
 rb.body:                                          ; preds = %rb.head
-  %3 = mul nsw i64 %rb, %n
-  %r0 = sdiv i64 %3, %nrb
-  %4 = add nsw i64 %rb, 1
-  %5 = mul nsw i64 %4, %n
-  %r1 = sdiv i64 %5, %nrb
+  %17 = mul nsw i64 %rb, %kb.rn
+  %r0 = sdiv i64 %17, %nrb
+  %18 = add nsw i64 %rb, 1
+  %19 = mul nsw i64 %18, %kb.rn
+  %r1 = sdiv i64 %19, %nrb
   %mr = sub nsw i64 %r1, %r0
-  %6 = icmp sge i64 %nrb, 2
-  %7 = select i1 %6, i64 1, i64 0
-  %8 = icmp sge i64 %nrb, 4
-  %9 = select i1 %8, i64 2, i64 %7
-  %10 = icmp sge i64 %nrb, 8
-  %11 = select i1 %10, i64 3, i64 %9
+  %r01 = add nsw i64 %kb.rc, %r0
+  %20 = icmp sge i64 %nrb, 2
+  %21 = select i1 %20, i64 1, i64 0
+  %22 = icmp sge i64 %nrb, 4
+  %23 = select i1 %22, i64 2, i64 %21
+  %24 = icmp sge i64 %nrb, 8
+  %25 = select i1 %24, i64 3, i64 %23
   %pf.multi = icmp sgt i64 %nrb, 1
-  %12 = shl i64 1, %11
-  %13 = icmp slt i64 %rb, %12
-  %pf.on = and i1 %pf.multi, %13
+  %26 = shl i64 1, %25
+  %27 = icmp slt i64 %rb, %26
+  %pf.on = and i1 %pf.multi, %27
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -781,1486 +1001,3922 @@ rb.body:                                          ; preds = %rb.head
   ]
 
 tile.mr6:                                         ; preds = %rb.body
-  %14 = add nsw i64 %r0, 0
-  %15 = getelementptr inbounds i32, ptr %rows, i64 %14
-  %16 = load i32, ptr %15, align 4
-  %17 = sext i32 %16 to i64
-  %18 = mul nsw i64 %17, 1024
-  %19 = getelementptr inbounds float, ptr %x, i64 %18
-  store <8 x float> zeroinitializer, ptr %acc000, align 4
-  store <8 x float> zeroinitializer, ptr %acc001, align 4
-  %20 = add nsw i64 %r0, 1
-  %21 = getelementptr inbounds i32, ptr %rows, i64 %20
-  %22 = load i32, ptr %21, align 4
-  %23 = sext i32 %22 to i64
-  %24 = mul nsw i64 %23, 1024
-  %25 = getelementptr inbounds float, ptr %x, i64 %24
-  store <8 x float> zeroinitializer, ptr %acc010, align 4
-  store <8 x float> zeroinitializer, ptr %acc011, align 4
-  %26 = add nsw i64 %r0, 2
-  %27 = getelementptr inbounds i32, ptr %rows, i64 %26
-  %28 = load i32, ptr %27, align 4
-  %29 = sext i32 %28 to i64
-  %30 = mul nsw i64 %29, 1024
-  %31 = getelementptr inbounds float, ptr %x, i64 %30
-  store <8 x float> zeroinitializer, ptr %acc020, align 4
-  store <8 x float> zeroinitializer, ptr %acc021, align 4
-  %32 = add nsw i64 %r0, 3
-  %33 = getelementptr inbounds i32, ptr %rows, i64 %32
-  %34 = load i32, ptr %33, align 4
-  %35 = sext i32 %34 to i64
-  %36 = mul nsw i64 %35, 1024
-  %37 = getelementptr inbounds float, ptr %x, i64 %36
-  store <8 x float> zeroinitializer, ptr %acc030, align 4
-  store <8 x float> zeroinitializer, ptr %acc031, align 4
-  %38 = add nsw i64 %r0, 4
-  %39 = getelementptr inbounds i32, ptr %rows, i64 %38
-  %40 = load i32, ptr %39, align 4
-  %41 = sext i32 %40 to i64
-  %42 = mul nsw i64 %41, 1024
-  %43 = getelementptr inbounds float, ptr %x, i64 %42
-  store <8 x float> zeroinitializer, ptr %acc040, align 4
-  store <8 x float> zeroinitializer, ptr %acc041, align 4
-  %44 = add nsw i64 %r0, 5
-  %45 = getelementptr inbounds i32, ptr %rows, i64 %44
-  %46 = load i32, ptr %45, align 4
-  %47 = sext i32 %46 to i64
-  %48 = mul nsw i64 %47, 1024
-  %49 = getelementptr inbounds float, ptr %x, i64 %48
-  store <8 x float> zeroinitializer, ptr %acc050, align 4
-  store <8 x float> zeroinitializer, ptr %acc051, align 4
-  %panel.off = mul nsw i64 %p, 16384
-  %50 = getelementptr inbounds float, ptr %panels, i64 %panel.off
-  %51 = add nsw i64 %p, 1
-  %52 = icmp slt i64 %51, %p1
-  %pf.on1 = and i1 %pf.on, %52
-  %53 = mul nsw i64 %rb, 65536
-  %54 = lshr i64 %53, %11
-  %55 = add nsw i64 65536, %54
-  %56 = getelementptr inbounds i8, ptr %50, i64 %55
-  %pf = select i1 %pf.on1, ptr %56, ptr %50
-  %pf.sh = select i1 %pf.on1, i64 %11, i64 0
+  %28 = add nsw i64 %r01, 0
+  %29 = getelementptr inbounds i32, ptr %rows, i64 %28
+  %30 = load i32, ptr %29, align 4
+  %31 = sext i32 %30 to i64
+  %32 = mul nsw i64 %31, 1024
+  %33 = add nsw i64 %32, %k0
+  %34 = getelementptr inbounds float, ptr %x, i64 %33
+  %35 = sub nsw i64 %kb.p, %kb.pg
+  %36 = sub nsw i64 %28, %kb.rc
+  %37 = mul nsw i64 %36, 16
+  %38 = add nsw i64 %37, %35
+  %39 = mul nsw i64 %38, 16
+  %40 = getelementptr inbounds float, ptr %part, i64 %39
+  %41 = getelementptr inbounds float, ptr %40, i64 0
+  %42 = load <8 x float>, ptr %41, align 4
+  %43 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %42
+  store <8 x float> %43, ptr %acc000, align 4
+  %44 = sub nsw i64 %kb.p, %kb.pg
+  %45 = sub nsw i64 %28, %kb.rc
+  %46 = mul nsw i64 %45, 16
+  %47 = add nsw i64 %46, %44
+  %48 = mul nsw i64 %47, 16
+  %49 = getelementptr inbounds float, ptr %part, i64 %48
+  %50 = getelementptr inbounds float, ptr %49, i64 8
+  %51 = load <8 x float>, ptr %50, align 4
+  %52 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %51
+  store <8 x float> %52, ptr %acc001, align 4
+  %53 = add nsw i64 %r01, 1
+  %54 = getelementptr inbounds i32, ptr %rows, i64 %53
+  %55 = load i32, ptr %54, align 4
+  %56 = sext i32 %55 to i64
+  %57 = mul nsw i64 %56, 1024
+  %58 = add nsw i64 %57, %k0
+  %59 = getelementptr inbounds float, ptr %x, i64 %58
+  %60 = sub nsw i64 %kb.p, %kb.pg
+  %61 = sub nsw i64 %53, %kb.rc
+  %62 = mul nsw i64 %61, 16
+  %63 = add nsw i64 %62, %60
+  %64 = mul nsw i64 %63, 16
+  %65 = getelementptr inbounds float, ptr %part, i64 %64
+  %66 = getelementptr inbounds float, ptr %65, i64 0
+  %67 = load <8 x float>, ptr %66, align 4
+  %68 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %67
+  store <8 x float> %68, ptr %acc010, align 4
+  %69 = sub nsw i64 %kb.p, %kb.pg
+  %70 = sub nsw i64 %53, %kb.rc
+  %71 = mul nsw i64 %70, 16
+  %72 = add nsw i64 %71, %69
+  %73 = mul nsw i64 %72, 16
+  %74 = getelementptr inbounds float, ptr %part, i64 %73
+  %75 = getelementptr inbounds float, ptr %74, i64 8
+  %76 = load <8 x float>, ptr %75, align 4
+  %77 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %76
+  store <8 x float> %77, ptr %acc011, align 4
+  %78 = add nsw i64 %r01, 2
+  %79 = getelementptr inbounds i32, ptr %rows, i64 %78
+  %80 = load i32, ptr %79, align 4
+  %81 = sext i32 %80 to i64
+  %82 = mul nsw i64 %81, 1024
+  %83 = add nsw i64 %82, %k0
+  %84 = getelementptr inbounds float, ptr %x, i64 %83
+  %85 = sub nsw i64 %kb.p, %kb.pg
+  %86 = sub nsw i64 %78, %kb.rc
+  %87 = mul nsw i64 %86, 16
+  %88 = add nsw i64 %87, %85
+  %89 = mul nsw i64 %88, 16
+  %90 = getelementptr inbounds float, ptr %part, i64 %89
+  %91 = getelementptr inbounds float, ptr %90, i64 0
+  %92 = load <8 x float>, ptr %91, align 4
+  %93 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %92
+  store <8 x float> %93, ptr %acc020, align 4
+  %94 = sub nsw i64 %kb.p, %kb.pg
+  %95 = sub nsw i64 %78, %kb.rc
+  %96 = mul nsw i64 %95, 16
+  %97 = add nsw i64 %96, %94
+  %98 = mul nsw i64 %97, 16
+  %99 = getelementptr inbounds float, ptr %part, i64 %98
+  %100 = getelementptr inbounds float, ptr %99, i64 8
+  %101 = load <8 x float>, ptr %100, align 4
+  %102 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %101
+  store <8 x float> %102, ptr %acc021, align 4
+  %103 = add nsw i64 %r01, 3
+  %104 = getelementptr inbounds i32, ptr %rows, i64 %103
+  %105 = load i32, ptr %104, align 4
+  %106 = sext i32 %105 to i64
+  %107 = mul nsw i64 %106, 1024
+  %108 = add nsw i64 %107, %k0
+  %109 = getelementptr inbounds float, ptr %x, i64 %108
+  %110 = sub nsw i64 %kb.p, %kb.pg
+  %111 = sub nsw i64 %103, %kb.rc
+  %112 = mul nsw i64 %111, 16
+  %113 = add nsw i64 %112, %110
+  %114 = mul nsw i64 %113, 16
+  %115 = getelementptr inbounds float, ptr %part, i64 %114
+  %116 = getelementptr inbounds float, ptr %115, i64 0
+  %117 = load <8 x float>, ptr %116, align 4
+  %118 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %117
+  store <8 x float> %118, ptr %acc030, align 4
+  %119 = sub nsw i64 %kb.p, %kb.pg
+  %120 = sub nsw i64 %103, %kb.rc
+  %121 = mul nsw i64 %120, 16
+  %122 = add nsw i64 %121, %119
+  %123 = mul nsw i64 %122, 16
+  %124 = getelementptr inbounds float, ptr %part, i64 %123
+  %125 = getelementptr inbounds float, ptr %124, i64 8
+  %126 = load <8 x float>, ptr %125, align 4
+  %127 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %126
+  store <8 x float> %127, ptr %acc031, align 4
+  %128 = add nsw i64 %r01, 4
+  %129 = getelementptr inbounds i32, ptr %rows, i64 %128
+  %130 = load i32, ptr %129, align 4
+  %131 = sext i32 %130 to i64
+  %132 = mul nsw i64 %131, 1024
+  %133 = add nsw i64 %132, %k0
+  %134 = getelementptr inbounds float, ptr %x, i64 %133
+  %135 = sub nsw i64 %kb.p, %kb.pg
+  %136 = sub nsw i64 %128, %kb.rc
+  %137 = mul nsw i64 %136, 16
+  %138 = add nsw i64 %137, %135
+  %139 = mul nsw i64 %138, 16
+  %140 = getelementptr inbounds float, ptr %part, i64 %139
+  %141 = getelementptr inbounds float, ptr %140, i64 0
+  %142 = load <8 x float>, ptr %141, align 4
+  %143 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %142
+  store <8 x float> %143, ptr %acc040, align 4
+  %144 = sub nsw i64 %kb.p, %kb.pg
+  %145 = sub nsw i64 %128, %kb.rc
+  %146 = mul nsw i64 %145, 16
+  %147 = add nsw i64 %146, %144
+  %148 = mul nsw i64 %147, 16
+  %149 = getelementptr inbounds float, ptr %part, i64 %148
+  %150 = getelementptr inbounds float, ptr %149, i64 8
+  %151 = load <8 x float>, ptr %150, align 4
+  %152 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %151
+  store <8 x float> %152, ptr %acc041, align 4
+  %153 = add nsw i64 %r01, 5
+  %154 = getelementptr inbounds i32, ptr %rows, i64 %153
+  %155 = load i32, ptr %154, align 4
+  %156 = sext i32 %155 to i64
+  %157 = mul nsw i64 %156, 1024
+  %158 = add nsw i64 %157, %k0
+  %159 = getelementptr inbounds float, ptr %x, i64 %158
+  %160 = sub nsw i64 %kb.p, %kb.pg
+  %161 = sub nsw i64 %153, %kb.rc
+  %162 = mul nsw i64 %161, 16
+  %163 = add nsw i64 %162, %160
+  %164 = mul nsw i64 %163, 16
+  %165 = getelementptr inbounds float, ptr %part, i64 %164
+  %166 = getelementptr inbounds float, ptr %165, i64 0
+  %167 = load <8 x float>, ptr %166, align 4
+  %168 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %167
+  store <8 x float> %168, ptr %acc050, align 4
+  %169 = sub nsw i64 %kb.p, %kb.pg
+  %170 = sub nsw i64 %153, %kb.rc
+  %171 = mul nsw i64 %170, 16
+  %172 = add nsw i64 %171, %169
+  %173 = mul nsw i64 %172, 16
+  %174 = getelementptr inbounds float, ptr %part, i64 %173
+  %175 = getelementptr inbounds float, ptr %174, i64 8
+  %176 = load <8 x float>, ptr %175, align 4
+  %177 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %176
+  store <8 x float> %177, ptr %acc051, align 4
+  %178 = mul nsw i64 %k0, 16
+  %179 = mul nsw i64 %kb.p, 16384
+  %panel.off = add nsw i64 %179, %178
+  %180 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %pf.on2 = and i1 %pf.on, %pf.next
+  %181 = mul nsw i64 %rb, 16384
+  %182 = lshr i64 %181, %25
+  %183 = add nsw i64 %pf.step, %182
+  %184 = getelementptr inbounds i8, ptr %180, i64 %183
+  %pf = select i1 %pf.on2, ptr %184, ptr %180
+  %pf.sh = select i1 %pf.on2, i64 %25, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %118, %pf.any.end ]
-  %57 = icmp slt i64 %k, 1024
-  br i1 %57, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %246, %pf.any.end ]
+  %185 = icmp slt i64 %k, 256
+  br i1 %185, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %58 = mul nsw i64 %k, 1
-  %59 = add nsw i64 %58, 0
-  %60 = mul nsw i64 %59, 64
+  %186 = mul nsw i64 %k, 1
+  %187 = add nsw i64 %186, 0
+  %188 = mul nsw i64 %187, 64
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %61 = lshr i64 %60, %pf.sh
-  %62 = getelementptr inbounds i8, ptr %pf, i64 %61
-  call void @llvm.prefetch.p0(ptr %62, i32 0, i32 2, i32 1)
+  %189 = lshr i64 %188, %pf.sh
+  %190 = getelementptr inbounds i8, ptr %pf, i64 %189
+  call void @llvm.prefetch.p0(ptr %190, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %63 = mul nsw i64 %59, 16
-  %64 = add nsw i64 %panel.off, %63
-  %65 = getelementptr inbounds float, ptr %panels, i64 %64
-  %66 = load <8 x float>, ptr %65, align 4
-  %67 = add nsw i64 %64, 8
-  %68 = getelementptr inbounds float, ptr %panels, i64 %67
-  %69 = load <8 x float>, ptr %68, align 4
-  %70 = getelementptr inbounds float, ptr %19, i64 %59
-  %71 = load float, ptr %70, align 4
-  %72 = insertelement <8 x float> poison, float %71, i32 0
-  %73 = shufflevector <8 x float> %72, <8 x float> poison, <8 x i32> zeroinitializer
-  %74 = load <8 x float>, ptr %acc000, align 4
-  %75 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %66, <8 x float> %74)
-  store <8 x float> %75, ptr %acc000, align 4
-  %76 = load <8 x float>, ptr %acc001, align 4
-  %77 = call <8 x float> @llvm.fma.v8f32(<8 x float> %73, <8 x float> %69, <8 x float> %76)
-  store <8 x float> %77, ptr %acc001, align 4
-  %78 = getelementptr inbounds float, ptr %25, i64 %59
-  %79 = load float, ptr %78, align 4
-  %80 = insertelement <8 x float> poison, float %79, i32 0
-  %81 = shufflevector <8 x float> %80, <8 x float> poison, <8 x i32> zeroinitializer
-  %82 = load <8 x float>, ptr %acc010, align 4
-  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %66, <8 x float> %82)
-  store <8 x float> %83, ptr %acc010, align 4
-  %84 = load <8 x float>, ptr %acc011, align 4
-  %85 = call <8 x float> @llvm.fma.v8f32(<8 x float> %81, <8 x float> %69, <8 x float> %84)
-  store <8 x float> %85, ptr %acc011, align 4
-  %86 = getelementptr inbounds float, ptr %31, i64 %59
-  %87 = load float, ptr %86, align 4
-  %88 = insertelement <8 x float> poison, float %87, i32 0
-  %89 = shufflevector <8 x float> %88, <8 x float> poison, <8 x i32> zeroinitializer
-  %90 = load <8 x float>, ptr %acc020, align 4
-  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %66, <8 x float> %90)
-  store <8 x float> %91, ptr %acc020, align 4
-  %92 = load <8 x float>, ptr %acc021, align 4
-  %93 = call <8 x float> @llvm.fma.v8f32(<8 x float> %89, <8 x float> %69, <8 x float> %92)
-  store <8 x float> %93, ptr %acc021, align 4
-  %94 = getelementptr inbounds float, ptr %37, i64 %59
-  %95 = load float, ptr %94, align 4
-  %96 = insertelement <8 x float> poison, float %95, i32 0
-  %97 = shufflevector <8 x float> %96, <8 x float> poison, <8 x i32> zeroinitializer
-  %98 = load <8 x float>, ptr %acc030, align 4
-  %99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %97, <8 x float> %66, <8 x float> %98)
-  store <8 x float> %99, ptr %acc030, align 4
-  %100 = load <8 x float>, ptr %acc031, align 4
-  %101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %97, <8 x float> %69, <8 x float> %100)
-  store <8 x float> %101, ptr %acc031, align 4
-  %102 = getelementptr inbounds float, ptr %43, i64 %59
-  %103 = load float, ptr %102, align 4
-  %104 = insertelement <8 x float> poison, float %103, i32 0
-  %105 = shufflevector <8 x float> %104, <8 x float> poison, <8 x i32> zeroinitializer
-  %106 = load <8 x float>, ptr %acc040, align 4
-  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %105, <8 x float> %66, <8 x float> %106)
-  store <8 x float> %107, ptr %acc040, align 4
-  %108 = load <8 x float>, ptr %acc041, align 4
-  %109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %105, <8 x float> %69, <8 x float> %108)
-  store <8 x float> %109, ptr %acc041, align 4
-  %110 = getelementptr inbounds float, ptr %49, i64 %59
-  %111 = load float, ptr %110, align 4
-  %112 = insertelement <8 x float> poison, float %111, i32 0
-  %113 = shufflevector <8 x float> %112, <8 x float> poison, <8 x i32> zeroinitializer
-  %114 = load <8 x float>, ptr %acc050, align 4
-  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %113, <8 x float> %66, <8 x float> %114)
-  store <8 x float> %115, ptr %acc050, align 4
-  %116 = load <8 x float>, ptr %acc051, align 4
-  %117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %113, <8 x float> %69, <8 x float> %116)
-  store <8 x float> %117, ptr %acc051, align 4
-  %118 = add nsw i64 %k, 1
+  %191 = mul nsw i64 %187, 16
+  %192 = add nsw i64 %panel.off, %191
+  %193 = getelementptr inbounds float, ptr %panels, i64 %192
+  %194 = load <8 x float>, ptr %193, align 4
+  %195 = add nsw i64 %192, 8
+  %196 = getelementptr inbounds float, ptr %panels, i64 %195
+  %197 = load <8 x float>, ptr %196, align 4
+  %198 = getelementptr inbounds float, ptr %34, i64 %187
+  %199 = load float, ptr %198, align 4
+  %200 = insertelement <8 x float> poison, float %199, i32 0
+  %201 = shufflevector <8 x float> %200, <8 x float> poison, <8 x i32> zeroinitializer
+  %202 = load <8 x float>, ptr %acc000, align 4
+  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %194, <8 x float> %202)
+  store <8 x float> %203, ptr %acc000, align 4
+  %204 = load <8 x float>, ptr %acc001, align 4
+  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %197, <8 x float> %204)
+  store <8 x float> %205, ptr %acc001, align 4
+  %206 = getelementptr inbounds float, ptr %59, i64 %187
+  %207 = load float, ptr %206, align 4
+  %208 = insertelement <8 x float> poison, float %207, i32 0
+  %209 = shufflevector <8 x float> %208, <8 x float> poison, <8 x i32> zeroinitializer
+  %210 = load <8 x float>, ptr %acc010, align 4
+  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %194, <8 x float> %210)
+  store <8 x float> %211, ptr %acc010, align 4
+  %212 = load <8 x float>, ptr %acc011, align 4
+  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %197, <8 x float> %212)
+  store <8 x float> %213, ptr %acc011, align 4
+  %214 = getelementptr inbounds float, ptr %84, i64 %187
+  %215 = load float, ptr %214, align 4
+  %216 = insertelement <8 x float> poison, float %215, i32 0
+  %217 = shufflevector <8 x float> %216, <8 x float> poison, <8 x i32> zeroinitializer
+  %218 = load <8 x float>, ptr %acc020, align 4
+  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %194, <8 x float> %218)
+  store <8 x float> %219, ptr %acc020, align 4
+  %220 = load <8 x float>, ptr %acc021, align 4
+  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %197, <8 x float> %220)
+  store <8 x float> %221, ptr %acc021, align 4
+  %222 = getelementptr inbounds float, ptr %109, i64 %187
+  %223 = load float, ptr %222, align 4
+  %224 = insertelement <8 x float> poison, float %223, i32 0
+  %225 = shufflevector <8 x float> %224, <8 x float> poison, <8 x i32> zeroinitializer
+  %226 = load <8 x float>, ptr %acc030, align 4
+  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %194, <8 x float> %226)
+  store <8 x float> %227, ptr %acc030, align 4
+  %228 = load <8 x float>, ptr %acc031, align 4
+  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %197, <8 x float> %228)
+  store <8 x float> %229, ptr %acc031, align 4
+  %230 = getelementptr inbounds float, ptr %134, i64 %187
+  %231 = load float, ptr %230, align 4
+  %232 = insertelement <8 x float> poison, float %231, i32 0
+  %233 = shufflevector <8 x float> %232, <8 x float> poison, <8 x i32> zeroinitializer
+  %234 = load <8 x float>, ptr %acc040, align 4
+  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %194, <8 x float> %234)
+  store <8 x float> %235, ptr %acc040, align 4
+  %236 = load <8 x float>, ptr %acc041, align 4
+  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %197, <8 x float> %236)
+  store <8 x float> %237, ptr %acc041, align 4
+  %238 = getelementptr inbounds float, ptr %159, i64 %187
+  %239 = load float, ptr %238, align 4
+  %240 = insertelement <8 x float> poison, float %239, i32 0
+  %241 = shufflevector <8 x float> %240, <8 x float> poison, <8 x i32> zeroinitializer
+  %242 = load <8 x float>, ptr %acc050, align 4
+  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> %194, <8 x float> %242)
+  store <8 x float> %243, ptr %acc050, align 4
+  %244 = load <8 x float>, ptr %acc051, align 4
+  %245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> %197, <8 x float> %244)
+  store <8 x float> %245, ptr %acc051, align 4
+  %246 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %119 = add nsw i64 %r0, 0
-  %120 = getelementptr inbounds float, ptr %rw, i64 %119
-  %121 = load float, ptr %120, align 4
-  %122 = insertelement <8 x float> poison, float %121, i32 0
-  %123 = shufflevector <8 x float> %122, <8 x float> poison, <8 x i32> zeroinitializer
-  %124 = mul nsw i64 %119, 2816
-  %125 = getelementptr inbounds float, ptr %h, i64 %124
-  %col = mul nsw i64 %p, 8
-  %126 = load <8 x float>, ptr %acc000, align 4
-  %127 = load <8 x float>, ptr %acc001, align 4
-  %128 = fneg <8 x float> %126
-  %129 = fcmp olt <8 x float> %128, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %130 = select <8 x i1> %129, <8 x float> %128, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %131 = fcmp ogt <8 x float> %130, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %132 = select <8 x i1> %131, <8 x float> %130, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %132, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %134 = call <8 x float> @llvm.floor.v8f32(<8 x float> %133)
-  %135 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %132)
-  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %135)
-  %137 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %136, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %136, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> %136, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> %136, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> %136, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %142 = fmul <8 x float> %136, %136
-  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %141, <8 x float> %142, <8 x float> %136)
-  %144 = fadd <8 x float> %143, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %145 = fptosi <8 x float> %134 to <8 x i32>
-  %146 = add <8 x i32> %145, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %147 = shl <8 x i32> %146, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %147 to <8 x float>
-  %exp = fmul <8 x float> %144, %exp.2n
-  %148 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %148
-  %silu = fmul <8 x float> %126, %sigmoid
-  %glu = fmul <8 x float> %silu, %127
-  %149 = fmul <8 x float> %glu, %123
-  %150 = getelementptr inbounds float, ptr %125, i64 %col
-  store <8 x float> %149, ptr %150, align 4
-  %151 = add nsw i64 %r0, 1
-  %152 = getelementptr inbounds float, ptr %rw, i64 %151
-  %153 = load float, ptr %152, align 4
-  %154 = insertelement <8 x float> poison, float %153, i32 0
-  %155 = shufflevector <8 x float> %154, <8 x float> poison, <8 x i32> zeroinitializer
-  %156 = mul nsw i64 %151, 2816
-  %157 = getelementptr inbounds float, ptr %h, i64 %156
-  %col2 = mul nsw i64 %p, 8
-  %158 = load <8 x float>, ptr %acc010, align 4
-  %159 = load <8 x float>, ptr %acc011, align 4
-  %160 = fneg <8 x float> %158
-  %161 = fcmp olt <8 x float> %160, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %162 = select <8 x i1> %161, <8 x float> %160, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %163 = fcmp ogt <8 x float> %162, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %164 = select <8 x i1> %163, <8 x float> %162, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %164, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %166 = call <8 x float> @llvm.floor.v8f32(<8 x float> %165)
-  %167 = call <8 x float> @llvm.fma.v8f32(<8 x float> %166, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %164)
-  %168 = call <8 x float> @llvm.fma.v8f32(<8 x float> %166, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %167)
-  %169 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %168, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %170 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %168, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %170, <8 x float> %168, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %171, <8 x float> %168, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %172, <8 x float> %168, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %174 = fmul <8 x float> %168, %168
-  %175 = call <8 x float> @llvm.fma.v8f32(<8 x float> %173, <8 x float> %174, <8 x float> %168)
-  %176 = fadd <8 x float> %175, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %177 = fptosi <8 x float> %166 to <8 x i32>
-  %178 = add <8 x i32> %177, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %179 = shl <8 x i32> %178, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n3 = bitcast <8 x i32> %179 to <8 x float>
-  %exp4 = fmul <8 x float> %176, %exp.2n3
-  %180 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %180
-  %silu6 = fmul <8 x float> %158, %sigmoid5
-  %glu7 = fmul <8 x float> %silu6, %159
-  %181 = fmul <8 x float> %glu7, %155
-  %182 = getelementptr inbounds float, ptr %157, i64 %col2
-  store <8 x float> %181, ptr %182, align 4
-  %183 = add nsw i64 %r0, 2
-  %184 = getelementptr inbounds float, ptr %rw, i64 %183
-  %185 = load float, ptr %184, align 4
-  %186 = insertelement <8 x float> poison, float %185, i32 0
-  %187 = shufflevector <8 x float> %186, <8 x float> poison, <8 x i32> zeroinitializer
-  %188 = mul nsw i64 %183, 2816
-  %189 = getelementptr inbounds float, ptr %h, i64 %188
-  %col8 = mul nsw i64 %p, 8
-  %190 = load <8 x float>, ptr %acc020, align 4
-  %191 = load <8 x float>, ptr %acc021, align 4
-  %192 = fneg <8 x float> %190
-  %193 = fcmp olt <8 x float> %192, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %194 = select <8 x i1> %193, <8 x float> %192, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %195 = fcmp ogt <8 x float> %194, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %196 = select <8 x i1> %195, <8 x float> %194, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %196, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %198 = call <8 x float> @llvm.floor.v8f32(<8 x float> %197)
-  %199 = call <8 x float> @llvm.fma.v8f32(<8 x float> %198, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %196)
-  %200 = call <8 x float> @llvm.fma.v8f32(<8 x float> %198, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %199)
-  %201 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %200, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %200, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %202, <8 x float> %200, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %203, <8 x float> %200, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %204, <8 x float> %200, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %206 = fmul <8 x float> %200, %200
-  %207 = call <8 x float> @llvm.fma.v8f32(<8 x float> %205, <8 x float> %206, <8 x float> %200)
-  %208 = fadd <8 x float> %207, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %209 = fptosi <8 x float> %198 to <8 x i32>
-  %210 = add <8 x i32> %209, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %211 = shl <8 x i32> %210, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n9 = bitcast <8 x i32> %211 to <8 x float>
-  %exp10 = fmul <8 x float> %208, %exp.2n9
-  %212 = fadd <8 x float> %exp10, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid11 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %212
-  %silu12 = fmul <8 x float> %190, %sigmoid11
-  %glu13 = fmul <8 x float> %silu12, %191
-  %213 = fmul <8 x float> %glu13, %187
-  %214 = getelementptr inbounds float, ptr %189, i64 %col8
-  store <8 x float> %213, ptr %214, align 4
-  %215 = add nsw i64 %r0, 3
-  %216 = getelementptr inbounds float, ptr %rw, i64 %215
-  %217 = load float, ptr %216, align 4
-  %218 = insertelement <8 x float> poison, float %217, i32 0
-  %219 = shufflevector <8 x float> %218, <8 x float> poison, <8 x i32> zeroinitializer
-  %220 = mul nsw i64 %215, 2816
-  %221 = getelementptr inbounds float, ptr %h, i64 %220
-  %col14 = mul nsw i64 %p, 8
-  %222 = load <8 x float>, ptr %acc030, align 4
-  %223 = load <8 x float>, ptr %acc031, align 4
-  %224 = fneg <8 x float> %222
-  %225 = fcmp olt <8 x float> %224, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %226 = select <8 x i1> %225, <8 x float> %224, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %227 = fcmp ogt <8 x float> %226, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %228 = select <8 x i1> %227, <8 x float> %226, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %228, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %230 = call <8 x float> @llvm.floor.v8f32(<8 x float> %229)
-  %231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %230, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %228)
-  %232 = call <8 x float> @llvm.fma.v8f32(<8 x float> %230, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %231)
-  %233 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %232, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %234 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %232, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %234, <8 x float> %232, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %235, <8 x float> %232, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> %232, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %238 = fmul <8 x float> %232, %232
-  %239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %237, <8 x float> %238, <8 x float> %232)
-  %240 = fadd <8 x float> %239, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %241 = fptosi <8 x float> %230 to <8 x i32>
-  %242 = add <8 x i32> %241, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %243 = shl <8 x i32> %242, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n15 = bitcast <8 x i32> %243 to <8 x float>
-  %exp16 = fmul <8 x float> %240, %exp.2n15
-  %244 = fadd <8 x float> %exp16, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid17 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %244
-  %silu18 = fmul <8 x float> %222, %sigmoid17
-  %glu19 = fmul <8 x float> %silu18, %223
-  %245 = fmul <8 x float> %glu19, %219
-  %246 = getelementptr inbounds float, ptr %221, i64 %col14
-  store <8 x float> %245, ptr %246, align 4
-  %247 = add nsw i64 %r0, 4
-  %248 = getelementptr inbounds float, ptr %rw, i64 %247
-  %249 = load float, ptr %248, align 4
-  %250 = insertelement <8 x float> poison, float %249, i32 0
-  %251 = shufflevector <8 x float> %250, <8 x float> poison, <8 x i32> zeroinitializer
-  %252 = mul nsw i64 %247, 2816
-  %253 = getelementptr inbounds float, ptr %h, i64 %252
-  %col20 = mul nsw i64 %p, 8
-  %254 = load <8 x float>, ptr %acc040, align 4
-  %255 = load <8 x float>, ptr %acc041, align 4
-  %256 = fneg <8 x float> %254
-  %257 = fcmp olt <8 x float> %256, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %258 = select <8 x i1> %257, <8 x float> %256, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %259 = fcmp ogt <8 x float> %258, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %260 = select <8 x i1> %259, <8 x float> %258, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %260, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %262 = call <8 x float> @llvm.floor.v8f32(<8 x float> %261)
-  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %260)
-  %264 = call <8 x float> @llvm.fma.v8f32(<8 x float> %262, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %263)
-  %265 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %264, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %265, <8 x float> %264, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> %264, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %264, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> %264, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %270 = fmul <8 x float> %264, %264
-  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %269, <8 x float> %270, <8 x float> %264)
-  %272 = fadd <8 x float> %271, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %273 = fptosi <8 x float> %262 to <8 x i32>
-  %274 = add <8 x i32> %273, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %275 = shl <8 x i32> %274, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n21 = bitcast <8 x i32> %275 to <8 x float>
-  %exp22 = fmul <8 x float> %272, %exp.2n21
-  %276 = fadd <8 x float> %exp22, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid23 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %276
-  %silu24 = fmul <8 x float> %254, %sigmoid23
-  %glu25 = fmul <8 x float> %silu24, %255
-  %277 = fmul <8 x float> %glu25, %251
-  %278 = getelementptr inbounds float, ptr %253, i64 %col20
-  store <8 x float> %277, ptr %278, align 4
-  %279 = add nsw i64 %r0, 5
-  %280 = getelementptr inbounds float, ptr %rw, i64 %279
-  %281 = load float, ptr %280, align 4
-  %282 = insertelement <8 x float> poison, float %281, i32 0
-  %283 = shufflevector <8 x float> %282, <8 x float> poison, <8 x i32> zeroinitializer
-  %284 = mul nsw i64 %279, 2816
-  %285 = getelementptr inbounds float, ptr %h, i64 %284
-  %col26 = mul nsw i64 %p, 8
-  %286 = load <8 x float>, ptr %acc050, align 4
-  %287 = load <8 x float>, ptr %acc051, align 4
-  %288 = fneg <8 x float> %286
-  %289 = fcmp olt <8 x float> %288, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %290 = select <8 x i1> %289, <8 x float> %288, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %291 = fcmp ogt <8 x float> %290, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %292 = select <8 x i1> %291, <8 x float> %290, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %293 = call <8 x float> @llvm.fma.v8f32(<8 x float> %292, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %294 = call <8 x float> @llvm.floor.v8f32(<8 x float> %293)
-  %295 = call <8 x float> @llvm.fma.v8f32(<8 x float> %294, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %292)
-  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %294, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %295)
-  %297 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %296, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %297, <8 x float> %296, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> %296, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %299, <8 x float> %296, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %301 = call <8 x float> @llvm.fma.v8f32(<8 x float> %300, <8 x float> %296, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %302 = fmul <8 x float> %296, %296
-  %303 = call <8 x float> @llvm.fma.v8f32(<8 x float> %301, <8 x float> %302, <8 x float> %296)
-  %304 = fadd <8 x float> %303, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %305 = fptosi <8 x float> %294 to <8 x i32>
-  %306 = add <8 x i32> %305, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %307 = shl <8 x i32> %306, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n27 = bitcast <8 x i32> %307 to <8 x float>
-  %exp28 = fmul <8 x float> %304, %exp.2n27
-  %308 = fadd <8 x float> %exp28, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid29 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %308
-  %silu30 = fmul <8 x float> %286, %sigmoid29
-  %glu31 = fmul <8 x float> %silu30, %287
-  %309 = fmul <8 x float> %glu31, %283
-  %310 = getelementptr inbounds float, ptr %285, i64 %col26
-  store <8 x float> %309, ptr %310, align 4
+  %247 = xor i1 %klast, true
+  br i1 %247, label %part.then, label %part.end
+
+part.then:                                        ; preds = %k.end
+  %248 = add nsw i64 %r01, 0
+  %249 = sub nsw i64 %kb.p, %kb.pg
+  %250 = sub nsw i64 %248, %kb.rc
+  %251 = mul nsw i64 %250, 16
+  %252 = add nsw i64 %251, %249
+  %253 = mul nsw i64 %252, 16
+  %254 = getelementptr inbounds float, ptr %part, i64 %253
+  %255 = getelementptr inbounds float, ptr %254, i64 0
+  %256 = load <8 x float>, ptr %acc000, align 4
+  store <8 x float> %256, ptr %255, align 4
+  %257 = sub nsw i64 %kb.p, %kb.pg
+  %258 = sub nsw i64 %248, %kb.rc
+  %259 = mul nsw i64 %258, 16
+  %260 = add nsw i64 %259, %257
+  %261 = mul nsw i64 %260, 16
+  %262 = getelementptr inbounds float, ptr %part, i64 %261
+  %263 = getelementptr inbounds float, ptr %262, i64 8
+  %264 = load <8 x float>, ptr %acc001, align 4
+  store <8 x float> %264, ptr %263, align 4
+  %265 = add nsw i64 %r01, 1
+  %266 = sub nsw i64 %kb.p, %kb.pg
+  %267 = sub nsw i64 %265, %kb.rc
+  %268 = mul nsw i64 %267, 16
+  %269 = add nsw i64 %268, %266
+  %270 = mul nsw i64 %269, 16
+  %271 = getelementptr inbounds float, ptr %part, i64 %270
+  %272 = getelementptr inbounds float, ptr %271, i64 0
+  %273 = load <8 x float>, ptr %acc010, align 4
+  store <8 x float> %273, ptr %272, align 4
+  %274 = sub nsw i64 %kb.p, %kb.pg
+  %275 = sub nsw i64 %265, %kb.rc
+  %276 = mul nsw i64 %275, 16
+  %277 = add nsw i64 %276, %274
+  %278 = mul nsw i64 %277, 16
+  %279 = getelementptr inbounds float, ptr %part, i64 %278
+  %280 = getelementptr inbounds float, ptr %279, i64 8
+  %281 = load <8 x float>, ptr %acc011, align 4
+  store <8 x float> %281, ptr %280, align 4
+  %282 = add nsw i64 %r01, 2
+  %283 = sub nsw i64 %kb.p, %kb.pg
+  %284 = sub nsw i64 %282, %kb.rc
+  %285 = mul nsw i64 %284, 16
+  %286 = add nsw i64 %285, %283
+  %287 = mul nsw i64 %286, 16
+  %288 = getelementptr inbounds float, ptr %part, i64 %287
+  %289 = getelementptr inbounds float, ptr %288, i64 0
+  %290 = load <8 x float>, ptr %acc020, align 4
+  store <8 x float> %290, ptr %289, align 4
+  %291 = sub nsw i64 %kb.p, %kb.pg
+  %292 = sub nsw i64 %282, %kb.rc
+  %293 = mul nsw i64 %292, 16
+  %294 = add nsw i64 %293, %291
+  %295 = mul nsw i64 %294, 16
+  %296 = getelementptr inbounds float, ptr %part, i64 %295
+  %297 = getelementptr inbounds float, ptr %296, i64 8
+  %298 = load <8 x float>, ptr %acc021, align 4
+  store <8 x float> %298, ptr %297, align 4
+  %299 = add nsw i64 %r01, 3
+  %300 = sub nsw i64 %kb.p, %kb.pg
+  %301 = sub nsw i64 %299, %kb.rc
+  %302 = mul nsw i64 %301, 16
+  %303 = add nsw i64 %302, %300
+  %304 = mul nsw i64 %303, 16
+  %305 = getelementptr inbounds float, ptr %part, i64 %304
+  %306 = getelementptr inbounds float, ptr %305, i64 0
+  %307 = load <8 x float>, ptr %acc030, align 4
+  store <8 x float> %307, ptr %306, align 4
+  %308 = sub nsw i64 %kb.p, %kb.pg
+  %309 = sub nsw i64 %299, %kb.rc
+  %310 = mul nsw i64 %309, 16
+  %311 = add nsw i64 %310, %308
+  %312 = mul nsw i64 %311, 16
+  %313 = getelementptr inbounds float, ptr %part, i64 %312
+  %314 = getelementptr inbounds float, ptr %313, i64 8
+  %315 = load <8 x float>, ptr %acc031, align 4
+  store <8 x float> %315, ptr %314, align 4
+  %316 = add nsw i64 %r01, 4
+  %317 = sub nsw i64 %kb.p, %kb.pg
+  %318 = sub nsw i64 %316, %kb.rc
+  %319 = mul nsw i64 %318, 16
+  %320 = add nsw i64 %319, %317
+  %321 = mul nsw i64 %320, 16
+  %322 = getelementptr inbounds float, ptr %part, i64 %321
+  %323 = getelementptr inbounds float, ptr %322, i64 0
+  %324 = load <8 x float>, ptr %acc040, align 4
+  store <8 x float> %324, ptr %323, align 4
+  %325 = sub nsw i64 %kb.p, %kb.pg
+  %326 = sub nsw i64 %316, %kb.rc
+  %327 = mul nsw i64 %326, 16
+  %328 = add nsw i64 %327, %325
+  %329 = mul nsw i64 %328, 16
+  %330 = getelementptr inbounds float, ptr %part, i64 %329
+  %331 = getelementptr inbounds float, ptr %330, i64 8
+  %332 = load <8 x float>, ptr %acc041, align 4
+  store <8 x float> %332, ptr %331, align 4
+  %333 = add nsw i64 %r01, 5
+  %334 = sub nsw i64 %kb.p, %kb.pg
+  %335 = sub nsw i64 %333, %kb.rc
+  %336 = mul nsw i64 %335, 16
+  %337 = add nsw i64 %336, %334
+  %338 = mul nsw i64 %337, 16
+  %339 = getelementptr inbounds float, ptr %part, i64 %338
+  %340 = getelementptr inbounds float, ptr %339, i64 0
+  %341 = load <8 x float>, ptr %acc050, align 4
+  store <8 x float> %341, ptr %340, align 4
+  %342 = sub nsw i64 %kb.p, %kb.pg
+  %343 = sub nsw i64 %333, %kb.rc
+  %344 = mul nsw i64 %343, 16
+  %345 = add nsw i64 %344, %342
+  %346 = mul nsw i64 %345, 16
+  %347 = getelementptr inbounds float, ptr %part, i64 %346
+  %348 = getelementptr inbounds float, ptr %347, i64 8
+  %349 = load <8 x float>, ptr %acc051, align 4
+  store <8 x float> %349, ptr %348, align 4
+  br label %part.end
+
+part.end:                                         ; preds = %part.then, %k.end
+  br i1 %klast, label %last.then, label %last.end
+
+last.then:                                        ; preds = %part.end
+  %350 = add nsw i64 %r01, 0
+  %351 = getelementptr inbounds float, ptr %rw, i64 %350
+  %352 = load float, ptr %351, align 4
+  %353 = insertelement <8 x float> poison, float %352, i32 0
+  %354 = shufflevector <8 x float> %353, <8 x float> poison, <8 x i32> zeroinitializer
+  %355 = mul nsw i64 %350, 2816
+  %356 = getelementptr inbounds float, ptr %h, i64 %355
+  %col = mul nsw i64 %kb.p, 8
+  %357 = load <8 x float>, ptr %acc000, align 4
+  %358 = load <8 x float>, ptr %acc001, align 4
+  %359 = fneg <8 x float> %357
+  %360 = fcmp olt <8 x float> %359, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %361 = select <8 x i1> %360, <8 x float> %359, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %362 = fcmp ogt <8 x float> %361, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %363 = select <8 x i1> %362, <8 x float> %361, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %363, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %365 = call <8 x float> @llvm.floor.v8f32(<8 x float> %364)
+  %366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %363)
+  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %366)
+  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %367, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %367, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %367, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %370, <8 x float> %367, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %367, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %373 = fmul <8 x float> %367, %367
+  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %373, <8 x float> %367)
+  %375 = fadd <8 x float> %374, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %376 = fptosi <8 x float> %365 to <8 x i32>
+  %377 = add <8 x i32> %376, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %378 = shl <8 x i32> %377, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %378 to <8 x float>
+  %exp = fmul <8 x float> %375, %exp.2n
+  %379 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %379
+  %silu = fmul <8 x float> %357, %sigmoid
+  %glu = fmul <8 x float> %silu, %358
+  %380 = fmul <8 x float> %glu, %354
+  %381 = getelementptr inbounds float, ptr %356, i64 %col
+  store <8 x float> %380, ptr %381, align 4
+  %382 = add nsw i64 %r01, 1
+  %383 = getelementptr inbounds float, ptr %rw, i64 %382
+  %384 = load float, ptr %383, align 4
+  %385 = insertelement <8 x float> poison, float %384, i32 0
+  %386 = shufflevector <8 x float> %385, <8 x float> poison, <8 x i32> zeroinitializer
+  %387 = mul nsw i64 %382, 2816
+  %388 = getelementptr inbounds float, ptr %h, i64 %387
+  %col3 = mul nsw i64 %kb.p, 8
+  %389 = load <8 x float>, ptr %acc010, align 4
+  %390 = load <8 x float>, ptr %acc011, align 4
+  %391 = fneg <8 x float> %389
+  %392 = fcmp olt <8 x float> %391, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %393 = select <8 x i1> %392, <8 x float> %391, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %394 = fcmp ogt <8 x float> %393, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %395 = select <8 x i1> %394, <8 x float> %393, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %396 = call <8 x float> @llvm.fma.v8f32(<8 x float> %395, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %397 = call <8 x float> @llvm.floor.v8f32(<8 x float> %396)
+  %398 = call <8 x float> @llvm.fma.v8f32(<8 x float> %397, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %395)
+  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> %397, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %398)
+  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %399, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> %399, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %401, <8 x float> %399, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %403 = call <8 x float> @llvm.fma.v8f32(<8 x float> %402, <8 x float> %399, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %404 = call <8 x float> @llvm.fma.v8f32(<8 x float> %403, <8 x float> %399, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %405 = fmul <8 x float> %399, %399
+  %406 = call <8 x float> @llvm.fma.v8f32(<8 x float> %404, <8 x float> %405, <8 x float> %399)
+  %407 = fadd <8 x float> %406, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %408 = fptosi <8 x float> %397 to <8 x i32>
+  %409 = add <8 x i32> %408, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %410 = shl <8 x i32> %409, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n4 = bitcast <8 x i32> %410 to <8 x float>
+  %exp5 = fmul <8 x float> %407, %exp.2n4
+  %411 = fadd <8 x float> %exp5, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid6 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %411
+  %silu7 = fmul <8 x float> %389, %sigmoid6
+  %glu8 = fmul <8 x float> %silu7, %390
+  %412 = fmul <8 x float> %glu8, %386
+  %413 = getelementptr inbounds float, ptr %388, i64 %col3
+  store <8 x float> %412, ptr %413, align 4
+  %414 = add nsw i64 %r01, 2
+  %415 = getelementptr inbounds float, ptr %rw, i64 %414
+  %416 = load float, ptr %415, align 4
+  %417 = insertelement <8 x float> poison, float %416, i32 0
+  %418 = shufflevector <8 x float> %417, <8 x float> poison, <8 x i32> zeroinitializer
+  %419 = mul nsw i64 %414, 2816
+  %420 = getelementptr inbounds float, ptr %h, i64 %419
+  %col9 = mul nsw i64 %kb.p, 8
+  %421 = load <8 x float>, ptr %acc020, align 4
+  %422 = load <8 x float>, ptr %acc021, align 4
+  %423 = fneg <8 x float> %421
+  %424 = fcmp olt <8 x float> %423, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %425 = select <8 x i1> %424, <8 x float> %423, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %426 = fcmp ogt <8 x float> %425, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %427 = select <8 x i1> %426, <8 x float> %425, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %428 = call <8 x float> @llvm.fma.v8f32(<8 x float> %427, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %429 = call <8 x float> @llvm.floor.v8f32(<8 x float> %428)
+  %430 = call <8 x float> @llvm.fma.v8f32(<8 x float> %429, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %427)
+  %431 = call <8 x float> @llvm.fma.v8f32(<8 x float> %429, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %430)
+  %432 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %431, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %433 = call <8 x float> @llvm.fma.v8f32(<8 x float> %432, <8 x float> %431, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> %431, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %431, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %435, <8 x float> %431, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %437 = fmul <8 x float> %431, %431
+  %438 = call <8 x float> @llvm.fma.v8f32(<8 x float> %436, <8 x float> %437, <8 x float> %431)
+  %439 = fadd <8 x float> %438, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %440 = fptosi <8 x float> %429 to <8 x i32>
+  %441 = add <8 x i32> %440, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %442 = shl <8 x i32> %441, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n10 = bitcast <8 x i32> %442 to <8 x float>
+  %exp11 = fmul <8 x float> %439, %exp.2n10
+  %443 = fadd <8 x float> %exp11, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid12 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %443
+  %silu13 = fmul <8 x float> %421, %sigmoid12
+  %glu14 = fmul <8 x float> %silu13, %422
+  %444 = fmul <8 x float> %glu14, %418
+  %445 = getelementptr inbounds float, ptr %420, i64 %col9
+  store <8 x float> %444, ptr %445, align 4
+  %446 = add nsw i64 %r01, 3
+  %447 = getelementptr inbounds float, ptr %rw, i64 %446
+  %448 = load float, ptr %447, align 4
+  %449 = insertelement <8 x float> poison, float %448, i32 0
+  %450 = shufflevector <8 x float> %449, <8 x float> poison, <8 x i32> zeroinitializer
+  %451 = mul nsw i64 %446, 2816
+  %452 = getelementptr inbounds float, ptr %h, i64 %451
+  %col15 = mul nsw i64 %kb.p, 8
+  %453 = load <8 x float>, ptr %acc030, align 4
+  %454 = load <8 x float>, ptr %acc031, align 4
+  %455 = fneg <8 x float> %453
+  %456 = fcmp olt <8 x float> %455, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %457 = select <8 x i1> %456, <8 x float> %455, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %458 = fcmp ogt <8 x float> %457, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %459 = select <8 x i1> %458, <8 x float> %457, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %461 = call <8 x float> @llvm.floor.v8f32(<8 x float> %460)
+  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %461, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %459)
+  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %461, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %462)
+  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %463, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %463, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %463, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %463, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %463, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %469 = fmul <8 x float> %463, %463
+  %470 = call <8 x float> @llvm.fma.v8f32(<8 x float> %468, <8 x float> %469, <8 x float> %463)
+  %471 = fadd <8 x float> %470, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %472 = fptosi <8 x float> %461 to <8 x i32>
+  %473 = add <8 x i32> %472, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %474 = shl <8 x i32> %473, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n16 = bitcast <8 x i32> %474 to <8 x float>
+  %exp17 = fmul <8 x float> %471, %exp.2n16
+  %475 = fadd <8 x float> %exp17, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid18 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %475
+  %silu19 = fmul <8 x float> %453, %sigmoid18
+  %glu20 = fmul <8 x float> %silu19, %454
+  %476 = fmul <8 x float> %glu20, %450
+  %477 = getelementptr inbounds float, ptr %452, i64 %col15
+  store <8 x float> %476, ptr %477, align 4
+  %478 = add nsw i64 %r01, 4
+  %479 = getelementptr inbounds float, ptr %rw, i64 %478
+  %480 = load float, ptr %479, align 4
+  %481 = insertelement <8 x float> poison, float %480, i32 0
+  %482 = shufflevector <8 x float> %481, <8 x float> poison, <8 x i32> zeroinitializer
+  %483 = mul nsw i64 %478, 2816
+  %484 = getelementptr inbounds float, ptr %h, i64 %483
+  %col21 = mul nsw i64 %kb.p, 8
+  %485 = load <8 x float>, ptr %acc040, align 4
+  %486 = load <8 x float>, ptr %acc041, align 4
+  %487 = fneg <8 x float> %485
+  %488 = fcmp olt <8 x float> %487, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %489 = select <8 x i1> %488, <8 x float> %487, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %490 = fcmp ogt <8 x float> %489, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %491 = select <8 x i1> %490, <8 x float> %489, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %491, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %493 = call <8 x float> @llvm.floor.v8f32(<8 x float> %492)
+  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %493, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %491)
+  %495 = call <8 x float> @llvm.fma.v8f32(<8 x float> %493, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %494)
+  %496 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %495, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %497 = call <8 x float> @llvm.fma.v8f32(<8 x float> %496, <8 x float> %495, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %498 = call <8 x float> @llvm.fma.v8f32(<8 x float> %497, <8 x float> %495, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %499 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %495, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %500 = call <8 x float> @llvm.fma.v8f32(<8 x float> %499, <8 x float> %495, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %501 = fmul <8 x float> %495, %495
+  %502 = call <8 x float> @llvm.fma.v8f32(<8 x float> %500, <8 x float> %501, <8 x float> %495)
+  %503 = fadd <8 x float> %502, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %504 = fptosi <8 x float> %493 to <8 x i32>
+  %505 = add <8 x i32> %504, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %506 = shl <8 x i32> %505, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n22 = bitcast <8 x i32> %506 to <8 x float>
+  %exp23 = fmul <8 x float> %503, %exp.2n22
+  %507 = fadd <8 x float> %exp23, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid24 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %507
+  %silu25 = fmul <8 x float> %485, %sigmoid24
+  %glu26 = fmul <8 x float> %silu25, %486
+  %508 = fmul <8 x float> %glu26, %482
+  %509 = getelementptr inbounds float, ptr %484, i64 %col21
+  store <8 x float> %508, ptr %509, align 4
+  %510 = add nsw i64 %r01, 5
+  %511 = getelementptr inbounds float, ptr %rw, i64 %510
+  %512 = load float, ptr %511, align 4
+  %513 = insertelement <8 x float> poison, float %512, i32 0
+  %514 = shufflevector <8 x float> %513, <8 x float> poison, <8 x i32> zeroinitializer
+  %515 = mul nsw i64 %510, 2816
+  %516 = getelementptr inbounds float, ptr %h, i64 %515
+  %col27 = mul nsw i64 %kb.p, 8
+  %517 = load <8 x float>, ptr %acc050, align 4
+  %518 = load <8 x float>, ptr %acc051, align 4
+  %519 = fneg <8 x float> %517
+  %520 = fcmp olt <8 x float> %519, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %521 = select <8 x i1> %520, <8 x float> %519, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %522 = fcmp ogt <8 x float> %521, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %523 = select <8 x i1> %522, <8 x float> %521, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %524 = call <8 x float> @llvm.fma.v8f32(<8 x float> %523, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %525 = call <8 x float> @llvm.floor.v8f32(<8 x float> %524)
+  %526 = call <8 x float> @llvm.fma.v8f32(<8 x float> %525, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %523)
+  %527 = call <8 x float> @llvm.fma.v8f32(<8 x float> %525, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %526)
+  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %527, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %528, <8 x float> %527, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %529, <8 x float> %527, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %531 = call <8 x float> @llvm.fma.v8f32(<8 x float> %530, <8 x float> %527, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %532 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %527, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %533 = fmul <8 x float> %527, %527
+  %534 = call <8 x float> @llvm.fma.v8f32(<8 x float> %532, <8 x float> %533, <8 x float> %527)
+  %535 = fadd <8 x float> %534, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %536 = fptosi <8 x float> %525 to <8 x i32>
+  %537 = add <8 x i32> %536, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %538 = shl <8 x i32> %537, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n28 = bitcast <8 x i32> %538 to <8 x float>
+  %exp29 = fmul <8 x float> %535, %exp.2n28
+  %539 = fadd <8 x float> %exp29, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid30 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %539
+  %silu31 = fmul <8 x float> %517, %sigmoid30
+  %glu32 = fmul <8 x float> %silu31, %518
+  %540 = fmul <8 x float> %glu32, %514
+  %541 = getelementptr inbounds float, ptr %516, i64 %col27
+  store <8 x float> %540, ptr %541, align 4
+  br label %last.end
+
+last.end:                                         ; preds = %last.then, %part.end
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
-  %311 = add nsw i64 %r0, 0
-  %312 = getelementptr inbounds i32, ptr %rows, i64 %311
-  %313 = load i32, ptr %312, align 4
-  %314 = sext i32 %313 to i64
-  %315 = mul nsw i64 %314, 1024
-  %316 = getelementptr inbounds float, ptr %x, i64 %315
-  store <8 x float> zeroinitializer, ptr %acc00032, align 4
-  store <8 x float> zeroinitializer, ptr %acc00133, align 4
-  %317 = add nsw i64 %r0, 1
-  %318 = getelementptr inbounds i32, ptr %rows, i64 %317
-  %319 = load i32, ptr %318, align 4
-  %320 = sext i32 %319 to i64
-  %321 = mul nsw i64 %320, 1024
-  %322 = getelementptr inbounds float, ptr %x, i64 %321
-  store <8 x float> zeroinitializer, ptr %acc01034, align 4
-  store <8 x float> zeroinitializer, ptr %acc01135, align 4
-  %323 = add nsw i64 %r0, 2
-  %324 = getelementptr inbounds i32, ptr %rows, i64 %323
-  %325 = load i32, ptr %324, align 4
-  %326 = sext i32 %325 to i64
-  %327 = mul nsw i64 %326, 1024
-  %328 = getelementptr inbounds float, ptr %x, i64 %327
-  store <8 x float> zeroinitializer, ptr %acc02036, align 4
-  store <8 x float> zeroinitializer, ptr %acc02137, align 4
-  %329 = add nsw i64 %r0, 3
-  %330 = getelementptr inbounds i32, ptr %rows, i64 %329
-  %331 = load i32, ptr %330, align 4
-  %332 = sext i32 %331 to i64
-  %333 = mul nsw i64 %332, 1024
-  %334 = getelementptr inbounds float, ptr %x, i64 %333
-  store <8 x float> zeroinitializer, ptr %acc03038, align 4
-  store <8 x float> zeroinitializer, ptr %acc03139, align 4
-  %335 = add nsw i64 %r0, 4
-  %336 = getelementptr inbounds i32, ptr %rows, i64 %335
-  %337 = load i32, ptr %336, align 4
-  %338 = sext i32 %337 to i64
-  %339 = mul nsw i64 %338, 1024
-  %340 = getelementptr inbounds float, ptr %x, i64 %339
-  store <8 x float> zeroinitializer, ptr %acc04040, align 4
-  store <8 x float> zeroinitializer, ptr %acc04141, align 4
-  %panel.off42 = mul nsw i64 %p, 16384
-  %341 = getelementptr inbounds float, ptr %panels, i64 %panel.off42
-  %342 = add nsw i64 %p, 1
-  %343 = icmp slt i64 %342, %p1
-  %pf.on43 = and i1 %pf.on, %343
-  %344 = mul nsw i64 %rb, 65536
-  %345 = lshr i64 %344, %11
-  %346 = add nsw i64 65536, %345
-  %347 = getelementptr inbounds i8, ptr %341, i64 %346
-  %pf44 = select i1 %pf.on43, ptr %347, ptr %341
-  %pf.sh45 = select i1 %pf.on43, i64 %11, i64 0
-  br label %k.head46
+  %542 = add nsw i64 %r01, 0
+  %543 = getelementptr inbounds i32, ptr %rows, i64 %542
+  %544 = load i32, ptr %543, align 4
+  %545 = sext i32 %544 to i64
+  %546 = mul nsw i64 %545, 1024
+  %547 = add nsw i64 %546, %k0
+  %548 = getelementptr inbounds float, ptr %x, i64 %547
+  %549 = sub nsw i64 %kb.p, %kb.pg
+  %550 = sub nsw i64 %542, %kb.rc
+  %551 = mul nsw i64 %550, 16
+  %552 = add nsw i64 %551, %549
+  %553 = mul nsw i64 %552, 16
+  %554 = getelementptr inbounds float, ptr %part, i64 %553
+  %555 = getelementptr inbounds float, ptr %554, i64 0
+  %556 = load <8 x float>, ptr %555, align 4
+  %557 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %556
+  store <8 x float> %557, ptr %acc00033, align 4
+  %558 = sub nsw i64 %kb.p, %kb.pg
+  %559 = sub nsw i64 %542, %kb.rc
+  %560 = mul nsw i64 %559, 16
+  %561 = add nsw i64 %560, %558
+  %562 = mul nsw i64 %561, 16
+  %563 = getelementptr inbounds float, ptr %part, i64 %562
+  %564 = getelementptr inbounds float, ptr %563, i64 8
+  %565 = load <8 x float>, ptr %564, align 4
+  %566 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %565
+  store <8 x float> %566, ptr %acc00134, align 4
+  %567 = add nsw i64 %r01, 1
+  %568 = getelementptr inbounds i32, ptr %rows, i64 %567
+  %569 = load i32, ptr %568, align 4
+  %570 = sext i32 %569 to i64
+  %571 = mul nsw i64 %570, 1024
+  %572 = add nsw i64 %571, %k0
+  %573 = getelementptr inbounds float, ptr %x, i64 %572
+  %574 = sub nsw i64 %kb.p, %kb.pg
+  %575 = sub nsw i64 %567, %kb.rc
+  %576 = mul nsw i64 %575, 16
+  %577 = add nsw i64 %576, %574
+  %578 = mul nsw i64 %577, 16
+  %579 = getelementptr inbounds float, ptr %part, i64 %578
+  %580 = getelementptr inbounds float, ptr %579, i64 0
+  %581 = load <8 x float>, ptr %580, align 4
+  %582 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %581
+  store <8 x float> %582, ptr %acc01035, align 4
+  %583 = sub nsw i64 %kb.p, %kb.pg
+  %584 = sub nsw i64 %567, %kb.rc
+  %585 = mul nsw i64 %584, 16
+  %586 = add nsw i64 %585, %583
+  %587 = mul nsw i64 %586, 16
+  %588 = getelementptr inbounds float, ptr %part, i64 %587
+  %589 = getelementptr inbounds float, ptr %588, i64 8
+  %590 = load <8 x float>, ptr %589, align 4
+  %591 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %590
+  store <8 x float> %591, ptr %acc01136, align 4
+  %592 = add nsw i64 %r01, 2
+  %593 = getelementptr inbounds i32, ptr %rows, i64 %592
+  %594 = load i32, ptr %593, align 4
+  %595 = sext i32 %594 to i64
+  %596 = mul nsw i64 %595, 1024
+  %597 = add nsw i64 %596, %k0
+  %598 = getelementptr inbounds float, ptr %x, i64 %597
+  %599 = sub nsw i64 %kb.p, %kb.pg
+  %600 = sub nsw i64 %592, %kb.rc
+  %601 = mul nsw i64 %600, 16
+  %602 = add nsw i64 %601, %599
+  %603 = mul nsw i64 %602, 16
+  %604 = getelementptr inbounds float, ptr %part, i64 %603
+  %605 = getelementptr inbounds float, ptr %604, i64 0
+  %606 = load <8 x float>, ptr %605, align 4
+  %607 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %606
+  store <8 x float> %607, ptr %acc02037, align 4
+  %608 = sub nsw i64 %kb.p, %kb.pg
+  %609 = sub nsw i64 %592, %kb.rc
+  %610 = mul nsw i64 %609, 16
+  %611 = add nsw i64 %610, %608
+  %612 = mul nsw i64 %611, 16
+  %613 = getelementptr inbounds float, ptr %part, i64 %612
+  %614 = getelementptr inbounds float, ptr %613, i64 8
+  %615 = load <8 x float>, ptr %614, align 4
+  %616 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %615
+  store <8 x float> %616, ptr %acc02138, align 4
+  %617 = add nsw i64 %r01, 3
+  %618 = getelementptr inbounds i32, ptr %rows, i64 %617
+  %619 = load i32, ptr %618, align 4
+  %620 = sext i32 %619 to i64
+  %621 = mul nsw i64 %620, 1024
+  %622 = add nsw i64 %621, %k0
+  %623 = getelementptr inbounds float, ptr %x, i64 %622
+  %624 = sub nsw i64 %kb.p, %kb.pg
+  %625 = sub nsw i64 %617, %kb.rc
+  %626 = mul nsw i64 %625, 16
+  %627 = add nsw i64 %626, %624
+  %628 = mul nsw i64 %627, 16
+  %629 = getelementptr inbounds float, ptr %part, i64 %628
+  %630 = getelementptr inbounds float, ptr %629, i64 0
+  %631 = load <8 x float>, ptr %630, align 4
+  %632 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %631
+  store <8 x float> %632, ptr %acc03039, align 4
+  %633 = sub nsw i64 %kb.p, %kb.pg
+  %634 = sub nsw i64 %617, %kb.rc
+  %635 = mul nsw i64 %634, 16
+  %636 = add nsw i64 %635, %633
+  %637 = mul nsw i64 %636, 16
+  %638 = getelementptr inbounds float, ptr %part, i64 %637
+  %639 = getelementptr inbounds float, ptr %638, i64 8
+  %640 = load <8 x float>, ptr %639, align 4
+  %641 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %640
+  store <8 x float> %641, ptr %acc03140, align 4
+  %642 = add nsw i64 %r01, 4
+  %643 = getelementptr inbounds i32, ptr %rows, i64 %642
+  %644 = load i32, ptr %643, align 4
+  %645 = sext i32 %644 to i64
+  %646 = mul nsw i64 %645, 1024
+  %647 = add nsw i64 %646, %k0
+  %648 = getelementptr inbounds float, ptr %x, i64 %647
+  %649 = sub nsw i64 %kb.p, %kb.pg
+  %650 = sub nsw i64 %642, %kb.rc
+  %651 = mul nsw i64 %650, 16
+  %652 = add nsw i64 %651, %649
+  %653 = mul nsw i64 %652, 16
+  %654 = getelementptr inbounds float, ptr %part, i64 %653
+  %655 = getelementptr inbounds float, ptr %654, i64 0
+  %656 = load <8 x float>, ptr %655, align 4
+  %657 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %656
+  store <8 x float> %657, ptr %acc04041, align 4
+  %658 = sub nsw i64 %kb.p, %kb.pg
+  %659 = sub nsw i64 %642, %kb.rc
+  %660 = mul nsw i64 %659, 16
+  %661 = add nsw i64 %660, %658
+  %662 = mul nsw i64 %661, 16
+  %663 = getelementptr inbounds float, ptr %part, i64 %662
+  %664 = getelementptr inbounds float, ptr %663, i64 8
+  %665 = load <8 x float>, ptr %664, align 4
+  %666 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %665
+  store <8 x float> %666, ptr %acc04142, align 4
+  %667 = mul nsw i64 %k0, 16
+  %668 = mul nsw i64 %kb.p, 16384
+  %panel.off43 = add nsw i64 %668, %667
+  %669 = getelementptr inbounds float, ptr %panels, i64 %panel.off43
+  %pf.on44 = and i1 %pf.on, %pf.next
+  %670 = mul nsw i64 %rb, 16384
+  %671 = lshr i64 %670, %25
+  %672 = add nsw i64 %pf.step, %671
+  %673 = getelementptr inbounds i8, ptr %669, i64 %672
+  %pf45 = select i1 %pf.on44, ptr %673, ptr %669
+  %pf.sh46 = select i1 %pf.on44, i64 %25, i64 0
+  br label %k.head47
 
-k.head46:                                         ; preds = %pf.any.end51, %tile.mr5
-  %k49 = phi i64 [ 0, %tile.mr5 ], [ %401, %pf.any.end51 ]
-  %348 = icmp slt i64 %k49, 1024
-  br i1 %348, label %k.body47, label %k.end48
+k.head47:                                         ; preds = %pf.any.end52, %tile.mr5
+  %k50 = phi i64 [ 0, %tile.mr5 ], [ %727, %pf.any.end52 ]
+  %674 = icmp slt i64 %k50, 256
+  br i1 %674, label %k.body48, label %k.end49
 
-k.body47:                                         ; preds = %k.head46
-  %349 = mul nsw i64 %k49, 1
-  %350 = add nsw i64 %349, 0
-  %351 = mul nsw i64 %350, 64
-  br i1 %pf.multi, label %pf.any.then50, label %pf.any.end51
+k.body48:                                         ; preds = %k.head47
+  %675 = mul nsw i64 %k50, 1
+  %676 = add nsw i64 %675, 0
+  %677 = mul nsw i64 %676, 64
+  br i1 %pf.multi, label %pf.any.then51, label %pf.any.end52
 
-pf.any.then50:                                    ; preds = %k.body47
-  %352 = lshr i64 %351, %pf.sh45
-  %353 = getelementptr inbounds i8, ptr %pf44, i64 %352
-  call void @llvm.prefetch.p0(ptr %353, i32 0, i32 2, i32 1)
-  br label %pf.any.end51
+pf.any.then51:                                    ; preds = %k.body48
+  %678 = lshr i64 %677, %pf.sh46
+  %679 = getelementptr inbounds i8, ptr %pf45, i64 %678
+  call void @llvm.prefetch.p0(ptr %679, i32 0, i32 2, i32 1)
+  br label %pf.any.end52
 
-pf.any.end51:                                     ; preds = %pf.any.then50, %k.body47
-  %354 = mul nsw i64 %350, 16
-  %355 = add nsw i64 %panel.off42, %354
-  %356 = getelementptr inbounds float, ptr %panels, i64 %355
-  %357 = load <8 x float>, ptr %356, align 4
-  %358 = add nsw i64 %355, 8
-  %359 = getelementptr inbounds float, ptr %panels, i64 %358
-  %360 = load <8 x float>, ptr %359, align 4
-  %361 = getelementptr inbounds float, ptr %316, i64 %350
-  %362 = load float, ptr %361, align 4
-  %363 = insertelement <8 x float> poison, float %362, i32 0
-  %364 = shufflevector <8 x float> %363, <8 x float> poison, <8 x i32> zeroinitializer
-  %365 = load <8 x float>, ptr %acc00032, align 4
-  %366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> %357, <8 x float> %365)
-  store <8 x float> %366, ptr %acc00032, align 4
-  %367 = load <8 x float>, ptr %acc00133, align 4
-  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> %360, <8 x float> %367)
-  store <8 x float> %368, ptr %acc00133, align 4
-  %369 = getelementptr inbounds float, ptr %322, i64 %350
-  %370 = load float, ptr %369, align 4
-  %371 = insertelement <8 x float> poison, float %370, i32 0
-  %372 = shufflevector <8 x float> %371, <8 x float> poison, <8 x i32> zeroinitializer
-  %373 = load <8 x float>, ptr %acc01034, align 4
-  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %357, <8 x float> %373)
-  store <8 x float> %374, ptr %acc01034, align 4
-  %375 = load <8 x float>, ptr %acc01135, align 4
-  %376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %360, <8 x float> %375)
-  store <8 x float> %376, ptr %acc01135, align 4
-  %377 = getelementptr inbounds float, ptr %328, i64 %350
-  %378 = load float, ptr %377, align 4
-  %379 = insertelement <8 x float> poison, float %378, i32 0
-  %380 = shufflevector <8 x float> %379, <8 x float> poison, <8 x i32> zeroinitializer
-  %381 = load <8 x float>, ptr %acc02036, align 4
-  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %357, <8 x float> %381)
-  store <8 x float> %382, ptr %acc02036, align 4
-  %383 = load <8 x float>, ptr %acc02137, align 4
-  %384 = call <8 x float> @llvm.fma.v8f32(<8 x float> %380, <8 x float> %360, <8 x float> %383)
-  store <8 x float> %384, ptr %acc02137, align 4
-  %385 = getelementptr inbounds float, ptr %334, i64 %350
-  %386 = load float, ptr %385, align 4
-  %387 = insertelement <8 x float> poison, float %386, i32 0
-  %388 = shufflevector <8 x float> %387, <8 x float> poison, <8 x i32> zeroinitializer
-  %389 = load <8 x float>, ptr %acc03038, align 4
-  %390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> %357, <8 x float> %389)
-  store <8 x float> %390, ptr %acc03038, align 4
-  %391 = load <8 x float>, ptr %acc03139, align 4
-  %392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %388, <8 x float> %360, <8 x float> %391)
-  store <8 x float> %392, ptr %acc03139, align 4
-  %393 = getelementptr inbounds float, ptr %340, i64 %350
-  %394 = load float, ptr %393, align 4
-  %395 = insertelement <8 x float> poison, float %394, i32 0
-  %396 = shufflevector <8 x float> %395, <8 x float> poison, <8 x i32> zeroinitializer
-  %397 = load <8 x float>, ptr %acc04040, align 4
-  %398 = call <8 x float> @llvm.fma.v8f32(<8 x float> %396, <8 x float> %357, <8 x float> %397)
-  store <8 x float> %398, ptr %acc04040, align 4
-  %399 = load <8 x float>, ptr %acc04141, align 4
-  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %396, <8 x float> %360, <8 x float> %399)
-  store <8 x float> %400, ptr %acc04141, align 4
-  %401 = add nsw i64 %k49, 1
-  br label %k.head46
+pf.any.end52:                                     ; preds = %pf.any.then51, %k.body48
+  %680 = mul nsw i64 %676, 16
+  %681 = add nsw i64 %panel.off43, %680
+  %682 = getelementptr inbounds float, ptr %panels, i64 %681
+  %683 = load <8 x float>, ptr %682, align 4
+  %684 = add nsw i64 %681, 8
+  %685 = getelementptr inbounds float, ptr %panels, i64 %684
+  %686 = load <8 x float>, ptr %685, align 4
+  %687 = getelementptr inbounds float, ptr %548, i64 %676
+  %688 = load float, ptr %687, align 4
+  %689 = insertelement <8 x float> poison, float %688, i32 0
+  %690 = shufflevector <8 x float> %689, <8 x float> poison, <8 x i32> zeroinitializer
+  %691 = load <8 x float>, ptr %acc00033, align 4
+  %692 = call <8 x float> @llvm.fma.v8f32(<8 x float> %690, <8 x float> %683, <8 x float> %691)
+  store <8 x float> %692, ptr %acc00033, align 4
+  %693 = load <8 x float>, ptr %acc00134, align 4
+  %694 = call <8 x float> @llvm.fma.v8f32(<8 x float> %690, <8 x float> %686, <8 x float> %693)
+  store <8 x float> %694, ptr %acc00134, align 4
+  %695 = getelementptr inbounds float, ptr %573, i64 %676
+  %696 = load float, ptr %695, align 4
+  %697 = insertelement <8 x float> poison, float %696, i32 0
+  %698 = shufflevector <8 x float> %697, <8 x float> poison, <8 x i32> zeroinitializer
+  %699 = load <8 x float>, ptr %acc01035, align 4
+  %700 = call <8 x float> @llvm.fma.v8f32(<8 x float> %698, <8 x float> %683, <8 x float> %699)
+  store <8 x float> %700, ptr %acc01035, align 4
+  %701 = load <8 x float>, ptr %acc01136, align 4
+  %702 = call <8 x float> @llvm.fma.v8f32(<8 x float> %698, <8 x float> %686, <8 x float> %701)
+  store <8 x float> %702, ptr %acc01136, align 4
+  %703 = getelementptr inbounds float, ptr %598, i64 %676
+  %704 = load float, ptr %703, align 4
+  %705 = insertelement <8 x float> poison, float %704, i32 0
+  %706 = shufflevector <8 x float> %705, <8 x float> poison, <8 x i32> zeroinitializer
+  %707 = load <8 x float>, ptr %acc02037, align 4
+  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> %683, <8 x float> %707)
+  store <8 x float> %708, ptr %acc02037, align 4
+  %709 = load <8 x float>, ptr %acc02138, align 4
+  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> %686, <8 x float> %709)
+  store <8 x float> %710, ptr %acc02138, align 4
+  %711 = getelementptr inbounds float, ptr %623, i64 %676
+  %712 = load float, ptr %711, align 4
+  %713 = insertelement <8 x float> poison, float %712, i32 0
+  %714 = shufflevector <8 x float> %713, <8 x float> poison, <8 x i32> zeroinitializer
+  %715 = load <8 x float>, ptr %acc03039, align 4
+  %716 = call <8 x float> @llvm.fma.v8f32(<8 x float> %714, <8 x float> %683, <8 x float> %715)
+  store <8 x float> %716, ptr %acc03039, align 4
+  %717 = load <8 x float>, ptr %acc03140, align 4
+  %718 = call <8 x float> @llvm.fma.v8f32(<8 x float> %714, <8 x float> %686, <8 x float> %717)
+  store <8 x float> %718, ptr %acc03140, align 4
+  %719 = getelementptr inbounds float, ptr %648, i64 %676
+  %720 = load float, ptr %719, align 4
+  %721 = insertelement <8 x float> poison, float %720, i32 0
+  %722 = shufflevector <8 x float> %721, <8 x float> poison, <8 x i32> zeroinitializer
+  %723 = load <8 x float>, ptr %acc04041, align 4
+  %724 = call <8 x float> @llvm.fma.v8f32(<8 x float> %722, <8 x float> %683, <8 x float> %723)
+  store <8 x float> %724, ptr %acc04041, align 4
+  %725 = load <8 x float>, ptr %acc04142, align 4
+  %726 = call <8 x float> @llvm.fma.v8f32(<8 x float> %722, <8 x float> %686, <8 x float> %725)
+  store <8 x float> %726, ptr %acc04142, align 4
+  %727 = add nsw i64 %k50, 1
+  br label %k.head47
 
-k.end48:                                          ; preds = %k.head46
-  %402 = add nsw i64 %r0, 0
-  %403 = getelementptr inbounds float, ptr %rw, i64 %402
-  %404 = load float, ptr %403, align 4
-  %405 = insertelement <8 x float> poison, float %404, i32 0
-  %406 = shufflevector <8 x float> %405, <8 x float> poison, <8 x i32> zeroinitializer
-  %407 = mul nsw i64 %402, 2816
-  %408 = getelementptr inbounds float, ptr %h, i64 %407
-  %col52 = mul nsw i64 %p, 8
-  %409 = load <8 x float>, ptr %acc00032, align 4
-  %410 = load <8 x float>, ptr %acc00133, align 4
-  %411 = fneg <8 x float> %409
-  %412 = fcmp olt <8 x float> %411, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %413 = select <8 x i1> %412, <8 x float> %411, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %414 = fcmp ogt <8 x float> %413, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %415 = select <8 x i1> %414, <8 x float> %413, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %416 = call <8 x float> @llvm.fma.v8f32(<8 x float> %415, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %417 = call <8 x float> @llvm.floor.v8f32(<8 x float> %416)
-  %418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %415)
-  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %417, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %418)
-  %420 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %419, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %421 = call <8 x float> @llvm.fma.v8f32(<8 x float> %420, <8 x float> %419, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %422 = call <8 x float> @llvm.fma.v8f32(<8 x float> %421, <8 x float> %419, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %423 = call <8 x float> @llvm.fma.v8f32(<8 x float> %422, <8 x float> %419, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %424 = call <8 x float> @llvm.fma.v8f32(<8 x float> %423, <8 x float> %419, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %425 = fmul <8 x float> %419, %419
-  %426 = call <8 x float> @llvm.fma.v8f32(<8 x float> %424, <8 x float> %425, <8 x float> %419)
-  %427 = fadd <8 x float> %426, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %428 = fptosi <8 x float> %417 to <8 x i32>
-  %429 = add <8 x i32> %428, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %430 = shl <8 x i32> %429, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n53 = bitcast <8 x i32> %430 to <8 x float>
-  %exp54 = fmul <8 x float> %427, %exp.2n53
-  %431 = fadd <8 x float> %exp54, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid55 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %431
-  %silu56 = fmul <8 x float> %409, %sigmoid55
-  %glu57 = fmul <8 x float> %silu56, %410
-  %432 = fmul <8 x float> %glu57, %406
-  %433 = getelementptr inbounds float, ptr %408, i64 %col52
-  store <8 x float> %432, ptr %433, align 4
-  %434 = add nsw i64 %r0, 1
-  %435 = getelementptr inbounds float, ptr %rw, i64 %434
-  %436 = load float, ptr %435, align 4
-  %437 = insertelement <8 x float> poison, float %436, i32 0
-  %438 = shufflevector <8 x float> %437, <8 x float> poison, <8 x i32> zeroinitializer
-  %439 = mul nsw i64 %434, 2816
-  %440 = getelementptr inbounds float, ptr %h, i64 %439
-  %col58 = mul nsw i64 %p, 8
-  %441 = load <8 x float>, ptr %acc01034, align 4
-  %442 = load <8 x float>, ptr %acc01135, align 4
-  %443 = fneg <8 x float> %441
-  %444 = fcmp olt <8 x float> %443, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %445 = select <8 x i1> %444, <8 x float> %443, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %446 = fcmp ogt <8 x float> %445, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %447 = select <8 x i1> %446, <8 x float> %445, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %448 = call <8 x float> @llvm.fma.v8f32(<8 x float> %447, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %449 = call <8 x float> @llvm.floor.v8f32(<8 x float> %448)
-  %450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %447)
-  %451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %449, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %450)
-  %452 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %451, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %452, <8 x float> %451, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %454 = call <8 x float> @llvm.fma.v8f32(<8 x float> %453, <8 x float> %451, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %455 = call <8 x float> @llvm.fma.v8f32(<8 x float> %454, <8 x float> %451, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %456 = call <8 x float> @llvm.fma.v8f32(<8 x float> %455, <8 x float> %451, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %457 = fmul <8 x float> %451, %451
-  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %457, <8 x float> %451)
-  %459 = fadd <8 x float> %458, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %460 = fptosi <8 x float> %449 to <8 x i32>
-  %461 = add <8 x i32> %460, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %462 = shl <8 x i32> %461, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n59 = bitcast <8 x i32> %462 to <8 x float>
-  %exp60 = fmul <8 x float> %459, %exp.2n59
-  %463 = fadd <8 x float> %exp60, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid61 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %463
-  %silu62 = fmul <8 x float> %441, %sigmoid61
-  %glu63 = fmul <8 x float> %silu62, %442
-  %464 = fmul <8 x float> %glu63, %438
-  %465 = getelementptr inbounds float, ptr %440, i64 %col58
-  store <8 x float> %464, ptr %465, align 4
-  %466 = add nsw i64 %r0, 2
-  %467 = getelementptr inbounds float, ptr %rw, i64 %466
-  %468 = load float, ptr %467, align 4
-  %469 = insertelement <8 x float> poison, float %468, i32 0
-  %470 = shufflevector <8 x float> %469, <8 x float> poison, <8 x i32> zeroinitializer
-  %471 = mul nsw i64 %466, 2816
-  %472 = getelementptr inbounds float, ptr %h, i64 %471
-  %col64 = mul nsw i64 %p, 8
-  %473 = load <8 x float>, ptr %acc02036, align 4
-  %474 = load <8 x float>, ptr %acc02137, align 4
-  %475 = fneg <8 x float> %473
-  %476 = fcmp olt <8 x float> %475, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %477 = select <8 x i1> %476, <8 x float> %475, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %478 = fcmp ogt <8 x float> %477, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %479 = select <8 x i1> %478, <8 x float> %477, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %480 = call <8 x float> @llvm.fma.v8f32(<8 x float> %479, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %481 = call <8 x float> @llvm.floor.v8f32(<8 x float> %480)
-  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %479)
-  %483 = call <8 x float> @llvm.fma.v8f32(<8 x float> %481, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %482)
-  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %483, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %484, <8 x float> %483, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %486 = call <8 x float> @llvm.fma.v8f32(<8 x float> %485, <8 x float> %483, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %487 = call <8 x float> @llvm.fma.v8f32(<8 x float> %486, <8 x float> %483, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %488 = call <8 x float> @llvm.fma.v8f32(<8 x float> %487, <8 x float> %483, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %489 = fmul <8 x float> %483, %483
-  %490 = call <8 x float> @llvm.fma.v8f32(<8 x float> %488, <8 x float> %489, <8 x float> %483)
-  %491 = fadd <8 x float> %490, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %492 = fptosi <8 x float> %481 to <8 x i32>
-  %493 = add <8 x i32> %492, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %494 = shl <8 x i32> %493, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n65 = bitcast <8 x i32> %494 to <8 x float>
-  %exp66 = fmul <8 x float> %491, %exp.2n65
-  %495 = fadd <8 x float> %exp66, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid67 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %495
-  %silu68 = fmul <8 x float> %473, %sigmoid67
-  %glu69 = fmul <8 x float> %silu68, %474
-  %496 = fmul <8 x float> %glu69, %470
-  %497 = getelementptr inbounds float, ptr %472, i64 %col64
-  store <8 x float> %496, ptr %497, align 4
-  %498 = add nsw i64 %r0, 3
-  %499 = getelementptr inbounds float, ptr %rw, i64 %498
-  %500 = load float, ptr %499, align 4
-  %501 = insertelement <8 x float> poison, float %500, i32 0
-  %502 = shufflevector <8 x float> %501, <8 x float> poison, <8 x i32> zeroinitializer
-  %503 = mul nsw i64 %498, 2816
-  %504 = getelementptr inbounds float, ptr %h, i64 %503
-  %col70 = mul nsw i64 %p, 8
-  %505 = load <8 x float>, ptr %acc03038, align 4
-  %506 = load <8 x float>, ptr %acc03139, align 4
-  %507 = fneg <8 x float> %505
-  %508 = fcmp olt <8 x float> %507, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %509 = select <8 x i1> %508, <8 x float> %507, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %510 = fcmp ogt <8 x float> %509, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %511 = select <8 x i1> %510, <8 x float> %509, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %511, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %513 = call <8 x float> @llvm.floor.v8f32(<8 x float> %512)
-  %514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %513, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %511)
-  %515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %513, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %514)
-  %516 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %515, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %517 = call <8 x float> @llvm.fma.v8f32(<8 x float> %516, <8 x float> %515, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %517, <8 x float> %515, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %519 = call <8 x float> @llvm.fma.v8f32(<8 x float> %518, <8 x float> %515, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %520 = call <8 x float> @llvm.fma.v8f32(<8 x float> %519, <8 x float> %515, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %521 = fmul <8 x float> %515, %515
-  %522 = call <8 x float> @llvm.fma.v8f32(<8 x float> %520, <8 x float> %521, <8 x float> %515)
-  %523 = fadd <8 x float> %522, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %524 = fptosi <8 x float> %513 to <8 x i32>
-  %525 = add <8 x i32> %524, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %526 = shl <8 x i32> %525, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n71 = bitcast <8 x i32> %526 to <8 x float>
-  %exp72 = fmul <8 x float> %523, %exp.2n71
-  %527 = fadd <8 x float> %exp72, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid73 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %527
-  %silu74 = fmul <8 x float> %505, %sigmoid73
-  %glu75 = fmul <8 x float> %silu74, %506
-  %528 = fmul <8 x float> %glu75, %502
-  %529 = getelementptr inbounds float, ptr %504, i64 %col70
-  store <8 x float> %528, ptr %529, align 4
-  %530 = add nsw i64 %r0, 4
-  %531 = getelementptr inbounds float, ptr %rw, i64 %530
-  %532 = load float, ptr %531, align 4
-  %533 = insertelement <8 x float> poison, float %532, i32 0
-  %534 = shufflevector <8 x float> %533, <8 x float> poison, <8 x i32> zeroinitializer
-  %535 = mul nsw i64 %530, 2816
-  %536 = getelementptr inbounds float, ptr %h, i64 %535
-  %col76 = mul nsw i64 %p, 8
-  %537 = load <8 x float>, ptr %acc04040, align 4
-  %538 = load <8 x float>, ptr %acc04141, align 4
-  %539 = fneg <8 x float> %537
-  %540 = fcmp olt <8 x float> %539, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %541 = select <8 x i1> %540, <8 x float> %539, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %542 = fcmp ogt <8 x float> %541, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %543 = select <8 x i1> %542, <8 x float> %541, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %543, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %545 = call <8 x float> @llvm.floor.v8f32(<8 x float> %544)
-  %546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %543)
-  %547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %545, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %546)
-  %548 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %547, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %549 = call <8 x float> @llvm.fma.v8f32(<8 x float> %548, <8 x float> %547, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %549, <8 x float> %547, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %551 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %547, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %551, <8 x float> %547, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %553 = fmul <8 x float> %547, %547
-  %554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %552, <8 x float> %553, <8 x float> %547)
-  %555 = fadd <8 x float> %554, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %556 = fptosi <8 x float> %545 to <8 x i32>
-  %557 = add <8 x i32> %556, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %558 = shl <8 x i32> %557, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n77 = bitcast <8 x i32> %558 to <8 x float>
-  %exp78 = fmul <8 x float> %555, %exp.2n77
-  %559 = fadd <8 x float> %exp78, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid79 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %559
-  %silu80 = fmul <8 x float> %537, %sigmoid79
-  %glu81 = fmul <8 x float> %silu80, %538
-  %560 = fmul <8 x float> %glu81, %534
-  %561 = getelementptr inbounds float, ptr %536, i64 %col76
-  store <8 x float> %560, ptr %561, align 4
+k.end49:                                          ; preds = %k.head47
+  %728 = xor i1 %klast, true
+  br i1 %728, label %part.then53, label %part.end54
+
+part.then53:                                      ; preds = %k.end49
+  %729 = add nsw i64 %r01, 0
+  %730 = sub nsw i64 %kb.p, %kb.pg
+  %731 = sub nsw i64 %729, %kb.rc
+  %732 = mul nsw i64 %731, 16
+  %733 = add nsw i64 %732, %730
+  %734 = mul nsw i64 %733, 16
+  %735 = getelementptr inbounds float, ptr %part, i64 %734
+  %736 = getelementptr inbounds float, ptr %735, i64 0
+  %737 = load <8 x float>, ptr %acc00033, align 4
+  store <8 x float> %737, ptr %736, align 4
+  %738 = sub nsw i64 %kb.p, %kb.pg
+  %739 = sub nsw i64 %729, %kb.rc
+  %740 = mul nsw i64 %739, 16
+  %741 = add nsw i64 %740, %738
+  %742 = mul nsw i64 %741, 16
+  %743 = getelementptr inbounds float, ptr %part, i64 %742
+  %744 = getelementptr inbounds float, ptr %743, i64 8
+  %745 = load <8 x float>, ptr %acc00134, align 4
+  store <8 x float> %745, ptr %744, align 4
+  %746 = add nsw i64 %r01, 1
+  %747 = sub nsw i64 %kb.p, %kb.pg
+  %748 = sub nsw i64 %746, %kb.rc
+  %749 = mul nsw i64 %748, 16
+  %750 = add nsw i64 %749, %747
+  %751 = mul nsw i64 %750, 16
+  %752 = getelementptr inbounds float, ptr %part, i64 %751
+  %753 = getelementptr inbounds float, ptr %752, i64 0
+  %754 = load <8 x float>, ptr %acc01035, align 4
+  store <8 x float> %754, ptr %753, align 4
+  %755 = sub nsw i64 %kb.p, %kb.pg
+  %756 = sub nsw i64 %746, %kb.rc
+  %757 = mul nsw i64 %756, 16
+  %758 = add nsw i64 %757, %755
+  %759 = mul nsw i64 %758, 16
+  %760 = getelementptr inbounds float, ptr %part, i64 %759
+  %761 = getelementptr inbounds float, ptr %760, i64 8
+  %762 = load <8 x float>, ptr %acc01136, align 4
+  store <8 x float> %762, ptr %761, align 4
+  %763 = add nsw i64 %r01, 2
+  %764 = sub nsw i64 %kb.p, %kb.pg
+  %765 = sub nsw i64 %763, %kb.rc
+  %766 = mul nsw i64 %765, 16
+  %767 = add nsw i64 %766, %764
+  %768 = mul nsw i64 %767, 16
+  %769 = getelementptr inbounds float, ptr %part, i64 %768
+  %770 = getelementptr inbounds float, ptr %769, i64 0
+  %771 = load <8 x float>, ptr %acc02037, align 4
+  store <8 x float> %771, ptr %770, align 4
+  %772 = sub nsw i64 %kb.p, %kb.pg
+  %773 = sub nsw i64 %763, %kb.rc
+  %774 = mul nsw i64 %773, 16
+  %775 = add nsw i64 %774, %772
+  %776 = mul nsw i64 %775, 16
+  %777 = getelementptr inbounds float, ptr %part, i64 %776
+  %778 = getelementptr inbounds float, ptr %777, i64 8
+  %779 = load <8 x float>, ptr %acc02138, align 4
+  store <8 x float> %779, ptr %778, align 4
+  %780 = add nsw i64 %r01, 3
+  %781 = sub nsw i64 %kb.p, %kb.pg
+  %782 = sub nsw i64 %780, %kb.rc
+  %783 = mul nsw i64 %782, 16
+  %784 = add nsw i64 %783, %781
+  %785 = mul nsw i64 %784, 16
+  %786 = getelementptr inbounds float, ptr %part, i64 %785
+  %787 = getelementptr inbounds float, ptr %786, i64 0
+  %788 = load <8 x float>, ptr %acc03039, align 4
+  store <8 x float> %788, ptr %787, align 4
+  %789 = sub nsw i64 %kb.p, %kb.pg
+  %790 = sub nsw i64 %780, %kb.rc
+  %791 = mul nsw i64 %790, 16
+  %792 = add nsw i64 %791, %789
+  %793 = mul nsw i64 %792, 16
+  %794 = getelementptr inbounds float, ptr %part, i64 %793
+  %795 = getelementptr inbounds float, ptr %794, i64 8
+  %796 = load <8 x float>, ptr %acc03140, align 4
+  store <8 x float> %796, ptr %795, align 4
+  %797 = add nsw i64 %r01, 4
+  %798 = sub nsw i64 %kb.p, %kb.pg
+  %799 = sub nsw i64 %797, %kb.rc
+  %800 = mul nsw i64 %799, 16
+  %801 = add nsw i64 %800, %798
+  %802 = mul nsw i64 %801, 16
+  %803 = getelementptr inbounds float, ptr %part, i64 %802
+  %804 = getelementptr inbounds float, ptr %803, i64 0
+  %805 = load <8 x float>, ptr %acc04041, align 4
+  store <8 x float> %805, ptr %804, align 4
+  %806 = sub nsw i64 %kb.p, %kb.pg
+  %807 = sub nsw i64 %797, %kb.rc
+  %808 = mul nsw i64 %807, 16
+  %809 = add nsw i64 %808, %806
+  %810 = mul nsw i64 %809, 16
+  %811 = getelementptr inbounds float, ptr %part, i64 %810
+  %812 = getelementptr inbounds float, ptr %811, i64 8
+  %813 = load <8 x float>, ptr %acc04142, align 4
+  store <8 x float> %813, ptr %812, align 4
+  br label %part.end54
+
+part.end54:                                       ; preds = %part.then53, %k.end49
+  br i1 %klast, label %last.then55, label %last.end56
+
+last.then55:                                      ; preds = %part.end54
+  %814 = add nsw i64 %r01, 0
+  %815 = getelementptr inbounds float, ptr %rw, i64 %814
+  %816 = load float, ptr %815, align 4
+  %817 = insertelement <8 x float> poison, float %816, i32 0
+  %818 = shufflevector <8 x float> %817, <8 x float> poison, <8 x i32> zeroinitializer
+  %819 = mul nsw i64 %814, 2816
+  %820 = getelementptr inbounds float, ptr %h, i64 %819
+  %col57 = mul nsw i64 %kb.p, 8
+  %821 = load <8 x float>, ptr %acc00033, align 4
+  %822 = load <8 x float>, ptr %acc00134, align 4
+  %823 = fneg <8 x float> %821
+  %824 = fcmp olt <8 x float> %823, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %825 = select <8 x i1> %824, <8 x float> %823, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %826 = fcmp ogt <8 x float> %825, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %827 = select <8 x i1> %826, <8 x float> %825, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %828 = call <8 x float> @llvm.fma.v8f32(<8 x float> %827, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %829 = call <8 x float> @llvm.floor.v8f32(<8 x float> %828)
+  %830 = call <8 x float> @llvm.fma.v8f32(<8 x float> %829, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %827)
+  %831 = call <8 x float> @llvm.fma.v8f32(<8 x float> %829, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %830)
+  %832 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %831, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %833 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> %831, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %833, <8 x float> %831, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %835 = call <8 x float> @llvm.fma.v8f32(<8 x float> %834, <8 x float> %831, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %835, <8 x float> %831, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %837 = fmul <8 x float> %831, %831
+  %838 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> %837, <8 x float> %831)
+  %839 = fadd <8 x float> %838, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %840 = fptosi <8 x float> %829 to <8 x i32>
+  %841 = add <8 x i32> %840, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %842 = shl <8 x i32> %841, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n58 = bitcast <8 x i32> %842 to <8 x float>
+  %exp59 = fmul <8 x float> %839, %exp.2n58
+  %843 = fadd <8 x float> %exp59, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid60 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %843
+  %silu61 = fmul <8 x float> %821, %sigmoid60
+  %glu62 = fmul <8 x float> %silu61, %822
+  %844 = fmul <8 x float> %glu62, %818
+  %845 = getelementptr inbounds float, ptr %820, i64 %col57
+  store <8 x float> %844, ptr %845, align 4
+  %846 = add nsw i64 %r01, 1
+  %847 = getelementptr inbounds float, ptr %rw, i64 %846
+  %848 = load float, ptr %847, align 4
+  %849 = insertelement <8 x float> poison, float %848, i32 0
+  %850 = shufflevector <8 x float> %849, <8 x float> poison, <8 x i32> zeroinitializer
+  %851 = mul nsw i64 %846, 2816
+  %852 = getelementptr inbounds float, ptr %h, i64 %851
+  %col63 = mul nsw i64 %kb.p, 8
+  %853 = load <8 x float>, ptr %acc01035, align 4
+  %854 = load <8 x float>, ptr %acc01136, align 4
+  %855 = fneg <8 x float> %853
+  %856 = fcmp olt <8 x float> %855, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %857 = select <8 x i1> %856, <8 x float> %855, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %858 = fcmp ogt <8 x float> %857, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %859 = select <8 x i1> %858, <8 x float> %857, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %860 = call <8 x float> @llvm.fma.v8f32(<8 x float> %859, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %861 = call <8 x float> @llvm.floor.v8f32(<8 x float> %860)
+  %862 = call <8 x float> @llvm.fma.v8f32(<8 x float> %861, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %859)
+  %863 = call <8 x float> @llvm.fma.v8f32(<8 x float> %861, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %862)
+  %864 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %863, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %865 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> %863, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %865, <8 x float> %863, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %866, <8 x float> %863, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %867, <8 x float> %863, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %869 = fmul <8 x float> %863, %863
+  %870 = call <8 x float> @llvm.fma.v8f32(<8 x float> %868, <8 x float> %869, <8 x float> %863)
+  %871 = fadd <8 x float> %870, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %872 = fptosi <8 x float> %861 to <8 x i32>
+  %873 = add <8 x i32> %872, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %874 = shl <8 x i32> %873, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n64 = bitcast <8 x i32> %874 to <8 x float>
+  %exp65 = fmul <8 x float> %871, %exp.2n64
+  %875 = fadd <8 x float> %exp65, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid66 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %875
+  %silu67 = fmul <8 x float> %853, %sigmoid66
+  %glu68 = fmul <8 x float> %silu67, %854
+  %876 = fmul <8 x float> %glu68, %850
+  %877 = getelementptr inbounds float, ptr %852, i64 %col63
+  store <8 x float> %876, ptr %877, align 4
+  %878 = add nsw i64 %r01, 2
+  %879 = getelementptr inbounds float, ptr %rw, i64 %878
+  %880 = load float, ptr %879, align 4
+  %881 = insertelement <8 x float> poison, float %880, i32 0
+  %882 = shufflevector <8 x float> %881, <8 x float> poison, <8 x i32> zeroinitializer
+  %883 = mul nsw i64 %878, 2816
+  %884 = getelementptr inbounds float, ptr %h, i64 %883
+  %col69 = mul nsw i64 %kb.p, 8
+  %885 = load <8 x float>, ptr %acc02037, align 4
+  %886 = load <8 x float>, ptr %acc02138, align 4
+  %887 = fneg <8 x float> %885
+  %888 = fcmp olt <8 x float> %887, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %889 = select <8 x i1> %888, <8 x float> %887, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %890 = fcmp ogt <8 x float> %889, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %891 = select <8 x i1> %890, <8 x float> %889, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %892 = call <8 x float> @llvm.fma.v8f32(<8 x float> %891, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %893 = call <8 x float> @llvm.floor.v8f32(<8 x float> %892)
+  %894 = call <8 x float> @llvm.fma.v8f32(<8 x float> %893, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %891)
+  %895 = call <8 x float> @llvm.fma.v8f32(<8 x float> %893, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %894)
+  %896 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %895, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %897 = call <8 x float> @llvm.fma.v8f32(<8 x float> %896, <8 x float> %895, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %898 = call <8 x float> @llvm.fma.v8f32(<8 x float> %897, <8 x float> %895, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %899 = call <8 x float> @llvm.fma.v8f32(<8 x float> %898, <8 x float> %895, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %899, <8 x float> %895, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %901 = fmul <8 x float> %895, %895
+  %902 = call <8 x float> @llvm.fma.v8f32(<8 x float> %900, <8 x float> %901, <8 x float> %895)
+  %903 = fadd <8 x float> %902, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %904 = fptosi <8 x float> %893 to <8 x i32>
+  %905 = add <8 x i32> %904, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %906 = shl <8 x i32> %905, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n70 = bitcast <8 x i32> %906 to <8 x float>
+  %exp71 = fmul <8 x float> %903, %exp.2n70
+  %907 = fadd <8 x float> %exp71, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid72 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %907
+  %silu73 = fmul <8 x float> %885, %sigmoid72
+  %glu74 = fmul <8 x float> %silu73, %886
+  %908 = fmul <8 x float> %glu74, %882
+  %909 = getelementptr inbounds float, ptr %884, i64 %col69
+  store <8 x float> %908, ptr %909, align 4
+  %910 = add nsw i64 %r01, 3
+  %911 = getelementptr inbounds float, ptr %rw, i64 %910
+  %912 = load float, ptr %911, align 4
+  %913 = insertelement <8 x float> poison, float %912, i32 0
+  %914 = shufflevector <8 x float> %913, <8 x float> poison, <8 x i32> zeroinitializer
+  %915 = mul nsw i64 %910, 2816
+  %916 = getelementptr inbounds float, ptr %h, i64 %915
+  %col75 = mul nsw i64 %kb.p, 8
+  %917 = load <8 x float>, ptr %acc03039, align 4
+  %918 = load <8 x float>, ptr %acc03140, align 4
+  %919 = fneg <8 x float> %917
+  %920 = fcmp olt <8 x float> %919, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %921 = select <8 x i1> %920, <8 x float> %919, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %922 = fcmp ogt <8 x float> %921, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %923 = select <8 x i1> %922, <8 x float> %921, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %924 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %925 = call <8 x float> @llvm.floor.v8f32(<8 x float> %924)
+  %926 = call <8 x float> @llvm.fma.v8f32(<8 x float> %925, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %923)
+  %927 = call <8 x float> @llvm.fma.v8f32(<8 x float> %925, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %926)
+  %928 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %927, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %929 = call <8 x float> @llvm.fma.v8f32(<8 x float> %928, <8 x float> %927, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %930 = call <8 x float> @llvm.fma.v8f32(<8 x float> %929, <8 x float> %927, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %931 = call <8 x float> @llvm.fma.v8f32(<8 x float> %930, <8 x float> %927, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %932 = call <8 x float> @llvm.fma.v8f32(<8 x float> %931, <8 x float> %927, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %933 = fmul <8 x float> %927, %927
+  %934 = call <8 x float> @llvm.fma.v8f32(<8 x float> %932, <8 x float> %933, <8 x float> %927)
+  %935 = fadd <8 x float> %934, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %936 = fptosi <8 x float> %925 to <8 x i32>
+  %937 = add <8 x i32> %936, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %938 = shl <8 x i32> %937, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n76 = bitcast <8 x i32> %938 to <8 x float>
+  %exp77 = fmul <8 x float> %935, %exp.2n76
+  %939 = fadd <8 x float> %exp77, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid78 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %939
+  %silu79 = fmul <8 x float> %917, %sigmoid78
+  %glu80 = fmul <8 x float> %silu79, %918
+  %940 = fmul <8 x float> %glu80, %914
+  %941 = getelementptr inbounds float, ptr %916, i64 %col75
+  store <8 x float> %940, ptr %941, align 4
+  %942 = add nsw i64 %r01, 4
+  %943 = getelementptr inbounds float, ptr %rw, i64 %942
+  %944 = load float, ptr %943, align 4
+  %945 = insertelement <8 x float> poison, float %944, i32 0
+  %946 = shufflevector <8 x float> %945, <8 x float> poison, <8 x i32> zeroinitializer
+  %947 = mul nsw i64 %942, 2816
+  %948 = getelementptr inbounds float, ptr %h, i64 %947
+  %col81 = mul nsw i64 %kb.p, 8
+  %949 = load <8 x float>, ptr %acc04041, align 4
+  %950 = load <8 x float>, ptr %acc04142, align 4
+  %951 = fneg <8 x float> %949
+  %952 = fcmp olt <8 x float> %951, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %953 = select <8 x i1> %952, <8 x float> %951, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %954 = fcmp ogt <8 x float> %953, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %955 = select <8 x i1> %954, <8 x float> %953, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %956 = call <8 x float> @llvm.fma.v8f32(<8 x float> %955, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %957 = call <8 x float> @llvm.floor.v8f32(<8 x float> %956)
+  %958 = call <8 x float> @llvm.fma.v8f32(<8 x float> %957, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %955)
+  %959 = call <8 x float> @llvm.fma.v8f32(<8 x float> %957, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %958)
+  %960 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %959, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %961 = call <8 x float> @llvm.fma.v8f32(<8 x float> %960, <8 x float> %959, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %962 = call <8 x float> @llvm.fma.v8f32(<8 x float> %961, <8 x float> %959, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %963 = call <8 x float> @llvm.fma.v8f32(<8 x float> %962, <8 x float> %959, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %964 = call <8 x float> @llvm.fma.v8f32(<8 x float> %963, <8 x float> %959, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %965 = fmul <8 x float> %959, %959
+  %966 = call <8 x float> @llvm.fma.v8f32(<8 x float> %964, <8 x float> %965, <8 x float> %959)
+  %967 = fadd <8 x float> %966, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %968 = fptosi <8 x float> %957 to <8 x i32>
+  %969 = add <8 x i32> %968, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %970 = shl <8 x i32> %969, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n82 = bitcast <8 x i32> %970 to <8 x float>
+  %exp83 = fmul <8 x float> %967, %exp.2n82
+  %971 = fadd <8 x float> %exp83, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid84 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %971
+  %silu85 = fmul <8 x float> %949, %sigmoid84
+  %glu86 = fmul <8 x float> %silu85, %950
+  %972 = fmul <8 x float> %glu86, %946
+  %973 = getelementptr inbounds float, ptr %948, i64 %col81
+  store <8 x float> %972, ptr %973, align 4
+  br label %last.end56
+
+last.end56:                                       ; preds = %last.then55, %part.end54
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
-  %562 = add nsw i64 %r0, 0
-  %563 = getelementptr inbounds i32, ptr %rows, i64 %562
-  %564 = load i32, ptr %563, align 4
-  %565 = sext i32 %564 to i64
-  %566 = mul nsw i64 %565, 1024
-  %567 = getelementptr inbounds float, ptr %x, i64 %566
-  store <8 x float> zeroinitializer, ptr %acc00082, align 4
-  store <8 x float> zeroinitializer, ptr %acc00183, align 4
-  %568 = add nsw i64 %r0, 1
-  %569 = getelementptr inbounds i32, ptr %rows, i64 %568
-  %570 = load i32, ptr %569, align 4
-  %571 = sext i32 %570 to i64
-  %572 = mul nsw i64 %571, 1024
-  %573 = getelementptr inbounds float, ptr %x, i64 %572
-  store <8 x float> zeroinitializer, ptr %acc01084, align 4
-  store <8 x float> zeroinitializer, ptr %acc01185, align 4
-  %574 = add nsw i64 %r0, 2
-  %575 = getelementptr inbounds i32, ptr %rows, i64 %574
-  %576 = load i32, ptr %575, align 4
-  %577 = sext i32 %576 to i64
-  %578 = mul nsw i64 %577, 1024
-  %579 = getelementptr inbounds float, ptr %x, i64 %578
-  store <8 x float> zeroinitializer, ptr %acc02086, align 4
-  store <8 x float> zeroinitializer, ptr %acc02187, align 4
-  %580 = add nsw i64 %r0, 3
-  %581 = getelementptr inbounds i32, ptr %rows, i64 %580
-  %582 = load i32, ptr %581, align 4
-  %583 = sext i32 %582 to i64
-  %584 = mul nsw i64 %583, 1024
-  %585 = getelementptr inbounds float, ptr %x, i64 %584
-  store <8 x float> zeroinitializer, ptr %acc03088, align 4
-  store <8 x float> zeroinitializer, ptr %acc03189, align 4
-  %panel.off90 = mul nsw i64 %p, 16384
-  %586 = getelementptr inbounds float, ptr %panels, i64 %panel.off90
-  %587 = add nsw i64 %p, 1
-  %588 = icmp slt i64 %587, %p1
-  %pf.on91 = and i1 %pf.on, %588
-  %589 = mul nsw i64 %rb, 65536
-  %590 = lshr i64 %589, %11
-  %591 = add nsw i64 65536, %590
-  %592 = getelementptr inbounds i8, ptr %586, i64 %591
-  %pf92 = select i1 %pf.on91, ptr %592, ptr %586
-  %pf.sh93 = select i1 %pf.on91, i64 %11, i64 0
-  br label %k.head94
+  %974 = add nsw i64 %r01, 0
+  %975 = getelementptr inbounds i32, ptr %rows, i64 %974
+  %976 = load i32, ptr %975, align 4
+  %977 = sext i32 %976 to i64
+  %978 = mul nsw i64 %977, 1024
+  %979 = add nsw i64 %978, %k0
+  %980 = getelementptr inbounds float, ptr %x, i64 %979
+  %981 = sub nsw i64 %kb.p, %kb.pg
+  %982 = sub nsw i64 %974, %kb.rc
+  %983 = mul nsw i64 %982, 16
+  %984 = add nsw i64 %983, %981
+  %985 = mul nsw i64 %984, 16
+  %986 = getelementptr inbounds float, ptr %part, i64 %985
+  %987 = getelementptr inbounds float, ptr %986, i64 0
+  %988 = load <8 x float>, ptr %987, align 4
+  %989 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %988
+  store <8 x float> %989, ptr %acc00087, align 4
+  %990 = sub nsw i64 %kb.p, %kb.pg
+  %991 = sub nsw i64 %974, %kb.rc
+  %992 = mul nsw i64 %991, 16
+  %993 = add nsw i64 %992, %990
+  %994 = mul nsw i64 %993, 16
+  %995 = getelementptr inbounds float, ptr %part, i64 %994
+  %996 = getelementptr inbounds float, ptr %995, i64 8
+  %997 = load <8 x float>, ptr %996, align 4
+  %998 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %997
+  store <8 x float> %998, ptr %acc00188, align 4
+  %999 = add nsw i64 %r01, 1
+  %1000 = getelementptr inbounds i32, ptr %rows, i64 %999
+  %1001 = load i32, ptr %1000, align 4
+  %1002 = sext i32 %1001 to i64
+  %1003 = mul nsw i64 %1002, 1024
+  %1004 = add nsw i64 %1003, %k0
+  %1005 = getelementptr inbounds float, ptr %x, i64 %1004
+  %1006 = sub nsw i64 %kb.p, %kb.pg
+  %1007 = sub nsw i64 %999, %kb.rc
+  %1008 = mul nsw i64 %1007, 16
+  %1009 = add nsw i64 %1008, %1006
+  %1010 = mul nsw i64 %1009, 16
+  %1011 = getelementptr inbounds float, ptr %part, i64 %1010
+  %1012 = getelementptr inbounds float, ptr %1011, i64 0
+  %1013 = load <8 x float>, ptr %1012, align 4
+  %1014 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1013
+  store <8 x float> %1014, ptr %acc01089, align 4
+  %1015 = sub nsw i64 %kb.p, %kb.pg
+  %1016 = sub nsw i64 %999, %kb.rc
+  %1017 = mul nsw i64 %1016, 16
+  %1018 = add nsw i64 %1017, %1015
+  %1019 = mul nsw i64 %1018, 16
+  %1020 = getelementptr inbounds float, ptr %part, i64 %1019
+  %1021 = getelementptr inbounds float, ptr %1020, i64 8
+  %1022 = load <8 x float>, ptr %1021, align 4
+  %1023 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1022
+  store <8 x float> %1023, ptr %acc01190, align 4
+  %1024 = add nsw i64 %r01, 2
+  %1025 = getelementptr inbounds i32, ptr %rows, i64 %1024
+  %1026 = load i32, ptr %1025, align 4
+  %1027 = sext i32 %1026 to i64
+  %1028 = mul nsw i64 %1027, 1024
+  %1029 = add nsw i64 %1028, %k0
+  %1030 = getelementptr inbounds float, ptr %x, i64 %1029
+  %1031 = sub nsw i64 %kb.p, %kb.pg
+  %1032 = sub nsw i64 %1024, %kb.rc
+  %1033 = mul nsw i64 %1032, 16
+  %1034 = add nsw i64 %1033, %1031
+  %1035 = mul nsw i64 %1034, 16
+  %1036 = getelementptr inbounds float, ptr %part, i64 %1035
+  %1037 = getelementptr inbounds float, ptr %1036, i64 0
+  %1038 = load <8 x float>, ptr %1037, align 4
+  %1039 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1038
+  store <8 x float> %1039, ptr %acc02091, align 4
+  %1040 = sub nsw i64 %kb.p, %kb.pg
+  %1041 = sub nsw i64 %1024, %kb.rc
+  %1042 = mul nsw i64 %1041, 16
+  %1043 = add nsw i64 %1042, %1040
+  %1044 = mul nsw i64 %1043, 16
+  %1045 = getelementptr inbounds float, ptr %part, i64 %1044
+  %1046 = getelementptr inbounds float, ptr %1045, i64 8
+  %1047 = load <8 x float>, ptr %1046, align 4
+  %1048 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1047
+  store <8 x float> %1048, ptr %acc02192, align 4
+  %1049 = add nsw i64 %r01, 3
+  %1050 = getelementptr inbounds i32, ptr %rows, i64 %1049
+  %1051 = load i32, ptr %1050, align 4
+  %1052 = sext i32 %1051 to i64
+  %1053 = mul nsw i64 %1052, 1024
+  %1054 = add nsw i64 %1053, %k0
+  %1055 = getelementptr inbounds float, ptr %x, i64 %1054
+  %1056 = sub nsw i64 %kb.p, %kb.pg
+  %1057 = sub nsw i64 %1049, %kb.rc
+  %1058 = mul nsw i64 %1057, 16
+  %1059 = add nsw i64 %1058, %1056
+  %1060 = mul nsw i64 %1059, 16
+  %1061 = getelementptr inbounds float, ptr %part, i64 %1060
+  %1062 = getelementptr inbounds float, ptr %1061, i64 0
+  %1063 = load <8 x float>, ptr %1062, align 4
+  %1064 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1063
+  store <8 x float> %1064, ptr %acc03093, align 4
+  %1065 = sub nsw i64 %kb.p, %kb.pg
+  %1066 = sub nsw i64 %1049, %kb.rc
+  %1067 = mul nsw i64 %1066, 16
+  %1068 = add nsw i64 %1067, %1065
+  %1069 = mul nsw i64 %1068, 16
+  %1070 = getelementptr inbounds float, ptr %part, i64 %1069
+  %1071 = getelementptr inbounds float, ptr %1070, i64 8
+  %1072 = load <8 x float>, ptr %1071, align 4
+  %1073 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1072
+  store <8 x float> %1073, ptr %acc03194, align 4
+  %1074 = mul nsw i64 %k0, 16
+  %1075 = mul nsw i64 %kb.p, 16384
+  %panel.off95 = add nsw i64 %1075, %1074
+  %1076 = getelementptr inbounds float, ptr %panels, i64 %panel.off95
+  %pf.on96 = and i1 %pf.on, %pf.next
+  %1077 = mul nsw i64 %rb, 16384
+  %1078 = lshr i64 %1077, %25
+  %1079 = add nsw i64 %pf.step, %1078
+  %1080 = getelementptr inbounds i8, ptr %1076, i64 %1079
+  %pf97 = select i1 %pf.on96, ptr %1080, ptr %1076
+  %pf.sh98 = select i1 %pf.on96, i64 %25, i64 0
+  br label %k.head99
 
-k.head94:                                         ; preds = %pf.any.end99, %tile.mr4
-  %k97 = phi i64 [ 0, %tile.mr4 ], [ %638, %pf.any.end99 ]
-  %593 = icmp slt i64 %k97, 1024
-  br i1 %593, label %k.body95, label %k.end96
+k.head99:                                         ; preds = %pf.any.end104, %tile.mr4
+  %k102 = phi i64 [ 0, %tile.mr4 ], [ %1126, %pf.any.end104 ]
+  %1081 = icmp slt i64 %k102, 256
+  br i1 %1081, label %k.body100, label %k.end101
 
-k.body95:                                         ; preds = %k.head94
-  %594 = mul nsw i64 %k97, 1
-  %595 = add nsw i64 %594, 0
-  %596 = mul nsw i64 %595, 64
-  br i1 %pf.multi, label %pf.any.then98, label %pf.any.end99
+k.body100:                                        ; preds = %k.head99
+  %1082 = mul nsw i64 %k102, 1
+  %1083 = add nsw i64 %1082, 0
+  %1084 = mul nsw i64 %1083, 64
+  br i1 %pf.multi, label %pf.any.then103, label %pf.any.end104
 
-pf.any.then98:                                    ; preds = %k.body95
-  %597 = lshr i64 %596, %pf.sh93
-  %598 = getelementptr inbounds i8, ptr %pf92, i64 %597
-  call void @llvm.prefetch.p0(ptr %598, i32 0, i32 2, i32 1)
-  br label %pf.any.end99
+pf.any.then103:                                   ; preds = %k.body100
+  %1085 = lshr i64 %1084, %pf.sh98
+  %1086 = getelementptr inbounds i8, ptr %pf97, i64 %1085
+  call void @llvm.prefetch.p0(ptr %1086, i32 0, i32 2, i32 1)
+  br label %pf.any.end104
 
-pf.any.end99:                                     ; preds = %pf.any.then98, %k.body95
-  %599 = mul nsw i64 %595, 16
-  %600 = add nsw i64 %panel.off90, %599
-  %601 = getelementptr inbounds float, ptr %panels, i64 %600
-  %602 = load <8 x float>, ptr %601, align 4
-  %603 = add nsw i64 %600, 8
-  %604 = getelementptr inbounds float, ptr %panels, i64 %603
-  %605 = load <8 x float>, ptr %604, align 4
-  %606 = getelementptr inbounds float, ptr %567, i64 %595
-  %607 = load float, ptr %606, align 4
-  %608 = insertelement <8 x float> poison, float %607, i32 0
-  %609 = shufflevector <8 x float> %608, <8 x float> poison, <8 x i32> zeroinitializer
-  %610 = load <8 x float>, ptr %acc00082, align 4
-  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> %609, <8 x float> %602, <8 x float> %610)
-  store <8 x float> %611, ptr %acc00082, align 4
-  %612 = load <8 x float>, ptr %acc00183, align 4
-  %613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %609, <8 x float> %605, <8 x float> %612)
-  store <8 x float> %613, ptr %acc00183, align 4
-  %614 = getelementptr inbounds float, ptr %573, i64 %595
-  %615 = load float, ptr %614, align 4
-  %616 = insertelement <8 x float> poison, float %615, i32 0
-  %617 = shufflevector <8 x float> %616, <8 x float> poison, <8 x i32> zeroinitializer
-  %618 = load <8 x float>, ptr %acc01084, align 4
-  %619 = call <8 x float> @llvm.fma.v8f32(<8 x float> %617, <8 x float> %602, <8 x float> %618)
-  store <8 x float> %619, ptr %acc01084, align 4
-  %620 = load <8 x float>, ptr %acc01185, align 4
-  %621 = call <8 x float> @llvm.fma.v8f32(<8 x float> %617, <8 x float> %605, <8 x float> %620)
-  store <8 x float> %621, ptr %acc01185, align 4
-  %622 = getelementptr inbounds float, ptr %579, i64 %595
-  %623 = load float, ptr %622, align 4
-  %624 = insertelement <8 x float> poison, float %623, i32 0
-  %625 = shufflevector <8 x float> %624, <8 x float> poison, <8 x i32> zeroinitializer
-  %626 = load <8 x float>, ptr %acc02086, align 4
-  %627 = call <8 x float> @llvm.fma.v8f32(<8 x float> %625, <8 x float> %602, <8 x float> %626)
-  store <8 x float> %627, ptr %acc02086, align 4
-  %628 = load <8 x float>, ptr %acc02187, align 4
-  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> %625, <8 x float> %605, <8 x float> %628)
-  store <8 x float> %629, ptr %acc02187, align 4
-  %630 = getelementptr inbounds float, ptr %585, i64 %595
-  %631 = load float, ptr %630, align 4
-  %632 = insertelement <8 x float> poison, float %631, i32 0
-  %633 = shufflevector <8 x float> %632, <8 x float> poison, <8 x i32> zeroinitializer
-  %634 = load <8 x float>, ptr %acc03088, align 4
-  %635 = call <8 x float> @llvm.fma.v8f32(<8 x float> %633, <8 x float> %602, <8 x float> %634)
-  store <8 x float> %635, ptr %acc03088, align 4
-  %636 = load <8 x float>, ptr %acc03189, align 4
-  %637 = call <8 x float> @llvm.fma.v8f32(<8 x float> %633, <8 x float> %605, <8 x float> %636)
-  store <8 x float> %637, ptr %acc03189, align 4
-  %638 = add nsw i64 %k97, 1
-  br label %k.head94
+pf.any.end104:                                    ; preds = %pf.any.then103, %k.body100
+  %1087 = mul nsw i64 %1083, 16
+  %1088 = add nsw i64 %panel.off95, %1087
+  %1089 = getelementptr inbounds float, ptr %panels, i64 %1088
+  %1090 = load <8 x float>, ptr %1089, align 4
+  %1091 = add nsw i64 %1088, 8
+  %1092 = getelementptr inbounds float, ptr %panels, i64 %1091
+  %1093 = load <8 x float>, ptr %1092, align 4
+  %1094 = getelementptr inbounds float, ptr %980, i64 %1083
+  %1095 = load float, ptr %1094, align 4
+  %1096 = insertelement <8 x float> poison, float %1095, i32 0
+  %1097 = shufflevector <8 x float> %1096, <8 x float> poison, <8 x i32> zeroinitializer
+  %1098 = load <8 x float>, ptr %acc00087, align 4
+  %1099 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1097, <8 x float> %1090, <8 x float> %1098)
+  store <8 x float> %1099, ptr %acc00087, align 4
+  %1100 = load <8 x float>, ptr %acc00188, align 4
+  %1101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1097, <8 x float> %1093, <8 x float> %1100)
+  store <8 x float> %1101, ptr %acc00188, align 4
+  %1102 = getelementptr inbounds float, ptr %1005, i64 %1083
+  %1103 = load float, ptr %1102, align 4
+  %1104 = insertelement <8 x float> poison, float %1103, i32 0
+  %1105 = shufflevector <8 x float> %1104, <8 x float> poison, <8 x i32> zeroinitializer
+  %1106 = load <8 x float>, ptr %acc01089, align 4
+  %1107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1105, <8 x float> %1090, <8 x float> %1106)
+  store <8 x float> %1107, ptr %acc01089, align 4
+  %1108 = load <8 x float>, ptr %acc01190, align 4
+  %1109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1105, <8 x float> %1093, <8 x float> %1108)
+  store <8 x float> %1109, ptr %acc01190, align 4
+  %1110 = getelementptr inbounds float, ptr %1030, i64 %1083
+  %1111 = load float, ptr %1110, align 4
+  %1112 = insertelement <8 x float> poison, float %1111, i32 0
+  %1113 = shufflevector <8 x float> %1112, <8 x float> poison, <8 x i32> zeroinitializer
+  %1114 = load <8 x float>, ptr %acc02091, align 4
+  %1115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1113, <8 x float> %1090, <8 x float> %1114)
+  store <8 x float> %1115, ptr %acc02091, align 4
+  %1116 = load <8 x float>, ptr %acc02192, align 4
+  %1117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1113, <8 x float> %1093, <8 x float> %1116)
+  store <8 x float> %1117, ptr %acc02192, align 4
+  %1118 = getelementptr inbounds float, ptr %1055, i64 %1083
+  %1119 = load float, ptr %1118, align 4
+  %1120 = insertelement <8 x float> poison, float %1119, i32 0
+  %1121 = shufflevector <8 x float> %1120, <8 x float> poison, <8 x i32> zeroinitializer
+  %1122 = load <8 x float>, ptr %acc03093, align 4
+  %1123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1121, <8 x float> %1090, <8 x float> %1122)
+  store <8 x float> %1123, ptr %acc03093, align 4
+  %1124 = load <8 x float>, ptr %acc03194, align 4
+  %1125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1121, <8 x float> %1093, <8 x float> %1124)
+  store <8 x float> %1125, ptr %acc03194, align 4
+  %1126 = add nsw i64 %k102, 1
+  br label %k.head99
 
-k.end96:                                          ; preds = %k.head94
-  %639 = add nsw i64 %r0, 0
-  %640 = getelementptr inbounds float, ptr %rw, i64 %639
-  %641 = load float, ptr %640, align 4
-  %642 = insertelement <8 x float> poison, float %641, i32 0
-  %643 = shufflevector <8 x float> %642, <8 x float> poison, <8 x i32> zeroinitializer
-  %644 = mul nsw i64 %639, 2816
-  %645 = getelementptr inbounds float, ptr %h, i64 %644
-  %col100 = mul nsw i64 %p, 8
-  %646 = load <8 x float>, ptr %acc00082, align 4
-  %647 = load <8 x float>, ptr %acc00183, align 4
-  %648 = fneg <8 x float> %646
-  %649 = fcmp olt <8 x float> %648, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %650 = select <8 x i1> %649, <8 x float> %648, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %651 = fcmp ogt <8 x float> %650, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %652 = select <8 x i1> %651, <8 x float> %650, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %652, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %654 = call <8 x float> @llvm.floor.v8f32(<8 x float> %653)
-  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %654, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %652)
-  %656 = call <8 x float> @llvm.fma.v8f32(<8 x float> %654, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %655)
-  %657 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %656, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> %657, <8 x float> %656, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %659 = call <8 x float> @llvm.fma.v8f32(<8 x float> %658, <8 x float> %656, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %660 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %656, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %660, <8 x float> %656, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %662 = fmul <8 x float> %656, %656
-  %663 = call <8 x float> @llvm.fma.v8f32(<8 x float> %661, <8 x float> %662, <8 x float> %656)
-  %664 = fadd <8 x float> %663, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %665 = fptosi <8 x float> %654 to <8 x i32>
-  %666 = add <8 x i32> %665, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %667 = shl <8 x i32> %666, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n101 = bitcast <8 x i32> %667 to <8 x float>
-  %exp102 = fmul <8 x float> %664, %exp.2n101
-  %668 = fadd <8 x float> %exp102, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid103 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %668
-  %silu104 = fmul <8 x float> %646, %sigmoid103
-  %glu105 = fmul <8 x float> %silu104, %647
-  %669 = fmul <8 x float> %glu105, %643
-  %670 = getelementptr inbounds float, ptr %645, i64 %col100
-  store <8 x float> %669, ptr %670, align 4
-  %671 = add nsw i64 %r0, 1
-  %672 = getelementptr inbounds float, ptr %rw, i64 %671
-  %673 = load float, ptr %672, align 4
-  %674 = insertelement <8 x float> poison, float %673, i32 0
-  %675 = shufflevector <8 x float> %674, <8 x float> poison, <8 x i32> zeroinitializer
-  %676 = mul nsw i64 %671, 2816
-  %677 = getelementptr inbounds float, ptr %h, i64 %676
-  %col106 = mul nsw i64 %p, 8
-  %678 = load <8 x float>, ptr %acc01084, align 4
-  %679 = load <8 x float>, ptr %acc01185, align 4
-  %680 = fneg <8 x float> %678
-  %681 = fcmp olt <8 x float> %680, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %682 = select <8 x i1> %681, <8 x float> %680, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %683 = fcmp ogt <8 x float> %682, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %684 = select <8 x i1> %683, <8 x float> %682, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %685 = call <8 x float> @llvm.fma.v8f32(<8 x float> %684, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %686 = call <8 x float> @llvm.floor.v8f32(<8 x float> %685)
-  %687 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %684)
-  %688 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %687)
-  %689 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %688, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %690 = call <8 x float> @llvm.fma.v8f32(<8 x float> %689, <8 x float> %688, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %691 = call <8 x float> @llvm.fma.v8f32(<8 x float> %690, <8 x float> %688, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %692 = call <8 x float> @llvm.fma.v8f32(<8 x float> %691, <8 x float> %688, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %693 = call <8 x float> @llvm.fma.v8f32(<8 x float> %692, <8 x float> %688, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %694 = fmul <8 x float> %688, %688
-  %695 = call <8 x float> @llvm.fma.v8f32(<8 x float> %693, <8 x float> %694, <8 x float> %688)
-  %696 = fadd <8 x float> %695, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %697 = fptosi <8 x float> %686 to <8 x i32>
-  %698 = add <8 x i32> %697, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %699 = shl <8 x i32> %698, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n107 = bitcast <8 x i32> %699 to <8 x float>
-  %exp108 = fmul <8 x float> %696, %exp.2n107
-  %700 = fadd <8 x float> %exp108, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid109 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %700
-  %silu110 = fmul <8 x float> %678, %sigmoid109
-  %glu111 = fmul <8 x float> %silu110, %679
-  %701 = fmul <8 x float> %glu111, %675
-  %702 = getelementptr inbounds float, ptr %677, i64 %col106
-  store <8 x float> %701, ptr %702, align 4
-  %703 = add nsw i64 %r0, 2
-  %704 = getelementptr inbounds float, ptr %rw, i64 %703
-  %705 = load float, ptr %704, align 4
-  %706 = insertelement <8 x float> poison, float %705, i32 0
-  %707 = shufflevector <8 x float> %706, <8 x float> poison, <8 x i32> zeroinitializer
-  %708 = mul nsw i64 %703, 2816
-  %709 = getelementptr inbounds float, ptr %h, i64 %708
-  %col112 = mul nsw i64 %p, 8
-  %710 = load <8 x float>, ptr %acc02086, align 4
-  %711 = load <8 x float>, ptr %acc02187, align 4
-  %712 = fneg <8 x float> %710
-  %713 = fcmp olt <8 x float> %712, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %714 = select <8 x i1> %713, <8 x float> %712, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %715 = fcmp ogt <8 x float> %714, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %716 = select <8 x i1> %715, <8 x float> %714, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %717 = call <8 x float> @llvm.fma.v8f32(<8 x float> %716, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %718 = call <8 x float> @llvm.floor.v8f32(<8 x float> %717)
-  %719 = call <8 x float> @llvm.fma.v8f32(<8 x float> %718, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %716)
-  %720 = call <8 x float> @llvm.fma.v8f32(<8 x float> %718, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %719)
-  %721 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %720, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %722 = call <8 x float> @llvm.fma.v8f32(<8 x float> %721, <8 x float> %720, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %723 = call <8 x float> @llvm.fma.v8f32(<8 x float> %722, <8 x float> %720, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %724 = call <8 x float> @llvm.fma.v8f32(<8 x float> %723, <8 x float> %720, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %725 = call <8 x float> @llvm.fma.v8f32(<8 x float> %724, <8 x float> %720, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %726 = fmul <8 x float> %720, %720
-  %727 = call <8 x float> @llvm.fma.v8f32(<8 x float> %725, <8 x float> %726, <8 x float> %720)
-  %728 = fadd <8 x float> %727, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %729 = fptosi <8 x float> %718 to <8 x i32>
-  %730 = add <8 x i32> %729, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %731 = shl <8 x i32> %730, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n113 = bitcast <8 x i32> %731 to <8 x float>
-  %exp114 = fmul <8 x float> %728, %exp.2n113
-  %732 = fadd <8 x float> %exp114, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid115 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %732
-  %silu116 = fmul <8 x float> %710, %sigmoid115
-  %glu117 = fmul <8 x float> %silu116, %711
-  %733 = fmul <8 x float> %glu117, %707
-  %734 = getelementptr inbounds float, ptr %709, i64 %col112
-  store <8 x float> %733, ptr %734, align 4
-  %735 = add nsw i64 %r0, 3
-  %736 = getelementptr inbounds float, ptr %rw, i64 %735
-  %737 = load float, ptr %736, align 4
-  %738 = insertelement <8 x float> poison, float %737, i32 0
-  %739 = shufflevector <8 x float> %738, <8 x float> poison, <8 x i32> zeroinitializer
-  %740 = mul nsw i64 %735, 2816
-  %741 = getelementptr inbounds float, ptr %h, i64 %740
-  %col118 = mul nsw i64 %p, 8
-  %742 = load <8 x float>, ptr %acc03088, align 4
-  %743 = load <8 x float>, ptr %acc03189, align 4
-  %744 = fneg <8 x float> %742
-  %745 = fcmp olt <8 x float> %744, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %746 = select <8 x i1> %745, <8 x float> %744, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %747 = fcmp ogt <8 x float> %746, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %748 = select <8 x i1> %747, <8 x float> %746, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %749 = call <8 x float> @llvm.fma.v8f32(<8 x float> %748, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %750 = call <8 x float> @llvm.floor.v8f32(<8 x float> %749)
-  %751 = call <8 x float> @llvm.fma.v8f32(<8 x float> %750, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %748)
-  %752 = call <8 x float> @llvm.fma.v8f32(<8 x float> %750, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %751)
-  %753 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %752, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %754 = call <8 x float> @llvm.fma.v8f32(<8 x float> %753, <8 x float> %752, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %755 = call <8 x float> @llvm.fma.v8f32(<8 x float> %754, <8 x float> %752, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %756 = call <8 x float> @llvm.fma.v8f32(<8 x float> %755, <8 x float> %752, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %757 = call <8 x float> @llvm.fma.v8f32(<8 x float> %756, <8 x float> %752, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %758 = fmul <8 x float> %752, %752
-  %759 = call <8 x float> @llvm.fma.v8f32(<8 x float> %757, <8 x float> %758, <8 x float> %752)
-  %760 = fadd <8 x float> %759, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %761 = fptosi <8 x float> %750 to <8 x i32>
-  %762 = add <8 x i32> %761, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %763 = shl <8 x i32> %762, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n119 = bitcast <8 x i32> %763 to <8 x float>
-  %exp120 = fmul <8 x float> %760, %exp.2n119
-  %764 = fadd <8 x float> %exp120, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid121 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %764
-  %silu122 = fmul <8 x float> %742, %sigmoid121
-  %glu123 = fmul <8 x float> %silu122, %743
-  %765 = fmul <8 x float> %glu123, %739
-  %766 = getelementptr inbounds float, ptr %741, i64 %col118
-  store <8 x float> %765, ptr %766, align 4
+k.end101:                                         ; preds = %k.head99
+  %1127 = xor i1 %klast, true
+  br i1 %1127, label %part.then105, label %part.end106
+
+part.then105:                                     ; preds = %k.end101
+  %1128 = add nsw i64 %r01, 0
+  %1129 = sub nsw i64 %kb.p, %kb.pg
+  %1130 = sub nsw i64 %1128, %kb.rc
+  %1131 = mul nsw i64 %1130, 16
+  %1132 = add nsw i64 %1131, %1129
+  %1133 = mul nsw i64 %1132, 16
+  %1134 = getelementptr inbounds float, ptr %part, i64 %1133
+  %1135 = getelementptr inbounds float, ptr %1134, i64 0
+  %1136 = load <8 x float>, ptr %acc00087, align 4
+  store <8 x float> %1136, ptr %1135, align 4
+  %1137 = sub nsw i64 %kb.p, %kb.pg
+  %1138 = sub nsw i64 %1128, %kb.rc
+  %1139 = mul nsw i64 %1138, 16
+  %1140 = add nsw i64 %1139, %1137
+  %1141 = mul nsw i64 %1140, 16
+  %1142 = getelementptr inbounds float, ptr %part, i64 %1141
+  %1143 = getelementptr inbounds float, ptr %1142, i64 8
+  %1144 = load <8 x float>, ptr %acc00188, align 4
+  store <8 x float> %1144, ptr %1143, align 4
+  %1145 = add nsw i64 %r01, 1
+  %1146 = sub nsw i64 %kb.p, %kb.pg
+  %1147 = sub nsw i64 %1145, %kb.rc
+  %1148 = mul nsw i64 %1147, 16
+  %1149 = add nsw i64 %1148, %1146
+  %1150 = mul nsw i64 %1149, 16
+  %1151 = getelementptr inbounds float, ptr %part, i64 %1150
+  %1152 = getelementptr inbounds float, ptr %1151, i64 0
+  %1153 = load <8 x float>, ptr %acc01089, align 4
+  store <8 x float> %1153, ptr %1152, align 4
+  %1154 = sub nsw i64 %kb.p, %kb.pg
+  %1155 = sub nsw i64 %1145, %kb.rc
+  %1156 = mul nsw i64 %1155, 16
+  %1157 = add nsw i64 %1156, %1154
+  %1158 = mul nsw i64 %1157, 16
+  %1159 = getelementptr inbounds float, ptr %part, i64 %1158
+  %1160 = getelementptr inbounds float, ptr %1159, i64 8
+  %1161 = load <8 x float>, ptr %acc01190, align 4
+  store <8 x float> %1161, ptr %1160, align 4
+  %1162 = add nsw i64 %r01, 2
+  %1163 = sub nsw i64 %kb.p, %kb.pg
+  %1164 = sub nsw i64 %1162, %kb.rc
+  %1165 = mul nsw i64 %1164, 16
+  %1166 = add nsw i64 %1165, %1163
+  %1167 = mul nsw i64 %1166, 16
+  %1168 = getelementptr inbounds float, ptr %part, i64 %1167
+  %1169 = getelementptr inbounds float, ptr %1168, i64 0
+  %1170 = load <8 x float>, ptr %acc02091, align 4
+  store <8 x float> %1170, ptr %1169, align 4
+  %1171 = sub nsw i64 %kb.p, %kb.pg
+  %1172 = sub nsw i64 %1162, %kb.rc
+  %1173 = mul nsw i64 %1172, 16
+  %1174 = add nsw i64 %1173, %1171
+  %1175 = mul nsw i64 %1174, 16
+  %1176 = getelementptr inbounds float, ptr %part, i64 %1175
+  %1177 = getelementptr inbounds float, ptr %1176, i64 8
+  %1178 = load <8 x float>, ptr %acc02192, align 4
+  store <8 x float> %1178, ptr %1177, align 4
+  %1179 = add nsw i64 %r01, 3
+  %1180 = sub nsw i64 %kb.p, %kb.pg
+  %1181 = sub nsw i64 %1179, %kb.rc
+  %1182 = mul nsw i64 %1181, 16
+  %1183 = add nsw i64 %1182, %1180
+  %1184 = mul nsw i64 %1183, 16
+  %1185 = getelementptr inbounds float, ptr %part, i64 %1184
+  %1186 = getelementptr inbounds float, ptr %1185, i64 0
+  %1187 = load <8 x float>, ptr %acc03093, align 4
+  store <8 x float> %1187, ptr %1186, align 4
+  %1188 = sub nsw i64 %kb.p, %kb.pg
+  %1189 = sub nsw i64 %1179, %kb.rc
+  %1190 = mul nsw i64 %1189, 16
+  %1191 = add nsw i64 %1190, %1188
+  %1192 = mul nsw i64 %1191, 16
+  %1193 = getelementptr inbounds float, ptr %part, i64 %1192
+  %1194 = getelementptr inbounds float, ptr %1193, i64 8
+  %1195 = load <8 x float>, ptr %acc03194, align 4
+  store <8 x float> %1195, ptr %1194, align 4
+  br label %part.end106
+
+part.end106:                                      ; preds = %part.then105, %k.end101
+  br i1 %klast, label %last.then107, label %last.end108
+
+last.then107:                                     ; preds = %part.end106
+  %1196 = add nsw i64 %r01, 0
+  %1197 = getelementptr inbounds float, ptr %rw, i64 %1196
+  %1198 = load float, ptr %1197, align 4
+  %1199 = insertelement <8 x float> poison, float %1198, i32 0
+  %1200 = shufflevector <8 x float> %1199, <8 x float> poison, <8 x i32> zeroinitializer
+  %1201 = mul nsw i64 %1196, 2816
+  %1202 = getelementptr inbounds float, ptr %h, i64 %1201
+  %col109 = mul nsw i64 %kb.p, 8
+  %1203 = load <8 x float>, ptr %acc00087, align 4
+  %1204 = load <8 x float>, ptr %acc00188, align 4
+  %1205 = fneg <8 x float> %1203
+  %1206 = fcmp olt <8 x float> %1205, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1207 = select <8 x i1> %1206, <8 x float> %1205, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1208 = fcmp ogt <8 x float> %1207, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1209 = select <8 x i1> %1208, <8 x float> %1207, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1209, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1211 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1210)
+  %1212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1211, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1209)
+  %1213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1211, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1212)
+  %1214 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1213, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1215 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1214, <8 x float> %1213, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1216 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1215, <8 x float> %1213, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1217 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1216, <8 x float> %1213, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1217, <8 x float> %1213, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1219 = fmul <8 x float> %1213, %1213
+  %1220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1218, <8 x float> %1219, <8 x float> %1213)
+  %1221 = fadd <8 x float> %1220, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1222 = fptosi <8 x float> %1211 to <8 x i32>
+  %1223 = add <8 x i32> %1222, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1224 = shl <8 x i32> %1223, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n110 = bitcast <8 x i32> %1224 to <8 x float>
+  %exp111 = fmul <8 x float> %1221, %exp.2n110
+  %1225 = fadd <8 x float> %exp111, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid112 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1225
+  %silu113 = fmul <8 x float> %1203, %sigmoid112
+  %glu114 = fmul <8 x float> %silu113, %1204
+  %1226 = fmul <8 x float> %glu114, %1200
+  %1227 = getelementptr inbounds float, ptr %1202, i64 %col109
+  store <8 x float> %1226, ptr %1227, align 4
+  %1228 = add nsw i64 %r01, 1
+  %1229 = getelementptr inbounds float, ptr %rw, i64 %1228
+  %1230 = load float, ptr %1229, align 4
+  %1231 = insertelement <8 x float> poison, float %1230, i32 0
+  %1232 = shufflevector <8 x float> %1231, <8 x float> poison, <8 x i32> zeroinitializer
+  %1233 = mul nsw i64 %1228, 2816
+  %1234 = getelementptr inbounds float, ptr %h, i64 %1233
+  %col115 = mul nsw i64 %kb.p, 8
+  %1235 = load <8 x float>, ptr %acc01089, align 4
+  %1236 = load <8 x float>, ptr %acc01190, align 4
+  %1237 = fneg <8 x float> %1235
+  %1238 = fcmp olt <8 x float> %1237, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1239 = select <8 x i1> %1238, <8 x float> %1237, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1240 = fcmp ogt <8 x float> %1239, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1241 = select <8 x i1> %1240, <8 x float> %1239, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1241, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1243 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1242)
+  %1244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1243, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1241)
+  %1245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1243, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1244)
+  %1246 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1245, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1246, <8 x float> %1245, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1247, <8 x float> %1245, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1248, <8 x float> %1245, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1249, <8 x float> %1245, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1251 = fmul <8 x float> %1245, %1245
+  %1252 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1250, <8 x float> %1251, <8 x float> %1245)
+  %1253 = fadd <8 x float> %1252, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1254 = fptosi <8 x float> %1243 to <8 x i32>
+  %1255 = add <8 x i32> %1254, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1256 = shl <8 x i32> %1255, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n116 = bitcast <8 x i32> %1256 to <8 x float>
+  %exp117 = fmul <8 x float> %1253, %exp.2n116
+  %1257 = fadd <8 x float> %exp117, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid118 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1257
+  %silu119 = fmul <8 x float> %1235, %sigmoid118
+  %glu120 = fmul <8 x float> %silu119, %1236
+  %1258 = fmul <8 x float> %glu120, %1232
+  %1259 = getelementptr inbounds float, ptr %1234, i64 %col115
+  store <8 x float> %1258, ptr %1259, align 4
+  %1260 = add nsw i64 %r01, 2
+  %1261 = getelementptr inbounds float, ptr %rw, i64 %1260
+  %1262 = load float, ptr %1261, align 4
+  %1263 = insertelement <8 x float> poison, float %1262, i32 0
+  %1264 = shufflevector <8 x float> %1263, <8 x float> poison, <8 x i32> zeroinitializer
+  %1265 = mul nsw i64 %1260, 2816
+  %1266 = getelementptr inbounds float, ptr %h, i64 %1265
+  %col121 = mul nsw i64 %kb.p, 8
+  %1267 = load <8 x float>, ptr %acc02091, align 4
+  %1268 = load <8 x float>, ptr %acc02192, align 4
+  %1269 = fneg <8 x float> %1267
+  %1270 = fcmp olt <8 x float> %1269, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1271 = select <8 x i1> %1270, <8 x float> %1269, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1272 = fcmp ogt <8 x float> %1271, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1273 = select <8 x i1> %1272, <8 x float> %1271, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1273, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1275 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1274)
+  %1276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1275, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1273)
+  %1277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1275, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1276)
+  %1278 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1277, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1278, <8 x float> %1277, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1279, <8 x float> %1277, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1280, <8 x float> %1277, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1281, <8 x float> %1277, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1283 = fmul <8 x float> %1277, %1277
+  %1284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1282, <8 x float> %1283, <8 x float> %1277)
+  %1285 = fadd <8 x float> %1284, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1286 = fptosi <8 x float> %1275 to <8 x i32>
+  %1287 = add <8 x i32> %1286, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1288 = shl <8 x i32> %1287, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n122 = bitcast <8 x i32> %1288 to <8 x float>
+  %exp123 = fmul <8 x float> %1285, %exp.2n122
+  %1289 = fadd <8 x float> %exp123, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid124 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1289
+  %silu125 = fmul <8 x float> %1267, %sigmoid124
+  %glu126 = fmul <8 x float> %silu125, %1268
+  %1290 = fmul <8 x float> %glu126, %1264
+  %1291 = getelementptr inbounds float, ptr %1266, i64 %col121
+  store <8 x float> %1290, ptr %1291, align 4
+  %1292 = add nsw i64 %r01, 3
+  %1293 = getelementptr inbounds float, ptr %rw, i64 %1292
+  %1294 = load float, ptr %1293, align 4
+  %1295 = insertelement <8 x float> poison, float %1294, i32 0
+  %1296 = shufflevector <8 x float> %1295, <8 x float> poison, <8 x i32> zeroinitializer
+  %1297 = mul nsw i64 %1292, 2816
+  %1298 = getelementptr inbounds float, ptr %h, i64 %1297
+  %col127 = mul nsw i64 %kb.p, 8
+  %1299 = load <8 x float>, ptr %acc03093, align 4
+  %1300 = load <8 x float>, ptr %acc03194, align 4
+  %1301 = fneg <8 x float> %1299
+  %1302 = fcmp olt <8 x float> %1301, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1303 = select <8 x i1> %1302, <8 x float> %1301, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1304 = fcmp ogt <8 x float> %1303, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1305 = select <8 x i1> %1304, <8 x float> %1303, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1305, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1307 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1306)
+  %1308 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1307, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1305)
+  %1309 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1307, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1308)
+  %1310 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1309, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1311 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1310, <8 x float> %1309, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1311, <8 x float> %1309, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1313 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1312, <8 x float> %1309, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1313, <8 x float> %1309, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1315 = fmul <8 x float> %1309, %1309
+  %1316 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1314, <8 x float> %1315, <8 x float> %1309)
+  %1317 = fadd <8 x float> %1316, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1318 = fptosi <8 x float> %1307 to <8 x i32>
+  %1319 = add <8 x i32> %1318, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1320 = shl <8 x i32> %1319, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n128 = bitcast <8 x i32> %1320 to <8 x float>
+  %exp129 = fmul <8 x float> %1317, %exp.2n128
+  %1321 = fadd <8 x float> %exp129, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid130 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1321
+  %silu131 = fmul <8 x float> %1299, %sigmoid130
+  %glu132 = fmul <8 x float> %silu131, %1300
+  %1322 = fmul <8 x float> %glu132, %1296
+  %1323 = getelementptr inbounds float, ptr %1298, i64 %col127
+  store <8 x float> %1322, ptr %1323, align 4
+  br label %last.end108
+
+last.end108:                                      ; preds = %last.then107, %part.end106
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
-  %767 = add nsw i64 %r0, 0
-  %768 = getelementptr inbounds i32, ptr %rows, i64 %767
-  %769 = load i32, ptr %768, align 4
-  %770 = sext i32 %769 to i64
-  %771 = mul nsw i64 %770, 1024
-  %772 = getelementptr inbounds float, ptr %x, i64 %771
-  store <8 x float> zeroinitializer, ptr %acc000124, align 4
-  store <8 x float> zeroinitializer, ptr %acc001125, align 4
-  %773 = add nsw i64 %r0, 1
-  %774 = getelementptr inbounds i32, ptr %rows, i64 %773
-  %775 = load i32, ptr %774, align 4
-  %776 = sext i32 %775 to i64
-  %777 = mul nsw i64 %776, 1024
-  %778 = getelementptr inbounds float, ptr %x, i64 %777
-  store <8 x float> zeroinitializer, ptr %acc010126, align 4
-  store <8 x float> zeroinitializer, ptr %acc011127, align 4
-  %779 = add nsw i64 %r0, 2
-  %780 = getelementptr inbounds i32, ptr %rows, i64 %779
-  %781 = load i32, ptr %780, align 4
-  %782 = sext i32 %781 to i64
-  %783 = mul nsw i64 %782, 1024
-  %784 = getelementptr inbounds float, ptr %x, i64 %783
-  store <8 x float> zeroinitializer, ptr %acc020128, align 4
-  store <8 x float> zeroinitializer, ptr %acc021129, align 4
-  %panel.off130 = mul nsw i64 %p, 16384
-  %785 = getelementptr inbounds float, ptr %panels, i64 %panel.off130
-  %786 = add nsw i64 %p, 1
-  %787 = icmp slt i64 %786, %p1
-  %pf.on131 = and i1 %pf.on, %787
-  %788 = mul nsw i64 %rb, 65536
-  %789 = lshr i64 %788, %11
-  %790 = add nsw i64 65536, %789
-  %791 = getelementptr inbounds i8, ptr %785, i64 %790
-  %pf132 = select i1 %pf.on131, ptr %791, ptr %785
-  %pf.sh133 = select i1 %pf.on131, i64 %11, i64 0
-  br label %k.head134
+  %1324 = add nsw i64 %r01, 0
+  %1325 = getelementptr inbounds i32, ptr %rows, i64 %1324
+  %1326 = load i32, ptr %1325, align 4
+  %1327 = sext i32 %1326 to i64
+  %1328 = mul nsw i64 %1327, 1024
+  %1329 = add nsw i64 %1328, %k0
+  %1330 = getelementptr inbounds float, ptr %x, i64 %1329
+  %1331 = sub nsw i64 %kb.p, %kb.pg
+  %1332 = sub nsw i64 %1324, %kb.rc
+  %1333 = mul nsw i64 %1332, 16
+  %1334 = add nsw i64 %1333, %1331
+  %1335 = mul nsw i64 %1334, 16
+  %1336 = getelementptr inbounds float, ptr %part, i64 %1335
+  %1337 = getelementptr inbounds float, ptr %1336, i64 0
+  %1338 = load <8 x float>, ptr %1337, align 4
+  %1339 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1338
+  store <8 x float> %1339, ptr %acc000133, align 4
+  %1340 = sub nsw i64 %kb.p, %kb.pg
+  %1341 = sub nsw i64 %1324, %kb.rc
+  %1342 = mul nsw i64 %1341, 16
+  %1343 = add nsw i64 %1342, %1340
+  %1344 = mul nsw i64 %1343, 16
+  %1345 = getelementptr inbounds float, ptr %part, i64 %1344
+  %1346 = getelementptr inbounds float, ptr %1345, i64 8
+  %1347 = load <8 x float>, ptr %1346, align 4
+  %1348 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1347
+  store <8 x float> %1348, ptr %acc001134, align 4
+  %1349 = add nsw i64 %r01, 1
+  %1350 = getelementptr inbounds i32, ptr %rows, i64 %1349
+  %1351 = load i32, ptr %1350, align 4
+  %1352 = sext i32 %1351 to i64
+  %1353 = mul nsw i64 %1352, 1024
+  %1354 = add nsw i64 %1353, %k0
+  %1355 = getelementptr inbounds float, ptr %x, i64 %1354
+  %1356 = sub nsw i64 %kb.p, %kb.pg
+  %1357 = sub nsw i64 %1349, %kb.rc
+  %1358 = mul nsw i64 %1357, 16
+  %1359 = add nsw i64 %1358, %1356
+  %1360 = mul nsw i64 %1359, 16
+  %1361 = getelementptr inbounds float, ptr %part, i64 %1360
+  %1362 = getelementptr inbounds float, ptr %1361, i64 0
+  %1363 = load <8 x float>, ptr %1362, align 4
+  %1364 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1363
+  store <8 x float> %1364, ptr %acc010135, align 4
+  %1365 = sub nsw i64 %kb.p, %kb.pg
+  %1366 = sub nsw i64 %1349, %kb.rc
+  %1367 = mul nsw i64 %1366, 16
+  %1368 = add nsw i64 %1367, %1365
+  %1369 = mul nsw i64 %1368, 16
+  %1370 = getelementptr inbounds float, ptr %part, i64 %1369
+  %1371 = getelementptr inbounds float, ptr %1370, i64 8
+  %1372 = load <8 x float>, ptr %1371, align 4
+  %1373 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1372
+  store <8 x float> %1373, ptr %acc011136, align 4
+  %1374 = add nsw i64 %r01, 2
+  %1375 = getelementptr inbounds i32, ptr %rows, i64 %1374
+  %1376 = load i32, ptr %1375, align 4
+  %1377 = sext i32 %1376 to i64
+  %1378 = mul nsw i64 %1377, 1024
+  %1379 = add nsw i64 %1378, %k0
+  %1380 = getelementptr inbounds float, ptr %x, i64 %1379
+  %1381 = sub nsw i64 %kb.p, %kb.pg
+  %1382 = sub nsw i64 %1374, %kb.rc
+  %1383 = mul nsw i64 %1382, 16
+  %1384 = add nsw i64 %1383, %1381
+  %1385 = mul nsw i64 %1384, 16
+  %1386 = getelementptr inbounds float, ptr %part, i64 %1385
+  %1387 = getelementptr inbounds float, ptr %1386, i64 0
+  %1388 = load <8 x float>, ptr %1387, align 4
+  %1389 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1388
+  store <8 x float> %1389, ptr %acc020137, align 4
+  %1390 = sub nsw i64 %kb.p, %kb.pg
+  %1391 = sub nsw i64 %1374, %kb.rc
+  %1392 = mul nsw i64 %1391, 16
+  %1393 = add nsw i64 %1392, %1390
+  %1394 = mul nsw i64 %1393, 16
+  %1395 = getelementptr inbounds float, ptr %part, i64 %1394
+  %1396 = getelementptr inbounds float, ptr %1395, i64 8
+  %1397 = load <8 x float>, ptr %1396, align 4
+  %1398 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1397
+  store <8 x float> %1398, ptr %acc021138, align 4
+  %1399 = mul nsw i64 %k0, 16
+  %1400 = mul nsw i64 %kb.p, 16384
+  %panel.off139 = add nsw i64 %1400, %1399
+  %1401 = getelementptr inbounds float, ptr %panels, i64 %panel.off139
+  %pf.on140 = and i1 %pf.on, %pf.next
+  %1402 = mul nsw i64 %rb, 16384
+  %1403 = lshr i64 %1402, %25
+  %1404 = add nsw i64 %pf.step, %1403
+  %1405 = getelementptr inbounds i8, ptr %1401, i64 %1404
+  %pf141 = select i1 %pf.on140, ptr %1405, ptr %1401
+  %pf.sh142 = select i1 %pf.on140, i64 %25, i64 0
+  br label %k.head143
 
-k.head134:                                        ; preds = %pf.any.end139, %tile.mr3
-  %k137 = phi i64 [ 0, %tile.mr3 ], [ %829, %pf.any.end139 ]
-  %792 = icmp slt i64 %k137, 1024
-  br i1 %792, label %k.body135, label %k.end136
+k.head143:                                        ; preds = %pf.any.end148, %tile.mr3
+  %k146 = phi i64 [ 0, %tile.mr3 ], [ %1443, %pf.any.end148 ]
+  %1406 = icmp slt i64 %k146, 256
+  br i1 %1406, label %k.body144, label %k.end145
 
-k.body135:                                        ; preds = %k.head134
-  %793 = mul nsw i64 %k137, 1
-  %794 = add nsw i64 %793, 0
-  %795 = mul nsw i64 %794, 64
-  br i1 %pf.multi, label %pf.any.then138, label %pf.any.end139
+k.body144:                                        ; preds = %k.head143
+  %1407 = mul nsw i64 %k146, 1
+  %1408 = add nsw i64 %1407, 0
+  %1409 = mul nsw i64 %1408, 64
+  br i1 %pf.multi, label %pf.any.then147, label %pf.any.end148
 
-pf.any.then138:                                   ; preds = %k.body135
-  %796 = lshr i64 %795, %pf.sh133
-  %797 = getelementptr inbounds i8, ptr %pf132, i64 %796
-  call void @llvm.prefetch.p0(ptr %797, i32 0, i32 2, i32 1)
-  br label %pf.any.end139
+pf.any.then147:                                   ; preds = %k.body144
+  %1410 = lshr i64 %1409, %pf.sh142
+  %1411 = getelementptr inbounds i8, ptr %pf141, i64 %1410
+  call void @llvm.prefetch.p0(ptr %1411, i32 0, i32 2, i32 1)
+  br label %pf.any.end148
 
-pf.any.end139:                                    ; preds = %pf.any.then138, %k.body135
-  %798 = mul nsw i64 %794, 16
-  %799 = add nsw i64 %panel.off130, %798
-  %800 = getelementptr inbounds float, ptr %panels, i64 %799
-  %801 = load <8 x float>, ptr %800, align 4
-  %802 = add nsw i64 %799, 8
-  %803 = getelementptr inbounds float, ptr %panels, i64 %802
-  %804 = load <8 x float>, ptr %803, align 4
-  %805 = getelementptr inbounds float, ptr %772, i64 %794
-  %806 = load float, ptr %805, align 4
-  %807 = insertelement <8 x float> poison, float %806, i32 0
-  %808 = shufflevector <8 x float> %807, <8 x float> poison, <8 x i32> zeroinitializer
-  %809 = load <8 x float>, ptr %acc000124, align 4
-  %810 = call <8 x float> @llvm.fma.v8f32(<8 x float> %808, <8 x float> %801, <8 x float> %809)
-  store <8 x float> %810, ptr %acc000124, align 4
-  %811 = load <8 x float>, ptr %acc001125, align 4
-  %812 = call <8 x float> @llvm.fma.v8f32(<8 x float> %808, <8 x float> %804, <8 x float> %811)
-  store <8 x float> %812, ptr %acc001125, align 4
-  %813 = getelementptr inbounds float, ptr %778, i64 %794
-  %814 = load float, ptr %813, align 4
-  %815 = insertelement <8 x float> poison, float %814, i32 0
-  %816 = shufflevector <8 x float> %815, <8 x float> poison, <8 x i32> zeroinitializer
-  %817 = load <8 x float>, ptr %acc010126, align 4
-  %818 = call <8 x float> @llvm.fma.v8f32(<8 x float> %816, <8 x float> %801, <8 x float> %817)
-  store <8 x float> %818, ptr %acc010126, align 4
-  %819 = load <8 x float>, ptr %acc011127, align 4
-  %820 = call <8 x float> @llvm.fma.v8f32(<8 x float> %816, <8 x float> %804, <8 x float> %819)
-  store <8 x float> %820, ptr %acc011127, align 4
-  %821 = getelementptr inbounds float, ptr %784, i64 %794
-  %822 = load float, ptr %821, align 4
-  %823 = insertelement <8 x float> poison, float %822, i32 0
-  %824 = shufflevector <8 x float> %823, <8 x float> poison, <8 x i32> zeroinitializer
-  %825 = load <8 x float>, ptr %acc020128, align 4
-  %826 = call <8 x float> @llvm.fma.v8f32(<8 x float> %824, <8 x float> %801, <8 x float> %825)
-  store <8 x float> %826, ptr %acc020128, align 4
-  %827 = load <8 x float>, ptr %acc021129, align 4
-  %828 = call <8 x float> @llvm.fma.v8f32(<8 x float> %824, <8 x float> %804, <8 x float> %827)
-  store <8 x float> %828, ptr %acc021129, align 4
-  %829 = add nsw i64 %k137, 1
-  br label %k.head134
+pf.any.end148:                                    ; preds = %pf.any.then147, %k.body144
+  %1412 = mul nsw i64 %1408, 16
+  %1413 = add nsw i64 %panel.off139, %1412
+  %1414 = getelementptr inbounds float, ptr %panels, i64 %1413
+  %1415 = load <8 x float>, ptr %1414, align 4
+  %1416 = add nsw i64 %1413, 8
+  %1417 = getelementptr inbounds float, ptr %panels, i64 %1416
+  %1418 = load <8 x float>, ptr %1417, align 4
+  %1419 = getelementptr inbounds float, ptr %1330, i64 %1408
+  %1420 = load float, ptr %1419, align 4
+  %1421 = insertelement <8 x float> poison, float %1420, i32 0
+  %1422 = shufflevector <8 x float> %1421, <8 x float> poison, <8 x i32> zeroinitializer
+  %1423 = load <8 x float>, ptr %acc000133, align 4
+  %1424 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1422, <8 x float> %1415, <8 x float> %1423)
+  store <8 x float> %1424, ptr %acc000133, align 4
+  %1425 = load <8 x float>, ptr %acc001134, align 4
+  %1426 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1422, <8 x float> %1418, <8 x float> %1425)
+  store <8 x float> %1426, ptr %acc001134, align 4
+  %1427 = getelementptr inbounds float, ptr %1355, i64 %1408
+  %1428 = load float, ptr %1427, align 4
+  %1429 = insertelement <8 x float> poison, float %1428, i32 0
+  %1430 = shufflevector <8 x float> %1429, <8 x float> poison, <8 x i32> zeroinitializer
+  %1431 = load <8 x float>, ptr %acc010135, align 4
+  %1432 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1430, <8 x float> %1415, <8 x float> %1431)
+  store <8 x float> %1432, ptr %acc010135, align 4
+  %1433 = load <8 x float>, ptr %acc011136, align 4
+  %1434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1430, <8 x float> %1418, <8 x float> %1433)
+  store <8 x float> %1434, ptr %acc011136, align 4
+  %1435 = getelementptr inbounds float, ptr %1380, i64 %1408
+  %1436 = load float, ptr %1435, align 4
+  %1437 = insertelement <8 x float> poison, float %1436, i32 0
+  %1438 = shufflevector <8 x float> %1437, <8 x float> poison, <8 x i32> zeroinitializer
+  %1439 = load <8 x float>, ptr %acc020137, align 4
+  %1440 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1438, <8 x float> %1415, <8 x float> %1439)
+  store <8 x float> %1440, ptr %acc020137, align 4
+  %1441 = load <8 x float>, ptr %acc021138, align 4
+  %1442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1438, <8 x float> %1418, <8 x float> %1441)
+  store <8 x float> %1442, ptr %acc021138, align 4
+  %1443 = add nsw i64 %k146, 1
+  br label %k.head143
 
-k.end136:                                         ; preds = %k.head134
-  %830 = add nsw i64 %r0, 0
-  %831 = getelementptr inbounds float, ptr %rw, i64 %830
-  %832 = load float, ptr %831, align 4
-  %833 = insertelement <8 x float> poison, float %832, i32 0
-  %834 = shufflevector <8 x float> %833, <8 x float> poison, <8 x i32> zeroinitializer
-  %835 = mul nsw i64 %830, 2816
-  %836 = getelementptr inbounds float, ptr %h, i64 %835
-  %col140 = mul nsw i64 %p, 8
-  %837 = load <8 x float>, ptr %acc000124, align 4
-  %838 = load <8 x float>, ptr %acc001125, align 4
-  %839 = fneg <8 x float> %837
-  %840 = fcmp olt <8 x float> %839, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %841 = select <8 x i1> %840, <8 x float> %839, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %842 = fcmp ogt <8 x float> %841, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %843 = select <8 x i1> %842, <8 x float> %841, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %844 = call <8 x float> @llvm.fma.v8f32(<8 x float> %843, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %845 = call <8 x float> @llvm.floor.v8f32(<8 x float> %844)
-  %846 = call <8 x float> @llvm.fma.v8f32(<8 x float> %845, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %843)
-  %847 = call <8 x float> @llvm.fma.v8f32(<8 x float> %845, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %846)
-  %848 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %847, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %849 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> %847, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %850 = call <8 x float> @llvm.fma.v8f32(<8 x float> %849, <8 x float> %847, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %851 = call <8 x float> @llvm.fma.v8f32(<8 x float> %850, <8 x float> %847, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %852 = call <8 x float> @llvm.fma.v8f32(<8 x float> %851, <8 x float> %847, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %853 = fmul <8 x float> %847, %847
-  %854 = call <8 x float> @llvm.fma.v8f32(<8 x float> %852, <8 x float> %853, <8 x float> %847)
-  %855 = fadd <8 x float> %854, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %856 = fptosi <8 x float> %845 to <8 x i32>
-  %857 = add <8 x i32> %856, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %858 = shl <8 x i32> %857, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n141 = bitcast <8 x i32> %858 to <8 x float>
-  %exp142 = fmul <8 x float> %855, %exp.2n141
-  %859 = fadd <8 x float> %exp142, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid143 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %859
-  %silu144 = fmul <8 x float> %837, %sigmoid143
-  %glu145 = fmul <8 x float> %silu144, %838
-  %860 = fmul <8 x float> %glu145, %834
-  %861 = getelementptr inbounds float, ptr %836, i64 %col140
-  store <8 x float> %860, ptr %861, align 4
-  %862 = add nsw i64 %r0, 1
-  %863 = getelementptr inbounds float, ptr %rw, i64 %862
-  %864 = load float, ptr %863, align 4
-  %865 = insertelement <8 x float> poison, float %864, i32 0
-  %866 = shufflevector <8 x float> %865, <8 x float> poison, <8 x i32> zeroinitializer
-  %867 = mul nsw i64 %862, 2816
-  %868 = getelementptr inbounds float, ptr %h, i64 %867
-  %col146 = mul nsw i64 %p, 8
-  %869 = load <8 x float>, ptr %acc010126, align 4
-  %870 = load <8 x float>, ptr %acc011127, align 4
-  %871 = fneg <8 x float> %869
-  %872 = fcmp olt <8 x float> %871, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %873 = select <8 x i1> %872, <8 x float> %871, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %874 = fcmp ogt <8 x float> %873, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %875 = select <8 x i1> %874, <8 x float> %873, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %876 = call <8 x float> @llvm.fma.v8f32(<8 x float> %875, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %877 = call <8 x float> @llvm.floor.v8f32(<8 x float> %876)
-  %878 = call <8 x float> @llvm.fma.v8f32(<8 x float> %877, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %875)
-  %879 = call <8 x float> @llvm.fma.v8f32(<8 x float> %877, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %878)
-  %880 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %879, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %881 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> %879, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %882 = call <8 x float> @llvm.fma.v8f32(<8 x float> %881, <8 x float> %879, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %882, <8 x float> %879, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %884 = call <8 x float> @llvm.fma.v8f32(<8 x float> %883, <8 x float> %879, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %885 = fmul <8 x float> %879, %879
-  %886 = call <8 x float> @llvm.fma.v8f32(<8 x float> %884, <8 x float> %885, <8 x float> %879)
-  %887 = fadd <8 x float> %886, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %888 = fptosi <8 x float> %877 to <8 x i32>
-  %889 = add <8 x i32> %888, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %890 = shl <8 x i32> %889, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n147 = bitcast <8 x i32> %890 to <8 x float>
-  %exp148 = fmul <8 x float> %887, %exp.2n147
-  %891 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %891
-  %silu150 = fmul <8 x float> %869, %sigmoid149
-  %glu151 = fmul <8 x float> %silu150, %870
-  %892 = fmul <8 x float> %glu151, %866
-  %893 = getelementptr inbounds float, ptr %868, i64 %col146
-  store <8 x float> %892, ptr %893, align 4
-  %894 = add nsw i64 %r0, 2
-  %895 = getelementptr inbounds float, ptr %rw, i64 %894
-  %896 = load float, ptr %895, align 4
-  %897 = insertelement <8 x float> poison, float %896, i32 0
-  %898 = shufflevector <8 x float> %897, <8 x float> poison, <8 x i32> zeroinitializer
-  %899 = mul nsw i64 %894, 2816
-  %900 = getelementptr inbounds float, ptr %h, i64 %899
-  %col152 = mul nsw i64 %p, 8
-  %901 = load <8 x float>, ptr %acc020128, align 4
-  %902 = load <8 x float>, ptr %acc021129, align 4
-  %903 = fneg <8 x float> %901
-  %904 = fcmp olt <8 x float> %903, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %905 = select <8 x i1> %904, <8 x float> %903, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %906 = fcmp ogt <8 x float> %905, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %907 = select <8 x i1> %906, <8 x float> %905, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %908 = call <8 x float> @llvm.fma.v8f32(<8 x float> %907, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %909 = call <8 x float> @llvm.floor.v8f32(<8 x float> %908)
-  %910 = call <8 x float> @llvm.fma.v8f32(<8 x float> %909, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %907)
-  %911 = call <8 x float> @llvm.fma.v8f32(<8 x float> %909, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %910)
-  %912 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %911, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %913 = call <8 x float> @llvm.fma.v8f32(<8 x float> %912, <8 x float> %911, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %914 = call <8 x float> @llvm.fma.v8f32(<8 x float> %913, <8 x float> %911, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %915 = call <8 x float> @llvm.fma.v8f32(<8 x float> %914, <8 x float> %911, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %916 = call <8 x float> @llvm.fma.v8f32(<8 x float> %915, <8 x float> %911, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %917 = fmul <8 x float> %911, %911
-  %918 = call <8 x float> @llvm.fma.v8f32(<8 x float> %916, <8 x float> %917, <8 x float> %911)
-  %919 = fadd <8 x float> %918, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %920 = fptosi <8 x float> %909 to <8 x i32>
-  %921 = add <8 x i32> %920, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %922 = shl <8 x i32> %921, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n153 = bitcast <8 x i32> %922 to <8 x float>
-  %exp154 = fmul <8 x float> %919, %exp.2n153
-  %923 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %923
-  %silu156 = fmul <8 x float> %901, %sigmoid155
-  %glu157 = fmul <8 x float> %silu156, %902
-  %924 = fmul <8 x float> %glu157, %898
-  %925 = getelementptr inbounds float, ptr %900, i64 %col152
-  store <8 x float> %924, ptr %925, align 4
+k.end145:                                         ; preds = %k.head143
+  %1444 = xor i1 %klast, true
+  br i1 %1444, label %part.then149, label %part.end150
+
+part.then149:                                     ; preds = %k.end145
+  %1445 = add nsw i64 %r01, 0
+  %1446 = sub nsw i64 %kb.p, %kb.pg
+  %1447 = sub nsw i64 %1445, %kb.rc
+  %1448 = mul nsw i64 %1447, 16
+  %1449 = add nsw i64 %1448, %1446
+  %1450 = mul nsw i64 %1449, 16
+  %1451 = getelementptr inbounds float, ptr %part, i64 %1450
+  %1452 = getelementptr inbounds float, ptr %1451, i64 0
+  %1453 = load <8 x float>, ptr %acc000133, align 4
+  store <8 x float> %1453, ptr %1452, align 4
+  %1454 = sub nsw i64 %kb.p, %kb.pg
+  %1455 = sub nsw i64 %1445, %kb.rc
+  %1456 = mul nsw i64 %1455, 16
+  %1457 = add nsw i64 %1456, %1454
+  %1458 = mul nsw i64 %1457, 16
+  %1459 = getelementptr inbounds float, ptr %part, i64 %1458
+  %1460 = getelementptr inbounds float, ptr %1459, i64 8
+  %1461 = load <8 x float>, ptr %acc001134, align 4
+  store <8 x float> %1461, ptr %1460, align 4
+  %1462 = add nsw i64 %r01, 1
+  %1463 = sub nsw i64 %kb.p, %kb.pg
+  %1464 = sub nsw i64 %1462, %kb.rc
+  %1465 = mul nsw i64 %1464, 16
+  %1466 = add nsw i64 %1465, %1463
+  %1467 = mul nsw i64 %1466, 16
+  %1468 = getelementptr inbounds float, ptr %part, i64 %1467
+  %1469 = getelementptr inbounds float, ptr %1468, i64 0
+  %1470 = load <8 x float>, ptr %acc010135, align 4
+  store <8 x float> %1470, ptr %1469, align 4
+  %1471 = sub nsw i64 %kb.p, %kb.pg
+  %1472 = sub nsw i64 %1462, %kb.rc
+  %1473 = mul nsw i64 %1472, 16
+  %1474 = add nsw i64 %1473, %1471
+  %1475 = mul nsw i64 %1474, 16
+  %1476 = getelementptr inbounds float, ptr %part, i64 %1475
+  %1477 = getelementptr inbounds float, ptr %1476, i64 8
+  %1478 = load <8 x float>, ptr %acc011136, align 4
+  store <8 x float> %1478, ptr %1477, align 4
+  %1479 = add nsw i64 %r01, 2
+  %1480 = sub nsw i64 %kb.p, %kb.pg
+  %1481 = sub nsw i64 %1479, %kb.rc
+  %1482 = mul nsw i64 %1481, 16
+  %1483 = add nsw i64 %1482, %1480
+  %1484 = mul nsw i64 %1483, 16
+  %1485 = getelementptr inbounds float, ptr %part, i64 %1484
+  %1486 = getelementptr inbounds float, ptr %1485, i64 0
+  %1487 = load <8 x float>, ptr %acc020137, align 4
+  store <8 x float> %1487, ptr %1486, align 4
+  %1488 = sub nsw i64 %kb.p, %kb.pg
+  %1489 = sub nsw i64 %1479, %kb.rc
+  %1490 = mul nsw i64 %1489, 16
+  %1491 = add nsw i64 %1490, %1488
+  %1492 = mul nsw i64 %1491, 16
+  %1493 = getelementptr inbounds float, ptr %part, i64 %1492
+  %1494 = getelementptr inbounds float, ptr %1493, i64 8
+  %1495 = load <8 x float>, ptr %acc021138, align 4
+  store <8 x float> %1495, ptr %1494, align 4
+  br label %part.end150
+
+part.end150:                                      ; preds = %part.then149, %k.end145
+  br i1 %klast, label %last.then151, label %last.end152
+
+last.then151:                                     ; preds = %part.end150
+  %1496 = add nsw i64 %r01, 0
+  %1497 = getelementptr inbounds float, ptr %rw, i64 %1496
+  %1498 = load float, ptr %1497, align 4
+  %1499 = insertelement <8 x float> poison, float %1498, i32 0
+  %1500 = shufflevector <8 x float> %1499, <8 x float> poison, <8 x i32> zeroinitializer
+  %1501 = mul nsw i64 %1496, 2816
+  %1502 = getelementptr inbounds float, ptr %h, i64 %1501
+  %col153 = mul nsw i64 %kb.p, 8
+  %1503 = load <8 x float>, ptr %acc000133, align 4
+  %1504 = load <8 x float>, ptr %acc001134, align 4
+  %1505 = fneg <8 x float> %1503
+  %1506 = fcmp olt <8 x float> %1505, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1507 = select <8 x i1> %1506, <8 x float> %1505, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1508 = fcmp ogt <8 x float> %1507, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1509 = select <8 x i1> %1508, <8 x float> %1507, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1509, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1511 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1510)
+  %1512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1511, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1509)
+  %1513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1511, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1512)
+  %1514 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1513, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1514, <8 x float> %1513, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1515, <8 x float> %1513, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1517 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1516, <8 x float> %1513, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1517, <8 x float> %1513, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1519 = fmul <8 x float> %1513, %1513
+  %1520 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1518, <8 x float> %1519, <8 x float> %1513)
+  %1521 = fadd <8 x float> %1520, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1522 = fptosi <8 x float> %1511 to <8 x i32>
+  %1523 = add <8 x i32> %1522, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1524 = shl <8 x i32> %1523, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n154 = bitcast <8 x i32> %1524 to <8 x float>
+  %exp155 = fmul <8 x float> %1521, %exp.2n154
+  %1525 = fadd <8 x float> %exp155, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid156 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1525
+  %silu157 = fmul <8 x float> %1503, %sigmoid156
+  %glu158 = fmul <8 x float> %silu157, %1504
+  %1526 = fmul <8 x float> %glu158, %1500
+  %1527 = getelementptr inbounds float, ptr %1502, i64 %col153
+  store <8 x float> %1526, ptr %1527, align 4
+  %1528 = add nsw i64 %r01, 1
+  %1529 = getelementptr inbounds float, ptr %rw, i64 %1528
+  %1530 = load float, ptr %1529, align 4
+  %1531 = insertelement <8 x float> poison, float %1530, i32 0
+  %1532 = shufflevector <8 x float> %1531, <8 x float> poison, <8 x i32> zeroinitializer
+  %1533 = mul nsw i64 %1528, 2816
+  %1534 = getelementptr inbounds float, ptr %h, i64 %1533
+  %col159 = mul nsw i64 %kb.p, 8
+  %1535 = load <8 x float>, ptr %acc010135, align 4
+  %1536 = load <8 x float>, ptr %acc011136, align 4
+  %1537 = fneg <8 x float> %1535
+  %1538 = fcmp olt <8 x float> %1537, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1539 = select <8 x i1> %1538, <8 x float> %1537, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1540 = fcmp ogt <8 x float> %1539, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1541 = select <8 x i1> %1540, <8 x float> %1539, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1541, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1543 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1542)
+  %1544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1543, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1541)
+  %1545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1543, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1544)
+  %1546 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1545, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1546, <8 x float> %1545, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1548 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1547, <8 x float> %1545, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1549 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1548, <8 x float> %1545, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1549, <8 x float> %1545, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1551 = fmul <8 x float> %1545, %1545
+  %1552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1550, <8 x float> %1551, <8 x float> %1545)
+  %1553 = fadd <8 x float> %1552, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1554 = fptosi <8 x float> %1543 to <8 x i32>
+  %1555 = add <8 x i32> %1554, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1556 = shl <8 x i32> %1555, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n160 = bitcast <8 x i32> %1556 to <8 x float>
+  %exp161 = fmul <8 x float> %1553, %exp.2n160
+  %1557 = fadd <8 x float> %exp161, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid162 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1557
+  %silu163 = fmul <8 x float> %1535, %sigmoid162
+  %glu164 = fmul <8 x float> %silu163, %1536
+  %1558 = fmul <8 x float> %glu164, %1532
+  %1559 = getelementptr inbounds float, ptr %1534, i64 %col159
+  store <8 x float> %1558, ptr %1559, align 4
+  %1560 = add nsw i64 %r01, 2
+  %1561 = getelementptr inbounds float, ptr %rw, i64 %1560
+  %1562 = load float, ptr %1561, align 4
+  %1563 = insertelement <8 x float> poison, float %1562, i32 0
+  %1564 = shufflevector <8 x float> %1563, <8 x float> poison, <8 x i32> zeroinitializer
+  %1565 = mul nsw i64 %1560, 2816
+  %1566 = getelementptr inbounds float, ptr %h, i64 %1565
+  %col165 = mul nsw i64 %kb.p, 8
+  %1567 = load <8 x float>, ptr %acc020137, align 4
+  %1568 = load <8 x float>, ptr %acc021138, align 4
+  %1569 = fneg <8 x float> %1567
+  %1570 = fcmp olt <8 x float> %1569, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1571 = select <8 x i1> %1570, <8 x float> %1569, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1572 = fcmp ogt <8 x float> %1571, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1573 = select <8 x i1> %1572, <8 x float> %1571, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1574 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1573, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1575 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1574)
+  %1576 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1575, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1573)
+  %1577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1575, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1576)
+  %1578 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1577, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1578, <8 x float> %1577, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1579, <8 x float> %1577, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1580, <8 x float> %1577, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1582 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1581, <8 x float> %1577, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1583 = fmul <8 x float> %1577, %1577
+  %1584 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1582, <8 x float> %1583, <8 x float> %1577)
+  %1585 = fadd <8 x float> %1584, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1586 = fptosi <8 x float> %1575 to <8 x i32>
+  %1587 = add <8 x i32> %1586, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1588 = shl <8 x i32> %1587, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n166 = bitcast <8 x i32> %1588 to <8 x float>
+  %exp167 = fmul <8 x float> %1585, %exp.2n166
+  %1589 = fadd <8 x float> %exp167, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid168 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1589
+  %silu169 = fmul <8 x float> %1567, %sigmoid168
+  %glu170 = fmul <8 x float> %silu169, %1568
+  %1590 = fmul <8 x float> %glu170, %1564
+  %1591 = getelementptr inbounds float, ptr %1566, i64 %col165
+  store <8 x float> %1590, ptr %1591, align 4
+  br label %last.end152
+
+last.end152:                                      ; preds = %last.then151, %part.end150
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
-  %926 = add nsw i64 %r0, 0
-  %927 = getelementptr inbounds i32, ptr %rows, i64 %926
-  %928 = load i32, ptr %927, align 4
-  %929 = sext i32 %928 to i64
-  %930 = mul nsw i64 %929, 1024
-  %931 = getelementptr inbounds float, ptr %x, i64 %930
-  store <8 x float> zeroinitializer, ptr %acc000158, align 4
-  store <8 x float> zeroinitializer, ptr %acc001159, align 4
-  %932 = add nsw i64 %r0, 1
-  %933 = getelementptr inbounds i32, ptr %rows, i64 %932
-  %934 = load i32, ptr %933, align 4
-  %935 = sext i32 %934 to i64
-  %936 = mul nsw i64 %935, 1024
-  %937 = getelementptr inbounds float, ptr %x, i64 %936
-  store <8 x float> zeroinitializer, ptr %acc010160, align 4
-  store <8 x float> zeroinitializer, ptr %acc011161, align 4
-  %panel.off162 = mul nsw i64 %p, 16384
-  %938 = getelementptr inbounds float, ptr %panels, i64 %panel.off162
-  %939 = add nsw i64 %p, 1
-  %940 = icmp slt i64 %939, %p1
-  %pf.on163 = and i1 %pf.on, %940
-  %941 = mul nsw i64 %rb, 65536
-  %942 = lshr i64 %941, %11
-  %943 = add nsw i64 65536, %942
-  %944 = getelementptr inbounds i8, ptr %938, i64 %943
-  %pf164 = select i1 %pf.on163, ptr %944, ptr %938
-  %pf.sh165 = select i1 %pf.on163, i64 %11, i64 0
-  br label %k.head166
+  %1592 = add nsw i64 %r01, 0
+  %1593 = getelementptr inbounds i32, ptr %rows, i64 %1592
+  %1594 = load i32, ptr %1593, align 4
+  %1595 = sext i32 %1594 to i64
+  %1596 = mul nsw i64 %1595, 1024
+  %1597 = add nsw i64 %1596, %k0
+  %1598 = getelementptr inbounds float, ptr %x, i64 %1597
+  %1599 = sub nsw i64 %kb.p, %kb.pg
+  %1600 = sub nsw i64 %1592, %kb.rc
+  %1601 = mul nsw i64 %1600, 16
+  %1602 = add nsw i64 %1601, %1599
+  %1603 = mul nsw i64 %1602, 16
+  %1604 = getelementptr inbounds float, ptr %part, i64 %1603
+  %1605 = getelementptr inbounds float, ptr %1604, i64 0
+  %1606 = load <8 x float>, ptr %1605, align 4
+  %1607 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1606
+  store <8 x float> %1607, ptr %acc000171, align 4
+  %1608 = sub nsw i64 %kb.p, %kb.pg
+  %1609 = sub nsw i64 %1592, %kb.rc
+  %1610 = mul nsw i64 %1609, 16
+  %1611 = add nsw i64 %1610, %1608
+  %1612 = mul nsw i64 %1611, 16
+  %1613 = getelementptr inbounds float, ptr %part, i64 %1612
+  %1614 = getelementptr inbounds float, ptr %1613, i64 8
+  %1615 = load <8 x float>, ptr %1614, align 4
+  %1616 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1615
+  store <8 x float> %1616, ptr %acc001172, align 4
+  %1617 = add nsw i64 %r01, 1
+  %1618 = getelementptr inbounds i32, ptr %rows, i64 %1617
+  %1619 = load i32, ptr %1618, align 4
+  %1620 = sext i32 %1619 to i64
+  %1621 = mul nsw i64 %1620, 1024
+  %1622 = add nsw i64 %1621, %k0
+  %1623 = getelementptr inbounds float, ptr %x, i64 %1622
+  %1624 = sub nsw i64 %kb.p, %kb.pg
+  %1625 = sub nsw i64 %1617, %kb.rc
+  %1626 = mul nsw i64 %1625, 16
+  %1627 = add nsw i64 %1626, %1624
+  %1628 = mul nsw i64 %1627, 16
+  %1629 = getelementptr inbounds float, ptr %part, i64 %1628
+  %1630 = getelementptr inbounds float, ptr %1629, i64 0
+  %1631 = load <8 x float>, ptr %1630, align 4
+  %1632 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1631
+  store <8 x float> %1632, ptr %acc010173, align 4
+  %1633 = sub nsw i64 %kb.p, %kb.pg
+  %1634 = sub nsw i64 %1617, %kb.rc
+  %1635 = mul nsw i64 %1634, 16
+  %1636 = add nsw i64 %1635, %1633
+  %1637 = mul nsw i64 %1636, 16
+  %1638 = getelementptr inbounds float, ptr %part, i64 %1637
+  %1639 = getelementptr inbounds float, ptr %1638, i64 8
+  %1640 = load <8 x float>, ptr %1639, align 4
+  %1641 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1640
+  store <8 x float> %1641, ptr %acc011174, align 4
+  %1642 = mul nsw i64 %k0, 16
+  %1643 = mul nsw i64 %kb.p, 16384
+  %panel.off175 = add nsw i64 %1643, %1642
+  %1644 = getelementptr inbounds float, ptr %panels, i64 %panel.off175
+  %pf.on176 = and i1 %pf.on, %pf.next
+  %1645 = mul nsw i64 %rb, 16384
+  %1646 = lshr i64 %1645, %25
+  %1647 = add nsw i64 %pf.step, %1646
+  %1648 = getelementptr inbounds i8, ptr %1644, i64 %1647
+  %pf177 = select i1 %pf.on176, ptr %1648, ptr %1644
+  %pf.sh178 = select i1 %pf.on176, i64 %25, i64 0
+  br label %k.head179
 
-k.head166:                                        ; preds = %pf.any.end171, %tile.mr2
-  %k169 = phi i64 [ 0, %tile.mr2 ], [ %974, %pf.any.end171 ]
-  %945 = icmp slt i64 %k169, 1024
-  br i1 %945, label %k.body167, label %k.end168
+k.head179:                                        ; preds = %pf.any.end184, %tile.mr2
+  %k182 = phi i64 [ 0, %tile.mr2 ], [ %1678, %pf.any.end184 ]
+  %1649 = icmp slt i64 %k182, 256
+  br i1 %1649, label %k.body180, label %k.end181
 
-k.body167:                                        ; preds = %k.head166
-  %946 = mul nsw i64 %k169, 1
-  %947 = add nsw i64 %946, 0
-  %948 = mul nsw i64 %947, 64
-  br i1 %pf.multi, label %pf.any.then170, label %pf.any.end171
+k.body180:                                        ; preds = %k.head179
+  %1650 = mul nsw i64 %k182, 1
+  %1651 = add nsw i64 %1650, 0
+  %1652 = mul nsw i64 %1651, 64
+  br i1 %pf.multi, label %pf.any.then183, label %pf.any.end184
 
-pf.any.then170:                                   ; preds = %k.body167
-  %949 = lshr i64 %948, %pf.sh165
-  %950 = getelementptr inbounds i8, ptr %pf164, i64 %949
-  call void @llvm.prefetch.p0(ptr %950, i32 0, i32 2, i32 1)
-  br label %pf.any.end171
+pf.any.then183:                                   ; preds = %k.body180
+  %1653 = lshr i64 %1652, %pf.sh178
+  %1654 = getelementptr inbounds i8, ptr %pf177, i64 %1653
+  call void @llvm.prefetch.p0(ptr %1654, i32 0, i32 2, i32 1)
+  br label %pf.any.end184
 
-pf.any.end171:                                    ; preds = %pf.any.then170, %k.body167
-  %951 = mul nsw i64 %947, 16
-  %952 = add nsw i64 %panel.off162, %951
-  %953 = getelementptr inbounds float, ptr %panels, i64 %952
-  %954 = load <8 x float>, ptr %953, align 4
-  %955 = add nsw i64 %952, 8
-  %956 = getelementptr inbounds float, ptr %panels, i64 %955
-  %957 = load <8 x float>, ptr %956, align 4
-  %958 = getelementptr inbounds float, ptr %931, i64 %947
-  %959 = load float, ptr %958, align 4
-  %960 = insertelement <8 x float> poison, float %959, i32 0
-  %961 = shufflevector <8 x float> %960, <8 x float> poison, <8 x i32> zeroinitializer
-  %962 = load <8 x float>, ptr %acc000158, align 4
-  %963 = call <8 x float> @llvm.fma.v8f32(<8 x float> %961, <8 x float> %954, <8 x float> %962)
-  store <8 x float> %963, ptr %acc000158, align 4
-  %964 = load <8 x float>, ptr %acc001159, align 4
-  %965 = call <8 x float> @llvm.fma.v8f32(<8 x float> %961, <8 x float> %957, <8 x float> %964)
-  store <8 x float> %965, ptr %acc001159, align 4
-  %966 = getelementptr inbounds float, ptr %937, i64 %947
-  %967 = load float, ptr %966, align 4
-  %968 = insertelement <8 x float> poison, float %967, i32 0
-  %969 = shufflevector <8 x float> %968, <8 x float> poison, <8 x i32> zeroinitializer
-  %970 = load <8 x float>, ptr %acc010160, align 4
-  %971 = call <8 x float> @llvm.fma.v8f32(<8 x float> %969, <8 x float> %954, <8 x float> %970)
-  store <8 x float> %971, ptr %acc010160, align 4
-  %972 = load <8 x float>, ptr %acc011161, align 4
-  %973 = call <8 x float> @llvm.fma.v8f32(<8 x float> %969, <8 x float> %957, <8 x float> %972)
-  store <8 x float> %973, ptr %acc011161, align 4
-  %974 = add nsw i64 %k169, 1
-  br label %k.head166
+pf.any.end184:                                    ; preds = %pf.any.then183, %k.body180
+  %1655 = mul nsw i64 %1651, 16
+  %1656 = add nsw i64 %panel.off175, %1655
+  %1657 = getelementptr inbounds float, ptr %panels, i64 %1656
+  %1658 = load <8 x float>, ptr %1657, align 4
+  %1659 = add nsw i64 %1656, 8
+  %1660 = getelementptr inbounds float, ptr %panels, i64 %1659
+  %1661 = load <8 x float>, ptr %1660, align 4
+  %1662 = getelementptr inbounds float, ptr %1598, i64 %1651
+  %1663 = load float, ptr %1662, align 4
+  %1664 = insertelement <8 x float> poison, float %1663, i32 0
+  %1665 = shufflevector <8 x float> %1664, <8 x float> poison, <8 x i32> zeroinitializer
+  %1666 = load <8 x float>, ptr %acc000171, align 4
+  %1667 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1665, <8 x float> %1658, <8 x float> %1666)
+  store <8 x float> %1667, ptr %acc000171, align 4
+  %1668 = load <8 x float>, ptr %acc001172, align 4
+  %1669 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1665, <8 x float> %1661, <8 x float> %1668)
+  store <8 x float> %1669, ptr %acc001172, align 4
+  %1670 = getelementptr inbounds float, ptr %1623, i64 %1651
+  %1671 = load float, ptr %1670, align 4
+  %1672 = insertelement <8 x float> poison, float %1671, i32 0
+  %1673 = shufflevector <8 x float> %1672, <8 x float> poison, <8 x i32> zeroinitializer
+  %1674 = load <8 x float>, ptr %acc010173, align 4
+  %1675 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1673, <8 x float> %1658, <8 x float> %1674)
+  store <8 x float> %1675, ptr %acc010173, align 4
+  %1676 = load <8 x float>, ptr %acc011174, align 4
+  %1677 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1673, <8 x float> %1661, <8 x float> %1676)
+  store <8 x float> %1677, ptr %acc011174, align 4
+  %1678 = add nsw i64 %k182, 1
+  br label %k.head179
 
-k.end168:                                         ; preds = %k.head166
-  %975 = add nsw i64 %r0, 0
-  %976 = getelementptr inbounds float, ptr %rw, i64 %975
-  %977 = load float, ptr %976, align 4
-  %978 = insertelement <8 x float> poison, float %977, i32 0
-  %979 = shufflevector <8 x float> %978, <8 x float> poison, <8 x i32> zeroinitializer
-  %980 = mul nsw i64 %975, 2816
-  %981 = getelementptr inbounds float, ptr %h, i64 %980
-  %col172 = mul nsw i64 %p, 8
-  %982 = load <8 x float>, ptr %acc000158, align 4
-  %983 = load <8 x float>, ptr %acc001159, align 4
-  %984 = fneg <8 x float> %982
-  %985 = fcmp olt <8 x float> %984, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %986 = select <8 x i1> %985, <8 x float> %984, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %987 = fcmp ogt <8 x float> %986, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %988 = select <8 x i1> %987, <8 x float> %986, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %989 = call <8 x float> @llvm.fma.v8f32(<8 x float> %988, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %990 = call <8 x float> @llvm.floor.v8f32(<8 x float> %989)
-  %991 = call <8 x float> @llvm.fma.v8f32(<8 x float> %990, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %988)
-  %992 = call <8 x float> @llvm.fma.v8f32(<8 x float> %990, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %991)
-  %993 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %992, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %994 = call <8 x float> @llvm.fma.v8f32(<8 x float> %993, <8 x float> %992, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %995 = call <8 x float> @llvm.fma.v8f32(<8 x float> %994, <8 x float> %992, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %996 = call <8 x float> @llvm.fma.v8f32(<8 x float> %995, <8 x float> %992, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %997 = call <8 x float> @llvm.fma.v8f32(<8 x float> %996, <8 x float> %992, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %998 = fmul <8 x float> %992, %992
-  %999 = call <8 x float> @llvm.fma.v8f32(<8 x float> %997, <8 x float> %998, <8 x float> %992)
-  %1000 = fadd <8 x float> %999, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1001 = fptosi <8 x float> %990 to <8 x i32>
-  %1002 = add <8 x i32> %1001, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1003 = shl <8 x i32> %1002, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n173 = bitcast <8 x i32> %1003 to <8 x float>
-  %exp174 = fmul <8 x float> %1000, %exp.2n173
-  %1004 = fadd <8 x float> %exp174, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid175 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1004
-  %silu176 = fmul <8 x float> %982, %sigmoid175
-  %glu177 = fmul <8 x float> %silu176, %983
-  %1005 = fmul <8 x float> %glu177, %979
-  %1006 = getelementptr inbounds float, ptr %981, i64 %col172
-  store <8 x float> %1005, ptr %1006, align 4
-  %1007 = add nsw i64 %r0, 1
-  %1008 = getelementptr inbounds float, ptr %rw, i64 %1007
-  %1009 = load float, ptr %1008, align 4
-  %1010 = insertelement <8 x float> poison, float %1009, i32 0
-  %1011 = shufflevector <8 x float> %1010, <8 x float> poison, <8 x i32> zeroinitializer
-  %1012 = mul nsw i64 %1007, 2816
-  %1013 = getelementptr inbounds float, ptr %h, i64 %1012
-  %col178 = mul nsw i64 %p, 8
-  %1014 = load <8 x float>, ptr %acc010160, align 4
-  %1015 = load <8 x float>, ptr %acc011161, align 4
-  %1016 = fneg <8 x float> %1014
-  %1017 = fcmp olt <8 x float> %1016, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1018 = select <8 x i1> %1017, <8 x float> %1016, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1019 = fcmp ogt <8 x float> %1018, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1020 = select <8 x i1> %1019, <8 x float> %1018, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1021 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1022 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1021)
-  %1023 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1022, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1020)
-  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1022, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1023)
-  %1025 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1024, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1026 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1025, <8 x float> %1024, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1027 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1026, <8 x float> %1024, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1028 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1027, <8 x float> %1024, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1029 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %1024, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1030 = fmul <8 x float> %1024, %1024
-  %1031 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1029, <8 x float> %1030, <8 x float> %1024)
-  %1032 = fadd <8 x float> %1031, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1033 = fptosi <8 x float> %1022 to <8 x i32>
-  %1034 = add <8 x i32> %1033, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1035 = shl <8 x i32> %1034, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n179 = bitcast <8 x i32> %1035 to <8 x float>
-  %exp180 = fmul <8 x float> %1032, %exp.2n179
-  %1036 = fadd <8 x float> %exp180, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid181 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1036
-  %silu182 = fmul <8 x float> %1014, %sigmoid181
-  %glu183 = fmul <8 x float> %silu182, %1015
-  %1037 = fmul <8 x float> %glu183, %1011
-  %1038 = getelementptr inbounds float, ptr %1013, i64 %col178
-  store <8 x float> %1037, ptr %1038, align 4
+k.end181:                                         ; preds = %k.head179
+  %1679 = xor i1 %klast, true
+  br i1 %1679, label %part.then185, label %part.end186
+
+part.then185:                                     ; preds = %k.end181
+  %1680 = add nsw i64 %r01, 0
+  %1681 = sub nsw i64 %kb.p, %kb.pg
+  %1682 = sub nsw i64 %1680, %kb.rc
+  %1683 = mul nsw i64 %1682, 16
+  %1684 = add nsw i64 %1683, %1681
+  %1685 = mul nsw i64 %1684, 16
+  %1686 = getelementptr inbounds float, ptr %part, i64 %1685
+  %1687 = getelementptr inbounds float, ptr %1686, i64 0
+  %1688 = load <8 x float>, ptr %acc000171, align 4
+  store <8 x float> %1688, ptr %1687, align 4
+  %1689 = sub nsw i64 %kb.p, %kb.pg
+  %1690 = sub nsw i64 %1680, %kb.rc
+  %1691 = mul nsw i64 %1690, 16
+  %1692 = add nsw i64 %1691, %1689
+  %1693 = mul nsw i64 %1692, 16
+  %1694 = getelementptr inbounds float, ptr %part, i64 %1693
+  %1695 = getelementptr inbounds float, ptr %1694, i64 8
+  %1696 = load <8 x float>, ptr %acc001172, align 4
+  store <8 x float> %1696, ptr %1695, align 4
+  %1697 = add nsw i64 %r01, 1
+  %1698 = sub nsw i64 %kb.p, %kb.pg
+  %1699 = sub nsw i64 %1697, %kb.rc
+  %1700 = mul nsw i64 %1699, 16
+  %1701 = add nsw i64 %1700, %1698
+  %1702 = mul nsw i64 %1701, 16
+  %1703 = getelementptr inbounds float, ptr %part, i64 %1702
+  %1704 = getelementptr inbounds float, ptr %1703, i64 0
+  %1705 = load <8 x float>, ptr %acc010173, align 4
+  store <8 x float> %1705, ptr %1704, align 4
+  %1706 = sub nsw i64 %kb.p, %kb.pg
+  %1707 = sub nsw i64 %1697, %kb.rc
+  %1708 = mul nsw i64 %1707, 16
+  %1709 = add nsw i64 %1708, %1706
+  %1710 = mul nsw i64 %1709, 16
+  %1711 = getelementptr inbounds float, ptr %part, i64 %1710
+  %1712 = getelementptr inbounds float, ptr %1711, i64 8
+  %1713 = load <8 x float>, ptr %acc011174, align 4
+  store <8 x float> %1713, ptr %1712, align 4
+  br label %part.end186
+
+part.end186:                                      ; preds = %part.then185, %k.end181
+  br i1 %klast, label %last.then187, label %last.end188
+
+last.then187:                                     ; preds = %part.end186
+  %1714 = add nsw i64 %r01, 0
+  %1715 = getelementptr inbounds float, ptr %rw, i64 %1714
+  %1716 = load float, ptr %1715, align 4
+  %1717 = insertelement <8 x float> poison, float %1716, i32 0
+  %1718 = shufflevector <8 x float> %1717, <8 x float> poison, <8 x i32> zeroinitializer
+  %1719 = mul nsw i64 %1714, 2816
+  %1720 = getelementptr inbounds float, ptr %h, i64 %1719
+  %col189 = mul nsw i64 %kb.p, 8
+  %1721 = load <8 x float>, ptr %acc000171, align 4
+  %1722 = load <8 x float>, ptr %acc001172, align 4
+  %1723 = fneg <8 x float> %1721
+  %1724 = fcmp olt <8 x float> %1723, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1725 = select <8 x i1> %1724, <8 x float> %1723, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1726 = fcmp ogt <8 x float> %1725, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1727 = select <8 x i1> %1726, <8 x float> %1725, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1728 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1727, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1729 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1728)
+  %1730 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1729, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1727)
+  %1731 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1729, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1730)
+  %1732 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1731, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1733 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1732, <8 x float> %1731, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1734 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1733, <8 x float> %1731, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1735 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1734, <8 x float> %1731, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1736 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1735, <8 x float> %1731, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1737 = fmul <8 x float> %1731, %1731
+  %1738 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1736, <8 x float> %1737, <8 x float> %1731)
+  %1739 = fadd <8 x float> %1738, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1740 = fptosi <8 x float> %1729 to <8 x i32>
+  %1741 = add <8 x i32> %1740, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1742 = shl <8 x i32> %1741, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n190 = bitcast <8 x i32> %1742 to <8 x float>
+  %exp191 = fmul <8 x float> %1739, %exp.2n190
+  %1743 = fadd <8 x float> %exp191, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid192 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1743
+  %silu193 = fmul <8 x float> %1721, %sigmoid192
+  %glu194 = fmul <8 x float> %silu193, %1722
+  %1744 = fmul <8 x float> %glu194, %1718
+  %1745 = getelementptr inbounds float, ptr %1720, i64 %col189
+  store <8 x float> %1744, ptr %1745, align 4
+  %1746 = add nsw i64 %r01, 1
+  %1747 = getelementptr inbounds float, ptr %rw, i64 %1746
+  %1748 = load float, ptr %1747, align 4
+  %1749 = insertelement <8 x float> poison, float %1748, i32 0
+  %1750 = shufflevector <8 x float> %1749, <8 x float> poison, <8 x i32> zeroinitializer
+  %1751 = mul nsw i64 %1746, 2816
+  %1752 = getelementptr inbounds float, ptr %h, i64 %1751
+  %col195 = mul nsw i64 %kb.p, 8
+  %1753 = load <8 x float>, ptr %acc010173, align 4
+  %1754 = load <8 x float>, ptr %acc011174, align 4
+  %1755 = fneg <8 x float> %1753
+  %1756 = fcmp olt <8 x float> %1755, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1757 = select <8 x i1> %1756, <8 x float> %1755, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1758 = fcmp ogt <8 x float> %1757, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1759 = select <8 x i1> %1758, <8 x float> %1757, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1760 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1759, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1761 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1760)
+  %1762 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1761, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1759)
+  %1763 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1761, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1762)
+  %1764 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1763, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1765 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1764, <8 x float> %1763, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1766 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1765, <8 x float> %1763, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1767 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1766, <8 x float> %1763, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1768 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1767, <8 x float> %1763, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1769 = fmul <8 x float> %1763, %1763
+  %1770 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1768, <8 x float> %1769, <8 x float> %1763)
+  %1771 = fadd <8 x float> %1770, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1772 = fptosi <8 x float> %1761 to <8 x i32>
+  %1773 = add <8 x i32> %1772, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1774 = shl <8 x i32> %1773, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n196 = bitcast <8 x i32> %1774 to <8 x float>
+  %exp197 = fmul <8 x float> %1771, %exp.2n196
+  %1775 = fadd <8 x float> %exp197, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid198 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1775
+  %silu199 = fmul <8 x float> %1753, %sigmoid198
+  %glu200 = fmul <8 x float> %silu199, %1754
+  %1776 = fmul <8 x float> %glu200, %1750
+  %1777 = getelementptr inbounds float, ptr %1752, i64 %col195
+  store <8 x float> %1776, ptr %1777, align 4
+  br label %last.end188
+
+last.end188:                                      ; preds = %last.then187, %part.end186
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
-  %1039 = add nsw i64 %r0, 0
-  %1040 = getelementptr inbounds i32, ptr %rows, i64 %1039
-  %1041 = load i32, ptr %1040, align 4
-  %1042 = sext i32 %1041 to i64
-  %1043 = mul nsw i64 %1042, 1024
-  %1044 = getelementptr inbounds float, ptr %x, i64 %1043
-  store <8 x float> zeroinitializer, ptr %acc000184, align 4
-  store <8 x float> zeroinitializer, ptr %acc001185, align 4
-  %panel.off186 = mul nsw i64 %p, 16384
-  %1045 = getelementptr inbounds float, ptr %panels, i64 %panel.off186
-  %1046 = add nsw i64 %p, 1
-  %1047 = icmp slt i64 %1046, %p1
-  %pf.on187 = and i1 %pf.on, %1047
-  %1048 = mul nsw i64 %rb, 65536
-  %1049 = lshr i64 %1048, %11
-  %1050 = add nsw i64 65536, %1049
-  %1051 = getelementptr inbounds i8, ptr %1045, i64 %1050
-  %pf188 = select i1 %pf.on187, ptr %1051, ptr %1045
-  %pf.sh189 = select i1 %pf.on187, i64 %11, i64 0
-  br label %k.head190
+  %1778 = add nsw i64 %r01, 0
+  %1779 = getelementptr inbounds i32, ptr %rows, i64 %1778
+  %1780 = load i32, ptr %1779, align 4
+  %1781 = sext i32 %1780 to i64
+  %1782 = mul nsw i64 %1781, 1024
+  %1783 = add nsw i64 %1782, %k0
+  %1784 = getelementptr inbounds float, ptr %x, i64 %1783
+  %1785 = sub nsw i64 %kb.p, %kb.pg
+  %1786 = sub nsw i64 %1778, %kb.rc
+  %1787 = mul nsw i64 %1786, 16
+  %1788 = add nsw i64 %1787, %1785
+  %1789 = mul nsw i64 %1788, 16
+  %1790 = getelementptr inbounds float, ptr %part, i64 %1789
+  %1791 = getelementptr inbounds float, ptr %1790, i64 0
+  %1792 = load <8 x float>, ptr %1791, align 4
+  %1793 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1792
+  store <8 x float> %1793, ptr %acc000201, align 4
+  %1794 = sub nsw i64 %kb.p, %kb.pg
+  %1795 = sub nsw i64 %1778, %kb.rc
+  %1796 = mul nsw i64 %1795, 16
+  %1797 = add nsw i64 %1796, %1794
+  %1798 = mul nsw i64 %1797, 16
+  %1799 = getelementptr inbounds float, ptr %part, i64 %1798
+  %1800 = getelementptr inbounds float, ptr %1799, i64 8
+  %1801 = load <8 x float>, ptr %1800, align 4
+  %1802 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1801
+  store <8 x float> %1802, ptr %acc001202, align 4
+  %1803 = mul nsw i64 %k0, 16
+  %1804 = mul nsw i64 %kb.p, 16384
+  %panel.off203 = add nsw i64 %1804, %1803
+  %1805 = getelementptr inbounds float, ptr %panels, i64 %panel.off203
+  %pf.on204 = and i1 %pf.on, %pf.next
+  %1806 = mul nsw i64 %rb, 16384
+  %1807 = lshr i64 %1806, %25
+  %1808 = add nsw i64 %pf.step, %1807
+  %1809 = getelementptr inbounds i8, ptr %1805, i64 %1808
+  %pf205 = select i1 %pf.on204, ptr %1809, ptr %1805
+  %pf.sh206 = select i1 %pf.on204, i64 %25, i64 0
+  br label %k.head207
 
-k.head190:                                        ; preds = %pf.any.end195, %tile.mr1
-  %k193 = phi i64 [ 0, %tile.mr1 ], [ %1073, %pf.any.end195 ]
-  %1052 = icmp slt i64 %k193, 1024
-  br i1 %1052, label %k.body191, label %k.end192
+k.head207:                                        ; preds = %pf.any.end212, %tile.mr1
+  %k210 = phi i64 [ 0, %tile.mr1 ], [ %1831, %pf.any.end212 ]
+  %1810 = icmp slt i64 %k210, 256
+  br i1 %1810, label %k.body208, label %k.end209
 
-k.body191:                                        ; preds = %k.head190
-  %1053 = mul nsw i64 %k193, 1
-  %1054 = add nsw i64 %1053, 0
-  %1055 = mul nsw i64 %1054, 64
-  br i1 %pf.multi, label %pf.any.then194, label %pf.any.end195
+k.body208:                                        ; preds = %k.head207
+  %1811 = mul nsw i64 %k210, 1
+  %1812 = add nsw i64 %1811, 0
+  %1813 = mul nsw i64 %1812, 64
+  br i1 %pf.multi, label %pf.any.then211, label %pf.any.end212
 
-pf.any.then194:                                   ; preds = %k.body191
-  %1056 = lshr i64 %1055, %pf.sh189
-  %1057 = getelementptr inbounds i8, ptr %pf188, i64 %1056
-  call void @llvm.prefetch.p0(ptr %1057, i32 0, i32 2, i32 1)
-  br label %pf.any.end195
+pf.any.then211:                                   ; preds = %k.body208
+  %1814 = lshr i64 %1813, %pf.sh206
+  %1815 = getelementptr inbounds i8, ptr %pf205, i64 %1814
+  call void @llvm.prefetch.p0(ptr %1815, i32 0, i32 2, i32 1)
+  br label %pf.any.end212
 
-pf.any.end195:                                    ; preds = %pf.any.then194, %k.body191
-  %1058 = mul nsw i64 %1054, 16
-  %1059 = add nsw i64 %panel.off186, %1058
-  %1060 = getelementptr inbounds float, ptr %panels, i64 %1059
-  %1061 = load <8 x float>, ptr %1060, align 4
-  %1062 = add nsw i64 %1059, 8
-  %1063 = getelementptr inbounds float, ptr %panels, i64 %1062
-  %1064 = load <8 x float>, ptr %1063, align 4
-  %1065 = getelementptr inbounds float, ptr %1044, i64 %1054
-  %1066 = load float, ptr %1065, align 4
-  %1067 = insertelement <8 x float> poison, float %1066, i32 0
-  %1068 = shufflevector <8 x float> %1067, <8 x float> poison, <8 x i32> zeroinitializer
-  %1069 = load <8 x float>, ptr %acc000184, align 4
-  %1070 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1068, <8 x float> %1061, <8 x float> %1069)
-  store <8 x float> %1070, ptr %acc000184, align 4
-  %1071 = load <8 x float>, ptr %acc001185, align 4
-  %1072 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1068, <8 x float> %1064, <8 x float> %1071)
-  store <8 x float> %1072, ptr %acc001185, align 4
-  %1073 = add nsw i64 %k193, 1
-  br label %k.head190
+pf.any.end212:                                    ; preds = %pf.any.then211, %k.body208
+  %1816 = mul nsw i64 %1812, 16
+  %1817 = add nsw i64 %panel.off203, %1816
+  %1818 = getelementptr inbounds float, ptr %panels, i64 %1817
+  %1819 = load <8 x float>, ptr %1818, align 4
+  %1820 = add nsw i64 %1817, 8
+  %1821 = getelementptr inbounds float, ptr %panels, i64 %1820
+  %1822 = load <8 x float>, ptr %1821, align 4
+  %1823 = getelementptr inbounds float, ptr %1784, i64 %1812
+  %1824 = load float, ptr %1823, align 4
+  %1825 = insertelement <8 x float> poison, float %1824, i32 0
+  %1826 = shufflevector <8 x float> %1825, <8 x float> poison, <8 x i32> zeroinitializer
+  %1827 = load <8 x float>, ptr %acc000201, align 4
+  %1828 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1826, <8 x float> %1819, <8 x float> %1827)
+  store <8 x float> %1828, ptr %acc000201, align 4
+  %1829 = load <8 x float>, ptr %acc001202, align 4
+  %1830 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1826, <8 x float> %1822, <8 x float> %1829)
+  store <8 x float> %1830, ptr %acc001202, align 4
+  %1831 = add nsw i64 %k210, 1
+  br label %k.head207
 
-k.end192:                                         ; preds = %k.head190
-  %1074 = add nsw i64 %r0, 0
-  %1075 = getelementptr inbounds float, ptr %rw, i64 %1074
-  %1076 = load float, ptr %1075, align 4
-  %1077 = insertelement <8 x float> poison, float %1076, i32 0
-  %1078 = shufflevector <8 x float> %1077, <8 x float> poison, <8 x i32> zeroinitializer
-  %1079 = mul nsw i64 %1074, 2816
-  %1080 = getelementptr inbounds float, ptr %h, i64 %1079
-  %col196 = mul nsw i64 %p, 8
-  %1081 = load <8 x float>, ptr %acc000184, align 4
-  %1082 = load <8 x float>, ptr %acc001185, align 4
-  %1083 = fneg <8 x float> %1081
-  %1084 = fcmp olt <8 x float> %1083, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1085 = select <8 x i1> %1084, <8 x float> %1083, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1086 = fcmp ogt <8 x float> %1085, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1087 = select <8 x i1> %1086, <8 x float> %1085, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1088 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1087, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1089 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1088)
-  %1090 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1089, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1087)
-  %1091 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1089, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1090)
-  %1092 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1091, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1093 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1092, <8 x float> %1091, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1094 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1093, <8 x float> %1091, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1095 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1094, <8 x float> %1091, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1096 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1095, <8 x float> %1091, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1097 = fmul <8 x float> %1091, %1091
-  %1098 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1096, <8 x float> %1097, <8 x float> %1091)
-  %1099 = fadd <8 x float> %1098, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1100 = fptosi <8 x float> %1089 to <8 x i32>
-  %1101 = add <8 x i32> %1100, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1102 = shl <8 x i32> %1101, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n197 = bitcast <8 x i32> %1102 to <8 x float>
-  %exp198 = fmul <8 x float> %1099, %exp.2n197
-  %1103 = fadd <8 x float> %exp198, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid199 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1103
-  %silu200 = fmul <8 x float> %1081, %sigmoid199
-  %glu201 = fmul <8 x float> %silu200, %1082
-  %1104 = fmul <8 x float> %glu201, %1078
-  %1105 = getelementptr inbounds float, ptr %1080, i64 %col196
-  store <8 x float> %1104, ptr %1105, align 4
+k.end209:                                         ; preds = %k.head207
+  %1832 = xor i1 %klast, true
+  br i1 %1832, label %part.then213, label %part.end214
+
+part.then213:                                     ; preds = %k.end209
+  %1833 = add nsw i64 %r01, 0
+  %1834 = sub nsw i64 %kb.p, %kb.pg
+  %1835 = sub nsw i64 %1833, %kb.rc
+  %1836 = mul nsw i64 %1835, 16
+  %1837 = add nsw i64 %1836, %1834
+  %1838 = mul nsw i64 %1837, 16
+  %1839 = getelementptr inbounds float, ptr %part, i64 %1838
+  %1840 = getelementptr inbounds float, ptr %1839, i64 0
+  %1841 = load <8 x float>, ptr %acc000201, align 4
+  store <8 x float> %1841, ptr %1840, align 4
+  %1842 = sub nsw i64 %kb.p, %kb.pg
+  %1843 = sub nsw i64 %1833, %kb.rc
+  %1844 = mul nsw i64 %1843, 16
+  %1845 = add nsw i64 %1844, %1842
+  %1846 = mul nsw i64 %1845, 16
+  %1847 = getelementptr inbounds float, ptr %part, i64 %1846
+  %1848 = getelementptr inbounds float, ptr %1847, i64 8
+  %1849 = load <8 x float>, ptr %acc001202, align 4
+  store <8 x float> %1849, ptr %1848, align 4
+  br label %part.end214
+
+part.end214:                                      ; preds = %part.then213, %k.end209
+  br i1 %klast, label %last.then215, label %last.end216
+
+last.then215:                                     ; preds = %part.end214
+  %1850 = add nsw i64 %r01, 0
+  %1851 = getelementptr inbounds float, ptr %rw, i64 %1850
+  %1852 = load float, ptr %1851, align 4
+  %1853 = insertelement <8 x float> poison, float %1852, i32 0
+  %1854 = shufflevector <8 x float> %1853, <8 x float> poison, <8 x i32> zeroinitializer
+  %1855 = mul nsw i64 %1850, 2816
+  %1856 = getelementptr inbounds float, ptr %h, i64 %1855
+  %col217 = mul nsw i64 %kb.p, 8
+  %1857 = load <8 x float>, ptr %acc000201, align 4
+  %1858 = load <8 x float>, ptr %acc001202, align 4
+  %1859 = fneg <8 x float> %1857
+  %1860 = fcmp olt <8 x float> %1859, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1861 = select <8 x i1> %1860, <8 x float> %1859, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1862 = fcmp ogt <8 x float> %1861, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1863 = select <8 x i1> %1862, <8 x float> %1861, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1864 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1863, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1865 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1864)
+  %1866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1865, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1863)
+  %1867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1865, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1866)
+  %1868 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1867, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1869 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1868, <8 x float> %1867, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1870 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1869, <8 x float> %1867, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1871 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1870, <8 x float> %1867, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1872 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1871, <8 x float> %1867, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1873 = fmul <8 x float> %1867, %1867
+  %1874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1872, <8 x float> %1873, <8 x float> %1867)
+  %1875 = fadd <8 x float> %1874, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1876 = fptosi <8 x float> %1865 to <8 x i32>
+  %1877 = add <8 x i32> %1876, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1878 = shl <8 x i32> %1877, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n218 = bitcast <8 x i32> %1878 to <8 x float>
+  %exp219 = fmul <8 x float> %1875, %exp.2n218
+  %1879 = fadd <8 x float> %exp219, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid220 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1879
+  %silu221 = fmul <8 x float> %1857, %sigmoid220
+  %glu222 = fmul <8 x float> %silu221, %1858
+  %1880 = fmul <8 x float> %glu222, %1854
+  %1881 = getelementptr inbounds float, ptr %1856, i64 %col217
+  store <8 x float> %1880, ptr %1881, align 4
+  br label %last.end216
+
+last.end216:                                      ; preds = %last.then215, %part.end214
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end192, %k.end168, %k.end136, %k.end96, %k.end48, %k.end
-  %1106 = add nsw i64 %rb, 1
+tile.done:                                        ; preds = %last.end216, %last.end188, %last.end152, %last.end108, %last.end56, %last.end
+  %1882 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %1107 = add nsw i64 %p, 1
+  %1883 = add nsw i64 %kb.p, 1
+  br label %kb.p.head
+
+kb.p.end:                                         ; preds = %kb.p.head
+  %1884 = add nsw i64 %kb.k, 1
+  br label %kb.k.head
+
+kb.k.end:                                         ; preds = %kb.k.head
+  %1885 = add nsw i64 %kb.pg, 16
+  br label %kb.pg.head
+
+kb.pg.end:                                        ; preds = %kb.pg.head
+  %1886 = add nsw i64 %kb.rc, 96
+  br label %kb.rc.head
+
+kb.rc.end:                                        ; preds = %kb.rc.head
+  br label %call.end
+
+flat:                                             ; preds = %start
+  br label %p.head
+
+p.head:                                           ; preds = %rb.end226, %flat
+  %p = phi i64 [ %p0, %flat ], [ %3021, %rb.end226 ]
+  %1887 = icmp slt i64 %p, %p1
+  br i1 %1887, label %p.body, label %p.end
+
+p.body:                                           ; preds = %p.head
+  %1888 = add nsw i64 %n, 5
+  %nrb223 = sdiv i64 %1888, 6
+  br label %rb.head224
+
+rb.head224:                                       ; preds = %tile.done231, %p.body
+  %rb227 = phi i64 [ 0, %p.body ], [ %3020, %tile.done231 ]
+  %1889 = icmp slt i64 %rb227, %nrb223
+  br i1 %1889, label %rb.body225, label %rb.end226
+
+rb.body225:                                       ; preds = %rb.head224
+  %1890 = mul nsw i64 %rb227, %n
+  %r0228 = sdiv i64 %1890, %nrb223
+  %1891 = add nsw i64 %rb227, 1
+  %1892 = mul nsw i64 %1891, %n
+  %r1229 = sdiv i64 %1892, %nrb223
+  %mr230 = sub nsw i64 %r1229, %r0228
+  %1893 = icmp sge i64 %nrb223, 2
+  %1894 = select i1 %1893, i64 1, i64 0
+  %1895 = icmp sge i64 %nrb223, 4
+  %1896 = select i1 %1895, i64 2, i64 %1894
+  %1897 = icmp sge i64 %nrb223, 8
+  %1898 = select i1 %1897, i64 3, i64 %1896
+  %pf.multi238 = icmp sgt i64 %nrb223, 1
+  %1899 = shl i64 1, %1898
+  %1900 = icmp slt i64 %rb227, %1899
+  %pf.on239 = and i1 %pf.multi238, %1900
+  switch i64 %mr230, label %tile.mr6237 [
+    i64 1, label %tile.mr1232
+    i64 2, label %tile.mr2233
+    i64 3, label %tile.mr3234
+    i64 4, label %tile.mr4235
+    i64 5, label %tile.mr5236
+  ]
+
+tile.mr6237:                                      ; preds = %rb.body225
+  %1901 = add nsw i64 %r0228, 0
+  %1902 = getelementptr inbounds i32, ptr %rows, i64 %1901
+  %1903 = load i32, ptr %1902, align 4
+  %1904 = sext i32 %1903 to i64
+  %1905 = mul nsw i64 %1904, 1024
+  %1906 = add nsw i64 %1905, 0
+  %1907 = getelementptr inbounds float, ptr %x, i64 %1906
+  store <8 x float> zeroinitializer, ptr %acc000240, align 4
+  store <8 x float> zeroinitializer, ptr %acc001241, align 4
+  %1908 = add nsw i64 %r0228, 1
+  %1909 = getelementptr inbounds i32, ptr %rows, i64 %1908
+  %1910 = load i32, ptr %1909, align 4
+  %1911 = sext i32 %1910 to i64
+  %1912 = mul nsw i64 %1911, 1024
+  %1913 = add nsw i64 %1912, 0
+  %1914 = getelementptr inbounds float, ptr %x, i64 %1913
+  store <8 x float> zeroinitializer, ptr %acc010242, align 4
+  store <8 x float> zeroinitializer, ptr %acc011243, align 4
+  %1915 = add nsw i64 %r0228, 2
+  %1916 = getelementptr inbounds i32, ptr %rows, i64 %1915
+  %1917 = load i32, ptr %1916, align 4
+  %1918 = sext i32 %1917 to i64
+  %1919 = mul nsw i64 %1918, 1024
+  %1920 = add nsw i64 %1919, 0
+  %1921 = getelementptr inbounds float, ptr %x, i64 %1920
+  store <8 x float> zeroinitializer, ptr %acc020244, align 4
+  store <8 x float> zeroinitializer, ptr %acc021245, align 4
+  %1922 = add nsw i64 %r0228, 3
+  %1923 = getelementptr inbounds i32, ptr %rows, i64 %1922
+  %1924 = load i32, ptr %1923, align 4
+  %1925 = sext i32 %1924 to i64
+  %1926 = mul nsw i64 %1925, 1024
+  %1927 = add nsw i64 %1926, 0
+  %1928 = getelementptr inbounds float, ptr %x, i64 %1927
+  store <8 x float> zeroinitializer, ptr %acc030246, align 4
+  store <8 x float> zeroinitializer, ptr %acc031247, align 4
+  %1929 = add nsw i64 %r0228, 4
+  %1930 = getelementptr inbounds i32, ptr %rows, i64 %1929
+  %1931 = load i32, ptr %1930, align 4
+  %1932 = sext i32 %1931 to i64
+  %1933 = mul nsw i64 %1932, 1024
+  %1934 = add nsw i64 %1933, 0
+  %1935 = getelementptr inbounds float, ptr %x, i64 %1934
+  store <8 x float> zeroinitializer, ptr %acc040248, align 4
+  store <8 x float> zeroinitializer, ptr %acc041249, align 4
+  %1936 = add nsw i64 %r0228, 5
+  %1937 = getelementptr inbounds i32, ptr %rows, i64 %1936
+  %1938 = load i32, ptr %1937, align 4
+  %1939 = sext i32 %1938 to i64
+  %1940 = mul nsw i64 %1939, 1024
+  %1941 = add nsw i64 %1940, 0
+  %1942 = getelementptr inbounds float, ptr %x, i64 %1941
+  store <8 x float> zeroinitializer, ptr %acc050250, align 4
+  store <8 x float> zeroinitializer, ptr %acc051251, align 4
+  %1943 = mul nsw i64 %p, 16384
+  %panel.off252 = add nsw i64 %1943, 0
+  %1944 = getelementptr inbounds float, ptr %panels, i64 %panel.off252
+  %1945 = add nsw i64 %p, 1
+  %1946 = icmp slt i64 %1945, %p1
+  %pf.on253 = and i1 %pf.on239, %1946
+  %1947 = mul nsw i64 %rb227, 65536
+  %1948 = lshr i64 %1947, %1898
+  %1949 = add nsw i64 65536, %1948
+  %1950 = getelementptr inbounds i8, ptr %1944, i64 %1949
+  %pf254 = select i1 %pf.on253, ptr %1950, ptr %1944
+  %pf.sh255 = select i1 %pf.on253, i64 %1898, i64 0
+  br label %k.head256
+
+k.head256:                                        ; preds = %pf.any.end261, %tile.mr6237
+  %k259 = phi i64 [ 0, %tile.mr6237 ], [ %2012, %pf.any.end261 ]
+  %1951 = icmp slt i64 %k259, 1024
+  br i1 %1951, label %k.body257, label %k.end258
+
+k.body257:                                        ; preds = %k.head256
+  %1952 = mul nsw i64 %k259, 1
+  %1953 = add nsw i64 %1952, 0
+  %1954 = mul nsw i64 %1953, 64
+  br i1 %pf.multi238, label %pf.any.then260, label %pf.any.end261
+
+pf.any.then260:                                   ; preds = %k.body257
+  %1955 = lshr i64 %1954, %pf.sh255
+  %1956 = getelementptr inbounds i8, ptr %pf254, i64 %1955
+  call void @llvm.prefetch.p0(ptr %1956, i32 0, i32 2, i32 1)
+  br label %pf.any.end261
+
+pf.any.end261:                                    ; preds = %pf.any.then260, %k.body257
+  %1957 = mul nsw i64 %1953, 16
+  %1958 = add nsw i64 %panel.off252, %1957
+  %1959 = getelementptr inbounds float, ptr %panels, i64 %1958
+  %1960 = load <8 x float>, ptr %1959, align 4
+  %1961 = add nsw i64 %1958, 8
+  %1962 = getelementptr inbounds float, ptr %panels, i64 %1961
+  %1963 = load <8 x float>, ptr %1962, align 4
+  %1964 = getelementptr inbounds float, ptr %1907, i64 %1953
+  %1965 = load float, ptr %1964, align 4
+  %1966 = insertelement <8 x float> poison, float %1965, i32 0
+  %1967 = shufflevector <8 x float> %1966, <8 x float> poison, <8 x i32> zeroinitializer
+  %1968 = load <8 x float>, ptr %acc000240, align 4
+  %1969 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1967, <8 x float> %1960, <8 x float> %1968)
+  store <8 x float> %1969, ptr %acc000240, align 4
+  %1970 = load <8 x float>, ptr %acc001241, align 4
+  %1971 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1967, <8 x float> %1963, <8 x float> %1970)
+  store <8 x float> %1971, ptr %acc001241, align 4
+  %1972 = getelementptr inbounds float, ptr %1914, i64 %1953
+  %1973 = load float, ptr %1972, align 4
+  %1974 = insertelement <8 x float> poison, float %1973, i32 0
+  %1975 = shufflevector <8 x float> %1974, <8 x float> poison, <8 x i32> zeroinitializer
+  %1976 = load <8 x float>, ptr %acc010242, align 4
+  %1977 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1975, <8 x float> %1960, <8 x float> %1976)
+  store <8 x float> %1977, ptr %acc010242, align 4
+  %1978 = load <8 x float>, ptr %acc011243, align 4
+  %1979 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1975, <8 x float> %1963, <8 x float> %1978)
+  store <8 x float> %1979, ptr %acc011243, align 4
+  %1980 = getelementptr inbounds float, ptr %1921, i64 %1953
+  %1981 = load float, ptr %1980, align 4
+  %1982 = insertelement <8 x float> poison, float %1981, i32 0
+  %1983 = shufflevector <8 x float> %1982, <8 x float> poison, <8 x i32> zeroinitializer
+  %1984 = load <8 x float>, ptr %acc020244, align 4
+  %1985 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1983, <8 x float> %1960, <8 x float> %1984)
+  store <8 x float> %1985, ptr %acc020244, align 4
+  %1986 = load <8 x float>, ptr %acc021245, align 4
+  %1987 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1983, <8 x float> %1963, <8 x float> %1986)
+  store <8 x float> %1987, ptr %acc021245, align 4
+  %1988 = getelementptr inbounds float, ptr %1928, i64 %1953
+  %1989 = load float, ptr %1988, align 4
+  %1990 = insertelement <8 x float> poison, float %1989, i32 0
+  %1991 = shufflevector <8 x float> %1990, <8 x float> poison, <8 x i32> zeroinitializer
+  %1992 = load <8 x float>, ptr %acc030246, align 4
+  %1993 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1991, <8 x float> %1960, <8 x float> %1992)
+  store <8 x float> %1993, ptr %acc030246, align 4
+  %1994 = load <8 x float>, ptr %acc031247, align 4
+  %1995 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1991, <8 x float> %1963, <8 x float> %1994)
+  store <8 x float> %1995, ptr %acc031247, align 4
+  %1996 = getelementptr inbounds float, ptr %1935, i64 %1953
+  %1997 = load float, ptr %1996, align 4
+  %1998 = insertelement <8 x float> poison, float %1997, i32 0
+  %1999 = shufflevector <8 x float> %1998, <8 x float> poison, <8 x i32> zeroinitializer
+  %2000 = load <8 x float>, ptr %acc040248, align 4
+  %2001 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1999, <8 x float> %1960, <8 x float> %2000)
+  store <8 x float> %2001, ptr %acc040248, align 4
+  %2002 = load <8 x float>, ptr %acc041249, align 4
+  %2003 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1999, <8 x float> %1963, <8 x float> %2002)
+  store <8 x float> %2003, ptr %acc041249, align 4
+  %2004 = getelementptr inbounds float, ptr %1942, i64 %1953
+  %2005 = load float, ptr %2004, align 4
+  %2006 = insertelement <8 x float> poison, float %2005, i32 0
+  %2007 = shufflevector <8 x float> %2006, <8 x float> poison, <8 x i32> zeroinitializer
+  %2008 = load <8 x float>, ptr %acc050250, align 4
+  %2009 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2007, <8 x float> %1960, <8 x float> %2008)
+  store <8 x float> %2009, ptr %acc050250, align 4
+  %2010 = load <8 x float>, ptr %acc051251, align 4
+  %2011 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2007, <8 x float> %1963, <8 x float> %2010)
+  store <8 x float> %2011, ptr %acc051251, align 4
+  %2012 = add nsw i64 %k259, 1
+  br label %k.head256
+
+k.end258:                                         ; preds = %k.head256
+  %2013 = add nsw i64 %r0228, 0
+  %2014 = getelementptr inbounds float, ptr %rw, i64 %2013
+  %2015 = load float, ptr %2014, align 4
+  %2016 = insertelement <8 x float> poison, float %2015, i32 0
+  %2017 = shufflevector <8 x float> %2016, <8 x float> poison, <8 x i32> zeroinitializer
+  %2018 = mul nsw i64 %2013, 2816
+  %2019 = getelementptr inbounds float, ptr %h, i64 %2018
+  %col262 = mul nsw i64 %p, 8
+  %2020 = load <8 x float>, ptr %acc000240, align 4
+  %2021 = load <8 x float>, ptr %acc001241, align 4
+  %2022 = fneg <8 x float> %2020
+  %2023 = fcmp olt <8 x float> %2022, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2024 = select <8 x i1> %2023, <8 x float> %2022, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2025 = fcmp ogt <8 x float> %2024, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2026 = select <8 x i1> %2025, <8 x float> %2024, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2027 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2026, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2028 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2027)
+  %2029 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2028, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2026)
+  %2030 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2028, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2029)
+  %2031 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2030, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2032 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2031, <8 x float> %2030, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2033 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2032, <8 x float> %2030, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2034 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2033, <8 x float> %2030, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2035 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2034, <8 x float> %2030, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2036 = fmul <8 x float> %2030, %2030
+  %2037 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2035, <8 x float> %2036, <8 x float> %2030)
+  %2038 = fadd <8 x float> %2037, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2039 = fptosi <8 x float> %2028 to <8 x i32>
+  %2040 = add <8 x i32> %2039, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2041 = shl <8 x i32> %2040, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n263 = bitcast <8 x i32> %2041 to <8 x float>
+  %exp264 = fmul <8 x float> %2038, %exp.2n263
+  %2042 = fadd <8 x float> %exp264, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid265 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2042
+  %silu266 = fmul <8 x float> %2020, %sigmoid265
+  %glu267 = fmul <8 x float> %silu266, %2021
+  %2043 = fmul <8 x float> %glu267, %2017
+  %2044 = getelementptr inbounds float, ptr %2019, i64 %col262
+  store <8 x float> %2043, ptr %2044, align 4
+  %2045 = add nsw i64 %r0228, 1
+  %2046 = getelementptr inbounds float, ptr %rw, i64 %2045
+  %2047 = load float, ptr %2046, align 4
+  %2048 = insertelement <8 x float> poison, float %2047, i32 0
+  %2049 = shufflevector <8 x float> %2048, <8 x float> poison, <8 x i32> zeroinitializer
+  %2050 = mul nsw i64 %2045, 2816
+  %2051 = getelementptr inbounds float, ptr %h, i64 %2050
+  %col268 = mul nsw i64 %p, 8
+  %2052 = load <8 x float>, ptr %acc010242, align 4
+  %2053 = load <8 x float>, ptr %acc011243, align 4
+  %2054 = fneg <8 x float> %2052
+  %2055 = fcmp olt <8 x float> %2054, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2056 = select <8 x i1> %2055, <8 x float> %2054, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2057 = fcmp ogt <8 x float> %2056, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2058 = select <8 x i1> %2057, <8 x float> %2056, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2059 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2058, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2060 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2059)
+  %2061 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2060, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2058)
+  %2062 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2060, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2061)
+  %2063 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2062, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2064 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2063, <8 x float> %2062, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2065 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2064, <8 x float> %2062, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2066 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2065, <8 x float> %2062, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2067 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2066, <8 x float> %2062, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2068 = fmul <8 x float> %2062, %2062
+  %2069 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2067, <8 x float> %2068, <8 x float> %2062)
+  %2070 = fadd <8 x float> %2069, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2071 = fptosi <8 x float> %2060 to <8 x i32>
+  %2072 = add <8 x i32> %2071, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2073 = shl <8 x i32> %2072, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n269 = bitcast <8 x i32> %2073 to <8 x float>
+  %exp270 = fmul <8 x float> %2070, %exp.2n269
+  %2074 = fadd <8 x float> %exp270, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid271 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2074
+  %silu272 = fmul <8 x float> %2052, %sigmoid271
+  %glu273 = fmul <8 x float> %silu272, %2053
+  %2075 = fmul <8 x float> %glu273, %2049
+  %2076 = getelementptr inbounds float, ptr %2051, i64 %col268
+  store <8 x float> %2075, ptr %2076, align 4
+  %2077 = add nsw i64 %r0228, 2
+  %2078 = getelementptr inbounds float, ptr %rw, i64 %2077
+  %2079 = load float, ptr %2078, align 4
+  %2080 = insertelement <8 x float> poison, float %2079, i32 0
+  %2081 = shufflevector <8 x float> %2080, <8 x float> poison, <8 x i32> zeroinitializer
+  %2082 = mul nsw i64 %2077, 2816
+  %2083 = getelementptr inbounds float, ptr %h, i64 %2082
+  %col274 = mul nsw i64 %p, 8
+  %2084 = load <8 x float>, ptr %acc020244, align 4
+  %2085 = load <8 x float>, ptr %acc021245, align 4
+  %2086 = fneg <8 x float> %2084
+  %2087 = fcmp olt <8 x float> %2086, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2088 = select <8 x i1> %2087, <8 x float> %2086, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2089 = fcmp ogt <8 x float> %2088, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2090 = select <8 x i1> %2089, <8 x float> %2088, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2091 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2090, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2092 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2091)
+  %2093 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2092, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2090)
+  %2094 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2092, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2093)
+  %2095 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2094, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2096 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2095, <8 x float> %2094, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2097 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2096, <8 x float> %2094, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2098 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2097, <8 x float> %2094, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2099 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2098, <8 x float> %2094, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2100 = fmul <8 x float> %2094, %2094
+  %2101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2099, <8 x float> %2100, <8 x float> %2094)
+  %2102 = fadd <8 x float> %2101, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2103 = fptosi <8 x float> %2092 to <8 x i32>
+  %2104 = add <8 x i32> %2103, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2105 = shl <8 x i32> %2104, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n275 = bitcast <8 x i32> %2105 to <8 x float>
+  %exp276 = fmul <8 x float> %2102, %exp.2n275
+  %2106 = fadd <8 x float> %exp276, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid277 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2106
+  %silu278 = fmul <8 x float> %2084, %sigmoid277
+  %glu279 = fmul <8 x float> %silu278, %2085
+  %2107 = fmul <8 x float> %glu279, %2081
+  %2108 = getelementptr inbounds float, ptr %2083, i64 %col274
+  store <8 x float> %2107, ptr %2108, align 4
+  %2109 = add nsw i64 %r0228, 3
+  %2110 = getelementptr inbounds float, ptr %rw, i64 %2109
+  %2111 = load float, ptr %2110, align 4
+  %2112 = insertelement <8 x float> poison, float %2111, i32 0
+  %2113 = shufflevector <8 x float> %2112, <8 x float> poison, <8 x i32> zeroinitializer
+  %2114 = mul nsw i64 %2109, 2816
+  %2115 = getelementptr inbounds float, ptr %h, i64 %2114
+  %col280 = mul nsw i64 %p, 8
+  %2116 = load <8 x float>, ptr %acc030246, align 4
+  %2117 = load <8 x float>, ptr %acc031247, align 4
+  %2118 = fneg <8 x float> %2116
+  %2119 = fcmp olt <8 x float> %2118, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2120 = select <8 x i1> %2119, <8 x float> %2118, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2121 = fcmp ogt <8 x float> %2120, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2122 = select <8 x i1> %2121, <8 x float> %2120, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2122, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2124 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2123)
+  %2125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2124, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2122)
+  %2126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2124, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2125)
+  %2127 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2126, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2127, <8 x float> %2126, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2129 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2128, <8 x float> %2126, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2129, <8 x float> %2126, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2130, <8 x float> %2126, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2132 = fmul <8 x float> %2126, %2126
+  %2133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2131, <8 x float> %2132, <8 x float> %2126)
+  %2134 = fadd <8 x float> %2133, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2135 = fptosi <8 x float> %2124 to <8 x i32>
+  %2136 = add <8 x i32> %2135, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2137 = shl <8 x i32> %2136, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n281 = bitcast <8 x i32> %2137 to <8 x float>
+  %exp282 = fmul <8 x float> %2134, %exp.2n281
+  %2138 = fadd <8 x float> %exp282, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid283 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2138
+  %silu284 = fmul <8 x float> %2116, %sigmoid283
+  %glu285 = fmul <8 x float> %silu284, %2117
+  %2139 = fmul <8 x float> %glu285, %2113
+  %2140 = getelementptr inbounds float, ptr %2115, i64 %col280
+  store <8 x float> %2139, ptr %2140, align 4
+  %2141 = add nsw i64 %r0228, 4
+  %2142 = getelementptr inbounds float, ptr %rw, i64 %2141
+  %2143 = load float, ptr %2142, align 4
+  %2144 = insertelement <8 x float> poison, float %2143, i32 0
+  %2145 = shufflevector <8 x float> %2144, <8 x float> poison, <8 x i32> zeroinitializer
+  %2146 = mul nsw i64 %2141, 2816
+  %2147 = getelementptr inbounds float, ptr %h, i64 %2146
+  %col286 = mul nsw i64 %p, 8
+  %2148 = load <8 x float>, ptr %acc040248, align 4
+  %2149 = load <8 x float>, ptr %acc041249, align 4
+  %2150 = fneg <8 x float> %2148
+  %2151 = fcmp olt <8 x float> %2150, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2152 = select <8 x i1> %2151, <8 x float> %2150, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2153 = fcmp ogt <8 x float> %2152, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2154 = select <8 x i1> %2153, <8 x float> %2152, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2154, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2156 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2155)
+  %2157 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2156, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2154)
+  %2158 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2156, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2157)
+  %2159 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2158, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2160 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2159, <8 x float> %2158, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2161 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2160, <8 x float> %2158, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2161, <8 x float> %2158, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2162, <8 x float> %2158, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2164 = fmul <8 x float> %2158, %2158
+  %2165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2163, <8 x float> %2164, <8 x float> %2158)
+  %2166 = fadd <8 x float> %2165, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2167 = fptosi <8 x float> %2156 to <8 x i32>
+  %2168 = add <8 x i32> %2167, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2169 = shl <8 x i32> %2168, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n287 = bitcast <8 x i32> %2169 to <8 x float>
+  %exp288 = fmul <8 x float> %2166, %exp.2n287
+  %2170 = fadd <8 x float> %exp288, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid289 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2170
+  %silu290 = fmul <8 x float> %2148, %sigmoid289
+  %glu291 = fmul <8 x float> %silu290, %2149
+  %2171 = fmul <8 x float> %glu291, %2145
+  %2172 = getelementptr inbounds float, ptr %2147, i64 %col286
+  store <8 x float> %2171, ptr %2172, align 4
+  %2173 = add nsw i64 %r0228, 5
+  %2174 = getelementptr inbounds float, ptr %rw, i64 %2173
+  %2175 = load float, ptr %2174, align 4
+  %2176 = insertelement <8 x float> poison, float %2175, i32 0
+  %2177 = shufflevector <8 x float> %2176, <8 x float> poison, <8 x i32> zeroinitializer
+  %2178 = mul nsw i64 %2173, 2816
+  %2179 = getelementptr inbounds float, ptr %h, i64 %2178
+  %col292 = mul nsw i64 %p, 8
+  %2180 = load <8 x float>, ptr %acc050250, align 4
+  %2181 = load <8 x float>, ptr %acc051251, align 4
+  %2182 = fneg <8 x float> %2180
+  %2183 = fcmp olt <8 x float> %2182, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2184 = select <8 x i1> %2183, <8 x float> %2182, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2185 = fcmp ogt <8 x float> %2184, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2186 = select <8 x i1> %2185, <8 x float> %2184, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2187 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2186, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2188 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2187)
+  %2189 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2188, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2186)
+  %2190 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2188, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2189)
+  %2191 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2190, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2192 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2191, <8 x float> %2190, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2193 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2192, <8 x float> %2190, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2194 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2193, <8 x float> %2190, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2195 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2194, <8 x float> %2190, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2196 = fmul <8 x float> %2190, %2190
+  %2197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2195, <8 x float> %2196, <8 x float> %2190)
+  %2198 = fadd <8 x float> %2197, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2199 = fptosi <8 x float> %2188 to <8 x i32>
+  %2200 = add <8 x i32> %2199, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2201 = shl <8 x i32> %2200, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n293 = bitcast <8 x i32> %2201 to <8 x float>
+  %exp294 = fmul <8 x float> %2198, %exp.2n293
+  %2202 = fadd <8 x float> %exp294, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid295 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2202
+  %silu296 = fmul <8 x float> %2180, %sigmoid295
+  %glu297 = fmul <8 x float> %silu296, %2181
+  %2203 = fmul <8 x float> %glu297, %2177
+  %2204 = getelementptr inbounds float, ptr %2179, i64 %col292
+  store <8 x float> %2203, ptr %2204, align 4
+  br label %tile.done231
+
+tile.mr5236:                                      ; preds = %rb.body225
+  %2205 = add nsw i64 %r0228, 0
+  %2206 = getelementptr inbounds i32, ptr %rows, i64 %2205
+  %2207 = load i32, ptr %2206, align 4
+  %2208 = sext i32 %2207 to i64
+  %2209 = mul nsw i64 %2208, 1024
+  %2210 = add nsw i64 %2209, 0
+  %2211 = getelementptr inbounds float, ptr %x, i64 %2210
+  store <8 x float> zeroinitializer, ptr %acc000298, align 4
+  store <8 x float> zeroinitializer, ptr %acc001299, align 4
+  %2212 = add nsw i64 %r0228, 1
+  %2213 = getelementptr inbounds i32, ptr %rows, i64 %2212
+  %2214 = load i32, ptr %2213, align 4
+  %2215 = sext i32 %2214 to i64
+  %2216 = mul nsw i64 %2215, 1024
+  %2217 = add nsw i64 %2216, 0
+  %2218 = getelementptr inbounds float, ptr %x, i64 %2217
+  store <8 x float> zeroinitializer, ptr %acc010300, align 4
+  store <8 x float> zeroinitializer, ptr %acc011301, align 4
+  %2219 = add nsw i64 %r0228, 2
+  %2220 = getelementptr inbounds i32, ptr %rows, i64 %2219
+  %2221 = load i32, ptr %2220, align 4
+  %2222 = sext i32 %2221 to i64
+  %2223 = mul nsw i64 %2222, 1024
+  %2224 = add nsw i64 %2223, 0
+  %2225 = getelementptr inbounds float, ptr %x, i64 %2224
+  store <8 x float> zeroinitializer, ptr %acc020302, align 4
+  store <8 x float> zeroinitializer, ptr %acc021303, align 4
+  %2226 = add nsw i64 %r0228, 3
+  %2227 = getelementptr inbounds i32, ptr %rows, i64 %2226
+  %2228 = load i32, ptr %2227, align 4
+  %2229 = sext i32 %2228 to i64
+  %2230 = mul nsw i64 %2229, 1024
+  %2231 = add nsw i64 %2230, 0
+  %2232 = getelementptr inbounds float, ptr %x, i64 %2231
+  store <8 x float> zeroinitializer, ptr %acc030304, align 4
+  store <8 x float> zeroinitializer, ptr %acc031305, align 4
+  %2233 = add nsw i64 %r0228, 4
+  %2234 = getelementptr inbounds i32, ptr %rows, i64 %2233
+  %2235 = load i32, ptr %2234, align 4
+  %2236 = sext i32 %2235 to i64
+  %2237 = mul nsw i64 %2236, 1024
+  %2238 = add nsw i64 %2237, 0
+  %2239 = getelementptr inbounds float, ptr %x, i64 %2238
+  store <8 x float> zeroinitializer, ptr %acc040306, align 4
+  store <8 x float> zeroinitializer, ptr %acc041307, align 4
+  %2240 = mul nsw i64 %p, 16384
+  %panel.off308 = add nsw i64 %2240, 0
+  %2241 = getelementptr inbounds float, ptr %panels, i64 %panel.off308
+  %2242 = add nsw i64 %p, 1
+  %2243 = icmp slt i64 %2242, %p1
+  %pf.on309 = and i1 %pf.on239, %2243
+  %2244 = mul nsw i64 %rb227, 65536
+  %2245 = lshr i64 %2244, %1898
+  %2246 = add nsw i64 65536, %2245
+  %2247 = getelementptr inbounds i8, ptr %2241, i64 %2246
+  %pf310 = select i1 %pf.on309, ptr %2247, ptr %2241
+  %pf.sh311 = select i1 %pf.on309, i64 %1898, i64 0
+  br label %k.head312
+
+k.head312:                                        ; preds = %pf.any.end317, %tile.mr5236
+  %k315 = phi i64 [ 0, %tile.mr5236 ], [ %2301, %pf.any.end317 ]
+  %2248 = icmp slt i64 %k315, 1024
+  br i1 %2248, label %k.body313, label %k.end314
+
+k.body313:                                        ; preds = %k.head312
+  %2249 = mul nsw i64 %k315, 1
+  %2250 = add nsw i64 %2249, 0
+  %2251 = mul nsw i64 %2250, 64
+  br i1 %pf.multi238, label %pf.any.then316, label %pf.any.end317
+
+pf.any.then316:                                   ; preds = %k.body313
+  %2252 = lshr i64 %2251, %pf.sh311
+  %2253 = getelementptr inbounds i8, ptr %pf310, i64 %2252
+  call void @llvm.prefetch.p0(ptr %2253, i32 0, i32 2, i32 1)
+  br label %pf.any.end317
+
+pf.any.end317:                                    ; preds = %pf.any.then316, %k.body313
+  %2254 = mul nsw i64 %2250, 16
+  %2255 = add nsw i64 %panel.off308, %2254
+  %2256 = getelementptr inbounds float, ptr %panels, i64 %2255
+  %2257 = load <8 x float>, ptr %2256, align 4
+  %2258 = add nsw i64 %2255, 8
+  %2259 = getelementptr inbounds float, ptr %panels, i64 %2258
+  %2260 = load <8 x float>, ptr %2259, align 4
+  %2261 = getelementptr inbounds float, ptr %2211, i64 %2250
+  %2262 = load float, ptr %2261, align 4
+  %2263 = insertelement <8 x float> poison, float %2262, i32 0
+  %2264 = shufflevector <8 x float> %2263, <8 x float> poison, <8 x i32> zeroinitializer
+  %2265 = load <8 x float>, ptr %acc000298, align 4
+  %2266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2264, <8 x float> %2257, <8 x float> %2265)
+  store <8 x float> %2266, ptr %acc000298, align 4
+  %2267 = load <8 x float>, ptr %acc001299, align 4
+  %2268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2264, <8 x float> %2260, <8 x float> %2267)
+  store <8 x float> %2268, ptr %acc001299, align 4
+  %2269 = getelementptr inbounds float, ptr %2218, i64 %2250
+  %2270 = load float, ptr %2269, align 4
+  %2271 = insertelement <8 x float> poison, float %2270, i32 0
+  %2272 = shufflevector <8 x float> %2271, <8 x float> poison, <8 x i32> zeroinitializer
+  %2273 = load <8 x float>, ptr %acc010300, align 4
+  %2274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2272, <8 x float> %2257, <8 x float> %2273)
+  store <8 x float> %2274, ptr %acc010300, align 4
+  %2275 = load <8 x float>, ptr %acc011301, align 4
+  %2276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2272, <8 x float> %2260, <8 x float> %2275)
+  store <8 x float> %2276, ptr %acc011301, align 4
+  %2277 = getelementptr inbounds float, ptr %2225, i64 %2250
+  %2278 = load float, ptr %2277, align 4
+  %2279 = insertelement <8 x float> poison, float %2278, i32 0
+  %2280 = shufflevector <8 x float> %2279, <8 x float> poison, <8 x i32> zeroinitializer
+  %2281 = load <8 x float>, ptr %acc020302, align 4
+  %2282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2280, <8 x float> %2257, <8 x float> %2281)
+  store <8 x float> %2282, ptr %acc020302, align 4
+  %2283 = load <8 x float>, ptr %acc021303, align 4
+  %2284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2280, <8 x float> %2260, <8 x float> %2283)
+  store <8 x float> %2284, ptr %acc021303, align 4
+  %2285 = getelementptr inbounds float, ptr %2232, i64 %2250
+  %2286 = load float, ptr %2285, align 4
+  %2287 = insertelement <8 x float> poison, float %2286, i32 0
+  %2288 = shufflevector <8 x float> %2287, <8 x float> poison, <8 x i32> zeroinitializer
+  %2289 = load <8 x float>, ptr %acc030304, align 4
+  %2290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2288, <8 x float> %2257, <8 x float> %2289)
+  store <8 x float> %2290, ptr %acc030304, align 4
+  %2291 = load <8 x float>, ptr %acc031305, align 4
+  %2292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2288, <8 x float> %2260, <8 x float> %2291)
+  store <8 x float> %2292, ptr %acc031305, align 4
+  %2293 = getelementptr inbounds float, ptr %2239, i64 %2250
+  %2294 = load float, ptr %2293, align 4
+  %2295 = insertelement <8 x float> poison, float %2294, i32 0
+  %2296 = shufflevector <8 x float> %2295, <8 x float> poison, <8 x i32> zeroinitializer
+  %2297 = load <8 x float>, ptr %acc040306, align 4
+  %2298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2296, <8 x float> %2257, <8 x float> %2297)
+  store <8 x float> %2298, ptr %acc040306, align 4
+  %2299 = load <8 x float>, ptr %acc041307, align 4
+  %2300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2296, <8 x float> %2260, <8 x float> %2299)
+  store <8 x float> %2300, ptr %acc041307, align 4
+  %2301 = add nsw i64 %k315, 1
+  br label %k.head312
+
+k.end314:                                         ; preds = %k.head312
+  %2302 = add nsw i64 %r0228, 0
+  %2303 = getelementptr inbounds float, ptr %rw, i64 %2302
+  %2304 = load float, ptr %2303, align 4
+  %2305 = insertelement <8 x float> poison, float %2304, i32 0
+  %2306 = shufflevector <8 x float> %2305, <8 x float> poison, <8 x i32> zeroinitializer
+  %2307 = mul nsw i64 %2302, 2816
+  %2308 = getelementptr inbounds float, ptr %h, i64 %2307
+  %col318 = mul nsw i64 %p, 8
+  %2309 = load <8 x float>, ptr %acc000298, align 4
+  %2310 = load <8 x float>, ptr %acc001299, align 4
+  %2311 = fneg <8 x float> %2309
+  %2312 = fcmp olt <8 x float> %2311, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2313 = select <8 x i1> %2312, <8 x float> %2311, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2314 = fcmp ogt <8 x float> %2313, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2315 = select <8 x i1> %2314, <8 x float> %2313, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2316 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2315, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2317 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2316)
+  %2318 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2317, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2315)
+  %2319 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2317, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2318)
+  %2320 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2319, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2321 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2320, <8 x float> %2319, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2321, <8 x float> %2319, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2323 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2322, <8 x float> %2319, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2323, <8 x float> %2319, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2325 = fmul <8 x float> %2319, %2319
+  %2326 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2324, <8 x float> %2325, <8 x float> %2319)
+  %2327 = fadd <8 x float> %2326, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2328 = fptosi <8 x float> %2317 to <8 x i32>
+  %2329 = add <8 x i32> %2328, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2330 = shl <8 x i32> %2329, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n319 = bitcast <8 x i32> %2330 to <8 x float>
+  %exp320 = fmul <8 x float> %2327, %exp.2n319
+  %2331 = fadd <8 x float> %exp320, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid321 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2331
+  %silu322 = fmul <8 x float> %2309, %sigmoid321
+  %glu323 = fmul <8 x float> %silu322, %2310
+  %2332 = fmul <8 x float> %glu323, %2306
+  %2333 = getelementptr inbounds float, ptr %2308, i64 %col318
+  store <8 x float> %2332, ptr %2333, align 4
+  %2334 = add nsw i64 %r0228, 1
+  %2335 = getelementptr inbounds float, ptr %rw, i64 %2334
+  %2336 = load float, ptr %2335, align 4
+  %2337 = insertelement <8 x float> poison, float %2336, i32 0
+  %2338 = shufflevector <8 x float> %2337, <8 x float> poison, <8 x i32> zeroinitializer
+  %2339 = mul nsw i64 %2334, 2816
+  %2340 = getelementptr inbounds float, ptr %h, i64 %2339
+  %col324 = mul nsw i64 %p, 8
+  %2341 = load <8 x float>, ptr %acc010300, align 4
+  %2342 = load <8 x float>, ptr %acc011301, align 4
+  %2343 = fneg <8 x float> %2341
+  %2344 = fcmp olt <8 x float> %2343, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2345 = select <8 x i1> %2344, <8 x float> %2343, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2346 = fcmp ogt <8 x float> %2345, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2347 = select <8 x i1> %2346, <8 x float> %2345, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2348 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2347, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2349 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2348)
+  %2350 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2349, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2347)
+  %2351 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2349, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2350)
+  %2352 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2351, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2352, <8 x float> %2351, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2353, <8 x float> %2351, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2354, <8 x float> %2351, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2356 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2355, <8 x float> %2351, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2357 = fmul <8 x float> %2351, %2351
+  %2358 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2356, <8 x float> %2357, <8 x float> %2351)
+  %2359 = fadd <8 x float> %2358, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2360 = fptosi <8 x float> %2349 to <8 x i32>
+  %2361 = add <8 x i32> %2360, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2362 = shl <8 x i32> %2361, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n325 = bitcast <8 x i32> %2362 to <8 x float>
+  %exp326 = fmul <8 x float> %2359, %exp.2n325
+  %2363 = fadd <8 x float> %exp326, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid327 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2363
+  %silu328 = fmul <8 x float> %2341, %sigmoid327
+  %glu329 = fmul <8 x float> %silu328, %2342
+  %2364 = fmul <8 x float> %glu329, %2338
+  %2365 = getelementptr inbounds float, ptr %2340, i64 %col324
+  store <8 x float> %2364, ptr %2365, align 4
+  %2366 = add nsw i64 %r0228, 2
+  %2367 = getelementptr inbounds float, ptr %rw, i64 %2366
+  %2368 = load float, ptr %2367, align 4
+  %2369 = insertelement <8 x float> poison, float %2368, i32 0
+  %2370 = shufflevector <8 x float> %2369, <8 x float> poison, <8 x i32> zeroinitializer
+  %2371 = mul nsw i64 %2366, 2816
+  %2372 = getelementptr inbounds float, ptr %h, i64 %2371
+  %col330 = mul nsw i64 %p, 8
+  %2373 = load <8 x float>, ptr %acc020302, align 4
+  %2374 = load <8 x float>, ptr %acc021303, align 4
+  %2375 = fneg <8 x float> %2373
+  %2376 = fcmp olt <8 x float> %2375, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2377 = select <8 x i1> %2376, <8 x float> %2375, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2378 = fcmp ogt <8 x float> %2377, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2379 = select <8 x i1> %2378, <8 x float> %2377, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2379, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2381 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2380)
+  %2382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2381, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2379)
+  %2383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2381, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2382)
+  %2384 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2383, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2384, <8 x float> %2383, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2385, <8 x float> %2383, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2386, <8 x float> %2383, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2387, <8 x float> %2383, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2389 = fmul <8 x float> %2383, %2383
+  %2390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2388, <8 x float> %2389, <8 x float> %2383)
+  %2391 = fadd <8 x float> %2390, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2392 = fptosi <8 x float> %2381 to <8 x i32>
+  %2393 = add <8 x i32> %2392, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2394 = shl <8 x i32> %2393, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n331 = bitcast <8 x i32> %2394 to <8 x float>
+  %exp332 = fmul <8 x float> %2391, %exp.2n331
+  %2395 = fadd <8 x float> %exp332, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid333 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2395
+  %silu334 = fmul <8 x float> %2373, %sigmoid333
+  %glu335 = fmul <8 x float> %silu334, %2374
+  %2396 = fmul <8 x float> %glu335, %2370
+  %2397 = getelementptr inbounds float, ptr %2372, i64 %col330
+  store <8 x float> %2396, ptr %2397, align 4
+  %2398 = add nsw i64 %r0228, 3
+  %2399 = getelementptr inbounds float, ptr %rw, i64 %2398
+  %2400 = load float, ptr %2399, align 4
+  %2401 = insertelement <8 x float> poison, float %2400, i32 0
+  %2402 = shufflevector <8 x float> %2401, <8 x float> poison, <8 x i32> zeroinitializer
+  %2403 = mul nsw i64 %2398, 2816
+  %2404 = getelementptr inbounds float, ptr %h, i64 %2403
+  %col336 = mul nsw i64 %p, 8
+  %2405 = load <8 x float>, ptr %acc030304, align 4
+  %2406 = load <8 x float>, ptr %acc031305, align 4
+  %2407 = fneg <8 x float> %2405
+  %2408 = fcmp olt <8 x float> %2407, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2409 = select <8 x i1> %2408, <8 x float> %2407, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2410 = fcmp ogt <8 x float> %2409, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2411 = select <8 x i1> %2410, <8 x float> %2409, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2412 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2411, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2413 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2412)
+  %2414 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2413, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2411)
+  %2415 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2413, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2414)
+  %2416 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2415, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2417 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2416, <8 x float> %2415, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2417, <8 x float> %2415, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2418, <8 x float> %2415, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2420 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2419, <8 x float> %2415, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2421 = fmul <8 x float> %2415, %2415
+  %2422 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2420, <8 x float> %2421, <8 x float> %2415)
+  %2423 = fadd <8 x float> %2422, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2424 = fptosi <8 x float> %2413 to <8 x i32>
+  %2425 = add <8 x i32> %2424, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2426 = shl <8 x i32> %2425, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n337 = bitcast <8 x i32> %2426 to <8 x float>
+  %exp338 = fmul <8 x float> %2423, %exp.2n337
+  %2427 = fadd <8 x float> %exp338, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid339 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2427
+  %silu340 = fmul <8 x float> %2405, %sigmoid339
+  %glu341 = fmul <8 x float> %silu340, %2406
+  %2428 = fmul <8 x float> %glu341, %2402
+  %2429 = getelementptr inbounds float, ptr %2404, i64 %col336
+  store <8 x float> %2428, ptr %2429, align 4
+  %2430 = add nsw i64 %r0228, 4
+  %2431 = getelementptr inbounds float, ptr %rw, i64 %2430
+  %2432 = load float, ptr %2431, align 4
+  %2433 = insertelement <8 x float> poison, float %2432, i32 0
+  %2434 = shufflevector <8 x float> %2433, <8 x float> poison, <8 x i32> zeroinitializer
+  %2435 = mul nsw i64 %2430, 2816
+  %2436 = getelementptr inbounds float, ptr %h, i64 %2435
+  %col342 = mul nsw i64 %p, 8
+  %2437 = load <8 x float>, ptr %acc040306, align 4
+  %2438 = load <8 x float>, ptr %acc041307, align 4
+  %2439 = fneg <8 x float> %2437
+  %2440 = fcmp olt <8 x float> %2439, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2441 = select <8 x i1> %2440, <8 x float> %2439, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2442 = fcmp ogt <8 x float> %2441, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2443 = select <8 x i1> %2442, <8 x float> %2441, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2443, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2445 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2444)
+  %2446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2445, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2443)
+  %2447 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2445, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2446)
+  %2448 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2447, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2448, <8 x float> %2447, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2449, <8 x float> %2447, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2450, <8 x float> %2447, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2451, <8 x float> %2447, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2453 = fmul <8 x float> %2447, %2447
+  %2454 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2452, <8 x float> %2453, <8 x float> %2447)
+  %2455 = fadd <8 x float> %2454, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2456 = fptosi <8 x float> %2445 to <8 x i32>
+  %2457 = add <8 x i32> %2456, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2458 = shl <8 x i32> %2457, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n343 = bitcast <8 x i32> %2458 to <8 x float>
+  %exp344 = fmul <8 x float> %2455, %exp.2n343
+  %2459 = fadd <8 x float> %exp344, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid345 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2459
+  %silu346 = fmul <8 x float> %2437, %sigmoid345
+  %glu347 = fmul <8 x float> %silu346, %2438
+  %2460 = fmul <8 x float> %glu347, %2434
+  %2461 = getelementptr inbounds float, ptr %2436, i64 %col342
+  store <8 x float> %2460, ptr %2461, align 4
+  br label %tile.done231
+
+tile.mr4235:                                      ; preds = %rb.body225
+  %2462 = add nsw i64 %r0228, 0
+  %2463 = getelementptr inbounds i32, ptr %rows, i64 %2462
+  %2464 = load i32, ptr %2463, align 4
+  %2465 = sext i32 %2464 to i64
+  %2466 = mul nsw i64 %2465, 1024
+  %2467 = add nsw i64 %2466, 0
+  %2468 = getelementptr inbounds float, ptr %x, i64 %2467
+  store <8 x float> zeroinitializer, ptr %acc000348, align 4
+  store <8 x float> zeroinitializer, ptr %acc001349, align 4
+  %2469 = add nsw i64 %r0228, 1
+  %2470 = getelementptr inbounds i32, ptr %rows, i64 %2469
+  %2471 = load i32, ptr %2470, align 4
+  %2472 = sext i32 %2471 to i64
+  %2473 = mul nsw i64 %2472, 1024
+  %2474 = add nsw i64 %2473, 0
+  %2475 = getelementptr inbounds float, ptr %x, i64 %2474
+  store <8 x float> zeroinitializer, ptr %acc010350, align 4
+  store <8 x float> zeroinitializer, ptr %acc011351, align 4
+  %2476 = add nsw i64 %r0228, 2
+  %2477 = getelementptr inbounds i32, ptr %rows, i64 %2476
+  %2478 = load i32, ptr %2477, align 4
+  %2479 = sext i32 %2478 to i64
+  %2480 = mul nsw i64 %2479, 1024
+  %2481 = add nsw i64 %2480, 0
+  %2482 = getelementptr inbounds float, ptr %x, i64 %2481
+  store <8 x float> zeroinitializer, ptr %acc020352, align 4
+  store <8 x float> zeroinitializer, ptr %acc021353, align 4
+  %2483 = add nsw i64 %r0228, 3
+  %2484 = getelementptr inbounds i32, ptr %rows, i64 %2483
+  %2485 = load i32, ptr %2484, align 4
+  %2486 = sext i32 %2485 to i64
+  %2487 = mul nsw i64 %2486, 1024
+  %2488 = add nsw i64 %2487, 0
+  %2489 = getelementptr inbounds float, ptr %x, i64 %2488
+  store <8 x float> zeroinitializer, ptr %acc030354, align 4
+  store <8 x float> zeroinitializer, ptr %acc031355, align 4
+  %2490 = mul nsw i64 %p, 16384
+  %panel.off356 = add nsw i64 %2490, 0
+  %2491 = getelementptr inbounds float, ptr %panels, i64 %panel.off356
+  %2492 = add nsw i64 %p, 1
+  %2493 = icmp slt i64 %2492, %p1
+  %pf.on357 = and i1 %pf.on239, %2493
+  %2494 = mul nsw i64 %rb227, 65536
+  %2495 = lshr i64 %2494, %1898
+  %2496 = add nsw i64 65536, %2495
+  %2497 = getelementptr inbounds i8, ptr %2491, i64 %2496
+  %pf358 = select i1 %pf.on357, ptr %2497, ptr %2491
+  %pf.sh359 = select i1 %pf.on357, i64 %1898, i64 0
+  br label %k.head360
+
+k.head360:                                        ; preds = %pf.any.end365, %tile.mr4235
+  %k363 = phi i64 [ 0, %tile.mr4235 ], [ %2543, %pf.any.end365 ]
+  %2498 = icmp slt i64 %k363, 1024
+  br i1 %2498, label %k.body361, label %k.end362
+
+k.body361:                                        ; preds = %k.head360
+  %2499 = mul nsw i64 %k363, 1
+  %2500 = add nsw i64 %2499, 0
+  %2501 = mul nsw i64 %2500, 64
+  br i1 %pf.multi238, label %pf.any.then364, label %pf.any.end365
+
+pf.any.then364:                                   ; preds = %k.body361
+  %2502 = lshr i64 %2501, %pf.sh359
+  %2503 = getelementptr inbounds i8, ptr %pf358, i64 %2502
+  call void @llvm.prefetch.p0(ptr %2503, i32 0, i32 2, i32 1)
+  br label %pf.any.end365
+
+pf.any.end365:                                    ; preds = %pf.any.then364, %k.body361
+  %2504 = mul nsw i64 %2500, 16
+  %2505 = add nsw i64 %panel.off356, %2504
+  %2506 = getelementptr inbounds float, ptr %panels, i64 %2505
+  %2507 = load <8 x float>, ptr %2506, align 4
+  %2508 = add nsw i64 %2505, 8
+  %2509 = getelementptr inbounds float, ptr %panels, i64 %2508
+  %2510 = load <8 x float>, ptr %2509, align 4
+  %2511 = getelementptr inbounds float, ptr %2468, i64 %2500
+  %2512 = load float, ptr %2511, align 4
+  %2513 = insertelement <8 x float> poison, float %2512, i32 0
+  %2514 = shufflevector <8 x float> %2513, <8 x float> poison, <8 x i32> zeroinitializer
+  %2515 = load <8 x float>, ptr %acc000348, align 4
+  %2516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2514, <8 x float> %2507, <8 x float> %2515)
+  store <8 x float> %2516, ptr %acc000348, align 4
+  %2517 = load <8 x float>, ptr %acc001349, align 4
+  %2518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2514, <8 x float> %2510, <8 x float> %2517)
+  store <8 x float> %2518, ptr %acc001349, align 4
+  %2519 = getelementptr inbounds float, ptr %2475, i64 %2500
+  %2520 = load float, ptr %2519, align 4
+  %2521 = insertelement <8 x float> poison, float %2520, i32 0
+  %2522 = shufflevector <8 x float> %2521, <8 x float> poison, <8 x i32> zeroinitializer
+  %2523 = load <8 x float>, ptr %acc010350, align 4
+  %2524 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2522, <8 x float> %2507, <8 x float> %2523)
+  store <8 x float> %2524, ptr %acc010350, align 4
+  %2525 = load <8 x float>, ptr %acc011351, align 4
+  %2526 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2522, <8 x float> %2510, <8 x float> %2525)
+  store <8 x float> %2526, ptr %acc011351, align 4
+  %2527 = getelementptr inbounds float, ptr %2482, i64 %2500
+  %2528 = load float, ptr %2527, align 4
+  %2529 = insertelement <8 x float> poison, float %2528, i32 0
+  %2530 = shufflevector <8 x float> %2529, <8 x float> poison, <8 x i32> zeroinitializer
+  %2531 = load <8 x float>, ptr %acc020352, align 4
+  %2532 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2530, <8 x float> %2507, <8 x float> %2531)
+  store <8 x float> %2532, ptr %acc020352, align 4
+  %2533 = load <8 x float>, ptr %acc021353, align 4
+  %2534 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2530, <8 x float> %2510, <8 x float> %2533)
+  store <8 x float> %2534, ptr %acc021353, align 4
+  %2535 = getelementptr inbounds float, ptr %2489, i64 %2500
+  %2536 = load float, ptr %2535, align 4
+  %2537 = insertelement <8 x float> poison, float %2536, i32 0
+  %2538 = shufflevector <8 x float> %2537, <8 x float> poison, <8 x i32> zeroinitializer
+  %2539 = load <8 x float>, ptr %acc030354, align 4
+  %2540 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2538, <8 x float> %2507, <8 x float> %2539)
+  store <8 x float> %2540, ptr %acc030354, align 4
+  %2541 = load <8 x float>, ptr %acc031355, align 4
+  %2542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2538, <8 x float> %2510, <8 x float> %2541)
+  store <8 x float> %2542, ptr %acc031355, align 4
+  %2543 = add nsw i64 %k363, 1
+  br label %k.head360
+
+k.end362:                                         ; preds = %k.head360
+  %2544 = add nsw i64 %r0228, 0
+  %2545 = getelementptr inbounds float, ptr %rw, i64 %2544
+  %2546 = load float, ptr %2545, align 4
+  %2547 = insertelement <8 x float> poison, float %2546, i32 0
+  %2548 = shufflevector <8 x float> %2547, <8 x float> poison, <8 x i32> zeroinitializer
+  %2549 = mul nsw i64 %2544, 2816
+  %2550 = getelementptr inbounds float, ptr %h, i64 %2549
+  %col366 = mul nsw i64 %p, 8
+  %2551 = load <8 x float>, ptr %acc000348, align 4
+  %2552 = load <8 x float>, ptr %acc001349, align 4
+  %2553 = fneg <8 x float> %2551
+  %2554 = fcmp olt <8 x float> %2553, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2555 = select <8 x i1> %2554, <8 x float> %2553, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2556 = fcmp ogt <8 x float> %2555, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2557 = select <8 x i1> %2556, <8 x float> %2555, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2557, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2559 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2558)
+  %2560 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2559, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2557)
+  %2561 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2559, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2560)
+  %2562 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2561, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2563 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2562, <8 x float> %2561, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2564 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2563, <8 x float> %2561, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2565 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2564, <8 x float> %2561, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2566 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2565, <8 x float> %2561, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2567 = fmul <8 x float> %2561, %2561
+  %2568 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2566, <8 x float> %2567, <8 x float> %2561)
+  %2569 = fadd <8 x float> %2568, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2570 = fptosi <8 x float> %2559 to <8 x i32>
+  %2571 = add <8 x i32> %2570, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2572 = shl <8 x i32> %2571, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n367 = bitcast <8 x i32> %2572 to <8 x float>
+  %exp368 = fmul <8 x float> %2569, %exp.2n367
+  %2573 = fadd <8 x float> %exp368, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid369 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2573
+  %silu370 = fmul <8 x float> %2551, %sigmoid369
+  %glu371 = fmul <8 x float> %silu370, %2552
+  %2574 = fmul <8 x float> %glu371, %2548
+  %2575 = getelementptr inbounds float, ptr %2550, i64 %col366
+  store <8 x float> %2574, ptr %2575, align 4
+  %2576 = add nsw i64 %r0228, 1
+  %2577 = getelementptr inbounds float, ptr %rw, i64 %2576
+  %2578 = load float, ptr %2577, align 4
+  %2579 = insertelement <8 x float> poison, float %2578, i32 0
+  %2580 = shufflevector <8 x float> %2579, <8 x float> poison, <8 x i32> zeroinitializer
+  %2581 = mul nsw i64 %2576, 2816
+  %2582 = getelementptr inbounds float, ptr %h, i64 %2581
+  %col372 = mul nsw i64 %p, 8
+  %2583 = load <8 x float>, ptr %acc010350, align 4
+  %2584 = load <8 x float>, ptr %acc011351, align 4
+  %2585 = fneg <8 x float> %2583
+  %2586 = fcmp olt <8 x float> %2585, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2587 = select <8 x i1> %2586, <8 x float> %2585, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2588 = fcmp ogt <8 x float> %2587, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2589 = select <8 x i1> %2588, <8 x float> %2587, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2590 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2589, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2591 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2590)
+  %2592 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2591, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2589)
+  %2593 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2591, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2592)
+  %2594 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2593, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2595 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2594, <8 x float> %2593, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2596 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2595, <8 x float> %2593, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2597 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2596, <8 x float> %2593, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2598 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2597, <8 x float> %2593, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2599 = fmul <8 x float> %2593, %2593
+  %2600 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2598, <8 x float> %2599, <8 x float> %2593)
+  %2601 = fadd <8 x float> %2600, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2602 = fptosi <8 x float> %2591 to <8 x i32>
+  %2603 = add <8 x i32> %2602, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2604 = shl <8 x i32> %2603, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n373 = bitcast <8 x i32> %2604 to <8 x float>
+  %exp374 = fmul <8 x float> %2601, %exp.2n373
+  %2605 = fadd <8 x float> %exp374, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid375 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2605
+  %silu376 = fmul <8 x float> %2583, %sigmoid375
+  %glu377 = fmul <8 x float> %silu376, %2584
+  %2606 = fmul <8 x float> %glu377, %2580
+  %2607 = getelementptr inbounds float, ptr %2582, i64 %col372
+  store <8 x float> %2606, ptr %2607, align 4
+  %2608 = add nsw i64 %r0228, 2
+  %2609 = getelementptr inbounds float, ptr %rw, i64 %2608
+  %2610 = load float, ptr %2609, align 4
+  %2611 = insertelement <8 x float> poison, float %2610, i32 0
+  %2612 = shufflevector <8 x float> %2611, <8 x float> poison, <8 x i32> zeroinitializer
+  %2613 = mul nsw i64 %2608, 2816
+  %2614 = getelementptr inbounds float, ptr %h, i64 %2613
+  %col378 = mul nsw i64 %p, 8
+  %2615 = load <8 x float>, ptr %acc020352, align 4
+  %2616 = load <8 x float>, ptr %acc021353, align 4
+  %2617 = fneg <8 x float> %2615
+  %2618 = fcmp olt <8 x float> %2617, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2619 = select <8 x i1> %2618, <8 x float> %2617, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2620 = fcmp ogt <8 x float> %2619, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2621 = select <8 x i1> %2620, <8 x float> %2619, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2621, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2623 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2622)
+  %2624 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2623, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2621)
+  %2625 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2623, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2624)
+  %2626 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2625, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2627 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2626, <8 x float> %2625, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2627, <8 x float> %2625, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2629 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2628, <8 x float> %2625, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2630 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2629, <8 x float> %2625, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2631 = fmul <8 x float> %2625, %2625
+  %2632 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2630, <8 x float> %2631, <8 x float> %2625)
+  %2633 = fadd <8 x float> %2632, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2634 = fptosi <8 x float> %2623 to <8 x i32>
+  %2635 = add <8 x i32> %2634, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2636 = shl <8 x i32> %2635, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n379 = bitcast <8 x i32> %2636 to <8 x float>
+  %exp380 = fmul <8 x float> %2633, %exp.2n379
+  %2637 = fadd <8 x float> %exp380, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid381 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2637
+  %silu382 = fmul <8 x float> %2615, %sigmoid381
+  %glu383 = fmul <8 x float> %silu382, %2616
+  %2638 = fmul <8 x float> %glu383, %2612
+  %2639 = getelementptr inbounds float, ptr %2614, i64 %col378
+  store <8 x float> %2638, ptr %2639, align 4
+  %2640 = add nsw i64 %r0228, 3
+  %2641 = getelementptr inbounds float, ptr %rw, i64 %2640
+  %2642 = load float, ptr %2641, align 4
+  %2643 = insertelement <8 x float> poison, float %2642, i32 0
+  %2644 = shufflevector <8 x float> %2643, <8 x float> poison, <8 x i32> zeroinitializer
+  %2645 = mul nsw i64 %2640, 2816
+  %2646 = getelementptr inbounds float, ptr %h, i64 %2645
+  %col384 = mul nsw i64 %p, 8
+  %2647 = load <8 x float>, ptr %acc030354, align 4
+  %2648 = load <8 x float>, ptr %acc031355, align 4
+  %2649 = fneg <8 x float> %2647
+  %2650 = fcmp olt <8 x float> %2649, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2651 = select <8 x i1> %2650, <8 x float> %2649, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2652 = fcmp ogt <8 x float> %2651, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2653 = select <8 x i1> %2652, <8 x float> %2651, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2654 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2653, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2655 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2654)
+  %2656 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2655, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2653)
+  %2657 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2655, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2656)
+  %2658 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2657, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2659 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2658, <8 x float> %2657, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2660 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2659, <8 x float> %2657, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2660, <8 x float> %2657, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2662 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2661, <8 x float> %2657, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2663 = fmul <8 x float> %2657, %2657
+  %2664 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2662, <8 x float> %2663, <8 x float> %2657)
+  %2665 = fadd <8 x float> %2664, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2666 = fptosi <8 x float> %2655 to <8 x i32>
+  %2667 = add <8 x i32> %2666, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2668 = shl <8 x i32> %2667, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n385 = bitcast <8 x i32> %2668 to <8 x float>
+  %exp386 = fmul <8 x float> %2665, %exp.2n385
+  %2669 = fadd <8 x float> %exp386, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid387 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2669
+  %silu388 = fmul <8 x float> %2647, %sigmoid387
+  %glu389 = fmul <8 x float> %silu388, %2648
+  %2670 = fmul <8 x float> %glu389, %2644
+  %2671 = getelementptr inbounds float, ptr %2646, i64 %col384
+  store <8 x float> %2670, ptr %2671, align 4
+  br label %tile.done231
+
+tile.mr3234:                                      ; preds = %rb.body225
+  %2672 = add nsw i64 %r0228, 0
+  %2673 = getelementptr inbounds i32, ptr %rows, i64 %2672
+  %2674 = load i32, ptr %2673, align 4
+  %2675 = sext i32 %2674 to i64
+  %2676 = mul nsw i64 %2675, 1024
+  %2677 = add nsw i64 %2676, 0
+  %2678 = getelementptr inbounds float, ptr %x, i64 %2677
+  store <8 x float> zeroinitializer, ptr %acc000390, align 4
+  store <8 x float> zeroinitializer, ptr %acc001391, align 4
+  %2679 = add nsw i64 %r0228, 1
+  %2680 = getelementptr inbounds i32, ptr %rows, i64 %2679
+  %2681 = load i32, ptr %2680, align 4
+  %2682 = sext i32 %2681 to i64
+  %2683 = mul nsw i64 %2682, 1024
+  %2684 = add nsw i64 %2683, 0
+  %2685 = getelementptr inbounds float, ptr %x, i64 %2684
+  store <8 x float> zeroinitializer, ptr %acc010392, align 4
+  store <8 x float> zeroinitializer, ptr %acc011393, align 4
+  %2686 = add nsw i64 %r0228, 2
+  %2687 = getelementptr inbounds i32, ptr %rows, i64 %2686
+  %2688 = load i32, ptr %2687, align 4
+  %2689 = sext i32 %2688 to i64
+  %2690 = mul nsw i64 %2689, 1024
+  %2691 = add nsw i64 %2690, 0
+  %2692 = getelementptr inbounds float, ptr %x, i64 %2691
+  store <8 x float> zeroinitializer, ptr %acc020394, align 4
+  store <8 x float> zeroinitializer, ptr %acc021395, align 4
+  %2693 = mul nsw i64 %p, 16384
+  %panel.off396 = add nsw i64 %2693, 0
+  %2694 = getelementptr inbounds float, ptr %panels, i64 %panel.off396
+  %2695 = add nsw i64 %p, 1
+  %2696 = icmp slt i64 %2695, %p1
+  %pf.on397 = and i1 %pf.on239, %2696
+  %2697 = mul nsw i64 %rb227, 65536
+  %2698 = lshr i64 %2697, %1898
+  %2699 = add nsw i64 65536, %2698
+  %2700 = getelementptr inbounds i8, ptr %2694, i64 %2699
+  %pf398 = select i1 %pf.on397, ptr %2700, ptr %2694
+  %pf.sh399 = select i1 %pf.on397, i64 %1898, i64 0
+  br label %k.head400
+
+k.head400:                                        ; preds = %pf.any.end405, %tile.mr3234
+  %k403 = phi i64 [ 0, %tile.mr3234 ], [ %2738, %pf.any.end405 ]
+  %2701 = icmp slt i64 %k403, 1024
+  br i1 %2701, label %k.body401, label %k.end402
+
+k.body401:                                        ; preds = %k.head400
+  %2702 = mul nsw i64 %k403, 1
+  %2703 = add nsw i64 %2702, 0
+  %2704 = mul nsw i64 %2703, 64
+  br i1 %pf.multi238, label %pf.any.then404, label %pf.any.end405
+
+pf.any.then404:                                   ; preds = %k.body401
+  %2705 = lshr i64 %2704, %pf.sh399
+  %2706 = getelementptr inbounds i8, ptr %pf398, i64 %2705
+  call void @llvm.prefetch.p0(ptr %2706, i32 0, i32 2, i32 1)
+  br label %pf.any.end405
+
+pf.any.end405:                                    ; preds = %pf.any.then404, %k.body401
+  %2707 = mul nsw i64 %2703, 16
+  %2708 = add nsw i64 %panel.off396, %2707
+  %2709 = getelementptr inbounds float, ptr %panels, i64 %2708
+  %2710 = load <8 x float>, ptr %2709, align 4
+  %2711 = add nsw i64 %2708, 8
+  %2712 = getelementptr inbounds float, ptr %panels, i64 %2711
+  %2713 = load <8 x float>, ptr %2712, align 4
+  %2714 = getelementptr inbounds float, ptr %2678, i64 %2703
+  %2715 = load float, ptr %2714, align 4
+  %2716 = insertelement <8 x float> poison, float %2715, i32 0
+  %2717 = shufflevector <8 x float> %2716, <8 x float> poison, <8 x i32> zeroinitializer
+  %2718 = load <8 x float>, ptr %acc000390, align 4
+  %2719 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2717, <8 x float> %2710, <8 x float> %2718)
+  store <8 x float> %2719, ptr %acc000390, align 4
+  %2720 = load <8 x float>, ptr %acc001391, align 4
+  %2721 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2717, <8 x float> %2713, <8 x float> %2720)
+  store <8 x float> %2721, ptr %acc001391, align 4
+  %2722 = getelementptr inbounds float, ptr %2685, i64 %2703
+  %2723 = load float, ptr %2722, align 4
+  %2724 = insertelement <8 x float> poison, float %2723, i32 0
+  %2725 = shufflevector <8 x float> %2724, <8 x float> poison, <8 x i32> zeroinitializer
+  %2726 = load <8 x float>, ptr %acc010392, align 4
+  %2727 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2725, <8 x float> %2710, <8 x float> %2726)
+  store <8 x float> %2727, ptr %acc010392, align 4
+  %2728 = load <8 x float>, ptr %acc011393, align 4
+  %2729 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2725, <8 x float> %2713, <8 x float> %2728)
+  store <8 x float> %2729, ptr %acc011393, align 4
+  %2730 = getelementptr inbounds float, ptr %2692, i64 %2703
+  %2731 = load float, ptr %2730, align 4
+  %2732 = insertelement <8 x float> poison, float %2731, i32 0
+  %2733 = shufflevector <8 x float> %2732, <8 x float> poison, <8 x i32> zeroinitializer
+  %2734 = load <8 x float>, ptr %acc020394, align 4
+  %2735 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2733, <8 x float> %2710, <8 x float> %2734)
+  store <8 x float> %2735, ptr %acc020394, align 4
+  %2736 = load <8 x float>, ptr %acc021395, align 4
+  %2737 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2733, <8 x float> %2713, <8 x float> %2736)
+  store <8 x float> %2737, ptr %acc021395, align 4
+  %2738 = add nsw i64 %k403, 1
+  br label %k.head400
+
+k.end402:                                         ; preds = %k.head400
+  %2739 = add nsw i64 %r0228, 0
+  %2740 = getelementptr inbounds float, ptr %rw, i64 %2739
+  %2741 = load float, ptr %2740, align 4
+  %2742 = insertelement <8 x float> poison, float %2741, i32 0
+  %2743 = shufflevector <8 x float> %2742, <8 x float> poison, <8 x i32> zeroinitializer
+  %2744 = mul nsw i64 %2739, 2816
+  %2745 = getelementptr inbounds float, ptr %h, i64 %2744
+  %col406 = mul nsw i64 %p, 8
+  %2746 = load <8 x float>, ptr %acc000390, align 4
+  %2747 = load <8 x float>, ptr %acc001391, align 4
+  %2748 = fneg <8 x float> %2746
+  %2749 = fcmp olt <8 x float> %2748, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2750 = select <8 x i1> %2749, <8 x float> %2748, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2751 = fcmp ogt <8 x float> %2750, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2752 = select <8 x i1> %2751, <8 x float> %2750, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2753 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2752, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2754 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2753)
+  %2755 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2754, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2752)
+  %2756 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2754, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2755)
+  %2757 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2756, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2758 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2757, <8 x float> %2756, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2759 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2758, <8 x float> %2756, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2760 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2759, <8 x float> %2756, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2761 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2760, <8 x float> %2756, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2762 = fmul <8 x float> %2756, %2756
+  %2763 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2761, <8 x float> %2762, <8 x float> %2756)
+  %2764 = fadd <8 x float> %2763, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2765 = fptosi <8 x float> %2754 to <8 x i32>
+  %2766 = add <8 x i32> %2765, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2767 = shl <8 x i32> %2766, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n407 = bitcast <8 x i32> %2767 to <8 x float>
+  %exp408 = fmul <8 x float> %2764, %exp.2n407
+  %2768 = fadd <8 x float> %exp408, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid409 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2768
+  %silu410 = fmul <8 x float> %2746, %sigmoid409
+  %glu411 = fmul <8 x float> %silu410, %2747
+  %2769 = fmul <8 x float> %glu411, %2743
+  %2770 = getelementptr inbounds float, ptr %2745, i64 %col406
+  store <8 x float> %2769, ptr %2770, align 4
+  %2771 = add nsw i64 %r0228, 1
+  %2772 = getelementptr inbounds float, ptr %rw, i64 %2771
+  %2773 = load float, ptr %2772, align 4
+  %2774 = insertelement <8 x float> poison, float %2773, i32 0
+  %2775 = shufflevector <8 x float> %2774, <8 x float> poison, <8 x i32> zeroinitializer
+  %2776 = mul nsw i64 %2771, 2816
+  %2777 = getelementptr inbounds float, ptr %h, i64 %2776
+  %col412 = mul nsw i64 %p, 8
+  %2778 = load <8 x float>, ptr %acc010392, align 4
+  %2779 = load <8 x float>, ptr %acc011393, align 4
+  %2780 = fneg <8 x float> %2778
+  %2781 = fcmp olt <8 x float> %2780, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2782 = select <8 x i1> %2781, <8 x float> %2780, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2783 = fcmp ogt <8 x float> %2782, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2784 = select <8 x i1> %2783, <8 x float> %2782, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2785 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2784, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2786 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2785)
+  %2787 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2786, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2784)
+  %2788 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2786, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2787)
+  %2789 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2788, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2790 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2789, <8 x float> %2788, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2791 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2790, <8 x float> %2788, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2792 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2791, <8 x float> %2788, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2793 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2792, <8 x float> %2788, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2794 = fmul <8 x float> %2788, %2788
+  %2795 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2793, <8 x float> %2794, <8 x float> %2788)
+  %2796 = fadd <8 x float> %2795, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2797 = fptosi <8 x float> %2786 to <8 x i32>
+  %2798 = add <8 x i32> %2797, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2799 = shl <8 x i32> %2798, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n413 = bitcast <8 x i32> %2799 to <8 x float>
+  %exp414 = fmul <8 x float> %2796, %exp.2n413
+  %2800 = fadd <8 x float> %exp414, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid415 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2800
+  %silu416 = fmul <8 x float> %2778, %sigmoid415
+  %glu417 = fmul <8 x float> %silu416, %2779
+  %2801 = fmul <8 x float> %glu417, %2775
+  %2802 = getelementptr inbounds float, ptr %2777, i64 %col412
+  store <8 x float> %2801, ptr %2802, align 4
+  %2803 = add nsw i64 %r0228, 2
+  %2804 = getelementptr inbounds float, ptr %rw, i64 %2803
+  %2805 = load float, ptr %2804, align 4
+  %2806 = insertelement <8 x float> poison, float %2805, i32 0
+  %2807 = shufflevector <8 x float> %2806, <8 x float> poison, <8 x i32> zeroinitializer
+  %2808 = mul nsw i64 %2803, 2816
+  %2809 = getelementptr inbounds float, ptr %h, i64 %2808
+  %col418 = mul nsw i64 %p, 8
+  %2810 = load <8 x float>, ptr %acc020394, align 4
+  %2811 = load <8 x float>, ptr %acc021395, align 4
+  %2812 = fneg <8 x float> %2810
+  %2813 = fcmp olt <8 x float> %2812, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2814 = select <8 x i1> %2813, <8 x float> %2812, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2815 = fcmp ogt <8 x float> %2814, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2816 = select <8 x i1> %2815, <8 x float> %2814, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2817 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2816, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2818 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2817)
+  %2819 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2818, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2816)
+  %2820 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2818, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2819)
+  %2821 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2820, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2822 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2821, <8 x float> %2820, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2823 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2822, <8 x float> %2820, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2824 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2823, <8 x float> %2820, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2825 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2824, <8 x float> %2820, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2826 = fmul <8 x float> %2820, %2820
+  %2827 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2825, <8 x float> %2826, <8 x float> %2820)
+  %2828 = fadd <8 x float> %2827, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2829 = fptosi <8 x float> %2818 to <8 x i32>
+  %2830 = add <8 x i32> %2829, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2831 = shl <8 x i32> %2830, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n419 = bitcast <8 x i32> %2831 to <8 x float>
+  %exp420 = fmul <8 x float> %2828, %exp.2n419
+  %2832 = fadd <8 x float> %exp420, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid421 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2832
+  %silu422 = fmul <8 x float> %2810, %sigmoid421
+  %glu423 = fmul <8 x float> %silu422, %2811
+  %2833 = fmul <8 x float> %glu423, %2807
+  %2834 = getelementptr inbounds float, ptr %2809, i64 %col418
+  store <8 x float> %2833, ptr %2834, align 4
+  br label %tile.done231
+
+tile.mr2233:                                      ; preds = %rb.body225
+  %2835 = add nsw i64 %r0228, 0
+  %2836 = getelementptr inbounds i32, ptr %rows, i64 %2835
+  %2837 = load i32, ptr %2836, align 4
+  %2838 = sext i32 %2837 to i64
+  %2839 = mul nsw i64 %2838, 1024
+  %2840 = add nsw i64 %2839, 0
+  %2841 = getelementptr inbounds float, ptr %x, i64 %2840
+  store <8 x float> zeroinitializer, ptr %acc000424, align 4
+  store <8 x float> zeroinitializer, ptr %acc001425, align 4
+  %2842 = add nsw i64 %r0228, 1
+  %2843 = getelementptr inbounds i32, ptr %rows, i64 %2842
+  %2844 = load i32, ptr %2843, align 4
+  %2845 = sext i32 %2844 to i64
+  %2846 = mul nsw i64 %2845, 1024
+  %2847 = add nsw i64 %2846, 0
+  %2848 = getelementptr inbounds float, ptr %x, i64 %2847
+  store <8 x float> zeroinitializer, ptr %acc010426, align 4
+  store <8 x float> zeroinitializer, ptr %acc011427, align 4
+  %2849 = mul nsw i64 %p, 16384
+  %panel.off428 = add nsw i64 %2849, 0
+  %2850 = getelementptr inbounds float, ptr %panels, i64 %panel.off428
+  %2851 = add nsw i64 %p, 1
+  %2852 = icmp slt i64 %2851, %p1
+  %pf.on429 = and i1 %pf.on239, %2852
+  %2853 = mul nsw i64 %rb227, 65536
+  %2854 = lshr i64 %2853, %1898
+  %2855 = add nsw i64 65536, %2854
+  %2856 = getelementptr inbounds i8, ptr %2850, i64 %2855
+  %pf430 = select i1 %pf.on429, ptr %2856, ptr %2850
+  %pf.sh431 = select i1 %pf.on429, i64 %1898, i64 0
+  br label %k.head432
+
+k.head432:                                        ; preds = %pf.any.end437, %tile.mr2233
+  %k435 = phi i64 [ 0, %tile.mr2233 ], [ %2886, %pf.any.end437 ]
+  %2857 = icmp slt i64 %k435, 1024
+  br i1 %2857, label %k.body433, label %k.end434
+
+k.body433:                                        ; preds = %k.head432
+  %2858 = mul nsw i64 %k435, 1
+  %2859 = add nsw i64 %2858, 0
+  %2860 = mul nsw i64 %2859, 64
+  br i1 %pf.multi238, label %pf.any.then436, label %pf.any.end437
+
+pf.any.then436:                                   ; preds = %k.body433
+  %2861 = lshr i64 %2860, %pf.sh431
+  %2862 = getelementptr inbounds i8, ptr %pf430, i64 %2861
+  call void @llvm.prefetch.p0(ptr %2862, i32 0, i32 2, i32 1)
+  br label %pf.any.end437
+
+pf.any.end437:                                    ; preds = %pf.any.then436, %k.body433
+  %2863 = mul nsw i64 %2859, 16
+  %2864 = add nsw i64 %panel.off428, %2863
+  %2865 = getelementptr inbounds float, ptr %panels, i64 %2864
+  %2866 = load <8 x float>, ptr %2865, align 4
+  %2867 = add nsw i64 %2864, 8
+  %2868 = getelementptr inbounds float, ptr %panels, i64 %2867
+  %2869 = load <8 x float>, ptr %2868, align 4
+  %2870 = getelementptr inbounds float, ptr %2841, i64 %2859
+  %2871 = load float, ptr %2870, align 4
+  %2872 = insertelement <8 x float> poison, float %2871, i32 0
+  %2873 = shufflevector <8 x float> %2872, <8 x float> poison, <8 x i32> zeroinitializer
+  %2874 = load <8 x float>, ptr %acc000424, align 4
+  %2875 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2873, <8 x float> %2866, <8 x float> %2874)
+  store <8 x float> %2875, ptr %acc000424, align 4
+  %2876 = load <8 x float>, ptr %acc001425, align 4
+  %2877 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2873, <8 x float> %2869, <8 x float> %2876)
+  store <8 x float> %2877, ptr %acc001425, align 4
+  %2878 = getelementptr inbounds float, ptr %2848, i64 %2859
+  %2879 = load float, ptr %2878, align 4
+  %2880 = insertelement <8 x float> poison, float %2879, i32 0
+  %2881 = shufflevector <8 x float> %2880, <8 x float> poison, <8 x i32> zeroinitializer
+  %2882 = load <8 x float>, ptr %acc010426, align 4
+  %2883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2881, <8 x float> %2866, <8 x float> %2882)
+  store <8 x float> %2883, ptr %acc010426, align 4
+  %2884 = load <8 x float>, ptr %acc011427, align 4
+  %2885 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2881, <8 x float> %2869, <8 x float> %2884)
+  store <8 x float> %2885, ptr %acc011427, align 4
+  %2886 = add nsw i64 %k435, 1
+  br label %k.head432
+
+k.end434:                                         ; preds = %k.head432
+  %2887 = add nsw i64 %r0228, 0
+  %2888 = getelementptr inbounds float, ptr %rw, i64 %2887
+  %2889 = load float, ptr %2888, align 4
+  %2890 = insertelement <8 x float> poison, float %2889, i32 0
+  %2891 = shufflevector <8 x float> %2890, <8 x float> poison, <8 x i32> zeroinitializer
+  %2892 = mul nsw i64 %2887, 2816
+  %2893 = getelementptr inbounds float, ptr %h, i64 %2892
+  %col438 = mul nsw i64 %p, 8
+  %2894 = load <8 x float>, ptr %acc000424, align 4
+  %2895 = load <8 x float>, ptr %acc001425, align 4
+  %2896 = fneg <8 x float> %2894
+  %2897 = fcmp olt <8 x float> %2896, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2898 = select <8 x i1> %2897, <8 x float> %2896, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2899 = fcmp ogt <8 x float> %2898, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2900 = select <8 x i1> %2899, <8 x float> %2898, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2901 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2900, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2902 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2901)
+  %2903 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2902, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2900)
+  %2904 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2902, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2903)
+  %2905 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2904, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2906 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2905, <8 x float> %2904, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2907 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2906, <8 x float> %2904, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2908 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2907, <8 x float> %2904, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2909 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2908, <8 x float> %2904, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2910 = fmul <8 x float> %2904, %2904
+  %2911 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2909, <8 x float> %2910, <8 x float> %2904)
+  %2912 = fadd <8 x float> %2911, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2913 = fptosi <8 x float> %2902 to <8 x i32>
+  %2914 = add <8 x i32> %2913, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2915 = shl <8 x i32> %2914, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n439 = bitcast <8 x i32> %2915 to <8 x float>
+  %exp440 = fmul <8 x float> %2912, %exp.2n439
+  %2916 = fadd <8 x float> %exp440, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid441 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2916
+  %silu442 = fmul <8 x float> %2894, %sigmoid441
+  %glu443 = fmul <8 x float> %silu442, %2895
+  %2917 = fmul <8 x float> %glu443, %2891
+  %2918 = getelementptr inbounds float, ptr %2893, i64 %col438
+  store <8 x float> %2917, ptr %2918, align 4
+  %2919 = add nsw i64 %r0228, 1
+  %2920 = getelementptr inbounds float, ptr %rw, i64 %2919
+  %2921 = load float, ptr %2920, align 4
+  %2922 = insertelement <8 x float> poison, float %2921, i32 0
+  %2923 = shufflevector <8 x float> %2922, <8 x float> poison, <8 x i32> zeroinitializer
+  %2924 = mul nsw i64 %2919, 2816
+  %2925 = getelementptr inbounds float, ptr %h, i64 %2924
+  %col444 = mul nsw i64 %p, 8
+  %2926 = load <8 x float>, ptr %acc010426, align 4
+  %2927 = load <8 x float>, ptr %acc011427, align 4
+  %2928 = fneg <8 x float> %2926
+  %2929 = fcmp olt <8 x float> %2928, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2930 = select <8 x i1> %2929, <8 x float> %2928, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2931 = fcmp ogt <8 x float> %2930, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2932 = select <8 x i1> %2931, <8 x float> %2930, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2933 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2932, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2934 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2933)
+  %2935 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2934, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2932)
+  %2936 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2934, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2935)
+  %2937 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2936, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2938 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2937, <8 x float> %2936, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2939 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2938, <8 x float> %2936, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2940 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2939, <8 x float> %2936, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2941 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2940, <8 x float> %2936, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2942 = fmul <8 x float> %2936, %2936
+  %2943 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2941, <8 x float> %2942, <8 x float> %2936)
+  %2944 = fadd <8 x float> %2943, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2945 = fptosi <8 x float> %2934 to <8 x i32>
+  %2946 = add <8 x i32> %2945, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2947 = shl <8 x i32> %2946, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n445 = bitcast <8 x i32> %2947 to <8 x float>
+  %exp446 = fmul <8 x float> %2944, %exp.2n445
+  %2948 = fadd <8 x float> %exp446, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid447 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2948
+  %silu448 = fmul <8 x float> %2926, %sigmoid447
+  %glu449 = fmul <8 x float> %silu448, %2927
+  %2949 = fmul <8 x float> %glu449, %2923
+  %2950 = getelementptr inbounds float, ptr %2925, i64 %col444
+  store <8 x float> %2949, ptr %2950, align 4
+  br label %tile.done231
+
+tile.mr1232:                                      ; preds = %rb.body225
+  %2951 = add nsw i64 %r0228, 0
+  %2952 = getelementptr inbounds i32, ptr %rows, i64 %2951
+  %2953 = load i32, ptr %2952, align 4
+  %2954 = sext i32 %2953 to i64
+  %2955 = mul nsw i64 %2954, 1024
+  %2956 = add nsw i64 %2955, 0
+  %2957 = getelementptr inbounds float, ptr %x, i64 %2956
+  store <8 x float> zeroinitializer, ptr %acc000450, align 4
+  store <8 x float> zeroinitializer, ptr %acc001451, align 4
+  %2958 = mul nsw i64 %p, 16384
+  %panel.off452 = add nsw i64 %2958, 0
+  %2959 = getelementptr inbounds float, ptr %panels, i64 %panel.off452
+  %2960 = add nsw i64 %p, 1
+  %2961 = icmp slt i64 %2960, %p1
+  %pf.on453 = and i1 %pf.on239, %2961
+  %2962 = mul nsw i64 %rb227, 65536
+  %2963 = lshr i64 %2962, %1898
+  %2964 = add nsw i64 65536, %2963
+  %2965 = getelementptr inbounds i8, ptr %2959, i64 %2964
+  %pf454 = select i1 %pf.on453, ptr %2965, ptr %2959
+  %pf.sh455 = select i1 %pf.on453, i64 %1898, i64 0
+  br label %k.head456
+
+k.head456:                                        ; preds = %pf.any.end461, %tile.mr1232
+  %k459 = phi i64 [ 0, %tile.mr1232 ], [ %2987, %pf.any.end461 ]
+  %2966 = icmp slt i64 %k459, 1024
+  br i1 %2966, label %k.body457, label %k.end458
+
+k.body457:                                        ; preds = %k.head456
+  %2967 = mul nsw i64 %k459, 1
+  %2968 = add nsw i64 %2967, 0
+  %2969 = mul nsw i64 %2968, 64
+  br i1 %pf.multi238, label %pf.any.then460, label %pf.any.end461
+
+pf.any.then460:                                   ; preds = %k.body457
+  %2970 = lshr i64 %2969, %pf.sh455
+  %2971 = getelementptr inbounds i8, ptr %pf454, i64 %2970
+  call void @llvm.prefetch.p0(ptr %2971, i32 0, i32 2, i32 1)
+  br label %pf.any.end461
+
+pf.any.end461:                                    ; preds = %pf.any.then460, %k.body457
+  %2972 = mul nsw i64 %2968, 16
+  %2973 = add nsw i64 %panel.off452, %2972
+  %2974 = getelementptr inbounds float, ptr %panels, i64 %2973
+  %2975 = load <8 x float>, ptr %2974, align 4
+  %2976 = add nsw i64 %2973, 8
+  %2977 = getelementptr inbounds float, ptr %panels, i64 %2976
+  %2978 = load <8 x float>, ptr %2977, align 4
+  %2979 = getelementptr inbounds float, ptr %2957, i64 %2968
+  %2980 = load float, ptr %2979, align 4
+  %2981 = insertelement <8 x float> poison, float %2980, i32 0
+  %2982 = shufflevector <8 x float> %2981, <8 x float> poison, <8 x i32> zeroinitializer
+  %2983 = load <8 x float>, ptr %acc000450, align 4
+  %2984 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2982, <8 x float> %2975, <8 x float> %2983)
+  store <8 x float> %2984, ptr %acc000450, align 4
+  %2985 = load <8 x float>, ptr %acc001451, align 4
+  %2986 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2982, <8 x float> %2978, <8 x float> %2985)
+  store <8 x float> %2986, ptr %acc001451, align 4
+  %2987 = add nsw i64 %k459, 1
+  br label %k.head456
+
+k.end458:                                         ; preds = %k.head456
+  %2988 = add nsw i64 %r0228, 0
+  %2989 = getelementptr inbounds float, ptr %rw, i64 %2988
+  %2990 = load float, ptr %2989, align 4
+  %2991 = insertelement <8 x float> poison, float %2990, i32 0
+  %2992 = shufflevector <8 x float> %2991, <8 x float> poison, <8 x i32> zeroinitializer
+  %2993 = mul nsw i64 %2988, 2816
+  %2994 = getelementptr inbounds float, ptr %h, i64 %2993
+  %col462 = mul nsw i64 %p, 8
+  %2995 = load <8 x float>, ptr %acc000450, align 4
+  %2996 = load <8 x float>, ptr %acc001451, align 4
+  %2997 = fneg <8 x float> %2995
+  %2998 = fcmp olt <8 x float> %2997, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2999 = select <8 x i1> %2998, <8 x float> %2997, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %3000 = fcmp ogt <8 x float> %2999, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %3001 = select <8 x i1> %3000, <8 x float> %2999, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %3002 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3001, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %3003 = call <8 x float> @llvm.floor.v8f32(<8 x float> %3002)
+  %3004 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3003, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %3001)
+  %3005 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3003, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %3004)
+  %3006 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %3005, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %3007 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3006, <8 x float> %3005, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %3008 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3007, <8 x float> %3005, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %3009 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3008, <8 x float> %3005, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %3010 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3009, <8 x float> %3005, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %3011 = fmul <8 x float> %3005, %3005
+  %3012 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3010, <8 x float> %3011, <8 x float> %3005)
+  %3013 = fadd <8 x float> %3012, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %3014 = fptosi <8 x float> %3003 to <8 x i32>
+  %3015 = add <8 x i32> %3014, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %3016 = shl <8 x i32> %3015, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n463 = bitcast <8 x i32> %3016 to <8 x float>
+  %exp464 = fmul <8 x float> %3013, %exp.2n463
+  %3017 = fadd <8 x float> %exp464, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid465 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %3017
+  %silu466 = fmul <8 x float> %2995, %sigmoid465
+  %glu467 = fmul <8 x float> %silu466, %2996
+  %3018 = fmul <8 x float> %glu467, %2992
+  %3019 = getelementptr inbounds float, ptr %2994, i64 %col462
+  store <8 x float> %3018, ptr %3019, align 4
+  br label %tile.done231
+
+tile.done231:                                     ; preds = %k.end458, %k.end434, %k.end402, %k.end362, %k.end314, %k.end258
+  %3020 = add nsw i64 %rb227, 1
+  br label %rb.head224
+
+rb.end226:                                        ; preds = %rb.head224
+  %3021 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
+  br label %call.end
+
+call.end:                                         ; preds = %p.end, %kb.rc.end
   ret void
 }
-
-; Function Attrs: nocallback nofree nosync nounwind willreturn memory(argmem: readwrite, inaccessiblemem: readwrite)
-declare void @llvm.prefetch.p0(ptr nocapture readonly, i32 immarg, i32 immarg, i32 immarg) #1
 
 ; Function Attrs: nocallback nofree nosync nounwind speculatable willreturn memory(none)
 declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>) #2
@@ -2271,6 +4927,7 @@ declare <8 x float> @llvm.floor.v8f32(<8 x float>) #2
 ; Function Attrs: nounwind
 define hidden void @moe_down(ptr noalias %h, ptr noalias %rows, ptr noalias %rw, i64 %n, ptr noalias %panels, ptr noalias %bd, ptr noalias %y, i64 %p0, i64 %p1) #0 {
 entry:
+  %part = alloca [24576 x float], align 32
   %acc000 = alloca <8 x float>, align 32
   %acc001 = alloca <8 x float>, align 32
   %acc010 = alloca <8 x float>, align 32
@@ -2283,75 +4940,163 @@ entry:
   %acc041 = alloca <8 x float>, align 32
   %acc050 = alloca <8 x float>, align 32
   %acc051 = alloca <8 x float>, align 32
-  %acc0003 = alloca <8 x float>, align 32
-  %acc0014 = alloca <8 x float>, align 32
-  %acc0105 = alloca <8 x float>, align 32
-  %acc0116 = alloca <8 x float>, align 32
-  %acc0207 = alloca <8 x float>, align 32
-  %acc0218 = alloca <8 x float>, align 32
-  %acc0309 = alloca <8 x float>, align 32
-  %acc03110 = alloca <8 x float>, align 32
-  %acc04011 = alloca <8 x float>, align 32
-  %acc04112 = alloca <8 x float>, align 32
-  %acc00024 = alloca <8 x float>, align 32
-  %acc00125 = alloca <8 x float>, align 32
-  %acc01026 = alloca <8 x float>, align 32
-  %acc01127 = alloca <8 x float>, align 32
-  %acc02028 = alloca <8 x float>, align 32
-  %acc02129 = alloca <8 x float>, align 32
-  %acc03030 = alloca <8 x float>, align 32
-  %acc03131 = alloca <8 x float>, align 32
-  %acc00043 = alloca <8 x float>, align 32
-  %acc00144 = alloca <8 x float>, align 32
-  %acc01045 = alloca <8 x float>, align 32
-  %acc01146 = alloca <8 x float>, align 32
-  %acc02047 = alloca <8 x float>, align 32
-  %acc02148 = alloca <8 x float>, align 32
-  %acc00060 = alloca <8 x float>, align 32
-  %acc00161 = alloca <8 x float>, align 32
-  %acc01062 = alloca <8 x float>, align 32
-  %acc01163 = alloca <8 x float>, align 32
-  %acc00075 = alloca <8 x float>, align 32
-  %acc00176 = alloca <8 x float>, align 32
+  %acc0004 = alloca <8 x float>, align 32
+  %acc0015 = alloca <8 x float>, align 32
+  %acc0106 = alloca <8 x float>, align 32
+  %acc0117 = alloca <8 x float>, align 32
+  %acc0208 = alloca <8 x float>, align 32
+  %acc0219 = alloca <8 x float>, align 32
+  %acc03010 = alloca <8 x float>, align 32
+  %acc03111 = alloca <8 x float>, align 32
+  %acc04012 = alloca <8 x float>, align 32
+  %acc04113 = alloca <8 x float>, align 32
+  %acc00025 = alloca <8 x float>, align 32
+  %acc00126 = alloca <8 x float>, align 32
+  %acc01027 = alloca <8 x float>, align 32
+  %acc01128 = alloca <8 x float>, align 32
+  %acc02029 = alloca <8 x float>, align 32
+  %acc02130 = alloca <8 x float>, align 32
+  %acc03031 = alloca <8 x float>, align 32
+  %acc03132 = alloca <8 x float>, align 32
+  %acc00044 = alloca <8 x float>, align 32
+  %acc00145 = alloca <8 x float>, align 32
+  %acc01046 = alloca <8 x float>, align 32
+  %acc01147 = alloca <8 x float>, align 32
+  %acc02048 = alloca <8 x float>, align 32
+  %acc02149 = alloca <8 x float>, align 32
+  %acc00061 = alloca <8 x float>, align 32
+  %acc00162 = alloca <8 x float>, align 32
+  %acc01063 = alloca <8 x float>, align 32
+  %acc01164 = alloca <8 x float>, align 32
+  %acc00076 = alloca <8 x float>, align 32
+  %acc00177 = alloca <8 x float>, align 32
+  %acc000106 = alloca <8 x float>, align 32
+  %acc001107 = alloca <8 x float>, align 32
+  %acc010108 = alloca <8 x float>, align 32
+  %acc011109 = alloca <8 x float>, align 32
+  %acc020110 = alloca <8 x float>, align 32
+  %acc021111 = alloca <8 x float>, align 32
+  %acc030112 = alloca <8 x float>, align 32
+  %acc031113 = alloca <8 x float>, align 32
+  %acc040114 = alloca <8 x float>, align 32
+  %acc041115 = alloca <8 x float>, align 32
+  %acc050116 = alloca <8 x float>, align 32
+  %acc051117 = alloca <8 x float>, align 32
+  %acc000129 = alloca <8 x float>, align 32
+  %acc001130 = alloca <8 x float>, align 32
+  %acc010131 = alloca <8 x float>, align 32
+  %acc011132 = alloca <8 x float>, align 32
+  %acc020133 = alloca <8 x float>, align 32
+  %acc021134 = alloca <8 x float>, align 32
+  %acc030135 = alloca <8 x float>, align 32
+  %acc031136 = alloca <8 x float>, align 32
+  %acc040137 = alloca <8 x float>, align 32
+  %acc041138 = alloca <8 x float>, align 32
+  %acc000150 = alloca <8 x float>, align 32
+  %acc001151 = alloca <8 x float>, align 32
+  %acc010152 = alloca <8 x float>, align 32
+  %acc011153 = alloca <8 x float>, align 32
+  %acc020154 = alloca <8 x float>, align 32
+  %acc021155 = alloca <8 x float>, align 32
+  %acc030156 = alloca <8 x float>, align 32
+  %acc031157 = alloca <8 x float>, align 32
+  %acc000169 = alloca <8 x float>, align 32
+  %acc001170 = alloca <8 x float>, align 32
+  %acc010171 = alloca <8 x float>, align 32
+  %acc011172 = alloca <8 x float>, align 32
+  %acc020173 = alloca <8 x float>, align 32
+  %acc021174 = alloca <8 x float>, align 32
+  %acc000186 = alloca <8 x float>, align 32
+  %acc001187 = alloca <8 x float>, align 32
+  %acc010188 = alloca <8 x float>, align 32
+  %acc011189 = alloca <8 x float>, align 32
+  %acc000201 = alloca <8 x float>, align 32
+  %acc001202 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
   %0 = icmp slt i64 %p1, 64
   %end = select i1 %0, i64 %p1, i64 64
-  br label %p.head
+  %1 = icmp sgt i64 %n, 6
+  br i1 %1, label %kb, label %flat
 
-p.head:                                           ; preds = %rb.end, %start
-  %p = phi i64 [ %p0, %start ], [ %604, %rb.end ]
-  %1 = icmp slt i64 %p, %end
-  br i1 %1, label %p.body, label %p.end
+kb:                                               ; preds = %start
+  br label %kb.rc.head
 
-p.body:                                           ; preds = %p.head
-  %2 = add nsw i64 %n, 5
-  %nrb = sdiv i64 %2, 6
+kb.rc.head:                                       ; preds = %kb.pg.end, %kb
+  %kb.rc = phi i64 [ 0, %kb ], [ %726, %kb.pg.end ]
+  %2 = icmp slt i64 %kb.rc, %n
+  br i1 %2, label %kb.rc.body, label %kb.rc.end
+
+kb.rc.body:                                       ; preds = %kb.rc.head
+  %3 = sub nsw i64 %n, %kb.rc
+  %4 = icmp slt i64 %3, 96
+  %kb.rn = select i1 %4, i64 %3, i64 96
+  br label %kb.pg.head
+
+kb.pg.head:                                       ; preds = %kb.k.end, %kb.rc.body
+  %kb.pg = phi i64 [ %p0, %kb.rc.body ], [ %725, %kb.k.end ]
+  %5 = icmp slt i64 %kb.pg, %end
+  br i1 %5, label %kb.pg.body, label %kb.pg.end
+
+kb.pg.body:                                       ; preds = %kb.pg.head
+  %6 = add nsw i64 %kb.pg, 16
+  %7 = icmp slt i64 %6, %end
+  %kb.pg1 = select i1 %7, i64 %6, i64 %end
+  br label %kb.k.head
+
+kb.k.head:                                        ; preds = %kb.p.end, %kb.pg.body
+  %kb.k = phi i64 [ 0, %kb.pg.body ], [ %724, %kb.p.end ]
+  %8 = icmp slt i64 %kb.k, 11
+  br i1 %8, label %kb.k.body, label %kb.k.end
+
+kb.k.body:                                        ; preds = %kb.k.head
+  %k0 = mul nsw i64 %kb.k, 256
+  %kfirst = icmp eq i64 %kb.k, 0
+  %klast = icmp eq i64 %kb.k, 10
+  br label %kb.p.head
+
+kb.p.head:                                        ; preds = %rb.end, %kb.k.body
+  %kb.p = phi i64 [ %kb.pg, %kb.k.body ], [ %723, %rb.end ]
+  %9 = icmp slt i64 %kb.p, %kb.pg1
+  br i1 %9, label %kb.p.body, label %kb.p.end
+
+kb.p.body:                                        ; preds = %kb.p.head
+  %10 = add nsw i64 %kb.p, 1
+  %11 = icmp slt i64 %10, %kb.pg1
+  %12 = sub nsw i64 %kb.p, %kb.pg
+  %13 = mul nsw i64 %12, 180224
+  %14 = sub nsw i64 16384, %13
+  %pf.step = select i1 %11, i64 180224, i64 %14
+  %15 = xor i1 %klast, true
+  %pf.next = or i1 %11, %15
+  %16 = add nsw i64 %kb.rn, 5
+  %nrb = sdiv i64 %16, 6
   br label %rb.head
 
-rb.head:                                          ; preds = %tile.done, %p.body
-  %rb = phi i64 [ 0, %p.body ], [ %603, %tile.done ]
-  %3 = icmp slt i64 %rb, %nrb
-  br i1 %3, label %rb.body, label %rb.end
+rb.head:                                          ; preds = %tile.done, %kb.p.body
+  %rb = phi i64 [ 0, %kb.p.body ], [ %722, %tile.done ]
+  %17 = icmp slt i64 %rb, %nrb
+  br i1 %17, label %rb.body, label %rb.end
 
 rb.body:                                          ; preds = %rb.head
-  %4 = mul nsw i64 %rb, %n
-  %r0 = sdiv i64 %4, %nrb
-  %5 = add nsw i64 %rb, 1
-  %6 = mul nsw i64 %5, %n
-  %r1 = sdiv i64 %6, %nrb
+  %18 = mul nsw i64 %rb, %kb.rn
+  %r0 = sdiv i64 %18, %nrb
+  %19 = add nsw i64 %rb, 1
+  %20 = mul nsw i64 %19, %kb.rn
+  %r1 = sdiv i64 %20, %nrb
   %mr = sub nsw i64 %r1, %r0
-  %7 = icmp sge i64 %nrb, 2
-  %8 = select i1 %7, i64 1, i64 0
-  %9 = icmp sge i64 %nrb, 4
-  %10 = select i1 %9, i64 2, i64 %8
-  %11 = icmp sge i64 %nrb, 8
-  %12 = select i1 %11, i64 3, i64 %10
+  %r01 = add nsw i64 %kb.rc, %r0
+  %21 = icmp sge i64 %nrb, 2
+  %22 = select i1 %21, i64 1, i64 0
+  %23 = icmp sge i64 %nrb, 4
+  %24 = select i1 %23, i64 2, i64 %22
+  %25 = icmp sge i64 %nrb, 8
+  %26 = select i1 %25, i64 3, i64 %24
   %pf.multi = icmp sgt i64 %nrb, 1
-  %13 = shl i64 1, %12
-  %14 = icmp slt i64 %rb, %13
-  %pf.on = and i1 %pf.multi, %14
+  %27 = shl i64 1, %26
+  %28 = icmp slt i64 %rb, %27
+  %pf.on = and i1 %pf.multi, %28
   switch i64 %mr, label %tile.mr6 [
     i64 1, label %tile.mr1
     i64 2, label %tile.mr2
@@ -2361,878 +5106,1985 @@ rb.body:                                          ; preds = %rb.head
   ]
 
 tile.mr6:                                         ; preds = %rb.body
-  %col = mul nsw i64 %p, 16
-  %15 = add nsw i64 %r0, 0
-  %16 = mul nsw i64 %15, 2816
-  %17 = getelementptr inbounds float, ptr %h, i64 %16
-  %18 = getelementptr inbounds i32, ptr %rows, i64 %15
-  %19 = load i32, ptr %18, align 4
-  %20 = sext i32 %19 to i64
-  %21 = mul nsw i64 %20, 1024
-  %22 = getelementptr inbounds float, ptr %y, i64 %21
-  %23 = add nsw i64 %col, 0
-  %24 = getelementptr inbounds float, ptr %22, i64 %23
-  store <8 x float> zeroinitializer, ptr %acc000, align 4
-  %25 = add nsw i64 %col, 8
-  %26 = getelementptr inbounds float, ptr %22, i64 %25
-  store <8 x float> zeroinitializer, ptr %acc001, align 4
-  %27 = add nsw i64 %r0, 1
-  %28 = mul nsw i64 %27, 2816
-  %29 = getelementptr inbounds float, ptr %h, i64 %28
-  %30 = getelementptr inbounds i32, ptr %rows, i64 %27
-  %31 = load i32, ptr %30, align 4
-  %32 = sext i32 %31 to i64
-  %33 = mul nsw i64 %32, 1024
-  %34 = getelementptr inbounds float, ptr %y, i64 %33
-  %35 = add nsw i64 %col, 0
-  %36 = getelementptr inbounds float, ptr %34, i64 %35
-  store <8 x float> zeroinitializer, ptr %acc010, align 4
-  %37 = add nsw i64 %col, 8
-  %38 = getelementptr inbounds float, ptr %34, i64 %37
-  store <8 x float> zeroinitializer, ptr %acc011, align 4
-  %39 = add nsw i64 %r0, 2
-  %40 = mul nsw i64 %39, 2816
-  %41 = getelementptr inbounds float, ptr %h, i64 %40
-  %42 = getelementptr inbounds i32, ptr %rows, i64 %39
-  %43 = load i32, ptr %42, align 4
-  %44 = sext i32 %43 to i64
-  %45 = mul nsw i64 %44, 1024
-  %46 = getelementptr inbounds float, ptr %y, i64 %45
-  %47 = add nsw i64 %col, 0
-  %48 = getelementptr inbounds float, ptr %46, i64 %47
-  store <8 x float> zeroinitializer, ptr %acc020, align 4
-  %49 = add nsw i64 %col, 8
-  %50 = getelementptr inbounds float, ptr %46, i64 %49
-  store <8 x float> zeroinitializer, ptr %acc021, align 4
-  %51 = add nsw i64 %r0, 3
-  %52 = mul nsw i64 %51, 2816
-  %53 = getelementptr inbounds float, ptr %h, i64 %52
-  %54 = getelementptr inbounds i32, ptr %rows, i64 %51
-  %55 = load i32, ptr %54, align 4
-  %56 = sext i32 %55 to i64
-  %57 = mul nsw i64 %56, 1024
-  %58 = getelementptr inbounds float, ptr %y, i64 %57
-  %59 = add nsw i64 %col, 0
-  %60 = getelementptr inbounds float, ptr %58, i64 %59
-  store <8 x float> zeroinitializer, ptr %acc030, align 4
-  %61 = add nsw i64 %col, 8
-  %62 = getelementptr inbounds float, ptr %58, i64 %61
-  store <8 x float> zeroinitializer, ptr %acc031, align 4
-  %63 = add nsw i64 %r0, 4
+  %col = mul nsw i64 %kb.p, 16
+  %29 = add nsw i64 %r01, 0
+  %30 = mul nsw i64 %29, 2816
+  %31 = add nsw i64 %30, %k0
+  %32 = getelementptr inbounds float, ptr %h, i64 %31
+  %33 = getelementptr inbounds i32, ptr %rows, i64 %29
+  %34 = load i32, ptr %33, align 4
+  %35 = sext i32 %34 to i64
+  %36 = mul nsw i64 %35, 1024
+  %37 = getelementptr inbounds float, ptr %y, i64 %36
+  %38 = add nsw i64 %col, 0
+  %39 = getelementptr inbounds float, ptr %37, i64 %38
+  %40 = load <8 x float>, ptr %39, align 4
+  %41 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %40
+  store <8 x float> %41, ptr %acc000, align 4
+  %42 = add nsw i64 %col, 8
+  %43 = getelementptr inbounds float, ptr %37, i64 %42
+  %44 = load <8 x float>, ptr %43, align 4
+  %45 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %44
+  store <8 x float> %45, ptr %acc001, align 4
+  %46 = add nsw i64 %r01, 1
+  %47 = mul nsw i64 %46, 2816
+  %48 = add nsw i64 %47, %k0
+  %49 = getelementptr inbounds float, ptr %h, i64 %48
+  %50 = getelementptr inbounds i32, ptr %rows, i64 %46
+  %51 = load i32, ptr %50, align 4
+  %52 = sext i32 %51 to i64
+  %53 = mul nsw i64 %52, 1024
+  %54 = getelementptr inbounds float, ptr %y, i64 %53
+  %55 = add nsw i64 %col, 0
+  %56 = getelementptr inbounds float, ptr %54, i64 %55
+  %57 = load <8 x float>, ptr %56, align 4
+  %58 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %57
+  store <8 x float> %58, ptr %acc010, align 4
+  %59 = add nsw i64 %col, 8
+  %60 = getelementptr inbounds float, ptr %54, i64 %59
+  %61 = load <8 x float>, ptr %60, align 4
+  %62 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %61
+  store <8 x float> %62, ptr %acc011, align 4
+  %63 = add nsw i64 %r01, 2
   %64 = mul nsw i64 %63, 2816
-  %65 = getelementptr inbounds float, ptr %h, i64 %64
-  %66 = getelementptr inbounds i32, ptr %rows, i64 %63
-  %67 = load i32, ptr %66, align 4
-  %68 = sext i32 %67 to i64
-  %69 = mul nsw i64 %68, 1024
-  %70 = getelementptr inbounds float, ptr %y, i64 %69
-  %71 = add nsw i64 %col, 0
-  %72 = getelementptr inbounds float, ptr %70, i64 %71
-  store <8 x float> zeroinitializer, ptr %acc040, align 4
-  %73 = add nsw i64 %col, 8
-  %74 = getelementptr inbounds float, ptr %70, i64 %73
-  store <8 x float> zeroinitializer, ptr %acc041, align 4
-  %75 = add nsw i64 %r0, 5
-  %76 = mul nsw i64 %75, 2816
-  %77 = getelementptr inbounds float, ptr %h, i64 %76
-  %78 = getelementptr inbounds i32, ptr %rows, i64 %75
-  %79 = load i32, ptr %78, align 4
-  %80 = sext i32 %79 to i64
-  %81 = mul nsw i64 %80, 1024
-  %82 = getelementptr inbounds float, ptr %y, i64 %81
-  %83 = add nsw i64 %col, 0
-  %84 = getelementptr inbounds float, ptr %82, i64 %83
-  store <8 x float> zeroinitializer, ptr %acc050, align 4
-  %85 = add nsw i64 %col, 8
-  %86 = getelementptr inbounds float, ptr %82, i64 %85
-  store <8 x float> zeroinitializer, ptr %acc051, align 4
-  %panel.off = mul nsw i64 %p, 45056
-  %87 = getelementptr inbounds float, ptr %panels, i64 %panel.off
-  %88 = add nsw i64 %p, 1
-  %89 = icmp slt i64 %88, %p1
-  %pf.on1 = and i1 %pf.on, %89
-  %90 = mul nsw i64 %rb, 180224
-  %91 = lshr i64 %90, %12
-  %92 = add nsw i64 180224, %91
-  %93 = getelementptr inbounds i8, ptr %87, i64 %92
-  %pf = select i1 %pf.on1, ptr %93, ptr %87
-  %pf.sh = select i1 %pf.on1, i64 %12, i64 0
+  %65 = add nsw i64 %64, %k0
+  %66 = getelementptr inbounds float, ptr %h, i64 %65
+  %67 = getelementptr inbounds i32, ptr %rows, i64 %63
+  %68 = load i32, ptr %67, align 4
+  %69 = sext i32 %68 to i64
+  %70 = mul nsw i64 %69, 1024
+  %71 = getelementptr inbounds float, ptr %y, i64 %70
+  %72 = add nsw i64 %col, 0
+  %73 = getelementptr inbounds float, ptr %71, i64 %72
+  %74 = load <8 x float>, ptr %73, align 4
+  %75 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %74
+  store <8 x float> %75, ptr %acc020, align 4
+  %76 = add nsw i64 %col, 8
+  %77 = getelementptr inbounds float, ptr %71, i64 %76
+  %78 = load <8 x float>, ptr %77, align 4
+  %79 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %78
+  store <8 x float> %79, ptr %acc021, align 4
+  %80 = add nsw i64 %r01, 3
+  %81 = mul nsw i64 %80, 2816
+  %82 = add nsw i64 %81, %k0
+  %83 = getelementptr inbounds float, ptr %h, i64 %82
+  %84 = getelementptr inbounds i32, ptr %rows, i64 %80
+  %85 = load i32, ptr %84, align 4
+  %86 = sext i32 %85 to i64
+  %87 = mul nsw i64 %86, 1024
+  %88 = getelementptr inbounds float, ptr %y, i64 %87
+  %89 = add nsw i64 %col, 0
+  %90 = getelementptr inbounds float, ptr %88, i64 %89
+  %91 = load <8 x float>, ptr %90, align 4
+  %92 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %91
+  store <8 x float> %92, ptr %acc030, align 4
+  %93 = add nsw i64 %col, 8
+  %94 = getelementptr inbounds float, ptr %88, i64 %93
+  %95 = load <8 x float>, ptr %94, align 4
+  %96 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %95
+  store <8 x float> %96, ptr %acc031, align 4
+  %97 = add nsw i64 %r01, 4
+  %98 = mul nsw i64 %97, 2816
+  %99 = add nsw i64 %98, %k0
+  %100 = getelementptr inbounds float, ptr %h, i64 %99
+  %101 = getelementptr inbounds i32, ptr %rows, i64 %97
+  %102 = load i32, ptr %101, align 4
+  %103 = sext i32 %102 to i64
+  %104 = mul nsw i64 %103, 1024
+  %105 = getelementptr inbounds float, ptr %y, i64 %104
+  %106 = add nsw i64 %col, 0
+  %107 = getelementptr inbounds float, ptr %105, i64 %106
+  %108 = load <8 x float>, ptr %107, align 4
+  %109 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %108
+  store <8 x float> %109, ptr %acc040, align 4
+  %110 = add nsw i64 %col, 8
+  %111 = getelementptr inbounds float, ptr %105, i64 %110
+  %112 = load <8 x float>, ptr %111, align 4
+  %113 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %112
+  store <8 x float> %113, ptr %acc041, align 4
+  %114 = add nsw i64 %r01, 5
+  %115 = mul nsw i64 %114, 2816
+  %116 = add nsw i64 %115, %k0
+  %117 = getelementptr inbounds float, ptr %h, i64 %116
+  %118 = getelementptr inbounds i32, ptr %rows, i64 %114
+  %119 = load i32, ptr %118, align 4
+  %120 = sext i32 %119 to i64
+  %121 = mul nsw i64 %120, 1024
+  %122 = getelementptr inbounds float, ptr %y, i64 %121
+  %123 = add nsw i64 %col, 0
+  %124 = getelementptr inbounds float, ptr %122, i64 %123
+  %125 = load <8 x float>, ptr %124, align 4
+  %126 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %125
+  store <8 x float> %126, ptr %acc050, align 4
+  %127 = add nsw i64 %col, 8
+  %128 = getelementptr inbounds float, ptr %122, i64 %127
+  %129 = load <8 x float>, ptr %128, align 4
+  %130 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %129
+  store <8 x float> %130, ptr %acc051, align 4
+  %131 = mul nsw i64 %k0, 16
+  %132 = mul nsw i64 %kb.p, 45056
+  %panel.off = add nsw i64 %132, %131
+  %133 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %pf.on2 = and i1 %pf.on, %pf.next
+  %134 = mul nsw i64 %rb, 16384
+  %135 = lshr i64 %134, %26
+  %136 = add nsw i64 %pf.step, %135
+  %137 = getelementptr inbounds i8, ptr %133, i64 %136
+  %pf = select i1 %pf.on2, ptr %137, ptr %133
+  %pf.sh = select i1 %pf.on2, i64 %26, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %155, %pf.any.end ]
-  %94 = icmp slt i64 %k, 2816
-  br i1 %94, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %199, %pf.any.end ]
+  %138 = icmp slt i64 %k, 256
+  br i1 %138, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %95 = mul nsw i64 %k, 1
-  %96 = add nsw i64 %95, 0
-  %97 = mul nsw i64 %96, 64
+  %139 = mul nsw i64 %k, 1
+  %140 = add nsw i64 %139, 0
+  %141 = mul nsw i64 %140, 64
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %98 = lshr i64 %97, %pf.sh
-  %99 = getelementptr inbounds i8, ptr %pf, i64 %98
-  call void @llvm.prefetch.p0(ptr %99, i32 0, i32 2, i32 1)
+  %142 = lshr i64 %141, %pf.sh
+  %143 = getelementptr inbounds i8, ptr %pf, i64 %142
+  call void @llvm.prefetch.p0(ptr %143, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %100 = mul nsw i64 %96, 16
-  %101 = add nsw i64 %panel.off, %100
-  %102 = getelementptr inbounds float, ptr %panels, i64 %101
-  %103 = load <8 x float>, ptr %102, align 4
-  %104 = add nsw i64 %101, 8
-  %105 = getelementptr inbounds float, ptr %panels, i64 %104
-  %106 = load <8 x float>, ptr %105, align 4
-  %107 = getelementptr inbounds float, ptr %17, i64 %96
-  %108 = load float, ptr %107, align 4
-  %109 = insertelement <8 x float> poison, float %108, i32 0
-  %110 = shufflevector <8 x float> %109, <8 x float> poison, <8 x i32> zeroinitializer
-  %111 = load <8 x float>, ptr %acc000, align 4
-  %112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %103, <8 x float> %111)
-  store <8 x float> %112, ptr %acc000, align 4
-  %113 = load <8 x float>, ptr %acc001, align 4
-  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %110, <8 x float> %106, <8 x float> %113)
-  store <8 x float> %114, ptr %acc001, align 4
-  %115 = getelementptr inbounds float, ptr %29, i64 %96
-  %116 = load float, ptr %115, align 4
-  %117 = insertelement <8 x float> poison, float %116, i32 0
-  %118 = shufflevector <8 x float> %117, <8 x float> poison, <8 x i32> zeroinitializer
-  %119 = load <8 x float>, ptr %acc010, align 4
-  %120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %103, <8 x float> %119)
-  store <8 x float> %120, ptr %acc010, align 4
-  %121 = load <8 x float>, ptr %acc011, align 4
-  %122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %118, <8 x float> %106, <8 x float> %121)
-  store <8 x float> %122, ptr %acc011, align 4
-  %123 = getelementptr inbounds float, ptr %41, i64 %96
-  %124 = load float, ptr %123, align 4
-  %125 = insertelement <8 x float> poison, float %124, i32 0
-  %126 = shufflevector <8 x float> %125, <8 x float> poison, <8 x i32> zeroinitializer
-  %127 = load <8 x float>, ptr %acc020, align 4
-  %128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %103, <8 x float> %127)
-  store <8 x float> %128, ptr %acc020, align 4
-  %129 = load <8 x float>, ptr %acc021, align 4
-  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %126, <8 x float> %106, <8 x float> %129)
-  store <8 x float> %130, ptr %acc021, align 4
-  %131 = getelementptr inbounds float, ptr %53, i64 %96
-  %132 = load float, ptr %131, align 4
-  %133 = insertelement <8 x float> poison, float %132, i32 0
-  %134 = shufflevector <8 x float> %133, <8 x float> poison, <8 x i32> zeroinitializer
-  %135 = load <8 x float>, ptr %acc030, align 4
-  %136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %103, <8 x float> %135)
-  store <8 x float> %136, ptr %acc030, align 4
-  %137 = load <8 x float>, ptr %acc031, align 4
-  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %134, <8 x float> %106, <8 x float> %137)
-  store <8 x float> %138, ptr %acc031, align 4
-  %139 = getelementptr inbounds float, ptr %65, i64 %96
-  %140 = load float, ptr %139, align 4
-  %141 = insertelement <8 x float> poison, float %140, i32 0
-  %142 = shufflevector <8 x float> %141, <8 x float> poison, <8 x i32> zeroinitializer
-  %143 = load <8 x float>, ptr %acc040, align 4
-  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> %103, <8 x float> %143)
-  store <8 x float> %144, ptr %acc040, align 4
-  %145 = load <8 x float>, ptr %acc041, align 4
-  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %142, <8 x float> %106, <8 x float> %145)
-  store <8 x float> %146, ptr %acc041, align 4
-  %147 = getelementptr inbounds float, ptr %77, i64 %96
-  %148 = load float, ptr %147, align 4
-  %149 = insertelement <8 x float> poison, float %148, i32 0
-  %150 = shufflevector <8 x float> %149, <8 x float> poison, <8 x i32> zeroinitializer
-  %151 = load <8 x float>, ptr %acc050, align 4
-  %152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %103, <8 x float> %151)
-  store <8 x float> %152, ptr %acc050, align 4
-  %153 = load <8 x float>, ptr %acc051, align 4
-  %154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %150, <8 x float> %106, <8 x float> %153)
-  store <8 x float> %154, ptr %acc051, align 4
-  %155 = add nsw i64 %k, 1
+  %144 = mul nsw i64 %140, 16
+  %145 = add nsw i64 %panel.off, %144
+  %146 = getelementptr inbounds float, ptr %panels, i64 %145
+  %147 = load <8 x float>, ptr %146, align 4
+  %148 = add nsw i64 %145, 8
+  %149 = getelementptr inbounds float, ptr %panels, i64 %148
+  %150 = load <8 x float>, ptr %149, align 4
+  %151 = getelementptr inbounds float, ptr %32, i64 %140
+  %152 = load float, ptr %151, align 4
+  %153 = insertelement <8 x float> poison, float %152, i32 0
+  %154 = shufflevector <8 x float> %153, <8 x float> poison, <8 x i32> zeroinitializer
+  %155 = load <8 x float>, ptr %acc000, align 4
+  %156 = call <8 x float> @llvm.fma.v8f32(<8 x float> %154, <8 x float> %147, <8 x float> %155)
+  store <8 x float> %156, ptr %acc000, align 4
+  %157 = load <8 x float>, ptr %acc001, align 4
+  %158 = call <8 x float> @llvm.fma.v8f32(<8 x float> %154, <8 x float> %150, <8 x float> %157)
+  store <8 x float> %158, ptr %acc001, align 4
+  %159 = getelementptr inbounds float, ptr %49, i64 %140
+  %160 = load float, ptr %159, align 4
+  %161 = insertelement <8 x float> poison, float %160, i32 0
+  %162 = shufflevector <8 x float> %161, <8 x float> poison, <8 x i32> zeroinitializer
+  %163 = load <8 x float>, ptr %acc010, align 4
+  %164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %162, <8 x float> %147, <8 x float> %163)
+  store <8 x float> %164, ptr %acc010, align 4
+  %165 = load <8 x float>, ptr %acc011, align 4
+  %166 = call <8 x float> @llvm.fma.v8f32(<8 x float> %162, <8 x float> %150, <8 x float> %165)
+  store <8 x float> %166, ptr %acc011, align 4
+  %167 = getelementptr inbounds float, ptr %66, i64 %140
+  %168 = load float, ptr %167, align 4
+  %169 = insertelement <8 x float> poison, float %168, i32 0
+  %170 = shufflevector <8 x float> %169, <8 x float> poison, <8 x i32> zeroinitializer
+  %171 = load <8 x float>, ptr %acc020, align 4
+  %172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %170, <8 x float> %147, <8 x float> %171)
+  store <8 x float> %172, ptr %acc020, align 4
+  %173 = load <8 x float>, ptr %acc021, align 4
+  %174 = call <8 x float> @llvm.fma.v8f32(<8 x float> %170, <8 x float> %150, <8 x float> %173)
+  store <8 x float> %174, ptr %acc021, align 4
+  %175 = getelementptr inbounds float, ptr %83, i64 %140
+  %176 = load float, ptr %175, align 4
+  %177 = insertelement <8 x float> poison, float %176, i32 0
+  %178 = shufflevector <8 x float> %177, <8 x float> poison, <8 x i32> zeroinitializer
+  %179 = load <8 x float>, ptr %acc030, align 4
+  %180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %178, <8 x float> %147, <8 x float> %179)
+  store <8 x float> %180, ptr %acc030, align 4
+  %181 = load <8 x float>, ptr %acc031, align 4
+  %182 = call <8 x float> @llvm.fma.v8f32(<8 x float> %178, <8 x float> %150, <8 x float> %181)
+  store <8 x float> %182, ptr %acc031, align 4
+  %183 = getelementptr inbounds float, ptr %100, i64 %140
+  %184 = load float, ptr %183, align 4
+  %185 = insertelement <8 x float> poison, float %184, i32 0
+  %186 = shufflevector <8 x float> %185, <8 x float> poison, <8 x i32> zeroinitializer
+  %187 = load <8 x float>, ptr %acc040, align 4
+  %188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %186, <8 x float> %147, <8 x float> %187)
+  store <8 x float> %188, ptr %acc040, align 4
+  %189 = load <8 x float>, ptr %acc041, align 4
+  %190 = call <8 x float> @llvm.fma.v8f32(<8 x float> %186, <8 x float> %150, <8 x float> %189)
+  store <8 x float> %190, ptr %acc041, align 4
+  %191 = getelementptr inbounds float, ptr %117, i64 %140
+  %192 = load float, ptr %191, align 4
+  %193 = insertelement <8 x float> poison, float %192, i32 0
+  %194 = shufflevector <8 x float> %193, <8 x float> poison, <8 x i32> zeroinitializer
+  %195 = load <8 x float>, ptr %acc050, align 4
+  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> %147, <8 x float> %195)
+  store <8 x float> %196, ptr %acc050, align 4
+  %197 = load <8 x float>, ptr %acc051, align 4
+  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> %150, <8 x float> %197)
+  store <8 x float> %198, ptr %acc051, align 4
+  %199 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %156 = load <8 x float>, ptr %acc000, align 4
-  store <8 x float> %156, ptr %24, align 4
-  %157 = load <8 x float>, ptr %acc001, align 4
-  store <8 x float> %157, ptr %26, align 4
-  %158 = load <8 x float>, ptr %acc010, align 4
-  store <8 x float> %158, ptr %36, align 4
-  %159 = load <8 x float>, ptr %acc011, align 4
-  store <8 x float> %159, ptr %38, align 4
-  %160 = load <8 x float>, ptr %acc020, align 4
-  store <8 x float> %160, ptr %48, align 4
-  %161 = load <8 x float>, ptr %acc021, align 4
-  store <8 x float> %161, ptr %50, align 4
-  %162 = load <8 x float>, ptr %acc030, align 4
-  store <8 x float> %162, ptr %60, align 4
-  %163 = load <8 x float>, ptr %acc031, align 4
-  store <8 x float> %163, ptr %62, align 4
-  %164 = load <8 x float>, ptr %acc040, align 4
-  store <8 x float> %164, ptr %72, align 4
-  %165 = load <8 x float>, ptr %acc041, align 4
-  store <8 x float> %165, ptr %74, align 4
-  %166 = load <8 x float>, ptr %acc050, align 4
-  store <8 x float> %166, ptr %84, align 4
-  %167 = load <8 x float>, ptr %acc051, align 4
-  store <8 x float> %167, ptr %86, align 4
+  %200 = load <8 x float>, ptr %acc000, align 4
+  store <8 x float> %200, ptr %39, align 4
+  %201 = load <8 x float>, ptr %acc001, align 4
+  store <8 x float> %201, ptr %43, align 4
+  %202 = load <8 x float>, ptr %acc010, align 4
+  store <8 x float> %202, ptr %56, align 4
+  %203 = load <8 x float>, ptr %acc011, align 4
+  store <8 x float> %203, ptr %60, align 4
+  %204 = load <8 x float>, ptr %acc020, align 4
+  store <8 x float> %204, ptr %73, align 4
+  %205 = load <8 x float>, ptr %acc021, align 4
+  store <8 x float> %205, ptr %77, align 4
+  %206 = load <8 x float>, ptr %acc030, align 4
+  store <8 x float> %206, ptr %90, align 4
+  %207 = load <8 x float>, ptr %acc031, align 4
+  store <8 x float> %207, ptr %94, align 4
+  %208 = load <8 x float>, ptr %acc040, align 4
+  store <8 x float> %208, ptr %107, align 4
+  %209 = load <8 x float>, ptr %acc041, align 4
+  store <8 x float> %209, ptr %111, align 4
+  %210 = load <8 x float>, ptr %acc050, align 4
+  store <8 x float> %210, ptr %124, align 4
+  %211 = load <8 x float>, ptr %acc051, align 4
+  store <8 x float> %211, ptr %128, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
-  %col2 = mul nsw i64 %p, 16
-  %168 = add nsw i64 %r0, 0
-  %169 = mul nsw i64 %168, 2816
-  %170 = getelementptr inbounds float, ptr %h, i64 %169
-  %171 = getelementptr inbounds i32, ptr %rows, i64 %168
-  %172 = load i32, ptr %171, align 4
-  %173 = sext i32 %172 to i64
-  %174 = mul nsw i64 %173, 1024
-  %175 = getelementptr inbounds float, ptr %y, i64 %174
-  %176 = add nsw i64 %col2, 0
-  %177 = getelementptr inbounds float, ptr %175, i64 %176
-  store <8 x float> zeroinitializer, ptr %acc0003, align 4
-  %178 = add nsw i64 %col2, 8
-  %179 = getelementptr inbounds float, ptr %175, i64 %178
-  store <8 x float> zeroinitializer, ptr %acc0014, align 4
-  %180 = add nsw i64 %r0, 1
-  %181 = mul nsw i64 %180, 2816
-  %182 = getelementptr inbounds float, ptr %h, i64 %181
-  %183 = getelementptr inbounds i32, ptr %rows, i64 %180
-  %184 = load i32, ptr %183, align 4
-  %185 = sext i32 %184 to i64
-  %186 = mul nsw i64 %185, 1024
-  %187 = getelementptr inbounds float, ptr %y, i64 %186
-  %188 = add nsw i64 %col2, 0
-  %189 = getelementptr inbounds float, ptr %187, i64 %188
-  store <8 x float> zeroinitializer, ptr %acc0105, align 4
-  %190 = add nsw i64 %col2, 8
-  %191 = getelementptr inbounds float, ptr %187, i64 %190
-  store <8 x float> zeroinitializer, ptr %acc0116, align 4
-  %192 = add nsw i64 %r0, 2
-  %193 = mul nsw i64 %192, 2816
-  %194 = getelementptr inbounds float, ptr %h, i64 %193
-  %195 = getelementptr inbounds i32, ptr %rows, i64 %192
-  %196 = load i32, ptr %195, align 4
-  %197 = sext i32 %196 to i64
-  %198 = mul nsw i64 %197, 1024
-  %199 = getelementptr inbounds float, ptr %y, i64 %198
-  %200 = add nsw i64 %col2, 0
-  %201 = getelementptr inbounds float, ptr %199, i64 %200
-  store <8 x float> zeroinitializer, ptr %acc0207, align 4
-  %202 = add nsw i64 %col2, 8
-  %203 = getelementptr inbounds float, ptr %199, i64 %202
-  store <8 x float> zeroinitializer, ptr %acc0218, align 4
-  %204 = add nsw i64 %r0, 3
-  %205 = mul nsw i64 %204, 2816
-  %206 = getelementptr inbounds float, ptr %h, i64 %205
-  %207 = getelementptr inbounds i32, ptr %rows, i64 %204
-  %208 = load i32, ptr %207, align 4
-  %209 = sext i32 %208 to i64
-  %210 = mul nsw i64 %209, 1024
-  %211 = getelementptr inbounds float, ptr %y, i64 %210
-  %212 = add nsw i64 %col2, 0
-  %213 = getelementptr inbounds float, ptr %211, i64 %212
-  store <8 x float> zeroinitializer, ptr %acc0309, align 4
-  %214 = add nsw i64 %col2, 8
-  %215 = getelementptr inbounds float, ptr %211, i64 %214
-  store <8 x float> zeroinitializer, ptr %acc03110, align 4
-  %216 = add nsw i64 %r0, 4
-  %217 = mul nsw i64 %216, 2816
-  %218 = getelementptr inbounds float, ptr %h, i64 %217
-  %219 = getelementptr inbounds i32, ptr %rows, i64 %216
-  %220 = load i32, ptr %219, align 4
-  %221 = sext i32 %220 to i64
-  %222 = mul nsw i64 %221, 1024
-  %223 = getelementptr inbounds float, ptr %y, i64 %222
-  %224 = add nsw i64 %col2, 0
-  %225 = getelementptr inbounds float, ptr %223, i64 %224
-  store <8 x float> zeroinitializer, ptr %acc04011, align 4
-  %226 = add nsw i64 %col2, 8
-  %227 = getelementptr inbounds float, ptr %223, i64 %226
-  store <8 x float> zeroinitializer, ptr %acc04112, align 4
-  %panel.off13 = mul nsw i64 %p, 45056
-  %228 = getelementptr inbounds float, ptr %panels, i64 %panel.off13
-  %229 = add nsw i64 %p, 1
-  %230 = icmp slt i64 %229, %p1
-  %pf.on14 = and i1 %pf.on, %230
-  %231 = mul nsw i64 %rb, 180224
-  %232 = lshr i64 %231, %12
-  %233 = add nsw i64 180224, %232
-  %234 = getelementptr inbounds i8, ptr %228, i64 %233
-  %pf15 = select i1 %pf.on14, ptr %234, ptr %228
-  %pf.sh16 = select i1 %pf.on14, i64 %12, i64 0
-  br label %k.head17
-
-k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %288, %pf.any.end22 ]
-  %235 = icmp slt i64 %k20, 2816
-  br i1 %235, label %k.body18, label %k.end19
-
-k.body18:                                         ; preds = %k.head17
-  %236 = mul nsw i64 %k20, 1
-  %237 = add nsw i64 %236, 0
-  %238 = mul nsw i64 %237, 64
-  br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
-
-pf.any.then21:                                    ; preds = %k.body18
-  %239 = lshr i64 %238, %pf.sh16
-  %240 = getelementptr inbounds i8, ptr %pf15, i64 %239
-  call void @llvm.prefetch.p0(ptr %240, i32 0, i32 2, i32 1)
-  br label %pf.any.end22
-
-pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
-  %241 = mul nsw i64 %237, 16
-  %242 = add nsw i64 %panel.off13, %241
-  %243 = getelementptr inbounds float, ptr %panels, i64 %242
+  %col3 = mul nsw i64 %kb.p, 16
+  %212 = add nsw i64 %r01, 0
+  %213 = mul nsw i64 %212, 2816
+  %214 = add nsw i64 %213, %k0
+  %215 = getelementptr inbounds float, ptr %h, i64 %214
+  %216 = getelementptr inbounds i32, ptr %rows, i64 %212
+  %217 = load i32, ptr %216, align 4
+  %218 = sext i32 %217 to i64
+  %219 = mul nsw i64 %218, 1024
+  %220 = getelementptr inbounds float, ptr %y, i64 %219
+  %221 = add nsw i64 %col3, 0
+  %222 = getelementptr inbounds float, ptr %220, i64 %221
+  %223 = load <8 x float>, ptr %222, align 4
+  %224 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %223
+  store <8 x float> %224, ptr %acc0004, align 4
+  %225 = add nsw i64 %col3, 8
+  %226 = getelementptr inbounds float, ptr %220, i64 %225
+  %227 = load <8 x float>, ptr %226, align 4
+  %228 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %227
+  store <8 x float> %228, ptr %acc0015, align 4
+  %229 = add nsw i64 %r01, 1
+  %230 = mul nsw i64 %229, 2816
+  %231 = add nsw i64 %230, %k0
+  %232 = getelementptr inbounds float, ptr %h, i64 %231
+  %233 = getelementptr inbounds i32, ptr %rows, i64 %229
+  %234 = load i32, ptr %233, align 4
+  %235 = sext i32 %234 to i64
+  %236 = mul nsw i64 %235, 1024
+  %237 = getelementptr inbounds float, ptr %y, i64 %236
+  %238 = add nsw i64 %col3, 0
+  %239 = getelementptr inbounds float, ptr %237, i64 %238
+  %240 = load <8 x float>, ptr %239, align 4
+  %241 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %240
+  store <8 x float> %241, ptr %acc0106, align 4
+  %242 = add nsw i64 %col3, 8
+  %243 = getelementptr inbounds float, ptr %237, i64 %242
   %244 = load <8 x float>, ptr %243, align 4
-  %245 = add nsw i64 %242, 8
-  %246 = getelementptr inbounds float, ptr %panels, i64 %245
-  %247 = load <8 x float>, ptr %246, align 4
-  %248 = getelementptr inbounds float, ptr %170, i64 %237
-  %249 = load float, ptr %248, align 4
-  %250 = insertelement <8 x float> poison, float %249, i32 0
-  %251 = shufflevector <8 x float> %250, <8 x float> poison, <8 x i32> zeroinitializer
-  %252 = load <8 x float>, ptr %acc0003, align 4
-  %253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %251, <8 x float> %244, <8 x float> %252)
-  store <8 x float> %253, ptr %acc0003, align 4
-  %254 = load <8 x float>, ptr %acc0014, align 4
-  %255 = call <8 x float> @llvm.fma.v8f32(<8 x float> %251, <8 x float> %247, <8 x float> %254)
-  store <8 x float> %255, ptr %acc0014, align 4
-  %256 = getelementptr inbounds float, ptr %182, i64 %237
-  %257 = load float, ptr %256, align 4
-  %258 = insertelement <8 x float> poison, float %257, i32 0
-  %259 = shufflevector <8 x float> %258, <8 x float> poison, <8 x i32> zeroinitializer
-  %260 = load <8 x float>, ptr %acc0105, align 4
-  %261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> %244, <8 x float> %260)
-  store <8 x float> %261, ptr %acc0105, align 4
-  %262 = load <8 x float>, ptr %acc0116, align 4
-  %263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %259, <8 x float> %247, <8 x float> %262)
-  store <8 x float> %263, ptr %acc0116, align 4
-  %264 = getelementptr inbounds float, ptr %194, i64 %237
-  %265 = load float, ptr %264, align 4
-  %266 = insertelement <8 x float> poison, float %265, i32 0
-  %267 = shufflevector <8 x float> %266, <8 x float> poison, <8 x i32> zeroinitializer
-  %268 = load <8 x float>, ptr %acc0207, align 4
-  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %244, <8 x float> %268)
-  store <8 x float> %269, ptr %acc0207, align 4
-  %270 = load <8 x float>, ptr %acc0218, align 4
-  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> %247, <8 x float> %270)
-  store <8 x float> %271, ptr %acc0218, align 4
-  %272 = getelementptr inbounds float, ptr %206, i64 %237
-  %273 = load float, ptr %272, align 4
-  %274 = insertelement <8 x float> poison, float %273, i32 0
-  %275 = shufflevector <8 x float> %274, <8 x float> poison, <8 x i32> zeroinitializer
-  %276 = load <8 x float>, ptr %acc0309, align 4
-  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %244, <8 x float> %276)
-  store <8 x float> %277, ptr %acc0309, align 4
-  %278 = load <8 x float>, ptr %acc03110, align 4
-  %279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %247, <8 x float> %278)
-  store <8 x float> %279, ptr %acc03110, align 4
-  %280 = getelementptr inbounds float, ptr %218, i64 %237
-  %281 = load float, ptr %280, align 4
-  %282 = insertelement <8 x float> poison, float %281, i32 0
-  %283 = shufflevector <8 x float> %282, <8 x float> poison, <8 x i32> zeroinitializer
-  %284 = load <8 x float>, ptr %acc04011, align 4
-  %285 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %244, <8 x float> %284)
-  store <8 x float> %285, ptr %acc04011, align 4
-  %286 = load <8 x float>, ptr %acc04112, align 4
-  %287 = call <8 x float> @llvm.fma.v8f32(<8 x float> %283, <8 x float> %247, <8 x float> %286)
-  store <8 x float> %287, ptr %acc04112, align 4
-  %288 = add nsw i64 %k20, 1
-  br label %k.head17
+  %245 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %244
+  store <8 x float> %245, ptr %acc0117, align 4
+  %246 = add nsw i64 %r01, 2
+  %247 = mul nsw i64 %246, 2816
+  %248 = add nsw i64 %247, %k0
+  %249 = getelementptr inbounds float, ptr %h, i64 %248
+  %250 = getelementptr inbounds i32, ptr %rows, i64 %246
+  %251 = load i32, ptr %250, align 4
+  %252 = sext i32 %251 to i64
+  %253 = mul nsw i64 %252, 1024
+  %254 = getelementptr inbounds float, ptr %y, i64 %253
+  %255 = add nsw i64 %col3, 0
+  %256 = getelementptr inbounds float, ptr %254, i64 %255
+  %257 = load <8 x float>, ptr %256, align 4
+  %258 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %257
+  store <8 x float> %258, ptr %acc0208, align 4
+  %259 = add nsw i64 %col3, 8
+  %260 = getelementptr inbounds float, ptr %254, i64 %259
+  %261 = load <8 x float>, ptr %260, align 4
+  %262 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %261
+  store <8 x float> %262, ptr %acc0219, align 4
+  %263 = add nsw i64 %r01, 3
+  %264 = mul nsw i64 %263, 2816
+  %265 = add nsw i64 %264, %k0
+  %266 = getelementptr inbounds float, ptr %h, i64 %265
+  %267 = getelementptr inbounds i32, ptr %rows, i64 %263
+  %268 = load i32, ptr %267, align 4
+  %269 = sext i32 %268 to i64
+  %270 = mul nsw i64 %269, 1024
+  %271 = getelementptr inbounds float, ptr %y, i64 %270
+  %272 = add nsw i64 %col3, 0
+  %273 = getelementptr inbounds float, ptr %271, i64 %272
+  %274 = load <8 x float>, ptr %273, align 4
+  %275 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %274
+  store <8 x float> %275, ptr %acc03010, align 4
+  %276 = add nsw i64 %col3, 8
+  %277 = getelementptr inbounds float, ptr %271, i64 %276
+  %278 = load <8 x float>, ptr %277, align 4
+  %279 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %278
+  store <8 x float> %279, ptr %acc03111, align 4
+  %280 = add nsw i64 %r01, 4
+  %281 = mul nsw i64 %280, 2816
+  %282 = add nsw i64 %281, %k0
+  %283 = getelementptr inbounds float, ptr %h, i64 %282
+  %284 = getelementptr inbounds i32, ptr %rows, i64 %280
+  %285 = load i32, ptr %284, align 4
+  %286 = sext i32 %285 to i64
+  %287 = mul nsw i64 %286, 1024
+  %288 = getelementptr inbounds float, ptr %y, i64 %287
+  %289 = add nsw i64 %col3, 0
+  %290 = getelementptr inbounds float, ptr %288, i64 %289
+  %291 = load <8 x float>, ptr %290, align 4
+  %292 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %291
+  store <8 x float> %292, ptr %acc04012, align 4
+  %293 = add nsw i64 %col3, 8
+  %294 = getelementptr inbounds float, ptr %288, i64 %293
+  %295 = load <8 x float>, ptr %294, align 4
+  %296 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %295
+  store <8 x float> %296, ptr %acc04113, align 4
+  %297 = mul nsw i64 %k0, 16
+  %298 = mul nsw i64 %kb.p, 45056
+  %panel.off14 = add nsw i64 %298, %297
+  %299 = getelementptr inbounds float, ptr %panels, i64 %panel.off14
+  %pf.on15 = and i1 %pf.on, %pf.next
+  %300 = mul nsw i64 %rb, 16384
+  %301 = lshr i64 %300, %26
+  %302 = add nsw i64 %pf.step, %301
+  %303 = getelementptr inbounds i8, ptr %299, i64 %302
+  %pf16 = select i1 %pf.on15, ptr %303, ptr %299
+  %pf.sh17 = select i1 %pf.on15, i64 %26, i64 0
+  br label %k.head18
 
-k.end19:                                          ; preds = %k.head17
-  %289 = load <8 x float>, ptr %acc0003, align 4
-  store <8 x float> %289, ptr %177, align 4
-  %290 = load <8 x float>, ptr %acc0014, align 4
-  store <8 x float> %290, ptr %179, align 4
-  %291 = load <8 x float>, ptr %acc0105, align 4
-  store <8 x float> %291, ptr %189, align 4
-  %292 = load <8 x float>, ptr %acc0116, align 4
-  store <8 x float> %292, ptr %191, align 4
-  %293 = load <8 x float>, ptr %acc0207, align 4
-  store <8 x float> %293, ptr %201, align 4
-  %294 = load <8 x float>, ptr %acc0218, align 4
-  store <8 x float> %294, ptr %203, align 4
-  %295 = load <8 x float>, ptr %acc0309, align 4
-  store <8 x float> %295, ptr %213, align 4
-  %296 = load <8 x float>, ptr %acc03110, align 4
-  store <8 x float> %296, ptr %215, align 4
-  %297 = load <8 x float>, ptr %acc04011, align 4
-  store <8 x float> %297, ptr %225, align 4
-  %298 = load <8 x float>, ptr %acc04112, align 4
-  store <8 x float> %298, ptr %227, align 4
+k.head18:                                         ; preds = %pf.any.end23, %tile.mr5
+  %k21 = phi i64 [ 0, %tile.mr5 ], [ %357, %pf.any.end23 ]
+  %304 = icmp slt i64 %k21, 256
+  br i1 %304, label %k.body19, label %k.end20
+
+k.body19:                                         ; preds = %k.head18
+  %305 = mul nsw i64 %k21, 1
+  %306 = add nsw i64 %305, 0
+  %307 = mul nsw i64 %306, 64
+  br i1 %pf.multi, label %pf.any.then22, label %pf.any.end23
+
+pf.any.then22:                                    ; preds = %k.body19
+  %308 = lshr i64 %307, %pf.sh17
+  %309 = getelementptr inbounds i8, ptr %pf16, i64 %308
+  call void @llvm.prefetch.p0(ptr %309, i32 0, i32 2, i32 1)
+  br label %pf.any.end23
+
+pf.any.end23:                                     ; preds = %pf.any.then22, %k.body19
+  %310 = mul nsw i64 %306, 16
+  %311 = add nsw i64 %panel.off14, %310
+  %312 = getelementptr inbounds float, ptr %panels, i64 %311
+  %313 = load <8 x float>, ptr %312, align 4
+  %314 = add nsw i64 %311, 8
+  %315 = getelementptr inbounds float, ptr %panels, i64 %314
+  %316 = load <8 x float>, ptr %315, align 4
+  %317 = getelementptr inbounds float, ptr %215, i64 %306
+  %318 = load float, ptr %317, align 4
+  %319 = insertelement <8 x float> poison, float %318, i32 0
+  %320 = shufflevector <8 x float> %319, <8 x float> poison, <8 x i32> zeroinitializer
+  %321 = load <8 x float>, ptr %acc0004, align 4
+  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %320, <8 x float> %313, <8 x float> %321)
+  store <8 x float> %322, ptr %acc0004, align 4
+  %323 = load <8 x float>, ptr %acc0015, align 4
+  %324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %320, <8 x float> %316, <8 x float> %323)
+  store <8 x float> %324, ptr %acc0015, align 4
+  %325 = getelementptr inbounds float, ptr %232, i64 %306
+  %326 = load float, ptr %325, align 4
+  %327 = insertelement <8 x float> poison, float %326, i32 0
+  %328 = shufflevector <8 x float> %327, <8 x float> poison, <8 x i32> zeroinitializer
+  %329 = load <8 x float>, ptr %acc0106, align 4
+  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %328, <8 x float> %313, <8 x float> %329)
+  store <8 x float> %330, ptr %acc0106, align 4
+  %331 = load <8 x float>, ptr %acc0117, align 4
+  %332 = call <8 x float> @llvm.fma.v8f32(<8 x float> %328, <8 x float> %316, <8 x float> %331)
+  store <8 x float> %332, ptr %acc0117, align 4
+  %333 = getelementptr inbounds float, ptr %249, i64 %306
+  %334 = load float, ptr %333, align 4
+  %335 = insertelement <8 x float> poison, float %334, i32 0
+  %336 = shufflevector <8 x float> %335, <8 x float> poison, <8 x i32> zeroinitializer
+  %337 = load <8 x float>, ptr %acc0208, align 4
+  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %336, <8 x float> %313, <8 x float> %337)
+  store <8 x float> %338, ptr %acc0208, align 4
+  %339 = load <8 x float>, ptr %acc0219, align 4
+  %340 = call <8 x float> @llvm.fma.v8f32(<8 x float> %336, <8 x float> %316, <8 x float> %339)
+  store <8 x float> %340, ptr %acc0219, align 4
+  %341 = getelementptr inbounds float, ptr %266, i64 %306
+  %342 = load float, ptr %341, align 4
+  %343 = insertelement <8 x float> poison, float %342, i32 0
+  %344 = shufflevector <8 x float> %343, <8 x float> poison, <8 x i32> zeroinitializer
+  %345 = load <8 x float>, ptr %acc03010, align 4
+  %346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %344, <8 x float> %313, <8 x float> %345)
+  store <8 x float> %346, ptr %acc03010, align 4
+  %347 = load <8 x float>, ptr %acc03111, align 4
+  %348 = call <8 x float> @llvm.fma.v8f32(<8 x float> %344, <8 x float> %316, <8 x float> %347)
+  store <8 x float> %348, ptr %acc03111, align 4
+  %349 = getelementptr inbounds float, ptr %283, i64 %306
+  %350 = load float, ptr %349, align 4
+  %351 = insertelement <8 x float> poison, float %350, i32 0
+  %352 = shufflevector <8 x float> %351, <8 x float> poison, <8 x i32> zeroinitializer
+  %353 = load <8 x float>, ptr %acc04012, align 4
+  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %352, <8 x float> %313, <8 x float> %353)
+  store <8 x float> %354, ptr %acc04012, align 4
+  %355 = load <8 x float>, ptr %acc04113, align 4
+  %356 = call <8 x float> @llvm.fma.v8f32(<8 x float> %352, <8 x float> %316, <8 x float> %355)
+  store <8 x float> %356, ptr %acc04113, align 4
+  %357 = add nsw i64 %k21, 1
+  br label %k.head18
+
+k.end20:                                          ; preds = %k.head18
+  %358 = load <8 x float>, ptr %acc0004, align 4
+  store <8 x float> %358, ptr %222, align 4
+  %359 = load <8 x float>, ptr %acc0015, align 4
+  store <8 x float> %359, ptr %226, align 4
+  %360 = load <8 x float>, ptr %acc0106, align 4
+  store <8 x float> %360, ptr %239, align 4
+  %361 = load <8 x float>, ptr %acc0117, align 4
+  store <8 x float> %361, ptr %243, align 4
+  %362 = load <8 x float>, ptr %acc0208, align 4
+  store <8 x float> %362, ptr %256, align 4
+  %363 = load <8 x float>, ptr %acc0219, align 4
+  store <8 x float> %363, ptr %260, align 4
+  %364 = load <8 x float>, ptr %acc03010, align 4
+  store <8 x float> %364, ptr %273, align 4
+  %365 = load <8 x float>, ptr %acc03111, align 4
+  store <8 x float> %365, ptr %277, align 4
+  %366 = load <8 x float>, ptr %acc04012, align 4
+  store <8 x float> %366, ptr %290, align 4
+  %367 = load <8 x float>, ptr %acc04113, align 4
+  store <8 x float> %367, ptr %294, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
-  %col23 = mul nsw i64 %p, 16
-  %299 = add nsw i64 %r0, 0
-  %300 = mul nsw i64 %299, 2816
-  %301 = getelementptr inbounds float, ptr %h, i64 %300
-  %302 = getelementptr inbounds i32, ptr %rows, i64 %299
-  %303 = load i32, ptr %302, align 4
-  %304 = sext i32 %303 to i64
-  %305 = mul nsw i64 %304, 1024
-  %306 = getelementptr inbounds float, ptr %y, i64 %305
-  %307 = add nsw i64 %col23, 0
-  %308 = getelementptr inbounds float, ptr %306, i64 %307
-  store <8 x float> zeroinitializer, ptr %acc00024, align 4
-  %309 = add nsw i64 %col23, 8
-  %310 = getelementptr inbounds float, ptr %306, i64 %309
-  store <8 x float> zeroinitializer, ptr %acc00125, align 4
-  %311 = add nsw i64 %r0, 1
-  %312 = mul nsw i64 %311, 2816
-  %313 = getelementptr inbounds float, ptr %h, i64 %312
-  %314 = getelementptr inbounds i32, ptr %rows, i64 %311
-  %315 = load i32, ptr %314, align 4
-  %316 = sext i32 %315 to i64
-  %317 = mul nsw i64 %316, 1024
-  %318 = getelementptr inbounds float, ptr %y, i64 %317
-  %319 = add nsw i64 %col23, 0
-  %320 = getelementptr inbounds float, ptr %318, i64 %319
-  store <8 x float> zeroinitializer, ptr %acc01026, align 4
-  %321 = add nsw i64 %col23, 8
-  %322 = getelementptr inbounds float, ptr %318, i64 %321
-  store <8 x float> zeroinitializer, ptr %acc01127, align 4
-  %323 = add nsw i64 %r0, 2
-  %324 = mul nsw i64 %323, 2816
-  %325 = getelementptr inbounds float, ptr %h, i64 %324
-  %326 = getelementptr inbounds i32, ptr %rows, i64 %323
-  %327 = load i32, ptr %326, align 4
-  %328 = sext i32 %327 to i64
-  %329 = mul nsw i64 %328, 1024
-  %330 = getelementptr inbounds float, ptr %y, i64 %329
-  %331 = add nsw i64 %col23, 0
-  %332 = getelementptr inbounds float, ptr %330, i64 %331
-  store <8 x float> zeroinitializer, ptr %acc02028, align 4
-  %333 = add nsw i64 %col23, 8
-  %334 = getelementptr inbounds float, ptr %330, i64 %333
-  store <8 x float> zeroinitializer, ptr %acc02129, align 4
-  %335 = add nsw i64 %r0, 3
-  %336 = mul nsw i64 %335, 2816
-  %337 = getelementptr inbounds float, ptr %h, i64 %336
-  %338 = getelementptr inbounds i32, ptr %rows, i64 %335
-  %339 = load i32, ptr %338, align 4
-  %340 = sext i32 %339 to i64
-  %341 = mul nsw i64 %340, 1024
-  %342 = getelementptr inbounds float, ptr %y, i64 %341
-  %343 = add nsw i64 %col23, 0
-  %344 = getelementptr inbounds float, ptr %342, i64 %343
-  store <8 x float> zeroinitializer, ptr %acc03030, align 4
-  %345 = add nsw i64 %col23, 8
-  %346 = getelementptr inbounds float, ptr %342, i64 %345
-  store <8 x float> zeroinitializer, ptr %acc03131, align 4
-  %panel.off32 = mul nsw i64 %p, 45056
-  %347 = getelementptr inbounds float, ptr %panels, i64 %panel.off32
-  %348 = add nsw i64 %p, 1
-  %349 = icmp slt i64 %348, %p1
-  %pf.on33 = and i1 %pf.on, %349
-  %350 = mul nsw i64 %rb, 180224
-  %351 = lshr i64 %350, %12
-  %352 = add nsw i64 180224, %351
-  %353 = getelementptr inbounds i8, ptr %347, i64 %352
-  %pf34 = select i1 %pf.on33, ptr %353, ptr %347
-  %pf.sh35 = select i1 %pf.on33, i64 %12, i64 0
-  br label %k.head36
-
-k.head36:                                         ; preds = %pf.any.end41, %tile.mr4
-  %k39 = phi i64 [ 0, %tile.mr4 ], [ %399, %pf.any.end41 ]
-  %354 = icmp slt i64 %k39, 2816
-  br i1 %354, label %k.body37, label %k.end38
-
-k.body37:                                         ; preds = %k.head36
-  %355 = mul nsw i64 %k39, 1
-  %356 = add nsw i64 %355, 0
-  %357 = mul nsw i64 %356, 64
-  br i1 %pf.multi, label %pf.any.then40, label %pf.any.end41
-
-pf.any.then40:                                    ; preds = %k.body37
-  %358 = lshr i64 %357, %pf.sh35
-  %359 = getelementptr inbounds i8, ptr %pf34, i64 %358
-  call void @llvm.prefetch.p0(ptr %359, i32 0, i32 2, i32 1)
-  br label %pf.any.end41
-
-pf.any.end41:                                     ; preds = %pf.any.then40, %k.body37
-  %360 = mul nsw i64 %356, 16
-  %361 = add nsw i64 %panel.off32, %360
-  %362 = getelementptr inbounds float, ptr %panels, i64 %361
-  %363 = load <8 x float>, ptr %362, align 4
-  %364 = add nsw i64 %361, 8
-  %365 = getelementptr inbounds float, ptr %panels, i64 %364
-  %366 = load <8 x float>, ptr %365, align 4
-  %367 = getelementptr inbounds float, ptr %301, i64 %356
-  %368 = load float, ptr %367, align 4
-  %369 = insertelement <8 x float> poison, float %368, i32 0
-  %370 = shufflevector <8 x float> %369, <8 x float> poison, <8 x i32> zeroinitializer
-  %371 = load <8 x float>, ptr %acc00024, align 4
-  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %370, <8 x float> %363, <8 x float> %371)
-  store <8 x float> %372, ptr %acc00024, align 4
-  %373 = load <8 x float>, ptr %acc00125, align 4
-  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %370, <8 x float> %366, <8 x float> %373)
-  store <8 x float> %374, ptr %acc00125, align 4
-  %375 = getelementptr inbounds float, ptr %313, i64 %356
-  %376 = load float, ptr %375, align 4
-  %377 = insertelement <8 x float> poison, float %376, i32 0
-  %378 = shufflevector <8 x float> %377, <8 x float> poison, <8 x i32> zeroinitializer
-  %379 = load <8 x float>, ptr %acc01026, align 4
-  %380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %378, <8 x float> %363, <8 x float> %379)
-  store <8 x float> %380, ptr %acc01026, align 4
-  %381 = load <8 x float>, ptr %acc01127, align 4
-  %382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %378, <8 x float> %366, <8 x float> %381)
-  store <8 x float> %382, ptr %acc01127, align 4
-  %383 = getelementptr inbounds float, ptr %325, i64 %356
-  %384 = load float, ptr %383, align 4
-  %385 = insertelement <8 x float> poison, float %384, i32 0
-  %386 = shufflevector <8 x float> %385, <8 x float> poison, <8 x i32> zeroinitializer
-  %387 = load <8 x float>, ptr %acc02028, align 4
-  %388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %386, <8 x float> %363, <8 x float> %387)
-  store <8 x float> %388, ptr %acc02028, align 4
-  %389 = load <8 x float>, ptr %acc02129, align 4
-  %390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %386, <8 x float> %366, <8 x float> %389)
-  store <8 x float> %390, ptr %acc02129, align 4
-  %391 = getelementptr inbounds float, ptr %337, i64 %356
-  %392 = load float, ptr %391, align 4
-  %393 = insertelement <8 x float> poison, float %392, i32 0
-  %394 = shufflevector <8 x float> %393, <8 x float> poison, <8 x i32> zeroinitializer
-  %395 = load <8 x float>, ptr %acc03030, align 4
-  %396 = call <8 x float> @llvm.fma.v8f32(<8 x float> %394, <8 x float> %363, <8 x float> %395)
-  store <8 x float> %396, ptr %acc03030, align 4
-  %397 = load <8 x float>, ptr %acc03131, align 4
-  %398 = call <8 x float> @llvm.fma.v8f32(<8 x float> %394, <8 x float> %366, <8 x float> %397)
-  store <8 x float> %398, ptr %acc03131, align 4
-  %399 = add nsw i64 %k39, 1
-  br label %k.head36
-
-k.end38:                                          ; preds = %k.head36
-  %400 = load <8 x float>, ptr %acc00024, align 4
-  store <8 x float> %400, ptr %308, align 4
-  %401 = load <8 x float>, ptr %acc00125, align 4
-  store <8 x float> %401, ptr %310, align 4
-  %402 = load <8 x float>, ptr %acc01026, align 4
-  store <8 x float> %402, ptr %320, align 4
-  %403 = load <8 x float>, ptr %acc01127, align 4
-  store <8 x float> %403, ptr %322, align 4
-  %404 = load <8 x float>, ptr %acc02028, align 4
-  store <8 x float> %404, ptr %332, align 4
-  %405 = load <8 x float>, ptr %acc02129, align 4
-  store <8 x float> %405, ptr %334, align 4
-  %406 = load <8 x float>, ptr %acc03030, align 4
-  store <8 x float> %406, ptr %344, align 4
-  %407 = load <8 x float>, ptr %acc03131, align 4
-  store <8 x float> %407, ptr %346, align 4
-  br label %tile.done
-
-tile.mr3:                                         ; preds = %rb.body
-  %col42 = mul nsw i64 %p, 16
-  %408 = add nsw i64 %r0, 0
-  %409 = mul nsw i64 %408, 2816
-  %410 = getelementptr inbounds float, ptr %h, i64 %409
-  %411 = getelementptr inbounds i32, ptr %rows, i64 %408
-  %412 = load i32, ptr %411, align 4
-  %413 = sext i32 %412 to i64
-  %414 = mul nsw i64 %413, 1024
-  %415 = getelementptr inbounds float, ptr %y, i64 %414
-  %416 = add nsw i64 %col42, 0
-  %417 = getelementptr inbounds float, ptr %415, i64 %416
-  store <8 x float> zeroinitializer, ptr %acc00043, align 4
-  %418 = add nsw i64 %col42, 8
-  %419 = getelementptr inbounds float, ptr %415, i64 %418
-  store <8 x float> zeroinitializer, ptr %acc00144, align 4
-  %420 = add nsw i64 %r0, 1
-  %421 = mul nsw i64 %420, 2816
+  %col24 = mul nsw i64 %kb.p, 16
+  %368 = add nsw i64 %r01, 0
+  %369 = mul nsw i64 %368, 2816
+  %370 = add nsw i64 %369, %k0
+  %371 = getelementptr inbounds float, ptr %h, i64 %370
+  %372 = getelementptr inbounds i32, ptr %rows, i64 %368
+  %373 = load i32, ptr %372, align 4
+  %374 = sext i32 %373 to i64
+  %375 = mul nsw i64 %374, 1024
+  %376 = getelementptr inbounds float, ptr %y, i64 %375
+  %377 = add nsw i64 %col24, 0
+  %378 = getelementptr inbounds float, ptr %376, i64 %377
+  %379 = load <8 x float>, ptr %378, align 4
+  %380 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %379
+  store <8 x float> %380, ptr %acc00025, align 4
+  %381 = add nsw i64 %col24, 8
+  %382 = getelementptr inbounds float, ptr %376, i64 %381
+  %383 = load <8 x float>, ptr %382, align 4
+  %384 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %383
+  store <8 x float> %384, ptr %acc00126, align 4
+  %385 = add nsw i64 %r01, 1
+  %386 = mul nsw i64 %385, 2816
+  %387 = add nsw i64 %386, %k0
+  %388 = getelementptr inbounds float, ptr %h, i64 %387
+  %389 = getelementptr inbounds i32, ptr %rows, i64 %385
+  %390 = load i32, ptr %389, align 4
+  %391 = sext i32 %390 to i64
+  %392 = mul nsw i64 %391, 1024
+  %393 = getelementptr inbounds float, ptr %y, i64 %392
+  %394 = add nsw i64 %col24, 0
+  %395 = getelementptr inbounds float, ptr %393, i64 %394
+  %396 = load <8 x float>, ptr %395, align 4
+  %397 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %396
+  store <8 x float> %397, ptr %acc01027, align 4
+  %398 = add nsw i64 %col24, 8
+  %399 = getelementptr inbounds float, ptr %393, i64 %398
+  %400 = load <8 x float>, ptr %399, align 4
+  %401 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %400
+  store <8 x float> %401, ptr %acc01128, align 4
+  %402 = add nsw i64 %r01, 2
+  %403 = mul nsw i64 %402, 2816
+  %404 = add nsw i64 %403, %k0
+  %405 = getelementptr inbounds float, ptr %h, i64 %404
+  %406 = getelementptr inbounds i32, ptr %rows, i64 %402
+  %407 = load i32, ptr %406, align 4
+  %408 = sext i32 %407 to i64
+  %409 = mul nsw i64 %408, 1024
+  %410 = getelementptr inbounds float, ptr %y, i64 %409
+  %411 = add nsw i64 %col24, 0
+  %412 = getelementptr inbounds float, ptr %410, i64 %411
+  %413 = load <8 x float>, ptr %412, align 4
+  %414 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %413
+  store <8 x float> %414, ptr %acc02029, align 4
+  %415 = add nsw i64 %col24, 8
+  %416 = getelementptr inbounds float, ptr %410, i64 %415
+  %417 = load <8 x float>, ptr %416, align 4
+  %418 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %417
+  store <8 x float> %418, ptr %acc02130, align 4
+  %419 = add nsw i64 %r01, 3
+  %420 = mul nsw i64 %419, 2816
+  %421 = add nsw i64 %420, %k0
   %422 = getelementptr inbounds float, ptr %h, i64 %421
-  %423 = getelementptr inbounds i32, ptr %rows, i64 %420
+  %423 = getelementptr inbounds i32, ptr %rows, i64 %419
   %424 = load i32, ptr %423, align 4
   %425 = sext i32 %424 to i64
   %426 = mul nsw i64 %425, 1024
   %427 = getelementptr inbounds float, ptr %y, i64 %426
-  %428 = add nsw i64 %col42, 0
+  %428 = add nsw i64 %col24, 0
   %429 = getelementptr inbounds float, ptr %427, i64 %428
-  store <8 x float> zeroinitializer, ptr %acc01045, align 4
-  %430 = add nsw i64 %col42, 8
-  %431 = getelementptr inbounds float, ptr %427, i64 %430
-  store <8 x float> zeroinitializer, ptr %acc01146, align 4
-  %432 = add nsw i64 %r0, 2
-  %433 = mul nsw i64 %432, 2816
-  %434 = getelementptr inbounds float, ptr %h, i64 %433
-  %435 = getelementptr inbounds i32, ptr %rows, i64 %432
-  %436 = load i32, ptr %435, align 4
-  %437 = sext i32 %436 to i64
-  %438 = mul nsw i64 %437, 1024
-  %439 = getelementptr inbounds float, ptr %y, i64 %438
-  %440 = add nsw i64 %col42, 0
-  %441 = getelementptr inbounds float, ptr %439, i64 %440
-  store <8 x float> zeroinitializer, ptr %acc02047, align 4
-  %442 = add nsw i64 %col42, 8
-  %443 = getelementptr inbounds float, ptr %439, i64 %442
-  store <8 x float> zeroinitializer, ptr %acc02148, align 4
-  %panel.off49 = mul nsw i64 %p, 45056
-  %444 = getelementptr inbounds float, ptr %panels, i64 %panel.off49
-  %445 = add nsw i64 %p, 1
-  %446 = icmp slt i64 %445, %p1
-  %pf.on50 = and i1 %pf.on, %446
-  %447 = mul nsw i64 %rb, 180224
-  %448 = lshr i64 %447, %12
-  %449 = add nsw i64 180224, %448
-  %450 = getelementptr inbounds i8, ptr %444, i64 %449
-  %pf51 = select i1 %pf.on50, ptr %450, ptr %444
-  %pf.sh52 = select i1 %pf.on50, i64 %12, i64 0
-  br label %k.head53
+  %430 = load <8 x float>, ptr %429, align 4
+  %431 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %430
+  store <8 x float> %431, ptr %acc03031, align 4
+  %432 = add nsw i64 %col24, 8
+  %433 = getelementptr inbounds float, ptr %427, i64 %432
+  %434 = load <8 x float>, ptr %433, align 4
+  %435 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %434
+  store <8 x float> %435, ptr %acc03132, align 4
+  %436 = mul nsw i64 %k0, 16
+  %437 = mul nsw i64 %kb.p, 45056
+  %panel.off33 = add nsw i64 %437, %436
+  %438 = getelementptr inbounds float, ptr %panels, i64 %panel.off33
+  %pf.on34 = and i1 %pf.on, %pf.next
+  %439 = mul nsw i64 %rb, 16384
+  %440 = lshr i64 %439, %26
+  %441 = add nsw i64 %pf.step, %440
+  %442 = getelementptr inbounds i8, ptr %438, i64 %441
+  %pf35 = select i1 %pf.on34, ptr %442, ptr %438
+  %pf.sh36 = select i1 %pf.on34, i64 %26, i64 0
+  br label %k.head37
 
-k.head53:                                         ; preds = %pf.any.end58, %tile.mr3
-  %k56 = phi i64 [ 0, %tile.mr3 ], [ %488, %pf.any.end58 ]
-  %451 = icmp slt i64 %k56, 2816
-  br i1 %451, label %k.body54, label %k.end55
+k.head37:                                         ; preds = %pf.any.end42, %tile.mr4
+  %k40 = phi i64 [ 0, %tile.mr4 ], [ %488, %pf.any.end42 ]
+  %443 = icmp slt i64 %k40, 256
+  br i1 %443, label %k.body38, label %k.end39
 
-k.body54:                                         ; preds = %k.head53
-  %452 = mul nsw i64 %k56, 1
-  %453 = add nsw i64 %452, 0
-  %454 = mul nsw i64 %453, 64
-  br i1 %pf.multi, label %pf.any.then57, label %pf.any.end58
+k.body38:                                         ; preds = %k.head37
+  %444 = mul nsw i64 %k40, 1
+  %445 = add nsw i64 %444, 0
+  %446 = mul nsw i64 %445, 64
+  br i1 %pf.multi, label %pf.any.then41, label %pf.any.end42
 
-pf.any.then57:                                    ; preds = %k.body54
-  %455 = lshr i64 %454, %pf.sh52
-  %456 = getelementptr inbounds i8, ptr %pf51, i64 %455
-  call void @llvm.prefetch.p0(ptr %456, i32 0, i32 2, i32 1)
-  br label %pf.any.end58
+pf.any.then41:                                    ; preds = %k.body38
+  %447 = lshr i64 %446, %pf.sh36
+  %448 = getelementptr inbounds i8, ptr %pf35, i64 %447
+  call void @llvm.prefetch.p0(ptr %448, i32 0, i32 2, i32 1)
+  br label %pf.any.end42
 
-pf.any.end58:                                     ; preds = %pf.any.then57, %k.body54
-  %457 = mul nsw i64 %453, 16
-  %458 = add nsw i64 %panel.off49, %457
-  %459 = getelementptr inbounds float, ptr %panels, i64 %458
-  %460 = load <8 x float>, ptr %459, align 4
-  %461 = add nsw i64 %458, 8
-  %462 = getelementptr inbounds float, ptr %panels, i64 %461
-  %463 = load <8 x float>, ptr %462, align 4
-  %464 = getelementptr inbounds float, ptr %410, i64 %453
+pf.any.end42:                                     ; preds = %pf.any.then41, %k.body38
+  %449 = mul nsw i64 %445, 16
+  %450 = add nsw i64 %panel.off33, %449
+  %451 = getelementptr inbounds float, ptr %panels, i64 %450
+  %452 = load <8 x float>, ptr %451, align 4
+  %453 = add nsw i64 %450, 8
+  %454 = getelementptr inbounds float, ptr %panels, i64 %453
+  %455 = load <8 x float>, ptr %454, align 4
+  %456 = getelementptr inbounds float, ptr %371, i64 %445
+  %457 = load float, ptr %456, align 4
+  %458 = insertelement <8 x float> poison, float %457, i32 0
+  %459 = shufflevector <8 x float> %458, <8 x float> poison, <8 x i32> zeroinitializer
+  %460 = load <8 x float>, ptr %acc00025, align 4
+  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %452, <8 x float> %460)
+  store <8 x float> %461, ptr %acc00025, align 4
+  %462 = load <8 x float>, ptr %acc00126, align 4
+  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %455, <8 x float> %462)
+  store <8 x float> %463, ptr %acc00126, align 4
+  %464 = getelementptr inbounds float, ptr %388, i64 %445
   %465 = load float, ptr %464, align 4
   %466 = insertelement <8 x float> poison, float %465, i32 0
   %467 = shufflevector <8 x float> %466, <8 x float> poison, <8 x i32> zeroinitializer
-  %468 = load <8 x float>, ptr %acc00043, align 4
-  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %460, <8 x float> %468)
-  store <8 x float> %469, ptr %acc00043, align 4
-  %470 = load <8 x float>, ptr %acc00144, align 4
-  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %463, <8 x float> %470)
-  store <8 x float> %471, ptr %acc00144, align 4
-  %472 = getelementptr inbounds float, ptr %422, i64 %453
+  %468 = load <8 x float>, ptr %acc01027, align 4
+  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %452, <8 x float> %468)
+  store <8 x float> %469, ptr %acc01027, align 4
+  %470 = load <8 x float>, ptr %acc01128, align 4
+  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %455, <8 x float> %470)
+  store <8 x float> %471, ptr %acc01128, align 4
+  %472 = getelementptr inbounds float, ptr %405, i64 %445
   %473 = load float, ptr %472, align 4
   %474 = insertelement <8 x float> poison, float %473, i32 0
   %475 = shufflevector <8 x float> %474, <8 x float> poison, <8 x i32> zeroinitializer
-  %476 = load <8 x float>, ptr %acc01045, align 4
-  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %460, <8 x float> %476)
-  store <8 x float> %477, ptr %acc01045, align 4
-  %478 = load <8 x float>, ptr %acc01146, align 4
-  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %463, <8 x float> %478)
-  store <8 x float> %479, ptr %acc01146, align 4
-  %480 = getelementptr inbounds float, ptr %434, i64 %453
+  %476 = load <8 x float>, ptr %acc02029, align 4
+  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %452, <8 x float> %476)
+  store <8 x float> %477, ptr %acc02029, align 4
+  %478 = load <8 x float>, ptr %acc02130, align 4
+  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %455, <8 x float> %478)
+  store <8 x float> %479, ptr %acc02130, align 4
+  %480 = getelementptr inbounds float, ptr %422, i64 %445
   %481 = load float, ptr %480, align 4
   %482 = insertelement <8 x float> poison, float %481, i32 0
   %483 = shufflevector <8 x float> %482, <8 x float> poison, <8 x i32> zeroinitializer
-  %484 = load <8 x float>, ptr %acc02047, align 4
-  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %460, <8 x float> %484)
-  store <8 x float> %485, ptr %acc02047, align 4
-  %486 = load <8 x float>, ptr %acc02148, align 4
-  %487 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %463, <8 x float> %486)
-  store <8 x float> %487, ptr %acc02148, align 4
-  %488 = add nsw i64 %k56, 1
-  br label %k.head53
+  %484 = load <8 x float>, ptr %acc03031, align 4
+  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %452, <8 x float> %484)
+  store <8 x float> %485, ptr %acc03031, align 4
+  %486 = load <8 x float>, ptr %acc03132, align 4
+  %487 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %455, <8 x float> %486)
+  store <8 x float> %487, ptr %acc03132, align 4
+  %488 = add nsw i64 %k40, 1
+  br label %k.head37
 
-k.end55:                                          ; preds = %k.head53
-  %489 = load <8 x float>, ptr %acc00043, align 4
-  store <8 x float> %489, ptr %417, align 4
-  %490 = load <8 x float>, ptr %acc00144, align 4
-  store <8 x float> %490, ptr %419, align 4
-  %491 = load <8 x float>, ptr %acc01045, align 4
-  store <8 x float> %491, ptr %429, align 4
-  %492 = load <8 x float>, ptr %acc01146, align 4
-  store <8 x float> %492, ptr %431, align 4
-  %493 = load <8 x float>, ptr %acc02047, align 4
-  store <8 x float> %493, ptr %441, align 4
-  %494 = load <8 x float>, ptr %acc02148, align 4
-  store <8 x float> %494, ptr %443, align 4
+k.end39:                                          ; preds = %k.head37
+  %489 = load <8 x float>, ptr %acc00025, align 4
+  store <8 x float> %489, ptr %378, align 4
+  %490 = load <8 x float>, ptr %acc00126, align 4
+  store <8 x float> %490, ptr %382, align 4
+  %491 = load <8 x float>, ptr %acc01027, align 4
+  store <8 x float> %491, ptr %395, align 4
+  %492 = load <8 x float>, ptr %acc01128, align 4
+  store <8 x float> %492, ptr %399, align 4
+  %493 = load <8 x float>, ptr %acc02029, align 4
+  store <8 x float> %493, ptr %412, align 4
+  %494 = load <8 x float>, ptr %acc02130, align 4
+  store <8 x float> %494, ptr %416, align 4
+  %495 = load <8 x float>, ptr %acc03031, align 4
+  store <8 x float> %495, ptr %429, align 4
+  %496 = load <8 x float>, ptr %acc03132, align 4
+  store <8 x float> %496, ptr %433, align 4
+  br label %tile.done
+
+tile.mr3:                                         ; preds = %rb.body
+  %col43 = mul nsw i64 %kb.p, 16
+  %497 = add nsw i64 %r01, 0
+  %498 = mul nsw i64 %497, 2816
+  %499 = add nsw i64 %498, %k0
+  %500 = getelementptr inbounds float, ptr %h, i64 %499
+  %501 = getelementptr inbounds i32, ptr %rows, i64 %497
+  %502 = load i32, ptr %501, align 4
+  %503 = sext i32 %502 to i64
+  %504 = mul nsw i64 %503, 1024
+  %505 = getelementptr inbounds float, ptr %y, i64 %504
+  %506 = add nsw i64 %col43, 0
+  %507 = getelementptr inbounds float, ptr %505, i64 %506
+  %508 = load <8 x float>, ptr %507, align 4
+  %509 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %508
+  store <8 x float> %509, ptr %acc00044, align 4
+  %510 = add nsw i64 %col43, 8
+  %511 = getelementptr inbounds float, ptr %505, i64 %510
+  %512 = load <8 x float>, ptr %511, align 4
+  %513 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %512
+  store <8 x float> %513, ptr %acc00145, align 4
+  %514 = add nsw i64 %r01, 1
+  %515 = mul nsw i64 %514, 2816
+  %516 = add nsw i64 %515, %k0
+  %517 = getelementptr inbounds float, ptr %h, i64 %516
+  %518 = getelementptr inbounds i32, ptr %rows, i64 %514
+  %519 = load i32, ptr %518, align 4
+  %520 = sext i32 %519 to i64
+  %521 = mul nsw i64 %520, 1024
+  %522 = getelementptr inbounds float, ptr %y, i64 %521
+  %523 = add nsw i64 %col43, 0
+  %524 = getelementptr inbounds float, ptr %522, i64 %523
+  %525 = load <8 x float>, ptr %524, align 4
+  %526 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %525
+  store <8 x float> %526, ptr %acc01046, align 4
+  %527 = add nsw i64 %col43, 8
+  %528 = getelementptr inbounds float, ptr %522, i64 %527
+  %529 = load <8 x float>, ptr %528, align 4
+  %530 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %529
+  store <8 x float> %530, ptr %acc01147, align 4
+  %531 = add nsw i64 %r01, 2
+  %532 = mul nsw i64 %531, 2816
+  %533 = add nsw i64 %532, %k0
+  %534 = getelementptr inbounds float, ptr %h, i64 %533
+  %535 = getelementptr inbounds i32, ptr %rows, i64 %531
+  %536 = load i32, ptr %535, align 4
+  %537 = sext i32 %536 to i64
+  %538 = mul nsw i64 %537, 1024
+  %539 = getelementptr inbounds float, ptr %y, i64 %538
+  %540 = add nsw i64 %col43, 0
+  %541 = getelementptr inbounds float, ptr %539, i64 %540
+  %542 = load <8 x float>, ptr %541, align 4
+  %543 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %542
+  store <8 x float> %543, ptr %acc02048, align 4
+  %544 = add nsw i64 %col43, 8
+  %545 = getelementptr inbounds float, ptr %539, i64 %544
+  %546 = load <8 x float>, ptr %545, align 4
+  %547 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %546
+  store <8 x float> %547, ptr %acc02149, align 4
+  %548 = mul nsw i64 %k0, 16
+  %549 = mul nsw i64 %kb.p, 45056
+  %panel.off50 = add nsw i64 %549, %548
+  %550 = getelementptr inbounds float, ptr %panels, i64 %panel.off50
+  %pf.on51 = and i1 %pf.on, %pf.next
+  %551 = mul nsw i64 %rb, 16384
+  %552 = lshr i64 %551, %26
+  %553 = add nsw i64 %pf.step, %552
+  %554 = getelementptr inbounds i8, ptr %550, i64 %553
+  %pf52 = select i1 %pf.on51, ptr %554, ptr %550
+  %pf.sh53 = select i1 %pf.on51, i64 %26, i64 0
+  br label %k.head54
+
+k.head54:                                         ; preds = %pf.any.end59, %tile.mr3
+  %k57 = phi i64 [ 0, %tile.mr3 ], [ %592, %pf.any.end59 ]
+  %555 = icmp slt i64 %k57, 256
+  br i1 %555, label %k.body55, label %k.end56
+
+k.body55:                                         ; preds = %k.head54
+  %556 = mul nsw i64 %k57, 1
+  %557 = add nsw i64 %556, 0
+  %558 = mul nsw i64 %557, 64
+  br i1 %pf.multi, label %pf.any.then58, label %pf.any.end59
+
+pf.any.then58:                                    ; preds = %k.body55
+  %559 = lshr i64 %558, %pf.sh53
+  %560 = getelementptr inbounds i8, ptr %pf52, i64 %559
+  call void @llvm.prefetch.p0(ptr %560, i32 0, i32 2, i32 1)
+  br label %pf.any.end59
+
+pf.any.end59:                                     ; preds = %pf.any.then58, %k.body55
+  %561 = mul nsw i64 %557, 16
+  %562 = add nsw i64 %panel.off50, %561
+  %563 = getelementptr inbounds float, ptr %panels, i64 %562
+  %564 = load <8 x float>, ptr %563, align 4
+  %565 = add nsw i64 %562, 8
+  %566 = getelementptr inbounds float, ptr %panels, i64 %565
+  %567 = load <8 x float>, ptr %566, align 4
+  %568 = getelementptr inbounds float, ptr %500, i64 %557
+  %569 = load float, ptr %568, align 4
+  %570 = insertelement <8 x float> poison, float %569, i32 0
+  %571 = shufflevector <8 x float> %570, <8 x float> poison, <8 x i32> zeroinitializer
+  %572 = load <8 x float>, ptr %acc00044, align 4
+  %573 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> %564, <8 x float> %572)
+  store <8 x float> %573, ptr %acc00044, align 4
+  %574 = load <8 x float>, ptr %acc00145, align 4
+  %575 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> %567, <8 x float> %574)
+  store <8 x float> %575, ptr %acc00145, align 4
+  %576 = getelementptr inbounds float, ptr %517, i64 %557
+  %577 = load float, ptr %576, align 4
+  %578 = insertelement <8 x float> poison, float %577, i32 0
+  %579 = shufflevector <8 x float> %578, <8 x float> poison, <8 x i32> zeroinitializer
+  %580 = load <8 x float>, ptr %acc01046, align 4
+  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %564, <8 x float> %580)
+  store <8 x float> %581, ptr %acc01046, align 4
+  %582 = load <8 x float>, ptr %acc01147, align 4
+  %583 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %567, <8 x float> %582)
+  store <8 x float> %583, ptr %acc01147, align 4
+  %584 = getelementptr inbounds float, ptr %534, i64 %557
+  %585 = load float, ptr %584, align 4
+  %586 = insertelement <8 x float> poison, float %585, i32 0
+  %587 = shufflevector <8 x float> %586, <8 x float> poison, <8 x i32> zeroinitializer
+  %588 = load <8 x float>, ptr %acc02048, align 4
+  %589 = call <8 x float> @llvm.fma.v8f32(<8 x float> %587, <8 x float> %564, <8 x float> %588)
+  store <8 x float> %589, ptr %acc02048, align 4
+  %590 = load <8 x float>, ptr %acc02149, align 4
+  %591 = call <8 x float> @llvm.fma.v8f32(<8 x float> %587, <8 x float> %567, <8 x float> %590)
+  store <8 x float> %591, ptr %acc02149, align 4
+  %592 = add nsw i64 %k57, 1
+  br label %k.head54
+
+k.end56:                                          ; preds = %k.head54
+  %593 = load <8 x float>, ptr %acc00044, align 4
+  store <8 x float> %593, ptr %507, align 4
+  %594 = load <8 x float>, ptr %acc00145, align 4
+  store <8 x float> %594, ptr %511, align 4
+  %595 = load <8 x float>, ptr %acc01046, align 4
+  store <8 x float> %595, ptr %524, align 4
+  %596 = load <8 x float>, ptr %acc01147, align 4
+  store <8 x float> %596, ptr %528, align 4
+  %597 = load <8 x float>, ptr %acc02048, align 4
+  store <8 x float> %597, ptr %541, align 4
+  %598 = load <8 x float>, ptr %acc02149, align 4
+  store <8 x float> %598, ptr %545, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
-  %col59 = mul nsw i64 %p, 16
-  %495 = add nsw i64 %r0, 0
-  %496 = mul nsw i64 %495, 2816
-  %497 = getelementptr inbounds float, ptr %h, i64 %496
-  %498 = getelementptr inbounds i32, ptr %rows, i64 %495
-  %499 = load i32, ptr %498, align 4
-  %500 = sext i32 %499 to i64
-  %501 = mul nsw i64 %500, 1024
-  %502 = getelementptr inbounds float, ptr %y, i64 %501
-  %503 = add nsw i64 %col59, 0
-  %504 = getelementptr inbounds float, ptr %502, i64 %503
-  store <8 x float> zeroinitializer, ptr %acc00060, align 4
-  %505 = add nsw i64 %col59, 8
-  %506 = getelementptr inbounds float, ptr %502, i64 %505
-  store <8 x float> zeroinitializer, ptr %acc00161, align 4
-  %507 = add nsw i64 %r0, 1
-  %508 = mul nsw i64 %507, 2816
-  %509 = getelementptr inbounds float, ptr %h, i64 %508
-  %510 = getelementptr inbounds i32, ptr %rows, i64 %507
-  %511 = load i32, ptr %510, align 4
-  %512 = sext i32 %511 to i64
-  %513 = mul nsw i64 %512, 1024
-  %514 = getelementptr inbounds float, ptr %y, i64 %513
-  %515 = add nsw i64 %col59, 0
-  %516 = getelementptr inbounds float, ptr %514, i64 %515
-  store <8 x float> zeroinitializer, ptr %acc01062, align 4
-  %517 = add nsw i64 %col59, 8
-  %518 = getelementptr inbounds float, ptr %514, i64 %517
-  store <8 x float> zeroinitializer, ptr %acc01163, align 4
-  %panel.off64 = mul nsw i64 %p, 45056
-  %519 = getelementptr inbounds float, ptr %panels, i64 %panel.off64
-  %520 = add nsw i64 %p, 1
-  %521 = icmp slt i64 %520, %p1
-  %pf.on65 = and i1 %pf.on, %521
-  %522 = mul nsw i64 %rb, 180224
-  %523 = lshr i64 %522, %12
-  %524 = add nsw i64 180224, %523
-  %525 = getelementptr inbounds i8, ptr %519, i64 %524
-  %pf66 = select i1 %pf.on65, ptr %525, ptr %519
-  %pf.sh67 = select i1 %pf.on65, i64 %12, i64 0
-  br label %k.head68
+  %col60 = mul nsw i64 %kb.p, 16
+  %599 = add nsw i64 %r01, 0
+  %600 = mul nsw i64 %599, 2816
+  %601 = add nsw i64 %600, %k0
+  %602 = getelementptr inbounds float, ptr %h, i64 %601
+  %603 = getelementptr inbounds i32, ptr %rows, i64 %599
+  %604 = load i32, ptr %603, align 4
+  %605 = sext i32 %604 to i64
+  %606 = mul nsw i64 %605, 1024
+  %607 = getelementptr inbounds float, ptr %y, i64 %606
+  %608 = add nsw i64 %col60, 0
+  %609 = getelementptr inbounds float, ptr %607, i64 %608
+  %610 = load <8 x float>, ptr %609, align 4
+  %611 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %610
+  store <8 x float> %611, ptr %acc00061, align 4
+  %612 = add nsw i64 %col60, 8
+  %613 = getelementptr inbounds float, ptr %607, i64 %612
+  %614 = load <8 x float>, ptr %613, align 4
+  %615 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %614
+  store <8 x float> %615, ptr %acc00162, align 4
+  %616 = add nsw i64 %r01, 1
+  %617 = mul nsw i64 %616, 2816
+  %618 = add nsw i64 %617, %k0
+  %619 = getelementptr inbounds float, ptr %h, i64 %618
+  %620 = getelementptr inbounds i32, ptr %rows, i64 %616
+  %621 = load i32, ptr %620, align 4
+  %622 = sext i32 %621 to i64
+  %623 = mul nsw i64 %622, 1024
+  %624 = getelementptr inbounds float, ptr %y, i64 %623
+  %625 = add nsw i64 %col60, 0
+  %626 = getelementptr inbounds float, ptr %624, i64 %625
+  %627 = load <8 x float>, ptr %626, align 4
+  %628 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %627
+  store <8 x float> %628, ptr %acc01063, align 4
+  %629 = add nsw i64 %col60, 8
+  %630 = getelementptr inbounds float, ptr %624, i64 %629
+  %631 = load <8 x float>, ptr %630, align 4
+  %632 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %631
+  store <8 x float> %632, ptr %acc01164, align 4
+  %633 = mul nsw i64 %k0, 16
+  %634 = mul nsw i64 %kb.p, 45056
+  %panel.off65 = add nsw i64 %634, %633
+  %635 = getelementptr inbounds float, ptr %panels, i64 %panel.off65
+  %pf.on66 = and i1 %pf.on, %pf.next
+  %636 = mul nsw i64 %rb, 16384
+  %637 = lshr i64 %636, %26
+  %638 = add nsw i64 %pf.step, %637
+  %639 = getelementptr inbounds i8, ptr %635, i64 %638
+  %pf67 = select i1 %pf.on66, ptr %639, ptr %635
+  %pf.sh68 = select i1 %pf.on66, i64 %26, i64 0
+  br label %k.head69
 
-k.head68:                                         ; preds = %pf.any.end73, %tile.mr2
-  %k71 = phi i64 [ 0, %tile.mr2 ], [ %555, %pf.any.end73 ]
-  %526 = icmp slt i64 %k71, 2816
-  br i1 %526, label %k.body69, label %k.end70
+k.head69:                                         ; preds = %pf.any.end74, %tile.mr2
+  %k72 = phi i64 [ 0, %tile.mr2 ], [ %669, %pf.any.end74 ]
+  %640 = icmp slt i64 %k72, 256
+  br i1 %640, label %k.body70, label %k.end71
 
-k.body69:                                         ; preds = %k.head68
-  %527 = mul nsw i64 %k71, 1
-  %528 = add nsw i64 %527, 0
-  %529 = mul nsw i64 %528, 64
-  br i1 %pf.multi, label %pf.any.then72, label %pf.any.end73
+k.body70:                                         ; preds = %k.head69
+  %641 = mul nsw i64 %k72, 1
+  %642 = add nsw i64 %641, 0
+  %643 = mul nsw i64 %642, 64
+  br i1 %pf.multi, label %pf.any.then73, label %pf.any.end74
 
-pf.any.then72:                                    ; preds = %k.body69
-  %530 = lshr i64 %529, %pf.sh67
-  %531 = getelementptr inbounds i8, ptr %pf66, i64 %530
-  call void @llvm.prefetch.p0(ptr %531, i32 0, i32 2, i32 1)
-  br label %pf.any.end73
+pf.any.then73:                                    ; preds = %k.body70
+  %644 = lshr i64 %643, %pf.sh68
+  %645 = getelementptr inbounds i8, ptr %pf67, i64 %644
+  call void @llvm.prefetch.p0(ptr %645, i32 0, i32 2, i32 1)
+  br label %pf.any.end74
 
-pf.any.end73:                                     ; preds = %pf.any.then72, %k.body69
-  %532 = mul nsw i64 %528, 16
-  %533 = add nsw i64 %panel.off64, %532
-  %534 = getelementptr inbounds float, ptr %panels, i64 %533
-  %535 = load <8 x float>, ptr %534, align 4
-  %536 = add nsw i64 %533, 8
-  %537 = getelementptr inbounds float, ptr %panels, i64 %536
-  %538 = load <8 x float>, ptr %537, align 4
-  %539 = getelementptr inbounds float, ptr %497, i64 %528
-  %540 = load float, ptr %539, align 4
-  %541 = insertelement <8 x float> poison, float %540, i32 0
-  %542 = shufflevector <8 x float> %541, <8 x float> poison, <8 x i32> zeroinitializer
-  %543 = load <8 x float>, ptr %acc00060, align 4
-  %544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %542, <8 x float> %535, <8 x float> %543)
-  store <8 x float> %544, ptr %acc00060, align 4
-  %545 = load <8 x float>, ptr %acc00161, align 4
-  %546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %542, <8 x float> %538, <8 x float> %545)
-  store <8 x float> %546, ptr %acc00161, align 4
-  %547 = getelementptr inbounds float, ptr %509, i64 %528
-  %548 = load float, ptr %547, align 4
-  %549 = insertelement <8 x float> poison, float %548, i32 0
-  %550 = shufflevector <8 x float> %549, <8 x float> poison, <8 x i32> zeroinitializer
-  %551 = load <8 x float>, ptr %acc01062, align 4
-  %552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %535, <8 x float> %551)
-  store <8 x float> %552, ptr %acc01062, align 4
-  %553 = load <8 x float>, ptr %acc01163, align 4
-  %554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %550, <8 x float> %538, <8 x float> %553)
-  store <8 x float> %554, ptr %acc01163, align 4
-  %555 = add nsw i64 %k71, 1
-  br label %k.head68
+pf.any.end74:                                     ; preds = %pf.any.then73, %k.body70
+  %646 = mul nsw i64 %642, 16
+  %647 = add nsw i64 %panel.off65, %646
+  %648 = getelementptr inbounds float, ptr %panels, i64 %647
+  %649 = load <8 x float>, ptr %648, align 4
+  %650 = add nsw i64 %647, 8
+  %651 = getelementptr inbounds float, ptr %panels, i64 %650
+  %652 = load <8 x float>, ptr %651, align 4
+  %653 = getelementptr inbounds float, ptr %602, i64 %642
+  %654 = load float, ptr %653, align 4
+  %655 = insertelement <8 x float> poison, float %654, i32 0
+  %656 = shufflevector <8 x float> %655, <8 x float> poison, <8 x i32> zeroinitializer
+  %657 = load <8 x float>, ptr %acc00061, align 4
+  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> %656, <8 x float> %649, <8 x float> %657)
+  store <8 x float> %658, ptr %acc00061, align 4
+  %659 = load <8 x float>, ptr %acc00162, align 4
+  %660 = call <8 x float> @llvm.fma.v8f32(<8 x float> %656, <8 x float> %652, <8 x float> %659)
+  store <8 x float> %660, ptr %acc00162, align 4
+  %661 = getelementptr inbounds float, ptr %619, i64 %642
+  %662 = load float, ptr %661, align 4
+  %663 = insertelement <8 x float> poison, float %662, i32 0
+  %664 = shufflevector <8 x float> %663, <8 x float> poison, <8 x i32> zeroinitializer
+  %665 = load <8 x float>, ptr %acc01063, align 4
+  %666 = call <8 x float> @llvm.fma.v8f32(<8 x float> %664, <8 x float> %649, <8 x float> %665)
+  store <8 x float> %666, ptr %acc01063, align 4
+  %667 = load <8 x float>, ptr %acc01164, align 4
+  %668 = call <8 x float> @llvm.fma.v8f32(<8 x float> %664, <8 x float> %652, <8 x float> %667)
+  store <8 x float> %668, ptr %acc01164, align 4
+  %669 = add nsw i64 %k72, 1
+  br label %k.head69
 
-k.end70:                                          ; preds = %k.head68
-  %556 = load <8 x float>, ptr %acc00060, align 4
-  store <8 x float> %556, ptr %504, align 4
-  %557 = load <8 x float>, ptr %acc00161, align 4
-  store <8 x float> %557, ptr %506, align 4
-  %558 = load <8 x float>, ptr %acc01062, align 4
-  store <8 x float> %558, ptr %516, align 4
-  %559 = load <8 x float>, ptr %acc01163, align 4
-  store <8 x float> %559, ptr %518, align 4
+k.end71:                                          ; preds = %k.head69
+  %670 = load <8 x float>, ptr %acc00061, align 4
+  store <8 x float> %670, ptr %609, align 4
+  %671 = load <8 x float>, ptr %acc00162, align 4
+  store <8 x float> %671, ptr %613, align 4
+  %672 = load <8 x float>, ptr %acc01063, align 4
+  store <8 x float> %672, ptr %626, align 4
+  %673 = load <8 x float>, ptr %acc01164, align 4
+  store <8 x float> %673, ptr %630, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
-  %col74 = mul nsw i64 %p, 16
-  %560 = add nsw i64 %r0, 0
-  %561 = mul nsw i64 %560, 2816
-  %562 = getelementptr inbounds float, ptr %h, i64 %561
-  %563 = getelementptr inbounds i32, ptr %rows, i64 %560
-  %564 = load i32, ptr %563, align 4
-  %565 = sext i32 %564 to i64
-  %566 = mul nsw i64 %565, 1024
-  %567 = getelementptr inbounds float, ptr %y, i64 %566
-  %568 = add nsw i64 %col74, 0
-  %569 = getelementptr inbounds float, ptr %567, i64 %568
-  store <8 x float> zeroinitializer, ptr %acc00075, align 4
-  %570 = add nsw i64 %col74, 8
-  %571 = getelementptr inbounds float, ptr %567, i64 %570
-  store <8 x float> zeroinitializer, ptr %acc00176, align 4
-  %panel.off77 = mul nsw i64 %p, 45056
-  %572 = getelementptr inbounds float, ptr %panels, i64 %panel.off77
-  %573 = add nsw i64 %p, 1
-  %574 = icmp slt i64 %573, %p1
-  %pf.on78 = and i1 %pf.on, %574
-  %575 = mul nsw i64 %rb, 180224
-  %576 = lshr i64 %575, %12
-  %577 = add nsw i64 180224, %576
-  %578 = getelementptr inbounds i8, ptr %572, i64 %577
-  %pf79 = select i1 %pf.on78, ptr %578, ptr %572
-  %pf.sh80 = select i1 %pf.on78, i64 %12, i64 0
-  br label %k.head81
+  %col75 = mul nsw i64 %kb.p, 16
+  %674 = add nsw i64 %r01, 0
+  %675 = mul nsw i64 %674, 2816
+  %676 = add nsw i64 %675, %k0
+  %677 = getelementptr inbounds float, ptr %h, i64 %676
+  %678 = getelementptr inbounds i32, ptr %rows, i64 %674
+  %679 = load i32, ptr %678, align 4
+  %680 = sext i32 %679 to i64
+  %681 = mul nsw i64 %680, 1024
+  %682 = getelementptr inbounds float, ptr %y, i64 %681
+  %683 = add nsw i64 %col75, 0
+  %684 = getelementptr inbounds float, ptr %682, i64 %683
+  %685 = load <8 x float>, ptr %684, align 4
+  %686 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %685
+  store <8 x float> %686, ptr %acc00076, align 4
+  %687 = add nsw i64 %col75, 8
+  %688 = getelementptr inbounds float, ptr %682, i64 %687
+  %689 = load <8 x float>, ptr %688, align 4
+  %690 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %689
+  store <8 x float> %690, ptr %acc00177, align 4
+  %691 = mul nsw i64 %k0, 16
+  %692 = mul nsw i64 %kb.p, 45056
+  %panel.off78 = add nsw i64 %692, %691
+  %693 = getelementptr inbounds float, ptr %panels, i64 %panel.off78
+  %pf.on79 = and i1 %pf.on, %pf.next
+  %694 = mul nsw i64 %rb, 16384
+  %695 = lshr i64 %694, %26
+  %696 = add nsw i64 %pf.step, %695
+  %697 = getelementptr inbounds i8, ptr %693, i64 %696
+  %pf80 = select i1 %pf.on79, ptr %697, ptr %693
+  %pf.sh81 = select i1 %pf.on79, i64 %26, i64 0
+  br label %k.head82
 
-k.head81:                                         ; preds = %pf.any.end86, %tile.mr1
-  %k84 = phi i64 [ 0, %tile.mr1 ], [ %600, %pf.any.end86 ]
-  %579 = icmp slt i64 %k84, 2816
-  br i1 %579, label %k.body82, label %k.end83
+k.head82:                                         ; preds = %pf.any.end87, %tile.mr1
+  %k85 = phi i64 [ 0, %tile.mr1 ], [ %719, %pf.any.end87 ]
+  %698 = icmp slt i64 %k85, 256
+  br i1 %698, label %k.body83, label %k.end84
 
-k.body82:                                         ; preds = %k.head81
-  %580 = mul nsw i64 %k84, 1
-  %581 = add nsw i64 %580, 0
-  %582 = mul nsw i64 %581, 64
-  br i1 %pf.multi, label %pf.any.then85, label %pf.any.end86
+k.body83:                                         ; preds = %k.head82
+  %699 = mul nsw i64 %k85, 1
+  %700 = add nsw i64 %699, 0
+  %701 = mul nsw i64 %700, 64
+  br i1 %pf.multi, label %pf.any.then86, label %pf.any.end87
 
-pf.any.then85:                                    ; preds = %k.body82
-  %583 = lshr i64 %582, %pf.sh80
-  %584 = getelementptr inbounds i8, ptr %pf79, i64 %583
-  call void @llvm.prefetch.p0(ptr %584, i32 0, i32 2, i32 1)
-  br label %pf.any.end86
+pf.any.then86:                                    ; preds = %k.body83
+  %702 = lshr i64 %701, %pf.sh81
+  %703 = getelementptr inbounds i8, ptr %pf80, i64 %702
+  call void @llvm.prefetch.p0(ptr %703, i32 0, i32 2, i32 1)
+  br label %pf.any.end87
 
-pf.any.end86:                                     ; preds = %pf.any.then85, %k.body82
-  %585 = mul nsw i64 %581, 16
-  %586 = add nsw i64 %panel.off77, %585
-  %587 = getelementptr inbounds float, ptr %panels, i64 %586
-  %588 = load <8 x float>, ptr %587, align 4
-  %589 = add nsw i64 %586, 8
-  %590 = getelementptr inbounds float, ptr %panels, i64 %589
-  %591 = load <8 x float>, ptr %590, align 4
-  %592 = getelementptr inbounds float, ptr %562, i64 %581
-  %593 = load float, ptr %592, align 4
-  %594 = insertelement <8 x float> poison, float %593, i32 0
-  %595 = shufflevector <8 x float> %594, <8 x float> poison, <8 x i32> zeroinitializer
-  %596 = load <8 x float>, ptr %acc00075, align 4
-  %597 = call <8 x float> @llvm.fma.v8f32(<8 x float> %595, <8 x float> %588, <8 x float> %596)
-  store <8 x float> %597, ptr %acc00075, align 4
-  %598 = load <8 x float>, ptr %acc00176, align 4
-  %599 = call <8 x float> @llvm.fma.v8f32(<8 x float> %595, <8 x float> %591, <8 x float> %598)
-  store <8 x float> %599, ptr %acc00176, align 4
-  %600 = add nsw i64 %k84, 1
-  br label %k.head81
+pf.any.end87:                                     ; preds = %pf.any.then86, %k.body83
+  %704 = mul nsw i64 %700, 16
+  %705 = add nsw i64 %panel.off78, %704
+  %706 = getelementptr inbounds float, ptr %panels, i64 %705
+  %707 = load <8 x float>, ptr %706, align 4
+  %708 = add nsw i64 %705, 8
+  %709 = getelementptr inbounds float, ptr %panels, i64 %708
+  %710 = load <8 x float>, ptr %709, align 4
+  %711 = getelementptr inbounds float, ptr %677, i64 %700
+  %712 = load float, ptr %711, align 4
+  %713 = insertelement <8 x float> poison, float %712, i32 0
+  %714 = shufflevector <8 x float> %713, <8 x float> poison, <8 x i32> zeroinitializer
+  %715 = load <8 x float>, ptr %acc00076, align 4
+  %716 = call <8 x float> @llvm.fma.v8f32(<8 x float> %714, <8 x float> %707, <8 x float> %715)
+  store <8 x float> %716, ptr %acc00076, align 4
+  %717 = load <8 x float>, ptr %acc00177, align 4
+  %718 = call <8 x float> @llvm.fma.v8f32(<8 x float> %714, <8 x float> %710, <8 x float> %717)
+  store <8 x float> %718, ptr %acc00177, align 4
+  %719 = add nsw i64 %k85, 1
+  br label %k.head82
 
-k.end83:                                          ; preds = %k.head81
-  %601 = load <8 x float>, ptr %acc00075, align 4
-  store <8 x float> %601, ptr %569, align 4
-  %602 = load <8 x float>, ptr %acc00176, align 4
-  store <8 x float> %602, ptr %571, align 4
+k.end84:                                          ; preds = %k.head82
+  %720 = load <8 x float>, ptr %acc00076, align 4
+  store <8 x float> %720, ptr %684, align 4
+  %721 = load <8 x float>, ptr %acc00177, align 4
+  store <8 x float> %721, ptr %688, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end83, %k.end70, %k.end55, %k.end38, %k.end19, %k.end
-  %603 = add nsw i64 %rb, 1
+tile.done:                                        ; preds = %k.end84, %k.end71, %k.end56, %k.end39, %k.end20, %k.end
+  %722 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %604 = add nsw i64 %p, 1
+  %723 = add nsw i64 %kb.p, 1
+  br label %kb.p.head
+
+kb.p.end:                                         ; preds = %kb.p.head
+  %724 = add nsw i64 %kb.k, 1
+  br label %kb.k.head
+
+kb.k.end:                                         ; preds = %kb.k.head
+  %725 = add nsw i64 %kb.pg, 16
+  br label %kb.pg.head
+
+kb.pg.end:                                        ; preds = %kb.pg.head
+  %726 = add nsw i64 %kb.rc, 96
+  br label %kb.rc.head
+
+kb.rc.end:                                        ; preds = %kb.rc.head
+  br label %call.end
+
+flat:                                             ; preds = %start
+  br label %p.head
+
+p.head:                                           ; preds = %rb.end91, %flat
+  %p = phi i64 [ %p0, %flat ], [ %1399, %rb.end91 ]
+  %727 = icmp slt i64 %p, %end
+  br i1 %727, label %p.body, label %p.end
+
+p.body:                                           ; preds = %p.head
+  %728 = add nsw i64 %n, 5
+  %nrb88 = sdiv i64 %728, 6
+  br label %rb.head89
+
+rb.head89:                                        ; preds = %tile.done96, %p.body
+  %rb92 = phi i64 [ 0, %p.body ], [ %1398, %tile.done96 ]
+  %729 = icmp slt i64 %rb92, %nrb88
+  br i1 %729, label %rb.body90, label %rb.end91
+
+rb.body90:                                        ; preds = %rb.head89
+  %730 = mul nsw i64 %rb92, %n
+  %r093 = sdiv i64 %730, %nrb88
+  %731 = add nsw i64 %rb92, 1
+  %732 = mul nsw i64 %731, %n
+  %r194 = sdiv i64 %732, %nrb88
+  %mr95 = sub nsw i64 %r194, %r093
+  %733 = icmp sge i64 %nrb88, 2
+  %734 = select i1 %733, i64 1, i64 0
+  %735 = icmp sge i64 %nrb88, 4
+  %736 = select i1 %735, i64 2, i64 %734
+  %737 = icmp sge i64 %nrb88, 8
+  %738 = select i1 %737, i64 3, i64 %736
+  %pf.multi103 = icmp sgt i64 %nrb88, 1
+  %739 = shl i64 1, %738
+  %740 = icmp slt i64 %rb92, %739
+  %pf.on104 = and i1 %pf.multi103, %740
+  switch i64 %mr95, label %tile.mr6102 [
+    i64 1, label %tile.mr197
+    i64 2, label %tile.mr298
+    i64 3, label %tile.mr399
+    i64 4, label %tile.mr4100
+    i64 5, label %tile.mr5101
+  ]
+
+tile.mr6102:                                      ; preds = %rb.body90
+  %col105 = mul nsw i64 %p, 16
+  %741 = add nsw i64 %r093, 0
+  %742 = mul nsw i64 %741, 2816
+  %743 = add nsw i64 %742, 0
+  %744 = getelementptr inbounds float, ptr %h, i64 %743
+  %745 = getelementptr inbounds i32, ptr %rows, i64 %741
+  %746 = load i32, ptr %745, align 4
+  %747 = sext i32 %746 to i64
+  %748 = mul nsw i64 %747, 1024
+  %749 = getelementptr inbounds float, ptr %y, i64 %748
+  %750 = add nsw i64 %col105, 0
+  %751 = getelementptr inbounds float, ptr %749, i64 %750
+  %752 = load <8 x float>, ptr %751, align 4
+  store <8 x float> zeroinitializer, ptr %acc000106, align 4
+  %753 = add nsw i64 %col105, 8
+  %754 = getelementptr inbounds float, ptr %749, i64 %753
+  %755 = load <8 x float>, ptr %754, align 4
+  store <8 x float> zeroinitializer, ptr %acc001107, align 4
+  %756 = add nsw i64 %r093, 1
+  %757 = mul nsw i64 %756, 2816
+  %758 = add nsw i64 %757, 0
+  %759 = getelementptr inbounds float, ptr %h, i64 %758
+  %760 = getelementptr inbounds i32, ptr %rows, i64 %756
+  %761 = load i32, ptr %760, align 4
+  %762 = sext i32 %761 to i64
+  %763 = mul nsw i64 %762, 1024
+  %764 = getelementptr inbounds float, ptr %y, i64 %763
+  %765 = add nsw i64 %col105, 0
+  %766 = getelementptr inbounds float, ptr %764, i64 %765
+  %767 = load <8 x float>, ptr %766, align 4
+  store <8 x float> zeroinitializer, ptr %acc010108, align 4
+  %768 = add nsw i64 %col105, 8
+  %769 = getelementptr inbounds float, ptr %764, i64 %768
+  %770 = load <8 x float>, ptr %769, align 4
+  store <8 x float> zeroinitializer, ptr %acc011109, align 4
+  %771 = add nsw i64 %r093, 2
+  %772 = mul nsw i64 %771, 2816
+  %773 = add nsw i64 %772, 0
+  %774 = getelementptr inbounds float, ptr %h, i64 %773
+  %775 = getelementptr inbounds i32, ptr %rows, i64 %771
+  %776 = load i32, ptr %775, align 4
+  %777 = sext i32 %776 to i64
+  %778 = mul nsw i64 %777, 1024
+  %779 = getelementptr inbounds float, ptr %y, i64 %778
+  %780 = add nsw i64 %col105, 0
+  %781 = getelementptr inbounds float, ptr %779, i64 %780
+  %782 = load <8 x float>, ptr %781, align 4
+  store <8 x float> zeroinitializer, ptr %acc020110, align 4
+  %783 = add nsw i64 %col105, 8
+  %784 = getelementptr inbounds float, ptr %779, i64 %783
+  %785 = load <8 x float>, ptr %784, align 4
+  store <8 x float> zeroinitializer, ptr %acc021111, align 4
+  %786 = add nsw i64 %r093, 3
+  %787 = mul nsw i64 %786, 2816
+  %788 = add nsw i64 %787, 0
+  %789 = getelementptr inbounds float, ptr %h, i64 %788
+  %790 = getelementptr inbounds i32, ptr %rows, i64 %786
+  %791 = load i32, ptr %790, align 4
+  %792 = sext i32 %791 to i64
+  %793 = mul nsw i64 %792, 1024
+  %794 = getelementptr inbounds float, ptr %y, i64 %793
+  %795 = add nsw i64 %col105, 0
+  %796 = getelementptr inbounds float, ptr %794, i64 %795
+  %797 = load <8 x float>, ptr %796, align 4
+  store <8 x float> zeroinitializer, ptr %acc030112, align 4
+  %798 = add nsw i64 %col105, 8
+  %799 = getelementptr inbounds float, ptr %794, i64 %798
+  %800 = load <8 x float>, ptr %799, align 4
+  store <8 x float> zeroinitializer, ptr %acc031113, align 4
+  %801 = add nsw i64 %r093, 4
+  %802 = mul nsw i64 %801, 2816
+  %803 = add nsw i64 %802, 0
+  %804 = getelementptr inbounds float, ptr %h, i64 %803
+  %805 = getelementptr inbounds i32, ptr %rows, i64 %801
+  %806 = load i32, ptr %805, align 4
+  %807 = sext i32 %806 to i64
+  %808 = mul nsw i64 %807, 1024
+  %809 = getelementptr inbounds float, ptr %y, i64 %808
+  %810 = add nsw i64 %col105, 0
+  %811 = getelementptr inbounds float, ptr %809, i64 %810
+  %812 = load <8 x float>, ptr %811, align 4
+  store <8 x float> zeroinitializer, ptr %acc040114, align 4
+  %813 = add nsw i64 %col105, 8
+  %814 = getelementptr inbounds float, ptr %809, i64 %813
+  %815 = load <8 x float>, ptr %814, align 4
+  store <8 x float> zeroinitializer, ptr %acc041115, align 4
+  %816 = add nsw i64 %r093, 5
+  %817 = mul nsw i64 %816, 2816
+  %818 = add nsw i64 %817, 0
+  %819 = getelementptr inbounds float, ptr %h, i64 %818
+  %820 = getelementptr inbounds i32, ptr %rows, i64 %816
+  %821 = load i32, ptr %820, align 4
+  %822 = sext i32 %821 to i64
+  %823 = mul nsw i64 %822, 1024
+  %824 = getelementptr inbounds float, ptr %y, i64 %823
+  %825 = add nsw i64 %col105, 0
+  %826 = getelementptr inbounds float, ptr %824, i64 %825
+  %827 = load <8 x float>, ptr %826, align 4
+  store <8 x float> zeroinitializer, ptr %acc050116, align 4
+  %828 = add nsw i64 %col105, 8
+  %829 = getelementptr inbounds float, ptr %824, i64 %828
+  %830 = load <8 x float>, ptr %829, align 4
+  store <8 x float> zeroinitializer, ptr %acc051117, align 4
+  %831 = mul nsw i64 %p, 45056
+  %panel.off118 = add nsw i64 %831, 0
+  %832 = getelementptr inbounds float, ptr %panels, i64 %panel.off118
+  %833 = add nsw i64 %p, 1
+  %834 = icmp slt i64 %833, %p1
+  %pf.on119 = and i1 %pf.on104, %834
+  %835 = mul nsw i64 %rb92, 180224
+  %836 = lshr i64 %835, %738
+  %837 = add nsw i64 180224, %836
+  %838 = getelementptr inbounds i8, ptr %832, i64 %837
+  %pf120 = select i1 %pf.on119, ptr %838, ptr %832
+  %pf.sh121 = select i1 %pf.on119, i64 %738, i64 0
+  br label %k.head122
+
+k.head122:                                        ; preds = %pf.any.end127, %tile.mr6102
+  %k125 = phi i64 [ 0, %tile.mr6102 ], [ %900, %pf.any.end127 ]
+  %839 = icmp slt i64 %k125, 2816
+  br i1 %839, label %k.body123, label %k.end124
+
+k.body123:                                        ; preds = %k.head122
+  %840 = mul nsw i64 %k125, 1
+  %841 = add nsw i64 %840, 0
+  %842 = mul nsw i64 %841, 64
+  br i1 %pf.multi103, label %pf.any.then126, label %pf.any.end127
+
+pf.any.then126:                                   ; preds = %k.body123
+  %843 = lshr i64 %842, %pf.sh121
+  %844 = getelementptr inbounds i8, ptr %pf120, i64 %843
+  call void @llvm.prefetch.p0(ptr %844, i32 0, i32 2, i32 1)
+  br label %pf.any.end127
+
+pf.any.end127:                                    ; preds = %pf.any.then126, %k.body123
+  %845 = mul nsw i64 %841, 16
+  %846 = add nsw i64 %panel.off118, %845
+  %847 = getelementptr inbounds float, ptr %panels, i64 %846
+  %848 = load <8 x float>, ptr %847, align 4
+  %849 = add nsw i64 %846, 8
+  %850 = getelementptr inbounds float, ptr %panels, i64 %849
+  %851 = load <8 x float>, ptr %850, align 4
+  %852 = getelementptr inbounds float, ptr %744, i64 %841
+  %853 = load float, ptr %852, align 4
+  %854 = insertelement <8 x float> poison, float %853, i32 0
+  %855 = shufflevector <8 x float> %854, <8 x float> poison, <8 x i32> zeroinitializer
+  %856 = load <8 x float>, ptr %acc000106, align 4
+  %857 = call <8 x float> @llvm.fma.v8f32(<8 x float> %855, <8 x float> %848, <8 x float> %856)
+  store <8 x float> %857, ptr %acc000106, align 4
+  %858 = load <8 x float>, ptr %acc001107, align 4
+  %859 = call <8 x float> @llvm.fma.v8f32(<8 x float> %855, <8 x float> %851, <8 x float> %858)
+  store <8 x float> %859, ptr %acc001107, align 4
+  %860 = getelementptr inbounds float, ptr %759, i64 %841
+  %861 = load float, ptr %860, align 4
+  %862 = insertelement <8 x float> poison, float %861, i32 0
+  %863 = shufflevector <8 x float> %862, <8 x float> poison, <8 x i32> zeroinitializer
+  %864 = load <8 x float>, ptr %acc010108, align 4
+  %865 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> %848, <8 x float> %864)
+  store <8 x float> %865, ptr %acc010108, align 4
+  %866 = load <8 x float>, ptr %acc011109, align 4
+  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> %851, <8 x float> %866)
+  store <8 x float> %867, ptr %acc011109, align 4
+  %868 = getelementptr inbounds float, ptr %774, i64 %841
+  %869 = load float, ptr %868, align 4
+  %870 = insertelement <8 x float> poison, float %869, i32 0
+  %871 = shufflevector <8 x float> %870, <8 x float> poison, <8 x i32> zeroinitializer
+  %872 = load <8 x float>, ptr %acc020110, align 4
+  %873 = call <8 x float> @llvm.fma.v8f32(<8 x float> %871, <8 x float> %848, <8 x float> %872)
+  store <8 x float> %873, ptr %acc020110, align 4
+  %874 = load <8 x float>, ptr %acc021111, align 4
+  %875 = call <8 x float> @llvm.fma.v8f32(<8 x float> %871, <8 x float> %851, <8 x float> %874)
+  store <8 x float> %875, ptr %acc021111, align 4
+  %876 = getelementptr inbounds float, ptr %789, i64 %841
+  %877 = load float, ptr %876, align 4
+  %878 = insertelement <8 x float> poison, float %877, i32 0
+  %879 = shufflevector <8 x float> %878, <8 x float> poison, <8 x i32> zeroinitializer
+  %880 = load <8 x float>, ptr %acc030112, align 4
+  %881 = call <8 x float> @llvm.fma.v8f32(<8 x float> %879, <8 x float> %848, <8 x float> %880)
+  store <8 x float> %881, ptr %acc030112, align 4
+  %882 = load <8 x float>, ptr %acc031113, align 4
+  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %879, <8 x float> %851, <8 x float> %882)
+  store <8 x float> %883, ptr %acc031113, align 4
+  %884 = getelementptr inbounds float, ptr %804, i64 %841
+  %885 = load float, ptr %884, align 4
+  %886 = insertelement <8 x float> poison, float %885, i32 0
+  %887 = shufflevector <8 x float> %886, <8 x float> poison, <8 x i32> zeroinitializer
+  %888 = load <8 x float>, ptr %acc040114, align 4
+  %889 = call <8 x float> @llvm.fma.v8f32(<8 x float> %887, <8 x float> %848, <8 x float> %888)
+  store <8 x float> %889, ptr %acc040114, align 4
+  %890 = load <8 x float>, ptr %acc041115, align 4
+  %891 = call <8 x float> @llvm.fma.v8f32(<8 x float> %887, <8 x float> %851, <8 x float> %890)
+  store <8 x float> %891, ptr %acc041115, align 4
+  %892 = getelementptr inbounds float, ptr %819, i64 %841
+  %893 = load float, ptr %892, align 4
+  %894 = insertelement <8 x float> poison, float %893, i32 0
+  %895 = shufflevector <8 x float> %894, <8 x float> poison, <8 x i32> zeroinitializer
+  %896 = load <8 x float>, ptr %acc050116, align 4
+  %897 = call <8 x float> @llvm.fma.v8f32(<8 x float> %895, <8 x float> %848, <8 x float> %896)
+  store <8 x float> %897, ptr %acc050116, align 4
+  %898 = load <8 x float>, ptr %acc051117, align 4
+  %899 = call <8 x float> @llvm.fma.v8f32(<8 x float> %895, <8 x float> %851, <8 x float> %898)
+  store <8 x float> %899, ptr %acc051117, align 4
+  %900 = add nsw i64 %k125, 1
+  br label %k.head122
+
+k.end124:                                         ; preds = %k.head122
+  %901 = load <8 x float>, ptr %acc000106, align 4
+  store <8 x float> %901, ptr %751, align 4
+  %902 = load <8 x float>, ptr %acc001107, align 4
+  store <8 x float> %902, ptr %754, align 4
+  %903 = load <8 x float>, ptr %acc010108, align 4
+  store <8 x float> %903, ptr %766, align 4
+  %904 = load <8 x float>, ptr %acc011109, align 4
+  store <8 x float> %904, ptr %769, align 4
+  %905 = load <8 x float>, ptr %acc020110, align 4
+  store <8 x float> %905, ptr %781, align 4
+  %906 = load <8 x float>, ptr %acc021111, align 4
+  store <8 x float> %906, ptr %784, align 4
+  %907 = load <8 x float>, ptr %acc030112, align 4
+  store <8 x float> %907, ptr %796, align 4
+  %908 = load <8 x float>, ptr %acc031113, align 4
+  store <8 x float> %908, ptr %799, align 4
+  %909 = load <8 x float>, ptr %acc040114, align 4
+  store <8 x float> %909, ptr %811, align 4
+  %910 = load <8 x float>, ptr %acc041115, align 4
+  store <8 x float> %910, ptr %814, align 4
+  %911 = load <8 x float>, ptr %acc050116, align 4
+  store <8 x float> %911, ptr %826, align 4
+  %912 = load <8 x float>, ptr %acc051117, align 4
+  store <8 x float> %912, ptr %829, align 4
+  br label %tile.done96
+
+tile.mr5101:                                      ; preds = %rb.body90
+  %col128 = mul nsw i64 %p, 16
+  %913 = add nsw i64 %r093, 0
+  %914 = mul nsw i64 %913, 2816
+  %915 = add nsw i64 %914, 0
+  %916 = getelementptr inbounds float, ptr %h, i64 %915
+  %917 = getelementptr inbounds i32, ptr %rows, i64 %913
+  %918 = load i32, ptr %917, align 4
+  %919 = sext i32 %918 to i64
+  %920 = mul nsw i64 %919, 1024
+  %921 = getelementptr inbounds float, ptr %y, i64 %920
+  %922 = add nsw i64 %col128, 0
+  %923 = getelementptr inbounds float, ptr %921, i64 %922
+  %924 = load <8 x float>, ptr %923, align 4
+  store <8 x float> zeroinitializer, ptr %acc000129, align 4
+  %925 = add nsw i64 %col128, 8
+  %926 = getelementptr inbounds float, ptr %921, i64 %925
+  %927 = load <8 x float>, ptr %926, align 4
+  store <8 x float> zeroinitializer, ptr %acc001130, align 4
+  %928 = add nsw i64 %r093, 1
+  %929 = mul nsw i64 %928, 2816
+  %930 = add nsw i64 %929, 0
+  %931 = getelementptr inbounds float, ptr %h, i64 %930
+  %932 = getelementptr inbounds i32, ptr %rows, i64 %928
+  %933 = load i32, ptr %932, align 4
+  %934 = sext i32 %933 to i64
+  %935 = mul nsw i64 %934, 1024
+  %936 = getelementptr inbounds float, ptr %y, i64 %935
+  %937 = add nsw i64 %col128, 0
+  %938 = getelementptr inbounds float, ptr %936, i64 %937
+  %939 = load <8 x float>, ptr %938, align 4
+  store <8 x float> zeroinitializer, ptr %acc010131, align 4
+  %940 = add nsw i64 %col128, 8
+  %941 = getelementptr inbounds float, ptr %936, i64 %940
+  %942 = load <8 x float>, ptr %941, align 4
+  store <8 x float> zeroinitializer, ptr %acc011132, align 4
+  %943 = add nsw i64 %r093, 2
+  %944 = mul nsw i64 %943, 2816
+  %945 = add nsw i64 %944, 0
+  %946 = getelementptr inbounds float, ptr %h, i64 %945
+  %947 = getelementptr inbounds i32, ptr %rows, i64 %943
+  %948 = load i32, ptr %947, align 4
+  %949 = sext i32 %948 to i64
+  %950 = mul nsw i64 %949, 1024
+  %951 = getelementptr inbounds float, ptr %y, i64 %950
+  %952 = add nsw i64 %col128, 0
+  %953 = getelementptr inbounds float, ptr %951, i64 %952
+  %954 = load <8 x float>, ptr %953, align 4
+  store <8 x float> zeroinitializer, ptr %acc020133, align 4
+  %955 = add nsw i64 %col128, 8
+  %956 = getelementptr inbounds float, ptr %951, i64 %955
+  %957 = load <8 x float>, ptr %956, align 4
+  store <8 x float> zeroinitializer, ptr %acc021134, align 4
+  %958 = add nsw i64 %r093, 3
+  %959 = mul nsw i64 %958, 2816
+  %960 = add nsw i64 %959, 0
+  %961 = getelementptr inbounds float, ptr %h, i64 %960
+  %962 = getelementptr inbounds i32, ptr %rows, i64 %958
+  %963 = load i32, ptr %962, align 4
+  %964 = sext i32 %963 to i64
+  %965 = mul nsw i64 %964, 1024
+  %966 = getelementptr inbounds float, ptr %y, i64 %965
+  %967 = add nsw i64 %col128, 0
+  %968 = getelementptr inbounds float, ptr %966, i64 %967
+  %969 = load <8 x float>, ptr %968, align 4
+  store <8 x float> zeroinitializer, ptr %acc030135, align 4
+  %970 = add nsw i64 %col128, 8
+  %971 = getelementptr inbounds float, ptr %966, i64 %970
+  %972 = load <8 x float>, ptr %971, align 4
+  store <8 x float> zeroinitializer, ptr %acc031136, align 4
+  %973 = add nsw i64 %r093, 4
+  %974 = mul nsw i64 %973, 2816
+  %975 = add nsw i64 %974, 0
+  %976 = getelementptr inbounds float, ptr %h, i64 %975
+  %977 = getelementptr inbounds i32, ptr %rows, i64 %973
+  %978 = load i32, ptr %977, align 4
+  %979 = sext i32 %978 to i64
+  %980 = mul nsw i64 %979, 1024
+  %981 = getelementptr inbounds float, ptr %y, i64 %980
+  %982 = add nsw i64 %col128, 0
+  %983 = getelementptr inbounds float, ptr %981, i64 %982
+  %984 = load <8 x float>, ptr %983, align 4
+  store <8 x float> zeroinitializer, ptr %acc040137, align 4
+  %985 = add nsw i64 %col128, 8
+  %986 = getelementptr inbounds float, ptr %981, i64 %985
+  %987 = load <8 x float>, ptr %986, align 4
+  store <8 x float> zeroinitializer, ptr %acc041138, align 4
+  %988 = mul nsw i64 %p, 45056
+  %panel.off139 = add nsw i64 %988, 0
+  %989 = getelementptr inbounds float, ptr %panels, i64 %panel.off139
+  %990 = add nsw i64 %p, 1
+  %991 = icmp slt i64 %990, %p1
+  %pf.on140 = and i1 %pf.on104, %991
+  %992 = mul nsw i64 %rb92, 180224
+  %993 = lshr i64 %992, %738
+  %994 = add nsw i64 180224, %993
+  %995 = getelementptr inbounds i8, ptr %989, i64 %994
+  %pf141 = select i1 %pf.on140, ptr %995, ptr %989
+  %pf.sh142 = select i1 %pf.on140, i64 %738, i64 0
+  br label %k.head143
+
+k.head143:                                        ; preds = %pf.any.end148, %tile.mr5101
+  %k146 = phi i64 [ 0, %tile.mr5101 ], [ %1049, %pf.any.end148 ]
+  %996 = icmp slt i64 %k146, 2816
+  br i1 %996, label %k.body144, label %k.end145
+
+k.body144:                                        ; preds = %k.head143
+  %997 = mul nsw i64 %k146, 1
+  %998 = add nsw i64 %997, 0
+  %999 = mul nsw i64 %998, 64
+  br i1 %pf.multi103, label %pf.any.then147, label %pf.any.end148
+
+pf.any.then147:                                   ; preds = %k.body144
+  %1000 = lshr i64 %999, %pf.sh142
+  %1001 = getelementptr inbounds i8, ptr %pf141, i64 %1000
+  call void @llvm.prefetch.p0(ptr %1001, i32 0, i32 2, i32 1)
+  br label %pf.any.end148
+
+pf.any.end148:                                    ; preds = %pf.any.then147, %k.body144
+  %1002 = mul nsw i64 %998, 16
+  %1003 = add nsw i64 %panel.off139, %1002
+  %1004 = getelementptr inbounds float, ptr %panels, i64 %1003
+  %1005 = load <8 x float>, ptr %1004, align 4
+  %1006 = add nsw i64 %1003, 8
+  %1007 = getelementptr inbounds float, ptr %panels, i64 %1006
+  %1008 = load <8 x float>, ptr %1007, align 4
+  %1009 = getelementptr inbounds float, ptr %916, i64 %998
+  %1010 = load float, ptr %1009, align 4
+  %1011 = insertelement <8 x float> poison, float %1010, i32 0
+  %1012 = shufflevector <8 x float> %1011, <8 x float> poison, <8 x i32> zeroinitializer
+  %1013 = load <8 x float>, ptr %acc000129, align 4
+  %1014 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %1005, <8 x float> %1013)
+  store <8 x float> %1014, ptr %acc000129, align 4
+  %1015 = load <8 x float>, ptr %acc001130, align 4
+  %1016 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %1008, <8 x float> %1015)
+  store <8 x float> %1016, ptr %acc001130, align 4
+  %1017 = getelementptr inbounds float, ptr %931, i64 %998
+  %1018 = load float, ptr %1017, align 4
+  %1019 = insertelement <8 x float> poison, float %1018, i32 0
+  %1020 = shufflevector <8 x float> %1019, <8 x float> poison, <8 x i32> zeroinitializer
+  %1021 = load <8 x float>, ptr %acc010131, align 4
+  %1022 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %1005, <8 x float> %1021)
+  store <8 x float> %1022, ptr %acc010131, align 4
+  %1023 = load <8 x float>, ptr %acc011132, align 4
+  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %1008, <8 x float> %1023)
+  store <8 x float> %1024, ptr %acc011132, align 4
+  %1025 = getelementptr inbounds float, ptr %946, i64 %998
+  %1026 = load float, ptr %1025, align 4
+  %1027 = insertelement <8 x float> poison, float %1026, i32 0
+  %1028 = shufflevector <8 x float> %1027, <8 x float> poison, <8 x i32> zeroinitializer
+  %1029 = load <8 x float>, ptr %acc020133, align 4
+  %1030 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %1005, <8 x float> %1029)
+  store <8 x float> %1030, ptr %acc020133, align 4
+  %1031 = load <8 x float>, ptr %acc021134, align 4
+  %1032 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %1008, <8 x float> %1031)
+  store <8 x float> %1032, ptr %acc021134, align 4
+  %1033 = getelementptr inbounds float, ptr %961, i64 %998
+  %1034 = load float, ptr %1033, align 4
+  %1035 = insertelement <8 x float> poison, float %1034, i32 0
+  %1036 = shufflevector <8 x float> %1035, <8 x float> poison, <8 x i32> zeroinitializer
+  %1037 = load <8 x float>, ptr %acc030135, align 4
+  %1038 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %1005, <8 x float> %1037)
+  store <8 x float> %1038, ptr %acc030135, align 4
+  %1039 = load <8 x float>, ptr %acc031136, align 4
+  %1040 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %1008, <8 x float> %1039)
+  store <8 x float> %1040, ptr %acc031136, align 4
+  %1041 = getelementptr inbounds float, ptr %976, i64 %998
+  %1042 = load float, ptr %1041, align 4
+  %1043 = insertelement <8 x float> poison, float %1042, i32 0
+  %1044 = shufflevector <8 x float> %1043, <8 x float> poison, <8 x i32> zeroinitializer
+  %1045 = load <8 x float>, ptr %acc040137, align 4
+  %1046 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1044, <8 x float> %1005, <8 x float> %1045)
+  store <8 x float> %1046, ptr %acc040137, align 4
+  %1047 = load <8 x float>, ptr %acc041138, align 4
+  %1048 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1044, <8 x float> %1008, <8 x float> %1047)
+  store <8 x float> %1048, ptr %acc041138, align 4
+  %1049 = add nsw i64 %k146, 1
+  br label %k.head143
+
+k.end145:                                         ; preds = %k.head143
+  %1050 = load <8 x float>, ptr %acc000129, align 4
+  store <8 x float> %1050, ptr %923, align 4
+  %1051 = load <8 x float>, ptr %acc001130, align 4
+  store <8 x float> %1051, ptr %926, align 4
+  %1052 = load <8 x float>, ptr %acc010131, align 4
+  store <8 x float> %1052, ptr %938, align 4
+  %1053 = load <8 x float>, ptr %acc011132, align 4
+  store <8 x float> %1053, ptr %941, align 4
+  %1054 = load <8 x float>, ptr %acc020133, align 4
+  store <8 x float> %1054, ptr %953, align 4
+  %1055 = load <8 x float>, ptr %acc021134, align 4
+  store <8 x float> %1055, ptr %956, align 4
+  %1056 = load <8 x float>, ptr %acc030135, align 4
+  store <8 x float> %1056, ptr %968, align 4
+  %1057 = load <8 x float>, ptr %acc031136, align 4
+  store <8 x float> %1057, ptr %971, align 4
+  %1058 = load <8 x float>, ptr %acc040137, align 4
+  store <8 x float> %1058, ptr %983, align 4
+  %1059 = load <8 x float>, ptr %acc041138, align 4
+  store <8 x float> %1059, ptr %986, align 4
+  br label %tile.done96
+
+tile.mr4100:                                      ; preds = %rb.body90
+  %col149 = mul nsw i64 %p, 16
+  %1060 = add nsw i64 %r093, 0
+  %1061 = mul nsw i64 %1060, 2816
+  %1062 = add nsw i64 %1061, 0
+  %1063 = getelementptr inbounds float, ptr %h, i64 %1062
+  %1064 = getelementptr inbounds i32, ptr %rows, i64 %1060
+  %1065 = load i32, ptr %1064, align 4
+  %1066 = sext i32 %1065 to i64
+  %1067 = mul nsw i64 %1066, 1024
+  %1068 = getelementptr inbounds float, ptr %y, i64 %1067
+  %1069 = add nsw i64 %col149, 0
+  %1070 = getelementptr inbounds float, ptr %1068, i64 %1069
+  %1071 = load <8 x float>, ptr %1070, align 4
+  store <8 x float> zeroinitializer, ptr %acc000150, align 4
+  %1072 = add nsw i64 %col149, 8
+  %1073 = getelementptr inbounds float, ptr %1068, i64 %1072
+  %1074 = load <8 x float>, ptr %1073, align 4
+  store <8 x float> zeroinitializer, ptr %acc001151, align 4
+  %1075 = add nsw i64 %r093, 1
+  %1076 = mul nsw i64 %1075, 2816
+  %1077 = add nsw i64 %1076, 0
+  %1078 = getelementptr inbounds float, ptr %h, i64 %1077
+  %1079 = getelementptr inbounds i32, ptr %rows, i64 %1075
+  %1080 = load i32, ptr %1079, align 4
+  %1081 = sext i32 %1080 to i64
+  %1082 = mul nsw i64 %1081, 1024
+  %1083 = getelementptr inbounds float, ptr %y, i64 %1082
+  %1084 = add nsw i64 %col149, 0
+  %1085 = getelementptr inbounds float, ptr %1083, i64 %1084
+  %1086 = load <8 x float>, ptr %1085, align 4
+  store <8 x float> zeroinitializer, ptr %acc010152, align 4
+  %1087 = add nsw i64 %col149, 8
+  %1088 = getelementptr inbounds float, ptr %1083, i64 %1087
+  %1089 = load <8 x float>, ptr %1088, align 4
+  store <8 x float> zeroinitializer, ptr %acc011153, align 4
+  %1090 = add nsw i64 %r093, 2
+  %1091 = mul nsw i64 %1090, 2816
+  %1092 = add nsw i64 %1091, 0
+  %1093 = getelementptr inbounds float, ptr %h, i64 %1092
+  %1094 = getelementptr inbounds i32, ptr %rows, i64 %1090
+  %1095 = load i32, ptr %1094, align 4
+  %1096 = sext i32 %1095 to i64
+  %1097 = mul nsw i64 %1096, 1024
+  %1098 = getelementptr inbounds float, ptr %y, i64 %1097
+  %1099 = add nsw i64 %col149, 0
+  %1100 = getelementptr inbounds float, ptr %1098, i64 %1099
+  %1101 = load <8 x float>, ptr %1100, align 4
+  store <8 x float> zeroinitializer, ptr %acc020154, align 4
+  %1102 = add nsw i64 %col149, 8
+  %1103 = getelementptr inbounds float, ptr %1098, i64 %1102
+  %1104 = load <8 x float>, ptr %1103, align 4
+  store <8 x float> zeroinitializer, ptr %acc021155, align 4
+  %1105 = add nsw i64 %r093, 3
+  %1106 = mul nsw i64 %1105, 2816
+  %1107 = add nsw i64 %1106, 0
+  %1108 = getelementptr inbounds float, ptr %h, i64 %1107
+  %1109 = getelementptr inbounds i32, ptr %rows, i64 %1105
+  %1110 = load i32, ptr %1109, align 4
+  %1111 = sext i32 %1110 to i64
+  %1112 = mul nsw i64 %1111, 1024
+  %1113 = getelementptr inbounds float, ptr %y, i64 %1112
+  %1114 = add nsw i64 %col149, 0
+  %1115 = getelementptr inbounds float, ptr %1113, i64 %1114
+  %1116 = load <8 x float>, ptr %1115, align 4
+  store <8 x float> zeroinitializer, ptr %acc030156, align 4
+  %1117 = add nsw i64 %col149, 8
+  %1118 = getelementptr inbounds float, ptr %1113, i64 %1117
+  %1119 = load <8 x float>, ptr %1118, align 4
+  store <8 x float> zeroinitializer, ptr %acc031157, align 4
+  %1120 = mul nsw i64 %p, 45056
+  %panel.off158 = add nsw i64 %1120, 0
+  %1121 = getelementptr inbounds float, ptr %panels, i64 %panel.off158
+  %1122 = add nsw i64 %p, 1
+  %1123 = icmp slt i64 %1122, %p1
+  %pf.on159 = and i1 %pf.on104, %1123
+  %1124 = mul nsw i64 %rb92, 180224
+  %1125 = lshr i64 %1124, %738
+  %1126 = add nsw i64 180224, %1125
+  %1127 = getelementptr inbounds i8, ptr %1121, i64 %1126
+  %pf160 = select i1 %pf.on159, ptr %1127, ptr %1121
+  %pf.sh161 = select i1 %pf.on159, i64 %738, i64 0
+  br label %k.head162
+
+k.head162:                                        ; preds = %pf.any.end167, %tile.mr4100
+  %k165 = phi i64 [ 0, %tile.mr4100 ], [ %1173, %pf.any.end167 ]
+  %1128 = icmp slt i64 %k165, 2816
+  br i1 %1128, label %k.body163, label %k.end164
+
+k.body163:                                        ; preds = %k.head162
+  %1129 = mul nsw i64 %k165, 1
+  %1130 = add nsw i64 %1129, 0
+  %1131 = mul nsw i64 %1130, 64
+  br i1 %pf.multi103, label %pf.any.then166, label %pf.any.end167
+
+pf.any.then166:                                   ; preds = %k.body163
+  %1132 = lshr i64 %1131, %pf.sh161
+  %1133 = getelementptr inbounds i8, ptr %pf160, i64 %1132
+  call void @llvm.prefetch.p0(ptr %1133, i32 0, i32 2, i32 1)
+  br label %pf.any.end167
+
+pf.any.end167:                                    ; preds = %pf.any.then166, %k.body163
+  %1134 = mul nsw i64 %1130, 16
+  %1135 = add nsw i64 %panel.off158, %1134
+  %1136 = getelementptr inbounds float, ptr %panels, i64 %1135
+  %1137 = load <8 x float>, ptr %1136, align 4
+  %1138 = add nsw i64 %1135, 8
+  %1139 = getelementptr inbounds float, ptr %panels, i64 %1138
+  %1140 = load <8 x float>, ptr %1139, align 4
+  %1141 = getelementptr inbounds float, ptr %1063, i64 %1130
+  %1142 = load float, ptr %1141, align 4
+  %1143 = insertelement <8 x float> poison, float %1142, i32 0
+  %1144 = shufflevector <8 x float> %1143, <8 x float> poison, <8 x i32> zeroinitializer
+  %1145 = load <8 x float>, ptr %acc000150, align 4
+  %1146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1144, <8 x float> %1137, <8 x float> %1145)
+  store <8 x float> %1146, ptr %acc000150, align 4
+  %1147 = load <8 x float>, ptr %acc001151, align 4
+  %1148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1144, <8 x float> %1140, <8 x float> %1147)
+  store <8 x float> %1148, ptr %acc001151, align 4
+  %1149 = getelementptr inbounds float, ptr %1078, i64 %1130
+  %1150 = load float, ptr %1149, align 4
+  %1151 = insertelement <8 x float> poison, float %1150, i32 0
+  %1152 = shufflevector <8 x float> %1151, <8 x float> poison, <8 x i32> zeroinitializer
+  %1153 = load <8 x float>, ptr %acc010152, align 4
+  %1154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1152, <8 x float> %1137, <8 x float> %1153)
+  store <8 x float> %1154, ptr %acc010152, align 4
+  %1155 = load <8 x float>, ptr %acc011153, align 4
+  %1156 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1152, <8 x float> %1140, <8 x float> %1155)
+  store <8 x float> %1156, ptr %acc011153, align 4
+  %1157 = getelementptr inbounds float, ptr %1093, i64 %1130
+  %1158 = load float, ptr %1157, align 4
+  %1159 = insertelement <8 x float> poison, float %1158, i32 0
+  %1160 = shufflevector <8 x float> %1159, <8 x float> poison, <8 x i32> zeroinitializer
+  %1161 = load <8 x float>, ptr %acc020154, align 4
+  %1162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1160, <8 x float> %1137, <8 x float> %1161)
+  store <8 x float> %1162, ptr %acc020154, align 4
+  %1163 = load <8 x float>, ptr %acc021155, align 4
+  %1164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1160, <8 x float> %1140, <8 x float> %1163)
+  store <8 x float> %1164, ptr %acc021155, align 4
+  %1165 = getelementptr inbounds float, ptr %1108, i64 %1130
+  %1166 = load float, ptr %1165, align 4
+  %1167 = insertelement <8 x float> poison, float %1166, i32 0
+  %1168 = shufflevector <8 x float> %1167, <8 x float> poison, <8 x i32> zeroinitializer
+  %1169 = load <8 x float>, ptr %acc030156, align 4
+  %1170 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1168, <8 x float> %1137, <8 x float> %1169)
+  store <8 x float> %1170, ptr %acc030156, align 4
+  %1171 = load <8 x float>, ptr %acc031157, align 4
+  %1172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1168, <8 x float> %1140, <8 x float> %1171)
+  store <8 x float> %1172, ptr %acc031157, align 4
+  %1173 = add nsw i64 %k165, 1
+  br label %k.head162
+
+k.end164:                                         ; preds = %k.head162
+  %1174 = load <8 x float>, ptr %acc000150, align 4
+  store <8 x float> %1174, ptr %1070, align 4
+  %1175 = load <8 x float>, ptr %acc001151, align 4
+  store <8 x float> %1175, ptr %1073, align 4
+  %1176 = load <8 x float>, ptr %acc010152, align 4
+  store <8 x float> %1176, ptr %1085, align 4
+  %1177 = load <8 x float>, ptr %acc011153, align 4
+  store <8 x float> %1177, ptr %1088, align 4
+  %1178 = load <8 x float>, ptr %acc020154, align 4
+  store <8 x float> %1178, ptr %1100, align 4
+  %1179 = load <8 x float>, ptr %acc021155, align 4
+  store <8 x float> %1179, ptr %1103, align 4
+  %1180 = load <8 x float>, ptr %acc030156, align 4
+  store <8 x float> %1180, ptr %1115, align 4
+  %1181 = load <8 x float>, ptr %acc031157, align 4
+  store <8 x float> %1181, ptr %1118, align 4
+  br label %tile.done96
+
+tile.mr399:                                       ; preds = %rb.body90
+  %col168 = mul nsw i64 %p, 16
+  %1182 = add nsw i64 %r093, 0
+  %1183 = mul nsw i64 %1182, 2816
+  %1184 = add nsw i64 %1183, 0
+  %1185 = getelementptr inbounds float, ptr %h, i64 %1184
+  %1186 = getelementptr inbounds i32, ptr %rows, i64 %1182
+  %1187 = load i32, ptr %1186, align 4
+  %1188 = sext i32 %1187 to i64
+  %1189 = mul nsw i64 %1188, 1024
+  %1190 = getelementptr inbounds float, ptr %y, i64 %1189
+  %1191 = add nsw i64 %col168, 0
+  %1192 = getelementptr inbounds float, ptr %1190, i64 %1191
+  %1193 = load <8 x float>, ptr %1192, align 4
+  store <8 x float> zeroinitializer, ptr %acc000169, align 4
+  %1194 = add nsw i64 %col168, 8
+  %1195 = getelementptr inbounds float, ptr %1190, i64 %1194
+  %1196 = load <8 x float>, ptr %1195, align 4
+  store <8 x float> zeroinitializer, ptr %acc001170, align 4
+  %1197 = add nsw i64 %r093, 1
+  %1198 = mul nsw i64 %1197, 2816
+  %1199 = add nsw i64 %1198, 0
+  %1200 = getelementptr inbounds float, ptr %h, i64 %1199
+  %1201 = getelementptr inbounds i32, ptr %rows, i64 %1197
+  %1202 = load i32, ptr %1201, align 4
+  %1203 = sext i32 %1202 to i64
+  %1204 = mul nsw i64 %1203, 1024
+  %1205 = getelementptr inbounds float, ptr %y, i64 %1204
+  %1206 = add nsw i64 %col168, 0
+  %1207 = getelementptr inbounds float, ptr %1205, i64 %1206
+  %1208 = load <8 x float>, ptr %1207, align 4
+  store <8 x float> zeroinitializer, ptr %acc010171, align 4
+  %1209 = add nsw i64 %col168, 8
+  %1210 = getelementptr inbounds float, ptr %1205, i64 %1209
+  %1211 = load <8 x float>, ptr %1210, align 4
+  store <8 x float> zeroinitializer, ptr %acc011172, align 4
+  %1212 = add nsw i64 %r093, 2
+  %1213 = mul nsw i64 %1212, 2816
+  %1214 = add nsw i64 %1213, 0
+  %1215 = getelementptr inbounds float, ptr %h, i64 %1214
+  %1216 = getelementptr inbounds i32, ptr %rows, i64 %1212
+  %1217 = load i32, ptr %1216, align 4
+  %1218 = sext i32 %1217 to i64
+  %1219 = mul nsw i64 %1218, 1024
+  %1220 = getelementptr inbounds float, ptr %y, i64 %1219
+  %1221 = add nsw i64 %col168, 0
+  %1222 = getelementptr inbounds float, ptr %1220, i64 %1221
+  %1223 = load <8 x float>, ptr %1222, align 4
+  store <8 x float> zeroinitializer, ptr %acc020173, align 4
+  %1224 = add nsw i64 %col168, 8
+  %1225 = getelementptr inbounds float, ptr %1220, i64 %1224
+  %1226 = load <8 x float>, ptr %1225, align 4
+  store <8 x float> zeroinitializer, ptr %acc021174, align 4
+  %1227 = mul nsw i64 %p, 45056
+  %panel.off175 = add nsw i64 %1227, 0
+  %1228 = getelementptr inbounds float, ptr %panels, i64 %panel.off175
+  %1229 = add nsw i64 %p, 1
+  %1230 = icmp slt i64 %1229, %p1
+  %pf.on176 = and i1 %pf.on104, %1230
+  %1231 = mul nsw i64 %rb92, 180224
+  %1232 = lshr i64 %1231, %738
+  %1233 = add nsw i64 180224, %1232
+  %1234 = getelementptr inbounds i8, ptr %1228, i64 %1233
+  %pf177 = select i1 %pf.on176, ptr %1234, ptr %1228
+  %pf.sh178 = select i1 %pf.on176, i64 %738, i64 0
+  br label %k.head179
+
+k.head179:                                        ; preds = %pf.any.end184, %tile.mr399
+  %k182 = phi i64 [ 0, %tile.mr399 ], [ %1272, %pf.any.end184 ]
+  %1235 = icmp slt i64 %k182, 2816
+  br i1 %1235, label %k.body180, label %k.end181
+
+k.body180:                                        ; preds = %k.head179
+  %1236 = mul nsw i64 %k182, 1
+  %1237 = add nsw i64 %1236, 0
+  %1238 = mul nsw i64 %1237, 64
+  br i1 %pf.multi103, label %pf.any.then183, label %pf.any.end184
+
+pf.any.then183:                                   ; preds = %k.body180
+  %1239 = lshr i64 %1238, %pf.sh178
+  %1240 = getelementptr inbounds i8, ptr %pf177, i64 %1239
+  call void @llvm.prefetch.p0(ptr %1240, i32 0, i32 2, i32 1)
+  br label %pf.any.end184
+
+pf.any.end184:                                    ; preds = %pf.any.then183, %k.body180
+  %1241 = mul nsw i64 %1237, 16
+  %1242 = add nsw i64 %panel.off175, %1241
+  %1243 = getelementptr inbounds float, ptr %panels, i64 %1242
+  %1244 = load <8 x float>, ptr %1243, align 4
+  %1245 = add nsw i64 %1242, 8
+  %1246 = getelementptr inbounds float, ptr %panels, i64 %1245
+  %1247 = load <8 x float>, ptr %1246, align 4
+  %1248 = getelementptr inbounds float, ptr %1185, i64 %1237
+  %1249 = load float, ptr %1248, align 4
+  %1250 = insertelement <8 x float> poison, float %1249, i32 0
+  %1251 = shufflevector <8 x float> %1250, <8 x float> poison, <8 x i32> zeroinitializer
+  %1252 = load <8 x float>, ptr %acc000169, align 4
+  %1253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1251, <8 x float> %1244, <8 x float> %1252)
+  store <8 x float> %1253, ptr %acc000169, align 4
+  %1254 = load <8 x float>, ptr %acc001170, align 4
+  %1255 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1251, <8 x float> %1247, <8 x float> %1254)
+  store <8 x float> %1255, ptr %acc001170, align 4
+  %1256 = getelementptr inbounds float, ptr %1200, i64 %1237
+  %1257 = load float, ptr %1256, align 4
+  %1258 = insertelement <8 x float> poison, float %1257, i32 0
+  %1259 = shufflevector <8 x float> %1258, <8 x float> poison, <8 x i32> zeroinitializer
+  %1260 = load <8 x float>, ptr %acc010171, align 4
+  %1261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1259, <8 x float> %1244, <8 x float> %1260)
+  store <8 x float> %1261, ptr %acc010171, align 4
+  %1262 = load <8 x float>, ptr %acc011172, align 4
+  %1263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1259, <8 x float> %1247, <8 x float> %1262)
+  store <8 x float> %1263, ptr %acc011172, align 4
+  %1264 = getelementptr inbounds float, ptr %1215, i64 %1237
+  %1265 = load float, ptr %1264, align 4
+  %1266 = insertelement <8 x float> poison, float %1265, i32 0
+  %1267 = shufflevector <8 x float> %1266, <8 x float> poison, <8 x i32> zeroinitializer
+  %1268 = load <8 x float>, ptr %acc020173, align 4
+  %1269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1267, <8 x float> %1244, <8 x float> %1268)
+  store <8 x float> %1269, ptr %acc020173, align 4
+  %1270 = load <8 x float>, ptr %acc021174, align 4
+  %1271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1267, <8 x float> %1247, <8 x float> %1270)
+  store <8 x float> %1271, ptr %acc021174, align 4
+  %1272 = add nsw i64 %k182, 1
+  br label %k.head179
+
+k.end181:                                         ; preds = %k.head179
+  %1273 = load <8 x float>, ptr %acc000169, align 4
+  store <8 x float> %1273, ptr %1192, align 4
+  %1274 = load <8 x float>, ptr %acc001170, align 4
+  store <8 x float> %1274, ptr %1195, align 4
+  %1275 = load <8 x float>, ptr %acc010171, align 4
+  store <8 x float> %1275, ptr %1207, align 4
+  %1276 = load <8 x float>, ptr %acc011172, align 4
+  store <8 x float> %1276, ptr %1210, align 4
+  %1277 = load <8 x float>, ptr %acc020173, align 4
+  store <8 x float> %1277, ptr %1222, align 4
+  %1278 = load <8 x float>, ptr %acc021174, align 4
+  store <8 x float> %1278, ptr %1225, align 4
+  br label %tile.done96
+
+tile.mr298:                                       ; preds = %rb.body90
+  %col185 = mul nsw i64 %p, 16
+  %1279 = add nsw i64 %r093, 0
+  %1280 = mul nsw i64 %1279, 2816
+  %1281 = add nsw i64 %1280, 0
+  %1282 = getelementptr inbounds float, ptr %h, i64 %1281
+  %1283 = getelementptr inbounds i32, ptr %rows, i64 %1279
+  %1284 = load i32, ptr %1283, align 4
+  %1285 = sext i32 %1284 to i64
+  %1286 = mul nsw i64 %1285, 1024
+  %1287 = getelementptr inbounds float, ptr %y, i64 %1286
+  %1288 = add nsw i64 %col185, 0
+  %1289 = getelementptr inbounds float, ptr %1287, i64 %1288
+  %1290 = load <8 x float>, ptr %1289, align 4
+  store <8 x float> zeroinitializer, ptr %acc000186, align 4
+  %1291 = add nsw i64 %col185, 8
+  %1292 = getelementptr inbounds float, ptr %1287, i64 %1291
+  %1293 = load <8 x float>, ptr %1292, align 4
+  store <8 x float> zeroinitializer, ptr %acc001187, align 4
+  %1294 = add nsw i64 %r093, 1
+  %1295 = mul nsw i64 %1294, 2816
+  %1296 = add nsw i64 %1295, 0
+  %1297 = getelementptr inbounds float, ptr %h, i64 %1296
+  %1298 = getelementptr inbounds i32, ptr %rows, i64 %1294
+  %1299 = load i32, ptr %1298, align 4
+  %1300 = sext i32 %1299 to i64
+  %1301 = mul nsw i64 %1300, 1024
+  %1302 = getelementptr inbounds float, ptr %y, i64 %1301
+  %1303 = add nsw i64 %col185, 0
+  %1304 = getelementptr inbounds float, ptr %1302, i64 %1303
+  %1305 = load <8 x float>, ptr %1304, align 4
+  store <8 x float> zeroinitializer, ptr %acc010188, align 4
+  %1306 = add nsw i64 %col185, 8
+  %1307 = getelementptr inbounds float, ptr %1302, i64 %1306
+  %1308 = load <8 x float>, ptr %1307, align 4
+  store <8 x float> zeroinitializer, ptr %acc011189, align 4
+  %1309 = mul nsw i64 %p, 45056
+  %panel.off190 = add nsw i64 %1309, 0
+  %1310 = getelementptr inbounds float, ptr %panels, i64 %panel.off190
+  %1311 = add nsw i64 %p, 1
+  %1312 = icmp slt i64 %1311, %p1
+  %pf.on191 = and i1 %pf.on104, %1312
+  %1313 = mul nsw i64 %rb92, 180224
+  %1314 = lshr i64 %1313, %738
+  %1315 = add nsw i64 180224, %1314
+  %1316 = getelementptr inbounds i8, ptr %1310, i64 %1315
+  %pf192 = select i1 %pf.on191, ptr %1316, ptr %1310
+  %pf.sh193 = select i1 %pf.on191, i64 %738, i64 0
+  br label %k.head194
+
+k.head194:                                        ; preds = %pf.any.end199, %tile.mr298
+  %k197 = phi i64 [ 0, %tile.mr298 ], [ %1346, %pf.any.end199 ]
+  %1317 = icmp slt i64 %k197, 2816
+  br i1 %1317, label %k.body195, label %k.end196
+
+k.body195:                                        ; preds = %k.head194
+  %1318 = mul nsw i64 %k197, 1
+  %1319 = add nsw i64 %1318, 0
+  %1320 = mul nsw i64 %1319, 64
+  br i1 %pf.multi103, label %pf.any.then198, label %pf.any.end199
+
+pf.any.then198:                                   ; preds = %k.body195
+  %1321 = lshr i64 %1320, %pf.sh193
+  %1322 = getelementptr inbounds i8, ptr %pf192, i64 %1321
+  call void @llvm.prefetch.p0(ptr %1322, i32 0, i32 2, i32 1)
+  br label %pf.any.end199
+
+pf.any.end199:                                    ; preds = %pf.any.then198, %k.body195
+  %1323 = mul nsw i64 %1319, 16
+  %1324 = add nsw i64 %panel.off190, %1323
+  %1325 = getelementptr inbounds float, ptr %panels, i64 %1324
+  %1326 = load <8 x float>, ptr %1325, align 4
+  %1327 = add nsw i64 %1324, 8
+  %1328 = getelementptr inbounds float, ptr %panels, i64 %1327
+  %1329 = load <8 x float>, ptr %1328, align 4
+  %1330 = getelementptr inbounds float, ptr %1282, i64 %1319
+  %1331 = load float, ptr %1330, align 4
+  %1332 = insertelement <8 x float> poison, float %1331, i32 0
+  %1333 = shufflevector <8 x float> %1332, <8 x float> poison, <8 x i32> zeroinitializer
+  %1334 = load <8 x float>, ptr %acc000186, align 4
+  %1335 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1333, <8 x float> %1326, <8 x float> %1334)
+  store <8 x float> %1335, ptr %acc000186, align 4
+  %1336 = load <8 x float>, ptr %acc001187, align 4
+  %1337 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1333, <8 x float> %1329, <8 x float> %1336)
+  store <8 x float> %1337, ptr %acc001187, align 4
+  %1338 = getelementptr inbounds float, ptr %1297, i64 %1319
+  %1339 = load float, ptr %1338, align 4
+  %1340 = insertelement <8 x float> poison, float %1339, i32 0
+  %1341 = shufflevector <8 x float> %1340, <8 x float> poison, <8 x i32> zeroinitializer
+  %1342 = load <8 x float>, ptr %acc010188, align 4
+  %1343 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1341, <8 x float> %1326, <8 x float> %1342)
+  store <8 x float> %1343, ptr %acc010188, align 4
+  %1344 = load <8 x float>, ptr %acc011189, align 4
+  %1345 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1341, <8 x float> %1329, <8 x float> %1344)
+  store <8 x float> %1345, ptr %acc011189, align 4
+  %1346 = add nsw i64 %k197, 1
+  br label %k.head194
+
+k.end196:                                         ; preds = %k.head194
+  %1347 = load <8 x float>, ptr %acc000186, align 4
+  store <8 x float> %1347, ptr %1289, align 4
+  %1348 = load <8 x float>, ptr %acc001187, align 4
+  store <8 x float> %1348, ptr %1292, align 4
+  %1349 = load <8 x float>, ptr %acc010188, align 4
+  store <8 x float> %1349, ptr %1304, align 4
+  %1350 = load <8 x float>, ptr %acc011189, align 4
+  store <8 x float> %1350, ptr %1307, align 4
+  br label %tile.done96
+
+tile.mr197:                                       ; preds = %rb.body90
+  %col200 = mul nsw i64 %p, 16
+  %1351 = add nsw i64 %r093, 0
+  %1352 = mul nsw i64 %1351, 2816
+  %1353 = add nsw i64 %1352, 0
+  %1354 = getelementptr inbounds float, ptr %h, i64 %1353
+  %1355 = getelementptr inbounds i32, ptr %rows, i64 %1351
+  %1356 = load i32, ptr %1355, align 4
+  %1357 = sext i32 %1356 to i64
+  %1358 = mul nsw i64 %1357, 1024
+  %1359 = getelementptr inbounds float, ptr %y, i64 %1358
+  %1360 = add nsw i64 %col200, 0
+  %1361 = getelementptr inbounds float, ptr %1359, i64 %1360
+  %1362 = load <8 x float>, ptr %1361, align 4
+  store <8 x float> zeroinitializer, ptr %acc000201, align 4
+  %1363 = add nsw i64 %col200, 8
+  %1364 = getelementptr inbounds float, ptr %1359, i64 %1363
+  %1365 = load <8 x float>, ptr %1364, align 4
+  store <8 x float> zeroinitializer, ptr %acc001202, align 4
+  %1366 = mul nsw i64 %p, 45056
+  %panel.off203 = add nsw i64 %1366, 0
+  %1367 = getelementptr inbounds float, ptr %panels, i64 %panel.off203
+  %1368 = add nsw i64 %p, 1
+  %1369 = icmp slt i64 %1368, %p1
+  %pf.on204 = and i1 %pf.on104, %1369
+  %1370 = mul nsw i64 %rb92, 180224
+  %1371 = lshr i64 %1370, %738
+  %1372 = add nsw i64 180224, %1371
+  %1373 = getelementptr inbounds i8, ptr %1367, i64 %1372
+  %pf205 = select i1 %pf.on204, ptr %1373, ptr %1367
+  %pf.sh206 = select i1 %pf.on204, i64 %738, i64 0
+  br label %k.head207
+
+k.head207:                                        ; preds = %pf.any.end212, %tile.mr197
+  %k210 = phi i64 [ 0, %tile.mr197 ], [ %1395, %pf.any.end212 ]
+  %1374 = icmp slt i64 %k210, 2816
+  br i1 %1374, label %k.body208, label %k.end209
+
+k.body208:                                        ; preds = %k.head207
+  %1375 = mul nsw i64 %k210, 1
+  %1376 = add nsw i64 %1375, 0
+  %1377 = mul nsw i64 %1376, 64
+  br i1 %pf.multi103, label %pf.any.then211, label %pf.any.end212
+
+pf.any.then211:                                   ; preds = %k.body208
+  %1378 = lshr i64 %1377, %pf.sh206
+  %1379 = getelementptr inbounds i8, ptr %pf205, i64 %1378
+  call void @llvm.prefetch.p0(ptr %1379, i32 0, i32 2, i32 1)
+  br label %pf.any.end212
+
+pf.any.end212:                                    ; preds = %pf.any.then211, %k.body208
+  %1380 = mul nsw i64 %1376, 16
+  %1381 = add nsw i64 %panel.off203, %1380
+  %1382 = getelementptr inbounds float, ptr %panels, i64 %1381
+  %1383 = load <8 x float>, ptr %1382, align 4
+  %1384 = add nsw i64 %1381, 8
+  %1385 = getelementptr inbounds float, ptr %panels, i64 %1384
+  %1386 = load <8 x float>, ptr %1385, align 4
+  %1387 = getelementptr inbounds float, ptr %1354, i64 %1376
+  %1388 = load float, ptr %1387, align 4
+  %1389 = insertelement <8 x float> poison, float %1388, i32 0
+  %1390 = shufflevector <8 x float> %1389, <8 x float> poison, <8 x i32> zeroinitializer
+  %1391 = load <8 x float>, ptr %acc000201, align 4
+  %1392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1390, <8 x float> %1383, <8 x float> %1391)
+  store <8 x float> %1392, ptr %acc000201, align 4
+  %1393 = load <8 x float>, ptr %acc001202, align 4
+  %1394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1390, <8 x float> %1386, <8 x float> %1393)
+  store <8 x float> %1394, ptr %acc001202, align 4
+  %1395 = add nsw i64 %k210, 1
+  br label %k.head207
+
+k.end209:                                         ; preds = %k.head207
+  %1396 = load <8 x float>, ptr %acc000201, align 4
+  store <8 x float> %1396, ptr %1361, align 4
+  %1397 = load <8 x float>, ptr %acc001202, align 4
+  store <8 x float> %1397, ptr %1364, align 4
+  br label %tile.done96
+
+tile.done96:                                      ; preds = %k.end209, %k.end196, %k.end181, %k.end164, %k.end145, %k.end124
+  %1398 = add nsw i64 %rb92, 1
+  br label %rb.head89
+
+rb.end91:                                         ; preds = %rb.head89
+  %1399 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
+  br label %call.end
+
+call.end:                                         ; preds = %p.end, %kb.rc.end
   ret void
 }
 
