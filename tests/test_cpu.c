@@ -312,16 +312,17 @@ static void test_invariance(void **state)
  * chunks of at most 96), 97 up panels (groups of 16, the last one short),
  * K in blocks of 130 (H 520), 194 (I 776) and 98 (shared I 392), the last
  * down panel masked (520 = 32 x 16 + 8), a shared expert whose down adds
- * to y. Each token alone (one row block: the unblocked loops) gives the
- * batch's row bit for bit, and the batch is within the reference's bound. */
-static void test_k_blocks(void **state)
+ * to y; f32 and bf16 weights. Each token alone (one row block: the
+ * unblocked loops) gives the batch's row bit for bit, and the batch is
+ * within the reference's bound. */
+static void k_blocks(enum moe_dtype wt)
 {
-	(void)state;
 	struct moe_desc d;
 	h_base_desc(&d, 520, 3, 2, 776);
 	d.shared_count = 1;
 	d.shared_intermediate = 392;
 	d.expert_bias = 1;
+	d.weight_dtype = wt;
 	h_features = "-avx512f";
 	struct h_model m;
 	char err[1024];
@@ -343,6 +344,13 @@ static void test_k_blocks(void **state)
 	compare(&d, T, 2, 13, TOL);
 	h_features = NULL;
 	free(x), free(y), free(y1);
+}
+
+static void test_k_blocks(void **state)
+{
+	(void)state;
+	k_blocks(MOE_DTYPE_F32);
+	k_blocks(MOE_DTYPE_BF16); /* bf16 panels, f32 compute (no avx512_bf16) */
 }
 
 static void test_errors(void **state)
