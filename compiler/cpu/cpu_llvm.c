@@ -514,6 +514,25 @@ static struct pf slice_prefetch(struct moe_ll *g, const struct ffn *f, LLVMValue
 	return prefetch_to(g, f, f->pf_next, pan, f->pf_step, f->kc * panel_row_bytes(g));
 }
 
+/* The K loop of an f32 tile over panel p of the call's panels (parameter
+ * 4) with K values per column, or K-blocked (f->k0) its block [k0, k0 + kc);
+ * p1 (the call's end panel) bounds the next-panel prefetch. */
+static void f32_tile_k(struct moe_ll *g, const struct ffn *f, int mr, int wide, int nv,
+		       const LLVMValueRef *a_row, LLVMValueRef acc[][MOE_MR][2], LLVMValueRef p,
+		       LLVMValueRef p1, int64_t K)
+{
+	LLVMBuilderRef b = g->b;
+	LLVMValueRef panels = moe_ll_prm(g, 4);
+	LLVMValueRef pbase = LLVMBuildNSWMul(b, p, moe_ll_i64c(g, K * MOE_NR), "panel.off");
+	if (f->k0)
+		pbase = LLVMBuildNSWAdd(
+		    b, pbase, LLVMBuildNSWMul(b, f->k0, moe_ll_i64c(g, MOE_NR), ""), "slice.off");
+	struct pf pf = f->k0 ? slice_prefetch(g, f, panels, pbase)
+			     : panel_prefetch_w(g, f, p, p1, panels, pbase, (uint32_t)K);
+	f32_k_loop(g, mr, wide, nv, f32_chains(g), a_row, acc, panels, pbase, pf,
+		   f->k0 ? f->kc : K);
+}
+
 /* One up tile of mr rows at row r0 and panel p, K = hidden (or, K-blocked,
  * its block [k0, k0 + kc)): the accumulators (12 at mr = 6 and AVX-512)
  * stay in registers across the K loop. */
@@ -521,7 +540,7 @@ static void up_tile(struct moe_ll *g, const struct ffn *f, int mr, LLVMValueRef 
 {
 	LLVMBuilderRef b = g->b;
 	const struct moe_geom *ge = f->geom;
-	LLVMValueRef x = moe_ll_prm(g, 0), rows = moe_ll_prm(g, 1), panels = moe_ll_prm(g, 4);
+	LLVMValueRef x = moe_ll_prm(g, 0), rows = moe_ll_prm(g, 1);
 	LLVMValueRef a_row[MOE_MR], acc[2][MOE_MR][2];
 	LLVMTypeRef t16 = LLVMVectorType(g->t_f32, 2 * MOE_VW);
 	int wide = g->wide, nch = f32_chains(g);
@@ -552,13 +571,7 @@ static void up_tile(struct moe_ll *g, const struct ffn *f, int mr, LLVMValueRef 
 				moe_ll_st(g, z, acc[c][r][v]);
 			}
 	}
-	LLVMValueRef pbase = LLVMBuildNSWAdd(
-	    b, LLVMBuildNSWMul(b, p, moe_ll_i64c(g, (int64_t)ge->hidden * MOE_NR), ""),
-	    LLVMBuildNSWMul(b, k0, moe_ll_i64c(g, MOE_NR), ""), "panel.off");
-	struct pf pf = f->k0
-			   ? slice_prefetch(g, f, panels, pbase)
-			   : panel_prefetch_w(g, f, p, moe_ll_prm(g, 9), panels, pbase, ge->hidden);
-	f32_k_loop(g, mr, wide, 2, nch, a_row, acc, panels, pbase, pf, f->k0 ? f->kc : ge->hidden);
+	f32_tile_k(g, f, mr, wide, 2, a_row, acc, p, moe_ll_prm(g, 9), ge->hidden);
 
 	/* Epilogue: scale, bias, activation, store to h; K-blocked, the
 	 * blocks before the last store their partial sums. */
@@ -619,8 +632,7 @@ static void down_tile(struct moe_ll *g, const struct ffn *f, int mr, int ncols, 
 {
 	LLVMBuilderRef b = g->b;
 	const struct moe_geom *ge = f->geom;
-	LLVMValueRef hbuf = moe_ll_prm(g, 0), rows = moe_ll_prm(g, 1), rw = moe_ll_prm(g, 2),
-		     panels = moe_ll_prm(g, 4);
+	LLVMValueRef hbuf = moe_ll_prm(g, 0), rows = moe_ll_prm(g, 1), rw = moe_ll_prm(g, 2);
 	LLVMValueRef bd = moe_ll_prm(g, 5), y = moe_ll_prm(g, 6);
 	int nv = ncols > MOE_VW ? 2 : 1;
 	int lanes[2] = {ncols > MOE_VW ? MOE_VW : ncols, ncols - MOE_VW};
@@ -664,13 +676,7 @@ static void down_tile(struct moe_ll *g, const struct ffn *f, int mr, int ncols, 
 			}
 		}
 	}
-	LLVMValueRef pbase = LLVMBuildNSWAdd(
-	    b, LLVMBuildNSWMul(b, p, moe_ll_i64c(g, (int64_t)ge->width * MOE_NR), ""),
-	    LLVMBuildNSWMul(b, k0, moe_ll_i64c(g, MOE_NR), ""), "panel.off");
-	struct pf pf = f->k0
-			   ? slice_prefetch(g, f, panels, pbase)
-			   : panel_prefetch_w(g, f, p, moe_ll_prm(g, 8), panels, pbase, ge->width);
-	f32_k_loop(g, mr, wide, nv, nch, a_row, acc, panels, pbase, pf, f->k0 ? f->kc : ge->width);
+	f32_tile_k(g, f, mr, wide, nv, a_row, acc, p, moe_ll_prm(g, 8), ge->width);
 
 	for (int r = 0; r < mr; r++) {
 		LLVMValueRef w = NULL;

@@ -855,68 +855,68 @@ entry:
   %acc03140 = alloca <8 x float>, align 32
   %acc04041 = alloca <8 x float>, align 32
   %acc04142 = alloca <8 x float>, align 32
-  %acc00089 = alloca <8 x float>, align 32
-  %acc00190 = alloca <8 x float>, align 32
-  %acc01091 = alloca <8 x float>, align 32
-  %acc01192 = alloca <8 x float>, align 32
-  %acc02093 = alloca <8 x float>, align 32
-  %acc02194 = alloca <8 x float>, align 32
-  %acc03095 = alloca <8 x float>, align 32
-  %acc03196 = alloca <8 x float>, align 32
-  %acc000137 = alloca <8 x float>, align 32
-  %acc001138 = alloca <8 x float>, align 32
-  %acc010139 = alloca <8 x float>, align 32
-  %acc011140 = alloca <8 x float>, align 32
-  %acc020141 = alloca <8 x float>, align 32
-  %acc021142 = alloca <8 x float>, align 32
-  %acc000177 = alloca <8 x float>, align 32
-  %acc001178 = alloca <8 x float>, align 32
-  %acc010179 = alloca <8 x float>, align 32
-  %acc011180 = alloca <8 x float>, align 32
-  %acc000209 = alloca <8 x float>, align 32
-  %acc001210 = alloca <8 x float>, align 32
-  %acc000250 = alloca <8 x float>, align 32
-  %acc001251 = alloca <8 x float>, align 32
-  %acc010252 = alloca <8 x float>, align 32
-  %acc011253 = alloca <8 x float>, align 32
-  %acc020254 = alloca <8 x float>, align 32
-  %acc021255 = alloca <8 x float>, align 32
-  %acc030256 = alloca <8 x float>, align 32
-  %acc031257 = alloca <8 x float>, align 32
-  %acc040258 = alloca <8 x float>, align 32
-  %acc041259 = alloca <8 x float>, align 32
-  %acc050260 = alloca <8 x float>, align 32
-  %acc051261 = alloca <8 x float>, align 32
-  %acc000310 = alloca <8 x float>, align 32
-  %acc001311 = alloca <8 x float>, align 32
-  %acc010312 = alloca <8 x float>, align 32
-  %acc011313 = alloca <8 x float>, align 32
-  %acc020314 = alloca <8 x float>, align 32
-  %acc021315 = alloca <8 x float>, align 32
-  %acc030316 = alloca <8 x float>, align 32
-  %acc031317 = alloca <8 x float>, align 32
-  %acc040318 = alloca <8 x float>, align 32
-  %acc041319 = alloca <8 x float>, align 32
-  %acc000362 = alloca <8 x float>, align 32
-  %acc001363 = alloca <8 x float>, align 32
-  %acc010364 = alloca <8 x float>, align 32
-  %acc011365 = alloca <8 x float>, align 32
-  %acc020366 = alloca <8 x float>, align 32
-  %acc021367 = alloca <8 x float>, align 32
-  %acc030368 = alloca <8 x float>, align 32
-  %acc031369 = alloca <8 x float>, align 32
-  %acc000406 = alloca <8 x float>, align 32
-  %acc001407 = alloca <8 x float>, align 32
-  %acc010408 = alloca <8 x float>, align 32
-  %acc011409 = alloca <8 x float>, align 32
-  %acc020410 = alloca <8 x float>, align 32
-  %acc021411 = alloca <8 x float>, align 32
-  %acc000442 = alloca <8 x float>, align 32
-  %acc001443 = alloca <8 x float>, align 32
-  %acc010444 = alloca <8 x float>, align 32
-  %acc011445 = alloca <8 x float>, align 32
-  %acc000470 = alloca <8 x float>, align 32
-  %acc001471 = alloca <8 x float>, align 32
+  %acc00090 = alloca <8 x float>, align 32
+  %acc00191 = alloca <8 x float>, align 32
+  %acc01092 = alloca <8 x float>, align 32
+  %acc01193 = alloca <8 x float>, align 32
+  %acc02094 = alloca <8 x float>, align 32
+  %acc02195 = alloca <8 x float>, align 32
+  %acc03096 = alloca <8 x float>, align 32
+  %acc03197 = alloca <8 x float>, align 32
+  %acc000139 = alloca <8 x float>, align 32
+  %acc001140 = alloca <8 x float>, align 32
+  %acc010141 = alloca <8 x float>, align 32
+  %acc011142 = alloca <8 x float>, align 32
+  %acc020143 = alloca <8 x float>, align 32
+  %acc021144 = alloca <8 x float>, align 32
+  %acc000180 = alloca <8 x float>, align 32
+  %acc001181 = alloca <8 x float>, align 32
+  %acc010182 = alloca <8 x float>, align 32
+  %acc011183 = alloca <8 x float>, align 32
+  %acc000213 = alloca <8 x float>, align 32
+  %acc001214 = alloca <8 x float>, align 32
+  %acc000255 = alloca <8 x float>, align 32
+  %acc001256 = alloca <8 x float>, align 32
+  %acc010257 = alloca <8 x float>, align 32
+  %acc011258 = alloca <8 x float>, align 32
+  %acc020259 = alloca <8 x float>, align 32
+  %acc021260 = alloca <8 x float>, align 32
+  %acc030261 = alloca <8 x float>, align 32
+  %acc031262 = alloca <8 x float>, align 32
+  %acc040263 = alloca <8 x float>, align 32
+  %acc041264 = alloca <8 x float>, align 32
+  %acc050265 = alloca <8 x float>, align 32
+  %acc051266 = alloca <8 x float>, align 32
+  %acc000315 = alloca <8 x float>, align 32
+  %acc001316 = alloca <8 x float>, align 32
+  %acc010317 = alloca <8 x float>, align 32
+  %acc011318 = alloca <8 x float>, align 32
+  %acc020319 = alloca <8 x float>, align 32
+  %acc021320 = alloca <8 x float>, align 32
+  %acc030321 = alloca <8 x float>, align 32
+  %acc031322 = alloca <8 x float>, align 32
+  %acc040323 = alloca <8 x float>, align 32
+  %acc041324 = alloca <8 x float>, align 32
+  %acc000367 = alloca <8 x float>, align 32
+  %acc001368 = alloca <8 x float>, align 32
+  %acc010369 = alloca <8 x float>, align 32
+  %acc011370 = alloca <8 x float>, align 32
+  %acc020371 = alloca <8 x float>, align 32
+  %acc021372 = alloca <8 x float>, align 32
+  %acc030373 = alloca <8 x float>, align 32
+  %acc031374 = alloca <8 x float>, align 32
+  %acc000411 = alloca <8 x float>, align 32
+  %acc001412 = alloca <8 x float>, align 32
+  %acc010413 = alloca <8 x float>, align 32
+  %acc011414 = alloca <8 x float>, align 32
+  %acc020415 = alloca <8 x float>, align 32
+  %acc021416 = alloca <8 x float>, align 32
+  %acc000447 = alloca <8 x float>, align 32
+  %acc001448 = alloca <8 x float>, align 32
+  %acc010449 = alloca <8 x float>, align 32
+  %acc011450 = alloca <8 x float>, align 32
+  %acc000475 = alloca <8 x float>, align 32
+  %acc001476 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -927,7 +927,7 @@ kb:                                               ; preds = %start
   br label %kb.rc.head
 
 kb.rc.head:                                       ; preds = %kb.pg.end, %kb
-  %kb.rc = phi i64 [ 0, %kb ], [ %1880, %kb.pg.end ]
+  %kb.rc = phi i64 [ 0, %kb ], [ %1874, %kb.pg.end ]
   %1 = icmp slt i64 %kb.rc, %n
   br i1 %1, label %kb.rc.body, label %kb.rc.end
 
@@ -938,7 +938,7 @@ kb.rc.body:                                       ; preds = %kb.rc.head
   br label %kb.pg.head
 
 kb.pg.head:                                       ; preds = %kb.k.end, %kb.rc.body
-  %kb.pg = phi i64 [ %p0, %kb.rc.body ], [ %1879, %kb.k.end ]
+  %kb.pg = phi i64 [ %p0, %kb.rc.body ], [ %1873, %kb.k.end ]
   %4 = icmp slt i64 %kb.pg, %p1
   br i1 %4, label %kb.pg.body, label %kb.pg.end
 
@@ -949,7 +949,7 @@ kb.pg.body:                                       ; preds = %kb.pg.head
   br label %kb.k.head
 
 kb.k.head:                                        ; preds = %kb.p.end, %kb.pg.body
-  %kb.k = phi i64 [ 0, %kb.pg.body ], [ %1878, %kb.p.end ]
+  %kb.k = phi i64 [ 0, %kb.pg.body ], [ %1872, %kb.p.end ]
   %7 = icmp slt i64 %kb.k, 16
   br i1 %7, label %kb.k.body, label %kb.k.end
 
@@ -960,7 +960,7 @@ kb.k.body:                                        ; preds = %kb.k.head
   br label %kb.p.head
 
 kb.p.head:                                        ; preds = %rb.end, %kb.k.body
-  %kb.p = phi i64 [ %kb.pg, %kb.k.body ], [ %1877, %rb.end ]
+  %kb.p = phi i64 [ %kb.pg, %kb.k.body ], [ %1871, %rb.end ]
   %8 = icmp slt i64 %kb.p, %kb.pg1
   br i1 %8, label %kb.p.body, label %kb.p.end
 
@@ -978,7 +978,7 @@ kb.p.body:                                        ; preds = %kb.p.head
   br label %rb.head
 
 rb.head:                                          ; preds = %tile.done, %kb.p.body
-  %rb = phi i64 [ 0, %kb.p.body ], [ %1876, %tile.done ]
+  %rb = phi i64 [ 0, %kb.p.body ], [ %1870, %tile.done ]
   %16 = icmp slt i64 %rb, %nrb
   br i1 %16, label %rb.body, label %rb.end
 
@@ -1171,2210 +1171,2210 @@ tile.mr6:                                         ; preds = %rb.body
   %176 = load <8 x float>, ptr %175, align 4
   %177 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %176
   store <8 x float> %177, ptr %acc051, align 4
+  %panel.off = mul nsw i64 %kb.p, 65536
   %178 = mul nsw i64 %k0, 16
-  %179 = mul nsw i64 %kb.p, 65536
-  %panel.off = add nsw i64 %179, %178
-  %180 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %slice.off = add nsw i64 %panel.off, %178
+  %179 = getelementptr inbounds i16, ptr %panels, i64 %slice.off
   %pf.on2 = and i1 %pf.on, %pf.next
-  %181 = mul nsw i64 %rb, 8192
-  %182 = lshr i64 %181, %25
-  %183 = add nsw i64 %pf.step, %182
-  %184 = getelementptr inbounds i8, ptr %180, i64 %183
-  %pf = select i1 %pf.on2, ptr %184, ptr %180
+  %180 = mul nsw i64 %rb, 8192
+  %181 = lshr i64 %180, %25
+  %182 = add nsw i64 %pf.step, %181
+  %183 = getelementptr inbounds i8, ptr %179, i64 %182
+  %pf = select i1 %pf.on2, ptr %183, ptr %179
   %pf.sh = select i1 %pf.on2, i64 %25, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %245, %pf.any.end ]
-  %185 = icmp slt i64 %k, 256
-  br i1 %185, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %244, %pf.any.end ]
+  %184 = icmp slt i64 %k, 256
+  br i1 %184, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %186 = mul nsw i64 %k, 1
-  %187 = add nsw i64 %186, 0
-  %188 = mul nsw i64 %187, 32
+  %185 = mul nsw i64 %k, 1
+  %186 = add nsw i64 %185, 0
+  %187 = mul nsw i64 %186, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %189 = lshr i64 %188, %pf.sh
-  %190 = getelementptr inbounds i8, ptr %pf, i64 %189
-  call void @llvm.prefetch.p0(ptr %190, i32 0, i32 2, i32 1)
+  %188 = lshr i64 %187, %pf.sh
+  %189 = getelementptr inbounds i8, ptr %pf, i64 %188
+  call void @llvm.prefetch.p0(ptr %189, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %191 = mul nsw i64 %187, 16
-  %192 = add nsw i64 %panel.off, %191
-  %193 = getelementptr inbounds i16, ptr %panels, i64 %192
-  %194 = load <8 x i32>, ptr %193, align 4
-  %195 = shl <8 x i32> %194, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %195 to <8 x float>
-  %196 = and <8 x i32> %194, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %196 to <8 x float>
-  %197 = getelementptr inbounds float, ptr %34, i64 %187
-  %198 = load float, ptr %197, align 4
-  %199 = insertelement <8 x float> poison, float %198, i32 0
-  %200 = shufflevector <8 x float> %199, <8 x float> poison, <8 x i32> zeroinitializer
-  %201 = load <8 x float>, ptr %acc000, align 4
-  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %b0, <8 x float> %201)
-  store <8 x float> %202, ptr %acc000, align 4
-  %203 = load <8 x float>, ptr %acc001, align 4
-  %204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %b1, <8 x float> %203)
-  store <8 x float> %204, ptr %acc001, align 4
-  %205 = getelementptr inbounds float, ptr %59, i64 %187
-  %206 = load float, ptr %205, align 4
-  %207 = insertelement <8 x float> poison, float %206, i32 0
-  %208 = shufflevector <8 x float> %207, <8 x float> poison, <8 x i32> zeroinitializer
-  %209 = load <8 x float>, ptr %acc010, align 4
-  %210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> %b0, <8 x float> %209)
-  store <8 x float> %210, ptr %acc010, align 4
-  %211 = load <8 x float>, ptr %acc011, align 4
-  %212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> %b1, <8 x float> %211)
-  store <8 x float> %212, ptr %acc011, align 4
-  %213 = getelementptr inbounds float, ptr %84, i64 %187
-  %214 = load float, ptr %213, align 4
-  %215 = insertelement <8 x float> poison, float %214, i32 0
-  %216 = shufflevector <8 x float> %215, <8 x float> poison, <8 x i32> zeroinitializer
-  %217 = load <8 x float>, ptr %acc020, align 4
-  %218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> %b0, <8 x float> %217)
-  store <8 x float> %218, ptr %acc020, align 4
-  %219 = load <8 x float>, ptr %acc021, align 4
-  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> %b1, <8 x float> %219)
-  store <8 x float> %220, ptr %acc021, align 4
-  %221 = getelementptr inbounds float, ptr %109, i64 %187
-  %222 = load float, ptr %221, align 4
-  %223 = insertelement <8 x float> poison, float %222, i32 0
-  %224 = shufflevector <8 x float> %223, <8 x float> poison, <8 x i32> zeroinitializer
-  %225 = load <8 x float>, ptr %acc030, align 4
-  %226 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> %b0, <8 x float> %225)
-  store <8 x float> %226, ptr %acc030, align 4
-  %227 = load <8 x float>, ptr %acc031, align 4
-  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> %b1, <8 x float> %227)
-  store <8 x float> %228, ptr %acc031, align 4
-  %229 = getelementptr inbounds float, ptr %134, i64 %187
-  %230 = load float, ptr %229, align 4
-  %231 = insertelement <8 x float> poison, float %230, i32 0
-  %232 = shufflevector <8 x float> %231, <8 x float> poison, <8 x i32> zeroinitializer
-  %233 = load <8 x float>, ptr %acc040, align 4
-  %234 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %b0, <8 x float> %233)
-  store <8 x float> %234, ptr %acc040, align 4
-  %235 = load <8 x float>, ptr %acc041, align 4
-  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %b1, <8 x float> %235)
-  store <8 x float> %236, ptr %acc041, align 4
-  %237 = getelementptr inbounds float, ptr %159, i64 %187
-  %238 = load float, ptr %237, align 4
-  %239 = insertelement <8 x float> poison, float %238, i32 0
-  %240 = shufflevector <8 x float> %239, <8 x float> poison, <8 x i32> zeroinitializer
-  %241 = load <8 x float>, ptr %acc050, align 4
-  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %b0, <8 x float> %241)
-  store <8 x float> %242, ptr %acc050, align 4
-  %243 = load <8 x float>, ptr %acc051, align 4
-  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %b1, <8 x float> %243)
-  store <8 x float> %244, ptr %acc051, align 4
-  %245 = add nsw i64 %k, 1
+  %190 = mul nsw i64 %186, 16
+  %191 = add nsw i64 %slice.off, %190
+  %192 = getelementptr inbounds i16, ptr %panels, i64 %191
+  %193 = load <8 x i32>, ptr %192, align 4
+  %194 = shl <8 x i32> %193, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %194 to <8 x float>
+  %195 = and <8 x i32> %193, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %195 to <8 x float>
+  %196 = getelementptr inbounds float, ptr %34, i64 %186
+  %197 = load float, ptr %196, align 4
+  %198 = insertelement <8 x float> poison, float %197, i32 0
+  %199 = shufflevector <8 x float> %198, <8 x float> poison, <8 x i32> zeroinitializer
+  %200 = load <8 x float>, ptr %acc000, align 4
+  %201 = call <8 x float> @llvm.fma.v8f32(<8 x float> %199, <8 x float> %b0, <8 x float> %200)
+  store <8 x float> %201, ptr %acc000, align 4
+  %202 = load <8 x float>, ptr %acc001, align 4
+  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %199, <8 x float> %b1, <8 x float> %202)
+  store <8 x float> %203, ptr %acc001, align 4
+  %204 = getelementptr inbounds float, ptr %59, i64 %186
+  %205 = load float, ptr %204, align 4
+  %206 = insertelement <8 x float> poison, float %205, i32 0
+  %207 = shufflevector <8 x float> %206, <8 x float> poison, <8 x i32> zeroinitializer
+  %208 = load <8 x float>, ptr %acc010, align 4
+  %209 = call <8 x float> @llvm.fma.v8f32(<8 x float> %207, <8 x float> %b0, <8 x float> %208)
+  store <8 x float> %209, ptr %acc010, align 4
+  %210 = load <8 x float>, ptr %acc011, align 4
+  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %207, <8 x float> %b1, <8 x float> %210)
+  store <8 x float> %211, ptr %acc011, align 4
+  %212 = getelementptr inbounds float, ptr %84, i64 %186
+  %213 = load float, ptr %212, align 4
+  %214 = insertelement <8 x float> poison, float %213, i32 0
+  %215 = shufflevector <8 x float> %214, <8 x float> poison, <8 x i32> zeroinitializer
+  %216 = load <8 x float>, ptr %acc020, align 4
+  %217 = call <8 x float> @llvm.fma.v8f32(<8 x float> %215, <8 x float> %b0, <8 x float> %216)
+  store <8 x float> %217, ptr %acc020, align 4
+  %218 = load <8 x float>, ptr %acc021, align 4
+  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %215, <8 x float> %b1, <8 x float> %218)
+  store <8 x float> %219, ptr %acc021, align 4
+  %220 = getelementptr inbounds float, ptr %109, i64 %186
+  %221 = load float, ptr %220, align 4
+  %222 = insertelement <8 x float> poison, float %221, i32 0
+  %223 = shufflevector <8 x float> %222, <8 x float> poison, <8 x i32> zeroinitializer
+  %224 = load <8 x float>, ptr %acc030, align 4
+  %225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %223, <8 x float> %b0, <8 x float> %224)
+  store <8 x float> %225, ptr %acc030, align 4
+  %226 = load <8 x float>, ptr %acc031, align 4
+  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %223, <8 x float> %b1, <8 x float> %226)
+  store <8 x float> %227, ptr %acc031, align 4
+  %228 = getelementptr inbounds float, ptr %134, i64 %186
+  %229 = load float, ptr %228, align 4
+  %230 = insertelement <8 x float> poison, float %229, i32 0
+  %231 = shufflevector <8 x float> %230, <8 x float> poison, <8 x i32> zeroinitializer
+  %232 = load <8 x float>, ptr %acc040, align 4
+  %233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %231, <8 x float> %b0, <8 x float> %232)
+  store <8 x float> %233, ptr %acc040, align 4
+  %234 = load <8 x float>, ptr %acc041, align 4
+  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %231, <8 x float> %b1, <8 x float> %234)
+  store <8 x float> %235, ptr %acc041, align 4
+  %236 = getelementptr inbounds float, ptr %159, i64 %186
+  %237 = load float, ptr %236, align 4
+  %238 = insertelement <8 x float> poison, float %237, i32 0
+  %239 = shufflevector <8 x float> %238, <8 x float> poison, <8 x i32> zeroinitializer
+  %240 = load <8 x float>, ptr %acc050, align 4
+  %241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %239, <8 x float> %b0, <8 x float> %240)
+  store <8 x float> %241, ptr %acc050, align 4
+  %242 = load <8 x float>, ptr %acc051, align 4
+  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %239, <8 x float> %b1, <8 x float> %242)
+  store <8 x float> %243, ptr %acc051, align 4
+  %244 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %246 = xor i1 %klast, true
-  br i1 %246, label %part.then, label %part.end
+  %245 = xor i1 %klast, true
+  br i1 %245, label %part.then, label %part.end
 
 part.then:                                        ; preds = %k.end
-  %247 = add nsw i64 %r01, 0
-  %248 = sub nsw i64 %kb.p, %kb.pg
-  %249 = sub nsw i64 %247, %kb.rc
-  %250 = mul nsw i64 %249, 16
-  %251 = add nsw i64 %250, %248
-  %252 = mul nsw i64 %251, 16
-  %253 = getelementptr inbounds float, ptr %part, i64 %252
-  %254 = getelementptr inbounds float, ptr %253, i64 0
-  %255 = load <8 x float>, ptr %acc000, align 4
-  store <8 x float> %255, ptr %254, align 4
-  %256 = sub nsw i64 %kb.p, %kb.pg
-  %257 = sub nsw i64 %247, %kb.rc
-  %258 = mul nsw i64 %257, 16
-  %259 = add nsw i64 %258, %256
-  %260 = mul nsw i64 %259, 16
-  %261 = getelementptr inbounds float, ptr %part, i64 %260
-  %262 = getelementptr inbounds float, ptr %261, i64 8
-  %263 = load <8 x float>, ptr %acc001, align 4
-  store <8 x float> %263, ptr %262, align 4
-  %264 = add nsw i64 %r01, 1
-  %265 = sub nsw i64 %kb.p, %kb.pg
-  %266 = sub nsw i64 %264, %kb.rc
-  %267 = mul nsw i64 %266, 16
-  %268 = add nsw i64 %267, %265
-  %269 = mul nsw i64 %268, 16
-  %270 = getelementptr inbounds float, ptr %part, i64 %269
-  %271 = getelementptr inbounds float, ptr %270, i64 0
-  %272 = load <8 x float>, ptr %acc010, align 4
-  store <8 x float> %272, ptr %271, align 4
-  %273 = sub nsw i64 %kb.p, %kb.pg
-  %274 = sub nsw i64 %264, %kb.rc
-  %275 = mul nsw i64 %274, 16
-  %276 = add nsw i64 %275, %273
-  %277 = mul nsw i64 %276, 16
-  %278 = getelementptr inbounds float, ptr %part, i64 %277
-  %279 = getelementptr inbounds float, ptr %278, i64 8
-  %280 = load <8 x float>, ptr %acc011, align 4
-  store <8 x float> %280, ptr %279, align 4
-  %281 = add nsw i64 %r01, 2
-  %282 = sub nsw i64 %kb.p, %kb.pg
-  %283 = sub nsw i64 %281, %kb.rc
-  %284 = mul nsw i64 %283, 16
-  %285 = add nsw i64 %284, %282
-  %286 = mul nsw i64 %285, 16
-  %287 = getelementptr inbounds float, ptr %part, i64 %286
-  %288 = getelementptr inbounds float, ptr %287, i64 0
-  %289 = load <8 x float>, ptr %acc020, align 4
-  store <8 x float> %289, ptr %288, align 4
-  %290 = sub nsw i64 %kb.p, %kb.pg
-  %291 = sub nsw i64 %281, %kb.rc
-  %292 = mul nsw i64 %291, 16
-  %293 = add nsw i64 %292, %290
-  %294 = mul nsw i64 %293, 16
-  %295 = getelementptr inbounds float, ptr %part, i64 %294
-  %296 = getelementptr inbounds float, ptr %295, i64 8
-  %297 = load <8 x float>, ptr %acc021, align 4
-  store <8 x float> %297, ptr %296, align 4
-  %298 = add nsw i64 %r01, 3
-  %299 = sub nsw i64 %kb.p, %kb.pg
-  %300 = sub nsw i64 %298, %kb.rc
-  %301 = mul nsw i64 %300, 16
-  %302 = add nsw i64 %301, %299
-  %303 = mul nsw i64 %302, 16
-  %304 = getelementptr inbounds float, ptr %part, i64 %303
-  %305 = getelementptr inbounds float, ptr %304, i64 0
-  %306 = load <8 x float>, ptr %acc030, align 4
-  store <8 x float> %306, ptr %305, align 4
-  %307 = sub nsw i64 %kb.p, %kb.pg
-  %308 = sub nsw i64 %298, %kb.rc
-  %309 = mul nsw i64 %308, 16
-  %310 = add nsw i64 %309, %307
-  %311 = mul nsw i64 %310, 16
-  %312 = getelementptr inbounds float, ptr %part, i64 %311
-  %313 = getelementptr inbounds float, ptr %312, i64 8
-  %314 = load <8 x float>, ptr %acc031, align 4
-  store <8 x float> %314, ptr %313, align 4
-  %315 = add nsw i64 %r01, 4
-  %316 = sub nsw i64 %kb.p, %kb.pg
-  %317 = sub nsw i64 %315, %kb.rc
-  %318 = mul nsw i64 %317, 16
-  %319 = add nsw i64 %318, %316
-  %320 = mul nsw i64 %319, 16
-  %321 = getelementptr inbounds float, ptr %part, i64 %320
-  %322 = getelementptr inbounds float, ptr %321, i64 0
-  %323 = load <8 x float>, ptr %acc040, align 4
-  store <8 x float> %323, ptr %322, align 4
-  %324 = sub nsw i64 %kb.p, %kb.pg
-  %325 = sub nsw i64 %315, %kb.rc
-  %326 = mul nsw i64 %325, 16
-  %327 = add nsw i64 %326, %324
-  %328 = mul nsw i64 %327, 16
-  %329 = getelementptr inbounds float, ptr %part, i64 %328
-  %330 = getelementptr inbounds float, ptr %329, i64 8
-  %331 = load <8 x float>, ptr %acc041, align 4
-  store <8 x float> %331, ptr %330, align 4
-  %332 = add nsw i64 %r01, 5
-  %333 = sub nsw i64 %kb.p, %kb.pg
-  %334 = sub nsw i64 %332, %kb.rc
-  %335 = mul nsw i64 %334, 16
-  %336 = add nsw i64 %335, %333
-  %337 = mul nsw i64 %336, 16
-  %338 = getelementptr inbounds float, ptr %part, i64 %337
-  %339 = getelementptr inbounds float, ptr %338, i64 0
-  %340 = load <8 x float>, ptr %acc050, align 4
-  store <8 x float> %340, ptr %339, align 4
-  %341 = sub nsw i64 %kb.p, %kb.pg
-  %342 = sub nsw i64 %332, %kb.rc
-  %343 = mul nsw i64 %342, 16
-  %344 = add nsw i64 %343, %341
-  %345 = mul nsw i64 %344, 16
-  %346 = getelementptr inbounds float, ptr %part, i64 %345
-  %347 = getelementptr inbounds float, ptr %346, i64 8
-  %348 = load <8 x float>, ptr %acc051, align 4
-  store <8 x float> %348, ptr %347, align 4
+  %246 = add nsw i64 %r01, 0
+  %247 = sub nsw i64 %kb.p, %kb.pg
+  %248 = sub nsw i64 %246, %kb.rc
+  %249 = mul nsw i64 %248, 16
+  %250 = add nsw i64 %249, %247
+  %251 = mul nsw i64 %250, 16
+  %252 = getelementptr inbounds float, ptr %part, i64 %251
+  %253 = getelementptr inbounds float, ptr %252, i64 0
+  %254 = load <8 x float>, ptr %acc000, align 4
+  store <8 x float> %254, ptr %253, align 4
+  %255 = sub nsw i64 %kb.p, %kb.pg
+  %256 = sub nsw i64 %246, %kb.rc
+  %257 = mul nsw i64 %256, 16
+  %258 = add nsw i64 %257, %255
+  %259 = mul nsw i64 %258, 16
+  %260 = getelementptr inbounds float, ptr %part, i64 %259
+  %261 = getelementptr inbounds float, ptr %260, i64 8
+  %262 = load <8 x float>, ptr %acc001, align 4
+  store <8 x float> %262, ptr %261, align 4
+  %263 = add nsw i64 %r01, 1
+  %264 = sub nsw i64 %kb.p, %kb.pg
+  %265 = sub nsw i64 %263, %kb.rc
+  %266 = mul nsw i64 %265, 16
+  %267 = add nsw i64 %266, %264
+  %268 = mul nsw i64 %267, 16
+  %269 = getelementptr inbounds float, ptr %part, i64 %268
+  %270 = getelementptr inbounds float, ptr %269, i64 0
+  %271 = load <8 x float>, ptr %acc010, align 4
+  store <8 x float> %271, ptr %270, align 4
+  %272 = sub nsw i64 %kb.p, %kb.pg
+  %273 = sub nsw i64 %263, %kb.rc
+  %274 = mul nsw i64 %273, 16
+  %275 = add nsw i64 %274, %272
+  %276 = mul nsw i64 %275, 16
+  %277 = getelementptr inbounds float, ptr %part, i64 %276
+  %278 = getelementptr inbounds float, ptr %277, i64 8
+  %279 = load <8 x float>, ptr %acc011, align 4
+  store <8 x float> %279, ptr %278, align 4
+  %280 = add nsw i64 %r01, 2
+  %281 = sub nsw i64 %kb.p, %kb.pg
+  %282 = sub nsw i64 %280, %kb.rc
+  %283 = mul nsw i64 %282, 16
+  %284 = add nsw i64 %283, %281
+  %285 = mul nsw i64 %284, 16
+  %286 = getelementptr inbounds float, ptr %part, i64 %285
+  %287 = getelementptr inbounds float, ptr %286, i64 0
+  %288 = load <8 x float>, ptr %acc020, align 4
+  store <8 x float> %288, ptr %287, align 4
+  %289 = sub nsw i64 %kb.p, %kb.pg
+  %290 = sub nsw i64 %280, %kb.rc
+  %291 = mul nsw i64 %290, 16
+  %292 = add nsw i64 %291, %289
+  %293 = mul nsw i64 %292, 16
+  %294 = getelementptr inbounds float, ptr %part, i64 %293
+  %295 = getelementptr inbounds float, ptr %294, i64 8
+  %296 = load <8 x float>, ptr %acc021, align 4
+  store <8 x float> %296, ptr %295, align 4
+  %297 = add nsw i64 %r01, 3
+  %298 = sub nsw i64 %kb.p, %kb.pg
+  %299 = sub nsw i64 %297, %kb.rc
+  %300 = mul nsw i64 %299, 16
+  %301 = add nsw i64 %300, %298
+  %302 = mul nsw i64 %301, 16
+  %303 = getelementptr inbounds float, ptr %part, i64 %302
+  %304 = getelementptr inbounds float, ptr %303, i64 0
+  %305 = load <8 x float>, ptr %acc030, align 4
+  store <8 x float> %305, ptr %304, align 4
+  %306 = sub nsw i64 %kb.p, %kb.pg
+  %307 = sub nsw i64 %297, %kb.rc
+  %308 = mul nsw i64 %307, 16
+  %309 = add nsw i64 %308, %306
+  %310 = mul nsw i64 %309, 16
+  %311 = getelementptr inbounds float, ptr %part, i64 %310
+  %312 = getelementptr inbounds float, ptr %311, i64 8
+  %313 = load <8 x float>, ptr %acc031, align 4
+  store <8 x float> %313, ptr %312, align 4
+  %314 = add nsw i64 %r01, 4
+  %315 = sub nsw i64 %kb.p, %kb.pg
+  %316 = sub nsw i64 %314, %kb.rc
+  %317 = mul nsw i64 %316, 16
+  %318 = add nsw i64 %317, %315
+  %319 = mul nsw i64 %318, 16
+  %320 = getelementptr inbounds float, ptr %part, i64 %319
+  %321 = getelementptr inbounds float, ptr %320, i64 0
+  %322 = load <8 x float>, ptr %acc040, align 4
+  store <8 x float> %322, ptr %321, align 4
+  %323 = sub nsw i64 %kb.p, %kb.pg
+  %324 = sub nsw i64 %314, %kb.rc
+  %325 = mul nsw i64 %324, 16
+  %326 = add nsw i64 %325, %323
+  %327 = mul nsw i64 %326, 16
+  %328 = getelementptr inbounds float, ptr %part, i64 %327
+  %329 = getelementptr inbounds float, ptr %328, i64 8
+  %330 = load <8 x float>, ptr %acc041, align 4
+  store <8 x float> %330, ptr %329, align 4
+  %331 = add nsw i64 %r01, 5
+  %332 = sub nsw i64 %kb.p, %kb.pg
+  %333 = sub nsw i64 %331, %kb.rc
+  %334 = mul nsw i64 %333, 16
+  %335 = add nsw i64 %334, %332
+  %336 = mul nsw i64 %335, 16
+  %337 = getelementptr inbounds float, ptr %part, i64 %336
+  %338 = getelementptr inbounds float, ptr %337, i64 0
+  %339 = load <8 x float>, ptr %acc050, align 4
+  store <8 x float> %339, ptr %338, align 4
+  %340 = sub nsw i64 %kb.p, %kb.pg
+  %341 = sub nsw i64 %331, %kb.rc
+  %342 = mul nsw i64 %341, 16
+  %343 = add nsw i64 %342, %340
+  %344 = mul nsw i64 %343, 16
+  %345 = getelementptr inbounds float, ptr %part, i64 %344
+  %346 = getelementptr inbounds float, ptr %345, i64 8
+  %347 = load <8 x float>, ptr %acc051, align 4
+  store <8 x float> %347, ptr %346, align 4
   br label %part.end
 
 part.end:                                         ; preds = %part.then, %k.end
   br i1 %klast, label %last.then, label %last.end
 
 last.then:                                        ; preds = %part.end
-  %349 = add nsw i64 %r01, 0
-  %350 = getelementptr inbounds float, ptr %rw, i64 %349
-  %351 = load float, ptr %350, align 4
-  %352 = insertelement <8 x float> poison, float %351, i32 0
-  %353 = shufflevector <8 x float> %352, <8 x float> poison, <8 x i32> zeroinitializer
-  %354 = mul nsw i64 %349, 14336
-  %355 = getelementptr inbounds float, ptr %h, i64 %354
+  %348 = add nsw i64 %r01, 0
+  %349 = getelementptr inbounds float, ptr %rw, i64 %348
+  %350 = load float, ptr %349, align 4
+  %351 = insertelement <8 x float> poison, float %350, i32 0
+  %352 = shufflevector <8 x float> %351, <8 x float> poison, <8 x i32> zeroinitializer
+  %353 = mul nsw i64 %348, 14336
+  %354 = getelementptr inbounds float, ptr %h, i64 %353
   %col = mul nsw i64 %kb.p, 8
-  %356 = load <8 x float>, ptr %acc000, align 4
-  %357 = load <8 x float>, ptr %acc001, align 4
-  %358 = fneg <8 x float> %356
-  %359 = fcmp olt <8 x float> %358, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %360 = select <8 x i1> %359, <8 x float> %358, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %361 = fcmp ogt <8 x float> %360, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %362 = select <8 x i1> %361, <8 x float> %360, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %362, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %364 = call <8 x float> @llvm.floor.v8f32(<8 x float> %363)
-  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %362)
-  %366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %365)
-  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %366, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> %366, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %366, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %366, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %370, <8 x float> %366, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %372 = fmul <8 x float> %366, %366
-  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %372, <8 x float> %366)
-  %374 = fadd <8 x float> %373, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %375 = fptosi <8 x float> %364 to <8 x i32>
-  %376 = add <8 x i32> %375, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %377 = shl <8 x i32> %376, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %377 to <8 x float>
-  %exp = fmul <8 x float> %374, %exp.2n
-  %378 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %378
-  %silu = fmul <8 x float> %356, %sigmoid
-  %glu = fmul <8 x float> %silu, %357
-  %379 = fmul <8 x float> %glu, %353
-  %380 = getelementptr inbounds float, ptr %355, i64 %col
-  store <8 x float> %379, ptr %380, align 4
-  %381 = add nsw i64 %r01, 1
-  %382 = getelementptr inbounds float, ptr %rw, i64 %381
-  %383 = load float, ptr %382, align 4
-  %384 = insertelement <8 x float> poison, float %383, i32 0
-  %385 = shufflevector <8 x float> %384, <8 x float> poison, <8 x i32> zeroinitializer
-  %386 = mul nsw i64 %381, 14336
-  %387 = getelementptr inbounds float, ptr %h, i64 %386
+  %355 = load <8 x float>, ptr %acc000, align 4
+  %356 = load <8 x float>, ptr %acc001, align 4
+  %357 = fneg <8 x float> %355
+  %358 = fcmp olt <8 x float> %357, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %359 = select <8 x i1> %358, <8 x float> %357, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %360 = fcmp ogt <8 x float> %359, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %361 = select <8 x i1> %360, <8 x float> %359, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %362 = call <8 x float> @llvm.fma.v8f32(<8 x float> %361, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %363 = call <8 x float> @llvm.floor.v8f32(<8 x float> %362)
+  %364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %363, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %361)
+  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %363, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %364)
+  %366 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %365, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %366, <8 x float> %365, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> %365, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %365, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %365, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %371 = fmul <8 x float> %365, %365
+  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %370, <8 x float> %371, <8 x float> %365)
+  %373 = fadd <8 x float> %372, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %374 = fptosi <8 x float> %363 to <8 x i32>
+  %375 = add <8 x i32> %374, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %376 = shl <8 x i32> %375, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %376 to <8 x float>
+  %exp = fmul <8 x float> %373, %exp.2n
+  %377 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %377
+  %silu = fmul <8 x float> %355, %sigmoid
+  %glu = fmul <8 x float> %silu, %356
+  %378 = fmul <8 x float> %glu, %352
+  %379 = getelementptr inbounds float, ptr %354, i64 %col
+  store <8 x float> %378, ptr %379, align 4
+  %380 = add nsw i64 %r01, 1
+  %381 = getelementptr inbounds float, ptr %rw, i64 %380
+  %382 = load float, ptr %381, align 4
+  %383 = insertelement <8 x float> poison, float %382, i32 0
+  %384 = shufflevector <8 x float> %383, <8 x float> poison, <8 x i32> zeroinitializer
+  %385 = mul nsw i64 %380, 14336
+  %386 = getelementptr inbounds float, ptr %h, i64 %385
   %col3 = mul nsw i64 %kb.p, 8
-  %388 = load <8 x float>, ptr %acc010, align 4
-  %389 = load <8 x float>, ptr %acc011, align 4
-  %390 = fneg <8 x float> %388
-  %391 = fcmp olt <8 x float> %390, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %392 = select <8 x i1> %391, <8 x float> %390, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %393 = fcmp ogt <8 x float> %392, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %394 = select <8 x i1> %393, <8 x float> %392, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %394, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %396 = call <8 x float> @llvm.floor.v8f32(<8 x float> %395)
-  %397 = call <8 x float> @llvm.fma.v8f32(<8 x float> %396, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %394)
-  %398 = call <8 x float> @llvm.fma.v8f32(<8 x float> %396, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %397)
-  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %398, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %399, <8 x float> %398, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> %398, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %401, <8 x float> %398, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %403 = call <8 x float> @llvm.fma.v8f32(<8 x float> %402, <8 x float> %398, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %404 = fmul <8 x float> %398, %398
-  %405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %403, <8 x float> %404, <8 x float> %398)
-  %406 = fadd <8 x float> %405, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %407 = fptosi <8 x float> %396 to <8 x i32>
-  %408 = add <8 x i32> %407, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %409 = shl <8 x i32> %408, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n4 = bitcast <8 x i32> %409 to <8 x float>
-  %exp5 = fmul <8 x float> %406, %exp.2n4
-  %410 = fadd <8 x float> %exp5, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid6 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %410
-  %silu7 = fmul <8 x float> %388, %sigmoid6
-  %glu8 = fmul <8 x float> %silu7, %389
-  %411 = fmul <8 x float> %glu8, %385
-  %412 = getelementptr inbounds float, ptr %387, i64 %col3
-  store <8 x float> %411, ptr %412, align 4
-  %413 = add nsw i64 %r01, 2
-  %414 = getelementptr inbounds float, ptr %rw, i64 %413
-  %415 = load float, ptr %414, align 4
-  %416 = insertelement <8 x float> poison, float %415, i32 0
-  %417 = shufflevector <8 x float> %416, <8 x float> poison, <8 x i32> zeroinitializer
-  %418 = mul nsw i64 %413, 14336
-  %419 = getelementptr inbounds float, ptr %h, i64 %418
+  %387 = load <8 x float>, ptr %acc010, align 4
+  %388 = load <8 x float>, ptr %acc011, align 4
+  %389 = fneg <8 x float> %387
+  %390 = fcmp olt <8 x float> %389, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %391 = select <8 x i1> %390, <8 x float> %389, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %392 = fcmp ogt <8 x float> %391, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %393 = select <8 x i1> %392, <8 x float> %391, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %393, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %395 = call <8 x float> @llvm.floor.v8f32(<8 x float> %394)
+  %396 = call <8 x float> @llvm.fma.v8f32(<8 x float> %395, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %393)
+  %397 = call <8 x float> @llvm.fma.v8f32(<8 x float> %395, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %396)
+  %398 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %397, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> %398, <8 x float> %397, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %399, <8 x float> %397, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> %397, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %401, <8 x float> %397, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %403 = fmul <8 x float> %397, %397
+  %404 = call <8 x float> @llvm.fma.v8f32(<8 x float> %402, <8 x float> %403, <8 x float> %397)
+  %405 = fadd <8 x float> %404, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %406 = fptosi <8 x float> %395 to <8 x i32>
+  %407 = add <8 x i32> %406, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %408 = shl <8 x i32> %407, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n4 = bitcast <8 x i32> %408 to <8 x float>
+  %exp5 = fmul <8 x float> %405, %exp.2n4
+  %409 = fadd <8 x float> %exp5, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid6 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %409
+  %silu7 = fmul <8 x float> %387, %sigmoid6
+  %glu8 = fmul <8 x float> %silu7, %388
+  %410 = fmul <8 x float> %glu8, %384
+  %411 = getelementptr inbounds float, ptr %386, i64 %col3
+  store <8 x float> %410, ptr %411, align 4
+  %412 = add nsw i64 %r01, 2
+  %413 = getelementptr inbounds float, ptr %rw, i64 %412
+  %414 = load float, ptr %413, align 4
+  %415 = insertelement <8 x float> poison, float %414, i32 0
+  %416 = shufflevector <8 x float> %415, <8 x float> poison, <8 x i32> zeroinitializer
+  %417 = mul nsw i64 %412, 14336
+  %418 = getelementptr inbounds float, ptr %h, i64 %417
   %col9 = mul nsw i64 %kb.p, 8
-  %420 = load <8 x float>, ptr %acc020, align 4
-  %421 = load <8 x float>, ptr %acc021, align 4
-  %422 = fneg <8 x float> %420
-  %423 = fcmp olt <8 x float> %422, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %424 = select <8 x i1> %423, <8 x float> %422, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %425 = fcmp ogt <8 x float> %424, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %426 = select <8 x i1> %425, <8 x float> %424, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %427 = call <8 x float> @llvm.fma.v8f32(<8 x float> %426, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %428 = call <8 x float> @llvm.floor.v8f32(<8 x float> %427)
-  %429 = call <8 x float> @llvm.fma.v8f32(<8 x float> %428, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %426)
-  %430 = call <8 x float> @llvm.fma.v8f32(<8 x float> %428, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %429)
-  %431 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %430, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %432 = call <8 x float> @llvm.fma.v8f32(<8 x float> %431, <8 x float> %430, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %433 = call <8 x float> @llvm.fma.v8f32(<8 x float> %432, <8 x float> %430, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> %430, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %430, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %436 = fmul <8 x float> %430, %430
-  %437 = call <8 x float> @llvm.fma.v8f32(<8 x float> %435, <8 x float> %436, <8 x float> %430)
-  %438 = fadd <8 x float> %437, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %439 = fptosi <8 x float> %428 to <8 x i32>
-  %440 = add <8 x i32> %439, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %441 = shl <8 x i32> %440, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n10 = bitcast <8 x i32> %441 to <8 x float>
-  %exp11 = fmul <8 x float> %438, %exp.2n10
-  %442 = fadd <8 x float> %exp11, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid12 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %442
-  %silu13 = fmul <8 x float> %420, %sigmoid12
-  %glu14 = fmul <8 x float> %silu13, %421
-  %443 = fmul <8 x float> %glu14, %417
-  %444 = getelementptr inbounds float, ptr %419, i64 %col9
-  store <8 x float> %443, ptr %444, align 4
-  %445 = add nsw i64 %r01, 3
-  %446 = getelementptr inbounds float, ptr %rw, i64 %445
-  %447 = load float, ptr %446, align 4
-  %448 = insertelement <8 x float> poison, float %447, i32 0
-  %449 = shufflevector <8 x float> %448, <8 x float> poison, <8 x i32> zeroinitializer
-  %450 = mul nsw i64 %445, 14336
-  %451 = getelementptr inbounds float, ptr %h, i64 %450
+  %419 = load <8 x float>, ptr %acc020, align 4
+  %420 = load <8 x float>, ptr %acc021, align 4
+  %421 = fneg <8 x float> %419
+  %422 = fcmp olt <8 x float> %421, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %423 = select <8 x i1> %422, <8 x float> %421, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %424 = fcmp ogt <8 x float> %423, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %425 = select <8 x i1> %424, <8 x float> %423, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %426 = call <8 x float> @llvm.fma.v8f32(<8 x float> %425, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %427 = call <8 x float> @llvm.floor.v8f32(<8 x float> %426)
+  %428 = call <8 x float> @llvm.fma.v8f32(<8 x float> %427, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %425)
+  %429 = call <8 x float> @llvm.fma.v8f32(<8 x float> %427, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %428)
+  %430 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %429, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %431 = call <8 x float> @llvm.fma.v8f32(<8 x float> %430, <8 x float> %429, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %432 = call <8 x float> @llvm.fma.v8f32(<8 x float> %431, <8 x float> %429, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %433 = call <8 x float> @llvm.fma.v8f32(<8 x float> %432, <8 x float> %429, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> %429, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %435 = fmul <8 x float> %429, %429
+  %436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %435, <8 x float> %429)
+  %437 = fadd <8 x float> %436, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %438 = fptosi <8 x float> %427 to <8 x i32>
+  %439 = add <8 x i32> %438, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %440 = shl <8 x i32> %439, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n10 = bitcast <8 x i32> %440 to <8 x float>
+  %exp11 = fmul <8 x float> %437, %exp.2n10
+  %441 = fadd <8 x float> %exp11, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid12 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %441
+  %silu13 = fmul <8 x float> %419, %sigmoid12
+  %glu14 = fmul <8 x float> %silu13, %420
+  %442 = fmul <8 x float> %glu14, %416
+  %443 = getelementptr inbounds float, ptr %418, i64 %col9
+  store <8 x float> %442, ptr %443, align 4
+  %444 = add nsw i64 %r01, 3
+  %445 = getelementptr inbounds float, ptr %rw, i64 %444
+  %446 = load float, ptr %445, align 4
+  %447 = insertelement <8 x float> poison, float %446, i32 0
+  %448 = shufflevector <8 x float> %447, <8 x float> poison, <8 x i32> zeroinitializer
+  %449 = mul nsw i64 %444, 14336
+  %450 = getelementptr inbounds float, ptr %h, i64 %449
   %col15 = mul nsw i64 %kb.p, 8
-  %452 = load <8 x float>, ptr %acc030, align 4
-  %453 = load <8 x float>, ptr %acc031, align 4
-  %454 = fneg <8 x float> %452
-  %455 = fcmp olt <8 x float> %454, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %456 = select <8 x i1> %455, <8 x float> %454, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %457 = fcmp ogt <8 x float> %456, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %458 = select <8 x i1> %457, <8 x float> %456, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %460 = call <8 x float> @llvm.floor.v8f32(<8 x float> %459)
-  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %458)
-  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %461)
-  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %462, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %462, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %462, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %462, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %462, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %468 = fmul <8 x float> %462, %462
-  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %468, <8 x float> %462)
-  %470 = fadd <8 x float> %469, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %471 = fptosi <8 x float> %460 to <8 x i32>
-  %472 = add <8 x i32> %471, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %473 = shl <8 x i32> %472, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n16 = bitcast <8 x i32> %473 to <8 x float>
-  %exp17 = fmul <8 x float> %470, %exp.2n16
-  %474 = fadd <8 x float> %exp17, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid18 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %474
-  %silu19 = fmul <8 x float> %452, %sigmoid18
-  %glu20 = fmul <8 x float> %silu19, %453
-  %475 = fmul <8 x float> %glu20, %449
-  %476 = getelementptr inbounds float, ptr %451, i64 %col15
-  store <8 x float> %475, ptr %476, align 4
-  %477 = add nsw i64 %r01, 4
-  %478 = getelementptr inbounds float, ptr %rw, i64 %477
-  %479 = load float, ptr %478, align 4
-  %480 = insertelement <8 x float> poison, float %479, i32 0
-  %481 = shufflevector <8 x float> %480, <8 x float> poison, <8 x i32> zeroinitializer
-  %482 = mul nsw i64 %477, 14336
-  %483 = getelementptr inbounds float, ptr %h, i64 %482
+  %451 = load <8 x float>, ptr %acc030, align 4
+  %452 = load <8 x float>, ptr %acc031, align 4
+  %453 = fneg <8 x float> %451
+  %454 = fcmp olt <8 x float> %453, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %455 = select <8 x i1> %454, <8 x float> %453, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %456 = fcmp ogt <8 x float> %455, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %457 = select <8 x i1> %456, <8 x float> %455, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %457, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %459 = call <8 x float> @llvm.floor.v8f32(<8 x float> %458)
+  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %457)
+  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %460)
+  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %461, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> %461, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %461, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %461, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %461, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %467 = fmul <8 x float> %461, %461
+  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %467, <8 x float> %461)
+  %469 = fadd <8 x float> %468, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %470 = fptosi <8 x float> %459 to <8 x i32>
+  %471 = add <8 x i32> %470, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %472 = shl <8 x i32> %471, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n16 = bitcast <8 x i32> %472 to <8 x float>
+  %exp17 = fmul <8 x float> %469, %exp.2n16
+  %473 = fadd <8 x float> %exp17, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid18 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %473
+  %silu19 = fmul <8 x float> %451, %sigmoid18
+  %glu20 = fmul <8 x float> %silu19, %452
+  %474 = fmul <8 x float> %glu20, %448
+  %475 = getelementptr inbounds float, ptr %450, i64 %col15
+  store <8 x float> %474, ptr %475, align 4
+  %476 = add nsw i64 %r01, 4
+  %477 = getelementptr inbounds float, ptr %rw, i64 %476
+  %478 = load float, ptr %477, align 4
+  %479 = insertelement <8 x float> poison, float %478, i32 0
+  %480 = shufflevector <8 x float> %479, <8 x float> poison, <8 x i32> zeroinitializer
+  %481 = mul nsw i64 %476, 14336
+  %482 = getelementptr inbounds float, ptr %h, i64 %481
   %col21 = mul nsw i64 %kb.p, 8
-  %484 = load <8 x float>, ptr %acc040, align 4
-  %485 = load <8 x float>, ptr %acc041, align 4
-  %486 = fneg <8 x float> %484
-  %487 = fcmp olt <8 x float> %486, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %488 = select <8 x i1> %487, <8 x float> %486, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %489 = fcmp ogt <8 x float> %488, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %490 = select <8 x i1> %489, <8 x float> %488, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %491 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %492 = call <8 x float> @llvm.floor.v8f32(<8 x float> %491)
-  %493 = call <8 x float> @llvm.fma.v8f32(<8 x float> %492, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %490)
-  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %492, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %493)
-  %495 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %494, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %496 = call <8 x float> @llvm.fma.v8f32(<8 x float> %495, <8 x float> %494, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %497 = call <8 x float> @llvm.fma.v8f32(<8 x float> %496, <8 x float> %494, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %498 = call <8 x float> @llvm.fma.v8f32(<8 x float> %497, <8 x float> %494, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %499 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %494, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %500 = fmul <8 x float> %494, %494
-  %501 = call <8 x float> @llvm.fma.v8f32(<8 x float> %499, <8 x float> %500, <8 x float> %494)
-  %502 = fadd <8 x float> %501, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %503 = fptosi <8 x float> %492 to <8 x i32>
-  %504 = add <8 x i32> %503, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %505 = shl <8 x i32> %504, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n22 = bitcast <8 x i32> %505 to <8 x float>
-  %exp23 = fmul <8 x float> %502, %exp.2n22
-  %506 = fadd <8 x float> %exp23, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid24 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %506
-  %silu25 = fmul <8 x float> %484, %sigmoid24
-  %glu26 = fmul <8 x float> %silu25, %485
-  %507 = fmul <8 x float> %glu26, %481
-  %508 = getelementptr inbounds float, ptr %483, i64 %col21
-  store <8 x float> %507, ptr %508, align 4
-  %509 = add nsw i64 %r01, 5
-  %510 = getelementptr inbounds float, ptr %rw, i64 %509
-  %511 = load float, ptr %510, align 4
-  %512 = insertelement <8 x float> poison, float %511, i32 0
-  %513 = shufflevector <8 x float> %512, <8 x float> poison, <8 x i32> zeroinitializer
-  %514 = mul nsw i64 %509, 14336
-  %515 = getelementptr inbounds float, ptr %h, i64 %514
+  %483 = load <8 x float>, ptr %acc040, align 4
+  %484 = load <8 x float>, ptr %acc041, align 4
+  %485 = fneg <8 x float> %483
+  %486 = fcmp olt <8 x float> %485, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %487 = select <8 x i1> %486, <8 x float> %485, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %488 = fcmp ogt <8 x float> %487, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %489 = select <8 x i1> %488, <8 x float> %487, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %490 = call <8 x float> @llvm.fma.v8f32(<8 x float> %489, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %491 = call <8 x float> @llvm.floor.v8f32(<8 x float> %490)
+  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %491, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %489)
+  %493 = call <8 x float> @llvm.fma.v8f32(<8 x float> %491, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %492)
+  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %493, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %495 = call <8 x float> @llvm.fma.v8f32(<8 x float> %494, <8 x float> %493, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %496 = call <8 x float> @llvm.fma.v8f32(<8 x float> %495, <8 x float> %493, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %497 = call <8 x float> @llvm.fma.v8f32(<8 x float> %496, <8 x float> %493, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %498 = call <8 x float> @llvm.fma.v8f32(<8 x float> %497, <8 x float> %493, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %499 = fmul <8 x float> %493, %493
+  %500 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %499, <8 x float> %493)
+  %501 = fadd <8 x float> %500, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %502 = fptosi <8 x float> %491 to <8 x i32>
+  %503 = add <8 x i32> %502, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %504 = shl <8 x i32> %503, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n22 = bitcast <8 x i32> %504 to <8 x float>
+  %exp23 = fmul <8 x float> %501, %exp.2n22
+  %505 = fadd <8 x float> %exp23, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid24 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %505
+  %silu25 = fmul <8 x float> %483, %sigmoid24
+  %glu26 = fmul <8 x float> %silu25, %484
+  %506 = fmul <8 x float> %glu26, %480
+  %507 = getelementptr inbounds float, ptr %482, i64 %col21
+  store <8 x float> %506, ptr %507, align 4
+  %508 = add nsw i64 %r01, 5
+  %509 = getelementptr inbounds float, ptr %rw, i64 %508
+  %510 = load float, ptr %509, align 4
+  %511 = insertelement <8 x float> poison, float %510, i32 0
+  %512 = shufflevector <8 x float> %511, <8 x float> poison, <8 x i32> zeroinitializer
+  %513 = mul nsw i64 %508, 14336
+  %514 = getelementptr inbounds float, ptr %h, i64 %513
   %col27 = mul nsw i64 %kb.p, 8
-  %516 = load <8 x float>, ptr %acc050, align 4
-  %517 = load <8 x float>, ptr %acc051, align 4
-  %518 = fneg <8 x float> %516
-  %519 = fcmp olt <8 x float> %518, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %520 = select <8 x i1> %519, <8 x float> %518, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %521 = fcmp ogt <8 x float> %520, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %522 = select <8 x i1> %521, <8 x float> %520, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %523 = call <8 x float> @llvm.fma.v8f32(<8 x float> %522, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %524 = call <8 x float> @llvm.floor.v8f32(<8 x float> %523)
-  %525 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %522)
-  %526 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %525)
-  %527 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %526, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %527, <8 x float> %526, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %528, <8 x float> %526, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %529, <8 x float> %526, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %531 = call <8 x float> @llvm.fma.v8f32(<8 x float> %530, <8 x float> %526, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %532 = fmul <8 x float> %526, %526
-  %533 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %532, <8 x float> %526)
-  %534 = fadd <8 x float> %533, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %535 = fptosi <8 x float> %524 to <8 x i32>
-  %536 = add <8 x i32> %535, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %537 = shl <8 x i32> %536, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n28 = bitcast <8 x i32> %537 to <8 x float>
-  %exp29 = fmul <8 x float> %534, %exp.2n28
-  %538 = fadd <8 x float> %exp29, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid30 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %538
-  %silu31 = fmul <8 x float> %516, %sigmoid30
-  %glu32 = fmul <8 x float> %silu31, %517
-  %539 = fmul <8 x float> %glu32, %513
-  %540 = getelementptr inbounds float, ptr %515, i64 %col27
-  store <8 x float> %539, ptr %540, align 4
+  %515 = load <8 x float>, ptr %acc050, align 4
+  %516 = load <8 x float>, ptr %acc051, align 4
+  %517 = fneg <8 x float> %515
+  %518 = fcmp olt <8 x float> %517, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %519 = select <8 x i1> %518, <8 x float> %517, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %520 = fcmp ogt <8 x float> %519, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %521 = select <8 x i1> %520, <8 x float> %519, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %522 = call <8 x float> @llvm.fma.v8f32(<8 x float> %521, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %523 = call <8 x float> @llvm.floor.v8f32(<8 x float> %522)
+  %524 = call <8 x float> @llvm.fma.v8f32(<8 x float> %523, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %521)
+  %525 = call <8 x float> @llvm.fma.v8f32(<8 x float> %523, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %524)
+  %526 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %525, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %527 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> %525, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %527, <8 x float> %525, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %528, <8 x float> %525, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %529, <8 x float> %525, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %531 = fmul <8 x float> %525, %525
+  %532 = call <8 x float> @llvm.fma.v8f32(<8 x float> %530, <8 x float> %531, <8 x float> %525)
+  %533 = fadd <8 x float> %532, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %534 = fptosi <8 x float> %523 to <8 x i32>
+  %535 = add <8 x i32> %534, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %536 = shl <8 x i32> %535, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n28 = bitcast <8 x i32> %536 to <8 x float>
+  %exp29 = fmul <8 x float> %533, %exp.2n28
+  %537 = fadd <8 x float> %exp29, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid30 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %537
+  %silu31 = fmul <8 x float> %515, %sigmoid30
+  %glu32 = fmul <8 x float> %silu31, %516
+  %538 = fmul <8 x float> %glu32, %512
+  %539 = getelementptr inbounds float, ptr %514, i64 %col27
+  store <8 x float> %538, ptr %539, align 4
   br label %last.end
 
 last.end:                                         ; preds = %last.then, %part.end
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
-  %541 = add nsw i64 %r01, 0
-  %542 = getelementptr inbounds i32, ptr %rows, i64 %541
-  %543 = load i32, ptr %542, align 4
-  %544 = sext i32 %543 to i64
-  %545 = mul nsw i64 %544, 4096
-  %546 = add nsw i64 %545, %k0
-  %547 = getelementptr inbounds float, ptr %x, i64 %546
-  %548 = sub nsw i64 %kb.p, %kb.pg
-  %549 = sub nsw i64 %541, %kb.rc
-  %550 = mul nsw i64 %549, 16
-  %551 = add nsw i64 %550, %548
-  %552 = mul nsw i64 %551, 16
-  %553 = getelementptr inbounds float, ptr %part, i64 %552
-  %554 = getelementptr inbounds float, ptr %553, i64 0
-  %555 = load <8 x float>, ptr %554, align 4
-  %556 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %555
-  store <8 x float> %556, ptr %acc00033, align 4
-  %557 = sub nsw i64 %kb.p, %kb.pg
-  %558 = sub nsw i64 %541, %kb.rc
-  %559 = mul nsw i64 %558, 16
-  %560 = add nsw i64 %559, %557
-  %561 = mul nsw i64 %560, 16
-  %562 = getelementptr inbounds float, ptr %part, i64 %561
-  %563 = getelementptr inbounds float, ptr %562, i64 8
-  %564 = load <8 x float>, ptr %563, align 4
-  %565 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %564
-  store <8 x float> %565, ptr %acc00134, align 4
-  %566 = add nsw i64 %r01, 1
-  %567 = getelementptr inbounds i32, ptr %rows, i64 %566
-  %568 = load i32, ptr %567, align 4
-  %569 = sext i32 %568 to i64
-  %570 = mul nsw i64 %569, 4096
-  %571 = add nsw i64 %570, %k0
-  %572 = getelementptr inbounds float, ptr %x, i64 %571
-  %573 = sub nsw i64 %kb.p, %kb.pg
-  %574 = sub nsw i64 %566, %kb.rc
-  %575 = mul nsw i64 %574, 16
-  %576 = add nsw i64 %575, %573
-  %577 = mul nsw i64 %576, 16
-  %578 = getelementptr inbounds float, ptr %part, i64 %577
-  %579 = getelementptr inbounds float, ptr %578, i64 0
-  %580 = load <8 x float>, ptr %579, align 4
-  %581 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %580
-  store <8 x float> %581, ptr %acc01035, align 4
-  %582 = sub nsw i64 %kb.p, %kb.pg
-  %583 = sub nsw i64 %566, %kb.rc
-  %584 = mul nsw i64 %583, 16
-  %585 = add nsw i64 %584, %582
-  %586 = mul nsw i64 %585, 16
-  %587 = getelementptr inbounds float, ptr %part, i64 %586
-  %588 = getelementptr inbounds float, ptr %587, i64 8
-  %589 = load <8 x float>, ptr %588, align 4
-  %590 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %589
-  store <8 x float> %590, ptr %acc01136, align 4
-  %591 = add nsw i64 %r01, 2
-  %592 = getelementptr inbounds i32, ptr %rows, i64 %591
-  %593 = load i32, ptr %592, align 4
-  %594 = sext i32 %593 to i64
-  %595 = mul nsw i64 %594, 4096
-  %596 = add nsw i64 %595, %k0
-  %597 = getelementptr inbounds float, ptr %x, i64 %596
-  %598 = sub nsw i64 %kb.p, %kb.pg
-  %599 = sub nsw i64 %591, %kb.rc
-  %600 = mul nsw i64 %599, 16
-  %601 = add nsw i64 %600, %598
-  %602 = mul nsw i64 %601, 16
-  %603 = getelementptr inbounds float, ptr %part, i64 %602
-  %604 = getelementptr inbounds float, ptr %603, i64 0
-  %605 = load <8 x float>, ptr %604, align 4
-  %606 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %605
-  store <8 x float> %606, ptr %acc02037, align 4
-  %607 = sub nsw i64 %kb.p, %kb.pg
-  %608 = sub nsw i64 %591, %kb.rc
-  %609 = mul nsw i64 %608, 16
-  %610 = add nsw i64 %609, %607
-  %611 = mul nsw i64 %610, 16
-  %612 = getelementptr inbounds float, ptr %part, i64 %611
-  %613 = getelementptr inbounds float, ptr %612, i64 8
-  %614 = load <8 x float>, ptr %613, align 4
-  %615 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %614
-  store <8 x float> %615, ptr %acc02138, align 4
-  %616 = add nsw i64 %r01, 3
-  %617 = getelementptr inbounds i32, ptr %rows, i64 %616
-  %618 = load i32, ptr %617, align 4
-  %619 = sext i32 %618 to i64
-  %620 = mul nsw i64 %619, 4096
-  %621 = add nsw i64 %620, %k0
-  %622 = getelementptr inbounds float, ptr %x, i64 %621
-  %623 = sub nsw i64 %kb.p, %kb.pg
-  %624 = sub nsw i64 %616, %kb.rc
-  %625 = mul nsw i64 %624, 16
-  %626 = add nsw i64 %625, %623
-  %627 = mul nsw i64 %626, 16
-  %628 = getelementptr inbounds float, ptr %part, i64 %627
-  %629 = getelementptr inbounds float, ptr %628, i64 0
-  %630 = load <8 x float>, ptr %629, align 4
-  %631 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %630
-  store <8 x float> %631, ptr %acc03039, align 4
-  %632 = sub nsw i64 %kb.p, %kb.pg
-  %633 = sub nsw i64 %616, %kb.rc
-  %634 = mul nsw i64 %633, 16
-  %635 = add nsw i64 %634, %632
-  %636 = mul nsw i64 %635, 16
-  %637 = getelementptr inbounds float, ptr %part, i64 %636
-  %638 = getelementptr inbounds float, ptr %637, i64 8
-  %639 = load <8 x float>, ptr %638, align 4
-  %640 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %639
-  store <8 x float> %640, ptr %acc03140, align 4
-  %641 = add nsw i64 %r01, 4
-  %642 = getelementptr inbounds i32, ptr %rows, i64 %641
-  %643 = load i32, ptr %642, align 4
-  %644 = sext i32 %643 to i64
-  %645 = mul nsw i64 %644, 4096
-  %646 = add nsw i64 %645, %k0
-  %647 = getelementptr inbounds float, ptr %x, i64 %646
-  %648 = sub nsw i64 %kb.p, %kb.pg
-  %649 = sub nsw i64 %641, %kb.rc
-  %650 = mul nsw i64 %649, 16
-  %651 = add nsw i64 %650, %648
-  %652 = mul nsw i64 %651, 16
-  %653 = getelementptr inbounds float, ptr %part, i64 %652
-  %654 = getelementptr inbounds float, ptr %653, i64 0
-  %655 = load <8 x float>, ptr %654, align 4
-  %656 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %655
-  store <8 x float> %656, ptr %acc04041, align 4
-  %657 = sub nsw i64 %kb.p, %kb.pg
-  %658 = sub nsw i64 %641, %kb.rc
-  %659 = mul nsw i64 %658, 16
-  %660 = add nsw i64 %659, %657
-  %661 = mul nsw i64 %660, 16
-  %662 = getelementptr inbounds float, ptr %part, i64 %661
-  %663 = getelementptr inbounds float, ptr %662, i64 8
-  %664 = load <8 x float>, ptr %663, align 4
-  %665 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %664
-  store <8 x float> %665, ptr %acc04142, align 4
-  %666 = mul nsw i64 %k0, 16
-  %667 = mul nsw i64 %kb.p, 65536
-  %panel.off43 = add nsw i64 %667, %666
-  %668 = getelementptr inbounds i16, ptr %panels, i64 %panel.off43
-  %pf.on44 = and i1 %pf.on, %pf.next
-  %669 = mul nsw i64 %rb, 8192
-  %670 = lshr i64 %669, %25
-  %671 = add nsw i64 %pf.step, %670
-  %672 = getelementptr inbounds i8, ptr %668, i64 %671
-  %pf45 = select i1 %pf.on44, ptr %672, ptr %668
-  %pf.sh46 = select i1 %pf.on44, i64 %25, i64 0
-  br label %k.head47
+  %540 = add nsw i64 %r01, 0
+  %541 = getelementptr inbounds i32, ptr %rows, i64 %540
+  %542 = load i32, ptr %541, align 4
+  %543 = sext i32 %542 to i64
+  %544 = mul nsw i64 %543, 4096
+  %545 = add nsw i64 %544, %k0
+  %546 = getelementptr inbounds float, ptr %x, i64 %545
+  %547 = sub nsw i64 %kb.p, %kb.pg
+  %548 = sub nsw i64 %540, %kb.rc
+  %549 = mul nsw i64 %548, 16
+  %550 = add nsw i64 %549, %547
+  %551 = mul nsw i64 %550, 16
+  %552 = getelementptr inbounds float, ptr %part, i64 %551
+  %553 = getelementptr inbounds float, ptr %552, i64 0
+  %554 = load <8 x float>, ptr %553, align 4
+  %555 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %554
+  store <8 x float> %555, ptr %acc00033, align 4
+  %556 = sub nsw i64 %kb.p, %kb.pg
+  %557 = sub nsw i64 %540, %kb.rc
+  %558 = mul nsw i64 %557, 16
+  %559 = add nsw i64 %558, %556
+  %560 = mul nsw i64 %559, 16
+  %561 = getelementptr inbounds float, ptr %part, i64 %560
+  %562 = getelementptr inbounds float, ptr %561, i64 8
+  %563 = load <8 x float>, ptr %562, align 4
+  %564 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %563
+  store <8 x float> %564, ptr %acc00134, align 4
+  %565 = add nsw i64 %r01, 1
+  %566 = getelementptr inbounds i32, ptr %rows, i64 %565
+  %567 = load i32, ptr %566, align 4
+  %568 = sext i32 %567 to i64
+  %569 = mul nsw i64 %568, 4096
+  %570 = add nsw i64 %569, %k0
+  %571 = getelementptr inbounds float, ptr %x, i64 %570
+  %572 = sub nsw i64 %kb.p, %kb.pg
+  %573 = sub nsw i64 %565, %kb.rc
+  %574 = mul nsw i64 %573, 16
+  %575 = add nsw i64 %574, %572
+  %576 = mul nsw i64 %575, 16
+  %577 = getelementptr inbounds float, ptr %part, i64 %576
+  %578 = getelementptr inbounds float, ptr %577, i64 0
+  %579 = load <8 x float>, ptr %578, align 4
+  %580 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %579
+  store <8 x float> %580, ptr %acc01035, align 4
+  %581 = sub nsw i64 %kb.p, %kb.pg
+  %582 = sub nsw i64 %565, %kb.rc
+  %583 = mul nsw i64 %582, 16
+  %584 = add nsw i64 %583, %581
+  %585 = mul nsw i64 %584, 16
+  %586 = getelementptr inbounds float, ptr %part, i64 %585
+  %587 = getelementptr inbounds float, ptr %586, i64 8
+  %588 = load <8 x float>, ptr %587, align 4
+  %589 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %588
+  store <8 x float> %589, ptr %acc01136, align 4
+  %590 = add nsw i64 %r01, 2
+  %591 = getelementptr inbounds i32, ptr %rows, i64 %590
+  %592 = load i32, ptr %591, align 4
+  %593 = sext i32 %592 to i64
+  %594 = mul nsw i64 %593, 4096
+  %595 = add nsw i64 %594, %k0
+  %596 = getelementptr inbounds float, ptr %x, i64 %595
+  %597 = sub nsw i64 %kb.p, %kb.pg
+  %598 = sub nsw i64 %590, %kb.rc
+  %599 = mul nsw i64 %598, 16
+  %600 = add nsw i64 %599, %597
+  %601 = mul nsw i64 %600, 16
+  %602 = getelementptr inbounds float, ptr %part, i64 %601
+  %603 = getelementptr inbounds float, ptr %602, i64 0
+  %604 = load <8 x float>, ptr %603, align 4
+  %605 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %604
+  store <8 x float> %605, ptr %acc02037, align 4
+  %606 = sub nsw i64 %kb.p, %kb.pg
+  %607 = sub nsw i64 %590, %kb.rc
+  %608 = mul nsw i64 %607, 16
+  %609 = add nsw i64 %608, %606
+  %610 = mul nsw i64 %609, 16
+  %611 = getelementptr inbounds float, ptr %part, i64 %610
+  %612 = getelementptr inbounds float, ptr %611, i64 8
+  %613 = load <8 x float>, ptr %612, align 4
+  %614 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %613
+  store <8 x float> %614, ptr %acc02138, align 4
+  %615 = add nsw i64 %r01, 3
+  %616 = getelementptr inbounds i32, ptr %rows, i64 %615
+  %617 = load i32, ptr %616, align 4
+  %618 = sext i32 %617 to i64
+  %619 = mul nsw i64 %618, 4096
+  %620 = add nsw i64 %619, %k0
+  %621 = getelementptr inbounds float, ptr %x, i64 %620
+  %622 = sub nsw i64 %kb.p, %kb.pg
+  %623 = sub nsw i64 %615, %kb.rc
+  %624 = mul nsw i64 %623, 16
+  %625 = add nsw i64 %624, %622
+  %626 = mul nsw i64 %625, 16
+  %627 = getelementptr inbounds float, ptr %part, i64 %626
+  %628 = getelementptr inbounds float, ptr %627, i64 0
+  %629 = load <8 x float>, ptr %628, align 4
+  %630 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %629
+  store <8 x float> %630, ptr %acc03039, align 4
+  %631 = sub nsw i64 %kb.p, %kb.pg
+  %632 = sub nsw i64 %615, %kb.rc
+  %633 = mul nsw i64 %632, 16
+  %634 = add nsw i64 %633, %631
+  %635 = mul nsw i64 %634, 16
+  %636 = getelementptr inbounds float, ptr %part, i64 %635
+  %637 = getelementptr inbounds float, ptr %636, i64 8
+  %638 = load <8 x float>, ptr %637, align 4
+  %639 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %638
+  store <8 x float> %639, ptr %acc03140, align 4
+  %640 = add nsw i64 %r01, 4
+  %641 = getelementptr inbounds i32, ptr %rows, i64 %640
+  %642 = load i32, ptr %641, align 4
+  %643 = sext i32 %642 to i64
+  %644 = mul nsw i64 %643, 4096
+  %645 = add nsw i64 %644, %k0
+  %646 = getelementptr inbounds float, ptr %x, i64 %645
+  %647 = sub nsw i64 %kb.p, %kb.pg
+  %648 = sub nsw i64 %640, %kb.rc
+  %649 = mul nsw i64 %648, 16
+  %650 = add nsw i64 %649, %647
+  %651 = mul nsw i64 %650, 16
+  %652 = getelementptr inbounds float, ptr %part, i64 %651
+  %653 = getelementptr inbounds float, ptr %652, i64 0
+  %654 = load <8 x float>, ptr %653, align 4
+  %655 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %654
+  store <8 x float> %655, ptr %acc04041, align 4
+  %656 = sub nsw i64 %kb.p, %kb.pg
+  %657 = sub nsw i64 %640, %kb.rc
+  %658 = mul nsw i64 %657, 16
+  %659 = add nsw i64 %658, %656
+  %660 = mul nsw i64 %659, 16
+  %661 = getelementptr inbounds float, ptr %part, i64 %660
+  %662 = getelementptr inbounds float, ptr %661, i64 8
+  %663 = load <8 x float>, ptr %662, align 4
+  %664 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %663
+  store <8 x float> %664, ptr %acc04142, align 4
+  %panel.off43 = mul nsw i64 %kb.p, 65536
+  %665 = mul nsw i64 %k0, 16
+  %slice.off44 = add nsw i64 %panel.off43, %665
+  %666 = getelementptr inbounds i16, ptr %panels, i64 %slice.off44
+  %pf.on45 = and i1 %pf.on, %pf.next
+  %667 = mul nsw i64 %rb, 8192
+  %668 = lshr i64 %667, %25
+  %669 = add nsw i64 %pf.step, %668
+  %670 = getelementptr inbounds i8, ptr %666, i64 %669
+  %pf46 = select i1 %pf.on45, ptr %670, ptr %666
+  %pf.sh47 = select i1 %pf.on45, i64 %25, i64 0
+  br label %k.head48
 
-k.head47:                                         ; preds = %pf.any.end52, %tile.mr5
-  %k50 = phi i64 [ 0, %tile.mr5 ], [ %725, %pf.any.end52 ]
-  %673 = icmp slt i64 %k50, 256
-  br i1 %673, label %k.body48, label %k.end49
+k.head48:                                         ; preds = %pf.any.end53, %tile.mr5
+  %k51 = phi i64 [ 0, %tile.mr5 ], [ %723, %pf.any.end53 ]
+  %671 = icmp slt i64 %k51, 256
+  br i1 %671, label %k.body49, label %k.end50
 
-k.body48:                                         ; preds = %k.head47
-  %674 = mul nsw i64 %k50, 1
-  %675 = add nsw i64 %674, 0
-  %676 = mul nsw i64 %675, 32
-  br i1 %pf.multi, label %pf.any.then51, label %pf.any.end52
+k.body49:                                         ; preds = %k.head48
+  %672 = mul nsw i64 %k51, 1
+  %673 = add nsw i64 %672, 0
+  %674 = mul nsw i64 %673, 32
+  br i1 %pf.multi, label %pf.any.then52, label %pf.any.end53
 
-pf.any.then51:                                    ; preds = %k.body48
-  %677 = lshr i64 %676, %pf.sh46
-  %678 = getelementptr inbounds i8, ptr %pf45, i64 %677
-  call void @llvm.prefetch.p0(ptr %678, i32 0, i32 2, i32 1)
-  br label %pf.any.end52
+pf.any.then52:                                    ; preds = %k.body49
+  %675 = lshr i64 %674, %pf.sh47
+  %676 = getelementptr inbounds i8, ptr %pf46, i64 %675
+  call void @llvm.prefetch.p0(ptr %676, i32 0, i32 2, i32 1)
+  br label %pf.any.end53
 
-pf.any.end52:                                     ; preds = %pf.any.then51, %k.body48
-  %679 = mul nsw i64 %675, 16
-  %680 = add nsw i64 %panel.off43, %679
-  %681 = getelementptr inbounds i16, ptr %panels, i64 %680
-  %682 = load <8 x i32>, ptr %681, align 4
-  %683 = shl <8 x i32> %682, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b053 = bitcast <8 x i32> %683 to <8 x float>
-  %684 = and <8 x i32> %682, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b154 = bitcast <8 x i32> %684 to <8 x float>
-  %685 = getelementptr inbounds float, ptr %547, i64 %675
-  %686 = load float, ptr %685, align 4
-  %687 = insertelement <8 x float> poison, float %686, i32 0
-  %688 = shufflevector <8 x float> %687, <8 x float> poison, <8 x i32> zeroinitializer
-  %689 = load <8 x float>, ptr %acc00033, align 4
-  %690 = call <8 x float> @llvm.fma.v8f32(<8 x float> %688, <8 x float> %b053, <8 x float> %689)
-  store <8 x float> %690, ptr %acc00033, align 4
-  %691 = load <8 x float>, ptr %acc00134, align 4
-  %692 = call <8 x float> @llvm.fma.v8f32(<8 x float> %688, <8 x float> %b154, <8 x float> %691)
-  store <8 x float> %692, ptr %acc00134, align 4
-  %693 = getelementptr inbounds float, ptr %572, i64 %675
-  %694 = load float, ptr %693, align 4
-  %695 = insertelement <8 x float> poison, float %694, i32 0
-  %696 = shufflevector <8 x float> %695, <8 x float> poison, <8 x i32> zeroinitializer
-  %697 = load <8 x float>, ptr %acc01035, align 4
-  %698 = call <8 x float> @llvm.fma.v8f32(<8 x float> %696, <8 x float> %b053, <8 x float> %697)
-  store <8 x float> %698, ptr %acc01035, align 4
-  %699 = load <8 x float>, ptr %acc01136, align 4
-  %700 = call <8 x float> @llvm.fma.v8f32(<8 x float> %696, <8 x float> %b154, <8 x float> %699)
-  store <8 x float> %700, ptr %acc01136, align 4
-  %701 = getelementptr inbounds float, ptr %597, i64 %675
-  %702 = load float, ptr %701, align 4
-  %703 = insertelement <8 x float> poison, float %702, i32 0
-  %704 = shufflevector <8 x float> %703, <8 x float> poison, <8 x i32> zeroinitializer
-  %705 = load <8 x float>, ptr %acc02037, align 4
-  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> %b053, <8 x float> %705)
-  store <8 x float> %706, ptr %acc02037, align 4
-  %707 = load <8 x float>, ptr %acc02138, align 4
-  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> %b154, <8 x float> %707)
-  store <8 x float> %708, ptr %acc02138, align 4
-  %709 = getelementptr inbounds float, ptr %622, i64 %675
-  %710 = load float, ptr %709, align 4
-  %711 = insertelement <8 x float> poison, float %710, i32 0
-  %712 = shufflevector <8 x float> %711, <8 x float> poison, <8 x i32> zeroinitializer
-  %713 = load <8 x float>, ptr %acc03039, align 4
-  %714 = call <8 x float> @llvm.fma.v8f32(<8 x float> %712, <8 x float> %b053, <8 x float> %713)
-  store <8 x float> %714, ptr %acc03039, align 4
-  %715 = load <8 x float>, ptr %acc03140, align 4
-  %716 = call <8 x float> @llvm.fma.v8f32(<8 x float> %712, <8 x float> %b154, <8 x float> %715)
-  store <8 x float> %716, ptr %acc03140, align 4
-  %717 = getelementptr inbounds float, ptr %647, i64 %675
-  %718 = load float, ptr %717, align 4
-  %719 = insertelement <8 x float> poison, float %718, i32 0
-  %720 = shufflevector <8 x float> %719, <8 x float> poison, <8 x i32> zeroinitializer
-  %721 = load <8 x float>, ptr %acc04041, align 4
-  %722 = call <8 x float> @llvm.fma.v8f32(<8 x float> %720, <8 x float> %b053, <8 x float> %721)
-  store <8 x float> %722, ptr %acc04041, align 4
-  %723 = load <8 x float>, ptr %acc04142, align 4
-  %724 = call <8 x float> @llvm.fma.v8f32(<8 x float> %720, <8 x float> %b154, <8 x float> %723)
-  store <8 x float> %724, ptr %acc04142, align 4
-  %725 = add nsw i64 %k50, 1
-  br label %k.head47
+pf.any.end53:                                     ; preds = %pf.any.then52, %k.body49
+  %677 = mul nsw i64 %673, 16
+  %678 = add nsw i64 %slice.off44, %677
+  %679 = getelementptr inbounds i16, ptr %panels, i64 %678
+  %680 = load <8 x i32>, ptr %679, align 4
+  %681 = shl <8 x i32> %680, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b054 = bitcast <8 x i32> %681 to <8 x float>
+  %682 = and <8 x i32> %680, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b155 = bitcast <8 x i32> %682 to <8 x float>
+  %683 = getelementptr inbounds float, ptr %546, i64 %673
+  %684 = load float, ptr %683, align 4
+  %685 = insertelement <8 x float> poison, float %684, i32 0
+  %686 = shufflevector <8 x float> %685, <8 x float> poison, <8 x i32> zeroinitializer
+  %687 = load <8 x float>, ptr %acc00033, align 4
+  %688 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> %b054, <8 x float> %687)
+  store <8 x float> %688, ptr %acc00033, align 4
+  %689 = load <8 x float>, ptr %acc00134, align 4
+  %690 = call <8 x float> @llvm.fma.v8f32(<8 x float> %686, <8 x float> %b155, <8 x float> %689)
+  store <8 x float> %690, ptr %acc00134, align 4
+  %691 = getelementptr inbounds float, ptr %571, i64 %673
+  %692 = load float, ptr %691, align 4
+  %693 = insertelement <8 x float> poison, float %692, i32 0
+  %694 = shufflevector <8 x float> %693, <8 x float> poison, <8 x i32> zeroinitializer
+  %695 = load <8 x float>, ptr %acc01035, align 4
+  %696 = call <8 x float> @llvm.fma.v8f32(<8 x float> %694, <8 x float> %b054, <8 x float> %695)
+  store <8 x float> %696, ptr %acc01035, align 4
+  %697 = load <8 x float>, ptr %acc01136, align 4
+  %698 = call <8 x float> @llvm.fma.v8f32(<8 x float> %694, <8 x float> %b155, <8 x float> %697)
+  store <8 x float> %698, ptr %acc01136, align 4
+  %699 = getelementptr inbounds float, ptr %596, i64 %673
+  %700 = load float, ptr %699, align 4
+  %701 = insertelement <8 x float> poison, float %700, i32 0
+  %702 = shufflevector <8 x float> %701, <8 x float> poison, <8 x i32> zeroinitializer
+  %703 = load <8 x float>, ptr %acc02037, align 4
+  %704 = call <8 x float> @llvm.fma.v8f32(<8 x float> %702, <8 x float> %b054, <8 x float> %703)
+  store <8 x float> %704, ptr %acc02037, align 4
+  %705 = load <8 x float>, ptr %acc02138, align 4
+  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> %702, <8 x float> %b155, <8 x float> %705)
+  store <8 x float> %706, ptr %acc02138, align 4
+  %707 = getelementptr inbounds float, ptr %621, i64 %673
+  %708 = load float, ptr %707, align 4
+  %709 = insertelement <8 x float> poison, float %708, i32 0
+  %710 = shufflevector <8 x float> %709, <8 x float> poison, <8 x i32> zeroinitializer
+  %711 = load <8 x float>, ptr %acc03039, align 4
+  %712 = call <8 x float> @llvm.fma.v8f32(<8 x float> %710, <8 x float> %b054, <8 x float> %711)
+  store <8 x float> %712, ptr %acc03039, align 4
+  %713 = load <8 x float>, ptr %acc03140, align 4
+  %714 = call <8 x float> @llvm.fma.v8f32(<8 x float> %710, <8 x float> %b155, <8 x float> %713)
+  store <8 x float> %714, ptr %acc03140, align 4
+  %715 = getelementptr inbounds float, ptr %646, i64 %673
+  %716 = load float, ptr %715, align 4
+  %717 = insertelement <8 x float> poison, float %716, i32 0
+  %718 = shufflevector <8 x float> %717, <8 x float> poison, <8 x i32> zeroinitializer
+  %719 = load <8 x float>, ptr %acc04041, align 4
+  %720 = call <8 x float> @llvm.fma.v8f32(<8 x float> %718, <8 x float> %b054, <8 x float> %719)
+  store <8 x float> %720, ptr %acc04041, align 4
+  %721 = load <8 x float>, ptr %acc04142, align 4
+  %722 = call <8 x float> @llvm.fma.v8f32(<8 x float> %718, <8 x float> %b155, <8 x float> %721)
+  store <8 x float> %722, ptr %acc04142, align 4
+  %723 = add nsw i64 %k51, 1
+  br label %k.head48
 
-k.end49:                                          ; preds = %k.head47
-  %726 = xor i1 %klast, true
-  br i1 %726, label %part.then55, label %part.end56
+k.end50:                                          ; preds = %k.head48
+  %724 = xor i1 %klast, true
+  br i1 %724, label %part.then56, label %part.end57
 
-part.then55:                                      ; preds = %k.end49
-  %727 = add nsw i64 %r01, 0
-  %728 = sub nsw i64 %kb.p, %kb.pg
-  %729 = sub nsw i64 %727, %kb.rc
+part.then56:                                      ; preds = %k.end50
+  %725 = add nsw i64 %r01, 0
+  %726 = sub nsw i64 %kb.p, %kb.pg
+  %727 = sub nsw i64 %725, %kb.rc
+  %728 = mul nsw i64 %727, 16
+  %729 = add nsw i64 %728, %726
   %730 = mul nsw i64 %729, 16
-  %731 = add nsw i64 %730, %728
-  %732 = mul nsw i64 %731, 16
-  %733 = getelementptr inbounds float, ptr %part, i64 %732
-  %734 = getelementptr inbounds float, ptr %733, i64 0
-  %735 = load <8 x float>, ptr %acc00033, align 4
-  store <8 x float> %735, ptr %734, align 4
-  %736 = sub nsw i64 %kb.p, %kb.pg
-  %737 = sub nsw i64 %727, %kb.rc
+  %731 = getelementptr inbounds float, ptr %part, i64 %730
+  %732 = getelementptr inbounds float, ptr %731, i64 0
+  %733 = load <8 x float>, ptr %acc00033, align 4
+  store <8 x float> %733, ptr %732, align 4
+  %734 = sub nsw i64 %kb.p, %kb.pg
+  %735 = sub nsw i64 %725, %kb.rc
+  %736 = mul nsw i64 %735, 16
+  %737 = add nsw i64 %736, %734
   %738 = mul nsw i64 %737, 16
-  %739 = add nsw i64 %738, %736
-  %740 = mul nsw i64 %739, 16
-  %741 = getelementptr inbounds float, ptr %part, i64 %740
-  %742 = getelementptr inbounds float, ptr %741, i64 8
-  %743 = load <8 x float>, ptr %acc00134, align 4
-  store <8 x float> %743, ptr %742, align 4
-  %744 = add nsw i64 %r01, 1
-  %745 = sub nsw i64 %kb.p, %kb.pg
-  %746 = sub nsw i64 %744, %kb.rc
+  %739 = getelementptr inbounds float, ptr %part, i64 %738
+  %740 = getelementptr inbounds float, ptr %739, i64 8
+  %741 = load <8 x float>, ptr %acc00134, align 4
+  store <8 x float> %741, ptr %740, align 4
+  %742 = add nsw i64 %r01, 1
+  %743 = sub nsw i64 %kb.p, %kb.pg
+  %744 = sub nsw i64 %742, %kb.rc
+  %745 = mul nsw i64 %744, 16
+  %746 = add nsw i64 %745, %743
   %747 = mul nsw i64 %746, 16
-  %748 = add nsw i64 %747, %745
-  %749 = mul nsw i64 %748, 16
-  %750 = getelementptr inbounds float, ptr %part, i64 %749
-  %751 = getelementptr inbounds float, ptr %750, i64 0
-  %752 = load <8 x float>, ptr %acc01035, align 4
-  store <8 x float> %752, ptr %751, align 4
-  %753 = sub nsw i64 %kb.p, %kb.pg
-  %754 = sub nsw i64 %744, %kb.rc
+  %748 = getelementptr inbounds float, ptr %part, i64 %747
+  %749 = getelementptr inbounds float, ptr %748, i64 0
+  %750 = load <8 x float>, ptr %acc01035, align 4
+  store <8 x float> %750, ptr %749, align 4
+  %751 = sub nsw i64 %kb.p, %kb.pg
+  %752 = sub nsw i64 %742, %kb.rc
+  %753 = mul nsw i64 %752, 16
+  %754 = add nsw i64 %753, %751
   %755 = mul nsw i64 %754, 16
-  %756 = add nsw i64 %755, %753
-  %757 = mul nsw i64 %756, 16
-  %758 = getelementptr inbounds float, ptr %part, i64 %757
-  %759 = getelementptr inbounds float, ptr %758, i64 8
-  %760 = load <8 x float>, ptr %acc01136, align 4
-  store <8 x float> %760, ptr %759, align 4
-  %761 = add nsw i64 %r01, 2
-  %762 = sub nsw i64 %kb.p, %kb.pg
-  %763 = sub nsw i64 %761, %kb.rc
+  %756 = getelementptr inbounds float, ptr %part, i64 %755
+  %757 = getelementptr inbounds float, ptr %756, i64 8
+  %758 = load <8 x float>, ptr %acc01136, align 4
+  store <8 x float> %758, ptr %757, align 4
+  %759 = add nsw i64 %r01, 2
+  %760 = sub nsw i64 %kb.p, %kb.pg
+  %761 = sub nsw i64 %759, %kb.rc
+  %762 = mul nsw i64 %761, 16
+  %763 = add nsw i64 %762, %760
   %764 = mul nsw i64 %763, 16
-  %765 = add nsw i64 %764, %762
-  %766 = mul nsw i64 %765, 16
-  %767 = getelementptr inbounds float, ptr %part, i64 %766
-  %768 = getelementptr inbounds float, ptr %767, i64 0
-  %769 = load <8 x float>, ptr %acc02037, align 4
-  store <8 x float> %769, ptr %768, align 4
-  %770 = sub nsw i64 %kb.p, %kb.pg
-  %771 = sub nsw i64 %761, %kb.rc
+  %765 = getelementptr inbounds float, ptr %part, i64 %764
+  %766 = getelementptr inbounds float, ptr %765, i64 0
+  %767 = load <8 x float>, ptr %acc02037, align 4
+  store <8 x float> %767, ptr %766, align 4
+  %768 = sub nsw i64 %kb.p, %kb.pg
+  %769 = sub nsw i64 %759, %kb.rc
+  %770 = mul nsw i64 %769, 16
+  %771 = add nsw i64 %770, %768
   %772 = mul nsw i64 %771, 16
-  %773 = add nsw i64 %772, %770
-  %774 = mul nsw i64 %773, 16
-  %775 = getelementptr inbounds float, ptr %part, i64 %774
-  %776 = getelementptr inbounds float, ptr %775, i64 8
-  %777 = load <8 x float>, ptr %acc02138, align 4
-  store <8 x float> %777, ptr %776, align 4
-  %778 = add nsw i64 %r01, 3
-  %779 = sub nsw i64 %kb.p, %kb.pg
-  %780 = sub nsw i64 %778, %kb.rc
+  %773 = getelementptr inbounds float, ptr %part, i64 %772
+  %774 = getelementptr inbounds float, ptr %773, i64 8
+  %775 = load <8 x float>, ptr %acc02138, align 4
+  store <8 x float> %775, ptr %774, align 4
+  %776 = add nsw i64 %r01, 3
+  %777 = sub nsw i64 %kb.p, %kb.pg
+  %778 = sub nsw i64 %776, %kb.rc
+  %779 = mul nsw i64 %778, 16
+  %780 = add nsw i64 %779, %777
   %781 = mul nsw i64 %780, 16
-  %782 = add nsw i64 %781, %779
-  %783 = mul nsw i64 %782, 16
-  %784 = getelementptr inbounds float, ptr %part, i64 %783
-  %785 = getelementptr inbounds float, ptr %784, i64 0
-  %786 = load <8 x float>, ptr %acc03039, align 4
-  store <8 x float> %786, ptr %785, align 4
-  %787 = sub nsw i64 %kb.p, %kb.pg
-  %788 = sub nsw i64 %778, %kb.rc
+  %782 = getelementptr inbounds float, ptr %part, i64 %781
+  %783 = getelementptr inbounds float, ptr %782, i64 0
+  %784 = load <8 x float>, ptr %acc03039, align 4
+  store <8 x float> %784, ptr %783, align 4
+  %785 = sub nsw i64 %kb.p, %kb.pg
+  %786 = sub nsw i64 %776, %kb.rc
+  %787 = mul nsw i64 %786, 16
+  %788 = add nsw i64 %787, %785
   %789 = mul nsw i64 %788, 16
-  %790 = add nsw i64 %789, %787
-  %791 = mul nsw i64 %790, 16
-  %792 = getelementptr inbounds float, ptr %part, i64 %791
-  %793 = getelementptr inbounds float, ptr %792, i64 8
-  %794 = load <8 x float>, ptr %acc03140, align 4
-  store <8 x float> %794, ptr %793, align 4
-  %795 = add nsw i64 %r01, 4
-  %796 = sub nsw i64 %kb.p, %kb.pg
-  %797 = sub nsw i64 %795, %kb.rc
+  %790 = getelementptr inbounds float, ptr %part, i64 %789
+  %791 = getelementptr inbounds float, ptr %790, i64 8
+  %792 = load <8 x float>, ptr %acc03140, align 4
+  store <8 x float> %792, ptr %791, align 4
+  %793 = add nsw i64 %r01, 4
+  %794 = sub nsw i64 %kb.p, %kb.pg
+  %795 = sub nsw i64 %793, %kb.rc
+  %796 = mul nsw i64 %795, 16
+  %797 = add nsw i64 %796, %794
   %798 = mul nsw i64 %797, 16
-  %799 = add nsw i64 %798, %796
-  %800 = mul nsw i64 %799, 16
-  %801 = getelementptr inbounds float, ptr %part, i64 %800
-  %802 = getelementptr inbounds float, ptr %801, i64 0
-  %803 = load <8 x float>, ptr %acc04041, align 4
-  store <8 x float> %803, ptr %802, align 4
-  %804 = sub nsw i64 %kb.p, %kb.pg
-  %805 = sub nsw i64 %795, %kb.rc
+  %799 = getelementptr inbounds float, ptr %part, i64 %798
+  %800 = getelementptr inbounds float, ptr %799, i64 0
+  %801 = load <8 x float>, ptr %acc04041, align 4
+  store <8 x float> %801, ptr %800, align 4
+  %802 = sub nsw i64 %kb.p, %kb.pg
+  %803 = sub nsw i64 %793, %kb.rc
+  %804 = mul nsw i64 %803, 16
+  %805 = add nsw i64 %804, %802
   %806 = mul nsw i64 %805, 16
-  %807 = add nsw i64 %806, %804
-  %808 = mul nsw i64 %807, 16
-  %809 = getelementptr inbounds float, ptr %part, i64 %808
-  %810 = getelementptr inbounds float, ptr %809, i64 8
-  %811 = load <8 x float>, ptr %acc04142, align 4
-  store <8 x float> %811, ptr %810, align 4
-  br label %part.end56
+  %807 = getelementptr inbounds float, ptr %part, i64 %806
+  %808 = getelementptr inbounds float, ptr %807, i64 8
+  %809 = load <8 x float>, ptr %acc04142, align 4
+  store <8 x float> %809, ptr %808, align 4
+  br label %part.end57
 
-part.end56:                                       ; preds = %part.then55, %k.end49
-  br i1 %klast, label %last.then57, label %last.end58
+part.end57:                                       ; preds = %part.then56, %k.end50
+  br i1 %klast, label %last.then58, label %last.end59
 
-last.then57:                                      ; preds = %part.end56
-  %812 = add nsw i64 %r01, 0
-  %813 = getelementptr inbounds float, ptr %rw, i64 %812
-  %814 = load float, ptr %813, align 4
-  %815 = insertelement <8 x float> poison, float %814, i32 0
-  %816 = shufflevector <8 x float> %815, <8 x float> poison, <8 x i32> zeroinitializer
-  %817 = mul nsw i64 %812, 14336
-  %818 = getelementptr inbounds float, ptr %h, i64 %817
-  %col59 = mul nsw i64 %kb.p, 8
-  %819 = load <8 x float>, ptr %acc00033, align 4
-  %820 = load <8 x float>, ptr %acc00134, align 4
-  %821 = fneg <8 x float> %819
-  %822 = fcmp olt <8 x float> %821, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %823 = select <8 x i1> %822, <8 x float> %821, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %824 = fcmp ogt <8 x float> %823, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %825 = select <8 x i1> %824, <8 x float> %823, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %826 = call <8 x float> @llvm.fma.v8f32(<8 x float> %825, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %827 = call <8 x float> @llvm.floor.v8f32(<8 x float> %826)
-  %828 = call <8 x float> @llvm.fma.v8f32(<8 x float> %827, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %825)
-  %829 = call <8 x float> @llvm.fma.v8f32(<8 x float> %827, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %828)
-  %830 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %829, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %831 = call <8 x float> @llvm.fma.v8f32(<8 x float> %830, <8 x float> %829, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %832 = call <8 x float> @llvm.fma.v8f32(<8 x float> %831, <8 x float> %829, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %833 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> %829, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %833, <8 x float> %829, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %835 = fmul <8 x float> %829, %829
-  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %834, <8 x float> %835, <8 x float> %829)
-  %837 = fadd <8 x float> %836, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %838 = fptosi <8 x float> %827 to <8 x i32>
-  %839 = add <8 x i32> %838, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %840 = shl <8 x i32> %839, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n60 = bitcast <8 x i32> %840 to <8 x float>
-  %exp61 = fmul <8 x float> %837, %exp.2n60
-  %841 = fadd <8 x float> %exp61, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid62 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %841
-  %silu63 = fmul <8 x float> %819, %sigmoid62
-  %glu64 = fmul <8 x float> %silu63, %820
-  %842 = fmul <8 x float> %glu64, %816
-  %843 = getelementptr inbounds float, ptr %818, i64 %col59
-  store <8 x float> %842, ptr %843, align 4
-  %844 = add nsw i64 %r01, 1
-  %845 = getelementptr inbounds float, ptr %rw, i64 %844
-  %846 = load float, ptr %845, align 4
-  %847 = insertelement <8 x float> poison, float %846, i32 0
-  %848 = shufflevector <8 x float> %847, <8 x float> poison, <8 x i32> zeroinitializer
-  %849 = mul nsw i64 %844, 14336
-  %850 = getelementptr inbounds float, ptr %h, i64 %849
-  %col65 = mul nsw i64 %kb.p, 8
-  %851 = load <8 x float>, ptr %acc01035, align 4
-  %852 = load <8 x float>, ptr %acc01136, align 4
-  %853 = fneg <8 x float> %851
-  %854 = fcmp olt <8 x float> %853, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %855 = select <8 x i1> %854, <8 x float> %853, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %856 = fcmp ogt <8 x float> %855, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %857 = select <8 x i1> %856, <8 x float> %855, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %858 = call <8 x float> @llvm.fma.v8f32(<8 x float> %857, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %859 = call <8 x float> @llvm.floor.v8f32(<8 x float> %858)
-  %860 = call <8 x float> @llvm.fma.v8f32(<8 x float> %859, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %857)
-  %861 = call <8 x float> @llvm.fma.v8f32(<8 x float> %859, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %860)
-  %862 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %861, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %863 = call <8 x float> @llvm.fma.v8f32(<8 x float> %862, <8 x float> %861, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %864 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> %861, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %865 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> %861, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %865, <8 x float> %861, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %867 = fmul <8 x float> %861, %861
-  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %866, <8 x float> %867, <8 x float> %861)
-  %869 = fadd <8 x float> %868, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %870 = fptosi <8 x float> %859 to <8 x i32>
-  %871 = add <8 x i32> %870, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %872 = shl <8 x i32> %871, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n66 = bitcast <8 x i32> %872 to <8 x float>
-  %exp67 = fmul <8 x float> %869, %exp.2n66
-  %873 = fadd <8 x float> %exp67, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid68 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %873
-  %silu69 = fmul <8 x float> %851, %sigmoid68
-  %glu70 = fmul <8 x float> %silu69, %852
-  %874 = fmul <8 x float> %glu70, %848
-  %875 = getelementptr inbounds float, ptr %850, i64 %col65
-  store <8 x float> %874, ptr %875, align 4
-  %876 = add nsw i64 %r01, 2
-  %877 = getelementptr inbounds float, ptr %rw, i64 %876
-  %878 = load float, ptr %877, align 4
-  %879 = insertelement <8 x float> poison, float %878, i32 0
-  %880 = shufflevector <8 x float> %879, <8 x float> poison, <8 x i32> zeroinitializer
-  %881 = mul nsw i64 %876, 14336
-  %882 = getelementptr inbounds float, ptr %h, i64 %881
-  %col71 = mul nsw i64 %kb.p, 8
-  %883 = load <8 x float>, ptr %acc02037, align 4
-  %884 = load <8 x float>, ptr %acc02138, align 4
-  %885 = fneg <8 x float> %883
-  %886 = fcmp olt <8 x float> %885, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %887 = select <8 x i1> %886, <8 x float> %885, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %888 = fcmp ogt <8 x float> %887, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %889 = select <8 x i1> %888, <8 x float> %887, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %890 = call <8 x float> @llvm.fma.v8f32(<8 x float> %889, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %891 = call <8 x float> @llvm.floor.v8f32(<8 x float> %890)
-  %892 = call <8 x float> @llvm.fma.v8f32(<8 x float> %891, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %889)
-  %893 = call <8 x float> @llvm.fma.v8f32(<8 x float> %891, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %892)
-  %894 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %893, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %895 = call <8 x float> @llvm.fma.v8f32(<8 x float> %894, <8 x float> %893, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %896 = call <8 x float> @llvm.fma.v8f32(<8 x float> %895, <8 x float> %893, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %897 = call <8 x float> @llvm.fma.v8f32(<8 x float> %896, <8 x float> %893, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %898 = call <8 x float> @llvm.fma.v8f32(<8 x float> %897, <8 x float> %893, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %899 = fmul <8 x float> %893, %893
-  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %898, <8 x float> %899, <8 x float> %893)
-  %901 = fadd <8 x float> %900, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %902 = fptosi <8 x float> %891 to <8 x i32>
-  %903 = add <8 x i32> %902, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %904 = shl <8 x i32> %903, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n72 = bitcast <8 x i32> %904 to <8 x float>
-  %exp73 = fmul <8 x float> %901, %exp.2n72
-  %905 = fadd <8 x float> %exp73, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid74 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %905
-  %silu75 = fmul <8 x float> %883, %sigmoid74
-  %glu76 = fmul <8 x float> %silu75, %884
-  %906 = fmul <8 x float> %glu76, %880
-  %907 = getelementptr inbounds float, ptr %882, i64 %col71
-  store <8 x float> %906, ptr %907, align 4
-  %908 = add nsw i64 %r01, 3
-  %909 = getelementptr inbounds float, ptr %rw, i64 %908
-  %910 = load float, ptr %909, align 4
-  %911 = insertelement <8 x float> poison, float %910, i32 0
-  %912 = shufflevector <8 x float> %911, <8 x float> poison, <8 x i32> zeroinitializer
-  %913 = mul nsw i64 %908, 14336
-  %914 = getelementptr inbounds float, ptr %h, i64 %913
-  %col77 = mul nsw i64 %kb.p, 8
-  %915 = load <8 x float>, ptr %acc03039, align 4
-  %916 = load <8 x float>, ptr %acc03140, align 4
-  %917 = fneg <8 x float> %915
-  %918 = fcmp olt <8 x float> %917, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %919 = select <8 x i1> %918, <8 x float> %917, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %920 = fcmp ogt <8 x float> %919, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %921 = select <8 x i1> %920, <8 x float> %919, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %922 = call <8 x float> @llvm.fma.v8f32(<8 x float> %921, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %923 = call <8 x float> @llvm.floor.v8f32(<8 x float> %922)
-  %924 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %921)
-  %925 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %924)
-  %926 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %925, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %927 = call <8 x float> @llvm.fma.v8f32(<8 x float> %926, <8 x float> %925, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %928 = call <8 x float> @llvm.fma.v8f32(<8 x float> %927, <8 x float> %925, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %929 = call <8 x float> @llvm.fma.v8f32(<8 x float> %928, <8 x float> %925, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %930 = call <8 x float> @llvm.fma.v8f32(<8 x float> %929, <8 x float> %925, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %931 = fmul <8 x float> %925, %925
-  %932 = call <8 x float> @llvm.fma.v8f32(<8 x float> %930, <8 x float> %931, <8 x float> %925)
-  %933 = fadd <8 x float> %932, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %934 = fptosi <8 x float> %923 to <8 x i32>
-  %935 = add <8 x i32> %934, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %936 = shl <8 x i32> %935, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n78 = bitcast <8 x i32> %936 to <8 x float>
-  %exp79 = fmul <8 x float> %933, %exp.2n78
-  %937 = fadd <8 x float> %exp79, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid80 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %937
-  %silu81 = fmul <8 x float> %915, %sigmoid80
-  %glu82 = fmul <8 x float> %silu81, %916
-  %938 = fmul <8 x float> %glu82, %912
-  %939 = getelementptr inbounds float, ptr %914, i64 %col77
-  store <8 x float> %938, ptr %939, align 4
-  %940 = add nsw i64 %r01, 4
-  %941 = getelementptr inbounds float, ptr %rw, i64 %940
-  %942 = load float, ptr %941, align 4
-  %943 = insertelement <8 x float> poison, float %942, i32 0
-  %944 = shufflevector <8 x float> %943, <8 x float> poison, <8 x i32> zeroinitializer
-  %945 = mul nsw i64 %940, 14336
-  %946 = getelementptr inbounds float, ptr %h, i64 %945
-  %col83 = mul nsw i64 %kb.p, 8
-  %947 = load <8 x float>, ptr %acc04041, align 4
-  %948 = load <8 x float>, ptr %acc04142, align 4
-  %949 = fneg <8 x float> %947
-  %950 = fcmp olt <8 x float> %949, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %951 = select <8 x i1> %950, <8 x float> %949, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %952 = fcmp ogt <8 x float> %951, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %953 = select <8 x i1> %952, <8 x float> %951, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %954 = call <8 x float> @llvm.fma.v8f32(<8 x float> %953, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %955 = call <8 x float> @llvm.floor.v8f32(<8 x float> %954)
-  %956 = call <8 x float> @llvm.fma.v8f32(<8 x float> %955, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %953)
-  %957 = call <8 x float> @llvm.fma.v8f32(<8 x float> %955, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %956)
-  %958 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %957, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %959 = call <8 x float> @llvm.fma.v8f32(<8 x float> %958, <8 x float> %957, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %960 = call <8 x float> @llvm.fma.v8f32(<8 x float> %959, <8 x float> %957, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %961 = call <8 x float> @llvm.fma.v8f32(<8 x float> %960, <8 x float> %957, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %962 = call <8 x float> @llvm.fma.v8f32(<8 x float> %961, <8 x float> %957, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %963 = fmul <8 x float> %957, %957
-  %964 = call <8 x float> @llvm.fma.v8f32(<8 x float> %962, <8 x float> %963, <8 x float> %957)
-  %965 = fadd <8 x float> %964, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %966 = fptosi <8 x float> %955 to <8 x i32>
-  %967 = add <8 x i32> %966, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %968 = shl <8 x i32> %967, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n84 = bitcast <8 x i32> %968 to <8 x float>
-  %exp85 = fmul <8 x float> %965, %exp.2n84
-  %969 = fadd <8 x float> %exp85, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid86 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %969
-  %silu87 = fmul <8 x float> %947, %sigmoid86
-  %glu88 = fmul <8 x float> %silu87, %948
-  %970 = fmul <8 x float> %glu88, %944
-  %971 = getelementptr inbounds float, ptr %946, i64 %col83
-  store <8 x float> %970, ptr %971, align 4
-  br label %last.end58
+last.then58:                                      ; preds = %part.end57
+  %810 = add nsw i64 %r01, 0
+  %811 = getelementptr inbounds float, ptr %rw, i64 %810
+  %812 = load float, ptr %811, align 4
+  %813 = insertelement <8 x float> poison, float %812, i32 0
+  %814 = shufflevector <8 x float> %813, <8 x float> poison, <8 x i32> zeroinitializer
+  %815 = mul nsw i64 %810, 14336
+  %816 = getelementptr inbounds float, ptr %h, i64 %815
+  %col60 = mul nsw i64 %kb.p, 8
+  %817 = load <8 x float>, ptr %acc00033, align 4
+  %818 = load <8 x float>, ptr %acc00134, align 4
+  %819 = fneg <8 x float> %817
+  %820 = fcmp olt <8 x float> %819, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %821 = select <8 x i1> %820, <8 x float> %819, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %822 = fcmp ogt <8 x float> %821, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %823 = select <8 x i1> %822, <8 x float> %821, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %824 = call <8 x float> @llvm.fma.v8f32(<8 x float> %823, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %825 = call <8 x float> @llvm.floor.v8f32(<8 x float> %824)
+  %826 = call <8 x float> @llvm.fma.v8f32(<8 x float> %825, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %823)
+  %827 = call <8 x float> @llvm.fma.v8f32(<8 x float> %825, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %826)
+  %828 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %827, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %829 = call <8 x float> @llvm.fma.v8f32(<8 x float> %828, <8 x float> %827, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %830 = call <8 x float> @llvm.fma.v8f32(<8 x float> %829, <8 x float> %827, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %831 = call <8 x float> @llvm.fma.v8f32(<8 x float> %830, <8 x float> %827, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %832 = call <8 x float> @llvm.fma.v8f32(<8 x float> %831, <8 x float> %827, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %833 = fmul <8 x float> %827, %827
+  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> %833, <8 x float> %827)
+  %835 = fadd <8 x float> %834, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %836 = fptosi <8 x float> %825 to <8 x i32>
+  %837 = add <8 x i32> %836, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %838 = shl <8 x i32> %837, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n61 = bitcast <8 x i32> %838 to <8 x float>
+  %exp62 = fmul <8 x float> %835, %exp.2n61
+  %839 = fadd <8 x float> %exp62, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid63 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %839
+  %silu64 = fmul <8 x float> %817, %sigmoid63
+  %glu65 = fmul <8 x float> %silu64, %818
+  %840 = fmul <8 x float> %glu65, %814
+  %841 = getelementptr inbounds float, ptr %816, i64 %col60
+  store <8 x float> %840, ptr %841, align 4
+  %842 = add nsw i64 %r01, 1
+  %843 = getelementptr inbounds float, ptr %rw, i64 %842
+  %844 = load float, ptr %843, align 4
+  %845 = insertelement <8 x float> poison, float %844, i32 0
+  %846 = shufflevector <8 x float> %845, <8 x float> poison, <8 x i32> zeroinitializer
+  %847 = mul nsw i64 %842, 14336
+  %848 = getelementptr inbounds float, ptr %h, i64 %847
+  %col66 = mul nsw i64 %kb.p, 8
+  %849 = load <8 x float>, ptr %acc01035, align 4
+  %850 = load <8 x float>, ptr %acc01136, align 4
+  %851 = fneg <8 x float> %849
+  %852 = fcmp olt <8 x float> %851, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %853 = select <8 x i1> %852, <8 x float> %851, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %854 = fcmp ogt <8 x float> %853, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %855 = select <8 x i1> %854, <8 x float> %853, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %856 = call <8 x float> @llvm.fma.v8f32(<8 x float> %855, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %857 = call <8 x float> @llvm.floor.v8f32(<8 x float> %856)
+  %858 = call <8 x float> @llvm.fma.v8f32(<8 x float> %857, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %855)
+  %859 = call <8 x float> @llvm.fma.v8f32(<8 x float> %857, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %858)
+  %860 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %859, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %861 = call <8 x float> @llvm.fma.v8f32(<8 x float> %860, <8 x float> %859, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %862 = call <8 x float> @llvm.fma.v8f32(<8 x float> %861, <8 x float> %859, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %863 = call <8 x float> @llvm.fma.v8f32(<8 x float> %862, <8 x float> %859, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %864 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> %859, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %865 = fmul <8 x float> %859, %859
+  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> %865, <8 x float> %859)
+  %867 = fadd <8 x float> %866, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %868 = fptosi <8 x float> %857 to <8 x i32>
+  %869 = add <8 x i32> %868, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %870 = shl <8 x i32> %869, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n67 = bitcast <8 x i32> %870 to <8 x float>
+  %exp68 = fmul <8 x float> %867, %exp.2n67
+  %871 = fadd <8 x float> %exp68, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid69 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %871
+  %silu70 = fmul <8 x float> %849, %sigmoid69
+  %glu71 = fmul <8 x float> %silu70, %850
+  %872 = fmul <8 x float> %glu71, %846
+  %873 = getelementptr inbounds float, ptr %848, i64 %col66
+  store <8 x float> %872, ptr %873, align 4
+  %874 = add nsw i64 %r01, 2
+  %875 = getelementptr inbounds float, ptr %rw, i64 %874
+  %876 = load float, ptr %875, align 4
+  %877 = insertelement <8 x float> poison, float %876, i32 0
+  %878 = shufflevector <8 x float> %877, <8 x float> poison, <8 x i32> zeroinitializer
+  %879 = mul nsw i64 %874, 14336
+  %880 = getelementptr inbounds float, ptr %h, i64 %879
+  %col72 = mul nsw i64 %kb.p, 8
+  %881 = load <8 x float>, ptr %acc02037, align 4
+  %882 = load <8 x float>, ptr %acc02138, align 4
+  %883 = fneg <8 x float> %881
+  %884 = fcmp olt <8 x float> %883, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %885 = select <8 x i1> %884, <8 x float> %883, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %886 = fcmp ogt <8 x float> %885, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %887 = select <8 x i1> %886, <8 x float> %885, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %888 = call <8 x float> @llvm.fma.v8f32(<8 x float> %887, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %889 = call <8 x float> @llvm.floor.v8f32(<8 x float> %888)
+  %890 = call <8 x float> @llvm.fma.v8f32(<8 x float> %889, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %887)
+  %891 = call <8 x float> @llvm.fma.v8f32(<8 x float> %889, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %890)
+  %892 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %891, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %893 = call <8 x float> @llvm.fma.v8f32(<8 x float> %892, <8 x float> %891, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %894 = call <8 x float> @llvm.fma.v8f32(<8 x float> %893, <8 x float> %891, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %895 = call <8 x float> @llvm.fma.v8f32(<8 x float> %894, <8 x float> %891, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %896 = call <8 x float> @llvm.fma.v8f32(<8 x float> %895, <8 x float> %891, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %897 = fmul <8 x float> %891, %891
+  %898 = call <8 x float> @llvm.fma.v8f32(<8 x float> %896, <8 x float> %897, <8 x float> %891)
+  %899 = fadd <8 x float> %898, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %900 = fptosi <8 x float> %889 to <8 x i32>
+  %901 = add <8 x i32> %900, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %902 = shl <8 x i32> %901, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n73 = bitcast <8 x i32> %902 to <8 x float>
+  %exp74 = fmul <8 x float> %899, %exp.2n73
+  %903 = fadd <8 x float> %exp74, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid75 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %903
+  %silu76 = fmul <8 x float> %881, %sigmoid75
+  %glu77 = fmul <8 x float> %silu76, %882
+  %904 = fmul <8 x float> %glu77, %878
+  %905 = getelementptr inbounds float, ptr %880, i64 %col72
+  store <8 x float> %904, ptr %905, align 4
+  %906 = add nsw i64 %r01, 3
+  %907 = getelementptr inbounds float, ptr %rw, i64 %906
+  %908 = load float, ptr %907, align 4
+  %909 = insertelement <8 x float> poison, float %908, i32 0
+  %910 = shufflevector <8 x float> %909, <8 x float> poison, <8 x i32> zeroinitializer
+  %911 = mul nsw i64 %906, 14336
+  %912 = getelementptr inbounds float, ptr %h, i64 %911
+  %col78 = mul nsw i64 %kb.p, 8
+  %913 = load <8 x float>, ptr %acc03039, align 4
+  %914 = load <8 x float>, ptr %acc03140, align 4
+  %915 = fneg <8 x float> %913
+  %916 = fcmp olt <8 x float> %915, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %917 = select <8 x i1> %916, <8 x float> %915, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %918 = fcmp ogt <8 x float> %917, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %919 = select <8 x i1> %918, <8 x float> %917, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %920 = call <8 x float> @llvm.fma.v8f32(<8 x float> %919, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %921 = call <8 x float> @llvm.floor.v8f32(<8 x float> %920)
+  %922 = call <8 x float> @llvm.fma.v8f32(<8 x float> %921, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %919)
+  %923 = call <8 x float> @llvm.fma.v8f32(<8 x float> %921, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %922)
+  %924 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %923, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %925 = call <8 x float> @llvm.fma.v8f32(<8 x float> %924, <8 x float> %923, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %926 = call <8 x float> @llvm.fma.v8f32(<8 x float> %925, <8 x float> %923, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %927 = call <8 x float> @llvm.fma.v8f32(<8 x float> %926, <8 x float> %923, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %928 = call <8 x float> @llvm.fma.v8f32(<8 x float> %927, <8 x float> %923, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %929 = fmul <8 x float> %923, %923
+  %930 = call <8 x float> @llvm.fma.v8f32(<8 x float> %928, <8 x float> %929, <8 x float> %923)
+  %931 = fadd <8 x float> %930, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %932 = fptosi <8 x float> %921 to <8 x i32>
+  %933 = add <8 x i32> %932, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %934 = shl <8 x i32> %933, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n79 = bitcast <8 x i32> %934 to <8 x float>
+  %exp80 = fmul <8 x float> %931, %exp.2n79
+  %935 = fadd <8 x float> %exp80, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid81 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %935
+  %silu82 = fmul <8 x float> %913, %sigmoid81
+  %glu83 = fmul <8 x float> %silu82, %914
+  %936 = fmul <8 x float> %glu83, %910
+  %937 = getelementptr inbounds float, ptr %912, i64 %col78
+  store <8 x float> %936, ptr %937, align 4
+  %938 = add nsw i64 %r01, 4
+  %939 = getelementptr inbounds float, ptr %rw, i64 %938
+  %940 = load float, ptr %939, align 4
+  %941 = insertelement <8 x float> poison, float %940, i32 0
+  %942 = shufflevector <8 x float> %941, <8 x float> poison, <8 x i32> zeroinitializer
+  %943 = mul nsw i64 %938, 14336
+  %944 = getelementptr inbounds float, ptr %h, i64 %943
+  %col84 = mul nsw i64 %kb.p, 8
+  %945 = load <8 x float>, ptr %acc04041, align 4
+  %946 = load <8 x float>, ptr %acc04142, align 4
+  %947 = fneg <8 x float> %945
+  %948 = fcmp olt <8 x float> %947, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %949 = select <8 x i1> %948, <8 x float> %947, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %950 = fcmp ogt <8 x float> %949, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %951 = select <8 x i1> %950, <8 x float> %949, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %952 = call <8 x float> @llvm.fma.v8f32(<8 x float> %951, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %953 = call <8 x float> @llvm.floor.v8f32(<8 x float> %952)
+  %954 = call <8 x float> @llvm.fma.v8f32(<8 x float> %953, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %951)
+  %955 = call <8 x float> @llvm.fma.v8f32(<8 x float> %953, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %954)
+  %956 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %955, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %957 = call <8 x float> @llvm.fma.v8f32(<8 x float> %956, <8 x float> %955, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %958 = call <8 x float> @llvm.fma.v8f32(<8 x float> %957, <8 x float> %955, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %959 = call <8 x float> @llvm.fma.v8f32(<8 x float> %958, <8 x float> %955, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %960 = call <8 x float> @llvm.fma.v8f32(<8 x float> %959, <8 x float> %955, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %961 = fmul <8 x float> %955, %955
+  %962 = call <8 x float> @llvm.fma.v8f32(<8 x float> %960, <8 x float> %961, <8 x float> %955)
+  %963 = fadd <8 x float> %962, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %964 = fptosi <8 x float> %953 to <8 x i32>
+  %965 = add <8 x i32> %964, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %966 = shl <8 x i32> %965, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n85 = bitcast <8 x i32> %966 to <8 x float>
+  %exp86 = fmul <8 x float> %963, %exp.2n85
+  %967 = fadd <8 x float> %exp86, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid87 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %967
+  %silu88 = fmul <8 x float> %945, %sigmoid87
+  %glu89 = fmul <8 x float> %silu88, %946
+  %968 = fmul <8 x float> %glu89, %942
+  %969 = getelementptr inbounds float, ptr %944, i64 %col84
+  store <8 x float> %968, ptr %969, align 4
+  br label %last.end59
 
-last.end58:                                       ; preds = %last.then57, %part.end56
+last.end59:                                       ; preds = %last.then58, %part.end57
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
-  %972 = add nsw i64 %r01, 0
-  %973 = getelementptr inbounds i32, ptr %rows, i64 %972
-  %974 = load i32, ptr %973, align 4
-  %975 = sext i32 %974 to i64
-  %976 = mul nsw i64 %975, 4096
-  %977 = add nsw i64 %976, %k0
-  %978 = getelementptr inbounds float, ptr %x, i64 %977
-  %979 = sub nsw i64 %kb.p, %kb.pg
-  %980 = sub nsw i64 %972, %kb.rc
+  %970 = add nsw i64 %r01, 0
+  %971 = getelementptr inbounds i32, ptr %rows, i64 %970
+  %972 = load i32, ptr %971, align 4
+  %973 = sext i32 %972 to i64
+  %974 = mul nsw i64 %973, 4096
+  %975 = add nsw i64 %974, %k0
+  %976 = getelementptr inbounds float, ptr %x, i64 %975
+  %977 = sub nsw i64 %kb.p, %kb.pg
+  %978 = sub nsw i64 %970, %kb.rc
+  %979 = mul nsw i64 %978, 16
+  %980 = add nsw i64 %979, %977
   %981 = mul nsw i64 %980, 16
-  %982 = add nsw i64 %981, %979
-  %983 = mul nsw i64 %982, 16
-  %984 = getelementptr inbounds float, ptr %part, i64 %983
-  %985 = getelementptr inbounds float, ptr %984, i64 0
-  %986 = load <8 x float>, ptr %985, align 4
-  %987 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %986
-  store <8 x float> %987, ptr %acc00089, align 4
-  %988 = sub nsw i64 %kb.p, %kb.pg
-  %989 = sub nsw i64 %972, %kb.rc
+  %982 = getelementptr inbounds float, ptr %part, i64 %981
+  %983 = getelementptr inbounds float, ptr %982, i64 0
+  %984 = load <8 x float>, ptr %983, align 4
+  %985 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %984
+  store <8 x float> %985, ptr %acc00090, align 4
+  %986 = sub nsw i64 %kb.p, %kb.pg
+  %987 = sub nsw i64 %970, %kb.rc
+  %988 = mul nsw i64 %987, 16
+  %989 = add nsw i64 %988, %986
   %990 = mul nsw i64 %989, 16
-  %991 = add nsw i64 %990, %988
-  %992 = mul nsw i64 %991, 16
-  %993 = getelementptr inbounds float, ptr %part, i64 %992
-  %994 = getelementptr inbounds float, ptr %993, i64 8
-  %995 = load <8 x float>, ptr %994, align 4
-  %996 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %995
-  store <8 x float> %996, ptr %acc00190, align 4
-  %997 = add nsw i64 %r01, 1
-  %998 = getelementptr inbounds i32, ptr %rows, i64 %997
-  %999 = load i32, ptr %998, align 4
-  %1000 = sext i32 %999 to i64
-  %1001 = mul nsw i64 %1000, 4096
-  %1002 = add nsw i64 %1001, %k0
-  %1003 = getelementptr inbounds float, ptr %x, i64 %1002
-  %1004 = sub nsw i64 %kb.p, %kb.pg
-  %1005 = sub nsw i64 %997, %kb.rc
+  %991 = getelementptr inbounds float, ptr %part, i64 %990
+  %992 = getelementptr inbounds float, ptr %991, i64 8
+  %993 = load <8 x float>, ptr %992, align 4
+  %994 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %993
+  store <8 x float> %994, ptr %acc00191, align 4
+  %995 = add nsw i64 %r01, 1
+  %996 = getelementptr inbounds i32, ptr %rows, i64 %995
+  %997 = load i32, ptr %996, align 4
+  %998 = sext i32 %997 to i64
+  %999 = mul nsw i64 %998, 4096
+  %1000 = add nsw i64 %999, %k0
+  %1001 = getelementptr inbounds float, ptr %x, i64 %1000
+  %1002 = sub nsw i64 %kb.p, %kb.pg
+  %1003 = sub nsw i64 %995, %kb.rc
+  %1004 = mul nsw i64 %1003, 16
+  %1005 = add nsw i64 %1004, %1002
   %1006 = mul nsw i64 %1005, 16
-  %1007 = add nsw i64 %1006, %1004
-  %1008 = mul nsw i64 %1007, 16
-  %1009 = getelementptr inbounds float, ptr %part, i64 %1008
-  %1010 = getelementptr inbounds float, ptr %1009, i64 0
-  %1011 = load <8 x float>, ptr %1010, align 4
-  %1012 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1011
-  store <8 x float> %1012, ptr %acc01091, align 4
-  %1013 = sub nsw i64 %kb.p, %kb.pg
-  %1014 = sub nsw i64 %997, %kb.rc
+  %1007 = getelementptr inbounds float, ptr %part, i64 %1006
+  %1008 = getelementptr inbounds float, ptr %1007, i64 0
+  %1009 = load <8 x float>, ptr %1008, align 4
+  %1010 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1009
+  store <8 x float> %1010, ptr %acc01092, align 4
+  %1011 = sub nsw i64 %kb.p, %kb.pg
+  %1012 = sub nsw i64 %995, %kb.rc
+  %1013 = mul nsw i64 %1012, 16
+  %1014 = add nsw i64 %1013, %1011
   %1015 = mul nsw i64 %1014, 16
-  %1016 = add nsw i64 %1015, %1013
-  %1017 = mul nsw i64 %1016, 16
-  %1018 = getelementptr inbounds float, ptr %part, i64 %1017
-  %1019 = getelementptr inbounds float, ptr %1018, i64 8
-  %1020 = load <8 x float>, ptr %1019, align 4
-  %1021 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1020
-  store <8 x float> %1021, ptr %acc01192, align 4
-  %1022 = add nsw i64 %r01, 2
-  %1023 = getelementptr inbounds i32, ptr %rows, i64 %1022
-  %1024 = load i32, ptr %1023, align 4
-  %1025 = sext i32 %1024 to i64
-  %1026 = mul nsw i64 %1025, 4096
-  %1027 = add nsw i64 %1026, %k0
-  %1028 = getelementptr inbounds float, ptr %x, i64 %1027
-  %1029 = sub nsw i64 %kb.p, %kb.pg
-  %1030 = sub nsw i64 %1022, %kb.rc
+  %1016 = getelementptr inbounds float, ptr %part, i64 %1015
+  %1017 = getelementptr inbounds float, ptr %1016, i64 8
+  %1018 = load <8 x float>, ptr %1017, align 4
+  %1019 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1018
+  store <8 x float> %1019, ptr %acc01193, align 4
+  %1020 = add nsw i64 %r01, 2
+  %1021 = getelementptr inbounds i32, ptr %rows, i64 %1020
+  %1022 = load i32, ptr %1021, align 4
+  %1023 = sext i32 %1022 to i64
+  %1024 = mul nsw i64 %1023, 4096
+  %1025 = add nsw i64 %1024, %k0
+  %1026 = getelementptr inbounds float, ptr %x, i64 %1025
+  %1027 = sub nsw i64 %kb.p, %kb.pg
+  %1028 = sub nsw i64 %1020, %kb.rc
+  %1029 = mul nsw i64 %1028, 16
+  %1030 = add nsw i64 %1029, %1027
   %1031 = mul nsw i64 %1030, 16
-  %1032 = add nsw i64 %1031, %1029
-  %1033 = mul nsw i64 %1032, 16
-  %1034 = getelementptr inbounds float, ptr %part, i64 %1033
-  %1035 = getelementptr inbounds float, ptr %1034, i64 0
-  %1036 = load <8 x float>, ptr %1035, align 4
-  %1037 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1036
-  store <8 x float> %1037, ptr %acc02093, align 4
-  %1038 = sub nsw i64 %kb.p, %kb.pg
-  %1039 = sub nsw i64 %1022, %kb.rc
+  %1032 = getelementptr inbounds float, ptr %part, i64 %1031
+  %1033 = getelementptr inbounds float, ptr %1032, i64 0
+  %1034 = load <8 x float>, ptr %1033, align 4
+  %1035 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1034
+  store <8 x float> %1035, ptr %acc02094, align 4
+  %1036 = sub nsw i64 %kb.p, %kb.pg
+  %1037 = sub nsw i64 %1020, %kb.rc
+  %1038 = mul nsw i64 %1037, 16
+  %1039 = add nsw i64 %1038, %1036
   %1040 = mul nsw i64 %1039, 16
-  %1041 = add nsw i64 %1040, %1038
-  %1042 = mul nsw i64 %1041, 16
-  %1043 = getelementptr inbounds float, ptr %part, i64 %1042
-  %1044 = getelementptr inbounds float, ptr %1043, i64 8
-  %1045 = load <8 x float>, ptr %1044, align 4
-  %1046 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1045
-  store <8 x float> %1046, ptr %acc02194, align 4
-  %1047 = add nsw i64 %r01, 3
-  %1048 = getelementptr inbounds i32, ptr %rows, i64 %1047
-  %1049 = load i32, ptr %1048, align 4
-  %1050 = sext i32 %1049 to i64
-  %1051 = mul nsw i64 %1050, 4096
-  %1052 = add nsw i64 %1051, %k0
-  %1053 = getelementptr inbounds float, ptr %x, i64 %1052
-  %1054 = sub nsw i64 %kb.p, %kb.pg
-  %1055 = sub nsw i64 %1047, %kb.rc
+  %1041 = getelementptr inbounds float, ptr %part, i64 %1040
+  %1042 = getelementptr inbounds float, ptr %1041, i64 8
+  %1043 = load <8 x float>, ptr %1042, align 4
+  %1044 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1043
+  store <8 x float> %1044, ptr %acc02195, align 4
+  %1045 = add nsw i64 %r01, 3
+  %1046 = getelementptr inbounds i32, ptr %rows, i64 %1045
+  %1047 = load i32, ptr %1046, align 4
+  %1048 = sext i32 %1047 to i64
+  %1049 = mul nsw i64 %1048, 4096
+  %1050 = add nsw i64 %1049, %k0
+  %1051 = getelementptr inbounds float, ptr %x, i64 %1050
+  %1052 = sub nsw i64 %kb.p, %kb.pg
+  %1053 = sub nsw i64 %1045, %kb.rc
+  %1054 = mul nsw i64 %1053, 16
+  %1055 = add nsw i64 %1054, %1052
   %1056 = mul nsw i64 %1055, 16
-  %1057 = add nsw i64 %1056, %1054
-  %1058 = mul nsw i64 %1057, 16
-  %1059 = getelementptr inbounds float, ptr %part, i64 %1058
-  %1060 = getelementptr inbounds float, ptr %1059, i64 0
-  %1061 = load <8 x float>, ptr %1060, align 4
-  %1062 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1061
-  store <8 x float> %1062, ptr %acc03095, align 4
-  %1063 = sub nsw i64 %kb.p, %kb.pg
-  %1064 = sub nsw i64 %1047, %kb.rc
+  %1057 = getelementptr inbounds float, ptr %part, i64 %1056
+  %1058 = getelementptr inbounds float, ptr %1057, i64 0
+  %1059 = load <8 x float>, ptr %1058, align 4
+  %1060 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1059
+  store <8 x float> %1060, ptr %acc03096, align 4
+  %1061 = sub nsw i64 %kb.p, %kb.pg
+  %1062 = sub nsw i64 %1045, %kb.rc
+  %1063 = mul nsw i64 %1062, 16
+  %1064 = add nsw i64 %1063, %1061
   %1065 = mul nsw i64 %1064, 16
-  %1066 = add nsw i64 %1065, %1063
-  %1067 = mul nsw i64 %1066, 16
-  %1068 = getelementptr inbounds float, ptr %part, i64 %1067
-  %1069 = getelementptr inbounds float, ptr %1068, i64 8
-  %1070 = load <8 x float>, ptr %1069, align 4
-  %1071 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1070
-  store <8 x float> %1071, ptr %acc03196, align 4
-  %1072 = mul nsw i64 %k0, 16
-  %1073 = mul nsw i64 %kb.p, 65536
-  %panel.off97 = add nsw i64 %1073, %1072
-  %1074 = getelementptr inbounds i16, ptr %panels, i64 %panel.off97
-  %pf.on98 = and i1 %pf.on, %pf.next
-  %1075 = mul nsw i64 %rb, 8192
-  %1076 = lshr i64 %1075, %25
-  %1077 = add nsw i64 %pf.step, %1076
-  %1078 = getelementptr inbounds i8, ptr %1074, i64 %1077
-  %pf99 = select i1 %pf.on98, ptr %1078, ptr %1074
-  %pf.sh100 = select i1 %pf.on98, i64 %25, i64 0
-  br label %k.head101
+  %1066 = getelementptr inbounds float, ptr %part, i64 %1065
+  %1067 = getelementptr inbounds float, ptr %1066, i64 8
+  %1068 = load <8 x float>, ptr %1067, align 4
+  %1069 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1068
+  store <8 x float> %1069, ptr %acc03197, align 4
+  %panel.off98 = mul nsw i64 %kb.p, 65536
+  %1070 = mul nsw i64 %k0, 16
+  %slice.off99 = add nsw i64 %panel.off98, %1070
+  %1071 = getelementptr inbounds i16, ptr %panels, i64 %slice.off99
+  %pf.on100 = and i1 %pf.on, %pf.next
+  %1072 = mul nsw i64 %rb, 8192
+  %1073 = lshr i64 %1072, %25
+  %1074 = add nsw i64 %pf.step, %1073
+  %1075 = getelementptr inbounds i8, ptr %1071, i64 %1074
+  %pf101 = select i1 %pf.on100, ptr %1075, ptr %1071
+  %pf.sh102 = select i1 %pf.on100, i64 %25, i64 0
+  br label %k.head103
 
-k.head101:                                        ; preds = %pf.any.end106, %tile.mr4
-  %k104 = phi i64 [ 0, %tile.mr4 ], [ %1123, %pf.any.end106 ]
-  %1079 = icmp slt i64 %k104, 256
-  br i1 %1079, label %k.body102, label %k.end103
+k.head103:                                        ; preds = %pf.any.end108, %tile.mr4
+  %k106 = phi i64 [ 0, %tile.mr4 ], [ %1120, %pf.any.end108 ]
+  %1076 = icmp slt i64 %k106, 256
+  br i1 %1076, label %k.body104, label %k.end105
 
-k.body102:                                        ; preds = %k.head101
-  %1080 = mul nsw i64 %k104, 1
-  %1081 = add nsw i64 %1080, 0
-  %1082 = mul nsw i64 %1081, 32
-  br i1 %pf.multi, label %pf.any.then105, label %pf.any.end106
+k.body104:                                        ; preds = %k.head103
+  %1077 = mul nsw i64 %k106, 1
+  %1078 = add nsw i64 %1077, 0
+  %1079 = mul nsw i64 %1078, 32
+  br i1 %pf.multi, label %pf.any.then107, label %pf.any.end108
 
-pf.any.then105:                                   ; preds = %k.body102
-  %1083 = lshr i64 %1082, %pf.sh100
-  %1084 = getelementptr inbounds i8, ptr %pf99, i64 %1083
-  call void @llvm.prefetch.p0(ptr %1084, i32 0, i32 2, i32 1)
-  br label %pf.any.end106
+pf.any.then107:                                   ; preds = %k.body104
+  %1080 = lshr i64 %1079, %pf.sh102
+  %1081 = getelementptr inbounds i8, ptr %pf101, i64 %1080
+  call void @llvm.prefetch.p0(ptr %1081, i32 0, i32 2, i32 1)
+  br label %pf.any.end108
 
-pf.any.end106:                                    ; preds = %pf.any.then105, %k.body102
-  %1085 = mul nsw i64 %1081, 16
-  %1086 = add nsw i64 %panel.off97, %1085
-  %1087 = getelementptr inbounds i16, ptr %panels, i64 %1086
-  %1088 = load <8 x i32>, ptr %1087, align 4
-  %1089 = shl <8 x i32> %1088, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0107 = bitcast <8 x i32> %1089 to <8 x float>
-  %1090 = and <8 x i32> %1088, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1108 = bitcast <8 x i32> %1090 to <8 x float>
-  %1091 = getelementptr inbounds float, ptr %978, i64 %1081
-  %1092 = load float, ptr %1091, align 4
-  %1093 = insertelement <8 x float> poison, float %1092, i32 0
-  %1094 = shufflevector <8 x float> %1093, <8 x float> poison, <8 x i32> zeroinitializer
-  %1095 = load <8 x float>, ptr %acc00089, align 4
-  %1096 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1094, <8 x float> %b0107, <8 x float> %1095)
-  store <8 x float> %1096, ptr %acc00089, align 4
-  %1097 = load <8 x float>, ptr %acc00190, align 4
-  %1098 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1094, <8 x float> %b1108, <8 x float> %1097)
-  store <8 x float> %1098, ptr %acc00190, align 4
-  %1099 = getelementptr inbounds float, ptr %1003, i64 %1081
-  %1100 = load float, ptr %1099, align 4
-  %1101 = insertelement <8 x float> poison, float %1100, i32 0
-  %1102 = shufflevector <8 x float> %1101, <8 x float> poison, <8 x i32> zeroinitializer
-  %1103 = load <8 x float>, ptr %acc01091, align 4
-  %1104 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1102, <8 x float> %b0107, <8 x float> %1103)
-  store <8 x float> %1104, ptr %acc01091, align 4
-  %1105 = load <8 x float>, ptr %acc01192, align 4
-  %1106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1102, <8 x float> %b1108, <8 x float> %1105)
-  store <8 x float> %1106, ptr %acc01192, align 4
-  %1107 = getelementptr inbounds float, ptr %1028, i64 %1081
-  %1108 = load float, ptr %1107, align 4
-  %1109 = insertelement <8 x float> poison, float %1108, i32 0
-  %1110 = shufflevector <8 x float> %1109, <8 x float> poison, <8 x i32> zeroinitializer
-  %1111 = load <8 x float>, ptr %acc02093, align 4
-  %1112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1110, <8 x float> %b0107, <8 x float> %1111)
-  store <8 x float> %1112, ptr %acc02093, align 4
-  %1113 = load <8 x float>, ptr %acc02194, align 4
-  %1114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1110, <8 x float> %b1108, <8 x float> %1113)
-  store <8 x float> %1114, ptr %acc02194, align 4
-  %1115 = getelementptr inbounds float, ptr %1053, i64 %1081
-  %1116 = load float, ptr %1115, align 4
-  %1117 = insertelement <8 x float> poison, float %1116, i32 0
-  %1118 = shufflevector <8 x float> %1117, <8 x float> poison, <8 x i32> zeroinitializer
-  %1119 = load <8 x float>, ptr %acc03095, align 4
-  %1120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1118, <8 x float> %b0107, <8 x float> %1119)
-  store <8 x float> %1120, ptr %acc03095, align 4
-  %1121 = load <8 x float>, ptr %acc03196, align 4
-  %1122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1118, <8 x float> %b1108, <8 x float> %1121)
-  store <8 x float> %1122, ptr %acc03196, align 4
-  %1123 = add nsw i64 %k104, 1
-  br label %k.head101
+pf.any.end108:                                    ; preds = %pf.any.then107, %k.body104
+  %1082 = mul nsw i64 %1078, 16
+  %1083 = add nsw i64 %slice.off99, %1082
+  %1084 = getelementptr inbounds i16, ptr %panels, i64 %1083
+  %1085 = load <8 x i32>, ptr %1084, align 4
+  %1086 = shl <8 x i32> %1085, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0109 = bitcast <8 x i32> %1086 to <8 x float>
+  %1087 = and <8 x i32> %1085, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1110 = bitcast <8 x i32> %1087 to <8 x float>
+  %1088 = getelementptr inbounds float, ptr %976, i64 %1078
+  %1089 = load float, ptr %1088, align 4
+  %1090 = insertelement <8 x float> poison, float %1089, i32 0
+  %1091 = shufflevector <8 x float> %1090, <8 x float> poison, <8 x i32> zeroinitializer
+  %1092 = load <8 x float>, ptr %acc00090, align 4
+  %1093 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1091, <8 x float> %b0109, <8 x float> %1092)
+  store <8 x float> %1093, ptr %acc00090, align 4
+  %1094 = load <8 x float>, ptr %acc00191, align 4
+  %1095 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1091, <8 x float> %b1110, <8 x float> %1094)
+  store <8 x float> %1095, ptr %acc00191, align 4
+  %1096 = getelementptr inbounds float, ptr %1001, i64 %1078
+  %1097 = load float, ptr %1096, align 4
+  %1098 = insertelement <8 x float> poison, float %1097, i32 0
+  %1099 = shufflevector <8 x float> %1098, <8 x float> poison, <8 x i32> zeroinitializer
+  %1100 = load <8 x float>, ptr %acc01092, align 4
+  %1101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1099, <8 x float> %b0109, <8 x float> %1100)
+  store <8 x float> %1101, ptr %acc01092, align 4
+  %1102 = load <8 x float>, ptr %acc01193, align 4
+  %1103 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1099, <8 x float> %b1110, <8 x float> %1102)
+  store <8 x float> %1103, ptr %acc01193, align 4
+  %1104 = getelementptr inbounds float, ptr %1026, i64 %1078
+  %1105 = load float, ptr %1104, align 4
+  %1106 = insertelement <8 x float> poison, float %1105, i32 0
+  %1107 = shufflevector <8 x float> %1106, <8 x float> poison, <8 x i32> zeroinitializer
+  %1108 = load <8 x float>, ptr %acc02094, align 4
+  %1109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1107, <8 x float> %b0109, <8 x float> %1108)
+  store <8 x float> %1109, ptr %acc02094, align 4
+  %1110 = load <8 x float>, ptr %acc02195, align 4
+  %1111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1107, <8 x float> %b1110, <8 x float> %1110)
+  store <8 x float> %1111, ptr %acc02195, align 4
+  %1112 = getelementptr inbounds float, ptr %1051, i64 %1078
+  %1113 = load float, ptr %1112, align 4
+  %1114 = insertelement <8 x float> poison, float %1113, i32 0
+  %1115 = shufflevector <8 x float> %1114, <8 x float> poison, <8 x i32> zeroinitializer
+  %1116 = load <8 x float>, ptr %acc03096, align 4
+  %1117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1115, <8 x float> %b0109, <8 x float> %1116)
+  store <8 x float> %1117, ptr %acc03096, align 4
+  %1118 = load <8 x float>, ptr %acc03197, align 4
+  %1119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1115, <8 x float> %b1110, <8 x float> %1118)
+  store <8 x float> %1119, ptr %acc03197, align 4
+  %1120 = add nsw i64 %k106, 1
+  br label %k.head103
 
-k.end103:                                         ; preds = %k.head101
-  %1124 = xor i1 %klast, true
-  br i1 %1124, label %part.then109, label %part.end110
+k.end105:                                         ; preds = %k.head103
+  %1121 = xor i1 %klast, true
+  br i1 %1121, label %part.then111, label %part.end112
 
-part.then109:                                     ; preds = %k.end103
-  %1125 = add nsw i64 %r01, 0
-  %1126 = sub nsw i64 %kb.p, %kb.pg
-  %1127 = sub nsw i64 %1125, %kb.rc
-  %1128 = mul nsw i64 %1127, 16
-  %1129 = add nsw i64 %1128, %1126
-  %1130 = mul nsw i64 %1129, 16
-  %1131 = getelementptr inbounds float, ptr %part, i64 %1130
-  %1132 = getelementptr inbounds float, ptr %1131, i64 0
-  %1133 = load <8 x float>, ptr %acc00089, align 4
-  store <8 x float> %1133, ptr %1132, align 4
-  %1134 = sub nsw i64 %kb.p, %kb.pg
-  %1135 = sub nsw i64 %1125, %kb.rc
-  %1136 = mul nsw i64 %1135, 16
-  %1137 = add nsw i64 %1136, %1134
-  %1138 = mul nsw i64 %1137, 16
-  %1139 = getelementptr inbounds float, ptr %part, i64 %1138
-  %1140 = getelementptr inbounds float, ptr %1139, i64 8
-  %1141 = load <8 x float>, ptr %acc00190, align 4
-  store <8 x float> %1141, ptr %1140, align 4
-  %1142 = add nsw i64 %r01, 1
-  %1143 = sub nsw i64 %kb.p, %kb.pg
-  %1144 = sub nsw i64 %1142, %kb.rc
-  %1145 = mul nsw i64 %1144, 16
-  %1146 = add nsw i64 %1145, %1143
-  %1147 = mul nsw i64 %1146, 16
-  %1148 = getelementptr inbounds float, ptr %part, i64 %1147
-  %1149 = getelementptr inbounds float, ptr %1148, i64 0
-  %1150 = load <8 x float>, ptr %acc01091, align 4
-  store <8 x float> %1150, ptr %1149, align 4
-  %1151 = sub nsw i64 %kb.p, %kb.pg
-  %1152 = sub nsw i64 %1142, %kb.rc
-  %1153 = mul nsw i64 %1152, 16
-  %1154 = add nsw i64 %1153, %1151
-  %1155 = mul nsw i64 %1154, 16
-  %1156 = getelementptr inbounds float, ptr %part, i64 %1155
-  %1157 = getelementptr inbounds float, ptr %1156, i64 8
-  %1158 = load <8 x float>, ptr %acc01192, align 4
-  store <8 x float> %1158, ptr %1157, align 4
-  %1159 = add nsw i64 %r01, 2
-  %1160 = sub nsw i64 %kb.p, %kb.pg
-  %1161 = sub nsw i64 %1159, %kb.rc
-  %1162 = mul nsw i64 %1161, 16
-  %1163 = add nsw i64 %1162, %1160
-  %1164 = mul nsw i64 %1163, 16
-  %1165 = getelementptr inbounds float, ptr %part, i64 %1164
-  %1166 = getelementptr inbounds float, ptr %1165, i64 0
-  %1167 = load <8 x float>, ptr %acc02093, align 4
-  store <8 x float> %1167, ptr %1166, align 4
-  %1168 = sub nsw i64 %kb.p, %kb.pg
-  %1169 = sub nsw i64 %1159, %kb.rc
-  %1170 = mul nsw i64 %1169, 16
-  %1171 = add nsw i64 %1170, %1168
-  %1172 = mul nsw i64 %1171, 16
-  %1173 = getelementptr inbounds float, ptr %part, i64 %1172
-  %1174 = getelementptr inbounds float, ptr %1173, i64 8
-  %1175 = load <8 x float>, ptr %acc02194, align 4
-  store <8 x float> %1175, ptr %1174, align 4
-  %1176 = add nsw i64 %r01, 3
-  %1177 = sub nsw i64 %kb.p, %kb.pg
-  %1178 = sub nsw i64 %1176, %kb.rc
-  %1179 = mul nsw i64 %1178, 16
-  %1180 = add nsw i64 %1179, %1177
-  %1181 = mul nsw i64 %1180, 16
-  %1182 = getelementptr inbounds float, ptr %part, i64 %1181
-  %1183 = getelementptr inbounds float, ptr %1182, i64 0
-  %1184 = load <8 x float>, ptr %acc03095, align 4
-  store <8 x float> %1184, ptr %1183, align 4
-  %1185 = sub nsw i64 %kb.p, %kb.pg
-  %1186 = sub nsw i64 %1176, %kb.rc
-  %1187 = mul nsw i64 %1186, 16
-  %1188 = add nsw i64 %1187, %1185
-  %1189 = mul nsw i64 %1188, 16
-  %1190 = getelementptr inbounds float, ptr %part, i64 %1189
-  %1191 = getelementptr inbounds float, ptr %1190, i64 8
-  %1192 = load <8 x float>, ptr %acc03196, align 4
-  store <8 x float> %1192, ptr %1191, align 4
-  br label %part.end110
+part.then111:                                     ; preds = %k.end105
+  %1122 = add nsw i64 %r01, 0
+  %1123 = sub nsw i64 %kb.p, %kb.pg
+  %1124 = sub nsw i64 %1122, %kb.rc
+  %1125 = mul nsw i64 %1124, 16
+  %1126 = add nsw i64 %1125, %1123
+  %1127 = mul nsw i64 %1126, 16
+  %1128 = getelementptr inbounds float, ptr %part, i64 %1127
+  %1129 = getelementptr inbounds float, ptr %1128, i64 0
+  %1130 = load <8 x float>, ptr %acc00090, align 4
+  store <8 x float> %1130, ptr %1129, align 4
+  %1131 = sub nsw i64 %kb.p, %kb.pg
+  %1132 = sub nsw i64 %1122, %kb.rc
+  %1133 = mul nsw i64 %1132, 16
+  %1134 = add nsw i64 %1133, %1131
+  %1135 = mul nsw i64 %1134, 16
+  %1136 = getelementptr inbounds float, ptr %part, i64 %1135
+  %1137 = getelementptr inbounds float, ptr %1136, i64 8
+  %1138 = load <8 x float>, ptr %acc00191, align 4
+  store <8 x float> %1138, ptr %1137, align 4
+  %1139 = add nsw i64 %r01, 1
+  %1140 = sub nsw i64 %kb.p, %kb.pg
+  %1141 = sub nsw i64 %1139, %kb.rc
+  %1142 = mul nsw i64 %1141, 16
+  %1143 = add nsw i64 %1142, %1140
+  %1144 = mul nsw i64 %1143, 16
+  %1145 = getelementptr inbounds float, ptr %part, i64 %1144
+  %1146 = getelementptr inbounds float, ptr %1145, i64 0
+  %1147 = load <8 x float>, ptr %acc01092, align 4
+  store <8 x float> %1147, ptr %1146, align 4
+  %1148 = sub nsw i64 %kb.p, %kb.pg
+  %1149 = sub nsw i64 %1139, %kb.rc
+  %1150 = mul nsw i64 %1149, 16
+  %1151 = add nsw i64 %1150, %1148
+  %1152 = mul nsw i64 %1151, 16
+  %1153 = getelementptr inbounds float, ptr %part, i64 %1152
+  %1154 = getelementptr inbounds float, ptr %1153, i64 8
+  %1155 = load <8 x float>, ptr %acc01193, align 4
+  store <8 x float> %1155, ptr %1154, align 4
+  %1156 = add nsw i64 %r01, 2
+  %1157 = sub nsw i64 %kb.p, %kb.pg
+  %1158 = sub nsw i64 %1156, %kb.rc
+  %1159 = mul nsw i64 %1158, 16
+  %1160 = add nsw i64 %1159, %1157
+  %1161 = mul nsw i64 %1160, 16
+  %1162 = getelementptr inbounds float, ptr %part, i64 %1161
+  %1163 = getelementptr inbounds float, ptr %1162, i64 0
+  %1164 = load <8 x float>, ptr %acc02094, align 4
+  store <8 x float> %1164, ptr %1163, align 4
+  %1165 = sub nsw i64 %kb.p, %kb.pg
+  %1166 = sub nsw i64 %1156, %kb.rc
+  %1167 = mul nsw i64 %1166, 16
+  %1168 = add nsw i64 %1167, %1165
+  %1169 = mul nsw i64 %1168, 16
+  %1170 = getelementptr inbounds float, ptr %part, i64 %1169
+  %1171 = getelementptr inbounds float, ptr %1170, i64 8
+  %1172 = load <8 x float>, ptr %acc02195, align 4
+  store <8 x float> %1172, ptr %1171, align 4
+  %1173 = add nsw i64 %r01, 3
+  %1174 = sub nsw i64 %kb.p, %kb.pg
+  %1175 = sub nsw i64 %1173, %kb.rc
+  %1176 = mul nsw i64 %1175, 16
+  %1177 = add nsw i64 %1176, %1174
+  %1178 = mul nsw i64 %1177, 16
+  %1179 = getelementptr inbounds float, ptr %part, i64 %1178
+  %1180 = getelementptr inbounds float, ptr %1179, i64 0
+  %1181 = load <8 x float>, ptr %acc03096, align 4
+  store <8 x float> %1181, ptr %1180, align 4
+  %1182 = sub nsw i64 %kb.p, %kb.pg
+  %1183 = sub nsw i64 %1173, %kb.rc
+  %1184 = mul nsw i64 %1183, 16
+  %1185 = add nsw i64 %1184, %1182
+  %1186 = mul nsw i64 %1185, 16
+  %1187 = getelementptr inbounds float, ptr %part, i64 %1186
+  %1188 = getelementptr inbounds float, ptr %1187, i64 8
+  %1189 = load <8 x float>, ptr %acc03197, align 4
+  store <8 x float> %1189, ptr %1188, align 4
+  br label %part.end112
 
-part.end110:                                      ; preds = %part.then109, %k.end103
-  br i1 %klast, label %last.then111, label %last.end112
+part.end112:                                      ; preds = %part.then111, %k.end105
+  br i1 %klast, label %last.then113, label %last.end114
 
-last.then111:                                     ; preds = %part.end110
-  %1193 = add nsw i64 %r01, 0
-  %1194 = getelementptr inbounds float, ptr %rw, i64 %1193
-  %1195 = load float, ptr %1194, align 4
-  %1196 = insertelement <8 x float> poison, float %1195, i32 0
-  %1197 = shufflevector <8 x float> %1196, <8 x float> poison, <8 x i32> zeroinitializer
-  %1198 = mul nsw i64 %1193, 14336
-  %1199 = getelementptr inbounds float, ptr %h, i64 %1198
-  %col113 = mul nsw i64 %kb.p, 8
-  %1200 = load <8 x float>, ptr %acc00089, align 4
-  %1201 = load <8 x float>, ptr %acc00190, align 4
-  %1202 = fneg <8 x float> %1200
-  %1203 = fcmp olt <8 x float> %1202, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1204 = select <8 x i1> %1203, <8 x float> %1202, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1205 = fcmp ogt <8 x float> %1204, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1206 = select <8 x i1> %1205, <8 x float> %1204, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1207 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1206, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1208 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1207)
-  %1209 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1208, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1206)
-  %1210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1208, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1209)
-  %1211 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1210, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1211, <8 x float> %1210, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1212, <8 x float> %1210, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1214 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1213, <8 x float> %1210, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1215 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1214, <8 x float> %1210, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1216 = fmul <8 x float> %1210, %1210
-  %1217 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1215, <8 x float> %1216, <8 x float> %1210)
-  %1218 = fadd <8 x float> %1217, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1219 = fptosi <8 x float> %1208 to <8 x i32>
-  %1220 = add <8 x i32> %1219, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1221 = shl <8 x i32> %1220, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n114 = bitcast <8 x i32> %1221 to <8 x float>
-  %exp115 = fmul <8 x float> %1218, %exp.2n114
-  %1222 = fadd <8 x float> %exp115, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid116 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1222
-  %silu117 = fmul <8 x float> %1200, %sigmoid116
-  %glu118 = fmul <8 x float> %silu117, %1201
-  %1223 = fmul <8 x float> %glu118, %1197
-  %1224 = getelementptr inbounds float, ptr %1199, i64 %col113
-  store <8 x float> %1223, ptr %1224, align 4
-  %1225 = add nsw i64 %r01, 1
-  %1226 = getelementptr inbounds float, ptr %rw, i64 %1225
-  %1227 = load float, ptr %1226, align 4
-  %1228 = insertelement <8 x float> poison, float %1227, i32 0
-  %1229 = shufflevector <8 x float> %1228, <8 x float> poison, <8 x i32> zeroinitializer
-  %1230 = mul nsw i64 %1225, 14336
-  %1231 = getelementptr inbounds float, ptr %h, i64 %1230
-  %col119 = mul nsw i64 %kb.p, 8
-  %1232 = load <8 x float>, ptr %acc01091, align 4
-  %1233 = load <8 x float>, ptr %acc01192, align 4
-  %1234 = fneg <8 x float> %1232
-  %1235 = fcmp olt <8 x float> %1234, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1236 = select <8 x i1> %1235, <8 x float> %1234, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1237 = fcmp ogt <8 x float> %1236, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1238 = select <8 x i1> %1237, <8 x float> %1236, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1238, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1240 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1239)
-  %1241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1240, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1238)
-  %1242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1240, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1241)
-  %1243 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1242, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1243, <8 x float> %1242, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1244, <8 x float> %1242, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1245, <8 x float> %1242, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1246, <8 x float> %1242, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1248 = fmul <8 x float> %1242, %1242
-  %1249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1247, <8 x float> %1248, <8 x float> %1242)
-  %1250 = fadd <8 x float> %1249, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1251 = fptosi <8 x float> %1240 to <8 x i32>
-  %1252 = add <8 x i32> %1251, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1253 = shl <8 x i32> %1252, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n120 = bitcast <8 x i32> %1253 to <8 x float>
-  %exp121 = fmul <8 x float> %1250, %exp.2n120
-  %1254 = fadd <8 x float> %exp121, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid122 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1254
-  %silu123 = fmul <8 x float> %1232, %sigmoid122
-  %glu124 = fmul <8 x float> %silu123, %1233
-  %1255 = fmul <8 x float> %glu124, %1229
-  %1256 = getelementptr inbounds float, ptr %1231, i64 %col119
-  store <8 x float> %1255, ptr %1256, align 4
-  %1257 = add nsw i64 %r01, 2
-  %1258 = getelementptr inbounds float, ptr %rw, i64 %1257
-  %1259 = load float, ptr %1258, align 4
-  %1260 = insertelement <8 x float> poison, float %1259, i32 0
-  %1261 = shufflevector <8 x float> %1260, <8 x float> poison, <8 x i32> zeroinitializer
-  %1262 = mul nsw i64 %1257, 14336
-  %1263 = getelementptr inbounds float, ptr %h, i64 %1262
-  %col125 = mul nsw i64 %kb.p, 8
-  %1264 = load <8 x float>, ptr %acc02093, align 4
-  %1265 = load <8 x float>, ptr %acc02194, align 4
-  %1266 = fneg <8 x float> %1264
-  %1267 = fcmp olt <8 x float> %1266, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1268 = select <8 x i1> %1267, <8 x float> %1266, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1269 = fcmp ogt <8 x float> %1268, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1270 = select <8 x i1> %1269, <8 x float> %1268, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1270, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1272 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1271)
-  %1273 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1272, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1270)
-  %1274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1272, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1273)
-  %1275 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1274, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1275, <8 x float> %1274, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1276, <8 x float> %1274, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1277, <8 x float> %1274, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1278, <8 x float> %1274, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1280 = fmul <8 x float> %1274, %1274
-  %1281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1279, <8 x float> %1280, <8 x float> %1274)
-  %1282 = fadd <8 x float> %1281, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1283 = fptosi <8 x float> %1272 to <8 x i32>
-  %1284 = add <8 x i32> %1283, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1285 = shl <8 x i32> %1284, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n126 = bitcast <8 x i32> %1285 to <8 x float>
-  %exp127 = fmul <8 x float> %1282, %exp.2n126
-  %1286 = fadd <8 x float> %exp127, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid128 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1286
-  %silu129 = fmul <8 x float> %1264, %sigmoid128
-  %glu130 = fmul <8 x float> %silu129, %1265
-  %1287 = fmul <8 x float> %glu130, %1261
-  %1288 = getelementptr inbounds float, ptr %1263, i64 %col125
-  store <8 x float> %1287, ptr %1288, align 4
-  %1289 = add nsw i64 %r01, 3
-  %1290 = getelementptr inbounds float, ptr %rw, i64 %1289
-  %1291 = load float, ptr %1290, align 4
-  %1292 = insertelement <8 x float> poison, float %1291, i32 0
-  %1293 = shufflevector <8 x float> %1292, <8 x float> poison, <8 x i32> zeroinitializer
-  %1294 = mul nsw i64 %1289, 14336
-  %1295 = getelementptr inbounds float, ptr %h, i64 %1294
-  %col131 = mul nsw i64 %kb.p, 8
-  %1296 = load <8 x float>, ptr %acc03095, align 4
-  %1297 = load <8 x float>, ptr %acc03196, align 4
-  %1298 = fneg <8 x float> %1296
-  %1299 = fcmp olt <8 x float> %1298, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1300 = select <8 x i1> %1299, <8 x float> %1298, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1301 = fcmp ogt <8 x float> %1300, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1302 = select <8 x i1> %1301, <8 x float> %1300, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1303 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1302, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1304 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1303)
-  %1305 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1304, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1302)
-  %1306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1304, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1305)
-  %1307 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1306, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1308 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1307, <8 x float> %1306, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1309 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1308, <8 x float> %1306, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1310 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1309, <8 x float> %1306, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1311 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1310, <8 x float> %1306, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1312 = fmul <8 x float> %1306, %1306
-  %1313 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1311, <8 x float> %1312, <8 x float> %1306)
-  %1314 = fadd <8 x float> %1313, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1315 = fptosi <8 x float> %1304 to <8 x i32>
-  %1316 = add <8 x i32> %1315, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1317 = shl <8 x i32> %1316, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n132 = bitcast <8 x i32> %1317 to <8 x float>
-  %exp133 = fmul <8 x float> %1314, %exp.2n132
-  %1318 = fadd <8 x float> %exp133, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid134 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1318
-  %silu135 = fmul <8 x float> %1296, %sigmoid134
-  %glu136 = fmul <8 x float> %silu135, %1297
-  %1319 = fmul <8 x float> %glu136, %1293
-  %1320 = getelementptr inbounds float, ptr %1295, i64 %col131
-  store <8 x float> %1319, ptr %1320, align 4
-  br label %last.end112
+last.then113:                                     ; preds = %part.end112
+  %1190 = add nsw i64 %r01, 0
+  %1191 = getelementptr inbounds float, ptr %rw, i64 %1190
+  %1192 = load float, ptr %1191, align 4
+  %1193 = insertelement <8 x float> poison, float %1192, i32 0
+  %1194 = shufflevector <8 x float> %1193, <8 x float> poison, <8 x i32> zeroinitializer
+  %1195 = mul nsw i64 %1190, 14336
+  %1196 = getelementptr inbounds float, ptr %h, i64 %1195
+  %col115 = mul nsw i64 %kb.p, 8
+  %1197 = load <8 x float>, ptr %acc00090, align 4
+  %1198 = load <8 x float>, ptr %acc00191, align 4
+  %1199 = fneg <8 x float> %1197
+  %1200 = fcmp olt <8 x float> %1199, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1201 = select <8 x i1> %1200, <8 x float> %1199, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1202 = fcmp ogt <8 x float> %1201, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1203 = select <8 x i1> %1202, <8 x float> %1201, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1203, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1205 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1204)
+  %1206 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1205, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1203)
+  %1207 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1205, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1206)
+  %1208 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1207, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1209 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1208, <8 x float> %1207, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1209, <8 x float> %1207, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1210, <8 x float> %1207, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1211, <8 x float> %1207, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1213 = fmul <8 x float> %1207, %1207
+  %1214 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1212, <8 x float> %1213, <8 x float> %1207)
+  %1215 = fadd <8 x float> %1214, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1216 = fptosi <8 x float> %1205 to <8 x i32>
+  %1217 = add <8 x i32> %1216, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1218 = shl <8 x i32> %1217, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n116 = bitcast <8 x i32> %1218 to <8 x float>
+  %exp117 = fmul <8 x float> %1215, %exp.2n116
+  %1219 = fadd <8 x float> %exp117, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid118 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1219
+  %silu119 = fmul <8 x float> %1197, %sigmoid118
+  %glu120 = fmul <8 x float> %silu119, %1198
+  %1220 = fmul <8 x float> %glu120, %1194
+  %1221 = getelementptr inbounds float, ptr %1196, i64 %col115
+  store <8 x float> %1220, ptr %1221, align 4
+  %1222 = add nsw i64 %r01, 1
+  %1223 = getelementptr inbounds float, ptr %rw, i64 %1222
+  %1224 = load float, ptr %1223, align 4
+  %1225 = insertelement <8 x float> poison, float %1224, i32 0
+  %1226 = shufflevector <8 x float> %1225, <8 x float> poison, <8 x i32> zeroinitializer
+  %1227 = mul nsw i64 %1222, 14336
+  %1228 = getelementptr inbounds float, ptr %h, i64 %1227
+  %col121 = mul nsw i64 %kb.p, 8
+  %1229 = load <8 x float>, ptr %acc01092, align 4
+  %1230 = load <8 x float>, ptr %acc01193, align 4
+  %1231 = fneg <8 x float> %1229
+  %1232 = fcmp olt <8 x float> %1231, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1233 = select <8 x i1> %1232, <8 x float> %1231, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1234 = fcmp ogt <8 x float> %1233, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1235 = select <8 x i1> %1234, <8 x float> %1233, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1235, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1237 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1236)
+  %1238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1237, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1235)
+  %1239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1237, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1238)
+  %1240 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1239, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1240, <8 x float> %1239, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1241, <8 x float> %1239, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1242, <8 x float> %1239, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1243, <8 x float> %1239, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1245 = fmul <8 x float> %1239, %1239
+  %1246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1244, <8 x float> %1245, <8 x float> %1239)
+  %1247 = fadd <8 x float> %1246, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1248 = fptosi <8 x float> %1237 to <8 x i32>
+  %1249 = add <8 x i32> %1248, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1250 = shl <8 x i32> %1249, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n122 = bitcast <8 x i32> %1250 to <8 x float>
+  %exp123 = fmul <8 x float> %1247, %exp.2n122
+  %1251 = fadd <8 x float> %exp123, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid124 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1251
+  %silu125 = fmul <8 x float> %1229, %sigmoid124
+  %glu126 = fmul <8 x float> %silu125, %1230
+  %1252 = fmul <8 x float> %glu126, %1226
+  %1253 = getelementptr inbounds float, ptr %1228, i64 %col121
+  store <8 x float> %1252, ptr %1253, align 4
+  %1254 = add nsw i64 %r01, 2
+  %1255 = getelementptr inbounds float, ptr %rw, i64 %1254
+  %1256 = load float, ptr %1255, align 4
+  %1257 = insertelement <8 x float> poison, float %1256, i32 0
+  %1258 = shufflevector <8 x float> %1257, <8 x float> poison, <8 x i32> zeroinitializer
+  %1259 = mul nsw i64 %1254, 14336
+  %1260 = getelementptr inbounds float, ptr %h, i64 %1259
+  %col127 = mul nsw i64 %kb.p, 8
+  %1261 = load <8 x float>, ptr %acc02094, align 4
+  %1262 = load <8 x float>, ptr %acc02195, align 4
+  %1263 = fneg <8 x float> %1261
+  %1264 = fcmp olt <8 x float> %1263, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1265 = select <8 x i1> %1264, <8 x float> %1263, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1266 = fcmp ogt <8 x float> %1265, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1267 = select <8 x i1> %1266, <8 x float> %1265, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1267, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1269 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1268)
+  %1270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1269, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1267)
+  %1271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1269, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1270)
+  %1272 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1271, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1273 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1272, <8 x float> %1271, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1273, <8 x float> %1271, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1274, <8 x float> %1271, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1275, <8 x float> %1271, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1277 = fmul <8 x float> %1271, %1271
+  %1278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1276, <8 x float> %1277, <8 x float> %1271)
+  %1279 = fadd <8 x float> %1278, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1280 = fptosi <8 x float> %1269 to <8 x i32>
+  %1281 = add <8 x i32> %1280, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1282 = shl <8 x i32> %1281, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n128 = bitcast <8 x i32> %1282 to <8 x float>
+  %exp129 = fmul <8 x float> %1279, %exp.2n128
+  %1283 = fadd <8 x float> %exp129, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid130 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1283
+  %silu131 = fmul <8 x float> %1261, %sigmoid130
+  %glu132 = fmul <8 x float> %silu131, %1262
+  %1284 = fmul <8 x float> %glu132, %1258
+  %1285 = getelementptr inbounds float, ptr %1260, i64 %col127
+  store <8 x float> %1284, ptr %1285, align 4
+  %1286 = add nsw i64 %r01, 3
+  %1287 = getelementptr inbounds float, ptr %rw, i64 %1286
+  %1288 = load float, ptr %1287, align 4
+  %1289 = insertelement <8 x float> poison, float %1288, i32 0
+  %1290 = shufflevector <8 x float> %1289, <8 x float> poison, <8 x i32> zeroinitializer
+  %1291 = mul nsw i64 %1286, 14336
+  %1292 = getelementptr inbounds float, ptr %h, i64 %1291
+  %col133 = mul nsw i64 %kb.p, 8
+  %1293 = load <8 x float>, ptr %acc03096, align 4
+  %1294 = load <8 x float>, ptr %acc03197, align 4
+  %1295 = fneg <8 x float> %1293
+  %1296 = fcmp olt <8 x float> %1295, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1297 = select <8 x i1> %1296, <8 x float> %1295, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1298 = fcmp ogt <8 x float> %1297, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1299 = select <8 x i1> %1298, <8 x float> %1297, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1299, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1301 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1300)
+  %1302 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1301, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1299)
+  %1303 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1301, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1302)
+  %1304 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1303, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1305 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1304, <8 x float> %1303, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1305, <8 x float> %1303, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1307 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1306, <8 x float> %1303, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1308 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1307, <8 x float> %1303, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1309 = fmul <8 x float> %1303, %1303
+  %1310 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1308, <8 x float> %1309, <8 x float> %1303)
+  %1311 = fadd <8 x float> %1310, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1312 = fptosi <8 x float> %1301 to <8 x i32>
+  %1313 = add <8 x i32> %1312, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1314 = shl <8 x i32> %1313, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n134 = bitcast <8 x i32> %1314 to <8 x float>
+  %exp135 = fmul <8 x float> %1311, %exp.2n134
+  %1315 = fadd <8 x float> %exp135, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid136 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1315
+  %silu137 = fmul <8 x float> %1293, %sigmoid136
+  %glu138 = fmul <8 x float> %silu137, %1294
+  %1316 = fmul <8 x float> %glu138, %1290
+  %1317 = getelementptr inbounds float, ptr %1292, i64 %col133
+  store <8 x float> %1316, ptr %1317, align 4
+  br label %last.end114
 
-last.end112:                                      ; preds = %last.then111, %part.end110
+last.end114:                                      ; preds = %last.then113, %part.end112
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
-  %1321 = add nsw i64 %r01, 0
-  %1322 = getelementptr inbounds i32, ptr %rows, i64 %1321
-  %1323 = load i32, ptr %1322, align 4
-  %1324 = sext i32 %1323 to i64
-  %1325 = mul nsw i64 %1324, 4096
-  %1326 = add nsw i64 %1325, %k0
-  %1327 = getelementptr inbounds float, ptr %x, i64 %1326
-  %1328 = sub nsw i64 %kb.p, %kb.pg
-  %1329 = sub nsw i64 %1321, %kb.rc
-  %1330 = mul nsw i64 %1329, 16
-  %1331 = add nsw i64 %1330, %1328
-  %1332 = mul nsw i64 %1331, 16
-  %1333 = getelementptr inbounds float, ptr %part, i64 %1332
-  %1334 = getelementptr inbounds float, ptr %1333, i64 0
-  %1335 = load <8 x float>, ptr %1334, align 4
-  %1336 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1335
-  store <8 x float> %1336, ptr %acc000137, align 4
-  %1337 = sub nsw i64 %kb.p, %kb.pg
-  %1338 = sub nsw i64 %1321, %kb.rc
-  %1339 = mul nsw i64 %1338, 16
-  %1340 = add nsw i64 %1339, %1337
-  %1341 = mul nsw i64 %1340, 16
-  %1342 = getelementptr inbounds float, ptr %part, i64 %1341
-  %1343 = getelementptr inbounds float, ptr %1342, i64 8
-  %1344 = load <8 x float>, ptr %1343, align 4
-  %1345 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1344
-  store <8 x float> %1345, ptr %acc001138, align 4
-  %1346 = add nsw i64 %r01, 1
-  %1347 = getelementptr inbounds i32, ptr %rows, i64 %1346
-  %1348 = load i32, ptr %1347, align 4
-  %1349 = sext i32 %1348 to i64
-  %1350 = mul nsw i64 %1349, 4096
-  %1351 = add nsw i64 %1350, %k0
-  %1352 = getelementptr inbounds float, ptr %x, i64 %1351
-  %1353 = sub nsw i64 %kb.p, %kb.pg
-  %1354 = sub nsw i64 %1346, %kb.rc
-  %1355 = mul nsw i64 %1354, 16
-  %1356 = add nsw i64 %1355, %1353
-  %1357 = mul nsw i64 %1356, 16
-  %1358 = getelementptr inbounds float, ptr %part, i64 %1357
-  %1359 = getelementptr inbounds float, ptr %1358, i64 0
-  %1360 = load <8 x float>, ptr %1359, align 4
-  %1361 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1360
-  store <8 x float> %1361, ptr %acc010139, align 4
-  %1362 = sub nsw i64 %kb.p, %kb.pg
-  %1363 = sub nsw i64 %1346, %kb.rc
-  %1364 = mul nsw i64 %1363, 16
-  %1365 = add nsw i64 %1364, %1362
-  %1366 = mul nsw i64 %1365, 16
-  %1367 = getelementptr inbounds float, ptr %part, i64 %1366
-  %1368 = getelementptr inbounds float, ptr %1367, i64 8
-  %1369 = load <8 x float>, ptr %1368, align 4
-  %1370 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1369
-  store <8 x float> %1370, ptr %acc011140, align 4
-  %1371 = add nsw i64 %r01, 2
-  %1372 = getelementptr inbounds i32, ptr %rows, i64 %1371
-  %1373 = load i32, ptr %1372, align 4
-  %1374 = sext i32 %1373 to i64
-  %1375 = mul nsw i64 %1374, 4096
-  %1376 = add nsw i64 %1375, %k0
-  %1377 = getelementptr inbounds float, ptr %x, i64 %1376
-  %1378 = sub nsw i64 %kb.p, %kb.pg
-  %1379 = sub nsw i64 %1371, %kb.rc
-  %1380 = mul nsw i64 %1379, 16
-  %1381 = add nsw i64 %1380, %1378
-  %1382 = mul nsw i64 %1381, 16
-  %1383 = getelementptr inbounds float, ptr %part, i64 %1382
-  %1384 = getelementptr inbounds float, ptr %1383, i64 0
-  %1385 = load <8 x float>, ptr %1384, align 4
-  %1386 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1385
-  store <8 x float> %1386, ptr %acc020141, align 4
-  %1387 = sub nsw i64 %kb.p, %kb.pg
-  %1388 = sub nsw i64 %1371, %kb.rc
-  %1389 = mul nsw i64 %1388, 16
-  %1390 = add nsw i64 %1389, %1387
-  %1391 = mul nsw i64 %1390, 16
-  %1392 = getelementptr inbounds float, ptr %part, i64 %1391
-  %1393 = getelementptr inbounds float, ptr %1392, i64 8
-  %1394 = load <8 x float>, ptr %1393, align 4
-  %1395 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1394
-  store <8 x float> %1395, ptr %acc021142, align 4
-  %1396 = mul nsw i64 %k0, 16
-  %1397 = mul nsw i64 %kb.p, 65536
-  %panel.off143 = add nsw i64 %1397, %1396
-  %1398 = getelementptr inbounds i16, ptr %panels, i64 %panel.off143
-  %pf.on144 = and i1 %pf.on, %pf.next
-  %1399 = mul nsw i64 %rb, 8192
-  %1400 = lshr i64 %1399, %25
-  %1401 = add nsw i64 %pf.step, %1400
-  %1402 = getelementptr inbounds i8, ptr %1398, i64 %1401
-  %pf145 = select i1 %pf.on144, ptr %1402, ptr %1398
-  %pf.sh146 = select i1 %pf.on144, i64 %25, i64 0
-  br label %k.head147
+  %1318 = add nsw i64 %r01, 0
+  %1319 = getelementptr inbounds i32, ptr %rows, i64 %1318
+  %1320 = load i32, ptr %1319, align 4
+  %1321 = sext i32 %1320 to i64
+  %1322 = mul nsw i64 %1321, 4096
+  %1323 = add nsw i64 %1322, %k0
+  %1324 = getelementptr inbounds float, ptr %x, i64 %1323
+  %1325 = sub nsw i64 %kb.p, %kb.pg
+  %1326 = sub nsw i64 %1318, %kb.rc
+  %1327 = mul nsw i64 %1326, 16
+  %1328 = add nsw i64 %1327, %1325
+  %1329 = mul nsw i64 %1328, 16
+  %1330 = getelementptr inbounds float, ptr %part, i64 %1329
+  %1331 = getelementptr inbounds float, ptr %1330, i64 0
+  %1332 = load <8 x float>, ptr %1331, align 4
+  %1333 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1332
+  store <8 x float> %1333, ptr %acc000139, align 4
+  %1334 = sub nsw i64 %kb.p, %kb.pg
+  %1335 = sub nsw i64 %1318, %kb.rc
+  %1336 = mul nsw i64 %1335, 16
+  %1337 = add nsw i64 %1336, %1334
+  %1338 = mul nsw i64 %1337, 16
+  %1339 = getelementptr inbounds float, ptr %part, i64 %1338
+  %1340 = getelementptr inbounds float, ptr %1339, i64 8
+  %1341 = load <8 x float>, ptr %1340, align 4
+  %1342 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1341
+  store <8 x float> %1342, ptr %acc001140, align 4
+  %1343 = add nsw i64 %r01, 1
+  %1344 = getelementptr inbounds i32, ptr %rows, i64 %1343
+  %1345 = load i32, ptr %1344, align 4
+  %1346 = sext i32 %1345 to i64
+  %1347 = mul nsw i64 %1346, 4096
+  %1348 = add nsw i64 %1347, %k0
+  %1349 = getelementptr inbounds float, ptr %x, i64 %1348
+  %1350 = sub nsw i64 %kb.p, %kb.pg
+  %1351 = sub nsw i64 %1343, %kb.rc
+  %1352 = mul nsw i64 %1351, 16
+  %1353 = add nsw i64 %1352, %1350
+  %1354 = mul nsw i64 %1353, 16
+  %1355 = getelementptr inbounds float, ptr %part, i64 %1354
+  %1356 = getelementptr inbounds float, ptr %1355, i64 0
+  %1357 = load <8 x float>, ptr %1356, align 4
+  %1358 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1357
+  store <8 x float> %1358, ptr %acc010141, align 4
+  %1359 = sub nsw i64 %kb.p, %kb.pg
+  %1360 = sub nsw i64 %1343, %kb.rc
+  %1361 = mul nsw i64 %1360, 16
+  %1362 = add nsw i64 %1361, %1359
+  %1363 = mul nsw i64 %1362, 16
+  %1364 = getelementptr inbounds float, ptr %part, i64 %1363
+  %1365 = getelementptr inbounds float, ptr %1364, i64 8
+  %1366 = load <8 x float>, ptr %1365, align 4
+  %1367 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1366
+  store <8 x float> %1367, ptr %acc011142, align 4
+  %1368 = add nsw i64 %r01, 2
+  %1369 = getelementptr inbounds i32, ptr %rows, i64 %1368
+  %1370 = load i32, ptr %1369, align 4
+  %1371 = sext i32 %1370 to i64
+  %1372 = mul nsw i64 %1371, 4096
+  %1373 = add nsw i64 %1372, %k0
+  %1374 = getelementptr inbounds float, ptr %x, i64 %1373
+  %1375 = sub nsw i64 %kb.p, %kb.pg
+  %1376 = sub nsw i64 %1368, %kb.rc
+  %1377 = mul nsw i64 %1376, 16
+  %1378 = add nsw i64 %1377, %1375
+  %1379 = mul nsw i64 %1378, 16
+  %1380 = getelementptr inbounds float, ptr %part, i64 %1379
+  %1381 = getelementptr inbounds float, ptr %1380, i64 0
+  %1382 = load <8 x float>, ptr %1381, align 4
+  %1383 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1382
+  store <8 x float> %1383, ptr %acc020143, align 4
+  %1384 = sub nsw i64 %kb.p, %kb.pg
+  %1385 = sub nsw i64 %1368, %kb.rc
+  %1386 = mul nsw i64 %1385, 16
+  %1387 = add nsw i64 %1386, %1384
+  %1388 = mul nsw i64 %1387, 16
+  %1389 = getelementptr inbounds float, ptr %part, i64 %1388
+  %1390 = getelementptr inbounds float, ptr %1389, i64 8
+  %1391 = load <8 x float>, ptr %1390, align 4
+  %1392 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1391
+  store <8 x float> %1392, ptr %acc021144, align 4
+  %panel.off145 = mul nsw i64 %kb.p, 65536
+  %1393 = mul nsw i64 %k0, 16
+  %slice.off146 = add nsw i64 %panel.off145, %1393
+  %1394 = getelementptr inbounds i16, ptr %panels, i64 %slice.off146
+  %pf.on147 = and i1 %pf.on, %pf.next
+  %1395 = mul nsw i64 %rb, 8192
+  %1396 = lshr i64 %1395, %25
+  %1397 = add nsw i64 %pf.step, %1396
+  %1398 = getelementptr inbounds i8, ptr %1394, i64 %1397
+  %pf148 = select i1 %pf.on147, ptr %1398, ptr %1394
+  %pf.sh149 = select i1 %pf.on147, i64 %25, i64 0
+  br label %k.head150
 
-k.head147:                                        ; preds = %pf.any.end152, %tile.mr3
-  %k150 = phi i64 [ 0, %tile.mr3 ], [ %1439, %pf.any.end152 ]
-  %1403 = icmp slt i64 %k150, 256
-  br i1 %1403, label %k.body148, label %k.end149
+k.head150:                                        ; preds = %pf.any.end155, %tile.mr3
+  %k153 = phi i64 [ 0, %tile.mr3 ], [ %1435, %pf.any.end155 ]
+  %1399 = icmp slt i64 %k153, 256
+  br i1 %1399, label %k.body151, label %k.end152
 
-k.body148:                                        ; preds = %k.head147
-  %1404 = mul nsw i64 %k150, 1
-  %1405 = add nsw i64 %1404, 0
-  %1406 = mul nsw i64 %1405, 32
-  br i1 %pf.multi, label %pf.any.then151, label %pf.any.end152
+k.body151:                                        ; preds = %k.head150
+  %1400 = mul nsw i64 %k153, 1
+  %1401 = add nsw i64 %1400, 0
+  %1402 = mul nsw i64 %1401, 32
+  br i1 %pf.multi, label %pf.any.then154, label %pf.any.end155
 
-pf.any.then151:                                   ; preds = %k.body148
-  %1407 = lshr i64 %1406, %pf.sh146
-  %1408 = getelementptr inbounds i8, ptr %pf145, i64 %1407
-  call void @llvm.prefetch.p0(ptr %1408, i32 0, i32 2, i32 1)
-  br label %pf.any.end152
+pf.any.then154:                                   ; preds = %k.body151
+  %1403 = lshr i64 %1402, %pf.sh149
+  %1404 = getelementptr inbounds i8, ptr %pf148, i64 %1403
+  call void @llvm.prefetch.p0(ptr %1404, i32 0, i32 2, i32 1)
+  br label %pf.any.end155
 
-pf.any.end152:                                    ; preds = %pf.any.then151, %k.body148
-  %1409 = mul nsw i64 %1405, 16
-  %1410 = add nsw i64 %panel.off143, %1409
-  %1411 = getelementptr inbounds i16, ptr %panels, i64 %1410
-  %1412 = load <8 x i32>, ptr %1411, align 4
-  %1413 = shl <8 x i32> %1412, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0153 = bitcast <8 x i32> %1413 to <8 x float>
-  %1414 = and <8 x i32> %1412, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1154 = bitcast <8 x i32> %1414 to <8 x float>
-  %1415 = getelementptr inbounds float, ptr %1327, i64 %1405
-  %1416 = load float, ptr %1415, align 4
-  %1417 = insertelement <8 x float> poison, float %1416, i32 0
-  %1418 = shufflevector <8 x float> %1417, <8 x float> poison, <8 x i32> zeroinitializer
-  %1419 = load <8 x float>, ptr %acc000137, align 4
-  %1420 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1418, <8 x float> %b0153, <8 x float> %1419)
-  store <8 x float> %1420, ptr %acc000137, align 4
-  %1421 = load <8 x float>, ptr %acc001138, align 4
-  %1422 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1418, <8 x float> %b1154, <8 x float> %1421)
-  store <8 x float> %1422, ptr %acc001138, align 4
-  %1423 = getelementptr inbounds float, ptr %1352, i64 %1405
-  %1424 = load float, ptr %1423, align 4
-  %1425 = insertelement <8 x float> poison, float %1424, i32 0
-  %1426 = shufflevector <8 x float> %1425, <8 x float> poison, <8 x i32> zeroinitializer
-  %1427 = load <8 x float>, ptr %acc010139, align 4
-  %1428 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1426, <8 x float> %b0153, <8 x float> %1427)
-  store <8 x float> %1428, ptr %acc010139, align 4
-  %1429 = load <8 x float>, ptr %acc011140, align 4
-  %1430 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1426, <8 x float> %b1154, <8 x float> %1429)
-  store <8 x float> %1430, ptr %acc011140, align 4
-  %1431 = getelementptr inbounds float, ptr %1377, i64 %1405
-  %1432 = load float, ptr %1431, align 4
-  %1433 = insertelement <8 x float> poison, float %1432, i32 0
-  %1434 = shufflevector <8 x float> %1433, <8 x float> poison, <8 x i32> zeroinitializer
-  %1435 = load <8 x float>, ptr %acc020141, align 4
-  %1436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1434, <8 x float> %b0153, <8 x float> %1435)
-  store <8 x float> %1436, ptr %acc020141, align 4
-  %1437 = load <8 x float>, ptr %acc021142, align 4
-  %1438 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1434, <8 x float> %b1154, <8 x float> %1437)
-  store <8 x float> %1438, ptr %acc021142, align 4
-  %1439 = add nsw i64 %k150, 1
-  br label %k.head147
+pf.any.end155:                                    ; preds = %pf.any.then154, %k.body151
+  %1405 = mul nsw i64 %1401, 16
+  %1406 = add nsw i64 %slice.off146, %1405
+  %1407 = getelementptr inbounds i16, ptr %panels, i64 %1406
+  %1408 = load <8 x i32>, ptr %1407, align 4
+  %1409 = shl <8 x i32> %1408, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0156 = bitcast <8 x i32> %1409 to <8 x float>
+  %1410 = and <8 x i32> %1408, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1157 = bitcast <8 x i32> %1410 to <8 x float>
+  %1411 = getelementptr inbounds float, ptr %1324, i64 %1401
+  %1412 = load float, ptr %1411, align 4
+  %1413 = insertelement <8 x float> poison, float %1412, i32 0
+  %1414 = shufflevector <8 x float> %1413, <8 x float> poison, <8 x i32> zeroinitializer
+  %1415 = load <8 x float>, ptr %acc000139, align 4
+  %1416 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1414, <8 x float> %b0156, <8 x float> %1415)
+  store <8 x float> %1416, ptr %acc000139, align 4
+  %1417 = load <8 x float>, ptr %acc001140, align 4
+  %1418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1414, <8 x float> %b1157, <8 x float> %1417)
+  store <8 x float> %1418, ptr %acc001140, align 4
+  %1419 = getelementptr inbounds float, ptr %1349, i64 %1401
+  %1420 = load float, ptr %1419, align 4
+  %1421 = insertelement <8 x float> poison, float %1420, i32 0
+  %1422 = shufflevector <8 x float> %1421, <8 x float> poison, <8 x i32> zeroinitializer
+  %1423 = load <8 x float>, ptr %acc010141, align 4
+  %1424 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1422, <8 x float> %b0156, <8 x float> %1423)
+  store <8 x float> %1424, ptr %acc010141, align 4
+  %1425 = load <8 x float>, ptr %acc011142, align 4
+  %1426 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1422, <8 x float> %b1157, <8 x float> %1425)
+  store <8 x float> %1426, ptr %acc011142, align 4
+  %1427 = getelementptr inbounds float, ptr %1374, i64 %1401
+  %1428 = load float, ptr %1427, align 4
+  %1429 = insertelement <8 x float> poison, float %1428, i32 0
+  %1430 = shufflevector <8 x float> %1429, <8 x float> poison, <8 x i32> zeroinitializer
+  %1431 = load <8 x float>, ptr %acc020143, align 4
+  %1432 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1430, <8 x float> %b0156, <8 x float> %1431)
+  store <8 x float> %1432, ptr %acc020143, align 4
+  %1433 = load <8 x float>, ptr %acc021144, align 4
+  %1434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1430, <8 x float> %b1157, <8 x float> %1433)
+  store <8 x float> %1434, ptr %acc021144, align 4
+  %1435 = add nsw i64 %k153, 1
+  br label %k.head150
 
-k.end149:                                         ; preds = %k.head147
-  %1440 = xor i1 %klast, true
-  br i1 %1440, label %part.then155, label %part.end156
+k.end152:                                         ; preds = %k.head150
+  %1436 = xor i1 %klast, true
+  br i1 %1436, label %part.then158, label %part.end159
 
-part.then155:                                     ; preds = %k.end149
-  %1441 = add nsw i64 %r01, 0
-  %1442 = sub nsw i64 %kb.p, %kb.pg
-  %1443 = sub nsw i64 %1441, %kb.rc
-  %1444 = mul nsw i64 %1443, 16
-  %1445 = add nsw i64 %1444, %1442
-  %1446 = mul nsw i64 %1445, 16
-  %1447 = getelementptr inbounds float, ptr %part, i64 %1446
-  %1448 = getelementptr inbounds float, ptr %1447, i64 0
-  %1449 = load <8 x float>, ptr %acc000137, align 4
-  store <8 x float> %1449, ptr %1448, align 4
-  %1450 = sub nsw i64 %kb.p, %kb.pg
-  %1451 = sub nsw i64 %1441, %kb.rc
-  %1452 = mul nsw i64 %1451, 16
-  %1453 = add nsw i64 %1452, %1450
-  %1454 = mul nsw i64 %1453, 16
-  %1455 = getelementptr inbounds float, ptr %part, i64 %1454
-  %1456 = getelementptr inbounds float, ptr %1455, i64 8
-  %1457 = load <8 x float>, ptr %acc001138, align 4
-  store <8 x float> %1457, ptr %1456, align 4
-  %1458 = add nsw i64 %r01, 1
-  %1459 = sub nsw i64 %kb.p, %kb.pg
-  %1460 = sub nsw i64 %1458, %kb.rc
-  %1461 = mul nsw i64 %1460, 16
-  %1462 = add nsw i64 %1461, %1459
-  %1463 = mul nsw i64 %1462, 16
-  %1464 = getelementptr inbounds float, ptr %part, i64 %1463
-  %1465 = getelementptr inbounds float, ptr %1464, i64 0
-  %1466 = load <8 x float>, ptr %acc010139, align 4
-  store <8 x float> %1466, ptr %1465, align 4
-  %1467 = sub nsw i64 %kb.p, %kb.pg
-  %1468 = sub nsw i64 %1458, %kb.rc
-  %1469 = mul nsw i64 %1468, 16
-  %1470 = add nsw i64 %1469, %1467
-  %1471 = mul nsw i64 %1470, 16
-  %1472 = getelementptr inbounds float, ptr %part, i64 %1471
-  %1473 = getelementptr inbounds float, ptr %1472, i64 8
-  %1474 = load <8 x float>, ptr %acc011140, align 4
-  store <8 x float> %1474, ptr %1473, align 4
-  %1475 = add nsw i64 %r01, 2
-  %1476 = sub nsw i64 %kb.p, %kb.pg
-  %1477 = sub nsw i64 %1475, %kb.rc
-  %1478 = mul nsw i64 %1477, 16
-  %1479 = add nsw i64 %1478, %1476
-  %1480 = mul nsw i64 %1479, 16
-  %1481 = getelementptr inbounds float, ptr %part, i64 %1480
-  %1482 = getelementptr inbounds float, ptr %1481, i64 0
-  %1483 = load <8 x float>, ptr %acc020141, align 4
-  store <8 x float> %1483, ptr %1482, align 4
-  %1484 = sub nsw i64 %kb.p, %kb.pg
-  %1485 = sub nsw i64 %1475, %kb.rc
-  %1486 = mul nsw i64 %1485, 16
-  %1487 = add nsw i64 %1486, %1484
-  %1488 = mul nsw i64 %1487, 16
-  %1489 = getelementptr inbounds float, ptr %part, i64 %1488
-  %1490 = getelementptr inbounds float, ptr %1489, i64 8
-  %1491 = load <8 x float>, ptr %acc021142, align 4
-  store <8 x float> %1491, ptr %1490, align 4
-  br label %part.end156
+part.then158:                                     ; preds = %k.end152
+  %1437 = add nsw i64 %r01, 0
+  %1438 = sub nsw i64 %kb.p, %kb.pg
+  %1439 = sub nsw i64 %1437, %kb.rc
+  %1440 = mul nsw i64 %1439, 16
+  %1441 = add nsw i64 %1440, %1438
+  %1442 = mul nsw i64 %1441, 16
+  %1443 = getelementptr inbounds float, ptr %part, i64 %1442
+  %1444 = getelementptr inbounds float, ptr %1443, i64 0
+  %1445 = load <8 x float>, ptr %acc000139, align 4
+  store <8 x float> %1445, ptr %1444, align 4
+  %1446 = sub nsw i64 %kb.p, %kb.pg
+  %1447 = sub nsw i64 %1437, %kb.rc
+  %1448 = mul nsw i64 %1447, 16
+  %1449 = add nsw i64 %1448, %1446
+  %1450 = mul nsw i64 %1449, 16
+  %1451 = getelementptr inbounds float, ptr %part, i64 %1450
+  %1452 = getelementptr inbounds float, ptr %1451, i64 8
+  %1453 = load <8 x float>, ptr %acc001140, align 4
+  store <8 x float> %1453, ptr %1452, align 4
+  %1454 = add nsw i64 %r01, 1
+  %1455 = sub nsw i64 %kb.p, %kb.pg
+  %1456 = sub nsw i64 %1454, %kb.rc
+  %1457 = mul nsw i64 %1456, 16
+  %1458 = add nsw i64 %1457, %1455
+  %1459 = mul nsw i64 %1458, 16
+  %1460 = getelementptr inbounds float, ptr %part, i64 %1459
+  %1461 = getelementptr inbounds float, ptr %1460, i64 0
+  %1462 = load <8 x float>, ptr %acc010141, align 4
+  store <8 x float> %1462, ptr %1461, align 4
+  %1463 = sub nsw i64 %kb.p, %kb.pg
+  %1464 = sub nsw i64 %1454, %kb.rc
+  %1465 = mul nsw i64 %1464, 16
+  %1466 = add nsw i64 %1465, %1463
+  %1467 = mul nsw i64 %1466, 16
+  %1468 = getelementptr inbounds float, ptr %part, i64 %1467
+  %1469 = getelementptr inbounds float, ptr %1468, i64 8
+  %1470 = load <8 x float>, ptr %acc011142, align 4
+  store <8 x float> %1470, ptr %1469, align 4
+  %1471 = add nsw i64 %r01, 2
+  %1472 = sub nsw i64 %kb.p, %kb.pg
+  %1473 = sub nsw i64 %1471, %kb.rc
+  %1474 = mul nsw i64 %1473, 16
+  %1475 = add nsw i64 %1474, %1472
+  %1476 = mul nsw i64 %1475, 16
+  %1477 = getelementptr inbounds float, ptr %part, i64 %1476
+  %1478 = getelementptr inbounds float, ptr %1477, i64 0
+  %1479 = load <8 x float>, ptr %acc020143, align 4
+  store <8 x float> %1479, ptr %1478, align 4
+  %1480 = sub nsw i64 %kb.p, %kb.pg
+  %1481 = sub nsw i64 %1471, %kb.rc
+  %1482 = mul nsw i64 %1481, 16
+  %1483 = add nsw i64 %1482, %1480
+  %1484 = mul nsw i64 %1483, 16
+  %1485 = getelementptr inbounds float, ptr %part, i64 %1484
+  %1486 = getelementptr inbounds float, ptr %1485, i64 8
+  %1487 = load <8 x float>, ptr %acc021144, align 4
+  store <8 x float> %1487, ptr %1486, align 4
+  br label %part.end159
 
-part.end156:                                      ; preds = %part.then155, %k.end149
-  br i1 %klast, label %last.then157, label %last.end158
+part.end159:                                      ; preds = %part.then158, %k.end152
+  br i1 %klast, label %last.then160, label %last.end161
 
-last.then157:                                     ; preds = %part.end156
-  %1492 = add nsw i64 %r01, 0
-  %1493 = getelementptr inbounds float, ptr %rw, i64 %1492
-  %1494 = load float, ptr %1493, align 4
-  %1495 = insertelement <8 x float> poison, float %1494, i32 0
-  %1496 = shufflevector <8 x float> %1495, <8 x float> poison, <8 x i32> zeroinitializer
-  %1497 = mul nsw i64 %1492, 14336
-  %1498 = getelementptr inbounds float, ptr %h, i64 %1497
-  %col159 = mul nsw i64 %kb.p, 8
-  %1499 = load <8 x float>, ptr %acc000137, align 4
-  %1500 = load <8 x float>, ptr %acc001138, align 4
-  %1501 = fneg <8 x float> %1499
-  %1502 = fcmp olt <8 x float> %1501, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1503 = select <8 x i1> %1502, <8 x float> %1501, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1504 = fcmp ogt <8 x float> %1503, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1505 = select <8 x i1> %1504, <8 x float> %1503, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1506 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1505, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1507 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1506)
-  %1508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1507, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1505)
-  %1509 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1507, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1508)
-  %1510 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1509, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1511 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1510, <8 x float> %1509, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1511, <8 x float> %1509, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1512, <8 x float> %1509, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1513, <8 x float> %1509, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1515 = fmul <8 x float> %1509, %1509
-  %1516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1514, <8 x float> %1515, <8 x float> %1509)
-  %1517 = fadd <8 x float> %1516, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1518 = fptosi <8 x float> %1507 to <8 x i32>
-  %1519 = add <8 x i32> %1518, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1520 = shl <8 x i32> %1519, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n160 = bitcast <8 x i32> %1520 to <8 x float>
-  %exp161 = fmul <8 x float> %1517, %exp.2n160
-  %1521 = fadd <8 x float> %exp161, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid162 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1521
-  %silu163 = fmul <8 x float> %1499, %sigmoid162
-  %glu164 = fmul <8 x float> %silu163, %1500
-  %1522 = fmul <8 x float> %glu164, %1496
-  %1523 = getelementptr inbounds float, ptr %1498, i64 %col159
-  store <8 x float> %1522, ptr %1523, align 4
-  %1524 = add nsw i64 %r01, 1
-  %1525 = getelementptr inbounds float, ptr %rw, i64 %1524
-  %1526 = load float, ptr %1525, align 4
-  %1527 = insertelement <8 x float> poison, float %1526, i32 0
-  %1528 = shufflevector <8 x float> %1527, <8 x float> poison, <8 x i32> zeroinitializer
-  %1529 = mul nsw i64 %1524, 14336
-  %1530 = getelementptr inbounds float, ptr %h, i64 %1529
-  %col165 = mul nsw i64 %kb.p, 8
-  %1531 = load <8 x float>, ptr %acc010139, align 4
-  %1532 = load <8 x float>, ptr %acc011140, align 4
-  %1533 = fneg <8 x float> %1531
-  %1534 = fcmp olt <8 x float> %1533, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1535 = select <8 x i1> %1534, <8 x float> %1533, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1536 = fcmp ogt <8 x float> %1535, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1537 = select <8 x i1> %1536, <8 x float> %1535, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1538 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1537, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1539 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1538)
-  %1540 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1539, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1537)
-  %1541 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1539, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1540)
-  %1542 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1541, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1542, <8 x float> %1541, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1543, <8 x float> %1541, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1544, <8 x float> %1541, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1545, <8 x float> %1541, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1547 = fmul <8 x float> %1541, %1541
-  %1548 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1546, <8 x float> %1547, <8 x float> %1541)
-  %1549 = fadd <8 x float> %1548, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1550 = fptosi <8 x float> %1539 to <8 x i32>
-  %1551 = add <8 x i32> %1550, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1552 = shl <8 x i32> %1551, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n166 = bitcast <8 x i32> %1552 to <8 x float>
-  %exp167 = fmul <8 x float> %1549, %exp.2n166
-  %1553 = fadd <8 x float> %exp167, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid168 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1553
-  %silu169 = fmul <8 x float> %1531, %sigmoid168
-  %glu170 = fmul <8 x float> %silu169, %1532
-  %1554 = fmul <8 x float> %glu170, %1528
-  %1555 = getelementptr inbounds float, ptr %1530, i64 %col165
-  store <8 x float> %1554, ptr %1555, align 4
-  %1556 = add nsw i64 %r01, 2
-  %1557 = getelementptr inbounds float, ptr %rw, i64 %1556
-  %1558 = load float, ptr %1557, align 4
-  %1559 = insertelement <8 x float> poison, float %1558, i32 0
-  %1560 = shufflevector <8 x float> %1559, <8 x float> poison, <8 x i32> zeroinitializer
-  %1561 = mul nsw i64 %1556, 14336
-  %1562 = getelementptr inbounds float, ptr %h, i64 %1561
-  %col171 = mul nsw i64 %kb.p, 8
-  %1563 = load <8 x float>, ptr %acc020141, align 4
-  %1564 = load <8 x float>, ptr %acc021142, align 4
-  %1565 = fneg <8 x float> %1563
-  %1566 = fcmp olt <8 x float> %1565, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1567 = select <8 x i1> %1566, <8 x float> %1565, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1568 = fcmp ogt <8 x float> %1567, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1569 = select <8 x i1> %1568, <8 x float> %1567, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1570 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1569, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1571 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1570)
-  %1572 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1571, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1569)
-  %1573 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1571, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1572)
-  %1574 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1573, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1575 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1574, <8 x float> %1573, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1576 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1575, <8 x float> %1573, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1576, <8 x float> %1573, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1577, <8 x float> %1573, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1579 = fmul <8 x float> %1573, %1573
-  %1580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1578, <8 x float> %1579, <8 x float> %1573)
-  %1581 = fadd <8 x float> %1580, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1582 = fptosi <8 x float> %1571 to <8 x i32>
-  %1583 = add <8 x i32> %1582, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1584 = shl <8 x i32> %1583, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n172 = bitcast <8 x i32> %1584 to <8 x float>
-  %exp173 = fmul <8 x float> %1581, %exp.2n172
-  %1585 = fadd <8 x float> %exp173, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid174 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1585
-  %silu175 = fmul <8 x float> %1563, %sigmoid174
-  %glu176 = fmul <8 x float> %silu175, %1564
-  %1586 = fmul <8 x float> %glu176, %1560
-  %1587 = getelementptr inbounds float, ptr %1562, i64 %col171
-  store <8 x float> %1586, ptr %1587, align 4
-  br label %last.end158
+last.then160:                                     ; preds = %part.end159
+  %1488 = add nsw i64 %r01, 0
+  %1489 = getelementptr inbounds float, ptr %rw, i64 %1488
+  %1490 = load float, ptr %1489, align 4
+  %1491 = insertelement <8 x float> poison, float %1490, i32 0
+  %1492 = shufflevector <8 x float> %1491, <8 x float> poison, <8 x i32> zeroinitializer
+  %1493 = mul nsw i64 %1488, 14336
+  %1494 = getelementptr inbounds float, ptr %h, i64 %1493
+  %col162 = mul nsw i64 %kb.p, 8
+  %1495 = load <8 x float>, ptr %acc000139, align 4
+  %1496 = load <8 x float>, ptr %acc001140, align 4
+  %1497 = fneg <8 x float> %1495
+  %1498 = fcmp olt <8 x float> %1497, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1499 = select <8 x i1> %1498, <8 x float> %1497, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1500 = fcmp ogt <8 x float> %1499, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1501 = select <8 x i1> %1500, <8 x float> %1499, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1502 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1501, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1503 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1502)
+  %1504 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1503, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1501)
+  %1505 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1503, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1504)
+  %1506 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1505, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1507 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1506, <8 x float> %1505, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1507, <8 x float> %1505, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1509 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1508, <8 x float> %1505, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1509, <8 x float> %1505, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1511 = fmul <8 x float> %1505, %1505
+  %1512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1510, <8 x float> %1511, <8 x float> %1505)
+  %1513 = fadd <8 x float> %1512, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1514 = fptosi <8 x float> %1503 to <8 x i32>
+  %1515 = add <8 x i32> %1514, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1516 = shl <8 x i32> %1515, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n163 = bitcast <8 x i32> %1516 to <8 x float>
+  %exp164 = fmul <8 x float> %1513, %exp.2n163
+  %1517 = fadd <8 x float> %exp164, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid165 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1517
+  %silu166 = fmul <8 x float> %1495, %sigmoid165
+  %glu167 = fmul <8 x float> %silu166, %1496
+  %1518 = fmul <8 x float> %glu167, %1492
+  %1519 = getelementptr inbounds float, ptr %1494, i64 %col162
+  store <8 x float> %1518, ptr %1519, align 4
+  %1520 = add nsw i64 %r01, 1
+  %1521 = getelementptr inbounds float, ptr %rw, i64 %1520
+  %1522 = load float, ptr %1521, align 4
+  %1523 = insertelement <8 x float> poison, float %1522, i32 0
+  %1524 = shufflevector <8 x float> %1523, <8 x float> poison, <8 x i32> zeroinitializer
+  %1525 = mul nsw i64 %1520, 14336
+  %1526 = getelementptr inbounds float, ptr %h, i64 %1525
+  %col168 = mul nsw i64 %kb.p, 8
+  %1527 = load <8 x float>, ptr %acc010141, align 4
+  %1528 = load <8 x float>, ptr %acc011142, align 4
+  %1529 = fneg <8 x float> %1527
+  %1530 = fcmp olt <8 x float> %1529, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1531 = select <8 x i1> %1530, <8 x float> %1529, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1532 = fcmp ogt <8 x float> %1531, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1533 = select <8 x i1> %1532, <8 x float> %1531, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1534 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1533, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1535 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1534)
+  %1536 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1535, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1533)
+  %1537 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1535, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1536)
+  %1538 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1537, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1539 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1538, <8 x float> %1537, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1540 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1539, <8 x float> %1537, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1541 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1540, <8 x float> %1537, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1541, <8 x float> %1537, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1543 = fmul <8 x float> %1537, %1537
+  %1544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1542, <8 x float> %1543, <8 x float> %1537)
+  %1545 = fadd <8 x float> %1544, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1546 = fptosi <8 x float> %1535 to <8 x i32>
+  %1547 = add <8 x i32> %1546, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1548 = shl <8 x i32> %1547, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n169 = bitcast <8 x i32> %1548 to <8 x float>
+  %exp170 = fmul <8 x float> %1545, %exp.2n169
+  %1549 = fadd <8 x float> %exp170, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid171 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1549
+  %silu172 = fmul <8 x float> %1527, %sigmoid171
+  %glu173 = fmul <8 x float> %silu172, %1528
+  %1550 = fmul <8 x float> %glu173, %1524
+  %1551 = getelementptr inbounds float, ptr %1526, i64 %col168
+  store <8 x float> %1550, ptr %1551, align 4
+  %1552 = add nsw i64 %r01, 2
+  %1553 = getelementptr inbounds float, ptr %rw, i64 %1552
+  %1554 = load float, ptr %1553, align 4
+  %1555 = insertelement <8 x float> poison, float %1554, i32 0
+  %1556 = shufflevector <8 x float> %1555, <8 x float> poison, <8 x i32> zeroinitializer
+  %1557 = mul nsw i64 %1552, 14336
+  %1558 = getelementptr inbounds float, ptr %h, i64 %1557
+  %col174 = mul nsw i64 %kb.p, 8
+  %1559 = load <8 x float>, ptr %acc020143, align 4
+  %1560 = load <8 x float>, ptr %acc021144, align 4
+  %1561 = fneg <8 x float> %1559
+  %1562 = fcmp olt <8 x float> %1561, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1563 = select <8 x i1> %1562, <8 x float> %1561, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1564 = fcmp ogt <8 x float> %1563, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1565 = select <8 x i1> %1564, <8 x float> %1563, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1566 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1565, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1567 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1566)
+  %1568 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1567, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1565)
+  %1569 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1567, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1568)
+  %1570 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1569, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1571 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1570, <8 x float> %1569, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1572 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1571, <8 x float> %1569, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1573 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1572, <8 x float> %1569, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1574 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1573, <8 x float> %1569, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1575 = fmul <8 x float> %1569, %1569
+  %1576 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1574, <8 x float> %1575, <8 x float> %1569)
+  %1577 = fadd <8 x float> %1576, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1578 = fptosi <8 x float> %1567 to <8 x i32>
+  %1579 = add <8 x i32> %1578, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1580 = shl <8 x i32> %1579, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n175 = bitcast <8 x i32> %1580 to <8 x float>
+  %exp176 = fmul <8 x float> %1577, %exp.2n175
+  %1581 = fadd <8 x float> %exp176, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid177 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1581
+  %silu178 = fmul <8 x float> %1559, %sigmoid177
+  %glu179 = fmul <8 x float> %silu178, %1560
+  %1582 = fmul <8 x float> %glu179, %1556
+  %1583 = getelementptr inbounds float, ptr %1558, i64 %col174
+  store <8 x float> %1582, ptr %1583, align 4
+  br label %last.end161
 
-last.end158:                                      ; preds = %last.then157, %part.end156
+last.end161:                                      ; preds = %last.then160, %part.end159
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
-  %1588 = add nsw i64 %r01, 0
-  %1589 = getelementptr inbounds i32, ptr %rows, i64 %1588
-  %1590 = load i32, ptr %1589, align 4
-  %1591 = sext i32 %1590 to i64
-  %1592 = mul nsw i64 %1591, 4096
-  %1593 = add nsw i64 %1592, %k0
-  %1594 = getelementptr inbounds float, ptr %x, i64 %1593
-  %1595 = sub nsw i64 %kb.p, %kb.pg
-  %1596 = sub nsw i64 %1588, %kb.rc
-  %1597 = mul nsw i64 %1596, 16
-  %1598 = add nsw i64 %1597, %1595
-  %1599 = mul nsw i64 %1598, 16
-  %1600 = getelementptr inbounds float, ptr %part, i64 %1599
-  %1601 = getelementptr inbounds float, ptr %1600, i64 0
-  %1602 = load <8 x float>, ptr %1601, align 4
-  %1603 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1602
-  store <8 x float> %1603, ptr %acc000177, align 4
-  %1604 = sub nsw i64 %kb.p, %kb.pg
-  %1605 = sub nsw i64 %1588, %kb.rc
-  %1606 = mul nsw i64 %1605, 16
-  %1607 = add nsw i64 %1606, %1604
-  %1608 = mul nsw i64 %1607, 16
-  %1609 = getelementptr inbounds float, ptr %part, i64 %1608
-  %1610 = getelementptr inbounds float, ptr %1609, i64 8
-  %1611 = load <8 x float>, ptr %1610, align 4
-  %1612 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1611
-  store <8 x float> %1612, ptr %acc001178, align 4
-  %1613 = add nsw i64 %r01, 1
-  %1614 = getelementptr inbounds i32, ptr %rows, i64 %1613
-  %1615 = load i32, ptr %1614, align 4
-  %1616 = sext i32 %1615 to i64
-  %1617 = mul nsw i64 %1616, 4096
-  %1618 = add nsw i64 %1617, %k0
-  %1619 = getelementptr inbounds float, ptr %x, i64 %1618
-  %1620 = sub nsw i64 %kb.p, %kb.pg
-  %1621 = sub nsw i64 %1613, %kb.rc
-  %1622 = mul nsw i64 %1621, 16
-  %1623 = add nsw i64 %1622, %1620
-  %1624 = mul nsw i64 %1623, 16
-  %1625 = getelementptr inbounds float, ptr %part, i64 %1624
-  %1626 = getelementptr inbounds float, ptr %1625, i64 0
-  %1627 = load <8 x float>, ptr %1626, align 4
-  %1628 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1627
-  store <8 x float> %1628, ptr %acc010179, align 4
-  %1629 = sub nsw i64 %kb.p, %kb.pg
-  %1630 = sub nsw i64 %1613, %kb.rc
-  %1631 = mul nsw i64 %1630, 16
-  %1632 = add nsw i64 %1631, %1629
-  %1633 = mul nsw i64 %1632, 16
-  %1634 = getelementptr inbounds float, ptr %part, i64 %1633
-  %1635 = getelementptr inbounds float, ptr %1634, i64 8
-  %1636 = load <8 x float>, ptr %1635, align 4
-  %1637 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1636
-  store <8 x float> %1637, ptr %acc011180, align 4
-  %1638 = mul nsw i64 %k0, 16
-  %1639 = mul nsw i64 %kb.p, 65536
-  %panel.off181 = add nsw i64 %1639, %1638
-  %1640 = getelementptr inbounds i16, ptr %panels, i64 %panel.off181
-  %pf.on182 = and i1 %pf.on, %pf.next
-  %1641 = mul nsw i64 %rb, 8192
-  %1642 = lshr i64 %1641, %25
-  %1643 = add nsw i64 %pf.step, %1642
-  %1644 = getelementptr inbounds i8, ptr %1640, i64 %1643
-  %pf183 = select i1 %pf.on182, ptr %1644, ptr %1640
-  %pf.sh184 = select i1 %pf.on182, i64 %25, i64 0
-  br label %k.head185
+  %1584 = add nsw i64 %r01, 0
+  %1585 = getelementptr inbounds i32, ptr %rows, i64 %1584
+  %1586 = load i32, ptr %1585, align 4
+  %1587 = sext i32 %1586 to i64
+  %1588 = mul nsw i64 %1587, 4096
+  %1589 = add nsw i64 %1588, %k0
+  %1590 = getelementptr inbounds float, ptr %x, i64 %1589
+  %1591 = sub nsw i64 %kb.p, %kb.pg
+  %1592 = sub nsw i64 %1584, %kb.rc
+  %1593 = mul nsw i64 %1592, 16
+  %1594 = add nsw i64 %1593, %1591
+  %1595 = mul nsw i64 %1594, 16
+  %1596 = getelementptr inbounds float, ptr %part, i64 %1595
+  %1597 = getelementptr inbounds float, ptr %1596, i64 0
+  %1598 = load <8 x float>, ptr %1597, align 4
+  %1599 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1598
+  store <8 x float> %1599, ptr %acc000180, align 4
+  %1600 = sub nsw i64 %kb.p, %kb.pg
+  %1601 = sub nsw i64 %1584, %kb.rc
+  %1602 = mul nsw i64 %1601, 16
+  %1603 = add nsw i64 %1602, %1600
+  %1604 = mul nsw i64 %1603, 16
+  %1605 = getelementptr inbounds float, ptr %part, i64 %1604
+  %1606 = getelementptr inbounds float, ptr %1605, i64 8
+  %1607 = load <8 x float>, ptr %1606, align 4
+  %1608 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1607
+  store <8 x float> %1608, ptr %acc001181, align 4
+  %1609 = add nsw i64 %r01, 1
+  %1610 = getelementptr inbounds i32, ptr %rows, i64 %1609
+  %1611 = load i32, ptr %1610, align 4
+  %1612 = sext i32 %1611 to i64
+  %1613 = mul nsw i64 %1612, 4096
+  %1614 = add nsw i64 %1613, %k0
+  %1615 = getelementptr inbounds float, ptr %x, i64 %1614
+  %1616 = sub nsw i64 %kb.p, %kb.pg
+  %1617 = sub nsw i64 %1609, %kb.rc
+  %1618 = mul nsw i64 %1617, 16
+  %1619 = add nsw i64 %1618, %1616
+  %1620 = mul nsw i64 %1619, 16
+  %1621 = getelementptr inbounds float, ptr %part, i64 %1620
+  %1622 = getelementptr inbounds float, ptr %1621, i64 0
+  %1623 = load <8 x float>, ptr %1622, align 4
+  %1624 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1623
+  store <8 x float> %1624, ptr %acc010182, align 4
+  %1625 = sub nsw i64 %kb.p, %kb.pg
+  %1626 = sub nsw i64 %1609, %kb.rc
+  %1627 = mul nsw i64 %1626, 16
+  %1628 = add nsw i64 %1627, %1625
+  %1629 = mul nsw i64 %1628, 16
+  %1630 = getelementptr inbounds float, ptr %part, i64 %1629
+  %1631 = getelementptr inbounds float, ptr %1630, i64 8
+  %1632 = load <8 x float>, ptr %1631, align 4
+  %1633 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1632
+  store <8 x float> %1633, ptr %acc011183, align 4
+  %panel.off184 = mul nsw i64 %kb.p, 65536
+  %1634 = mul nsw i64 %k0, 16
+  %slice.off185 = add nsw i64 %panel.off184, %1634
+  %1635 = getelementptr inbounds i16, ptr %panels, i64 %slice.off185
+  %pf.on186 = and i1 %pf.on, %pf.next
+  %1636 = mul nsw i64 %rb, 8192
+  %1637 = lshr i64 %1636, %25
+  %1638 = add nsw i64 %pf.step, %1637
+  %1639 = getelementptr inbounds i8, ptr %1635, i64 %1638
+  %pf187 = select i1 %pf.on186, ptr %1639, ptr %1635
+  %pf.sh188 = select i1 %pf.on186, i64 %25, i64 0
+  br label %k.head189
 
-k.head185:                                        ; preds = %pf.any.end190, %tile.mr2
-  %k188 = phi i64 [ 0, %tile.mr2 ], [ %1673, %pf.any.end190 ]
-  %1645 = icmp slt i64 %k188, 256
-  br i1 %1645, label %k.body186, label %k.end187
+k.head189:                                        ; preds = %pf.any.end194, %tile.mr2
+  %k192 = phi i64 [ 0, %tile.mr2 ], [ %1668, %pf.any.end194 ]
+  %1640 = icmp slt i64 %k192, 256
+  br i1 %1640, label %k.body190, label %k.end191
 
-k.body186:                                        ; preds = %k.head185
-  %1646 = mul nsw i64 %k188, 1
-  %1647 = add nsw i64 %1646, 0
-  %1648 = mul nsw i64 %1647, 32
-  br i1 %pf.multi, label %pf.any.then189, label %pf.any.end190
+k.body190:                                        ; preds = %k.head189
+  %1641 = mul nsw i64 %k192, 1
+  %1642 = add nsw i64 %1641, 0
+  %1643 = mul nsw i64 %1642, 32
+  br i1 %pf.multi, label %pf.any.then193, label %pf.any.end194
 
-pf.any.then189:                                   ; preds = %k.body186
-  %1649 = lshr i64 %1648, %pf.sh184
-  %1650 = getelementptr inbounds i8, ptr %pf183, i64 %1649
-  call void @llvm.prefetch.p0(ptr %1650, i32 0, i32 2, i32 1)
-  br label %pf.any.end190
+pf.any.then193:                                   ; preds = %k.body190
+  %1644 = lshr i64 %1643, %pf.sh188
+  %1645 = getelementptr inbounds i8, ptr %pf187, i64 %1644
+  call void @llvm.prefetch.p0(ptr %1645, i32 0, i32 2, i32 1)
+  br label %pf.any.end194
 
-pf.any.end190:                                    ; preds = %pf.any.then189, %k.body186
-  %1651 = mul nsw i64 %1647, 16
-  %1652 = add nsw i64 %panel.off181, %1651
-  %1653 = getelementptr inbounds i16, ptr %panels, i64 %1652
-  %1654 = load <8 x i32>, ptr %1653, align 4
-  %1655 = shl <8 x i32> %1654, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0191 = bitcast <8 x i32> %1655 to <8 x float>
-  %1656 = and <8 x i32> %1654, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1192 = bitcast <8 x i32> %1656 to <8 x float>
-  %1657 = getelementptr inbounds float, ptr %1594, i64 %1647
-  %1658 = load float, ptr %1657, align 4
-  %1659 = insertelement <8 x float> poison, float %1658, i32 0
-  %1660 = shufflevector <8 x float> %1659, <8 x float> poison, <8 x i32> zeroinitializer
-  %1661 = load <8 x float>, ptr %acc000177, align 4
-  %1662 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1660, <8 x float> %b0191, <8 x float> %1661)
-  store <8 x float> %1662, ptr %acc000177, align 4
-  %1663 = load <8 x float>, ptr %acc001178, align 4
-  %1664 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1660, <8 x float> %b1192, <8 x float> %1663)
-  store <8 x float> %1664, ptr %acc001178, align 4
-  %1665 = getelementptr inbounds float, ptr %1619, i64 %1647
-  %1666 = load float, ptr %1665, align 4
-  %1667 = insertelement <8 x float> poison, float %1666, i32 0
-  %1668 = shufflevector <8 x float> %1667, <8 x float> poison, <8 x i32> zeroinitializer
-  %1669 = load <8 x float>, ptr %acc010179, align 4
-  %1670 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1668, <8 x float> %b0191, <8 x float> %1669)
-  store <8 x float> %1670, ptr %acc010179, align 4
-  %1671 = load <8 x float>, ptr %acc011180, align 4
-  %1672 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1668, <8 x float> %b1192, <8 x float> %1671)
-  store <8 x float> %1672, ptr %acc011180, align 4
-  %1673 = add nsw i64 %k188, 1
-  br label %k.head185
+pf.any.end194:                                    ; preds = %pf.any.then193, %k.body190
+  %1646 = mul nsw i64 %1642, 16
+  %1647 = add nsw i64 %slice.off185, %1646
+  %1648 = getelementptr inbounds i16, ptr %panels, i64 %1647
+  %1649 = load <8 x i32>, ptr %1648, align 4
+  %1650 = shl <8 x i32> %1649, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0195 = bitcast <8 x i32> %1650 to <8 x float>
+  %1651 = and <8 x i32> %1649, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1196 = bitcast <8 x i32> %1651 to <8 x float>
+  %1652 = getelementptr inbounds float, ptr %1590, i64 %1642
+  %1653 = load float, ptr %1652, align 4
+  %1654 = insertelement <8 x float> poison, float %1653, i32 0
+  %1655 = shufflevector <8 x float> %1654, <8 x float> poison, <8 x i32> zeroinitializer
+  %1656 = load <8 x float>, ptr %acc000180, align 4
+  %1657 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1655, <8 x float> %b0195, <8 x float> %1656)
+  store <8 x float> %1657, ptr %acc000180, align 4
+  %1658 = load <8 x float>, ptr %acc001181, align 4
+  %1659 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1655, <8 x float> %b1196, <8 x float> %1658)
+  store <8 x float> %1659, ptr %acc001181, align 4
+  %1660 = getelementptr inbounds float, ptr %1615, i64 %1642
+  %1661 = load float, ptr %1660, align 4
+  %1662 = insertelement <8 x float> poison, float %1661, i32 0
+  %1663 = shufflevector <8 x float> %1662, <8 x float> poison, <8 x i32> zeroinitializer
+  %1664 = load <8 x float>, ptr %acc010182, align 4
+  %1665 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1663, <8 x float> %b0195, <8 x float> %1664)
+  store <8 x float> %1665, ptr %acc010182, align 4
+  %1666 = load <8 x float>, ptr %acc011183, align 4
+  %1667 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1663, <8 x float> %b1196, <8 x float> %1666)
+  store <8 x float> %1667, ptr %acc011183, align 4
+  %1668 = add nsw i64 %k192, 1
+  br label %k.head189
 
-k.end187:                                         ; preds = %k.head185
-  %1674 = xor i1 %klast, true
-  br i1 %1674, label %part.then193, label %part.end194
+k.end191:                                         ; preds = %k.head189
+  %1669 = xor i1 %klast, true
+  br i1 %1669, label %part.then197, label %part.end198
 
-part.then193:                                     ; preds = %k.end187
-  %1675 = add nsw i64 %r01, 0
-  %1676 = sub nsw i64 %kb.p, %kb.pg
-  %1677 = sub nsw i64 %1675, %kb.rc
-  %1678 = mul nsw i64 %1677, 16
-  %1679 = add nsw i64 %1678, %1676
-  %1680 = mul nsw i64 %1679, 16
-  %1681 = getelementptr inbounds float, ptr %part, i64 %1680
-  %1682 = getelementptr inbounds float, ptr %1681, i64 0
-  %1683 = load <8 x float>, ptr %acc000177, align 4
-  store <8 x float> %1683, ptr %1682, align 4
-  %1684 = sub nsw i64 %kb.p, %kb.pg
-  %1685 = sub nsw i64 %1675, %kb.rc
-  %1686 = mul nsw i64 %1685, 16
-  %1687 = add nsw i64 %1686, %1684
-  %1688 = mul nsw i64 %1687, 16
-  %1689 = getelementptr inbounds float, ptr %part, i64 %1688
-  %1690 = getelementptr inbounds float, ptr %1689, i64 8
-  %1691 = load <8 x float>, ptr %acc001178, align 4
-  store <8 x float> %1691, ptr %1690, align 4
-  %1692 = add nsw i64 %r01, 1
-  %1693 = sub nsw i64 %kb.p, %kb.pg
-  %1694 = sub nsw i64 %1692, %kb.rc
-  %1695 = mul nsw i64 %1694, 16
-  %1696 = add nsw i64 %1695, %1693
-  %1697 = mul nsw i64 %1696, 16
-  %1698 = getelementptr inbounds float, ptr %part, i64 %1697
-  %1699 = getelementptr inbounds float, ptr %1698, i64 0
-  %1700 = load <8 x float>, ptr %acc010179, align 4
-  store <8 x float> %1700, ptr %1699, align 4
-  %1701 = sub nsw i64 %kb.p, %kb.pg
-  %1702 = sub nsw i64 %1692, %kb.rc
-  %1703 = mul nsw i64 %1702, 16
-  %1704 = add nsw i64 %1703, %1701
-  %1705 = mul nsw i64 %1704, 16
-  %1706 = getelementptr inbounds float, ptr %part, i64 %1705
-  %1707 = getelementptr inbounds float, ptr %1706, i64 8
-  %1708 = load <8 x float>, ptr %acc011180, align 4
-  store <8 x float> %1708, ptr %1707, align 4
-  br label %part.end194
+part.then197:                                     ; preds = %k.end191
+  %1670 = add nsw i64 %r01, 0
+  %1671 = sub nsw i64 %kb.p, %kb.pg
+  %1672 = sub nsw i64 %1670, %kb.rc
+  %1673 = mul nsw i64 %1672, 16
+  %1674 = add nsw i64 %1673, %1671
+  %1675 = mul nsw i64 %1674, 16
+  %1676 = getelementptr inbounds float, ptr %part, i64 %1675
+  %1677 = getelementptr inbounds float, ptr %1676, i64 0
+  %1678 = load <8 x float>, ptr %acc000180, align 4
+  store <8 x float> %1678, ptr %1677, align 4
+  %1679 = sub nsw i64 %kb.p, %kb.pg
+  %1680 = sub nsw i64 %1670, %kb.rc
+  %1681 = mul nsw i64 %1680, 16
+  %1682 = add nsw i64 %1681, %1679
+  %1683 = mul nsw i64 %1682, 16
+  %1684 = getelementptr inbounds float, ptr %part, i64 %1683
+  %1685 = getelementptr inbounds float, ptr %1684, i64 8
+  %1686 = load <8 x float>, ptr %acc001181, align 4
+  store <8 x float> %1686, ptr %1685, align 4
+  %1687 = add nsw i64 %r01, 1
+  %1688 = sub nsw i64 %kb.p, %kb.pg
+  %1689 = sub nsw i64 %1687, %kb.rc
+  %1690 = mul nsw i64 %1689, 16
+  %1691 = add nsw i64 %1690, %1688
+  %1692 = mul nsw i64 %1691, 16
+  %1693 = getelementptr inbounds float, ptr %part, i64 %1692
+  %1694 = getelementptr inbounds float, ptr %1693, i64 0
+  %1695 = load <8 x float>, ptr %acc010182, align 4
+  store <8 x float> %1695, ptr %1694, align 4
+  %1696 = sub nsw i64 %kb.p, %kb.pg
+  %1697 = sub nsw i64 %1687, %kb.rc
+  %1698 = mul nsw i64 %1697, 16
+  %1699 = add nsw i64 %1698, %1696
+  %1700 = mul nsw i64 %1699, 16
+  %1701 = getelementptr inbounds float, ptr %part, i64 %1700
+  %1702 = getelementptr inbounds float, ptr %1701, i64 8
+  %1703 = load <8 x float>, ptr %acc011183, align 4
+  store <8 x float> %1703, ptr %1702, align 4
+  br label %part.end198
 
-part.end194:                                      ; preds = %part.then193, %k.end187
-  br i1 %klast, label %last.then195, label %last.end196
+part.end198:                                      ; preds = %part.then197, %k.end191
+  br i1 %klast, label %last.then199, label %last.end200
 
-last.then195:                                     ; preds = %part.end194
-  %1709 = add nsw i64 %r01, 0
-  %1710 = getelementptr inbounds float, ptr %rw, i64 %1709
-  %1711 = load float, ptr %1710, align 4
-  %1712 = insertelement <8 x float> poison, float %1711, i32 0
-  %1713 = shufflevector <8 x float> %1712, <8 x float> poison, <8 x i32> zeroinitializer
-  %1714 = mul nsw i64 %1709, 14336
-  %1715 = getelementptr inbounds float, ptr %h, i64 %1714
-  %col197 = mul nsw i64 %kb.p, 8
-  %1716 = load <8 x float>, ptr %acc000177, align 4
-  %1717 = load <8 x float>, ptr %acc001178, align 4
-  %1718 = fneg <8 x float> %1716
-  %1719 = fcmp olt <8 x float> %1718, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1720 = select <8 x i1> %1719, <8 x float> %1718, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1721 = fcmp ogt <8 x float> %1720, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1722 = select <8 x i1> %1721, <8 x float> %1720, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1723 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1722, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1724 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1723)
-  %1725 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1724, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1722)
-  %1726 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1724, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1725)
-  %1727 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1726, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1728 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1727, <8 x float> %1726, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1729 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1728, <8 x float> %1726, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1730 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1729, <8 x float> %1726, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1731 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1730, <8 x float> %1726, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1732 = fmul <8 x float> %1726, %1726
-  %1733 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1731, <8 x float> %1732, <8 x float> %1726)
-  %1734 = fadd <8 x float> %1733, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1735 = fptosi <8 x float> %1724 to <8 x i32>
-  %1736 = add <8 x i32> %1735, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1737 = shl <8 x i32> %1736, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n198 = bitcast <8 x i32> %1737 to <8 x float>
-  %exp199 = fmul <8 x float> %1734, %exp.2n198
-  %1738 = fadd <8 x float> %exp199, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid200 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1738
-  %silu201 = fmul <8 x float> %1716, %sigmoid200
-  %glu202 = fmul <8 x float> %silu201, %1717
-  %1739 = fmul <8 x float> %glu202, %1713
-  %1740 = getelementptr inbounds float, ptr %1715, i64 %col197
-  store <8 x float> %1739, ptr %1740, align 4
-  %1741 = add nsw i64 %r01, 1
-  %1742 = getelementptr inbounds float, ptr %rw, i64 %1741
-  %1743 = load float, ptr %1742, align 4
-  %1744 = insertelement <8 x float> poison, float %1743, i32 0
-  %1745 = shufflevector <8 x float> %1744, <8 x float> poison, <8 x i32> zeroinitializer
-  %1746 = mul nsw i64 %1741, 14336
-  %1747 = getelementptr inbounds float, ptr %h, i64 %1746
-  %col203 = mul nsw i64 %kb.p, 8
-  %1748 = load <8 x float>, ptr %acc010179, align 4
-  %1749 = load <8 x float>, ptr %acc011180, align 4
-  %1750 = fneg <8 x float> %1748
-  %1751 = fcmp olt <8 x float> %1750, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1752 = select <8 x i1> %1751, <8 x float> %1750, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1753 = fcmp ogt <8 x float> %1752, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1754 = select <8 x i1> %1753, <8 x float> %1752, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1755 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1754, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1756 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1755)
-  %1757 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1756, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1754)
-  %1758 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1756, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1757)
-  %1759 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1758, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1760 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1759, <8 x float> %1758, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1761 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1760, <8 x float> %1758, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1762 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1761, <8 x float> %1758, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1763 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1762, <8 x float> %1758, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1764 = fmul <8 x float> %1758, %1758
-  %1765 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1763, <8 x float> %1764, <8 x float> %1758)
-  %1766 = fadd <8 x float> %1765, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1767 = fptosi <8 x float> %1756 to <8 x i32>
-  %1768 = add <8 x i32> %1767, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1769 = shl <8 x i32> %1768, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n204 = bitcast <8 x i32> %1769 to <8 x float>
-  %exp205 = fmul <8 x float> %1766, %exp.2n204
-  %1770 = fadd <8 x float> %exp205, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid206 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1770
-  %silu207 = fmul <8 x float> %1748, %sigmoid206
-  %glu208 = fmul <8 x float> %silu207, %1749
-  %1771 = fmul <8 x float> %glu208, %1745
-  %1772 = getelementptr inbounds float, ptr %1747, i64 %col203
-  store <8 x float> %1771, ptr %1772, align 4
-  br label %last.end196
+last.then199:                                     ; preds = %part.end198
+  %1704 = add nsw i64 %r01, 0
+  %1705 = getelementptr inbounds float, ptr %rw, i64 %1704
+  %1706 = load float, ptr %1705, align 4
+  %1707 = insertelement <8 x float> poison, float %1706, i32 0
+  %1708 = shufflevector <8 x float> %1707, <8 x float> poison, <8 x i32> zeroinitializer
+  %1709 = mul nsw i64 %1704, 14336
+  %1710 = getelementptr inbounds float, ptr %h, i64 %1709
+  %col201 = mul nsw i64 %kb.p, 8
+  %1711 = load <8 x float>, ptr %acc000180, align 4
+  %1712 = load <8 x float>, ptr %acc001181, align 4
+  %1713 = fneg <8 x float> %1711
+  %1714 = fcmp olt <8 x float> %1713, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1715 = select <8 x i1> %1714, <8 x float> %1713, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1716 = fcmp ogt <8 x float> %1715, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1717 = select <8 x i1> %1716, <8 x float> %1715, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1718 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1717, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1719 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1718)
+  %1720 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1719, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1717)
+  %1721 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1719, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1720)
+  %1722 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1721, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1723 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1722, <8 x float> %1721, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1724 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1723, <8 x float> %1721, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1725 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1724, <8 x float> %1721, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1726 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1725, <8 x float> %1721, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1727 = fmul <8 x float> %1721, %1721
+  %1728 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1726, <8 x float> %1727, <8 x float> %1721)
+  %1729 = fadd <8 x float> %1728, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1730 = fptosi <8 x float> %1719 to <8 x i32>
+  %1731 = add <8 x i32> %1730, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1732 = shl <8 x i32> %1731, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n202 = bitcast <8 x i32> %1732 to <8 x float>
+  %exp203 = fmul <8 x float> %1729, %exp.2n202
+  %1733 = fadd <8 x float> %exp203, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid204 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1733
+  %silu205 = fmul <8 x float> %1711, %sigmoid204
+  %glu206 = fmul <8 x float> %silu205, %1712
+  %1734 = fmul <8 x float> %glu206, %1708
+  %1735 = getelementptr inbounds float, ptr %1710, i64 %col201
+  store <8 x float> %1734, ptr %1735, align 4
+  %1736 = add nsw i64 %r01, 1
+  %1737 = getelementptr inbounds float, ptr %rw, i64 %1736
+  %1738 = load float, ptr %1737, align 4
+  %1739 = insertelement <8 x float> poison, float %1738, i32 0
+  %1740 = shufflevector <8 x float> %1739, <8 x float> poison, <8 x i32> zeroinitializer
+  %1741 = mul nsw i64 %1736, 14336
+  %1742 = getelementptr inbounds float, ptr %h, i64 %1741
+  %col207 = mul nsw i64 %kb.p, 8
+  %1743 = load <8 x float>, ptr %acc010182, align 4
+  %1744 = load <8 x float>, ptr %acc011183, align 4
+  %1745 = fneg <8 x float> %1743
+  %1746 = fcmp olt <8 x float> %1745, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1747 = select <8 x i1> %1746, <8 x float> %1745, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1748 = fcmp ogt <8 x float> %1747, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1749 = select <8 x i1> %1748, <8 x float> %1747, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1750 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1749, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1751 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1750)
+  %1752 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1751, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1749)
+  %1753 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1751, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1752)
+  %1754 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1753, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1755 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1754, <8 x float> %1753, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1756 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1755, <8 x float> %1753, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1757 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1756, <8 x float> %1753, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1758 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1757, <8 x float> %1753, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1759 = fmul <8 x float> %1753, %1753
+  %1760 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1758, <8 x float> %1759, <8 x float> %1753)
+  %1761 = fadd <8 x float> %1760, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1762 = fptosi <8 x float> %1751 to <8 x i32>
+  %1763 = add <8 x i32> %1762, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1764 = shl <8 x i32> %1763, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n208 = bitcast <8 x i32> %1764 to <8 x float>
+  %exp209 = fmul <8 x float> %1761, %exp.2n208
+  %1765 = fadd <8 x float> %exp209, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid210 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1765
+  %silu211 = fmul <8 x float> %1743, %sigmoid210
+  %glu212 = fmul <8 x float> %silu211, %1744
+  %1766 = fmul <8 x float> %glu212, %1740
+  %1767 = getelementptr inbounds float, ptr %1742, i64 %col207
+  store <8 x float> %1766, ptr %1767, align 4
+  br label %last.end200
 
-last.end196:                                      ; preds = %last.then195, %part.end194
+last.end200:                                      ; preds = %last.then199, %part.end198
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
-  %1773 = add nsw i64 %r01, 0
-  %1774 = getelementptr inbounds i32, ptr %rows, i64 %1773
-  %1775 = load i32, ptr %1774, align 4
-  %1776 = sext i32 %1775 to i64
-  %1777 = mul nsw i64 %1776, 4096
-  %1778 = add nsw i64 %1777, %k0
-  %1779 = getelementptr inbounds float, ptr %x, i64 %1778
-  %1780 = sub nsw i64 %kb.p, %kb.pg
-  %1781 = sub nsw i64 %1773, %kb.rc
-  %1782 = mul nsw i64 %1781, 16
-  %1783 = add nsw i64 %1782, %1780
-  %1784 = mul nsw i64 %1783, 16
-  %1785 = getelementptr inbounds float, ptr %part, i64 %1784
-  %1786 = getelementptr inbounds float, ptr %1785, i64 0
-  %1787 = load <8 x float>, ptr %1786, align 4
-  %1788 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1787
-  store <8 x float> %1788, ptr %acc000209, align 4
-  %1789 = sub nsw i64 %kb.p, %kb.pg
-  %1790 = sub nsw i64 %1773, %kb.rc
-  %1791 = mul nsw i64 %1790, 16
-  %1792 = add nsw i64 %1791, %1789
-  %1793 = mul nsw i64 %1792, 16
-  %1794 = getelementptr inbounds float, ptr %part, i64 %1793
-  %1795 = getelementptr inbounds float, ptr %1794, i64 8
-  %1796 = load <8 x float>, ptr %1795, align 4
-  %1797 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1796
-  store <8 x float> %1797, ptr %acc001210, align 4
-  %1798 = mul nsw i64 %k0, 16
-  %1799 = mul nsw i64 %kb.p, 65536
-  %panel.off211 = add nsw i64 %1799, %1798
-  %1800 = getelementptr inbounds i16, ptr %panels, i64 %panel.off211
-  %pf.on212 = and i1 %pf.on, %pf.next
-  %1801 = mul nsw i64 %rb, 8192
-  %1802 = lshr i64 %1801, %25
-  %1803 = add nsw i64 %pf.step, %1802
-  %1804 = getelementptr inbounds i8, ptr %1800, i64 %1803
-  %pf213 = select i1 %pf.on212, ptr %1804, ptr %1800
-  %pf.sh214 = select i1 %pf.on212, i64 %25, i64 0
-  br label %k.head215
+  %1768 = add nsw i64 %r01, 0
+  %1769 = getelementptr inbounds i32, ptr %rows, i64 %1768
+  %1770 = load i32, ptr %1769, align 4
+  %1771 = sext i32 %1770 to i64
+  %1772 = mul nsw i64 %1771, 4096
+  %1773 = add nsw i64 %1772, %k0
+  %1774 = getelementptr inbounds float, ptr %x, i64 %1773
+  %1775 = sub nsw i64 %kb.p, %kb.pg
+  %1776 = sub nsw i64 %1768, %kb.rc
+  %1777 = mul nsw i64 %1776, 16
+  %1778 = add nsw i64 %1777, %1775
+  %1779 = mul nsw i64 %1778, 16
+  %1780 = getelementptr inbounds float, ptr %part, i64 %1779
+  %1781 = getelementptr inbounds float, ptr %1780, i64 0
+  %1782 = load <8 x float>, ptr %1781, align 4
+  %1783 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1782
+  store <8 x float> %1783, ptr %acc000213, align 4
+  %1784 = sub nsw i64 %kb.p, %kb.pg
+  %1785 = sub nsw i64 %1768, %kb.rc
+  %1786 = mul nsw i64 %1785, 16
+  %1787 = add nsw i64 %1786, %1784
+  %1788 = mul nsw i64 %1787, 16
+  %1789 = getelementptr inbounds float, ptr %part, i64 %1788
+  %1790 = getelementptr inbounds float, ptr %1789, i64 8
+  %1791 = load <8 x float>, ptr %1790, align 4
+  %1792 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1791
+  store <8 x float> %1792, ptr %acc001214, align 4
+  %panel.off215 = mul nsw i64 %kb.p, 65536
+  %1793 = mul nsw i64 %k0, 16
+  %slice.off216 = add nsw i64 %panel.off215, %1793
+  %1794 = getelementptr inbounds i16, ptr %panels, i64 %slice.off216
+  %pf.on217 = and i1 %pf.on, %pf.next
+  %1795 = mul nsw i64 %rb, 8192
+  %1796 = lshr i64 %1795, %25
+  %1797 = add nsw i64 %pf.step, %1796
+  %1798 = getelementptr inbounds i8, ptr %1794, i64 %1797
+  %pf218 = select i1 %pf.on217, ptr %1798, ptr %1794
+  %pf.sh219 = select i1 %pf.on217, i64 %25, i64 0
+  br label %k.head220
 
-k.head215:                                        ; preds = %pf.any.end220, %tile.mr1
-  %k218 = phi i64 [ 0, %tile.mr1 ], [ %1825, %pf.any.end220 ]
-  %1805 = icmp slt i64 %k218, 256
-  br i1 %1805, label %k.body216, label %k.end217
+k.head220:                                        ; preds = %pf.any.end225, %tile.mr1
+  %k223 = phi i64 [ 0, %tile.mr1 ], [ %1819, %pf.any.end225 ]
+  %1799 = icmp slt i64 %k223, 256
+  br i1 %1799, label %k.body221, label %k.end222
 
-k.body216:                                        ; preds = %k.head215
-  %1806 = mul nsw i64 %k218, 1
-  %1807 = add nsw i64 %1806, 0
-  %1808 = mul nsw i64 %1807, 32
-  br i1 %pf.multi, label %pf.any.then219, label %pf.any.end220
+k.body221:                                        ; preds = %k.head220
+  %1800 = mul nsw i64 %k223, 1
+  %1801 = add nsw i64 %1800, 0
+  %1802 = mul nsw i64 %1801, 32
+  br i1 %pf.multi, label %pf.any.then224, label %pf.any.end225
 
-pf.any.then219:                                   ; preds = %k.body216
-  %1809 = lshr i64 %1808, %pf.sh214
-  %1810 = getelementptr inbounds i8, ptr %pf213, i64 %1809
-  call void @llvm.prefetch.p0(ptr %1810, i32 0, i32 2, i32 1)
-  br label %pf.any.end220
+pf.any.then224:                                   ; preds = %k.body221
+  %1803 = lshr i64 %1802, %pf.sh219
+  %1804 = getelementptr inbounds i8, ptr %pf218, i64 %1803
+  call void @llvm.prefetch.p0(ptr %1804, i32 0, i32 2, i32 1)
+  br label %pf.any.end225
 
-pf.any.end220:                                    ; preds = %pf.any.then219, %k.body216
-  %1811 = mul nsw i64 %1807, 16
-  %1812 = add nsw i64 %panel.off211, %1811
-  %1813 = getelementptr inbounds i16, ptr %panels, i64 %1812
-  %1814 = load <8 x i32>, ptr %1813, align 4
-  %1815 = shl <8 x i32> %1814, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0221 = bitcast <8 x i32> %1815 to <8 x float>
-  %1816 = and <8 x i32> %1814, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1222 = bitcast <8 x i32> %1816 to <8 x float>
-  %1817 = getelementptr inbounds float, ptr %1779, i64 %1807
-  %1818 = load float, ptr %1817, align 4
-  %1819 = insertelement <8 x float> poison, float %1818, i32 0
-  %1820 = shufflevector <8 x float> %1819, <8 x float> poison, <8 x i32> zeroinitializer
-  %1821 = load <8 x float>, ptr %acc000209, align 4
-  %1822 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1820, <8 x float> %b0221, <8 x float> %1821)
-  store <8 x float> %1822, ptr %acc000209, align 4
-  %1823 = load <8 x float>, ptr %acc001210, align 4
-  %1824 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1820, <8 x float> %b1222, <8 x float> %1823)
-  store <8 x float> %1824, ptr %acc001210, align 4
-  %1825 = add nsw i64 %k218, 1
-  br label %k.head215
+pf.any.end225:                                    ; preds = %pf.any.then224, %k.body221
+  %1805 = mul nsw i64 %1801, 16
+  %1806 = add nsw i64 %slice.off216, %1805
+  %1807 = getelementptr inbounds i16, ptr %panels, i64 %1806
+  %1808 = load <8 x i32>, ptr %1807, align 4
+  %1809 = shl <8 x i32> %1808, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0226 = bitcast <8 x i32> %1809 to <8 x float>
+  %1810 = and <8 x i32> %1808, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1227 = bitcast <8 x i32> %1810 to <8 x float>
+  %1811 = getelementptr inbounds float, ptr %1774, i64 %1801
+  %1812 = load float, ptr %1811, align 4
+  %1813 = insertelement <8 x float> poison, float %1812, i32 0
+  %1814 = shufflevector <8 x float> %1813, <8 x float> poison, <8 x i32> zeroinitializer
+  %1815 = load <8 x float>, ptr %acc000213, align 4
+  %1816 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1814, <8 x float> %b0226, <8 x float> %1815)
+  store <8 x float> %1816, ptr %acc000213, align 4
+  %1817 = load <8 x float>, ptr %acc001214, align 4
+  %1818 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1814, <8 x float> %b1227, <8 x float> %1817)
+  store <8 x float> %1818, ptr %acc001214, align 4
+  %1819 = add nsw i64 %k223, 1
+  br label %k.head220
 
-k.end217:                                         ; preds = %k.head215
-  %1826 = xor i1 %klast, true
-  br i1 %1826, label %part.then223, label %part.end224
+k.end222:                                         ; preds = %k.head220
+  %1820 = xor i1 %klast, true
+  br i1 %1820, label %part.then228, label %part.end229
 
-part.then223:                                     ; preds = %k.end217
-  %1827 = add nsw i64 %r01, 0
-  %1828 = sub nsw i64 %kb.p, %kb.pg
-  %1829 = sub nsw i64 %1827, %kb.rc
-  %1830 = mul nsw i64 %1829, 16
-  %1831 = add nsw i64 %1830, %1828
+part.then228:                                     ; preds = %k.end222
+  %1821 = add nsw i64 %r01, 0
+  %1822 = sub nsw i64 %kb.p, %kb.pg
+  %1823 = sub nsw i64 %1821, %kb.rc
+  %1824 = mul nsw i64 %1823, 16
+  %1825 = add nsw i64 %1824, %1822
+  %1826 = mul nsw i64 %1825, 16
+  %1827 = getelementptr inbounds float, ptr %part, i64 %1826
+  %1828 = getelementptr inbounds float, ptr %1827, i64 0
+  %1829 = load <8 x float>, ptr %acc000213, align 4
+  store <8 x float> %1829, ptr %1828, align 4
+  %1830 = sub nsw i64 %kb.p, %kb.pg
+  %1831 = sub nsw i64 %1821, %kb.rc
   %1832 = mul nsw i64 %1831, 16
-  %1833 = getelementptr inbounds float, ptr %part, i64 %1832
-  %1834 = getelementptr inbounds float, ptr %1833, i64 0
-  %1835 = load <8 x float>, ptr %acc000209, align 4
-  store <8 x float> %1835, ptr %1834, align 4
-  %1836 = sub nsw i64 %kb.p, %kb.pg
-  %1837 = sub nsw i64 %1827, %kb.rc
-  %1838 = mul nsw i64 %1837, 16
-  %1839 = add nsw i64 %1838, %1836
-  %1840 = mul nsw i64 %1839, 16
-  %1841 = getelementptr inbounds float, ptr %part, i64 %1840
-  %1842 = getelementptr inbounds float, ptr %1841, i64 8
-  %1843 = load <8 x float>, ptr %acc001210, align 4
-  store <8 x float> %1843, ptr %1842, align 4
-  br label %part.end224
+  %1833 = add nsw i64 %1832, %1830
+  %1834 = mul nsw i64 %1833, 16
+  %1835 = getelementptr inbounds float, ptr %part, i64 %1834
+  %1836 = getelementptr inbounds float, ptr %1835, i64 8
+  %1837 = load <8 x float>, ptr %acc001214, align 4
+  store <8 x float> %1837, ptr %1836, align 4
+  br label %part.end229
 
-part.end224:                                      ; preds = %part.then223, %k.end217
-  br i1 %klast, label %last.then225, label %last.end226
+part.end229:                                      ; preds = %part.then228, %k.end222
+  br i1 %klast, label %last.then230, label %last.end231
 
-last.then225:                                     ; preds = %part.end224
-  %1844 = add nsw i64 %r01, 0
-  %1845 = getelementptr inbounds float, ptr %rw, i64 %1844
-  %1846 = load float, ptr %1845, align 4
-  %1847 = insertelement <8 x float> poison, float %1846, i32 0
-  %1848 = shufflevector <8 x float> %1847, <8 x float> poison, <8 x i32> zeroinitializer
-  %1849 = mul nsw i64 %1844, 14336
-  %1850 = getelementptr inbounds float, ptr %h, i64 %1849
-  %col227 = mul nsw i64 %kb.p, 8
-  %1851 = load <8 x float>, ptr %acc000209, align 4
-  %1852 = load <8 x float>, ptr %acc001210, align 4
-  %1853 = fneg <8 x float> %1851
-  %1854 = fcmp olt <8 x float> %1853, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1855 = select <8 x i1> %1854, <8 x float> %1853, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1856 = fcmp ogt <8 x float> %1855, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1857 = select <8 x i1> %1856, <8 x float> %1855, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1858 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1857, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1859 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1858)
-  %1860 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1859, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1857)
-  %1861 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1859, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1860)
-  %1862 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1861, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1863 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1862, <8 x float> %1861, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1864 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1863, <8 x float> %1861, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1865 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1864, <8 x float> %1861, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1865, <8 x float> %1861, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1867 = fmul <8 x float> %1861, %1861
-  %1868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1866, <8 x float> %1867, <8 x float> %1861)
-  %1869 = fadd <8 x float> %1868, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1870 = fptosi <8 x float> %1859 to <8 x i32>
-  %1871 = add <8 x i32> %1870, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1872 = shl <8 x i32> %1871, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n228 = bitcast <8 x i32> %1872 to <8 x float>
-  %exp229 = fmul <8 x float> %1869, %exp.2n228
-  %1873 = fadd <8 x float> %exp229, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid230 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1873
-  %silu231 = fmul <8 x float> %1851, %sigmoid230
-  %glu232 = fmul <8 x float> %silu231, %1852
-  %1874 = fmul <8 x float> %glu232, %1848
-  %1875 = getelementptr inbounds float, ptr %1850, i64 %col227
-  store <8 x float> %1874, ptr %1875, align 4
-  br label %last.end226
+last.then230:                                     ; preds = %part.end229
+  %1838 = add nsw i64 %r01, 0
+  %1839 = getelementptr inbounds float, ptr %rw, i64 %1838
+  %1840 = load float, ptr %1839, align 4
+  %1841 = insertelement <8 x float> poison, float %1840, i32 0
+  %1842 = shufflevector <8 x float> %1841, <8 x float> poison, <8 x i32> zeroinitializer
+  %1843 = mul nsw i64 %1838, 14336
+  %1844 = getelementptr inbounds float, ptr %h, i64 %1843
+  %col232 = mul nsw i64 %kb.p, 8
+  %1845 = load <8 x float>, ptr %acc000213, align 4
+  %1846 = load <8 x float>, ptr %acc001214, align 4
+  %1847 = fneg <8 x float> %1845
+  %1848 = fcmp olt <8 x float> %1847, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1849 = select <8 x i1> %1848, <8 x float> %1847, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1850 = fcmp ogt <8 x float> %1849, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1851 = select <8 x i1> %1850, <8 x float> %1849, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1852 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1851, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1853 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1852)
+  %1854 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1853, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1851)
+  %1855 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1853, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1854)
+  %1856 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1855, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1857 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1856, <8 x float> %1855, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1858 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1857, <8 x float> %1855, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1859 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1858, <8 x float> %1855, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1860 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1859, <8 x float> %1855, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1861 = fmul <8 x float> %1855, %1855
+  %1862 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1860, <8 x float> %1861, <8 x float> %1855)
+  %1863 = fadd <8 x float> %1862, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1864 = fptosi <8 x float> %1853 to <8 x i32>
+  %1865 = add <8 x i32> %1864, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1866 = shl <8 x i32> %1865, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n233 = bitcast <8 x i32> %1866 to <8 x float>
+  %exp234 = fmul <8 x float> %1863, %exp.2n233
+  %1867 = fadd <8 x float> %exp234, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid235 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1867
+  %silu236 = fmul <8 x float> %1845, %sigmoid235
+  %glu237 = fmul <8 x float> %silu236, %1846
+  %1868 = fmul <8 x float> %glu237, %1842
+  %1869 = getelementptr inbounds float, ptr %1844, i64 %col232
+  store <8 x float> %1868, ptr %1869, align 4
+  br label %last.end231
 
-last.end226:                                      ; preds = %last.then225, %part.end224
+last.end231:                                      ; preds = %last.then230, %part.end229
   br label %tile.done
 
-tile.done:                                        ; preds = %last.end226, %last.end196, %last.end158, %last.end112, %last.end58, %last.end
-  %1876 = add nsw i64 %rb, 1
+tile.done:                                        ; preds = %last.end231, %last.end200, %last.end161, %last.end114, %last.end59, %last.end
+  %1870 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %1877 = add nsw i64 %kb.p, 1
+  %1871 = add nsw i64 %kb.p, 1
   br label %kb.p.head
 
 kb.p.end:                                         ; preds = %kb.p.head
-  %1878 = add nsw i64 %kb.k, 1
+  %1872 = add nsw i64 %kb.k, 1
   br label %kb.k.head
 
 kb.k.end:                                         ; preds = %kb.k.head
-  %1879 = add nsw i64 %kb.pg, 16
+  %1873 = add nsw i64 %kb.pg, 16
   br label %kb.pg.head
 
 kb.pg.end:                                        ; preds = %kb.pg.head
-  %1880 = add nsw i64 %kb.rc, 96
+  %1874 = add nsw i64 %kb.rc, 96
   br label %kb.rc.head
 
 kb.rc.end:                                        ; preds = %kb.rc.head
@@ -3383,1552 +3383,1546 @@ kb.rc.end:                                        ; preds = %kb.rc.head
 flat:                                             ; preds = %start
   br label %p.head
 
-p.head:                                           ; preds = %rb.end236, %flat
-  %p = phi i64 [ %p0, %flat ], [ %3009, %rb.end236 ]
-  %1881 = icmp slt i64 %p, %p1
-  br i1 %1881, label %p.body, label %p.end
+p.head:                                           ; preds = %rb.end241, %flat
+  %p = phi i64 [ %p0, %flat ], [ %2997, %rb.end241 ]
+  %1875 = icmp slt i64 %p, %p1
+  br i1 %1875, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
-  %1882 = add nsw i64 %n, 5
-  %nrb233 = sdiv i64 %1882, 6
-  br label %rb.head234
+  %1876 = add nsw i64 %n, 5
+  %nrb238 = sdiv i64 %1876, 6
+  br label %rb.head239
 
-rb.head234:                                       ; preds = %tile.done241, %p.body
-  %rb237 = phi i64 [ 0, %p.body ], [ %3008, %tile.done241 ]
-  %1883 = icmp slt i64 %rb237, %nrb233
-  br i1 %1883, label %rb.body235, label %rb.end236
+rb.head239:                                       ; preds = %tile.done246, %p.body
+  %rb242 = phi i64 [ 0, %p.body ], [ %2996, %tile.done246 ]
+  %1877 = icmp slt i64 %rb242, %nrb238
+  br i1 %1877, label %rb.body240, label %rb.end241
 
-rb.body235:                                       ; preds = %rb.head234
-  %1884 = mul nsw i64 %rb237, %n
-  %r0238 = sdiv i64 %1884, %nrb233
-  %1885 = add nsw i64 %rb237, 1
-  %1886 = mul nsw i64 %1885, %n
-  %r1239 = sdiv i64 %1886, %nrb233
-  %mr240 = sub nsw i64 %r1239, %r0238
-  %1887 = icmp sge i64 %nrb233, 2
-  %1888 = select i1 %1887, i64 1, i64 0
-  %1889 = icmp sge i64 %nrb233, 4
-  %1890 = select i1 %1889, i64 2, i64 %1888
-  %1891 = icmp sge i64 %nrb233, 8
-  %1892 = select i1 %1891, i64 3, i64 %1890
-  %pf.multi248 = icmp sgt i64 %nrb233, 1
-  %1893 = shl i64 1, %1892
-  %1894 = icmp slt i64 %rb237, %1893
-  %pf.on249 = and i1 %pf.multi248, %1894
-  switch i64 %mr240, label %tile.mr6247 [
-    i64 1, label %tile.mr1242
-    i64 2, label %tile.mr2243
-    i64 3, label %tile.mr3244
-    i64 4, label %tile.mr4245
-    i64 5, label %tile.mr5246
+rb.body240:                                       ; preds = %rb.head239
+  %1878 = mul nsw i64 %rb242, %n
+  %r0243 = sdiv i64 %1878, %nrb238
+  %1879 = add nsw i64 %rb242, 1
+  %1880 = mul nsw i64 %1879, %n
+  %r1244 = sdiv i64 %1880, %nrb238
+  %mr245 = sub nsw i64 %r1244, %r0243
+  %1881 = icmp sge i64 %nrb238, 2
+  %1882 = select i1 %1881, i64 1, i64 0
+  %1883 = icmp sge i64 %nrb238, 4
+  %1884 = select i1 %1883, i64 2, i64 %1882
+  %1885 = icmp sge i64 %nrb238, 8
+  %1886 = select i1 %1885, i64 3, i64 %1884
+  %pf.multi253 = icmp sgt i64 %nrb238, 1
+  %1887 = shl i64 1, %1886
+  %1888 = icmp slt i64 %rb242, %1887
+  %pf.on254 = and i1 %pf.multi253, %1888
+  switch i64 %mr245, label %tile.mr6252 [
+    i64 1, label %tile.mr1247
+    i64 2, label %tile.mr2248
+    i64 3, label %tile.mr3249
+    i64 4, label %tile.mr4250
+    i64 5, label %tile.mr5251
   ]
 
-tile.mr6247:                                      ; preds = %rb.body235
-  %1895 = add nsw i64 %r0238, 0
-  %1896 = getelementptr inbounds i32, ptr %rows, i64 %1895
-  %1897 = load i32, ptr %1896, align 4
-  %1898 = sext i32 %1897 to i64
-  %1899 = mul nsw i64 %1898, 4096
-  %1900 = add nsw i64 %1899, 0
-  %1901 = getelementptr inbounds float, ptr %x, i64 %1900
-  store <8 x float> zeroinitializer, ptr %acc000250, align 4
-  store <8 x float> zeroinitializer, ptr %acc001251, align 4
-  %1902 = add nsw i64 %r0238, 1
-  %1903 = getelementptr inbounds i32, ptr %rows, i64 %1902
-  %1904 = load i32, ptr %1903, align 4
-  %1905 = sext i32 %1904 to i64
-  %1906 = mul nsw i64 %1905, 4096
-  %1907 = add nsw i64 %1906, 0
-  %1908 = getelementptr inbounds float, ptr %x, i64 %1907
-  store <8 x float> zeroinitializer, ptr %acc010252, align 4
-  store <8 x float> zeroinitializer, ptr %acc011253, align 4
-  %1909 = add nsw i64 %r0238, 2
-  %1910 = getelementptr inbounds i32, ptr %rows, i64 %1909
-  %1911 = load i32, ptr %1910, align 4
-  %1912 = sext i32 %1911 to i64
-  %1913 = mul nsw i64 %1912, 4096
-  %1914 = add nsw i64 %1913, 0
-  %1915 = getelementptr inbounds float, ptr %x, i64 %1914
-  store <8 x float> zeroinitializer, ptr %acc020254, align 4
-  store <8 x float> zeroinitializer, ptr %acc021255, align 4
-  %1916 = add nsw i64 %r0238, 3
-  %1917 = getelementptr inbounds i32, ptr %rows, i64 %1916
-  %1918 = load i32, ptr %1917, align 4
-  %1919 = sext i32 %1918 to i64
-  %1920 = mul nsw i64 %1919, 4096
-  %1921 = add nsw i64 %1920, 0
-  %1922 = getelementptr inbounds float, ptr %x, i64 %1921
-  store <8 x float> zeroinitializer, ptr %acc030256, align 4
-  store <8 x float> zeroinitializer, ptr %acc031257, align 4
-  %1923 = add nsw i64 %r0238, 4
-  %1924 = getelementptr inbounds i32, ptr %rows, i64 %1923
-  %1925 = load i32, ptr %1924, align 4
-  %1926 = sext i32 %1925 to i64
-  %1927 = mul nsw i64 %1926, 4096
-  %1928 = add nsw i64 %1927, 0
-  %1929 = getelementptr inbounds float, ptr %x, i64 %1928
-  store <8 x float> zeroinitializer, ptr %acc040258, align 4
-  store <8 x float> zeroinitializer, ptr %acc041259, align 4
-  %1930 = add nsw i64 %r0238, 5
-  %1931 = getelementptr inbounds i32, ptr %rows, i64 %1930
-  %1932 = load i32, ptr %1931, align 4
-  %1933 = sext i32 %1932 to i64
-  %1934 = mul nsw i64 %1933, 4096
-  %1935 = add nsw i64 %1934, 0
-  %1936 = getelementptr inbounds float, ptr %x, i64 %1935
-  store <8 x float> zeroinitializer, ptr %acc050260, align 4
-  store <8 x float> zeroinitializer, ptr %acc051261, align 4
-  %1937 = mul nsw i64 %p, 65536
-  %panel.off262 = add nsw i64 %1937, 0
-  %1938 = getelementptr inbounds i16, ptr %panels, i64 %panel.off262
-  %1939 = add nsw i64 %p, 1
-  %1940 = icmp slt i64 %1939, %p1
-  %pf.on263 = and i1 %pf.on249, %1940
-  %1941 = mul nsw i64 %rb237, 131072
-  %1942 = lshr i64 %1941, %1892
-  %1943 = add nsw i64 131072, %1942
-  %1944 = getelementptr inbounds i8, ptr %1938, i64 %1943
-  %pf264 = select i1 %pf.on263, ptr %1944, ptr %1938
-  %pf.sh265 = select i1 %pf.on263, i64 %1892, i64 0
-  br label %k.head266
+tile.mr6252:                                      ; preds = %rb.body240
+  %1889 = add nsw i64 %r0243, 0
+  %1890 = getelementptr inbounds i32, ptr %rows, i64 %1889
+  %1891 = load i32, ptr %1890, align 4
+  %1892 = sext i32 %1891 to i64
+  %1893 = mul nsw i64 %1892, 4096
+  %1894 = add nsw i64 %1893, 0
+  %1895 = getelementptr inbounds float, ptr %x, i64 %1894
+  store <8 x float> zeroinitializer, ptr %acc000255, align 4
+  store <8 x float> zeroinitializer, ptr %acc001256, align 4
+  %1896 = add nsw i64 %r0243, 1
+  %1897 = getelementptr inbounds i32, ptr %rows, i64 %1896
+  %1898 = load i32, ptr %1897, align 4
+  %1899 = sext i32 %1898 to i64
+  %1900 = mul nsw i64 %1899, 4096
+  %1901 = add nsw i64 %1900, 0
+  %1902 = getelementptr inbounds float, ptr %x, i64 %1901
+  store <8 x float> zeroinitializer, ptr %acc010257, align 4
+  store <8 x float> zeroinitializer, ptr %acc011258, align 4
+  %1903 = add nsw i64 %r0243, 2
+  %1904 = getelementptr inbounds i32, ptr %rows, i64 %1903
+  %1905 = load i32, ptr %1904, align 4
+  %1906 = sext i32 %1905 to i64
+  %1907 = mul nsw i64 %1906, 4096
+  %1908 = add nsw i64 %1907, 0
+  %1909 = getelementptr inbounds float, ptr %x, i64 %1908
+  store <8 x float> zeroinitializer, ptr %acc020259, align 4
+  store <8 x float> zeroinitializer, ptr %acc021260, align 4
+  %1910 = add nsw i64 %r0243, 3
+  %1911 = getelementptr inbounds i32, ptr %rows, i64 %1910
+  %1912 = load i32, ptr %1911, align 4
+  %1913 = sext i32 %1912 to i64
+  %1914 = mul nsw i64 %1913, 4096
+  %1915 = add nsw i64 %1914, 0
+  %1916 = getelementptr inbounds float, ptr %x, i64 %1915
+  store <8 x float> zeroinitializer, ptr %acc030261, align 4
+  store <8 x float> zeroinitializer, ptr %acc031262, align 4
+  %1917 = add nsw i64 %r0243, 4
+  %1918 = getelementptr inbounds i32, ptr %rows, i64 %1917
+  %1919 = load i32, ptr %1918, align 4
+  %1920 = sext i32 %1919 to i64
+  %1921 = mul nsw i64 %1920, 4096
+  %1922 = add nsw i64 %1921, 0
+  %1923 = getelementptr inbounds float, ptr %x, i64 %1922
+  store <8 x float> zeroinitializer, ptr %acc040263, align 4
+  store <8 x float> zeroinitializer, ptr %acc041264, align 4
+  %1924 = add nsw i64 %r0243, 5
+  %1925 = getelementptr inbounds i32, ptr %rows, i64 %1924
+  %1926 = load i32, ptr %1925, align 4
+  %1927 = sext i32 %1926 to i64
+  %1928 = mul nsw i64 %1927, 4096
+  %1929 = add nsw i64 %1928, 0
+  %1930 = getelementptr inbounds float, ptr %x, i64 %1929
+  store <8 x float> zeroinitializer, ptr %acc050265, align 4
+  store <8 x float> zeroinitializer, ptr %acc051266, align 4
+  %panel.off267 = mul nsw i64 %p, 65536
+  %1931 = getelementptr inbounds i16, ptr %panels, i64 %panel.off267
+  %1932 = add nsw i64 %p, 1
+  %1933 = icmp slt i64 %1932, %p1
+  %pf.on268 = and i1 %pf.on254, %1933
+  %1934 = mul nsw i64 %rb242, 131072
+  %1935 = lshr i64 %1934, %1886
+  %1936 = add nsw i64 131072, %1935
+  %1937 = getelementptr inbounds i8, ptr %1931, i64 %1936
+  %pf269 = select i1 %pf.on268, ptr %1937, ptr %1931
+  %pf.sh270 = select i1 %pf.on268, i64 %1886, i64 0
+  br label %k.head271
 
-k.head266:                                        ; preds = %pf.any.end271, %tile.mr6247
-  %k269 = phi i64 [ 0, %tile.mr6247 ], [ %2005, %pf.any.end271 ]
-  %1945 = icmp slt i64 %k269, 4096
-  br i1 %1945, label %k.body267, label %k.end268
+k.head271:                                        ; preds = %pf.any.end276, %tile.mr6252
+  %k274 = phi i64 [ 0, %tile.mr6252 ], [ %1998, %pf.any.end276 ]
+  %1938 = icmp slt i64 %k274, 4096
+  br i1 %1938, label %k.body272, label %k.end273
 
-k.body267:                                        ; preds = %k.head266
-  %1946 = mul nsw i64 %k269, 1
-  %1947 = add nsw i64 %1946, 0
-  %1948 = mul nsw i64 %1947, 32
-  br i1 %pf.multi248, label %pf.any.then270, label %pf.any.end271
+k.body272:                                        ; preds = %k.head271
+  %1939 = mul nsw i64 %k274, 1
+  %1940 = add nsw i64 %1939, 0
+  %1941 = mul nsw i64 %1940, 32
+  br i1 %pf.multi253, label %pf.any.then275, label %pf.any.end276
 
-pf.any.then270:                                   ; preds = %k.body267
-  %1949 = lshr i64 %1948, %pf.sh265
-  %1950 = getelementptr inbounds i8, ptr %pf264, i64 %1949
-  call void @llvm.prefetch.p0(ptr %1950, i32 0, i32 2, i32 1)
-  br label %pf.any.end271
+pf.any.then275:                                   ; preds = %k.body272
+  %1942 = lshr i64 %1941, %pf.sh270
+  %1943 = getelementptr inbounds i8, ptr %pf269, i64 %1942
+  call void @llvm.prefetch.p0(ptr %1943, i32 0, i32 2, i32 1)
+  br label %pf.any.end276
 
-pf.any.end271:                                    ; preds = %pf.any.then270, %k.body267
-  %1951 = mul nsw i64 %1947, 16
-  %1952 = add nsw i64 %panel.off262, %1951
-  %1953 = getelementptr inbounds i16, ptr %panels, i64 %1952
-  %1954 = load <8 x i32>, ptr %1953, align 4
-  %1955 = shl <8 x i32> %1954, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0272 = bitcast <8 x i32> %1955 to <8 x float>
-  %1956 = and <8 x i32> %1954, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1273 = bitcast <8 x i32> %1956 to <8 x float>
-  %1957 = getelementptr inbounds float, ptr %1901, i64 %1947
-  %1958 = load float, ptr %1957, align 4
-  %1959 = insertelement <8 x float> poison, float %1958, i32 0
-  %1960 = shufflevector <8 x float> %1959, <8 x float> poison, <8 x i32> zeroinitializer
-  %1961 = load <8 x float>, ptr %acc000250, align 4
-  %1962 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1960, <8 x float> %b0272, <8 x float> %1961)
-  store <8 x float> %1962, ptr %acc000250, align 4
-  %1963 = load <8 x float>, ptr %acc001251, align 4
-  %1964 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1960, <8 x float> %b1273, <8 x float> %1963)
-  store <8 x float> %1964, ptr %acc001251, align 4
-  %1965 = getelementptr inbounds float, ptr %1908, i64 %1947
-  %1966 = load float, ptr %1965, align 4
-  %1967 = insertelement <8 x float> poison, float %1966, i32 0
-  %1968 = shufflevector <8 x float> %1967, <8 x float> poison, <8 x i32> zeroinitializer
-  %1969 = load <8 x float>, ptr %acc010252, align 4
-  %1970 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1968, <8 x float> %b0272, <8 x float> %1969)
-  store <8 x float> %1970, ptr %acc010252, align 4
-  %1971 = load <8 x float>, ptr %acc011253, align 4
-  %1972 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1968, <8 x float> %b1273, <8 x float> %1971)
-  store <8 x float> %1972, ptr %acc011253, align 4
-  %1973 = getelementptr inbounds float, ptr %1915, i64 %1947
-  %1974 = load float, ptr %1973, align 4
-  %1975 = insertelement <8 x float> poison, float %1974, i32 0
-  %1976 = shufflevector <8 x float> %1975, <8 x float> poison, <8 x i32> zeroinitializer
-  %1977 = load <8 x float>, ptr %acc020254, align 4
-  %1978 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1976, <8 x float> %b0272, <8 x float> %1977)
-  store <8 x float> %1978, ptr %acc020254, align 4
-  %1979 = load <8 x float>, ptr %acc021255, align 4
-  %1980 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1976, <8 x float> %b1273, <8 x float> %1979)
-  store <8 x float> %1980, ptr %acc021255, align 4
-  %1981 = getelementptr inbounds float, ptr %1922, i64 %1947
-  %1982 = load float, ptr %1981, align 4
-  %1983 = insertelement <8 x float> poison, float %1982, i32 0
-  %1984 = shufflevector <8 x float> %1983, <8 x float> poison, <8 x i32> zeroinitializer
-  %1985 = load <8 x float>, ptr %acc030256, align 4
-  %1986 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1984, <8 x float> %b0272, <8 x float> %1985)
-  store <8 x float> %1986, ptr %acc030256, align 4
-  %1987 = load <8 x float>, ptr %acc031257, align 4
-  %1988 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1984, <8 x float> %b1273, <8 x float> %1987)
-  store <8 x float> %1988, ptr %acc031257, align 4
-  %1989 = getelementptr inbounds float, ptr %1929, i64 %1947
-  %1990 = load float, ptr %1989, align 4
-  %1991 = insertelement <8 x float> poison, float %1990, i32 0
-  %1992 = shufflevector <8 x float> %1991, <8 x float> poison, <8 x i32> zeroinitializer
-  %1993 = load <8 x float>, ptr %acc040258, align 4
-  %1994 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1992, <8 x float> %b0272, <8 x float> %1993)
-  store <8 x float> %1994, ptr %acc040258, align 4
-  %1995 = load <8 x float>, ptr %acc041259, align 4
-  %1996 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1992, <8 x float> %b1273, <8 x float> %1995)
-  store <8 x float> %1996, ptr %acc041259, align 4
-  %1997 = getelementptr inbounds float, ptr %1936, i64 %1947
-  %1998 = load float, ptr %1997, align 4
-  %1999 = insertelement <8 x float> poison, float %1998, i32 0
-  %2000 = shufflevector <8 x float> %1999, <8 x float> poison, <8 x i32> zeroinitializer
-  %2001 = load <8 x float>, ptr %acc050260, align 4
-  %2002 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2000, <8 x float> %b0272, <8 x float> %2001)
-  store <8 x float> %2002, ptr %acc050260, align 4
-  %2003 = load <8 x float>, ptr %acc051261, align 4
-  %2004 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2000, <8 x float> %b1273, <8 x float> %2003)
-  store <8 x float> %2004, ptr %acc051261, align 4
-  %2005 = add nsw i64 %k269, 1
-  br label %k.head266
+pf.any.end276:                                    ; preds = %pf.any.then275, %k.body272
+  %1944 = mul nsw i64 %1940, 16
+  %1945 = add nsw i64 %panel.off267, %1944
+  %1946 = getelementptr inbounds i16, ptr %panels, i64 %1945
+  %1947 = load <8 x i32>, ptr %1946, align 4
+  %1948 = shl <8 x i32> %1947, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0277 = bitcast <8 x i32> %1948 to <8 x float>
+  %1949 = and <8 x i32> %1947, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1278 = bitcast <8 x i32> %1949 to <8 x float>
+  %1950 = getelementptr inbounds float, ptr %1895, i64 %1940
+  %1951 = load float, ptr %1950, align 4
+  %1952 = insertelement <8 x float> poison, float %1951, i32 0
+  %1953 = shufflevector <8 x float> %1952, <8 x float> poison, <8 x i32> zeroinitializer
+  %1954 = load <8 x float>, ptr %acc000255, align 4
+  %1955 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1953, <8 x float> %b0277, <8 x float> %1954)
+  store <8 x float> %1955, ptr %acc000255, align 4
+  %1956 = load <8 x float>, ptr %acc001256, align 4
+  %1957 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1953, <8 x float> %b1278, <8 x float> %1956)
+  store <8 x float> %1957, ptr %acc001256, align 4
+  %1958 = getelementptr inbounds float, ptr %1902, i64 %1940
+  %1959 = load float, ptr %1958, align 4
+  %1960 = insertelement <8 x float> poison, float %1959, i32 0
+  %1961 = shufflevector <8 x float> %1960, <8 x float> poison, <8 x i32> zeroinitializer
+  %1962 = load <8 x float>, ptr %acc010257, align 4
+  %1963 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1961, <8 x float> %b0277, <8 x float> %1962)
+  store <8 x float> %1963, ptr %acc010257, align 4
+  %1964 = load <8 x float>, ptr %acc011258, align 4
+  %1965 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1961, <8 x float> %b1278, <8 x float> %1964)
+  store <8 x float> %1965, ptr %acc011258, align 4
+  %1966 = getelementptr inbounds float, ptr %1909, i64 %1940
+  %1967 = load float, ptr %1966, align 4
+  %1968 = insertelement <8 x float> poison, float %1967, i32 0
+  %1969 = shufflevector <8 x float> %1968, <8 x float> poison, <8 x i32> zeroinitializer
+  %1970 = load <8 x float>, ptr %acc020259, align 4
+  %1971 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1969, <8 x float> %b0277, <8 x float> %1970)
+  store <8 x float> %1971, ptr %acc020259, align 4
+  %1972 = load <8 x float>, ptr %acc021260, align 4
+  %1973 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1969, <8 x float> %b1278, <8 x float> %1972)
+  store <8 x float> %1973, ptr %acc021260, align 4
+  %1974 = getelementptr inbounds float, ptr %1916, i64 %1940
+  %1975 = load float, ptr %1974, align 4
+  %1976 = insertelement <8 x float> poison, float %1975, i32 0
+  %1977 = shufflevector <8 x float> %1976, <8 x float> poison, <8 x i32> zeroinitializer
+  %1978 = load <8 x float>, ptr %acc030261, align 4
+  %1979 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1977, <8 x float> %b0277, <8 x float> %1978)
+  store <8 x float> %1979, ptr %acc030261, align 4
+  %1980 = load <8 x float>, ptr %acc031262, align 4
+  %1981 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1977, <8 x float> %b1278, <8 x float> %1980)
+  store <8 x float> %1981, ptr %acc031262, align 4
+  %1982 = getelementptr inbounds float, ptr %1923, i64 %1940
+  %1983 = load float, ptr %1982, align 4
+  %1984 = insertelement <8 x float> poison, float %1983, i32 0
+  %1985 = shufflevector <8 x float> %1984, <8 x float> poison, <8 x i32> zeroinitializer
+  %1986 = load <8 x float>, ptr %acc040263, align 4
+  %1987 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1985, <8 x float> %b0277, <8 x float> %1986)
+  store <8 x float> %1987, ptr %acc040263, align 4
+  %1988 = load <8 x float>, ptr %acc041264, align 4
+  %1989 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1985, <8 x float> %b1278, <8 x float> %1988)
+  store <8 x float> %1989, ptr %acc041264, align 4
+  %1990 = getelementptr inbounds float, ptr %1930, i64 %1940
+  %1991 = load float, ptr %1990, align 4
+  %1992 = insertelement <8 x float> poison, float %1991, i32 0
+  %1993 = shufflevector <8 x float> %1992, <8 x float> poison, <8 x i32> zeroinitializer
+  %1994 = load <8 x float>, ptr %acc050265, align 4
+  %1995 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1993, <8 x float> %b0277, <8 x float> %1994)
+  store <8 x float> %1995, ptr %acc050265, align 4
+  %1996 = load <8 x float>, ptr %acc051266, align 4
+  %1997 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1993, <8 x float> %b1278, <8 x float> %1996)
+  store <8 x float> %1997, ptr %acc051266, align 4
+  %1998 = add nsw i64 %k274, 1
+  br label %k.head271
 
-k.end268:                                         ; preds = %k.head266
-  %2006 = add nsw i64 %r0238, 0
-  %2007 = getelementptr inbounds float, ptr %rw, i64 %2006
-  %2008 = load float, ptr %2007, align 4
-  %2009 = insertelement <8 x float> poison, float %2008, i32 0
-  %2010 = shufflevector <8 x float> %2009, <8 x float> poison, <8 x i32> zeroinitializer
-  %2011 = mul nsw i64 %2006, 14336
-  %2012 = getelementptr inbounds float, ptr %h, i64 %2011
-  %col274 = mul nsw i64 %p, 8
-  %2013 = load <8 x float>, ptr %acc000250, align 4
-  %2014 = load <8 x float>, ptr %acc001251, align 4
-  %2015 = fneg <8 x float> %2013
-  %2016 = fcmp olt <8 x float> %2015, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2017 = select <8 x i1> %2016, <8 x float> %2015, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2018 = fcmp ogt <8 x float> %2017, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2019 = select <8 x i1> %2018, <8 x float> %2017, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2020 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2019, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2021 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2020)
-  %2022 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2021, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2019)
-  %2023 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2021, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2022)
-  %2024 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2023, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2025 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2024, <8 x float> %2023, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2026 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2025, <8 x float> %2023, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2027 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2026, <8 x float> %2023, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2028 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2027, <8 x float> %2023, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2029 = fmul <8 x float> %2023, %2023
-  %2030 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2028, <8 x float> %2029, <8 x float> %2023)
-  %2031 = fadd <8 x float> %2030, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2032 = fptosi <8 x float> %2021 to <8 x i32>
-  %2033 = add <8 x i32> %2032, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2034 = shl <8 x i32> %2033, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n275 = bitcast <8 x i32> %2034 to <8 x float>
-  %exp276 = fmul <8 x float> %2031, %exp.2n275
-  %2035 = fadd <8 x float> %exp276, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid277 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2035
-  %silu278 = fmul <8 x float> %2013, %sigmoid277
-  %glu279 = fmul <8 x float> %silu278, %2014
-  %2036 = fmul <8 x float> %glu279, %2010
-  %2037 = getelementptr inbounds float, ptr %2012, i64 %col274
-  store <8 x float> %2036, ptr %2037, align 4
-  %2038 = add nsw i64 %r0238, 1
-  %2039 = getelementptr inbounds float, ptr %rw, i64 %2038
-  %2040 = load float, ptr %2039, align 4
-  %2041 = insertelement <8 x float> poison, float %2040, i32 0
-  %2042 = shufflevector <8 x float> %2041, <8 x float> poison, <8 x i32> zeroinitializer
-  %2043 = mul nsw i64 %2038, 14336
-  %2044 = getelementptr inbounds float, ptr %h, i64 %2043
-  %col280 = mul nsw i64 %p, 8
-  %2045 = load <8 x float>, ptr %acc010252, align 4
-  %2046 = load <8 x float>, ptr %acc011253, align 4
-  %2047 = fneg <8 x float> %2045
-  %2048 = fcmp olt <8 x float> %2047, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2049 = select <8 x i1> %2048, <8 x float> %2047, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2050 = fcmp ogt <8 x float> %2049, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2051 = select <8 x i1> %2050, <8 x float> %2049, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2052 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2051, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2053 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2052)
-  %2054 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2053, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2051)
-  %2055 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2053, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2054)
-  %2056 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2055, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2057 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2056, <8 x float> %2055, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2058 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2057, <8 x float> %2055, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2059 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2058, <8 x float> %2055, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2060 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2059, <8 x float> %2055, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2061 = fmul <8 x float> %2055, %2055
-  %2062 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2060, <8 x float> %2061, <8 x float> %2055)
-  %2063 = fadd <8 x float> %2062, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2064 = fptosi <8 x float> %2053 to <8 x i32>
-  %2065 = add <8 x i32> %2064, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2066 = shl <8 x i32> %2065, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n281 = bitcast <8 x i32> %2066 to <8 x float>
-  %exp282 = fmul <8 x float> %2063, %exp.2n281
-  %2067 = fadd <8 x float> %exp282, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid283 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2067
-  %silu284 = fmul <8 x float> %2045, %sigmoid283
-  %glu285 = fmul <8 x float> %silu284, %2046
-  %2068 = fmul <8 x float> %glu285, %2042
-  %2069 = getelementptr inbounds float, ptr %2044, i64 %col280
-  store <8 x float> %2068, ptr %2069, align 4
-  %2070 = add nsw i64 %r0238, 2
-  %2071 = getelementptr inbounds float, ptr %rw, i64 %2070
-  %2072 = load float, ptr %2071, align 4
-  %2073 = insertelement <8 x float> poison, float %2072, i32 0
-  %2074 = shufflevector <8 x float> %2073, <8 x float> poison, <8 x i32> zeroinitializer
-  %2075 = mul nsw i64 %2070, 14336
-  %2076 = getelementptr inbounds float, ptr %h, i64 %2075
-  %col286 = mul nsw i64 %p, 8
-  %2077 = load <8 x float>, ptr %acc020254, align 4
-  %2078 = load <8 x float>, ptr %acc021255, align 4
-  %2079 = fneg <8 x float> %2077
-  %2080 = fcmp olt <8 x float> %2079, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2081 = select <8 x i1> %2080, <8 x float> %2079, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2082 = fcmp ogt <8 x float> %2081, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2083 = select <8 x i1> %2082, <8 x float> %2081, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2084 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2083, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2085 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2084)
-  %2086 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2085, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2083)
-  %2087 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2085, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2086)
-  %2088 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2087, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2089 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2088, <8 x float> %2087, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2090 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2089, <8 x float> %2087, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2091 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2090, <8 x float> %2087, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2092 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2091, <8 x float> %2087, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2093 = fmul <8 x float> %2087, %2087
-  %2094 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2092, <8 x float> %2093, <8 x float> %2087)
-  %2095 = fadd <8 x float> %2094, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2096 = fptosi <8 x float> %2085 to <8 x i32>
-  %2097 = add <8 x i32> %2096, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2098 = shl <8 x i32> %2097, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n287 = bitcast <8 x i32> %2098 to <8 x float>
-  %exp288 = fmul <8 x float> %2095, %exp.2n287
-  %2099 = fadd <8 x float> %exp288, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid289 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2099
-  %silu290 = fmul <8 x float> %2077, %sigmoid289
-  %glu291 = fmul <8 x float> %silu290, %2078
-  %2100 = fmul <8 x float> %glu291, %2074
-  %2101 = getelementptr inbounds float, ptr %2076, i64 %col286
-  store <8 x float> %2100, ptr %2101, align 4
-  %2102 = add nsw i64 %r0238, 3
-  %2103 = getelementptr inbounds float, ptr %rw, i64 %2102
-  %2104 = load float, ptr %2103, align 4
-  %2105 = insertelement <8 x float> poison, float %2104, i32 0
-  %2106 = shufflevector <8 x float> %2105, <8 x float> poison, <8 x i32> zeroinitializer
-  %2107 = mul nsw i64 %2102, 14336
-  %2108 = getelementptr inbounds float, ptr %h, i64 %2107
-  %col292 = mul nsw i64 %p, 8
-  %2109 = load <8 x float>, ptr %acc030256, align 4
-  %2110 = load <8 x float>, ptr %acc031257, align 4
-  %2111 = fneg <8 x float> %2109
-  %2112 = fcmp olt <8 x float> %2111, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2113 = select <8 x i1> %2112, <8 x float> %2111, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2114 = fcmp ogt <8 x float> %2113, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2115 = select <8 x i1> %2114, <8 x float> %2113, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2115, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2117 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2116)
-  %2118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2117, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2115)
-  %2119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2117, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2118)
-  %2120 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2119, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2120, <8 x float> %2119, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2121, <8 x float> %2119, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2122, <8 x float> %2119, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2123, <8 x float> %2119, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2125 = fmul <8 x float> %2119, %2119
-  %2126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2124, <8 x float> %2125, <8 x float> %2119)
-  %2127 = fadd <8 x float> %2126, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2128 = fptosi <8 x float> %2117 to <8 x i32>
-  %2129 = add <8 x i32> %2128, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2130 = shl <8 x i32> %2129, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n293 = bitcast <8 x i32> %2130 to <8 x float>
-  %exp294 = fmul <8 x float> %2127, %exp.2n293
-  %2131 = fadd <8 x float> %exp294, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid295 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2131
-  %silu296 = fmul <8 x float> %2109, %sigmoid295
-  %glu297 = fmul <8 x float> %silu296, %2110
-  %2132 = fmul <8 x float> %glu297, %2106
-  %2133 = getelementptr inbounds float, ptr %2108, i64 %col292
-  store <8 x float> %2132, ptr %2133, align 4
-  %2134 = add nsw i64 %r0238, 4
-  %2135 = getelementptr inbounds float, ptr %rw, i64 %2134
-  %2136 = load float, ptr %2135, align 4
-  %2137 = insertelement <8 x float> poison, float %2136, i32 0
-  %2138 = shufflevector <8 x float> %2137, <8 x float> poison, <8 x i32> zeroinitializer
-  %2139 = mul nsw i64 %2134, 14336
-  %2140 = getelementptr inbounds float, ptr %h, i64 %2139
-  %col298 = mul nsw i64 %p, 8
-  %2141 = load <8 x float>, ptr %acc040258, align 4
-  %2142 = load <8 x float>, ptr %acc041259, align 4
-  %2143 = fneg <8 x float> %2141
-  %2144 = fcmp olt <8 x float> %2143, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2145 = select <8 x i1> %2144, <8 x float> %2143, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2146 = fcmp ogt <8 x float> %2145, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2147 = select <8 x i1> %2146, <8 x float> %2145, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2147, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2149 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2148)
-  %2150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2149, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2147)
-  %2151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2149, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2150)
-  %2152 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2151, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2152, <8 x float> %2151, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2153, <8 x float> %2151, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2154, <8 x float> %2151, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2156 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2155, <8 x float> %2151, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2157 = fmul <8 x float> %2151, %2151
-  %2158 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2156, <8 x float> %2157, <8 x float> %2151)
-  %2159 = fadd <8 x float> %2158, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2160 = fptosi <8 x float> %2149 to <8 x i32>
-  %2161 = add <8 x i32> %2160, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2162 = shl <8 x i32> %2161, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n299 = bitcast <8 x i32> %2162 to <8 x float>
-  %exp300 = fmul <8 x float> %2159, %exp.2n299
-  %2163 = fadd <8 x float> %exp300, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid301 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2163
-  %silu302 = fmul <8 x float> %2141, %sigmoid301
-  %glu303 = fmul <8 x float> %silu302, %2142
-  %2164 = fmul <8 x float> %glu303, %2138
-  %2165 = getelementptr inbounds float, ptr %2140, i64 %col298
-  store <8 x float> %2164, ptr %2165, align 4
-  %2166 = add nsw i64 %r0238, 5
-  %2167 = getelementptr inbounds float, ptr %rw, i64 %2166
-  %2168 = load float, ptr %2167, align 4
-  %2169 = insertelement <8 x float> poison, float %2168, i32 0
-  %2170 = shufflevector <8 x float> %2169, <8 x float> poison, <8 x i32> zeroinitializer
-  %2171 = mul nsw i64 %2166, 14336
-  %2172 = getelementptr inbounds float, ptr %h, i64 %2171
-  %col304 = mul nsw i64 %p, 8
-  %2173 = load <8 x float>, ptr %acc050260, align 4
-  %2174 = load <8 x float>, ptr %acc051261, align 4
-  %2175 = fneg <8 x float> %2173
-  %2176 = fcmp olt <8 x float> %2175, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2177 = select <8 x i1> %2176, <8 x float> %2175, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2178 = fcmp ogt <8 x float> %2177, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2179 = select <8 x i1> %2178, <8 x float> %2177, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2179, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2181 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2180)
-  %2182 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2181, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2179)
-  %2183 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2181, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2182)
-  %2184 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2183, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2185 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2184, <8 x float> %2183, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2186 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2185, <8 x float> %2183, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2187 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2186, <8 x float> %2183, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2187, <8 x float> %2183, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2189 = fmul <8 x float> %2183, %2183
-  %2190 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2188, <8 x float> %2189, <8 x float> %2183)
-  %2191 = fadd <8 x float> %2190, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2192 = fptosi <8 x float> %2181 to <8 x i32>
-  %2193 = add <8 x i32> %2192, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2194 = shl <8 x i32> %2193, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n305 = bitcast <8 x i32> %2194 to <8 x float>
-  %exp306 = fmul <8 x float> %2191, %exp.2n305
-  %2195 = fadd <8 x float> %exp306, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid307 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2195
-  %silu308 = fmul <8 x float> %2173, %sigmoid307
-  %glu309 = fmul <8 x float> %silu308, %2174
-  %2196 = fmul <8 x float> %glu309, %2170
-  %2197 = getelementptr inbounds float, ptr %2172, i64 %col304
-  store <8 x float> %2196, ptr %2197, align 4
-  br label %tile.done241
+k.end273:                                         ; preds = %k.head271
+  %1999 = add nsw i64 %r0243, 0
+  %2000 = getelementptr inbounds float, ptr %rw, i64 %1999
+  %2001 = load float, ptr %2000, align 4
+  %2002 = insertelement <8 x float> poison, float %2001, i32 0
+  %2003 = shufflevector <8 x float> %2002, <8 x float> poison, <8 x i32> zeroinitializer
+  %2004 = mul nsw i64 %1999, 14336
+  %2005 = getelementptr inbounds float, ptr %h, i64 %2004
+  %col279 = mul nsw i64 %p, 8
+  %2006 = load <8 x float>, ptr %acc000255, align 4
+  %2007 = load <8 x float>, ptr %acc001256, align 4
+  %2008 = fneg <8 x float> %2006
+  %2009 = fcmp olt <8 x float> %2008, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2010 = select <8 x i1> %2009, <8 x float> %2008, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2011 = fcmp ogt <8 x float> %2010, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2012 = select <8 x i1> %2011, <8 x float> %2010, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2013 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2012, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2014 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2013)
+  %2015 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2014, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2012)
+  %2016 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2014, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2015)
+  %2017 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2016, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2018 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2017, <8 x float> %2016, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2019 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2018, <8 x float> %2016, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2020 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2019, <8 x float> %2016, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2021 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2020, <8 x float> %2016, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2022 = fmul <8 x float> %2016, %2016
+  %2023 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2021, <8 x float> %2022, <8 x float> %2016)
+  %2024 = fadd <8 x float> %2023, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2025 = fptosi <8 x float> %2014 to <8 x i32>
+  %2026 = add <8 x i32> %2025, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2027 = shl <8 x i32> %2026, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n280 = bitcast <8 x i32> %2027 to <8 x float>
+  %exp281 = fmul <8 x float> %2024, %exp.2n280
+  %2028 = fadd <8 x float> %exp281, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid282 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2028
+  %silu283 = fmul <8 x float> %2006, %sigmoid282
+  %glu284 = fmul <8 x float> %silu283, %2007
+  %2029 = fmul <8 x float> %glu284, %2003
+  %2030 = getelementptr inbounds float, ptr %2005, i64 %col279
+  store <8 x float> %2029, ptr %2030, align 4
+  %2031 = add nsw i64 %r0243, 1
+  %2032 = getelementptr inbounds float, ptr %rw, i64 %2031
+  %2033 = load float, ptr %2032, align 4
+  %2034 = insertelement <8 x float> poison, float %2033, i32 0
+  %2035 = shufflevector <8 x float> %2034, <8 x float> poison, <8 x i32> zeroinitializer
+  %2036 = mul nsw i64 %2031, 14336
+  %2037 = getelementptr inbounds float, ptr %h, i64 %2036
+  %col285 = mul nsw i64 %p, 8
+  %2038 = load <8 x float>, ptr %acc010257, align 4
+  %2039 = load <8 x float>, ptr %acc011258, align 4
+  %2040 = fneg <8 x float> %2038
+  %2041 = fcmp olt <8 x float> %2040, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2042 = select <8 x i1> %2041, <8 x float> %2040, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2043 = fcmp ogt <8 x float> %2042, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2044 = select <8 x i1> %2043, <8 x float> %2042, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2045 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2044, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2046 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2045)
+  %2047 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2046, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2044)
+  %2048 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2046, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2047)
+  %2049 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2048, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2050 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2049, <8 x float> %2048, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2051 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2050, <8 x float> %2048, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2052 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2051, <8 x float> %2048, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2053 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2052, <8 x float> %2048, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2054 = fmul <8 x float> %2048, %2048
+  %2055 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2053, <8 x float> %2054, <8 x float> %2048)
+  %2056 = fadd <8 x float> %2055, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2057 = fptosi <8 x float> %2046 to <8 x i32>
+  %2058 = add <8 x i32> %2057, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2059 = shl <8 x i32> %2058, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n286 = bitcast <8 x i32> %2059 to <8 x float>
+  %exp287 = fmul <8 x float> %2056, %exp.2n286
+  %2060 = fadd <8 x float> %exp287, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid288 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2060
+  %silu289 = fmul <8 x float> %2038, %sigmoid288
+  %glu290 = fmul <8 x float> %silu289, %2039
+  %2061 = fmul <8 x float> %glu290, %2035
+  %2062 = getelementptr inbounds float, ptr %2037, i64 %col285
+  store <8 x float> %2061, ptr %2062, align 4
+  %2063 = add nsw i64 %r0243, 2
+  %2064 = getelementptr inbounds float, ptr %rw, i64 %2063
+  %2065 = load float, ptr %2064, align 4
+  %2066 = insertelement <8 x float> poison, float %2065, i32 0
+  %2067 = shufflevector <8 x float> %2066, <8 x float> poison, <8 x i32> zeroinitializer
+  %2068 = mul nsw i64 %2063, 14336
+  %2069 = getelementptr inbounds float, ptr %h, i64 %2068
+  %col291 = mul nsw i64 %p, 8
+  %2070 = load <8 x float>, ptr %acc020259, align 4
+  %2071 = load <8 x float>, ptr %acc021260, align 4
+  %2072 = fneg <8 x float> %2070
+  %2073 = fcmp olt <8 x float> %2072, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2074 = select <8 x i1> %2073, <8 x float> %2072, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2075 = fcmp ogt <8 x float> %2074, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2076 = select <8 x i1> %2075, <8 x float> %2074, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2077 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2076, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2078 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2077)
+  %2079 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2078, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2076)
+  %2080 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2078, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2079)
+  %2081 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2080, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2082 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2081, <8 x float> %2080, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2083 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2082, <8 x float> %2080, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2084 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2083, <8 x float> %2080, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2085 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2084, <8 x float> %2080, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2086 = fmul <8 x float> %2080, %2080
+  %2087 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2085, <8 x float> %2086, <8 x float> %2080)
+  %2088 = fadd <8 x float> %2087, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2089 = fptosi <8 x float> %2078 to <8 x i32>
+  %2090 = add <8 x i32> %2089, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2091 = shl <8 x i32> %2090, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n292 = bitcast <8 x i32> %2091 to <8 x float>
+  %exp293 = fmul <8 x float> %2088, %exp.2n292
+  %2092 = fadd <8 x float> %exp293, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid294 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2092
+  %silu295 = fmul <8 x float> %2070, %sigmoid294
+  %glu296 = fmul <8 x float> %silu295, %2071
+  %2093 = fmul <8 x float> %glu296, %2067
+  %2094 = getelementptr inbounds float, ptr %2069, i64 %col291
+  store <8 x float> %2093, ptr %2094, align 4
+  %2095 = add nsw i64 %r0243, 3
+  %2096 = getelementptr inbounds float, ptr %rw, i64 %2095
+  %2097 = load float, ptr %2096, align 4
+  %2098 = insertelement <8 x float> poison, float %2097, i32 0
+  %2099 = shufflevector <8 x float> %2098, <8 x float> poison, <8 x i32> zeroinitializer
+  %2100 = mul nsw i64 %2095, 14336
+  %2101 = getelementptr inbounds float, ptr %h, i64 %2100
+  %col297 = mul nsw i64 %p, 8
+  %2102 = load <8 x float>, ptr %acc030261, align 4
+  %2103 = load <8 x float>, ptr %acc031262, align 4
+  %2104 = fneg <8 x float> %2102
+  %2105 = fcmp olt <8 x float> %2104, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2106 = select <8 x i1> %2105, <8 x float> %2104, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2107 = fcmp ogt <8 x float> %2106, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2108 = select <8 x i1> %2107, <8 x float> %2106, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2108, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2110 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2109)
+  %2111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2110, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2108)
+  %2112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2110, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2111)
+  %2113 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2112, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2113, <8 x float> %2112, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2114, <8 x float> %2112, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2115, <8 x float> %2112, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2116, <8 x float> %2112, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2118 = fmul <8 x float> %2112, %2112
+  %2119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2117, <8 x float> %2118, <8 x float> %2112)
+  %2120 = fadd <8 x float> %2119, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2121 = fptosi <8 x float> %2110 to <8 x i32>
+  %2122 = add <8 x i32> %2121, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2123 = shl <8 x i32> %2122, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n298 = bitcast <8 x i32> %2123 to <8 x float>
+  %exp299 = fmul <8 x float> %2120, %exp.2n298
+  %2124 = fadd <8 x float> %exp299, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid300 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2124
+  %silu301 = fmul <8 x float> %2102, %sigmoid300
+  %glu302 = fmul <8 x float> %silu301, %2103
+  %2125 = fmul <8 x float> %glu302, %2099
+  %2126 = getelementptr inbounds float, ptr %2101, i64 %col297
+  store <8 x float> %2125, ptr %2126, align 4
+  %2127 = add nsw i64 %r0243, 4
+  %2128 = getelementptr inbounds float, ptr %rw, i64 %2127
+  %2129 = load float, ptr %2128, align 4
+  %2130 = insertelement <8 x float> poison, float %2129, i32 0
+  %2131 = shufflevector <8 x float> %2130, <8 x float> poison, <8 x i32> zeroinitializer
+  %2132 = mul nsw i64 %2127, 14336
+  %2133 = getelementptr inbounds float, ptr %h, i64 %2132
+  %col303 = mul nsw i64 %p, 8
+  %2134 = load <8 x float>, ptr %acc040263, align 4
+  %2135 = load <8 x float>, ptr %acc041264, align 4
+  %2136 = fneg <8 x float> %2134
+  %2137 = fcmp olt <8 x float> %2136, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2138 = select <8 x i1> %2137, <8 x float> %2136, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2139 = fcmp ogt <8 x float> %2138, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2140 = select <8 x i1> %2139, <8 x float> %2138, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2140, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2142 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2141)
+  %2143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2142, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2140)
+  %2144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2142, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2143)
+  %2145 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2144, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2145, <8 x float> %2144, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2146, <8 x float> %2144, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2147, <8 x float> %2144, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2148, <8 x float> %2144, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2150 = fmul <8 x float> %2144, %2144
+  %2151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2149, <8 x float> %2150, <8 x float> %2144)
+  %2152 = fadd <8 x float> %2151, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2153 = fptosi <8 x float> %2142 to <8 x i32>
+  %2154 = add <8 x i32> %2153, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2155 = shl <8 x i32> %2154, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n304 = bitcast <8 x i32> %2155 to <8 x float>
+  %exp305 = fmul <8 x float> %2152, %exp.2n304
+  %2156 = fadd <8 x float> %exp305, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid306 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2156
+  %silu307 = fmul <8 x float> %2134, %sigmoid306
+  %glu308 = fmul <8 x float> %silu307, %2135
+  %2157 = fmul <8 x float> %glu308, %2131
+  %2158 = getelementptr inbounds float, ptr %2133, i64 %col303
+  store <8 x float> %2157, ptr %2158, align 4
+  %2159 = add nsw i64 %r0243, 5
+  %2160 = getelementptr inbounds float, ptr %rw, i64 %2159
+  %2161 = load float, ptr %2160, align 4
+  %2162 = insertelement <8 x float> poison, float %2161, i32 0
+  %2163 = shufflevector <8 x float> %2162, <8 x float> poison, <8 x i32> zeroinitializer
+  %2164 = mul nsw i64 %2159, 14336
+  %2165 = getelementptr inbounds float, ptr %h, i64 %2164
+  %col309 = mul nsw i64 %p, 8
+  %2166 = load <8 x float>, ptr %acc050265, align 4
+  %2167 = load <8 x float>, ptr %acc051266, align 4
+  %2168 = fneg <8 x float> %2166
+  %2169 = fcmp olt <8 x float> %2168, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2170 = select <8 x i1> %2169, <8 x float> %2168, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2171 = fcmp ogt <8 x float> %2170, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2172 = select <8 x i1> %2171, <8 x float> %2170, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2172, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2174 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2173)
+  %2175 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2174, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2172)
+  %2176 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2174, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2175)
+  %2177 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2176, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2178 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2177, <8 x float> %2176, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2178, <8 x float> %2176, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2179, <8 x float> %2176, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2181 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2180, <8 x float> %2176, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2182 = fmul <8 x float> %2176, %2176
+  %2183 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2181, <8 x float> %2182, <8 x float> %2176)
+  %2184 = fadd <8 x float> %2183, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2185 = fptosi <8 x float> %2174 to <8 x i32>
+  %2186 = add <8 x i32> %2185, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2187 = shl <8 x i32> %2186, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n310 = bitcast <8 x i32> %2187 to <8 x float>
+  %exp311 = fmul <8 x float> %2184, %exp.2n310
+  %2188 = fadd <8 x float> %exp311, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid312 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2188
+  %silu313 = fmul <8 x float> %2166, %sigmoid312
+  %glu314 = fmul <8 x float> %silu313, %2167
+  %2189 = fmul <8 x float> %glu314, %2163
+  %2190 = getelementptr inbounds float, ptr %2165, i64 %col309
+  store <8 x float> %2189, ptr %2190, align 4
+  br label %tile.done246
 
-tile.mr5246:                                      ; preds = %rb.body235
-  %2198 = add nsw i64 %r0238, 0
+tile.mr5251:                                      ; preds = %rb.body240
+  %2191 = add nsw i64 %r0243, 0
+  %2192 = getelementptr inbounds i32, ptr %rows, i64 %2191
+  %2193 = load i32, ptr %2192, align 4
+  %2194 = sext i32 %2193 to i64
+  %2195 = mul nsw i64 %2194, 4096
+  %2196 = add nsw i64 %2195, 0
+  %2197 = getelementptr inbounds float, ptr %x, i64 %2196
+  store <8 x float> zeroinitializer, ptr %acc000315, align 4
+  store <8 x float> zeroinitializer, ptr %acc001316, align 4
+  %2198 = add nsw i64 %r0243, 1
   %2199 = getelementptr inbounds i32, ptr %rows, i64 %2198
   %2200 = load i32, ptr %2199, align 4
   %2201 = sext i32 %2200 to i64
   %2202 = mul nsw i64 %2201, 4096
   %2203 = add nsw i64 %2202, 0
   %2204 = getelementptr inbounds float, ptr %x, i64 %2203
-  store <8 x float> zeroinitializer, ptr %acc000310, align 4
-  store <8 x float> zeroinitializer, ptr %acc001311, align 4
-  %2205 = add nsw i64 %r0238, 1
+  store <8 x float> zeroinitializer, ptr %acc010317, align 4
+  store <8 x float> zeroinitializer, ptr %acc011318, align 4
+  %2205 = add nsw i64 %r0243, 2
   %2206 = getelementptr inbounds i32, ptr %rows, i64 %2205
   %2207 = load i32, ptr %2206, align 4
   %2208 = sext i32 %2207 to i64
   %2209 = mul nsw i64 %2208, 4096
   %2210 = add nsw i64 %2209, 0
   %2211 = getelementptr inbounds float, ptr %x, i64 %2210
-  store <8 x float> zeroinitializer, ptr %acc010312, align 4
-  store <8 x float> zeroinitializer, ptr %acc011313, align 4
-  %2212 = add nsw i64 %r0238, 2
+  store <8 x float> zeroinitializer, ptr %acc020319, align 4
+  store <8 x float> zeroinitializer, ptr %acc021320, align 4
+  %2212 = add nsw i64 %r0243, 3
   %2213 = getelementptr inbounds i32, ptr %rows, i64 %2212
   %2214 = load i32, ptr %2213, align 4
   %2215 = sext i32 %2214 to i64
   %2216 = mul nsw i64 %2215, 4096
   %2217 = add nsw i64 %2216, 0
   %2218 = getelementptr inbounds float, ptr %x, i64 %2217
-  store <8 x float> zeroinitializer, ptr %acc020314, align 4
-  store <8 x float> zeroinitializer, ptr %acc021315, align 4
-  %2219 = add nsw i64 %r0238, 3
+  store <8 x float> zeroinitializer, ptr %acc030321, align 4
+  store <8 x float> zeroinitializer, ptr %acc031322, align 4
+  %2219 = add nsw i64 %r0243, 4
   %2220 = getelementptr inbounds i32, ptr %rows, i64 %2219
   %2221 = load i32, ptr %2220, align 4
   %2222 = sext i32 %2221 to i64
   %2223 = mul nsw i64 %2222, 4096
   %2224 = add nsw i64 %2223, 0
   %2225 = getelementptr inbounds float, ptr %x, i64 %2224
-  store <8 x float> zeroinitializer, ptr %acc030316, align 4
-  store <8 x float> zeroinitializer, ptr %acc031317, align 4
-  %2226 = add nsw i64 %r0238, 4
-  %2227 = getelementptr inbounds i32, ptr %rows, i64 %2226
-  %2228 = load i32, ptr %2227, align 4
-  %2229 = sext i32 %2228 to i64
-  %2230 = mul nsw i64 %2229, 4096
-  %2231 = add nsw i64 %2230, 0
-  %2232 = getelementptr inbounds float, ptr %x, i64 %2231
-  store <8 x float> zeroinitializer, ptr %acc040318, align 4
-  store <8 x float> zeroinitializer, ptr %acc041319, align 4
-  %2233 = mul nsw i64 %p, 65536
-  %panel.off320 = add nsw i64 %2233, 0
-  %2234 = getelementptr inbounds i16, ptr %panels, i64 %panel.off320
-  %2235 = add nsw i64 %p, 1
-  %2236 = icmp slt i64 %2235, %p1
-  %pf.on321 = and i1 %pf.on249, %2236
-  %2237 = mul nsw i64 %rb237, 131072
-  %2238 = lshr i64 %2237, %1892
-  %2239 = add nsw i64 131072, %2238
-  %2240 = getelementptr inbounds i8, ptr %2234, i64 %2239
-  %pf322 = select i1 %pf.on321, ptr %2240, ptr %2234
-  %pf.sh323 = select i1 %pf.on321, i64 %1892, i64 0
-  br label %k.head324
+  store <8 x float> zeroinitializer, ptr %acc040323, align 4
+  store <8 x float> zeroinitializer, ptr %acc041324, align 4
+  %panel.off325 = mul nsw i64 %p, 65536
+  %2226 = getelementptr inbounds i16, ptr %panels, i64 %panel.off325
+  %2227 = add nsw i64 %p, 1
+  %2228 = icmp slt i64 %2227, %p1
+  %pf.on326 = and i1 %pf.on254, %2228
+  %2229 = mul nsw i64 %rb242, 131072
+  %2230 = lshr i64 %2229, %1886
+  %2231 = add nsw i64 131072, %2230
+  %2232 = getelementptr inbounds i8, ptr %2226, i64 %2231
+  %pf327 = select i1 %pf.on326, ptr %2232, ptr %2226
+  %pf.sh328 = select i1 %pf.on326, i64 %1886, i64 0
+  br label %k.head329
 
-k.head324:                                        ; preds = %pf.any.end329, %tile.mr5246
-  %k327 = phi i64 [ 0, %tile.mr5246 ], [ %2293, %pf.any.end329 ]
-  %2241 = icmp slt i64 %k327, 4096
-  br i1 %2241, label %k.body325, label %k.end326
+k.head329:                                        ; preds = %pf.any.end334, %tile.mr5251
+  %k332 = phi i64 [ 0, %tile.mr5251 ], [ %2285, %pf.any.end334 ]
+  %2233 = icmp slt i64 %k332, 4096
+  br i1 %2233, label %k.body330, label %k.end331
 
-k.body325:                                        ; preds = %k.head324
-  %2242 = mul nsw i64 %k327, 1
-  %2243 = add nsw i64 %2242, 0
-  %2244 = mul nsw i64 %2243, 32
-  br i1 %pf.multi248, label %pf.any.then328, label %pf.any.end329
+k.body330:                                        ; preds = %k.head329
+  %2234 = mul nsw i64 %k332, 1
+  %2235 = add nsw i64 %2234, 0
+  %2236 = mul nsw i64 %2235, 32
+  br i1 %pf.multi253, label %pf.any.then333, label %pf.any.end334
 
-pf.any.then328:                                   ; preds = %k.body325
-  %2245 = lshr i64 %2244, %pf.sh323
-  %2246 = getelementptr inbounds i8, ptr %pf322, i64 %2245
-  call void @llvm.prefetch.p0(ptr %2246, i32 0, i32 2, i32 1)
-  br label %pf.any.end329
+pf.any.then333:                                   ; preds = %k.body330
+  %2237 = lshr i64 %2236, %pf.sh328
+  %2238 = getelementptr inbounds i8, ptr %pf327, i64 %2237
+  call void @llvm.prefetch.p0(ptr %2238, i32 0, i32 2, i32 1)
+  br label %pf.any.end334
 
-pf.any.end329:                                    ; preds = %pf.any.then328, %k.body325
-  %2247 = mul nsw i64 %2243, 16
-  %2248 = add nsw i64 %panel.off320, %2247
-  %2249 = getelementptr inbounds i16, ptr %panels, i64 %2248
-  %2250 = load <8 x i32>, ptr %2249, align 4
-  %2251 = shl <8 x i32> %2250, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0330 = bitcast <8 x i32> %2251 to <8 x float>
-  %2252 = and <8 x i32> %2250, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1331 = bitcast <8 x i32> %2252 to <8 x float>
-  %2253 = getelementptr inbounds float, ptr %2204, i64 %2243
+pf.any.end334:                                    ; preds = %pf.any.then333, %k.body330
+  %2239 = mul nsw i64 %2235, 16
+  %2240 = add nsw i64 %panel.off325, %2239
+  %2241 = getelementptr inbounds i16, ptr %panels, i64 %2240
+  %2242 = load <8 x i32>, ptr %2241, align 4
+  %2243 = shl <8 x i32> %2242, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0335 = bitcast <8 x i32> %2243 to <8 x float>
+  %2244 = and <8 x i32> %2242, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1336 = bitcast <8 x i32> %2244 to <8 x float>
+  %2245 = getelementptr inbounds float, ptr %2197, i64 %2235
+  %2246 = load float, ptr %2245, align 4
+  %2247 = insertelement <8 x float> poison, float %2246, i32 0
+  %2248 = shufflevector <8 x float> %2247, <8 x float> poison, <8 x i32> zeroinitializer
+  %2249 = load <8 x float>, ptr %acc000315, align 4
+  %2250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2248, <8 x float> %b0335, <8 x float> %2249)
+  store <8 x float> %2250, ptr %acc000315, align 4
+  %2251 = load <8 x float>, ptr %acc001316, align 4
+  %2252 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2248, <8 x float> %b1336, <8 x float> %2251)
+  store <8 x float> %2252, ptr %acc001316, align 4
+  %2253 = getelementptr inbounds float, ptr %2204, i64 %2235
   %2254 = load float, ptr %2253, align 4
   %2255 = insertelement <8 x float> poison, float %2254, i32 0
   %2256 = shufflevector <8 x float> %2255, <8 x float> poison, <8 x i32> zeroinitializer
-  %2257 = load <8 x float>, ptr %acc000310, align 4
-  %2258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2256, <8 x float> %b0330, <8 x float> %2257)
-  store <8 x float> %2258, ptr %acc000310, align 4
-  %2259 = load <8 x float>, ptr %acc001311, align 4
-  %2260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2256, <8 x float> %b1331, <8 x float> %2259)
-  store <8 x float> %2260, ptr %acc001311, align 4
-  %2261 = getelementptr inbounds float, ptr %2211, i64 %2243
+  %2257 = load <8 x float>, ptr %acc010317, align 4
+  %2258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2256, <8 x float> %b0335, <8 x float> %2257)
+  store <8 x float> %2258, ptr %acc010317, align 4
+  %2259 = load <8 x float>, ptr %acc011318, align 4
+  %2260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2256, <8 x float> %b1336, <8 x float> %2259)
+  store <8 x float> %2260, ptr %acc011318, align 4
+  %2261 = getelementptr inbounds float, ptr %2211, i64 %2235
   %2262 = load float, ptr %2261, align 4
   %2263 = insertelement <8 x float> poison, float %2262, i32 0
   %2264 = shufflevector <8 x float> %2263, <8 x float> poison, <8 x i32> zeroinitializer
-  %2265 = load <8 x float>, ptr %acc010312, align 4
-  %2266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2264, <8 x float> %b0330, <8 x float> %2265)
-  store <8 x float> %2266, ptr %acc010312, align 4
-  %2267 = load <8 x float>, ptr %acc011313, align 4
-  %2268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2264, <8 x float> %b1331, <8 x float> %2267)
-  store <8 x float> %2268, ptr %acc011313, align 4
-  %2269 = getelementptr inbounds float, ptr %2218, i64 %2243
+  %2265 = load <8 x float>, ptr %acc020319, align 4
+  %2266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2264, <8 x float> %b0335, <8 x float> %2265)
+  store <8 x float> %2266, ptr %acc020319, align 4
+  %2267 = load <8 x float>, ptr %acc021320, align 4
+  %2268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2264, <8 x float> %b1336, <8 x float> %2267)
+  store <8 x float> %2268, ptr %acc021320, align 4
+  %2269 = getelementptr inbounds float, ptr %2218, i64 %2235
   %2270 = load float, ptr %2269, align 4
   %2271 = insertelement <8 x float> poison, float %2270, i32 0
   %2272 = shufflevector <8 x float> %2271, <8 x float> poison, <8 x i32> zeroinitializer
-  %2273 = load <8 x float>, ptr %acc020314, align 4
-  %2274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2272, <8 x float> %b0330, <8 x float> %2273)
-  store <8 x float> %2274, ptr %acc020314, align 4
-  %2275 = load <8 x float>, ptr %acc021315, align 4
-  %2276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2272, <8 x float> %b1331, <8 x float> %2275)
-  store <8 x float> %2276, ptr %acc021315, align 4
-  %2277 = getelementptr inbounds float, ptr %2225, i64 %2243
+  %2273 = load <8 x float>, ptr %acc030321, align 4
+  %2274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2272, <8 x float> %b0335, <8 x float> %2273)
+  store <8 x float> %2274, ptr %acc030321, align 4
+  %2275 = load <8 x float>, ptr %acc031322, align 4
+  %2276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2272, <8 x float> %b1336, <8 x float> %2275)
+  store <8 x float> %2276, ptr %acc031322, align 4
+  %2277 = getelementptr inbounds float, ptr %2225, i64 %2235
   %2278 = load float, ptr %2277, align 4
   %2279 = insertelement <8 x float> poison, float %2278, i32 0
   %2280 = shufflevector <8 x float> %2279, <8 x float> poison, <8 x i32> zeroinitializer
-  %2281 = load <8 x float>, ptr %acc030316, align 4
-  %2282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2280, <8 x float> %b0330, <8 x float> %2281)
-  store <8 x float> %2282, ptr %acc030316, align 4
-  %2283 = load <8 x float>, ptr %acc031317, align 4
-  %2284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2280, <8 x float> %b1331, <8 x float> %2283)
-  store <8 x float> %2284, ptr %acc031317, align 4
-  %2285 = getelementptr inbounds float, ptr %2232, i64 %2243
-  %2286 = load float, ptr %2285, align 4
-  %2287 = insertelement <8 x float> poison, float %2286, i32 0
-  %2288 = shufflevector <8 x float> %2287, <8 x float> poison, <8 x i32> zeroinitializer
-  %2289 = load <8 x float>, ptr %acc040318, align 4
-  %2290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2288, <8 x float> %b0330, <8 x float> %2289)
-  store <8 x float> %2290, ptr %acc040318, align 4
-  %2291 = load <8 x float>, ptr %acc041319, align 4
-  %2292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2288, <8 x float> %b1331, <8 x float> %2291)
-  store <8 x float> %2292, ptr %acc041319, align 4
-  %2293 = add nsw i64 %k327, 1
-  br label %k.head324
+  %2281 = load <8 x float>, ptr %acc040323, align 4
+  %2282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2280, <8 x float> %b0335, <8 x float> %2281)
+  store <8 x float> %2282, ptr %acc040323, align 4
+  %2283 = load <8 x float>, ptr %acc041324, align 4
+  %2284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2280, <8 x float> %b1336, <8 x float> %2283)
+  store <8 x float> %2284, ptr %acc041324, align 4
+  %2285 = add nsw i64 %k332, 1
+  br label %k.head329
 
-k.end326:                                         ; preds = %k.head324
-  %2294 = add nsw i64 %r0238, 0
-  %2295 = getelementptr inbounds float, ptr %rw, i64 %2294
-  %2296 = load float, ptr %2295, align 4
-  %2297 = insertelement <8 x float> poison, float %2296, i32 0
-  %2298 = shufflevector <8 x float> %2297, <8 x float> poison, <8 x i32> zeroinitializer
-  %2299 = mul nsw i64 %2294, 14336
-  %2300 = getelementptr inbounds float, ptr %h, i64 %2299
-  %col332 = mul nsw i64 %p, 8
-  %2301 = load <8 x float>, ptr %acc000310, align 4
-  %2302 = load <8 x float>, ptr %acc001311, align 4
-  %2303 = fneg <8 x float> %2301
-  %2304 = fcmp olt <8 x float> %2303, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2305 = select <8 x i1> %2304, <8 x float> %2303, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2306 = fcmp ogt <8 x float> %2305, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2307 = select <8 x i1> %2306, <8 x float> %2305, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2308 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2307, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2309 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2308)
-  %2310 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2309, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2307)
-  %2311 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2309, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2310)
-  %2312 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2311, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2313 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2312, <8 x float> %2311, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2313, <8 x float> %2311, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2315 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2314, <8 x float> %2311, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2316 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2315, <8 x float> %2311, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2317 = fmul <8 x float> %2311, %2311
-  %2318 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2316, <8 x float> %2317, <8 x float> %2311)
-  %2319 = fadd <8 x float> %2318, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2320 = fptosi <8 x float> %2309 to <8 x i32>
-  %2321 = add <8 x i32> %2320, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2322 = shl <8 x i32> %2321, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n333 = bitcast <8 x i32> %2322 to <8 x float>
-  %exp334 = fmul <8 x float> %2319, %exp.2n333
-  %2323 = fadd <8 x float> %exp334, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid335 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2323
-  %silu336 = fmul <8 x float> %2301, %sigmoid335
-  %glu337 = fmul <8 x float> %silu336, %2302
-  %2324 = fmul <8 x float> %glu337, %2298
-  %2325 = getelementptr inbounds float, ptr %2300, i64 %col332
-  store <8 x float> %2324, ptr %2325, align 4
-  %2326 = add nsw i64 %r0238, 1
-  %2327 = getelementptr inbounds float, ptr %rw, i64 %2326
-  %2328 = load float, ptr %2327, align 4
-  %2329 = insertelement <8 x float> poison, float %2328, i32 0
-  %2330 = shufflevector <8 x float> %2329, <8 x float> poison, <8 x i32> zeroinitializer
-  %2331 = mul nsw i64 %2326, 14336
-  %2332 = getelementptr inbounds float, ptr %h, i64 %2331
-  %col338 = mul nsw i64 %p, 8
-  %2333 = load <8 x float>, ptr %acc010312, align 4
-  %2334 = load <8 x float>, ptr %acc011313, align 4
-  %2335 = fneg <8 x float> %2333
-  %2336 = fcmp olt <8 x float> %2335, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2337 = select <8 x i1> %2336, <8 x float> %2335, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2338 = fcmp ogt <8 x float> %2337, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2339 = select <8 x i1> %2338, <8 x float> %2337, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2340 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2339, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2341 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2340)
-  %2342 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2341, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2339)
-  %2343 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2341, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2342)
-  %2344 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2343, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2345 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2344, <8 x float> %2343, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2345, <8 x float> %2343, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2347 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2346, <8 x float> %2343, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2348 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2347, <8 x float> %2343, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2349 = fmul <8 x float> %2343, %2343
-  %2350 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2348, <8 x float> %2349, <8 x float> %2343)
-  %2351 = fadd <8 x float> %2350, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2352 = fptosi <8 x float> %2341 to <8 x i32>
-  %2353 = add <8 x i32> %2352, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2354 = shl <8 x i32> %2353, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n339 = bitcast <8 x i32> %2354 to <8 x float>
-  %exp340 = fmul <8 x float> %2351, %exp.2n339
-  %2355 = fadd <8 x float> %exp340, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid341 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2355
-  %silu342 = fmul <8 x float> %2333, %sigmoid341
-  %glu343 = fmul <8 x float> %silu342, %2334
-  %2356 = fmul <8 x float> %glu343, %2330
-  %2357 = getelementptr inbounds float, ptr %2332, i64 %col338
-  store <8 x float> %2356, ptr %2357, align 4
-  %2358 = add nsw i64 %r0238, 2
-  %2359 = getelementptr inbounds float, ptr %rw, i64 %2358
-  %2360 = load float, ptr %2359, align 4
-  %2361 = insertelement <8 x float> poison, float %2360, i32 0
-  %2362 = shufflevector <8 x float> %2361, <8 x float> poison, <8 x i32> zeroinitializer
-  %2363 = mul nsw i64 %2358, 14336
-  %2364 = getelementptr inbounds float, ptr %h, i64 %2363
-  %col344 = mul nsw i64 %p, 8
-  %2365 = load <8 x float>, ptr %acc020314, align 4
-  %2366 = load <8 x float>, ptr %acc021315, align 4
-  %2367 = fneg <8 x float> %2365
-  %2368 = fcmp olt <8 x float> %2367, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2369 = select <8 x i1> %2368, <8 x float> %2367, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2370 = fcmp ogt <8 x float> %2369, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2371 = select <8 x i1> %2370, <8 x float> %2369, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2371, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2373 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2372)
-  %2374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2373, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2371)
-  %2375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2373, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2374)
-  %2376 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2375, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2376, <8 x float> %2375, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2377, <8 x float> %2375, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2378, <8 x float> %2375, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2379, <8 x float> %2375, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2381 = fmul <8 x float> %2375, %2375
-  %2382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2380, <8 x float> %2381, <8 x float> %2375)
-  %2383 = fadd <8 x float> %2382, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2384 = fptosi <8 x float> %2373 to <8 x i32>
-  %2385 = add <8 x i32> %2384, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2386 = shl <8 x i32> %2385, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n345 = bitcast <8 x i32> %2386 to <8 x float>
-  %exp346 = fmul <8 x float> %2383, %exp.2n345
-  %2387 = fadd <8 x float> %exp346, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid347 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2387
-  %silu348 = fmul <8 x float> %2365, %sigmoid347
-  %glu349 = fmul <8 x float> %silu348, %2366
-  %2388 = fmul <8 x float> %glu349, %2362
-  %2389 = getelementptr inbounds float, ptr %2364, i64 %col344
-  store <8 x float> %2388, ptr %2389, align 4
-  %2390 = add nsw i64 %r0238, 3
-  %2391 = getelementptr inbounds float, ptr %rw, i64 %2390
-  %2392 = load float, ptr %2391, align 4
-  %2393 = insertelement <8 x float> poison, float %2392, i32 0
-  %2394 = shufflevector <8 x float> %2393, <8 x float> poison, <8 x i32> zeroinitializer
-  %2395 = mul nsw i64 %2390, 14336
-  %2396 = getelementptr inbounds float, ptr %h, i64 %2395
-  %col350 = mul nsw i64 %p, 8
-  %2397 = load <8 x float>, ptr %acc030316, align 4
-  %2398 = load <8 x float>, ptr %acc031317, align 4
-  %2399 = fneg <8 x float> %2397
-  %2400 = fcmp olt <8 x float> %2399, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2401 = select <8 x i1> %2400, <8 x float> %2399, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2402 = fcmp ogt <8 x float> %2401, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2403 = select <8 x i1> %2402, <8 x float> %2401, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2404 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2403, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2405 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2404)
-  %2406 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2405, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2403)
-  %2407 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2405, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2406)
-  %2408 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2407, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2409 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2408, <8 x float> %2407, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2410 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2409, <8 x float> %2407, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2411 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2410, <8 x float> %2407, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2412 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2411, <8 x float> %2407, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2413 = fmul <8 x float> %2407, %2407
-  %2414 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2412, <8 x float> %2413, <8 x float> %2407)
-  %2415 = fadd <8 x float> %2414, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2416 = fptosi <8 x float> %2405 to <8 x i32>
-  %2417 = add <8 x i32> %2416, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2418 = shl <8 x i32> %2417, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n351 = bitcast <8 x i32> %2418 to <8 x float>
-  %exp352 = fmul <8 x float> %2415, %exp.2n351
-  %2419 = fadd <8 x float> %exp352, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid353 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2419
-  %silu354 = fmul <8 x float> %2397, %sigmoid353
-  %glu355 = fmul <8 x float> %silu354, %2398
-  %2420 = fmul <8 x float> %glu355, %2394
-  %2421 = getelementptr inbounds float, ptr %2396, i64 %col350
-  store <8 x float> %2420, ptr %2421, align 4
-  %2422 = add nsw i64 %r0238, 4
-  %2423 = getelementptr inbounds float, ptr %rw, i64 %2422
-  %2424 = load float, ptr %2423, align 4
-  %2425 = insertelement <8 x float> poison, float %2424, i32 0
-  %2426 = shufflevector <8 x float> %2425, <8 x float> poison, <8 x i32> zeroinitializer
-  %2427 = mul nsw i64 %2422, 14336
-  %2428 = getelementptr inbounds float, ptr %h, i64 %2427
-  %col356 = mul nsw i64 %p, 8
-  %2429 = load <8 x float>, ptr %acc040318, align 4
-  %2430 = load <8 x float>, ptr %acc041319, align 4
-  %2431 = fneg <8 x float> %2429
-  %2432 = fcmp olt <8 x float> %2431, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2433 = select <8 x i1> %2432, <8 x float> %2431, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2434 = fcmp ogt <8 x float> %2433, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2435 = select <8 x i1> %2434, <8 x float> %2433, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2435, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2437 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2436)
-  %2438 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2437, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2435)
-  %2439 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2437, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2438)
-  %2440 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2439, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2441 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2440, <8 x float> %2439, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2441, <8 x float> %2439, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2442, <8 x float> %2439, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2443, <8 x float> %2439, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2445 = fmul <8 x float> %2439, %2439
-  %2446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2444, <8 x float> %2445, <8 x float> %2439)
-  %2447 = fadd <8 x float> %2446, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2448 = fptosi <8 x float> %2437 to <8 x i32>
-  %2449 = add <8 x i32> %2448, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2450 = shl <8 x i32> %2449, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n357 = bitcast <8 x i32> %2450 to <8 x float>
-  %exp358 = fmul <8 x float> %2447, %exp.2n357
-  %2451 = fadd <8 x float> %exp358, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid359 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2451
-  %silu360 = fmul <8 x float> %2429, %sigmoid359
-  %glu361 = fmul <8 x float> %silu360, %2430
-  %2452 = fmul <8 x float> %glu361, %2426
-  %2453 = getelementptr inbounds float, ptr %2428, i64 %col356
-  store <8 x float> %2452, ptr %2453, align 4
-  br label %tile.done241
+k.end331:                                         ; preds = %k.head329
+  %2286 = add nsw i64 %r0243, 0
+  %2287 = getelementptr inbounds float, ptr %rw, i64 %2286
+  %2288 = load float, ptr %2287, align 4
+  %2289 = insertelement <8 x float> poison, float %2288, i32 0
+  %2290 = shufflevector <8 x float> %2289, <8 x float> poison, <8 x i32> zeroinitializer
+  %2291 = mul nsw i64 %2286, 14336
+  %2292 = getelementptr inbounds float, ptr %h, i64 %2291
+  %col337 = mul nsw i64 %p, 8
+  %2293 = load <8 x float>, ptr %acc000315, align 4
+  %2294 = load <8 x float>, ptr %acc001316, align 4
+  %2295 = fneg <8 x float> %2293
+  %2296 = fcmp olt <8 x float> %2295, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2297 = select <8 x i1> %2296, <8 x float> %2295, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2298 = fcmp ogt <8 x float> %2297, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2299 = select <8 x i1> %2298, <8 x float> %2297, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2299, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2301 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2300)
+  %2302 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2301, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2299)
+  %2303 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2301, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2302)
+  %2304 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2303, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2305 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2304, <8 x float> %2303, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2305, <8 x float> %2303, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2307 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2306, <8 x float> %2303, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2308 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2307, <8 x float> %2303, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2309 = fmul <8 x float> %2303, %2303
+  %2310 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2308, <8 x float> %2309, <8 x float> %2303)
+  %2311 = fadd <8 x float> %2310, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2312 = fptosi <8 x float> %2301 to <8 x i32>
+  %2313 = add <8 x i32> %2312, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2314 = shl <8 x i32> %2313, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n338 = bitcast <8 x i32> %2314 to <8 x float>
+  %exp339 = fmul <8 x float> %2311, %exp.2n338
+  %2315 = fadd <8 x float> %exp339, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid340 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2315
+  %silu341 = fmul <8 x float> %2293, %sigmoid340
+  %glu342 = fmul <8 x float> %silu341, %2294
+  %2316 = fmul <8 x float> %glu342, %2290
+  %2317 = getelementptr inbounds float, ptr %2292, i64 %col337
+  store <8 x float> %2316, ptr %2317, align 4
+  %2318 = add nsw i64 %r0243, 1
+  %2319 = getelementptr inbounds float, ptr %rw, i64 %2318
+  %2320 = load float, ptr %2319, align 4
+  %2321 = insertelement <8 x float> poison, float %2320, i32 0
+  %2322 = shufflevector <8 x float> %2321, <8 x float> poison, <8 x i32> zeroinitializer
+  %2323 = mul nsw i64 %2318, 14336
+  %2324 = getelementptr inbounds float, ptr %h, i64 %2323
+  %col343 = mul nsw i64 %p, 8
+  %2325 = load <8 x float>, ptr %acc010317, align 4
+  %2326 = load <8 x float>, ptr %acc011318, align 4
+  %2327 = fneg <8 x float> %2325
+  %2328 = fcmp olt <8 x float> %2327, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2329 = select <8 x i1> %2328, <8 x float> %2327, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2330 = fcmp ogt <8 x float> %2329, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2331 = select <8 x i1> %2330, <8 x float> %2329, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2332 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2331, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2333 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2332)
+  %2334 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2333, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2331)
+  %2335 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2333, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2334)
+  %2336 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2335, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2337 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2336, <8 x float> %2335, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2337, <8 x float> %2335, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2339 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2338, <8 x float> %2335, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2340 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2339, <8 x float> %2335, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2341 = fmul <8 x float> %2335, %2335
+  %2342 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2340, <8 x float> %2341, <8 x float> %2335)
+  %2343 = fadd <8 x float> %2342, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2344 = fptosi <8 x float> %2333 to <8 x i32>
+  %2345 = add <8 x i32> %2344, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2346 = shl <8 x i32> %2345, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n344 = bitcast <8 x i32> %2346 to <8 x float>
+  %exp345 = fmul <8 x float> %2343, %exp.2n344
+  %2347 = fadd <8 x float> %exp345, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid346 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2347
+  %silu347 = fmul <8 x float> %2325, %sigmoid346
+  %glu348 = fmul <8 x float> %silu347, %2326
+  %2348 = fmul <8 x float> %glu348, %2322
+  %2349 = getelementptr inbounds float, ptr %2324, i64 %col343
+  store <8 x float> %2348, ptr %2349, align 4
+  %2350 = add nsw i64 %r0243, 2
+  %2351 = getelementptr inbounds float, ptr %rw, i64 %2350
+  %2352 = load float, ptr %2351, align 4
+  %2353 = insertelement <8 x float> poison, float %2352, i32 0
+  %2354 = shufflevector <8 x float> %2353, <8 x float> poison, <8 x i32> zeroinitializer
+  %2355 = mul nsw i64 %2350, 14336
+  %2356 = getelementptr inbounds float, ptr %h, i64 %2355
+  %col349 = mul nsw i64 %p, 8
+  %2357 = load <8 x float>, ptr %acc020319, align 4
+  %2358 = load <8 x float>, ptr %acc021320, align 4
+  %2359 = fneg <8 x float> %2357
+  %2360 = fcmp olt <8 x float> %2359, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2361 = select <8 x i1> %2360, <8 x float> %2359, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2362 = fcmp ogt <8 x float> %2361, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2363 = select <8 x i1> %2362, <8 x float> %2361, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2363, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2365 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2364)
+  %2366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2365, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2363)
+  %2367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2365, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2366)
+  %2368 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2367, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2368, <8 x float> %2367, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2369, <8 x float> %2367, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2370, <8 x float> %2367, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2371, <8 x float> %2367, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2373 = fmul <8 x float> %2367, %2367
+  %2374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2372, <8 x float> %2373, <8 x float> %2367)
+  %2375 = fadd <8 x float> %2374, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2376 = fptosi <8 x float> %2365 to <8 x i32>
+  %2377 = add <8 x i32> %2376, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2378 = shl <8 x i32> %2377, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n350 = bitcast <8 x i32> %2378 to <8 x float>
+  %exp351 = fmul <8 x float> %2375, %exp.2n350
+  %2379 = fadd <8 x float> %exp351, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid352 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2379
+  %silu353 = fmul <8 x float> %2357, %sigmoid352
+  %glu354 = fmul <8 x float> %silu353, %2358
+  %2380 = fmul <8 x float> %glu354, %2354
+  %2381 = getelementptr inbounds float, ptr %2356, i64 %col349
+  store <8 x float> %2380, ptr %2381, align 4
+  %2382 = add nsw i64 %r0243, 3
+  %2383 = getelementptr inbounds float, ptr %rw, i64 %2382
+  %2384 = load float, ptr %2383, align 4
+  %2385 = insertelement <8 x float> poison, float %2384, i32 0
+  %2386 = shufflevector <8 x float> %2385, <8 x float> poison, <8 x i32> zeroinitializer
+  %2387 = mul nsw i64 %2382, 14336
+  %2388 = getelementptr inbounds float, ptr %h, i64 %2387
+  %col355 = mul nsw i64 %p, 8
+  %2389 = load <8 x float>, ptr %acc030321, align 4
+  %2390 = load <8 x float>, ptr %acc031322, align 4
+  %2391 = fneg <8 x float> %2389
+  %2392 = fcmp olt <8 x float> %2391, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2393 = select <8 x i1> %2392, <8 x float> %2391, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2394 = fcmp ogt <8 x float> %2393, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2395 = select <8 x i1> %2394, <8 x float> %2393, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2396 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2395, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2397 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2396)
+  %2398 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2397, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2395)
+  %2399 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2397, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2398)
+  %2400 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2399, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2400, <8 x float> %2399, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2401, <8 x float> %2399, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2403 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2402, <8 x float> %2399, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2404 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2403, <8 x float> %2399, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2405 = fmul <8 x float> %2399, %2399
+  %2406 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2404, <8 x float> %2405, <8 x float> %2399)
+  %2407 = fadd <8 x float> %2406, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2408 = fptosi <8 x float> %2397 to <8 x i32>
+  %2409 = add <8 x i32> %2408, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2410 = shl <8 x i32> %2409, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n356 = bitcast <8 x i32> %2410 to <8 x float>
+  %exp357 = fmul <8 x float> %2407, %exp.2n356
+  %2411 = fadd <8 x float> %exp357, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid358 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2411
+  %silu359 = fmul <8 x float> %2389, %sigmoid358
+  %glu360 = fmul <8 x float> %silu359, %2390
+  %2412 = fmul <8 x float> %glu360, %2386
+  %2413 = getelementptr inbounds float, ptr %2388, i64 %col355
+  store <8 x float> %2412, ptr %2413, align 4
+  %2414 = add nsw i64 %r0243, 4
+  %2415 = getelementptr inbounds float, ptr %rw, i64 %2414
+  %2416 = load float, ptr %2415, align 4
+  %2417 = insertelement <8 x float> poison, float %2416, i32 0
+  %2418 = shufflevector <8 x float> %2417, <8 x float> poison, <8 x i32> zeroinitializer
+  %2419 = mul nsw i64 %2414, 14336
+  %2420 = getelementptr inbounds float, ptr %h, i64 %2419
+  %col361 = mul nsw i64 %p, 8
+  %2421 = load <8 x float>, ptr %acc040323, align 4
+  %2422 = load <8 x float>, ptr %acc041324, align 4
+  %2423 = fneg <8 x float> %2421
+  %2424 = fcmp olt <8 x float> %2423, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2425 = select <8 x i1> %2424, <8 x float> %2423, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2426 = fcmp ogt <8 x float> %2425, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2427 = select <8 x i1> %2426, <8 x float> %2425, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2428 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2427, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2429 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2428)
+  %2430 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2429, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2427)
+  %2431 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2429, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2430)
+  %2432 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2431, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2433 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2432, <8 x float> %2431, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2433, <8 x float> %2431, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2434, <8 x float> %2431, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2435, <8 x float> %2431, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2437 = fmul <8 x float> %2431, %2431
+  %2438 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2436, <8 x float> %2437, <8 x float> %2431)
+  %2439 = fadd <8 x float> %2438, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2440 = fptosi <8 x float> %2429 to <8 x i32>
+  %2441 = add <8 x i32> %2440, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2442 = shl <8 x i32> %2441, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n362 = bitcast <8 x i32> %2442 to <8 x float>
+  %exp363 = fmul <8 x float> %2439, %exp.2n362
+  %2443 = fadd <8 x float> %exp363, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid364 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2443
+  %silu365 = fmul <8 x float> %2421, %sigmoid364
+  %glu366 = fmul <8 x float> %silu365, %2422
+  %2444 = fmul <8 x float> %glu366, %2418
+  %2445 = getelementptr inbounds float, ptr %2420, i64 %col361
+  store <8 x float> %2444, ptr %2445, align 4
+  br label %tile.done246
 
-tile.mr4245:                                      ; preds = %rb.body235
-  %2454 = add nsw i64 %r0238, 0
-  %2455 = getelementptr inbounds i32, ptr %rows, i64 %2454
-  %2456 = load i32, ptr %2455, align 4
-  %2457 = sext i32 %2456 to i64
-  %2458 = mul nsw i64 %2457, 4096
-  %2459 = add nsw i64 %2458, 0
-  %2460 = getelementptr inbounds float, ptr %x, i64 %2459
-  store <8 x float> zeroinitializer, ptr %acc000362, align 4
-  store <8 x float> zeroinitializer, ptr %acc001363, align 4
-  %2461 = add nsw i64 %r0238, 1
-  %2462 = getelementptr inbounds i32, ptr %rows, i64 %2461
-  %2463 = load i32, ptr %2462, align 4
-  %2464 = sext i32 %2463 to i64
-  %2465 = mul nsw i64 %2464, 4096
-  %2466 = add nsw i64 %2465, 0
-  %2467 = getelementptr inbounds float, ptr %x, i64 %2466
-  store <8 x float> zeroinitializer, ptr %acc010364, align 4
-  store <8 x float> zeroinitializer, ptr %acc011365, align 4
-  %2468 = add nsw i64 %r0238, 2
-  %2469 = getelementptr inbounds i32, ptr %rows, i64 %2468
-  %2470 = load i32, ptr %2469, align 4
-  %2471 = sext i32 %2470 to i64
-  %2472 = mul nsw i64 %2471, 4096
-  %2473 = add nsw i64 %2472, 0
-  %2474 = getelementptr inbounds float, ptr %x, i64 %2473
-  store <8 x float> zeroinitializer, ptr %acc020366, align 4
-  store <8 x float> zeroinitializer, ptr %acc021367, align 4
-  %2475 = add nsw i64 %r0238, 3
-  %2476 = getelementptr inbounds i32, ptr %rows, i64 %2475
-  %2477 = load i32, ptr %2476, align 4
-  %2478 = sext i32 %2477 to i64
-  %2479 = mul nsw i64 %2478, 4096
-  %2480 = add nsw i64 %2479, 0
-  %2481 = getelementptr inbounds float, ptr %x, i64 %2480
-  store <8 x float> zeroinitializer, ptr %acc030368, align 4
-  store <8 x float> zeroinitializer, ptr %acc031369, align 4
-  %2482 = mul nsw i64 %p, 65536
-  %panel.off370 = add nsw i64 %2482, 0
-  %2483 = getelementptr inbounds i16, ptr %panels, i64 %panel.off370
-  %2484 = add nsw i64 %p, 1
-  %2485 = icmp slt i64 %2484, %p1
-  %pf.on371 = and i1 %pf.on249, %2485
-  %2486 = mul nsw i64 %rb237, 131072
-  %2487 = lshr i64 %2486, %1892
-  %2488 = add nsw i64 131072, %2487
-  %2489 = getelementptr inbounds i8, ptr %2483, i64 %2488
-  %pf372 = select i1 %pf.on371, ptr %2489, ptr %2483
-  %pf.sh373 = select i1 %pf.on371, i64 %1892, i64 0
-  br label %k.head374
+tile.mr4250:                                      ; preds = %rb.body240
+  %2446 = add nsw i64 %r0243, 0
+  %2447 = getelementptr inbounds i32, ptr %rows, i64 %2446
+  %2448 = load i32, ptr %2447, align 4
+  %2449 = sext i32 %2448 to i64
+  %2450 = mul nsw i64 %2449, 4096
+  %2451 = add nsw i64 %2450, 0
+  %2452 = getelementptr inbounds float, ptr %x, i64 %2451
+  store <8 x float> zeroinitializer, ptr %acc000367, align 4
+  store <8 x float> zeroinitializer, ptr %acc001368, align 4
+  %2453 = add nsw i64 %r0243, 1
+  %2454 = getelementptr inbounds i32, ptr %rows, i64 %2453
+  %2455 = load i32, ptr %2454, align 4
+  %2456 = sext i32 %2455 to i64
+  %2457 = mul nsw i64 %2456, 4096
+  %2458 = add nsw i64 %2457, 0
+  %2459 = getelementptr inbounds float, ptr %x, i64 %2458
+  store <8 x float> zeroinitializer, ptr %acc010369, align 4
+  store <8 x float> zeroinitializer, ptr %acc011370, align 4
+  %2460 = add nsw i64 %r0243, 2
+  %2461 = getelementptr inbounds i32, ptr %rows, i64 %2460
+  %2462 = load i32, ptr %2461, align 4
+  %2463 = sext i32 %2462 to i64
+  %2464 = mul nsw i64 %2463, 4096
+  %2465 = add nsw i64 %2464, 0
+  %2466 = getelementptr inbounds float, ptr %x, i64 %2465
+  store <8 x float> zeroinitializer, ptr %acc020371, align 4
+  store <8 x float> zeroinitializer, ptr %acc021372, align 4
+  %2467 = add nsw i64 %r0243, 3
+  %2468 = getelementptr inbounds i32, ptr %rows, i64 %2467
+  %2469 = load i32, ptr %2468, align 4
+  %2470 = sext i32 %2469 to i64
+  %2471 = mul nsw i64 %2470, 4096
+  %2472 = add nsw i64 %2471, 0
+  %2473 = getelementptr inbounds float, ptr %x, i64 %2472
+  store <8 x float> zeroinitializer, ptr %acc030373, align 4
+  store <8 x float> zeroinitializer, ptr %acc031374, align 4
+  %panel.off375 = mul nsw i64 %p, 65536
+  %2474 = getelementptr inbounds i16, ptr %panels, i64 %panel.off375
+  %2475 = add nsw i64 %p, 1
+  %2476 = icmp slt i64 %2475, %p1
+  %pf.on376 = and i1 %pf.on254, %2476
+  %2477 = mul nsw i64 %rb242, 131072
+  %2478 = lshr i64 %2477, %1886
+  %2479 = add nsw i64 131072, %2478
+  %2480 = getelementptr inbounds i8, ptr %2474, i64 %2479
+  %pf377 = select i1 %pf.on376, ptr %2480, ptr %2474
+  %pf.sh378 = select i1 %pf.on376, i64 %1886, i64 0
+  br label %k.head379
 
-k.head374:                                        ; preds = %pf.any.end379, %tile.mr4245
-  %k377 = phi i64 [ 0, %tile.mr4245 ], [ %2534, %pf.any.end379 ]
-  %2490 = icmp slt i64 %k377, 4096
-  br i1 %2490, label %k.body375, label %k.end376
+k.head379:                                        ; preds = %pf.any.end384, %tile.mr4250
+  %k382 = phi i64 [ 0, %tile.mr4250 ], [ %2525, %pf.any.end384 ]
+  %2481 = icmp slt i64 %k382, 4096
+  br i1 %2481, label %k.body380, label %k.end381
 
-k.body375:                                        ; preds = %k.head374
-  %2491 = mul nsw i64 %k377, 1
-  %2492 = add nsw i64 %2491, 0
-  %2493 = mul nsw i64 %2492, 32
-  br i1 %pf.multi248, label %pf.any.then378, label %pf.any.end379
+k.body380:                                        ; preds = %k.head379
+  %2482 = mul nsw i64 %k382, 1
+  %2483 = add nsw i64 %2482, 0
+  %2484 = mul nsw i64 %2483, 32
+  br i1 %pf.multi253, label %pf.any.then383, label %pf.any.end384
 
-pf.any.then378:                                   ; preds = %k.body375
-  %2494 = lshr i64 %2493, %pf.sh373
-  %2495 = getelementptr inbounds i8, ptr %pf372, i64 %2494
-  call void @llvm.prefetch.p0(ptr %2495, i32 0, i32 2, i32 1)
-  br label %pf.any.end379
+pf.any.then383:                                   ; preds = %k.body380
+  %2485 = lshr i64 %2484, %pf.sh378
+  %2486 = getelementptr inbounds i8, ptr %pf377, i64 %2485
+  call void @llvm.prefetch.p0(ptr %2486, i32 0, i32 2, i32 1)
+  br label %pf.any.end384
 
-pf.any.end379:                                    ; preds = %pf.any.then378, %k.body375
-  %2496 = mul nsw i64 %2492, 16
-  %2497 = add nsw i64 %panel.off370, %2496
-  %2498 = getelementptr inbounds i16, ptr %panels, i64 %2497
-  %2499 = load <8 x i32>, ptr %2498, align 4
-  %2500 = shl <8 x i32> %2499, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0380 = bitcast <8 x i32> %2500 to <8 x float>
-  %2501 = and <8 x i32> %2499, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1381 = bitcast <8 x i32> %2501 to <8 x float>
-  %2502 = getelementptr inbounds float, ptr %2460, i64 %2492
-  %2503 = load float, ptr %2502, align 4
-  %2504 = insertelement <8 x float> poison, float %2503, i32 0
-  %2505 = shufflevector <8 x float> %2504, <8 x float> poison, <8 x i32> zeroinitializer
-  %2506 = load <8 x float>, ptr %acc000362, align 4
-  %2507 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2505, <8 x float> %b0380, <8 x float> %2506)
-  store <8 x float> %2507, ptr %acc000362, align 4
-  %2508 = load <8 x float>, ptr %acc001363, align 4
-  %2509 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2505, <8 x float> %b1381, <8 x float> %2508)
-  store <8 x float> %2509, ptr %acc001363, align 4
-  %2510 = getelementptr inbounds float, ptr %2467, i64 %2492
-  %2511 = load float, ptr %2510, align 4
-  %2512 = insertelement <8 x float> poison, float %2511, i32 0
-  %2513 = shufflevector <8 x float> %2512, <8 x float> poison, <8 x i32> zeroinitializer
-  %2514 = load <8 x float>, ptr %acc010364, align 4
-  %2515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2513, <8 x float> %b0380, <8 x float> %2514)
-  store <8 x float> %2515, ptr %acc010364, align 4
-  %2516 = load <8 x float>, ptr %acc011365, align 4
-  %2517 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2513, <8 x float> %b1381, <8 x float> %2516)
-  store <8 x float> %2517, ptr %acc011365, align 4
-  %2518 = getelementptr inbounds float, ptr %2474, i64 %2492
-  %2519 = load float, ptr %2518, align 4
-  %2520 = insertelement <8 x float> poison, float %2519, i32 0
-  %2521 = shufflevector <8 x float> %2520, <8 x float> poison, <8 x i32> zeroinitializer
-  %2522 = load <8 x float>, ptr %acc020366, align 4
-  %2523 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2521, <8 x float> %b0380, <8 x float> %2522)
-  store <8 x float> %2523, ptr %acc020366, align 4
-  %2524 = load <8 x float>, ptr %acc021367, align 4
-  %2525 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2521, <8 x float> %b1381, <8 x float> %2524)
-  store <8 x float> %2525, ptr %acc021367, align 4
-  %2526 = getelementptr inbounds float, ptr %2481, i64 %2492
-  %2527 = load float, ptr %2526, align 4
-  %2528 = insertelement <8 x float> poison, float %2527, i32 0
-  %2529 = shufflevector <8 x float> %2528, <8 x float> poison, <8 x i32> zeroinitializer
-  %2530 = load <8 x float>, ptr %acc030368, align 4
-  %2531 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2529, <8 x float> %b0380, <8 x float> %2530)
-  store <8 x float> %2531, ptr %acc030368, align 4
-  %2532 = load <8 x float>, ptr %acc031369, align 4
-  %2533 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2529, <8 x float> %b1381, <8 x float> %2532)
-  store <8 x float> %2533, ptr %acc031369, align 4
-  %2534 = add nsw i64 %k377, 1
-  br label %k.head374
+pf.any.end384:                                    ; preds = %pf.any.then383, %k.body380
+  %2487 = mul nsw i64 %2483, 16
+  %2488 = add nsw i64 %panel.off375, %2487
+  %2489 = getelementptr inbounds i16, ptr %panels, i64 %2488
+  %2490 = load <8 x i32>, ptr %2489, align 4
+  %2491 = shl <8 x i32> %2490, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0385 = bitcast <8 x i32> %2491 to <8 x float>
+  %2492 = and <8 x i32> %2490, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1386 = bitcast <8 x i32> %2492 to <8 x float>
+  %2493 = getelementptr inbounds float, ptr %2452, i64 %2483
+  %2494 = load float, ptr %2493, align 4
+  %2495 = insertelement <8 x float> poison, float %2494, i32 0
+  %2496 = shufflevector <8 x float> %2495, <8 x float> poison, <8 x i32> zeroinitializer
+  %2497 = load <8 x float>, ptr %acc000367, align 4
+  %2498 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2496, <8 x float> %b0385, <8 x float> %2497)
+  store <8 x float> %2498, ptr %acc000367, align 4
+  %2499 = load <8 x float>, ptr %acc001368, align 4
+  %2500 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2496, <8 x float> %b1386, <8 x float> %2499)
+  store <8 x float> %2500, ptr %acc001368, align 4
+  %2501 = getelementptr inbounds float, ptr %2459, i64 %2483
+  %2502 = load float, ptr %2501, align 4
+  %2503 = insertelement <8 x float> poison, float %2502, i32 0
+  %2504 = shufflevector <8 x float> %2503, <8 x float> poison, <8 x i32> zeroinitializer
+  %2505 = load <8 x float>, ptr %acc010369, align 4
+  %2506 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2504, <8 x float> %b0385, <8 x float> %2505)
+  store <8 x float> %2506, ptr %acc010369, align 4
+  %2507 = load <8 x float>, ptr %acc011370, align 4
+  %2508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2504, <8 x float> %b1386, <8 x float> %2507)
+  store <8 x float> %2508, ptr %acc011370, align 4
+  %2509 = getelementptr inbounds float, ptr %2466, i64 %2483
+  %2510 = load float, ptr %2509, align 4
+  %2511 = insertelement <8 x float> poison, float %2510, i32 0
+  %2512 = shufflevector <8 x float> %2511, <8 x float> poison, <8 x i32> zeroinitializer
+  %2513 = load <8 x float>, ptr %acc020371, align 4
+  %2514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2512, <8 x float> %b0385, <8 x float> %2513)
+  store <8 x float> %2514, ptr %acc020371, align 4
+  %2515 = load <8 x float>, ptr %acc021372, align 4
+  %2516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2512, <8 x float> %b1386, <8 x float> %2515)
+  store <8 x float> %2516, ptr %acc021372, align 4
+  %2517 = getelementptr inbounds float, ptr %2473, i64 %2483
+  %2518 = load float, ptr %2517, align 4
+  %2519 = insertelement <8 x float> poison, float %2518, i32 0
+  %2520 = shufflevector <8 x float> %2519, <8 x float> poison, <8 x i32> zeroinitializer
+  %2521 = load <8 x float>, ptr %acc030373, align 4
+  %2522 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2520, <8 x float> %b0385, <8 x float> %2521)
+  store <8 x float> %2522, ptr %acc030373, align 4
+  %2523 = load <8 x float>, ptr %acc031374, align 4
+  %2524 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2520, <8 x float> %b1386, <8 x float> %2523)
+  store <8 x float> %2524, ptr %acc031374, align 4
+  %2525 = add nsw i64 %k382, 1
+  br label %k.head379
 
-k.end376:                                         ; preds = %k.head374
-  %2535 = add nsw i64 %r0238, 0
-  %2536 = getelementptr inbounds float, ptr %rw, i64 %2535
-  %2537 = load float, ptr %2536, align 4
-  %2538 = insertelement <8 x float> poison, float %2537, i32 0
-  %2539 = shufflevector <8 x float> %2538, <8 x float> poison, <8 x i32> zeroinitializer
-  %2540 = mul nsw i64 %2535, 14336
-  %2541 = getelementptr inbounds float, ptr %h, i64 %2540
-  %col382 = mul nsw i64 %p, 8
-  %2542 = load <8 x float>, ptr %acc000362, align 4
-  %2543 = load <8 x float>, ptr %acc001363, align 4
-  %2544 = fneg <8 x float> %2542
-  %2545 = fcmp olt <8 x float> %2544, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2546 = select <8 x i1> %2545, <8 x float> %2544, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2547 = fcmp ogt <8 x float> %2546, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2548 = select <8 x i1> %2547, <8 x float> %2546, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2549 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2548, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2550 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2549)
-  %2551 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2550, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2548)
-  %2552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2550, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2551)
-  %2553 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2552, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2553, <8 x float> %2552, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2555 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2554, <8 x float> %2552, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2556 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2555, <8 x float> %2552, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2557 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2556, <8 x float> %2552, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2558 = fmul <8 x float> %2552, %2552
-  %2559 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2557, <8 x float> %2558, <8 x float> %2552)
-  %2560 = fadd <8 x float> %2559, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2561 = fptosi <8 x float> %2550 to <8 x i32>
-  %2562 = add <8 x i32> %2561, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2563 = shl <8 x i32> %2562, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n383 = bitcast <8 x i32> %2563 to <8 x float>
-  %exp384 = fmul <8 x float> %2560, %exp.2n383
-  %2564 = fadd <8 x float> %exp384, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid385 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2564
-  %silu386 = fmul <8 x float> %2542, %sigmoid385
-  %glu387 = fmul <8 x float> %silu386, %2543
-  %2565 = fmul <8 x float> %glu387, %2539
-  %2566 = getelementptr inbounds float, ptr %2541, i64 %col382
-  store <8 x float> %2565, ptr %2566, align 4
-  %2567 = add nsw i64 %r0238, 1
-  %2568 = getelementptr inbounds float, ptr %rw, i64 %2567
-  %2569 = load float, ptr %2568, align 4
-  %2570 = insertelement <8 x float> poison, float %2569, i32 0
-  %2571 = shufflevector <8 x float> %2570, <8 x float> poison, <8 x i32> zeroinitializer
-  %2572 = mul nsw i64 %2567, 14336
-  %2573 = getelementptr inbounds float, ptr %h, i64 %2572
-  %col388 = mul nsw i64 %p, 8
-  %2574 = load <8 x float>, ptr %acc010364, align 4
-  %2575 = load <8 x float>, ptr %acc011365, align 4
-  %2576 = fneg <8 x float> %2574
-  %2577 = fcmp olt <8 x float> %2576, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2578 = select <8 x i1> %2577, <8 x float> %2576, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2579 = fcmp ogt <8 x float> %2578, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2580 = select <8 x i1> %2579, <8 x float> %2578, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2580, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2582 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2581)
-  %2583 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2582, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2580)
-  %2584 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2582, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2583)
-  %2585 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2584, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2586 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2585, <8 x float> %2584, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2586, <8 x float> %2584, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2588 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2587, <8 x float> %2584, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2589 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2588, <8 x float> %2584, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2590 = fmul <8 x float> %2584, %2584
-  %2591 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2589, <8 x float> %2590, <8 x float> %2584)
-  %2592 = fadd <8 x float> %2591, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2593 = fptosi <8 x float> %2582 to <8 x i32>
-  %2594 = add <8 x i32> %2593, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2595 = shl <8 x i32> %2594, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n389 = bitcast <8 x i32> %2595 to <8 x float>
-  %exp390 = fmul <8 x float> %2592, %exp.2n389
-  %2596 = fadd <8 x float> %exp390, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid391 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2596
-  %silu392 = fmul <8 x float> %2574, %sigmoid391
-  %glu393 = fmul <8 x float> %silu392, %2575
-  %2597 = fmul <8 x float> %glu393, %2571
-  %2598 = getelementptr inbounds float, ptr %2573, i64 %col388
-  store <8 x float> %2597, ptr %2598, align 4
-  %2599 = add nsw i64 %r0238, 2
-  %2600 = getelementptr inbounds float, ptr %rw, i64 %2599
-  %2601 = load float, ptr %2600, align 4
-  %2602 = insertelement <8 x float> poison, float %2601, i32 0
-  %2603 = shufflevector <8 x float> %2602, <8 x float> poison, <8 x i32> zeroinitializer
-  %2604 = mul nsw i64 %2599, 14336
-  %2605 = getelementptr inbounds float, ptr %h, i64 %2604
-  %col394 = mul nsw i64 %p, 8
-  %2606 = load <8 x float>, ptr %acc020366, align 4
-  %2607 = load <8 x float>, ptr %acc021367, align 4
-  %2608 = fneg <8 x float> %2606
-  %2609 = fcmp olt <8 x float> %2608, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2610 = select <8 x i1> %2609, <8 x float> %2608, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2611 = fcmp ogt <8 x float> %2610, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2612 = select <8 x i1> %2611, <8 x float> %2610, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2612, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2614 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2613)
-  %2615 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2614, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2612)
-  %2616 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2614, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2615)
-  %2617 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2616, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2618 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2617, <8 x float> %2616, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2619 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2618, <8 x float> %2616, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2619, <8 x float> %2616, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2621 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2620, <8 x float> %2616, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2622 = fmul <8 x float> %2616, %2616
-  %2623 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2621, <8 x float> %2622, <8 x float> %2616)
-  %2624 = fadd <8 x float> %2623, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2625 = fptosi <8 x float> %2614 to <8 x i32>
-  %2626 = add <8 x i32> %2625, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2627 = shl <8 x i32> %2626, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n395 = bitcast <8 x i32> %2627 to <8 x float>
-  %exp396 = fmul <8 x float> %2624, %exp.2n395
-  %2628 = fadd <8 x float> %exp396, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid397 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2628
-  %silu398 = fmul <8 x float> %2606, %sigmoid397
-  %glu399 = fmul <8 x float> %silu398, %2607
-  %2629 = fmul <8 x float> %glu399, %2603
-  %2630 = getelementptr inbounds float, ptr %2605, i64 %col394
-  store <8 x float> %2629, ptr %2630, align 4
-  %2631 = add nsw i64 %r0238, 3
-  %2632 = getelementptr inbounds float, ptr %rw, i64 %2631
-  %2633 = load float, ptr %2632, align 4
-  %2634 = insertelement <8 x float> poison, float %2633, i32 0
-  %2635 = shufflevector <8 x float> %2634, <8 x float> poison, <8 x i32> zeroinitializer
-  %2636 = mul nsw i64 %2631, 14336
-  %2637 = getelementptr inbounds float, ptr %h, i64 %2636
-  %col400 = mul nsw i64 %p, 8
-  %2638 = load <8 x float>, ptr %acc030368, align 4
-  %2639 = load <8 x float>, ptr %acc031369, align 4
-  %2640 = fneg <8 x float> %2638
-  %2641 = fcmp olt <8 x float> %2640, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2642 = select <8 x i1> %2641, <8 x float> %2640, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2643 = fcmp ogt <8 x float> %2642, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2644 = select <8 x i1> %2643, <8 x float> %2642, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2645 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2644, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2646 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2645)
-  %2647 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2646, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2644)
-  %2648 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2646, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2647)
-  %2649 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2648, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2650 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2649, <8 x float> %2648, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2651 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2650, <8 x float> %2648, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2652 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2651, <8 x float> %2648, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2652, <8 x float> %2648, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2654 = fmul <8 x float> %2648, %2648
-  %2655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2653, <8 x float> %2654, <8 x float> %2648)
-  %2656 = fadd <8 x float> %2655, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2657 = fptosi <8 x float> %2646 to <8 x i32>
-  %2658 = add <8 x i32> %2657, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2659 = shl <8 x i32> %2658, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n401 = bitcast <8 x i32> %2659 to <8 x float>
-  %exp402 = fmul <8 x float> %2656, %exp.2n401
-  %2660 = fadd <8 x float> %exp402, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid403 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2660
-  %silu404 = fmul <8 x float> %2638, %sigmoid403
-  %glu405 = fmul <8 x float> %silu404, %2639
-  %2661 = fmul <8 x float> %glu405, %2635
-  %2662 = getelementptr inbounds float, ptr %2637, i64 %col400
-  store <8 x float> %2661, ptr %2662, align 4
-  br label %tile.done241
+k.end381:                                         ; preds = %k.head379
+  %2526 = add nsw i64 %r0243, 0
+  %2527 = getelementptr inbounds float, ptr %rw, i64 %2526
+  %2528 = load float, ptr %2527, align 4
+  %2529 = insertelement <8 x float> poison, float %2528, i32 0
+  %2530 = shufflevector <8 x float> %2529, <8 x float> poison, <8 x i32> zeroinitializer
+  %2531 = mul nsw i64 %2526, 14336
+  %2532 = getelementptr inbounds float, ptr %h, i64 %2531
+  %col387 = mul nsw i64 %p, 8
+  %2533 = load <8 x float>, ptr %acc000367, align 4
+  %2534 = load <8 x float>, ptr %acc001368, align 4
+  %2535 = fneg <8 x float> %2533
+  %2536 = fcmp olt <8 x float> %2535, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2537 = select <8 x i1> %2536, <8 x float> %2535, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2538 = fcmp ogt <8 x float> %2537, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2539 = select <8 x i1> %2538, <8 x float> %2537, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2540 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2539, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2541 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2540)
+  %2542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2541, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2539)
+  %2543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2541, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2542)
+  %2544 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2543, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2544, <8 x float> %2543, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2545, <8 x float> %2543, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2546, <8 x float> %2543, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2548 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2547, <8 x float> %2543, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2549 = fmul <8 x float> %2543, %2543
+  %2550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2548, <8 x float> %2549, <8 x float> %2543)
+  %2551 = fadd <8 x float> %2550, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2552 = fptosi <8 x float> %2541 to <8 x i32>
+  %2553 = add <8 x i32> %2552, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2554 = shl <8 x i32> %2553, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n388 = bitcast <8 x i32> %2554 to <8 x float>
+  %exp389 = fmul <8 x float> %2551, %exp.2n388
+  %2555 = fadd <8 x float> %exp389, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid390 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2555
+  %silu391 = fmul <8 x float> %2533, %sigmoid390
+  %glu392 = fmul <8 x float> %silu391, %2534
+  %2556 = fmul <8 x float> %glu392, %2530
+  %2557 = getelementptr inbounds float, ptr %2532, i64 %col387
+  store <8 x float> %2556, ptr %2557, align 4
+  %2558 = add nsw i64 %r0243, 1
+  %2559 = getelementptr inbounds float, ptr %rw, i64 %2558
+  %2560 = load float, ptr %2559, align 4
+  %2561 = insertelement <8 x float> poison, float %2560, i32 0
+  %2562 = shufflevector <8 x float> %2561, <8 x float> poison, <8 x i32> zeroinitializer
+  %2563 = mul nsw i64 %2558, 14336
+  %2564 = getelementptr inbounds float, ptr %h, i64 %2563
+  %col393 = mul nsw i64 %p, 8
+  %2565 = load <8 x float>, ptr %acc010369, align 4
+  %2566 = load <8 x float>, ptr %acc011370, align 4
+  %2567 = fneg <8 x float> %2565
+  %2568 = fcmp olt <8 x float> %2567, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2569 = select <8 x i1> %2568, <8 x float> %2567, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2570 = fcmp ogt <8 x float> %2569, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2571 = select <8 x i1> %2570, <8 x float> %2569, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2572 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2571, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2573 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2572)
+  %2574 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2573, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2571)
+  %2575 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2573, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2574)
+  %2576 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2575, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2576, <8 x float> %2575, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2577, <8 x float> %2575, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2578, <8 x float> %2575, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2579, <8 x float> %2575, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2581 = fmul <8 x float> %2575, %2575
+  %2582 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2580, <8 x float> %2581, <8 x float> %2575)
+  %2583 = fadd <8 x float> %2582, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2584 = fptosi <8 x float> %2573 to <8 x i32>
+  %2585 = add <8 x i32> %2584, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2586 = shl <8 x i32> %2585, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n394 = bitcast <8 x i32> %2586 to <8 x float>
+  %exp395 = fmul <8 x float> %2583, %exp.2n394
+  %2587 = fadd <8 x float> %exp395, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid396 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2587
+  %silu397 = fmul <8 x float> %2565, %sigmoid396
+  %glu398 = fmul <8 x float> %silu397, %2566
+  %2588 = fmul <8 x float> %glu398, %2562
+  %2589 = getelementptr inbounds float, ptr %2564, i64 %col393
+  store <8 x float> %2588, ptr %2589, align 4
+  %2590 = add nsw i64 %r0243, 2
+  %2591 = getelementptr inbounds float, ptr %rw, i64 %2590
+  %2592 = load float, ptr %2591, align 4
+  %2593 = insertelement <8 x float> poison, float %2592, i32 0
+  %2594 = shufflevector <8 x float> %2593, <8 x float> poison, <8 x i32> zeroinitializer
+  %2595 = mul nsw i64 %2590, 14336
+  %2596 = getelementptr inbounds float, ptr %h, i64 %2595
+  %col399 = mul nsw i64 %p, 8
+  %2597 = load <8 x float>, ptr %acc020371, align 4
+  %2598 = load <8 x float>, ptr %acc021372, align 4
+  %2599 = fneg <8 x float> %2597
+  %2600 = fcmp olt <8 x float> %2599, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2601 = select <8 x i1> %2600, <8 x float> %2599, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2602 = fcmp ogt <8 x float> %2601, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2603 = select <8 x i1> %2602, <8 x float> %2601, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2604 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2603, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2605 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2604)
+  %2606 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2605, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2603)
+  %2607 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2605, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2606)
+  %2608 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2607, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2609 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2608, <8 x float> %2607, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2610 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2609, <8 x float> %2607, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2611 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2610, <8 x float> %2607, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2611, <8 x float> %2607, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2613 = fmul <8 x float> %2607, %2607
+  %2614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2612, <8 x float> %2613, <8 x float> %2607)
+  %2615 = fadd <8 x float> %2614, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2616 = fptosi <8 x float> %2605 to <8 x i32>
+  %2617 = add <8 x i32> %2616, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2618 = shl <8 x i32> %2617, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n400 = bitcast <8 x i32> %2618 to <8 x float>
+  %exp401 = fmul <8 x float> %2615, %exp.2n400
+  %2619 = fadd <8 x float> %exp401, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid402 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2619
+  %silu403 = fmul <8 x float> %2597, %sigmoid402
+  %glu404 = fmul <8 x float> %silu403, %2598
+  %2620 = fmul <8 x float> %glu404, %2594
+  %2621 = getelementptr inbounds float, ptr %2596, i64 %col399
+  store <8 x float> %2620, ptr %2621, align 4
+  %2622 = add nsw i64 %r0243, 3
+  %2623 = getelementptr inbounds float, ptr %rw, i64 %2622
+  %2624 = load float, ptr %2623, align 4
+  %2625 = insertelement <8 x float> poison, float %2624, i32 0
+  %2626 = shufflevector <8 x float> %2625, <8 x float> poison, <8 x i32> zeroinitializer
+  %2627 = mul nsw i64 %2622, 14336
+  %2628 = getelementptr inbounds float, ptr %h, i64 %2627
+  %col405 = mul nsw i64 %p, 8
+  %2629 = load <8 x float>, ptr %acc030373, align 4
+  %2630 = load <8 x float>, ptr %acc031374, align 4
+  %2631 = fneg <8 x float> %2629
+  %2632 = fcmp olt <8 x float> %2631, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2633 = select <8 x i1> %2632, <8 x float> %2631, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2634 = fcmp ogt <8 x float> %2633, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2635 = select <8 x i1> %2634, <8 x float> %2633, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2636 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2635, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2637 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2636)
+  %2638 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2637, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2635)
+  %2639 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2637, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2638)
+  %2640 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2639, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2641 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2640, <8 x float> %2639, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2642 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2641, <8 x float> %2639, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2643 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2642, <8 x float> %2639, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2644 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2643, <8 x float> %2639, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2645 = fmul <8 x float> %2639, %2639
+  %2646 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2644, <8 x float> %2645, <8 x float> %2639)
+  %2647 = fadd <8 x float> %2646, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2648 = fptosi <8 x float> %2637 to <8 x i32>
+  %2649 = add <8 x i32> %2648, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2650 = shl <8 x i32> %2649, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n406 = bitcast <8 x i32> %2650 to <8 x float>
+  %exp407 = fmul <8 x float> %2647, %exp.2n406
+  %2651 = fadd <8 x float> %exp407, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid408 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2651
+  %silu409 = fmul <8 x float> %2629, %sigmoid408
+  %glu410 = fmul <8 x float> %silu409, %2630
+  %2652 = fmul <8 x float> %glu410, %2626
+  %2653 = getelementptr inbounds float, ptr %2628, i64 %col405
+  store <8 x float> %2652, ptr %2653, align 4
+  br label %tile.done246
 
-tile.mr3244:                                      ; preds = %rb.body235
-  %2663 = add nsw i64 %r0238, 0
-  %2664 = getelementptr inbounds i32, ptr %rows, i64 %2663
-  %2665 = load i32, ptr %2664, align 4
-  %2666 = sext i32 %2665 to i64
-  %2667 = mul nsw i64 %2666, 4096
-  %2668 = add nsw i64 %2667, 0
-  %2669 = getelementptr inbounds float, ptr %x, i64 %2668
-  store <8 x float> zeroinitializer, ptr %acc000406, align 4
-  store <8 x float> zeroinitializer, ptr %acc001407, align 4
-  %2670 = add nsw i64 %r0238, 1
-  %2671 = getelementptr inbounds i32, ptr %rows, i64 %2670
-  %2672 = load i32, ptr %2671, align 4
-  %2673 = sext i32 %2672 to i64
-  %2674 = mul nsw i64 %2673, 4096
-  %2675 = add nsw i64 %2674, 0
-  %2676 = getelementptr inbounds float, ptr %x, i64 %2675
-  store <8 x float> zeroinitializer, ptr %acc010408, align 4
-  store <8 x float> zeroinitializer, ptr %acc011409, align 4
-  %2677 = add nsw i64 %r0238, 2
-  %2678 = getelementptr inbounds i32, ptr %rows, i64 %2677
-  %2679 = load i32, ptr %2678, align 4
-  %2680 = sext i32 %2679 to i64
-  %2681 = mul nsw i64 %2680, 4096
-  %2682 = add nsw i64 %2681, 0
-  %2683 = getelementptr inbounds float, ptr %x, i64 %2682
-  store <8 x float> zeroinitializer, ptr %acc020410, align 4
-  store <8 x float> zeroinitializer, ptr %acc021411, align 4
-  %2684 = mul nsw i64 %p, 65536
-  %panel.off412 = add nsw i64 %2684, 0
-  %2685 = getelementptr inbounds i16, ptr %panels, i64 %panel.off412
-  %2686 = add nsw i64 %p, 1
-  %2687 = icmp slt i64 %2686, %p1
-  %pf.on413 = and i1 %pf.on249, %2687
-  %2688 = mul nsw i64 %rb237, 131072
-  %2689 = lshr i64 %2688, %1892
-  %2690 = add nsw i64 131072, %2689
-  %2691 = getelementptr inbounds i8, ptr %2685, i64 %2690
-  %pf414 = select i1 %pf.on413, ptr %2691, ptr %2685
-  %pf.sh415 = select i1 %pf.on413, i64 %1892, i64 0
-  br label %k.head416
+tile.mr3249:                                      ; preds = %rb.body240
+  %2654 = add nsw i64 %r0243, 0
+  %2655 = getelementptr inbounds i32, ptr %rows, i64 %2654
+  %2656 = load i32, ptr %2655, align 4
+  %2657 = sext i32 %2656 to i64
+  %2658 = mul nsw i64 %2657, 4096
+  %2659 = add nsw i64 %2658, 0
+  %2660 = getelementptr inbounds float, ptr %x, i64 %2659
+  store <8 x float> zeroinitializer, ptr %acc000411, align 4
+  store <8 x float> zeroinitializer, ptr %acc001412, align 4
+  %2661 = add nsw i64 %r0243, 1
+  %2662 = getelementptr inbounds i32, ptr %rows, i64 %2661
+  %2663 = load i32, ptr %2662, align 4
+  %2664 = sext i32 %2663 to i64
+  %2665 = mul nsw i64 %2664, 4096
+  %2666 = add nsw i64 %2665, 0
+  %2667 = getelementptr inbounds float, ptr %x, i64 %2666
+  store <8 x float> zeroinitializer, ptr %acc010413, align 4
+  store <8 x float> zeroinitializer, ptr %acc011414, align 4
+  %2668 = add nsw i64 %r0243, 2
+  %2669 = getelementptr inbounds i32, ptr %rows, i64 %2668
+  %2670 = load i32, ptr %2669, align 4
+  %2671 = sext i32 %2670 to i64
+  %2672 = mul nsw i64 %2671, 4096
+  %2673 = add nsw i64 %2672, 0
+  %2674 = getelementptr inbounds float, ptr %x, i64 %2673
+  store <8 x float> zeroinitializer, ptr %acc020415, align 4
+  store <8 x float> zeroinitializer, ptr %acc021416, align 4
+  %panel.off417 = mul nsw i64 %p, 65536
+  %2675 = getelementptr inbounds i16, ptr %panels, i64 %panel.off417
+  %2676 = add nsw i64 %p, 1
+  %2677 = icmp slt i64 %2676, %p1
+  %pf.on418 = and i1 %pf.on254, %2677
+  %2678 = mul nsw i64 %rb242, 131072
+  %2679 = lshr i64 %2678, %1886
+  %2680 = add nsw i64 131072, %2679
+  %2681 = getelementptr inbounds i8, ptr %2675, i64 %2680
+  %pf419 = select i1 %pf.on418, ptr %2681, ptr %2675
+  %pf.sh420 = select i1 %pf.on418, i64 %1886, i64 0
+  br label %k.head421
 
-k.head416:                                        ; preds = %pf.any.end421, %tile.mr3244
-  %k419 = phi i64 [ 0, %tile.mr3244 ], [ %2728, %pf.any.end421 ]
-  %2692 = icmp slt i64 %k419, 4096
-  br i1 %2692, label %k.body417, label %k.end418
+k.head421:                                        ; preds = %pf.any.end426, %tile.mr3249
+  %k424 = phi i64 [ 0, %tile.mr3249 ], [ %2718, %pf.any.end426 ]
+  %2682 = icmp slt i64 %k424, 4096
+  br i1 %2682, label %k.body422, label %k.end423
 
-k.body417:                                        ; preds = %k.head416
-  %2693 = mul nsw i64 %k419, 1
-  %2694 = add nsw i64 %2693, 0
-  %2695 = mul nsw i64 %2694, 32
-  br i1 %pf.multi248, label %pf.any.then420, label %pf.any.end421
+k.body422:                                        ; preds = %k.head421
+  %2683 = mul nsw i64 %k424, 1
+  %2684 = add nsw i64 %2683, 0
+  %2685 = mul nsw i64 %2684, 32
+  br i1 %pf.multi253, label %pf.any.then425, label %pf.any.end426
 
-pf.any.then420:                                   ; preds = %k.body417
-  %2696 = lshr i64 %2695, %pf.sh415
-  %2697 = getelementptr inbounds i8, ptr %pf414, i64 %2696
-  call void @llvm.prefetch.p0(ptr %2697, i32 0, i32 2, i32 1)
-  br label %pf.any.end421
+pf.any.then425:                                   ; preds = %k.body422
+  %2686 = lshr i64 %2685, %pf.sh420
+  %2687 = getelementptr inbounds i8, ptr %pf419, i64 %2686
+  call void @llvm.prefetch.p0(ptr %2687, i32 0, i32 2, i32 1)
+  br label %pf.any.end426
 
-pf.any.end421:                                    ; preds = %pf.any.then420, %k.body417
-  %2698 = mul nsw i64 %2694, 16
-  %2699 = add nsw i64 %panel.off412, %2698
-  %2700 = getelementptr inbounds i16, ptr %panels, i64 %2699
-  %2701 = load <8 x i32>, ptr %2700, align 4
-  %2702 = shl <8 x i32> %2701, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0422 = bitcast <8 x i32> %2702 to <8 x float>
-  %2703 = and <8 x i32> %2701, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1423 = bitcast <8 x i32> %2703 to <8 x float>
-  %2704 = getelementptr inbounds float, ptr %2669, i64 %2694
-  %2705 = load float, ptr %2704, align 4
-  %2706 = insertelement <8 x float> poison, float %2705, i32 0
-  %2707 = shufflevector <8 x float> %2706, <8 x float> poison, <8 x i32> zeroinitializer
-  %2708 = load <8 x float>, ptr %acc000406, align 4
-  %2709 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2707, <8 x float> %b0422, <8 x float> %2708)
-  store <8 x float> %2709, ptr %acc000406, align 4
-  %2710 = load <8 x float>, ptr %acc001407, align 4
-  %2711 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2707, <8 x float> %b1423, <8 x float> %2710)
-  store <8 x float> %2711, ptr %acc001407, align 4
-  %2712 = getelementptr inbounds float, ptr %2676, i64 %2694
-  %2713 = load float, ptr %2712, align 4
-  %2714 = insertelement <8 x float> poison, float %2713, i32 0
-  %2715 = shufflevector <8 x float> %2714, <8 x float> poison, <8 x i32> zeroinitializer
-  %2716 = load <8 x float>, ptr %acc010408, align 4
-  %2717 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2715, <8 x float> %b0422, <8 x float> %2716)
-  store <8 x float> %2717, ptr %acc010408, align 4
-  %2718 = load <8 x float>, ptr %acc011409, align 4
-  %2719 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2715, <8 x float> %b1423, <8 x float> %2718)
-  store <8 x float> %2719, ptr %acc011409, align 4
-  %2720 = getelementptr inbounds float, ptr %2683, i64 %2694
+pf.any.end426:                                    ; preds = %pf.any.then425, %k.body422
+  %2688 = mul nsw i64 %2684, 16
+  %2689 = add nsw i64 %panel.off417, %2688
+  %2690 = getelementptr inbounds i16, ptr %panels, i64 %2689
+  %2691 = load <8 x i32>, ptr %2690, align 4
+  %2692 = shl <8 x i32> %2691, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0427 = bitcast <8 x i32> %2692 to <8 x float>
+  %2693 = and <8 x i32> %2691, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1428 = bitcast <8 x i32> %2693 to <8 x float>
+  %2694 = getelementptr inbounds float, ptr %2660, i64 %2684
+  %2695 = load float, ptr %2694, align 4
+  %2696 = insertelement <8 x float> poison, float %2695, i32 0
+  %2697 = shufflevector <8 x float> %2696, <8 x float> poison, <8 x i32> zeroinitializer
+  %2698 = load <8 x float>, ptr %acc000411, align 4
+  %2699 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2697, <8 x float> %b0427, <8 x float> %2698)
+  store <8 x float> %2699, ptr %acc000411, align 4
+  %2700 = load <8 x float>, ptr %acc001412, align 4
+  %2701 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2697, <8 x float> %b1428, <8 x float> %2700)
+  store <8 x float> %2701, ptr %acc001412, align 4
+  %2702 = getelementptr inbounds float, ptr %2667, i64 %2684
+  %2703 = load float, ptr %2702, align 4
+  %2704 = insertelement <8 x float> poison, float %2703, i32 0
+  %2705 = shufflevector <8 x float> %2704, <8 x float> poison, <8 x i32> zeroinitializer
+  %2706 = load <8 x float>, ptr %acc010413, align 4
+  %2707 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2705, <8 x float> %b0427, <8 x float> %2706)
+  store <8 x float> %2707, ptr %acc010413, align 4
+  %2708 = load <8 x float>, ptr %acc011414, align 4
+  %2709 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2705, <8 x float> %b1428, <8 x float> %2708)
+  store <8 x float> %2709, ptr %acc011414, align 4
+  %2710 = getelementptr inbounds float, ptr %2674, i64 %2684
+  %2711 = load float, ptr %2710, align 4
+  %2712 = insertelement <8 x float> poison, float %2711, i32 0
+  %2713 = shufflevector <8 x float> %2712, <8 x float> poison, <8 x i32> zeroinitializer
+  %2714 = load <8 x float>, ptr %acc020415, align 4
+  %2715 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2713, <8 x float> %b0427, <8 x float> %2714)
+  store <8 x float> %2715, ptr %acc020415, align 4
+  %2716 = load <8 x float>, ptr %acc021416, align 4
+  %2717 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2713, <8 x float> %b1428, <8 x float> %2716)
+  store <8 x float> %2717, ptr %acc021416, align 4
+  %2718 = add nsw i64 %k424, 1
+  br label %k.head421
+
+k.end423:                                         ; preds = %k.head421
+  %2719 = add nsw i64 %r0243, 0
+  %2720 = getelementptr inbounds float, ptr %rw, i64 %2719
   %2721 = load float, ptr %2720, align 4
   %2722 = insertelement <8 x float> poison, float %2721, i32 0
   %2723 = shufflevector <8 x float> %2722, <8 x float> poison, <8 x i32> zeroinitializer
-  %2724 = load <8 x float>, ptr %acc020410, align 4
-  %2725 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2723, <8 x float> %b0422, <8 x float> %2724)
-  store <8 x float> %2725, ptr %acc020410, align 4
-  %2726 = load <8 x float>, ptr %acc021411, align 4
-  %2727 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2723, <8 x float> %b1423, <8 x float> %2726)
-  store <8 x float> %2727, ptr %acc021411, align 4
-  %2728 = add nsw i64 %k419, 1
-  br label %k.head416
+  %2724 = mul nsw i64 %2719, 14336
+  %2725 = getelementptr inbounds float, ptr %h, i64 %2724
+  %col429 = mul nsw i64 %p, 8
+  %2726 = load <8 x float>, ptr %acc000411, align 4
+  %2727 = load <8 x float>, ptr %acc001412, align 4
+  %2728 = fneg <8 x float> %2726
+  %2729 = fcmp olt <8 x float> %2728, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2730 = select <8 x i1> %2729, <8 x float> %2728, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2731 = fcmp ogt <8 x float> %2730, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2732 = select <8 x i1> %2731, <8 x float> %2730, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2733 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2732, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2734 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2733)
+  %2735 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2734, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2732)
+  %2736 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2734, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2735)
+  %2737 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2736, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2738 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2737, <8 x float> %2736, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2739 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2738, <8 x float> %2736, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2740 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2739, <8 x float> %2736, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2741 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2740, <8 x float> %2736, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2742 = fmul <8 x float> %2736, %2736
+  %2743 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2741, <8 x float> %2742, <8 x float> %2736)
+  %2744 = fadd <8 x float> %2743, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2745 = fptosi <8 x float> %2734 to <8 x i32>
+  %2746 = add <8 x i32> %2745, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2747 = shl <8 x i32> %2746, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n430 = bitcast <8 x i32> %2747 to <8 x float>
+  %exp431 = fmul <8 x float> %2744, %exp.2n430
+  %2748 = fadd <8 x float> %exp431, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid432 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2748
+  %silu433 = fmul <8 x float> %2726, %sigmoid432
+  %glu434 = fmul <8 x float> %silu433, %2727
+  %2749 = fmul <8 x float> %glu434, %2723
+  %2750 = getelementptr inbounds float, ptr %2725, i64 %col429
+  store <8 x float> %2749, ptr %2750, align 4
+  %2751 = add nsw i64 %r0243, 1
+  %2752 = getelementptr inbounds float, ptr %rw, i64 %2751
+  %2753 = load float, ptr %2752, align 4
+  %2754 = insertelement <8 x float> poison, float %2753, i32 0
+  %2755 = shufflevector <8 x float> %2754, <8 x float> poison, <8 x i32> zeroinitializer
+  %2756 = mul nsw i64 %2751, 14336
+  %2757 = getelementptr inbounds float, ptr %h, i64 %2756
+  %col435 = mul nsw i64 %p, 8
+  %2758 = load <8 x float>, ptr %acc010413, align 4
+  %2759 = load <8 x float>, ptr %acc011414, align 4
+  %2760 = fneg <8 x float> %2758
+  %2761 = fcmp olt <8 x float> %2760, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2762 = select <8 x i1> %2761, <8 x float> %2760, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2763 = fcmp ogt <8 x float> %2762, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2764 = select <8 x i1> %2763, <8 x float> %2762, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2765 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2764, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2766 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2765)
+  %2767 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2766, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2764)
+  %2768 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2766, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2767)
+  %2769 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2768, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2770 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2769, <8 x float> %2768, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2771 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2770, <8 x float> %2768, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2772 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2771, <8 x float> %2768, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2773 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2772, <8 x float> %2768, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2774 = fmul <8 x float> %2768, %2768
+  %2775 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2773, <8 x float> %2774, <8 x float> %2768)
+  %2776 = fadd <8 x float> %2775, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2777 = fptosi <8 x float> %2766 to <8 x i32>
+  %2778 = add <8 x i32> %2777, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2779 = shl <8 x i32> %2778, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n436 = bitcast <8 x i32> %2779 to <8 x float>
+  %exp437 = fmul <8 x float> %2776, %exp.2n436
+  %2780 = fadd <8 x float> %exp437, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid438 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2780
+  %silu439 = fmul <8 x float> %2758, %sigmoid438
+  %glu440 = fmul <8 x float> %silu439, %2759
+  %2781 = fmul <8 x float> %glu440, %2755
+  %2782 = getelementptr inbounds float, ptr %2757, i64 %col435
+  store <8 x float> %2781, ptr %2782, align 4
+  %2783 = add nsw i64 %r0243, 2
+  %2784 = getelementptr inbounds float, ptr %rw, i64 %2783
+  %2785 = load float, ptr %2784, align 4
+  %2786 = insertelement <8 x float> poison, float %2785, i32 0
+  %2787 = shufflevector <8 x float> %2786, <8 x float> poison, <8 x i32> zeroinitializer
+  %2788 = mul nsw i64 %2783, 14336
+  %2789 = getelementptr inbounds float, ptr %h, i64 %2788
+  %col441 = mul nsw i64 %p, 8
+  %2790 = load <8 x float>, ptr %acc020415, align 4
+  %2791 = load <8 x float>, ptr %acc021416, align 4
+  %2792 = fneg <8 x float> %2790
+  %2793 = fcmp olt <8 x float> %2792, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2794 = select <8 x i1> %2793, <8 x float> %2792, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2795 = fcmp ogt <8 x float> %2794, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2796 = select <8 x i1> %2795, <8 x float> %2794, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2797 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2796, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2798 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2797)
+  %2799 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2798, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2796)
+  %2800 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2798, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2799)
+  %2801 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2800, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2802 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2801, <8 x float> %2800, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2803 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2802, <8 x float> %2800, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2804 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2803, <8 x float> %2800, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2805 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2804, <8 x float> %2800, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2806 = fmul <8 x float> %2800, %2800
+  %2807 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2805, <8 x float> %2806, <8 x float> %2800)
+  %2808 = fadd <8 x float> %2807, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2809 = fptosi <8 x float> %2798 to <8 x i32>
+  %2810 = add <8 x i32> %2809, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2811 = shl <8 x i32> %2810, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n442 = bitcast <8 x i32> %2811 to <8 x float>
+  %exp443 = fmul <8 x float> %2808, %exp.2n442
+  %2812 = fadd <8 x float> %exp443, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid444 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2812
+  %silu445 = fmul <8 x float> %2790, %sigmoid444
+  %glu446 = fmul <8 x float> %silu445, %2791
+  %2813 = fmul <8 x float> %glu446, %2787
+  %2814 = getelementptr inbounds float, ptr %2789, i64 %col441
+  store <8 x float> %2813, ptr %2814, align 4
+  br label %tile.done246
 
-k.end418:                                         ; preds = %k.head416
-  %2729 = add nsw i64 %r0238, 0
-  %2730 = getelementptr inbounds float, ptr %rw, i64 %2729
-  %2731 = load float, ptr %2730, align 4
-  %2732 = insertelement <8 x float> poison, float %2731, i32 0
-  %2733 = shufflevector <8 x float> %2732, <8 x float> poison, <8 x i32> zeroinitializer
-  %2734 = mul nsw i64 %2729, 14336
-  %2735 = getelementptr inbounds float, ptr %h, i64 %2734
-  %col424 = mul nsw i64 %p, 8
-  %2736 = load <8 x float>, ptr %acc000406, align 4
-  %2737 = load <8 x float>, ptr %acc001407, align 4
-  %2738 = fneg <8 x float> %2736
-  %2739 = fcmp olt <8 x float> %2738, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2740 = select <8 x i1> %2739, <8 x float> %2738, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2741 = fcmp ogt <8 x float> %2740, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2742 = select <8 x i1> %2741, <8 x float> %2740, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2743 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2742, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2744 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2743)
-  %2745 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2744, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2742)
-  %2746 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2744, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2745)
-  %2747 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2746, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2748 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2747, <8 x float> %2746, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2749 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2748, <8 x float> %2746, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2750 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2749, <8 x float> %2746, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2751 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2750, <8 x float> %2746, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2752 = fmul <8 x float> %2746, %2746
-  %2753 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2751, <8 x float> %2752, <8 x float> %2746)
-  %2754 = fadd <8 x float> %2753, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2755 = fptosi <8 x float> %2744 to <8 x i32>
-  %2756 = add <8 x i32> %2755, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2757 = shl <8 x i32> %2756, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n425 = bitcast <8 x i32> %2757 to <8 x float>
-  %exp426 = fmul <8 x float> %2754, %exp.2n425
-  %2758 = fadd <8 x float> %exp426, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid427 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2758
-  %silu428 = fmul <8 x float> %2736, %sigmoid427
-  %glu429 = fmul <8 x float> %silu428, %2737
-  %2759 = fmul <8 x float> %glu429, %2733
-  %2760 = getelementptr inbounds float, ptr %2735, i64 %col424
-  store <8 x float> %2759, ptr %2760, align 4
-  %2761 = add nsw i64 %r0238, 1
-  %2762 = getelementptr inbounds float, ptr %rw, i64 %2761
-  %2763 = load float, ptr %2762, align 4
-  %2764 = insertelement <8 x float> poison, float %2763, i32 0
-  %2765 = shufflevector <8 x float> %2764, <8 x float> poison, <8 x i32> zeroinitializer
-  %2766 = mul nsw i64 %2761, 14336
-  %2767 = getelementptr inbounds float, ptr %h, i64 %2766
-  %col430 = mul nsw i64 %p, 8
-  %2768 = load <8 x float>, ptr %acc010408, align 4
-  %2769 = load <8 x float>, ptr %acc011409, align 4
-  %2770 = fneg <8 x float> %2768
-  %2771 = fcmp olt <8 x float> %2770, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2772 = select <8 x i1> %2771, <8 x float> %2770, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2773 = fcmp ogt <8 x float> %2772, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2774 = select <8 x i1> %2773, <8 x float> %2772, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2775 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2774, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2776 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2775)
-  %2777 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2776, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2774)
-  %2778 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2776, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2777)
-  %2779 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2778, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2780 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2779, <8 x float> %2778, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2781 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2780, <8 x float> %2778, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2782 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2781, <8 x float> %2778, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2783 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2782, <8 x float> %2778, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2784 = fmul <8 x float> %2778, %2778
-  %2785 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2783, <8 x float> %2784, <8 x float> %2778)
-  %2786 = fadd <8 x float> %2785, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2787 = fptosi <8 x float> %2776 to <8 x i32>
-  %2788 = add <8 x i32> %2787, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2789 = shl <8 x i32> %2788, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n431 = bitcast <8 x i32> %2789 to <8 x float>
-  %exp432 = fmul <8 x float> %2786, %exp.2n431
-  %2790 = fadd <8 x float> %exp432, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid433 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2790
-  %silu434 = fmul <8 x float> %2768, %sigmoid433
-  %glu435 = fmul <8 x float> %silu434, %2769
-  %2791 = fmul <8 x float> %glu435, %2765
-  %2792 = getelementptr inbounds float, ptr %2767, i64 %col430
-  store <8 x float> %2791, ptr %2792, align 4
-  %2793 = add nsw i64 %r0238, 2
-  %2794 = getelementptr inbounds float, ptr %rw, i64 %2793
-  %2795 = load float, ptr %2794, align 4
-  %2796 = insertelement <8 x float> poison, float %2795, i32 0
-  %2797 = shufflevector <8 x float> %2796, <8 x float> poison, <8 x i32> zeroinitializer
-  %2798 = mul nsw i64 %2793, 14336
-  %2799 = getelementptr inbounds float, ptr %h, i64 %2798
-  %col436 = mul nsw i64 %p, 8
-  %2800 = load <8 x float>, ptr %acc020410, align 4
-  %2801 = load <8 x float>, ptr %acc021411, align 4
-  %2802 = fneg <8 x float> %2800
-  %2803 = fcmp olt <8 x float> %2802, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2804 = select <8 x i1> %2803, <8 x float> %2802, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2805 = fcmp ogt <8 x float> %2804, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2806 = select <8 x i1> %2805, <8 x float> %2804, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2807 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2806, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2808 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2807)
-  %2809 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2808, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2806)
-  %2810 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2808, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2809)
-  %2811 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2810, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2812 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2811, <8 x float> %2810, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2813 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2812, <8 x float> %2810, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2814 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2813, <8 x float> %2810, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2815 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2814, <8 x float> %2810, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2816 = fmul <8 x float> %2810, %2810
-  %2817 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2815, <8 x float> %2816, <8 x float> %2810)
-  %2818 = fadd <8 x float> %2817, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2819 = fptosi <8 x float> %2808 to <8 x i32>
-  %2820 = add <8 x i32> %2819, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2821 = shl <8 x i32> %2820, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n437 = bitcast <8 x i32> %2821 to <8 x float>
-  %exp438 = fmul <8 x float> %2818, %exp.2n437
-  %2822 = fadd <8 x float> %exp438, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid439 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2822
-  %silu440 = fmul <8 x float> %2800, %sigmoid439
-  %glu441 = fmul <8 x float> %silu440, %2801
-  %2823 = fmul <8 x float> %glu441, %2797
-  %2824 = getelementptr inbounds float, ptr %2799, i64 %col436
-  store <8 x float> %2823, ptr %2824, align 4
-  br label %tile.done241
+tile.mr2248:                                      ; preds = %rb.body240
+  %2815 = add nsw i64 %r0243, 0
+  %2816 = getelementptr inbounds i32, ptr %rows, i64 %2815
+  %2817 = load i32, ptr %2816, align 4
+  %2818 = sext i32 %2817 to i64
+  %2819 = mul nsw i64 %2818, 4096
+  %2820 = add nsw i64 %2819, 0
+  %2821 = getelementptr inbounds float, ptr %x, i64 %2820
+  store <8 x float> zeroinitializer, ptr %acc000447, align 4
+  store <8 x float> zeroinitializer, ptr %acc001448, align 4
+  %2822 = add nsw i64 %r0243, 1
+  %2823 = getelementptr inbounds i32, ptr %rows, i64 %2822
+  %2824 = load i32, ptr %2823, align 4
+  %2825 = sext i32 %2824 to i64
+  %2826 = mul nsw i64 %2825, 4096
+  %2827 = add nsw i64 %2826, 0
+  %2828 = getelementptr inbounds float, ptr %x, i64 %2827
+  store <8 x float> zeroinitializer, ptr %acc010449, align 4
+  store <8 x float> zeroinitializer, ptr %acc011450, align 4
+  %panel.off451 = mul nsw i64 %p, 65536
+  %2829 = getelementptr inbounds i16, ptr %panels, i64 %panel.off451
+  %2830 = add nsw i64 %p, 1
+  %2831 = icmp slt i64 %2830, %p1
+  %pf.on452 = and i1 %pf.on254, %2831
+  %2832 = mul nsw i64 %rb242, 131072
+  %2833 = lshr i64 %2832, %1886
+  %2834 = add nsw i64 131072, %2833
+  %2835 = getelementptr inbounds i8, ptr %2829, i64 %2834
+  %pf453 = select i1 %pf.on452, ptr %2835, ptr %2829
+  %pf.sh454 = select i1 %pf.on452, i64 %1886, i64 0
+  br label %k.head455
 
-tile.mr2243:                                      ; preds = %rb.body235
-  %2825 = add nsw i64 %r0238, 0
-  %2826 = getelementptr inbounds i32, ptr %rows, i64 %2825
-  %2827 = load i32, ptr %2826, align 4
-  %2828 = sext i32 %2827 to i64
-  %2829 = mul nsw i64 %2828, 4096
-  %2830 = add nsw i64 %2829, 0
-  %2831 = getelementptr inbounds float, ptr %x, i64 %2830
-  store <8 x float> zeroinitializer, ptr %acc000442, align 4
-  store <8 x float> zeroinitializer, ptr %acc001443, align 4
-  %2832 = add nsw i64 %r0238, 1
-  %2833 = getelementptr inbounds i32, ptr %rows, i64 %2832
-  %2834 = load i32, ptr %2833, align 4
-  %2835 = sext i32 %2834 to i64
-  %2836 = mul nsw i64 %2835, 4096
-  %2837 = add nsw i64 %2836, 0
-  %2838 = getelementptr inbounds float, ptr %x, i64 %2837
-  store <8 x float> zeroinitializer, ptr %acc010444, align 4
-  store <8 x float> zeroinitializer, ptr %acc011445, align 4
-  %2839 = mul nsw i64 %p, 65536
-  %panel.off446 = add nsw i64 %2839, 0
-  %2840 = getelementptr inbounds i16, ptr %panels, i64 %panel.off446
-  %2841 = add nsw i64 %p, 1
-  %2842 = icmp slt i64 %2841, %p1
-  %pf.on447 = and i1 %pf.on249, %2842
-  %2843 = mul nsw i64 %rb237, 131072
-  %2844 = lshr i64 %2843, %1892
-  %2845 = add nsw i64 131072, %2844
-  %2846 = getelementptr inbounds i8, ptr %2840, i64 %2845
-  %pf448 = select i1 %pf.on447, ptr %2846, ptr %2840
-  %pf.sh449 = select i1 %pf.on447, i64 %1892, i64 0
-  br label %k.head450
+k.head455:                                        ; preds = %pf.any.end460, %tile.mr2248
+  %k458 = phi i64 [ 0, %tile.mr2248 ], [ %2864, %pf.any.end460 ]
+  %2836 = icmp slt i64 %k458, 4096
+  br i1 %2836, label %k.body456, label %k.end457
 
-k.head450:                                        ; preds = %pf.any.end455, %tile.mr2243
-  %k453 = phi i64 [ 0, %tile.mr2243 ], [ %2875, %pf.any.end455 ]
-  %2847 = icmp slt i64 %k453, 4096
-  br i1 %2847, label %k.body451, label %k.end452
+k.body456:                                        ; preds = %k.head455
+  %2837 = mul nsw i64 %k458, 1
+  %2838 = add nsw i64 %2837, 0
+  %2839 = mul nsw i64 %2838, 32
+  br i1 %pf.multi253, label %pf.any.then459, label %pf.any.end460
 
-k.body451:                                        ; preds = %k.head450
-  %2848 = mul nsw i64 %k453, 1
-  %2849 = add nsw i64 %2848, 0
-  %2850 = mul nsw i64 %2849, 32
-  br i1 %pf.multi248, label %pf.any.then454, label %pf.any.end455
+pf.any.then459:                                   ; preds = %k.body456
+  %2840 = lshr i64 %2839, %pf.sh454
+  %2841 = getelementptr inbounds i8, ptr %pf453, i64 %2840
+  call void @llvm.prefetch.p0(ptr %2841, i32 0, i32 2, i32 1)
+  br label %pf.any.end460
 
-pf.any.then454:                                   ; preds = %k.body451
-  %2851 = lshr i64 %2850, %pf.sh449
-  %2852 = getelementptr inbounds i8, ptr %pf448, i64 %2851
-  call void @llvm.prefetch.p0(ptr %2852, i32 0, i32 2, i32 1)
-  br label %pf.any.end455
+pf.any.end460:                                    ; preds = %pf.any.then459, %k.body456
+  %2842 = mul nsw i64 %2838, 16
+  %2843 = add nsw i64 %panel.off451, %2842
+  %2844 = getelementptr inbounds i16, ptr %panels, i64 %2843
+  %2845 = load <8 x i32>, ptr %2844, align 4
+  %2846 = shl <8 x i32> %2845, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0461 = bitcast <8 x i32> %2846 to <8 x float>
+  %2847 = and <8 x i32> %2845, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1462 = bitcast <8 x i32> %2847 to <8 x float>
+  %2848 = getelementptr inbounds float, ptr %2821, i64 %2838
+  %2849 = load float, ptr %2848, align 4
+  %2850 = insertelement <8 x float> poison, float %2849, i32 0
+  %2851 = shufflevector <8 x float> %2850, <8 x float> poison, <8 x i32> zeroinitializer
+  %2852 = load <8 x float>, ptr %acc000447, align 4
+  %2853 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2851, <8 x float> %b0461, <8 x float> %2852)
+  store <8 x float> %2853, ptr %acc000447, align 4
+  %2854 = load <8 x float>, ptr %acc001448, align 4
+  %2855 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2851, <8 x float> %b1462, <8 x float> %2854)
+  store <8 x float> %2855, ptr %acc001448, align 4
+  %2856 = getelementptr inbounds float, ptr %2828, i64 %2838
+  %2857 = load float, ptr %2856, align 4
+  %2858 = insertelement <8 x float> poison, float %2857, i32 0
+  %2859 = shufflevector <8 x float> %2858, <8 x float> poison, <8 x i32> zeroinitializer
+  %2860 = load <8 x float>, ptr %acc010449, align 4
+  %2861 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2859, <8 x float> %b0461, <8 x float> %2860)
+  store <8 x float> %2861, ptr %acc010449, align 4
+  %2862 = load <8 x float>, ptr %acc011450, align 4
+  %2863 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2859, <8 x float> %b1462, <8 x float> %2862)
+  store <8 x float> %2863, ptr %acc011450, align 4
+  %2864 = add nsw i64 %k458, 1
+  br label %k.head455
 
-pf.any.end455:                                    ; preds = %pf.any.then454, %k.body451
-  %2853 = mul nsw i64 %2849, 16
-  %2854 = add nsw i64 %panel.off446, %2853
-  %2855 = getelementptr inbounds i16, ptr %panels, i64 %2854
-  %2856 = load <8 x i32>, ptr %2855, align 4
-  %2857 = shl <8 x i32> %2856, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0456 = bitcast <8 x i32> %2857 to <8 x float>
-  %2858 = and <8 x i32> %2856, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1457 = bitcast <8 x i32> %2858 to <8 x float>
-  %2859 = getelementptr inbounds float, ptr %2831, i64 %2849
-  %2860 = load float, ptr %2859, align 4
-  %2861 = insertelement <8 x float> poison, float %2860, i32 0
-  %2862 = shufflevector <8 x float> %2861, <8 x float> poison, <8 x i32> zeroinitializer
-  %2863 = load <8 x float>, ptr %acc000442, align 4
-  %2864 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2862, <8 x float> %b0456, <8 x float> %2863)
-  store <8 x float> %2864, ptr %acc000442, align 4
-  %2865 = load <8 x float>, ptr %acc001443, align 4
-  %2866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2862, <8 x float> %b1457, <8 x float> %2865)
-  store <8 x float> %2866, ptr %acc001443, align 4
-  %2867 = getelementptr inbounds float, ptr %2838, i64 %2849
-  %2868 = load float, ptr %2867, align 4
-  %2869 = insertelement <8 x float> poison, float %2868, i32 0
-  %2870 = shufflevector <8 x float> %2869, <8 x float> poison, <8 x i32> zeroinitializer
-  %2871 = load <8 x float>, ptr %acc010444, align 4
-  %2872 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2870, <8 x float> %b0456, <8 x float> %2871)
-  store <8 x float> %2872, ptr %acc010444, align 4
-  %2873 = load <8 x float>, ptr %acc011445, align 4
-  %2874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2870, <8 x float> %b1457, <8 x float> %2873)
-  store <8 x float> %2874, ptr %acc011445, align 4
-  %2875 = add nsw i64 %k453, 1
-  br label %k.head450
+k.end457:                                         ; preds = %k.head455
+  %2865 = add nsw i64 %r0243, 0
+  %2866 = getelementptr inbounds float, ptr %rw, i64 %2865
+  %2867 = load float, ptr %2866, align 4
+  %2868 = insertelement <8 x float> poison, float %2867, i32 0
+  %2869 = shufflevector <8 x float> %2868, <8 x float> poison, <8 x i32> zeroinitializer
+  %2870 = mul nsw i64 %2865, 14336
+  %2871 = getelementptr inbounds float, ptr %h, i64 %2870
+  %col463 = mul nsw i64 %p, 8
+  %2872 = load <8 x float>, ptr %acc000447, align 4
+  %2873 = load <8 x float>, ptr %acc001448, align 4
+  %2874 = fneg <8 x float> %2872
+  %2875 = fcmp olt <8 x float> %2874, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2876 = select <8 x i1> %2875, <8 x float> %2874, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2877 = fcmp ogt <8 x float> %2876, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2878 = select <8 x i1> %2877, <8 x float> %2876, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2879 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2878, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2880 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2879)
+  %2881 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2880, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2878)
+  %2882 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2880, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2881)
+  %2883 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2882, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2884 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2883, <8 x float> %2882, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2885 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2884, <8 x float> %2882, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2886 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2885, <8 x float> %2882, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2887 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2886, <8 x float> %2882, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2888 = fmul <8 x float> %2882, %2882
+  %2889 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2887, <8 x float> %2888, <8 x float> %2882)
+  %2890 = fadd <8 x float> %2889, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2891 = fptosi <8 x float> %2880 to <8 x i32>
+  %2892 = add <8 x i32> %2891, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2893 = shl <8 x i32> %2892, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n464 = bitcast <8 x i32> %2893 to <8 x float>
+  %exp465 = fmul <8 x float> %2890, %exp.2n464
+  %2894 = fadd <8 x float> %exp465, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid466 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2894
+  %silu467 = fmul <8 x float> %2872, %sigmoid466
+  %glu468 = fmul <8 x float> %silu467, %2873
+  %2895 = fmul <8 x float> %glu468, %2869
+  %2896 = getelementptr inbounds float, ptr %2871, i64 %col463
+  store <8 x float> %2895, ptr %2896, align 4
+  %2897 = add nsw i64 %r0243, 1
+  %2898 = getelementptr inbounds float, ptr %rw, i64 %2897
+  %2899 = load float, ptr %2898, align 4
+  %2900 = insertelement <8 x float> poison, float %2899, i32 0
+  %2901 = shufflevector <8 x float> %2900, <8 x float> poison, <8 x i32> zeroinitializer
+  %2902 = mul nsw i64 %2897, 14336
+  %2903 = getelementptr inbounds float, ptr %h, i64 %2902
+  %col469 = mul nsw i64 %p, 8
+  %2904 = load <8 x float>, ptr %acc010449, align 4
+  %2905 = load <8 x float>, ptr %acc011450, align 4
+  %2906 = fneg <8 x float> %2904
+  %2907 = fcmp olt <8 x float> %2906, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2908 = select <8 x i1> %2907, <8 x float> %2906, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2909 = fcmp ogt <8 x float> %2908, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2910 = select <8 x i1> %2909, <8 x float> %2908, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2911 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2910, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2912 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2911)
+  %2913 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2912, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2910)
+  %2914 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2912, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2913)
+  %2915 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2914, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2916 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2915, <8 x float> %2914, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2917 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2916, <8 x float> %2914, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2918 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2917, <8 x float> %2914, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2919 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2918, <8 x float> %2914, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2920 = fmul <8 x float> %2914, %2914
+  %2921 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2919, <8 x float> %2920, <8 x float> %2914)
+  %2922 = fadd <8 x float> %2921, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2923 = fptosi <8 x float> %2912 to <8 x i32>
+  %2924 = add <8 x i32> %2923, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2925 = shl <8 x i32> %2924, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n470 = bitcast <8 x i32> %2925 to <8 x float>
+  %exp471 = fmul <8 x float> %2922, %exp.2n470
+  %2926 = fadd <8 x float> %exp471, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid472 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2926
+  %silu473 = fmul <8 x float> %2904, %sigmoid472
+  %glu474 = fmul <8 x float> %silu473, %2905
+  %2927 = fmul <8 x float> %glu474, %2901
+  %2928 = getelementptr inbounds float, ptr %2903, i64 %col469
+  store <8 x float> %2927, ptr %2928, align 4
+  br label %tile.done246
 
-k.end452:                                         ; preds = %k.head450
-  %2876 = add nsw i64 %r0238, 0
-  %2877 = getelementptr inbounds float, ptr %rw, i64 %2876
-  %2878 = load float, ptr %2877, align 4
-  %2879 = insertelement <8 x float> poison, float %2878, i32 0
-  %2880 = shufflevector <8 x float> %2879, <8 x float> poison, <8 x i32> zeroinitializer
-  %2881 = mul nsw i64 %2876, 14336
-  %2882 = getelementptr inbounds float, ptr %h, i64 %2881
-  %col458 = mul nsw i64 %p, 8
-  %2883 = load <8 x float>, ptr %acc000442, align 4
-  %2884 = load <8 x float>, ptr %acc001443, align 4
-  %2885 = fneg <8 x float> %2883
-  %2886 = fcmp olt <8 x float> %2885, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2887 = select <8 x i1> %2886, <8 x float> %2885, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2888 = fcmp ogt <8 x float> %2887, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2889 = select <8 x i1> %2888, <8 x float> %2887, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2890 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2889, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2891 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2890)
-  %2892 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2891, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2889)
-  %2893 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2891, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2892)
-  %2894 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2893, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2895 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2894, <8 x float> %2893, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2896 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2895, <8 x float> %2893, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2897 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2896, <8 x float> %2893, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2898 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2897, <8 x float> %2893, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2899 = fmul <8 x float> %2893, %2893
-  %2900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2898, <8 x float> %2899, <8 x float> %2893)
-  %2901 = fadd <8 x float> %2900, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2902 = fptosi <8 x float> %2891 to <8 x i32>
-  %2903 = add <8 x i32> %2902, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2904 = shl <8 x i32> %2903, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n459 = bitcast <8 x i32> %2904 to <8 x float>
-  %exp460 = fmul <8 x float> %2901, %exp.2n459
-  %2905 = fadd <8 x float> %exp460, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid461 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2905
-  %silu462 = fmul <8 x float> %2883, %sigmoid461
-  %glu463 = fmul <8 x float> %silu462, %2884
-  %2906 = fmul <8 x float> %glu463, %2880
-  %2907 = getelementptr inbounds float, ptr %2882, i64 %col458
-  store <8 x float> %2906, ptr %2907, align 4
-  %2908 = add nsw i64 %r0238, 1
-  %2909 = getelementptr inbounds float, ptr %rw, i64 %2908
-  %2910 = load float, ptr %2909, align 4
-  %2911 = insertelement <8 x float> poison, float %2910, i32 0
-  %2912 = shufflevector <8 x float> %2911, <8 x float> poison, <8 x i32> zeroinitializer
-  %2913 = mul nsw i64 %2908, 14336
-  %2914 = getelementptr inbounds float, ptr %h, i64 %2913
-  %col464 = mul nsw i64 %p, 8
-  %2915 = load <8 x float>, ptr %acc010444, align 4
-  %2916 = load <8 x float>, ptr %acc011445, align 4
-  %2917 = fneg <8 x float> %2915
-  %2918 = fcmp olt <8 x float> %2917, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2919 = select <8 x i1> %2918, <8 x float> %2917, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2920 = fcmp ogt <8 x float> %2919, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2921 = select <8 x i1> %2920, <8 x float> %2919, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2922 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2921, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2923 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2922)
-  %2924 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2923, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2921)
-  %2925 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2923, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2924)
-  %2926 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2925, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2927 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2926, <8 x float> %2925, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2928 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2927, <8 x float> %2925, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2929 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2928, <8 x float> %2925, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2930 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2929, <8 x float> %2925, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2931 = fmul <8 x float> %2925, %2925
-  %2932 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2930, <8 x float> %2931, <8 x float> %2925)
-  %2933 = fadd <8 x float> %2932, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2934 = fptosi <8 x float> %2923 to <8 x i32>
-  %2935 = add <8 x i32> %2934, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2936 = shl <8 x i32> %2935, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n465 = bitcast <8 x i32> %2936 to <8 x float>
-  %exp466 = fmul <8 x float> %2933, %exp.2n465
-  %2937 = fadd <8 x float> %exp466, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid467 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2937
-  %silu468 = fmul <8 x float> %2915, %sigmoid467
-  %glu469 = fmul <8 x float> %silu468, %2916
-  %2938 = fmul <8 x float> %glu469, %2912
-  %2939 = getelementptr inbounds float, ptr %2914, i64 %col464
-  store <8 x float> %2938, ptr %2939, align 4
-  br label %tile.done241
+tile.mr1247:                                      ; preds = %rb.body240
+  %2929 = add nsw i64 %r0243, 0
+  %2930 = getelementptr inbounds i32, ptr %rows, i64 %2929
+  %2931 = load i32, ptr %2930, align 4
+  %2932 = sext i32 %2931 to i64
+  %2933 = mul nsw i64 %2932, 4096
+  %2934 = add nsw i64 %2933, 0
+  %2935 = getelementptr inbounds float, ptr %x, i64 %2934
+  store <8 x float> zeroinitializer, ptr %acc000475, align 4
+  store <8 x float> zeroinitializer, ptr %acc001476, align 4
+  %panel.off477 = mul nsw i64 %p, 65536
+  %2936 = getelementptr inbounds i16, ptr %panels, i64 %panel.off477
+  %2937 = add nsw i64 %p, 1
+  %2938 = icmp slt i64 %2937, %p1
+  %pf.on478 = and i1 %pf.on254, %2938
+  %2939 = mul nsw i64 %rb242, 131072
+  %2940 = lshr i64 %2939, %1886
+  %2941 = add nsw i64 131072, %2940
+  %2942 = getelementptr inbounds i8, ptr %2936, i64 %2941
+  %pf479 = select i1 %pf.on478, ptr %2942, ptr %2936
+  %pf.sh480 = select i1 %pf.on478, i64 %1886, i64 0
+  br label %k.head481
 
-tile.mr1242:                                      ; preds = %rb.body235
-  %2940 = add nsw i64 %r0238, 0
-  %2941 = getelementptr inbounds i32, ptr %rows, i64 %2940
-  %2942 = load i32, ptr %2941, align 4
-  %2943 = sext i32 %2942 to i64
-  %2944 = mul nsw i64 %2943, 4096
+k.head481:                                        ; preds = %pf.any.end486, %tile.mr1247
+  %k484 = phi i64 [ 0, %tile.mr1247 ], [ %2963, %pf.any.end486 ]
+  %2943 = icmp slt i64 %k484, 4096
+  br i1 %2943, label %k.body482, label %k.end483
+
+k.body482:                                        ; preds = %k.head481
+  %2944 = mul nsw i64 %k484, 1
   %2945 = add nsw i64 %2944, 0
-  %2946 = getelementptr inbounds float, ptr %x, i64 %2945
-  store <8 x float> zeroinitializer, ptr %acc000470, align 4
-  store <8 x float> zeroinitializer, ptr %acc001471, align 4
-  %2947 = mul nsw i64 %p, 65536
-  %panel.off472 = add nsw i64 %2947, 0
-  %2948 = getelementptr inbounds i16, ptr %panels, i64 %panel.off472
-  %2949 = add nsw i64 %p, 1
-  %2950 = icmp slt i64 %2949, %p1
-  %pf.on473 = and i1 %pf.on249, %2950
-  %2951 = mul nsw i64 %rb237, 131072
-  %2952 = lshr i64 %2951, %1892
-  %2953 = add nsw i64 131072, %2952
-  %2954 = getelementptr inbounds i8, ptr %2948, i64 %2953
-  %pf474 = select i1 %pf.on473, ptr %2954, ptr %2948
-  %pf.sh475 = select i1 %pf.on473, i64 %1892, i64 0
-  br label %k.head476
+  %2946 = mul nsw i64 %2945, 32
+  br i1 %pf.multi253, label %pf.any.then485, label %pf.any.end486
 
-k.head476:                                        ; preds = %pf.any.end481, %tile.mr1242
-  %k479 = phi i64 [ 0, %tile.mr1242 ], [ %2975, %pf.any.end481 ]
-  %2955 = icmp slt i64 %k479, 4096
-  br i1 %2955, label %k.body477, label %k.end478
+pf.any.then485:                                   ; preds = %k.body482
+  %2947 = lshr i64 %2946, %pf.sh480
+  %2948 = getelementptr inbounds i8, ptr %pf479, i64 %2947
+  call void @llvm.prefetch.p0(ptr %2948, i32 0, i32 2, i32 1)
+  br label %pf.any.end486
 
-k.body477:                                        ; preds = %k.head476
-  %2956 = mul nsw i64 %k479, 1
-  %2957 = add nsw i64 %2956, 0
-  %2958 = mul nsw i64 %2957, 32
-  br i1 %pf.multi248, label %pf.any.then480, label %pf.any.end481
+pf.any.end486:                                    ; preds = %pf.any.then485, %k.body482
+  %2949 = mul nsw i64 %2945, 16
+  %2950 = add nsw i64 %panel.off477, %2949
+  %2951 = getelementptr inbounds i16, ptr %panels, i64 %2950
+  %2952 = load <8 x i32>, ptr %2951, align 4
+  %2953 = shl <8 x i32> %2952, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0487 = bitcast <8 x i32> %2953 to <8 x float>
+  %2954 = and <8 x i32> %2952, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1488 = bitcast <8 x i32> %2954 to <8 x float>
+  %2955 = getelementptr inbounds float, ptr %2935, i64 %2945
+  %2956 = load float, ptr %2955, align 4
+  %2957 = insertelement <8 x float> poison, float %2956, i32 0
+  %2958 = shufflevector <8 x float> %2957, <8 x float> poison, <8 x i32> zeroinitializer
+  %2959 = load <8 x float>, ptr %acc000475, align 4
+  %2960 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2958, <8 x float> %b0487, <8 x float> %2959)
+  store <8 x float> %2960, ptr %acc000475, align 4
+  %2961 = load <8 x float>, ptr %acc001476, align 4
+  %2962 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2958, <8 x float> %b1488, <8 x float> %2961)
+  store <8 x float> %2962, ptr %acc001476, align 4
+  %2963 = add nsw i64 %k484, 1
+  br label %k.head481
 
-pf.any.then480:                                   ; preds = %k.body477
-  %2959 = lshr i64 %2958, %pf.sh475
-  %2960 = getelementptr inbounds i8, ptr %pf474, i64 %2959
-  call void @llvm.prefetch.p0(ptr %2960, i32 0, i32 2, i32 1)
-  br label %pf.any.end481
+k.end483:                                         ; preds = %k.head481
+  %2964 = add nsw i64 %r0243, 0
+  %2965 = getelementptr inbounds float, ptr %rw, i64 %2964
+  %2966 = load float, ptr %2965, align 4
+  %2967 = insertelement <8 x float> poison, float %2966, i32 0
+  %2968 = shufflevector <8 x float> %2967, <8 x float> poison, <8 x i32> zeroinitializer
+  %2969 = mul nsw i64 %2964, 14336
+  %2970 = getelementptr inbounds float, ptr %h, i64 %2969
+  %col489 = mul nsw i64 %p, 8
+  %2971 = load <8 x float>, ptr %acc000475, align 4
+  %2972 = load <8 x float>, ptr %acc001476, align 4
+  %2973 = fneg <8 x float> %2971
+  %2974 = fcmp olt <8 x float> %2973, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2975 = select <8 x i1> %2974, <8 x float> %2973, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2976 = fcmp ogt <8 x float> %2975, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2977 = select <8 x i1> %2976, <8 x float> %2975, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2978 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2977, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2979 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2978)
+  %2980 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2979, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2977)
+  %2981 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2979, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2980)
+  %2982 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2981, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2983 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2982, <8 x float> %2981, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2984 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2983, <8 x float> %2981, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2985 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2984, <8 x float> %2981, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2986 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2985, <8 x float> %2981, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2987 = fmul <8 x float> %2981, %2981
+  %2988 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2986, <8 x float> %2987, <8 x float> %2981)
+  %2989 = fadd <8 x float> %2988, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2990 = fptosi <8 x float> %2979 to <8 x i32>
+  %2991 = add <8 x i32> %2990, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2992 = shl <8 x i32> %2991, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n490 = bitcast <8 x i32> %2992 to <8 x float>
+  %exp491 = fmul <8 x float> %2989, %exp.2n490
+  %2993 = fadd <8 x float> %exp491, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid492 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2993
+  %silu493 = fmul <8 x float> %2971, %sigmoid492
+  %glu494 = fmul <8 x float> %silu493, %2972
+  %2994 = fmul <8 x float> %glu494, %2968
+  %2995 = getelementptr inbounds float, ptr %2970, i64 %col489
+  store <8 x float> %2994, ptr %2995, align 4
+  br label %tile.done246
 
-pf.any.end481:                                    ; preds = %pf.any.then480, %k.body477
-  %2961 = mul nsw i64 %2957, 16
-  %2962 = add nsw i64 %panel.off472, %2961
-  %2963 = getelementptr inbounds i16, ptr %panels, i64 %2962
-  %2964 = load <8 x i32>, ptr %2963, align 4
-  %2965 = shl <8 x i32> %2964, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0482 = bitcast <8 x i32> %2965 to <8 x float>
-  %2966 = and <8 x i32> %2964, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1483 = bitcast <8 x i32> %2966 to <8 x float>
-  %2967 = getelementptr inbounds float, ptr %2946, i64 %2957
-  %2968 = load float, ptr %2967, align 4
-  %2969 = insertelement <8 x float> poison, float %2968, i32 0
-  %2970 = shufflevector <8 x float> %2969, <8 x float> poison, <8 x i32> zeroinitializer
-  %2971 = load <8 x float>, ptr %acc000470, align 4
-  %2972 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2970, <8 x float> %b0482, <8 x float> %2971)
-  store <8 x float> %2972, ptr %acc000470, align 4
-  %2973 = load <8 x float>, ptr %acc001471, align 4
-  %2974 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2970, <8 x float> %b1483, <8 x float> %2973)
-  store <8 x float> %2974, ptr %acc001471, align 4
-  %2975 = add nsw i64 %k479, 1
-  br label %k.head476
+tile.done246:                                     ; preds = %k.end483, %k.end457, %k.end423, %k.end381, %k.end331, %k.end273
+  %2996 = add nsw i64 %rb242, 1
+  br label %rb.head239
 
-k.end478:                                         ; preds = %k.head476
-  %2976 = add nsw i64 %r0238, 0
-  %2977 = getelementptr inbounds float, ptr %rw, i64 %2976
-  %2978 = load float, ptr %2977, align 4
-  %2979 = insertelement <8 x float> poison, float %2978, i32 0
-  %2980 = shufflevector <8 x float> %2979, <8 x float> poison, <8 x i32> zeroinitializer
-  %2981 = mul nsw i64 %2976, 14336
-  %2982 = getelementptr inbounds float, ptr %h, i64 %2981
-  %col484 = mul nsw i64 %p, 8
-  %2983 = load <8 x float>, ptr %acc000470, align 4
-  %2984 = load <8 x float>, ptr %acc001471, align 4
-  %2985 = fneg <8 x float> %2983
-  %2986 = fcmp olt <8 x float> %2985, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2987 = select <8 x i1> %2986, <8 x float> %2985, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2988 = fcmp ogt <8 x float> %2987, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2989 = select <8 x i1> %2988, <8 x float> %2987, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2990 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2989, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2991 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2990)
-  %2992 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2991, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2989)
-  %2993 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2991, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2992)
-  %2994 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2993, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2995 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2994, <8 x float> %2993, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2996 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2995, <8 x float> %2993, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2997 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2996, <8 x float> %2993, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2998 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2997, <8 x float> %2993, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2999 = fmul <8 x float> %2993, %2993
-  %3000 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2998, <8 x float> %2999, <8 x float> %2993)
-  %3001 = fadd <8 x float> %3000, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %3002 = fptosi <8 x float> %2991 to <8 x i32>
-  %3003 = add <8 x i32> %3002, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %3004 = shl <8 x i32> %3003, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n485 = bitcast <8 x i32> %3004 to <8 x float>
-  %exp486 = fmul <8 x float> %3001, %exp.2n485
-  %3005 = fadd <8 x float> %exp486, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid487 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %3005
-  %silu488 = fmul <8 x float> %2983, %sigmoid487
-  %glu489 = fmul <8 x float> %silu488, %2984
-  %3006 = fmul <8 x float> %glu489, %2980
-  %3007 = getelementptr inbounds float, ptr %2982, i64 %col484
-  store <8 x float> %3006, ptr %3007, align 4
-  br label %tile.done241
-
-tile.done241:                                     ; preds = %k.end478, %k.end452, %k.end418, %k.end376, %k.end326, %k.end268
-  %3008 = add nsw i64 %rb237, 1
-  br label %rb.head234
-
-rb.end236:                                        ; preds = %rb.head234
-  %3009 = add nsw i64 %p, 1
+rb.end241:                                        ; preds = %rb.head239
+  %2997 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -4970,68 +4964,68 @@ entry:
   %acc03111 = alloca <8 x float>, align 32
   %acc04012 = alloca <8 x float>, align 32
   %acc04113 = alloca <8 x float>, align 32
-  %acc00027 = alloca <8 x float>, align 32
-  %acc00128 = alloca <8 x float>, align 32
-  %acc01029 = alloca <8 x float>, align 32
-  %acc01130 = alloca <8 x float>, align 32
-  %acc02031 = alloca <8 x float>, align 32
-  %acc02132 = alloca <8 x float>, align 32
-  %acc03033 = alloca <8 x float>, align 32
-  %acc03134 = alloca <8 x float>, align 32
-  %acc00048 = alloca <8 x float>, align 32
-  %acc00149 = alloca <8 x float>, align 32
-  %acc01050 = alloca <8 x float>, align 32
-  %acc01151 = alloca <8 x float>, align 32
-  %acc02052 = alloca <8 x float>, align 32
-  %acc02153 = alloca <8 x float>, align 32
-  %acc00067 = alloca <8 x float>, align 32
-  %acc00168 = alloca <8 x float>, align 32
-  %acc01069 = alloca <8 x float>, align 32
-  %acc01170 = alloca <8 x float>, align 32
-  %acc00084 = alloca <8 x float>, align 32
-  %acc00185 = alloca <8 x float>, align 32
-  %acc000116 = alloca <8 x float>, align 32
-  %acc001117 = alloca <8 x float>, align 32
-  %acc010118 = alloca <8 x float>, align 32
-  %acc011119 = alloca <8 x float>, align 32
-  %acc020120 = alloca <8 x float>, align 32
-  %acc021121 = alloca <8 x float>, align 32
-  %acc030122 = alloca <8 x float>, align 32
-  %acc031123 = alloca <8 x float>, align 32
-  %acc040124 = alloca <8 x float>, align 32
-  %acc041125 = alloca <8 x float>, align 32
-  %acc050126 = alloca <8 x float>, align 32
-  %acc051127 = alloca <8 x float>, align 32
-  %acc000141 = alloca <8 x float>, align 32
-  %acc001142 = alloca <8 x float>, align 32
-  %acc010143 = alloca <8 x float>, align 32
-  %acc011144 = alloca <8 x float>, align 32
-  %acc020145 = alloca <8 x float>, align 32
-  %acc021146 = alloca <8 x float>, align 32
-  %acc030147 = alloca <8 x float>, align 32
-  %acc031148 = alloca <8 x float>, align 32
-  %acc040149 = alloca <8 x float>, align 32
-  %acc041150 = alloca <8 x float>, align 32
-  %acc000164 = alloca <8 x float>, align 32
-  %acc001165 = alloca <8 x float>, align 32
-  %acc010166 = alloca <8 x float>, align 32
-  %acc011167 = alloca <8 x float>, align 32
-  %acc020168 = alloca <8 x float>, align 32
-  %acc021169 = alloca <8 x float>, align 32
-  %acc030170 = alloca <8 x float>, align 32
-  %acc031171 = alloca <8 x float>, align 32
-  %acc000185 = alloca <8 x float>, align 32
-  %acc001186 = alloca <8 x float>, align 32
-  %acc010187 = alloca <8 x float>, align 32
-  %acc011188 = alloca <8 x float>, align 32
-  %acc020189 = alloca <8 x float>, align 32
-  %acc021190 = alloca <8 x float>, align 32
-  %acc000204 = alloca <8 x float>, align 32
-  %acc001205 = alloca <8 x float>, align 32
-  %acc010206 = alloca <8 x float>, align 32
-  %acc011207 = alloca <8 x float>, align 32
-  %acc000221 = alloca <8 x float>, align 32
-  %acc001222 = alloca <8 x float>, align 32
+  %acc00028 = alloca <8 x float>, align 32
+  %acc00129 = alloca <8 x float>, align 32
+  %acc01030 = alloca <8 x float>, align 32
+  %acc01131 = alloca <8 x float>, align 32
+  %acc02032 = alloca <8 x float>, align 32
+  %acc02133 = alloca <8 x float>, align 32
+  %acc03034 = alloca <8 x float>, align 32
+  %acc03135 = alloca <8 x float>, align 32
+  %acc00050 = alloca <8 x float>, align 32
+  %acc00151 = alloca <8 x float>, align 32
+  %acc01052 = alloca <8 x float>, align 32
+  %acc01153 = alloca <8 x float>, align 32
+  %acc02054 = alloca <8 x float>, align 32
+  %acc02155 = alloca <8 x float>, align 32
+  %acc00070 = alloca <8 x float>, align 32
+  %acc00171 = alloca <8 x float>, align 32
+  %acc01072 = alloca <8 x float>, align 32
+  %acc01173 = alloca <8 x float>, align 32
+  %acc00088 = alloca <8 x float>, align 32
+  %acc00189 = alloca <8 x float>, align 32
+  %acc000121 = alloca <8 x float>, align 32
+  %acc001122 = alloca <8 x float>, align 32
+  %acc010123 = alloca <8 x float>, align 32
+  %acc011124 = alloca <8 x float>, align 32
+  %acc020125 = alloca <8 x float>, align 32
+  %acc021126 = alloca <8 x float>, align 32
+  %acc030127 = alloca <8 x float>, align 32
+  %acc031128 = alloca <8 x float>, align 32
+  %acc040129 = alloca <8 x float>, align 32
+  %acc041130 = alloca <8 x float>, align 32
+  %acc050131 = alloca <8 x float>, align 32
+  %acc051132 = alloca <8 x float>, align 32
+  %acc000146 = alloca <8 x float>, align 32
+  %acc001147 = alloca <8 x float>, align 32
+  %acc010148 = alloca <8 x float>, align 32
+  %acc011149 = alloca <8 x float>, align 32
+  %acc020150 = alloca <8 x float>, align 32
+  %acc021151 = alloca <8 x float>, align 32
+  %acc030152 = alloca <8 x float>, align 32
+  %acc031153 = alloca <8 x float>, align 32
+  %acc040154 = alloca <8 x float>, align 32
+  %acc041155 = alloca <8 x float>, align 32
+  %acc000169 = alloca <8 x float>, align 32
+  %acc001170 = alloca <8 x float>, align 32
+  %acc010171 = alloca <8 x float>, align 32
+  %acc011172 = alloca <8 x float>, align 32
+  %acc020173 = alloca <8 x float>, align 32
+  %acc021174 = alloca <8 x float>, align 32
+  %acc030175 = alloca <8 x float>, align 32
+  %acc031176 = alloca <8 x float>, align 32
+  %acc000190 = alloca <8 x float>, align 32
+  %acc001191 = alloca <8 x float>, align 32
+  %acc010192 = alloca <8 x float>, align 32
+  %acc011193 = alloca <8 x float>, align 32
+  %acc020194 = alloca <8 x float>, align 32
+  %acc021195 = alloca <8 x float>, align 32
+  %acc000209 = alloca <8 x float>, align 32
+  %acc001210 = alloca <8 x float>, align 32
+  %acc010211 = alloca <8 x float>, align 32
+  %acc011212 = alloca <8 x float>, align 32
+  %acc000226 = alloca <8 x float>, align 32
+  %acc001227 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -5044,7 +5038,7 @@ kb:                                               ; preds = %start
   br label %kb.rc.head
 
 kb.rc.head:                                       ; preds = %kb.pg.end, %kb
-  %kb.rc = phi i64 [ 0, %kb ], [ %720, %kb.pg.end ]
+  %kb.rc = phi i64 [ 0, %kb ], [ %714, %kb.pg.end ]
   %2 = icmp slt i64 %kb.rc, %n
   br i1 %2, label %kb.rc.body, label %kb.rc.end
 
@@ -5055,7 +5049,7 @@ kb.rc.body:                                       ; preds = %kb.rc.head
   br label %kb.pg.head
 
 kb.pg.head:                                       ; preds = %kb.k.end, %kb.rc.body
-  %kb.pg = phi i64 [ %p0, %kb.rc.body ], [ %719, %kb.k.end ]
+  %kb.pg = phi i64 [ %p0, %kb.rc.body ], [ %713, %kb.k.end ]
   %5 = icmp slt i64 %kb.pg, %end
   br i1 %5, label %kb.pg.body, label %kb.pg.end
 
@@ -5066,7 +5060,7 @@ kb.pg.body:                                       ; preds = %kb.pg.head
   br label %kb.k.head
 
 kb.k.head:                                        ; preds = %kb.p.end, %kb.pg.body
-  %kb.k = phi i64 [ 0, %kb.pg.body ], [ %718, %kb.p.end ]
+  %kb.k = phi i64 [ 0, %kb.pg.body ], [ %712, %kb.p.end ]
   %8 = icmp slt i64 %kb.k, 56
   br i1 %8, label %kb.k.body, label %kb.k.end
 
@@ -5077,7 +5071,7 @@ kb.k.body:                                        ; preds = %kb.k.head
   br label %kb.p.head
 
 kb.p.head:                                        ; preds = %rb.end, %kb.k.body
-  %kb.p = phi i64 [ %kb.pg, %kb.k.body ], [ %717, %rb.end ]
+  %kb.p = phi i64 [ %kb.pg, %kb.k.body ], [ %711, %rb.end ]
   %9 = icmp slt i64 %kb.p, %kb.pg1
   br i1 %9, label %kb.p.body, label %kb.p.end
 
@@ -5095,7 +5089,7 @@ kb.p.body:                                        ; preds = %kb.p.head
   br label %rb.head
 
 rb.head:                                          ; preds = %tile.done, %kb.p.body
-  %rb = phi i64 [ 0, %kb.p.body ], [ %716, %tile.done ]
+  %rb = phi i64 [ 0, %kb.p.body ], [ %710, %tile.done ]
   %17 = icmp slt i64 %rb, %nrb
   br i1 %17, label %rb.body, label %rb.end
 
@@ -5241,883 +5235,883 @@ tile.mr6:                                         ; preds = %rb.body
   %129 = load <8 x float>, ptr %128, align 4
   %130 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %129
   store <8 x float> %130, ptr %acc051, align 4
+  %panel.off = mul nsw i64 %kb.p, 229376
   %131 = mul nsw i64 %k0, 16
-  %132 = mul nsw i64 %kb.p, 229376
-  %panel.off = add nsw i64 %132, %131
-  %133 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %slice.off = add nsw i64 %panel.off, %131
+  %132 = getelementptr inbounds i16, ptr %panels, i64 %slice.off
   %pf.on2 = and i1 %pf.on, %pf.next
-  %134 = mul nsw i64 %rb, 8192
-  %135 = lshr i64 %134, %26
-  %136 = add nsw i64 %pf.step, %135
-  %137 = getelementptr inbounds i8, ptr %133, i64 %136
-  %pf = select i1 %pf.on2, ptr %137, ptr %133
+  %133 = mul nsw i64 %rb, 8192
+  %134 = lshr i64 %133, %26
+  %135 = add nsw i64 %pf.step, %134
+  %136 = getelementptr inbounds i8, ptr %132, i64 %135
+  %pf = select i1 %pf.on2, ptr %136, ptr %132
   %pf.sh = select i1 %pf.on2, i64 %26, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %198, %pf.any.end ]
-  %138 = icmp slt i64 %k, 256
-  br i1 %138, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %197, %pf.any.end ]
+  %137 = icmp slt i64 %k, 256
+  br i1 %137, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %139 = mul nsw i64 %k, 1
-  %140 = add nsw i64 %139, 0
-  %141 = mul nsw i64 %140, 32
+  %138 = mul nsw i64 %k, 1
+  %139 = add nsw i64 %138, 0
+  %140 = mul nsw i64 %139, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %142 = lshr i64 %141, %pf.sh
-  %143 = getelementptr inbounds i8, ptr %pf, i64 %142
-  call void @llvm.prefetch.p0(ptr %143, i32 0, i32 2, i32 1)
+  %141 = lshr i64 %140, %pf.sh
+  %142 = getelementptr inbounds i8, ptr %pf, i64 %141
+  call void @llvm.prefetch.p0(ptr %142, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %144 = mul nsw i64 %140, 16
-  %145 = add nsw i64 %panel.off, %144
-  %146 = getelementptr inbounds i16, ptr %panels, i64 %145
-  %147 = load <8 x i32>, ptr %146, align 4
-  %148 = shl <8 x i32> %147, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %148 to <8 x float>
-  %149 = and <8 x i32> %147, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %149 to <8 x float>
-  %150 = getelementptr inbounds float, ptr %32, i64 %140
-  %151 = load float, ptr %150, align 4
-  %152 = insertelement <8 x float> poison, float %151, i32 0
-  %153 = shufflevector <8 x float> %152, <8 x float> poison, <8 x i32> zeroinitializer
-  %154 = load <8 x float>, ptr %acc000, align 4
-  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> %b0, <8 x float> %154)
-  store <8 x float> %155, ptr %acc000, align 4
-  %156 = load <8 x float>, ptr %acc001, align 4
-  %157 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> %b1, <8 x float> %156)
-  store <8 x float> %157, ptr %acc001, align 4
-  %158 = getelementptr inbounds float, ptr %49, i64 %140
-  %159 = load float, ptr %158, align 4
-  %160 = insertelement <8 x float> poison, float %159, i32 0
-  %161 = shufflevector <8 x float> %160, <8 x float> poison, <8 x i32> zeroinitializer
-  %162 = load <8 x float>, ptr %acc010, align 4
-  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> %b0, <8 x float> %162)
-  store <8 x float> %163, ptr %acc010, align 4
-  %164 = load <8 x float>, ptr %acc011, align 4
-  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> %b1, <8 x float> %164)
-  store <8 x float> %165, ptr %acc011, align 4
-  %166 = getelementptr inbounds float, ptr %66, i64 %140
-  %167 = load float, ptr %166, align 4
-  %168 = insertelement <8 x float> poison, float %167, i32 0
-  %169 = shufflevector <8 x float> %168, <8 x float> poison, <8 x i32> zeroinitializer
-  %170 = load <8 x float>, ptr %acc020, align 4
-  %171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %b0, <8 x float> %170)
-  store <8 x float> %171, ptr %acc020, align 4
-  %172 = load <8 x float>, ptr %acc021, align 4
-  %173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %b1, <8 x float> %172)
-  store <8 x float> %173, ptr %acc021, align 4
-  %174 = getelementptr inbounds float, ptr %83, i64 %140
-  %175 = load float, ptr %174, align 4
-  %176 = insertelement <8 x float> poison, float %175, i32 0
-  %177 = shufflevector <8 x float> %176, <8 x float> poison, <8 x i32> zeroinitializer
-  %178 = load <8 x float>, ptr %acc030, align 4
-  %179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> %b0, <8 x float> %178)
-  store <8 x float> %179, ptr %acc030, align 4
-  %180 = load <8 x float>, ptr %acc031, align 4
-  %181 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> %b1, <8 x float> %180)
-  store <8 x float> %181, ptr %acc031, align 4
-  %182 = getelementptr inbounds float, ptr %100, i64 %140
-  %183 = load float, ptr %182, align 4
-  %184 = insertelement <8 x float> poison, float %183, i32 0
-  %185 = shufflevector <8 x float> %184, <8 x float> poison, <8 x i32> zeroinitializer
-  %186 = load <8 x float>, ptr %acc040, align 4
-  %187 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> %b0, <8 x float> %186)
-  store <8 x float> %187, ptr %acc040, align 4
-  %188 = load <8 x float>, ptr %acc041, align 4
-  %189 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> %b1, <8 x float> %188)
-  store <8 x float> %189, ptr %acc041, align 4
-  %190 = getelementptr inbounds float, ptr %117, i64 %140
-  %191 = load float, ptr %190, align 4
-  %192 = insertelement <8 x float> poison, float %191, i32 0
-  %193 = shufflevector <8 x float> %192, <8 x float> poison, <8 x i32> zeroinitializer
-  %194 = load <8 x float>, ptr %acc050, align 4
-  %195 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> %b0, <8 x float> %194)
-  store <8 x float> %195, ptr %acc050, align 4
-  %196 = load <8 x float>, ptr %acc051, align 4
-  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> %b1, <8 x float> %196)
-  store <8 x float> %197, ptr %acc051, align 4
-  %198 = add nsw i64 %k, 1
+  %143 = mul nsw i64 %139, 16
+  %144 = add nsw i64 %slice.off, %143
+  %145 = getelementptr inbounds i16, ptr %panels, i64 %144
+  %146 = load <8 x i32>, ptr %145, align 4
+  %147 = shl <8 x i32> %146, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %147 to <8 x float>
+  %148 = and <8 x i32> %146, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %148 to <8 x float>
+  %149 = getelementptr inbounds float, ptr %32, i64 %139
+  %150 = load float, ptr %149, align 4
+  %151 = insertelement <8 x float> poison, float %150, i32 0
+  %152 = shufflevector <8 x float> %151, <8 x float> poison, <8 x i32> zeroinitializer
+  %153 = load <8 x float>, ptr %acc000, align 4
+  %154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %152, <8 x float> %b0, <8 x float> %153)
+  store <8 x float> %154, ptr %acc000, align 4
+  %155 = load <8 x float>, ptr %acc001, align 4
+  %156 = call <8 x float> @llvm.fma.v8f32(<8 x float> %152, <8 x float> %b1, <8 x float> %155)
+  store <8 x float> %156, ptr %acc001, align 4
+  %157 = getelementptr inbounds float, ptr %49, i64 %139
+  %158 = load float, ptr %157, align 4
+  %159 = insertelement <8 x float> poison, float %158, i32 0
+  %160 = shufflevector <8 x float> %159, <8 x float> poison, <8 x i32> zeroinitializer
+  %161 = load <8 x float>, ptr %acc010, align 4
+  %162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %160, <8 x float> %b0, <8 x float> %161)
+  store <8 x float> %162, ptr %acc010, align 4
+  %163 = load <8 x float>, ptr %acc011, align 4
+  %164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %160, <8 x float> %b1, <8 x float> %163)
+  store <8 x float> %164, ptr %acc011, align 4
+  %165 = getelementptr inbounds float, ptr %66, i64 %139
+  %166 = load float, ptr %165, align 4
+  %167 = insertelement <8 x float> poison, float %166, i32 0
+  %168 = shufflevector <8 x float> %167, <8 x float> poison, <8 x i32> zeroinitializer
+  %169 = load <8 x float>, ptr %acc020, align 4
+  %170 = call <8 x float> @llvm.fma.v8f32(<8 x float> %168, <8 x float> %b0, <8 x float> %169)
+  store <8 x float> %170, ptr %acc020, align 4
+  %171 = load <8 x float>, ptr %acc021, align 4
+  %172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %168, <8 x float> %b1, <8 x float> %171)
+  store <8 x float> %172, ptr %acc021, align 4
+  %173 = getelementptr inbounds float, ptr %83, i64 %139
+  %174 = load float, ptr %173, align 4
+  %175 = insertelement <8 x float> poison, float %174, i32 0
+  %176 = shufflevector <8 x float> %175, <8 x float> poison, <8 x i32> zeroinitializer
+  %177 = load <8 x float>, ptr %acc030, align 4
+  %178 = call <8 x float> @llvm.fma.v8f32(<8 x float> %176, <8 x float> %b0, <8 x float> %177)
+  store <8 x float> %178, ptr %acc030, align 4
+  %179 = load <8 x float>, ptr %acc031, align 4
+  %180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %176, <8 x float> %b1, <8 x float> %179)
+  store <8 x float> %180, ptr %acc031, align 4
+  %181 = getelementptr inbounds float, ptr %100, i64 %139
+  %182 = load float, ptr %181, align 4
+  %183 = insertelement <8 x float> poison, float %182, i32 0
+  %184 = shufflevector <8 x float> %183, <8 x float> poison, <8 x i32> zeroinitializer
+  %185 = load <8 x float>, ptr %acc040, align 4
+  %186 = call <8 x float> @llvm.fma.v8f32(<8 x float> %184, <8 x float> %b0, <8 x float> %185)
+  store <8 x float> %186, ptr %acc040, align 4
+  %187 = load <8 x float>, ptr %acc041, align 4
+  %188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %184, <8 x float> %b1, <8 x float> %187)
+  store <8 x float> %188, ptr %acc041, align 4
+  %189 = getelementptr inbounds float, ptr %117, i64 %139
+  %190 = load float, ptr %189, align 4
+  %191 = insertelement <8 x float> poison, float %190, i32 0
+  %192 = shufflevector <8 x float> %191, <8 x float> poison, <8 x i32> zeroinitializer
+  %193 = load <8 x float>, ptr %acc050, align 4
+  %194 = call <8 x float> @llvm.fma.v8f32(<8 x float> %192, <8 x float> %b0, <8 x float> %193)
+  store <8 x float> %194, ptr %acc050, align 4
+  %195 = load <8 x float>, ptr %acc051, align 4
+  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %192, <8 x float> %b1, <8 x float> %195)
+  store <8 x float> %196, ptr %acc051, align 4
+  %197 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %199 = load <8 x float>, ptr %acc000, align 4
-  store <8 x float> %199, ptr %39, align 4
-  %200 = load <8 x float>, ptr %acc001, align 4
-  store <8 x float> %200, ptr %43, align 4
-  %201 = load <8 x float>, ptr %acc010, align 4
-  store <8 x float> %201, ptr %56, align 4
-  %202 = load <8 x float>, ptr %acc011, align 4
-  store <8 x float> %202, ptr %60, align 4
-  %203 = load <8 x float>, ptr %acc020, align 4
-  store <8 x float> %203, ptr %73, align 4
-  %204 = load <8 x float>, ptr %acc021, align 4
-  store <8 x float> %204, ptr %77, align 4
-  %205 = load <8 x float>, ptr %acc030, align 4
-  store <8 x float> %205, ptr %90, align 4
-  %206 = load <8 x float>, ptr %acc031, align 4
-  store <8 x float> %206, ptr %94, align 4
-  %207 = load <8 x float>, ptr %acc040, align 4
-  store <8 x float> %207, ptr %107, align 4
-  %208 = load <8 x float>, ptr %acc041, align 4
-  store <8 x float> %208, ptr %111, align 4
-  %209 = load <8 x float>, ptr %acc050, align 4
-  store <8 x float> %209, ptr %124, align 4
-  %210 = load <8 x float>, ptr %acc051, align 4
-  store <8 x float> %210, ptr %128, align 4
+  %198 = load <8 x float>, ptr %acc000, align 4
+  store <8 x float> %198, ptr %39, align 4
+  %199 = load <8 x float>, ptr %acc001, align 4
+  store <8 x float> %199, ptr %43, align 4
+  %200 = load <8 x float>, ptr %acc010, align 4
+  store <8 x float> %200, ptr %56, align 4
+  %201 = load <8 x float>, ptr %acc011, align 4
+  store <8 x float> %201, ptr %60, align 4
+  %202 = load <8 x float>, ptr %acc020, align 4
+  store <8 x float> %202, ptr %73, align 4
+  %203 = load <8 x float>, ptr %acc021, align 4
+  store <8 x float> %203, ptr %77, align 4
+  %204 = load <8 x float>, ptr %acc030, align 4
+  store <8 x float> %204, ptr %90, align 4
+  %205 = load <8 x float>, ptr %acc031, align 4
+  store <8 x float> %205, ptr %94, align 4
+  %206 = load <8 x float>, ptr %acc040, align 4
+  store <8 x float> %206, ptr %107, align 4
+  %207 = load <8 x float>, ptr %acc041, align 4
+  store <8 x float> %207, ptr %111, align 4
+  %208 = load <8 x float>, ptr %acc050, align 4
+  store <8 x float> %208, ptr %124, align 4
+  %209 = load <8 x float>, ptr %acc051, align 4
+  store <8 x float> %209, ptr %128, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
   %col3 = mul nsw i64 %kb.p, 16
-  %211 = add nsw i64 %r01, 0
-  %212 = mul nsw i64 %211, 14336
-  %213 = add nsw i64 %212, %k0
-  %214 = getelementptr inbounds float, ptr %h, i64 %213
-  %215 = getelementptr inbounds i32, ptr %rows, i64 %211
-  %216 = load i32, ptr %215, align 4
-  %217 = sext i32 %216 to i64
-  %218 = mul nsw i64 %217, 4096
-  %219 = getelementptr inbounds float, ptr %y, i64 %218
-  %220 = add nsw i64 %col3, 0
-  %221 = getelementptr inbounds float, ptr %219, i64 %220
-  %222 = load <8 x float>, ptr %221, align 4
-  %223 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %222
-  store <8 x float> %223, ptr %acc0004, align 4
-  %224 = add nsw i64 %col3, 8
-  %225 = getelementptr inbounds float, ptr %219, i64 %224
-  %226 = load <8 x float>, ptr %225, align 4
-  %227 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %226
-  store <8 x float> %227, ptr %acc0015, align 4
-  %228 = add nsw i64 %r01, 1
-  %229 = mul nsw i64 %228, 14336
-  %230 = add nsw i64 %229, %k0
-  %231 = getelementptr inbounds float, ptr %h, i64 %230
-  %232 = getelementptr inbounds i32, ptr %rows, i64 %228
-  %233 = load i32, ptr %232, align 4
-  %234 = sext i32 %233 to i64
-  %235 = mul nsw i64 %234, 4096
-  %236 = getelementptr inbounds float, ptr %y, i64 %235
-  %237 = add nsw i64 %col3, 0
-  %238 = getelementptr inbounds float, ptr %236, i64 %237
-  %239 = load <8 x float>, ptr %238, align 4
-  %240 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %239
-  store <8 x float> %240, ptr %acc0106, align 4
-  %241 = add nsw i64 %col3, 8
-  %242 = getelementptr inbounds float, ptr %236, i64 %241
-  %243 = load <8 x float>, ptr %242, align 4
-  %244 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %243
-  store <8 x float> %244, ptr %acc0117, align 4
-  %245 = add nsw i64 %r01, 2
-  %246 = mul nsw i64 %245, 14336
-  %247 = add nsw i64 %246, %k0
-  %248 = getelementptr inbounds float, ptr %h, i64 %247
-  %249 = getelementptr inbounds i32, ptr %rows, i64 %245
-  %250 = load i32, ptr %249, align 4
-  %251 = sext i32 %250 to i64
-  %252 = mul nsw i64 %251, 4096
-  %253 = getelementptr inbounds float, ptr %y, i64 %252
-  %254 = add nsw i64 %col3, 0
-  %255 = getelementptr inbounds float, ptr %253, i64 %254
-  %256 = load <8 x float>, ptr %255, align 4
-  %257 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %256
-  store <8 x float> %257, ptr %acc0208, align 4
-  %258 = add nsw i64 %col3, 8
-  %259 = getelementptr inbounds float, ptr %253, i64 %258
-  %260 = load <8 x float>, ptr %259, align 4
-  %261 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %260
-  store <8 x float> %261, ptr %acc0219, align 4
-  %262 = add nsw i64 %r01, 3
-  %263 = mul nsw i64 %262, 14336
-  %264 = add nsw i64 %263, %k0
-  %265 = getelementptr inbounds float, ptr %h, i64 %264
-  %266 = getelementptr inbounds i32, ptr %rows, i64 %262
-  %267 = load i32, ptr %266, align 4
-  %268 = sext i32 %267 to i64
-  %269 = mul nsw i64 %268, 4096
-  %270 = getelementptr inbounds float, ptr %y, i64 %269
-  %271 = add nsw i64 %col3, 0
-  %272 = getelementptr inbounds float, ptr %270, i64 %271
-  %273 = load <8 x float>, ptr %272, align 4
-  %274 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %273
-  store <8 x float> %274, ptr %acc03010, align 4
-  %275 = add nsw i64 %col3, 8
-  %276 = getelementptr inbounds float, ptr %270, i64 %275
-  %277 = load <8 x float>, ptr %276, align 4
-  %278 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %277
-  store <8 x float> %278, ptr %acc03111, align 4
-  %279 = add nsw i64 %r01, 4
-  %280 = mul nsw i64 %279, 14336
-  %281 = add nsw i64 %280, %k0
-  %282 = getelementptr inbounds float, ptr %h, i64 %281
-  %283 = getelementptr inbounds i32, ptr %rows, i64 %279
-  %284 = load i32, ptr %283, align 4
-  %285 = sext i32 %284 to i64
-  %286 = mul nsw i64 %285, 4096
-  %287 = getelementptr inbounds float, ptr %y, i64 %286
-  %288 = add nsw i64 %col3, 0
-  %289 = getelementptr inbounds float, ptr %287, i64 %288
-  %290 = load <8 x float>, ptr %289, align 4
-  %291 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %290
-  store <8 x float> %291, ptr %acc04012, align 4
-  %292 = add nsw i64 %col3, 8
-  %293 = getelementptr inbounds float, ptr %287, i64 %292
-  %294 = load <8 x float>, ptr %293, align 4
-  %295 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %294
-  store <8 x float> %295, ptr %acc04113, align 4
-  %296 = mul nsw i64 %k0, 16
-  %297 = mul nsw i64 %kb.p, 229376
-  %panel.off14 = add nsw i64 %297, %296
-  %298 = getelementptr inbounds i16, ptr %panels, i64 %panel.off14
-  %pf.on15 = and i1 %pf.on, %pf.next
-  %299 = mul nsw i64 %rb, 8192
-  %300 = lshr i64 %299, %26
-  %301 = add nsw i64 %pf.step, %300
-  %302 = getelementptr inbounds i8, ptr %298, i64 %301
-  %pf16 = select i1 %pf.on15, ptr %302, ptr %298
-  %pf.sh17 = select i1 %pf.on15, i64 %26, i64 0
-  br label %k.head18
+  %210 = add nsw i64 %r01, 0
+  %211 = mul nsw i64 %210, 14336
+  %212 = add nsw i64 %211, %k0
+  %213 = getelementptr inbounds float, ptr %h, i64 %212
+  %214 = getelementptr inbounds i32, ptr %rows, i64 %210
+  %215 = load i32, ptr %214, align 4
+  %216 = sext i32 %215 to i64
+  %217 = mul nsw i64 %216, 4096
+  %218 = getelementptr inbounds float, ptr %y, i64 %217
+  %219 = add nsw i64 %col3, 0
+  %220 = getelementptr inbounds float, ptr %218, i64 %219
+  %221 = load <8 x float>, ptr %220, align 4
+  %222 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %221
+  store <8 x float> %222, ptr %acc0004, align 4
+  %223 = add nsw i64 %col3, 8
+  %224 = getelementptr inbounds float, ptr %218, i64 %223
+  %225 = load <8 x float>, ptr %224, align 4
+  %226 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %225
+  store <8 x float> %226, ptr %acc0015, align 4
+  %227 = add nsw i64 %r01, 1
+  %228 = mul nsw i64 %227, 14336
+  %229 = add nsw i64 %228, %k0
+  %230 = getelementptr inbounds float, ptr %h, i64 %229
+  %231 = getelementptr inbounds i32, ptr %rows, i64 %227
+  %232 = load i32, ptr %231, align 4
+  %233 = sext i32 %232 to i64
+  %234 = mul nsw i64 %233, 4096
+  %235 = getelementptr inbounds float, ptr %y, i64 %234
+  %236 = add nsw i64 %col3, 0
+  %237 = getelementptr inbounds float, ptr %235, i64 %236
+  %238 = load <8 x float>, ptr %237, align 4
+  %239 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %238
+  store <8 x float> %239, ptr %acc0106, align 4
+  %240 = add nsw i64 %col3, 8
+  %241 = getelementptr inbounds float, ptr %235, i64 %240
+  %242 = load <8 x float>, ptr %241, align 4
+  %243 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %242
+  store <8 x float> %243, ptr %acc0117, align 4
+  %244 = add nsw i64 %r01, 2
+  %245 = mul nsw i64 %244, 14336
+  %246 = add nsw i64 %245, %k0
+  %247 = getelementptr inbounds float, ptr %h, i64 %246
+  %248 = getelementptr inbounds i32, ptr %rows, i64 %244
+  %249 = load i32, ptr %248, align 4
+  %250 = sext i32 %249 to i64
+  %251 = mul nsw i64 %250, 4096
+  %252 = getelementptr inbounds float, ptr %y, i64 %251
+  %253 = add nsw i64 %col3, 0
+  %254 = getelementptr inbounds float, ptr %252, i64 %253
+  %255 = load <8 x float>, ptr %254, align 4
+  %256 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %255
+  store <8 x float> %256, ptr %acc0208, align 4
+  %257 = add nsw i64 %col3, 8
+  %258 = getelementptr inbounds float, ptr %252, i64 %257
+  %259 = load <8 x float>, ptr %258, align 4
+  %260 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %259
+  store <8 x float> %260, ptr %acc0219, align 4
+  %261 = add nsw i64 %r01, 3
+  %262 = mul nsw i64 %261, 14336
+  %263 = add nsw i64 %262, %k0
+  %264 = getelementptr inbounds float, ptr %h, i64 %263
+  %265 = getelementptr inbounds i32, ptr %rows, i64 %261
+  %266 = load i32, ptr %265, align 4
+  %267 = sext i32 %266 to i64
+  %268 = mul nsw i64 %267, 4096
+  %269 = getelementptr inbounds float, ptr %y, i64 %268
+  %270 = add nsw i64 %col3, 0
+  %271 = getelementptr inbounds float, ptr %269, i64 %270
+  %272 = load <8 x float>, ptr %271, align 4
+  %273 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %272
+  store <8 x float> %273, ptr %acc03010, align 4
+  %274 = add nsw i64 %col3, 8
+  %275 = getelementptr inbounds float, ptr %269, i64 %274
+  %276 = load <8 x float>, ptr %275, align 4
+  %277 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %276
+  store <8 x float> %277, ptr %acc03111, align 4
+  %278 = add nsw i64 %r01, 4
+  %279 = mul nsw i64 %278, 14336
+  %280 = add nsw i64 %279, %k0
+  %281 = getelementptr inbounds float, ptr %h, i64 %280
+  %282 = getelementptr inbounds i32, ptr %rows, i64 %278
+  %283 = load i32, ptr %282, align 4
+  %284 = sext i32 %283 to i64
+  %285 = mul nsw i64 %284, 4096
+  %286 = getelementptr inbounds float, ptr %y, i64 %285
+  %287 = add nsw i64 %col3, 0
+  %288 = getelementptr inbounds float, ptr %286, i64 %287
+  %289 = load <8 x float>, ptr %288, align 4
+  %290 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %289
+  store <8 x float> %290, ptr %acc04012, align 4
+  %291 = add nsw i64 %col3, 8
+  %292 = getelementptr inbounds float, ptr %286, i64 %291
+  %293 = load <8 x float>, ptr %292, align 4
+  %294 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %293
+  store <8 x float> %294, ptr %acc04113, align 4
+  %panel.off14 = mul nsw i64 %kb.p, 229376
+  %295 = mul nsw i64 %k0, 16
+  %slice.off15 = add nsw i64 %panel.off14, %295
+  %296 = getelementptr inbounds i16, ptr %panels, i64 %slice.off15
+  %pf.on16 = and i1 %pf.on, %pf.next
+  %297 = mul nsw i64 %rb, 8192
+  %298 = lshr i64 %297, %26
+  %299 = add nsw i64 %pf.step, %298
+  %300 = getelementptr inbounds i8, ptr %296, i64 %299
+  %pf17 = select i1 %pf.on16, ptr %300, ptr %296
+  %pf.sh18 = select i1 %pf.on16, i64 %26, i64 0
+  br label %k.head19
 
-k.head18:                                         ; preds = %pf.any.end23, %tile.mr5
-  %k21 = phi i64 [ 0, %tile.mr5 ], [ %355, %pf.any.end23 ]
-  %303 = icmp slt i64 %k21, 256
-  br i1 %303, label %k.body19, label %k.end20
+k.head19:                                         ; preds = %pf.any.end24, %tile.mr5
+  %k22 = phi i64 [ 0, %tile.mr5 ], [ %353, %pf.any.end24 ]
+  %301 = icmp slt i64 %k22, 256
+  br i1 %301, label %k.body20, label %k.end21
 
-k.body19:                                         ; preds = %k.head18
-  %304 = mul nsw i64 %k21, 1
-  %305 = add nsw i64 %304, 0
-  %306 = mul nsw i64 %305, 32
-  br i1 %pf.multi, label %pf.any.then22, label %pf.any.end23
+k.body20:                                         ; preds = %k.head19
+  %302 = mul nsw i64 %k22, 1
+  %303 = add nsw i64 %302, 0
+  %304 = mul nsw i64 %303, 32
+  br i1 %pf.multi, label %pf.any.then23, label %pf.any.end24
 
-pf.any.then22:                                    ; preds = %k.body19
-  %307 = lshr i64 %306, %pf.sh17
-  %308 = getelementptr inbounds i8, ptr %pf16, i64 %307
-  call void @llvm.prefetch.p0(ptr %308, i32 0, i32 2, i32 1)
-  br label %pf.any.end23
+pf.any.then23:                                    ; preds = %k.body20
+  %305 = lshr i64 %304, %pf.sh18
+  %306 = getelementptr inbounds i8, ptr %pf17, i64 %305
+  call void @llvm.prefetch.p0(ptr %306, i32 0, i32 2, i32 1)
+  br label %pf.any.end24
 
-pf.any.end23:                                     ; preds = %pf.any.then22, %k.body19
-  %309 = mul nsw i64 %305, 16
-  %310 = add nsw i64 %panel.off14, %309
-  %311 = getelementptr inbounds i16, ptr %panels, i64 %310
-  %312 = load <8 x i32>, ptr %311, align 4
-  %313 = shl <8 x i32> %312, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b024 = bitcast <8 x i32> %313 to <8 x float>
-  %314 = and <8 x i32> %312, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b125 = bitcast <8 x i32> %314 to <8 x float>
-  %315 = getelementptr inbounds float, ptr %214, i64 %305
-  %316 = load float, ptr %315, align 4
-  %317 = insertelement <8 x float> poison, float %316, i32 0
-  %318 = shufflevector <8 x float> %317, <8 x float> poison, <8 x i32> zeroinitializer
-  %319 = load <8 x float>, ptr %acc0004, align 4
-  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b024, <8 x float> %319)
-  store <8 x float> %320, ptr %acc0004, align 4
-  %321 = load <8 x float>, ptr %acc0015, align 4
-  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b125, <8 x float> %321)
-  store <8 x float> %322, ptr %acc0015, align 4
-  %323 = getelementptr inbounds float, ptr %231, i64 %305
-  %324 = load float, ptr %323, align 4
-  %325 = insertelement <8 x float> poison, float %324, i32 0
-  %326 = shufflevector <8 x float> %325, <8 x float> poison, <8 x i32> zeroinitializer
-  %327 = load <8 x float>, ptr %acc0106, align 4
-  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b024, <8 x float> %327)
-  store <8 x float> %328, ptr %acc0106, align 4
-  %329 = load <8 x float>, ptr %acc0117, align 4
-  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b125, <8 x float> %329)
-  store <8 x float> %330, ptr %acc0117, align 4
-  %331 = getelementptr inbounds float, ptr %248, i64 %305
-  %332 = load float, ptr %331, align 4
-  %333 = insertelement <8 x float> poison, float %332, i32 0
-  %334 = shufflevector <8 x float> %333, <8 x float> poison, <8 x i32> zeroinitializer
-  %335 = load <8 x float>, ptr %acc0208, align 4
-  %336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %b024, <8 x float> %335)
-  store <8 x float> %336, ptr %acc0208, align 4
-  %337 = load <8 x float>, ptr %acc0219, align 4
-  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %b125, <8 x float> %337)
-  store <8 x float> %338, ptr %acc0219, align 4
-  %339 = getelementptr inbounds float, ptr %265, i64 %305
-  %340 = load float, ptr %339, align 4
-  %341 = insertelement <8 x float> poison, float %340, i32 0
-  %342 = shufflevector <8 x float> %341, <8 x float> poison, <8 x i32> zeroinitializer
-  %343 = load <8 x float>, ptr %acc03010, align 4
-  %344 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %b024, <8 x float> %343)
-  store <8 x float> %344, ptr %acc03010, align 4
-  %345 = load <8 x float>, ptr %acc03111, align 4
-  %346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %b125, <8 x float> %345)
-  store <8 x float> %346, ptr %acc03111, align 4
-  %347 = getelementptr inbounds float, ptr %282, i64 %305
-  %348 = load float, ptr %347, align 4
-  %349 = insertelement <8 x float> poison, float %348, i32 0
-  %350 = shufflevector <8 x float> %349, <8 x float> poison, <8 x i32> zeroinitializer
-  %351 = load <8 x float>, ptr %acc04012, align 4
-  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b024, <8 x float> %351)
-  store <8 x float> %352, ptr %acc04012, align 4
-  %353 = load <8 x float>, ptr %acc04113, align 4
-  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b125, <8 x float> %353)
-  store <8 x float> %354, ptr %acc04113, align 4
-  %355 = add nsw i64 %k21, 1
-  br label %k.head18
+pf.any.end24:                                     ; preds = %pf.any.then23, %k.body20
+  %307 = mul nsw i64 %303, 16
+  %308 = add nsw i64 %slice.off15, %307
+  %309 = getelementptr inbounds i16, ptr %panels, i64 %308
+  %310 = load <8 x i32>, ptr %309, align 4
+  %311 = shl <8 x i32> %310, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b025 = bitcast <8 x i32> %311 to <8 x float>
+  %312 = and <8 x i32> %310, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b126 = bitcast <8 x i32> %312 to <8 x float>
+  %313 = getelementptr inbounds float, ptr %213, i64 %303
+  %314 = load float, ptr %313, align 4
+  %315 = insertelement <8 x float> poison, float %314, i32 0
+  %316 = shufflevector <8 x float> %315, <8 x float> poison, <8 x i32> zeroinitializer
+  %317 = load <8 x float>, ptr %acc0004, align 4
+  %318 = call <8 x float> @llvm.fma.v8f32(<8 x float> %316, <8 x float> %b025, <8 x float> %317)
+  store <8 x float> %318, ptr %acc0004, align 4
+  %319 = load <8 x float>, ptr %acc0015, align 4
+  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %316, <8 x float> %b126, <8 x float> %319)
+  store <8 x float> %320, ptr %acc0015, align 4
+  %321 = getelementptr inbounds float, ptr %230, i64 %303
+  %322 = load float, ptr %321, align 4
+  %323 = insertelement <8 x float> poison, float %322, i32 0
+  %324 = shufflevector <8 x float> %323, <8 x float> poison, <8 x i32> zeroinitializer
+  %325 = load <8 x float>, ptr %acc0106, align 4
+  %326 = call <8 x float> @llvm.fma.v8f32(<8 x float> %324, <8 x float> %b025, <8 x float> %325)
+  store <8 x float> %326, ptr %acc0106, align 4
+  %327 = load <8 x float>, ptr %acc0117, align 4
+  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %324, <8 x float> %b126, <8 x float> %327)
+  store <8 x float> %328, ptr %acc0117, align 4
+  %329 = getelementptr inbounds float, ptr %247, i64 %303
+  %330 = load float, ptr %329, align 4
+  %331 = insertelement <8 x float> poison, float %330, i32 0
+  %332 = shufflevector <8 x float> %331, <8 x float> poison, <8 x i32> zeroinitializer
+  %333 = load <8 x float>, ptr %acc0208, align 4
+  %334 = call <8 x float> @llvm.fma.v8f32(<8 x float> %332, <8 x float> %b025, <8 x float> %333)
+  store <8 x float> %334, ptr %acc0208, align 4
+  %335 = load <8 x float>, ptr %acc0219, align 4
+  %336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %332, <8 x float> %b126, <8 x float> %335)
+  store <8 x float> %336, ptr %acc0219, align 4
+  %337 = getelementptr inbounds float, ptr %264, i64 %303
+  %338 = load float, ptr %337, align 4
+  %339 = insertelement <8 x float> poison, float %338, i32 0
+  %340 = shufflevector <8 x float> %339, <8 x float> poison, <8 x i32> zeroinitializer
+  %341 = load <8 x float>, ptr %acc03010, align 4
+  %342 = call <8 x float> @llvm.fma.v8f32(<8 x float> %340, <8 x float> %b025, <8 x float> %341)
+  store <8 x float> %342, ptr %acc03010, align 4
+  %343 = load <8 x float>, ptr %acc03111, align 4
+  %344 = call <8 x float> @llvm.fma.v8f32(<8 x float> %340, <8 x float> %b126, <8 x float> %343)
+  store <8 x float> %344, ptr %acc03111, align 4
+  %345 = getelementptr inbounds float, ptr %281, i64 %303
+  %346 = load float, ptr %345, align 4
+  %347 = insertelement <8 x float> poison, float %346, i32 0
+  %348 = shufflevector <8 x float> %347, <8 x float> poison, <8 x i32> zeroinitializer
+  %349 = load <8 x float>, ptr %acc04012, align 4
+  %350 = call <8 x float> @llvm.fma.v8f32(<8 x float> %348, <8 x float> %b025, <8 x float> %349)
+  store <8 x float> %350, ptr %acc04012, align 4
+  %351 = load <8 x float>, ptr %acc04113, align 4
+  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %348, <8 x float> %b126, <8 x float> %351)
+  store <8 x float> %352, ptr %acc04113, align 4
+  %353 = add nsw i64 %k22, 1
+  br label %k.head19
 
-k.end20:                                          ; preds = %k.head18
-  %356 = load <8 x float>, ptr %acc0004, align 4
-  store <8 x float> %356, ptr %221, align 4
-  %357 = load <8 x float>, ptr %acc0015, align 4
-  store <8 x float> %357, ptr %225, align 4
-  %358 = load <8 x float>, ptr %acc0106, align 4
-  store <8 x float> %358, ptr %238, align 4
-  %359 = load <8 x float>, ptr %acc0117, align 4
-  store <8 x float> %359, ptr %242, align 4
-  %360 = load <8 x float>, ptr %acc0208, align 4
-  store <8 x float> %360, ptr %255, align 4
-  %361 = load <8 x float>, ptr %acc0219, align 4
-  store <8 x float> %361, ptr %259, align 4
-  %362 = load <8 x float>, ptr %acc03010, align 4
-  store <8 x float> %362, ptr %272, align 4
-  %363 = load <8 x float>, ptr %acc03111, align 4
-  store <8 x float> %363, ptr %276, align 4
-  %364 = load <8 x float>, ptr %acc04012, align 4
-  store <8 x float> %364, ptr %289, align 4
-  %365 = load <8 x float>, ptr %acc04113, align 4
-  store <8 x float> %365, ptr %293, align 4
+k.end21:                                          ; preds = %k.head19
+  %354 = load <8 x float>, ptr %acc0004, align 4
+  store <8 x float> %354, ptr %220, align 4
+  %355 = load <8 x float>, ptr %acc0015, align 4
+  store <8 x float> %355, ptr %224, align 4
+  %356 = load <8 x float>, ptr %acc0106, align 4
+  store <8 x float> %356, ptr %237, align 4
+  %357 = load <8 x float>, ptr %acc0117, align 4
+  store <8 x float> %357, ptr %241, align 4
+  %358 = load <8 x float>, ptr %acc0208, align 4
+  store <8 x float> %358, ptr %254, align 4
+  %359 = load <8 x float>, ptr %acc0219, align 4
+  store <8 x float> %359, ptr %258, align 4
+  %360 = load <8 x float>, ptr %acc03010, align 4
+  store <8 x float> %360, ptr %271, align 4
+  %361 = load <8 x float>, ptr %acc03111, align 4
+  store <8 x float> %361, ptr %275, align 4
+  %362 = load <8 x float>, ptr %acc04012, align 4
+  store <8 x float> %362, ptr %288, align 4
+  %363 = load <8 x float>, ptr %acc04113, align 4
+  store <8 x float> %363, ptr %292, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
-  %col26 = mul nsw i64 %kb.p, 16
-  %366 = add nsw i64 %r01, 0
-  %367 = mul nsw i64 %366, 14336
-  %368 = add nsw i64 %367, %k0
-  %369 = getelementptr inbounds float, ptr %h, i64 %368
-  %370 = getelementptr inbounds i32, ptr %rows, i64 %366
-  %371 = load i32, ptr %370, align 4
-  %372 = sext i32 %371 to i64
-  %373 = mul nsw i64 %372, 4096
-  %374 = getelementptr inbounds float, ptr %y, i64 %373
-  %375 = add nsw i64 %col26, 0
-  %376 = getelementptr inbounds float, ptr %374, i64 %375
-  %377 = load <8 x float>, ptr %376, align 4
-  %378 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %377
-  store <8 x float> %378, ptr %acc00027, align 4
-  %379 = add nsw i64 %col26, 8
-  %380 = getelementptr inbounds float, ptr %374, i64 %379
-  %381 = load <8 x float>, ptr %380, align 4
-  %382 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %381
-  store <8 x float> %382, ptr %acc00128, align 4
-  %383 = add nsw i64 %r01, 1
-  %384 = mul nsw i64 %383, 14336
-  %385 = add nsw i64 %384, %k0
-  %386 = getelementptr inbounds float, ptr %h, i64 %385
-  %387 = getelementptr inbounds i32, ptr %rows, i64 %383
-  %388 = load i32, ptr %387, align 4
-  %389 = sext i32 %388 to i64
-  %390 = mul nsw i64 %389, 4096
-  %391 = getelementptr inbounds float, ptr %y, i64 %390
-  %392 = add nsw i64 %col26, 0
-  %393 = getelementptr inbounds float, ptr %391, i64 %392
-  %394 = load <8 x float>, ptr %393, align 4
-  %395 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %394
-  store <8 x float> %395, ptr %acc01029, align 4
-  %396 = add nsw i64 %col26, 8
-  %397 = getelementptr inbounds float, ptr %391, i64 %396
-  %398 = load <8 x float>, ptr %397, align 4
-  %399 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %398
-  store <8 x float> %399, ptr %acc01130, align 4
-  %400 = add nsw i64 %r01, 2
-  %401 = mul nsw i64 %400, 14336
-  %402 = add nsw i64 %401, %k0
-  %403 = getelementptr inbounds float, ptr %h, i64 %402
-  %404 = getelementptr inbounds i32, ptr %rows, i64 %400
-  %405 = load i32, ptr %404, align 4
-  %406 = sext i32 %405 to i64
-  %407 = mul nsw i64 %406, 4096
-  %408 = getelementptr inbounds float, ptr %y, i64 %407
-  %409 = add nsw i64 %col26, 0
-  %410 = getelementptr inbounds float, ptr %408, i64 %409
-  %411 = load <8 x float>, ptr %410, align 4
-  %412 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %411
-  store <8 x float> %412, ptr %acc02031, align 4
-  %413 = add nsw i64 %col26, 8
-  %414 = getelementptr inbounds float, ptr %408, i64 %413
-  %415 = load <8 x float>, ptr %414, align 4
-  %416 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %415
-  store <8 x float> %416, ptr %acc02132, align 4
-  %417 = add nsw i64 %r01, 3
-  %418 = mul nsw i64 %417, 14336
-  %419 = add nsw i64 %418, %k0
-  %420 = getelementptr inbounds float, ptr %h, i64 %419
-  %421 = getelementptr inbounds i32, ptr %rows, i64 %417
-  %422 = load i32, ptr %421, align 4
-  %423 = sext i32 %422 to i64
-  %424 = mul nsw i64 %423, 4096
-  %425 = getelementptr inbounds float, ptr %y, i64 %424
-  %426 = add nsw i64 %col26, 0
-  %427 = getelementptr inbounds float, ptr %425, i64 %426
-  %428 = load <8 x float>, ptr %427, align 4
-  %429 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %428
-  store <8 x float> %429, ptr %acc03033, align 4
-  %430 = add nsw i64 %col26, 8
-  %431 = getelementptr inbounds float, ptr %425, i64 %430
-  %432 = load <8 x float>, ptr %431, align 4
-  %433 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %432
-  store <8 x float> %433, ptr %acc03134, align 4
-  %434 = mul nsw i64 %k0, 16
-  %435 = mul nsw i64 %kb.p, 229376
-  %panel.off35 = add nsw i64 %435, %434
-  %436 = getelementptr inbounds i16, ptr %panels, i64 %panel.off35
-  %pf.on36 = and i1 %pf.on, %pf.next
-  %437 = mul nsw i64 %rb, 8192
-  %438 = lshr i64 %437, %26
-  %439 = add nsw i64 %pf.step, %438
-  %440 = getelementptr inbounds i8, ptr %436, i64 %439
-  %pf37 = select i1 %pf.on36, ptr %440, ptr %436
-  %pf.sh38 = select i1 %pf.on36, i64 %26, i64 0
-  br label %k.head39
+  %col27 = mul nsw i64 %kb.p, 16
+  %364 = add nsw i64 %r01, 0
+  %365 = mul nsw i64 %364, 14336
+  %366 = add nsw i64 %365, %k0
+  %367 = getelementptr inbounds float, ptr %h, i64 %366
+  %368 = getelementptr inbounds i32, ptr %rows, i64 %364
+  %369 = load i32, ptr %368, align 4
+  %370 = sext i32 %369 to i64
+  %371 = mul nsw i64 %370, 4096
+  %372 = getelementptr inbounds float, ptr %y, i64 %371
+  %373 = add nsw i64 %col27, 0
+  %374 = getelementptr inbounds float, ptr %372, i64 %373
+  %375 = load <8 x float>, ptr %374, align 4
+  %376 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %375
+  store <8 x float> %376, ptr %acc00028, align 4
+  %377 = add nsw i64 %col27, 8
+  %378 = getelementptr inbounds float, ptr %372, i64 %377
+  %379 = load <8 x float>, ptr %378, align 4
+  %380 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %379
+  store <8 x float> %380, ptr %acc00129, align 4
+  %381 = add nsw i64 %r01, 1
+  %382 = mul nsw i64 %381, 14336
+  %383 = add nsw i64 %382, %k0
+  %384 = getelementptr inbounds float, ptr %h, i64 %383
+  %385 = getelementptr inbounds i32, ptr %rows, i64 %381
+  %386 = load i32, ptr %385, align 4
+  %387 = sext i32 %386 to i64
+  %388 = mul nsw i64 %387, 4096
+  %389 = getelementptr inbounds float, ptr %y, i64 %388
+  %390 = add nsw i64 %col27, 0
+  %391 = getelementptr inbounds float, ptr %389, i64 %390
+  %392 = load <8 x float>, ptr %391, align 4
+  %393 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %392
+  store <8 x float> %393, ptr %acc01030, align 4
+  %394 = add nsw i64 %col27, 8
+  %395 = getelementptr inbounds float, ptr %389, i64 %394
+  %396 = load <8 x float>, ptr %395, align 4
+  %397 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %396
+  store <8 x float> %397, ptr %acc01131, align 4
+  %398 = add nsw i64 %r01, 2
+  %399 = mul nsw i64 %398, 14336
+  %400 = add nsw i64 %399, %k0
+  %401 = getelementptr inbounds float, ptr %h, i64 %400
+  %402 = getelementptr inbounds i32, ptr %rows, i64 %398
+  %403 = load i32, ptr %402, align 4
+  %404 = sext i32 %403 to i64
+  %405 = mul nsw i64 %404, 4096
+  %406 = getelementptr inbounds float, ptr %y, i64 %405
+  %407 = add nsw i64 %col27, 0
+  %408 = getelementptr inbounds float, ptr %406, i64 %407
+  %409 = load <8 x float>, ptr %408, align 4
+  %410 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %409
+  store <8 x float> %410, ptr %acc02032, align 4
+  %411 = add nsw i64 %col27, 8
+  %412 = getelementptr inbounds float, ptr %406, i64 %411
+  %413 = load <8 x float>, ptr %412, align 4
+  %414 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %413
+  store <8 x float> %414, ptr %acc02133, align 4
+  %415 = add nsw i64 %r01, 3
+  %416 = mul nsw i64 %415, 14336
+  %417 = add nsw i64 %416, %k0
+  %418 = getelementptr inbounds float, ptr %h, i64 %417
+  %419 = getelementptr inbounds i32, ptr %rows, i64 %415
+  %420 = load i32, ptr %419, align 4
+  %421 = sext i32 %420 to i64
+  %422 = mul nsw i64 %421, 4096
+  %423 = getelementptr inbounds float, ptr %y, i64 %422
+  %424 = add nsw i64 %col27, 0
+  %425 = getelementptr inbounds float, ptr %423, i64 %424
+  %426 = load <8 x float>, ptr %425, align 4
+  %427 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %426
+  store <8 x float> %427, ptr %acc03034, align 4
+  %428 = add nsw i64 %col27, 8
+  %429 = getelementptr inbounds float, ptr %423, i64 %428
+  %430 = load <8 x float>, ptr %429, align 4
+  %431 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %430
+  store <8 x float> %431, ptr %acc03135, align 4
+  %panel.off36 = mul nsw i64 %kb.p, 229376
+  %432 = mul nsw i64 %k0, 16
+  %slice.off37 = add nsw i64 %panel.off36, %432
+  %433 = getelementptr inbounds i16, ptr %panels, i64 %slice.off37
+  %pf.on38 = and i1 %pf.on, %pf.next
+  %434 = mul nsw i64 %rb, 8192
+  %435 = lshr i64 %434, %26
+  %436 = add nsw i64 %pf.step, %435
+  %437 = getelementptr inbounds i8, ptr %433, i64 %436
+  %pf39 = select i1 %pf.on38, ptr %437, ptr %433
+  %pf.sh40 = select i1 %pf.on38, i64 %26, i64 0
+  br label %k.head41
 
-k.head39:                                         ; preds = %pf.any.end44, %tile.mr4
-  %k42 = phi i64 [ 0, %tile.mr4 ], [ %485, %pf.any.end44 ]
-  %441 = icmp slt i64 %k42, 256
-  br i1 %441, label %k.body40, label %k.end41
+k.head41:                                         ; preds = %pf.any.end46, %tile.mr4
+  %k44 = phi i64 [ 0, %tile.mr4 ], [ %482, %pf.any.end46 ]
+  %438 = icmp slt i64 %k44, 256
+  br i1 %438, label %k.body42, label %k.end43
 
-k.body40:                                         ; preds = %k.head39
-  %442 = mul nsw i64 %k42, 1
-  %443 = add nsw i64 %442, 0
-  %444 = mul nsw i64 %443, 32
-  br i1 %pf.multi, label %pf.any.then43, label %pf.any.end44
+k.body42:                                         ; preds = %k.head41
+  %439 = mul nsw i64 %k44, 1
+  %440 = add nsw i64 %439, 0
+  %441 = mul nsw i64 %440, 32
+  br i1 %pf.multi, label %pf.any.then45, label %pf.any.end46
 
-pf.any.then43:                                    ; preds = %k.body40
-  %445 = lshr i64 %444, %pf.sh38
-  %446 = getelementptr inbounds i8, ptr %pf37, i64 %445
-  call void @llvm.prefetch.p0(ptr %446, i32 0, i32 2, i32 1)
-  br label %pf.any.end44
+pf.any.then45:                                    ; preds = %k.body42
+  %442 = lshr i64 %441, %pf.sh40
+  %443 = getelementptr inbounds i8, ptr %pf39, i64 %442
+  call void @llvm.prefetch.p0(ptr %443, i32 0, i32 2, i32 1)
+  br label %pf.any.end46
 
-pf.any.end44:                                     ; preds = %pf.any.then43, %k.body40
-  %447 = mul nsw i64 %443, 16
-  %448 = add nsw i64 %panel.off35, %447
-  %449 = getelementptr inbounds i16, ptr %panels, i64 %448
-  %450 = load <8 x i32>, ptr %449, align 4
-  %451 = shl <8 x i32> %450, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b045 = bitcast <8 x i32> %451 to <8 x float>
-  %452 = and <8 x i32> %450, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b146 = bitcast <8 x i32> %452 to <8 x float>
-  %453 = getelementptr inbounds float, ptr %369, i64 %443
-  %454 = load float, ptr %453, align 4
-  %455 = insertelement <8 x float> poison, float %454, i32 0
-  %456 = shufflevector <8 x float> %455, <8 x float> poison, <8 x i32> zeroinitializer
-  %457 = load <8 x float>, ptr %acc00027, align 4
-  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b045, <8 x float> %457)
-  store <8 x float> %458, ptr %acc00027, align 4
-  %459 = load <8 x float>, ptr %acc00128, align 4
-  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b146, <8 x float> %459)
-  store <8 x float> %460, ptr %acc00128, align 4
-  %461 = getelementptr inbounds float, ptr %386, i64 %443
-  %462 = load float, ptr %461, align 4
-  %463 = insertelement <8 x float> poison, float %462, i32 0
-  %464 = shufflevector <8 x float> %463, <8 x float> poison, <8 x i32> zeroinitializer
-  %465 = load <8 x float>, ptr %acc01029, align 4
-  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %b045, <8 x float> %465)
-  store <8 x float> %466, ptr %acc01029, align 4
-  %467 = load <8 x float>, ptr %acc01130, align 4
-  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %b146, <8 x float> %467)
-  store <8 x float> %468, ptr %acc01130, align 4
-  %469 = getelementptr inbounds float, ptr %403, i64 %443
-  %470 = load float, ptr %469, align 4
-  %471 = insertelement <8 x float> poison, float %470, i32 0
-  %472 = shufflevector <8 x float> %471, <8 x float> poison, <8 x i32> zeroinitializer
-  %473 = load <8 x float>, ptr %acc02031, align 4
-  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %b045, <8 x float> %473)
-  store <8 x float> %474, ptr %acc02031, align 4
-  %475 = load <8 x float>, ptr %acc02132, align 4
-  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %b146, <8 x float> %475)
-  store <8 x float> %476, ptr %acc02132, align 4
-  %477 = getelementptr inbounds float, ptr %420, i64 %443
-  %478 = load float, ptr %477, align 4
-  %479 = insertelement <8 x float> poison, float %478, i32 0
-  %480 = shufflevector <8 x float> %479, <8 x float> poison, <8 x i32> zeroinitializer
-  %481 = load <8 x float>, ptr %acc03033, align 4
-  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %b045, <8 x float> %481)
-  store <8 x float> %482, ptr %acc03033, align 4
-  %483 = load <8 x float>, ptr %acc03134, align 4
-  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %b146, <8 x float> %483)
-  store <8 x float> %484, ptr %acc03134, align 4
-  %485 = add nsw i64 %k42, 1
-  br label %k.head39
+pf.any.end46:                                     ; preds = %pf.any.then45, %k.body42
+  %444 = mul nsw i64 %440, 16
+  %445 = add nsw i64 %slice.off37, %444
+  %446 = getelementptr inbounds i16, ptr %panels, i64 %445
+  %447 = load <8 x i32>, ptr %446, align 4
+  %448 = shl <8 x i32> %447, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b047 = bitcast <8 x i32> %448 to <8 x float>
+  %449 = and <8 x i32> %447, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b148 = bitcast <8 x i32> %449 to <8 x float>
+  %450 = getelementptr inbounds float, ptr %367, i64 %440
+  %451 = load float, ptr %450, align 4
+  %452 = insertelement <8 x float> poison, float %451, i32 0
+  %453 = shufflevector <8 x float> %452, <8 x float> poison, <8 x i32> zeroinitializer
+  %454 = load <8 x float>, ptr %acc00028, align 4
+  %455 = call <8 x float> @llvm.fma.v8f32(<8 x float> %453, <8 x float> %b047, <8 x float> %454)
+  store <8 x float> %455, ptr %acc00028, align 4
+  %456 = load <8 x float>, ptr %acc00129, align 4
+  %457 = call <8 x float> @llvm.fma.v8f32(<8 x float> %453, <8 x float> %b148, <8 x float> %456)
+  store <8 x float> %457, ptr %acc00129, align 4
+  %458 = getelementptr inbounds float, ptr %384, i64 %440
+  %459 = load float, ptr %458, align 4
+  %460 = insertelement <8 x float> poison, float %459, i32 0
+  %461 = shufflevector <8 x float> %460, <8 x float> poison, <8 x i32> zeroinitializer
+  %462 = load <8 x float>, ptr %acc01030, align 4
+  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %461, <8 x float> %b047, <8 x float> %462)
+  store <8 x float> %463, ptr %acc01030, align 4
+  %464 = load <8 x float>, ptr %acc01131, align 4
+  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %461, <8 x float> %b148, <8 x float> %464)
+  store <8 x float> %465, ptr %acc01131, align 4
+  %466 = getelementptr inbounds float, ptr %401, i64 %440
+  %467 = load float, ptr %466, align 4
+  %468 = insertelement <8 x float> poison, float %467, i32 0
+  %469 = shufflevector <8 x float> %468, <8 x float> poison, <8 x i32> zeroinitializer
+  %470 = load <8 x float>, ptr %acc02032, align 4
+  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %469, <8 x float> %b047, <8 x float> %470)
+  store <8 x float> %471, ptr %acc02032, align 4
+  %472 = load <8 x float>, ptr %acc02133, align 4
+  %473 = call <8 x float> @llvm.fma.v8f32(<8 x float> %469, <8 x float> %b148, <8 x float> %472)
+  store <8 x float> %473, ptr %acc02133, align 4
+  %474 = getelementptr inbounds float, ptr %418, i64 %440
+  %475 = load float, ptr %474, align 4
+  %476 = insertelement <8 x float> poison, float %475, i32 0
+  %477 = shufflevector <8 x float> %476, <8 x float> poison, <8 x i32> zeroinitializer
+  %478 = load <8 x float>, ptr %acc03034, align 4
+  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %477, <8 x float> %b047, <8 x float> %478)
+  store <8 x float> %479, ptr %acc03034, align 4
+  %480 = load <8 x float>, ptr %acc03135, align 4
+  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %477, <8 x float> %b148, <8 x float> %480)
+  store <8 x float> %481, ptr %acc03135, align 4
+  %482 = add nsw i64 %k44, 1
+  br label %k.head41
 
-k.end41:                                          ; preds = %k.head39
-  %486 = load <8 x float>, ptr %acc00027, align 4
-  store <8 x float> %486, ptr %376, align 4
-  %487 = load <8 x float>, ptr %acc00128, align 4
-  store <8 x float> %487, ptr %380, align 4
-  %488 = load <8 x float>, ptr %acc01029, align 4
-  store <8 x float> %488, ptr %393, align 4
-  %489 = load <8 x float>, ptr %acc01130, align 4
-  store <8 x float> %489, ptr %397, align 4
-  %490 = load <8 x float>, ptr %acc02031, align 4
-  store <8 x float> %490, ptr %410, align 4
-  %491 = load <8 x float>, ptr %acc02132, align 4
-  store <8 x float> %491, ptr %414, align 4
-  %492 = load <8 x float>, ptr %acc03033, align 4
-  store <8 x float> %492, ptr %427, align 4
-  %493 = load <8 x float>, ptr %acc03134, align 4
-  store <8 x float> %493, ptr %431, align 4
+k.end43:                                          ; preds = %k.head41
+  %483 = load <8 x float>, ptr %acc00028, align 4
+  store <8 x float> %483, ptr %374, align 4
+  %484 = load <8 x float>, ptr %acc00129, align 4
+  store <8 x float> %484, ptr %378, align 4
+  %485 = load <8 x float>, ptr %acc01030, align 4
+  store <8 x float> %485, ptr %391, align 4
+  %486 = load <8 x float>, ptr %acc01131, align 4
+  store <8 x float> %486, ptr %395, align 4
+  %487 = load <8 x float>, ptr %acc02032, align 4
+  store <8 x float> %487, ptr %408, align 4
+  %488 = load <8 x float>, ptr %acc02133, align 4
+  store <8 x float> %488, ptr %412, align 4
+  %489 = load <8 x float>, ptr %acc03034, align 4
+  store <8 x float> %489, ptr %425, align 4
+  %490 = load <8 x float>, ptr %acc03135, align 4
+  store <8 x float> %490, ptr %429, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
-  %col47 = mul nsw i64 %kb.p, 16
-  %494 = add nsw i64 %r01, 0
-  %495 = mul nsw i64 %494, 14336
-  %496 = add nsw i64 %495, %k0
-  %497 = getelementptr inbounds float, ptr %h, i64 %496
-  %498 = getelementptr inbounds i32, ptr %rows, i64 %494
-  %499 = load i32, ptr %498, align 4
-  %500 = sext i32 %499 to i64
-  %501 = mul nsw i64 %500, 4096
-  %502 = getelementptr inbounds float, ptr %y, i64 %501
-  %503 = add nsw i64 %col47, 0
-  %504 = getelementptr inbounds float, ptr %502, i64 %503
-  %505 = load <8 x float>, ptr %504, align 4
-  %506 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %505
-  store <8 x float> %506, ptr %acc00048, align 4
-  %507 = add nsw i64 %col47, 8
-  %508 = getelementptr inbounds float, ptr %502, i64 %507
-  %509 = load <8 x float>, ptr %508, align 4
-  %510 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %509
-  store <8 x float> %510, ptr %acc00149, align 4
-  %511 = add nsw i64 %r01, 1
-  %512 = mul nsw i64 %511, 14336
-  %513 = add nsw i64 %512, %k0
-  %514 = getelementptr inbounds float, ptr %h, i64 %513
-  %515 = getelementptr inbounds i32, ptr %rows, i64 %511
-  %516 = load i32, ptr %515, align 4
-  %517 = sext i32 %516 to i64
-  %518 = mul nsw i64 %517, 4096
-  %519 = getelementptr inbounds float, ptr %y, i64 %518
-  %520 = add nsw i64 %col47, 0
-  %521 = getelementptr inbounds float, ptr %519, i64 %520
-  %522 = load <8 x float>, ptr %521, align 4
-  %523 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %522
-  store <8 x float> %523, ptr %acc01050, align 4
-  %524 = add nsw i64 %col47, 8
-  %525 = getelementptr inbounds float, ptr %519, i64 %524
-  %526 = load <8 x float>, ptr %525, align 4
-  %527 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %526
-  store <8 x float> %527, ptr %acc01151, align 4
-  %528 = add nsw i64 %r01, 2
-  %529 = mul nsw i64 %528, 14336
-  %530 = add nsw i64 %529, %k0
-  %531 = getelementptr inbounds float, ptr %h, i64 %530
-  %532 = getelementptr inbounds i32, ptr %rows, i64 %528
-  %533 = load i32, ptr %532, align 4
-  %534 = sext i32 %533 to i64
-  %535 = mul nsw i64 %534, 4096
-  %536 = getelementptr inbounds float, ptr %y, i64 %535
-  %537 = add nsw i64 %col47, 0
-  %538 = getelementptr inbounds float, ptr %536, i64 %537
-  %539 = load <8 x float>, ptr %538, align 4
-  %540 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %539
-  store <8 x float> %540, ptr %acc02052, align 4
-  %541 = add nsw i64 %col47, 8
-  %542 = getelementptr inbounds float, ptr %536, i64 %541
-  %543 = load <8 x float>, ptr %542, align 4
-  %544 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %543
-  store <8 x float> %544, ptr %acc02153, align 4
-  %545 = mul nsw i64 %k0, 16
-  %546 = mul nsw i64 %kb.p, 229376
-  %panel.off54 = add nsw i64 %546, %545
-  %547 = getelementptr inbounds i16, ptr %panels, i64 %panel.off54
-  %pf.on55 = and i1 %pf.on, %pf.next
-  %548 = mul nsw i64 %rb, 8192
-  %549 = lshr i64 %548, %26
-  %550 = add nsw i64 %pf.step, %549
-  %551 = getelementptr inbounds i8, ptr %547, i64 %550
-  %pf56 = select i1 %pf.on55, ptr %551, ptr %547
-  %pf.sh57 = select i1 %pf.on55, i64 %26, i64 0
-  br label %k.head58
+  %col49 = mul nsw i64 %kb.p, 16
+  %491 = add nsw i64 %r01, 0
+  %492 = mul nsw i64 %491, 14336
+  %493 = add nsw i64 %492, %k0
+  %494 = getelementptr inbounds float, ptr %h, i64 %493
+  %495 = getelementptr inbounds i32, ptr %rows, i64 %491
+  %496 = load i32, ptr %495, align 4
+  %497 = sext i32 %496 to i64
+  %498 = mul nsw i64 %497, 4096
+  %499 = getelementptr inbounds float, ptr %y, i64 %498
+  %500 = add nsw i64 %col49, 0
+  %501 = getelementptr inbounds float, ptr %499, i64 %500
+  %502 = load <8 x float>, ptr %501, align 4
+  %503 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %502
+  store <8 x float> %503, ptr %acc00050, align 4
+  %504 = add nsw i64 %col49, 8
+  %505 = getelementptr inbounds float, ptr %499, i64 %504
+  %506 = load <8 x float>, ptr %505, align 4
+  %507 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %506
+  store <8 x float> %507, ptr %acc00151, align 4
+  %508 = add nsw i64 %r01, 1
+  %509 = mul nsw i64 %508, 14336
+  %510 = add nsw i64 %509, %k0
+  %511 = getelementptr inbounds float, ptr %h, i64 %510
+  %512 = getelementptr inbounds i32, ptr %rows, i64 %508
+  %513 = load i32, ptr %512, align 4
+  %514 = sext i32 %513 to i64
+  %515 = mul nsw i64 %514, 4096
+  %516 = getelementptr inbounds float, ptr %y, i64 %515
+  %517 = add nsw i64 %col49, 0
+  %518 = getelementptr inbounds float, ptr %516, i64 %517
+  %519 = load <8 x float>, ptr %518, align 4
+  %520 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %519
+  store <8 x float> %520, ptr %acc01052, align 4
+  %521 = add nsw i64 %col49, 8
+  %522 = getelementptr inbounds float, ptr %516, i64 %521
+  %523 = load <8 x float>, ptr %522, align 4
+  %524 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %523
+  store <8 x float> %524, ptr %acc01153, align 4
+  %525 = add nsw i64 %r01, 2
+  %526 = mul nsw i64 %525, 14336
+  %527 = add nsw i64 %526, %k0
+  %528 = getelementptr inbounds float, ptr %h, i64 %527
+  %529 = getelementptr inbounds i32, ptr %rows, i64 %525
+  %530 = load i32, ptr %529, align 4
+  %531 = sext i32 %530 to i64
+  %532 = mul nsw i64 %531, 4096
+  %533 = getelementptr inbounds float, ptr %y, i64 %532
+  %534 = add nsw i64 %col49, 0
+  %535 = getelementptr inbounds float, ptr %533, i64 %534
+  %536 = load <8 x float>, ptr %535, align 4
+  %537 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %536
+  store <8 x float> %537, ptr %acc02054, align 4
+  %538 = add nsw i64 %col49, 8
+  %539 = getelementptr inbounds float, ptr %533, i64 %538
+  %540 = load <8 x float>, ptr %539, align 4
+  %541 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %540
+  store <8 x float> %541, ptr %acc02155, align 4
+  %panel.off56 = mul nsw i64 %kb.p, 229376
+  %542 = mul nsw i64 %k0, 16
+  %slice.off57 = add nsw i64 %panel.off56, %542
+  %543 = getelementptr inbounds i16, ptr %panels, i64 %slice.off57
+  %pf.on58 = and i1 %pf.on, %pf.next
+  %544 = mul nsw i64 %rb, 8192
+  %545 = lshr i64 %544, %26
+  %546 = add nsw i64 %pf.step, %545
+  %547 = getelementptr inbounds i8, ptr %543, i64 %546
+  %pf59 = select i1 %pf.on58, ptr %547, ptr %543
+  %pf.sh60 = select i1 %pf.on58, i64 %26, i64 0
+  br label %k.head61
 
-k.head58:                                         ; preds = %pf.any.end63, %tile.mr3
-  %k61 = phi i64 [ 0, %tile.mr3 ], [ %588, %pf.any.end63 ]
-  %552 = icmp slt i64 %k61, 256
-  br i1 %552, label %k.body59, label %k.end60
+k.head61:                                         ; preds = %pf.any.end66, %tile.mr3
+  %k64 = phi i64 [ 0, %tile.mr3 ], [ %584, %pf.any.end66 ]
+  %548 = icmp slt i64 %k64, 256
+  br i1 %548, label %k.body62, label %k.end63
 
-k.body59:                                         ; preds = %k.head58
-  %553 = mul nsw i64 %k61, 1
-  %554 = add nsw i64 %553, 0
-  %555 = mul nsw i64 %554, 32
-  br i1 %pf.multi, label %pf.any.then62, label %pf.any.end63
+k.body62:                                         ; preds = %k.head61
+  %549 = mul nsw i64 %k64, 1
+  %550 = add nsw i64 %549, 0
+  %551 = mul nsw i64 %550, 32
+  br i1 %pf.multi, label %pf.any.then65, label %pf.any.end66
 
-pf.any.then62:                                    ; preds = %k.body59
-  %556 = lshr i64 %555, %pf.sh57
-  %557 = getelementptr inbounds i8, ptr %pf56, i64 %556
-  call void @llvm.prefetch.p0(ptr %557, i32 0, i32 2, i32 1)
-  br label %pf.any.end63
+pf.any.then65:                                    ; preds = %k.body62
+  %552 = lshr i64 %551, %pf.sh60
+  %553 = getelementptr inbounds i8, ptr %pf59, i64 %552
+  call void @llvm.prefetch.p0(ptr %553, i32 0, i32 2, i32 1)
+  br label %pf.any.end66
 
-pf.any.end63:                                     ; preds = %pf.any.then62, %k.body59
-  %558 = mul nsw i64 %554, 16
-  %559 = add nsw i64 %panel.off54, %558
-  %560 = getelementptr inbounds i16, ptr %panels, i64 %559
-  %561 = load <8 x i32>, ptr %560, align 4
-  %562 = shl <8 x i32> %561, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b064 = bitcast <8 x i32> %562 to <8 x float>
-  %563 = and <8 x i32> %561, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b165 = bitcast <8 x i32> %563 to <8 x float>
-  %564 = getelementptr inbounds float, ptr %497, i64 %554
-  %565 = load float, ptr %564, align 4
-  %566 = insertelement <8 x float> poison, float %565, i32 0
-  %567 = shufflevector <8 x float> %566, <8 x float> poison, <8 x i32> zeroinitializer
-  %568 = load <8 x float>, ptr %acc00048, align 4
-  %569 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %b064, <8 x float> %568)
-  store <8 x float> %569, ptr %acc00048, align 4
-  %570 = load <8 x float>, ptr %acc00149, align 4
-  %571 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %b165, <8 x float> %570)
-  store <8 x float> %571, ptr %acc00149, align 4
-  %572 = getelementptr inbounds float, ptr %514, i64 %554
-  %573 = load float, ptr %572, align 4
-  %574 = insertelement <8 x float> poison, float %573, i32 0
-  %575 = shufflevector <8 x float> %574, <8 x float> poison, <8 x i32> zeroinitializer
-  %576 = load <8 x float>, ptr %acc01050, align 4
-  %577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %b064, <8 x float> %576)
-  store <8 x float> %577, ptr %acc01050, align 4
-  %578 = load <8 x float>, ptr %acc01151, align 4
-  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %b165, <8 x float> %578)
-  store <8 x float> %579, ptr %acc01151, align 4
-  %580 = getelementptr inbounds float, ptr %531, i64 %554
-  %581 = load float, ptr %580, align 4
-  %582 = insertelement <8 x float> poison, float %581, i32 0
-  %583 = shufflevector <8 x float> %582, <8 x float> poison, <8 x i32> zeroinitializer
-  %584 = load <8 x float>, ptr %acc02052, align 4
-  %585 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %b064, <8 x float> %584)
-  store <8 x float> %585, ptr %acc02052, align 4
-  %586 = load <8 x float>, ptr %acc02153, align 4
-  %587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %b165, <8 x float> %586)
-  store <8 x float> %587, ptr %acc02153, align 4
-  %588 = add nsw i64 %k61, 1
-  br label %k.head58
+pf.any.end66:                                     ; preds = %pf.any.then65, %k.body62
+  %554 = mul nsw i64 %550, 16
+  %555 = add nsw i64 %slice.off57, %554
+  %556 = getelementptr inbounds i16, ptr %panels, i64 %555
+  %557 = load <8 x i32>, ptr %556, align 4
+  %558 = shl <8 x i32> %557, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b067 = bitcast <8 x i32> %558 to <8 x float>
+  %559 = and <8 x i32> %557, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b168 = bitcast <8 x i32> %559 to <8 x float>
+  %560 = getelementptr inbounds float, ptr %494, i64 %550
+  %561 = load float, ptr %560, align 4
+  %562 = insertelement <8 x float> poison, float %561, i32 0
+  %563 = shufflevector <8 x float> %562, <8 x float> poison, <8 x i32> zeroinitializer
+  %564 = load <8 x float>, ptr %acc00050, align 4
+  %565 = call <8 x float> @llvm.fma.v8f32(<8 x float> %563, <8 x float> %b067, <8 x float> %564)
+  store <8 x float> %565, ptr %acc00050, align 4
+  %566 = load <8 x float>, ptr %acc00151, align 4
+  %567 = call <8 x float> @llvm.fma.v8f32(<8 x float> %563, <8 x float> %b168, <8 x float> %566)
+  store <8 x float> %567, ptr %acc00151, align 4
+  %568 = getelementptr inbounds float, ptr %511, i64 %550
+  %569 = load float, ptr %568, align 4
+  %570 = insertelement <8 x float> poison, float %569, i32 0
+  %571 = shufflevector <8 x float> %570, <8 x float> poison, <8 x i32> zeroinitializer
+  %572 = load <8 x float>, ptr %acc01052, align 4
+  %573 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> %b067, <8 x float> %572)
+  store <8 x float> %573, ptr %acc01052, align 4
+  %574 = load <8 x float>, ptr %acc01153, align 4
+  %575 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> %b168, <8 x float> %574)
+  store <8 x float> %575, ptr %acc01153, align 4
+  %576 = getelementptr inbounds float, ptr %528, i64 %550
+  %577 = load float, ptr %576, align 4
+  %578 = insertelement <8 x float> poison, float %577, i32 0
+  %579 = shufflevector <8 x float> %578, <8 x float> poison, <8 x i32> zeroinitializer
+  %580 = load <8 x float>, ptr %acc02054, align 4
+  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %b067, <8 x float> %580)
+  store <8 x float> %581, ptr %acc02054, align 4
+  %582 = load <8 x float>, ptr %acc02155, align 4
+  %583 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %b168, <8 x float> %582)
+  store <8 x float> %583, ptr %acc02155, align 4
+  %584 = add nsw i64 %k64, 1
+  br label %k.head61
 
-k.end60:                                          ; preds = %k.head58
-  %589 = load <8 x float>, ptr %acc00048, align 4
-  store <8 x float> %589, ptr %504, align 4
-  %590 = load <8 x float>, ptr %acc00149, align 4
-  store <8 x float> %590, ptr %508, align 4
-  %591 = load <8 x float>, ptr %acc01050, align 4
-  store <8 x float> %591, ptr %521, align 4
-  %592 = load <8 x float>, ptr %acc01151, align 4
-  store <8 x float> %592, ptr %525, align 4
-  %593 = load <8 x float>, ptr %acc02052, align 4
-  store <8 x float> %593, ptr %538, align 4
-  %594 = load <8 x float>, ptr %acc02153, align 4
-  store <8 x float> %594, ptr %542, align 4
+k.end63:                                          ; preds = %k.head61
+  %585 = load <8 x float>, ptr %acc00050, align 4
+  store <8 x float> %585, ptr %501, align 4
+  %586 = load <8 x float>, ptr %acc00151, align 4
+  store <8 x float> %586, ptr %505, align 4
+  %587 = load <8 x float>, ptr %acc01052, align 4
+  store <8 x float> %587, ptr %518, align 4
+  %588 = load <8 x float>, ptr %acc01153, align 4
+  store <8 x float> %588, ptr %522, align 4
+  %589 = load <8 x float>, ptr %acc02054, align 4
+  store <8 x float> %589, ptr %535, align 4
+  %590 = load <8 x float>, ptr %acc02155, align 4
+  store <8 x float> %590, ptr %539, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
-  %col66 = mul nsw i64 %kb.p, 16
-  %595 = add nsw i64 %r01, 0
-  %596 = mul nsw i64 %595, 14336
-  %597 = add nsw i64 %596, %k0
-  %598 = getelementptr inbounds float, ptr %h, i64 %597
-  %599 = getelementptr inbounds i32, ptr %rows, i64 %595
-  %600 = load i32, ptr %599, align 4
-  %601 = sext i32 %600 to i64
-  %602 = mul nsw i64 %601, 4096
-  %603 = getelementptr inbounds float, ptr %y, i64 %602
-  %604 = add nsw i64 %col66, 0
-  %605 = getelementptr inbounds float, ptr %603, i64 %604
+  %col69 = mul nsw i64 %kb.p, 16
+  %591 = add nsw i64 %r01, 0
+  %592 = mul nsw i64 %591, 14336
+  %593 = add nsw i64 %592, %k0
+  %594 = getelementptr inbounds float, ptr %h, i64 %593
+  %595 = getelementptr inbounds i32, ptr %rows, i64 %591
+  %596 = load i32, ptr %595, align 4
+  %597 = sext i32 %596 to i64
+  %598 = mul nsw i64 %597, 4096
+  %599 = getelementptr inbounds float, ptr %y, i64 %598
+  %600 = add nsw i64 %col69, 0
+  %601 = getelementptr inbounds float, ptr %599, i64 %600
+  %602 = load <8 x float>, ptr %601, align 4
+  %603 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %602
+  store <8 x float> %603, ptr %acc00070, align 4
+  %604 = add nsw i64 %col69, 8
+  %605 = getelementptr inbounds float, ptr %599, i64 %604
   %606 = load <8 x float>, ptr %605, align 4
   %607 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %606
-  store <8 x float> %607, ptr %acc00067, align 4
-  %608 = add nsw i64 %col66, 8
-  %609 = getelementptr inbounds float, ptr %603, i64 %608
-  %610 = load <8 x float>, ptr %609, align 4
-  %611 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %610
-  store <8 x float> %611, ptr %acc00168, align 4
-  %612 = add nsw i64 %r01, 1
-  %613 = mul nsw i64 %612, 14336
-  %614 = add nsw i64 %613, %k0
-  %615 = getelementptr inbounds float, ptr %h, i64 %614
-  %616 = getelementptr inbounds i32, ptr %rows, i64 %612
-  %617 = load i32, ptr %616, align 4
-  %618 = sext i32 %617 to i64
-  %619 = mul nsw i64 %618, 4096
-  %620 = getelementptr inbounds float, ptr %y, i64 %619
-  %621 = add nsw i64 %col66, 0
-  %622 = getelementptr inbounds float, ptr %620, i64 %621
+  store <8 x float> %607, ptr %acc00171, align 4
+  %608 = add nsw i64 %r01, 1
+  %609 = mul nsw i64 %608, 14336
+  %610 = add nsw i64 %609, %k0
+  %611 = getelementptr inbounds float, ptr %h, i64 %610
+  %612 = getelementptr inbounds i32, ptr %rows, i64 %608
+  %613 = load i32, ptr %612, align 4
+  %614 = sext i32 %613 to i64
+  %615 = mul nsw i64 %614, 4096
+  %616 = getelementptr inbounds float, ptr %y, i64 %615
+  %617 = add nsw i64 %col69, 0
+  %618 = getelementptr inbounds float, ptr %616, i64 %617
+  %619 = load <8 x float>, ptr %618, align 4
+  %620 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %619
+  store <8 x float> %620, ptr %acc01072, align 4
+  %621 = add nsw i64 %col69, 8
+  %622 = getelementptr inbounds float, ptr %616, i64 %621
   %623 = load <8 x float>, ptr %622, align 4
   %624 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %623
-  store <8 x float> %624, ptr %acc01069, align 4
-  %625 = add nsw i64 %col66, 8
-  %626 = getelementptr inbounds float, ptr %620, i64 %625
-  %627 = load <8 x float>, ptr %626, align 4
-  %628 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %627
-  store <8 x float> %628, ptr %acc01170, align 4
-  %629 = mul nsw i64 %k0, 16
-  %630 = mul nsw i64 %kb.p, 229376
-  %panel.off71 = add nsw i64 %630, %629
-  %631 = getelementptr inbounds i16, ptr %panels, i64 %panel.off71
-  %pf.on72 = and i1 %pf.on, %pf.next
-  %632 = mul nsw i64 %rb, 8192
-  %633 = lshr i64 %632, %26
-  %634 = add nsw i64 %pf.step, %633
-  %635 = getelementptr inbounds i8, ptr %631, i64 %634
-  %pf73 = select i1 %pf.on72, ptr %635, ptr %631
-  %pf.sh74 = select i1 %pf.on72, i64 %26, i64 0
-  br label %k.head75
+  store <8 x float> %624, ptr %acc01173, align 4
+  %panel.off74 = mul nsw i64 %kb.p, 229376
+  %625 = mul nsw i64 %k0, 16
+  %slice.off75 = add nsw i64 %panel.off74, %625
+  %626 = getelementptr inbounds i16, ptr %panels, i64 %slice.off75
+  %pf.on76 = and i1 %pf.on, %pf.next
+  %627 = mul nsw i64 %rb, 8192
+  %628 = lshr i64 %627, %26
+  %629 = add nsw i64 %pf.step, %628
+  %630 = getelementptr inbounds i8, ptr %626, i64 %629
+  %pf77 = select i1 %pf.on76, ptr %630, ptr %626
+  %pf.sh78 = select i1 %pf.on76, i64 %26, i64 0
+  br label %k.head79
 
-k.head75:                                         ; preds = %pf.any.end80, %tile.mr2
-  %k78 = phi i64 [ 0, %tile.mr2 ], [ %664, %pf.any.end80 ]
-  %636 = icmp slt i64 %k78, 256
-  br i1 %636, label %k.body76, label %k.end77
+k.head79:                                         ; preds = %pf.any.end84, %tile.mr2
+  %k82 = phi i64 [ 0, %tile.mr2 ], [ %659, %pf.any.end84 ]
+  %631 = icmp slt i64 %k82, 256
+  br i1 %631, label %k.body80, label %k.end81
 
-k.body76:                                         ; preds = %k.head75
-  %637 = mul nsw i64 %k78, 1
-  %638 = add nsw i64 %637, 0
-  %639 = mul nsw i64 %638, 32
-  br i1 %pf.multi, label %pf.any.then79, label %pf.any.end80
+k.body80:                                         ; preds = %k.head79
+  %632 = mul nsw i64 %k82, 1
+  %633 = add nsw i64 %632, 0
+  %634 = mul nsw i64 %633, 32
+  br i1 %pf.multi, label %pf.any.then83, label %pf.any.end84
 
-pf.any.then79:                                    ; preds = %k.body76
-  %640 = lshr i64 %639, %pf.sh74
-  %641 = getelementptr inbounds i8, ptr %pf73, i64 %640
-  call void @llvm.prefetch.p0(ptr %641, i32 0, i32 2, i32 1)
-  br label %pf.any.end80
+pf.any.then83:                                    ; preds = %k.body80
+  %635 = lshr i64 %634, %pf.sh78
+  %636 = getelementptr inbounds i8, ptr %pf77, i64 %635
+  call void @llvm.prefetch.p0(ptr %636, i32 0, i32 2, i32 1)
+  br label %pf.any.end84
 
-pf.any.end80:                                     ; preds = %pf.any.then79, %k.body76
-  %642 = mul nsw i64 %638, 16
-  %643 = add nsw i64 %panel.off71, %642
-  %644 = getelementptr inbounds i16, ptr %panels, i64 %643
-  %645 = load <8 x i32>, ptr %644, align 4
-  %646 = shl <8 x i32> %645, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b081 = bitcast <8 x i32> %646 to <8 x float>
-  %647 = and <8 x i32> %645, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b182 = bitcast <8 x i32> %647 to <8 x float>
-  %648 = getelementptr inbounds float, ptr %598, i64 %638
-  %649 = load float, ptr %648, align 4
-  %650 = insertelement <8 x float> poison, float %649, i32 0
-  %651 = shufflevector <8 x float> %650, <8 x float> poison, <8 x i32> zeroinitializer
-  %652 = load <8 x float>, ptr %acc00067, align 4
-  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %b081, <8 x float> %652)
-  store <8 x float> %653, ptr %acc00067, align 4
-  %654 = load <8 x float>, ptr %acc00168, align 4
-  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %b182, <8 x float> %654)
-  store <8 x float> %655, ptr %acc00168, align 4
-  %656 = getelementptr inbounds float, ptr %615, i64 %638
-  %657 = load float, ptr %656, align 4
-  %658 = insertelement <8 x float> poison, float %657, i32 0
-  %659 = shufflevector <8 x float> %658, <8 x float> poison, <8 x i32> zeroinitializer
-  %660 = load <8 x float>, ptr %acc01069, align 4
-  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %b081, <8 x float> %660)
-  store <8 x float> %661, ptr %acc01069, align 4
-  %662 = load <8 x float>, ptr %acc01170, align 4
-  %663 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %b182, <8 x float> %662)
-  store <8 x float> %663, ptr %acc01170, align 4
-  %664 = add nsw i64 %k78, 1
-  br label %k.head75
+pf.any.end84:                                     ; preds = %pf.any.then83, %k.body80
+  %637 = mul nsw i64 %633, 16
+  %638 = add nsw i64 %slice.off75, %637
+  %639 = getelementptr inbounds i16, ptr %panels, i64 %638
+  %640 = load <8 x i32>, ptr %639, align 4
+  %641 = shl <8 x i32> %640, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b085 = bitcast <8 x i32> %641 to <8 x float>
+  %642 = and <8 x i32> %640, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b186 = bitcast <8 x i32> %642 to <8 x float>
+  %643 = getelementptr inbounds float, ptr %594, i64 %633
+  %644 = load float, ptr %643, align 4
+  %645 = insertelement <8 x float> poison, float %644, i32 0
+  %646 = shufflevector <8 x float> %645, <8 x float> poison, <8 x i32> zeroinitializer
+  %647 = load <8 x float>, ptr %acc00070, align 4
+  %648 = call <8 x float> @llvm.fma.v8f32(<8 x float> %646, <8 x float> %b085, <8 x float> %647)
+  store <8 x float> %648, ptr %acc00070, align 4
+  %649 = load <8 x float>, ptr %acc00171, align 4
+  %650 = call <8 x float> @llvm.fma.v8f32(<8 x float> %646, <8 x float> %b186, <8 x float> %649)
+  store <8 x float> %650, ptr %acc00171, align 4
+  %651 = getelementptr inbounds float, ptr %611, i64 %633
+  %652 = load float, ptr %651, align 4
+  %653 = insertelement <8 x float> poison, float %652, i32 0
+  %654 = shufflevector <8 x float> %653, <8 x float> poison, <8 x i32> zeroinitializer
+  %655 = load <8 x float>, ptr %acc01072, align 4
+  %656 = call <8 x float> @llvm.fma.v8f32(<8 x float> %654, <8 x float> %b085, <8 x float> %655)
+  store <8 x float> %656, ptr %acc01072, align 4
+  %657 = load <8 x float>, ptr %acc01173, align 4
+  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> %654, <8 x float> %b186, <8 x float> %657)
+  store <8 x float> %658, ptr %acc01173, align 4
+  %659 = add nsw i64 %k82, 1
+  br label %k.head79
 
-k.end77:                                          ; preds = %k.head75
-  %665 = load <8 x float>, ptr %acc00067, align 4
-  store <8 x float> %665, ptr %605, align 4
-  %666 = load <8 x float>, ptr %acc00168, align 4
-  store <8 x float> %666, ptr %609, align 4
-  %667 = load <8 x float>, ptr %acc01069, align 4
-  store <8 x float> %667, ptr %622, align 4
-  %668 = load <8 x float>, ptr %acc01170, align 4
-  store <8 x float> %668, ptr %626, align 4
+k.end81:                                          ; preds = %k.head79
+  %660 = load <8 x float>, ptr %acc00070, align 4
+  store <8 x float> %660, ptr %601, align 4
+  %661 = load <8 x float>, ptr %acc00171, align 4
+  store <8 x float> %661, ptr %605, align 4
+  %662 = load <8 x float>, ptr %acc01072, align 4
+  store <8 x float> %662, ptr %618, align 4
+  %663 = load <8 x float>, ptr %acc01173, align 4
+  store <8 x float> %663, ptr %622, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
-  %col83 = mul nsw i64 %kb.p, 16
-  %669 = add nsw i64 %r01, 0
-  %670 = mul nsw i64 %669, 14336
-  %671 = add nsw i64 %670, %k0
-  %672 = getelementptr inbounds float, ptr %h, i64 %671
-  %673 = getelementptr inbounds i32, ptr %rows, i64 %669
-  %674 = load i32, ptr %673, align 4
-  %675 = sext i32 %674 to i64
-  %676 = mul nsw i64 %675, 4096
-  %677 = getelementptr inbounds float, ptr %y, i64 %676
-  %678 = add nsw i64 %col83, 0
-  %679 = getelementptr inbounds float, ptr %677, i64 %678
-  %680 = load <8 x float>, ptr %679, align 4
-  %681 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %680
-  store <8 x float> %681, ptr %acc00084, align 4
-  %682 = add nsw i64 %col83, 8
-  %683 = getelementptr inbounds float, ptr %677, i64 %682
-  %684 = load <8 x float>, ptr %683, align 4
-  %685 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %684
-  store <8 x float> %685, ptr %acc00185, align 4
-  %686 = mul nsw i64 %k0, 16
-  %687 = mul nsw i64 %kb.p, 229376
-  %panel.off86 = add nsw i64 %687, %686
-  %688 = getelementptr inbounds i16, ptr %panels, i64 %panel.off86
-  %pf.on87 = and i1 %pf.on, %pf.next
-  %689 = mul nsw i64 %rb, 8192
-  %690 = lshr i64 %689, %26
-  %691 = add nsw i64 %pf.step, %690
-  %692 = getelementptr inbounds i8, ptr %688, i64 %691
-  %pf88 = select i1 %pf.on87, ptr %692, ptr %688
-  %pf.sh89 = select i1 %pf.on87, i64 %26, i64 0
-  br label %k.head90
+  %col87 = mul nsw i64 %kb.p, 16
+  %664 = add nsw i64 %r01, 0
+  %665 = mul nsw i64 %664, 14336
+  %666 = add nsw i64 %665, %k0
+  %667 = getelementptr inbounds float, ptr %h, i64 %666
+  %668 = getelementptr inbounds i32, ptr %rows, i64 %664
+  %669 = load i32, ptr %668, align 4
+  %670 = sext i32 %669 to i64
+  %671 = mul nsw i64 %670, 4096
+  %672 = getelementptr inbounds float, ptr %y, i64 %671
+  %673 = add nsw i64 %col87, 0
+  %674 = getelementptr inbounds float, ptr %672, i64 %673
+  %675 = load <8 x float>, ptr %674, align 4
+  %676 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %675
+  store <8 x float> %676, ptr %acc00088, align 4
+  %677 = add nsw i64 %col87, 8
+  %678 = getelementptr inbounds float, ptr %672, i64 %677
+  %679 = load <8 x float>, ptr %678, align 4
+  %680 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %679
+  store <8 x float> %680, ptr %acc00189, align 4
+  %panel.off90 = mul nsw i64 %kb.p, 229376
+  %681 = mul nsw i64 %k0, 16
+  %slice.off91 = add nsw i64 %panel.off90, %681
+  %682 = getelementptr inbounds i16, ptr %panels, i64 %slice.off91
+  %pf.on92 = and i1 %pf.on, %pf.next
+  %683 = mul nsw i64 %rb, 8192
+  %684 = lshr i64 %683, %26
+  %685 = add nsw i64 %pf.step, %684
+  %686 = getelementptr inbounds i8, ptr %682, i64 %685
+  %pf93 = select i1 %pf.on92, ptr %686, ptr %682
+  %pf.sh94 = select i1 %pf.on92, i64 %26, i64 0
+  br label %k.head95
 
-k.head90:                                         ; preds = %pf.any.end95, %tile.mr1
-  %k93 = phi i64 [ 0, %tile.mr1 ], [ %713, %pf.any.end95 ]
-  %693 = icmp slt i64 %k93, 256
-  br i1 %693, label %k.body91, label %k.end92
+k.head95:                                         ; preds = %pf.any.end100, %tile.mr1
+  %k98 = phi i64 [ 0, %tile.mr1 ], [ %707, %pf.any.end100 ]
+  %687 = icmp slt i64 %k98, 256
+  br i1 %687, label %k.body96, label %k.end97
 
-k.body91:                                         ; preds = %k.head90
-  %694 = mul nsw i64 %k93, 1
-  %695 = add nsw i64 %694, 0
-  %696 = mul nsw i64 %695, 32
-  br i1 %pf.multi, label %pf.any.then94, label %pf.any.end95
+k.body96:                                         ; preds = %k.head95
+  %688 = mul nsw i64 %k98, 1
+  %689 = add nsw i64 %688, 0
+  %690 = mul nsw i64 %689, 32
+  br i1 %pf.multi, label %pf.any.then99, label %pf.any.end100
 
-pf.any.then94:                                    ; preds = %k.body91
-  %697 = lshr i64 %696, %pf.sh89
-  %698 = getelementptr inbounds i8, ptr %pf88, i64 %697
-  call void @llvm.prefetch.p0(ptr %698, i32 0, i32 2, i32 1)
-  br label %pf.any.end95
+pf.any.then99:                                    ; preds = %k.body96
+  %691 = lshr i64 %690, %pf.sh94
+  %692 = getelementptr inbounds i8, ptr %pf93, i64 %691
+  call void @llvm.prefetch.p0(ptr %692, i32 0, i32 2, i32 1)
+  br label %pf.any.end100
 
-pf.any.end95:                                     ; preds = %pf.any.then94, %k.body91
-  %699 = mul nsw i64 %695, 16
-  %700 = add nsw i64 %panel.off86, %699
-  %701 = getelementptr inbounds i16, ptr %panels, i64 %700
-  %702 = load <8 x i32>, ptr %701, align 4
-  %703 = shl <8 x i32> %702, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b096 = bitcast <8 x i32> %703 to <8 x float>
-  %704 = and <8 x i32> %702, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b197 = bitcast <8 x i32> %704 to <8 x float>
-  %705 = getelementptr inbounds float, ptr %672, i64 %695
-  %706 = load float, ptr %705, align 4
-  %707 = insertelement <8 x float> poison, float %706, i32 0
-  %708 = shufflevector <8 x float> %707, <8 x float> poison, <8 x i32> zeroinitializer
-  %709 = load <8 x float>, ptr %acc00084, align 4
-  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %b096, <8 x float> %709)
-  store <8 x float> %710, ptr %acc00084, align 4
-  %711 = load <8 x float>, ptr %acc00185, align 4
-  %712 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %b197, <8 x float> %711)
-  store <8 x float> %712, ptr %acc00185, align 4
-  %713 = add nsw i64 %k93, 1
-  br label %k.head90
+pf.any.end100:                                    ; preds = %pf.any.then99, %k.body96
+  %693 = mul nsw i64 %689, 16
+  %694 = add nsw i64 %slice.off91, %693
+  %695 = getelementptr inbounds i16, ptr %panels, i64 %694
+  %696 = load <8 x i32>, ptr %695, align 4
+  %697 = shl <8 x i32> %696, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0101 = bitcast <8 x i32> %697 to <8 x float>
+  %698 = and <8 x i32> %696, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1102 = bitcast <8 x i32> %698 to <8 x float>
+  %699 = getelementptr inbounds float, ptr %667, i64 %689
+  %700 = load float, ptr %699, align 4
+  %701 = insertelement <8 x float> poison, float %700, i32 0
+  %702 = shufflevector <8 x float> %701, <8 x float> poison, <8 x i32> zeroinitializer
+  %703 = load <8 x float>, ptr %acc00088, align 4
+  %704 = call <8 x float> @llvm.fma.v8f32(<8 x float> %702, <8 x float> %b0101, <8 x float> %703)
+  store <8 x float> %704, ptr %acc00088, align 4
+  %705 = load <8 x float>, ptr %acc00189, align 4
+  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> %702, <8 x float> %b1102, <8 x float> %705)
+  store <8 x float> %706, ptr %acc00189, align 4
+  %707 = add nsw i64 %k98, 1
+  br label %k.head95
 
-k.end92:                                          ; preds = %k.head90
-  %714 = load <8 x float>, ptr %acc00084, align 4
-  store <8 x float> %714, ptr %679, align 4
-  %715 = load <8 x float>, ptr %acc00185, align 4
-  store <8 x float> %715, ptr %683, align 4
+k.end97:                                          ; preds = %k.head95
+  %708 = load <8 x float>, ptr %acc00088, align 4
+  store <8 x float> %708, ptr %674, align 4
+  %709 = load <8 x float>, ptr %acc00189, align 4
+  store <8 x float> %709, ptr %678, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end92, %k.end77, %k.end60, %k.end41, %k.end20, %k.end
-  %716 = add nsw i64 %rb, 1
+tile.done:                                        ; preds = %k.end97, %k.end81, %k.end63, %k.end43, %k.end21, %k.end
+  %710 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %717 = add nsw i64 %kb.p, 1
+  %711 = add nsw i64 %kb.p, 1
   br label %kb.p.head
 
 kb.p.end:                                         ; preds = %kb.p.head
-  %718 = add nsw i64 %kb.k, 1
+  %712 = add nsw i64 %kb.k, 1
   br label %kb.k.head
 
 kb.k.end:                                         ; preds = %kb.k.head
-  %719 = add nsw i64 %kb.pg, 16
+  %713 = add nsw i64 %kb.pg, 16
   br label %kb.pg.head
 
 kb.pg.end:                                        ; preds = %kb.pg.head
-  %720 = add nsw i64 %kb.rc, 96
+  %714 = add nsw i64 %kb.rc, 96
   br label %kb.rc.head
 
 kb.rc.end:                                        ; preds = %kb.rc.head
@@ -6126,991 +6120,985 @@ kb.rc.end:                                        ; preds = %kb.rc.head
 flat:                                             ; preds = %start
   br label %p.head
 
-p.head:                                           ; preds = %rb.end101, %flat
-  %p = phi i64 [ %p0, %flat ], [ %1387, %rb.end101 ]
-  %721 = icmp slt i64 %p, %end
-  br i1 %721, label %p.body, label %p.end
+p.head:                                           ; preds = %rb.end106, %flat
+  %p = phi i64 [ %p0, %flat ], [ %1375, %rb.end106 ]
+  %715 = icmp slt i64 %p, %end
+  br i1 %715, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
-  %722 = add nsw i64 %n, 5
-  %nrb98 = sdiv i64 %722, 6
-  br label %rb.head99
+  %716 = add nsw i64 %n, 5
+  %nrb103 = sdiv i64 %716, 6
+  br label %rb.head104
 
-rb.head99:                                        ; preds = %tile.done106, %p.body
-  %rb102 = phi i64 [ 0, %p.body ], [ %1386, %tile.done106 ]
-  %723 = icmp slt i64 %rb102, %nrb98
-  br i1 %723, label %rb.body100, label %rb.end101
+rb.head104:                                       ; preds = %tile.done111, %p.body
+  %rb107 = phi i64 [ 0, %p.body ], [ %1374, %tile.done111 ]
+  %717 = icmp slt i64 %rb107, %nrb103
+  br i1 %717, label %rb.body105, label %rb.end106
 
-rb.body100:                                       ; preds = %rb.head99
-  %724 = mul nsw i64 %rb102, %n
-  %r0103 = sdiv i64 %724, %nrb98
-  %725 = add nsw i64 %rb102, 1
-  %726 = mul nsw i64 %725, %n
-  %r1104 = sdiv i64 %726, %nrb98
-  %mr105 = sub nsw i64 %r1104, %r0103
-  %727 = icmp sge i64 %nrb98, 2
-  %728 = select i1 %727, i64 1, i64 0
-  %729 = icmp sge i64 %nrb98, 4
-  %730 = select i1 %729, i64 2, i64 %728
-  %731 = icmp sge i64 %nrb98, 8
-  %732 = select i1 %731, i64 3, i64 %730
-  %pf.multi113 = icmp sgt i64 %nrb98, 1
-  %733 = shl i64 1, %732
-  %734 = icmp slt i64 %rb102, %733
-  %pf.on114 = and i1 %pf.multi113, %734
-  switch i64 %mr105, label %tile.mr6112 [
-    i64 1, label %tile.mr1107
-    i64 2, label %tile.mr2108
-    i64 3, label %tile.mr3109
-    i64 4, label %tile.mr4110
-    i64 5, label %tile.mr5111
+rb.body105:                                       ; preds = %rb.head104
+  %718 = mul nsw i64 %rb107, %n
+  %r0108 = sdiv i64 %718, %nrb103
+  %719 = add nsw i64 %rb107, 1
+  %720 = mul nsw i64 %719, %n
+  %r1109 = sdiv i64 %720, %nrb103
+  %mr110 = sub nsw i64 %r1109, %r0108
+  %721 = icmp sge i64 %nrb103, 2
+  %722 = select i1 %721, i64 1, i64 0
+  %723 = icmp sge i64 %nrb103, 4
+  %724 = select i1 %723, i64 2, i64 %722
+  %725 = icmp sge i64 %nrb103, 8
+  %726 = select i1 %725, i64 3, i64 %724
+  %pf.multi118 = icmp sgt i64 %nrb103, 1
+  %727 = shl i64 1, %726
+  %728 = icmp slt i64 %rb107, %727
+  %pf.on119 = and i1 %pf.multi118, %728
+  switch i64 %mr110, label %tile.mr6117 [
+    i64 1, label %tile.mr1112
+    i64 2, label %tile.mr2113
+    i64 3, label %tile.mr3114
+    i64 4, label %tile.mr4115
+    i64 5, label %tile.mr5116
   ]
 
-tile.mr6112:                                      ; preds = %rb.body100
-  %col115 = mul nsw i64 %p, 16
-  %735 = add nsw i64 %r0103, 0
-  %736 = mul nsw i64 %735, 14336
-  %737 = add nsw i64 %736, 0
-  %738 = getelementptr inbounds float, ptr %h, i64 %737
-  %739 = getelementptr inbounds i32, ptr %rows, i64 %735
-  %740 = load i32, ptr %739, align 4
-  %741 = sext i32 %740 to i64
-  %742 = mul nsw i64 %741, 4096
-  %743 = getelementptr inbounds float, ptr %y, i64 %742
-  %744 = add nsw i64 %col115, 0
-  %745 = getelementptr inbounds float, ptr %743, i64 %744
-  %746 = load <8 x float>, ptr %745, align 4
-  store <8 x float> zeroinitializer, ptr %acc000116, align 4
-  %747 = add nsw i64 %col115, 8
-  %748 = getelementptr inbounds float, ptr %743, i64 %747
-  %749 = load <8 x float>, ptr %748, align 4
-  store <8 x float> zeroinitializer, ptr %acc001117, align 4
-  %750 = add nsw i64 %r0103, 1
-  %751 = mul nsw i64 %750, 14336
-  %752 = add nsw i64 %751, 0
-  %753 = getelementptr inbounds float, ptr %h, i64 %752
-  %754 = getelementptr inbounds i32, ptr %rows, i64 %750
-  %755 = load i32, ptr %754, align 4
-  %756 = sext i32 %755 to i64
-  %757 = mul nsw i64 %756, 4096
-  %758 = getelementptr inbounds float, ptr %y, i64 %757
-  %759 = add nsw i64 %col115, 0
-  %760 = getelementptr inbounds float, ptr %758, i64 %759
-  %761 = load <8 x float>, ptr %760, align 4
-  store <8 x float> zeroinitializer, ptr %acc010118, align 4
-  %762 = add nsw i64 %col115, 8
-  %763 = getelementptr inbounds float, ptr %758, i64 %762
-  %764 = load <8 x float>, ptr %763, align 4
-  store <8 x float> zeroinitializer, ptr %acc011119, align 4
-  %765 = add nsw i64 %r0103, 2
-  %766 = mul nsw i64 %765, 14336
-  %767 = add nsw i64 %766, 0
-  %768 = getelementptr inbounds float, ptr %h, i64 %767
-  %769 = getelementptr inbounds i32, ptr %rows, i64 %765
-  %770 = load i32, ptr %769, align 4
-  %771 = sext i32 %770 to i64
-  %772 = mul nsw i64 %771, 4096
-  %773 = getelementptr inbounds float, ptr %y, i64 %772
-  %774 = add nsw i64 %col115, 0
-  %775 = getelementptr inbounds float, ptr %773, i64 %774
-  %776 = load <8 x float>, ptr %775, align 4
-  store <8 x float> zeroinitializer, ptr %acc020120, align 4
-  %777 = add nsw i64 %col115, 8
-  %778 = getelementptr inbounds float, ptr %773, i64 %777
-  %779 = load <8 x float>, ptr %778, align 4
-  store <8 x float> zeroinitializer, ptr %acc021121, align 4
-  %780 = add nsw i64 %r0103, 3
-  %781 = mul nsw i64 %780, 14336
-  %782 = add nsw i64 %781, 0
-  %783 = getelementptr inbounds float, ptr %h, i64 %782
-  %784 = getelementptr inbounds i32, ptr %rows, i64 %780
-  %785 = load i32, ptr %784, align 4
-  %786 = sext i32 %785 to i64
-  %787 = mul nsw i64 %786, 4096
-  %788 = getelementptr inbounds float, ptr %y, i64 %787
-  %789 = add nsw i64 %col115, 0
-  %790 = getelementptr inbounds float, ptr %788, i64 %789
-  %791 = load <8 x float>, ptr %790, align 4
-  store <8 x float> zeroinitializer, ptr %acc030122, align 4
-  %792 = add nsw i64 %col115, 8
-  %793 = getelementptr inbounds float, ptr %788, i64 %792
-  %794 = load <8 x float>, ptr %793, align 4
-  store <8 x float> zeroinitializer, ptr %acc031123, align 4
-  %795 = add nsw i64 %r0103, 4
-  %796 = mul nsw i64 %795, 14336
-  %797 = add nsw i64 %796, 0
-  %798 = getelementptr inbounds float, ptr %h, i64 %797
-  %799 = getelementptr inbounds i32, ptr %rows, i64 %795
-  %800 = load i32, ptr %799, align 4
-  %801 = sext i32 %800 to i64
-  %802 = mul nsw i64 %801, 4096
-  %803 = getelementptr inbounds float, ptr %y, i64 %802
-  %804 = add nsw i64 %col115, 0
-  %805 = getelementptr inbounds float, ptr %803, i64 %804
-  %806 = load <8 x float>, ptr %805, align 4
-  store <8 x float> zeroinitializer, ptr %acc040124, align 4
-  %807 = add nsw i64 %col115, 8
-  %808 = getelementptr inbounds float, ptr %803, i64 %807
-  %809 = load <8 x float>, ptr %808, align 4
-  store <8 x float> zeroinitializer, ptr %acc041125, align 4
-  %810 = add nsw i64 %r0103, 5
-  %811 = mul nsw i64 %810, 14336
-  %812 = add nsw i64 %811, 0
-  %813 = getelementptr inbounds float, ptr %h, i64 %812
-  %814 = getelementptr inbounds i32, ptr %rows, i64 %810
-  %815 = load i32, ptr %814, align 4
-  %816 = sext i32 %815 to i64
-  %817 = mul nsw i64 %816, 4096
-  %818 = getelementptr inbounds float, ptr %y, i64 %817
-  %819 = add nsw i64 %col115, 0
-  %820 = getelementptr inbounds float, ptr %818, i64 %819
-  %821 = load <8 x float>, ptr %820, align 4
-  store <8 x float> zeroinitializer, ptr %acc050126, align 4
-  %822 = add nsw i64 %col115, 8
-  %823 = getelementptr inbounds float, ptr %818, i64 %822
-  %824 = load <8 x float>, ptr %823, align 4
-  store <8 x float> zeroinitializer, ptr %acc051127, align 4
-  %825 = mul nsw i64 %p, 229376
-  %panel.off128 = add nsw i64 %825, 0
-  %826 = getelementptr inbounds i16, ptr %panels, i64 %panel.off128
-  %827 = add nsw i64 %p, 1
-  %828 = icmp slt i64 %827, %p1
-  %pf.on129 = and i1 %pf.on114, %828
-  %829 = mul nsw i64 %rb102, 458752
-  %830 = lshr i64 %829, %732
-  %831 = add nsw i64 458752, %830
-  %832 = getelementptr inbounds i8, ptr %826, i64 %831
-  %pf130 = select i1 %pf.on129, ptr %832, ptr %826
-  %pf.sh131 = select i1 %pf.on129, i64 %732, i64 0
-  br label %k.head132
+tile.mr6117:                                      ; preds = %rb.body105
+  %col120 = mul nsw i64 %p, 16
+  %729 = add nsw i64 %r0108, 0
+  %730 = mul nsw i64 %729, 14336
+  %731 = add nsw i64 %730, 0
+  %732 = getelementptr inbounds float, ptr %h, i64 %731
+  %733 = getelementptr inbounds i32, ptr %rows, i64 %729
+  %734 = load i32, ptr %733, align 4
+  %735 = sext i32 %734 to i64
+  %736 = mul nsw i64 %735, 4096
+  %737 = getelementptr inbounds float, ptr %y, i64 %736
+  %738 = add nsw i64 %col120, 0
+  %739 = getelementptr inbounds float, ptr %737, i64 %738
+  %740 = load <8 x float>, ptr %739, align 4
+  store <8 x float> zeroinitializer, ptr %acc000121, align 4
+  %741 = add nsw i64 %col120, 8
+  %742 = getelementptr inbounds float, ptr %737, i64 %741
+  %743 = load <8 x float>, ptr %742, align 4
+  store <8 x float> zeroinitializer, ptr %acc001122, align 4
+  %744 = add nsw i64 %r0108, 1
+  %745 = mul nsw i64 %744, 14336
+  %746 = add nsw i64 %745, 0
+  %747 = getelementptr inbounds float, ptr %h, i64 %746
+  %748 = getelementptr inbounds i32, ptr %rows, i64 %744
+  %749 = load i32, ptr %748, align 4
+  %750 = sext i32 %749 to i64
+  %751 = mul nsw i64 %750, 4096
+  %752 = getelementptr inbounds float, ptr %y, i64 %751
+  %753 = add nsw i64 %col120, 0
+  %754 = getelementptr inbounds float, ptr %752, i64 %753
+  %755 = load <8 x float>, ptr %754, align 4
+  store <8 x float> zeroinitializer, ptr %acc010123, align 4
+  %756 = add nsw i64 %col120, 8
+  %757 = getelementptr inbounds float, ptr %752, i64 %756
+  %758 = load <8 x float>, ptr %757, align 4
+  store <8 x float> zeroinitializer, ptr %acc011124, align 4
+  %759 = add nsw i64 %r0108, 2
+  %760 = mul nsw i64 %759, 14336
+  %761 = add nsw i64 %760, 0
+  %762 = getelementptr inbounds float, ptr %h, i64 %761
+  %763 = getelementptr inbounds i32, ptr %rows, i64 %759
+  %764 = load i32, ptr %763, align 4
+  %765 = sext i32 %764 to i64
+  %766 = mul nsw i64 %765, 4096
+  %767 = getelementptr inbounds float, ptr %y, i64 %766
+  %768 = add nsw i64 %col120, 0
+  %769 = getelementptr inbounds float, ptr %767, i64 %768
+  %770 = load <8 x float>, ptr %769, align 4
+  store <8 x float> zeroinitializer, ptr %acc020125, align 4
+  %771 = add nsw i64 %col120, 8
+  %772 = getelementptr inbounds float, ptr %767, i64 %771
+  %773 = load <8 x float>, ptr %772, align 4
+  store <8 x float> zeroinitializer, ptr %acc021126, align 4
+  %774 = add nsw i64 %r0108, 3
+  %775 = mul nsw i64 %774, 14336
+  %776 = add nsw i64 %775, 0
+  %777 = getelementptr inbounds float, ptr %h, i64 %776
+  %778 = getelementptr inbounds i32, ptr %rows, i64 %774
+  %779 = load i32, ptr %778, align 4
+  %780 = sext i32 %779 to i64
+  %781 = mul nsw i64 %780, 4096
+  %782 = getelementptr inbounds float, ptr %y, i64 %781
+  %783 = add nsw i64 %col120, 0
+  %784 = getelementptr inbounds float, ptr %782, i64 %783
+  %785 = load <8 x float>, ptr %784, align 4
+  store <8 x float> zeroinitializer, ptr %acc030127, align 4
+  %786 = add nsw i64 %col120, 8
+  %787 = getelementptr inbounds float, ptr %782, i64 %786
+  %788 = load <8 x float>, ptr %787, align 4
+  store <8 x float> zeroinitializer, ptr %acc031128, align 4
+  %789 = add nsw i64 %r0108, 4
+  %790 = mul nsw i64 %789, 14336
+  %791 = add nsw i64 %790, 0
+  %792 = getelementptr inbounds float, ptr %h, i64 %791
+  %793 = getelementptr inbounds i32, ptr %rows, i64 %789
+  %794 = load i32, ptr %793, align 4
+  %795 = sext i32 %794 to i64
+  %796 = mul nsw i64 %795, 4096
+  %797 = getelementptr inbounds float, ptr %y, i64 %796
+  %798 = add nsw i64 %col120, 0
+  %799 = getelementptr inbounds float, ptr %797, i64 %798
+  %800 = load <8 x float>, ptr %799, align 4
+  store <8 x float> zeroinitializer, ptr %acc040129, align 4
+  %801 = add nsw i64 %col120, 8
+  %802 = getelementptr inbounds float, ptr %797, i64 %801
+  %803 = load <8 x float>, ptr %802, align 4
+  store <8 x float> zeroinitializer, ptr %acc041130, align 4
+  %804 = add nsw i64 %r0108, 5
+  %805 = mul nsw i64 %804, 14336
+  %806 = add nsw i64 %805, 0
+  %807 = getelementptr inbounds float, ptr %h, i64 %806
+  %808 = getelementptr inbounds i32, ptr %rows, i64 %804
+  %809 = load i32, ptr %808, align 4
+  %810 = sext i32 %809 to i64
+  %811 = mul nsw i64 %810, 4096
+  %812 = getelementptr inbounds float, ptr %y, i64 %811
+  %813 = add nsw i64 %col120, 0
+  %814 = getelementptr inbounds float, ptr %812, i64 %813
+  %815 = load <8 x float>, ptr %814, align 4
+  store <8 x float> zeroinitializer, ptr %acc050131, align 4
+  %816 = add nsw i64 %col120, 8
+  %817 = getelementptr inbounds float, ptr %812, i64 %816
+  %818 = load <8 x float>, ptr %817, align 4
+  store <8 x float> zeroinitializer, ptr %acc051132, align 4
+  %panel.off133 = mul nsw i64 %p, 229376
+  %819 = getelementptr inbounds i16, ptr %panels, i64 %panel.off133
+  %820 = add nsw i64 %p, 1
+  %821 = icmp slt i64 %820, %p1
+  %pf.on134 = and i1 %pf.on119, %821
+  %822 = mul nsw i64 %rb107, 458752
+  %823 = lshr i64 %822, %726
+  %824 = add nsw i64 458752, %823
+  %825 = getelementptr inbounds i8, ptr %819, i64 %824
+  %pf135 = select i1 %pf.on134, ptr %825, ptr %819
+  %pf.sh136 = select i1 %pf.on134, i64 %726, i64 0
+  br label %k.head137
 
-k.head132:                                        ; preds = %pf.any.end137, %tile.mr6112
-  %k135 = phi i64 [ 0, %tile.mr6112 ], [ %893, %pf.any.end137 ]
-  %833 = icmp slt i64 %k135, 14336
-  br i1 %833, label %k.body133, label %k.end134
+k.head137:                                        ; preds = %pf.any.end142, %tile.mr6117
+  %k140 = phi i64 [ 0, %tile.mr6117 ], [ %886, %pf.any.end142 ]
+  %826 = icmp slt i64 %k140, 14336
+  br i1 %826, label %k.body138, label %k.end139
 
-k.body133:                                        ; preds = %k.head132
-  %834 = mul nsw i64 %k135, 1
-  %835 = add nsw i64 %834, 0
-  %836 = mul nsw i64 %835, 32
-  br i1 %pf.multi113, label %pf.any.then136, label %pf.any.end137
+k.body138:                                        ; preds = %k.head137
+  %827 = mul nsw i64 %k140, 1
+  %828 = add nsw i64 %827, 0
+  %829 = mul nsw i64 %828, 32
+  br i1 %pf.multi118, label %pf.any.then141, label %pf.any.end142
 
-pf.any.then136:                                   ; preds = %k.body133
-  %837 = lshr i64 %836, %pf.sh131
-  %838 = getelementptr inbounds i8, ptr %pf130, i64 %837
-  call void @llvm.prefetch.p0(ptr %838, i32 0, i32 2, i32 1)
-  br label %pf.any.end137
+pf.any.then141:                                   ; preds = %k.body138
+  %830 = lshr i64 %829, %pf.sh136
+  %831 = getelementptr inbounds i8, ptr %pf135, i64 %830
+  call void @llvm.prefetch.p0(ptr %831, i32 0, i32 2, i32 1)
+  br label %pf.any.end142
 
-pf.any.end137:                                    ; preds = %pf.any.then136, %k.body133
-  %839 = mul nsw i64 %835, 16
-  %840 = add nsw i64 %panel.off128, %839
-  %841 = getelementptr inbounds i16, ptr %panels, i64 %840
-  %842 = load <8 x i32>, ptr %841, align 4
-  %843 = shl <8 x i32> %842, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0138 = bitcast <8 x i32> %843 to <8 x float>
-  %844 = and <8 x i32> %842, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1139 = bitcast <8 x i32> %844 to <8 x float>
-  %845 = getelementptr inbounds float, ptr %738, i64 %835
-  %846 = load float, ptr %845, align 4
-  %847 = insertelement <8 x float> poison, float %846, i32 0
-  %848 = shufflevector <8 x float> %847, <8 x float> poison, <8 x i32> zeroinitializer
-  %849 = load <8 x float>, ptr %acc000116, align 4
-  %850 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> %b0138, <8 x float> %849)
-  store <8 x float> %850, ptr %acc000116, align 4
-  %851 = load <8 x float>, ptr %acc001117, align 4
-  %852 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> %b1139, <8 x float> %851)
-  store <8 x float> %852, ptr %acc001117, align 4
-  %853 = getelementptr inbounds float, ptr %753, i64 %835
-  %854 = load float, ptr %853, align 4
-  %855 = insertelement <8 x float> poison, float %854, i32 0
-  %856 = shufflevector <8 x float> %855, <8 x float> poison, <8 x i32> zeroinitializer
-  %857 = load <8 x float>, ptr %acc010118, align 4
-  %858 = call <8 x float> @llvm.fma.v8f32(<8 x float> %856, <8 x float> %b0138, <8 x float> %857)
-  store <8 x float> %858, ptr %acc010118, align 4
-  %859 = load <8 x float>, ptr %acc011119, align 4
-  %860 = call <8 x float> @llvm.fma.v8f32(<8 x float> %856, <8 x float> %b1139, <8 x float> %859)
-  store <8 x float> %860, ptr %acc011119, align 4
-  %861 = getelementptr inbounds float, ptr %768, i64 %835
-  %862 = load float, ptr %861, align 4
-  %863 = insertelement <8 x float> poison, float %862, i32 0
-  %864 = shufflevector <8 x float> %863, <8 x float> poison, <8 x i32> zeroinitializer
-  %865 = load <8 x float>, ptr %acc020120, align 4
-  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> %b0138, <8 x float> %865)
-  store <8 x float> %866, ptr %acc020120, align 4
-  %867 = load <8 x float>, ptr %acc021121, align 4
-  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> %b1139, <8 x float> %867)
-  store <8 x float> %868, ptr %acc021121, align 4
-  %869 = getelementptr inbounds float, ptr %783, i64 %835
-  %870 = load float, ptr %869, align 4
-  %871 = insertelement <8 x float> poison, float %870, i32 0
-  %872 = shufflevector <8 x float> %871, <8 x float> poison, <8 x i32> zeroinitializer
-  %873 = load <8 x float>, ptr %acc030122, align 4
-  %874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %872, <8 x float> %b0138, <8 x float> %873)
-  store <8 x float> %874, ptr %acc030122, align 4
-  %875 = load <8 x float>, ptr %acc031123, align 4
-  %876 = call <8 x float> @llvm.fma.v8f32(<8 x float> %872, <8 x float> %b1139, <8 x float> %875)
-  store <8 x float> %876, ptr %acc031123, align 4
-  %877 = getelementptr inbounds float, ptr %798, i64 %835
-  %878 = load float, ptr %877, align 4
-  %879 = insertelement <8 x float> poison, float %878, i32 0
-  %880 = shufflevector <8 x float> %879, <8 x float> poison, <8 x i32> zeroinitializer
-  %881 = load <8 x float>, ptr %acc040124, align 4
-  %882 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> %b0138, <8 x float> %881)
-  store <8 x float> %882, ptr %acc040124, align 4
-  %883 = load <8 x float>, ptr %acc041125, align 4
-  %884 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> %b1139, <8 x float> %883)
-  store <8 x float> %884, ptr %acc041125, align 4
-  %885 = getelementptr inbounds float, ptr %813, i64 %835
-  %886 = load float, ptr %885, align 4
-  %887 = insertelement <8 x float> poison, float %886, i32 0
-  %888 = shufflevector <8 x float> %887, <8 x float> poison, <8 x i32> zeroinitializer
-  %889 = load <8 x float>, ptr %acc050126, align 4
-  %890 = call <8 x float> @llvm.fma.v8f32(<8 x float> %888, <8 x float> %b0138, <8 x float> %889)
-  store <8 x float> %890, ptr %acc050126, align 4
-  %891 = load <8 x float>, ptr %acc051127, align 4
-  %892 = call <8 x float> @llvm.fma.v8f32(<8 x float> %888, <8 x float> %b1139, <8 x float> %891)
-  store <8 x float> %892, ptr %acc051127, align 4
-  %893 = add nsw i64 %k135, 1
-  br label %k.head132
+pf.any.end142:                                    ; preds = %pf.any.then141, %k.body138
+  %832 = mul nsw i64 %828, 16
+  %833 = add nsw i64 %panel.off133, %832
+  %834 = getelementptr inbounds i16, ptr %panels, i64 %833
+  %835 = load <8 x i32>, ptr %834, align 4
+  %836 = shl <8 x i32> %835, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0143 = bitcast <8 x i32> %836 to <8 x float>
+  %837 = and <8 x i32> %835, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1144 = bitcast <8 x i32> %837 to <8 x float>
+  %838 = getelementptr inbounds float, ptr %732, i64 %828
+  %839 = load float, ptr %838, align 4
+  %840 = insertelement <8 x float> poison, float %839, i32 0
+  %841 = shufflevector <8 x float> %840, <8 x float> poison, <8 x i32> zeroinitializer
+  %842 = load <8 x float>, ptr %acc000121, align 4
+  %843 = call <8 x float> @llvm.fma.v8f32(<8 x float> %841, <8 x float> %b0143, <8 x float> %842)
+  store <8 x float> %843, ptr %acc000121, align 4
+  %844 = load <8 x float>, ptr %acc001122, align 4
+  %845 = call <8 x float> @llvm.fma.v8f32(<8 x float> %841, <8 x float> %b1144, <8 x float> %844)
+  store <8 x float> %845, ptr %acc001122, align 4
+  %846 = getelementptr inbounds float, ptr %747, i64 %828
+  %847 = load float, ptr %846, align 4
+  %848 = insertelement <8 x float> poison, float %847, i32 0
+  %849 = shufflevector <8 x float> %848, <8 x float> poison, <8 x i32> zeroinitializer
+  %850 = load <8 x float>, ptr %acc010123, align 4
+  %851 = call <8 x float> @llvm.fma.v8f32(<8 x float> %849, <8 x float> %b0143, <8 x float> %850)
+  store <8 x float> %851, ptr %acc010123, align 4
+  %852 = load <8 x float>, ptr %acc011124, align 4
+  %853 = call <8 x float> @llvm.fma.v8f32(<8 x float> %849, <8 x float> %b1144, <8 x float> %852)
+  store <8 x float> %853, ptr %acc011124, align 4
+  %854 = getelementptr inbounds float, ptr %762, i64 %828
+  %855 = load float, ptr %854, align 4
+  %856 = insertelement <8 x float> poison, float %855, i32 0
+  %857 = shufflevector <8 x float> %856, <8 x float> poison, <8 x i32> zeroinitializer
+  %858 = load <8 x float>, ptr %acc020125, align 4
+  %859 = call <8 x float> @llvm.fma.v8f32(<8 x float> %857, <8 x float> %b0143, <8 x float> %858)
+  store <8 x float> %859, ptr %acc020125, align 4
+  %860 = load <8 x float>, ptr %acc021126, align 4
+  %861 = call <8 x float> @llvm.fma.v8f32(<8 x float> %857, <8 x float> %b1144, <8 x float> %860)
+  store <8 x float> %861, ptr %acc021126, align 4
+  %862 = getelementptr inbounds float, ptr %777, i64 %828
+  %863 = load float, ptr %862, align 4
+  %864 = insertelement <8 x float> poison, float %863, i32 0
+  %865 = shufflevector <8 x float> %864, <8 x float> poison, <8 x i32> zeroinitializer
+  %866 = load <8 x float>, ptr %acc030127, align 4
+  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %865, <8 x float> %b0143, <8 x float> %866)
+  store <8 x float> %867, ptr %acc030127, align 4
+  %868 = load <8 x float>, ptr %acc031128, align 4
+  %869 = call <8 x float> @llvm.fma.v8f32(<8 x float> %865, <8 x float> %b1144, <8 x float> %868)
+  store <8 x float> %869, ptr %acc031128, align 4
+  %870 = getelementptr inbounds float, ptr %792, i64 %828
+  %871 = load float, ptr %870, align 4
+  %872 = insertelement <8 x float> poison, float %871, i32 0
+  %873 = shufflevector <8 x float> %872, <8 x float> poison, <8 x i32> zeroinitializer
+  %874 = load <8 x float>, ptr %acc040129, align 4
+  %875 = call <8 x float> @llvm.fma.v8f32(<8 x float> %873, <8 x float> %b0143, <8 x float> %874)
+  store <8 x float> %875, ptr %acc040129, align 4
+  %876 = load <8 x float>, ptr %acc041130, align 4
+  %877 = call <8 x float> @llvm.fma.v8f32(<8 x float> %873, <8 x float> %b1144, <8 x float> %876)
+  store <8 x float> %877, ptr %acc041130, align 4
+  %878 = getelementptr inbounds float, ptr %807, i64 %828
+  %879 = load float, ptr %878, align 4
+  %880 = insertelement <8 x float> poison, float %879, i32 0
+  %881 = shufflevector <8 x float> %880, <8 x float> poison, <8 x i32> zeroinitializer
+  %882 = load <8 x float>, ptr %acc050131, align 4
+  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %881, <8 x float> %b0143, <8 x float> %882)
+  store <8 x float> %883, ptr %acc050131, align 4
+  %884 = load <8 x float>, ptr %acc051132, align 4
+  %885 = call <8 x float> @llvm.fma.v8f32(<8 x float> %881, <8 x float> %b1144, <8 x float> %884)
+  store <8 x float> %885, ptr %acc051132, align 4
+  %886 = add nsw i64 %k140, 1
+  br label %k.head137
 
-k.end134:                                         ; preds = %k.head132
-  %894 = load <8 x float>, ptr %acc000116, align 4
-  store <8 x float> %894, ptr %745, align 4
-  %895 = load <8 x float>, ptr %acc001117, align 4
-  store <8 x float> %895, ptr %748, align 4
-  %896 = load <8 x float>, ptr %acc010118, align 4
-  store <8 x float> %896, ptr %760, align 4
-  %897 = load <8 x float>, ptr %acc011119, align 4
-  store <8 x float> %897, ptr %763, align 4
-  %898 = load <8 x float>, ptr %acc020120, align 4
-  store <8 x float> %898, ptr %775, align 4
-  %899 = load <8 x float>, ptr %acc021121, align 4
-  store <8 x float> %899, ptr %778, align 4
-  %900 = load <8 x float>, ptr %acc030122, align 4
-  store <8 x float> %900, ptr %790, align 4
-  %901 = load <8 x float>, ptr %acc031123, align 4
-  store <8 x float> %901, ptr %793, align 4
-  %902 = load <8 x float>, ptr %acc040124, align 4
-  store <8 x float> %902, ptr %805, align 4
-  %903 = load <8 x float>, ptr %acc041125, align 4
-  store <8 x float> %903, ptr %808, align 4
-  %904 = load <8 x float>, ptr %acc050126, align 4
-  store <8 x float> %904, ptr %820, align 4
-  %905 = load <8 x float>, ptr %acc051127, align 4
-  store <8 x float> %905, ptr %823, align 4
-  br label %tile.done106
+k.end139:                                         ; preds = %k.head137
+  %887 = load <8 x float>, ptr %acc000121, align 4
+  store <8 x float> %887, ptr %739, align 4
+  %888 = load <8 x float>, ptr %acc001122, align 4
+  store <8 x float> %888, ptr %742, align 4
+  %889 = load <8 x float>, ptr %acc010123, align 4
+  store <8 x float> %889, ptr %754, align 4
+  %890 = load <8 x float>, ptr %acc011124, align 4
+  store <8 x float> %890, ptr %757, align 4
+  %891 = load <8 x float>, ptr %acc020125, align 4
+  store <8 x float> %891, ptr %769, align 4
+  %892 = load <8 x float>, ptr %acc021126, align 4
+  store <8 x float> %892, ptr %772, align 4
+  %893 = load <8 x float>, ptr %acc030127, align 4
+  store <8 x float> %893, ptr %784, align 4
+  %894 = load <8 x float>, ptr %acc031128, align 4
+  store <8 x float> %894, ptr %787, align 4
+  %895 = load <8 x float>, ptr %acc040129, align 4
+  store <8 x float> %895, ptr %799, align 4
+  %896 = load <8 x float>, ptr %acc041130, align 4
+  store <8 x float> %896, ptr %802, align 4
+  %897 = load <8 x float>, ptr %acc050131, align 4
+  store <8 x float> %897, ptr %814, align 4
+  %898 = load <8 x float>, ptr %acc051132, align 4
+  store <8 x float> %898, ptr %817, align 4
+  br label %tile.done111
 
-tile.mr5111:                                      ; preds = %rb.body100
-  %col140 = mul nsw i64 %p, 16
-  %906 = add nsw i64 %r0103, 0
-  %907 = mul nsw i64 %906, 14336
-  %908 = add nsw i64 %907, 0
-  %909 = getelementptr inbounds float, ptr %h, i64 %908
-  %910 = getelementptr inbounds i32, ptr %rows, i64 %906
-  %911 = load i32, ptr %910, align 4
-  %912 = sext i32 %911 to i64
-  %913 = mul nsw i64 %912, 4096
-  %914 = getelementptr inbounds float, ptr %y, i64 %913
-  %915 = add nsw i64 %col140, 0
-  %916 = getelementptr inbounds float, ptr %914, i64 %915
-  %917 = load <8 x float>, ptr %916, align 4
-  store <8 x float> zeroinitializer, ptr %acc000141, align 4
-  %918 = add nsw i64 %col140, 8
-  %919 = getelementptr inbounds float, ptr %914, i64 %918
-  %920 = load <8 x float>, ptr %919, align 4
-  store <8 x float> zeroinitializer, ptr %acc001142, align 4
-  %921 = add nsw i64 %r0103, 1
-  %922 = mul nsw i64 %921, 14336
-  %923 = add nsw i64 %922, 0
-  %924 = getelementptr inbounds float, ptr %h, i64 %923
-  %925 = getelementptr inbounds i32, ptr %rows, i64 %921
-  %926 = load i32, ptr %925, align 4
-  %927 = sext i32 %926 to i64
-  %928 = mul nsw i64 %927, 4096
-  %929 = getelementptr inbounds float, ptr %y, i64 %928
-  %930 = add nsw i64 %col140, 0
-  %931 = getelementptr inbounds float, ptr %929, i64 %930
-  %932 = load <8 x float>, ptr %931, align 4
-  store <8 x float> zeroinitializer, ptr %acc010143, align 4
-  %933 = add nsw i64 %col140, 8
-  %934 = getelementptr inbounds float, ptr %929, i64 %933
-  %935 = load <8 x float>, ptr %934, align 4
-  store <8 x float> zeroinitializer, ptr %acc011144, align 4
-  %936 = add nsw i64 %r0103, 2
-  %937 = mul nsw i64 %936, 14336
-  %938 = add nsw i64 %937, 0
-  %939 = getelementptr inbounds float, ptr %h, i64 %938
-  %940 = getelementptr inbounds i32, ptr %rows, i64 %936
-  %941 = load i32, ptr %940, align 4
-  %942 = sext i32 %941 to i64
-  %943 = mul nsw i64 %942, 4096
-  %944 = getelementptr inbounds float, ptr %y, i64 %943
-  %945 = add nsw i64 %col140, 0
-  %946 = getelementptr inbounds float, ptr %944, i64 %945
-  %947 = load <8 x float>, ptr %946, align 4
-  store <8 x float> zeroinitializer, ptr %acc020145, align 4
-  %948 = add nsw i64 %col140, 8
-  %949 = getelementptr inbounds float, ptr %944, i64 %948
-  %950 = load <8 x float>, ptr %949, align 4
-  store <8 x float> zeroinitializer, ptr %acc021146, align 4
-  %951 = add nsw i64 %r0103, 3
-  %952 = mul nsw i64 %951, 14336
-  %953 = add nsw i64 %952, 0
-  %954 = getelementptr inbounds float, ptr %h, i64 %953
-  %955 = getelementptr inbounds i32, ptr %rows, i64 %951
-  %956 = load i32, ptr %955, align 4
-  %957 = sext i32 %956 to i64
-  %958 = mul nsw i64 %957, 4096
-  %959 = getelementptr inbounds float, ptr %y, i64 %958
-  %960 = add nsw i64 %col140, 0
-  %961 = getelementptr inbounds float, ptr %959, i64 %960
-  %962 = load <8 x float>, ptr %961, align 4
-  store <8 x float> zeroinitializer, ptr %acc030147, align 4
-  %963 = add nsw i64 %col140, 8
-  %964 = getelementptr inbounds float, ptr %959, i64 %963
-  %965 = load <8 x float>, ptr %964, align 4
-  store <8 x float> zeroinitializer, ptr %acc031148, align 4
-  %966 = add nsw i64 %r0103, 4
-  %967 = mul nsw i64 %966, 14336
-  %968 = add nsw i64 %967, 0
-  %969 = getelementptr inbounds float, ptr %h, i64 %968
-  %970 = getelementptr inbounds i32, ptr %rows, i64 %966
-  %971 = load i32, ptr %970, align 4
-  %972 = sext i32 %971 to i64
-  %973 = mul nsw i64 %972, 4096
-  %974 = getelementptr inbounds float, ptr %y, i64 %973
-  %975 = add nsw i64 %col140, 0
-  %976 = getelementptr inbounds float, ptr %974, i64 %975
-  %977 = load <8 x float>, ptr %976, align 4
-  store <8 x float> zeroinitializer, ptr %acc040149, align 4
-  %978 = add nsw i64 %col140, 8
-  %979 = getelementptr inbounds float, ptr %974, i64 %978
-  %980 = load <8 x float>, ptr %979, align 4
-  store <8 x float> zeroinitializer, ptr %acc041150, align 4
-  %981 = mul nsw i64 %p, 229376
-  %panel.off151 = add nsw i64 %981, 0
-  %982 = getelementptr inbounds i16, ptr %panels, i64 %panel.off151
-  %983 = add nsw i64 %p, 1
-  %984 = icmp slt i64 %983, %p1
-  %pf.on152 = and i1 %pf.on114, %984
-  %985 = mul nsw i64 %rb102, 458752
-  %986 = lshr i64 %985, %732
-  %987 = add nsw i64 458752, %986
-  %988 = getelementptr inbounds i8, ptr %982, i64 %987
-  %pf153 = select i1 %pf.on152, ptr %988, ptr %982
-  %pf.sh154 = select i1 %pf.on152, i64 %732, i64 0
-  br label %k.head155
+tile.mr5116:                                      ; preds = %rb.body105
+  %col145 = mul nsw i64 %p, 16
+  %899 = add nsw i64 %r0108, 0
+  %900 = mul nsw i64 %899, 14336
+  %901 = add nsw i64 %900, 0
+  %902 = getelementptr inbounds float, ptr %h, i64 %901
+  %903 = getelementptr inbounds i32, ptr %rows, i64 %899
+  %904 = load i32, ptr %903, align 4
+  %905 = sext i32 %904 to i64
+  %906 = mul nsw i64 %905, 4096
+  %907 = getelementptr inbounds float, ptr %y, i64 %906
+  %908 = add nsw i64 %col145, 0
+  %909 = getelementptr inbounds float, ptr %907, i64 %908
+  %910 = load <8 x float>, ptr %909, align 4
+  store <8 x float> zeroinitializer, ptr %acc000146, align 4
+  %911 = add nsw i64 %col145, 8
+  %912 = getelementptr inbounds float, ptr %907, i64 %911
+  %913 = load <8 x float>, ptr %912, align 4
+  store <8 x float> zeroinitializer, ptr %acc001147, align 4
+  %914 = add nsw i64 %r0108, 1
+  %915 = mul nsw i64 %914, 14336
+  %916 = add nsw i64 %915, 0
+  %917 = getelementptr inbounds float, ptr %h, i64 %916
+  %918 = getelementptr inbounds i32, ptr %rows, i64 %914
+  %919 = load i32, ptr %918, align 4
+  %920 = sext i32 %919 to i64
+  %921 = mul nsw i64 %920, 4096
+  %922 = getelementptr inbounds float, ptr %y, i64 %921
+  %923 = add nsw i64 %col145, 0
+  %924 = getelementptr inbounds float, ptr %922, i64 %923
+  %925 = load <8 x float>, ptr %924, align 4
+  store <8 x float> zeroinitializer, ptr %acc010148, align 4
+  %926 = add nsw i64 %col145, 8
+  %927 = getelementptr inbounds float, ptr %922, i64 %926
+  %928 = load <8 x float>, ptr %927, align 4
+  store <8 x float> zeroinitializer, ptr %acc011149, align 4
+  %929 = add nsw i64 %r0108, 2
+  %930 = mul nsw i64 %929, 14336
+  %931 = add nsw i64 %930, 0
+  %932 = getelementptr inbounds float, ptr %h, i64 %931
+  %933 = getelementptr inbounds i32, ptr %rows, i64 %929
+  %934 = load i32, ptr %933, align 4
+  %935 = sext i32 %934 to i64
+  %936 = mul nsw i64 %935, 4096
+  %937 = getelementptr inbounds float, ptr %y, i64 %936
+  %938 = add nsw i64 %col145, 0
+  %939 = getelementptr inbounds float, ptr %937, i64 %938
+  %940 = load <8 x float>, ptr %939, align 4
+  store <8 x float> zeroinitializer, ptr %acc020150, align 4
+  %941 = add nsw i64 %col145, 8
+  %942 = getelementptr inbounds float, ptr %937, i64 %941
+  %943 = load <8 x float>, ptr %942, align 4
+  store <8 x float> zeroinitializer, ptr %acc021151, align 4
+  %944 = add nsw i64 %r0108, 3
+  %945 = mul nsw i64 %944, 14336
+  %946 = add nsw i64 %945, 0
+  %947 = getelementptr inbounds float, ptr %h, i64 %946
+  %948 = getelementptr inbounds i32, ptr %rows, i64 %944
+  %949 = load i32, ptr %948, align 4
+  %950 = sext i32 %949 to i64
+  %951 = mul nsw i64 %950, 4096
+  %952 = getelementptr inbounds float, ptr %y, i64 %951
+  %953 = add nsw i64 %col145, 0
+  %954 = getelementptr inbounds float, ptr %952, i64 %953
+  %955 = load <8 x float>, ptr %954, align 4
+  store <8 x float> zeroinitializer, ptr %acc030152, align 4
+  %956 = add nsw i64 %col145, 8
+  %957 = getelementptr inbounds float, ptr %952, i64 %956
+  %958 = load <8 x float>, ptr %957, align 4
+  store <8 x float> zeroinitializer, ptr %acc031153, align 4
+  %959 = add nsw i64 %r0108, 4
+  %960 = mul nsw i64 %959, 14336
+  %961 = add nsw i64 %960, 0
+  %962 = getelementptr inbounds float, ptr %h, i64 %961
+  %963 = getelementptr inbounds i32, ptr %rows, i64 %959
+  %964 = load i32, ptr %963, align 4
+  %965 = sext i32 %964 to i64
+  %966 = mul nsw i64 %965, 4096
+  %967 = getelementptr inbounds float, ptr %y, i64 %966
+  %968 = add nsw i64 %col145, 0
+  %969 = getelementptr inbounds float, ptr %967, i64 %968
+  %970 = load <8 x float>, ptr %969, align 4
+  store <8 x float> zeroinitializer, ptr %acc040154, align 4
+  %971 = add nsw i64 %col145, 8
+  %972 = getelementptr inbounds float, ptr %967, i64 %971
+  %973 = load <8 x float>, ptr %972, align 4
+  store <8 x float> zeroinitializer, ptr %acc041155, align 4
+  %panel.off156 = mul nsw i64 %p, 229376
+  %974 = getelementptr inbounds i16, ptr %panels, i64 %panel.off156
+  %975 = add nsw i64 %p, 1
+  %976 = icmp slt i64 %975, %p1
+  %pf.on157 = and i1 %pf.on119, %976
+  %977 = mul nsw i64 %rb107, 458752
+  %978 = lshr i64 %977, %726
+  %979 = add nsw i64 458752, %978
+  %980 = getelementptr inbounds i8, ptr %974, i64 %979
+  %pf158 = select i1 %pf.on157, ptr %980, ptr %974
+  %pf.sh159 = select i1 %pf.on157, i64 %726, i64 0
+  br label %k.head160
 
-k.head155:                                        ; preds = %pf.any.end160, %tile.mr5111
-  %k158 = phi i64 [ 0, %tile.mr5111 ], [ %1041, %pf.any.end160 ]
-  %989 = icmp slt i64 %k158, 14336
-  br i1 %989, label %k.body156, label %k.end157
+k.head160:                                        ; preds = %pf.any.end165, %tile.mr5116
+  %k163 = phi i64 [ 0, %tile.mr5116 ], [ %1033, %pf.any.end165 ]
+  %981 = icmp slt i64 %k163, 14336
+  br i1 %981, label %k.body161, label %k.end162
 
-k.body156:                                        ; preds = %k.head155
-  %990 = mul nsw i64 %k158, 1
-  %991 = add nsw i64 %990, 0
-  %992 = mul nsw i64 %991, 32
-  br i1 %pf.multi113, label %pf.any.then159, label %pf.any.end160
+k.body161:                                        ; preds = %k.head160
+  %982 = mul nsw i64 %k163, 1
+  %983 = add nsw i64 %982, 0
+  %984 = mul nsw i64 %983, 32
+  br i1 %pf.multi118, label %pf.any.then164, label %pf.any.end165
 
-pf.any.then159:                                   ; preds = %k.body156
-  %993 = lshr i64 %992, %pf.sh154
-  %994 = getelementptr inbounds i8, ptr %pf153, i64 %993
-  call void @llvm.prefetch.p0(ptr %994, i32 0, i32 2, i32 1)
-  br label %pf.any.end160
+pf.any.then164:                                   ; preds = %k.body161
+  %985 = lshr i64 %984, %pf.sh159
+  %986 = getelementptr inbounds i8, ptr %pf158, i64 %985
+  call void @llvm.prefetch.p0(ptr %986, i32 0, i32 2, i32 1)
+  br label %pf.any.end165
 
-pf.any.end160:                                    ; preds = %pf.any.then159, %k.body156
-  %995 = mul nsw i64 %991, 16
-  %996 = add nsw i64 %panel.off151, %995
-  %997 = getelementptr inbounds i16, ptr %panels, i64 %996
-  %998 = load <8 x i32>, ptr %997, align 4
-  %999 = shl <8 x i32> %998, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0161 = bitcast <8 x i32> %999 to <8 x float>
-  %1000 = and <8 x i32> %998, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1162 = bitcast <8 x i32> %1000 to <8 x float>
-  %1001 = getelementptr inbounds float, ptr %909, i64 %991
+pf.any.end165:                                    ; preds = %pf.any.then164, %k.body161
+  %987 = mul nsw i64 %983, 16
+  %988 = add nsw i64 %panel.off156, %987
+  %989 = getelementptr inbounds i16, ptr %panels, i64 %988
+  %990 = load <8 x i32>, ptr %989, align 4
+  %991 = shl <8 x i32> %990, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0166 = bitcast <8 x i32> %991 to <8 x float>
+  %992 = and <8 x i32> %990, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1167 = bitcast <8 x i32> %992 to <8 x float>
+  %993 = getelementptr inbounds float, ptr %902, i64 %983
+  %994 = load float, ptr %993, align 4
+  %995 = insertelement <8 x float> poison, float %994, i32 0
+  %996 = shufflevector <8 x float> %995, <8 x float> poison, <8 x i32> zeroinitializer
+  %997 = load <8 x float>, ptr %acc000146, align 4
+  %998 = call <8 x float> @llvm.fma.v8f32(<8 x float> %996, <8 x float> %b0166, <8 x float> %997)
+  store <8 x float> %998, ptr %acc000146, align 4
+  %999 = load <8 x float>, ptr %acc001147, align 4
+  %1000 = call <8 x float> @llvm.fma.v8f32(<8 x float> %996, <8 x float> %b1167, <8 x float> %999)
+  store <8 x float> %1000, ptr %acc001147, align 4
+  %1001 = getelementptr inbounds float, ptr %917, i64 %983
   %1002 = load float, ptr %1001, align 4
   %1003 = insertelement <8 x float> poison, float %1002, i32 0
   %1004 = shufflevector <8 x float> %1003, <8 x float> poison, <8 x i32> zeroinitializer
-  %1005 = load <8 x float>, ptr %acc000141, align 4
-  %1006 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1004, <8 x float> %b0161, <8 x float> %1005)
-  store <8 x float> %1006, ptr %acc000141, align 4
-  %1007 = load <8 x float>, ptr %acc001142, align 4
-  %1008 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1004, <8 x float> %b1162, <8 x float> %1007)
-  store <8 x float> %1008, ptr %acc001142, align 4
-  %1009 = getelementptr inbounds float, ptr %924, i64 %991
+  %1005 = load <8 x float>, ptr %acc010148, align 4
+  %1006 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1004, <8 x float> %b0166, <8 x float> %1005)
+  store <8 x float> %1006, ptr %acc010148, align 4
+  %1007 = load <8 x float>, ptr %acc011149, align 4
+  %1008 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1004, <8 x float> %b1167, <8 x float> %1007)
+  store <8 x float> %1008, ptr %acc011149, align 4
+  %1009 = getelementptr inbounds float, ptr %932, i64 %983
   %1010 = load float, ptr %1009, align 4
   %1011 = insertelement <8 x float> poison, float %1010, i32 0
   %1012 = shufflevector <8 x float> %1011, <8 x float> poison, <8 x i32> zeroinitializer
-  %1013 = load <8 x float>, ptr %acc010143, align 4
-  %1014 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %b0161, <8 x float> %1013)
-  store <8 x float> %1014, ptr %acc010143, align 4
-  %1015 = load <8 x float>, ptr %acc011144, align 4
-  %1016 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %b1162, <8 x float> %1015)
-  store <8 x float> %1016, ptr %acc011144, align 4
-  %1017 = getelementptr inbounds float, ptr %939, i64 %991
+  %1013 = load <8 x float>, ptr %acc020150, align 4
+  %1014 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %b0166, <8 x float> %1013)
+  store <8 x float> %1014, ptr %acc020150, align 4
+  %1015 = load <8 x float>, ptr %acc021151, align 4
+  %1016 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %b1167, <8 x float> %1015)
+  store <8 x float> %1016, ptr %acc021151, align 4
+  %1017 = getelementptr inbounds float, ptr %947, i64 %983
   %1018 = load float, ptr %1017, align 4
   %1019 = insertelement <8 x float> poison, float %1018, i32 0
   %1020 = shufflevector <8 x float> %1019, <8 x float> poison, <8 x i32> zeroinitializer
-  %1021 = load <8 x float>, ptr %acc020145, align 4
-  %1022 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %b0161, <8 x float> %1021)
-  store <8 x float> %1022, ptr %acc020145, align 4
-  %1023 = load <8 x float>, ptr %acc021146, align 4
-  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %b1162, <8 x float> %1023)
-  store <8 x float> %1024, ptr %acc021146, align 4
-  %1025 = getelementptr inbounds float, ptr %954, i64 %991
+  %1021 = load <8 x float>, ptr %acc030152, align 4
+  %1022 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %b0166, <8 x float> %1021)
+  store <8 x float> %1022, ptr %acc030152, align 4
+  %1023 = load <8 x float>, ptr %acc031153, align 4
+  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %b1167, <8 x float> %1023)
+  store <8 x float> %1024, ptr %acc031153, align 4
+  %1025 = getelementptr inbounds float, ptr %962, i64 %983
   %1026 = load float, ptr %1025, align 4
   %1027 = insertelement <8 x float> poison, float %1026, i32 0
   %1028 = shufflevector <8 x float> %1027, <8 x float> poison, <8 x i32> zeroinitializer
-  %1029 = load <8 x float>, ptr %acc030147, align 4
-  %1030 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %b0161, <8 x float> %1029)
-  store <8 x float> %1030, ptr %acc030147, align 4
-  %1031 = load <8 x float>, ptr %acc031148, align 4
-  %1032 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %b1162, <8 x float> %1031)
-  store <8 x float> %1032, ptr %acc031148, align 4
-  %1033 = getelementptr inbounds float, ptr %969, i64 %991
-  %1034 = load float, ptr %1033, align 4
-  %1035 = insertelement <8 x float> poison, float %1034, i32 0
-  %1036 = shufflevector <8 x float> %1035, <8 x float> poison, <8 x i32> zeroinitializer
-  %1037 = load <8 x float>, ptr %acc040149, align 4
-  %1038 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %b0161, <8 x float> %1037)
-  store <8 x float> %1038, ptr %acc040149, align 4
-  %1039 = load <8 x float>, ptr %acc041150, align 4
-  %1040 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %b1162, <8 x float> %1039)
-  store <8 x float> %1040, ptr %acc041150, align 4
-  %1041 = add nsw i64 %k158, 1
-  br label %k.head155
+  %1029 = load <8 x float>, ptr %acc040154, align 4
+  %1030 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %b0166, <8 x float> %1029)
+  store <8 x float> %1030, ptr %acc040154, align 4
+  %1031 = load <8 x float>, ptr %acc041155, align 4
+  %1032 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %b1167, <8 x float> %1031)
+  store <8 x float> %1032, ptr %acc041155, align 4
+  %1033 = add nsw i64 %k163, 1
+  br label %k.head160
 
-k.end157:                                         ; preds = %k.head155
-  %1042 = load <8 x float>, ptr %acc000141, align 4
-  store <8 x float> %1042, ptr %916, align 4
-  %1043 = load <8 x float>, ptr %acc001142, align 4
-  store <8 x float> %1043, ptr %919, align 4
-  %1044 = load <8 x float>, ptr %acc010143, align 4
-  store <8 x float> %1044, ptr %931, align 4
-  %1045 = load <8 x float>, ptr %acc011144, align 4
-  store <8 x float> %1045, ptr %934, align 4
-  %1046 = load <8 x float>, ptr %acc020145, align 4
-  store <8 x float> %1046, ptr %946, align 4
-  %1047 = load <8 x float>, ptr %acc021146, align 4
-  store <8 x float> %1047, ptr %949, align 4
-  %1048 = load <8 x float>, ptr %acc030147, align 4
-  store <8 x float> %1048, ptr %961, align 4
-  %1049 = load <8 x float>, ptr %acc031148, align 4
-  store <8 x float> %1049, ptr %964, align 4
-  %1050 = load <8 x float>, ptr %acc040149, align 4
-  store <8 x float> %1050, ptr %976, align 4
-  %1051 = load <8 x float>, ptr %acc041150, align 4
-  store <8 x float> %1051, ptr %979, align 4
-  br label %tile.done106
+k.end162:                                         ; preds = %k.head160
+  %1034 = load <8 x float>, ptr %acc000146, align 4
+  store <8 x float> %1034, ptr %909, align 4
+  %1035 = load <8 x float>, ptr %acc001147, align 4
+  store <8 x float> %1035, ptr %912, align 4
+  %1036 = load <8 x float>, ptr %acc010148, align 4
+  store <8 x float> %1036, ptr %924, align 4
+  %1037 = load <8 x float>, ptr %acc011149, align 4
+  store <8 x float> %1037, ptr %927, align 4
+  %1038 = load <8 x float>, ptr %acc020150, align 4
+  store <8 x float> %1038, ptr %939, align 4
+  %1039 = load <8 x float>, ptr %acc021151, align 4
+  store <8 x float> %1039, ptr %942, align 4
+  %1040 = load <8 x float>, ptr %acc030152, align 4
+  store <8 x float> %1040, ptr %954, align 4
+  %1041 = load <8 x float>, ptr %acc031153, align 4
+  store <8 x float> %1041, ptr %957, align 4
+  %1042 = load <8 x float>, ptr %acc040154, align 4
+  store <8 x float> %1042, ptr %969, align 4
+  %1043 = load <8 x float>, ptr %acc041155, align 4
+  store <8 x float> %1043, ptr %972, align 4
+  br label %tile.done111
 
-tile.mr4110:                                      ; preds = %rb.body100
-  %col163 = mul nsw i64 %p, 16
-  %1052 = add nsw i64 %r0103, 0
-  %1053 = mul nsw i64 %1052, 14336
-  %1054 = add nsw i64 %1053, 0
-  %1055 = getelementptr inbounds float, ptr %h, i64 %1054
-  %1056 = getelementptr inbounds i32, ptr %rows, i64 %1052
-  %1057 = load i32, ptr %1056, align 4
-  %1058 = sext i32 %1057 to i64
-  %1059 = mul nsw i64 %1058, 4096
-  %1060 = getelementptr inbounds float, ptr %y, i64 %1059
-  %1061 = add nsw i64 %col163, 0
-  %1062 = getelementptr inbounds float, ptr %1060, i64 %1061
-  %1063 = load <8 x float>, ptr %1062, align 4
-  store <8 x float> zeroinitializer, ptr %acc000164, align 4
-  %1064 = add nsw i64 %col163, 8
-  %1065 = getelementptr inbounds float, ptr %1060, i64 %1064
-  %1066 = load <8 x float>, ptr %1065, align 4
-  store <8 x float> zeroinitializer, ptr %acc001165, align 4
-  %1067 = add nsw i64 %r0103, 1
-  %1068 = mul nsw i64 %1067, 14336
-  %1069 = add nsw i64 %1068, 0
-  %1070 = getelementptr inbounds float, ptr %h, i64 %1069
-  %1071 = getelementptr inbounds i32, ptr %rows, i64 %1067
-  %1072 = load i32, ptr %1071, align 4
-  %1073 = sext i32 %1072 to i64
-  %1074 = mul nsw i64 %1073, 4096
-  %1075 = getelementptr inbounds float, ptr %y, i64 %1074
-  %1076 = add nsw i64 %col163, 0
-  %1077 = getelementptr inbounds float, ptr %1075, i64 %1076
-  %1078 = load <8 x float>, ptr %1077, align 4
-  store <8 x float> zeroinitializer, ptr %acc010166, align 4
-  %1079 = add nsw i64 %col163, 8
-  %1080 = getelementptr inbounds float, ptr %1075, i64 %1079
-  %1081 = load <8 x float>, ptr %1080, align 4
-  store <8 x float> zeroinitializer, ptr %acc011167, align 4
-  %1082 = add nsw i64 %r0103, 2
-  %1083 = mul nsw i64 %1082, 14336
-  %1084 = add nsw i64 %1083, 0
-  %1085 = getelementptr inbounds float, ptr %h, i64 %1084
-  %1086 = getelementptr inbounds i32, ptr %rows, i64 %1082
-  %1087 = load i32, ptr %1086, align 4
-  %1088 = sext i32 %1087 to i64
-  %1089 = mul nsw i64 %1088, 4096
-  %1090 = getelementptr inbounds float, ptr %y, i64 %1089
-  %1091 = add nsw i64 %col163, 0
-  %1092 = getelementptr inbounds float, ptr %1090, i64 %1091
-  %1093 = load <8 x float>, ptr %1092, align 4
-  store <8 x float> zeroinitializer, ptr %acc020168, align 4
-  %1094 = add nsw i64 %col163, 8
-  %1095 = getelementptr inbounds float, ptr %1090, i64 %1094
-  %1096 = load <8 x float>, ptr %1095, align 4
-  store <8 x float> zeroinitializer, ptr %acc021169, align 4
-  %1097 = add nsw i64 %r0103, 3
-  %1098 = mul nsw i64 %1097, 14336
-  %1099 = add nsw i64 %1098, 0
-  %1100 = getelementptr inbounds float, ptr %h, i64 %1099
-  %1101 = getelementptr inbounds i32, ptr %rows, i64 %1097
-  %1102 = load i32, ptr %1101, align 4
-  %1103 = sext i32 %1102 to i64
-  %1104 = mul nsw i64 %1103, 4096
-  %1105 = getelementptr inbounds float, ptr %y, i64 %1104
-  %1106 = add nsw i64 %col163, 0
-  %1107 = getelementptr inbounds float, ptr %1105, i64 %1106
-  %1108 = load <8 x float>, ptr %1107, align 4
-  store <8 x float> zeroinitializer, ptr %acc030170, align 4
-  %1109 = add nsw i64 %col163, 8
-  %1110 = getelementptr inbounds float, ptr %1105, i64 %1109
-  %1111 = load <8 x float>, ptr %1110, align 4
-  store <8 x float> zeroinitializer, ptr %acc031171, align 4
-  %1112 = mul nsw i64 %p, 229376
-  %panel.off172 = add nsw i64 %1112, 0
-  %1113 = getelementptr inbounds i16, ptr %panels, i64 %panel.off172
-  %1114 = add nsw i64 %p, 1
-  %1115 = icmp slt i64 %1114, %p1
-  %pf.on173 = and i1 %pf.on114, %1115
-  %1116 = mul nsw i64 %rb102, 458752
-  %1117 = lshr i64 %1116, %732
-  %1118 = add nsw i64 458752, %1117
-  %1119 = getelementptr inbounds i8, ptr %1113, i64 %1118
-  %pf174 = select i1 %pf.on173, ptr %1119, ptr %1113
-  %pf.sh175 = select i1 %pf.on173, i64 %732, i64 0
-  br label %k.head176
+tile.mr4115:                                      ; preds = %rb.body105
+  %col168 = mul nsw i64 %p, 16
+  %1044 = add nsw i64 %r0108, 0
+  %1045 = mul nsw i64 %1044, 14336
+  %1046 = add nsw i64 %1045, 0
+  %1047 = getelementptr inbounds float, ptr %h, i64 %1046
+  %1048 = getelementptr inbounds i32, ptr %rows, i64 %1044
+  %1049 = load i32, ptr %1048, align 4
+  %1050 = sext i32 %1049 to i64
+  %1051 = mul nsw i64 %1050, 4096
+  %1052 = getelementptr inbounds float, ptr %y, i64 %1051
+  %1053 = add nsw i64 %col168, 0
+  %1054 = getelementptr inbounds float, ptr %1052, i64 %1053
+  %1055 = load <8 x float>, ptr %1054, align 4
+  store <8 x float> zeroinitializer, ptr %acc000169, align 4
+  %1056 = add nsw i64 %col168, 8
+  %1057 = getelementptr inbounds float, ptr %1052, i64 %1056
+  %1058 = load <8 x float>, ptr %1057, align 4
+  store <8 x float> zeroinitializer, ptr %acc001170, align 4
+  %1059 = add nsw i64 %r0108, 1
+  %1060 = mul nsw i64 %1059, 14336
+  %1061 = add nsw i64 %1060, 0
+  %1062 = getelementptr inbounds float, ptr %h, i64 %1061
+  %1063 = getelementptr inbounds i32, ptr %rows, i64 %1059
+  %1064 = load i32, ptr %1063, align 4
+  %1065 = sext i32 %1064 to i64
+  %1066 = mul nsw i64 %1065, 4096
+  %1067 = getelementptr inbounds float, ptr %y, i64 %1066
+  %1068 = add nsw i64 %col168, 0
+  %1069 = getelementptr inbounds float, ptr %1067, i64 %1068
+  %1070 = load <8 x float>, ptr %1069, align 4
+  store <8 x float> zeroinitializer, ptr %acc010171, align 4
+  %1071 = add nsw i64 %col168, 8
+  %1072 = getelementptr inbounds float, ptr %1067, i64 %1071
+  %1073 = load <8 x float>, ptr %1072, align 4
+  store <8 x float> zeroinitializer, ptr %acc011172, align 4
+  %1074 = add nsw i64 %r0108, 2
+  %1075 = mul nsw i64 %1074, 14336
+  %1076 = add nsw i64 %1075, 0
+  %1077 = getelementptr inbounds float, ptr %h, i64 %1076
+  %1078 = getelementptr inbounds i32, ptr %rows, i64 %1074
+  %1079 = load i32, ptr %1078, align 4
+  %1080 = sext i32 %1079 to i64
+  %1081 = mul nsw i64 %1080, 4096
+  %1082 = getelementptr inbounds float, ptr %y, i64 %1081
+  %1083 = add nsw i64 %col168, 0
+  %1084 = getelementptr inbounds float, ptr %1082, i64 %1083
+  %1085 = load <8 x float>, ptr %1084, align 4
+  store <8 x float> zeroinitializer, ptr %acc020173, align 4
+  %1086 = add nsw i64 %col168, 8
+  %1087 = getelementptr inbounds float, ptr %1082, i64 %1086
+  %1088 = load <8 x float>, ptr %1087, align 4
+  store <8 x float> zeroinitializer, ptr %acc021174, align 4
+  %1089 = add nsw i64 %r0108, 3
+  %1090 = mul nsw i64 %1089, 14336
+  %1091 = add nsw i64 %1090, 0
+  %1092 = getelementptr inbounds float, ptr %h, i64 %1091
+  %1093 = getelementptr inbounds i32, ptr %rows, i64 %1089
+  %1094 = load i32, ptr %1093, align 4
+  %1095 = sext i32 %1094 to i64
+  %1096 = mul nsw i64 %1095, 4096
+  %1097 = getelementptr inbounds float, ptr %y, i64 %1096
+  %1098 = add nsw i64 %col168, 0
+  %1099 = getelementptr inbounds float, ptr %1097, i64 %1098
+  %1100 = load <8 x float>, ptr %1099, align 4
+  store <8 x float> zeroinitializer, ptr %acc030175, align 4
+  %1101 = add nsw i64 %col168, 8
+  %1102 = getelementptr inbounds float, ptr %1097, i64 %1101
+  %1103 = load <8 x float>, ptr %1102, align 4
+  store <8 x float> zeroinitializer, ptr %acc031176, align 4
+  %panel.off177 = mul nsw i64 %p, 229376
+  %1104 = getelementptr inbounds i16, ptr %panels, i64 %panel.off177
+  %1105 = add nsw i64 %p, 1
+  %1106 = icmp slt i64 %1105, %p1
+  %pf.on178 = and i1 %pf.on119, %1106
+  %1107 = mul nsw i64 %rb107, 458752
+  %1108 = lshr i64 %1107, %726
+  %1109 = add nsw i64 458752, %1108
+  %1110 = getelementptr inbounds i8, ptr %1104, i64 %1109
+  %pf179 = select i1 %pf.on178, ptr %1110, ptr %1104
+  %pf.sh180 = select i1 %pf.on178, i64 %726, i64 0
+  br label %k.head181
 
-k.head176:                                        ; preds = %pf.any.end181, %tile.mr4110
-  %k179 = phi i64 [ 0, %tile.mr4110 ], [ %1164, %pf.any.end181 ]
-  %1120 = icmp slt i64 %k179, 14336
-  br i1 %1120, label %k.body177, label %k.end178
+k.head181:                                        ; preds = %pf.any.end186, %tile.mr4115
+  %k184 = phi i64 [ 0, %tile.mr4115 ], [ %1155, %pf.any.end186 ]
+  %1111 = icmp slt i64 %k184, 14336
+  br i1 %1111, label %k.body182, label %k.end183
 
-k.body177:                                        ; preds = %k.head176
-  %1121 = mul nsw i64 %k179, 1
-  %1122 = add nsw i64 %1121, 0
-  %1123 = mul nsw i64 %1122, 32
-  br i1 %pf.multi113, label %pf.any.then180, label %pf.any.end181
+k.body182:                                        ; preds = %k.head181
+  %1112 = mul nsw i64 %k184, 1
+  %1113 = add nsw i64 %1112, 0
+  %1114 = mul nsw i64 %1113, 32
+  br i1 %pf.multi118, label %pf.any.then185, label %pf.any.end186
 
-pf.any.then180:                                   ; preds = %k.body177
-  %1124 = lshr i64 %1123, %pf.sh175
-  %1125 = getelementptr inbounds i8, ptr %pf174, i64 %1124
-  call void @llvm.prefetch.p0(ptr %1125, i32 0, i32 2, i32 1)
-  br label %pf.any.end181
+pf.any.then185:                                   ; preds = %k.body182
+  %1115 = lshr i64 %1114, %pf.sh180
+  %1116 = getelementptr inbounds i8, ptr %pf179, i64 %1115
+  call void @llvm.prefetch.p0(ptr %1116, i32 0, i32 2, i32 1)
+  br label %pf.any.end186
 
-pf.any.end181:                                    ; preds = %pf.any.then180, %k.body177
-  %1126 = mul nsw i64 %1122, 16
-  %1127 = add nsw i64 %panel.off172, %1126
-  %1128 = getelementptr inbounds i16, ptr %panels, i64 %1127
-  %1129 = load <8 x i32>, ptr %1128, align 4
-  %1130 = shl <8 x i32> %1129, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0182 = bitcast <8 x i32> %1130 to <8 x float>
-  %1131 = and <8 x i32> %1129, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1183 = bitcast <8 x i32> %1131 to <8 x float>
-  %1132 = getelementptr inbounds float, ptr %1055, i64 %1122
-  %1133 = load float, ptr %1132, align 4
-  %1134 = insertelement <8 x float> poison, float %1133, i32 0
-  %1135 = shufflevector <8 x float> %1134, <8 x float> poison, <8 x i32> zeroinitializer
-  %1136 = load <8 x float>, ptr %acc000164, align 4
-  %1137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1135, <8 x float> %b0182, <8 x float> %1136)
-  store <8 x float> %1137, ptr %acc000164, align 4
-  %1138 = load <8 x float>, ptr %acc001165, align 4
-  %1139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1135, <8 x float> %b1183, <8 x float> %1138)
-  store <8 x float> %1139, ptr %acc001165, align 4
-  %1140 = getelementptr inbounds float, ptr %1070, i64 %1122
-  %1141 = load float, ptr %1140, align 4
-  %1142 = insertelement <8 x float> poison, float %1141, i32 0
-  %1143 = shufflevector <8 x float> %1142, <8 x float> poison, <8 x i32> zeroinitializer
-  %1144 = load <8 x float>, ptr %acc010166, align 4
-  %1145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1143, <8 x float> %b0182, <8 x float> %1144)
-  store <8 x float> %1145, ptr %acc010166, align 4
-  %1146 = load <8 x float>, ptr %acc011167, align 4
-  %1147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1143, <8 x float> %b1183, <8 x float> %1146)
-  store <8 x float> %1147, ptr %acc011167, align 4
-  %1148 = getelementptr inbounds float, ptr %1085, i64 %1122
-  %1149 = load float, ptr %1148, align 4
-  %1150 = insertelement <8 x float> poison, float %1149, i32 0
-  %1151 = shufflevector <8 x float> %1150, <8 x float> poison, <8 x i32> zeroinitializer
-  %1152 = load <8 x float>, ptr %acc020168, align 4
-  %1153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1151, <8 x float> %b0182, <8 x float> %1152)
-  store <8 x float> %1153, ptr %acc020168, align 4
-  %1154 = load <8 x float>, ptr %acc021169, align 4
-  %1155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1151, <8 x float> %b1183, <8 x float> %1154)
-  store <8 x float> %1155, ptr %acc021169, align 4
-  %1156 = getelementptr inbounds float, ptr %1100, i64 %1122
-  %1157 = load float, ptr %1156, align 4
-  %1158 = insertelement <8 x float> poison, float %1157, i32 0
-  %1159 = shufflevector <8 x float> %1158, <8 x float> poison, <8 x i32> zeroinitializer
-  %1160 = load <8 x float>, ptr %acc030170, align 4
-  %1161 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1159, <8 x float> %b0182, <8 x float> %1160)
-  store <8 x float> %1161, ptr %acc030170, align 4
-  %1162 = load <8 x float>, ptr %acc031171, align 4
-  %1163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1159, <8 x float> %b1183, <8 x float> %1162)
-  store <8 x float> %1163, ptr %acc031171, align 4
-  %1164 = add nsw i64 %k179, 1
-  br label %k.head176
+pf.any.end186:                                    ; preds = %pf.any.then185, %k.body182
+  %1117 = mul nsw i64 %1113, 16
+  %1118 = add nsw i64 %panel.off177, %1117
+  %1119 = getelementptr inbounds i16, ptr %panels, i64 %1118
+  %1120 = load <8 x i32>, ptr %1119, align 4
+  %1121 = shl <8 x i32> %1120, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0187 = bitcast <8 x i32> %1121 to <8 x float>
+  %1122 = and <8 x i32> %1120, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1188 = bitcast <8 x i32> %1122 to <8 x float>
+  %1123 = getelementptr inbounds float, ptr %1047, i64 %1113
+  %1124 = load float, ptr %1123, align 4
+  %1125 = insertelement <8 x float> poison, float %1124, i32 0
+  %1126 = shufflevector <8 x float> %1125, <8 x float> poison, <8 x i32> zeroinitializer
+  %1127 = load <8 x float>, ptr %acc000169, align 4
+  %1128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1126, <8 x float> %b0187, <8 x float> %1127)
+  store <8 x float> %1128, ptr %acc000169, align 4
+  %1129 = load <8 x float>, ptr %acc001170, align 4
+  %1130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1126, <8 x float> %b1188, <8 x float> %1129)
+  store <8 x float> %1130, ptr %acc001170, align 4
+  %1131 = getelementptr inbounds float, ptr %1062, i64 %1113
+  %1132 = load float, ptr %1131, align 4
+  %1133 = insertelement <8 x float> poison, float %1132, i32 0
+  %1134 = shufflevector <8 x float> %1133, <8 x float> poison, <8 x i32> zeroinitializer
+  %1135 = load <8 x float>, ptr %acc010171, align 4
+  %1136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1134, <8 x float> %b0187, <8 x float> %1135)
+  store <8 x float> %1136, ptr %acc010171, align 4
+  %1137 = load <8 x float>, ptr %acc011172, align 4
+  %1138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1134, <8 x float> %b1188, <8 x float> %1137)
+  store <8 x float> %1138, ptr %acc011172, align 4
+  %1139 = getelementptr inbounds float, ptr %1077, i64 %1113
+  %1140 = load float, ptr %1139, align 4
+  %1141 = insertelement <8 x float> poison, float %1140, i32 0
+  %1142 = shufflevector <8 x float> %1141, <8 x float> poison, <8 x i32> zeroinitializer
+  %1143 = load <8 x float>, ptr %acc020173, align 4
+  %1144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1142, <8 x float> %b0187, <8 x float> %1143)
+  store <8 x float> %1144, ptr %acc020173, align 4
+  %1145 = load <8 x float>, ptr %acc021174, align 4
+  %1146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1142, <8 x float> %b1188, <8 x float> %1145)
+  store <8 x float> %1146, ptr %acc021174, align 4
+  %1147 = getelementptr inbounds float, ptr %1092, i64 %1113
+  %1148 = load float, ptr %1147, align 4
+  %1149 = insertelement <8 x float> poison, float %1148, i32 0
+  %1150 = shufflevector <8 x float> %1149, <8 x float> poison, <8 x i32> zeroinitializer
+  %1151 = load <8 x float>, ptr %acc030175, align 4
+  %1152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1150, <8 x float> %b0187, <8 x float> %1151)
+  store <8 x float> %1152, ptr %acc030175, align 4
+  %1153 = load <8 x float>, ptr %acc031176, align 4
+  %1154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1150, <8 x float> %b1188, <8 x float> %1153)
+  store <8 x float> %1154, ptr %acc031176, align 4
+  %1155 = add nsw i64 %k184, 1
+  br label %k.head181
 
-k.end178:                                         ; preds = %k.head176
-  %1165 = load <8 x float>, ptr %acc000164, align 4
-  store <8 x float> %1165, ptr %1062, align 4
-  %1166 = load <8 x float>, ptr %acc001165, align 4
-  store <8 x float> %1166, ptr %1065, align 4
-  %1167 = load <8 x float>, ptr %acc010166, align 4
-  store <8 x float> %1167, ptr %1077, align 4
-  %1168 = load <8 x float>, ptr %acc011167, align 4
-  store <8 x float> %1168, ptr %1080, align 4
-  %1169 = load <8 x float>, ptr %acc020168, align 4
-  store <8 x float> %1169, ptr %1092, align 4
-  %1170 = load <8 x float>, ptr %acc021169, align 4
-  store <8 x float> %1170, ptr %1095, align 4
-  %1171 = load <8 x float>, ptr %acc030170, align 4
-  store <8 x float> %1171, ptr %1107, align 4
-  %1172 = load <8 x float>, ptr %acc031171, align 4
-  store <8 x float> %1172, ptr %1110, align 4
-  br label %tile.done106
+k.end183:                                         ; preds = %k.head181
+  %1156 = load <8 x float>, ptr %acc000169, align 4
+  store <8 x float> %1156, ptr %1054, align 4
+  %1157 = load <8 x float>, ptr %acc001170, align 4
+  store <8 x float> %1157, ptr %1057, align 4
+  %1158 = load <8 x float>, ptr %acc010171, align 4
+  store <8 x float> %1158, ptr %1069, align 4
+  %1159 = load <8 x float>, ptr %acc011172, align 4
+  store <8 x float> %1159, ptr %1072, align 4
+  %1160 = load <8 x float>, ptr %acc020173, align 4
+  store <8 x float> %1160, ptr %1084, align 4
+  %1161 = load <8 x float>, ptr %acc021174, align 4
+  store <8 x float> %1161, ptr %1087, align 4
+  %1162 = load <8 x float>, ptr %acc030175, align 4
+  store <8 x float> %1162, ptr %1099, align 4
+  %1163 = load <8 x float>, ptr %acc031176, align 4
+  store <8 x float> %1163, ptr %1102, align 4
+  br label %tile.done111
 
-tile.mr3109:                                      ; preds = %rb.body100
-  %col184 = mul nsw i64 %p, 16
-  %1173 = add nsw i64 %r0103, 0
-  %1174 = mul nsw i64 %1173, 14336
-  %1175 = add nsw i64 %1174, 0
-  %1176 = getelementptr inbounds float, ptr %h, i64 %1175
-  %1177 = getelementptr inbounds i32, ptr %rows, i64 %1173
-  %1178 = load i32, ptr %1177, align 4
-  %1179 = sext i32 %1178 to i64
-  %1180 = mul nsw i64 %1179, 4096
-  %1181 = getelementptr inbounds float, ptr %y, i64 %1180
-  %1182 = add nsw i64 %col184, 0
-  %1183 = getelementptr inbounds float, ptr %1181, i64 %1182
-  %1184 = load <8 x float>, ptr %1183, align 4
-  store <8 x float> zeroinitializer, ptr %acc000185, align 4
-  %1185 = add nsw i64 %col184, 8
-  %1186 = getelementptr inbounds float, ptr %1181, i64 %1185
-  %1187 = load <8 x float>, ptr %1186, align 4
-  store <8 x float> zeroinitializer, ptr %acc001186, align 4
-  %1188 = add nsw i64 %r0103, 1
-  %1189 = mul nsw i64 %1188, 14336
-  %1190 = add nsw i64 %1189, 0
-  %1191 = getelementptr inbounds float, ptr %h, i64 %1190
-  %1192 = getelementptr inbounds i32, ptr %rows, i64 %1188
-  %1193 = load i32, ptr %1192, align 4
-  %1194 = sext i32 %1193 to i64
-  %1195 = mul nsw i64 %1194, 4096
-  %1196 = getelementptr inbounds float, ptr %y, i64 %1195
-  %1197 = add nsw i64 %col184, 0
-  %1198 = getelementptr inbounds float, ptr %1196, i64 %1197
-  %1199 = load <8 x float>, ptr %1198, align 4
-  store <8 x float> zeroinitializer, ptr %acc010187, align 4
-  %1200 = add nsw i64 %col184, 8
-  %1201 = getelementptr inbounds float, ptr %1196, i64 %1200
-  %1202 = load <8 x float>, ptr %1201, align 4
-  store <8 x float> zeroinitializer, ptr %acc011188, align 4
-  %1203 = add nsw i64 %r0103, 2
-  %1204 = mul nsw i64 %1203, 14336
-  %1205 = add nsw i64 %1204, 0
-  %1206 = getelementptr inbounds float, ptr %h, i64 %1205
-  %1207 = getelementptr inbounds i32, ptr %rows, i64 %1203
-  %1208 = load i32, ptr %1207, align 4
-  %1209 = sext i32 %1208 to i64
-  %1210 = mul nsw i64 %1209, 4096
-  %1211 = getelementptr inbounds float, ptr %y, i64 %1210
-  %1212 = add nsw i64 %col184, 0
-  %1213 = getelementptr inbounds float, ptr %1211, i64 %1212
-  %1214 = load <8 x float>, ptr %1213, align 4
-  store <8 x float> zeroinitializer, ptr %acc020189, align 4
-  %1215 = add nsw i64 %col184, 8
-  %1216 = getelementptr inbounds float, ptr %1211, i64 %1215
-  %1217 = load <8 x float>, ptr %1216, align 4
-  store <8 x float> zeroinitializer, ptr %acc021190, align 4
-  %1218 = mul nsw i64 %p, 229376
-  %panel.off191 = add nsw i64 %1218, 0
-  %1219 = getelementptr inbounds i16, ptr %panels, i64 %panel.off191
-  %1220 = add nsw i64 %p, 1
-  %1221 = icmp slt i64 %1220, %p1
-  %pf.on192 = and i1 %pf.on114, %1221
-  %1222 = mul nsw i64 %rb102, 458752
-  %1223 = lshr i64 %1222, %732
-  %1224 = add nsw i64 458752, %1223
-  %1225 = getelementptr inbounds i8, ptr %1219, i64 %1224
-  %pf193 = select i1 %pf.on192, ptr %1225, ptr %1219
-  %pf.sh194 = select i1 %pf.on192, i64 %732, i64 0
-  br label %k.head195
+tile.mr3114:                                      ; preds = %rb.body105
+  %col189 = mul nsw i64 %p, 16
+  %1164 = add nsw i64 %r0108, 0
+  %1165 = mul nsw i64 %1164, 14336
+  %1166 = add nsw i64 %1165, 0
+  %1167 = getelementptr inbounds float, ptr %h, i64 %1166
+  %1168 = getelementptr inbounds i32, ptr %rows, i64 %1164
+  %1169 = load i32, ptr %1168, align 4
+  %1170 = sext i32 %1169 to i64
+  %1171 = mul nsw i64 %1170, 4096
+  %1172 = getelementptr inbounds float, ptr %y, i64 %1171
+  %1173 = add nsw i64 %col189, 0
+  %1174 = getelementptr inbounds float, ptr %1172, i64 %1173
+  %1175 = load <8 x float>, ptr %1174, align 4
+  store <8 x float> zeroinitializer, ptr %acc000190, align 4
+  %1176 = add nsw i64 %col189, 8
+  %1177 = getelementptr inbounds float, ptr %1172, i64 %1176
+  %1178 = load <8 x float>, ptr %1177, align 4
+  store <8 x float> zeroinitializer, ptr %acc001191, align 4
+  %1179 = add nsw i64 %r0108, 1
+  %1180 = mul nsw i64 %1179, 14336
+  %1181 = add nsw i64 %1180, 0
+  %1182 = getelementptr inbounds float, ptr %h, i64 %1181
+  %1183 = getelementptr inbounds i32, ptr %rows, i64 %1179
+  %1184 = load i32, ptr %1183, align 4
+  %1185 = sext i32 %1184 to i64
+  %1186 = mul nsw i64 %1185, 4096
+  %1187 = getelementptr inbounds float, ptr %y, i64 %1186
+  %1188 = add nsw i64 %col189, 0
+  %1189 = getelementptr inbounds float, ptr %1187, i64 %1188
+  %1190 = load <8 x float>, ptr %1189, align 4
+  store <8 x float> zeroinitializer, ptr %acc010192, align 4
+  %1191 = add nsw i64 %col189, 8
+  %1192 = getelementptr inbounds float, ptr %1187, i64 %1191
+  %1193 = load <8 x float>, ptr %1192, align 4
+  store <8 x float> zeroinitializer, ptr %acc011193, align 4
+  %1194 = add nsw i64 %r0108, 2
+  %1195 = mul nsw i64 %1194, 14336
+  %1196 = add nsw i64 %1195, 0
+  %1197 = getelementptr inbounds float, ptr %h, i64 %1196
+  %1198 = getelementptr inbounds i32, ptr %rows, i64 %1194
+  %1199 = load i32, ptr %1198, align 4
+  %1200 = sext i32 %1199 to i64
+  %1201 = mul nsw i64 %1200, 4096
+  %1202 = getelementptr inbounds float, ptr %y, i64 %1201
+  %1203 = add nsw i64 %col189, 0
+  %1204 = getelementptr inbounds float, ptr %1202, i64 %1203
+  %1205 = load <8 x float>, ptr %1204, align 4
+  store <8 x float> zeroinitializer, ptr %acc020194, align 4
+  %1206 = add nsw i64 %col189, 8
+  %1207 = getelementptr inbounds float, ptr %1202, i64 %1206
+  %1208 = load <8 x float>, ptr %1207, align 4
+  store <8 x float> zeroinitializer, ptr %acc021195, align 4
+  %panel.off196 = mul nsw i64 %p, 229376
+  %1209 = getelementptr inbounds i16, ptr %panels, i64 %panel.off196
+  %1210 = add nsw i64 %p, 1
+  %1211 = icmp slt i64 %1210, %p1
+  %pf.on197 = and i1 %pf.on119, %1211
+  %1212 = mul nsw i64 %rb107, 458752
+  %1213 = lshr i64 %1212, %726
+  %1214 = add nsw i64 458752, %1213
+  %1215 = getelementptr inbounds i8, ptr %1209, i64 %1214
+  %pf198 = select i1 %pf.on197, ptr %1215, ptr %1209
+  %pf.sh199 = select i1 %pf.on197, i64 %726, i64 0
+  br label %k.head200
 
-k.head195:                                        ; preds = %pf.any.end200, %tile.mr3109
-  %k198 = phi i64 [ 0, %tile.mr3109 ], [ %1262, %pf.any.end200 ]
-  %1226 = icmp slt i64 %k198, 14336
-  br i1 %1226, label %k.body196, label %k.end197
+k.head200:                                        ; preds = %pf.any.end205, %tile.mr3114
+  %k203 = phi i64 [ 0, %tile.mr3114 ], [ %1252, %pf.any.end205 ]
+  %1216 = icmp slt i64 %k203, 14336
+  br i1 %1216, label %k.body201, label %k.end202
 
-k.body196:                                        ; preds = %k.head195
-  %1227 = mul nsw i64 %k198, 1
-  %1228 = add nsw i64 %1227, 0
-  %1229 = mul nsw i64 %1228, 32
-  br i1 %pf.multi113, label %pf.any.then199, label %pf.any.end200
+k.body201:                                        ; preds = %k.head200
+  %1217 = mul nsw i64 %k203, 1
+  %1218 = add nsw i64 %1217, 0
+  %1219 = mul nsw i64 %1218, 32
+  br i1 %pf.multi118, label %pf.any.then204, label %pf.any.end205
 
-pf.any.then199:                                   ; preds = %k.body196
-  %1230 = lshr i64 %1229, %pf.sh194
-  %1231 = getelementptr inbounds i8, ptr %pf193, i64 %1230
-  call void @llvm.prefetch.p0(ptr %1231, i32 0, i32 2, i32 1)
-  br label %pf.any.end200
+pf.any.then204:                                   ; preds = %k.body201
+  %1220 = lshr i64 %1219, %pf.sh199
+  %1221 = getelementptr inbounds i8, ptr %pf198, i64 %1220
+  call void @llvm.prefetch.p0(ptr %1221, i32 0, i32 2, i32 1)
+  br label %pf.any.end205
 
-pf.any.end200:                                    ; preds = %pf.any.then199, %k.body196
-  %1232 = mul nsw i64 %1228, 16
-  %1233 = add nsw i64 %panel.off191, %1232
-  %1234 = getelementptr inbounds i16, ptr %panels, i64 %1233
-  %1235 = load <8 x i32>, ptr %1234, align 4
-  %1236 = shl <8 x i32> %1235, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0201 = bitcast <8 x i32> %1236 to <8 x float>
-  %1237 = and <8 x i32> %1235, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1202 = bitcast <8 x i32> %1237 to <8 x float>
-  %1238 = getelementptr inbounds float, ptr %1176, i64 %1228
-  %1239 = load float, ptr %1238, align 4
-  %1240 = insertelement <8 x float> poison, float %1239, i32 0
-  %1241 = shufflevector <8 x float> %1240, <8 x float> poison, <8 x i32> zeroinitializer
-  %1242 = load <8 x float>, ptr %acc000185, align 4
-  %1243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1241, <8 x float> %b0201, <8 x float> %1242)
-  store <8 x float> %1243, ptr %acc000185, align 4
-  %1244 = load <8 x float>, ptr %acc001186, align 4
-  %1245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1241, <8 x float> %b1202, <8 x float> %1244)
-  store <8 x float> %1245, ptr %acc001186, align 4
-  %1246 = getelementptr inbounds float, ptr %1191, i64 %1228
-  %1247 = load float, ptr %1246, align 4
-  %1248 = insertelement <8 x float> poison, float %1247, i32 0
-  %1249 = shufflevector <8 x float> %1248, <8 x float> poison, <8 x i32> zeroinitializer
-  %1250 = load <8 x float>, ptr %acc010187, align 4
-  %1251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1249, <8 x float> %b0201, <8 x float> %1250)
-  store <8 x float> %1251, ptr %acc010187, align 4
-  %1252 = load <8 x float>, ptr %acc011188, align 4
-  %1253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1249, <8 x float> %b1202, <8 x float> %1252)
-  store <8 x float> %1253, ptr %acc011188, align 4
-  %1254 = getelementptr inbounds float, ptr %1206, i64 %1228
-  %1255 = load float, ptr %1254, align 4
-  %1256 = insertelement <8 x float> poison, float %1255, i32 0
-  %1257 = shufflevector <8 x float> %1256, <8 x float> poison, <8 x i32> zeroinitializer
-  %1258 = load <8 x float>, ptr %acc020189, align 4
-  %1259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1257, <8 x float> %b0201, <8 x float> %1258)
-  store <8 x float> %1259, ptr %acc020189, align 4
-  %1260 = load <8 x float>, ptr %acc021190, align 4
-  %1261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1257, <8 x float> %b1202, <8 x float> %1260)
-  store <8 x float> %1261, ptr %acc021190, align 4
-  %1262 = add nsw i64 %k198, 1
-  br label %k.head195
+pf.any.end205:                                    ; preds = %pf.any.then204, %k.body201
+  %1222 = mul nsw i64 %1218, 16
+  %1223 = add nsw i64 %panel.off196, %1222
+  %1224 = getelementptr inbounds i16, ptr %panels, i64 %1223
+  %1225 = load <8 x i32>, ptr %1224, align 4
+  %1226 = shl <8 x i32> %1225, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0206 = bitcast <8 x i32> %1226 to <8 x float>
+  %1227 = and <8 x i32> %1225, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1207 = bitcast <8 x i32> %1227 to <8 x float>
+  %1228 = getelementptr inbounds float, ptr %1167, i64 %1218
+  %1229 = load float, ptr %1228, align 4
+  %1230 = insertelement <8 x float> poison, float %1229, i32 0
+  %1231 = shufflevector <8 x float> %1230, <8 x float> poison, <8 x i32> zeroinitializer
+  %1232 = load <8 x float>, ptr %acc000190, align 4
+  %1233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1231, <8 x float> %b0206, <8 x float> %1232)
+  store <8 x float> %1233, ptr %acc000190, align 4
+  %1234 = load <8 x float>, ptr %acc001191, align 4
+  %1235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1231, <8 x float> %b1207, <8 x float> %1234)
+  store <8 x float> %1235, ptr %acc001191, align 4
+  %1236 = getelementptr inbounds float, ptr %1182, i64 %1218
+  %1237 = load float, ptr %1236, align 4
+  %1238 = insertelement <8 x float> poison, float %1237, i32 0
+  %1239 = shufflevector <8 x float> %1238, <8 x float> poison, <8 x i32> zeroinitializer
+  %1240 = load <8 x float>, ptr %acc010192, align 4
+  %1241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1239, <8 x float> %b0206, <8 x float> %1240)
+  store <8 x float> %1241, ptr %acc010192, align 4
+  %1242 = load <8 x float>, ptr %acc011193, align 4
+  %1243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1239, <8 x float> %b1207, <8 x float> %1242)
+  store <8 x float> %1243, ptr %acc011193, align 4
+  %1244 = getelementptr inbounds float, ptr %1197, i64 %1218
+  %1245 = load float, ptr %1244, align 4
+  %1246 = insertelement <8 x float> poison, float %1245, i32 0
+  %1247 = shufflevector <8 x float> %1246, <8 x float> poison, <8 x i32> zeroinitializer
+  %1248 = load <8 x float>, ptr %acc020194, align 4
+  %1249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1247, <8 x float> %b0206, <8 x float> %1248)
+  store <8 x float> %1249, ptr %acc020194, align 4
+  %1250 = load <8 x float>, ptr %acc021195, align 4
+  %1251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1247, <8 x float> %b1207, <8 x float> %1250)
+  store <8 x float> %1251, ptr %acc021195, align 4
+  %1252 = add nsw i64 %k203, 1
+  br label %k.head200
 
-k.end197:                                         ; preds = %k.head195
-  %1263 = load <8 x float>, ptr %acc000185, align 4
-  store <8 x float> %1263, ptr %1183, align 4
-  %1264 = load <8 x float>, ptr %acc001186, align 4
-  store <8 x float> %1264, ptr %1186, align 4
-  %1265 = load <8 x float>, ptr %acc010187, align 4
-  store <8 x float> %1265, ptr %1198, align 4
-  %1266 = load <8 x float>, ptr %acc011188, align 4
-  store <8 x float> %1266, ptr %1201, align 4
-  %1267 = load <8 x float>, ptr %acc020189, align 4
-  store <8 x float> %1267, ptr %1213, align 4
-  %1268 = load <8 x float>, ptr %acc021190, align 4
-  store <8 x float> %1268, ptr %1216, align 4
-  br label %tile.done106
+k.end202:                                         ; preds = %k.head200
+  %1253 = load <8 x float>, ptr %acc000190, align 4
+  store <8 x float> %1253, ptr %1174, align 4
+  %1254 = load <8 x float>, ptr %acc001191, align 4
+  store <8 x float> %1254, ptr %1177, align 4
+  %1255 = load <8 x float>, ptr %acc010192, align 4
+  store <8 x float> %1255, ptr %1189, align 4
+  %1256 = load <8 x float>, ptr %acc011193, align 4
+  store <8 x float> %1256, ptr %1192, align 4
+  %1257 = load <8 x float>, ptr %acc020194, align 4
+  store <8 x float> %1257, ptr %1204, align 4
+  %1258 = load <8 x float>, ptr %acc021195, align 4
+  store <8 x float> %1258, ptr %1207, align 4
+  br label %tile.done111
 
-tile.mr2108:                                      ; preds = %rb.body100
-  %col203 = mul nsw i64 %p, 16
-  %1269 = add nsw i64 %r0103, 0
-  %1270 = mul nsw i64 %1269, 14336
-  %1271 = add nsw i64 %1270, 0
-  %1272 = getelementptr inbounds float, ptr %h, i64 %1271
-  %1273 = getelementptr inbounds i32, ptr %rows, i64 %1269
-  %1274 = load i32, ptr %1273, align 4
-  %1275 = sext i32 %1274 to i64
-  %1276 = mul nsw i64 %1275, 4096
-  %1277 = getelementptr inbounds float, ptr %y, i64 %1276
-  %1278 = add nsw i64 %col203, 0
-  %1279 = getelementptr inbounds float, ptr %1277, i64 %1278
-  %1280 = load <8 x float>, ptr %1279, align 4
-  store <8 x float> zeroinitializer, ptr %acc000204, align 4
-  %1281 = add nsw i64 %col203, 8
-  %1282 = getelementptr inbounds float, ptr %1277, i64 %1281
-  %1283 = load <8 x float>, ptr %1282, align 4
-  store <8 x float> zeroinitializer, ptr %acc001205, align 4
-  %1284 = add nsw i64 %r0103, 1
-  %1285 = mul nsw i64 %1284, 14336
-  %1286 = add nsw i64 %1285, 0
-  %1287 = getelementptr inbounds float, ptr %h, i64 %1286
-  %1288 = getelementptr inbounds i32, ptr %rows, i64 %1284
-  %1289 = load i32, ptr %1288, align 4
-  %1290 = sext i32 %1289 to i64
-  %1291 = mul nsw i64 %1290, 4096
-  %1292 = getelementptr inbounds float, ptr %y, i64 %1291
-  %1293 = add nsw i64 %col203, 0
-  %1294 = getelementptr inbounds float, ptr %1292, i64 %1293
-  %1295 = load <8 x float>, ptr %1294, align 4
-  store <8 x float> zeroinitializer, ptr %acc010206, align 4
-  %1296 = add nsw i64 %col203, 8
-  %1297 = getelementptr inbounds float, ptr %1292, i64 %1296
-  %1298 = load <8 x float>, ptr %1297, align 4
-  store <8 x float> zeroinitializer, ptr %acc011207, align 4
-  %1299 = mul nsw i64 %p, 229376
-  %panel.off208 = add nsw i64 %1299, 0
-  %1300 = getelementptr inbounds i16, ptr %panels, i64 %panel.off208
-  %1301 = add nsw i64 %p, 1
-  %1302 = icmp slt i64 %1301, %p1
-  %pf.on209 = and i1 %pf.on114, %1302
-  %1303 = mul nsw i64 %rb102, 458752
-  %1304 = lshr i64 %1303, %732
-  %1305 = add nsw i64 458752, %1304
-  %1306 = getelementptr inbounds i8, ptr %1300, i64 %1305
-  %pf210 = select i1 %pf.on209, ptr %1306, ptr %1300
-  %pf.sh211 = select i1 %pf.on209, i64 %732, i64 0
-  br label %k.head212
+tile.mr2113:                                      ; preds = %rb.body105
+  %col208 = mul nsw i64 %p, 16
+  %1259 = add nsw i64 %r0108, 0
+  %1260 = mul nsw i64 %1259, 14336
+  %1261 = add nsw i64 %1260, 0
+  %1262 = getelementptr inbounds float, ptr %h, i64 %1261
+  %1263 = getelementptr inbounds i32, ptr %rows, i64 %1259
+  %1264 = load i32, ptr %1263, align 4
+  %1265 = sext i32 %1264 to i64
+  %1266 = mul nsw i64 %1265, 4096
+  %1267 = getelementptr inbounds float, ptr %y, i64 %1266
+  %1268 = add nsw i64 %col208, 0
+  %1269 = getelementptr inbounds float, ptr %1267, i64 %1268
+  %1270 = load <8 x float>, ptr %1269, align 4
+  store <8 x float> zeroinitializer, ptr %acc000209, align 4
+  %1271 = add nsw i64 %col208, 8
+  %1272 = getelementptr inbounds float, ptr %1267, i64 %1271
+  %1273 = load <8 x float>, ptr %1272, align 4
+  store <8 x float> zeroinitializer, ptr %acc001210, align 4
+  %1274 = add nsw i64 %r0108, 1
+  %1275 = mul nsw i64 %1274, 14336
+  %1276 = add nsw i64 %1275, 0
+  %1277 = getelementptr inbounds float, ptr %h, i64 %1276
+  %1278 = getelementptr inbounds i32, ptr %rows, i64 %1274
+  %1279 = load i32, ptr %1278, align 4
+  %1280 = sext i32 %1279 to i64
+  %1281 = mul nsw i64 %1280, 4096
+  %1282 = getelementptr inbounds float, ptr %y, i64 %1281
+  %1283 = add nsw i64 %col208, 0
+  %1284 = getelementptr inbounds float, ptr %1282, i64 %1283
+  %1285 = load <8 x float>, ptr %1284, align 4
+  store <8 x float> zeroinitializer, ptr %acc010211, align 4
+  %1286 = add nsw i64 %col208, 8
+  %1287 = getelementptr inbounds float, ptr %1282, i64 %1286
+  %1288 = load <8 x float>, ptr %1287, align 4
+  store <8 x float> zeroinitializer, ptr %acc011212, align 4
+  %panel.off213 = mul nsw i64 %p, 229376
+  %1289 = getelementptr inbounds i16, ptr %panels, i64 %panel.off213
+  %1290 = add nsw i64 %p, 1
+  %1291 = icmp slt i64 %1290, %p1
+  %pf.on214 = and i1 %pf.on119, %1291
+  %1292 = mul nsw i64 %rb107, 458752
+  %1293 = lshr i64 %1292, %726
+  %1294 = add nsw i64 458752, %1293
+  %1295 = getelementptr inbounds i8, ptr %1289, i64 %1294
+  %pf215 = select i1 %pf.on214, ptr %1295, ptr %1289
+  %pf.sh216 = select i1 %pf.on214, i64 %726, i64 0
+  br label %k.head217
 
-k.head212:                                        ; preds = %pf.any.end217, %tile.mr2108
-  %k215 = phi i64 [ 0, %tile.mr2108 ], [ %1335, %pf.any.end217 ]
-  %1307 = icmp slt i64 %k215, 14336
-  br i1 %1307, label %k.body213, label %k.end214
+k.head217:                                        ; preds = %pf.any.end222, %tile.mr2113
+  %k220 = phi i64 [ 0, %tile.mr2113 ], [ %1324, %pf.any.end222 ]
+  %1296 = icmp slt i64 %k220, 14336
+  br i1 %1296, label %k.body218, label %k.end219
 
-k.body213:                                        ; preds = %k.head212
-  %1308 = mul nsw i64 %k215, 1
-  %1309 = add nsw i64 %1308, 0
-  %1310 = mul nsw i64 %1309, 32
-  br i1 %pf.multi113, label %pf.any.then216, label %pf.any.end217
+k.body218:                                        ; preds = %k.head217
+  %1297 = mul nsw i64 %k220, 1
+  %1298 = add nsw i64 %1297, 0
+  %1299 = mul nsw i64 %1298, 32
+  br i1 %pf.multi118, label %pf.any.then221, label %pf.any.end222
 
-pf.any.then216:                                   ; preds = %k.body213
-  %1311 = lshr i64 %1310, %pf.sh211
-  %1312 = getelementptr inbounds i8, ptr %pf210, i64 %1311
-  call void @llvm.prefetch.p0(ptr %1312, i32 0, i32 2, i32 1)
-  br label %pf.any.end217
+pf.any.then221:                                   ; preds = %k.body218
+  %1300 = lshr i64 %1299, %pf.sh216
+  %1301 = getelementptr inbounds i8, ptr %pf215, i64 %1300
+  call void @llvm.prefetch.p0(ptr %1301, i32 0, i32 2, i32 1)
+  br label %pf.any.end222
 
-pf.any.end217:                                    ; preds = %pf.any.then216, %k.body213
-  %1313 = mul nsw i64 %1309, 16
-  %1314 = add nsw i64 %panel.off208, %1313
-  %1315 = getelementptr inbounds i16, ptr %panels, i64 %1314
-  %1316 = load <8 x i32>, ptr %1315, align 4
-  %1317 = shl <8 x i32> %1316, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0218 = bitcast <8 x i32> %1317 to <8 x float>
-  %1318 = and <8 x i32> %1316, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1219 = bitcast <8 x i32> %1318 to <8 x float>
-  %1319 = getelementptr inbounds float, ptr %1272, i64 %1309
-  %1320 = load float, ptr %1319, align 4
-  %1321 = insertelement <8 x float> poison, float %1320, i32 0
-  %1322 = shufflevector <8 x float> %1321, <8 x float> poison, <8 x i32> zeroinitializer
-  %1323 = load <8 x float>, ptr %acc000204, align 4
-  %1324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1322, <8 x float> %b0218, <8 x float> %1323)
-  store <8 x float> %1324, ptr %acc000204, align 4
-  %1325 = load <8 x float>, ptr %acc001205, align 4
-  %1326 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1322, <8 x float> %b1219, <8 x float> %1325)
-  store <8 x float> %1326, ptr %acc001205, align 4
-  %1327 = getelementptr inbounds float, ptr %1287, i64 %1309
-  %1328 = load float, ptr %1327, align 4
-  %1329 = insertelement <8 x float> poison, float %1328, i32 0
-  %1330 = shufflevector <8 x float> %1329, <8 x float> poison, <8 x i32> zeroinitializer
-  %1331 = load <8 x float>, ptr %acc010206, align 4
-  %1332 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1330, <8 x float> %b0218, <8 x float> %1331)
-  store <8 x float> %1332, ptr %acc010206, align 4
-  %1333 = load <8 x float>, ptr %acc011207, align 4
-  %1334 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1330, <8 x float> %b1219, <8 x float> %1333)
-  store <8 x float> %1334, ptr %acc011207, align 4
-  %1335 = add nsw i64 %k215, 1
-  br label %k.head212
+pf.any.end222:                                    ; preds = %pf.any.then221, %k.body218
+  %1302 = mul nsw i64 %1298, 16
+  %1303 = add nsw i64 %panel.off213, %1302
+  %1304 = getelementptr inbounds i16, ptr %panels, i64 %1303
+  %1305 = load <8 x i32>, ptr %1304, align 4
+  %1306 = shl <8 x i32> %1305, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0223 = bitcast <8 x i32> %1306 to <8 x float>
+  %1307 = and <8 x i32> %1305, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1224 = bitcast <8 x i32> %1307 to <8 x float>
+  %1308 = getelementptr inbounds float, ptr %1262, i64 %1298
+  %1309 = load float, ptr %1308, align 4
+  %1310 = insertelement <8 x float> poison, float %1309, i32 0
+  %1311 = shufflevector <8 x float> %1310, <8 x float> poison, <8 x i32> zeroinitializer
+  %1312 = load <8 x float>, ptr %acc000209, align 4
+  %1313 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1311, <8 x float> %b0223, <8 x float> %1312)
+  store <8 x float> %1313, ptr %acc000209, align 4
+  %1314 = load <8 x float>, ptr %acc001210, align 4
+  %1315 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1311, <8 x float> %b1224, <8 x float> %1314)
+  store <8 x float> %1315, ptr %acc001210, align 4
+  %1316 = getelementptr inbounds float, ptr %1277, i64 %1298
+  %1317 = load float, ptr %1316, align 4
+  %1318 = insertelement <8 x float> poison, float %1317, i32 0
+  %1319 = shufflevector <8 x float> %1318, <8 x float> poison, <8 x i32> zeroinitializer
+  %1320 = load <8 x float>, ptr %acc010211, align 4
+  %1321 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1319, <8 x float> %b0223, <8 x float> %1320)
+  store <8 x float> %1321, ptr %acc010211, align 4
+  %1322 = load <8 x float>, ptr %acc011212, align 4
+  %1323 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1319, <8 x float> %b1224, <8 x float> %1322)
+  store <8 x float> %1323, ptr %acc011212, align 4
+  %1324 = add nsw i64 %k220, 1
+  br label %k.head217
 
-k.end214:                                         ; preds = %k.head212
-  %1336 = load <8 x float>, ptr %acc000204, align 4
-  store <8 x float> %1336, ptr %1279, align 4
-  %1337 = load <8 x float>, ptr %acc001205, align 4
-  store <8 x float> %1337, ptr %1282, align 4
-  %1338 = load <8 x float>, ptr %acc010206, align 4
-  store <8 x float> %1338, ptr %1294, align 4
-  %1339 = load <8 x float>, ptr %acc011207, align 4
-  store <8 x float> %1339, ptr %1297, align 4
-  br label %tile.done106
+k.end219:                                         ; preds = %k.head217
+  %1325 = load <8 x float>, ptr %acc000209, align 4
+  store <8 x float> %1325, ptr %1269, align 4
+  %1326 = load <8 x float>, ptr %acc001210, align 4
+  store <8 x float> %1326, ptr %1272, align 4
+  %1327 = load <8 x float>, ptr %acc010211, align 4
+  store <8 x float> %1327, ptr %1284, align 4
+  %1328 = load <8 x float>, ptr %acc011212, align 4
+  store <8 x float> %1328, ptr %1287, align 4
+  br label %tile.done111
 
-tile.mr1107:                                      ; preds = %rb.body100
-  %col220 = mul nsw i64 %p, 16
-  %1340 = add nsw i64 %r0103, 0
-  %1341 = mul nsw i64 %1340, 14336
-  %1342 = add nsw i64 %1341, 0
-  %1343 = getelementptr inbounds float, ptr %h, i64 %1342
-  %1344 = getelementptr inbounds i32, ptr %rows, i64 %1340
-  %1345 = load i32, ptr %1344, align 4
-  %1346 = sext i32 %1345 to i64
-  %1347 = mul nsw i64 %1346, 4096
-  %1348 = getelementptr inbounds float, ptr %y, i64 %1347
-  %1349 = add nsw i64 %col220, 0
-  %1350 = getelementptr inbounds float, ptr %1348, i64 %1349
-  %1351 = load <8 x float>, ptr %1350, align 4
-  store <8 x float> zeroinitializer, ptr %acc000221, align 4
-  %1352 = add nsw i64 %col220, 8
-  %1353 = getelementptr inbounds float, ptr %1348, i64 %1352
-  %1354 = load <8 x float>, ptr %1353, align 4
-  store <8 x float> zeroinitializer, ptr %acc001222, align 4
-  %1355 = mul nsw i64 %p, 229376
-  %panel.off223 = add nsw i64 %1355, 0
-  %1356 = getelementptr inbounds i16, ptr %panels, i64 %panel.off223
-  %1357 = add nsw i64 %p, 1
-  %1358 = icmp slt i64 %1357, %p1
-  %pf.on224 = and i1 %pf.on114, %1358
-  %1359 = mul nsw i64 %rb102, 458752
-  %1360 = lshr i64 %1359, %732
-  %1361 = add nsw i64 458752, %1360
-  %1362 = getelementptr inbounds i8, ptr %1356, i64 %1361
-  %pf225 = select i1 %pf.on224, ptr %1362, ptr %1356
-  %pf.sh226 = select i1 %pf.on224, i64 %732, i64 0
-  br label %k.head227
+tile.mr1112:                                      ; preds = %rb.body105
+  %col225 = mul nsw i64 %p, 16
+  %1329 = add nsw i64 %r0108, 0
+  %1330 = mul nsw i64 %1329, 14336
+  %1331 = add nsw i64 %1330, 0
+  %1332 = getelementptr inbounds float, ptr %h, i64 %1331
+  %1333 = getelementptr inbounds i32, ptr %rows, i64 %1329
+  %1334 = load i32, ptr %1333, align 4
+  %1335 = sext i32 %1334 to i64
+  %1336 = mul nsw i64 %1335, 4096
+  %1337 = getelementptr inbounds float, ptr %y, i64 %1336
+  %1338 = add nsw i64 %col225, 0
+  %1339 = getelementptr inbounds float, ptr %1337, i64 %1338
+  %1340 = load <8 x float>, ptr %1339, align 4
+  store <8 x float> zeroinitializer, ptr %acc000226, align 4
+  %1341 = add nsw i64 %col225, 8
+  %1342 = getelementptr inbounds float, ptr %1337, i64 %1341
+  %1343 = load <8 x float>, ptr %1342, align 4
+  store <8 x float> zeroinitializer, ptr %acc001227, align 4
+  %panel.off228 = mul nsw i64 %p, 229376
+  %1344 = getelementptr inbounds i16, ptr %panels, i64 %panel.off228
+  %1345 = add nsw i64 %p, 1
+  %1346 = icmp slt i64 %1345, %p1
+  %pf.on229 = and i1 %pf.on119, %1346
+  %1347 = mul nsw i64 %rb107, 458752
+  %1348 = lshr i64 %1347, %726
+  %1349 = add nsw i64 458752, %1348
+  %1350 = getelementptr inbounds i8, ptr %1344, i64 %1349
+  %pf230 = select i1 %pf.on229, ptr %1350, ptr %1344
+  %pf.sh231 = select i1 %pf.on229, i64 %726, i64 0
+  br label %k.head232
 
-k.head227:                                        ; preds = %pf.any.end232, %tile.mr1107
-  %k230 = phi i64 [ 0, %tile.mr1107 ], [ %1383, %pf.any.end232 ]
-  %1363 = icmp slt i64 %k230, 14336
-  br i1 %1363, label %k.body228, label %k.end229
+k.head232:                                        ; preds = %pf.any.end237, %tile.mr1112
+  %k235 = phi i64 [ 0, %tile.mr1112 ], [ %1371, %pf.any.end237 ]
+  %1351 = icmp slt i64 %k235, 14336
+  br i1 %1351, label %k.body233, label %k.end234
 
-k.body228:                                        ; preds = %k.head227
-  %1364 = mul nsw i64 %k230, 1
-  %1365 = add nsw i64 %1364, 0
-  %1366 = mul nsw i64 %1365, 32
-  br i1 %pf.multi113, label %pf.any.then231, label %pf.any.end232
+k.body233:                                        ; preds = %k.head232
+  %1352 = mul nsw i64 %k235, 1
+  %1353 = add nsw i64 %1352, 0
+  %1354 = mul nsw i64 %1353, 32
+  br i1 %pf.multi118, label %pf.any.then236, label %pf.any.end237
 
-pf.any.then231:                                   ; preds = %k.body228
-  %1367 = lshr i64 %1366, %pf.sh226
-  %1368 = getelementptr inbounds i8, ptr %pf225, i64 %1367
-  call void @llvm.prefetch.p0(ptr %1368, i32 0, i32 2, i32 1)
-  br label %pf.any.end232
+pf.any.then236:                                   ; preds = %k.body233
+  %1355 = lshr i64 %1354, %pf.sh231
+  %1356 = getelementptr inbounds i8, ptr %pf230, i64 %1355
+  call void @llvm.prefetch.p0(ptr %1356, i32 0, i32 2, i32 1)
+  br label %pf.any.end237
 
-pf.any.end232:                                    ; preds = %pf.any.then231, %k.body228
-  %1369 = mul nsw i64 %1365, 16
-  %1370 = add nsw i64 %panel.off223, %1369
-  %1371 = getelementptr inbounds i16, ptr %panels, i64 %1370
-  %1372 = load <8 x i32>, ptr %1371, align 4
-  %1373 = shl <8 x i32> %1372, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0233 = bitcast <8 x i32> %1373 to <8 x float>
-  %1374 = and <8 x i32> %1372, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1234 = bitcast <8 x i32> %1374 to <8 x float>
-  %1375 = getelementptr inbounds float, ptr %1343, i64 %1365
-  %1376 = load float, ptr %1375, align 4
-  %1377 = insertelement <8 x float> poison, float %1376, i32 0
-  %1378 = shufflevector <8 x float> %1377, <8 x float> poison, <8 x i32> zeroinitializer
-  %1379 = load <8 x float>, ptr %acc000221, align 4
-  %1380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1378, <8 x float> %b0233, <8 x float> %1379)
-  store <8 x float> %1380, ptr %acc000221, align 4
-  %1381 = load <8 x float>, ptr %acc001222, align 4
-  %1382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1378, <8 x float> %b1234, <8 x float> %1381)
-  store <8 x float> %1382, ptr %acc001222, align 4
-  %1383 = add nsw i64 %k230, 1
-  br label %k.head227
+pf.any.end237:                                    ; preds = %pf.any.then236, %k.body233
+  %1357 = mul nsw i64 %1353, 16
+  %1358 = add nsw i64 %panel.off228, %1357
+  %1359 = getelementptr inbounds i16, ptr %panels, i64 %1358
+  %1360 = load <8 x i32>, ptr %1359, align 4
+  %1361 = shl <8 x i32> %1360, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0238 = bitcast <8 x i32> %1361 to <8 x float>
+  %1362 = and <8 x i32> %1360, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1239 = bitcast <8 x i32> %1362 to <8 x float>
+  %1363 = getelementptr inbounds float, ptr %1332, i64 %1353
+  %1364 = load float, ptr %1363, align 4
+  %1365 = insertelement <8 x float> poison, float %1364, i32 0
+  %1366 = shufflevector <8 x float> %1365, <8 x float> poison, <8 x i32> zeroinitializer
+  %1367 = load <8 x float>, ptr %acc000226, align 4
+  %1368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1366, <8 x float> %b0238, <8 x float> %1367)
+  store <8 x float> %1368, ptr %acc000226, align 4
+  %1369 = load <8 x float>, ptr %acc001227, align 4
+  %1370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1366, <8 x float> %b1239, <8 x float> %1369)
+  store <8 x float> %1370, ptr %acc001227, align 4
+  %1371 = add nsw i64 %k235, 1
+  br label %k.head232
 
-k.end229:                                         ; preds = %k.head227
-  %1384 = load <8 x float>, ptr %acc000221, align 4
-  store <8 x float> %1384, ptr %1350, align 4
-  %1385 = load <8 x float>, ptr %acc001222, align 4
-  store <8 x float> %1385, ptr %1353, align 4
-  br label %tile.done106
+k.end234:                                         ; preds = %k.head232
+  %1372 = load <8 x float>, ptr %acc000226, align 4
+  store <8 x float> %1372, ptr %1339, align 4
+  %1373 = load <8 x float>, ptr %acc001227, align 4
+  store <8 x float> %1373, ptr %1342, align 4
+  br label %tile.done111
 
-tile.done106:                                     ; preds = %k.end229, %k.end214, %k.end197, %k.end178, %k.end157, %k.end134
-  %1386 = add nsw i64 %rb102, 1
-  br label %rb.head99
+tile.done111:                                     ; preds = %k.end234, %k.end219, %k.end202, %k.end183, %k.end162, %k.end139
+  %1374 = add nsw i64 %rb107, 1
+  br label %rb.head104
 
-rb.end101:                                        ; preds = %rb.head99
-  %1387 = add nsw i64 %p, 1
+rb.end106:                                        ; preds = %rb.head104
+  %1375 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

@@ -880,7 +880,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %rb.end, %start
-  %p = phi i64 [ %p0, %start ], [ %1134, %rb.end ]
+  %p = phi i64 [ %p0, %start ], [ %1128, %rb.end ]
   %0 = icmp slt i64 %p, %p1
   br i1 %0, label %p.body, label %p.end
 
@@ -890,7 +890,7 @@ p.body:                                           ; preds = %p.head
   br label %rb.head
 
 rb.head:                                          ; preds = %tile.done, %p.body
-  %rb = phi i64 [ 0, %p.body ], [ %1133, %tile.done ]
+  %rb = phi i64 [ 0, %p.body ], [ %1127, %tile.done ]
   %2 = icmp slt i64 %rb, %nrb
   br i1 %2, label %rb.body, label %rb.end
 
@@ -974,1451 +974,1445 @@ tile.mr6:                                         ; preds = %rb.body
   %55 = getelementptr inbounds float, ptr %x, i64 %54
   store <8 x float> zeroinitializer, ptr %acc050, align 4
   store <8 x float> zeroinitializer, ptr %acc051, align 4
-  %56 = mul nsw i64 %p, 1024
-  %panel.off = add nsw i64 %56, 0
-  %57 = getelementptr inbounds float, ptr %panels, i64 %panel.off
-  %58 = add nsw i64 %p, 1
-  %59 = icmp slt i64 %58, %p1
-  %pf.on1 = and i1 %pf.on, %59
-  %60 = mul nsw i64 %rb, 4096
-  %61 = lshr i64 %60, %11
-  %62 = add nsw i64 4096, %61
-  %63 = getelementptr inbounds i8, ptr %57, i64 %62
-  %pf = select i1 %pf.on1, ptr %63, ptr %57
+  %panel.off = mul nsw i64 %p, 1024
+  %56 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %57 = add nsw i64 %p, 1
+  %58 = icmp slt i64 %57, %p1
+  %pf.on1 = and i1 %pf.on, %58
+  %59 = mul nsw i64 %rb, 4096
+  %60 = lshr i64 %59, %11
+  %61 = add nsw i64 4096, %60
+  %62 = getelementptr inbounds i8, ptr %56, i64 %61
+  %pf = select i1 %pf.on1, ptr %62, ptr %56
   %pf.sh = select i1 %pf.on1, i64 %11, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %125, %pf.any.end ]
-  %64 = icmp slt i64 %k, 64
-  br i1 %64, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %124, %pf.any.end ]
+  %63 = icmp slt i64 %k, 64
+  br i1 %63, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %65 = mul nsw i64 %k, 1
-  %66 = add nsw i64 %65, 0
-  %67 = mul nsw i64 %66, 64
+  %64 = mul nsw i64 %k, 1
+  %65 = add nsw i64 %64, 0
+  %66 = mul nsw i64 %65, 64
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %68 = lshr i64 %67, %pf.sh
-  %69 = getelementptr inbounds i8, ptr %pf, i64 %68
-  call void @llvm.prefetch.p0(ptr %69, i32 0, i32 2, i32 1)
+  %67 = lshr i64 %66, %pf.sh
+  %68 = getelementptr inbounds i8, ptr %pf, i64 %67
+  call void @llvm.prefetch.p0(ptr %68, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %70 = mul nsw i64 %66, 16
-  %71 = add nsw i64 %panel.off, %70
-  %72 = getelementptr inbounds float, ptr %panels, i64 %71
-  %73 = load <8 x float>, ptr %72, align 4
-  %74 = add nsw i64 %71, 8
-  %75 = getelementptr inbounds float, ptr %panels, i64 %74
-  %76 = load <8 x float>, ptr %75, align 4
-  %77 = getelementptr inbounds float, ptr %20, i64 %66
-  %78 = load float, ptr %77, align 4
-  %79 = insertelement <8 x float> poison, float %78, i32 0
-  %80 = shufflevector <8 x float> %79, <8 x float> poison, <8 x i32> zeroinitializer
-  %81 = load <8 x float>, ptr %acc000, align 4
-  %82 = call <8 x float> @llvm.fma.v8f32(<8 x float> %80, <8 x float> %73, <8 x float> %81)
-  store <8 x float> %82, ptr %acc000, align 4
-  %83 = load <8 x float>, ptr %acc001, align 4
-  %84 = call <8 x float> @llvm.fma.v8f32(<8 x float> %80, <8 x float> %76, <8 x float> %83)
-  store <8 x float> %84, ptr %acc001, align 4
-  %85 = getelementptr inbounds float, ptr %27, i64 %66
-  %86 = load float, ptr %85, align 4
-  %87 = insertelement <8 x float> poison, float %86, i32 0
-  %88 = shufflevector <8 x float> %87, <8 x float> poison, <8 x i32> zeroinitializer
-  %89 = load <8 x float>, ptr %acc010, align 4
-  %90 = call <8 x float> @llvm.fma.v8f32(<8 x float> %88, <8 x float> %73, <8 x float> %89)
-  store <8 x float> %90, ptr %acc010, align 4
-  %91 = load <8 x float>, ptr %acc011, align 4
-  %92 = call <8 x float> @llvm.fma.v8f32(<8 x float> %88, <8 x float> %76, <8 x float> %91)
-  store <8 x float> %92, ptr %acc011, align 4
-  %93 = getelementptr inbounds float, ptr %34, i64 %66
-  %94 = load float, ptr %93, align 4
-  %95 = insertelement <8 x float> poison, float %94, i32 0
-  %96 = shufflevector <8 x float> %95, <8 x float> poison, <8 x i32> zeroinitializer
-  %97 = load <8 x float>, ptr %acc020, align 4
-  %98 = call <8 x float> @llvm.fma.v8f32(<8 x float> %96, <8 x float> %73, <8 x float> %97)
-  store <8 x float> %98, ptr %acc020, align 4
-  %99 = load <8 x float>, ptr %acc021, align 4
-  %100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %96, <8 x float> %76, <8 x float> %99)
-  store <8 x float> %100, ptr %acc021, align 4
-  %101 = getelementptr inbounds float, ptr %41, i64 %66
-  %102 = load float, ptr %101, align 4
-  %103 = insertelement <8 x float> poison, float %102, i32 0
-  %104 = shufflevector <8 x float> %103, <8 x float> poison, <8 x i32> zeroinitializer
-  %105 = load <8 x float>, ptr %acc030, align 4
-  %106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %104, <8 x float> %73, <8 x float> %105)
-  store <8 x float> %106, ptr %acc030, align 4
-  %107 = load <8 x float>, ptr %acc031, align 4
-  %108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %104, <8 x float> %76, <8 x float> %107)
-  store <8 x float> %108, ptr %acc031, align 4
-  %109 = getelementptr inbounds float, ptr %48, i64 %66
-  %110 = load float, ptr %109, align 4
-  %111 = insertelement <8 x float> poison, float %110, i32 0
-  %112 = shufflevector <8 x float> %111, <8 x float> poison, <8 x i32> zeroinitializer
-  %113 = load <8 x float>, ptr %acc040, align 4
-  %114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %112, <8 x float> %73, <8 x float> %113)
-  store <8 x float> %114, ptr %acc040, align 4
-  %115 = load <8 x float>, ptr %acc041, align 4
-  %116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %112, <8 x float> %76, <8 x float> %115)
-  store <8 x float> %116, ptr %acc041, align 4
-  %117 = getelementptr inbounds float, ptr %55, i64 %66
-  %118 = load float, ptr %117, align 4
-  %119 = insertelement <8 x float> poison, float %118, i32 0
-  %120 = shufflevector <8 x float> %119, <8 x float> poison, <8 x i32> zeroinitializer
-  %121 = load <8 x float>, ptr %acc050, align 4
-  %122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %120, <8 x float> %73, <8 x float> %121)
-  store <8 x float> %122, ptr %acc050, align 4
-  %123 = load <8 x float>, ptr %acc051, align 4
-  %124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %120, <8 x float> %76, <8 x float> %123)
-  store <8 x float> %124, ptr %acc051, align 4
-  %125 = add nsw i64 %k, 1
+  %69 = mul nsw i64 %65, 16
+  %70 = add nsw i64 %panel.off, %69
+  %71 = getelementptr inbounds float, ptr %panels, i64 %70
+  %72 = load <8 x float>, ptr %71, align 4
+  %73 = add nsw i64 %70, 8
+  %74 = getelementptr inbounds float, ptr %panels, i64 %73
+  %75 = load <8 x float>, ptr %74, align 4
+  %76 = getelementptr inbounds float, ptr %20, i64 %65
+  %77 = load float, ptr %76, align 4
+  %78 = insertelement <8 x float> poison, float %77, i32 0
+  %79 = shufflevector <8 x float> %78, <8 x float> poison, <8 x i32> zeroinitializer
+  %80 = load <8 x float>, ptr %acc000, align 4
+  %81 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %72, <8 x float> %80)
+  store <8 x float> %81, ptr %acc000, align 4
+  %82 = load <8 x float>, ptr %acc001, align 4
+  %83 = call <8 x float> @llvm.fma.v8f32(<8 x float> %79, <8 x float> %75, <8 x float> %82)
+  store <8 x float> %83, ptr %acc001, align 4
+  %84 = getelementptr inbounds float, ptr %27, i64 %65
+  %85 = load float, ptr %84, align 4
+  %86 = insertelement <8 x float> poison, float %85, i32 0
+  %87 = shufflevector <8 x float> %86, <8 x float> poison, <8 x i32> zeroinitializer
+  %88 = load <8 x float>, ptr %acc010, align 4
+  %89 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %72, <8 x float> %88)
+  store <8 x float> %89, ptr %acc010, align 4
+  %90 = load <8 x float>, ptr %acc011, align 4
+  %91 = call <8 x float> @llvm.fma.v8f32(<8 x float> %87, <8 x float> %75, <8 x float> %90)
+  store <8 x float> %91, ptr %acc011, align 4
+  %92 = getelementptr inbounds float, ptr %34, i64 %65
+  %93 = load float, ptr %92, align 4
+  %94 = insertelement <8 x float> poison, float %93, i32 0
+  %95 = shufflevector <8 x float> %94, <8 x float> poison, <8 x i32> zeroinitializer
+  %96 = load <8 x float>, ptr %acc020, align 4
+  %97 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %72, <8 x float> %96)
+  store <8 x float> %97, ptr %acc020, align 4
+  %98 = load <8 x float>, ptr %acc021, align 4
+  %99 = call <8 x float> @llvm.fma.v8f32(<8 x float> %95, <8 x float> %75, <8 x float> %98)
+  store <8 x float> %99, ptr %acc021, align 4
+  %100 = getelementptr inbounds float, ptr %41, i64 %65
+  %101 = load float, ptr %100, align 4
+  %102 = insertelement <8 x float> poison, float %101, i32 0
+  %103 = shufflevector <8 x float> %102, <8 x float> poison, <8 x i32> zeroinitializer
+  %104 = load <8 x float>, ptr %acc030, align 4
+  %105 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %72, <8 x float> %104)
+  store <8 x float> %105, ptr %acc030, align 4
+  %106 = load <8 x float>, ptr %acc031, align 4
+  %107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %103, <8 x float> %75, <8 x float> %106)
+  store <8 x float> %107, ptr %acc031, align 4
+  %108 = getelementptr inbounds float, ptr %48, i64 %65
+  %109 = load float, ptr %108, align 4
+  %110 = insertelement <8 x float> poison, float %109, i32 0
+  %111 = shufflevector <8 x float> %110, <8 x float> poison, <8 x i32> zeroinitializer
+  %112 = load <8 x float>, ptr %acc040, align 4
+  %113 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %72, <8 x float> %112)
+  store <8 x float> %113, ptr %acc040, align 4
+  %114 = load <8 x float>, ptr %acc041, align 4
+  %115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %111, <8 x float> %75, <8 x float> %114)
+  store <8 x float> %115, ptr %acc041, align 4
+  %116 = getelementptr inbounds float, ptr %55, i64 %65
+  %117 = load float, ptr %116, align 4
+  %118 = insertelement <8 x float> poison, float %117, i32 0
+  %119 = shufflevector <8 x float> %118, <8 x float> poison, <8 x i32> zeroinitializer
+  %120 = load <8 x float>, ptr %acc050, align 4
+  %121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %72, <8 x float> %120)
+  store <8 x float> %121, ptr %acc050, align 4
+  %122 = load <8 x float>, ptr %acc051, align 4
+  %123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %119, <8 x float> %75, <8 x float> %122)
+  store <8 x float> %123, ptr %acc051, align 4
+  %124 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %126 = add nsw i64 %r0, 0
-  %127 = getelementptr inbounds float, ptr %rw, i64 %126
-  %128 = load float, ptr %127, align 4
-  %129 = insertelement <8 x float> poison, float %128, i32 0
-  %130 = shufflevector <8 x float> %129, <8 x float> poison, <8 x i32> zeroinitializer
-  %131 = mul nsw i64 %126, 192
-  %132 = getelementptr inbounds float, ptr %h, i64 %131
+  %125 = add nsw i64 %r0, 0
+  %126 = getelementptr inbounds float, ptr %rw, i64 %125
+  %127 = load float, ptr %126, align 4
+  %128 = insertelement <8 x float> poison, float %127, i32 0
+  %129 = shufflevector <8 x float> %128, <8 x float> poison, <8 x i32> zeroinitializer
+  %130 = mul nsw i64 %125, 192
+  %131 = getelementptr inbounds float, ptr %h, i64 %130
   %col = mul nsw i64 %p, 8
-  %133 = load <8 x float>, ptr %acc000, align 4
-  %134 = load <8 x float>, ptr %acc001, align 4
-  %135 = fneg <8 x float> %133
-  %136 = fcmp olt <8 x float> %135, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %137 = select <8 x i1> %136, <8 x float> %135, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %138 = fcmp ogt <8 x float> %137, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %139 = select <8 x i1> %138, <8 x float> %137, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %139, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %141 = call <8 x float> @llvm.floor.v8f32(<8 x float> %140)
-  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %141, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %139)
-  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> %141, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %142)
-  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %143, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %144, <8 x float> %143, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %145, <8 x float> %143, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> %143, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %143, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %149 = fmul <8 x float> %143, %143
-  %150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %148, <8 x float> %149, <8 x float> %143)
-  %151 = fadd <8 x float> %150, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %152 = fptosi <8 x float> %141 to <8 x i32>
-  %153 = add <8 x i32> %152, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %154 = shl <8 x i32> %153, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %154 to <8 x float>
-  %exp = fmul <8 x float> %151, %exp.2n
-  %155 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %155
-  %silu = fmul <8 x float> %133, %sigmoid
-  %glu = fmul <8 x float> %silu, %134
-  %156 = fmul <8 x float> %glu, %130
-  %157 = getelementptr inbounds float, ptr %132, i64 %col
-  store <8 x float> %156, ptr %157, align 4
-  %158 = add nsw i64 %r0, 1
-  %159 = getelementptr inbounds float, ptr %rw, i64 %158
-  %160 = load float, ptr %159, align 4
-  %161 = insertelement <8 x float> poison, float %160, i32 0
-  %162 = shufflevector <8 x float> %161, <8 x float> poison, <8 x i32> zeroinitializer
-  %163 = mul nsw i64 %158, 192
-  %164 = getelementptr inbounds float, ptr %h, i64 %163
+  %132 = load <8 x float>, ptr %acc000, align 4
+  %133 = load <8 x float>, ptr %acc001, align 4
+  %134 = fneg <8 x float> %132
+  %135 = fcmp olt <8 x float> %134, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %136 = select <8 x i1> %135, <8 x float> %134, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %137 = fcmp ogt <8 x float> %136, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %138 = select <8 x i1> %137, <8 x float> %136, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %138, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %140 = call <8 x float> @llvm.floor.v8f32(<8 x float> %139)
+  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %138)
+  %142 = call <8 x float> @llvm.fma.v8f32(<8 x float> %140, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %141)
+  %143 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %142, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %143, <8 x float> %142, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %144, <8 x float> %142, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %145, <8 x float> %142, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %146, <8 x float> %142, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %148 = fmul <8 x float> %142, %142
+  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %147, <8 x float> %148, <8 x float> %142)
+  %150 = fadd <8 x float> %149, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %151 = fptosi <8 x float> %140 to <8 x i32>
+  %152 = add <8 x i32> %151, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %153 = shl <8 x i32> %152, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %153 to <8 x float>
+  %exp = fmul <8 x float> %150, %exp.2n
+  %154 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %154
+  %silu = fmul <8 x float> %132, %sigmoid
+  %glu = fmul <8 x float> %silu, %133
+  %155 = fmul <8 x float> %glu, %129
+  %156 = getelementptr inbounds float, ptr %131, i64 %col
+  store <8 x float> %155, ptr %156, align 4
+  %157 = add nsw i64 %r0, 1
+  %158 = getelementptr inbounds float, ptr %rw, i64 %157
+  %159 = load float, ptr %158, align 4
+  %160 = insertelement <8 x float> poison, float %159, i32 0
+  %161 = shufflevector <8 x float> %160, <8 x float> poison, <8 x i32> zeroinitializer
+  %162 = mul nsw i64 %157, 192
+  %163 = getelementptr inbounds float, ptr %h, i64 %162
   %col2 = mul nsw i64 %p, 8
-  %165 = load <8 x float>, ptr %acc010, align 4
-  %166 = load <8 x float>, ptr %acc011, align 4
-  %167 = fneg <8 x float> %165
-  %168 = fcmp olt <8 x float> %167, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %169 = select <8 x i1> %168, <8 x float> %167, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %170 = fcmp ogt <8 x float> %169, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %171 = select <8 x i1> %170, <8 x float> %169, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %171, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %173 = call <8 x float> @llvm.floor.v8f32(<8 x float> %172)
-  %174 = call <8 x float> @llvm.fma.v8f32(<8 x float> %173, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %171)
-  %175 = call <8 x float> @llvm.fma.v8f32(<8 x float> %173, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %174)
-  %176 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %175, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %177 = call <8 x float> @llvm.fma.v8f32(<8 x float> %176, <8 x float> %175, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %178 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> %175, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %178, <8 x float> %175, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %179, <8 x float> %175, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %181 = fmul <8 x float> %175, %175
-  %182 = call <8 x float> @llvm.fma.v8f32(<8 x float> %180, <8 x float> %181, <8 x float> %175)
-  %183 = fadd <8 x float> %182, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %184 = fptosi <8 x float> %173 to <8 x i32>
-  %185 = add <8 x i32> %184, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %186 = shl <8 x i32> %185, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n3 = bitcast <8 x i32> %186 to <8 x float>
-  %exp4 = fmul <8 x float> %183, %exp.2n3
-  %187 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %187
-  %silu6 = fmul <8 x float> %165, %sigmoid5
-  %glu7 = fmul <8 x float> %silu6, %166
-  %188 = fmul <8 x float> %glu7, %162
-  %189 = getelementptr inbounds float, ptr %164, i64 %col2
-  store <8 x float> %188, ptr %189, align 4
-  %190 = add nsw i64 %r0, 2
-  %191 = getelementptr inbounds float, ptr %rw, i64 %190
-  %192 = load float, ptr %191, align 4
-  %193 = insertelement <8 x float> poison, float %192, i32 0
-  %194 = shufflevector <8 x float> %193, <8 x float> poison, <8 x i32> zeroinitializer
-  %195 = mul nsw i64 %190, 192
-  %196 = getelementptr inbounds float, ptr %h, i64 %195
+  %164 = load <8 x float>, ptr %acc010, align 4
+  %165 = load <8 x float>, ptr %acc011, align 4
+  %166 = fneg <8 x float> %164
+  %167 = fcmp olt <8 x float> %166, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %168 = select <8 x i1> %167, <8 x float> %166, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %169 = fcmp ogt <8 x float> %168, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %170 = select <8 x i1> %169, <8 x float> %168, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %170, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %172 = call <8 x float> @llvm.floor.v8f32(<8 x float> %171)
+  %173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %172, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %170)
+  %174 = call <8 x float> @llvm.fma.v8f32(<8 x float> %172, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %173)
+  %175 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %174, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %176 = call <8 x float> @llvm.fma.v8f32(<8 x float> %175, <8 x float> %174, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %177 = call <8 x float> @llvm.fma.v8f32(<8 x float> %176, <8 x float> %174, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %178 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> %174, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %178, <8 x float> %174, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %180 = fmul <8 x float> %174, %174
+  %181 = call <8 x float> @llvm.fma.v8f32(<8 x float> %179, <8 x float> %180, <8 x float> %174)
+  %182 = fadd <8 x float> %181, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %183 = fptosi <8 x float> %172 to <8 x i32>
+  %184 = add <8 x i32> %183, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %185 = shl <8 x i32> %184, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n3 = bitcast <8 x i32> %185 to <8 x float>
+  %exp4 = fmul <8 x float> %182, %exp.2n3
+  %186 = fadd <8 x float> %exp4, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid5 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %186
+  %silu6 = fmul <8 x float> %164, %sigmoid5
+  %glu7 = fmul <8 x float> %silu6, %165
+  %187 = fmul <8 x float> %glu7, %161
+  %188 = getelementptr inbounds float, ptr %163, i64 %col2
+  store <8 x float> %187, ptr %188, align 4
+  %189 = add nsw i64 %r0, 2
+  %190 = getelementptr inbounds float, ptr %rw, i64 %189
+  %191 = load float, ptr %190, align 4
+  %192 = insertelement <8 x float> poison, float %191, i32 0
+  %193 = shufflevector <8 x float> %192, <8 x float> poison, <8 x i32> zeroinitializer
+  %194 = mul nsw i64 %189, 192
+  %195 = getelementptr inbounds float, ptr %h, i64 %194
   %col8 = mul nsw i64 %p, 8
-  %197 = load <8 x float>, ptr %acc020, align 4
-  %198 = load <8 x float>, ptr %acc021, align 4
-  %199 = fneg <8 x float> %197
-  %200 = fcmp olt <8 x float> %199, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %201 = select <8 x i1> %200, <8 x float> %199, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %202 = fcmp ogt <8 x float> %201, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %203 = select <8 x i1> %202, <8 x float> %201, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %203, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %205 = call <8 x float> @llvm.floor.v8f32(<8 x float> %204)
-  %206 = call <8 x float> @llvm.fma.v8f32(<8 x float> %205, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %203)
-  %207 = call <8 x float> @llvm.fma.v8f32(<8 x float> %205, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %206)
-  %208 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %207, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %209 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> %207, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %207, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %210, <8 x float> %207, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %211, <8 x float> %207, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %213 = fmul <8 x float> %207, %207
-  %214 = call <8 x float> @llvm.fma.v8f32(<8 x float> %212, <8 x float> %213, <8 x float> %207)
-  %215 = fadd <8 x float> %214, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %216 = fptosi <8 x float> %205 to <8 x i32>
-  %217 = add <8 x i32> %216, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %218 = shl <8 x i32> %217, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n9 = bitcast <8 x i32> %218 to <8 x float>
-  %exp10 = fmul <8 x float> %215, %exp.2n9
-  %219 = fadd <8 x float> %exp10, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid11 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %219
-  %silu12 = fmul <8 x float> %197, %sigmoid11
-  %glu13 = fmul <8 x float> %silu12, %198
-  %220 = fmul <8 x float> %glu13, %194
-  %221 = getelementptr inbounds float, ptr %196, i64 %col8
-  store <8 x float> %220, ptr %221, align 4
-  %222 = add nsw i64 %r0, 3
-  %223 = getelementptr inbounds float, ptr %rw, i64 %222
-  %224 = load float, ptr %223, align 4
-  %225 = insertelement <8 x float> poison, float %224, i32 0
-  %226 = shufflevector <8 x float> %225, <8 x float> poison, <8 x i32> zeroinitializer
-  %227 = mul nsw i64 %222, 192
-  %228 = getelementptr inbounds float, ptr %h, i64 %227
+  %196 = load <8 x float>, ptr %acc020, align 4
+  %197 = load <8 x float>, ptr %acc021, align 4
+  %198 = fneg <8 x float> %196
+  %199 = fcmp olt <8 x float> %198, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %200 = select <8 x i1> %199, <8 x float> %198, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %201 = fcmp ogt <8 x float> %200, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %202 = select <8 x i1> %201, <8 x float> %200, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %202, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %204 = call <8 x float> @llvm.floor.v8f32(<8 x float> %203)
+  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %204, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %202)
+  %206 = call <8 x float> @llvm.fma.v8f32(<8 x float> %204, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %205)
+  %207 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %206, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %208 = call <8 x float> @llvm.fma.v8f32(<8 x float> %207, <8 x float> %206, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %209 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> %206, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %206, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %210, <8 x float> %206, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %212 = fmul <8 x float> %206, %206
+  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %211, <8 x float> %212, <8 x float> %206)
+  %214 = fadd <8 x float> %213, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %215 = fptosi <8 x float> %204 to <8 x i32>
+  %216 = add <8 x i32> %215, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %217 = shl <8 x i32> %216, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n9 = bitcast <8 x i32> %217 to <8 x float>
+  %exp10 = fmul <8 x float> %214, %exp.2n9
+  %218 = fadd <8 x float> %exp10, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid11 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %218
+  %silu12 = fmul <8 x float> %196, %sigmoid11
+  %glu13 = fmul <8 x float> %silu12, %197
+  %219 = fmul <8 x float> %glu13, %193
+  %220 = getelementptr inbounds float, ptr %195, i64 %col8
+  store <8 x float> %219, ptr %220, align 4
+  %221 = add nsw i64 %r0, 3
+  %222 = getelementptr inbounds float, ptr %rw, i64 %221
+  %223 = load float, ptr %222, align 4
+  %224 = insertelement <8 x float> poison, float %223, i32 0
+  %225 = shufflevector <8 x float> %224, <8 x float> poison, <8 x i32> zeroinitializer
+  %226 = mul nsw i64 %221, 192
+  %227 = getelementptr inbounds float, ptr %h, i64 %226
   %col14 = mul nsw i64 %p, 8
-  %229 = load <8 x float>, ptr %acc030, align 4
-  %230 = load <8 x float>, ptr %acc031, align 4
-  %231 = fneg <8 x float> %229
-  %232 = fcmp olt <8 x float> %231, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %233 = select <8 x i1> %232, <8 x float> %231, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %234 = fcmp ogt <8 x float> %233, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %235 = select <8 x i1> %234, <8 x float> %233, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %235, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %237 = call <8 x float> @llvm.floor.v8f32(<8 x float> %236)
-  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %237, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %235)
-  %239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %237, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %238)
-  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %239, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %239, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> %239, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %242, <8 x float> %239, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %243, <8 x float> %239, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %245 = fmul <8 x float> %239, %239
-  %246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %244, <8 x float> %245, <8 x float> %239)
-  %247 = fadd <8 x float> %246, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %248 = fptosi <8 x float> %237 to <8 x i32>
-  %249 = add <8 x i32> %248, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %250 = shl <8 x i32> %249, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n15 = bitcast <8 x i32> %250 to <8 x float>
-  %exp16 = fmul <8 x float> %247, %exp.2n15
-  %251 = fadd <8 x float> %exp16, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid17 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %251
-  %silu18 = fmul <8 x float> %229, %sigmoid17
-  %glu19 = fmul <8 x float> %silu18, %230
-  %252 = fmul <8 x float> %glu19, %226
-  %253 = getelementptr inbounds float, ptr %228, i64 %col14
-  store <8 x float> %252, ptr %253, align 4
-  %254 = add nsw i64 %r0, 4
-  %255 = getelementptr inbounds float, ptr %rw, i64 %254
-  %256 = load float, ptr %255, align 4
-  %257 = insertelement <8 x float> poison, float %256, i32 0
-  %258 = shufflevector <8 x float> %257, <8 x float> poison, <8 x i32> zeroinitializer
-  %259 = mul nsw i64 %254, 192
-  %260 = getelementptr inbounds float, ptr %h, i64 %259
+  %228 = load <8 x float>, ptr %acc030, align 4
+  %229 = load <8 x float>, ptr %acc031, align 4
+  %230 = fneg <8 x float> %228
+  %231 = fcmp olt <8 x float> %230, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %232 = select <8 x i1> %231, <8 x float> %230, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %233 = fcmp ogt <8 x float> %232, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %234 = select <8 x i1> %233, <8 x float> %232, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %234, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %236 = call <8 x float> @llvm.floor.v8f32(<8 x float> %235)
+  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %234)
+  %238 = call <8 x float> @llvm.fma.v8f32(<8 x float> %236, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %237)
+  %239 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %238, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %240 = call <8 x float> @llvm.fma.v8f32(<8 x float> %239, <8 x float> %238, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %238, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> %238, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %242, <8 x float> %238, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %244 = fmul <8 x float> %238, %238
+  %245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %243, <8 x float> %244, <8 x float> %238)
+  %246 = fadd <8 x float> %245, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %247 = fptosi <8 x float> %236 to <8 x i32>
+  %248 = add <8 x i32> %247, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %249 = shl <8 x i32> %248, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n15 = bitcast <8 x i32> %249 to <8 x float>
+  %exp16 = fmul <8 x float> %246, %exp.2n15
+  %250 = fadd <8 x float> %exp16, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid17 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %250
+  %silu18 = fmul <8 x float> %228, %sigmoid17
+  %glu19 = fmul <8 x float> %silu18, %229
+  %251 = fmul <8 x float> %glu19, %225
+  %252 = getelementptr inbounds float, ptr %227, i64 %col14
+  store <8 x float> %251, ptr %252, align 4
+  %253 = add nsw i64 %r0, 4
+  %254 = getelementptr inbounds float, ptr %rw, i64 %253
+  %255 = load float, ptr %254, align 4
+  %256 = insertelement <8 x float> poison, float %255, i32 0
+  %257 = shufflevector <8 x float> %256, <8 x float> poison, <8 x i32> zeroinitializer
+  %258 = mul nsw i64 %253, 192
+  %259 = getelementptr inbounds float, ptr %h, i64 %258
   %col20 = mul nsw i64 %p, 8
-  %261 = load <8 x float>, ptr %acc040, align 4
-  %262 = load <8 x float>, ptr %acc041, align 4
-  %263 = fneg <8 x float> %261
-  %264 = fcmp olt <8 x float> %263, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %265 = select <8 x i1> %264, <8 x float> %263, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %266 = fcmp ogt <8 x float> %265, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %267 = select <8 x i1> %266, <8 x float> %265, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %267, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %269 = call <8 x float> @llvm.floor.v8f32(<8 x float> %268)
-  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %269, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %267)
-  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %269, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %270)
-  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %271, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %273 = call <8 x float> @llvm.fma.v8f32(<8 x float> %272, <8 x float> %271, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> %271, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %274, <8 x float> %271, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %271, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %277 = fmul <8 x float> %271, %271
-  %278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %276, <8 x float> %277, <8 x float> %271)
-  %279 = fadd <8 x float> %278, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %280 = fptosi <8 x float> %269 to <8 x i32>
-  %281 = add <8 x i32> %280, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %282 = shl <8 x i32> %281, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n21 = bitcast <8 x i32> %282 to <8 x float>
-  %exp22 = fmul <8 x float> %279, %exp.2n21
-  %283 = fadd <8 x float> %exp22, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid23 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %283
-  %silu24 = fmul <8 x float> %261, %sigmoid23
-  %glu25 = fmul <8 x float> %silu24, %262
-  %284 = fmul <8 x float> %glu25, %258
-  %285 = getelementptr inbounds float, ptr %260, i64 %col20
-  store <8 x float> %284, ptr %285, align 4
-  %286 = add nsw i64 %r0, 5
-  %287 = getelementptr inbounds float, ptr %rw, i64 %286
-  %288 = load float, ptr %287, align 4
-  %289 = insertelement <8 x float> poison, float %288, i32 0
-  %290 = shufflevector <8 x float> %289, <8 x float> poison, <8 x i32> zeroinitializer
-  %291 = mul nsw i64 %286, 192
-  %292 = getelementptr inbounds float, ptr %h, i64 %291
+  %260 = load <8 x float>, ptr %acc040, align 4
+  %261 = load <8 x float>, ptr %acc041, align 4
+  %262 = fneg <8 x float> %260
+  %263 = fcmp olt <8 x float> %262, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %264 = select <8 x i1> %263, <8 x float> %262, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %265 = fcmp ogt <8 x float> %264, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %266 = select <8 x i1> %265, <8 x float> %264, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %266, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %268 = call <8 x float> @llvm.floor.v8f32(<8 x float> %267)
+  %269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %266)
+  %270 = call <8 x float> @llvm.fma.v8f32(<8 x float> %268, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %269)
+  %271 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %270, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %272 = call <8 x float> @llvm.fma.v8f32(<8 x float> %271, <8 x float> %270, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %273 = call <8 x float> @llvm.fma.v8f32(<8 x float> %272, <8 x float> %270, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %273, <8 x float> %270, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %275 = call <8 x float> @llvm.fma.v8f32(<8 x float> %274, <8 x float> %270, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %276 = fmul <8 x float> %270, %270
+  %277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %275, <8 x float> %276, <8 x float> %270)
+  %278 = fadd <8 x float> %277, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %279 = fptosi <8 x float> %268 to <8 x i32>
+  %280 = add <8 x i32> %279, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %281 = shl <8 x i32> %280, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n21 = bitcast <8 x i32> %281 to <8 x float>
+  %exp22 = fmul <8 x float> %278, %exp.2n21
+  %282 = fadd <8 x float> %exp22, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid23 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %282
+  %silu24 = fmul <8 x float> %260, %sigmoid23
+  %glu25 = fmul <8 x float> %silu24, %261
+  %283 = fmul <8 x float> %glu25, %257
+  %284 = getelementptr inbounds float, ptr %259, i64 %col20
+  store <8 x float> %283, ptr %284, align 4
+  %285 = add nsw i64 %r0, 5
+  %286 = getelementptr inbounds float, ptr %rw, i64 %285
+  %287 = load float, ptr %286, align 4
+  %288 = insertelement <8 x float> poison, float %287, i32 0
+  %289 = shufflevector <8 x float> %288, <8 x float> poison, <8 x i32> zeroinitializer
+  %290 = mul nsw i64 %285, 192
+  %291 = getelementptr inbounds float, ptr %h, i64 %290
   %col26 = mul nsw i64 %p, 8
-  %293 = load <8 x float>, ptr %acc050, align 4
-  %294 = load <8 x float>, ptr %acc051, align 4
-  %295 = fneg <8 x float> %293
-  %296 = fcmp olt <8 x float> %295, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %297 = select <8 x i1> %296, <8 x float> %295, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %298 = fcmp ogt <8 x float> %297, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %299 = select <8 x i1> %298, <8 x float> %297, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %299, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %301 = call <8 x float> @llvm.floor.v8f32(<8 x float> %300)
-  %302 = call <8 x float> @llvm.fma.v8f32(<8 x float> %301, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %299)
-  %303 = call <8 x float> @llvm.fma.v8f32(<8 x float> %301, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %302)
-  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %303, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %305 = call <8 x float> @llvm.fma.v8f32(<8 x float> %304, <8 x float> %303, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %305, <8 x float> %303, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %307 = call <8 x float> @llvm.fma.v8f32(<8 x float> %306, <8 x float> %303, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %308 = call <8 x float> @llvm.fma.v8f32(<8 x float> %307, <8 x float> %303, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %309 = fmul <8 x float> %303, %303
-  %310 = call <8 x float> @llvm.fma.v8f32(<8 x float> %308, <8 x float> %309, <8 x float> %303)
-  %311 = fadd <8 x float> %310, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %312 = fptosi <8 x float> %301 to <8 x i32>
-  %313 = add <8 x i32> %312, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %314 = shl <8 x i32> %313, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n27 = bitcast <8 x i32> %314 to <8 x float>
-  %exp28 = fmul <8 x float> %311, %exp.2n27
-  %315 = fadd <8 x float> %exp28, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid29 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %315
-  %silu30 = fmul <8 x float> %293, %sigmoid29
-  %glu31 = fmul <8 x float> %silu30, %294
-  %316 = fmul <8 x float> %glu31, %290
-  %317 = getelementptr inbounds float, ptr %292, i64 %col26
-  store <8 x float> %316, ptr %317, align 4
+  %292 = load <8 x float>, ptr %acc050, align 4
+  %293 = load <8 x float>, ptr %acc051, align 4
+  %294 = fneg <8 x float> %292
+  %295 = fcmp olt <8 x float> %294, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %296 = select <8 x i1> %295, <8 x float> %294, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %297 = fcmp ogt <8 x float> %296, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %298 = select <8 x i1> %297, <8 x float> %296, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %299 = call <8 x float> @llvm.fma.v8f32(<8 x float> %298, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %300 = call <8 x float> @llvm.floor.v8f32(<8 x float> %299)
+  %301 = call <8 x float> @llvm.fma.v8f32(<8 x float> %300, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %298)
+  %302 = call <8 x float> @llvm.fma.v8f32(<8 x float> %300, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %301)
+  %303 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %302, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %303, <8 x float> %302, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %305 = call <8 x float> @llvm.fma.v8f32(<8 x float> %304, <8 x float> %302, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %305, <8 x float> %302, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %307 = call <8 x float> @llvm.fma.v8f32(<8 x float> %306, <8 x float> %302, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %308 = fmul <8 x float> %302, %302
+  %309 = call <8 x float> @llvm.fma.v8f32(<8 x float> %307, <8 x float> %308, <8 x float> %302)
+  %310 = fadd <8 x float> %309, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %311 = fptosi <8 x float> %300 to <8 x i32>
+  %312 = add <8 x i32> %311, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %313 = shl <8 x i32> %312, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n27 = bitcast <8 x i32> %313 to <8 x float>
+  %exp28 = fmul <8 x float> %310, %exp.2n27
+  %314 = fadd <8 x float> %exp28, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid29 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %314
+  %silu30 = fmul <8 x float> %292, %sigmoid29
+  %glu31 = fmul <8 x float> %silu30, %293
+  %315 = fmul <8 x float> %glu31, %289
+  %316 = getelementptr inbounds float, ptr %291, i64 %col26
+  store <8 x float> %315, ptr %316, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
-  %318 = add nsw i64 %r0, 0
-  %319 = getelementptr inbounds i32, ptr %rows, i64 %318
-  %320 = load i32, ptr %319, align 4
-  %321 = sext i32 %320 to i64
-  %322 = mul nsw i64 %321, 64
-  %323 = add nsw i64 %322, 0
-  %324 = getelementptr inbounds float, ptr %x, i64 %323
+  %317 = add nsw i64 %r0, 0
+  %318 = getelementptr inbounds i32, ptr %rows, i64 %317
+  %319 = load i32, ptr %318, align 4
+  %320 = sext i32 %319 to i64
+  %321 = mul nsw i64 %320, 64
+  %322 = add nsw i64 %321, 0
+  %323 = getelementptr inbounds float, ptr %x, i64 %322
   store <8 x float> zeroinitializer, ptr %acc00032, align 4
   store <8 x float> zeroinitializer, ptr %acc00133, align 4
-  %325 = add nsw i64 %r0, 1
-  %326 = getelementptr inbounds i32, ptr %rows, i64 %325
-  %327 = load i32, ptr %326, align 4
-  %328 = sext i32 %327 to i64
-  %329 = mul nsw i64 %328, 64
-  %330 = add nsw i64 %329, 0
-  %331 = getelementptr inbounds float, ptr %x, i64 %330
+  %324 = add nsw i64 %r0, 1
+  %325 = getelementptr inbounds i32, ptr %rows, i64 %324
+  %326 = load i32, ptr %325, align 4
+  %327 = sext i32 %326 to i64
+  %328 = mul nsw i64 %327, 64
+  %329 = add nsw i64 %328, 0
+  %330 = getelementptr inbounds float, ptr %x, i64 %329
   store <8 x float> zeroinitializer, ptr %acc01034, align 4
   store <8 x float> zeroinitializer, ptr %acc01135, align 4
-  %332 = add nsw i64 %r0, 2
-  %333 = getelementptr inbounds i32, ptr %rows, i64 %332
-  %334 = load i32, ptr %333, align 4
-  %335 = sext i32 %334 to i64
-  %336 = mul nsw i64 %335, 64
-  %337 = add nsw i64 %336, 0
-  %338 = getelementptr inbounds float, ptr %x, i64 %337
+  %331 = add nsw i64 %r0, 2
+  %332 = getelementptr inbounds i32, ptr %rows, i64 %331
+  %333 = load i32, ptr %332, align 4
+  %334 = sext i32 %333 to i64
+  %335 = mul nsw i64 %334, 64
+  %336 = add nsw i64 %335, 0
+  %337 = getelementptr inbounds float, ptr %x, i64 %336
   store <8 x float> zeroinitializer, ptr %acc02036, align 4
   store <8 x float> zeroinitializer, ptr %acc02137, align 4
-  %339 = add nsw i64 %r0, 3
-  %340 = getelementptr inbounds i32, ptr %rows, i64 %339
-  %341 = load i32, ptr %340, align 4
-  %342 = sext i32 %341 to i64
-  %343 = mul nsw i64 %342, 64
-  %344 = add nsw i64 %343, 0
-  %345 = getelementptr inbounds float, ptr %x, i64 %344
+  %338 = add nsw i64 %r0, 3
+  %339 = getelementptr inbounds i32, ptr %rows, i64 %338
+  %340 = load i32, ptr %339, align 4
+  %341 = sext i32 %340 to i64
+  %342 = mul nsw i64 %341, 64
+  %343 = add nsw i64 %342, 0
+  %344 = getelementptr inbounds float, ptr %x, i64 %343
   store <8 x float> zeroinitializer, ptr %acc03038, align 4
   store <8 x float> zeroinitializer, ptr %acc03139, align 4
-  %346 = add nsw i64 %r0, 4
-  %347 = getelementptr inbounds i32, ptr %rows, i64 %346
-  %348 = load i32, ptr %347, align 4
-  %349 = sext i32 %348 to i64
-  %350 = mul nsw i64 %349, 64
-  %351 = add nsw i64 %350, 0
-  %352 = getelementptr inbounds float, ptr %x, i64 %351
+  %345 = add nsw i64 %r0, 4
+  %346 = getelementptr inbounds i32, ptr %rows, i64 %345
+  %347 = load i32, ptr %346, align 4
+  %348 = sext i32 %347 to i64
+  %349 = mul nsw i64 %348, 64
+  %350 = add nsw i64 %349, 0
+  %351 = getelementptr inbounds float, ptr %x, i64 %350
   store <8 x float> zeroinitializer, ptr %acc04040, align 4
   store <8 x float> zeroinitializer, ptr %acc04141, align 4
-  %353 = mul nsw i64 %p, 1024
-  %panel.off42 = add nsw i64 %353, 0
-  %354 = getelementptr inbounds float, ptr %panels, i64 %panel.off42
-  %355 = add nsw i64 %p, 1
-  %356 = icmp slt i64 %355, %p1
-  %pf.on43 = and i1 %pf.on, %356
-  %357 = mul nsw i64 %rb, 4096
-  %358 = lshr i64 %357, %11
-  %359 = add nsw i64 4096, %358
-  %360 = getelementptr inbounds i8, ptr %354, i64 %359
-  %pf44 = select i1 %pf.on43, ptr %360, ptr %354
+  %panel.off42 = mul nsw i64 %p, 1024
+  %352 = getelementptr inbounds float, ptr %panels, i64 %panel.off42
+  %353 = add nsw i64 %p, 1
+  %354 = icmp slt i64 %353, %p1
+  %pf.on43 = and i1 %pf.on, %354
+  %355 = mul nsw i64 %rb, 4096
+  %356 = lshr i64 %355, %11
+  %357 = add nsw i64 4096, %356
+  %358 = getelementptr inbounds i8, ptr %352, i64 %357
+  %pf44 = select i1 %pf.on43, ptr %358, ptr %352
   %pf.sh45 = select i1 %pf.on43, i64 %11, i64 0
   br label %k.head46
 
 k.head46:                                         ; preds = %pf.any.end51, %tile.mr5
-  %k49 = phi i64 [ 0, %tile.mr5 ], [ %414, %pf.any.end51 ]
-  %361 = icmp slt i64 %k49, 64
-  br i1 %361, label %k.body47, label %k.end48
+  %k49 = phi i64 [ 0, %tile.mr5 ], [ %412, %pf.any.end51 ]
+  %359 = icmp slt i64 %k49, 64
+  br i1 %359, label %k.body47, label %k.end48
 
 k.body47:                                         ; preds = %k.head46
-  %362 = mul nsw i64 %k49, 1
-  %363 = add nsw i64 %362, 0
-  %364 = mul nsw i64 %363, 64
+  %360 = mul nsw i64 %k49, 1
+  %361 = add nsw i64 %360, 0
+  %362 = mul nsw i64 %361, 64
   br i1 %pf.multi, label %pf.any.then50, label %pf.any.end51
 
 pf.any.then50:                                    ; preds = %k.body47
-  %365 = lshr i64 %364, %pf.sh45
-  %366 = getelementptr inbounds i8, ptr %pf44, i64 %365
-  call void @llvm.prefetch.p0(ptr %366, i32 0, i32 2, i32 1)
+  %363 = lshr i64 %362, %pf.sh45
+  %364 = getelementptr inbounds i8, ptr %pf44, i64 %363
+  call void @llvm.prefetch.p0(ptr %364, i32 0, i32 2, i32 1)
   br label %pf.any.end51
 
 pf.any.end51:                                     ; preds = %pf.any.then50, %k.body47
-  %367 = mul nsw i64 %363, 16
-  %368 = add nsw i64 %panel.off42, %367
-  %369 = getelementptr inbounds float, ptr %panels, i64 %368
-  %370 = load <8 x float>, ptr %369, align 4
-  %371 = add nsw i64 %368, 8
-  %372 = getelementptr inbounds float, ptr %panels, i64 %371
-  %373 = load <8 x float>, ptr %372, align 4
-  %374 = getelementptr inbounds float, ptr %324, i64 %363
-  %375 = load float, ptr %374, align 4
-  %376 = insertelement <8 x float> poison, float %375, i32 0
-  %377 = shufflevector <8 x float> %376, <8 x float> poison, <8 x i32> zeroinitializer
-  %378 = load <8 x float>, ptr %acc00032, align 4
-  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %370, <8 x float> %378)
-  store <8 x float> %379, ptr %acc00032, align 4
-  %380 = load <8 x float>, ptr %acc00133, align 4
-  %381 = call <8 x float> @llvm.fma.v8f32(<8 x float> %377, <8 x float> %373, <8 x float> %380)
-  store <8 x float> %381, ptr %acc00133, align 4
-  %382 = getelementptr inbounds float, ptr %331, i64 %363
-  %383 = load float, ptr %382, align 4
-  %384 = insertelement <8 x float> poison, float %383, i32 0
-  %385 = shufflevector <8 x float> %384, <8 x float> poison, <8 x i32> zeroinitializer
-  %386 = load <8 x float>, ptr %acc01034, align 4
-  %387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %385, <8 x float> %370, <8 x float> %386)
-  store <8 x float> %387, ptr %acc01034, align 4
-  %388 = load <8 x float>, ptr %acc01135, align 4
-  %389 = call <8 x float> @llvm.fma.v8f32(<8 x float> %385, <8 x float> %373, <8 x float> %388)
-  store <8 x float> %389, ptr %acc01135, align 4
-  %390 = getelementptr inbounds float, ptr %338, i64 %363
-  %391 = load float, ptr %390, align 4
-  %392 = insertelement <8 x float> poison, float %391, i32 0
-  %393 = shufflevector <8 x float> %392, <8 x float> poison, <8 x i32> zeroinitializer
-  %394 = load <8 x float>, ptr %acc02036, align 4
-  %395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %393, <8 x float> %370, <8 x float> %394)
-  store <8 x float> %395, ptr %acc02036, align 4
-  %396 = load <8 x float>, ptr %acc02137, align 4
-  %397 = call <8 x float> @llvm.fma.v8f32(<8 x float> %393, <8 x float> %373, <8 x float> %396)
-  store <8 x float> %397, ptr %acc02137, align 4
-  %398 = getelementptr inbounds float, ptr %345, i64 %363
-  %399 = load float, ptr %398, align 4
-  %400 = insertelement <8 x float> poison, float %399, i32 0
-  %401 = shufflevector <8 x float> %400, <8 x float> poison, <8 x i32> zeroinitializer
-  %402 = load <8 x float>, ptr %acc03038, align 4
-  %403 = call <8 x float> @llvm.fma.v8f32(<8 x float> %401, <8 x float> %370, <8 x float> %402)
-  store <8 x float> %403, ptr %acc03038, align 4
-  %404 = load <8 x float>, ptr %acc03139, align 4
-  %405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %401, <8 x float> %373, <8 x float> %404)
-  store <8 x float> %405, ptr %acc03139, align 4
-  %406 = getelementptr inbounds float, ptr %352, i64 %363
-  %407 = load float, ptr %406, align 4
-  %408 = insertelement <8 x float> poison, float %407, i32 0
-  %409 = shufflevector <8 x float> %408, <8 x float> poison, <8 x i32> zeroinitializer
-  %410 = load <8 x float>, ptr %acc04040, align 4
-  %411 = call <8 x float> @llvm.fma.v8f32(<8 x float> %409, <8 x float> %370, <8 x float> %410)
-  store <8 x float> %411, ptr %acc04040, align 4
-  %412 = load <8 x float>, ptr %acc04141, align 4
-  %413 = call <8 x float> @llvm.fma.v8f32(<8 x float> %409, <8 x float> %373, <8 x float> %412)
-  store <8 x float> %413, ptr %acc04141, align 4
-  %414 = add nsw i64 %k49, 1
+  %365 = mul nsw i64 %361, 16
+  %366 = add nsw i64 %panel.off42, %365
+  %367 = getelementptr inbounds float, ptr %panels, i64 %366
+  %368 = load <8 x float>, ptr %367, align 4
+  %369 = add nsw i64 %366, 8
+  %370 = getelementptr inbounds float, ptr %panels, i64 %369
+  %371 = load <8 x float>, ptr %370, align 4
+  %372 = getelementptr inbounds float, ptr %323, i64 %361
+  %373 = load float, ptr %372, align 4
+  %374 = insertelement <8 x float> poison, float %373, i32 0
+  %375 = shufflevector <8 x float> %374, <8 x float> poison, <8 x i32> zeroinitializer
+  %376 = load <8 x float>, ptr %acc00032, align 4
+  %377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> %368, <8 x float> %376)
+  store <8 x float> %377, ptr %acc00032, align 4
+  %378 = load <8 x float>, ptr %acc00133, align 4
+  %379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %375, <8 x float> %371, <8 x float> %378)
+  store <8 x float> %379, ptr %acc00133, align 4
+  %380 = getelementptr inbounds float, ptr %330, i64 %361
+  %381 = load float, ptr %380, align 4
+  %382 = insertelement <8 x float> poison, float %381, i32 0
+  %383 = shufflevector <8 x float> %382, <8 x float> poison, <8 x i32> zeroinitializer
+  %384 = load <8 x float>, ptr %acc01034, align 4
+  %385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %383, <8 x float> %368, <8 x float> %384)
+  store <8 x float> %385, ptr %acc01034, align 4
+  %386 = load <8 x float>, ptr %acc01135, align 4
+  %387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %383, <8 x float> %371, <8 x float> %386)
+  store <8 x float> %387, ptr %acc01135, align 4
+  %388 = getelementptr inbounds float, ptr %337, i64 %361
+  %389 = load float, ptr %388, align 4
+  %390 = insertelement <8 x float> poison, float %389, i32 0
+  %391 = shufflevector <8 x float> %390, <8 x float> poison, <8 x i32> zeroinitializer
+  %392 = load <8 x float>, ptr %acc02036, align 4
+  %393 = call <8 x float> @llvm.fma.v8f32(<8 x float> %391, <8 x float> %368, <8 x float> %392)
+  store <8 x float> %393, ptr %acc02036, align 4
+  %394 = load <8 x float>, ptr %acc02137, align 4
+  %395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %391, <8 x float> %371, <8 x float> %394)
+  store <8 x float> %395, ptr %acc02137, align 4
+  %396 = getelementptr inbounds float, ptr %344, i64 %361
+  %397 = load float, ptr %396, align 4
+  %398 = insertelement <8 x float> poison, float %397, i32 0
+  %399 = shufflevector <8 x float> %398, <8 x float> poison, <8 x i32> zeroinitializer
+  %400 = load <8 x float>, ptr %acc03038, align 4
+  %401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %399, <8 x float> %368, <8 x float> %400)
+  store <8 x float> %401, ptr %acc03038, align 4
+  %402 = load <8 x float>, ptr %acc03139, align 4
+  %403 = call <8 x float> @llvm.fma.v8f32(<8 x float> %399, <8 x float> %371, <8 x float> %402)
+  store <8 x float> %403, ptr %acc03139, align 4
+  %404 = getelementptr inbounds float, ptr %351, i64 %361
+  %405 = load float, ptr %404, align 4
+  %406 = insertelement <8 x float> poison, float %405, i32 0
+  %407 = shufflevector <8 x float> %406, <8 x float> poison, <8 x i32> zeroinitializer
+  %408 = load <8 x float>, ptr %acc04040, align 4
+  %409 = call <8 x float> @llvm.fma.v8f32(<8 x float> %407, <8 x float> %368, <8 x float> %408)
+  store <8 x float> %409, ptr %acc04040, align 4
+  %410 = load <8 x float>, ptr %acc04141, align 4
+  %411 = call <8 x float> @llvm.fma.v8f32(<8 x float> %407, <8 x float> %371, <8 x float> %410)
+  store <8 x float> %411, ptr %acc04141, align 4
+  %412 = add nsw i64 %k49, 1
   br label %k.head46
 
 k.end48:                                          ; preds = %k.head46
-  %415 = add nsw i64 %r0, 0
-  %416 = getelementptr inbounds float, ptr %rw, i64 %415
-  %417 = load float, ptr %416, align 4
-  %418 = insertelement <8 x float> poison, float %417, i32 0
-  %419 = shufflevector <8 x float> %418, <8 x float> poison, <8 x i32> zeroinitializer
-  %420 = mul nsw i64 %415, 192
-  %421 = getelementptr inbounds float, ptr %h, i64 %420
+  %413 = add nsw i64 %r0, 0
+  %414 = getelementptr inbounds float, ptr %rw, i64 %413
+  %415 = load float, ptr %414, align 4
+  %416 = insertelement <8 x float> poison, float %415, i32 0
+  %417 = shufflevector <8 x float> %416, <8 x float> poison, <8 x i32> zeroinitializer
+  %418 = mul nsw i64 %413, 192
+  %419 = getelementptr inbounds float, ptr %h, i64 %418
   %col52 = mul nsw i64 %p, 8
-  %422 = load <8 x float>, ptr %acc00032, align 4
-  %423 = load <8 x float>, ptr %acc00133, align 4
-  %424 = fneg <8 x float> %422
-  %425 = fcmp olt <8 x float> %424, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %426 = select <8 x i1> %425, <8 x float> %424, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %427 = fcmp ogt <8 x float> %426, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %428 = select <8 x i1> %427, <8 x float> %426, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %429 = call <8 x float> @llvm.fma.v8f32(<8 x float> %428, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %430 = call <8 x float> @llvm.floor.v8f32(<8 x float> %429)
-  %431 = call <8 x float> @llvm.fma.v8f32(<8 x float> %430, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %428)
-  %432 = call <8 x float> @llvm.fma.v8f32(<8 x float> %430, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %431)
-  %433 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %432, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> %432, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %432, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %435, <8 x float> %432, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %437 = call <8 x float> @llvm.fma.v8f32(<8 x float> %436, <8 x float> %432, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %438 = fmul <8 x float> %432, %432
-  %439 = call <8 x float> @llvm.fma.v8f32(<8 x float> %437, <8 x float> %438, <8 x float> %432)
-  %440 = fadd <8 x float> %439, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %441 = fptosi <8 x float> %430 to <8 x i32>
-  %442 = add <8 x i32> %441, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %443 = shl <8 x i32> %442, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n53 = bitcast <8 x i32> %443 to <8 x float>
-  %exp54 = fmul <8 x float> %440, %exp.2n53
-  %444 = fadd <8 x float> %exp54, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid55 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %444
-  %silu56 = fmul <8 x float> %422, %sigmoid55
-  %glu57 = fmul <8 x float> %silu56, %423
-  %445 = fmul <8 x float> %glu57, %419
-  %446 = getelementptr inbounds float, ptr %421, i64 %col52
-  store <8 x float> %445, ptr %446, align 4
-  %447 = add nsw i64 %r0, 1
-  %448 = getelementptr inbounds float, ptr %rw, i64 %447
-  %449 = load float, ptr %448, align 4
-  %450 = insertelement <8 x float> poison, float %449, i32 0
-  %451 = shufflevector <8 x float> %450, <8 x float> poison, <8 x i32> zeroinitializer
-  %452 = mul nsw i64 %447, 192
-  %453 = getelementptr inbounds float, ptr %h, i64 %452
+  %420 = load <8 x float>, ptr %acc00032, align 4
+  %421 = load <8 x float>, ptr %acc00133, align 4
+  %422 = fneg <8 x float> %420
+  %423 = fcmp olt <8 x float> %422, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %424 = select <8 x i1> %423, <8 x float> %422, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %425 = fcmp ogt <8 x float> %424, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %426 = select <8 x i1> %425, <8 x float> %424, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %427 = call <8 x float> @llvm.fma.v8f32(<8 x float> %426, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %428 = call <8 x float> @llvm.floor.v8f32(<8 x float> %427)
+  %429 = call <8 x float> @llvm.fma.v8f32(<8 x float> %428, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %426)
+  %430 = call <8 x float> @llvm.fma.v8f32(<8 x float> %428, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %429)
+  %431 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %430, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %432 = call <8 x float> @llvm.fma.v8f32(<8 x float> %431, <8 x float> %430, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %433 = call <8 x float> @llvm.fma.v8f32(<8 x float> %432, <8 x float> %430, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> %430, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %430, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %436 = fmul <8 x float> %430, %430
+  %437 = call <8 x float> @llvm.fma.v8f32(<8 x float> %435, <8 x float> %436, <8 x float> %430)
+  %438 = fadd <8 x float> %437, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %439 = fptosi <8 x float> %428 to <8 x i32>
+  %440 = add <8 x i32> %439, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %441 = shl <8 x i32> %440, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n53 = bitcast <8 x i32> %441 to <8 x float>
+  %exp54 = fmul <8 x float> %438, %exp.2n53
+  %442 = fadd <8 x float> %exp54, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid55 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %442
+  %silu56 = fmul <8 x float> %420, %sigmoid55
+  %glu57 = fmul <8 x float> %silu56, %421
+  %443 = fmul <8 x float> %glu57, %417
+  %444 = getelementptr inbounds float, ptr %419, i64 %col52
+  store <8 x float> %443, ptr %444, align 4
+  %445 = add nsw i64 %r0, 1
+  %446 = getelementptr inbounds float, ptr %rw, i64 %445
+  %447 = load float, ptr %446, align 4
+  %448 = insertelement <8 x float> poison, float %447, i32 0
+  %449 = shufflevector <8 x float> %448, <8 x float> poison, <8 x i32> zeroinitializer
+  %450 = mul nsw i64 %445, 192
+  %451 = getelementptr inbounds float, ptr %h, i64 %450
   %col58 = mul nsw i64 %p, 8
-  %454 = load <8 x float>, ptr %acc01034, align 4
-  %455 = load <8 x float>, ptr %acc01135, align 4
-  %456 = fneg <8 x float> %454
-  %457 = fcmp olt <8 x float> %456, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %458 = select <8 x i1> %457, <8 x float> %456, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %459 = fcmp ogt <8 x float> %458, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %460 = select <8 x i1> %459, <8 x float> %458, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %462 = call <8 x float> @llvm.floor.v8f32(<8 x float> %461)
-  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %460)
-  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %462, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %463)
-  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %464, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %464, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %464, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %464, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %468, <8 x float> %464, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %470 = fmul <8 x float> %464, %464
-  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %469, <8 x float> %470, <8 x float> %464)
-  %472 = fadd <8 x float> %471, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %473 = fptosi <8 x float> %462 to <8 x i32>
-  %474 = add <8 x i32> %473, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %475 = shl <8 x i32> %474, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n59 = bitcast <8 x i32> %475 to <8 x float>
-  %exp60 = fmul <8 x float> %472, %exp.2n59
-  %476 = fadd <8 x float> %exp60, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid61 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %476
-  %silu62 = fmul <8 x float> %454, %sigmoid61
-  %glu63 = fmul <8 x float> %silu62, %455
-  %477 = fmul <8 x float> %glu63, %451
-  %478 = getelementptr inbounds float, ptr %453, i64 %col58
-  store <8 x float> %477, ptr %478, align 4
-  %479 = add nsw i64 %r0, 2
-  %480 = getelementptr inbounds float, ptr %rw, i64 %479
-  %481 = load float, ptr %480, align 4
-  %482 = insertelement <8 x float> poison, float %481, i32 0
-  %483 = shufflevector <8 x float> %482, <8 x float> poison, <8 x i32> zeroinitializer
-  %484 = mul nsw i64 %479, 192
-  %485 = getelementptr inbounds float, ptr %h, i64 %484
+  %452 = load <8 x float>, ptr %acc01034, align 4
+  %453 = load <8 x float>, ptr %acc01135, align 4
+  %454 = fneg <8 x float> %452
+  %455 = fcmp olt <8 x float> %454, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %456 = select <8 x i1> %455, <8 x float> %454, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %457 = fcmp ogt <8 x float> %456, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %458 = select <8 x i1> %457, <8 x float> %456, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %460 = call <8 x float> @llvm.floor.v8f32(<8 x float> %459)
+  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %458)
+  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %461)
+  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %462, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %462, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %462, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %462, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %462, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %468 = fmul <8 x float> %462, %462
+  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %468, <8 x float> %462)
+  %470 = fadd <8 x float> %469, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %471 = fptosi <8 x float> %460 to <8 x i32>
+  %472 = add <8 x i32> %471, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %473 = shl <8 x i32> %472, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n59 = bitcast <8 x i32> %473 to <8 x float>
+  %exp60 = fmul <8 x float> %470, %exp.2n59
+  %474 = fadd <8 x float> %exp60, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid61 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %474
+  %silu62 = fmul <8 x float> %452, %sigmoid61
+  %glu63 = fmul <8 x float> %silu62, %453
+  %475 = fmul <8 x float> %glu63, %449
+  %476 = getelementptr inbounds float, ptr %451, i64 %col58
+  store <8 x float> %475, ptr %476, align 4
+  %477 = add nsw i64 %r0, 2
+  %478 = getelementptr inbounds float, ptr %rw, i64 %477
+  %479 = load float, ptr %478, align 4
+  %480 = insertelement <8 x float> poison, float %479, i32 0
+  %481 = shufflevector <8 x float> %480, <8 x float> poison, <8 x i32> zeroinitializer
+  %482 = mul nsw i64 %477, 192
+  %483 = getelementptr inbounds float, ptr %h, i64 %482
   %col64 = mul nsw i64 %p, 8
-  %486 = load <8 x float>, ptr %acc02036, align 4
-  %487 = load <8 x float>, ptr %acc02137, align 4
-  %488 = fneg <8 x float> %486
-  %489 = fcmp olt <8 x float> %488, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %490 = select <8 x i1> %489, <8 x float> %488, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %491 = fcmp ogt <8 x float> %490, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %492 = select <8 x i1> %491, <8 x float> %490, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %493 = call <8 x float> @llvm.fma.v8f32(<8 x float> %492, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %494 = call <8 x float> @llvm.floor.v8f32(<8 x float> %493)
-  %495 = call <8 x float> @llvm.fma.v8f32(<8 x float> %494, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %492)
-  %496 = call <8 x float> @llvm.fma.v8f32(<8 x float> %494, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %495)
-  %497 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %496, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %498 = call <8 x float> @llvm.fma.v8f32(<8 x float> %497, <8 x float> %496, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %499 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %496, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %500 = call <8 x float> @llvm.fma.v8f32(<8 x float> %499, <8 x float> %496, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %501 = call <8 x float> @llvm.fma.v8f32(<8 x float> %500, <8 x float> %496, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %502 = fmul <8 x float> %496, %496
-  %503 = call <8 x float> @llvm.fma.v8f32(<8 x float> %501, <8 x float> %502, <8 x float> %496)
-  %504 = fadd <8 x float> %503, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %505 = fptosi <8 x float> %494 to <8 x i32>
-  %506 = add <8 x i32> %505, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %507 = shl <8 x i32> %506, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n65 = bitcast <8 x i32> %507 to <8 x float>
-  %exp66 = fmul <8 x float> %504, %exp.2n65
-  %508 = fadd <8 x float> %exp66, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid67 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %508
-  %silu68 = fmul <8 x float> %486, %sigmoid67
-  %glu69 = fmul <8 x float> %silu68, %487
-  %509 = fmul <8 x float> %glu69, %483
-  %510 = getelementptr inbounds float, ptr %485, i64 %col64
-  store <8 x float> %509, ptr %510, align 4
-  %511 = add nsw i64 %r0, 3
-  %512 = getelementptr inbounds float, ptr %rw, i64 %511
-  %513 = load float, ptr %512, align 4
-  %514 = insertelement <8 x float> poison, float %513, i32 0
-  %515 = shufflevector <8 x float> %514, <8 x float> poison, <8 x i32> zeroinitializer
-  %516 = mul nsw i64 %511, 192
-  %517 = getelementptr inbounds float, ptr %h, i64 %516
+  %484 = load <8 x float>, ptr %acc02036, align 4
+  %485 = load <8 x float>, ptr %acc02137, align 4
+  %486 = fneg <8 x float> %484
+  %487 = fcmp olt <8 x float> %486, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %488 = select <8 x i1> %487, <8 x float> %486, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %489 = fcmp ogt <8 x float> %488, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %490 = select <8 x i1> %489, <8 x float> %488, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %491 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %492 = call <8 x float> @llvm.floor.v8f32(<8 x float> %491)
+  %493 = call <8 x float> @llvm.fma.v8f32(<8 x float> %492, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %490)
+  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %492, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %493)
+  %495 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %494, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %496 = call <8 x float> @llvm.fma.v8f32(<8 x float> %495, <8 x float> %494, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %497 = call <8 x float> @llvm.fma.v8f32(<8 x float> %496, <8 x float> %494, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %498 = call <8 x float> @llvm.fma.v8f32(<8 x float> %497, <8 x float> %494, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %499 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %494, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %500 = fmul <8 x float> %494, %494
+  %501 = call <8 x float> @llvm.fma.v8f32(<8 x float> %499, <8 x float> %500, <8 x float> %494)
+  %502 = fadd <8 x float> %501, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %503 = fptosi <8 x float> %492 to <8 x i32>
+  %504 = add <8 x i32> %503, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %505 = shl <8 x i32> %504, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n65 = bitcast <8 x i32> %505 to <8 x float>
+  %exp66 = fmul <8 x float> %502, %exp.2n65
+  %506 = fadd <8 x float> %exp66, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid67 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %506
+  %silu68 = fmul <8 x float> %484, %sigmoid67
+  %glu69 = fmul <8 x float> %silu68, %485
+  %507 = fmul <8 x float> %glu69, %481
+  %508 = getelementptr inbounds float, ptr %483, i64 %col64
+  store <8 x float> %507, ptr %508, align 4
+  %509 = add nsw i64 %r0, 3
+  %510 = getelementptr inbounds float, ptr %rw, i64 %509
+  %511 = load float, ptr %510, align 4
+  %512 = insertelement <8 x float> poison, float %511, i32 0
+  %513 = shufflevector <8 x float> %512, <8 x float> poison, <8 x i32> zeroinitializer
+  %514 = mul nsw i64 %509, 192
+  %515 = getelementptr inbounds float, ptr %h, i64 %514
   %col70 = mul nsw i64 %p, 8
-  %518 = load <8 x float>, ptr %acc03038, align 4
-  %519 = load <8 x float>, ptr %acc03139, align 4
-  %520 = fneg <8 x float> %518
-  %521 = fcmp olt <8 x float> %520, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %522 = select <8 x i1> %521, <8 x float> %520, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %523 = fcmp ogt <8 x float> %522, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %524 = select <8 x i1> %523, <8 x float> %522, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %525 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %526 = call <8 x float> @llvm.floor.v8f32(<8 x float> %525)
-  %527 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %524)
-  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %526, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %527)
-  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %528, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %529, <8 x float> %528, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %531 = call <8 x float> @llvm.fma.v8f32(<8 x float> %530, <8 x float> %528, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %532 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %528, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %533 = call <8 x float> @llvm.fma.v8f32(<8 x float> %532, <8 x float> %528, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %534 = fmul <8 x float> %528, %528
-  %535 = call <8 x float> @llvm.fma.v8f32(<8 x float> %533, <8 x float> %534, <8 x float> %528)
-  %536 = fadd <8 x float> %535, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %537 = fptosi <8 x float> %526 to <8 x i32>
-  %538 = add <8 x i32> %537, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %539 = shl <8 x i32> %538, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n71 = bitcast <8 x i32> %539 to <8 x float>
-  %exp72 = fmul <8 x float> %536, %exp.2n71
-  %540 = fadd <8 x float> %exp72, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid73 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %540
-  %silu74 = fmul <8 x float> %518, %sigmoid73
-  %glu75 = fmul <8 x float> %silu74, %519
-  %541 = fmul <8 x float> %glu75, %515
-  %542 = getelementptr inbounds float, ptr %517, i64 %col70
-  store <8 x float> %541, ptr %542, align 4
-  %543 = add nsw i64 %r0, 4
-  %544 = getelementptr inbounds float, ptr %rw, i64 %543
-  %545 = load float, ptr %544, align 4
-  %546 = insertelement <8 x float> poison, float %545, i32 0
-  %547 = shufflevector <8 x float> %546, <8 x float> poison, <8 x i32> zeroinitializer
-  %548 = mul nsw i64 %543, 192
-  %549 = getelementptr inbounds float, ptr %h, i64 %548
+  %516 = load <8 x float>, ptr %acc03038, align 4
+  %517 = load <8 x float>, ptr %acc03139, align 4
+  %518 = fneg <8 x float> %516
+  %519 = fcmp olt <8 x float> %518, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %520 = select <8 x i1> %519, <8 x float> %518, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %521 = fcmp ogt <8 x float> %520, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %522 = select <8 x i1> %521, <8 x float> %520, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %523 = call <8 x float> @llvm.fma.v8f32(<8 x float> %522, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %524 = call <8 x float> @llvm.floor.v8f32(<8 x float> %523)
+  %525 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %522)
+  %526 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %525)
+  %527 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %526, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %527, <8 x float> %526, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %528, <8 x float> %526, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %529, <8 x float> %526, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %531 = call <8 x float> @llvm.fma.v8f32(<8 x float> %530, <8 x float> %526, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %532 = fmul <8 x float> %526, %526
+  %533 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %532, <8 x float> %526)
+  %534 = fadd <8 x float> %533, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %535 = fptosi <8 x float> %524 to <8 x i32>
+  %536 = add <8 x i32> %535, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %537 = shl <8 x i32> %536, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n71 = bitcast <8 x i32> %537 to <8 x float>
+  %exp72 = fmul <8 x float> %534, %exp.2n71
+  %538 = fadd <8 x float> %exp72, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid73 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %538
+  %silu74 = fmul <8 x float> %516, %sigmoid73
+  %glu75 = fmul <8 x float> %silu74, %517
+  %539 = fmul <8 x float> %glu75, %513
+  %540 = getelementptr inbounds float, ptr %515, i64 %col70
+  store <8 x float> %539, ptr %540, align 4
+  %541 = add nsw i64 %r0, 4
+  %542 = getelementptr inbounds float, ptr %rw, i64 %541
+  %543 = load float, ptr %542, align 4
+  %544 = insertelement <8 x float> poison, float %543, i32 0
+  %545 = shufflevector <8 x float> %544, <8 x float> poison, <8 x i32> zeroinitializer
+  %546 = mul nsw i64 %541, 192
+  %547 = getelementptr inbounds float, ptr %h, i64 %546
   %col76 = mul nsw i64 %p, 8
-  %550 = load <8 x float>, ptr %acc04040, align 4
-  %551 = load <8 x float>, ptr %acc04141, align 4
-  %552 = fneg <8 x float> %550
-  %553 = fcmp olt <8 x float> %552, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %554 = select <8 x i1> %553, <8 x float> %552, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %555 = fcmp ogt <8 x float> %554, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %556 = select <8 x i1> %555, <8 x float> %554, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %557 = call <8 x float> @llvm.fma.v8f32(<8 x float> %556, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %558 = call <8 x float> @llvm.floor.v8f32(<8 x float> %557)
-  %559 = call <8 x float> @llvm.fma.v8f32(<8 x float> %558, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %556)
-  %560 = call <8 x float> @llvm.fma.v8f32(<8 x float> %558, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %559)
-  %561 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %560, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %562 = call <8 x float> @llvm.fma.v8f32(<8 x float> %561, <8 x float> %560, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %563 = call <8 x float> @llvm.fma.v8f32(<8 x float> %562, <8 x float> %560, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %564 = call <8 x float> @llvm.fma.v8f32(<8 x float> %563, <8 x float> %560, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %565 = call <8 x float> @llvm.fma.v8f32(<8 x float> %564, <8 x float> %560, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %566 = fmul <8 x float> %560, %560
-  %567 = call <8 x float> @llvm.fma.v8f32(<8 x float> %565, <8 x float> %566, <8 x float> %560)
-  %568 = fadd <8 x float> %567, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %569 = fptosi <8 x float> %558 to <8 x i32>
-  %570 = add <8 x i32> %569, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %571 = shl <8 x i32> %570, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n77 = bitcast <8 x i32> %571 to <8 x float>
-  %exp78 = fmul <8 x float> %568, %exp.2n77
-  %572 = fadd <8 x float> %exp78, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid79 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %572
-  %silu80 = fmul <8 x float> %550, %sigmoid79
-  %glu81 = fmul <8 x float> %silu80, %551
-  %573 = fmul <8 x float> %glu81, %547
-  %574 = getelementptr inbounds float, ptr %549, i64 %col76
-  store <8 x float> %573, ptr %574, align 4
+  %548 = load <8 x float>, ptr %acc04040, align 4
+  %549 = load <8 x float>, ptr %acc04141, align 4
+  %550 = fneg <8 x float> %548
+  %551 = fcmp olt <8 x float> %550, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %552 = select <8 x i1> %551, <8 x float> %550, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %553 = fcmp ogt <8 x float> %552, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %554 = select <8 x i1> %553, <8 x float> %552, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %555 = call <8 x float> @llvm.fma.v8f32(<8 x float> %554, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %556 = call <8 x float> @llvm.floor.v8f32(<8 x float> %555)
+  %557 = call <8 x float> @llvm.fma.v8f32(<8 x float> %556, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %554)
+  %558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %556, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %557)
+  %559 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %558, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %560 = call <8 x float> @llvm.fma.v8f32(<8 x float> %559, <8 x float> %558, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %561 = call <8 x float> @llvm.fma.v8f32(<8 x float> %560, <8 x float> %558, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %562 = call <8 x float> @llvm.fma.v8f32(<8 x float> %561, <8 x float> %558, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %563 = call <8 x float> @llvm.fma.v8f32(<8 x float> %562, <8 x float> %558, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %564 = fmul <8 x float> %558, %558
+  %565 = call <8 x float> @llvm.fma.v8f32(<8 x float> %563, <8 x float> %564, <8 x float> %558)
+  %566 = fadd <8 x float> %565, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %567 = fptosi <8 x float> %556 to <8 x i32>
+  %568 = add <8 x i32> %567, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %569 = shl <8 x i32> %568, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n77 = bitcast <8 x i32> %569 to <8 x float>
+  %exp78 = fmul <8 x float> %566, %exp.2n77
+  %570 = fadd <8 x float> %exp78, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid79 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %570
+  %silu80 = fmul <8 x float> %548, %sigmoid79
+  %glu81 = fmul <8 x float> %silu80, %549
+  %571 = fmul <8 x float> %glu81, %545
+  %572 = getelementptr inbounds float, ptr %547, i64 %col76
+  store <8 x float> %571, ptr %572, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
-  %575 = add nsw i64 %r0, 0
-  %576 = getelementptr inbounds i32, ptr %rows, i64 %575
-  %577 = load i32, ptr %576, align 4
-  %578 = sext i32 %577 to i64
-  %579 = mul nsw i64 %578, 64
-  %580 = add nsw i64 %579, 0
-  %581 = getelementptr inbounds float, ptr %x, i64 %580
+  %573 = add nsw i64 %r0, 0
+  %574 = getelementptr inbounds i32, ptr %rows, i64 %573
+  %575 = load i32, ptr %574, align 4
+  %576 = sext i32 %575 to i64
+  %577 = mul nsw i64 %576, 64
+  %578 = add nsw i64 %577, 0
+  %579 = getelementptr inbounds float, ptr %x, i64 %578
   store <8 x float> zeroinitializer, ptr %acc00082, align 4
   store <8 x float> zeroinitializer, ptr %acc00183, align 4
-  %582 = add nsw i64 %r0, 1
-  %583 = getelementptr inbounds i32, ptr %rows, i64 %582
-  %584 = load i32, ptr %583, align 4
-  %585 = sext i32 %584 to i64
-  %586 = mul nsw i64 %585, 64
-  %587 = add nsw i64 %586, 0
-  %588 = getelementptr inbounds float, ptr %x, i64 %587
+  %580 = add nsw i64 %r0, 1
+  %581 = getelementptr inbounds i32, ptr %rows, i64 %580
+  %582 = load i32, ptr %581, align 4
+  %583 = sext i32 %582 to i64
+  %584 = mul nsw i64 %583, 64
+  %585 = add nsw i64 %584, 0
+  %586 = getelementptr inbounds float, ptr %x, i64 %585
   store <8 x float> zeroinitializer, ptr %acc01084, align 4
   store <8 x float> zeroinitializer, ptr %acc01185, align 4
-  %589 = add nsw i64 %r0, 2
-  %590 = getelementptr inbounds i32, ptr %rows, i64 %589
-  %591 = load i32, ptr %590, align 4
-  %592 = sext i32 %591 to i64
-  %593 = mul nsw i64 %592, 64
-  %594 = add nsw i64 %593, 0
-  %595 = getelementptr inbounds float, ptr %x, i64 %594
+  %587 = add nsw i64 %r0, 2
+  %588 = getelementptr inbounds i32, ptr %rows, i64 %587
+  %589 = load i32, ptr %588, align 4
+  %590 = sext i32 %589 to i64
+  %591 = mul nsw i64 %590, 64
+  %592 = add nsw i64 %591, 0
+  %593 = getelementptr inbounds float, ptr %x, i64 %592
   store <8 x float> zeroinitializer, ptr %acc02086, align 4
   store <8 x float> zeroinitializer, ptr %acc02187, align 4
-  %596 = add nsw i64 %r0, 3
-  %597 = getelementptr inbounds i32, ptr %rows, i64 %596
-  %598 = load i32, ptr %597, align 4
-  %599 = sext i32 %598 to i64
-  %600 = mul nsw i64 %599, 64
-  %601 = add nsw i64 %600, 0
-  %602 = getelementptr inbounds float, ptr %x, i64 %601
+  %594 = add nsw i64 %r0, 3
+  %595 = getelementptr inbounds i32, ptr %rows, i64 %594
+  %596 = load i32, ptr %595, align 4
+  %597 = sext i32 %596 to i64
+  %598 = mul nsw i64 %597, 64
+  %599 = add nsw i64 %598, 0
+  %600 = getelementptr inbounds float, ptr %x, i64 %599
   store <8 x float> zeroinitializer, ptr %acc03088, align 4
   store <8 x float> zeroinitializer, ptr %acc03189, align 4
-  %603 = mul nsw i64 %p, 1024
-  %panel.off90 = add nsw i64 %603, 0
-  %604 = getelementptr inbounds float, ptr %panels, i64 %panel.off90
-  %605 = add nsw i64 %p, 1
-  %606 = icmp slt i64 %605, %p1
-  %pf.on91 = and i1 %pf.on, %606
-  %607 = mul nsw i64 %rb, 4096
-  %608 = lshr i64 %607, %11
-  %609 = add nsw i64 4096, %608
-  %610 = getelementptr inbounds i8, ptr %604, i64 %609
-  %pf92 = select i1 %pf.on91, ptr %610, ptr %604
+  %panel.off90 = mul nsw i64 %p, 1024
+  %601 = getelementptr inbounds float, ptr %panels, i64 %panel.off90
+  %602 = add nsw i64 %p, 1
+  %603 = icmp slt i64 %602, %p1
+  %pf.on91 = and i1 %pf.on, %603
+  %604 = mul nsw i64 %rb, 4096
+  %605 = lshr i64 %604, %11
+  %606 = add nsw i64 4096, %605
+  %607 = getelementptr inbounds i8, ptr %601, i64 %606
+  %pf92 = select i1 %pf.on91, ptr %607, ptr %601
   %pf.sh93 = select i1 %pf.on91, i64 %11, i64 0
   br label %k.head94
 
 k.head94:                                         ; preds = %pf.any.end99, %tile.mr4
-  %k97 = phi i64 [ 0, %tile.mr4 ], [ %656, %pf.any.end99 ]
-  %611 = icmp slt i64 %k97, 64
-  br i1 %611, label %k.body95, label %k.end96
+  %k97 = phi i64 [ 0, %tile.mr4 ], [ %653, %pf.any.end99 ]
+  %608 = icmp slt i64 %k97, 64
+  br i1 %608, label %k.body95, label %k.end96
 
 k.body95:                                         ; preds = %k.head94
-  %612 = mul nsw i64 %k97, 1
-  %613 = add nsw i64 %612, 0
-  %614 = mul nsw i64 %613, 64
+  %609 = mul nsw i64 %k97, 1
+  %610 = add nsw i64 %609, 0
+  %611 = mul nsw i64 %610, 64
   br i1 %pf.multi, label %pf.any.then98, label %pf.any.end99
 
 pf.any.then98:                                    ; preds = %k.body95
-  %615 = lshr i64 %614, %pf.sh93
-  %616 = getelementptr inbounds i8, ptr %pf92, i64 %615
-  call void @llvm.prefetch.p0(ptr %616, i32 0, i32 2, i32 1)
+  %612 = lshr i64 %611, %pf.sh93
+  %613 = getelementptr inbounds i8, ptr %pf92, i64 %612
+  call void @llvm.prefetch.p0(ptr %613, i32 0, i32 2, i32 1)
   br label %pf.any.end99
 
 pf.any.end99:                                     ; preds = %pf.any.then98, %k.body95
-  %617 = mul nsw i64 %613, 16
-  %618 = add nsw i64 %panel.off90, %617
+  %614 = mul nsw i64 %610, 16
+  %615 = add nsw i64 %panel.off90, %614
+  %616 = getelementptr inbounds float, ptr %panels, i64 %615
+  %617 = load <8 x float>, ptr %616, align 4
+  %618 = add nsw i64 %615, 8
   %619 = getelementptr inbounds float, ptr %panels, i64 %618
   %620 = load <8 x float>, ptr %619, align 4
-  %621 = add nsw i64 %618, 8
-  %622 = getelementptr inbounds float, ptr %panels, i64 %621
-  %623 = load <8 x float>, ptr %622, align 4
-  %624 = getelementptr inbounds float, ptr %581, i64 %613
-  %625 = load float, ptr %624, align 4
-  %626 = insertelement <8 x float> poison, float %625, i32 0
-  %627 = shufflevector <8 x float> %626, <8 x float> poison, <8 x i32> zeroinitializer
-  %628 = load <8 x float>, ptr %acc00082, align 4
-  %629 = call <8 x float> @llvm.fma.v8f32(<8 x float> %627, <8 x float> %620, <8 x float> %628)
-  store <8 x float> %629, ptr %acc00082, align 4
-  %630 = load <8 x float>, ptr %acc00183, align 4
-  %631 = call <8 x float> @llvm.fma.v8f32(<8 x float> %627, <8 x float> %623, <8 x float> %630)
-  store <8 x float> %631, ptr %acc00183, align 4
-  %632 = getelementptr inbounds float, ptr %588, i64 %613
-  %633 = load float, ptr %632, align 4
-  %634 = insertelement <8 x float> poison, float %633, i32 0
-  %635 = shufflevector <8 x float> %634, <8 x float> poison, <8 x i32> zeroinitializer
-  %636 = load <8 x float>, ptr %acc01084, align 4
-  %637 = call <8 x float> @llvm.fma.v8f32(<8 x float> %635, <8 x float> %620, <8 x float> %636)
-  store <8 x float> %637, ptr %acc01084, align 4
-  %638 = load <8 x float>, ptr %acc01185, align 4
-  %639 = call <8 x float> @llvm.fma.v8f32(<8 x float> %635, <8 x float> %623, <8 x float> %638)
-  store <8 x float> %639, ptr %acc01185, align 4
-  %640 = getelementptr inbounds float, ptr %595, i64 %613
-  %641 = load float, ptr %640, align 4
-  %642 = insertelement <8 x float> poison, float %641, i32 0
-  %643 = shufflevector <8 x float> %642, <8 x float> poison, <8 x i32> zeroinitializer
-  %644 = load <8 x float>, ptr %acc02086, align 4
-  %645 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> %620, <8 x float> %644)
-  store <8 x float> %645, ptr %acc02086, align 4
-  %646 = load <8 x float>, ptr %acc02187, align 4
-  %647 = call <8 x float> @llvm.fma.v8f32(<8 x float> %643, <8 x float> %623, <8 x float> %646)
-  store <8 x float> %647, ptr %acc02187, align 4
-  %648 = getelementptr inbounds float, ptr %602, i64 %613
-  %649 = load float, ptr %648, align 4
-  %650 = insertelement <8 x float> poison, float %649, i32 0
-  %651 = shufflevector <8 x float> %650, <8 x float> poison, <8 x i32> zeroinitializer
-  %652 = load <8 x float>, ptr %acc03088, align 4
-  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %620, <8 x float> %652)
-  store <8 x float> %653, ptr %acc03088, align 4
-  %654 = load <8 x float>, ptr %acc03189, align 4
-  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %623, <8 x float> %654)
-  store <8 x float> %655, ptr %acc03189, align 4
-  %656 = add nsw i64 %k97, 1
+  %621 = getelementptr inbounds float, ptr %579, i64 %610
+  %622 = load float, ptr %621, align 4
+  %623 = insertelement <8 x float> poison, float %622, i32 0
+  %624 = shufflevector <8 x float> %623, <8 x float> poison, <8 x i32> zeroinitializer
+  %625 = load <8 x float>, ptr %acc00082, align 4
+  %626 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> %617, <8 x float> %625)
+  store <8 x float> %626, ptr %acc00082, align 4
+  %627 = load <8 x float>, ptr %acc00183, align 4
+  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> %620, <8 x float> %627)
+  store <8 x float> %628, ptr %acc00183, align 4
+  %629 = getelementptr inbounds float, ptr %586, i64 %610
+  %630 = load float, ptr %629, align 4
+  %631 = insertelement <8 x float> poison, float %630, i32 0
+  %632 = shufflevector <8 x float> %631, <8 x float> poison, <8 x i32> zeroinitializer
+  %633 = load <8 x float>, ptr %acc01084, align 4
+  %634 = call <8 x float> @llvm.fma.v8f32(<8 x float> %632, <8 x float> %617, <8 x float> %633)
+  store <8 x float> %634, ptr %acc01084, align 4
+  %635 = load <8 x float>, ptr %acc01185, align 4
+  %636 = call <8 x float> @llvm.fma.v8f32(<8 x float> %632, <8 x float> %620, <8 x float> %635)
+  store <8 x float> %636, ptr %acc01185, align 4
+  %637 = getelementptr inbounds float, ptr %593, i64 %610
+  %638 = load float, ptr %637, align 4
+  %639 = insertelement <8 x float> poison, float %638, i32 0
+  %640 = shufflevector <8 x float> %639, <8 x float> poison, <8 x i32> zeroinitializer
+  %641 = load <8 x float>, ptr %acc02086, align 4
+  %642 = call <8 x float> @llvm.fma.v8f32(<8 x float> %640, <8 x float> %617, <8 x float> %641)
+  store <8 x float> %642, ptr %acc02086, align 4
+  %643 = load <8 x float>, ptr %acc02187, align 4
+  %644 = call <8 x float> @llvm.fma.v8f32(<8 x float> %640, <8 x float> %620, <8 x float> %643)
+  store <8 x float> %644, ptr %acc02187, align 4
+  %645 = getelementptr inbounds float, ptr %600, i64 %610
+  %646 = load float, ptr %645, align 4
+  %647 = insertelement <8 x float> poison, float %646, i32 0
+  %648 = shufflevector <8 x float> %647, <8 x float> poison, <8 x i32> zeroinitializer
+  %649 = load <8 x float>, ptr %acc03088, align 4
+  %650 = call <8 x float> @llvm.fma.v8f32(<8 x float> %648, <8 x float> %617, <8 x float> %649)
+  store <8 x float> %650, ptr %acc03088, align 4
+  %651 = load <8 x float>, ptr %acc03189, align 4
+  %652 = call <8 x float> @llvm.fma.v8f32(<8 x float> %648, <8 x float> %620, <8 x float> %651)
+  store <8 x float> %652, ptr %acc03189, align 4
+  %653 = add nsw i64 %k97, 1
   br label %k.head94
 
 k.end96:                                          ; preds = %k.head94
-  %657 = add nsw i64 %r0, 0
-  %658 = getelementptr inbounds float, ptr %rw, i64 %657
-  %659 = load float, ptr %658, align 4
-  %660 = insertelement <8 x float> poison, float %659, i32 0
-  %661 = shufflevector <8 x float> %660, <8 x float> poison, <8 x i32> zeroinitializer
-  %662 = mul nsw i64 %657, 192
-  %663 = getelementptr inbounds float, ptr %h, i64 %662
+  %654 = add nsw i64 %r0, 0
+  %655 = getelementptr inbounds float, ptr %rw, i64 %654
+  %656 = load float, ptr %655, align 4
+  %657 = insertelement <8 x float> poison, float %656, i32 0
+  %658 = shufflevector <8 x float> %657, <8 x float> poison, <8 x i32> zeroinitializer
+  %659 = mul nsw i64 %654, 192
+  %660 = getelementptr inbounds float, ptr %h, i64 %659
   %col100 = mul nsw i64 %p, 8
-  %664 = load <8 x float>, ptr %acc00082, align 4
-  %665 = load <8 x float>, ptr %acc00183, align 4
-  %666 = fneg <8 x float> %664
-  %667 = fcmp olt <8 x float> %666, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %668 = select <8 x i1> %667, <8 x float> %666, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %669 = fcmp ogt <8 x float> %668, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %670 = select <8 x i1> %669, <8 x float> %668, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %671 = call <8 x float> @llvm.fma.v8f32(<8 x float> %670, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %672 = call <8 x float> @llvm.floor.v8f32(<8 x float> %671)
-  %673 = call <8 x float> @llvm.fma.v8f32(<8 x float> %672, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %670)
-  %674 = call <8 x float> @llvm.fma.v8f32(<8 x float> %672, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %673)
-  %675 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %674, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %676 = call <8 x float> @llvm.fma.v8f32(<8 x float> %675, <8 x float> %674, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %677 = call <8 x float> @llvm.fma.v8f32(<8 x float> %676, <8 x float> %674, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %678 = call <8 x float> @llvm.fma.v8f32(<8 x float> %677, <8 x float> %674, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %679 = call <8 x float> @llvm.fma.v8f32(<8 x float> %678, <8 x float> %674, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %680 = fmul <8 x float> %674, %674
-  %681 = call <8 x float> @llvm.fma.v8f32(<8 x float> %679, <8 x float> %680, <8 x float> %674)
-  %682 = fadd <8 x float> %681, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %683 = fptosi <8 x float> %672 to <8 x i32>
-  %684 = add <8 x i32> %683, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %685 = shl <8 x i32> %684, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n101 = bitcast <8 x i32> %685 to <8 x float>
-  %exp102 = fmul <8 x float> %682, %exp.2n101
-  %686 = fadd <8 x float> %exp102, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid103 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %686
-  %silu104 = fmul <8 x float> %664, %sigmoid103
-  %glu105 = fmul <8 x float> %silu104, %665
-  %687 = fmul <8 x float> %glu105, %661
-  %688 = getelementptr inbounds float, ptr %663, i64 %col100
-  store <8 x float> %687, ptr %688, align 4
-  %689 = add nsw i64 %r0, 1
-  %690 = getelementptr inbounds float, ptr %rw, i64 %689
-  %691 = load float, ptr %690, align 4
-  %692 = insertelement <8 x float> poison, float %691, i32 0
-  %693 = shufflevector <8 x float> %692, <8 x float> poison, <8 x i32> zeroinitializer
-  %694 = mul nsw i64 %689, 192
-  %695 = getelementptr inbounds float, ptr %h, i64 %694
+  %661 = load <8 x float>, ptr %acc00082, align 4
+  %662 = load <8 x float>, ptr %acc00183, align 4
+  %663 = fneg <8 x float> %661
+  %664 = fcmp olt <8 x float> %663, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %665 = select <8 x i1> %664, <8 x float> %663, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %666 = fcmp ogt <8 x float> %665, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %667 = select <8 x i1> %666, <8 x float> %665, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %668 = call <8 x float> @llvm.fma.v8f32(<8 x float> %667, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %669 = call <8 x float> @llvm.floor.v8f32(<8 x float> %668)
+  %670 = call <8 x float> @llvm.fma.v8f32(<8 x float> %669, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %667)
+  %671 = call <8 x float> @llvm.fma.v8f32(<8 x float> %669, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %670)
+  %672 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %671, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %673 = call <8 x float> @llvm.fma.v8f32(<8 x float> %672, <8 x float> %671, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %674 = call <8 x float> @llvm.fma.v8f32(<8 x float> %673, <8 x float> %671, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %675 = call <8 x float> @llvm.fma.v8f32(<8 x float> %674, <8 x float> %671, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %676 = call <8 x float> @llvm.fma.v8f32(<8 x float> %675, <8 x float> %671, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %677 = fmul <8 x float> %671, %671
+  %678 = call <8 x float> @llvm.fma.v8f32(<8 x float> %676, <8 x float> %677, <8 x float> %671)
+  %679 = fadd <8 x float> %678, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %680 = fptosi <8 x float> %669 to <8 x i32>
+  %681 = add <8 x i32> %680, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %682 = shl <8 x i32> %681, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n101 = bitcast <8 x i32> %682 to <8 x float>
+  %exp102 = fmul <8 x float> %679, %exp.2n101
+  %683 = fadd <8 x float> %exp102, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid103 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %683
+  %silu104 = fmul <8 x float> %661, %sigmoid103
+  %glu105 = fmul <8 x float> %silu104, %662
+  %684 = fmul <8 x float> %glu105, %658
+  %685 = getelementptr inbounds float, ptr %660, i64 %col100
+  store <8 x float> %684, ptr %685, align 4
+  %686 = add nsw i64 %r0, 1
+  %687 = getelementptr inbounds float, ptr %rw, i64 %686
+  %688 = load float, ptr %687, align 4
+  %689 = insertelement <8 x float> poison, float %688, i32 0
+  %690 = shufflevector <8 x float> %689, <8 x float> poison, <8 x i32> zeroinitializer
+  %691 = mul nsw i64 %686, 192
+  %692 = getelementptr inbounds float, ptr %h, i64 %691
   %col106 = mul nsw i64 %p, 8
-  %696 = load <8 x float>, ptr %acc01084, align 4
-  %697 = load <8 x float>, ptr %acc01185, align 4
-  %698 = fneg <8 x float> %696
-  %699 = fcmp olt <8 x float> %698, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %700 = select <8 x i1> %699, <8 x float> %698, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %701 = fcmp ogt <8 x float> %700, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %702 = select <8 x i1> %701, <8 x float> %700, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %703 = call <8 x float> @llvm.fma.v8f32(<8 x float> %702, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %704 = call <8 x float> @llvm.floor.v8f32(<8 x float> %703)
-  %705 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %702)
-  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %705)
-  %707 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %706, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %707, <8 x float> %706, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %709 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %706, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %709, <8 x float> %706, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %711 = call <8 x float> @llvm.fma.v8f32(<8 x float> %710, <8 x float> %706, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %712 = fmul <8 x float> %706, %706
-  %713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %711, <8 x float> %712, <8 x float> %706)
-  %714 = fadd <8 x float> %713, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %715 = fptosi <8 x float> %704 to <8 x i32>
-  %716 = add <8 x i32> %715, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %717 = shl <8 x i32> %716, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n107 = bitcast <8 x i32> %717 to <8 x float>
-  %exp108 = fmul <8 x float> %714, %exp.2n107
-  %718 = fadd <8 x float> %exp108, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid109 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %718
-  %silu110 = fmul <8 x float> %696, %sigmoid109
-  %glu111 = fmul <8 x float> %silu110, %697
-  %719 = fmul <8 x float> %glu111, %693
-  %720 = getelementptr inbounds float, ptr %695, i64 %col106
-  store <8 x float> %719, ptr %720, align 4
-  %721 = add nsw i64 %r0, 2
-  %722 = getelementptr inbounds float, ptr %rw, i64 %721
-  %723 = load float, ptr %722, align 4
-  %724 = insertelement <8 x float> poison, float %723, i32 0
-  %725 = shufflevector <8 x float> %724, <8 x float> poison, <8 x i32> zeroinitializer
-  %726 = mul nsw i64 %721, 192
-  %727 = getelementptr inbounds float, ptr %h, i64 %726
+  %693 = load <8 x float>, ptr %acc01084, align 4
+  %694 = load <8 x float>, ptr %acc01185, align 4
+  %695 = fneg <8 x float> %693
+  %696 = fcmp olt <8 x float> %695, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %697 = select <8 x i1> %696, <8 x float> %695, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %698 = fcmp ogt <8 x float> %697, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %699 = select <8 x i1> %698, <8 x float> %697, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %700 = call <8 x float> @llvm.fma.v8f32(<8 x float> %699, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %701 = call <8 x float> @llvm.floor.v8f32(<8 x float> %700)
+  %702 = call <8 x float> @llvm.fma.v8f32(<8 x float> %701, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %699)
+  %703 = call <8 x float> @llvm.fma.v8f32(<8 x float> %701, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %702)
+  %704 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %703, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %705 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> %703, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> %705, <8 x float> %703, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %707 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> %703, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %707, <8 x float> %703, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %709 = fmul <8 x float> %703, %703
+  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %709, <8 x float> %703)
+  %711 = fadd <8 x float> %710, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %712 = fptosi <8 x float> %701 to <8 x i32>
+  %713 = add <8 x i32> %712, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %714 = shl <8 x i32> %713, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n107 = bitcast <8 x i32> %714 to <8 x float>
+  %exp108 = fmul <8 x float> %711, %exp.2n107
+  %715 = fadd <8 x float> %exp108, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid109 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %715
+  %silu110 = fmul <8 x float> %693, %sigmoid109
+  %glu111 = fmul <8 x float> %silu110, %694
+  %716 = fmul <8 x float> %glu111, %690
+  %717 = getelementptr inbounds float, ptr %692, i64 %col106
+  store <8 x float> %716, ptr %717, align 4
+  %718 = add nsw i64 %r0, 2
+  %719 = getelementptr inbounds float, ptr %rw, i64 %718
+  %720 = load float, ptr %719, align 4
+  %721 = insertelement <8 x float> poison, float %720, i32 0
+  %722 = shufflevector <8 x float> %721, <8 x float> poison, <8 x i32> zeroinitializer
+  %723 = mul nsw i64 %718, 192
+  %724 = getelementptr inbounds float, ptr %h, i64 %723
   %col112 = mul nsw i64 %p, 8
-  %728 = load <8 x float>, ptr %acc02086, align 4
-  %729 = load <8 x float>, ptr %acc02187, align 4
-  %730 = fneg <8 x float> %728
-  %731 = fcmp olt <8 x float> %730, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %732 = select <8 x i1> %731, <8 x float> %730, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %733 = fcmp ogt <8 x float> %732, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %734 = select <8 x i1> %733, <8 x float> %732, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %735 = call <8 x float> @llvm.fma.v8f32(<8 x float> %734, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %736 = call <8 x float> @llvm.floor.v8f32(<8 x float> %735)
-  %737 = call <8 x float> @llvm.fma.v8f32(<8 x float> %736, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %734)
-  %738 = call <8 x float> @llvm.fma.v8f32(<8 x float> %736, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %737)
-  %739 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %738, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %740 = call <8 x float> @llvm.fma.v8f32(<8 x float> %739, <8 x float> %738, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %741 = call <8 x float> @llvm.fma.v8f32(<8 x float> %740, <8 x float> %738, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %742 = call <8 x float> @llvm.fma.v8f32(<8 x float> %741, <8 x float> %738, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %743 = call <8 x float> @llvm.fma.v8f32(<8 x float> %742, <8 x float> %738, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %744 = fmul <8 x float> %738, %738
-  %745 = call <8 x float> @llvm.fma.v8f32(<8 x float> %743, <8 x float> %744, <8 x float> %738)
-  %746 = fadd <8 x float> %745, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %747 = fptosi <8 x float> %736 to <8 x i32>
-  %748 = add <8 x i32> %747, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %749 = shl <8 x i32> %748, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n113 = bitcast <8 x i32> %749 to <8 x float>
-  %exp114 = fmul <8 x float> %746, %exp.2n113
-  %750 = fadd <8 x float> %exp114, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid115 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %750
-  %silu116 = fmul <8 x float> %728, %sigmoid115
-  %glu117 = fmul <8 x float> %silu116, %729
-  %751 = fmul <8 x float> %glu117, %725
-  %752 = getelementptr inbounds float, ptr %727, i64 %col112
-  store <8 x float> %751, ptr %752, align 4
-  %753 = add nsw i64 %r0, 3
-  %754 = getelementptr inbounds float, ptr %rw, i64 %753
-  %755 = load float, ptr %754, align 4
-  %756 = insertelement <8 x float> poison, float %755, i32 0
-  %757 = shufflevector <8 x float> %756, <8 x float> poison, <8 x i32> zeroinitializer
-  %758 = mul nsw i64 %753, 192
-  %759 = getelementptr inbounds float, ptr %h, i64 %758
+  %725 = load <8 x float>, ptr %acc02086, align 4
+  %726 = load <8 x float>, ptr %acc02187, align 4
+  %727 = fneg <8 x float> %725
+  %728 = fcmp olt <8 x float> %727, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %729 = select <8 x i1> %728, <8 x float> %727, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %730 = fcmp ogt <8 x float> %729, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %731 = select <8 x i1> %730, <8 x float> %729, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %732 = call <8 x float> @llvm.fma.v8f32(<8 x float> %731, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %733 = call <8 x float> @llvm.floor.v8f32(<8 x float> %732)
+  %734 = call <8 x float> @llvm.fma.v8f32(<8 x float> %733, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %731)
+  %735 = call <8 x float> @llvm.fma.v8f32(<8 x float> %733, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %734)
+  %736 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %735, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %737 = call <8 x float> @llvm.fma.v8f32(<8 x float> %736, <8 x float> %735, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %738 = call <8 x float> @llvm.fma.v8f32(<8 x float> %737, <8 x float> %735, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %739 = call <8 x float> @llvm.fma.v8f32(<8 x float> %738, <8 x float> %735, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %740 = call <8 x float> @llvm.fma.v8f32(<8 x float> %739, <8 x float> %735, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %741 = fmul <8 x float> %735, %735
+  %742 = call <8 x float> @llvm.fma.v8f32(<8 x float> %740, <8 x float> %741, <8 x float> %735)
+  %743 = fadd <8 x float> %742, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %744 = fptosi <8 x float> %733 to <8 x i32>
+  %745 = add <8 x i32> %744, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %746 = shl <8 x i32> %745, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n113 = bitcast <8 x i32> %746 to <8 x float>
+  %exp114 = fmul <8 x float> %743, %exp.2n113
+  %747 = fadd <8 x float> %exp114, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid115 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %747
+  %silu116 = fmul <8 x float> %725, %sigmoid115
+  %glu117 = fmul <8 x float> %silu116, %726
+  %748 = fmul <8 x float> %glu117, %722
+  %749 = getelementptr inbounds float, ptr %724, i64 %col112
+  store <8 x float> %748, ptr %749, align 4
+  %750 = add nsw i64 %r0, 3
+  %751 = getelementptr inbounds float, ptr %rw, i64 %750
+  %752 = load float, ptr %751, align 4
+  %753 = insertelement <8 x float> poison, float %752, i32 0
+  %754 = shufflevector <8 x float> %753, <8 x float> poison, <8 x i32> zeroinitializer
+  %755 = mul nsw i64 %750, 192
+  %756 = getelementptr inbounds float, ptr %h, i64 %755
   %col118 = mul nsw i64 %p, 8
-  %760 = load <8 x float>, ptr %acc03088, align 4
-  %761 = load <8 x float>, ptr %acc03189, align 4
-  %762 = fneg <8 x float> %760
-  %763 = fcmp olt <8 x float> %762, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %764 = select <8 x i1> %763, <8 x float> %762, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %765 = fcmp ogt <8 x float> %764, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %766 = select <8 x i1> %765, <8 x float> %764, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %767 = call <8 x float> @llvm.fma.v8f32(<8 x float> %766, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %768 = call <8 x float> @llvm.floor.v8f32(<8 x float> %767)
-  %769 = call <8 x float> @llvm.fma.v8f32(<8 x float> %768, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %766)
-  %770 = call <8 x float> @llvm.fma.v8f32(<8 x float> %768, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %769)
-  %771 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %770, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %772 = call <8 x float> @llvm.fma.v8f32(<8 x float> %771, <8 x float> %770, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %773 = call <8 x float> @llvm.fma.v8f32(<8 x float> %772, <8 x float> %770, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %774 = call <8 x float> @llvm.fma.v8f32(<8 x float> %773, <8 x float> %770, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %775 = call <8 x float> @llvm.fma.v8f32(<8 x float> %774, <8 x float> %770, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %776 = fmul <8 x float> %770, %770
-  %777 = call <8 x float> @llvm.fma.v8f32(<8 x float> %775, <8 x float> %776, <8 x float> %770)
-  %778 = fadd <8 x float> %777, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %779 = fptosi <8 x float> %768 to <8 x i32>
-  %780 = add <8 x i32> %779, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %781 = shl <8 x i32> %780, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n119 = bitcast <8 x i32> %781 to <8 x float>
-  %exp120 = fmul <8 x float> %778, %exp.2n119
-  %782 = fadd <8 x float> %exp120, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid121 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %782
-  %silu122 = fmul <8 x float> %760, %sigmoid121
-  %glu123 = fmul <8 x float> %silu122, %761
-  %783 = fmul <8 x float> %glu123, %757
-  %784 = getelementptr inbounds float, ptr %759, i64 %col118
-  store <8 x float> %783, ptr %784, align 4
+  %757 = load <8 x float>, ptr %acc03088, align 4
+  %758 = load <8 x float>, ptr %acc03189, align 4
+  %759 = fneg <8 x float> %757
+  %760 = fcmp olt <8 x float> %759, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %761 = select <8 x i1> %760, <8 x float> %759, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %762 = fcmp ogt <8 x float> %761, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %763 = select <8 x i1> %762, <8 x float> %761, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %764 = call <8 x float> @llvm.fma.v8f32(<8 x float> %763, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %765 = call <8 x float> @llvm.floor.v8f32(<8 x float> %764)
+  %766 = call <8 x float> @llvm.fma.v8f32(<8 x float> %765, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %763)
+  %767 = call <8 x float> @llvm.fma.v8f32(<8 x float> %765, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %766)
+  %768 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %767, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %769 = call <8 x float> @llvm.fma.v8f32(<8 x float> %768, <8 x float> %767, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %770 = call <8 x float> @llvm.fma.v8f32(<8 x float> %769, <8 x float> %767, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %771 = call <8 x float> @llvm.fma.v8f32(<8 x float> %770, <8 x float> %767, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %772 = call <8 x float> @llvm.fma.v8f32(<8 x float> %771, <8 x float> %767, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %773 = fmul <8 x float> %767, %767
+  %774 = call <8 x float> @llvm.fma.v8f32(<8 x float> %772, <8 x float> %773, <8 x float> %767)
+  %775 = fadd <8 x float> %774, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %776 = fptosi <8 x float> %765 to <8 x i32>
+  %777 = add <8 x i32> %776, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %778 = shl <8 x i32> %777, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n119 = bitcast <8 x i32> %778 to <8 x float>
+  %exp120 = fmul <8 x float> %775, %exp.2n119
+  %779 = fadd <8 x float> %exp120, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid121 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %779
+  %silu122 = fmul <8 x float> %757, %sigmoid121
+  %glu123 = fmul <8 x float> %silu122, %758
+  %780 = fmul <8 x float> %glu123, %754
+  %781 = getelementptr inbounds float, ptr %756, i64 %col118
+  store <8 x float> %780, ptr %781, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
-  %785 = add nsw i64 %r0, 0
-  %786 = getelementptr inbounds i32, ptr %rows, i64 %785
-  %787 = load i32, ptr %786, align 4
-  %788 = sext i32 %787 to i64
-  %789 = mul nsw i64 %788, 64
-  %790 = add nsw i64 %789, 0
-  %791 = getelementptr inbounds float, ptr %x, i64 %790
+  %782 = add nsw i64 %r0, 0
+  %783 = getelementptr inbounds i32, ptr %rows, i64 %782
+  %784 = load i32, ptr %783, align 4
+  %785 = sext i32 %784 to i64
+  %786 = mul nsw i64 %785, 64
+  %787 = add nsw i64 %786, 0
+  %788 = getelementptr inbounds float, ptr %x, i64 %787
   store <8 x float> zeroinitializer, ptr %acc000124, align 4
   store <8 x float> zeroinitializer, ptr %acc001125, align 4
-  %792 = add nsw i64 %r0, 1
-  %793 = getelementptr inbounds i32, ptr %rows, i64 %792
-  %794 = load i32, ptr %793, align 4
-  %795 = sext i32 %794 to i64
-  %796 = mul nsw i64 %795, 64
-  %797 = add nsw i64 %796, 0
-  %798 = getelementptr inbounds float, ptr %x, i64 %797
+  %789 = add nsw i64 %r0, 1
+  %790 = getelementptr inbounds i32, ptr %rows, i64 %789
+  %791 = load i32, ptr %790, align 4
+  %792 = sext i32 %791 to i64
+  %793 = mul nsw i64 %792, 64
+  %794 = add nsw i64 %793, 0
+  %795 = getelementptr inbounds float, ptr %x, i64 %794
   store <8 x float> zeroinitializer, ptr %acc010126, align 4
   store <8 x float> zeroinitializer, ptr %acc011127, align 4
-  %799 = add nsw i64 %r0, 2
-  %800 = getelementptr inbounds i32, ptr %rows, i64 %799
-  %801 = load i32, ptr %800, align 4
-  %802 = sext i32 %801 to i64
-  %803 = mul nsw i64 %802, 64
-  %804 = add nsw i64 %803, 0
-  %805 = getelementptr inbounds float, ptr %x, i64 %804
+  %796 = add nsw i64 %r0, 2
+  %797 = getelementptr inbounds i32, ptr %rows, i64 %796
+  %798 = load i32, ptr %797, align 4
+  %799 = sext i32 %798 to i64
+  %800 = mul nsw i64 %799, 64
+  %801 = add nsw i64 %800, 0
+  %802 = getelementptr inbounds float, ptr %x, i64 %801
   store <8 x float> zeroinitializer, ptr %acc020128, align 4
   store <8 x float> zeroinitializer, ptr %acc021129, align 4
-  %806 = mul nsw i64 %p, 1024
-  %panel.off130 = add nsw i64 %806, 0
-  %807 = getelementptr inbounds float, ptr %panels, i64 %panel.off130
-  %808 = add nsw i64 %p, 1
-  %809 = icmp slt i64 %808, %p1
-  %pf.on131 = and i1 %pf.on, %809
-  %810 = mul nsw i64 %rb, 4096
-  %811 = lshr i64 %810, %11
-  %812 = add nsw i64 4096, %811
-  %813 = getelementptr inbounds i8, ptr %807, i64 %812
-  %pf132 = select i1 %pf.on131, ptr %813, ptr %807
+  %panel.off130 = mul nsw i64 %p, 1024
+  %803 = getelementptr inbounds float, ptr %panels, i64 %panel.off130
+  %804 = add nsw i64 %p, 1
+  %805 = icmp slt i64 %804, %p1
+  %pf.on131 = and i1 %pf.on, %805
+  %806 = mul nsw i64 %rb, 4096
+  %807 = lshr i64 %806, %11
+  %808 = add nsw i64 4096, %807
+  %809 = getelementptr inbounds i8, ptr %803, i64 %808
+  %pf132 = select i1 %pf.on131, ptr %809, ptr %803
   %pf.sh133 = select i1 %pf.on131, i64 %11, i64 0
   br label %k.head134
 
 k.head134:                                        ; preds = %pf.any.end139, %tile.mr3
-  %k137 = phi i64 [ 0, %tile.mr3 ], [ %851, %pf.any.end139 ]
-  %814 = icmp slt i64 %k137, 64
-  br i1 %814, label %k.body135, label %k.end136
+  %k137 = phi i64 [ 0, %tile.mr3 ], [ %847, %pf.any.end139 ]
+  %810 = icmp slt i64 %k137, 64
+  br i1 %810, label %k.body135, label %k.end136
 
 k.body135:                                        ; preds = %k.head134
-  %815 = mul nsw i64 %k137, 1
-  %816 = add nsw i64 %815, 0
-  %817 = mul nsw i64 %816, 64
+  %811 = mul nsw i64 %k137, 1
+  %812 = add nsw i64 %811, 0
+  %813 = mul nsw i64 %812, 64
   br i1 %pf.multi, label %pf.any.then138, label %pf.any.end139
 
 pf.any.then138:                                   ; preds = %k.body135
-  %818 = lshr i64 %817, %pf.sh133
-  %819 = getelementptr inbounds i8, ptr %pf132, i64 %818
-  call void @llvm.prefetch.p0(ptr %819, i32 0, i32 2, i32 1)
+  %814 = lshr i64 %813, %pf.sh133
+  %815 = getelementptr inbounds i8, ptr %pf132, i64 %814
+  call void @llvm.prefetch.p0(ptr %815, i32 0, i32 2, i32 1)
   br label %pf.any.end139
 
 pf.any.end139:                                    ; preds = %pf.any.then138, %k.body135
-  %820 = mul nsw i64 %816, 16
-  %821 = add nsw i64 %panel.off130, %820
-  %822 = getelementptr inbounds float, ptr %panels, i64 %821
-  %823 = load <8 x float>, ptr %822, align 4
-  %824 = add nsw i64 %821, 8
-  %825 = getelementptr inbounds float, ptr %panels, i64 %824
-  %826 = load <8 x float>, ptr %825, align 4
-  %827 = getelementptr inbounds float, ptr %791, i64 %816
-  %828 = load float, ptr %827, align 4
-  %829 = insertelement <8 x float> poison, float %828, i32 0
-  %830 = shufflevector <8 x float> %829, <8 x float> poison, <8 x i32> zeroinitializer
-  %831 = load <8 x float>, ptr %acc000124, align 4
-  %832 = call <8 x float> @llvm.fma.v8f32(<8 x float> %830, <8 x float> %823, <8 x float> %831)
-  store <8 x float> %832, ptr %acc000124, align 4
-  %833 = load <8 x float>, ptr %acc001125, align 4
-  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %830, <8 x float> %826, <8 x float> %833)
-  store <8 x float> %834, ptr %acc001125, align 4
-  %835 = getelementptr inbounds float, ptr %798, i64 %816
-  %836 = load float, ptr %835, align 4
-  %837 = insertelement <8 x float> poison, float %836, i32 0
-  %838 = shufflevector <8 x float> %837, <8 x float> poison, <8 x i32> zeroinitializer
-  %839 = load <8 x float>, ptr %acc010126, align 4
-  %840 = call <8 x float> @llvm.fma.v8f32(<8 x float> %838, <8 x float> %823, <8 x float> %839)
-  store <8 x float> %840, ptr %acc010126, align 4
-  %841 = load <8 x float>, ptr %acc011127, align 4
-  %842 = call <8 x float> @llvm.fma.v8f32(<8 x float> %838, <8 x float> %826, <8 x float> %841)
-  store <8 x float> %842, ptr %acc011127, align 4
-  %843 = getelementptr inbounds float, ptr %805, i64 %816
-  %844 = load float, ptr %843, align 4
-  %845 = insertelement <8 x float> poison, float %844, i32 0
-  %846 = shufflevector <8 x float> %845, <8 x float> poison, <8 x i32> zeroinitializer
-  %847 = load <8 x float>, ptr %acc020128, align 4
-  %848 = call <8 x float> @llvm.fma.v8f32(<8 x float> %846, <8 x float> %823, <8 x float> %847)
-  store <8 x float> %848, ptr %acc020128, align 4
-  %849 = load <8 x float>, ptr %acc021129, align 4
-  %850 = call <8 x float> @llvm.fma.v8f32(<8 x float> %846, <8 x float> %826, <8 x float> %849)
-  store <8 x float> %850, ptr %acc021129, align 4
-  %851 = add nsw i64 %k137, 1
+  %816 = mul nsw i64 %812, 16
+  %817 = add nsw i64 %panel.off130, %816
+  %818 = getelementptr inbounds float, ptr %panels, i64 %817
+  %819 = load <8 x float>, ptr %818, align 4
+  %820 = add nsw i64 %817, 8
+  %821 = getelementptr inbounds float, ptr %panels, i64 %820
+  %822 = load <8 x float>, ptr %821, align 4
+  %823 = getelementptr inbounds float, ptr %788, i64 %812
+  %824 = load float, ptr %823, align 4
+  %825 = insertelement <8 x float> poison, float %824, i32 0
+  %826 = shufflevector <8 x float> %825, <8 x float> poison, <8 x i32> zeroinitializer
+  %827 = load <8 x float>, ptr %acc000124, align 4
+  %828 = call <8 x float> @llvm.fma.v8f32(<8 x float> %826, <8 x float> %819, <8 x float> %827)
+  store <8 x float> %828, ptr %acc000124, align 4
+  %829 = load <8 x float>, ptr %acc001125, align 4
+  %830 = call <8 x float> @llvm.fma.v8f32(<8 x float> %826, <8 x float> %822, <8 x float> %829)
+  store <8 x float> %830, ptr %acc001125, align 4
+  %831 = getelementptr inbounds float, ptr %795, i64 %812
+  %832 = load float, ptr %831, align 4
+  %833 = insertelement <8 x float> poison, float %832, i32 0
+  %834 = shufflevector <8 x float> %833, <8 x float> poison, <8 x i32> zeroinitializer
+  %835 = load <8 x float>, ptr %acc010126, align 4
+  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %834, <8 x float> %819, <8 x float> %835)
+  store <8 x float> %836, ptr %acc010126, align 4
+  %837 = load <8 x float>, ptr %acc011127, align 4
+  %838 = call <8 x float> @llvm.fma.v8f32(<8 x float> %834, <8 x float> %822, <8 x float> %837)
+  store <8 x float> %838, ptr %acc011127, align 4
+  %839 = getelementptr inbounds float, ptr %802, i64 %812
+  %840 = load float, ptr %839, align 4
+  %841 = insertelement <8 x float> poison, float %840, i32 0
+  %842 = shufflevector <8 x float> %841, <8 x float> poison, <8 x i32> zeroinitializer
+  %843 = load <8 x float>, ptr %acc020128, align 4
+  %844 = call <8 x float> @llvm.fma.v8f32(<8 x float> %842, <8 x float> %819, <8 x float> %843)
+  store <8 x float> %844, ptr %acc020128, align 4
+  %845 = load <8 x float>, ptr %acc021129, align 4
+  %846 = call <8 x float> @llvm.fma.v8f32(<8 x float> %842, <8 x float> %822, <8 x float> %845)
+  store <8 x float> %846, ptr %acc021129, align 4
+  %847 = add nsw i64 %k137, 1
   br label %k.head134
 
 k.end136:                                         ; preds = %k.head134
-  %852 = add nsw i64 %r0, 0
-  %853 = getelementptr inbounds float, ptr %rw, i64 %852
-  %854 = load float, ptr %853, align 4
-  %855 = insertelement <8 x float> poison, float %854, i32 0
-  %856 = shufflevector <8 x float> %855, <8 x float> poison, <8 x i32> zeroinitializer
-  %857 = mul nsw i64 %852, 192
-  %858 = getelementptr inbounds float, ptr %h, i64 %857
+  %848 = add nsw i64 %r0, 0
+  %849 = getelementptr inbounds float, ptr %rw, i64 %848
+  %850 = load float, ptr %849, align 4
+  %851 = insertelement <8 x float> poison, float %850, i32 0
+  %852 = shufflevector <8 x float> %851, <8 x float> poison, <8 x i32> zeroinitializer
+  %853 = mul nsw i64 %848, 192
+  %854 = getelementptr inbounds float, ptr %h, i64 %853
   %col140 = mul nsw i64 %p, 8
-  %859 = load <8 x float>, ptr %acc000124, align 4
-  %860 = load <8 x float>, ptr %acc001125, align 4
-  %861 = fneg <8 x float> %859
-  %862 = fcmp olt <8 x float> %861, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %863 = select <8 x i1> %862, <8 x float> %861, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %864 = fcmp ogt <8 x float> %863, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %865 = select <8 x i1> %864, <8 x float> %863, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %865, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %867 = call <8 x float> @llvm.floor.v8f32(<8 x float> %866)
-  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %867, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %865)
-  %869 = call <8 x float> @llvm.fma.v8f32(<8 x float> %867, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %868)
-  %870 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %869, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %871 = call <8 x float> @llvm.fma.v8f32(<8 x float> %870, <8 x float> %869, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %872 = call <8 x float> @llvm.fma.v8f32(<8 x float> %871, <8 x float> %869, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %873 = call <8 x float> @llvm.fma.v8f32(<8 x float> %872, <8 x float> %869, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %873, <8 x float> %869, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %875 = fmul <8 x float> %869, %869
-  %876 = call <8 x float> @llvm.fma.v8f32(<8 x float> %874, <8 x float> %875, <8 x float> %869)
-  %877 = fadd <8 x float> %876, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %878 = fptosi <8 x float> %867 to <8 x i32>
-  %879 = add <8 x i32> %878, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %880 = shl <8 x i32> %879, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n141 = bitcast <8 x i32> %880 to <8 x float>
-  %exp142 = fmul <8 x float> %877, %exp.2n141
-  %881 = fadd <8 x float> %exp142, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid143 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %881
-  %silu144 = fmul <8 x float> %859, %sigmoid143
-  %glu145 = fmul <8 x float> %silu144, %860
-  %882 = fmul <8 x float> %glu145, %856
-  %883 = getelementptr inbounds float, ptr %858, i64 %col140
-  store <8 x float> %882, ptr %883, align 4
-  %884 = add nsw i64 %r0, 1
-  %885 = getelementptr inbounds float, ptr %rw, i64 %884
-  %886 = load float, ptr %885, align 4
-  %887 = insertelement <8 x float> poison, float %886, i32 0
-  %888 = shufflevector <8 x float> %887, <8 x float> poison, <8 x i32> zeroinitializer
-  %889 = mul nsw i64 %884, 192
-  %890 = getelementptr inbounds float, ptr %h, i64 %889
+  %855 = load <8 x float>, ptr %acc000124, align 4
+  %856 = load <8 x float>, ptr %acc001125, align 4
+  %857 = fneg <8 x float> %855
+  %858 = fcmp olt <8 x float> %857, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %859 = select <8 x i1> %858, <8 x float> %857, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %860 = fcmp ogt <8 x float> %859, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %861 = select <8 x i1> %860, <8 x float> %859, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %862 = call <8 x float> @llvm.fma.v8f32(<8 x float> %861, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %863 = call <8 x float> @llvm.floor.v8f32(<8 x float> %862)
+  %864 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %861)
+  %865 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %864)
+  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %865, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %866, <8 x float> %865, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %867, <8 x float> %865, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %869 = call <8 x float> @llvm.fma.v8f32(<8 x float> %868, <8 x float> %865, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %870 = call <8 x float> @llvm.fma.v8f32(<8 x float> %869, <8 x float> %865, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %871 = fmul <8 x float> %865, %865
+  %872 = call <8 x float> @llvm.fma.v8f32(<8 x float> %870, <8 x float> %871, <8 x float> %865)
+  %873 = fadd <8 x float> %872, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %874 = fptosi <8 x float> %863 to <8 x i32>
+  %875 = add <8 x i32> %874, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %876 = shl <8 x i32> %875, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n141 = bitcast <8 x i32> %876 to <8 x float>
+  %exp142 = fmul <8 x float> %873, %exp.2n141
+  %877 = fadd <8 x float> %exp142, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid143 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %877
+  %silu144 = fmul <8 x float> %855, %sigmoid143
+  %glu145 = fmul <8 x float> %silu144, %856
+  %878 = fmul <8 x float> %glu145, %852
+  %879 = getelementptr inbounds float, ptr %854, i64 %col140
+  store <8 x float> %878, ptr %879, align 4
+  %880 = add nsw i64 %r0, 1
+  %881 = getelementptr inbounds float, ptr %rw, i64 %880
+  %882 = load float, ptr %881, align 4
+  %883 = insertelement <8 x float> poison, float %882, i32 0
+  %884 = shufflevector <8 x float> %883, <8 x float> poison, <8 x i32> zeroinitializer
+  %885 = mul nsw i64 %880, 192
+  %886 = getelementptr inbounds float, ptr %h, i64 %885
   %col146 = mul nsw i64 %p, 8
-  %891 = load <8 x float>, ptr %acc010126, align 4
-  %892 = load <8 x float>, ptr %acc011127, align 4
-  %893 = fneg <8 x float> %891
-  %894 = fcmp olt <8 x float> %893, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %895 = select <8 x i1> %894, <8 x float> %893, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %896 = fcmp ogt <8 x float> %895, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %897 = select <8 x i1> %896, <8 x float> %895, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %898 = call <8 x float> @llvm.fma.v8f32(<8 x float> %897, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %899 = call <8 x float> @llvm.floor.v8f32(<8 x float> %898)
-  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %899, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %897)
-  %901 = call <8 x float> @llvm.fma.v8f32(<8 x float> %899, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %900)
-  %902 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %901, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %903 = call <8 x float> @llvm.fma.v8f32(<8 x float> %902, <8 x float> %901, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %904 = call <8 x float> @llvm.fma.v8f32(<8 x float> %903, <8 x float> %901, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %905 = call <8 x float> @llvm.fma.v8f32(<8 x float> %904, <8 x float> %901, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %906 = call <8 x float> @llvm.fma.v8f32(<8 x float> %905, <8 x float> %901, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %907 = fmul <8 x float> %901, %901
-  %908 = call <8 x float> @llvm.fma.v8f32(<8 x float> %906, <8 x float> %907, <8 x float> %901)
-  %909 = fadd <8 x float> %908, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %910 = fptosi <8 x float> %899 to <8 x i32>
-  %911 = add <8 x i32> %910, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %912 = shl <8 x i32> %911, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n147 = bitcast <8 x i32> %912 to <8 x float>
-  %exp148 = fmul <8 x float> %909, %exp.2n147
-  %913 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %913
-  %silu150 = fmul <8 x float> %891, %sigmoid149
-  %glu151 = fmul <8 x float> %silu150, %892
-  %914 = fmul <8 x float> %glu151, %888
-  %915 = getelementptr inbounds float, ptr %890, i64 %col146
-  store <8 x float> %914, ptr %915, align 4
-  %916 = add nsw i64 %r0, 2
-  %917 = getelementptr inbounds float, ptr %rw, i64 %916
-  %918 = load float, ptr %917, align 4
-  %919 = insertelement <8 x float> poison, float %918, i32 0
-  %920 = shufflevector <8 x float> %919, <8 x float> poison, <8 x i32> zeroinitializer
-  %921 = mul nsw i64 %916, 192
-  %922 = getelementptr inbounds float, ptr %h, i64 %921
+  %887 = load <8 x float>, ptr %acc010126, align 4
+  %888 = load <8 x float>, ptr %acc011127, align 4
+  %889 = fneg <8 x float> %887
+  %890 = fcmp olt <8 x float> %889, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %891 = select <8 x i1> %890, <8 x float> %889, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %892 = fcmp ogt <8 x float> %891, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %893 = select <8 x i1> %892, <8 x float> %891, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %894 = call <8 x float> @llvm.fma.v8f32(<8 x float> %893, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %895 = call <8 x float> @llvm.floor.v8f32(<8 x float> %894)
+  %896 = call <8 x float> @llvm.fma.v8f32(<8 x float> %895, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %893)
+  %897 = call <8 x float> @llvm.fma.v8f32(<8 x float> %895, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %896)
+  %898 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %897, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %899 = call <8 x float> @llvm.fma.v8f32(<8 x float> %898, <8 x float> %897, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %899, <8 x float> %897, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %901 = call <8 x float> @llvm.fma.v8f32(<8 x float> %900, <8 x float> %897, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %902 = call <8 x float> @llvm.fma.v8f32(<8 x float> %901, <8 x float> %897, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %903 = fmul <8 x float> %897, %897
+  %904 = call <8 x float> @llvm.fma.v8f32(<8 x float> %902, <8 x float> %903, <8 x float> %897)
+  %905 = fadd <8 x float> %904, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %906 = fptosi <8 x float> %895 to <8 x i32>
+  %907 = add <8 x i32> %906, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %908 = shl <8 x i32> %907, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n147 = bitcast <8 x i32> %908 to <8 x float>
+  %exp148 = fmul <8 x float> %905, %exp.2n147
+  %909 = fadd <8 x float> %exp148, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid149 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %909
+  %silu150 = fmul <8 x float> %887, %sigmoid149
+  %glu151 = fmul <8 x float> %silu150, %888
+  %910 = fmul <8 x float> %glu151, %884
+  %911 = getelementptr inbounds float, ptr %886, i64 %col146
+  store <8 x float> %910, ptr %911, align 4
+  %912 = add nsw i64 %r0, 2
+  %913 = getelementptr inbounds float, ptr %rw, i64 %912
+  %914 = load float, ptr %913, align 4
+  %915 = insertelement <8 x float> poison, float %914, i32 0
+  %916 = shufflevector <8 x float> %915, <8 x float> poison, <8 x i32> zeroinitializer
+  %917 = mul nsw i64 %912, 192
+  %918 = getelementptr inbounds float, ptr %h, i64 %917
   %col152 = mul nsw i64 %p, 8
-  %923 = load <8 x float>, ptr %acc020128, align 4
-  %924 = load <8 x float>, ptr %acc021129, align 4
-  %925 = fneg <8 x float> %923
-  %926 = fcmp olt <8 x float> %925, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %927 = select <8 x i1> %926, <8 x float> %925, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %928 = fcmp ogt <8 x float> %927, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %929 = select <8 x i1> %928, <8 x float> %927, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %930 = call <8 x float> @llvm.fma.v8f32(<8 x float> %929, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %931 = call <8 x float> @llvm.floor.v8f32(<8 x float> %930)
-  %932 = call <8 x float> @llvm.fma.v8f32(<8 x float> %931, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %929)
-  %933 = call <8 x float> @llvm.fma.v8f32(<8 x float> %931, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %932)
-  %934 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %933, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %935 = call <8 x float> @llvm.fma.v8f32(<8 x float> %934, <8 x float> %933, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %936 = call <8 x float> @llvm.fma.v8f32(<8 x float> %935, <8 x float> %933, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %937 = call <8 x float> @llvm.fma.v8f32(<8 x float> %936, <8 x float> %933, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %938 = call <8 x float> @llvm.fma.v8f32(<8 x float> %937, <8 x float> %933, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %939 = fmul <8 x float> %933, %933
-  %940 = call <8 x float> @llvm.fma.v8f32(<8 x float> %938, <8 x float> %939, <8 x float> %933)
-  %941 = fadd <8 x float> %940, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %942 = fptosi <8 x float> %931 to <8 x i32>
-  %943 = add <8 x i32> %942, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %944 = shl <8 x i32> %943, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n153 = bitcast <8 x i32> %944 to <8 x float>
-  %exp154 = fmul <8 x float> %941, %exp.2n153
-  %945 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %945
-  %silu156 = fmul <8 x float> %923, %sigmoid155
-  %glu157 = fmul <8 x float> %silu156, %924
-  %946 = fmul <8 x float> %glu157, %920
-  %947 = getelementptr inbounds float, ptr %922, i64 %col152
-  store <8 x float> %946, ptr %947, align 4
+  %919 = load <8 x float>, ptr %acc020128, align 4
+  %920 = load <8 x float>, ptr %acc021129, align 4
+  %921 = fneg <8 x float> %919
+  %922 = fcmp olt <8 x float> %921, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %923 = select <8 x i1> %922, <8 x float> %921, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %924 = fcmp ogt <8 x float> %923, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %925 = select <8 x i1> %924, <8 x float> %923, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %926 = call <8 x float> @llvm.fma.v8f32(<8 x float> %925, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %927 = call <8 x float> @llvm.floor.v8f32(<8 x float> %926)
+  %928 = call <8 x float> @llvm.fma.v8f32(<8 x float> %927, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %925)
+  %929 = call <8 x float> @llvm.fma.v8f32(<8 x float> %927, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %928)
+  %930 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %929, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %931 = call <8 x float> @llvm.fma.v8f32(<8 x float> %930, <8 x float> %929, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %932 = call <8 x float> @llvm.fma.v8f32(<8 x float> %931, <8 x float> %929, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %933 = call <8 x float> @llvm.fma.v8f32(<8 x float> %932, <8 x float> %929, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %934 = call <8 x float> @llvm.fma.v8f32(<8 x float> %933, <8 x float> %929, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %935 = fmul <8 x float> %929, %929
+  %936 = call <8 x float> @llvm.fma.v8f32(<8 x float> %934, <8 x float> %935, <8 x float> %929)
+  %937 = fadd <8 x float> %936, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %938 = fptosi <8 x float> %927 to <8 x i32>
+  %939 = add <8 x i32> %938, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %940 = shl <8 x i32> %939, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n153 = bitcast <8 x i32> %940 to <8 x float>
+  %exp154 = fmul <8 x float> %937, %exp.2n153
+  %941 = fadd <8 x float> %exp154, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid155 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %941
+  %silu156 = fmul <8 x float> %919, %sigmoid155
+  %glu157 = fmul <8 x float> %silu156, %920
+  %942 = fmul <8 x float> %glu157, %916
+  %943 = getelementptr inbounds float, ptr %918, i64 %col152
+  store <8 x float> %942, ptr %943, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
-  %948 = add nsw i64 %r0, 0
-  %949 = getelementptr inbounds i32, ptr %rows, i64 %948
-  %950 = load i32, ptr %949, align 4
-  %951 = sext i32 %950 to i64
-  %952 = mul nsw i64 %951, 64
-  %953 = add nsw i64 %952, 0
-  %954 = getelementptr inbounds float, ptr %x, i64 %953
+  %944 = add nsw i64 %r0, 0
+  %945 = getelementptr inbounds i32, ptr %rows, i64 %944
+  %946 = load i32, ptr %945, align 4
+  %947 = sext i32 %946 to i64
+  %948 = mul nsw i64 %947, 64
+  %949 = add nsw i64 %948, 0
+  %950 = getelementptr inbounds float, ptr %x, i64 %949
   store <8 x float> zeroinitializer, ptr %acc000158, align 4
   store <8 x float> zeroinitializer, ptr %acc001159, align 4
-  %955 = add nsw i64 %r0, 1
-  %956 = getelementptr inbounds i32, ptr %rows, i64 %955
-  %957 = load i32, ptr %956, align 4
-  %958 = sext i32 %957 to i64
-  %959 = mul nsw i64 %958, 64
-  %960 = add nsw i64 %959, 0
-  %961 = getelementptr inbounds float, ptr %x, i64 %960
+  %951 = add nsw i64 %r0, 1
+  %952 = getelementptr inbounds i32, ptr %rows, i64 %951
+  %953 = load i32, ptr %952, align 4
+  %954 = sext i32 %953 to i64
+  %955 = mul nsw i64 %954, 64
+  %956 = add nsw i64 %955, 0
+  %957 = getelementptr inbounds float, ptr %x, i64 %956
   store <8 x float> zeroinitializer, ptr %acc010160, align 4
   store <8 x float> zeroinitializer, ptr %acc011161, align 4
-  %962 = mul nsw i64 %p, 1024
-  %panel.off162 = add nsw i64 %962, 0
-  %963 = getelementptr inbounds float, ptr %panels, i64 %panel.off162
-  %964 = add nsw i64 %p, 1
-  %965 = icmp slt i64 %964, %p1
-  %pf.on163 = and i1 %pf.on, %965
-  %966 = mul nsw i64 %rb, 4096
-  %967 = lshr i64 %966, %11
-  %968 = add nsw i64 4096, %967
-  %969 = getelementptr inbounds i8, ptr %963, i64 %968
-  %pf164 = select i1 %pf.on163, ptr %969, ptr %963
+  %panel.off162 = mul nsw i64 %p, 1024
+  %958 = getelementptr inbounds float, ptr %panels, i64 %panel.off162
+  %959 = add nsw i64 %p, 1
+  %960 = icmp slt i64 %959, %p1
+  %pf.on163 = and i1 %pf.on, %960
+  %961 = mul nsw i64 %rb, 4096
+  %962 = lshr i64 %961, %11
+  %963 = add nsw i64 4096, %962
+  %964 = getelementptr inbounds i8, ptr %958, i64 %963
+  %pf164 = select i1 %pf.on163, ptr %964, ptr %958
   %pf.sh165 = select i1 %pf.on163, i64 %11, i64 0
   br label %k.head166
 
 k.head166:                                        ; preds = %pf.any.end171, %tile.mr2
-  %k169 = phi i64 [ 0, %tile.mr2 ], [ %999, %pf.any.end171 ]
-  %970 = icmp slt i64 %k169, 64
-  br i1 %970, label %k.body167, label %k.end168
+  %k169 = phi i64 [ 0, %tile.mr2 ], [ %994, %pf.any.end171 ]
+  %965 = icmp slt i64 %k169, 64
+  br i1 %965, label %k.body167, label %k.end168
 
 k.body167:                                        ; preds = %k.head166
-  %971 = mul nsw i64 %k169, 1
-  %972 = add nsw i64 %971, 0
-  %973 = mul nsw i64 %972, 64
+  %966 = mul nsw i64 %k169, 1
+  %967 = add nsw i64 %966, 0
+  %968 = mul nsw i64 %967, 64
   br i1 %pf.multi, label %pf.any.then170, label %pf.any.end171
 
 pf.any.then170:                                   ; preds = %k.body167
-  %974 = lshr i64 %973, %pf.sh165
-  %975 = getelementptr inbounds i8, ptr %pf164, i64 %974
-  call void @llvm.prefetch.p0(ptr %975, i32 0, i32 2, i32 1)
+  %969 = lshr i64 %968, %pf.sh165
+  %970 = getelementptr inbounds i8, ptr %pf164, i64 %969
+  call void @llvm.prefetch.p0(ptr %970, i32 0, i32 2, i32 1)
   br label %pf.any.end171
 
 pf.any.end171:                                    ; preds = %pf.any.then170, %k.body167
-  %976 = mul nsw i64 %972, 16
-  %977 = add nsw i64 %panel.off162, %976
-  %978 = getelementptr inbounds float, ptr %panels, i64 %977
-  %979 = load <8 x float>, ptr %978, align 4
-  %980 = add nsw i64 %977, 8
-  %981 = getelementptr inbounds float, ptr %panels, i64 %980
-  %982 = load <8 x float>, ptr %981, align 4
-  %983 = getelementptr inbounds float, ptr %954, i64 %972
-  %984 = load float, ptr %983, align 4
-  %985 = insertelement <8 x float> poison, float %984, i32 0
-  %986 = shufflevector <8 x float> %985, <8 x float> poison, <8 x i32> zeroinitializer
-  %987 = load <8 x float>, ptr %acc000158, align 4
-  %988 = call <8 x float> @llvm.fma.v8f32(<8 x float> %986, <8 x float> %979, <8 x float> %987)
-  store <8 x float> %988, ptr %acc000158, align 4
-  %989 = load <8 x float>, ptr %acc001159, align 4
-  %990 = call <8 x float> @llvm.fma.v8f32(<8 x float> %986, <8 x float> %982, <8 x float> %989)
-  store <8 x float> %990, ptr %acc001159, align 4
-  %991 = getelementptr inbounds float, ptr %961, i64 %972
-  %992 = load float, ptr %991, align 4
-  %993 = insertelement <8 x float> poison, float %992, i32 0
-  %994 = shufflevector <8 x float> %993, <8 x float> poison, <8 x i32> zeroinitializer
-  %995 = load <8 x float>, ptr %acc010160, align 4
-  %996 = call <8 x float> @llvm.fma.v8f32(<8 x float> %994, <8 x float> %979, <8 x float> %995)
-  store <8 x float> %996, ptr %acc010160, align 4
-  %997 = load <8 x float>, ptr %acc011161, align 4
-  %998 = call <8 x float> @llvm.fma.v8f32(<8 x float> %994, <8 x float> %982, <8 x float> %997)
-  store <8 x float> %998, ptr %acc011161, align 4
-  %999 = add nsw i64 %k169, 1
+  %971 = mul nsw i64 %967, 16
+  %972 = add nsw i64 %panel.off162, %971
+  %973 = getelementptr inbounds float, ptr %panels, i64 %972
+  %974 = load <8 x float>, ptr %973, align 4
+  %975 = add nsw i64 %972, 8
+  %976 = getelementptr inbounds float, ptr %panels, i64 %975
+  %977 = load <8 x float>, ptr %976, align 4
+  %978 = getelementptr inbounds float, ptr %950, i64 %967
+  %979 = load float, ptr %978, align 4
+  %980 = insertelement <8 x float> poison, float %979, i32 0
+  %981 = shufflevector <8 x float> %980, <8 x float> poison, <8 x i32> zeroinitializer
+  %982 = load <8 x float>, ptr %acc000158, align 4
+  %983 = call <8 x float> @llvm.fma.v8f32(<8 x float> %981, <8 x float> %974, <8 x float> %982)
+  store <8 x float> %983, ptr %acc000158, align 4
+  %984 = load <8 x float>, ptr %acc001159, align 4
+  %985 = call <8 x float> @llvm.fma.v8f32(<8 x float> %981, <8 x float> %977, <8 x float> %984)
+  store <8 x float> %985, ptr %acc001159, align 4
+  %986 = getelementptr inbounds float, ptr %957, i64 %967
+  %987 = load float, ptr %986, align 4
+  %988 = insertelement <8 x float> poison, float %987, i32 0
+  %989 = shufflevector <8 x float> %988, <8 x float> poison, <8 x i32> zeroinitializer
+  %990 = load <8 x float>, ptr %acc010160, align 4
+  %991 = call <8 x float> @llvm.fma.v8f32(<8 x float> %989, <8 x float> %974, <8 x float> %990)
+  store <8 x float> %991, ptr %acc010160, align 4
+  %992 = load <8 x float>, ptr %acc011161, align 4
+  %993 = call <8 x float> @llvm.fma.v8f32(<8 x float> %989, <8 x float> %977, <8 x float> %992)
+  store <8 x float> %993, ptr %acc011161, align 4
+  %994 = add nsw i64 %k169, 1
   br label %k.head166
 
 k.end168:                                         ; preds = %k.head166
-  %1000 = add nsw i64 %r0, 0
-  %1001 = getelementptr inbounds float, ptr %rw, i64 %1000
-  %1002 = load float, ptr %1001, align 4
-  %1003 = insertelement <8 x float> poison, float %1002, i32 0
-  %1004 = shufflevector <8 x float> %1003, <8 x float> poison, <8 x i32> zeroinitializer
-  %1005 = mul nsw i64 %1000, 192
-  %1006 = getelementptr inbounds float, ptr %h, i64 %1005
+  %995 = add nsw i64 %r0, 0
+  %996 = getelementptr inbounds float, ptr %rw, i64 %995
+  %997 = load float, ptr %996, align 4
+  %998 = insertelement <8 x float> poison, float %997, i32 0
+  %999 = shufflevector <8 x float> %998, <8 x float> poison, <8 x i32> zeroinitializer
+  %1000 = mul nsw i64 %995, 192
+  %1001 = getelementptr inbounds float, ptr %h, i64 %1000
   %col172 = mul nsw i64 %p, 8
-  %1007 = load <8 x float>, ptr %acc000158, align 4
-  %1008 = load <8 x float>, ptr %acc001159, align 4
-  %1009 = fneg <8 x float> %1007
-  %1010 = fcmp olt <8 x float> %1009, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1011 = select <8 x i1> %1010, <8 x float> %1009, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1012 = fcmp ogt <8 x float> %1011, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1013 = select <8 x i1> %1012, <8 x float> %1011, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1014 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1013, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1015 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1014)
-  %1016 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1015, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1013)
-  %1017 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1015, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1016)
-  %1018 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1017, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1019 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1018, <8 x float> %1017, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1020 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1019, <8 x float> %1017, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1021 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %1017, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1022 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1021, <8 x float> %1017, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1023 = fmul <8 x float> %1017, %1017
-  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1022, <8 x float> %1023, <8 x float> %1017)
-  %1025 = fadd <8 x float> %1024, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1026 = fptosi <8 x float> %1015 to <8 x i32>
-  %1027 = add <8 x i32> %1026, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1028 = shl <8 x i32> %1027, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n173 = bitcast <8 x i32> %1028 to <8 x float>
-  %exp174 = fmul <8 x float> %1025, %exp.2n173
-  %1029 = fadd <8 x float> %exp174, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid175 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1029
-  %silu176 = fmul <8 x float> %1007, %sigmoid175
-  %glu177 = fmul <8 x float> %silu176, %1008
-  %1030 = fmul <8 x float> %glu177, %1004
-  %1031 = getelementptr inbounds float, ptr %1006, i64 %col172
-  store <8 x float> %1030, ptr %1031, align 4
-  %1032 = add nsw i64 %r0, 1
-  %1033 = getelementptr inbounds float, ptr %rw, i64 %1032
-  %1034 = load float, ptr %1033, align 4
-  %1035 = insertelement <8 x float> poison, float %1034, i32 0
-  %1036 = shufflevector <8 x float> %1035, <8 x float> poison, <8 x i32> zeroinitializer
-  %1037 = mul nsw i64 %1032, 192
-  %1038 = getelementptr inbounds float, ptr %h, i64 %1037
+  %1002 = load <8 x float>, ptr %acc000158, align 4
+  %1003 = load <8 x float>, ptr %acc001159, align 4
+  %1004 = fneg <8 x float> %1002
+  %1005 = fcmp olt <8 x float> %1004, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1006 = select <8 x i1> %1005, <8 x float> %1004, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1007 = fcmp ogt <8 x float> %1006, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1008 = select <8 x i1> %1007, <8 x float> %1006, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1009 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1008, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1010 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1009)
+  %1011 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1010, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1008)
+  %1012 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1010, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1011)
+  %1013 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1012, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1014 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1013, <8 x float> %1012, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1015 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1014, <8 x float> %1012, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1016 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1015, <8 x float> %1012, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1017 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1016, <8 x float> %1012, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1018 = fmul <8 x float> %1012, %1012
+  %1019 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1017, <8 x float> %1018, <8 x float> %1012)
+  %1020 = fadd <8 x float> %1019, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1021 = fptosi <8 x float> %1010 to <8 x i32>
+  %1022 = add <8 x i32> %1021, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1023 = shl <8 x i32> %1022, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n173 = bitcast <8 x i32> %1023 to <8 x float>
+  %exp174 = fmul <8 x float> %1020, %exp.2n173
+  %1024 = fadd <8 x float> %exp174, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid175 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1024
+  %silu176 = fmul <8 x float> %1002, %sigmoid175
+  %glu177 = fmul <8 x float> %silu176, %1003
+  %1025 = fmul <8 x float> %glu177, %999
+  %1026 = getelementptr inbounds float, ptr %1001, i64 %col172
+  store <8 x float> %1025, ptr %1026, align 4
+  %1027 = add nsw i64 %r0, 1
+  %1028 = getelementptr inbounds float, ptr %rw, i64 %1027
+  %1029 = load float, ptr %1028, align 4
+  %1030 = insertelement <8 x float> poison, float %1029, i32 0
+  %1031 = shufflevector <8 x float> %1030, <8 x float> poison, <8 x i32> zeroinitializer
+  %1032 = mul nsw i64 %1027, 192
+  %1033 = getelementptr inbounds float, ptr %h, i64 %1032
   %col178 = mul nsw i64 %p, 8
-  %1039 = load <8 x float>, ptr %acc010160, align 4
-  %1040 = load <8 x float>, ptr %acc011161, align 4
-  %1041 = fneg <8 x float> %1039
-  %1042 = fcmp olt <8 x float> %1041, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1043 = select <8 x i1> %1042, <8 x float> %1041, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1044 = fcmp ogt <8 x float> %1043, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1045 = select <8 x i1> %1044, <8 x float> %1043, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1046 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1045, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1047 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1046)
-  %1048 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1047, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1045)
-  %1049 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1047, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1048)
-  %1050 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1049, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1051 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1050, <8 x float> %1049, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1052 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1051, <8 x float> %1049, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1053 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1052, <8 x float> %1049, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1054 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1053, <8 x float> %1049, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1055 = fmul <8 x float> %1049, %1049
-  %1056 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1054, <8 x float> %1055, <8 x float> %1049)
-  %1057 = fadd <8 x float> %1056, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1058 = fptosi <8 x float> %1047 to <8 x i32>
-  %1059 = add <8 x i32> %1058, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1060 = shl <8 x i32> %1059, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n179 = bitcast <8 x i32> %1060 to <8 x float>
-  %exp180 = fmul <8 x float> %1057, %exp.2n179
-  %1061 = fadd <8 x float> %exp180, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid181 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1061
-  %silu182 = fmul <8 x float> %1039, %sigmoid181
-  %glu183 = fmul <8 x float> %silu182, %1040
-  %1062 = fmul <8 x float> %glu183, %1036
-  %1063 = getelementptr inbounds float, ptr %1038, i64 %col178
-  store <8 x float> %1062, ptr %1063, align 4
+  %1034 = load <8 x float>, ptr %acc010160, align 4
+  %1035 = load <8 x float>, ptr %acc011161, align 4
+  %1036 = fneg <8 x float> %1034
+  %1037 = fcmp olt <8 x float> %1036, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1038 = select <8 x i1> %1037, <8 x float> %1036, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1039 = fcmp ogt <8 x float> %1038, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1040 = select <8 x i1> %1039, <8 x float> %1038, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1041 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1040, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1042 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1041)
+  %1043 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1042, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1040)
+  %1044 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1042, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1043)
+  %1045 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1044, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1046 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1045, <8 x float> %1044, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1047 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1046, <8 x float> %1044, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1048 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1047, <8 x float> %1044, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1049 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1048, <8 x float> %1044, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1050 = fmul <8 x float> %1044, %1044
+  %1051 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1049, <8 x float> %1050, <8 x float> %1044)
+  %1052 = fadd <8 x float> %1051, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1053 = fptosi <8 x float> %1042 to <8 x i32>
+  %1054 = add <8 x i32> %1053, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1055 = shl <8 x i32> %1054, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n179 = bitcast <8 x i32> %1055 to <8 x float>
+  %exp180 = fmul <8 x float> %1052, %exp.2n179
+  %1056 = fadd <8 x float> %exp180, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid181 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1056
+  %silu182 = fmul <8 x float> %1034, %sigmoid181
+  %glu183 = fmul <8 x float> %silu182, %1035
+  %1057 = fmul <8 x float> %glu183, %1031
+  %1058 = getelementptr inbounds float, ptr %1033, i64 %col178
+  store <8 x float> %1057, ptr %1058, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
-  %1064 = add nsw i64 %r0, 0
-  %1065 = getelementptr inbounds i32, ptr %rows, i64 %1064
-  %1066 = load i32, ptr %1065, align 4
-  %1067 = sext i32 %1066 to i64
-  %1068 = mul nsw i64 %1067, 64
-  %1069 = add nsw i64 %1068, 0
-  %1070 = getelementptr inbounds float, ptr %x, i64 %1069
+  %1059 = add nsw i64 %r0, 0
+  %1060 = getelementptr inbounds i32, ptr %rows, i64 %1059
+  %1061 = load i32, ptr %1060, align 4
+  %1062 = sext i32 %1061 to i64
+  %1063 = mul nsw i64 %1062, 64
+  %1064 = add nsw i64 %1063, 0
+  %1065 = getelementptr inbounds float, ptr %x, i64 %1064
   store <8 x float> zeroinitializer, ptr %acc000184, align 4
   store <8 x float> zeroinitializer, ptr %acc001185, align 4
-  %1071 = mul nsw i64 %p, 1024
-  %panel.off186 = add nsw i64 %1071, 0
-  %1072 = getelementptr inbounds float, ptr %panels, i64 %panel.off186
-  %1073 = add nsw i64 %p, 1
-  %1074 = icmp slt i64 %1073, %p1
-  %pf.on187 = and i1 %pf.on, %1074
-  %1075 = mul nsw i64 %rb, 4096
-  %1076 = lshr i64 %1075, %11
-  %1077 = add nsw i64 4096, %1076
-  %1078 = getelementptr inbounds i8, ptr %1072, i64 %1077
-  %pf188 = select i1 %pf.on187, ptr %1078, ptr %1072
+  %panel.off186 = mul nsw i64 %p, 1024
+  %1066 = getelementptr inbounds float, ptr %panels, i64 %panel.off186
+  %1067 = add nsw i64 %p, 1
+  %1068 = icmp slt i64 %1067, %p1
+  %pf.on187 = and i1 %pf.on, %1068
+  %1069 = mul nsw i64 %rb, 4096
+  %1070 = lshr i64 %1069, %11
+  %1071 = add nsw i64 4096, %1070
+  %1072 = getelementptr inbounds i8, ptr %1066, i64 %1071
+  %pf188 = select i1 %pf.on187, ptr %1072, ptr %1066
   %pf.sh189 = select i1 %pf.on187, i64 %11, i64 0
   br label %k.head190
 
 k.head190:                                        ; preds = %pf.any.end195, %tile.mr1
-  %k193 = phi i64 [ 0, %tile.mr1 ], [ %1100, %pf.any.end195 ]
-  %1079 = icmp slt i64 %k193, 64
-  br i1 %1079, label %k.body191, label %k.end192
+  %k193 = phi i64 [ 0, %tile.mr1 ], [ %1094, %pf.any.end195 ]
+  %1073 = icmp slt i64 %k193, 64
+  br i1 %1073, label %k.body191, label %k.end192
 
 k.body191:                                        ; preds = %k.head190
-  %1080 = mul nsw i64 %k193, 1
-  %1081 = add nsw i64 %1080, 0
-  %1082 = mul nsw i64 %1081, 64
+  %1074 = mul nsw i64 %k193, 1
+  %1075 = add nsw i64 %1074, 0
+  %1076 = mul nsw i64 %1075, 64
   br i1 %pf.multi, label %pf.any.then194, label %pf.any.end195
 
 pf.any.then194:                                   ; preds = %k.body191
-  %1083 = lshr i64 %1082, %pf.sh189
-  %1084 = getelementptr inbounds i8, ptr %pf188, i64 %1083
-  call void @llvm.prefetch.p0(ptr %1084, i32 0, i32 2, i32 1)
+  %1077 = lshr i64 %1076, %pf.sh189
+  %1078 = getelementptr inbounds i8, ptr %pf188, i64 %1077
+  call void @llvm.prefetch.p0(ptr %1078, i32 0, i32 2, i32 1)
   br label %pf.any.end195
 
 pf.any.end195:                                    ; preds = %pf.any.then194, %k.body191
-  %1085 = mul nsw i64 %1081, 16
-  %1086 = add nsw i64 %panel.off186, %1085
-  %1087 = getelementptr inbounds float, ptr %panels, i64 %1086
-  %1088 = load <8 x float>, ptr %1087, align 4
-  %1089 = add nsw i64 %1086, 8
-  %1090 = getelementptr inbounds float, ptr %panels, i64 %1089
-  %1091 = load <8 x float>, ptr %1090, align 4
-  %1092 = getelementptr inbounds float, ptr %1070, i64 %1081
-  %1093 = load float, ptr %1092, align 4
-  %1094 = insertelement <8 x float> poison, float %1093, i32 0
-  %1095 = shufflevector <8 x float> %1094, <8 x float> poison, <8 x i32> zeroinitializer
-  %1096 = load <8 x float>, ptr %acc000184, align 4
-  %1097 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1095, <8 x float> %1088, <8 x float> %1096)
-  store <8 x float> %1097, ptr %acc000184, align 4
-  %1098 = load <8 x float>, ptr %acc001185, align 4
-  %1099 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1095, <8 x float> %1091, <8 x float> %1098)
-  store <8 x float> %1099, ptr %acc001185, align 4
-  %1100 = add nsw i64 %k193, 1
+  %1079 = mul nsw i64 %1075, 16
+  %1080 = add nsw i64 %panel.off186, %1079
+  %1081 = getelementptr inbounds float, ptr %panels, i64 %1080
+  %1082 = load <8 x float>, ptr %1081, align 4
+  %1083 = add nsw i64 %1080, 8
+  %1084 = getelementptr inbounds float, ptr %panels, i64 %1083
+  %1085 = load <8 x float>, ptr %1084, align 4
+  %1086 = getelementptr inbounds float, ptr %1065, i64 %1075
+  %1087 = load float, ptr %1086, align 4
+  %1088 = insertelement <8 x float> poison, float %1087, i32 0
+  %1089 = shufflevector <8 x float> %1088, <8 x float> poison, <8 x i32> zeroinitializer
+  %1090 = load <8 x float>, ptr %acc000184, align 4
+  %1091 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1089, <8 x float> %1082, <8 x float> %1090)
+  store <8 x float> %1091, ptr %acc000184, align 4
+  %1092 = load <8 x float>, ptr %acc001185, align 4
+  %1093 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1089, <8 x float> %1085, <8 x float> %1092)
+  store <8 x float> %1093, ptr %acc001185, align 4
+  %1094 = add nsw i64 %k193, 1
   br label %k.head190
 
 k.end192:                                         ; preds = %k.head190
-  %1101 = add nsw i64 %r0, 0
-  %1102 = getelementptr inbounds float, ptr %rw, i64 %1101
-  %1103 = load float, ptr %1102, align 4
-  %1104 = insertelement <8 x float> poison, float %1103, i32 0
-  %1105 = shufflevector <8 x float> %1104, <8 x float> poison, <8 x i32> zeroinitializer
-  %1106 = mul nsw i64 %1101, 192
-  %1107 = getelementptr inbounds float, ptr %h, i64 %1106
+  %1095 = add nsw i64 %r0, 0
+  %1096 = getelementptr inbounds float, ptr %rw, i64 %1095
+  %1097 = load float, ptr %1096, align 4
+  %1098 = insertelement <8 x float> poison, float %1097, i32 0
+  %1099 = shufflevector <8 x float> %1098, <8 x float> poison, <8 x i32> zeroinitializer
+  %1100 = mul nsw i64 %1095, 192
+  %1101 = getelementptr inbounds float, ptr %h, i64 %1100
   %col196 = mul nsw i64 %p, 8
-  %1108 = load <8 x float>, ptr %acc000184, align 4
-  %1109 = load <8 x float>, ptr %acc001185, align 4
-  %1110 = fneg <8 x float> %1108
-  %1111 = fcmp olt <8 x float> %1110, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1112 = select <8 x i1> %1111, <8 x float> %1110, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1113 = fcmp ogt <8 x float> %1112, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1114 = select <8 x i1> %1113, <8 x float> %1112, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1114, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1116 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1115)
-  %1117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1116, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1114)
-  %1118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1116, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1117)
-  %1119 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1118, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1119, <8 x float> %1118, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1120, <8 x float> %1118, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1121, <8 x float> %1118, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1122, <8 x float> %1118, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1124 = fmul <8 x float> %1118, %1118
-  %1125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1123, <8 x float> %1124, <8 x float> %1118)
-  %1126 = fadd <8 x float> %1125, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1127 = fptosi <8 x float> %1116 to <8 x i32>
-  %1128 = add <8 x i32> %1127, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1129 = shl <8 x i32> %1128, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n197 = bitcast <8 x i32> %1129 to <8 x float>
-  %exp198 = fmul <8 x float> %1126, %exp.2n197
-  %1130 = fadd <8 x float> %exp198, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid199 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1130
-  %silu200 = fmul <8 x float> %1108, %sigmoid199
-  %glu201 = fmul <8 x float> %silu200, %1109
-  %1131 = fmul <8 x float> %glu201, %1105
-  %1132 = getelementptr inbounds float, ptr %1107, i64 %col196
-  store <8 x float> %1131, ptr %1132, align 4
+  %1102 = load <8 x float>, ptr %acc000184, align 4
+  %1103 = load <8 x float>, ptr %acc001185, align 4
+  %1104 = fneg <8 x float> %1102
+  %1105 = fcmp olt <8 x float> %1104, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1106 = select <8 x i1> %1105, <8 x float> %1104, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1107 = fcmp ogt <8 x float> %1106, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1108 = select <8 x i1> %1107, <8 x float> %1106, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1108, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1110 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1109)
+  %1111 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1110, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1108)
+  %1112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1110, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1111)
+  %1113 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1112, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1113, <8 x float> %1112, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1114, <8 x float> %1112, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1115, <8 x float> %1112, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1116, <8 x float> %1112, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1118 = fmul <8 x float> %1112, %1112
+  %1119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1117, <8 x float> %1118, <8 x float> %1112)
+  %1120 = fadd <8 x float> %1119, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1121 = fptosi <8 x float> %1110 to <8 x i32>
+  %1122 = add <8 x i32> %1121, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1123 = shl <8 x i32> %1122, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n197 = bitcast <8 x i32> %1123 to <8 x float>
+  %exp198 = fmul <8 x float> %1120, %exp.2n197
+  %1124 = fadd <8 x float> %exp198, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid199 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1124
+  %silu200 = fmul <8 x float> %1102, %sigmoid199
+  %glu201 = fmul <8 x float> %silu200, %1103
+  %1125 = fmul <8 x float> %glu201, %1099
+  %1126 = getelementptr inbounds float, ptr %1101, i64 %col196
+  store <8 x float> %1125, ptr %1126, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end192, %k.end168, %k.end136, %k.end96, %k.end48, %k.end
-  %1133 = add nsw i64 %rb, 1
+  %1127 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %1134 = add nsw i64 %p, 1
+  %1128 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -2484,7 +2478,7 @@ start:                                            ; preds = %entry
   br label %p.head
 
 p.head:                                           ; preds = %rb.end, %start
-  %p = phi i64 [ %p0, %start ], [ %673, %rb.end ]
+  %p = phi i64 [ %p0, %start ], [ %667, %rb.end ]
   %1 = icmp slt i64 %p, %end
   br i1 %1, label %p.body, label %p.end
 
@@ -2494,7 +2488,7 @@ p.body:                                           ; preds = %p.head
   br label %rb.head
 
 rb.head:                                          ; preds = %tile.done, %p.body
-  %rb = phi i64 [ 0, %p.body ], [ %672, %tile.done ]
+  %rb = phi i64 [ 0, %p.body ], [ %666, %tile.done ]
   %3 = icmp slt i64 %rb, %nrb
   br i1 %3, label %rb.body, label %rb.end
 
@@ -2627,841 +2621,835 @@ tile.mr6:                                         ; preds = %rb.body
   %103 = getelementptr inbounds float, ptr %98, i64 %102
   %104 = load <8 x float>, ptr %103, align 4
   store <8 x float> zeroinitializer, ptr %acc051, align 4
-  %105 = mul nsw i64 %p, 3072
-  %panel.off = add nsw i64 %105, 0
-  %106 = getelementptr inbounds float, ptr %panels, i64 %panel.off
-  %107 = add nsw i64 %p, 1
-  %108 = icmp slt i64 %107, %p1
-  %pf.on1 = and i1 %pf.on, %108
-  %109 = mul nsw i64 %rb, 12288
-  %110 = lshr i64 %109, %12
-  %111 = add nsw i64 12288, %110
-  %112 = getelementptr inbounds i8, ptr %106, i64 %111
-  %pf = select i1 %pf.on1, ptr %112, ptr %106
+  %panel.off = mul nsw i64 %p, 3072
+  %105 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %106 = add nsw i64 %p, 1
+  %107 = icmp slt i64 %106, %p1
+  %pf.on1 = and i1 %pf.on, %107
+  %108 = mul nsw i64 %rb, 12288
+  %109 = lshr i64 %108, %12
+  %110 = add nsw i64 12288, %109
+  %111 = getelementptr inbounds i8, ptr %105, i64 %110
+  %pf = select i1 %pf.on1, ptr %111, ptr %105
   %pf.sh = select i1 %pf.on1, i64 %12, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %174, %pf.any.end ]
-  %113 = icmp slt i64 %k, 192
-  br i1 %113, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %173, %pf.any.end ]
+  %112 = icmp slt i64 %k, 192
+  br i1 %112, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %114 = mul nsw i64 %k, 1
-  %115 = add nsw i64 %114, 0
-  %116 = mul nsw i64 %115, 64
+  %113 = mul nsw i64 %k, 1
+  %114 = add nsw i64 %113, 0
+  %115 = mul nsw i64 %114, 64
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %117 = lshr i64 %116, %pf.sh
-  %118 = getelementptr inbounds i8, ptr %pf, i64 %117
-  call void @llvm.prefetch.p0(ptr %118, i32 0, i32 2, i32 1)
+  %116 = lshr i64 %115, %pf.sh
+  %117 = getelementptr inbounds i8, ptr %pf, i64 %116
+  call void @llvm.prefetch.p0(ptr %117, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %119 = mul nsw i64 %115, 16
-  %120 = add nsw i64 %panel.off, %119
-  %121 = getelementptr inbounds float, ptr %panels, i64 %120
-  %122 = load <8 x float>, ptr %121, align 4
-  %123 = add nsw i64 %120, 8
-  %124 = getelementptr inbounds float, ptr %panels, i64 %123
-  %125 = load <8 x float>, ptr %124, align 4
-  %126 = getelementptr inbounds float, ptr %18, i64 %115
-  %127 = load float, ptr %126, align 4
-  %128 = insertelement <8 x float> poison, float %127, i32 0
-  %129 = shufflevector <8 x float> %128, <8 x float> poison, <8 x i32> zeroinitializer
-  %130 = load <8 x float>, ptr %acc000, align 4
-  %131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> %122, <8 x float> %130)
-  store <8 x float> %131, ptr %acc000, align 4
-  %132 = load <8 x float>, ptr %acc001, align 4
-  %133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %129, <8 x float> %125, <8 x float> %132)
-  store <8 x float> %133, ptr %acc001, align 4
-  %134 = getelementptr inbounds float, ptr %33, i64 %115
-  %135 = load float, ptr %134, align 4
-  %136 = insertelement <8 x float> poison, float %135, i32 0
-  %137 = shufflevector <8 x float> %136, <8 x float> poison, <8 x i32> zeroinitializer
-  %138 = load <8 x float>, ptr %acc010, align 4
-  %139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %122, <8 x float> %138)
-  store <8 x float> %139, ptr %acc010, align 4
-  %140 = load <8 x float>, ptr %acc011, align 4
-  %141 = call <8 x float> @llvm.fma.v8f32(<8 x float> %137, <8 x float> %125, <8 x float> %140)
-  store <8 x float> %141, ptr %acc011, align 4
-  %142 = getelementptr inbounds float, ptr %48, i64 %115
-  %143 = load float, ptr %142, align 4
-  %144 = insertelement <8 x float> poison, float %143, i32 0
-  %145 = shufflevector <8 x float> %144, <8 x float> poison, <8 x i32> zeroinitializer
-  %146 = load <8 x float>, ptr %acc020, align 4
-  %147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %145, <8 x float> %122, <8 x float> %146)
-  store <8 x float> %147, ptr %acc020, align 4
-  %148 = load <8 x float>, ptr %acc021, align 4
-  %149 = call <8 x float> @llvm.fma.v8f32(<8 x float> %145, <8 x float> %125, <8 x float> %148)
-  store <8 x float> %149, ptr %acc021, align 4
-  %150 = getelementptr inbounds float, ptr %63, i64 %115
-  %151 = load float, ptr %150, align 4
-  %152 = insertelement <8 x float> poison, float %151, i32 0
-  %153 = shufflevector <8 x float> %152, <8 x float> poison, <8 x i32> zeroinitializer
-  %154 = load <8 x float>, ptr %acc030, align 4
-  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> %122, <8 x float> %154)
-  store <8 x float> %155, ptr %acc030, align 4
-  %156 = load <8 x float>, ptr %acc031, align 4
-  %157 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> %125, <8 x float> %156)
-  store <8 x float> %157, ptr %acc031, align 4
-  %158 = getelementptr inbounds float, ptr %78, i64 %115
-  %159 = load float, ptr %158, align 4
-  %160 = insertelement <8 x float> poison, float %159, i32 0
-  %161 = shufflevector <8 x float> %160, <8 x float> poison, <8 x i32> zeroinitializer
-  %162 = load <8 x float>, ptr %acc040, align 4
-  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> %122, <8 x float> %162)
-  store <8 x float> %163, ptr %acc040, align 4
-  %164 = load <8 x float>, ptr %acc041, align 4
-  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> %125, <8 x float> %164)
-  store <8 x float> %165, ptr %acc041, align 4
-  %166 = getelementptr inbounds float, ptr %93, i64 %115
-  %167 = load float, ptr %166, align 4
-  %168 = insertelement <8 x float> poison, float %167, i32 0
-  %169 = shufflevector <8 x float> %168, <8 x float> poison, <8 x i32> zeroinitializer
-  %170 = load <8 x float>, ptr %acc050, align 4
-  %171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %122, <8 x float> %170)
-  store <8 x float> %171, ptr %acc050, align 4
-  %172 = load <8 x float>, ptr %acc051, align 4
-  %173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %125, <8 x float> %172)
-  store <8 x float> %173, ptr %acc051, align 4
-  %174 = add nsw i64 %k, 1
+  %118 = mul nsw i64 %114, 16
+  %119 = add nsw i64 %panel.off, %118
+  %120 = getelementptr inbounds float, ptr %panels, i64 %119
+  %121 = load <8 x float>, ptr %120, align 4
+  %122 = add nsw i64 %119, 8
+  %123 = getelementptr inbounds float, ptr %panels, i64 %122
+  %124 = load <8 x float>, ptr %123, align 4
+  %125 = getelementptr inbounds float, ptr %18, i64 %114
+  %126 = load float, ptr %125, align 4
+  %127 = insertelement <8 x float> poison, float %126, i32 0
+  %128 = shufflevector <8 x float> %127, <8 x float> poison, <8 x i32> zeroinitializer
+  %129 = load <8 x float>, ptr %acc000, align 4
+  %130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %128, <8 x float> %121, <8 x float> %129)
+  store <8 x float> %130, ptr %acc000, align 4
+  %131 = load <8 x float>, ptr %acc001, align 4
+  %132 = call <8 x float> @llvm.fma.v8f32(<8 x float> %128, <8 x float> %124, <8 x float> %131)
+  store <8 x float> %132, ptr %acc001, align 4
+  %133 = getelementptr inbounds float, ptr %33, i64 %114
+  %134 = load float, ptr %133, align 4
+  %135 = insertelement <8 x float> poison, float %134, i32 0
+  %136 = shufflevector <8 x float> %135, <8 x float> poison, <8 x i32> zeroinitializer
+  %137 = load <8 x float>, ptr %acc010, align 4
+  %138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %136, <8 x float> %121, <8 x float> %137)
+  store <8 x float> %138, ptr %acc010, align 4
+  %139 = load <8 x float>, ptr %acc011, align 4
+  %140 = call <8 x float> @llvm.fma.v8f32(<8 x float> %136, <8 x float> %124, <8 x float> %139)
+  store <8 x float> %140, ptr %acc011, align 4
+  %141 = getelementptr inbounds float, ptr %48, i64 %114
+  %142 = load float, ptr %141, align 4
+  %143 = insertelement <8 x float> poison, float %142, i32 0
+  %144 = shufflevector <8 x float> %143, <8 x float> poison, <8 x i32> zeroinitializer
+  %145 = load <8 x float>, ptr %acc020, align 4
+  %146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %144, <8 x float> %121, <8 x float> %145)
+  store <8 x float> %146, ptr %acc020, align 4
+  %147 = load <8 x float>, ptr %acc021, align 4
+  %148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %144, <8 x float> %124, <8 x float> %147)
+  store <8 x float> %148, ptr %acc021, align 4
+  %149 = getelementptr inbounds float, ptr %63, i64 %114
+  %150 = load float, ptr %149, align 4
+  %151 = insertelement <8 x float> poison, float %150, i32 0
+  %152 = shufflevector <8 x float> %151, <8 x float> poison, <8 x i32> zeroinitializer
+  %153 = load <8 x float>, ptr %acc030, align 4
+  %154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %152, <8 x float> %121, <8 x float> %153)
+  store <8 x float> %154, ptr %acc030, align 4
+  %155 = load <8 x float>, ptr %acc031, align 4
+  %156 = call <8 x float> @llvm.fma.v8f32(<8 x float> %152, <8 x float> %124, <8 x float> %155)
+  store <8 x float> %156, ptr %acc031, align 4
+  %157 = getelementptr inbounds float, ptr %78, i64 %114
+  %158 = load float, ptr %157, align 4
+  %159 = insertelement <8 x float> poison, float %158, i32 0
+  %160 = shufflevector <8 x float> %159, <8 x float> poison, <8 x i32> zeroinitializer
+  %161 = load <8 x float>, ptr %acc040, align 4
+  %162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %160, <8 x float> %121, <8 x float> %161)
+  store <8 x float> %162, ptr %acc040, align 4
+  %163 = load <8 x float>, ptr %acc041, align 4
+  %164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %160, <8 x float> %124, <8 x float> %163)
+  store <8 x float> %164, ptr %acc041, align 4
+  %165 = getelementptr inbounds float, ptr %93, i64 %114
+  %166 = load float, ptr %165, align 4
+  %167 = insertelement <8 x float> poison, float %166, i32 0
+  %168 = shufflevector <8 x float> %167, <8 x float> poison, <8 x i32> zeroinitializer
+  %169 = load <8 x float>, ptr %acc050, align 4
+  %170 = call <8 x float> @llvm.fma.v8f32(<8 x float> %168, <8 x float> %121, <8 x float> %169)
+  store <8 x float> %170, ptr %acc050, align 4
+  %171 = load <8 x float>, ptr %acc051, align 4
+  %172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %168, <8 x float> %124, <8 x float> %171)
+  store <8 x float> %172, ptr %acc051, align 4
+  %173 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %175 = load <8 x float>, ptr %acc000, align 4
-  store <8 x float> %175, ptr %25, align 4
-  %176 = load <8 x float>, ptr %acc001, align 4
-  store <8 x float> %176, ptr %28, align 4
-  %177 = load <8 x float>, ptr %acc010, align 4
-  store <8 x float> %177, ptr %40, align 4
-  %178 = load <8 x float>, ptr %acc011, align 4
-  store <8 x float> %178, ptr %43, align 4
-  %179 = load <8 x float>, ptr %acc020, align 4
-  store <8 x float> %179, ptr %55, align 4
-  %180 = load <8 x float>, ptr %acc021, align 4
-  store <8 x float> %180, ptr %58, align 4
-  %181 = load <8 x float>, ptr %acc030, align 4
-  store <8 x float> %181, ptr %70, align 4
-  %182 = load <8 x float>, ptr %acc031, align 4
-  store <8 x float> %182, ptr %73, align 4
-  %183 = load <8 x float>, ptr %acc040, align 4
-  store <8 x float> %183, ptr %85, align 4
-  %184 = load <8 x float>, ptr %acc041, align 4
-  store <8 x float> %184, ptr %88, align 4
-  %185 = load <8 x float>, ptr %acc050, align 4
-  store <8 x float> %185, ptr %100, align 4
-  %186 = load <8 x float>, ptr %acc051, align 4
-  store <8 x float> %186, ptr %103, align 4
+  %174 = load <8 x float>, ptr %acc000, align 4
+  store <8 x float> %174, ptr %25, align 4
+  %175 = load <8 x float>, ptr %acc001, align 4
+  store <8 x float> %175, ptr %28, align 4
+  %176 = load <8 x float>, ptr %acc010, align 4
+  store <8 x float> %176, ptr %40, align 4
+  %177 = load <8 x float>, ptr %acc011, align 4
+  store <8 x float> %177, ptr %43, align 4
+  %178 = load <8 x float>, ptr %acc020, align 4
+  store <8 x float> %178, ptr %55, align 4
+  %179 = load <8 x float>, ptr %acc021, align 4
+  store <8 x float> %179, ptr %58, align 4
+  %180 = load <8 x float>, ptr %acc030, align 4
+  store <8 x float> %180, ptr %70, align 4
+  %181 = load <8 x float>, ptr %acc031, align 4
+  store <8 x float> %181, ptr %73, align 4
+  %182 = load <8 x float>, ptr %acc040, align 4
+  store <8 x float> %182, ptr %85, align 4
+  %183 = load <8 x float>, ptr %acc041, align 4
+  store <8 x float> %183, ptr %88, align 4
+  %184 = load <8 x float>, ptr %acc050, align 4
+  store <8 x float> %184, ptr %100, align 4
+  %185 = load <8 x float>, ptr %acc051, align 4
+  store <8 x float> %185, ptr %103, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
   %col2 = mul nsw i64 %p, 16
-  %187 = add nsw i64 %r0, 0
-  %188 = mul nsw i64 %187, 192
-  %189 = add nsw i64 %188, 0
-  %190 = getelementptr inbounds float, ptr %h, i64 %189
-  %191 = getelementptr inbounds i32, ptr %rows, i64 %187
-  %192 = load i32, ptr %191, align 4
-  %193 = sext i32 %192 to i64
-  %194 = mul nsw i64 %193, 64
-  %195 = getelementptr inbounds float, ptr %y, i64 %194
-  %196 = add nsw i64 %col2, 0
-  %197 = getelementptr inbounds float, ptr %195, i64 %196
-  %198 = load <8 x float>, ptr %197, align 4
+  %186 = add nsw i64 %r0, 0
+  %187 = mul nsw i64 %186, 192
+  %188 = add nsw i64 %187, 0
+  %189 = getelementptr inbounds float, ptr %h, i64 %188
+  %190 = getelementptr inbounds i32, ptr %rows, i64 %186
+  %191 = load i32, ptr %190, align 4
+  %192 = sext i32 %191 to i64
+  %193 = mul nsw i64 %192, 64
+  %194 = getelementptr inbounds float, ptr %y, i64 %193
+  %195 = add nsw i64 %col2, 0
+  %196 = getelementptr inbounds float, ptr %194, i64 %195
+  %197 = load <8 x float>, ptr %196, align 4
   store <8 x float> zeroinitializer, ptr %acc0003, align 4
-  %199 = add nsw i64 %col2, 8
-  %200 = getelementptr inbounds float, ptr %195, i64 %199
-  %201 = load <8 x float>, ptr %200, align 4
+  %198 = add nsw i64 %col2, 8
+  %199 = getelementptr inbounds float, ptr %194, i64 %198
+  %200 = load <8 x float>, ptr %199, align 4
   store <8 x float> zeroinitializer, ptr %acc0014, align 4
-  %202 = add nsw i64 %r0, 1
-  %203 = mul nsw i64 %202, 192
-  %204 = add nsw i64 %203, 0
-  %205 = getelementptr inbounds float, ptr %h, i64 %204
-  %206 = getelementptr inbounds i32, ptr %rows, i64 %202
-  %207 = load i32, ptr %206, align 4
-  %208 = sext i32 %207 to i64
-  %209 = mul nsw i64 %208, 64
-  %210 = getelementptr inbounds float, ptr %y, i64 %209
-  %211 = add nsw i64 %col2, 0
-  %212 = getelementptr inbounds float, ptr %210, i64 %211
-  %213 = load <8 x float>, ptr %212, align 4
+  %201 = add nsw i64 %r0, 1
+  %202 = mul nsw i64 %201, 192
+  %203 = add nsw i64 %202, 0
+  %204 = getelementptr inbounds float, ptr %h, i64 %203
+  %205 = getelementptr inbounds i32, ptr %rows, i64 %201
+  %206 = load i32, ptr %205, align 4
+  %207 = sext i32 %206 to i64
+  %208 = mul nsw i64 %207, 64
+  %209 = getelementptr inbounds float, ptr %y, i64 %208
+  %210 = add nsw i64 %col2, 0
+  %211 = getelementptr inbounds float, ptr %209, i64 %210
+  %212 = load <8 x float>, ptr %211, align 4
   store <8 x float> zeroinitializer, ptr %acc0105, align 4
-  %214 = add nsw i64 %col2, 8
-  %215 = getelementptr inbounds float, ptr %210, i64 %214
-  %216 = load <8 x float>, ptr %215, align 4
+  %213 = add nsw i64 %col2, 8
+  %214 = getelementptr inbounds float, ptr %209, i64 %213
+  %215 = load <8 x float>, ptr %214, align 4
   store <8 x float> zeroinitializer, ptr %acc0116, align 4
-  %217 = add nsw i64 %r0, 2
-  %218 = mul nsw i64 %217, 192
-  %219 = add nsw i64 %218, 0
-  %220 = getelementptr inbounds float, ptr %h, i64 %219
-  %221 = getelementptr inbounds i32, ptr %rows, i64 %217
-  %222 = load i32, ptr %221, align 4
-  %223 = sext i32 %222 to i64
-  %224 = mul nsw i64 %223, 64
-  %225 = getelementptr inbounds float, ptr %y, i64 %224
-  %226 = add nsw i64 %col2, 0
-  %227 = getelementptr inbounds float, ptr %225, i64 %226
-  %228 = load <8 x float>, ptr %227, align 4
+  %216 = add nsw i64 %r0, 2
+  %217 = mul nsw i64 %216, 192
+  %218 = add nsw i64 %217, 0
+  %219 = getelementptr inbounds float, ptr %h, i64 %218
+  %220 = getelementptr inbounds i32, ptr %rows, i64 %216
+  %221 = load i32, ptr %220, align 4
+  %222 = sext i32 %221 to i64
+  %223 = mul nsw i64 %222, 64
+  %224 = getelementptr inbounds float, ptr %y, i64 %223
+  %225 = add nsw i64 %col2, 0
+  %226 = getelementptr inbounds float, ptr %224, i64 %225
+  %227 = load <8 x float>, ptr %226, align 4
   store <8 x float> zeroinitializer, ptr %acc0207, align 4
-  %229 = add nsw i64 %col2, 8
-  %230 = getelementptr inbounds float, ptr %225, i64 %229
-  %231 = load <8 x float>, ptr %230, align 4
+  %228 = add nsw i64 %col2, 8
+  %229 = getelementptr inbounds float, ptr %224, i64 %228
+  %230 = load <8 x float>, ptr %229, align 4
   store <8 x float> zeroinitializer, ptr %acc0218, align 4
-  %232 = add nsw i64 %r0, 3
-  %233 = mul nsw i64 %232, 192
-  %234 = add nsw i64 %233, 0
-  %235 = getelementptr inbounds float, ptr %h, i64 %234
-  %236 = getelementptr inbounds i32, ptr %rows, i64 %232
-  %237 = load i32, ptr %236, align 4
-  %238 = sext i32 %237 to i64
-  %239 = mul nsw i64 %238, 64
-  %240 = getelementptr inbounds float, ptr %y, i64 %239
-  %241 = add nsw i64 %col2, 0
-  %242 = getelementptr inbounds float, ptr %240, i64 %241
-  %243 = load <8 x float>, ptr %242, align 4
+  %231 = add nsw i64 %r0, 3
+  %232 = mul nsw i64 %231, 192
+  %233 = add nsw i64 %232, 0
+  %234 = getelementptr inbounds float, ptr %h, i64 %233
+  %235 = getelementptr inbounds i32, ptr %rows, i64 %231
+  %236 = load i32, ptr %235, align 4
+  %237 = sext i32 %236 to i64
+  %238 = mul nsw i64 %237, 64
+  %239 = getelementptr inbounds float, ptr %y, i64 %238
+  %240 = add nsw i64 %col2, 0
+  %241 = getelementptr inbounds float, ptr %239, i64 %240
+  %242 = load <8 x float>, ptr %241, align 4
   store <8 x float> zeroinitializer, ptr %acc0309, align 4
-  %244 = add nsw i64 %col2, 8
-  %245 = getelementptr inbounds float, ptr %240, i64 %244
-  %246 = load <8 x float>, ptr %245, align 4
+  %243 = add nsw i64 %col2, 8
+  %244 = getelementptr inbounds float, ptr %239, i64 %243
+  %245 = load <8 x float>, ptr %244, align 4
   store <8 x float> zeroinitializer, ptr %acc03110, align 4
-  %247 = add nsw i64 %r0, 4
-  %248 = mul nsw i64 %247, 192
-  %249 = add nsw i64 %248, 0
-  %250 = getelementptr inbounds float, ptr %h, i64 %249
-  %251 = getelementptr inbounds i32, ptr %rows, i64 %247
-  %252 = load i32, ptr %251, align 4
-  %253 = sext i32 %252 to i64
-  %254 = mul nsw i64 %253, 64
-  %255 = getelementptr inbounds float, ptr %y, i64 %254
-  %256 = add nsw i64 %col2, 0
-  %257 = getelementptr inbounds float, ptr %255, i64 %256
-  %258 = load <8 x float>, ptr %257, align 4
+  %246 = add nsw i64 %r0, 4
+  %247 = mul nsw i64 %246, 192
+  %248 = add nsw i64 %247, 0
+  %249 = getelementptr inbounds float, ptr %h, i64 %248
+  %250 = getelementptr inbounds i32, ptr %rows, i64 %246
+  %251 = load i32, ptr %250, align 4
+  %252 = sext i32 %251 to i64
+  %253 = mul nsw i64 %252, 64
+  %254 = getelementptr inbounds float, ptr %y, i64 %253
+  %255 = add nsw i64 %col2, 0
+  %256 = getelementptr inbounds float, ptr %254, i64 %255
+  %257 = load <8 x float>, ptr %256, align 4
   store <8 x float> zeroinitializer, ptr %acc04011, align 4
-  %259 = add nsw i64 %col2, 8
-  %260 = getelementptr inbounds float, ptr %255, i64 %259
-  %261 = load <8 x float>, ptr %260, align 4
+  %258 = add nsw i64 %col2, 8
+  %259 = getelementptr inbounds float, ptr %254, i64 %258
+  %260 = load <8 x float>, ptr %259, align 4
   store <8 x float> zeroinitializer, ptr %acc04112, align 4
-  %262 = mul nsw i64 %p, 3072
-  %panel.off13 = add nsw i64 %262, 0
-  %263 = getelementptr inbounds float, ptr %panels, i64 %panel.off13
-  %264 = add nsw i64 %p, 1
-  %265 = icmp slt i64 %264, %p1
-  %pf.on14 = and i1 %pf.on, %265
-  %266 = mul nsw i64 %rb, 12288
-  %267 = lshr i64 %266, %12
-  %268 = add nsw i64 12288, %267
-  %269 = getelementptr inbounds i8, ptr %263, i64 %268
-  %pf15 = select i1 %pf.on14, ptr %269, ptr %263
+  %panel.off13 = mul nsw i64 %p, 3072
+  %261 = getelementptr inbounds float, ptr %panels, i64 %panel.off13
+  %262 = add nsw i64 %p, 1
+  %263 = icmp slt i64 %262, %p1
+  %pf.on14 = and i1 %pf.on, %263
+  %264 = mul nsw i64 %rb, 12288
+  %265 = lshr i64 %264, %12
+  %266 = add nsw i64 12288, %265
+  %267 = getelementptr inbounds i8, ptr %261, i64 %266
+  %pf15 = select i1 %pf.on14, ptr %267, ptr %261
   %pf.sh16 = select i1 %pf.on14, i64 %12, i64 0
   br label %k.head17
 
 k.head17:                                         ; preds = %pf.any.end22, %tile.mr5
-  %k20 = phi i64 [ 0, %tile.mr5 ], [ %323, %pf.any.end22 ]
-  %270 = icmp slt i64 %k20, 192
-  br i1 %270, label %k.body18, label %k.end19
+  %k20 = phi i64 [ 0, %tile.mr5 ], [ %321, %pf.any.end22 ]
+  %268 = icmp slt i64 %k20, 192
+  br i1 %268, label %k.body18, label %k.end19
 
 k.body18:                                         ; preds = %k.head17
-  %271 = mul nsw i64 %k20, 1
-  %272 = add nsw i64 %271, 0
-  %273 = mul nsw i64 %272, 64
+  %269 = mul nsw i64 %k20, 1
+  %270 = add nsw i64 %269, 0
+  %271 = mul nsw i64 %270, 64
   br i1 %pf.multi, label %pf.any.then21, label %pf.any.end22
 
 pf.any.then21:                                    ; preds = %k.body18
-  %274 = lshr i64 %273, %pf.sh16
-  %275 = getelementptr inbounds i8, ptr %pf15, i64 %274
-  call void @llvm.prefetch.p0(ptr %275, i32 0, i32 2, i32 1)
+  %272 = lshr i64 %271, %pf.sh16
+  %273 = getelementptr inbounds i8, ptr %pf15, i64 %272
+  call void @llvm.prefetch.p0(ptr %273, i32 0, i32 2, i32 1)
   br label %pf.any.end22
 
 pf.any.end22:                                     ; preds = %pf.any.then21, %k.body18
-  %276 = mul nsw i64 %272, 16
-  %277 = add nsw i64 %panel.off13, %276
-  %278 = getelementptr inbounds float, ptr %panels, i64 %277
-  %279 = load <8 x float>, ptr %278, align 4
-  %280 = add nsw i64 %277, 8
-  %281 = getelementptr inbounds float, ptr %panels, i64 %280
-  %282 = load <8 x float>, ptr %281, align 4
-  %283 = getelementptr inbounds float, ptr %190, i64 %272
-  %284 = load float, ptr %283, align 4
-  %285 = insertelement <8 x float> poison, float %284, i32 0
-  %286 = shufflevector <8 x float> %285, <8 x float> poison, <8 x i32> zeroinitializer
-  %287 = load <8 x float>, ptr %acc0003, align 4
-  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %286, <8 x float> %279, <8 x float> %287)
-  store <8 x float> %288, ptr %acc0003, align 4
-  %289 = load <8 x float>, ptr %acc0014, align 4
-  %290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %286, <8 x float> %282, <8 x float> %289)
-  store <8 x float> %290, ptr %acc0014, align 4
-  %291 = getelementptr inbounds float, ptr %205, i64 %272
-  %292 = load float, ptr %291, align 4
-  %293 = insertelement <8 x float> poison, float %292, i32 0
-  %294 = shufflevector <8 x float> %293, <8 x float> poison, <8 x i32> zeroinitializer
-  %295 = load <8 x float>, ptr %acc0105, align 4
-  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %294, <8 x float> %279, <8 x float> %295)
-  store <8 x float> %296, ptr %acc0105, align 4
-  %297 = load <8 x float>, ptr %acc0116, align 4
-  %298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %294, <8 x float> %282, <8 x float> %297)
-  store <8 x float> %298, ptr %acc0116, align 4
-  %299 = getelementptr inbounds float, ptr %220, i64 %272
-  %300 = load float, ptr %299, align 4
-  %301 = insertelement <8 x float> poison, float %300, i32 0
-  %302 = shufflevector <8 x float> %301, <8 x float> poison, <8 x i32> zeroinitializer
-  %303 = load <8 x float>, ptr %acc0207, align 4
-  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %279, <8 x float> %303)
-  store <8 x float> %304, ptr %acc0207, align 4
-  %305 = load <8 x float>, ptr %acc0218, align 4
-  %306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %302, <8 x float> %282, <8 x float> %305)
-  store <8 x float> %306, ptr %acc0218, align 4
-  %307 = getelementptr inbounds float, ptr %235, i64 %272
-  %308 = load float, ptr %307, align 4
-  %309 = insertelement <8 x float> poison, float %308, i32 0
-  %310 = shufflevector <8 x float> %309, <8 x float> poison, <8 x i32> zeroinitializer
-  %311 = load <8 x float>, ptr %acc0309, align 4
-  %312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %279, <8 x float> %311)
-  store <8 x float> %312, ptr %acc0309, align 4
-  %313 = load <8 x float>, ptr %acc03110, align 4
-  %314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %310, <8 x float> %282, <8 x float> %313)
-  store <8 x float> %314, ptr %acc03110, align 4
-  %315 = getelementptr inbounds float, ptr %250, i64 %272
-  %316 = load float, ptr %315, align 4
-  %317 = insertelement <8 x float> poison, float %316, i32 0
-  %318 = shufflevector <8 x float> %317, <8 x float> poison, <8 x i32> zeroinitializer
-  %319 = load <8 x float>, ptr %acc04011, align 4
-  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %279, <8 x float> %319)
-  store <8 x float> %320, ptr %acc04011, align 4
-  %321 = load <8 x float>, ptr %acc04112, align 4
-  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %282, <8 x float> %321)
-  store <8 x float> %322, ptr %acc04112, align 4
-  %323 = add nsw i64 %k20, 1
+  %274 = mul nsw i64 %270, 16
+  %275 = add nsw i64 %panel.off13, %274
+  %276 = getelementptr inbounds float, ptr %panels, i64 %275
+  %277 = load <8 x float>, ptr %276, align 4
+  %278 = add nsw i64 %275, 8
+  %279 = getelementptr inbounds float, ptr %panels, i64 %278
+  %280 = load <8 x float>, ptr %279, align 4
+  %281 = getelementptr inbounds float, ptr %189, i64 %270
+  %282 = load float, ptr %281, align 4
+  %283 = insertelement <8 x float> poison, float %282, i32 0
+  %284 = shufflevector <8 x float> %283, <8 x float> poison, <8 x i32> zeroinitializer
+  %285 = load <8 x float>, ptr %acc0003, align 4
+  %286 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %277, <8 x float> %285)
+  store <8 x float> %286, ptr %acc0003, align 4
+  %287 = load <8 x float>, ptr %acc0014, align 4
+  %288 = call <8 x float> @llvm.fma.v8f32(<8 x float> %284, <8 x float> %280, <8 x float> %287)
+  store <8 x float> %288, ptr %acc0014, align 4
+  %289 = getelementptr inbounds float, ptr %204, i64 %270
+  %290 = load float, ptr %289, align 4
+  %291 = insertelement <8 x float> poison, float %290, i32 0
+  %292 = shufflevector <8 x float> %291, <8 x float> poison, <8 x i32> zeroinitializer
+  %293 = load <8 x float>, ptr %acc0105, align 4
+  %294 = call <8 x float> @llvm.fma.v8f32(<8 x float> %292, <8 x float> %277, <8 x float> %293)
+  store <8 x float> %294, ptr %acc0105, align 4
+  %295 = load <8 x float>, ptr %acc0116, align 4
+  %296 = call <8 x float> @llvm.fma.v8f32(<8 x float> %292, <8 x float> %280, <8 x float> %295)
+  store <8 x float> %296, ptr %acc0116, align 4
+  %297 = getelementptr inbounds float, ptr %219, i64 %270
+  %298 = load float, ptr %297, align 4
+  %299 = insertelement <8 x float> poison, float %298, i32 0
+  %300 = shufflevector <8 x float> %299, <8 x float> poison, <8 x i32> zeroinitializer
+  %301 = load <8 x float>, ptr %acc0207, align 4
+  %302 = call <8 x float> @llvm.fma.v8f32(<8 x float> %300, <8 x float> %277, <8 x float> %301)
+  store <8 x float> %302, ptr %acc0207, align 4
+  %303 = load <8 x float>, ptr %acc0218, align 4
+  %304 = call <8 x float> @llvm.fma.v8f32(<8 x float> %300, <8 x float> %280, <8 x float> %303)
+  store <8 x float> %304, ptr %acc0218, align 4
+  %305 = getelementptr inbounds float, ptr %234, i64 %270
+  %306 = load float, ptr %305, align 4
+  %307 = insertelement <8 x float> poison, float %306, i32 0
+  %308 = shufflevector <8 x float> %307, <8 x float> poison, <8 x i32> zeroinitializer
+  %309 = load <8 x float>, ptr %acc0309, align 4
+  %310 = call <8 x float> @llvm.fma.v8f32(<8 x float> %308, <8 x float> %277, <8 x float> %309)
+  store <8 x float> %310, ptr %acc0309, align 4
+  %311 = load <8 x float>, ptr %acc03110, align 4
+  %312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %308, <8 x float> %280, <8 x float> %311)
+  store <8 x float> %312, ptr %acc03110, align 4
+  %313 = getelementptr inbounds float, ptr %249, i64 %270
+  %314 = load float, ptr %313, align 4
+  %315 = insertelement <8 x float> poison, float %314, i32 0
+  %316 = shufflevector <8 x float> %315, <8 x float> poison, <8 x i32> zeroinitializer
+  %317 = load <8 x float>, ptr %acc04011, align 4
+  %318 = call <8 x float> @llvm.fma.v8f32(<8 x float> %316, <8 x float> %277, <8 x float> %317)
+  store <8 x float> %318, ptr %acc04011, align 4
+  %319 = load <8 x float>, ptr %acc04112, align 4
+  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %316, <8 x float> %280, <8 x float> %319)
+  store <8 x float> %320, ptr %acc04112, align 4
+  %321 = add nsw i64 %k20, 1
   br label %k.head17
 
 k.end19:                                          ; preds = %k.head17
-  %324 = load <8 x float>, ptr %acc0003, align 4
-  store <8 x float> %324, ptr %197, align 4
-  %325 = load <8 x float>, ptr %acc0014, align 4
-  store <8 x float> %325, ptr %200, align 4
-  %326 = load <8 x float>, ptr %acc0105, align 4
-  store <8 x float> %326, ptr %212, align 4
-  %327 = load <8 x float>, ptr %acc0116, align 4
-  store <8 x float> %327, ptr %215, align 4
-  %328 = load <8 x float>, ptr %acc0207, align 4
-  store <8 x float> %328, ptr %227, align 4
-  %329 = load <8 x float>, ptr %acc0218, align 4
-  store <8 x float> %329, ptr %230, align 4
-  %330 = load <8 x float>, ptr %acc0309, align 4
-  store <8 x float> %330, ptr %242, align 4
-  %331 = load <8 x float>, ptr %acc03110, align 4
-  store <8 x float> %331, ptr %245, align 4
-  %332 = load <8 x float>, ptr %acc04011, align 4
-  store <8 x float> %332, ptr %257, align 4
-  %333 = load <8 x float>, ptr %acc04112, align 4
-  store <8 x float> %333, ptr %260, align 4
+  %322 = load <8 x float>, ptr %acc0003, align 4
+  store <8 x float> %322, ptr %196, align 4
+  %323 = load <8 x float>, ptr %acc0014, align 4
+  store <8 x float> %323, ptr %199, align 4
+  %324 = load <8 x float>, ptr %acc0105, align 4
+  store <8 x float> %324, ptr %211, align 4
+  %325 = load <8 x float>, ptr %acc0116, align 4
+  store <8 x float> %325, ptr %214, align 4
+  %326 = load <8 x float>, ptr %acc0207, align 4
+  store <8 x float> %326, ptr %226, align 4
+  %327 = load <8 x float>, ptr %acc0218, align 4
+  store <8 x float> %327, ptr %229, align 4
+  %328 = load <8 x float>, ptr %acc0309, align 4
+  store <8 x float> %328, ptr %241, align 4
+  %329 = load <8 x float>, ptr %acc03110, align 4
+  store <8 x float> %329, ptr %244, align 4
+  %330 = load <8 x float>, ptr %acc04011, align 4
+  store <8 x float> %330, ptr %256, align 4
+  %331 = load <8 x float>, ptr %acc04112, align 4
+  store <8 x float> %331, ptr %259, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
   %col23 = mul nsw i64 %p, 16
-  %334 = add nsw i64 %r0, 0
-  %335 = mul nsw i64 %334, 192
-  %336 = add nsw i64 %335, 0
-  %337 = getelementptr inbounds float, ptr %h, i64 %336
-  %338 = getelementptr inbounds i32, ptr %rows, i64 %334
-  %339 = load i32, ptr %338, align 4
-  %340 = sext i32 %339 to i64
-  %341 = mul nsw i64 %340, 64
-  %342 = getelementptr inbounds float, ptr %y, i64 %341
-  %343 = add nsw i64 %col23, 0
-  %344 = getelementptr inbounds float, ptr %342, i64 %343
-  %345 = load <8 x float>, ptr %344, align 4
+  %332 = add nsw i64 %r0, 0
+  %333 = mul nsw i64 %332, 192
+  %334 = add nsw i64 %333, 0
+  %335 = getelementptr inbounds float, ptr %h, i64 %334
+  %336 = getelementptr inbounds i32, ptr %rows, i64 %332
+  %337 = load i32, ptr %336, align 4
+  %338 = sext i32 %337 to i64
+  %339 = mul nsw i64 %338, 64
+  %340 = getelementptr inbounds float, ptr %y, i64 %339
+  %341 = add nsw i64 %col23, 0
+  %342 = getelementptr inbounds float, ptr %340, i64 %341
+  %343 = load <8 x float>, ptr %342, align 4
   store <8 x float> zeroinitializer, ptr %acc00024, align 4
-  %346 = add nsw i64 %col23, 8
-  %347 = getelementptr inbounds float, ptr %342, i64 %346
-  %348 = load <8 x float>, ptr %347, align 4
+  %344 = add nsw i64 %col23, 8
+  %345 = getelementptr inbounds float, ptr %340, i64 %344
+  %346 = load <8 x float>, ptr %345, align 4
   store <8 x float> zeroinitializer, ptr %acc00125, align 4
-  %349 = add nsw i64 %r0, 1
-  %350 = mul nsw i64 %349, 192
-  %351 = add nsw i64 %350, 0
-  %352 = getelementptr inbounds float, ptr %h, i64 %351
-  %353 = getelementptr inbounds i32, ptr %rows, i64 %349
-  %354 = load i32, ptr %353, align 4
-  %355 = sext i32 %354 to i64
-  %356 = mul nsw i64 %355, 64
-  %357 = getelementptr inbounds float, ptr %y, i64 %356
-  %358 = add nsw i64 %col23, 0
-  %359 = getelementptr inbounds float, ptr %357, i64 %358
-  %360 = load <8 x float>, ptr %359, align 4
+  %347 = add nsw i64 %r0, 1
+  %348 = mul nsw i64 %347, 192
+  %349 = add nsw i64 %348, 0
+  %350 = getelementptr inbounds float, ptr %h, i64 %349
+  %351 = getelementptr inbounds i32, ptr %rows, i64 %347
+  %352 = load i32, ptr %351, align 4
+  %353 = sext i32 %352 to i64
+  %354 = mul nsw i64 %353, 64
+  %355 = getelementptr inbounds float, ptr %y, i64 %354
+  %356 = add nsw i64 %col23, 0
+  %357 = getelementptr inbounds float, ptr %355, i64 %356
+  %358 = load <8 x float>, ptr %357, align 4
   store <8 x float> zeroinitializer, ptr %acc01026, align 4
-  %361 = add nsw i64 %col23, 8
-  %362 = getelementptr inbounds float, ptr %357, i64 %361
-  %363 = load <8 x float>, ptr %362, align 4
+  %359 = add nsw i64 %col23, 8
+  %360 = getelementptr inbounds float, ptr %355, i64 %359
+  %361 = load <8 x float>, ptr %360, align 4
   store <8 x float> zeroinitializer, ptr %acc01127, align 4
-  %364 = add nsw i64 %r0, 2
-  %365 = mul nsw i64 %364, 192
-  %366 = add nsw i64 %365, 0
-  %367 = getelementptr inbounds float, ptr %h, i64 %366
-  %368 = getelementptr inbounds i32, ptr %rows, i64 %364
-  %369 = load i32, ptr %368, align 4
-  %370 = sext i32 %369 to i64
-  %371 = mul nsw i64 %370, 64
-  %372 = getelementptr inbounds float, ptr %y, i64 %371
-  %373 = add nsw i64 %col23, 0
-  %374 = getelementptr inbounds float, ptr %372, i64 %373
-  %375 = load <8 x float>, ptr %374, align 4
+  %362 = add nsw i64 %r0, 2
+  %363 = mul nsw i64 %362, 192
+  %364 = add nsw i64 %363, 0
+  %365 = getelementptr inbounds float, ptr %h, i64 %364
+  %366 = getelementptr inbounds i32, ptr %rows, i64 %362
+  %367 = load i32, ptr %366, align 4
+  %368 = sext i32 %367 to i64
+  %369 = mul nsw i64 %368, 64
+  %370 = getelementptr inbounds float, ptr %y, i64 %369
+  %371 = add nsw i64 %col23, 0
+  %372 = getelementptr inbounds float, ptr %370, i64 %371
+  %373 = load <8 x float>, ptr %372, align 4
   store <8 x float> zeroinitializer, ptr %acc02028, align 4
-  %376 = add nsw i64 %col23, 8
-  %377 = getelementptr inbounds float, ptr %372, i64 %376
-  %378 = load <8 x float>, ptr %377, align 4
+  %374 = add nsw i64 %col23, 8
+  %375 = getelementptr inbounds float, ptr %370, i64 %374
+  %376 = load <8 x float>, ptr %375, align 4
   store <8 x float> zeroinitializer, ptr %acc02129, align 4
-  %379 = add nsw i64 %r0, 3
-  %380 = mul nsw i64 %379, 192
-  %381 = add nsw i64 %380, 0
-  %382 = getelementptr inbounds float, ptr %h, i64 %381
-  %383 = getelementptr inbounds i32, ptr %rows, i64 %379
-  %384 = load i32, ptr %383, align 4
-  %385 = sext i32 %384 to i64
-  %386 = mul nsw i64 %385, 64
-  %387 = getelementptr inbounds float, ptr %y, i64 %386
-  %388 = add nsw i64 %col23, 0
-  %389 = getelementptr inbounds float, ptr %387, i64 %388
-  %390 = load <8 x float>, ptr %389, align 4
+  %377 = add nsw i64 %r0, 3
+  %378 = mul nsw i64 %377, 192
+  %379 = add nsw i64 %378, 0
+  %380 = getelementptr inbounds float, ptr %h, i64 %379
+  %381 = getelementptr inbounds i32, ptr %rows, i64 %377
+  %382 = load i32, ptr %381, align 4
+  %383 = sext i32 %382 to i64
+  %384 = mul nsw i64 %383, 64
+  %385 = getelementptr inbounds float, ptr %y, i64 %384
+  %386 = add nsw i64 %col23, 0
+  %387 = getelementptr inbounds float, ptr %385, i64 %386
+  %388 = load <8 x float>, ptr %387, align 4
   store <8 x float> zeroinitializer, ptr %acc03030, align 4
-  %391 = add nsw i64 %col23, 8
-  %392 = getelementptr inbounds float, ptr %387, i64 %391
-  %393 = load <8 x float>, ptr %392, align 4
+  %389 = add nsw i64 %col23, 8
+  %390 = getelementptr inbounds float, ptr %385, i64 %389
+  %391 = load <8 x float>, ptr %390, align 4
   store <8 x float> zeroinitializer, ptr %acc03131, align 4
-  %394 = mul nsw i64 %p, 3072
-  %panel.off32 = add nsw i64 %394, 0
-  %395 = getelementptr inbounds float, ptr %panels, i64 %panel.off32
-  %396 = add nsw i64 %p, 1
-  %397 = icmp slt i64 %396, %p1
-  %pf.on33 = and i1 %pf.on, %397
-  %398 = mul nsw i64 %rb, 12288
-  %399 = lshr i64 %398, %12
-  %400 = add nsw i64 12288, %399
-  %401 = getelementptr inbounds i8, ptr %395, i64 %400
-  %pf34 = select i1 %pf.on33, ptr %401, ptr %395
+  %panel.off32 = mul nsw i64 %p, 3072
+  %392 = getelementptr inbounds float, ptr %panels, i64 %panel.off32
+  %393 = add nsw i64 %p, 1
+  %394 = icmp slt i64 %393, %p1
+  %pf.on33 = and i1 %pf.on, %394
+  %395 = mul nsw i64 %rb, 12288
+  %396 = lshr i64 %395, %12
+  %397 = add nsw i64 12288, %396
+  %398 = getelementptr inbounds i8, ptr %392, i64 %397
+  %pf34 = select i1 %pf.on33, ptr %398, ptr %392
   %pf.sh35 = select i1 %pf.on33, i64 %12, i64 0
   br label %k.head36
 
 k.head36:                                         ; preds = %pf.any.end41, %tile.mr4
-  %k39 = phi i64 [ 0, %tile.mr4 ], [ %447, %pf.any.end41 ]
-  %402 = icmp slt i64 %k39, 192
-  br i1 %402, label %k.body37, label %k.end38
+  %k39 = phi i64 [ 0, %tile.mr4 ], [ %444, %pf.any.end41 ]
+  %399 = icmp slt i64 %k39, 192
+  br i1 %399, label %k.body37, label %k.end38
 
 k.body37:                                         ; preds = %k.head36
-  %403 = mul nsw i64 %k39, 1
-  %404 = add nsw i64 %403, 0
-  %405 = mul nsw i64 %404, 64
+  %400 = mul nsw i64 %k39, 1
+  %401 = add nsw i64 %400, 0
+  %402 = mul nsw i64 %401, 64
   br i1 %pf.multi, label %pf.any.then40, label %pf.any.end41
 
 pf.any.then40:                                    ; preds = %k.body37
-  %406 = lshr i64 %405, %pf.sh35
-  %407 = getelementptr inbounds i8, ptr %pf34, i64 %406
-  call void @llvm.prefetch.p0(ptr %407, i32 0, i32 2, i32 1)
+  %403 = lshr i64 %402, %pf.sh35
+  %404 = getelementptr inbounds i8, ptr %pf34, i64 %403
+  call void @llvm.prefetch.p0(ptr %404, i32 0, i32 2, i32 1)
   br label %pf.any.end41
 
 pf.any.end41:                                     ; preds = %pf.any.then40, %k.body37
-  %408 = mul nsw i64 %404, 16
-  %409 = add nsw i64 %panel.off32, %408
+  %405 = mul nsw i64 %401, 16
+  %406 = add nsw i64 %panel.off32, %405
+  %407 = getelementptr inbounds float, ptr %panels, i64 %406
+  %408 = load <8 x float>, ptr %407, align 4
+  %409 = add nsw i64 %406, 8
   %410 = getelementptr inbounds float, ptr %panels, i64 %409
   %411 = load <8 x float>, ptr %410, align 4
-  %412 = add nsw i64 %409, 8
-  %413 = getelementptr inbounds float, ptr %panels, i64 %412
-  %414 = load <8 x float>, ptr %413, align 4
-  %415 = getelementptr inbounds float, ptr %337, i64 %404
-  %416 = load float, ptr %415, align 4
-  %417 = insertelement <8 x float> poison, float %416, i32 0
-  %418 = shufflevector <8 x float> %417, <8 x float> poison, <8 x i32> zeroinitializer
-  %419 = load <8 x float>, ptr %acc00024, align 4
-  %420 = call <8 x float> @llvm.fma.v8f32(<8 x float> %418, <8 x float> %411, <8 x float> %419)
-  store <8 x float> %420, ptr %acc00024, align 4
-  %421 = load <8 x float>, ptr %acc00125, align 4
-  %422 = call <8 x float> @llvm.fma.v8f32(<8 x float> %418, <8 x float> %414, <8 x float> %421)
-  store <8 x float> %422, ptr %acc00125, align 4
-  %423 = getelementptr inbounds float, ptr %352, i64 %404
-  %424 = load float, ptr %423, align 4
-  %425 = insertelement <8 x float> poison, float %424, i32 0
-  %426 = shufflevector <8 x float> %425, <8 x float> poison, <8 x i32> zeroinitializer
-  %427 = load <8 x float>, ptr %acc01026, align 4
-  %428 = call <8 x float> @llvm.fma.v8f32(<8 x float> %426, <8 x float> %411, <8 x float> %427)
-  store <8 x float> %428, ptr %acc01026, align 4
-  %429 = load <8 x float>, ptr %acc01127, align 4
-  %430 = call <8 x float> @llvm.fma.v8f32(<8 x float> %426, <8 x float> %414, <8 x float> %429)
-  store <8 x float> %430, ptr %acc01127, align 4
-  %431 = getelementptr inbounds float, ptr %367, i64 %404
-  %432 = load float, ptr %431, align 4
-  %433 = insertelement <8 x float> poison, float %432, i32 0
-  %434 = shufflevector <8 x float> %433, <8 x float> poison, <8 x i32> zeroinitializer
-  %435 = load <8 x float>, ptr %acc02028, align 4
-  %436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %411, <8 x float> %435)
-  store <8 x float> %436, ptr %acc02028, align 4
-  %437 = load <8 x float>, ptr %acc02129, align 4
-  %438 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %414, <8 x float> %437)
-  store <8 x float> %438, ptr %acc02129, align 4
-  %439 = getelementptr inbounds float, ptr %382, i64 %404
-  %440 = load float, ptr %439, align 4
-  %441 = insertelement <8 x float> poison, float %440, i32 0
-  %442 = shufflevector <8 x float> %441, <8 x float> poison, <8 x i32> zeroinitializer
-  %443 = load <8 x float>, ptr %acc03030, align 4
-  %444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %442, <8 x float> %411, <8 x float> %443)
-  store <8 x float> %444, ptr %acc03030, align 4
-  %445 = load <8 x float>, ptr %acc03131, align 4
-  %446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %442, <8 x float> %414, <8 x float> %445)
-  store <8 x float> %446, ptr %acc03131, align 4
-  %447 = add nsw i64 %k39, 1
+  %412 = getelementptr inbounds float, ptr %335, i64 %401
+  %413 = load float, ptr %412, align 4
+  %414 = insertelement <8 x float> poison, float %413, i32 0
+  %415 = shufflevector <8 x float> %414, <8 x float> poison, <8 x i32> zeroinitializer
+  %416 = load <8 x float>, ptr %acc00024, align 4
+  %417 = call <8 x float> @llvm.fma.v8f32(<8 x float> %415, <8 x float> %408, <8 x float> %416)
+  store <8 x float> %417, ptr %acc00024, align 4
+  %418 = load <8 x float>, ptr %acc00125, align 4
+  %419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %415, <8 x float> %411, <8 x float> %418)
+  store <8 x float> %419, ptr %acc00125, align 4
+  %420 = getelementptr inbounds float, ptr %350, i64 %401
+  %421 = load float, ptr %420, align 4
+  %422 = insertelement <8 x float> poison, float %421, i32 0
+  %423 = shufflevector <8 x float> %422, <8 x float> poison, <8 x i32> zeroinitializer
+  %424 = load <8 x float>, ptr %acc01026, align 4
+  %425 = call <8 x float> @llvm.fma.v8f32(<8 x float> %423, <8 x float> %408, <8 x float> %424)
+  store <8 x float> %425, ptr %acc01026, align 4
+  %426 = load <8 x float>, ptr %acc01127, align 4
+  %427 = call <8 x float> @llvm.fma.v8f32(<8 x float> %423, <8 x float> %411, <8 x float> %426)
+  store <8 x float> %427, ptr %acc01127, align 4
+  %428 = getelementptr inbounds float, ptr %365, i64 %401
+  %429 = load float, ptr %428, align 4
+  %430 = insertelement <8 x float> poison, float %429, i32 0
+  %431 = shufflevector <8 x float> %430, <8 x float> poison, <8 x i32> zeroinitializer
+  %432 = load <8 x float>, ptr %acc02028, align 4
+  %433 = call <8 x float> @llvm.fma.v8f32(<8 x float> %431, <8 x float> %408, <8 x float> %432)
+  store <8 x float> %433, ptr %acc02028, align 4
+  %434 = load <8 x float>, ptr %acc02129, align 4
+  %435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %431, <8 x float> %411, <8 x float> %434)
+  store <8 x float> %435, ptr %acc02129, align 4
+  %436 = getelementptr inbounds float, ptr %380, i64 %401
+  %437 = load float, ptr %436, align 4
+  %438 = insertelement <8 x float> poison, float %437, i32 0
+  %439 = shufflevector <8 x float> %438, <8 x float> poison, <8 x i32> zeroinitializer
+  %440 = load <8 x float>, ptr %acc03030, align 4
+  %441 = call <8 x float> @llvm.fma.v8f32(<8 x float> %439, <8 x float> %408, <8 x float> %440)
+  store <8 x float> %441, ptr %acc03030, align 4
+  %442 = load <8 x float>, ptr %acc03131, align 4
+  %443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %439, <8 x float> %411, <8 x float> %442)
+  store <8 x float> %443, ptr %acc03131, align 4
+  %444 = add nsw i64 %k39, 1
   br label %k.head36
 
 k.end38:                                          ; preds = %k.head36
-  %448 = load <8 x float>, ptr %acc00024, align 4
-  store <8 x float> %448, ptr %344, align 4
-  %449 = load <8 x float>, ptr %acc00125, align 4
-  store <8 x float> %449, ptr %347, align 4
-  %450 = load <8 x float>, ptr %acc01026, align 4
-  store <8 x float> %450, ptr %359, align 4
-  %451 = load <8 x float>, ptr %acc01127, align 4
-  store <8 x float> %451, ptr %362, align 4
-  %452 = load <8 x float>, ptr %acc02028, align 4
-  store <8 x float> %452, ptr %374, align 4
-  %453 = load <8 x float>, ptr %acc02129, align 4
-  store <8 x float> %453, ptr %377, align 4
-  %454 = load <8 x float>, ptr %acc03030, align 4
-  store <8 x float> %454, ptr %389, align 4
-  %455 = load <8 x float>, ptr %acc03131, align 4
-  store <8 x float> %455, ptr %392, align 4
+  %445 = load <8 x float>, ptr %acc00024, align 4
+  store <8 x float> %445, ptr %342, align 4
+  %446 = load <8 x float>, ptr %acc00125, align 4
+  store <8 x float> %446, ptr %345, align 4
+  %447 = load <8 x float>, ptr %acc01026, align 4
+  store <8 x float> %447, ptr %357, align 4
+  %448 = load <8 x float>, ptr %acc01127, align 4
+  store <8 x float> %448, ptr %360, align 4
+  %449 = load <8 x float>, ptr %acc02028, align 4
+  store <8 x float> %449, ptr %372, align 4
+  %450 = load <8 x float>, ptr %acc02129, align 4
+  store <8 x float> %450, ptr %375, align 4
+  %451 = load <8 x float>, ptr %acc03030, align 4
+  store <8 x float> %451, ptr %387, align 4
+  %452 = load <8 x float>, ptr %acc03131, align 4
+  store <8 x float> %452, ptr %390, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
   %col42 = mul nsw i64 %p, 16
-  %456 = add nsw i64 %r0, 0
-  %457 = mul nsw i64 %456, 192
-  %458 = add nsw i64 %457, 0
-  %459 = getelementptr inbounds float, ptr %h, i64 %458
-  %460 = getelementptr inbounds i32, ptr %rows, i64 %456
-  %461 = load i32, ptr %460, align 4
-  %462 = sext i32 %461 to i64
-  %463 = mul nsw i64 %462, 64
-  %464 = getelementptr inbounds float, ptr %y, i64 %463
-  %465 = add nsw i64 %col42, 0
-  %466 = getelementptr inbounds float, ptr %464, i64 %465
-  %467 = load <8 x float>, ptr %466, align 4
+  %453 = add nsw i64 %r0, 0
+  %454 = mul nsw i64 %453, 192
+  %455 = add nsw i64 %454, 0
+  %456 = getelementptr inbounds float, ptr %h, i64 %455
+  %457 = getelementptr inbounds i32, ptr %rows, i64 %453
+  %458 = load i32, ptr %457, align 4
+  %459 = sext i32 %458 to i64
+  %460 = mul nsw i64 %459, 64
+  %461 = getelementptr inbounds float, ptr %y, i64 %460
+  %462 = add nsw i64 %col42, 0
+  %463 = getelementptr inbounds float, ptr %461, i64 %462
+  %464 = load <8 x float>, ptr %463, align 4
   store <8 x float> zeroinitializer, ptr %acc00043, align 4
-  %468 = add nsw i64 %col42, 8
-  %469 = getelementptr inbounds float, ptr %464, i64 %468
-  %470 = load <8 x float>, ptr %469, align 4
+  %465 = add nsw i64 %col42, 8
+  %466 = getelementptr inbounds float, ptr %461, i64 %465
+  %467 = load <8 x float>, ptr %466, align 4
   store <8 x float> zeroinitializer, ptr %acc00144, align 4
-  %471 = add nsw i64 %r0, 1
-  %472 = mul nsw i64 %471, 192
-  %473 = add nsw i64 %472, 0
-  %474 = getelementptr inbounds float, ptr %h, i64 %473
-  %475 = getelementptr inbounds i32, ptr %rows, i64 %471
-  %476 = load i32, ptr %475, align 4
-  %477 = sext i32 %476 to i64
-  %478 = mul nsw i64 %477, 64
-  %479 = getelementptr inbounds float, ptr %y, i64 %478
-  %480 = add nsw i64 %col42, 0
-  %481 = getelementptr inbounds float, ptr %479, i64 %480
-  %482 = load <8 x float>, ptr %481, align 4
+  %468 = add nsw i64 %r0, 1
+  %469 = mul nsw i64 %468, 192
+  %470 = add nsw i64 %469, 0
+  %471 = getelementptr inbounds float, ptr %h, i64 %470
+  %472 = getelementptr inbounds i32, ptr %rows, i64 %468
+  %473 = load i32, ptr %472, align 4
+  %474 = sext i32 %473 to i64
+  %475 = mul nsw i64 %474, 64
+  %476 = getelementptr inbounds float, ptr %y, i64 %475
+  %477 = add nsw i64 %col42, 0
+  %478 = getelementptr inbounds float, ptr %476, i64 %477
+  %479 = load <8 x float>, ptr %478, align 4
   store <8 x float> zeroinitializer, ptr %acc01045, align 4
-  %483 = add nsw i64 %col42, 8
-  %484 = getelementptr inbounds float, ptr %479, i64 %483
-  %485 = load <8 x float>, ptr %484, align 4
+  %480 = add nsw i64 %col42, 8
+  %481 = getelementptr inbounds float, ptr %476, i64 %480
+  %482 = load <8 x float>, ptr %481, align 4
   store <8 x float> zeroinitializer, ptr %acc01146, align 4
-  %486 = add nsw i64 %r0, 2
-  %487 = mul nsw i64 %486, 192
-  %488 = add nsw i64 %487, 0
-  %489 = getelementptr inbounds float, ptr %h, i64 %488
-  %490 = getelementptr inbounds i32, ptr %rows, i64 %486
-  %491 = load i32, ptr %490, align 4
-  %492 = sext i32 %491 to i64
-  %493 = mul nsw i64 %492, 64
-  %494 = getelementptr inbounds float, ptr %y, i64 %493
-  %495 = add nsw i64 %col42, 0
-  %496 = getelementptr inbounds float, ptr %494, i64 %495
-  %497 = load <8 x float>, ptr %496, align 4
+  %483 = add nsw i64 %r0, 2
+  %484 = mul nsw i64 %483, 192
+  %485 = add nsw i64 %484, 0
+  %486 = getelementptr inbounds float, ptr %h, i64 %485
+  %487 = getelementptr inbounds i32, ptr %rows, i64 %483
+  %488 = load i32, ptr %487, align 4
+  %489 = sext i32 %488 to i64
+  %490 = mul nsw i64 %489, 64
+  %491 = getelementptr inbounds float, ptr %y, i64 %490
+  %492 = add nsw i64 %col42, 0
+  %493 = getelementptr inbounds float, ptr %491, i64 %492
+  %494 = load <8 x float>, ptr %493, align 4
   store <8 x float> zeroinitializer, ptr %acc02047, align 4
-  %498 = add nsw i64 %col42, 8
-  %499 = getelementptr inbounds float, ptr %494, i64 %498
-  %500 = load <8 x float>, ptr %499, align 4
+  %495 = add nsw i64 %col42, 8
+  %496 = getelementptr inbounds float, ptr %491, i64 %495
+  %497 = load <8 x float>, ptr %496, align 4
   store <8 x float> zeroinitializer, ptr %acc02148, align 4
-  %501 = mul nsw i64 %p, 3072
-  %panel.off49 = add nsw i64 %501, 0
-  %502 = getelementptr inbounds float, ptr %panels, i64 %panel.off49
-  %503 = add nsw i64 %p, 1
-  %504 = icmp slt i64 %503, %p1
-  %pf.on50 = and i1 %pf.on, %504
-  %505 = mul nsw i64 %rb, 12288
-  %506 = lshr i64 %505, %12
-  %507 = add nsw i64 12288, %506
-  %508 = getelementptr inbounds i8, ptr %502, i64 %507
-  %pf51 = select i1 %pf.on50, ptr %508, ptr %502
+  %panel.off49 = mul nsw i64 %p, 3072
+  %498 = getelementptr inbounds float, ptr %panels, i64 %panel.off49
+  %499 = add nsw i64 %p, 1
+  %500 = icmp slt i64 %499, %p1
+  %pf.on50 = and i1 %pf.on, %500
+  %501 = mul nsw i64 %rb, 12288
+  %502 = lshr i64 %501, %12
+  %503 = add nsw i64 12288, %502
+  %504 = getelementptr inbounds i8, ptr %498, i64 %503
+  %pf51 = select i1 %pf.on50, ptr %504, ptr %498
   %pf.sh52 = select i1 %pf.on50, i64 %12, i64 0
   br label %k.head53
 
 k.head53:                                         ; preds = %pf.any.end58, %tile.mr3
-  %k56 = phi i64 [ 0, %tile.mr3 ], [ %546, %pf.any.end58 ]
-  %509 = icmp slt i64 %k56, 192
-  br i1 %509, label %k.body54, label %k.end55
+  %k56 = phi i64 [ 0, %tile.mr3 ], [ %542, %pf.any.end58 ]
+  %505 = icmp slt i64 %k56, 192
+  br i1 %505, label %k.body54, label %k.end55
 
 k.body54:                                         ; preds = %k.head53
-  %510 = mul nsw i64 %k56, 1
-  %511 = add nsw i64 %510, 0
-  %512 = mul nsw i64 %511, 64
+  %506 = mul nsw i64 %k56, 1
+  %507 = add nsw i64 %506, 0
+  %508 = mul nsw i64 %507, 64
   br i1 %pf.multi, label %pf.any.then57, label %pf.any.end58
 
 pf.any.then57:                                    ; preds = %k.body54
-  %513 = lshr i64 %512, %pf.sh52
-  %514 = getelementptr inbounds i8, ptr %pf51, i64 %513
-  call void @llvm.prefetch.p0(ptr %514, i32 0, i32 2, i32 1)
+  %509 = lshr i64 %508, %pf.sh52
+  %510 = getelementptr inbounds i8, ptr %pf51, i64 %509
+  call void @llvm.prefetch.p0(ptr %510, i32 0, i32 2, i32 1)
   br label %pf.any.end58
 
 pf.any.end58:                                     ; preds = %pf.any.then57, %k.body54
-  %515 = mul nsw i64 %511, 16
-  %516 = add nsw i64 %panel.off49, %515
-  %517 = getelementptr inbounds float, ptr %panels, i64 %516
-  %518 = load <8 x float>, ptr %517, align 4
-  %519 = add nsw i64 %516, 8
-  %520 = getelementptr inbounds float, ptr %panels, i64 %519
-  %521 = load <8 x float>, ptr %520, align 4
-  %522 = getelementptr inbounds float, ptr %459, i64 %511
-  %523 = load float, ptr %522, align 4
-  %524 = insertelement <8 x float> poison, float %523, i32 0
-  %525 = shufflevector <8 x float> %524, <8 x float> poison, <8 x i32> zeroinitializer
-  %526 = load <8 x float>, ptr %acc00043, align 4
-  %527 = call <8 x float> @llvm.fma.v8f32(<8 x float> %525, <8 x float> %518, <8 x float> %526)
-  store <8 x float> %527, ptr %acc00043, align 4
-  %528 = load <8 x float>, ptr %acc00144, align 4
-  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %525, <8 x float> %521, <8 x float> %528)
-  store <8 x float> %529, ptr %acc00144, align 4
-  %530 = getelementptr inbounds float, ptr %474, i64 %511
-  %531 = load float, ptr %530, align 4
-  %532 = insertelement <8 x float> poison, float %531, i32 0
-  %533 = shufflevector <8 x float> %532, <8 x float> poison, <8 x i32> zeroinitializer
-  %534 = load <8 x float>, ptr %acc01045, align 4
-  %535 = call <8 x float> @llvm.fma.v8f32(<8 x float> %533, <8 x float> %518, <8 x float> %534)
-  store <8 x float> %535, ptr %acc01045, align 4
-  %536 = load <8 x float>, ptr %acc01146, align 4
-  %537 = call <8 x float> @llvm.fma.v8f32(<8 x float> %533, <8 x float> %521, <8 x float> %536)
-  store <8 x float> %537, ptr %acc01146, align 4
-  %538 = getelementptr inbounds float, ptr %489, i64 %511
-  %539 = load float, ptr %538, align 4
-  %540 = insertelement <8 x float> poison, float %539, i32 0
-  %541 = shufflevector <8 x float> %540, <8 x float> poison, <8 x i32> zeroinitializer
-  %542 = load <8 x float>, ptr %acc02047, align 4
-  %543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %541, <8 x float> %518, <8 x float> %542)
-  store <8 x float> %543, ptr %acc02047, align 4
-  %544 = load <8 x float>, ptr %acc02148, align 4
-  %545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %541, <8 x float> %521, <8 x float> %544)
-  store <8 x float> %545, ptr %acc02148, align 4
-  %546 = add nsw i64 %k56, 1
+  %511 = mul nsw i64 %507, 16
+  %512 = add nsw i64 %panel.off49, %511
+  %513 = getelementptr inbounds float, ptr %panels, i64 %512
+  %514 = load <8 x float>, ptr %513, align 4
+  %515 = add nsw i64 %512, 8
+  %516 = getelementptr inbounds float, ptr %panels, i64 %515
+  %517 = load <8 x float>, ptr %516, align 4
+  %518 = getelementptr inbounds float, ptr %456, i64 %507
+  %519 = load float, ptr %518, align 4
+  %520 = insertelement <8 x float> poison, float %519, i32 0
+  %521 = shufflevector <8 x float> %520, <8 x float> poison, <8 x i32> zeroinitializer
+  %522 = load <8 x float>, ptr %acc00043, align 4
+  %523 = call <8 x float> @llvm.fma.v8f32(<8 x float> %521, <8 x float> %514, <8 x float> %522)
+  store <8 x float> %523, ptr %acc00043, align 4
+  %524 = load <8 x float>, ptr %acc00144, align 4
+  %525 = call <8 x float> @llvm.fma.v8f32(<8 x float> %521, <8 x float> %517, <8 x float> %524)
+  store <8 x float> %525, ptr %acc00144, align 4
+  %526 = getelementptr inbounds float, ptr %471, i64 %507
+  %527 = load float, ptr %526, align 4
+  %528 = insertelement <8 x float> poison, float %527, i32 0
+  %529 = shufflevector <8 x float> %528, <8 x float> poison, <8 x i32> zeroinitializer
+  %530 = load <8 x float>, ptr %acc01045, align 4
+  %531 = call <8 x float> @llvm.fma.v8f32(<8 x float> %529, <8 x float> %514, <8 x float> %530)
+  store <8 x float> %531, ptr %acc01045, align 4
+  %532 = load <8 x float>, ptr %acc01146, align 4
+  %533 = call <8 x float> @llvm.fma.v8f32(<8 x float> %529, <8 x float> %517, <8 x float> %532)
+  store <8 x float> %533, ptr %acc01146, align 4
+  %534 = getelementptr inbounds float, ptr %486, i64 %507
+  %535 = load float, ptr %534, align 4
+  %536 = insertelement <8 x float> poison, float %535, i32 0
+  %537 = shufflevector <8 x float> %536, <8 x float> poison, <8 x i32> zeroinitializer
+  %538 = load <8 x float>, ptr %acc02047, align 4
+  %539 = call <8 x float> @llvm.fma.v8f32(<8 x float> %537, <8 x float> %514, <8 x float> %538)
+  store <8 x float> %539, ptr %acc02047, align 4
+  %540 = load <8 x float>, ptr %acc02148, align 4
+  %541 = call <8 x float> @llvm.fma.v8f32(<8 x float> %537, <8 x float> %517, <8 x float> %540)
+  store <8 x float> %541, ptr %acc02148, align 4
+  %542 = add nsw i64 %k56, 1
   br label %k.head53
 
 k.end55:                                          ; preds = %k.head53
-  %547 = load <8 x float>, ptr %acc00043, align 4
-  store <8 x float> %547, ptr %466, align 4
-  %548 = load <8 x float>, ptr %acc00144, align 4
-  store <8 x float> %548, ptr %469, align 4
-  %549 = load <8 x float>, ptr %acc01045, align 4
-  store <8 x float> %549, ptr %481, align 4
-  %550 = load <8 x float>, ptr %acc01146, align 4
-  store <8 x float> %550, ptr %484, align 4
-  %551 = load <8 x float>, ptr %acc02047, align 4
-  store <8 x float> %551, ptr %496, align 4
-  %552 = load <8 x float>, ptr %acc02148, align 4
-  store <8 x float> %552, ptr %499, align 4
+  %543 = load <8 x float>, ptr %acc00043, align 4
+  store <8 x float> %543, ptr %463, align 4
+  %544 = load <8 x float>, ptr %acc00144, align 4
+  store <8 x float> %544, ptr %466, align 4
+  %545 = load <8 x float>, ptr %acc01045, align 4
+  store <8 x float> %545, ptr %478, align 4
+  %546 = load <8 x float>, ptr %acc01146, align 4
+  store <8 x float> %546, ptr %481, align 4
+  %547 = load <8 x float>, ptr %acc02047, align 4
+  store <8 x float> %547, ptr %493, align 4
+  %548 = load <8 x float>, ptr %acc02148, align 4
+  store <8 x float> %548, ptr %496, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
   %col59 = mul nsw i64 %p, 16
-  %553 = add nsw i64 %r0, 0
-  %554 = mul nsw i64 %553, 192
-  %555 = add nsw i64 %554, 0
-  %556 = getelementptr inbounds float, ptr %h, i64 %555
-  %557 = getelementptr inbounds i32, ptr %rows, i64 %553
-  %558 = load i32, ptr %557, align 4
-  %559 = sext i32 %558 to i64
-  %560 = mul nsw i64 %559, 64
-  %561 = getelementptr inbounds float, ptr %y, i64 %560
-  %562 = add nsw i64 %col59, 0
-  %563 = getelementptr inbounds float, ptr %561, i64 %562
-  %564 = load <8 x float>, ptr %563, align 4
+  %549 = add nsw i64 %r0, 0
+  %550 = mul nsw i64 %549, 192
+  %551 = add nsw i64 %550, 0
+  %552 = getelementptr inbounds float, ptr %h, i64 %551
+  %553 = getelementptr inbounds i32, ptr %rows, i64 %549
+  %554 = load i32, ptr %553, align 4
+  %555 = sext i32 %554 to i64
+  %556 = mul nsw i64 %555, 64
+  %557 = getelementptr inbounds float, ptr %y, i64 %556
+  %558 = add nsw i64 %col59, 0
+  %559 = getelementptr inbounds float, ptr %557, i64 %558
+  %560 = load <8 x float>, ptr %559, align 4
   store <8 x float> zeroinitializer, ptr %acc00060, align 4
-  %565 = add nsw i64 %col59, 8
-  %566 = getelementptr inbounds float, ptr %561, i64 %565
-  %567 = load <8 x float>, ptr %566, align 4
+  %561 = add nsw i64 %col59, 8
+  %562 = getelementptr inbounds float, ptr %557, i64 %561
+  %563 = load <8 x float>, ptr %562, align 4
   store <8 x float> zeroinitializer, ptr %acc00161, align 4
-  %568 = add nsw i64 %r0, 1
-  %569 = mul nsw i64 %568, 192
-  %570 = add nsw i64 %569, 0
-  %571 = getelementptr inbounds float, ptr %h, i64 %570
-  %572 = getelementptr inbounds i32, ptr %rows, i64 %568
-  %573 = load i32, ptr %572, align 4
-  %574 = sext i32 %573 to i64
-  %575 = mul nsw i64 %574, 64
-  %576 = getelementptr inbounds float, ptr %y, i64 %575
-  %577 = add nsw i64 %col59, 0
-  %578 = getelementptr inbounds float, ptr %576, i64 %577
-  %579 = load <8 x float>, ptr %578, align 4
+  %564 = add nsw i64 %r0, 1
+  %565 = mul nsw i64 %564, 192
+  %566 = add nsw i64 %565, 0
+  %567 = getelementptr inbounds float, ptr %h, i64 %566
+  %568 = getelementptr inbounds i32, ptr %rows, i64 %564
+  %569 = load i32, ptr %568, align 4
+  %570 = sext i32 %569 to i64
+  %571 = mul nsw i64 %570, 64
+  %572 = getelementptr inbounds float, ptr %y, i64 %571
+  %573 = add nsw i64 %col59, 0
+  %574 = getelementptr inbounds float, ptr %572, i64 %573
+  %575 = load <8 x float>, ptr %574, align 4
   store <8 x float> zeroinitializer, ptr %acc01062, align 4
-  %580 = add nsw i64 %col59, 8
-  %581 = getelementptr inbounds float, ptr %576, i64 %580
-  %582 = load <8 x float>, ptr %581, align 4
+  %576 = add nsw i64 %col59, 8
+  %577 = getelementptr inbounds float, ptr %572, i64 %576
+  %578 = load <8 x float>, ptr %577, align 4
   store <8 x float> zeroinitializer, ptr %acc01163, align 4
-  %583 = mul nsw i64 %p, 3072
-  %panel.off64 = add nsw i64 %583, 0
-  %584 = getelementptr inbounds float, ptr %panels, i64 %panel.off64
-  %585 = add nsw i64 %p, 1
-  %586 = icmp slt i64 %585, %p1
-  %pf.on65 = and i1 %pf.on, %586
-  %587 = mul nsw i64 %rb, 12288
-  %588 = lshr i64 %587, %12
-  %589 = add nsw i64 12288, %588
-  %590 = getelementptr inbounds i8, ptr %584, i64 %589
-  %pf66 = select i1 %pf.on65, ptr %590, ptr %584
+  %panel.off64 = mul nsw i64 %p, 3072
+  %579 = getelementptr inbounds float, ptr %panels, i64 %panel.off64
+  %580 = add nsw i64 %p, 1
+  %581 = icmp slt i64 %580, %p1
+  %pf.on65 = and i1 %pf.on, %581
+  %582 = mul nsw i64 %rb, 12288
+  %583 = lshr i64 %582, %12
+  %584 = add nsw i64 12288, %583
+  %585 = getelementptr inbounds i8, ptr %579, i64 %584
+  %pf66 = select i1 %pf.on65, ptr %585, ptr %579
   %pf.sh67 = select i1 %pf.on65, i64 %12, i64 0
   br label %k.head68
 
 k.head68:                                         ; preds = %pf.any.end73, %tile.mr2
-  %k71 = phi i64 [ 0, %tile.mr2 ], [ %620, %pf.any.end73 ]
-  %591 = icmp slt i64 %k71, 192
-  br i1 %591, label %k.body69, label %k.end70
+  %k71 = phi i64 [ 0, %tile.mr2 ], [ %615, %pf.any.end73 ]
+  %586 = icmp slt i64 %k71, 192
+  br i1 %586, label %k.body69, label %k.end70
 
 k.body69:                                         ; preds = %k.head68
-  %592 = mul nsw i64 %k71, 1
-  %593 = add nsw i64 %592, 0
-  %594 = mul nsw i64 %593, 64
+  %587 = mul nsw i64 %k71, 1
+  %588 = add nsw i64 %587, 0
+  %589 = mul nsw i64 %588, 64
   br i1 %pf.multi, label %pf.any.then72, label %pf.any.end73
 
 pf.any.then72:                                    ; preds = %k.body69
-  %595 = lshr i64 %594, %pf.sh67
-  %596 = getelementptr inbounds i8, ptr %pf66, i64 %595
-  call void @llvm.prefetch.p0(ptr %596, i32 0, i32 2, i32 1)
+  %590 = lshr i64 %589, %pf.sh67
+  %591 = getelementptr inbounds i8, ptr %pf66, i64 %590
+  call void @llvm.prefetch.p0(ptr %591, i32 0, i32 2, i32 1)
   br label %pf.any.end73
 
 pf.any.end73:                                     ; preds = %pf.any.then72, %k.body69
-  %597 = mul nsw i64 %593, 16
-  %598 = add nsw i64 %panel.off64, %597
-  %599 = getelementptr inbounds float, ptr %panels, i64 %598
-  %600 = load <8 x float>, ptr %599, align 4
-  %601 = add nsw i64 %598, 8
-  %602 = getelementptr inbounds float, ptr %panels, i64 %601
-  %603 = load <8 x float>, ptr %602, align 4
-  %604 = getelementptr inbounds float, ptr %556, i64 %593
-  %605 = load float, ptr %604, align 4
-  %606 = insertelement <8 x float> poison, float %605, i32 0
-  %607 = shufflevector <8 x float> %606, <8 x float> poison, <8 x i32> zeroinitializer
-  %608 = load <8 x float>, ptr %acc00060, align 4
-  %609 = call <8 x float> @llvm.fma.v8f32(<8 x float> %607, <8 x float> %600, <8 x float> %608)
-  store <8 x float> %609, ptr %acc00060, align 4
-  %610 = load <8 x float>, ptr %acc00161, align 4
-  %611 = call <8 x float> @llvm.fma.v8f32(<8 x float> %607, <8 x float> %603, <8 x float> %610)
-  store <8 x float> %611, ptr %acc00161, align 4
-  %612 = getelementptr inbounds float, ptr %571, i64 %593
-  %613 = load float, ptr %612, align 4
-  %614 = insertelement <8 x float> poison, float %613, i32 0
-  %615 = shufflevector <8 x float> %614, <8 x float> poison, <8 x i32> zeroinitializer
-  %616 = load <8 x float>, ptr %acc01062, align 4
-  %617 = call <8 x float> @llvm.fma.v8f32(<8 x float> %615, <8 x float> %600, <8 x float> %616)
-  store <8 x float> %617, ptr %acc01062, align 4
-  %618 = load <8 x float>, ptr %acc01163, align 4
-  %619 = call <8 x float> @llvm.fma.v8f32(<8 x float> %615, <8 x float> %603, <8 x float> %618)
-  store <8 x float> %619, ptr %acc01163, align 4
-  %620 = add nsw i64 %k71, 1
+  %592 = mul nsw i64 %588, 16
+  %593 = add nsw i64 %panel.off64, %592
+  %594 = getelementptr inbounds float, ptr %panels, i64 %593
+  %595 = load <8 x float>, ptr %594, align 4
+  %596 = add nsw i64 %593, 8
+  %597 = getelementptr inbounds float, ptr %panels, i64 %596
+  %598 = load <8 x float>, ptr %597, align 4
+  %599 = getelementptr inbounds float, ptr %552, i64 %588
+  %600 = load float, ptr %599, align 4
+  %601 = insertelement <8 x float> poison, float %600, i32 0
+  %602 = shufflevector <8 x float> %601, <8 x float> poison, <8 x i32> zeroinitializer
+  %603 = load <8 x float>, ptr %acc00060, align 4
+  %604 = call <8 x float> @llvm.fma.v8f32(<8 x float> %602, <8 x float> %595, <8 x float> %603)
+  store <8 x float> %604, ptr %acc00060, align 4
+  %605 = load <8 x float>, ptr %acc00161, align 4
+  %606 = call <8 x float> @llvm.fma.v8f32(<8 x float> %602, <8 x float> %598, <8 x float> %605)
+  store <8 x float> %606, ptr %acc00161, align 4
+  %607 = getelementptr inbounds float, ptr %567, i64 %588
+  %608 = load float, ptr %607, align 4
+  %609 = insertelement <8 x float> poison, float %608, i32 0
+  %610 = shufflevector <8 x float> %609, <8 x float> poison, <8 x i32> zeroinitializer
+  %611 = load <8 x float>, ptr %acc01062, align 4
+  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> %595, <8 x float> %611)
+  store <8 x float> %612, ptr %acc01062, align 4
+  %613 = load <8 x float>, ptr %acc01163, align 4
+  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> %598, <8 x float> %613)
+  store <8 x float> %614, ptr %acc01163, align 4
+  %615 = add nsw i64 %k71, 1
   br label %k.head68
 
 k.end70:                                          ; preds = %k.head68
-  %621 = load <8 x float>, ptr %acc00060, align 4
-  store <8 x float> %621, ptr %563, align 4
-  %622 = load <8 x float>, ptr %acc00161, align 4
-  store <8 x float> %622, ptr %566, align 4
-  %623 = load <8 x float>, ptr %acc01062, align 4
-  store <8 x float> %623, ptr %578, align 4
-  %624 = load <8 x float>, ptr %acc01163, align 4
-  store <8 x float> %624, ptr %581, align 4
+  %616 = load <8 x float>, ptr %acc00060, align 4
+  store <8 x float> %616, ptr %559, align 4
+  %617 = load <8 x float>, ptr %acc00161, align 4
+  store <8 x float> %617, ptr %562, align 4
+  %618 = load <8 x float>, ptr %acc01062, align 4
+  store <8 x float> %618, ptr %574, align 4
+  %619 = load <8 x float>, ptr %acc01163, align 4
+  store <8 x float> %619, ptr %577, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
   %col74 = mul nsw i64 %p, 16
-  %625 = add nsw i64 %r0, 0
-  %626 = mul nsw i64 %625, 192
-  %627 = add nsw i64 %626, 0
-  %628 = getelementptr inbounds float, ptr %h, i64 %627
-  %629 = getelementptr inbounds i32, ptr %rows, i64 %625
-  %630 = load i32, ptr %629, align 4
-  %631 = sext i32 %630 to i64
-  %632 = mul nsw i64 %631, 64
-  %633 = getelementptr inbounds float, ptr %y, i64 %632
-  %634 = add nsw i64 %col74, 0
-  %635 = getelementptr inbounds float, ptr %633, i64 %634
-  %636 = load <8 x float>, ptr %635, align 4
+  %620 = add nsw i64 %r0, 0
+  %621 = mul nsw i64 %620, 192
+  %622 = add nsw i64 %621, 0
+  %623 = getelementptr inbounds float, ptr %h, i64 %622
+  %624 = getelementptr inbounds i32, ptr %rows, i64 %620
+  %625 = load i32, ptr %624, align 4
+  %626 = sext i32 %625 to i64
+  %627 = mul nsw i64 %626, 64
+  %628 = getelementptr inbounds float, ptr %y, i64 %627
+  %629 = add nsw i64 %col74, 0
+  %630 = getelementptr inbounds float, ptr %628, i64 %629
+  %631 = load <8 x float>, ptr %630, align 4
   store <8 x float> zeroinitializer, ptr %acc00075, align 4
-  %637 = add nsw i64 %col74, 8
-  %638 = getelementptr inbounds float, ptr %633, i64 %637
-  %639 = load <8 x float>, ptr %638, align 4
+  %632 = add nsw i64 %col74, 8
+  %633 = getelementptr inbounds float, ptr %628, i64 %632
+  %634 = load <8 x float>, ptr %633, align 4
   store <8 x float> zeroinitializer, ptr %acc00176, align 4
-  %640 = mul nsw i64 %p, 3072
-  %panel.off77 = add nsw i64 %640, 0
-  %641 = getelementptr inbounds float, ptr %panels, i64 %panel.off77
-  %642 = add nsw i64 %p, 1
-  %643 = icmp slt i64 %642, %p1
-  %pf.on78 = and i1 %pf.on, %643
-  %644 = mul nsw i64 %rb, 12288
-  %645 = lshr i64 %644, %12
-  %646 = add nsw i64 12288, %645
-  %647 = getelementptr inbounds i8, ptr %641, i64 %646
-  %pf79 = select i1 %pf.on78, ptr %647, ptr %641
+  %panel.off77 = mul nsw i64 %p, 3072
+  %635 = getelementptr inbounds float, ptr %panels, i64 %panel.off77
+  %636 = add nsw i64 %p, 1
+  %637 = icmp slt i64 %636, %p1
+  %pf.on78 = and i1 %pf.on, %637
+  %638 = mul nsw i64 %rb, 12288
+  %639 = lshr i64 %638, %12
+  %640 = add nsw i64 12288, %639
+  %641 = getelementptr inbounds i8, ptr %635, i64 %640
+  %pf79 = select i1 %pf.on78, ptr %641, ptr %635
   %pf.sh80 = select i1 %pf.on78, i64 %12, i64 0
   br label %k.head81
 
 k.head81:                                         ; preds = %pf.any.end86, %tile.mr1
-  %k84 = phi i64 [ 0, %tile.mr1 ], [ %669, %pf.any.end86 ]
-  %648 = icmp slt i64 %k84, 192
-  br i1 %648, label %k.body82, label %k.end83
+  %k84 = phi i64 [ 0, %tile.mr1 ], [ %663, %pf.any.end86 ]
+  %642 = icmp slt i64 %k84, 192
+  br i1 %642, label %k.body82, label %k.end83
 
 k.body82:                                         ; preds = %k.head81
-  %649 = mul nsw i64 %k84, 1
-  %650 = add nsw i64 %649, 0
-  %651 = mul nsw i64 %650, 64
+  %643 = mul nsw i64 %k84, 1
+  %644 = add nsw i64 %643, 0
+  %645 = mul nsw i64 %644, 64
   br i1 %pf.multi, label %pf.any.then85, label %pf.any.end86
 
 pf.any.then85:                                    ; preds = %k.body82
-  %652 = lshr i64 %651, %pf.sh80
-  %653 = getelementptr inbounds i8, ptr %pf79, i64 %652
-  call void @llvm.prefetch.p0(ptr %653, i32 0, i32 2, i32 1)
+  %646 = lshr i64 %645, %pf.sh80
+  %647 = getelementptr inbounds i8, ptr %pf79, i64 %646
+  call void @llvm.prefetch.p0(ptr %647, i32 0, i32 2, i32 1)
   br label %pf.any.end86
 
 pf.any.end86:                                     ; preds = %pf.any.then85, %k.body82
-  %654 = mul nsw i64 %650, 16
-  %655 = add nsw i64 %panel.off77, %654
-  %656 = getelementptr inbounds float, ptr %panels, i64 %655
-  %657 = load <8 x float>, ptr %656, align 4
-  %658 = add nsw i64 %655, 8
-  %659 = getelementptr inbounds float, ptr %panels, i64 %658
-  %660 = load <8 x float>, ptr %659, align 4
-  %661 = getelementptr inbounds float, ptr %628, i64 %650
-  %662 = load float, ptr %661, align 4
-  %663 = insertelement <8 x float> poison, float %662, i32 0
-  %664 = shufflevector <8 x float> %663, <8 x float> poison, <8 x i32> zeroinitializer
-  %665 = load <8 x float>, ptr %acc00075, align 4
-  %666 = call <8 x float> @llvm.fma.v8f32(<8 x float> %664, <8 x float> %657, <8 x float> %665)
-  store <8 x float> %666, ptr %acc00075, align 4
-  %667 = load <8 x float>, ptr %acc00176, align 4
-  %668 = call <8 x float> @llvm.fma.v8f32(<8 x float> %664, <8 x float> %660, <8 x float> %667)
-  store <8 x float> %668, ptr %acc00176, align 4
-  %669 = add nsw i64 %k84, 1
+  %648 = mul nsw i64 %644, 16
+  %649 = add nsw i64 %panel.off77, %648
+  %650 = getelementptr inbounds float, ptr %panels, i64 %649
+  %651 = load <8 x float>, ptr %650, align 4
+  %652 = add nsw i64 %649, 8
+  %653 = getelementptr inbounds float, ptr %panels, i64 %652
+  %654 = load <8 x float>, ptr %653, align 4
+  %655 = getelementptr inbounds float, ptr %623, i64 %644
+  %656 = load float, ptr %655, align 4
+  %657 = insertelement <8 x float> poison, float %656, i32 0
+  %658 = shufflevector <8 x float> %657, <8 x float> poison, <8 x i32> zeroinitializer
+  %659 = load <8 x float>, ptr %acc00075, align 4
+  %660 = call <8 x float> @llvm.fma.v8f32(<8 x float> %658, <8 x float> %651, <8 x float> %659)
+  store <8 x float> %660, ptr %acc00075, align 4
+  %661 = load <8 x float>, ptr %acc00176, align 4
+  %662 = call <8 x float> @llvm.fma.v8f32(<8 x float> %658, <8 x float> %654, <8 x float> %661)
+  store <8 x float> %662, ptr %acc00176, align 4
+  %663 = add nsw i64 %k84, 1
   br label %k.head81
 
 k.end83:                                          ; preds = %k.head81
-  %670 = load <8 x float>, ptr %acc00075, align 4
-  store <8 x float> %670, ptr %635, align 4
-  %671 = load <8 x float>, ptr %acc00176, align 4
-  store <8 x float> %671, ptr %638, align 4
+  %664 = load <8 x float>, ptr %acc00075, align 4
+  store <8 x float> %664, ptr %630, align 4
+  %665 = load <8 x float>, ptr %acc00176, align 4
+  store <8 x float> %665, ptr %633, align 4
   br label %tile.done
 
 tile.done:                                        ; preds = %k.end83, %k.end70, %k.end55, %k.end38, %k.end19, %k.end
-  %672 = add nsw i64 %rb, 1
+  %666 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %673 = add nsw i64 %p, 1
+  %667 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

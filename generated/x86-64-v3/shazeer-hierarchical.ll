@@ -2283,68 +2283,68 @@ entry:
   %acc03115 = alloca <8 x float>, align 32
   %acc04016 = alloca <8 x float>, align 32
   %acc04117 = alloca <8 x float>, align 32
-  %acc00037 = alloca <8 x float>, align 32
-  %acc00138 = alloca <8 x float>, align 32
-  %acc01039 = alloca <8 x float>, align 32
-  %acc01140 = alloca <8 x float>, align 32
-  %acc02041 = alloca <8 x float>, align 32
-  %acc02142 = alloca <8 x float>, align 32
-  %acc03043 = alloca <8 x float>, align 32
-  %acc03144 = alloca <8 x float>, align 32
-  %acc00063 = alloca <8 x float>, align 32
-  %acc00164 = alloca <8 x float>, align 32
-  %acc01065 = alloca <8 x float>, align 32
-  %acc01166 = alloca <8 x float>, align 32
-  %acc02067 = alloca <8 x float>, align 32
-  %acc02168 = alloca <8 x float>, align 32
-  %acc00086 = alloca <8 x float>, align 32
-  %acc00187 = alloca <8 x float>, align 32
-  %acc01088 = alloca <8 x float>, align 32
-  %acc01189 = alloca <8 x float>, align 32
-  %acc000106 = alloca <8 x float>, align 32
-  %acc001107 = alloca <8 x float>, align 32
-  %acc000140 = alloca <8 x float>, align 32
-  %acc001141 = alloca <8 x float>, align 32
-  %acc010142 = alloca <8 x float>, align 32
-  %acc011143 = alloca <8 x float>, align 32
-  %acc020144 = alloca <8 x float>, align 32
-  %acc021145 = alloca <8 x float>, align 32
-  %acc030146 = alloca <8 x float>, align 32
-  %acc031147 = alloca <8 x float>, align 32
-  %acc040148 = alloca <8 x float>, align 32
-  %acc041149 = alloca <8 x float>, align 32
-  %acc050150 = alloca <8 x float>, align 32
-  %acc051151 = alloca <8 x float>, align 32
-  %acc000168 = alloca <8 x float>, align 32
-  %acc001169 = alloca <8 x float>, align 32
-  %acc010170 = alloca <8 x float>, align 32
-  %acc011171 = alloca <8 x float>, align 32
-  %acc020172 = alloca <8 x float>, align 32
-  %acc021173 = alloca <8 x float>, align 32
-  %acc030174 = alloca <8 x float>, align 32
-  %acc031175 = alloca <8 x float>, align 32
-  %acc040176 = alloca <8 x float>, align 32
-  %acc041177 = alloca <8 x float>, align 32
-  %acc000193 = alloca <8 x float>, align 32
-  %acc001194 = alloca <8 x float>, align 32
-  %acc010195 = alloca <8 x float>, align 32
-  %acc011196 = alloca <8 x float>, align 32
-  %acc020197 = alloca <8 x float>, align 32
-  %acc021198 = alloca <8 x float>, align 32
-  %acc030199 = alloca <8 x float>, align 32
-  %acc031200 = alloca <8 x float>, align 32
-  %acc000215 = alloca <8 x float>, align 32
-  %acc001216 = alloca <8 x float>, align 32
-  %acc010217 = alloca <8 x float>, align 32
-  %acc011218 = alloca <8 x float>, align 32
-  %acc020219 = alloca <8 x float>, align 32
-  %acc021220 = alloca <8 x float>, align 32
-  %acc000234 = alloca <8 x float>, align 32
-  %acc001235 = alloca <8 x float>, align 32
-  %acc010236 = alloca <8 x float>, align 32
-  %acc011237 = alloca <8 x float>, align 32
-  %acc000250 = alloca <8 x float>, align 32
-  %acc001251 = alloca <8 x float>, align 32
+  %acc00038 = alloca <8 x float>, align 32
+  %acc00139 = alloca <8 x float>, align 32
+  %acc01040 = alloca <8 x float>, align 32
+  %acc01141 = alloca <8 x float>, align 32
+  %acc02042 = alloca <8 x float>, align 32
+  %acc02143 = alloca <8 x float>, align 32
+  %acc03044 = alloca <8 x float>, align 32
+  %acc03145 = alloca <8 x float>, align 32
+  %acc00065 = alloca <8 x float>, align 32
+  %acc00166 = alloca <8 x float>, align 32
+  %acc01067 = alloca <8 x float>, align 32
+  %acc01168 = alloca <8 x float>, align 32
+  %acc02069 = alloca <8 x float>, align 32
+  %acc02170 = alloca <8 x float>, align 32
+  %acc00089 = alloca <8 x float>, align 32
+  %acc00190 = alloca <8 x float>, align 32
+  %acc01091 = alloca <8 x float>, align 32
+  %acc01192 = alloca <8 x float>, align 32
+  %acc000110 = alloca <8 x float>, align 32
+  %acc001111 = alloca <8 x float>, align 32
+  %acc000145 = alloca <8 x float>, align 32
+  %acc001146 = alloca <8 x float>, align 32
+  %acc010147 = alloca <8 x float>, align 32
+  %acc011148 = alloca <8 x float>, align 32
+  %acc020149 = alloca <8 x float>, align 32
+  %acc021150 = alloca <8 x float>, align 32
+  %acc030151 = alloca <8 x float>, align 32
+  %acc031152 = alloca <8 x float>, align 32
+  %acc040153 = alloca <8 x float>, align 32
+  %acc041154 = alloca <8 x float>, align 32
+  %acc050155 = alloca <8 x float>, align 32
+  %acc051156 = alloca <8 x float>, align 32
+  %acc000173 = alloca <8 x float>, align 32
+  %acc001174 = alloca <8 x float>, align 32
+  %acc010175 = alloca <8 x float>, align 32
+  %acc011176 = alloca <8 x float>, align 32
+  %acc020177 = alloca <8 x float>, align 32
+  %acc021178 = alloca <8 x float>, align 32
+  %acc030179 = alloca <8 x float>, align 32
+  %acc031180 = alloca <8 x float>, align 32
+  %acc040181 = alloca <8 x float>, align 32
+  %acc041182 = alloca <8 x float>, align 32
+  %acc000198 = alloca <8 x float>, align 32
+  %acc001199 = alloca <8 x float>, align 32
+  %acc010200 = alloca <8 x float>, align 32
+  %acc011201 = alloca <8 x float>, align 32
+  %acc020202 = alloca <8 x float>, align 32
+  %acc021203 = alloca <8 x float>, align 32
+  %acc030204 = alloca <8 x float>, align 32
+  %acc031205 = alloca <8 x float>, align 32
+  %acc000220 = alloca <8 x float>, align 32
+  %acc001221 = alloca <8 x float>, align 32
+  %acc010222 = alloca <8 x float>, align 32
+  %acc011223 = alloca <8 x float>, align 32
+  %acc020224 = alloca <8 x float>, align 32
+  %acc021225 = alloca <8 x float>, align 32
+  %acc000239 = alloca <8 x float>, align 32
+  %acc001240 = alloca <8 x float>, align 32
+  %acc010241 = alloca <8 x float>, align 32
+  %acc011242 = alloca <8 x float>, align 32
+  %acc000255 = alloca <8 x float>, align 32
+  %acc001256 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -2355,7 +2355,7 @@ kb:                                               ; preds = %start
   br label %kb.rc.head
 
 kb.rc.head:                                       ; preds = %kb.pg.end, %kb
-  %kb.rc = phi i64 [ 0, %kb ], [ %1613, %kb.pg.end ]
+  %kb.rc = phi i64 [ 0, %kb ], [ %1607, %kb.pg.end ]
   %1 = icmp slt i64 %kb.rc, %n
   br i1 %1, label %kb.rc.body, label %kb.rc.end
 
@@ -2366,7 +2366,7 @@ kb.rc.body:                                       ; preds = %kb.rc.head
   br label %kb.pg.head
 
 kb.pg.head:                                       ; preds = %kb.k.end, %kb.rc.body
-  %kb.pg = phi i64 [ %p0, %kb.rc.body ], [ %1612, %kb.k.end ]
+  %kb.pg = phi i64 [ %p0, %kb.rc.body ], [ %1606, %kb.k.end ]
   %4 = icmp slt i64 %kb.pg, %p1
   br i1 %4, label %kb.pg.body, label %kb.pg.end
 
@@ -2377,7 +2377,7 @@ kb.pg.body:                                       ; preds = %kb.pg.head
   br label %kb.k.head
 
 kb.k.head:                                        ; preds = %kb.p.end, %kb.pg.body
-  %kb.k = phi i64 [ 0, %kb.pg.body ], [ %1611, %kb.p.end ]
+  %kb.k = phi i64 [ 0, %kb.pg.body ], [ %1605, %kb.p.end ]
   %7 = icmp slt i64 %kb.k, 2
   br i1 %7, label %kb.k.body, label %kb.k.end
 
@@ -2388,7 +2388,7 @@ kb.k.body:                                        ; preds = %kb.k.head
   br label %kb.p.head
 
 kb.p.head:                                        ; preds = %rb.end, %kb.k.body
-  %kb.p = phi i64 [ %kb.pg, %kb.k.body ], [ %1610, %rb.end ]
+  %kb.p = phi i64 [ %kb.pg, %kb.k.body ], [ %1604, %rb.end ]
   %8 = icmp slt i64 %kb.p, %kb.pg1
   br i1 %8, label %kb.p.body, label %kb.p.end
 
@@ -2406,7 +2406,7 @@ kb.p.body:                                        ; preds = %kb.p.head
   br label %rb.head
 
 rb.head:                                          ; preds = %tile.done, %kb.p.body
-  %rb = phi i64 [ 0, %kb.p.body ], [ %1609, %tile.done ]
+  %rb = phi i64 [ 0, %kb.p.body ], [ %1603, %tile.done ]
   %16 = icmp slt i64 %rb, %nrb
   br i1 %16, label %rb.body, label %rb.end
 
@@ -2599,1847 +2599,1847 @@ tile.mr6:                                         ; preds = %rb.body
   %176 = load <8 x float>, ptr %175, align 4
   %177 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %176
   store <8 x float> %177, ptr %acc051, align 4
+  %panel.off = mul nsw i64 %kb.p, 8192
   %178 = mul nsw i64 %k0, 16
-  %179 = mul nsw i64 %kb.p, 8192
-  %panel.off = add nsw i64 %179, %178
-  %180 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %slice.off = add nsw i64 %panel.off, %178
+  %179 = getelementptr inbounds float, ptr %panels, i64 %slice.off
   %pf.on2 = and i1 %pf.on, %pf.next
-  %181 = mul nsw i64 %rb, 16384
-  %182 = lshr i64 %181, %25
-  %183 = add nsw i64 %pf.step, %182
-  %184 = getelementptr inbounds i8, ptr %180, i64 %183
-  %pf = select i1 %pf.on2, ptr %184, ptr %180
+  %180 = mul nsw i64 %rb, 16384
+  %181 = lshr i64 %180, %25
+  %182 = add nsw i64 %pf.step, %181
+  %183 = getelementptr inbounds i8, ptr %179, i64 %182
+  %pf = select i1 %pf.on2, ptr %183, ptr %179
   %pf.sh = select i1 %pf.on2, i64 %25, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %246, %pf.any.end ]
-  %185 = icmp slt i64 %k, 256
-  br i1 %185, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %245, %pf.any.end ]
+  %184 = icmp slt i64 %k, 256
+  br i1 %184, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %186 = mul nsw i64 %k, 1
-  %187 = add nsw i64 %186, 0
-  %188 = mul nsw i64 %187, 64
+  %185 = mul nsw i64 %k, 1
+  %186 = add nsw i64 %185, 0
+  %187 = mul nsw i64 %186, 64
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %189 = lshr i64 %188, %pf.sh
-  %190 = getelementptr inbounds i8, ptr %pf, i64 %189
-  call void @llvm.prefetch.p0(ptr %190, i32 0, i32 2, i32 1)
+  %188 = lshr i64 %187, %pf.sh
+  %189 = getelementptr inbounds i8, ptr %pf, i64 %188
+  call void @llvm.prefetch.p0(ptr %189, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %191 = mul nsw i64 %187, 16
-  %192 = add nsw i64 %panel.off, %191
-  %193 = getelementptr inbounds float, ptr %panels, i64 %192
-  %194 = load <8 x float>, ptr %193, align 4
-  %195 = add nsw i64 %192, 8
-  %196 = getelementptr inbounds float, ptr %panels, i64 %195
-  %197 = load <8 x float>, ptr %196, align 4
-  %198 = getelementptr inbounds float, ptr %34, i64 %187
-  %199 = load float, ptr %198, align 4
-  %200 = insertelement <8 x float> poison, float %199, i32 0
-  %201 = shufflevector <8 x float> %200, <8 x float> poison, <8 x i32> zeroinitializer
-  %202 = load <8 x float>, ptr %acc000, align 4
-  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %194, <8 x float> %202)
-  store <8 x float> %203, ptr %acc000, align 4
-  %204 = load <8 x float>, ptr %acc001, align 4
-  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %197, <8 x float> %204)
-  store <8 x float> %205, ptr %acc001, align 4
-  %206 = getelementptr inbounds float, ptr %59, i64 %187
-  %207 = load float, ptr %206, align 4
-  %208 = insertelement <8 x float> poison, float %207, i32 0
-  %209 = shufflevector <8 x float> %208, <8 x float> poison, <8 x i32> zeroinitializer
-  %210 = load <8 x float>, ptr %acc010, align 4
-  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %194, <8 x float> %210)
-  store <8 x float> %211, ptr %acc010, align 4
-  %212 = load <8 x float>, ptr %acc011, align 4
-  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %197, <8 x float> %212)
-  store <8 x float> %213, ptr %acc011, align 4
-  %214 = getelementptr inbounds float, ptr %84, i64 %187
-  %215 = load float, ptr %214, align 4
-  %216 = insertelement <8 x float> poison, float %215, i32 0
-  %217 = shufflevector <8 x float> %216, <8 x float> poison, <8 x i32> zeroinitializer
-  %218 = load <8 x float>, ptr %acc020, align 4
-  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %194, <8 x float> %218)
-  store <8 x float> %219, ptr %acc020, align 4
-  %220 = load <8 x float>, ptr %acc021, align 4
-  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %197, <8 x float> %220)
-  store <8 x float> %221, ptr %acc021, align 4
-  %222 = getelementptr inbounds float, ptr %109, i64 %187
-  %223 = load float, ptr %222, align 4
-  %224 = insertelement <8 x float> poison, float %223, i32 0
-  %225 = shufflevector <8 x float> %224, <8 x float> poison, <8 x i32> zeroinitializer
-  %226 = load <8 x float>, ptr %acc030, align 4
-  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %194, <8 x float> %226)
-  store <8 x float> %227, ptr %acc030, align 4
-  %228 = load <8 x float>, ptr %acc031, align 4
-  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %197, <8 x float> %228)
-  store <8 x float> %229, ptr %acc031, align 4
-  %230 = getelementptr inbounds float, ptr %134, i64 %187
-  %231 = load float, ptr %230, align 4
-  %232 = insertelement <8 x float> poison, float %231, i32 0
-  %233 = shufflevector <8 x float> %232, <8 x float> poison, <8 x i32> zeroinitializer
-  %234 = load <8 x float>, ptr %acc040, align 4
-  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %194, <8 x float> %234)
-  store <8 x float> %235, ptr %acc040, align 4
-  %236 = load <8 x float>, ptr %acc041, align 4
-  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %197, <8 x float> %236)
-  store <8 x float> %237, ptr %acc041, align 4
-  %238 = getelementptr inbounds float, ptr %159, i64 %187
-  %239 = load float, ptr %238, align 4
-  %240 = insertelement <8 x float> poison, float %239, i32 0
-  %241 = shufflevector <8 x float> %240, <8 x float> poison, <8 x i32> zeroinitializer
-  %242 = load <8 x float>, ptr %acc050, align 4
-  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> %194, <8 x float> %242)
-  store <8 x float> %243, ptr %acc050, align 4
-  %244 = load <8 x float>, ptr %acc051, align 4
-  %245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> %197, <8 x float> %244)
-  store <8 x float> %245, ptr %acc051, align 4
-  %246 = add nsw i64 %k, 1
+  %190 = mul nsw i64 %186, 16
+  %191 = add nsw i64 %slice.off, %190
+  %192 = getelementptr inbounds float, ptr %panels, i64 %191
+  %193 = load <8 x float>, ptr %192, align 4
+  %194 = add nsw i64 %191, 8
+  %195 = getelementptr inbounds float, ptr %panels, i64 %194
+  %196 = load <8 x float>, ptr %195, align 4
+  %197 = getelementptr inbounds float, ptr %34, i64 %186
+  %198 = load float, ptr %197, align 4
+  %199 = insertelement <8 x float> poison, float %198, i32 0
+  %200 = shufflevector <8 x float> %199, <8 x float> poison, <8 x i32> zeroinitializer
+  %201 = load <8 x float>, ptr %acc000, align 4
+  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %193, <8 x float> %201)
+  store <8 x float> %202, ptr %acc000, align 4
+  %203 = load <8 x float>, ptr %acc001, align 4
+  %204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %196, <8 x float> %203)
+  store <8 x float> %204, ptr %acc001, align 4
+  %205 = getelementptr inbounds float, ptr %59, i64 %186
+  %206 = load float, ptr %205, align 4
+  %207 = insertelement <8 x float> poison, float %206, i32 0
+  %208 = shufflevector <8 x float> %207, <8 x float> poison, <8 x i32> zeroinitializer
+  %209 = load <8 x float>, ptr %acc010, align 4
+  %210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> %193, <8 x float> %209)
+  store <8 x float> %210, ptr %acc010, align 4
+  %211 = load <8 x float>, ptr %acc011, align 4
+  %212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> %196, <8 x float> %211)
+  store <8 x float> %212, ptr %acc011, align 4
+  %213 = getelementptr inbounds float, ptr %84, i64 %186
+  %214 = load float, ptr %213, align 4
+  %215 = insertelement <8 x float> poison, float %214, i32 0
+  %216 = shufflevector <8 x float> %215, <8 x float> poison, <8 x i32> zeroinitializer
+  %217 = load <8 x float>, ptr %acc020, align 4
+  %218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> %193, <8 x float> %217)
+  store <8 x float> %218, ptr %acc020, align 4
+  %219 = load <8 x float>, ptr %acc021, align 4
+  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> %196, <8 x float> %219)
+  store <8 x float> %220, ptr %acc021, align 4
+  %221 = getelementptr inbounds float, ptr %109, i64 %186
+  %222 = load float, ptr %221, align 4
+  %223 = insertelement <8 x float> poison, float %222, i32 0
+  %224 = shufflevector <8 x float> %223, <8 x float> poison, <8 x i32> zeroinitializer
+  %225 = load <8 x float>, ptr %acc030, align 4
+  %226 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> %193, <8 x float> %225)
+  store <8 x float> %226, ptr %acc030, align 4
+  %227 = load <8 x float>, ptr %acc031, align 4
+  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> %196, <8 x float> %227)
+  store <8 x float> %228, ptr %acc031, align 4
+  %229 = getelementptr inbounds float, ptr %134, i64 %186
+  %230 = load float, ptr %229, align 4
+  %231 = insertelement <8 x float> poison, float %230, i32 0
+  %232 = shufflevector <8 x float> %231, <8 x float> poison, <8 x i32> zeroinitializer
+  %233 = load <8 x float>, ptr %acc040, align 4
+  %234 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %193, <8 x float> %233)
+  store <8 x float> %234, ptr %acc040, align 4
+  %235 = load <8 x float>, ptr %acc041, align 4
+  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %196, <8 x float> %235)
+  store <8 x float> %236, ptr %acc041, align 4
+  %237 = getelementptr inbounds float, ptr %159, i64 %186
+  %238 = load float, ptr %237, align 4
+  %239 = insertelement <8 x float> poison, float %238, i32 0
+  %240 = shufflevector <8 x float> %239, <8 x float> poison, <8 x i32> zeroinitializer
+  %241 = load <8 x float>, ptr %acc050, align 4
+  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %193, <8 x float> %241)
+  store <8 x float> %242, ptr %acc050, align 4
+  %243 = load <8 x float>, ptr %acc051, align 4
+  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %196, <8 x float> %243)
+  store <8 x float> %244, ptr %acc051, align 4
+  %245 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %247 = xor i1 %klast, true
-  br i1 %247, label %part.then, label %part.end
+  %246 = xor i1 %klast, true
+  br i1 %246, label %part.then, label %part.end
 
 part.then:                                        ; preds = %k.end
-  %248 = add nsw i64 %r01, 0
-  %249 = sub nsw i64 %kb.p, %kb.pg
-  %250 = sub nsw i64 %248, %kb.rc
-  %251 = mul nsw i64 %250, 16
-  %252 = add nsw i64 %251, %249
-  %253 = mul nsw i64 %252, 16
-  %254 = getelementptr inbounds float, ptr %part, i64 %253
-  %255 = getelementptr inbounds float, ptr %254, i64 0
-  %256 = load <8 x float>, ptr %acc000, align 4
-  store <8 x float> %256, ptr %255, align 4
-  %257 = sub nsw i64 %kb.p, %kb.pg
-  %258 = sub nsw i64 %248, %kb.rc
-  %259 = mul nsw i64 %258, 16
-  %260 = add nsw i64 %259, %257
-  %261 = mul nsw i64 %260, 16
-  %262 = getelementptr inbounds float, ptr %part, i64 %261
-  %263 = getelementptr inbounds float, ptr %262, i64 8
-  %264 = load <8 x float>, ptr %acc001, align 4
-  store <8 x float> %264, ptr %263, align 4
-  %265 = add nsw i64 %r01, 1
-  %266 = sub nsw i64 %kb.p, %kb.pg
-  %267 = sub nsw i64 %265, %kb.rc
-  %268 = mul nsw i64 %267, 16
-  %269 = add nsw i64 %268, %266
-  %270 = mul nsw i64 %269, 16
-  %271 = getelementptr inbounds float, ptr %part, i64 %270
-  %272 = getelementptr inbounds float, ptr %271, i64 0
-  %273 = load <8 x float>, ptr %acc010, align 4
-  store <8 x float> %273, ptr %272, align 4
-  %274 = sub nsw i64 %kb.p, %kb.pg
-  %275 = sub nsw i64 %265, %kb.rc
-  %276 = mul nsw i64 %275, 16
-  %277 = add nsw i64 %276, %274
-  %278 = mul nsw i64 %277, 16
-  %279 = getelementptr inbounds float, ptr %part, i64 %278
-  %280 = getelementptr inbounds float, ptr %279, i64 8
-  %281 = load <8 x float>, ptr %acc011, align 4
-  store <8 x float> %281, ptr %280, align 4
-  %282 = add nsw i64 %r01, 2
-  %283 = sub nsw i64 %kb.p, %kb.pg
-  %284 = sub nsw i64 %282, %kb.rc
-  %285 = mul nsw i64 %284, 16
-  %286 = add nsw i64 %285, %283
-  %287 = mul nsw i64 %286, 16
-  %288 = getelementptr inbounds float, ptr %part, i64 %287
-  %289 = getelementptr inbounds float, ptr %288, i64 0
-  %290 = load <8 x float>, ptr %acc020, align 4
-  store <8 x float> %290, ptr %289, align 4
-  %291 = sub nsw i64 %kb.p, %kb.pg
-  %292 = sub nsw i64 %282, %kb.rc
-  %293 = mul nsw i64 %292, 16
-  %294 = add nsw i64 %293, %291
-  %295 = mul nsw i64 %294, 16
-  %296 = getelementptr inbounds float, ptr %part, i64 %295
-  %297 = getelementptr inbounds float, ptr %296, i64 8
-  %298 = load <8 x float>, ptr %acc021, align 4
-  store <8 x float> %298, ptr %297, align 4
-  %299 = add nsw i64 %r01, 3
-  %300 = sub nsw i64 %kb.p, %kb.pg
-  %301 = sub nsw i64 %299, %kb.rc
-  %302 = mul nsw i64 %301, 16
-  %303 = add nsw i64 %302, %300
-  %304 = mul nsw i64 %303, 16
-  %305 = getelementptr inbounds float, ptr %part, i64 %304
-  %306 = getelementptr inbounds float, ptr %305, i64 0
-  %307 = load <8 x float>, ptr %acc030, align 4
-  store <8 x float> %307, ptr %306, align 4
-  %308 = sub nsw i64 %kb.p, %kb.pg
-  %309 = sub nsw i64 %299, %kb.rc
-  %310 = mul nsw i64 %309, 16
-  %311 = add nsw i64 %310, %308
-  %312 = mul nsw i64 %311, 16
-  %313 = getelementptr inbounds float, ptr %part, i64 %312
-  %314 = getelementptr inbounds float, ptr %313, i64 8
-  %315 = load <8 x float>, ptr %acc031, align 4
-  store <8 x float> %315, ptr %314, align 4
-  %316 = add nsw i64 %r01, 4
-  %317 = sub nsw i64 %kb.p, %kb.pg
-  %318 = sub nsw i64 %316, %kb.rc
-  %319 = mul nsw i64 %318, 16
-  %320 = add nsw i64 %319, %317
-  %321 = mul nsw i64 %320, 16
-  %322 = getelementptr inbounds float, ptr %part, i64 %321
-  %323 = getelementptr inbounds float, ptr %322, i64 0
-  %324 = load <8 x float>, ptr %acc040, align 4
-  store <8 x float> %324, ptr %323, align 4
-  %325 = sub nsw i64 %kb.p, %kb.pg
-  %326 = sub nsw i64 %316, %kb.rc
-  %327 = mul nsw i64 %326, 16
-  %328 = add nsw i64 %327, %325
-  %329 = mul nsw i64 %328, 16
-  %330 = getelementptr inbounds float, ptr %part, i64 %329
-  %331 = getelementptr inbounds float, ptr %330, i64 8
-  %332 = load <8 x float>, ptr %acc041, align 4
-  store <8 x float> %332, ptr %331, align 4
-  %333 = add nsw i64 %r01, 5
-  %334 = sub nsw i64 %kb.p, %kb.pg
-  %335 = sub nsw i64 %333, %kb.rc
-  %336 = mul nsw i64 %335, 16
-  %337 = add nsw i64 %336, %334
-  %338 = mul nsw i64 %337, 16
-  %339 = getelementptr inbounds float, ptr %part, i64 %338
-  %340 = getelementptr inbounds float, ptr %339, i64 0
-  %341 = load <8 x float>, ptr %acc050, align 4
-  store <8 x float> %341, ptr %340, align 4
-  %342 = sub nsw i64 %kb.p, %kb.pg
-  %343 = sub nsw i64 %333, %kb.rc
-  %344 = mul nsw i64 %343, 16
-  %345 = add nsw i64 %344, %342
-  %346 = mul nsw i64 %345, 16
-  %347 = getelementptr inbounds float, ptr %part, i64 %346
-  %348 = getelementptr inbounds float, ptr %347, i64 8
-  %349 = load <8 x float>, ptr %acc051, align 4
-  store <8 x float> %349, ptr %348, align 4
+  %247 = add nsw i64 %r01, 0
+  %248 = sub nsw i64 %kb.p, %kb.pg
+  %249 = sub nsw i64 %247, %kb.rc
+  %250 = mul nsw i64 %249, 16
+  %251 = add nsw i64 %250, %248
+  %252 = mul nsw i64 %251, 16
+  %253 = getelementptr inbounds float, ptr %part, i64 %252
+  %254 = getelementptr inbounds float, ptr %253, i64 0
+  %255 = load <8 x float>, ptr %acc000, align 4
+  store <8 x float> %255, ptr %254, align 4
+  %256 = sub nsw i64 %kb.p, %kb.pg
+  %257 = sub nsw i64 %247, %kb.rc
+  %258 = mul nsw i64 %257, 16
+  %259 = add nsw i64 %258, %256
+  %260 = mul nsw i64 %259, 16
+  %261 = getelementptr inbounds float, ptr %part, i64 %260
+  %262 = getelementptr inbounds float, ptr %261, i64 8
+  %263 = load <8 x float>, ptr %acc001, align 4
+  store <8 x float> %263, ptr %262, align 4
+  %264 = add nsw i64 %r01, 1
+  %265 = sub nsw i64 %kb.p, %kb.pg
+  %266 = sub nsw i64 %264, %kb.rc
+  %267 = mul nsw i64 %266, 16
+  %268 = add nsw i64 %267, %265
+  %269 = mul nsw i64 %268, 16
+  %270 = getelementptr inbounds float, ptr %part, i64 %269
+  %271 = getelementptr inbounds float, ptr %270, i64 0
+  %272 = load <8 x float>, ptr %acc010, align 4
+  store <8 x float> %272, ptr %271, align 4
+  %273 = sub nsw i64 %kb.p, %kb.pg
+  %274 = sub nsw i64 %264, %kb.rc
+  %275 = mul nsw i64 %274, 16
+  %276 = add nsw i64 %275, %273
+  %277 = mul nsw i64 %276, 16
+  %278 = getelementptr inbounds float, ptr %part, i64 %277
+  %279 = getelementptr inbounds float, ptr %278, i64 8
+  %280 = load <8 x float>, ptr %acc011, align 4
+  store <8 x float> %280, ptr %279, align 4
+  %281 = add nsw i64 %r01, 2
+  %282 = sub nsw i64 %kb.p, %kb.pg
+  %283 = sub nsw i64 %281, %kb.rc
+  %284 = mul nsw i64 %283, 16
+  %285 = add nsw i64 %284, %282
+  %286 = mul nsw i64 %285, 16
+  %287 = getelementptr inbounds float, ptr %part, i64 %286
+  %288 = getelementptr inbounds float, ptr %287, i64 0
+  %289 = load <8 x float>, ptr %acc020, align 4
+  store <8 x float> %289, ptr %288, align 4
+  %290 = sub nsw i64 %kb.p, %kb.pg
+  %291 = sub nsw i64 %281, %kb.rc
+  %292 = mul nsw i64 %291, 16
+  %293 = add nsw i64 %292, %290
+  %294 = mul nsw i64 %293, 16
+  %295 = getelementptr inbounds float, ptr %part, i64 %294
+  %296 = getelementptr inbounds float, ptr %295, i64 8
+  %297 = load <8 x float>, ptr %acc021, align 4
+  store <8 x float> %297, ptr %296, align 4
+  %298 = add nsw i64 %r01, 3
+  %299 = sub nsw i64 %kb.p, %kb.pg
+  %300 = sub nsw i64 %298, %kb.rc
+  %301 = mul nsw i64 %300, 16
+  %302 = add nsw i64 %301, %299
+  %303 = mul nsw i64 %302, 16
+  %304 = getelementptr inbounds float, ptr %part, i64 %303
+  %305 = getelementptr inbounds float, ptr %304, i64 0
+  %306 = load <8 x float>, ptr %acc030, align 4
+  store <8 x float> %306, ptr %305, align 4
+  %307 = sub nsw i64 %kb.p, %kb.pg
+  %308 = sub nsw i64 %298, %kb.rc
+  %309 = mul nsw i64 %308, 16
+  %310 = add nsw i64 %309, %307
+  %311 = mul nsw i64 %310, 16
+  %312 = getelementptr inbounds float, ptr %part, i64 %311
+  %313 = getelementptr inbounds float, ptr %312, i64 8
+  %314 = load <8 x float>, ptr %acc031, align 4
+  store <8 x float> %314, ptr %313, align 4
+  %315 = add nsw i64 %r01, 4
+  %316 = sub nsw i64 %kb.p, %kb.pg
+  %317 = sub nsw i64 %315, %kb.rc
+  %318 = mul nsw i64 %317, 16
+  %319 = add nsw i64 %318, %316
+  %320 = mul nsw i64 %319, 16
+  %321 = getelementptr inbounds float, ptr %part, i64 %320
+  %322 = getelementptr inbounds float, ptr %321, i64 0
+  %323 = load <8 x float>, ptr %acc040, align 4
+  store <8 x float> %323, ptr %322, align 4
+  %324 = sub nsw i64 %kb.p, %kb.pg
+  %325 = sub nsw i64 %315, %kb.rc
+  %326 = mul nsw i64 %325, 16
+  %327 = add nsw i64 %326, %324
+  %328 = mul nsw i64 %327, 16
+  %329 = getelementptr inbounds float, ptr %part, i64 %328
+  %330 = getelementptr inbounds float, ptr %329, i64 8
+  %331 = load <8 x float>, ptr %acc041, align 4
+  store <8 x float> %331, ptr %330, align 4
+  %332 = add nsw i64 %r01, 5
+  %333 = sub nsw i64 %kb.p, %kb.pg
+  %334 = sub nsw i64 %332, %kb.rc
+  %335 = mul nsw i64 %334, 16
+  %336 = add nsw i64 %335, %333
+  %337 = mul nsw i64 %336, 16
+  %338 = getelementptr inbounds float, ptr %part, i64 %337
+  %339 = getelementptr inbounds float, ptr %338, i64 0
+  %340 = load <8 x float>, ptr %acc050, align 4
+  store <8 x float> %340, ptr %339, align 4
+  %341 = sub nsw i64 %kb.p, %kb.pg
+  %342 = sub nsw i64 %332, %kb.rc
+  %343 = mul nsw i64 %342, 16
+  %344 = add nsw i64 %343, %341
+  %345 = mul nsw i64 %344, 16
+  %346 = getelementptr inbounds float, ptr %part, i64 %345
+  %347 = getelementptr inbounds float, ptr %346, i64 8
+  %348 = load <8 x float>, ptr %acc051, align 4
+  store <8 x float> %348, ptr %347, align 4
   br label %part.end
 
 part.end:                                         ; preds = %part.then, %k.end
   br i1 %klast, label %last.then, label %last.end
 
 last.then:                                        ; preds = %part.end
-  %350 = add nsw i64 %r01, 0
-  %351 = getelementptr inbounds float, ptr %rw, i64 %350
-  %352 = load float, ptr %351, align 4
-  %353 = insertelement <8 x float> poison, float %352, i32 0
-  %354 = shufflevector <8 x float> %353, <8 x float> poison, <8 x i32> zeroinitializer
-  %355 = mul nsw i64 %350, 1024
-  %356 = getelementptr inbounds float, ptr %h, i64 %355
+  %349 = add nsw i64 %r01, 0
+  %350 = getelementptr inbounds float, ptr %rw, i64 %349
+  %351 = load float, ptr %350, align 4
+  %352 = insertelement <8 x float> poison, float %351, i32 0
+  %353 = shufflevector <8 x float> %352, <8 x float> poison, <8 x i32> zeroinitializer
+  %354 = mul nsw i64 %349, 1024
+  %355 = getelementptr inbounds float, ptr %h, i64 %354
   %col = mul nsw i64 %kb.p, 16
-  %357 = load <8 x float>, ptr %acc000, align 4
-  %358 = load <8 x float>, ptr %acc001, align 4
-  %359 = add nsw i64 %col, 0
-  %360 = fcmp ogt <8 x float> %357, zeroinitializer
-  %361 = select <8 x i1> %360, <8 x float> %357, <8 x float> zeroinitializer
-  %362 = fmul <8 x float> %361, %354
-  %363 = getelementptr inbounds float, ptr %356, i64 %359
-  store <8 x float> %362, ptr %363, align 4
-  %364 = add nsw i64 %col, 8
-  %365 = fcmp ogt <8 x float> %358, zeroinitializer
-  %366 = select <8 x i1> %365, <8 x float> %358, <8 x float> zeroinitializer
-  %367 = fmul <8 x float> %366, %354
-  %368 = getelementptr inbounds float, ptr %356, i64 %364
-  store <8 x float> %367, ptr %368, align 4
-  %369 = add nsw i64 %r01, 1
-  %370 = getelementptr inbounds float, ptr %rw, i64 %369
-  %371 = load float, ptr %370, align 4
-  %372 = insertelement <8 x float> poison, float %371, i32 0
-  %373 = shufflevector <8 x float> %372, <8 x float> poison, <8 x i32> zeroinitializer
-  %374 = mul nsw i64 %369, 1024
-  %375 = getelementptr inbounds float, ptr %h, i64 %374
+  %356 = load <8 x float>, ptr %acc000, align 4
+  %357 = load <8 x float>, ptr %acc001, align 4
+  %358 = add nsw i64 %col, 0
+  %359 = fcmp ogt <8 x float> %356, zeroinitializer
+  %360 = select <8 x i1> %359, <8 x float> %356, <8 x float> zeroinitializer
+  %361 = fmul <8 x float> %360, %353
+  %362 = getelementptr inbounds float, ptr %355, i64 %358
+  store <8 x float> %361, ptr %362, align 4
+  %363 = add nsw i64 %col, 8
+  %364 = fcmp ogt <8 x float> %357, zeroinitializer
+  %365 = select <8 x i1> %364, <8 x float> %357, <8 x float> zeroinitializer
+  %366 = fmul <8 x float> %365, %353
+  %367 = getelementptr inbounds float, ptr %355, i64 %363
+  store <8 x float> %366, ptr %367, align 4
+  %368 = add nsw i64 %r01, 1
+  %369 = getelementptr inbounds float, ptr %rw, i64 %368
+  %370 = load float, ptr %369, align 4
+  %371 = insertelement <8 x float> poison, float %370, i32 0
+  %372 = shufflevector <8 x float> %371, <8 x float> poison, <8 x i32> zeroinitializer
+  %373 = mul nsw i64 %368, 1024
+  %374 = getelementptr inbounds float, ptr %h, i64 %373
   %col3 = mul nsw i64 %kb.p, 16
-  %376 = load <8 x float>, ptr %acc010, align 4
-  %377 = load <8 x float>, ptr %acc011, align 4
-  %378 = add nsw i64 %col3, 0
-  %379 = fcmp ogt <8 x float> %376, zeroinitializer
-  %380 = select <8 x i1> %379, <8 x float> %376, <8 x float> zeroinitializer
-  %381 = fmul <8 x float> %380, %373
-  %382 = getelementptr inbounds float, ptr %375, i64 %378
-  store <8 x float> %381, ptr %382, align 4
-  %383 = add nsw i64 %col3, 8
-  %384 = fcmp ogt <8 x float> %377, zeroinitializer
-  %385 = select <8 x i1> %384, <8 x float> %377, <8 x float> zeroinitializer
-  %386 = fmul <8 x float> %385, %373
-  %387 = getelementptr inbounds float, ptr %375, i64 %383
-  store <8 x float> %386, ptr %387, align 4
-  %388 = add nsw i64 %r01, 2
-  %389 = getelementptr inbounds float, ptr %rw, i64 %388
-  %390 = load float, ptr %389, align 4
-  %391 = insertelement <8 x float> poison, float %390, i32 0
-  %392 = shufflevector <8 x float> %391, <8 x float> poison, <8 x i32> zeroinitializer
-  %393 = mul nsw i64 %388, 1024
-  %394 = getelementptr inbounds float, ptr %h, i64 %393
+  %375 = load <8 x float>, ptr %acc010, align 4
+  %376 = load <8 x float>, ptr %acc011, align 4
+  %377 = add nsw i64 %col3, 0
+  %378 = fcmp ogt <8 x float> %375, zeroinitializer
+  %379 = select <8 x i1> %378, <8 x float> %375, <8 x float> zeroinitializer
+  %380 = fmul <8 x float> %379, %372
+  %381 = getelementptr inbounds float, ptr %374, i64 %377
+  store <8 x float> %380, ptr %381, align 4
+  %382 = add nsw i64 %col3, 8
+  %383 = fcmp ogt <8 x float> %376, zeroinitializer
+  %384 = select <8 x i1> %383, <8 x float> %376, <8 x float> zeroinitializer
+  %385 = fmul <8 x float> %384, %372
+  %386 = getelementptr inbounds float, ptr %374, i64 %382
+  store <8 x float> %385, ptr %386, align 4
+  %387 = add nsw i64 %r01, 2
+  %388 = getelementptr inbounds float, ptr %rw, i64 %387
+  %389 = load float, ptr %388, align 4
+  %390 = insertelement <8 x float> poison, float %389, i32 0
+  %391 = shufflevector <8 x float> %390, <8 x float> poison, <8 x i32> zeroinitializer
+  %392 = mul nsw i64 %387, 1024
+  %393 = getelementptr inbounds float, ptr %h, i64 %392
   %col4 = mul nsw i64 %kb.p, 16
-  %395 = load <8 x float>, ptr %acc020, align 4
-  %396 = load <8 x float>, ptr %acc021, align 4
-  %397 = add nsw i64 %col4, 0
-  %398 = fcmp ogt <8 x float> %395, zeroinitializer
-  %399 = select <8 x i1> %398, <8 x float> %395, <8 x float> zeroinitializer
-  %400 = fmul <8 x float> %399, %392
-  %401 = getelementptr inbounds float, ptr %394, i64 %397
-  store <8 x float> %400, ptr %401, align 4
-  %402 = add nsw i64 %col4, 8
-  %403 = fcmp ogt <8 x float> %396, zeroinitializer
-  %404 = select <8 x i1> %403, <8 x float> %396, <8 x float> zeroinitializer
-  %405 = fmul <8 x float> %404, %392
-  %406 = getelementptr inbounds float, ptr %394, i64 %402
-  store <8 x float> %405, ptr %406, align 4
-  %407 = add nsw i64 %r01, 3
-  %408 = getelementptr inbounds float, ptr %rw, i64 %407
-  %409 = load float, ptr %408, align 4
-  %410 = insertelement <8 x float> poison, float %409, i32 0
-  %411 = shufflevector <8 x float> %410, <8 x float> poison, <8 x i32> zeroinitializer
-  %412 = mul nsw i64 %407, 1024
-  %413 = getelementptr inbounds float, ptr %h, i64 %412
+  %394 = load <8 x float>, ptr %acc020, align 4
+  %395 = load <8 x float>, ptr %acc021, align 4
+  %396 = add nsw i64 %col4, 0
+  %397 = fcmp ogt <8 x float> %394, zeroinitializer
+  %398 = select <8 x i1> %397, <8 x float> %394, <8 x float> zeroinitializer
+  %399 = fmul <8 x float> %398, %391
+  %400 = getelementptr inbounds float, ptr %393, i64 %396
+  store <8 x float> %399, ptr %400, align 4
+  %401 = add nsw i64 %col4, 8
+  %402 = fcmp ogt <8 x float> %395, zeroinitializer
+  %403 = select <8 x i1> %402, <8 x float> %395, <8 x float> zeroinitializer
+  %404 = fmul <8 x float> %403, %391
+  %405 = getelementptr inbounds float, ptr %393, i64 %401
+  store <8 x float> %404, ptr %405, align 4
+  %406 = add nsw i64 %r01, 3
+  %407 = getelementptr inbounds float, ptr %rw, i64 %406
+  %408 = load float, ptr %407, align 4
+  %409 = insertelement <8 x float> poison, float %408, i32 0
+  %410 = shufflevector <8 x float> %409, <8 x float> poison, <8 x i32> zeroinitializer
+  %411 = mul nsw i64 %406, 1024
+  %412 = getelementptr inbounds float, ptr %h, i64 %411
   %col5 = mul nsw i64 %kb.p, 16
-  %414 = load <8 x float>, ptr %acc030, align 4
-  %415 = load <8 x float>, ptr %acc031, align 4
-  %416 = add nsw i64 %col5, 0
-  %417 = fcmp ogt <8 x float> %414, zeroinitializer
-  %418 = select <8 x i1> %417, <8 x float> %414, <8 x float> zeroinitializer
-  %419 = fmul <8 x float> %418, %411
-  %420 = getelementptr inbounds float, ptr %413, i64 %416
-  store <8 x float> %419, ptr %420, align 4
-  %421 = add nsw i64 %col5, 8
-  %422 = fcmp ogt <8 x float> %415, zeroinitializer
-  %423 = select <8 x i1> %422, <8 x float> %415, <8 x float> zeroinitializer
-  %424 = fmul <8 x float> %423, %411
-  %425 = getelementptr inbounds float, ptr %413, i64 %421
-  store <8 x float> %424, ptr %425, align 4
-  %426 = add nsw i64 %r01, 4
-  %427 = getelementptr inbounds float, ptr %rw, i64 %426
-  %428 = load float, ptr %427, align 4
-  %429 = insertelement <8 x float> poison, float %428, i32 0
-  %430 = shufflevector <8 x float> %429, <8 x float> poison, <8 x i32> zeroinitializer
-  %431 = mul nsw i64 %426, 1024
-  %432 = getelementptr inbounds float, ptr %h, i64 %431
+  %413 = load <8 x float>, ptr %acc030, align 4
+  %414 = load <8 x float>, ptr %acc031, align 4
+  %415 = add nsw i64 %col5, 0
+  %416 = fcmp ogt <8 x float> %413, zeroinitializer
+  %417 = select <8 x i1> %416, <8 x float> %413, <8 x float> zeroinitializer
+  %418 = fmul <8 x float> %417, %410
+  %419 = getelementptr inbounds float, ptr %412, i64 %415
+  store <8 x float> %418, ptr %419, align 4
+  %420 = add nsw i64 %col5, 8
+  %421 = fcmp ogt <8 x float> %414, zeroinitializer
+  %422 = select <8 x i1> %421, <8 x float> %414, <8 x float> zeroinitializer
+  %423 = fmul <8 x float> %422, %410
+  %424 = getelementptr inbounds float, ptr %412, i64 %420
+  store <8 x float> %423, ptr %424, align 4
+  %425 = add nsw i64 %r01, 4
+  %426 = getelementptr inbounds float, ptr %rw, i64 %425
+  %427 = load float, ptr %426, align 4
+  %428 = insertelement <8 x float> poison, float %427, i32 0
+  %429 = shufflevector <8 x float> %428, <8 x float> poison, <8 x i32> zeroinitializer
+  %430 = mul nsw i64 %425, 1024
+  %431 = getelementptr inbounds float, ptr %h, i64 %430
   %col6 = mul nsw i64 %kb.p, 16
-  %433 = load <8 x float>, ptr %acc040, align 4
-  %434 = load <8 x float>, ptr %acc041, align 4
-  %435 = add nsw i64 %col6, 0
-  %436 = fcmp ogt <8 x float> %433, zeroinitializer
-  %437 = select <8 x i1> %436, <8 x float> %433, <8 x float> zeroinitializer
-  %438 = fmul <8 x float> %437, %430
-  %439 = getelementptr inbounds float, ptr %432, i64 %435
-  store <8 x float> %438, ptr %439, align 4
-  %440 = add nsw i64 %col6, 8
-  %441 = fcmp ogt <8 x float> %434, zeroinitializer
-  %442 = select <8 x i1> %441, <8 x float> %434, <8 x float> zeroinitializer
-  %443 = fmul <8 x float> %442, %430
-  %444 = getelementptr inbounds float, ptr %432, i64 %440
-  store <8 x float> %443, ptr %444, align 4
-  %445 = add nsw i64 %r01, 5
-  %446 = getelementptr inbounds float, ptr %rw, i64 %445
-  %447 = load float, ptr %446, align 4
-  %448 = insertelement <8 x float> poison, float %447, i32 0
-  %449 = shufflevector <8 x float> %448, <8 x float> poison, <8 x i32> zeroinitializer
-  %450 = mul nsw i64 %445, 1024
-  %451 = getelementptr inbounds float, ptr %h, i64 %450
+  %432 = load <8 x float>, ptr %acc040, align 4
+  %433 = load <8 x float>, ptr %acc041, align 4
+  %434 = add nsw i64 %col6, 0
+  %435 = fcmp ogt <8 x float> %432, zeroinitializer
+  %436 = select <8 x i1> %435, <8 x float> %432, <8 x float> zeroinitializer
+  %437 = fmul <8 x float> %436, %429
+  %438 = getelementptr inbounds float, ptr %431, i64 %434
+  store <8 x float> %437, ptr %438, align 4
+  %439 = add nsw i64 %col6, 8
+  %440 = fcmp ogt <8 x float> %433, zeroinitializer
+  %441 = select <8 x i1> %440, <8 x float> %433, <8 x float> zeroinitializer
+  %442 = fmul <8 x float> %441, %429
+  %443 = getelementptr inbounds float, ptr %431, i64 %439
+  store <8 x float> %442, ptr %443, align 4
+  %444 = add nsw i64 %r01, 5
+  %445 = getelementptr inbounds float, ptr %rw, i64 %444
+  %446 = load float, ptr %445, align 4
+  %447 = insertelement <8 x float> poison, float %446, i32 0
+  %448 = shufflevector <8 x float> %447, <8 x float> poison, <8 x i32> zeroinitializer
+  %449 = mul nsw i64 %444, 1024
+  %450 = getelementptr inbounds float, ptr %h, i64 %449
   %col7 = mul nsw i64 %kb.p, 16
-  %452 = load <8 x float>, ptr %acc050, align 4
-  %453 = load <8 x float>, ptr %acc051, align 4
-  %454 = add nsw i64 %col7, 0
-  %455 = fcmp ogt <8 x float> %452, zeroinitializer
-  %456 = select <8 x i1> %455, <8 x float> %452, <8 x float> zeroinitializer
-  %457 = fmul <8 x float> %456, %449
-  %458 = getelementptr inbounds float, ptr %451, i64 %454
-  store <8 x float> %457, ptr %458, align 4
-  %459 = add nsw i64 %col7, 8
-  %460 = fcmp ogt <8 x float> %453, zeroinitializer
-  %461 = select <8 x i1> %460, <8 x float> %453, <8 x float> zeroinitializer
-  %462 = fmul <8 x float> %461, %449
-  %463 = getelementptr inbounds float, ptr %451, i64 %459
-  store <8 x float> %462, ptr %463, align 4
+  %451 = load <8 x float>, ptr %acc050, align 4
+  %452 = load <8 x float>, ptr %acc051, align 4
+  %453 = add nsw i64 %col7, 0
+  %454 = fcmp ogt <8 x float> %451, zeroinitializer
+  %455 = select <8 x i1> %454, <8 x float> %451, <8 x float> zeroinitializer
+  %456 = fmul <8 x float> %455, %448
+  %457 = getelementptr inbounds float, ptr %450, i64 %453
+  store <8 x float> %456, ptr %457, align 4
+  %458 = add nsw i64 %col7, 8
+  %459 = fcmp ogt <8 x float> %452, zeroinitializer
+  %460 = select <8 x i1> %459, <8 x float> %452, <8 x float> zeroinitializer
+  %461 = fmul <8 x float> %460, %448
+  %462 = getelementptr inbounds float, ptr %450, i64 %458
+  store <8 x float> %461, ptr %462, align 4
   br label %last.end
 
 last.end:                                         ; preds = %last.then, %part.end
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
-  %464 = add nsw i64 %r01, 0
-  %465 = getelementptr inbounds i32, ptr %rows, i64 %464
-  %466 = load i32, ptr %465, align 4
-  %467 = sext i32 %466 to i64
-  %468 = mul nsw i64 %467, 512
-  %469 = add nsw i64 %468, %k0
-  %470 = getelementptr inbounds float, ptr %x, i64 %469
-  %471 = sub nsw i64 %kb.p, %kb.pg
-  %472 = sub nsw i64 %464, %kb.rc
-  %473 = mul nsw i64 %472, 16
-  %474 = add nsw i64 %473, %471
-  %475 = mul nsw i64 %474, 16
-  %476 = getelementptr inbounds float, ptr %part, i64 %475
-  %477 = getelementptr inbounds float, ptr %476, i64 0
-  %478 = load <8 x float>, ptr %477, align 4
-  %479 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %478
-  store <8 x float> %479, ptr %acc0008, align 4
-  %480 = sub nsw i64 %kb.p, %kb.pg
-  %481 = sub nsw i64 %464, %kb.rc
-  %482 = mul nsw i64 %481, 16
-  %483 = add nsw i64 %482, %480
-  %484 = mul nsw i64 %483, 16
-  %485 = getelementptr inbounds float, ptr %part, i64 %484
-  %486 = getelementptr inbounds float, ptr %485, i64 8
-  %487 = load <8 x float>, ptr %486, align 4
-  %488 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %487
-  store <8 x float> %488, ptr %acc0019, align 4
-  %489 = add nsw i64 %r01, 1
-  %490 = getelementptr inbounds i32, ptr %rows, i64 %489
-  %491 = load i32, ptr %490, align 4
-  %492 = sext i32 %491 to i64
-  %493 = mul nsw i64 %492, 512
-  %494 = add nsw i64 %493, %k0
-  %495 = getelementptr inbounds float, ptr %x, i64 %494
-  %496 = sub nsw i64 %kb.p, %kb.pg
-  %497 = sub nsw i64 %489, %kb.rc
-  %498 = mul nsw i64 %497, 16
-  %499 = add nsw i64 %498, %496
-  %500 = mul nsw i64 %499, 16
-  %501 = getelementptr inbounds float, ptr %part, i64 %500
-  %502 = getelementptr inbounds float, ptr %501, i64 0
-  %503 = load <8 x float>, ptr %502, align 4
-  %504 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %503
-  store <8 x float> %504, ptr %acc01010, align 4
-  %505 = sub nsw i64 %kb.p, %kb.pg
-  %506 = sub nsw i64 %489, %kb.rc
-  %507 = mul nsw i64 %506, 16
-  %508 = add nsw i64 %507, %505
-  %509 = mul nsw i64 %508, 16
-  %510 = getelementptr inbounds float, ptr %part, i64 %509
-  %511 = getelementptr inbounds float, ptr %510, i64 8
-  %512 = load <8 x float>, ptr %511, align 4
-  %513 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %512
-  store <8 x float> %513, ptr %acc01111, align 4
-  %514 = add nsw i64 %r01, 2
-  %515 = getelementptr inbounds i32, ptr %rows, i64 %514
-  %516 = load i32, ptr %515, align 4
-  %517 = sext i32 %516 to i64
-  %518 = mul nsw i64 %517, 512
-  %519 = add nsw i64 %518, %k0
-  %520 = getelementptr inbounds float, ptr %x, i64 %519
-  %521 = sub nsw i64 %kb.p, %kb.pg
-  %522 = sub nsw i64 %514, %kb.rc
-  %523 = mul nsw i64 %522, 16
-  %524 = add nsw i64 %523, %521
-  %525 = mul nsw i64 %524, 16
-  %526 = getelementptr inbounds float, ptr %part, i64 %525
-  %527 = getelementptr inbounds float, ptr %526, i64 0
-  %528 = load <8 x float>, ptr %527, align 4
-  %529 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %528
-  store <8 x float> %529, ptr %acc02012, align 4
-  %530 = sub nsw i64 %kb.p, %kb.pg
-  %531 = sub nsw i64 %514, %kb.rc
-  %532 = mul nsw i64 %531, 16
-  %533 = add nsw i64 %532, %530
-  %534 = mul nsw i64 %533, 16
-  %535 = getelementptr inbounds float, ptr %part, i64 %534
-  %536 = getelementptr inbounds float, ptr %535, i64 8
-  %537 = load <8 x float>, ptr %536, align 4
-  %538 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %537
-  store <8 x float> %538, ptr %acc02113, align 4
-  %539 = add nsw i64 %r01, 3
-  %540 = getelementptr inbounds i32, ptr %rows, i64 %539
-  %541 = load i32, ptr %540, align 4
-  %542 = sext i32 %541 to i64
-  %543 = mul nsw i64 %542, 512
-  %544 = add nsw i64 %543, %k0
-  %545 = getelementptr inbounds float, ptr %x, i64 %544
-  %546 = sub nsw i64 %kb.p, %kb.pg
-  %547 = sub nsw i64 %539, %kb.rc
-  %548 = mul nsw i64 %547, 16
-  %549 = add nsw i64 %548, %546
-  %550 = mul nsw i64 %549, 16
-  %551 = getelementptr inbounds float, ptr %part, i64 %550
-  %552 = getelementptr inbounds float, ptr %551, i64 0
-  %553 = load <8 x float>, ptr %552, align 4
-  %554 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %553
-  store <8 x float> %554, ptr %acc03014, align 4
-  %555 = sub nsw i64 %kb.p, %kb.pg
-  %556 = sub nsw i64 %539, %kb.rc
-  %557 = mul nsw i64 %556, 16
-  %558 = add nsw i64 %557, %555
-  %559 = mul nsw i64 %558, 16
-  %560 = getelementptr inbounds float, ptr %part, i64 %559
-  %561 = getelementptr inbounds float, ptr %560, i64 8
-  %562 = load <8 x float>, ptr %561, align 4
-  %563 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %562
-  store <8 x float> %563, ptr %acc03115, align 4
-  %564 = add nsw i64 %r01, 4
-  %565 = getelementptr inbounds i32, ptr %rows, i64 %564
-  %566 = load i32, ptr %565, align 4
-  %567 = sext i32 %566 to i64
-  %568 = mul nsw i64 %567, 512
-  %569 = add nsw i64 %568, %k0
-  %570 = getelementptr inbounds float, ptr %x, i64 %569
-  %571 = sub nsw i64 %kb.p, %kb.pg
-  %572 = sub nsw i64 %564, %kb.rc
-  %573 = mul nsw i64 %572, 16
-  %574 = add nsw i64 %573, %571
-  %575 = mul nsw i64 %574, 16
-  %576 = getelementptr inbounds float, ptr %part, i64 %575
-  %577 = getelementptr inbounds float, ptr %576, i64 0
-  %578 = load <8 x float>, ptr %577, align 4
-  %579 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %578
-  store <8 x float> %579, ptr %acc04016, align 4
-  %580 = sub nsw i64 %kb.p, %kb.pg
-  %581 = sub nsw i64 %564, %kb.rc
-  %582 = mul nsw i64 %581, 16
-  %583 = add nsw i64 %582, %580
-  %584 = mul nsw i64 %583, 16
-  %585 = getelementptr inbounds float, ptr %part, i64 %584
-  %586 = getelementptr inbounds float, ptr %585, i64 8
-  %587 = load <8 x float>, ptr %586, align 4
-  %588 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %587
-  store <8 x float> %588, ptr %acc04117, align 4
-  %589 = mul nsw i64 %k0, 16
-  %590 = mul nsw i64 %kb.p, 8192
-  %panel.off18 = add nsw i64 %590, %589
-  %591 = getelementptr inbounds float, ptr %panels, i64 %panel.off18
-  %pf.on19 = and i1 %pf.on, %pf.next
-  %592 = mul nsw i64 %rb, 16384
-  %593 = lshr i64 %592, %25
-  %594 = add nsw i64 %pf.step, %593
-  %595 = getelementptr inbounds i8, ptr %591, i64 %594
-  %pf20 = select i1 %pf.on19, ptr %595, ptr %591
-  %pf.sh21 = select i1 %pf.on19, i64 %25, i64 0
-  br label %k.head22
+  %463 = add nsw i64 %r01, 0
+  %464 = getelementptr inbounds i32, ptr %rows, i64 %463
+  %465 = load i32, ptr %464, align 4
+  %466 = sext i32 %465 to i64
+  %467 = mul nsw i64 %466, 512
+  %468 = add nsw i64 %467, %k0
+  %469 = getelementptr inbounds float, ptr %x, i64 %468
+  %470 = sub nsw i64 %kb.p, %kb.pg
+  %471 = sub nsw i64 %463, %kb.rc
+  %472 = mul nsw i64 %471, 16
+  %473 = add nsw i64 %472, %470
+  %474 = mul nsw i64 %473, 16
+  %475 = getelementptr inbounds float, ptr %part, i64 %474
+  %476 = getelementptr inbounds float, ptr %475, i64 0
+  %477 = load <8 x float>, ptr %476, align 4
+  %478 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %477
+  store <8 x float> %478, ptr %acc0008, align 4
+  %479 = sub nsw i64 %kb.p, %kb.pg
+  %480 = sub nsw i64 %463, %kb.rc
+  %481 = mul nsw i64 %480, 16
+  %482 = add nsw i64 %481, %479
+  %483 = mul nsw i64 %482, 16
+  %484 = getelementptr inbounds float, ptr %part, i64 %483
+  %485 = getelementptr inbounds float, ptr %484, i64 8
+  %486 = load <8 x float>, ptr %485, align 4
+  %487 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %486
+  store <8 x float> %487, ptr %acc0019, align 4
+  %488 = add nsw i64 %r01, 1
+  %489 = getelementptr inbounds i32, ptr %rows, i64 %488
+  %490 = load i32, ptr %489, align 4
+  %491 = sext i32 %490 to i64
+  %492 = mul nsw i64 %491, 512
+  %493 = add nsw i64 %492, %k0
+  %494 = getelementptr inbounds float, ptr %x, i64 %493
+  %495 = sub nsw i64 %kb.p, %kb.pg
+  %496 = sub nsw i64 %488, %kb.rc
+  %497 = mul nsw i64 %496, 16
+  %498 = add nsw i64 %497, %495
+  %499 = mul nsw i64 %498, 16
+  %500 = getelementptr inbounds float, ptr %part, i64 %499
+  %501 = getelementptr inbounds float, ptr %500, i64 0
+  %502 = load <8 x float>, ptr %501, align 4
+  %503 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %502
+  store <8 x float> %503, ptr %acc01010, align 4
+  %504 = sub nsw i64 %kb.p, %kb.pg
+  %505 = sub nsw i64 %488, %kb.rc
+  %506 = mul nsw i64 %505, 16
+  %507 = add nsw i64 %506, %504
+  %508 = mul nsw i64 %507, 16
+  %509 = getelementptr inbounds float, ptr %part, i64 %508
+  %510 = getelementptr inbounds float, ptr %509, i64 8
+  %511 = load <8 x float>, ptr %510, align 4
+  %512 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %511
+  store <8 x float> %512, ptr %acc01111, align 4
+  %513 = add nsw i64 %r01, 2
+  %514 = getelementptr inbounds i32, ptr %rows, i64 %513
+  %515 = load i32, ptr %514, align 4
+  %516 = sext i32 %515 to i64
+  %517 = mul nsw i64 %516, 512
+  %518 = add nsw i64 %517, %k0
+  %519 = getelementptr inbounds float, ptr %x, i64 %518
+  %520 = sub nsw i64 %kb.p, %kb.pg
+  %521 = sub nsw i64 %513, %kb.rc
+  %522 = mul nsw i64 %521, 16
+  %523 = add nsw i64 %522, %520
+  %524 = mul nsw i64 %523, 16
+  %525 = getelementptr inbounds float, ptr %part, i64 %524
+  %526 = getelementptr inbounds float, ptr %525, i64 0
+  %527 = load <8 x float>, ptr %526, align 4
+  %528 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %527
+  store <8 x float> %528, ptr %acc02012, align 4
+  %529 = sub nsw i64 %kb.p, %kb.pg
+  %530 = sub nsw i64 %513, %kb.rc
+  %531 = mul nsw i64 %530, 16
+  %532 = add nsw i64 %531, %529
+  %533 = mul nsw i64 %532, 16
+  %534 = getelementptr inbounds float, ptr %part, i64 %533
+  %535 = getelementptr inbounds float, ptr %534, i64 8
+  %536 = load <8 x float>, ptr %535, align 4
+  %537 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %536
+  store <8 x float> %537, ptr %acc02113, align 4
+  %538 = add nsw i64 %r01, 3
+  %539 = getelementptr inbounds i32, ptr %rows, i64 %538
+  %540 = load i32, ptr %539, align 4
+  %541 = sext i32 %540 to i64
+  %542 = mul nsw i64 %541, 512
+  %543 = add nsw i64 %542, %k0
+  %544 = getelementptr inbounds float, ptr %x, i64 %543
+  %545 = sub nsw i64 %kb.p, %kb.pg
+  %546 = sub nsw i64 %538, %kb.rc
+  %547 = mul nsw i64 %546, 16
+  %548 = add nsw i64 %547, %545
+  %549 = mul nsw i64 %548, 16
+  %550 = getelementptr inbounds float, ptr %part, i64 %549
+  %551 = getelementptr inbounds float, ptr %550, i64 0
+  %552 = load <8 x float>, ptr %551, align 4
+  %553 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %552
+  store <8 x float> %553, ptr %acc03014, align 4
+  %554 = sub nsw i64 %kb.p, %kb.pg
+  %555 = sub nsw i64 %538, %kb.rc
+  %556 = mul nsw i64 %555, 16
+  %557 = add nsw i64 %556, %554
+  %558 = mul nsw i64 %557, 16
+  %559 = getelementptr inbounds float, ptr %part, i64 %558
+  %560 = getelementptr inbounds float, ptr %559, i64 8
+  %561 = load <8 x float>, ptr %560, align 4
+  %562 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %561
+  store <8 x float> %562, ptr %acc03115, align 4
+  %563 = add nsw i64 %r01, 4
+  %564 = getelementptr inbounds i32, ptr %rows, i64 %563
+  %565 = load i32, ptr %564, align 4
+  %566 = sext i32 %565 to i64
+  %567 = mul nsw i64 %566, 512
+  %568 = add nsw i64 %567, %k0
+  %569 = getelementptr inbounds float, ptr %x, i64 %568
+  %570 = sub nsw i64 %kb.p, %kb.pg
+  %571 = sub nsw i64 %563, %kb.rc
+  %572 = mul nsw i64 %571, 16
+  %573 = add nsw i64 %572, %570
+  %574 = mul nsw i64 %573, 16
+  %575 = getelementptr inbounds float, ptr %part, i64 %574
+  %576 = getelementptr inbounds float, ptr %575, i64 0
+  %577 = load <8 x float>, ptr %576, align 4
+  %578 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %577
+  store <8 x float> %578, ptr %acc04016, align 4
+  %579 = sub nsw i64 %kb.p, %kb.pg
+  %580 = sub nsw i64 %563, %kb.rc
+  %581 = mul nsw i64 %580, 16
+  %582 = add nsw i64 %581, %579
+  %583 = mul nsw i64 %582, 16
+  %584 = getelementptr inbounds float, ptr %part, i64 %583
+  %585 = getelementptr inbounds float, ptr %584, i64 8
+  %586 = load <8 x float>, ptr %585, align 4
+  %587 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %586
+  store <8 x float> %587, ptr %acc04117, align 4
+  %panel.off18 = mul nsw i64 %kb.p, 8192
+  %588 = mul nsw i64 %k0, 16
+  %slice.off19 = add nsw i64 %panel.off18, %588
+  %589 = getelementptr inbounds float, ptr %panels, i64 %slice.off19
+  %pf.on20 = and i1 %pf.on, %pf.next
+  %590 = mul nsw i64 %rb, 16384
+  %591 = lshr i64 %590, %25
+  %592 = add nsw i64 %pf.step, %591
+  %593 = getelementptr inbounds i8, ptr %589, i64 %592
+  %pf21 = select i1 %pf.on20, ptr %593, ptr %589
+  %pf.sh22 = select i1 %pf.on20, i64 %25, i64 0
+  br label %k.head23
 
-k.head22:                                         ; preds = %pf.any.end27, %tile.mr5
-  %k25 = phi i64 [ 0, %tile.mr5 ], [ %649, %pf.any.end27 ]
-  %596 = icmp slt i64 %k25, 256
-  br i1 %596, label %k.body23, label %k.end24
+k.head23:                                         ; preds = %pf.any.end28, %tile.mr5
+  %k26 = phi i64 [ 0, %tile.mr5 ], [ %647, %pf.any.end28 ]
+  %594 = icmp slt i64 %k26, 256
+  br i1 %594, label %k.body24, label %k.end25
 
-k.body23:                                         ; preds = %k.head22
-  %597 = mul nsw i64 %k25, 1
-  %598 = add nsw i64 %597, 0
-  %599 = mul nsw i64 %598, 64
-  br i1 %pf.multi, label %pf.any.then26, label %pf.any.end27
+k.body24:                                         ; preds = %k.head23
+  %595 = mul nsw i64 %k26, 1
+  %596 = add nsw i64 %595, 0
+  %597 = mul nsw i64 %596, 64
+  br i1 %pf.multi, label %pf.any.then27, label %pf.any.end28
 
-pf.any.then26:                                    ; preds = %k.body23
-  %600 = lshr i64 %599, %pf.sh21
-  %601 = getelementptr inbounds i8, ptr %pf20, i64 %600
-  call void @llvm.prefetch.p0(ptr %601, i32 0, i32 2, i32 1)
-  br label %pf.any.end27
+pf.any.then27:                                    ; preds = %k.body24
+  %598 = lshr i64 %597, %pf.sh22
+  %599 = getelementptr inbounds i8, ptr %pf21, i64 %598
+  call void @llvm.prefetch.p0(ptr %599, i32 0, i32 2, i32 1)
+  br label %pf.any.end28
 
-pf.any.end27:                                     ; preds = %pf.any.then26, %k.body23
-  %602 = mul nsw i64 %598, 16
-  %603 = add nsw i64 %panel.off18, %602
-  %604 = getelementptr inbounds float, ptr %panels, i64 %603
-  %605 = load <8 x float>, ptr %604, align 4
-  %606 = add nsw i64 %603, 8
-  %607 = getelementptr inbounds float, ptr %panels, i64 %606
-  %608 = load <8 x float>, ptr %607, align 4
-  %609 = getelementptr inbounds float, ptr %470, i64 %598
-  %610 = load float, ptr %609, align 4
-  %611 = insertelement <8 x float> poison, float %610, i32 0
-  %612 = shufflevector <8 x float> %611, <8 x float> poison, <8 x i32> zeroinitializer
-  %613 = load <8 x float>, ptr %acc0008, align 4
-  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %612, <8 x float> %605, <8 x float> %613)
-  store <8 x float> %614, ptr %acc0008, align 4
-  %615 = load <8 x float>, ptr %acc0019, align 4
-  %616 = call <8 x float> @llvm.fma.v8f32(<8 x float> %612, <8 x float> %608, <8 x float> %615)
-  store <8 x float> %616, ptr %acc0019, align 4
-  %617 = getelementptr inbounds float, ptr %495, i64 %598
-  %618 = load float, ptr %617, align 4
-  %619 = insertelement <8 x float> poison, float %618, i32 0
-  %620 = shufflevector <8 x float> %619, <8 x float> poison, <8 x i32> zeroinitializer
-  %621 = load <8 x float>, ptr %acc01010, align 4
-  %622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %620, <8 x float> %605, <8 x float> %621)
-  store <8 x float> %622, ptr %acc01010, align 4
-  %623 = load <8 x float>, ptr %acc01111, align 4
-  %624 = call <8 x float> @llvm.fma.v8f32(<8 x float> %620, <8 x float> %608, <8 x float> %623)
-  store <8 x float> %624, ptr %acc01111, align 4
-  %625 = getelementptr inbounds float, ptr %520, i64 %598
-  %626 = load float, ptr %625, align 4
-  %627 = insertelement <8 x float> poison, float %626, i32 0
-  %628 = shufflevector <8 x float> %627, <8 x float> poison, <8 x i32> zeroinitializer
-  %629 = load <8 x float>, ptr %acc02012, align 4
-  %630 = call <8 x float> @llvm.fma.v8f32(<8 x float> %628, <8 x float> %605, <8 x float> %629)
-  store <8 x float> %630, ptr %acc02012, align 4
-  %631 = load <8 x float>, ptr %acc02113, align 4
-  %632 = call <8 x float> @llvm.fma.v8f32(<8 x float> %628, <8 x float> %608, <8 x float> %631)
-  store <8 x float> %632, ptr %acc02113, align 4
-  %633 = getelementptr inbounds float, ptr %545, i64 %598
-  %634 = load float, ptr %633, align 4
-  %635 = insertelement <8 x float> poison, float %634, i32 0
-  %636 = shufflevector <8 x float> %635, <8 x float> poison, <8 x i32> zeroinitializer
-  %637 = load <8 x float>, ptr %acc03014, align 4
-  %638 = call <8 x float> @llvm.fma.v8f32(<8 x float> %636, <8 x float> %605, <8 x float> %637)
-  store <8 x float> %638, ptr %acc03014, align 4
-  %639 = load <8 x float>, ptr %acc03115, align 4
-  %640 = call <8 x float> @llvm.fma.v8f32(<8 x float> %636, <8 x float> %608, <8 x float> %639)
-  store <8 x float> %640, ptr %acc03115, align 4
-  %641 = getelementptr inbounds float, ptr %570, i64 %598
-  %642 = load float, ptr %641, align 4
-  %643 = insertelement <8 x float> poison, float %642, i32 0
-  %644 = shufflevector <8 x float> %643, <8 x float> poison, <8 x i32> zeroinitializer
-  %645 = load <8 x float>, ptr %acc04016, align 4
-  %646 = call <8 x float> @llvm.fma.v8f32(<8 x float> %644, <8 x float> %605, <8 x float> %645)
-  store <8 x float> %646, ptr %acc04016, align 4
-  %647 = load <8 x float>, ptr %acc04117, align 4
-  %648 = call <8 x float> @llvm.fma.v8f32(<8 x float> %644, <8 x float> %608, <8 x float> %647)
-  store <8 x float> %648, ptr %acc04117, align 4
-  %649 = add nsw i64 %k25, 1
-  br label %k.head22
+pf.any.end28:                                     ; preds = %pf.any.then27, %k.body24
+  %600 = mul nsw i64 %596, 16
+  %601 = add nsw i64 %slice.off19, %600
+  %602 = getelementptr inbounds float, ptr %panels, i64 %601
+  %603 = load <8 x float>, ptr %602, align 4
+  %604 = add nsw i64 %601, 8
+  %605 = getelementptr inbounds float, ptr %panels, i64 %604
+  %606 = load <8 x float>, ptr %605, align 4
+  %607 = getelementptr inbounds float, ptr %469, i64 %596
+  %608 = load float, ptr %607, align 4
+  %609 = insertelement <8 x float> poison, float %608, i32 0
+  %610 = shufflevector <8 x float> %609, <8 x float> poison, <8 x i32> zeroinitializer
+  %611 = load <8 x float>, ptr %acc0008, align 4
+  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> %603, <8 x float> %611)
+  store <8 x float> %612, ptr %acc0008, align 4
+  %613 = load <8 x float>, ptr %acc0019, align 4
+  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> %606, <8 x float> %613)
+  store <8 x float> %614, ptr %acc0019, align 4
+  %615 = getelementptr inbounds float, ptr %494, i64 %596
+  %616 = load float, ptr %615, align 4
+  %617 = insertelement <8 x float> poison, float %616, i32 0
+  %618 = shufflevector <8 x float> %617, <8 x float> poison, <8 x i32> zeroinitializer
+  %619 = load <8 x float>, ptr %acc01010, align 4
+  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %603, <8 x float> %619)
+  store <8 x float> %620, ptr %acc01010, align 4
+  %621 = load <8 x float>, ptr %acc01111, align 4
+  %622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %606, <8 x float> %621)
+  store <8 x float> %622, ptr %acc01111, align 4
+  %623 = getelementptr inbounds float, ptr %519, i64 %596
+  %624 = load float, ptr %623, align 4
+  %625 = insertelement <8 x float> poison, float %624, i32 0
+  %626 = shufflevector <8 x float> %625, <8 x float> poison, <8 x i32> zeroinitializer
+  %627 = load <8 x float>, ptr %acc02012, align 4
+  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> %603, <8 x float> %627)
+  store <8 x float> %628, ptr %acc02012, align 4
+  %629 = load <8 x float>, ptr %acc02113, align 4
+  %630 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> %606, <8 x float> %629)
+  store <8 x float> %630, ptr %acc02113, align 4
+  %631 = getelementptr inbounds float, ptr %544, i64 %596
+  %632 = load float, ptr %631, align 4
+  %633 = insertelement <8 x float> poison, float %632, i32 0
+  %634 = shufflevector <8 x float> %633, <8 x float> poison, <8 x i32> zeroinitializer
+  %635 = load <8 x float>, ptr %acc03014, align 4
+  %636 = call <8 x float> @llvm.fma.v8f32(<8 x float> %634, <8 x float> %603, <8 x float> %635)
+  store <8 x float> %636, ptr %acc03014, align 4
+  %637 = load <8 x float>, ptr %acc03115, align 4
+  %638 = call <8 x float> @llvm.fma.v8f32(<8 x float> %634, <8 x float> %606, <8 x float> %637)
+  store <8 x float> %638, ptr %acc03115, align 4
+  %639 = getelementptr inbounds float, ptr %569, i64 %596
+  %640 = load float, ptr %639, align 4
+  %641 = insertelement <8 x float> poison, float %640, i32 0
+  %642 = shufflevector <8 x float> %641, <8 x float> poison, <8 x i32> zeroinitializer
+  %643 = load <8 x float>, ptr %acc04016, align 4
+  %644 = call <8 x float> @llvm.fma.v8f32(<8 x float> %642, <8 x float> %603, <8 x float> %643)
+  store <8 x float> %644, ptr %acc04016, align 4
+  %645 = load <8 x float>, ptr %acc04117, align 4
+  %646 = call <8 x float> @llvm.fma.v8f32(<8 x float> %642, <8 x float> %606, <8 x float> %645)
+  store <8 x float> %646, ptr %acc04117, align 4
+  %647 = add nsw i64 %k26, 1
+  br label %k.head23
 
-k.end24:                                          ; preds = %k.head22
-  %650 = xor i1 %klast, true
-  br i1 %650, label %part.then28, label %part.end29
+k.end25:                                          ; preds = %k.head23
+  %648 = xor i1 %klast, true
+  br i1 %648, label %part.then29, label %part.end30
 
-part.then28:                                      ; preds = %k.end24
-  %651 = add nsw i64 %r01, 0
-  %652 = sub nsw i64 %kb.p, %kb.pg
-  %653 = sub nsw i64 %651, %kb.rc
+part.then29:                                      ; preds = %k.end25
+  %649 = add nsw i64 %r01, 0
+  %650 = sub nsw i64 %kb.p, %kb.pg
+  %651 = sub nsw i64 %649, %kb.rc
+  %652 = mul nsw i64 %651, 16
+  %653 = add nsw i64 %652, %650
   %654 = mul nsw i64 %653, 16
-  %655 = add nsw i64 %654, %652
-  %656 = mul nsw i64 %655, 16
-  %657 = getelementptr inbounds float, ptr %part, i64 %656
-  %658 = getelementptr inbounds float, ptr %657, i64 0
-  %659 = load <8 x float>, ptr %acc0008, align 4
-  store <8 x float> %659, ptr %658, align 4
-  %660 = sub nsw i64 %kb.p, %kb.pg
-  %661 = sub nsw i64 %651, %kb.rc
+  %655 = getelementptr inbounds float, ptr %part, i64 %654
+  %656 = getelementptr inbounds float, ptr %655, i64 0
+  %657 = load <8 x float>, ptr %acc0008, align 4
+  store <8 x float> %657, ptr %656, align 4
+  %658 = sub nsw i64 %kb.p, %kb.pg
+  %659 = sub nsw i64 %649, %kb.rc
+  %660 = mul nsw i64 %659, 16
+  %661 = add nsw i64 %660, %658
   %662 = mul nsw i64 %661, 16
-  %663 = add nsw i64 %662, %660
-  %664 = mul nsw i64 %663, 16
-  %665 = getelementptr inbounds float, ptr %part, i64 %664
-  %666 = getelementptr inbounds float, ptr %665, i64 8
-  %667 = load <8 x float>, ptr %acc0019, align 4
-  store <8 x float> %667, ptr %666, align 4
-  %668 = add nsw i64 %r01, 1
-  %669 = sub nsw i64 %kb.p, %kb.pg
-  %670 = sub nsw i64 %668, %kb.rc
+  %663 = getelementptr inbounds float, ptr %part, i64 %662
+  %664 = getelementptr inbounds float, ptr %663, i64 8
+  %665 = load <8 x float>, ptr %acc0019, align 4
+  store <8 x float> %665, ptr %664, align 4
+  %666 = add nsw i64 %r01, 1
+  %667 = sub nsw i64 %kb.p, %kb.pg
+  %668 = sub nsw i64 %666, %kb.rc
+  %669 = mul nsw i64 %668, 16
+  %670 = add nsw i64 %669, %667
   %671 = mul nsw i64 %670, 16
-  %672 = add nsw i64 %671, %669
-  %673 = mul nsw i64 %672, 16
-  %674 = getelementptr inbounds float, ptr %part, i64 %673
-  %675 = getelementptr inbounds float, ptr %674, i64 0
-  %676 = load <8 x float>, ptr %acc01010, align 4
-  store <8 x float> %676, ptr %675, align 4
-  %677 = sub nsw i64 %kb.p, %kb.pg
-  %678 = sub nsw i64 %668, %kb.rc
+  %672 = getelementptr inbounds float, ptr %part, i64 %671
+  %673 = getelementptr inbounds float, ptr %672, i64 0
+  %674 = load <8 x float>, ptr %acc01010, align 4
+  store <8 x float> %674, ptr %673, align 4
+  %675 = sub nsw i64 %kb.p, %kb.pg
+  %676 = sub nsw i64 %666, %kb.rc
+  %677 = mul nsw i64 %676, 16
+  %678 = add nsw i64 %677, %675
   %679 = mul nsw i64 %678, 16
-  %680 = add nsw i64 %679, %677
-  %681 = mul nsw i64 %680, 16
-  %682 = getelementptr inbounds float, ptr %part, i64 %681
-  %683 = getelementptr inbounds float, ptr %682, i64 8
-  %684 = load <8 x float>, ptr %acc01111, align 4
-  store <8 x float> %684, ptr %683, align 4
-  %685 = add nsw i64 %r01, 2
-  %686 = sub nsw i64 %kb.p, %kb.pg
-  %687 = sub nsw i64 %685, %kb.rc
+  %680 = getelementptr inbounds float, ptr %part, i64 %679
+  %681 = getelementptr inbounds float, ptr %680, i64 8
+  %682 = load <8 x float>, ptr %acc01111, align 4
+  store <8 x float> %682, ptr %681, align 4
+  %683 = add nsw i64 %r01, 2
+  %684 = sub nsw i64 %kb.p, %kb.pg
+  %685 = sub nsw i64 %683, %kb.rc
+  %686 = mul nsw i64 %685, 16
+  %687 = add nsw i64 %686, %684
   %688 = mul nsw i64 %687, 16
-  %689 = add nsw i64 %688, %686
-  %690 = mul nsw i64 %689, 16
-  %691 = getelementptr inbounds float, ptr %part, i64 %690
-  %692 = getelementptr inbounds float, ptr %691, i64 0
-  %693 = load <8 x float>, ptr %acc02012, align 4
-  store <8 x float> %693, ptr %692, align 4
-  %694 = sub nsw i64 %kb.p, %kb.pg
-  %695 = sub nsw i64 %685, %kb.rc
+  %689 = getelementptr inbounds float, ptr %part, i64 %688
+  %690 = getelementptr inbounds float, ptr %689, i64 0
+  %691 = load <8 x float>, ptr %acc02012, align 4
+  store <8 x float> %691, ptr %690, align 4
+  %692 = sub nsw i64 %kb.p, %kb.pg
+  %693 = sub nsw i64 %683, %kb.rc
+  %694 = mul nsw i64 %693, 16
+  %695 = add nsw i64 %694, %692
   %696 = mul nsw i64 %695, 16
-  %697 = add nsw i64 %696, %694
-  %698 = mul nsw i64 %697, 16
-  %699 = getelementptr inbounds float, ptr %part, i64 %698
-  %700 = getelementptr inbounds float, ptr %699, i64 8
-  %701 = load <8 x float>, ptr %acc02113, align 4
-  store <8 x float> %701, ptr %700, align 4
-  %702 = add nsw i64 %r01, 3
-  %703 = sub nsw i64 %kb.p, %kb.pg
-  %704 = sub nsw i64 %702, %kb.rc
+  %697 = getelementptr inbounds float, ptr %part, i64 %696
+  %698 = getelementptr inbounds float, ptr %697, i64 8
+  %699 = load <8 x float>, ptr %acc02113, align 4
+  store <8 x float> %699, ptr %698, align 4
+  %700 = add nsw i64 %r01, 3
+  %701 = sub nsw i64 %kb.p, %kb.pg
+  %702 = sub nsw i64 %700, %kb.rc
+  %703 = mul nsw i64 %702, 16
+  %704 = add nsw i64 %703, %701
   %705 = mul nsw i64 %704, 16
-  %706 = add nsw i64 %705, %703
-  %707 = mul nsw i64 %706, 16
-  %708 = getelementptr inbounds float, ptr %part, i64 %707
-  %709 = getelementptr inbounds float, ptr %708, i64 0
-  %710 = load <8 x float>, ptr %acc03014, align 4
-  store <8 x float> %710, ptr %709, align 4
-  %711 = sub nsw i64 %kb.p, %kb.pg
-  %712 = sub nsw i64 %702, %kb.rc
+  %706 = getelementptr inbounds float, ptr %part, i64 %705
+  %707 = getelementptr inbounds float, ptr %706, i64 0
+  %708 = load <8 x float>, ptr %acc03014, align 4
+  store <8 x float> %708, ptr %707, align 4
+  %709 = sub nsw i64 %kb.p, %kb.pg
+  %710 = sub nsw i64 %700, %kb.rc
+  %711 = mul nsw i64 %710, 16
+  %712 = add nsw i64 %711, %709
   %713 = mul nsw i64 %712, 16
-  %714 = add nsw i64 %713, %711
-  %715 = mul nsw i64 %714, 16
-  %716 = getelementptr inbounds float, ptr %part, i64 %715
-  %717 = getelementptr inbounds float, ptr %716, i64 8
-  %718 = load <8 x float>, ptr %acc03115, align 4
-  store <8 x float> %718, ptr %717, align 4
-  %719 = add nsw i64 %r01, 4
-  %720 = sub nsw i64 %kb.p, %kb.pg
-  %721 = sub nsw i64 %719, %kb.rc
+  %714 = getelementptr inbounds float, ptr %part, i64 %713
+  %715 = getelementptr inbounds float, ptr %714, i64 8
+  %716 = load <8 x float>, ptr %acc03115, align 4
+  store <8 x float> %716, ptr %715, align 4
+  %717 = add nsw i64 %r01, 4
+  %718 = sub nsw i64 %kb.p, %kb.pg
+  %719 = sub nsw i64 %717, %kb.rc
+  %720 = mul nsw i64 %719, 16
+  %721 = add nsw i64 %720, %718
   %722 = mul nsw i64 %721, 16
-  %723 = add nsw i64 %722, %720
-  %724 = mul nsw i64 %723, 16
-  %725 = getelementptr inbounds float, ptr %part, i64 %724
-  %726 = getelementptr inbounds float, ptr %725, i64 0
-  %727 = load <8 x float>, ptr %acc04016, align 4
-  store <8 x float> %727, ptr %726, align 4
-  %728 = sub nsw i64 %kb.p, %kb.pg
-  %729 = sub nsw i64 %719, %kb.rc
+  %723 = getelementptr inbounds float, ptr %part, i64 %722
+  %724 = getelementptr inbounds float, ptr %723, i64 0
+  %725 = load <8 x float>, ptr %acc04016, align 4
+  store <8 x float> %725, ptr %724, align 4
+  %726 = sub nsw i64 %kb.p, %kb.pg
+  %727 = sub nsw i64 %717, %kb.rc
+  %728 = mul nsw i64 %727, 16
+  %729 = add nsw i64 %728, %726
   %730 = mul nsw i64 %729, 16
-  %731 = add nsw i64 %730, %728
-  %732 = mul nsw i64 %731, 16
-  %733 = getelementptr inbounds float, ptr %part, i64 %732
-  %734 = getelementptr inbounds float, ptr %733, i64 8
-  %735 = load <8 x float>, ptr %acc04117, align 4
-  store <8 x float> %735, ptr %734, align 4
-  br label %part.end29
+  %731 = getelementptr inbounds float, ptr %part, i64 %730
+  %732 = getelementptr inbounds float, ptr %731, i64 8
+  %733 = load <8 x float>, ptr %acc04117, align 4
+  store <8 x float> %733, ptr %732, align 4
+  br label %part.end30
 
-part.end29:                                       ; preds = %part.then28, %k.end24
-  br i1 %klast, label %last.then30, label %last.end31
+part.end30:                                       ; preds = %part.then29, %k.end25
+  br i1 %klast, label %last.then31, label %last.end32
 
-last.then30:                                      ; preds = %part.end29
-  %736 = add nsw i64 %r01, 0
-  %737 = getelementptr inbounds float, ptr %rw, i64 %736
-  %738 = load float, ptr %737, align 4
-  %739 = insertelement <8 x float> poison, float %738, i32 0
-  %740 = shufflevector <8 x float> %739, <8 x float> poison, <8 x i32> zeroinitializer
-  %741 = mul nsw i64 %736, 1024
-  %742 = getelementptr inbounds float, ptr %h, i64 %741
-  %col32 = mul nsw i64 %kb.p, 16
-  %743 = load <8 x float>, ptr %acc0008, align 4
-  %744 = load <8 x float>, ptr %acc0019, align 4
-  %745 = add nsw i64 %col32, 0
-  %746 = fcmp ogt <8 x float> %743, zeroinitializer
-  %747 = select <8 x i1> %746, <8 x float> %743, <8 x float> zeroinitializer
-  %748 = fmul <8 x float> %747, %740
-  %749 = getelementptr inbounds float, ptr %742, i64 %745
-  store <8 x float> %748, ptr %749, align 4
-  %750 = add nsw i64 %col32, 8
-  %751 = fcmp ogt <8 x float> %744, zeroinitializer
-  %752 = select <8 x i1> %751, <8 x float> %744, <8 x float> zeroinitializer
-  %753 = fmul <8 x float> %752, %740
-  %754 = getelementptr inbounds float, ptr %742, i64 %750
-  store <8 x float> %753, ptr %754, align 4
-  %755 = add nsw i64 %r01, 1
-  %756 = getelementptr inbounds float, ptr %rw, i64 %755
-  %757 = load float, ptr %756, align 4
-  %758 = insertelement <8 x float> poison, float %757, i32 0
-  %759 = shufflevector <8 x float> %758, <8 x float> poison, <8 x i32> zeroinitializer
-  %760 = mul nsw i64 %755, 1024
-  %761 = getelementptr inbounds float, ptr %h, i64 %760
+last.then31:                                      ; preds = %part.end30
+  %734 = add nsw i64 %r01, 0
+  %735 = getelementptr inbounds float, ptr %rw, i64 %734
+  %736 = load float, ptr %735, align 4
+  %737 = insertelement <8 x float> poison, float %736, i32 0
+  %738 = shufflevector <8 x float> %737, <8 x float> poison, <8 x i32> zeroinitializer
+  %739 = mul nsw i64 %734, 1024
+  %740 = getelementptr inbounds float, ptr %h, i64 %739
   %col33 = mul nsw i64 %kb.p, 16
-  %762 = load <8 x float>, ptr %acc01010, align 4
-  %763 = load <8 x float>, ptr %acc01111, align 4
-  %764 = add nsw i64 %col33, 0
-  %765 = fcmp ogt <8 x float> %762, zeroinitializer
-  %766 = select <8 x i1> %765, <8 x float> %762, <8 x float> zeroinitializer
-  %767 = fmul <8 x float> %766, %759
-  %768 = getelementptr inbounds float, ptr %761, i64 %764
-  store <8 x float> %767, ptr %768, align 4
-  %769 = add nsw i64 %col33, 8
-  %770 = fcmp ogt <8 x float> %763, zeroinitializer
-  %771 = select <8 x i1> %770, <8 x float> %763, <8 x float> zeroinitializer
-  %772 = fmul <8 x float> %771, %759
-  %773 = getelementptr inbounds float, ptr %761, i64 %769
-  store <8 x float> %772, ptr %773, align 4
-  %774 = add nsw i64 %r01, 2
-  %775 = getelementptr inbounds float, ptr %rw, i64 %774
-  %776 = load float, ptr %775, align 4
-  %777 = insertelement <8 x float> poison, float %776, i32 0
-  %778 = shufflevector <8 x float> %777, <8 x float> poison, <8 x i32> zeroinitializer
-  %779 = mul nsw i64 %774, 1024
-  %780 = getelementptr inbounds float, ptr %h, i64 %779
+  %741 = load <8 x float>, ptr %acc0008, align 4
+  %742 = load <8 x float>, ptr %acc0019, align 4
+  %743 = add nsw i64 %col33, 0
+  %744 = fcmp ogt <8 x float> %741, zeroinitializer
+  %745 = select <8 x i1> %744, <8 x float> %741, <8 x float> zeroinitializer
+  %746 = fmul <8 x float> %745, %738
+  %747 = getelementptr inbounds float, ptr %740, i64 %743
+  store <8 x float> %746, ptr %747, align 4
+  %748 = add nsw i64 %col33, 8
+  %749 = fcmp ogt <8 x float> %742, zeroinitializer
+  %750 = select <8 x i1> %749, <8 x float> %742, <8 x float> zeroinitializer
+  %751 = fmul <8 x float> %750, %738
+  %752 = getelementptr inbounds float, ptr %740, i64 %748
+  store <8 x float> %751, ptr %752, align 4
+  %753 = add nsw i64 %r01, 1
+  %754 = getelementptr inbounds float, ptr %rw, i64 %753
+  %755 = load float, ptr %754, align 4
+  %756 = insertelement <8 x float> poison, float %755, i32 0
+  %757 = shufflevector <8 x float> %756, <8 x float> poison, <8 x i32> zeroinitializer
+  %758 = mul nsw i64 %753, 1024
+  %759 = getelementptr inbounds float, ptr %h, i64 %758
   %col34 = mul nsw i64 %kb.p, 16
-  %781 = load <8 x float>, ptr %acc02012, align 4
-  %782 = load <8 x float>, ptr %acc02113, align 4
-  %783 = add nsw i64 %col34, 0
-  %784 = fcmp ogt <8 x float> %781, zeroinitializer
-  %785 = select <8 x i1> %784, <8 x float> %781, <8 x float> zeroinitializer
-  %786 = fmul <8 x float> %785, %778
-  %787 = getelementptr inbounds float, ptr %780, i64 %783
-  store <8 x float> %786, ptr %787, align 4
-  %788 = add nsw i64 %col34, 8
-  %789 = fcmp ogt <8 x float> %782, zeroinitializer
-  %790 = select <8 x i1> %789, <8 x float> %782, <8 x float> zeroinitializer
-  %791 = fmul <8 x float> %790, %778
-  %792 = getelementptr inbounds float, ptr %780, i64 %788
-  store <8 x float> %791, ptr %792, align 4
-  %793 = add nsw i64 %r01, 3
-  %794 = getelementptr inbounds float, ptr %rw, i64 %793
-  %795 = load float, ptr %794, align 4
-  %796 = insertelement <8 x float> poison, float %795, i32 0
-  %797 = shufflevector <8 x float> %796, <8 x float> poison, <8 x i32> zeroinitializer
-  %798 = mul nsw i64 %793, 1024
-  %799 = getelementptr inbounds float, ptr %h, i64 %798
+  %760 = load <8 x float>, ptr %acc01010, align 4
+  %761 = load <8 x float>, ptr %acc01111, align 4
+  %762 = add nsw i64 %col34, 0
+  %763 = fcmp ogt <8 x float> %760, zeroinitializer
+  %764 = select <8 x i1> %763, <8 x float> %760, <8 x float> zeroinitializer
+  %765 = fmul <8 x float> %764, %757
+  %766 = getelementptr inbounds float, ptr %759, i64 %762
+  store <8 x float> %765, ptr %766, align 4
+  %767 = add nsw i64 %col34, 8
+  %768 = fcmp ogt <8 x float> %761, zeroinitializer
+  %769 = select <8 x i1> %768, <8 x float> %761, <8 x float> zeroinitializer
+  %770 = fmul <8 x float> %769, %757
+  %771 = getelementptr inbounds float, ptr %759, i64 %767
+  store <8 x float> %770, ptr %771, align 4
+  %772 = add nsw i64 %r01, 2
+  %773 = getelementptr inbounds float, ptr %rw, i64 %772
+  %774 = load float, ptr %773, align 4
+  %775 = insertelement <8 x float> poison, float %774, i32 0
+  %776 = shufflevector <8 x float> %775, <8 x float> poison, <8 x i32> zeroinitializer
+  %777 = mul nsw i64 %772, 1024
+  %778 = getelementptr inbounds float, ptr %h, i64 %777
   %col35 = mul nsw i64 %kb.p, 16
-  %800 = load <8 x float>, ptr %acc03014, align 4
-  %801 = load <8 x float>, ptr %acc03115, align 4
-  %802 = add nsw i64 %col35, 0
-  %803 = fcmp ogt <8 x float> %800, zeroinitializer
-  %804 = select <8 x i1> %803, <8 x float> %800, <8 x float> zeroinitializer
-  %805 = fmul <8 x float> %804, %797
-  %806 = getelementptr inbounds float, ptr %799, i64 %802
-  store <8 x float> %805, ptr %806, align 4
-  %807 = add nsw i64 %col35, 8
-  %808 = fcmp ogt <8 x float> %801, zeroinitializer
-  %809 = select <8 x i1> %808, <8 x float> %801, <8 x float> zeroinitializer
-  %810 = fmul <8 x float> %809, %797
-  %811 = getelementptr inbounds float, ptr %799, i64 %807
-  store <8 x float> %810, ptr %811, align 4
-  %812 = add nsw i64 %r01, 4
-  %813 = getelementptr inbounds float, ptr %rw, i64 %812
-  %814 = load float, ptr %813, align 4
-  %815 = insertelement <8 x float> poison, float %814, i32 0
-  %816 = shufflevector <8 x float> %815, <8 x float> poison, <8 x i32> zeroinitializer
-  %817 = mul nsw i64 %812, 1024
-  %818 = getelementptr inbounds float, ptr %h, i64 %817
+  %779 = load <8 x float>, ptr %acc02012, align 4
+  %780 = load <8 x float>, ptr %acc02113, align 4
+  %781 = add nsw i64 %col35, 0
+  %782 = fcmp ogt <8 x float> %779, zeroinitializer
+  %783 = select <8 x i1> %782, <8 x float> %779, <8 x float> zeroinitializer
+  %784 = fmul <8 x float> %783, %776
+  %785 = getelementptr inbounds float, ptr %778, i64 %781
+  store <8 x float> %784, ptr %785, align 4
+  %786 = add nsw i64 %col35, 8
+  %787 = fcmp ogt <8 x float> %780, zeroinitializer
+  %788 = select <8 x i1> %787, <8 x float> %780, <8 x float> zeroinitializer
+  %789 = fmul <8 x float> %788, %776
+  %790 = getelementptr inbounds float, ptr %778, i64 %786
+  store <8 x float> %789, ptr %790, align 4
+  %791 = add nsw i64 %r01, 3
+  %792 = getelementptr inbounds float, ptr %rw, i64 %791
+  %793 = load float, ptr %792, align 4
+  %794 = insertelement <8 x float> poison, float %793, i32 0
+  %795 = shufflevector <8 x float> %794, <8 x float> poison, <8 x i32> zeroinitializer
+  %796 = mul nsw i64 %791, 1024
+  %797 = getelementptr inbounds float, ptr %h, i64 %796
   %col36 = mul nsw i64 %kb.p, 16
-  %819 = load <8 x float>, ptr %acc04016, align 4
-  %820 = load <8 x float>, ptr %acc04117, align 4
-  %821 = add nsw i64 %col36, 0
-  %822 = fcmp ogt <8 x float> %819, zeroinitializer
-  %823 = select <8 x i1> %822, <8 x float> %819, <8 x float> zeroinitializer
-  %824 = fmul <8 x float> %823, %816
-  %825 = getelementptr inbounds float, ptr %818, i64 %821
-  store <8 x float> %824, ptr %825, align 4
-  %826 = add nsw i64 %col36, 8
-  %827 = fcmp ogt <8 x float> %820, zeroinitializer
-  %828 = select <8 x i1> %827, <8 x float> %820, <8 x float> zeroinitializer
-  %829 = fmul <8 x float> %828, %816
-  %830 = getelementptr inbounds float, ptr %818, i64 %826
-  store <8 x float> %829, ptr %830, align 4
-  br label %last.end31
+  %798 = load <8 x float>, ptr %acc03014, align 4
+  %799 = load <8 x float>, ptr %acc03115, align 4
+  %800 = add nsw i64 %col36, 0
+  %801 = fcmp ogt <8 x float> %798, zeroinitializer
+  %802 = select <8 x i1> %801, <8 x float> %798, <8 x float> zeroinitializer
+  %803 = fmul <8 x float> %802, %795
+  %804 = getelementptr inbounds float, ptr %797, i64 %800
+  store <8 x float> %803, ptr %804, align 4
+  %805 = add nsw i64 %col36, 8
+  %806 = fcmp ogt <8 x float> %799, zeroinitializer
+  %807 = select <8 x i1> %806, <8 x float> %799, <8 x float> zeroinitializer
+  %808 = fmul <8 x float> %807, %795
+  %809 = getelementptr inbounds float, ptr %797, i64 %805
+  store <8 x float> %808, ptr %809, align 4
+  %810 = add nsw i64 %r01, 4
+  %811 = getelementptr inbounds float, ptr %rw, i64 %810
+  %812 = load float, ptr %811, align 4
+  %813 = insertelement <8 x float> poison, float %812, i32 0
+  %814 = shufflevector <8 x float> %813, <8 x float> poison, <8 x i32> zeroinitializer
+  %815 = mul nsw i64 %810, 1024
+  %816 = getelementptr inbounds float, ptr %h, i64 %815
+  %col37 = mul nsw i64 %kb.p, 16
+  %817 = load <8 x float>, ptr %acc04016, align 4
+  %818 = load <8 x float>, ptr %acc04117, align 4
+  %819 = add nsw i64 %col37, 0
+  %820 = fcmp ogt <8 x float> %817, zeroinitializer
+  %821 = select <8 x i1> %820, <8 x float> %817, <8 x float> zeroinitializer
+  %822 = fmul <8 x float> %821, %814
+  %823 = getelementptr inbounds float, ptr %816, i64 %819
+  store <8 x float> %822, ptr %823, align 4
+  %824 = add nsw i64 %col37, 8
+  %825 = fcmp ogt <8 x float> %818, zeroinitializer
+  %826 = select <8 x i1> %825, <8 x float> %818, <8 x float> zeroinitializer
+  %827 = fmul <8 x float> %826, %814
+  %828 = getelementptr inbounds float, ptr %816, i64 %824
+  store <8 x float> %827, ptr %828, align 4
+  br label %last.end32
 
-last.end31:                                       ; preds = %last.then30, %part.end29
+last.end32:                                       ; preds = %last.then31, %part.end30
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
-  %831 = add nsw i64 %r01, 0
-  %832 = getelementptr inbounds i32, ptr %rows, i64 %831
-  %833 = load i32, ptr %832, align 4
-  %834 = sext i32 %833 to i64
-  %835 = mul nsw i64 %834, 512
-  %836 = add nsw i64 %835, %k0
-  %837 = getelementptr inbounds float, ptr %x, i64 %836
-  %838 = sub nsw i64 %kb.p, %kb.pg
-  %839 = sub nsw i64 %831, %kb.rc
+  %829 = add nsw i64 %r01, 0
+  %830 = getelementptr inbounds i32, ptr %rows, i64 %829
+  %831 = load i32, ptr %830, align 4
+  %832 = sext i32 %831 to i64
+  %833 = mul nsw i64 %832, 512
+  %834 = add nsw i64 %833, %k0
+  %835 = getelementptr inbounds float, ptr %x, i64 %834
+  %836 = sub nsw i64 %kb.p, %kb.pg
+  %837 = sub nsw i64 %829, %kb.rc
+  %838 = mul nsw i64 %837, 16
+  %839 = add nsw i64 %838, %836
   %840 = mul nsw i64 %839, 16
-  %841 = add nsw i64 %840, %838
-  %842 = mul nsw i64 %841, 16
-  %843 = getelementptr inbounds float, ptr %part, i64 %842
-  %844 = getelementptr inbounds float, ptr %843, i64 0
-  %845 = load <8 x float>, ptr %844, align 4
-  %846 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %845
-  store <8 x float> %846, ptr %acc00037, align 4
-  %847 = sub nsw i64 %kb.p, %kb.pg
-  %848 = sub nsw i64 %831, %kb.rc
+  %841 = getelementptr inbounds float, ptr %part, i64 %840
+  %842 = getelementptr inbounds float, ptr %841, i64 0
+  %843 = load <8 x float>, ptr %842, align 4
+  %844 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %843
+  store <8 x float> %844, ptr %acc00038, align 4
+  %845 = sub nsw i64 %kb.p, %kb.pg
+  %846 = sub nsw i64 %829, %kb.rc
+  %847 = mul nsw i64 %846, 16
+  %848 = add nsw i64 %847, %845
   %849 = mul nsw i64 %848, 16
-  %850 = add nsw i64 %849, %847
-  %851 = mul nsw i64 %850, 16
-  %852 = getelementptr inbounds float, ptr %part, i64 %851
-  %853 = getelementptr inbounds float, ptr %852, i64 8
-  %854 = load <8 x float>, ptr %853, align 4
-  %855 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %854
-  store <8 x float> %855, ptr %acc00138, align 4
-  %856 = add nsw i64 %r01, 1
-  %857 = getelementptr inbounds i32, ptr %rows, i64 %856
-  %858 = load i32, ptr %857, align 4
-  %859 = sext i32 %858 to i64
-  %860 = mul nsw i64 %859, 512
-  %861 = add nsw i64 %860, %k0
-  %862 = getelementptr inbounds float, ptr %x, i64 %861
-  %863 = sub nsw i64 %kb.p, %kb.pg
-  %864 = sub nsw i64 %856, %kb.rc
+  %850 = getelementptr inbounds float, ptr %part, i64 %849
+  %851 = getelementptr inbounds float, ptr %850, i64 8
+  %852 = load <8 x float>, ptr %851, align 4
+  %853 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %852
+  store <8 x float> %853, ptr %acc00139, align 4
+  %854 = add nsw i64 %r01, 1
+  %855 = getelementptr inbounds i32, ptr %rows, i64 %854
+  %856 = load i32, ptr %855, align 4
+  %857 = sext i32 %856 to i64
+  %858 = mul nsw i64 %857, 512
+  %859 = add nsw i64 %858, %k0
+  %860 = getelementptr inbounds float, ptr %x, i64 %859
+  %861 = sub nsw i64 %kb.p, %kb.pg
+  %862 = sub nsw i64 %854, %kb.rc
+  %863 = mul nsw i64 %862, 16
+  %864 = add nsw i64 %863, %861
   %865 = mul nsw i64 %864, 16
-  %866 = add nsw i64 %865, %863
-  %867 = mul nsw i64 %866, 16
-  %868 = getelementptr inbounds float, ptr %part, i64 %867
-  %869 = getelementptr inbounds float, ptr %868, i64 0
-  %870 = load <8 x float>, ptr %869, align 4
-  %871 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %870
-  store <8 x float> %871, ptr %acc01039, align 4
-  %872 = sub nsw i64 %kb.p, %kb.pg
-  %873 = sub nsw i64 %856, %kb.rc
+  %866 = getelementptr inbounds float, ptr %part, i64 %865
+  %867 = getelementptr inbounds float, ptr %866, i64 0
+  %868 = load <8 x float>, ptr %867, align 4
+  %869 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %868
+  store <8 x float> %869, ptr %acc01040, align 4
+  %870 = sub nsw i64 %kb.p, %kb.pg
+  %871 = sub nsw i64 %854, %kb.rc
+  %872 = mul nsw i64 %871, 16
+  %873 = add nsw i64 %872, %870
   %874 = mul nsw i64 %873, 16
-  %875 = add nsw i64 %874, %872
-  %876 = mul nsw i64 %875, 16
-  %877 = getelementptr inbounds float, ptr %part, i64 %876
-  %878 = getelementptr inbounds float, ptr %877, i64 8
-  %879 = load <8 x float>, ptr %878, align 4
-  %880 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %879
-  store <8 x float> %880, ptr %acc01140, align 4
-  %881 = add nsw i64 %r01, 2
-  %882 = getelementptr inbounds i32, ptr %rows, i64 %881
-  %883 = load i32, ptr %882, align 4
-  %884 = sext i32 %883 to i64
-  %885 = mul nsw i64 %884, 512
-  %886 = add nsw i64 %885, %k0
-  %887 = getelementptr inbounds float, ptr %x, i64 %886
-  %888 = sub nsw i64 %kb.p, %kb.pg
-  %889 = sub nsw i64 %881, %kb.rc
+  %875 = getelementptr inbounds float, ptr %part, i64 %874
+  %876 = getelementptr inbounds float, ptr %875, i64 8
+  %877 = load <8 x float>, ptr %876, align 4
+  %878 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %877
+  store <8 x float> %878, ptr %acc01141, align 4
+  %879 = add nsw i64 %r01, 2
+  %880 = getelementptr inbounds i32, ptr %rows, i64 %879
+  %881 = load i32, ptr %880, align 4
+  %882 = sext i32 %881 to i64
+  %883 = mul nsw i64 %882, 512
+  %884 = add nsw i64 %883, %k0
+  %885 = getelementptr inbounds float, ptr %x, i64 %884
+  %886 = sub nsw i64 %kb.p, %kb.pg
+  %887 = sub nsw i64 %879, %kb.rc
+  %888 = mul nsw i64 %887, 16
+  %889 = add nsw i64 %888, %886
   %890 = mul nsw i64 %889, 16
-  %891 = add nsw i64 %890, %888
-  %892 = mul nsw i64 %891, 16
-  %893 = getelementptr inbounds float, ptr %part, i64 %892
-  %894 = getelementptr inbounds float, ptr %893, i64 0
-  %895 = load <8 x float>, ptr %894, align 4
-  %896 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %895
-  store <8 x float> %896, ptr %acc02041, align 4
-  %897 = sub nsw i64 %kb.p, %kb.pg
-  %898 = sub nsw i64 %881, %kb.rc
+  %891 = getelementptr inbounds float, ptr %part, i64 %890
+  %892 = getelementptr inbounds float, ptr %891, i64 0
+  %893 = load <8 x float>, ptr %892, align 4
+  %894 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %893
+  store <8 x float> %894, ptr %acc02042, align 4
+  %895 = sub nsw i64 %kb.p, %kb.pg
+  %896 = sub nsw i64 %879, %kb.rc
+  %897 = mul nsw i64 %896, 16
+  %898 = add nsw i64 %897, %895
   %899 = mul nsw i64 %898, 16
-  %900 = add nsw i64 %899, %897
-  %901 = mul nsw i64 %900, 16
-  %902 = getelementptr inbounds float, ptr %part, i64 %901
-  %903 = getelementptr inbounds float, ptr %902, i64 8
-  %904 = load <8 x float>, ptr %903, align 4
-  %905 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %904
-  store <8 x float> %905, ptr %acc02142, align 4
-  %906 = add nsw i64 %r01, 3
-  %907 = getelementptr inbounds i32, ptr %rows, i64 %906
-  %908 = load i32, ptr %907, align 4
-  %909 = sext i32 %908 to i64
-  %910 = mul nsw i64 %909, 512
-  %911 = add nsw i64 %910, %k0
-  %912 = getelementptr inbounds float, ptr %x, i64 %911
-  %913 = sub nsw i64 %kb.p, %kb.pg
-  %914 = sub nsw i64 %906, %kb.rc
+  %900 = getelementptr inbounds float, ptr %part, i64 %899
+  %901 = getelementptr inbounds float, ptr %900, i64 8
+  %902 = load <8 x float>, ptr %901, align 4
+  %903 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %902
+  store <8 x float> %903, ptr %acc02143, align 4
+  %904 = add nsw i64 %r01, 3
+  %905 = getelementptr inbounds i32, ptr %rows, i64 %904
+  %906 = load i32, ptr %905, align 4
+  %907 = sext i32 %906 to i64
+  %908 = mul nsw i64 %907, 512
+  %909 = add nsw i64 %908, %k0
+  %910 = getelementptr inbounds float, ptr %x, i64 %909
+  %911 = sub nsw i64 %kb.p, %kb.pg
+  %912 = sub nsw i64 %904, %kb.rc
+  %913 = mul nsw i64 %912, 16
+  %914 = add nsw i64 %913, %911
   %915 = mul nsw i64 %914, 16
-  %916 = add nsw i64 %915, %913
-  %917 = mul nsw i64 %916, 16
-  %918 = getelementptr inbounds float, ptr %part, i64 %917
-  %919 = getelementptr inbounds float, ptr %918, i64 0
-  %920 = load <8 x float>, ptr %919, align 4
-  %921 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %920
-  store <8 x float> %921, ptr %acc03043, align 4
-  %922 = sub nsw i64 %kb.p, %kb.pg
-  %923 = sub nsw i64 %906, %kb.rc
+  %916 = getelementptr inbounds float, ptr %part, i64 %915
+  %917 = getelementptr inbounds float, ptr %916, i64 0
+  %918 = load <8 x float>, ptr %917, align 4
+  %919 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %918
+  store <8 x float> %919, ptr %acc03044, align 4
+  %920 = sub nsw i64 %kb.p, %kb.pg
+  %921 = sub nsw i64 %904, %kb.rc
+  %922 = mul nsw i64 %921, 16
+  %923 = add nsw i64 %922, %920
   %924 = mul nsw i64 %923, 16
-  %925 = add nsw i64 %924, %922
-  %926 = mul nsw i64 %925, 16
-  %927 = getelementptr inbounds float, ptr %part, i64 %926
-  %928 = getelementptr inbounds float, ptr %927, i64 8
-  %929 = load <8 x float>, ptr %928, align 4
-  %930 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %929
-  store <8 x float> %930, ptr %acc03144, align 4
-  %931 = mul nsw i64 %k0, 16
-  %932 = mul nsw i64 %kb.p, 8192
-  %panel.off45 = add nsw i64 %932, %931
-  %933 = getelementptr inbounds float, ptr %panels, i64 %panel.off45
-  %pf.on46 = and i1 %pf.on, %pf.next
-  %934 = mul nsw i64 %rb, 16384
-  %935 = lshr i64 %934, %25
-  %936 = add nsw i64 %pf.step, %935
-  %937 = getelementptr inbounds i8, ptr %933, i64 %936
-  %pf47 = select i1 %pf.on46, ptr %937, ptr %933
-  %pf.sh48 = select i1 %pf.on46, i64 %25, i64 0
-  br label %k.head49
+  %925 = getelementptr inbounds float, ptr %part, i64 %924
+  %926 = getelementptr inbounds float, ptr %925, i64 8
+  %927 = load <8 x float>, ptr %926, align 4
+  %928 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %927
+  store <8 x float> %928, ptr %acc03145, align 4
+  %panel.off46 = mul nsw i64 %kb.p, 8192
+  %929 = mul nsw i64 %k0, 16
+  %slice.off47 = add nsw i64 %panel.off46, %929
+  %930 = getelementptr inbounds float, ptr %panels, i64 %slice.off47
+  %pf.on48 = and i1 %pf.on, %pf.next
+  %931 = mul nsw i64 %rb, 16384
+  %932 = lshr i64 %931, %25
+  %933 = add nsw i64 %pf.step, %932
+  %934 = getelementptr inbounds i8, ptr %930, i64 %933
+  %pf49 = select i1 %pf.on48, ptr %934, ptr %930
+  %pf.sh50 = select i1 %pf.on48, i64 %25, i64 0
+  br label %k.head51
 
-k.head49:                                         ; preds = %pf.any.end54, %tile.mr4
-  %k52 = phi i64 [ 0, %tile.mr4 ], [ %983, %pf.any.end54 ]
-  %938 = icmp slt i64 %k52, 256
-  br i1 %938, label %k.body50, label %k.end51
+k.head51:                                         ; preds = %pf.any.end56, %tile.mr4
+  %k54 = phi i64 [ 0, %tile.mr4 ], [ %980, %pf.any.end56 ]
+  %935 = icmp slt i64 %k54, 256
+  br i1 %935, label %k.body52, label %k.end53
 
-k.body50:                                         ; preds = %k.head49
-  %939 = mul nsw i64 %k52, 1
-  %940 = add nsw i64 %939, 0
-  %941 = mul nsw i64 %940, 64
-  br i1 %pf.multi, label %pf.any.then53, label %pf.any.end54
+k.body52:                                         ; preds = %k.head51
+  %936 = mul nsw i64 %k54, 1
+  %937 = add nsw i64 %936, 0
+  %938 = mul nsw i64 %937, 64
+  br i1 %pf.multi, label %pf.any.then55, label %pf.any.end56
 
-pf.any.then53:                                    ; preds = %k.body50
-  %942 = lshr i64 %941, %pf.sh48
-  %943 = getelementptr inbounds i8, ptr %pf47, i64 %942
-  call void @llvm.prefetch.p0(ptr %943, i32 0, i32 2, i32 1)
-  br label %pf.any.end54
+pf.any.then55:                                    ; preds = %k.body52
+  %939 = lshr i64 %938, %pf.sh50
+  %940 = getelementptr inbounds i8, ptr %pf49, i64 %939
+  call void @llvm.prefetch.p0(ptr %940, i32 0, i32 2, i32 1)
+  br label %pf.any.end56
 
-pf.any.end54:                                     ; preds = %pf.any.then53, %k.body50
-  %944 = mul nsw i64 %940, 16
-  %945 = add nsw i64 %panel.off45, %944
+pf.any.end56:                                     ; preds = %pf.any.then55, %k.body52
+  %941 = mul nsw i64 %937, 16
+  %942 = add nsw i64 %slice.off47, %941
+  %943 = getelementptr inbounds float, ptr %panels, i64 %942
+  %944 = load <8 x float>, ptr %943, align 4
+  %945 = add nsw i64 %942, 8
   %946 = getelementptr inbounds float, ptr %panels, i64 %945
   %947 = load <8 x float>, ptr %946, align 4
-  %948 = add nsw i64 %945, 8
-  %949 = getelementptr inbounds float, ptr %panels, i64 %948
-  %950 = load <8 x float>, ptr %949, align 4
-  %951 = getelementptr inbounds float, ptr %837, i64 %940
-  %952 = load float, ptr %951, align 4
-  %953 = insertelement <8 x float> poison, float %952, i32 0
-  %954 = shufflevector <8 x float> %953, <8 x float> poison, <8 x i32> zeroinitializer
-  %955 = load <8 x float>, ptr %acc00037, align 4
-  %956 = call <8 x float> @llvm.fma.v8f32(<8 x float> %954, <8 x float> %947, <8 x float> %955)
-  store <8 x float> %956, ptr %acc00037, align 4
-  %957 = load <8 x float>, ptr %acc00138, align 4
-  %958 = call <8 x float> @llvm.fma.v8f32(<8 x float> %954, <8 x float> %950, <8 x float> %957)
-  store <8 x float> %958, ptr %acc00138, align 4
-  %959 = getelementptr inbounds float, ptr %862, i64 %940
-  %960 = load float, ptr %959, align 4
-  %961 = insertelement <8 x float> poison, float %960, i32 0
-  %962 = shufflevector <8 x float> %961, <8 x float> poison, <8 x i32> zeroinitializer
-  %963 = load <8 x float>, ptr %acc01039, align 4
-  %964 = call <8 x float> @llvm.fma.v8f32(<8 x float> %962, <8 x float> %947, <8 x float> %963)
-  store <8 x float> %964, ptr %acc01039, align 4
-  %965 = load <8 x float>, ptr %acc01140, align 4
-  %966 = call <8 x float> @llvm.fma.v8f32(<8 x float> %962, <8 x float> %950, <8 x float> %965)
-  store <8 x float> %966, ptr %acc01140, align 4
-  %967 = getelementptr inbounds float, ptr %887, i64 %940
-  %968 = load float, ptr %967, align 4
-  %969 = insertelement <8 x float> poison, float %968, i32 0
-  %970 = shufflevector <8 x float> %969, <8 x float> poison, <8 x i32> zeroinitializer
-  %971 = load <8 x float>, ptr %acc02041, align 4
-  %972 = call <8 x float> @llvm.fma.v8f32(<8 x float> %970, <8 x float> %947, <8 x float> %971)
-  store <8 x float> %972, ptr %acc02041, align 4
-  %973 = load <8 x float>, ptr %acc02142, align 4
-  %974 = call <8 x float> @llvm.fma.v8f32(<8 x float> %970, <8 x float> %950, <8 x float> %973)
-  store <8 x float> %974, ptr %acc02142, align 4
-  %975 = getelementptr inbounds float, ptr %912, i64 %940
-  %976 = load float, ptr %975, align 4
-  %977 = insertelement <8 x float> poison, float %976, i32 0
-  %978 = shufflevector <8 x float> %977, <8 x float> poison, <8 x i32> zeroinitializer
-  %979 = load <8 x float>, ptr %acc03043, align 4
-  %980 = call <8 x float> @llvm.fma.v8f32(<8 x float> %978, <8 x float> %947, <8 x float> %979)
-  store <8 x float> %980, ptr %acc03043, align 4
-  %981 = load <8 x float>, ptr %acc03144, align 4
-  %982 = call <8 x float> @llvm.fma.v8f32(<8 x float> %978, <8 x float> %950, <8 x float> %981)
-  store <8 x float> %982, ptr %acc03144, align 4
-  %983 = add nsw i64 %k52, 1
-  br label %k.head49
+  %948 = getelementptr inbounds float, ptr %835, i64 %937
+  %949 = load float, ptr %948, align 4
+  %950 = insertelement <8 x float> poison, float %949, i32 0
+  %951 = shufflevector <8 x float> %950, <8 x float> poison, <8 x i32> zeroinitializer
+  %952 = load <8 x float>, ptr %acc00038, align 4
+  %953 = call <8 x float> @llvm.fma.v8f32(<8 x float> %951, <8 x float> %944, <8 x float> %952)
+  store <8 x float> %953, ptr %acc00038, align 4
+  %954 = load <8 x float>, ptr %acc00139, align 4
+  %955 = call <8 x float> @llvm.fma.v8f32(<8 x float> %951, <8 x float> %947, <8 x float> %954)
+  store <8 x float> %955, ptr %acc00139, align 4
+  %956 = getelementptr inbounds float, ptr %860, i64 %937
+  %957 = load float, ptr %956, align 4
+  %958 = insertelement <8 x float> poison, float %957, i32 0
+  %959 = shufflevector <8 x float> %958, <8 x float> poison, <8 x i32> zeroinitializer
+  %960 = load <8 x float>, ptr %acc01040, align 4
+  %961 = call <8 x float> @llvm.fma.v8f32(<8 x float> %959, <8 x float> %944, <8 x float> %960)
+  store <8 x float> %961, ptr %acc01040, align 4
+  %962 = load <8 x float>, ptr %acc01141, align 4
+  %963 = call <8 x float> @llvm.fma.v8f32(<8 x float> %959, <8 x float> %947, <8 x float> %962)
+  store <8 x float> %963, ptr %acc01141, align 4
+  %964 = getelementptr inbounds float, ptr %885, i64 %937
+  %965 = load float, ptr %964, align 4
+  %966 = insertelement <8 x float> poison, float %965, i32 0
+  %967 = shufflevector <8 x float> %966, <8 x float> poison, <8 x i32> zeroinitializer
+  %968 = load <8 x float>, ptr %acc02042, align 4
+  %969 = call <8 x float> @llvm.fma.v8f32(<8 x float> %967, <8 x float> %944, <8 x float> %968)
+  store <8 x float> %969, ptr %acc02042, align 4
+  %970 = load <8 x float>, ptr %acc02143, align 4
+  %971 = call <8 x float> @llvm.fma.v8f32(<8 x float> %967, <8 x float> %947, <8 x float> %970)
+  store <8 x float> %971, ptr %acc02143, align 4
+  %972 = getelementptr inbounds float, ptr %910, i64 %937
+  %973 = load float, ptr %972, align 4
+  %974 = insertelement <8 x float> poison, float %973, i32 0
+  %975 = shufflevector <8 x float> %974, <8 x float> poison, <8 x i32> zeroinitializer
+  %976 = load <8 x float>, ptr %acc03044, align 4
+  %977 = call <8 x float> @llvm.fma.v8f32(<8 x float> %975, <8 x float> %944, <8 x float> %976)
+  store <8 x float> %977, ptr %acc03044, align 4
+  %978 = load <8 x float>, ptr %acc03145, align 4
+  %979 = call <8 x float> @llvm.fma.v8f32(<8 x float> %975, <8 x float> %947, <8 x float> %978)
+  store <8 x float> %979, ptr %acc03145, align 4
+  %980 = add nsw i64 %k54, 1
+  br label %k.head51
 
-k.end51:                                          ; preds = %k.head49
-  %984 = xor i1 %klast, true
-  br i1 %984, label %part.then55, label %part.end56
+k.end53:                                          ; preds = %k.head51
+  %981 = xor i1 %klast, true
+  br i1 %981, label %part.then57, label %part.end58
 
-part.then55:                                      ; preds = %k.end51
-  %985 = add nsw i64 %r01, 0
-  %986 = sub nsw i64 %kb.p, %kb.pg
-  %987 = sub nsw i64 %985, %kb.rc
-  %988 = mul nsw i64 %987, 16
-  %989 = add nsw i64 %988, %986
-  %990 = mul nsw i64 %989, 16
-  %991 = getelementptr inbounds float, ptr %part, i64 %990
-  %992 = getelementptr inbounds float, ptr %991, i64 0
-  %993 = load <8 x float>, ptr %acc00037, align 4
-  store <8 x float> %993, ptr %992, align 4
-  %994 = sub nsw i64 %kb.p, %kb.pg
-  %995 = sub nsw i64 %985, %kb.rc
-  %996 = mul nsw i64 %995, 16
-  %997 = add nsw i64 %996, %994
-  %998 = mul nsw i64 %997, 16
-  %999 = getelementptr inbounds float, ptr %part, i64 %998
-  %1000 = getelementptr inbounds float, ptr %999, i64 8
-  %1001 = load <8 x float>, ptr %acc00138, align 4
-  store <8 x float> %1001, ptr %1000, align 4
-  %1002 = add nsw i64 %r01, 1
-  %1003 = sub nsw i64 %kb.p, %kb.pg
-  %1004 = sub nsw i64 %1002, %kb.rc
-  %1005 = mul nsw i64 %1004, 16
-  %1006 = add nsw i64 %1005, %1003
-  %1007 = mul nsw i64 %1006, 16
-  %1008 = getelementptr inbounds float, ptr %part, i64 %1007
-  %1009 = getelementptr inbounds float, ptr %1008, i64 0
-  %1010 = load <8 x float>, ptr %acc01039, align 4
-  store <8 x float> %1010, ptr %1009, align 4
-  %1011 = sub nsw i64 %kb.p, %kb.pg
-  %1012 = sub nsw i64 %1002, %kb.rc
-  %1013 = mul nsw i64 %1012, 16
-  %1014 = add nsw i64 %1013, %1011
-  %1015 = mul nsw i64 %1014, 16
-  %1016 = getelementptr inbounds float, ptr %part, i64 %1015
-  %1017 = getelementptr inbounds float, ptr %1016, i64 8
-  %1018 = load <8 x float>, ptr %acc01140, align 4
-  store <8 x float> %1018, ptr %1017, align 4
-  %1019 = add nsw i64 %r01, 2
-  %1020 = sub nsw i64 %kb.p, %kb.pg
-  %1021 = sub nsw i64 %1019, %kb.rc
-  %1022 = mul nsw i64 %1021, 16
-  %1023 = add nsw i64 %1022, %1020
-  %1024 = mul nsw i64 %1023, 16
-  %1025 = getelementptr inbounds float, ptr %part, i64 %1024
-  %1026 = getelementptr inbounds float, ptr %1025, i64 0
-  %1027 = load <8 x float>, ptr %acc02041, align 4
-  store <8 x float> %1027, ptr %1026, align 4
-  %1028 = sub nsw i64 %kb.p, %kb.pg
-  %1029 = sub nsw i64 %1019, %kb.rc
-  %1030 = mul nsw i64 %1029, 16
-  %1031 = add nsw i64 %1030, %1028
-  %1032 = mul nsw i64 %1031, 16
-  %1033 = getelementptr inbounds float, ptr %part, i64 %1032
-  %1034 = getelementptr inbounds float, ptr %1033, i64 8
-  %1035 = load <8 x float>, ptr %acc02142, align 4
-  store <8 x float> %1035, ptr %1034, align 4
-  %1036 = add nsw i64 %r01, 3
-  %1037 = sub nsw i64 %kb.p, %kb.pg
-  %1038 = sub nsw i64 %1036, %kb.rc
-  %1039 = mul nsw i64 %1038, 16
-  %1040 = add nsw i64 %1039, %1037
-  %1041 = mul nsw i64 %1040, 16
-  %1042 = getelementptr inbounds float, ptr %part, i64 %1041
-  %1043 = getelementptr inbounds float, ptr %1042, i64 0
-  %1044 = load <8 x float>, ptr %acc03043, align 4
-  store <8 x float> %1044, ptr %1043, align 4
-  %1045 = sub nsw i64 %kb.p, %kb.pg
-  %1046 = sub nsw i64 %1036, %kb.rc
-  %1047 = mul nsw i64 %1046, 16
-  %1048 = add nsw i64 %1047, %1045
-  %1049 = mul nsw i64 %1048, 16
-  %1050 = getelementptr inbounds float, ptr %part, i64 %1049
-  %1051 = getelementptr inbounds float, ptr %1050, i64 8
-  %1052 = load <8 x float>, ptr %acc03144, align 4
-  store <8 x float> %1052, ptr %1051, align 4
-  br label %part.end56
+part.then57:                                      ; preds = %k.end53
+  %982 = add nsw i64 %r01, 0
+  %983 = sub nsw i64 %kb.p, %kb.pg
+  %984 = sub nsw i64 %982, %kb.rc
+  %985 = mul nsw i64 %984, 16
+  %986 = add nsw i64 %985, %983
+  %987 = mul nsw i64 %986, 16
+  %988 = getelementptr inbounds float, ptr %part, i64 %987
+  %989 = getelementptr inbounds float, ptr %988, i64 0
+  %990 = load <8 x float>, ptr %acc00038, align 4
+  store <8 x float> %990, ptr %989, align 4
+  %991 = sub nsw i64 %kb.p, %kb.pg
+  %992 = sub nsw i64 %982, %kb.rc
+  %993 = mul nsw i64 %992, 16
+  %994 = add nsw i64 %993, %991
+  %995 = mul nsw i64 %994, 16
+  %996 = getelementptr inbounds float, ptr %part, i64 %995
+  %997 = getelementptr inbounds float, ptr %996, i64 8
+  %998 = load <8 x float>, ptr %acc00139, align 4
+  store <8 x float> %998, ptr %997, align 4
+  %999 = add nsw i64 %r01, 1
+  %1000 = sub nsw i64 %kb.p, %kb.pg
+  %1001 = sub nsw i64 %999, %kb.rc
+  %1002 = mul nsw i64 %1001, 16
+  %1003 = add nsw i64 %1002, %1000
+  %1004 = mul nsw i64 %1003, 16
+  %1005 = getelementptr inbounds float, ptr %part, i64 %1004
+  %1006 = getelementptr inbounds float, ptr %1005, i64 0
+  %1007 = load <8 x float>, ptr %acc01040, align 4
+  store <8 x float> %1007, ptr %1006, align 4
+  %1008 = sub nsw i64 %kb.p, %kb.pg
+  %1009 = sub nsw i64 %999, %kb.rc
+  %1010 = mul nsw i64 %1009, 16
+  %1011 = add nsw i64 %1010, %1008
+  %1012 = mul nsw i64 %1011, 16
+  %1013 = getelementptr inbounds float, ptr %part, i64 %1012
+  %1014 = getelementptr inbounds float, ptr %1013, i64 8
+  %1015 = load <8 x float>, ptr %acc01141, align 4
+  store <8 x float> %1015, ptr %1014, align 4
+  %1016 = add nsw i64 %r01, 2
+  %1017 = sub nsw i64 %kb.p, %kb.pg
+  %1018 = sub nsw i64 %1016, %kb.rc
+  %1019 = mul nsw i64 %1018, 16
+  %1020 = add nsw i64 %1019, %1017
+  %1021 = mul nsw i64 %1020, 16
+  %1022 = getelementptr inbounds float, ptr %part, i64 %1021
+  %1023 = getelementptr inbounds float, ptr %1022, i64 0
+  %1024 = load <8 x float>, ptr %acc02042, align 4
+  store <8 x float> %1024, ptr %1023, align 4
+  %1025 = sub nsw i64 %kb.p, %kb.pg
+  %1026 = sub nsw i64 %1016, %kb.rc
+  %1027 = mul nsw i64 %1026, 16
+  %1028 = add nsw i64 %1027, %1025
+  %1029 = mul nsw i64 %1028, 16
+  %1030 = getelementptr inbounds float, ptr %part, i64 %1029
+  %1031 = getelementptr inbounds float, ptr %1030, i64 8
+  %1032 = load <8 x float>, ptr %acc02143, align 4
+  store <8 x float> %1032, ptr %1031, align 4
+  %1033 = add nsw i64 %r01, 3
+  %1034 = sub nsw i64 %kb.p, %kb.pg
+  %1035 = sub nsw i64 %1033, %kb.rc
+  %1036 = mul nsw i64 %1035, 16
+  %1037 = add nsw i64 %1036, %1034
+  %1038 = mul nsw i64 %1037, 16
+  %1039 = getelementptr inbounds float, ptr %part, i64 %1038
+  %1040 = getelementptr inbounds float, ptr %1039, i64 0
+  %1041 = load <8 x float>, ptr %acc03044, align 4
+  store <8 x float> %1041, ptr %1040, align 4
+  %1042 = sub nsw i64 %kb.p, %kb.pg
+  %1043 = sub nsw i64 %1033, %kb.rc
+  %1044 = mul nsw i64 %1043, 16
+  %1045 = add nsw i64 %1044, %1042
+  %1046 = mul nsw i64 %1045, 16
+  %1047 = getelementptr inbounds float, ptr %part, i64 %1046
+  %1048 = getelementptr inbounds float, ptr %1047, i64 8
+  %1049 = load <8 x float>, ptr %acc03145, align 4
+  store <8 x float> %1049, ptr %1048, align 4
+  br label %part.end58
 
-part.end56:                                       ; preds = %part.then55, %k.end51
-  br i1 %klast, label %last.then57, label %last.end58
+part.end58:                                       ; preds = %part.then57, %k.end53
+  br i1 %klast, label %last.then59, label %last.end60
 
-last.then57:                                      ; preds = %part.end56
-  %1053 = add nsw i64 %r01, 0
-  %1054 = getelementptr inbounds float, ptr %rw, i64 %1053
-  %1055 = load float, ptr %1054, align 4
-  %1056 = insertelement <8 x float> poison, float %1055, i32 0
-  %1057 = shufflevector <8 x float> %1056, <8 x float> poison, <8 x i32> zeroinitializer
-  %1058 = mul nsw i64 %1053, 1024
-  %1059 = getelementptr inbounds float, ptr %h, i64 %1058
-  %col59 = mul nsw i64 %kb.p, 16
-  %1060 = load <8 x float>, ptr %acc00037, align 4
-  %1061 = load <8 x float>, ptr %acc00138, align 4
-  %1062 = add nsw i64 %col59, 0
-  %1063 = fcmp ogt <8 x float> %1060, zeroinitializer
-  %1064 = select <8 x i1> %1063, <8 x float> %1060, <8 x float> zeroinitializer
-  %1065 = fmul <8 x float> %1064, %1057
-  %1066 = getelementptr inbounds float, ptr %1059, i64 %1062
-  store <8 x float> %1065, ptr %1066, align 4
-  %1067 = add nsw i64 %col59, 8
-  %1068 = fcmp ogt <8 x float> %1061, zeroinitializer
-  %1069 = select <8 x i1> %1068, <8 x float> %1061, <8 x float> zeroinitializer
-  %1070 = fmul <8 x float> %1069, %1057
-  %1071 = getelementptr inbounds float, ptr %1059, i64 %1067
-  store <8 x float> %1070, ptr %1071, align 4
-  %1072 = add nsw i64 %r01, 1
-  %1073 = getelementptr inbounds float, ptr %rw, i64 %1072
-  %1074 = load float, ptr %1073, align 4
-  %1075 = insertelement <8 x float> poison, float %1074, i32 0
-  %1076 = shufflevector <8 x float> %1075, <8 x float> poison, <8 x i32> zeroinitializer
-  %1077 = mul nsw i64 %1072, 1024
-  %1078 = getelementptr inbounds float, ptr %h, i64 %1077
-  %col60 = mul nsw i64 %kb.p, 16
-  %1079 = load <8 x float>, ptr %acc01039, align 4
-  %1080 = load <8 x float>, ptr %acc01140, align 4
-  %1081 = add nsw i64 %col60, 0
-  %1082 = fcmp ogt <8 x float> %1079, zeroinitializer
-  %1083 = select <8 x i1> %1082, <8 x float> %1079, <8 x float> zeroinitializer
-  %1084 = fmul <8 x float> %1083, %1076
-  %1085 = getelementptr inbounds float, ptr %1078, i64 %1081
-  store <8 x float> %1084, ptr %1085, align 4
-  %1086 = add nsw i64 %col60, 8
-  %1087 = fcmp ogt <8 x float> %1080, zeroinitializer
-  %1088 = select <8 x i1> %1087, <8 x float> %1080, <8 x float> zeroinitializer
-  %1089 = fmul <8 x float> %1088, %1076
-  %1090 = getelementptr inbounds float, ptr %1078, i64 %1086
-  store <8 x float> %1089, ptr %1090, align 4
-  %1091 = add nsw i64 %r01, 2
-  %1092 = getelementptr inbounds float, ptr %rw, i64 %1091
-  %1093 = load float, ptr %1092, align 4
-  %1094 = insertelement <8 x float> poison, float %1093, i32 0
-  %1095 = shufflevector <8 x float> %1094, <8 x float> poison, <8 x i32> zeroinitializer
-  %1096 = mul nsw i64 %1091, 1024
-  %1097 = getelementptr inbounds float, ptr %h, i64 %1096
+last.then59:                                      ; preds = %part.end58
+  %1050 = add nsw i64 %r01, 0
+  %1051 = getelementptr inbounds float, ptr %rw, i64 %1050
+  %1052 = load float, ptr %1051, align 4
+  %1053 = insertelement <8 x float> poison, float %1052, i32 0
+  %1054 = shufflevector <8 x float> %1053, <8 x float> poison, <8 x i32> zeroinitializer
+  %1055 = mul nsw i64 %1050, 1024
+  %1056 = getelementptr inbounds float, ptr %h, i64 %1055
   %col61 = mul nsw i64 %kb.p, 16
-  %1098 = load <8 x float>, ptr %acc02041, align 4
-  %1099 = load <8 x float>, ptr %acc02142, align 4
-  %1100 = add nsw i64 %col61, 0
-  %1101 = fcmp ogt <8 x float> %1098, zeroinitializer
-  %1102 = select <8 x i1> %1101, <8 x float> %1098, <8 x float> zeroinitializer
-  %1103 = fmul <8 x float> %1102, %1095
-  %1104 = getelementptr inbounds float, ptr %1097, i64 %1100
-  store <8 x float> %1103, ptr %1104, align 4
-  %1105 = add nsw i64 %col61, 8
-  %1106 = fcmp ogt <8 x float> %1099, zeroinitializer
-  %1107 = select <8 x i1> %1106, <8 x float> %1099, <8 x float> zeroinitializer
-  %1108 = fmul <8 x float> %1107, %1095
-  %1109 = getelementptr inbounds float, ptr %1097, i64 %1105
-  store <8 x float> %1108, ptr %1109, align 4
-  %1110 = add nsw i64 %r01, 3
-  %1111 = getelementptr inbounds float, ptr %rw, i64 %1110
-  %1112 = load float, ptr %1111, align 4
-  %1113 = insertelement <8 x float> poison, float %1112, i32 0
-  %1114 = shufflevector <8 x float> %1113, <8 x float> poison, <8 x i32> zeroinitializer
-  %1115 = mul nsw i64 %1110, 1024
-  %1116 = getelementptr inbounds float, ptr %h, i64 %1115
+  %1057 = load <8 x float>, ptr %acc00038, align 4
+  %1058 = load <8 x float>, ptr %acc00139, align 4
+  %1059 = add nsw i64 %col61, 0
+  %1060 = fcmp ogt <8 x float> %1057, zeroinitializer
+  %1061 = select <8 x i1> %1060, <8 x float> %1057, <8 x float> zeroinitializer
+  %1062 = fmul <8 x float> %1061, %1054
+  %1063 = getelementptr inbounds float, ptr %1056, i64 %1059
+  store <8 x float> %1062, ptr %1063, align 4
+  %1064 = add nsw i64 %col61, 8
+  %1065 = fcmp ogt <8 x float> %1058, zeroinitializer
+  %1066 = select <8 x i1> %1065, <8 x float> %1058, <8 x float> zeroinitializer
+  %1067 = fmul <8 x float> %1066, %1054
+  %1068 = getelementptr inbounds float, ptr %1056, i64 %1064
+  store <8 x float> %1067, ptr %1068, align 4
+  %1069 = add nsw i64 %r01, 1
+  %1070 = getelementptr inbounds float, ptr %rw, i64 %1069
+  %1071 = load float, ptr %1070, align 4
+  %1072 = insertelement <8 x float> poison, float %1071, i32 0
+  %1073 = shufflevector <8 x float> %1072, <8 x float> poison, <8 x i32> zeroinitializer
+  %1074 = mul nsw i64 %1069, 1024
+  %1075 = getelementptr inbounds float, ptr %h, i64 %1074
   %col62 = mul nsw i64 %kb.p, 16
-  %1117 = load <8 x float>, ptr %acc03043, align 4
-  %1118 = load <8 x float>, ptr %acc03144, align 4
-  %1119 = add nsw i64 %col62, 0
-  %1120 = fcmp ogt <8 x float> %1117, zeroinitializer
-  %1121 = select <8 x i1> %1120, <8 x float> %1117, <8 x float> zeroinitializer
-  %1122 = fmul <8 x float> %1121, %1114
-  %1123 = getelementptr inbounds float, ptr %1116, i64 %1119
-  store <8 x float> %1122, ptr %1123, align 4
-  %1124 = add nsw i64 %col62, 8
-  %1125 = fcmp ogt <8 x float> %1118, zeroinitializer
-  %1126 = select <8 x i1> %1125, <8 x float> %1118, <8 x float> zeroinitializer
-  %1127 = fmul <8 x float> %1126, %1114
-  %1128 = getelementptr inbounds float, ptr %1116, i64 %1124
-  store <8 x float> %1127, ptr %1128, align 4
-  br label %last.end58
+  %1076 = load <8 x float>, ptr %acc01040, align 4
+  %1077 = load <8 x float>, ptr %acc01141, align 4
+  %1078 = add nsw i64 %col62, 0
+  %1079 = fcmp ogt <8 x float> %1076, zeroinitializer
+  %1080 = select <8 x i1> %1079, <8 x float> %1076, <8 x float> zeroinitializer
+  %1081 = fmul <8 x float> %1080, %1073
+  %1082 = getelementptr inbounds float, ptr %1075, i64 %1078
+  store <8 x float> %1081, ptr %1082, align 4
+  %1083 = add nsw i64 %col62, 8
+  %1084 = fcmp ogt <8 x float> %1077, zeroinitializer
+  %1085 = select <8 x i1> %1084, <8 x float> %1077, <8 x float> zeroinitializer
+  %1086 = fmul <8 x float> %1085, %1073
+  %1087 = getelementptr inbounds float, ptr %1075, i64 %1083
+  store <8 x float> %1086, ptr %1087, align 4
+  %1088 = add nsw i64 %r01, 2
+  %1089 = getelementptr inbounds float, ptr %rw, i64 %1088
+  %1090 = load float, ptr %1089, align 4
+  %1091 = insertelement <8 x float> poison, float %1090, i32 0
+  %1092 = shufflevector <8 x float> %1091, <8 x float> poison, <8 x i32> zeroinitializer
+  %1093 = mul nsw i64 %1088, 1024
+  %1094 = getelementptr inbounds float, ptr %h, i64 %1093
+  %col63 = mul nsw i64 %kb.p, 16
+  %1095 = load <8 x float>, ptr %acc02042, align 4
+  %1096 = load <8 x float>, ptr %acc02143, align 4
+  %1097 = add nsw i64 %col63, 0
+  %1098 = fcmp ogt <8 x float> %1095, zeroinitializer
+  %1099 = select <8 x i1> %1098, <8 x float> %1095, <8 x float> zeroinitializer
+  %1100 = fmul <8 x float> %1099, %1092
+  %1101 = getelementptr inbounds float, ptr %1094, i64 %1097
+  store <8 x float> %1100, ptr %1101, align 4
+  %1102 = add nsw i64 %col63, 8
+  %1103 = fcmp ogt <8 x float> %1096, zeroinitializer
+  %1104 = select <8 x i1> %1103, <8 x float> %1096, <8 x float> zeroinitializer
+  %1105 = fmul <8 x float> %1104, %1092
+  %1106 = getelementptr inbounds float, ptr %1094, i64 %1102
+  store <8 x float> %1105, ptr %1106, align 4
+  %1107 = add nsw i64 %r01, 3
+  %1108 = getelementptr inbounds float, ptr %rw, i64 %1107
+  %1109 = load float, ptr %1108, align 4
+  %1110 = insertelement <8 x float> poison, float %1109, i32 0
+  %1111 = shufflevector <8 x float> %1110, <8 x float> poison, <8 x i32> zeroinitializer
+  %1112 = mul nsw i64 %1107, 1024
+  %1113 = getelementptr inbounds float, ptr %h, i64 %1112
+  %col64 = mul nsw i64 %kb.p, 16
+  %1114 = load <8 x float>, ptr %acc03044, align 4
+  %1115 = load <8 x float>, ptr %acc03145, align 4
+  %1116 = add nsw i64 %col64, 0
+  %1117 = fcmp ogt <8 x float> %1114, zeroinitializer
+  %1118 = select <8 x i1> %1117, <8 x float> %1114, <8 x float> zeroinitializer
+  %1119 = fmul <8 x float> %1118, %1111
+  %1120 = getelementptr inbounds float, ptr %1113, i64 %1116
+  store <8 x float> %1119, ptr %1120, align 4
+  %1121 = add nsw i64 %col64, 8
+  %1122 = fcmp ogt <8 x float> %1115, zeroinitializer
+  %1123 = select <8 x i1> %1122, <8 x float> %1115, <8 x float> zeroinitializer
+  %1124 = fmul <8 x float> %1123, %1111
+  %1125 = getelementptr inbounds float, ptr %1113, i64 %1121
+  store <8 x float> %1124, ptr %1125, align 4
+  br label %last.end60
 
-last.end58:                                       ; preds = %last.then57, %part.end56
+last.end60:                                       ; preds = %last.then59, %part.end58
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
-  %1129 = add nsw i64 %r01, 0
-  %1130 = getelementptr inbounds i32, ptr %rows, i64 %1129
-  %1131 = load i32, ptr %1130, align 4
-  %1132 = sext i32 %1131 to i64
-  %1133 = mul nsw i64 %1132, 512
-  %1134 = add nsw i64 %1133, %k0
-  %1135 = getelementptr inbounds float, ptr %x, i64 %1134
-  %1136 = sub nsw i64 %kb.p, %kb.pg
-  %1137 = sub nsw i64 %1129, %kb.rc
-  %1138 = mul nsw i64 %1137, 16
-  %1139 = add nsw i64 %1138, %1136
-  %1140 = mul nsw i64 %1139, 16
-  %1141 = getelementptr inbounds float, ptr %part, i64 %1140
-  %1142 = getelementptr inbounds float, ptr %1141, i64 0
-  %1143 = load <8 x float>, ptr %1142, align 4
-  %1144 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1143
-  store <8 x float> %1144, ptr %acc00063, align 4
-  %1145 = sub nsw i64 %kb.p, %kb.pg
-  %1146 = sub nsw i64 %1129, %kb.rc
-  %1147 = mul nsw i64 %1146, 16
-  %1148 = add nsw i64 %1147, %1145
-  %1149 = mul nsw i64 %1148, 16
-  %1150 = getelementptr inbounds float, ptr %part, i64 %1149
-  %1151 = getelementptr inbounds float, ptr %1150, i64 8
-  %1152 = load <8 x float>, ptr %1151, align 4
-  %1153 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1152
-  store <8 x float> %1153, ptr %acc00164, align 4
-  %1154 = add nsw i64 %r01, 1
-  %1155 = getelementptr inbounds i32, ptr %rows, i64 %1154
-  %1156 = load i32, ptr %1155, align 4
-  %1157 = sext i32 %1156 to i64
-  %1158 = mul nsw i64 %1157, 512
-  %1159 = add nsw i64 %1158, %k0
-  %1160 = getelementptr inbounds float, ptr %x, i64 %1159
-  %1161 = sub nsw i64 %kb.p, %kb.pg
-  %1162 = sub nsw i64 %1154, %kb.rc
-  %1163 = mul nsw i64 %1162, 16
-  %1164 = add nsw i64 %1163, %1161
-  %1165 = mul nsw i64 %1164, 16
-  %1166 = getelementptr inbounds float, ptr %part, i64 %1165
-  %1167 = getelementptr inbounds float, ptr %1166, i64 0
-  %1168 = load <8 x float>, ptr %1167, align 4
-  %1169 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1168
-  store <8 x float> %1169, ptr %acc01065, align 4
-  %1170 = sub nsw i64 %kb.p, %kb.pg
-  %1171 = sub nsw i64 %1154, %kb.rc
-  %1172 = mul nsw i64 %1171, 16
-  %1173 = add nsw i64 %1172, %1170
-  %1174 = mul nsw i64 %1173, 16
-  %1175 = getelementptr inbounds float, ptr %part, i64 %1174
-  %1176 = getelementptr inbounds float, ptr %1175, i64 8
-  %1177 = load <8 x float>, ptr %1176, align 4
-  %1178 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1177
-  store <8 x float> %1178, ptr %acc01166, align 4
-  %1179 = add nsw i64 %r01, 2
-  %1180 = getelementptr inbounds i32, ptr %rows, i64 %1179
-  %1181 = load i32, ptr %1180, align 4
-  %1182 = sext i32 %1181 to i64
-  %1183 = mul nsw i64 %1182, 512
-  %1184 = add nsw i64 %1183, %k0
-  %1185 = getelementptr inbounds float, ptr %x, i64 %1184
-  %1186 = sub nsw i64 %kb.p, %kb.pg
-  %1187 = sub nsw i64 %1179, %kb.rc
-  %1188 = mul nsw i64 %1187, 16
-  %1189 = add nsw i64 %1188, %1186
-  %1190 = mul nsw i64 %1189, 16
-  %1191 = getelementptr inbounds float, ptr %part, i64 %1190
-  %1192 = getelementptr inbounds float, ptr %1191, i64 0
-  %1193 = load <8 x float>, ptr %1192, align 4
-  %1194 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1193
-  store <8 x float> %1194, ptr %acc02067, align 4
-  %1195 = sub nsw i64 %kb.p, %kb.pg
-  %1196 = sub nsw i64 %1179, %kb.rc
-  %1197 = mul nsw i64 %1196, 16
-  %1198 = add nsw i64 %1197, %1195
-  %1199 = mul nsw i64 %1198, 16
-  %1200 = getelementptr inbounds float, ptr %part, i64 %1199
-  %1201 = getelementptr inbounds float, ptr %1200, i64 8
-  %1202 = load <8 x float>, ptr %1201, align 4
-  %1203 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1202
-  store <8 x float> %1203, ptr %acc02168, align 4
-  %1204 = mul nsw i64 %k0, 16
-  %1205 = mul nsw i64 %kb.p, 8192
-  %panel.off69 = add nsw i64 %1205, %1204
-  %1206 = getelementptr inbounds float, ptr %panels, i64 %panel.off69
-  %pf.on70 = and i1 %pf.on, %pf.next
-  %1207 = mul nsw i64 %rb, 16384
-  %1208 = lshr i64 %1207, %25
-  %1209 = add nsw i64 %pf.step, %1208
-  %1210 = getelementptr inbounds i8, ptr %1206, i64 %1209
-  %pf71 = select i1 %pf.on70, ptr %1210, ptr %1206
-  %pf.sh72 = select i1 %pf.on70, i64 %25, i64 0
-  br label %k.head73
+  %1126 = add nsw i64 %r01, 0
+  %1127 = getelementptr inbounds i32, ptr %rows, i64 %1126
+  %1128 = load i32, ptr %1127, align 4
+  %1129 = sext i32 %1128 to i64
+  %1130 = mul nsw i64 %1129, 512
+  %1131 = add nsw i64 %1130, %k0
+  %1132 = getelementptr inbounds float, ptr %x, i64 %1131
+  %1133 = sub nsw i64 %kb.p, %kb.pg
+  %1134 = sub nsw i64 %1126, %kb.rc
+  %1135 = mul nsw i64 %1134, 16
+  %1136 = add nsw i64 %1135, %1133
+  %1137 = mul nsw i64 %1136, 16
+  %1138 = getelementptr inbounds float, ptr %part, i64 %1137
+  %1139 = getelementptr inbounds float, ptr %1138, i64 0
+  %1140 = load <8 x float>, ptr %1139, align 4
+  %1141 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1140
+  store <8 x float> %1141, ptr %acc00065, align 4
+  %1142 = sub nsw i64 %kb.p, %kb.pg
+  %1143 = sub nsw i64 %1126, %kb.rc
+  %1144 = mul nsw i64 %1143, 16
+  %1145 = add nsw i64 %1144, %1142
+  %1146 = mul nsw i64 %1145, 16
+  %1147 = getelementptr inbounds float, ptr %part, i64 %1146
+  %1148 = getelementptr inbounds float, ptr %1147, i64 8
+  %1149 = load <8 x float>, ptr %1148, align 4
+  %1150 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1149
+  store <8 x float> %1150, ptr %acc00166, align 4
+  %1151 = add nsw i64 %r01, 1
+  %1152 = getelementptr inbounds i32, ptr %rows, i64 %1151
+  %1153 = load i32, ptr %1152, align 4
+  %1154 = sext i32 %1153 to i64
+  %1155 = mul nsw i64 %1154, 512
+  %1156 = add nsw i64 %1155, %k0
+  %1157 = getelementptr inbounds float, ptr %x, i64 %1156
+  %1158 = sub nsw i64 %kb.p, %kb.pg
+  %1159 = sub nsw i64 %1151, %kb.rc
+  %1160 = mul nsw i64 %1159, 16
+  %1161 = add nsw i64 %1160, %1158
+  %1162 = mul nsw i64 %1161, 16
+  %1163 = getelementptr inbounds float, ptr %part, i64 %1162
+  %1164 = getelementptr inbounds float, ptr %1163, i64 0
+  %1165 = load <8 x float>, ptr %1164, align 4
+  %1166 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1165
+  store <8 x float> %1166, ptr %acc01067, align 4
+  %1167 = sub nsw i64 %kb.p, %kb.pg
+  %1168 = sub nsw i64 %1151, %kb.rc
+  %1169 = mul nsw i64 %1168, 16
+  %1170 = add nsw i64 %1169, %1167
+  %1171 = mul nsw i64 %1170, 16
+  %1172 = getelementptr inbounds float, ptr %part, i64 %1171
+  %1173 = getelementptr inbounds float, ptr %1172, i64 8
+  %1174 = load <8 x float>, ptr %1173, align 4
+  %1175 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1174
+  store <8 x float> %1175, ptr %acc01168, align 4
+  %1176 = add nsw i64 %r01, 2
+  %1177 = getelementptr inbounds i32, ptr %rows, i64 %1176
+  %1178 = load i32, ptr %1177, align 4
+  %1179 = sext i32 %1178 to i64
+  %1180 = mul nsw i64 %1179, 512
+  %1181 = add nsw i64 %1180, %k0
+  %1182 = getelementptr inbounds float, ptr %x, i64 %1181
+  %1183 = sub nsw i64 %kb.p, %kb.pg
+  %1184 = sub nsw i64 %1176, %kb.rc
+  %1185 = mul nsw i64 %1184, 16
+  %1186 = add nsw i64 %1185, %1183
+  %1187 = mul nsw i64 %1186, 16
+  %1188 = getelementptr inbounds float, ptr %part, i64 %1187
+  %1189 = getelementptr inbounds float, ptr %1188, i64 0
+  %1190 = load <8 x float>, ptr %1189, align 4
+  %1191 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1190
+  store <8 x float> %1191, ptr %acc02069, align 4
+  %1192 = sub nsw i64 %kb.p, %kb.pg
+  %1193 = sub nsw i64 %1176, %kb.rc
+  %1194 = mul nsw i64 %1193, 16
+  %1195 = add nsw i64 %1194, %1192
+  %1196 = mul nsw i64 %1195, 16
+  %1197 = getelementptr inbounds float, ptr %part, i64 %1196
+  %1198 = getelementptr inbounds float, ptr %1197, i64 8
+  %1199 = load <8 x float>, ptr %1198, align 4
+  %1200 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1199
+  store <8 x float> %1200, ptr %acc02170, align 4
+  %panel.off71 = mul nsw i64 %kb.p, 8192
+  %1201 = mul nsw i64 %k0, 16
+  %slice.off72 = add nsw i64 %panel.off71, %1201
+  %1202 = getelementptr inbounds float, ptr %panels, i64 %slice.off72
+  %pf.on73 = and i1 %pf.on, %pf.next
+  %1203 = mul nsw i64 %rb, 16384
+  %1204 = lshr i64 %1203, %25
+  %1205 = add nsw i64 %pf.step, %1204
+  %1206 = getelementptr inbounds i8, ptr %1202, i64 %1205
+  %pf74 = select i1 %pf.on73, ptr %1206, ptr %1202
+  %pf.sh75 = select i1 %pf.on73, i64 %25, i64 0
+  br label %k.head76
 
-k.head73:                                         ; preds = %pf.any.end78, %tile.mr3
-  %k76 = phi i64 [ 0, %tile.mr3 ], [ %1248, %pf.any.end78 ]
-  %1211 = icmp slt i64 %k76, 256
-  br i1 %1211, label %k.body74, label %k.end75
+k.head76:                                         ; preds = %pf.any.end81, %tile.mr3
+  %k79 = phi i64 [ 0, %tile.mr3 ], [ %1244, %pf.any.end81 ]
+  %1207 = icmp slt i64 %k79, 256
+  br i1 %1207, label %k.body77, label %k.end78
 
-k.body74:                                         ; preds = %k.head73
-  %1212 = mul nsw i64 %k76, 1
-  %1213 = add nsw i64 %1212, 0
-  %1214 = mul nsw i64 %1213, 64
-  br i1 %pf.multi, label %pf.any.then77, label %pf.any.end78
+k.body77:                                         ; preds = %k.head76
+  %1208 = mul nsw i64 %k79, 1
+  %1209 = add nsw i64 %1208, 0
+  %1210 = mul nsw i64 %1209, 64
+  br i1 %pf.multi, label %pf.any.then80, label %pf.any.end81
 
-pf.any.then77:                                    ; preds = %k.body74
-  %1215 = lshr i64 %1214, %pf.sh72
-  %1216 = getelementptr inbounds i8, ptr %pf71, i64 %1215
-  call void @llvm.prefetch.p0(ptr %1216, i32 0, i32 2, i32 1)
-  br label %pf.any.end78
+pf.any.then80:                                    ; preds = %k.body77
+  %1211 = lshr i64 %1210, %pf.sh75
+  %1212 = getelementptr inbounds i8, ptr %pf74, i64 %1211
+  call void @llvm.prefetch.p0(ptr %1212, i32 0, i32 2, i32 1)
+  br label %pf.any.end81
 
-pf.any.end78:                                     ; preds = %pf.any.then77, %k.body74
-  %1217 = mul nsw i64 %1213, 16
-  %1218 = add nsw i64 %panel.off69, %1217
-  %1219 = getelementptr inbounds float, ptr %panels, i64 %1218
-  %1220 = load <8 x float>, ptr %1219, align 4
-  %1221 = add nsw i64 %1218, 8
-  %1222 = getelementptr inbounds float, ptr %panels, i64 %1221
-  %1223 = load <8 x float>, ptr %1222, align 4
-  %1224 = getelementptr inbounds float, ptr %1135, i64 %1213
-  %1225 = load float, ptr %1224, align 4
-  %1226 = insertelement <8 x float> poison, float %1225, i32 0
-  %1227 = shufflevector <8 x float> %1226, <8 x float> poison, <8 x i32> zeroinitializer
-  %1228 = load <8 x float>, ptr %acc00063, align 4
-  %1229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1227, <8 x float> %1220, <8 x float> %1228)
-  store <8 x float> %1229, ptr %acc00063, align 4
-  %1230 = load <8 x float>, ptr %acc00164, align 4
-  %1231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1227, <8 x float> %1223, <8 x float> %1230)
-  store <8 x float> %1231, ptr %acc00164, align 4
-  %1232 = getelementptr inbounds float, ptr %1160, i64 %1213
-  %1233 = load float, ptr %1232, align 4
-  %1234 = insertelement <8 x float> poison, float %1233, i32 0
-  %1235 = shufflevector <8 x float> %1234, <8 x float> poison, <8 x i32> zeroinitializer
-  %1236 = load <8 x float>, ptr %acc01065, align 4
-  %1237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1235, <8 x float> %1220, <8 x float> %1236)
-  store <8 x float> %1237, ptr %acc01065, align 4
-  %1238 = load <8 x float>, ptr %acc01166, align 4
-  %1239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1235, <8 x float> %1223, <8 x float> %1238)
-  store <8 x float> %1239, ptr %acc01166, align 4
-  %1240 = getelementptr inbounds float, ptr %1185, i64 %1213
-  %1241 = load float, ptr %1240, align 4
-  %1242 = insertelement <8 x float> poison, float %1241, i32 0
-  %1243 = shufflevector <8 x float> %1242, <8 x float> poison, <8 x i32> zeroinitializer
-  %1244 = load <8 x float>, ptr %acc02067, align 4
-  %1245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1243, <8 x float> %1220, <8 x float> %1244)
-  store <8 x float> %1245, ptr %acc02067, align 4
-  %1246 = load <8 x float>, ptr %acc02168, align 4
-  %1247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1243, <8 x float> %1223, <8 x float> %1246)
-  store <8 x float> %1247, ptr %acc02168, align 4
-  %1248 = add nsw i64 %k76, 1
-  br label %k.head73
+pf.any.end81:                                     ; preds = %pf.any.then80, %k.body77
+  %1213 = mul nsw i64 %1209, 16
+  %1214 = add nsw i64 %slice.off72, %1213
+  %1215 = getelementptr inbounds float, ptr %panels, i64 %1214
+  %1216 = load <8 x float>, ptr %1215, align 4
+  %1217 = add nsw i64 %1214, 8
+  %1218 = getelementptr inbounds float, ptr %panels, i64 %1217
+  %1219 = load <8 x float>, ptr %1218, align 4
+  %1220 = getelementptr inbounds float, ptr %1132, i64 %1209
+  %1221 = load float, ptr %1220, align 4
+  %1222 = insertelement <8 x float> poison, float %1221, i32 0
+  %1223 = shufflevector <8 x float> %1222, <8 x float> poison, <8 x i32> zeroinitializer
+  %1224 = load <8 x float>, ptr %acc00065, align 4
+  %1225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1223, <8 x float> %1216, <8 x float> %1224)
+  store <8 x float> %1225, ptr %acc00065, align 4
+  %1226 = load <8 x float>, ptr %acc00166, align 4
+  %1227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1223, <8 x float> %1219, <8 x float> %1226)
+  store <8 x float> %1227, ptr %acc00166, align 4
+  %1228 = getelementptr inbounds float, ptr %1157, i64 %1209
+  %1229 = load float, ptr %1228, align 4
+  %1230 = insertelement <8 x float> poison, float %1229, i32 0
+  %1231 = shufflevector <8 x float> %1230, <8 x float> poison, <8 x i32> zeroinitializer
+  %1232 = load <8 x float>, ptr %acc01067, align 4
+  %1233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1231, <8 x float> %1216, <8 x float> %1232)
+  store <8 x float> %1233, ptr %acc01067, align 4
+  %1234 = load <8 x float>, ptr %acc01168, align 4
+  %1235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1231, <8 x float> %1219, <8 x float> %1234)
+  store <8 x float> %1235, ptr %acc01168, align 4
+  %1236 = getelementptr inbounds float, ptr %1182, i64 %1209
+  %1237 = load float, ptr %1236, align 4
+  %1238 = insertelement <8 x float> poison, float %1237, i32 0
+  %1239 = shufflevector <8 x float> %1238, <8 x float> poison, <8 x i32> zeroinitializer
+  %1240 = load <8 x float>, ptr %acc02069, align 4
+  %1241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1239, <8 x float> %1216, <8 x float> %1240)
+  store <8 x float> %1241, ptr %acc02069, align 4
+  %1242 = load <8 x float>, ptr %acc02170, align 4
+  %1243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1239, <8 x float> %1219, <8 x float> %1242)
+  store <8 x float> %1243, ptr %acc02170, align 4
+  %1244 = add nsw i64 %k79, 1
+  br label %k.head76
 
-k.end75:                                          ; preds = %k.head73
-  %1249 = xor i1 %klast, true
-  br i1 %1249, label %part.then79, label %part.end80
+k.end78:                                          ; preds = %k.head76
+  %1245 = xor i1 %klast, true
+  br i1 %1245, label %part.then82, label %part.end83
 
-part.then79:                                      ; preds = %k.end75
-  %1250 = add nsw i64 %r01, 0
-  %1251 = sub nsw i64 %kb.p, %kb.pg
-  %1252 = sub nsw i64 %1250, %kb.rc
-  %1253 = mul nsw i64 %1252, 16
-  %1254 = add nsw i64 %1253, %1251
-  %1255 = mul nsw i64 %1254, 16
-  %1256 = getelementptr inbounds float, ptr %part, i64 %1255
-  %1257 = getelementptr inbounds float, ptr %1256, i64 0
-  %1258 = load <8 x float>, ptr %acc00063, align 4
-  store <8 x float> %1258, ptr %1257, align 4
-  %1259 = sub nsw i64 %kb.p, %kb.pg
-  %1260 = sub nsw i64 %1250, %kb.rc
-  %1261 = mul nsw i64 %1260, 16
-  %1262 = add nsw i64 %1261, %1259
-  %1263 = mul nsw i64 %1262, 16
-  %1264 = getelementptr inbounds float, ptr %part, i64 %1263
-  %1265 = getelementptr inbounds float, ptr %1264, i64 8
-  %1266 = load <8 x float>, ptr %acc00164, align 4
-  store <8 x float> %1266, ptr %1265, align 4
-  %1267 = add nsw i64 %r01, 1
-  %1268 = sub nsw i64 %kb.p, %kb.pg
-  %1269 = sub nsw i64 %1267, %kb.rc
-  %1270 = mul nsw i64 %1269, 16
-  %1271 = add nsw i64 %1270, %1268
-  %1272 = mul nsw i64 %1271, 16
-  %1273 = getelementptr inbounds float, ptr %part, i64 %1272
-  %1274 = getelementptr inbounds float, ptr %1273, i64 0
-  %1275 = load <8 x float>, ptr %acc01065, align 4
-  store <8 x float> %1275, ptr %1274, align 4
-  %1276 = sub nsw i64 %kb.p, %kb.pg
-  %1277 = sub nsw i64 %1267, %kb.rc
-  %1278 = mul nsw i64 %1277, 16
-  %1279 = add nsw i64 %1278, %1276
-  %1280 = mul nsw i64 %1279, 16
-  %1281 = getelementptr inbounds float, ptr %part, i64 %1280
-  %1282 = getelementptr inbounds float, ptr %1281, i64 8
-  %1283 = load <8 x float>, ptr %acc01166, align 4
-  store <8 x float> %1283, ptr %1282, align 4
-  %1284 = add nsw i64 %r01, 2
-  %1285 = sub nsw i64 %kb.p, %kb.pg
-  %1286 = sub nsw i64 %1284, %kb.rc
-  %1287 = mul nsw i64 %1286, 16
-  %1288 = add nsw i64 %1287, %1285
-  %1289 = mul nsw i64 %1288, 16
-  %1290 = getelementptr inbounds float, ptr %part, i64 %1289
-  %1291 = getelementptr inbounds float, ptr %1290, i64 0
-  %1292 = load <8 x float>, ptr %acc02067, align 4
-  store <8 x float> %1292, ptr %1291, align 4
-  %1293 = sub nsw i64 %kb.p, %kb.pg
-  %1294 = sub nsw i64 %1284, %kb.rc
-  %1295 = mul nsw i64 %1294, 16
-  %1296 = add nsw i64 %1295, %1293
-  %1297 = mul nsw i64 %1296, 16
-  %1298 = getelementptr inbounds float, ptr %part, i64 %1297
-  %1299 = getelementptr inbounds float, ptr %1298, i64 8
-  %1300 = load <8 x float>, ptr %acc02168, align 4
-  store <8 x float> %1300, ptr %1299, align 4
-  br label %part.end80
+part.then82:                                      ; preds = %k.end78
+  %1246 = add nsw i64 %r01, 0
+  %1247 = sub nsw i64 %kb.p, %kb.pg
+  %1248 = sub nsw i64 %1246, %kb.rc
+  %1249 = mul nsw i64 %1248, 16
+  %1250 = add nsw i64 %1249, %1247
+  %1251 = mul nsw i64 %1250, 16
+  %1252 = getelementptr inbounds float, ptr %part, i64 %1251
+  %1253 = getelementptr inbounds float, ptr %1252, i64 0
+  %1254 = load <8 x float>, ptr %acc00065, align 4
+  store <8 x float> %1254, ptr %1253, align 4
+  %1255 = sub nsw i64 %kb.p, %kb.pg
+  %1256 = sub nsw i64 %1246, %kb.rc
+  %1257 = mul nsw i64 %1256, 16
+  %1258 = add nsw i64 %1257, %1255
+  %1259 = mul nsw i64 %1258, 16
+  %1260 = getelementptr inbounds float, ptr %part, i64 %1259
+  %1261 = getelementptr inbounds float, ptr %1260, i64 8
+  %1262 = load <8 x float>, ptr %acc00166, align 4
+  store <8 x float> %1262, ptr %1261, align 4
+  %1263 = add nsw i64 %r01, 1
+  %1264 = sub nsw i64 %kb.p, %kb.pg
+  %1265 = sub nsw i64 %1263, %kb.rc
+  %1266 = mul nsw i64 %1265, 16
+  %1267 = add nsw i64 %1266, %1264
+  %1268 = mul nsw i64 %1267, 16
+  %1269 = getelementptr inbounds float, ptr %part, i64 %1268
+  %1270 = getelementptr inbounds float, ptr %1269, i64 0
+  %1271 = load <8 x float>, ptr %acc01067, align 4
+  store <8 x float> %1271, ptr %1270, align 4
+  %1272 = sub nsw i64 %kb.p, %kb.pg
+  %1273 = sub nsw i64 %1263, %kb.rc
+  %1274 = mul nsw i64 %1273, 16
+  %1275 = add nsw i64 %1274, %1272
+  %1276 = mul nsw i64 %1275, 16
+  %1277 = getelementptr inbounds float, ptr %part, i64 %1276
+  %1278 = getelementptr inbounds float, ptr %1277, i64 8
+  %1279 = load <8 x float>, ptr %acc01168, align 4
+  store <8 x float> %1279, ptr %1278, align 4
+  %1280 = add nsw i64 %r01, 2
+  %1281 = sub nsw i64 %kb.p, %kb.pg
+  %1282 = sub nsw i64 %1280, %kb.rc
+  %1283 = mul nsw i64 %1282, 16
+  %1284 = add nsw i64 %1283, %1281
+  %1285 = mul nsw i64 %1284, 16
+  %1286 = getelementptr inbounds float, ptr %part, i64 %1285
+  %1287 = getelementptr inbounds float, ptr %1286, i64 0
+  %1288 = load <8 x float>, ptr %acc02069, align 4
+  store <8 x float> %1288, ptr %1287, align 4
+  %1289 = sub nsw i64 %kb.p, %kb.pg
+  %1290 = sub nsw i64 %1280, %kb.rc
+  %1291 = mul nsw i64 %1290, 16
+  %1292 = add nsw i64 %1291, %1289
+  %1293 = mul nsw i64 %1292, 16
+  %1294 = getelementptr inbounds float, ptr %part, i64 %1293
+  %1295 = getelementptr inbounds float, ptr %1294, i64 8
+  %1296 = load <8 x float>, ptr %acc02170, align 4
+  store <8 x float> %1296, ptr %1295, align 4
+  br label %part.end83
 
-part.end80:                                       ; preds = %part.then79, %k.end75
-  br i1 %klast, label %last.then81, label %last.end82
+part.end83:                                       ; preds = %part.then82, %k.end78
+  br i1 %klast, label %last.then84, label %last.end85
 
-last.then81:                                      ; preds = %part.end80
-  %1301 = add nsw i64 %r01, 0
-  %1302 = getelementptr inbounds float, ptr %rw, i64 %1301
-  %1303 = load float, ptr %1302, align 4
-  %1304 = insertelement <8 x float> poison, float %1303, i32 0
-  %1305 = shufflevector <8 x float> %1304, <8 x float> poison, <8 x i32> zeroinitializer
-  %1306 = mul nsw i64 %1301, 1024
-  %1307 = getelementptr inbounds float, ptr %h, i64 %1306
-  %col83 = mul nsw i64 %kb.p, 16
-  %1308 = load <8 x float>, ptr %acc00063, align 4
-  %1309 = load <8 x float>, ptr %acc00164, align 4
-  %1310 = add nsw i64 %col83, 0
-  %1311 = fcmp ogt <8 x float> %1308, zeroinitializer
-  %1312 = select <8 x i1> %1311, <8 x float> %1308, <8 x float> zeroinitializer
-  %1313 = fmul <8 x float> %1312, %1305
-  %1314 = getelementptr inbounds float, ptr %1307, i64 %1310
-  store <8 x float> %1313, ptr %1314, align 4
-  %1315 = add nsw i64 %col83, 8
-  %1316 = fcmp ogt <8 x float> %1309, zeroinitializer
-  %1317 = select <8 x i1> %1316, <8 x float> %1309, <8 x float> zeroinitializer
-  %1318 = fmul <8 x float> %1317, %1305
-  %1319 = getelementptr inbounds float, ptr %1307, i64 %1315
-  store <8 x float> %1318, ptr %1319, align 4
-  %1320 = add nsw i64 %r01, 1
-  %1321 = getelementptr inbounds float, ptr %rw, i64 %1320
-  %1322 = load float, ptr %1321, align 4
-  %1323 = insertelement <8 x float> poison, float %1322, i32 0
-  %1324 = shufflevector <8 x float> %1323, <8 x float> poison, <8 x i32> zeroinitializer
-  %1325 = mul nsw i64 %1320, 1024
-  %1326 = getelementptr inbounds float, ptr %h, i64 %1325
-  %col84 = mul nsw i64 %kb.p, 16
-  %1327 = load <8 x float>, ptr %acc01065, align 4
-  %1328 = load <8 x float>, ptr %acc01166, align 4
-  %1329 = add nsw i64 %col84, 0
-  %1330 = fcmp ogt <8 x float> %1327, zeroinitializer
-  %1331 = select <8 x i1> %1330, <8 x float> %1327, <8 x float> zeroinitializer
-  %1332 = fmul <8 x float> %1331, %1324
-  %1333 = getelementptr inbounds float, ptr %1326, i64 %1329
-  store <8 x float> %1332, ptr %1333, align 4
-  %1334 = add nsw i64 %col84, 8
-  %1335 = fcmp ogt <8 x float> %1328, zeroinitializer
-  %1336 = select <8 x i1> %1335, <8 x float> %1328, <8 x float> zeroinitializer
-  %1337 = fmul <8 x float> %1336, %1324
-  %1338 = getelementptr inbounds float, ptr %1326, i64 %1334
-  store <8 x float> %1337, ptr %1338, align 4
-  %1339 = add nsw i64 %r01, 2
-  %1340 = getelementptr inbounds float, ptr %rw, i64 %1339
-  %1341 = load float, ptr %1340, align 4
-  %1342 = insertelement <8 x float> poison, float %1341, i32 0
-  %1343 = shufflevector <8 x float> %1342, <8 x float> poison, <8 x i32> zeroinitializer
-  %1344 = mul nsw i64 %1339, 1024
-  %1345 = getelementptr inbounds float, ptr %h, i64 %1344
-  %col85 = mul nsw i64 %kb.p, 16
-  %1346 = load <8 x float>, ptr %acc02067, align 4
-  %1347 = load <8 x float>, ptr %acc02168, align 4
-  %1348 = add nsw i64 %col85, 0
-  %1349 = fcmp ogt <8 x float> %1346, zeroinitializer
-  %1350 = select <8 x i1> %1349, <8 x float> %1346, <8 x float> zeroinitializer
-  %1351 = fmul <8 x float> %1350, %1343
-  %1352 = getelementptr inbounds float, ptr %1345, i64 %1348
-  store <8 x float> %1351, ptr %1352, align 4
-  %1353 = add nsw i64 %col85, 8
-  %1354 = fcmp ogt <8 x float> %1347, zeroinitializer
-  %1355 = select <8 x i1> %1354, <8 x float> %1347, <8 x float> zeroinitializer
-  %1356 = fmul <8 x float> %1355, %1343
-  %1357 = getelementptr inbounds float, ptr %1345, i64 %1353
-  store <8 x float> %1356, ptr %1357, align 4
-  br label %last.end82
+last.then84:                                      ; preds = %part.end83
+  %1297 = add nsw i64 %r01, 0
+  %1298 = getelementptr inbounds float, ptr %rw, i64 %1297
+  %1299 = load float, ptr %1298, align 4
+  %1300 = insertelement <8 x float> poison, float %1299, i32 0
+  %1301 = shufflevector <8 x float> %1300, <8 x float> poison, <8 x i32> zeroinitializer
+  %1302 = mul nsw i64 %1297, 1024
+  %1303 = getelementptr inbounds float, ptr %h, i64 %1302
+  %col86 = mul nsw i64 %kb.p, 16
+  %1304 = load <8 x float>, ptr %acc00065, align 4
+  %1305 = load <8 x float>, ptr %acc00166, align 4
+  %1306 = add nsw i64 %col86, 0
+  %1307 = fcmp ogt <8 x float> %1304, zeroinitializer
+  %1308 = select <8 x i1> %1307, <8 x float> %1304, <8 x float> zeroinitializer
+  %1309 = fmul <8 x float> %1308, %1301
+  %1310 = getelementptr inbounds float, ptr %1303, i64 %1306
+  store <8 x float> %1309, ptr %1310, align 4
+  %1311 = add nsw i64 %col86, 8
+  %1312 = fcmp ogt <8 x float> %1305, zeroinitializer
+  %1313 = select <8 x i1> %1312, <8 x float> %1305, <8 x float> zeroinitializer
+  %1314 = fmul <8 x float> %1313, %1301
+  %1315 = getelementptr inbounds float, ptr %1303, i64 %1311
+  store <8 x float> %1314, ptr %1315, align 4
+  %1316 = add nsw i64 %r01, 1
+  %1317 = getelementptr inbounds float, ptr %rw, i64 %1316
+  %1318 = load float, ptr %1317, align 4
+  %1319 = insertelement <8 x float> poison, float %1318, i32 0
+  %1320 = shufflevector <8 x float> %1319, <8 x float> poison, <8 x i32> zeroinitializer
+  %1321 = mul nsw i64 %1316, 1024
+  %1322 = getelementptr inbounds float, ptr %h, i64 %1321
+  %col87 = mul nsw i64 %kb.p, 16
+  %1323 = load <8 x float>, ptr %acc01067, align 4
+  %1324 = load <8 x float>, ptr %acc01168, align 4
+  %1325 = add nsw i64 %col87, 0
+  %1326 = fcmp ogt <8 x float> %1323, zeroinitializer
+  %1327 = select <8 x i1> %1326, <8 x float> %1323, <8 x float> zeroinitializer
+  %1328 = fmul <8 x float> %1327, %1320
+  %1329 = getelementptr inbounds float, ptr %1322, i64 %1325
+  store <8 x float> %1328, ptr %1329, align 4
+  %1330 = add nsw i64 %col87, 8
+  %1331 = fcmp ogt <8 x float> %1324, zeroinitializer
+  %1332 = select <8 x i1> %1331, <8 x float> %1324, <8 x float> zeroinitializer
+  %1333 = fmul <8 x float> %1332, %1320
+  %1334 = getelementptr inbounds float, ptr %1322, i64 %1330
+  store <8 x float> %1333, ptr %1334, align 4
+  %1335 = add nsw i64 %r01, 2
+  %1336 = getelementptr inbounds float, ptr %rw, i64 %1335
+  %1337 = load float, ptr %1336, align 4
+  %1338 = insertelement <8 x float> poison, float %1337, i32 0
+  %1339 = shufflevector <8 x float> %1338, <8 x float> poison, <8 x i32> zeroinitializer
+  %1340 = mul nsw i64 %1335, 1024
+  %1341 = getelementptr inbounds float, ptr %h, i64 %1340
+  %col88 = mul nsw i64 %kb.p, 16
+  %1342 = load <8 x float>, ptr %acc02069, align 4
+  %1343 = load <8 x float>, ptr %acc02170, align 4
+  %1344 = add nsw i64 %col88, 0
+  %1345 = fcmp ogt <8 x float> %1342, zeroinitializer
+  %1346 = select <8 x i1> %1345, <8 x float> %1342, <8 x float> zeroinitializer
+  %1347 = fmul <8 x float> %1346, %1339
+  %1348 = getelementptr inbounds float, ptr %1341, i64 %1344
+  store <8 x float> %1347, ptr %1348, align 4
+  %1349 = add nsw i64 %col88, 8
+  %1350 = fcmp ogt <8 x float> %1343, zeroinitializer
+  %1351 = select <8 x i1> %1350, <8 x float> %1343, <8 x float> zeroinitializer
+  %1352 = fmul <8 x float> %1351, %1339
+  %1353 = getelementptr inbounds float, ptr %1341, i64 %1349
+  store <8 x float> %1352, ptr %1353, align 4
+  br label %last.end85
 
-last.end82:                                       ; preds = %last.then81, %part.end80
+last.end85:                                       ; preds = %last.then84, %part.end83
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
-  %1358 = add nsw i64 %r01, 0
-  %1359 = getelementptr inbounds i32, ptr %rows, i64 %1358
-  %1360 = load i32, ptr %1359, align 4
-  %1361 = sext i32 %1360 to i64
-  %1362 = mul nsw i64 %1361, 512
-  %1363 = add nsw i64 %1362, %k0
-  %1364 = getelementptr inbounds float, ptr %x, i64 %1363
-  %1365 = sub nsw i64 %kb.p, %kb.pg
-  %1366 = sub nsw i64 %1358, %kb.rc
-  %1367 = mul nsw i64 %1366, 16
-  %1368 = add nsw i64 %1367, %1365
-  %1369 = mul nsw i64 %1368, 16
-  %1370 = getelementptr inbounds float, ptr %part, i64 %1369
-  %1371 = getelementptr inbounds float, ptr %1370, i64 0
-  %1372 = load <8 x float>, ptr %1371, align 4
-  %1373 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1372
-  store <8 x float> %1373, ptr %acc00086, align 4
-  %1374 = sub nsw i64 %kb.p, %kb.pg
-  %1375 = sub nsw i64 %1358, %kb.rc
-  %1376 = mul nsw i64 %1375, 16
-  %1377 = add nsw i64 %1376, %1374
-  %1378 = mul nsw i64 %1377, 16
-  %1379 = getelementptr inbounds float, ptr %part, i64 %1378
-  %1380 = getelementptr inbounds float, ptr %1379, i64 8
-  %1381 = load <8 x float>, ptr %1380, align 4
-  %1382 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1381
-  store <8 x float> %1382, ptr %acc00187, align 4
-  %1383 = add nsw i64 %r01, 1
-  %1384 = getelementptr inbounds i32, ptr %rows, i64 %1383
-  %1385 = load i32, ptr %1384, align 4
-  %1386 = sext i32 %1385 to i64
-  %1387 = mul nsw i64 %1386, 512
-  %1388 = add nsw i64 %1387, %k0
-  %1389 = getelementptr inbounds float, ptr %x, i64 %1388
-  %1390 = sub nsw i64 %kb.p, %kb.pg
-  %1391 = sub nsw i64 %1383, %kb.rc
-  %1392 = mul nsw i64 %1391, 16
-  %1393 = add nsw i64 %1392, %1390
-  %1394 = mul nsw i64 %1393, 16
-  %1395 = getelementptr inbounds float, ptr %part, i64 %1394
-  %1396 = getelementptr inbounds float, ptr %1395, i64 0
-  %1397 = load <8 x float>, ptr %1396, align 4
-  %1398 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1397
-  store <8 x float> %1398, ptr %acc01088, align 4
-  %1399 = sub nsw i64 %kb.p, %kb.pg
-  %1400 = sub nsw i64 %1383, %kb.rc
-  %1401 = mul nsw i64 %1400, 16
-  %1402 = add nsw i64 %1401, %1399
-  %1403 = mul nsw i64 %1402, 16
-  %1404 = getelementptr inbounds float, ptr %part, i64 %1403
-  %1405 = getelementptr inbounds float, ptr %1404, i64 8
-  %1406 = load <8 x float>, ptr %1405, align 4
-  %1407 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1406
-  store <8 x float> %1407, ptr %acc01189, align 4
-  %1408 = mul nsw i64 %k0, 16
-  %1409 = mul nsw i64 %kb.p, 8192
-  %panel.off90 = add nsw i64 %1409, %1408
-  %1410 = getelementptr inbounds float, ptr %panels, i64 %panel.off90
-  %pf.on91 = and i1 %pf.on, %pf.next
-  %1411 = mul nsw i64 %rb, 16384
-  %1412 = lshr i64 %1411, %25
-  %1413 = add nsw i64 %pf.step, %1412
-  %1414 = getelementptr inbounds i8, ptr %1410, i64 %1413
-  %pf92 = select i1 %pf.on91, ptr %1414, ptr %1410
-  %pf.sh93 = select i1 %pf.on91, i64 %25, i64 0
-  br label %k.head94
+  %1354 = add nsw i64 %r01, 0
+  %1355 = getelementptr inbounds i32, ptr %rows, i64 %1354
+  %1356 = load i32, ptr %1355, align 4
+  %1357 = sext i32 %1356 to i64
+  %1358 = mul nsw i64 %1357, 512
+  %1359 = add nsw i64 %1358, %k0
+  %1360 = getelementptr inbounds float, ptr %x, i64 %1359
+  %1361 = sub nsw i64 %kb.p, %kb.pg
+  %1362 = sub nsw i64 %1354, %kb.rc
+  %1363 = mul nsw i64 %1362, 16
+  %1364 = add nsw i64 %1363, %1361
+  %1365 = mul nsw i64 %1364, 16
+  %1366 = getelementptr inbounds float, ptr %part, i64 %1365
+  %1367 = getelementptr inbounds float, ptr %1366, i64 0
+  %1368 = load <8 x float>, ptr %1367, align 4
+  %1369 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1368
+  store <8 x float> %1369, ptr %acc00089, align 4
+  %1370 = sub nsw i64 %kb.p, %kb.pg
+  %1371 = sub nsw i64 %1354, %kb.rc
+  %1372 = mul nsw i64 %1371, 16
+  %1373 = add nsw i64 %1372, %1370
+  %1374 = mul nsw i64 %1373, 16
+  %1375 = getelementptr inbounds float, ptr %part, i64 %1374
+  %1376 = getelementptr inbounds float, ptr %1375, i64 8
+  %1377 = load <8 x float>, ptr %1376, align 4
+  %1378 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1377
+  store <8 x float> %1378, ptr %acc00190, align 4
+  %1379 = add nsw i64 %r01, 1
+  %1380 = getelementptr inbounds i32, ptr %rows, i64 %1379
+  %1381 = load i32, ptr %1380, align 4
+  %1382 = sext i32 %1381 to i64
+  %1383 = mul nsw i64 %1382, 512
+  %1384 = add nsw i64 %1383, %k0
+  %1385 = getelementptr inbounds float, ptr %x, i64 %1384
+  %1386 = sub nsw i64 %kb.p, %kb.pg
+  %1387 = sub nsw i64 %1379, %kb.rc
+  %1388 = mul nsw i64 %1387, 16
+  %1389 = add nsw i64 %1388, %1386
+  %1390 = mul nsw i64 %1389, 16
+  %1391 = getelementptr inbounds float, ptr %part, i64 %1390
+  %1392 = getelementptr inbounds float, ptr %1391, i64 0
+  %1393 = load <8 x float>, ptr %1392, align 4
+  %1394 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1393
+  store <8 x float> %1394, ptr %acc01091, align 4
+  %1395 = sub nsw i64 %kb.p, %kb.pg
+  %1396 = sub nsw i64 %1379, %kb.rc
+  %1397 = mul nsw i64 %1396, 16
+  %1398 = add nsw i64 %1397, %1395
+  %1399 = mul nsw i64 %1398, 16
+  %1400 = getelementptr inbounds float, ptr %part, i64 %1399
+  %1401 = getelementptr inbounds float, ptr %1400, i64 8
+  %1402 = load <8 x float>, ptr %1401, align 4
+  %1403 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1402
+  store <8 x float> %1403, ptr %acc01192, align 4
+  %panel.off93 = mul nsw i64 %kb.p, 8192
+  %1404 = mul nsw i64 %k0, 16
+  %slice.off94 = add nsw i64 %panel.off93, %1404
+  %1405 = getelementptr inbounds float, ptr %panels, i64 %slice.off94
+  %pf.on95 = and i1 %pf.on, %pf.next
+  %1406 = mul nsw i64 %rb, 16384
+  %1407 = lshr i64 %1406, %25
+  %1408 = add nsw i64 %pf.step, %1407
+  %1409 = getelementptr inbounds i8, ptr %1405, i64 %1408
+  %pf96 = select i1 %pf.on95, ptr %1409, ptr %1405
+  %pf.sh97 = select i1 %pf.on95, i64 %25, i64 0
+  br label %k.head98
 
-k.head94:                                         ; preds = %pf.any.end99, %tile.mr2
-  %k97 = phi i64 [ 0, %tile.mr2 ], [ %1444, %pf.any.end99 ]
-  %1415 = icmp slt i64 %k97, 256
-  br i1 %1415, label %k.body95, label %k.end96
+k.head98:                                         ; preds = %pf.any.end103, %tile.mr2
+  %k101 = phi i64 [ 0, %tile.mr2 ], [ %1439, %pf.any.end103 ]
+  %1410 = icmp slt i64 %k101, 256
+  br i1 %1410, label %k.body99, label %k.end100
 
-k.body95:                                         ; preds = %k.head94
-  %1416 = mul nsw i64 %k97, 1
-  %1417 = add nsw i64 %1416, 0
-  %1418 = mul nsw i64 %1417, 64
-  br i1 %pf.multi, label %pf.any.then98, label %pf.any.end99
+k.body99:                                         ; preds = %k.head98
+  %1411 = mul nsw i64 %k101, 1
+  %1412 = add nsw i64 %1411, 0
+  %1413 = mul nsw i64 %1412, 64
+  br i1 %pf.multi, label %pf.any.then102, label %pf.any.end103
 
-pf.any.then98:                                    ; preds = %k.body95
-  %1419 = lshr i64 %1418, %pf.sh93
-  %1420 = getelementptr inbounds i8, ptr %pf92, i64 %1419
-  call void @llvm.prefetch.p0(ptr %1420, i32 0, i32 2, i32 1)
-  br label %pf.any.end99
+pf.any.then102:                                   ; preds = %k.body99
+  %1414 = lshr i64 %1413, %pf.sh97
+  %1415 = getelementptr inbounds i8, ptr %pf96, i64 %1414
+  call void @llvm.prefetch.p0(ptr %1415, i32 0, i32 2, i32 1)
+  br label %pf.any.end103
 
-pf.any.end99:                                     ; preds = %pf.any.then98, %k.body95
-  %1421 = mul nsw i64 %1417, 16
-  %1422 = add nsw i64 %panel.off90, %1421
-  %1423 = getelementptr inbounds float, ptr %panels, i64 %1422
-  %1424 = load <8 x float>, ptr %1423, align 4
-  %1425 = add nsw i64 %1422, 8
-  %1426 = getelementptr inbounds float, ptr %panels, i64 %1425
-  %1427 = load <8 x float>, ptr %1426, align 4
-  %1428 = getelementptr inbounds float, ptr %1364, i64 %1417
-  %1429 = load float, ptr %1428, align 4
-  %1430 = insertelement <8 x float> poison, float %1429, i32 0
-  %1431 = shufflevector <8 x float> %1430, <8 x float> poison, <8 x i32> zeroinitializer
-  %1432 = load <8 x float>, ptr %acc00086, align 4
-  %1433 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1431, <8 x float> %1424, <8 x float> %1432)
-  store <8 x float> %1433, ptr %acc00086, align 4
-  %1434 = load <8 x float>, ptr %acc00187, align 4
-  %1435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1431, <8 x float> %1427, <8 x float> %1434)
-  store <8 x float> %1435, ptr %acc00187, align 4
-  %1436 = getelementptr inbounds float, ptr %1389, i64 %1417
-  %1437 = load float, ptr %1436, align 4
-  %1438 = insertelement <8 x float> poison, float %1437, i32 0
-  %1439 = shufflevector <8 x float> %1438, <8 x float> poison, <8 x i32> zeroinitializer
-  %1440 = load <8 x float>, ptr %acc01088, align 4
-  %1441 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1439, <8 x float> %1424, <8 x float> %1440)
-  store <8 x float> %1441, ptr %acc01088, align 4
-  %1442 = load <8 x float>, ptr %acc01189, align 4
-  %1443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1439, <8 x float> %1427, <8 x float> %1442)
-  store <8 x float> %1443, ptr %acc01189, align 4
-  %1444 = add nsw i64 %k97, 1
-  br label %k.head94
+pf.any.end103:                                    ; preds = %pf.any.then102, %k.body99
+  %1416 = mul nsw i64 %1412, 16
+  %1417 = add nsw i64 %slice.off94, %1416
+  %1418 = getelementptr inbounds float, ptr %panels, i64 %1417
+  %1419 = load <8 x float>, ptr %1418, align 4
+  %1420 = add nsw i64 %1417, 8
+  %1421 = getelementptr inbounds float, ptr %panels, i64 %1420
+  %1422 = load <8 x float>, ptr %1421, align 4
+  %1423 = getelementptr inbounds float, ptr %1360, i64 %1412
+  %1424 = load float, ptr %1423, align 4
+  %1425 = insertelement <8 x float> poison, float %1424, i32 0
+  %1426 = shufflevector <8 x float> %1425, <8 x float> poison, <8 x i32> zeroinitializer
+  %1427 = load <8 x float>, ptr %acc00089, align 4
+  %1428 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1426, <8 x float> %1419, <8 x float> %1427)
+  store <8 x float> %1428, ptr %acc00089, align 4
+  %1429 = load <8 x float>, ptr %acc00190, align 4
+  %1430 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1426, <8 x float> %1422, <8 x float> %1429)
+  store <8 x float> %1430, ptr %acc00190, align 4
+  %1431 = getelementptr inbounds float, ptr %1385, i64 %1412
+  %1432 = load float, ptr %1431, align 4
+  %1433 = insertelement <8 x float> poison, float %1432, i32 0
+  %1434 = shufflevector <8 x float> %1433, <8 x float> poison, <8 x i32> zeroinitializer
+  %1435 = load <8 x float>, ptr %acc01091, align 4
+  %1436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1434, <8 x float> %1419, <8 x float> %1435)
+  store <8 x float> %1436, ptr %acc01091, align 4
+  %1437 = load <8 x float>, ptr %acc01192, align 4
+  %1438 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1434, <8 x float> %1422, <8 x float> %1437)
+  store <8 x float> %1438, ptr %acc01192, align 4
+  %1439 = add nsw i64 %k101, 1
+  br label %k.head98
 
-k.end96:                                          ; preds = %k.head94
-  %1445 = xor i1 %klast, true
-  br i1 %1445, label %part.then100, label %part.end101
+k.end100:                                         ; preds = %k.head98
+  %1440 = xor i1 %klast, true
+  br i1 %1440, label %part.then104, label %part.end105
 
-part.then100:                                     ; preds = %k.end96
-  %1446 = add nsw i64 %r01, 0
-  %1447 = sub nsw i64 %kb.p, %kb.pg
-  %1448 = sub nsw i64 %1446, %kb.rc
-  %1449 = mul nsw i64 %1448, 16
-  %1450 = add nsw i64 %1449, %1447
-  %1451 = mul nsw i64 %1450, 16
-  %1452 = getelementptr inbounds float, ptr %part, i64 %1451
-  %1453 = getelementptr inbounds float, ptr %1452, i64 0
-  %1454 = load <8 x float>, ptr %acc00086, align 4
-  store <8 x float> %1454, ptr %1453, align 4
-  %1455 = sub nsw i64 %kb.p, %kb.pg
-  %1456 = sub nsw i64 %1446, %kb.rc
-  %1457 = mul nsw i64 %1456, 16
-  %1458 = add nsw i64 %1457, %1455
-  %1459 = mul nsw i64 %1458, 16
-  %1460 = getelementptr inbounds float, ptr %part, i64 %1459
-  %1461 = getelementptr inbounds float, ptr %1460, i64 8
-  %1462 = load <8 x float>, ptr %acc00187, align 4
-  store <8 x float> %1462, ptr %1461, align 4
-  %1463 = add nsw i64 %r01, 1
-  %1464 = sub nsw i64 %kb.p, %kb.pg
-  %1465 = sub nsw i64 %1463, %kb.rc
-  %1466 = mul nsw i64 %1465, 16
-  %1467 = add nsw i64 %1466, %1464
-  %1468 = mul nsw i64 %1467, 16
-  %1469 = getelementptr inbounds float, ptr %part, i64 %1468
-  %1470 = getelementptr inbounds float, ptr %1469, i64 0
-  %1471 = load <8 x float>, ptr %acc01088, align 4
-  store <8 x float> %1471, ptr %1470, align 4
-  %1472 = sub nsw i64 %kb.p, %kb.pg
-  %1473 = sub nsw i64 %1463, %kb.rc
-  %1474 = mul nsw i64 %1473, 16
-  %1475 = add nsw i64 %1474, %1472
-  %1476 = mul nsw i64 %1475, 16
-  %1477 = getelementptr inbounds float, ptr %part, i64 %1476
-  %1478 = getelementptr inbounds float, ptr %1477, i64 8
-  %1479 = load <8 x float>, ptr %acc01189, align 4
-  store <8 x float> %1479, ptr %1478, align 4
-  br label %part.end101
+part.then104:                                     ; preds = %k.end100
+  %1441 = add nsw i64 %r01, 0
+  %1442 = sub nsw i64 %kb.p, %kb.pg
+  %1443 = sub nsw i64 %1441, %kb.rc
+  %1444 = mul nsw i64 %1443, 16
+  %1445 = add nsw i64 %1444, %1442
+  %1446 = mul nsw i64 %1445, 16
+  %1447 = getelementptr inbounds float, ptr %part, i64 %1446
+  %1448 = getelementptr inbounds float, ptr %1447, i64 0
+  %1449 = load <8 x float>, ptr %acc00089, align 4
+  store <8 x float> %1449, ptr %1448, align 4
+  %1450 = sub nsw i64 %kb.p, %kb.pg
+  %1451 = sub nsw i64 %1441, %kb.rc
+  %1452 = mul nsw i64 %1451, 16
+  %1453 = add nsw i64 %1452, %1450
+  %1454 = mul nsw i64 %1453, 16
+  %1455 = getelementptr inbounds float, ptr %part, i64 %1454
+  %1456 = getelementptr inbounds float, ptr %1455, i64 8
+  %1457 = load <8 x float>, ptr %acc00190, align 4
+  store <8 x float> %1457, ptr %1456, align 4
+  %1458 = add nsw i64 %r01, 1
+  %1459 = sub nsw i64 %kb.p, %kb.pg
+  %1460 = sub nsw i64 %1458, %kb.rc
+  %1461 = mul nsw i64 %1460, 16
+  %1462 = add nsw i64 %1461, %1459
+  %1463 = mul nsw i64 %1462, 16
+  %1464 = getelementptr inbounds float, ptr %part, i64 %1463
+  %1465 = getelementptr inbounds float, ptr %1464, i64 0
+  %1466 = load <8 x float>, ptr %acc01091, align 4
+  store <8 x float> %1466, ptr %1465, align 4
+  %1467 = sub nsw i64 %kb.p, %kb.pg
+  %1468 = sub nsw i64 %1458, %kb.rc
+  %1469 = mul nsw i64 %1468, 16
+  %1470 = add nsw i64 %1469, %1467
+  %1471 = mul nsw i64 %1470, 16
+  %1472 = getelementptr inbounds float, ptr %part, i64 %1471
+  %1473 = getelementptr inbounds float, ptr %1472, i64 8
+  %1474 = load <8 x float>, ptr %acc01192, align 4
+  store <8 x float> %1474, ptr %1473, align 4
+  br label %part.end105
 
-part.end101:                                      ; preds = %part.then100, %k.end96
-  br i1 %klast, label %last.then102, label %last.end103
+part.end105:                                      ; preds = %part.then104, %k.end100
+  br i1 %klast, label %last.then106, label %last.end107
 
-last.then102:                                     ; preds = %part.end101
-  %1480 = add nsw i64 %r01, 0
-  %1481 = getelementptr inbounds float, ptr %rw, i64 %1480
-  %1482 = load float, ptr %1481, align 4
-  %1483 = insertelement <8 x float> poison, float %1482, i32 0
-  %1484 = shufflevector <8 x float> %1483, <8 x float> poison, <8 x i32> zeroinitializer
-  %1485 = mul nsw i64 %1480, 1024
-  %1486 = getelementptr inbounds float, ptr %h, i64 %1485
-  %col104 = mul nsw i64 %kb.p, 16
-  %1487 = load <8 x float>, ptr %acc00086, align 4
-  %1488 = load <8 x float>, ptr %acc00187, align 4
-  %1489 = add nsw i64 %col104, 0
-  %1490 = fcmp ogt <8 x float> %1487, zeroinitializer
-  %1491 = select <8 x i1> %1490, <8 x float> %1487, <8 x float> zeroinitializer
-  %1492 = fmul <8 x float> %1491, %1484
-  %1493 = getelementptr inbounds float, ptr %1486, i64 %1489
+last.then106:                                     ; preds = %part.end105
+  %1475 = add nsw i64 %r01, 0
+  %1476 = getelementptr inbounds float, ptr %rw, i64 %1475
+  %1477 = load float, ptr %1476, align 4
+  %1478 = insertelement <8 x float> poison, float %1477, i32 0
+  %1479 = shufflevector <8 x float> %1478, <8 x float> poison, <8 x i32> zeroinitializer
+  %1480 = mul nsw i64 %1475, 1024
+  %1481 = getelementptr inbounds float, ptr %h, i64 %1480
+  %col108 = mul nsw i64 %kb.p, 16
+  %1482 = load <8 x float>, ptr %acc00089, align 4
+  %1483 = load <8 x float>, ptr %acc00190, align 4
+  %1484 = add nsw i64 %col108, 0
+  %1485 = fcmp ogt <8 x float> %1482, zeroinitializer
+  %1486 = select <8 x i1> %1485, <8 x float> %1482, <8 x float> zeroinitializer
+  %1487 = fmul <8 x float> %1486, %1479
+  %1488 = getelementptr inbounds float, ptr %1481, i64 %1484
+  store <8 x float> %1487, ptr %1488, align 4
+  %1489 = add nsw i64 %col108, 8
+  %1490 = fcmp ogt <8 x float> %1483, zeroinitializer
+  %1491 = select <8 x i1> %1490, <8 x float> %1483, <8 x float> zeroinitializer
+  %1492 = fmul <8 x float> %1491, %1479
+  %1493 = getelementptr inbounds float, ptr %1481, i64 %1489
   store <8 x float> %1492, ptr %1493, align 4
-  %1494 = add nsw i64 %col104, 8
-  %1495 = fcmp ogt <8 x float> %1488, zeroinitializer
-  %1496 = select <8 x i1> %1495, <8 x float> %1488, <8 x float> zeroinitializer
-  %1497 = fmul <8 x float> %1496, %1484
-  %1498 = getelementptr inbounds float, ptr %1486, i64 %1494
-  store <8 x float> %1497, ptr %1498, align 4
-  %1499 = add nsw i64 %r01, 1
-  %1500 = getelementptr inbounds float, ptr %rw, i64 %1499
-  %1501 = load float, ptr %1500, align 4
-  %1502 = insertelement <8 x float> poison, float %1501, i32 0
-  %1503 = shufflevector <8 x float> %1502, <8 x float> poison, <8 x i32> zeroinitializer
-  %1504 = mul nsw i64 %1499, 1024
-  %1505 = getelementptr inbounds float, ptr %h, i64 %1504
-  %col105 = mul nsw i64 %kb.p, 16
-  %1506 = load <8 x float>, ptr %acc01088, align 4
-  %1507 = load <8 x float>, ptr %acc01189, align 4
-  %1508 = add nsw i64 %col105, 0
-  %1509 = fcmp ogt <8 x float> %1506, zeroinitializer
-  %1510 = select <8 x i1> %1509, <8 x float> %1506, <8 x float> zeroinitializer
-  %1511 = fmul <8 x float> %1510, %1503
-  %1512 = getelementptr inbounds float, ptr %1505, i64 %1508
+  %1494 = add nsw i64 %r01, 1
+  %1495 = getelementptr inbounds float, ptr %rw, i64 %1494
+  %1496 = load float, ptr %1495, align 4
+  %1497 = insertelement <8 x float> poison, float %1496, i32 0
+  %1498 = shufflevector <8 x float> %1497, <8 x float> poison, <8 x i32> zeroinitializer
+  %1499 = mul nsw i64 %1494, 1024
+  %1500 = getelementptr inbounds float, ptr %h, i64 %1499
+  %col109 = mul nsw i64 %kb.p, 16
+  %1501 = load <8 x float>, ptr %acc01091, align 4
+  %1502 = load <8 x float>, ptr %acc01192, align 4
+  %1503 = add nsw i64 %col109, 0
+  %1504 = fcmp ogt <8 x float> %1501, zeroinitializer
+  %1505 = select <8 x i1> %1504, <8 x float> %1501, <8 x float> zeroinitializer
+  %1506 = fmul <8 x float> %1505, %1498
+  %1507 = getelementptr inbounds float, ptr %1500, i64 %1503
+  store <8 x float> %1506, ptr %1507, align 4
+  %1508 = add nsw i64 %col109, 8
+  %1509 = fcmp ogt <8 x float> %1502, zeroinitializer
+  %1510 = select <8 x i1> %1509, <8 x float> %1502, <8 x float> zeroinitializer
+  %1511 = fmul <8 x float> %1510, %1498
+  %1512 = getelementptr inbounds float, ptr %1500, i64 %1508
   store <8 x float> %1511, ptr %1512, align 4
-  %1513 = add nsw i64 %col105, 8
-  %1514 = fcmp ogt <8 x float> %1507, zeroinitializer
-  %1515 = select <8 x i1> %1514, <8 x float> %1507, <8 x float> zeroinitializer
-  %1516 = fmul <8 x float> %1515, %1503
-  %1517 = getelementptr inbounds float, ptr %1505, i64 %1513
-  store <8 x float> %1516, ptr %1517, align 4
-  br label %last.end103
+  br label %last.end107
 
-last.end103:                                      ; preds = %last.then102, %part.end101
+last.end107:                                      ; preds = %last.then106, %part.end105
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
-  %1518 = add nsw i64 %r01, 0
-  %1519 = getelementptr inbounds i32, ptr %rows, i64 %1518
-  %1520 = load i32, ptr %1519, align 4
-  %1521 = sext i32 %1520 to i64
-  %1522 = mul nsw i64 %1521, 512
-  %1523 = add nsw i64 %1522, %k0
-  %1524 = getelementptr inbounds float, ptr %x, i64 %1523
-  %1525 = sub nsw i64 %kb.p, %kb.pg
-  %1526 = sub nsw i64 %1518, %kb.rc
-  %1527 = mul nsw i64 %1526, 16
-  %1528 = add nsw i64 %1527, %1525
-  %1529 = mul nsw i64 %1528, 16
-  %1530 = getelementptr inbounds float, ptr %part, i64 %1529
-  %1531 = getelementptr inbounds float, ptr %1530, i64 0
-  %1532 = load <8 x float>, ptr %1531, align 4
-  %1533 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1532
-  store <8 x float> %1533, ptr %acc000106, align 4
-  %1534 = sub nsw i64 %kb.p, %kb.pg
-  %1535 = sub nsw i64 %1518, %kb.rc
-  %1536 = mul nsw i64 %1535, 16
-  %1537 = add nsw i64 %1536, %1534
-  %1538 = mul nsw i64 %1537, 16
-  %1539 = getelementptr inbounds float, ptr %part, i64 %1538
-  %1540 = getelementptr inbounds float, ptr %1539, i64 8
-  %1541 = load <8 x float>, ptr %1540, align 4
-  %1542 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1541
-  store <8 x float> %1542, ptr %acc001107, align 4
-  %1543 = mul nsw i64 %k0, 16
-  %1544 = mul nsw i64 %kb.p, 8192
-  %panel.off108 = add nsw i64 %1544, %1543
-  %1545 = getelementptr inbounds float, ptr %panels, i64 %panel.off108
-  %pf.on109 = and i1 %pf.on, %pf.next
-  %1546 = mul nsw i64 %rb, 16384
-  %1547 = lshr i64 %1546, %25
-  %1548 = add nsw i64 %pf.step, %1547
-  %1549 = getelementptr inbounds i8, ptr %1545, i64 %1548
-  %pf110 = select i1 %pf.on109, ptr %1549, ptr %1545
-  %pf.sh111 = select i1 %pf.on109, i64 %25, i64 0
-  br label %k.head112
+  %1513 = add nsw i64 %r01, 0
+  %1514 = getelementptr inbounds i32, ptr %rows, i64 %1513
+  %1515 = load i32, ptr %1514, align 4
+  %1516 = sext i32 %1515 to i64
+  %1517 = mul nsw i64 %1516, 512
+  %1518 = add nsw i64 %1517, %k0
+  %1519 = getelementptr inbounds float, ptr %x, i64 %1518
+  %1520 = sub nsw i64 %kb.p, %kb.pg
+  %1521 = sub nsw i64 %1513, %kb.rc
+  %1522 = mul nsw i64 %1521, 16
+  %1523 = add nsw i64 %1522, %1520
+  %1524 = mul nsw i64 %1523, 16
+  %1525 = getelementptr inbounds float, ptr %part, i64 %1524
+  %1526 = getelementptr inbounds float, ptr %1525, i64 0
+  %1527 = load <8 x float>, ptr %1526, align 4
+  %1528 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1527
+  store <8 x float> %1528, ptr %acc000110, align 4
+  %1529 = sub nsw i64 %kb.p, %kb.pg
+  %1530 = sub nsw i64 %1513, %kb.rc
+  %1531 = mul nsw i64 %1530, 16
+  %1532 = add nsw i64 %1531, %1529
+  %1533 = mul nsw i64 %1532, 16
+  %1534 = getelementptr inbounds float, ptr %part, i64 %1533
+  %1535 = getelementptr inbounds float, ptr %1534, i64 8
+  %1536 = load <8 x float>, ptr %1535, align 4
+  %1537 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1536
+  store <8 x float> %1537, ptr %acc001111, align 4
+  %panel.off112 = mul nsw i64 %kb.p, 8192
+  %1538 = mul nsw i64 %k0, 16
+  %slice.off113 = add nsw i64 %panel.off112, %1538
+  %1539 = getelementptr inbounds float, ptr %panels, i64 %slice.off113
+  %pf.on114 = and i1 %pf.on, %pf.next
+  %1540 = mul nsw i64 %rb, 16384
+  %1541 = lshr i64 %1540, %25
+  %1542 = add nsw i64 %pf.step, %1541
+  %1543 = getelementptr inbounds i8, ptr %1539, i64 %1542
+  %pf115 = select i1 %pf.on114, ptr %1543, ptr %1539
+  %pf.sh116 = select i1 %pf.on114, i64 %25, i64 0
+  br label %k.head117
 
-k.head112:                                        ; preds = %pf.any.end117, %tile.mr1
-  %k115 = phi i64 [ 0, %tile.mr1 ], [ %1571, %pf.any.end117 ]
-  %1550 = icmp slt i64 %k115, 256
-  br i1 %1550, label %k.body113, label %k.end114
+k.head117:                                        ; preds = %pf.any.end122, %tile.mr1
+  %k120 = phi i64 [ 0, %tile.mr1 ], [ %1565, %pf.any.end122 ]
+  %1544 = icmp slt i64 %k120, 256
+  br i1 %1544, label %k.body118, label %k.end119
 
-k.body113:                                        ; preds = %k.head112
-  %1551 = mul nsw i64 %k115, 1
-  %1552 = add nsw i64 %1551, 0
-  %1553 = mul nsw i64 %1552, 64
-  br i1 %pf.multi, label %pf.any.then116, label %pf.any.end117
+k.body118:                                        ; preds = %k.head117
+  %1545 = mul nsw i64 %k120, 1
+  %1546 = add nsw i64 %1545, 0
+  %1547 = mul nsw i64 %1546, 64
+  br i1 %pf.multi, label %pf.any.then121, label %pf.any.end122
 
-pf.any.then116:                                   ; preds = %k.body113
-  %1554 = lshr i64 %1553, %pf.sh111
-  %1555 = getelementptr inbounds i8, ptr %pf110, i64 %1554
-  call void @llvm.prefetch.p0(ptr %1555, i32 0, i32 2, i32 1)
-  br label %pf.any.end117
+pf.any.then121:                                   ; preds = %k.body118
+  %1548 = lshr i64 %1547, %pf.sh116
+  %1549 = getelementptr inbounds i8, ptr %pf115, i64 %1548
+  call void @llvm.prefetch.p0(ptr %1549, i32 0, i32 2, i32 1)
+  br label %pf.any.end122
 
-pf.any.end117:                                    ; preds = %pf.any.then116, %k.body113
-  %1556 = mul nsw i64 %1552, 16
-  %1557 = add nsw i64 %panel.off108, %1556
-  %1558 = getelementptr inbounds float, ptr %panels, i64 %1557
-  %1559 = load <8 x float>, ptr %1558, align 4
-  %1560 = add nsw i64 %1557, 8
-  %1561 = getelementptr inbounds float, ptr %panels, i64 %1560
-  %1562 = load <8 x float>, ptr %1561, align 4
-  %1563 = getelementptr inbounds float, ptr %1524, i64 %1552
-  %1564 = load float, ptr %1563, align 4
-  %1565 = insertelement <8 x float> poison, float %1564, i32 0
-  %1566 = shufflevector <8 x float> %1565, <8 x float> poison, <8 x i32> zeroinitializer
-  %1567 = load <8 x float>, ptr %acc000106, align 4
-  %1568 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1566, <8 x float> %1559, <8 x float> %1567)
-  store <8 x float> %1568, ptr %acc000106, align 4
-  %1569 = load <8 x float>, ptr %acc001107, align 4
-  %1570 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1566, <8 x float> %1562, <8 x float> %1569)
-  store <8 x float> %1570, ptr %acc001107, align 4
-  %1571 = add nsw i64 %k115, 1
-  br label %k.head112
+pf.any.end122:                                    ; preds = %pf.any.then121, %k.body118
+  %1550 = mul nsw i64 %1546, 16
+  %1551 = add nsw i64 %slice.off113, %1550
+  %1552 = getelementptr inbounds float, ptr %panels, i64 %1551
+  %1553 = load <8 x float>, ptr %1552, align 4
+  %1554 = add nsw i64 %1551, 8
+  %1555 = getelementptr inbounds float, ptr %panels, i64 %1554
+  %1556 = load <8 x float>, ptr %1555, align 4
+  %1557 = getelementptr inbounds float, ptr %1519, i64 %1546
+  %1558 = load float, ptr %1557, align 4
+  %1559 = insertelement <8 x float> poison, float %1558, i32 0
+  %1560 = shufflevector <8 x float> %1559, <8 x float> poison, <8 x i32> zeroinitializer
+  %1561 = load <8 x float>, ptr %acc000110, align 4
+  %1562 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1560, <8 x float> %1553, <8 x float> %1561)
+  store <8 x float> %1562, ptr %acc000110, align 4
+  %1563 = load <8 x float>, ptr %acc001111, align 4
+  %1564 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1560, <8 x float> %1556, <8 x float> %1563)
+  store <8 x float> %1564, ptr %acc001111, align 4
+  %1565 = add nsw i64 %k120, 1
+  br label %k.head117
 
-k.end114:                                         ; preds = %k.head112
-  %1572 = xor i1 %klast, true
-  br i1 %1572, label %part.then118, label %part.end119
+k.end119:                                         ; preds = %k.head117
+  %1566 = xor i1 %klast, true
+  br i1 %1566, label %part.then123, label %part.end124
 
-part.then118:                                     ; preds = %k.end114
-  %1573 = add nsw i64 %r01, 0
-  %1574 = sub nsw i64 %kb.p, %kb.pg
-  %1575 = sub nsw i64 %1573, %kb.rc
-  %1576 = mul nsw i64 %1575, 16
-  %1577 = add nsw i64 %1576, %1574
+part.then123:                                     ; preds = %k.end119
+  %1567 = add nsw i64 %r01, 0
+  %1568 = sub nsw i64 %kb.p, %kb.pg
+  %1569 = sub nsw i64 %1567, %kb.rc
+  %1570 = mul nsw i64 %1569, 16
+  %1571 = add nsw i64 %1570, %1568
+  %1572 = mul nsw i64 %1571, 16
+  %1573 = getelementptr inbounds float, ptr %part, i64 %1572
+  %1574 = getelementptr inbounds float, ptr %1573, i64 0
+  %1575 = load <8 x float>, ptr %acc000110, align 4
+  store <8 x float> %1575, ptr %1574, align 4
+  %1576 = sub nsw i64 %kb.p, %kb.pg
+  %1577 = sub nsw i64 %1567, %kb.rc
   %1578 = mul nsw i64 %1577, 16
-  %1579 = getelementptr inbounds float, ptr %part, i64 %1578
-  %1580 = getelementptr inbounds float, ptr %1579, i64 0
-  %1581 = load <8 x float>, ptr %acc000106, align 4
-  store <8 x float> %1581, ptr %1580, align 4
-  %1582 = sub nsw i64 %kb.p, %kb.pg
-  %1583 = sub nsw i64 %1573, %kb.rc
-  %1584 = mul nsw i64 %1583, 16
-  %1585 = add nsw i64 %1584, %1582
-  %1586 = mul nsw i64 %1585, 16
-  %1587 = getelementptr inbounds float, ptr %part, i64 %1586
-  %1588 = getelementptr inbounds float, ptr %1587, i64 8
-  %1589 = load <8 x float>, ptr %acc001107, align 4
-  store <8 x float> %1589, ptr %1588, align 4
-  br label %part.end119
+  %1579 = add nsw i64 %1578, %1576
+  %1580 = mul nsw i64 %1579, 16
+  %1581 = getelementptr inbounds float, ptr %part, i64 %1580
+  %1582 = getelementptr inbounds float, ptr %1581, i64 8
+  %1583 = load <8 x float>, ptr %acc001111, align 4
+  store <8 x float> %1583, ptr %1582, align 4
+  br label %part.end124
 
-part.end119:                                      ; preds = %part.then118, %k.end114
-  br i1 %klast, label %last.then120, label %last.end121
+part.end124:                                      ; preds = %part.then123, %k.end119
+  br i1 %klast, label %last.then125, label %last.end126
 
-last.then120:                                     ; preds = %part.end119
-  %1590 = add nsw i64 %r01, 0
-  %1591 = getelementptr inbounds float, ptr %rw, i64 %1590
-  %1592 = load float, ptr %1591, align 4
-  %1593 = insertelement <8 x float> poison, float %1592, i32 0
-  %1594 = shufflevector <8 x float> %1593, <8 x float> poison, <8 x i32> zeroinitializer
-  %1595 = mul nsw i64 %1590, 1024
-  %1596 = getelementptr inbounds float, ptr %h, i64 %1595
-  %col122 = mul nsw i64 %kb.p, 16
-  %1597 = load <8 x float>, ptr %acc000106, align 4
-  %1598 = load <8 x float>, ptr %acc001107, align 4
-  %1599 = add nsw i64 %col122, 0
-  %1600 = fcmp ogt <8 x float> %1597, zeroinitializer
-  %1601 = select <8 x i1> %1600, <8 x float> %1597, <8 x float> zeroinitializer
-  %1602 = fmul <8 x float> %1601, %1594
-  %1603 = getelementptr inbounds float, ptr %1596, i64 %1599
-  store <8 x float> %1602, ptr %1603, align 4
-  %1604 = add nsw i64 %col122, 8
-  %1605 = fcmp ogt <8 x float> %1598, zeroinitializer
-  %1606 = select <8 x i1> %1605, <8 x float> %1598, <8 x float> zeroinitializer
-  %1607 = fmul <8 x float> %1606, %1594
-  %1608 = getelementptr inbounds float, ptr %1596, i64 %1604
-  store <8 x float> %1607, ptr %1608, align 4
-  br label %last.end121
+last.then125:                                     ; preds = %part.end124
+  %1584 = add nsw i64 %r01, 0
+  %1585 = getelementptr inbounds float, ptr %rw, i64 %1584
+  %1586 = load float, ptr %1585, align 4
+  %1587 = insertelement <8 x float> poison, float %1586, i32 0
+  %1588 = shufflevector <8 x float> %1587, <8 x float> poison, <8 x i32> zeroinitializer
+  %1589 = mul nsw i64 %1584, 1024
+  %1590 = getelementptr inbounds float, ptr %h, i64 %1589
+  %col127 = mul nsw i64 %kb.p, 16
+  %1591 = load <8 x float>, ptr %acc000110, align 4
+  %1592 = load <8 x float>, ptr %acc001111, align 4
+  %1593 = add nsw i64 %col127, 0
+  %1594 = fcmp ogt <8 x float> %1591, zeroinitializer
+  %1595 = select <8 x i1> %1594, <8 x float> %1591, <8 x float> zeroinitializer
+  %1596 = fmul <8 x float> %1595, %1588
+  %1597 = getelementptr inbounds float, ptr %1590, i64 %1593
+  store <8 x float> %1596, ptr %1597, align 4
+  %1598 = add nsw i64 %col127, 8
+  %1599 = fcmp ogt <8 x float> %1592, zeroinitializer
+  %1600 = select <8 x i1> %1599, <8 x float> %1592, <8 x float> zeroinitializer
+  %1601 = fmul <8 x float> %1600, %1588
+  %1602 = getelementptr inbounds float, ptr %1590, i64 %1598
+  store <8 x float> %1601, ptr %1602, align 4
+  br label %last.end126
 
-last.end121:                                      ; preds = %last.then120, %part.end119
+last.end126:                                      ; preds = %last.then125, %part.end124
   br label %tile.done
 
-tile.done:                                        ; preds = %last.end121, %last.end103, %last.end82, %last.end58, %last.end31, %last.end
-  %1609 = add nsw i64 %rb, 1
+tile.done:                                        ; preds = %last.end126, %last.end107, %last.end85, %last.end60, %last.end32, %last.end
+  %1603 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %1610 = add nsw i64 %kb.p, 1
+  %1604 = add nsw i64 %kb.p, 1
   br label %kb.p.head
 
 kb.p.end:                                         ; preds = %kb.p.head
-  %1611 = add nsw i64 %kb.k, 1
+  %1605 = add nsw i64 %kb.k, 1
   br label %kb.k.head
 
 kb.k.end:                                         ; preds = %kb.k.head
-  %1612 = add nsw i64 %kb.pg, 16
+  %1606 = add nsw i64 %kb.pg, 16
   br label %kb.pg.head
 
 kb.pg.end:                                        ; preds = %kb.pg.head
-  %1613 = add nsw i64 %kb.rc, 96
+  %1607 = add nsw i64 %kb.rc, 96
   br label %kb.rc.head
 
 kb.rc.end:                                        ; preds = %kb.rc.head
@@ -4448,1189 +4448,1183 @@ kb.rc.end:                                        ; preds = %kb.rc.head
 flat:                                             ; preds = %start
   br label %p.head
 
-p.head:                                           ; preds = %rb.end126, %flat
-  %p = phi i64 [ %p0, %flat ], [ %2475, %rb.end126 ]
-  %1614 = icmp slt i64 %p, %p1
-  br i1 %1614, label %p.body, label %p.end
+p.head:                                           ; preds = %rb.end131, %flat
+  %p = phi i64 [ %p0, %flat ], [ %2463, %rb.end131 ]
+  %1608 = icmp slt i64 %p, %p1
+  br i1 %1608, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
-  %1615 = add nsw i64 %n, 5
-  %nrb123 = sdiv i64 %1615, 6
-  br label %rb.head124
+  %1609 = add nsw i64 %n, 5
+  %nrb128 = sdiv i64 %1609, 6
+  br label %rb.head129
 
-rb.head124:                                       ; preds = %tile.done131, %p.body
-  %rb127 = phi i64 [ 0, %p.body ], [ %2474, %tile.done131 ]
-  %1616 = icmp slt i64 %rb127, %nrb123
-  br i1 %1616, label %rb.body125, label %rb.end126
+rb.head129:                                       ; preds = %tile.done136, %p.body
+  %rb132 = phi i64 [ 0, %p.body ], [ %2462, %tile.done136 ]
+  %1610 = icmp slt i64 %rb132, %nrb128
+  br i1 %1610, label %rb.body130, label %rb.end131
 
-rb.body125:                                       ; preds = %rb.head124
-  %1617 = mul nsw i64 %rb127, %n
-  %r0128 = sdiv i64 %1617, %nrb123
-  %1618 = add nsw i64 %rb127, 1
-  %1619 = mul nsw i64 %1618, %n
-  %r1129 = sdiv i64 %1619, %nrb123
-  %mr130 = sub nsw i64 %r1129, %r0128
-  %1620 = icmp sge i64 %nrb123, 2
-  %1621 = select i1 %1620, i64 1, i64 0
-  %1622 = icmp sge i64 %nrb123, 4
-  %1623 = select i1 %1622, i64 2, i64 %1621
-  %1624 = icmp sge i64 %nrb123, 8
-  %1625 = select i1 %1624, i64 3, i64 %1623
-  %pf.multi138 = icmp sgt i64 %nrb123, 1
-  %1626 = shl i64 1, %1625
-  %1627 = icmp slt i64 %rb127, %1626
-  %pf.on139 = and i1 %pf.multi138, %1627
-  switch i64 %mr130, label %tile.mr6137 [
-    i64 1, label %tile.mr1132
-    i64 2, label %tile.mr2133
-    i64 3, label %tile.mr3134
-    i64 4, label %tile.mr4135
-    i64 5, label %tile.mr5136
+rb.body130:                                       ; preds = %rb.head129
+  %1611 = mul nsw i64 %rb132, %n
+  %r0133 = sdiv i64 %1611, %nrb128
+  %1612 = add nsw i64 %rb132, 1
+  %1613 = mul nsw i64 %1612, %n
+  %r1134 = sdiv i64 %1613, %nrb128
+  %mr135 = sub nsw i64 %r1134, %r0133
+  %1614 = icmp sge i64 %nrb128, 2
+  %1615 = select i1 %1614, i64 1, i64 0
+  %1616 = icmp sge i64 %nrb128, 4
+  %1617 = select i1 %1616, i64 2, i64 %1615
+  %1618 = icmp sge i64 %nrb128, 8
+  %1619 = select i1 %1618, i64 3, i64 %1617
+  %pf.multi143 = icmp sgt i64 %nrb128, 1
+  %1620 = shl i64 1, %1619
+  %1621 = icmp slt i64 %rb132, %1620
+  %pf.on144 = and i1 %pf.multi143, %1621
+  switch i64 %mr135, label %tile.mr6142 [
+    i64 1, label %tile.mr1137
+    i64 2, label %tile.mr2138
+    i64 3, label %tile.mr3139
+    i64 4, label %tile.mr4140
+    i64 5, label %tile.mr5141
   ]
 
-tile.mr6137:                                      ; preds = %rb.body125
-  %1628 = add nsw i64 %r0128, 0
-  %1629 = getelementptr inbounds i32, ptr %rows, i64 %1628
-  %1630 = load i32, ptr %1629, align 4
-  %1631 = sext i32 %1630 to i64
-  %1632 = mul nsw i64 %1631, 512
-  %1633 = add nsw i64 %1632, 0
-  %1634 = getelementptr inbounds float, ptr %x, i64 %1633
-  store <8 x float> zeroinitializer, ptr %acc000140, align 4
-  store <8 x float> zeroinitializer, ptr %acc001141, align 4
-  %1635 = add nsw i64 %r0128, 1
-  %1636 = getelementptr inbounds i32, ptr %rows, i64 %1635
-  %1637 = load i32, ptr %1636, align 4
-  %1638 = sext i32 %1637 to i64
-  %1639 = mul nsw i64 %1638, 512
-  %1640 = add nsw i64 %1639, 0
-  %1641 = getelementptr inbounds float, ptr %x, i64 %1640
-  store <8 x float> zeroinitializer, ptr %acc010142, align 4
-  store <8 x float> zeroinitializer, ptr %acc011143, align 4
-  %1642 = add nsw i64 %r0128, 2
-  %1643 = getelementptr inbounds i32, ptr %rows, i64 %1642
-  %1644 = load i32, ptr %1643, align 4
-  %1645 = sext i32 %1644 to i64
-  %1646 = mul nsw i64 %1645, 512
-  %1647 = add nsw i64 %1646, 0
-  %1648 = getelementptr inbounds float, ptr %x, i64 %1647
-  store <8 x float> zeroinitializer, ptr %acc020144, align 4
-  store <8 x float> zeroinitializer, ptr %acc021145, align 4
-  %1649 = add nsw i64 %r0128, 3
-  %1650 = getelementptr inbounds i32, ptr %rows, i64 %1649
-  %1651 = load i32, ptr %1650, align 4
-  %1652 = sext i32 %1651 to i64
-  %1653 = mul nsw i64 %1652, 512
-  %1654 = add nsw i64 %1653, 0
-  %1655 = getelementptr inbounds float, ptr %x, i64 %1654
-  store <8 x float> zeroinitializer, ptr %acc030146, align 4
-  store <8 x float> zeroinitializer, ptr %acc031147, align 4
-  %1656 = add nsw i64 %r0128, 4
-  %1657 = getelementptr inbounds i32, ptr %rows, i64 %1656
-  %1658 = load i32, ptr %1657, align 4
-  %1659 = sext i32 %1658 to i64
-  %1660 = mul nsw i64 %1659, 512
-  %1661 = add nsw i64 %1660, 0
-  %1662 = getelementptr inbounds float, ptr %x, i64 %1661
-  store <8 x float> zeroinitializer, ptr %acc040148, align 4
-  store <8 x float> zeroinitializer, ptr %acc041149, align 4
-  %1663 = add nsw i64 %r0128, 5
-  %1664 = getelementptr inbounds i32, ptr %rows, i64 %1663
-  %1665 = load i32, ptr %1664, align 4
-  %1666 = sext i32 %1665 to i64
-  %1667 = mul nsw i64 %1666, 512
-  %1668 = add nsw i64 %1667, 0
-  %1669 = getelementptr inbounds float, ptr %x, i64 %1668
-  store <8 x float> zeroinitializer, ptr %acc050150, align 4
-  store <8 x float> zeroinitializer, ptr %acc051151, align 4
-  %1670 = mul nsw i64 %p, 8192
-  %panel.off152 = add nsw i64 %1670, 0
-  %1671 = getelementptr inbounds float, ptr %panels, i64 %panel.off152
-  %1672 = add nsw i64 %p, 1
-  %1673 = icmp slt i64 %1672, %p1
-  %pf.on153 = and i1 %pf.on139, %1673
-  %1674 = mul nsw i64 %rb127, 32768
-  %1675 = lshr i64 %1674, %1625
-  %1676 = add nsw i64 32768, %1675
-  %1677 = getelementptr inbounds i8, ptr %1671, i64 %1676
-  %pf154 = select i1 %pf.on153, ptr %1677, ptr %1671
-  %pf.sh155 = select i1 %pf.on153, i64 %1625, i64 0
-  br label %k.head156
+tile.mr6142:                                      ; preds = %rb.body130
+  %1622 = add nsw i64 %r0133, 0
+  %1623 = getelementptr inbounds i32, ptr %rows, i64 %1622
+  %1624 = load i32, ptr %1623, align 4
+  %1625 = sext i32 %1624 to i64
+  %1626 = mul nsw i64 %1625, 512
+  %1627 = add nsw i64 %1626, 0
+  %1628 = getelementptr inbounds float, ptr %x, i64 %1627
+  store <8 x float> zeroinitializer, ptr %acc000145, align 4
+  store <8 x float> zeroinitializer, ptr %acc001146, align 4
+  %1629 = add nsw i64 %r0133, 1
+  %1630 = getelementptr inbounds i32, ptr %rows, i64 %1629
+  %1631 = load i32, ptr %1630, align 4
+  %1632 = sext i32 %1631 to i64
+  %1633 = mul nsw i64 %1632, 512
+  %1634 = add nsw i64 %1633, 0
+  %1635 = getelementptr inbounds float, ptr %x, i64 %1634
+  store <8 x float> zeroinitializer, ptr %acc010147, align 4
+  store <8 x float> zeroinitializer, ptr %acc011148, align 4
+  %1636 = add nsw i64 %r0133, 2
+  %1637 = getelementptr inbounds i32, ptr %rows, i64 %1636
+  %1638 = load i32, ptr %1637, align 4
+  %1639 = sext i32 %1638 to i64
+  %1640 = mul nsw i64 %1639, 512
+  %1641 = add nsw i64 %1640, 0
+  %1642 = getelementptr inbounds float, ptr %x, i64 %1641
+  store <8 x float> zeroinitializer, ptr %acc020149, align 4
+  store <8 x float> zeroinitializer, ptr %acc021150, align 4
+  %1643 = add nsw i64 %r0133, 3
+  %1644 = getelementptr inbounds i32, ptr %rows, i64 %1643
+  %1645 = load i32, ptr %1644, align 4
+  %1646 = sext i32 %1645 to i64
+  %1647 = mul nsw i64 %1646, 512
+  %1648 = add nsw i64 %1647, 0
+  %1649 = getelementptr inbounds float, ptr %x, i64 %1648
+  store <8 x float> zeroinitializer, ptr %acc030151, align 4
+  store <8 x float> zeroinitializer, ptr %acc031152, align 4
+  %1650 = add nsw i64 %r0133, 4
+  %1651 = getelementptr inbounds i32, ptr %rows, i64 %1650
+  %1652 = load i32, ptr %1651, align 4
+  %1653 = sext i32 %1652 to i64
+  %1654 = mul nsw i64 %1653, 512
+  %1655 = add nsw i64 %1654, 0
+  %1656 = getelementptr inbounds float, ptr %x, i64 %1655
+  store <8 x float> zeroinitializer, ptr %acc040153, align 4
+  store <8 x float> zeroinitializer, ptr %acc041154, align 4
+  %1657 = add nsw i64 %r0133, 5
+  %1658 = getelementptr inbounds i32, ptr %rows, i64 %1657
+  %1659 = load i32, ptr %1658, align 4
+  %1660 = sext i32 %1659 to i64
+  %1661 = mul nsw i64 %1660, 512
+  %1662 = add nsw i64 %1661, 0
+  %1663 = getelementptr inbounds float, ptr %x, i64 %1662
+  store <8 x float> zeroinitializer, ptr %acc050155, align 4
+  store <8 x float> zeroinitializer, ptr %acc051156, align 4
+  %panel.off157 = mul nsw i64 %p, 8192
+  %1664 = getelementptr inbounds float, ptr %panels, i64 %panel.off157
+  %1665 = add nsw i64 %p, 1
+  %1666 = icmp slt i64 %1665, %p1
+  %pf.on158 = and i1 %pf.on144, %1666
+  %1667 = mul nsw i64 %rb132, 32768
+  %1668 = lshr i64 %1667, %1619
+  %1669 = add nsw i64 32768, %1668
+  %1670 = getelementptr inbounds i8, ptr %1664, i64 %1669
+  %pf159 = select i1 %pf.on158, ptr %1670, ptr %1664
+  %pf.sh160 = select i1 %pf.on158, i64 %1619, i64 0
+  br label %k.head161
 
-k.head156:                                        ; preds = %pf.any.end161, %tile.mr6137
-  %k159 = phi i64 [ 0, %tile.mr6137 ], [ %1739, %pf.any.end161 ]
-  %1678 = icmp slt i64 %k159, 512
-  br i1 %1678, label %k.body157, label %k.end158
+k.head161:                                        ; preds = %pf.any.end166, %tile.mr6142
+  %k164 = phi i64 [ 0, %tile.mr6142 ], [ %1732, %pf.any.end166 ]
+  %1671 = icmp slt i64 %k164, 512
+  br i1 %1671, label %k.body162, label %k.end163
 
-k.body157:                                        ; preds = %k.head156
-  %1679 = mul nsw i64 %k159, 1
-  %1680 = add nsw i64 %1679, 0
-  %1681 = mul nsw i64 %1680, 64
-  br i1 %pf.multi138, label %pf.any.then160, label %pf.any.end161
+k.body162:                                        ; preds = %k.head161
+  %1672 = mul nsw i64 %k164, 1
+  %1673 = add nsw i64 %1672, 0
+  %1674 = mul nsw i64 %1673, 64
+  br i1 %pf.multi143, label %pf.any.then165, label %pf.any.end166
 
-pf.any.then160:                                   ; preds = %k.body157
-  %1682 = lshr i64 %1681, %pf.sh155
-  %1683 = getelementptr inbounds i8, ptr %pf154, i64 %1682
-  call void @llvm.prefetch.p0(ptr %1683, i32 0, i32 2, i32 1)
-  br label %pf.any.end161
+pf.any.then165:                                   ; preds = %k.body162
+  %1675 = lshr i64 %1674, %pf.sh160
+  %1676 = getelementptr inbounds i8, ptr %pf159, i64 %1675
+  call void @llvm.prefetch.p0(ptr %1676, i32 0, i32 2, i32 1)
+  br label %pf.any.end166
 
-pf.any.end161:                                    ; preds = %pf.any.then160, %k.body157
-  %1684 = mul nsw i64 %1680, 16
-  %1685 = add nsw i64 %panel.off152, %1684
-  %1686 = getelementptr inbounds float, ptr %panels, i64 %1685
-  %1687 = load <8 x float>, ptr %1686, align 4
-  %1688 = add nsw i64 %1685, 8
-  %1689 = getelementptr inbounds float, ptr %panels, i64 %1688
-  %1690 = load <8 x float>, ptr %1689, align 4
-  %1691 = getelementptr inbounds float, ptr %1634, i64 %1680
-  %1692 = load float, ptr %1691, align 4
-  %1693 = insertelement <8 x float> poison, float %1692, i32 0
-  %1694 = shufflevector <8 x float> %1693, <8 x float> poison, <8 x i32> zeroinitializer
-  %1695 = load <8 x float>, ptr %acc000140, align 4
-  %1696 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1694, <8 x float> %1687, <8 x float> %1695)
-  store <8 x float> %1696, ptr %acc000140, align 4
-  %1697 = load <8 x float>, ptr %acc001141, align 4
-  %1698 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1694, <8 x float> %1690, <8 x float> %1697)
-  store <8 x float> %1698, ptr %acc001141, align 4
-  %1699 = getelementptr inbounds float, ptr %1641, i64 %1680
-  %1700 = load float, ptr %1699, align 4
-  %1701 = insertelement <8 x float> poison, float %1700, i32 0
-  %1702 = shufflevector <8 x float> %1701, <8 x float> poison, <8 x i32> zeroinitializer
-  %1703 = load <8 x float>, ptr %acc010142, align 4
-  %1704 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1702, <8 x float> %1687, <8 x float> %1703)
-  store <8 x float> %1704, ptr %acc010142, align 4
-  %1705 = load <8 x float>, ptr %acc011143, align 4
-  %1706 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1702, <8 x float> %1690, <8 x float> %1705)
-  store <8 x float> %1706, ptr %acc011143, align 4
-  %1707 = getelementptr inbounds float, ptr %1648, i64 %1680
-  %1708 = load float, ptr %1707, align 4
-  %1709 = insertelement <8 x float> poison, float %1708, i32 0
-  %1710 = shufflevector <8 x float> %1709, <8 x float> poison, <8 x i32> zeroinitializer
-  %1711 = load <8 x float>, ptr %acc020144, align 4
-  %1712 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1710, <8 x float> %1687, <8 x float> %1711)
-  store <8 x float> %1712, ptr %acc020144, align 4
-  %1713 = load <8 x float>, ptr %acc021145, align 4
-  %1714 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1710, <8 x float> %1690, <8 x float> %1713)
-  store <8 x float> %1714, ptr %acc021145, align 4
-  %1715 = getelementptr inbounds float, ptr %1655, i64 %1680
-  %1716 = load float, ptr %1715, align 4
-  %1717 = insertelement <8 x float> poison, float %1716, i32 0
-  %1718 = shufflevector <8 x float> %1717, <8 x float> poison, <8 x i32> zeroinitializer
-  %1719 = load <8 x float>, ptr %acc030146, align 4
-  %1720 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1718, <8 x float> %1687, <8 x float> %1719)
-  store <8 x float> %1720, ptr %acc030146, align 4
-  %1721 = load <8 x float>, ptr %acc031147, align 4
-  %1722 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1718, <8 x float> %1690, <8 x float> %1721)
-  store <8 x float> %1722, ptr %acc031147, align 4
-  %1723 = getelementptr inbounds float, ptr %1662, i64 %1680
-  %1724 = load float, ptr %1723, align 4
-  %1725 = insertelement <8 x float> poison, float %1724, i32 0
-  %1726 = shufflevector <8 x float> %1725, <8 x float> poison, <8 x i32> zeroinitializer
-  %1727 = load <8 x float>, ptr %acc040148, align 4
-  %1728 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1726, <8 x float> %1687, <8 x float> %1727)
-  store <8 x float> %1728, ptr %acc040148, align 4
-  %1729 = load <8 x float>, ptr %acc041149, align 4
-  %1730 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1726, <8 x float> %1690, <8 x float> %1729)
-  store <8 x float> %1730, ptr %acc041149, align 4
-  %1731 = getelementptr inbounds float, ptr %1669, i64 %1680
-  %1732 = load float, ptr %1731, align 4
-  %1733 = insertelement <8 x float> poison, float %1732, i32 0
-  %1734 = shufflevector <8 x float> %1733, <8 x float> poison, <8 x i32> zeroinitializer
-  %1735 = load <8 x float>, ptr %acc050150, align 4
-  %1736 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1734, <8 x float> %1687, <8 x float> %1735)
-  store <8 x float> %1736, ptr %acc050150, align 4
-  %1737 = load <8 x float>, ptr %acc051151, align 4
-  %1738 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1734, <8 x float> %1690, <8 x float> %1737)
-  store <8 x float> %1738, ptr %acc051151, align 4
-  %1739 = add nsw i64 %k159, 1
-  br label %k.head156
+pf.any.end166:                                    ; preds = %pf.any.then165, %k.body162
+  %1677 = mul nsw i64 %1673, 16
+  %1678 = add nsw i64 %panel.off157, %1677
+  %1679 = getelementptr inbounds float, ptr %panels, i64 %1678
+  %1680 = load <8 x float>, ptr %1679, align 4
+  %1681 = add nsw i64 %1678, 8
+  %1682 = getelementptr inbounds float, ptr %panels, i64 %1681
+  %1683 = load <8 x float>, ptr %1682, align 4
+  %1684 = getelementptr inbounds float, ptr %1628, i64 %1673
+  %1685 = load float, ptr %1684, align 4
+  %1686 = insertelement <8 x float> poison, float %1685, i32 0
+  %1687 = shufflevector <8 x float> %1686, <8 x float> poison, <8 x i32> zeroinitializer
+  %1688 = load <8 x float>, ptr %acc000145, align 4
+  %1689 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1687, <8 x float> %1680, <8 x float> %1688)
+  store <8 x float> %1689, ptr %acc000145, align 4
+  %1690 = load <8 x float>, ptr %acc001146, align 4
+  %1691 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1687, <8 x float> %1683, <8 x float> %1690)
+  store <8 x float> %1691, ptr %acc001146, align 4
+  %1692 = getelementptr inbounds float, ptr %1635, i64 %1673
+  %1693 = load float, ptr %1692, align 4
+  %1694 = insertelement <8 x float> poison, float %1693, i32 0
+  %1695 = shufflevector <8 x float> %1694, <8 x float> poison, <8 x i32> zeroinitializer
+  %1696 = load <8 x float>, ptr %acc010147, align 4
+  %1697 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1695, <8 x float> %1680, <8 x float> %1696)
+  store <8 x float> %1697, ptr %acc010147, align 4
+  %1698 = load <8 x float>, ptr %acc011148, align 4
+  %1699 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1695, <8 x float> %1683, <8 x float> %1698)
+  store <8 x float> %1699, ptr %acc011148, align 4
+  %1700 = getelementptr inbounds float, ptr %1642, i64 %1673
+  %1701 = load float, ptr %1700, align 4
+  %1702 = insertelement <8 x float> poison, float %1701, i32 0
+  %1703 = shufflevector <8 x float> %1702, <8 x float> poison, <8 x i32> zeroinitializer
+  %1704 = load <8 x float>, ptr %acc020149, align 4
+  %1705 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1703, <8 x float> %1680, <8 x float> %1704)
+  store <8 x float> %1705, ptr %acc020149, align 4
+  %1706 = load <8 x float>, ptr %acc021150, align 4
+  %1707 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1703, <8 x float> %1683, <8 x float> %1706)
+  store <8 x float> %1707, ptr %acc021150, align 4
+  %1708 = getelementptr inbounds float, ptr %1649, i64 %1673
+  %1709 = load float, ptr %1708, align 4
+  %1710 = insertelement <8 x float> poison, float %1709, i32 0
+  %1711 = shufflevector <8 x float> %1710, <8 x float> poison, <8 x i32> zeroinitializer
+  %1712 = load <8 x float>, ptr %acc030151, align 4
+  %1713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1711, <8 x float> %1680, <8 x float> %1712)
+  store <8 x float> %1713, ptr %acc030151, align 4
+  %1714 = load <8 x float>, ptr %acc031152, align 4
+  %1715 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1711, <8 x float> %1683, <8 x float> %1714)
+  store <8 x float> %1715, ptr %acc031152, align 4
+  %1716 = getelementptr inbounds float, ptr %1656, i64 %1673
+  %1717 = load float, ptr %1716, align 4
+  %1718 = insertelement <8 x float> poison, float %1717, i32 0
+  %1719 = shufflevector <8 x float> %1718, <8 x float> poison, <8 x i32> zeroinitializer
+  %1720 = load <8 x float>, ptr %acc040153, align 4
+  %1721 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1719, <8 x float> %1680, <8 x float> %1720)
+  store <8 x float> %1721, ptr %acc040153, align 4
+  %1722 = load <8 x float>, ptr %acc041154, align 4
+  %1723 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1719, <8 x float> %1683, <8 x float> %1722)
+  store <8 x float> %1723, ptr %acc041154, align 4
+  %1724 = getelementptr inbounds float, ptr %1663, i64 %1673
+  %1725 = load float, ptr %1724, align 4
+  %1726 = insertelement <8 x float> poison, float %1725, i32 0
+  %1727 = shufflevector <8 x float> %1726, <8 x float> poison, <8 x i32> zeroinitializer
+  %1728 = load <8 x float>, ptr %acc050155, align 4
+  %1729 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1727, <8 x float> %1680, <8 x float> %1728)
+  store <8 x float> %1729, ptr %acc050155, align 4
+  %1730 = load <8 x float>, ptr %acc051156, align 4
+  %1731 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1727, <8 x float> %1683, <8 x float> %1730)
+  store <8 x float> %1731, ptr %acc051156, align 4
+  %1732 = add nsw i64 %k164, 1
+  br label %k.head161
 
-k.end158:                                         ; preds = %k.head156
-  %1740 = add nsw i64 %r0128, 0
-  %1741 = getelementptr inbounds float, ptr %rw, i64 %1740
-  %1742 = load float, ptr %1741, align 4
-  %1743 = insertelement <8 x float> poison, float %1742, i32 0
-  %1744 = shufflevector <8 x float> %1743, <8 x float> poison, <8 x i32> zeroinitializer
-  %1745 = mul nsw i64 %1740, 1024
-  %1746 = getelementptr inbounds float, ptr %h, i64 %1745
-  %col162 = mul nsw i64 %p, 16
-  %1747 = load <8 x float>, ptr %acc000140, align 4
-  %1748 = load <8 x float>, ptr %acc001141, align 4
-  %1749 = add nsw i64 %col162, 0
-  %1750 = fcmp ogt <8 x float> %1747, zeroinitializer
-  %1751 = select <8 x i1> %1750, <8 x float> %1747, <8 x float> zeroinitializer
-  %1752 = fmul <8 x float> %1751, %1744
-  %1753 = getelementptr inbounds float, ptr %1746, i64 %1749
-  store <8 x float> %1752, ptr %1753, align 4
-  %1754 = add nsw i64 %col162, 8
-  %1755 = fcmp ogt <8 x float> %1748, zeroinitializer
-  %1756 = select <8 x i1> %1755, <8 x float> %1748, <8 x float> zeroinitializer
-  %1757 = fmul <8 x float> %1756, %1744
-  %1758 = getelementptr inbounds float, ptr %1746, i64 %1754
-  store <8 x float> %1757, ptr %1758, align 4
-  %1759 = add nsw i64 %r0128, 1
-  %1760 = getelementptr inbounds float, ptr %rw, i64 %1759
-  %1761 = load float, ptr %1760, align 4
-  %1762 = insertelement <8 x float> poison, float %1761, i32 0
-  %1763 = shufflevector <8 x float> %1762, <8 x float> poison, <8 x i32> zeroinitializer
-  %1764 = mul nsw i64 %1759, 1024
-  %1765 = getelementptr inbounds float, ptr %h, i64 %1764
-  %col163 = mul nsw i64 %p, 16
-  %1766 = load <8 x float>, ptr %acc010142, align 4
-  %1767 = load <8 x float>, ptr %acc011143, align 4
-  %1768 = add nsw i64 %col163, 0
-  %1769 = fcmp ogt <8 x float> %1766, zeroinitializer
-  %1770 = select <8 x i1> %1769, <8 x float> %1766, <8 x float> zeroinitializer
-  %1771 = fmul <8 x float> %1770, %1763
-  %1772 = getelementptr inbounds float, ptr %1765, i64 %1768
-  store <8 x float> %1771, ptr %1772, align 4
-  %1773 = add nsw i64 %col163, 8
-  %1774 = fcmp ogt <8 x float> %1767, zeroinitializer
-  %1775 = select <8 x i1> %1774, <8 x float> %1767, <8 x float> zeroinitializer
-  %1776 = fmul <8 x float> %1775, %1763
-  %1777 = getelementptr inbounds float, ptr %1765, i64 %1773
-  store <8 x float> %1776, ptr %1777, align 4
-  %1778 = add nsw i64 %r0128, 2
-  %1779 = getelementptr inbounds float, ptr %rw, i64 %1778
-  %1780 = load float, ptr %1779, align 4
-  %1781 = insertelement <8 x float> poison, float %1780, i32 0
-  %1782 = shufflevector <8 x float> %1781, <8 x float> poison, <8 x i32> zeroinitializer
-  %1783 = mul nsw i64 %1778, 1024
-  %1784 = getelementptr inbounds float, ptr %h, i64 %1783
-  %col164 = mul nsw i64 %p, 16
-  %1785 = load <8 x float>, ptr %acc020144, align 4
-  %1786 = load <8 x float>, ptr %acc021145, align 4
-  %1787 = add nsw i64 %col164, 0
-  %1788 = fcmp ogt <8 x float> %1785, zeroinitializer
-  %1789 = select <8 x i1> %1788, <8 x float> %1785, <8 x float> zeroinitializer
-  %1790 = fmul <8 x float> %1789, %1782
-  %1791 = getelementptr inbounds float, ptr %1784, i64 %1787
-  store <8 x float> %1790, ptr %1791, align 4
-  %1792 = add nsw i64 %col164, 8
-  %1793 = fcmp ogt <8 x float> %1786, zeroinitializer
-  %1794 = select <8 x i1> %1793, <8 x float> %1786, <8 x float> zeroinitializer
-  %1795 = fmul <8 x float> %1794, %1782
-  %1796 = getelementptr inbounds float, ptr %1784, i64 %1792
-  store <8 x float> %1795, ptr %1796, align 4
-  %1797 = add nsw i64 %r0128, 3
-  %1798 = getelementptr inbounds float, ptr %rw, i64 %1797
-  %1799 = load float, ptr %1798, align 4
-  %1800 = insertelement <8 x float> poison, float %1799, i32 0
-  %1801 = shufflevector <8 x float> %1800, <8 x float> poison, <8 x i32> zeroinitializer
-  %1802 = mul nsw i64 %1797, 1024
-  %1803 = getelementptr inbounds float, ptr %h, i64 %1802
-  %col165 = mul nsw i64 %p, 16
-  %1804 = load <8 x float>, ptr %acc030146, align 4
-  %1805 = load <8 x float>, ptr %acc031147, align 4
-  %1806 = add nsw i64 %col165, 0
-  %1807 = fcmp ogt <8 x float> %1804, zeroinitializer
-  %1808 = select <8 x i1> %1807, <8 x float> %1804, <8 x float> zeroinitializer
-  %1809 = fmul <8 x float> %1808, %1801
-  %1810 = getelementptr inbounds float, ptr %1803, i64 %1806
-  store <8 x float> %1809, ptr %1810, align 4
-  %1811 = add nsw i64 %col165, 8
-  %1812 = fcmp ogt <8 x float> %1805, zeroinitializer
-  %1813 = select <8 x i1> %1812, <8 x float> %1805, <8 x float> zeroinitializer
-  %1814 = fmul <8 x float> %1813, %1801
-  %1815 = getelementptr inbounds float, ptr %1803, i64 %1811
-  store <8 x float> %1814, ptr %1815, align 4
-  %1816 = add nsw i64 %r0128, 4
-  %1817 = getelementptr inbounds float, ptr %rw, i64 %1816
-  %1818 = load float, ptr %1817, align 4
-  %1819 = insertelement <8 x float> poison, float %1818, i32 0
-  %1820 = shufflevector <8 x float> %1819, <8 x float> poison, <8 x i32> zeroinitializer
-  %1821 = mul nsw i64 %1816, 1024
-  %1822 = getelementptr inbounds float, ptr %h, i64 %1821
-  %col166 = mul nsw i64 %p, 16
-  %1823 = load <8 x float>, ptr %acc040148, align 4
-  %1824 = load <8 x float>, ptr %acc041149, align 4
-  %1825 = add nsw i64 %col166, 0
-  %1826 = fcmp ogt <8 x float> %1823, zeroinitializer
-  %1827 = select <8 x i1> %1826, <8 x float> %1823, <8 x float> zeroinitializer
-  %1828 = fmul <8 x float> %1827, %1820
-  %1829 = getelementptr inbounds float, ptr %1822, i64 %1825
-  store <8 x float> %1828, ptr %1829, align 4
-  %1830 = add nsw i64 %col166, 8
-  %1831 = fcmp ogt <8 x float> %1824, zeroinitializer
-  %1832 = select <8 x i1> %1831, <8 x float> %1824, <8 x float> zeroinitializer
-  %1833 = fmul <8 x float> %1832, %1820
-  %1834 = getelementptr inbounds float, ptr %1822, i64 %1830
-  store <8 x float> %1833, ptr %1834, align 4
-  %1835 = add nsw i64 %r0128, 5
-  %1836 = getelementptr inbounds float, ptr %rw, i64 %1835
-  %1837 = load float, ptr %1836, align 4
-  %1838 = insertelement <8 x float> poison, float %1837, i32 0
-  %1839 = shufflevector <8 x float> %1838, <8 x float> poison, <8 x i32> zeroinitializer
-  %1840 = mul nsw i64 %1835, 1024
-  %1841 = getelementptr inbounds float, ptr %h, i64 %1840
+k.end163:                                         ; preds = %k.head161
+  %1733 = add nsw i64 %r0133, 0
+  %1734 = getelementptr inbounds float, ptr %rw, i64 %1733
+  %1735 = load float, ptr %1734, align 4
+  %1736 = insertelement <8 x float> poison, float %1735, i32 0
+  %1737 = shufflevector <8 x float> %1736, <8 x float> poison, <8 x i32> zeroinitializer
+  %1738 = mul nsw i64 %1733, 1024
+  %1739 = getelementptr inbounds float, ptr %h, i64 %1738
   %col167 = mul nsw i64 %p, 16
-  %1842 = load <8 x float>, ptr %acc050150, align 4
-  %1843 = load <8 x float>, ptr %acc051151, align 4
-  %1844 = add nsw i64 %col167, 0
-  %1845 = fcmp ogt <8 x float> %1842, zeroinitializer
-  %1846 = select <8 x i1> %1845, <8 x float> %1842, <8 x float> zeroinitializer
-  %1847 = fmul <8 x float> %1846, %1839
-  %1848 = getelementptr inbounds float, ptr %1841, i64 %1844
-  store <8 x float> %1847, ptr %1848, align 4
-  %1849 = add nsw i64 %col167, 8
-  %1850 = fcmp ogt <8 x float> %1843, zeroinitializer
-  %1851 = select <8 x i1> %1850, <8 x float> %1843, <8 x float> zeroinitializer
-  %1852 = fmul <8 x float> %1851, %1839
-  %1853 = getelementptr inbounds float, ptr %1841, i64 %1849
-  store <8 x float> %1852, ptr %1853, align 4
-  br label %tile.done131
+  %1740 = load <8 x float>, ptr %acc000145, align 4
+  %1741 = load <8 x float>, ptr %acc001146, align 4
+  %1742 = add nsw i64 %col167, 0
+  %1743 = fcmp ogt <8 x float> %1740, zeroinitializer
+  %1744 = select <8 x i1> %1743, <8 x float> %1740, <8 x float> zeroinitializer
+  %1745 = fmul <8 x float> %1744, %1737
+  %1746 = getelementptr inbounds float, ptr %1739, i64 %1742
+  store <8 x float> %1745, ptr %1746, align 4
+  %1747 = add nsw i64 %col167, 8
+  %1748 = fcmp ogt <8 x float> %1741, zeroinitializer
+  %1749 = select <8 x i1> %1748, <8 x float> %1741, <8 x float> zeroinitializer
+  %1750 = fmul <8 x float> %1749, %1737
+  %1751 = getelementptr inbounds float, ptr %1739, i64 %1747
+  store <8 x float> %1750, ptr %1751, align 4
+  %1752 = add nsw i64 %r0133, 1
+  %1753 = getelementptr inbounds float, ptr %rw, i64 %1752
+  %1754 = load float, ptr %1753, align 4
+  %1755 = insertelement <8 x float> poison, float %1754, i32 0
+  %1756 = shufflevector <8 x float> %1755, <8 x float> poison, <8 x i32> zeroinitializer
+  %1757 = mul nsw i64 %1752, 1024
+  %1758 = getelementptr inbounds float, ptr %h, i64 %1757
+  %col168 = mul nsw i64 %p, 16
+  %1759 = load <8 x float>, ptr %acc010147, align 4
+  %1760 = load <8 x float>, ptr %acc011148, align 4
+  %1761 = add nsw i64 %col168, 0
+  %1762 = fcmp ogt <8 x float> %1759, zeroinitializer
+  %1763 = select <8 x i1> %1762, <8 x float> %1759, <8 x float> zeroinitializer
+  %1764 = fmul <8 x float> %1763, %1756
+  %1765 = getelementptr inbounds float, ptr %1758, i64 %1761
+  store <8 x float> %1764, ptr %1765, align 4
+  %1766 = add nsw i64 %col168, 8
+  %1767 = fcmp ogt <8 x float> %1760, zeroinitializer
+  %1768 = select <8 x i1> %1767, <8 x float> %1760, <8 x float> zeroinitializer
+  %1769 = fmul <8 x float> %1768, %1756
+  %1770 = getelementptr inbounds float, ptr %1758, i64 %1766
+  store <8 x float> %1769, ptr %1770, align 4
+  %1771 = add nsw i64 %r0133, 2
+  %1772 = getelementptr inbounds float, ptr %rw, i64 %1771
+  %1773 = load float, ptr %1772, align 4
+  %1774 = insertelement <8 x float> poison, float %1773, i32 0
+  %1775 = shufflevector <8 x float> %1774, <8 x float> poison, <8 x i32> zeroinitializer
+  %1776 = mul nsw i64 %1771, 1024
+  %1777 = getelementptr inbounds float, ptr %h, i64 %1776
+  %col169 = mul nsw i64 %p, 16
+  %1778 = load <8 x float>, ptr %acc020149, align 4
+  %1779 = load <8 x float>, ptr %acc021150, align 4
+  %1780 = add nsw i64 %col169, 0
+  %1781 = fcmp ogt <8 x float> %1778, zeroinitializer
+  %1782 = select <8 x i1> %1781, <8 x float> %1778, <8 x float> zeroinitializer
+  %1783 = fmul <8 x float> %1782, %1775
+  %1784 = getelementptr inbounds float, ptr %1777, i64 %1780
+  store <8 x float> %1783, ptr %1784, align 4
+  %1785 = add nsw i64 %col169, 8
+  %1786 = fcmp ogt <8 x float> %1779, zeroinitializer
+  %1787 = select <8 x i1> %1786, <8 x float> %1779, <8 x float> zeroinitializer
+  %1788 = fmul <8 x float> %1787, %1775
+  %1789 = getelementptr inbounds float, ptr %1777, i64 %1785
+  store <8 x float> %1788, ptr %1789, align 4
+  %1790 = add nsw i64 %r0133, 3
+  %1791 = getelementptr inbounds float, ptr %rw, i64 %1790
+  %1792 = load float, ptr %1791, align 4
+  %1793 = insertelement <8 x float> poison, float %1792, i32 0
+  %1794 = shufflevector <8 x float> %1793, <8 x float> poison, <8 x i32> zeroinitializer
+  %1795 = mul nsw i64 %1790, 1024
+  %1796 = getelementptr inbounds float, ptr %h, i64 %1795
+  %col170 = mul nsw i64 %p, 16
+  %1797 = load <8 x float>, ptr %acc030151, align 4
+  %1798 = load <8 x float>, ptr %acc031152, align 4
+  %1799 = add nsw i64 %col170, 0
+  %1800 = fcmp ogt <8 x float> %1797, zeroinitializer
+  %1801 = select <8 x i1> %1800, <8 x float> %1797, <8 x float> zeroinitializer
+  %1802 = fmul <8 x float> %1801, %1794
+  %1803 = getelementptr inbounds float, ptr %1796, i64 %1799
+  store <8 x float> %1802, ptr %1803, align 4
+  %1804 = add nsw i64 %col170, 8
+  %1805 = fcmp ogt <8 x float> %1798, zeroinitializer
+  %1806 = select <8 x i1> %1805, <8 x float> %1798, <8 x float> zeroinitializer
+  %1807 = fmul <8 x float> %1806, %1794
+  %1808 = getelementptr inbounds float, ptr %1796, i64 %1804
+  store <8 x float> %1807, ptr %1808, align 4
+  %1809 = add nsw i64 %r0133, 4
+  %1810 = getelementptr inbounds float, ptr %rw, i64 %1809
+  %1811 = load float, ptr %1810, align 4
+  %1812 = insertelement <8 x float> poison, float %1811, i32 0
+  %1813 = shufflevector <8 x float> %1812, <8 x float> poison, <8 x i32> zeroinitializer
+  %1814 = mul nsw i64 %1809, 1024
+  %1815 = getelementptr inbounds float, ptr %h, i64 %1814
+  %col171 = mul nsw i64 %p, 16
+  %1816 = load <8 x float>, ptr %acc040153, align 4
+  %1817 = load <8 x float>, ptr %acc041154, align 4
+  %1818 = add nsw i64 %col171, 0
+  %1819 = fcmp ogt <8 x float> %1816, zeroinitializer
+  %1820 = select <8 x i1> %1819, <8 x float> %1816, <8 x float> zeroinitializer
+  %1821 = fmul <8 x float> %1820, %1813
+  %1822 = getelementptr inbounds float, ptr %1815, i64 %1818
+  store <8 x float> %1821, ptr %1822, align 4
+  %1823 = add nsw i64 %col171, 8
+  %1824 = fcmp ogt <8 x float> %1817, zeroinitializer
+  %1825 = select <8 x i1> %1824, <8 x float> %1817, <8 x float> zeroinitializer
+  %1826 = fmul <8 x float> %1825, %1813
+  %1827 = getelementptr inbounds float, ptr %1815, i64 %1823
+  store <8 x float> %1826, ptr %1827, align 4
+  %1828 = add nsw i64 %r0133, 5
+  %1829 = getelementptr inbounds float, ptr %rw, i64 %1828
+  %1830 = load float, ptr %1829, align 4
+  %1831 = insertelement <8 x float> poison, float %1830, i32 0
+  %1832 = shufflevector <8 x float> %1831, <8 x float> poison, <8 x i32> zeroinitializer
+  %1833 = mul nsw i64 %1828, 1024
+  %1834 = getelementptr inbounds float, ptr %h, i64 %1833
+  %col172 = mul nsw i64 %p, 16
+  %1835 = load <8 x float>, ptr %acc050155, align 4
+  %1836 = load <8 x float>, ptr %acc051156, align 4
+  %1837 = add nsw i64 %col172, 0
+  %1838 = fcmp ogt <8 x float> %1835, zeroinitializer
+  %1839 = select <8 x i1> %1838, <8 x float> %1835, <8 x float> zeroinitializer
+  %1840 = fmul <8 x float> %1839, %1832
+  %1841 = getelementptr inbounds float, ptr %1834, i64 %1837
+  store <8 x float> %1840, ptr %1841, align 4
+  %1842 = add nsw i64 %col172, 8
+  %1843 = fcmp ogt <8 x float> %1836, zeroinitializer
+  %1844 = select <8 x i1> %1843, <8 x float> %1836, <8 x float> zeroinitializer
+  %1845 = fmul <8 x float> %1844, %1832
+  %1846 = getelementptr inbounds float, ptr %1834, i64 %1842
+  store <8 x float> %1845, ptr %1846, align 4
+  br label %tile.done136
 
-tile.mr5136:                                      ; preds = %rb.body125
-  %1854 = add nsw i64 %r0128, 0
+tile.mr5141:                                      ; preds = %rb.body130
+  %1847 = add nsw i64 %r0133, 0
+  %1848 = getelementptr inbounds i32, ptr %rows, i64 %1847
+  %1849 = load i32, ptr %1848, align 4
+  %1850 = sext i32 %1849 to i64
+  %1851 = mul nsw i64 %1850, 512
+  %1852 = add nsw i64 %1851, 0
+  %1853 = getelementptr inbounds float, ptr %x, i64 %1852
+  store <8 x float> zeroinitializer, ptr %acc000173, align 4
+  store <8 x float> zeroinitializer, ptr %acc001174, align 4
+  %1854 = add nsw i64 %r0133, 1
   %1855 = getelementptr inbounds i32, ptr %rows, i64 %1854
   %1856 = load i32, ptr %1855, align 4
   %1857 = sext i32 %1856 to i64
   %1858 = mul nsw i64 %1857, 512
   %1859 = add nsw i64 %1858, 0
   %1860 = getelementptr inbounds float, ptr %x, i64 %1859
-  store <8 x float> zeroinitializer, ptr %acc000168, align 4
-  store <8 x float> zeroinitializer, ptr %acc001169, align 4
-  %1861 = add nsw i64 %r0128, 1
+  store <8 x float> zeroinitializer, ptr %acc010175, align 4
+  store <8 x float> zeroinitializer, ptr %acc011176, align 4
+  %1861 = add nsw i64 %r0133, 2
   %1862 = getelementptr inbounds i32, ptr %rows, i64 %1861
   %1863 = load i32, ptr %1862, align 4
   %1864 = sext i32 %1863 to i64
   %1865 = mul nsw i64 %1864, 512
   %1866 = add nsw i64 %1865, 0
   %1867 = getelementptr inbounds float, ptr %x, i64 %1866
-  store <8 x float> zeroinitializer, ptr %acc010170, align 4
-  store <8 x float> zeroinitializer, ptr %acc011171, align 4
-  %1868 = add nsw i64 %r0128, 2
+  store <8 x float> zeroinitializer, ptr %acc020177, align 4
+  store <8 x float> zeroinitializer, ptr %acc021178, align 4
+  %1868 = add nsw i64 %r0133, 3
   %1869 = getelementptr inbounds i32, ptr %rows, i64 %1868
   %1870 = load i32, ptr %1869, align 4
   %1871 = sext i32 %1870 to i64
   %1872 = mul nsw i64 %1871, 512
   %1873 = add nsw i64 %1872, 0
   %1874 = getelementptr inbounds float, ptr %x, i64 %1873
-  store <8 x float> zeroinitializer, ptr %acc020172, align 4
-  store <8 x float> zeroinitializer, ptr %acc021173, align 4
-  %1875 = add nsw i64 %r0128, 3
+  store <8 x float> zeroinitializer, ptr %acc030179, align 4
+  store <8 x float> zeroinitializer, ptr %acc031180, align 4
+  %1875 = add nsw i64 %r0133, 4
   %1876 = getelementptr inbounds i32, ptr %rows, i64 %1875
   %1877 = load i32, ptr %1876, align 4
   %1878 = sext i32 %1877 to i64
   %1879 = mul nsw i64 %1878, 512
   %1880 = add nsw i64 %1879, 0
   %1881 = getelementptr inbounds float, ptr %x, i64 %1880
-  store <8 x float> zeroinitializer, ptr %acc030174, align 4
-  store <8 x float> zeroinitializer, ptr %acc031175, align 4
-  %1882 = add nsw i64 %r0128, 4
-  %1883 = getelementptr inbounds i32, ptr %rows, i64 %1882
-  %1884 = load i32, ptr %1883, align 4
-  %1885 = sext i32 %1884 to i64
-  %1886 = mul nsw i64 %1885, 512
-  %1887 = add nsw i64 %1886, 0
-  %1888 = getelementptr inbounds float, ptr %x, i64 %1887
-  store <8 x float> zeroinitializer, ptr %acc040176, align 4
-  store <8 x float> zeroinitializer, ptr %acc041177, align 4
-  %1889 = mul nsw i64 %p, 8192
-  %panel.off178 = add nsw i64 %1889, 0
-  %1890 = getelementptr inbounds float, ptr %panels, i64 %panel.off178
-  %1891 = add nsw i64 %p, 1
-  %1892 = icmp slt i64 %1891, %p1
-  %pf.on179 = and i1 %pf.on139, %1892
-  %1893 = mul nsw i64 %rb127, 32768
-  %1894 = lshr i64 %1893, %1625
-  %1895 = add nsw i64 32768, %1894
-  %1896 = getelementptr inbounds i8, ptr %1890, i64 %1895
-  %pf180 = select i1 %pf.on179, ptr %1896, ptr %1890
-  %pf.sh181 = select i1 %pf.on179, i64 %1625, i64 0
-  br label %k.head182
+  store <8 x float> zeroinitializer, ptr %acc040181, align 4
+  store <8 x float> zeroinitializer, ptr %acc041182, align 4
+  %panel.off183 = mul nsw i64 %p, 8192
+  %1882 = getelementptr inbounds float, ptr %panels, i64 %panel.off183
+  %1883 = add nsw i64 %p, 1
+  %1884 = icmp slt i64 %1883, %p1
+  %pf.on184 = and i1 %pf.on144, %1884
+  %1885 = mul nsw i64 %rb132, 32768
+  %1886 = lshr i64 %1885, %1619
+  %1887 = add nsw i64 32768, %1886
+  %1888 = getelementptr inbounds i8, ptr %1882, i64 %1887
+  %pf185 = select i1 %pf.on184, ptr %1888, ptr %1882
+  %pf.sh186 = select i1 %pf.on184, i64 %1619, i64 0
+  br label %k.head187
 
-k.head182:                                        ; preds = %pf.any.end187, %tile.mr5136
-  %k185 = phi i64 [ 0, %tile.mr5136 ], [ %1950, %pf.any.end187 ]
-  %1897 = icmp slt i64 %k185, 512
-  br i1 %1897, label %k.body183, label %k.end184
+k.head187:                                        ; preds = %pf.any.end192, %tile.mr5141
+  %k190 = phi i64 [ 0, %tile.mr5141 ], [ %1942, %pf.any.end192 ]
+  %1889 = icmp slt i64 %k190, 512
+  br i1 %1889, label %k.body188, label %k.end189
 
-k.body183:                                        ; preds = %k.head182
-  %1898 = mul nsw i64 %k185, 1
-  %1899 = add nsw i64 %1898, 0
-  %1900 = mul nsw i64 %1899, 64
-  br i1 %pf.multi138, label %pf.any.then186, label %pf.any.end187
+k.body188:                                        ; preds = %k.head187
+  %1890 = mul nsw i64 %k190, 1
+  %1891 = add nsw i64 %1890, 0
+  %1892 = mul nsw i64 %1891, 64
+  br i1 %pf.multi143, label %pf.any.then191, label %pf.any.end192
 
-pf.any.then186:                                   ; preds = %k.body183
-  %1901 = lshr i64 %1900, %pf.sh181
-  %1902 = getelementptr inbounds i8, ptr %pf180, i64 %1901
-  call void @llvm.prefetch.p0(ptr %1902, i32 0, i32 2, i32 1)
-  br label %pf.any.end187
+pf.any.then191:                                   ; preds = %k.body188
+  %1893 = lshr i64 %1892, %pf.sh186
+  %1894 = getelementptr inbounds i8, ptr %pf185, i64 %1893
+  call void @llvm.prefetch.p0(ptr %1894, i32 0, i32 2, i32 1)
+  br label %pf.any.end192
 
-pf.any.end187:                                    ; preds = %pf.any.then186, %k.body183
-  %1903 = mul nsw i64 %1899, 16
-  %1904 = add nsw i64 %panel.off178, %1903
-  %1905 = getelementptr inbounds float, ptr %panels, i64 %1904
-  %1906 = load <8 x float>, ptr %1905, align 4
-  %1907 = add nsw i64 %1904, 8
-  %1908 = getelementptr inbounds float, ptr %panels, i64 %1907
-  %1909 = load <8 x float>, ptr %1908, align 4
-  %1910 = getelementptr inbounds float, ptr %1860, i64 %1899
+pf.any.end192:                                    ; preds = %pf.any.then191, %k.body188
+  %1895 = mul nsw i64 %1891, 16
+  %1896 = add nsw i64 %panel.off183, %1895
+  %1897 = getelementptr inbounds float, ptr %panels, i64 %1896
+  %1898 = load <8 x float>, ptr %1897, align 4
+  %1899 = add nsw i64 %1896, 8
+  %1900 = getelementptr inbounds float, ptr %panels, i64 %1899
+  %1901 = load <8 x float>, ptr %1900, align 4
+  %1902 = getelementptr inbounds float, ptr %1853, i64 %1891
+  %1903 = load float, ptr %1902, align 4
+  %1904 = insertelement <8 x float> poison, float %1903, i32 0
+  %1905 = shufflevector <8 x float> %1904, <8 x float> poison, <8 x i32> zeroinitializer
+  %1906 = load <8 x float>, ptr %acc000173, align 4
+  %1907 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1905, <8 x float> %1898, <8 x float> %1906)
+  store <8 x float> %1907, ptr %acc000173, align 4
+  %1908 = load <8 x float>, ptr %acc001174, align 4
+  %1909 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1905, <8 x float> %1901, <8 x float> %1908)
+  store <8 x float> %1909, ptr %acc001174, align 4
+  %1910 = getelementptr inbounds float, ptr %1860, i64 %1891
   %1911 = load float, ptr %1910, align 4
   %1912 = insertelement <8 x float> poison, float %1911, i32 0
   %1913 = shufflevector <8 x float> %1912, <8 x float> poison, <8 x i32> zeroinitializer
-  %1914 = load <8 x float>, ptr %acc000168, align 4
-  %1915 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1913, <8 x float> %1906, <8 x float> %1914)
-  store <8 x float> %1915, ptr %acc000168, align 4
-  %1916 = load <8 x float>, ptr %acc001169, align 4
-  %1917 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1913, <8 x float> %1909, <8 x float> %1916)
-  store <8 x float> %1917, ptr %acc001169, align 4
-  %1918 = getelementptr inbounds float, ptr %1867, i64 %1899
+  %1914 = load <8 x float>, ptr %acc010175, align 4
+  %1915 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1913, <8 x float> %1898, <8 x float> %1914)
+  store <8 x float> %1915, ptr %acc010175, align 4
+  %1916 = load <8 x float>, ptr %acc011176, align 4
+  %1917 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1913, <8 x float> %1901, <8 x float> %1916)
+  store <8 x float> %1917, ptr %acc011176, align 4
+  %1918 = getelementptr inbounds float, ptr %1867, i64 %1891
   %1919 = load float, ptr %1918, align 4
   %1920 = insertelement <8 x float> poison, float %1919, i32 0
   %1921 = shufflevector <8 x float> %1920, <8 x float> poison, <8 x i32> zeroinitializer
-  %1922 = load <8 x float>, ptr %acc010170, align 4
-  %1923 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1921, <8 x float> %1906, <8 x float> %1922)
-  store <8 x float> %1923, ptr %acc010170, align 4
-  %1924 = load <8 x float>, ptr %acc011171, align 4
-  %1925 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1921, <8 x float> %1909, <8 x float> %1924)
-  store <8 x float> %1925, ptr %acc011171, align 4
-  %1926 = getelementptr inbounds float, ptr %1874, i64 %1899
+  %1922 = load <8 x float>, ptr %acc020177, align 4
+  %1923 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1921, <8 x float> %1898, <8 x float> %1922)
+  store <8 x float> %1923, ptr %acc020177, align 4
+  %1924 = load <8 x float>, ptr %acc021178, align 4
+  %1925 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1921, <8 x float> %1901, <8 x float> %1924)
+  store <8 x float> %1925, ptr %acc021178, align 4
+  %1926 = getelementptr inbounds float, ptr %1874, i64 %1891
   %1927 = load float, ptr %1926, align 4
   %1928 = insertelement <8 x float> poison, float %1927, i32 0
   %1929 = shufflevector <8 x float> %1928, <8 x float> poison, <8 x i32> zeroinitializer
-  %1930 = load <8 x float>, ptr %acc020172, align 4
-  %1931 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1929, <8 x float> %1906, <8 x float> %1930)
-  store <8 x float> %1931, ptr %acc020172, align 4
-  %1932 = load <8 x float>, ptr %acc021173, align 4
-  %1933 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1929, <8 x float> %1909, <8 x float> %1932)
-  store <8 x float> %1933, ptr %acc021173, align 4
-  %1934 = getelementptr inbounds float, ptr %1881, i64 %1899
+  %1930 = load <8 x float>, ptr %acc030179, align 4
+  %1931 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1929, <8 x float> %1898, <8 x float> %1930)
+  store <8 x float> %1931, ptr %acc030179, align 4
+  %1932 = load <8 x float>, ptr %acc031180, align 4
+  %1933 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1929, <8 x float> %1901, <8 x float> %1932)
+  store <8 x float> %1933, ptr %acc031180, align 4
+  %1934 = getelementptr inbounds float, ptr %1881, i64 %1891
   %1935 = load float, ptr %1934, align 4
   %1936 = insertelement <8 x float> poison, float %1935, i32 0
   %1937 = shufflevector <8 x float> %1936, <8 x float> poison, <8 x i32> zeroinitializer
-  %1938 = load <8 x float>, ptr %acc030174, align 4
-  %1939 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1937, <8 x float> %1906, <8 x float> %1938)
-  store <8 x float> %1939, ptr %acc030174, align 4
-  %1940 = load <8 x float>, ptr %acc031175, align 4
-  %1941 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1937, <8 x float> %1909, <8 x float> %1940)
-  store <8 x float> %1941, ptr %acc031175, align 4
-  %1942 = getelementptr inbounds float, ptr %1888, i64 %1899
-  %1943 = load float, ptr %1942, align 4
-  %1944 = insertelement <8 x float> poison, float %1943, i32 0
-  %1945 = shufflevector <8 x float> %1944, <8 x float> poison, <8 x i32> zeroinitializer
-  %1946 = load <8 x float>, ptr %acc040176, align 4
-  %1947 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1945, <8 x float> %1906, <8 x float> %1946)
-  store <8 x float> %1947, ptr %acc040176, align 4
-  %1948 = load <8 x float>, ptr %acc041177, align 4
-  %1949 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1945, <8 x float> %1909, <8 x float> %1948)
-  store <8 x float> %1949, ptr %acc041177, align 4
-  %1950 = add nsw i64 %k185, 1
-  br label %k.head182
+  %1938 = load <8 x float>, ptr %acc040181, align 4
+  %1939 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1937, <8 x float> %1898, <8 x float> %1938)
+  store <8 x float> %1939, ptr %acc040181, align 4
+  %1940 = load <8 x float>, ptr %acc041182, align 4
+  %1941 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1937, <8 x float> %1901, <8 x float> %1940)
+  store <8 x float> %1941, ptr %acc041182, align 4
+  %1942 = add nsw i64 %k190, 1
+  br label %k.head187
 
-k.end184:                                         ; preds = %k.head182
-  %1951 = add nsw i64 %r0128, 0
-  %1952 = getelementptr inbounds float, ptr %rw, i64 %1951
-  %1953 = load float, ptr %1952, align 4
-  %1954 = insertelement <8 x float> poison, float %1953, i32 0
-  %1955 = shufflevector <8 x float> %1954, <8 x float> poison, <8 x i32> zeroinitializer
-  %1956 = mul nsw i64 %1951, 1024
-  %1957 = getelementptr inbounds float, ptr %h, i64 %1956
-  %col188 = mul nsw i64 %p, 16
-  %1958 = load <8 x float>, ptr %acc000168, align 4
-  %1959 = load <8 x float>, ptr %acc001169, align 4
-  %1960 = add nsw i64 %col188, 0
-  %1961 = fcmp ogt <8 x float> %1958, zeroinitializer
-  %1962 = select <8 x i1> %1961, <8 x float> %1958, <8 x float> zeroinitializer
-  %1963 = fmul <8 x float> %1962, %1955
-  %1964 = getelementptr inbounds float, ptr %1957, i64 %1960
-  store <8 x float> %1963, ptr %1964, align 4
-  %1965 = add nsw i64 %col188, 8
-  %1966 = fcmp ogt <8 x float> %1959, zeroinitializer
-  %1967 = select <8 x i1> %1966, <8 x float> %1959, <8 x float> zeroinitializer
-  %1968 = fmul <8 x float> %1967, %1955
-  %1969 = getelementptr inbounds float, ptr %1957, i64 %1965
-  store <8 x float> %1968, ptr %1969, align 4
-  %1970 = add nsw i64 %r0128, 1
-  %1971 = getelementptr inbounds float, ptr %rw, i64 %1970
-  %1972 = load float, ptr %1971, align 4
-  %1973 = insertelement <8 x float> poison, float %1972, i32 0
-  %1974 = shufflevector <8 x float> %1973, <8 x float> poison, <8 x i32> zeroinitializer
-  %1975 = mul nsw i64 %1970, 1024
-  %1976 = getelementptr inbounds float, ptr %h, i64 %1975
-  %col189 = mul nsw i64 %p, 16
-  %1977 = load <8 x float>, ptr %acc010170, align 4
-  %1978 = load <8 x float>, ptr %acc011171, align 4
-  %1979 = add nsw i64 %col189, 0
-  %1980 = fcmp ogt <8 x float> %1977, zeroinitializer
-  %1981 = select <8 x i1> %1980, <8 x float> %1977, <8 x float> zeroinitializer
-  %1982 = fmul <8 x float> %1981, %1974
-  %1983 = getelementptr inbounds float, ptr %1976, i64 %1979
-  store <8 x float> %1982, ptr %1983, align 4
-  %1984 = add nsw i64 %col189, 8
-  %1985 = fcmp ogt <8 x float> %1978, zeroinitializer
-  %1986 = select <8 x i1> %1985, <8 x float> %1978, <8 x float> zeroinitializer
-  %1987 = fmul <8 x float> %1986, %1974
-  %1988 = getelementptr inbounds float, ptr %1976, i64 %1984
-  store <8 x float> %1987, ptr %1988, align 4
-  %1989 = add nsw i64 %r0128, 2
-  %1990 = getelementptr inbounds float, ptr %rw, i64 %1989
-  %1991 = load float, ptr %1990, align 4
-  %1992 = insertelement <8 x float> poison, float %1991, i32 0
-  %1993 = shufflevector <8 x float> %1992, <8 x float> poison, <8 x i32> zeroinitializer
-  %1994 = mul nsw i64 %1989, 1024
-  %1995 = getelementptr inbounds float, ptr %h, i64 %1994
-  %col190 = mul nsw i64 %p, 16
-  %1996 = load <8 x float>, ptr %acc020172, align 4
-  %1997 = load <8 x float>, ptr %acc021173, align 4
-  %1998 = add nsw i64 %col190, 0
-  %1999 = fcmp ogt <8 x float> %1996, zeroinitializer
-  %2000 = select <8 x i1> %1999, <8 x float> %1996, <8 x float> zeroinitializer
-  %2001 = fmul <8 x float> %2000, %1993
-  %2002 = getelementptr inbounds float, ptr %1995, i64 %1998
-  store <8 x float> %2001, ptr %2002, align 4
-  %2003 = add nsw i64 %col190, 8
-  %2004 = fcmp ogt <8 x float> %1997, zeroinitializer
-  %2005 = select <8 x i1> %2004, <8 x float> %1997, <8 x float> zeroinitializer
-  %2006 = fmul <8 x float> %2005, %1993
-  %2007 = getelementptr inbounds float, ptr %1995, i64 %2003
-  store <8 x float> %2006, ptr %2007, align 4
-  %2008 = add nsw i64 %r0128, 3
-  %2009 = getelementptr inbounds float, ptr %rw, i64 %2008
-  %2010 = load float, ptr %2009, align 4
-  %2011 = insertelement <8 x float> poison, float %2010, i32 0
-  %2012 = shufflevector <8 x float> %2011, <8 x float> poison, <8 x i32> zeroinitializer
-  %2013 = mul nsw i64 %2008, 1024
-  %2014 = getelementptr inbounds float, ptr %h, i64 %2013
-  %col191 = mul nsw i64 %p, 16
-  %2015 = load <8 x float>, ptr %acc030174, align 4
-  %2016 = load <8 x float>, ptr %acc031175, align 4
-  %2017 = add nsw i64 %col191, 0
-  %2018 = fcmp ogt <8 x float> %2015, zeroinitializer
-  %2019 = select <8 x i1> %2018, <8 x float> %2015, <8 x float> zeroinitializer
-  %2020 = fmul <8 x float> %2019, %2012
-  %2021 = getelementptr inbounds float, ptr %2014, i64 %2017
-  store <8 x float> %2020, ptr %2021, align 4
-  %2022 = add nsw i64 %col191, 8
-  %2023 = fcmp ogt <8 x float> %2016, zeroinitializer
-  %2024 = select <8 x i1> %2023, <8 x float> %2016, <8 x float> zeroinitializer
-  %2025 = fmul <8 x float> %2024, %2012
-  %2026 = getelementptr inbounds float, ptr %2014, i64 %2022
-  store <8 x float> %2025, ptr %2026, align 4
-  %2027 = add nsw i64 %r0128, 4
-  %2028 = getelementptr inbounds float, ptr %rw, i64 %2027
-  %2029 = load float, ptr %2028, align 4
-  %2030 = insertelement <8 x float> poison, float %2029, i32 0
-  %2031 = shufflevector <8 x float> %2030, <8 x float> poison, <8 x i32> zeroinitializer
-  %2032 = mul nsw i64 %2027, 1024
-  %2033 = getelementptr inbounds float, ptr %h, i64 %2032
-  %col192 = mul nsw i64 %p, 16
-  %2034 = load <8 x float>, ptr %acc040176, align 4
-  %2035 = load <8 x float>, ptr %acc041177, align 4
-  %2036 = add nsw i64 %col192, 0
-  %2037 = fcmp ogt <8 x float> %2034, zeroinitializer
-  %2038 = select <8 x i1> %2037, <8 x float> %2034, <8 x float> zeroinitializer
-  %2039 = fmul <8 x float> %2038, %2031
-  %2040 = getelementptr inbounds float, ptr %2033, i64 %2036
-  store <8 x float> %2039, ptr %2040, align 4
-  %2041 = add nsw i64 %col192, 8
-  %2042 = fcmp ogt <8 x float> %2035, zeroinitializer
-  %2043 = select <8 x i1> %2042, <8 x float> %2035, <8 x float> zeroinitializer
-  %2044 = fmul <8 x float> %2043, %2031
-  %2045 = getelementptr inbounds float, ptr %2033, i64 %2041
-  store <8 x float> %2044, ptr %2045, align 4
-  br label %tile.done131
+k.end189:                                         ; preds = %k.head187
+  %1943 = add nsw i64 %r0133, 0
+  %1944 = getelementptr inbounds float, ptr %rw, i64 %1943
+  %1945 = load float, ptr %1944, align 4
+  %1946 = insertelement <8 x float> poison, float %1945, i32 0
+  %1947 = shufflevector <8 x float> %1946, <8 x float> poison, <8 x i32> zeroinitializer
+  %1948 = mul nsw i64 %1943, 1024
+  %1949 = getelementptr inbounds float, ptr %h, i64 %1948
+  %col193 = mul nsw i64 %p, 16
+  %1950 = load <8 x float>, ptr %acc000173, align 4
+  %1951 = load <8 x float>, ptr %acc001174, align 4
+  %1952 = add nsw i64 %col193, 0
+  %1953 = fcmp ogt <8 x float> %1950, zeroinitializer
+  %1954 = select <8 x i1> %1953, <8 x float> %1950, <8 x float> zeroinitializer
+  %1955 = fmul <8 x float> %1954, %1947
+  %1956 = getelementptr inbounds float, ptr %1949, i64 %1952
+  store <8 x float> %1955, ptr %1956, align 4
+  %1957 = add nsw i64 %col193, 8
+  %1958 = fcmp ogt <8 x float> %1951, zeroinitializer
+  %1959 = select <8 x i1> %1958, <8 x float> %1951, <8 x float> zeroinitializer
+  %1960 = fmul <8 x float> %1959, %1947
+  %1961 = getelementptr inbounds float, ptr %1949, i64 %1957
+  store <8 x float> %1960, ptr %1961, align 4
+  %1962 = add nsw i64 %r0133, 1
+  %1963 = getelementptr inbounds float, ptr %rw, i64 %1962
+  %1964 = load float, ptr %1963, align 4
+  %1965 = insertelement <8 x float> poison, float %1964, i32 0
+  %1966 = shufflevector <8 x float> %1965, <8 x float> poison, <8 x i32> zeroinitializer
+  %1967 = mul nsw i64 %1962, 1024
+  %1968 = getelementptr inbounds float, ptr %h, i64 %1967
+  %col194 = mul nsw i64 %p, 16
+  %1969 = load <8 x float>, ptr %acc010175, align 4
+  %1970 = load <8 x float>, ptr %acc011176, align 4
+  %1971 = add nsw i64 %col194, 0
+  %1972 = fcmp ogt <8 x float> %1969, zeroinitializer
+  %1973 = select <8 x i1> %1972, <8 x float> %1969, <8 x float> zeroinitializer
+  %1974 = fmul <8 x float> %1973, %1966
+  %1975 = getelementptr inbounds float, ptr %1968, i64 %1971
+  store <8 x float> %1974, ptr %1975, align 4
+  %1976 = add nsw i64 %col194, 8
+  %1977 = fcmp ogt <8 x float> %1970, zeroinitializer
+  %1978 = select <8 x i1> %1977, <8 x float> %1970, <8 x float> zeroinitializer
+  %1979 = fmul <8 x float> %1978, %1966
+  %1980 = getelementptr inbounds float, ptr %1968, i64 %1976
+  store <8 x float> %1979, ptr %1980, align 4
+  %1981 = add nsw i64 %r0133, 2
+  %1982 = getelementptr inbounds float, ptr %rw, i64 %1981
+  %1983 = load float, ptr %1982, align 4
+  %1984 = insertelement <8 x float> poison, float %1983, i32 0
+  %1985 = shufflevector <8 x float> %1984, <8 x float> poison, <8 x i32> zeroinitializer
+  %1986 = mul nsw i64 %1981, 1024
+  %1987 = getelementptr inbounds float, ptr %h, i64 %1986
+  %col195 = mul nsw i64 %p, 16
+  %1988 = load <8 x float>, ptr %acc020177, align 4
+  %1989 = load <8 x float>, ptr %acc021178, align 4
+  %1990 = add nsw i64 %col195, 0
+  %1991 = fcmp ogt <8 x float> %1988, zeroinitializer
+  %1992 = select <8 x i1> %1991, <8 x float> %1988, <8 x float> zeroinitializer
+  %1993 = fmul <8 x float> %1992, %1985
+  %1994 = getelementptr inbounds float, ptr %1987, i64 %1990
+  store <8 x float> %1993, ptr %1994, align 4
+  %1995 = add nsw i64 %col195, 8
+  %1996 = fcmp ogt <8 x float> %1989, zeroinitializer
+  %1997 = select <8 x i1> %1996, <8 x float> %1989, <8 x float> zeroinitializer
+  %1998 = fmul <8 x float> %1997, %1985
+  %1999 = getelementptr inbounds float, ptr %1987, i64 %1995
+  store <8 x float> %1998, ptr %1999, align 4
+  %2000 = add nsw i64 %r0133, 3
+  %2001 = getelementptr inbounds float, ptr %rw, i64 %2000
+  %2002 = load float, ptr %2001, align 4
+  %2003 = insertelement <8 x float> poison, float %2002, i32 0
+  %2004 = shufflevector <8 x float> %2003, <8 x float> poison, <8 x i32> zeroinitializer
+  %2005 = mul nsw i64 %2000, 1024
+  %2006 = getelementptr inbounds float, ptr %h, i64 %2005
+  %col196 = mul nsw i64 %p, 16
+  %2007 = load <8 x float>, ptr %acc030179, align 4
+  %2008 = load <8 x float>, ptr %acc031180, align 4
+  %2009 = add nsw i64 %col196, 0
+  %2010 = fcmp ogt <8 x float> %2007, zeroinitializer
+  %2011 = select <8 x i1> %2010, <8 x float> %2007, <8 x float> zeroinitializer
+  %2012 = fmul <8 x float> %2011, %2004
+  %2013 = getelementptr inbounds float, ptr %2006, i64 %2009
+  store <8 x float> %2012, ptr %2013, align 4
+  %2014 = add nsw i64 %col196, 8
+  %2015 = fcmp ogt <8 x float> %2008, zeroinitializer
+  %2016 = select <8 x i1> %2015, <8 x float> %2008, <8 x float> zeroinitializer
+  %2017 = fmul <8 x float> %2016, %2004
+  %2018 = getelementptr inbounds float, ptr %2006, i64 %2014
+  store <8 x float> %2017, ptr %2018, align 4
+  %2019 = add nsw i64 %r0133, 4
+  %2020 = getelementptr inbounds float, ptr %rw, i64 %2019
+  %2021 = load float, ptr %2020, align 4
+  %2022 = insertelement <8 x float> poison, float %2021, i32 0
+  %2023 = shufflevector <8 x float> %2022, <8 x float> poison, <8 x i32> zeroinitializer
+  %2024 = mul nsw i64 %2019, 1024
+  %2025 = getelementptr inbounds float, ptr %h, i64 %2024
+  %col197 = mul nsw i64 %p, 16
+  %2026 = load <8 x float>, ptr %acc040181, align 4
+  %2027 = load <8 x float>, ptr %acc041182, align 4
+  %2028 = add nsw i64 %col197, 0
+  %2029 = fcmp ogt <8 x float> %2026, zeroinitializer
+  %2030 = select <8 x i1> %2029, <8 x float> %2026, <8 x float> zeroinitializer
+  %2031 = fmul <8 x float> %2030, %2023
+  %2032 = getelementptr inbounds float, ptr %2025, i64 %2028
+  store <8 x float> %2031, ptr %2032, align 4
+  %2033 = add nsw i64 %col197, 8
+  %2034 = fcmp ogt <8 x float> %2027, zeroinitializer
+  %2035 = select <8 x i1> %2034, <8 x float> %2027, <8 x float> zeroinitializer
+  %2036 = fmul <8 x float> %2035, %2023
+  %2037 = getelementptr inbounds float, ptr %2025, i64 %2033
+  store <8 x float> %2036, ptr %2037, align 4
+  br label %tile.done136
 
-tile.mr4135:                                      ; preds = %rb.body125
-  %2046 = add nsw i64 %r0128, 0
-  %2047 = getelementptr inbounds i32, ptr %rows, i64 %2046
-  %2048 = load i32, ptr %2047, align 4
-  %2049 = sext i32 %2048 to i64
-  %2050 = mul nsw i64 %2049, 512
-  %2051 = add nsw i64 %2050, 0
-  %2052 = getelementptr inbounds float, ptr %x, i64 %2051
-  store <8 x float> zeroinitializer, ptr %acc000193, align 4
-  store <8 x float> zeroinitializer, ptr %acc001194, align 4
-  %2053 = add nsw i64 %r0128, 1
-  %2054 = getelementptr inbounds i32, ptr %rows, i64 %2053
-  %2055 = load i32, ptr %2054, align 4
-  %2056 = sext i32 %2055 to i64
-  %2057 = mul nsw i64 %2056, 512
-  %2058 = add nsw i64 %2057, 0
-  %2059 = getelementptr inbounds float, ptr %x, i64 %2058
-  store <8 x float> zeroinitializer, ptr %acc010195, align 4
-  store <8 x float> zeroinitializer, ptr %acc011196, align 4
-  %2060 = add nsw i64 %r0128, 2
-  %2061 = getelementptr inbounds i32, ptr %rows, i64 %2060
-  %2062 = load i32, ptr %2061, align 4
-  %2063 = sext i32 %2062 to i64
-  %2064 = mul nsw i64 %2063, 512
-  %2065 = add nsw i64 %2064, 0
-  %2066 = getelementptr inbounds float, ptr %x, i64 %2065
-  store <8 x float> zeroinitializer, ptr %acc020197, align 4
-  store <8 x float> zeroinitializer, ptr %acc021198, align 4
-  %2067 = add nsw i64 %r0128, 3
-  %2068 = getelementptr inbounds i32, ptr %rows, i64 %2067
-  %2069 = load i32, ptr %2068, align 4
-  %2070 = sext i32 %2069 to i64
-  %2071 = mul nsw i64 %2070, 512
-  %2072 = add nsw i64 %2071, 0
-  %2073 = getelementptr inbounds float, ptr %x, i64 %2072
-  store <8 x float> zeroinitializer, ptr %acc030199, align 4
-  store <8 x float> zeroinitializer, ptr %acc031200, align 4
-  %2074 = mul nsw i64 %p, 8192
-  %panel.off201 = add nsw i64 %2074, 0
-  %2075 = getelementptr inbounds float, ptr %panels, i64 %panel.off201
-  %2076 = add nsw i64 %p, 1
-  %2077 = icmp slt i64 %2076, %p1
-  %pf.on202 = and i1 %pf.on139, %2077
-  %2078 = mul nsw i64 %rb127, 32768
-  %2079 = lshr i64 %2078, %1625
-  %2080 = add nsw i64 32768, %2079
-  %2081 = getelementptr inbounds i8, ptr %2075, i64 %2080
-  %pf203 = select i1 %pf.on202, ptr %2081, ptr %2075
-  %pf.sh204 = select i1 %pf.on202, i64 %1625, i64 0
-  br label %k.head205
+tile.mr4140:                                      ; preds = %rb.body130
+  %2038 = add nsw i64 %r0133, 0
+  %2039 = getelementptr inbounds i32, ptr %rows, i64 %2038
+  %2040 = load i32, ptr %2039, align 4
+  %2041 = sext i32 %2040 to i64
+  %2042 = mul nsw i64 %2041, 512
+  %2043 = add nsw i64 %2042, 0
+  %2044 = getelementptr inbounds float, ptr %x, i64 %2043
+  store <8 x float> zeroinitializer, ptr %acc000198, align 4
+  store <8 x float> zeroinitializer, ptr %acc001199, align 4
+  %2045 = add nsw i64 %r0133, 1
+  %2046 = getelementptr inbounds i32, ptr %rows, i64 %2045
+  %2047 = load i32, ptr %2046, align 4
+  %2048 = sext i32 %2047 to i64
+  %2049 = mul nsw i64 %2048, 512
+  %2050 = add nsw i64 %2049, 0
+  %2051 = getelementptr inbounds float, ptr %x, i64 %2050
+  store <8 x float> zeroinitializer, ptr %acc010200, align 4
+  store <8 x float> zeroinitializer, ptr %acc011201, align 4
+  %2052 = add nsw i64 %r0133, 2
+  %2053 = getelementptr inbounds i32, ptr %rows, i64 %2052
+  %2054 = load i32, ptr %2053, align 4
+  %2055 = sext i32 %2054 to i64
+  %2056 = mul nsw i64 %2055, 512
+  %2057 = add nsw i64 %2056, 0
+  %2058 = getelementptr inbounds float, ptr %x, i64 %2057
+  store <8 x float> zeroinitializer, ptr %acc020202, align 4
+  store <8 x float> zeroinitializer, ptr %acc021203, align 4
+  %2059 = add nsw i64 %r0133, 3
+  %2060 = getelementptr inbounds i32, ptr %rows, i64 %2059
+  %2061 = load i32, ptr %2060, align 4
+  %2062 = sext i32 %2061 to i64
+  %2063 = mul nsw i64 %2062, 512
+  %2064 = add nsw i64 %2063, 0
+  %2065 = getelementptr inbounds float, ptr %x, i64 %2064
+  store <8 x float> zeroinitializer, ptr %acc030204, align 4
+  store <8 x float> zeroinitializer, ptr %acc031205, align 4
+  %panel.off206 = mul nsw i64 %p, 8192
+  %2066 = getelementptr inbounds float, ptr %panels, i64 %panel.off206
+  %2067 = add nsw i64 %p, 1
+  %2068 = icmp slt i64 %2067, %p1
+  %pf.on207 = and i1 %pf.on144, %2068
+  %2069 = mul nsw i64 %rb132, 32768
+  %2070 = lshr i64 %2069, %1619
+  %2071 = add nsw i64 32768, %2070
+  %2072 = getelementptr inbounds i8, ptr %2066, i64 %2071
+  %pf208 = select i1 %pf.on207, ptr %2072, ptr %2066
+  %pf.sh209 = select i1 %pf.on207, i64 %1619, i64 0
+  br label %k.head210
 
-k.head205:                                        ; preds = %pf.any.end210, %tile.mr4135
-  %k208 = phi i64 [ 0, %tile.mr4135 ], [ %2127, %pf.any.end210 ]
-  %2082 = icmp slt i64 %k208, 512
-  br i1 %2082, label %k.body206, label %k.end207
+k.head210:                                        ; preds = %pf.any.end215, %tile.mr4140
+  %k213 = phi i64 [ 0, %tile.mr4140 ], [ %2118, %pf.any.end215 ]
+  %2073 = icmp slt i64 %k213, 512
+  br i1 %2073, label %k.body211, label %k.end212
 
-k.body206:                                        ; preds = %k.head205
-  %2083 = mul nsw i64 %k208, 1
-  %2084 = add nsw i64 %2083, 0
-  %2085 = mul nsw i64 %2084, 64
-  br i1 %pf.multi138, label %pf.any.then209, label %pf.any.end210
+k.body211:                                        ; preds = %k.head210
+  %2074 = mul nsw i64 %k213, 1
+  %2075 = add nsw i64 %2074, 0
+  %2076 = mul nsw i64 %2075, 64
+  br i1 %pf.multi143, label %pf.any.then214, label %pf.any.end215
 
-pf.any.then209:                                   ; preds = %k.body206
-  %2086 = lshr i64 %2085, %pf.sh204
-  %2087 = getelementptr inbounds i8, ptr %pf203, i64 %2086
-  call void @llvm.prefetch.p0(ptr %2087, i32 0, i32 2, i32 1)
-  br label %pf.any.end210
+pf.any.then214:                                   ; preds = %k.body211
+  %2077 = lshr i64 %2076, %pf.sh209
+  %2078 = getelementptr inbounds i8, ptr %pf208, i64 %2077
+  call void @llvm.prefetch.p0(ptr %2078, i32 0, i32 2, i32 1)
+  br label %pf.any.end215
 
-pf.any.end210:                                    ; preds = %pf.any.then209, %k.body206
-  %2088 = mul nsw i64 %2084, 16
-  %2089 = add nsw i64 %panel.off201, %2088
-  %2090 = getelementptr inbounds float, ptr %panels, i64 %2089
-  %2091 = load <8 x float>, ptr %2090, align 4
-  %2092 = add nsw i64 %2089, 8
-  %2093 = getelementptr inbounds float, ptr %panels, i64 %2092
-  %2094 = load <8 x float>, ptr %2093, align 4
-  %2095 = getelementptr inbounds float, ptr %2052, i64 %2084
-  %2096 = load float, ptr %2095, align 4
-  %2097 = insertelement <8 x float> poison, float %2096, i32 0
-  %2098 = shufflevector <8 x float> %2097, <8 x float> poison, <8 x i32> zeroinitializer
-  %2099 = load <8 x float>, ptr %acc000193, align 4
-  %2100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2098, <8 x float> %2091, <8 x float> %2099)
-  store <8 x float> %2100, ptr %acc000193, align 4
-  %2101 = load <8 x float>, ptr %acc001194, align 4
-  %2102 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2098, <8 x float> %2094, <8 x float> %2101)
-  store <8 x float> %2102, ptr %acc001194, align 4
-  %2103 = getelementptr inbounds float, ptr %2059, i64 %2084
-  %2104 = load float, ptr %2103, align 4
-  %2105 = insertelement <8 x float> poison, float %2104, i32 0
-  %2106 = shufflevector <8 x float> %2105, <8 x float> poison, <8 x i32> zeroinitializer
-  %2107 = load <8 x float>, ptr %acc010195, align 4
-  %2108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2106, <8 x float> %2091, <8 x float> %2107)
-  store <8 x float> %2108, ptr %acc010195, align 4
-  %2109 = load <8 x float>, ptr %acc011196, align 4
-  %2110 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2106, <8 x float> %2094, <8 x float> %2109)
-  store <8 x float> %2110, ptr %acc011196, align 4
-  %2111 = getelementptr inbounds float, ptr %2066, i64 %2084
-  %2112 = load float, ptr %2111, align 4
-  %2113 = insertelement <8 x float> poison, float %2112, i32 0
-  %2114 = shufflevector <8 x float> %2113, <8 x float> poison, <8 x i32> zeroinitializer
-  %2115 = load <8 x float>, ptr %acc020197, align 4
-  %2116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2114, <8 x float> %2091, <8 x float> %2115)
-  store <8 x float> %2116, ptr %acc020197, align 4
-  %2117 = load <8 x float>, ptr %acc021198, align 4
-  %2118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2114, <8 x float> %2094, <8 x float> %2117)
-  store <8 x float> %2118, ptr %acc021198, align 4
-  %2119 = getelementptr inbounds float, ptr %2073, i64 %2084
-  %2120 = load float, ptr %2119, align 4
-  %2121 = insertelement <8 x float> poison, float %2120, i32 0
-  %2122 = shufflevector <8 x float> %2121, <8 x float> poison, <8 x i32> zeroinitializer
-  %2123 = load <8 x float>, ptr %acc030199, align 4
-  %2124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2122, <8 x float> %2091, <8 x float> %2123)
-  store <8 x float> %2124, ptr %acc030199, align 4
-  %2125 = load <8 x float>, ptr %acc031200, align 4
-  %2126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2122, <8 x float> %2094, <8 x float> %2125)
-  store <8 x float> %2126, ptr %acc031200, align 4
-  %2127 = add nsw i64 %k208, 1
-  br label %k.head205
+pf.any.end215:                                    ; preds = %pf.any.then214, %k.body211
+  %2079 = mul nsw i64 %2075, 16
+  %2080 = add nsw i64 %panel.off206, %2079
+  %2081 = getelementptr inbounds float, ptr %panels, i64 %2080
+  %2082 = load <8 x float>, ptr %2081, align 4
+  %2083 = add nsw i64 %2080, 8
+  %2084 = getelementptr inbounds float, ptr %panels, i64 %2083
+  %2085 = load <8 x float>, ptr %2084, align 4
+  %2086 = getelementptr inbounds float, ptr %2044, i64 %2075
+  %2087 = load float, ptr %2086, align 4
+  %2088 = insertelement <8 x float> poison, float %2087, i32 0
+  %2089 = shufflevector <8 x float> %2088, <8 x float> poison, <8 x i32> zeroinitializer
+  %2090 = load <8 x float>, ptr %acc000198, align 4
+  %2091 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2089, <8 x float> %2082, <8 x float> %2090)
+  store <8 x float> %2091, ptr %acc000198, align 4
+  %2092 = load <8 x float>, ptr %acc001199, align 4
+  %2093 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2089, <8 x float> %2085, <8 x float> %2092)
+  store <8 x float> %2093, ptr %acc001199, align 4
+  %2094 = getelementptr inbounds float, ptr %2051, i64 %2075
+  %2095 = load float, ptr %2094, align 4
+  %2096 = insertelement <8 x float> poison, float %2095, i32 0
+  %2097 = shufflevector <8 x float> %2096, <8 x float> poison, <8 x i32> zeroinitializer
+  %2098 = load <8 x float>, ptr %acc010200, align 4
+  %2099 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2097, <8 x float> %2082, <8 x float> %2098)
+  store <8 x float> %2099, ptr %acc010200, align 4
+  %2100 = load <8 x float>, ptr %acc011201, align 4
+  %2101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2097, <8 x float> %2085, <8 x float> %2100)
+  store <8 x float> %2101, ptr %acc011201, align 4
+  %2102 = getelementptr inbounds float, ptr %2058, i64 %2075
+  %2103 = load float, ptr %2102, align 4
+  %2104 = insertelement <8 x float> poison, float %2103, i32 0
+  %2105 = shufflevector <8 x float> %2104, <8 x float> poison, <8 x i32> zeroinitializer
+  %2106 = load <8 x float>, ptr %acc020202, align 4
+  %2107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2105, <8 x float> %2082, <8 x float> %2106)
+  store <8 x float> %2107, ptr %acc020202, align 4
+  %2108 = load <8 x float>, ptr %acc021203, align 4
+  %2109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2105, <8 x float> %2085, <8 x float> %2108)
+  store <8 x float> %2109, ptr %acc021203, align 4
+  %2110 = getelementptr inbounds float, ptr %2065, i64 %2075
+  %2111 = load float, ptr %2110, align 4
+  %2112 = insertelement <8 x float> poison, float %2111, i32 0
+  %2113 = shufflevector <8 x float> %2112, <8 x float> poison, <8 x i32> zeroinitializer
+  %2114 = load <8 x float>, ptr %acc030204, align 4
+  %2115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2113, <8 x float> %2082, <8 x float> %2114)
+  store <8 x float> %2115, ptr %acc030204, align 4
+  %2116 = load <8 x float>, ptr %acc031205, align 4
+  %2117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2113, <8 x float> %2085, <8 x float> %2116)
+  store <8 x float> %2117, ptr %acc031205, align 4
+  %2118 = add nsw i64 %k213, 1
+  br label %k.head210
 
-k.end207:                                         ; preds = %k.head205
-  %2128 = add nsw i64 %r0128, 0
-  %2129 = getelementptr inbounds float, ptr %rw, i64 %2128
-  %2130 = load float, ptr %2129, align 4
-  %2131 = insertelement <8 x float> poison, float %2130, i32 0
-  %2132 = shufflevector <8 x float> %2131, <8 x float> poison, <8 x i32> zeroinitializer
-  %2133 = mul nsw i64 %2128, 1024
-  %2134 = getelementptr inbounds float, ptr %h, i64 %2133
-  %col211 = mul nsw i64 %p, 16
-  %2135 = load <8 x float>, ptr %acc000193, align 4
-  %2136 = load <8 x float>, ptr %acc001194, align 4
-  %2137 = add nsw i64 %col211, 0
-  %2138 = fcmp ogt <8 x float> %2135, zeroinitializer
-  %2139 = select <8 x i1> %2138, <8 x float> %2135, <8 x float> zeroinitializer
-  %2140 = fmul <8 x float> %2139, %2132
-  %2141 = getelementptr inbounds float, ptr %2134, i64 %2137
-  store <8 x float> %2140, ptr %2141, align 4
-  %2142 = add nsw i64 %col211, 8
-  %2143 = fcmp ogt <8 x float> %2136, zeroinitializer
-  %2144 = select <8 x i1> %2143, <8 x float> %2136, <8 x float> zeroinitializer
-  %2145 = fmul <8 x float> %2144, %2132
-  %2146 = getelementptr inbounds float, ptr %2134, i64 %2142
-  store <8 x float> %2145, ptr %2146, align 4
-  %2147 = add nsw i64 %r0128, 1
-  %2148 = getelementptr inbounds float, ptr %rw, i64 %2147
-  %2149 = load float, ptr %2148, align 4
-  %2150 = insertelement <8 x float> poison, float %2149, i32 0
-  %2151 = shufflevector <8 x float> %2150, <8 x float> poison, <8 x i32> zeroinitializer
-  %2152 = mul nsw i64 %2147, 1024
-  %2153 = getelementptr inbounds float, ptr %h, i64 %2152
-  %col212 = mul nsw i64 %p, 16
-  %2154 = load <8 x float>, ptr %acc010195, align 4
-  %2155 = load <8 x float>, ptr %acc011196, align 4
-  %2156 = add nsw i64 %col212, 0
-  %2157 = fcmp ogt <8 x float> %2154, zeroinitializer
-  %2158 = select <8 x i1> %2157, <8 x float> %2154, <8 x float> zeroinitializer
-  %2159 = fmul <8 x float> %2158, %2151
-  %2160 = getelementptr inbounds float, ptr %2153, i64 %2156
-  store <8 x float> %2159, ptr %2160, align 4
-  %2161 = add nsw i64 %col212, 8
-  %2162 = fcmp ogt <8 x float> %2155, zeroinitializer
-  %2163 = select <8 x i1> %2162, <8 x float> %2155, <8 x float> zeroinitializer
-  %2164 = fmul <8 x float> %2163, %2151
-  %2165 = getelementptr inbounds float, ptr %2153, i64 %2161
-  store <8 x float> %2164, ptr %2165, align 4
-  %2166 = add nsw i64 %r0128, 2
-  %2167 = getelementptr inbounds float, ptr %rw, i64 %2166
-  %2168 = load float, ptr %2167, align 4
-  %2169 = insertelement <8 x float> poison, float %2168, i32 0
-  %2170 = shufflevector <8 x float> %2169, <8 x float> poison, <8 x i32> zeroinitializer
-  %2171 = mul nsw i64 %2166, 1024
-  %2172 = getelementptr inbounds float, ptr %h, i64 %2171
-  %col213 = mul nsw i64 %p, 16
-  %2173 = load <8 x float>, ptr %acc020197, align 4
-  %2174 = load <8 x float>, ptr %acc021198, align 4
-  %2175 = add nsw i64 %col213, 0
-  %2176 = fcmp ogt <8 x float> %2173, zeroinitializer
-  %2177 = select <8 x i1> %2176, <8 x float> %2173, <8 x float> zeroinitializer
-  %2178 = fmul <8 x float> %2177, %2170
-  %2179 = getelementptr inbounds float, ptr %2172, i64 %2175
-  store <8 x float> %2178, ptr %2179, align 4
-  %2180 = add nsw i64 %col213, 8
-  %2181 = fcmp ogt <8 x float> %2174, zeroinitializer
-  %2182 = select <8 x i1> %2181, <8 x float> %2174, <8 x float> zeroinitializer
-  %2183 = fmul <8 x float> %2182, %2170
-  %2184 = getelementptr inbounds float, ptr %2172, i64 %2180
-  store <8 x float> %2183, ptr %2184, align 4
-  %2185 = add nsw i64 %r0128, 3
-  %2186 = getelementptr inbounds float, ptr %rw, i64 %2185
-  %2187 = load float, ptr %2186, align 4
-  %2188 = insertelement <8 x float> poison, float %2187, i32 0
-  %2189 = shufflevector <8 x float> %2188, <8 x float> poison, <8 x i32> zeroinitializer
-  %2190 = mul nsw i64 %2185, 1024
-  %2191 = getelementptr inbounds float, ptr %h, i64 %2190
-  %col214 = mul nsw i64 %p, 16
-  %2192 = load <8 x float>, ptr %acc030199, align 4
-  %2193 = load <8 x float>, ptr %acc031200, align 4
-  %2194 = add nsw i64 %col214, 0
-  %2195 = fcmp ogt <8 x float> %2192, zeroinitializer
-  %2196 = select <8 x i1> %2195, <8 x float> %2192, <8 x float> zeroinitializer
-  %2197 = fmul <8 x float> %2196, %2189
-  %2198 = getelementptr inbounds float, ptr %2191, i64 %2194
-  store <8 x float> %2197, ptr %2198, align 4
-  %2199 = add nsw i64 %col214, 8
-  %2200 = fcmp ogt <8 x float> %2193, zeroinitializer
-  %2201 = select <8 x i1> %2200, <8 x float> %2193, <8 x float> zeroinitializer
-  %2202 = fmul <8 x float> %2201, %2189
-  %2203 = getelementptr inbounds float, ptr %2191, i64 %2199
-  store <8 x float> %2202, ptr %2203, align 4
-  br label %tile.done131
+k.end212:                                         ; preds = %k.head210
+  %2119 = add nsw i64 %r0133, 0
+  %2120 = getelementptr inbounds float, ptr %rw, i64 %2119
+  %2121 = load float, ptr %2120, align 4
+  %2122 = insertelement <8 x float> poison, float %2121, i32 0
+  %2123 = shufflevector <8 x float> %2122, <8 x float> poison, <8 x i32> zeroinitializer
+  %2124 = mul nsw i64 %2119, 1024
+  %2125 = getelementptr inbounds float, ptr %h, i64 %2124
+  %col216 = mul nsw i64 %p, 16
+  %2126 = load <8 x float>, ptr %acc000198, align 4
+  %2127 = load <8 x float>, ptr %acc001199, align 4
+  %2128 = add nsw i64 %col216, 0
+  %2129 = fcmp ogt <8 x float> %2126, zeroinitializer
+  %2130 = select <8 x i1> %2129, <8 x float> %2126, <8 x float> zeroinitializer
+  %2131 = fmul <8 x float> %2130, %2123
+  %2132 = getelementptr inbounds float, ptr %2125, i64 %2128
+  store <8 x float> %2131, ptr %2132, align 4
+  %2133 = add nsw i64 %col216, 8
+  %2134 = fcmp ogt <8 x float> %2127, zeroinitializer
+  %2135 = select <8 x i1> %2134, <8 x float> %2127, <8 x float> zeroinitializer
+  %2136 = fmul <8 x float> %2135, %2123
+  %2137 = getelementptr inbounds float, ptr %2125, i64 %2133
+  store <8 x float> %2136, ptr %2137, align 4
+  %2138 = add nsw i64 %r0133, 1
+  %2139 = getelementptr inbounds float, ptr %rw, i64 %2138
+  %2140 = load float, ptr %2139, align 4
+  %2141 = insertelement <8 x float> poison, float %2140, i32 0
+  %2142 = shufflevector <8 x float> %2141, <8 x float> poison, <8 x i32> zeroinitializer
+  %2143 = mul nsw i64 %2138, 1024
+  %2144 = getelementptr inbounds float, ptr %h, i64 %2143
+  %col217 = mul nsw i64 %p, 16
+  %2145 = load <8 x float>, ptr %acc010200, align 4
+  %2146 = load <8 x float>, ptr %acc011201, align 4
+  %2147 = add nsw i64 %col217, 0
+  %2148 = fcmp ogt <8 x float> %2145, zeroinitializer
+  %2149 = select <8 x i1> %2148, <8 x float> %2145, <8 x float> zeroinitializer
+  %2150 = fmul <8 x float> %2149, %2142
+  %2151 = getelementptr inbounds float, ptr %2144, i64 %2147
+  store <8 x float> %2150, ptr %2151, align 4
+  %2152 = add nsw i64 %col217, 8
+  %2153 = fcmp ogt <8 x float> %2146, zeroinitializer
+  %2154 = select <8 x i1> %2153, <8 x float> %2146, <8 x float> zeroinitializer
+  %2155 = fmul <8 x float> %2154, %2142
+  %2156 = getelementptr inbounds float, ptr %2144, i64 %2152
+  store <8 x float> %2155, ptr %2156, align 4
+  %2157 = add nsw i64 %r0133, 2
+  %2158 = getelementptr inbounds float, ptr %rw, i64 %2157
+  %2159 = load float, ptr %2158, align 4
+  %2160 = insertelement <8 x float> poison, float %2159, i32 0
+  %2161 = shufflevector <8 x float> %2160, <8 x float> poison, <8 x i32> zeroinitializer
+  %2162 = mul nsw i64 %2157, 1024
+  %2163 = getelementptr inbounds float, ptr %h, i64 %2162
+  %col218 = mul nsw i64 %p, 16
+  %2164 = load <8 x float>, ptr %acc020202, align 4
+  %2165 = load <8 x float>, ptr %acc021203, align 4
+  %2166 = add nsw i64 %col218, 0
+  %2167 = fcmp ogt <8 x float> %2164, zeroinitializer
+  %2168 = select <8 x i1> %2167, <8 x float> %2164, <8 x float> zeroinitializer
+  %2169 = fmul <8 x float> %2168, %2161
+  %2170 = getelementptr inbounds float, ptr %2163, i64 %2166
+  store <8 x float> %2169, ptr %2170, align 4
+  %2171 = add nsw i64 %col218, 8
+  %2172 = fcmp ogt <8 x float> %2165, zeroinitializer
+  %2173 = select <8 x i1> %2172, <8 x float> %2165, <8 x float> zeroinitializer
+  %2174 = fmul <8 x float> %2173, %2161
+  %2175 = getelementptr inbounds float, ptr %2163, i64 %2171
+  store <8 x float> %2174, ptr %2175, align 4
+  %2176 = add nsw i64 %r0133, 3
+  %2177 = getelementptr inbounds float, ptr %rw, i64 %2176
+  %2178 = load float, ptr %2177, align 4
+  %2179 = insertelement <8 x float> poison, float %2178, i32 0
+  %2180 = shufflevector <8 x float> %2179, <8 x float> poison, <8 x i32> zeroinitializer
+  %2181 = mul nsw i64 %2176, 1024
+  %2182 = getelementptr inbounds float, ptr %h, i64 %2181
+  %col219 = mul nsw i64 %p, 16
+  %2183 = load <8 x float>, ptr %acc030204, align 4
+  %2184 = load <8 x float>, ptr %acc031205, align 4
+  %2185 = add nsw i64 %col219, 0
+  %2186 = fcmp ogt <8 x float> %2183, zeroinitializer
+  %2187 = select <8 x i1> %2186, <8 x float> %2183, <8 x float> zeroinitializer
+  %2188 = fmul <8 x float> %2187, %2180
+  %2189 = getelementptr inbounds float, ptr %2182, i64 %2185
+  store <8 x float> %2188, ptr %2189, align 4
+  %2190 = add nsw i64 %col219, 8
+  %2191 = fcmp ogt <8 x float> %2184, zeroinitializer
+  %2192 = select <8 x i1> %2191, <8 x float> %2184, <8 x float> zeroinitializer
+  %2193 = fmul <8 x float> %2192, %2180
+  %2194 = getelementptr inbounds float, ptr %2182, i64 %2190
+  store <8 x float> %2193, ptr %2194, align 4
+  br label %tile.done136
 
-tile.mr3134:                                      ; preds = %rb.body125
-  %2204 = add nsw i64 %r0128, 0
-  %2205 = getelementptr inbounds i32, ptr %rows, i64 %2204
-  %2206 = load i32, ptr %2205, align 4
-  %2207 = sext i32 %2206 to i64
-  %2208 = mul nsw i64 %2207, 512
-  %2209 = add nsw i64 %2208, 0
-  %2210 = getelementptr inbounds float, ptr %x, i64 %2209
-  store <8 x float> zeroinitializer, ptr %acc000215, align 4
-  store <8 x float> zeroinitializer, ptr %acc001216, align 4
-  %2211 = add nsw i64 %r0128, 1
-  %2212 = getelementptr inbounds i32, ptr %rows, i64 %2211
-  %2213 = load i32, ptr %2212, align 4
-  %2214 = sext i32 %2213 to i64
-  %2215 = mul nsw i64 %2214, 512
-  %2216 = add nsw i64 %2215, 0
-  %2217 = getelementptr inbounds float, ptr %x, i64 %2216
-  store <8 x float> zeroinitializer, ptr %acc010217, align 4
-  store <8 x float> zeroinitializer, ptr %acc011218, align 4
-  %2218 = add nsw i64 %r0128, 2
-  %2219 = getelementptr inbounds i32, ptr %rows, i64 %2218
-  %2220 = load i32, ptr %2219, align 4
-  %2221 = sext i32 %2220 to i64
-  %2222 = mul nsw i64 %2221, 512
-  %2223 = add nsw i64 %2222, 0
-  %2224 = getelementptr inbounds float, ptr %x, i64 %2223
-  store <8 x float> zeroinitializer, ptr %acc020219, align 4
-  store <8 x float> zeroinitializer, ptr %acc021220, align 4
-  %2225 = mul nsw i64 %p, 8192
-  %panel.off221 = add nsw i64 %2225, 0
-  %2226 = getelementptr inbounds float, ptr %panels, i64 %panel.off221
-  %2227 = add nsw i64 %p, 1
-  %2228 = icmp slt i64 %2227, %p1
-  %pf.on222 = and i1 %pf.on139, %2228
-  %2229 = mul nsw i64 %rb127, 32768
-  %2230 = lshr i64 %2229, %1625
-  %2231 = add nsw i64 32768, %2230
-  %2232 = getelementptr inbounds i8, ptr %2226, i64 %2231
-  %pf223 = select i1 %pf.on222, ptr %2232, ptr %2226
-  %pf.sh224 = select i1 %pf.on222, i64 %1625, i64 0
-  br label %k.head225
+tile.mr3139:                                      ; preds = %rb.body130
+  %2195 = add nsw i64 %r0133, 0
+  %2196 = getelementptr inbounds i32, ptr %rows, i64 %2195
+  %2197 = load i32, ptr %2196, align 4
+  %2198 = sext i32 %2197 to i64
+  %2199 = mul nsw i64 %2198, 512
+  %2200 = add nsw i64 %2199, 0
+  %2201 = getelementptr inbounds float, ptr %x, i64 %2200
+  store <8 x float> zeroinitializer, ptr %acc000220, align 4
+  store <8 x float> zeroinitializer, ptr %acc001221, align 4
+  %2202 = add nsw i64 %r0133, 1
+  %2203 = getelementptr inbounds i32, ptr %rows, i64 %2202
+  %2204 = load i32, ptr %2203, align 4
+  %2205 = sext i32 %2204 to i64
+  %2206 = mul nsw i64 %2205, 512
+  %2207 = add nsw i64 %2206, 0
+  %2208 = getelementptr inbounds float, ptr %x, i64 %2207
+  store <8 x float> zeroinitializer, ptr %acc010222, align 4
+  store <8 x float> zeroinitializer, ptr %acc011223, align 4
+  %2209 = add nsw i64 %r0133, 2
+  %2210 = getelementptr inbounds i32, ptr %rows, i64 %2209
+  %2211 = load i32, ptr %2210, align 4
+  %2212 = sext i32 %2211 to i64
+  %2213 = mul nsw i64 %2212, 512
+  %2214 = add nsw i64 %2213, 0
+  %2215 = getelementptr inbounds float, ptr %x, i64 %2214
+  store <8 x float> zeroinitializer, ptr %acc020224, align 4
+  store <8 x float> zeroinitializer, ptr %acc021225, align 4
+  %panel.off226 = mul nsw i64 %p, 8192
+  %2216 = getelementptr inbounds float, ptr %panels, i64 %panel.off226
+  %2217 = add nsw i64 %p, 1
+  %2218 = icmp slt i64 %2217, %p1
+  %pf.on227 = and i1 %pf.on144, %2218
+  %2219 = mul nsw i64 %rb132, 32768
+  %2220 = lshr i64 %2219, %1619
+  %2221 = add nsw i64 32768, %2220
+  %2222 = getelementptr inbounds i8, ptr %2216, i64 %2221
+  %pf228 = select i1 %pf.on227, ptr %2222, ptr %2216
+  %pf.sh229 = select i1 %pf.on227, i64 %1619, i64 0
+  br label %k.head230
 
-k.head225:                                        ; preds = %pf.any.end230, %tile.mr3134
-  %k228 = phi i64 [ 0, %tile.mr3134 ], [ %2270, %pf.any.end230 ]
-  %2233 = icmp slt i64 %k228, 512
-  br i1 %2233, label %k.body226, label %k.end227
+k.head230:                                        ; preds = %pf.any.end235, %tile.mr3139
+  %k233 = phi i64 [ 0, %tile.mr3139 ], [ %2260, %pf.any.end235 ]
+  %2223 = icmp slt i64 %k233, 512
+  br i1 %2223, label %k.body231, label %k.end232
 
-k.body226:                                        ; preds = %k.head225
-  %2234 = mul nsw i64 %k228, 1
-  %2235 = add nsw i64 %2234, 0
-  %2236 = mul nsw i64 %2235, 64
-  br i1 %pf.multi138, label %pf.any.then229, label %pf.any.end230
+k.body231:                                        ; preds = %k.head230
+  %2224 = mul nsw i64 %k233, 1
+  %2225 = add nsw i64 %2224, 0
+  %2226 = mul nsw i64 %2225, 64
+  br i1 %pf.multi143, label %pf.any.then234, label %pf.any.end235
 
-pf.any.then229:                                   ; preds = %k.body226
-  %2237 = lshr i64 %2236, %pf.sh224
-  %2238 = getelementptr inbounds i8, ptr %pf223, i64 %2237
-  call void @llvm.prefetch.p0(ptr %2238, i32 0, i32 2, i32 1)
-  br label %pf.any.end230
+pf.any.then234:                                   ; preds = %k.body231
+  %2227 = lshr i64 %2226, %pf.sh229
+  %2228 = getelementptr inbounds i8, ptr %pf228, i64 %2227
+  call void @llvm.prefetch.p0(ptr %2228, i32 0, i32 2, i32 1)
+  br label %pf.any.end235
 
-pf.any.end230:                                    ; preds = %pf.any.then229, %k.body226
-  %2239 = mul nsw i64 %2235, 16
-  %2240 = add nsw i64 %panel.off221, %2239
-  %2241 = getelementptr inbounds float, ptr %panels, i64 %2240
-  %2242 = load <8 x float>, ptr %2241, align 4
-  %2243 = add nsw i64 %2240, 8
-  %2244 = getelementptr inbounds float, ptr %panels, i64 %2243
-  %2245 = load <8 x float>, ptr %2244, align 4
-  %2246 = getelementptr inbounds float, ptr %2210, i64 %2235
-  %2247 = load float, ptr %2246, align 4
-  %2248 = insertelement <8 x float> poison, float %2247, i32 0
-  %2249 = shufflevector <8 x float> %2248, <8 x float> poison, <8 x i32> zeroinitializer
-  %2250 = load <8 x float>, ptr %acc000215, align 4
-  %2251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2249, <8 x float> %2242, <8 x float> %2250)
-  store <8 x float> %2251, ptr %acc000215, align 4
-  %2252 = load <8 x float>, ptr %acc001216, align 4
-  %2253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2249, <8 x float> %2245, <8 x float> %2252)
-  store <8 x float> %2253, ptr %acc001216, align 4
-  %2254 = getelementptr inbounds float, ptr %2217, i64 %2235
-  %2255 = load float, ptr %2254, align 4
-  %2256 = insertelement <8 x float> poison, float %2255, i32 0
-  %2257 = shufflevector <8 x float> %2256, <8 x float> poison, <8 x i32> zeroinitializer
-  %2258 = load <8 x float>, ptr %acc010217, align 4
-  %2259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2257, <8 x float> %2242, <8 x float> %2258)
-  store <8 x float> %2259, ptr %acc010217, align 4
-  %2260 = load <8 x float>, ptr %acc011218, align 4
-  %2261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2257, <8 x float> %2245, <8 x float> %2260)
-  store <8 x float> %2261, ptr %acc011218, align 4
-  %2262 = getelementptr inbounds float, ptr %2224, i64 %2235
+pf.any.end235:                                    ; preds = %pf.any.then234, %k.body231
+  %2229 = mul nsw i64 %2225, 16
+  %2230 = add nsw i64 %panel.off226, %2229
+  %2231 = getelementptr inbounds float, ptr %panels, i64 %2230
+  %2232 = load <8 x float>, ptr %2231, align 4
+  %2233 = add nsw i64 %2230, 8
+  %2234 = getelementptr inbounds float, ptr %panels, i64 %2233
+  %2235 = load <8 x float>, ptr %2234, align 4
+  %2236 = getelementptr inbounds float, ptr %2201, i64 %2225
+  %2237 = load float, ptr %2236, align 4
+  %2238 = insertelement <8 x float> poison, float %2237, i32 0
+  %2239 = shufflevector <8 x float> %2238, <8 x float> poison, <8 x i32> zeroinitializer
+  %2240 = load <8 x float>, ptr %acc000220, align 4
+  %2241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2239, <8 x float> %2232, <8 x float> %2240)
+  store <8 x float> %2241, ptr %acc000220, align 4
+  %2242 = load <8 x float>, ptr %acc001221, align 4
+  %2243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2239, <8 x float> %2235, <8 x float> %2242)
+  store <8 x float> %2243, ptr %acc001221, align 4
+  %2244 = getelementptr inbounds float, ptr %2208, i64 %2225
+  %2245 = load float, ptr %2244, align 4
+  %2246 = insertelement <8 x float> poison, float %2245, i32 0
+  %2247 = shufflevector <8 x float> %2246, <8 x float> poison, <8 x i32> zeroinitializer
+  %2248 = load <8 x float>, ptr %acc010222, align 4
+  %2249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2247, <8 x float> %2232, <8 x float> %2248)
+  store <8 x float> %2249, ptr %acc010222, align 4
+  %2250 = load <8 x float>, ptr %acc011223, align 4
+  %2251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2247, <8 x float> %2235, <8 x float> %2250)
+  store <8 x float> %2251, ptr %acc011223, align 4
+  %2252 = getelementptr inbounds float, ptr %2215, i64 %2225
+  %2253 = load float, ptr %2252, align 4
+  %2254 = insertelement <8 x float> poison, float %2253, i32 0
+  %2255 = shufflevector <8 x float> %2254, <8 x float> poison, <8 x i32> zeroinitializer
+  %2256 = load <8 x float>, ptr %acc020224, align 4
+  %2257 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2255, <8 x float> %2232, <8 x float> %2256)
+  store <8 x float> %2257, ptr %acc020224, align 4
+  %2258 = load <8 x float>, ptr %acc021225, align 4
+  %2259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2255, <8 x float> %2235, <8 x float> %2258)
+  store <8 x float> %2259, ptr %acc021225, align 4
+  %2260 = add nsw i64 %k233, 1
+  br label %k.head230
+
+k.end232:                                         ; preds = %k.head230
+  %2261 = add nsw i64 %r0133, 0
+  %2262 = getelementptr inbounds float, ptr %rw, i64 %2261
   %2263 = load float, ptr %2262, align 4
   %2264 = insertelement <8 x float> poison, float %2263, i32 0
   %2265 = shufflevector <8 x float> %2264, <8 x float> poison, <8 x i32> zeroinitializer
-  %2266 = load <8 x float>, ptr %acc020219, align 4
-  %2267 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2265, <8 x float> %2242, <8 x float> %2266)
-  store <8 x float> %2267, ptr %acc020219, align 4
-  %2268 = load <8 x float>, ptr %acc021220, align 4
-  %2269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2265, <8 x float> %2245, <8 x float> %2268)
-  store <8 x float> %2269, ptr %acc021220, align 4
-  %2270 = add nsw i64 %k228, 1
-  br label %k.head225
+  %2266 = mul nsw i64 %2261, 1024
+  %2267 = getelementptr inbounds float, ptr %h, i64 %2266
+  %col236 = mul nsw i64 %p, 16
+  %2268 = load <8 x float>, ptr %acc000220, align 4
+  %2269 = load <8 x float>, ptr %acc001221, align 4
+  %2270 = add nsw i64 %col236, 0
+  %2271 = fcmp ogt <8 x float> %2268, zeroinitializer
+  %2272 = select <8 x i1> %2271, <8 x float> %2268, <8 x float> zeroinitializer
+  %2273 = fmul <8 x float> %2272, %2265
+  %2274 = getelementptr inbounds float, ptr %2267, i64 %2270
+  store <8 x float> %2273, ptr %2274, align 4
+  %2275 = add nsw i64 %col236, 8
+  %2276 = fcmp ogt <8 x float> %2269, zeroinitializer
+  %2277 = select <8 x i1> %2276, <8 x float> %2269, <8 x float> zeroinitializer
+  %2278 = fmul <8 x float> %2277, %2265
+  %2279 = getelementptr inbounds float, ptr %2267, i64 %2275
+  store <8 x float> %2278, ptr %2279, align 4
+  %2280 = add nsw i64 %r0133, 1
+  %2281 = getelementptr inbounds float, ptr %rw, i64 %2280
+  %2282 = load float, ptr %2281, align 4
+  %2283 = insertelement <8 x float> poison, float %2282, i32 0
+  %2284 = shufflevector <8 x float> %2283, <8 x float> poison, <8 x i32> zeroinitializer
+  %2285 = mul nsw i64 %2280, 1024
+  %2286 = getelementptr inbounds float, ptr %h, i64 %2285
+  %col237 = mul nsw i64 %p, 16
+  %2287 = load <8 x float>, ptr %acc010222, align 4
+  %2288 = load <8 x float>, ptr %acc011223, align 4
+  %2289 = add nsw i64 %col237, 0
+  %2290 = fcmp ogt <8 x float> %2287, zeroinitializer
+  %2291 = select <8 x i1> %2290, <8 x float> %2287, <8 x float> zeroinitializer
+  %2292 = fmul <8 x float> %2291, %2284
+  %2293 = getelementptr inbounds float, ptr %2286, i64 %2289
+  store <8 x float> %2292, ptr %2293, align 4
+  %2294 = add nsw i64 %col237, 8
+  %2295 = fcmp ogt <8 x float> %2288, zeroinitializer
+  %2296 = select <8 x i1> %2295, <8 x float> %2288, <8 x float> zeroinitializer
+  %2297 = fmul <8 x float> %2296, %2284
+  %2298 = getelementptr inbounds float, ptr %2286, i64 %2294
+  store <8 x float> %2297, ptr %2298, align 4
+  %2299 = add nsw i64 %r0133, 2
+  %2300 = getelementptr inbounds float, ptr %rw, i64 %2299
+  %2301 = load float, ptr %2300, align 4
+  %2302 = insertelement <8 x float> poison, float %2301, i32 0
+  %2303 = shufflevector <8 x float> %2302, <8 x float> poison, <8 x i32> zeroinitializer
+  %2304 = mul nsw i64 %2299, 1024
+  %2305 = getelementptr inbounds float, ptr %h, i64 %2304
+  %col238 = mul nsw i64 %p, 16
+  %2306 = load <8 x float>, ptr %acc020224, align 4
+  %2307 = load <8 x float>, ptr %acc021225, align 4
+  %2308 = add nsw i64 %col238, 0
+  %2309 = fcmp ogt <8 x float> %2306, zeroinitializer
+  %2310 = select <8 x i1> %2309, <8 x float> %2306, <8 x float> zeroinitializer
+  %2311 = fmul <8 x float> %2310, %2303
+  %2312 = getelementptr inbounds float, ptr %2305, i64 %2308
+  store <8 x float> %2311, ptr %2312, align 4
+  %2313 = add nsw i64 %col238, 8
+  %2314 = fcmp ogt <8 x float> %2307, zeroinitializer
+  %2315 = select <8 x i1> %2314, <8 x float> %2307, <8 x float> zeroinitializer
+  %2316 = fmul <8 x float> %2315, %2303
+  %2317 = getelementptr inbounds float, ptr %2305, i64 %2313
+  store <8 x float> %2316, ptr %2317, align 4
+  br label %tile.done136
 
-k.end227:                                         ; preds = %k.head225
-  %2271 = add nsw i64 %r0128, 0
-  %2272 = getelementptr inbounds float, ptr %rw, i64 %2271
-  %2273 = load float, ptr %2272, align 4
-  %2274 = insertelement <8 x float> poison, float %2273, i32 0
-  %2275 = shufflevector <8 x float> %2274, <8 x float> poison, <8 x i32> zeroinitializer
-  %2276 = mul nsw i64 %2271, 1024
-  %2277 = getelementptr inbounds float, ptr %h, i64 %2276
-  %col231 = mul nsw i64 %p, 16
-  %2278 = load <8 x float>, ptr %acc000215, align 4
-  %2279 = load <8 x float>, ptr %acc001216, align 4
-  %2280 = add nsw i64 %col231, 0
-  %2281 = fcmp ogt <8 x float> %2278, zeroinitializer
-  %2282 = select <8 x i1> %2281, <8 x float> %2278, <8 x float> zeroinitializer
-  %2283 = fmul <8 x float> %2282, %2275
-  %2284 = getelementptr inbounds float, ptr %2277, i64 %2280
-  store <8 x float> %2283, ptr %2284, align 4
-  %2285 = add nsw i64 %col231, 8
-  %2286 = fcmp ogt <8 x float> %2279, zeroinitializer
-  %2287 = select <8 x i1> %2286, <8 x float> %2279, <8 x float> zeroinitializer
-  %2288 = fmul <8 x float> %2287, %2275
-  %2289 = getelementptr inbounds float, ptr %2277, i64 %2285
-  store <8 x float> %2288, ptr %2289, align 4
-  %2290 = add nsw i64 %r0128, 1
-  %2291 = getelementptr inbounds float, ptr %rw, i64 %2290
-  %2292 = load float, ptr %2291, align 4
-  %2293 = insertelement <8 x float> poison, float %2292, i32 0
-  %2294 = shufflevector <8 x float> %2293, <8 x float> poison, <8 x i32> zeroinitializer
-  %2295 = mul nsw i64 %2290, 1024
-  %2296 = getelementptr inbounds float, ptr %h, i64 %2295
-  %col232 = mul nsw i64 %p, 16
-  %2297 = load <8 x float>, ptr %acc010217, align 4
-  %2298 = load <8 x float>, ptr %acc011218, align 4
-  %2299 = add nsw i64 %col232, 0
-  %2300 = fcmp ogt <8 x float> %2297, zeroinitializer
-  %2301 = select <8 x i1> %2300, <8 x float> %2297, <8 x float> zeroinitializer
-  %2302 = fmul <8 x float> %2301, %2294
-  %2303 = getelementptr inbounds float, ptr %2296, i64 %2299
-  store <8 x float> %2302, ptr %2303, align 4
-  %2304 = add nsw i64 %col232, 8
-  %2305 = fcmp ogt <8 x float> %2298, zeroinitializer
-  %2306 = select <8 x i1> %2305, <8 x float> %2298, <8 x float> zeroinitializer
-  %2307 = fmul <8 x float> %2306, %2294
-  %2308 = getelementptr inbounds float, ptr %2296, i64 %2304
-  store <8 x float> %2307, ptr %2308, align 4
-  %2309 = add nsw i64 %r0128, 2
-  %2310 = getelementptr inbounds float, ptr %rw, i64 %2309
-  %2311 = load float, ptr %2310, align 4
-  %2312 = insertelement <8 x float> poison, float %2311, i32 0
-  %2313 = shufflevector <8 x float> %2312, <8 x float> poison, <8 x i32> zeroinitializer
-  %2314 = mul nsw i64 %2309, 1024
-  %2315 = getelementptr inbounds float, ptr %h, i64 %2314
-  %col233 = mul nsw i64 %p, 16
-  %2316 = load <8 x float>, ptr %acc020219, align 4
-  %2317 = load <8 x float>, ptr %acc021220, align 4
-  %2318 = add nsw i64 %col233, 0
-  %2319 = fcmp ogt <8 x float> %2316, zeroinitializer
-  %2320 = select <8 x i1> %2319, <8 x float> %2316, <8 x float> zeroinitializer
-  %2321 = fmul <8 x float> %2320, %2313
-  %2322 = getelementptr inbounds float, ptr %2315, i64 %2318
-  store <8 x float> %2321, ptr %2322, align 4
-  %2323 = add nsw i64 %col233, 8
-  %2324 = fcmp ogt <8 x float> %2317, zeroinitializer
-  %2325 = select <8 x i1> %2324, <8 x float> %2317, <8 x float> zeroinitializer
-  %2326 = fmul <8 x float> %2325, %2313
-  %2327 = getelementptr inbounds float, ptr %2315, i64 %2323
-  store <8 x float> %2326, ptr %2327, align 4
-  br label %tile.done131
+tile.mr2138:                                      ; preds = %rb.body130
+  %2318 = add nsw i64 %r0133, 0
+  %2319 = getelementptr inbounds i32, ptr %rows, i64 %2318
+  %2320 = load i32, ptr %2319, align 4
+  %2321 = sext i32 %2320 to i64
+  %2322 = mul nsw i64 %2321, 512
+  %2323 = add nsw i64 %2322, 0
+  %2324 = getelementptr inbounds float, ptr %x, i64 %2323
+  store <8 x float> zeroinitializer, ptr %acc000239, align 4
+  store <8 x float> zeroinitializer, ptr %acc001240, align 4
+  %2325 = add nsw i64 %r0133, 1
+  %2326 = getelementptr inbounds i32, ptr %rows, i64 %2325
+  %2327 = load i32, ptr %2326, align 4
+  %2328 = sext i32 %2327 to i64
+  %2329 = mul nsw i64 %2328, 512
+  %2330 = add nsw i64 %2329, 0
+  %2331 = getelementptr inbounds float, ptr %x, i64 %2330
+  store <8 x float> zeroinitializer, ptr %acc010241, align 4
+  store <8 x float> zeroinitializer, ptr %acc011242, align 4
+  %panel.off243 = mul nsw i64 %p, 8192
+  %2332 = getelementptr inbounds float, ptr %panels, i64 %panel.off243
+  %2333 = add nsw i64 %p, 1
+  %2334 = icmp slt i64 %2333, %p1
+  %pf.on244 = and i1 %pf.on144, %2334
+  %2335 = mul nsw i64 %rb132, 32768
+  %2336 = lshr i64 %2335, %1619
+  %2337 = add nsw i64 32768, %2336
+  %2338 = getelementptr inbounds i8, ptr %2332, i64 %2337
+  %pf245 = select i1 %pf.on244, ptr %2338, ptr %2332
+  %pf.sh246 = select i1 %pf.on244, i64 %1619, i64 0
+  br label %k.head247
 
-tile.mr2133:                                      ; preds = %rb.body125
-  %2328 = add nsw i64 %r0128, 0
-  %2329 = getelementptr inbounds i32, ptr %rows, i64 %2328
-  %2330 = load i32, ptr %2329, align 4
-  %2331 = sext i32 %2330 to i64
-  %2332 = mul nsw i64 %2331, 512
-  %2333 = add nsw i64 %2332, 0
-  %2334 = getelementptr inbounds float, ptr %x, i64 %2333
-  store <8 x float> zeroinitializer, ptr %acc000234, align 4
-  store <8 x float> zeroinitializer, ptr %acc001235, align 4
-  %2335 = add nsw i64 %r0128, 1
-  %2336 = getelementptr inbounds i32, ptr %rows, i64 %2335
-  %2337 = load i32, ptr %2336, align 4
-  %2338 = sext i32 %2337 to i64
-  %2339 = mul nsw i64 %2338, 512
-  %2340 = add nsw i64 %2339, 0
-  %2341 = getelementptr inbounds float, ptr %x, i64 %2340
-  store <8 x float> zeroinitializer, ptr %acc010236, align 4
-  store <8 x float> zeroinitializer, ptr %acc011237, align 4
-  %2342 = mul nsw i64 %p, 8192
-  %panel.off238 = add nsw i64 %2342, 0
-  %2343 = getelementptr inbounds float, ptr %panels, i64 %panel.off238
-  %2344 = add nsw i64 %p, 1
-  %2345 = icmp slt i64 %2344, %p1
-  %pf.on239 = and i1 %pf.on139, %2345
-  %2346 = mul nsw i64 %rb127, 32768
-  %2347 = lshr i64 %2346, %1625
-  %2348 = add nsw i64 32768, %2347
-  %2349 = getelementptr inbounds i8, ptr %2343, i64 %2348
-  %pf240 = select i1 %pf.on239, ptr %2349, ptr %2343
-  %pf.sh241 = select i1 %pf.on239, i64 %1625, i64 0
-  br label %k.head242
+k.head247:                                        ; preds = %pf.any.end252, %tile.mr2138
+  %k250 = phi i64 [ 0, %tile.mr2138 ], [ %2368, %pf.any.end252 ]
+  %2339 = icmp slt i64 %k250, 512
+  br i1 %2339, label %k.body248, label %k.end249
 
-k.head242:                                        ; preds = %pf.any.end247, %tile.mr2133
-  %k245 = phi i64 [ 0, %tile.mr2133 ], [ %2379, %pf.any.end247 ]
-  %2350 = icmp slt i64 %k245, 512
-  br i1 %2350, label %k.body243, label %k.end244
+k.body248:                                        ; preds = %k.head247
+  %2340 = mul nsw i64 %k250, 1
+  %2341 = add nsw i64 %2340, 0
+  %2342 = mul nsw i64 %2341, 64
+  br i1 %pf.multi143, label %pf.any.then251, label %pf.any.end252
 
-k.body243:                                        ; preds = %k.head242
-  %2351 = mul nsw i64 %k245, 1
-  %2352 = add nsw i64 %2351, 0
-  %2353 = mul nsw i64 %2352, 64
-  br i1 %pf.multi138, label %pf.any.then246, label %pf.any.end247
+pf.any.then251:                                   ; preds = %k.body248
+  %2343 = lshr i64 %2342, %pf.sh246
+  %2344 = getelementptr inbounds i8, ptr %pf245, i64 %2343
+  call void @llvm.prefetch.p0(ptr %2344, i32 0, i32 2, i32 1)
+  br label %pf.any.end252
 
-pf.any.then246:                                   ; preds = %k.body243
-  %2354 = lshr i64 %2353, %pf.sh241
-  %2355 = getelementptr inbounds i8, ptr %pf240, i64 %2354
-  call void @llvm.prefetch.p0(ptr %2355, i32 0, i32 2, i32 1)
-  br label %pf.any.end247
+pf.any.end252:                                    ; preds = %pf.any.then251, %k.body248
+  %2345 = mul nsw i64 %2341, 16
+  %2346 = add nsw i64 %panel.off243, %2345
+  %2347 = getelementptr inbounds float, ptr %panels, i64 %2346
+  %2348 = load <8 x float>, ptr %2347, align 4
+  %2349 = add nsw i64 %2346, 8
+  %2350 = getelementptr inbounds float, ptr %panels, i64 %2349
+  %2351 = load <8 x float>, ptr %2350, align 4
+  %2352 = getelementptr inbounds float, ptr %2324, i64 %2341
+  %2353 = load float, ptr %2352, align 4
+  %2354 = insertelement <8 x float> poison, float %2353, i32 0
+  %2355 = shufflevector <8 x float> %2354, <8 x float> poison, <8 x i32> zeroinitializer
+  %2356 = load <8 x float>, ptr %acc000239, align 4
+  %2357 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2355, <8 x float> %2348, <8 x float> %2356)
+  store <8 x float> %2357, ptr %acc000239, align 4
+  %2358 = load <8 x float>, ptr %acc001240, align 4
+  %2359 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2355, <8 x float> %2351, <8 x float> %2358)
+  store <8 x float> %2359, ptr %acc001240, align 4
+  %2360 = getelementptr inbounds float, ptr %2331, i64 %2341
+  %2361 = load float, ptr %2360, align 4
+  %2362 = insertelement <8 x float> poison, float %2361, i32 0
+  %2363 = shufflevector <8 x float> %2362, <8 x float> poison, <8 x i32> zeroinitializer
+  %2364 = load <8 x float>, ptr %acc010241, align 4
+  %2365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2363, <8 x float> %2348, <8 x float> %2364)
+  store <8 x float> %2365, ptr %acc010241, align 4
+  %2366 = load <8 x float>, ptr %acc011242, align 4
+  %2367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2363, <8 x float> %2351, <8 x float> %2366)
+  store <8 x float> %2367, ptr %acc011242, align 4
+  %2368 = add nsw i64 %k250, 1
+  br label %k.head247
 
-pf.any.end247:                                    ; preds = %pf.any.then246, %k.body243
-  %2356 = mul nsw i64 %2352, 16
-  %2357 = add nsw i64 %panel.off238, %2356
-  %2358 = getelementptr inbounds float, ptr %panels, i64 %2357
-  %2359 = load <8 x float>, ptr %2358, align 4
-  %2360 = add nsw i64 %2357, 8
-  %2361 = getelementptr inbounds float, ptr %panels, i64 %2360
-  %2362 = load <8 x float>, ptr %2361, align 4
-  %2363 = getelementptr inbounds float, ptr %2334, i64 %2352
-  %2364 = load float, ptr %2363, align 4
-  %2365 = insertelement <8 x float> poison, float %2364, i32 0
-  %2366 = shufflevector <8 x float> %2365, <8 x float> poison, <8 x i32> zeroinitializer
-  %2367 = load <8 x float>, ptr %acc000234, align 4
-  %2368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2366, <8 x float> %2359, <8 x float> %2367)
-  store <8 x float> %2368, ptr %acc000234, align 4
-  %2369 = load <8 x float>, ptr %acc001235, align 4
-  %2370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2366, <8 x float> %2362, <8 x float> %2369)
-  store <8 x float> %2370, ptr %acc001235, align 4
-  %2371 = getelementptr inbounds float, ptr %2341, i64 %2352
-  %2372 = load float, ptr %2371, align 4
-  %2373 = insertelement <8 x float> poison, float %2372, i32 0
-  %2374 = shufflevector <8 x float> %2373, <8 x float> poison, <8 x i32> zeroinitializer
-  %2375 = load <8 x float>, ptr %acc010236, align 4
-  %2376 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2374, <8 x float> %2359, <8 x float> %2375)
-  store <8 x float> %2376, ptr %acc010236, align 4
-  %2377 = load <8 x float>, ptr %acc011237, align 4
-  %2378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2374, <8 x float> %2362, <8 x float> %2377)
-  store <8 x float> %2378, ptr %acc011237, align 4
-  %2379 = add nsw i64 %k245, 1
-  br label %k.head242
+k.end249:                                         ; preds = %k.head247
+  %2369 = add nsw i64 %r0133, 0
+  %2370 = getelementptr inbounds float, ptr %rw, i64 %2369
+  %2371 = load float, ptr %2370, align 4
+  %2372 = insertelement <8 x float> poison, float %2371, i32 0
+  %2373 = shufflevector <8 x float> %2372, <8 x float> poison, <8 x i32> zeroinitializer
+  %2374 = mul nsw i64 %2369, 1024
+  %2375 = getelementptr inbounds float, ptr %h, i64 %2374
+  %col253 = mul nsw i64 %p, 16
+  %2376 = load <8 x float>, ptr %acc000239, align 4
+  %2377 = load <8 x float>, ptr %acc001240, align 4
+  %2378 = add nsw i64 %col253, 0
+  %2379 = fcmp ogt <8 x float> %2376, zeroinitializer
+  %2380 = select <8 x i1> %2379, <8 x float> %2376, <8 x float> zeroinitializer
+  %2381 = fmul <8 x float> %2380, %2373
+  %2382 = getelementptr inbounds float, ptr %2375, i64 %2378
+  store <8 x float> %2381, ptr %2382, align 4
+  %2383 = add nsw i64 %col253, 8
+  %2384 = fcmp ogt <8 x float> %2377, zeroinitializer
+  %2385 = select <8 x i1> %2384, <8 x float> %2377, <8 x float> zeroinitializer
+  %2386 = fmul <8 x float> %2385, %2373
+  %2387 = getelementptr inbounds float, ptr %2375, i64 %2383
+  store <8 x float> %2386, ptr %2387, align 4
+  %2388 = add nsw i64 %r0133, 1
+  %2389 = getelementptr inbounds float, ptr %rw, i64 %2388
+  %2390 = load float, ptr %2389, align 4
+  %2391 = insertelement <8 x float> poison, float %2390, i32 0
+  %2392 = shufflevector <8 x float> %2391, <8 x float> poison, <8 x i32> zeroinitializer
+  %2393 = mul nsw i64 %2388, 1024
+  %2394 = getelementptr inbounds float, ptr %h, i64 %2393
+  %col254 = mul nsw i64 %p, 16
+  %2395 = load <8 x float>, ptr %acc010241, align 4
+  %2396 = load <8 x float>, ptr %acc011242, align 4
+  %2397 = add nsw i64 %col254, 0
+  %2398 = fcmp ogt <8 x float> %2395, zeroinitializer
+  %2399 = select <8 x i1> %2398, <8 x float> %2395, <8 x float> zeroinitializer
+  %2400 = fmul <8 x float> %2399, %2392
+  %2401 = getelementptr inbounds float, ptr %2394, i64 %2397
+  store <8 x float> %2400, ptr %2401, align 4
+  %2402 = add nsw i64 %col254, 8
+  %2403 = fcmp ogt <8 x float> %2396, zeroinitializer
+  %2404 = select <8 x i1> %2403, <8 x float> %2396, <8 x float> zeroinitializer
+  %2405 = fmul <8 x float> %2404, %2392
+  %2406 = getelementptr inbounds float, ptr %2394, i64 %2402
+  store <8 x float> %2405, ptr %2406, align 4
+  br label %tile.done136
 
-k.end244:                                         ; preds = %k.head242
-  %2380 = add nsw i64 %r0128, 0
-  %2381 = getelementptr inbounds float, ptr %rw, i64 %2380
-  %2382 = load float, ptr %2381, align 4
-  %2383 = insertelement <8 x float> poison, float %2382, i32 0
-  %2384 = shufflevector <8 x float> %2383, <8 x float> poison, <8 x i32> zeroinitializer
-  %2385 = mul nsw i64 %2380, 1024
-  %2386 = getelementptr inbounds float, ptr %h, i64 %2385
-  %col248 = mul nsw i64 %p, 16
-  %2387 = load <8 x float>, ptr %acc000234, align 4
-  %2388 = load <8 x float>, ptr %acc001235, align 4
-  %2389 = add nsw i64 %col248, 0
-  %2390 = fcmp ogt <8 x float> %2387, zeroinitializer
-  %2391 = select <8 x i1> %2390, <8 x float> %2387, <8 x float> zeroinitializer
-  %2392 = fmul <8 x float> %2391, %2384
-  %2393 = getelementptr inbounds float, ptr %2386, i64 %2389
-  store <8 x float> %2392, ptr %2393, align 4
-  %2394 = add nsw i64 %col248, 8
-  %2395 = fcmp ogt <8 x float> %2388, zeroinitializer
-  %2396 = select <8 x i1> %2395, <8 x float> %2388, <8 x float> zeroinitializer
-  %2397 = fmul <8 x float> %2396, %2384
-  %2398 = getelementptr inbounds float, ptr %2386, i64 %2394
-  store <8 x float> %2397, ptr %2398, align 4
-  %2399 = add nsw i64 %r0128, 1
-  %2400 = getelementptr inbounds float, ptr %rw, i64 %2399
-  %2401 = load float, ptr %2400, align 4
-  %2402 = insertelement <8 x float> poison, float %2401, i32 0
-  %2403 = shufflevector <8 x float> %2402, <8 x float> poison, <8 x i32> zeroinitializer
-  %2404 = mul nsw i64 %2399, 1024
-  %2405 = getelementptr inbounds float, ptr %h, i64 %2404
-  %col249 = mul nsw i64 %p, 16
-  %2406 = load <8 x float>, ptr %acc010236, align 4
-  %2407 = load <8 x float>, ptr %acc011237, align 4
-  %2408 = add nsw i64 %col249, 0
-  %2409 = fcmp ogt <8 x float> %2406, zeroinitializer
-  %2410 = select <8 x i1> %2409, <8 x float> %2406, <8 x float> zeroinitializer
-  %2411 = fmul <8 x float> %2410, %2403
-  %2412 = getelementptr inbounds float, ptr %2405, i64 %2408
-  store <8 x float> %2411, ptr %2412, align 4
-  %2413 = add nsw i64 %col249, 8
-  %2414 = fcmp ogt <8 x float> %2407, zeroinitializer
-  %2415 = select <8 x i1> %2414, <8 x float> %2407, <8 x float> zeroinitializer
-  %2416 = fmul <8 x float> %2415, %2403
-  %2417 = getelementptr inbounds float, ptr %2405, i64 %2413
-  store <8 x float> %2416, ptr %2417, align 4
-  br label %tile.done131
+tile.mr1137:                                      ; preds = %rb.body130
+  %2407 = add nsw i64 %r0133, 0
+  %2408 = getelementptr inbounds i32, ptr %rows, i64 %2407
+  %2409 = load i32, ptr %2408, align 4
+  %2410 = sext i32 %2409 to i64
+  %2411 = mul nsw i64 %2410, 512
+  %2412 = add nsw i64 %2411, 0
+  %2413 = getelementptr inbounds float, ptr %x, i64 %2412
+  store <8 x float> zeroinitializer, ptr %acc000255, align 4
+  store <8 x float> zeroinitializer, ptr %acc001256, align 4
+  %panel.off257 = mul nsw i64 %p, 8192
+  %2414 = getelementptr inbounds float, ptr %panels, i64 %panel.off257
+  %2415 = add nsw i64 %p, 1
+  %2416 = icmp slt i64 %2415, %p1
+  %pf.on258 = and i1 %pf.on144, %2416
+  %2417 = mul nsw i64 %rb132, 32768
+  %2418 = lshr i64 %2417, %1619
+  %2419 = add nsw i64 32768, %2418
+  %2420 = getelementptr inbounds i8, ptr %2414, i64 %2419
+  %pf259 = select i1 %pf.on258, ptr %2420, ptr %2414
+  %pf.sh260 = select i1 %pf.on258, i64 %1619, i64 0
+  br label %k.head261
 
-tile.mr1132:                                      ; preds = %rb.body125
-  %2418 = add nsw i64 %r0128, 0
-  %2419 = getelementptr inbounds i32, ptr %rows, i64 %2418
-  %2420 = load i32, ptr %2419, align 4
-  %2421 = sext i32 %2420 to i64
-  %2422 = mul nsw i64 %2421, 512
+k.head261:                                        ; preds = %pf.any.end266, %tile.mr1137
+  %k264 = phi i64 [ 0, %tile.mr1137 ], [ %2442, %pf.any.end266 ]
+  %2421 = icmp slt i64 %k264, 512
+  br i1 %2421, label %k.body262, label %k.end263
+
+k.body262:                                        ; preds = %k.head261
+  %2422 = mul nsw i64 %k264, 1
   %2423 = add nsw i64 %2422, 0
-  %2424 = getelementptr inbounds float, ptr %x, i64 %2423
-  store <8 x float> zeroinitializer, ptr %acc000250, align 4
-  store <8 x float> zeroinitializer, ptr %acc001251, align 4
-  %2425 = mul nsw i64 %p, 8192
-  %panel.off252 = add nsw i64 %2425, 0
-  %2426 = getelementptr inbounds float, ptr %panels, i64 %panel.off252
-  %2427 = add nsw i64 %p, 1
-  %2428 = icmp slt i64 %2427, %p1
-  %pf.on253 = and i1 %pf.on139, %2428
-  %2429 = mul nsw i64 %rb127, 32768
-  %2430 = lshr i64 %2429, %1625
-  %2431 = add nsw i64 32768, %2430
-  %2432 = getelementptr inbounds i8, ptr %2426, i64 %2431
-  %pf254 = select i1 %pf.on253, ptr %2432, ptr %2426
-  %pf.sh255 = select i1 %pf.on253, i64 %1625, i64 0
-  br label %k.head256
+  %2424 = mul nsw i64 %2423, 64
+  br i1 %pf.multi143, label %pf.any.then265, label %pf.any.end266
 
-k.head256:                                        ; preds = %pf.any.end261, %tile.mr1132
-  %k259 = phi i64 [ 0, %tile.mr1132 ], [ %2454, %pf.any.end261 ]
-  %2433 = icmp slt i64 %k259, 512
-  br i1 %2433, label %k.body257, label %k.end258
+pf.any.then265:                                   ; preds = %k.body262
+  %2425 = lshr i64 %2424, %pf.sh260
+  %2426 = getelementptr inbounds i8, ptr %pf259, i64 %2425
+  call void @llvm.prefetch.p0(ptr %2426, i32 0, i32 2, i32 1)
+  br label %pf.any.end266
 
-k.body257:                                        ; preds = %k.head256
-  %2434 = mul nsw i64 %k259, 1
-  %2435 = add nsw i64 %2434, 0
-  %2436 = mul nsw i64 %2435, 64
-  br i1 %pf.multi138, label %pf.any.then260, label %pf.any.end261
+pf.any.end266:                                    ; preds = %pf.any.then265, %k.body262
+  %2427 = mul nsw i64 %2423, 16
+  %2428 = add nsw i64 %panel.off257, %2427
+  %2429 = getelementptr inbounds float, ptr %panels, i64 %2428
+  %2430 = load <8 x float>, ptr %2429, align 4
+  %2431 = add nsw i64 %2428, 8
+  %2432 = getelementptr inbounds float, ptr %panels, i64 %2431
+  %2433 = load <8 x float>, ptr %2432, align 4
+  %2434 = getelementptr inbounds float, ptr %2413, i64 %2423
+  %2435 = load float, ptr %2434, align 4
+  %2436 = insertelement <8 x float> poison, float %2435, i32 0
+  %2437 = shufflevector <8 x float> %2436, <8 x float> poison, <8 x i32> zeroinitializer
+  %2438 = load <8 x float>, ptr %acc000255, align 4
+  %2439 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2437, <8 x float> %2430, <8 x float> %2438)
+  store <8 x float> %2439, ptr %acc000255, align 4
+  %2440 = load <8 x float>, ptr %acc001256, align 4
+  %2441 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2437, <8 x float> %2433, <8 x float> %2440)
+  store <8 x float> %2441, ptr %acc001256, align 4
+  %2442 = add nsw i64 %k264, 1
+  br label %k.head261
 
-pf.any.then260:                                   ; preds = %k.body257
-  %2437 = lshr i64 %2436, %pf.sh255
-  %2438 = getelementptr inbounds i8, ptr %pf254, i64 %2437
-  call void @llvm.prefetch.p0(ptr %2438, i32 0, i32 2, i32 1)
-  br label %pf.any.end261
+k.end263:                                         ; preds = %k.head261
+  %2443 = add nsw i64 %r0133, 0
+  %2444 = getelementptr inbounds float, ptr %rw, i64 %2443
+  %2445 = load float, ptr %2444, align 4
+  %2446 = insertelement <8 x float> poison, float %2445, i32 0
+  %2447 = shufflevector <8 x float> %2446, <8 x float> poison, <8 x i32> zeroinitializer
+  %2448 = mul nsw i64 %2443, 1024
+  %2449 = getelementptr inbounds float, ptr %h, i64 %2448
+  %col267 = mul nsw i64 %p, 16
+  %2450 = load <8 x float>, ptr %acc000255, align 4
+  %2451 = load <8 x float>, ptr %acc001256, align 4
+  %2452 = add nsw i64 %col267, 0
+  %2453 = fcmp ogt <8 x float> %2450, zeroinitializer
+  %2454 = select <8 x i1> %2453, <8 x float> %2450, <8 x float> zeroinitializer
+  %2455 = fmul <8 x float> %2454, %2447
+  %2456 = getelementptr inbounds float, ptr %2449, i64 %2452
+  store <8 x float> %2455, ptr %2456, align 4
+  %2457 = add nsw i64 %col267, 8
+  %2458 = fcmp ogt <8 x float> %2451, zeroinitializer
+  %2459 = select <8 x i1> %2458, <8 x float> %2451, <8 x float> zeroinitializer
+  %2460 = fmul <8 x float> %2459, %2447
+  %2461 = getelementptr inbounds float, ptr %2449, i64 %2457
+  store <8 x float> %2460, ptr %2461, align 4
+  br label %tile.done136
 
-pf.any.end261:                                    ; preds = %pf.any.then260, %k.body257
-  %2439 = mul nsw i64 %2435, 16
-  %2440 = add nsw i64 %panel.off252, %2439
-  %2441 = getelementptr inbounds float, ptr %panels, i64 %2440
-  %2442 = load <8 x float>, ptr %2441, align 4
-  %2443 = add nsw i64 %2440, 8
-  %2444 = getelementptr inbounds float, ptr %panels, i64 %2443
-  %2445 = load <8 x float>, ptr %2444, align 4
-  %2446 = getelementptr inbounds float, ptr %2424, i64 %2435
-  %2447 = load float, ptr %2446, align 4
-  %2448 = insertelement <8 x float> poison, float %2447, i32 0
-  %2449 = shufflevector <8 x float> %2448, <8 x float> poison, <8 x i32> zeroinitializer
-  %2450 = load <8 x float>, ptr %acc000250, align 4
-  %2451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2449, <8 x float> %2442, <8 x float> %2450)
-  store <8 x float> %2451, ptr %acc000250, align 4
-  %2452 = load <8 x float>, ptr %acc001251, align 4
-  %2453 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2449, <8 x float> %2445, <8 x float> %2452)
-  store <8 x float> %2453, ptr %acc001251, align 4
-  %2454 = add nsw i64 %k259, 1
-  br label %k.head256
+tile.done136:                                     ; preds = %k.end263, %k.end249, %k.end232, %k.end212, %k.end189, %k.end163
+  %2462 = add nsw i64 %rb132, 1
+  br label %rb.head129
 
-k.end258:                                         ; preds = %k.head256
-  %2455 = add nsw i64 %r0128, 0
-  %2456 = getelementptr inbounds float, ptr %rw, i64 %2455
-  %2457 = load float, ptr %2456, align 4
-  %2458 = insertelement <8 x float> poison, float %2457, i32 0
-  %2459 = shufflevector <8 x float> %2458, <8 x float> poison, <8 x i32> zeroinitializer
-  %2460 = mul nsw i64 %2455, 1024
-  %2461 = getelementptr inbounds float, ptr %h, i64 %2460
-  %col262 = mul nsw i64 %p, 16
-  %2462 = load <8 x float>, ptr %acc000250, align 4
-  %2463 = load <8 x float>, ptr %acc001251, align 4
-  %2464 = add nsw i64 %col262, 0
-  %2465 = fcmp ogt <8 x float> %2462, zeroinitializer
-  %2466 = select <8 x i1> %2465, <8 x float> %2462, <8 x float> zeroinitializer
-  %2467 = fmul <8 x float> %2466, %2459
-  %2468 = getelementptr inbounds float, ptr %2461, i64 %2464
-  store <8 x float> %2467, ptr %2468, align 4
-  %2469 = add nsw i64 %col262, 8
-  %2470 = fcmp ogt <8 x float> %2463, zeroinitializer
-  %2471 = select <8 x i1> %2470, <8 x float> %2463, <8 x float> zeroinitializer
-  %2472 = fmul <8 x float> %2471, %2459
-  %2473 = getelementptr inbounds float, ptr %2461, i64 %2469
-  store <8 x float> %2472, ptr %2473, align 4
-  br label %tile.done131
-
-tile.done131:                                     ; preds = %k.end258, %k.end244, %k.end227, %k.end207, %k.end184, %k.end158
-  %2474 = add nsw i64 %rb127, 1
-  br label %rb.head124
-
-rb.end126:                                        ; preds = %rb.head124
-  %2475 = add nsw i64 %p, 1
+rb.end131:                                        ; preds = %rb.head129
+  %2463 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -5669,68 +5663,68 @@ entry:
   %acc03111 = alloca <8 x float>, align 32
   %acc04012 = alloca <8 x float>, align 32
   %acc04113 = alloca <8 x float>, align 32
-  %acc00025 = alloca <8 x float>, align 32
-  %acc00126 = alloca <8 x float>, align 32
-  %acc01027 = alloca <8 x float>, align 32
-  %acc01128 = alloca <8 x float>, align 32
-  %acc02029 = alloca <8 x float>, align 32
-  %acc02130 = alloca <8 x float>, align 32
-  %acc03031 = alloca <8 x float>, align 32
-  %acc03132 = alloca <8 x float>, align 32
-  %acc00044 = alloca <8 x float>, align 32
-  %acc00145 = alloca <8 x float>, align 32
-  %acc01046 = alloca <8 x float>, align 32
-  %acc01147 = alloca <8 x float>, align 32
-  %acc02048 = alloca <8 x float>, align 32
-  %acc02149 = alloca <8 x float>, align 32
-  %acc00061 = alloca <8 x float>, align 32
-  %acc00162 = alloca <8 x float>, align 32
-  %acc01063 = alloca <8 x float>, align 32
-  %acc01164 = alloca <8 x float>, align 32
-  %acc00076 = alloca <8 x float>, align 32
-  %acc00177 = alloca <8 x float>, align 32
-  %acc000106 = alloca <8 x float>, align 32
-  %acc001107 = alloca <8 x float>, align 32
-  %acc010108 = alloca <8 x float>, align 32
-  %acc011109 = alloca <8 x float>, align 32
-  %acc020110 = alloca <8 x float>, align 32
-  %acc021111 = alloca <8 x float>, align 32
-  %acc030112 = alloca <8 x float>, align 32
-  %acc031113 = alloca <8 x float>, align 32
-  %acc040114 = alloca <8 x float>, align 32
-  %acc041115 = alloca <8 x float>, align 32
-  %acc050116 = alloca <8 x float>, align 32
-  %acc051117 = alloca <8 x float>, align 32
-  %acc000129 = alloca <8 x float>, align 32
-  %acc001130 = alloca <8 x float>, align 32
-  %acc010131 = alloca <8 x float>, align 32
-  %acc011132 = alloca <8 x float>, align 32
-  %acc020133 = alloca <8 x float>, align 32
-  %acc021134 = alloca <8 x float>, align 32
-  %acc030135 = alloca <8 x float>, align 32
-  %acc031136 = alloca <8 x float>, align 32
-  %acc040137 = alloca <8 x float>, align 32
-  %acc041138 = alloca <8 x float>, align 32
-  %acc000150 = alloca <8 x float>, align 32
-  %acc001151 = alloca <8 x float>, align 32
-  %acc010152 = alloca <8 x float>, align 32
-  %acc011153 = alloca <8 x float>, align 32
-  %acc020154 = alloca <8 x float>, align 32
-  %acc021155 = alloca <8 x float>, align 32
-  %acc030156 = alloca <8 x float>, align 32
-  %acc031157 = alloca <8 x float>, align 32
-  %acc000169 = alloca <8 x float>, align 32
-  %acc001170 = alloca <8 x float>, align 32
-  %acc010171 = alloca <8 x float>, align 32
-  %acc011172 = alloca <8 x float>, align 32
-  %acc020173 = alloca <8 x float>, align 32
-  %acc021174 = alloca <8 x float>, align 32
-  %acc000186 = alloca <8 x float>, align 32
-  %acc001187 = alloca <8 x float>, align 32
-  %acc010188 = alloca <8 x float>, align 32
-  %acc011189 = alloca <8 x float>, align 32
-  %acc000201 = alloca <8 x float>, align 32
-  %acc001202 = alloca <8 x float>, align 32
+  %acc00026 = alloca <8 x float>, align 32
+  %acc00127 = alloca <8 x float>, align 32
+  %acc01028 = alloca <8 x float>, align 32
+  %acc01129 = alloca <8 x float>, align 32
+  %acc02030 = alloca <8 x float>, align 32
+  %acc02131 = alloca <8 x float>, align 32
+  %acc03032 = alloca <8 x float>, align 32
+  %acc03133 = alloca <8 x float>, align 32
+  %acc00046 = alloca <8 x float>, align 32
+  %acc00147 = alloca <8 x float>, align 32
+  %acc01048 = alloca <8 x float>, align 32
+  %acc01149 = alloca <8 x float>, align 32
+  %acc02050 = alloca <8 x float>, align 32
+  %acc02151 = alloca <8 x float>, align 32
+  %acc00064 = alloca <8 x float>, align 32
+  %acc00165 = alloca <8 x float>, align 32
+  %acc01066 = alloca <8 x float>, align 32
+  %acc01167 = alloca <8 x float>, align 32
+  %acc00080 = alloca <8 x float>, align 32
+  %acc00181 = alloca <8 x float>, align 32
+  %acc000111 = alloca <8 x float>, align 32
+  %acc001112 = alloca <8 x float>, align 32
+  %acc010113 = alloca <8 x float>, align 32
+  %acc011114 = alloca <8 x float>, align 32
+  %acc020115 = alloca <8 x float>, align 32
+  %acc021116 = alloca <8 x float>, align 32
+  %acc030117 = alloca <8 x float>, align 32
+  %acc031118 = alloca <8 x float>, align 32
+  %acc040119 = alloca <8 x float>, align 32
+  %acc041120 = alloca <8 x float>, align 32
+  %acc050121 = alloca <8 x float>, align 32
+  %acc051122 = alloca <8 x float>, align 32
+  %acc000134 = alloca <8 x float>, align 32
+  %acc001135 = alloca <8 x float>, align 32
+  %acc010136 = alloca <8 x float>, align 32
+  %acc011137 = alloca <8 x float>, align 32
+  %acc020138 = alloca <8 x float>, align 32
+  %acc021139 = alloca <8 x float>, align 32
+  %acc030140 = alloca <8 x float>, align 32
+  %acc031141 = alloca <8 x float>, align 32
+  %acc040142 = alloca <8 x float>, align 32
+  %acc041143 = alloca <8 x float>, align 32
+  %acc000155 = alloca <8 x float>, align 32
+  %acc001156 = alloca <8 x float>, align 32
+  %acc010157 = alloca <8 x float>, align 32
+  %acc011158 = alloca <8 x float>, align 32
+  %acc020159 = alloca <8 x float>, align 32
+  %acc021160 = alloca <8 x float>, align 32
+  %acc030161 = alloca <8 x float>, align 32
+  %acc031162 = alloca <8 x float>, align 32
+  %acc000174 = alloca <8 x float>, align 32
+  %acc001175 = alloca <8 x float>, align 32
+  %acc010176 = alloca <8 x float>, align 32
+  %acc011177 = alloca <8 x float>, align 32
+  %acc020178 = alloca <8 x float>, align 32
+  %acc021179 = alloca <8 x float>, align 32
+  %acc000191 = alloca <8 x float>, align 32
+  %acc001192 = alloca <8 x float>, align 32
+  %acc010193 = alloca <8 x float>, align 32
+  %acc011194 = alloca <8 x float>, align 32
+  %acc000206 = alloca <8 x float>, align 32
+  %acc001207 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -5743,7 +5737,7 @@ kb:                                               ; preds = %start
   br label %kb.rc.head
 
 kb.rc.head:                                       ; preds = %kb.pg.end, %kb
-  %kb.rc = phi i64 [ 0, %kb ], [ %726, %kb.pg.end ]
+  %kb.rc = phi i64 [ 0, %kb ], [ %720, %kb.pg.end ]
   %2 = icmp slt i64 %kb.rc, %n
   br i1 %2, label %kb.rc.body, label %kb.rc.end
 
@@ -5754,7 +5748,7 @@ kb.rc.body:                                       ; preds = %kb.rc.head
   br label %kb.pg.head
 
 kb.pg.head:                                       ; preds = %kb.k.end, %kb.rc.body
-  %kb.pg = phi i64 [ %p0, %kb.rc.body ], [ %725, %kb.k.end ]
+  %kb.pg = phi i64 [ %p0, %kb.rc.body ], [ %719, %kb.k.end ]
   %5 = icmp slt i64 %kb.pg, %end
   br i1 %5, label %kb.pg.body, label %kb.pg.end
 
@@ -5765,7 +5759,7 @@ kb.pg.body:                                       ; preds = %kb.pg.head
   br label %kb.k.head
 
 kb.k.head:                                        ; preds = %kb.p.end, %kb.pg.body
-  %kb.k = phi i64 [ 0, %kb.pg.body ], [ %724, %kb.p.end ]
+  %kb.k = phi i64 [ 0, %kb.pg.body ], [ %718, %kb.p.end ]
   %8 = icmp slt i64 %kb.k, 4
   br i1 %8, label %kb.k.body, label %kb.k.end
 
@@ -5776,7 +5770,7 @@ kb.k.body:                                        ; preds = %kb.k.head
   br label %kb.p.head
 
 kb.p.head:                                        ; preds = %rb.end, %kb.k.body
-  %kb.p = phi i64 [ %kb.pg, %kb.k.body ], [ %723, %rb.end ]
+  %kb.p = phi i64 [ %kb.pg, %kb.k.body ], [ %717, %rb.end ]
   %9 = icmp slt i64 %kb.p, %kb.pg1
   br i1 %9, label %kb.p.body, label %kb.p.end
 
@@ -5794,7 +5788,7 @@ kb.p.body:                                        ; preds = %kb.p.head
   br label %rb.head
 
 rb.head:                                          ; preds = %tile.done, %kb.p.body
-  %rb = phi i64 [ 0, %kb.p.body ], [ %722, %tile.done ]
+  %rb = phi i64 [ 0, %kb.p.body ], [ %716, %tile.done ]
   %17 = icmp slt i64 %rb, %nrb
   br i1 %17, label %rb.body, label %rb.end
 
@@ -5940,877 +5934,877 @@ tile.mr6:                                         ; preds = %rb.body
   %129 = load <8 x float>, ptr %128, align 4
   %130 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %129
   store <8 x float> %130, ptr %acc051, align 4
+  %panel.off = mul nsw i64 %kb.p, 16384
   %131 = mul nsw i64 %k0, 16
-  %132 = mul nsw i64 %kb.p, 16384
-  %panel.off = add nsw i64 %132, %131
-  %133 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %slice.off = add nsw i64 %panel.off, %131
+  %132 = getelementptr inbounds float, ptr %panels, i64 %slice.off
   %pf.on2 = and i1 %pf.on, %pf.next
-  %134 = mul nsw i64 %rb, 16384
-  %135 = lshr i64 %134, %26
-  %136 = add nsw i64 %pf.step, %135
-  %137 = getelementptr inbounds i8, ptr %133, i64 %136
-  %pf = select i1 %pf.on2, ptr %137, ptr %133
+  %133 = mul nsw i64 %rb, 16384
+  %134 = lshr i64 %133, %26
+  %135 = add nsw i64 %pf.step, %134
+  %136 = getelementptr inbounds i8, ptr %132, i64 %135
+  %pf = select i1 %pf.on2, ptr %136, ptr %132
   %pf.sh = select i1 %pf.on2, i64 %26, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %199, %pf.any.end ]
-  %138 = icmp slt i64 %k, 256
-  br i1 %138, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %198, %pf.any.end ]
+  %137 = icmp slt i64 %k, 256
+  br i1 %137, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %139 = mul nsw i64 %k, 1
-  %140 = add nsw i64 %139, 0
-  %141 = mul nsw i64 %140, 64
+  %138 = mul nsw i64 %k, 1
+  %139 = add nsw i64 %138, 0
+  %140 = mul nsw i64 %139, 64
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %142 = lshr i64 %141, %pf.sh
-  %143 = getelementptr inbounds i8, ptr %pf, i64 %142
-  call void @llvm.prefetch.p0(ptr %143, i32 0, i32 2, i32 1)
+  %141 = lshr i64 %140, %pf.sh
+  %142 = getelementptr inbounds i8, ptr %pf, i64 %141
+  call void @llvm.prefetch.p0(ptr %142, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %144 = mul nsw i64 %140, 16
-  %145 = add nsw i64 %panel.off, %144
-  %146 = getelementptr inbounds float, ptr %panels, i64 %145
-  %147 = load <8 x float>, ptr %146, align 4
-  %148 = add nsw i64 %145, 8
-  %149 = getelementptr inbounds float, ptr %panels, i64 %148
-  %150 = load <8 x float>, ptr %149, align 4
-  %151 = getelementptr inbounds float, ptr %32, i64 %140
-  %152 = load float, ptr %151, align 4
-  %153 = insertelement <8 x float> poison, float %152, i32 0
-  %154 = shufflevector <8 x float> %153, <8 x float> poison, <8 x i32> zeroinitializer
-  %155 = load <8 x float>, ptr %acc000, align 4
-  %156 = call <8 x float> @llvm.fma.v8f32(<8 x float> %154, <8 x float> %147, <8 x float> %155)
-  store <8 x float> %156, ptr %acc000, align 4
-  %157 = load <8 x float>, ptr %acc001, align 4
-  %158 = call <8 x float> @llvm.fma.v8f32(<8 x float> %154, <8 x float> %150, <8 x float> %157)
-  store <8 x float> %158, ptr %acc001, align 4
-  %159 = getelementptr inbounds float, ptr %49, i64 %140
-  %160 = load float, ptr %159, align 4
-  %161 = insertelement <8 x float> poison, float %160, i32 0
-  %162 = shufflevector <8 x float> %161, <8 x float> poison, <8 x i32> zeroinitializer
-  %163 = load <8 x float>, ptr %acc010, align 4
-  %164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %162, <8 x float> %147, <8 x float> %163)
-  store <8 x float> %164, ptr %acc010, align 4
-  %165 = load <8 x float>, ptr %acc011, align 4
-  %166 = call <8 x float> @llvm.fma.v8f32(<8 x float> %162, <8 x float> %150, <8 x float> %165)
-  store <8 x float> %166, ptr %acc011, align 4
-  %167 = getelementptr inbounds float, ptr %66, i64 %140
-  %168 = load float, ptr %167, align 4
-  %169 = insertelement <8 x float> poison, float %168, i32 0
-  %170 = shufflevector <8 x float> %169, <8 x float> poison, <8 x i32> zeroinitializer
-  %171 = load <8 x float>, ptr %acc020, align 4
-  %172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %170, <8 x float> %147, <8 x float> %171)
-  store <8 x float> %172, ptr %acc020, align 4
-  %173 = load <8 x float>, ptr %acc021, align 4
-  %174 = call <8 x float> @llvm.fma.v8f32(<8 x float> %170, <8 x float> %150, <8 x float> %173)
-  store <8 x float> %174, ptr %acc021, align 4
-  %175 = getelementptr inbounds float, ptr %83, i64 %140
-  %176 = load float, ptr %175, align 4
-  %177 = insertelement <8 x float> poison, float %176, i32 0
-  %178 = shufflevector <8 x float> %177, <8 x float> poison, <8 x i32> zeroinitializer
-  %179 = load <8 x float>, ptr %acc030, align 4
-  %180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %178, <8 x float> %147, <8 x float> %179)
-  store <8 x float> %180, ptr %acc030, align 4
-  %181 = load <8 x float>, ptr %acc031, align 4
-  %182 = call <8 x float> @llvm.fma.v8f32(<8 x float> %178, <8 x float> %150, <8 x float> %181)
-  store <8 x float> %182, ptr %acc031, align 4
-  %183 = getelementptr inbounds float, ptr %100, i64 %140
-  %184 = load float, ptr %183, align 4
-  %185 = insertelement <8 x float> poison, float %184, i32 0
-  %186 = shufflevector <8 x float> %185, <8 x float> poison, <8 x i32> zeroinitializer
-  %187 = load <8 x float>, ptr %acc040, align 4
-  %188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %186, <8 x float> %147, <8 x float> %187)
-  store <8 x float> %188, ptr %acc040, align 4
-  %189 = load <8 x float>, ptr %acc041, align 4
-  %190 = call <8 x float> @llvm.fma.v8f32(<8 x float> %186, <8 x float> %150, <8 x float> %189)
-  store <8 x float> %190, ptr %acc041, align 4
-  %191 = getelementptr inbounds float, ptr %117, i64 %140
-  %192 = load float, ptr %191, align 4
-  %193 = insertelement <8 x float> poison, float %192, i32 0
-  %194 = shufflevector <8 x float> %193, <8 x float> poison, <8 x i32> zeroinitializer
-  %195 = load <8 x float>, ptr %acc050, align 4
-  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> %147, <8 x float> %195)
-  store <8 x float> %196, ptr %acc050, align 4
-  %197 = load <8 x float>, ptr %acc051, align 4
-  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> %150, <8 x float> %197)
-  store <8 x float> %198, ptr %acc051, align 4
-  %199 = add nsw i64 %k, 1
+  %143 = mul nsw i64 %139, 16
+  %144 = add nsw i64 %slice.off, %143
+  %145 = getelementptr inbounds float, ptr %panels, i64 %144
+  %146 = load <8 x float>, ptr %145, align 4
+  %147 = add nsw i64 %144, 8
+  %148 = getelementptr inbounds float, ptr %panels, i64 %147
+  %149 = load <8 x float>, ptr %148, align 4
+  %150 = getelementptr inbounds float, ptr %32, i64 %139
+  %151 = load float, ptr %150, align 4
+  %152 = insertelement <8 x float> poison, float %151, i32 0
+  %153 = shufflevector <8 x float> %152, <8 x float> poison, <8 x i32> zeroinitializer
+  %154 = load <8 x float>, ptr %acc000, align 4
+  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> %146, <8 x float> %154)
+  store <8 x float> %155, ptr %acc000, align 4
+  %156 = load <8 x float>, ptr %acc001, align 4
+  %157 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> %149, <8 x float> %156)
+  store <8 x float> %157, ptr %acc001, align 4
+  %158 = getelementptr inbounds float, ptr %49, i64 %139
+  %159 = load float, ptr %158, align 4
+  %160 = insertelement <8 x float> poison, float %159, i32 0
+  %161 = shufflevector <8 x float> %160, <8 x float> poison, <8 x i32> zeroinitializer
+  %162 = load <8 x float>, ptr %acc010, align 4
+  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> %146, <8 x float> %162)
+  store <8 x float> %163, ptr %acc010, align 4
+  %164 = load <8 x float>, ptr %acc011, align 4
+  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> %149, <8 x float> %164)
+  store <8 x float> %165, ptr %acc011, align 4
+  %166 = getelementptr inbounds float, ptr %66, i64 %139
+  %167 = load float, ptr %166, align 4
+  %168 = insertelement <8 x float> poison, float %167, i32 0
+  %169 = shufflevector <8 x float> %168, <8 x float> poison, <8 x i32> zeroinitializer
+  %170 = load <8 x float>, ptr %acc020, align 4
+  %171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %146, <8 x float> %170)
+  store <8 x float> %171, ptr %acc020, align 4
+  %172 = load <8 x float>, ptr %acc021, align 4
+  %173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %149, <8 x float> %172)
+  store <8 x float> %173, ptr %acc021, align 4
+  %174 = getelementptr inbounds float, ptr %83, i64 %139
+  %175 = load float, ptr %174, align 4
+  %176 = insertelement <8 x float> poison, float %175, i32 0
+  %177 = shufflevector <8 x float> %176, <8 x float> poison, <8 x i32> zeroinitializer
+  %178 = load <8 x float>, ptr %acc030, align 4
+  %179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> %146, <8 x float> %178)
+  store <8 x float> %179, ptr %acc030, align 4
+  %180 = load <8 x float>, ptr %acc031, align 4
+  %181 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> %149, <8 x float> %180)
+  store <8 x float> %181, ptr %acc031, align 4
+  %182 = getelementptr inbounds float, ptr %100, i64 %139
+  %183 = load float, ptr %182, align 4
+  %184 = insertelement <8 x float> poison, float %183, i32 0
+  %185 = shufflevector <8 x float> %184, <8 x float> poison, <8 x i32> zeroinitializer
+  %186 = load <8 x float>, ptr %acc040, align 4
+  %187 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> %146, <8 x float> %186)
+  store <8 x float> %187, ptr %acc040, align 4
+  %188 = load <8 x float>, ptr %acc041, align 4
+  %189 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> %149, <8 x float> %188)
+  store <8 x float> %189, ptr %acc041, align 4
+  %190 = getelementptr inbounds float, ptr %117, i64 %139
+  %191 = load float, ptr %190, align 4
+  %192 = insertelement <8 x float> poison, float %191, i32 0
+  %193 = shufflevector <8 x float> %192, <8 x float> poison, <8 x i32> zeroinitializer
+  %194 = load <8 x float>, ptr %acc050, align 4
+  %195 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> %146, <8 x float> %194)
+  store <8 x float> %195, ptr %acc050, align 4
+  %196 = load <8 x float>, ptr %acc051, align 4
+  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> %149, <8 x float> %196)
+  store <8 x float> %197, ptr %acc051, align 4
+  %198 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %200 = load <8 x float>, ptr %acc000, align 4
-  store <8 x float> %200, ptr %39, align 4
-  %201 = load <8 x float>, ptr %acc001, align 4
-  store <8 x float> %201, ptr %43, align 4
-  %202 = load <8 x float>, ptr %acc010, align 4
-  store <8 x float> %202, ptr %56, align 4
-  %203 = load <8 x float>, ptr %acc011, align 4
-  store <8 x float> %203, ptr %60, align 4
-  %204 = load <8 x float>, ptr %acc020, align 4
-  store <8 x float> %204, ptr %73, align 4
-  %205 = load <8 x float>, ptr %acc021, align 4
-  store <8 x float> %205, ptr %77, align 4
-  %206 = load <8 x float>, ptr %acc030, align 4
-  store <8 x float> %206, ptr %90, align 4
-  %207 = load <8 x float>, ptr %acc031, align 4
-  store <8 x float> %207, ptr %94, align 4
-  %208 = load <8 x float>, ptr %acc040, align 4
-  store <8 x float> %208, ptr %107, align 4
-  %209 = load <8 x float>, ptr %acc041, align 4
-  store <8 x float> %209, ptr %111, align 4
-  %210 = load <8 x float>, ptr %acc050, align 4
-  store <8 x float> %210, ptr %124, align 4
-  %211 = load <8 x float>, ptr %acc051, align 4
-  store <8 x float> %211, ptr %128, align 4
+  %199 = load <8 x float>, ptr %acc000, align 4
+  store <8 x float> %199, ptr %39, align 4
+  %200 = load <8 x float>, ptr %acc001, align 4
+  store <8 x float> %200, ptr %43, align 4
+  %201 = load <8 x float>, ptr %acc010, align 4
+  store <8 x float> %201, ptr %56, align 4
+  %202 = load <8 x float>, ptr %acc011, align 4
+  store <8 x float> %202, ptr %60, align 4
+  %203 = load <8 x float>, ptr %acc020, align 4
+  store <8 x float> %203, ptr %73, align 4
+  %204 = load <8 x float>, ptr %acc021, align 4
+  store <8 x float> %204, ptr %77, align 4
+  %205 = load <8 x float>, ptr %acc030, align 4
+  store <8 x float> %205, ptr %90, align 4
+  %206 = load <8 x float>, ptr %acc031, align 4
+  store <8 x float> %206, ptr %94, align 4
+  %207 = load <8 x float>, ptr %acc040, align 4
+  store <8 x float> %207, ptr %107, align 4
+  %208 = load <8 x float>, ptr %acc041, align 4
+  store <8 x float> %208, ptr %111, align 4
+  %209 = load <8 x float>, ptr %acc050, align 4
+  store <8 x float> %209, ptr %124, align 4
+  %210 = load <8 x float>, ptr %acc051, align 4
+  store <8 x float> %210, ptr %128, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
   %col3 = mul nsw i64 %kb.p, 16
-  %212 = add nsw i64 %r01, 0
-  %213 = mul nsw i64 %212, 1024
-  %214 = add nsw i64 %213, %k0
-  %215 = getelementptr inbounds float, ptr %h, i64 %214
-  %216 = getelementptr inbounds i32, ptr %rows, i64 %212
-  %217 = load i32, ptr %216, align 4
-  %218 = sext i32 %217 to i64
-  %219 = mul nsw i64 %218, 512
-  %220 = getelementptr inbounds float, ptr %y, i64 %219
-  %221 = add nsw i64 %col3, 0
-  %222 = getelementptr inbounds float, ptr %220, i64 %221
-  %223 = load <8 x float>, ptr %222, align 4
-  %224 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %223
-  store <8 x float> %224, ptr %acc0004, align 4
-  %225 = add nsw i64 %col3, 8
-  %226 = getelementptr inbounds float, ptr %220, i64 %225
-  %227 = load <8 x float>, ptr %226, align 4
-  %228 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %227
-  store <8 x float> %228, ptr %acc0015, align 4
-  %229 = add nsw i64 %r01, 1
-  %230 = mul nsw i64 %229, 1024
-  %231 = add nsw i64 %230, %k0
-  %232 = getelementptr inbounds float, ptr %h, i64 %231
-  %233 = getelementptr inbounds i32, ptr %rows, i64 %229
-  %234 = load i32, ptr %233, align 4
-  %235 = sext i32 %234 to i64
-  %236 = mul nsw i64 %235, 512
-  %237 = getelementptr inbounds float, ptr %y, i64 %236
-  %238 = add nsw i64 %col3, 0
-  %239 = getelementptr inbounds float, ptr %237, i64 %238
-  %240 = load <8 x float>, ptr %239, align 4
-  %241 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %240
-  store <8 x float> %241, ptr %acc0106, align 4
-  %242 = add nsw i64 %col3, 8
-  %243 = getelementptr inbounds float, ptr %237, i64 %242
-  %244 = load <8 x float>, ptr %243, align 4
-  %245 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %244
-  store <8 x float> %245, ptr %acc0117, align 4
-  %246 = add nsw i64 %r01, 2
-  %247 = mul nsw i64 %246, 1024
-  %248 = add nsw i64 %247, %k0
-  %249 = getelementptr inbounds float, ptr %h, i64 %248
-  %250 = getelementptr inbounds i32, ptr %rows, i64 %246
-  %251 = load i32, ptr %250, align 4
-  %252 = sext i32 %251 to i64
-  %253 = mul nsw i64 %252, 512
-  %254 = getelementptr inbounds float, ptr %y, i64 %253
-  %255 = add nsw i64 %col3, 0
-  %256 = getelementptr inbounds float, ptr %254, i64 %255
-  %257 = load <8 x float>, ptr %256, align 4
-  %258 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %257
-  store <8 x float> %258, ptr %acc0208, align 4
-  %259 = add nsw i64 %col3, 8
-  %260 = getelementptr inbounds float, ptr %254, i64 %259
-  %261 = load <8 x float>, ptr %260, align 4
-  %262 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %261
-  store <8 x float> %262, ptr %acc0219, align 4
-  %263 = add nsw i64 %r01, 3
-  %264 = mul nsw i64 %263, 1024
-  %265 = add nsw i64 %264, %k0
-  %266 = getelementptr inbounds float, ptr %h, i64 %265
-  %267 = getelementptr inbounds i32, ptr %rows, i64 %263
-  %268 = load i32, ptr %267, align 4
-  %269 = sext i32 %268 to i64
-  %270 = mul nsw i64 %269, 512
-  %271 = getelementptr inbounds float, ptr %y, i64 %270
-  %272 = add nsw i64 %col3, 0
-  %273 = getelementptr inbounds float, ptr %271, i64 %272
-  %274 = load <8 x float>, ptr %273, align 4
-  %275 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %274
-  store <8 x float> %275, ptr %acc03010, align 4
-  %276 = add nsw i64 %col3, 8
-  %277 = getelementptr inbounds float, ptr %271, i64 %276
-  %278 = load <8 x float>, ptr %277, align 4
-  %279 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %278
-  store <8 x float> %279, ptr %acc03111, align 4
-  %280 = add nsw i64 %r01, 4
-  %281 = mul nsw i64 %280, 1024
-  %282 = add nsw i64 %281, %k0
-  %283 = getelementptr inbounds float, ptr %h, i64 %282
-  %284 = getelementptr inbounds i32, ptr %rows, i64 %280
-  %285 = load i32, ptr %284, align 4
-  %286 = sext i32 %285 to i64
-  %287 = mul nsw i64 %286, 512
-  %288 = getelementptr inbounds float, ptr %y, i64 %287
-  %289 = add nsw i64 %col3, 0
-  %290 = getelementptr inbounds float, ptr %288, i64 %289
-  %291 = load <8 x float>, ptr %290, align 4
-  %292 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %291
-  store <8 x float> %292, ptr %acc04012, align 4
-  %293 = add nsw i64 %col3, 8
-  %294 = getelementptr inbounds float, ptr %288, i64 %293
-  %295 = load <8 x float>, ptr %294, align 4
-  %296 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %295
-  store <8 x float> %296, ptr %acc04113, align 4
-  %297 = mul nsw i64 %k0, 16
-  %298 = mul nsw i64 %kb.p, 16384
-  %panel.off14 = add nsw i64 %298, %297
-  %299 = getelementptr inbounds float, ptr %panels, i64 %panel.off14
-  %pf.on15 = and i1 %pf.on, %pf.next
-  %300 = mul nsw i64 %rb, 16384
-  %301 = lshr i64 %300, %26
-  %302 = add nsw i64 %pf.step, %301
-  %303 = getelementptr inbounds i8, ptr %299, i64 %302
-  %pf16 = select i1 %pf.on15, ptr %303, ptr %299
-  %pf.sh17 = select i1 %pf.on15, i64 %26, i64 0
-  br label %k.head18
+  %211 = add nsw i64 %r01, 0
+  %212 = mul nsw i64 %211, 1024
+  %213 = add nsw i64 %212, %k0
+  %214 = getelementptr inbounds float, ptr %h, i64 %213
+  %215 = getelementptr inbounds i32, ptr %rows, i64 %211
+  %216 = load i32, ptr %215, align 4
+  %217 = sext i32 %216 to i64
+  %218 = mul nsw i64 %217, 512
+  %219 = getelementptr inbounds float, ptr %y, i64 %218
+  %220 = add nsw i64 %col3, 0
+  %221 = getelementptr inbounds float, ptr %219, i64 %220
+  %222 = load <8 x float>, ptr %221, align 4
+  %223 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %222
+  store <8 x float> %223, ptr %acc0004, align 4
+  %224 = add nsw i64 %col3, 8
+  %225 = getelementptr inbounds float, ptr %219, i64 %224
+  %226 = load <8 x float>, ptr %225, align 4
+  %227 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %226
+  store <8 x float> %227, ptr %acc0015, align 4
+  %228 = add nsw i64 %r01, 1
+  %229 = mul nsw i64 %228, 1024
+  %230 = add nsw i64 %229, %k0
+  %231 = getelementptr inbounds float, ptr %h, i64 %230
+  %232 = getelementptr inbounds i32, ptr %rows, i64 %228
+  %233 = load i32, ptr %232, align 4
+  %234 = sext i32 %233 to i64
+  %235 = mul nsw i64 %234, 512
+  %236 = getelementptr inbounds float, ptr %y, i64 %235
+  %237 = add nsw i64 %col3, 0
+  %238 = getelementptr inbounds float, ptr %236, i64 %237
+  %239 = load <8 x float>, ptr %238, align 4
+  %240 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %239
+  store <8 x float> %240, ptr %acc0106, align 4
+  %241 = add nsw i64 %col3, 8
+  %242 = getelementptr inbounds float, ptr %236, i64 %241
+  %243 = load <8 x float>, ptr %242, align 4
+  %244 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %243
+  store <8 x float> %244, ptr %acc0117, align 4
+  %245 = add nsw i64 %r01, 2
+  %246 = mul nsw i64 %245, 1024
+  %247 = add nsw i64 %246, %k0
+  %248 = getelementptr inbounds float, ptr %h, i64 %247
+  %249 = getelementptr inbounds i32, ptr %rows, i64 %245
+  %250 = load i32, ptr %249, align 4
+  %251 = sext i32 %250 to i64
+  %252 = mul nsw i64 %251, 512
+  %253 = getelementptr inbounds float, ptr %y, i64 %252
+  %254 = add nsw i64 %col3, 0
+  %255 = getelementptr inbounds float, ptr %253, i64 %254
+  %256 = load <8 x float>, ptr %255, align 4
+  %257 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %256
+  store <8 x float> %257, ptr %acc0208, align 4
+  %258 = add nsw i64 %col3, 8
+  %259 = getelementptr inbounds float, ptr %253, i64 %258
+  %260 = load <8 x float>, ptr %259, align 4
+  %261 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %260
+  store <8 x float> %261, ptr %acc0219, align 4
+  %262 = add nsw i64 %r01, 3
+  %263 = mul nsw i64 %262, 1024
+  %264 = add nsw i64 %263, %k0
+  %265 = getelementptr inbounds float, ptr %h, i64 %264
+  %266 = getelementptr inbounds i32, ptr %rows, i64 %262
+  %267 = load i32, ptr %266, align 4
+  %268 = sext i32 %267 to i64
+  %269 = mul nsw i64 %268, 512
+  %270 = getelementptr inbounds float, ptr %y, i64 %269
+  %271 = add nsw i64 %col3, 0
+  %272 = getelementptr inbounds float, ptr %270, i64 %271
+  %273 = load <8 x float>, ptr %272, align 4
+  %274 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %273
+  store <8 x float> %274, ptr %acc03010, align 4
+  %275 = add nsw i64 %col3, 8
+  %276 = getelementptr inbounds float, ptr %270, i64 %275
+  %277 = load <8 x float>, ptr %276, align 4
+  %278 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %277
+  store <8 x float> %278, ptr %acc03111, align 4
+  %279 = add nsw i64 %r01, 4
+  %280 = mul nsw i64 %279, 1024
+  %281 = add nsw i64 %280, %k0
+  %282 = getelementptr inbounds float, ptr %h, i64 %281
+  %283 = getelementptr inbounds i32, ptr %rows, i64 %279
+  %284 = load i32, ptr %283, align 4
+  %285 = sext i32 %284 to i64
+  %286 = mul nsw i64 %285, 512
+  %287 = getelementptr inbounds float, ptr %y, i64 %286
+  %288 = add nsw i64 %col3, 0
+  %289 = getelementptr inbounds float, ptr %287, i64 %288
+  %290 = load <8 x float>, ptr %289, align 4
+  %291 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %290
+  store <8 x float> %291, ptr %acc04012, align 4
+  %292 = add nsw i64 %col3, 8
+  %293 = getelementptr inbounds float, ptr %287, i64 %292
+  %294 = load <8 x float>, ptr %293, align 4
+  %295 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %294
+  store <8 x float> %295, ptr %acc04113, align 4
+  %panel.off14 = mul nsw i64 %kb.p, 16384
+  %296 = mul nsw i64 %k0, 16
+  %slice.off15 = add nsw i64 %panel.off14, %296
+  %297 = getelementptr inbounds float, ptr %panels, i64 %slice.off15
+  %pf.on16 = and i1 %pf.on, %pf.next
+  %298 = mul nsw i64 %rb, 16384
+  %299 = lshr i64 %298, %26
+  %300 = add nsw i64 %pf.step, %299
+  %301 = getelementptr inbounds i8, ptr %297, i64 %300
+  %pf17 = select i1 %pf.on16, ptr %301, ptr %297
+  %pf.sh18 = select i1 %pf.on16, i64 %26, i64 0
+  br label %k.head19
 
-k.head18:                                         ; preds = %pf.any.end23, %tile.mr5
-  %k21 = phi i64 [ 0, %tile.mr5 ], [ %357, %pf.any.end23 ]
-  %304 = icmp slt i64 %k21, 256
-  br i1 %304, label %k.body19, label %k.end20
+k.head19:                                         ; preds = %pf.any.end24, %tile.mr5
+  %k22 = phi i64 [ 0, %tile.mr5 ], [ %355, %pf.any.end24 ]
+  %302 = icmp slt i64 %k22, 256
+  br i1 %302, label %k.body20, label %k.end21
 
-k.body19:                                         ; preds = %k.head18
-  %305 = mul nsw i64 %k21, 1
-  %306 = add nsw i64 %305, 0
-  %307 = mul nsw i64 %306, 64
-  br i1 %pf.multi, label %pf.any.then22, label %pf.any.end23
+k.body20:                                         ; preds = %k.head19
+  %303 = mul nsw i64 %k22, 1
+  %304 = add nsw i64 %303, 0
+  %305 = mul nsw i64 %304, 64
+  br i1 %pf.multi, label %pf.any.then23, label %pf.any.end24
 
-pf.any.then22:                                    ; preds = %k.body19
-  %308 = lshr i64 %307, %pf.sh17
-  %309 = getelementptr inbounds i8, ptr %pf16, i64 %308
-  call void @llvm.prefetch.p0(ptr %309, i32 0, i32 2, i32 1)
-  br label %pf.any.end23
+pf.any.then23:                                    ; preds = %k.body20
+  %306 = lshr i64 %305, %pf.sh18
+  %307 = getelementptr inbounds i8, ptr %pf17, i64 %306
+  call void @llvm.prefetch.p0(ptr %307, i32 0, i32 2, i32 1)
+  br label %pf.any.end24
 
-pf.any.end23:                                     ; preds = %pf.any.then22, %k.body19
-  %310 = mul nsw i64 %306, 16
-  %311 = add nsw i64 %panel.off14, %310
-  %312 = getelementptr inbounds float, ptr %panels, i64 %311
-  %313 = load <8 x float>, ptr %312, align 4
-  %314 = add nsw i64 %311, 8
-  %315 = getelementptr inbounds float, ptr %panels, i64 %314
-  %316 = load <8 x float>, ptr %315, align 4
-  %317 = getelementptr inbounds float, ptr %215, i64 %306
-  %318 = load float, ptr %317, align 4
-  %319 = insertelement <8 x float> poison, float %318, i32 0
-  %320 = shufflevector <8 x float> %319, <8 x float> poison, <8 x i32> zeroinitializer
-  %321 = load <8 x float>, ptr %acc0004, align 4
-  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %320, <8 x float> %313, <8 x float> %321)
-  store <8 x float> %322, ptr %acc0004, align 4
-  %323 = load <8 x float>, ptr %acc0015, align 4
-  %324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %320, <8 x float> %316, <8 x float> %323)
-  store <8 x float> %324, ptr %acc0015, align 4
-  %325 = getelementptr inbounds float, ptr %232, i64 %306
-  %326 = load float, ptr %325, align 4
-  %327 = insertelement <8 x float> poison, float %326, i32 0
-  %328 = shufflevector <8 x float> %327, <8 x float> poison, <8 x i32> zeroinitializer
-  %329 = load <8 x float>, ptr %acc0106, align 4
-  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %328, <8 x float> %313, <8 x float> %329)
-  store <8 x float> %330, ptr %acc0106, align 4
-  %331 = load <8 x float>, ptr %acc0117, align 4
-  %332 = call <8 x float> @llvm.fma.v8f32(<8 x float> %328, <8 x float> %316, <8 x float> %331)
-  store <8 x float> %332, ptr %acc0117, align 4
-  %333 = getelementptr inbounds float, ptr %249, i64 %306
-  %334 = load float, ptr %333, align 4
-  %335 = insertelement <8 x float> poison, float %334, i32 0
-  %336 = shufflevector <8 x float> %335, <8 x float> poison, <8 x i32> zeroinitializer
-  %337 = load <8 x float>, ptr %acc0208, align 4
-  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %336, <8 x float> %313, <8 x float> %337)
-  store <8 x float> %338, ptr %acc0208, align 4
-  %339 = load <8 x float>, ptr %acc0219, align 4
-  %340 = call <8 x float> @llvm.fma.v8f32(<8 x float> %336, <8 x float> %316, <8 x float> %339)
-  store <8 x float> %340, ptr %acc0219, align 4
-  %341 = getelementptr inbounds float, ptr %266, i64 %306
-  %342 = load float, ptr %341, align 4
-  %343 = insertelement <8 x float> poison, float %342, i32 0
-  %344 = shufflevector <8 x float> %343, <8 x float> poison, <8 x i32> zeroinitializer
-  %345 = load <8 x float>, ptr %acc03010, align 4
-  %346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %344, <8 x float> %313, <8 x float> %345)
-  store <8 x float> %346, ptr %acc03010, align 4
-  %347 = load <8 x float>, ptr %acc03111, align 4
-  %348 = call <8 x float> @llvm.fma.v8f32(<8 x float> %344, <8 x float> %316, <8 x float> %347)
-  store <8 x float> %348, ptr %acc03111, align 4
-  %349 = getelementptr inbounds float, ptr %283, i64 %306
-  %350 = load float, ptr %349, align 4
-  %351 = insertelement <8 x float> poison, float %350, i32 0
-  %352 = shufflevector <8 x float> %351, <8 x float> poison, <8 x i32> zeroinitializer
-  %353 = load <8 x float>, ptr %acc04012, align 4
-  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %352, <8 x float> %313, <8 x float> %353)
-  store <8 x float> %354, ptr %acc04012, align 4
-  %355 = load <8 x float>, ptr %acc04113, align 4
-  %356 = call <8 x float> @llvm.fma.v8f32(<8 x float> %352, <8 x float> %316, <8 x float> %355)
-  store <8 x float> %356, ptr %acc04113, align 4
-  %357 = add nsw i64 %k21, 1
-  br label %k.head18
+pf.any.end24:                                     ; preds = %pf.any.then23, %k.body20
+  %308 = mul nsw i64 %304, 16
+  %309 = add nsw i64 %slice.off15, %308
+  %310 = getelementptr inbounds float, ptr %panels, i64 %309
+  %311 = load <8 x float>, ptr %310, align 4
+  %312 = add nsw i64 %309, 8
+  %313 = getelementptr inbounds float, ptr %panels, i64 %312
+  %314 = load <8 x float>, ptr %313, align 4
+  %315 = getelementptr inbounds float, ptr %214, i64 %304
+  %316 = load float, ptr %315, align 4
+  %317 = insertelement <8 x float> poison, float %316, i32 0
+  %318 = shufflevector <8 x float> %317, <8 x float> poison, <8 x i32> zeroinitializer
+  %319 = load <8 x float>, ptr %acc0004, align 4
+  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %311, <8 x float> %319)
+  store <8 x float> %320, ptr %acc0004, align 4
+  %321 = load <8 x float>, ptr %acc0015, align 4
+  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %314, <8 x float> %321)
+  store <8 x float> %322, ptr %acc0015, align 4
+  %323 = getelementptr inbounds float, ptr %231, i64 %304
+  %324 = load float, ptr %323, align 4
+  %325 = insertelement <8 x float> poison, float %324, i32 0
+  %326 = shufflevector <8 x float> %325, <8 x float> poison, <8 x i32> zeroinitializer
+  %327 = load <8 x float>, ptr %acc0106, align 4
+  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %311, <8 x float> %327)
+  store <8 x float> %328, ptr %acc0106, align 4
+  %329 = load <8 x float>, ptr %acc0117, align 4
+  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %314, <8 x float> %329)
+  store <8 x float> %330, ptr %acc0117, align 4
+  %331 = getelementptr inbounds float, ptr %248, i64 %304
+  %332 = load float, ptr %331, align 4
+  %333 = insertelement <8 x float> poison, float %332, i32 0
+  %334 = shufflevector <8 x float> %333, <8 x float> poison, <8 x i32> zeroinitializer
+  %335 = load <8 x float>, ptr %acc0208, align 4
+  %336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %311, <8 x float> %335)
+  store <8 x float> %336, ptr %acc0208, align 4
+  %337 = load <8 x float>, ptr %acc0219, align 4
+  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %314, <8 x float> %337)
+  store <8 x float> %338, ptr %acc0219, align 4
+  %339 = getelementptr inbounds float, ptr %265, i64 %304
+  %340 = load float, ptr %339, align 4
+  %341 = insertelement <8 x float> poison, float %340, i32 0
+  %342 = shufflevector <8 x float> %341, <8 x float> poison, <8 x i32> zeroinitializer
+  %343 = load <8 x float>, ptr %acc03010, align 4
+  %344 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %311, <8 x float> %343)
+  store <8 x float> %344, ptr %acc03010, align 4
+  %345 = load <8 x float>, ptr %acc03111, align 4
+  %346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %314, <8 x float> %345)
+  store <8 x float> %346, ptr %acc03111, align 4
+  %347 = getelementptr inbounds float, ptr %282, i64 %304
+  %348 = load float, ptr %347, align 4
+  %349 = insertelement <8 x float> poison, float %348, i32 0
+  %350 = shufflevector <8 x float> %349, <8 x float> poison, <8 x i32> zeroinitializer
+  %351 = load <8 x float>, ptr %acc04012, align 4
+  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %311, <8 x float> %351)
+  store <8 x float> %352, ptr %acc04012, align 4
+  %353 = load <8 x float>, ptr %acc04113, align 4
+  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %314, <8 x float> %353)
+  store <8 x float> %354, ptr %acc04113, align 4
+  %355 = add nsw i64 %k22, 1
+  br label %k.head19
 
-k.end20:                                          ; preds = %k.head18
-  %358 = load <8 x float>, ptr %acc0004, align 4
-  store <8 x float> %358, ptr %222, align 4
-  %359 = load <8 x float>, ptr %acc0015, align 4
-  store <8 x float> %359, ptr %226, align 4
-  %360 = load <8 x float>, ptr %acc0106, align 4
-  store <8 x float> %360, ptr %239, align 4
-  %361 = load <8 x float>, ptr %acc0117, align 4
-  store <8 x float> %361, ptr %243, align 4
-  %362 = load <8 x float>, ptr %acc0208, align 4
-  store <8 x float> %362, ptr %256, align 4
-  %363 = load <8 x float>, ptr %acc0219, align 4
-  store <8 x float> %363, ptr %260, align 4
-  %364 = load <8 x float>, ptr %acc03010, align 4
-  store <8 x float> %364, ptr %273, align 4
-  %365 = load <8 x float>, ptr %acc03111, align 4
-  store <8 x float> %365, ptr %277, align 4
-  %366 = load <8 x float>, ptr %acc04012, align 4
-  store <8 x float> %366, ptr %290, align 4
-  %367 = load <8 x float>, ptr %acc04113, align 4
-  store <8 x float> %367, ptr %294, align 4
+k.end21:                                          ; preds = %k.head19
+  %356 = load <8 x float>, ptr %acc0004, align 4
+  store <8 x float> %356, ptr %221, align 4
+  %357 = load <8 x float>, ptr %acc0015, align 4
+  store <8 x float> %357, ptr %225, align 4
+  %358 = load <8 x float>, ptr %acc0106, align 4
+  store <8 x float> %358, ptr %238, align 4
+  %359 = load <8 x float>, ptr %acc0117, align 4
+  store <8 x float> %359, ptr %242, align 4
+  %360 = load <8 x float>, ptr %acc0208, align 4
+  store <8 x float> %360, ptr %255, align 4
+  %361 = load <8 x float>, ptr %acc0219, align 4
+  store <8 x float> %361, ptr %259, align 4
+  %362 = load <8 x float>, ptr %acc03010, align 4
+  store <8 x float> %362, ptr %272, align 4
+  %363 = load <8 x float>, ptr %acc03111, align 4
+  store <8 x float> %363, ptr %276, align 4
+  %364 = load <8 x float>, ptr %acc04012, align 4
+  store <8 x float> %364, ptr %289, align 4
+  %365 = load <8 x float>, ptr %acc04113, align 4
+  store <8 x float> %365, ptr %293, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
-  %col24 = mul nsw i64 %kb.p, 16
-  %368 = add nsw i64 %r01, 0
-  %369 = mul nsw i64 %368, 1024
-  %370 = add nsw i64 %369, %k0
-  %371 = getelementptr inbounds float, ptr %h, i64 %370
-  %372 = getelementptr inbounds i32, ptr %rows, i64 %368
-  %373 = load i32, ptr %372, align 4
-  %374 = sext i32 %373 to i64
-  %375 = mul nsw i64 %374, 512
-  %376 = getelementptr inbounds float, ptr %y, i64 %375
-  %377 = add nsw i64 %col24, 0
-  %378 = getelementptr inbounds float, ptr %376, i64 %377
-  %379 = load <8 x float>, ptr %378, align 4
-  %380 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %379
-  store <8 x float> %380, ptr %acc00025, align 4
-  %381 = add nsw i64 %col24, 8
-  %382 = getelementptr inbounds float, ptr %376, i64 %381
-  %383 = load <8 x float>, ptr %382, align 4
-  %384 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %383
-  store <8 x float> %384, ptr %acc00126, align 4
-  %385 = add nsw i64 %r01, 1
-  %386 = mul nsw i64 %385, 1024
-  %387 = add nsw i64 %386, %k0
-  %388 = getelementptr inbounds float, ptr %h, i64 %387
-  %389 = getelementptr inbounds i32, ptr %rows, i64 %385
-  %390 = load i32, ptr %389, align 4
-  %391 = sext i32 %390 to i64
-  %392 = mul nsw i64 %391, 512
-  %393 = getelementptr inbounds float, ptr %y, i64 %392
-  %394 = add nsw i64 %col24, 0
-  %395 = getelementptr inbounds float, ptr %393, i64 %394
-  %396 = load <8 x float>, ptr %395, align 4
-  %397 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %396
-  store <8 x float> %397, ptr %acc01027, align 4
-  %398 = add nsw i64 %col24, 8
-  %399 = getelementptr inbounds float, ptr %393, i64 %398
-  %400 = load <8 x float>, ptr %399, align 4
-  %401 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %400
-  store <8 x float> %401, ptr %acc01128, align 4
-  %402 = add nsw i64 %r01, 2
-  %403 = mul nsw i64 %402, 1024
-  %404 = add nsw i64 %403, %k0
-  %405 = getelementptr inbounds float, ptr %h, i64 %404
-  %406 = getelementptr inbounds i32, ptr %rows, i64 %402
-  %407 = load i32, ptr %406, align 4
-  %408 = sext i32 %407 to i64
-  %409 = mul nsw i64 %408, 512
-  %410 = getelementptr inbounds float, ptr %y, i64 %409
-  %411 = add nsw i64 %col24, 0
-  %412 = getelementptr inbounds float, ptr %410, i64 %411
-  %413 = load <8 x float>, ptr %412, align 4
-  %414 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %413
-  store <8 x float> %414, ptr %acc02029, align 4
-  %415 = add nsw i64 %col24, 8
-  %416 = getelementptr inbounds float, ptr %410, i64 %415
-  %417 = load <8 x float>, ptr %416, align 4
-  %418 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %417
-  store <8 x float> %418, ptr %acc02130, align 4
-  %419 = add nsw i64 %r01, 3
-  %420 = mul nsw i64 %419, 1024
-  %421 = add nsw i64 %420, %k0
-  %422 = getelementptr inbounds float, ptr %h, i64 %421
-  %423 = getelementptr inbounds i32, ptr %rows, i64 %419
-  %424 = load i32, ptr %423, align 4
-  %425 = sext i32 %424 to i64
-  %426 = mul nsw i64 %425, 512
-  %427 = getelementptr inbounds float, ptr %y, i64 %426
-  %428 = add nsw i64 %col24, 0
-  %429 = getelementptr inbounds float, ptr %427, i64 %428
-  %430 = load <8 x float>, ptr %429, align 4
-  %431 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %430
-  store <8 x float> %431, ptr %acc03031, align 4
-  %432 = add nsw i64 %col24, 8
-  %433 = getelementptr inbounds float, ptr %427, i64 %432
-  %434 = load <8 x float>, ptr %433, align 4
-  %435 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %434
-  store <8 x float> %435, ptr %acc03132, align 4
-  %436 = mul nsw i64 %k0, 16
-  %437 = mul nsw i64 %kb.p, 16384
-  %panel.off33 = add nsw i64 %437, %436
-  %438 = getelementptr inbounds float, ptr %panels, i64 %panel.off33
-  %pf.on34 = and i1 %pf.on, %pf.next
-  %439 = mul nsw i64 %rb, 16384
-  %440 = lshr i64 %439, %26
-  %441 = add nsw i64 %pf.step, %440
-  %442 = getelementptr inbounds i8, ptr %438, i64 %441
-  %pf35 = select i1 %pf.on34, ptr %442, ptr %438
-  %pf.sh36 = select i1 %pf.on34, i64 %26, i64 0
-  br label %k.head37
+  %col25 = mul nsw i64 %kb.p, 16
+  %366 = add nsw i64 %r01, 0
+  %367 = mul nsw i64 %366, 1024
+  %368 = add nsw i64 %367, %k0
+  %369 = getelementptr inbounds float, ptr %h, i64 %368
+  %370 = getelementptr inbounds i32, ptr %rows, i64 %366
+  %371 = load i32, ptr %370, align 4
+  %372 = sext i32 %371 to i64
+  %373 = mul nsw i64 %372, 512
+  %374 = getelementptr inbounds float, ptr %y, i64 %373
+  %375 = add nsw i64 %col25, 0
+  %376 = getelementptr inbounds float, ptr %374, i64 %375
+  %377 = load <8 x float>, ptr %376, align 4
+  %378 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %377
+  store <8 x float> %378, ptr %acc00026, align 4
+  %379 = add nsw i64 %col25, 8
+  %380 = getelementptr inbounds float, ptr %374, i64 %379
+  %381 = load <8 x float>, ptr %380, align 4
+  %382 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %381
+  store <8 x float> %382, ptr %acc00127, align 4
+  %383 = add nsw i64 %r01, 1
+  %384 = mul nsw i64 %383, 1024
+  %385 = add nsw i64 %384, %k0
+  %386 = getelementptr inbounds float, ptr %h, i64 %385
+  %387 = getelementptr inbounds i32, ptr %rows, i64 %383
+  %388 = load i32, ptr %387, align 4
+  %389 = sext i32 %388 to i64
+  %390 = mul nsw i64 %389, 512
+  %391 = getelementptr inbounds float, ptr %y, i64 %390
+  %392 = add nsw i64 %col25, 0
+  %393 = getelementptr inbounds float, ptr %391, i64 %392
+  %394 = load <8 x float>, ptr %393, align 4
+  %395 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %394
+  store <8 x float> %395, ptr %acc01028, align 4
+  %396 = add nsw i64 %col25, 8
+  %397 = getelementptr inbounds float, ptr %391, i64 %396
+  %398 = load <8 x float>, ptr %397, align 4
+  %399 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %398
+  store <8 x float> %399, ptr %acc01129, align 4
+  %400 = add nsw i64 %r01, 2
+  %401 = mul nsw i64 %400, 1024
+  %402 = add nsw i64 %401, %k0
+  %403 = getelementptr inbounds float, ptr %h, i64 %402
+  %404 = getelementptr inbounds i32, ptr %rows, i64 %400
+  %405 = load i32, ptr %404, align 4
+  %406 = sext i32 %405 to i64
+  %407 = mul nsw i64 %406, 512
+  %408 = getelementptr inbounds float, ptr %y, i64 %407
+  %409 = add nsw i64 %col25, 0
+  %410 = getelementptr inbounds float, ptr %408, i64 %409
+  %411 = load <8 x float>, ptr %410, align 4
+  %412 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %411
+  store <8 x float> %412, ptr %acc02030, align 4
+  %413 = add nsw i64 %col25, 8
+  %414 = getelementptr inbounds float, ptr %408, i64 %413
+  %415 = load <8 x float>, ptr %414, align 4
+  %416 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %415
+  store <8 x float> %416, ptr %acc02131, align 4
+  %417 = add nsw i64 %r01, 3
+  %418 = mul nsw i64 %417, 1024
+  %419 = add nsw i64 %418, %k0
+  %420 = getelementptr inbounds float, ptr %h, i64 %419
+  %421 = getelementptr inbounds i32, ptr %rows, i64 %417
+  %422 = load i32, ptr %421, align 4
+  %423 = sext i32 %422 to i64
+  %424 = mul nsw i64 %423, 512
+  %425 = getelementptr inbounds float, ptr %y, i64 %424
+  %426 = add nsw i64 %col25, 0
+  %427 = getelementptr inbounds float, ptr %425, i64 %426
+  %428 = load <8 x float>, ptr %427, align 4
+  %429 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %428
+  store <8 x float> %429, ptr %acc03032, align 4
+  %430 = add nsw i64 %col25, 8
+  %431 = getelementptr inbounds float, ptr %425, i64 %430
+  %432 = load <8 x float>, ptr %431, align 4
+  %433 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %432
+  store <8 x float> %433, ptr %acc03133, align 4
+  %panel.off34 = mul nsw i64 %kb.p, 16384
+  %434 = mul nsw i64 %k0, 16
+  %slice.off35 = add nsw i64 %panel.off34, %434
+  %435 = getelementptr inbounds float, ptr %panels, i64 %slice.off35
+  %pf.on36 = and i1 %pf.on, %pf.next
+  %436 = mul nsw i64 %rb, 16384
+  %437 = lshr i64 %436, %26
+  %438 = add nsw i64 %pf.step, %437
+  %439 = getelementptr inbounds i8, ptr %435, i64 %438
+  %pf37 = select i1 %pf.on36, ptr %439, ptr %435
+  %pf.sh38 = select i1 %pf.on36, i64 %26, i64 0
+  br label %k.head39
 
-k.head37:                                         ; preds = %pf.any.end42, %tile.mr4
-  %k40 = phi i64 [ 0, %tile.mr4 ], [ %488, %pf.any.end42 ]
-  %443 = icmp slt i64 %k40, 256
-  br i1 %443, label %k.body38, label %k.end39
+k.head39:                                         ; preds = %pf.any.end44, %tile.mr4
+  %k42 = phi i64 [ 0, %tile.mr4 ], [ %485, %pf.any.end44 ]
+  %440 = icmp slt i64 %k42, 256
+  br i1 %440, label %k.body40, label %k.end41
 
-k.body38:                                         ; preds = %k.head37
-  %444 = mul nsw i64 %k40, 1
-  %445 = add nsw i64 %444, 0
-  %446 = mul nsw i64 %445, 64
-  br i1 %pf.multi, label %pf.any.then41, label %pf.any.end42
+k.body40:                                         ; preds = %k.head39
+  %441 = mul nsw i64 %k42, 1
+  %442 = add nsw i64 %441, 0
+  %443 = mul nsw i64 %442, 64
+  br i1 %pf.multi, label %pf.any.then43, label %pf.any.end44
 
-pf.any.then41:                                    ; preds = %k.body38
-  %447 = lshr i64 %446, %pf.sh36
-  %448 = getelementptr inbounds i8, ptr %pf35, i64 %447
-  call void @llvm.prefetch.p0(ptr %448, i32 0, i32 2, i32 1)
-  br label %pf.any.end42
+pf.any.then43:                                    ; preds = %k.body40
+  %444 = lshr i64 %443, %pf.sh38
+  %445 = getelementptr inbounds i8, ptr %pf37, i64 %444
+  call void @llvm.prefetch.p0(ptr %445, i32 0, i32 2, i32 1)
+  br label %pf.any.end44
 
-pf.any.end42:                                     ; preds = %pf.any.then41, %k.body38
-  %449 = mul nsw i64 %445, 16
-  %450 = add nsw i64 %panel.off33, %449
+pf.any.end44:                                     ; preds = %pf.any.then43, %k.body40
+  %446 = mul nsw i64 %442, 16
+  %447 = add nsw i64 %slice.off35, %446
+  %448 = getelementptr inbounds float, ptr %panels, i64 %447
+  %449 = load <8 x float>, ptr %448, align 4
+  %450 = add nsw i64 %447, 8
   %451 = getelementptr inbounds float, ptr %panels, i64 %450
   %452 = load <8 x float>, ptr %451, align 4
-  %453 = add nsw i64 %450, 8
-  %454 = getelementptr inbounds float, ptr %panels, i64 %453
-  %455 = load <8 x float>, ptr %454, align 4
-  %456 = getelementptr inbounds float, ptr %371, i64 %445
-  %457 = load float, ptr %456, align 4
-  %458 = insertelement <8 x float> poison, float %457, i32 0
-  %459 = shufflevector <8 x float> %458, <8 x float> poison, <8 x i32> zeroinitializer
-  %460 = load <8 x float>, ptr %acc00025, align 4
-  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %452, <8 x float> %460)
-  store <8 x float> %461, ptr %acc00025, align 4
-  %462 = load <8 x float>, ptr %acc00126, align 4
-  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %455, <8 x float> %462)
-  store <8 x float> %463, ptr %acc00126, align 4
-  %464 = getelementptr inbounds float, ptr %388, i64 %445
-  %465 = load float, ptr %464, align 4
-  %466 = insertelement <8 x float> poison, float %465, i32 0
-  %467 = shufflevector <8 x float> %466, <8 x float> poison, <8 x i32> zeroinitializer
-  %468 = load <8 x float>, ptr %acc01027, align 4
-  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %452, <8 x float> %468)
-  store <8 x float> %469, ptr %acc01027, align 4
-  %470 = load <8 x float>, ptr %acc01128, align 4
-  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %455, <8 x float> %470)
-  store <8 x float> %471, ptr %acc01128, align 4
-  %472 = getelementptr inbounds float, ptr %405, i64 %445
-  %473 = load float, ptr %472, align 4
-  %474 = insertelement <8 x float> poison, float %473, i32 0
-  %475 = shufflevector <8 x float> %474, <8 x float> poison, <8 x i32> zeroinitializer
-  %476 = load <8 x float>, ptr %acc02029, align 4
-  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %452, <8 x float> %476)
-  store <8 x float> %477, ptr %acc02029, align 4
-  %478 = load <8 x float>, ptr %acc02130, align 4
-  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %455, <8 x float> %478)
-  store <8 x float> %479, ptr %acc02130, align 4
-  %480 = getelementptr inbounds float, ptr %422, i64 %445
-  %481 = load float, ptr %480, align 4
-  %482 = insertelement <8 x float> poison, float %481, i32 0
-  %483 = shufflevector <8 x float> %482, <8 x float> poison, <8 x i32> zeroinitializer
-  %484 = load <8 x float>, ptr %acc03031, align 4
-  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %452, <8 x float> %484)
-  store <8 x float> %485, ptr %acc03031, align 4
-  %486 = load <8 x float>, ptr %acc03132, align 4
-  %487 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %455, <8 x float> %486)
-  store <8 x float> %487, ptr %acc03132, align 4
-  %488 = add nsw i64 %k40, 1
-  br label %k.head37
+  %453 = getelementptr inbounds float, ptr %369, i64 %442
+  %454 = load float, ptr %453, align 4
+  %455 = insertelement <8 x float> poison, float %454, i32 0
+  %456 = shufflevector <8 x float> %455, <8 x float> poison, <8 x i32> zeroinitializer
+  %457 = load <8 x float>, ptr %acc00026, align 4
+  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %449, <8 x float> %457)
+  store <8 x float> %458, ptr %acc00026, align 4
+  %459 = load <8 x float>, ptr %acc00127, align 4
+  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %452, <8 x float> %459)
+  store <8 x float> %460, ptr %acc00127, align 4
+  %461 = getelementptr inbounds float, ptr %386, i64 %442
+  %462 = load float, ptr %461, align 4
+  %463 = insertelement <8 x float> poison, float %462, i32 0
+  %464 = shufflevector <8 x float> %463, <8 x float> poison, <8 x i32> zeroinitializer
+  %465 = load <8 x float>, ptr %acc01028, align 4
+  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %449, <8 x float> %465)
+  store <8 x float> %466, ptr %acc01028, align 4
+  %467 = load <8 x float>, ptr %acc01129, align 4
+  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %452, <8 x float> %467)
+  store <8 x float> %468, ptr %acc01129, align 4
+  %469 = getelementptr inbounds float, ptr %403, i64 %442
+  %470 = load float, ptr %469, align 4
+  %471 = insertelement <8 x float> poison, float %470, i32 0
+  %472 = shufflevector <8 x float> %471, <8 x float> poison, <8 x i32> zeroinitializer
+  %473 = load <8 x float>, ptr %acc02030, align 4
+  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %449, <8 x float> %473)
+  store <8 x float> %474, ptr %acc02030, align 4
+  %475 = load <8 x float>, ptr %acc02131, align 4
+  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %452, <8 x float> %475)
+  store <8 x float> %476, ptr %acc02131, align 4
+  %477 = getelementptr inbounds float, ptr %420, i64 %442
+  %478 = load float, ptr %477, align 4
+  %479 = insertelement <8 x float> poison, float %478, i32 0
+  %480 = shufflevector <8 x float> %479, <8 x float> poison, <8 x i32> zeroinitializer
+  %481 = load <8 x float>, ptr %acc03032, align 4
+  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %449, <8 x float> %481)
+  store <8 x float> %482, ptr %acc03032, align 4
+  %483 = load <8 x float>, ptr %acc03133, align 4
+  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %452, <8 x float> %483)
+  store <8 x float> %484, ptr %acc03133, align 4
+  %485 = add nsw i64 %k42, 1
+  br label %k.head39
 
-k.end39:                                          ; preds = %k.head37
-  %489 = load <8 x float>, ptr %acc00025, align 4
-  store <8 x float> %489, ptr %378, align 4
-  %490 = load <8 x float>, ptr %acc00126, align 4
-  store <8 x float> %490, ptr %382, align 4
-  %491 = load <8 x float>, ptr %acc01027, align 4
-  store <8 x float> %491, ptr %395, align 4
-  %492 = load <8 x float>, ptr %acc01128, align 4
-  store <8 x float> %492, ptr %399, align 4
-  %493 = load <8 x float>, ptr %acc02029, align 4
-  store <8 x float> %493, ptr %412, align 4
-  %494 = load <8 x float>, ptr %acc02130, align 4
-  store <8 x float> %494, ptr %416, align 4
-  %495 = load <8 x float>, ptr %acc03031, align 4
-  store <8 x float> %495, ptr %429, align 4
-  %496 = load <8 x float>, ptr %acc03132, align 4
-  store <8 x float> %496, ptr %433, align 4
+k.end41:                                          ; preds = %k.head39
+  %486 = load <8 x float>, ptr %acc00026, align 4
+  store <8 x float> %486, ptr %376, align 4
+  %487 = load <8 x float>, ptr %acc00127, align 4
+  store <8 x float> %487, ptr %380, align 4
+  %488 = load <8 x float>, ptr %acc01028, align 4
+  store <8 x float> %488, ptr %393, align 4
+  %489 = load <8 x float>, ptr %acc01129, align 4
+  store <8 x float> %489, ptr %397, align 4
+  %490 = load <8 x float>, ptr %acc02030, align 4
+  store <8 x float> %490, ptr %410, align 4
+  %491 = load <8 x float>, ptr %acc02131, align 4
+  store <8 x float> %491, ptr %414, align 4
+  %492 = load <8 x float>, ptr %acc03032, align 4
+  store <8 x float> %492, ptr %427, align 4
+  %493 = load <8 x float>, ptr %acc03133, align 4
+  store <8 x float> %493, ptr %431, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
-  %col43 = mul nsw i64 %kb.p, 16
-  %497 = add nsw i64 %r01, 0
-  %498 = mul nsw i64 %497, 1024
-  %499 = add nsw i64 %498, %k0
-  %500 = getelementptr inbounds float, ptr %h, i64 %499
-  %501 = getelementptr inbounds i32, ptr %rows, i64 %497
-  %502 = load i32, ptr %501, align 4
-  %503 = sext i32 %502 to i64
-  %504 = mul nsw i64 %503, 512
-  %505 = getelementptr inbounds float, ptr %y, i64 %504
-  %506 = add nsw i64 %col43, 0
-  %507 = getelementptr inbounds float, ptr %505, i64 %506
-  %508 = load <8 x float>, ptr %507, align 4
-  %509 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %508
-  store <8 x float> %509, ptr %acc00044, align 4
-  %510 = add nsw i64 %col43, 8
-  %511 = getelementptr inbounds float, ptr %505, i64 %510
-  %512 = load <8 x float>, ptr %511, align 4
-  %513 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %512
-  store <8 x float> %513, ptr %acc00145, align 4
-  %514 = add nsw i64 %r01, 1
-  %515 = mul nsw i64 %514, 1024
-  %516 = add nsw i64 %515, %k0
-  %517 = getelementptr inbounds float, ptr %h, i64 %516
-  %518 = getelementptr inbounds i32, ptr %rows, i64 %514
-  %519 = load i32, ptr %518, align 4
-  %520 = sext i32 %519 to i64
-  %521 = mul nsw i64 %520, 512
-  %522 = getelementptr inbounds float, ptr %y, i64 %521
-  %523 = add nsw i64 %col43, 0
-  %524 = getelementptr inbounds float, ptr %522, i64 %523
-  %525 = load <8 x float>, ptr %524, align 4
-  %526 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %525
-  store <8 x float> %526, ptr %acc01046, align 4
-  %527 = add nsw i64 %col43, 8
-  %528 = getelementptr inbounds float, ptr %522, i64 %527
-  %529 = load <8 x float>, ptr %528, align 4
-  %530 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %529
-  store <8 x float> %530, ptr %acc01147, align 4
-  %531 = add nsw i64 %r01, 2
-  %532 = mul nsw i64 %531, 1024
-  %533 = add nsw i64 %532, %k0
-  %534 = getelementptr inbounds float, ptr %h, i64 %533
-  %535 = getelementptr inbounds i32, ptr %rows, i64 %531
-  %536 = load i32, ptr %535, align 4
-  %537 = sext i32 %536 to i64
-  %538 = mul nsw i64 %537, 512
-  %539 = getelementptr inbounds float, ptr %y, i64 %538
-  %540 = add nsw i64 %col43, 0
-  %541 = getelementptr inbounds float, ptr %539, i64 %540
-  %542 = load <8 x float>, ptr %541, align 4
-  %543 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %542
-  store <8 x float> %543, ptr %acc02048, align 4
-  %544 = add nsw i64 %col43, 8
-  %545 = getelementptr inbounds float, ptr %539, i64 %544
-  %546 = load <8 x float>, ptr %545, align 4
-  %547 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %546
-  store <8 x float> %547, ptr %acc02149, align 4
-  %548 = mul nsw i64 %k0, 16
-  %549 = mul nsw i64 %kb.p, 16384
-  %panel.off50 = add nsw i64 %549, %548
-  %550 = getelementptr inbounds float, ptr %panels, i64 %panel.off50
-  %pf.on51 = and i1 %pf.on, %pf.next
-  %551 = mul nsw i64 %rb, 16384
-  %552 = lshr i64 %551, %26
-  %553 = add nsw i64 %pf.step, %552
-  %554 = getelementptr inbounds i8, ptr %550, i64 %553
-  %pf52 = select i1 %pf.on51, ptr %554, ptr %550
-  %pf.sh53 = select i1 %pf.on51, i64 %26, i64 0
-  br label %k.head54
+  %col45 = mul nsw i64 %kb.p, 16
+  %494 = add nsw i64 %r01, 0
+  %495 = mul nsw i64 %494, 1024
+  %496 = add nsw i64 %495, %k0
+  %497 = getelementptr inbounds float, ptr %h, i64 %496
+  %498 = getelementptr inbounds i32, ptr %rows, i64 %494
+  %499 = load i32, ptr %498, align 4
+  %500 = sext i32 %499 to i64
+  %501 = mul nsw i64 %500, 512
+  %502 = getelementptr inbounds float, ptr %y, i64 %501
+  %503 = add nsw i64 %col45, 0
+  %504 = getelementptr inbounds float, ptr %502, i64 %503
+  %505 = load <8 x float>, ptr %504, align 4
+  %506 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %505
+  store <8 x float> %506, ptr %acc00046, align 4
+  %507 = add nsw i64 %col45, 8
+  %508 = getelementptr inbounds float, ptr %502, i64 %507
+  %509 = load <8 x float>, ptr %508, align 4
+  %510 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %509
+  store <8 x float> %510, ptr %acc00147, align 4
+  %511 = add nsw i64 %r01, 1
+  %512 = mul nsw i64 %511, 1024
+  %513 = add nsw i64 %512, %k0
+  %514 = getelementptr inbounds float, ptr %h, i64 %513
+  %515 = getelementptr inbounds i32, ptr %rows, i64 %511
+  %516 = load i32, ptr %515, align 4
+  %517 = sext i32 %516 to i64
+  %518 = mul nsw i64 %517, 512
+  %519 = getelementptr inbounds float, ptr %y, i64 %518
+  %520 = add nsw i64 %col45, 0
+  %521 = getelementptr inbounds float, ptr %519, i64 %520
+  %522 = load <8 x float>, ptr %521, align 4
+  %523 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %522
+  store <8 x float> %523, ptr %acc01048, align 4
+  %524 = add nsw i64 %col45, 8
+  %525 = getelementptr inbounds float, ptr %519, i64 %524
+  %526 = load <8 x float>, ptr %525, align 4
+  %527 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %526
+  store <8 x float> %527, ptr %acc01149, align 4
+  %528 = add nsw i64 %r01, 2
+  %529 = mul nsw i64 %528, 1024
+  %530 = add nsw i64 %529, %k0
+  %531 = getelementptr inbounds float, ptr %h, i64 %530
+  %532 = getelementptr inbounds i32, ptr %rows, i64 %528
+  %533 = load i32, ptr %532, align 4
+  %534 = sext i32 %533 to i64
+  %535 = mul nsw i64 %534, 512
+  %536 = getelementptr inbounds float, ptr %y, i64 %535
+  %537 = add nsw i64 %col45, 0
+  %538 = getelementptr inbounds float, ptr %536, i64 %537
+  %539 = load <8 x float>, ptr %538, align 4
+  %540 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %539
+  store <8 x float> %540, ptr %acc02050, align 4
+  %541 = add nsw i64 %col45, 8
+  %542 = getelementptr inbounds float, ptr %536, i64 %541
+  %543 = load <8 x float>, ptr %542, align 4
+  %544 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %543
+  store <8 x float> %544, ptr %acc02151, align 4
+  %panel.off52 = mul nsw i64 %kb.p, 16384
+  %545 = mul nsw i64 %k0, 16
+  %slice.off53 = add nsw i64 %panel.off52, %545
+  %546 = getelementptr inbounds float, ptr %panels, i64 %slice.off53
+  %pf.on54 = and i1 %pf.on, %pf.next
+  %547 = mul nsw i64 %rb, 16384
+  %548 = lshr i64 %547, %26
+  %549 = add nsw i64 %pf.step, %548
+  %550 = getelementptr inbounds i8, ptr %546, i64 %549
+  %pf55 = select i1 %pf.on54, ptr %550, ptr %546
+  %pf.sh56 = select i1 %pf.on54, i64 %26, i64 0
+  br label %k.head57
 
-k.head54:                                         ; preds = %pf.any.end59, %tile.mr3
-  %k57 = phi i64 [ 0, %tile.mr3 ], [ %592, %pf.any.end59 ]
-  %555 = icmp slt i64 %k57, 256
-  br i1 %555, label %k.body55, label %k.end56
+k.head57:                                         ; preds = %pf.any.end62, %tile.mr3
+  %k60 = phi i64 [ 0, %tile.mr3 ], [ %588, %pf.any.end62 ]
+  %551 = icmp slt i64 %k60, 256
+  br i1 %551, label %k.body58, label %k.end59
 
-k.body55:                                         ; preds = %k.head54
-  %556 = mul nsw i64 %k57, 1
-  %557 = add nsw i64 %556, 0
-  %558 = mul nsw i64 %557, 64
-  br i1 %pf.multi, label %pf.any.then58, label %pf.any.end59
+k.body58:                                         ; preds = %k.head57
+  %552 = mul nsw i64 %k60, 1
+  %553 = add nsw i64 %552, 0
+  %554 = mul nsw i64 %553, 64
+  br i1 %pf.multi, label %pf.any.then61, label %pf.any.end62
 
-pf.any.then58:                                    ; preds = %k.body55
-  %559 = lshr i64 %558, %pf.sh53
-  %560 = getelementptr inbounds i8, ptr %pf52, i64 %559
-  call void @llvm.prefetch.p0(ptr %560, i32 0, i32 2, i32 1)
-  br label %pf.any.end59
+pf.any.then61:                                    ; preds = %k.body58
+  %555 = lshr i64 %554, %pf.sh56
+  %556 = getelementptr inbounds i8, ptr %pf55, i64 %555
+  call void @llvm.prefetch.p0(ptr %556, i32 0, i32 2, i32 1)
+  br label %pf.any.end62
 
-pf.any.end59:                                     ; preds = %pf.any.then58, %k.body55
-  %561 = mul nsw i64 %557, 16
-  %562 = add nsw i64 %panel.off50, %561
-  %563 = getelementptr inbounds float, ptr %panels, i64 %562
-  %564 = load <8 x float>, ptr %563, align 4
-  %565 = add nsw i64 %562, 8
-  %566 = getelementptr inbounds float, ptr %panels, i64 %565
-  %567 = load <8 x float>, ptr %566, align 4
-  %568 = getelementptr inbounds float, ptr %500, i64 %557
-  %569 = load float, ptr %568, align 4
-  %570 = insertelement <8 x float> poison, float %569, i32 0
-  %571 = shufflevector <8 x float> %570, <8 x float> poison, <8 x i32> zeroinitializer
-  %572 = load <8 x float>, ptr %acc00044, align 4
-  %573 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> %564, <8 x float> %572)
-  store <8 x float> %573, ptr %acc00044, align 4
-  %574 = load <8 x float>, ptr %acc00145, align 4
-  %575 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> %567, <8 x float> %574)
-  store <8 x float> %575, ptr %acc00145, align 4
-  %576 = getelementptr inbounds float, ptr %517, i64 %557
-  %577 = load float, ptr %576, align 4
-  %578 = insertelement <8 x float> poison, float %577, i32 0
-  %579 = shufflevector <8 x float> %578, <8 x float> poison, <8 x i32> zeroinitializer
-  %580 = load <8 x float>, ptr %acc01046, align 4
-  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %564, <8 x float> %580)
-  store <8 x float> %581, ptr %acc01046, align 4
-  %582 = load <8 x float>, ptr %acc01147, align 4
-  %583 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %567, <8 x float> %582)
-  store <8 x float> %583, ptr %acc01147, align 4
-  %584 = getelementptr inbounds float, ptr %534, i64 %557
-  %585 = load float, ptr %584, align 4
-  %586 = insertelement <8 x float> poison, float %585, i32 0
-  %587 = shufflevector <8 x float> %586, <8 x float> poison, <8 x i32> zeroinitializer
-  %588 = load <8 x float>, ptr %acc02048, align 4
-  %589 = call <8 x float> @llvm.fma.v8f32(<8 x float> %587, <8 x float> %564, <8 x float> %588)
-  store <8 x float> %589, ptr %acc02048, align 4
-  %590 = load <8 x float>, ptr %acc02149, align 4
-  %591 = call <8 x float> @llvm.fma.v8f32(<8 x float> %587, <8 x float> %567, <8 x float> %590)
-  store <8 x float> %591, ptr %acc02149, align 4
-  %592 = add nsw i64 %k57, 1
-  br label %k.head54
+pf.any.end62:                                     ; preds = %pf.any.then61, %k.body58
+  %557 = mul nsw i64 %553, 16
+  %558 = add nsw i64 %slice.off53, %557
+  %559 = getelementptr inbounds float, ptr %panels, i64 %558
+  %560 = load <8 x float>, ptr %559, align 4
+  %561 = add nsw i64 %558, 8
+  %562 = getelementptr inbounds float, ptr %panels, i64 %561
+  %563 = load <8 x float>, ptr %562, align 4
+  %564 = getelementptr inbounds float, ptr %497, i64 %553
+  %565 = load float, ptr %564, align 4
+  %566 = insertelement <8 x float> poison, float %565, i32 0
+  %567 = shufflevector <8 x float> %566, <8 x float> poison, <8 x i32> zeroinitializer
+  %568 = load <8 x float>, ptr %acc00046, align 4
+  %569 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %560, <8 x float> %568)
+  store <8 x float> %569, ptr %acc00046, align 4
+  %570 = load <8 x float>, ptr %acc00147, align 4
+  %571 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %563, <8 x float> %570)
+  store <8 x float> %571, ptr %acc00147, align 4
+  %572 = getelementptr inbounds float, ptr %514, i64 %553
+  %573 = load float, ptr %572, align 4
+  %574 = insertelement <8 x float> poison, float %573, i32 0
+  %575 = shufflevector <8 x float> %574, <8 x float> poison, <8 x i32> zeroinitializer
+  %576 = load <8 x float>, ptr %acc01048, align 4
+  %577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %560, <8 x float> %576)
+  store <8 x float> %577, ptr %acc01048, align 4
+  %578 = load <8 x float>, ptr %acc01149, align 4
+  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %563, <8 x float> %578)
+  store <8 x float> %579, ptr %acc01149, align 4
+  %580 = getelementptr inbounds float, ptr %531, i64 %553
+  %581 = load float, ptr %580, align 4
+  %582 = insertelement <8 x float> poison, float %581, i32 0
+  %583 = shufflevector <8 x float> %582, <8 x float> poison, <8 x i32> zeroinitializer
+  %584 = load <8 x float>, ptr %acc02050, align 4
+  %585 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %560, <8 x float> %584)
+  store <8 x float> %585, ptr %acc02050, align 4
+  %586 = load <8 x float>, ptr %acc02151, align 4
+  %587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %563, <8 x float> %586)
+  store <8 x float> %587, ptr %acc02151, align 4
+  %588 = add nsw i64 %k60, 1
+  br label %k.head57
 
-k.end56:                                          ; preds = %k.head54
-  %593 = load <8 x float>, ptr %acc00044, align 4
-  store <8 x float> %593, ptr %507, align 4
-  %594 = load <8 x float>, ptr %acc00145, align 4
-  store <8 x float> %594, ptr %511, align 4
-  %595 = load <8 x float>, ptr %acc01046, align 4
-  store <8 x float> %595, ptr %524, align 4
-  %596 = load <8 x float>, ptr %acc01147, align 4
-  store <8 x float> %596, ptr %528, align 4
-  %597 = load <8 x float>, ptr %acc02048, align 4
-  store <8 x float> %597, ptr %541, align 4
-  %598 = load <8 x float>, ptr %acc02149, align 4
-  store <8 x float> %598, ptr %545, align 4
+k.end59:                                          ; preds = %k.head57
+  %589 = load <8 x float>, ptr %acc00046, align 4
+  store <8 x float> %589, ptr %504, align 4
+  %590 = load <8 x float>, ptr %acc00147, align 4
+  store <8 x float> %590, ptr %508, align 4
+  %591 = load <8 x float>, ptr %acc01048, align 4
+  store <8 x float> %591, ptr %521, align 4
+  %592 = load <8 x float>, ptr %acc01149, align 4
+  store <8 x float> %592, ptr %525, align 4
+  %593 = load <8 x float>, ptr %acc02050, align 4
+  store <8 x float> %593, ptr %538, align 4
+  %594 = load <8 x float>, ptr %acc02151, align 4
+  store <8 x float> %594, ptr %542, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
-  %col60 = mul nsw i64 %kb.p, 16
-  %599 = add nsw i64 %r01, 0
-  %600 = mul nsw i64 %599, 1024
-  %601 = add nsw i64 %600, %k0
-  %602 = getelementptr inbounds float, ptr %h, i64 %601
-  %603 = getelementptr inbounds i32, ptr %rows, i64 %599
-  %604 = load i32, ptr %603, align 4
-  %605 = sext i32 %604 to i64
-  %606 = mul nsw i64 %605, 512
-  %607 = getelementptr inbounds float, ptr %y, i64 %606
-  %608 = add nsw i64 %col60, 0
-  %609 = getelementptr inbounds float, ptr %607, i64 %608
+  %col63 = mul nsw i64 %kb.p, 16
+  %595 = add nsw i64 %r01, 0
+  %596 = mul nsw i64 %595, 1024
+  %597 = add nsw i64 %596, %k0
+  %598 = getelementptr inbounds float, ptr %h, i64 %597
+  %599 = getelementptr inbounds i32, ptr %rows, i64 %595
+  %600 = load i32, ptr %599, align 4
+  %601 = sext i32 %600 to i64
+  %602 = mul nsw i64 %601, 512
+  %603 = getelementptr inbounds float, ptr %y, i64 %602
+  %604 = add nsw i64 %col63, 0
+  %605 = getelementptr inbounds float, ptr %603, i64 %604
+  %606 = load <8 x float>, ptr %605, align 4
+  %607 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %606
+  store <8 x float> %607, ptr %acc00064, align 4
+  %608 = add nsw i64 %col63, 8
+  %609 = getelementptr inbounds float, ptr %603, i64 %608
   %610 = load <8 x float>, ptr %609, align 4
   %611 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %610
-  store <8 x float> %611, ptr %acc00061, align 4
-  %612 = add nsw i64 %col60, 8
-  %613 = getelementptr inbounds float, ptr %607, i64 %612
-  %614 = load <8 x float>, ptr %613, align 4
-  %615 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %614
-  store <8 x float> %615, ptr %acc00162, align 4
-  %616 = add nsw i64 %r01, 1
-  %617 = mul nsw i64 %616, 1024
-  %618 = add nsw i64 %617, %k0
-  %619 = getelementptr inbounds float, ptr %h, i64 %618
-  %620 = getelementptr inbounds i32, ptr %rows, i64 %616
-  %621 = load i32, ptr %620, align 4
-  %622 = sext i32 %621 to i64
-  %623 = mul nsw i64 %622, 512
-  %624 = getelementptr inbounds float, ptr %y, i64 %623
-  %625 = add nsw i64 %col60, 0
-  %626 = getelementptr inbounds float, ptr %624, i64 %625
+  store <8 x float> %611, ptr %acc00165, align 4
+  %612 = add nsw i64 %r01, 1
+  %613 = mul nsw i64 %612, 1024
+  %614 = add nsw i64 %613, %k0
+  %615 = getelementptr inbounds float, ptr %h, i64 %614
+  %616 = getelementptr inbounds i32, ptr %rows, i64 %612
+  %617 = load i32, ptr %616, align 4
+  %618 = sext i32 %617 to i64
+  %619 = mul nsw i64 %618, 512
+  %620 = getelementptr inbounds float, ptr %y, i64 %619
+  %621 = add nsw i64 %col63, 0
+  %622 = getelementptr inbounds float, ptr %620, i64 %621
+  %623 = load <8 x float>, ptr %622, align 4
+  %624 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %623
+  store <8 x float> %624, ptr %acc01066, align 4
+  %625 = add nsw i64 %col63, 8
+  %626 = getelementptr inbounds float, ptr %620, i64 %625
   %627 = load <8 x float>, ptr %626, align 4
   %628 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %627
-  store <8 x float> %628, ptr %acc01063, align 4
-  %629 = add nsw i64 %col60, 8
-  %630 = getelementptr inbounds float, ptr %624, i64 %629
-  %631 = load <8 x float>, ptr %630, align 4
-  %632 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %631
-  store <8 x float> %632, ptr %acc01164, align 4
-  %633 = mul nsw i64 %k0, 16
-  %634 = mul nsw i64 %kb.p, 16384
-  %panel.off65 = add nsw i64 %634, %633
-  %635 = getelementptr inbounds float, ptr %panels, i64 %panel.off65
-  %pf.on66 = and i1 %pf.on, %pf.next
-  %636 = mul nsw i64 %rb, 16384
-  %637 = lshr i64 %636, %26
-  %638 = add nsw i64 %pf.step, %637
-  %639 = getelementptr inbounds i8, ptr %635, i64 %638
-  %pf67 = select i1 %pf.on66, ptr %639, ptr %635
-  %pf.sh68 = select i1 %pf.on66, i64 %26, i64 0
-  br label %k.head69
+  store <8 x float> %628, ptr %acc01167, align 4
+  %panel.off68 = mul nsw i64 %kb.p, 16384
+  %629 = mul nsw i64 %k0, 16
+  %slice.off69 = add nsw i64 %panel.off68, %629
+  %630 = getelementptr inbounds float, ptr %panels, i64 %slice.off69
+  %pf.on70 = and i1 %pf.on, %pf.next
+  %631 = mul nsw i64 %rb, 16384
+  %632 = lshr i64 %631, %26
+  %633 = add nsw i64 %pf.step, %632
+  %634 = getelementptr inbounds i8, ptr %630, i64 %633
+  %pf71 = select i1 %pf.on70, ptr %634, ptr %630
+  %pf.sh72 = select i1 %pf.on70, i64 %26, i64 0
+  br label %k.head73
 
-k.head69:                                         ; preds = %pf.any.end74, %tile.mr2
-  %k72 = phi i64 [ 0, %tile.mr2 ], [ %669, %pf.any.end74 ]
-  %640 = icmp slt i64 %k72, 256
-  br i1 %640, label %k.body70, label %k.end71
+k.head73:                                         ; preds = %pf.any.end78, %tile.mr2
+  %k76 = phi i64 [ 0, %tile.mr2 ], [ %664, %pf.any.end78 ]
+  %635 = icmp slt i64 %k76, 256
+  br i1 %635, label %k.body74, label %k.end75
 
-k.body70:                                         ; preds = %k.head69
-  %641 = mul nsw i64 %k72, 1
-  %642 = add nsw i64 %641, 0
-  %643 = mul nsw i64 %642, 64
-  br i1 %pf.multi, label %pf.any.then73, label %pf.any.end74
+k.body74:                                         ; preds = %k.head73
+  %636 = mul nsw i64 %k76, 1
+  %637 = add nsw i64 %636, 0
+  %638 = mul nsw i64 %637, 64
+  br i1 %pf.multi, label %pf.any.then77, label %pf.any.end78
 
-pf.any.then73:                                    ; preds = %k.body70
-  %644 = lshr i64 %643, %pf.sh68
-  %645 = getelementptr inbounds i8, ptr %pf67, i64 %644
-  call void @llvm.prefetch.p0(ptr %645, i32 0, i32 2, i32 1)
-  br label %pf.any.end74
+pf.any.then77:                                    ; preds = %k.body74
+  %639 = lshr i64 %638, %pf.sh72
+  %640 = getelementptr inbounds i8, ptr %pf71, i64 %639
+  call void @llvm.prefetch.p0(ptr %640, i32 0, i32 2, i32 1)
+  br label %pf.any.end78
 
-pf.any.end74:                                     ; preds = %pf.any.then73, %k.body70
-  %646 = mul nsw i64 %642, 16
-  %647 = add nsw i64 %panel.off65, %646
-  %648 = getelementptr inbounds float, ptr %panels, i64 %647
-  %649 = load <8 x float>, ptr %648, align 4
-  %650 = add nsw i64 %647, 8
-  %651 = getelementptr inbounds float, ptr %panels, i64 %650
-  %652 = load <8 x float>, ptr %651, align 4
-  %653 = getelementptr inbounds float, ptr %602, i64 %642
-  %654 = load float, ptr %653, align 4
-  %655 = insertelement <8 x float> poison, float %654, i32 0
-  %656 = shufflevector <8 x float> %655, <8 x float> poison, <8 x i32> zeroinitializer
-  %657 = load <8 x float>, ptr %acc00061, align 4
-  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> %656, <8 x float> %649, <8 x float> %657)
-  store <8 x float> %658, ptr %acc00061, align 4
-  %659 = load <8 x float>, ptr %acc00162, align 4
-  %660 = call <8 x float> @llvm.fma.v8f32(<8 x float> %656, <8 x float> %652, <8 x float> %659)
-  store <8 x float> %660, ptr %acc00162, align 4
-  %661 = getelementptr inbounds float, ptr %619, i64 %642
-  %662 = load float, ptr %661, align 4
-  %663 = insertelement <8 x float> poison, float %662, i32 0
-  %664 = shufflevector <8 x float> %663, <8 x float> poison, <8 x i32> zeroinitializer
-  %665 = load <8 x float>, ptr %acc01063, align 4
-  %666 = call <8 x float> @llvm.fma.v8f32(<8 x float> %664, <8 x float> %649, <8 x float> %665)
-  store <8 x float> %666, ptr %acc01063, align 4
-  %667 = load <8 x float>, ptr %acc01164, align 4
-  %668 = call <8 x float> @llvm.fma.v8f32(<8 x float> %664, <8 x float> %652, <8 x float> %667)
-  store <8 x float> %668, ptr %acc01164, align 4
-  %669 = add nsw i64 %k72, 1
-  br label %k.head69
+pf.any.end78:                                     ; preds = %pf.any.then77, %k.body74
+  %641 = mul nsw i64 %637, 16
+  %642 = add nsw i64 %slice.off69, %641
+  %643 = getelementptr inbounds float, ptr %panels, i64 %642
+  %644 = load <8 x float>, ptr %643, align 4
+  %645 = add nsw i64 %642, 8
+  %646 = getelementptr inbounds float, ptr %panels, i64 %645
+  %647 = load <8 x float>, ptr %646, align 4
+  %648 = getelementptr inbounds float, ptr %598, i64 %637
+  %649 = load float, ptr %648, align 4
+  %650 = insertelement <8 x float> poison, float %649, i32 0
+  %651 = shufflevector <8 x float> %650, <8 x float> poison, <8 x i32> zeroinitializer
+  %652 = load <8 x float>, ptr %acc00064, align 4
+  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %644, <8 x float> %652)
+  store <8 x float> %653, ptr %acc00064, align 4
+  %654 = load <8 x float>, ptr %acc00165, align 4
+  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %647, <8 x float> %654)
+  store <8 x float> %655, ptr %acc00165, align 4
+  %656 = getelementptr inbounds float, ptr %615, i64 %637
+  %657 = load float, ptr %656, align 4
+  %658 = insertelement <8 x float> poison, float %657, i32 0
+  %659 = shufflevector <8 x float> %658, <8 x float> poison, <8 x i32> zeroinitializer
+  %660 = load <8 x float>, ptr %acc01066, align 4
+  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %644, <8 x float> %660)
+  store <8 x float> %661, ptr %acc01066, align 4
+  %662 = load <8 x float>, ptr %acc01167, align 4
+  %663 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %647, <8 x float> %662)
+  store <8 x float> %663, ptr %acc01167, align 4
+  %664 = add nsw i64 %k76, 1
+  br label %k.head73
 
-k.end71:                                          ; preds = %k.head69
-  %670 = load <8 x float>, ptr %acc00061, align 4
-  store <8 x float> %670, ptr %609, align 4
-  %671 = load <8 x float>, ptr %acc00162, align 4
-  store <8 x float> %671, ptr %613, align 4
-  %672 = load <8 x float>, ptr %acc01063, align 4
-  store <8 x float> %672, ptr %626, align 4
-  %673 = load <8 x float>, ptr %acc01164, align 4
-  store <8 x float> %673, ptr %630, align 4
+k.end75:                                          ; preds = %k.head73
+  %665 = load <8 x float>, ptr %acc00064, align 4
+  store <8 x float> %665, ptr %605, align 4
+  %666 = load <8 x float>, ptr %acc00165, align 4
+  store <8 x float> %666, ptr %609, align 4
+  %667 = load <8 x float>, ptr %acc01066, align 4
+  store <8 x float> %667, ptr %622, align 4
+  %668 = load <8 x float>, ptr %acc01167, align 4
+  store <8 x float> %668, ptr %626, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
-  %col75 = mul nsw i64 %kb.p, 16
-  %674 = add nsw i64 %r01, 0
-  %675 = mul nsw i64 %674, 1024
-  %676 = add nsw i64 %675, %k0
-  %677 = getelementptr inbounds float, ptr %h, i64 %676
-  %678 = getelementptr inbounds i32, ptr %rows, i64 %674
-  %679 = load i32, ptr %678, align 4
-  %680 = sext i32 %679 to i64
-  %681 = mul nsw i64 %680, 512
-  %682 = getelementptr inbounds float, ptr %y, i64 %681
-  %683 = add nsw i64 %col75, 0
-  %684 = getelementptr inbounds float, ptr %682, i64 %683
-  %685 = load <8 x float>, ptr %684, align 4
-  %686 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %685
-  store <8 x float> %686, ptr %acc00076, align 4
-  %687 = add nsw i64 %col75, 8
-  %688 = getelementptr inbounds float, ptr %682, i64 %687
-  %689 = load <8 x float>, ptr %688, align 4
-  %690 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %689
-  store <8 x float> %690, ptr %acc00177, align 4
-  %691 = mul nsw i64 %k0, 16
-  %692 = mul nsw i64 %kb.p, 16384
-  %panel.off78 = add nsw i64 %692, %691
-  %693 = getelementptr inbounds float, ptr %panels, i64 %panel.off78
-  %pf.on79 = and i1 %pf.on, %pf.next
-  %694 = mul nsw i64 %rb, 16384
-  %695 = lshr i64 %694, %26
-  %696 = add nsw i64 %pf.step, %695
-  %697 = getelementptr inbounds i8, ptr %693, i64 %696
-  %pf80 = select i1 %pf.on79, ptr %697, ptr %693
-  %pf.sh81 = select i1 %pf.on79, i64 %26, i64 0
-  br label %k.head82
+  %col79 = mul nsw i64 %kb.p, 16
+  %669 = add nsw i64 %r01, 0
+  %670 = mul nsw i64 %669, 1024
+  %671 = add nsw i64 %670, %k0
+  %672 = getelementptr inbounds float, ptr %h, i64 %671
+  %673 = getelementptr inbounds i32, ptr %rows, i64 %669
+  %674 = load i32, ptr %673, align 4
+  %675 = sext i32 %674 to i64
+  %676 = mul nsw i64 %675, 512
+  %677 = getelementptr inbounds float, ptr %y, i64 %676
+  %678 = add nsw i64 %col79, 0
+  %679 = getelementptr inbounds float, ptr %677, i64 %678
+  %680 = load <8 x float>, ptr %679, align 4
+  %681 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %680
+  store <8 x float> %681, ptr %acc00080, align 4
+  %682 = add nsw i64 %col79, 8
+  %683 = getelementptr inbounds float, ptr %677, i64 %682
+  %684 = load <8 x float>, ptr %683, align 4
+  %685 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %684
+  store <8 x float> %685, ptr %acc00181, align 4
+  %panel.off82 = mul nsw i64 %kb.p, 16384
+  %686 = mul nsw i64 %k0, 16
+  %slice.off83 = add nsw i64 %panel.off82, %686
+  %687 = getelementptr inbounds float, ptr %panels, i64 %slice.off83
+  %pf.on84 = and i1 %pf.on, %pf.next
+  %688 = mul nsw i64 %rb, 16384
+  %689 = lshr i64 %688, %26
+  %690 = add nsw i64 %pf.step, %689
+  %691 = getelementptr inbounds i8, ptr %687, i64 %690
+  %pf85 = select i1 %pf.on84, ptr %691, ptr %687
+  %pf.sh86 = select i1 %pf.on84, i64 %26, i64 0
+  br label %k.head87
 
-k.head82:                                         ; preds = %pf.any.end87, %tile.mr1
-  %k85 = phi i64 [ 0, %tile.mr1 ], [ %719, %pf.any.end87 ]
-  %698 = icmp slt i64 %k85, 256
-  br i1 %698, label %k.body83, label %k.end84
+k.head87:                                         ; preds = %pf.any.end92, %tile.mr1
+  %k90 = phi i64 [ 0, %tile.mr1 ], [ %713, %pf.any.end92 ]
+  %692 = icmp slt i64 %k90, 256
+  br i1 %692, label %k.body88, label %k.end89
 
-k.body83:                                         ; preds = %k.head82
-  %699 = mul nsw i64 %k85, 1
-  %700 = add nsw i64 %699, 0
-  %701 = mul nsw i64 %700, 64
-  br i1 %pf.multi, label %pf.any.then86, label %pf.any.end87
+k.body88:                                         ; preds = %k.head87
+  %693 = mul nsw i64 %k90, 1
+  %694 = add nsw i64 %693, 0
+  %695 = mul nsw i64 %694, 64
+  br i1 %pf.multi, label %pf.any.then91, label %pf.any.end92
 
-pf.any.then86:                                    ; preds = %k.body83
-  %702 = lshr i64 %701, %pf.sh81
-  %703 = getelementptr inbounds i8, ptr %pf80, i64 %702
-  call void @llvm.prefetch.p0(ptr %703, i32 0, i32 2, i32 1)
-  br label %pf.any.end87
+pf.any.then91:                                    ; preds = %k.body88
+  %696 = lshr i64 %695, %pf.sh86
+  %697 = getelementptr inbounds i8, ptr %pf85, i64 %696
+  call void @llvm.prefetch.p0(ptr %697, i32 0, i32 2, i32 1)
+  br label %pf.any.end92
 
-pf.any.end87:                                     ; preds = %pf.any.then86, %k.body83
-  %704 = mul nsw i64 %700, 16
-  %705 = add nsw i64 %panel.off78, %704
-  %706 = getelementptr inbounds float, ptr %panels, i64 %705
-  %707 = load <8 x float>, ptr %706, align 4
-  %708 = add nsw i64 %705, 8
-  %709 = getelementptr inbounds float, ptr %panels, i64 %708
-  %710 = load <8 x float>, ptr %709, align 4
-  %711 = getelementptr inbounds float, ptr %677, i64 %700
-  %712 = load float, ptr %711, align 4
-  %713 = insertelement <8 x float> poison, float %712, i32 0
-  %714 = shufflevector <8 x float> %713, <8 x float> poison, <8 x i32> zeroinitializer
-  %715 = load <8 x float>, ptr %acc00076, align 4
-  %716 = call <8 x float> @llvm.fma.v8f32(<8 x float> %714, <8 x float> %707, <8 x float> %715)
-  store <8 x float> %716, ptr %acc00076, align 4
-  %717 = load <8 x float>, ptr %acc00177, align 4
-  %718 = call <8 x float> @llvm.fma.v8f32(<8 x float> %714, <8 x float> %710, <8 x float> %717)
-  store <8 x float> %718, ptr %acc00177, align 4
-  %719 = add nsw i64 %k85, 1
-  br label %k.head82
+pf.any.end92:                                     ; preds = %pf.any.then91, %k.body88
+  %698 = mul nsw i64 %694, 16
+  %699 = add nsw i64 %slice.off83, %698
+  %700 = getelementptr inbounds float, ptr %panels, i64 %699
+  %701 = load <8 x float>, ptr %700, align 4
+  %702 = add nsw i64 %699, 8
+  %703 = getelementptr inbounds float, ptr %panels, i64 %702
+  %704 = load <8 x float>, ptr %703, align 4
+  %705 = getelementptr inbounds float, ptr %672, i64 %694
+  %706 = load float, ptr %705, align 4
+  %707 = insertelement <8 x float> poison, float %706, i32 0
+  %708 = shufflevector <8 x float> %707, <8 x float> poison, <8 x i32> zeroinitializer
+  %709 = load <8 x float>, ptr %acc00080, align 4
+  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %701, <8 x float> %709)
+  store <8 x float> %710, ptr %acc00080, align 4
+  %711 = load <8 x float>, ptr %acc00181, align 4
+  %712 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %704, <8 x float> %711)
+  store <8 x float> %712, ptr %acc00181, align 4
+  %713 = add nsw i64 %k90, 1
+  br label %k.head87
 
-k.end84:                                          ; preds = %k.head82
-  %720 = load <8 x float>, ptr %acc00076, align 4
-  store <8 x float> %720, ptr %684, align 4
-  %721 = load <8 x float>, ptr %acc00177, align 4
-  store <8 x float> %721, ptr %688, align 4
+k.end89:                                          ; preds = %k.head87
+  %714 = load <8 x float>, ptr %acc00080, align 4
+  store <8 x float> %714, ptr %679, align 4
+  %715 = load <8 x float>, ptr %acc00181, align 4
+  store <8 x float> %715, ptr %683, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end84, %k.end71, %k.end56, %k.end39, %k.end20, %k.end
-  %722 = add nsw i64 %rb, 1
+tile.done:                                        ; preds = %k.end89, %k.end75, %k.end59, %k.end41, %k.end21, %k.end
+  %716 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %723 = add nsw i64 %kb.p, 1
+  %717 = add nsw i64 %kb.p, 1
   br label %kb.p.head
 
 kb.p.end:                                         ; preds = %kb.p.head
-  %724 = add nsw i64 %kb.k, 1
+  %718 = add nsw i64 %kb.k, 1
   br label %kb.k.head
 
 kb.k.end:                                         ; preds = %kb.k.head
-  %725 = add nsw i64 %kb.pg, 16
+  %719 = add nsw i64 %kb.pg, 16
   br label %kb.pg.head
 
 kb.pg.end:                                        ; preds = %kb.pg.head
-  %726 = add nsw i64 %kb.rc, 96
+  %720 = add nsw i64 %kb.rc, 96
   br label %kb.rc.head
 
 kb.rc.end:                                        ; preds = %kb.rc.head
@@ -6819,985 +6813,979 @@ kb.rc.end:                                        ; preds = %kb.rc.head
 flat:                                             ; preds = %start
   br label %p.head
 
-p.head:                                           ; preds = %rb.end91, %flat
-  %p = phi i64 [ %p0, %flat ], [ %1399, %rb.end91 ]
-  %727 = icmp slt i64 %p, %end
-  br i1 %727, label %p.body, label %p.end
+p.head:                                           ; preds = %rb.end96, %flat
+  %p = phi i64 [ %p0, %flat ], [ %1387, %rb.end96 ]
+  %721 = icmp slt i64 %p, %end
+  br i1 %721, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
-  %728 = add nsw i64 %n, 5
-  %nrb88 = sdiv i64 %728, 6
-  br label %rb.head89
+  %722 = add nsw i64 %n, 5
+  %nrb93 = sdiv i64 %722, 6
+  br label %rb.head94
 
-rb.head89:                                        ; preds = %tile.done96, %p.body
-  %rb92 = phi i64 [ 0, %p.body ], [ %1398, %tile.done96 ]
-  %729 = icmp slt i64 %rb92, %nrb88
-  br i1 %729, label %rb.body90, label %rb.end91
+rb.head94:                                        ; preds = %tile.done101, %p.body
+  %rb97 = phi i64 [ 0, %p.body ], [ %1386, %tile.done101 ]
+  %723 = icmp slt i64 %rb97, %nrb93
+  br i1 %723, label %rb.body95, label %rb.end96
 
-rb.body90:                                        ; preds = %rb.head89
-  %730 = mul nsw i64 %rb92, %n
-  %r093 = sdiv i64 %730, %nrb88
-  %731 = add nsw i64 %rb92, 1
-  %732 = mul nsw i64 %731, %n
-  %r194 = sdiv i64 %732, %nrb88
-  %mr95 = sub nsw i64 %r194, %r093
-  %733 = icmp sge i64 %nrb88, 2
-  %734 = select i1 %733, i64 1, i64 0
-  %735 = icmp sge i64 %nrb88, 4
-  %736 = select i1 %735, i64 2, i64 %734
-  %737 = icmp sge i64 %nrb88, 8
-  %738 = select i1 %737, i64 3, i64 %736
-  %pf.multi103 = icmp sgt i64 %nrb88, 1
-  %739 = shl i64 1, %738
-  %740 = icmp slt i64 %rb92, %739
-  %pf.on104 = and i1 %pf.multi103, %740
-  switch i64 %mr95, label %tile.mr6102 [
-    i64 1, label %tile.mr197
-    i64 2, label %tile.mr298
-    i64 3, label %tile.mr399
-    i64 4, label %tile.mr4100
-    i64 5, label %tile.mr5101
+rb.body95:                                        ; preds = %rb.head94
+  %724 = mul nsw i64 %rb97, %n
+  %r098 = sdiv i64 %724, %nrb93
+  %725 = add nsw i64 %rb97, 1
+  %726 = mul nsw i64 %725, %n
+  %r199 = sdiv i64 %726, %nrb93
+  %mr100 = sub nsw i64 %r199, %r098
+  %727 = icmp sge i64 %nrb93, 2
+  %728 = select i1 %727, i64 1, i64 0
+  %729 = icmp sge i64 %nrb93, 4
+  %730 = select i1 %729, i64 2, i64 %728
+  %731 = icmp sge i64 %nrb93, 8
+  %732 = select i1 %731, i64 3, i64 %730
+  %pf.multi108 = icmp sgt i64 %nrb93, 1
+  %733 = shl i64 1, %732
+  %734 = icmp slt i64 %rb97, %733
+  %pf.on109 = and i1 %pf.multi108, %734
+  switch i64 %mr100, label %tile.mr6107 [
+    i64 1, label %tile.mr1102
+    i64 2, label %tile.mr2103
+    i64 3, label %tile.mr3104
+    i64 4, label %tile.mr4105
+    i64 5, label %tile.mr5106
   ]
 
-tile.mr6102:                                      ; preds = %rb.body90
-  %col105 = mul nsw i64 %p, 16
-  %741 = add nsw i64 %r093, 0
-  %742 = mul nsw i64 %741, 1024
-  %743 = add nsw i64 %742, 0
-  %744 = getelementptr inbounds float, ptr %h, i64 %743
-  %745 = getelementptr inbounds i32, ptr %rows, i64 %741
-  %746 = load i32, ptr %745, align 4
-  %747 = sext i32 %746 to i64
-  %748 = mul nsw i64 %747, 512
-  %749 = getelementptr inbounds float, ptr %y, i64 %748
-  %750 = add nsw i64 %col105, 0
-  %751 = getelementptr inbounds float, ptr %749, i64 %750
-  %752 = load <8 x float>, ptr %751, align 4
-  store <8 x float> zeroinitializer, ptr %acc000106, align 4
-  %753 = add nsw i64 %col105, 8
-  %754 = getelementptr inbounds float, ptr %749, i64 %753
-  %755 = load <8 x float>, ptr %754, align 4
-  store <8 x float> zeroinitializer, ptr %acc001107, align 4
-  %756 = add nsw i64 %r093, 1
-  %757 = mul nsw i64 %756, 1024
-  %758 = add nsw i64 %757, 0
-  %759 = getelementptr inbounds float, ptr %h, i64 %758
-  %760 = getelementptr inbounds i32, ptr %rows, i64 %756
-  %761 = load i32, ptr %760, align 4
-  %762 = sext i32 %761 to i64
-  %763 = mul nsw i64 %762, 512
-  %764 = getelementptr inbounds float, ptr %y, i64 %763
-  %765 = add nsw i64 %col105, 0
-  %766 = getelementptr inbounds float, ptr %764, i64 %765
-  %767 = load <8 x float>, ptr %766, align 4
-  store <8 x float> zeroinitializer, ptr %acc010108, align 4
-  %768 = add nsw i64 %col105, 8
-  %769 = getelementptr inbounds float, ptr %764, i64 %768
-  %770 = load <8 x float>, ptr %769, align 4
-  store <8 x float> zeroinitializer, ptr %acc011109, align 4
-  %771 = add nsw i64 %r093, 2
-  %772 = mul nsw i64 %771, 1024
-  %773 = add nsw i64 %772, 0
-  %774 = getelementptr inbounds float, ptr %h, i64 %773
-  %775 = getelementptr inbounds i32, ptr %rows, i64 %771
-  %776 = load i32, ptr %775, align 4
-  %777 = sext i32 %776 to i64
-  %778 = mul nsw i64 %777, 512
-  %779 = getelementptr inbounds float, ptr %y, i64 %778
-  %780 = add nsw i64 %col105, 0
-  %781 = getelementptr inbounds float, ptr %779, i64 %780
-  %782 = load <8 x float>, ptr %781, align 4
-  store <8 x float> zeroinitializer, ptr %acc020110, align 4
-  %783 = add nsw i64 %col105, 8
-  %784 = getelementptr inbounds float, ptr %779, i64 %783
-  %785 = load <8 x float>, ptr %784, align 4
-  store <8 x float> zeroinitializer, ptr %acc021111, align 4
-  %786 = add nsw i64 %r093, 3
-  %787 = mul nsw i64 %786, 1024
-  %788 = add nsw i64 %787, 0
-  %789 = getelementptr inbounds float, ptr %h, i64 %788
-  %790 = getelementptr inbounds i32, ptr %rows, i64 %786
-  %791 = load i32, ptr %790, align 4
-  %792 = sext i32 %791 to i64
-  %793 = mul nsw i64 %792, 512
-  %794 = getelementptr inbounds float, ptr %y, i64 %793
-  %795 = add nsw i64 %col105, 0
-  %796 = getelementptr inbounds float, ptr %794, i64 %795
-  %797 = load <8 x float>, ptr %796, align 4
-  store <8 x float> zeroinitializer, ptr %acc030112, align 4
-  %798 = add nsw i64 %col105, 8
-  %799 = getelementptr inbounds float, ptr %794, i64 %798
-  %800 = load <8 x float>, ptr %799, align 4
-  store <8 x float> zeroinitializer, ptr %acc031113, align 4
-  %801 = add nsw i64 %r093, 4
-  %802 = mul nsw i64 %801, 1024
-  %803 = add nsw i64 %802, 0
-  %804 = getelementptr inbounds float, ptr %h, i64 %803
-  %805 = getelementptr inbounds i32, ptr %rows, i64 %801
-  %806 = load i32, ptr %805, align 4
-  %807 = sext i32 %806 to i64
-  %808 = mul nsw i64 %807, 512
-  %809 = getelementptr inbounds float, ptr %y, i64 %808
-  %810 = add nsw i64 %col105, 0
-  %811 = getelementptr inbounds float, ptr %809, i64 %810
-  %812 = load <8 x float>, ptr %811, align 4
-  store <8 x float> zeroinitializer, ptr %acc040114, align 4
-  %813 = add nsw i64 %col105, 8
-  %814 = getelementptr inbounds float, ptr %809, i64 %813
-  %815 = load <8 x float>, ptr %814, align 4
-  store <8 x float> zeroinitializer, ptr %acc041115, align 4
-  %816 = add nsw i64 %r093, 5
-  %817 = mul nsw i64 %816, 1024
-  %818 = add nsw i64 %817, 0
-  %819 = getelementptr inbounds float, ptr %h, i64 %818
-  %820 = getelementptr inbounds i32, ptr %rows, i64 %816
-  %821 = load i32, ptr %820, align 4
-  %822 = sext i32 %821 to i64
-  %823 = mul nsw i64 %822, 512
-  %824 = getelementptr inbounds float, ptr %y, i64 %823
-  %825 = add nsw i64 %col105, 0
-  %826 = getelementptr inbounds float, ptr %824, i64 %825
-  %827 = load <8 x float>, ptr %826, align 4
-  store <8 x float> zeroinitializer, ptr %acc050116, align 4
-  %828 = add nsw i64 %col105, 8
-  %829 = getelementptr inbounds float, ptr %824, i64 %828
-  %830 = load <8 x float>, ptr %829, align 4
-  store <8 x float> zeroinitializer, ptr %acc051117, align 4
-  %831 = mul nsw i64 %p, 16384
-  %panel.off118 = add nsw i64 %831, 0
-  %832 = getelementptr inbounds float, ptr %panels, i64 %panel.off118
-  %833 = add nsw i64 %p, 1
-  %834 = icmp slt i64 %833, %p1
-  %pf.on119 = and i1 %pf.on104, %834
-  %835 = mul nsw i64 %rb92, 65536
-  %836 = lshr i64 %835, %738
-  %837 = add nsw i64 65536, %836
-  %838 = getelementptr inbounds i8, ptr %832, i64 %837
-  %pf120 = select i1 %pf.on119, ptr %838, ptr %832
-  %pf.sh121 = select i1 %pf.on119, i64 %738, i64 0
-  br label %k.head122
+tile.mr6107:                                      ; preds = %rb.body95
+  %col110 = mul nsw i64 %p, 16
+  %735 = add nsw i64 %r098, 0
+  %736 = mul nsw i64 %735, 1024
+  %737 = add nsw i64 %736, 0
+  %738 = getelementptr inbounds float, ptr %h, i64 %737
+  %739 = getelementptr inbounds i32, ptr %rows, i64 %735
+  %740 = load i32, ptr %739, align 4
+  %741 = sext i32 %740 to i64
+  %742 = mul nsw i64 %741, 512
+  %743 = getelementptr inbounds float, ptr %y, i64 %742
+  %744 = add nsw i64 %col110, 0
+  %745 = getelementptr inbounds float, ptr %743, i64 %744
+  %746 = load <8 x float>, ptr %745, align 4
+  store <8 x float> zeroinitializer, ptr %acc000111, align 4
+  %747 = add nsw i64 %col110, 8
+  %748 = getelementptr inbounds float, ptr %743, i64 %747
+  %749 = load <8 x float>, ptr %748, align 4
+  store <8 x float> zeroinitializer, ptr %acc001112, align 4
+  %750 = add nsw i64 %r098, 1
+  %751 = mul nsw i64 %750, 1024
+  %752 = add nsw i64 %751, 0
+  %753 = getelementptr inbounds float, ptr %h, i64 %752
+  %754 = getelementptr inbounds i32, ptr %rows, i64 %750
+  %755 = load i32, ptr %754, align 4
+  %756 = sext i32 %755 to i64
+  %757 = mul nsw i64 %756, 512
+  %758 = getelementptr inbounds float, ptr %y, i64 %757
+  %759 = add nsw i64 %col110, 0
+  %760 = getelementptr inbounds float, ptr %758, i64 %759
+  %761 = load <8 x float>, ptr %760, align 4
+  store <8 x float> zeroinitializer, ptr %acc010113, align 4
+  %762 = add nsw i64 %col110, 8
+  %763 = getelementptr inbounds float, ptr %758, i64 %762
+  %764 = load <8 x float>, ptr %763, align 4
+  store <8 x float> zeroinitializer, ptr %acc011114, align 4
+  %765 = add nsw i64 %r098, 2
+  %766 = mul nsw i64 %765, 1024
+  %767 = add nsw i64 %766, 0
+  %768 = getelementptr inbounds float, ptr %h, i64 %767
+  %769 = getelementptr inbounds i32, ptr %rows, i64 %765
+  %770 = load i32, ptr %769, align 4
+  %771 = sext i32 %770 to i64
+  %772 = mul nsw i64 %771, 512
+  %773 = getelementptr inbounds float, ptr %y, i64 %772
+  %774 = add nsw i64 %col110, 0
+  %775 = getelementptr inbounds float, ptr %773, i64 %774
+  %776 = load <8 x float>, ptr %775, align 4
+  store <8 x float> zeroinitializer, ptr %acc020115, align 4
+  %777 = add nsw i64 %col110, 8
+  %778 = getelementptr inbounds float, ptr %773, i64 %777
+  %779 = load <8 x float>, ptr %778, align 4
+  store <8 x float> zeroinitializer, ptr %acc021116, align 4
+  %780 = add nsw i64 %r098, 3
+  %781 = mul nsw i64 %780, 1024
+  %782 = add nsw i64 %781, 0
+  %783 = getelementptr inbounds float, ptr %h, i64 %782
+  %784 = getelementptr inbounds i32, ptr %rows, i64 %780
+  %785 = load i32, ptr %784, align 4
+  %786 = sext i32 %785 to i64
+  %787 = mul nsw i64 %786, 512
+  %788 = getelementptr inbounds float, ptr %y, i64 %787
+  %789 = add nsw i64 %col110, 0
+  %790 = getelementptr inbounds float, ptr %788, i64 %789
+  %791 = load <8 x float>, ptr %790, align 4
+  store <8 x float> zeroinitializer, ptr %acc030117, align 4
+  %792 = add nsw i64 %col110, 8
+  %793 = getelementptr inbounds float, ptr %788, i64 %792
+  %794 = load <8 x float>, ptr %793, align 4
+  store <8 x float> zeroinitializer, ptr %acc031118, align 4
+  %795 = add nsw i64 %r098, 4
+  %796 = mul nsw i64 %795, 1024
+  %797 = add nsw i64 %796, 0
+  %798 = getelementptr inbounds float, ptr %h, i64 %797
+  %799 = getelementptr inbounds i32, ptr %rows, i64 %795
+  %800 = load i32, ptr %799, align 4
+  %801 = sext i32 %800 to i64
+  %802 = mul nsw i64 %801, 512
+  %803 = getelementptr inbounds float, ptr %y, i64 %802
+  %804 = add nsw i64 %col110, 0
+  %805 = getelementptr inbounds float, ptr %803, i64 %804
+  %806 = load <8 x float>, ptr %805, align 4
+  store <8 x float> zeroinitializer, ptr %acc040119, align 4
+  %807 = add nsw i64 %col110, 8
+  %808 = getelementptr inbounds float, ptr %803, i64 %807
+  %809 = load <8 x float>, ptr %808, align 4
+  store <8 x float> zeroinitializer, ptr %acc041120, align 4
+  %810 = add nsw i64 %r098, 5
+  %811 = mul nsw i64 %810, 1024
+  %812 = add nsw i64 %811, 0
+  %813 = getelementptr inbounds float, ptr %h, i64 %812
+  %814 = getelementptr inbounds i32, ptr %rows, i64 %810
+  %815 = load i32, ptr %814, align 4
+  %816 = sext i32 %815 to i64
+  %817 = mul nsw i64 %816, 512
+  %818 = getelementptr inbounds float, ptr %y, i64 %817
+  %819 = add nsw i64 %col110, 0
+  %820 = getelementptr inbounds float, ptr %818, i64 %819
+  %821 = load <8 x float>, ptr %820, align 4
+  store <8 x float> zeroinitializer, ptr %acc050121, align 4
+  %822 = add nsw i64 %col110, 8
+  %823 = getelementptr inbounds float, ptr %818, i64 %822
+  %824 = load <8 x float>, ptr %823, align 4
+  store <8 x float> zeroinitializer, ptr %acc051122, align 4
+  %panel.off123 = mul nsw i64 %p, 16384
+  %825 = getelementptr inbounds float, ptr %panels, i64 %panel.off123
+  %826 = add nsw i64 %p, 1
+  %827 = icmp slt i64 %826, %p1
+  %pf.on124 = and i1 %pf.on109, %827
+  %828 = mul nsw i64 %rb97, 65536
+  %829 = lshr i64 %828, %732
+  %830 = add nsw i64 65536, %829
+  %831 = getelementptr inbounds i8, ptr %825, i64 %830
+  %pf125 = select i1 %pf.on124, ptr %831, ptr %825
+  %pf.sh126 = select i1 %pf.on124, i64 %732, i64 0
+  br label %k.head127
 
-k.head122:                                        ; preds = %pf.any.end127, %tile.mr6102
-  %k125 = phi i64 [ 0, %tile.mr6102 ], [ %900, %pf.any.end127 ]
-  %839 = icmp slt i64 %k125, 1024
-  br i1 %839, label %k.body123, label %k.end124
+k.head127:                                        ; preds = %pf.any.end132, %tile.mr6107
+  %k130 = phi i64 [ 0, %tile.mr6107 ], [ %893, %pf.any.end132 ]
+  %832 = icmp slt i64 %k130, 1024
+  br i1 %832, label %k.body128, label %k.end129
 
-k.body123:                                        ; preds = %k.head122
-  %840 = mul nsw i64 %k125, 1
-  %841 = add nsw i64 %840, 0
-  %842 = mul nsw i64 %841, 64
-  br i1 %pf.multi103, label %pf.any.then126, label %pf.any.end127
+k.body128:                                        ; preds = %k.head127
+  %833 = mul nsw i64 %k130, 1
+  %834 = add nsw i64 %833, 0
+  %835 = mul nsw i64 %834, 64
+  br i1 %pf.multi108, label %pf.any.then131, label %pf.any.end132
 
-pf.any.then126:                                   ; preds = %k.body123
-  %843 = lshr i64 %842, %pf.sh121
-  %844 = getelementptr inbounds i8, ptr %pf120, i64 %843
-  call void @llvm.prefetch.p0(ptr %844, i32 0, i32 2, i32 1)
-  br label %pf.any.end127
+pf.any.then131:                                   ; preds = %k.body128
+  %836 = lshr i64 %835, %pf.sh126
+  %837 = getelementptr inbounds i8, ptr %pf125, i64 %836
+  call void @llvm.prefetch.p0(ptr %837, i32 0, i32 2, i32 1)
+  br label %pf.any.end132
 
-pf.any.end127:                                    ; preds = %pf.any.then126, %k.body123
-  %845 = mul nsw i64 %841, 16
-  %846 = add nsw i64 %panel.off118, %845
-  %847 = getelementptr inbounds float, ptr %panels, i64 %846
-  %848 = load <8 x float>, ptr %847, align 4
-  %849 = add nsw i64 %846, 8
-  %850 = getelementptr inbounds float, ptr %panels, i64 %849
-  %851 = load <8 x float>, ptr %850, align 4
-  %852 = getelementptr inbounds float, ptr %744, i64 %841
-  %853 = load float, ptr %852, align 4
-  %854 = insertelement <8 x float> poison, float %853, i32 0
-  %855 = shufflevector <8 x float> %854, <8 x float> poison, <8 x i32> zeroinitializer
-  %856 = load <8 x float>, ptr %acc000106, align 4
-  %857 = call <8 x float> @llvm.fma.v8f32(<8 x float> %855, <8 x float> %848, <8 x float> %856)
-  store <8 x float> %857, ptr %acc000106, align 4
-  %858 = load <8 x float>, ptr %acc001107, align 4
-  %859 = call <8 x float> @llvm.fma.v8f32(<8 x float> %855, <8 x float> %851, <8 x float> %858)
-  store <8 x float> %859, ptr %acc001107, align 4
-  %860 = getelementptr inbounds float, ptr %759, i64 %841
-  %861 = load float, ptr %860, align 4
-  %862 = insertelement <8 x float> poison, float %861, i32 0
-  %863 = shufflevector <8 x float> %862, <8 x float> poison, <8 x i32> zeroinitializer
-  %864 = load <8 x float>, ptr %acc010108, align 4
-  %865 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> %848, <8 x float> %864)
-  store <8 x float> %865, ptr %acc010108, align 4
-  %866 = load <8 x float>, ptr %acc011109, align 4
-  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> %851, <8 x float> %866)
-  store <8 x float> %867, ptr %acc011109, align 4
-  %868 = getelementptr inbounds float, ptr %774, i64 %841
-  %869 = load float, ptr %868, align 4
-  %870 = insertelement <8 x float> poison, float %869, i32 0
-  %871 = shufflevector <8 x float> %870, <8 x float> poison, <8 x i32> zeroinitializer
-  %872 = load <8 x float>, ptr %acc020110, align 4
-  %873 = call <8 x float> @llvm.fma.v8f32(<8 x float> %871, <8 x float> %848, <8 x float> %872)
-  store <8 x float> %873, ptr %acc020110, align 4
-  %874 = load <8 x float>, ptr %acc021111, align 4
-  %875 = call <8 x float> @llvm.fma.v8f32(<8 x float> %871, <8 x float> %851, <8 x float> %874)
-  store <8 x float> %875, ptr %acc021111, align 4
-  %876 = getelementptr inbounds float, ptr %789, i64 %841
-  %877 = load float, ptr %876, align 4
-  %878 = insertelement <8 x float> poison, float %877, i32 0
-  %879 = shufflevector <8 x float> %878, <8 x float> poison, <8 x i32> zeroinitializer
-  %880 = load <8 x float>, ptr %acc030112, align 4
-  %881 = call <8 x float> @llvm.fma.v8f32(<8 x float> %879, <8 x float> %848, <8 x float> %880)
-  store <8 x float> %881, ptr %acc030112, align 4
-  %882 = load <8 x float>, ptr %acc031113, align 4
-  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %879, <8 x float> %851, <8 x float> %882)
-  store <8 x float> %883, ptr %acc031113, align 4
-  %884 = getelementptr inbounds float, ptr %804, i64 %841
-  %885 = load float, ptr %884, align 4
-  %886 = insertelement <8 x float> poison, float %885, i32 0
-  %887 = shufflevector <8 x float> %886, <8 x float> poison, <8 x i32> zeroinitializer
-  %888 = load <8 x float>, ptr %acc040114, align 4
-  %889 = call <8 x float> @llvm.fma.v8f32(<8 x float> %887, <8 x float> %848, <8 x float> %888)
-  store <8 x float> %889, ptr %acc040114, align 4
-  %890 = load <8 x float>, ptr %acc041115, align 4
-  %891 = call <8 x float> @llvm.fma.v8f32(<8 x float> %887, <8 x float> %851, <8 x float> %890)
-  store <8 x float> %891, ptr %acc041115, align 4
-  %892 = getelementptr inbounds float, ptr %819, i64 %841
-  %893 = load float, ptr %892, align 4
-  %894 = insertelement <8 x float> poison, float %893, i32 0
-  %895 = shufflevector <8 x float> %894, <8 x float> poison, <8 x i32> zeroinitializer
-  %896 = load <8 x float>, ptr %acc050116, align 4
-  %897 = call <8 x float> @llvm.fma.v8f32(<8 x float> %895, <8 x float> %848, <8 x float> %896)
-  store <8 x float> %897, ptr %acc050116, align 4
-  %898 = load <8 x float>, ptr %acc051117, align 4
-  %899 = call <8 x float> @llvm.fma.v8f32(<8 x float> %895, <8 x float> %851, <8 x float> %898)
-  store <8 x float> %899, ptr %acc051117, align 4
-  %900 = add nsw i64 %k125, 1
-  br label %k.head122
+pf.any.end132:                                    ; preds = %pf.any.then131, %k.body128
+  %838 = mul nsw i64 %834, 16
+  %839 = add nsw i64 %panel.off123, %838
+  %840 = getelementptr inbounds float, ptr %panels, i64 %839
+  %841 = load <8 x float>, ptr %840, align 4
+  %842 = add nsw i64 %839, 8
+  %843 = getelementptr inbounds float, ptr %panels, i64 %842
+  %844 = load <8 x float>, ptr %843, align 4
+  %845 = getelementptr inbounds float, ptr %738, i64 %834
+  %846 = load float, ptr %845, align 4
+  %847 = insertelement <8 x float> poison, float %846, i32 0
+  %848 = shufflevector <8 x float> %847, <8 x float> poison, <8 x i32> zeroinitializer
+  %849 = load <8 x float>, ptr %acc000111, align 4
+  %850 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> %841, <8 x float> %849)
+  store <8 x float> %850, ptr %acc000111, align 4
+  %851 = load <8 x float>, ptr %acc001112, align 4
+  %852 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> %844, <8 x float> %851)
+  store <8 x float> %852, ptr %acc001112, align 4
+  %853 = getelementptr inbounds float, ptr %753, i64 %834
+  %854 = load float, ptr %853, align 4
+  %855 = insertelement <8 x float> poison, float %854, i32 0
+  %856 = shufflevector <8 x float> %855, <8 x float> poison, <8 x i32> zeroinitializer
+  %857 = load <8 x float>, ptr %acc010113, align 4
+  %858 = call <8 x float> @llvm.fma.v8f32(<8 x float> %856, <8 x float> %841, <8 x float> %857)
+  store <8 x float> %858, ptr %acc010113, align 4
+  %859 = load <8 x float>, ptr %acc011114, align 4
+  %860 = call <8 x float> @llvm.fma.v8f32(<8 x float> %856, <8 x float> %844, <8 x float> %859)
+  store <8 x float> %860, ptr %acc011114, align 4
+  %861 = getelementptr inbounds float, ptr %768, i64 %834
+  %862 = load float, ptr %861, align 4
+  %863 = insertelement <8 x float> poison, float %862, i32 0
+  %864 = shufflevector <8 x float> %863, <8 x float> poison, <8 x i32> zeroinitializer
+  %865 = load <8 x float>, ptr %acc020115, align 4
+  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> %841, <8 x float> %865)
+  store <8 x float> %866, ptr %acc020115, align 4
+  %867 = load <8 x float>, ptr %acc021116, align 4
+  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> %844, <8 x float> %867)
+  store <8 x float> %868, ptr %acc021116, align 4
+  %869 = getelementptr inbounds float, ptr %783, i64 %834
+  %870 = load float, ptr %869, align 4
+  %871 = insertelement <8 x float> poison, float %870, i32 0
+  %872 = shufflevector <8 x float> %871, <8 x float> poison, <8 x i32> zeroinitializer
+  %873 = load <8 x float>, ptr %acc030117, align 4
+  %874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %872, <8 x float> %841, <8 x float> %873)
+  store <8 x float> %874, ptr %acc030117, align 4
+  %875 = load <8 x float>, ptr %acc031118, align 4
+  %876 = call <8 x float> @llvm.fma.v8f32(<8 x float> %872, <8 x float> %844, <8 x float> %875)
+  store <8 x float> %876, ptr %acc031118, align 4
+  %877 = getelementptr inbounds float, ptr %798, i64 %834
+  %878 = load float, ptr %877, align 4
+  %879 = insertelement <8 x float> poison, float %878, i32 0
+  %880 = shufflevector <8 x float> %879, <8 x float> poison, <8 x i32> zeroinitializer
+  %881 = load <8 x float>, ptr %acc040119, align 4
+  %882 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> %841, <8 x float> %881)
+  store <8 x float> %882, ptr %acc040119, align 4
+  %883 = load <8 x float>, ptr %acc041120, align 4
+  %884 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> %844, <8 x float> %883)
+  store <8 x float> %884, ptr %acc041120, align 4
+  %885 = getelementptr inbounds float, ptr %813, i64 %834
+  %886 = load float, ptr %885, align 4
+  %887 = insertelement <8 x float> poison, float %886, i32 0
+  %888 = shufflevector <8 x float> %887, <8 x float> poison, <8 x i32> zeroinitializer
+  %889 = load <8 x float>, ptr %acc050121, align 4
+  %890 = call <8 x float> @llvm.fma.v8f32(<8 x float> %888, <8 x float> %841, <8 x float> %889)
+  store <8 x float> %890, ptr %acc050121, align 4
+  %891 = load <8 x float>, ptr %acc051122, align 4
+  %892 = call <8 x float> @llvm.fma.v8f32(<8 x float> %888, <8 x float> %844, <8 x float> %891)
+  store <8 x float> %892, ptr %acc051122, align 4
+  %893 = add nsw i64 %k130, 1
+  br label %k.head127
 
-k.end124:                                         ; preds = %k.head122
-  %901 = load <8 x float>, ptr %acc000106, align 4
-  store <8 x float> %901, ptr %751, align 4
-  %902 = load <8 x float>, ptr %acc001107, align 4
-  store <8 x float> %902, ptr %754, align 4
-  %903 = load <8 x float>, ptr %acc010108, align 4
-  store <8 x float> %903, ptr %766, align 4
-  %904 = load <8 x float>, ptr %acc011109, align 4
-  store <8 x float> %904, ptr %769, align 4
-  %905 = load <8 x float>, ptr %acc020110, align 4
-  store <8 x float> %905, ptr %781, align 4
-  %906 = load <8 x float>, ptr %acc021111, align 4
-  store <8 x float> %906, ptr %784, align 4
-  %907 = load <8 x float>, ptr %acc030112, align 4
-  store <8 x float> %907, ptr %796, align 4
-  %908 = load <8 x float>, ptr %acc031113, align 4
-  store <8 x float> %908, ptr %799, align 4
-  %909 = load <8 x float>, ptr %acc040114, align 4
-  store <8 x float> %909, ptr %811, align 4
-  %910 = load <8 x float>, ptr %acc041115, align 4
-  store <8 x float> %910, ptr %814, align 4
-  %911 = load <8 x float>, ptr %acc050116, align 4
-  store <8 x float> %911, ptr %826, align 4
-  %912 = load <8 x float>, ptr %acc051117, align 4
-  store <8 x float> %912, ptr %829, align 4
-  br label %tile.done96
+k.end129:                                         ; preds = %k.head127
+  %894 = load <8 x float>, ptr %acc000111, align 4
+  store <8 x float> %894, ptr %745, align 4
+  %895 = load <8 x float>, ptr %acc001112, align 4
+  store <8 x float> %895, ptr %748, align 4
+  %896 = load <8 x float>, ptr %acc010113, align 4
+  store <8 x float> %896, ptr %760, align 4
+  %897 = load <8 x float>, ptr %acc011114, align 4
+  store <8 x float> %897, ptr %763, align 4
+  %898 = load <8 x float>, ptr %acc020115, align 4
+  store <8 x float> %898, ptr %775, align 4
+  %899 = load <8 x float>, ptr %acc021116, align 4
+  store <8 x float> %899, ptr %778, align 4
+  %900 = load <8 x float>, ptr %acc030117, align 4
+  store <8 x float> %900, ptr %790, align 4
+  %901 = load <8 x float>, ptr %acc031118, align 4
+  store <8 x float> %901, ptr %793, align 4
+  %902 = load <8 x float>, ptr %acc040119, align 4
+  store <8 x float> %902, ptr %805, align 4
+  %903 = load <8 x float>, ptr %acc041120, align 4
+  store <8 x float> %903, ptr %808, align 4
+  %904 = load <8 x float>, ptr %acc050121, align 4
+  store <8 x float> %904, ptr %820, align 4
+  %905 = load <8 x float>, ptr %acc051122, align 4
+  store <8 x float> %905, ptr %823, align 4
+  br label %tile.done101
 
-tile.mr5101:                                      ; preds = %rb.body90
-  %col128 = mul nsw i64 %p, 16
-  %913 = add nsw i64 %r093, 0
-  %914 = mul nsw i64 %913, 1024
-  %915 = add nsw i64 %914, 0
-  %916 = getelementptr inbounds float, ptr %h, i64 %915
-  %917 = getelementptr inbounds i32, ptr %rows, i64 %913
-  %918 = load i32, ptr %917, align 4
-  %919 = sext i32 %918 to i64
-  %920 = mul nsw i64 %919, 512
-  %921 = getelementptr inbounds float, ptr %y, i64 %920
-  %922 = add nsw i64 %col128, 0
-  %923 = getelementptr inbounds float, ptr %921, i64 %922
-  %924 = load <8 x float>, ptr %923, align 4
-  store <8 x float> zeroinitializer, ptr %acc000129, align 4
-  %925 = add nsw i64 %col128, 8
-  %926 = getelementptr inbounds float, ptr %921, i64 %925
-  %927 = load <8 x float>, ptr %926, align 4
-  store <8 x float> zeroinitializer, ptr %acc001130, align 4
-  %928 = add nsw i64 %r093, 1
-  %929 = mul nsw i64 %928, 1024
-  %930 = add nsw i64 %929, 0
-  %931 = getelementptr inbounds float, ptr %h, i64 %930
-  %932 = getelementptr inbounds i32, ptr %rows, i64 %928
-  %933 = load i32, ptr %932, align 4
-  %934 = sext i32 %933 to i64
-  %935 = mul nsw i64 %934, 512
-  %936 = getelementptr inbounds float, ptr %y, i64 %935
-  %937 = add nsw i64 %col128, 0
-  %938 = getelementptr inbounds float, ptr %936, i64 %937
-  %939 = load <8 x float>, ptr %938, align 4
-  store <8 x float> zeroinitializer, ptr %acc010131, align 4
-  %940 = add nsw i64 %col128, 8
-  %941 = getelementptr inbounds float, ptr %936, i64 %940
-  %942 = load <8 x float>, ptr %941, align 4
-  store <8 x float> zeroinitializer, ptr %acc011132, align 4
-  %943 = add nsw i64 %r093, 2
-  %944 = mul nsw i64 %943, 1024
-  %945 = add nsw i64 %944, 0
-  %946 = getelementptr inbounds float, ptr %h, i64 %945
-  %947 = getelementptr inbounds i32, ptr %rows, i64 %943
-  %948 = load i32, ptr %947, align 4
-  %949 = sext i32 %948 to i64
-  %950 = mul nsw i64 %949, 512
-  %951 = getelementptr inbounds float, ptr %y, i64 %950
-  %952 = add nsw i64 %col128, 0
-  %953 = getelementptr inbounds float, ptr %951, i64 %952
-  %954 = load <8 x float>, ptr %953, align 4
-  store <8 x float> zeroinitializer, ptr %acc020133, align 4
-  %955 = add nsw i64 %col128, 8
-  %956 = getelementptr inbounds float, ptr %951, i64 %955
-  %957 = load <8 x float>, ptr %956, align 4
-  store <8 x float> zeroinitializer, ptr %acc021134, align 4
-  %958 = add nsw i64 %r093, 3
-  %959 = mul nsw i64 %958, 1024
-  %960 = add nsw i64 %959, 0
-  %961 = getelementptr inbounds float, ptr %h, i64 %960
-  %962 = getelementptr inbounds i32, ptr %rows, i64 %958
-  %963 = load i32, ptr %962, align 4
-  %964 = sext i32 %963 to i64
-  %965 = mul nsw i64 %964, 512
-  %966 = getelementptr inbounds float, ptr %y, i64 %965
-  %967 = add nsw i64 %col128, 0
-  %968 = getelementptr inbounds float, ptr %966, i64 %967
-  %969 = load <8 x float>, ptr %968, align 4
-  store <8 x float> zeroinitializer, ptr %acc030135, align 4
-  %970 = add nsw i64 %col128, 8
-  %971 = getelementptr inbounds float, ptr %966, i64 %970
-  %972 = load <8 x float>, ptr %971, align 4
-  store <8 x float> zeroinitializer, ptr %acc031136, align 4
-  %973 = add nsw i64 %r093, 4
-  %974 = mul nsw i64 %973, 1024
-  %975 = add nsw i64 %974, 0
-  %976 = getelementptr inbounds float, ptr %h, i64 %975
-  %977 = getelementptr inbounds i32, ptr %rows, i64 %973
-  %978 = load i32, ptr %977, align 4
-  %979 = sext i32 %978 to i64
-  %980 = mul nsw i64 %979, 512
-  %981 = getelementptr inbounds float, ptr %y, i64 %980
-  %982 = add nsw i64 %col128, 0
-  %983 = getelementptr inbounds float, ptr %981, i64 %982
-  %984 = load <8 x float>, ptr %983, align 4
-  store <8 x float> zeroinitializer, ptr %acc040137, align 4
-  %985 = add nsw i64 %col128, 8
-  %986 = getelementptr inbounds float, ptr %981, i64 %985
-  %987 = load <8 x float>, ptr %986, align 4
-  store <8 x float> zeroinitializer, ptr %acc041138, align 4
-  %988 = mul nsw i64 %p, 16384
-  %panel.off139 = add nsw i64 %988, 0
-  %989 = getelementptr inbounds float, ptr %panels, i64 %panel.off139
-  %990 = add nsw i64 %p, 1
-  %991 = icmp slt i64 %990, %p1
-  %pf.on140 = and i1 %pf.on104, %991
-  %992 = mul nsw i64 %rb92, 65536
-  %993 = lshr i64 %992, %738
-  %994 = add nsw i64 65536, %993
-  %995 = getelementptr inbounds i8, ptr %989, i64 %994
-  %pf141 = select i1 %pf.on140, ptr %995, ptr %989
-  %pf.sh142 = select i1 %pf.on140, i64 %738, i64 0
-  br label %k.head143
+tile.mr5106:                                      ; preds = %rb.body95
+  %col133 = mul nsw i64 %p, 16
+  %906 = add nsw i64 %r098, 0
+  %907 = mul nsw i64 %906, 1024
+  %908 = add nsw i64 %907, 0
+  %909 = getelementptr inbounds float, ptr %h, i64 %908
+  %910 = getelementptr inbounds i32, ptr %rows, i64 %906
+  %911 = load i32, ptr %910, align 4
+  %912 = sext i32 %911 to i64
+  %913 = mul nsw i64 %912, 512
+  %914 = getelementptr inbounds float, ptr %y, i64 %913
+  %915 = add nsw i64 %col133, 0
+  %916 = getelementptr inbounds float, ptr %914, i64 %915
+  %917 = load <8 x float>, ptr %916, align 4
+  store <8 x float> zeroinitializer, ptr %acc000134, align 4
+  %918 = add nsw i64 %col133, 8
+  %919 = getelementptr inbounds float, ptr %914, i64 %918
+  %920 = load <8 x float>, ptr %919, align 4
+  store <8 x float> zeroinitializer, ptr %acc001135, align 4
+  %921 = add nsw i64 %r098, 1
+  %922 = mul nsw i64 %921, 1024
+  %923 = add nsw i64 %922, 0
+  %924 = getelementptr inbounds float, ptr %h, i64 %923
+  %925 = getelementptr inbounds i32, ptr %rows, i64 %921
+  %926 = load i32, ptr %925, align 4
+  %927 = sext i32 %926 to i64
+  %928 = mul nsw i64 %927, 512
+  %929 = getelementptr inbounds float, ptr %y, i64 %928
+  %930 = add nsw i64 %col133, 0
+  %931 = getelementptr inbounds float, ptr %929, i64 %930
+  %932 = load <8 x float>, ptr %931, align 4
+  store <8 x float> zeroinitializer, ptr %acc010136, align 4
+  %933 = add nsw i64 %col133, 8
+  %934 = getelementptr inbounds float, ptr %929, i64 %933
+  %935 = load <8 x float>, ptr %934, align 4
+  store <8 x float> zeroinitializer, ptr %acc011137, align 4
+  %936 = add nsw i64 %r098, 2
+  %937 = mul nsw i64 %936, 1024
+  %938 = add nsw i64 %937, 0
+  %939 = getelementptr inbounds float, ptr %h, i64 %938
+  %940 = getelementptr inbounds i32, ptr %rows, i64 %936
+  %941 = load i32, ptr %940, align 4
+  %942 = sext i32 %941 to i64
+  %943 = mul nsw i64 %942, 512
+  %944 = getelementptr inbounds float, ptr %y, i64 %943
+  %945 = add nsw i64 %col133, 0
+  %946 = getelementptr inbounds float, ptr %944, i64 %945
+  %947 = load <8 x float>, ptr %946, align 4
+  store <8 x float> zeroinitializer, ptr %acc020138, align 4
+  %948 = add nsw i64 %col133, 8
+  %949 = getelementptr inbounds float, ptr %944, i64 %948
+  %950 = load <8 x float>, ptr %949, align 4
+  store <8 x float> zeroinitializer, ptr %acc021139, align 4
+  %951 = add nsw i64 %r098, 3
+  %952 = mul nsw i64 %951, 1024
+  %953 = add nsw i64 %952, 0
+  %954 = getelementptr inbounds float, ptr %h, i64 %953
+  %955 = getelementptr inbounds i32, ptr %rows, i64 %951
+  %956 = load i32, ptr %955, align 4
+  %957 = sext i32 %956 to i64
+  %958 = mul nsw i64 %957, 512
+  %959 = getelementptr inbounds float, ptr %y, i64 %958
+  %960 = add nsw i64 %col133, 0
+  %961 = getelementptr inbounds float, ptr %959, i64 %960
+  %962 = load <8 x float>, ptr %961, align 4
+  store <8 x float> zeroinitializer, ptr %acc030140, align 4
+  %963 = add nsw i64 %col133, 8
+  %964 = getelementptr inbounds float, ptr %959, i64 %963
+  %965 = load <8 x float>, ptr %964, align 4
+  store <8 x float> zeroinitializer, ptr %acc031141, align 4
+  %966 = add nsw i64 %r098, 4
+  %967 = mul nsw i64 %966, 1024
+  %968 = add nsw i64 %967, 0
+  %969 = getelementptr inbounds float, ptr %h, i64 %968
+  %970 = getelementptr inbounds i32, ptr %rows, i64 %966
+  %971 = load i32, ptr %970, align 4
+  %972 = sext i32 %971 to i64
+  %973 = mul nsw i64 %972, 512
+  %974 = getelementptr inbounds float, ptr %y, i64 %973
+  %975 = add nsw i64 %col133, 0
+  %976 = getelementptr inbounds float, ptr %974, i64 %975
+  %977 = load <8 x float>, ptr %976, align 4
+  store <8 x float> zeroinitializer, ptr %acc040142, align 4
+  %978 = add nsw i64 %col133, 8
+  %979 = getelementptr inbounds float, ptr %974, i64 %978
+  %980 = load <8 x float>, ptr %979, align 4
+  store <8 x float> zeroinitializer, ptr %acc041143, align 4
+  %panel.off144 = mul nsw i64 %p, 16384
+  %981 = getelementptr inbounds float, ptr %panels, i64 %panel.off144
+  %982 = add nsw i64 %p, 1
+  %983 = icmp slt i64 %982, %p1
+  %pf.on145 = and i1 %pf.on109, %983
+  %984 = mul nsw i64 %rb97, 65536
+  %985 = lshr i64 %984, %732
+  %986 = add nsw i64 65536, %985
+  %987 = getelementptr inbounds i8, ptr %981, i64 %986
+  %pf146 = select i1 %pf.on145, ptr %987, ptr %981
+  %pf.sh147 = select i1 %pf.on145, i64 %732, i64 0
+  br label %k.head148
 
-k.head143:                                        ; preds = %pf.any.end148, %tile.mr5101
-  %k146 = phi i64 [ 0, %tile.mr5101 ], [ %1049, %pf.any.end148 ]
-  %996 = icmp slt i64 %k146, 1024
-  br i1 %996, label %k.body144, label %k.end145
+k.head148:                                        ; preds = %pf.any.end153, %tile.mr5106
+  %k151 = phi i64 [ 0, %tile.mr5106 ], [ %1041, %pf.any.end153 ]
+  %988 = icmp slt i64 %k151, 1024
+  br i1 %988, label %k.body149, label %k.end150
 
-k.body144:                                        ; preds = %k.head143
-  %997 = mul nsw i64 %k146, 1
-  %998 = add nsw i64 %997, 0
-  %999 = mul nsw i64 %998, 64
-  br i1 %pf.multi103, label %pf.any.then147, label %pf.any.end148
+k.body149:                                        ; preds = %k.head148
+  %989 = mul nsw i64 %k151, 1
+  %990 = add nsw i64 %989, 0
+  %991 = mul nsw i64 %990, 64
+  br i1 %pf.multi108, label %pf.any.then152, label %pf.any.end153
 
-pf.any.then147:                                   ; preds = %k.body144
-  %1000 = lshr i64 %999, %pf.sh142
-  %1001 = getelementptr inbounds i8, ptr %pf141, i64 %1000
-  call void @llvm.prefetch.p0(ptr %1001, i32 0, i32 2, i32 1)
-  br label %pf.any.end148
+pf.any.then152:                                   ; preds = %k.body149
+  %992 = lshr i64 %991, %pf.sh147
+  %993 = getelementptr inbounds i8, ptr %pf146, i64 %992
+  call void @llvm.prefetch.p0(ptr %993, i32 0, i32 2, i32 1)
+  br label %pf.any.end153
 
-pf.any.end148:                                    ; preds = %pf.any.then147, %k.body144
-  %1002 = mul nsw i64 %998, 16
-  %1003 = add nsw i64 %panel.off139, %1002
-  %1004 = getelementptr inbounds float, ptr %panels, i64 %1003
-  %1005 = load <8 x float>, ptr %1004, align 4
-  %1006 = add nsw i64 %1003, 8
-  %1007 = getelementptr inbounds float, ptr %panels, i64 %1006
-  %1008 = load <8 x float>, ptr %1007, align 4
-  %1009 = getelementptr inbounds float, ptr %916, i64 %998
+pf.any.end153:                                    ; preds = %pf.any.then152, %k.body149
+  %994 = mul nsw i64 %990, 16
+  %995 = add nsw i64 %panel.off144, %994
+  %996 = getelementptr inbounds float, ptr %panels, i64 %995
+  %997 = load <8 x float>, ptr %996, align 4
+  %998 = add nsw i64 %995, 8
+  %999 = getelementptr inbounds float, ptr %panels, i64 %998
+  %1000 = load <8 x float>, ptr %999, align 4
+  %1001 = getelementptr inbounds float, ptr %909, i64 %990
+  %1002 = load float, ptr %1001, align 4
+  %1003 = insertelement <8 x float> poison, float %1002, i32 0
+  %1004 = shufflevector <8 x float> %1003, <8 x float> poison, <8 x i32> zeroinitializer
+  %1005 = load <8 x float>, ptr %acc000134, align 4
+  %1006 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1004, <8 x float> %997, <8 x float> %1005)
+  store <8 x float> %1006, ptr %acc000134, align 4
+  %1007 = load <8 x float>, ptr %acc001135, align 4
+  %1008 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1004, <8 x float> %1000, <8 x float> %1007)
+  store <8 x float> %1008, ptr %acc001135, align 4
+  %1009 = getelementptr inbounds float, ptr %924, i64 %990
   %1010 = load float, ptr %1009, align 4
   %1011 = insertelement <8 x float> poison, float %1010, i32 0
   %1012 = shufflevector <8 x float> %1011, <8 x float> poison, <8 x i32> zeroinitializer
-  %1013 = load <8 x float>, ptr %acc000129, align 4
-  %1014 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %1005, <8 x float> %1013)
-  store <8 x float> %1014, ptr %acc000129, align 4
-  %1015 = load <8 x float>, ptr %acc001130, align 4
-  %1016 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %1008, <8 x float> %1015)
-  store <8 x float> %1016, ptr %acc001130, align 4
-  %1017 = getelementptr inbounds float, ptr %931, i64 %998
+  %1013 = load <8 x float>, ptr %acc010136, align 4
+  %1014 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %997, <8 x float> %1013)
+  store <8 x float> %1014, ptr %acc010136, align 4
+  %1015 = load <8 x float>, ptr %acc011137, align 4
+  %1016 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %1000, <8 x float> %1015)
+  store <8 x float> %1016, ptr %acc011137, align 4
+  %1017 = getelementptr inbounds float, ptr %939, i64 %990
   %1018 = load float, ptr %1017, align 4
   %1019 = insertelement <8 x float> poison, float %1018, i32 0
   %1020 = shufflevector <8 x float> %1019, <8 x float> poison, <8 x i32> zeroinitializer
-  %1021 = load <8 x float>, ptr %acc010131, align 4
-  %1022 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %1005, <8 x float> %1021)
-  store <8 x float> %1022, ptr %acc010131, align 4
-  %1023 = load <8 x float>, ptr %acc011132, align 4
-  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %1008, <8 x float> %1023)
-  store <8 x float> %1024, ptr %acc011132, align 4
-  %1025 = getelementptr inbounds float, ptr %946, i64 %998
+  %1021 = load <8 x float>, ptr %acc020138, align 4
+  %1022 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %997, <8 x float> %1021)
+  store <8 x float> %1022, ptr %acc020138, align 4
+  %1023 = load <8 x float>, ptr %acc021139, align 4
+  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %1000, <8 x float> %1023)
+  store <8 x float> %1024, ptr %acc021139, align 4
+  %1025 = getelementptr inbounds float, ptr %954, i64 %990
   %1026 = load float, ptr %1025, align 4
   %1027 = insertelement <8 x float> poison, float %1026, i32 0
   %1028 = shufflevector <8 x float> %1027, <8 x float> poison, <8 x i32> zeroinitializer
-  %1029 = load <8 x float>, ptr %acc020133, align 4
-  %1030 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %1005, <8 x float> %1029)
-  store <8 x float> %1030, ptr %acc020133, align 4
-  %1031 = load <8 x float>, ptr %acc021134, align 4
-  %1032 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %1008, <8 x float> %1031)
-  store <8 x float> %1032, ptr %acc021134, align 4
-  %1033 = getelementptr inbounds float, ptr %961, i64 %998
+  %1029 = load <8 x float>, ptr %acc030140, align 4
+  %1030 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %997, <8 x float> %1029)
+  store <8 x float> %1030, ptr %acc030140, align 4
+  %1031 = load <8 x float>, ptr %acc031141, align 4
+  %1032 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %1000, <8 x float> %1031)
+  store <8 x float> %1032, ptr %acc031141, align 4
+  %1033 = getelementptr inbounds float, ptr %969, i64 %990
   %1034 = load float, ptr %1033, align 4
   %1035 = insertelement <8 x float> poison, float %1034, i32 0
   %1036 = shufflevector <8 x float> %1035, <8 x float> poison, <8 x i32> zeroinitializer
-  %1037 = load <8 x float>, ptr %acc030135, align 4
-  %1038 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %1005, <8 x float> %1037)
-  store <8 x float> %1038, ptr %acc030135, align 4
-  %1039 = load <8 x float>, ptr %acc031136, align 4
-  %1040 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %1008, <8 x float> %1039)
-  store <8 x float> %1040, ptr %acc031136, align 4
-  %1041 = getelementptr inbounds float, ptr %976, i64 %998
-  %1042 = load float, ptr %1041, align 4
-  %1043 = insertelement <8 x float> poison, float %1042, i32 0
-  %1044 = shufflevector <8 x float> %1043, <8 x float> poison, <8 x i32> zeroinitializer
-  %1045 = load <8 x float>, ptr %acc040137, align 4
-  %1046 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1044, <8 x float> %1005, <8 x float> %1045)
-  store <8 x float> %1046, ptr %acc040137, align 4
-  %1047 = load <8 x float>, ptr %acc041138, align 4
-  %1048 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1044, <8 x float> %1008, <8 x float> %1047)
-  store <8 x float> %1048, ptr %acc041138, align 4
-  %1049 = add nsw i64 %k146, 1
-  br label %k.head143
+  %1037 = load <8 x float>, ptr %acc040142, align 4
+  %1038 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %997, <8 x float> %1037)
+  store <8 x float> %1038, ptr %acc040142, align 4
+  %1039 = load <8 x float>, ptr %acc041143, align 4
+  %1040 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %1000, <8 x float> %1039)
+  store <8 x float> %1040, ptr %acc041143, align 4
+  %1041 = add nsw i64 %k151, 1
+  br label %k.head148
 
-k.end145:                                         ; preds = %k.head143
-  %1050 = load <8 x float>, ptr %acc000129, align 4
-  store <8 x float> %1050, ptr %923, align 4
-  %1051 = load <8 x float>, ptr %acc001130, align 4
-  store <8 x float> %1051, ptr %926, align 4
-  %1052 = load <8 x float>, ptr %acc010131, align 4
-  store <8 x float> %1052, ptr %938, align 4
-  %1053 = load <8 x float>, ptr %acc011132, align 4
-  store <8 x float> %1053, ptr %941, align 4
-  %1054 = load <8 x float>, ptr %acc020133, align 4
-  store <8 x float> %1054, ptr %953, align 4
-  %1055 = load <8 x float>, ptr %acc021134, align 4
-  store <8 x float> %1055, ptr %956, align 4
-  %1056 = load <8 x float>, ptr %acc030135, align 4
-  store <8 x float> %1056, ptr %968, align 4
-  %1057 = load <8 x float>, ptr %acc031136, align 4
-  store <8 x float> %1057, ptr %971, align 4
-  %1058 = load <8 x float>, ptr %acc040137, align 4
-  store <8 x float> %1058, ptr %983, align 4
-  %1059 = load <8 x float>, ptr %acc041138, align 4
-  store <8 x float> %1059, ptr %986, align 4
-  br label %tile.done96
+k.end150:                                         ; preds = %k.head148
+  %1042 = load <8 x float>, ptr %acc000134, align 4
+  store <8 x float> %1042, ptr %916, align 4
+  %1043 = load <8 x float>, ptr %acc001135, align 4
+  store <8 x float> %1043, ptr %919, align 4
+  %1044 = load <8 x float>, ptr %acc010136, align 4
+  store <8 x float> %1044, ptr %931, align 4
+  %1045 = load <8 x float>, ptr %acc011137, align 4
+  store <8 x float> %1045, ptr %934, align 4
+  %1046 = load <8 x float>, ptr %acc020138, align 4
+  store <8 x float> %1046, ptr %946, align 4
+  %1047 = load <8 x float>, ptr %acc021139, align 4
+  store <8 x float> %1047, ptr %949, align 4
+  %1048 = load <8 x float>, ptr %acc030140, align 4
+  store <8 x float> %1048, ptr %961, align 4
+  %1049 = load <8 x float>, ptr %acc031141, align 4
+  store <8 x float> %1049, ptr %964, align 4
+  %1050 = load <8 x float>, ptr %acc040142, align 4
+  store <8 x float> %1050, ptr %976, align 4
+  %1051 = load <8 x float>, ptr %acc041143, align 4
+  store <8 x float> %1051, ptr %979, align 4
+  br label %tile.done101
 
-tile.mr4100:                                      ; preds = %rb.body90
-  %col149 = mul nsw i64 %p, 16
-  %1060 = add nsw i64 %r093, 0
-  %1061 = mul nsw i64 %1060, 1024
-  %1062 = add nsw i64 %1061, 0
-  %1063 = getelementptr inbounds float, ptr %h, i64 %1062
-  %1064 = getelementptr inbounds i32, ptr %rows, i64 %1060
-  %1065 = load i32, ptr %1064, align 4
-  %1066 = sext i32 %1065 to i64
-  %1067 = mul nsw i64 %1066, 512
-  %1068 = getelementptr inbounds float, ptr %y, i64 %1067
-  %1069 = add nsw i64 %col149, 0
-  %1070 = getelementptr inbounds float, ptr %1068, i64 %1069
-  %1071 = load <8 x float>, ptr %1070, align 4
-  store <8 x float> zeroinitializer, ptr %acc000150, align 4
-  %1072 = add nsw i64 %col149, 8
-  %1073 = getelementptr inbounds float, ptr %1068, i64 %1072
-  %1074 = load <8 x float>, ptr %1073, align 4
-  store <8 x float> zeroinitializer, ptr %acc001151, align 4
-  %1075 = add nsw i64 %r093, 1
-  %1076 = mul nsw i64 %1075, 1024
-  %1077 = add nsw i64 %1076, 0
-  %1078 = getelementptr inbounds float, ptr %h, i64 %1077
-  %1079 = getelementptr inbounds i32, ptr %rows, i64 %1075
-  %1080 = load i32, ptr %1079, align 4
-  %1081 = sext i32 %1080 to i64
-  %1082 = mul nsw i64 %1081, 512
-  %1083 = getelementptr inbounds float, ptr %y, i64 %1082
-  %1084 = add nsw i64 %col149, 0
-  %1085 = getelementptr inbounds float, ptr %1083, i64 %1084
-  %1086 = load <8 x float>, ptr %1085, align 4
-  store <8 x float> zeroinitializer, ptr %acc010152, align 4
-  %1087 = add nsw i64 %col149, 8
-  %1088 = getelementptr inbounds float, ptr %1083, i64 %1087
-  %1089 = load <8 x float>, ptr %1088, align 4
-  store <8 x float> zeroinitializer, ptr %acc011153, align 4
-  %1090 = add nsw i64 %r093, 2
-  %1091 = mul nsw i64 %1090, 1024
-  %1092 = add nsw i64 %1091, 0
-  %1093 = getelementptr inbounds float, ptr %h, i64 %1092
-  %1094 = getelementptr inbounds i32, ptr %rows, i64 %1090
-  %1095 = load i32, ptr %1094, align 4
-  %1096 = sext i32 %1095 to i64
-  %1097 = mul nsw i64 %1096, 512
-  %1098 = getelementptr inbounds float, ptr %y, i64 %1097
-  %1099 = add nsw i64 %col149, 0
-  %1100 = getelementptr inbounds float, ptr %1098, i64 %1099
-  %1101 = load <8 x float>, ptr %1100, align 4
-  store <8 x float> zeroinitializer, ptr %acc020154, align 4
-  %1102 = add nsw i64 %col149, 8
-  %1103 = getelementptr inbounds float, ptr %1098, i64 %1102
-  %1104 = load <8 x float>, ptr %1103, align 4
-  store <8 x float> zeroinitializer, ptr %acc021155, align 4
-  %1105 = add nsw i64 %r093, 3
-  %1106 = mul nsw i64 %1105, 1024
-  %1107 = add nsw i64 %1106, 0
-  %1108 = getelementptr inbounds float, ptr %h, i64 %1107
-  %1109 = getelementptr inbounds i32, ptr %rows, i64 %1105
-  %1110 = load i32, ptr %1109, align 4
-  %1111 = sext i32 %1110 to i64
-  %1112 = mul nsw i64 %1111, 512
-  %1113 = getelementptr inbounds float, ptr %y, i64 %1112
-  %1114 = add nsw i64 %col149, 0
-  %1115 = getelementptr inbounds float, ptr %1113, i64 %1114
-  %1116 = load <8 x float>, ptr %1115, align 4
-  store <8 x float> zeroinitializer, ptr %acc030156, align 4
-  %1117 = add nsw i64 %col149, 8
-  %1118 = getelementptr inbounds float, ptr %1113, i64 %1117
-  %1119 = load <8 x float>, ptr %1118, align 4
-  store <8 x float> zeroinitializer, ptr %acc031157, align 4
-  %1120 = mul nsw i64 %p, 16384
-  %panel.off158 = add nsw i64 %1120, 0
-  %1121 = getelementptr inbounds float, ptr %panels, i64 %panel.off158
-  %1122 = add nsw i64 %p, 1
-  %1123 = icmp slt i64 %1122, %p1
-  %pf.on159 = and i1 %pf.on104, %1123
-  %1124 = mul nsw i64 %rb92, 65536
-  %1125 = lshr i64 %1124, %738
-  %1126 = add nsw i64 65536, %1125
-  %1127 = getelementptr inbounds i8, ptr %1121, i64 %1126
-  %pf160 = select i1 %pf.on159, ptr %1127, ptr %1121
-  %pf.sh161 = select i1 %pf.on159, i64 %738, i64 0
-  br label %k.head162
+tile.mr4105:                                      ; preds = %rb.body95
+  %col154 = mul nsw i64 %p, 16
+  %1052 = add nsw i64 %r098, 0
+  %1053 = mul nsw i64 %1052, 1024
+  %1054 = add nsw i64 %1053, 0
+  %1055 = getelementptr inbounds float, ptr %h, i64 %1054
+  %1056 = getelementptr inbounds i32, ptr %rows, i64 %1052
+  %1057 = load i32, ptr %1056, align 4
+  %1058 = sext i32 %1057 to i64
+  %1059 = mul nsw i64 %1058, 512
+  %1060 = getelementptr inbounds float, ptr %y, i64 %1059
+  %1061 = add nsw i64 %col154, 0
+  %1062 = getelementptr inbounds float, ptr %1060, i64 %1061
+  %1063 = load <8 x float>, ptr %1062, align 4
+  store <8 x float> zeroinitializer, ptr %acc000155, align 4
+  %1064 = add nsw i64 %col154, 8
+  %1065 = getelementptr inbounds float, ptr %1060, i64 %1064
+  %1066 = load <8 x float>, ptr %1065, align 4
+  store <8 x float> zeroinitializer, ptr %acc001156, align 4
+  %1067 = add nsw i64 %r098, 1
+  %1068 = mul nsw i64 %1067, 1024
+  %1069 = add nsw i64 %1068, 0
+  %1070 = getelementptr inbounds float, ptr %h, i64 %1069
+  %1071 = getelementptr inbounds i32, ptr %rows, i64 %1067
+  %1072 = load i32, ptr %1071, align 4
+  %1073 = sext i32 %1072 to i64
+  %1074 = mul nsw i64 %1073, 512
+  %1075 = getelementptr inbounds float, ptr %y, i64 %1074
+  %1076 = add nsw i64 %col154, 0
+  %1077 = getelementptr inbounds float, ptr %1075, i64 %1076
+  %1078 = load <8 x float>, ptr %1077, align 4
+  store <8 x float> zeroinitializer, ptr %acc010157, align 4
+  %1079 = add nsw i64 %col154, 8
+  %1080 = getelementptr inbounds float, ptr %1075, i64 %1079
+  %1081 = load <8 x float>, ptr %1080, align 4
+  store <8 x float> zeroinitializer, ptr %acc011158, align 4
+  %1082 = add nsw i64 %r098, 2
+  %1083 = mul nsw i64 %1082, 1024
+  %1084 = add nsw i64 %1083, 0
+  %1085 = getelementptr inbounds float, ptr %h, i64 %1084
+  %1086 = getelementptr inbounds i32, ptr %rows, i64 %1082
+  %1087 = load i32, ptr %1086, align 4
+  %1088 = sext i32 %1087 to i64
+  %1089 = mul nsw i64 %1088, 512
+  %1090 = getelementptr inbounds float, ptr %y, i64 %1089
+  %1091 = add nsw i64 %col154, 0
+  %1092 = getelementptr inbounds float, ptr %1090, i64 %1091
+  %1093 = load <8 x float>, ptr %1092, align 4
+  store <8 x float> zeroinitializer, ptr %acc020159, align 4
+  %1094 = add nsw i64 %col154, 8
+  %1095 = getelementptr inbounds float, ptr %1090, i64 %1094
+  %1096 = load <8 x float>, ptr %1095, align 4
+  store <8 x float> zeroinitializer, ptr %acc021160, align 4
+  %1097 = add nsw i64 %r098, 3
+  %1098 = mul nsw i64 %1097, 1024
+  %1099 = add nsw i64 %1098, 0
+  %1100 = getelementptr inbounds float, ptr %h, i64 %1099
+  %1101 = getelementptr inbounds i32, ptr %rows, i64 %1097
+  %1102 = load i32, ptr %1101, align 4
+  %1103 = sext i32 %1102 to i64
+  %1104 = mul nsw i64 %1103, 512
+  %1105 = getelementptr inbounds float, ptr %y, i64 %1104
+  %1106 = add nsw i64 %col154, 0
+  %1107 = getelementptr inbounds float, ptr %1105, i64 %1106
+  %1108 = load <8 x float>, ptr %1107, align 4
+  store <8 x float> zeroinitializer, ptr %acc030161, align 4
+  %1109 = add nsw i64 %col154, 8
+  %1110 = getelementptr inbounds float, ptr %1105, i64 %1109
+  %1111 = load <8 x float>, ptr %1110, align 4
+  store <8 x float> zeroinitializer, ptr %acc031162, align 4
+  %panel.off163 = mul nsw i64 %p, 16384
+  %1112 = getelementptr inbounds float, ptr %panels, i64 %panel.off163
+  %1113 = add nsw i64 %p, 1
+  %1114 = icmp slt i64 %1113, %p1
+  %pf.on164 = and i1 %pf.on109, %1114
+  %1115 = mul nsw i64 %rb97, 65536
+  %1116 = lshr i64 %1115, %732
+  %1117 = add nsw i64 65536, %1116
+  %1118 = getelementptr inbounds i8, ptr %1112, i64 %1117
+  %pf165 = select i1 %pf.on164, ptr %1118, ptr %1112
+  %pf.sh166 = select i1 %pf.on164, i64 %732, i64 0
+  br label %k.head167
 
-k.head162:                                        ; preds = %pf.any.end167, %tile.mr4100
-  %k165 = phi i64 [ 0, %tile.mr4100 ], [ %1173, %pf.any.end167 ]
-  %1128 = icmp slt i64 %k165, 1024
-  br i1 %1128, label %k.body163, label %k.end164
+k.head167:                                        ; preds = %pf.any.end172, %tile.mr4105
+  %k170 = phi i64 [ 0, %tile.mr4105 ], [ %1164, %pf.any.end172 ]
+  %1119 = icmp slt i64 %k170, 1024
+  br i1 %1119, label %k.body168, label %k.end169
 
-k.body163:                                        ; preds = %k.head162
-  %1129 = mul nsw i64 %k165, 1
-  %1130 = add nsw i64 %1129, 0
-  %1131 = mul nsw i64 %1130, 64
-  br i1 %pf.multi103, label %pf.any.then166, label %pf.any.end167
+k.body168:                                        ; preds = %k.head167
+  %1120 = mul nsw i64 %k170, 1
+  %1121 = add nsw i64 %1120, 0
+  %1122 = mul nsw i64 %1121, 64
+  br i1 %pf.multi108, label %pf.any.then171, label %pf.any.end172
 
-pf.any.then166:                                   ; preds = %k.body163
-  %1132 = lshr i64 %1131, %pf.sh161
-  %1133 = getelementptr inbounds i8, ptr %pf160, i64 %1132
-  call void @llvm.prefetch.p0(ptr %1133, i32 0, i32 2, i32 1)
-  br label %pf.any.end167
+pf.any.then171:                                   ; preds = %k.body168
+  %1123 = lshr i64 %1122, %pf.sh166
+  %1124 = getelementptr inbounds i8, ptr %pf165, i64 %1123
+  call void @llvm.prefetch.p0(ptr %1124, i32 0, i32 2, i32 1)
+  br label %pf.any.end172
 
-pf.any.end167:                                    ; preds = %pf.any.then166, %k.body163
-  %1134 = mul nsw i64 %1130, 16
-  %1135 = add nsw i64 %panel.off158, %1134
-  %1136 = getelementptr inbounds float, ptr %panels, i64 %1135
-  %1137 = load <8 x float>, ptr %1136, align 4
-  %1138 = add nsw i64 %1135, 8
-  %1139 = getelementptr inbounds float, ptr %panels, i64 %1138
-  %1140 = load <8 x float>, ptr %1139, align 4
-  %1141 = getelementptr inbounds float, ptr %1063, i64 %1130
-  %1142 = load float, ptr %1141, align 4
-  %1143 = insertelement <8 x float> poison, float %1142, i32 0
-  %1144 = shufflevector <8 x float> %1143, <8 x float> poison, <8 x i32> zeroinitializer
-  %1145 = load <8 x float>, ptr %acc000150, align 4
-  %1146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1144, <8 x float> %1137, <8 x float> %1145)
-  store <8 x float> %1146, ptr %acc000150, align 4
-  %1147 = load <8 x float>, ptr %acc001151, align 4
-  %1148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1144, <8 x float> %1140, <8 x float> %1147)
-  store <8 x float> %1148, ptr %acc001151, align 4
-  %1149 = getelementptr inbounds float, ptr %1078, i64 %1130
-  %1150 = load float, ptr %1149, align 4
-  %1151 = insertelement <8 x float> poison, float %1150, i32 0
-  %1152 = shufflevector <8 x float> %1151, <8 x float> poison, <8 x i32> zeroinitializer
-  %1153 = load <8 x float>, ptr %acc010152, align 4
-  %1154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1152, <8 x float> %1137, <8 x float> %1153)
-  store <8 x float> %1154, ptr %acc010152, align 4
-  %1155 = load <8 x float>, ptr %acc011153, align 4
-  %1156 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1152, <8 x float> %1140, <8 x float> %1155)
-  store <8 x float> %1156, ptr %acc011153, align 4
-  %1157 = getelementptr inbounds float, ptr %1093, i64 %1130
-  %1158 = load float, ptr %1157, align 4
-  %1159 = insertelement <8 x float> poison, float %1158, i32 0
-  %1160 = shufflevector <8 x float> %1159, <8 x float> poison, <8 x i32> zeroinitializer
-  %1161 = load <8 x float>, ptr %acc020154, align 4
-  %1162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1160, <8 x float> %1137, <8 x float> %1161)
-  store <8 x float> %1162, ptr %acc020154, align 4
-  %1163 = load <8 x float>, ptr %acc021155, align 4
-  %1164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1160, <8 x float> %1140, <8 x float> %1163)
-  store <8 x float> %1164, ptr %acc021155, align 4
-  %1165 = getelementptr inbounds float, ptr %1108, i64 %1130
-  %1166 = load float, ptr %1165, align 4
-  %1167 = insertelement <8 x float> poison, float %1166, i32 0
-  %1168 = shufflevector <8 x float> %1167, <8 x float> poison, <8 x i32> zeroinitializer
-  %1169 = load <8 x float>, ptr %acc030156, align 4
-  %1170 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1168, <8 x float> %1137, <8 x float> %1169)
-  store <8 x float> %1170, ptr %acc030156, align 4
-  %1171 = load <8 x float>, ptr %acc031157, align 4
-  %1172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1168, <8 x float> %1140, <8 x float> %1171)
-  store <8 x float> %1172, ptr %acc031157, align 4
-  %1173 = add nsw i64 %k165, 1
-  br label %k.head162
+pf.any.end172:                                    ; preds = %pf.any.then171, %k.body168
+  %1125 = mul nsw i64 %1121, 16
+  %1126 = add nsw i64 %panel.off163, %1125
+  %1127 = getelementptr inbounds float, ptr %panels, i64 %1126
+  %1128 = load <8 x float>, ptr %1127, align 4
+  %1129 = add nsw i64 %1126, 8
+  %1130 = getelementptr inbounds float, ptr %panels, i64 %1129
+  %1131 = load <8 x float>, ptr %1130, align 4
+  %1132 = getelementptr inbounds float, ptr %1055, i64 %1121
+  %1133 = load float, ptr %1132, align 4
+  %1134 = insertelement <8 x float> poison, float %1133, i32 0
+  %1135 = shufflevector <8 x float> %1134, <8 x float> poison, <8 x i32> zeroinitializer
+  %1136 = load <8 x float>, ptr %acc000155, align 4
+  %1137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1135, <8 x float> %1128, <8 x float> %1136)
+  store <8 x float> %1137, ptr %acc000155, align 4
+  %1138 = load <8 x float>, ptr %acc001156, align 4
+  %1139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1135, <8 x float> %1131, <8 x float> %1138)
+  store <8 x float> %1139, ptr %acc001156, align 4
+  %1140 = getelementptr inbounds float, ptr %1070, i64 %1121
+  %1141 = load float, ptr %1140, align 4
+  %1142 = insertelement <8 x float> poison, float %1141, i32 0
+  %1143 = shufflevector <8 x float> %1142, <8 x float> poison, <8 x i32> zeroinitializer
+  %1144 = load <8 x float>, ptr %acc010157, align 4
+  %1145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1143, <8 x float> %1128, <8 x float> %1144)
+  store <8 x float> %1145, ptr %acc010157, align 4
+  %1146 = load <8 x float>, ptr %acc011158, align 4
+  %1147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1143, <8 x float> %1131, <8 x float> %1146)
+  store <8 x float> %1147, ptr %acc011158, align 4
+  %1148 = getelementptr inbounds float, ptr %1085, i64 %1121
+  %1149 = load float, ptr %1148, align 4
+  %1150 = insertelement <8 x float> poison, float %1149, i32 0
+  %1151 = shufflevector <8 x float> %1150, <8 x float> poison, <8 x i32> zeroinitializer
+  %1152 = load <8 x float>, ptr %acc020159, align 4
+  %1153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1151, <8 x float> %1128, <8 x float> %1152)
+  store <8 x float> %1153, ptr %acc020159, align 4
+  %1154 = load <8 x float>, ptr %acc021160, align 4
+  %1155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1151, <8 x float> %1131, <8 x float> %1154)
+  store <8 x float> %1155, ptr %acc021160, align 4
+  %1156 = getelementptr inbounds float, ptr %1100, i64 %1121
+  %1157 = load float, ptr %1156, align 4
+  %1158 = insertelement <8 x float> poison, float %1157, i32 0
+  %1159 = shufflevector <8 x float> %1158, <8 x float> poison, <8 x i32> zeroinitializer
+  %1160 = load <8 x float>, ptr %acc030161, align 4
+  %1161 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1159, <8 x float> %1128, <8 x float> %1160)
+  store <8 x float> %1161, ptr %acc030161, align 4
+  %1162 = load <8 x float>, ptr %acc031162, align 4
+  %1163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1159, <8 x float> %1131, <8 x float> %1162)
+  store <8 x float> %1163, ptr %acc031162, align 4
+  %1164 = add nsw i64 %k170, 1
+  br label %k.head167
 
-k.end164:                                         ; preds = %k.head162
-  %1174 = load <8 x float>, ptr %acc000150, align 4
-  store <8 x float> %1174, ptr %1070, align 4
-  %1175 = load <8 x float>, ptr %acc001151, align 4
-  store <8 x float> %1175, ptr %1073, align 4
-  %1176 = load <8 x float>, ptr %acc010152, align 4
-  store <8 x float> %1176, ptr %1085, align 4
-  %1177 = load <8 x float>, ptr %acc011153, align 4
-  store <8 x float> %1177, ptr %1088, align 4
-  %1178 = load <8 x float>, ptr %acc020154, align 4
-  store <8 x float> %1178, ptr %1100, align 4
-  %1179 = load <8 x float>, ptr %acc021155, align 4
-  store <8 x float> %1179, ptr %1103, align 4
-  %1180 = load <8 x float>, ptr %acc030156, align 4
-  store <8 x float> %1180, ptr %1115, align 4
-  %1181 = load <8 x float>, ptr %acc031157, align 4
-  store <8 x float> %1181, ptr %1118, align 4
-  br label %tile.done96
+k.end169:                                         ; preds = %k.head167
+  %1165 = load <8 x float>, ptr %acc000155, align 4
+  store <8 x float> %1165, ptr %1062, align 4
+  %1166 = load <8 x float>, ptr %acc001156, align 4
+  store <8 x float> %1166, ptr %1065, align 4
+  %1167 = load <8 x float>, ptr %acc010157, align 4
+  store <8 x float> %1167, ptr %1077, align 4
+  %1168 = load <8 x float>, ptr %acc011158, align 4
+  store <8 x float> %1168, ptr %1080, align 4
+  %1169 = load <8 x float>, ptr %acc020159, align 4
+  store <8 x float> %1169, ptr %1092, align 4
+  %1170 = load <8 x float>, ptr %acc021160, align 4
+  store <8 x float> %1170, ptr %1095, align 4
+  %1171 = load <8 x float>, ptr %acc030161, align 4
+  store <8 x float> %1171, ptr %1107, align 4
+  %1172 = load <8 x float>, ptr %acc031162, align 4
+  store <8 x float> %1172, ptr %1110, align 4
+  br label %tile.done101
 
-tile.mr399:                                       ; preds = %rb.body90
-  %col168 = mul nsw i64 %p, 16
-  %1182 = add nsw i64 %r093, 0
-  %1183 = mul nsw i64 %1182, 1024
-  %1184 = add nsw i64 %1183, 0
-  %1185 = getelementptr inbounds float, ptr %h, i64 %1184
-  %1186 = getelementptr inbounds i32, ptr %rows, i64 %1182
-  %1187 = load i32, ptr %1186, align 4
-  %1188 = sext i32 %1187 to i64
-  %1189 = mul nsw i64 %1188, 512
-  %1190 = getelementptr inbounds float, ptr %y, i64 %1189
-  %1191 = add nsw i64 %col168, 0
-  %1192 = getelementptr inbounds float, ptr %1190, i64 %1191
-  %1193 = load <8 x float>, ptr %1192, align 4
-  store <8 x float> zeroinitializer, ptr %acc000169, align 4
-  %1194 = add nsw i64 %col168, 8
-  %1195 = getelementptr inbounds float, ptr %1190, i64 %1194
-  %1196 = load <8 x float>, ptr %1195, align 4
-  store <8 x float> zeroinitializer, ptr %acc001170, align 4
-  %1197 = add nsw i64 %r093, 1
-  %1198 = mul nsw i64 %1197, 1024
-  %1199 = add nsw i64 %1198, 0
-  %1200 = getelementptr inbounds float, ptr %h, i64 %1199
-  %1201 = getelementptr inbounds i32, ptr %rows, i64 %1197
-  %1202 = load i32, ptr %1201, align 4
-  %1203 = sext i32 %1202 to i64
-  %1204 = mul nsw i64 %1203, 512
-  %1205 = getelementptr inbounds float, ptr %y, i64 %1204
-  %1206 = add nsw i64 %col168, 0
-  %1207 = getelementptr inbounds float, ptr %1205, i64 %1206
-  %1208 = load <8 x float>, ptr %1207, align 4
-  store <8 x float> zeroinitializer, ptr %acc010171, align 4
-  %1209 = add nsw i64 %col168, 8
-  %1210 = getelementptr inbounds float, ptr %1205, i64 %1209
-  %1211 = load <8 x float>, ptr %1210, align 4
-  store <8 x float> zeroinitializer, ptr %acc011172, align 4
-  %1212 = add nsw i64 %r093, 2
-  %1213 = mul nsw i64 %1212, 1024
-  %1214 = add nsw i64 %1213, 0
-  %1215 = getelementptr inbounds float, ptr %h, i64 %1214
-  %1216 = getelementptr inbounds i32, ptr %rows, i64 %1212
-  %1217 = load i32, ptr %1216, align 4
-  %1218 = sext i32 %1217 to i64
-  %1219 = mul nsw i64 %1218, 512
-  %1220 = getelementptr inbounds float, ptr %y, i64 %1219
-  %1221 = add nsw i64 %col168, 0
-  %1222 = getelementptr inbounds float, ptr %1220, i64 %1221
-  %1223 = load <8 x float>, ptr %1222, align 4
-  store <8 x float> zeroinitializer, ptr %acc020173, align 4
-  %1224 = add nsw i64 %col168, 8
-  %1225 = getelementptr inbounds float, ptr %1220, i64 %1224
-  %1226 = load <8 x float>, ptr %1225, align 4
-  store <8 x float> zeroinitializer, ptr %acc021174, align 4
-  %1227 = mul nsw i64 %p, 16384
-  %panel.off175 = add nsw i64 %1227, 0
-  %1228 = getelementptr inbounds float, ptr %panels, i64 %panel.off175
-  %1229 = add nsw i64 %p, 1
-  %1230 = icmp slt i64 %1229, %p1
-  %pf.on176 = and i1 %pf.on104, %1230
-  %1231 = mul nsw i64 %rb92, 65536
-  %1232 = lshr i64 %1231, %738
-  %1233 = add nsw i64 65536, %1232
-  %1234 = getelementptr inbounds i8, ptr %1228, i64 %1233
-  %pf177 = select i1 %pf.on176, ptr %1234, ptr %1228
-  %pf.sh178 = select i1 %pf.on176, i64 %738, i64 0
-  br label %k.head179
+tile.mr3104:                                      ; preds = %rb.body95
+  %col173 = mul nsw i64 %p, 16
+  %1173 = add nsw i64 %r098, 0
+  %1174 = mul nsw i64 %1173, 1024
+  %1175 = add nsw i64 %1174, 0
+  %1176 = getelementptr inbounds float, ptr %h, i64 %1175
+  %1177 = getelementptr inbounds i32, ptr %rows, i64 %1173
+  %1178 = load i32, ptr %1177, align 4
+  %1179 = sext i32 %1178 to i64
+  %1180 = mul nsw i64 %1179, 512
+  %1181 = getelementptr inbounds float, ptr %y, i64 %1180
+  %1182 = add nsw i64 %col173, 0
+  %1183 = getelementptr inbounds float, ptr %1181, i64 %1182
+  %1184 = load <8 x float>, ptr %1183, align 4
+  store <8 x float> zeroinitializer, ptr %acc000174, align 4
+  %1185 = add nsw i64 %col173, 8
+  %1186 = getelementptr inbounds float, ptr %1181, i64 %1185
+  %1187 = load <8 x float>, ptr %1186, align 4
+  store <8 x float> zeroinitializer, ptr %acc001175, align 4
+  %1188 = add nsw i64 %r098, 1
+  %1189 = mul nsw i64 %1188, 1024
+  %1190 = add nsw i64 %1189, 0
+  %1191 = getelementptr inbounds float, ptr %h, i64 %1190
+  %1192 = getelementptr inbounds i32, ptr %rows, i64 %1188
+  %1193 = load i32, ptr %1192, align 4
+  %1194 = sext i32 %1193 to i64
+  %1195 = mul nsw i64 %1194, 512
+  %1196 = getelementptr inbounds float, ptr %y, i64 %1195
+  %1197 = add nsw i64 %col173, 0
+  %1198 = getelementptr inbounds float, ptr %1196, i64 %1197
+  %1199 = load <8 x float>, ptr %1198, align 4
+  store <8 x float> zeroinitializer, ptr %acc010176, align 4
+  %1200 = add nsw i64 %col173, 8
+  %1201 = getelementptr inbounds float, ptr %1196, i64 %1200
+  %1202 = load <8 x float>, ptr %1201, align 4
+  store <8 x float> zeroinitializer, ptr %acc011177, align 4
+  %1203 = add nsw i64 %r098, 2
+  %1204 = mul nsw i64 %1203, 1024
+  %1205 = add nsw i64 %1204, 0
+  %1206 = getelementptr inbounds float, ptr %h, i64 %1205
+  %1207 = getelementptr inbounds i32, ptr %rows, i64 %1203
+  %1208 = load i32, ptr %1207, align 4
+  %1209 = sext i32 %1208 to i64
+  %1210 = mul nsw i64 %1209, 512
+  %1211 = getelementptr inbounds float, ptr %y, i64 %1210
+  %1212 = add nsw i64 %col173, 0
+  %1213 = getelementptr inbounds float, ptr %1211, i64 %1212
+  %1214 = load <8 x float>, ptr %1213, align 4
+  store <8 x float> zeroinitializer, ptr %acc020178, align 4
+  %1215 = add nsw i64 %col173, 8
+  %1216 = getelementptr inbounds float, ptr %1211, i64 %1215
+  %1217 = load <8 x float>, ptr %1216, align 4
+  store <8 x float> zeroinitializer, ptr %acc021179, align 4
+  %panel.off180 = mul nsw i64 %p, 16384
+  %1218 = getelementptr inbounds float, ptr %panels, i64 %panel.off180
+  %1219 = add nsw i64 %p, 1
+  %1220 = icmp slt i64 %1219, %p1
+  %pf.on181 = and i1 %pf.on109, %1220
+  %1221 = mul nsw i64 %rb97, 65536
+  %1222 = lshr i64 %1221, %732
+  %1223 = add nsw i64 65536, %1222
+  %1224 = getelementptr inbounds i8, ptr %1218, i64 %1223
+  %pf182 = select i1 %pf.on181, ptr %1224, ptr %1218
+  %pf.sh183 = select i1 %pf.on181, i64 %732, i64 0
+  br label %k.head184
 
-k.head179:                                        ; preds = %pf.any.end184, %tile.mr399
-  %k182 = phi i64 [ 0, %tile.mr399 ], [ %1272, %pf.any.end184 ]
-  %1235 = icmp slt i64 %k182, 1024
-  br i1 %1235, label %k.body180, label %k.end181
+k.head184:                                        ; preds = %pf.any.end189, %tile.mr3104
+  %k187 = phi i64 [ 0, %tile.mr3104 ], [ %1262, %pf.any.end189 ]
+  %1225 = icmp slt i64 %k187, 1024
+  br i1 %1225, label %k.body185, label %k.end186
 
-k.body180:                                        ; preds = %k.head179
-  %1236 = mul nsw i64 %k182, 1
-  %1237 = add nsw i64 %1236, 0
-  %1238 = mul nsw i64 %1237, 64
-  br i1 %pf.multi103, label %pf.any.then183, label %pf.any.end184
+k.body185:                                        ; preds = %k.head184
+  %1226 = mul nsw i64 %k187, 1
+  %1227 = add nsw i64 %1226, 0
+  %1228 = mul nsw i64 %1227, 64
+  br i1 %pf.multi108, label %pf.any.then188, label %pf.any.end189
 
-pf.any.then183:                                   ; preds = %k.body180
-  %1239 = lshr i64 %1238, %pf.sh178
-  %1240 = getelementptr inbounds i8, ptr %pf177, i64 %1239
-  call void @llvm.prefetch.p0(ptr %1240, i32 0, i32 2, i32 1)
-  br label %pf.any.end184
+pf.any.then188:                                   ; preds = %k.body185
+  %1229 = lshr i64 %1228, %pf.sh183
+  %1230 = getelementptr inbounds i8, ptr %pf182, i64 %1229
+  call void @llvm.prefetch.p0(ptr %1230, i32 0, i32 2, i32 1)
+  br label %pf.any.end189
 
-pf.any.end184:                                    ; preds = %pf.any.then183, %k.body180
-  %1241 = mul nsw i64 %1237, 16
-  %1242 = add nsw i64 %panel.off175, %1241
-  %1243 = getelementptr inbounds float, ptr %panels, i64 %1242
-  %1244 = load <8 x float>, ptr %1243, align 4
-  %1245 = add nsw i64 %1242, 8
-  %1246 = getelementptr inbounds float, ptr %panels, i64 %1245
-  %1247 = load <8 x float>, ptr %1246, align 4
-  %1248 = getelementptr inbounds float, ptr %1185, i64 %1237
-  %1249 = load float, ptr %1248, align 4
-  %1250 = insertelement <8 x float> poison, float %1249, i32 0
-  %1251 = shufflevector <8 x float> %1250, <8 x float> poison, <8 x i32> zeroinitializer
-  %1252 = load <8 x float>, ptr %acc000169, align 4
-  %1253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1251, <8 x float> %1244, <8 x float> %1252)
-  store <8 x float> %1253, ptr %acc000169, align 4
-  %1254 = load <8 x float>, ptr %acc001170, align 4
-  %1255 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1251, <8 x float> %1247, <8 x float> %1254)
-  store <8 x float> %1255, ptr %acc001170, align 4
-  %1256 = getelementptr inbounds float, ptr %1200, i64 %1237
-  %1257 = load float, ptr %1256, align 4
-  %1258 = insertelement <8 x float> poison, float %1257, i32 0
-  %1259 = shufflevector <8 x float> %1258, <8 x float> poison, <8 x i32> zeroinitializer
-  %1260 = load <8 x float>, ptr %acc010171, align 4
-  %1261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1259, <8 x float> %1244, <8 x float> %1260)
-  store <8 x float> %1261, ptr %acc010171, align 4
-  %1262 = load <8 x float>, ptr %acc011172, align 4
-  %1263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1259, <8 x float> %1247, <8 x float> %1262)
-  store <8 x float> %1263, ptr %acc011172, align 4
-  %1264 = getelementptr inbounds float, ptr %1215, i64 %1237
-  %1265 = load float, ptr %1264, align 4
-  %1266 = insertelement <8 x float> poison, float %1265, i32 0
-  %1267 = shufflevector <8 x float> %1266, <8 x float> poison, <8 x i32> zeroinitializer
-  %1268 = load <8 x float>, ptr %acc020173, align 4
-  %1269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1267, <8 x float> %1244, <8 x float> %1268)
-  store <8 x float> %1269, ptr %acc020173, align 4
-  %1270 = load <8 x float>, ptr %acc021174, align 4
-  %1271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1267, <8 x float> %1247, <8 x float> %1270)
-  store <8 x float> %1271, ptr %acc021174, align 4
-  %1272 = add nsw i64 %k182, 1
-  br label %k.head179
+pf.any.end189:                                    ; preds = %pf.any.then188, %k.body185
+  %1231 = mul nsw i64 %1227, 16
+  %1232 = add nsw i64 %panel.off180, %1231
+  %1233 = getelementptr inbounds float, ptr %panels, i64 %1232
+  %1234 = load <8 x float>, ptr %1233, align 4
+  %1235 = add nsw i64 %1232, 8
+  %1236 = getelementptr inbounds float, ptr %panels, i64 %1235
+  %1237 = load <8 x float>, ptr %1236, align 4
+  %1238 = getelementptr inbounds float, ptr %1176, i64 %1227
+  %1239 = load float, ptr %1238, align 4
+  %1240 = insertelement <8 x float> poison, float %1239, i32 0
+  %1241 = shufflevector <8 x float> %1240, <8 x float> poison, <8 x i32> zeroinitializer
+  %1242 = load <8 x float>, ptr %acc000174, align 4
+  %1243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1241, <8 x float> %1234, <8 x float> %1242)
+  store <8 x float> %1243, ptr %acc000174, align 4
+  %1244 = load <8 x float>, ptr %acc001175, align 4
+  %1245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1241, <8 x float> %1237, <8 x float> %1244)
+  store <8 x float> %1245, ptr %acc001175, align 4
+  %1246 = getelementptr inbounds float, ptr %1191, i64 %1227
+  %1247 = load float, ptr %1246, align 4
+  %1248 = insertelement <8 x float> poison, float %1247, i32 0
+  %1249 = shufflevector <8 x float> %1248, <8 x float> poison, <8 x i32> zeroinitializer
+  %1250 = load <8 x float>, ptr %acc010176, align 4
+  %1251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1249, <8 x float> %1234, <8 x float> %1250)
+  store <8 x float> %1251, ptr %acc010176, align 4
+  %1252 = load <8 x float>, ptr %acc011177, align 4
+  %1253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1249, <8 x float> %1237, <8 x float> %1252)
+  store <8 x float> %1253, ptr %acc011177, align 4
+  %1254 = getelementptr inbounds float, ptr %1206, i64 %1227
+  %1255 = load float, ptr %1254, align 4
+  %1256 = insertelement <8 x float> poison, float %1255, i32 0
+  %1257 = shufflevector <8 x float> %1256, <8 x float> poison, <8 x i32> zeroinitializer
+  %1258 = load <8 x float>, ptr %acc020178, align 4
+  %1259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1257, <8 x float> %1234, <8 x float> %1258)
+  store <8 x float> %1259, ptr %acc020178, align 4
+  %1260 = load <8 x float>, ptr %acc021179, align 4
+  %1261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1257, <8 x float> %1237, <8 x float> %1260)
+  store <8 x float> %1261, ptr %acc021179, align 4
+  %1262 = add nsw i64 %k187, 1
+  br label %k.head184
 
-k.end181:                                         ; preds = %k.head179
-  %1273 = load <8 x float>, ptr %acc000169, align 4
-  store <8 x float> %1273, ptr %1192, align 4
-  %1274 = load <8 x float>, ptr %acc001170, align 4
-  store <8 x float> %1274, ptr %1195, align 4
-  %1275 = load <8 x float>, ptr %acc010171, align 4
-  store <8 x float> %1275, ptr %1207, align 4
-  %1276 = load <8 x float>, ptr %acc011172, align 4
-  store <8 x float> %1276, ptr %1210, align 4
-  %1277 = load <8 x float>, ptr %acc020173, align 4
-  store <8 x float> %1277, ptr %1222, align 4
-  %1278 = load <8 x float>, ptr %acc021174, align 4
-  store <8 x float> %1278, ptr %1225, align 4
-  br label %tile.done96
+k.end186:                                         ; preds = %k.head184
+  %1263 = load <8 x float>, ptr %acc000174, align 4
+  store <8 x float> %1263, ptr %1183, align 4
+  %1264 = load <8 x float>, ptr %acc001175, align 4
+  store <8 x float> %1264, ptr %1186, align 4
+  %1265 = load <8 x float>, ptr %acc010176, align 4
+  store <8 x float> %1265, ptr %1198, align 4
+  %1266 = load <8 x float>, ptr %acc011177, align 4
+  store <8 x float> %1266, ptr %1201, align 4
+  %1267 = load <8 x float>, ptr %acc020178, align 4
+  store <8 x float> %1267, ptr %1213, align 4
+  %1268 = load <8 x float>, ptr %acc021179, align 4
+  store <8 x float> %1268, ptr %1216, align 4
+  br label %tile.done101
 
-tile.mr298:                                       ; preds = %rb.body90
-  %col185 = mul nsw i64 %p, 16
-  %1279 = add nsw i64 %r093, 0
-  %1280 = mul nsw i64 %1279, 1024
-  %1281 = add nsw i64 %1280, 0
-  %1282 = getelementptr inbounds float, ptr %h, i64 %1281
-  %1283 = getelementptr inbounds i32, ptr %rows, i64 %1279
-  %1284 = load i32, ptr %1283, align 4
-  %1285 = sext i32 %1284 to i64
-  %1286 = mul nsw i64 %1285, 512
-  %1287 = getelementptr inbounds float, ptr %y, i64 %1286
-  %1288 = add nsw i64 %col185, 0
-  %1289 = getelementptr inbounds float, ptr %1287, i64 %1288
-  %1290 = load <8 x float>, ptr %1289, align 4
-  store <8 x float> zeroinitializer, ptr %acc000186, align 4
-  %1291 = add nsw i64 %col185, 8
-  %1292 = getelementptr inbounds float, ptr %1287, i64 %1291
-  %1293 = load <8 x float>, ptr %1292, align 4
-  store <8 x float> zeroinitializer, ptr %acc001187, align 4
-  %1294 = add nsw i64 %r093, 1
-  %1295 = mul nsw i64 %1294, 1024
-  %1296 = add nsw i64 %1295, 0
-  %1297 = getelementptr inbounds float, ptr %h, i64 %1296
-  %1298 = getelementptr inbounds i32, ptr %rows, i64 %1294
-  %1299 = load i32, ptr %1298, align 4
-  %1300 = sext i32 %1299 to i64
-  %1301 = mul nsw i64 %1300, 512
-  %1302 = getelementptr inbounds float, ptr %y, i64 %1301
-  %1303 = add nsw i64 %col185, 0
-  %1304 = getelementptr inbounds float, ptr %1302, i64 %1303
-  %1305 = load <8 x float>, ptr %1304, align 4
-  store <8 x float> zeroinitializer, ptr %acc010188, align 4
-  %1306 = add nsw i64 %col185, 8
-  %1307 = getelementptr inbounds float, ptr %1302, i64 %1306
-  %1308 = load <8 x float>, ptr %1307, align 4
-  store <8 x float> zeroinitializer, ptr %acc011189, align 4
-  %1309 = mul nsw i64 %p, 16384
-  %panel.off190 = add nsw i64 %1309, 0
-  %1310 = getelementptr inbounds float, ptr %panels, i64 %panel.off190
-  %1311 = add nsw i64 %p, 1
-  %1312 = icmp slt i64 %1311, %p1
-  %pf.on191 = and i1 %pf.on104, %1312
-  %1313 = mul nsw i64 %rb92, 65536
-  %1314 = lshr i64 %1313, %738
-  %1315 = add nsw i64 65536, %1314
-  %1316 = getelementptr inbounds i8, ptr %1310, i64 %1315
-  %pf192 = select i1 %pf.on191, ptr %1316, ptr %1310
-  %pf.sh193 = select i1 %pf.on191, i64 %738, i64 0
-  br label %k.head194
+tile.mr2103:                                      ; preds = %rb.body95
+  %col190 = mul nsw i64 %p, 16
+  %1269 = add nsw i64 %r098, 0
+  %1270 = mul nsw i64 %1269, 1024
+  %1271 = add nsw i64 %1270, 0
+  %1272 = getelementptr inbounds float, ptr %h, i64 %1271
+  %1273 = getelementptr inbounds i32, ptr %rows, i64 %1269
+  %1274 = load i32, ptr %1273, align 4
+  %1275 = sext i32 %1274 to i64
+  %1276 = mul nsw i64 %1275, 512
+  %1277 = getelementptr inbounds float, ptr %y, i64 %1276
+  %1278 = add nsw i64 %col190, 0
+  %1279 = getelementptr inbounds float, ptr %1277, i64 %1278
+  %1280 = load <8 x float>, ptr %1279, align 4
+  store <8 x float> zeroinitializer, ptr %acc000191, align 4
+  %1281 = add nsw i64 %col190, 8
+  %1282 = getelementptr inbounds float, ptr %1277, i64 %1281
+  %1283 = load <8 x float>, ptr %1282, align 4
+  store <8 x float> zeroinitializer, ptr %acc001192, align 4
+  %1284 = add nsw i64 %r098, 1
+  %1285 = mul nsw i64 %1284, 1024
+  %1286 = add nsw i64 %1285, 0
+  %1287 = getelementptr inbounds float, ptr %h, i64 %1286
+  %1288 = getelementptr inbounds i32, ptr %rows, i64 %1284
+  %1289 = load i32, ptr %1288, align 4
+  %1290 = sext i32 %1289 to i64
+  %1291 = mul nsw i64 %1290, 512
+  %1292 = getelementptr inbounds float, ptr %y, i64 %1291
+  %1293 = add nsw i64 %col190, 0
+  %1294 = getelementptr inbounds float, ptr %1292, i64 %1293
+  %1295 = load <8 x float>, ptr %1294, align 4
+  store <8 x float> zeroinitializer, ptr %acc010193, align 4
+  %1296 = add nsw i64 %col190, 8
+  %1297 = getelementptr inbounds float, ptr %1292, i64 %1296
+  %1298 = load <8 x float>, ptr %1297, align 4
+  store <8 x float> zeroinitializer, ptr %acc011194, align 4
+  %panel.off195 = mul nsw i64 %p, 16384
+  %1299 = getelementptr inbounds float, ptr %panels, i64 %panel.off195
+  %1300 = add nsw i64 %p, 1
+  %1301 = icmp slt i64 %1300, %p1
+  %pf.on196 = and i1 %pf.on109, %1301
+  %1302 = mul nsw i64 %rb97, 65536
+  %1303 = lshr i64 %1302, %732
+  %1304 = add nsw i64 65536, %1303
+  %1305 = getelementptr inbounds i8, ptr %1299, i64 %1304
+  %pf197 = select i1 %pf.on196, ptr %1305, ptr %1299
+  %pf.sh198 = select i1 %pf.on196, i64 %732, i64 0
+  br label %k.head199
 
-k.head194:                                        ; preds = %pf.any.end199, %tile.mr298
-  %k197 = phi i64 [ 0, %tile.mr298 ], [ %1346, %pf.any.end199 ]
-  %1317 = icmp slt i64 %k197, 1024
-  br i1 %1317, label %k.body195, label %k.end196
+k.head199:                                        ; preds = %pf.any.end204, %tile.mr2103
+  %k202 = phi i64 [ 0, %tile.mr2103 ], [ %1335, %pf.any.end204 ]
+  %1306 = icmp slt i64 %k202, 1024
+  br i1 %1306, label %k.body200, label %k.end201
 
-k.body195:                                        ; preds = %k.head194
-  %1318 = mul nsw i64 %k197, 1
-  %1319 = add nsw i64 %1318, 0
-  %1320 = mul nsw i64 %1319, 64
-  br i1 %pf.multi103, label %pf.any.then198, label %pf.any.end199
+k.body200:                                        ; preds = %k.head199
+  %1307 = mul nsw i64 %k202, 1
+  %1308 = add nsw i64 %1307, 0
+  %1309 = mul nsw i64 %1308, 64
+  br i1 %pf.multi108, label %pf.any.then203, label %pf.any.end204
 
-pf.any.then198:                                   ; preds = %k.body195
-  %1321 = lshr i64 %1320, %pf.sh193
-  %1322 = getelementptr inbounds i8, ptr %pf192, i64 %1321
-  call void @llvm.prefetch.p0(ptr %1322, i32 0, i32 2, i32 1)
-  br label %pf.any.end199
+pf.any.then203:                                   ; preds = %k.body200
+  %1310 = lshr i64 %1309, %pf.sh198
+  %1311 = getelementptr inbounds i8, ptr %pf197, i64 %1310
+  call void @llvm.prefetch.p0(ptr %1311, i32 0, i32 2, i32 1)
+  br label %pf.any.end204
 
-pf.any.end199:                                    ; preds = %pf.any.then198, %k.body195
-  %1323 = mul nsw i64 %1319, 16
-  %1324 = add nsw i64 %panel.off190, %1323
-  %1325 = getelementptr inbounds float, ptr %panels, i64 %1324
-  %1326 = load <8 x float>, ptr %1325, align 4
-  %1327 = add nsw i64 %1324, 8
-  %1328 = getelementptr inbounds float, ptr %panels, i64 %1327
-  %1329 = load <8 x float>, ptr %1328, align 4
-  %1330 = getelementptr inbounds float, ptr %1282, i64 %1319
-  %1331 = load float, ptr %1330, align 4
-  %1332 = insertelement <8 x float> poison, float %1331, i32 0
-  %1333 = shufflevector <8 x float> %1332, <8 x float> poison, <8 x i32> zeroinitializer
-  %1334 = load <8 x float>, ptr %acc000186, align 4
-  %1335 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1333, <8 x float> %1326, <8 x float> %1334)
-  store <8 x float> %1335, ptr %acc000186, align 4
-  %1336 = load <8 x float>, ptr %acc001187, align 4
-  %1337 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1333, <8 x float> %1329, <8 x float> %1336)
-  store <8 x float> %1337, ptr %acc001187, align 4
-  %1338 = getelementptr inbounds float, ptr %1297, i64 %1319
-  %1339 = load float, ptr %1338, align 4
-  %1340 = insertelement <8 x float> poison, float %1339, i32 0
-  %1341 = shufflevector <8 x float> %1340, <8 x float> poison, <8 x i32> zeroinitializer
-  %1342 = load <8 x float>, ptr %acc010188, align 4
-  %1343 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1341, <8 x float> %1326, <8 x float> %1342)
-  store <8 x float> %1343, ptr %acc010188, align 4
-  %1344 = load <8 x float>, ptr %acc011189, align 4
-  %1345 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1341, <8 x float> %1329, <8 x float> %1344)
-  store <8 x float> %1345, ptr %acc011189, align 4
-  %1346 = add nsw i64 %k197, 1
-  br label %k.head194
+pf.any.end204:                                    ; preds = %pf.any.then203, %k.body200
+  %1312 = mul nsw i64 %1308, 16
+  %1313 = add nsw i64 %panel.off195, %1312
+  %1314 = getelementptr inbounds float, ptr %panels, i64 %1313
+  %1315 = load <8 x float>, ptr %1314, align 4
+  %1316 = add nsw i64 %1313, 8
+  %1317 = getelementptr inbounds float, ptr %panels, i64 %1316
+  %1318 = load <8 x float>, ptr %1317, align 4
+  %1319 = getelementptr inbounds float, ptr %1272, i64 %1308
+  %1320 = load float, ptr %1319, align 4
+  %1321 = insertelement <8 x float> poison, float %1320, i32 0
+  %1322 = shufflevector <8 x float> %1321, <8 x float> poison, <8 x i32> zeroinitializer
+  %1323 = load <8 x float>, ptr %acc000191, align 4
+  %1324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1322, <8 x float> %1315, <8 x float> %1323)
+  store <8 x float> %1324, ptr %acc000191, align 4
+  %1325 = load <8 x float>, ptr %acc001192, align 4
+  %1326 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1322, <8 x float> %1318, <8 x float> %1325)
+  store <8 x float> %1326, ptr %acc001192, align 4
+  %1327 = getelementptr inbounds float, ptr %1287, i64 %1308
+  %1328 = load float, ptr %1327, align 4
+  %1329 = insertelement <8 x float> poison, float %1328, i32 0
+  %1330 = shufflevector <8 x float> %1329, <8 x float> poison, <8 x i32> zeroinitializer
+  %1331 = load <8 x float>, ptr %acc010193, align 4
+  %1332 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1330, <8 x float> %1315, <8 x float> %1331)
+  store <8 x float> %1332, ptr %acc010193, align 4
+  %1333 = load <8 x float>, ptr %acc011194, align 4
+  %1334 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1330, <8 x float> %1318, <8 x float> %1333)
+  store <8 x float> %1334, ptr %acc011194, align 4
+  %1335 = add nsw i64 %k202, 1
+  br label %k.head199
 
-k.end196:                                         ; preds = %k.head194
-  %1347 = load <8 x float>, ptr %acc000186, align 4
-  store <8 x float> %1347, ptr %1289, align 4
-  %1348 = load <8 x float>, ptr %acc001187, align 4
-  store <8 x float> %1348, ptr %1292, align 4
-  %1349 = load <8 x float>, ptr %acc010188, align 4
-  store <8 x float> %1349, ptr %1304, align 4
-  %1350 = load <8 x float>, ptr %acc011189, align 4
-  store <8 x float> %1350, ptr %1307, align 4
-  br label %tile.done96
+k.end201:                                         ; preds = %k.head199
+  %1336 = load <8 x float>, ptr %acc000191, align 4
+  store <8 x float> %1336, ptr %1279, align 4
+  %1337 = load <8 x float>, ptr %acc001192, align 4
+  store <8 x float> %1337, ptr %1282, align 4
+  %1338 = load <8 x float>, ptr %acc010193, align 4
+  store <8 x float> %1338, ptr %1294, align 4
+  %1339 = load <8 x float>, ptr %acc011194, align 4
+  store <8 x float> %1339, ptr %1297, align 4
+  br label %tile.done101
 
-tile.mr197:                                       ; preds = %rb.body90
-  %col200 = mul nsw i64 %p, 16
-  %1351 = add nsw i64 %r093, 0
-  %1352 = mul nsw i64 %1351, 1024
-  %1353 = add nsw i64 %1352, 0
-  %1354 = getelementptr inbounds float, ptr %h, i64 %1353
-  %1355 = getelementptr inbounds i32, ptr %rows, i64 %1351
-  %1356 = load i32, ptr %1355, align 4
-  %1357 = sext i32 %1356 to i64
-  %1358 = mul nsw i64 %1357, 512
-  %1359 = getelementptr inbounds float, ptr %y, i64 %1358
-  %1360 = add nsw i64 %col200, 0
-  %1361 = getelementptr inbounds float, ptr %1359, i64 %1360
-  %1362 = load <8 x float>, ptr %1361, align 4
-  store <8 x float> zeroinitializer, ptr %acc000201, align 4
-  %1363 = add nsw i64 %col200, 8
-  %1364 = getelementptr inbounds float, ptr %1359, i64 %1363
-  %1365 = load <8 x float>, ptr %1364, align 4
-  store <8 x float> zeroinitializer, ptr %acc001202, align 4
-  %1366 = mul nsw i64 %p, 16384
-  %panel.off203 = add nsw i64 %1366, 0
-  %1367 = getelementptr inbounds float, ptr %panels, i64 %panel.off203
-  %1368 = add nsw i64 %p, 1
-  %1369 = icmp slt i64 %1368, %p1
-  %pf.on204 = and i1 %pf.on104, %1369
-  %1370 = mul nsw i64 %rb92, 65536
-  %1371 = lshr i64 %1370, %738
-  %1372 = add nsw i64 65536, %1371
-  %1373 = getelementptr inbounds i8, ptr %1367, i64 %1372
-  %pf205 = select i1 %pf.on204, ptr %1373, ptr %1367
-  %pf.sh206 = select i1 %pf.on204, i64 %738, i64 0
-  br label %k.head207
+tile.mr1102:                                      ; preds = %rb.body95
+  %col205 = mul nsw i64 %p, 16
+  %1340 = add nsw i64 %r098, 0
+  %1341 = mul nsw i64 %1340, 1024
+  %1342 = add nsw i64 %1341, 0
+  %1343 = getelementptr inbounds float, ptr %h, i64 %1342
+  %1344 = getelementptr inbounds i32, ptr %rows, i64 %1340
+  %1345 = load i32, ptr %1344, align 4
+  %1346 = sext i32 %1345 to i64
+  %1347 = mul nsw i64 %1346, 512
+  %1348 = getelementptr inbounds float, ptr %y, i64 %1347
+  %1349 = add nsw i64 %col205, 0
+  %1350 = getelementptr inbounds float, ptr %1348, i64 %1349
+  %1351 = load <8 x float>, ptr %1350, align 4
+  store <8 x float> zeroinitializer, ptr %acc000206, align 4
+  %1352 = add nsw i64 %col205, 8
+  %1353 = getelementptr inbounds float, ptr %1348, i64 %1352
+  %1354 = load <8 x float>, ptr %1353, align 4
+  store <8 x float> zeroinitializer, ptr %acc001207, align 4
+  %panel.off208 = mul nsw i64 %p, 16384
+  %1355 = getelementptr inbounds float, ptr %panels, i64 %panel.off208
+  %1356 = add nsw i64 %p, 1
+  %1357 = icmp slt i64 %1356, %p1
+  %pf.on209 = and i1 %pf.on109, %1357
+  %1358 = mul nsw i64 %rb97, 65536
+  %1359 = lshr i64 %1358, %732
+  %1360 = add nsw i64 65536, %1359
+  %1361 = getelementptr inbounds i8, ptr %1355, i64 %1360
+  %pf210 = select i1 %pf.on209, ptr %1361, ptr %1355
+  %pf.sh211 = select i1 %pf.on209, i64 %732, i64 0
+  br label %k.head212
 
-k.head207:                                        ; preds = %pf.any.end212, %tile.mr197
-  %k210 = phi i64 [ 0, %tile.mr197 ], [ %1395, %pf.any.end212 ]
-  %1374 = icmp slt i64 %k210, 1024
-  br i1 %1374, label %k.body208, label %k.end209
+k.head212:                                        ; preds = %pf.any.end217, %tile.mr1102
+  %k215 = phi i64 [ 0, %tile.mr1102 ], [ %1383, %pf.any.end217 ]
+  %1362 = icmp slt i64 %k215, 1024
+  br i1 %1362, label %k.body213, label %k.end214
 
-k.body208:                                        ; preds = %k.head207
-  %1375 = mul nsw i64 %k210, 1
-  %1376 = add nsw i64 %1375, 0
-  %1377 = mul nsw i64 %1376, 64
-  br i1 %pf.multi103, label %pf.any.then211, label %pf.any.end212
+k.body213:                                        ; preds = %k.head212
+  %1363 = mul nsw i64 %k215, 1
+  %1364 = add nsw i64 %1363, 0
+  %1365 = mul nsw i64 %1364, 64
+  br i1 %pf.multi108, label %pf.any.then216, label %pf.any.end217
 
-pf.any.then211:                                   ; preds = %k.body208
-  %1378 = lshr i64 %1377, %pf.sh206
-  %1379 = getelementptr inbounds i8, ptr %pf205, i64 %1378
-  call void @llvm.prefetch.p0(ptr %1379, i32 0, i32 2, i32 1)
-  br label %pf.any.end212
+pf.any.then216:                                   ; preds = %k.body213
+  %1366 = lshr i64 %1365, %pf.sh211
+  %1367 = getelementptr inbounds i8, ptr %pf210, i64 %1366
+  call void @llvm.prefetch.p0(ptr %1367, i32 0, i32 2, i32 1)
+  br label %pf.any.end217
 
-pf.any.end212:                                    ; preds = %pf.any.then211, %k.body208
-  %1380 = mul nsw i64 %1376, 16
-  %1381 = add nsw i64 %panel.off203, %1380
-  %1382 = getelementptr inbounds float, ptr %panels, i64 %1381
-  %1383 = load <8 x float>, ptr %1382, align 4
-  %1384 = add nsw i64 %1381, 8
-  %1385 = getelementptr inbounds float, ptr %panels, i64 %1384
-  %1386 = load <8 x float>, ptr %1385, align 4
-  %1387 = getelementptr inbounds float, ptr %1354, i64 %1376
-  %1388 = load float, ptr %1387, align 4
-  %1389 = insertelement <8 x float> poison, float %1388, i32 0
-  %1390 = shufflevector <8 x float> %1389, <8 x float> poison, <8 x i32> zeroinitializer
-  %1391 = load <8 x float>, ptr %acc000201, align 4
-  %1392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1390, <8 x float> %1383, <8 x float> %1391)
-  store <8 x float> %1392, ptr %acc000201, align 4
-  %1393 = load <8 x float>, ptr %acc001202, align 4
-  %1394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1390, <8 x float> %1386, <8 x float> %1393)
-  store <8 x float> %1394, ptr %acc001202, align 4
-  %1395 = add nsw i64 %k210, 1
-  br label %k.head207
+pf.any.end217:                                    ; preds = %pf.any.then216, %k.body213
+  %1368 = mul nsw i64 %1364, 16
+  %1369 = add nsw i64 %panel.off208, %1368
+  %1370 = getelementptr inbounds float, ptr %panels, i64 %1369
+  %1371 = load <8 x float>, ptr %1370, align 4
+  %1372 = add nsw i64 %1369, 8
+  %1373 = getelementptr inbounds float, ptr %panels, i64 %1372
+  %1374 = load <8 x float>, ptr %1373, align 4
+  %1375 = getelementptr inbounds float, ptr %1343, i64 %1364
+  %1376 = load float, ptr %1375, align 4
+  %1377 = insertelement <8 x float> poison, float %1376, i32 0
+  %1378 = shufflevector <8 x float> %1377, <8 x float> poison, <8 x i32> zeroinitializer
+  %1379 = load <8 x float>, ptr %acc000206, align 4
+  %1380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1378, <8 x float> %1371, <8 x float> %1379)
+  store <8 x float> %1380, ptr %acc000206, align 4
+  %1381 = load <8 x float>, ptr %acc001207, align 4
+  %1382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1378, <8 x float> %1374, <8 x float> %1381)
+  store <8 x float> %1382, ptr %acc001207, align 4
+  %1383 = add nsw i64 %k215, 1
+  br label %k.head212
 
-k.end209:                                         ; preds = %k.head207
-  %1396 = load <8 x float>, ptr %acc000201, align 4
-  store <8 x float> %1396, ptr %1361, align 4
-  %1397 = load <8 x float>, ptr %acc001202, align 4
-  store <8 x float> %1397, ptr %1364, align 4
-  br label %tile.done96
+k.end214:                                         ; preds = %k.head212
+  %1384 = load <8 x float>, ptr %acc000206, align 4
+  store <8 x float> %1384, ptr %1350, align 4
+  %1385 = load <8 x float>, ptr %acc001207, align 4
+  store <8 x float> %1385, ptr %1353, align 4
+  br label %tile.done101
 
-tile.done96:                                      ; preds = %k.end209, %k.end196, %k.end181, %k.end164, %k.end145, %k.end124
-  %1398 = add nsw i64 %rb92, 1
-  br label %rb.head89
+tile.done101:                                     ; preds = %k.end214, %k.end201, %k.end186, %k.end169, %k.end150, %k.end129
+  %1386 = add nsw i64 %rb97, 1
+  br label %rb.head94
 
-rb.end91:                                         ; preds = %rb.head89
-  %1399 = add nsw i64 %p, 1
+rb.end96:                                         ; preds = %rb.head94
+  %1387 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

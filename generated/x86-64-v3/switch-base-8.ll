@@ -899,68 +899,68 @@ entry:
   %acc03115 = alloca <8 x float>, align 32
   %acc04016 = alloca <8 x float>, align 32
   %acc04117 = alloca <8 x float>, align 32
-  %acc00039 = alloca <8 x float>, align 32
-  %acc00140 = alloca <8 x float>, align 32
-  %acc01041 = alloca <8 x float>, align 32
-  %acc01142 = alloca <8 x float>, align 32
-  %acc02043 = alloca <8 x float>, align 32
-  %acc02144 = alloca <8 x float>, align 32
-  %acc03045 = alloca <8 x float>, align 32
-  %acc03146 = alloca <8 x float>, align 32
-  %acc00067 = alloca <8 x float>, align 32
-  %acc00168 = alloca <8 x float>, align 32
-  %acc01069 = alloca <8 x float>, align 32
-  %acc01170 = alloca <8 x float>, align 32
-  %acc02071 = alloca <8 x float>, align 32
-  %acc02172 = alloca <8 x float>, align 32
-  %acc00092 = alloca <8 x float>, align 32
-  %acc00193 = alloca <8 x float>, align 32
-  %acc01094 = alloca <8 x float>, align 32
-  %acc01195 = alloca <8 x float>, align 32
-  %acc000114 = alloca <8 x float>, align 32
-  %acc001115 = alloca <8 x float>, align 32
-  %acc000150 = alloca <8 x float>, align 32
-  %acc001151 = alloca <8 x float>, align 32
-  %acc010152 = alloca <8 x float>, align 32
-  %acc011153 = alloca <8 x float>, align 32
-  %acc020154 = alloca <8 x float>, align 32
-  %acc021155 = alloca <8 x float>, align 32
-  %acc030156 = alloca <8 x float>, align 32
-  %acc031157 = alloca <8 x float>, align 32
-  %acc040158 = alloca <8 x float>, align 32
-  %acc041159 = alloca <8 x float>, align 32
-  %acc050160 = alloca <8 x float>, align 32
-  %acc051161 = alloca <8 x float>, align 32
-  %acc000180 = alloca <8 x float>, align 32
-  %acc001181 = alloca <8 x float>, align 32
-  %acc010182 = alloca <8 x float>, align 32
-  %acc011183 = alloca <8 x float>, align 32
-  %acc020184 = alloca <8 x float>, align 32
-  %acc021185 = alloca <8 x float>, align 32
-  %acc030186 = alloca <8 x float>, align 32
-  %acc031187 = alloca <8 x float>, align 32
-  %acc040188 = alloca <8 x float>, align 32
-  %acc041189 = alloca <8 x float>, align 32
-  %acc000207 = alloca <8 x float>, align 32
-  %acc001208 = alloca <8 x float>, align 32
-  %acc010209 = alloca <8 x float>, align 32
-  %acc011210 = alloca <8 x float>, align 32
-  %acc020211 = alloca <8 x float>, align 32
-  %acc021212 = alloca <8 x float>, align 32
-  %acc030213 = alloca <8 x float>, align 32
-  %acc031214 = alloca <8 x float>, align 32
-  %acc000231 = alloca <8 x float>, align 32
-  %acc001232 = alloca <8 x float>, align 32
-  %acc010233 = alloca <8 x float>, align 32
-  %acc011234 = alloca <8 x float>, align 32
-  %acc020235 = alloca <8 x float>, align 32
-  %acc021236 = alloca <8 x float>, align 32
-  %acc000252 = alloca <8 x float>, align 32
-  %acc001253 = alloca <8 x float>, align 32
-  %acc010254 = alloca <8 x float>, align 32
-  %acc011255 = alloca <8 x float>, align 32
-  %acc000270 = alloca <8 x float>, align 32
-  %acc001271 = alloca <8 x float>, align 32
+  %acc00040 = alloca <8 x float>, align 32
+  %acc00141 = alloca <8 x float>, align 32
+  %acc01042 = alloca <8 x float>, align 32
+  %acc01143 = alloca <8 x float>, align 32
+  %acc02044 = alloca <8 x float>, align 32
+  %acc02145 = alloca <8 x float>, align 32
+  %acc03046 = alloca <8 x float>, align 32
+  %acc03147 = alloca <8 x float>, align 32
+  %acc00069 = alloca <8 x float>, align 32
+  %acc00170 = alloca <8 x float>, align 32
+  %acc01071 = alloca <8 x float>, align 32
+  %acc01172 = alloca <8 x float>, align 32
+  %acc02073 = alloca <8 x float>, align 32
+  %acc02174 = alloca <8 x float>, align 32
+  %acc00095 = alloca <8 x float>, align 32
+  %acc00196 = alloca <8 x float>, align 32
+  %acc01097 = alloca <8 x float>, align 32
+  %acc01198 = alloca <8 x float>, align 32
+  %acc000118 = alloca <8 x float>, align 32
+  %acc001119 = alloca <8 x float>, align 32
+  %acc000155 = alloca <8 x float>, align 32
+  %acc001156 = alloca <8 x float>, align 32
+  %acc010157 = alloca <8 x float>, align 32
+  %acc011158 = alloca <8 x float>, align 32
+  %acc020159 = alloca <8 x float>, align 32
+  %acc021160 = alloca <8 x float>, align 32
+  %acc030161 = alloca <8 x float>, align 32
+  %acc031162 = alloca <8 x float>, align 32
+  %acc040163 = alloca <8 x float>, align 32
+  %acc041164 = alloca <8 x float>, align 32
+  %acc050165 = alloca <8 x float>, align 32
+  %acc051166 = alloca <8 x float>, align 32
+  %acc000185 = alloca <8 x float>, align 32
+  %acc001186 = alloca <8 x float>, align 32
+  %acc010187 = alloca <8 x float>, align 32
+  %acc011188 = alloca <8 x float>, align 32
+  %acc020189 = alloca <8 x float>, align 32
+  %acc021190 = alloca <8 x float>, align 32
+  %acc030191 = alloca <8 x float>, align 32
+  %acc031192 = alloca <8 x float>, align 32
+  %acc040193 = alloca <8 x float>, align 32
+  %acc041194 = alloca <8 x float>, align 32
+  %acc000212 = alloca <8 x float>, align 32
+  %acc001213 = alloca <8 x float>, align 32
+  %acc010214 = alloca <8 x float>, align 32
+  %acc011215 = alloca <8 x float>, align 32
+  %acc020216 = alloca <8 x float>, align 32
+  %acc021217 = alloca <8 x float>, align 32
+  %acc030218 = alloca <8 x float>, align 32
+  %acc031219 = alloca <8 x float>, align 32
+  %acc000236 = alloca <8 x float>, align 32
+  %acc001237 = alloca <8 x float>, align 32
+  %acc010238 = alloca <8 x float>, align 32
+  %acc011239 = alloca <8 x float>, align 32
+  %acc020240 = alloca <8 x float>, align 32
+  %acc021241 = alloca <8 x float>, align 32
+  %acc000257 = alloca <8 x float>, align 32
+  %acc001258 = alloca <8 x float>, align 32
+  %acc010259 = alloca <8 x float>, align 32
+  %acc011260 = alloca <8 x float>, align 32
+  %acc000275 = alloca <8 x float>, align 32
+  %acc001276 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -971,7 +971,7 @@ kb:                                               ; preds = %start
   br label %kb.rc.head
 
 kb.rc.head:                                       ; preds = %kb.pg.end, %kb
-  %kb.rc = phi i64 [ 0, %kb ], [ %1607, %kb.pg.end ]
+  %kb.rc = phi i64 [ 0, %kb ], [ %1601, %kb.pg.end ]
   %1 = icmp slt i64 %kb.rc, %n
   br i1 %1, label %kb.rc.body, label %kb.rc.end
 
@@ -982,7 +982,7 @@ kb.rc.body:                                       ; preds = %kb.rc.head
   br label %kb.pg.head
 
 kb.pg.head:                                       ; preds = %kb.k.end, %kb.rc.body
-  %kb.pg = phi i64 [ %p0, %kb.rc.body ], [ %1606, %kb.k.end ]
+  %kb.pg = phi i64 [ %p0, %kb.rc.body ], [ %1600, %kb.k.end ]
   %4 = icmp slt i64 %kb.pg, %p1
   br i1 %4, label %kb.pg.body, label %kb.pg.end
 
@@ -993,7 +993,7 @@ kb.pg.body:                                       ; preds = %kb.pg.head
   br label %kb.k.head
 
 kb.k.head:                                        ; preds = %kb.p.end, %kb.pg.body
-  %kb.k = phi i64 [ 0, %kb.pg.body ], [ %1605, %kb.p.end ]
+  %kb.k = phi i64 [ 0, %kb.pg.body ], [ %1599, %kb.p.end ]
   %7 = icmp slt i64 %kb.k, 3
   br i1 %7, label %kb.k.body, label %kb.k.end
 
@@ -1004,7 +1004,7 @@ kb.k.body:                                        ; preds = %kb.k.head
   br label %kb.p.head
 
 kb.p.head:                                        ; preds = %rb.end, %kb.k.body
-  %kb.p = phi i64 [ %kb.pg, %kb.k.body ], [ %1604, %rb.end ]
+  %kb.p = phi i64 [ %kb.pg, %kb.k.body ], [ %1598, %rb.end ]
   %8 = icmp slt i64 %kb.p, %kb.pg1
   br i1 %8, label %kb.p.body, label %kb.p.end
 
@@ -1022,7 +1022,7 @@ kb.p.body:                                        ; preds = %kb.p.head
   br label %rb.head
 
 rb.head:                                          ; preds = %tile.done, %kb.p.body
-  %rb = phi i64 [ 0, %kb.p.body ], [ %1603, %tile.done ]
+  %rb = phi i64 [ 0, %kb.p.body ], [ %1597, %tile.done ]
   %16 = icmp slt i64 %rb, %nrb
   br i1 %16, label %rb.body, label %rb.end
 
@@ -1215,1853 +1215,1853 @@ tile.mr6:                                         ; preds = %rb.body
   %176 = load <8 x float>, ptr %175, align 4
   %177 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %176
   store <8 x float> %177, ptr %acc051, align 4
+  %panel.off = mul nsw i64 %kb.p, 12288
   %178 = mul nsw i64 %k0, 16
-  %179 = mul nsw i64 %kb.p, 12288
-  %panel.off = add nsw i64 %179, %178
-  %180 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %slice.off = add nsw i64 %panel.off, %178
+  %179 = getelementptr inbounds i16, ptr %panels, i64 %slice.off
   %pf.on2 = and i1 %pf.on, %pf.next
-  %181 = mul nsw i64 %rb, 8192
-  %182 = lshr i64 %181, %25
-  %183 = add nsw i64 %pf.step, %182
-  %184 = getelementptr inbounds i8, ptr %180, i64 %183
-  %pf = select i1 %pf.on2, ptr %184, ptr %180
+  %180 = mul nsw i64 %rb, 8192
+  %181 = lshr i64 %180, %25
+  %182 = add nsw i64 %pf.step, %181
+  %183 = getelementptr inbounds i8, ptr %179, i64 %182
+  %pf = select i1 %pf.on2, ptr %183, ptr %179
   %pf.sh = select i1 %pf.on2, i64 %25, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %245, %pf.any.end ]
-  %185 = icmp slt i64 %k, 256
-  br i1 %185, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %244, %pf.any.end ]
+  %184 = icmp slt i64 %k, 256
+  br i1 %184, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %186 = mul nsw i64 %k, 1
-  %187 = add nsw i64 %186, 0
-  %188 = mul nsw i64 %187, 32
+  %185 = mul nsw i64 %k, 1
+  %186 = add nsw i64 %185, 0
+  %187 = mul nsw i64 %186, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %189 = lshr i64 %188, %pf.sh
-  %190 = getelementptr inbounds i8, ptr %pf, i64 %189
-  call void @llvm.prefetch.p0(ptr %190, i32 0, i32 2, i32 1)
+  %188 = lshr i64 %187, %pf.sh
+  %189 = getelementptr inbounds i8, ptr %pf, i64 %188
+  call void @llvm.prefetch.p0(ptr %189, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %191 = mul nsw i64 %187, 16
-  %192 = add nsw i64 %panel.off, %191
-  %193 = getelementptr inbounds i16, ptr %panels, i64 %192
-  %194 = load <8 x i32>, ptr %193, align 4
-  %195 = shl <8 x i32> %194, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %195 to <8 x float>
-  %196 = and <8 x i32> %194, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %196 to <8 x float>
-  %197 = getelementptr inbounds float, ptr %34, i64 %187
-  %198 = load float, ptr %197, align 4
-  %199 = insertelement <8 x float> poison, float %198, i32 0
-  %200 = shufflevector <8 x float> %199, <8 x float> poison, <8 x i32> zeroinitializer
-  %201 = load <8 x float>, ptr %acc000, align 4
-  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %b0, <8 x float> %201)
-  store <8 x float> %202, ptr %acc000, align 4
-  %203 = load <8 x float>, ptr %acc001, align 4
-  %204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %b1, <8 x float> %203)
-  store <8 x float> %204, ptr %acc001, align 4
-  %205 = getelementptr inbounds float, ptr %59, i64 %187
-  %206 = load float, ptr %205, align 4
-  %207 = insertelement <8 x float> poison, float %206, i32 0
-  %208 = shufflevector <8 x float> %207, <8 x float> poison, <8 x i32> zeroinitializer
-  %209 = load <8 x float>, ptr %acc010, align 4
-  %210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> %b0, <8 x float> %209)
-  store <8 x float> %210, ptr %acc010, align 4
-  %211 = load <8 x float>, ptr %acc011, align 4
-  %212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> %b1, <8 x float> %211)
-  store <8 x float> %212, ptr %acc011, align 4
-  %213 = getelementptr inbounds float, ptr %84, i64 %187
-  %214 = load float, ptr %213, align 4
-  %215 = insertelement <8 x float> poison, float %214, i32 0
-  %216 = shufflevector <8 x float> %215, <8 x float> poison, <8 x i32> zeroinitializer
-  %217 = load <8 x float>, ptr %acc020, align 4
-  %218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> %b0, <8 x float> %217)
-  store <8 x float> %218, ptr %acc020, align 4
-  %219 = load <8 x float>, ptr %acc021, align 4
-  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> %b1, <8 x float> %219)
-  store <8 x float> %220, ptr %acc021, align 4
-  %221 = getelementptr inbounds float, ptr %109, i64 %187
-  %222 = load float, ptr %221, align 4
-  %223 = insertelement <8 x float> poison, float %222, i32 0
-  %224 = shufflevector <8 x float> %223, <8 x float> poison, <8 x i32> zeroinitializer
-  %225 = load <8 x float>, ptr %acc030, align 4
-  %226 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> %b0, <8 x float> %225)
-  store <8 x float> %226, ptr %acc030, align 4
-  %227 = load <8 x float>, ptr %acc031, align 4
-  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> %b1, <8 x float> %227)
-  store <8 x float> %228, ptr %acc031, align 4
-  %229 = getelementptr inbounds float, ptr %134, i64 %187
-  %230 = load float, ptr %229, align 4
-  %231 = insertelement <8 x float> poison, float %230, i32 0
-  %232 = shufflevector <8 x float> %231, <8 x float> poison, <8 x i32> zeroinitializer
-  %233 = load <8 x float>, ptr %acc040, align 4
-  %234 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %b0, <8 x float> %233)
-  store <8 x float> %234, ptr %acc040, align 4
-  %235 = load <8 x float>, ptr %acc041, align 4
-  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %b1, <8 x float> %235)
-  store <8 x float> %236, ptr %acc041, align 4
-  %237 = getelementptr inbounds float, ptr %159, i64 %187
-  %238 = load float, ptr %237, align 4
-  %239 = insertelement <8 x float> poison, float %238, i32 0
-  %240 = shufflevector <8 x float> %239, <8 x float> poison, <8 x i32> zeroinitializer
-  %241 = load <8 x float>, ptr %acc050, align 4
-  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %b0, <8 x float> %241)
-  store <8 x float> %242, ptr %acc050, align 4
-  %243 = load <8 x float>, ptr %acc051, align 4
-  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %b1, <8 x float> %243)
-  store <8 x float> %244, ptr %acc051, align 4
-  %245 = add nsw i64 %k, 1
+  %190 = mul nsw i64 %186, 16
+  %191 = add nsw i64 %slice.off, %190
+  %192 = getelementptr inbounds i16, ptr %panels, i64 %191
+  %193 = load <8 x i32>, ptr %192, align 4
+  %194 = shl <8 x i32> %193, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %194 to <8 x float>
+  %195 = and <8 x i32> %193, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %195 to <8 x float>
+  %196 = getelementptr inbounds float, ptr %34, i64 %186
+  %197 = load float, ptr %196, align 4
+  %198 = insertelement <8 x float> poison, float %197, i32 0
+  %199 = shufflevector <8 x float> %198, <8 x float> poison, <8 x i32> zeroinitializer
+  %200 = load <8 x float>, ptr %acc000, align 4
+  %201 = call <8 x float> @llvm.fma.v8f32(<8 x float> %199, <8 x float> %b0, <8 x float> %200)
+  store <8 x float> %201, ptr %acc000, align 4
+  %202 = load <8 x float>, ptr %acc001, align 4
+  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %199, <8 x float> %b1, <8 x float> %202)
+  store <8 x float> %203, ptr %acc001, align 4
+  %204 = getelementptr inbounds float, ptr %59, i64 %186
+  %205 = load float, ptr %204, align 4
+  %206 = insertelement <8 x float> poison, float %205, i32 0
+  %207 = shufflevector <8 x float> %206, <8 x float> poison, <8 x i32> zeroinitializer
+  %208 = load <8 x float>, ptr %acc010, align 4
+  %209 = call <8 x float> @llvm.fma.v8f32(<8 x float> %207, <8 x float> %b0, <8 x float> %208)
+  store <8 x float> %209, ptr %acc010, align 4
+  %210 = load <8 x float>, ptr %acc011, align 4
+  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %207, <8 x float> %b1, <8 x float> %210)
+  store <8 x float> %211, ptr %acc011, align 4
+  %212 = getelementptr inbounds float, ptr %84, i64 %186
+  %213 = load float, ptr %212, align 4
+  %214 = insertelement <8 x float> poison, float %213, i32 0
+  %215 = shufflevector <8 x float> %214, <8 x float> poison, <8 x i32> zeroinitializer
+  %216 = load <8 x float>, ptr %acc020, align 4
+  %217 = call <8 x float> @llvm.fma.v8f32(<8 x float> %215, <8 x float> %b0, <8 x float> %216)
+  store <8 x float> %217, ptr %acc020, align 4
+  %218 = load <8 x float>, ptr %acc021, align 4
+  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %215, <8 x float> %b1, <8 x float> %218)
+  store <8 x float> %219, ptr %acc021, align 4
+  %220 = getelementptr inbounds float, ptr %109, i64 %186
+  %221 = load float, ptr %220, align 4
+  %222 = insertelement <8 x float> poison, float %221, i32 0
+  %223 = shufflevector <8 x float> %222, <8 x float> poison, <8 x i32> zeroinitializer
+  %224 = load <8 x float>, ptr %acc030, align 4
+  %225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %223, <8 x float> %b0, <8 x float> %224)
+  store <8 x float> %225, ptr %acc030, align 4
+  %226 = load <8 x float>, ptr %acc031, align 4
+  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %223, <8 x float> %b1, <8 x float> %226)
+  store <8 x float> %227, ptr %acc031, align 4
+  %228 = getelementptr inbounds float, ptr %134, i64 %186
+  %229 = load float, ptr %228, align 4
+  %230 = insertelement <8 x float> poison, float %229, i32 0
+  %231 = shufflevector <8 x float> %230, <8 x float> poison, <8 x i32> zeroinitializer
+  %232 = load <8 x float>, ptr %acc040, align 4
+  %233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %231, <8 x float> %b0, <8 x float> %232)
+  store <8 x float> %233, ptr %acc040, align 4
+  %234 = load <8 x float>, ptr %acc041, align 4
+  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %231, <8 x float> %b1, <8 x float> %234)
+  store <8 x float> %235, ptr %acc041, align 4
+  %236 = getelementptr inbounds float, ptr %159, i64 %186
+  %237 = load float, ptr %236, align 4
+  %238 = insertelement <8 x float> poison, float %237, i32 0
+  %239 = shufflevector <8 x float> %238, <8 x float> poison, <8 x i32> zeroinitializer
+  %240 = load <8 x float>, ptr %acc050, align 4
+  %241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %239, <8 x float> %b0, <8 x float> %240)
+  store <8 x float> %241, ptr %acc050, align 4
+  %242 = load <8 x float>, ptr %acc051, align 4
+  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %239, <8 x float> %b1, <8 x float> %242)
+  store <8 x float> %243, ptr %acc051, align 4
+  %244 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %246 = xor i1 %klast, true
-  br i1 %246, label %part.then, label %part.end
+  %245 = xor i1 %klast, true
+  br i1 %245, label %part.then, label %part.end
 
 part.then:                                        ; preds = %k.end
-  %247 = add nsw i64 %r01, 0
-  %248 = sub nsw i64 %kb.p, %kb.pg
-  %249 = sub nsw i64 %247, %kb.rc
-  %250 = mul nsw i64 %249, 16
-  %251 = add nsw i64 %250, %248
-  %252 = mul nsw i64 %251, 16
-  %253 = getelementptr inbounds float, ptr %part, i64 %252
-  %254 = getelementptr inbounds float, ptr %253, i64 0
-  %255 = load <8 x float>, ptr %acc000, align 4
-  store <8 x float> %255, ptr %254, align 4
-  %256 = sub nsw i64 %kb.p, %kb.pg
-  %257 = sub nsw i64 %247, %kb.rc
-  %258 = mul nsw i64 %257, 16
-  %259 = add nsw i64 %258, %256
-  %260 = mul nsw i64 %259, 16
-  %261 = getelementptr inbounds float, ptr %part, i64 %260
-  %262 = getelementptr inbounds float, ptr %261, i64 8
-  %263 = load <8 x float>, ptr %acc001, align 4
-  store <8 x float> %263, ptr %262, align 4
-  %264 = add nsw i64 %r01, 1
-  %265 = sub nsw i64 %kb.p, %kb.pg
-  %266 = sub nsw i64 %264, %kb.rc
-  %267 = mul nsw i64 %266, 16
-  %268 = add nsw i64 %267, %265
-  %269 = mul nsw i64 %268, 16
-  %270 = getelementptr inbounds float, ptr %part, i64 %269
-  %271 = getelementptr inbounds float, ptr %270, i64 0
-  %272 = load <8 x float>, ptr %acc010, align 4
-  store <8 x float> %272, ptr %271, align 4
-  %273 = sub nsw i64 %kb.p, %kb.pg
-  %274 = sub nsw i64 %264, %kb.rc
-  %275 = mul nsw i64 %274, 16
-  %276 = add nsw i64 %275, %273
-  %277 = mul nsw i64 %276, 16
-  %278 = getelementptr inbounds float, ptr %part, i64 %277
-  %279 = getelementptr inbounds float, ptr %278, i64 8
-  %280 = load <8 x float>, ptr %acc011, align 4
-  store <8 x float> %280, ptr %279, align 4
-  %281 = add nsw i64 %r01, 2
-  %282 = sub nsw i64 %kb.p, %kb.pg
-  %283 = sub nsw i64 %281, %kb.rc
-  %284 = mul nsw i64 %283, 16
-  %285 = add nsw i64 %284, %282
-  %286 = mul nsw i64 %285, 16
-  %287 = getelementptr inbounds float, ptr %part, i64 %286
-  %288 = getelementptr inbounds float, ptr %287, i64 0
-  %289 = load <8 x float>, ptr %acc020, align 4
-  store <8 x float> %289, ptr %288, align 4
-  %290 = sub nsw i64 %kb.p, %kb.pg
-  %291 = sub nsw i64 %281, %kb.rc
-  %292 = mul nsw i64 %291, 16
-  %293 = add nsw i64 %292, %290
-  %294 = mul nsw i64 %293, 16
-  %295 = getelementptr inbounds float, ptr %part, i64 %294
-  %296 = getelementptr inbounds float, ptr %295, i64 8
-  %297 = load <8 x float>, ptr %acc021, align 4
-  store <8 x float> %297, ptr %296, align 4
-  %298 = add nsw i64 %r01, 3
-  %299 = sub nsw i64 %kb.p, %kb.pg
-  %300 = sub nsw i64 %298, %kb.rc
-  %301 = mul nsw i64 %300, 16
-  %302 = add nsw i64 %301, %299
-  %303 = mul nsw i64 %302, 16
-  %304 = getelementptr inbounds float, ptr %part, i64 %303
-  %305 = getelementptr inbounds float, ptr %304, i64 0
-  %306 = load <8 x float>, ptr %acc030, align 4
-  store <8 x float> %306, ptr %305, align 4
-  %307 = sub nsw i64 %kb.p, %kb.pg
-  %308 = sub nsw i64 %298, %kb.rc
-  %309 = mul nsw i64 %308, 16
-  %310 = add nsw i64 %309, %307
-  %311 = mul nsw i64 %310, 16
-  %312 = getelementptr inbounds float, ptr %part, i64 %311
-  %313 = getelementptr inbounds float, ptr %312, i64 8
-  %314 = load <8 x float>, ptr %acc031, align 4
-  store <8 x float> %314, ptr %313, align 4
-  %315 = add nsw i64 %r01, 4
-  %316 = sub nsw i64 %kb.p, %kb.pg
-  %317 = sub nsw i64 %315, %kb.rc
-  %318 = mul nsw i64 %317, 16
-  %319 = add nsw i64 %318, %316
-  %320 = mul nsw i64 %319, 16
-  %321 = getelementptr inbounds float, ptr %part, i64 %320
-  %322 = getelementptr inbounds float, ptr %321, i64 0
-  %323 = load <8 x float>, ptr %acc040, align 4
-  store <8 x float> %323, ptr %322, align 4
-  %324 = sub nsw i64 %kb.p, %kb.pg
-  %325 = sub nsw i64 %315, %kb.rc
-  %326 = mul nsw i64 %325, 16
-  %327 = add nsw i64 %326, %324
-  %328 = mul nsw i64 %327, 16
-  %329 = getelementptr inbounds float, ptr %part, i64 %328
-  %330 = getelementptr inbounds float, ptr %329, i64 8
-  %331 = load <8 x float>, ptr %acc041, align 4
-  store <8 x float> %331, ptr %330, align 4
-  %332 = add nsw i64 %r01, 5
-  %333 = sub nsw i64 %kb.p, %kb.pg
-  %334 = sub nsw i64 %332, %kb.rc
-  %335 = mul nsw i64 %334, 16
-  %336 = add nsw i64 %335, %333
-  %337 = mul nsw i64 %336, 16
-  %338 = getelementptr inbounds float, ptr %part, i64 %337
-  %339 = getelementptr inbounds float, ptr %338, i64 0
-  %340 = load <8 x float>, ptr %acc050, align 4
-  store <8 x float> %340, ptr %339, align 4
-  %341 = sub nsw i64 %kb.p, %kb.pg
-  %342 = sub nsw i64 %332, %kb.rc
-  %343 = mul nsw i64 %342, 16
-  %344 = add nsw i64 %343, %341
-  %345 = mul nsw i64 %344, 16
-  %346 = getelementptr inbounds float, ptr %part, i64 %345
-  %347 = getelementptr inbounds float, ptr %346, i64 8
-  %348 = load <8 x float>, ptr %acc051, align 4
-  store <8 x float> %348, ptr %347, align 4
+  %246 = add nsw i64 %r01, 0
+  %247 = sub nsw i64 %kb.p, %kb.pg
+  %248 = sub nsw i64 %246, %kb.rc
+  %249 = mul nsw i64 %248, 16
+  %250 = add nsw i64 %249, %247
+  %251 = mul nsw i64 %250, 16
+  %252 = getelementptr inbounds float, ptr %part, i64 %251
+  %253 = getelementptr inbounds float, ptr %252, i64 0
+  %254 = load <8 x float>, ptr %acc000, align 4
+  store <8 x float> %254, ptr %253, align 4
+  %255 = sub nsw i64 %kb.p, %kb.pg
+  %256 = sub nsw i64 %246, %kb.rc
+  %257 = mul nsw i64 %256, 16
+  %258 = add nsw i64 %257, %255
+  %259 = mul nsw i64 %258, 16
+  %260 = getelementptr inbounds float, ptr %part, i64 %259
+  %261 = getelementptr inbounds float, ptr %260, i64 8
+  %262 = load <8 x float>, ptr %acc001, align 4
+  store <8 x float> %262, ptr %261, align 4
+  %263 = add nsw i64 %r01, 1
+  %264 = sub nsw i64 %kb.p, %kb.pg
+  %265 = sub nsw i64 %263, %kb.rc
+  %266 = mul nsw i64 %265, 16
+  %267 = add nsw i64 %266, %264
+  %268 = mul nsw i64 %267, 16
+  %269 = getelementptr inbounds float, ptr %part, i64 %268
+  %270 = getelementptr inbounds float, ptr %269, i64 0
+  %271 = load <8 x float>, ptr %acc010, align 4
+  store <8 x float> %271, ptr %270, align 4
+  %272 = sub nsw i64 %kb.p, %kb.pg
+  %273 = sub nsw i64 %263, %kb.rc
+  %274 = mul nsw i64 %273, 16
+  %275 = add nsw i64 %274, %272
+  %276 = mul nsw i64 %275, 16
+  %277 = getelementptr inbounds float, ptr %part, i64 %276
+  %278 = getelementptr inbounds float, ptr %277, i64 8
+  %279 = load <8 x float>, ptr %acc011, align 4
+  store <8 x float> %279, ptr %278, align 4
+  %280 = add nsw i64 %r01, 2
+  %281 = sub nsw i64 %kb.p, %kb.pg
+  %282 = sub nsw i64 %280, %kb.rc
+  %283 = mul nsw i64 %282, 16
+  %284 = add nsw i64 %283, %281
+  %285 = mul nsw i64 %284, 16
+  %286 = getelementptr inbounds float, ptr %part, i64 %285
+  %287 = getelementptr inbounds float, ptr %286, i64 0
+  %288 = load <8 x float>, ptr %acc020, align 4
+  store <8 x float> %288, ptr %287, align 4
+  %289 = sub nsw i64 %kb.p, %kb.pg
+  %290 = sub nsw i64 %280, %kb.rc
+  %291 = mul nsw i64 %290, 16
+  %292 = add nsw i64 %291, %289
+  %293 = mul nsw i64 %292, 16
+  %294 = getelementptr inbounds float, ptr %part, i64 %293
+  %295 = getelementptr inbounds float, ptr %294, i64 8
+  %296 = load <8 x float>, ptr %acc021, align 4
+  store <8 x float> %296, ptr %295, align 4
+  %297 = add nsw i64 %r01, 3
+  %298 = sub nsw i64 %kb.p, %kb.pg
+  %299 = sub nsw i64 %297, %kb.rc
+  %300 = mul nsw i64 %299, 16
+  %301 = add nsw i64 %300, %298
+  %302 = mul nsw i64 %301, 16
+  %303 = getelementptr inbounds float, ptr %part, i64 %302
+  %304 = getelementptr inbounds float, ptr %303, i64 0
+  %305 = load <8 x float>, ptr %acc030, align 4
+  store <8 x float> %305, ptr %304, align 4
+  %306 = sub nsw i64 %kb.p, %kb.pg
+  %307 = sub nsw i64 %297, %kb.rc
+  %308 = mul nsw i64 %307, 16
+  %309 = add nsw i64 %308, %306
+  %310 = mul nsw i64 %309, 16
+  %311 = getelementptr inbounds float, ptr %part, i64 %310
+  %312 = getelementptr inbounds float, ptr %311, i64 8
+  %313 = load <8 x float>, ptr %acc031, align 4
+  store <8 x float> %313, ptr %312, align 4
+  %314 = add nsw i64 %r01, 4
+  %315 = sub nsw i64 %kb.p, %kb.pg
+  %316 = sub nsw i64 %314, %kb.rc
+  %317 = mul nsw i64 %316, 16
+  %318 = add nsw i64 %317, %315
+  %319 = mul nsw i64 %318, 16
+  %320 = getelementptr inbounds float, ptr %part, i64 %319
+  %321 = getelementptr inbounds float, ptr %320, i64 0
+  %322 = load <8 x float>, ptr %acc040, align 4
+  store <8 x float> %322, ptr %321, align 4
+  %323 = sub nsw i64 %kb.p, %kb.pg
+  %324 = sub nsw i64 %314, %kb.rc
+  %325 = mul nsw i64 %324, 16
+  %326 = add nsw i64 %325, %323
+  %327 = mul nsw i64 %326, 16
+  %328 = getelementptr inbounds float, ptr %part, i64 %327
+  %329 = getelementptr inbounds float, ptr %328, i64 8
+  %330 = load <8 x float>, ptr %acc041, align 4
+  store <8 x float> %330, ptr %329, align 4
+  %331 = add nsw i64 %r01, 5
+  %332 = sub nsw i64 %kb.p, %kb.pg
+  %333 = sub nsw i64 %331, %kb.rc
+  %334 = mul nsw i64 %333, 16
+  %335 = add nsw i64 %334, %332
+  %336 = mul nsw i64 %335, 16
+  %337 = getelementptr inbounds float, ptr %part, i64 %336
+  %338 = getelementptr inbounds float, ptr %337, i64 0
+  %339 = load <8 x float>, ptr %acc050, align 4
+  store <8 x float> %339, ptr %338, align 4
+  %340 = sub nsw i64 %kb.p, %kb.pg
+  %341 = sub nsw i64 %331, %kb.rc
+  %342 = mul nsw i64 %341, 16
+  %343 = add nsw i64 %342, %340
+  %344 = mul nsw i64 %343, 16
+  %345 = getelementptr inbounds float, ptr %part, i64 %344
+  %346 = getelementptr inbounds float, ptr %345, i64 8
+  %347 = load <8 x float>, ptr %acc051, align 4
+  store <8 x float> %347, ptr %346, align 4
   br label %part.end
 
 part.end:                                         ; preds = %part.then, %k.end
   br i1 %klast, label %last.then, label %last.end
 
 last.then:                                        ; preds = %part.end
-  %349 = add nsw i64 %r01, 0
-  %350 = getelementptr inbounds float, ptr %rw, i64 %349
-  %351 = load float, ptr %350, align 4
-  %352 = insertelement <8 x float> poison, float %351, i32 0
-  %353 = shufflevector <8 x float> %352, <8 x float> poison, <8 x i32> zeroinitializer
-  %354 = mul nsw i64 %349, 3072
-  %355 = getelementptr inbounds float, ptr %h, i64 %354
+  %348 = add nsw i64 %r01, 0
+  %349 = getelementptr inbounds float, ptr %rw, i64 %348
+  %350 = load float, ptr %349, align 4
+  %351 = insertelement <8 x float> poison, float %350, i32 0
+  %352 = shufflevector <8 x float> %351, <8 x float> poison, <8 x i32> zeroinitializer
+  %353 = mul nsw i64 %348, 3072
+  %354 = getelementptr inbounds float, ptr %h, i64 %353
   %col = mul nsw i64 %kb.p, 16
-  %356 = load <8 x float>, ptr %acc000, align 4
-  %357 = load <8 x float>, ptr %acc001, align 4
-  %358 = add nsw i64 %col, 0
-  %359 = fcmp ogt <8 x float> %356, zeroinitializer
-  %360 = select <8 x i1> %359, <8 x float> %356, <8 x float> zeroinitializer
-  %361 = fmul <8 x float> %360, %353
-  %362 = getelementptr inbounds float, ptr %355, i64 %358
-  store <8 x float> %361, ptr %362, align 4
-  %363 = add nsw i64 %col, 8
-  %364 = fcmp ogt <8 x float> %357, zeroinitializer
-  %365 = select <8 x i1> %364, <8 x float> %357, <8 x float> zeroinitializer
-  %366 = fmul <8 x float> %365, %353
-  %367 = getelementptr inbounds float, ptr %355, i64 %363
-  store <8 x float> %366, ptr %367, align 4
-  %368 = add nsw i64 %r01, 1
-  %369 = getelementptr inbounds float, ptr %rw, i64 %368
-  %370 = load float, ptr %369, align 4
-  %371 = insertelement <8 x float> poison, float %370, i32 0
-  %372 = shufflevector <8 x float> %371, <8 x float> poison, <8 x i32> zeroinitializer
-  %373 = mul nsw i64 %368, 3072
-  %374 = getelementptr inbounds float, ptr %h, i64 %373
+  %355 = load <8 x float>, ptr %acc000, align 4
+  %356 = load <8 x float>, ptr %acc001, align 4
+  %357 = add nsw i64 %col, 0
+  %358 = fcmp ogt <8 x float> %355, zeroinitializer
+  %359 = select <8 x i1> %358, <8 x float> %355, <8 x float> zeroinitializer
+  %360 = fmul <8 x float> %359, %352
+  %361 = getelementptr inbounds float, ptr %354, i64 %357
+  store <8 x float> %360, ptr %361, align 4
+  %362 = add nsw i64 %col, 8
+  %363 = fcmp ogt <8 x float> %356, zeroinitializer
+  %364 = select <8 x i1> %363, <8 x float> %356, <8 x float> zeroinitializer
+  %365 = fmul <8 x float> %364, %352
+  %366 = getelementptr inbounds float, ptr %354, i64 %362
+  store <8 x float> %365, ptr %366, align 4
+  %367 = add nsw i64 %r01, 1
+  %368 = getelementptr inbounds float, ptr %rw, i64 %367
+  %369 = load float, ptr %368, align 4
+  %370 = insertelement <8 x float> poison, float %369, i32 0
+  %371 = shufflevector <8 x float> %370, <8 x float> poison, <8 x i32> zeroinitializer
+  %372 = mul nsw i64 %367, 3072
+  %373 = getelementptr inbounds float, ptr %h, i64 %372
   %col3 = mul nsw i64 %kb.p, 16
-  %375 = load <8 x float>, ptr %acc010, align 4
-  %376 = load <8 x float>, ptr %acc011, align 4
-  %377 = add nsw i64 %col3, 0
-  %378 = fcmp ogt <8 x float> %375, zeroinitializer
-  %379 = select <8 x i1> %378, <8 x float> %375, <8 x float> zeroinitializer
-  %380 = fmul <8 x float> %379, %372
-  %381 = getelementptr inbounds float, ptr %374, i64 %377
-  store <8 x float> %380, ptr %381, align 4
-  %382 = add nsw i64 %col3, 8
-  %383 = fcmp ogt <8 x float> %376, zeroinitializer
-  %384 = select <8 x i1> %383, <8 x float> %376, <8 x float> zeroinitializer
-  %385 = fmul <8 x float> %384, %372
-  %386 = getelementptr inbounds float, ptr %374, i64 %382
-  store <8 x float> %385, ptr %386, align 4
-  %387 = add nsw i64 %r01, 2
-  %388 = getelementptr inbounds float, ptr %rw, i64 %387
-  %389 = load float, ptr %388, align 4
-  %390 = insertelement <8 x float> poison, float %389, i32 0
-  %391 = shufflevector <8 x float> %390, <8 x float> poison, <8 x i32> zeroinitializer
-  %392 = mul nsw i64 %387, 3072
-  %393 = getelementptr inbounds float, ptr %h, i64 %392
+  %374 = load <8 x float>, ptr %acc010, align 4
+  %375 = load <8 x float>, ptr %acc011, align 4
+  %376 = add nsw i64 %col3, 0
+  %377 = fcmp ogt <8 x float> %374, zeroinitializer
+  %378 = select <8 x i1> %377, <8 x float> %374, <8 x float> zeroinitializer
+  %379 = fmul <8 x float> %378, %371
+  %380 = getelementptr inbounds float, ptr %373, i64 %376
+  store <8 x float> %379, ptr %380, align 4
+  %381 = add nsw i64 %col3, 8
+  %382 = fcmp ogt <8 x float> %375, zeroinitializer
+  %383 = select <8 x i1> %382, <8 x float> %375, <8 x float> zeroinitializer
+  %384 = fmul <8 x float> %383, %371
+  %385 = getelementptr inbounds float, ptr %373, i64 %381
+  store <8 x float> %384, ptr %385, align 4
+  %386 = add nsw i64 %r01, 2
+  %387 = getelementptr inbounds float, ptr %rw, i64 %386
+  %388 = load float, ptr %387, align 4
+  %389 = insertelement <8 x float> poison, float %388, i32 0
+  %390 = shufflevector <8 x float> %389, <8 x float> poison, <8 x i32> zeroinitializer
+  %391 = mul nsw i64 %386, 3072
+  %392 = getelementptr inbounds float, ptr %h, i64 %391
   %col4 = mul nsw i64 %kb.p, 16
-  %394 = load <8 x float>, ptr %acc020, align 4
-  %395 = load <8 x float>, ptr %acc021, align 4
-  %396 = add nsw i64 %col4, 0
-  %397 = fcmp ogt <8 x float> %394, zeroinitializer
-  %398 = select <8 x i1> %397, <8 x float> %394, <8 x float> zeroinitializer
-  %399 = fmul <8 x float> %398, %391
-  %400 = getelementptr inbounds float, ptr %393, i64 %396
-  store <8 x float> %399, ptr %400, align 4
-  %401 = add nsw i64 %col4, 8
-  %402 = fcmp ogt <8 x float> %395, zeroinitializer
-  %403 = select <8 x i1> %402, <8 x float> %395, <8 x float> zeroinitializer
-  %404 = fmul <8 x float> %403, %391
-  %405 = getelementptr inbounds float, ptr %393, i64 %401
-  store <8 x float> %404, ptr %405, align 4
-  %406 = add nsw i64 %r01, 3
-  %407 = getelementptr inbounds float, ptr %rw, i64 %406
-  %408 = load float, ptr %407, align 4
-  %409 = insertelement <8 x float> poison, float %408, i32 0
-  %410 = shufflevector <8 x float> %409, <8 x float> poison, <8 x i32> zeroinitializer
-  %411 = mul nsw i64 %406, 3072
-  %412 = getelementptr inbounds float, ptr %h, i64 %411
+  %393 = load <8 x float>, ptr %acc020, align 4
+  %394 = load <8 x float>, ptr %acc021, align 4
+  %395 = add nsw i64 %col4, 0
+  %396 = fcmp ogt <8 x float> %393, zeroinitializer
+  %397 = select <8 x i1> %396, <8 x float> %393, <8 x float> zeroinitializer
+  %398 = fmul <8 x float> %397, %390
+  %399 = getelementptr inbounds float, ptr %392, i64 %395
+  store <8 x float> %398, ptr %399, align 4
+  %400 = add nsw i64 %col4, 8
+  %401 = fcmp ogt <8 x float> %394, zeroinitializer
+  %402 = select <8 x i1> %401, <8 x float> %394, <8 x float> zeroinitializer
+  %403 = fmul <8 x float> %402, %390
+  %404 = getelementptr inbounds float, ptr %392, i64 %400
+  store <8 x float> %403, ptr %404, align 4
+  %405 = add nsw i64 %r01, 3
+  %406 = getelementptr inbounds float, ptr %rw, i64 %405
+  %407 = load float, ptr %406, align 4
+  %408 = insertelement <8 x float> poison, float %407, i32 0
+  %409 = shufflevector <8 x float> %408, <8 x float> poison, <8 x i32> zeroinitializer
+  %410 = mul nsw i64 %405, 3072
+  %411 = getelementptr inbounds float, ptr %h, i64 %410
   %col5 = mul nsw i64 %kb.p, 16
-  %413 = load <8 x float>, ptr %acc030, align 4
-  %414 = load <8 x float>, ptr %acc031, align 4
-  %415 = add nsw i64 %col5, 0
-  %416 = fcmp ogt <8 x float> %413, zeroinitializer
-  %417 = select <8 x i1> %416, <8 x float> %413, <8 x float> zeroinitializer
-  %418 = fmul <8 x float> %417, %410
-  %419 = getelementptr inbounds float, ptr %412, i64 %415
-  store <8 x float> %418, ptr %419, align 4
-  %420 = add nsw i64 %col5, 8
-  %421 = fcmp ogt <8 x float> %414, zeroinitializer
-  %422 = select <8 x i1> %421, <8 x float> %414, <8 x float> zeroinitializer
-  %423 = fmul <8 x float> %422, %410
-  %424 = getelementptr inbounds float, ptr %412, i64 %420
-  store <8 x float> %423, ptr %424, align 4
-  %425 = add nsw i64 %r01, 4
-  %426 = getelementptr inbounds float, ptr %rw, i64 %425
-  %427 = load float, ptr %426, align 4
-  %428 = insertelement <8 x float> poison, float %427, i32 0
-  %429 = shufflevector <8 x float> %428, <8 x float> poison, <8 x i32> zeroinitializer
-  %430 = mul nsw i64 %425, 3072
-  %431 = getelementptr inbounds float, ptr %h, i64 %430
+  %412 = load <8 x float>, ptr %acc030, align 4
+  %413 = load <8 x float>, ptr %acc031, align 4
+  %414 = add nsw i64 %col5, 0
+  %415 = fcmp ogt <8 x float> %412, zeroinitializer
+  %416 = select <8 x i1> %415, <8 x float> %412, <8 x float> zeroinitializer
+  %417 = fmul <8 x float> %416, %409
+  %418 = getelementptr inbounds float, ptr %411, i64 %414
+  store <8 x float> %417, ptr %418, align 4
+  %419 = add nsw i64 %col5, 8
+  %420 = fcmp ogt <8 x float> %413, zeroinitializer
+  %421 = select <8 x i1> %420, <8 x float> %413, <8 x float> zeroinitializer
+  %422 = fmul <8 x float> %421, %409
+  %423 = getelementptr inbounds float, ptr %411, i64 %419
+  store <8 x float> %422, ptr %423, align 4
+  %424 = add nsw i64 %r01, 4
+  %425 = getelementptr inbounds float, ptr %rw, i64 %424
+  %426 = load float, ptr %425, align 4
+  %427 = insertelement <8 x float> poison, float %426, i32 0
+  %428 = shufflevector <8 x float> %427, <8 x float> poison, <8 x i32> zeroinitializer
+  %429 = mul nsw i64 %424, 3072
+  %430 = getelementptr inbounds float, ptr %h, i64 %429
   %col6 = mul nsw i64 %kb.p, 16
-  %432 = load <8 x float>, ptr %acc040, align 4
-  %433 = load <8 x float>, ptr %acc041, align 4
-  %434 = add nsw i64 %col6, 0
-  %435 = fcmp ogt <8 x float> %432, zeroinitializer
-  %436 = select <8 x i1> %435, <8 x float> %432, <8 x float> zeroinitializer
-  %437 = fmul <8 x float> %436, %429
-  %438 = getelementptr inbounds float, ptr %431, i64 %434
-  store <8 x float> %437, ptr %438, align 4
-  %439 = add nsw i64 %col6, 8
-  %440 = fcmp ogt <8 x float> %433, zeroinitializer
-  %441 = select <8 x i1> %440, <8 x float> %433, <8 x float> zeroinitializer
-  %442 = fmul <8 x float> %441, %429
-  %443 = getelementptr inbounds float, ptr %431, i64 %439
-  store <8 x float> %442, ptr %443, align 4
-  %444 = add nsw i64 %r01, 5
-  %445 = getelementptr inbounds float, ptr %rw, i64 %444
-  %446 = load float, ptr %445, align 4
-  %447 = insertelement <8 x float> poison, float %446, i32 0
-  %448 = shufflevector <8 x float> %447, <8 x float> poison, <8 x i32> zeroinitializer
-  %449 = mul nsw i64 %444, 3072
-  %450 = getelementptr inbounds float, ptr %h, i64 %449
+  %431 = load <8 x float>, ptr %acc040, align 4
+  %432 = load <8 x float>, ptr %acc041, align 4
+  %433 = add nsw i64 %col6, 0
+  %434 = fcmp ogt <8 x float> %431, zeroinitializer
+  %435 = select <8 x i1> %434, <8 x float> %431, <8 x float> zeroinitializer
+  %436 = fmul <8 x float> %435, %428
+  %437 = getelementptr inbounds float, ptr %430, i64 %433
+  store <8 x float> %436, ptr %437, align 4
+  %438 = add nsw i64 %col6, 8
+  %439 = fcmp ogt <8 x float> %432, zeroinitializer
+  %440 = select <8 x i1> %439, <8 x float> %432, <8 x float> zeroinitializer
+  %441 = fmul <8 x float> %440, %428
+  %442 = getelementptr inbounds float, ptr %430, i64 %438
+  store <8 x float> %441, ptr %442, align 4
+  %443 = add nsw i64 %r01, 5
+  %444 = getelementptr inbounds float, ptr %rw, i64 %443
+  %445 = load float, ptr %444, align 4
+  %446 = insertelement <8 x float> poison, float %445, i32 0
+  %447 = shufflevector <8 x float> %446, <8 x float> poison, <8 x i32> zeroinitializer
+  %448 = mul nsw i64 %443, 3072
+  %449 = getelementptr inbounds float, ptr %h, i64 %448
   %col7 = mul nsw i64 %kb.p, 16
-  %451 = load <8 x float>, ptr %acc050, align 4
-  %452 = load <8 x float>, ptr %acc051, align 4
-  %453 = add nsw i64 %col7, 0
-  %454 = fcmp ogt <8 x float> %451, zeroinitializer
-  %455 = select <8 x i1> %454, <8 x float> %451, <8 x float> zeroinitializer
-  %456 = fmul <8 x float> %455, %448
-  %457 = getelementptr inbounds float, ptr %450, i64 %453
-  store <8 x float> %456, ptr %457, align 4
-  %458 = add nsw i64 %col7, 8
-  %459 = fcmp ogt <8 x float> %452, zeroinitializer
-  %460 = select <8 x i1> %459, <8 x float> %452, <8 x float> zeroinitializer
-  %461 = fmul <8 x float> %460, %448
-  %462 = getelementptr inbounds float, ptr %450, i64 %458
-  store <8 x float> %461, ptr %462, align 4
+  %450 = load <8 x float>, ptr %acc050, align 4
+  %451 = load <8 x float>, ptr %acc051, align 4
+  %452 = add nsw i64 %col7, 0
+  %453 = fcmp ogt <8 x float> %450, zeroinitializer
+  %454 = select <8 x i1> %453, <8 x float> %450, <8 x float> zeroinitializer
+  %455 = fmul <8 x float> %454, %447
+  %456 = getelementptr inbounds float, ptr %449, i64 %452
+  store <8 x float> %455, ptr %456, align 4
+  %457 = add nsw i64 %col7, 8
+  %458 = fcmp ogt <8 x float> %451, zeroinitializer
+  %459 = select <8 x i1> %458, <8 x float> %451, <8 x float> zeroinitializer
+  %460 = fmul <8 x float> %459, %447
+  %461 = getelementptr inbounds float, ptr %449, i64 %457
+  store <8 x float> %460, ptr %461, align 4
   br label %last.end
 
 last.end:                                         ; preds = %last.then, %part.end
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
-  %463 = add nsw i64 %r01, 0
-  %464 = getelementptr inbounds i32, ptr %rows, i64 %463
-  %465 = load i32, ptr %464, align 4
-  %466 = sext i32 %465 to i64
-  %467 = mul nsw i64 %466, 768
-  %468 = add nsw i64 %467, %k0
-  %469 = getelementptr inbounds float, ptr %x, i64 %468
-  %470 = sub nsw i64 %kb.p, %kb.pg
-  %471 = sub nsw i64 %463, %kb.rc
-  %472 = mul nsw i64 %471, 16
-  %473 = add nsw i64 %472, %470
-  %474 = mul nsw i64 %473, 16
-  %475 = getelementptr inbounds float, ptr %part, i64 %474
-  %476 = getelementptr inbounds float, ptr %475, i64 0
-  %477 = load <8 x float>, ptr %476, align 4
-  %478 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %477
-  store <8 x float> %478, ptr %acc0008, align 4
-  %479 = sub nsw i64 %kb.p, %kb.pg
-  %480 = sub nsw i64 %463, %kb.rc
-  %481 = mul nsw i64 %480, 16
-  %482 = add nsw i64 %481, %479
-  %483 = mul nsw i64 %482, 16
-  %484 = getelementptr inbounds float, ptr %part, i64 %483
-  %485 = getelementptr inbounds float, ptr %484, i64 8
-  %486 = load <8 x float>, ptr %485, align 4
-  %487 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %486
-  store <8 x float> %487, ptr %acc0019, align 4
-  %488 = add nsw i64 %r01, 1
-  %489 = getelementptr inbounds i32, ptr %rows, i64 %488
-  %490 = load i32, ptr %489, align 4
-  %491 = sext i32 %490 to i64
-  %492 = mul nsw i64 %491, 768
-  %493 = add nsw i64 %492, %k0
-  %494 = getelementptr inbounds float, ptr %x, i64 %493
-  %495 = sub nsw i64 %kb.p, %kb.pg
-  %496 = sub nsw i64 %488, %kb.rc
-  %497 = mul nsw i64 %496, 16
-  %498 = add nsw i64 %497, %495
-  %499 = mul nsw i64 %498, 16
-  %500 = getelementptr inbounds float, ptr %part, i64 %499
-  %501 = getelementptr inbounds float, ptr %500, i64 0
-  %502 = load <8 x float>, ptr %501, align 4
-  %503 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %502
-  store <8 x float> %503, ptr %acc01010, align 4
-  %504 = sub nsw i64 %kb.p, %kb.pg
-  %505 = sub nsw i64 %488, %kb.rc
-  %506 = mul nsw i64 %505, 16
-  %507 = add nsw i64 %506, %504
-  %508 = mul nsw i64 %507, 16
-  %509 = getelementptr inbounds float, ptr %part, i64 %508
-  %510 = getelementptr inbounds float, ptr %509, i64 8
-  %511 = load <8 x float>, ptr %510, align 4
-  %512 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %511
-  store <8 x float> %512, ptr %acc01111, align 4
-  %513 = add nsw i64 %r01, 2
-  %514 = getelementptr inbounds i32, ptr %rows, i64 %513
-  %515 = load i32, ptr %514, align 4
-  %516 = sext i32 %515 to i64
-  %517 = mul nsw i64 %516, 768
-  %518 = add nsw i64 %517, %k0
-  %519 = getelementptr inbounds float, ptr %x, i64 %518
-  %520 = sub nsw i64 %kb.p, %kb.pg
-  %521 = sub nsw i64 %513, %kb.rc
-  %522 = mul nsw i64 %521, 16
-  %523 = add nsw i64 %522, %520
-  %524 = mul nsw i64 %523, 16
-  %525 = getelementptr inbounds float, ptr %part, i64 %524
-  %526 = getelementptr inbounds float, ptr %525, i64 0
-  %527 = load <8 x float>, ptr %526, align 4
-  %528 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %527
-  store <8 x float> %528, ptr %acc02012, align 4
-  %529 = sub nsw i64 %kb.p, %kb.pg
-  %530 = sub nsw i64 %513, %kb.rc
-  %531 = mul nsw i64 %530, 16
-  %532 = add nsw i64 %531, %529
-  %533 = mul nsw i64 %532, 16
-  %534 = getelementptr inbounds float, ptr %part, i64 %533
-  %535 = getelementptr inbounds float, ptr %534, i64 8
-  %536 = load <8 x float>, ptr %535, align 4
-  %537 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %536
-  store <8 x float> %537, ptr %acc02113, align 4
-  %538 = add nsw i64 %r01, 3
-  %539 = getelementptr inbounds i32, ptr %rows, i64 %538
-  %540 = load i32, ptr %539, align 4
-  %541 = sext i32 %540 to i64
-  %542 = mul nsw i64 %541, 768
-  %543 = add nsw i64 %542, %k0
-  %544 = getelementptr inbounds float, ptr %x, i64 %543
-  %545 = sub nsw i64 %kb.p, %kb.pg
-  %546 = sub nsw i64 %538, %kb.rc
-  %547 = mul nsw i64 %546, 16
-  %548 = add nsw i64 %547, %545
-  %549 = mul nsw i64 %548, 16
-  %550 = getelementptr inbounds float, ptr %part, i64 %549
-  %551 = getelementptr inbounds float, ptr %550, i64 0
-  %552 = load <8 x float>, ptr %551, align 4
-  %553 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %552
-  store <8 x float> %553, ptr %acc03014, align 4
-  %554 = sub nsw i64 %kb.p, %kb.pg
-  %555 = sub nsw i64 %538, %kb.rc
-  %556 = mul nsw i64 %555, 16
-  %557 = add nsw i64 %556, %554
-  %558 = mul nsw i64 %557, 16
-  %559 = getelementptr inbounds float, ptr %part, i64 %558
-  %560 = getelementptr inbounds float, ptr %559, i64 8
-  %561 = load <8 x float>, ptr %560, align 4
-  %562 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %561
-  store <8 x float> %562, ptr %acc03115, align 4
-  %563 = add nsw i64 %r01, 4
-  %564 = getelementptr inbounds i32, ptr %rows, i64 %563
-  %565 = load i32, ptr %564, align 4
-  %566 = sext i32 %565 to i64
-  %567 = mul nsw i64 %566, 768
-  %568 = add nsw i64 %567, %k0
-  %569 = getelementptr inbounds float, ptr %x, i64 %568
-  %570 = sub nsw i64 %kb.p, %kb.pg
-  %571 = sub nsw i64 %563, %kb.rc
-  %572 = mul nsw i64 %571, 16
-  %573 = add nsw i64 %572, %570
-  %574 = mul nsw i64 %573, 16
-  %575 = getelementptr inbounds float, ptr %part, i64 %574
-  %576 = getelementptr inbounds float, ptr %575, i64 0
-  %577 = load <8 x float>, ptr %576, align 4
-  %578 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %577
-  store <8 x float> %578, ptr %acc04016, align 4
-  %579 = sub nsw i64 %kb.p, %kb.pg
-  %580 = sub nsw i64 %563, %kb.rc
-  %581 = mul nsw i64 %580, 16
-  %582 = add nsw i64 %581, %579
-  %583 = mul nsw i64 %582, 16
-  %584 = getelementptr inbounds float, ptr %part, i64 %583
-  %585 = getelementptr inbounds float, ptr %584, i64 8
-  %586 = load <8 x float>, ptr %585, align 4
-  %587 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %586
-  store <8 x float> %587, ptr %acc04117, align 4
-  %588 = mul nsw i64 %k0, 16
-  %589 = mul nsw i64 %kb.p, 12288
-  %panel.off18 = add nsw i64 %589, %588
-  %590 = getelementptr inbounds i16, ptr %panels, i64 %panel.off18
-  %pf.on19 = and i1 %pf.on, %pf.next
-  %591 = mul nsw i64 %rb, 8192
-  %592 = lshr i64 %591, %25
-  %593 = add nsw i64 %pf.step, %592
-  %594 = getelementptr inbounds i8, ptr %590, i64 %593
-  %pf20 = select i1 %pf.on19, ptr %594, ptr %590
-  %pf.sh21 = select i1 %pf.on19, i64 %25, i64 0
-  br label %k.head22
+  %462 = add nsw i64 %r01, 0
+  %463 = getelementptr inbounds i32, ptr %rows, i64 %462
+  %464 = load i32, ptr %463, align 4
+  %465 = sext i32 %464 to i64
+  %466 = mul nsw i64 %465, 768
+  %467 = add nsw i64 %466, %k0
+  %468 = getelementptr inbounds float, ptr %x, i64 %467
+  %469 = sub nsw i64 %kb.p, %kb.pg
+  %470 = sub nsw i64 %462, %kb.rc
+  %471 = mul nsw i64 %470, 16
+  %472 = add nsw i64 %471, %469
+  %473 = mul nsw i64 %472, 16
+  %474 = getelementptr inbounds float, ptr %part, i64 %473
+  %475 = getelementptr inbounds float, ptr %474, i64 0
+  %476 = load <8 x float>, ptr %475, align 4
+  %477 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %476
+  store <8 x float> %477, ptr %acc0008, align 4
+  %478 = sub nsw i64 %kb.p, %kb.pg
+  %479 = sub nsw i64 %462, %kb.rc
+  %480 = mul nsw i64 %479, 16
+  %481 = add nsw i64 %480, %478
+  %482 = mul nsw i64 %481, 16
+  %483 = getelementptr inbounds float, ptr %part, i64 %482
+  %484 = getelementptr inbounds float, ptr %483, i64 8
+  %485 = load <8 x float>, ptr %484, align 4
+  %486 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %485
+  store <8 x float> %486, ptr %acc0019, align 4
+  %487 = add nsw i64 %r01, 1
+  %488 = getelementptr inbounds i32, ptr %rows, i64 %487
+  %489 = load i32, ptr %488, align 4
+  %490 = sext i32 %489 to i64
+  %491 = mul nsw i64 %490, 768
+  %492 = add nsw i64 %491, %k0
+  %493 = getelementptr inbounds float, ptr %x, i64 %492
+  %494 = sub nsw i64 %kb.p, %kb.pg
+  %495 = sub nsw i64 %487, %kb.rc
+  %496 = mul nsw i64 %495, 16
+  %497 = add nsw i64 %496, %494
+  %498 = mul nsw i64 %497, 16
+  %499 = getelementptr inbounds float, ptr %part, i64 %498
+  %500 = getelementptr inbounds float, ptr %499, i64 0
+  %501 = load <8 x float>, ptr %500, align 4
+  %502 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %501
+  store <8 x float> %502, ptr %acc01010, align 4
+  %503 = sub nsw i64 %kb.p, %kb.pg
+  %504 = sub nsw i64 %487, %kb.rc
+  %505 = mul nsw i64 %504, 16
+  %506 = add nsw i64 %505, %503
+  %507 = mul nsw i64 %506, 16
+  %508 = getelementptr inbounds float, ptr %part, i64 %507
+  %509 = getelementptr inbounds float, ptr %508, i64 8
+  %510 = load <8 x float>, ptr %509, align 4
+  %511 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %510
+  store <8 x float> %511, ptr %acc01111, align 4
+  %512 = add nsw i64 %r01, 2
+  %513 = getelementptr inbounds i32, ptr %rows, i64 %512
+  %514 = load i32, ptr %513, align 4
+  %515 = sext i32 %514 to i64
+  %516 = mul nsw i64 %515, 768
+  %517 = add nsw i64 %516, %k0
+  %518 = getelementptr inbounds float, ptr %x, i64 %517
+  %519 = sub nsw i64 %kb.p, %kb.pg
+  %520 = sub nsw i64 %512, %kb.rc
+  %521 = mul nsw i64 %520, 16
+  %522 = add nsw i64 %521, %519
+  %523 = mul nsw i64 %522, 16
+  %524 = getelementptr inbounds float, ptr %part, i64 %523
+  %525 = getelementptr inbounds float, ptr %524, i64 0
+  %526 = load <8 x float>, ptr %525, align 4
+  %527 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %526
+  store <8 x float> %527, ptr %acc02012, align 4
+  %528 = sub nsw i64 %kb.p, %kb.pg
+  %529 = sub nsw i64 %512, %kb.rc
+  %530 = mul nsw i64 %529, 16
+  %531 = add nsw i64 %530, %528
+  %532 = mul nsw i64 %531, 16
+  %533 = getelementptr inbounds float, ptr %part, i64 %532
+  %534 = getelementptr inbounds float, ptr %533, i64 8
+  %535 = load <8 x float>, ptr %534, align 4
+  %536 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %535
+  store <8 x float> %536, ptr %acc02113, align 4
+  %537 = add nsw i64 %r01, 3
+  %538 = getelementptr inbounds i32, ptr %rows, i64 %537
+  %539 = load i32, ptr %538, align 4
+  %540 = sext i32 %539 to i64
+  %541 = mul nsw i64 %540, 768
+  %542 = add nsw i64 %541, %k0
+  %543 = getelementptr inbounds float, ptr %x, i64 %542
+  %544 = sub nsw i64 %kb.p, %kb.pg
+  %545 = sub nsw i64 %537, %kb.rc
+  %546 = mul nsw i64 %545, 16
+  %547 = add nsw i64 %546, %544
+  %548 = mul nsw i64 %547, 16
+  %549 = getelementptr inbounds float, ptr %part, i64 %548
+  %550 = getelementptr inbounds float, ptr %549, i64 0
+  %551 = load <8 x float>, ptr %550, align 4
+  %552 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %551
+  store <8 x float> %552, ptr %acc03014, align 4
+  %553 = sub nsw i64 %kb.p, %kb.pg
+  %554 = sub nsw i64 %537, %kb.rc
+  %555 = mul nsw i64 %554, 16
+  %556 = add nsw i64 %555, %553
+  %557 = mul nsw i64 %556, 16
+  %558 = getelementptr inbounds float, ptr %part, i64 %557
+  %559 = getelementptr inbounds float, ptr %558, i64 8
+  %560 = load <8 x float>, ptr %559, align 4
+  %561 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %560
+  store <8 x float> %561, ptr %acc03115, align 4
+  %562 = add nsw i64 %r01, 4
+  %563 = getelementptr inbounds i32, ptr %rows, i64 %562
+  %564 = load i32, ptr %563, align 4
+  %565 = sext i32 %564 to i64
+  %566 = mul nsw i64 %565, 768
+  %567 = add nsw i64 %566, %k0
+  %568 = getelementptr inbounds float, ptr %x, i64 %567
+  %569 = sub nsw i64 %kb.p, %kb.pg
+  %570 = sub nsw i64 %562, %kb.rc
+  %571 = mul nsw i64 %570, 16
+  %572 = add nsw i64 %571, %569
+  %573 = mul nsw i64 %572, 16
+  %574 = getelementptr inbounds float, ptr %part, i64 %573
+  %575 = getelementptr inbounds float, ptr %574, i64 0
+  %576 = load <8 x float>, ptr %575, align 4
+  %577 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %576
+  store <8 x float> %577, ptr %acc04016, align 4
+  %578 = sub nsw i64 %kb.p, %kb.pg
+  %579 = sub nsw i64 %562, %kb.rc
+  %580 = mul nsw i64 %579, 16
+  %581 = add nsw i64 %580, %578
+  %582 = mul nsw i64 %581, 16
+  %583 = getelementptr inbounds float, ptr %part, i64 %582
+  %584 = getelementptr inbounds float, ptr %583, i64 8
+  %585 = load <8 x float>, ptr %584, align 4
+  %586 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %585
+  store <8 x float> %586, ptr %acc04117, align 4
+  %panel.off18 = mul nsw i64 %kb.p, 12288
+  %587 = mul nsw i64 %k0, 16
+  %slice.off19 = add nsw i64 %panel.off18, %587
+  %588 = getelementptr inbounds i16, ptr %panels, i64 %slice.off19
+  %pf.on20 = and i1 %pf.on, %pf.next
+  %589 = mul nsw i64 %rb, 8192
+  %590 = lshr i64 %589, %25
+  %591 = add nsw i64 %pf.step, %590
+  %592 = getelementptr inbounds i8, ptr %588, i64 %591
+  %pf21 = select i1 %pf.on20, ptr %592, ptr %588
+  %pf.sh22 = select i1 %pf.on20, i64 %25, i64 0
+  br label %k.head23
 
-k.head22:                                         ; preds = %pf.any.end27, %tile.mr5
-  %k25 = phi i64 [ 0, %tile.mr5 ], [ %647, %pf.any.end27 ]
-  %595 = icmp slt i64 %k25, 256
-  br i1 %595, label %k.body23, label %k.end24
+k.head23:                                         ; preds = %pf.any.end28, %tile.mr5
+  %k26 = phi i64 [ 0, %tile.mr5 ], [ %645, %pf.any.end28 ]
+  %593 = icmp slt i64 %k26, 256
+  br i1 %593, label %k.body24, label %k.end25
 
-k.body23:                                         ; preds = %k.head22
-  %596 = mul nsw i64 %k25, 1
-  %597 = add nsw i64 %596, 0
-  %598 = mul nsw i64 %597, 32
-  br i1 %pf.multi, label %pf.any.then26, label %pf.any.end27
+k.body24:                                         ; preds = %k.head23
+  %594 = mul nsw i64 %k26, 1
+  %595 = add nsw i64 %594, 0
+  %596 = mul nsw i64 %595, 32
+  br i1 %pf.multi, label %pf.any.then27, label %pf.any.end28
 
-pf.any.then26:                                    ; preds = %k.body23
-  %599 = lshr i64 %598, %pf.sh21
-  %600 = getelementptr inbounds i8, ptr %pf20, i64 %599
-  call void @llvm.prefetch.p0(ptr %600, i32 0, i32 2, i32 1)
-  br label %pf.any.end27
+pf.any.then27:                                    ; preds = %k.body24
+  %597 = lshr i64 %596, %pf.sh22
+  %598 = getelementptr inbounds i8, ptr %pf21, i64 %597
+  call void @llvm.prefetch.p0(ptr %598, i32 0, i32 2, i32 1)
+  br label %pf.any.end28
 
-pf.any.end27:                                     ; preds = %pf.any.then26, %k.body23
-  %601 = mul nsw i64 %597, 16
-  %602 = add nsw i64 %panel.off18, %601
-  %603 = getelementptr inbounds i16, ptr %panels, i64 %602
-  %604 = load <8 x i32>, ptr %603, align 4
-  %605 = shl <8 x i32> %604, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b028 = bitcast <8 x i32> %605 to <8 x float>
-  %606 = and <8 x i32> %604, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b129 = bitcast <8 x i32> %606 to <8 x float>
-  %607 = getelementptr inbounds float, ptr %469, i64 %597
-  %608 = load float, ptr %607, align 4
-  %609 = insertelement <8 x float> poison, float %608, i32 0
-  %610 = shufflevector <8 x float> %609, <8 x float> poison, <8 x i32> zeroinitializer
-  %611 = load <8 x float>, ptr %acc0008, align 4
-  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> %b028, <8 x float> %611)
-  store <8 x float> %612, ptr %acc0008, align 4
-  %613 = load <8 x float>, ptr %acc0019, align 4
-  %614 = call <8 x float> @llvm.fma.v8f32(<8 x float> %610, <8 x float> %b129, <8 x float> %613)
-  store <8 x float> %614, ptr %acc0019, align 4
-  %615 = getelementptr inbounds float, ptr %494, i64 %597
-  %616 = load float, ptr %615, align 4
-  %617 = insertelement <8 x float> poison, float %616, i32 0
-  %618 = shufflevector <8 x float> %617, <8 x float> poison, <8 x i32> zeroinitializer
-  %619 = load <8 x float>, ptr %acc01010, align 4
-  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %b028, <8 x float> %619)
-  store <8 x float> %620, ptr %acc01010, align 4
-  %621 = load <8 x float>, ptr %acc01111, align 4
-  %622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %618, <8 x float> %b129, <8 x float> %621)
-  store <8 x float> %622, ptr %acc01111, align 4
-  %623 = getelementptr inbounds float, ptr %519, i64 %597
-  %624 = load float, ptr %623, align 4
-  %625 = insertelement <8 x float> poison, float %624, i32 0
-  %626 = shufflevector <8 x float> %625, <8 x float> poison, <8 x i32> zeroinitializer
-  %627 = load <8 x float>, ptr %acc02012, align 4
-  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> %b028, <8 x float> %627)
-  store <8 x float> %628, ptr %acc02012, align 4
-  %629 = load <8 x float>, ptr %acc02113, align 4
-  %630 = call <8 x float> @llvm.fma.v8f32(<8 x float> %626, <8 x float> %b129, <8 x float> %629)
-  store <8 x float> %630, ptr %acc02113, align 4
-  %631 = getelementptr inbounds float, ptr %544, i64 %597
-  %632 = load float, ptr %631, align 4
-  %633 = insertelement <8 x float> poison, float %632, i32 0
-  %634 = shufflevector <8 x float> %633, <8 x float> poison, <8 x i32> zeroinitializer
-  %635 = load <8 x float>, ptr %acc03014, align 4
-  %636 = call <8 x float> @llvm.fma.v8f32(<8 x float> %634, <8 x float> %b028, <8 x float> %635)
-  store <8 x float> %636, ptr %acc03014, align 4
-  %637 = load <8 x float>, ptr %acc03115, align 4
-  %638 = call <8 x float> @llvm.fma.v8f32(<8 x float> %634, <8 x float> %b129, <8 x float> %637)
-  store <8 x float> %638, ptr %acc03115, align 4
-  %639 = getelementptr inbounds float, ptr %569, i64 %597
-  %640 = load float, ptr %639, align 4
-  %641 = insertelement <8 x float> poison, float %640, i32 0
-  %642 = shufflevector <8 x float> %641, <8 x float> poison, <8 x i32> zeroinitializer
-  %643 = load <8 x float>, ptr %acc04016, align 4
-  %644 = call <8 x float> @llvm.fma.v8f32(<8 x float> %642, <8 x float> %b028, <8 x float> %643)
-  store <8 x float> %644, ptr %acc04016, align 4
-  %645 = load <8 x float>, ptr %acc04117, align 4
-  %646 = call <8 x float> @llvm.fma.v8f32(<8 x float> %642, <8 x float> %b129, <8 x float> %645)
-  store <8 x float> %646, ptr %acc04117, align 4
-  %647 = add nsw i64 %k25, 1
-  br label %k.head22
+pf.any.end28:                                     ; preds = %pf.any.then27, %k.body24
+  %599 = mul nsw i64 %595, 16
+  %600 = add nsw i64 %slice.off19, %599
+  %601 = getelementptr inbounds i16, ptr %panels, i64 %600
+  %602 = load <8 x i32>, ptr %601, align 4
+  %603 = shl <8 x i32> %602, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b029 = bitcast <8 x i32> %603 to <8 x float>
+  %604 = and <8 x i32> %602, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b130 = bitcast <8 x i32> %604 to <8 x float>
+  %605 = getelementptr inbounds float, ptr %468, i64 %595
+  %606 = load float, ptr %605, align 4
+  %607 = insertelement <8 x float> poison, float %606, i32 0
+  %608 = shufflevector <8 x float> %607, <8 x float> poison, <8 x i32> zeroinitializer
+  %609 = load <8 x float>, ptr %acc0008, align 4
+  %610 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> %b029, <8 x float> %609)
+  store <8 x float> %610, ptr %acc0008, align 4
+  %611 = load <8 x float>, ptr %acc0019, align 4
+  %612 = call <8 x float> @llvm.fma.v8f32(<8 x float> %608, <8 x float> %b130, <8 x float> %611)
+  store <8 x float> %612, ptr %acc0019, align 4
+  %613 = getelementptr inbounds float, ptr %493, i64 %595
+  %614 = load float, ptr %613, align 4
+  %615 = insertelement <8 x float> poison, float %614, i32 0
+  %616 = shufflevector <8 x float> %615, <8 x float> poison, <8 x i32> zeroinitializer
+  %617 = load <8 x float>, ptr %acc01010, align 4
+  %618 = call <8 x float> @llvm.fma.v8f32(<8 x float> %616, <8 x float> %b029, <8 x float> %617)
+  store <8 x float> %618, ptr %acc01010, align 4
+  %619 = load <8 x float>, ptr %acc01111, align 4
+  %620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %616, <8 x float> %b130, <8 x float> %619)
+  store <8 x float> %620, ptr %acc01111, align 4
+  %621 = getelementptr inbounds float, ptr %518, i64 %595
+  %622 = load float, ptr %621, align 4
+  %623 = insertelement <8 x float> poison, float %622, i32 0
+  %624 = shufflevector <8 x float> %623, <8 x float> poison, <8 x i32> zeroinitializer
+  %625 = load <8 x float>, ptr %acc02012, align 4
+  %626 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> %b029, <8 x float> %625)
+  store <8 x float> %626, ptr %acc02012, align 4
+  %627 = load <8 x float>, ptr %acc02113, align 4
+  %628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %624, <8 x float> %b130, <8 x float> %627)
+  store <8 x float> %628, ptr %acc02113, align 4
+  %629 = getelementptr inbounds float, ptr %543, i64 %595
+  %630 = load float, ptr %629, align 4
+  %631 = insertelement <8 x float> poison, float %630, i32 0
+  %632 = shufflevector <8 x float> %631, <8 x float> poison, <8 x i32> zeroinitializer
+  %633 = load <8 x float>, ptr %acc03014, align 4
+  %634 = call <8 x float> @llvm.fma.v8f32(<8 x float> %632, <8 x float> %b029, <8 x float> %633)
+  store <8 x float> %634, ptr %acc03014, align 4
+  %635 = load <8 x float>, ptr %acc03115, align 4
+  %636 = call <8 x float> @llvm.fma.v8f32(<8 x float> %632, <8 x float> %b130, <8 x float> %635)
+  store <8 x float> %636, ptr %acc03115, align 4
+  %637 = getelementptr inbounds float, ptr %568, i64 %595
+  %638 = load float, ptr %637, align 4
+  %639 = insertelement <8 x float> poison, float %638, i32 0
+  %640 = shufflevector <8 x float> %639, <8 x float> poison, <8 x i32> zeroinitializer
+  %641 = load <8 x float>, ptr %acc04016, align 4
+  %642 = call <8 x float> @llvm.fma.v8f32(<8 x float> %640, <8 x float> %b029, <8 x float> %641)
+  store <8 x float> %642, ptr %acc04016, align 4
+  %643 = load <8 x float>, ptr %acc04117, align 4
+  %644 = call <8 x float> @llvm.fma.v8f32(<8 x float> %640, <8 x float> %b130, <8 x float> %643)
+  store <8 x float> %644, ptr %acc04117, align 4
+  %645 = add nsw i64 %k26, 1
+  br label %k.head23
 
-k.end24:                                          ; preds = %k.head22
-  %648 = xor i1 %klast, true
-  br i1 %648, label %part.then30, label %part.end31
+k.end25:                                          ; preds = %k.head23
+  %646 = xor i1 %klast, true
+  br i1 %646, label %part.then31, label %part.end32
 
-part.then30:                                      ; preds = %k.end24
-  %649 = add nsw i64 %r01, 0
-  %650 = sub nsw i64 %kb.p, %kb.pg
-  %651 = sub nsw i64 %649, %kb.rc
+part.then31:                                      ; preds = %k.end25
+  %647 = add nsw i64 %r01, 0
+  %648 = sub nsw i64 %kb.p, %kb.pg
+  %649 = sub nsw i64 %647, %kb.rc
+  %650 = mul nsw i64 %649, 16
+  %651 = add nsw i64 %650, %648
   %652 = mul nsw i64 %651, 16
-  %653 = add nsw i64 %652, %650
-  %654 = mul nsw i64 %653, 16
-  %655 = getelementptr inbounds float, ptr %part, i64 %654
-  %656 = getelementptr inbounds float, ptr %655, i64 0
-  %657 = load <8 x float>, ptr %acc0008, align 4
-  store <8 x float> %657, ptr %656, align 4
-  %658 = sub nsw i64 %kb.p, %kb.pg
-  %659 = sub nsw i64 %649, %kb.rc
+  %653 = getelementptr inbounds float, ptr %part, i64 %652
+  %654 = getelementptr inbounds float, ptr %653, i64 0
+  %655 = load <8 x float>, ptr %acc0008, align 4
+  store <8 x float> %655, ptr %654, align 4
+  %656 = sub nsw i64 %kb.p, %kb.pg
+  %657 = sub nsw i64 %647, %kb.rc
+  %658 = mul nsw i64 %657, 16
+  %659 = add nsw i64 %658, %656
   %660 = mul nsw i64 %659, 16
-  %661 = add nsw i64 %660, %658
-  %662 = mul nsw i64 %661, 16
-  %663 = getelementptr inbounds float, ptr %part, i64 %662
-  %664 = getelementptr inbounds float, ptr %663, i64 8
-  %665 = load <8 x float>, ptr %acc0019, align 4
-  store <8 x float> %665, ptr %664, align 4
-  %666 = add nsw i64 %r01, 1
-  %667 = sub nsw i64 %kb.p, %kb.pg
-  %668 = sub nsw i64 %666, %kb.rc
+  %661 = getelementptr inbounds float, ptr %part, i64 %660
+  %662 = getelementptr inbounds float, ptr %661, i64 8
+  %663 = load <8 x float>, ptr %acc0019, align 4
+  store <8 x float> %663, ptr %662, align 4
+  %664 = add nsw i64 %r01, 1
+  %665 = sub nsw i64 %kb.p, %kb.pg
+  %666 = sub nsw i64 %664, %kb.rc
+  %667 = mul nsw i64 %666, 16
+  %668 = add nsw i64 %667, %665
   %669 = mul nsw i64 %668, 16
-  %670 = add nsw i64 %669, %667
-  %671 = mul nsw i64 %670, 16
-  %672 = getelementptr inbounds float, ptr %part, i64 %671
-  %673 = getelementptr inbounds float, ptr %672, i64 0
-  %674 = load <8 x float>, ptr %acc01010, align 4
-  store <8 x float> %674, ptr %673, align 4
-  %675 = sub nsw i64 %kb.p, %kb.pg
-  %676 = sub nsw i64 %666, %kb.rc
+  %670 = getelementptr inbounds float, ptr %part, i64 %669
+  %671 = getelementptr inbounds float, ptr %670, i64 0
+  %672 = load <8 x float>, ptr %acc01010, align 4
+  store <8 x float> %672, ptr %671, align 4
+  %673 = sub nsw i64 %kb.p, %kb.pg
+  %674 = sub nsw i64 %664, %kb.rc
+  %675 = mul nsw i64 %674, 16
+  %676 = add nsw i64 %675, %673
   %677 = mul nsw i64 %676, 16
-  %678 = add nsw i64 %677, %675
-  %679 = mul nsw i64 %678, 16
-  %680 = getelementptr inbounds float, ptr %part, i64 %679
-  %681 = getelementptr inbounds float, ptr %680, i64 8
-  %682 = load <8 x float>, ptr %acc01111, align 4
-  store <8 x float> %682, ptr %681, align 4
-  %683 = add nsw i64 %r01, 2
-  %684 = sub nsw i64 %kb.p, %kb.pg
-  %685 = sub nsw i64 %683, %kb.rc
+  %678 = getelementptr inbounds float, ptr %part, i64 %677
+  %679 = getelementptr inbounds float, ptr %678, i64 8
+  %680 = load <8 x float>, ptr %acc01111, align 4
+  store <8 x float> %680, ptr %679, align 4
+  %681 = add nsw i64 %r01, 2
+  %682 = sub nsw i64 %kb.p, %kb.pg
+  %683 = sub nsw i64 %681, %kb.rc
+  %684 = mul nsw i64 %683, 16
+  %685 = add nsw i64 %684, %682
   %686 = mul nsw i64 %685, 16
-  %687 = add nsw i64 %686, %684
-  %688 = mul nsw i64 %687, 16
-  %689 = getelementptr inbounds float, ptr %part, i64 %688
-  %690 = getelementptr inbounds float, ptr %689, i64 0
-  %691 = load <8 x float>, ptr %acc02012, align 4
-  store <8 x float> %691, ptr %690, align 4
-  %692 = sub nsw i64 %kb.p, %kb.pg
-  %693 = sub nsw i64 %683, %kb.rc
+  %687 = getelementptr inbounds float, ptr %part, i64 %686
+  %688 = getelementptr inbounds float, ptr %687, i64 0
+  %689 = load <8 x float>, ptr %acc02012, align 4
+  store <8 x float> %689, ptr %688, align 4
+  %690 = sub nsw i64 %kb.p, %kb.pg
+  %691 = sub nsw i64 %681, %kb.rc
+  %692 = mul nsw i64 %691, 16
+  %693 = add nsw i64 %692, %690
   %694 = mul nsw i64 %693, 16
-  %695 = add nsw i64 %694, %692
-  %696 = mul nsw i64 %695, 16
-  %697 = getelementptr inbounds float, ptr %part, i64 %696
-  %698 = getelementptr inbounds float, ptr %697, i64 8
-  %699 = load <8 x float>, ptr %acc02113, align 4
-  store <8 x float> %699, ptr %698, align 4
-  %700 = add nsw i64 %r01, 3
-  %701 = sub nsw i64 %kb.p, %kb.pg
-  %702 = sub nsw i64 %700, %kb.rc
+  %695 = getelementptr inbounds float, ptr %part, i64 %694
+  %696 = getelementptr inbounds float, ptr %695, i64 8
+  %697 = load <8 x float>, ptr %acc02113, align 4
+  store <8 x float> %697, ptr %696, align 4
+  %698 = add nsw i64 %r01, 3
+  %699 = sub nsw i64 %kb.p, %kb.pg
+  %700 = sub nsw i64 %698, %kb.rc
+  %701 = mul nsw i64 %700, 16
+  %702 = add nsw i64 %701, %699
   %703 = mul nsw i64 %702, 16
-  %704 = add nsw i64 %703, %701
-  %705 = mul nsw i64 %704, 16
-  %706 = getelementptr inbounds float, ptr %part, i64 %705
-  %707 = getelementptr inbounds float, ptr %706, i64 0
-  %708 = load <8 x float>, ptr %acc03014, align 4
-  store <8 x float> %708, ptr %707, align 4
-  %709 = sub nsw i64 %kb.p, %kb.pg
-  %710 = sub nsw i64 %700, %kb.rc
+  %704 = getelementptr inbounds float, ptr %part, i64 %703
+  %705 = getelementptr inbounds float, ptr %704, i64 0
+  %706 = load <8 x float>, ptr %acc03014, align 4
+  store <8 x float> %706, ptr %705, align 4
+  %707 = sub nsw i64 %kb.p, %kb.pg
+  %708 = sub nsw i64 %698, %kb.rc
+  %709 = mul nsw i64 %708, 16
+  %710 = add nsw i64 %709, %707
   %711 = mul nsw i64 %710, 16
-  %712 = add nsw i64 %711, %709
-  %713 = mul nsw i64 %712, 16
-  %714 = getelementptr inbounds float, ptr %part, i64 %713
-  %715 = getelementptr inbounds float, ptr %714, i64 8
-  %716 = load <8 x float>, ptr %acc03115, align 4
-  store <8 x float> %716, ptr %715, align 4
-  %717 = add nsw i64 %r01, 4
-  %718 = sub nsw i64 %kb.p, %kb.pg
-  %719 = sub nsw i64 %717, %kb.rc
+  %712 = getelementptr inbounds float, ptr %part, i64 %711
+  %713 = getelementptr inbounds float, ptr %712, i64 8
+  %714 = load <8 x float>, ptr %acc03115, align 4
+  store <8 x float> %714, ptr %713, align 4
+  %715 = add nsw i64 %r01, 4
+  %716 = sub nsw i64 %kb.p, %kb.pg
+  %717 = sub nsw i64 %715, %kb.rc
+  %718 = mul nsw i64 %717, 16
+  %719 = add nsw i64 %718, %716
   %720 = mul nsw i64 %719, 16
-  %721 = add nsw i64 %720, %718
-  %722 = mul nsw i64 %721, 16
-  %723 = getelementptr inbounds float, ptr %part, i64 %722
-  %724 = getelementptr inbounds float, ptr %723, i64 0
-  %725 = load <8 x float>, ptr %acc04016, align 4
-  store <8 x float> %725, ptr %724, align 4
-  %726 = sub nsw i64 %kb.p, %kb.pg
-  %727 = sub nsw i64 %717, %kb.rc
+  %721 = getelementptr inbounds float, ptr %part, i64 %720
+  %722 = getelementptr inbounds float, ptr %721, i64 0
+  %723 = load <8 x float>, ptr %acc04016, align 4
+  store <8 x float> %723, ptr %722, align 4
+  %724 = sub nsw i64 %kb.p, %kb.pg
+  %725 = sub nsw i64 %715, %kb.rc
+  %726 = mul nsw i64 %725, 16
+  %727 = add nsw i64 %726, %724
   %728 = mul nsw i64 %727, 16
-  %729 = add nsw i64 %728, %726
-  %730 = mul nsw i64 %729, 16
-  %731 = getelementptr inbounds float, ptr %part, i64 %730
-  %732 = getelementptr inbounds float, ptr %731, i64 8
-  %733 = load <8 x float>, ptr %acc04117, align 4
-  store <8 x float> %733, ptr %732, align 4
-  br label %part.end31
+  %729 = getelementptr inbounds float, ptr %part, i64 %728
+  %730 = getelementptr inbounds float, ptr %729, i64 8
+  %731 = load <8 x float>, ptr %acc04117, align 4
+  store <8 x float> %731, ptr %730, align 4
+  br label %part.end32
 
-part.end31:                                       ; preds = %part.then30, %k.end24
-  br i1 %klast, label %last.then32, label %last.end33
+part.end32:                                       ; preds = %part.then31, %k.end25
+  br i1 %klast, label %last.then33, label %last.end34
 
-last.then32:                                      ; preds = %part.end31
-  %734 = add nsw i64 %r01, 0
-  %735 = getelementptr inbounds float, ptr %rw, i64 %734
-  %736 = load float, ptr %735, align 4
-  %737 = insertelement <8 x float> poison, float %736, i32 0
-  %738 = shufflevector <8 x float> %737, <8 x float> poison, <8 x i32> zeroinitializer
-  %739 = mul nsw i64 %734, 3072
-  %740 = getelementptr inbounds float, ptr %h, i64 %739
-  %col34 = mul nsw i64 %kb.p, 16
-  %741 = load <8 x float>, ptr %acc0008, align 4
-  %742 = load <8 x float>, ptr %acc0019, align 4
-  %743 = add nsw i64 %col34, 0
-  %744 = fcmp ogt <8 x float> %741, zeroinitializer
-  %745 = select <8 x i1> %744, <8 x float> %741, <8 x float> zeroinitializer
-  %746 = fmul <8 x float> %745, %738
-  %747 = getelementptr inbounds float, ptr %740, i64 %743
-  store <8 x float> %746, ptr %747, align 4
-  %748 = add nsw i64 %col34, 8
-  %749 = fcmp ogt <8 x float> %742, zeroinitializer
-  %750 = select <8 x i1> %749, <8 x float> %742, <8 x float> zeroinitializer
-  %751 = fmul <8 x float> %750, %738
-  %752 = getelementptr inbounds float, ptr %740, i64 %748
-  store <8 x float> %751, ptr %752, align 4
-  %753 = add nsw i64 %r01, 1
-  %754 = getelementptr inbounds float, ptr %rw, i64 %753
-  %755 = load float, ptr %754, align 4
-  %756 = insertelement <8 x float> poison, float %755, i32 0
-  %757 = shufflevector <8 x float> %756, <8 x float> poison, <8 x i32> zeroinitializer
-  %758 = mul nsw i64 %753, 3072
-  %759 = getelementptr inbounds float, ptr %h, i64 %758
+last.then33:                                      ; preds = %part.end32
+  %732 = add nsw i64 %r01, 0
+  %733 = getelementptr inbounds float, ptr %rw, i64 %732
+  %734 = load float, ptr %733, align 4
+  %735 = insertelement <8 x float> poison, float %734, i32 0
+  %736 = shufflevector <8 x float> %735, <8 x float> poison, <8 x i32> zeroinitializer
+  %737 = mul nsw i64 %732, 3072
+  %738 = getelementptr inbounds float, ptr %h, i64 %737
   %col35 = mul nsw i64 %kb.p, 16
-  %760 = load <8 x float>, ptr %acc01010, align 4
-  %761 = load <8 x float>, ptr %acc01111, align 4
-  %762 = add nsw i64 %col35, 0
-  %763 = fcmp ogt <8 x float> %760, zeroinitializer
-  %764 = select <8 x i1> %763, <8 x float> %760, <8 x float> zeroinitializer
-  %765 = fmul <8 x float> %764, %757
-  %766 = getelementptr inbounds float, ptr %759, i64 %762
-  store <8 x float> %765, ptr %766, align 4
-  %767 = add nsw i64 %col35, 8
-  %768 = fcmp ogt <8 x float> %761, zeroinitializer
-  %769 = select <8 x i1> %768, <8 x float> %761, <8 x float> zeroinitializer
-  %770 = fmul <8 x float> %769, %757
-  %771 = getelementptr inbounds float, ptr %759, i64 %767
-  store <8 x float> %770, ptr %771, align 4
-  %772 = add nsw i64 %r01, 2
-  %773 = getelementptr inbounds float, ptr %rw, i64 %772
-  %774 = load float, ptr %773, align 4
-  %775 = insertelement <8 x float> poison, float %774, i32 0
-  %776 = shufflevector <8 x float> %775, <8 x float> poison, <8 x i32> zeroinitializer
-  %777 = mul nsw i64 %772, 3072
-  %778 = getelementptr inbounds float, ptr %h, i64 %777
+  %739 = load <8 x float>, ptr %acc0008, align 4
+  %740 = load <8 x float>, ptr %acc0019, align 4
+  %741 = add nsw i64 %col35, 0
+  %742 = fcmp ogt <8 x float> %739, zeroinitializer
+  %743 = select <8 x i1> %742, <8 x float> %739, <8 x float> zeroinitializer
+  %744 = fmul <8 x float> %743, %736
+  %745 = getelementptr inbounds float, ptr %738, i64 %741
+  store <8 x float> %744, ptr %745, align 4
+  %746 = add nsw i64 %col35, 8
+  %747 = fcmp ogt <8 x float> %740, zeroinitializer
+  %748 = select <8 x i1> %747, <8 x float> %740, <8 x float> zeroinitializer
+  %749 = fmul <8 x float> %748, %736
+  %750 = getelementptr inbounds float, ptr %738, i64 %746
+  store <8 x float> %749, ptr %750, align 4
+  %751 = add nsw i64 %r01, 1
+  %752 = getelementptr inbounds float, ptr %rw, i64 %751
+  %753 = load float, ptr %752, align 4
+  %754 = insertelement <8 x float> poison, float %753, i32 0
+  %755 = shufflevector <8 x float> %754, <8 x float> poison, <8 x i32> zeroinitializer
+  %756 = mul nsw i64 %751, 3072
+  %757 = getelementptr inbounds float, ptr %h, i64 %756
   %col36 = mul nsw i64 %kb.p, 16
-  %779 = load <8 x float>, ptr %acc02012, align 4
-  %780 = load <8 x float>, ptr %acc02113, align 4
-  %781 = add nsw i64 %col36, 0
-  %782 = fcmp ogt <8 x float> %779, zeroinitializer
-  %783 = select <8 x i1> %782, <8 x float> %779, <8 x float> zeroinitializer
-  %784 = fmul <8 x float> %783, %776
-  %785 = getelementptr inbounds float, ptr %778, i64 %781
-  store <8 x float> %784, ptr %785, align 4
-  %786 = add nsw i64 %col36, 8
-  %787 = fcmp ogt <8 x float> %780, zeroinitializer
-  %788 = select <8 x i1> %787, <8 x float> %780, <8 x float> zeroinitializer
-  %789 = fmul <8 x float> %788, %776
-  %790 = getelementptr inbounds float, ptr %778, i64 %786
-  store <8 x float> %789, ptr %790, align 4
-  %791 = add nsw i64 %r01, 3
-  %792 = getelementptr inbounds float, ptr %rw, i64 %791
-  %793 = load float, ptr %792, align 4
-  %794 = insertelement <8 x float> poison, float %793, i32 0
-  %795 = shufflevector <8 x float> %794, <8 x float> poison, <8 x i32> zeroinitializer
-  %796 = mul nsw i64 %791, 3072
-  %797 = getelementptr inbounds float, ptr %h, i64 %796
+  %758 = load <8 x float>, ptr %acc01010, align 4
+  %759 = load <8 x float>, ptr %acc01111, align 4
+  %760 = add nsw i64 %col36, 0
+  %761 = fcmp ogt <8 x float> %758, zeroinitializer
+  %762 = select <8 x i1> %761, <8 x float> %758, <8 x float> zeroinitializer
+  %763 = fmul <8 x float> %762, %755
+  %764 = getelementptr inbounds float, ptr %757, i64 %760
+  store <8 x float> %763, ptr %764, align 4
+  %765 = add nsw i64 %col36, 8
+  %766 = fcmp ogt <8 x float> %759, zeroinitializer
+  %767 = select <8 x i1> %766, <8 x float> %759, <8 x float> zeroinitializer
+  %768 = fmul <8 x float> %767, %755
+  %769 = getelementptr inbounds float, ptr %757, i64 %765
+  store <8 x float> %768, ptr %769, align 4
+  %770 = add nsw i64 %r01, 2
+  %771 = getelementptr inbounds float, ptr %rw, i64 %770
+  %772 = load float, ptr %771, align 4
+  %773 = insertelement <8 x float> poison, float %772, i32 0
+  %774 = shufflevector <8 x float> %773, <8 x float> poison, <8 x i32> zeroinitializer
+  %775 = mul nsw i64 %770, 3072
+  %776 = getelementptr inbounds float, ptr %h, i64 %775
   %col37 = mul nsw i64 %kb.p, 16
-  %798 = load <8 x float>, ptr %acc03014, align 4
-  %799 = load <8 x float>, ptr %acc03115, align 4
-  %800 = add nsw i64 %col37, 0
-  %801 = fcmp ogt <8 x float> %798, zeroinitializer
-  %802 = select <8 x i1> %801, <8 x float> %798, <8 x float> zeroinitializer
-  %803 = fmul <8 x float> %802, %795
-  %804 = getelementptr inbounds float, ptr %797, i64 %800
-  store <8 x float> %803, ptr %804, align 4
-  %805 = add nsw i64 %col37, 8
-  %806 = fcmp ogt <8 x float> %799, zeroinitializer
-  %807 = select <8 x i1> %806, <8 x float> %799, <8 x float> zeroinitializer
-  %808 = fmul <8 x float> %807, %795
-  %809 = getelementptr inbounds float, ptr %797, i64 %805
-  store <8 x float> %808, ptr %809, align 4
-  %810 = add nsw i64 %r01, 4
-  %811 = getelementptr inbounds float, ptr %rw, i64 %810
-  %812 = load float, ptr %811, align 4
-  %813 = insertelement <8 x float> poison, float %812, i32 0
-  %814 = shufflevector <8 x float> %813, <8 x float> poison, <8 x i32> zeroinitializer
-  %815 = mul nsw i64 %810, 3072
-  %816 = getelementptr inbounds float, ptr %h, i64 %815
+  %777 = load <8 x float>, ptr %acc02012, align 4
+  %778 = load <8 x float>, ptr %acc02113, align 4
+  %779 = add nsw i64 %col37, 0
+  %780 = fcmp ogt <8 x float> %777, zeroinitializer
+  %781 = select <8 x i1> %780, <8 x float> %777, <8 x float> zeroinitializer
+  %782 = fmul <8 x float> %781, %774
+  %783 = getelementptr inbounds float, ptr %776, i64 %779
+  store <8 x float> %782, ptr %783, align 4
+  %784 = add nsw i64 %col37, 8
+  %785 = fcmp ogt <8 x float> %778, zeroinitializer
+  %786 = select <8 x i1> %785, <8 x float> %778, <8 x float> zeroinitializer
+  %787 = fmul <8 x float> %786, %774
+  %788 = getelementptr inbounds float, ptr %776, i64 %784
+  store <8 x float> %787, ptr %788, align 4
+  %789 = add nsw i64 %r01, 3
+  %790 = getelementptr inbounds float, ptr %rw, i64 %789
+  %791 = load float, ptr %790, align 4
+  %792 = insertelement <8 x float> poison, float %791, i32 0
+  %793 = shufflevector <8 x float> %792, <8 x float> poison, <8 x i32> zeroinitializer
+  %794 = mul nsw i64 %789, 3072
+  %795 = getelementptr inbounds float, ptr %h, i64 %794
   %col38 = mul nsw i64 %kb.p, 16
-  %817 = load <8 x float>, ptr %acc04016, align 4
-  %818 = load <8 x float>, ptr %acc04117, align 4
-  %819 = add nsw i64 %col38, 0
-  %820 = fcmp ogt <8 x float> %817, zeroinitializer
-  %821 = select <8 x i1> %820, <8 x float> %817, <8 x float> zeroinitializer
-  %822 = fmul <8 x float> %821, %814
-  %823 = getelementptr inbounds float, ptr %816, i64 %819
-  store <8 x float> %822, ptr %823, align 4
-  %824 = add nsw i64 %col38, 8
-  %825 = fcmp ogt <8 x float> %818, zeroinitializer
-  %826 = select <8 x i1> %825, <8 x float> %818, <8 x float> zeroinitializer
-  %827 = fmul <8 x float> %826, %814
-  %828 = getelementptr inbounds float, ptr %816, i64 %824
-  store <8 x float> %827, ptr %828, align 4
-  br label %last.end33
+  %796 = load <8 x float>, ptr %acc03014, align 4
+  %797 = load <8 x float>, ptr %acc03115, align 4
+  %798 = add nsw i64 %col38, 0
+  %799 = fcmp ogt <8 x float> %796, zeroinitializer
+  %800 = select <8 x i1> %799, <8 x float> %796, <8 x float> zeroinitializer
+  %801 = fmul <8 x float> %800, %793
+  %802 = getelementptr inbounds float, ptr %795, i64 %798
+  store <8 x float> %801, ptr %802, align 4
+  %803 = add nsw i64 %col38, 8
+  %804 = fcmp ogt <8 x float> %797, zeroinitializer
+  %805 = select <8 x i1> %804, <8 x float> %797, <8 x float> zeroinitializer
+  %806 = fmul <8 x float> %805, %793
+  %807 = getelementptr inbounds float, ptr %795, i64 %803
+  store <8 x float> %806, ptr %807, align 4
+  %808 = add nsw i64 %r01, 4
+  %809 = getelementptr inbounds float, ptr %rw, i64 %808
+  %810 = load float, ptr %809, align 4
+  %811 = insertelement <8 x float> poison, float %810, i32 0
+  %812 = shufflevector <8 x float> %811, <8 x float> poison, <8 x i32> zeroinitializer
+  %813 = mul nsw i64 %808, 3072
+  %814 = getelementptr inbounds float, ptr %h, i64 %813
+  %col39 = mul nsw i64 %kb.p, 16
+  %815 = load <8 x float>, ptr %acc04016, align 4
+  %816 = load <8 x float>, ptr %acc04117, align 4
+  %817 = add nsw i64 %col39, 0
+  %818 = fcmp ogt <8 x float> %815, zeroinitializer
+  %819 = select <8 x i1> %818, <8 x float> %815, <8 x float> zeroinitializer
+  %820 = fmul <8 x float> %819, %812
+  %821 = getelementptr inbounds float, ptr %814, i64 %817
+  store <8 x float> %820, ptr %821, align 4
+  %822 = add nsw i64 %col39, 8
+  %823 = fcmp ogt <8 x float> %816, zeroinitializer
+  %824 = select <8 x i1> %823, <8 x float> %816, <8 x float> zeroinitializer
+  %825 = fmul <8 x float> %824, %812
+  %826 = getelementptr inbounds float, ptr %814, i64 %822
+  store <8 x float> %825, ptr %826, align 4
+  br label %last.end34
 
-last.end33:                                       ; preds = %last.then32, %part.end31
+last.end34:                                       ; preds = %last.then33, %part.end32
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
-  %829 = add nsw i64 %r01, 0
-  %830 = getelementptr inbounds i32, ptr %rows, i64 %829
-  %831 = load i32, ptr %830, align 4
-  %832 = sext i32 %831 to i64
-  %833 = mul nsw i64 %832, 768
-  %834 = add nsw i64 %833, %k0
-  %835 = getelementptr inbounds float, ptr %x, i64 %834
-  %836 = sub nsw i64 %kb.p, %kb.pg
-  %837 = sub nsw i64 %829, %kb.rc
+  %827 = add nsw i64 %r01, 0
+  %828 = getelementptr inbounds i32, ptr %rows, i64 %827
+  %829 = load i32, ptr %828, align 4
+  %830 = sext i32 %829 to i64
+  %831 = mul nsw i64 %830, 768
+  %832 = add nsw i64 %831, %k0
+  %833 = getelementptr inbounds float, ptr %x, i64 %832
+  %834 = sub nsw i64 %kb.p, %kb.pg
+  %835 = sub nsw i64 %827, %kb.rc
+  %836 = mul nsw i64 %835, 16
+  %837 = add nsw i64 %836, %834
   %838 = mul nsw i64 %837, 16
-  %839 = add nsw i64 %838, %836
-  %840 = mul nsw i64 %839, 16
-  %841 = getelementptr inbounds float, ptr %part, i64 %840
-  %842 = getelementptr inbounds float, ptr %841, i64 0
-  %843 = load <8 x float>, ptr %842, align 4
-  %844 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %843
-  store <8 x float> %844, ptr %acc00039, align 4
-  %845 = sub nsw i64 %kb.p, %kb.pg
-  %846 = sub nsw i64 %829, %kb.rc
+  %839 = getelementptr inbounds float, ptr %part, i64 %838
+  %840 = getelementptr inbounds float, ptr %839, i64 0
+  %841 = load <8 x float>, ptr %840, align 4
+  %842 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %841
+  store <8 x float> %842, ptr %acc00040, align 4
+  %843 = sub nsw i64 %kb.p, %kb.pg
+  %844 = sub nsw i64 %827, %kb.rc
+  %845 = mul nsw i64 %844, 16
+  %846 = add nsw i64 %845, %843
   %847 = mul nsw i64 %846, 16
-  %848 = add nsw i64 %847, %845
-  %849 = mul nsw i64 %848, 16
-  %850 = getelementptr inbounds float, ptr %part, i64 %849
-  %851 = getelementptr inbounds float, ptr %850, i64 8
-  %852 = load <8 x float>, ptr %851, align 4
-  %853 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %852
-  store <8 x float> %853, ptr %acc00140, align 4
-  %854 = add nsw i64 %r01, 1
-  %855 = getelementptr inbounds i32, ptr %rows, i64 %854
-  %856 = load i32, ptr %855, align 4
-  %857 = sext i32 %856 to i64
-  %858 = mul nsw i64 %857, 768
-  %859 = add nsw i64 %858, %k0
-  %860 = getelementptr inbounds float, ptr %x, i64 %859
-  %861 = sub nsw i64 %kb.p, %kb.pg
-  %862 = sub nsw i64 %854, %kb.rc
+  %848 = getelementptr inbounds float, ptr %part, i64 %847
+  %849 = getelementptr inbounds float, ptr %848, i64 8
+  %850 = load <8 x float>, ptr %849, align 4
+  %851 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %850
+  store <8 x float> %851, ptr %acc00141, align 4
+  %852 = add nsw i64 %r01, 1
+  %853 = getelementptr inbounds i32, ptr %rows, i64 %852
+  %854 = load i32, ptr %853, align 4
+  %855 = sext i32 %854 to i64
+  %856 = mul nsw i64 %855, 768
+  %857 = add nsw i64 %856, %k0
+  %858 = getelementptr inbounds float, ptr %x, i64 %857
+  %859 = sub nsw i64 %kb.p, %kb.pg
+  %860 = sub nsw i64 %852, %kb.rc
+  %861 = mul nsw i64 %860, 16
+  %862 = add nsw i64 %861, %859
   %863 = mul nsw i64 %862, 16
-  %864 = add nsw i64 %863, %861
-  %865 = mul nsw i64 %864, 16
-  %866 = getelementptr inbounds float, ptr %part, i64 %865
-  %867 = getelementptr inbounds float, ptr %866, i64 0
-  %868 = load <8 x float>, ptr %867, align 4
-  %869 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %868
-  store <8 x float> %869, ptr %acc01041, align 4
-  %870 = sub nsw i64 %kb.p, %kb.pg
-  %871 = sub nsw i64 %854, %kb.rc
+  %864 = getelementptr inbounds float, ptr %part, i64 %863
+  %865 = getelementptr inbounds float, ptr %864, i64 0
+  %866 = load <8 x float>, ptr %865, align 4
+  %867 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %866
+  store <8 x float> %867, ptr %acc01042, align 4
+  %868 = sub nsw i64 %kb.p, %kb.pg
+  %869 = sub nsw i64 %852, %kb.rc
+  %870 = mul nsw i64 %869, 16
+  %871 = add nsw i64 %870, %868
   %872 = mul nsw i64 %871, 16
-  %873 = add nsw i64 %872, %870
-  %874 = mul nsw i64 %873, 16
-  %875 = getelementptr inbounds float, ptr %part, i64 %874
-  %876 = getelementptr inbounds float, ptr %875, i64 8
-  %877 = load <8 x float>, ptr %876, align 4
-  %878 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %877
-  store <8 x float> %878, ptr %acc01142, align 4
-  %879 = add nsw i64 %r01, 2
-  %880 = getelementptr inbounds i32, ptr %rows, i64 %879
-  %881 = load i32, ptr %880, align 4
-  %882 = sext i32 %881 to i64
-  %883 = mul nsw i64 %882, 768
-  %884 = add nsw i64 %883, %k0
-  %885 = getelementptr inbounds float, ptr %x, i64 %884
-  %886 = sub nsw i64 %kb.p, %kb.pg
-  %887 = sub nsw i64 %879, %kb.rc
+  %873 = getelementptr inbounds float, ptr %part, i64 %872
+  %874 = getelementptr inbounds float, ptr %873, i64 8
+  %875 = load <8 x float>, ptr %874, align 4
+  %876 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %875
+  store <8 x float> %876, ptr %acc01143, align 4
+  %877 = add nsw i64 %r01, 2
+  %878 = getelementptr inbounds i32, ptr %rows, i64 %877
+  %879 = load i32, ptr %878, align 4
+  %880 = sext i32 %879 to i64
+  %881 = mul nsw i64 %880, 768
+  %882 = add nsw i64 %881, %k0
+  %883 = getelementptr inbounds float, ptr %x, i64 %882
+  %884 = sub nsw i64 %kb.p, %kb.pg
+  %885 = sub nsw i64 %877, %kb.rc
+  %886 = mul nsw i64 %885, 16
+  %887 = add nsw i64 %886, %884
   %888 = mul nsw i64 %887, 16
-  %889 = add nsw i64 %888, %886
-  %890 = mul nsw i64 %889, 16
-  %891 = getelementptr inbounds float, ptr %part, i64 %890
-  %892 = getelementptr inbounds float, ptr %891, i64 0
-  %893 = load <8 x float>, ptr %892, align 4
-  %894 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %893
-  store <8 x float> %894, ptr %acc02043, align 4
-  %895 = sub nsw i64 %kb.p, %kb.pg
-  %896 = sub nsw i64 %879, %kb.rc
+  %889 = getelementptr inbounds float, ptr %part, i64 %888
+  %890 = getelementptr inbounds float, ptr %889, i64 0
+  %891 = load <8 x float>, ptr %890, align 4
+  %892 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %891
+  store <8 x float> %892, ptr %acc02044, align 4
+  %893 = sub nsw i64 %kb.p, %kb.pg
+  %894 = sub nsw i64 %877, %kb.rc
+  %895 = mul nsw i64 %894, 16
+  %896 = add nsw i64 %895, %893
   %897 = mul nsw i64 %896, 16
-  %898 = add nsw i64 %897, %895
-  %899 = mul nsw i64 %898, 16
-  %900 = getelementptr inbounds float, ptr %part, i64 %899
-  %901 = getelementptr inbounds float, ptr %900, i64 8
-  %902 = load <8 x float>, ptr %901, align 4
-  %903 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %902
-  store <8 x float> %903, ptr %acc02144, align 4
-  %904 = add nsw i64 %r01, 3
-  %905 = getelementptr inbounds i32, ptr %rows, i64 %904
-  %906 = load i32, ptr %905, align 4
-  %907 = sext i32 %906 to i64
-  %908 = mul nsw i64 %907, 768
-  %909 = add nsw i64 %908, %k0
-  %910 = getelementptr inbounds float, ptr %x, i64 %909
-  %911 = sub nsw i64 %kb.p, %kb.pg
-  %912 = sub nsw i64 %904, %kb.rc
+  %898 = getelementptr inbounds float, ptr %part, i64 %897
+  %899 = getelementptr inbounds float, ptr %898, i64 8
+  %900 = load <8 x float>, ptr %899, align 4
+  %901 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %900
+  store <8 x float> %901, ptr %acc02145, align 4
+  %902 = add nsw i64 %r01, 3
+  %903 = getelementptr inbounds i32, ptr %rows, i64 %902
+  %904 = load i32, ptr %903, align 4
+  %905 = sext i32 %904 to i64
+  %906 = mul nsw i64 %905, 768
+  %907 = add nsw i64 %906, %k0
+  %908 = getelementptr inbounds float, ptr %x, i64 %907
+  %909 = sub nsw i64 %kb.p, %kb.pg
+  %910 = sub nsw i64 %902, %kb.rc
+  %911 = mul nsw i64 %910, 16
+  %912 = add nsw i64 %911, %909
   %913 = mul nsw i64 %912, 16
-  %914 = add nsw i64 %913, %911
-  %915 = mul nsw i64 %914, 16
-  %916 = getelementptr inbounds float, ptr %part, i64 %915
-  %917 = getelementptr inbounds float, ptr %916, i64 0
-  %918 = load <8 x float>, ptr %917, align 4
-  %919 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %918
-  store <8 x float> %919, ptr %acc03045, align 4
-  %920 = sub nsw i64 %kb.p, %kb.pg
-  %921 = sub nsw i64 %904, %kb.rc
+  %914 = getelementptr inbounds float, ptr %part, i64 %913
+  %915 = getelementptr inbounds float, ptr %914, i64 0
+  %916 = load <8 x float>, ptr %915, align 4
+  %917 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %916
+  store <8 x float> %917, ptr %acc03046, align 4
+  %918 = sub nsw i64 %kb.p, %kb.pg
+  %919 = sub nsw i64 %902, %kb.rc
+  %920 = mul nsw i64 %919, 16
+  %921 = add nsw i64 %920, %918
   %922 = mul nsw i64 %921, 16
-  %923 = add nsw i64 %922, %920
-  %924 = mul nsw i64 %923, 16
-  %925 = getelementptr inbounds float, ptr %part, i64 %924
-  %926 = getelementptr inbounds float, ptr %925, i64 8
-  %927 = load <8 x float>, ptr %926, align 4
-  %928 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %927
-  store <8 x float> %928, ptr %acc03146, align 4
-  %929 = mul nsw i64 %k0, 16
-  %930 = mul nsw i64 %kb.p, 12288
-  %panel.off47 = add nsw i64 %930, %929
-  %931 = getelementptr inbounds i16, ptr %panels, i64 %panel.off47
-  %pf.on48 = and i1 %pf.on, %pf.next
-  %932 = mul nsw i64 %rb, 8192
-  %933 = lshr i64 %932, %25
-  %934 = add nsw i64 %pf.step, %933
-  %935 = getelementptr inbounds i8, ptr %931, i64 %934
-  %pf49 = select i1 %pf.on48, ptr %935, ptr %931
-  %pf.sh50 = select i1 %pf.on48, i64 %25, i64 0
-  br label %k.head51
+  %923 = getelementptr inbounds float, ptr %part, i64 %922
+  %924 = getelementptr inbounds float, ptr %923, i64 8
+  %925 = load <8 x float>, ptr %924, align 4
+  %926 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %925
+  store <8 x float> %926, ptr %acc03147, align 4
+  %panel.off48 = mul nsw i64 %kb.p, 12288
+  %927 = mul nsw i64 %k0, 16
+  %slice.off49 = add nsw i64 %panel.off48, %927
+  %928 = getelementptr inbounds i16, ptr %panels, i64 %slice.off49
+  %pf.on50 = and i1 %pf.on, %pf.next
+  %929 = mul nsw i64 %rb, 8192
+  %930 = lshr i64 %929, %25
+  %931 = add nsw i64 %pf.step, %930
+  %932 = getelementptr inbounds i8, ptr %928, i64 %931
+  %pf51 = select i1 %pf.on50, ptr %932, ptr %928
+  %pf.sh52 = select i1 %pf.on50, i64 %25, i64 0
+  br label %k.head53
 
-k.head51:                                         ; preds = %pf.any.end56, %tile.mr4
-  %k54 = phi i64 [ 0, %tile.mr4 ], [ %980, %pf.any.end56 ]
-  %936 = icmp slt i64 %k54, 256
-  br i1 %936, label %k.body52, label %k.end53
+k.head53:                                         ; preds = %pf.any.end58, %tile.mr4
+  %k56 = phi i64 [ 0, %tile.mr4 ], [ %977, %pf.any.end58 ]
+  %933 = icmp slt i64 %k56, 256
+  br i1 %933, label %k.body54, label %k.end55
 
-k.body52:                                         ; preds = %k.head51
-  %937 = mul nsw i64 %k54, 1
-  %938 = add nsw i64 %937, 0
-  %939 = mul nsw i64 %938, 32
-  br i1 %pf.multi, label %pf.any.then55, label %pf.any.end56
+k.body54:                                         ; preds = %k.head53
+  %934 = mul nsw i64 %k56, 1
+  %935 = add nsw i64 %934, 0
+  %936 = mul nsw i64 %935, 32
+  br i1 %pf.multi, label %pf.any.then57, label %pf.any.end58
 
-pf.any.then55:                                    ; preds = %k.body52
-  %940 = lshr i64 %939, %pf.sh50
-  %941 = getelementptr inbounds i8, ptr %pf49, i64 %940
-  call void @llvm.prefetch.p0(ptr %941, i32 0, i32 2, i32 1)
-  br label %pf.any.end56
+pf.any.then57:                                    ; preds = %k.body54
+  %937 = lshr i64 %936, %pf.sh52
+  %938 = getelementptr inbounds i8, ptr %pf51, i64 %937
+  call void @llvm.prefetch.p0(ptr %938, i32 0, i32 2, i32 1)
+  br label %pf.any.end58
 
-pf.any.end56:                                     ; preds = %pf.any.then55, %k.body52
-  %942 = mul nsw i64 %938, 16
-  %943 = add nsw i64 %panel.off47, %942
-  %944 = getelementptr inbounds i16, ptr %panels, i64 %943
-  %945 = load <8 x i32>, ptr %944, align 4
-  %946 = shl <8 x i32> %945, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b057 = bitcast <8 x i32> %946 to <8 x float>
-  %947 = and <8 x i32> %945, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b158 = bitcast <8 x i32> %947 to <8 x float>
-  %948 = getelementptr inbounds float, ptr %835, i64 %938
-  %949 = load float, ptr %948, align 4
-  %950 = insertelement <8 x float> poison, float %949, i32 0
-  %951 = shufflevector <8 x float> %950, <8 x float> poison, <8 x i32> zeroinitializer
-  %952 = load <8 x float>, ptr %acc00039, align 4
-  %953 = call <8 x float> @llvm.fma.v8f32(<8 x float> %951, <8 x float> %b057, <8 x float> %952)
-  store <8 x float> %953, ptr %acc00039, align 4
-  %954 = load <8 x float>, ptr %acc00140, align 4
-  %955 = call <8 x float> @llvm.fma.v8f32(<8 x float> %951, <8 x float> %b158, <8 x float> %954)
-  store <8 x float> %955, ptr %acc00140, align 4
-  %956 = getelementptr inbounds float, ptr %860, i64 %938
-  %957 = load float, ptr %956, align 4
-  %958 = insertelement <8 x float> poison, float %957, i32 0
-  %959 = shufflevector <8 x float> %958, <8 x float> poison, <8 x i32> zeroinitializer
-  %960 = load <8 x float>, ptr %acc01041, align 4
-  %961 = call <8 x float> @llvm.fma.v8f32(<8 x float> %959, <8 x float> %b057, <8 x float> %960)
-  store <8 x float> %961, ptr %acc01041, align 4
-  %962 = load <8 x float>, ptr %acc01142, align 4
-  %963 = call <8 x float> @llvm.fma.v8f32(<8 x float> %959, <8 x float> %b158, <8 x float> %962)
-  store <8 x float> %963, ptr %acc01142, align 4
-  %964 = getelementptr inbounds float, ptr %885, i64 %938
-  %965 = load float, ptr %964, align 4
-  %966 = insertelement <8 x float> poison, float %965, i32 0
-  %967 = shufflevector <8 x float> %966, <8 x float> poison, <8 x i32> zeroinitializer
-  %968 = load <8 x float>, ptr %acc02043, align 4
-  %969 = call <8 x float> @llvm.fma.v8f32(<8 x float> %967, <8 x float> %b057, <8 x float> %968)
-  store <8 x float> %969, ptr %acc02043, align 4
-  %970 = load <8 x float>, ptr %acc02144, align 4
-  %971 = call <8 x float> @llvm.fma.v8f32(<8 x float> %967, <8 x float> %b158, <8 x float> %970)
-  store <8 x float> %971, ptr %acc02144, align 4
-  %972 = getelementptr inbounds float, ptr %910, i64 %938
-  %973 = load float, ptr %972, align 4
-  %974 = insertelement <8 x float> poison, float %973, i32 0
-  %975 = shufflevector <8 x float> %974, <8 x float> poison, <8 x i32> zeroinitializer
-  %976 = load <8 x float>, ptr %acc03045, align 4
-  %977 = call <8 x float> @llvm.fma.v8f32(<8 x float> %975, <8 x float> %b057, <8 x float> %976)
-  store <8 x float> %977, ptr %acc03045, align 4
-  %978 = load <8 x float>, ptr %acc03146, align 4
-  %979 = call <8 x float> @llvm.fma.v8f32(<8 x float> %975, <8 x float> %b158, <8 x float> %978)
-  store <8 x float> %979, ptr %acc03146, align 4
-  %980 = add nsw i64 %k54, 1
-  br label %k.head51
+pf.any.end58:                                     ; preds = %pf.any.then57, %k.body54
+  %939 = mul nsw i64 %935, 16
+  %940 = add nsw i64 %slice.off49, %939
+  %941 = getelementptr inbounds i16, ptr %panels, i64 %940
+  %942 = load <8 x i32>, ptr %941, align 4
+  %943 = shl <8 x i32> %942, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b059 = bitcast <8 x i32> %943 to <8 x float>
+  %944 = and <8 x i32> %942, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b160 = bitcast <8 x i32> %944 to <8 x float>
+  %945 = getelementptr inbounds float, ptr %833, i64 %935
+  %946 = load float, ptr %945, align 4
+  %947 = insertelement <8 x float> poison, float %946, i32 0
+  %948 = shufflevector <8 x float> %947, <8 x float> poison, <8 x i32> zeroinitializer
+  %949 = load <8 x float>, ptr %acc00040, align 4
+  %950 = call <8 x float> @llvm.fma.v8f32(<8 x float> %948, <8 x float> %b059, <8 x float> %949)
+  store <8 x float> %950, ptr %acc00040, align 4
+  %951 = load <8 x float>, ptr %acc00141, align 4
+  %952 = call <8 x float> @llvm.fma.v8f32(<8 x float> %948, <8 x float> %b160, <8 x float> %951)
+  store <8 x float> %952, ptr %acc00141, align 4
+  %953 = getelementptr inbounds float, ptr %858, i64 %935
+  %954 = load float, ptr %953, align 4
+  %955 = insertelement <8 x float> poison, float %954, i32 0
+  %956 = shufflevector <8 x float> %955, <8 x float> poison, <8 x i32> zeroinitializer
+  %957 = load <8 x float>, ptr %acc01042, align 4
+  %958 = call <8 x float> @llvm.fma.v8f32(<8 x float> %956, <8 x float> %b059, <8 x float> %957)
+  store <8 x float> %958, ptr %acc01042, align 4
+  %959 = load <8 x float>, ptr %acc01143, align 4
+  %960 = call <8 x float> @llvm.fma.v8f32(<8 x float> %956, <8 x float> %b160, <8 x float> %959)
+  store <8 x float> %960, ptr %acc01143, align 4
+  %961 = getelementptr inbounds float, ptr %883, i64 %935
+  %962 = load float, ptr %961, align 4
+  %963 = insertelement <8 x float> poison, float %962, i32 0
+  %964 = shufflevector <8 x float> %963, <8 x float> poison, <8 x i32> zeroinitializer
+  %965 = load <8 x float>, ptr %acc02044, align 4
+  %966 = call <8 x float> @llvm.fma.v8f32(<8 x float> %964, <8 x float> %b059, <8 x float> %965)
+  store <8 x float> %966, ptr %acc02044, align 4
+  %967 = load <8 x float>, ptr %acc02145, align 4
+  %968 = call <8 x float> @llvm.fma.v8f32(<8 x float> %964, <8 x float> %b160, <8 x float> %967)
+  store <8 x float> %968, ptr %acc02145, align 4
+  %969 = getelementptr inbounds float, ptr %908, i64 %935
+  %970 = load float, ptr %969, align 4
+  %971 = insertelement <8 x float> poison, float %970, i32 0
+  %972 = shufflevector <8 x float> %971, <8 x float> poison, <8 x i32> zeroinitializer
+  %973 = load <8 x float>, ptr %acc03046, align 4
+  %974 = call <8 x float> @llvm.fma.v8f32(<8 x float> %972, <8 x float> %b059, <8 x float> %973)
+  store <8 x float> %974, ptr %acc03046, align 4
+  %975 = load <8 x float>, ptr %acc03147, align 4
+  %976 = call <8 x float> @llvm.fma.v8f32(<8 x float> %972, <8 x float> %b160, <8 x float> %975)
+  store <8 x float> %976, ptr %acc03147, align 4
+  %977 = add nsw i64 %k56, 1
+  br label %k.head53
 
-k.end53:                                          ; preds = %k.head51
-  %981 = xor i1 %klast, true
-  br i1 %981, label %part.then59, label %part.end60
+k.end55:                                          ; preds = %k.head53
+  %978 = xor i1 %klast, true
+  br i1 %978, label %part.then61, label %part.end62
 
-part.then59:                                      ; preds = %k.end53
-  %982 = add nsw i64 %r01, 0
-  %983 = sub nsw i64 %kb.p, %kb.pg
-  %984 = sub nsw i64 %982, %kb.rc
-  %985 = mul nsw i64 %984, 16
-  %986 = add nsw i64 %985, %983
-  %987 = mul nsw i64 %986, 16
-  %988 = getelementptr inbounds float, ptr %part, i64 %987
-  %989 = getelementptr inbounds float, ptr %988, i64 0
-  %990 = load <8 x float>, ptr %acc00039, align 4
-  store <8 x float> %990, ptr %989, align 4
-  %991 = sub nsw i64 %kb.p, %kb.pg
-  %992 = sub nsw i64 %982, %kb.rc
-  %993 = mul nsw i64 %992, 16
-  %994 = add nsw i64 %993, %991
-  %995 = mul nsw i64 %994, 16
-  %996 = getelementptr inbounds float, ptr %part, i64 %995
-  %997 = getelementptr inbounds float, ptr %996, i64 8
-  %998 = load <8 x float>, ptr %acc00140, align 4
-  store <8 x float> %998, ptr %997, align 4
-  %999 = add nsw i64 %r01, 1
-  %1000 = sub nsw i64 %kb.p, %kb.pg
-  %1001 = sub nsw i64 %999, %kb.rc
-  %1002 = mul nsw i64 %1001, 16
-  %1003 = add nsw i64 %1002, %1000
-  %1004 = mul nsw i64 %1003, 16
-  %1005 = getelementptr inbounds float, ptr %part, i64 %1004
-  %1006 = getelementptr inbounds float, ptr %1005, i64 0
-  %1007 = load <8 x float>, ptr %acc01041, align 4
-  store <8 x float> %1007, ptr %1006, align 4
-  %1008 = sub nsw i64 %kb.p, %kb.pg
-  %1009 = sub nsw i64 %999, %kb.rc
-  %1010 = mul nsw i64 %1009, 16
-  %1011 = add nsw i64 %1010, %1008
-  %1012 = mul nsw i64 %1011, 16
-  %1013 = getelementptr inbounds float, ptr %part, i64 %1012
-  %1014 = getelementptr inbounds float, ptr %1013, i64 8
-  %1015 = load <8 x float>, ptr %acc01142, align 4
-  store <8 x float> %1015, ptr %1014, align 4
-  %1016 = add nsw i64 %r01, 2
-  %1017 = sub nsw i64 %kb.p, %kb.pg
-  %1018 = sub nsw i64 %1016, %kb.rc
-  %1019 = mul nsw i64 %1018, 16
-  %1020 = add nsw i64 %1019, %1017
-  %1021 = mul nsw i64 %1020, 16
-  %1022 = getelementptr inbounds float, ptr %part, i64 %1021
-  %1023 = getelementptr inbounds float, ptr %1022, i64 0
-  %1024 = load <8 x float>, ptr %acc02043, align 4
-  store <8 x float> %1024, ptr %1023, align 4
-  %1025 = sub nsw i64 %kb.p, %kb.pg
-  %1026 = sub nsw i64 %1016, %kb.rc
-  %1027 = mul nsw i64 %1026, 16
-  %1028 = add nsw i64 %1027, %1025
-  %1029 = mul nsw i64 %1028, 16
-  %1030 = getelementptr inbounds float, ptr %part, i64 %1029
-  %1031 = getelementptr inbounds float, ptr %1030, i64 8
-  %1032 = load <8 x float>, ptr %acc02144, align 4
-  store <8 x float> %1032, ptr %1031, align 4
-  %1033 = add nsw i64 %r01, 3
-  %1034 = sub nsw i64 %kb.p, %kb.pg
-  %1035 = sub nsw i64 %1033, %kb.rc
-  %1036 = mul nsw i64 %1035, 16
-  %1037 = add nsw i64 %1036, %1034
-  %1038 = mul nsw i64 %1037, 16
-  %1039 = getelementptr inbounds float, ptr %part, i64 %1038
-  %1040 = getelementptr inbounds float, ptr %1039, i64 0
-  %1041 = load <8 x float>, ptr %acc03045, align 4
-  store <8 x float> %1041, ptr %1040, align 4
-  %1042 = sub nsw i64 %kb.p, %kb.pg
-  %1043 = sub nsw i64 %1033, %kb.rc
-  %1044 = mul nsw i64 %1043, 16
-  %1045 = add nsw i64 %1044, %1042
-  %1046 = mul nsw i64 %1045, 16
-  %1047 = getelementptr inbounds float, ptr %part, i64 %1046
-  %1048 = getelementptr inbounds float, ptr %1047, i64 8
-  %1049 = load <8 x float>, ptr %acc03146, align 4
-  store <8 x float> %1049, ptr %1048, align 4
-  br label %part.end60
+part.then61:                                      ; preds = %k.end55
+  %979 = add nsw i64 %r01, 0
+  %980 = sub nsw i64 %kb.p, %kb.pg
+  %981 = sub nsw i64 %979, %kb.rc
+  %982 = mul nsw i64 %981, 16
+  %983 = add nsw i64 %982, %980
+  %984 = mul nsw i64 %983, 16
+  %985 = getelementptr inbounds float, ptr %part, i64 %984
+  %986 = getelementptr inbounds float, ptr %985, i64 0
+  %987 = load <8 x float>, ptr %acc00040, align 4
+  store <8 x float> %987, ptr %986, align 4
+  %988 = sub nsw i64 %kb.p, %kb.pg
+  %989 = sub nsw i64 %979, %kb.rc
+  %990 = mul nsw i64 %989, 16
+  %991 = add nsw i64 %990, %988
+  %992 = mul nsw i64 %991, 16
+  %993 = getelementptr inbounds float, ptr %part, i64 %992
+  %994 = getelementptr inbounds float, ptr %993, i64 8
+  %995 = load <8 x float>, ptr %acc00141, align 4
+  store <8 x float> %995, ptr %994, align 4
+  %996 = add nsw i64 %r01, 1
+  %997 = sub nsw i64 %kb.p, %kb.pg
+  %998 = sub nsw i64 %996, %kb.rc
+  %999 = mul nsw i64 %998, 16
+  %1000 = add nsw i64 %999, %997
+  %1001 = mul nsw i64 %1000, 16
+  %1002 = getelementptr inbounds float, ptr %part, i64 %1001
+  %1003 = getelementptr inbounds float, ptr %1002, i64 0
+  %1004 = load <8 x float>, ptr %acc01042, align 4
+  store <8 x float> %1004, ptr %1003, align 4
+  %1005 = sub nsw i64 %kb.p, %kb.pg
+  %1006 = sub nsw i64 %996, %kb.rc
+  %1007 = mul nsw i64 %1006, 16
+  %1008 = add nsw i64 %1007, %1005
+  %1009 = mul nsw i64 %1008, 16
+  %1010 = getelementptr inbounds float, ptr %part, i64 %1009
+  %1011 = getelementptr inbounds float, ptr %1010, i64 8
+  %1012 = load <8 x float>, ptr %acc01143, align 4
+  store <8 x float> %1012, ptr %1011, align 4
+  %1013 = add nsw i64 %r01, 2
+  %1014 = sub nsw i64 %kb.p, %kb.pg
+  %1015 = sub nsw i64 %1013, %kb.rc
+  %1016 = mul nsw i64 %1015, 16
+  %1017 = add nsw i64 %1016, %1014
+  %1018 = mul nsw i64 %1017, 16
+  %1019 = getelementptr inbounds float, ptr %part, i64 %1018
+  %1020 = getelementptr inbounds float, ptr %1019, i64 0
+  %1021 = load <8 x float>, ptr %acc02044, align 4
+  store <8 x float> %1021, ptr %1020, align 4
+  %1022 = sub nsw i64 %kb.p, %kb.pg
+  %1023 = sub nsw i64 %1013, %kb.rc
+  %1024 = mul nsw i64 %1023, 16
+  %1025 = add nsw i64 %1024, %1022
+  %1026 = mul nsw i64 %1025, 16
+  %1027 = getelementptr inbounds float, ptr %part, i64 %1026
+  %1028 = getelementptr inbounds float, ptr %1027, i64 8
+  %1029 = load <8 x float>, ptr %acc02145, align 4
+  store <8 x float> %1029, ptr %1028, align 4
+  %1030 = add nsw i64 %r01, 3
+  %1031 = sub nsw i64 %kb.p, %kb.pg
+  %1032 = sub nsw i64 %1030, %kb.rc
+  %1033 = mul nsw i64 %1032, 16
+  %1034 = add nsw i64 %1033, %1031
+  %1035 = mul nsw i64 %1034, 16
+  %1036 = getelementptr inbounds float, ptr %part, i64 %1035
+  %1037 = getelementptr inbounds float, ptr %1036, i64 0
+  %1038 = load <8 x float>, ptr %acc03046, align 4
+  store <8 x float> %1038, ptr %1037, align 4
+  %1039 = sub nsw i64 %kb.p, %kb.pg
+  %1040 = sub nsw i64 %1030, %kb.rc
+  %1041 = mul nsw i64 %1040, 16
+  %1042 = add nsw i64 %1041, %1039
+  %1043 = mul nsw i64 %1042, 16
+  %1044 = getelementptr inbounds float, ptr %part, i64 %1043
+  %1045 = getelementptr inbounds float, ptr %1044, i64 8
+  %1046 = load <8 x float>, ptr %acc03147, align 4
+  store <8 x float> %1046, ptr %1045, align 4
+  br label %part.end62
 
-part.end60:                                       ; preds = %part.then59, %k.end53
-  br i1 %klast, label %last.then61, label %last.end62
+part.end62:                                       ; preds = %part.then61, %k.end55
+  br i1 %klast, label %last.then63, label %last.end64
 
-last.then61:                                      ; preds = %part.end60
-  %1050 = add nsw i64 %r01, 0
-  %1051 = getelementptr inbounds float, ptr %rw, i64 %1050
-  %1052 = load float, ptr %1051, align 4
-  %1053 = insertelement <8 x float> poison, float %1052, i32 0
-  %1054 = shufflevector <8 x float> %1053, <8 x float> poison, <8 x i32> zeroinitializer
-  %1055 = mul nsw i64 %1050, 3072
-  %1056 = getelementptr inbounds float, ptr %h, i64 %1055
-  %col63 = mul nsw i64 %kb.p, 16
-  %1057 = load <8 x float>, ptr %acc00039, align 4
-  %1058 = load <8 x float>, ptr %acc00140, align 4
-  %1059 = add nsw i64 %col63, 0
-  %1060 = fcmp ogt <8 x float> %1057, zeroinitializer
-  %1061 = select <8 x i1> %1060, <8 x float> %1057, <8 x float> zeroinitializer
-  %1062 = fmul <8 x float> %1061, %1054
-  %1063 = getelementptr inbounds float, ptr %1056, i64 %1059
-  store <8 x float> %1062, ptr %1063, align 4
-  %1064 = add nsw i64 %col63, 8
-  %1065 = fcmp ogt <8 x float> %1058, zeroinitializer
-  %1066 = select <8 x i1> %1065, <8 x float> %1058, <8 x float> zeroinitializer
-  %1067 = fmul <8 x float> %1066, %1054
-  %1068 = getelementptr inbounds float, ptr %1056, i64 %1064
-  store <8 x float> %1067, ptr %1068, align 4
-  %1069 = add nsw i64 %r01, 1
-  %1070 = getelementptr inbounds float, ptr %rw, i64 %1069
-  %1071 = load float, ptr %1070, align 4
-  %1072 = insertelement <8 x float> poison, float %1071, i32 0
-  %1073 = shufflevector <8 x float> %1072, <8 x float> poison, <8 x i32> zeroinitializer
-  %1074 = mul nsw i64 %1069, 3072
-  %1075 = getelementptr inbounds float, ptr %h, i64 %1074
-  %col64 = mul nsw i64 %kb.p, 16
-  %1076 = load <8 x float>, ptr %acc01041, align 4
-  %1077 = load <8 x float>, ptr %acc01142, align 4
-  %1078 = add nsw i64 %col64, 0
-  %1079 = fcmp ogt <8 x float> %1076, zeroinitializer
-  %1080 = select <8 x i1> %1079, <8 x float> %1076, <8 x float> zeroinitializer
-  %1081 = fmul <8 x float> %1080, %1073
-  %1082 = getelementptr inbounds float, ptr %1075, i64 %1078
-  store <8 x float> %1081, ptr %1082, align 4
-  %1083 = add nsw i64 %col64, 8
-  %1084 = fcmp ogt <8 x float> %1077, zeroinitializer
-  %1085 = select <8 x i1> %1084, <8 x float> %1077, <8 x float> zeroinitializer
-  %1086 = fmul <8 x float> %1085, %1073
-  %1087 = getelementptr inbounds float, ptr %1075, i64 %1083
-  store <8 x float> %1086, ptr %1087, align 4
-  %1088 = add nsw i64 %r01, 2
-  %1089 = getelementptr inbounds float, ptr %rw, i64 %1088
-  %1090 = load float, ptr %1089, align 4
-  %1091 = insertelement <8 x float> poison, float %1090, i32 0
-  %1092 = shufflevector <8 x float> %1091, <8 x float> poison, <8 x i32> zeroinitializer
-  %1093 = mul nsw i64 %1088, 3072
-  %1094 = getelementptr inbounds float, ptr %h, i64 %1093
+last.then63:                                      ; preds = %part.end62
+  %1047 = add nsw i64 %r01, 0
+  %1048 = getelementptr inbounds float, ptr %rw, i64 %1047
+  %1049 = load float, ptr %1048, align 4
+  %1050 = insertelement <8 x float> poison, float %1049, i32 0
+  %1051 = shufflevector <8 x float> %1050, <8 x float> poison, <8 x i32> zeroinitializer
+  %1052 = mul nsw i64 %1047, 3072
+  %1053 = getelementptr inbounds float, ptr %h, i64 %1052
   %col65 = mul nsw i64 %kb.p, 16
-  %1095 = load <8 x float>, ptr %acc02043, align 4
-  %1096 = load <8 x float>, ptr %acc02144, align 4
-  %1097 = add nsw i64 %col65, 0
-  %1098 = fcmp ogt <8 x float> %1095, zeroinitializer
-  %1099 = select <8 x i1> %1098, <8 x float> %1095, <8 x float> zeroinitializer
-  %1100 = fmul <8 x float> %1099, %1092
-  %1101 = getelementptr inbounds float, ptr %1094, i64 %1097
-  store <8 x float> %1100, ptr %1101, align 4
-  %1102 = add nsw i64 %col65, 8
-  %1103 = fcmp ogt <8 x float> %1096, zeroinitializer
-  %1104 = select <8 x i1> %1103, <8 x float> %1096, <8 x float> zeroinitializer
-  %1105 = fmul <8 x float> %1104, %1092
-  %1106 = getelementptr inbounds float, ptr %1094, i64 %1102
-  store <8 x float> %1105, ptr %1106, align 4
-  %1107 = add nsw i64 %r01, 3
-  %1108 = getelementptr inbounds float, ptr %rw, i64 %1107
-  %1109 = load float, ptr %1108, align 4
-  %1110 = insertelement <8 x float> poison, float %1109, i32 0
-  %1111 = shufflevector <8 x float> %1110, <8 x float> poison, <8 x i32> zeroinitializer
-  %1112 = mul nsw i64 %1107, 3072
-  %1113 = getelementptr inbounds float, ptr %h, i64 %1112
+  %1054 = load <8 x float>, ptr %acc00040, align 4
+  %1055 = load <8 x float>, ptr %acc00141, align 4
+  %1056 = add nsw i64 %col65, 0
+  %1057 = fcmp ogt <8 x float> %1054, zeroinitializer
+  %1058 = select <8 x i1> %1057, <8 x float> %1054, <8 x float> zeroinitializer
+  %1059 = fmul <8 x float> %1058, %1051
+  %1060 = getelementptr inbounds float, ptr %1053, i64 %1056
+  store <8 x float> %1059, ptr %1060, align 4
+  %1061 = add nsw i64 %col65, 8
+  %1062 = fcmp ogt <8 x float> %1055, zeroinitializer
+  %1063 = select <8 x i1> %1062, <8 x float> %1055, <8 x float> zeroinitializer
+  %1064 = fmul <8 x float> %1063, %1051
+  %1065 = getelementptr inbounds float, ptr %1053, i64 %1061
+  store <8 x float> %1064, ptr %1065, align 4
+  %1066 = add nsw i64 %r01, 1
+  %1067 = getelementptr inbounds float, ptr %rw, i64 %1066
+  %1068 = load float, ptr %1067, align 4
+  %1069 = insertelement <8 x float> poison, float %1068, i32 0
+  %1070 = shufflevector <8 x float> %1069, <8 x float> poison, <8 x i32> zeroinitializer
+  %1071 = mul nsw i64 %1066, 3072
+  %1072 = getelementptr inbounds float, ptr %h, i64 %1071
   %col66 = mul nsw i64 %kb.p, 16
-  %1114 = load <8 x float>, ptr %acc03045, align 4
-  %1115 = load <8 x float>, ptr %acc03146, align 4
-  %1116 = add nsw i64 %col66, 0
-  %1117 = fcmp ogt <8 x float> %1114, zeroinitializer
-  %1118 = select <8 x i1> %1117, <8 x float> %1114, <8 x float> zeroinitializer
-  %1119 = fmul <8 x float> %1118, %1111
-  %1120 = getelementptr inbounds float, ptr %1113, i64 %1116
-  store <8 x float> %1119, ptr %1120, align 4
-  %1121 = add nsw i64 %col66, 8
-  %1122 = fcmp ogt <8 x float> %1115, zeroinitializer
-  %1123 = select <8 x i1> %1122, <8 x float> %1115, <8 x float> zeroinitializer
-  %1124 = fmul <8 x float> %1123, %1111
-  %1125 = getelementptr inbounds float, ptr %1113, i64 %1121
-  store <8 x float> %1124, ptr %1125, align 4
-  br label %last.end62
+  %1073 = load <8 x float>, ptr %acc01042, align 4
+  %1074 = load <8 x float>, ptr %acc01143, align 4
+  %1075 = add nsw i64 %col66, 0
+  %1076 = fcmp ogt <8 x float> %1073, zeroinitializer
+  %1077 = select <8 x i1> %1076, <8 x float> %1073, <8 x float> zeroinitializer
+  %1078 = fmul <8 x float> %1077, %1070
+  %1079 = getelementptr inbounds float, ptr %1072, i64 %1075
+  store <8 x float> %1078, ptr %1079, align 4
+  %1080 = add nsw i64 %col66, 8
+  %1081 = fcmp ogt <8 x float> %1074, zeroinitializer
+  %1082 = select <8 x i1> %1081, <8 x float> %1074, <8 x float> zeroinitializer
+  %1083 = fmul <8 x float> %1082, %1070
+  %1084 = getelementptr inbounds float, ptr %1072, i64 %1080
+  store <8 x float> %1083, ptr %1084, align 4
+  %1085 = add nsw i64 %r01, 2
+  %1086 = getelementptr inbounds float, ptr %rw, i64 %1085
+  %1087 = load float, ptr %1086, align 4
+  %1088 = insertelement <8 x float> poison, float %1087, i32 0
+  %1089 = shufflevector <8 x float> %1088, <8 x float> poison, <8 x i32> zeroinitializer
+  %1090 = mul nsw i64 %1085, 3072
+  %1091 = getelementptr inbounds float, ptr %h, i64 %1090
+  %col67 = mul nsw i64 %kb.p, 16
+  %1092 = load <8 x float>, ptr %acc02044, align 4
+  %1093 = load <8 x float>, ptr %acc02145, align 4
+  %1094 = add nsw i64 %col67, 0
+  %1095 = fcmp ogt <8 x float> %1092, zeroinitializer
+  %1096 = select <8 x i1> %1095, <8 x float> %1092, <8 x float> zeroinitializer
+  %1097 = fmul <8 x float> %1096, %1089
+  %1098 = getelementptr inbounds float, ptr %1091, i64 %1094
+  store <8 x float> %1097, ptr %1098, align 4
+  %1099 = add nsw i64 %col67, 8
+  %1100 = fcmp ogt <8 x float> %1093, zeroinitializer
+  %1101 = select <8 x i1> %1100, <8 x float> %1093, <8 x float> zeroinitializer
+  %1102 = fmul <8 x float> %1101, %1089
+  %1103 = getelementptr inbounds float, ptr %1091, i64 %1099
+  store <8 x float> %1102, ptr %1103, align 4
+  %1104 = add nsw i64 %r01, 3
+  %1105 = getelementptr inbounds float, ptr %rw, i64 %1104
+  %1106 = load float, ptr %1105, align 4
+  %1107 = insertelement <8 x float> poison, float %1106, i32 0
+  %1108 = shufflevector <8 x float> %1107, <8 x float> poison, <8 x i32> zeroinitializer
+  %1109 = mul nsw i64 %1104, 3072
+  %1110 = getelementptr inbounds float, ptr %h, i64 %1109
+  %col68 = mul nsw i64 %kb.p, 16
+  %1111 = load <8 x float>, ptr %acc03046, align 4
+  %1112 = load <8 x float>, ptr %acc03147, align 4
+  %1113 = add nsw i64 %col68, 0
+  %1114 = fcmp ogt <8 x float> %1111, zeroinitializer
+  %1115 = select <8 x i1> %1114, <8 x float> %1111, <8 x float> zeroinitializer
+  %1116 = fmul <8 x float> %1115, %1108
+  %1117 = getelementptr inbounds float, ptr %1110, i64 %1113
+  store <8 x float> %1116, ptr %1117, align 4
+  %1118 = add nsw i64 %col68, 8
+  %1119 = fcmp ogt <8 x float> %1112, zeroinitializer
+  %1120 = select <8 x i1> %1119, <8 x float> %1112, <8 x float> zeroinitializer
+  %1121 = fmul <8 x float> %1120, %1108
+  %1122 = getelementptr inbounds float, ptr %1110, i64 %1118
+  store <8 x float> %1121, ptr %1122, align 4
+  br label %last.end64
 
-last.end62:                                       ; preds = %last.then61, %part.end60
+last.end64:                                       ; preds = %last.then63, %part.end62
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
-  %1126 = add nsw i64 %r01, 0
-  %1127 = getelementptr inbounds i32, ptr %rows, i64 %1126
-  %1128 = load i32, ptr %1127, align 4
-  %1129 = sext i32 %1128 to i64
-  %1130 = mul nsw i64 %1129, 768
-  %1131 = add nsw i64 %1130, %k0
-  %1132 = getelementptr inbounds float, ptr %x, i64 %1131
-  %1133 = sub nsw i64 %kb.p, %kb.pg
-  %1134 = sub nsw i64 %1126, %kb.rc
-  %1135 = mul nsw i64 %1134, 16
-  %1136 = add nsw i64 %1135, %1133
-  %1137 = mul nsw i64 %1136, 16
-  %1138 = getelementptr inbounds float, ptr %part, i64 %1137
-  %1139 = getelementptr inbounds float, ptr %1138, i64 0
-  %1140 = load <8 x float>, ptr %1139, align 4
-  %1141 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1140
-  store <8 x float> %1141, ptr %acc00067, align 4
-  %1142 = sub nsw i64 %kb.p, %kb.pg
-  %1143 = sub nsw i64 %1126, %kb.rc
-  %1144 = mul nsw i64 %1143, 16
-  %1145 = add nsw i64 %1144, %1142
-  %1146 = mul nsw i64 %1145, 16
-  %1147 = getelementptr inbounds float, ptr %part, i64 %1146
-  %1148 = getelementptr inbounds float, ptr %1147, i64 8
-  %1149 = load <8 x float>, ptr %1148, align 4
-  %1150 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1149
-  store <8 x float> %1150, ptr %acc00168, align 4
-  %1151 = add nsw i64 %r01, 1
-  %1152 = getelementptr inbounds i32, ptr %rows, i64 %1151
-  %1153 = load i32, ptr %1152, align 4
-  %1154 = sext i32 %1153 to i64
-  %1155 = mul nsw i64 %1154, 768
-  %1156 = add nsw i64 %1155, %k0
-  %1157 = getelementptr inbounds float, ptr %x, i64 %1156
-  %1158 = sub nsw i64 %kb.p, %kb.pg
-  %1159 = sub nsw i64 %1151, %kb.rc
-  %1160 = mul nsw i64 %1159, 16
-  %1161 = add nsw i64 %1160, %1158
-  %1162 = mul nsw i64 %1161, 16
-  %1163 = getelementptr inbounds float, ptr %part, i64 %1162
-  %1164 = getelementptr inbounds float, ptr %1163, i64 0
-  %1165 = load <8 x float>, ptr %1164, align 4
-  %1166 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1165
-  store <8 x float> %1166, ptr %acc01069, align 4
-  %1167 = sub nsw i64 %kb.p, %kb.pg
-  %1168 = sub nsw i64 %1151, %kb.rc
-  %1169 = mul nsw i64 %1168, 16
-  %1170 = add nsw i64 %1169, %1167
-  %1171 = mul nsw i64 %1170, 16
-  %1172 = getelementptr inbounds float, ptr %part, i64 %1171
-  %1173 = getelementptr inbounds float, ptr %1172, i64 8
-  %1174 = load <8 x float>, ptr %1173, align 4
-  %1175 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1174
-  store <8 x float> %1175, ptr %acc01170, align 4
-  %1176 = add nsw i64 %r01, 2
-  %1177 = getelementptr inbounds i32, ptr %rows, i64 %1176
-  %1178 = load i32, ptr %1177, align 4
-  %1179 = sext i32 %1178 to i64
-  %1180 = mul nsw i64 %1179, 768
-  %1181 = add nsw i64 %1180, %k0
-  %1182 = getelementptr inbounds float, ptr %x, i64 %1181
-  %1183 = sub nsw i64 %kb.p, %kb.pg
-  %1184 = sub nsw i64 %1176, %kb.rc
-  %1185 = mul nsw i64 %1184, 16
-  %1186 = add nsw i64 %1185, %1183
-  %1187 = mul nsw i64 %1186, 16
-  %1188 = getelementptr inbounds float, ptr %part, i64 %1187
-  %1189 = getelementptr inbounds float, ptr %1188, i64 0
-  %1190 = load <8 x float>, ptr %1189, align 4
-  %1191 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1190
-  store <8 x float> %1191, ptr %acc02071, align 4
-  %1192 = sub nsw i64 %kb.p, %kb.pg
-  %1193 = sub nsw i64 %1176, %kb.rc
-  %1194 = mul nsw i64 %1193, 16
-  %1195 = add nsw i64 %1194, %1192
-  %1196 = mul nsw i64 %1195, 16
-  %1197 = getelementptr inbounds float, ptr %part, i64 %1196
-  %1198 = getelementptr inbounds float, ptr %1197, i64 8
-  %1199 = load <8 x float>, ptr %1198, align 4
-  %1200 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1199
-  store <8 x float> %1200, ptr %acc02172, align 4
-  %1201 = mul nsw i64 %k0, 16
-  %1202 = mul nsw i64 %kb.p, 12288
-  %panel.off73 = add nsw i64 %1202, %1201
-  %1203 = getelementptr inbounds i16, ptr %panels, i64 %panel.off73
-  %pf.on74 = and i1 %pf.on, %pf.next
-  %1204 = mul nsw i64 %rb, 8192
-  %1205 = lshr i64 %1204, %25
-  %1206 = add nsw i64 %pf.step, %1205
-  %1207 = getelementptr inbounds i8, ptr %1203, i64 %1206
-  %pf75 = select i1 %pf.on74, ptr %1207, ptr %1203
-  %pf.sh76 = select i1 %pf.on74, i64 %25, i64 0
-  br label %k.head77
+  %1123 = add nsw i64 %r01, 0
+  %1124 = getelementptr inbounds i32, ptr %rows, i64 %1123
+  %1125 = load i32, ptr %1124, align 4
+  %1126 = sext i32 %1125 to i64
+  %1127 = mul nsw i64 %1126, 768
+  %1128 = add nsw i64 %1127, %k0
+  %1129 = getelementptr inbounds float, ptr %x, i64 %1128
+  %1130 = sub nsw i64 %kb.p, %kb.pg
+  %1131 = sub nsw i64 %1123, %kb.rc
+  %1132 = mul nsw i64 %1131, 16
+  %1133 = add nsw i64 %1132, %1130
+  %1134 = mul nsw i64 %1133, 16
+  %1135 = getelementptr inbounds float, ptr %part, i64 %1134
+  %1136 = getelementptr inbounds float, ptr %1135, i64 0
+  %1137 = load <8 x float>, ptr %1136, align 4
+  %1138 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1137
+  store <8 x float> %1138, ptr %acc00069, align 4
+  %1139 = sub nsw i64 %kb.p, %kb.pg
+  %1140 = sub nsw i64 %1123, %kb.rc
+  %1141 = mul nsw i64 %1140, 16
+  %1142 = add nsw i64 %1141, %1139
+  %1143 = mul nsw i64 %1142, 16
+  %1144 = getelementptr inbounds float, ptr %part, i64 %1143
+  %1145 = getelementptr inbounds float, ptr %1144, i64 8
+  %1146 = load <8 x float>, ptr %1145, align 4
+  %1147 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1146
+  store <8 x float> %1147, ptr %acc00170, align 4
+  %1148 = add nsw i64 %r01, 1
+  %1149 = getelementptr inbounds i32, ptr %rows, i64 %1148
+  %1150 = load i32, ptr %1149, align 4
+  %1151 = sext i32 %1150 to i64
+  %1152 = mul nsw i64 %1151, 768
+  %1153 = add nsw i64 %1152, %k0
+  %1154 = getelementptr inbounds float, ptr %x, i64 %1153
+  %1155 = sub nsw i64 %kb.p, %kb.pg
+  %1156 = sub nsw i64 %1148, %kb.rc
+  %1157 = mul nsw i64 %1156, 16
+  %1158 = add nsw i64 %1157, %1155
+  %1159 = mul nsw i64 %1158, 16
+  %1160 = getelementptr inbounds float, ptr %part, i64 %1159
+  %1161 = getelementptr inbounds float, ptr %1160, i64 0
+  %1162 = load <8 x float>, ptr %1161, align 4
+  %1163 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1162
+  store <8 x float> %1163, ptr %acc01071, align 4
+  %1164 = sub nsw i64 %kb.p, %kb.pg
+  %1165 = sub nsw i64 %1148, %kb.rc
+  %1166 = mul nsw i64 %1165, 16
+  %1167 = add nsw i64 %1166, %1164
+  %1168 = mul nsw i64 %1167, 16
+  %1169 = getelementptr inbounds float, ptr %part, i64 %1168
+  %1170 = getelementptr inbounds float, ptr %1169, i64 8
+  %1171 = load <8 x float>, ptr %1170, align 4
+  %1172 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1171
+  store <8 x float> %1172, ptr %acc01172, align 4
+  %1173 = add nsw i64 %r01, 2
+  %1174 = getelementptr inbounds i32, ptr %rows, i64 %1173
+  %1175 = load i32, ptr %1174, align 4
+  %1176 = sext i32 %1175 to i64
+  %1177 = mul nsw i64 %1176, 768
+  %1178 = add nsw i64 %1177, %k0
+  %1179 = getelementptr inbounds float, ptr %x, i64 %1178
+  %1180 = sub nsw i64 %kb.p, %kb.pg
+  %1181 = sub nsw i64 %1173, %kb.rc
+  %1182 = mul nsw i64 %1181, 16
+  %1183 = add nsw i64 %1182, %1180
+  %1184 = mul nsw i64 %1183, 16
+  %1185 = getelementptr inbounds float, ptr %part, i64 %1184
+  %1186 = getelementptr inbounds float, ptr %1185, i64 0
+  %1187 = load <8 x float>, ptr %1186, align 4
+  %1188 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1187
+  store <8 x float> %1188, ptr %acc02073, align 4
+  %1189 = sub nsw i64 %kb.p, %kb.pg
+  %1190 = sub nsw i64 %1173, %kb.rc
+  %1191 = mul nsw i64 %1190, 16
+  %1192 = add nsw i64 %1191, %1189
+  %1193 = mul nsw i64 %1192, 16
+  %1194 = getelementptr inbounds float, ptr %part, i64 %1193
+  %1195 = getelementptr inbounds float, ptr %1194, i64 8
+  %1196 = load <8 x float>, ptr %1195, align 4
+  %1197 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1196
+  store <8 x float> %1197, ptr %acc02174, align 4
+  %panel.off75 = mul nsw i64 %kb.p, 12288
+  %1198 = mul nsw i64 %k0, 16
+  %slice.off76 = add nsw i64 %panel.off75, %1198
+  %1199 = getelementptr inbounds i16, ptr %panels, i64 %slice.off76
+  %pf.on77 = and i1 %pf.on, %pf.next
+  %1200 = mul nsw i64 %rb, 8192
+  %1201 = lshr i64 %1200, %25
+  %1202 = add nsw i64 %pf.step, %1201
+  %1203 = getelementptr inbounds i8, ptr %1199, i64 %1202
+  %pf78 = select i1 %pf.on77, ptr %1203, ptr %1199
+  %pf.sh79 = select i1 %pf.on77, i64 %25, i64 0
+  br label %k.head80
 
-k.head77:                                         ; preds = %pf.any.end82, %tile.mr3
-  %k80 = phi i64 [ 0, %tile.mr3 ], [ %1244, %pf.any.end82 ]
-  %1208 = icmp slt i64 %k80, 256
-  br i1 %1208, label %k.body78, label %k.end79
+k.head80:                                         ; preds = %pf.any.end85, %tile.mr3
+  %k83 = phi i64 [ 0, %tile.mr3 ], [ %1240, %pf.any.end85 ]
+  %1204 = icmp slt i64 %k83, 256
+  br i1 %1204, label %k.body81, label %k.end82
 
-k.body78:                                         ; preds = %k.head77
-  %1209 = mul nsw i64 %k80, 1
-  %1210 = add nsw i64 %1209, 0
-  %1211 = mul nsw i64 %1210, 32
-  br i1 %pf.multi, label %pf.any.then81, label %pf.any.end82
+k.body81:                                         ; preds = %k.head80
+  %1205 = mul nsw i64 %k83, 1
+  %1206 = add nsw i64 %1205, 0
+  %1207 = mul nsw i64 %1206, 32
+  br i1 %pf.multi, label %pf.any.then84, label %pf.any.end85
 
-pf.any.then81:                                    ; preds = %k.body78
-  %1212 = lshr i64 %1211, %pf.sh76
-  %1213 = getelementptr inbounds i8, ptr %pf75, i64 %1212
-  call void @llvm.prefetch.p0(ptr %1213, i32 0, i32 2, i32 1)
-  br label %pf.any.end82
+pf.any.then84:                                    ; preds = %k.body81
+  %1208 = lshr i64 %1207, %pf.sh79
+  %1209 = getelementptr inbounds i8, ptr %pf78, i64 %1208
+  call void @llvm.prefetch.p0(ptr %1209, i32 0, i32 2, i32 1)
+  br label %pf.any.end85
 
-pf.any.end82:                                     ; preds = %pf.any.then81, %k.body78
-  %1214 = mul nsw i64 %1210, 16
-  %1215 = add nsw i64 %panel.off73, %1214
-  %1216 = getelementptr inbounds i16, ptr %panels, i64 %1215
-  %1217 = load <8 x i32>, ptr %1216, align 4
-  %1218 = shl <8 x i32> %1217, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b083 = bitcast <8 x i32> %1218 to <8 x float>
-  %1219 = and <8 x i32> %1217, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b184 = bitcast <8 x i32> %1219 to <8 x float>
-  %1220 = getelementptr inbounds float, ptr %1132, i64 %1210
-  %1221 = load float, ptr %1220, align 4
-  %1222 = insertelement <8 x float> poison, float %1221, i32 0
-  %1223 = shufflevector <8 x float> %1222, <8 x float> poison, <8 x i32> zeroinitializer
-  %1224 = load <8 x float>, ptr %acc00067, align 4
-  %1225 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1223, <8 x float> %b083, <8 x float> %1224)
-  store <8 x float> %1225, ptr %acc00067, align 4
-  %1226 = load <8 x float>, ptr %acc00168, align 4
-  %1227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1223, <8 x float> %b184, <8 x float> %1226)
-  store <8 x float> %1227, ptr %acc00168, align 4
-  %1228 = getelementptr inbounds float, ptr %1157, i64 %1210
-  %1229 = load float, ptr %1228, align 4
-  %1230 = insertelement <8 x float> poison, float %1229, i32 0
-  %1231 = shufflevector <8 x float> %1230, <8 x float> poison, <8 x i32> zeroinitializer
-  %1232 = load <8 x float>, ptr %acc01069, align 4
-  %1233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1231, <8 x float> %b083, <8 x float> %1232)
-  store <8 x float> %1233, ptr %acc01069, align 4
-  %1234 = load <8 x float>, ptr %acc01170, align 4
-  %1235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1231, <8 x float> %b184, <8 x float> %1234)
-  store <8 x float> %1235, ptr %acc01170, align 4
-  %1236 = getelementptr inbounds float, ptr %1182, i64 %1210
-  %1237 = load float, ptr %1236, align 4
-  %1238 = insertelement <8 x float> poison, float %1237, i32 0
-  %1239 = shufflevector <8 x float> %1238, <8 x float> poison, <8 x i32> zeroinitializer
-  %1240 = load <8 x float>, ptr %acc02071, align 4
-  %1241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1239, <8 x float> %b083, <8 x float> %1240)
-  store <8 x float> %1241, ptr %acc02071, align 4
-  %1242 = load <8 x float>, ptr %acc02172, align 4
-  %1243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1239, <8 x float> %b184, <8 x float> %1242)
-  store <8 x float> %1243, ptr %acc02172, align 4
-  %1244 = add nsw i64 %k80, 1
-  br label %k.head77
+pf.any.end85:                                     ; preds = %pf.any.then84, %k.body81
+  %1210 = mul nsw i64 %1206, 16
+  %1211 = add nsw i64 %slice.off76, %1210
+  %1212 = getelementptr inbounds i16, ptr %panels, i64 %1211
+  %1213 = load <8 x i32>, ptr %1212, align 4
+  %1214 = shl <8 x i32> %1213, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b086 = bitcast <8 x i32> %1214 to <8 x float>
+  %1215 = and <8 x i32> %1213, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b187 = bitcast <8 x i32> %1215 to <8 x float>
+  %1216 = getelementptr inbounds float, ptr %1129, i64 %1206
+  %1217 = load float, ptr %1216, align 4
+  %1218 = insertelement <8 x float> poison, float %1217, i32 0
+  %1219 = shufflevector <8 x float> %1218, <8 x float> poison, <8 x i32> zeroinitializer
+  %1220 = load <8 x float>, ptr %acc00069, align 4
+  %1221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1219, <8 x float> %b086, <8 x float> %1220)
+  store <8 x float> %1221, ptr %acc00069, align 4
+  %1222 = load <8 x float>, ptr %acc00170, align 4
+  %1223 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1219, <8 x float> %b187, <8 x float> %1222)
+  store <8 x float> %1223, ptr %acc00170, align 4
+  %1224 = getelementptr inbounds float, ptr %1154, i64 %1206
+  %1225 = load float, ptr %1224, align 4
+  %1226 = insertelement <8 x float> poison, float %1225, i32 0
+  %1227 = shufflevector <8 x float> %1226, <8 x float> poison, <8 x i32> zeroinitializer
+  %1228 = load <8 x float>, ptr %acc01071, align 4
+  %1229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1227, <8 x float> %b086, <8 x float> %1228)
+  store <8 x float> %1229, ptr %acc01071, align 4
+  %1230 = load <8 x float>, ptr %acc01172, align 4
+  %1231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1227, <8 x float> %b187, <8 x float> %1230)
+  store <8 x float> %1231, ptr %acc01172, align 4
+  %1232 = getelementptr inbounds float, ptr %1179, i64 %1206
+  %1233 = load float, ptr %1232, align 4
+  %1234 = insertelement <8 x float> poison, float %1233, i32 0
+  %1235 = shufflevector <8 x float> %1234, <8 x float> poison, <8 x i32> zeroinitializer
+  %1236 = load <8 x float>, ptr %acc02073, align 4
+  %1237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1235, <8 x float> %b086, <8 x float> %1236)
+  store <8 x float> %1237, ptr %acc02073, align 4
+  %1238 = load <8 x float>, ptr %acc02174, align 4
+  %1239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1235, <8 x float> %b187, <8 x float> %1238)
+  store <8 x float> %1239, ptr %acc02174, align 4
+  %1240 = add nsw i64 %k83, 1
+  br label %k.head80
 
-k.end79:                                          ; preds = %k.head77
-  %1245 = xor i1 %klast, true
-  br i1 %1245, label %part.then85, label %part.end86
+k.end82:                                          ; preds = %k.head80
+  %1241 = xor i1 %klast, true
+  br i1 %1241, label %part.then88, label %part.end89
 
-part.then85:                                      ; preds = %k.end79
-  %1246 = add nsw i64 %r01, 0
-  %1247 = sub nsw i64 %kb.p, %kb.pg
-  %1248 = sub nsw i64 %1246, %kb.rc
-  %1249 = mul nsw i64 %1248, 16
-  %1250 = add nsw i64 %1249, %1247
-  %1251 = mul nsw i64 %1250, 16
-  %1252 = getelementptr inbounds float, ptr %part, i64 %1251
-  %1253 = getelementptr inbounds float, ptr %1252, i64 0
-  %1254 = load <8 x float>, ptr %acc00067, align 4
-  store <8 x float> %1254, ptr %1253, align 4
-  %1255 = sub nsw i64 %kb.p, %kb.pg
-  %1256 = sub nsw i64 %1246, %kb.rc
-  %1257 = mul nsw i64 %1256, 16
-  %1258 = add nsw i64 %1257, %1255
-  %1259 = mul nsw i64 %1258, 16
-  %1260 = getelementptr inbounds float, ptr %part, i64 %1259
-  %1261 = getelementptr inbounds float, ptr %1260, i64 8
-  %1262 = load <8 x float>, ptr %acc00168, align 4
-  store <8 x float> %1262, ptr %1261, align 4
-  %1263 = add nsw i64 %r01, 1
-  %1264 = sub nsw i64 %kb.p, %kb.pg
-  %1265 = sub nsw i64 %1263, %kb.rc
-  %1266 = mul nsw i64 %1265, 16
-  %1267 = add nsw i64 %1266, %1264
-  %1268 = mul nsw i64 %1267, 16
-  %1269 = getelementptr inbounds float, ptr %part, i64 %1268
-  %1270 = getelementptr inbounds float, ptr %1269, i64 0
-  %1271 = load <8 x float>, ptr %acc01069, align 4
-  store <8 x float> %1271, ptr %1270, align 4
-  %1272 = sub nsw i64 %kb.p, %kb.pg
-  %1273 = sub nsw i64 %1263, %kb.rc
-  %1274 = mul nsw i64 %1273, 16
-  %1275 = add nsw i64 %1274, %1272
-  %1276 = mul nsw i64 %1275, 16
-  %1277 = getelementptr inbounds float, ptr %part, i64 %1276
-  %1278 = getelementptr inbounds float, ptr %1277, i64 8
-  %1279 = load <8 x float>, ptr %acc01170, align 4
-  store <8 x float> %1279, ptr %1278, align 4
-  %1280 = add nsw i64 %r01, 2
-  %1281 = sub nsw i64 %kb.p, %kb.pg
-  %1282 = sub nsw i64 %1280, %kb.rc
-  %1283 = mul nsw i64 %1282, 16
-  %1284 = add nsw i64 %1283, %1281
-  %1285 = mul nsw i64 %1284, 16
-  %1286 = getelementptr inbounds float, ptr %part, i64 %1285
-  %1287 = getelementptr inbounds float, ptr %1286, i64 0
-  %1288 = load <8 x float>, ptr %acc02071, align 4
-  store <8 x float> %1288, ptr %1287, align 4
-  %1289 = sub nsw i64 %kb.p, %kb.pg
-  %1290 = sub nsw i64 %1280, %kb.rc
-  %1291 = mul nsw i64 %1290, 16
-  %1292 = add nsw i64 %1291, %1289
-  %1293 = mul nsw i64 %1292, 16
-  %1294 = getelementptr inbounds float, ptr %part, i64 %1293
-  %1295 = getelementptr inbounds float, ptr %1294, i64 8
-  %1296 = load <8 x float>, ptr %acc02172, align 4
-  store <8 x float> %1296, ptr %1295, align 4
-  br label %part.end86
+part.then88:                                      ; preds = %k.end82
+  %1242 = add nsw i64 %r01, 0
+  %1243 = sub nsw i64 %kb.p, %kb.pg
+  %1244 = sub nsw i64 %1242, %kb.rc
+  %1245 = mul nsw i64 %1244, 16
+  %1246 = add nsw i64 %1245, %1243
+  %1247 = mul nsw i64 %1246, 16
+  %1248 = getelementptr inbounds float, ptr %part, i64 %1247
+  %1249 = getelementptr inbounds float, ptr %1248, i64 0
+  %1250 = load <8 x float>, ptr %acc00069, align 4
+  store <8 x float> %1250, ptr %1249, align 4
+  %1251 = sub nsw i64 %kb.p, %kb.pg
+  %1252 = sub nsw i64 %1242, %kb.rc
+  %1253 = mul nsw i64 %1252, 16
+  %1254 = add nsw i64 %1253, %1251
+  %1255 = mul nsw i64 %1254, 16
+  %1256 = getelementptr inbounds float, ptr %part, i64 %1255
+  %1257 = getelementptr inbounds float, ptr %1256, i64 8
+  %1258 = load <8 x float>, ptr %acc00170, align 4
+  store <8 x float> %1258, ptr %1257, align 4
+  %1259 = add nsw i64 %r01, 1
+  %1260 = sub nsw i64 %kb.p, %kb.pg
+  %1261 = sub nsw i64 %1259, %kb.rc
+  %1262 = mul nsw i64 %1261, 16
+  %1263 = add nsw i64 %1262, %1260
+  %1264 = mul nsw i64 %1263, 16
+  %1265 = getelementptr inbounds float, ptr %part, i64 %1264
+  %1266 = getelementptr inbounds float, ptr %1265, i64 0
+  %1267 = load <8 x float>, ptr %acc01071, align 4
+  store <8 x float> %1267, ptr %1266, align 4
+  %1268 = sub nsw i64 %kb.p, %kb.pg
+  %1269 = sub nsw i64 %1259, %kb.rc
+  %1270 = mul nsw i64 %1269, 16
+  %1271 = add nsw i64 %1270, %1268
+  %1272 = mul nsw i64 %1271, 16
+  %1273 = getelementptr inbounds float, ptr %part, i64 %1272
+  %1274 = getelementptr inbounds float, ptr %1273, i64 8
+  %1275 = load <8 x float>, ptr %acc01172, align 4
+  store <8 x float> %1275, ptr %1274, align 4
+  %1276 = add nsw i64 %r01, 2
+  %1277 = sub nsw i64 %kb.p, %kb.pg
+  %1278 = sub nsw i64 %1276, %kb.rc
+  %1279 = mul nsw i64 %1278, 16
+  %1280 = add nsw i64 %1279, %1277
+  %1281 = mul nsw i64 %1280, 16
+  %1282 = getelementptr inbounds float, ptr %part, i64 %1281
+  %1283 = getelementptr inbounds float, ptr %1282, i64 0
+  %1284 = load <8 x float>, ptr %acc02073, align 4
+  store <8 x float> %1284, ptr %1283, align 4
+  %1285 = sub nsw i64 %kb.p, %kb.pg
+  %1286 = sub nsw i64 %1276, %kb.rc
+  %1287 = mul nsw i64 %1286, 16
+  %1288 = add nsw i64 %1287, %1285
+  %1289 = mul nsw i64 %1288, 16
+  %1290 = getelementptr inbounds float, ptr %part, i64 %1289
+  %1291 = getelementptr inbounds float, ptr %1290, i64 8
+  %1292 = load <8 x float>, ptr %acc02174, align 4
+  store <8 x float> %1292, ptr %1291, align 4
+  br label %part.end89
 
-part.end86:                                       ; preds = %part.then85, %k.end79
-  br i1 %klast, label %last.then87, label %last.end88
+part.end89:                                       ; preds = %part.then88, %k.end82
+  br i1 %klast, label %last.then90, label %last.end91
 
-last.then87:                                      ; preds = %part.end86
-  %1297 = add nsw i64 %r01, 0
-  %1298 = getelementptr inbounds float, ptr %rw, i64 %1297
-  %1299 = load float, ptr %1298, align 4
-  %1300 = insertelement <8 x float> poison, float %1299, i32 0
-  %1301 = shufflevector <8 x float> %1300, <8 x float> poison, <8 x i32> zeroinitializer
-  %1302 = mul nsw i64 %1297, 3072
-  %1303 = getelementptr inbounds float, ptr %h, i64 %1302
-  %col89 = mul nsw i64 %kb.p, 16
-  %1304 = load <8 x float>, ptr %acc00067, align 4
-  %1305 = load <8 x float>, ptr %acc00168, align 4
-  %1306 = add nsw i64 %col89, 0
-  %1307 = fcmp ogt <8 x float> %1304, zeroinitializer
-  %1308 = select <8 x i1> %1307, <8 x float> %1304, <8 x float> zeroinitializer
-  %1309 = fmul <8 x float> %1308, %1301
-  %1310 = getelementptr inbounds float, ptr %1303, i64 %1306
-  store <8 x float> %1309, ptr %1310, align 4
-  %1311 = add nsw i64 %col89, 8
-  %1312 = fcmp ogt <8 x float> %1305, zeroinitializer
-  %1313 = select <8 x i1> %1312, <8 x float> %1305, <8 x float> zeroinitializer
-  %1314 = fmul <8 x float> %1313, %1301
-  %1315 = getelementptr inbounds float, ptr %1303, i64 %1311
-  store <8 x float> %1314, ptr %1315, align 4
-  %1316 = add nsw i64 %r01, 1
-  %1317 = getelementptr inbounds float, ptr %rw, i64 %1316
-  %1318 = load float, ptr %1317, align 4
-  %1319 = insertelement <8 x float> poison, float %1318, i32 0
-  %1320 = shufflevector <8 x float> %1319, <8 x float> poison, <8 x i32> zeroinitializer
-  %1321 = mul nsw i64 %1316, 3072
-  %1322 = getelementptr inbounds float, ptr %h, i64 %1321
-  %col90 = mul nsw i64 %kb.p, 16
-  %1323 = load <8 x float>, ptr %acc01069, align 4
-  %1324 = load <8 x float>, ptr %acc01170, align 4
-  %1325 = add nsw i64 %col90, 0
-  %1326 = fcmp ogt <8 x float> %1323, zeroinitializer
-  %1327 = select <8 x i1> %1326, <8 x float> %1323, <8 x float> zeroinitializer
-  %1328 = fmul <8 x float> %1327, %1320
-  %1329 = getelementptr inbounds float, ptr %1322, i64 %1325
-  store <8 x float> %1328, ptr %1329, align 4
-  %1330 = add nsw i64 %col90, 8
-  %1331 = fcmp ogt <8 x float> %1324, zeroinitializer
-  %1332 = select <8 x i1> %1331, <8 x float> %1324, <8 x float> zeroinitializer
-  %1333 = fmul <8 x float> %1332, %1320
-  %1334 = getelementptr inbounds float, ptr %1322, i64 %1330
-  store <8 x float> %1333, ptr %1334, align 4
-  %1335 = add nsw i64 %r01, 2
-  %1336 = getelementptr inbounds float, ptr %rw, i64 %1335
-  %1337 = load float, ptr %1336, align 4
-  %1338 = insertelement <8 x float> poison, float %1337, i32 0
-  %1339 = shufflevector <8 x float> %1338, <8 x float> poison, <8 x i32> zeroinitializer
-  %1340 = mul nsw i64 %1335, 3072
-  %1341 = getelementptr inbounds float, ptr %h, i64 %1340
-  %col91 = mul nsw i64 %kb.p, 16
-  %1342 = load <8 x float>, ptr %acc02071, align 4
-  %1343 = load <8 x float>, ptr %acc02172, align 4
-  %1344 = add nsw i64 %col91, 0
-  %1345 = fcmp ogt <8 x float> %1342, zeroinitializer
-  %1346 = select <8 x i1> %1345, <8 x float> %1342, <8 x float> zeroinitializer
-  %1347 = fmul <8 x float> %1346, %1339
-  %1348 = getelementptr inbounds float, ptr %1341, i64 %1344
-  store <8 x float> %1347, ptr %1348, align 4
-  %1349 = add nsw i64 %col91, 8
-  %1350 = fcmp ogt <8 x float> %1343, zeroinitializer
-  %1351 = select <8 x i1> %1350, <8 x float> %1343, <8 x float> zeroinitializer
-  %1352 = fmul <8 x float> %1351, %1339
-  %1353 = getelementptr inbounds float, ptr %1341, i64 %1349
-  store <8 x float> %1352, ptr %1353, align 4
-  br label %last.end88
+last.then90:                                      ; preds = %part.end89
+  %1293 = add nsw i64 %r01, 0
+  %1294 = getelementptr inbounds float, ptr %rw, i64 %1293
+  %1295 = load float, ptr %1294, align 4
+  %1296 = insertelement <8 x float> poison, float %1295, i32 0
+  %1297 = shufflevector <8 x float> %1296, <8 x float> poison, <8 x i32> zeroinitializer
+  %1298 = mul nsw i64 %1293, 3072
+  %1299 = getelementptr inbounds float, ptr %h, i64 %1298
+  %col92 = mul nsw i64 %kb.p, 16
+  %1300 = load <8 x float>, ptr %acc00069, align 4
+  %1301 = load <8 x float>, ptr %acc00170, align 4
+  %1302 = add nsw i64 %col92, 0
+  %1303 = fcmp ogt <8 x float> %1300, zeroinitializer
+  %1304 = select <8 x i1> %1303, <8 x float> %1300, <8 x float> zeroinitializer
+  %1305 = fmul <8 x float> %1304, %1297
+  %1306 = getelementptr inbounds float, ptr %1299, i64 %1302
+  store <8 x float> %1305, ptr %1306, align 4
+  %1307 = add nsw i64 %col92, 8
+  %1308 = fcmp ogt <8 x float> %1301, zeroinitializer
+  %1309 = select <8 x i1> %1308, <8 x float> %1301, <8 x float> zeroinitializer
+  %1310 = fmul <8 x float> %1309, %1297
+  %1311 = getelementptr inbounds float, ptr %1299, i64 %1307
+  store <8 x float> %1310, ptr %1311, align 4
+  %1312 = add nsw i64 %r01, 1
+  %1313 = getelementptr inbounds float, ptr %rw, i64 %1312
+  %1314 = load float, ptr %1313, align 4
+  %1315 = insertelement <8 x float> poison, float %1314, i32 0
+  %1316 = shufflevector <8 x float> %1315, <8 x float> poison, <8 x i32> zeroinitializer
+  %1317 = mul nsw i64 %1312, 3072
+  %1318 = getelementptr inbounds float, ptr %h, i64 %1317
+  %col93 = mul nsw i64 %kb.p, 16
+  %1319 = load <8 x float>, ptr %acc01071, align 4
+  %1320 = load <8 x float>, ptr %acc01172, align 4
+  %1321 = add nsw i64 %col93, 0
+  %1322 = fcmp ogt <8 x float> %1319, zeroinitializer
+  %1323 = select <8 x i1> %1322, <8 x float> %1319, <8 x float> zeroinitializer
+  %1324 = fmul <8 x float> %1323, %1316
+  %1325 = getelementptr inbounds float, ptr %1318, i64 %1321
+  store <8 x float> %1324, ptr %1325, align 4
+  %1326 = add nsw i64 %col93, 8
+  %1327 = fcmp ogt <8 x float> %1320, zeroinitializer
+  %1328 = select <8 x i1> %1327, <8 x float> %1320, <8 x float> zeroinitializer
+  %1329 = fmul <8 x float> %1328, %1316
+  %1330 = getelementptr inbounds float, ptr %1318, i64 %1326
+  store <8 x float> %1329, ptr %1330, align 4
+  %1331 = add nsw i64 %r01, 2
+  %1332 = getelementptr inbounds float, ptr %rw, i64 %1331
+  %1333 = load float, ptr %1332, align 4
+  %1334 = insertelement <8 x float> poison, float %1333, i32 0
+  %1335 = shufflevector <8 x float> %1334, <8 x float> poison, <8 x i32> zeroinitializer
+  %1336 = mul nsw i64 %1331, 3072
+  %1337 = getelementptr inbounds float, ptr %h, i64 %1336
+  %col94 = mul nsw i64 %kb.p, 16
+  %1338 = load <8 x float>, ptr %acc02073, align 4
+  %1339 = load <8 x float>, ptr %acc02174, align 4
+  %1340 = add nsw i64 %col94, 0
+  %1341 = fcmp ogt <8 x float> %1338, zeroinitializer
+  %1342 = select <8 x i1> %1341, <8 x float> %1338, <8 x float> zeroinitializer
+  %1343 = fmul <8 x float> %1342, %1335
+  %1344 = getelementptr inbounds float, ptr %1337, i64 %1340
+  store <8 x float> %1343, ptr %1344, align 4
+  %1345 = add nsw i64 %col94, 8
+  %1346 = fcmp ogt <8 x float> %1339, zeroinitializer
+  %1347 = select <8 x i1> %1346, <8 x float> %1339, <8 x float> zeroinitializer
+  %1348 = fmul <8 x float> %1347, %1335
+  %1349 = getelementptr inbounds float, ptr %1337, i64 %1345
+  store <8 x float> %1348, ptr %1349, align 4
+  br label %last.end91
 
-last.end88:                                       ; preds = %last.then87, %part.end86
+last.end91:                                       ; preds = %last.then90, %part.end89
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
-  %1354 = add nsw i64 %r01, 0
-  %1355 = getelementptr inbounds i32, ptr %rows, i64 %1354
-  %1356 = load i32, ptr %1355, align 4
-  %1357 = sext i32 %1356 to i64
-  %1358 = mul nsw i64 %1357, 768
-  %1359 = add nsw i64 %1358, %k0
-  %1360 = getelementptr inbounds float, ptr %x, i64 %1359
-  %1361 = sub nsw i64 %kb.p, %kb.pg
-  %1362 = sub nsw i64 %1354, %kb.rc
-  %1363 = mul nsw i64 %1362, 16
-  %1364 = add nsw i64 %1363, %1361
-  %1365 = mul nsw i64 %1364, 16
-  %1366 = getelementptr inbounds float, ptr %part, i64 %1365
-  %1367 = getelementptr inbounds float, ptr %1366, i64 0
-  %1368 = load <8 x float>, ptr %1367, align 4
-  %1369 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1368
-  store <8 x float> %1369, ptr %acc00092, align 4
-  %1370 = sub nsw i64 %kb.p, %kb.pg
-  %1371 = sub nsw i64 %1354, %kb.rc
-  %1372 = mul nsw i64 %1371, 16
-  %1373 = add nsw i64 %1372, %1370
-  %1374 = mul nsw i64 %1373, 16
-  %1375 = getelementptr inbounds float, ptr %part, i64 %1374
-  %1376 = getelementptr inbounds float, ptr %1375, i64 8
-  %1377 = load <8 x float>, ptr %1376, align 4
-  %1378 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1377
-  store <8 x float> %1378, ptr %acc00193, align 4
-  %1379 = add nsw i64 %r01, 1
-  %1380 = getelementptr inbounds i32, ptr %rows, i64 %1379
-  %1381 = load i32, ptr %1380, align 4
-  %1382 = sext i32 %1381 to i64
-  %1383 = mul nsw i64 %1382, 768
-  %1384 = add nsw i64 %1383, %k0
-  %1385 = getelementptr inbounds float, ptr %x, i64 %1384
-  %1386 = sub nsw i64 %kb.p, %kb.pg
-  %1387 = sub nsw i64 %1379, %kb.rc
-  %1388 = mul nsw i64 %1387, 16
-  %1389 = add nsw i64 %1388, %1386
-  %1390 = mul nsw i64 %1389, 16
-  %1391 = getelementptr inbounds float, ptr %part, i64 %1390
-  %1392 = getelementptr inbounds float, ptr %1391, i64 0
-  %1393 = load <8 x float>, ptr %1392, align 4
-  %1394 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1393
-  store <8 x float> %1394, ptr %acc01094, align 4
-  %1395 = sub nsw i64 %kb.p, %kb.pg
-  %1396 = sub nsw i64 %1379, %kb.rc
-  %1397 = mul nsw i64 %1396, 16
-  %1398 = add nsw i64 %1397, %1395
-  %1399 = mul nsw i64 %1398, 16
-  %1400 = getelementptr inbounds float, ptr %part, i64 %1399
-  %1401 = getelementptr inbounds float, ptr %1400, i64 8
-  %1402 = load <8 x float>, ptr %1401, align 4
-  %1403 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1402
-  store <8 x float> %1403, ptr %acc01195, align 4
-  %1404 = mul nsw i64 %k0, 16
-  %1405 = mul nsw i64 %kb.p, 12288
-  %panel.off96 = add nsw i64 %1405, %1404
-  %1406 = getelementptr inbounds i16, ptr %panels, i64 %panel.off96
-  %pf.on97 = and i1 %pf.on, %pf.next
-  %1407 = mul nsw i64 %rb, 8192
-  %1408 = lshr i64 %1407, %25
-  %1409 = add nsw i64 %pf.step, %1408
-  %1410 = getelementptr inbounds i8, ptr %1406, i64 %1409
-  %pf98 = select i1 %pf.on97, ptr %1410, ptr %1406
-  %pf.sh99 = select i1 %pf.on97, i64 %25, i64 0
-  br label %k.head100
+  %1350 = add nsw i64 %r01, 0
+  %1351 = getelementptr inbounds i32, ptr %rows, i64 %1350
+  %1352 = load i32, ptr %1351, align 4
+  %1353 = sext i32 %1352 to i64
+  %1354 = mul nsw i64 %1353, 768
+  %1355 = add nsw i64 %1354, %k0
+  %1356 = getelementptr inbounds float, ptr %x, i64 %1355
+  %1357 = sub nsw i64 %kb.p, %kb.pg
+  %1358 = sub nsw i64 %1350, %kb.rc
+  %1359 = mul nsw i64 %1358, 16
+  %1360 = add nsw i64 %1359, %1357
+  %1361 = mul nsw i64 %1360, 16
+  %1362 = getelementptr inbounds float, ptr %part, i64 %1361
+  %1363 = getelementptr inbounds float, ptr %1362, i64 0
+  %1364 = load <8 x float>, ptr %1363, align 4
+  %1365 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1364
+  store <8 x float> %1365, ptr %acc00095, align 4
+  %1366 = sub nsw i64 %kb.p, %kb.pg
+  %1367 = sub nsw i64 %1350, %kb.rc
+  %1368 = mul nsw i64 %1367, 16
+  %1369 = add nsw i64 %1368, %1366
+  %1370 = mul nsw i64 %1369, 16
+  %1371 = getelementptr inbounds float, ptr %part, i64 %1370
+  %1372 = getelementptr inbounds float, ptr %1371, i64 8
+  %1373 = load <8 x float>, ptr %1372, align 4
+  %1374 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1373
+  store <8 x float> %1374, ptr %acc00196, align 4
+  %1375 = add nsw i64 %r01, 1
+  %1376 = getelementptr inbounds i32, ptr %rows, i64 %1375
+  %1377 = load i32, ptr %1376, align 4
+  %1378 = sext i32 %1377 to i64
+  %1379 = mul nsw i64 %1378, 768
+  %1380 = add nsw i64 %1379, %k0
+  %1381 = getelementptr inbounds float, ptr %x, i64 %1380
+  %1382 = sub nsw i64 %kb.p, %kb.pg
+  %1383 = sub nsw i64 %1375, %kb.rc
+  %1384 = mul nsw i64 %1383, 16
+  %1385 = add nsw i64 %1384, %1382
+  %1386 = mul nsw i64 %1385, 16
+  %1387 = getelementptr inbounds float, ptr %part, i64 %1386
+  %1388 = getelementptr inbounds float, ptr %1387, i64 0
+  %1389 = load <8 x float>, ptr %1388, align 4
+  %1390 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1389
+  store <8 x float> %1390, ptr %acc01097, align 4
+  %1391 = sub nsw i64 %kb.p, %kb.pg
+  %1392 = sub nsw i64 %1375, %kb.rc
+  %1393 = mul nsw i64 %1392, 16
+  %1394 = add nsw i64 %1393, %1391
+  %1395 = mul nsw i64 %1394, 16
+  %1396 = getelementptr inbounds float, ptr %part, i64 %1395
+  %1397 = getelementptr inbounds float, ptr %1396, i64 8
+  %1398 = load <8 x float>, ptr %1397, align 4
+  %1399 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1398
+  store <8 x float> %1399, ptr %acc01198, align 4
+  %panel.off99 = mul nsw i64 %kb.p, 12288
+  %1400 = mul nsw i64 %k0, 16
+  %slice.off100 = add nsw i64 %panel.off99, %1400
+  %1401 = getelementptr inbounds i16, ptr %panels, i64 %slice.off100
+  %pf.on101 = and i1 %pf.on, %pf.next
+  %1402 = mul nsw i64 %rb, 8192
+  %1403 = lshr i64 %1402, %25
+  %1404 = add nsw i64 %pf.step, %1403
+  %1405 = getelementptr inbounds i8, ptr %1401, i64 %1404
+  %pf102 = select i1 %pf.on101, ptr %1405, ptr %1401
+  %pf.sh103 = select i1 %pf.on101, i64 %25, i64 0
+  br label %k.head104
 
-k.head100:                                        ; preds = %pf.any.end105, %tile.mr2
-  %k103 = phi i64 [ 0, %tile.mr2 ], [ %1439, %pf.any.end105 ]
-  %1411 = icmp slt i64 %k103, 256
-  br i1 %1411, label %k.body101, label %k.end102
+k.head104:                                        ; preds = %pf.any.end109, %tile.mr2
+  %k107 = phi i64 [ 0, %tile.mr2 ], [ %1434, %pf.any.end109 ]
+  %1406 = icmp slt i64 %k107, 256
+  br i1 %1406, label %k.body105, label %k.end106
 
-k.body101:                                        ; preds = %k.head100
-  %1412 = mul nsw i64 %k103, 1
-  %1413 = add nsw i64 %1412, 0
-  %1414 = mul nsw i64 %1413, 32
-  br i1 %pf.multi, label %pf.any.then104, label %pf.any.end105
+k.body105:                                        ; preds = %k.head104
+  %1407 = mul nsw i64 %k107, 1
+  %1408 = add nsw i64 %1407, 0
+  %1409 = mul nsw i64 %1408, 32
+  br i1 %pf.multi, label %pf.any.then108, label %pf.any.end109
 
-pf.any.then104:                                   ; preds = %k.body101
-  %1415 = lshr i64 %1414, %pf.sh99
-  %1416 = getelementptr inbounds i8, ptr %pf98, i64 %1415
-  call void @llvm.prefetch.p0(ptr %1416, i32 0, i32 2, i32 1)
-  br label %pf.any.end105
+pf.any.then108:                                   ; preds = %k.body105
+  %1410 = lshr i64 %1409, %pf.sh103
+  %1411 = getelementptr inbounds i8, ptr %pf102, i64 %1410
+  call void @llvm.prefetch.p0(ptr %1411, i32 0, i32 2, i32 1)
+  br label %pf.any.end109
 
-pf.any.end105:                                    ; preds = %pf.any.then104, %k.body101
-  %1417 = mul nsw i64 %1413, 16
-  %1418 = add nsw i64 %panel.off96, %1417
-  %1419 = getelementptr inbounds i16, ptr %panels, i64 %1418
-  %1420 = load <8 x i32>, ptr %1419, align 4
-  %1421 = shl <8 x i32> %1420, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0106 = bitcast <8 x i32> %1421 to <8 x float>
-  %1422 = and <8 x i32> %1420, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1107 = bitcast <8 x i32> %1422 to <8 x float>
-  %1423 = getelementptr inbounds float, ptr %1360, i64 %1413
-  %1424 = load float, ptr %1423, align 4
-  %1425 = insertelement <8 x float> poison, float %1424, i32 0
-  %1426 = shufflevector <8 x float> %1425, <8 x float> poison, <8 x i32> zeroinitializer
-  %1427 = load <8 x float>, ptr %acc00092, align 4
-  %1428 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1426, <8 x float> %b0106, <8 x float> %1427)
-  store <8 x float> %1428, ptr %acc00092, align 4
-  %1429 = load <8 x float>, ptr %acc00193, align 4
-  %1430 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1426, <8 x float> %b1107, <8 x float> %1429)
-  store <8 x float> %1430, ptr %acc00193, align 4
-  %1431 = getelementptr inbounds float, ptr %1385, i64 %1413
-  %1432 = load float, ptr %1431, align 4
-  %1433 = insertelement <8 x float> poison, float %1432, i32 0
-  %1434 = shufflevector <8 x float> %1433, <8 x float> poison, <8 x i32> zeroinitializer
-  %1435 = load <8 x float>, ptr %acc01094, align 4
-  %1436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1434, <8 x float> %b0106, <8 x float> %1435)
-  store <8 x float> %1436, ptr %acc01094, align 4
-  %1437 = load <8 x float>, ptr %acc01195, align 4
-  %1438 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1434, <8 x float> %b1107, <8 x float> %1437)
-  store <8 x float> %1438, ptr %acc01195, align 4
-  %1439 = add nsw i64 %k103, 1
-  br label %k.head100
+pf.any.end109:                                    ; preds = %pf.any.then108, %k.body105
+  %1412 = mul nsw i64 %1408, 16
+  %1413 = add nsw i64 %slice.off100, %1412
+  %1414 = getelementptr inbounds i16, ptr %panels, i64 %1413
+  %1415 = load <8 x i32>, ptr %1414, align 4
+  %1416 = shl <8 x i32> %1415, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0110 = bitcast <8 x i32> %1416 to <8 x float>
+  %1417 = and <8 x i32> %1415, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1111 = bitcast <8 x i32> %1417 to <8 x float>
+  %1418 = getelementptr inbounds float, ptr %1356, i64 %1408
+  %1419 = load float, ptr %1418, align 4
+  %1420 = insertelement <8 x float> poison, float %1419, i32 0
+  %1421 = shufflevector <8 x float> %1420, <8 x float> poison, <8 x i32> zeroinitializer
+  %1422 = load <8 x float>, ptr %acc00095, align 4
+  %1423 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1421, <8 x float> %b0110, <8 x float> %1422)
+  store <8 x float> %1423, ptr %acc00095, align 4
+  %1424 = load <8 x float>, ptr %acc00196, align 4
+  %1425 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1421, <8 x float> %b1111, <8 x float> %1424)
+  store <8 x float> %1425, ptr %acc00196, align 4
+  %1426 = getelementptr inbounds float, ptr %1381, i64 %1408
+  %1427 = load float, ptr %1426, align 4
+  %1428 = insertelement <8 x float> poison, float %1427, i32 0
+  %1429 = shufflevector <8 x float> %1428, <8 x float> poison, <8 x i32> zeroinitializer
+  %1430 = load <8 x float>, ptr %acc01097, align 4
+  %1431 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1429, <8 x float> %b0110, <8 x float> %1430)
+  store <8 x float> %1431, ptr %acc01097, align 4
+  %1432 = load <8 x float>, ptr %acc01198, align 4
+  %1433 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1429, <8 x float> %b1111, <8 x float> %1432)
+  store <8 x float> %1433, ptr %acc01198, align 4
+  %1434 = add nsw i64 %k107, 1
+  br label %k.head104
 
-k.end102:                                         ; preds = %k.head100
-  %1440 = xor i1 %klast, true
-  br i1 %1440, label %part.then108, label %part.end109
+k.end106:                                         ; preds = %k.head104
+  %1435 = xor i1 %klast, true
+  br i1 %1435, label %part.then112, label %part.end113
 
-part.then108:                                     ; preds = %k.end102
-  %1441 = add nsw i64 %r01, 0
-  %1442 = sub nsw i64 %kb.p, %kb.pg
-  %1443 = sub nsw i64 %1441, %kb.rc
-  %1444 = mul nsw i64 %1443, 16
-  %1445 = add nsw i64 %1444, %1442
-  %1446 = mul nsw i64 %1445, 16
-  %1447 = getelementptr inbounds float, ptr %part, i64 %1446
-  %1448 = getelementptr inbounds float, ptr %1447, i64 0
-  %1449 = load <8 x float>, ptr %acc00092, align 4
-  store <8 x float> %1449, ptr %1448, align 4
-  %1450 = sub nsw i64 %kb.p, %kb.pg
-  %1451 = sub nsw i64 %1441, %kb.rc
-  %1452 = mul nsw i64 %1451, 16
-  %1453 = add nsw i64 %1452, %1450
-  %1454 = mul nsw i64 %1453, 16
-  %1455 = getelementptr inbounds float, ptr %part, i64 %1454
-  %1456 = getelementptr inbounds float, ptr %1455, i64 8
-  %1457 = load <8 x float>, ptr %acc00193, align 4
-  store <8 x float> %1457, ptr %1456, align 4
-  %1458 = add nsw i64 %r01, 1
-  %1459 = sub nsw i64 %kb.p, %kb.pg
-  %1460 = sub nsw i64 %1458, %kb.rc
-  %1461 = mul nsw i64 %1460, 16
-  %1462 = add nsw i64 %1461, %1459
-  %1463 = mul nsw i64 %1462, 16
-  %1464 = getelementptr inbounds float, ptr %part, i64 %1463
-  %1465 = getelementptr inbounds float, ptr %1464, i64 0
-  %1466 = load <8 x float>, ptr %acc01094, align 4
-  store <8 x float> %1466, ptr %1465, align 4
-  %1467 = sub nsw i64 %kb.p, %kb.pg
-  %1468 = sub nsw i64 %1458, %kb.rc
-  %1469 = mul nsw i64 %1468, 16
-  %1470 = add nsw i64 %1469, %1467
-  %1471 = mul nsw i64 %1470, 16
-  %1472 = getelementptr inbounds float, ptr %part, i64 %1471
-  %1473 = getelementptr inbounds float, ptr %1472, i64 8
-  %1474 = load <8 x float>, ptr %acc01195, align 4
-  store <8 x float> %1474, ptr %1473, align 4
-  br label %part.end109
+part.then112:                                     ; preds = %k.end106
+  %1436 = add nsw i64 %r01, 0
+  %1437 = sub nsw i64 %kb.p, %kb.pg
+  %1438 = sub nsw i64 %1436, %kb.rc
+  %1439 = mul nsw i64 %1438, 16
+  %1440 = add nsw i64 %1439, %1437
+  %1441 = mul nsw i64 %1440, 16
+  %1442 = getelementptr inbounds float, ptr %part, i64 %1441
+  %1443 = getelementptr inbounds float, ptr %1442, i64 0
+  %1444 = load <8 x float>, ptr %acc00095, align 4
+  store <8 x float> %1444, ptr %1443, align 4
+  %1445 = sub nsw i64 %kb.p, %kb.pg
+  %1446 = sub nsw i64 %1436, %kb.rc
+  %1447 = mul nsw i64 %1446, 16
+  %1448 = add nsw i64 %1447, %1445
+  %1449 = mul nsw i64 %1448, 16
+  %1450 = getelementptr inbounds float, ptr %part, i64 %1449
+  %1451 = getelementptr inbounds float, ptr %1450, i64 8
+  %1452 = load <8 x float>, ptr %acc00196, align 4
+  store <8 x float> %1452, ptr %1451, align 4
+  %1453 = add nsw i64 %r01, 1
+  %1454 = sub nsw i64 %kb.p, %kb.pg
+  %1455 = sub nsw i64 %1453, %kb.rc
+  %1456 = mul nsw i64 %1455, 16
+  %1457 = add nsw i64 %1456, %1454
+  %1458 = mul nsw i64 %1457, 16
+  %1459 = getelementptr inbounds float, ptr %part, i64 %1458
+  %1460 = getelementptr inbounds float, ptr %1459, i64 0
+  %1461 = load <8 x float>, ptr %acc01097, align 4
+  store <8 x float> %1461, ptr %1460, align 4
+  %1462 = sub nsw i64 %kb.p, %kb.pg
+  %1463 = sub nsw i64 %1453, %kb.rc
+  %1464 = mul nsw i64 %1463, 16
+  %1465 = add nsw i64 %1464, %1462
+  %1466 = mul nsw i64 %1465, 16
+  %1467 = getelementptr inbounds float, ptr %part, i64 %1466
+  %1468 = getelementptr inbounds float, ptr %1467, i64 8
+  %1469 = load <8 x float>, ptr %acc01198, align 4
+  store <8 x float> %1469, ptr %1468, align 4
+  br label %part.end113
 
-part.end109:                                      ; preds = %part.then108, %k.end102
-  br i1 %klast, label %last.then110, label %last.end111
+part.end113:                                      ; preds = %part.then112, %k.end106
+  br i1 %klast, label %last.then114, label %last.end115
 
-last.then110:                                     ; preds = %part.end109
-  %1475 = add nsw i64 %r01, 0
-  %1476 = getelementptr inbounds float, ptr %rw, i64 %1475
-  %1477 = load float, ptr %1476, align 4
-  %1478 = insertelement <8 x float> poison, float %1477, i32 0
-  %1479 = shufflevector <8 x float> %1478, <8 x float> poison, <8 x i32> zeroinitializer
-  %1480 = mul nsw i64 %1475, 3072
-  %1481 = getelementptr inbounds float, ptr %h, i64 %1480
-  %col112 = mul nsw i64 %kb.p, 16
-  %1482 = load <8 x float>, ptr %acc00092, align 4
-  %1483 = load <8 x float>, ptr %acc00193, align 4
-  %1484 = add nsw i64 %col112, 0
-  %1485 = fcmp ogt <8 x float> %1482, zeroinitializer
-  %1486 = select <8 x i1> %1485, <8 x float> %1482, <8 x float> zeroinitializer
-  %1487 = fmul <8 x float> %1486, %1479
-  %1488 = getelementptr inbounds float, ptr %1481, i64 %1484
+last.then114:                                     ; preds = %part.end113
+  %1470 = add nsw i64 %r01, 0
+  %1471 = getelementptr inbounds float, ptr %rw, i64 %1470
+  %1472 = load float, ptr %1471, align 4
+  %1473 = insertelement <8 x float> poison, float %1472, i32 0
+  %1474 = shufflevector <8 x float> %1473, <8 x float> poison, <8 x i32> zeroinitializer
+  %1475 = mul nsw i64 %1470, 3072
+  %1476 = getelementptr inbounds float, ptr %h, i64 %1475
+  %col116 = mul nsw i64 %kb.p, 16
+  %1477 = load <8 x float>, ptr %acc00095, align 4
+  %1478 = load <8 x float>, ptr %acc00196, align 4
+  %1479 = add nsw i64 %col116, 0
+  %1480 = fcmp ogt <8 x float> %1477, zeroinitializer
+  %1481 = select <8 x i1> %1480, <8 x float> %1477, <8 x float> zeroinitializer
+  %1482 = fmul <8 x float> %1481, %1474
+  %1483 = getelementptr inbounds float, ptr %1476, i64 %1479
+  store <8 x float> %1482, ptr %1483, align 4
+  %1484 = add nsw i64 %col116, 8
+  %1485 = fcmp ogt <8 x float> %1478, zeroinitializer
+  %1486 = select <8 x i1> %1485, <8 x float> %1478, <8 x float> zeroinitializer
+  %1487 = fmul <8 x float> %1486, %1474
+  %1488 = getelementptr inbounds float, ptr %1476, i64 %1484
   store <8 x float> %1487, ptr %1488, align 4
-  %1489 = add nsw i64 %col112, 8
-  %1490 = fcmp ogt <8 x float> %1483, zeroinitializer
-  %1491 = select <8 x i1> %1490, <8 x float> %1483, <8 x float> zeroinitializer
-  %1492 = fmul <8 x float> %1491, %1479
-  %1493 = getelementptr inbounds float, ptr %1481, i64 %1489
-  store <8 x float> %1492, ptr %1493, align 4
-  %1494 = add nsw i64 %r01, 1
-  %1495 = getelementptr inbounds float, ptr %rw, i64 %1494
-  %1496 = load float, ptr %1495, align 4
-  %1497 = insertelement <8 x float> poison, float %1496, i32 0
-  %1498 = shufflevector <8 x float> %1497, <8 x float> poison, <8 x i32> zeroinitializer
-  %1499 = mul nsw i64 %1494, 3072
-  %1500 = getelementptr inbounds float, ptr %h, i64 %1499
-  %col113 = mul nsw i64 %kb.p, 16
-  %1501 = load <8 x float>, ptr %acc01094, align 4
-  %1502 = load <8 x float>, ptr %acc01195, align 4
-  %1503 = add nsw i64 %col113, 0
-  %1504 = fcmp ogt <8 x float> %1501, zeroinitializer
-  %1505 = select <8 x i1> %1504, <8 x float> %1501, <8 x float> zeroinitializer
-  %1506 = fmul <8 x float> %1505, %1498
-  %1507 = getelementptr inbounds float, ptr %1500, i64 %1503
+  %1489 = add nsw i64 %r01, 1
+  %1490 = getelementptr inbounds float, ptr %rw, i64 %1489
+  %1491 = load float, ptr %1490, align 4
+  %1492 = insertelement <8 x float> poison, float %1491, i32 0
+  %1493 = shufflevector <8 x float> %1492, <8 x float> poison, <8 x i32> zeroinitializer
+  %1494 = mul nsw i64 %1489, 3072
+  %1495 = getelementptr inbounds float, ptr %h, i64 %1494
+  %col117 = mul nsw i64 %kb.p, 16
+  %1496 = load <8 x float>, ptr %acc01097, align 4
+  %1497 = load <8 x float>, ptr %acc01198, align 4
+  %1498 = add nsw i64 %col117, 0
+  %1499 = fcmp ogt <8 x float> %1496, zeroinitializer
+  %1500 = select <8 x i1> %1499, <8 x float> %1496, <8 x float> zeroinitializer
+  %1501 = fmul <8 x float> %1500, %1493
+  %1502 = getelementptr inbounds float, ptr %1495, i64 %1498
+  store <8 x float> %1501, ptr %1502, align 4
+  %1503 = add nsw i64 %col117, 8
+  %1504 = fcmp ogt <8 x float> %1497, zeroinitializer
+  %1505 = select <8 x i1> %1504, <8 x float> %1497, <8 x float> zeroinitializer
+  %1506 = fmul <8 x float> %1505, %1493
+  %1507 = getelementptr inbounds float, ptr %1495, i64 %1503
   store <8 x float> %1506, ptr %1507, align 4
-  %1508 = add nsw i64 %col113, 8
-  %1509 = fcmp ogt <8 x float> %1502, zeroinitializer
-  %1510 = select <8 x i1> %1509, <8 x float> %1502, <8 x float> zeroinitializer
-  %1511 = fmul <8 x float> %1510, %1498
-  %1512 = getelementptr inbounds float, ptr %1500, i64 %1508
-  store <8 x float> %1511, ptr %1512, align 4
-  br label %last.end111
+  br label %last.end115
 
-last.end111:                                      ; preds = %last.then110, %part.end109
+last.end115:                                      ; preds = %last.then114, %part.end113
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
-  %1513 = add nsw i64 %r01, 0
-  %1514 = getelementptr inbounds i32, ptr %rows, i64 %1513
-  %1515 = load i32, ptr %1514, align 4
-  %1516 = sext i32 %1515 to i64
-  %1517 = mul nsw i64 %1516, 768
-  %1518 = add nsw i64 %1517, %k0
-  %1519 = getelementptr inbounds float, ptr %x, i64 %1518
-  %1520 = sub nsw i64 %kb.p, %kb.pg
-  %1521 = sub nsw i64 %1513, %kb.rc
-  %1522 = mul nsw i64 %1521, 16
-  %1523 = add nsw i64 %1522, %1520
-  %1524 = mul nsw i64 %1523, 16
-  %1525 = getelementptr inbounds float, ptr %part, i64 %1524
-  %1526 = getelementptr inbounds float, ptr %1525, i64 0
-  %1527 = load <8 x float>, ptr %1526, align 4
-  %1528 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1527
-  store <8 x float> %1528, ptr %acc000114, align 4
-  %1529 = sub nsw i64 %kb.p, %kb.pg
-  %1530 = sub nsw i64 %1513, %kb.rc
-  %1531 = mul nsw i64 %1530, 16
-  %1532 = add nsw i64 %1531, %1529
-  %1533 = mul nsw i64 %1532, 16
-  %1534 = getelementptr inbounds float, ptr %part, i64 %1533
-  %1535 = getelementptr inbounds float, ptr %1534, i64 8
-  %1536 = load <8 x float>, ptr %1535, align 4
-  %1537 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1536
-  store <8 x float> %1537, ptr %acc001115, align 4
-  %1538 = mul nsw i64 %k0, 16
-  %1539 = mul nsw i64 %kb.p, 12288
-  %panel.off116 = add nsw i64 %1539, %1538
-  %1540 = getelementptr inbounds i16, ptr %panels, i64 %panel.off116
-  %pf.on117 = and i1 %pf.on, %pf.next
-  %1541 = mul nsw i64 %rb, 8192
-  %1542 = lshr i64 %1541, %25
-  %1543 = add nsw i64 %pf.step, %1542
-  %1544 = getelementptr inbounds i8, ptr %1540, i64 %1543
-  %pf118 = select i1 %pf.on117, ptr %1544, ptr %1540
-  %pf.sh119 = select i1 %pf.on117, i64 %25, i64 0
-  br label %k.head120
+  %1508 = add nsw i64 %r01, 0
+  %1509 = getelementptr inbounds i32, ptr %rows, i64 %1508
+  %1510 = load i32, ptr %1509, align 4
+  %1511 = sext i32 %1510 to i64
+  %1512 = mul nsw i64 %1511, 768
+  %1513 = add nsw i64 %1512, %k0
+  %1514 = getelementptr inbounds float, ptr %x, i64 %1513
+  %1515 = sub nsw i64 %kb.p, %kb.pg
+  %1516 = sub nsw i64 %1508, %kb.rc
+  %1517 = mul nsw i64 %1516, 16
+  %1518 = add nsw i64 %1517, %1515
+  %1519 = mul nsw i64 %1518, 16
+  %1520 = getelementptr inbounds float, ptr %part, i64 %1519
+  %1521 = getelementptr inbounds float, ptr %1520, i64 0
+  %1522 = load <8 x float>, ptr %1521, align 4
+  %1523 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1522
+  store <8 x float> %1523, ptr %acc000118, align 4
+  %1524 = sub nsw i64 %kb.p, %kb.pg
+  %1525 = sub nsw i64 %1508, %kb.rc
+  %1526 = mul nsw i64 %1525, 16
+  %1527 = add nsw i64 %1526, %1524
+  %1528 = mul nsw i64 %1527, 16
+  %1529 = getelementptr inbounds float, ptr %part, i64 %1528
+  %1530 = getelementptr inbounds float, ptr %1529, i64 8
+  %1531 = load <8 x float>, ptr %1530, align 4
+  %1532 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1531
+  store <8 x float> %1532, ptr %acc001119, align 4
+  %panel.off120 = mul nsw i64 %kb.p, 12288
+  %1533 = mul nsw i64 %k0, 16
+  %slice.off121 = add nsw i64 %panel.off120, %1533
+  %1534 = getelementptr inbounds i16, ptr %panels, i64 %slice.off121
+  %pf.on122 = and i1 %pf.on, %pf.next
+  %1535 = mul nsw i64 %rb, 8192
+  %1536 = lshr i64 %1535, %25
+  %1537 = add nsw i64 %pf.step, %1536
+  %1538 = getelementptr inbounds i8, ptr %1534, i64 %1537
+  %pf123 = select i1 %pf.on122, ptr %1538, ptr %1534
+  %pf.sh124 = select i1 %pf.on122, i64 %25, i64 0
+  br label %k.head125
 
-k.head120:                                        ; preds = %pf.any.end125, %tile.mr1
-  %k123 = phi i64 [ 0, %tile.mr1 ], [ %1565, %pf.any.end125 ]
-  %1545 = icmp slt i64 %k123, 256
-  br i1 %1545, label %k.body121, label %k.end122
+k.head125:                                        ; preds = %pf.any.end130, %tile.mr1
+  %k128 = phi i64 [ 0, %tile.mr1 ], [ %1559, %pf.any.end130 ]
+  %1539 = icmp slt i64 %k128, 256
+  br i1 %1539, label %k.body126, label %k.end127
 
-k.body121:                                        ; preds = %k.head120
-  %1546 = mul nsw i64 %k123, 1
-  %1547 = add nsw i64 %1546, 0
-  %1548 = mul nsw i64 %1547, 32
-  br i1 %pf.multi, label %pf.any.then124, label %pf.any.end125
+k.body126:                                        ; preds = %k.head125
+  %1540 = mul nsw i64 %k128, 1
+  %1541 = add nsw i64 %1540, 0
+  %1542 = mul nsw i64 %1541, 32
+  br i1 %pf.multi, label %pf.any.then129, label %pf.any.end130
 
-pf.any.then124:                                   ; preds = %k.body121
-  %1549 = lshr i64 %1548, %pf.sh119
-  %1550 = getelementptr inbounds i8, ptr %pf118, i64 %1549
-  call void @llvm.prefetch.p0(ptr %1550, i32 0, i32 2, i32 1)
-  br label %pf.any.end125
+pf.any.then129:                                   ; preds = %k.body126
+  %1543 = lshr i64 %1542, %pf.sh124
+  %1544 = getelementptr inbounds i8, ptr %pf123, i64 %1543
+  call void @llvm.prefetch.p0(ptr %1544, i32 0, i32 2, i32 1)
+  br label %pf.any.end130
 
-pf.any.end125:                                    ; preds = %pf.any.then124, %k.body121
-  %1551 = mul nsw i64 %1547, 16
-  %1552 = add nsw i64 %panel.off116, %1551
-  %1553 = getelementptr inbounds i16, ptr %panels, i64 %1552
-  %1554 = load <8 x i32>, ptr %1553, align 4
-  %1555 = shl <8 x i32> %1554, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0126 = bitcast <8 x i32> %1555 to <8 x float>
-  %1556 = and <8 x i32> %1554, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1127 = bitcast <8 x i32> %1556 to <8 x float>
-  %1557 = getelementptr inbounds float, ptr %1519, i64 %1547
-  %1558 = load float, ptr %1557, align 4
-  %1559 = insertelement <8 x float> poison, float %1558, i32 0
-  %1560 = shufflevector <8 x float> %1559, <8 x float> poison, <8 x i32> zeroinitializer
-  %1561 = load <8 x float>, ptr %acc000114, align 4
-  %1562 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1560, <8 x float> %b0126, <8 x float> %1561)
-  store <8 x float> %1562, ptr %acc000114, align 4
-  %1563 = load <8 x float>, ptr %acc001115, align 4
-  %1564 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1560, <8 x float> %b1127, <8 x float> %1563)
-  store <8 x float> %1564, ptr %acc001115, align 4
-  %1565 = add nsw i64 %k123, 1
-  br label %k.head120
+pf.any.end130:                                    ; preds = %pf.any.then129, %k.body126
+  %1545 = mul nsw i64 %1541, 16
+  %1546 = add nsw i64 %slice.off121, %1545
+  %1547 = getelementptr inbounds i16, ptr %panels, i64 %1546
+  %1548 = load <8 x i32>, ptr %1547, align 4
+  %1549 = shl <8 x i32> %1548, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0131 = bitcast <8 x i32> %1549 to <8 x float>
+  %1550 = and <8 x i32> %1548, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1132 = bitcast <8 x i32> %1550 to <8 x float>
+  %1551 = getelementptr inbounds float, ptr %1514, i64 %1541
+  %1552 = load float, ptr %1551, align 4
+  %1553 = insertelement <8 x float> poison, float %1552, i32 0
+  %1554 = shufflevector <8 x float> %1553, <8 x float> poison, <8 x i32> zeroinitializer
+  %1555 = load <8 x float>, ptr %acc000118, align 4
+  %1556 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1554, <8 x float> %b0131, <8 x float> %1555)
+  store <8 x float> %1556, ptr %acc000118, align 4
+  %1557 = load <8 x float>, ptr %acc001119, align 4
+  %1558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1554, <8 x float> %b1132, <8 x float> %1557)
+  store <8 x float> %1558, ptr %acc001119, align 4
+  %1559 = add nsw i64 %k128, 1
+  br label %k.head125
 
-k.end122:                                         ; preds = %k.head120
-  %1566 = xor i1 %klast, true
-  br i1 %1566, label %part.then128, label %part.end129
+k.end127:                                         ; preds = %k.head125
+  %1560 = xor i1 %klast, true
+  br i1 %1560, label %part.then133, label %part.end134
 
-part.then128:                                     ; preds = %k.end122
-  %1567 = add nsw i64 %r01, 0
-  %1568 = sub nsw i64 %kb.p, %kb.pg
-  %1569 = sub nsw i64 %1567, %kb.rc
-  %1570 = mul nsw i64 %1569, 16
-  %1571 = add nsw i64 %1570, %1568
+part.then133:                                     ; preds = %k.end127
+  %1561 = add nsw i64 %r01, 0
+  %1562 = sub nsw i64 %kb.p, %kb.pg
+  %1563 = sub nsw i64 %1561, %kb.rc
+  %1564 = mul nsw i64 %1563, 16
+  %1565 = add nsw i64 %1564, %1562
+  %1566 = mul nsw i64 %1565, 16
+  %1567 = getelementptr inbounds float, ptr %part, i64 %1566
+  %1568 = getelementptr inbounds float, ptr %1567, i64 0
+  %1569 = load <8 x float>, ptr %acc000118, align 4
+  store <8 x float> %1569, ptr %1568, align 4
+  %1570 = sub nsw i64 %kb.p, %kb.pg
+  %1571 = sub nsw i64 %1561, %kb.rc
   %1572 = mul nsw i64 %1571, 16
-  %1573 = getelementptr inbounds float, ptr %part, i64 %1572
-  %1574 = getelementptr inbounds float, ptr %1573, i64 0
-  %1575 = load <8 x float>, ptr %acc000114, align 4
-  store <8 x float> %1575, ptr %1574, align 4
-  %1576 = sub nsw i64 %kb.p, %kb.pg
-  %1577 = sub nsw i64 %1567, %kb.rc
-  %1578 = mul nsw i64 %1577, 16
-  %1579 = add nsw i64 %1578, %1576
-  %1580 = mul nsw i64 %1579, 16
-  %1581 = getelementptr inbounds float, ptr %part, i64 %1580
-  %1582 = getelementptr inbounds float, ptr %1581, i64 8
-  %1583 = load <8 x float>, ptr %acc001115, align 4
-  store <8 x float> %1583, ptr %1582, align 4
-  br label %part.end129
+  %1573 = add nsw i64 %1572, %1570
+  %1574 = mul nsw i64 %1573, 16
+  %1575 = getelementptr inbounds float, ptr %part, i64 %1574
+  %1576 = getelementptr inbounds float, ptr %1575, i64 8
+  %1577 = load <8 x float>, ptr %acc001119, align 4
+  store <8 x float> %1577, ptr %1576, align 4
+  br label %part.end134
 
-part.end129:                                      ; preds = %part.then128, %k.end122
-  br i1 %klast, label %last.then130, label %last.end131
+part.end134:                                      ; preds = %part.then133, %k.end127
+  br i1 %klast, label %last.then135, label %last.end136
 
-last.then130:                                     ; preds = %part.end129
-  %1584 = add nsw i64 %r01, 0
-  %1585 = getelementptr inbounds float, ptr %rw, i64 %1584
-  %1586 = load float, ptr %1585, align 4
-  %1587 = insertelement <8 x float> poison, float %1586, i32 0
-  %1588 = shufflevector <8 x float> %1587, <8 x float> poison, <8 x i32> zeroinitializer
-  %1589 = mul nsw i64 %1584, 3072
-  %1590 = getelementptr inbounds float, ptr %h, i64 %1589
-  %col132 = mul nsw i64 %kb.p, 16
-  %1591 = load <8 x float>, ptr %acc000114, align 4
-  %1592 = load <8 x float>, ptr %acc001115, align 4
-  %1593 = add nsw i64 %col132, 0
-  %1594 = fcmp ogt <8 x float> %1591, zeroinitializer
-  %1595 = select <8 x i1> %1594, <8 x float> %1591, <8 x float> zeroinitializer
-  %1596 = fmul <8 x float> %1595, %1588
-  %1597 = getelementptr inbounds float, ptr %1590, i64 %1593
-  store <8 x float> %1596, ptr %1597, align 4
-  %1598 = add nsw i64 %col132, 8
-  %1599 = fcmp ogt <8 x float> %1592, zeroinitializer
-  %1600 = select <8 x i1> %1599, <8 x float> %1592, <8 x float> zeroinitializer
-  %1601 = fmul <8 x float> %1600, %1588
-  %1602 = getelementptr inbounds float, ptr %1590, i64 %1598
-  store <8 x float> %1601, ptr %1602, align 4
-  br label %last.end131
+last.then135:                                     ; preds = %part.end134
+  %1578 = add nsw i64 %r01, 0
+  %1579 = getelementptr inbounds float, ptr %rw, i64 %1578
+  %1580 = load float, ptr %1579, align 4
+  %1581 = insertelement <8 x float> poison, float %1580, i32 0
+  %1582 = shufflevector <8 x float> %1581, <8 x float> poison, <8 x i32> zeroinitializer
+  %1583 = mul nsw i64 %1578, 3072
+  %1584 = getelementptr inbounds float, ptr %h, i64 %1583
+  %col137 = mul nsw i64 %kb.p, 16
+  %1585 = load <8 x float>, ptr %acc000118, align 4
+  %1586 = load <8 x float>, ptr %acc001119, align 4
+  %1587 = add nsw i64 %col137, 0
+  %1588 = fcmp ogt <8 x float> %1585, zeroinitializer
+  %1589 = select <8 x i1> %1588, <8 x float> %1585, <8 x float> zeroinitializer
+  %1590 = fmul <8 x float> %1589, %1582
+  %1591 = getelementptr inbounds float, ptr %1584, i64 %1587
+  store <8 x float> %1590, ptr %1591, align 4
+  %1592 = add nsw i64 %col137, 8
+  %1593 = fcmp ogt <8 x float> %1586, zeroinitializer
+  %1594 = select <8 x i1> %1593, <8 x float> %1586, <8 x float> zeroinitializer
+  %1595 = fmul <8 x float> %1594, %1582
+  %1596 = getelementptr inbounds float, ptr %1584, i64 %1592
+  store <8 x float> %1595, ptr %1596, align 4
+  br label %last.end136
 
-last.end131:                                      ; preds = %last.then130, %part.end129
+last.end136:                                      ; preds = %last.then135, %part.end134
   br label %tile.done
 
-tile.done:                                        ; preds = %last.end131, %last.end111, %last.end88, %last.end62, %last.end33, %last.end
-  %1603 = add nsw i64 %rb, 1
+tile.done:                                        ; preds = %last.end136, %last.end115, %last.end91, %last.end64, %last.end34, %last.end
+  %1597 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %1604 = add nsw i64 %kb.p, 1
+  %1598 = add nsw i64 %kb.p, 1
   br label %kb.p.head
 
 kb.p.end:                                         ; preds = %kb.p.head
-  %1605 = add nsw i64 %kb.k, 1
+  %1599 = add nsw i64 %kb.k, 1
   br label %kb.k.head
 
 kb.k.end:                                         ; preds = %kb.k.head
-  %1606 = add nsw i64 %kb.pg, 16
+  %1600 = add nsw i64 %kb.pg, 16
   br label %kb.pg.head
 
 kb.pg.end:                                        ; preds = %kb.pg.head
-  %1607 = add nsw i64 %kb.rc, 96
+  %1601 = add nsw i64 %kb.rc, 96
   br label %kb.rc.head
 
 kb.rc.end:                                        ; preds = %kb.rc.head
@@ -3070,1195 +3070,1189 @@ kb.rc.end:                                        ; preds = %kb.rc.head
 flat:                                             ; preds = %start
   br label %p.head
 
-p.head:                                           ; preds = %rb.end136, %flat
-  %p = phi i64 [ %p0, %flat ], [ %2463, %rb.end136 ]
-  %1608 = icmp slt i64 %p, %p1
-  br i1 %1608, label %p.body, label %p.end
+p.head:                                           ; preds = %rb.end141, %flat
+  %p = phi i64 [ %p0, %flat ], [ %2451, %rb.end141 ]
+  %1602 = icmp slt i64 %p, %p1
+  br i1 %1602, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
-  %1609 = add nsw i64 %n, 5
-  %nrb133 = sdiv i64 %1609, 6
-  br label %rb.head134
+  %1603 = add nsw i64 %n, 5
+  %nrb138 = sdiv i64 %1603, 6
+  br label %rb.head139
 
-rb.head134:                                       ; preds = %tile.done141, %p.body
-  %rb137 = phi i64 [ 0, %p.body ], [ %2462, %tile.done141 ]
-  %1610 = icmp slt i64 %rb137, %nrb133
-  br i1 %1610, label %rb.body135, label %rb.end136
+rb.head139:                                       ; preds = %tile.done146, %p.body
+  %rb142 = phi i64 [ 0, %p.body ], [ %2450, %tile.done146 ]
+  %1604 = icmp slt i64 %rb142, %nrb138
+  br i1 %1604, label %rb.body140, label %rb.end141
 
-rb.body135:                                       ; preds = %rb.head134
-  %1611 = mul nsw i64 %rb137, %n
-  %r0138 = sdiv i64 %1611, %nrb133
-  %1612 = add nsw i64 %rb137, 1
-  %1613 = mul nsw i64 %1612, %n
-  %r1139 = sdiv i64 %1613, %nrb133
-  %mr140 = sub nsw i64 %r1139, %r0138
-  %1614 = icmp sge i64 %nrb133, 2
-  %1615 = select i1 %1614, i64 1, i64 0
-  %1616 = icmp sge i64 %nrb133, 4
-  %1617 = select i1 %1616, i64 2, i64 %1615
-  %1618 = icmp sge i64 %nrb133, 8
-  %1619 = select i1 %1618, i64 3, i64 %1617
-  %pf.multi148 = icmp sgt i64 %nrb133, 1
-  %1620 = shl i64 1, %1619
-  %1621 = icmp slt i64 %rb137, %1620
-  %pf.on149 = and i1 %pf.multi148, %1621
-  switch i64 %mr140, label %tile.mr6147 [
-    i64 1, label %tile.mr1142
-    i64 2, label %tile.mr2143
-    i64 3, label %tile.mr3144
-    i64 4, label %tile.mr4145
-    i64 5, label %tile.mr5146
+rb.body140:                                       ; preds = %rb.head139
+  %1605 = mul nsw i64 %rb142, %n
+  %r0143 = sdiv i64 %1605, %nrb138
+  %1606 = add nsw i64 %rb142, 1
+  %1607 = mul nsw i64 %1606, %n
+  %r1144 = sdiv i64 %1607, %nrb138
+  %mr145 = sub nsw i64 %r1144, %r0143
+  %1608 = icmp sge i64 %nrb138, 2
+  %1609 = select i1 %1608, i64 1, i64 0
+  %1610 = icmp sge i64 %nrb138, 4
+  %1611 = select i1 %1610, i64 2, i64 %1609
+  %1612 = icmp sge i64 %nrb138, 8
+  %1613 = select i1 %1612, i64 3, i64 %1611
+  %pf.multi153 = icmp sgt i64 %nrb138, 1
+  %1614 = shl i64 1, %1613
+  %1615 = icmp slt i64 %rb142, %1614
+  %pf.on154 = and i1 %pf.multi153, %1615
+  switch i64 %mr145, label %tile.mr6152 [
+    i64 1, label %tile.mr1147
+    i64 2, label %tile.mr2148
+    i64 3, label %tile.mr3149
+    i64 4, label %tile.mr4150
+    i64 5, label %tile.mr5151
   ]
 
-tile.mr6147:                                      ; preds = %rb.body135
-  %1622 = add nsw i64 %r0138, 0
-  %1623 = getelementptr inbounds i32, ptr %rows, i64 %1622
-  %1624 = load i32, ptr %1623, align 4
-  %1625 = sext i32 %1624 to i64
-  %1626 = mul nsw i64 %1625, 768
-  %1627 = add nsw i64 %1626, 0
-  %1628 = getelementptr inbounds float, ptr %x, i64 %1627
-  store <8 x float> zeroinitializer, ptr %acc000150, align 4
-  store <8 x float> zeroinitializer, ptr %acc001151, align 4
-  %1629 = add nsw i64 %r0138, 1
-  %1630 = getelementptr inbounds i32, ptr %rows, i64 %1629
-  %1631 = load i32, ptr %1630, align 4
-  %1632 = sext i32 %1631 to i64
-  %1633 = mul nsw i64 %1632, 768
-  %1634 = add nsw i64 %1633, 0
-  %1635 = getelementptr inbounds float, ptr %x, i64 %1634
-  store <8 x float> zeroinitializer, ptr %acc010152, align 4
-  store <8 x float> zeroinitializer, ptr %acc011153, align 4
-  %1636 = add nsw i64 %r0138, 2
-  %1637 = getelementptr inbounds i32, ptr %rows, i64 %1636
-  %1638 = load i32, ptr %1637, align 4
-  %1639 = sext i32 %1638 to i64
-  %1640 = mul nsw i64 %1639, 768
-  %1641 = add nsw i64 %1640, 0
-  %1642 = getelementptr inbounds float, ptr %x, i64 %1641
-  store <8 x float> zeroinitializer, ptr %acc020154, align 4
-  store <8 x float> zeroinitializer, ptr %acc021155, align 4
-  %1643 = add nsw i64 %r0138, 3
-  %1644 = getelementptr inbounds i32, ptr %rows, i64 %1643
-  %1645 = load i32, ptr %1644, align 4
-  %1646 = sext i32 %1645 to i64
-  %1647 = mul nsw i64 %1646, 768
-  %1648 = add nsw i64 %1647, 0
-  %1649 = getelementptr inbounds float, ptr %x, i64 %1648
-  store <8 x float> zeroinitializer, ptr %acc030156, align 4
-  store <8 x float> zeroinitializer, ptr %acc031157, align 4
-  %1650 = add nsw i64 %r0138, 4
-  %1651 = getelementptr inbounds i32, ptr %rows, i64 %1650
-  %1652 = load i32, ptr %1651, align 4
-  %1653 = sext i32 %1652 to i64
-  %1654 = mul nsw i64 %1653, 768
-  %1655 = add nsw i64 %1654, 0
-  %1656 = getelementptr inbounds float, ptr %x, i64 %1655
-  store <8 x float> zeroinitializer, ptr %acc040158, align 4
-  store <8 x float> zeroinitializer, ptr %acc041159, align 4
-  %1657 = add nsw i64 %r0138, 5
-  %1658 = getelementptr inbounds i32, ptr %rows, i64 %1657
-  %1659 = load i32, ptr %1658, align 4
-  %1660 = sext i32 %1659 to i64
-  %1661 = mul nsw i64 %1660, 768
-  %1662 = add nsw i64 %1661, 0
-  %1663 = getelementptr inbounds float, ptr %x, i64 %1662
-  store <8 x float> zeroinitializer, ptr %acc050160, align 4
-  store <8 x float> zeroinitializer, ptr %acc051161, align 4
-  %1664 = mul nsw i64 %p, 12288
-  %panel.off162 = add nsw i64 %1664, 0
-  %1665 = getelementptr inbounds i16, ptr %panels, i64 %panel.off162
-  %1666 = add nsw i64 %p, 1
-  %1667 = icmp slt i64 %1666, %p1
-  %pf.on163 = and i1 %pf.on149, %1667
-  %1668 = mul nsw i64 %rb137, 24576
-  %1669 = lshr i64 %1668, %1619
-  %1670 = add nsw i64 24576, %1669
-  %1671 = getelementptr inbounds i8, ptr %1665, i64 %1670
-  %pf164 = select i1 %pf.on163, ptr %1671, ptr %1665
-  %pf.sh165 = select i1 %pf.on163, i64 %1619, i64 0
-  br label %k.head166
+tile.mr6152:                                      ; preds = %rb.body140
+  %1616 = add nsw i64 %r0143, 0
+  %1617 = getelementptr inbounds i32, ptr %rows, i64 %1616
+  %1618 = load i32, ptr %1617, align 4
+  %1619 = sext i32 %1618 to i64
+  %1620 = mul nsw i64 %1619, 768
+  %1621 = add nsw i64 %1620, 0
+  %1622 = getelementptr inbounds float, ptr %x, i64 %1621
+  store <8 x float> zeroinitializer, ptr %acc000155, align 4
+  store <8 x float> zeroinitializer, ptr %acc001156, align 4
+  %1623 = add nsw i64 %r0143, 1
+  %1624 = getelementptr inbounds i32, ptr %rows, i64 %1623
+  %1625 = load i32, ptr %1624, align 4
+  %1626 = sext i32 %1625 to i64
+  %1627 = mul nsw i64 %1626, 768
+  %1628 = add nsw i64 %1627, 0
+  %1629 = getelementptr inbounds float, ptr %x, i64 %1628
+  store <8 x float> zeroinitializer, ptr %acc010157, align 4
+  store <8 x float> zeroinitializer, ptr %acc011158, align 4
+  %1630 = add nsw i64 %r0143, 2
+  %1631 = getelementptr inbounds i32, ptr %rows, i64 %1630
+  %1632 = load i32, ptr %1631, align 4
+  %1633 = sext i32 %1632 to i64
+  %1634 = mul nsw i64 %1633, 768
+  %1635 = add nsw i64 %1634, 0
+  %1636 = getelementptr inbounds float, ptr %x, i64 %1635
+  store <8 x float> zeroinitializer, ptr %acc020159, align 4
+  store <8 x float> zeroinitializer, ptr %acc021160, align 4
+  %1637 = add nsw i64 %r0143, 3
+  %1638 = getelementptr inbounds i32, ptr %rows, i64 %1637
+  %1639 = load i32, ptr %1638, align 4
+  %1640 = sext i32 %1639 to i64
+  %1641 = mul nsw i64 %1640, 768
+  %1642 = add nsw i64 %1641, 0
+  %1643 = getelementptr inbounds float, ptr %x, i64 %1642
+  store <8 x float> zeroinitializer, ptr %acc030161, align 4
+  store <8 x float> zeroinitializer, ptr %acc031162, align 4
+  %1644 = add nsw i64 %r0143, 4
+  %1645 = getelementptr inbounds i32, ptr %rows, i64 %1644
+  %1646 = load i32, ptr %1645, align 4
+  %1647 = sext i32 %1646 to i64
+  %1648 = mul nsw i64 %1647, 768
+  %1649 = add nsw i64 %1648, 0
+  %1650 = getelementptr inbounds float, ptr %x, i64 %1649
+  store <8 x float> zeroinitializer, ptr %acc040163, align 4
+  store <8 x float> zeroinitializer, ptr %acc041164, align 4
+  %1651 = add nsw i64 %r0143, 5
+  %1652 = getelementptr inbounds i32, ptr %rows, i64 %1651
+  %1653 = load i32, ptr %1652, align 4
+  %1654 = sext i32 %1653 to i64
+  %1655 = mul nsw i64 %1654, 768
+  %1656 = add nsw i64 %1655, 0
+  %1657 = getelementptr inbounds float, ptr %x, i64 %1656
+  store <8 x float> zeroinitializer, ptr %acc050165, align 4
+  store <8 x float> zeroinitializer, ptr %acc051166, align 4
+  %panel.off167 = mul nsw i64 %p, 12288
+  %1658 = getelementptr inbounds i16, ptr %panels, i64 %panel.off167
+  %1659 = add nsw i64 %p, 1
+  %1660 = icmp slt i64 %1659, %p1
+  %pf.on168 = and i1 %pf.on154, %1660
+  %1661 = mul nsw i64 %rb142, 24576
+  %1662 = lshr i64 %1661, %1613
+  %1663 = add nsw i64 24576, %1662
+  %1664 = getelementptr inbounds i8, ptr %1658, i64 %1663
+  %pf169 = select i1 %pf.on168, ptr %1664, ptr %1658
+  %pf.sh170 = select i1 %pf.on168, i64 %1613, i64 0
+  br label %k.head171
 
-k.head166:                                        ; preds = %pf.any.end171, %tile.mr6147
-  %k169 = phi i64 [ 0, %tile.mr6147 ], [ %1732, %pf.any.end171 ]
-  %1672 = icmp slt i64 %k169, 768
-  br i1 %1672, label %k.body167, label %k.end168
+k.head171:                                        ; preds = %pf.any.end176, %tile.mr6152
+  %k174 = phi i64 [ 0, %tile.mr6152 ], [ %1725, %pf.any.end176 ]
+  %1665 = icmp slt i64 %k174, 768
+  br i1 %1665, label %k.body172, label %k.end173
 
-k.body167:                                        ; preds = %k.head166
-  %1673 = mul nsw i64 %k169, 1
-  %1674 = add nsw i64 %1673, 0
-  %1675 = mul nsw i64 %1674, 32
-  br i1 %pf.multi148, label %pf.any.then170, label %pf.any.end171
+k.body172:                                        ; preds = %k.head171
+  %1666 = mul nsw i64 %k174, 1
+  %1667 = add nsw i64 %1666, 0
+  %1668 = mul nsw i64 %1667, 32
+  br i1 %pf.multi153, label %pf.any.then175, label %pf.any.end176
 
-pf.any.then170:                                   ; preds = %k.body167
-  %1676 = lshr i64 %1675, %pf.sh165
-  %1677 = getelementptr inbounds i8, ptr %pf164, i64 %1676
-  call void @llvm.prefetch.p0(ptr %1677, i32 0, i32 2, i32 1)
-  br label %pf.any.end171
+pf.any.then175:                                   ; preds = %k.body172
+  %1669 = lshr i64 %1668, %pf.sh170
+  %1670 = getelementptr inbounds i8, ptr %pf169, i64 %1669
+  call void @llvm.prefetch.p0(ptr %1670, i32 0, i32 2, i32 1)
+  br label %pf.any.end176
 
-pf.any.end171:                                    ; preds = %pf.any.then170, %k.body167
-  %1678 = mul nsw i64 %1674, 16
-  %1679 = add nsw i64 %panel.off162, %1678
-  %1680 = getelementptr inbounds i16, ptr %panels, i64 %1679
-  %1681 = load <8 x i32>, ptr %1680, align 4
-  %1682 = shl <8 x i32> %1681, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0172 = bitcast <8 x i32> %1682 to <8 x float>
-  %1683 = and <8 x i32> %1681, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1173 = bitcast <8 x i32> %1683 to <8 x float>
-  %1684 = getelementptr inbounds float, ptr %1628, i64 %1674
-  %1685 = load float, ptr %1684, align 4
-  %1686 = insertelement <8 x float> poison, float %1685, i32 0
-  %1687 = shufflevector <8 x float> %1686, <8 x float> poison, <8 x i32> zeroinitializer
-  %1688 = load <8 x float>, ptr %acc000150, align 4
-  %1689 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1687, <8 x float> %b0172, <8 x float> %1688)
-  store <8 x float> %1689, ptr %acc000150, align 4
-  %1690 = load <8 x float>, ptr %acc001151, align 4
-  %1691 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1687, <8 x float> %b1173, <8 x float> %1690)
-  store <8 x float> %1691, ptr %acc001151, align 4
-  %1692 = getelementptr inbounds float, ptr %1635, i64 %1674
-  %1693 = load float, ptr %1692, align 4
-  %1694 = insertelement <8 x float> poison, float %1693, i32 0
-  %1695 = shufflevector <8 x float> %1694, <8 x float> poison, <8 x i32> zeroinitializer
-  %1696 = load <8 x float>, ptr %acc010152, align 4
-  %1697 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1695, <8 x float> %b0172, <8 x float> %1696)
-  store <8 x float> %1697, ptr %acc010152, align 4
-  %1698 = load <8 x float>, ptr %acc011153, align 4
-  %1699 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1695, <8 x float> %b1173, <8 x float> %1698)
-  store <8 x float> %1699, ptr %acc011153, align 4
-  %1700 = getelementptr inbounds float, ptr %1642, i64 %1674
-  %1701 = load float, ptr %1700, align 4
-  %1702 = insertelement <8 x float> poison, float %1701, i32 0
-  %1703 = shufflevector <8 x float> %1702, <8 x float> poison, <8 x i32> zeroinitializer
-  %1704 = load <8 x float>, ptr %acc020154, align 4
-  %1705 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1703, <8 x float> %b0172, <8 x float> %1704)
-  store <8 x float> %1705, ptr %acc020154, align 4
-  %1706 = load <8 x float>, ptr %acc021155, align 4
-  %1707 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1703, <8 x float> %b1173, <8 x float> %1706)
-  store <8 x float> %1707, ptr %acc021155, align 4
-  %1708 = getelementptr inbounds float, ptr %1649, i64 %1674
-  %1709 = load float, ptr %1708, align 4
-  %1710 = insertelement <8 x float> poison, float %1709, i32 0
-  %1711 = shufflevector <8 x float> %1710, <8 x float> poison, <8 x i32> zeroinitializer
-  %1712 = load <8 x float>, ptr %acc030156, align 4
-  %1713 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1711, <8 x float> %b0172, <8 x float> %1712)
-  store <8 x float> %1713, ptr %acc030156, align 4
-  %1714 = load <8 x float>, ptr %acc031157, align 4
-  %1715 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1711, <8 x float> %b1173, <8 x float> %1714)
-  store <8 x float> %1715, ptr %acc031157, align 4
-  %1716 = getelementptr inbounds float, ptr %1656, i64 %1674
-  %1717 = load float, ptr %1716, align 4
-  %1718 = insertelement <8 x float> poison, float %1717, i32 0
-  %1719 = shufflevector <8 x float> %1718, <8 x float> poison, <8 x i32> zeroinitializer
-  %1720 = load <8 x float>, ptr %acc040158, align 4
-  %1721 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1719, <8 x float> %b0172, <8 x float> %1720)
-  store <8 x float> %1721, ptr %acc040158, align 4
-  %1722 = load <8 x float>, ptr %acc041159, align 4
-  %1723 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1719, <8 x float> %b1173, <8 x float> %1722)
-  store <8 x float> %1723, ptr %acc041159, align 4
-  %1724 = getelementptr inbounds float, ptr %1663, i64 %1674
-  %1725 = load float, ptr %1724, align 4
-  %1726 = insertelement <8 x float> poison, float %1725, i32 0
-  %1727 = shufflevector <8 x float> %1726, <8 x float> poison, <8 x i32> zeroinitializer
-  %1728 = load <8 x float>, ptr %acc050160, align 4
-  %1729 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1727, <8 x float> %b0172, <8 x float> %1728)
-  store <8 x float> %1729, ptr %acc050160, align 4
-  %1730 = load <8 x float>, ptr %acc051161, align 4
-  %1731 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1727, <8 x float> %b1173, <8 x float> %1730)
-  store <8 x float> %1731, ptr %acc051161, align 4
-  %1732 = add nsw i64 %k169, 1
-  br label %k.head166
+pf.any.end176:                                    ; preds = %pf.any.then175, %k.body172
+  %1671 = mul nsw i64 %1667, 16
+  %1672 = add nsw i64 %panel.off167, %1671
+  %1673 = getelementptr inbounds i16, ptr %panels, i64 %1672
+  %1674 = load <8 x i32>, ptr %1673, align 4
+  %1675 = shl <8 x i32> %1674, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0177 = bitcast <8 x i32> %1675 to <8 x float>
+  %1676 = and <8 x i32> %1674, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1178 = bitcast <8 x i32> %1676 to <8 x float>
+  %1677 = getelementptr inbounds float, ptr %1622, i64 %1667
+  %1678 = load float, ptr %1677, align 4
+  %1679 = insertelement <8 x float> poison, float %1678, i32 0
+  %1680 = shufflevector <8 x float> %1679, <8 x float> poison, <8 x i32> zeroinitializer
+  %1681 = load <8 x float>, ptr %acc000155, align 4
+  %1682 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1680, <8 x float> %b0177, <8 x float> %1681)
+  store <8 x float> %1682, ptr %acc000155, align 4
+  %1683 = load <8 x float>, ptr %acc001156, align 4
+  %1684 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1680, <8 x float> %b1178, <8 x float> %1683)
+  store <8 x float> %1684, ptr %acc001156, align 4
+  %1685 = getelementptr inbounds float, ptr %1629, i64 %1667
+  %1686 = load float, ptr %1685, align 4
+  %1687 = insertelement <8 x float> poison, float %1686, i32 0
+  %1688 = shufflevector <8 x float> %1687, <8 x float> poison, <8 x i32> zeroinitializer
+  %1689 = load <8 x float>, ptr %acc010157, align 4
+  %1690 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1688, <8 x float> %b0177, <8 x float> %1689)
+  store <8 x float> %1690, ptr %acc010157, align 4
+  %1691 = load <8 x float>, ptr %acc011158, align 4
+  %1692 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1688, <8 x float> %b1178, <8 x float> %1691)
+  store <8 x float> %1692, ptr %acc011158, align 4
+  %1693 = getelementptr inbounds float, ptr %1636, i64 %1667
+  %1694 = load float, ptr %1693, align 4
+  %1695 = insertelement <8 x float> poison, float %1694, i32 0
+  %1696 = shufflevector <8 x float> %1695, <8 x float> poison, <8 x i32> zeroinitializer
+  %1697 = load <8 x float>, ptr %acc020159, align 4
+  %1698 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1696, <8 x float> %b0177, <8 x float> %1697)
+  store <8 x float> %1698, ptr %acc020159, align 4
+  %1699 = load <8 x float>, ptr %acc021160, align 4
+  %1700 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1696, <8 x float> %b1178, <8 x float> %1699)
+  store <8 x float> %1700, ptr %acc021160, align 4
+  %1701 = getelementptr inbounds float, ptr %1643, i64 %1667
+  %1702 = load float, ptr %1701, align 4
+  %1703 = insertelement <8 x float> poison, float %1702, i32 0
+  %1704 = shufflevector <8 x float> %1703, <8 x float> poison, <8 x i32> zeroinitializer
+  %1705 = load <8 x float>, ptr %acc030161, align 4
+  %1706 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1704, <8 x float> %b0177, <8 x float> %1705)
+  store <8 x float> %1706, ptr %acc030161, align 4
+  %1707 = load <8 x float>, ptr %acc031162, align 4
+  %1708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1704, <8 x float> %b1178, <8 x float> %1707)
+  store <8 x float> %1708, ptr %acc031162, align 4
+  %1709 = getelementptr inbounds float, ptr %1650, i64 %1667
+  %1710 = load float, ptr %1709, align 4
+  %1711 = insertelement <8 x float> poison, float %1710, i32 0
+  %1712 = shufflevector <8 x float> %1711, <8 x float> poison, <8 x i32> zeroinitializer
+  %1713 = load <8 x float>, ptr %acc040163, align 4
+  %1714 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1712, <8 x float> %b0177, <8 x float> %1713)
+  store <8 x float> %1714, ptr %acc040163, align 4
+  %1715 = load <8 x float>, ptr %acc041164, align 4
+  %1716 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1712, <8 x float> %b1178, <8 x float> %1715)
+  store <8 x float> %1716, ptr %acc041164, align 4
+  %1717 = getelementptr inbounds float, ptr %1657, i64 %1667
+  %1718 = load float, ptr %1717, align 4
+  %1719 = insertelement <8 x float> poison, float %1718, i32 0
+  %1720 = shufflevector <8 x float> %1719, <8 x float> poison, <8 x i32> zeroinitializer
+  %1721 = load <8 x float>, ptr %acc050165, align 4
+  %1722 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1720, <8 x float> %b0177, <8 x float> %1721)
+  store <8 x float> %1722, ptr %acc050165, align 4
+  %1723 = load <8 x float>, ptr %acc051166, align 4
+  %1724 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1720, <8 x float> %b1178, <8 x float> %1723)
+  store <8 x float> %1724, ptr %acc051166, align 4
+  %1725 = add nsw i64 %k174, 1
+  br label %k.head171
 
-k.end168:                                         ; preds = %k.head166
-  %1733 = add nsw i64 %r0138, 0
-  %1734 = getelementptr inbounds float, ptr %rw, i64 %1733
-  %1735 = load float, ptr %1734, align 4
-  %1736 = insertelement <8 x float> poison, float %1735, i32 0
-  %1737 = shufflevector <8 x float> %1736, <8 x float> poison, <8 x i32> zeroinitializer
-  %1738 = mul nsw i64 %1733, 3072
-  %1739 = getelementptr inbounds float, ptr %h, i64 %1738
-  %col174 = mul nsw i64 %p, 16
-  %1740 = load <8 x float>, ptr %acc000150, align 4
-  %1741 = load <8 x float>, ptr %acc001151, align 4
-  %1742 = add nsw i64 %col174, 0
-  %1743 = fcmp ogt <8 x float> %1740, zeroinitializer
-  %1744 = select <8 x i1> %1743, <8 x float> %1740, <8 x float> zeroinitializer
-  %1745 = fmul <8 x float> %1744, %1737
-  %1746 = getelementptr inbounds float, ptr %1739, i64 %1742
-  store <8 x float> %1745, ptr %1746, align 4
-  %1747 = add nsw i64 %col174, 8
-  %1748 = fcmp ogt <8 x float> %1741, zeroinitializer
-  %1749 = select <8 x i1> %1748, <8 x float> %1741, <8 x float> zeroinitializer
-  %1750 = fmul <8 x float> %1749, %1737
-  %1751 = getelementptr inbounds float, ptr %1739, i64 %1747
-  store <8 x float> %1750, ptr %1751, align 4
-  %1752 = add nsw i64 %r0138, 1
-  %1753 = getelementptr inbounds float, ptr %rw, i64 %1752
-  %1754 = load float, ptr %1753, align 4
-  %1755 = insertelement <8 x float> poison, float %1754, i32 0
-  %1756 = shufflevector <8 x float> %1755, <8 x float> poison, <8 x i32> zeroinitializer
-  %1757 = mul nsw i64 %1752, 3072
-  %1758 = getelementptr inbounds float, ptr %h, i64 %1757
-  %col175 = mul nsw i64 %p, 16
-  %1759 = load <8 x float>, ptr %acc010152, align 4
-  %1760 = load <8 x float>, ptr %acc011153, align 4
-  %1761 = add nsw i64 %col175, 0
-  %1762 = fcmp ogt <8 x float> %1759, zeroinitializer
-  %1763 = select <8 x i1> %1762, <8 x float> %1759, <8 x float> zeroinitializer
-  %1764 = fmul <8 x float> %1763, %1756
-  %1765 = getelementptr inbounds float, ptr %1758, i64 %1761
-  store <8 x float> %1764, ptr %1765, align 4
-  %1766 = add nsw i64 %col175, 8
-  %1767 = fcmp ogt <8 x float> %1760, zeroinitializer
-  %1768 = select <8 x i1> %1767, <8 x float> %1760, <8 x float> zeroinitializer
-  %1769 = fmul <8 x float> %1768, %1756
-  %1770 = getelementptr inbounds float, ptr %1758, i64 %1766
-  store <8 x float> %1769, ptr %1770, align 4
-  %1771 = add nsw i64 %r0138, 2
-  %1772 = getelementptr inbounds float, ptr %rw, i64 %1771
-  %1773 = load float, ptr %1772, align 4
-  %1774 = insertelement <8 x float> poison, float %1773, i32 0
-  %1775 = shufflevector <8 x float> %1774, <8 x float> poison, <8 x i32> zeroinitializer
-  %1776 = mul nsw i64 %1771, 3072
-  %1777 = getelementptr inbounds float, ptr %h, i64 %1776
-  %col176 = mul nsw i64 %p, 16
-  %1778 = load <8 x float>, ptr %acc020154, align 4
-  %1779 = load <8 x float>, ptr %acc021155, align 4
-  %1780 = add nsw i64 %col176, 0
-  %1781 = fcmp ogt <8 x float> %1778, zeroinitializer
-  %1782 = select <8 x i1> %1781, <8 x float> %1778, <8 x float> zeroinitializer
-  %1783 = fmul <8 x float> %1782, %1775
-  %1784 = getelementptr inbounds float, ptr %1777, i64 %1780
-  store <8 x float> %1783, ptr %1784, align 4
-  %1785 = add nsw i64 %col176, 8
-  %1786 = fcmp ogt <8 x float> %1779, zeroinitializer
-  %1787 = select <8 x i1> %1786, <8 x float> %1779, <8 x float> zeroinitializer
-  %1788 = fmul <8 x float> %1787, %1775
-  %1789 = getelementptr inbounds float, ptr %1777, i64 %1785
-  store <8 x float> %1788, ptr %1789, align 4
-  %1790 = add nsw i64 %r0138, 3
-  %1791 = getelementptr inbounds float, ptr %rw, i64 %1790
-  %1792 = load float, ptr %1791, align 4
-  %1793 = insertelement <8 x float> poison, float %1792, i32 0
-  %1794 = shufflevector <8 x float> %1793, <8 x float> poison, <8 x i32> zeroinitializer
-  %1795 = mul nsw i64 %1790, 3072
-  %1796 = getelementptr inbounds float, ptr %h, i64 %1795
-  %col177 = mul nsw i64 %p, 16
-  %1797 = load <8 x float>, ptr %acc030156, align 4
-  %1798 = load <8 x float>, ptr %acc031157, align 4
-  %1799 = add nsw i64 %col177, 0
-  %1800 = fcmp ogt <8 x float> %1797, zeroinitializer
-  %1801 = select <8 x i1> %1800, <8 x float> %1797, <8 x float> zeroinitializer
-  %1802 = fmul <8 x float> %1801, %1794
-  %1803 = getelementptr inbounds float, ptr %1796, i64 %1799
-  store <8 x float> %1802, ptr %1803, align 4
-  %1804 = add nsw i64 %col177, 8
-  %1805 = fcmp ogt <8 x float> %1798, zeroinitializer
-  %1806 = select <8 x i1> %1805, <8 x float> %1798, <8 x float> zeroinitializer
-  %1807 = fmul <8 x float> %1806, %1794
-  %1808 = getelementptr inbounds float, ptr %1796, i64 %1804
-  store <8 x float> %1807, ptr %1808, align 4
-  %1809 = add nsw i64 %r0138, 4
-  %1810 = getelementptr inbounds float, ptr %rw, i64 %1809
-  %1811 = load float, ptr %1810, align 4
-  %1812 = insertelement <8 x float> poison, float %1811, i32 0
-  %1813 = shufflevector <8 x float> %1812, <8 x float> poison, <8 x i32> zeroinitializer
-  %1814 = mul nsw i64 %1809, 3072
-  %1815 = getelementptr inbounds float, ptr %h, i64 %1814
-  %col178 = mul nsw i64 %p, 16
-  %1816 = load <8 x float>, ptr %acc040158, align 4
-  %1817 = load <8 x float>, ptr %acc041159, align 4
-  %1818 = add nsw i64 %col178, 0
-  %1819 = fcmp ogt <8 x float> %1816, zeroinitializer
-  %1820 = select <8 x i1> %1819, <8 x float> %1816, <8 x float> zeroinitializer
-  %1821 = fmul <8 x float> %1820, %1813
-  %1822 = getelementptr inbounds float, ptr %1815, i64 %1818
-  store <8 x float> %1821, ptr %1822, align 4
-  %1823 = add nsw i64 %col178, 8
-  %1824 = fcmp ogt <8 x float> %1817, zeroinitializer
-  %1825 = select <8 x i1> %1824, <8 x float> %1817, <8 x float> zeroinitializer
-  %1826 = fmul <8 x float> %1825, %1813
-  %1827 = getelementptr inbounds float, ptr %1815, i64 %1823
-  store <8 x float> %1826, ptr %1827, align 4
-  %1828 = add nsw i64 %r0138, 5
-  %1829 = getelementptr inbounds float, ptr %rw, i64 %1828
-  %1830 = load float, ptr %1829, align 4
-  %1831 = insertelement <8 x float> poison, float %1830, i32 0
-  %1832 = shufflevector <8 x float> %1831, <8 x float> poison, <8 x i32> zeroinitializer
-  %1833 = mul nsw i64 %1828, 3072
-  %1834 = getelementptr inbounds float, ptr %h, i64 %1833
+k.end173:                                         ; preds = %k.head171
+  %1726 = add nsw i64 %r0143, 0
+  %1727 = getelementptr inbounds float, ptr %rw, i64 %1726
+  %1728 = load float, ptr %1727, align 4
+  %1729 = insertelement <8 x float> poison, float %1728, i32 0
+  %1730 = shufflevector <8 x float> %1729, <8 x float> poison, <8 x i32> zeroinitializer
+  %1731 = mul nsw i64 %1726, 3072
+  %1732 = getelementptr inbounds float, ptr %h, i64 %1731
   %col179 = mul nsw i64 %p, 16
-  %1835 = load <8 x float>, ptr %acc050160, align 4
-  %1836 = load <8 x float>, ptr %acc051161, align 4
-  %1837 = add nsw i64 %col179, 0
-  %1838 = fcmp ogt <8 x float> %1835, zeroinitializer
-  %1839 = select <8 x i1> %1838, <8 x float> %1835, <8 x float> zeroinitializer
-  %1840 = fmul <8 x float> %1839, %1832
-  %1841 = getelementptr inbounds float, ptr %1834, i64 %1837
-  store <8 x float> %1840, ptr %1841, align 4
-  %1842 = add nsw i64 %col179, 8
-  %1843 = fcmp ogt <8 x float> %1836, zeroinitializer
-  %1844 = select <8 x i1> %1843, <8 x float> %1836, <8 x float> zeroinitializer
-  %1845 = fmul <8 x float> %1844, %1832
-  %1846 = getelementptr inbounds float, ptr %1834, i64 %1842
-  store <8 x float> %1845, ptr %1846, align 4
-  br label %tile.done141
+  %1733 = load <8 x float>, ptr %acc000155, align 4
+  %1734 = load <8 x float>, ptr %acc001156, align 4
+  %1735 = add nsw i64 %col179, 0
+  %1736 = fcmp ogt <8 x float> %1733, zeroinitializer
+  %1737 = select <8 x i1> %1736, <8 x float> %1733, <8 x float> zeroinitializer
+  %1738 = fmul <8 x float> %1737, %1730
+  %1739 = getelementptr inbounds float, ptr %1732, i64 %1735
+  store <8 x float> %1738, ptr %1739, align 4
+  %1740 = add nsw i64 %col179, 8
+  %1741 = fcmp ogt <8 x float> %1734, zeroinitializer
+  %1742 = select <8 x i1> %1741, <8 x float> %1734, <8 x float> zeroinitializer
+  %1743 = fmul <8 x float> %1742, %1730
+  %1744 = getelementptr inbounds float, ptr %1732, i64 %1740
+  store <8 x float> %1743, ptr %1744, align 4
+  %1745 = add nsw i64 %r0143, 1
+  %1746 = getelementptr inbounds float, ptr %rw, i64 %1745
+  %1747 = load float, ptr %1746, align 4
+  %1748 = insertelement <8 x float> poison, float %1747, i32 0
+  %1749 = shufflevector <8 x float> %1748, <8 x float> poison, <8 x i32> zeroinitializer
+  %1750 = mul nsw i64 %1745, 3072
+  %1751 = getelementptr inbounds float, ptr %h, i64 %1750
+  %col180 = mul nsw i64 %p, 16
+  %1752 = load <8 x float>, ptr %acc010157, align 4
+  %1753 = load <8 x float>, ptr %acc011158, align 4
+  %1754 = add nsw i64 %col180, 0
+  %1755 = fcmp ogt <8 x float> %1752, zeroinitializer
+  %1756 = select <8 x i1> %1755, <8 x float> %1752, <8 x float> zeroinitializer
+  %1757 = fmul <8 x float> %1756, %1749
+  %1758 = getelementptr inbounds float, ptr %1751, i64 %1754
+  store <8 x float> %1757, ptr %1758, align 4
+  %1759 = add nsw i64 %col180, 8
+  %1760 = fcmp ogt <8 x float> %1753, zeroinitializer
+  %1761 = select <8 x i1> %1760, <8 x float> %1753, <8 x float> zeroinitializer
+  %1762 = fmul <8 x float> %1761, %1749
+  %1763 = getelementptr inbounds float, ptr %1751, i64 %1759
+  store <8 x float> %1762, ptr %1763, align 4
+  %1764 = add nsw i64 %r0143, 2
+  %1765 = getelementptr inbounds float, ptr %rw, i64 %1764
+  %1766 = load float, ptr %1765, align 4
+  %1767 = insertelement <8 x float> poison, float %1766, i32 0
+  %1768 = shufflevector <8 x float> %1767, <8 x float> poison, <8 x i32> zeroinitializer
+  %1769 = mul nsw i64 %1764, 3072
+  %1770 = getelementptr inbounds float, ptr %h, i64 %1769
+  %col181 = mul nsw i64 %p, 16
+  %1771 = load <8 x float>, ptr %acc020159, align 4
+  %1772 = load <8 x float>, ptr %acc021160, align 4
+  %1773 = add nsw i64 %col181, 0
+  %1774 = fcmp ogt <8 x float> %1771, zeroinitializer
+  %1775 = select <8 x i1> %1774, <8 x float> %1771, <8 x float> zeroinitializer
+  %1776 = fmul <8 x float> %1775, %1768
+  %1777 = getelementptr inbounds float, ptr %1770, i64 %1773
+  store <8 x float> %1776, ptr %1777, align 4
+  %1778 = add nsw i64 %col181, 8
+  %1779 = fcmp ogt <8 x float> %1772, zeroinitializer
+  %1780 = select <8 x i1> %1779, <8 x float> %1772, <8 x float> zeroinitializer
+  %1781 = fmul <8 x float> %1780, %1768
+  %1782 = getelementptr inbounds float, ptr %1770, i64 %1778
+  store <8 x float> %1781, ptr %1782, align 4
+  %1783 = add nsw i64 %r0143, 3
+  %1784 = getelementptr inbounds float, ptr %rw, i64 %1783
+  %1785 = load float, ptr %1784, align 4
+  %1786 = insertelement <8 x float> poison, float %1785, i32 0
+  %1787 = shufflevector <8 x float> %1786, <8 x float> poison, <8 x i32> zeroinitializer
+  %1788 = mul nsw i64 %1783, 3072
+  %1789 = getelementptr inbounds float, ptr %h, i64 %1788
+  %col182 = mul nsw i64 %p, 16
+  %1790 = load <8 x float>, ptr %acc030161, align 4
+  %1791 = load <8 x float>, ptr %acc031162, align 4
+  %1792 = add nsw i64 %col182, 0
+  %1793 = fcmp ogt <8 x float> %1790, zeroinitializer
+  %1794 = select <8 x i1> %1793, <8 x float> %1790, <8 x float> zeroinitializer
+  %1795 = fmul <8 x float> %1794, %1787
+  %1796 = getelementptr inbounds float, ptr %1789, i64 %1792
+  store <8 x float> %1795, ptr %1796, align 4
+  %1797 = add nsw i64 %col182, 8
+  %1798 = fcmp ogt <8 x float> %1791, zeroinitializer
+  %1799 = select <8 x i1> %1798, <8 x float> %1791, <8 x float> zeroinitializer
+  %1800 = fmul <8 x float> %1799, %1787
+  %1801 = getelementptr inbounds float, ptr %1789, i64 %1797
+  store <8 x float> %1800, ptr %1801, align 4
+  %1802 = add nsw i64 %r0143, 4
+  %1803 = getelementptr inbounds float, ptr %rw, i64 %1802
+  %1804 = load float, ptr %1803, align 4
+  %1805 = insertelement <8 x float> poison, float %1804, i32 0
+  %1806 = shufflevector <8 x float> %1805, <8 x float> poison, <8 x i32> zeroinitializer
+  %1807 = mul nsw i64 %1802, 3072
+  %1808 = getelementptr inbounds float, ptr %h, i64 %1807
+  %col183 = mul nsw i64 %p, 16
+  %1809 = load <8 x float>, ptr %acc040163, align 4
+  %1810 = load <8 x float>, ptr %acc041164, align 4
+  %1811 = add nsw i64 %col183, 0
+  %1812 = fcmp ogt <8 x float> %1809, zeroinitializer
+  %1813 = select <8 x i1> %1812, <8 x float> %1809, <8 x float> zeroinitializer
+  %1814 = fmul <8 x float> %1813, %1806
+  %1815 = getelementptr inbounds float, ptr %1808, i64 %1811
+  store <8 x float> %1814, ptr %1815, align 4
+  %1816 = add nsw i64 %col183, 8
+  %1817 = fcmp ogt <8 x float> %1810, zeroinitializer
+  %1818 = select <8 x i1> %1817, <8 x float> %1810, <8 x float> zeroinitializer
+  %1819 = fmul <8 x float> %1818, %1806
+  %1820 = getelementptr inbounds float, ptr %1808, i64 %1816
+  store <8 x float> %1819, ptr %1820, align 4
+  %1821 = add nsw i64 %r0143, 5
+  %1822 = getelementptr inbounds float, ptr %rw, i64 %1821
+  %1823 = load float, ptr %1822, align 4
+  %1824 = insertelement <8 x float> poison, float %1823, i32 0
+  %1825 = shufflevector <8 x float> %1824, <8 x float> poison, <8 x i32> zeroinitializer
+  %1826 = mul nsw i64 %1821, 3072
+  %1827 = getelementptr inbounds float, ptr %h, i64 %1826
+  %col184 = mul nsw i64 %p, 16
+  %1828 = load <8 x float>, ptr %acc050165, align 4
+  %1829 = load <8 x float>, ptr %acc051166, align 4
+  %1830 = add nsw i64 %col184, 0
+  %1831 = fcmp ogt <8 x float> %1828, zeroinitializer
+  %1832 = select <8 x i1> %1831, <8 x float> %1828, <8 x float> zeroinitializer
+  %1833 = fmul <8 x float> %1832, %1825
+  %1834 = getelementptr inbounds float, ptr %1827, i64 %1830
+  store <8 x float> %1833, ptr %1834, align 4
+  %1835 = add nsw i64 %col184, 8
+  %1836 = fcmp ogt <8 x float> %1829, zeroinitializer
+  %1837 = select <8 x i1> %1836, <8 x float> %1829, <8 x float> zeroinitializer
+  %1838 = fmul <8 x float> %1837, %1825
+  %1839 = getelementptr inbounds float, ptr %1827, i64 %1835
+  store <8 x float> %1838, ptr %1839, align 4
+  br label %tile.done146
 
-tile.mr5146:                                      ; preds = %rb.body135
-  %1847 = add nsw i64 %r0138, 0
+tile.mr5151:                                      ; preds = %rb.body140
+  %1840 = add nsw i64 %r0143, 0
+  %1841 = getelementptr inbounds i32, ptr %rows, i64 %1840
+  %1842 = load i32, ptr %1841, align 4
+  %1843 = sext i32 %1842 to i64
+  %1844 = mul nsw i64 %1843, 768
+  %1845 = add nsw i64 %1844, 0
+  %1846 = getelementptr inbounds float, ptr %x, i64 %1845
+  store <8 x float> zeroinitializer, ptr %acc000185, align 4
+  store <8 x float> zeroinitializer, ptr %acc001186, align 4
+  %1847 = add nsw i64 %r0143, 1
   %1848 = getelementptr inbounds i32, ptr %rows, i64 %1847
   %1849 = load i32, ptr %1848, align 4
   %1850 = sext i32 %1849 to i64
   %1851 = mul nsw i64 %1850, 768
   %1852 = add nsw i64 %1851, 0
   %1853 = getelementptr inbounds float, ptr %x, i64 %1852
-  store <8 x float> zeroinitializer, ptr %acc000180, align 4
-  store <8 x float> zeroinitializer, ptr %acc001181, align 4
-  %1854 = add nsw i64 %r0138, 1
+  store <8 x float> zeroinitializer, ptr %acc010187, align 4
+  store <8 x float> zeroinitializer, ptr %acc011188, align 4
+  %1854 = add nsw i64 %r0143, 2
   %1855 = getelementptr inbounds i32, ptr %rows, i64 %1854
   %1856 = load i32, ptr %1855, align 4
   %1857 = sext i32 %1856 to i64
   %1858 = mul nsw i64 %1857, 768
   %1859 = add nsw i64 %1858, 0
   %1860 = getelementptr inbounds float, ptr %x, i64 %1859
-  store <8 x float> zeroinitializer, ptr %acc010182, align 4
-  store <8 x float> zeroinitializer, ptr %acc011183, align 4
-  %1861 = add nsw i64 %r0138, 2
+  store <8 x float> zeroinitializer, ptr %acc020189, align 4
+  store <8 x float> zeroinitializer, ptr %acc021190, align 4
+  %1861 = add nsw i64 %r0143, 3
   %1862 = getelementptr inbounds i32, ptr %rows, i64 %1861
   %1863 = load i32, ptr %1862, align 4
   %1864 = sext i32 %1863 to i64
   %1865 = mul nsw i64 %1864, 768
   %1866 = add nsw i64 %1865, 0
   %1867 = getelementptr inbounds float, ptr %x, i64 %1866
-  store <8 x float> zeroinitializer, ptr %acc020184, align 4
-  store <8 x float> zeroinitializer, ptr %acc021185, align 4
-  %1868 = add nsw i64 %r0138, 3
+  store <8 x float> zeroinitializer, ptr %acc030191, align 4
+  store <8 x float> zeroinitializer, ptr %acc031192, align 4
+  %1868 = add nsw i64 %r0143, 4
   %1869 = getelementptr inbounds i32, ptr %rows, i64 %1868
   %1870 = load i32, ptr %1869, align 4
   %1871 = sext i32 %1870 to i64
   %1872 = mul nsw i64 %1871, 768
   %1873 = add nsw i64 %1872, 0
   %1874 = getelementptr inbounds float, ptr %x, i64 %1873
-  store <8 x float> zeroinitializer, ptr %acc030186, align 4
-  store <8 x float> zeroinitializer, ptr %acc031187, align 4
-  %1875 = add nsw i64 %r0138, 4
-  %1876 = getelementptr inbounds i32, ptr %rows, i64 %1875
-  %1877 = load i32, ptr %1876, align 4
-  %1878 = sext i32 %1877 to i64
-  %1879 = mul nsw i64 %1878, 768
-  %1880 = add nsw i64 %1879, 0
-  %1881 = getelementptr inbounds float, ptr %x, i64 %1880
-  store <8 x float> zeroinitializer, ptr %acc040188, align 4
-  store <8 x float> zeroinitializer, ptr %acc041189, align 4
-  %1882 = mul nsw i64 %p, 12288
-  %panel.off190 = add nsw i64 %1882, 0
-  %1883 = getelementptr inbounds i16, ptr %panels, i64 %panel.off190
-  %1884 = add nsw i64 %p, 1
-  %1885 = icmp slt i64 %1884, %p1
-  %pf.on191 = and i1 %pf.on149, %1885
-  %1886 = mul nsw i64 %rb137, 24576
-  %1887 = lshr i64 %1886, %1619
-  %1888 = add nsw i64 24576, %1887
-  %1889 = getelementptr inbounds i8, ptr %1883, i64 %1888
-  %pf192 = select i1 %pf.on191, ptr %1889, ptr %1883
-  %pf.sh193 = select i1 %pf.on191, i64 %1619, i64 0
-  br label %k.head194
+  store <8 x float> zeroinitializer, ptr %acc040193, align 4
+  store <8 x float> zeroinitializer, ptr %acc041194, align 4
+  %panel.off195 = mul nsw i64 %p, 12288
+  %1875 = getelementptr inbounds i16, ptr %panels, i64 %panel.off195
+  %1876 = add nsw i64 %p, 1
+  %1877 = icmp slt i64 %1876, %p1
+  %pf.on196 = and i1 %pf.on154, %1877
+  %1878 = mul nsw i64 %rb142, 24576
+  %1879 = lshr i64 %1878, %1613
+  %1880 = add nsw i64 24576, %1879
+  %1881 = getelementptr inbounds i8, ptr %1875, i64 %1880
+  %pf197 = select i1 %pf.on196, ptr %1881, ptr %1875
+  %pf.sh198 = select i1 %pf.on196, i64 %1613, i64 0
+  br label %k.head199
 
-k.head194:                                        ; preds = %pf.any.end199, %tile.mr5146
-  %k197 = phi i64 [ 0, %tile.mr5146 ], [ %1942, %pf.any.end199 ]
-  %1890 = icmp slt i64 %k197, 768
-  br i1 %1890, label %k.body195, label %k.end196
+k.head199:                                        ; preds = %pf.any.end204, %tile.mr5151
+  %k202 = phi i64 [ 0, %tile.mr5151 ], [ %1934, %pf.any.end204 ]
+  %1882 = icmp slt i64 %k202, 768
+  br i1 %1882, label %k.body200, label %k.end201
 
-k.body195:                                        ; preds = %k.head194
-  %1891 = mul nsw i64 %k197, 1
-  %1892 = add nsw i64 %1891, 0
-  %1893 = mul nsw i64 %1892, 32
-  br i1 %pf.multi148, label %pf.any.then198, label %pf.any.end199
+k.body200:                                        ; preds = %k.head199
+  %1883 = mul nsw i64 %k202, 1
+  %1884 = add nsw i64 %1883, 0
+  %1885 = mul nsw i64 %1884, 32
+  br i1 %pf.multi153, label %pf.any.then203, label %pf.any.end204
 
-pf.any.then198:                                   ; preds = %k.body195
-  %1894 = lshr i64 %1893, %pf.sh193
-  %1895 = getelementptr inbounds i8, ptr %pf192, i64 %1894
-  call void @llvm.prefetch.p0(ptr %1895, i32 0, i32 2, i32 1)
-  br label %pf.any.end199
+pf.any.then203:                                   ; preds = %k.body200
+  %1886 = lshr i64 %1885, %pf.sh198
+  %1887 = getelementptr inbounds i8, ptr %pf197, i64 %1886
+  call void @llvm.prefetch.p0(ptr %1887, i32 0, i32 2, i32 1)
+  br label %pf.any.end204
 
-pf.any.end199:                                    ; preds = %pf.any.then198, %k.body195
-  %1896 = mul nsw i64 %1892, 16
-  %1897 = add nsw i64 %panel.off190, %1896
-  %1898 = getelementptr inbounds i16, ptr %panels, i64 %1897
-  %1899 = load <8 x i32>, ptr %1898, align 4
-  %1900 = shl <8 x i32> %1899, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0200 = bitcast <8 x i32> %1900 to <8 x float>
-  %1901 = and <8 x i32> %1899, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1201 = bitcast <8 x i32> %1901 to <8 x float>
-  %1902 = getelementptr inbounds float, ptr %1853, i64 %1892
+pf.any.end204:                                    ; preds = %pf.any.then203, %k.body200
+  %1888 = mul nsw i64 %1884, 16
+  %1889 = add nsw i64 %panel.off195, %1888
+  %1890 = getelementptr inbounds i16, ptr %panels, i64 %1889
+  %1891 = load <8 x i32>, ptr %1890, align 4
+  %1892 = shl <8 x i32> %1891, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0205 = bitcast <8 x i32> %1892 to <8 x float>
+  %1893 = and <8 x i32> %1891, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1206 = bitcast <8 x i32> %1893 to <8 x float>
+  %1894 = getelementptr inbounds float, ptr %1846, i64 %1884
+  %1895 = load float, ptr %1894, align 4
+  %1896 = insertelement <8 x float> poison, float %1895, i32 0
+  %1897 = shufflevector <8 x float> %1896, <8 x float> poison, <8 x i32> zeroinitializer
+  %1898 = load <8 x float>, ptr %acc000185, align 4
+  %1899 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1897, <8 x float> %b0205, <8 x float> %1898)
+  store <8 x float> %1899, ptr %acc000185, align 4
+  %1900 = load <8 x float>, ptr %acc001186, align 4
+  %1901 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1897, <8 x float> %b1206, <8 x float> %1900)
+  store <8 x float> %1901, ptr %acc001186, align 4
+  %1902 = getelementptr inbounds float, ptr %1853, i64 %1884
   %1903 = load float, ptr %1902, align 4
   %1904 = insertelement <8 x float> poison, float %1903, i32 0
   %1905 = shufflevector <8 x float> %1904, <8 x float> poison, <8 x i32> zeroinitializer
-  %1906 = load <8 x float>, ptr %acc000180, align 4
-  %1907 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1905, <8 x float> %b0200, <8 x float> %1906)
-  store <8 x float> %1907, ptr %acc000180, align 4
-  %1908 = load <8 x float>, ptr %acc001181, align 4
-  %1909 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1905, <8 x float> %b1201, <8 x float> %1908)
-  store <8 x float> %1909, ptr %acc001181, align 4
-  %1910 = getelementptr inbounds float, ptr %1860, i64 %1892
+  %1906 = load <8 x float>, ptr %acc010187, align 4
+  %1907 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1905, <8 x float> %b0205, <8 x float> %1906)
+  store <8 x float> %1907, ptr %acc010187, align 4
+  %1908 = load <8 x float>, ptr %acc011188, align 4
+  %1909 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1905, <8 x float> %b1206, <8 x float> %1908)
+  store <8 x float> %1909, ptr %acc011188, align 4
+  %1910 = getelementptr inbounds float, ptr %1860, i64 %1884
   %1911 = load float, ptr %1910, align 4
   %1912 = insertelement <8 x float> poison, float %1911, i32 0
   %1913 = shufflevector <8 x float> %1912, <8 x float> poison, <8 x i32> zeroinitializer
-  %1914 = load <8 x float>, ptr %acc010182, align 4
-  %1915 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1913, <8 x float> %b0200, <8 x float> %1914)
-  store <8 x float> %1915, ptr %acc010182, align 4
-  %1916 = load <8 x float>, ptr %acc011183, align 4
-  %1917 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1913, <8 x float> %b1201, <8 x float> %1916)
-  store <8 x float> %1917, ptr %acc011183, align 4
-  %1918 = getelementptr inbounds float, ptr %1867, i64 %1892
+  %1914 = load <8 x float>, ptr %acc020189, align 4
+  %1915 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1913, <8 x float> %b0205, <8 x float> %1914)
+  store <8 x float> %1915, ptr %acc020189, align 4
+  %1916 = load <8 x float>, ptr %acc021190, align 4
+  %1917 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1913, <8 x float> %b1206, <8 x float> %1916)
+  store <8 x float> %1917, ptr %acc021190, align 4
+  %1918 = getelementptr inbounds float, ptr %1867, i64 %1884
   %1919 = load float, ptr %1918, align 4
   %1920 = insertelement <8 x float> poison, float %1919, i32 0
   %1921 = shufflevector <8 x float> %1920, <8 x float> poison, <8 x i32> zeroinitializer
-  %1922 = load <8 x float>, ptr %acc020184, align 4
-  %1923 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1921, <8 x float> %b0200, <8 x float> %1922)
-  store <8 x float> %1923, ptr %acc020184, align 4
-  %1924 = load <8 x float>, ptr %acc021185, align 4
-  %1925 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1921, <8 x float> %b1201, <8 x float> %1924)
-  store <8 x float> %1925, ptr %acc021185, align 4
-  %1926 = getelementptr inbounds float, ptr %1874, i64 %1892
+  %1922 = load <8 x float>, ptr %acc030191, align 4
+  %1923 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1921, <8 x float> %b0205, <8 x float> %1922)
+  store <8 x float> %1923, ptr %acc030191, align 4
+  %1924 = load <8 x float>, ptr %acc031192, align 4
+  %1925 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1921, <8 x float> %b1206, <8 x float> %1924)
+  store <8 x float> %1925, ptr %acc031192, align 4
+  %1926 = getelementptr inbounds float, ptr %1874, i64 %1884
   %1927 = load float, ptr %1926, align 4
   %1928 = insertelement <8 x float> poison, float %1927, i32 0
   %1929 = shufflevector <8 x float> %1928, <8 x float> poison, <8 x i32> zeroinitializer
-  %1930 = load <8 x float>, ptr %acc030186, align 4
-  %1931 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1929, <8 x float> %b0200, <8 x float> %1930)
-  store <8 x float> %1931, ptr %acc030186, align 4
-  %1932 = load <8 x float>, ptr %acc031187, align 4
-  %1933 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1929, <8 x float> %b1201, <8 x float> %1932)
-  store <8 x float> %1933, ptr %acc031187, align 4
-  %1934 = getelementptr inbounds float, ptr %1881, i64 %1892
-  %1935 = load float, ptr %1934, align 4
-  %1936 = insertelement <8 x float> poison, float %1935, i32 0
-  %1937 = shufflevector <8 x float> %1936, <8 x float> poison, <8 x i32> zeroinitializer
-  %1938 = load <8 x float>, ptr %acc040188, align 4
-  %1939 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1937, <8 x float> %b0200, <8 x float> %1938)
-  store <8 x float> %1939, ptr %acc040188, align 4
-  %1940 = load <8 x float>, ptr %acc041189, align 4
-  %1941 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1937, <8 x float> %b1201, <8 x float> %1940)
-  store <8 x float> %1941, ptr %acc041189, align 4
-  %1942 = add nsw i64 %k197, 1
-  br label %k.head194
+  %1930 = load <8 x float>, ptr %acc040193, align 4
+  %1931 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1929, <8 x float> %b0205, <8 x float> %1930)
+  store <8 x float> %1931, ptr %acc040193, align 4
+  %1932 = load <8 x float>, ptr %acc041194, align 4
+  %1933 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1929, <8 x float> %b1206, <8 x float> %1932)
+  store <8 x float> %1933, ptr %acc041194, align 4
+  %1934 = add nsw i64 %k202, 1
+  br label %k.head199
 
-k.end196:                                         ; preds = %k.head194
-  %1943 = add nsw i64 %r0138, 0
-  %1944 = getelementptr inbounds float, ptr %rw, i64 %1943
-  %1945 = load float, ptr %1944, align 4
-  %1946 = insertelement <8 x float> poison, float %1945, i32 0
-  %1947 = shufflevector <8 x float> %1946, <8 x float> poison, <8 x i32> zeroinitializer
-  %1948 = mul nsw i64 %1943, 3072
-  %1949 = getelementptr inbounds float, ptr %h, i64 %1948
-  %col202 = mul nsw i64 %p, 16
-  %1950 = load <8 x float>, ptr %acc000180, align 4
-  %1951 = load <8 x float>, ptr %acc001181, align 4
-  %1952 = add nsw i64 %col202, 0
-  %1953 = fcmp ogt <8 x float> %1950, zeroinitializer
-  %1954 = select <8 x i1> %1953, <8 x float> %1950, <8 x float> zeroinitializer
-  %1955 = fmul <8 x float> %1954, %1947
-  %1956 = getelementptr inbounds float, ptr %1949, i64 %1952
-  store <8 x float> %1955, ptr %1956, align 4
-  %1957 = add nsw i64 %col202, 8
-  %1958 = fcmp ogt <8 x float> %1951, zeroinitializer
-  %1959 = select <8 x i1> %1958, <8 x float> %1951, <8 x float> zeroinitializer
-  %1960 = fmul <8 x float> %1959, %1947
-  %1961 = getelementptr inbounds float, ptr %1949, i64 %1957
-  store <8 x float> %1960, ptr %1961, align 4
-  %1962 = add nsw i64 %r0138, 1
-  %1963 = getelementptr inbounds float, ptr %rw, i64 %1962
-  %1964 = load float, ptr %1963, align 4
-  %1965 = insertelement <8 x float> poison, float %1964, i32 0
-  %1966 = shufflevector <8 x float> %1965, <8 x float> poison, <8 x i32> zeroinitializer
-  %1967 = mul nsw i64 %1962, 3072
-  %1968 = getelementptr inbounds float, ptr %h, i64 %1967
-  %col203 = mul nsw i64 %p, 16
-  %1969 = load <8 x float>, ptr %acc010182, align 4
-  %1970 = load <8 x float>, ptr %acc011183, align 4
-  %1971 = add nsw i64 %col203, 0
-  %1972 = fcmp ogt <8 x float> %1969, zeroinitializer
-  %1973 = select <8 x i1> %1972, <8 x float> %1969, <8 x float> zeroinitializer
-  %1974 = fmul <8 x float> %1973, %1966
-  %1975 = getelementptr inbounds float, ptr %1968, i64 %1971
-  store <8 x float> %1974, ptr %1975, align 4
-  %1976 = add nsw i64 %col203, 8
-  %1977 = fcmp ogt <8 x float> %1970, zeroinitializer
-  %1978 = select <8 x i1> %1977, <8 x float> %1970, <8 x float> zeroinitializer
-  %1979 = fmul <8 x float> %1978, %1966
-  %1980 = getelementptr inbounds float, ptr %1968, i64 %1976
-  store <8 x float> %1979, ptr %1980, align 4
-  %1981 = add nsw i64 %r0138, 2
-  %1982 = getelementptr inbounds float, ptr %rw, i64 %1981
-  %1983 = load float, ptr %1982, align 4
-  %1984 = insertelement <8 x float> poison, float %1983, i32 0
-  %1985 = shufflevector <8 x float> %1984, <8 x float> poison, <8 x i32> zeroinitializer
-  %1986 = mul nsw i64 %1981, 3072
-  %1987 = getelementptr inbounds float, ptr %h, i64 %1986
-  %col204 = mul nsw i64 %p, 16
-  %1988 = load <8 x float>, ptr %acc020184, align 4
-  %1989 = load <8 x float>, ptr %acc021185, align 4
-  %1990 = add nsw i64 %col204, 0
-  %1991 = fcmp ogt <8 x float> %1988, zeroinitializer
-  %1992 = select <8 x i1> %1991, <8 x float> %1988, <8 x float> zeroinitializer
-  %1993 = fmul <8 x float> %1992, %1985
-  %1994 = getelementptr inbounds float, ptr %1987, i64 %1990
-  store <8 x float> %1993, ptr %1994, align 4
-  %1995 = add nsw i64 %col204, 8
-  %1996 = fcmp ogt <8 x float> %1989, zeroinitializer
-  %1997 = select <8 x i1> %1996, <8 x float> %1989, <8 x float> zeroinitializer
-  %1998 = fmul <8 x float> %1997, %1985
-  %1999 = getelementptr inbounds float, ptr %1987, i64 %1995
-  store <8 x float> %1998, ptr %1999, align 4
-  %2000 = add nsw i64 %r0138, 3
-  %2001 = getelementptr inbounds float, ptr %rw, i64 %2000
-  %2002 = load float, ptr %2001, align 4
-  %2003 = insertelement <8 x float> poison, float %2002, i32 0
-  %2004 = shufflevector <8 x float> %2003, <8 x float> poison, <8 x i32> zeroinitializer
-  %2005 = mul nsw i64 %2000, 3072
-  %2006 = getelementptr inbounds float, ptr %h, i64 %2005
-  %col205 = mul nsw i64 %p, 16
-  %2007 = load <8 x float>, ptr %acc030186, align 4
-  %2008 = load <8 x float>, ptr %acc031187, align 4
-  %2009 = add nsw i64 %col205, 0
-  %2010 = fcmp ogt <8 x float> %2007, zeroinitializer
-  %2011 = select <8 x i1> %2010, <8 x float> %2007, <8 x float> zeroinitializer
-  %2012 = fmul <8 x float> %2011, %2004
-  %2013 = getelementptr inbounds float, ptr %2006, i64 %2009
-  store <8 x float> %2012, ptr %2013, align 4
-  %2014 = add nsw i64 %col205, 8
-  %2015 = fcmp ogt <8 x float> %2008, zeroinitializer
-  %2016 = select <8 x i1> %2015, <8 x float> %2008, <8 x float> zeroinitializer
-  %2017 = fmul <8 x float> %2016, %2004
-  %2018 = getelementptr inbounds float, ptr %2006, i64 %2014
-  store <8 x float> %2017, ptr %2018, align 4
-  %2019 = add nsw i64 %r0138, 4
-  %2020 = getelementptr inbounds float, ptr %rw, i64 %2019
-  %2021 = load float, ptr %2020, align 4
-  %2022 = insertelement <8 x float> poison, float %2021, i32 0
-  %2023 = shufflevector <8 x float> %2022, <8 x float> poison, <8 x i32> zeroinitializer
-  %2024 = mul nsw i64 %2019, 3072
-  %2025 = getelementptr inbounds float, ptr %h, i64 %2024
-  %col206 = mul nsw i64 %p, 16
-  %2026 = load <8 x float>, ptr %acc040188, align 4
-  %2027 = load <8 x float>, ptr %acc041189, align 4
-  %2028 = add nsw i64 %col206, 0
-  %2029 = fcmp ogt <8 x float> %2026, zeroinitializer
-  %2030 = select <8 x i1> %2029, <8 x float> %2026, <8 x float> zeroinitializer
-  %2031 = fmul <8 x float> %2030, %2023
-  %2032 = getelementptr inbounds float, ptr %2025, i64 %2028
-  store <8 x float> %2031, ptr %2032, align 4
-  %2033 = add nsw i64 %col206, 8
-  %2034 = fcmp ogt <8 x float> %2027, zeroinitializer
-  %2035 = select <8 x i1> %2034, <8 x float> %2027, <8 x float> zeroinitializer
-  %2036 = fmul <8 x float> %2035, %2023
-  %2037 = getelementptr inbounds float, ptr %2025, i64 %2033
-  store <8 x float> %2036, ptr %2037, align 4
-  br label %tile.done141
+k.end201:                                         ; preds = %k.head199
+  %1935 = add nsw i64 %r0143, 0
+  %1936 = getelementptr inbounds float, ptr %rw, i64 %1935
+  %1937 = load float, ptr %1936, align 4
+  %1938 = insertelement <8 x float> poison, float %1937, i32 0
+  %1939 = shufflevector <8 x float> %1938, <8 x float> poison, <8 x i32> zeroinitializer
+  %1940 = mul nsw i64 %1935, 3072
+  %1941 = getelementptr inbounds float, ptr %h, i64 %1940
+  %col207 = mul nsw i64 %p, 16
+  %1942 = load <8 x float>, ptr %acc000185, align 4
+  %1943 = load <8 x float>, ptr %acc001186, align 4
+  %1944 = add nsw i64 %col207, 0
+  %1945 = fcmp ogt <8 x float> %1942, zeroinitializer
+  %1946 = select <8 x i1> %1945, <8 x float> %1942, <8 x float> zeroinitializer
+  %1947 = fmul <8 x float> %1946, %1939
+  %1948 = getelementptr inbounds float, ptr %1941, i64 %1944
+  store <8 x float> %1947, ptr %1948, align 4
+  %1949 = add nsw i64 %col207, 8
+  %1950 = fcmp ogt <8 x float> %1943, zeroinitializer
+  %1951 = select <8 x i1> %1950, <8 x float> %1943, <8 x float> zeroinitializer
+  %1952 = fmul <8 x float> %1951, %1939
+  %1953 = getelementptr inbounds float, ptr %1941, i64 %1949
+  store <8 x float> %1952, ptr %1953, align 4
+  %1954 = add nsw i64 %r0143, 1
+  %1955 = getelementptr inbounds float, ptr %rw, i64 %1954
+  %1956 = load float, ptr %1955, align 4
+  %1957 = insertelement <8 x float> poison, float %1956, i32 0
+  %1958 = shufflevector <8 x float> %1957, <8 x float> poison, <8 x i32> zeroinitializer
+  %1959 = mul nsw i64 %1954, 3072
+  %1960 = getelementptr inbounds float, ptr %h, i64 %1959
+  %col208 = mul nsw i64 %p, 16
+  %1961 = load <8 x float>, ptr %acc010187, align 4
+  %1962 = load <8 x float>, ptr %acc011188, align 4
+  %1963 = add nsw i64 %col208, 0
+  %1964 = fcmp ogt <8 x float> %1961, zeroinitializer
+  %1965 = select <8 x i1> %1964, <8 x float> %1961, <8 x float> zeroinitializer
+  %1966 = fmul <8 x float> %1965, %1958
+  %1967 = getelementptr inbounds float, ptr %1960, i64 %1963
+  store <8 x float> %1966, ptr %1967, align 4
+  %1968 = add nsw i64 %col208, 8
+  %1969 = fcmp ogt <8 x float> %1962, zeroinitializer
+  %1970 = select <8 x i1> %1969, <8 x float> %1962, <8 x float> zeroinitializer
+  %1971 = fmul <8 x float> %1970, %1958
+  %1972 = getelementptr inbounds float, ptr %1960, i64 %1968
+  store <8 x float> %1971, ptr %1972, align 4
+  %1973 = add nsw i64 %r0143, 2
+  %1974 = getelementptr inbounds float, ptr %rw, i64 %1973
+  %1975 = load float, ptr %1974, align 4
+  %1976 = insertelement <8 x float> poison, float %1975, i32 0
+  %1977 = shufflevector <8 x float> %1976, <8 x float> poison, <8 x i32> zeroinitializer
+  %1978 = mul nsw i64 %1973, 3072
+  %1979 = getelementptr inbounds float, ptr %h, i64 %1978
+  %col209 = mul nsw i64 %p, 16
+  %1980 = load <8 x float>, ptr %acc020189, align 4
+  %1981 = load <8 x float>, ptr %acc021190, align 4
+  %1982 = add nsw i64 %col209, 0
+  %1983 = fcmp ogt <8 x float> %1980, zeroinitializer
+  %1984 = select <8 x i1> %1983, <8 x float> %1980, <8 x float> zeroinitializer
+  %1985 = fmul <8 x float> %1984, %1977
+  %1986 = getelementptr inbounds float, ptr %1979, i64 %1982
+  store <8 x float> %1985, ptr %1986, align 4
+  %1987 = add nsw i64 %col209, 8
+  %1988 = fcmp ogt <8 x float> %1981, zeroinitializer
+  %1989 = select <8 x i1> %1988, <8 x float> %1981, <8 x float> zeroinitializer
+  %1990 = fmul <8 x float> %1989, %1977
+  %1991 = getelementptr inbounds float, ptr %1979, i64 %1987
+  store <8 x float> %1990, ptr %1991, align 4
+  %1992 = add nsw i64 %r0143, 3
+  %1993 = getelementptr inbounds float, ptr %rw, i64 %1992
+  %1994 = load float, ptr %1993, align 4
+  %1995 = insertelement <8 x float> poison, float %1994, i32 0
+  %1996 = shufflevector <8 x float> %1995, <8 x float> poison, <8 x i32> zeroinitializer
+  %1997 = mul nsw i64 %1992, 3072
+  %1998 = getelementptr inbounds float, ptr %h, i64 %1997
+  %col210 = mul nsw i64 %p, 16
+  %1999 = load <8 x float>, ptr %acc030191, align 4
+  %2000 = load <8 x float>, ptr %acc031192, align 4
+  %2001 = add nsw i64 %col210, 0
+  %2002 = fcmp ogt <8 x float> %1999, zeroinitializer
+  %2003 = select <8 x i1> %2002, <8 x float> %1999, <8 x float> zeroinitializer
+  %2004 = fmul <8 x float> %2003, %1996
+  %2005 = getelementptr inbounds float, ptr %1998, i64 %2001
+  store <8 x float> %2004, ptr %2005, align 4
+  %2006 = add nsw i64 %col210, 8
+  %2007 = fcmp ogt <8 x float> %2000, zeroinitializer
+  %2008 = select <8 x i1> %2007, <8 x float> %2000, <8 x float> zeroinitializer
+  %2009 = fmul <8 x float> %2008, %1996
+  %2010 = getelementptr inbounds float, ptr %1998, i64 %2006
+  store <8 x float> %2009, ptr %2010, align 4
+  %2011 = add nsw i64 %r0143, 4
+  %2012 = getelementptr inbounds float, ptr %rw, i64 %2011
+  %2013 = load float, ptr %2012, align 4
+  %2014 = insertelement <8 x float> poison, float %2013, i32 0
+  %2015 = shufflevector <8 x float> %2014, <8 x float> poison, <8 x i32> zeroinitializer
+  %2016 = mul nsw i64 %2011, 3072
+  %2017 = getelementptr inbounds float, ptr %h, i64 %2016
+  %col211 = mul nsw i64 %p, 16
+  %2018 = load <8 x float>, ptr %acc040193, align 4
+  %2019 = load <8 x float>, ptr %acc041194, align 4
+  %2020 = add nsw i64 %col211, 0
+  %2021 = fcmp ogt <8 x float> %2018, zeroinitializer
+  %2022 = select <8 x i1> %2021, <8 x float> %2018, <8 x float> zeroinitializer
+  %2023 = fmul <8 x float> %2022, %2015
+  %2024 = getelementptr inbounds float, ptr %2017, i64 %2020
+  store <8 x float> %2023, ptr %2024, align 4
+  %2025 = add nsw i64 %col211, 8
+  %2026 = fcmp ogt <8 x float> %2019, zeroinitializer
+  %2027 = select <8 x i1> %2026, <8 x float> %2019, <8 x float> zeroinitializer
+  %2028 = fmul <8 x float> %2027, %2015
+  %2029 = getelementptr inbounds float, ptr %2017, i64 %2025
+  store <8 x float> %2028, ptr %2029, align 4
+  br label %tile.done146
 
-tile.mr4145:                                      ; preds = %rb.body135
-  %2038 = add nsw i64 %r0138, 0
-  %2039 = getelementptr inbounds i32, ptr %rows, i64 %2038
-  %2040 = load i32, ptr %2039, align 4
-  %2041 = sext i32 %2040 to i64
-  %2042 = mul nsw i64 %2041, 768
-  %2043 = add nsw i64 %2042, 0
-  %2044 = getelementptr inbounds float, ptr %x, i64 %2043
-  store <8 x float> zeroinitializer, ptr %acc000207, align 4
-  store <8 x float> zeroinitializer, ptr %acc001208, align 4
-  %2045 = add nsw i64 %r0138, 1
-  %2046 = getelementptr inbounds i32, ptr %rows, i64 %2045
-  %2047 = load i32, ptr %2046, align 4
-  %2048 = sext i32 %2047 to i64
-  %2049 = mul nsw i64 %2048, 768
-  %2050 = add nsw i64 %2049, 0
-  %2051 = getelementptr inbounds float, ptr %x, i64 %2050
-  store <8 x float> zeroinitializer, ptr %acc010209, align 4
-  store <8 x float> zeroinitializer, ptr %acc011210, align 4
-  %2052 = add nsw i64 %r0138, 2
-  %2053 = getelementptr inbounds i32, ptr %rows, i64 %2052
-  %2054 = load i32, ptr %2053, align 4
-  %2055 = sext i32 %2054 to i64
-  %2056 = mul nsw i64 %2055, 768
-  %2057 = add nsw i64 %2056, 0
-  %2058 = getelementptr inbounds float, ptr %x, i64 %2057
-  store <8 x float> zeroinitializer, ptr %acc020211, align 4
-  store <8 x float> zeroinitializer, ptr %acc021212, align 4
-  %2059 = add nsw i64 %r0138, 3
-  %2060 = getelementptr inbounds i32, ptr %rows, i64 %2059
-  %2061 = load i32, ptr %2060, align 4
-  %2062 = sext i32 %2061 to i64
-  %2063 = mul nsw i64 %2062, 768
-  %2064 = add nsw i64 %2063, 0
-  %2065 = getelementptr inbounds float, ptr %x, i64 %2064
-  store <8 x float> zeroinitializer, ptr %acc030213, align 4
-  store <8 x float> zeroinitializer, ptr %acc031214, align 4
-  %2066 = mul nsw i64 %p, 12288
-  %panel.off215 = add nsw i64 %2066, 0
-  %2067 = getelementptr inbounds i16, ptr %panels, i64 %panel.off215
-  %2068 = add nsw i64 %p, 1
-  %2069 = icmp slt i64 %2068, %p1
-  %pf.on216 = and i1 %pf.on149, %2069
-  %2070 = mul nsw i64 %rb137, 24576
-  %2071 = lshr i64 %2070, %1619
-  %2072 = add nsw i64 24576, %2071
-  %2073 = getelementptr inbounds i8, ptr %2067, i64 %2072
-  %pf217 = select i1 %pf.on216, ptr %2073, ptr %2067
-  %pf.sh218 = select i1 %pf.on216, i64 %1619, i64 0
-  br label %k.head219
+tile.mr4150:                                      ; preds = %rb.body140
+  %2030 = add nsw i64 %r0143, 0
+  %2031 = getelementptr inbounds i32, ptr %rows, i64 %2030
+  %2032 = load i32, ptr %2031, align 4
+  %2033 = sext i32 %2032 to i64
+  %2034 = mul nsw i64 %2033, 768
+  %2035 = add nsw i64 %2034, 0
+  %2036 = getelementptr inbounds float, ptr %x, i64 %2035
+  store <8 x float> zeroinitializer, ptr %acc000212, align 4
+  store <8 x float> zeroinitializer, ptr %acc001213, align 4
+  %2037 = add nsw i64 %r0143, 1
+  %2038 = getelementptr inbounds i32, ptr %rows, i64 %2037
+  %2039 = load i32, ptr %2038, align 4
+  %2040 = sext i32 %2039 to i64
+  %2041 = mul nsw i64 %2040, 768
+  %2042 = add nsw i64 %2041, 0
+  %2043 = getelementptr inbounds float, ptr %x, i64 %2042
+  store <8 x float> zeroinitializer, ptr %acc010214, align 4
+  store <8 x float> zeroinitializer, ptr %acc011215, align 4
+  %2044 = add nsw i64 %r0143, 2
+  %2045 = getelementptr inbounds i32, ptr %rows, i64 %2044
+  %2046 = load i32, ptr %2045, align 4
+  %2047 = sext i32 %2046 to i64
+  %2048 = mul nsw i64 %2047, 768
+  %2049 = add nsw i64 %2048, 0
+  %2050 = getelementptr inbounds float, ptr %x, i64 %2049
+  store <8 x float> zeroinitializer, ptr %acc020216, align 4
+  store <8 x float> zeroinitializer, ptr %acc021217, align 4
+  %2051 = add nsw i64 %r0143, 3
+  %2052 = getelementptr inbounds i32, ptr %rows, i64 %2051
+  %2053 = load i32, ptr %2052, align 4
+  %2054 = sext i32 %2053 to i64
+  %2055 = mul nsw i64 %2054, 768
+  %2056 = add nsw i64 %2055, 0
+  %2057 = getelementptr inbounds float, ptr %x, i64 %2056
+  store <8 x float> zeroinitializer, ptr %acc030218, align 4
+  store <8 x float> zeroinitializer, ptr %acc031219, align 4
+  %panel.off220 = mul nsw i64 %p, 12288
+  %2058 = getelementptr inbounds i16, ptr %panels, i64 %panel.off220
+  %2059 = add nsw i64 %p, 1
+  %2060 = icmp slt i64 %2059, %p1
+  %pf.on221 = and i1 %pf.on154, %2060
+  %2061 = mul nsw i64 %rb142, 24576
+  %2062 = lshr i64 %2061, %1613
+  %2063 = add nsw i64 24576, %2062
+  %2064 = getelementptr inbounds i8, ptr %2058, i64 %2063
+  %pf222 = select i1 %pf.on221, ptr %2064, ptr %2058
+  %pf.sh223 = select i1 %pf.on221, i64 %1613, i64 0
+  br label %k.head224
 
-k.head219:                                        ; preds = %pf.any.end224, %tile.mr4145
-  %k222 = phi i64 [ 0, %tile.mr4145 ], [ %2118, %pf.any.end224 ]
-  %2074 = icmp slt i64 %k222, 768
-  br i1 %2074, label %k.body220, label %k.end221
+k.head224:                                        ; preds = %pf.any.end229, %tile.mr4150
+  %k227 = phi i64 [ 0, %tile.mr4150 ], [ %2109, %pf.any.end229 ]
+  %2065 = icmp slt i64 %k227, 768
+  br i1 %2065, label %k.body225, label %k.end226
 
-k.body220:                                        ; preds = %k.head219
-  %2075 = mul nsw i64 %k222, 1
-  %2076 = add nsw i64 %2075, 0
-  %2077 = mul nsw i64 %2076, 32
-  br i1 %pf.multi148, label %pf.any.then223, label %pf.any.end224
+k.body225:                                        ; preds = %k.head224
+  %2066 = mul nsw i64 %k227, 1
+  %2067 = add nsw i64 %2066, 0
+  %2068 = mul nsw i64 %2067, 32
+  br i1 %pf.multi153, label %pf.any.then228, label %pf.any.end229
 
-pf.any.then223:                                   ; preds = %k.body220
-  %2078 = lshr i64 %2077, %pf.sh218
-  %2079 = getelementptr inbounds i8, ptr %pf217, i64 %2078
-  call void @llvm.prefetch.p0(ptr %2079, i32 0, i32 2, i32 1)
-  br label %pf.any.end224
+pf.any.then228:                                   ; preds = %k.body225
+  %2069 = lshr i64 %2068, %pf.sh223
+  %2070 = getelementptr inbounds i8, ptr %pf222, i64 %2069
+  call void @llvm.prefetch.p0(ptr %2070, i32 0, i32 2, i32 1)
+  br label %pf.any.end229
 
-pf.any.end224:                                    ; preds = %pf.any.then223, %k.body220
-  %2080 = mul nsw i64 %2076, 16
-  %2081 = add nsw i64 %panel.off215, %2080
-  %2082 = getelementptr inbounds i16, ptr %panels, i64 %2081
-  %2083 = load <8 x i32>, ptr %2082, align 4
-  %2084 = shl <8 x i32> %2083, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0225 = bitcast <8 x i32> %2084 to <8 x float>
-  %2085 = and <8 x i32> %2083, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1226 = bitcast <8 x i32> %2085 to <8 x float>
-  %2086 = getelementptr inbounds float, ptr %2044, i64 %2076
-  %2087 = load float, ptr %2086, align 4
-  %2088 = insertelement <8 x float> poison, float %2087, i32 0
-  %2089 = shufflevector <8 x float> %2088, <8 x float> poison, <8 x i32> zeroinitializer
-  %2090 = load <8 x float>, ptr %acc000207, align 4
-  %2091 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2089, <8 x float> %b0225, <8 x float> %2090)
-  store <8 x float> %2091, ptr %acc000207, align 4
-  %2092 = load <8 x float>, ptr %acc001208, align 4
-  %2093 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2089, <8 x float> %b1226, <8 x float> %2092)
-  store <8 x float> %2093, ptr %acc001208, align 4
-  %2094 = getelementptr inbounds float, ptr %2051, i64 %2076
-  %2095 = load float, ptr %2094, align 4
-  %2096 = insertelement <8 x float> poison, float %2095, i32 0
-  %2097 = shufflevector <8 x float> %2096, <8 x float> poison, <8 x i32> zeroinitializer
-  %2098 = load <8 x float>, ptr %acc010209, align 4
-  %2099 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2097, <8 x float> %b0225, <8 x float> %2098)
-  store <8 x float> %2099, ptr %acc010209, align 4
-  %2100 = load <8 x float>, ptr %acc011210, align 4
-  %2101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2097, <8 x float> %b1226, <8 x float> %2100)
-  store <8 x float> %2101, ptr %acc011210, align 4
-  %2102 = getelementptr inbounds float, ptr %2058, i64 %2076
-  %2103 = load float, ptr %2102, align 4
-  %2104 = insertelement <8 x float> poison, float %2103, i32 0
-  %2105 = shufflevector <8 x float> %2104, <8 x float> poison, <8 x i32> zeroinitializer
-  %2106 = load <8 x float>, ptr %acc020211, align 4
-  %2107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2105, <8 x float> %b0225, <8 x float> %2106)
-  store <8 x float> %2107, ptr %acc020211, align 4
-  %2108 = load <8 x float>, ptr %acc021212, align 4
-  %2109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2105, <8 x float> %b1226, <8 x float> %2108)
-  store <8 x float> %2109, ptr %acc021212, align 4
-  %2110 = getelementptr inbounds float, ptr %2065, i64 %2076
-  %2111 = load float, ptr %2110, align 4
-  %2112 = insertelement <8 x float> poison, float %2111, i32 0
-  %2113 = shufflevector <8 x float> %2112, <8 x float> poison, <8 x i32> zeroinitializer
-  %2114 = load <8 x float>, ptr %acc030213, align 4
-  %2115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2113, <8 x float> %b0225, <8 x float> %2114)
-  store <8 x float> %2115, ptr %acc030213, align 4
-  %2116 = load <8 x float>, ptr %acc031214, align 4
-  %2117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2113, <8 x float> %b1226, <8 x float> %2116)
-  store <8 x float> %2117, ptr %acc031214, align 4
-  %2118 = add nsw i64 %k222, 1
-  br label %k.head219
+pf.any.end229:                                    ; preds = %pf.any.then228, %k.body225
+  %2071 = mul nsw i64 %2067, 16
+  %2072 = add nsw i64 %panel.off220, %2071
+  %2073 = getelementptr inbounds i16, ptr %panels, i64 %2072
+  %2074 = load <8 x i32>, ptr %2073, align 4
+  %2075 = shl <8 x i32> %2074, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0230 = bitcast <8 x i32> %2075 to <8 x float>
+  %2076 = and <8 x i32> %2074, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1231 = bitcast <8 x i32> %2076 to <8 x float>
+  %2077 = getelementptr inbounds float, ptr %2036, i64 %2067
+  %2078 = load float, ptr %2077, align 4
+  %2079 = insertelement <8 x float> poison, float %2078, i32 0
+  %2080 = shufflevector <8 x float> %2079, <8 x float> poison, <8 x i32> zeroinitializer
+  %2081 = load <8 x float>, ptr %acc000212, align 4
+  %2082 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2080, <8 x float> %b0230, <8 x float> %2081)
+  store <8 x float> %2082, ptr %acc000212, align 4
+  %2083 = load <8 x float>, ptr %acc001213, align 4
+  %2084 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2080, <8 x float> %b1231, <8 x float> %2083)
+  store <8 x float> %2084, ptr %acc001213, align 4
+  %2085 = getelementptr inbounds float, ptr %2043, i64 %2067
+  %2086 = load float, ptr %2085, align 4
+  %2087 = insertelement <8 x float> poison, float %2086, i32 0
+  %2088 = shufflevector <8 x float> %2087, <8 x float> poison, <8 x i32> zeroinitializer
+  %2089 = load <8 x float>, ptr %acc010214, align 4
+  %2090 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2088, <8 x float> %b0230, <8 x float> %2089)
+  store <8 x float> %2090, ptr %acc010214, align 4
+  %2091 = load <8 x float>, ptr %acc011215, align 4
+  %2092 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2088, <8 x float> %b1231, <8 x float> %2091)
+  store <8 x float> %2092, ptr %acc011215, align 4
+  %2093 = getelementptr inbounds float, ptr %2050, i64 %2067
+  %2094 = load float, ptr %2093, align 4
+  %2095 = insertelement <8 x float> poison, float %2094, i32 0
+  %2096 = shufflevector <8 x float> %2095, <8 x float> poison, <8 x i32> zeroinitializer
+  %2097 = load <8 x float>, ptr %acc020216, align 4
+  %2098 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2096, <8 x float> %b0230, <8 x float> %2097)
+  store <8 x float> %2098, ptr %acc020216, align 4
+  %2099 = load <8 x float>, ptr %acc021217, align 4
+  %2100 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2096, <8 x float> %b1231, <8 x float> %2099)
+  store <8 x float> %2100, ptr %acc021217, align 4
+  %2101 = getelementptr inbounds float, ptr %2057, i64 %2067
+  %2102 = load float, ptr %2101, align 4
+  %2103 = insertelement <8 x float> poison, float %2102, i32 0
+  %2104 = shufflevector <8 x float> %2103, <8 x float> poison, <8 x i32> zeroinitializer
+  %2105 = load <8 x float>, ptr %acc030218, align 4
+  %2106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2104, <8 x float> %b0230, <8 x float> %2105)
+  store <8 x float> %2106, ptr %acc030218, align 4
+  %2107 = load <8 x float>, ptr %acc031219, align 4
+  %2108 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2104, <8 x float> %b1231, <8 x float> %2107)
+  store <8 x float> %2108, ptr %acc031219, align 4
+  %2109 = add nsw i64 %k227, 1
+  br label %k.head224
 
-k.end221:                                         ; preds = %k.head219
-  %2119 = add nsw i64 %r0138, 0
-  %2120 = getelementptr inbounds float, ptr %rw, i64 %2119
-  %2121 = load float, ptr %2120, align 4
-  %2122 = insertelement <8 x float> poison, float %2121, i32 0
-  %2123 = shufflevector <8 x float> %2122, <8 x float> poison, <8 x i32> zeroinitializer
-  %2124 = mul nsw i64 %2119, 3072
-  %2125 = getelementptr inbounds float, ptr %h, i64 %2124
-  %col227 = mul nsw i64 %p, 16
-  %2126 = load <8 x float>, ptr %acc000207, align 4
-  %2127 = load <8 x float>, ptr %acc001208, align 4
-  %2128 = add nsw i64 %col227, 0
-  %2129 = fcmp ogt <8 x float> %2126, zeroinitializer
-  %2130 = select <8 x i1> %2129, <8 x float> %2126, <8 x float> zeroinitializer
-  %2131 = fmul <8 x float> %2130, %2123
-  %2132 = getelementptr inbounds float, ptr %2125, i64 %2128
-  store <8 x float> %2131, ptr %2132, align 4
-  %2133 = add nsw i64 %col227, 8
-  %2134 = fcmp ogt <8 x float> %2127, zeroinitializer
-  %2135 = select <8 x i1> %2134, <8 x float> %2127, <8 x float> zeroinitializer
-  %2136 = fmul <8 x float> %2135, %2123
-  %2137 = getelementptr inbounds float, ptr %2125, i64 %2133
-  store <8 x float> %2136, ptr %2137, align 4
-  %2138 = add nsw i64 %r0138, 1
-  %2139 = getelementptr inbounds float, ptr %rw, i64 %2138
-  %2140 = load float, ptr %2139, align 4
-  %2141 = insertelement <8 x float> poison, float %2140, i32 0
-  %2142 = shufflevector <8 x float> %2141, <8 x float> poison, <8 x i32> zeroinitializer
-  %2143 = mul nsw i64 %2138, 3072
-  %2144 = getelementptr inbounds float, ptr %h, i64 %2143
-  %col228 = mul nsw i64 %p, 16
-  %2145 = load <8 x float>, ptr %acc010209, align 4
-  %2146 = load <8 x float>, ptr %acc011210, align 4
-  %2147 = add nsw i64 %col228, 0
-  %2148 = fcmp ogt <8 x float> %2145, zeroinitializer
-  %2149 = select <8 x i1> %2148, <8 x float> %2145, <8 x float> zeroinitializer
-  %2150 = fmul <8 x float> %2149, %2142
-  %2151 = getelementptr inbounds float, ptr %2144, i64 %2147
-  store <8 x float> %2150, ptr %2151, align 4
-  %2152 = add nsw i64 %col228, 8
-  %2153 = fcmp ogt <8 x float> %2146, zeroinitializer
-  %2154 = select <8 x i1> %2153, <8 x float> %2146, <8 x float> zeroinitializer
-  %2155 = fmul <8 x float> %2154, %2142
-  %2156 = getelementptr inbounds float, ptr %2144, i64 %2152
-  store <8 x float> %2155, ptr %2156, align 4
-  %2157 = add nsw i64 %r0138, 2
-  %2158 = getelementptr inbounds float, ptr %rw, i64 %2157
-  %2159 = load float, ptr %2158, align 4
-  %2160 = insertelement <8 x float> poison, float %2159, i32 0
-  %2161 = shufflevector <8 x float> %2160, <8 x float> poison, <8 x i32> zeroinitializer
-  %2162 = mul nsw i64 %2157, 3072
-  %2163 = getelementptr inbounds float, ptr %h, i64 %2162
-  %col229 = mul nsw i64 %p, 16
-  %2164 = load <8 x float>, ptr %acc020211, align 4
-  %2165 = load <8 x float>, ptr %acc021212, align 4
-  %2166 = add nsw i64 %col229, 0
-  %2167 = fcmp ogt <8 x float> %2164, zeroinitializer
-  %2168 = select <8 x i1> %2167, <8 x float> %2164, <8 x float> zeroinitializer
-  %2169 = fmul <8 x float> %2168, %2161
-  %2170 = getelementptr inbounds float, ptr %2163, i64 %2166
-  store <8 x float> %2169, ptr %2170, align 4
-  %2171 = add nsw i64 %col229, 8
-  %2172 = fcmp ogt <8 x float> %2165, zeroinitializer
-  %2173 = select <8 x i1> %2172, <8 x float> %2165, <8 x float> zeroinitializer
-  %2174 = fmul <8 x float> %2173, %2161
-  %2175 = getelementptr inbounds float, ptr %2163, i64 %2171
-  store <8 x float> %2174, ptr %2175, align 4
-  %2176 = add nsw i64 %r0138, 3
-  %2177 = getelementptr inbounds float, ptr %rw, i64 %2176
-  %2178 = load float, ptr %2177, align 4
-  %2179 = insertelement <8 x float> poison, float %2178, i32 0
-  %2180 = shufflevector <8 x float> %2179, <8 x float> poison, <8 x i32> zeroinitializer
-  %2181 = mul nsw i64 %2176, 3072
-  %2182 = getelementptr inbounds float, ptr %h, i64 %2181
-  %col230 = mul nsw i64 %p, 16
-  %2183 = load <8 x float>, ptr %acc030213, align 4
-  %2184 = load <8 x float>, ptr %acc031214, align 4
-  %2185 = add nsw i64 %col230, 0
-  %2186 = fcmp ogt <8 x float> %2183, zeroinitializer
-  %2187 = select <8 x i1> %2186, <8 x float> %2183, <8 x float> zeroinitializer
-  %2188 = fmul <8 x float> %2187, %2180
-  %2189 = getelementptr inbounds float, ptr %2182, i64 %2185
-  store <8 x float> %2188, ptr %2189, align 4
-  %2190 = add nsw i64 %col230, 8
-  %2191 = fcmp ogt <8 x float> %2184, zeroinitializer
-  %2192 = select <8 x i1> %2191, <8 x float> %2184, <8 x float> zeroinitializer
-  %2193 = fmul <8 x float> %2192, %2180
-  %2194 = getelementptr inbounds float, ptr %2182, i64 %2190
-  store <8 x float> %2193, ptr %2194, align 4
-  br label %tile.done141
+k.end226:                                         ; preds = %k.head224
+  %2110 = add nsw i64 %r0143, 0
+  %2111 = getelementptr inbounds float, ptr %rw, i64 %2110
+  %2112 = load float, ptr %2111, align 4
+  %2113 = insertelement <8 x float> poison, float %2112, i32 0
+  %2114 = shufflevector <8 x float> %2113, <8 x float> poison, <8 x i32> zeroinitializer
+  %2115 = mul nsw i64 %2110, 3072
+  %2116 = getelementptr inbounds float, ptr %h, i64 %2115
+  %col232 = mul nsw i64 %p, 16
+  %2117 = load <8 x float>, ptr %acc000212, align 4
+  %2118 = load <8 x float>, ptr %acc001213, align 4
+  %2119 = add nsw i64 %col232, 0
+  %2120 = fcmp ogt <8 x float> %2117, zeroinitializer
+  %2121 = select <8 x i1> %2120, <8 x float> %2117, <8 x float> zeroinitializer
+  %2122 = fmul <8 x float> %2121, %2114
+  %2123 = getelementptr inbounds float, ptr %2116, i64 %2119
+  store <8 x float> %2122, ptr %2123, align 4
+  %2124 = add nsw i64 %col232, 8
+  %2125 = fcmp ogt <8 x float> %2118, zeroinitializer
+  %2126 = select <8 x i1> %2125, <8 x float> %2118, <8 x float> zeroinitializer
+  %2127 = fmul <8 x float> %2126, %2114
+  %2128 = getelementptr inbounds float, ptr %2116, i64 %2124
+  store <8 x float> %2127, ptr %2128, align 4
+  %2129 = add nsw i64 %r0143, 1
+  %2130 = getelementptr inbounds float, ptr %rw, i64 %2129
+  %2131 = load float, ptr %2130, align 4
+  %2132 = insertelement <8 x float> poison, float %2131, i32 0
+  %2133 = shufflevector <8 x float> %2132, <8 x float> poison, <8 x i32> zeroinitializer
+  %2134 = mul nsw i64 %2129, 3072
+  %2135 = getelementptr inbounds float, ptr %h, i64 %2134
+  %col233 = mul nsw i64 %p, 16
+  %2136 = load <8 x float>, ptr %acc010214, align 4
+  %2137 = load <8 x float>, ptr %acc011215, align 4
+  %2138 = add nsw i64 %col233, 0
+  %2139 = fcmp ogt <8 x float> %2136, zeroinitializer
+  %2140 = select <8 x i1> %2139, <8 x float> %2136, <8 x float> zeroinitializer
+  %2141 = fmul <8 x float> %2140, %2133
+  %2142 = getelementptr inbounds float, ptr %2135, i64 %2138
+  store <8 x float> %2141, ptr %2142, align 4
+  %2143 = add nsw i64 %col233, 8
+  %2144 = fcmp ogt <8 x float> %2137, zeroinitializer
+  %2145 = select <8 x i1> %2144, <8 x float> %2137, <8 x float> zeroinitializer
+  %2146 = fmul <8 x float> %2145, %2133
+  %2147 = getelementptr inbounds float, ptr %2135, i64 %2143
+  store <8 x float> %2146, ptr %2147, align 4
+  %2148 = add nsw i64 %r0143, 2
+  %2149 = getelementptr inbounds float, ptr %rw, i64 %2148
+  %2150 = load float, ptr %2149, align 4
+  %2151 = insertelement <8 x float> poison, float %2150, i32 0
+  %2152 = shufflevector <8 x float> %2151, <8 x float> poison, <8 x i32> zeroinitializer
+  %2153 = mul nsw i64 %2148, 3072
+  %2154 = getelementptr inbounds float, ptr %h, i64 %2153
+  %col234 = mul nsw i64 %p, 16
+  %2155 = load <8 x float>, ptr %acc020216, align 4
+  %2156 = load <8 x float>, ptr %acc021217, align 4
+  %2157 = add nsw i64 %col234, 0
+  %2158 = fcmp ogt <8 x float> %2155, zeroinitializer
+  %2159 = select <8 x i1> %2158, <8 x float> %2155, <8 x float> zeroinitializer
+  %2160 = fmul <8 x float> %2159, %2152
+  %2161 = getelementptr inbounds float, ptr %2154, i64 %2157
+  store <8 x float> %2160, ptr %2161, align 4
+  %2162 = add nsw i64 %col234, 8
+  %2163 = fcmp ogt <8 x float> %2156, zeroinitializer
+  %2164 = select <8 x i1> %2163, <8 x float> %2156, <8 x float> zeroinitializer
+  %2165 = fmul <8 x float> %2164, %2152
+  %2166 = getelementptr inbounds float, ptr %2154, i64 %2162
+  store <8 x float> %2165, ptr %2166, align 4
+  %2167 = add nsw i64 %r0143, 3
+  %2168 = getelementptr inbounds float, ptr %rw, i64 %2167
+  %2169 = load float, ptr %2168, align 4
+  %2170 = insertelement <8 x float> poison, float %2169, i32 0
+  %2171 = shufflevector <8 x float> %2170, <8 x float> poison, <8 x i32> zeroinitializer
+  %2172 = mul nsw i64 %2167, 3072
+  %2173 = getelementptr inbounds float, ptr %h, i64 %2172
+  %col235 = mul nsw i64 %p, 16
+  %2174 = load <8 x float>, ptr %acc030218, align 4
+  %2175 = load <8 x float>, ptr %acc031219, align 4
+  %2176 = add nsw i64 %col235, 0
+  %2177 = fcmp ogt <8 x float> %2174, zeroinitializer
+  %2178 = select <8 x i1> %2177, <8 x float> %2174, <8 x float> zeroinitializer
+  %2179 = fmul <8 x float> %2178, %2171
+  %2180 = getelementptr inbounds float, ptr %2173, i64 %2176
+  store <8 x float> %2179, ptr %2180, align 4
+  %2181 = add nsw i64 %col235, 8
+  %2182 = fcmp ogt <8 x float> %2175, zeroinitializer
+  %2183 = select <8 x i1> %2182, <8 x float> %2175, <8 x float> zeroinitializer
+  %2184 = fmul <8 x float> %2183, %2171
+  %2185 = getelementptr inbounds float, ptr %2173, i64 %2181
+  store <8 x float> %2184, ptr %2185, align 4
+  br label %tile.done146
 
-tile.mr3144:                                      ; preds = %rb.body135
-  %2195 = add nsw i64 %r0138, 0
-  %2196 = getelementptr inbounds i32, ptr %rows, i64 %2195
-  %2197 = load i32, ptr %2196, align 4
-  %2198 = sext i32 %2197 to i64
-  %2199 = mul nsw i64 %2198, 768
-  %2200 = add nsw i64 %2199, 0
-  %2201 = getelementptr inbounds float, ptr %x, i64 %2200
-  store <8 x float> zeroinitializer, ptr %acc000231, align 4
-  store <8 x float> zeroinitializer, ptr %acc001232, align 4
-  %2202 = add nsw i64 %r0138, 1
-  %2203 = getelementptr inbounds i32, ptr %rows, i64 %2202
-  %2204 = load i32, ptr %2203, align 4
-  %2205 = sext i32 %2204 to i64
-  %2206 = mul nsw i64 %2205, 768
-  %2207 = add nsw i64 %2206, 0
-  %2208 = getelementptr inbounds float, ptr %x, i64 %2207
-  store <8 x float> zeroinitializer, ptr %acc010233, align 4
-  store <8 x float> zeroinitializer, ptr %acc011234, align 4
-  %2209 = add nsw i64 %r0138, 2
-  %2210 = getelementptr inbounds i32, ptr %rows, i64 %2209
-  %2211 = load i32, ptr %2210, align 4
-  %2212 = sext i32 %2211 to i64
-  %2213 = mul nsw i64 %2212, 768
-  %2214 = add nsw i64 %2213, 0
-  %2215 = getelementptr inbounds float, ptr %x, i64 %2214
-  store <8 x float> zeroinitializer, ptr %acc020235, align 4
-  store <8 x float> zeroinitializer, ptr %acc021236, align 4
-  %2216 = mul nsw i64 %p, 12288
-  %panel.off237 = add nsw i64 %2216, 0
-  %2217 = getelementptr inbounds i16, ptr %panels, i64 %panel.off237
-  %2218 = add nsw i64 %p, 1
-  %2219 = icmp slt i64 %2218, %p1
-  %pf.on238 = and i1 %pf.on149, %2219
-  %2220 = mul nsw i64 %rb137, 24576
-  %2221 = lshr i64 %2220, %1619
-  %2222 = add nsw i64 24576, %2221
-  %2223 = getelementptr inbounds i8, ptr %2217, i64 %2222
-  %pf239 = select i1 %pf.on238, ptr %2223, ptr %2217
-  %pf.sh240 = select i1 %pf.on238, i64 %1619, i64 0
-  br label %k.head241
+tile.mr3149:                                      ; preds = %rb.body140
+  %2186 = add nsw i64 %r0143, 0
+  %2187 = getelementptr inbounds i32, ptr %rows, i64 %2186
+  %2188 = load i32, ptr %2187, align 4
+  %2189 = sext i32 %2188 to i64
+  %2190 = mul nsw i64 %2189, 768
+  %2191 = add nsw i64 %2190, 0
+  %2192 = getelementptr inbounds float, ptr %x, i64 %2191
+  store <8 x float> zeroinitializer, ptr %acc000236, align 4
+  store <8 x float> zeroinitializer, ptr %acc001237, align 4
+  %2193 = add nsw i64 %r0143, 1
+  %2194 = getelementptr inbounds i32, ptr %rows, i64 %2193
+  %2195 = load i32, ptr %2194, align 4
+  %2196 = sext i32 %2195 to i64
+  %2197 = mul nsw i64 %2196, 768
+  %2198 = add nsw i64 %2197, 0
+  %2199 = getelementptr inbounds float, ptr %x, i64 %2198
+  store <8 x float> zeroinitializer, ptr %acc010238, align 4
+  store <8 x float> zeroinitializer, ptr %acc011239, align 4
+  %2200 = add nsw i64 %r0143, 2
+  %2201 = getelementptr inbounds i32, ptr %rows, i64 %2200
+  %2202 = load i32, ptr %2201, align 4
+  %2203 = sext i32 %2202 to i64
+  %2204 = mul nsw i64 %2203, 768
+  %2205 = add nsw i64 %2204, 0
+  %2206 = getelementptr inbounds float, ptr %x, i64 %2205
+  store <8 x float> zeroinitializer, ptr %acc020240, align 4
+  store <8 x float> zeroinitializer, ptr %acc021241, align 4
+  %panel.off242 = mul nsw i64 %p, 12288
+  %2207 = getelementptr inbounds i16, ptr %panels, i64 %panel.off242
+  %2208 = add nsw i64 %p, 1
+  %2209 = icmp slt i64 %2208, %p1
+  %pf.on243 = and i1 %pf.on154, %2209
+  %2210 = mul nsw i64 %rb142, 24576
+  %2211 = lshr i64 %2210, %1613
+  %2212 = add nsw i64 24576, %2211
+  %2213 = getelementptr inbounds i8, ptr %2207, i64 %2212
+  %pf244 = select i1 %pf.on243, ptr %2213, ptr %2207
+  %pf.sh245 = select i1 %pf.on243, i64 %1613, i64 0
+  br label %k.head246
 
-k.head241:                                        ; preds = %pf.any.end246, %tile.mr3144
-  %k244 = phi i64 [ 0, %tile.mr3144 ], [ %2260, %pf.any.end246 ]
-  %2224 = icmp slt i64 %k244, 768
-  br i1 %2224, label %k.body242, label %k.end243
+k.head246:                                        ; preds = %pf.any.end251, %tile.mr3149
+  %k249 = phi i64 [ 0, %tile.mr3149 ], [ %2250, %pf.any.end251 ]
+  %2214 = icmp slt i64 %k249, 768
+  br i1 %2214, label %k.body247, label %k.end248
 
-k.body242:                                        ; preds = %k.head241
-  %2225 = mul nsw i64 %k244, 1
-  %2226 = add nsw i64 %2225, 0
-  %2227 = mul nsw i64 %2226, 32
-  br i1 %pf.multi148, label %pf.any.then245, label %pf.any.end246
+k.body247:                                        ; preds = %k.head246
+  %2215 = mul nsw i64 %k249, 1
+  %2216 = add nsw i64 %2215, 0
+  %2217 = mul nsw i64 %2216, 32
+  br i1 %pf.multi153, label %pf.any.then250, label %pf.any.end251
 
-pf.any.then245:                                   ; preds = %k.body242
-  %2228 = lshr i64 %2227, %pf.sh240
-  %2229 = getelementptr inbounds i8, ptr %pf239, i64 %2228
-  call void @llvm.prefetch.p0(ptr %2229, i32 0, i32 2, i32 1)
-  br label %pf.any.end246
+pf.any.then250:                                   ; preds = %k.body247
+  %2218 = lshr i64 %2217, %pf.sh245
+  %2219 = getelementptr inbounds i8, ptr %pf244, i64 %2218
+  call void @llvm.prefetch.p0(ptr %2219, i32 0, i32 2, i32 1)
+  br label %pf.any.end251
 
-pf.any.end246:                                    ; preds = %pf.any.then245, %k.body242
-  %2230 = mul nsw i64 %2226, 16
-  %2231 = add nsw i64 %panel.off237, %2230
-  %2232 = getelementptr inbounds i16, ptr %panels, i64 %2231
-  %2233 = load <8 x i32>, ptr %2232, align 4
-  %2234 = shl <8 x i32> %2233, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0247 = bitcast <8 x i32> %2234 to <8 x float>
-  %2235 = and <8 x i32> %2233, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1248 = bitcast <8 x i32> %2235 to <8 x float>
-  %2236 = getelementptr inbounds float, ptr %2201, i64 %2226
-  %2237 = load float, ptr %2236, align 4
-  %2238 = insertelement <8 x float> poison, float %2237, i32 0
-  %2239 = shufflevector <8 x float> %2238, <8 x float> poison, <8 x i32> zeroinitializer
-  %2240 = load <8 x float>, ptr %acc000231, align 4
-  %2241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2239, <8 x float> %b0247, <8 x float> %2240)
-  store <8 x float> %2241, ptr %acc000231, align 4
-  %2242 = load <8 x float>, ptr %acc001232, align 4
-  %2243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2239, <8 x float> %b1248, <8 x float> %2242)
-  store <8 x float> %2243, ptr %acc001232, align 4
-  %2244 = getelementptr inbounds float, ptr %2208, i64 %2226
-  %2245 = load float, ptr %2244, align 4
-  %2246 = insertelement <8 x float> poison, float %2245, i32 0
-  %2247 = shufflevector <8 x float> %2246, <8 x float> poison, <8 x i32> zeroinitializer
-  %2248 = load <8 x float>, ptr %acc010233, align 4
-  %2249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2247, <8 x float> %b0247, <8 x float> %2248)
-  store <8 x float> %2249, ptr %acc010233, align 4
-  %2250 = load <8 x float>, ptr %acc011234, align 4
-  %2251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2247, <8 x float> %b1248, <8 x float> %2250)
-  store <8 x float> %2251, ptr %acc011234, align 4
-  %2252 = getelementptr inbounds float, ptr %2215, i64 %2226
+pf.any.end251:                                    ; preds = %pf.any.then250, %k.body247
+  %2220 = mul nsw i64 %2216, 16
+  %2221 = add nsw i64 %panel.off242, %2220
+  %2222 = getelementptr inbounds i16, ptr %panels, i64 %2221
+  %2223 = load <8 x i32>, ptr %2222, align 4
+  %2224 = shl <8 x i32> %2223, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0252 = bitcast <8 x i32> %2224 to <8 x float>
+  %2225 = and <8 x i32> %2223, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1253 = bitcast <8 x i32> %2225 to <8 x float>
+  %2226 = getelementptr inbounds float, ptr %2192, i64 %2216
+  %2227 = load float, ptr %2226, align 4
+  %2228 = insertelement <8 x float> poison, float %2227, i32 0
+  %2229 = shufflevector <8 x float> %2228, <8 x float> poison, <8 x i32> zeroinitializer
+  %2230 = load <8 x float>, ptr %acc000236, align 4
+  %2231 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2229, <8 x float> %b0252, <8 x float> %2230)
+  store <8 x float> %2231, ptr %acc000236, align 4
+  %2232 = load <8 x float>, ptr %acc001237, align 4
+  %2233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2229, <8 x float> %b1253, <8 x float> %2232)
+  store <8 x float> %2233, ptr %acc001237, align 4
+  %2234 = getelementptr inbounds float, ptr %2199, i64 %2216
+  %2235 = load float, ptr %2234, align 4
+  %2236 = insertelement <8 x float> poison, float %2235, i32 0
+  %2237 = shufflevector <8 x float> %2236, <8 x float> poison, <8 x i32> zeroinitializer
+  %2238 = load <8 x float>, ptr %acc010238, align 4
+  %2239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2237, <8 x float> %b0252, <8 x float> %2238)
+  store <8 x float> %2239, ptr %acc010238, align 4
+  %2240 = load <8 x float>, ptr %acc011239, align 4
+  %2241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2237, <8 x float> %b1253, <8 x float> %2240)
+  store <8 x float> %2241, ptr %acc011239, align 4
+  %2242 = getelementptr inbounds float, ptr %2206, i64 %2216
+  %2243 = load float, ptr %2242, align 4
+  %2244 = insertelement <8 x float> poison, float %2243, i32 0
+  %2245 = shufflevector <8 x float> %2244, <8 x float> poison, <8 x i32> zeroinitializer
+  %2246 = load <8 x float>, ptr %acc020240, align 4
+  %2247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2245, <8 x float> %b0252, <8 x float> %2246)
+  store <8 x float> %2247, ptr %acc020240, align 4
+  %2248 = load <8 x float>, ptr %acc021241, align 4
+  %2249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2245, <8 x float> %b1253, <8 x float> %2248)
+  store <8 x float> %2249, ptr %acc021241, align 4
+  %2250 = add nsw i64 %k249, 1
+  br label %k.head246
+
+k.end248:                                         ; preds = %k.head246
+  %2251 = add nsw i64 %r0143, 0
+  %2252 = getelementptr inbounds float, ptr %rw, i64 %2251
   %2253 = load float, ptr %2252, align 4
   %2254 = insertelement <8 x float> poison, float %2253, i32 0
   %2255 = shufflevector <8 x float> %2254, <8 x float> poison, <8 x i32> zeroinitializer
-  %2256 = load <8 x float>, ptr %acc020235, align 4
-  %2257 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2255, <8 x float> %b0247, <8 x float> %2256)
-  store <8 x float> %2257, ptr %acc020235, align 4
-  %2258 = load <8 x float>, ptr %acc021236, align 4
-  %2259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2255, <8 x float> %b1248, <8 x float> %2258)
-  store <8 x float> %2259, ptr %acc021236, align 4
-  %2260 = add nsw i64 %k244, 1
-  br label %k.head241
+  %2256 = mul nsw i64 %2251, 3072
+  %2257 = getelementptr inbounds float, ptr %h, i64 %2256
+  %col254 = mul nsw i64 %p, 16
+  %2258 = load <8 x float>, ptr %acc000236, align 4
+  %2259 = load <8 x float>, ptr %acc001237, align 4
+  %2260 = add nsw i64 %col254, 0
+  %2261 = fcmp ogt <8 x float> %2258, zeroinitializer
+  %2262 = select <8 x i1> %2261, <8 x float> %2258, <8 x float> zeroinitializer
+  %2263 = fmul <8 x float> %2262, %2255
+  %2264 = getelementptr inbounds float, ptr %2257, i64 %2260
+  store <8 x float> %2263, ptr %2264, align 4
+  %2265 = add nsw i64 %col254, 8
+  %2266 = fcmp ogt <8 x float> %2259, zeroinitializer
+  %2267 = select <8 x i1> %2266, <8 x float> %2259, <8 x float> zeroinitializer
+  %2268 = fmul <8 x float> %2267, %2255
+  %2269 = getelementptr inbounds float, ptr %2257, i64 %2265
+  store <8 x float> %2268, ptr %2269, align 4
+  %2270 = add nsw i64 %r0143, 1
+  %2271 = getelementptr inbounds float, ptr %rw, i64 %2270
+  %2272 = load float, ptr %2271, align 4
+  %2273 = insertelement <8 x float> poison, float %2272, i32 0
+  %2274 = shufflevector <8 x float> %2273, <8 x float> poison, <8 x i32> zeroinitializer
+  %2275 = mul nsw i64 %2270, 3072
+  %2276 = getelementptr inbounds float, ptr %h, i64 %2275
+  %col255 = mul nsw i64 %p, 16
+  %2277 = load <8 x float>, ptr %acc010238, align 4
+  %2278 = load <8 x float>, ptr %acc011239, align 4
+  %2279 = add nsw i64 %col255, 0
+  %2280 = fcmp ogt <8 x float> %2277, zeroinitializer
+  %2281 = select <8 x i1> %2280, <8 x float> %2277, <8 x float> zeroinitializer
+  %2282 = fmul <8 x float> %2281, %2274
+  %2283 = getelementptr inbounds float, ptr %2276, i64 %2279
+  store <8 x float> %2282, ptr %2283, align 4
+  %2284 = add nsw i64 %col255, 8
+  %2285 = fcmp ogt <8 x float> %2278, zeroinitializer
+  %2286 = select <8 x i1> %2285, <8 x float> %2278, <8 x float> zeroinitializer
+  %2287 = fmul <8 x float> %2286, %2274
+  %2288 = getelementptr inbounds float, ptr %2276, i64 %2284
+  store <8 x float> %2287, ptr %2288, align 4
+  %2289 = add nsw i64 %r0143, 2
+  %2290 = getelementptr inbounds float, ptr %rw, i64 %2289
+  %2291 = load float, ptr %2290, align 4
+  %2292 = insertelement <8 x float> poison, float %2291, i32 0
+  %2293 = shufflevector <8 x float> %2292, <8 x float> poison, <8 x i32> zeroinitializer
+  %2294 = mul nsw i64 %2289, 3072
+  %2295 = getelementptr inbounds float, ptr %h, i64 %2294
+  %col256 = mul nsw i64 %p, 16
+  %2296 = load <8 x float>, ptr %acc020240, align 4
+  %2297 = load <8 x float>, ptr %acc021241, align 4
+  %2298 = add nsw i64 %col256, 0
+  %2299 = fcmp ogt <8 x float> %2296, zeroinitializer
+  %2300 = select <8 x i1> %2299, <8 x float> %2296, <8 x float> zeroinitializer
+  %2301 = fmul <8 x float> %2300, %2293
+  %2302 = getelementptr inbounds float, ptr %2295, i64 %2298
+  store <8 x float> %2301, ptr %2302, align 4
+  %2303 = add nsw i64 %col256, 8
+  %2304 = fcmp ogt <8 x float> %2297, zeroinitializer
+  %2305 = select <8 x i1> %2304, <8 x float> %2297, <8 x float> zeroinitializer
+  %2306 = fmul <8 x float> %2305, %2293
+  %2307 = getelementptr inbounds float, ptr %2295, i64 %2303
+  store <8 x float> %2306, ptr %2307, align 4
+  br label %tile.done146
 
-k.end243:                                         ; preds = %k.head241
-  %2261 = add nsw i64 %r0138, 0
-  %2262 = getelementptr inbounds float, ptr %rw, i64 %2261
-  %2263 = load float, ptr %2262, align 4
-  %2264 = insertelement <8 x float> poison, float %2263, i32 0
-  %2265 = shufflevector <8 x float> %2264, <8 x float> poison, <8 x i32> zeroinitializer
-  %2266 = mul nsw i64 %2261, 3072
-  %2267 = getelementptr inbounds float, ptr %h, i64 %2266
-  %col249 = mul nsw i64 %p, 16
-  %2268 = load <8 x float>, ptr %acc000231, align 4
-  %2269 = load <8 x float>, ptr %acc001232, align 4
-  %2270 = add nsw i64 %col249, 0
-  %2271 = fcmp ogt <8 x float> %2268, zeroinitializer
-  %2272 = select <8 x i1> %2271, <8 x float> %2268, <8 x float> zeroinitializer
-  %2273 = fmul <8 x float> %2272, %2265
-  %2274 = getelementptr inbounds float, ptr %2267, i64 %2270
-  store <8 x float> %2273, ptr %2274, align 4
-  %2275 = add nsw i64 %col249, 8
-  %2276 = fcmp ogt <8 x float> %2269, zeroinitializer
-  %2277 = select <8 x i1> %2276, <8 x float> %2269, <8 x float> zeroinitializer
-  %2278 = fmul <8 x float> %2277, %2265
-  %2279 = getelementptr inbounds float, ptr %2267, i64 %2275
-  store <8 x float> %2278, ptr %2279, align 4
-  %2280 = add nsw i64 %r0138, 1
-  %2281 = getelementptr inbounds float, ptr %rw, i64 %2280
-  %2282 = load float, ptr %2281, align 4
-  %2283 = insertelement <8 x float> poison, float %2282, i32 0
-  %2284 = shufflevector <8 x float> %2283, <8 x float> poison, <8 x i32> zeroinitializer
-  %2285 = mul nsw i64 %2280, 3072
-  %2286 = getelementptr inbounds float, ptr %h, i64 %2285
-  %col250 = mul nsw i64 %p, 16
-  %2287 = load <8 x float>, ptr %acc010233, align 4
-  %2288 = load <8 x float>, ptr %acc011234, align 4
-  %2289 = add nsw i64 %col250, 0
-  %2290 = fcmp ogt <8 x float> %2287, zeroinitializer
-  %2291 = select <8 x i1> %2290, <8 x float> %2287, <8 x float> zeroinitializer
-  %2292 = fmul <8 x float> %2291, %2284
-  %2293 = getelementptr inbounds float, ptr %2286, i64 %2289
-  store <8 x float> %2292, ptr %2293, align 4
-  %2294 = add nsw i64 %col250, 8
-  %2295 = fcmp ogt <8 x float> %2288, zeroinitializer
-  %2296 = select <8 x i1> %2295, <8 x float> %2288, <8 x float> zeroinitializer
-  %2297 = fmul <8 x float> %2296, %2284
-  %2298 = getelementptr inbounds float, ptr %2286, i64 %2294
-  store <8 x float> %2297, ptr %2298, align 4
-  %2299 = add nsw i64 %r0138, 2
-  %2300 = getelementptr inbounds float, ptr %rw, i64 %2299
-  %2301 = load float, ptr %2300, align 4
-  %2302 = insertelement <8 x float> poison, float %2301, i32 0
-  %2303 = shufflevector <8 x float> %2302, <8 x float> poison, <8 x i32> zeroinitializer
-  %2304 = mul nsw i64 %2299, 3072
-  %2305 = getelementptr inbounds float, ptr %h, i64 %2304
-  %col251 = mul nsw i64 %p, 16
-  %2306 = load <8 x float>, ptr %acc020235, align 4
-  %2307 = load <8 x float>, ptr %acc021236, align 4
-  %2308 = add nsw i64 %col251, 0
-  %2309 = fcmp ogt <8 x float> %2306, zeroinitializer
-  %2310 = select <8 x i1> %2309, <8 x float> %2306, <8 x float> zeroinitializer
-  %2311 = fmul <8 x float> %2310, %2303
-  %2312 = getelementptr inbounds float, ptr %2305, i64 %2308
-  store <8 x float> %2311, ptr %2312, align 4
-  %2313 = add nsw i64 %col251, 8
-  %2314 = fcmp ogt <8 x float> %2307, zeroinitializer
-  %2315 = select <8 x i1> %2314, <8 x float> %2307, <8 x float> zeroinitializer
-  %2316 = fmul <8 x float> %2315, %2303
-  %2317 = getelementptr inbounds float, ptr %2305, i64 %2313
-  store <8 x float> %2316, ptr %2317, align 4
-  br label %tile.done141
+tile.mr2148:                                      ; preds = %rb.body140
+  %2308 = add nsw i64 %r0143, 0
+  %2309 = getelementptr inbounds i32, ptr %rows, i64 %2308
+  %2310 = load i32, ptr %2309, align 4
+  %2311 = sext i32 %2310 to i64
+  %2312 = mul nsw i64 %2311, 768
+  %2313 = add nsw i64 %2312, 0
+  %2314 = getelementptr inbounds float, ptr %x, i64 %2313
+  store <8 x float> zeroinitializer, ptr %acc000257, align 4
+  store <8 x float> zeroinitializer, ptr %acc001258, align 4
+  %2315 = add nsw i64 %r0143, 1
+  %2316 = getelementptr inbounds i32, ptr %rows, i64 %2315
+  %2317 = load i32, ptr %2316, align 4
+  %2318 = sext i32 %2317 to i64
+  %2319 = mul nsw i64 %2318, 768
+  %2320 = add nsw i64 %2319, 0
+  %2321 = getelementptr inbounds float, ptr %x, i64 %2320
+  store <8 x float> zeroinitializer, ptr %acc010259, align 4
+  store <8 x float> zeroinitializer, ptr %acc011260, align 4
+  %panel.off261 = mul nsw i64 %p, 12288
+  %2322 = getelementptr inbounds i16, ptr %panels, i64 %panel.off261
+  %2323 = add nsw i64 %p, 1
+  %2324 = icmp slt i64 %2323, %p1
+  %pf.on262 = and i1 %pf.on154, %2324
+  %2325 = mul nsw i64 %rb142, 24576
+  %2326 = lshr i64 %2325, %1613
+  %2327 = add nsw i64 24576, %2326
+  %2328 = getelementptr inbounds i8, ptr %2322, i64 %2327
+  %pf263 = select i1 %pf.on262, ptr %2328, ptr %2322
+  %pf.sh264 = select i1 %pf.on262, i64 %1613, i64 0
+  br label %k.head265
 
-tile.mr2143:                                      ; preds = %rb.body135
-  %2318 = add nsw i64 %r0138, 0
-  %2319 = getelementptr inbounds i32, ptr %rows, i64 %2318
-  %2320 = load i32, ptr %2319, align 4
-  %2321 = sext i32 %2320 to i64
-  %2322 = mul nsw i64 %2321, 768
-  %2323 = add nsw i64 %2322, 0
-  %2324 = getelementptr inbounds float, ptr %x, i64 %2323
-  store <8 x float> zeroinitializer, ptr %acc000252, align 4
-  store <8 x float> zeroinitializer, ptr %acc001253, align 4
-  %2325 = add nsw i64 %r0138, 1
-  %2326 = getelementptr inbounds i32, ptr %rows, i64 %2325
-  %2327 = load i32, ptr %2326, align 4
-  %2328 = sext i32 %2327 to i64
-  %2329 = mul nsw i64 %2328, 768
-  %2330 = add nsw i64 %2329, 0
-  %2331 = getelementptr inbounds float, ptr %x, i64 %2330
-  store <8 x float> zeroinitializer, ptr %acc010254, align 4
-  store <8 x float> zeroinitializer, ptr %acc011255, align 4
-  %2332 = mul nsw i64 %p, 12288
-  %panel.off256 = add nsw i64 %2332, 0
-  %2333 = getelementptr inbounds i16, ptr %panels, i64 %panel.off256
-  %2334 = add nsw i64 %p, 1
-  %2335 = icmp slt i64 %2334, %p1
-  %pf.on257 = and i1 %pf.on149, %2335
-  %2336 = mul nsw i64 %rb137, 24576
-  %2337 = lshr i64 %2336, %1619
-  %2338 = add nsw i64 24576, %2337
-  %2339 = getelementptr inbounds i8, ptr %2333, i64 %2338
-  %pf258 = select i1 %pf.on257, ptr %2339, ptr %2333
-  %pf.sh259 = select i1 %pf.on257, i64 %1619, i64 0
-  br label %k.head260
+k.head265:                                        ; preds = %pf.any.end270, %tile.mr2148
+  %k268 = phi i64 [ 0, %tile.mr2148 ], [ %2357, %pf.any.end270 ]
+  %2329 = icmp slt i64 %k268, 768
+  br i1 %2329, label %k.body266, label %k.end267
 
-k.head260:                                        ; preds = %pf.any.end265, %tile.mr2143
-  %k263 = phi i64 [ 0, %tile.mr2143 ], [ %2368, %pf.any.end265 ]
-  %2340 = icmp slt i64 %k263, 768
-  br i1 %2340, label %k.body261, label %k.end262
+k.body266:                                        ; preds = %k.head265
+  %2330 = mul nsw i64 %k268, 1
+  %2331 = add nsw i64 %2330, 0
+  %2332 = mul nsw i64 %2331, 32
+  br i1 %pf.multi153, label %pf.any.then269, label %pf.any.end270
 
-k.body261:                                        ; preds = %k.head260
-  %2341 = mul nsw i64 %k263, 1
-  %2342 = add nsw i64 %2341, 0
-  %2343 = mul nsw i64 %2342, 32
-  br i1 %pf.multi148, label %pf.any.then264, label %pf.any.end265
+pf.any.then269:                                   ; preds = %k.body266
+  %2333 = lshr i64 %2332, %pf.sh264
+  %2334 = getelementptr inbounds i8, ptr %pf263, i64 %2333
+  call void @llvm.prefetch.p0(ptr %2334, i32 0, i32 2, i32 1)
+  br label %pf.any.end270
 
-pf.any.then264:                                   ; preds = %k.body261
-  %2344 = lshr i64 %2343, %pf.sh259
-  %2345 = getelementptr inbounds i8, ptr %pf258, i64 %2344
-  call void @llvm.prefetch.p0(ptr %2345, i32 0, i32 2, i32 1)
-  br label %pf.any.end265
+pf.any.end270:                                    ; preds = %pf.any.then269, %k.body266
+  %2335 = mul nsw i64 %2331, 16
+  %2336 = add nsw i64 %panel.off261, %2335
+  %2337 = getelementptr inbounds i16, ptr %panels, i64 %2336
+  %2338 = load <8 x i32>, ptr %2337, align 4
+  %2339 = shl <8 x i32> %2338, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0271 = bitcast <8 x i32> %2339 to <8 x float>
+  %2340 = and <8 x i32> %2338, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1272 = bitcast <8 x i32> %2340 to <8 x float>
+  %2341 = getelementptr inbounds float, ptr %2314, i64 %2331
+  %2342 = load float, ptr %2341, align 4
+  %2343 = insertelement <8 x float> poison, float %2342, i32 0
+  %2344 = shufflevector <8 x float> %2343, <8 x float> poison, <8 x i32> zeroinitializer
+  %2345 = load <8 x float>, ptr %acc000257, align 4
+  %2346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2344, <8 x float> %b0271, <8 x float> %2345)
+  store <8 x float> %2346, ptr %acc000257, align 4
+  %2347 = load <8 x float>, ptr %acc001258, align 4
+  %2348 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2344, <8 x float> %b1272, <8 x float> %2347)
+  store <8 x float> %2348, ptr %acc001258, align 4
+  %2349 = getelementptr inbounds float, ptr %2321, i64 %2331
+  %2350 = load float, ptr %2349, align 4
+  %2351 = insertelement <8 x float> poison, float %2350, i32 0
+  %2352 = shufflevector <8 x float> %2351, <8 x float> poison, <8 x i32> zeroinitializer
+  %2353 = load <8 x float>, ptr %acc010259, align 4
+  %2354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2352, <8 x float> %b0271, <8 x float> %2353)
+  store <8 x float> %2354, ptr %acc010259, align 4
+  %2355 = load <8 x float>, ptr %acc011260, align 4
+  %2356 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2352, <8 x float> %b1272, <8 x float> %2355)
+  store <8 x float> %2356, ptr %acc011260, align 4
+  %2357 = add nsw i64 %k268, 1
+  br label %k.head265
 
-pf.any.end265:                                    ; preds = %pf.any.then264, %k.body261
-  %2346 = mul nsw i64 %2342, 16
-  %2347 = add nsw i64 %panel.off256, %2346
-  %2348 = getelementptr inbounds i16, ptr %panels, i64 %2347
-  %2349 = load <8 x i32>, ptr %2348, align 4
-  %2350 = shl <8 x i32> %2349, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0266 = bitcast <8 x i32> %2350 to <8 x float>
-  %2351 = and <8 x i32> %2349, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1267 = bitcast <8 x i32> %2351 to <8 x float>
-  %2352 = getelementptr inbounds float, ptr %2324, i64 %2342
-  %2353 = load float, ptr %2352, align 4
-  %2354 = insertelement <8 x float> poison, float %2353, i32 0
-  %2355 = shufflevector <8 x float> %2354, <8 x float> poison, <8 x i32> zeroinitializer
-  %2356 = load <8 x float>, ptr %acc000252, align 4
-  %2357 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2355, <8 x float> %b0266, <8 x float> %2356)
-  store <8 x float> %2357, ptr %acc000252, align 4
-  %2358 = load <8 x float>, ptr %acc001253, align 4
-  %2359 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2355, <8 x float> %b1267, <8 x float> %2358)
-  store <8 x float> %2359, ptr %acc001253, align 4
-  %2360 = getelementptr inbounds float, ptr %2331, i64 %2342
-  %2361 = load float, ptr %2360, align 4
-  %2362 = insertelement <8 x float> poison, float %2361, i32 0
-  %2363 = shufflevector <8 x float> %2362, <8 x float> poison, <8 x i32> zeroinitializer
-  %2364 = load <8 x float>, ptr %acc010254, align 4
-  %2365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2363, <8 x float> %b0266, <8 x float> %2364)
-  store <8 x float> %2365, ptr %acc010254, align 4
-  %2366 = load <8 x float>, ptr %acc011255, align 4
-  %2367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2363, <8 x float> %b1267, <8 x float> %2366)
-  store <8 x float> %2367, ptr %acc011255, align 4
-  %2368 = add nsw i64 %k263, 1
-  br label %k.head260
+k.end267:                                         ; preds = %k.head265
+  %2358 = add nsw i64 %r0143, 0
+  %2359 = getelementptr inbounds float, ptr %rw, i64 %2358
+  %2360 = load float, ptr %2359, align 4
+  %2361 = insertelement <8 x float> poison, float %2360, i32 0
+  %2362 = shufflevector <8 x float> %2361, <8 x float> poison, <8 x i32> zeroinitializer
+  %2363 = mul nsw i64 %2358, 3072
+  %2364 = getelementptr inbounds float, ptr %h, i64 %2363
+  %col273 = mul nsw i64 %p, 16
+  %2365 = load <8 x float>, ptr %acc000257, align 4
+  %2366 = load <8 x float>, ptr %acc001258, align 4
+  %2367 = add nsw i64 %col273, 0
+  %2368 = fcmp ogt <8 x float> %2365, zeroinitializer
+  %2369 = select <8 x i1> %2368, <8 x float> %2365, <8 x float> zeroinitializer
+  %2370 = fmul <8 x float> %2369, %2362
+  %2371 = getelementptr inbounds float, ptr %2364, i64 %2367
+  store <8 x float> %2370, ptr %2371, align 4
+  %2372 = add nsw i64 %col273, 8
+  %2373 = fcmp ogt <8 x float> %2366, zeroinitializer
+  %2374 = select <8 x i1> %2373, <8 x float> %2366, <8 x float> zeroinitializer
+  %2375 = fmul <8 x float> %2374, %2362
+  %2376 = getelementptr inbounds float, ptr %2364, i64 %2372
+  store <8 x float> %2375, ptr %2376, align 4
+  %2377 = add nsw i64 %r0143, 1
+  %2378 = getelementptr inbounds float, ptr %rw, i64 %2377
+  %2379 = load float, ptr %2378, align 4
+  %2380 = insertelement <8 x float> poison, float %2379, i32 0
+  %2381 = shufflevector <8 x float> %2380, <8 x float> poison, <8 x i32> zeroinitializer
+  %2382 = mul nsw i64 %2377, 3072
+  %2383 = getelementptr inbounds float, ptr %h, i64 %2382
+  %col274 = mul nsw i64 %p, 16
+  %2384 = load <8 x float>, ptr %acc010259, align 4
+  %2385 = load <8 x float>, ptr %acc011260, align 4
+  %2386 = add nsw i64 %col274, 0
+  %2387 = fcmp ogt <8 x float> %2384, zeroinitializer
+  %2388 = select <8 x i1> %2387, <8 x float> %2384, <8 x float> zeroinitializer
+  %2389 = fmul <8 x float> %2388, %2381
+  %2390 = getelementptr inbounds float, ptr %2383, i64 %2386
+  store <8 x float> %2389, ptr %2390, align 4
+  %2391 = add nsw i64 %col274, 8
+  %2392 = fcmp ogt <8 x float> %2385, zeroinitializer
+  %2393 = select <8 x i1> %2392, <8 x float> %2385, <8 x float> zeroinitializer
+  %2394 = fmul <8 x float> %2393, %2381
+  %2395 = getelementptr inbounds float, ptr %2383, i64 %2391
+  store <8 x float> %2394, ptr %2395, align 4
+  br label %tile.done146
 
-k.end262:                                         ; preds = %k.head260
-  %2369 = add nsw i64 %r0138, 0
-  %2370 = getelementptr inbounds float, ptr %rw, i64 %2369
-  %2371 = load float, ptr %2370, align 4
-  %2372 = insertelement <8 x float> poison, float %2371, i32 0
-  %2373 = shufflevector <8 x float> %2372, <8 x float> poison, <8 x i32> zeroinitializer
-  %2374 = mul nsw i64 %2369, 3072
-  %2375 = getelementptr inbounds float, ptr %h, i64 %2374
-  %col268 = mul nsw i64 %p, 16
-  %2376 = load <8 x float>, ptr %acc000252, align 4
-  %2377 = load <8 x float>, ptr %acc001253, align 4
-  %2378 = add nsw i64 %col268, 0
-  %2379 = fcmp ogt <8 x float> %2376, zeroinitializer
-  %2380 = select <8 x i1> %2379, <8 x float> %2376, <8 x float> zeroinitializer
-  %2381 = fmul <8 x float> %2380, %2373
-  %2382 = getelementptr inbounds float, ptr %2375, i64 %2378
-  store <8 x float> %2381, ptr %2382, align 4
-  %2383 = add nsw i64 %col268, 8
-  %2384 = fcmp ogt <8 x float> %2377, zeroinitializer
-  %2385 = select <8 x i1> %2384, <8 x float> %2377, <8 x float> zeroinitializer
-  %2386 = fmul <8 x float> %2385, %2373
-  %2387 = getelementptr inbounds float, ptr %2375, i64 %2383
-  store <8 x float> %2386, ptr %2387, align 4
-  %2388 = add nsw i64 %r0138, 1
-  %2389 = getelementptr inbounds float, ptr %rw, i64 %2388
-  %2390 = load float, ptr %2389, align 4
-  %2391 = insertelement <8 x float> poison, float %2390, i32 0
-  %2392 = shufflevector <8 x float> %2391, <8 x float> poison, <8 x i32> zeroinitializer
-  %2393 = mul nsw i64 %2388, 3072
-  %2394 = getelementptr inbounds float, ptr %h, i64 %2393
-  %col269 = mul nsw i64 %p, 16
-  %2395 = load <8 x float>, ptr %acc010254, align 4
-  %2396 = load <8 x float>, ptr %acc011255, align 4
-  %2397 = add nsw i64 %col269, 0
-  %2398 = fcmp ogt <8 x float> %2395, zeroinitializer
-  %2399 = select <8 x i1> %2398, <8 x float> %2395, <8 x float> zeroinitializer
-  %2400 = fmul <8 x float> %2399, %2392
-  %2401 = getelementptr inbounds float, ptr %2394, i64 %2397
-  store <8 x float> %2400, ptr %2401, align 4
-  %2402 = add nsw i64 %col269, 8
-  %2403 = fcmp ogt <8 x float> %2396, zeroinitializer
-  %2404 = select <8 x i1> %2403, <8 x float> %2396, <8 x float> zeroinitializer
-  %2405 = fmul <8 x float> %2404, %2392
-  %2406 = getelementptr inbounds float, ptr %2394, i64 %2402
-  store <8 x float> %2405, ptr %2406, align 4
-  br label %tile.done141
+tile.mr1147:                                      ; preds = %rb.body140
+  %2396 = add nsw i64 %r0143, 0
+  %2397 = getelementptr inbounds i32, ptr %rows, i64 %2396
+  %2398 = load i32, ptr %2397, align 4
+  %2399 = sext i32 %2398 to i64
+  %2400 = mul nsw i64 %2399, 768
+  %2401 = add nsw i64 %2400, 0
+  %2402 = getelementptr inbounds float, ptr %x, i64 %2401
+  store <8 x float> zeroinitializer, ptr %acc000275, align 4
+  store <8 x float> zeroinitializer, ptr %acc001276, align 4
+  %panel.off277 = mul nsw i64 %p, 12288
+  %2403 = getelementptr inbounds i16, ptr %panels, i64 %panel.off277
+  %2404 = add nsw i64 %p, 1
+  %2405 = icmp slt i64 %2404, %p1
+  %pf.on278 = and i1 %pf.on154, %2405
+  %2406 = mul nsw i64 %rb142, 24576
+  %2407 = lshr i64 %2406, %1613
+  %2408 = add nsw i64 24576, %2407
+  %2409 = getelementptr inbounds i8, ptr %2403, i64 %2408
+  %pf279 = select i1 %pf.on278, ptr %2409, ptr %2403
+  %pf.sh280 = select i1 %pf.on278, i64 %1613, i64 0
+  br label %k.head281
 
-tile.mr1142:                                      ; preds = %rb.body135
-  %2407 = add nsw i64 %r0138, 0
-  %2408 = getelementptr inbounds i32, ptr %rows, i64 %2407
-  %2409 = load i32, ptr %2408, align 4
-  %2410 = sext i32 %2409 to i64
-  %2411 = mul nsw i64 %2410, 768
+k.head281:                                        ; preds = %pf.any.end286, %tile.mr1147
+  %k284 = phi i64 [ 0, %tile.mr1147 ], [ %2430, %pf.any.end286 ]
+  %2410 = icmp slt i64 %k284, 768
+  br i1 %2410, label %k.body282, label %k.end283
+
+k.body282:                                        ; preds = %k.head281
+  %2411 = mul nsw i64 %k284, 1
   %2412 = add nsw i64 %2411, 0
-  %2413 = getelementptr inbounds float, ptr %x, i64 %2412
-  store <8 x float> zeroinitializer, ptr %acc000270, align 4
-  store <8 x float> zeroinitializer, ptr %acc001271, align 4
-  %2414 = mul nsw i64 %p, 12288
-  %panel.off272 = add nsw i64 %2414, 0
-  %2415 = getelementptr inbounds i16, ptr %panels, i64 %panel.off272
-  %2416 = add nsw i64 %p, 1
-  %2417 = icmp slt i64 %2416, %p1
-  %pf.on273 = and i1 %pf.on149, %2417
-  %2418 = mul nsw i64 %rb137, 24576
-  %2419 = lshr i64 %2418, %1619
-  %2420 = add nsw i64 24576, %2419
-  %2421 = getelementptr inbounds i8, ptr %2415, i64 %2420
-  %pf274 = select i1 %pf.on273, ptr %2421, ptr %2415
-  %pf.sh275 = select i1 %pf.on273, i64 %1619, i64 0
-  br label %k.head276
+  %2413 = mul nsw i64 %2412, 32
+  br i1 %pf.multi153, label %pf.any.then285, label %pf.any.end286
 
-k.head276:                                        ; preds = %pf.any.end281, %tile.mr1142
-  %k279 = phi i64 [ 0, %tile.mr1142 ], [ %2442, %pf.any.end281 ]
-  %2422 = icmp slt i64 %k279, 768
-  br i1 %2422, label %k.body277, label %k.end278
+pf.any.then285:                                   ; preds = %k.body282
+  %2414 = lshr i64 %2413, %pf.sh280
+  %2415 = getelementptr inbounds i8, ptr %pf279, i64 %2414
+  call void @llvm.prefetch.p0(ptr %2415, i32 0, i32 2, i32 1)
+  br label %pf.any.end286
 
-k.body277:                                        ; preds = %k.head276
-  %2423 = mul nsw i64 %k279, 1
-  %2424 = add nsw i64 %2423, 0
-  %2425 = mul nsw i64 %2424, 32
-  br i1 %pf.multi148, label %pf.any.then280, label %pf.any.end281
+pf.any.end286:                                    ; preds = %pf.any.then285, %k.body282
+  %2416 = mul nsw i64 %2412, 16
+  %2417 = add nsw i64 %panel.off277, %2416
+  %2418 = getelementptr inbounds i16, ptr %panels, i64 %2417
+  %2419 = load <8 x i32>, ptr %2418, align 4
+  %2420 = shl <8 x i32> %2419, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0287 = bitcast <8 x i32> %2420 to <8 x float>
+  %2421 = and <8 x i32> %2419, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1288 = bitcast <8 x i32> %2421 to <8 x float>
+  %2422 = getelementptr inbounds float, ptr %2402, i64 %2412
+  %2423 = load float, ptr %2422, align 4
+  %2424 = insertelement <8 x float> poison, float %2423, i32 0
+  %2425 = shufflevector <8 x float> %2424, <8 x float> poison, <8 x i32> zeroinitializer
+  %2426 = load <8 x float>, ptr %acc000275, align 4
+  %2427 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2425, <8 x float> %b0287, <8 x float> %2426)
+  store <8 x float> %2427, ptr %acc000275, align 4
+  %2428 = load <8 x float>, ptr %acc001276, align 4
+  %2429 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2425, <8 x float> %b1288, <8 x float> %2428)
+  store <8 x float> %2429, ptr %acc001276, align 4
+  %2430 = add nsw i64 %k284, 1
+  br label %k.head281
 
-pf.any.then280:                                   ; preds = %k.body277
-  %2426 = lshr i64 %2425, %pf.sh275
-  %2427 = getelementptr inbounds i8, ptr %pf274, i64 %2426
-  call void @llvm.prefetch.p0(ptr %2427, i32 0, i32 2, i32 1)
-  br label %pf.any.end281
+k.end283:                                         ; preds = %k.head281
+  %2431 = add nsw i64 %r0143, 0
+  %2432 = getelementptr inbounds float, ptr %rw, i64 %2431
+  %2433 = load float, ptr %2432, align 4
+  %2434 = insertelement <8 x float> poison, float %2433, i32 0
+  %2435 = shufflevector <8 x float> %2434, <8 x float> poison, <8 x i32> zeroinitializer
+  %2436 = mul nsw i64 %2431, 3072
+  %2437 = getelementptr inbounds float, ptr %h, i64 %2436
+  %col289 = mul nsw i64 %p, 16
+  %2438 = load <8 x float>, ptr %acc000275, align 4
+  %2439 = load <8 x float>, ptr %acc001276, align 4
+  %2440 = add nsw i64 %col289, 0
+  %2441 = fcmp ogt <8 x float> %2438, zeroinitializer
+  %2442 = select <8 x i1> %2441, <8 x float> %2438, <8 x float> zeroinitializer
+  %2443 = fmul <8 x float> %2442, %2435
+  %2444 = getelementptr inbounds float, ptr %2437, i64 %2440
+  store <8 x float> %2443, ptr %2444, align 4
+  %2445 = add nsw i64 %col289, 8
+  %2446 = fcmp ogt <8 x float> %2439, zeroinitializer
+  %2447 = select <8 x i1> %2446, <8 x float> %2439, <8 x float> zeroinitializer
+  %2448 = fmul <8 x float> %2447, %2435
+  %2449 = getelementptr inbounds float, ptr %2437, i64 %2445
+  store <8 x float> %2448, ptr %2449, align 4
+  br label %tile.done146
 
-pf.any.end281:                                    ; preds = %pf.any.then280, %k.body277
-  %2428 = mul nsw i64 %2424, 16
-  %2429 = add nsw i64 %panel.off272, %2428
-  %2430 = getelementptr inbounds i16, ptr %panels, i64 %2429
-  %2431 = load <8 x i32>, ptr %2430, align 4
-  %2432 = shl <8 x i32> %2431, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0282 = bitcast <8 x i32> %2432 to <8 x float>
-  %2433 = and <8 x i32> %2431, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1283 = bitcast <8 x i32> %2433 to <8 x float>
-  %2434 = getelementptr inbounds float, ptr %2413, i64 %2424
-  %2435 = load float, ptr %2434, align 4
-  %2436 = insertelement <8 x float> poison, float %2435, i32 0
-  %2437 = shufflevector <8 x float> %2436, <8 x float> poison, <8 x i32> zeroinitializer
-  %2438 = load <8 x float>, ptr %acc000270, align 4
-  %2439 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2437, <8 x float> %b0282, <8 x float> %2438)
-  store <8 x float> %2439, ptr %acc000270, align 4
-  %2440 = load <8 x float>, ptr %acc001271, align 4
-  %2441 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2437, <8 x float> %b1283, <8 x float> %2440)
-  store <8 x float> %2441, ptr %acc001271, align 4
-  %2442 = add nsw i64 %k279, 1
-  br label %k.head276
+tile.done146:                                     ; preds = %k.end283, %k.end267, %k.end248, %k.end226, %k.end201, %k.end173
+  %2450 = add nsw i64 %rb142, 1
+  br label %rb.head139
 
-k.end278:                                         ; preds = %k.head276
-  %2443 = add nsw i64 %r0138, 0
-  %2444 = getelementptr inbounds float, ptr %rw, i64 %2443
-  %2445 = load float, ptr %2444, align 4
-  %2446 = insertelement <8 x float> poison, float %2445, i32 0
-  %2447 = shufflevector <8 x float> %2446, <8 x float> poison, <8 x i32> zeroinitializer
-  %2448 = mul nsw i64 %2443, 3072
-  %2449 = getelementptr inbounds float, ptr %h, i64 %2448
-  %col284 = mul nsw i64 %p, 16
-  %2450 = load <8 x float>, ptr %acc000270, align 4
-  %2451 = load <8 x float>, ptr %acc001271, align 4
-  %2452 = add nsw i64 %col284, 0
-  %2453 = fcmp ogt <8 x float> %2450, zeroinitializer
-  %2454 = select <8 x i1> %2453, <8 x float> %2450, <8 x float> zeroinitializer
-  %2455 = fmul <8 x float> %2454, %2447
-  %2456 = getelementptr inbounds float, ptr %2449, i64 %2452
-  store <8 x float> %2455, ptr %2456, align 4
-  %2457 = add nsw i64 %col284, 8
-  %2458 = fcmp ogt <8 x float> %2451, zeroinitializer
-  %2459 = select <8 x i1> %2458, <8 x float> %2451, <8 x float> zeroinitializer
-  %2460 = fmul <8 x float> %2459, %2447
-  %2461 = getelementptr inbounds float, ptr %2449, i64 %2457
-  store <8 x float> %2460, ptr %2461, align 4
-  br label %tile.done141
-
-tile.done141:                                     ; preds = %k.end278, %k.end262, %k.end243, %k.end221, %k.end196, %k.end168
-  %2462 = add nsw i64 %rb137, 1
-  br label %rb.head134
-
-rb.end136:                                        ; preds = %rb.head134
-  %2463 = add nsw i64 %p, 1
+rb.end141:                                        ; preds = %rb.head139
+  %2451 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -4297,68 +4291,68 @@ entry:
   %acc03111 = alloca <8 x float>, align 32
   %acc04012 = alloca <8 x float>, align 32
   %acc04113 = alloca <8 x float>, align 32
-  %acc00027 = alloca <8 x float>, align 32
-  %acc00128 = alloca <8 x float>, align 32
-  %acc01029 = alloca <8 x float>, align 32
-  %acc01130 = alloca <8 x float>, align 32
-  %acc02031 = alloca <8 x float>, align 32
-  %acc02132 = alloca <8 x float>, align 32
-  %acc03033 = alloca <8 x float>, align 32
-  %acc03134 = alloca <8 x float>, align 32
-  %acc00048 = alloca <8 x float>, align 32
-  %acc00149 = alloca <8 x float>, align 32
-  %acc01050 = alloca <8 x float>, align 32
-  %acc01151 = alloca <8 x float>, align 32
-  %acc02052 = alloca <8 x float>, align 32
-  %acc02153 = alloca <8 x float>, align 32
-  %acc00067 = alloca <8 x float>, align 32
-  %acc00168 = alloca <8 x float>, align 32
-  %acc01069 = alloca <8 x float>, align 32
-  %acc01170 = alloca <8 x float>, align 32
-  %acc00084 = alloca <8 x float>, align 32
-  %acc00185 = alloca <8 x float>, align 32
-  %acc000116 = alloca <8 x float>, align 32
-  %acc001117 = alloca <8 x float>, align 32
-  %acc010118 = alloca <8 x float>, align 32
-  %acc011119 = alloca <8 x float>, align 32
-  %acc020120 = alloca <8 x float>, align 32
-  %acc021121 = alloca <8 x float>, align 32
-  %acc030122 = alloca <8 x float>, align 32
-  %acc031123 = alloca <8 x float>, align 32
-  %acc040124 = alloca <8 x float>, align 32
-  %acc041125 = alloca <8 x float>, align 32
-  %acc050126 = alloca <8 x float>, align 32
-  %acc051127 = alloca <8 x float>, align 32
-  %acc000141 = alloca <8 x float>, align 32
-  %acc001142 = alloca <8 x float>, align 32
-  %acc010143 = alloca <8 x float>, align 32
-  %acc011144 = alloca <8 x float>, align 32
-  %acc020145 = alloca <8 x float>, align 32
-  %acc021146 = alloca <8 x float>, align 32
-  %acc030147 = alloca <8 x float>, align 32
-  %acc031148 = alloca <8 x float>, align 32
-  %acc040149 = alloca <8 x float>, align 32
-  %acc041150 = alloca <8 x float>, align 32
-  %acc000164 = alloca <8 x float>, align 32
-  %acc001165 = alloca <8 x float>, align 32
-  %acc010166 = alloca <8 x float>, align 32
-  %acc011167 = alloca <8 x float>, align 32
-  %acc020168 = alloca <8 x float>, align 32
-  %acc021169 = alloca <8 x float>, align 32
-  %acc030170 = alloca <8 x float>, align 32
-  %acc031171 = alloca <8 x float>, align 32
-  %acc000185 = alloca <8 x float>, align 32
-  %acc001186 = alloca <8 x float>, align 32
-  %acc010187 = alloca <8 x float>, align 32
-  %acc011188 = alloca <8 x float>, align 32
-  %acc020189 = alloca <8 x float>, align 32
-  %acc021190 = alloca <8 x float>, align 32
-  %acc000204 = alloca <8 x float>, align 32
-  %acc001205 = alloca <8 x float>, align 32
-  %acc010206 = alloca <8 x float>, align 32
-  %acc011207 = alloca <8 x float>, align 32
-  %acc000221 = alloca <8 x float>, align 32
-  %acc001222 = alloca <8 x float>, align 32
+  %acc00028 = alloca <8 x float>, align 32
+  %acc00129 = alloca <8 x float>, align 32
+  %acc01030 = alloca <8 x float>, align 32
+  %acc01131 = alloca <8 x float>, align 32
+  %acc02032 = alloca <8 x float>, align 32
+  %acc02133 = alloca <8 x float>, align 32
+  %acc03034 = alloca <8 x float>, align 32
+  %acc03135 = alloca <8 x float>, align 32
+  %acc00050 = alloca <8 x float>, align 32
+  %acc00151 = alloca <8 x float>, align 32
+  %acc01052 = alloca <8 x float>, align 32
+  %acc01153 = alloca <8 x float>, align 32
+  %acc02054 = alloca <8 x float>, align 32
+  %acc02155 = alloca <8 x float>, align 32
+  %acc00070 = alloca <8 x float>, align 32
+  %acc00171 = alloca <8 x float>, align 32
+  %acc01072 = alloca <8 x float>, align 32
+  %acc01173 = alloca <8 x float>, align 32
+  %acc00088 = alloca <8 x float>, align 32
+  %acc00189 = alloca <8 x float>, align 32
+  %acc000121 = alloca <8 x float>, align 32
+  %acc001122 = alloca <8 x float>, align 32
+  %acc010123 = alloca <8 x float>, align 32
+  %acc011124 = alloca <8 x float>, align 32
+  %acc020125 = alloca <8 x float>, align 32
+  %acc021126 = alloca <8 x float>, align 32
+  %acc030127 = alloca <8 x float>, align 32
+  %acc031128 = alloca <8 x float>, align 32
+  %acc040129 = alloca <8 x float>, align 32
+  %acc041130 = alloca <8 x float>, align 32
+  %acc050131 = alloca <8 x float>, align 32
+  %acc051132 = alloca <8 x float>, align 32
+  %acc000146 = alloca <8 x float>, align 32
+  %acc001147 = alloca <8 x float>, align 32
+  %acc010148 = alloca <8 x float>, align 32
+  %acc011149 = alloca <8 x float>, align 32
+  %acc020150 = alloca <8 x float>, align 32
+  %acc021151 = alloca <8 x float>, align 32
+  %acc030152 = alloca <8 x float>, align 32
+  %acc031153 = alloca <8 x float>, align 32
+  %acc040154 = alloca <8 x float>, align 32
+  %acc041155 = alloca <8 x float>, align 32
+  %acc000169 = alloca <8 x float>, align 32
+  %acc001170 = alloca <8 x float>, align 32
+  %acc010171 = alloca <8 x float>, align 32
+  %acc011172 = alloca <8 x float>, align 32
+  %acc020173 = alloca <8 x float>, align 32
+  %acc021174 = alloca <8 x float>, align 32
+  %acc030175 = alloca <8 x float>, align 32
+  %acc031176 = alloca <8 x float>, align 32
+  %acc000190 = alloca <8 x float>, align 32
+  %acc001191 = alloca <8 x float>, align 32
+  %acc010192 = alloca <8 x float>, align 32
+  %acc011193 = alloca <8 x float>, align 32
+  %acc020194 = alloca <8 x float>, align 32
+  %acc021195 = alloca <8 x float>, align 32
+  %acc000209 = alloca <8 x float>, align 32
+  %acc001210 = alloca <8 x float>, align 32
+  %acc010211 = alloca <8 x float>, align 32
+  %acc011212 = alloca <8 x float>, align 32
+  %acc000226 = alloca <8 x float>, align 32
+  %acc001227 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -4371,7 +4365,7 @@ kb:                                               ; preds = %start
   br label %kb.rc.head
 
 kb.rc.head:                                       ; preds = %kb.pg.end, %kb
-  %kb.rc = phi i64 [ 0, %kb ], [ %720, %kb.pg.end ]
+  %kb.rc = phi i64 [ 0, %kb ], [ %714, %kb.pg.end ]
   %2 = icmp slt i64 %kb.rc, %n
   br i1 %2, label %kb.rc.body, label %kb.rc.end
 
@@ -4382,7 +4376,7 @@ kb.rc.body:                                       ; preds = %kb.rc.head
   br label %kb.pg.head
 
 kb.pg.head:                                       ; preds = %kb.k.end, %kb.rc.body
-  %kb.pg = phi i64 [ %p0, %kb.rc.body ], [ %719, %kb.k.end ]
+  %kb.pg = phi i64 [ %p0, %kb.rc.body ], [ %713, %kb.k.end ]
   %5 = icmp slt i64 %kb.pg, %end
   br i1 %5, label %kb.pg.body, label %kb.pg.end
 
@@ -4393,7 +4387,7 @@ kb.pg.body:                                       ; preds = %kb.pg.head
   br label %kb.k.head
 
 kb.k.head:                                        ; preds = %kb.p.end, %kb.pg.body
-  %kb.k = phi i64 [ 0, %kb.pg.body ], [ %718, %kb.p.end ]
+  %kb.k = phi i64 [ 0, %kb.pg.body ], [ %712, %kb.p.end ]
   %8 = icmp slt i64 %kb.k, 12
   br i1 %8, label %kb.k.body, label %kb.k.end
 
@@ -4404,7 +4398,7 @@ kb.k.body:                                        ; preds = %kb.k.head
   br label %kb.p.head
 
 kb.p.head:                                        ; preds = %rb.end, %kb.k.body
-  %kb.p = phi i64 [ %kb.pg, %kb.k.body ], [ %717, %rb.end ]
+  %kb.p = phi i64 [ %kb.pg, %kb.k.body ], [ %711, %rb.end ]
   %9 = icmp slt i64 %kb.p, %kb.pg1
   br i1 %9, label %kb.p.body, label %kb.p.end
 
@@ -4422,7 +4416,7 @@ kb.p.body:                                        ; preds = %kb.p.head
   br label %rb.head
 
 rb.head:                                          ; preds = %tile.done, %kb.p.body
-  %rb = phi i64 [ 0, %kb.p.body ], [ %716, %tile.done ]
+  %rb = phi i64 [ 0, %kb.p.body ], [ %710, %tile.done ]
   %17 = icmp slt i64 %rb, %nrb
   br i1 %17, label %rb.body, label %rb.end
 
@@ -4568,883 +4562,883 @@ tile.mr6:                                         ; preds = %rb.body
   %129 = load <8 x float>, ptr %128, align 4
   %130 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %129
   store <8 x float> %130, ptr %acc051, align 4
+  %panel.off = mul nsw i64 %kb.p, 49152
   %131 = mul nsw i64 %k0, 16
-  %132 = mul nsw i64 %kb.p, 49152
-  %panel.off = add nsw i64 %132, %131
-  %133 = getelementptr inbounds i16, ptr %panels, i64 %panel.off
+  %slice.off = add nsw i64 %panel.off, %131
+  %132 = getelementptr inbounds i16, ptr %panels, i64 %slice.off
   %pf.on2 = and i1 %pf.on, %pf.next
-  %134 = mul nsw i64 %rb, 8192
-  %135 = lshr i64 %134, %26
-  %136 = add nsw i64 %pf.step, %135
-  %137 = getelementptr inbounds i8, ptr %133, i64 %136
-  %pf = select i1 %pf.on2, ptr %137, ptr %133
+  %133 = mul nsw i64 %rb, 8192
+  %134 = lshr i64 %133, %26
+  %135 = add nsw i64 %pf.step, %134
+  %136 = getelementptr inbounds i8, ptr %132, i64 %135
+  %pf = select i1 %pf.on2, ptr %136, ptr %132
   %pf.sh = select i1 %pf.on2, i64 %26, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %198, %pf.any.end ]
-  %138 = icmp slt i64 %k, 256
-  br i1 %138, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %197, %pf.any.end ]
+  %137 = icmp slt i64 %k, 256
+  br i1 %137, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %139 = mul nsw i64 %k, 1
-  %140 = add nsw i64 %139, 0
-  %141 = mul nsw i64 %140, 32
+  %138 = mul nsw i64 %k, 1
+  %139 = add nsw i64 %138, 0
+  %140 = mul nsw i64 %139, 32
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %142 = lshr i64 %141, %pf.sh
-  %143 = getelementptr inbounds i8, ptr %pf, i64 %142
-  call void @llvm.prefetch.p0(ptr %143, i32 0, i32 2, i32 1)
+  %141 = lshr i64 %140, %pf.sh
+  %142 = getelementptr inbounds i8, ptr %pf, i64 %141
+  call void @llvm.prefetch.p0(ptr %142, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %144 = mul nsw i64 %140, 16
-  %145 = add nsw i64 %panel.off, %144
-  %146 = getelementptr inbounds i16, ptr %panels, i64 %145
-  %147 = load <8 x i32>, ptr %146, align 4
-  %148 = shl <8 x i32> %147, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0 = bitcast <8 x i32> %148 to <8 x float>
-  %149 = and <8 x i32> %147, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1 = bitcast <8 x i32> %149 to <8 x float>
-  %150 = getelementptr inbounds float, ptr %32, i64 %140
-  %151 = load float, ptr %150, align 4
-  %152 = insertelement <8 x float> poison, float %151, i32 0
-  %153 = shufflevector <8 x float> %152, <8 x float> poison, <8 x i32> zeroinitializer
-  %154 = load <8 x float>, ptr %acc000, align 4
-  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> %b0, <8 x float> %154)
-  store <8 x float> %155, ptr %acc000, align 4
-  %156 = load <8 x float>, ptr %acc001, align 4
-  %157 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> %b1, <8 x float> %156)
-  store <8 x float> %157, ptr %acc001, align 4
-  %158 = getelementptr inbounds float, ptr %49, i64 %140
-  %159 = load float, ptr %158, align 4
-  %160 = insertelement <8 x float> poison, float %159, i32 0
-  %161 = shufflevector <8 x float> %160, <8 x float> poison, <8 x i32> zeroinitializer
-  %162 = load <8 x float>, ptr %acc010, align 4
-  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> %b0, <8 x float> %162)
-  store <8 x float> %163, ptr %acc010, align 4
-  %164 = load <8 x float>, ptr %acc011, align 4
-  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> %b1, <8 x float> %164)
-  store <8 x float> %165, ptr %acc011, align 4
-  %166 = getelementptr inbounds float, ptr %66, i64 %140
-  %167 = load float, ptr %166, align 4
-  %168 = insertelement <8 x float> poison, float %167, i32 0
-  %169 = shufflevector <8 x float> %168, <8 x float> poison, <8 x i32> zeroinitializer
-  %170 = load <8 x float>, ptr %acc020, align 4
-  %171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %b0, <8 x float> %170)
-  store <8 x float> %171, ptr %acc020, align 4
-  %172 = load <8 x float>, ptr %acc021, align 4
-  %173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %b1, <8 x float> %172)
-  store <8 x float> %173, ptr %acc021, align 4
-  %174 = getelementptr inbounds float, ptr %83, i64 %140
-  %175 = load float, ptr %174, align 4
-  %176 = insertelement <8 x float> poison, float %175, i32 0
-  %177 = shufflevector <8 x float> %176, <8 x float> poison, <8 x i32> zeroinitializer
-  %178 = load <8 x float>, ptr %acc030, align 4
-  %179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> %b0, <8 x float> %178)
-  store <8 x float> %179, ptr %acc030, align 4
-  %180 = load <8 x float>, ptr %acc031, align 4
-  %181 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> %b1, <8 x float> %180)
-  store <8 x float> %181, ptr %acc031, align 4
-  %182 = getelementptr inbounds float, ptr %100, i64 %140
-  %183 = load float, ptr %182, align 4
-  %184 = insertelement <8 x float> poison, float %183, i32 0
-  %185 = shufflevector <8 x float> %184, <8 x float> poison, <8 x i32> zeroinitializer
-  %186 = load <8 x float>, ptr %acc040, align 4
-  %187 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> %b0, <8 x float> %186)
-  store <8 x float> %187, ptr %acc040, align 4
-  %188 = load <8 x float>, ptr %acc041, align 4
-  %189 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> %b1, <8 x float> %188)
-  store <8 x float> %189, ptr %acc041, align 4
-  %190 = getelementptr inbounds float, ptr %117, i64 %140
-  %191 = load float, ptr %190, align 4
-  %192 = insertelement <8 x float> poison, float %191, i32 0
-  %193 = shufflevector <8 x float> %192, <8 x float> poison, <8 x i32> zeroinitializer
-  %194 = load <8 x float>, ptr %acc050, align 4
-  %195 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> %b0, <8 x float> %194)
-  store <8 x float> %195, ptr %acc050, align 4
-  %196 = load <8 x float>, ptr %acc051, align 4
-  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> %b1, <8 x float> %196)
-  store <8 x float> %197, ptr %acc051, align 4
-  %198 = add nsw i64 %k, 1
+  %143 = mul nsw i64 %139, 16
+  %144 = add nsw i64 %slice.off, %143
+  %145 = getelementptr inbounds i16, ptr %panels, i64 %144
+  %146 = load <8 x i32>, ptr %145, align 4
+  %147 = shl <8 x i32> %146, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0 = bitcast <8 x i32> %147 to <8 x float>
+  %148 = and <8 x i32> %146, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1 = bitcast <8 x i32> %148 to <8 x float>
+  %149 = getelementptr inbounds float, ptr %32, i64 %139
+  %150 = load float, ptr %149, align 4
+  %151 = insertelement <8 x float> poison, float %150, i32 0
+  %152 = shufflevector <8 x float> %151, <8 x float> poison, <8 x i32> zeroinitializer
+  %153 = load <8 x float>, ptr %acc000, align 4
+  %154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %152, <8 x float> %b0, <8 x float> %153)
+  store <8 x float> %154, ptr %acc000, align 4
+  %155 = load <8 x float>, ptr %acc001, align 4
+  %156 = call <8 x float> @llvm.fma.v8f32(<8 x float> %152, <8 x float> %b1, <8 x float> %155)
+  store <8 x float> %156, ptr %acc001, align 4
+  %157 = getelementptr inbounds float, ptr %49, i64 %139
+  %158 = load float, ptr %157, align 4
+  %159 = insertelement <8 x float> poison, float %158, i32 0
+  %160 = shufflevector <8 x float> %159, <8 x float> poison, <8 x i32> zeroinitializer
+  %161 = load <8 x float>, ptr %acc010, align 4
+  %162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %160, <8 x float> %b0, <8 x float> %161)
+  store <8 x float> %162, ptr %acc010, align 4
+  %163 = load <8 x float>, ptr %acc011, align 4
+  %164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %160, <8 x float> %b1, <8 x float> %163)
+  store <8 x float> %164, ptr %acc011, align 4
+  %165 = getelementptr inbounds float, ptr %66, i64 %139
+  %166 = load float, ptr %165, align 4
+  %167 = insertelement <8 x float> poison, float %166, i32 0
+  %168 = shufflevector <8 x float> %167, <8 x float> poison, <8 x i32> zeroinitializer
+  %169 = load <8 x float>, ptr %acc020, align 4
+  %170 = call <8 x float> @llvm.fma.v8f32(<8 x float> %168, <8 x float> %b0, <8 x float> %169)
+  store <8 x float> %170, ptr %acc020, align 4
+  %171 = load <8 x float>, ptr %acc021, align 4
+  %172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %168, <8 x float> %b1, <8 x float> %171)
+  store <8 x float> %172, ptr %acc021, align 4
+  %173 = getelementptr inbounds float, ptr %83, i64 %139
+  %174 = load float, ptr %173, align 4
+  %175 = insertelement <8 x float> poison, float %174, i32 0
+  %176 = shufflevector <8 x float> %175, <8 x float> poison, <8 x i32> zeroinitializer
+  %177 = load <8 x float>, ptr %acc030, align 4
+  %178 = call <8 x float> @llvm.fma.v8f32(<8 x float> %176, <8 x float> %b0, <8 x float> %177)
+  store <8 x float> %178, ptr %acc030, align 4
+  %179 = load <8 x float>, ptr %acc031, align 4
+  %180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %176, <8 x float> %b1, <8 x float> %179)
+  store <8 x float> %180, ptr %acc031, align 4
+  %181 = getelementptr inbounds float, ptr %100, i64 %139
+  %182 = load float, ptr %181, align 4
+  %183 = insertelement <8 x float> poison, float %182, i32 0
+  %184 = shufflevector <8 x float> %183, <8 x float> poison, <8 x i32> zeroinitializer
+  %185 = load <8 x float>, ptr %acc040, align 4
+  %186 = call <8 x float> @llvm.fma.v8f32(<8 x float> %184, <8 x float> %b0, <8 x float> %185)
+  store <8 x float> %186, ptr %acc040, align 4
+  %187 = load <8 x float>, ptr %acc041, align 4
+  %188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %184, <8 x float> %b1, <8 x float> %187)
+  store <8 x float> %188, ptr %acc041, align 4
+  %189 = getelementptr inbounds float, ptr %117, i64 %139
+  %190 = load float, ptr %189, align 4
+  %191 = insertelement <8 x float> poison, float %190, i32 0
+  %192 = shufflevector <8 x float> %191, <8 x float> poison, <8 x i32> zeroinitializer
+  %193 = load <8 x float>, ptr %acc050, align 4
+  %194 = call <8 x float> @llvm.fma.v8f32(<8 x float> %192, <8 x float> %b0, <8 x float> %193)
+  store <8 x float> %194, ptr %acc050, align 4
+  %195 = load <8 x float>, ptr %acc051, align 4
+  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %192, <8 x float> %b1, <8 x float> %195)
+  store <8 x float> %196, ptr %acc051, align 4
+  %197 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %199 = load <8 x float>, ptr %acc000, align 4
-  store <8 x float> %199, ptr %39, align 4
-  %200 = load <8 x float>, ptr %acc001, align 4
-  store <8 x float> %200, ptr %43, align 4
-  %201 = load <8 x float>, ptr %acc010, align 4
-  store <8 x float> %201, ptr %56, align 4
-  %202 = load <8 x float>, ptr %acc011, align 4
-  store <8 x float> %202, ptr %60, align 4
-  %203 = load <8 x float>, ptr %acc020, align 4
-  store <8 x float> %203, ptr %73, align 4
-  %204 = load <8 x float>, ptr %acc021, align 4
-  store <8 x float> %204, ptr %77, align 4
-  %205 = load <8 x float>, ptr %acc030, align 4
-  store <8 x float> %205, ptr %90, align 4
-  %206 = load <8 x float>, ptr %acc031, align 4
-  store <8 x float> %206, ptr %94, align 4
-  %207 = load <8 x float>, ptr %acc040, align 4
-  store <8 x float> %207, ptr %107, align 4
-  %208 = load <8 x float>, ptr %acc041, align 4
-  store <8 x float> %208, ptr %111, align 4
-  %209 = load <8 x float>, ptr %acc050, align 4
-  store <8 x float> %209, ptr %124, align 4
-  %210 = load <8 x float>, ptr %acc051, align 4
-  store <8 x float> %210, ptr %128, align 4
+  %198 = load <8 x float>, ptr %acc000, align 4
+  store <8 x float> %198, ptr %39, align 4
+  %199 = load <8 x float>, ptr %acc001, align 4
+  store <8 x float> %199, ptr %43, align 4
+  %200 = load <8 x float>, ptr %acc010, align 4
+  store <8 x float> %200, ptr %56, align 4
+  %201 = load <8 x float>, ptr %acc011, align 4
+  store <8 x float> %201, ptr %60, align 4
+  %202 = load <8 x float>, ptr %acc020, align 4
+  store <8 x float> %202, ptr %73, align 4
+  %203 = load <8 x float>, ptr %acc021, align 4
+  store <8 x float> %203, ptr %77, align 4
+  %204 = load <8 x float>, ptr %acc030, align 4
+  store <8 x float> %204, ptr %90, align 4
+  %205 = load <8 x float>, ptr %acc031, align 4
+  store <8 x float> %205, ptr %94, align 4
+  %206 = load <8 x float>, ptr %acc040, align 4
+  store <8 x float> %206, ptr %107, align 4
+  %207 = load <8 x float>, ptr %acc041, align 4
+  store <8 x float> %207, ptr %111, align 4
+  %208 = load <8 x float>, ptr %acc050, align 4
+  store <8 x float> %208, ptr %124, align 4
+  %209 = load <8 x float>, ptr %acc051, align 4
+  store <8 x float> %209, ptr %128, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
   %col3 = mul nsw i64 %kb.p, 16
-  %211 = add nsw i64 %r01, 0
-  %212 = mul nsw i64 %211, 3072
-  %213 = add nsw i64 %212, %k0
-  %214 = getelementptr inbounds float, ptr %h, i64 %213
-  %215 = getelementptr inbounds i32, ptr %rows, i64 %211
-  %216 = load i32, ptr %215, align 4
-  %217 = sext i32 %216 to i64
-  %218 = mul nsw i64 %217, 768
-  %219 = getelementptr inbounds float, ptr %y, i64 %218
-  %220 = add nsw i64 %col3, 0
-  %221 = getelementptr inbounds float, ptr %219, i64 %220
-  %222 = load <8 x float>, ptr %221, align 4
-  %223 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %222
-  store <8 x float> %223, ptr %acc0004, align 4
-  %224 = add nsw i64 %col3, 8
-  %225 = getelementptr inbounds float, ptr %219, i64 %224
-  %226 = load <8 x float>, ptr %225, align 4
-  %227 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %226
-  store <8 x float> %227, ptr %acc0015, align 4
-  %228 = add nsw i64 %r01, 1
-  %229 = mul nsw i64 %228, 3072
-  %230 = add nsw i64 %229, %k0
-  %231 = getelementptr inbounds float, ptr %h, i64 %230
-  %232 = getelementptr inbounds i32, ptr %rows, i64 %228
-  %233 = load i32, ptr %232, align 4
-  %234 = sext i32 %233 to i64
-  %235 = mul nsw i64 %234, 768
-  %236 = getelementptr inbounds float, ptr %y, i64 %235
-  %237 = add nsw i64 %col3, 0
-  %238 = getelementptr inbounds float, ptr %236, i64 %237
-  %239 = load <8 x float>, ptr %238, align 4
-  %240 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %239
-  store <8 x float> %240, ptr %acc0106, align 4
-  %241 = add nsw i64 %col3, 8
-  %242 = getelementptr inbounds float, ptr %236, i64 %241
-  %243 = load <8 x float>, ptr %242, align 4
-  %244 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %243
-  store <8 x float> %244, ptr %acc0117, align 4
-  %245 = add nsw i64 %r01, 2
-  %246 = mul nsw i64 %245, 3072
-  %247 = add nsw i64 %246, %k0
-  %248 = getelementptr inbounds float, ptr %h, i64 %247
-  %249 = getelementptr inbounds i32, ptr %rows, i64 %245
-  %250 = load i32, ptr %249, align 4
-  %251 = sext i32 %250 to i64
-  %252 = mul nsw i64 %251, 768
-  %253 = getelementptr inbounds float, ptr %y, i64 %252
-  %254 = add nsw i64 %col3, 0
-  %255 = getelementptr inbounds float, ptr %253, i64 %254
-  %256 = load <8 x float>, ptr %255, align 4
-  %257 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %256
-  store <8 x float> %257, ptr %acc0208, align 4
-  %258 = add nsw i64 %col3, 8
-  %259 = getelementptr inbounds float, ptr %253, i64 %258
-  %260 = load <8 x float>, ptr %259, align 4
-  %261 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %260
-  store <8 x float> %261, ptr %acc0219, align 4
-  %262 = add nsw i64 %r01, 3
-  %263 = mul nsw i64 %262, 3072
-  %264 = add nsw i64 %263, %k0
-  %265 = getelementptr inbounds float, ptr %h, i64 %264
-  %266 = getelementptr inbounds i32, ptr %rows, i64 %262
-  %267 = load i32, ptr %266, align 4
-  %268 = sext i32 %267 to i64
-  %269 = mul nsw i64 %268, 768
-  %270 = getelementptr inbounds float, ptr %y, i64 %269
-  %271 = add nsw i64 %col3, 0
-  %272 = getelementptr inbounds float, ptr %270, i64 %271
-  %273 = load <8 x float>, ptr %272, align 4
-  %274 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %273
-  store <8 x float> %274, ptr %acc03010, align 4
-  %275 = add nsw i64 %col3, 8
-  %276 = getelementptr inbounds float, ptr %270, i64 %275
-  %277 = load <8 x float>, ptr %276, align 4
-  %278 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %277
-  store <8 x float> %278, ptr %acc03111, align 4
-  %279 = add nsw i64 %r01, 4
-  %280 = mul nsw i64 %279, 3072
-  %281 = add nsw i64 %280, %k0
-  %282 = getelementptr inbounds float, ptr %h, i64 %281
-  %283 = getelementptr inbounds i32, ptr %rows, i64 %279
-  %284 = load i32, ptr %283, align 4
-  %285 = sext i32 %284 to i64
-  %286 = mul nsw i64 %285, 768
-  %287 = getelementptr inbounds float, ptr %y, i64 %286
-  %288 = add nsw i64 %col3, 0
-  %289 = getelementptr inbounds float, ptr %287, i64 %288
-  %290 = load <8 x float>, ptr %289, align 4
-  %291 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %290
-  store <8 x float> %291, ptr %acc04012, align 4
-  %292 = add nsw i64 %col3, 8
-  %293 = getelementptr inbounds float, ptr %287, i64 %292
-  %294 = load <8 x float>, ptr %293, align 4
-  %295 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %294
-  store <8 x float> %295, ptr %acc04113, align 4
-  %296 = mul nsw i64 %k0, 16
-  %297 = mul nsw i64 %kb.p, 49152
-  %panel.off14 = add nsw i64 %297, %296
-  %298 = getelementptr inbounds i16, ptr %panels, i64 %panel.off14
-  %pf.on15 = and i1 %pf.on, %pf.next
-  %299 = mul nsw i64 %rb, 8192
-  %300 = lshr i64 %299, %26
-  %301 = add nsw i64 %pf.step, %300
-  %302 = getelementptr inbounds i8, ptr %298, i64 %301
-  %pf16 = select i1 %pf.on15, ptr %302, ptr %298
-  %pf.sh17 = select i1 %pf.on15, i64 %26, i64 0
-  br label %k.head18
+  %210 = add nsw i64 %r01, 0
+  %211 = mul nsw i64 %210, 3072
+  %212 = add nsw i64 %211, %k0
+  %213 = getelementptr inbounds float, ptr %h, i64 %212
+  %214 = getelementptr inbounds i32, ptr %rows, i64 %210
+  %215 = load i32, ptr %214, align 4
+  %216 = sext i32 %215 to i64
+  %217 = mul nsw i64 %216, 768
+  %218 = getelementptr inbounds float, ptr %y, i64 %217
+  %219 = add nsw i64 %col3, 0
+  %220 = getelementptr inbounds float, ptr %218, i64 %219
+  %221 = load <8 x float>, ptr %220, align 4
+  %222 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %221
+  store <8 x float> %222, ptr %acc0004, align 4
+  %223 = add nsw i64 %col3, 8
+  %224 = getelementptr inbounds float, ptr %218, i64 %223
+  %225 = load <8 x float>, ptr %224, align 4
+  %226 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %225
+  store <8 x float> %226, ptr %acc0015, align 4
+  %227 = add nsw i64 %r01, 1
+  %228 = mul nsw i64 %227, 3072
+  %229 = add nsw i64 %228, %k0
+  %230 = getelementptr inbounds float, ptr %h, i64 %229
+  %231 = getelementptr inbounds i32, ptr %rows, i64 %227
+  %232 = load i32, ptr %231, align 4
+  %233 = sext i32 %232 to i64
+  %234 = mul nsw i64 %233, 768
+  %235 = getelementptr inbounds float, ptr %y, i64 %234
+  %236 = add nsw i64 %col3, 0
+  %237 = getelementptr inbounds float, ptr %235, i64 %236
+  %238 = load <8 x float>, ptr %237, align 4
+  %239 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %238
+  store <8 x float> %239, ptr %acc0106, align 4
+  %240 = add nsw i64 %col3, 8
+  %241 = getelementptr inbounds float, ptr %235, i64 %240
+  %242 = load <8 x float>, ptr %241, align 4
+  %243 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %242
+  store <8 x float> %243, ptr %acc0117, align 4
+  %244 = add nsw i64 %r01, 2
+  %245 = mul nsw i64 %244, 3072
+  %246 = add nsw i64 %245, %k0
+  %247 = getelementptr inbounds float, ptr %h, i64 %246
+  %248 = getelementptr inbounds i32, ptr %rows, i64 %244
+  %249 = load i32, ptr %248, align 4
+  %250 = sext i32 %249 to i64
+  %251 = mul nsw i64 %250, 768
+  %252 = getelementptr inbounds float, ptr %y, i64 %251
+  %253 = add nsw i64 %col3, 0
+  %254 = getelementptr inbounds float, ptr %252, i64 %253
+  %255 = load <8 x float>, ptr %254, align 4
+  %256 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %255
+  store <8 x float> %256, ptr %acc0208, align 4
+  %257 = add nsw i64 %col3, 8
+  %258 = getelementptr inbounds float, ptr %252, i64 %257
+  %259 = load <8 x float>, ptr %258, align 4
+  %260 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %259
+  store <8 x float> %260, ptr %acc0219, align 4
+  %261 = add nsw i64 %r01, 3
+  %262 = mul nsw i64 %261, 3072
+  %263 = add nsw i64 %262, %k0
+  %264 = getelementptr inbounds float, ptr %h, i64 %263
+  %265 = getelementptr inbounds i32, ptr %rows, i64 %261
+  %266 = load i32, ptr %265, align 4
+  %267 = sext i32 %266 to i64
+  %268 = mul nsw i64 %267, 768
+  %269 = getelementptr inbounds float, ptr %y, i64 %268
+  %270 = add nsw i64 %col3, 0
+  %271 = getelementptr inbounds float, ptr %269, i64 %270
+  %272 = load <8 x float>, ptr %271, align 4
+  %273 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %272
+  store <8 x float> %273, ptr %acc03010, align 4
+  %274 = add nsw i64 %col3, 8
+  %275 = getelementptr inbounds float, ptr %269, i64 %274
+  %276 = load <8 x float>, ptr %275, align 4
+  %277 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %276
+  store <8 x float> %277, ptr %acc03111, align 4
+  %278 = add nsw i64 %r01, 4
+  %279 = mul nsw i64 %278, 3072
+  %280 = add nsw i64 %279, %k0
+  %281 = getelementptr inbounds float, ptr %h, i64 %280
+  %282 = getelementptr inbounds i32, ptr %rows, i64 %278
+  %283 = load i32, ptr %282, align 4
+  %284 = sext i32 %283 to i64
+  %285 = mul nsw i64 %284, 768
+  %286 = getelementptr inbounds float, ptr %y, i64 %285
+  %287 = add nsw i64 %col3, 0
+  %288 = getelementptr inbounds float, ptr %286, i64 %287
+  %289 = load <8 x float>, ptr %288, align 4
+  %290 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %289
+  store <8 x float> %290, ptr %acc04012, align 4
+  %291 = add nsw i64 %col3, 8
+  %292 = getelementptr inbounds float, ptr %286, i64 %291
+  %293 = load <8 x float>, ptr %292, align 4
+  %294 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %293
+  store <8 x float> %294, ptr %acc04113, align 4
+  %panel.off14 = mul nsw i64 %kb.p, 49152
+  %295 = mul nsw i64 %k0, 16
+  %slice.off15 = add nsw i64 %panel.off14, %295
+  %296 = getelementptr inbounds i16, ptr %panels, i64 %slice.off15
+  %pf.on16 = and i1 %pf.on, %pf.next
+  %297 = mul nsw i64 %rb, 8192
+  %298 = lshr i64 %297, %26
+  %299 = add nsw i64 %pf.step, %298
+  %300 = getelementptr inbounds i8, ptr %296, i64 %299
+  %pf17 = select i1 %pf.on16, ptr %300, ptr %296
+  %pf.sh18 = select i1 %pf.on16, i64 %26, i64 0
+  br label %k.head19
 
-k.head18:                                         ; preds = %pf.any.end23, %tile.mr5
-  %k21 = phi i64 [ 0, %tile.mr5 ], [ %355, %pf.any.end23 ]
-  %303 = icmp slt i64 %k21, 256
-  br i1 %303, label %k.body19, label %k.end20
+k.head19:                                         ; preds = %pf.any.end24, %tile.mr5
+  %k22 = phi i64 [ 0, %tile.mr5 ], [ %353, %pf.any.end24 ]
+  %301 = icmp slt i64 %k22, 256
+  br i1 %301, label %k.body20, label %k.end21
 
-k.body19:                                         ; preds = %k.head18
-  %304 = mul nsw i64 %k21, 1
-  %305 = add nsw i64 %304, 0
-  %306 = mul nsw i64 %305, 32
-  br i1 %pf.multi, label %pf.any.then22, label %pf.any.end23
+k.body20:                                         ; preds = %k.head19
+  %302 = mul nsw i64 %k22, 1
+  %303 = add nsw i64 %302, 0
+  %304 = mul nsw i64 %303, 32
+  br i1 %pf.multi, label %pf.any.then23, label %pf.any.end24
 
-pf.any.then22:                                    ; preds = %k.body19
-  %307 = lshr i64 %306, %pf.sh17
-  %308 = getelementptr inbounds i8, ptr %pf16, i64 %307
-  call void @llvm.prefetch.p0(ptr %308, i32 0, i32 2, i32 1)
-  br label %pf.any.end23
+pf.any.then23:                                    ; preds = %k.body20
+  %305 = lshr i64 %304, %pf.sh18
+  %306 = getelementptr inbounds i8, ptr %pf17, i64 %305
+  call void @llvm.prefetch.p0(ptr %306, i32 0, i32 2, i32 1)
+  br label %pf.any.end24
 
-pf.any.end23:                                     ; preds = %pf.any.then22, %k.body19
-  %309 = mul nsw i64 %305, 16
-  %310 = add nsw i64 %panel.off14, %309
-  %311 = getelementptr inbounds i16, ptr %panels, i64 %310
-  %312 = load <8 x i32>, ptr %311, align 4
-  %313 = shl <8 x i32> %312, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b024 = bitcast <8 x i32> %313 to <8 x float>
-  %314 = and <8 x i32> %312, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b125 = bitcast <8 x i32> %314 to <8 x float>
-  %315 = getelementptr inbounds float, ptr %214, i64 %305
-  %316 = load float, ptr %315, align 4
-  %317 = insertelement <8 x float> poison, float %316, i32 0
-  %318 = shufflevector <8 x float> %317, <8 x float> poison, <8 x i32> zeroinitializer
-  %319 = load <8 x float>, ptr %acc0004, align 4
-  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b024, <8 x float> %319)
-  store <8 x float> %320, ptr %acc0004, align 4
-  %321 = load <8 x float>, ptr %acc0015, align 4
-  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %b125, <8 x float> %321)
-  store <8 x float> %322, ptr %acc0015, align 4
-  %323 = getelementptr inbounds float, ptr %231, i64 %305
-  %324 = load float, ptr %323, align 4
-  %325 = insertelement <8 x float> poison, float %324, i32 0
-  %326 = shufflevector <8 x float> %325, <8 x float> poison, <8 x i32> zeroinitializer
-  %327 = load <8 x float>, ptr %acc0106, align 4
-  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b024, <8 x float> %327)
-  store <8 x float> %328, ptr %acc0106, align 4
-  %329 = load <8 x float>, ptr %acc0117, align 4
-  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %b125, <8 x float> %329)
-  store <8 x float> %330, ptr %acc0117, align 4
-  %331 = getelementptr inbounds float, ptr %248, i64 %305
-  %332 = load float, ptr %331, align 4
-  %333 = insertelement <8 x float> poison, float %332, i32 0
-  %334 = shufflevector <8 x float> %333, <8 x float> poison, <8 x i32> zeroinitializer
-  %335 = load <8 x float>, ptr %acc0208, align 4
-  %336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %b024, <8 x float> %335)
-  store <8 x float> %336, ptr %acc0208, align 4
-  %337 = load <8 x float>, ptr %acc0219, align 4
-  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %b125, <8 x float> %337)
-  store <8 x float> %338, ptr %acc0219, align 4
-  %339 = getelementptr inbounds float, ptr %265, i64 %305
-  %340 = load float, ptr %339, align 4
-  %341 = insertelement <8 x float> poison, float %340, i32 0
-  %342 = shufflevector <8 x float> %341, <8 x float> poison, <8 x i32> zeroinitializer
-  %343 = load <8 x float>, ptr %acc03010, align 4
-  %344 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %b024, <8 x float> %343)
-  store <8 x float> %344, ptr %acc03010, align 4
-  %345 = load <8 x float>, ptr %acc03111, align 4
-  %346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %b125, <8 x float> %345)
-  store <8 x float> %346, ptr %acc03111, align 4
-  %347 = getelementptr inbounds float, ptr %282, i64 %305
-  %348 = load float, ptr %347, align 4
-  %349 = insertelement <8 x float> poison, float %348, i32 0
-  %350 = shufflevector <8 x float> %349, <8 x float> poison, <8 x i32> zeroinitializer
-  %351 = load <8 x float>, ptr %acc04012, align 4
-  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b024, <8 x float> %351)
-  store <8 x float> %352, ptr %acc04012, align 4
-  %353 = load <8 x float>, ptr %acc04113, align 4
-  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %b125, <8 x float> %353)
-  store <8 x float> %354, ptr %acc04113, align 4
-  %355 = add nsw i64 %k21, 1
-  br label %k.head18
+pf.any.end24:                                     ; preds = %pf.any.then23, %k.body20
+  %307 = mul nsw i64 %303, 16
+  %308 = add nsw i64 %slice.off15, %307
+  %309 = getelementptr inbounds i16, ptr %panels, i64 %308
+  %310 = load <8 x i32>, ptr %309, align 4
+  %311 = shl <8 x i32> %310, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b025 = bitcast <8 x i32> %311 to <8 x float>
+  %312 = and <8 x i32> %310, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b126 = bitcast <8 x i32> %312 to <8 x float>
+  %313 = getelementptr inbounds float, ptr %213, i64 %303
+  %314 = load float, ptr %313, align 4
+  %315 = insertelement <8 x float> poison, float %314, i32 0
+  %316 = shufflevector <8 x float> %315, <8 x float> poison, <8 x i32> zeroinitializer
+  %317 = load <8 x float>, ptr %acc0004, align 4
+  %318 = call <8 x float> @llvm.fma.v8f32(<8 x float> %316, <8 x float> %b025, <8 x float> %317)
+  store <8 x float> %318, ptr %acc0004, align 4
+  %319 = load <8 x float>, ptr %acc0015, align 4
+  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %316, <8 x float> %b126, <8 x float> %319)
+  store <8 x float> %320, ptr %acc0015, align 4
+  %321 = getelementptr inbounds float, ptr %230, i64 %303
+  %322 = load float, ptr %321, align 4
+  %323 = insertelement <8 x float> poison, float %322, i32 0
+  %324 = shufflevector <8 x float> %323, <8 x float> poison, <8 x i32> zeroinitializer
+  %325 = load <8 x float>, ptr %acc0106, align 4
+  %326 = call <8 x float> @llvm.fma.v8f32(<8 x float> %324, <8 x float> %b025, <8 x float> %325)
+  store <8 x float> %326, ptr %acc0106, align 4
+  %327 = load <8 x float>, ptr %acc0117, align 4
+  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %324, <8 x float> %b126, <8 x float> %327)
+  store <8 x float> %328, ptr %acc0117, align 4
+  %329 = getelementptr inbounds float, ptr %247, i64 %303
+  %330 = load float, ptr %329, align 4
+  %331 = insertelement <8 x float> poison, float %330, i32 0
+  %332 = shufflevector <8 x float> %331, <8 x float> poison, <8 x i32> zeroinitializer
+  %333 = load <8 x float>, ptr %acc0208, align 4
+  %334 = call <8 x float> @llvm.fma.v8f32(<8 x float> %332, <8 x float> %b025, <8 x float> %333)
+  store <8 x float> %334, ptr %acc0208, align 4
+  %335 = load <8 x float>, ptr %acc0219, align 4
+  %336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %332, <8 x float> %b126, <8 x float> %335)
+  store <8 x float> %336, ptr %acc0219, align 4
+  %337 = getelementptr inbounds float, ptr %264, i64 %303
+  %338 = load float, ptr %337, align 4
+  %339 = insertelement <8 x float> poison, float %338, i32 0
+  %340 = shufflevector <8 x float> %339, <8 x float> poison, <8 x i32> zeroinitializer
+  %341 = load <8 x float>, ptr %acc03010, align 4
+  %342 = call <8 x float> @llvm.fma.v8f32(<8 x float> %340, <8 x float> %b025, <8 x float> %341)
+  store <8 x float> %342, ptr %acc03010, align 4
+  %343 = load <8 x float>, ptr %acc03111, align 4
+  %344 = call <8 x float> @llvm.fma.v8f32(<8 x float> %340, <8 x float> %b126, <8 x float> %343)
+  store <8 x float> %344, ptr %acc03111, align 4
+  %345 = getelementptr inbounds float, ptr %281, i64 %303
+  %346 = load float, ptr %345, align 4
+  %347 = insertelement <8 x float> poison, float %346, i32 0
+  %348 = shufflevector <8 x float> %347, <8 x float> poison, <8 x i32> zeroinitializer
+  %349 = load <8 x float>, ptr %acc04012, align 4
+  %350 = call <8 x float> @llvm.fma.v8f32(<8 x float> %348, <8 x float> %b025, <8 x float> %349)
+  store <8 x float> %350, ptr %acc04012, align 4
+  %351 = load <8 x float>, ptr %acc04113, align 4
+  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %348, <8 x float> %b126, <8 x float> %351)
+  store <8 x float> %352, ptr %acc04113, align 4
+  %353 = add nsw i64 %k22, 1
+  br label %k.head19
 
-k.end20:                                          ; preds = %k.head18
-  %356 = load <8 x float>, ptr %acc0004, align 4
-  store <8 x float> %356, ptr %221, align 4
-  %357 = load <8 x float>, ptr %acc0015, align 4
-  store <8 x float> %357, ptr %225, align 4
-  %358 = load <8 x float>, ptr %acc0106, align 4
-  store <8 x float> %358, ptr %238, align 4
-  %359 = load <8 x float>, ptr %acc0117, align 4
-  store <8 x float> %359, ptr %242, align 4
-  %360 = load <8 x float>, ptr %acc0208, align 4
-  store <8 x float> %360, ptr %255, align 4
-  %361 = load <8 x float>, ptr %acc0219, align 4
-  store <8 x float> %361, ptr %259, align 4
-  %362 = load <8 x float>, ptr %acc03010, align 4
-  store <8 x float> %362, ptr %272, align 4
-  %363 = load <8 x float>, ptr %acc03111, align 4
-  store <8 x float> %363, ptr %276, align 4
-  %364 = load <8 x float>, ptr %acc04012, align 4
-  store <8 x float> %364, ptr %289, align 4
-  %365 = load <8 x float>, ptr %acc04113, align 4
-  store <8 x float> %365, ptr %293, align 4
+k.end21:                                          ; preds = %k.head19
+  %354 = load <8 x float>, ptr %acc0004, align 4
+  store <8 x float> %354, ptr %220, align 4
+  %355 = load <8 x float>, ptr %acc0015, align 4
+  store <8 x float> %355, ptr %224, align 4
+  %356 = load <8 x float>, ptr %acc0106, align 4
+  store <8 x float> %356, ptr %237, align 4
+  %357 = load <8 x float>, ptr %acc0117, align 4
+  store <8 x float> %357, ptr %241, align 4
+  %358 = load <8 x float>, ptr %acc0208, align 4
+  store <8 x float> %358, ptr %254, align 4
+  %359 = load <8 x float>, ptr %acc0219, align 4
+  store <8 x float> %359, ptr %258, align 4
+  %360 = load <8 x float>, ptr %acc03010, align 4
+  store <8 x float> %360, ptr %271, align 4
+  %361 = load <8 x float>, ptr %acc03111, align 4
+  store <8 x float> %361, ptr %275, align 4
+  %362 = load <8 x float>, ptr %acc04012, align 4
+  store <8 x float> %362, ptr %288, align 4
+  %363 = load <8 x float>, ptr %acc04113, align 4
+  store <8 x float> %363, ptr %292, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
-  %col26 = mul nsw i64 %kb.p, 16
-  %366 = add nsw i64 %r01, 0
-  %367 = mul nsw i64 %366, 3072
-  %368 = add nsw i64 %367, %k0
-  %369 = getelementptr inbounds float, ptr %h, i64 %368
-  %370 = getelementptr inbounds i32, ptr %rows, i64 %366
-  %371 = load i32, ptr %370, align 4
-  %372 = sext i32 %371 to i64
-  %373 = mul nsw i64 %372, 768
-  %374 = getelementptr inbounds float, ptr %y, i64 %373
-  %375 = add nsw i64 %col26, 0
-  %376 = getelementptr inbounds float, ptr %374, i64 %375
-  %377 = load <8 x float>, ptr %376, align 4
-  %378 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %377
-  store <8 x float> %378, ptr %acc00027, align 4
-  %379 = add nsw i64 %col26, 8
-  %380 = getelementptr inbounds float, ptr %374, i64 %379
-  %381 = load <8 x float>, ptr %380, align 4
-  %382 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %381
-  store <8 x float> %382, ptr %acc00128, align 4
-  %383 = add nsw i64 %r01, 1
-  %384 = mul nsw i64 %383, 3072
-  %385 = add nsw i64 %384, %k0
-  %386 = getelementptr inbounds float, ptr %h, i64 %385
-  %387 = getelementptr inbounds i32, ptr %rows, i64 %383
-  %388 = load i32, ptr %387, align 4
-  %389 = sext i32 %388 to i64
-  %390 = mul nsw i64 %389, 768
-  %391 = getelementptr inbounds float, ptr %y, i64 %390
-  %392 = add nsw i64 %col26, 0
-  %393 = getelementptr inbounds float, ptr %391, i64 %392
-  %394 = load <8 x float>, ptr %393, align 4
-  %395 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %394
-  store <8 x float> %395, ptr %acc01029, align 4
-  %396 = add nsw i64 %col26, 8
-  %397 = getelementptr inbounds float, ptr %391, i64 %396
-  %398 = load <8 x float>, ptr %397, align 4
-  %399 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %398
-  store <8 x float> %399, ptr %acc01130, align 4
-  %400 = add nsw i64 %r01, 2
-  %401 = mul nsw i64 %400, 3072
-  %402 = add nsw i64 %401, %k0
-  %403 = getelementptr inbounds float, ptr %h, i64 %402
-  %404 = getelementptr inbounds i32, ptr %rows, i64 %400
-  %405 = load i32, ptr %404, align 4
-  %406 = sext i32 %405 to i64
-  %407 = mul nsw i64 %406, 768
-  %408 = getelementptr inbounds float, ptr %y, i64 %407
-  %409 = add nsw i64 %col26, 0
-  %410 = getelementptr inbounds float, ptr %408, i64 %409
-  %411 = load <8 x float>, ptr %410, align 4
-  %412 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %411
-  store <8 x float> %412, ptr %acc02031, align 4
-  %413 = add nsw i64 %col26, 8
-  %414 = getelementptr inbounds float, ptr %408, i64 %413
-  %415 = load <8 x float>, ptr %414, align 4
-  %416 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %415
-  store <8 x float> %416, ptr %acc02132, align 4
-  %417 = add nsw i64 %r01, 3
-  %418 = mul nsw i64 %417, 3072
-  %419 = add nsw i64 %418, %k0
-  %420 = getelementptr inbounds float, ptr %h, i64 %419
-  %421 = getelementptr inbounds i32, ptr %rows, i64 %417
-  %422 = load i32, ptr %421, align 4
-  %423 = sext i32 %422 to i64
-  %424 = mul nsw i64 %423, 768
-  %425 = getelementptr inbounds float, ptr %y, i64 %424
-  %426 = add nsw i64 %col26, 0
-  %427 = getelementptr inbounds float, ptr %425, i64 %426
-  %428 = load <8 x float>, ptr %427, align 4
-  %429 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %428
-  store <8 x float> %429, ptr %acc03033, align 4
-  %430 = add nsw i64 %col26, 8
-  %431 = getelementptr inbounds float, ptr %425, i64 %430
-  %432 = load <8 x float>, ptr %431, align 4
-  %433 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %432
-  store <8 x float> %433, ptr %acc03134, align 4
-  %434 = mul nsw i64 %k0, 16
-  %435 = mul nsw i64 %kb.p, 49152
-  %panel.off35 = add nsw i64 %435, %434
-  %436 = getelementptr inbounds i16, ptr %panels, i64 %panel.off35
-  %pf.on36 = and i1 %pf.on, %pf.next
-  %437 = mul nsw i64 %rb, 8192
-  %438 = lshr i64 %437, %26
-  %439 = add nsw i64 %pf.step, %438
-  %440 = getelementptr inbounds i8, ptr %436, i64 %439
-  %pf37 = select i1 %pf.on36, ptr %440, ptr %436
-  %pf.sh38 = select i1 %pf.on36, i64 %26, i64 0
-  br label %k.head39
+  %col27 = mul nsw i64 %kb.p, 16
+  %364 = add nsw i64 %r01, 0
+  %365 = mul nsw i64 %364, 3072
+  %366 = add nsw i64 %365, %k0
+  %367 = getelementptr inbounds float, ptr %h, i64 %366
+  %368 = getelementptr inbounds i32, ptr %rows, i64 %364
+  %369 = load i32, ptr %368, align 4
+  %370 = sext i32 %369 to i64
+  %371 = mul nsw i64 %370, 768
+  %372 = getelementptr inbounds float, ptr %y, i64 %371
+  %373 = add nsw i64 %col27, 0
+  %374 = getelementptr inbounds float, ptr %372, i64 %373
+  %375 = load <8 x float>, ptr %374, align 4
+  %376 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %375
+  store <8 x float> %376, ptr %acc00028, align 4
+  %377 = add nsw i64 %col27, 8
+  %378 = getelementptr inbounds float, ptr %372, i64 %377
+  %379 = load <8 x float>, ptr %378, align 4
+  %380 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %379
+  store <8 x float> %380, ptr %acc00129, align 4
+  %381 = add nsw i64 %r01, 1
+  %382 = mul nsw i64 %381, 3072
+  %383 = add nsw i64 %382, %k0
+  %384 = getelementptr inbounds float, ptr %h, i64 %383
+  %385 = getelementptr inbounds i32, ptr %rows, i64 %381
+  %386 = load i32, ptr %385, align 4
+  %387 = sext i32 %386 to i64
+  %388 = mul nsw i64 %387, 768
+  %389 = getelementptr inbounds float, ptr %y, i64 %388
+  %390 = add nsw i64 %col27, 0
+  %391 = getelementptr inbounds float, ptr %389, i64 %390
+  %392 = load <8 x float>, ptr %391, align 4
+  %393 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %392
+  store <8 x float> %393, ptr %acc01030, align 4
+  %394 = add nsw i64 %col27, 8
+  %395 = getelementptr inbounds float, ptr %389, i64 %394
+  %396 = load <8 x float>, ptr %395, align 4
+  %397 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %396
+  store <8 x float> %397, ptr %acc01131, align 4
+  %398 = add nsw i64 %r01, 2
+  %399 = mul nsw i64 %398, 3072
+  %400 = add nsw i64 %399, %k0
+  %401 = getelementptr inbounds float, ptr %h, i64 %400
+  %402 = getelementptr inbounds i32, ptr %rows, i64 %398
+  %403 = load i32, ptr %402, align 4
+  %404 = sext i32 %403 to i64
+  %405 = mul nsw i64 %404, 768
+  %406 = getelementptr inbounds float, ptr %y, i64 %405
+  %407 = add nsw i64 %col27, 0
+  %408 = getelementptr inbounds float, ptr %406, i64 %407
+  %409 = load <8 x float>, ptr %408, align 4
+  %410 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %409
+  store <8 x float> %410, ptr %acc02032, align 4
+  %411 = add nsw i64 %col27, 8
+  %412 = getelementptr inbounds float, ptr %406, i64 %411
+  %413 = load <8 x float>, ptr %412, align 4
+  %414 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %413
+  store <8 x float> %414, ptr %acc02133, align 4
+  %415 = add nsw i64 %r01, 3
+  %416 = mul nsw i64 %415, 3072
+  %417 = add nsw i64 %416, %k0
+  %418 = getelementptr inbounds float, ptr %h, i64 %417
+  %419 = getelementptr inbounds i32, ptr %rows, i64 %415
+  %420 = load i32, ptr %419, align 4
+  %421 = sext i32 %420 to i64
+  %422 = mul nsw i64 %421, 768
+  %423 = getelementptr inbounds float, ptr %y, i64 %422
+  %424 = add nsw i64 %col27, 0
+  %425 = getelementptr inbounds float, ptr %423, i64 %424
+  %426 = load <8 x float>, ptr %425, align 4
+  %427 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %426
+  store <8 x float> %427, ptr %acc03034, align 4
+  %428 = add nsw i64 %col27, 8
+  %429 = getelementptr inbounds float, ptr %423, i64 %428
+  %430 = load <8 x float>, ptr %429, align 4
+  %431 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %430
+  store <8 x float> %431, ptr %acc03135, align 4
+  %panel.off36 = mul nsw i64 %kb.p, 49152
+  %432 = mul nsw i64 %k0, 16
+  %slice.off37 = add nsw i64 %panel.off36, %432
+  %433 = getelementptr inbounds i16, ptr %panels, i64 %slice.off37
+  %pf.on38 = and i1 %pf.on, %pf.next
+  %434 = mul nsw i64 %rb, 8192
+  %435 = lshr i64 %434, %26
+  %436 = add nsw i64 %pf.step, %435
+  %437 = getelementptr inbounds i8, ptr %433, i64 %436
+  %pf39 = select i1 %pf.on38, ptr %437, ptr %433
+  %pf.sh40 = select i1 %pf.on38, i64 %26, i64 0
+  br label %k.head41
 
-k.head39:                                         ; preds = %pf.any.end44, %tile.mr4
-  %k42 = phi i64 [ 0, %tile.mr4 ], [ %485, %pf.any.end44 ]
-  %441 = icmp slt i64 %k42, 256
-  br i1 %441, label %k.body40, label %k.end41
+k.head41:                                         ; preds = %pf.any.end46, %tile.mr4
+  %k44 = phi i64 [ 0, %tile.mr4 ], [ %482, %pf.any.end46 ]
+  %438 = icmp slt i64 %k44, 256
+  br i1 %438, label %k.body42, label %k.end43
 
-k.body40:                                         ; preds = %k.head39
-  %442 = mul nsw i64 %k42, 1
-  %443 = add nsw i64 %442, 0
-  %444 = mul nsw i64 %443, 32
-  br i1 %pf.multi, label %pf.any.then43, label %pf.any.end44
+k.body42:                                         ; preds = %k.head41
+  %439 = mul nsw i64 %k44, 1
+  %440 = add nsw i64 %439, 0
+  %441 = mul nsw i64 %440, 32
+  br i1 %pf.multi, label %pf.any.then45, label %pf.any.end46
 
-pf.any.then43:                                    ; preds = %k.body40
-  %445 = lshr i64 %444, %pf.sh38
-  %446 = getelementptr inbounds i8, ptr %pf37, i64 %445
-  call void @llvm.prefetch.p0(ptr %446, i32 0, i32 2, i32 1)
-  br label %pf.any.end44
+pf.any.then45:                                    ; preds = %k.body42
+  %442 = lshr i64 %441, %pf.sh40
+  %443 = getelementptr inbounds i8, ptr %pf39, i64 %442
+  call void @llvm.prefetch.p0(ptr %443, i32 0, i32 2, i32 1)
+  br label %pf.any.end46
 
-pf.any.end44:                                     ; preds = %pf.any.then43, %k.body40
-  %447 = mul nsw i64 %443, 16
-  %448 = add nsw i64 %panel.off35, %447
-  %449 = getelementptr inbounds i16, ptr %panels, i64 %448
-  %450 = load <8 x i32>, ptr %449, align 4
-  %451 = shl <8 x i32> %450, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b045 = bitcast <8 x i32> %451 to <8 x float>
-  %452 = and <8 x i32> %450, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b146 = bitcast <8 x i32> %452 to <8 x float>
-  %453 = getelementptr inbounds float, ptr %369, i64 %443
-  %454 = load float, ptr %453, align 4
-  %455 = insertelement <8 x float> poison, float %454, i32 0
-  %456 = shufflevector <8 x float> %455, <8 x float> poison, <8 x i32> zeroinitializer
-  %457 = load <8 x float>, ptr %acc00027, align 4
-  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b045, <8 x float> %457)
-  store <8 x float> %458, ptr %acc00027, align 4
-  %459 = load <8 x float>, ptr %acc00128, align 4
-  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %b146, <8 x float> %459)
-  store <8 x float> %460, ptr %acc00128, align 4
-  %461 = getelementptr inbounds float, ptr %386, i64 %443
-  %462 = load float, ptr %461, align 4
-  %463 = insertelement <8 x float> poison, float %462, i32 0
-  %464 = shufflevector <8 x float> %463, <8 x float> poison, <8 x i32> zeroinitializer
-  %465 = load <8 x float>, ptr %acc01029, align 4
-  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %b045, <8 x float> %465)
-  store <8 x float> %466, ptr %acc01029, align 4
-  %467 = load <8 x float>, ptr %acc01130, align 4
-  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %b146, <8 x float> %467)
-  store <8 x float> %468, ptr %acc01130, align 4
-  %469 = getelementptr inbounds float, ptr %403, i64 %443
-  %470 = load float, ptr %469, align 4
-  %471 = insertelement <8 x float> poison, float %470, i32 0
-  %472 = shufflevector <8 x float> %471, <8 x float> poison, <8 x i32> zeroinitializer
-  %473 = load <8 x float>, ptr %acc02031, align 4
-  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %b045, <8 x float> %473)
-  store <8 x float> %474, ptr %acc02031, align 4
-  %475 = load <8 x float>, ptr %acc02132, align 4
-  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %b146, <8 x float> %475)
-  store <8 x float> %476, ptr %acc02132, align 4
-  %477 = getelementptr inbounds float, ptr %420, i64 %443
-  %478 = load float, ptr %477, align 4
-  %479 = insertelement <8 x float> poison, float %478, i32 0
-  %480 = shufflevector <8 x float> %479, <8 x float> poison, <8 x i32> zeroinitializer
-  %481 = load <8 x float>, ptr %acc03033, align 4
-  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %b045, <8 x float> %481)
-  store <8 x float> %482, ptr %acc03033, align 4
-  %483 = load <8 x float>, ptr %acc03134, align 4
-  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %b146, <8 x float> %483)
-  store <8 x float> %484, ptr %acc03134, align 4
-  %485 = add nsw i64 %k42, 1
-  br label %k.head39
+pf.any.end46:                                     ; preds = %pf.any.then45, %k.body42
+  %444 = mul nsw i64 %440, 16
+  %445 = add nsw i64 %slice.off37, %444
+  %446 = getelementptr inbounds i16, ptr %panels, i64 %445
+  %447 = load <8 x i32>, ptr %446, align 4
+  %448 = shl <8 x i32> %447, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b047 = bitcast <8 x i32> %448 to <8 x float>
+  %449 = and <8 x i32> %447, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b148 = bitcast <8 x i32> %449 to <8 x float>
+  %450 = getelementptr inbounds float, ptr %367, i64 %440
+  %451 = load float, ptr %450, align 4
+  %452 = insertelement <8 x float> poison, float %451, i32 0
+  %453 = shufflevector <8 x float> %452, <8 x float> poison, <8 x i32> zeroinitializer
+  %454 = load <8 x float>, ptr %acc00028, align 4
+  %455 = call <8 x float> @llvm.fma.v8f32(<8 x float> %453, <8 x float> %b047, <8 x float> %454)
+  store <8 x float> %455, ptr %acc00028, align 4
+  %456 = load <8 x float>, ptr %acc00129, align 4
+  %457 = call <8 x float> @llvm.fma.v8f32(<8 x float> %453, <8 x float> %b148, <8 x float> %456)
+  store <8 x float> %457, ptr %acc00129, align 4
+  %458 = getelementptr inbounds float, ptr %384, i64 %440
+  %459 = load float, ptr %458, align 4
+  %460 = insertelement <8 x float> poison, float %459, i32 0
+  %461 = shufflevector <8 x float> %460, <8 x float> poison, <8 x i32> zeroinitializer
+  %462 = load <8 x float>, ptr %acc01030, align 4
+  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %461, <8 x float> %b047, <8 x float> %462)
+  store <8 x float> %463, ptr %acc01030, align 4
+  %464 = load <8 x float>, ptr %acc01131, align 4
+  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %461, <8 x float> %b148, <8 x float> %464)
+  store <8 x float> %465, ptr %acc01131, align 4
+  %466 = getelementptr inbounds float, ptr %401, i64 %440
+  %467 = load float, ptr %466, align 4
+  %468 = insertelement <8 x float> poison, float %467, i32 0
+  %469 = shufflevector <8 x float> %468, <8 x float> poison, <8 x i32> zeroinitializer
+  %470 = load <8 x float>, ptr %acc02032, align 4
+  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %469, <8 x float> %b047, <8 x float> %470)
+  store <8 x float> %471, ptr %acc02032, align 4
+  %472 = load <8 x float>, ptr %acc02133, align 4
+  %473 = call <8 x float> @llvm.fma.v8f32(<8 x float> %469, <8 x float> %b148, <8 x float> %472)
+  store <8 x float> %473, ptr %acc02133, align 4
+  %474 = getelementptr inbounds float, ptr %418, i64 %440
+  %475 = load float, ptr %474, align 4
+  %476 = insertelement <8 x float> poison, float %475, i32 0
+  %477 = shufflevector <8 x float> %476, <8 x float> poison, <8 x i32> zeroinitializer
+  %478 = load <8 x float>, ptr %acc03034, align 4
+  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %477, <8 x float> %b047, <8 x float> %478)
+  store <8 x float> %479, ptr %acc03034, align 4
+  %480 = load <8 x float>, ptr %acc03135, align 4
+  %481 = call <8 x float> @llvm.fma.v8f32(<8 x float> %477, <8 x float> %b148, <8 x float> %480)
+  store <8 x float> %481, ptr %acc03135, align 4
+  %482 = add nsw i64 %k44, 1
+  br label %k.head41
 
-k.end41:                                          ; preds = %k.head39
-  %486 = load <8 x float>, ptr %acc00027, align 4
-  store <8 x float> %486, ptr %376, align 4
-  %487 = load <8 x float>, ptr %acc00128, align 4
-  store <8 x float> %487, ptr %380, align 4
-  %488 = load <8 x float>, ptr %acc01029, align 4
-  store <8 x float> %488, ptr %393, align 4
-  %489 = load <8 x float>, ptr %acc01130, align 4
-  store <8 x float> %489, ptr %397, align 4
-  %490 = load <8 x float>, ptr %acc02031, align 4
-  store <8 x float> %490, ptr %410, align 4
-  %491 = load <8 x float>, ptr %acc02132, align 4
-  store <8 x float> %491, ptr %414, align 4
-  %492 = load <8 x float>, ptr %acc03033, align 4
-  store <8 x float> %492, ptr %427, align 4
-  %493 = load <8 x float>, ptr %acc03134, align 4
-  store <8 x float> %493, ptr %431, align 4
+k.end43:                                          ; preds = %k.head41
+  %483 = load <8 x float>, ptr %acc00028, align 4
+  store <8 x float> %483, ptr %374, align 4
+  %484 = load <8 x float>, ptr %acc00129, align 4
+  store <8 x float> %484, ptr %378, align 4
+  %485 = load <8 x float>, ptr %acc01030, align 4
+  store <8 x float> %485, ptr %391, align 4
+  %486 = load <8 x float>, ptr %acc01131, align 4
+  store <8 x float> %486, ptr %395, align 4
+  %487 = load <8 x float>, ptr %acc02032, align 4
+  store <8 x float> %487, ptr %408, align 4
+  %488 = load <8 x float>, ptr %acc02133, align 4
+  store <8 x float> %488, ptr %412, align 4
+  %489 = load <8 x float>, ptr %acc03034, align 4
+  store <8 x float> %489, ptr %425, align 4
+  %490 = load <8 x float>, ptr %acc03135, align 4
+  store <8 x float> %490, ptr %429, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
-  %col47 = mul nsw i64 %kb.p, 16
-  %494 = add nsw i64 %r01, 0
-  %495 = mul nsw i64 %494, 3072
-  %496 = add nsw i64 %495, %k0
-  %497 = getelementptr inbounds float, ptr %h, i64 %496
-  %498 = getelementptr inbounds i32, ptr %rows, i64 %494
-  %499 = load i32, ptr %498, align 4
-  %500 = sext i32 %499 to i64
-  %501 = mul nsw i64 %500, 768
-  %502 = getelementptr inbounds float, ptr %y, i64 %501
-  %503 = add nsw i64 %col47, 0
-  %504 = getelementptr inbounds float, ptr %502, i64 %503
-  %505 = load <8 x float>, ptr %504, align 4
-  %506 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %505
-  store <8 x float> %506, ptr %acc00048, align 4
-  %507 = add nsw i64 %col47, 8
-  %508 = getelementptr inbounds float, ptr %502, i64 %507
-  %509 = load <8 x float>, ptr %508, align 4
-  %510 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %509
-  store <8 x float> %510, ptr %acc00149, align 4
-  %511 = add nsw i64 %r01, 1
-  %512 = mul nsw i64 %511, 3072
-  %513 = add nsw i64 %512, %k0
-  %514 = getelementptr inbounds float, ptr %h, i64 %513
-  %515 = getelementptr inbounds i32, ptr %rows, i64 %511
-  %516 = load i32, ptr %515, align 4
-  %517 = sext i32 %516 to i64
-  %518 = mul nsw i64 %517, 768
-  %519 = getelementptr inbounds float, ptr %y, i64 %518
-  %520 = add nsw i64 %col47, 0
-  %521 = getelementptr inbounds float, ptr %519, i64 %520
-  %522 = load <8 x float>, ptr %521, align 4
-  %523 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %522
-  store <8 x float> %523, ptr %acc01050, align 4
-  %524 = add nsw i64 %col47, 8
-  %525 = getelementptr inbounds float, ptr %519, i64 %524
-  %526 = load <8 x float>, ptr %525, align 4
-  %527 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %526
-  store <8 x float> %527, ptr %acc01151, align 4
-  %528 = add nsw i64 %r01, 2
-  %529 = mul nsw i64 %528, 3072
-  %530 = add nsw i64 %529, %k0
-  %531 = getelementptr inbounds float, ptr %h, i64 %530
-  %532 = getelementptr inbounds i32, ptr %rows, i64 %528
-  %533 = load i32, ptr %532, align 4
-  %534 = sext i32 %533 to i64
-  %535 = mul nsw i64 %534, 768
-  %536 = getelementptr inbounds float, ptr %y, i64 %535
-  %537 = add nsw i64 %col47, 0
-  %538 = getelementptr inbounds float, ptr %536, i64 %537
-  %539 = load <8 x float>, ptr %538, align 4
-  %540 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %539
-  store <8 x float> %540, ptr %acc02052, align 4
-  %541 = add nsw i64 %col47, 8
-  %542 = getelementptr inbounds float, ptr %536, i64 %541
-  %543 = load <8 x float>, ptr %542, align 4
-  %544 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %543
-  store <8 x float> %544, ptr %acc02153, align 4
-  %545 = mul nsw i64 %k0, 16
-  %546 = mul nsw i64 %kb.p, 49152
-  %panel.off54 = add nsw i64 %546, %545
-  %547 = getelementptr inbounds i16, ptr %panels, i64 %panel.off54
-  %pf.on55 = and i1 %pf.on, %pf.next
-  %548 = mul nsw i64 %rb, 8192
-  %549 = lshr i64 %548, %26
-  %550 = add nsw i64 %pf.step, %549
-  %551 = getelementptr inbounds i8, ptr %547, i64 %550
-  %pf56 = select i1 %pf.on55, ptr %551, ptr %547
-  %pf.sh57 = select i1 %pf.on55, i64 %26, i64 0
-  br label %k.head58
+  %col49 = mul nsw i64 %kb.p, 16
+  %491 = add nsw i64 %r01, 0
+  %492 = mul nsw i64 %491, 3072
+  %493 = add nsw i64 %492, %k0
+  %494 = getelementptr inbounds float, ptr %h, i64 %493
+  %495 = getelementptr inbounds i32, ptr %rows, i64 %491
+  %496 = load i32, ptr %495, align 4
+  %497 = sext i32 %496 to i64
+  %498 = mul nsw i64 %497, 768
+  %499 = getelementptr inbounds float, ptr %y, i64 %498
+  %500 = add nsw i64 %col49, 0
+  %501 = getelementptr inbounds float, ptr %499, i64 %500
+  %502 = load <8 x float>, ptr %501, align 4
+  %503 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %502
+  store <8 x float> %503, ptr %acc00050, align 4
+  %504 = add nsw i64 %col49, 8
+  %505 = getelementptr inbounds float, ptr %499, i64 %504
+  %506 = load <8 x float>, ptr %505, align 4
+  %507 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %506
+  store <8 x float> %507, ptr %acc00151, align 4
+  %508 = add nsw i64 %r01, 1
+  %509 = mul nsw i64 %508, 3072
+  %510 = add nsw i64 %509, %k0
+  %511 = getelementptr inbounds float, ptr %h, i64 %510
+  %512 = getelementptr inbounds i32, ptr %rows, i64 %508
+  %513 = load i32, ptr %512, align 4
+  %514 = sext i32 %513 to i64
+  %515 = mul nsw i64 %514, 768
+  %516 = getelementptr inbounds float, ptr %y, i64 %515
+  %517 = add nsw i64 %col49, 0
+  %518 = getelementptr inbounds float, ptr %516, i64 %517
+  %519 = load <8 x float>, ptr %518, align 4
+  %520 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %519
+  store <8 x float> %520, ptr %acc01052, align 4
+  %521 = add nsw i64 %col49, 8
+  %522 = getelementptr inbounds float, ptr %516, i64 %521
+  %523 = load <8 x float>, ptr %522, align 4
+  %524 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %523
+  store <8 x float> %524, ptr %acc01153, align 4
+  %525 = add nsw i64 %r01, 2
+  %526 = mul nsw i64 %525, 3072
+  %527 = add nsw i64 %526, %k0
+  %528 = getelementptr inbounds float, ptr %h, i64 %527
+  %529 = getelementptr inbounds i32, ptr %rows, i64 %525
+  %530 = load i32, ptr %529, align 4
+  %531 = sext i32 %530 to i64
+  %532 = mul nsw i64 %531, 768
+  %533 = getelementptr inbounds float, ptr %y, i64 %532
+  %534 = add nsw i64 %col49, 0
+  %535 = getelementptr inbounds float, ptr %533, i64 %534
+  %536 = load <8 x float>, ptr %535, align 4
+  %537 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %536
+  store <8 x float> %537, ptr %acc02054, align 4
+  %538 = add nsw i64 %col49, 8
+  %539 = getelementptr inbounds float, ptr %533, i64 %538
+  %540 = load <8 x float>, ptr %539, align 4
+  %541 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %540
+  store <8 x float> %541, ptr %acc02155, align 4
+  %panel.off56 = mul nsw i64 %kb.p, 49152
+  %542 = mul nsw i64 %k0, 16
+  %slice.off57 = add nsw i64 %panel.off56, %542
+  %543 = getelementptr inbounds i16, ptr %panels, i64 %slice.off57
+  %pf.on58 = and i1 %pf.on, %pf.next
+  %544 = mul nsw i64 %rb, 8192
+  %545 = lshr i64 %544, %26
+  %546 = add nsw i64 %pf.step, %545
+  %547 = getelementptr inbounds i8, ptr %543, i64 %546
+  %pf59 = select i1 %pf.on58, ptr %547, ptr %543
+  %pf.sh60 = select i1 %pf.on58, i64 %26, i64 0
+  br label %k.head61
 
-k.head58:                                         ; preds = %pf.any.end63, %tile.mr3
-  %k61 = phi i64 [ 0, %tile.mr3 ], [ %588, %pf.any.end63 ]
-  %552 = icmp slt i64 %k61, 256
-  br i1 %552, label %k.body59, label %k.end60
+k.head61:                                         ; preds = %pf.any.end66, %tile.mr3
+  %k64 = phi i64 [ 0, %tile.mr3 ], [ %584, %pf.any.end66 ]
+  %548 = icmp slt i64 %k64, 256
+  br i1 %548, label %k.body62, label %k.end63
 
-k.body59:                                         ; preds = %k.head58
-  %553 = mul nsw i64 %k61, 1
-  %554 = add nsw i64 %553, 0
-  %555 = mul nsw i64 %554, 32
-  br i1 %pf.multi, label %pf.any.then62, label %pf.any.end63
+k.body62:                                         ; preds = %k.head61
+  %549 = mul nsw i64 %k64, 1
+  %550 = add nsw i64 %549, 0
+  %551 = mul nsw i64 %550, 32
+  br i1 %pf.multi, label %pf.any.then65, label %pf.any.end66
 
-pf.any.then62:                                    ; preds = %k.body59
-  %556 = lshr i64 %555, %pf.sh57
-  %557 = getelementptr inbounds i8, ptr %pf56, i64 %556
-  call void @llvm.prefetch.p0(ptr %557, i32 0, i32 2, i32 1)
-  br label %pf.any.end63
+pf.any.then65:                                    ; preds = %k.body62
+  %552 = lshr i64 %551, %pf.sh60
+  %553 = getelementptr inbounds i8, ptr %pf59, i64 %552
+  call void @llvm.prefetch.p0(ptr %553, i32 0, i32 2, i32 1)
+  br label %pf.any.end66
 
-pf.any.end63:                                     ; preds = %pf.any.then62, %k.body59
-  %558 = mul nsw i64 %554, 16
-  %559 = add nsw i64 %panel.off54, %558
-  %560 = getelementptr inbounds i16, ptr %panels, i64 %559
-  %561 = load <8 x i32>, ptr %560, align 4
-  %562 = shl <8 x i32> %561, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b064 = bitcast <8 x i32> %562 to <8 x float>
-  %563 = and <8 x i32> %561, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b165 = bitcast <8 x i32> %563 to <8 x float>
-  %564 = getelementptr inbounds float, ptr %497, i64 %554
-  %565 = load float, ptr %564, align 4
-  %566 = insertelement <8 x float> poison, float %565, i32 0
-  %567 = shufflevector <8 x float> %566, <8 x float> poison, <8 x i32> zeroinitializer
-  %568 = load <8 x float>, ptr %acc00048, align 4
-  %569 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %b064, <8 x float> %568)
-  store <8 x float> %569, ptr %acc00048, align 4
-  %570 = load <8 x float>, ptr %acc00149, align 4
-  %571 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %b165, <8 x float> %570)
-  store <8 x float> %571, ptr %acc00149, align 4
-  %572 = getelementptr inbounds float, ptr %514, i64 %554
-  %573 = load float, ptr %572, align 4
-  %574 = insertelement <8 x float> poison, float %573, i32 0
-  %575 = shufflevector <8 x float> %574, <8 x float> poison, <8 x i32> zeroinitializer
-  %576 = load <8 x float>, ptr %acc01050, align 4
-  %577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %b064, <8 x float> %576)
-  store <8 x float> %577, ptr %acc01050, align 4
-  %578 = load <8 x float>, ptr %acc01151, align 4
-  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %b165, <8 x float> %578)
-  store <8 x float> %579, ptr %acc01151, align 4
-  %580 = getelementptr inbounds float, ptr %531, i64 %554
-  %581 = load float, ptr %580, align 4
-  %582 = insertelement <8 x float> poison, float %581, i32 0
-  %583 = shufflevector <8 x float> %582, <8 x float> poison, <8 x i32> zeroinitializer
-  %584 = load <8 x float>, ptr %acc02052, align 4
-  %585 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %b064, <8 x float> %584)
-  store <8 x float> %585, ptr %acc02052, align 4
-  %586 = load <8 x float>, ptr %acc02153, align 4
-  %587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %b165, <8 x float> %586)
-  store <8 x float> %587, ptr %acc02153, align 4
-  %588 = add nsw i64 %k61, 1
-  br label %k.head58
+pf.any.end66:                                     ; preds = %pf.any.then65, %k.body62
+  %554 = mul nsw i64 %550, 16
+  %555 = add nsw i64 %slice.off57, %554
+  %556 = getelementptr inbounds i16, ptr %panels, i64 %555
+  %557 = load <8 x i32>, ptr %556, align 4
+  %558 = shl <8 x i32> %557, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b067 = bitcast <8 x i32> %558 to <8 x float>
+  %559 = and <8 x i32> %557, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b168 = bitcast <8 x i32> %559 to <8 x float>
+  %560 = getelementptr inbounds float, ptr %494, i64 %550
+  %561 = load float, ptr %560, align 4
+  %562 = insertelement <8 x float> poison, float %561, i32 0
+  %563 = shufflevector <8 x float> %562, <8 x float> poison, <8 x i32> zeroinitializer
+  %564 = load <8 x float>, ptr %acc00050, align 4
+  %565 = call <8 x float> @llvm.fma.v8f32(<8 x float> %563, <8 x float> %b067, <8 x float> %564)
+  store <8 x float> %565, ptr %acc00050, align 4
+  %566 = load <8 x float>, ptr %acc00151, align 4
+  %567 = call <8 x float> @llvm.fma.v8f32(<8 x float> %563, <8 x float> %b168, <8 x float> %566)
+  store <8 x float> %567, ptr %acc00151, align 4
+  %568 = getelementptr inbounds float, ptr %511, i64 %550
+  %569 = load float, ptr %568, align 4
+  %570 = insertelement <8 x float> poison, float %569, i32 0
+  %571 = shufflevector <8 x float> %570, <8 x float> poison, <8 x i32> zeroinitializer
+  %572 = load <8 x float>, ptr %acc01052, align 4
+  %573 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> %b067, <8 x float> %572)
+  store <8 x float> %573, ptr %acc01052, align 4
+  %574 = load <8 x float>, ptr %acc01153, align 4
+  %575 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> %b168, <8 x float> %574)
+  store <8 x float> %575, ptr %acc01153, align 4
+  %576 = getelementptr inbounds float, ptr %528, i64 %550
+  %577 = load float, ptr %576, align 4
+  %578 = insertelement <8 x float> poison, float %577, i32 0
+  %579 = shufflevector <8 x float> %578, <8 x float> poison, <8 x i32> zeroinitializer
+  %580 = load <8 x float>, ptr %acc02054, align 4
+  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %b067, <8 x float> %580)
+  store <8 x float> %581, ptr %acc02054, align 4
+  %582 = load <8 x float>, ptr %acc02155, align 4
+  %583 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %b168, <8 x float> %582)
+  store <8 x float> %583, ptr %acc02155, align 4
+  %584 = add nsw i64 %k64, 1
+  br label %k.head61
 
-k.end60:                                          ; preds = %k.head58
-  %589 = load <8 x float>, ptr %acc00048, align 4
-  store <8 x float> %589, ptr %504, align 4
-  %590 = load <8 x float>, ptr %acc00149, align 4
-  store <8 x float> %590, ptr %508, align 4
-  %591 = load <8 x float>, ptr %acc01050, align 4
-  store <8 x float> %591, ptr %521, align 4
-  %592 = load <8 x float>, ptr %acc01151, align 4
-  store <8 x float> %592, ptr %525, align 4
-  %593 = load <8 x float>, ptr %acc02052, align 4
-  store <8 x float> %593, ptr %538, align 4
-  %594 = load <8 x float>, ptr %acc02153, align 4
-  store <8 x float> %594, ptr %542, align 4
+k.end63:                                          ; preds = %k.head61
+  %585 = load <8 x float>, ptr %acc00050, align 4
+  store <8 x float> %585, ptr %501, align 4
+  %586 = load <8 x float>, ptr %acc00151, align 4
+  store <8 x float> %586, ptr %505, align 4
+  %587 = load <8 x float>, ptr %acc01052, align 4
+  store <8 x float> %587, ptr %518, align 4
+  %588 = load <8 x float>, ptr %acc01153, align 4
+  store <8 x float> %588, ptr %522, align 4
+  %589 = load <8 x float>, ptr %acc02054, align 4
+  store <8 x float> %589, ptr %535, align 4
+  %590 = load <8 x float>, ptr %acc02155, align 4
+  store <8 x float> %590, ptr %539, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
-  %col66 = mul nsw i64 %kb.p, 16
-  %595 = add nsw i64 %r01, 0
-  %596 = mul nsw i64 %595, 3072
-  %597 = add nsw i64 %596, %k0
-  %598 = getelementptr inbounds float, ptr %h, i64 %597
-  %599 = getelementptr inbounds i32, ptr %rows, i64 %595
-  %600 = load i32, ptr %599, align 4
-  %601 = sext i32 %600 to i64
-  %602 = mul nsw i64 %601, 768
-  %603 = getelementptr inbounds float, ptr %y, i64 %602
-  %604 = add nsw i64 %col66, 0
-  %605 = getelementptr inbounds float, ptr %603, i64 %604
+  %col69 = mul nsw i64 %kb.p, 16
+  %591 = add nsw i64 %r01, 0
+  %592 = mul nsw i64 %591, 3072
+  %593 = add nsw i64 %592, %k0
+  %594 = getelementptr inbounds float, ptr %h, i64 %593
+  %595 = getelementptr inbounds i32, ptr %rows, i64 %591
+  %596 = load i32, ptr %595, align 4
+  %597 = sext i32 %596 to i64
+  %598 = mul nsw i64 %597, 768
+  %599 = getelementptr inbounds float, ptr %y, i64 %598
+  %600 = add nsw i64 %col69, 0
+  %601 = getelementptr inbounds float, ptr %599, i64 %600
+  %602 = load <8 x float>, ptr %601, align 4
+  %603 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %602
+  store <8 x float> %603, ptr %acc00070, align 4
+  %604 = add nsw i64 %col69, 8
+  %605 = getelementptr inbounds float, ptr %599, i64 %604
   %606 = load <8 x float>, ptr %605, align 4
   %607 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %606
-  store <8 x float> %607, ptr %acc00067, align 4
-  %608 = add nsw i64 %col66, 8
-  %609 = getelementptr inbounds float, ptr %603, i64 %608
-  %610 = load <8 x float>, ptr %609, align 4
-  %611 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %610
-  store <8 x float> %611, ptr %acc00168, align 4
-  %612 = add nsw i64 %r01, 1
-  %613 = mul nsw i64 %612, 3072
-  %614 = add nsw i64 %613, %k0
-  %615 = getelementptr inbounds float, ptr %h, i64 %614
-  %616 = getelementptr inbounds i32, ptr %rows, i64 %612
-  %617 = load i32, ptr %616, align 4
-  %618 = sext i32 %617 to i64
-  %619 = mul nsw i64 %618, 768
-  %620 = getelementptr inbounds float, ptr %y, i64 %619
-  %621 = add nsw i64 %col66, 0
-  %622 = getelementptr inbounds float, ptr %620, i64 %621
+  store <8 x float> %607, ptr %acc00171, align 4
+  %608 = add nsw i64 %r01, 1
+  %609 = mul nsw i64 %608, 3072
+  %610 = add nsw i64 %609, %k0
+  %611 = getelementptr inbounds float, ptr %h, i64 %610
+  %612 = getelementptr inbounds i32, ptr %rows, i64 %608
+  %613 = load i32, ptr %612, align 4
+  %614 = sext i32 %613 to i64
+  %615 = mul nsw i64 %614, 768
+  %616 = getelementptr inbounds float, ptr %y, i64 %615
+  %617 = add nsw i64 %col69, 0
+  %618 = getelementptr inbounds float, ptr %616, i64 %617
+  %619 = load <8 x float>, ptr %618, align 4
+  %620 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %619
+  store <8 x float> %620, ptr %acc01072, align 4
+  %621 = add nsw i64 %col69, 8
+  %622 = getelementptr inbounds float, ptr %616, i64 %621
   %623 = load <8 x float>, ptr %622, align 4
   %624 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %623
-  store <8 x float> %624, ptr %acc01069, align 4
-  %625 = add nsw i64 %col66, 8
-  %626 = getelementptr inbounds float, ptr %620, i64 %625
-  %627 = load <8 x float>, ptr %626, align 4
-  %628 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %627
-  store <8 x float> %628, ptr %acc01170, align 4
-  %629 = mul nsw i64 %k0, 16
-  %630 = mul nsw i64 %kb.p, 49152
-  %panel.off71 = add nsw i64 %630, %629
-  %631 = getelementptr inbounds i16, ptr %panels, i64 %panel.off71
-  %pf.on72 = and i1 %pf.on, %pf.next
-  %632 = mul nsw i64 %rb, 8192
-  %633 = lshr i64 %632, %26
-  %634 = add nsw i64 %pf.step, %633
-  %635 = getelementptr inbounds i8, ptr %631, i64 %634
-  %pf73 = select i1 %pf.on72, ptr %635, ptr %631
-  %pf.sh74 = select i1 %pf.on72, i64 %26, i64 0
-  br label %k.head75
+  store <8 x float> %624, ptr %acc01173, align 4
+  %panel.off74 = mul nsw i64 %kb.p, 49152
+  %625 = mul nsw i64 %k0, 16
+  %slice.off75 = add nsw i64 %panel.off74, %625
+  %626 = getelementptr inbounds i16, ptr %panels, i64 %slice.off75
+  %pf.on76 = and i1 %pf.on, %pf.next
+  %627 = mul nsw i64 %rb, 8192
+  %628 = lshr i64 %627, %26
+  %629 = add nsw i64 %pf.step, %628
+  %630 = getelementptr inbounds i8, ptr %626, i64 %629
+  %pf77 = select i1 %pf.on76, ptr %630, ptr %626
+  %pf.sh78 = select i1 %pf.on76, i64 %26, i64 0
+  br label %k.head79
 
-k.head75:                                         ; preds = %pf.any.end80, %tile.mr2
-  %k78 = phi i64 [ 0, %tile.mr2 ], [ %664, %pf.any.end80 ]
-  %636 = icmp slt i64 %k78, 256
-  br i1 %636, label %k.body76, label %k.end77
+k.head79:                                         ; preds = %pf.any.end84, %tile.mr2
+  %k82 = phi i64 [ 0, %tile.mr2 ], [ %659, %pf.any.end84 ]
+  %631 = icmp slt i64 %k82, 256
+  br i1 %631, label %k.body80, label %k.end81
 
-k.body76:                                         ; preds = %k.head75
-  %637 = mul nsw i64 %k78, 1
-  %638 = add nsw i64 %637, 0
-  %639 = mul nsw i64 %638, 32
-  br i1 %pf.multi, label %pf.any.then79, label %pf.any.end80
+k.body80:                                         ; preds = %k.head79
+  %632 = mul nsw i64 %k82, 1
+  %633 = add nsw i64 %632, 0
+  %634 = mul nsw i64 %633, 32
+  br i1 %pf.multi, label %pf.any.then83, label %pf.any.end84
 
-pf.any.then79:                                    ; preds = %k.body76
-  %640 = lshr i64 %639, %pf.sh74
-  %641 = getelementptr inbounds i8, ptr %pf73, i64 %640
-  call void @llvm.prefetch.p0(ptr %641, i32 0, i32 2, i32 1)
-  br label %pf.any.end80
+pf.any.then83:                                    ; preds = %k.body80
+  %635 = lshr i64 %634, %pf.sh78
+  %636 = getelementptr inbounds i8, ptr %pf77, i64 %635
+  call void @llvm.prefetch.p0(ptr %636, i32 0, i32 2, i32 1)
+  br label %pf.any.end84
 
-pf.any.end80:                                     ; preds = %pf.any.then79, %k.body76
-  %642 = mul nsw i64 %638, 16
-  %643 = add nsw i64 %panel.off71, %642
-  %644 = getelementptr inbounds i16, ptr %panels, i64 %643
-  %645 = load <8 x i32>, ptr %644, align 4
-  %646 = shl <8 x i32> %645, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b081 = bitcast <8 x i32> %646 to <8 x float>
-  %647 = and <8 x i32> %645, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b182 = bitcast <8 x i32> %647 to <8 x float>
-  %648 = getelementptr inbounds float, ptr %598, i64 %638
-  %649 = load float, ptr %648, align 4
-  %650 = insertelement <8 x float> poison, float %649, i32 0
-  %651 = shufflevector <8 x float> %650, <8 x float> poison, <8 x i32> zeroinitializer
-  %652 = load <8 x float>, ptr %acc00067, align 4
-  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %b081, <8 x float> %652)
-  store <8 x float> %653, ptr %acc00067, align 4
-  %654 = load <8 x float>, ptr %acc00168, align 4
-  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %b182, <8 x float> %654)
-  store <8 x float> %655, ptr %acc00168, align 4
-  %656 = getelementptr inbounds float, ptr %615, i64 %638
-  %657 = load float, ptr %656, align 4
-  %658 = insertelement <8 x float> poison, float %657, i32 0
-  %659 = shufflevector <8 x float> %658, <8 x float> poison, <8 x i32> zeroinitializer
-  %660 = load <8 x float>, ptr %acc01069, align 4
-  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %b081, <8 x float> %660)
-  store <8 x float> %661, ptr %acc01069, align 4
-  %662 = load <8 x float>, ptr %acc01170, align 4
-  %663 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %b182, <8 x float> %662)
-  store <8 x float> %663, ptr %acc01170, align 4
-  %664 = add nsw i64 %k78, 1
-  br label %k.head75
+pf.any.end84:                                     ; preds = %pf.any.then83, %k.body80
+  %637 = mul nsw i64 %633, 16
+  %638 = add nsw i64 %slice.off75, %637
+  %639 = getelementptr inbounds i16, ptr %panels, i64 %638
+  %640 = load <8 x i32>, ptr %639, align 4
+  %641 = shl <8 x i32> %640, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b085 = bitcast <8 x i32> %641 to <8 x float>
+  %642 = and <8 x i32> %640, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b186 = bitcast <8 x i32> %642 to <8 x float>
+  %643 = getelementptr inbounds float, ptr %594, i64 %633
+  %644 = load float, ptr %643, align 4
+  %645 = insertelement <8 x float> poison, float %644, i32 0
+  %646 = shufflevector <8 x float> %645, <8 x float> poison, <8 x i32> zeroinitializer
+  %647 = load <8 x float>, ptr %acc00070, align 4
+  %648 = call <8 x float> @llvm.fma.v8f32(<8 x float> %646, <8 x float> %b085, <8 x float> %647)
+  store <8 x float> %648, ptr %acc00070, align 4
+  %649 = load <8 x float>, ptr %acc00171, align 4
+  %650 = call <8 x float> @llvm.fma.v8f32(<8 x float> %646, <8 x float> %b186, <8 x float> %649)
+  store <8 x float> %650, ptr %acc00171, align 4
+  %651 = getelementptr inbounds float, ptr %611, i64 %633
+  %652 = load float, ptr %651, align 4
+  %653 = insertelement <8 x float> poison, float %652, i32 0
+  %654 = shufflevector <8 x float> %653, <8 x float> poison, <8 x i32> zeroinitializer
+  %655 = load <8 x float>, ptr %acc01072, align 4
+  %656 = call <8 x float> @llvm.fma.v8f32(<8 x float> %654, <8 x float> %b085, <8 x float> %655)
+  store <8 x float> %656, ptr %acc01072, align 4
+  %657 = load <8 x float>, ptr %acc01173, align 4
+  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> %654, <8 x float> %b186, <8 x float> %657)
+  store <8 x float> %658, ptr %acc01173, align 4
+  %659 = add nsw i64 %k82, 1
+  br label %k.head79
 
-k.end77:                                          ; preds = %k.head75
-  %665 = load <8 x float>, ptr %acc00067, align 4
-  store <8 x float> %665, ptr %605, align 4
-  %666 = load <8 x float>, ptr %acc00168, align 4
-  store <8 x float> %666, ptr %609, align 4
-  %667 = load <8 x float>, ptr %acc01069, align 4
-  store <8 x float> %667, ptr %622, align 4
-  %668 = load <8 x float>, ptr %acc01170, align 4
-  store <8 x float> %668, ptr %626, align 4
+k.end81:                                          ; preds = %k.head79
+  %660 = load <8 x float>, ptr %acc00070, align 4
+  store <8 x float> %660, ptr %601, align 4
+  %661 = load <8 x float>, ptr %acc00171, align 4
+  store <8 x float> %661, ptr %605, align 4
+  %662 = load <8 x float>, ptr %acc01072, align 4
+  store <8 x float> %662, ptr %618, align 4
+  %663 = load <8 x float>, ptr %acc01173, align 4
+  store <8 x float> %663, ptr %622, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
-  %col83 = mul nsw i64 %kb.p, 16
-  %669 = add nsw i64 %r01, 0
-  %670 = mul nsw i64 %669, 3072
-  %671 = add nsw i64 %670, %k0
-  %672 = getelementptr inbounds float, ptr %h, i64 %671
-  %673 = getelementptr inbounds i32, ptr %rows, i64 %669
-  %674 = load i32, ptr %673, align 4
-  %675 = sext i32 %674 to i64
-  %676 = mul nsw i64 %675, 768
-  %677 = getelementptr inbounds float, ptr %y, i64 %676
-  %678 = add nsw i64 %col83, 0
-  %679 = getelementptr inbounds float, ptr %677, i64 %678
-  %680 = load <8 x float>, ptr %679, align 4
-  %681 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %680
-  store <8 x float> %681, ptr %acc00084, align 4
-  %682 = add nsw i64 %col83, 8
-  %683 = getelementptr inbounds float, ptr %677, i64 %682
-  %684 = load <8 x float>, ptr %683, align 4
-  %685 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %684
-  store <8 x float> %685, ptr %acc00185, align 4
-  %686 = mul nsw i64 %k0, 16
-  %687 = mul nsw i64 %kb.p, 49152
-  %panel.off86 = add nsw i64 %687, %686
-  %688 = getelementptr inbounds i16, ptr %panels, i64 %panel.off86
-  %pf.on87 = and i1 %pf.on, %pf.next
-  %689 = mul nsw i64 %rb, 8192
-  %690 = lshr i64 %689, %26
-  %691 = add nsw i64 %pf.step, %690
-  %692 = getelementptr inbounds i8, ptr %688, i64 %691
-  %pf88 = select i1 %pf.on87, ptr %692, ptr %688
-  %pf.sh89 = select i1 %pf.on87, i64 %26, i64 0
-  br label %k.head90
+  %col87 = mul nsw i64 %kb.p, 16
+  %664 = add nsw i64 %r01, 0
+  %665 = mul nsw i64 %664, 3072
+  %666 = add nsw i64 %665, %k0
+  %667 = getelementptr inbounds float, ptr %h, i64 %666
+  %668 = getelementptr inbounds i32, ptr %rows, i64 %664
+  %669 = load i32, ptr %668, align 4
+  %670 = sext i32 %669 to i64
+  %671 = mul nsw i64 %670, 768
+  %672 = getelementptr inbounds float, ptr %y, i64 %671
+  %673 = add nsw i64 %col87, 0
+  %674 = getelementptr inbounds float, ptr %672, i64 %673
+  %675 = load <8 x float>, ptr %674, align 4
+  %676 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %675
+  store <8 x float> %676, ptr %acc00088, align 4
+  %677 = add nsw i64 %col87, 8
+  %678 = getelementptr inbounds float, ptr %672, i64 %677
+  %679 = load <8 x float>, ptr %678, align 4
+  %680 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %679
+  store <8 x float> %680, ptr %acc00189, align 4
+  %panel.off90 = mul nsw i64 %kb.p, 49152
+  %681 = mul nsw i64 %k0, 16
+  %slice.off91 = add nsw i64 %panel.off90, %681
+  %682 = getelementptr inbounds i16, ptr %panels, i64 %slice.off91
+  %pf.on92 = and i1 %pf.on, %pf.next
+  %683 = mul nsw i64 %rb, 8192
+  %684 = lshr i64 %683, %26
+  %685 = add nsw i64 %pf.step, %684
+  %686 = getelementptr inbounds i8, ptr %682, i64 %685
+  %pf93 = select i1 %pf.on92, ptr %686, ptr %682
+  %pf.sh94 = select i1 %pf.on92, i64 %26, i64 0
+  br label %k.head95
 
-k.head90:                                         ; preds = %pf.any.end95, %tile.mr1
-  %k93 = phi i64 [ 0, %tile.mr1 ], [ %713, %pf.any.end95 ]
-  %693 = icmp slt i64 %k93, 256
-  br i1 %693, label %k.body91, label %k.end92
+k.head95:                                         ; preds = %pf.any.end100, %tile.mr1
+  %k98 = phi i64 [ 0, %tile.mr1 ], [ %707, %pf.any.end100 ]
+  %687 = icmp slt i64 %k98, 256
+  br i1 %687, label %k.body96, label %k.end97
 
-k.body91:                                         ; preds = %k.head90
-  %694 = mul nsw i64 %k93, 1
-  %695 = add nsw i64 %694, 0
-  %696 = mul nsw i64 %695, 32
-  br i1 %pf.multi, label %pf.any.then94, label %pf.any.end95
+k.body96:                                         ; preds = %k.head95
+  %688 = mul nsw i64 %k98, 1
+  %689 = add nsw i64 %688, 0
+  %690 = mul nsw i64 %689, 32
+  br i1 %pf.multi, label %pf.any.then99, label %pf.any.end100
 
-pf.any.then94:                                    ; preds = %k.body91
-  %697 = lshr i64 %696, %pf.sh89
-  %698 = getelementptr inbounds i8, ptr %pf88, i64 %697
-  call void @llvm.prefetch.p0(ptr %698, i32 0, i32 2, i32 1)
-  br label %pf.any.end95
+pf.any.then99:                                    ; preds = %k.body96
+  %691 = lshr i64 %690, %pf.sh94
+  %692 = getelementptr inbounds i8, ptr %pf93, i64 %691
+  call void @llvm.prefetch.p0(ptr %692, i32 0, i32 2, i32 1)
+  br label %pf.any.end100
 
-pf.any.end95:                                     ; preds = %pf.any.then94, %k.body91
-  %699 = mul nsw i64 %695, 16
-  %700 = add nsw i64 %panel.off86, %699
-  %701 = getelementptr inbounds i16, ptr %panels, i64 %700
-  %702 = load <8 x i32>, ptr %701, align 4
-  %703 = shl <8 x i32> %702, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b096 = bitcast <8 x i32> %703 to <8 x float>
-  %704 = and <8 x i32> %702, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b197 = bitcast <8 x i32> %704 to <8 x float>
-  %705 = getelementptr inbounds float, ptr %672, i64 %695
-  %706 = load float, ptr %705, align 4
-  %707 = insertelement <8 x float> poison, float %706, i32 0
-  %708 = shufflevector <8 x float> %707, <8 x float> poison, <8 x i32> zeroinitializer
-  %709 = load <8 x float>, ptr %acc00084, align 4
-  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %b096, <8 x float> %709)
-  store <8 x float> %710, ptr %acc00084, align 4
-  %711 = load <8 x float>, ptr %acc00185, align 4
-  %712 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %b197, <8 x float> %711)
-  store <8 x float> %712, ptr %acc00185, align 4
-  %713 = add nsw i64 %k93, 1
-  br label %k.head90
+pf.any.end100:                                    ; preds = %pf.any.then99, %k.body96
+  %693 = mul nsw i64 %689, 16
+  %694 = add nsw i64 %slice.off91, %693
+  %695 = getelementptr inbounds i16, ptr %panels, i64 %694
+  %696 = load <8 x i32>, ptr %695, align 4
+  %697 = shl <8 x i32> %696, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0101 = bitcast <8 x i32> %697 to <8 x float>
+  %698 = and <8 x i32> %696, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1102 = bitcast <8 x i32> %698 to <8 x float>
+  %699 = getelementptr inbounds float, ptr %667, i64 %689
+  %700 = load float, ptr %699, align 4
+  %701 = insertelement <8 x float> poison, float %700, i32 0
+  %702 = shufflevector <8 x float> %701, <8 x float> poison, <8 x i32> zeroinitializer
+  %703 = load <8 x float>, ptr %acc00088, align 4
+  %704 = call <8 x float> @llvm.fma.v8f32(<8 x float> %702, <8 x float> %b0101, <8 x float> %703)
+  store <8 x float> %704, ptr %acc00088, align 4
+  %705 = load <8 x float>, ptr %acc00189, align 4
+  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> %702, <8 x float> %b1102, <8 x float> %705)
+  store <8 x float> %706, ptr %acc00189, align 4
+  %707 = add nsw i64 %k98, 1
+  br label %k.head95
 
-k.end92:                                          ; preds = %k.head90
-  %714 = load <8 x float>, ptr %acc00084, align 4
-  store <8 x float> %714, ptr %679, align 4
-  %715 = load <8 x float>, ptr %acc00185, align 4
-  store <8 x float> %715, ptr %683, align 4
+k.end97:                                          ; preds = %k.head95
+  %708 = load <8 x float>, ptr %acc00088, align 4
+  store <8 x float> %708, ptr %674, align 4
+  %709 = load <8 x float>, ptr %acc00189, align 4
+  store <8 x float> %709, ptr %678, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end92, %k.end77, %k.end60, %k.end41, %k.end20, %k.end
-  %716 = add nsw i64 %rb, 1
+tile.done:                                        ; preds = %k.end97, %k.end81, %k.end63, %k.end43, %k.end21, %k.end
+  %710 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %717 = add nsw i64 %kb.p, 1
+  %711 = add nsw i64 %kb.p, 1
   br label %kb.p.head
 
 kb.p.end:                                         ; preds = %kb.p.head
-  %718 = add nsw i64 %kb.k, 1
+  %712 = add nsw i64 %kb.k, 1
   br label %kb.k.head
 
 kb.k.end:                                         ; preds = %kb.k.head
-  %719 = add nsw i64 %kb.pg, 16
+  %713 = add nsw i64 %kb.pg, 16
   br label %kb.pg.head
 
 kb.pg.end:                                        ; preds = %kb.pg.head
-  %720 = add nsw i64 %kb.rc, 96
+  %714 = add nsw i64 %kb.rc, 96
   br label %kb.rc.head
 
 kb.rc.end:                                        ; preds = %kb.rc.head
@@ -5453,991 +5447,985 @@ kb.rc.end:                                        ; preds = %kb.rc.head
 flat:                                             ; preds = %start
   br label %p.head
 
-p.head:                                           ; preds = %rb.end101, %flat
-  %p = phi i64 [ %p0, %flat ], [ %1387, %rb.end101 ]
-  %721 = icmp slt i64 %p, %end
-  br i1 %721, label %p.body, label %p.end
+p.head:                                           ; preds = %rb.end106, %flat
+  %p = phi i64 [ %p0, %flat ], [ %1375, %rb.end106 ]
+  %715 = icmp slt i64 %p, %end
+  br i1 %715, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
-  %722 = add nsw i64 %n, 5
-  %nrb98 = sdiv i64 %722, 6
-  br label %rb.head99
+  %716 = add nsw i64 %n, 5
+  %nrb103 = sdiv i64 %716, 6
+  br label %rb.head104
 
-rb.head99:                                        ; preds = %tile.done106, %p.body
-  %rb102 = phi i64 [ 0, %p.body ], [ %1386, %tile.done106 ]
-  %723 = icmp slt i64 %rb102, %nrb98
-  br i1 %723, label %rb.body100, label %rb.end101
+rb.head104:                                       ; preds = %tile.done111, %p.body
+  %rb107 = phi i64 [ 0, %p.body ], [ %1374, %tile.done111 ]
+  %717 = icmp slt i64 %rb107, %nrb103
+  br i1 %717, label %rb.body105, label %rb.end106
 
-rb.body100:                                       ; preds = %rb.head99
-  %724 = mul nsw i64 %rb102, %n
-  %r0103 = sdiv i64 %724, %nrb98
-  %725 = add nsw i64 %rb102, 1
-  %726 = mul nsw i64 %725, %n
-  %r1104 = sdiv i64 %726, %nrb98
-  %mr105 = sub nsw i64 %r1104, %r0103
-  %727 = icmp sge i64 %nrb98, 2
-  %728 = select i1 %727, i64 1, i64 0
-  %729 = icmp sge i64 %nrb98, 4
-  %730 = select i1 %729, i64 2, i64 %728
-  %731 = icmp sge i64 %nrb98, 8
-  %732 = select i1 %731, i64 3, i64 %730
-  %pf.multi113 = icmp sgt i64 %nrb98, 1
-  %733 = shl i64 1, %732
-  %734 = icmp slt i64 %rb102, %733
-  %pf.on114 = and i1 %pf.multi113, %734
-  switch i64 %mr105, label %tile.mr6112 [
-    i64 1, label %tile.mr1107
-    i64 2, label %tile.mr2108
-    i64 3, label %tile.mr3109
-    i64 4, label %tile.mr4110
-    i64 5, label %tile.mr5111
+rb.body105:                                       ; preds = %rb.head104
+  %718 = mul nsw i64 %rb107, %n
+  %r0108 = sdiv i64 %718, %nrb103
+  %719 = add nsw i64 %rb107, 1
+  %720 = mul nsw i64 %719, %n
+  %r1109 = sdiv i64 %720, %nrb103
+  %mr110 = sub nsw i64 %r1109, %r0108
+  %721 = icmp sge i64 %nrb103, 2
+  %722 = select i1 %721, i64 1, i64 0
+  %723 = icmp sge i64 %nrb103, 4
+  %724 = select i1 %723, i64 2, i64 %722
+  %725 = icmp sge i64 %nrb103, 8
+  %726 = select i1 %725, i64 3, i64 %724
+  %pf.multi118 = icmp sgt i64 %nrb103, 1
+  %727 = shl i64 1, %726
+  %728 = icmp slt i64 %rb107, %727
+  %pf.on119 = and i1 %pf.multi118, %728
+  switch i64 %mr110, label %tile.mr6117 [
+    i64 1, label %tile.mr1112
+    i64 2, label %tile.mr2113
+    i64 3, label %tile.mr3114
+    i64 4, label %tile.mr4115
+    i64 5, label %tile.mr5116
   ]
 
-tile.mr6112:                                      ; preds = %rb.body100
-  %col115 = mul nsw i64 %p, 16
-  %735 = add nsw i64 %r0103, 0
-  %736 = mul nsw i64 %735, 3072
-  %737 = add nsw i64 %736, 0
-  %738 = getelementptr inbounds float, ptr %h, i64 %737
-  %739 = getelementptr inbounds i32, ptr %rows, i64 %735
-  %740 = load i32, ptr %739, align 4
-  %741 = sext i32 %740 to i64
-  %742 = mul nsw i64 %741, 768
-  %743 = getelementptr inbounds float, ptr %y, i64 %742
-  %744 = add nsw i64 %col115, 0
-  %745 = getelementptr inbounds float, ptr %743, i64 %744
-  %746 = load <8 x float>, ptr %745, align 4
-  store <8 x float> zeroinitializer, ptr %acc000116, align 4
-  %747 = add nsw i64 %col115, 8
-  %748 = getelementptr inbounds float, ptr %743, i64 %747
-  %749 = load <8 x float>, ptr %748, align 4
-  store <8 x float> zeroinitializer, ptr %acc001117, align 4
-  %750 = add nsw i64 %r0103, 1
-  %751 = mul nsw i64 %750, 3072
-  %752 = add nsw i64 %751, 0
-  %753 = getelementptr inbounds float, ptr %h, i64 %752
-  %754 = getelementptr inbounds i32, ptr %rows, i64 %750
-  %755 = load i32, ptr %754, align 4
-  %756 = sext i32 %755 to i64
-  %757 = mul nsw i64 %756, 768
-  %758 = getelementptr inbounds float, ptr %y, i64 %757
-  %759 = add nsw i64 %col115, 0
-  %760 = getelementptr inbounds float, ptr %758, i64 %759
-  %761 = load <8 x float>, ptr %760, align 4
-  store <8 x float> zeroinitializer, ptr %acc010118, align 4
-  %762 = add nsw i64 %col115, 8
-  %763 = getelementptr inbounds float, ptr %758, i64 %762
-  %764 = load <8 x float>, ptr %763, align 4
-  store <8 x float> zeroinitializer, ptr %acc011119, align 4
-  %765 = add nsw i64 %r0103, 2
-  %766 = mul nsw i64 %765, 3072
-  %767 = add nsw i64 %766, 0
-  %768 = getelementptr inbounds float, ptr %h, i64 %767
-  %769 = getelementptr inbounds i32, ptr %rows, i64 %765
-  %770 = load i32, ptr %769, align 4
-  %771 = sext i32 %770 to i64
-  %772 = mul nsw i64 %771, 768
-  %773 = getelementptr inbounds float, ptr %y, i64 %772
-  %774 = add nsw i64 %col115, 0
-  %775 = getelementptr inbounds float, ptr %773, i64 %774
-  %776 = load <8 x float>, ptr %775, align 4
-  store <8 x float> zeroinitializer, ptr %acc020120, align 4
-  %777 = add nsw i64 %col115, 8
-  %778 = getelementptr inbounds float, ptr %773, i64 %777
-  %779 = load <8 x float>, ptr %778, align 4
-  store <8 x float> zeroinitializer, ptr %acc021121, align 4
-  %780 = add nsw i64 %r0103, 3
-  %781 = mul nsw i64 %780, 3072
-  %782 = add nsw i64 %781, 0
-  %783 = getelementptr inbounds float, ptr %h, i64 %782
-  %784 = getelementptr inbounds i32, ptr %rows, i64 %780
-  %785 = load i32, ptr %784, align 4
-  %786 = sext i32 %785 to i64
-  %787 = mul nsw i64 %786, 768
-  %788 = getelementptr inbounds float, ptr %y, i64 %787
-  %789 = add nsw i64 %col115, 0
-  %790 = getelementptr inbounds float, ptr %788, i64 %789
-  %791 = load <8 x float>, ptr %790, align 4
-  store <8 x float> zeroinitializer, ptr %acc030122, align 4
-  %792 = add nsw i64 %col115, 8
-  %793 = getelementptr inbounds float, ptr %788, i64 %792
-  %794 = load <8 x float>, ptr %793, align 4
-  store <8 x float> zeroinitializer, ptr %acc031123, align 4
-  %795 = add nsw i64 %r0103, 4
-  %796 = mul nsw i64 %795, 3072
-  %797 = add nsw i64 %796, 0
-  %798 = getelementptr inbounds float, ptr %h, i64 %797
-  %799 = getelementptr inbounds i32, ptr %rows, i64 %795
-  %800 = load i32, ptr %799, align 4
-  %801 = sext i32 %800 to i64
-  %802 = mul nsw i64 %801, 768
-  %803 = getelementptr inbounds float, ptr %y, i64 %802
-  %804 = add nsw i64 %col115, 0
-  %805 = getelementptr inbounds float, ptr %803, i64 %804
-  %806 = load <8 x float>, ptr %805, align 4
-  store <8 x float> zeroinitializer, ptr %acc040124, align 4
-  %807 = add nsw i64 %col115, 8
-  %808 = getelementptr inbounds float, ptr %803, i64 %807
-  %809 = load <8 x float>, ptr %808, align 4
-  store <8 x float> zeroinitializer, ptr %acc041125, align 4
-  %810 = add nsw i64 %r0103, 5
-  %811 = mul nsw i64 %810, 3072
-  %812 = add nsw i64 %811, 0
-  %813 = getelementptr inbounds float, ptr %h, i64 %812
-  %814 = getelementptr inbounds i32, ptr %rows, i64 %810
-  %815 = load i32, ptr %814, align 4
-  %816 = sext i32 %815 to i64
-  %817 = mul nsw i64 %816, 768
-  %818 = getelementptr inbounds float, ptr %y, i64 %817
-  %819 = add nsw i64 %col115, 0
-  %820 = getelementptr inbounds float, ptr %818, i64 %819
-  %821 = load <8 x float>, ptr %820, align 4
-  store <8 x float> zeroinitializer, ptr %acc050126, align 4
-  %822 = add nsw i64 %col115, 8
-  %823 = getelementptr inbounds float, ptr %818, i64 %822
-  %824 = load <8 x float>, ptr %823, align 4
-  store <8 x float> zeroinitializer, ptr %acc051127, align 4
-  %825 = mul nsw i64 %p, 49152
-  %panel.off128 = add nsw i64 %825, 0
-  %826 = getelementptr inbounds i16, ptr %panels, i64 %panel.off128
-  %827 = add nsw i64 %p, 1
-  %828 = icmp slt i64 %827, %p1
-  %pf.on129 = and i1 %pf.on114, %828
-  %829 = mul nsw i64 %rb102, 98304
-  %830 = lshr i64 %829, %732
-  %831 = add nsw i64 98304, %830
-  %832 = getelementptr inbounds i8, ptr %826, i64 %831
-  %pf130 = select i1 %pf.on129, ptr %832, ptr %826
-  %pf.sh131 = select i1 %pf.on129, i64 %732, i64 0
-  br label %k.head132
+tile.mr6117:                                      ; preds = %rb.body105
+  %col120 = mul nsw i64 %p, 16
+  %729 = add nsw i64 %r0108, 0
+  %730 = mul nsw i64 %729, 3072
+  %731 = add nsw i64 %730, 0
+  %732 = getelementptr inbounds float, ptr %h, i64 %731
+  %733 = getelementptr inbounds i32, ptr %rows, i64 %729
+  %734 = load i32, ptr %733, align 4
+  %735 = sext i32 %734 to i64
+  %736 = mul nsw i64 %735, 768
+  %737 = getelementptr inbounds float, ptr %y, i64 %736
+  %738 = add nsw i64 %col120, 0
+  %739 = getelementptr inbounds float, ptr %737, i64 %738
+  %740 = load <8 x float>, ptr %739, align 4
+  store <8 x float> zeroinitializer, ptr %acc000121, align 4
+  %741 = add nsw i64 %col120, 8
+  %742 = getelementptr inbounds float, ptr %737, i64 %741
+  %743 = load <8 x float>, ptr %742, align 4
+  store <8 x float> zeroinitializer, ptr %acc001122, align 4
+  %744 = add nsw i64 %r0108, 1
+  %745 = mul nsw i64 %744, 3072
+  %746 = add nsw i64 %745, 0
+  %747 = getelementptr inbounds float, ptr %h, i64 %746
+  %748 = getelementptr inbounds i32, ptr %rows, i64 %744
+  %749 = load i32, ptr %748, align 4
+  %750 = sext i32 %749 to i64
+  %751 = mul nsw i64 %750, 768
+  %752 = getelementptr inbounds float, ptr %y, i64 %751
+  %753 = add nsw i64 %col120, 0
+  %754 = getelementptr inbounds float, ptr %752, i64 %753
+  %755 = load <8 x float>, ptr %754, align 4
+  store <8 x float> zeroinitializer, ptr %acc010123, align 4
+  %756 = add nsw i64 %col120, 8
+  %757 = getelementptr inbounds float, ptr %752, i64 %756
+  %758 = load <8 x float>, ptr %757, align 4
+  store <8 x float> zeroinitializer, ptr %acc011124, align 4
+  %759 = add nsw i64 %r0108, 2
+  %760 = mul nsw i64 %759, 3072
+  %761 = add nsw i64 %760, 0
+  %762 = getelementptr inbounds float, ptr %h, i64 %761
+  %763 = getelementptr inbounds i32, ptr %rows, i64 %759
+  %764 = load i32, ptr %763, align 4
+  %765 = sext i32 %764 to i64
+  %766 = mul nsw i64 %765, 768
+  %767 = getelementptr inbounds float, ptr %y, i64 %766
+  %768 = add nsw i64 %col120, 0
+  %769 = getelementptr inbounds float, ptr %767, i64 %768
+  %770 = load <8 x float>, ptr %769, align 4
+  store <8 x float> zeroinitializer, ptr %acc020125, align 4
+  %771 = add nsw i64 %col120, 8
+  %772 = getelementptr inbounds float, ptr %767, i64 %771
+  %773 = load <8 x float>, ptr %772, align 4
+  store <8 x float> zeroinitializer, ptr %acc021126, align 4
+  %774 = add nsw i64 %r0108, 3
+  %775 = mul nsw i64 %774, 3072
+  %776 = add nsw i64 %775, 0
+  %777 = getelementptr inbounds float, ptr %h, i64 %776
+  %778 = getelementptr inbounds i32, ptr %rows, i64 %774
+  %779 = load i32, ptr %778, align 4
+  %780 = sext i32 %779 to i64
+  %781 = mul nsw i64 %780, 768
+  %782 = getelementptr inbounds float, ptr %y, i64 %781
+  %783 = add nsw i64 %col120, 0
+  %784 = getelementptr inbounds float, ptr %782, i64 %783
+  %785 = load <8 x float>, ptr %784, align 4
+  store <8 x float> zeroinitializer, ptr %acc030127, align 4
+  %786 = add nsw i64 %col120, 8
+  %787 = getelementptr inbounds float, ptr %782, i64 %786
+  %788 = load <8 x float>, ptr %787, align 4
+  store <8 x float> zeroinitializer, ptr %acc031128, align 4
+  %789 = add nsw i64 %r0108, 4
+  %790 = mul nsw i64 %789, 3072
+  %791 = add nsw i64 %790, 0
+  %792 = getelementptr inbounds float, ptr %h, i64 %791
+  %793 = getelementptr inbounds i32, ptr %rows, i64 %789
+  %794 = load i32, ptr %793, align 4
+  %795 = sext i32 %794 to i64
+  %796 = mul nsw i64 %795, 768
+  %797 = getelementptr inbounds float, ptr %y, i64 %796
+  %798 = add nsw i64 %col120, 0
+  %799 = getelementptr inbounds float, ptr %797, i64 %798
+  %800 = load <8 x float>, ptr %799, align 4
+  store <8 x float> zeroinitializer, ptr %acc040129, align 4
+  %801 = add nsw i64 %col120, 8
+  %802 = getelementptr inbounds float, ptr %797, i64 %801
+  %803 = load <8 x float>, ptr %802, align 4
+  store <8 x float> zeroinitializer, ptr %acc041130, align 4
+  %804 = add nsw i64 %r0108, 5
+  %805 = mul nsw i64 %804, 3072
+  %806 = add nsw i64 %805, 0
+  %807 = getelementptr inbounds float, ptr %h, i64 %806
+  %808 = getelementptr inbounds i32, ptr %rows, i64 %804
+  %809 = load i32, ptr %808, align 4
+  %810 = sext i32 %809 to i64
+  %811 = mul nsw i64 %810, 768
+  %812 = getelementptr inbounds float, ptr %y, i64 %811
+  %813 = add nsw i64 %col120, 0
+  %814 = getelementptr inbounds float, ptr %812, i64 %813
+  %815 = load <8 x float>, ptr %814, align 4
+  store <8 x float> zeroinitializer, ptr %acc050131, align 4
+  %816 = add nsw i64 %col120, 8
+  %817 = getelementptr inbounds float, ptr %812, i64 %816
+  %818 = load <8 x float>, ptr %817, align 4
+  store <8 x float> zeroinitializer, ptr %acc051132, align 4
+  %panel.off133 = mul nsw i64 %p, 49152
+  %819 = getelementptr inbounds i16, ptr %panels, i64 %panel.off133
+  %820 = add nsw i64 %p, 1
+  %821 = icmp slt i64 %820, %p1
+  %pf.on134 = and i1 %pf.on119, %821
+  %822 = mul nsw i64 %rb107, 98304
+  %823 = lshr i64 %822, %726
+  %824 = add nsw i64 98304, %823
+  %825 = getelementptr inbounds i8, ptr %819, i64 %824
+  %pf135 = select i1 %pf.on134, ptr %825, ptr %819
+  %pf.sh136 = select i1 %pf.on134, i64 %726, i64 0
+  br label %k.head137
 
-k.head132:                                        ; preds = %pf.any.end137, %tile.mr6112
-  %k135 = phi i64 [ 0, %tile.mr6112 ], [ %893, %pf.any.end137 ]
-  %833 = icmp slt i64 %k135, 3072
-  br i1 %833, label %k.body133, label %k.end134
+k.head137:                                        ; preds = %pf.any.end142, %tile.mr6117
+  %k140 = phi i64 [ 0, %tile.mr6117 ], [ %886, %pf.any.end142 ]
+  %826 = icmp slt i64 %k140, 3072
+  br i1 %826, label %k.body138, label %k.end139
 
-k.body133:                                        ; preds = %k.head132
-  %834 = mul nsw i64 %k135, 1
-  %835 = add nsw i64 %834, 0
-  %836 = mul nsw i64 %835, 32
-  br i1 %pf.multi113, label %pf.any.then136, label %pf.any.end137
+k.body138:                                        ; preds = %k.head137
+  %827 = mul nsw i64 %k140, 1
+  %828 = add nsw i64 %827, 0
+  %829 = mul nsw i64 %828, 32
+  br i1 %pf.multi118, label %pf.any.then141, label %pf.any.end142
 
-pf.any.then136:                                   ; preds = %k.body133
-  %837 = lshr i64 %836, %pf.sh131
-  %838 = getelementptr inbounds i8, ptr %pf130, i64 %837
-  call void @llvm.prefetch.p0(ptr %838, i32 0, i32 2, i32 1)
-  br label %pf.any.end137
+pf.any.then141:                                   ; preds = %k.body138
+  %830 = lshr i64 %829, %pf.sh136
+  %831 = getelementptr inbounds i8, ptr %pf135, i64 %830
+  call void @llvm.prefetch.p0(ptr %831, i32 0, i32 2, i32 1)
+  br label %pf.any.end142
 
-pf.any.end137:                                    ; preds = %pf.any.then136, %k.body133
-  %839 = mul nsw i64 %835, 16
-  %840 = add nsw i64 %panel.off128, %839
-  %841 = getelementptr inbounds i16, ptr %panels, i64 %840
-  %842 = load <8 x i32>, ptr %841, align 4
-  %843 = shl <8 x i32> %842, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0138 = bitcast <8 x i32> %843 to <8 x float>
-  %844 = and <8 x i32> %842, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1139 = bitcast <8 x i32> %844 to <8 x float>
-  %845 = getelementptr inbounds float, ptr %738, i64 %835
-  %846 = load float, ptr %845, align 4
-  %847 = insertelement <8 x float> poison, float %846, i32 0
-  %848 = shufflevector <8 x float> %847, <8 x float> poison, <8 x i32> zeroinitializer
-  %849 = load <8 x float>, ptr %acc000116, align 4
-  %850 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> %b0138, <8 x float> %849)
-  store <8 x float> %850, ptr %acc000116, align 4
-  %851 = load <8 x float>, ptr %acc001117, align 4
-  %852 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> %b1139, <8 x float> %851)
-  store <8 x float> %852, ptr %acc001117, align 4
-  %853 = getelementptr inbounds float, ptr %753, i64 %835
-  %854 = load float, ptr %853, align 4
-  %855 = insertelement <8 x float> poison, float %854, i32 0
-  %856 = shufflevector <8 x float> %855, <8 x float> poison, <8 x i32> zeroinitializer
-  %857 = load <8 x float>, ptr %acc010118, align 4
-  %858 = call <8 x float> @llvm.fma.v8f32(<8 x float> %856, <8 x float> %b0138, <8 x float> %857)
-  store <8 x float> %858, ptr %acc010118, align 4
-  %859 = load <8 x float>, ptr %acc011119, align 4
-  %860 = call <8 x float> @llvm.fma.v8f32(<8 x float> %856, <8 x float> %b1139, <8 x float> %859)
-  store <8 x float> %860, ptr %acc011119, align 4
-  %861 = getelementptr inbounds float, ptr %768, i64 %835
-  %862 = load float, ptr %861, align 4
-  %863 = insertelement <8 x float> poison, float %862, i32 0
-  %864 = shufflevector <8 x float> %863, <8 x float> poison, <8 x i32> zeroinitializer
-  %865 = load <8 x float>, ptr %acc020120, align 4
-  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> %b0138, <8 x float> %865)
-  store <8 x float> %866, ptr %acc020120, align 4
-  %867 = load <8 x float>, ptr %acc021121, align 4
-  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> %b1139, <8 x float> %867)
-  store <8 x float> %868, ptr %acc021121, align 4
-  %869 = getelementptr inbounds float, ptr %783, i64 %835
-  %870 = load float, ptr %869, align 4
-  %871 = insertelement <8 x float> poison, float %870, i32 0
-  %872 = shufflevector <8 x float> %871, <8 x float> poison, <8 x i32> zeroinitializer
-  %873 = load <8 x float>, ptr %acc030122, align 4
-  %874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %872, <8 x float> %b0138, <8 x float> %873)
-  store <8 x float> %874, ptr %acc030122, align 4
-  %875 = load <8 x float>, ptr %acc031123, align 4
-  %876 = call <8 x float> @llvm.fma.v8f32(<8 x float> %872, <8 x float> %b1139, <8 x float> %875)
-  store <8 x float> %876, ptr %acc031123, align 4
-  %877 = getelementptr inbounds float, ptr %798, i64 %835
-  %878 = load float, ptr %877, align 4
-  %879 = insertelement <8 x float> poison, float %878, i32 0
-  %880 = shufflevector <8 x float> %879, <8 x float> poison, <8 x i32> zeroinitializer
-  %881 = load <8 x float>, ptr %acc040124, align 4
-  %882 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> %b0138, <8 x float> %881)
-  store <8 x float> %882, ptr %acc040124, align 4
-  %883 = load <8 x float>, ptr %acc041125, align 4
-  %884 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> %b1139, <8 x float> %883)
-  store <8 x float> %884, ptr %acc041125, align 4
-  %885 = getelementptr inbounds float, ptr %813, i64 %835
-  %886 = load float, ptr %885, align 4
-  %887 = insertelement <8 x float> poison, float %886, i32 0
-  %888 = shufflevector <8 x float> %887, <8 x float> poison, <8 x i32> zeroinitializer
-  %889 = load <8 x float>, ptr %acc050126, align 4
-  %890 = call <8 x float> @llvm.fma.v8f32(<8 x float> %888, <8 x float> %b0138, <8 x float> %889)
-  store <8 x float> %890, ptr %acc050126, align 4
-  %891 = load <8 x float>, ptr %acc051127, align 4
-  %892 = call <8 x float> @llvm.fma.v8f32(<8 x float> %888, <8 x float> %b1139, <8 x float> %891)
-  store <8 x float> %892, ptr %acc051127, align 4
-  %893 = add nsw i64 %k135, 1
-  br label %k.head132
+pf.any.end142:                                    ; preds = %pf.any.then141, %k.body138
+  %832 = mul nsw i64 %828, 16
+  %833 = add nsw i64 %panel.off133, %832
+  %834 = getelementptr inbounds i16, ptr %panels, i64 %833
+  %835 = load <8 x i32>, ptr %834, align 4
+  %836 = shl <8 x i32> %835, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0143 = bitcast <8 x i32> %836 to <8 x float>
+  %837 = and <8 x i32> %835, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1144 = bitcast <8 x i32> %837 to <8 x float>
+  %838 = getelementptr inbounds float, ptr %732, i64 %828
+  %839 = load float, ptr %838, align 4
+  %840 = insertelement <8 x float> poison, float %839, i32 0
+  %841 = shufflevector <8 x float> %840, <8 x float> poison, <8 x i32> zeroinitializer
+  %842 = load <8 x float>, ptr %acc000121, align 4
+  %843 = call <8 x float> @llvm.fma.v8f32(<8 x float> %841, <8 x float> %b0143, <8 x float> %842)
+  store <8 x float> %843, ptr %acc000121, align 4
+  %844 = load <8 x float>, ptr %acc001122, align 4
+  %845 = call <8 x float> @llvm.fma.v8f32(<8 x float> %841, <8 x float> %b1144, <8 x float> %844)
+  store <8 x float> %845, ptr %acc001122, align 4
+  %846 = getelementptr inbounds float, ptr %747, i64 %828
+  %847 = load float, ptr %846, align 4
+  %848 = insertelement <8 x float> poison, float %847, i32 0
+  %849 = shufflevector <8 x float> %848, <8 x float> poison, <8 x i32> zeroinitializer
+  %850 = load <8 x float>, ptr %acc010123, align 4
+  %851 = call <8 x float> @llvm.fma.v8f32(<8 x float> %849, <8 x float> %b0143, <8 x float> %850)
+  store <8 x float> %851, ptr %acc010123, align 4
+  %852 = load <8 x float>, ptr %acc011124, align 4
+  %853 = call <8 x float> @llvm.fma.v8f32(<8 x float> %849, <8 x float> %b1144, <8 x float> %852)
+  store <8 x float> %853, ptr %acc011124, align 4
+  %854 = getelementptr inbounds float, ptr %762, i64 %828
+  %855 = load float, ptr %854, align 4
+  %856 = insertelement <8 x float> poison, float %855, i32 0
+  %857 = shufflevector <8 x float> %856, <8 x float> poison, <8 x i32> zeroinitializer
+  %858 = load <8 x float>, ptr %acc020125, align 4
+  %859 = call <8 x float> @llvm.fma.v8f32(<8 x float> %857, <8 x float> %b0143, <8 x float> %858)
+  store <8 x float> %859, ptr %acc020125, align 4
+  %860 = load <8 x float>, ptr %acc021126, align 4
+  %861 = call <8 x float> @llvm.fma.v8f32(<8 x float> %857, <8 x float> %b1144, <8 x float> %860)
+  store <8 x float> %861, ptr %acc021126, align 4
+  %862 = getelementptr inbounds float, ptr %777, i64 %828
+  %863 = load float, ptr %862, align 4
+  %864 = insertelement <8 x float> poison, float %863, i32 0
+  %865 = shufflevector <8 x float> %864, <8 x float> poison, <8 x i32> zeroinitializer
+  %866 = load <8 x float>, ptr %acc030127, align 4
+  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %865, <8 x float> %b0143, <8 x float> %866)
+  store <8 x float> %867, ptr %acc030127, align 4
+  %868 = load <8 x float>, ptr %acc031128, align 4
+  %869 = call <8 x float> @llvm.fma.v8f32(<8 x float> %865, <8 x float> %b1144, <8 x float> %868)
+  store <8 x float> %869, ptr %acc031128, align 4
+  %870 = getelementptr inbounds float, ptr %792, i64 %828
+  %871 = load float, ptr %870, align 4
+  %872 = insertelement <8 x float> poison, float %871, i32 0
+  %873 = shufflevector <8 x float> %872, <8 x float> poison, <8 x i32> zeroinitializer
+  %874 = load <8 x float>, ptr %acc040129, align 4
+  %875 = call <8 x float> @llvm.fma.v8f32(<8 x float> %873, <8 x float> %b0143, <8 x float> %874)
+  store <8 x float> %875, ptr %acc040129, align 4
+  %876 = load <8 x float>, ptr %acc041130, align 4
+  %877 = call <8 x float> @llvm.fma.v8f32(<8 x float> %873, <8 x float> %b1144, <8 x float> %876)
+  store <8 x float> %877, ptr %acc041130, align 4
+  %878 = getelementptr inbounds float, ptr %807, i64 %828
+  %879 = load float, ptr %878, align 4
+  %880 = insertelement <8 x float> poison, float %879, i32 0
+  %881 = shufflevector <8 x float> %880, <8 x float> poison, <8 x i32> zeroinitializer
+  %882 = load <8 x float>, ptr %acc050131, align 4
+  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %881, <8 x float> %b0143, <8 x float> %882)
+  store <8 x float> %883, ptr %acc050131, align 4
+  %884 = load <8 x float>, ptr %acc051132, align 4
+  %885 = call <8 x float> @llvm.fma.v8f32(<8 x float> %881, <8 x float> %b1144, <8 x float> %884)
+  store <8 x float> %885, ptr %acc051132, align 4
+  %886 = add nsw i64 %k140, 1
+  br label %k.head137
 
-k.end134:                                         ; preds = %k.head132
-  %894 = load <8 x float>, ptr %acc000116, align 4
-  store <8 x float> %894, ptr %745, align 4
-  %895 = load <8 x float>, ptr %acc001117, align 4
-  store <8 x float> %895, ptr %748, align 4
-  %896 = load <8 x float>, ptr %acc010118, align 4
-  store <8 x float> %896, ptr %760, align 4
-  %897 = load <8 x float>, ptr %acc011119, align 4
-  store <8 x float> %897, ptr %763, align 4
-  %898 = load <8 x float>, ptr %acc020120, align 4
-  store <8 x float> %898, ptr %775, align 4
-  %899 = load <8 x float>, ptr %acc021121, align 4
-  store <8 x float> %899, ptr %778, align 4
-  %900 = load <8 x float>, ptr %acc030122, align 4
-  store <8 x float> %900, ptr %790, align 4
-  %901 = load <8 x float>, ptr %acc031123, align 4
-  store <8 x float> %901, ptr %793, align 4
-  %902 = load <8 x float>, ptr %acc040124, align 4
-  store <8 x float> %902, ptr %805, align 4
-  %903 = load <8 x float>, ptr %acc041125, align 4
-  store <8 x float> %903, ptr %808, align 4
-  %904 = load <8 x float>, ptr %acc050126, align 4
-  store <8 x float> %904, ptr %820, align 4
-  %905 = load <8 x float>, ptr %acc051127, align 4
-  store <8 x float> %905, ptr %823, align 4
-  br label %tile.done106
+k.end139:                                         ; preds = %k.head137
+  %887 = load <8 x float>, ptr %acc000121, align 4
+  store <8 x float> %887, ptr %739, align 4
+  %888 = load <8 x float>, ptr %acc001122, align 4
+  store <8 x float> %888, ptr %742, align 4
+  %889 = load <8 x float>, ptr %acc010123, align 4
+  store <8 x float> %889, ptr %754, align 4
+  %890 = load <8 x float>, ptr %acc011124, align 4
+  store <8 x float> %890, ptr %757, align 4
+  %891 = load <8 x float>, ptr %acc020125, align 4
+  store <8 x float> %891, ptr %769, align 4
+  %892 = load <8 x float>, ptr %acc021126, align 4
+  store <8 x float> %892, ptr %772, align 4
+  %893 = load <8 x float>, ptr %acc030127, align 4
+  store <8 x float> %893, ptr %784, align 4
+  %894 = load <8 x float>, ptr %acc031128, align 4
+  store <8 x float> %894, ptr %787, align 4
+  %895 = load <8 x float>, ptr %acc040129, align 4
+  store <8 x float> %895, ptr %799, align 4
+  %896 = load <8 x float>, ptr %acc041130, align 4
+  store <8 x float> %896, ptr %802, align 4
+  %897 = load <8 x float>, ptr %acc050131, align 4
+  store <8 x float> %897, ptr %814, align 4
+  %898 = load <8 x float>, ptr %acc051132, align 4
+  store <8 x float> %898, ptr %817, align 4
+  br label %tile.done111
 
-tile.mr5111:                                      ; preds = %rb.body100
-  %col140 = mul nsw i64 %p, 16
-  %906 = add nsw i64 %r0103, 0
-  %907 = mul nsw i64 %906, 3072
-  %908 = add nsw i64 %907, 0
-  %909 = getelementptr inbounds float, ptr %h, i64 %908
-  %910 = getelementptr inbounds i32, ptr %rows, i64 %906
-  %911 = load i32, ptr %910, align 4
-  %912 = sext i32 %911 to i64
-  %913 = mul nsw i64 %912, 768
-  %914 = getelementptr inbounds float, ptr %y, i64 %913
-  %915 = add nsw i64 %col140, 0
-  %916 = getelementptr inbounds float, ptr %914, i64 %915
-  %917 = load <8 x float>, ptr %916, align 4
-  store <8 x float> zeroinitializer, ptr %acc000141, align 4
-  %918 = add nsw i64 %col140, 8
-  %919 = getelementptr inbounds float, ptr %914, i64 %918
-  %920 = load <8 x float>, ptr %919, align 4
-  store <8 x float> zeroinitializer, ptr %acc001142, align 4
-  %921 = add nsw i64 %r0103, 1
-  %922 = mul nsw i64 %921, 3072
-  %923 = add nsw i64 %922, 0
-  %924 = getelementptr inbounds float, ptr %h, i64 %923
-  %925 = getelementptr inbounds i32, ptr %rows, i64 %921
-  %926 = load i32, ptr %925, align 4
-  %927 = sext i32 %926 to i64
-  %928 = mul nsw i64 %927, 768
-  %929 = getelementptr inbounds float, ptr %y, i64 %928
-  %930 = add nsw i64 %col140, 0
-  %931 = getelementptr inbounds float, ptr %929, i64 %930
-  %932 = load <8 x float>, ptr %931, align 4
-  store <8 x float> zeroinitializer, ptr %acc010143, align 4
-  %933 = add nsw i64 %col140, 8
-  %934 = getelementptr inbounds float, ptr %929, i64 %933
-  %935 = load <8 x float>, ptr %934, align 4
-  store <8 x float> zeroinitializer, ptr %acc011144, align 4
-  %936 = add nsw i64 %r0103, 2
-  %937 = mul nsw i64 %936, 3072
-  %938 = add nsw i64 %937, 0
-  %939 = getelementptr inbounds float, ptr %h, i64 %938
-  %940 = getelementptr inbounds i32, ptr %rows, i64 %936
-  %941 = load i32, ptr %940, align 4
-  %942 = sext i32 %941 to i64
-  %943 = mul nsw i64 %942, 768
-  %944 = getelementptr inbounds float, ptr %y, i64 %943
-  %945 = add nsw i64 %col140, 0
-  %946 = getelementptr inbounds float, ptr %944, i64 %945
-  %947 = load <8 x float>, ptr %946, align 4
-  store <8 x float> zeroinitializer, ptr %acc020145, align 4
-  %948 = add nsw i64 %col140, 8
-  %949 = getelementptr inbounds float, ptr %944, i64 %948
-  %950 = load <8 x float>, ptr %949, align 4
-  store <8 x float> zeroinitializer, ptr %acc021146, align 4
-  %951 = add nsw i64 %r0103, 3
-  %952 = mul nsw i64 %951, 3072
-  %953 = add nsw i64 %952, 0
-  %954 = getelementptr inbounds float, ptr %h, i64 %953
-  %955 = getelementptr inbounds i32, ptr %rows, i64 %951
-  %956 = load i32, ptr %955, align 4
-  %957 = sext i32 %956 to i64
-  %958 = mul nsw i64 %957, 768
-  %959 = getelementptr inbounds float, ptr %y, i64 %958
-  %960 = add nsw i64 %col140, 0
-  %961 = getelementptr inbounds float, ptr %959, i64 %960
-  %962 = load <8 x float>, ptr %961, align 4
-  store <8 x float> zeroinitializer, ptr %acc030147, align 4
-  %963 = add nsw i64 %col140, 8
-  %964 = getelementptr inbounds float, ptr %959, i64 %963
-  %965 = load <8 x float>, ptr %964, align 4
-  store <8 x float> zeroinitializer, ptr %acc031148, align 4
-  %966 = add nsw i64 %r0103, 4
-  %967 = mul nsw i64 %966, 3072
-  %968 = add nsw i64 %967, 0
-  %969 = getelementptr inbounds float, ptr %h, i64 %968
-  %970 = getelementptr inbounds i32, ptr %rows, i64 %966
-  %971 = load i32, ptr %970, align 4
-  %972 = sext i32 %971 to i64
-  %973 = mul nsw i64 %972, 768
-  %974 = getelementptr inbounds float, ptr %y, i64 %973
-  %975 = add nsw i64 %col140, 0
-  %976 = getelementptr inbounds float, ptr %974, i64 %975
-  %977 = load <8 x float>, ptr %976, align 4
-  store <8 x float> zeroinitializer, ptr %acc040149, align 4
-  %978 = add nsw i64 %col140, 8
-  %979 = getelementptr inbounds float, ptr %974, i64 %978
-  %980 = load <8 x float>, ptr %979, align 4
-  store <8 x float> zeroinitializer, ptr %acc041150, align 4
-  %981 = mul nsw i64 %p, 49152
-  %panel.off151 = add nsw i64 %981, 0
-  %982 = getelementptr inbounds i16, ptr %panels, i64 %panel.off151
-  %983 = add nsw i64 %p, 1
-  %984 = icmp slt i64 %983, %p1
-  %pf.on152 = and i1 %pf.on114, %984
-  %985 = mul nsw i64 %rb102, 98304
-  %986 = lshr i64 %985, %732
-  %987 = add nsw i64 98304, %986
-  %988 = getelementptr inbounds i8, ptr %982, i64 %987
-  %pf153 = select i1 %pf.on152, ptr %988, ptr %982
-  %pf.sh154 = select i1 %pf.on152, i64 %732, i64 0
-  br label %k.head155
+tile.mr5116:                                      ; preds = %rb.body105
+  %col145 = mul nsw i64 %p, 16
+  %899 = add nsw i64 %r0108, 0
+  %900 = mul nsw i64 %899, 3072
+  %901 = add nsw i64 %900, 0
+  %902 = getelementptr inbounds float, ptr %h, i64 %901
+  %903 = getelementptr inbounds i32, ptr %rows, i64 %899
+  %904 = load i32, ptr %903, align 4
+  %905 = sext i32 %904 to i64
+  %906 = mul nsw i64 %905, 768
+  %907 = getelementptr inbounds float, ptr %y, i64 %906
+  %908 = add nsw i64 %col145, 0
+  %909 = getelementptr inbounds float, ptr %907, i64 %908
+  %910 = load <8 x float>, ptr %909, align 4
+  store <8 x float> zeroinitializer, ptr %acc000146, align 4
+  %911 = add nsw i64 %col145, 8
+  %912 = getelementptr inbounds float, ptr %907, i64 %911
+  %913 = load <8 x float>, ptr %912, align 4
+  store <8 x float> zeroinitializer, ptr %acc001147, align 4
+  %914 = add nsw i64 %r0108, 1
+  %915 = mul nsw i64 %914, 3072
+  %916 = add nsw i64 %915, 0
+  %917 = getelementptr inbounds float, ptr %h, i64 %916
+  %918 = getelementptr inbounds i32, ptr %rows, i64 %914
+  %919 = load i32, ptr %918, align 4
+  %920 = sext i32 %919 to i64
+  %921 = mul nsw i64 %920, 768
+  %922 = getelementptr inbounds float, ptr %y, i64 %921
+  %923 = add nsw i64 %col145, 0
+  %924 = getelementptr inbounds float, ptr %922, i64 %923
+  %925 = load <8 x float>, ptr %924, align 4
+  store <8 x float> zeroinitializer, ptr %acc010148, align 4
+  %926 = add nsw i64 %col145, 8
+  %927 = getelementptr inbounds float, ptr %922, i64 %926
+  %928 = load <8 x float>, ptr %927, align 4
+  store <8 x float> zeroinitializer, ptr %acc011149, align 4
+  %929 = add nsw i64 %r0108, 2
+  %930 = mul nsw i64 %929, 3072
+  %931 = add nsw i64 %930, 0
+  %932 = getelementptr inbounds float, ptr %h, i64 %931
+  %933 = getelementptr inbounds i32, ptr %rows, i64 %929
+  %934 = load i32, ptr %933, align 4
+  %935 = sext i32 %934 to i64
+  %936 = mul nsw i64 %935, 768
+  %937 = getelementptr inbounds float, ptr %y, i64 %936
+  %938 = add nsw i64 %col145, 0
+  %939 = getelementptr inbounds float, ptr %937, i64 %938
+  %940 = load <8 x float>, ptr %939, align 4
+  store <8 x float> zeroinitializer, ptr %acc020150, align 4
+  %941 = add nsw i64 %col145, 8
+  %942 = getelementptr inbounds float, ptr %937, i64 %941
+  %943 = load <8 x float>, ptr %942, align 4
+  store <8 x float> zeroinitializer, ptr %acc021151, align 4
+  %944 = add nsw i64 %r0108, 3
+  %945 = mul nsw i64 %944, 3072
+  %946 = add nsw i64 %945, 0
+  %947 = getelementptr inbounds float, ptr %h, i64 %946
+  %948 = getelementptr inbounds i32, ptr %rows, i64 %944
+  %949 = load i32, ptr %948, align 4
+  %950 = sext i32 %949 to i64
+  %951 = mul nsw i64 %950, 768
+  %952 = getelementptr inbounds float, ptr %y, i64 %951
+  %953 = add nsw i64 %col145, 0
+  %954 = getelementptr inbounds float, ptr %952, i64 %953
+  %955 = load <8 x float>, ptr %954, align 4
+  store <8 x float> zeroinitializer, ptr %acc030152, align 4
+  %956 = add nsw i64 %col145, 8
+  %957 = getelementptr inbounds float, ptr %952, i64 %956
+  %958 = load <8 x float>, ptr %957, align 4
+  store <8 x float> zeroinitializer, ptr %acc031153, align 4
+  %959 = add nsw i64 %r0108, 4
+  %960 = mul nsw i64 %959, 3072
+  %961 = add nsw i64 %960, 0
+  %962 = getelementptr inbounds float, ptr %h, i64 %961
+  %963 = getelementptr inbounds i32, ptr %rows, i64 %959
+  %964 = load i32, ptr %963, align 4
+  %965 = sext i32 %964 to i64
+  %966 = mul nsw i64 %965, 768
+  %967 = getelementptr inbounds float, ptr %y, i64 %966
+  %968 = add nsw i64 %col145, 0
+  %969 = getelementptr inbounds float, ptr %967, i64 %968
+  %970 = load <8 x float>, ptr %969, align 4
+  store <8 x float> zeroinitializer, ptr %acc040154, align 4
+  %971 = add nsw i64 %col145, 8
+  %972 = getelementptr inbounds float, ptr %967, i64 %971
+  %973 = load <8 x float>, ptr %972, align 4
+  store <8 x float> zeroinitializer, ptr %acc041155, align 4
+  %panel.off156 = mul nsw i64 %p, 49152
+  %974 = getelementptr inbounds i16, ptr %panels, i64 %panel.off156
+  %975 = add nsw i64 %p, 1
+  %976 = icmp slt i64 %975, %p1
+  %pf.on157 = and i1 %pf.on119, %976
+  %977 = mul nsw i64 %rb107, 98304
+  %978 = lshr i64 %977, %726
+  %979 = add nsw i64 98304, %978
+  %980 = getelementptr inbounds i8, ptr %974, i64 %979
+  %pf158 = select i1 %pf.on157, ptr %980, ptr %974
+  %pf.sh159 = select i1 %pf.on157, i64 %726, i64 0
+  br label %k.head160
 
-k.head155:                                        ; preds = %pf.any.end160, %tile.mr5111
-  %k158 = phi i64 [ 0, %tile.mr5111 ], [ %1041, %pf.any.end160 ]
-  %989 = icmp slt i64 %k158, 3072
-  br i1 %989, label %k.body156, label %k.end157
+k.head160:                                        ; preds = %pf.any.end165, %tile.mr5116
+  %k163 = phi i64 [ 0, %tile.mr5116 ], [ %1033, %pf.any.end165 ]
+  %981 = icmp slt i64 %k163, 3072
+  br i1 %981, label %k.body161, label %k.end162
 
-k.body156:                                        ; preds = %k.head155
-  %990 = mul nsw i64 %k158, 1
-  %991 = add nsw i64 %990, 0
-  %992 = mul nsw i64 %991, 32
-  br i1 %pf.multi113, label %pf.any.then159, label %pf.any.end160
+k.body161:                                        ; preds = %k.head160
+  %982 = mul nsw i64 %k163, 1
+  %983 = add nsw i64 %982, 0
+  %984 = mul nsw i64 %983, 32
+  br i1 %pf.multi118, label %pf.any.then164, label %pf.any.end165
 
-pf.any.then159:                                   ; preds = %k.body156
-  %993 = lshr i64 %992, %pf.sh154
-  %994 = getelementptr inbounds i8, ptr %pf153, i64 %993
-  call void @llvm.prefetch.p0(ptr %994, i32 0, i32 2, i32 1)
-  br label %pf.any.end160
+pf.any.then164:                                   ; preds = %k.body161
+  %985 = lshr i64 %984, %pf.sh159
+  %986 = getelementptr inbounds i8, ptr %pf158, i64 %985
+  call void @llvm.prefetch.p0(ptr %986, i32 0, i32 2, i32 1)
+  br label %pf.any.end165
 
-pf.any.end160:                                    ; preds = %pf.any.then159, %k.body156
-  %995 = mul nsw i64 %991, 16
-  %996 = add nsw i64 %panel.off151, %995
-  %997 = getelementptr inbounds i16, ptr %panels, i64 %996
-  %998 = load <8 x i32>, ptr %997, align 4
-  %999 = shl <8 x i32> %998, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0161 = bitcast <8 x i32> %999 to <8 x float>
-  %1000 = and <8 x i32> %998, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1162 = bitcast <8 x i32> %1000 to <8 x float>
-  %1001 = getelementptr inbounds float, ptr %909, i64 %991
+pf.any.end165:                                    ; preds = %pf.any.then164, %k.body161
+  %987 = mul nsw i64 %983, 16
+  %988 = add nsw i64 %panel.off156, %987
+  %989 = getelementptr inbounds i16, ptr %panels, i64 %988
+  %990 = load <8 x i32>, ptr %989, align 4
+  %991 = shl <8 x i32> %990, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0166 = bitcast <8 x i32> %991 to <8 x float>
+  %992 = and <8 x i32> %990, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1167 = bitcast <8 x i32> %992 to <8 x float>
+  %993 = getelementptr inbounds float, ptr %902, i64 %983
+  %994 = load float, ptr %993, align 4
+  %995 = insertelement <8 x float> poison, float %994, i32 0
+  %996 = shufflevector <8 x float> %995, <8 x float> poison, <8 x i32> zeroinitializer
+  %997 = load <8 x float>, ptr %acc000146, align 4
+  %998 = call <8 x float> @llvm.fma.v8f32(<8 x float> %996, <8 x float> %b0166, <8 x float> %997)
+  store <8 x float> %998, ptr %acc000146, align 4
+  %999 = load <8 x float>, ptr %acc001147, align 4
+  %1000 = call <8 x float> @llvm.fma.v8f32(<8 x float> %996, <8 x float> %b1167, <8 x float> %999)
+  store <8 x float> %1000, ptr %acc001147, align 4
+  %1001 = getelementptr inbounds float, ptr %917, i64 %983
   %1002 = load float, ptr %1001, align 4
   %1003 = insertelement <8 x float> poison, float %1002, i32 0
   %1004 = shufflevector <8 x float> %1003, <8 x float> poison, <8 x i32> zeroinitializer
-  %1005 = load <8 x float>, ptr %acc000141, align 4
-  %1006 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1004, <8 x float> %b0161, <8 x float> %1005)
-  store <8 x float> %1006, ptr %acc000141, align 4
-  %1007 = load <8 x float>, ptr %acc001142, align 4
-  %1008 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1004, <8 x float> %b1162, <8 x float> %1007)
-  store <8 x float> %1008, ptr %acc001142, align 4
-  %1009 = getelementptr inbounds float, ptr %924, i64 %991
+  %1005 = load <8 x float>, ptr %acc010148, align 4
+  %1006 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1004, <8 x float> %b0166, <8 x float> %1005)
+  store <8 x float> %1006, ptr %acc010148, align 4
+  %1007 = load <8 x float>, ptr %acc011149, align 4
+  %1008 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1004, <8 x float> %b1167, <8 x float> %1007)
+  store <8 x float> %1008, ptr %acc011149, align 4
+  %1009 = getelementptr inbounds float, ptr %932, i64 %983
   %1010 = load float, ptr %1009, align 4
   %1011 = insertelement <8 x float> poison, float %1010, i32 0
   %1012 = shufflevector <8 x float> %1011, <8 x float> poison, <8 x i32> zeroinitializer
-  %1013 = load <8 x float>, ptr %acc010143, align 4
-  %1014 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %b0161, <8 x float> %1013)
-  store <8 x float> %1014, ptr %acc010143, align 4
-  %1015 = load <8 x float>, ptr %acc011144, align 4
-  %1016 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %b1162, <8 x float> %1015)
-  store <8 x float> %1016, ptr %acc011144, align 4
-  %1017 = getelementptr inbounds float, ptr %939, i64 %991
+  %1013 = load <8 x float>, ptr %acc020150, align 4
+  %1014 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %b0166, <8 x float> %1013)
+  store <8 x float> %1014, ptr %acc020150, align 4
+  %1015 = load <8 x float>, ptr %acc021151, align 4
+  %1016 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %b1167, <8 x float> %1015)
+  store <8 x float> %1016, ptr %acc021151, align 4
+  %1017 = getelementptr inbounds float, ptr %947, i64 %983
   %1018 = load float, ptr %1017, align 4
   %1019 = insertelement <8 x float> poison, float %1018, i32 0
   %1020 = shufflevector <8 x float> %1019, <8 x float> poison, <8 x i32> zeroinitializer
-  %1021 = load <8 x float>, ptr %acc020145, align 4
-  %1022 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %b0161, <8 x float> %1021)
-  store <8 x float> %1022, ptr %acc020145, align 4
-  %1023 = load <8 x float>, ptr %acc021146, align 4
-  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %b1162, <8 x float> %1023)
-  store <8 x float> %1024, ptr %acc021146, align 4
-  %1025 = getelementptr inbounds float, ptr %954, i64 %991
+  %1021 = load <8 x float>, ptr %acc030152, align 4
+  %1022 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %b0166, <8 x float> %1021)
+  store <8 x float> %1022, ptr %acc030152, align 4
+  %1023 = load <8 x float>, ptr %acc031153, align 4
+  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %b1167, <8 x float> %1023)
+  store <8 x float> %1024, ptr %acc031153, align 4
+  %1025 = getelementptr inbounds float, ptr %962, i64 %983
   %1026 = load float, ptr %1025, align 4
   %1027 = insertelement <8 x float> poison, float %1026, i32 0
   %1028 = shufflevector <8 x float> %1027, <8 x float> poison, <8 x i32> zeroinitializer
-  %1029 = load <8 x float>, ptr %acc030147, align 4
-  %1030 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %b0161, <8 x float> %1029)
-  store <8 x float> %1030, ptr %acc030147, align 4
-  %1031 = load <8 x float>, ptr %acc031148, align 4
-  %1032 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %b1162, <8 x float> %1031)
-  store <8 x float> %1032, ptr %acc031148, align 4
-  %1033 = getelementptr inbounds float, ptr %969, i64 %991
-  %1034 = load float, ptr %1033, align 4
-  %1035 = insertelement <8 x float> poison, float %1034, i32 0
-  %1036 = shufflevector <8 x float> %1035, <8 x float> poison, <8 x i32> zeroinitializer
-  %1037 = load <8 x float>, ptr %acc040149, align 4
-  %1038 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %b0161, <8 x float> %1037)
-  store <8 x float> %1038, ptr %acc040149, align 4
-  %1039 = load <8 x float>, ptr %acc041150, align 4
-  %1040 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %b1162, <8 x float> %1039)
-  store <8 x float> %1040, ptr %acc041150, align 4
-  %1041 = add nsw i64 %k158, 1
-  br label %k.head155
+  %1029 = load <8 x float>, ptr %acc040154, align 4
+  %1030 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %b0166, <8 x float> %1029)
+  store <8 x float> %1030, ptr %acc040154, align 4
+  %1031 = load <8 x float>, ptr %acc041155, align 4
+  %1032 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %b1167, <8 x float> %1031)
+  store <8 x float> %1032, ptr %acc041155, align 4
+  %1033 = add nsw i64 %k163, 1
+  br label %k.head160
 
-k.end157:                                         ; preds = %k.head155
-  %1042 = load <8 x float>, ptr %acc000141, align 4
-  store <8 x float> %1042, ptr %916, align 4
-  %1043 = load <8 x float>, ptr %acc001142, align 4
-  store <8 x float> %1043, ptr %919, align 4
-  %1044 = load <8 x float>, ptr %acc010143, align 4
-  store <8 x float> %1044, ptr %931, align 4
-  %1045 = load <8 x float>, ptr %acc011144, align 4
-  store <8 x float> %1045, ptr %934, align 4
-  %1046 = load <8 x float>, ptr %acc020145, align 4
-  store <8 x float> %1046, ptr %946, align 4
-  %1047 = load <8 x float>, ptr %acc021146, align 4
-  store <8 x float> %1047, ptr %949, align 4
-  %1048 = load <8 x float>, ptr %acc030147, align 4
-  store <8 x float> %1048, ptr %961, align 4
-  %1049 = load <8 x float>, ptr %acc031148, align 4
-  store <8 x float> %1049, ptr %964, align 4
-  %1050 = load <8 x float>, ptr %acc040149, align 4
-  store <8 x float> %1050, ptr %976, align 4
-  %1051 = load <8 x float>, ptr %acc041150, align 4
-  store <8 x float> %1051, ptr %979, align 4
-  br label %tile.done106
+k.end162:                                         ; preds = %k.head160
+  %1034 = load <8 x float>, ptr %acc000146, align 4
+  store <8 x float> %1034, ptr %909, align 4
+  %1035 = load <8 x float>, ptr %acc001147, align 4
+  store <8 x float> %1035, ptr %912, align 4
+  %1036 = load <8 x float>, ptr %acc010148, align 4
+  store <8 x float> %1036, ptr %924, align 4
+  %1037 = load <8 x float>, ptr %acc011149, align 4
+  store <8 x float> %1037, ptr %927, align 4
+  %1038 = load <8 x float>, ptr %acc020150, align 4
+  store <8 x float> %1038, ptr %939, align 4
+  %1039 = load <8 x float>, ptr %acc021151, align 4
+  store <8 x float> %1039, ptr %942, align 4
+  %1040 = load <8 x float>, ptr %acc030152, align 4
+  store <8 x float> %1040, ptr %954, align 4
+  %1041 = load <8 x float>, ptr %acc031153, align 4
+  store <8 x float> %1041, ptr %957, align 4
+  %1042 = load <8 x float>, ptr %acc040154, align 4
+  store <8 x float> %1042, ptr %969, align 4
+  %1043 = load <8 x float>, ptr %acc041155, align 4
+  store <8 x float> %1043, ptr %972, align 4
+  br label %tile.done111
 
-tile.mr4110:                                      ; preds = %rb.body100
-  %col163 = mul nsw i64 %p, 16
-  %1052 = add nsw i64 %r0103, 0
-  %1053 = mul nsw i64 %1052, 3072
-  %1054 = add nsw i64 %1053, 0
-  %1055 = getelementptr inbounds float, ptr %h, i64 %1054
-  %1056 = getelementptr inbounds i32, ptr %rows, i64 %1052
-  %1057 = load i32, ptr %1056, align 4
-  %1058 = sext i32 %1057 to i64
-  %1059 = mul nsw i64 %1058, 768
-  %1060 = getelementptr inbounds float, ptr %y, i64 %1059
-  %1061 = add nsw i64 %col163, 0
-  %1062 = getelementptr inbounds float, ptr %1060, i64 %1061
-  %1063 = load <8 x float>, ptr %1062, align 4
-  store <8 x float> zeroinitializer, ptr %acc000164, align 4
-  %1064 = add nsw i64 %col163, 8
-  %1065 = getelementptr inbounds float, ptr %1060, i64 %1064
-  %1066 = load <8 x float>, ptr %1065, align 4
-  store <8 x float> zeroinitializer, ptr %acc001165, align 4
-  %1067 = add nsw i64 %r0103, 1
-  %1068 = mul nsw i64 %1067, 3072
-  %1069 = add nsw i64 %1068, 0
-  %1070 = getelementptr inbounds float, ptr %h, i64 %1069
-  %1071 = getelementptr inbounds i32, ptr %rows, i64 %1067
-  %1072 = load i32, ptr %1071, align 4
-  %1073 = sext i32 %1072 to i64
-  %1074 = mul nsw i64 %1073, 768
-  %1075 = getelementptr inbounds float, ptr %y, i64 %1074
-  %1076 = add nsw i64 %col163, 0
-  %1077 = getelementptr inbounds float, ptr %1075, i64 %1076
-  %1078 = load <8 x float>, ptr %1077, align 4
-  store <8 x float> zeroinitializer, ptr %acc010166, align 4
-  %1079 = add nsw i64 %col163, 8
-  %1080 = getelementptr inbounds float, ptr %1075, i64 %1079
-  %1081 = load <8 x float>, ptr %1080, align 4
-  store <8 x float> zeroinitializer, ptr %acc011167, align 4
-  %1082 = add nsw i64 %r0103, 2
-  %1083 = mul nsw i64 %1082, 3072
-  %1084 = add nsw i64 %1083, 0
-  %1085 = getelementptr inbounds float, ptr %h, i64 %1084
-  %1086 = getelementptr inbounds i32, ptr %rows, i64 %1082
-  %1087 = load i32, ptr %1086, align 4
-  %1088 = sext i32 %1087 to i64
-  %1089 = mul nsw i64 %1088, 768
-  %1090 = getelementptr inbounds float, ptr %y, i64 %1089
-  %1091 = add nsw i64 %col163, 0
-  %1092 = getelementptr inbounds float, ptr %1090, i64 %1091
-  %1093 = load <8 x float>, ptr %1092, align 4
-  store <8 x float> zeroinitializer, ptr %acc020168, align 4
-  %1094 = add nsw i64 %col163, 8
-  %1095 = getelementptr inbounds float, ptr %1090, i64 %1094
-  %1096 = load <8 x float>, ptr %1095, align 4
-  store <8 x float> zeroinitializer, ptr %acc021169, align 4
-  %1097 = add nsw i64 %r0103, 3
-  %1098 = mul nsw i64 %1097, 3072
-  %1099 = add nsw i64 %1098, 0
-  %1100 = getelementptr inbounds float, ptr %h, i64 %1099
-  %1101 = getelementptr inbounds i32, ptr %rows, i64 %1097
-  %1102 = load i32, ptr %1101, align 4
-  %1103 = sext i32 %1102 to i64
-  %1104 = mul nsw i64 %1103, 768
-  %1105 = getelementptr inbounds float, ptr %y, i64 %1104
-  %1106 = add nsw i64 %col163, 0
-  %1107 = getelementptr inbounds float, ptr %1105, i64 %1106
-  %1108 = load <8 x float>, ptr %1107, align 4
-  store <8 x float> zeroinitializer, ptr %acc030170, align 4
-  %1109 = add nsw i64 %col163, 8
-  %1110 = getelementptr inbounds float, ptr %1105, i64 %1109
-  %1111 = load <8 x float>, ptr %1110, align 4
-  store <8 x float> zeroinitializer, ptr %acc031171, align 4
-  %1112 = mul nsw i64 %p, 49152
-  %panel.off172 = add nsw i64 %1112, 0
-  %1113 = getelementptr inbounds i16, ptr %panels, i64 %panel.off172
-  %1114 = add nsw i64 %p, 1
-  %1115 = icmp slt i64 %1114, %p1
-  %pf.on173 = and i1 %pf.on114, %1115
-  %1116 = mul nsw i64 %rb102, 98304
-  %1117 = lshr i64 %1116, %732
-  %1118 = add nsw i64 98304, %1117
-  %1119 = getelementptr inbounds i8, ptr %1113, i64 %1118
-  %pf174 = select i1 %pf.on173, ptr %1119, ptr %1113
-  %pf.sh175 = select i1 %pf.on173, i64 %732, i64 0
-  br label %k.head176
+tile.mr4115:                                      ; preds = %rb.body105
+  %col168 = mul nsw i64 %p, 16
+  %1044 = add nsw i64 %r0108, 0
+  %1045 = mul nsw i64 %1044, 3072
+  %1046 = add nsw i64 %1045, 0
+  %1047 = getelementptr inbounds float, ptr %h, i64 %1046
+  %1048 = getelementptr inbounds i32, ptr %rows, i64 %1044
+  %1049 = load i32, ptr %1048, align 4
+  %1050 = sext i32 %1049 to i64
+  %1051 = mul nsw i64 %1050, 768
+  %1052 = getelementptr inbounds float, ptr %y, i64 %1051
+  %1053 = add nsw i64 %col168, 0
+  %1054 = getelementptr inbounds float, ptr %1052, i64 %1053
+  %1055 = load <8 x float>, ptr %1054, align 4
+  store <8 x float> zeroinitializer, ptr %acc000169, align 4
+  %1056 = add nsw i64 %col168, 8
+  %1057 = getelementptr inbounds float, ptr %1052, i64 %1056
+  %1058 = load <8 x float>, ptr %1057, align 4
+  store <8 x float> zeroinitializer, ptr %acc001170, align 4
+  %1059 = add nsw i64 %r0108, 1
+  %1060 = mul nsw i64 %1059, 3072
+  %1061 = add nsw i64 %1060, 0
+  %1062 = getelementptr inbounds float, ptr %h, i64 %1061
+  %1063 = getelementptr inbounds i32, ptr %rows, i64 %1059
+  %1064 = load i32, ptr %1063, align 4
+  %1065 = sext i32 %1064 to i64
+  %1066 = mul nsw i64 %1065, 768
+  %1067 = getelementptr inbounds float, ptr %y, i64 %1066
+  %1068 = add nsw i64 %col168, 0
+  %1069 = getelementptr inbounds float, ptr %1067, i64 %1068
+  %1070 = load <8 x float>, ptr %1069, align 4
+  store <8 x float> zeroinitializer, ptr %acc010171, align 4
+  %1071 = add nsw i64 %col168, 8
+  %1072 = getelementptr inbounds float, ptr %1067, i64 %1071
+  %1073 = load <8 x float>, ptr %1072, align 4
+  store <8 x float> zeroinitializer, ptr %acc011172, align 4
+  %1074 = add nsw i64 %r0108, 2
+  %1075 = mul nsw i64 %1074, 3072
+  %1076 = add nsw i64 %1075, 0
+  %1077 = getelementptr inbounds float, ptr %h, i64 %1076
+  %1078 = getelementptr inbounds i32, ptr %rows, i64 %1074
+  %1079 = load i32, ptr %1078, align 4
+  %1080 = sext i32 %1079 to i64
+  %1081 = mul nsw i64 %1080, 768
+  %1082 = getelementptr inbounds float, ptr %y, i64 %1081
+  %1083 = add nsw i64 %col168, 0
+  %1084 = getelementptr inbounds float, ptr %1082, i64 %1083
+  %1085 = load <8 x float>, ptr %1084, align 4
+  store <8 x float> zeroinitializer, ptr %acc020173, align 4
+  %1086 = add nsw i64 %col168, 8
+  %1087 = getelementptr inbounds float, ptr %1082, i64 %1086
+  %1088 = load <8 x float>, ptr %1087, align 4
+  store <8 x float> zeroinitializer, ptr %acc021174, align 4
+  %1089 = add nsw i64 %r0108, 3
+  %1090 = mul nsw i64 %1089, 3072
+  %1091 = add nsw i64 %1090, 0
+  %1092 = getelementptr inbounds float, ptr %h, i64 %1091
+  %1093 = getelementptr inbounds i32, ptr %rows, i64 %1089
+  %1094 = load i32, ptr %1093, align 4
+  %1095 = sext i32 %1094 to i64
+  %1096 = mul nsw i64 %1095, 768
+  %1097 = getelementptr inbounds float, ptr %y, i64 %1096
+  %1098 = add nsw i64 %col168, 0
+  %1099 = getelementptr inbounds float, ptr %1097, i64 %1098
+  %1100 = load <8 x float>, ptr %1099, align 4
+  store <8 x float> zeroinitializer, ptr %acc030175, align 4
+  %1101 = add nsw i64 %col168, 8
+  %1102 = getelementptr inbounds float, ptr %1097, i64 %1101
+  %1103 = load <8 x float>, ptr %1102, align 4
+  store <8 x float> zeroinitializer, ptr %acc031176, align 4
+  %panel.off177 = mul nsw i64 %p, 49152
+  %1104 = getelementptr inbounds i16, ptr %panels, i64 %panel.off177
+  %1105 = add nsw i64 %p, 1
+  %1106 = icmp slt i64 %1105, %p1
+  %pf.on178 = and i1 %pf.on119, %1106
+  %1107 = mul nsw i64 %rb107, 98304
+  %1108 = lshr i64 %1107, %726
+  %1109 = add nsw i64 98304, %1108
+  %1110 = getelementptr inbounds i8, ptr %1104, i64 %1109
+  %pf179 = select i1 %pf.on178, ptr %1110, ptr %1104
+  %pf.sh180 = select i1 %pf.on178, i64 %726, i64 0
+  br label %k.head181
 
-k.head176:                                        ; preds = %pf.any.end181, %tile.mr4110
-  %k179 = phi i64 [ 0, %tile.mr4110 ], [ %1164, %pf.any.end181 ]
-  %1120 = icmp slt i64 %k179, 3072
-  br i1 %1120, label %k.body177, label %k.end178
+k.head181:                                        ; preds = %pf.any.end186, %tile.mr4115
+  %k184 = phi i64 [ 0, %tile.mr4115 ], [ %1155, %pf.any.end186 ]
+  %1111 = icmp slt i64 %k184, 3072
+  br i1 %1111, label %k.body182, label %k.end183
 
-k.body177:                                        ; preds = %k.head176
-  %1121 = mul nsw i64 %k179, 1
-  %1122 = add nsw i64 %1121, 0
-  %1123 = mul nsw i64 %1122, 32
-  br i1 %pf.multi113, label %pf.any.then180, label %pf.any.end181
+k.body182:                                        ; preds = %k.head181
+  %1112 = mul nsw i64 %k184, 1
+  %1113 = add nsw i64 %1112, 0
+  %1114 = mul nsw i64 %1113, 32
+  br i1 %pf.multi118, label %pf.any.then185, label %pf.any.end186
 
-pf.any.then180:                                   ; preds = %k.body177
-  %1124 = lshr i64 %1123, %pf.sh175
-  %1125 = getelementptr inbounds i8, ptr %pf174, i64 %1124
-  call void @llvm.prefetch.p0(ptr %1125, i32 0, i32 2, i32 1)
-  br label %pf.any.end181
+pf.any.then185:                                   ; preds = %k.body182
+  %1115 = lshr i64 %1114, %pf.sh180
+  %1116 = getelementptr inbounds i8, ptr %pf179, i64 %1115
+  call void @llvm.prefetch.p0(ptr %1116, i32 0, i32 2, i32 1)
+  br label %pf.any.end186
 
-pf.any.end181:                                    ; preds = %pf.any.then180, %k.body177
-  %1126 = mul nsw i64 %1122, 16
-  %1127 = add nsw i64 %panel.off172, %1126
-  %1128 = getelementptr inbounds i16, ptr %panels, i64 %1127
-  %1129 = load <8 x i32>, ptr %1128, align 4
-  %1130 = shl <8 x i32> %1129, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0182 = bitcast <8 x i32> %1130 to <8 x float>
-  %1131 = and <8 x i32> %1129, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1183 = bitcast <8 x i32> %1131 to <8 x float>
-  %1132 = getelementptr inbounds float, ptr %1055, i64 %1122
-  %1133 = load float, ptr %1132, align 4
-  %1134 = insertelement <8 x float> poison, float %1133, i32 0
-  %1135 = shufflevector <8 x float> %1134, <8 x float> poison, <8 x i32> zeroinitializer
-  %1136 = load <8 x float>, ptr %acc000164, align 4
-  %1137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1135, <8 x float> %b0182, <8 x float> %1136)
-  store <8 x float> %1137, ptr %acc000164, align 4
-  %1138 = load <8 x float>, ptr %acc001165, align 4
-  %1139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1135, <8 x float> %b1183, <8 x float> %1138)
-  store <8 x float> %1139, ptr %acc001165, align 4
-  %1140 = getelementptr inbounds float, ptr %1070, i64 %1122
-  %1141 = load float, ptr %1140, align 4
-  %1142 = insertelement <8 x float> poison, float %1141, i32 0
-  %1143 = shufflevector <8 x float> %1142, <8 x float> poison, <8 x i32> zeroinitializer
-  %1144 = load <8 x float>, ptr %acc010166, align 4
-  %1145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1143, <8 x float> %b0182, <8 x float> %1144)
-  store <8 x float> %1145, ptr %acc010166, align 4
-  %1146 = load <8 x float>, ptr %acc011167, align 4
-  %1147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1143, <8 x float> %b1183, <8 x float> %1146)
-  store <8 x float> %1147, ptr %acc011167, align 4
-  %1148 = getelementptr inbounds float, ptr %1085, i64 %1122
-  %1149 = load float, ptr %1148, align 4
-  %1150 = insertelement <8 x float> poison, float %1149, i32 0
-  %1151 = shufflevector <8 x float> %1150, <8 x float> poison, <8 x i32> zeroinitializer
-  %1152 = load <8 x float>, ptr %acc020168, align 4
-  %1153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1151, <8 x float> %b0182, <8 x float> %1152)
-  store <8 x float> %1153, ptr %acc020168, align 4
-  %1154 = load <8 x float>, ptr %acc021169, align 4
-  %1155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1151, <8 x float> %b1183, <8 x float> %1154)
-  store <8 x float> %1155, ptr %acc021169, align 4
-  %1156 = getelementptr inbounds float, ptr %1100, i64 %1122
-  %1157 = load float, ptr %1156, align 4
-  %1158 = insertelement <8 x float> poison, float %1157, i32 0
-  %1159 = shufflevector <8 x float> %1158, <8 x float> poison, <8 x i32> zeroinitializer
-  %1160 = load <8 x float>, ptr %acc030170, align 4
-  %1161 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1159, <8 x float> %b0182, <8 x float> %1160)
-  store <8 x float> %1161, ptr %acc030170, align 4
-  %1162 = load <8 x float>, ptr %acc031171, align 4
-  %1163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1159, <8 x float> %b1183, <8 x float> %1162)
-  store <8 x float> %1163, ptr %acc031171, align 4
-  %1164 = add nsw i64 %k179, 1
-  br label %k.head176
+pf.any.end186:                                    ; preds = %pf.any.then185, %k.body182
+  %1117 = mul nsw i64 %1113, 16
+  %1118 = add nsw i64 %panel.off177, %1117
+  %1119 = getelementptr inbounds i16, ptr %panels, i64 %1118
+  %1120 = load <8 x i32>, ptr %1119, align 4
+  %1121 = shl <8 x i32> %1120, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0187 = bitcast <8 x i32> %1121 to <8 x float>
+  %1122 = and <8 x i32> %1120, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1188 = bitcast <8 x i32> %1122 to <8 x float>
+  %1123 = getelementptr inbounds float, ptr %1047, i64 %1113
+  %1124 = load float, ptr %1123, align 4
+  %1125 = insertelement <8 x float> poison, float %1124, i32 0
+  %1126 = shufflevector <8 x float> %1125, <8 x float> poison, <8 x i32> zeroinitializer
+  %1127 = load <8 x float>, ptr %acc000169, align 4
+  %1128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1126, <8 x float> %b0187, <8 x float> %1127)
+  store <8 x float> %1128, ptr %acc000169, align 4
+  %1129 = load <8 x float>, ptr %acc001170, align 4
+  %1130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1126, <8 x float> %b1188, <8 x float> %1129)
+  store <8 x float> %1130, ptr %acc001170, align 4
+  %1131 = getelementptr inbounds float, ptr %1062, i64 %1113
+  %1132 = load float, ptr %1131, align 4
+  %1133 = insertelement <8 x float> poison, float %1132, i32 0
+  %1134 = shufflevector <8 x float> %1133, <8 x float> poison, <8 x i32> zeroinitializer
+  %1135 = load <8 x float>, ptr %acc010171, align 4
+  %1136 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1134, <8 x float> %b0187, <8 x float> %1135)
+  store <8 x float> %1136, ptr %acc010171, align 4
+  %1137 = load <8 x float>, ptr %acc011172, align 4
+  %1138 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1134, <8 x float> %b1188, <8 x float> %1137)
+  store <8 x float> %1138, ptr %acc011172, align 4
+  %1139 = getelementptr inbounds float, ptr %1077, i64 %1113
+  %1140 = load float, ptr %1139, align 4
+  %1141 = insertelement <8 x float> poison, float %1140, i32 0
+  %1142 = shufflevector <8 x float> %1141, <8 x float> poison, <8 x i32> zeroinitializer
+  %1143 = load <8 x float>, ptr %acc020173, align 4
+  %1144 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1142, <8 x float> %b0187, <8 x float> %1143)
+  store <8 x float> %1144, ptr %acc020173, align 4
+  %1145 = load <8 x float>, ptr %acc021174, align 4
+  %1146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1142, <8 x float> %b1188, <8 x float> %1145)
+  store <8 x float> %1146, ptr %acc021174, align 4
+  %1147 = getelementptr inbounds float, ptr %1092, i64 %1113
+  %1148 = load float, ptr %1147, align 4
+  %1149 = insertelement <8 x float> poison, float %1148, i32 0
+  %1150 = shufflevector <8 x float> %1149, <8 x float> poison, <8 x i32> zeroinitializer
+  %1151 = load <8 x float>, ptr %acc030175, align 4
+  %1152 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1150, <8 x float> %b0187, <8 x float> %1151)
+  store <8 x float> %1152, ptr %acc030175, align 4
+  %1153 = load <8 x float>, ptr %acc031176, align 4
+  %1154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1150, <8 x float> %b1188, <8 x float> %1153)
+  store <8 x float> %1154, ptr %acc031176, align 4
+  %1155 = add nsw i64 %k184, 1
+  br label %k.head181
 
-k.end178:                                         ; preds = %k.head176
-  %1165 = load <8 x float>, ptr %acc000164, align 4
-  store <8 x float> %1165, ptr %1062, align 4
-  %1166 = load <8 x float>, ptr %acc001165, align 4
-  store <8 x float> %1166, ptr %1065, align 4
-  %1167 = load <8 x float>, ptr %acc010166, align 4
-  store <8 x float> %1167, ptr %1077, align 4
-  %1168 = load <8 x float>, ptr %acc011167, align 4
-  store <8 x float> %1168, ptr %1080, align 4
-  %1169 = load <8 x float>, ptr %acc020168, align 4
-  store <8 x float> %1169, ptr %1092, align 4
-  %1170 = load <8 x float>, ptr %acc021169, align 4
-  store <8 x float> %1170, ptr %1095, align 4
-  %1171 = load <8 x float>, ptr %acc030170, align 4
-  store <8 x float> %1171, ptr %1107, align 4
-  %1172 = load <8 x float>, ptr %acc031171, align 4
-  store <8 x float> %1172, ptr %1110, align 4
-  br label %tile.done106
+k.end183:                                         ; preds = %k.head181
+  %1156 = load <8 x float>, ptr %acc000169, align 4
+  store <8 x float> %1156, ptr %1054, align 4
+  %1157 = load <8 x float>, ptr %acc001170, align 4
+  store <8 x float> %1157, ptr %1057, align 4
+  %1158 = load <8 x float>, ptr %acc010171, align 4
+  store <8 x float> %1158, ptr %1069, align 4
+  %1159 = load <8 x float>, ptr %acc011172, align 4
+  store <8 x float> %1159, ptr %1072, align 4
+  %1160 = load <8 x float>, ptr %acc020173, align 4
+  store <8 x float> %1160, ptr %1084, align 4
+  %1161 = load <8 x float>, ptr %acc021174, align 4
+  store <8 x float> %1161, ptr %1087, align 4
+  %1162 = load <8 x float>, ptr %acc030175, align 4
+  store <8 x float> %1162, ptr %1099, align 4
+  %1163 = load <8 x float>, ptr %acc031176, align 4
+  store <8 x float> %1163, ptr %1102, align 4
+  br label %tile.done111
 
-tile.mr3109:                                      ; preds = %rb.body100
-  %col184 = mul nsw i64 %p, 16
-  %1173 = add nsw i64 %r0103, 0
-  %1174 = mul nsw i64 %1173, 3072
-  %1175 = add nsw i64 %1174, 0
-  %1176 = getelementptr inbounds float, ptr %h, i64 %1175
-  %1177 = getelementptr inbounds i32, ptr %rows, i64 %1173
-  %1178 = load i32, ptr %1177, align 4
-  %1179 = sext i32 %1178 to i64
-  %1180 = mul nsw i64 %1179, 768
-  %1181 = getelementptr inbounds float, ptr %y, i64 %1180
-  %1182 = add nsw i64 %col184, 0
-  %1183 = getelementptr inbounds float, ptr %1181, i64 %1182
-  %1184 = load <8 x float>, ptr %1183, align 4
-  store <8 x float> zeroinitializer, ptr %acc000185, align 4
-  %1185 = add nsw i64 %col184, 8
-  %1186 = getelementptr inbounds float, ptr %1181, i64 %1185
-  %1187 = load <8 x float>, ptr %1186, align 4
-  store <8 x float> zeroinitializer, ptr %acc001186, align 4
-  %1188 = add nsw i64 %r0103, 1
-  %1189 = mul nsw i64 %1188, 3072
-  %1190 = add nsw i64 %1189, 0
-  %1191 = getelementptr inbounds float, ptr %h, i64 %1190
-  %1192 = getelementptr inbounds i32, ptr %rows, i64 %1188
-  %1193 = load i32, ptr %1192, align 4
-  %1194 = sext i32 %1193 to i64
-  %1195 = mul nsw i64 %1194, 768
-  %1196 = getelementptr inbounds float, ptr %y, i64 %1195
-  %1197 = add nsw i64 %col184, 0
-  %1198 = getelementptr inbounds float, ptr %1196, i64 %1197
-  %1199 = load <8 x float>, ptr %1198, align 4
-  store <8 x float> zeroinitializer, ptr %acc010187, align 4
-  %1200 = add nsw i64 %col184, 8
-  %1201 = getelementptr inbounds float, ptr %1196, i64 %1200
-  %1202 = load <8 x float>, ptr %1201, align 4
-  store <8 x float> zeroinitializer, ptr %acc011188, align 4
-  %1203 = add nsw i64 %r0103, 2
-  %1204 = mul nsw i64 %1203, 3072
-  %1205 = add nsw i64 %1204, 0
-  %1206 = getelementptr inbounds float, ptr %h, i64 %1205
-  %1207 = getelementptr inbounds i32, ptr %rows, i64 %1203
-  %1208 = load i32, ptr %1207, align 4
-  %1209 = sext i32 %1208 to i64
-  %1210 = mul nsw i64 %1209, 768
-  %1211 = getelementptr inbounds float, ptr %y, i64 %1210
-  %1212 = add nsw i64 %col184, 0
-  %1213 = getelementptr inbounds float, ptr %1211, i64 %1212
-  %1214 = load <8 x float>, ptr %1213, align 4
-  store <8 x float> zeroinitializer, ptr %acc020189, align 4
-  %1215 = add nsw i64 %col184, 8
-  %1216 = getelementptr inbounds float, ptr %1211, i64 %1215
-  %1217 = load <8 x float>, ptr %1216, align 4
-  store <8 x float> zeroinitializer, ptr %acc021190, align 4
-  %1218 = mul nsw i64 %p, 49152
-  %panel.off191 = add nsw i64 %1218, 0
-  %1219 = getelementptr inbounds i16, ptr %panels, i64 %panel.off191
-  %1220 = add nsw i64 %p, 1
-  %1221 = icmp slt i64 %1220, %p1
-  %pf.on192 = and i1 %pf.on114, %1221
-  %1222 = mul nsw i64 %rb102, 98304
-  %1223 = lshr i64 %1222, %732
-  %1224 = add nsw i64 98304, %1223
-  %1225 = getelementptr inbounds i8, ptr %1219, i64 %1224
-  %pf193 = select i1 %pf.on192, ptr %1225, ptr %1219
-  %pf.sh194 = select i1 %pf.on192, i64 %732, i64 0
-  br label %k.head195
+tile.mr3114:                                      ; preds = %rb.body105
+  %col189 = mul nsw i64 %p, 16
+  %1164 = add nsw i64 %r0108, 0
+  %1165 = mul nsw i64 %1164, 3072
+  %1166 = add nsw i64 %1165, 0
+  %1167 = getelementptr inbounds float, ptr %h, i64 %1166
+  %1168 = getelementptr inbounds i32, ptr %rows, i64 %1164
+  %1169 = load i32, ptr %1168, align 4
+  %1170 = sext i32 %1169 to i64
+  %1171 = mul nsw i64 %1170, 768
+  %1172 = getelementptr inbounds float, ptr %y, i64 %1171
+  %1173 = add nsw i64 %col189, 0
+  %1174 = getelementptr inbounds float, ptr %1172, i64 %1173
+  %1175 = load <8 x float>, ptr %1174, align 4
+  store <8 x float> zeroinitializer, ptr %acc000190, align 4
+  %1176 = add nsw i64 %col189, 8
+  %1177 = getelementptr inbounds float, ptr %1172, i64 %1176
+  %1178 = load <8 x float>, ptr %1177, align 4
+  store <8 x float> zeroinitializer, ptr %acc001191, align 4
+  %1179 = add nsw i64 %r0108, 1
+  %1180 = mul nsw i64 %1179, 3072
+  %1181 = add nsw i64 %1180, 0
+  %1182 = getelementptr inbounds float, ptr %h, i64 %1181
+  %1183 = getelementptr inbounds i32, ptr %rows, i64 %1179
+  %1184 = load i32, ptr %1183, align 4
+  %1185 = sext i32 %1184 to i64
+  %1186 = mul nsw i64 %1185, 768
+  %1187 = getelementptr inbounds float, ptr %y, i64 %1186
+  %1188 = add nsw i64 %col189, 0
+  %1189 = getelementptr inbounds float, ptr %1187, i64 %1188
+  %1190 = load <8 x float>, ptr %1189, align 4
+  store <8 x float> zeroinitializer, ptr %acc010192, align 4
+  %1191 = add nsw i64 %col189, 8
+  %1192 = getelementptr inbounds float, ptr %1187, i64 %1191
+  %1193 = load <8 x float>, ptr %1192, align 4
+  store <8 x float> zeroinitializer, ptr %acc011193, align 4
+  %1194 = add nsw i64 %r0108, 2
+  %1195 = mul nsw i64 %1194, 3072
+  %1196 = add nsw i64 %1195, 0
+  %1197 = getelementptr inbounds float, ptr %h, i64 %1196
+  %1198 = getelementptr inbounds i32, ptr %rows, i64 %1194
+  %1199 = load i32, ptr %1198, align 4
+  %1200 = sext i32 %1199 to i64
+  %1201 = mul nsw i64 %1200, 768
+  %1202 = getelementptr inbounds float, ptr %y, i64 %1201
+  %1203 = add nsw i64 %col189, 0
+  %1204 = getelementptr inbounds float, ptr %1202, i64 %1203
+  %1205 = load <8 x float>, ptr %1204, align 4
+  store <8 x float> zeroinitializer, ptr %acc020194, align 4
+  %1206 = add nsw i64 %col189, 8
+  %1207 = getelementptr inbounds float, ptr %1202, i64 %1206
+  %1208 = load <8 x float>, ptr %1207, align 4
+  store <8 x float> zeroinitializer, ptr %acc021195, align 4
+  %panel.off196 = mul nsw i64 %p, 49152
+  %1209 = getelementptr inbounds i16, ptr %panels, i64 %panel.off196
+  %1210 = add nsw i64 %p, 1
+  %1211 = icmp slt i64 %1210, %p1
+  %pf.on197 = and i1 %pf.on119, %1211
+  %1212 = mul nsw i64 %rb107, 98304
+  %1213 = lshr i64 %1212, %726
+  %1214 = add nsw i64 98304, %1213
+  %1215 = getelementptr inbounds i8, ptr %1209, i64 %1214
+  %pf198 = select i1 %pf.on197, ptr %1215, ptr %1209
+  %pf.sh199 = select i1 %pf.on197, i64 %726, i64 0
+  br label %k.head200
 
-k.head195:                                        ; preds = %pf.any.end200, %tile.mr3109
-  %k198 = phi i64 [ 0, %tile.mr3109 ], [ %1262, %pf.any.end200 ]
-  %1226 = icmp slt i64 %k198, 3072
-  br i1 %1226, label %k.body196, label %k.end197
+k.head200:                                        ; preds = %pf.any.end205, %tile.mr3114
+  %k203 = phi i64 [ 0, %tile.mr3114 ], [ %1252, %pf.any.end205 ]
+  %1216 = icmp slt i64 %k203, 3072
+  br i1 %1216, label %k.body201, label %k.end202
 
-k.body196:                                        ; preds = %k.head195
-  %1227 = mul nsw i64 %k198, 1
-  %1228 = add nsw i64 %1227, 0
-  %1229 = mul nsw i64 %1228, 32
-  br i1 %pf.multi113, label %pf.any.then199, label %pf.any.end200
+k.body201:                                        ; preds = %k.head200
+  %1217 = mul nsw i64 %k203, 1
+  %1218 = add nsw i64 %1217, 0
+  %1219 = mul nsw i64 %1218, 32
+  br i1 %pf.multi118, label %pf.any.then204, label %pf.any.end205
 
-pf.any.then199:                                   ; preds = %k.body196
-  %1230 = lshr i64 %1229, %pf.sh194
-  %1231 = getelementptr inbounds i8, ptr %pf193, i64 %1230
-  call void @llvm.prefetch.p0(ptr %1231, i32 0, i32 2, i32 1)
-  br label %pf.any.end200
+pf.any.then204:                                   ; preds = %k.body201
+  %1220 = lshr i64 %1219, %pf.sh199
+  %1221 = getelementptr inbounds i8, ptr %pf198, i64 %1220
+  call void @llvm.prefetch.p0(ptr %1221, i32 0, i32 2, i32 1)
+  br label %pf.any.end205
 
-pf.any.end200:                                    ; preds = %pf.any.then199, %k.body196
-  %1232 = mul nsw i64 %1228, 16
-  %1233 = add nsw i64 %panel.off191, %1232
-  %1234 = getelementptr inbounds i16, ptr %panels, i64 %1233
-  %1235 = load <8 x i32>, ptr %1234, align 4
-  %1236 = shl <8 x i32> %1235, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0201 = bitcast <8 x i32> %1236 to <8 x float>
-  %1237 = and <8 x i32> %1235, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1202 = bitcast <8 x i32> %1237 to <8 x float>
-  %1238 = getelementptr inbounds float, ptr %1176, i64 %1228
-  %1239 = load float, ptr %1238, align 4
-  %1240 = insertelement <8 x float> poison, float %1239, i32 0
-  %1241 = shufflevector <8 x float> %1240, <8 x float> poison, <8 x i32> zeroinitializer
-  %1242 = load <8 x float>, ptr %acc000185, align 4
-  %1243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1241, <8 x float> %b0201, <8 x float> %1242)
-  store <8 x float> %1243, ptr %acc000185, align 4
-  %1244 = load <8 x float>, ptr %acc001186, align 4
-  %1245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1241, <8 x float> %b1202, <8 x float> %1244)
-  store <8 x float> %1245, ptr %acc001186, align 4
-  %1246 = getelementptr inbounds float, ptr %1191, i64 %1228
-  %1247 = load float, ptr %1246, align 4
-  %1248 = insertelement <8 x float> poison, float %1247, i32 0
-  %1249 = shufflevector <8 x float> %1248, <8 x float> poison, <8 x i32> zeroinitializer
-  %1250 = load <8 x float>, ptr %acc010187, align 4
-  %1251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1249, <8 x float> %b0201, <8 x float> %1250)
-  store <8 x float> %1251, ptr %acc010187, align 4
-  %1252 = load <8 x float>, ptr %acc011188, align 4
-  %1253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1249, <8 x float> %b1202, <8 x float> %1252)
-  store <8 x float> %1253, ptr %acc011188, align 4
-  %1254 = getelementptr inbounds float, ptr %1206, i64 %1228
-  %1255 = load float, ptr %1254, align 4
-  %1256 = insertelement <8 x float> poison, float %1255, i32 0
-  %1257 = shufflevector <8 x float> %1256, <8 x float> poison, <8 x i32> zeroinitializer
-  %1258 = load <8 x float>, ptr %acc020189, align 4
-  %1259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1257, <8 x float> %b0201, <8 x float> %1258)
-  store <8 x float> %1259, ptr %acc020189, align 4
-  %1260 = load <8 x float>, ptr %acc021190, align 4
-  %1261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1257, <8 x float> %b1202, <8 x float> %1260)
-  store <8 x float> %1261, ptr %acc021190, align 4
-  %1262 = add nsw i64 %k198, 1
-  br label %k.head195
+pf.any.end205:                                    ; preds = %pf.any.then204, %k.body201
+  %1222 = mul nsw i64 %1218, 16
+  %1223 = add nsw i64 %panel.off196, %1222
+  %1224 = getelementptr inbounds i16, ptr %panels, i64 %1223
+  %1225 = load <8 x i32>, ptr %1224, align 4
+  %1226 = shl <8 x i32> %1225, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0206 = bitcast <8 x i32> %1226 to <8 x float>
+  %1227 = and <8 x i32> %1225, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1207 = bitcast <8 x i32> %1227 to <8 x float>
+  %1228 = getelementptr inbounds float, ptr %1167, i64 %1218
+  %1229 = load float, ptr %1228, align 4
+  %1230 = insertelement <8 x float> poison, float %1229, i32 0
+  %1231 = shufflevector <8 x float> %1230, <8 x float> poison, <8 x i32> zeroinitializer
+  %1232 = load <8 x float>, ptr %acc000190, align 4
+  %1233 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1231, <8 x float> %b0206, <8 x float> %1232)
+  store <8 x float> %1233, ptr %acc000190, align 4
+  %1234 = load <8 x float>, ptr %acc001191, align 4
+  %1235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1231, <8 x float> %b1207, <8 x float> %1234)
+  store <8 x float> %1235, ptr %acc001191, align 4
+  %1236 = getelementptr inbounds float, ptr %1182, i64 %1218
+  %1237 = load float, ptr %1236, align 4
+  %1238 = insertelement <8 x float> poison, float %1237, i32 0
+  %1239 = shufflevector <8 x float> %1238, <8 x float> poison, <8 x i32> zeroinitializer
+  %1240 = load <8 x float>, ptr %acc010192, align 4
+  %1241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1239, <8 x float> %b0206, <8 x float> %1240)
+  store <8 x float> %1241, ptr %acc010192, align 4
+  %1242 = load <8 x float>, ptr %acc011193, align 4
+  %1243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1239, <8 x float> %b1207, <8 x float> %1242)
+  store <8 x float> %1243, ptr %acc011193, align 4
+  %1244 = getelementptr inbounds float, ptr %1197, i64 %1218
+  %1245 = load float, ptr %1244, align 4
+  %1246 = insertelement <8 x float> poison, float %1245, i32 0
+  %1247 = shufflevector <8 x float> %1246, <8 x float> poison, <8 x i32> zeroinitializer
+  %1248 = load <8 x float>, ptr %acc020194, align 4
+  %1249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1247, <8 x float> %b0206, <8 x float> %1248)
+  store <8 x float> %1249, ptr %acc020194, align 4
+  %1250 = load <8 x float>, ptr %acc021195, align 4
+  %1251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1247, <8 x float> %b1207, <8 x float> %1250)
+  store <8 x float> %1251, ptr %acc021195, align 4
+  %1252 = add nsw i64 %k203, 1
+  br label %k.head200
 
-k.end197:                                         ; preds = %k.head195
-  %1263 = load <8 x float>, ptr %acc000185, align 4
-  store <8 x float> %1263, ptr %1183, align 4
-  %1264 = load <8 x float>, ptr %acc001186, align 4
-  store <8 x float> %1264, ptr %1186, align 4
-  %1265 = load <8 x float>, ptr %acc010187, align 4
-  store <8 x float> %1265, ptr %1198, align 4
-  %1266 = load <8 x float>, ptr %acc011188, align 4
-  store <8 x float> %1266, ptr %1201, align 4
-  %1267 = load <8 x float>, ptr %acc020189, align 4
-  store <8 x float> %1267, ptr %1213, align 4
-  %1268 = load <8 x float>, ptr %acc021190, align 4
-  store <8 x float> %1268, ptr %1216, align 4
-  br label %tile.done106
+k.end202:                                         ; preds = %k.head200
+  %1253 = load <8 x float>, ptr %acc000190, align 4
+  store <8 x float> %1253, ptr %1174, align 4
+  %1254 = load <8 x float>, ptr %acc001191, align 4
+  store <8 x float> %1254, ptr %1177, align 4
+  %1255 = load <8 x float>, ptr %acc010192, align 4
+  store <8 x float> %1255, ptr %1189, align 4
+  %1256 = load <8 x float>, ptr %acc011193, align 4
+  store <8 x float> %1256, ptr %1192, align 4
+  %1257 = load <8 x float>, ptr %acc020194, align 4
+  store <8 x float> %1257, ptr %1204, align 4
+  %1258 = load <8 x float>, ptr %acc021195, align 4
+  store <8 x float> %1258, ptr %1207, align 4
+  br label %tile.done111
 
-tile.mr2108:                                      ; preds = %rb.body100
-  %col203 = mul nsw i64 %p, 16
-  %1269 = add nsw i64 %r0103, 0
-  %1270 = mul nsw i64 %1269, 3072
-  %1271 = add nsw i64 %1270, 0
-  %1272 = getelementptr inbounds float, ptr %h, i64 %1271
-  %1273 = getelementptr inbounds i32, ptr %rows, i64 %1269
-  %1274 = load i32, ptr %1273, align 4
-  %1275 = sext i32 %1274 to i64
-  %1276 = mul nsw i64 %1275, 768
-  %1277 = getelementptr inbounds float, ptr %y, i64 %1276
-  %1278 = add nsw i64 %col203, 0
-  %1279 = getelementptr inbounds float, ptr %1277, i64 %1278
-  %1280 = load <8 x float>, ptr %1279, align 4
-  store <8 x float> zeroinitializer, ptr %acc000204, align 4
-  %1281 = add nsw i64 %col203, 8
-  %1282 = getelementptr inbounds float, ptr %1277, i64 %1281
-  %1283 = load <8 x float>, ptr %1282, align 4
-  store <8 x float> zeroinitializer, ptr %acc001205, align 4
-  %1284 = add nsw i64 %r0103, 1
-  %1285 = mul nsw i64 %1284, 3072
-  %1286 = add nsw i64 %1285, 0
-  %1287 = getelementptr inbounds float, ptr %h, i64 %1286
-  %1288 = getelementptr inbounds i32, ptr %rows, i64 %1284
-  %1289 = load i32, ptr %1288, align 4
-  %1290 = sext i32 %1289 to i64
-  %1291 = mul nsw i64 %1290, 768
-  %1292 = getelementptr inbounds float, ptr %y, i64 %1291
-  %1293 = add nsw i64 %col203, 0
-  %1294 = getelementptr inbounds float, ptr %1292, i64 %1293
-  %1295 = load <8 x float>, ptr %1294, align 4
-  store <8 x float> zeroinitializer, ptr %acc010206, align 4
-  %1296 = add nsw i64 %col203, 8
-  %1297 = getelementptr inbounds float, ptr %1292, i64 %1296
-  %1298 = load <8 x float>, ptr %1297, align 4
-  store <8 x float> zeroinitializer, ptr %acc011207, align 4
-  %1299 = mul nsw i64 %p, 49152
-  %panel.off208 = add nsw i64 %1299, 0
-  %1300 = getelementptr inbounds i16, ptr %panels, i64 %panel.off208
-  %1301 = add nsw i64 %p, 1
-  %1302 = icmp slt i64 %1301, %p1
-  %pf.on209 = and i1 %pf.on114, %1302
-  %1303 = mul nsw i64 %rb102, 98304
-  %1304 = lshr i64 %1303, %732
-  %1305 = add nsw i64 98304, %1304
-  %1306 = getelementptr inbounds i8, ptr %1300, i64 %1305
-  %pf210 = select i1 %pf.on209, ptr %1306, ptr %1300
-  %pf.sh211 = select i1 %pf.on209, i64 %732, i64 0
-  br label %k.head212
+tile.mr2113:                                      ; preds = %rb.body105
+  %col208 = mul nsw i64 %p, 16
+  %1259 = add nsw i64 %r0108, 0
+  %1260 = mul nsw i64 %1259, 3072
+  %1261 = add nsw i64 %1260, 0
+  %1262 = getelementptr inbounds float, ptr %h, i64 %1261
+  %1263 = getelementptr inbounds i32, ptr %rows, i64 %1259
+  %1264 = load i32, ptr %1263, align 4
+  %1265 = sext i32 %1264 to i64
+  %1266 = mul nsw i64 %1265, 768
+  %1267 = getelementptr inbounds float, ptr %y, i64 %1266
+  %1268 = add nsw i64 %col208, 0
+  %1269 = getelementptr inbounds float, ptr %1267, i64 %1268
+  %1270 = load <8 x float>, ptr %1269, align 4
+  store <8 x float> zeroinitializer, ptr %acc000209, align 4
+  %1271 = add nsw i64 %col208, 8
+  %1272 = getelementptr inbounds float, ptr %1267, i64 %1271
+  %1273 = load <8 x float>, ptr %1272, align 4
+  store <8 x float> zeroinitializer, ptr %acc001210, align 4
+  %1274 = add nsw i64 %r0108, 1
+  %1275 = mul nsw i64 %1274, 3072
+  %1276 = add nsw i64 %1275, 0
+  %1277 = getelementptr inbounds float, ptr %h, i64 %1276
+  %1278 = getelementptr inbounds i32, ptr %rows, i64 %1274
+  %1279 = load i32, ptr %1278, align 4
+  %1280 = sext i32 %1279 to i64
+  %1281 = mul nsw i64 %1280, 768
+  %1282 = getelementptr inbounds float, ptr %y, i64 %1281
+  %1283 = add nsw i64 %col208, 0
+  %1284 = getelementptr inbounds float, ptr %1282, i64 %1283
+  %1285 = load <8 x float>, ptr %1284, align 4
+  store <8 x float> zeroinitializer, ptr %acc010211, align 4
+  %1286 = add nsw i64 %col208, 8
+  %1287 = getelementptr inbounds float, ptr %1282, i64 %1286
+  %1288 = load <8 x float>, ptr %1287, align 4
+  store <8 x float> zeroinitializer, ptr %acc011212, align 4
+  %panel.off213 = mul nsw i64 %p, 49152
+  %1289 = getelementptr inbounds i16, ptr %panels, i64 %panel.off213
+  %1290 = add nsw i64 %p, 1
+  %1291 = icmp slt i64 %1290, %p1
+  %pf.on214 = and i1 %pf.on119, %1291
+  %1292 = mul nsw i64 %rb107, 98304
+  %1293 = lshr i64 %1292, %726
+  %1294 = add nsw i64 98304, %1293
+  %1295 = getelementptr inbounds i8, ptr %1289, i64 %1294
+  %pf215 = select i1 %pf.on214, ptr %1295, ptr %1289
+  %pf.sh216 = select i1 %pf.on214, i64 %726, i64 0
+  br label %k.head217
 
-k.head212:                                        ; preds = %pf.any.end217, %tile.mr2108
-  %k215 = phi i64 [ 0, %tile.mr2108 ], [ %1335, %pf.any.end217 ]
-  %1307 = icmp slt i64 %k215, 3072
-  br i1 %1307, label %k.body213, label %k.end214
+k.head217:                                        ; preds = %pf.any.end222, %tile.mr2113
+  %k220 = phi i64 [ 0, %tile.mr2113 ], [ %1324, %pf.any.end222 ]
+  %1296 = icmp slt i64 %k220, 3072
+  br i1 %1296, label %k.body218, label %k.end219
 
-k.body213:                                        ; preds = %k.head212
-  %1308 = mul nsw i64 %k215, 1
-  %1309 = add nsw i64 %1308, 0
-  %1310 = mul nsw i64 %1309, 32
-  br i1 %pf.multi113, label %pf.any.then216, label %pf.any.end217
+k.body218:                                        ; preds = %k.head217
+  %1297 = mul nsw i64 %k220, 1
+  %1298 = add nsw i64 %1297, 0
+  %1299 = mul nsw i64 %1298, 32
+  br i1 %pf.multi118, label %pf.any.then221, label %pf.any.end222
 
-pf.any.then216:                                   ; preds = %k.body213
-  %1311 = lshr i64 %1310, %pf.sh211
-  %1312 = getelementptr inbounds i8, ptr %pf210, i64 %1311
-  call void @llvm.prefetch.p0(ptr %1312, i32 0, i32 2, i32 1)
-  br label %pf.any.end217
+pf.any.then221:                                   ; preds = %k.body218
+  %1300 = lshr i64 %1299, %pf.sh216
+  %1301 = getelementptr inbounds i8, ptr %pf215, i64 %1300
+  call void @llvm.prefetch.p0(ptr %1301, i32 0, i32 2, i32 1)
+  br label %pf.any.end222
 
-pf.any.end217:                                    ; preds = %pf.any.then216, %k.body213
-  %1313 = mul nsw i64 %1309, 16
-  %1314 = add nsw i64 %panel.off208, %1313
-  %1315 = getelementptr inbounds i16, ptr %panels, i64 %1314
-  %1316 = load <8 x i32>, ptr %1315, align 4
-  %1317 = shl <8 x i32> %1316, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0218 = bitcast <8 x i32> %1317 to <8 x float>
-  %1318 = and <8 x i32> %1316, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1219 = bitcast <8 x i32> %1318 to <8 x float>
-  %1319 = getelementptr inbounds float, ptr %1272, i64 %1309
-  %1320 = load float, ptr %1319, align 4
-  %1321 = insertelement <8 x float> poison, float %1320, i32 0
-  %1322 = shufflevector <8 x float> %1321, <8 x float> poison, <8 x i32> zeroinitializer
-  %1323 = load <8 x float>, ptr %acc000204, align 4
-  %1324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1322, <8 x float> %b0218, <8 x float> %1323)
-  store <8 x float> %1324, ptr %acc000204, align 4
-  %1325 = load <8 x float>, ptr %acc001205, align 4
-  %1326 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1322, <8 x float> %b1219, <8 x float> %1325)
-  store <8 x float> %1326, ptr %acc001205, align 4
-  %1327 = getelementptr inbounds float, ptr %1287, i64 %1309
-  %1328 = load float, ptr %1327, align 4
-  %1329 = insertelement <8 x float> poison, float %1328, i32 0
-  %1330 = shufflevector <8 x float> %1329, <8 x float> poison, <8 x i32> zeroinitializer
-  %1331 = load <8 x float>, ptr %acc010206, align 4
-  %1332 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1330, <8 x float> %b0218, <8 x float> %1331)
-  store <8 x float> %1332, ptr %acc010206, align 4
-  %1333 = load <8 x float>, ptr %acc011207, align 4
-  %1334 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1330, <8 x float> %b1219, <8 x float> %1333)
-  store <8 x float> %1334, ptr %acc011207, align 4
-  %1335 = add nsw i64 %k215, 1
-  br label %k.head212
+pf.any.end222:                                    ; preds = %pf.any.then221, %k.body218
+  %1302 = mul nsw i64 %1298, 16
+  %1303 = add nsw i64 %panel.off213, %1302
+  %1304 = getelementptr inbounds i16, ptr %panels, i64 %1303
+  %1305 = load <8 x i32>, ptr %1304, align 4
+  %1306 = shl <8 x i32> %1305, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0223 = bitcast <8 x i32> %1306 to <8 x float>
+  %1307 = and <8 x i32> %1305, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1224 = bitcast <8 x i32> %1307 to <8 x float>
+  %1308 = getelementptr inbounds float, ptr %1262, i64 %1298
+  %1309 = load float, ptr %1308, align 4
+  %1310 = insertelement <8 x float> poison, float %1309, i32 0
+  %1311 = shufflevector <8 x float> %1310, <8 x float> poison, <8 x i32> zeroinitializer
+  %1312 = load <8 x float>, ptr %acc000209, align 4
+  %1313 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1311, <8 x float> %b0223, <8 x float> %1312)
+  store <8 x float> %1313, ptr %acc000209, align 4
+  %1314 = load <8 x float>, ptr %acc001210, align 4
+  %1315 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1311, <8 x float> %b1224, <8 x float> %1314)
+  store <8 x float> %1315, ptr %acc001210, align 4
+  %1316 = getelementptr inbounds float, ptr %1277, i64 %1298
+  %1317 = load float, ptr %1316, align 4
+  %1318 = insertelement <8 x float> poison, float %1317, i32 0
+  %1319 = shufflevector <8 x float> %1318, <8 x float> poison, <8 x i32> zeroinitializer
+  %1320 = load <8 x float>, ptr %acc010211, align 4
+  %1321 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1319, <8 x float> %b0223, <8 x float> %1320)
+  store <8 x float> %1321, ptr %acc010211, align 4
+  %1322 = load <8 x float>, ptr %acc011212, align 4
+  %1323 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1319, <8 x float> %b1224, <8 x float> %1322)
+  store <8 x float> %1323, ptr %acc011212, align 4
+  %1324 = add nsw i64 %k220, 1
+  br label %k.head217
 
-k.end214:                                         ; preds = %k.head212
-  %1336 = load <8 x float>, ptr %acc000204, align 4
-  store <8 x float> %1336, ptr %1279, align 4
-  %1337 = load <8 x float>, ptr %acc001205, align 4
-  store <8 x float> %1337, ptr %1282, align 4
-  %1338 = load <8 x float>, ptr %acc010206, align 4
-  store <8 x float> %1338, ptr %1294, align 4
-  %1339 = load <8 x float>, ptr %acc011207, align 4
-  store <8 x float> %1339, ptr %1297, align 4
-  br label %tile.done106
+k.end219:                                         ; preds = %k.head217
+  %1325 = load <8 x float>, ptr %acc000209, align 4
+  store <8 x float> %1325, ptr %1269, align 4
+  %1326 = load <8 x float>, ptr %acc001210, align 4
+  store <8 x float> %1326, ptr %1272, align 4
+  %1327 = load <8 x float>, ptr %acc010211, align 4
+  store <8 x float> %1327, ptr %1284, align 4
+  %1328 = load <8 x float>, ptr %acc011212, align 4
+  store <8 x float> %1328, ptr %1287, align 4
+  br label %tile.done111
 
-tile.mr1107:                                      ; preds = %rb.body100
-  %col220 = mul nsw i64 %p, 16
-  %1340 = add nsw i64 %r0103, 0
-  %1341 = mul nsw i64 %1340, 3072
-  %1342 = add nsw i64 %1341, 0
-  %1343 = getelementptr inbounds float, ptr %h, i64 %1342
-  %1344 = getelementptr inbounds i32, ptr %rows, i64 %1340
-  %1345 = load i32, ptr %1344, align 4
-  %1346 = sext i32 %1345 to i64
-  %1347 = mul nsw i64 %1346, 768
-  %1348 = getelementptr inbounds float, ptr %y, i64 %1347
-  %1349 = add nsw i64 %col220, 0
-  %1350 = getelementptr inbounds float, ptr %1348, i64 %1349
-  %1351 = load <8 x float>, ptr %1350, align 4
-  store <8 x float> zeroinitializer, ptr %acc000221, align 4
-  %1352 = add nsw i64 %col220, 8
-  %1353 = getelementptr inbounds float, ptr %1348, i64 %1352
-  %1354 = load <8 x float>, ptr %1353, align 4
-  store <8 x float> zeroinitializer, ptr %acc001222, align 4
-  %1355 = mul nsw i64 %p, 49152
-  %panel.off223 = add nsw i64 %1355, 0
-  %1356 = getelementptr inbounds i16, ptr %panels, i64 %panel.off223
-  %1357 = add nsw i64 %p, 1
-  %1358 = icmp slt i64 %1357, %p1
-  %pf.on224 = and i1 %pf.on114, %1358
-  %1359 = mul nsw i64 %rb102, 98304
-  %1360 = lshr i64 %1359, %732
-  %1361 = add nsw i64 98304, %1360
-  %1362 = getelementptr inbounds i8, ptr %1356, i64 %1361
-  %pf225 = select i1 %pf.on224, ptr %1362, ptr %1356
-  %pf.sh226 = select i1 %pf.on224, i64 %732, i64 0
-  br label %k.head227
+tile.mr1112:                                      ; preds = %rb.body105
+  %col225 = mul nsw i64 %p, 16
+  %1329 = add nsw i64 %r0108, 0
+  %1330 = mul nsw i64 %1329, 3072
+  %1331 = add nsw i64 %1330, 0
+  %1332 = getelementptr inbounds float, ptr %h, i64 %1331
+  %1333 = getelementptr inbounds i32, ptr %rows, i64 %1329
+  %1334 = load i32, ptr %1333, align 4
+  %1335 = sext i32 %1334 to i64
+  %1336 = mul nsw i64 %1335, 768
+  %1337 = getelementptr inbounds float, ptr %y, i64 %1336
+  %1338 = add nsw i64 %col225, 0
+  %1339 = getelementptr inbounds float, ptr %1337, i64 %1338
+  %1340 = load <8 x float>, ptr %1339, align 4
+  store <8 x float> zeroinitializer, ptr %acc000226, align 4
+  %1341 = add nsw i64 %col225, 8
+  %1342 = getelementptr inbounds float, ptr %1337, i64 %1341
+  %1343 = load <8 x float>, ptr %1342, align 4
+  store <8 x float> zeroinitializer, ptr %acc001227, align 4
+  %panel.off228 = mul nsw i64 %p, 49152
+  %1344 = getelementptr inbounds i16, ptr %panels, i64 %panel.off228
+  %1345 = add nsw i64 %p, 1
+  %1346 = icmp slt i64 %1345, %p1
+  %pf.on229 = and i1 %pf.on119, %1346
+  %1347 = mul nsw i64 %rb107, 98304
+  %1348 = lshr i64 %1347, %726
+  %1349 = add nsw i64 98304, %1348
+  %1350 = getelementptr inbounds i8, ptr %1344, i64 %1349
+  %pf230 = select i1 %pf.on229, ptr %1350, ptr %1344
+  %pf.sh231 = select i1 %pf.on229, i64 %726, i64 0
+  br label %k.head232
 
-k.head227:                                        ; preds = %pf.any.end232, %tile.mr1107
-  %k230 = phi i64 [ 0, %tile.mr1107 ], [ %1383, %pf.any.end232 ]
-  %1363 = icmp slt i64 %k230, 3072
-  br i1 %1363, label %k.body228, label %k.end229
+k.head232:                                        ; preds = %pf.any.end237, %tile.mr1112
+  %k235 = phi i64 [ 0, %tile.mr1112 ], [ %1371, %pf.any.end237 ]
+  %1351 = icmp slt i64 %k235, 3072
+  br i1 %1351, label %k.body233, label %k.end234
 
-k.body228:                                        ; preds = %k.head227
-  %1364 = mul nsw i64 %k230, 1
-  %1365 = add nsw i64 %1364, 0
-  %1366 = mul nsw i64 %1365, 32
-  br i1 %pf.multi113, label %pf.any.then231, label %pf.any.end232
+k.body233:                                        ; preds = %k.head232
+  %1352 = mul nsw i64 %k235, 1
+  %1353 = add nsw i64 %1352, 0
+  %1354 = mul nsw i64 %1353, 32
+  br i1 %pf.multi118, label %pf.any.then236, label %pf.any.end237
 
-pf.any.then231:                                   ; preds = %k.body228
-  %1367 = lshr i64 %1366, %pf.sh226
-  %1368 = getelementptr inbounds i8, ptr %pf225, i64 %1367
-  call void @llvm.prefetch.p0(ptr %1368, i32 0, i32 2, i32 1)
-  br label %pf.any.end232
+pf.any.then236:                                   ; preds = %k.body233
+  %1355 = lshr i64 %1354, %pf.sh231
+  %1356 = getelementptr inbounds i8, ptr %pf230, i64 %1355
+  call void @llvm.prefetch.p0(ptr %1356, i32 0, i32 2, i32 1)
+  br label %pf.any.end237
 
-pf.any.end232:                                    ; preds = %pf.any.then231, %k.body228
-  %1369 = mul nsw i64 %1365, 16
-  %1370 = add nsw i64 %panel.off223, %1369
-  %1371 = getelementptr inbounds i16, ptr %panels, i64 %1370
-  %1372 = load <8 x i32>, ptr %1371, align 4
-  %1373 = shl <8 x i32> %1372, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
-  %b0233 = bitcast <8 x i32> %1373 to <8 x float>
-  %1374 = and <8 x i32> %1372, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
-  %b1234 = bitcast <8 x i32> %1374 to <8 x float>
-  %1375 = getelementptr inbounds float, ptr %1343, i64 %1365
-  %1376 = load float, ptr %1375, align 4
-  %1377 = insertelement <8 x float> poison, float %1376, i32 0
-  %1378 = shufflevector <8 x float> %1377, <8 x float> poison, <8 x i32> zeroinitializer
-  %1379 = load <8 x float>, ptr %acc000221, align 4
-  %1380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1378, <8 x float> %b0233, <8 x float> %1379)
-  store <8 x float> %1380, ptr %acc000221, align 4
-  %1381 = load <8 x float>, ptr %acc001222, align 4
-  %1382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1378, <8 x float> %b1234, <8 x float> %1381)
-  store <8 x float> %1382, ptr %acc001222, align 4
-  %1383 = add nsw i64 %k230, 1
-  br label %k.head227
+pf.any.end237:                                    ; preds = %pf.any.then236, %k.body233
+  %1357 = mul nsw i64 %1353, 16
+  %1358 = add nsw i64 %panel.off228, %1357
+  %1359 = getelementptr inbounds i16, ptr %panels, i64 %1358
+  %1360 = load <8 x i32>, ptr %1359, align 4
+  %1361 = shl <8 x i32> %1360, <i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16, i32 16>
+  %b0238 = bitcast <8 x i32> %1361 to <8 x float>
+  %1362 = and <8 x i32> %1360, <i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536, i32 -65536>
+  %b1239 = bitcast <8 x i32> %1362 to <8 x float>
+  %1363 = getelementptr inbounds float, ptr %1332, i64 %1353
+  %1364 = load float, ptr %1363, align 4
+  %1365 = insertelement <8 x float> poison, float %1364, i32 0
+  %1366 = shufflevector <8 x float> %1365, <8 x float> poison, <8 x i32> zeroinitializer
+  %1367 = load <8 x float>, ptr %acc000226, align 4
+  %1368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1366, <8 x float> %b0238, <8 x float> %1367)
+  store <8 x float> %1368, ptr %acc000226, align 4
+  %1369 = load <8 x float>, ptr %acc001227, align 4
+  %1370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1366, <8 x float> %b1239, <8 x float> %1369)
+  store <8 x float> %1370, ptr %acc001227, align 4
+  %1371 = add nsw i64 %k235, 1
+  br label %k.head232
 
-k.end229:                                         ; preds = %k.head227
-  %1384 = load <8 x float>, ptr %acc000221, align 4
-  store <8 x float> %1384, ptr %1350, align 4
-  %1385 = load <8 x float>, ptr %acc001222, align 4
-  store <8 x float> %1385, ptr %1353, align 4
-  br label %tile.done106
+k.end234:                                         ; preds = %k.head232
+  %1372 = load <8 x float>, ptr %acc000226, align 4
+  store <8 x float> %1372, ptr %1339, align 4
+  %1373 = load <8 x float>, ptr %acc001227, align 4
+  store <8 x float> %1373, ptr %1342, align 4
+  br label %tile.done111
 
-tile.done106:                                     ; preds = %k.end229, %k.end214, %k.end197, %k.end178, %k.end157, %k.end134
-  %1386 = add nsw i64 %rb102, 1
-  br label %rb.head99
+tile.done111:                                     ; preds = %k.end234, %k.end219, %k.end202, %k.end183, %k.end162, %k.end139
+  %1374 = add nsw i64 %rb107, 1
+  br label %rb.head104
 
-rb.end101:                                        ; preds = %rb.head99
-  %1387 = add nsw i64 %p, 1
+rb.end106:                                        ; preds = %rb.head104
+  %1375 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head

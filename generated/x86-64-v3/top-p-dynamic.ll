@@ -847,68 +847,68 @@ entry:
   %acc03140 = alloca <8 x float>, align 32
   %acc04041 = alloca <8 x float>, align 32
   %acc04142 = alloca <8 x float>, align 32
-  %acc00087 = alloca <8 x float>, align 32
-  %acc00188 = alloca <8 x float>, align 32
-  %acc01089 = alloca <8 x float>, align 32
-  %acc01190 = alloca <8 x float>, align 32
-  %acc02091 = alloca <8 x float>, align 32
-  %acc02192 = alloca <8 x float>, align 32
-  %acc03093 = alloca <8 x float>, align 32
-  %acc03194 = alloca <8 x float>, align 32
-  %acc000133 = alloca <8 x float>, align 32
-  %acc001134 = alloca <8 x float>, align 32
-  %acc010135 = alloca <8 x float>, align 32
-  %acc011136 = alloca <8 x float>, align 32
-  %acc020137 = alloca <8 x float>, align 32
-  %acc021138 = alloca <8 x float>, align 32
-  %acc000171 = alloca <8 x float>, align 32
-  %acc001172 = alloca <8 x float>, align 32
-  %acc010173 = alloca <8 x float>, align 32
-  %acc011174 = alloca <8 x float>, align 32
-  %acc000201 = alloca <8 x float>, align 32
-  %acc001202 = alloca <8 x float>, align 32
-  %acc000240 = alloca <8 x float>, align 32
-  %acc001241 = alloca <8 x float>, align 32
-  %acc010242 = alloca <8 x float>, align 32
-  %acc011243 = alloca <8 x float>, align 32
-  %acc020244 = alloca <8 x float>, align 32
-  %acc021245 = alloca <8 x float>, align 32
-  %acc030246 = alloca <8 x float>, align 32
-  %acc031247 = alloca <8 x float>, align 32
-  %acc040248 = alloca <8 x float>, align 32
-  %acc041249 = alloca <8 x float>, align 32
-  %acc050250 = alloca <8 x float>, align 32
-  %acc051251 = alloca <8 x float>, align 32
-  %acc000298 = alloca <8 x float>, align 32
-  %acc001299 = alloca <8 x float>, align 32
-  %acc010300 = alloca <8 x float>, align 32
-  %acc011301 = alloca <8 x float>, align 32
-  %acc020302 = alloca <8 x float>, align 32
-  %acc021303 = alloca <8 x float>, align 32
-  %acc030304 = alloca <8 x float>, align 32
-  %acc031305 = alloca <8 x float>, align 32
-  %acc040306 = alloca <8 x float>, align 32
-  %acc041307 = alloca <8 x float>, align 32
-  %acc000348 = alloca <8 x float>, align 32
-  %acc001349 = alloca <8 x float>, align 32
-  %acc010350 = alloca <8 x float>, align 32
-  %acc011351 = alloca <8 x float>, align 32
-  %acc020352 = alloca <8 x float>, align 32
-  %acc021353 = alloca <8 x float>, align 32
-  %acc030354 = alloca <8 x float>, align 32
-  %acc031355 = alloca <8 x float>, align 32
-  %acc000390 = alloca <8 x float>, align 32
-  %acc001391 = alloca <8 x float>, align 32
-  %acc010392 = alloca <8 x float>, align 32
-  %acc011393 = alloca <8 x float>, align 32
-  %acc020394 = alloca <8 x float>, align 32
-  %acc021395 = alloca <8 x float>, align 32
-  %acc000424 = alloca <8 x float>, align 32
-  %acc001425 = alloca <8 x float>, align 32
-  %acc010426 = alloca <8 x float>, align 32
-  %acc011427 = alloca <8 x float>, align 32
-  %acc000450 = alloca <8 x float>, align 32
-  %acc001451 = alloca <8 x float>, align 32
+  %acc00088 = alloca <8 x float>, align 32
+  %acc00189 = alloca <8 x float>, align 32
+  %acc01090 = alloca <8 x float>, align 32
+  %acc01191 = alloca <8 x float>, align 32
+  %acc02092 = alloca <8 x float>, align 32
+  %acc02193 = alloca <8 x float>, align 32
+  %acc03094 = alloca <8 x float>, align 32
+  %acc03195 = alloca <8 x float>, align 32
+  %acc000135 = alloca <8 x float>, align 32
+  %acc001136 = alloca <8 x float>, align 32
+  %acc010137 = alloca <8 x float>, align 32
+  %acc011138 = alloca <8 x float>, align 32
+  %acc020139 = alloca <8 x float>, align 32
+  %acc021140 = alloca <8 x float>, align 32
+  %acc000174 = alloca <8 x float>, align 32
+  %acc001175 = alloca <8 x float>, align 32
+  %acc010176 = alloca <8 x float>, align 32
+  %acc011177 = alloca <8 x float>, align 32
+  %acc000205 = alloca <8 x float>, align 32
+  %acc001206 = alloca <8 x float>, align 32
+  %acc000245 = alloca <8 x float>, align 32
+  %acc001246 = alloca <8 x float>, align 32
+  %acc010247 = alloca <8 x float>, align 32
+  %acc011248 = alloca <8 x float>, align 32
+  %acc020249 = alloca <8 x float>, align 32
+  %acc021250 = alloca <8 x float>, align 32
+  %acc030251 = alloca <8 x float>, align 32
+  %acc031252 = alloca <8 x float>, align 32
+  %acc040253 = alloca <8 x float>, align 32
+  %acc041254 = alloca <8 x float>, align 32
+  %acc050255 = alloca <8 x float>, align 32
+  %acc051256 = alloca <8 x float>, align 32
+  %acc000303 = alloca <8 x float>, align 32
+  %acc001304 = alloca <8 x float>, align 32
+  %acc010305 = alloca <8 x float>, align 32
+  %acc011306 = alloca <8 x float>, align 32
+  %acc020307 = alloca <8 x float>, align 32
+  %acc021308 = alloca <8 x float>, align 32
+  %acc030309 = alloca <8 x float>, align 32
+  %acc031310 = alloca <8 x float>, align 32
+  %acc040311 = alloca <8 x float>, align 32
+  %acc041312 = alloca <8 x float>, align 32
+  %acc000353 = alloca <8 x float>, align 32
+  %acc001354 = alloca <8 x float>, align 32
+  %acc010355 = alloca <8 x float>, align 32
+  %acc011356 = alloca <8 x float>, align 32
+  %acc020357 = alloca <8 x float>, align 32
+  %acc021358 = alloca <8 x float>, align 32
+  %acc030359 = alloca <8 x float>, align 32
+  %acc031360 = alloca <8 x float>, align 32
+  %acc000395 = alloca <8 x float>, align 32
+  %acc001396 = alloca <8 x float>, align 32
+  %acc010397 = alloca <8 x float>, align 32
+  %acc011398 = alloca <8 x float>, align 32
+  %acc020399 = alloca <8 x float>, align 32
+  %acc021400 = alloca <8 x float>, align 32
+  %acc000429 = alloca <8 x float>, align 32
+  %acc001430 = alloca <8 x float>, align 32
+  %acc010431 = alloca <8 x float>, align 32
+  %acc011432 = alloca <8 x float>, align 32
+  %acc000455 = alloca <8 x float>, align 32
+  %acc001456 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -919,7 +919,7 @@ kb:                                               ; preds = %start
   br label %kb.rc.head
 
 kb.rc.head:                                       ; preds = %kb.pg.end, %kb
-  %kb.rc = phi i64 [ 0, %kb ], [ %1886, %kb.pg.end ]
+  %kb.rc = phi i64 [ 0, %kb ], [ %1880, %kb.pg.end ]
   %1 = icmp slt i64 %kb.rc, %n
   br i1 %1, label %kb.rc.body, label %kb.rc.end
 
@@ -930,7 +930,7 @@ kb.rc.body:                                       ; preds = %kb.rc.head
   br label %kb.pg.head
 
 kb.pg.head:                                       ; preds = %kb.k.end, %kb.rc.body
-  %kb.pg = phi i64 [ %p0, %kb.rc.body ], [ %1885, %kb.k.end ]
+  %kb.pg = phi i64 [ %p0, %kb.rc.body ], [ %1879, %kb.k.end ]
   %4 = icmp slt i64 %kb.pg, %p1
   br i1 %4, label %kb.pg.body, label %kb.pg.end
 
@@ -941,7 +941,7 @@ kb.pg.body:                                       ; preds = %kb.pg.head
   br label %kb.k.head
 
 kb.k.head:                                        ; preds = %kb.p.end, %kb.pg.body
-  %kb.k = phi i64 [ 0, %kb.pg.body ], [ %1884, %kb.p.end ]
+  %kb.k = phi i64 [ 0, %kb.pg.body ], [ %1878, %kb.p.end ]
   %7 = icmp slt i64 %kb.k, 4
   br i1 %7, label %kb.k.body, label %kb.k.end
 
@@ -952,7 +952,7 @@ kb.k.body:                                        ; preds = %kb.k.head
   br label %kb.p.head
 
 kb.p.head:                                        ; preds = %rb.end, %kb.k.body
-  %kb.p = phi i64 [ %kb.pg, %kb.k.body ], [ %1883, %rb.end ]
+  %kb.p = phi i64 [ %kb.pg, %kb.k.body ], [ %1877, %rb.end ]
   %8 = icmp slt i64 %kb.p, %kb.pg1
   br i1 %8, label %kb.p.body, label %kb.p.end
 
@@ -970,7 +970,7 @@ kb.p.body:                                        ; preds = %kb.p.head
   br label %rb.head
 
 rb.head:                                          ; preds = %tile.done, %kb.p.body
-  %rb = phi i64 [ 0, %kb.p.body ], [ %1882, %tile.done ]
+  %rb = phi i64 [ 0, %kb.p.body ], [ %1876, %tile.done ]
   %16 = icmp slt i64 %rb, %nrb
   br i1 %16, label %rb.body, label %rb.end
 
@@ -1163,2204 +1163,2204 @@ tile.mr6:                                         ; preds = %rb.body
   %176 = load <8 x float>, ptr %175, align 4
   %177 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %176
   store <8 x float> %177, ptr %acc051, align 4
+  %panel.off = mul nsw i64 %kb.p, 16384
   %178 = mul nsw i64 %k0, 16
-  %179 = mul nsw i64 %kb.p, 16384
-  %panel.off = add nsw i64 %179, %178
-  %180 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %slice.off = add nsw i64 %panel.off, %178
+  %179 = getelementptr inbounds float, ptr %panels, i64 %slice.off
   %pf.on2 = and i1 %pf.on, %pf.next
-  %181 = mul nsw i64 %rb, 16384
-  %182 = lshr i64 %181, %25
-  %183 = add nsw i64 %pf.step, %182
-  %184 = getelementptr inbounds i8, ptr %180, i64 %183
-  %pf = select i1 %pf.on2, ptr %184, ptr %180
+  %180 = mul nsw i64 %rb, 16384
+  %181 = lshr i64 %180, %25
+  %182 = add nsw i64 %pf.step, %181
+  %183 = getelementptr inbounds i8, ptr %179, i64 %182
+  %pf = select i1 %pf.on2, ptr %183, ptr %179
   %pf.sh = select i1 %pf.on2, i64 %25, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %246, %pf.any.end ]
-  %185 = icmp slt i64 %k, 256
-  br i1 %185, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %245, %pf.any.end ]
+  %184 = icmp slt i64 %k, 256
+  br i1 %184, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %186 = mul nsw i64 %k, 1
-  %187 = add nsw i64 %186, 0
-  %188 = mul nsw i64 %187, 64
+  %185 = mul nsw i64 %k, 1
+  %186 = add nsw i64 %185, 0
+  %187 = mul nsw i64 %186, 64
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %189 = lshr i64 %188, %pf.sh
-  %190 = getelementptr inbounds i8, ptr %pf, i64 %189
-  call void @llvm.prefetch.p0(ptr %190, i32 0, i32 2, i32 1)
+  %188 = lshr i64 %187, %pf.sh
+  %189 = getelementptr inbounds i8, ptr %pf, i64 %188
+  call void @llvm.prefetch.p0(ptr %189, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %191 = mul nsw i64 %187, 16
-  %192 = add nsw i64 %panel.off, %191
-  %193 = getelementptr inbounds float, ptr %panels, i64 %192
-  %194 = load <8 x float>, ptr %193, align 4
-  %195 = add nsw i64 %192, 8
-  %196 = getelementptr inbounds float, ptr %panels, i64 %195
-  %197 = load <8 x float>, ptr %196, align 4
-  %198 = getelementptr inbounds float, ptr %34, i64 %187
-  %199 = load float, ptr %198, align 4
-  %200 = insertelement <8 x float> poison, float %199, i32 0
-  %201 = shufflevector <8 x float> %200, <8 x float> poison, <8 x i32> zeroinitializer
-  %202 = load <8 x float>, ptr %acc000, align 4
-  %203 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %194, <8 x float> %202)
-  store <8 x float> %203, ptr %acc000, align 4
-  %204 = load <8 x float>, ptr %acc001, align 4
-  %205 = call <8 x float> @llvm.fma.v8f32(<8 x float> %201, <8 x float> %197, <8 x float> %204)
-  store <8 x float> %205, ptr %acc001, align 4
-  %206 = getelementptr inbounds float, ptr %59, i64 %187
-  %207 = load float, ptr %206, align 4
-  %208 = insertelement <8 x float> poison, float %207, i32 0
-  %209 = shufflevector <8 x float> %208, <8 x float> poison, <8 x i32> zeroinitializer
-  %210 = load <8 x float>, ptr %acc010, align 4
-  %211 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %194, <8 x float> %210)
-  store <8 x float> %211, ptr %acc010, align 4
-  %212 = load <8 x float>, ptr %acc011, align 4
-  %213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %209, <8 x float> %197, <8 x float> %212)
-  store <8 x float> %213, ptr %acc011, align 4
-  %214 = getelementptr inbounds float, ptr %84, i64 %187
-  %215 = load float, ptr %214, align 4
-  %216 = insertelement <8 x float> poison, float %215, i32 0
-  %217 = shufflevector <8 x float> %216, <8 x float> poison, <8 x i32> zeroinitializer
-  %218 = load <8 x float>, ptr %acc020, align 4
-  %219 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %194, <8 x float> %218)
-  store <8 x float> %219, ptr %acc020, align 4
-  %220 = load <8 x float>, ptr %acc021, align 4
-  %221 = call <8 x float> @llvm.fma.v8f32(<8 x float> %217, <8 x float> %197, <8 x float> %220)
-  store <8 x float> %221, ptr %acc021, align 4
-  %222 = getelementptr inbounds float, ptr %109, i64 %187
-  %223 = load float, ptr %222, align 4
-  %224 = insertelement <8 x float> poison, float %223, i32 0
-  %225 = shufflevector <8 x float> %224, <8 x float> poison, <8 x i32> zeroinitializer
-  %226 = load <8 x float>, ptr %acc030, align 4
-  %227 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %194, <8 x float> %226)
-  store <8 x float> %227, ptr %acc030, align 4
-  %228 = load <8 x float>, ptr %acc031, align 4
-  %229 = call <8 x float> @llvm.fma.v8f32(<8 x float> %225, <8 x float> %197, <8 x float> %228)
-  store <8 x float> %229, ptr %acc031, align 4
-  %230 = getelementptr inbounds float, ptr %134, i64 %187
-  %231 = load float, ptr %230, align 4
-  %232 = insertelement <8 x float> poison, float %231, i32 0
-  %233 = shufflevector <8 x float> %232, <8 x float> poison, <8 x i32> zeroinitializer
-  %234 = load <8 x float>, ptr %acc040, align 4
-  %235 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %194, <8 x float> %234)
-  store <8 x float> %235, ptr %acc040, align 4
-  %236 = load <8 x float>, ptr %acc041, align 4
-  %237 = call <8 x float> @llvm.fma.v8f32(<8 x float> %233, <8 x float> %197, <8 x float> %236)
-  store <8 x float> %237, ptr %acc041, align 4
-  %238 = getelementptr inbounds float, ptr %159, i64 %187
-  %239 = load float, ptr %238, align 4
-  %240 = insertelement <8 x float> poison, float %239, i32 0
-  %241 = shufflevector <8 x float> %240, <8 x float> poison, <8 x i32> zeroinitializer
-  %242 = load <8 x float>, ptr %acc050, align 4
-  %243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> %194, <8 x float> %242)
-  store <8 x float> %243, ptr %acc050, align 4
-  %244 = load <8 x float>, ptr %acc051, align 4
-  %245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %241, <8 x float> %197, <8 x float> %244)
-  store <8 x float> %245, ptr %acc051, align 4
-  %246 = add nsw i64 %k, 1
+  %190 = mul nsw i64 %186, 16
+  %191 = add nsw i64 %slice.off, %190
+  %192 = getelementptr inbounds float, ptr %panels, i64 %191
+  %193 = load <8 x float>, ptr %192, align 4
+  %194 = add nsw i64 %191, 8
+  %195 = getelementptr inbounds float, ptr %panels, i64 %194
+  %196 = load <8 x float>, ptr %195, align 4
+  %197 = getelementptr inbounds float, ptr %34, i64 %186
+  %198 = load float, ptr %197, align 4
+  %199 = insertelement <8 x float> poison, float %198, i32 0
+  %200 = shufflevector <8 x float> %199, <8 x float> poison, <8 x i32> zeroinitializer
+  %201 = load <8 x float>, ptr %acc000, align 4
+  %202 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %193, <8 x float> %201)
+  store <8 x float> %202, ptr %acc000, align 4
+  %203 = load <8 x float>, ptr %acc001, align 4
+  %204 = call <8 x float> @llvm.fma.v8f32(<8 x float> %200, <8 x float> %196, <8 x float> %203)
+  store <8 x float> %204, ptr %acc001, align 4
+  %205 = getelementptr inbounds float, ptr %59, i64 %186
+  %206 = load float, ptr %205, align 4
+  %207 = insertelement <8 x float> poison, float %206, i32 0
+  %208 = shufflevector <8 x float> %207, <8 x float> poison, <8 x i32> zeroinitializer
+  %209 = load <8 x float>, ptr %acc010, align 4
+  %210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> %193, <8 x float> %209)
+  store <8 x float> %210, ptr %acc010, align 4
+  %211 = load <8 x float>, ptr %acc011, align 4
+  %212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %208, <8 x float> %196, <8 x float> %211)
+  store <8 x float> %212, ptr %acc011, align 4
+  %213 = getelementptr inbounds float, ptr %84, i64 %186
+  %214 = load float, ptr %213, align 4
+  %215 = insertelement <8 x float> poison, float %214, i32 0
+  %216 = shufflevector <8 x float> %215, <8 x float> poison, <8 x i32> zeroinitializer
+  %217 = load <8 x float>, ptr %acc020, align 4
+  %218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> %193, <8 x float> %217)
+  store <8 x float> %218, ptr %acc020, align 4
+  %219 = load <8 x float>, ptr %acc021, align 4
+  %220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %216, <8 x float> %196, <8 x float> %219)
+  store <8 x float> %220, ptr %acc021, align 4
+  %221 = getelementptr inbounds float, ptr %109, i64 %186
+  %222 = load float, ptr %221, align 4
+  %223 = insertelement <8 x float> poison, float %222, i32 0
+  %224 = shufflevector <8 x float> %223, <8 x float> poison, <8 x i32> zeroinitializer
+  %225 = load <8 x float>, ptr %acc030, align 4
+  %226 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> %193, <8 x float> %225)
+  store <8 x float> %226, ptr %acc030, align 4
+  %227 = load <8 x float>, ptr %acc031, align 4
+  %228 = call <8 x float> @llvm.fma.v8f32(<8 x float> %224, <8 x float> %196, <8 x float> %227)
+  store <8 x float> %228, ptr %acc031, align 4
+  %229 = getelementptr inbounds float, ptr %134, i64 %186
+  %230 = load float, ptr %229, align 4
+  %231 = insertelement <8 x float> poison, float %230, i32 0
+  %232 = shufflevector <8 x float> %231, <8 x float> poison, <8 x i32> zeroinitializer
+  %233 = load <8 x float>, ptr %acc040, align 4
+  %234 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %193, <8 x float> %233)
+  store <8 x float> %234, ptr %acc040, align 4
+  %235 = load <8 x float>, ptr %acc041, align 4
+  %236 = call <8 x float> @llvm.fma.v8f32(<8 x float> %232, <8 x float> %196, <8 x float> %235)
+  store <8 x float> %236, ptr %acc041, align 4
+  %237 = getelementptr inbounds float, ptr %159, i64 %186
+  %238 = load float, ptr %237, align 4
+  %239 = insertelement <8 x float> poison, float %238, i32 0
+  %240 = shufflevector <8 x float> %239, <8 x float> poison, <8 x i32> zeroinitializer
+  %241 = load <8 x float>, ptr %acc050, align 4
+  %242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %193, <8 x float> %241)
+  store <8 x float> %242, ptr %acc050, align 4
+  %243 = load <8 x float>, ptr %acc051, align 4
+  %244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %240, <8 x float> %196, <8 x float> %243)
+  store <8 x float> %244, ptr %acc051, align 4
+  %245 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %247 = xor i1 %klast, true
-  br i1 %247, label %part.then, label %part.end
+  %246 = xor i1 %klast, true
+  br i1 %246, label %part.then, label %part.end
 
 part.then:                                        ; preds = %k.end
-  %248 = add nsw i64 %r01, 0
-  %249 = sub nsw i64 %kb.p, %kb.pg
-  %250 = sub nsw i64 %248, %kb.rc
-  %251 = mul nsw i64 %250, 16
-  %252 = add nsw i64 %251, %249
-  %253 = mul nsw i64 %252, 16
-  %254 = getelementptr inbounds float, ptr %part, i64 %253
-  %255 = getelementptr inbounds float, ptr %254, i64 0
-  %256 = load <8 x float>, ptr %acc000, align 4
-  store <8 x float> %256, ptr %255, align 4
-  %257 = sub nsw i64 %kb.p, %kb.pg
-  %258 = sub nsw i64 %248, %kb.rc
-  %259 = mul nsw i64 %258, 16
-  %260 = add nsw i64 %259, %257
-  %261 = mul nsw i64 %260, 16
-  %262 = getelementptr inbounds float, ptr %part, i64 %261
-  %263 = getelementptr inbounds float, ptr %262, i64 8
-  %264 = load <8 x float>, ptr %acc001, align 4
-  store <8 x float> %264, ptr %263, align 4
-  %265 = add nsw i64 %r01, 1
-  %266 = sub nsw i64 %kb.p, %kb.pg
-  %267 = sub nsw i64 %265, %kb.rc
-  %268 = mul nsw i64 %267, 16
-  %269 = add nsw i64 %268, %266
-  %270 = mul nsw i64 %269, 16
-  %271 = getelementptr inbounds float, ptr %part, i64 %270
-  %272 = getelementptr inbounds float, ptr %271, i64 0
-  %273 = load <8 x float>, ptr %acc010, align 4
-  store <8 x float> %273, ptr %272, align 4
-  %274 = sub nsw i64 %kb.p, %kb.pg
-  %275 = sub nsw i64 %265, %kb.rc
-  %276 = mul nsw i64 %275, 16
-  %277 = add nsw i64 %276, %274
-  %278 = mul nsw i64 %277, 16
-  %279 = getelementptr inbounds float, ptr %part, i64 %278
-  %280 = getelementptr inbounds float, ptr %279, i64 8
-  %281 = load <8 x float>, ptr %acc011, align 4
-  store <8 x float> %281, ptr %280, align 4
-  %282 = add nsw i64 %r01, 2
-  %283 = sub nsw i64 %kb.p, %kb.pg
-  %284 = sub nsw i64 %282, %kb.rc
-  %285 = mul nsw i64 %284, 16
-  %286 = add nsw i64 %285, %283
-  %287 = mul nsw i64 %286, 16
-  %288 = getelementptr inbounds float, ptr %part, i64 %287
-  %289 = getelementptr inbounds float, ptr %288, i64 0
-  %290 = load <8 x float>, ptr %acc020, align 4
-  store <8 x float> %290, ptr %289, align 4
-  %291 = sub nsw i64 %kb.p, %kb.pg
-  %292 = sub nsw i64 %282, %kb.rc
-  %293 = mul nsw i64 %292, 16
-  %294 = add nsw i64 %293, %291
-  %295 = mul nsw i64 %294, 16
-  %296 = getelementptr inbounds float, ptr %part, i64 %295
-  %297 = getelementptr inbounds float, ptr %296, i64 8
-  %298 = load <8 x float>, ptr %acc021, align 4
-  store <8 x float> %298, ptr %297, align 4
-  %299 = add nsw i64 %r01, 3
-  %300 = sub nsw i64 %kb.p, %kb.pg
-  %301 = sub nsw i64 %299, %kb.rc
-  %302 = mul nsw i64 %301, 16
-  %303 = add nsw i64 %302, %300
-  %304 = mul nsw i64 %303, 16
-  %305 = getelementptr inbounds float, ptr %part, i64 %304
-  %306 = getelementptr inbounds float, ptr %305, i64 0
-  %307 = load <8 x float>, ptr %acc030, align 4
-  store <8 x float> %307, ptr %306, align 4
-  %308 = sub nsw i64 %kb.p, %kb.pg
-  %309 = sub nsw i64 %299, %kb.rc
-  %310 = mul nsw i64 %309, 16
-  %311 = add nsw i64 %310, %308
-  %312 = mul nsw i64 %311, 16
-  %313 = getelementptr inbounds float, ptr %part, i64 %312
-  %314 = getelementptr inbounds float, ptr %313, i64 8
-  %315 = load <8 x float>, ptr %acc031, align 4
-  store <8 x float> %315, ptr %314, align 4
-  %316 = add nsw i64 %r01, 4
-  %317 = sub nsw i64 %kb.p, %kb.pg
-  %318 = sub nsw i64 %316, %kb.rc
-  %319 = mul nsw i64 %318, 16
-  %320 = add nsw i64 %319, %317
-  %321 = mul nsw i64 %320, 16
-  %322 = getelementptr inbounds float, ptr %part, i64 %321
-  %323 = getelementptr inbounds float, ptr %322, i64 0
-  %324 = load <8 x float>, ptr %acc040, align 4
-  store <8 x float> %324, ptr %323, align 4
-  %325 = sub nsw i64 %kb.p, %kb.pg
-  %326 = sub nsw i64 %316, %kb.rc
-  %327 = mul nsw i64 %326, 16
-  %328 = add nsw i64 %327, %325
-  %329 = mul nsw i64 %328, 16
-  %330 = getelementptr inbounds float, ptr %part, i64 %329
-  %331 = getelementptr inbounds float, ptr %330, i64 8
-  %332 = load <8 x float>, ptr %acc041, align 4
-  store <8 x float> %332, ptr %331, align 4
-  %333 = add nsw i64 %r01, 5
-  %334 = sub nsw i64 %kb.p, %kb.pg
-  %335 = sub nsw i64 %333, %kb.rc
-  %336 = mul nsw i64 %335, 16
-  %337 = add nsw i64 %336, %334
-  %338 = mul nsw i64 %337, 16
-  %339 = getelementptr inbounds float, ptr %part, i64 %338
-  %340 = getelementptr inbounds float, ptr %339, i64 0
-  %341 = load <8 x float>, ptr %acc050, align 4
-  store <8 x float> %341, ptr %340, align 4
-  %342 = sub nsw i64 %kb.p, %kb.pg
-  %343 = sub nsw i64 %333, %kb.rc
-  %344 = mul nsw i64 %343, 16
-  %345 = add nsw i64 %344, %342
-  %346 = mul nsw i64 %345, 16
-  %347 = getelementptr inbounds float, ptr %part, i64 %346
-  %348 = getelementptr inbounds float, ptr %347, i64 8
-  %349 = load <8 x float>, ptr %acc051, align 4
-  store <8 x float> %349, ptr %348, align 4
+  %247 = add nsw i64 %r01, 0
+  %248 = sub nsw i64 %kb.p, %kb.pg
+  %249 = sub nsw i64 %247, %kb.rc
+  %250 = mul nsw i64 %249, 16
+  %251 = add nsw i64 %250, %248
+  %252 = mul nsw i64 %251, 16
+  %253 = getelementptr inbounds float, ptr %part, i64 %252
+  %254 = getelementptr inbounds float, ptr %253, i64 0
+  %255 = load <8 x float>, ptr %acc000, align 4
+  store <8 x float> %255, ptr %254, align 4
+  %256 = sub nsw i64 %kb.p, %kb.pg
+  %257 = sub nsw i64 %247, %kb.rc
+  %258 = mul nsw i64 %257, 16
+  %259 = add nsw i64 %258, %256
+  %260 = mul nsw i64 %259, 16
+  %261 = getelementptr inbounds float, ptr %part, i64 %260
+  %262 = getelementptr inbounds float, ptr %261, i64 8
+  %263 = load <8 x float>, ptr %acc001, align 4
+  store <8 x float> %263, ptr %262, align 4
+  %264 = add nsw i64 %r01, 1
+  %265 = sub nsw i64 %kb.p, %kb.pg
+  %266 = sub nsw i64 %264, %kb.rc
+  %267 = mul nsw i64 %266, 16
+  %268 = add nsw i64 %267, %265
+  %269 = mul nsw i64 %268, 16
+  %270 = getelementptr inbounds float, ptr %part, i64 %269
+  %271 = getelementptr inbounds float, ptr %270, i64 0
+  %272 = load <8 x float>, ptr %acc010, align 4
+  store <8 x float> %272, ptr %271, align 4
+  %273 = sub nsw i64 %kb.p, %kb.pg
+  %274 = sub nsw i64 %264, %kb.rc
+  %275 = mul nsw i64 %274, 16
+  %276 = add nsw i64 %275, %273
+  %277 = mul nsw i64 %276, 16
+  %278 = getelementptr inbounds float, ptr %part, i64 %277
+  %279 = getelementptr inbounds float, ptr %278, i64 8
+  %280 = load <8 x float>, ptr %acc011, align 4
+  store <8 x float> %280, ptr %279, align 4
+  %281 = add nsw i64 %r01, 2
+  %282 = sub nsw i64 %kb.p, %kb.pg
+  %283 = sub nsw i64 %281, %kb.rc
+  %284 = mul nsw i64 %283, 16
+  %285 = add nsw i64 %284, %282
+  %286 = mul nsw i64 %285, 16
+  %287 = getelementptr inbounds float, ptr %part, i64 %286
+  %288 = getelementptr inbounds float, ptr %287, i64 0
+  %289 = load <8 x float>, ptr %acc020, align 4
+  store <8 x float> %289, ptr %288, align 4
+  %290 = sub nsw i64 %kb.p, %kb.pg
+  %291 = sub nsw i64 %281, %kb.rc
+  %292 = mul nsw i64 %291, 16
+  %293 = add nsw i64 %292, %290
+  %294 = mul nsw i64 %293, 16
+  %295 = getelementptr inbounds float, ptr %part, i64 %294
+  %296 = getelementptr inbounds float, ptr %295, i64 8
+  %297 = load <8 x float>, ptr %acc021, align 4
+  store <8 x float> %297, ptr %296, align 4
+  %298 = add nsw i64 %r01, 3
+  %299 = sub nsw i64 %kb.p, %kb.pg
+  %300 = sub nsw i64 %298, %kb.rc
+  %301 = mul nsw i64 %300, 16
+  %302 = add nsw i64 %301, %299
+  %303 = mul nsw i64 %302, 16
+  %304 = getelementptr inbounds float, ptr %part, i64 %303
+  %305 = getelementptr inbounds float, ptr %304, i64 0
+  %306 = load <8 x float>, ptr %acc030, align 4
+  store <8 x float> %306, ptr %305, align 4
+  %307 = sub nsw i64 %kb.p, %kb.pg
+  %308 = sub nsw i64 %298, %kb.rc
+  %309 = mul nsw i64 %308, 16
+  %310 = add nsw i64 %309, %307
+  %311 = mul nsw i64 %310, 16
+  %312 = getelementptr inbounds float, ptr %part, i64 %311
+  %313 = getelementptr inbounds float, ptr %312, i64 8
+  %314 = load <8 x float>, ptr %acc031, align 4
+  store <8 x float> %314, ptr %313, align 4
+  %315 = add nsw i64 %r01, 4
+  %316 = sub nsw i64 %kb.p, %kb.pg
+  %317 = sub nsw i64 %315, %kb.rc
+  %318 = mul nsw i64 %317, 16
+  %319 = add nsw i64 %318, %316
+  %320 = mul nsw i64 %319, 16
+  %321 = getelementptr inbounds float, ptr %part, i64 %320
+  %322 = getelementptr inbounds float, ptr %321, i64 0
+  %323 = load <8 x float>, ptr %acc040, align 4
+  store <8 x float> %323, ptr %322, align 4
+  %324 = sub nsw i64 %kb.p, %kb.pg
+  %325 = sub nsw i64 %315, %kb.rc
+  %326 = mul nsw i64 %325, 16
+  %327 = add nsw i64 %326, %324
+  %328 = mul nsw i64 %327, 16
+  %329 = getelementptr inbounds float, ptr %part, i64 %328
+  %330 = getelementptr inbounds float, ptr %329, i64 8
+  %331 = load <8 x float>, ptr %acc041, align 4
+  store <8 x float> %331, ptr %330, align 4
+  %332 = add nsw i64 %r01, 5
+  %333 = sub nsw i64 %kb.p, %kb.pg
+  %334 = sub nsw i64 %332, %kb.rc
+  %335 = mul nsw i64 %334, 16
+  %336 = add nsw i64 %335, %333
+  %337 = mul nsw i64 %336, 16
+  %338 = getelementptr inbounds float, ptr %part, i64 %337
+  %339 = getelementptr inbounds float, ptr %338, i64 0
+  %340 = load <8 x float>, ptr %acc050, align 4
+  store <8 x float> %340, ptr %339, align 4
+  %341 = sub nsw i64 %kb.p, %kb.pg
+  %342 = sub nsw i64 %332, %kb.rc
+  %343 = mul nsw i64 %342, 16
+  %344 = add nsw i64 %343, %341
+  %345 = mul nsw i64 %344, 16
+  %346 = getelementptr inbounds float, ptr %part, i64 %345
+  %347 = getelementptr inbounds float, ptr %346, i64 8
+  %348 = load <8 x float>, ptr %acc051, align 4
+  store <8 x float> %348, ptr %347, align 4
   br label %part.end
 
 part.end:                                         ; preds = %part.then, %k.end
   br i1 %klast, label %last.then, label %last.end
 
 last.then:                                        ; preds = %part.end
-  %350 = add nsw i64 %r01, 0
-  %351 = getelementptr inbounds float, ptr %rw, i64 %350
-  %352 = load float, ptr %351, align 4
-  %353 = insertelement <8 x float> poison, float %352, i32 0
-  %354 = shufflevector <8 x float> %353, <8 x float> poison, <8 x i32> zeroinitializer
-  %355 = mul nsw i64 %350, 2816
-  %356 = getelementptr inbounds float, ptr %h, i64 %355
+  %349 = add nsw i64 %r01, 0
+  %350 = getelementptr inbounds float, ptr %rw, i64 %349
+  %351 = load float, ptr %350, align 4
+  %352 = insertelement <8 x float> poison, float %351, i32 0
+  %353 = shufflevector <8 x float> %352, <8 x float> poison, <8 x i32> zeroinitializer
+  %354 = mul nsw i64 %349, 2816
+  %355 = getelementptr inbounds float, ptr %h, i64 %354
   %col = mul nsw i64 %kb.p, 8
-  %357 = load <8 x float>, ptr %acc000, align 4
-  %358 = load <8 x float>, ptr %acc001, align 4
-  %359 = fneg <8 x float> %357
-  %360 = fcmp olt <8 x float> %359, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %361 = select <8 x i1> %360, <8 x float> %359, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %362 = fcmp ogt <8 x float> %361, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %363 = select <8 x i1> %362, <8 x float> %361, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %364 = call <8 x float> @llvm.fma.v8f32(<8 x float> %363, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %365 = call <8 x float> @llvm.floor.v8f32(<8 x float> %364)
-  %366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %363)
-  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> %365, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %366)
-  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %367, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %367, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %367, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %370, <8 x float> %367, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %367, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %373 = fmul <8 x float> %367, %367
-  %374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %372, <8 x float> %373, <8 x float> %367)
-  %375 = fadd <8 x float> %374, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %376 = fptosi <8 x float> %365 to <8 x i32>
-  %377 = add <8 x i32> %376, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %378 = shl <8 x i32> %377, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n = bitcast <8 x i32> %378 to <8 x float>
-  %exp = fmul <8 x float> %375, %exp.2n
-  %379 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %379
-  %silu = fmul <8 x float> %357, %sigmoid
-  %glu = fmul <8 x float> %silu, %358
-  %380 = fmul <8 x float> %glu, %354
-  %381 = getelementptr inbounds float, ptr %356, i64 %col
-  store <8 x float> %380, ptr %381, align 4
-  %382 = add nsw i64 %r01, 1
-  %383 = getelementptr inbounds float, ptr %rw, i64 %382
-  %384 = load float, ptr %383, align 4
-  %385 = insertelement <8 x float> poison, float %384, i32 0
-  %386 = shufflevector <8 x float> %385, <8 x float> poison, <8 x i32> zeroinitializer
-  %387 = mul nsw i64 %382, 2816
-  %388 = getelementptr inbounds float, ptr %h, i64 %387
+  %356 = load <8 x float>, ptr %acc000, align 4
+  %357 = load <8 x float>, ptr %acc001, align 4
+  %358 = fneg <8 x float> %356
+  %359 = fcmp olt <8 x float> %358, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %360 = select <8 x i1> %359, <8 x float> %358, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %361 = fcmp ogt <8 x float> %360, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %362 = select <8 x i1> %361, <8 x float> %360, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %363 = call <8 x float> @llvm.fma.v8f32(<8 x float> %362, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %364 = call <8 x float> @llvm.floor.v8f32(<8 x float> %363)
+  %365 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %362)
+  %366 = call <8 x float> @llvm.fma.v8f32(<8 x float> %364, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %365)
+  %367 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %366, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %368 = call <8 x float> @llvm.fma.v8f32(<8 x float> %367, <8 x float> %366, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %369 = call <8 x float> @llvm.fma.v8f32(<8 x float> %368, <8 x float> %366, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %370 = call <8 x float> @llvm.fma.v8f32(<8 x float> %369, <8 x float> %366, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %371 = call <8 x float> @llvm.fma.v8f32(<8 x float> %370, <8 x float> %366, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %372 = fmul <8 x float> %366, %366
+  %373 = call <8 x float> @llvm.fma.v8f32(<8 x float> %371, <8 x float> %372, <8 x float> %366)
+  %374 = fadd <8 x float> %373, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %375 = fptosi <8 x float> %364 to <8 x i32>
+  %376 = add <8 x i32> %375, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %377 = shl <8 x i32> %376, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n = bitcast <8 x i32> %377 to <8 x float>
+  %exp = fmul <8 x float> %374, %exp.2n
+  %378 = fadd <8 x float> %exp, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %378
+  %silu = fmul <8 x float> %356, %sigmoid
+  %glu = fmul <8 x float> %silu, %357
+  %379 = fmul <8 x float> %glu, %353
+  %380 = getelementptr inbounds float, ptr %355, i64 %col
+  store <8 x float> %379, ptr %380, align 4
+  %381 = add nsw i64 %r01, 1
+  %382 = getelementptr inbounds float, ptr %rw, i64 %381
+  %383 = load float, ptr %382, align 4
+  %384 = insertelement <8 x float> poison, float %383, i32 0
+  %385 = shufflevector <8 x float> %384, <8 x float> poison, <8 x i32> zeroinitializer
+  %386 = mul nsw i64 %381, 2816
+  %387 = getelementptr inbounds float, ptr %h, i64 %386
   %col3 = mul nsw i64 %kb.p, 8
-  %389 = load <8 x float>, ptr %acc010, align 4
-  %390 = load <8 x float>, ptr %acc011, align 4
-  %391 = fneg <8 x float> %389
-  %392 = fcmp olt <8 x float> %391, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %393 = select <8 x i1> %392, <8 x float> %391, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %394 = fcmp ogt <8 x float> %393, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %395 = select <8 x i1> %394, <8 x float> %393, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %396 = call <8 x float> @llvm.fma.v8f32(<8 x float> %395, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %397 = call <8 x float> @llvm.floor.v8f32(<8 x float> %396)
-  %398 = call <8 x float> @llvm.fma.v8f32(<8 x float> %397, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %395)
-  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> %397, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %398)
-  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %399, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> %399, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %401, <8 x float> %399, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %403 = call <8 x float> @llvm.fma.v8f32(<8 x float> %402, <8 x float> %399, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %404 = call <8 x float> @llvm.fma.v8f32(<8 x float> %403, <8 x float> %399, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %405 = fmul <8 x float> %399, %399
-  %406 = call <8 x float> @llvm.fma.v8f32(<8 x float> %404, <8 x float> %405, <8 x float> %399)
-  %407 = fadd <8 x float> %406, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %408 = fptosi <8 x float> %397 to <8 x i32>
-  %409 = add <8 x i32> %408, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %410 = shl <8 x i32> %409, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n4 = bitcast <8 x i32> %410 to <8 x float>
-  %exp5 = fmul <8 x float> %407, %exp.2n4
-  %411 = fadd <8 x float> %exp5, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid6 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %411
-  %silu7 = fmul <8 x float> %389, %sigmoid6
-  %glu8 = fmul <8 x float> %silu7, %390
-  %412 = fmul <8 x float> %glu8, %386
-  %413 = getelementptr inbounds float, ptr %388, i64 %col3
-  store <8 x float> %412, ptr %413, align 4
-  %414 = add nsw i64 %r01, 2
-  %415 = getelementptr inbounds float, ptr %rw, i64 %414
-  %416 = load float, ptr %415, align 4
-  %417 = insertelement <8 x float> poison, float %416, i32 0
-  %418 = shufflevector <8 x float> %417, <8 x float> poison, <8 x i32> zeroinitializer
-  %419 = mul nsw i64 %414, 2816
-  %420 = getelementptr inbounds float, ptr %h, i64 %419
+  %388 = load <8 x float>, ptr %acc010, align 4
+  %389 = load <8 x float>, ptr %acc011, align 4
+  %390 = fneg <8 x float> %388
+  %391 = fcmp olt <8 x float> %390, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %392 = select <8 x i1> %391, <8 x float> %390, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %393 = fcmp ogt <8 x float> %392, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %394 = select <8 x i1> %393, <8 x float> %392, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %395 = call <8 x float> @llvm.fma.v8f32(<8 x float> %394, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %396 = call <8 x float> @llvm.floor.v8f32(<8 x float> %395)
+  %397 = call <8 x float> @llvm.fma.v8f32(<8 x float> %396, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %394)
+  %398 = call <8 x float> @llvm.fma.v8f32(<8 x float> %396, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %397)
+  %399 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %398, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %400 = call <8 x float> @llvm.fma.v8f32(<8 x float> %399, <8 x float> %398, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %401 = call <8 x float> @llvm.fma.v8f32(<8 x float> %400, <8 x float> %398, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %402 = call <8 x float> @llvm.fma.v8f32(<8 x float> %401, <8 x float> %398, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %403 = call <8 x float> @llvm.fma.v8f32(<8 x float> %402, <8 x float> %398, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %404 = fmul <8 x float> %398, %398
+  %405 = call <8 x float> @llvm.fma.v8f32(<8 x float> %403, <8 x float> %404, <8 x float> %398)
+  %406 = fadd <8 x float> %405, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %407 = fptosi <8 x float> %396 to <8 x i32>
+  %408 = add <8 x i32> %407, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %409 = shl <8 x i32> %408, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n4 = bitcast <8 x i32> %409 to <8 x float>
+  %exp5 = fmul <8 x float> %406, %exp.2n4
+  %410 = fadd <8 x float> %exp5, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid6 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %410
+  %silu7 = fmul <8 x float> %388, %sigmoid6
+  %glu8 = fmul <8 x float> %silu7, %389
+  %411 = fmul <8 x float> %glu8, %385
+  %412 = getelementptr inbounds float, ptr %387, i64 %col3
+  store <8 x float> %411, ptr %412, align 4
+  %413 = add nsw i64 %r01, 2
+  %414 = getelementptr inbounds float, ptr %rw, i64 %413
+  %415 = load float, ptr %414, align 4
+  %416 = insertelement <8 x float> poison, float %415, i32 0
+  %417 = shufflevector <8 x float> %416, <8 x float> poison, <8 x i32> zeroinitializer
+  %418 = mul nsw i64 %413, 2816
+  %419 = getelementptr inbounds float, ptr %h, i64 %418
   %col9 = mul nsw i64 %kb.p, 8
-  %421 = load <8 x float>, ptr %acc020, align 4
-  %422 = load <8 x float>, ptr %acc021, align 4
-  %423 = fneg <8 x float> %421
-  %424 = fcmp olt <8 x float> %423, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %425 = select <8 x i1> %424, <8 x float> %423, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %426 = fcmp ogt <8 x float> %425, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %427 = select <8 x i1> %426, <8 x float> %425, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %428 = call <8 x float> @llvm.fma.v8f32(<8 x float> %427, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %429 = call <8 x float> @llvm.floor.v8f32(<8 x float> %428)
-  %430 = call <8 x float> @llvm.fma.v8f32(<8 x float> %429, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %427)
-  %431 = call <8 x float> @llvm.fma.v8f32(<8 x float> %429, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %430)
-  %432 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %431, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %433 = call <8 x float> @llvm.fma.v8f32(<8 x float> %432, <8 x float> %431, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> %431, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %431, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %435, <8 x float> %431, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %437 = fmul <8 x float> %431, %431
-  %438 = call <8 x float> @llvm.fma.v8f32(<8 x float> %436, <8 x float> %437, <8 x float> %431)
-  %439 = fadd <8 x float> %438, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %440 = fptosi <8 x float> %429 to <8 x i32>
-  %441 = add <8 x i32> %440, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %442 = shl <8 x i32> %441, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n10 = bitcast <8 x i32> %442 to <8 x float>
-  %exp11 = fmul <8 x float> %439, %exp.2n10
-  %443 = fadd <8 x float> %exp11, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid12 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %443
-  %silu13 = fmul <8 x float> %421, %sigmoid12
-  %glu14 = fmul <8 x float> %silu13, %422
-  %444 = fmul <8 x float> %glu14, %418
-  %445 = getelementptr inbounds float, ptr %420, i64 %col9
-  store <8 x float> %444, ptr %445, align 4
-  %446 = add nsw i64 %r01, 3
-  %447 = getelementptr inbounds float, ptr %rw, i64 %446
-  %448 = load float, ptr %447, align 4
-  %449 = insertelement <8 x float> poison, float %448, i32 0
-  %450 = shufflevector <8 x float> %449, <8 x float> poison, <8 x i32> zeroinitializer
-  %451 = mul nsw i64 %446, 2816
-  %452 = getelementptr inbounds float, ptr %h, i64 %451
+  %420 = load <8 x float>, ptr %acc020, align 4
+  %421 = load <8 x float>, ptr %acc021, align 4
+  %422 = fneg <8 x float> %420
+  %423 = fcmp olt <8 x float> %422, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %424 = select <8 x i1> %423, <8 x float> %422, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %425 = fcmp ogt <8 x float> %424, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %426 = select <8 x i1> %425, <8 x float> %424, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %427 = call <8 x float> @llvm.fma.v8f32(<8 x float> %426, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %428 = call <8 x float> @llvm.floor.v8f32(<8 x float> %427)
+  %429 = call <8 x float> @llvm.fma.v8f32(<8 x float> %428, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %426)
+  %430 = call <8 x float> @llvm.fma.v8f32(<8 x float> %428, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %429)
+  %431 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %430, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %432 = call <8 x float> @llvm.fma.v8f32(<8 x float> %431, <8 x float> %430, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %433 = call <8 x float> @llvm.fma.v8f32(<8 x float> %432, <8 x float> %430, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %433, <8 x float> %430, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %435 = call <8 x float> @llvm.fma.v8f32(<8 x float> %434, <8 x float> %430, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %436 = fmul <8 x float> %430, %430
+  %437 = call <8 x float> @llvm.fma.v8f32(<8 x float> %435, <8 x float> %436, <8 x float> %430)
+  %438 = fadd <8 x float> %437, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %439 = fptosi <8 x float> %428 to <8 x i32>
+  %440 = add <8 x i32> %439, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %441 = shl <8 x i32> %440, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n10 = bitcast <8 x i32> %441 to <8 x float>
+  %exp11 = fmul <8 x float> %438, %exp.2n10
+  %442 = fadd <8 x float> %exp11, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid12 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %442
+  %silu13 = fmul <8 x float> %420, %sigmoid12
+  %glu14 = fmul <8 x float> %silu13, %421
+  %443 = fmul <8 x float> %glu14, %417
+  %444 = getelementptr inbounds float, ptr %419, i64 %col9
+  store <8 x float> %443, ptr %444, align 4
+  %445 = add nsw i64 %r01, 3
+  %446 = getelementptr inbounds float, ptr %rw, i64 %445
+  %447 = load float, ptr %446, align 4
+  %448 = insertelement <8 x float> poison, float %447, i32 0
+  %449 = shufflevector <8 x float> %448, <8 x float> poison, <8 x i32> zeroinitializer
+  %450 = mul nsw i64 %445, 2816
+  %451 = getelementptr inbounds float, ptr %h, i64 %450
   %col15 = mul nsw i64 %kb.p, 8
-  %453 = load <8 x float>, ptr %acc030, align 4
-  %454 = load <8 x float>, ptr %acc031, align 4
-  %455 = fneg <8 x float> %453
-  %456 = fcmp olt <8 x float> %455, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %457 = select <8 x i1> %456, <8 x float> %455, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %458 = fcmp ogt <8 x float> %457, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %459 = select <8 x i1> %458, <8 x float> %457, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %461 = call <8 x float> @llvm.floor.v8f32(<8 x float> %460)
-  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %461, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %459)
-  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %461, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %462)
-  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %463, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %463, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %463, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %463, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %463, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %469 = fmul <8 x float> %463, %463
-  %470 = call <8 x float> @llvm.fma.v8f32(<8 x float> %468, <8 x float> %469, <8 x float> %463)
-  %471 = fadd <8 x float> %470, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %472 = fptosi <8 x float> %461 to <8 x i32>
-  %473 = add <8 x i32> %472, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %474 = shl <8 x i32> %473, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n16 = bitcast <8 x i32> %474 to <8 x float>
-  %exp17 = fmul <8 x float> %471, %exp.2n16
-  %475 = fadd <8 x float> %exp17, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid18 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %475
-  %silu19 = fmul <8 x float> %453, %sigmoid18
-  %glu20 = fmul <8 x float> %silu19, %454
-  %476 = fmul <8 x float> %glu20, %450
-  %477 = getelementptr inbounds float, ptr %452, i64 %col15
-  store <8 x float> %476, ptr %477, align 4
-  %478 = add nsw i64 %r01, 4
-  %479 = getelementptr inbounds float, ptr %rw, i64 %478
-  %480 = load float, ptr %479, align 4
-  %481 = insertelement <8 x float> poison, float %480, i32 0
-  %482 = shufflevector <8 x float> %481, <8 x float> poison, <8 x i32> zeroinitializer
-  %483 = mul nsw i64 %478, 2816
-  %484 = getelementptr inbounds float, ptr %h, i64 %483
+  %452 = load <8 x float>, ptr %acc030, align 4
+  %453 = load <8 x float>, ptr %acc031, align 4
+  %454 = fneg <8 x float> %452
+  %455 = fcmp olt <8 x float> %454, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %456 = select <8 x i1> %455, <8 x float> %454, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %457 = fcmp ogt <8 x float> %456, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %458 = select <8 x i1> %457, <8 x float> %456, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %459 = call <8 x float> @llvm.fma.v8f32(<8 x float> %458, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %460 = call <8 x float> @llvm.floor.v8f32(<8 x float> %459)
+  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %458)
+  %462 = call <8 x float> @llvm.fma.v8f32(<8 x float> %460, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %461)
+  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %462, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %464 = call <8 x float> @llvm.fma.v8f32(<8 x float> %463, <8 x float> %462, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %465 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %462, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %465, <8 x float> %462, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %467 = call <8 x float> @llvm.fma.v8f32(<8 x float> %466, <8 x float> %462, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %468 = fmul <8 x float> %462, %462
+  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %468, <8 x float> %462)
+  %470 = fadd <8 x float> %469, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %471 = fptosi <8 x float> %460 to <8 x i32>
+  %472 = add <8 x i32> %471, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %473 = shl <8 x i32> %472, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n16 = bitcast <8 x i32> %473 to <8 x float>
+  %exp17 = fmul <8 x float> %470, %exp.2n16
+  %474 = fadd <8 x float> %exp17, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid18 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %474
+  %silu19 = fmul <8 x float> %452, %sigmoid18
+  %glu20 = fmul <8 x float> %silu19, %453
+  %475 = fmul <8 x float> %glu20, %449
+  %476 = getelementptr inbounds float, ptr %451, i64 %col15
+  store <8 x float> %475, ptr %476, align 4
+  %477 = add nsw i64 %r01, 4
+  %478 = getelementptr inbounds float, ptr %rw, i64 %477
+  %479 = load float, ptr %478, align 4
+  %480 = insertelement <8 x float> poison, float %479, i32 0
+  %481 = shufflevector <8 x float> %480, <8 x float> poison, <8 x i32> zeroinitializer
+  %482 = mul nsw i64 %477, 2816
+  %483 = getelementptr inbounds float, ptr %h, i64 %482
   %col21 = mul nsw i64 %kb.p, 8
-  %485 = load <8 x float>, ptr %acc040, align 4
-  %486 = load <8 x float>, ptr %acc041, align 4
-  %487 = fneg <8 x float> %485
-  %488 = fcmp olt <8 x float> %487, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %489 = select <8 x i1> %488, <8 x float> %487, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %490 = fcmp ogt <8 x float> %489, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %491 = select <8 x i1> %490, <8 x float> %489, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %492 = call <8 x float> @llvm.fma.v8f32(<8 x float> %491, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %493 = call <8 x float> @llvm.floor.v8f32(<8 x float> %492)
-  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %493, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %491)
-  %495 = call <8 x float> @llvm.fma.v8f32(<8 x float> %493, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %494)
-  %496 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %495, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %497 = call <8 x float> @llvm.fma.v8f32(<8 x float> %496, <8 x float> %495, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %498 = call <8 x float> @llvm.fma.v8f32(<8 x float> %497, <8 x float> %495, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %499 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %495, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %500 = call <8 x float> @llvm.fma.v8f32(<8 x float> %499, <8 x float> %495, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %501 = fmul <8 x float> %495, %495
-  %502 = call <8 x float> @llvm.fma.v8f32(<8 x float> %500, <8 x float> %501, <8 x float> %495)
-  %503 = fadd <8 x float> %502, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %504 = fptosi <8 x float> %493 to <8 x i32>
-  %505 = add <8 x i32> %504, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %506 = shl <8 x i32> %505, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n22 = bitcast <8 x i32> %506 to <8 x float>
-  %exp23 = fmul <8 x float> %503, %exp.2n22
-  %507 = fadd <8 x float> %exp23, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid24 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %507
-  %silu25 = fmul <8 x float> %485, %sigmoid24
-  %glu26 = fmul <8 x float> %silu25, %486
-  %508 = fmul <8 x float> %glu26, %482
-  %509 = getelementptr inbounds float, ptr %484, i64 %col21
-  store <8 x float> %508, ptr %509, align 4
-  %510 = add nsw i64 %r01, 5
-  %511 = getelementptr inbounds float, ptr %rw, i64 %510
-  %512 = load float, ptr %511, align 4
-  %513 = insertelement <8 x float> poison, float %512, i32 0
-  %514 = shufflevector <8 x float> %513, <8 x float> poison, <8 x i32> zeroinitializer
-  %515 = mul nsw i64 %510, 2816
-  %516 = getelementptr inbounds float, ptr %h, i64 %515
+  %484 = load <8 x float>, ptr %acc040, align 4
+  %485 = load <8 x float>, ptr %acc041, align 4
+  %486 = fneg <8 x float> %484
+  %487 = fcmp olt <8 x float> %486, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %488 = select <8 x i1> %487, <8 x float> %486, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %489 = fcmp ogt <8 x float> %488, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %490 = select <8 x i1> %489, <8 x float> %488, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %491 = call <8 x float> @llvm.fma.v8f32(<8 x float> %490, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %492 = call <8 x float> @llvm.floor.v8f32(<8 x float> %491)
+  %493 = call <8 x float> @llvm.fma.v8f32(<8 x float> %492, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %490)
+  %494 = call <8 x float> @llvm.fma.v8f32(<8 x float> %492, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %493)
+  %495 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %494, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %496 = call <8 x float> @llvm.fma.v8f32(<8 x float> %495, <8 x float> %494, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %497 = call <8 x float> @llvm.fma.v8f32(<8 x float> %496, <8 x float> %494, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %498 = call <8 x float> @llvm.fma.v8f32(<8 x float> %497, <8 x float> %494, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %499 = call <8 x float> @llvm.fma.v8f32(<8 x float> %498, <8 x float> %494, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %500 = fmul <8 x float> %494, %494
+  %501 = call <8 x float> @llvm.fma.v8f32(<8 x float> %499, <8 x float> %500, <8 x float> %494)
+  %502 = fadd <8 x float> %501, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %503 = fptosi <8 x float> %492 to <8 x i32>
+  %504 = add <8 x i32> %503, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %505 = shl <8 x i32> %504, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n22 = bitcast <8 x i32> %505 to <8 x float>
+  %exp23 = fmul <8 x float> %502, %exp.2n22
+  %506 = fadd <8 x float> %exp23, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid24 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %506
+  %silu25 = fmul <8 x float> %484, %sigmoid24
+  %glu26 = fmul <8 x float> %silu25, %485
+  %507 = fmul <8 x float> %glu26, %481
+  %508 = getelementptr inbounds float, ptr %483, i64 %col21
+  store <8 x float> %507, ptr %508, align 4
+  %509 = add nsw i64 %r01, 5
+  %510 = getelementptr inbounds float, ptr %rw, i64 %509
+  %511 = load float, ptr %510, align 4
+  %512 = insertelement <8 x float> poison, float %511, i32 0
+  %513 = shufflevector <8 x float> %512, <8 x float> poison, <8 x i32> zeroinitializer
+  %514 = mul nsw i64 %509, 2816
+  %515 = getelementptr inbounds float, ptr %h, i64 %514
   %col27 = mul nsw i64 %kb.p, 8
-  %517 = load <8 x float>, ptr %acc050, align 4
-  %518 = load <8 x float>, ptr %acc051, align 4
-  %519 = fneg <8 x float> %517
-  %520 = fcmp olt <8 x float> %519, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %521 = select <8 x i1> %520, <8 x float> %519, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %522 = fcmp ogt <8 x float> %521, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %523 = select <8 x i1> %522, <8 x float> %521, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %524 = call <8 x float> @llvm.fma.v8f32(<8 x float> %523, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %525 = call <8 x float> @llvm.floor.v8f32(<8 x float> %524)
-  %526 = call <8 x float> @llvm.fma.v8f32(<8 x float> %525, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %523)
-  %527 = call <8 x float> @llvm.fma.v8f32(<8 x float> %525, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %526)
-  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %527, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %528, <8 x float> %527, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %529, <8 x float> %527, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %531 = call <8 x float> @llvm.fma.v8f32(<8 x float> %530, <8 x float> %527, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %532 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %527, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %533 = fmul <8 x float> %527, %527
-  %534 = call <8 x float> @llvm.fma.v8f32(<8 x float> %532, <8 x float> %533, <8 x float> %527)
-  %535 = fadd <8 x float> %534, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %536 = fptosi <8 x float> %525 to <8 x i32>
-  %537 = add <8 x i32> %536, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %538 = shl <8 x i32> %537, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n28 = bitcast <8 x i32> %538 to <8 x float>
-  %exp29 = fmul <8 x float> %535, %exp.2n28
-  %539 = fadd <8 x float> %exp29, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid30 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %539
-  %silu31 = fmul <8 x float> %517, %sigmoid30
-  %glu32 = fmul <8 x float> %silu31, %518
-  %540 = fmul <8 x float> %glu32, %514
-  %541 = getelementptr inbounds float, ptr %516, i64 %col27
-  store <8 x float> %540, ptr %541, align 4
+  %516 = load <8 x float>, ptr %acc050, align 4
+  %517 = load <8 x float>, ptr %acc051, align 4
+  %518 = fneg <8 x float> %516
+  %519 = fcmp olt <8 x float> %518, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %520 = select <8 x i1> %519, <8 x float> %518, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %521 = fcmp ogt <8 x float> %520, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %522 = select <8 x i1> %521, <8 x float> %520, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %523 = call <8 x float> @llvm.fma.v8f32(<8 x float> %522, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %524 = call <8 x float> @llvm.floor.v8f32(<8 x float> %523)
+  %525 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %522)
+  %526 = call <8 x float> @llvm.fma.v8f32(<8 x float> %524, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %525)
+  %527 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %526, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %528 = call <8 x float> @llvm.fma.v8f32(<8 x float> %527, <8 x float> %526, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %529 = call <8 x float> @llvm.fma.v8f32(<8 x float> %528, <8 x float> %526, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %530 = call <8 x float> @llvm.fma.v8f32(<8 x float> %529, <8 x float> %526, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %531 = call <8 x float> @llvm.fma.v8f32(<8 x float> %530, <8 x float> %526, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %532 = fmul <8 x float> %526, %526
+  %533 = call <8 x float> @llvm.fma.v8f32(<8 x float> %531, <8 x float> %532, <8 x float> %526)
+  %534 = fadd <8 x float> %533, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %535 = fptosi <8 x float> %524 to <8 x i32>
+  %536 = add <8 x i32> %535, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %537 = shl <8 x i32> %536, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n28 = bitcast <8 x i32> %537 to <8 x float>
+  %exp29 = fmul <8 x float> %534, %exp.2n28
+  %538 = fadd <8 x float> %exp29, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid30 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %538
+  %silu31 = fmul <8 x float> %516, %sigmoid30
+  %glu32 = fmul <8 x float> %silu31, %517
+  %539 = fmul <8 x float> %glu32, %513
+  %540 = getelementptr inbounds float, ptr %515, i64 %col27
+  store <8 x float> %539, ptr %540, align 4
   br label %last.end
 
 last.end:                                         ; preds = %last.then, %part.end
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
-  %542 = add nsw i64 %r01, 0
-  %543 = getelementptr inbounds i32, ptr %rows, i64 %542
-  %544 = load i32, ptr %543, align 4
-  %545 = sext i32 %544 to i64
-  %546 = mul nsw i64 %545, 1024
-  %547 = add nsw i64 %546, %k0
-  %548 = getelementptr inbounds float, ptr %x, i64 %547
-  %549 = sub nsw i64 %kb.p, %kb.pg
-  %550 = sub nsw i64 %542, %kb.rc
-  %551 = mul nsw i64 %550, 16
-  %552 = add nsw i64 %551, %549
-  %553 = mul nsw i64 %552, 16
-  %554 = getelementptr inbounds float, ptr %part, i64 %553
-  %555 = getelementptr inbounds float, ptr %554, i64 0
-  %556 = load <8 x float>, ptr %555, align 4
-  %557 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %556
-  store <8 x float> %557, ptr %acc00033, align 4
-  %558 = sub nsw i64 %kb.p, %kb.pg
-  %559 = sub nsw i64 %542, %kb.rc
-  %560 = mul nsw i64 %559, 16
-  %561 = add nsw i64 %560, %558
-  %562 = mul nsw i64 %561, 16
-  %563 = getelementptr inbounds float, ptr %part, i64 %562
-  %564 = getelementptr inbounds float, ptr %563, i64 8
-  %565 = load <8 x float>, ptr %564, align 4
-  %566 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %565
-  store <8 x float> %566, ptr %acc00134, align 4
-  %567 = add nsw i64 %r01, 1
-  %568 = getelementptr inbounds i32, ptr %rows, i64 %567
-  %569 = load i32, ptr %568, align 4
-  %570 = sext i32 %569 to i64
-  %571 = mul nsw i64 %570, 1024
-  %572 = add nsw i64 %571, %k0
-  %573 = getelementptr inbounds float, ptr %x, i64 %572
-  %574 = sub nsw i64 %kb.p, %kb.pg
-  %575 = sub nsw i64 %567, %kb.rc
-  %576 = mul nsw i64 %575, 16
-  %577 = add nsw i64 %576, %574
-  %578 = mul nsw i64 %577, 16
-  %579 = getelementptr inbounds float, ptr %part, i64 %578
-  %580 = getelementptr inbounds float, ptr %579, i64 0
-  %581 = load <8 x float>, ptr %580, align 4
-  %582 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %581
-  store <8 x float> %582, ptr %acc01035, align 4
-  %583 = sub nsw i64 %kb.p, %kb.pg
-  %584 = sub nsw i64 %567, %kb.rc
-  %585 = mul nsw i64 %584, 16
-  %586 = add nsw i64 %585, %583
-  %587 = mul nsw i64 %586, 16
-  %588 = getelementptr inbounds float, ptr %part, i64 %587
-  %589 = getelementptr inbounds float, ptr %588, i64 8
-  %590 = load <8 x float>, ptr %589, align 4
-  %591 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %590
-  store <8 x float> %591, ptr %acc01136, align 4
-  %592 = add nsw i64 %r01, 2
-  %593 = getelementptr inbounds i32, ptr %rows, i64 %592
-  %594 = load i32, ptr %593, align 4
-  %595 = sext i32 %594 to i64
-  %596 = mul nsw i64 %595, 1024
-  %597 = add nsw i64 %596, %k0
-  %598 = getelementptr inbounds float, ptr %x, i64 %597
-  %599 = sub nsw i64 %kb.p, %kb.pg
-  %600 = sub nsw i64 %592, %kb.rc
-  %601 = mul nsw i64 %600, 16
-  %602 = add nsw i64 %601, %599
-  %603 = mul nsw i64 %602, 16
-  %604 = getelementptr inbounds float, ptr %part, i64 %603
-  %605 = getelementptr inbounds float, ptr %604, i64 0
-  %606 = load <8 x float>, ptr %605, align 4
-  %607 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %606
-  store <8 x float> %607, ptr %acc02037, align 4
-  %608 = sub nsw i64 %kb.p, %kb.pg
-  %609 = sub nsw i64 %592, %kb.rc
-  %610 = mul nsw i64 %609, 16
-  %611 = add nsw i64 %610, %608
-  %612 = mul nsw i64 %611, 16
-  %613 = getelementptr inbounds float, ptr %part, i64 %612
-  %614 = getelementptr inbounds float, ptr %613, i64 8
-  %615 = load <8 x float>, ptr %614, align 4
-  %616 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %615
-  store <8 x float> %616, ptr %acc02138, align 4
-  %617 = add nsw i64 %r01, 3
-  %618 = getelementptr inbounds i32, ptr %rows, i64 %617
-  %619 = load i32, ptr %618, align 4
-  %620 = sext i32 %619 to i64
-  %621 = mul nsw i64 %620, 1024
-  %622 = add nsw i64 %621, %k0
-  %623 = getelementptr inbounds float, ptr %x, i64 %622
-  %624 = sub nsw i64 %kb.p, %kb.pg
-  %625 = sub nsw i64 %617, %kb.rc
-  %626 = mul nsw i64 %625, 16
-  %627 = add nsw i64 %626, %624
-  %628 = mul nsw i64 %627, 16
-  %629 = getelementptr inbounds float, ptr %part, i64 %628
-  %630 = getelementptr inbounds float, ptr %629, i64 0
-  %631 = load <8 x float>, ptr %630, align 4
-  %632 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %631
-  store <8 x float> %632, ptr %acc03039, align 4
-  %633 = sub nsw i64 %kb.p, %kb.pg
-  %634 = sub nsw i64 %617, %kb.rc
-  %635 = mul nsw i64 %634, 16
-  %636 = add nsw i64 %635, %633
-  %637 = mul nsw i64 %636, 16
-  %638 = getelementptr inbounds float, ptr %part, i64 %637
-  %639 = getelementptr inbounds float, ptr %638, i64 8
-  %640 = load <8 x float>, ptr %639, align 4
-  %641 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %640
-  store <8 x float> %641, ptr %acc03140, align 4
-  %642 = add nsw i64 %r01, 4
-  %643 = getelementptr inbounds i32, ptr %rows, i64 %642
-  %644 = load i32, ptr %643, align 4
-  %645 = sext i32 %644 to i64
-  %646 = mul nsw i64 %645, 1024
-  %647 = add nsw i64 %646, %k0
-  %648 = getelementptr inbounds float, ptr %x, i64 %647
-  %649 = sub nsw i64 %kb.p, %kb.pg
-  %650 = sub nsw i64 %642, %kb.rc
-  %651 = mul nsw i64 %650, 16
-  %652 = add nsw i64 %651, %649
-  %653 = mul nsw i64 %652, 16
-  %654 = getelementptr inbounds float, ptr %part, i64 %653
-  %655 = getelementptr inbounds float, ptr %654, i64 0
-  %656 = load <8 x float>, ptr %655, align 4
-  %657 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %656
-  store <8 x float> %657, ptr %acc04041, align 4
-  %658 = sub nsw i64 %kb.p, %kb.pg
-  %659 = sub nsw i64 %642, %kb.rc
-  %660 = mul nsw i64 %659, 16
-  %661 = add nsw i64 %660, %658
-  %662 = mul nsw i64 %661, 16
-  %663 = getelementptr inbounds float, ptr %part, i64 %662
-  %664 = getelementptr inbounds float, ptr %663, i64 8
-  %665 = load <8 x float>, ptr %664, align 4
-  %666 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %665
-  store <8 x float> %666, ptr %acc04142, align 4
-  %667 = mul nsw i64 %k0, 16
-  %668 = mul nsw i64 %kb.p, 16384
-  %panel.off43 = add nsw i64 %668, %667
-  %669 = getelementptr inbounds float, ptr %panels, i64 %panel.off43
-  %pf.on44 = and i1 %pf.on, %pf.next
-  %670 = mul nsw i64 %rb, 16384
-  %671 = lshr i64 %670, %25
-  %672 = add nsw i64 %pf.step, %671
-  %673 = getelementptr inbounds i8, ptr %669, i64 %672
-  %pf45 = select i1 %pf.on44, ptr %673, ptr %669
-  %pf.sh46 = select i1 %pf.on44, i64 %25, i64 0
-  br label %k.head47
+  %541 = add nsw i64 %r01, 0
+  %542 = getelementptr inbounds i32, ptr %rows, i64 %541
+  %543 = load i32, ptr %542, align 4
+  %544 = sext i32 %543 to i64
+  %545 = mul nsw i64 %544, 1024
+  %546 = add nsw i64 %545, %k0
+  %547 = getelementptr inbounds float, ptr %x, i64 %546
+  %548 = sub nsw i64 %kb.p, %kb.pg
+  %549 = sub nsw i64 %541, %kb.rc
+  %550 = mul nsw i64 %549, 16
+  %551 = add nsw i64 %550, %548
+  %552 = mul nsw i64 %551, 16
+  %553 = getelementptr inbounds float, ptr %part, i64 %552
+  %554 = getelementptr inbounds float, ptr %553, i64 0
+  %555 = load <8 x float>, ptr %554, align 4
+  %556 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %555
+  store <8 x float> %556, ptr %acc00033, align 4
+  %557 = sub nsw i64 %kb.p, %kb.pg
+  %558 = sub nsw i64 %541, %kb.rc
+  %559 = mul nsw i64 %558, 16
+  %560 = add nsw i64 %559, %557
+  %561 = mul nsw i64 %560, 16
+  %562 = getelementptr inbounds float, ptr %part, i64 %561
+  %563 = getelementptr inbounds float, ptr %562, i64 8
+  %564 = load <8 x float>, ptr %563, align 4
+  %565 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %564
+  store <8 x float> %565, ptr %acc00134, align 4
+  %566 = add nsw i64 %r01, 1
+  %567 = getelementptr inbounds i32, ptr %rows, i64 %566
+  %568 = load i32, ptr %567, align 4
+  %569 = sext i32 %568 to i64
+  %570 = mul nsw i64 %569, 1024
+  %571 = add nsw i64 %570, %k0
+  %572 = getelementptr inbounds float, ptr %x, i64 %571
+  %573 = sub nsw i64 %kb.p, %kb.pg
+  %574 = sub nsw i64 %566, %kb.rc
+  %575 = mul nsw i64 %574, 16
+  %576 = add nsw i64 %575, %573
+  %577 = mul nsw i64 %576, 16
+  %578 = getelementptr inbounds float, ptr %part, i64 %577
+  %579 = getelementptr inbounds float, ptr %578, i64 0
+  %580 = load <8 x float>, ptr %579, align 4
+  %581 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %580
+  store <8 x float> %581, ptr %acc01035, align 4
+  %582 = sub nsw i64 %kb.p, %kb.pg
+  %583 = sub nsw i64 %566, %kb.rc
+  %584 = mul nsw i64 %583, 16
+  %585 = add nsw i64 %584, %582
+  %586 = mul nsw i64 %585, 16
+  %587 = getelementptr inbounds float, ptr %part, i64 %586
+  %588 = getelementptr inbounds float, ptr %587, i64 8
+  %589 = load <8 x float>, ptr %588, align 4
+  %590 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %589
+  store <8 x float> %590, ptr %acc01136, align 4
+  %591 = add nsw i64 %r01, 2
+  %592 = getelementptr inbounds i32, ptr %rows, i64 %591
+  %593 = load i32, ptr %592, align 4
+  %594 = sext i32 %593 to i64
+  %595 = mul nsw i64 %594, 1024
+  %596 = add nsw i64 %595, %k0
+  %597 = getelementptr inbounds float, ptr %x, i64 %596
+  %598 = sub nsw i64 %kb.p, %kb.pg
+  %599 = sub nsw i64 %591, %kb.rc
+  %600 = mul nsw i64 %599, 16
+  %601 = add nsw i64 %600, %598
+  %602 = mul nsw i64 %601, 16
+  %603 = getelementptr inbounds float, ptr %part, i64 %602
+  %604 = getelementptr inbounds float, ptr %603, i64 0
+  %605 = load <8 x float>, ptr %604, align 4
+  %606 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %605
+  store <8 x float> %606, ptr %acc02037, align 4
+  %607 = sub nsw i64 %kb.p, %kb.pg
+  %608 = sub nsw i64 %591, %kb.rc
+  %609 = mul nsw i64 %608, 16
+  %610 = add nsw i64 %609, %607
+  %611 = mul nsw i64 %610, 16
+  %612 = getelementptr inbounds float, ptr %part, i64 %611
+  %613 = getelementptr inbounds float, ptr %612, i64 8
+  %614 = load <8 x float>, ptr %613, align 4
+  %615 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %614
+  store <8 x float> %615, ptr %acc02138, align 4
+  %616 = add nsw i64 %r01, 3
+  %617 = getelementptr inbounds i32, ptr %rows, i64 %616
+  %618 = load i32, ptr %617, align 4
+  %619 = sext i32 %618 to i64
+  %620 = mul nsw i64 %619, 1024
+  %621 = add nsw i64 %620, %k0
+  %622 = getelementptr inbounds float, ptr %x, i64 %621
+  %623 = sub nsw i64 %kb.p, %kb.pg
+  %624 = sub nsw i64 %616, %kb.rc
+  %625 = mul nsw i64 %624, 16
+  %626 = add nsw i64 %625, %623
+  %627 = mul nsw i64 %626, 16
+  %628 = getelementptr inbounds float, ptr %part, i64 %627
+  %629 = getelementptr inbounds float, ptr %628, i64 0
+  %630 = load <8 x float>, ptr %629, align 4
+  %631 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %630
+  store <8 x float> %631, ptr %acc03039, align 4
+  %632 = sub nsw i64 %kb.p, %kb.pg
+  %633 = sub nsw i64 %616, %kb.rc
+  %634 = mul nsw i64 %633, 16
+  %635 = add nsw i64 %634, %632
+  %636 = mul nsw i64 %635, 16
+  %637 = getelementptr inbounds float, ptr %part, i64 %636
+  %638 = getelementptr inbounds float, ptr %637, i64 8
+  %639 = load <8 x float>, ptr %638, align 4
+  %640 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %639
+  store <8 x float> %640, ptr %acc03140, align 4
+  %641 = add nsw i64 %r01, 4
+  %642 = getelementptr inbounds i32, ptr %rows, i64 %641
+  %643 = load i32, ptr %642, align 4
+  %644 = sext i32 %643 to i64
+  %645 = mul nsw i64 %644, 1024
+  %646 = add nsw i64 %645, %k0
+  %647 = getelementptr inbounds float, ptr %x, i64 %646
+  %648 = sub nsw i64 %kb.p, %kb.pg
+  %649 = sub nsw i64 %641, %kb.rc
+  %650 = mul nsw i64 %649, 16
+  %651 = add nsw i64 %650, %648
+  %652 = mul nsw i64 %651, 16
+  %653 = getelementptr inbounds float, ptr %part, i64 %652
+  %654 = getelementptr inbounds float, ptr %653, i64 0
+  %655 = load <8 x float>, ptr %654, align 4
+  %656 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %655
+  store <8 x float> %656, ptr %acc04041, align 4
+  %657 = sub nsw i64 %kb.p, %kb.pg
+  %658 = sub nsw i64 %641, %kb.rc
+  %659 = mul nsw i64 %658, 16
+  %660 = add nsw i64 %659, %657
+  %661 = mul nsw i64 %660, 16
+  %662 = getelementptr inbounds float, ptr %part, i64 %661
+  %663 = getelementptr inbounds float, ptr %662, i64 8
+  %664 = load <8 x float>, ptr %663, align 4
+  %665 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %664
+  store <8 x float> %665, ptr %acc04142, align 4
+  %panel.off43 = mul nsw i64 %kb.p, 16384
+  %666 = mul nsw i64 %k0, 16
+  %slice.off44 = add nsw i64 %panel.off43, %666
+  %667 = getelementptr inbounds float, ptr %panels, i64 %slice.off44
+  %pf.on45 = and i1 %pf.on, %pf.next
+  %668 = mul nsw i64 %rb, 16384
+  %669 = lshr i64 %668, %25
+  %670 = add nsw i64 %pf.step, %669
+  %671 = getelementptr inbounds i8, ptr %667, i64 %670
+  %pf46 = select i1 %pf.on45, ptr %671, ptr %667
+  %pf.sh47 = select i1 %pf.on45, i64 %25, i64 0
+  br label %k.head48
 
-k.head47:                                         ; preds = %pf.any.end52, %tile.mr5
-  %k50 = phi i64 [ 0, %tile.mr5 ], [ %727, %pf.any.end52 ]
-  %674 = icmp slt i64 %k50, 256
-  br i1 %674, label %k.body48, label %k.end49
+k.head48:                                         ; preds = %pf.any.end53, %tile.mr5
+  %k51 = phi i64 [ 0, %tile.mr5 ], [ %725, %pf.any.end53 ]
+  %672 = icmp slt i64 %k51, 256
+  br i1 %672, label %k.body49, label %k.end50
 
-k.body48:                                         ; preds = %k.head47
-  %675 = mul nsw i64 %k50, 1
-  %676 = add nsw i64 %675, 0
-  %677 = mul nsw i64 %676, 64
-  br i1 %pf.multi, label %pf.any.then51, label %pf.any.end52
+k.body49:                                         ; preds = %k.head48
+  %673 = mul nsw i64 %k51, 1
+  %674 = add nsw i64 %673, 0
+  %675 = mul nsw i64 %674, 64
+  br i1 %pf.multi, label %pf.any.then52, label %pf.any.end53
 
-pf.any.then51:                                    ; preds = %k.body48
-  %678 = lshr i64 %677, %pf.sh46
-  %679 = getelementptr inbounds i8, ptr %pf45, i64 %678
-  call void @llvm.prefetch.p0(ptr %679, i32 0, i32 2, i32 1)
-  br label %pf.any.end52
+pf.any.then52:                                    ; preds = %k.body49
+  %676 = lshr i64 %675, %pf.sh47
+  %677 = getelementptr inbounds i8, ptr %pf46, i64 %676
+  call void @llvm.prefetch.p0(ptr %677, i32 0, i32 2, i32 1)
+  br label %pf.any.end53
 
-pf.any.end52:                                     ; preds = %pf.any.then51, %k.body48
-  %680 = mul nsw i64 %676, 16
-  %681 = add nsw i64 %panel.off43, %680
-  %682 = getelementptr inbounds float, ptr %panels, i64 %681
-  %683 = load <8 x float>, ptr %682, align 4
-  %684 = add nsw i64 %681, 8
-  %685 = getelementptr inbounds float, ptr %panels, i64 %684
-  %686 = load <8 x float>, ptr %685, align 4
-  %687 = getelementptr inbounds float, ptr %548, i64 %676
-  %688 = load float, ptr %687, align 4
-  %689 = insertelement <8 x float> poison, float %688, i32 0
-  %690 = shufflevector <8 x float> %689, <8 x float> poison, <8 x i32> zeroinitializer
-  %691 = load <8 x float>, ptr %acc00033, align 4
-  %692 = call <8 x float> @llvm.fma.v8f32(<8 x float> %690, <8 x float> %683, <8 x float> %691)
-  store <8 x float> %692, ptr %acc00033, align 4
-  %693 = load <8 x float>, ptr %acc00134, align 4
-  %694 = call <8 x float> @llvm.fma.v8f32(<8 x float> %690, <8 x float> %686, <8 x float> %693)
-  store <8 x float> %694, ptr %acc00134, align 4
-  %695 = getelementptr inbounds float, ptr %573, i64 %676
-  %696 = load float, ptr %695, align 4
-  %697 = insertelement <8 x float> poison, float %696, i32 0
-  %698 = shufflevector <8 x float> %697, <8 x float> poison, <8 x i32> zeroinitializer
-  %699 = load <8 x float>, ptr %acc01035, align 4
-  %700 = call <8 x float> @llvm.fma.v8f32(<8 x float> %698, <8 x float> %683, <8 x float> %699)
-  store <8 x float> %700, ptr %acc01035, align 4
-  %701 = load <8 x float>, ptr %acc01136, align 4
-  %702 = call <8 x float> @llvm.fma.v8f32(<8 x float> %698, <8 x float> %686, <8 x float> %701)
-  store <8 x float> %702, ptr %acc01136, align 4
-  %703 = getelementptr inbounds float, ptr %598, i64 %676
-  %704 = load float, ptr %703, align 4
-  %705 = insertelement <8 x float> poison, float %704, i32 0
-  %706 = shufflevector <8 x float> %705, <8 x float> poison, <8 x i32> zeroinitializer
-  %707 = load <8 x float>, ptr %acc02037, align 4
-  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> %683, <8 x float> %707)
-  store <8 x float> %708, ptr %acc02037, align 4
-  %709 = load <8 x float>, ptr %acc02138, align 4
-  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %706, <8 x float> %686, <8 x float> %709)
-  store <8 x float> %710, ptr %acc02138, align 4
-  %711 = getelementptr inbounds float, ptr %623, i64 %676
-  %712 = load float, ptr %711, align 4
-  %713 = insertelement <8 x float> poison, float %712, i32 0
-  %714 = shufflevector <8 x float> %713, <8 x float> poison, <8 x i32> zeroinitializer
-  %715 = load <8 x float>, ptr %acc03039, align 4
-  %716 = call <8 x float> @llvm.fma.v8f32(<8 x float> %714, <8 x float> %683, <8 x float> %715)
-  store <8 x float> %716, ptr %acc03039, align 4
-  %717 = load <8 x float>, ptr %acc03140, align 4
-  %718 = call <8 x float> @llvm.fma.v8f32(<8 x float> %714, <8 x float> %686, <8 x float> %717)
-  store <8 x float> %718, ptr %acc03140, align 4
-  %719 = getelementptr inbounds float, ptr %648, i64 %676
-  %720 = load float, ptr %719, align 4
-  %721 = insertelement <8 x float> poison, float %720, i32 0
-  %722 = shufflevector <8 x float> %721, <8 x float> poison, <8 x i32> zeroinitializer
-  %723 = load <8 x float>, ptr %acc04041, align 4
-  %724 = call <8 x float> @llvm.fma.v8f32(<8 x float> %722, <8 x float> %683, <8 x float> %723)
-  store <8 x float> %724, ptr %acc04041, align 4
-  %725 = load <8 x float>, ptr %acc04142, align 4
-  %726 = call <8 x float> @llvm.fma.v8f32(<8 x float> %722, <8 x float> %686, <8 x float> %725)
-  store <8 x float> %726, ptr %acc04142, align 4
-  %727 = add nsw i64 %k50, 1
-  br label %k.head47
+pf.any.end53:                                     ; preds = %pf.any.then52, %k.body49
+  %678 = mul nsw i64 %674, 16
+  %679 = add nsw i64 %slice.off44, %678
+  %680 = getelementptr inbounds float, ptr %panels, i64 %679
+  %681 = load <8 x float>, ptr %680, align 4
+  %682 = add nsw i64 %679, 8
+  %683 = getelementptr inbounds float, ptr %panels, i64 %682
+  %684 = load <8 x float>, ptr %683, align 4
+  %685 = getelementptr inbounds float, ptr %547, i64 %674
+  %686 = load float, ptr %685, align 4
+  %687 = insertelement <8 x float> poison, float %686, i32 0
+  %688 = shufflevector <8 x float> %687, <8 x float> poison, <8 x i32> zeroinitializer
+  %689 = load <8 x float>, ptr %acc00033, align 4
+  %690 = call <8 x float> @llvm.fma.v8f32(<8 x float> %688, <8 x float> %681, <8 x float> %689)
+  store <8 x float> %690, ptr %acc00033, align 4
+  %691 = load <8 x float>, ptr %acc00134, align 4
+  %692 = call <8 x float> @llvm.fma.v8f32(<8 x float> %688, <8 x float> %684, <8 x float> %691)
+  store <8 x float> %692, ptr %acc00134, align 4
+  %693 = getelementptr inbounds float, ptr %572, i64 %674
+  %694 = load float, ptr %693, align 4
+  %695 = insertelement <8 x float> poison, float %694, i32 0
+  %696 = shufflevector <8 x float> %695, <8 x float> poison, <8 x i32> zeroinitializer
+  %697 = load <8 x float>, ptr %acc01035, align 4
+  %698 = call <8 x float> @llvm.fma.v8f32(<8 x float> %696, <8 x float> %681, <8 x float> %697)
+  store <8 x float> %698, ptr %acc01035, align 4
+  %699 = load <8 x float>, ptr %acc01136, align 4
+  %700 = call <8 x float> @llvm.fma.v8f32(<8 x float> %696, <8 x float> %684, <8 x float> %699)
+  store <8 x float> %700, ptr %acc01136, align 4
+  %701 = getelementptr inbounds float, ptr %597, i64 %674
+  %702 = load float, ptr %701, align 4
+  %703 = insertelement <8 x float> poison, float %702, i32 0
+  %704 = shufflevector <8 x float> %703, <8 x float> poison, <8 x i32> zeroinitializer
+  %705 = load <8 x float>, ptr %acc02037, align 4
+  %706 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> %681, <8 x float> %705)
+  store <8 x float> %706, ptr %acc02037, align 4
+  %707 = load <8 x float>, ptr %acc02138, align 4
+  %708 = call <8 x float> @llvm.fma.v8f32(<8 x float> %704, <8 x float> %684, <8 x float> %707)
+  store <8 x float> %708, ptr %acc02138, align 4
+  %709 = getelementptr inbounds float, ptr %622, i64 %674
+  %710 = load float, ptr %709, align 4
+  %711 = insertelement <8 x float> poison, float %710, i32 0
+  %712 = shufflevector <8 x float> %711, <8 x float> poison, <8 x i32> zeroinitializer
+  %713 = load <8 x float>, ptr %acc03039, align 4
+  %714 = call <8 x float> @llvm.fma.v8f32(<8 x float> %712, <8 x float> %681, <8 x float> %713)
+  store <8 x float> %714, ptr %acc03039, align 4
+  %715 = load <8 x float>, ptr %acc03140, align 4
+  %716 = call <8 x float> @llvm.fma.v8f32(<8 x float> %712, <8 x float> %684, <8 x float> %715)
+  store <8 x float> %716, ptr %acc03140, align 4
+  %717 = getelementptr inbounds float, ptr %647, i64 %674
+  %718 = load float, ptr %717, align 4
+  %719 = insertelement <8 x float> poison, float %718, i32 0
+  %720 = shufflevector <8 x float> %719, <8 x float> poison, <8 x i32> zeroinitializer
+  %721 = load <8 x float>, ptr %acc04041, align 4
+  %722 = call <8 x float> @llvm.fma.v8f32(<8 x float> %720, <8 x float> %681, <8 x float> %721)
+  store <8 x float> %722, ptr %acc04041, align 4
+  %723 = load <8 x float>, ptr %acc04142, align 4
+  %724 = call <8 x float> @llvm.fma.v8f32(<8 x float> %720, <8 x float> %684, <8 x float> %723)
+  store <8 x float> %724, ptr %acc04142, align 4
+  %725 = add nsw i64 %k51, 1
+  br label %k.head48
 
-k.end49:                                          ; preds = %k.head47
-  %728 = xor i1 %klast, true
-  br i1 %728, label %part.then53, label %part.end54
+k.end50:                                          ; preds = %k.head48
+  %726 = xor i1 %klast, true
+  br i1 %726, label %part.then54, label %part.end55
 
-part.then53:                                      ; preds = %k.end49
-  %729 = add nsw i64 %r01, 0
-  %730 = sub nsw i64 %kb.p, %kb.pg
-  %731 = sub nsw i64 %729, %kb.rc
+part.then54:                                      ; preds = %k.end50
+  %727 = add nsw i64 %r01, 0
+  %728 = sub nsw i64 %kb.p, %kb.pg
+  %729 = sub nsw i64 %727, %kb.rc
+  %730 = mul nsw i64 %729, 16
+  %731 = add nsw i64 %730, %728
   %732 = mul nsw i64 %731, 16
-  %733 = add nsw i64 %732, %730
-  %734 = mul nsw i64 %733, 16
-  %735 = getelementptr inbounds float, ptr %part, i64 %734
-  %736 = getelementptr inbounds float, ptr %735, i64 0
-  %737 = load <8 x float>, ptr %acc00033, align 4
-  store <8 x float> %737, ptr %736, align 4
-  %738 = sub nsw i64 %kb.p, %kb.pg
-  %739 = sub nsw i64 %729, %kb.rc
+  %733 = getelementptr inbounds float, ptr %part, i64 %732
+  %734 = getelementptr inbounds float, ptr %733, i64 0
+  %735 = load <8 x float>, ptr %acc00033, align 4
+  store <8 x float> %735, ptr %734, align 4
+  %736 = sub nsw i64 %kb.p, %kb.pg
+  %737 = sub nsw i64 %727, %kb.rc
+  %738 = mul nsw i64 %737, 16
+  %739 = add nsw i64 %738, %736
   %740 = mul nsw i64 %739, 16
-  %741 = add nsw i64 %740, %738
-  %742 = mul nsw i64 %741, 16
-  %743 = getelementptr inbounds float, ptr %part, i64 %742
-  %744 = getelementptr inbounds float, ptr %743, i64 8
-  %745 = load <8 x float>, ptr %acc00134, align 4
-  store <8 x float> %745, ptr %744, align 4
-  %746 = add nsw i64 %r01, 1
-  %747 = sub nsw i64 %kb.p, %kb.pg
-  %748 = sub nsw i64 %746, %kb.rc
+  %741 = getelementptr inbounds float, ptr %part, i64 %740
+  %742 = getelementptr inbounds float, ptr %741, i64 8
+  %743 = load <8 x float>, ptr %acc00134, align 4
+  store <8 x float> %743, ptr %742, align 4
+  %744 = add nsw i64 %r01, 1
+  %745 = sub nsw i64 %kb.p, %kb.pg
+  %746 = sub nsw i64 %744, %kb.rc
+  %747 = mul nsw i64 %746, 16
+  %748 = add nsw i64 %747, %745
   %749 = mul nsw i64 %748, 16
-  %750 = add nsw i64 %749, %747
-  %751 = mul nsw i64 %750, 16
-  %752 = getelementptr inbounds float, ptr %part, i64 %751
-  %753 = getelementptr inbounds float, ptr %752, i64 0
-  %754 = load <8 x float>, ptr %acc01035, align 4
-  store <8 x float> %754, ptr %753, align 4
-  %755 = sub nsw i64 %kb.p, %kb.pg
-  %756 = sub nsw i64 %746, %kb.rc
+  %750 = getelementptr inbounds float, ptr %part, i64 %749
+  %751 = getelementptr inbounds float, ptr %750, i64 0
+  %752 = load <8 x float>, ptr %acc01035, align 4
+  store <8 x float> %752, ptr %751, align 4
+  %753 = sub nsw i64 %kb.p, %kb.pg
+  %754 = sub nsw i64 %744, %kb.rc
+  %755 = mul nsw i64 %754, 16
+  %756 = add nsw i64 %755, %753
   %757 = mul nsw i64 %756, 16
-  %758 = add nsw i64 %757, %755
-  %759 = mul nsw i64 %758, 16
-  %760 = getelementptr inbounds float, ptr %part, i64 %759
-  %761 = getelementptr inbounds float, ptr %760, i64 8
-  %762 = load <8 x float>, ptr %acc01136, align 4
-  store <8 x float> %762, ptr %761, align 4
-  %763 = add nsw i64 %r01, 2
-  %764 = sub nsw i64 %kb.p, %kb.pg
-  %765 = sub nsw i64 %763, %kb.rc
+  %758 = getelementptr inbounds float, ptr %part, i64 %757
+  %759 = getelementptr inbounds float, ptr %758, i64 8
+  %760 = load <8 x float>, ptr %acc01136, align 4
+  store <8 x float> %760, ptr %759, align 4
+  %761 = add nsw i64 %r01, 2
+  %762 = sub nsw i64 %kb.p, %kb.pg
+  %763 = sub nsw i64 %761, %kb.rc
+  %764 = mul nsw i64 %763, 16
+  %765 = add nsw i64 %764, %762
   %766 = mul nsw i64 %765, 16
-  %767 = add nsw i64 %766, %764
-  %768 = mul nsw i64 %767, 16
-  %769 = getelementptr inbounds float, ptr %part, i64 %768
-  %770 = getelementptr inbounds float, ptr %769, i64 0
-  %771 = load <8 x float>, ptr %acc02037, align 4
-  store <8 x float> %771, ptr %770, align 4
-  %772 = sub nsw i64 %kb.p, %kb.pg
-  %773 = sub nsw i64 %763, %kb.rc
+  %767 = getelementptr inbounds float, ptr %part, i64 %766
+  %768 = getelementptr inbounds float, ptr %767, i64 0
+  %769 = load <8 x float>, ptr %acc02037, align 4
+  store <8 x float> %769, ptr %768, align 4
+  %770 = sub nsw i64 %kb.p, %kb.pg
+  %771 = sub nsw i64 %761, %kb.rc
+  %772 = mul nsw i64 %771, 16
+  %773 = add nsw i64 %772, %770
   %774 = mul nsw i64 %773, 16
-  %775 = add nsw i64 %774, %772
-  %776 = mul nsw i64 %775, 16
-  %777 = getelementptr inbounds float, ptr %part, i64 %776
-  %778 = getelementptr inbounds float, ptr %777, i64 8
-  %779 = load <8 x float>, ptr %acc02138, align 4
-  store <8 x float> %779, ptr %778, align 4
-  %780 = add nsw i64 %r01, 3
-  %781 = sub nsw i64 %kb.p, %kb.pg
-  %782 = sub nsw i64 %780, %kb.rc
+  %775 = getelementptr inbounds float, ptr %part, i64 %774
+  %776 = getelementptr inbounds float, ptr %775, i64 8
+  %777 = load <8 x float>, ptr %acc02138, align 4
+  store <8 x float> %777, ptr %776, align 4
+  %778 = add nsw i64 %r01, 3
+  %779 = sub nsw i64 %kb.p, %kb.pg
+  %780 = sub nsw i64 %778, %kb.rc
+  %781 = mul nsw i64 %780, 16
+  %782 = add nsw i64 %781, %779
   %783 = mul nsw i64 %782, 16
-  %784 = add nsw i64 %783, %781
-  %785 = mul nsw i64 %784, 16
-  %786 = getelementptr inbounds float, ptr %part, i64 %785
-  %787 = getelementptr inbounds float, ptr %786, i64 0
-  %788 = load <8 x float>, ptr %acc03039, align 4
-  store <8 x float> %788, ptr %787, align 4
-  %789 = sub nsw i64 %kb.p, %kb.pg
-  %790 = sub nsw i64 %780, %kb.rc
+  %784 = getelementptr inbounds float, ptr %part, i64 %783
+  %785 = getelementptr inbounds float, ptr %784, i64 0
+  %786 = load <8 x float>, ptr %acc03039, align 4
+  store <8 x float> %786, ptr %785, align 4
+  %787 = sub nsw i64 %kb.p, %kb.pg
+  %788 = sub nsw i64 %778, %kb.rc
+  %789 = mul nsw i64 %788, 16
+  %790 = add nsw i64 %789, %787
   %791 = mul nsw i64 %790, 16
-  %792 = add nsw i64 %791, %789
-  %793 = mul nsw i64 %792, 16
-  %794 = getelementptr inbounds float, ptr %part, i64 %793
-  %795 = getelementptr inbounds float, ptr %794, i64 8
-  %796 = load <8 x float>, ptr %acc03140, align 4
-  store <8 x float> %796, ptr %795, align 4
-  %797 = add nsw i64 %r01, 4
-  %798 = sub nsw i64 %kb.p, %kb.pg
-  %799 = sub nsw i64 %797, %kb.rc
+  %792 = getelementptr inbounds float, ptr %part, i64 %791
+  %793 = getelementptr inbounds float, ptr %792, i64 8
+  %794 = load <8 x float>, ptr %acc03140, align 4
+  store <8 x float> %794, ptr %793, align 4
+  %795 = add nsw i64 %r01, 4
+  %796 = sub nsw i64 %kb.p, %kb.pg
+  %797 = sub nsw i64 %795, %kb.rc
+  %798 = mul nsw i64 %797, 16
+  %799 = add nsw i64 %798, %796
   %800 = mul nsw i64 %799, 16
-  %801 = add nsw i64 %800, %798
-  %802 = mul nsw i64 %801, 16
-  %803 = getelementptr inbounds float, ptr %part, i64 %802
-  %804 = getelementptr inbounds float, ptr %803, i64 0
-  %805 = load <8 x float>, ptr %acc04041, align 4
-  store <8 x float> %805, ptr %804, align 4
-  %806 = sub nsw i64 %kb.p, %kb.pg
-  %807 = sub nsw i64 %797, %kb.rc
+  %801 = getelementptr inbounds float, ptr %part, i64 %800
+  %802 = getelementptr inbounds float, ptr %801, i64 0
+  %803 = load <8 x float>, ptr %acc04041, align 4
+  store <8 x float> %803, ptr %802, align 4
+  %804 = sub nsw i64 %kb.p, %kb.pg
+  %805 = sub nsw i64 %795, %kb.rc
+  %806 = mul nsw i64 %805, 16
+  %807 = add nsw i64 %806, %804
   %808 = mul nsw i64 %807, 16
-  %809 = add nsw i64 %808, %806
-  %810 = mul nsw i64 %809, 16
-  %811 = getelementptr inbounds float, ptr %part, i64 %810
-  %812 = getelementptr inbounds float, ptr %811, i64 8
-  %813 = load <8 x float>, ptr %acc04142, align 4
-  store <8 x float> %813, ptr %812, align 4
-  br label %part.end54
+  %809 = getelementptr inbounds float, ptr %part, i64 %808
+  %810 = getelementptr inbounds float, ptr %809, i64 8
+  %811 = load <8 x float>, ptr %acc04142, align 4
+  store <8 x float> %811, ptr %810, align 4
+  br label %part.end55
 
-part.end54:                                       ; preds = %part.then53, %k.end49
-  br i1 %klast, label %last.then55, label %last.end56
+part.end55:                                       ; preds = %part.then54, %k.end50
+  br i1 %klast, label %last.then56, label %last.end57
 
-last.then55:                                      ; preds = %part.end54
-  %814 = add nsw i64 %r01, 0
-  %815 = getelementptr inbounds float, ptr %rw, i64 %814
-  %816 = load float, ptr %815, align 4
-  %817 = insertelement <8 x float> poison, float %816, i32 0
-  %818 = shufflevector <8 x float> %817, <8 x float> poison, <8 x i32> zeroinitializer
-  %819 = mul nsw i64 %814, 2816
-  %820 = getelementptr inbounds float, ptr %h, i64 %819
-  %col57 = mul nsw i64 %kb.p, 8
-  %821 = load <8 x float>, ptr %acc00033, align 4
-  %822 = load <8 x float>, ptr %acc00134, align 4
-  %823 = fneg <8 x float> %821
-  %824 = fcmp olt <8 x float> %823, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %825 = select <8 x i1> %824, <8 x float> %823, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %826 = fcmp ogt <8 x float> %825, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %827 = select <8 x i1> %826, <8 x float> %825, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %828 = call <8 x float> @llvm.fma.v8f32(<8 x float> %827, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %829 = call <8 x float> @llvm.floor.v8f32(<8 x float> %828)
-  %830 = call <8 x float> @llvm.fma.v8f32(<8 x float> %829, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %827)
-  %831 = call <8 x float> @llvm.fma.v8f32(<8 x float> %829, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %830)
-  %832 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %831, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %833 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> %831, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %833, <8 x float> %831, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %835 = call <8 x float> @llvm.fma.v8f32(<8 x float> %834, <8 x float> %831, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %835, <8 x float> %831, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %837 = fmul <8 x float> %831, %831
-  %838 = call <8 x float> @llvm.fma.v8f32(<8 x float> %836, <8 x float> %837, <8 x float> %831)
-  %839 = fadd <8 x float> %838, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %840 = fptosi <8 x float> %829 to <8 x i32>
-  %841 = add <8 x i32> %840, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %842 = shl <8 x i32> %841, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n58 = bitcast <8 x i32> %842 to <8 x float>
-  %exp59 = fmul <8 x float> %839, %exp.2n58
-  %843 = fadd <8 x float> %exp59, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid60 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %843
-  %silu61 = fmul <8 x float> %821, %sigmoid60
-  %glu62 = fmul <8 x float> %silu61, %822
-  %844 = fmul <8 x float> %glu62, %818
-  %845 = getelementptr inbounds float, ptr %820, i64 %col57
-  store <8 x float> %844, ptr %845, align 4
-  %846 = add nsw i64 %r01, 1
-  %847 = getelementptr inbounds float, ptr %rw, i64 %846
-  %848 = load float, ptr %847, align 4
-  %849 = insertelement <8 x float> poison, float %848, i32 0
-  %850 = shufflevector <8 x float> %849, <8 x float> poison, <8 x i32> zeroinitializer
-  %851 = mul nsw i64 %846, 2816
-  %852 = getelementptr inbounds float, ptr %h, i64 %851
-  %col63 = mul nsw i64 %kb.p, 8
-  %853 = load <8 x float>, ptr %acc01035, align 4
-  %854 = load <8 x float>, ptr %acc01136, align 4
-  %855 = fneg <8 x float> %853
-  %856 = fcmp olt <8 x float> %855, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %857 = select <8 x i1> %856, <8 x float> %855, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %858 = fcmp ogt <8 x float> %857, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %859 = select <8 x i1> %858, <8 x float> %857, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %860 = call <8 x float> @llvm.fma.v8f32(<8 x float> %859, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %861 = call <8 x float> @llvm.floor.v8f32(<8 x float> %860)
-  %862 = call <8 x float> @llvm.fma.v8f32(<8 x float> %861, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %859)
-  %863 = call <8 x float> @llvm.fma.v8f32(<8 x float> %861, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %862)
-  %864 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %863, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %865 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> %863, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %865, <8 x float> %863, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %866, <8 x float> %863, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %867, <8 x float> %863, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %869 = fmul <8 x float> %863, %863
-  %870 = call <8 x float> @llvm.fma.v8f32(<8 x float> %868, <8 x float> %869, <8 x float> %863)
-  %871 = fadd <8 x float> %870, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %872 = fptosi <8 x float> %861 to <8 x i32>
-  %873 = add <8 x i32> %872, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %874 = shl <8 x i32> %873, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n64 = bitcast <8 x i32> %874 to <8 x float>
-  %exp65 = fmul <8 x float> %871, %exp.2n64
-  %875 = fadd <8 x float> %exp65, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid66 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %875
-  %silu67 = fmul <8 x float> %853, %sigmoid66
-  %glu68 = fmul <8 x float> %silu67, %854
-  %876 = fmul <8 x float> %glu68, %850
-  %877 = getelementptr inbounds float, ptr %852, i64 %col63
-  store <8 x float> %876, ptr %877, align 4
-  %878 = add nsw i64 %r01, 2
-  %879 = getelementptr inbounds float, ptr %rw, i64 %878
-  %880 = load float, ptr %879, align 4
-  %881 = insertelement <8 x float> poison, float %880, i32 0
-  %882 = shufflevector <8 x float> %881, <8 x float> poison, <8 x i32> zeroinitializer
-  %883 = mul nsw i64 %878, 2816
-  %884 = getelementptr inbounds float, ptr %h, i64 %883
-  %col69 = mul nsw i64 %kb.p, 8
-  %885 = load <8 x float>, ptr %acc02037, align 4
-  %886 = load <8 x float>, ptr %acc02138, align 4
-  %887 = fneg <8 x float> %885
-  %888 = fcmp olt <8 x float> %887, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %889 = select <8 x i1> %888, <8 x float> %887, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %890 = fcmp ogt <8 x float> %889, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %891 = select <8 x i1> %890, <8 x float> %889, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %892 = call <8 x float> @llvm.fma.v8f32(<8 x float> %891, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %893 = call <8 x float> @llvm.floor.v8f32(<8 x float> %892)
-  %894 = call <8 x float> @llvm.fma.v8f32(<8 x float> %893, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %891)
-  %895 = call <8 x float> @llvm.fma.v8f32(<8 x float> %893, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %894)
-  %896 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %895, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %897 = call <8 x float> @llvm.fma.v8f32(<8 x float> %896, <8 x float> %895, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %898 = call <8 x float> @llvm.fma.v8f32(<8 x float> %897, <8 x float> %895, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %899 = call <8 x float> @llvm.fma.v8f32(<8 x float> %898, <8 x float> %895, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %899, <8 x float> %895, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %901 = fmul <8 x float> %895, %895
-  %902 = call <8 x float> @llvm.fma.v8f32(<8 x float> %900, <8 x float> %901, <8 x float> %895)
-  %903 = fadd <8 x float> %902, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %904 = fptosi <8 x float> %893 to <8 x i32>
-  %905 = add <8 x i32> %904, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %906 = shl <8 x i32> %905, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n70 = bitcast <8 x i32> %906 to <8 x float>
-  %exp71 = fmul <8 x float> %903, %exp.2n70
-  %907 = fadd <8 x float> %exp71, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid72 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %907
-  %silu73 = fmul <8 x float> %885, %sigmoid72
-  %glu74 = fmul <8 x float> %silu73, %886
-  %908 = fmul <8 x float> %glu74, %882
-  %909 = getelementptr inbounds float, ptr %884, i64 %col69
-  store <8 x float> %908, ptr %909, align 4
-  %910 = add nsw i64 %r01, 3
-  %911 = getelementptr inbounds float, ptr %rw, i64 %910
-  %912 = load float, ptr %911, align 4
-  %913 = insertelement <8 x float> poison, float %912, i32 0
-  %914 = shufflevector <8 x float> %913, <8 x float> poison, <8 x i32> zeroinitializer
-  %915 = mul nsw i64 %910, 2816
-  %916 = getelementptr inbounds float, ptr %h, i64 %915
-  %col75 = mul nsw i64 %kb.p, 8
-  %917 = load <8 x float>, ptr %acc03039, align 4
-  %918 = load <8 x float>, ptr %acc03140, align 4
-  %919 = fneg <8 x float> %917
-  %920 = fcmp olt <8 x float> %919, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %921 = select <8 x i1> %920, <8 x float> %919, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %922 = fcmp ogt <8 x float> %921, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %923 = select <8 x i1> %922, <8 x float> %921, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %924 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %925 = call <8 x float> @llvm.floor.v8f32(<8 x float> %924)
-  %926 = call <8 x float> @llvm.fma.v8f32(<8 x float> %925, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %923)
-  %927 = call <8 x float> @llvm.fma.v8f32(<8 x float> %925, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %926)
-  %928 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %927, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %929 = call <8 x float> @llvm.fma.v8f32(<8 x float> %928, <8 x float> %927, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %930 = call <8 x float> @llvm.fma.v8f32(<8 x float> %929, <8 x float> %927, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %931 = call <8 x float> @llvm.fma.v8f32(<8 x float> %930, <8 x float> %927, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %932 = call <8 x float> @llvm.fma.v8f32(<8 x float> %931, <8 x float> %927, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %933 = fmul <8 x float> %927, %927
-  %934 = call <8 x float> @llvm.fma.v8f32(<8 x float> %932, <8 x float> %933, <8 x float> %927)
-  %935 = fadd <8 x float> %934, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %936 = fptosi <8 x float> %925 to <8 x i32>
-  %937 = add <8 x i32> %936, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %938 = shl <8 x i32> %937, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n76 = bitcast <8 x i32> %938 to <8 x float>
-  %exp77 = fmul <8 x float> %935, %exp.2n76
-  %939 = fadd <8 x float> %exp77, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid78 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %939
-  %silu79 = fmul <8 x float> %917, %sigmoid78
-  %glu80 = fmul <8 x float> %silu79, %918
-  %940 = fmul <8 x float> %glu80, %914
-  %941 = getelementptr inbounds float, ptr %916, i64 %col75
-  store <8 x float> %940, ptr %941, align 4
-  %942 = add nsw i64 %r01, 4
-  %943 = getelementptr inbounds float, ptr %rw, i64 %942
-  %944 = load float, ptr %943, align 4
-  %945 = insertelement <8 x float> poison, float %944, i32 0
-  %946 = shufflevector <8 x float> %945, <8 x float> poison, <8 x i32> zeroinitializer
-  %947 = mul nsw i64 %942, 2816
-  %948 = getelementptr inbounds float, ptr %h, i64 %947
-  %col81 = mul nsw i64 %kb.p, 8
-  %949 = load <8 x float>, ptr %acc04041, align 4
-  %950 = load <8 x float>, ptr %acc04142, align 4
-  %951 = fneg <8 x float> %949
-  %952 = fcmp olt <8 x float> %951, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %953 = select <8 x i1> %952, <8 x float> %951, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %954 = fcmp ogt <8 x float> %953, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %955 = select <8 x i1> %954, <8 x float> %953, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %956 = call <8 x float> @llvm.fma.v8f32(<8 x float> %955, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %957 = call <8 x float> @llvm.floor.v8f32(<8 x float> %956)
-  %958 = call <8 x float> @llvm.fma.v8f32(<8 x float> %957, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %955)
-  %959 = call <8 x float> @llvm.fma.v8f32(<8 x float> %957, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %958)
-  %960 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %959, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %961 = call <8 x float> @llvm.fma.v8f32(<8 x float> %960, <8 x float> %959, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %962 = call <8 x float> @llvm.fma.v8f32(<8 x float> %961, <8 x float> %959, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %963 = call <8 x float> @llvm.fma.v8f32(<8 x float> %962, <8 x float> %959, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %964 = call <8 x float> @llvm.fma.v8f32(<8 x float> %963, <8 x float> %959, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %965 = fmul <8 x float> %959, %959
-  %966 = call <8 x float> @llvm.fma.v8f32(<8 x float> %964, <8 x float> %965, <8 x float> %959)
-  %967 = fadd <8 x float> %966, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %968 = fptosi <8 x float> %957 to <8 x i32>
-  %969 = add <8 x i32> %968, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %970 = shl <8 x i32> %969, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n82 = bitcast <8 x i32> %970 to <8 x float>
-  %exp83 = fmul <8 x float> %967, %exp.2n82
-  %971 = fadd <8 x float> %exp83, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid84 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %971
-  %silu85 = fmul <8 x float> %949, %sigmoid84
-  %glu86 = fmul <8 x float> %silu85, %950
-  %972 = fmul <8 x float> %glu86, %946
-  %973 = getelementptr inbounds float, ptr %948, i64 %col81
-  store <8 x float> %972, ptr %973, align 4
-  br label %last.end56
+last.then56:                                      ; preds = %part.end55
+  %812 = add nsw i64 %r01, 0
+  %813 = getelementptr inbounds float, ptr %rw, i64 %812
+  %814 = load float, ptr %813, align 4
+  %815 = insertelement <8 x float> poison, float %814, i32 0
+  %816 = shufflevector <8 x float> %815, <8 x float> poison, <8 x i32> zeroinitializer
+  %817 = mul nsw i64 %812, 2816
+  %818 = getelementptr inbounds float, ptr %h, i64 %817
+  %col58 = mul nsw i64 %kb.p, 8
+  %819 = load <8 x float>, ptr %acc00033, align 4
+  %820 = load <8 x float>, ptr %acc00134, align 4
+  %821 = fneg <8 x float> %819
+  %822 = fcmp olt <8 x float> %821, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %823 = select <8 x i1> %822, <8 x float> %821, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %824 = fcmp ogt <8 x float> %823, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %825 = select <8 x i1> %824, <8 x float> %823, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %826 = call <8 x float> @llvm.fma.v8f32(<8 x float> %825, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %827 = call <8 x float> @llvm.floor.v8f32(<8 x float> %826)
+  %828 = call <8 x float> @llvm.fma.v8f32(<8 x float> %827, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %825)
+  %829 = call <8 x float> @llvm.fma.v8f32(<8 x float> %827, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %828)
+  %830 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %829, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %831 = call <8 x float> @llvm.fma.v8f32(<8 x float> %830, <8 x float> %829, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %832 = call <8 x float> @llvm.fma.v8f32(<8 x float> %831, <8 x float> %829, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %833 = call <8 x float> @llvm.fma.v8f32(<8 x float> %832, <8 x float> %829, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %834 = call <8 x float> @llvm.fma.v8f32(<8 x float> %833, <8 x float> %829, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %835 = fmul <8 x float> %829, %829
+  %836 = call <8 x float> @llvm.fma.v8f32(<8 x float> %834, <8 x float> %835, <8 x float> %829)
+  %837 = fadd <8 x float> %836, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %838 = fptosi <8 x float> %827 to <8 x i32>
+  %839 = add <8 x i32> %838, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %840 = shl <8 x i32> %839, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n59 = bitcast <8 x i32> %840 to <8 x float>
+  %exp60 = fmul <8 x float> %837, %exp.2n59
+  %841 = fadd <8 x float> %exp60, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid61 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %841
+  %silu62 = fmul <8 x float> %819, %sigmoid61
+  %glu63 = fmul <8 x float> %silu62, %820
+  %842 = fmul <8 x float> %glu63, %816
+  %843 = getelementptr inbounds float, ptr %818, i64 %col58
+  store <8 x float> %842, ptr %843, align 4
+  %844 = add nsw i64 %r01, 1
+  %845 = getelementptr inbounds float, ptr %rw, i64 %844
+  %846 = load float, ptr %845, align 4
+  %847 = insertelement <8 x float> poison, float %846, i32 0
+  %848 = shufflevector <8 x float> %847, <8 x float> poison, <8 x i32> zeroinitializer
+  %849 = mul nsw i64 %844, 2816
+  %850 = getelementptr inbounds float, ptr %h, i64 %849
+  %col64 = mul nsw i64 %kb.p, 8
+  %851 = load <8 x float>, ptr %acc01035, align 4
+  %852 = load <8 x float>, ptr %acc01136, align 4
+  %853 = fneg <8 x float> %851
+  %854 = fcmp olt <8 x float> %853, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %855 = select <8 x i1> %854, <8 x float> %853, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %856 = fcmp ogt <8 x float> %855, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %857 = select <8 x i1> %856, <8 x float> %855, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %858 = call <8 x float> @llvm.fma.v8f32(<8 x float> %857, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %859 = call <8 x float> @llvm.floor.v8f32(<8 x float> %858)
+  %860 = call <8 x float> @llvm.fma.v8f32(<8 x float> %859, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %857)
+  %861 = call <8 x float> @llvm.fma.v8f32(<8 x float> %859, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %860)
+  %862 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %861, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %863 = call <8 x float> @llvm.fma.v8f32(<8 x float> %862, <8 x float> %861, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %864 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> %861, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %865 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> %861, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %865, <8 x float> %861, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %867 = fmul <8 x float> %861, %861
+  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %866, <8 x float> %867, <8 x float> %861)
+  %869 = fadd <8 x float> %868, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %870 = fptosi <8 x float> %859 to <8 x i32>
+  %871 = add <8 x i32> %870, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %872 = shl <8 x i32> %871, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n65 = bitcast <8 x i32> %872 to <8 x float>
+  %exp66 = fmul <8 x float> %869, %exp.2n65
+  %873 = fadd <8 x float> %exp66, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid67 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %873
+  %silu68 = fmul <8 x float> %851, %sigmoid67
+  %glu69 = fmul <8 x float> %silu68, %852
+  %874 = fmul <8 x float> %glu69, %848
+  %875 = getelementptr inbounds float, ptr %850, i64 %col64
+  store <8 x float> %874, ptr %875, align 4
+  %876 = add nsw i64 %r01, 2
+  %877 = getelementptr inbounds float, ptr %rw, i64 %876
+  %878 = load float, ptr %877, align 4
+  %879 = insertelement <8 x float> poison, float %878, i32 0
+  %880 = shufflevector <8 x float> %879, <8 x float> poison, <8 x i32> zeroinitializer
+  %881 = mul nsw i64 %876, 2816
+  %882 = getelementptr inbounds float, ptr %h, i64 %881
+  %col70 = mul nsw i64 %kb.p, 8
+  %883 = load <8 x float>, ptr %acc02037, align 4
+  %884 = load <8 x float>, ptr %acc02138, align 4
+  %885 = fneg <8 x float> %883
+  %886 = fcmp olt <8 x float> %885, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %887 = select <8 x i1> %886, <8 x float> %885, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %888 = fcmp ogt <8 x float> %887, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %889 = select <8 x i1> %888, <8 x float> %887, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %890 = call <8 x float> @llvm.fma.v8f32(<8 x float> %889, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %891 = call <8 x float> @llvm.floor.v8f32(<8 x float> %890)
+  %892 = call <8 x float> @llvm.fma.v8f32(<8 x float> %891, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %889)
+  %893 = call <8 x float> @llvm.fma.v8f32(<8 x float> %891, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %892)
+  %894 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %893, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %895 = call <8 x float> @llvm.fma.v8f32(<8 x float> %894, <8 x float> %893, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %896 = call <8 x float> @llvm.fma.v8f32(<8 x float> %895, <8 x float> %893, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %897 = call <8 x float> @llvm.fma.v8f32(<8 x float> %896, <8 x float> %893, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %898 = call <8 x float> @llvm.fma.v8f32(<8 x float> %897, <8 x float> %893, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %899 = fmul <8 x float> %893, %893
+  %900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %898, <8 x float> %899, <8 x float> %893)
+  %901 = fadd <8 x float> %900, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %902 = fptosi <8 x float> %891 to <8 x i32>
+  %903 = add <8 x i32> %902, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %904 = shl <8 x i32> %903, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n71 = bitcast <8 x i32> %904 to <8 x float>
+  %exp72 = fmul <8 x float> %901, %exp.2n71
+  %905 = fadd <8 x float> %exp72, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid73 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %905
+  %silu74 = fmul <8 x float> %883, %sigmoid73
+  %glu75 = fmul <8 x float> %silu74, %884
+  %906 = fmul <8 x float> %glu75, %880
+  %907 = getelementptr inbounds float, ptr %882, i64 %col70
+  store <8 x float> %906, ptr %907, align 4
+  %908 = add nsw i64 %r01, 3
+  %909 = getelementptr inbounds float, ptr %rw, i64 %908
+  %910 = load float, ptr %909, align 4
+  %911 = insertelement <8 x float> poison, float %910, i32 0
+  %912 = shufflevector <8 x float> %911, <8 x float> poison, <8 x i32> zeroinitializer
+  %913 = mul nsw i64 %908, 2816
+  %914 = getelementptr inbounds float, ptr %h, i64 %913
+  %col76 = mul nsw i64 %kb.p, 8
+  %915 = load <8 x float>, ptr %acc03039, align 4
+  %916 = load <8 x float>, ptr %acc03140, align 4
+  %917 = fneg <8 x float> %915
+  %918 = fcmp olt <8 x float> %917, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %919 = select <8 x i1> %918, <8 x float> %917, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %920 = fcmp ogt <8 x float> %919, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %921 = select <8 x i1> %920, <8 x float> %919, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %922 = call <8 x float> @llvm.fma.v8f32(<8 x float> %921, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %923 = call <8 x float> @llvm.floor.v8f32(<8 x float> %922)
+  %924 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %921)
+  %925 = call <8 x float> @llvm.fma.v8f32(<8 x float> %923, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %924)
+  %926 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %925, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %927 = call <8 x float> @llvm.fma.v8f32(<8 x float> %926, <8 x float> %925, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %928 = call <8 x float> @llvm.fma.v8f32(<8 x float> %927, <8 x float> %925, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %929 = call <8 x float> @llvm.fma.v8f32(<8 x float> %928, <8 x float> %925, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %930 = call <8 x float> @llvm.fma.v8f32(<8 x float> %929, <8 x float> %925, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %931 = fmul <8 x float> %925, %925
+  %932 = call <8 x float> @llvm.fma.v8f32(<8 x float> %930, <8 x float> %931, <8 x float> %925)
+  %933 = fadd <8 x float> %932, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %934 = fptosi <8 x float> %923 to <8 x i32>
+  %935 = add <8 x i32> %934, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %936 = shl <8 x i32> %935, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n77 = bitcast <8 x i32> %936 to <8 x float>
+  %exp78 = fmul <8 x float> %933, %exp.2n77
+  %937 = fadd <8 x float> %exp78, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid79 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %937
+  %silu80 = fmul <8 x float> %915, %sigmoid79
+  %glu81 = fmul <8 x float> %silu80, %916
+  %938 = fmul <8 x float> %glu81, %912
+  %939 = getelementptr inbounds float, ptr %914, i64 %col76
+  store <8 x float> %938, ptr %939, align 4
+  %940 = add nsw i64 %r01, 4
+  %941 = getelementptr inbounds float, ptr %rw, i64 %940
+  %942 = load float, ptr %941, align 4
+  %943 = insertelement <8 x float> poison, float %942, i32 0
+  %944 = shufflevector <8 x float> %943, <8 x float> poison, <8 x i32> zeroinitializer
+  %945 = mul nsw i64 %940, 2816
+  %946 = getelementptr inbounds float, ptr %h, i64 %945
+  %col82 = mul nsw i64 %kb.p, 8
+  %947 = load <8 x float>, ptr %acc04041, align 4
+  %948 = load <8 x float>, ptr %acc04142, align 4
+  %949 = fneg <8 x float> %947
+  %950 = fcmp olt <8 x float> %949, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %951 = select <8 x i1> %950, <8 x float> %949, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %952 = fcmp ogt <8 x float> %951, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %953 = select <8 x i1> %952, <8 x float> %951, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %954 = call <8 x float> @llvm.fma.v8f32(<8 x float> %953, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %955 = call <8 x float> @llvm.floor.v8f32(<8 x float> %954)
+  %956 = call <8 x float> @llvm.fma.v8f32(<8 x float> %955, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %953)
+  %957 = call <8 x float> @llvm.fma.v8f32(<8 x float> %955, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %956)
+  %958 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %957, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %959 = call <8 x float> @llvm.fma.v8f32(<8 x float> %958, <8 x float> %957, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %960 = call <8 x float> @llvm.fma.v8f32(<8 x float> %959, <8 x float> %957, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %961 = call <8 x float> @llvm.fma.v8f32(<8 x float> %960, <8 x float> %957, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %962 = call <8 x float> @llvm.fma.v8f32(<8 x float> %961, <8 x float> %957, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %963 = fmul <8 x float> %957, %957
+  %964 = call <8 x float> @llvm.fma.v8f32(<8 x float> %962, <8 x float> %963, <8 x float> %957)
+  %965 = fadd <8 x float> %964, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %966 = fptosi <8 x float> %955 to <8 x i32>
+  %967 = add <8 x i32> %966, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %968 = shl <8 x i32> %967, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n83 = bitcast <8 x i32> %968 to <8 x float>
+  %exp84 = fmul <8 x float> %965, %exp.2n83
+  %969 = fadd <8 x float> %exp84, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid85 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %969
+  %silu86 = fmul <8 x float> %947, %sigmoid85
+  %glu87 = fmul <8 x float> %silu86, %948
+  %970 = fmul <8 x float> %glu87, %944
+  %971 = getelementptr inbounds float, ptr %946, i64 %col82
+  store <8 x float> %970, ptr %971, align 4
+  br label %last.end57
 
-last.end56:                                       ; preds = %last.then55, %part.end54
+last.end57:                                       ; preds = %last.then56, %part.end55
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
-  %974 = add nsw i64 %r01, 0
-  %975 = getelementptr inbounds i32, ptr %rows, i64 %974
-  %976 = load i32, ptr %975, align 4
-  %977 = sext i32 %976 to i64
-  %978 = mul nsw i64 %977, 1024
-  %979 = add nsw i64 %978, %k0
-  %980 = getelementptr inbounds float, ptr %x, i64 %979
-  %981 = sub nsw i64 %kb.p, %kb.pg
-  %982 = sub nsw i64 %974, %kb.rc
+  %972 = add nsw i64 %r01, 0
+  %973 = getelementptr inbounds i32, ptr %rows, i64 %972
+  %974 = load i32, ptr %973, align 4
+  %975 = sext i32 %974 to i64
+  %976 = mul nsw i64 %975, 1024
+  %977 = add nsw i64 %976, %k0
+  %978 = getelementptr inbounds float, ptr %x, i64 %977
+  %979 = sub nsw i64 %kb.p, %kb.pg
+  %980 = sub nsw i64 %972, %kb.rc
+  %981 = mul nsw i64 %980, 16
+  %982 = add nsw i64 %981, %979
   %983 = mul nsw i64 %982, 16
-  %984 = add nsw i64 %983, %981
-  %985 = mul nsw i64 %984, 16
-  %986 = getelementptr inbounds float, ptr %part, i64 %985
-  %987 = getelementptr inbounds float, ptr %986, i64 0
-  %988 = load <8 x float>, ptr %987, align 4
-  %989 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %988
-  store <8 x float> %989, ptr %acc00087, align 4
-  %990 = sub nsw i64 %kb.p, %kb.pg
-  %991 = sub nsw i64 %974, %kb.rc
+  %984 = getelementptr inbounds float, ptr %part, i64 %983
+  %985 = getelementptr inbounds float, ptr %984, i64 0
+  %986 = load <8 x float>, ptr %985, align 4
+  %987 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %986
+  store <8 x float> %987, ptr %acc00088, align 4
+  %988 = sub nsw i64 %kb.p, %kb.pg
+  %989 = sub nsw i64 %972, %kb.rc
+  %990 = mul nsw i64 %989, 16
+  %991 = add nsw i64 %990, %988
   %992 = mul nsw i64 %991, 16
-  %993 = add nsw i64 %992, %990
-  %994 = mul nsw i64 %993, 16
-  %995 = getelementptr inbounds float, ptr %part, i64 %994
-  %996 = getelementptr inbounds float, ptr %995, i64 8
-  %997 = load <8 x float>, ptr %996, align 4
-  %998 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %997
-  store <8 x float> %998, ptr %acc00188, align 4
-  %999 = add nsw i64 %r01, 1
-  %1000 = getelementptr inbounds i32, ptr %rows, i64 %999
-  %1001 = load i32, ptr %1000, align 4
-  %1002 = sext i32 %1001 to i64
-  %1003 = mul nsw i64 %1002, 1024
-  %1004 = add nsw i64 %1003, %k0
-  %1005 = getelementptr inbounds float, ptr %x, i64 %1004
-  %1006 = sub nsw i64 %kb.p, %kb.pg
-  %1007 = sub nsw i64 %999, %kb.rc
+  %993 = getelementptr inbounds float, ptr %part, i64 %992
+  %994 = getelementptr inbounds float, ptr %993, i64 8
+  %995 = load <8 x float>, ptr %994, align 4
+  %996 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %995
+  store <8 x float> %996, ptr %acc00189, align 4
+  %997 = add nsw i64 %r01, 1
+  %998 = getelementptr inbounds i32, ptr %rows, i64 %997
+  %999 = load i32, ptr %998, align 4
+  %1000 = sext i32 %999 to i64
+  %1001 = mul nsw i64 %1000, 1024
+  %1002 = add nsw i64 %1001, %k0
+  %1003 = getelementptr inbounds float, ptr %x, i64 %1002
+  %1004 = sub nsw i64 %kb.p, %kb.pg
+  %1005 = sub nsw i64 %997, %kb.rc
+  %1006 = mul nsw i64 %1005, 16
+  %1007 = add nsw i64 %1006, %1004
   %1008 = mul nsw i64 %1007, 16
-  %1009 = add nsw i64 %1008, %1006
-  %1010 = mul nsw i64 %1009, 16
-  %1011 = getelementptr inbounds float, ptr %part, i64 %1010
-  %1012 = getelementptr inbounds float, ptr %1011, i64 0
-  %1013 = load <8 x float>, ptr %1012, align 4
-  %1014 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1013
-  store <8 x float> %1014, ptr %acc01089, align 4
-  %1015 = sub nsw i64 %kb.p, %kb.pg
-  %1016 = sub nsw i64 %999, %kb.rc
+  %1009 = getelementptr inbounds float, ptr %part, i64 %1008
+  %1010 = getelementptr inbounds float, ptr %1009, i64 0
+  %1011 = load <8 x float>, ptr %1010, align 4
+  %1012 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1011
+  store <8 x float> %1012, ptr %acc01090, align 4
+  %1013 = sub nsw i64 %kb.p, %kb.pg
+  %1014 = sub nsw i64 %997, %kb.rc
+  %1015 = mul nsw i64 %1014, 16
+  %1016 = add nsw i64 %1015, %1013
   %1017 = mul nsw i64 %1016, 16
-  %1018 = add nsw i64 %1017, %1015
-  %1019 = mul nsw i64 %1018, 16
-  %1020 = getelementptr inbounds float, ptr %part, i64 %1019
-  %1021 = getelementptr inbounds float, ptr %1020, i64 8
-  %1022 = load <8 x float>, ptr %1021, align 4
-  %1023 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1022
-  store <8 x float> %1023, ptr %acc01190, align 4
-  %1024 = add nsw i64 %r01, 2
-  %1025 = getelementptr inbounds i32, ptr %rows, i64 %1024
-  %1026 = load i32, ptr %1025, align 4
-  %1027 = sext i32 %1026 to i64
-  %1028 = mul nsw i64 %1027, 1024
-  %1029 = add nsw i64 %1028, %k0
-  %1030 = getelementptr inbounds float, ptr %x, i64 %1029
-  %1031 = sub nsw i64 %kb.p, %kb.pg
-  %1032 = sub nsw i64 %1024, %kb.rc
+  %1018 = getelementptr inbounds float, ptr %part, i64 %1017
+  %1019 = getelementptr inbounds float, ptr %1018, i64 8
+  %1020 = load <8 x float>, ptr %1019, align 4
+  %1021 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1020
+  store <8 x float> %1021, ptr %acc01191, align 4
+  %1022 = add nsw i64 %r01, 2
+  %1023 = getelementptr inbounds i32, ptr %rows, i64 %1022
+  %1024 = load i32, ptr %1023, align 4
+  %1025 = sext i32 %1024 to i64
+  %1026 = mul nsw i64 %1025, 1024
+  %1027 = add nsw i64 %1026, %k0
+  %1028 = getelementptr inbounds float, ptr %x, i64 %1027
+  %1029 = sub nsw i64 %kb.p, %kb.pg
+  %1030 = sub nsw i64 %1022, %kb.rc
+  %1031 = mul nsw i64 %1030, 16
+  %1032 = add nsw i64 %1031, %1029
   %1033 = mul nsw i64 %1032, 16
-  %1034 = add nsw i64 %1033, %1031
-  %1035 = mul nsw i64 %1034, 16
-  %1036 = getelementptr inbounds float, ptr %part, i64 %1035
-  %1037 = getelementptr inbounds float, ptr %1036, i64 0
-  %1038 = load <8 x float>, ptr %1037, align 4
-  %1039 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1038
-  store <8 x float> %1039, ptr %acc02091, align 4
-  %1040 = sub nsw i64 %kb.p, %kb.pg
-  %1041 = sub nsw i64 %1024, %kb.rc
+  %1034 = getelementptr inbounds float, ptr %part, i64 %1033
+  %1035 = getelementptr inbounds float, ptr %1034, i64 0
+  %1036 = load <8 x float>, ptr %1035, align 4
+  %1037 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1036
+  store <8 x float> %1037, ptr %acc02092, align 4
+  %1038 = sub nsw i64 %kb.p, %kb.pg
+  %1039 = sub nsw i64 %1022, %kb.rc
+  %1040 = mul nsw i64 %1039, 16
+  %1041 = add nsw i64 %1040, %1038
   %1042 = mul nsw i64 %1041, 16
-  %1043 = add nsw i64 %1042, %1040
-  %1044 = mul nsw i64 %1043, 16
-  %1045 = getelementptr inbounds float, ptr %part, i64 %1044
-  %1046 = getelementptr inbounds float, ptr %1045, i64 8
-  %1047 = load <8 x float>, ptr %1046, align 4
-  %1048 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1047
-  store <8 x float> %1048, ptr %acc02192, align 4
-  %1049 = add nsw i64 %r01, 3
-  %1050 = getelementptr inbounds i32, ptr %rows, i64 %1049
-  %1051 = load i32, ptr %1050, align 4
-  %1052 = sext i32 %1051 to i64
-  %1053 = mul nsw i64 %1052, 1024
-  %1054 = add nsw i64 %1053, %k0
-  %1055 = getelementptr inbounds float, ptr %x, i64 %1054
-  %1056 = sub nsw i64 %kb.p, %kb.pg
-  %1057 = sub nsw i64 %1049, %kb.rc
+  %1043 = getelementptr inbounds float, ptr %part, i64 %1042
+  %1044 = getelementptr inbounds float, ptr %1043, i64 8
+  %1045 = load <8 x float>, ptr %1044, align 4
+  %1046 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1045
+  store <8 x float> %1046, ptr %acc02193, align 4
+  %1047 = add nsw i64 %r01, 3
+  %1048 = getelementptr inbounds i32, ptr %rows, i64 %1047
+  %1049 = load i32, ptr %1048, align 4
+  %1050 = sext i32 %1049 to i64
+  %1051 = mul nsw i64 %1050, 1024
+  %1052 = add nsw i64 %1051, %k0
+  %1053 = getelementptr inbounds float, ptr %x, i64 %1052
+  %1054 = sub nsw i64 %kb.p, %kb.pg
+  %1055 = sub nsw i64 %1047, %kb.rc
+  %1056 = mul nsw i64 %1055, 16
+  %1057 = add nsw i64 %1056, %1054
   %1058 = mul nsw i64 %1057, 16
-  %1059 = add nsw i64 %1058, %1056
-  %1060 = mul nsw i64 %1059, 16
-  %1061 = getelementptr inbounds float, ptr %part, i64 %1060
-  %1062 = getelementptr inbounds float, ptr %1061, i64 0
-  %1063 = load <8 x float>, ptr %1062, align 4
-  %1064 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1063
-  store <8 x float> %1064, ptr %acc03093, align 4
-  %1065 = sub nsw i64 %kb.p, %kb.pg
-  %1066 = sub nsw i64 %1049, %kb.rc
+  %1059 = getelementptr inbounds float, ptr %part, i64 %1058
+  %1060 = getelementptr inbounds float, ptr %1059, i64 0
+  %1061 = load <8 x float>, ptr %1060, align 4
+  %1062 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1061
+  store <8 x float> %1062, ptr %acc03094, align 4
+  %1063 = sub nsw i64 %kb.p, %kb.pg
+  %1064 = sub nsw i64 %1047, %kb.rc
+  %1065 = mul nsw i64 %1064, 16
+  %1066 = add nsw i64 %1065, %1063
   %1067 = mul nsw i64 %1066, 16
-  %1068 = add nsw i64 %1067, %1065
-  %1069 = mul nsw i64 %1068, 16
-  %1070 = getelementptr inbounds float, ptr %part, i64 %1069
-  %1071 = getelementptr inbounds float, ptr %1070, i64 8
-  %1072 = load <8 x float>, ptr %1071, align 4
-  %1073 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1072
-  store <8 x float> %1073, ptr %acc03194, align 4
-  %1074 = mul nsw i64 %k0, 16
-  %1075 = mul nsw i64 %kb.p, 16384
-  %panel.off95 = add nsw i64 %1075, %1074
-  %1076 = getelementptr inbounds float, ptr %panels, i64 %panel.off95
-  %pf.on96 = and i1 %pf.on, %pf.next
-  %1077 = mul nsw i64 %rb, 16384
-  %1078 = lshr i64 %1077, %25
-  %1079 = add nsw i64 %pf.step, %1078
-  %1080 = getelementptr inbounds i8, ptr %1076, i64 %1079
-  %pf97 = select i1 %pf.on96, ptr %1080, ptr %1076
-  %pf.sh98 = select i1 %pf.on96, i64 %25, i64 0
-  br label %k.head99
+  %1068 = getelementptr inbounds float, ptr %part, i64 %1067
+  %1069 = getelementptr inbounds float, ptr %1068, i64 8
+  %1070 = load <8 x float>, ptr %1069, align 4
+  %1071 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1070
+  store <8 x float> %1071, ptr %acc03195, align 4
+  %panel.off96 = mul nsw i64 %kb.p, 16384
+  %1072 = mul nsw i64 %k0, 16
+  %slice.off97 = add nsw i64 %panel.off96, %1072
+  %1073 = getelementptr inbounds float, ptr %panels, i64 %slice.off97
+  %pf.on98 = and i1 %pf.on, %pf.next
+  %1074 = mul nsw i64 %rb, 16384
+  %1075 = lshr i64 %1074, %25
+  %1076 = add nsw i64 %pf.step, %1075
+  %1077 = getelementptr inbounds i8, ptr %1073, i64 %1076
+  %pf99 = select i1 %pf.on98, ptr %1077, ptr %1073
+  %pf.sh100 = select i1 %pf.on98, i64 %25, i64 0
+  br label %k.head101
 
-k.head99:                                         ; preds = %pf.any.end104, %tile.mr4
-  %k102 = phi i64 [ 0, %tile.mr4 ], [ %1126, %pf.any.end104 ]
-  %1081 = icmp slt i64 %k102, 256
-  br i1 %1081, label %k.body100, label %k.end101
+k.head101:                                        ; preds = %pf.any.end106, %tile.mr4
+  %k104 = phi i64 [ 0, %tile.mr4 ], [ %1123, %pf.any.end106 ]
+  %1078 = icmp slt i64 %k104, 256
+  br i1 %1078, label %k.body102, label %k.end103
 
-k.body100:                                        ; preds = %k.head99
-  %1082 = mul nsw i64 %k102, 1
-  %1083 = add nsw i64 %1082, 0
-  %1084 = mul nsw i64 %1083, 64
-  br i1 %pf.multi, label %pf.any.then103, label %pf.any.end104
+k.body102:                                        ; preds = %k.head101
+  %1079 = mul nsw i64 %k104, 1
+  %1080 = add nsw i64 %1079, 0
+  %1081 = mul nsw i64 %1080, 64
+  br i1 %pf.multi, label %pf.any.then105, label %pf.any.end106
 
-pf.any.then103:                                   ; preds = %k.body100
-  %1085 = lshr i64 %1084, %pf.sh98
-  %1086 = getelementptr inbounds i8, ptr %pf97, i64 %1085
-  call void @llvm.prefetch.p0(ptr %1086, i32 0, i32 2, i32 1)
-  br label %pf.any.end104
+pf.any.then105:                                   ; preds = %k.body102
+  %1082 = lshr i64 %1081, %pf.sh100
+  %1083 = getelementptr inbounds i8, ptr %pf99, i64 %1082
+  call void @llvm.prefetch.p0(ptr %1083, i32 0, i32 2, i32 1)
+  br label %pf.any.end106
 
-pf.any.end104:                                    ; preds = %pf.any.then103, %k.body100
-  %1087 = mul nsw i64 %1083, 16
-  %1088 = add nsw i64 %panel.off95, %1087
+pf.any.end106:                                    ; preds = %pf.any.then105, %k.body102
+  %1084 = mul nsw i64 %1080, 16
+  %1085 = add nsw i64 %slice.off97, %1084
+  %1086 = getelementptr inbounds float, ptr %panels, i64 %1085
+  %1087 = load <8 x float>, ptr %1086, align 4
+  %1088 = add nsw i64 %1085, 8
   %1089 = getelementptr inbounds float, ptr %panels, i64 %1088
   %1090 = load <8 x float>, ptr %1089, align 4
-  %1091 = add nsw i64 %1088, 8
-  %1092 = getelementptr inbounds float, ptr %panels, i64 %1091
-  %1093 = load <8 x float>, ptr %1092, align 4
-  %1094 = getelementptr inbounds float, ptr %980, i64 %1083
-  %1095 = load float, ptr %1094, align 4
-  %1096 = insertelement <8 x float> poison, float %1095, i32 0
-  %1097 = shufflevector <8 x float> %1096, <8 x float> poison, <8 x i32> zeroinitializer
-  %1098 = load <8 x float>, ptr %acc00087, align 4
-  %1099 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1097, <8 x float> %1090, <8 x float> %1098)
-  store <8 x float> %1099, ptr %acc00087, align 4
-  %1100 = load <8 x float>, ptr %acc00188, align 4
-  %1101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1097, <8 x float> %1093, <8 x float> %1100)
-  store <8 x float> %1101, ptr %acc00188, align 4
-  %1102 = getelementptr inbounds float, ptr %1005, i64 %1083
-  %1103 = load float, ptr %1102, align 4
-  %1104 = insertelement <8 x float> poison, float %1103, i32 0
-  %1105 = shufflevector <8 x float> %1104, <8 x float> poison, <8 x i32> zeroinitializer
-  %1106 = load <8 x float>, ptr %acc01089, align 4
-  %1107 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1105, <8 x float> %1090, <8 x float> %1106)
-  store <8 x float> %1107, ptr %acc01089, align 4
-  %1108 = load <8 x float>, ptr %acc01190, align 4
-  %1109 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1105, <8 x float> %1093, <8 x float> %1108)
-  store <8 x float> %1109, ptr %acc01190, align 4
-  %1110 = getelementptr inbounds float, ptr %1030, i64 %1083
-  %1111 = load float, ptr %1110, align 4
-  %1112 = insertelement <8 x float> poison, float %1111, i32 0
-  %1113 = shufflevector <8 x float> %1112, <8 x float> poison, <8 x i32> zeroinitializer
-  %1114 = load <8 x float>, ptr %acc02091, align 4
-  %1115 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1113, <8 x float> %1090, <8 x float> %1114)
-  store <8 x float> %1115, ptr %acc02091, align 4
-  %1116 = load <8 x float>, ptr %acc02192, align 4
-  %1117 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1113, <8 x float> %1093, <8 x float> %1116)
-  store <8 x float> %1117, ptr %acc02192, align 4
-  %1118 = getelementptr inbounds float, ptr %1055, i64 %1083
-  %1119 = load float, ptr %1118, align 4
-  %1120 = insertelement <8 x float> poison, float %1119, i32 0
-  %1121 = shufflevector <8 x float> %1120, <8 x float> poison, <8 x i32> zeroinitializer
-  %1122 = load <8 x float>, ptr %acc03093, align 4
-  %1123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1121, <8 x float> %1090, <8 x float> %1122)
-  store <8 x float> %1123, ptr %acc03093, align 4
-  %1124 = load <8 x float>, ptr %acc03194, align 4
-  %1125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1121, <8 x float> %1093, <8 x float> %1124)
-  store <8 x float> %1125, ptr %acc03194, align 4
-  %1126 = add nsw i64 %k102, 1
-  br label %k.head99
+  %1091 = getelementptr inbounds float, ptr %978, i64 %1080
+  %1092 = load float, ptr %1091, align 4
+  %1093 = insertelement <8 x float> poison, float %1092, i32 0
+  %1094 = shufflevector <8 x float> %1093, <8 x float> poison, <8 x i32> zeroinitializer
+  %1095 = load <8 x float>, ptr %acc00088, align 4
+  %1096 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1094, <8 x float> %1087, <8 x float> %1095)
+  store <8 x float> %1096, ptr %acc00088, align 4
+  %1097 = load <8 x float>, ptr %acc00189, align 4
+  %1098 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1094, <8 x float> %1090, <8 x float> %1097)
+  store <8 x float> %1098, ptr %acc00189, align 4
+  %1099 = getelementptr inbounds float, ptr %1003, i64 %1080
+  %1100 = load float, ptr %1099, align 4
+  %1101 = insertelement <8 x float> poison, float %1100, i32 0
+  %1102 = shufflevector <8 x float> %1101, <8 x float> poison, <8 x i32> zeroinitializer
+  %1103 = load <8 x float>, ptr %acc01090, align 4
+  %1104 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1102, <8 x float> %1087, <8 x float> %1103)
+  store <8 x float> %1104, ptr %acc01090, align 4
+  %1105 = load <8 x float>, ptr %acc01191, align 4
+  %1106 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1102, <8 x float> %1090, <8 x float> %1105)
+  store <8 x float> %1106, ptr %acc01191, align 4
+  %1107 = getelementptr inbounds float, ptr %1028, i64 %1080
+  %1108 = load float, ptr %1107, align 4
+  %1109 = insertelement <8 x float> poison, float %1108, i32 0
+  %1110 = shufflevector <8 x float> %1109, <8 x float> poison, <8 x i32> zeroinitializer
+  %1111 = load <8 x float>, ptr %acc02092, align 4
+  %1112 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1110, <8 x float> %1087, <8 x float> %1111)
+  store <8 x float> %1112, ptr %acc02092, align 4
+  %1113 = load <8 x float>, ptr %acc02193, align 4
+  %1114 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1110, <8 x float> %1090, <8 x float> %1113)
+  store <8 x float> %1114, ptr %acc02193, align 4
+  %1115 = getelementptr inbounds float, ptr %1053, i64 %1080
+  %1116 = load float, ptr %1115, align 4
+  %1117 = insertelement <8 x float> poison, float %1116, i32 0
+  %1118 = shufflevector <8 x float> %1117, <8 x float> poison, <8 x i32> zeroinitializer
+  %1119 = load <8 x float>, ptr %acc03094, align 4
+  %1120 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1118, <8 x float> %1087, <8 x float> %1119)
+  store <8 x float> %1120, ptr %acc03094, align 4
+  %1121 = load <8 x float>, ptr %acc03195, align 4
+  %1122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1118, <8 x float> %1090, <8 x float> %1121)
+  store <8 x float> %1122, ptr %acc03195, align 4
+  %1123 = add nsw i64 %k104, 1
+  br label %k.head101
 
-k.end101:                                         ; preds = %k.head99
-  %1127 = xor i1 %klast, true
-  br i1 %1127, label %part.then105, label %part.end106
+k.end103:                                         ; preds = %k.head101
+  %1124 = xor i1 %klast, true
+  br i1 %1124, label %part.then107, label %part.end108
 
-part.then105:                                     ; preds = %k.end101
-  %1128 = add nsw i64 %r01, 0
-  %1129 = sub nsw i64 %kb.p, %kb.pg
-  %1130 = sub nsw i64 %1128, %kb.rc
-  %1131 = mul nsw i64 %1130, 16
-  %1132 = add nsw i64 %1131, %1129
-  %1133 = mul nsw i64 %1132, 16
-  %1134 = getelementptr inbounds float, ptr %part, i64 %1133
-  %1135 = getelementptr inbounds float, ptr %1134, i64 0
-  %1136 = load <8 x float>, ptr %acc00087, align 4
-  store <8 x float> %1136, ptr %1135, align 4
-  %1137 = sub nsw i64 %kb.p, %kb.pg
-  %1138 = sub nsw i64 %1128, %kb.rc
-  %1139 = mul nsw i64 %1138, 16
-  %1140 = add nsw i64 %1139, %1137
-  %1141 = mul nsw i64 %1140, 16
-  %1142 = getelementptr inbounds float, ptr %part, i64 %1141
-  %1143 = getelementptr inbounds float, ptr %1142, i64 8
-  %1144 = load <8 x float>, ptr %acc00188, align 4
-  store <8 x float> %1144, ptr %1143, align 4
-  %1145 = add nsw i64 %r01, 1
-  %1146 = sub nsw i64 %kb.p, %kb.pg
-  %1147 = sub nsw i64 %1145, %kb.rc
-  %1148 = mul nsw i64 %1147, 16
-  %1149 = add nsw i64 %1148, %1146
-  %1150 = mul nsw i64 %1149, 16
-  %1151 = getelementptr inbounds float, ptr %part, i64 %1150
-  %1152 = getelementptr inbounds float, ptr %1151, i64 0
-  %1153 = load <8 x float>, ptr %acc01089, align 4
-  store <8 x float> %1153, ptr %1152, align 4
-  %1154 = sub nsw i64 %kb.p, %kb.pg
-  %1155 = sub nsw i64 %1145, %kb.rc
-  %1156 = mul nsw i64 %1155, 16
-  %1157 = add nsw i64 %1156, %1154
-  %1158 = mul nsw i64 %1157, 16
-  %1159 = getelementptr inbounds float, ptr %part, i64 %1158
-  %1160 = getelementptr inbounds float, ptr %1159, i64 8
-  %1161 = load <8 x float>, ptr %acc01190, align 4
-  store <8 x float> %1161, ptr %1160, align 4
-  %1162 = add nsw i64 %r01, 2
-  %1163 = sub nsw i64 %kb.p, %kb.pg
-  %1164 = sub nsw i64 %1162, %kb.rc
-  %1165 = mul nsw i64 %1164, 16
-  %1166 = add nsw i64 %1165, %1163
-  %1167 = mul nsw i64 %1166, 16
-  %1168 = getelementptr inbounds float, ptr %part, i64 %1167
-  %1169 = getelementptr inbounds float, ptr %1168, i64 0
-  %1170 = load <8 x float>, ptr %acc02091, align 4
-  store <8 x float> %1170, ptr %1169, align 4
-  %1171 = sub nsw i64 %kb.p, %kb.pg
-  %1172 = sub nsw i64 %1162, %kb.rc
-  %1173 = mul nsw i64 %1172, 16
-  %1174 = add nsw i64 %1173, %1171
-  %1175 = mul nsw i64 %1174, 16
-  %1176 = getelementptr inbounds float, ptr %part, i64 %1175
-  %1177 = getelementptr inbounds float, ptr %1176, i64 8
-  %1178 = load <8 x float>, ptr %acc02192, align 4
-  store <8 x float> %1178, ptr %1177, align 4
-  %1179 = add nsw i64 %r01, 3
-  %1180 = sub nsw i64 %kb.p, %kb.pg
-  %1181 = sub nsw i64 %1179, %kb.rc
-  %1182 = mul nsw i64 %1181, 16
-  %1183 = add nsw i64 %1182, %1180
-  %1184 = mul nsw i64 %1183, 16
-  %1185 = getelementptr inbounds float, ptr %part, i64 %1184
-  %1186 = getelementptr inbounds float, ptr %1185, i64 0
-  %1187 = load <8 x float>, ptr %acc03093, align 4
-  store <8 x float> %1187, ptr %1186, align 4
-  %1188 = sub nsw i64 %kb.p, %kb.pg
-  %1189 = sub nsw i64 %1179, %kb.rc
-  %1190 = mul nsw i64 %1189, 16
-  %1191 = add nsw i64 %1190, %1188
-  %1192 = mul nsw i64 %1191, 16
-  %1193 = getelementptr inbounds float, ptr %part, i64 %1192
-  %1194 = getelementptr inbounds float, ptr %1193, i64 8
-  %1195 = load <8 x float>, ptr %acc03194, align 4
-  store <8 x float> %1195, ptr %1194, align 4
-  br label %part.end106
+part.then107:                                     ; preds = %k.end103
+  %1125 = add nsw i64 %r01, 0
+  %1126 = sub nsw i64 %kb.p, %kb.pg
+  %1127 = sub nsw i64 %1125, %kb.rc
+  %1128 = mul nsw i64 %1127, 16
+  %1129 = add nsw i64 %1128, %1126
+  %1130 = mul nsw i64 %1129, 16
+  %1131 = getelementptr inbounds float, ptr %part, i64 %1130
+  %1132 = getelementptr inbounds float, ptr %1131, i64 0
+  %1133 = load <8 x float>, ptr %acc00088, align 4
+  store <8 x float> %1133, ptr %1132, align 4
+  %1134 = sub nsw i64 %kb.p, %kb.pg
+  %1135 = sub nsw i64 %1125, %kb.rc
+  %1136 = mul nsw i64 %1135, 16
+  %1137 = add nsw i64 %1136, %1134
+  %1138 = mul nsw i64 %1137, 16
+  %1139 = getelementptr inbounds float, ptr %part, i64 %1138
+  %1140 = getelementptr inbounds float, ptr %1139, i64 8
+  %1141 = load <8 x float>, ptr %acc00189, align 4
+  store <8 x float> %1141, ptr %1140, align 4
+  %1142 = add nsw i64 %r01, 1
+  %1143 = sub nsw i64 %kb.p, %kb.pg
+  %1144 = sub nsw i64 %1142, %kb.rc
+  %1145 = mul nsw i64 %1144, 16
+  %1146 = add nsw i64 %1145, %1143
+  %1147 = mul nsw i64 %1146, 16
+  %1148 = getelementptr inbounds float, ptr %part, i64 %1147
+  %1149 = getelementptr inbounds float, ptr %1148, i64 0
+  %1150 = load <8 x float>, ptr %acc01090, align 4
+  store <8 x float> %1150, ptr %1149, align 4
+  %1151 = sub nsw i64 %kb.p, %kb.pg
+  %1152 = sub nsw i64 %1142, %kb.rc
+  %1153 = mul nsw i64 %1152, 16
+  %1154 = add nsw i64 %1153, %1151
+  %1155 = mul nsw i64 %1154, 16
+  %1156 = getelementptr inbounds float, ptr %part, i64 %1155
+  %1157 = getelementptr inbounds float, ptr %1156, i64 8
+  %1158 = load <8 x float>, ptr %acc01191, align 4
+  store <8 x float> %1158, ptr %1157, align 4
+  %1159 = add nsw i64 %r01, 2
+  %1160 = sub nsw i64 %kb.p, %kb.pg
+  %1161 = sub nsw i64 %1159, %kb.rc
+  %1162 = mul nsw i64 %1161, 16
+  %1163 = add nsw i64 %1162, %1160
+  %1164 = mul nsw i64 %1163, 16
+  %1165 = getelementptr inbounds float, ptr %part, i64 %1164
+  %1166 = getelementptr inbounds float, ptr %1165, i64 0
+  %1167 = load <8 x float>, ptr %acc02092, align 4
+  store <8 x float> %1167, ptr %1166, align 4
+  %1168 = sub nsw i64 %kb.p, %kb.pg
+  %1169 = sub nsw i64 %1159, %kb.rc
+  %1170 = mul nsw i64 %1169, 16
+  %1171 = add nsw i64 %1170, %1168
+  %1172 = mul nsw i64 %1171, 16
+  %1173 = getelementptr inbounds float, ptr %part, i64 %1172
+  %1174 = getelementptr inbounds float, ptr %1173, i64 8
+  %1175 = load <8 x float>, ptr %acc02193, align 4
+  store <8 x float> %1175, ptr %1174, align 4
+  %1176 = add nsw i64 %r01, 3
+  %1177 = sub nsw i64 %kb.p, %kb.pg
+  %1178 = sub nsw i64 %1176, %kb.rc
+  %1179 = mul nsw i64 %1178, 16
+  %1180 = add nsw i64 %1179, %1177
+  %1181 = mul nsw i64 %1180, 16
+  %1182 = getelementptr inbounds float, ptr %part, i64 %1181
+  %1183 = getelementptr inbounds float, ptr %1182, i64 0
+  %1184 = load <8 x float>, ptr %acc03094, align 4
+  store <8 x float> %1184, ptr %1183, align 4
+  %1185 = sub nsw i64 %kb.p, %kb.pg
+  %1186 = sub nsw i64 %1176, %kb.rc
+  %1187 = mul nsw i64 %1186, 16
+  %1188 = add nsw i64 %1187, %1185
+  %1189 = mul nsw i64 %1188, 16
+  %1190 = getelementptr inbounds float, ptr %part, i64 %1189
+  %1191 = getelementptr inbounds float, ptr %1190, i64 8
+  %1192 = load <8 x float>, ptr %acc03195, align 4
+  store <8 x float> %1192, ptr %1191, align 4
+  br label %part.end108
 
-part.end106:                                      ; preds = %part.then105, %k.end101
-  br i1 %klast, label %last.then107, label %last.end108
+part.end108:                                      ; preds = %part.then107, %k.end103
+  br i1 %klast, label %last.then109, label %last.end110
 
-last.then107:                                     ; preds = %part.end106
-  %1196 = add nsw i64 %r01, 0
-  %1197 = getelementptr inbounds float, ptr %rw, i64 %1196
-  %1198 = load float, ptr %1197, align 4
-  %1199 = insertelement <8 x float> poison, float %1198, i32 0
-  %1200 = shufflevector <8 x float> %1199, <8 x float> poison, <8 x i32> zeroinitializer
-  %1201 = mul nsw i64 %1196, 2816
-  %1202 = getelementptr inbounds float, ptr %h, i64 %1201
-  %col109 = mul nsw i64 %kb.p, 8
-  %1203 = load <8 x float>, ptr %acc00087, align 4
-  %1204 = load <8 x float>, ptr %acc00188, align 4
-  %1205 = fneg <8 x float> %1203
-  %1206 = fcmp olt <8 x float> %1205, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1207 = select <8 x i1> %1206, <8 x float> %1205, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1208 = fcmp ogt <8 x float> %1207, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1209 = select <8 x i1> %1208, <8 x float> %1207, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1209, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1211 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1210)
-  %1212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1211, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1209)
-  %1213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1211, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1212)
-  %1214 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1213, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1215 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1214, <8 x float> %1213, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1216 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1215, <8 x float> %1213, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1217 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1216, <8 x float> %1213, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1218 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1217, <8 x float> %1213, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1219 = fmul <8 x float> %1213, %1213
-  %1220 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1218, <8 x float> %1219, <8 x float> %1213)
-  %1221 = fadd <8 x float> %1220, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1222 = fptosi <8 x float> %1211 to <8 x i32>
-  %1223 = add <8 x i32> %1222, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1224 = shl <8 x i32> %1223, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n110 = bitcast <8 x i32> %1224 to <8 x float>
-  %exp111 = fmul <8 x float> %1221, %exp.2n110
-  %1225 = fadd <8 x float> %exp111, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid112 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1225
-  %silu113 = fmul <8 x float> %1203, %sigmoid112
-  %glu114 = fmul <8 x float> %silu113, %1204
-  %1226 = fmul <8 x float> %glu114, %1200
-  %1227 = getelementptr inbounds float, ptr %1202, i64 %col109
-  store <8 x float> %1226, ptr %1227, align 4
-  %1228 = add nsw i64 %r01, 1
-  %1229 = getelementptr inbounds float, ptr %rw, i64 %1228
-  %1230 = load float, ptr %1229, align 4
-  %1231 = insertelement <8 x float> poison, float %1230, i32 0
-  %1232 = shufflevector <8 x float> %1231, <8 x float> poison, <8 x i32> zeroinitializer
-  %1233 = mul nsw i64 %1228, 2816
-  %1234 = getelementptr inbounds float, ptr %h, i64 %1233
-  %col115 = mul nsw i64 %kb.p, 8
-  %1235 = load <8 x float>, ptr %acc01089, align 4
-  %1236 = load <8 x float>, ptr %acc01190, align 4
-  %1237 = fneg <8 x float> %1235
-  %1238 = fcmp olt <8 x float> %1237, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1239 = select <8 x i1> %1238, <8 x float> %1237, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1240 = fcmp ogt <8 x float> %1239, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1241 = select <8 x i1> %1240, <8 x float> %1239, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1241, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1243 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1242)
-  %1244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1243, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1241)
-  %1245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1243, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1244)
-  %1246 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1245, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1246, <8 x float> %1245, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1248 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1247, <8 x float> %1245, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1248, <8 x float> %1245, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1250 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1249, <8 x float> %1245, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1251 = fmul <8 x float> %1245, %1245
-  %1252 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1250, <8 x float> %1251, <8 x float> %1245)
-  %1253 = fadd <8 x float> %1252, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1254 = fptosi <8 x float> %1243 to <8 x i32>
-  %1255 = add <8 x i32> %1254, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1256 = shl <8 x i32> %1255, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n116 = bitcast <8 x i32> %1256 to <8 x float>
-  %exp117 = fmul <8 x float> %1253, %exp.2n116
-  %1257 = fadd <8 x float> %exp117, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid118 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1257
-  %silu119 = fmul <8 x float> %1235, %sigmoid118
-  %glu120 = fmul <8 x float> %silu119, %1236
-  %1258 = fmul <8 x float> %glu120, %1232
-  %1259 = getelementptr inbounds float, ptr %1234, i64 %col115
-  store <8 x float> %1258, ptr %1259, align 4
-  %1260 = add nsw i64 %r01, 2
-  %1261 = getelementptr inbounds float, ptr %rw, i64 %1260
-  %1262 = load float, ptr %1261, align 4
-  %1263 = insertelement <8 x float> poison, float %1262, i32 0
-  %1264 = shufflevector <8 x float> %1263, <8 x float> poison, <8 x i32> zeroinitializer
-  %1265 = mul nsw i64 %1260, 2816
-  %1266 = getelementptr inbounds float, ptr %h, i64 %1265
-  %col121 = mul nsw i64 %kb.p, 8
-  %1267 = load <8 x float>, ptr %acc02091, align 4
-  %1268 = load <8 x float>, ptr %acc02192, align 4
-  %1269 = fneg <8 x float> %1267
-  %1270 = fcmp olt <8 x float> %1269, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1271 = select <8 x i1> %1270, <8 x float> %1269, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1272 = fcmp ogt <8 x float> %1271, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1273 = select <8 x i1> %1272, <8 x float> %1271, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1273, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1275 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1274)
-  %1276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1275, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1273)
-  %1277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1275, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1276)
-  %1278 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1277, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1278, <8 x float> %1277, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1280 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1279, <8 x float> %1277, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1280, <8 x float> %1277, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1281, <8 x float> %1277, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1283 = fmul <8 x float> %1277, %1277
-  %1284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1282, <8 x float> %1283, <8 x float> %1277)
-  %1285 = fadd <8 x float> %1284, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1286 = fptosi <8 x float> %1275 to <8 x i32>
-  %1287 = add <8 x i32> %1286, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1288 = shl <8 x i32> %1287, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n122 = bitcast <8 x i32> %1288 to <8 x float>
-  %exp123 = fmul <8 x float> %1285, %exp.2n122
-  %1289 = fadd <8 x float> %exp123, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid124 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1289
-  %silu125 = fmul <8 x float> %1267, %sigmoid124
-  %glu126 = fmul <8 x float> %silu125, %1268
-  %1290 = fmul <8 x float> %glu126, %1264
-  %1291 = getelementptr inbounds float, ptr %1266, i64 %col121
-  store <8 x float> %1290, ptr %1291, align 4
-  %1292 = add nsw i64 %r01, 3
-  %1293 = getelementptr inbounds float, ptr %rw, i64 %1292
-  %1294 = load float, ptr %1293, align 4
-  %1295 = insertelement <8 x float> poison, float %1294, i32 0
-  %1296 = shufflevector <8 x float> %1295, <8 x float> poison, <8 x i32> zeroinitializer
-  %1297 = mul nsw i64 %1292, 2816
-  %1298 = getelementptr inbounds float, ptr %h, i64 %1297
-  %col127 = mul nsw i64 %kb.p, 8
-  %1299 = load <8 x float>, ptr %acc03093, align 4
-  %1300 = load <8 x float>, ptr %acc03194, align 4
-  %1301 = fneg <8 x float> %1299
-  %1302 = fcmp olt <8 x float> %1301, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1303 = select <8 x i1> %1302, <8 x float> %1301, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1304 = fcmp ogt <8 x float> %1303, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1305 = select <8 x i1> %1304, <8 x float> %1303, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1305, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1307 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1306)
-  %1308 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1307, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1305)
-  %1309 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1307, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1308)
-  %1310 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1309, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1311 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1310, <8 x float> %1309, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1312 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1311, <8 x float> %1309, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1313 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1312, <8 x float> %1309, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1313, <8 x float> %1309, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1315 = fmul <8 x float> %1309, %1309
-  %1316 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1314, <8 x float> %1315, <8 x float> %1309)
-  %1317 = fadd <8 x float> %1316, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1318 = fptosi <8 x float> %1307 to <8 x i32>
-  %1319 = add <8 x i32> %1318, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1320 = shl <8 x i32> %1319, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n128 = bitcast <8 x i32> %1320 to <8 x float>
-  %exp129 = fmul <8 x float> %1317, %exp.2n128
-  %1321 = fadd <8 x float> %exp129, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid130 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1321
-  %silu131 = fmul <8 x float> %1299, %sigmoid130
-  %glu132 = fmul <8 x float> %silu131, %1300
-  %1322 = fmul <8 x float> %glu132, %1296
-  %1323 = getelementptr inbounds float, ptr %1298, i64 %col127
-  store <8 x float> %1322, ptr %1323, align 4
-  br label %last.end108
+last.then109:                                     ; preds = %part.end108
+  %1193 = add nsw i64 %r01, 0
+  %1194 = getelementptr inbounds float, ptr %rw, i64 %1193
+  %1195 = load float, ptr %1194, align 4
+  %1196 = insertelement <8 x float> poison, float %1195, i32 0
+  %1197 = shufflevector <8 x float> %1196, <8 x float> poison, <8 x i32> zeroinitializer
+  %1198 = mul nsw i64 %1193, 2816
+  %1199 = getelementptr inbounds float, ptr %h, i64 %1198
+  %col111 = mul nsw i64 %kb.p, 8
+  %1200 = load <8 x float>, ptr %acc00088, align 4
+  %1201 = load <8 x float>, ptr %acc00189, align 4
+  %1202 = fneg <8 x float> %1200
+  %1203 = fcmp olt <8 x float> %1202, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1204 = select <8 x i1> %1203, <8 x float> %1202, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1205 = fcmp ogt <8 x float> %1204, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1206 = select <8 x i1> %1205, <8 x float> %1204, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1207 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1206, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1208 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1207)
+  %1209 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1208, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1206)
+  %1210 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1208, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1209)
+  %1211 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1210, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1212 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1211, <8 x float> %1210, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1213 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1212, <8 x float> %1210, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1214 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1213, <8 x float> %1210, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1215 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1214, <8 x float> %1210, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1216 = fmul <8 x float> %1210, %1210
+  %1217 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1215, <8 x float> %1216, <8 x float> %1210)
+  %1218 = fadd <8 x float> %1217, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1219 = fptosi <8 x float> %1208 to <8 x i32>
+  %1220 = add <8 x i32> %1219, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1221 = shl <8 x i32> %1220, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n112 = bitcast <8 x i32> %1221 to <8 x float>
+  %exp113 = fmul <8 x float> %1218, %exp.2n112
+  %1222 = fadd <8 x float> %exp113, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid114 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1222
+  %silu115 = fmul <8 x float> %1200, %sigmoid114
+  %glu116 = fmul <8 x float> %silu115, %1201
+  %1223 = fmul <8 x float> %glu116, %1197
+  %1224 = getelementptr inbounds float, ptr %1199, i64 %col111
+  store <8 x float> %1223, ptr %1224, align 4
+  %1225 = add nsw i64 %r01, 1
+  %1226 = getelementptr inbounds float, ptr %rw, i64 %1225
+  %1227 = load float, ptr %1226, align 4
+  %1228 = insertelement <8 x float> poison, float %1227, i32 0
+  %1229 = shufflevector <8 x float> %1228, <8 x float> poison, <8 x i32> zeroinitializer
+  %1230 = mul nsw i64 %1225, 2816
+  %1231 = getelementptr inbounds float, ptr %h, i64 %1230
+  %col117 = mul nsw i64 %kb.p, 8
+  %1232 = load <8 x float>, ptr %acc01090, align 4
+  %1233 = load <8 x float>, ptr %acc01191, align 4
+  %1234 = fneg <8 x float> %1232
+  %1235 = fcmp olt <8 x float> %1234, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1236 = select <8 x i1> %1235, <8 x float> %1234, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1237 = fcmp ogt <8 x float> %1236, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1238 = select <8 x i1> %1237, <8 x float> %1236, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1239 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1238, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1240 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1239)
+  %1241 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1240, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1238)
+  %1242 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1240, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1241)
+  %1243 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1242, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1244 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1243, <8 x float> %1242, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1244, <8 x float> %1242, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1246 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1245, <8 x float> %1242, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1247 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1246, <8 x float> %1242, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1248 = fmul <8 x float> %1242, %1242
+  %1249 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1247, <8 x float> %1248, <8 x float> %1242)
+  %1250 = fadd <8 x float> %1249, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1251 = fptosi <8 x float> %1240 to <8 x i32>
+  %1252 = add <8 x i32> %1251, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1253 = shl <8 x i32> %1252, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n118 = bitcast <8 x i32> %1253 to <8 x float>
+  %exp119 = fmul <8 x float> %1250, %exp.2n118
+  %1254 = fadd <8 x float> %exp119, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid120 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1254
+  %silu121 = fmul <8 x float> %1232, %sigmoid120
+  %glu122 = fmul <8 x float> %silu121, %1233
+  %1255 = fmul <8 x float> %glu122, %1229
+  %1256 = getelementptr inbounds float, ptr %1231, i64 %col117
+  store <8 x float> %1255, ptr %1256, align 4
+  %1257 = add nsw i64 %r01, 2
+  %1258 = getelementptr inbounds float, ptr %rw, i64 %1257
+  %1259 = load float, ptr %1258, align 4
+  %1260 = insertelement <8 x float> poison, float %1259, i32 0
+  %1261 = shufflevector <8 x float> %1260, <8 x float> poison, <8 x i32> zeroinitializer
+  %1262 = mul nsw i64 %1257, 2816
+  %1263 = getelementptr inbounds float, ptr %h, i64 %1262
+  %col123 = mul nsw i64 %kb.p, 8
+  %1264 = load <8 x float>, ptr %acc02092, align 4
+  %1265 = load <8 x float>, ptr %acc02193, align 4
+  %1266 = fneg <8 x float> %1264
+  %1267 = fcmp olt <8 x float> %1266, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1268 = select <8 x i1> %1267, <8 x float> %1266, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1269 = fcmp ogt <8 x float> %1268, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1270 = select <8 x i1> %1269, <8 x float> %1268, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1270, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1272 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1271)
+  %1273 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1272, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1270)
+  %1274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1272, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1273)
+  %1275 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1274, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1275, <8 x float> %1274, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1277 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1276, <8 x float> %1274, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1278 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1277, <8 x float> %1274, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1279 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1278, <8 x float> %1274, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1280 = fmul <8 x float> %1274, %1274
+  %1281 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1279, <8 x float> %1280, <8 x float> %1274)
+  %1282 = fadd <8 x float> %1281, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1283 = fptosi <8 x float> %1272 to <8 x i32>
+  %1284 = add <8 x i32> %1283, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1285 = shl <8 x i32> %1284, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n124 = bitcast <8 x i32> %1285 to <8 x float>
+  %exp125 = fmul <8 x float> %1282, %exp.2n124
+  %1286 = fadd <8 x float> %exp125, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid126 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1286
+  %silu127 = fmul <8 x float> %1264, %sigmoid126
+  %glu128 = fmul <8 x float> %silu127, %1265
+  %1287 = fmul <8 x float> %glu128, %1261
+  %1288 = getelementptr inbounds float, ptr %1263, i64 %col123
+  store <8 x float> %1287, ptr %1288, align 4
+  %1289 = add nsw i64 %r01, 3
+  %1290 = getelementptr inbounds float, ptr %rw, i64 %1289
+  %1291 = load float, ptr %1290, align 4
+  %1292 = insertelement <8 x float> poison, float %1291, i32 0
+  %1293 = shufflevector <8 x float> %1292, <8 x float> poison, <8 x i32> zeroinitializer
+  %1294 = mul nsw i64 %1289, 2816
+  %1295 = getelementptr inbounds float, ptr %h, i64 %1294
+  %col129 = mul nsw i64 %kb.p, 8
+  %1296 = load <8 x float>, ptr %acc03094, align 4
+  %1297 = load <8 x float>, ptr %acc03195, align 4
+  %1298 = fneg <8 x float> %1296
+  %1299 = fcmp olt <8 x float> %1298, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1300 = select <8 x i1> %1299, <8 x float> %1298, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1301 = fcmp ogt <8 x float> %1300, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1302 = select <8 x i1> %1301, <8 x float> %1300, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1303 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1302, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1304 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1303)
+  %1305 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1304, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1302)
+  %1306 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1304, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1305)
+  %1307 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1306, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1308 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1307, <8 x float> %1306, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1309 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1308, <8 x float> %1306, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1310 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1309, <8 x float> %1306, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1311 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1310, <8 x float> %1306, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1312 = fmul <8 x float> %1306, %1306
+  %1313 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1311, <8 x float> %1312, <8 x float> %1306)
+  %1314 = fadd <8 x float> %1313, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1315 = fptosi <8 x float> %1304 to <8 x i32>
+  %1316 = add <8 x i32> %1315, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1317 = shl <8 x i32> %1316, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n130 = bitcast <8 x i32> %1317 to <8 x float>
+  %exp131 = fmul <8 x float> %1314, %exp.2n130
+  %1318 = fadd <8 x float> %exp131, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid132 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1318
+  %silu133 = fmul <8 x float> %1296, %sigmoid132
+  %glu134 = fmul <8 x float> %silu133, %1297
+  %1319 = fmul <8 x float> %glu134, %1293
+  %1320 = getelementptr inbounds float, ptr %1295, i64 %col129
+  store <8 x float> %1319, ptr %1320, align 4
+  br label %last.end110
 
-last.end108:                                      ; preds = %last.then107, %part.end106
+last.end110:                                      ; preds = %last.then109, %part.end108
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
-  %1324 = add nsw i64 %r01, 0
-  %1325 = getelementptr inbounds i32, ptr %rows, i64 %1324
-  %1326 = load i32, ptr %1325, align 4
-  %1327 = sext i32 %1326 to i64
-  %1328 = mul nsw i64 %1327, 1024
-  %1329 = add nsw i64 %1328, %k0
-  %1330 = getelementptr inbounds float, ptr %x, i64 %1329
-  %1331 = sub nsw i64 %kb.p, %kb.pg
-  %1332 = sub nsw i64 %1324, %kb.rc
-  %1333 = mul nsw i64 %1332, 16
-  %1334 = add nsw i64 %1333, %1331
-  %1335 = mul nsw i64 %1334, 16
-  %1336 = getelementptr inbounds float, ptr %part, i64 %1335
-  %1337 = getelementptr inbounds float, ptr %1336, i64 0
-  %1338 = load <8 x float>, ptr %1337, align 4
-  %1339 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1338
-  store <8 x float> %1339, ptr %acc000133, align 4
-  %1340 = sub nsw i64 %kb.p, %kb.pg
-  %1341 = sub nsw i64 %1324, %kb.rc
-  %1342 = mul nsw i64 %1341, 16
-  %1343 = add nsw i64 %1342, %1340
-  %1344 = mul nsw i64 %1343, 16
-  %1345 = getelementptr inbounds float, ptr %part, i64 %1344
-  %1346 = getelementptr inbounds float, ptr %1345, i64 8
-  %1347 = load <8 x float>, ptr %1346, align 4
-  %1348 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1347
-  store <8 x float> %1348, ptr %acc001134, align 4
-  %1349 = add nsw i64 %r01, 1
-  %1350 = getelementptr inbounds i32, ptr %rows, i64 %1349
-  %1351 = load i32, ptr %1350, align 4
-  %1352 = sext i32 %1351 to i64
-  %1353 = mul nsw i64 %1352, 1024
-  %1354 = add nsw i64 %1353, %k0
-  %1355 = getelementptr inbounds float, ptr %x, i64 %1354
-  %1356 = sub nsw i64 %kb.p, %kb.pg
-  %1357 = sub nsw i64 %1349, %kb.rc
-  %1358 = mul nsw i64 %1357, 16
-  %1359 = add nsw i64 %1358, %1356
-  %1360 = mul nsw i64 %1359, 16
-  %1361 = getelementptr inbounds float, ptr %part, i64 %1360
-  %1362 = getelementptr inbounds float, ptr %1361, i64 0
-  %1363 = load <8 x float>, ptr %1362, align 4
-  %1364 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1363
-  store <8 x float> %1364, ptr %acc010135, align 4
-  %1365 = sub nsw i64 %kb.p, %kb.pg
-  %1366 = sub nsw i64 %1349, %kb.rc
-  %1367 = mul nsw i64 %1366, 16
-  %1368 = add nsw i64 %1367, %1365
-  %1369 = mul nsw i64 %1368, 16
-  %1370 = getelementptr inbounds float, ptr %part, i64 %1369
-  %1371 = getelementptr inbounds float, ptr %1370, i64 8
-  %1372 = load <8 x float>, ptr %1371, align 4
-  %1373 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1372
-  store <8 x float> %1373, ptr %acc011136, align 4
-  %1374 = add nsw i64 %r01, 2
-  %1375 = getelementptr inbounds i32, ptr %rows, i64 %1374
-  %1376 = load i32, ptr %1375, align 4
-  %1377 = sext i32 %1376 to i64
-  %1378 = mul nsw i64 %1377, 1024
-  %1379 = add nsw i64 %1378, %k0
-  %1380 = getelementptr inbounds float, ptr %x, i64 %1379
-  %1381 = sub nsw i64 %kb.p, %kb.pg
-  %1382 = sub nsw i64 %1374, %kb.rc
-  %1383 = mul nsw i64 %1382, 16
-  %1384 = add nsw i64 %1383, %1381
-  %1385 = mul nsw i64 %1384, 16
-  %1386 = getelementptr inbounds float, ptr %part, i64 %1385
-  %1387 = getelementptr inbounds float, ptr %1386, i64 0
-  %1388 = load <8 x float>, ptr %1387, align 4
-  %1389 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1388
-  store <8 x float> %1389, ptr %acc020137, align 4
-  %1390 = sub nsw i64 %kb.p, %kb.pg
-  %1391 = sub nsw i64 %1374, %kb.rc
-  %1392 = mul nsw i64 %1391, 16
-  %1393 = add nsw i64 %1392, %1390
-  %1394 = mul nsw i64 %1393, 16
-  %1395 = getelementptr inbounds float, ptr %part, i64 %1394
-  %1396 = getelementptr inbounds float, ptr %1395, i64 8
-  %1397 = load <8 x float>, ptr %1396, align 4
-  %1398 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1397
-  store <8 x float> %1398, ptr %acc021138, align 4
-  %1399 = mul nsw i64 %k0, 16
-  %1400 = mul nsw i64 %kb.p, 16384
-  %panel.off139 = add nsw i64 %1400, %1399
-  %1401 = getelementptr inbounds float, ptr %panels, i64 %panel.off139
-  %pf.on140 = and i1 %pf.on, %pf.next
-  %1402 = mul nsw i64 %rb, 16384
-  %1403 = lshr i64 %1402, %25
-  %1404 = add nsw i64 %pf.step, %1403
-  %1405 = getelementptr inbounds i8, ptr %1401, i64 %1404
-  %pf141 = select i1 %pf.on140, ptr %1405, ptr %1401
-  %pf.sh142 = select i1 %pf.on140, i64 %25, i64 0
-  br label %k.head143
+  %1321 = add nsw i64 %r01, 0
+  %1322 = getelementptr inbounds i32, ptr %rows, i64 %1321
+  %1323 = load i32, ptr %1322, align 4
+  %1324 = sext i32 %1323 to i64
+  %1325 = mul nsw i64 %1324, 1024
+  %1326 = add nsw i64 %1325, %k0
+  %1327 = getelementptr inbounds float, ptr %x, i64 %1326
+  %1328 = sub nsw i64 %kb.p, %kb.pg
+  %1329 = sub nsw i64 %1321, %kb.rc
+  %1330 = mul nsw i64 %1329, 16
+  %1331 = add nsw i64 %1330, %1328
+  %1332 = mul nsw i64 %1331, 16
+  %1333 = getelementptr inbounds float, ptr %part, i64 %1332
+  %1334 = getelementptr inbounds float, ptr %1333, i64 0
+  %1335 = load <8 x float>, ptr %1334, align 4
+  %1336 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1335
+  store <8 x float> %1336, ptr %acc000135, align 4
+  %1337 = sub nsw i64 %kb.p, %kb.pg
+  %1338 = sub nsw i64 %1321, %kb.rc
+  %1339 = mul nsw i64 %1338, 16
+  %1340 = add nsw i64 %1339, %1337
+  %1341 = mul nsw i64 %1340, 16
+  %1342 = getelementptr inbounds float, ptr %part, i64 %1341
+  %1343 = getelementptr inbounds float, ptr %1342, i64 8
+  %1344 = load <8 x float>, ptr %1343, align 4
+  %1345 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1344
+  store <8 x float> %1345, ptr %acc001136, align 4
+  %1346 = add nsw i64 %r01, 1
+  %1347 = getelementptr inbounds i32, ptr %rows, i64 %1346
+  %1348 = load i32, ptr %1347, align 4
+  %1349 = sext i32 %1348 to i64
+  %1350 = mul nsw i64 %1349, 1024
+  %1351 = add nsw i64 %1350, %k0
+  %1352 = getelementptr inbounds float, ptr %x, i64 %1351
+  %1353 = sub nsw i64 %kb.p, %kb.pg
+  %1354 = sub nsw i64 %1346, %kb.rc
+  %1355 = mul nsw i64 %1354, 16
+  %1356 = add nsw i64 %1355, %1353
+  %1357 = mul nsw i64 %1356, 16
+  %1358 = getelementptr inbounds float, ptr %part, i64 %1357
+  %1359 = getelementptr inbounds float, ptr %1358, i64 0
+  %1360 = load <8 x float>, ptr %1359, align 4
+  %1361 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1360
+  store <8 x float> %1361, ptr %acc010137, align 4
+  %1362 = sub nsw i64 %kb.p, %kb.pg
+  %1363 = sub nsw i64 %1346, %kb.rc
+  %1364 = mul nsw i64 %1363, 16
+  %1365 = add nsw i64 %1364, %1362
+  %1366 = mul nsw i64 %1365, 16
+  %1367 = getelementptr inbounds float, ptr %part, i64 %1366
+  %1368 = getelementptr inbounds float, ptr %1367, i64 8
+  %1369 = load <8 x float>, ptr %1368, align 4
+  %1370 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1369
+  store <8 x float> %1370, ptr %acc011138, align 4
+  %1371 = add nsw i64 %r01, 2
+  %1372 = getelementptr inbounds i32, ptr %rows, i64 %1371
+  %1373 = load i32, ptr %1372, align 4
+  %1374 = sext i32 %1373 to i64
+  %1375 = mul nsw i64 %1374, 1024
+  %1376 = add nsw i64 %1375, %k0
+  %1377 = getelementptr inbounds float, ptr %x, i64 %1376
+  %1378 = sub nsw i64 %kb.p, %kb.pg
+  %1379 = sub nsw i64 %1371, %kb.rc
+  %1380 = mul nsw i64 %1379, 16
+  %1381 = add nsw i64 %1380, %1378
+  %1382 = mul nsw i64 %1381, 16
+  %1383 = getelementptr inbounds float, ptr %part, i64 %1382
+  %1384 = getelementptr inbounds float, ptr %1383, i64 0
+  %1385 = load <8 x float>, ptr %1384, align 4
+  %1386 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1385
+  store <8 x float> %1386, ptr %acc020139, align 4
+  %1387 = sub nsw i64 %kb.p, %kb.pg
+  %1388 = sub nsw i64 %1371, %kb.rc
+  %1389 = mul nsw i64 %1388, 16
+  %1390 = add nsw i64 %1389, %1387
+  %1391 = mul nsw i64 %1390, 16
+  %1392 = getelementptr inbounds float, ptr %part, i64 %1391
+  %1393 = getelementptr inbounds float, ptr %1392, i64 8
+  %1394 = load <8 x float>, ptr %1393, align 4
+  %1395 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1394
+  store <8 x float> %1395, ptr %acc021140, align 4
+  %panel.off141 = mul nsw i64 %kb.p, 16384
+  %1396 = mul nsw i64 %k0, 16
+  %slice.off142 = add nsw i64 %panel.off141, %1396
+  %1397 = getelementptr inbounds float, ptr %panels, i64 %slice.off142
+  %pf.on143 = and i1 %pf.on, %pf.next
+  %1398 = mul nsw i64 %rb, 16384
+  %1399 = lshr i64 %1398, %25
+  %1400 = add nsw i64 %pf.step, %1399
+  %1401 = getelementptr inbounds i8, ptr %1397, i64 %1400
+  %pf144 = select i1 %pf.on143, ptr %1401, ptr %1397
+  %pf.sh145 = select i1 %pf.on143, i64 %25, i64 0
+  br label %k.head146
 
-k.head143:                                        ; preds = %pf.any.end148, %tile.mr3
-  %k146 = phi i64 [ 0, %tile.mr3 ], [ %1443, %pf.any.end148 ]
-  %1406 = icmp slt i64 %k146, 256
-  br i1 %1406, label %k.body144, label %k.end145
+k.head146:                                        ; preds = %pf.any.end151, %tile.mr3
+  %k149 = phi i64 [ 0, %tile.mr3 ], [ %1439, %pf.any.end151 ]
+  %1402 = icmp slt i64 %k149, 256
+  br i1 %1402, label %k.body147, label %k.end148
 
-k.body144:                                        ; preds = %k.head143
-  %1407 = mul nsw i64 %k146, 1
-  %1408 = add nsw i64 %1407, 0
-  %1409 = mul nsw i64 %1408, 64
-  br i1 %pf.multi, label %pf.any.then147, label %pf.any.end148
+k.body147:                                        ; preds = %k.head146
+  %1403 = mul nsw i64 %k149, 1
+  %1404 = add nsw i64 %1403, 0
+  %1405 = mul nsw i64 %1404, 64
+  br i1 %pf.multi, label %pf.any.then150, label %pf.any.end151
 
-pf.any.then147:                                   ; preds = %k.body144
-  %1410 = lshr i64 %1409, %pf.sh142
-  %1411 = getelementptr inbounds i8, ptr %pf141, i64 %1410
-  call void @llvm.prefetch.p0(ptr %1411, i32 0, i32 2, i32 1)
-  br label %pf.any.end148
+pf.any.then150:                                   ; preds = %k.body147
+  %1406 = lshr i64 %1405, %pf.sh145
+  %1407 = getelementptr inbounds i8, ptr %pf144, i64 %1406
+  call void @llvm.prefetch.p0(ptr %1407, i32 0, i32 2, i32 1)
+  br label %pf.any.end151
 
-pf.any.end148:                                    ; preds = %pf.any.then147, %k.body144
-  %1412 = mul nsw i64 %1408, 16
-  %1413 = add nsw i64 %panel.off139, %1412
-  %1414 = getelementptr inbounds float, ptr %panels, i64 %1413
-  %1415 = load <8 x float>, ptr %1414, align 4
-  %1416 = add nsw i64 %1413, 8
-  %1417 = getelementptr inbounds float, ptr %panels, i64 %1416
-  %1418 = load <8 x float>, ptr %1417, align 4
-  %1419 = getelementptr inbounds float, ptr %1330, i64 %1408
-  %1420 = load float, ptr %1419, align 4
-  %1421 = insertelement <8 x float> poison, float %1420, i32 0
-  %1422 = shufflevector <8 x float> %1421, <8 x float> poison, <8 x i32> zeroinitializer
-  %1423 = load <8 x float>, ptr %acc000133, align 4
-  %1424 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1422, <8 x float> %1415, <8 x float> %1423)
-  store <8 x float> %1424, ptr %acc000133, align 4
-  %1425 = load <8 x float>, ptr %acc001134, align 4
-  %1426 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1422, <8 x float> %1418, <8 x float> %1425)
-  store <8 x float> %1426, ptr %acc001134, align 4
-  %1427 = getelementptr inbounds float, ptr %1355, i64 %1408
-  %1428 = load float, ptr %1427, align 4
-  %1429 = insertelement <8 x float> poison, float %1428, i32 0
-  %1430 = shufflevector <8 x float> %1429, <8 x float> poison, <8 x i32> zeroinitializer
-  %1431 = load <8 x float>, ptr %acc010135, align 4
-  %1432 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1430, <8 x float> %1415, <8 x float> %1431)
-  store <8 x float> %1432, ptr %acc010135, align 4
-  %1433 = load <8 x float>, ptr %acc011136, align 4
-  %1434 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1430, <8 x float> %1418, <8 x float> %1433)
-  store <8 x float> %1434, ptr %acc011136, align 4
-  %1435 = getelementptr inbounds float, ptr %1380, i64 %1408
-  %1436 = load float, ptr %1435, align 4
-  %1437 = insertelement <8 x float> poison, float %1436, i32 0
-  %1438 = shufflevector <8 x float> %1437, <8 x float> poison, <8 x i32> zeroinitializer
-  %1439 = load <8 x float>, ptr %acc020137, align 4
-  %1440 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1438, <8 x float> %1415, <8 x float> %1439)
-  store <8 x float> %1440, ptr %acc020137, align 4
-  %1441 = load <8 x float>, ptr %acc021138, align 4
-  %1442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1438, <8 x float> %1418, <8 x float> %1441)
-  store <8 x float> %1442, ptr %acc021138, align 4
-  %1443 = add nsw i64 %k146, 1
-  br label %k.head143
+pf.any.end151:                                    ; preds = %pf.any.then150, %k.body147
+  %1408 = mul nsw i64 %1404, 16
+  %1409 = add nsw i64 %slice.off142, %1408
+  %1410 = getelementptr inbounds float, ptr %panels, i64 %1409
+  %1411 = load <8 x float>, ptr %1410, align 4
+  %1412 = add nsw i64 %1409, 8
+  %1413 = getelementptr inbounds float, ptr %panels, i64 %1412
+  %1414 = load <8 x float>, ptr %1413, align 4
+  %1415 = getelementptr inbounds float, ptr %1327, i64 %1404
+  %1416 = load float, ptr %1415, align 4
+  %1417 = insertelement <8 x float> poison, float %1416, i32 0
+  %1418 = shufflevector <8 x float> %1417, <8 x float> poison, <8 x i32> zeroinitializer
+  %1419 = load <8 x float>, ptr %acc000135, align 4
+  %1420 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1418, <8 x float> %1411, <8 x float> %1419)
+  store <8 x float> %1420, ptr %acc000135, align 4
+  %1421 = load <8 x float>, ptr %acc001136, align 4
+  %1422 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1418, <8 x float> %1414, <8 x float> %1421)
+  store <8 x float> %1422, ptr %acc001136, align 4
+  %1423 = getelementptr inbounds float, ptr %1352, i64 %1404
+  %1424 = load float, ptr %1423, align 4
+  %1425 = insertelement <8 x float> poison, float %1424, i32 0
+  %1426 = shufflevector <8 x float> %1425, <8 x float> poison, <8 x i32> zeroinitializer
+  %1427 = load <8 x float>, ptr %acc010137, align 4
+  %1428 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1426, <8 x float> %1411, <8 x float> %1427)
+  store <8 x float> %1428, ptr %acc010137, align 4
+  %1429 = load <8 x float>, ptr %acc011138, align 4
+  %1430 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1426, <8 x float> %1414, <8 x float> %1429)
+  store <8 x float> %1430, ptr %acc011138, align 4
+  %1431 = getelementptr inbounds float, ptr %1377, i64 %1404
+  %1432 = load float, ptr %1431, align 4
+  %1433 = insertelement <8 x float> poison, float %1432, i32 0
+  %1434 = shufflevector <8 x float> %1433, <8 x float> poison, <8 x i32> zeroinitializer
+  %1435 = load <8 x float>, ptr %acc020139, align 4
+  %1436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1434, <8 x float> %1411, <8 x float> %1435)
+  store <8 x float> %1436, ptr %acc020139, align 4
+  %1437 = load <8 x float>, ptr %acc021140, align 4
+  %1438 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1434, <8 x float> %1414, <8 x float> %1437)
+  store <8 x float> %1438, ptr %acc021140, align 4
+  %1439 = add nsw i64 %k149, 1
+  br label %k.head146
 
-k.end145:                                         ; preds = %k.head143
-  %1444 = xor i1 %klast, true
-  br i1 %1444, label %part.then149, label %part.end150
+k.end148:                                         ; preds = %k.head146
+  %1440 = xor i1 %klast, true
+  br i1 %1440, label %part.then152, label %part.end153
 
-part.then149:                                     ; preds = %k.end145
-  %1445 = add nsw i64 %r01, 0
-  %1446 = sub nsw i64 %kb.p, %kb.pg
-  %1447 = sub nsw i64 %1445, %kb.rc
-  %1448 = mul nsw i64 %1447, 16
-  %1449 = add nsw i64 %1448, %1446
-  %1450 = mul nsw i64 %1449, 16
-  %1451 = getelementptr inbounds float, ptr %part, i64 %1450
-  %1452 = getelementptr inbounds float, ptr %1451, i64 0
-  %1453 = load <8 x float>, ptr %acc000133, align 4
-  store <8 x float> %1453, ptr %1452, align 4
-  %1454 = sub nsw i64 %kb.p, %kb.pg
-  %1455 = sub nsw i64 %1445, %kb.rc
-  %1456 = mul nsw i64 %1455, 16
-  %1457 = add nsw i64 %1456, %1454
-  %1458 = mul nsw i64 %1457, 16
-  %1459 = getelementptr inbounds float, ptr %part, i64 %1458
-  %1460 = getelementptr inbounds float, ptr %1459, i64 8
-  %1461 = load <8 x float>, ptr %acc001134, align 4
-  store <8 x float> %1461, ptr %1460, align 4
-  %1462 = add nsw i64 %r01, 1
-  %1463 = sub nsw i64 %kb.p, %kb.pg
-  %1464 = sub nsw i64 %1462, %kb.rc
-  %1465 = mul nsw i64 %1464, 16
-  %1466 = add nsw i64 %1465, %1463
-  %1467 = mul nsw i64 %1466, 16
-  %1468 = getelementptr inbounds float, ptr %part, i64 %1467
-  %1469 = getelementptr inbounds float, ptr %1468, i64 0
-  %1470 = load <8 x float>, ptr %acc010135, align 4
-  store <8 x float> %1470, ptr %1469, align 4
-  %1471 = sub nsw i64 %kb.p, %kb.pg
-  %1472 = sub nsw i64 %1462, %kb.rc
-  %1473 = mul nsw i64 %1472, 16
-  %1474 = add nsw i64 %1473, %1471
-  %1475 = mul nsw i64 %1474, 16
-  %1476 = getelementptr inbounds float, ptr %part, i64 %1475
-  %1477 = getelementptr inbounds float, ptr %1476, i64 8
-  %1478 = load <8 x float>, ptr %acc011136, align 4
-  store <8 x float> %1478, ptr %1477, align 4
-  %1479 = add nsw i64 %r01, 2
-  %1480 = sub nsw i64 %kb.p, %kb.pg
-  %1481 = sub nsw i64 %1479, %kb.rc
-  %1482 = mul nsw i64 %1481, 16
-  %1483 = add nsw i64 %1482, %1480
-  %1484 = mul nsw i64 %1483, 16
-  %1485 = getelementptr inbounds float, ptr %part, i64 %1484
-  %1486 = getelementptr inbounds float, ptr %1485, i64 0
-  %1487 = load <8 x float>, ptr %acc020137, align 4
-  store <8 x float> %1487, ptr %1486, align 4
-  %1488 = sub nsw i64 %kb.p, %kb.pg
-  %1489 = sub nsw i64 %1479, %kb.rc
-  %1490 = mul nsw i64 %1489, 16
-  %1491 = add nsw i64 %1490, %1488
-  %1492 = mul nsw i64 %1491, 16
-  %1493 = getelementptr inbounds float, ptr %part, i64 %1492
-  %1494 = getelementptr inbounds float, ptr %1493, i64 8
-  %1495 = load <8 x float>, ptr %acc021138, align 4
-  store <8 x float> %1495, ptr %1494, align 4
-  br label %part.end150
+part.then152:                                     ; preds = %k.end148
+  %1441 = add nsw i64 %r01, 0
+  %1442 = sub nsw i64 %kb.p, %kb.pg
+  %1443 = sub nsw i64 %1441, %kb.rc
+  %1444 = mul nsw i64 %1443, 16
+  %1445 = add nsw i64 %1444, %1442
+  %1446 = mul nsw i64 %1445, 16
+  %1447 = getelementptr inbounds float, ptr %part, i64 %1446
+  %1448 = getelementptr inbounds float, ptr %1447, i64 0
+  %1449 = load <8 x float>, ptr %acc000135, align 4
+  store <8 x float> %1449, ptr %1448, align 4
+  %1450 = sub nsw i64 %kb.p, %kb.pg
+  %1451 = sub nsw i64 %1441, %kb.rc
+  %1452 = mul nsw i64 %1451, 16
+  %1453 = add nsw i64 %1452, %1450
+  %1454 = mul nsw i64 %1453, 16
+  %1455 = getelementptr inbounds float, ptr %part, i64 %1454
+  %1456 = getelementptr inbounds float, ptr %1455, i64 8
+  %1457 = load <8 x float>, ptr %acc001136, align 4
+  store <8 x float> %1457, ptr %1456, align 4
+  %1458 = add nsw i64 %r01, 1
+  %1459 = sub nsw i64 %kb.p, %kb.pg
+  %1460 = sub nsw i64 %1458, %kb.rc
+  %1461 = mul nsw i64 %1460, 16
+  %1462 = add nsw i64 %1461, %1459
+  %1463 = mul nsw i64 %1462, 16
+  %1464 = getelementptr inbounds float, ptr %part, i64 %1463
+  %1465 = getelementptr inbounds float, ptr %1464, i64 0
+  %1466 = load <8 x float>, ptr %acc010137, align 4
+  store <8 x float> %1466, ptr %1465, align 4
+  %1467 = sub nsw i64 %kb.p, %kb.pg
+  %1468 = sub nsw i64 %1458, %kb.rc
+  %1469 = mul nsw i64 %1468, 16
+  %1470 = add nsw i64 %1469, %1467
+  %1471 = mul nsw i64 %1470, 16
+  %1472 = getelementptr inbounds float, ptr %part, i64 %1471
+  %1473 = getelementptr inbounds float, ptr %1472, i64 8
+  %1474 = load <8 x float>, ptr %acc011138, align 4
+  store <8 x float> %1474, ptr %1473, align 4
+  %1475 = add nsw i64 %r01, 2
+  %1476 = sub nsw i64 %kb.p, %kb.pg
+  %1477 = sub nsw i64 %1475, %kb.rc
+  %1478 = mul nsw i64 %1477, 16
+  %1479 = add nsw i64 %1478, %1476
+  %1480 = mul nsw i64 %1479, 16
+  %1481 = getelementptr inbounds float, ptr %part, i64 %1480
+  %1482 = getelementptr inbounds float, ptr %1481, i64 0
+  %1483 = load <8 x float>, ptr %acc020139, align 4
+  store <8 x float> %1483, ptr %1482, align 4
+  %1484 = sub nsw i64 %kb.p, %kb.pg
+  %1485 = sub nsw i64 %1475, %kb.rc
+  %1486 = mul nsw i64 %1485, 16
+  %1487 = add nsw i64 %1486, %1484
+  %1488 = mul nsw i64 %1487, 16
+  %1489 = getelementptr inbounds float, ptr %part, i64 %1488
+  %1490 = getelementptr inbounds float, ptr %1489, i64 8
+  %1491 = load <8 x float>, ptr %acc021140, align 4
+  store <8 x float> %1491, ptr %1490, align 4
+  br label %part.end153
 
-part.end150:                                      ; preds = %part.then149, %k.end145
-  br i1 %klast, label %last.then151, label %last.end152
+part.end153:                                      ; preds = %part.then152, %k.end148
+  br i1 %klast, label %last.then154, label %last.end155
 
-last.then151:                                     ; preds = %part.end150
-  %1496 = add nsw i64 %r01, 0
-  %1497 = getelementptr inbounds float, ptr %rw, i64 %1496
-  %1498 = load float, ptr %1497, align 4
-  %1499 = insertelement <8 x float> poison, float %1498, i32 0
-  %1500 = shufflevector <8 x float> %1499, <8 x float> poison, <8 x i32> zeroinitializer
-  %1501 = mul nsw i64 %1496, 2816
-  %1502 = getelementptr inbounds float, ptr %h, i64 %1501
-  %col153 = mul nsw i64 %kb.p, 8
-  %1503 = load <8 x float>, ptr %acc000133, align 4
-  %1504 = load <8 x float>, ptr %acc001134, align 4
-  %1505 = fneg <8 x float> %1503
-  %1506 = fcmp olt <8 x float> %1505, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1507 = select <8 x i1> %1506, <8 x float> %1505, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1508 = fcmp ogt <8 x float> %1507, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1509 = select <8 x i1> %1508, <8 x float> %1507, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1510 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1509, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1511 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1510)
-  %1512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1511, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1509)
-  %1513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1511, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1512)
-  %1514 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1513, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1514, <8 x float> %1513, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1515, <8 x float> %1513, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1517 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1516, <8 x float> %1513, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1517, <8 x float> %1513, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1519 = fmul <8 x float> %1513, %1513
-  %1520 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1518, <8 x float> %1519, <8 x float> %1513)
-  %1521 = fadd <8 x float> %1520, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1522 = fptosi <8 x float> %1511 to <8 x i32>
-  %1523 = add <8 x i32> %1522, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1524 = shl <8 x i32> %1523, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n154 = bitcast <8 x i32> %1524 to <8 x float>
-  %exp155 = fmul <8 x float> %1521, %exp.2n154
-  %1525 = fadd <8 x float> %exp155, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid156 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1525
-  %silu157 = fmul <8 x float> %1503, %sigmoid156
-  %glu158 = fmul <8 x float> %silu157, %1504
-  %1526 = fmul <8 x float> %glu158, %1500
-  %1527 = getelementptr inbounds float, ptr %1502, i64 %col153
-  store <8 x float> %1526, ptr %1527, align 4
-  %1528 = add nsw i64 %r01, 1
-  %1529 = getelementptr inbounds float, ptr %rw, i64 %1528
-  %1530 = load float, ptr %1529, align 4
-  %1531 = insertelement <8 x float> poison, float %1530, i32 0
-  %1532 = shufflevector <8 x float> %1531, <8 x float> poison, <8 x i32> zeroinitializer
-  %1533 = mul nsw i64 %1528, 2816
-  %1534 = getelementptr inbounds float, ptr %h, i64 %1533
-  %col159 = mul nsw i64 %kb.p, 8
-  %1535 = load <8 x float>, ptr %acc010135, align 4
-  %1536 = load <8 x float>, ptr %acc011136, align 4
-  %1537 = fneg <8 x float> %1535
-  %1538 = fcmp olt <8 x float> %1537, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1539 = select <8 x i1> %1538, <8 x float> %1537, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1540 = fcmp ogt <8 x float> %1539, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1541 = select <8 x i1> %1540, <8 x float> %1539, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1541, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1543 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1542)
-  %1544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1543, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1541)
-  %1545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1543, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1544)
-  %1546 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1545, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1547 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1546, <8 x float> %1545, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1548 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1547, <8 x float> %1545, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1549 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1548, <8 x float> %1545, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1550 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1549, <8 x float> %1545, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1551 = fmul <8 x float> %1545, %1545
-  %1552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1550, <8 x float> %1551, <8 x float> %1545)
-  %1553 = fadd <8 x float> %1552, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1554 = fptosi <8 x float> %1543 to <8 x i32>
-  %1555 = add <8 x i32> %1554, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1556 = shl <8 x i32> %1555, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n160 = bitcast <8 x i32> %1556 to <8 x float>
-  %exp161 = fmul <8 x float> %1553, %exp.2n160
-  %1557 = fadd <8 x float> %exp161, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid162 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1557
-  %silu163 = fmul <8 x float> %1535, %sigmoid162
-  %glu164 = fmul <8 x float> %silu163, %1536
-  %1558 = fmul <8 x float> %glu164, %1532
-  %1559 = getelementptr inbounds float, ptr %1534, i64 %col159
-  store <8 x float> %1558, ptr %1559, align 4
-  %1560 = add nsw i64 %r01, 2
-  %1561 = getelementptr inbounds float, ptr %rw, i64 %1560
-  %1562 = load float, ptr %1561, align 4
-  %1563 = insertelement <8 x float> poison, float %1562, i32 0
-  %1564 = shufflevector <8 x float> %1563, <8 x float> poison, <8 x i32> zeroinitializer
-  %1565 = mul nsw i64 %1560, 2816
-  %1566 = getelementptr inbounds float, ptr %h, i64 %1565
-  %col165 = mul nsw i64 %kb.p, 8
-  %1567 = load <8 x float>, ptr %acc020137, align 4
-  %1568 = load <8 x float>, ptr %acc021138, align 4
-  %1569 = fneg <8 x float> %1567
-  %1570 = fcmp olt <8 x float> %1569, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1571 = select <8 x i1> %1570, <8 x float> %1569, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1572 = fcmp ogt <8 x float> %1571, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1573 = select <8 x i1> %1572, <8 x float> %1571, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1574 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1573, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1575 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1574)
-  %1576 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1575, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1573)
-  %1577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1575, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1576)
-  %1578 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1577, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1578, <8 x float> %1577, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1579, <8 x float> %1577, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1580, <8 x float> %1577, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1582 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1581, <8 x float> %1577, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1583 = fmul <8 x float> %1577, %1577
-  %1584 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1582, <8 x float> %1583, <8 x float> %1577)
-  %1585 = fadd <8 x float> %1584, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1586 = fptosi <8 x float> %1575 to <8 x i32>
-  %1587 = add <8 x i32> %1586, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1588 = shl <8 x i32> %1587, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n166 = bitcast <8 x i32> %1588 to <8 x float>
-  %exp167 = fmul <8 x float> %1585, %exp.2n166
-  %1589 = fadd <8 x float> %exp167, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid168 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1589
-  %silu169 = fmul <8 x float> %1567, %sigmoid168
-  %glu170 = fmul <8 x float> %silu169, %1568
-  %1590 = fmul <8 x float> %glu170, %1564
-  %1591 = getelementptr inbounds float, ptr %1566, i64 %col165
-  store <8 x float> %1590, ptr %1591, align 4
-  br label %last.end152
+last.then154:                                     ; preds = %part.end153
+  %1492 = add nsw i64 %r01, 0
+  %1493 = getelementptr inbounds float, ptr %rw, i64 %1492
+  %1494 = load float, ptr %1493, align 4
+  %1495 = insertelement <8 x float> poison, float %1494, i32 0
+  %1496 = shufflevector <8 x float> %1495, <8 x float> poison, <8 x i32> zeroinitializer
+  %1497 = mul nsw i64 %1492, 2816
+  %1498 = getelementptr inbounds float, ptr %h, i64 %1497
+  %col156 = mul nsw i64 %kb.p, 8
+  %1499 = load <8 x float>, ptr %acc000135, align 4
+  %1500 = load <8 x float>, ptr %acc001136, align 4
+  %1501 = fneg <8 x float> %1499
+  %1502 = fcmp olt <8 x float> %1501, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1503 = select <8 x i1> %1502, <8 x float> %1501, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1504 = fcmp ogt <8 x float> %1503, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1505 = select <8 x i1> %1504, <8 x float> %1503, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1506 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1505, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1507 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1506)
+  %1508 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1507, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1505)
+  %1509 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1507, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1508)
+  %1510 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1509, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1511 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1510, <8 x float> %1509, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1512 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1511, <8 x float> %1509, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1513 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1512, <8 x float> %1509, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1514 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1513, <8 x float> %1509, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1515 = fmul <8 x float> %1509, %1509
+  %1516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1514, <8 x float> %1515, <8 x float> %1509)
+  %1517 = fadd <8 x float> %1516, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1518 = fptosi <8 x float> %1507 to <8 x i32>
+  %1519 = add <8 x i32> %1518, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1520 = shl <8 x i32> %1519, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n157 = bitcast <8 x i32> %1520 to <8 x float>
+  %exp158 = fmul <8 x float> %1517, %exp.2n157
+  %1521 = fadd <8 x float> %exp158, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid159 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1521
+  %silu160 = fmul <8 x float> %1499, %sigmoid159
+  %glu161 = fmul <8 x float> %silu160, %1500
+  %1522 = fmul <8 x float> %glu161, %1496
+  %1523 = getelementptr inbounds float, ptr %1498, i64 %col156
+  store <8 x float> %1522, ptr %1523, align 4
+  %1524 = add nsw i64 %r01, 1
+  %1525 = getelementptr inbounds float, ptr %rw, i64 %1524
+  %1526 = load float, ptr %1525, align 4
+  %1527 = insertelement <8 x float> poison, float %1526, i32 0
+  %1528 = shufflevector <8 x float> %1527, <8 x float> poison, <8 x i32> zeroinitializer
+  %1529 = mul nsw i64 %1524, 2816
+  %1530 = getelementptr inbounds float, ptr %h, i64 %1529
+  %col162 = mul nsw i64 %kb.p, 8
+  %1531 = load <8 x float>, ptr %acc010137, align 4
+  %1532 = load <8 x float>, ptr %acc011138, align 4
+  %1533 = fneg <8 x float> %1531
+  %1534 = fcmp olt <8 x float> %1533, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1535 = select <8 x i1> %1534, <8 x float> %1533, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1536 = fcmp ogt <8 x float> %1535, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1537 = select <8 x i1> %1536, <8 x float> %1535, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1538 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1537, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1539 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1538)
+  %1540 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1539, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1537)
+  %1541 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1539, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1540)
+  %1542 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1541, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1543 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1542, <8 x float> %1541, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1544 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1543, <8 x float> %1541, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1545 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1544, <8 x float> %1541, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1546 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1545, <8 x float> %1541, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1547 = fmul <8 x float> %1541, %1541
+  %1548 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1546, <8 x float> %1547, <8 x float> %1541)
+  %1549 = fadd <8 x float> %1548, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1550 = fptosi <8 x float> %1539 to <8 x i32>
+  %1551 = add <8 x i32> %1550, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1552 = shl <8 x i32> %1551, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n163 = bitcast <8 x i32> %1552 to <8 x float>
+  %exp164 = fmul <8 x float> %1549, %exp.2n163
+  %1553 = fadd <8 x float> %exp164, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid165 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1553
+  %silu166 = fmul <8 x float> %1531, %sigmoid165
+  %glu167 = fmul <8 x float> %silu166, %1532
+  %1554 = fmul <8 x float> %glu167, %1528
+  %1555 = getelementptr inbounds float, ptr %1530, i64 %col162
+  store <8 x float> %1554, ptr %1555, align 4
+  %1556 = add nsw i64 %r01, 2
+  %1557 = getelementptr inbounds float, ptr %rw, i64 %1556
+  %1558 = load float, ptr %1557, align 4
+  %1559 = insertelement <8 x float> poison, float %1558, i32 0
+  %1560 = shufflevector <8 x float> %1559, <8 x float> poison, <8 x i32> zeroinitializer
+  %1561 = mul nsw i64 %1556, 2816
+  %1562 = getelementptr inbounds float, ptr %h, i64 %1561
+  %col168 = mul nsw i64 %kb.p, 8
+  %1563 = load <8 x float>, ptr %acc020139, align 4
+  %1564 = load <8 x float>, ptr %acc021140, align 4
+  %1565 = fneg <8 x float> %1563
+  %1566 = fcmp olt <8 x float> %1565, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1567 = select <8 x i1> %1566, <8 x float> %1565, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1568 = fcmp ogt <8 x float> %1567, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1569 = select <8 x i1> %1568, <8 x float> %1567, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1570 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1569, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1571 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1570)
+  %1572 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1571, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1569)
+  %1573 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1571, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1572)
+  %1574 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1573, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1575 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1574, <8 x float> %1573, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1576 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1575, <8 x float> %1573, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1576, <8 x float> %1573, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1578 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1577, <8 x float> %1573, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1579 = fmul <8 x float> %1573, %1573
+  %1580 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1578, <8 x float> %1579, <8 x float> %1573)
+  %1581 = fadd <8 x float> %1580, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1582 = fptosi <8 x float> %1571 to <8 x i32>
+  %1583 = add <8 x i32> %1582, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1584 = shl <8 x i32> %1583, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n169 = bitcast <8 x i32> %1584 to <8 x float>
+  %exp170 = fmul <8 x float> %1581, %exp.2n169
+  %1585 = fadd <8 x float> %exp170, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid171 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1585
+  %silu172 = fmul <8 x float> %1563, %sigmoid171
+  %glu173 = fmul <8 x float> %silu172, %1564
+  %1586 = fmul <8 x float> %glu173, %1560
+  %1587 = getelementptr inbounds float, ptr %1562, i64 %col168
+  store <8 x float> %1586, ptr %1587, align 4
+  br label %last.end155
 
-last.end152:                                      ; preds = %last.then151, %part.end150
+last.end155:                                      ; preds = %last.then154, %part.end153
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
-  %1592 = add nsw i64 %r01, 0
-  %1593 = getelementptr inbounds i32, ptr %rows, i64 %1592
-  %1594 = load i32, ptr %1593, align 4
-  %1595 = sext i32 %1594 to i64
-  %1596 = mul nsw i64 %1595, 1024
-  %1597 = add nsw i64 %1596, %k0
-  %1598 = getelementptr inbounds float, ptr %x, i64 %1597
-  %1599 = sub nsw i64 %kb.p, %kb.pg
-  %1600 = sub nsw i64 %1592, %kb.rc
-  %1601 = mul nsw i64 %1600, 16
-  %1602 = add nsw i64 %1601, %1599
-  %1603 = mul nsw i64 %1602, 16
-  %1604 = getelementptr inbounds float, ptr %part, i64 %1603
-  %1605 = getelementptr inbounds float, ptr %1604, i64 0
-  %1606 = load <8 x float>, ptr %1605, align 4
-  %1607 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1606
-  store <8 x float> %1607, ptr %acc000171, align 4
-  %1608 = sub nsw i64 %kb.p, %kb.pg
-  %1609 = sub nsw i64 %1592, %kb.rc
-  %1610 = mul nsw i64 %1609, 16
-  %1611 = add nsw i64 %1610, %1608
-  %1612 = mul nsw i64 %1611, 16
-  %1613 = getelementptr inbounds float, ptr %part, i64 %1612
-  %1614 = getelementptr inbounds float, ptr %1613, i64 8
-  %1615 = load <8 x float>, ptr %1614, align 4
-  %1616 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1615
-  store <8 x float> %1616, ptr %acc001172, align 4
-  %1617 = add nsw i64 %r01, 1
-  %1618 = getelementptr inbounds i32, ptr %rows, i64 %1617
-  %1619 = load i32, ptr %1618, align 4
-  %1620 = sext i32 %1619 to i64
-  %1621 = mul nsw i64 %1620, 1024
-  %1622 = add nsw i64 %1621, %k0
-  %1623 = getelementptr inbounds float, ptr %x, i64 %1622
-  %1624 = sub nsw i64 %kb.p, %kb.pg
-  %1625 = sub nsw i64 %1617, %kb.rc
-  %1626 = mul nsw i64 %1625, 16
-  %1627 = add nsw i64 %1626, %1624
-  %1628 = mul nsw i64 %1627, 16
-  %1629 = getelementptr inbounds float, ptr %part, i64 %1628
-  %1630 = getelementptr inbounds float, ptr %1629, i64 0
-  %1631 = load <8 x float>, ptr %1630, align 4
-  %1632 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1631
-  store <8 x float> %1632, ptr %acc010173, align 4
-  %1633 = sub nsw i64 %kb.p, %kb.pg
-  %1634 = sub nsw i64 %1617, %kb.rc
-  %1635 = mul nsw i64 %1634, 16
-  %1636 = add nsw i64 %1635, %1633
-  %1637 = mul nsw i64 %1636, 16
-  %1638 = getelementptr inbounds float, ptr %part, i64 %1637
-  %1639 = getelementptr inbounds float, ptr %1638, i64 8
-  %1640 = load <8 x float>, ptr %1639, align 4
-  %1641 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1640
-  store <8 x float> %1641, ptr %acc011174, align 4
-  %1642 = mul nsw i64 %k0, 16
-  %1643 = mul nsw i64 %kb.p, 16384
-  %panel.off175 = add nsw i64 %1643, %1642
-  %1644 = getelementptr inbounds float, ptr %panels, i64 %panel.off175
-  %pf.on176 = and i1 %pf.on, %pf.next
-  %1645 = mul nsw i64 %rb, 16384
-  %1646 = lshr i64 %1645, %25
-  %1647 = add nsw i64 %pf.step, %1646
-  %1648 = getelementptr inbounds i8, ptr %1644, i64 %1647
-  %pf177 = select i1 %pf.on176, ptr %1648, ptr %1644
-  %pf.sh178 = select i1 %pf.on176, i64 %25, i64 0
-  br label %k.head179
+  %1588 = add nsw i64 %r01, 0
+  %1589 = getelementptr inbounds i32, ptr %rows, i64 %1588
+  %1590 = load i32, ptr %1589, align 4
+  %1591 = sext i32 %1590 to i64
+  %1592 = mul nsw i64 %1591, 1024
+  %1593 = add nsw i64 %1592, %k0
+  %1594 = getelementptr inbounds float, ptr %x, i64 %1593
+  %1595 = sub nsw i64 %kb.p, %kb.pg
+  %1596 = sub nsw i64 %1588, %kb.rc
+  %1597 = mul nsw i64 %1596, 16
+  %1598 = add nsw i64 %1597, %1595
+  %1599 = mul nsw i64 %1598, 16
+  %1600 = getelementptr inbounds float, ptr %part, i64 %1599
+  %1601 = getelementptr inbounds float, ptr %1600, i64 0
+  %1602 = load <8 x float>, ptr %1601, align 4
+  %1603 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1602
+  store <8 x float> %1603, ptr %acc000174, align 4
+  %1604 = sub nsw i64 %kb.p, %kb.pg
+  %1605 = sub nsw i64 %1588, %kb.rc
+  %1606 = mul nsw i64 %1605, 16
+  %1607 = add nsw i64 %1606, %1604
+  %1608 = mul nsw i64 %1607, 16
+  %1609 = getelementptr inbounds float, ptr %part, i64 %1608
+  %1610 = getelementptr inbounds float, ptr %1609, i64 8
+  %1611 = load <8 x float>, ptr %1610, align 4
+  %1612 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1611
+  store <8 x float> %1612, ptr %acc001175, align 4
+  %1613 = add nsw i64 %r01, 1
+  %1614 = getelementptr inbounds i32, ptr %rows, i64 %1613
+  %1615 = load i32, ptr %1614, align 4
+  %1616 = sext i32 %1615 to i64
+  %1617 = mul nsw i64 %1616, 1024
+  %1618 = add nsw i64 %1617, %k0
+  %1619 = getelementptr inbounds float, ptr %x, i64 %1618
+  %1620 = sub nsw i64 %kb.p, %kb.pg
+  %1621 = sub nsw i64 %1613, %kb.rc
+  %1622 = mul nsw i64 %1621, 16
+  %1623 = add nsw i64 %1622, %1620
+  %1624 = mul nsw i64 %1623, 16
+  %1625 = getelementptr inbounds float, ptr %part, i64 %1624
+  %1626 = getelementptr inbounds float, ptr %1625, i64 0
+  %1627 = load <8 x float>, ptr %1626, align 4
+  %1628 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1627
+  store <8 x float> %1628, ptr %acc010176, align 4
+  %1629 = sub nsw i64 %kb.p, %kb.pg
+  %1630 = sub nsw i64 %1613, %kb.rc
+  %1631 = mul nsw i64 %1630, 16
+  %1632 = add nsw i64 %1631, %1629
+  %1633 = mul nsw i64 %1632, 16
+  %1634 = getelementptr inbounds float, ptr %part, i64 %1633
+  %1635 = getelementptr inbounds float, ptr %1634, i64 8
+  %1636 = load <8 x float>, ptr %1635, align 4
+  %1637 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1636
+  store <8 x float> %1637, ptr %acc011177, align 4
+  %panel.off178 = mul nsw i64 %kb.p, 16384
+  %1638 = mul nsw i64 %k0, 16
+  %slice.off179 = add nsw i64 %panel.off178, %1638
+  %1639 = getelementptr inbounds float, ptr %panels, i64 %slice.off179
+  %pf.on180 = and i1 %pf.on, %pf.next
+  %1640 = mul nsw i64 %rb, 16384
+  %1641 = lshr i64 %1640, %25
+  %1642 = add nsw i64 %pf.step, %1641
+  %1643 = getelementptr inbounds i8, ptr %1639, i64 %1642
+  %pf181 = select i1 %pf.on180, ptr %1643, ptr %1639
+  %pf.sh182 = select i1 %pf.on180, i64 %25, i64 0
+  br label %k.head183
 
-k.head179:                                        ; preds = %pf.any.end184, %tile.mr2
-  %k182 = phi i64 [ 0, %tile.mr2 ], [ %1678, %pf.any.end184 ]
-  %1649 = icmp slt i64 %k182, 256
-  br i1 %1649, label %k.body180, label %k.end181
+k.head183:                                        ; preds = %pf.any.end188, %tile.mr2
+  %k186 = phi i64 [ 0, %tile.mr2 ], [ %1673, %pf.any.end188 ]
+  %1644 = icmp slt i64 %k186, 256
+  br i1 %1644, label %k.body184, label %k.end185
 
-k.body180:                                        ; preds = %k.head179
-  %1650 = mul nsw i64 %k182, 1
-  %1651 = add nsw i64 %1650, 0
-  %1652 = mul nsw i64 %1651, 64
-  br i1 %pf.multi, label %pf.any.then183, label %pf.any.end184
+k.body184:                                        ; preds = %k.head183
+  %1645 = mul nsw i64 %k186, 1
+  %1646 = add nsw i64 %1645, 0
+  %1647 = mul nsw i64 %1646, 64
+  br i1 %pf.multi, label %pf.any.then187, label %pf.any.end188
 
-pf.any.then183:                                   ; preds = %k.body180
-  %1653 = lshr i64 %1652, %pf.sh178
-  %1654 = getelementptr inbounds i8, ptr %pf177, i64 %1653
-  call void @llvm.prefetch.p0(ptr %1654, i32 0, i32 2, i32 1)
-  br label %pf.any.end184
+pf.any.then187:                                   ; preds = %k.body184
+  %1648 = lshr i64 %1647, %pf.sh182
+  %1649 = getelementptr inbounds i8, ptr %pf181, i64 %1648
+  call void @llvm.prefetch.p0(ptr %1649, i32 0, i32 2, i32 1)
+  br label %pf.any.end188
 
-pf.any.end184:                                    ; preds = %pf.any.then183, %k.body180
-  %1655 = mul nsw i64 %1651, 16
-  %1656 = add nsw i64 %panel.off175, %1655
-  %1657 = getelementptr inbounds float, ptr %panels, i64 %1656
-  %1658 = load <8 x float>, ptr %1657, align 4
-  %1659 = add nsw i64 %1656, 8
-  %1660 = getelementptr inbounds float, ptr %panels, i64 %1659
-  %1661 = load <8 x float>, ptr %1660, align 4
-  %1662 = getelementptr inbounds float, ptr %1598, i64 %1651
-  %1663 = load float, ptr %1662, align 4
-  %1664 = insertelement <8 x float> poison, float %1663, i32 0
-  %1665 = shufflevector <8 x float> %1664, <8 x float> poison, <8 x i32> zeroinitializer
-  %1666 = load <8 x float>, ptr %acc000171, align 4
-  %1667 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1665, <8 x float> %1658, <8 x float> %1666)
-  store <8 x float> %1667, ptr %acc000171, align 4
-  %1668 = load <8 x float>, ptr %acc001172, align 4
-  %1669 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1665, <8 x float> %1661, <8 x float> %1668)
-  store <8 x float> %1669, ptr %acc001172, align 4
-  %1670 = getelementptr inbounds float, ptr %1623, i64 %1651
-  %1671 = load float, ptr %1670, align 4
-  %1672 = insertelement <8 x float> poison, float %1671, i32 0
-  %1673 = shufflevector <8 x float> %1672, <8 x float> poison, <8 x i32> zeroinitializer
-  %1674 = load <8 x float>, ptr %acc010173, align 4
-  %1675 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1673, <8 x float> %1658, <8 x float> %1674)
-  store <8 x float> %1675, ptr %acc010173, align 4
-  %1676 = load <8 x float>, ptr %acc011174, align 4
-  %1677 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1673, <8 x float> %1661, <8 x float> %1676)
-  store <8 x float> %1677, ptr %acc011174, align 4
-  %1678 = add nsw i64 %k182, 1
-  br label %k.head179
+pf.any.end188:                                    ; preds = %pf.any.then187, %k.body184
+  %1650 = mul nsw i64 %1646, 16
+  %1651 = add nsw i64 %slice.off179, %1650
+  %1652 = getelementptr inbounds float, ptr %panels, i64 %1651
+  %1653 = load <8 x float>, ptr %1652, align 4
+  %1654 = add nsw i64 %1651, 8
+  %1655 = getelementptr inbounds float, ptr %panels, i64 %1654
+  %1656 = load <8 x float>, ptr %1655, align 4
+  %1657 = getelementptr inbounds float, ptr %1594, i64 %1646
+  %1658 = load float, ptr %1657, align 4
+  %1659 = insertelement <8 x float> poison, float %1658, i32 0
+  %1660 = shufflevector <8 x float> %1659, <8 x float> poison, <8 x i32> zeroinitializer
+  %1661 = load <8 x float>, ptr %acc000174, align 4
+  %1662 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1660, <8 x float> %1653, <8 x float> %1661)
+  store <8 x float> %1662, ptr %acc000174, align 4
+  %1663 = load <8 x float>, ptr %acc001175, align 4
+  %1664 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1660, <8 x float> %1656, <8 x float> %1663)
+  store <8 x float> %1664, ptr %acc001175, align 4
+  %1665 = getelementptr inbounds float, ptr %1619, i64 %1646
+  %1666 = load float, ptr %1665, align 4
+  %1667 = insertelement <8 x float> poison, float %1666, i32 0
+  %1668 = shufflevector <8 x float> %1667, <8 x float> poison, <8 x i32> zeroinitializer
+  %1669 = load <8 x float>, ptr %acc010176, align 4
+  %1670 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1668, <8 x float> %1653, <8 x float> %1669)
+  store <8 x float> %1670, ptr %acc010176, align 4
+  %1671 = load <8 x float>, ptr %acc011177, align 4
+  %1672 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1668, <8 x float> %1656, <8 x float> %1671)
+  store <8 x float> %1672, ptr %acc011177, align 4
+  %1673 = add nsw i64 %k186, 1
+  br label %k.head183
 
-k.end181:                                         ; preds = %k.head179
-  %1679 = xor i1 %klast, true
-  br i1 %1679, label %part.then185, label %part.end186
+k.end185:                                         ; preds = %k.head183
+  %1674 = xor i1 %klast, true
+  br i1 %1674, label %part.then189, label %part.end190
 
-part.then185:                                     ; preds = %k.end181
-  %1680 = add nsw i64 %r01, 0
-  %1681 = sub nsw i64 %kb.p, %kb.pg
-  %1682 = sub nsw i64 %1680, %kb.rc
-  %1683 = mul nsw i64 %1682, 16
-  %1684 = add nsw i64 %1683, %1681
-  %1685 = mul nsw i64 %1684, 16
-  %1686 = getelementptr inbounds float, ptr %part, i64 %1685
-  %1687 = getelementptr inbounds float, ptr %1686, i64 0
-  %1688 = load <8 x float>, ptr %acc000171, align 4
-  store <8 x float> %1688, ptr %1687, align 4
-  %1689 = sub nsw i64 %kb.p, %kb.pg
-  %1690 = sub nsw i64 %1680, %kb.rc
-  %1691 = mul nsw i64 %1690, 16
-  %1692 = add nsw i64 %1691, %1689
-  %1693 = mul nsw i64 %1692, 16
-  %1694 = getelementptr inbounds float, ptr %part, i64 %1693
-  %1695 = getelementptr inbounds float, ptr %1694, i64 8
-  %1696 = load <8 x float>, ptr %acc001172, align 4
-  store <8 x float> %1696, ptr %1695, align 4
-  %1697 = add nsw i64 %r01, 1
-  %1698 = sub nsw i64 %kb.p, %kb.pg
-  %1699 = sub nsw i64 %1697, %kb.rc
-  %1700 = mul nsw i64 %1699, 16
-  %1701 = add nsw i64 %1700, %1698
-  %1702 = mul nsw i64 %1701, 16
-  %1703 = getelementptr inbounds float, ptr %part, i64 %1702
-  %1704 = getelementptr inbounds float, ptr %1703, i64 0
-  %1705 = load <8 x float>, ptr %acc010173, align 4
-  store <8 x float> %1705, ptr %1704, align 4
-  %1706 = sub nsw i64 %kb.p, %kb.pg
-  %1707 = sub nsw i64 %1697, %kb.rc
-  %1708 = mul nsw i64 %1707, 16
-  %1709 = add nsw i64 %1708, %1706
-  %1710 = mul nsw i64 %1709, 16
-  %1711 = getelementptr inbounds float, ptr %part, i64 %1710
-  %1712 = getelementptr inbounds float, ptr %1711, i64 8
-  %1713 = load <8 x float>, ptr %acc011174, align 4
-  store <8 x float> %1713, ptr %1712, align 4
-  br label %part.end186
+part.then189:                                     ; preds = %k.end185
+  %1675 = add nsw i64 %r01, 0
+  %1676 = sub nsw i64 %kb.p, %kb.pg
+  %1677 = sub nsw i64 %1675, %kb.rc
+  %1678 = mul nsw i64 %1677, 16
+  %1679 = add nsw i64 %1678, %1676
+  %1680 = mul nsw i64 %1679, 16
+  %1681 = getelementptr inbounds float, ptr %part, i64 %1680
+  %1682 = getelementptr inbounds float, ptr %1681, i64 0
+  %1683 = load <8 x float>, ptr %acc000174, align 4
+  store <8 x float> %1683, ptr %1682, align 4
+  %1684 = sub nsw i64 %kb.p, %kb.pg
+  %1685 = sub nsw i64 %1675, %kb.rc
+  %1686 = mul nsw i64 %1685, 16
+  %1687 = add nsw i64 %1686, %1684
+  %1688 = mul nsw i64 %1687, 16
+  %1689 = getelementptr inbounds float, ptr %part, i64 %1688
+  %1690 = getelementptr inbounds float, ptr %1689, i64 8
+  %1691 = load <8 x float>, ptr %acc001175, align 4
+  store <8 x float> %1691, ptr %1690, align 4
+  %1692 = add nsw i64 %r01, 1
+  %1693 = sub nsw i64 %kb.p, %kb.pg
+  %1694 = sub nsw i64 %1692, %kb.rc
+  %1695 = mul nsw i64 %1694, 16
+  %1696 = add nsw i64 %1695, %1693
+  %1697 = mul nsw i64 %1696, 16
+  %1698 = getelementptr inbounds float, ptr %part, i64 %1697
+  %1699 = getelementptr inbounds float, ptr %1698, i64 0
+  %1700 = load <8 x float>, ptr %acc010176, align 4
+  store <8 x float> %1700, ptr %1699, align 4
+  %1701 = sub nsw i64 %kb.p, %kb.pg
+  %1702 = sub nsw i64 %1692, %kb.rc
+  %1703 = mul nsw i64 %1702, 16
+  %1704 = add nsw i64 %1703, %1701
+  %1705 = mul nsw i64 %1704, 16
+  %1706 = getelementptr inbounds float, ptr %part, i64 %1705
+  %1707 = getelementptr inbounds float, ptr %1706, i64 8
+  %1708 = load <8 x float>, ptr %acc011177, align 4
+  store <8 x float> %1708, ptr %1707, align 4
+  br label %part.end190
 
-part.end186:                                      ; preds = %part.then185, %k.end181
-  br i1 %klast, label %last.then187, label %last.end188
+part.end190:                                      ; preds = %part.then189, %k.end185
+  br i1 %klast, label %last.then191, label %last.end192
 
-last.then187:                                     ; preds = %part.end186
-  %1714 = add nsw i64 %r01, 0
-  %1715 = getelementptr inbounds float, ptr %rw, i64 %1714
-  %1716 = load float, ptr %1715, align 4
-  %1717 = insertelement <8 x float> poison, float %1716, i32 0
-  %1718 = shufflevector <8 x float> %1717, <8 x float> poison, <8 x i32> zeroinitializer
-  %1719 = mul nsw i64 %1714, 2816
-  %1720 = getelementptr inbounds float, ptr %h, i64 %1719
-  %col189 = mul nsw i64 %kb.p, 8
-  %1721 = load <8 x float>, ptr %acc000171, align 4
-  %1722 = load <8 x float>, ptr %acc001172, align 4
-  %1723 = fneg <8 x float> %1721
-  %1724 = fcmp olt <8 x float> %1723, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1725 = select <8 x i1> %1724, <8 x float> %1723, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1726 = fcmp ogt <8 x float> %1725, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1727 = select <8 x i1> %1726, <8 x float> %1725, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1728 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1727, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1729 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1728)
-  %1730 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1729, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1727)
-  %1731 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1729, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1730)
-  %1732 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1731, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1733 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1732, <8 x float> %1731, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1734 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1733, <8 x float> %1731, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1735 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1734, <8 x float> %1731, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1736 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1735, <8 x float> %1731, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1737 = fmul <8 x float> %1731, %1731
-  %1738 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1736, <8 x float> %1737, <8 x float> %1731)
-  %1739 = fadd <8 x float> %1738, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1740 = fptosi <8 x float> %1729 to <8 x i32>
-  %1741 = add <8 x i32> %1740, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1742 = shl <8 x i32> %1741, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n190 = bitcast <8 x i32> %1742 to <8 x float>
-  %exp191 = fmul <8 x float> %1739, %exp.2n190
-  %1743 = fadd <8 x float> %exp191, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid192 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1743
-  %silu193 = fmul <8 x float> %1721, %sigmoid192
-  %glu194 = fmul <8 x float> %silu193, %1722
-  %1744 = fmul <8 x float> %glu194, %1718
-  %1745 = getelementptr inbounds float, ptr %1720, i64 %col189
-  store <8 x float> %1744, ptr %1745, align 4
-  %1746 = add nsw i64 %r01, 1
-  %1747 = getelementptr inbounds float, ptr %rw, i64 %1746
-  %1748 = load float, ptr %1747, align 4
-  %1749 = insertelement <8 x float> poison, float %1748, i32 0
-  %1750 = shufflevector <8 x float> %1749, <8 x float> poison, <8 x i32> zeroinitializer
-  %1751 = mul nsw i64 %1746, 2816
-  %1752 = getelementptr inbounds float, ptr %h, i64 %1751
-  %col195 = mul nsw i64 %kb.p, 8
-  %1753 = load <8 x float>, ptr %acc010173, align 4
-  %1754 = load <8 x float>, ptr %acc011174, align 4
-  %1755 = fneg <8 x float> %1753
-  %1756 = fcmp olt <8 x float> %1755, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1757 = select <8 x i1> %1756, <8 x float> %1755, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1758 = fcmp ogt <8 x float> %1757, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1759 = select <8 x i1> %1758, <8 x float> %1757, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1760 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1759, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1761 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1760)
-  %1762 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1761, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1759)
-  %1763 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1761, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1762)
-  %1764 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1763, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1765 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1764, <8 x float> %1763, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1766 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1765, <8 x float> %1763, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1767 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1766, <8 x float> %1763, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1768 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1767, <8 x float> %1763, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1769 = fmul <8 x float> %1763, %1763
-  %1770 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1768, <8 x float> %1769, <8 x float> %1763)
-  %1771 = fadd <8 x float> %1770, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1772 = fptosi <8 x float> %1761 to <8 x i32>
-  %1773 = add <8 x i32> %1772, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1774 = shl <8 x i32> %1773, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n196 = bitcast <8 x i32> %1774 to <8 x float>
-  %exp197 = fmul <8 x float> %1771, %exp.2n196
-  %1775 = fadd <8 x float> %exp197, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid198 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1775
-  %silu199 = fmul <8 x float> %1753, %sigmoid198
-  %glu200 = fmul <8 x float> %silu199, %1754
-  %1776 = fmul <8 x float> %glu200, %1750
-  %1777 = getelementptr inbounds float, ptr %1752, i64 %col195
-  store <8 x float> %1776, ptr %1777, align 4
-  br label %last.end188
+last.then191:                                     ; preds = %part.end190
+  %1709 = add nsw i64 %r01, 0
+  %1710 = getelementptr inbounds float, ptr %rw, i64 %1709
+  %1711 = load float, ptr %1710, align 4
+  %1712 = insertelement <8 x float> poison, float %1711, i32 0
+  %1713 = shufflevector <8 x float> %1712, <8 x float> poison, <8 x i32> zeroinitializer
+  %1714 = mul nsw i64 %1709, 2816
+  %1715 = getelementptr inbounds float, ptr %h, i64 %1714
+  %col193 = mul nsw i64 %kb.p, 8
+  %1716 = load <8 x float>, ptr %acc000174, align 4
+  %1717 = load <8 x float>, ptr %acc001175, align 4
+  %1718 = fneg <8 x float> %1716
+  %1719 = fcmp olt <8 x float> %1718, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1720 = select <8 x i1> %1719, <8 x float> %1718, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1721 = fcmp ogt <8 x float> %1720, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1722 = select <8 x i1> %1721, <8 x float> %1720, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1723 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1722, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1724 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1723)
+  %1725 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1724, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1722)
+  %1726 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1724, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1725)
+  %1727 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1726, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1728 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1727, <8 x float> %1726, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1729 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1728, <8 x float> %1726, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1730 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1729, <8 x float> %1726, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1731 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1730, <8 x float> %1726, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1732 = fmul <8 x float> %1726, %1726
+  %1733 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1731, <8 x float> %1732, <8 x float> %1726)
+  %1734 = fadd <8 x float> %1733, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1735 = fptosi <8 x float> %1724 to <8 x i32>
+  %1736 = add <8 x i32> %1735, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1737 = shl <8 x i32> %1736, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n194 = bitcast <8 x i32> %1737 to <8 x float>
+  %exp195 = fmul <8 x float> %1734, %exp.2n194
+  %1738 = fadd <8 x float> %exp195, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid196 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1738
+  %silu197 = fmul <8 x float> %1716, %sigmoid196
+  %glu198 = fmul <8 x float> %silu197, %1717
+  %1739 = fmul <8 x float> %glu198, %1713
+  %1740 = getelementptr inbounds float, ptr %1715, i64 %col193
+  store <8 x float> %1739, ptr %1740, align 4
+  %1741 = add nsw i64 %r01, 1
+  %1742 = getelementptr inbounds float, ptr %rw, i64 %1741
+  %1743 = load float, ptr %1742, align 4
+  %1744 = insertelement <8 x float> poison, float %1743, i32 0
+  %1745 = shufflevector <8 x float> %1744, <8 x float> poison, <8 x i32> zeroinitializer
+  %1746 = mul nsw i64 %1741, 2816
+  %1747 = getelementptr inbounds float, ptr %h, i64 %1746
+  %col199 = mul nsw i64 %kb.p, 8
+  %1748 = load <8 x float>, ptr %acc010176, align 4
+  %1749 = load <8 x float>, ptr %acc011177, align 4
+  %1750 = fneg <8 x float> %1748
+  %1751 = fcmp olt <8 x float> %1750, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1752 = select <8 x i1> %1751, <8 x float> %1750, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1753 = fcmp ogt <8 x float> %1752, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1754 = select <8 x i1> %1753, <8 x float> %1752, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1755 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1754, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1756 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1755)
+  %1757 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1756, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1754)
+  %1758 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1756, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1757)
+  %1759 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1758, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1760 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1759, <8 x float> %1758, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1761 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1760, <8 x float> %1758, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1762 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1761, <8 x float> %1758, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1763 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1762, <8 x float> %1758, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1764 = fmul <8 x float> %1758, %1758
+  %1765 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1763, <8 x float> %1764, <8 x float> %1758)
+  %1766 = fadd <8 x float> %1765, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1767 = fptosi <8 x float> %1756 to <8 x i32>
+  %1768 = add <8 x i32> %1767, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1769 = shl <8 x i32> %1768, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n200 = bitcast <8 x i32> %1769 to <8 x float>
+  %exp201 = fmul <8 x float> %1766, %exp.2n200
+  %1770 = fadd <8 x float> %exp201, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid202 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1770
+  %silu203 = fmul <8 x float> %1748, %sigmoid202
+  %glu204 = fmul <8 x float> %silu203, %1749
+  %1771 = fmul <8 x float> %glu204, %1745
+  %1772 = getelementptr inbounds float, ptr %1747, i64 %col199
+  store <8 x float> %1771, ptr %1772, align 4
+  br label %last.end192
 
-last.end188:                                      ; preds = %last.then187, %part.end186
+last.end192:                                      ; preds = %last.then191, %part.end190
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
-  %1778 = add nsw i64 %r01, 0
-  %1779 = getelementptr inbounds i32, ptr %rows, i64 %1778
-  %1780 = load i32, ptr %1779, align 4
-  %1781 = sext i32 %1780 to i64
-  %1782 = mul nsw i64 %1781, 1024
-  %1783 = add nsw i64 %1782, %k0
-  %1784 = getelementptr inbounds float, ptr %x, i64 %1783
-  %1785 = sub nsw i64 %kb.p, %kb.pg
-  %1786 = sub nsw i64 %1778, %kb.rc
-  %1787 = mul nsw i64 %1786, 16
-  %1788 = add nsw i64 %1787, %1785
-  %1789 = mul nsw i64 %1788, 16
-  %1790 = getelementptr inbounds float, ptr %part, i64 %1789
-  %1791 = getelementptr inbounds float, ptr %1790, i64 0
-  %1792 = load <8 x float>, ptr %1791, align 4
-  %1793 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1792
-  store <8 x float> %1793, ptr %acc000201, align 4
-  %1794 = sub nsw i64 %kb.p, %kb.pg
-  %1795 = sub nsw i64 %1778, %kb.rc
-  %1796 = mul nsw i64 %1795, 16
-  %1797 = add nsw i64 %1796, %1794
-  %1798 = mul nsw i64 %1797, 16
-  %1799 = getelementptr inbounds float, ptr %part, i64 %1798
-  %1800 = getelementptr inbounds float, ptr %1799, i64 8
-  %1801 = load <8 x float>, ptr %1800, align 4
-  %1802 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1801
-  store <8 x float> %1802, ptr %acc001202, align 4
-  %1803 = mul nsw i64 %k0, 16
-  %1804 = mul nsw i64 %kb.p, 16384
-  %panel.off203 = add nsw i64 %1804, %1803
-  %1805 = getelementptr inbounds float, ptr %panels, i64 %panel.off203
-  %pf.on204 = and i1 %pf.on, %pf.next
-  %1806 = mul nsw i64 %rb, 16384
-  %1807 = lshr i64 %1806, %25
-  %1808 = add nsw i64 %pf.step, %1807
-  %1809 = getelementptr inbounds i8, ptr %1805, i64 %1808
-  %pf205 = select i1 %pf.on204, ptr %1809, ptr %1805
-  %pf.sh206 = select i1 %pf.on204, i64 %25, i64 0
-  br label %k.head207
+  %1773 = add nsw i64 %r01, 0
+  %1774 = getelementptr inbounds i32, ptr %rows, i64 %1773
+  %1775 = load i32, ptr %1774, align 4
+  %1776 = sext i32 %1775 to i64
+  %1777 = mul nsw i64 %1776, 1024
+  %1778 = add nsw i64 %1777, %k0
+  %1779 = getelementptr inbounds float, ptr %x, i64 %1778
+  %1780 = sub nsw i64 %kb.p, %kb.pg
+  %1781 = sub nsw i64 %1773, %kb.rc
+  %1782 = mul nsw i64 %1781, 16
+  %1783 = add nsw i64 %1782, %1780
+  %1784 = mul nsw i64 %1783, 16
+  %1785 = getelementptr inbounds float, ptr %part, i64 %1784
+  %1786 = getelementptr inbounds float, ptr %1785, i64 0
+  %1787 = load <8 x float>, ptr %1786, align 4
+  %1788 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1787
+  store <8 x float> %1788, ptr %acc000205, align 4
+  %1789 = sub nsw i64 %kb.p, %kb.pg
+  %1790 = sub nsw i64 %1773, %kb.rc
+  %1791 = mul nsw i64 %1790, 16
+  %1792 = add nsw i64 %1791, %1789
+  %1793 = mul nsw i64 %1792, 16
+  %1794 = getelementptr inbounds float, ptr %part, i64 %1793
+  %1795 = getelementptr inbounds float, ptr %1794, i64 8
+  %1796 = load <8 x float>, ptr %1795, align 4
+  %1797 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %1796
+  store <8 x float> %1797, ptr %acc001206, align 4
+  %panel.off207 = mul nsw i64 %kb.p, 16384
+  %1798 = mul nsw i64 %k0, 16
+  %slice.off208 = add nsw i64 %panel.off207, %1798
+  %1799 = getelementptr inbounds float, ptr %panels, i64 %slice.off208
+  %pf.on209 = and i1 %pf.on, %pf.next
+  %1800 = mul nsw i64 %rb, 16384
+  %1801 = lshr i64 %1800, %25
+  %1802 = add nsw i64 %pf.step, %1801
+  %1803 = getelementptr inbounds i8, ptr %1799, i64 %1802
+  %pf210 = select i1 %pf.on209, ptr %1803, ptr %1799
+  %pf.sh211 = select i1 %pf.on209, i64 %25, i64 0
+  br label %k.head212
 
-k.head207:                                        ; preds = %pf.any.end212, %tile.mr1
-  %k210 = phi i64 [ 0, %tile.mr1 ], [ %1831, %pf.any.end212 ]
-  %1810 = icmp slt i64 %k210, 256
-  br i1 %1810, label %k.body208, label %k.end209
+k.head212:                                        ; preds = %pf.any.end217, %tile.mr1
+  %k215 = phi i64 [ 0, %tile.mr1 ], [ %1825, %pf.any.end217 ]
+  %1804 = icmp slt i64 %k215, 256
+  br i1 %1804, label %k.body213, label %k.end214
 
-k.body208:                                        ; preds = %k.head207
-  %1811 = mul nsw i64 %k210, 1
-  %1812 = add nsw i64 %1811, 0
-  %1813 = mul nsw i64 %1812, 64
-  br i1 %pf.multi, label %pf.any.then211, label %pf.any.end212
+k.body213:                                        ; preds = %k.head212
+  %1805 = mul nsw i64 %k215, 1
+  %1806 = add nsw i64 %1805, 0
+  %1807 = mul nsw i64 %1806, 64
+  br i1 %pf.multi, label %pf.any.then216, label %pf.any.end217
 
-pf.any.then211:                                   ; preds = %k.body208
-  %1814 = lshr i64 %1813, %pf.sh206
-  %1815 = getelementptr inbounds i8, ptr %pf205, i64 %1814
-  call void @llvm.prefetch.p0(ptr %1815, i32 0, i32 2, i32 1)
-  br label %pf.any.end212
+pf.any.then216:                                   ; preds = %k.body213
+  %1808 = lshr i64 %1807, %pf.sh211
+  %1809 = getelementptr inbounds i8, ptr %pf210, i64 %1808
+  call void @llvm.prefetch.p0(ptr %1809, i32 0, i32 2, i32 1)
+  br label %pf.any.end217
 
-pf.any.end212:                                    ; preds = %pf.any.then211, %k.body208
-  %1816 = mul nsw i64 %1812, 16
-  %1817 = add nsw i64 %panel.off203, %1816
-  %1818 = getelementptr inbounds float, ptr %panels, i64 %1817
-  %1819 = load <8 x float>, ptr %1818, align 4
-  %1820 = add nsw i64 %1817, 8
-  %1821 = getelementptr inbounds float, ptr %panels, i64 %1820
-  %1822 = load <8 x float>, ptr %1821, align 4
-  %1823 = getelementptr inbounds float, ptr %1784, i64 %1812
-  %1824 = load float, ptr %1823, align 4
-  %1825 = insertelement <8 x float> poison, float %1824, i32 0
-  %1826 = shufflevector <8 x float> %1825, <8 x float> poison, <8 x i32> zeroinitializer
-  %1827 = load <8 x float>, ptr %acc000201, align 4
-  %1828 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1826, <8 x float> %1819, <8 x float> %1827)
-  store <8 x float> %1828, ptr %acc000201, align 4
-  %1829 = load <8 x float>, ptr %acc001202, align 4
-  %1830 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1826, <8 x float> %1822, <8 x float> %1829)
-  store <8 x float> %1830, ptr %acc001202, align 4
-  %1831 = add nsw i64 %k210, 1
-  br label %k.head207
+pf.any.end217:                                    ; preds = %pf.any.then216, %k.body213
+  %1810 = mul nsw i64 %1806, 16
+  %1811 = add nsw i64 %slice.off208, %1810
+  %1812 = getelementptr inbounds float, ptr %panels, i64 %1811
+  %1813 = load <8 x float>, ptr %1812, align 4
+  %1814 = add nsw i64 %1811, 8
+  %1815 = getelementptr inbounds float, ptr %panels, i64 %1814
+  %1816 = load <8 x float>, ptr %1815, align 4
+  %1817 = getelementptr inbounds float, ptr %1779, i64 %1806
+  %1818 = load float, ptr %1817, align 4
+  %1819 = insertelement <8 x float> poison, float %1818, i32 0
+  %1820 = shufflevector <8 x float> %1819, <8 x float> poison, <8 x i32> zeroinitializer
+  %1821 = load <8 x float>, ptr %acc000205, align 4
+  %1822 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1820, <8 x float> %1813, <8 x float> %1821)
+  store <8 x float> %1822, ptr %acc000205, align 4
+  %1823 = load <8 x float>, ptr %acc001206, align 4
+  %1824 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1820, <8 x float> %1816, <8 x float> %1823)
+  store <8 x float> %1824, ptr %acc001206, align 4
+  %1825 = add nsw i64 %k215, 1
+  br label %k.head212
 
-k.end209:                                         ; preds = %k.head207
-  %1832 = xor i1 %klast, true
-  br i1 %1832, label %part.then213, label %part.end214
+k.end214:                                         ; preds = %k.head212
+  %1826 = xor i1 %klast, true
+  br i1 %1826, label %part.then218, label %part.end219
 
-part.then213:                                     ; preds = %k.end209
-  %1833 = add nsw i64 %r01, 0
-  %1834 = sub nsw i64 %kb.p, %kb.pg
-  %1835 = sub nsw i64 %1833, %kb.rc
-  %1836 = mul nsw i64 %1835, 16
-  %1837 = add nsw i64 %1836, %1834
+part.then218:                                     ; preds = %k.end214
+  %1827 = add nsw i64 %r01, 0
+  %1828 = sub nsw i64 %kb.p, %kb.pg
+  %1829 = sub nsw i64 %1827, %kb.rc
+  %1830 = mul nsw i64 %1829, 16
+  %1831 = add nsw i64 %1830, %1828
+  %1832 = mul nsw i64 %1831, 16
+  %1833 = getelementptr inbounds float, ptr %part, i64 %1832
+  %1834 = getelementptr inbounds float, ptr %1833, i64 0
+  %1835 = load <8 x float>, ptr %acc000205, align 4
+  store <8 x float> %1835, ptr %1834, align 4
+  %1836 = sub nsw i64 %kb.p, %kb.pg
+  %1837 = sub nsw i64 %1827, %kb.rc
   %1838 = mul nsw i64 %1837, 16
-  %1839 = getelementptr inbounds float, ptr %part, i64 %1838
-  %1840 = getelementptr inbounds float, ptr %1839, i64 0
-  %1841 = load <8 x float>, ptr %acc000201, align 4
-  store <8 x float> %1841, ptr %1840, align 4
-  %1842 = sub nsw i64 %kb.p, %kb.pg
-  %1843 = sub nsw i64 %1833, %kb.rc
-  %1844 = mul nsw i64 %1843, 16
-  %1845 = add nsw i64 %1844, %1842
-  %1846 = mul nsw i64 %1845, 16
-  %1847 = getelementptr inbounds float, ptr %part, i64 %1846
-  %1848 = getelementptr inbounds float, ptr %1847, i64 8
-  %1849 = load <8 x float>, ptr %acc001202, align 4
-  store <8 x float> %1849, ptr %1848, align 4
-  br label %part.end214
+  %1839 = add nsw i64 %1838, %1836
+  %1840 = mul nsw i64 %1839, 16
+  %1841 = getelementptr inbounds float, ptr %part, i64 %1840
+  %1842 = getelementptr inbounds float, ptr %1841, i64 8
+  %1843 = load <8 x float>, ptr %acc001206, align 4
+  store <8 x float> %1843, ptr %1842, align 4
+  br label %part.end219
 
-part.end214:                                      ; preds = %part.then213, %k.end209
-  br i1 %klast, label %last.then215, label %last.end216
+part.end219:                                      ; preds = %part.then218, %k.end214
+  br i1 %klast, label %last.then220, label %last.end221
 
-last.then215:                                     ; preds = %part.end214
-  %1850 = add nsw i64 %r01, 0
-  %1851 = getelementptr inbounds float, ptr %rw, i64 %1850
-  %1852 = load float, ptr %1851, align 4
-  %1853 = insertelement <8 x float> poison, float %1852, i32 0
-  %1854 = shufflevector <8 x float> %1853, <8 x float> poison, <8 x i32> zeroinitializer
-  %1855 = mul nsw i64 %1850, 2816
-  %1856 = getelementptr inbounds float, ptr %h, i64 %1855
-  %col217 = mul nsw i64 %kb.p, 8
-  %1857 = load <8 x float>, ptr %acc000201, align 4
-  %1858 = load <8 x float>, ptr %acc001202, align 4
-  %1859 = fneg <8 x float> %1857
-  %1860 = fcmp olt <8 x float> %1859, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1861 = select <8 x i1> %1860, <8 x float> %1859, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %1862 = fcmp ogt <8 x float> %1861, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1863 = select <8 x i1> %1862, <8 x float> %1861, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %1864 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1863, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1865 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1864)
-  %1866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1865, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1863)
-  %1867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1865, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1866)
-  %1868 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1867, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %1869 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1868, <8 x float> %1867, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %1870 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1869, <8 x float> %1867, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %1871 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1870, <8 x float> %1867, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %1872 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1871, <8 x float> %1867, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %1873 = fmul <8 x float> %1867, %1867
-  %1874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1872, <8 x float> %1873, <8 x float> %1867)
-  %1875 = fadd <8 x float> %1874, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %1876 = fptosi <8 x float> %1865 to <8 x i32>
-  %1877 = add <8 x i32> %1876, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %1878 = shl <8 x i32> %1877, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n218 = bitcast <8 x i32> %1878 to <8 x float>
-  %exp219 = fmul <8 x float> %1875, %exp.2n218
-  %1879 = fadd <8 x float> %exp219, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid220 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1879
-  %silu221 = fmul <8 x float> %1857, %sigmoid220
-  %glu222 = fmul <8 x float> %silu221, %1858
-  %1880 = fmul <8 x float> %glu222, %1854
-  %1881 = getelementptr inbounds float, ptr %1856, i64 %col217
-  store <8 x float> %1880, ptr %1881, align 4
-  br label %last.end216
+last.then220:                                     ; preds = %part.end219
+  %1844 = add nsw i64 %r01, 0
+  %1845 = getelementptr inbounds float, ptr %rw, i64 %1844
+  %1846 = load float, ptr %1845, align 4
+  %1847 = insertelement <8 x float> poison, float %1846, i32 0
+  %1848 = shufflevector <8 x float> %1847, <8 x float> poison, <8 x i32> zeroinitializer
+  %1849 = mul nsw i64 %1844, 2816
+  %1850 = getelementptr inbounds float, ptr %h, i64 %1849
+  %col222 = mul nsw i64 %kb.p, 8
+  %1851 = load <8 x float>, ptr %acc000205, align 4
+  %1852 = load <8 x float>, ptr %acc001206, align 4
+  %1853 = fneg <8 x float> %1851
+  %1854 = fcmp olt <8 x float> %1853, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1855 = select <8 x i1> %1854, <8 x float> %1853, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %1856 = fcmp ogt <8 x float> %1855, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1857 = select <8 x i1> %1856, <8 x float> %1855, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %1858 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1857, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1859 = call <8 x float> @llvm.floor.v8f32(<8 x float> %1858)
+  %1860 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1859, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %1857)
+  %1861 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1859, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %1860)
+  %1862 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %1861, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %1863 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1862, <8 x float> %1861, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %1864 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1863, <8 x float> %1861, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %1865 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1864, <8 x float> %1861, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %1866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1865, <8 x float> %1861, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %1867 = fmul <8 x float> %1861, %1861
+  %1868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1866, <8 x float> %1867, <8 x float> %1861)
+  %1869 = fadd <8 x float> %1868, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %1870 = fptosi <8 x float> %1859 to <8 x i32>
+  %1871 = add <8 x i32> %1870, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %1872 = shl <8 x i32> %1871, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n223 = bitcast <8 x i32> %1872 to <8 x float>
+  %exp224 = fmul <8 x float> %1869, %exp.2n223
+  %1873 = fadd <8 x float> %exp224, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid225 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %1873
+  %silu226 = fmul <8 x float> %1851, %sigmoid225
+  %glu227 = fmul <8 x float> %silu226, %1852
+  %1874 = fmul <8 x float> %glu227, %1848
+  %1875 = getelementptr inbounds float, ptr %1850, i64 %col222
+  store <8 x float> %1874, ptr %1875, align 4
+  br label %last.end221
 
-last.end216:                                      ; preds = %last.then215, %part.end214
+last.end221:                                      ; preds = %last.then220, %part.end219
   br label %tile.done
 
-tile.done:                                        ; preds = %last.end216, %last.end188, %last.end152, %last.end108, %last.end56, %last.end
-  %1882 = add nsw i64 %rb, 1
+tile.done:                                        ; preds = %last.end221, %last.end192, %last.end155, %last.end110, %last.end57, %last.end
+  %1876 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %1883 = add nsw i64 %kb.p, 1
+  %1877 = add nsw i64 %kb.p, 1
   br label %kb.p.head
 
 kb.p.end:                                         ; preds = %kb.p.head
-  %1884 = add nsw i64 %kb.k, 1
+  %1878 = add nsw i64 %kb.k, 1
   br label %kb.k.head
 
 kb.k.end:                                         ; preds = %kb.k.head
-  %1885 = add nsw i64 %kb.pg, 16
+  %1879 = add nsw i64 %kb.pg, 16
   br label %kb.pg.head
 
 kb.pg.end:                                        ; preds = %kb.pg.head
-  %1886 = add nsw i64 %kb.rc, 96
+  %1880 = add nsw i64 %kb.rc, 96
   br label %kb.rc.head
 
 kb.rc.end:                                        ; preds = %kb.rc.head
@@ -3369,1546 +3369,1540 @@ kb.rc.end:                                        ; preds = %kb.rc.head
 flat:                                             ; preds = %start
   br label %p.head
 
-p.head:                                           ; preds = %rb.end226, %flat
-  %p = phi i64 [ %p0, %flat ], [ %3021, %rb.end226 ]
-  %1887 = icmp slt i64 %p, %p1
-  br i1 %1887, label %p.body, label %p.end
+p.head:                                           ; preds = %rb.end231, %flat
+  %p = phi i64 [ %p0, %flat ], [ %3009, %rb.end231 ]
+  %1881 = icmp slt i64 %p, %p1
+  br i1 %1881, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
-  %1888 = add nsw i64 %n, 5
-  %nrb223 = sdiv i64 %1888, 6
-  br label %rb.head224
+  %1882 = add nsw i64 %n, 5
+  %nrb228 = sdiv i64 %1882, 6
+  br label %rb.head229
 
-rb.head224:                                       ; preds = %tile.done231, %p.body
-  %rb227 = phi i64 [ 0, %p.body ], [ %3020, %tile.done231 ]
-  %1889 = icmp slt i64 %rb227, %nrb223
-  br i1 %1889, label %rb.body225, label %rb.end226
+rb.head229:                                       ; preds = %tile.done236, %p.body
+  %rb232 = phi i64 [ 0, %p.body ], [ %3008, %tile.done236 ]
+  %1883 = icmp slt i64 %rb232, %nrb228
+  br i1 %1883, label %rb.body230, label %rb.end231
 
-rb.body225:                                       ; preds = %rb.head224
-  %1890 = mul nsw i64 %rb227, %n
-  %r0228 = sdiv i64 %1890, %nrb223
-  %1891 = add nsw i64 %rb227, 1
-  %1892 = mul nsw i64 %1891, %n
-  %r1229 = sdiv i64 %1892, %nrb223
-  %mr230 = sub nsw i64 %r1229, %r0228
-  %1893 = icmp sge i64 %nrb223, 2
-  %1894 = select i1 %1893, i64 1, i64 0
-  %1895 = icmp sge i64 %nrb223, 4
-  %1896 = select i1 %1895, i64 2, i64 %1894
-  %1897 = icmp sge i64 %nrb223, 8
-  %1898 = select i1 %1897, i64 3, i64 %1896
-  %pf.multi238 = icmp sgt i64 %nrb223, 1
-  %1899 = shl i64 1, %1898
-  %1900 = icmp slt i64 %rb227, %1899
-  %pf.on239 = and i1 %pf.multi238, %1900
-  switch i64 %mr230, label %tile.mr6237 [
-    i64 1, label %tile.mr1232
-    i64 2, label %tile.mr2233
-    i64 3, label %tile.mr3234
-    i64 4, label %tile.mr4235
-    i64 5, label %tile.mr5236
+rb.body230:                                       ; preds = %rb.head229
+  %1884 = mul nsw i64 %rb232, %n
+  %r0233 = sdiv i64 %1884, %nrb228
+  %1885 = add nsw i64 %rb232, 1
+  %1886 = mul nsw i64 %1885, %n
+  %r1234 = sdiv i64 %1886, %nrb228
+  %mr235 = sub nsw i64 %r1234, %r0233
+  %1887 = icmp sge i64 %nrb228, 2
+  %1888 = select i1 %1887, i64 1, i64 0
+  %1889 = icmp sge i64 %nrb228, 4
+  %1890 = select i1 %1889, i64 2, i64 %1888
+  %1891 = icmp sge i64 %nrb228, 8
+  %1892 = select i1 %1891, i64 3, i64 %1890
+  %pf.multi243 = icmp sgt i64 %nrb228, 1
+  %1893 = shl i64 1, %1892
+  %1894 = icmp slt i64 %rb232, %1893
+  %pf.on244 = and i1 %pf.multi243, %1894
+  switch i64 %mr235, label %tile.mr6242 [
+    i64 1, label %tile.mr1237
+    i64 2, label %tile.mr2238
+    i64 3, label %tile.mr3239
+    i64 4, label %tile.mr4240
+    i64 5, label %tile.mr5241
   ]
 
-tile.mr6237:                                      ; preds = %rb.body225
-  %1901 = add nsw i64 %r0228, 0
-  %1902 = getelementptr inbounds i32, ptr %rows, i64 %1901
-  %1903 = load i32, ptr %1902, align 4
-  %1904 = sext i32 %1903 to i64
-  %1905 = mul nsw i64 %1904, 1024
-  %1906 = add nsw i64 %1905, 0
-  %1907 = getelementptr inbounds float, ptr %x, i64 %1906
-  store <8 x float> zeroinitializer, ptr %acc000240, align 4
-  store <8 x float> zeroinitializer, ptr %acc001241, align 4
-  %1908 = add nsw i64 %r0228, 1
-  %1909 = getelementptr inbounds i32, ptr %rows, i64 %1908
-  %1910 = load i32, ptr %1909, align 4
-  %1911 = sext i32 %1910 to i64
-  %1912 = mul nsw i64 %1911, 1024
-  %1913 = add nsw i64 %1912, 0
-  %1914 = getelementptr inbounds float, ptr %x, i64 %1913
-  store <8 x float> zeroinitializer, ptr %acc010242, align 4
-  store <8 x float> zeroinitializer, ptr %acc011243, align 4
-  %1915 = add nsw i64 %r0228, 2
-  %1916 = getelementptr inbounds i32, ptr %rows, i64 %1915
-  %1917 = load i32, ptr %1916, align 4
-  %1918 = sext i32 %1917 to i64
-  %1919 = mul nsw i64 %1918, 1024
-  %1920 = add nsw i64 %1919, 0
-  %1921 = getelementptr inbounds float, ptr %x, i64 %1920
-  store <8 x float> zeroinitializer, ptr %acc020244, align 4
-  store <8 x float> zeroinitializer, ptr %acc021245, align 4
-  %1922 = add nsw i64 %r0228, 3
-  %1923 = getelementptr inbounds i32, ptr %rows, i64 %1922
-  %1924 = load i32, ptr %1923, align 4
-  %1925 = sext i32 %1924 to i64
-  %1926 = mul nsw i64 %1925, 1024
-  %1927 = add nsw i64 %1926, 0
-  %1928 = getelementptr inbounds float, ptr %x, i64 %1927
-  store <8 x float> zeroinitializer, ptr %acc030246, align 4
-  store <8 x float> zeroinitializer, ptr %acc031247, align 4
-  %1929 = add nsw i64 %r0228, 4
-  %1930 = getelementptr inbounds i32, ptr %rows, i64 %1929
-  %1931 = load i32, ptr %1930, align 4
-  %1932 = sext i32 %1931 to i64
-  %1933 = mul nsw i64 %1932, 1024
-  %1934 = add nsw i64 %1933, 0
-  %1935 = getelementptr inbounds float, ptr %x, i64 %1934
-  store <8 x float> zeroinitializer, ptr %acc040248, align 4
-  store <8 x float> zeroinitializer, ptr %acc041249, align 4
-  %1936 = add nsw i64 %r0228, 5
-  %1937 = getelementptr inbounds i32, ptr %rows, i64 %1936
-  %1938 = load i32, ptr %1937, align 4
-  %1939 = sext i32 %1938 to i64
-  %1940 = mul nsw i64 %1939, 1024
-  %1941 = add nsw i64 %1940, 0
-  %1942 = getelementptr inbounds float, ptr %x, i64 %1941
-  store <8 x float> zeroinitializer, ptr %acc050250, align 4
-  store <8 x float> zeroinitializer, ptr %acc051251, align 4
-  %1943 = mul nsw i64 %p, 16384
-  %panel.off252 = add nsw i64 %1943, 0
-  %1944 = getelementptr inbounds float, ptr %panels, i64 %panel.off252
-  %1945 = add nsw i64 %p, 1
-  %1946 = icmp slt i64 %1945, %p1
-  %pf.on253 = and i1 %pf.on239, %1946
-  %1947 = mul nsw i64 %rb227, 65536
-  %1948 = lshr i64 %1947, %1898
-  %1949 = add nsw i64 65536, %1948
-  %1950 = getelementptr inbounds i8, ptr %1944, i64 %1949
-  %pf254 = select i1 %pf.on253, ptr %1950, ptr %1944
-  %pf.sh255 = select i1 %pf.on253, i64 %1898, i64 0
-  br label %k.head256
+tile.mr6242:                                      ; preds = %rb.body230
+  %1895 = add nsw i64 %r0233, 0
+  %1896 = getelementptr inbounds i32, ptr %rows, i64 %1895
+  %1897 = load i32, ptr %1896, align 4
+  %1898 = sext i32 %1897 to i64
+  %1899 = mul nsw i64 %1898, 1024
+  %1900 = add nsw i64 %1899, 0
+  %1901 = getelementptr inbounds float, ptr %x, i64 %1900
+  store <8 x float> zeroinitializer, ptr %acc000245, align 4
+  store <8 x float> zeroinitializer, ptr %acc001246, align 4
+  %1902 = add nsw i64 %r0233, 1
+  %1903 = getelementptr inbounds i32, ptr %rows, i64 %1902
+  %1904 = load i32, ptr %1903, align 4
+  %1905 = sext i32 %1904 to i64
+  %1906 = mul nsw i64 %1905, 1024
+  %1907 = add nsw i64 %1906, 0
+  %1908 = getelementptr inbounds float, ptr %x, i64 %1907
+  store <8 x float> zeroinitializer, ptr %acc010247, align 4
+  store <8 x float> zeroinitializer, ptr %acc011248, align 4
+  %1909 = add nsw i64 %r0233, 2
+  %1910 = getelementptr inbounds i32, ptr %rows, i64 %1909
+  %1911 = load i32, ptr %1910, align 4
+  %1912 = sext i32 %1911 to i64
+  %1913 = mul nsw i64 %1912, 1024
+  %1914 = add nsw i64 %1913, 0
+  %1915 = getelementptr inbounds float, ptr %x, i64 %1914
+  store <8 x float> zeroinitializer, ptr %acc020249, align 4
+  store <8 x float> zeroinitializer, ptr %acc021250, align 4
+  %1916 = add nsw i64 %r0233, 3
+  %1917 = getelementptr inbounds i32, ptr %rows, i64 %1916
+  %1918 = load i32, ptr %1917, align 4
+  %1919 = sext i32 %1918 to i64
+  %1920 = mul nsw i64 %1919, 1024
+  %1921 = add nsw i64 %1920, 0
+  %1922 = getelementptr inbounds float, ptr %x, i64 %1921
+  store <8 x float> zeroinitializer, ptr %acc030251, align 4
+  store <8 x float> zeroinitializer, ptr %acc031252, align 4
+  %1923 = add nsw i64 %r0233, 4
+  %1924 = getelementptr inbounds i32, ptr %rows, i64 %1923
+  %1925 = load i32, ptr %1924, align 4
+  %1926 = sext i32 %1925 to i64
+  %1927 = mul nsw i64 %1926, 1024
+  %1928 = add nsw i64 %1927, 0
+  %1929 = getelementptr inbounds float, ptr %x, i64 %1928
+  store <8 x float> zeroinitializer, ptr %acc040253, align 4
+  store <8 x float> zeroinitializer, ptr %acc041254, align 4
+  %1930 = add nsw i64 %r0233, 5
+  %1931 = getelementptr inbounds i32, ptr %rows, i64 %1930
+  %1932 = load i32, ptr %1931, align 4
+  %1933 = sext i32 %1932 to i64
+  %1934 = mul nsw i64 %1933, 1024
+  %1935 = add nsw i64 %1934, 0
+  %1936 = getelementptr inbounds float, ptr %x, i64 %1935
+  store <8 x float> zeroinitializer, ptr %acc050255, align 4
+  store <8 x float> zeroinitializer, ptr %acc051256, align 4
+  %panel.off257 = mul nsw i64 %p, 16384
+  %1937 = getelementptr inbounds float, ptr %panels, i64 %panel.off257
+  %1938 = add nsw i64 %p, 1
+  %1939 = icmp slt i64 %1938, %p1
+  %pf.on258 = and i1 %pf.on244, %1939
+  %1940 = mul nsw i64 %rb232, 65536
+  %1941 = lshr i64 %1940, %1892
+  %1942 = add nsw i64 65536, %1941
+  %1943 = getelementptr inbounds i8, ptr %1937, i64 %1942
+  %pf259 = select i1 %pf.on258, ptr %1943, ptr %1937
+  %pf.sh260 = select i1 %pf.on258, i64 %1892, i64 0
+  br label %k.head261
 
-k.head256:                                        ; preds = %pf.any.end261, %tile.mr6237
-  %k259 = phi i64 [ 0, %tile.mr6237 ], [ %2012, %pf.any.end261 ]
-  %1951 = icmp slt i64 %k259, 1024
-  br i1 %1951, label %k.body257, label %k.end258
+k.head261:                                        ; preds = %pf.any.end266, %tile.mr6242
+  %k264 = phi i64 [ 0, %tile.mr6242 ], [ %2005, %pf.any.end266 ]
+  %1944 = icmp slt i64 %k264, 1024
+  br i1 %1944, label %k.body262, label %k.end263
 
-k.body257:                                        ; preds = %k.head256
-  %1952 = mul nsw i64 %k259, 1
-  %1953 = add nsw i64 %1952, 0
-  %1954 = mul nsw i64 %1953, 64
-  br i1 %pf.multi238, label %pf.any.then260, label %pf.any.end261
+k.body262:                                        ; preds = %k.head261
+  %1945 = mul nsw i64 %k264, 1
+  %1946 = add nsw i64 %1945, 0
+  %1947 = mul nsw i64 %1946, 64
+  br i1 %pf.multi243, label %pf.any.then265, label %pf.any.end266
 
-pf.any.then260:                                   ; preds = %k.body257
-  %1955 = lshr i64 %1954, %pf.sh255
-  %1956 = getelementptr inbounds i8, ptr %pf254, i64 %1955
-  call void @llvm.prefetch.p0(ptr %1956, i32 0, i32 2, i32 1)
-  br label %pf.any.end261
+pf.any.then265:                                   ; preds = %k.body262
+  %1948 = lshr i64 %1947, %pf.sh260
+  %1949 = getelementptr inbounds i8, ptr %pf259, i64 %1948
+  call void @llvm.prefetch.p0(ptr %1949, i32 0, i32 2, i32 1)
+  br label %pf.any.end266
 
-pf.any.end261:                                    ; preds = %pf.any.then260, %k.body257
-  %1957 = mul nsw i64 %1953, 16
-  %1958 = add nsw i64 %panel.off252, %1957
-  %1959 = getelementptr inbounds float, ptr %panels, i64 %1958
-  %1960 = load <8 x float>, ptr %1959, align 4
-  %1961 = add nsw i64 %1958, 8
-  %1962 = getelementptr inbounds float, ptr %panels, i64 %1961
-  %1963 = load <8 x float>, ptr %1962, align 4
-  %1964 = getelementptr inbounds float, ptr %1907, i64 %1953
-  %1965 = load float, ptr %1964, align 4
-  %1966 = insertelement <8 x float> poison, float %1965, i32 0
-  %1967 = shufflevector <8 x float> %1966, <8 x float> poison, <8 x i32> zeroinitializer
-  %1968 = load <8 x float>, ptr %acc000240, align 4
-  %1969 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1967, <8 x float> %1960, <8 x float> %1968)
-  store <8 x float> %1969, ptr %acc000240, align 4
-  %1970 = load <8 x float>, ptr %acc001241, align 4
-  %1971 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1967, <8 x float> %1963, <8 x float> %1970)
-  store <8 x float> %1971, ptr %acc001241, align 4
-  %1972 = getelementptr inbounds float, ptr %1914, i64 %1953
-  %1973 = load float, ptr %1972, align 4
-  %1974 = insertelement <8 x float> poison, float %1973, i32 0
-  %1975 = shufflevector <8 x float> %1974, <8 x float> poison, <8 x i32> zeroinitializer
-  %1976 = load <8 x float>, ptr %acc010242, align 4
-  %1977 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1975, <8 x float> %1960, <8 x float> %1976)
-  store <8 x float> %1977, ptr %acc010242, align 4
-  %1978 = load <8 x float>, ptr %acc011243, align 4
-  %1979 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1975, <8 x float> %1963, <8 x float> %1978)
-  store <8 x float> %1979, ptr %acc011243, align 4
-  %1980 = getelementptr inbounds float, ptr %1921, i64 %1953
-  %1981 = load float, ptr %1980, align 4
-  %1982 = insertelement <8 x float> poison, float %1981, i32 0
-  %1983 = shufflevector <8 x float> %1982, <8 x float> poison, <8 x i32> zeroinitializer
-  %1984 = load <8 x float>, ptr %acc020244, align 4
-  %1985 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1983, <8 x float> %1960, <8 x float> %1984)
-  store <8 x float> %1985, ptr %acc020244, align 4
-  %1986 = load <8 x float>, ptr %acc021245, align 4
-  %1987 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1983, <8 x float> %1963, <8 x float> %1986)
-  store <8 x float> %1987, ptr %acc021245, align 4
-  %1988 = getelementptr inbounds float, ptr %1928, i64 %1953
-  %1989 = load float, ptr %1988, align 4
-  %1990 = insertelement <8 x float> poison, float %1989, i32 0
-  %1991 = shufflevector <8 x float> %1990, <8 x float> poison, <8 x i32> zeroinitializer
-  %1992 = load <8 x float>, ptr %acc030246, align 4
-  %1993 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1991, <8 x float> %1960, <8 x float> %1992)
-  store <8 x float> %1993, ptr %acc030246, align 4
-  %1994 = load <8 x float>, ptr %acc031247, align 4
-  %1995 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1991, <8 x float> %1963, <8 x float> %1994)
-  store <8 x float> %1995, ptr %acc031247, align 4
-  %1996 = getelementptr inbounds float, ptr %1935, i64 %1953
-  %1997 = load float, ptr %1996, align 4
-  %1998 = insertelement <8 x float> poison, float %1997, i32 0
-  %1999 = shufflevector <8 x float> %1998, <8 x float> poison, <8 x i32> zeroinitializer
-  %2000 = load <8 x float>, ptr %acc040248, align 4
-  %2001 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1999, <8 x float> %1960, <8 x float> %2000)
-  store <8 x float> %2001, ptr %acc040248, align 4
-  %2002 = load <8 x float>, ptr %acc041249, align 4
-  %2003 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1999, <8 x float> %1963, <8 x float> %2002)
-  store <8 x float> %2003, ptr %acc041249, align 4
-  %2004 = getelementptr inbounds float, ptr %1942, i64 %1953
-  %2005 = load float, ptr %2004, align 4
-  %2006 = insertelement <8 x float> poison, float %2005, i32 0
-  %2007 = shufflevector <8 x float> %2006, <8 x float> poison, <8 x i32> zeroinitializer
-  %2008 = load <8 x float>, ptr %acc050250, align 4
-  %2009 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2007, <8 x float> %1960, <8 x float> %2008)
-  store <8 x float> %2009, ptr %acc050250, align 4
-  %2010 = load <8 x float>, ptr %acc051251, align 4
-  %2011 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2007, <8 x float> %1963, <8 x float> %2010)
-  store <8 x float> %2011, ptr %acc051251, align 4
-  %2012 = add nsw i64 %k259, 1
-  br label %k.head256
+pf.any.end266:                                    ; preds = %pf.any.then265, %k.body262
+  %1950 = mul nsw i64 %1946, 16
+  %1951 = add nsw i64 %panel.off257, %1950
+  %1952 = getelementptr inbounds float, ptr %panels, i64 %1951
+  %1953 = load <8 x float>, ptr %1952, align 4
+  %1954 = add nsw i64 %1951, 8
+  %1955 = getelementptr inbounds float, ptr %panels, i64 %1954
+  %1956 = load <8 x float>, ptr %1955, align 4
+  %1957 = getelementptr inbounds float, ptr %1901, i64 %1946
+  %1958 = load float, ptr %1957, align 4
+  %1959 = insertelement <8 x float> poison, float %1958, i32 0
+  %1960 = shufflevector <8 x float> %1959, <8 x float> poison, <8 x i32> zeroinitializer
+  %1961 = load <8 x float>, ptr %acc000245, align 4
+  %1962 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1960, <8 x float> %1953, <8 x float> %1961)
+  store <8 x float> %1962, ptr %acc000245, align 4
+  %1963 = load <8 x float>, ptr %acc001246, align 4
+  %1964 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1960, <8 x float> %1956, <8 x float> %1963)
+  store <8 x float> %1964, ptr %acc001246, align 4
+  %1965 = getelementptr inbounds float, ptr %1908, i64 %1946
+  %1966 = load float, ptr %1965, align 4
+  %1967 = insertelement <8 x float> poison, float %1966, i32 0
+  %1968 = shufflevector <8 x float> %1967, <8 x float> poison, <8 x i32> zeroinitializer
+  %1969 = load <8 x float>, ptr %acc010247, align 4
+  %1970 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1968, <8 x float> %1953, <8 x float> %1969)
+  store <8 x float> %1970, ptr %acc010247, align 4
+  %1971 = load <8 x float>, ptr %acc011248, align 4
+  %1972 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1968, <8 x float> %1956, <8 x float> %1971)
+  store <8 x float> %1972, ptr %acc011248, align 4
+  %1973 = getelementptr inbounds float, ptr %1915, i64 %1946
+  %1974 = load float, ptr %1973, align 4
+  %1975 = insertelement <8 x float> poison, float %1974, i32 0
+  %1976 = shufflevector <8 x float> %1975, <8 x float> poison, <8 x i32> zeroinitializer
+  %1977 = load <8 x float>, ptr %acc020249, align 4
+  %1978 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1976, <8 x float> %1953, <8 x float> %1977)
+  store <8 x float> %1978, ptr %acc020249, align 4
+  %1979 = load <8 x float>, ptr %acc021250, align 4
+  %1980 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1976, <8 x float> %1956, <8 x float> %1979)
+  store <8 x float> %1980, ptr %acc021250, align 4
+  %1981 = getelementptr inbounds float, ptr %1922, i64 %1946
+  %1982 = load float, ptr %1981, align 4
+  %1983 = insertelement <8 x float> poison, float %1982, i32 0
+  %1984 = shufflevector <8 x float> %1983, <8 x float> poison, <8 x i32> zeroinitializer
+  %1985 = load <8 x float>, ptr %acc030251, align 4
+  %1986 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1984, <8 x float> %1953, <8 x float> %1985)
+  store <8 x float> %1986, ptr %acc030251, align 4
+  %1987 = load <8 x float>, ptr %acc031252, align 4
+  %1988 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1984, <8 x float> %1956, <8 x float> %1987)
+  store <8 x float> %1988, ptr %acc031252, align 4
+  %1989 = getelementptr inbounds float, ptr %1929, i64 %1946
+  %1990 = load float, ptr %1989, align 4
+  %1991 = insertelement <8 x float> poison, float %1990, i32 0
+  %1992 = shufflevector <8 x float> %1991, <8 x float> poison, <8 x i32> zeroinitializer
+  %1993 = load <8 x float>, ptr %acc040253, align 4
+  %1994 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1992, <8 x float> %1953, <8 x float> %1993)
+  store <8 x float> %1994, ptr %acc040253, align 4
+  %1995 = load <8 x float>, ptr %acc041254, align 4
+  %1996 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1992, <8 x float> %1956, <8 x float> %1995)
+  store <8 x float> %1996, ptr %acc041254, align 4
+  %1997 = getelementptr inbounds float, ptr %1936, i64 %1946
+  %1998 = load float, ptr %1997, align 4
+  %1999 = insertelement <8 x float> poison, float %1998, i32 0
+  %2000 = shufflevector <8 x float> %1999, <8 x float> poison, <8 x i32> zeroinitializer
+  %2001 = load <8 x float>, ptr %acc050255, align 4
+  %2002 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2000, <8 x float> %1953, <8 x float> %2001)
+  store <8 x float> %2002, ptr %acc050255, align 4
+  %2003 = load <8 x float>, ptr %acc051256, align 4
+  %2004 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2000, <8 x float> %1956, <8 x float> %2003)
+  store <8 x float> %2004, ptr %acc051256, align 4
+  %2005 = add nsw i64 %k264, 1
+  br label %k.head261
 
-k.end258:                                         ; preds = %k.head256
-  %2013 = add nsw i64 %r0228, 0
-  %2014 = getelementptr inbounds float, ptr %rw, i64 %2013
-  %2015 = load float, ptr %2014, align 4
-  %2016 = insertelement <8 x float> poison, float %2015, i32 0
-  %2017 = shufflevector <8 x float> %2016, <8 x float> poison, <8 x i32> zeroinitializer
-  %2018 = mul nsw i64 %2013, 2816
-  %2019 = getelementptr inbounds float, ptr %h, i64 %2018
-  %col262 = mul nsw i64 %p, 8
-  %2020 = load <8 x float>, ptr %acc000240, align 4
-  %2021 = load <8 x float>, ptr %acc001241, align 4
-  %2022 = fneg <8 x float> %2020
-  %2023 = fcmp olt <8 x float> %2022, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2024 = select <8 x i1> %2023, <8 x float> %2022, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2025 = fcmp ogt <8 x float> %2024, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2026 = select <8 x i1> %2025, <8 x float> %2024, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2027 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2026, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2028 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2027)
-  %2029 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2028, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2026)
-  %2030 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2028, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2029)
-  %2031 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2030, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2032 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2031, <8 x float> %2030, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2033 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2032, <8 x float> %2030, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2034 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2033, <8 x float> %2030, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2035 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2034, <8 x float> %2030, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2036 = fmul <8 x float> %2030, %2030
-  %2037 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2035, <8 x float> %2036, <8 x float> %2030)
-  %2038 = fadd <8 x float> %2037, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2039 = fptosi <8 x float> %2028 to <8 x i32>
-  %2040 = add <8 x i32> %2039, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2041 = shl <8 x i32> %2040, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n263 = bitcast <8 x i32> %2041 to <8 x float>
-  %exp264 = fmul <8 x float> %2038, %exp.2n263
-  %2042 = fadd <8 x float> %exp264, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid265 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2042
-  %silu266 = fmul <8 x float> %2020, %sigmoid265
-  %glu267 = fmul <8 x float> %silu266, %2021
-  %2043 = fmul <8 x float> %glu267, %2017
-  %2044 = getelementptr inbounds float, ptr %2019, i64 %col262
-  store <8 x float> %2043, ptr %2044, align 4
-  %2045 = add nsw i64 %r0228, 1
-  %2046 = getelementptr inbounds float, ptr %rw, i64 %2045
-  %2047 = load float, ptr %2046, align 4
-  %2048 = insertelement <8 x float> poison, float %2047, i32 0
-  %2049 = shufflevector <8 x float> %2048, <8 x float> poison, <8 x i32> zeroinitializer
-  %2050 = mul nsw i64 %2045, 2816
-  %2051 = getelementptr inbounds float, ptr %h, i64 %2050
-  %col268 = mul nsw i64 %p, 8
-  %2052 = load <8 x float>, ptr %acc010242, align 4
-  %2053 = load <8 x float>, ptr %acc011243, align 4
-  %2054 = fneg <8 x float> %2052
-  %2055 = fcmp olt <8 x float> %2054, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2056 = select <8 x i1> %2055, <8 x float> %2054, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2057 = fcmp ogt <8 x float> %2056, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2058 = select <8 x i1> %2057, <8 x float> %2056, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2059 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2058, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2060 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2059)
-  %2061 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2060, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2058)
-  %2062 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2060, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2061)
-  %2063 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2062, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2064 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2063, <8 x float> %2062, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2065 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2064, <8 x float> %2062, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2066 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2065, <8 x float> %2062, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2067 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2066, <8 x float> %2062, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2068 = fmul <8 x float> %2062, %2062
-  %2069 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2067, <8 x float> %2068, <8 x float> %2062)
-  %2070 = fadd <8 x float> %2069, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2071 = fptosi <8 x float> %2060 to <8 x i32>
-  %2072 = add <8 x i32> %2071, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2073 = shl <8 x i32> %2072, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n269 = bitcast <8 x i32> %2073 to <8 x float>
-  %exp270 = fmul <8 x float> %2070, %exp.2n269
-  %2074 = fadd <8 x float> %exp270, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid271 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2074
-  %silu272 = fmul <8 x float> %2052, %sigmoid271
-  %glu273 = fmul <8 x float> %silu272, %2053
-  %2075 = fmul <8 x float> %glu273, %2049
-  %2076 = getelementptr inbounds float, ptr %2051, i64 %col268
-  store <8 x float> %2075, ptr %2076, align 4
-  %2077 = add nsw i64 %r0228, 2
-  %2078 = getelementptr inbounds float, ptr %rw, i64 %2077
-  %2079 = load float, ptr %2078, align 4
-  %2080 = insertelement <8 x float> poison, float %2079, i32 0
-  %2081 = shufflevector <8 x float> %2080, <8 x float> poison, <8 x i32> zeroinitializer
-  %2082 = mul nsw i64 %2077, 2816
-  %2083 = getelementptr inbounds float, ptr %h, i64 %2082
-  %col274 = mul nsw i64 %p, 8
-  %2084 = load <8 x float>, ptr %acc020244, align 4
-  %2085 = load <8 x float>, ptr %acc021245, align 4
-  %2086 = fneg <8 x float> %2084
-  %2087 = fcmp olt <8 x float> %2086, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2088 = select <8 x i1> %2087, <8 x float> %2086, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2089 = fcmp ogt <8 x float> %2088, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2090 = select <8 x i1> %2089, <8 x float> %2088, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2091 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2090, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2092 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2091)
-  %2093 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2092, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2090)
-  %2094 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2092, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2093)
-  %2095 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2094, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2096 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2095, <8 x float> %2094, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2097 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2096, <8 x float> %2094, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2098 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2097, <8 x float> %2094, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2099 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2098, <8 x float> %2094, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2100 = fmul <8 x float> %2094, %2094
-  %2101 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2099, <8 x float> %2100, <8 x float> %2094)
-  %2102 = fadd <8 x float> %2101, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2103 = fptosi <8 x float> %2092 to <8 x i32>
-  %2104 = add <8 x i32> %2103, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2105 = shl <8 x i32> %2104, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n275 = bitcast <8 x i32> %2105 to <8 x float>
-  %exp276 = fmul <8 x float> %2102, %exp.2n275
-  %2106 = fadd <8 x float> %exp276, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid277 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2106
-  %silu278 = fmul <8 x float> %2084, %sigmoid277
-  %glu279 = fmul <8 x float> %silu278, %2085
-  %2107 = fmul <8 x float> %glu279, %2081
-  %2108 = getelementptr inbounds float, ptr %2083, i64 %col274
-  store <8 x float> %2107, ptr %2108, align 4
-  %2109 = add nsw i64 %r0228, 3
-  %2110 = getelementptr inbounds float, ptr %rw, i64 %2109
-  %2111 = load float, ptr %2110, align 4
-  %2112 = insertelement <8 x float> poison, float %2111, i32 0
-  %2113 = shufflevector <8 x float> %2112, <8 x float> poison, <8 x i32> zeroinitializer
-  %2114 = mul nsw i64 %2109, 2816
-  %2115 = getelementptr inbounds float, ptr %h, i64 %2114
-  %col280 = mul nsw i64 %p, 8
-  %2116 = load <8 x float>, ptr %acc030246, align 4
-  %2117 = load <8 x float>, ptr %acc031247, align 4
-  %2118 = fneg <8 x float> %2116
-  %2119 = fcmp olt <8 x float> %2118, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2120 = select <8 x i1> %2119, <8 x float> %2118, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2121 = fcmp ogt <8 x float> %2120, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2122 = select <8 x i1> %2121, <8 x float> %2120, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2122, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2124 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2123)
-  %2125 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2124, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2122)
-  %2126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2124, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2125)
-  %2127 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2126, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2128 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2127, <8 x float> %2126, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2129 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2128, <8 x float> %2126, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2130 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2129, <8 x float> %2126, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2131 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2130, <8 x float> %2126, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2132 = fmul <8 x float> %2126, %2126
-  %2133 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2131, <8 x float> %2132, <8 x float> %2126)
-  %2134 = fadd <8 x float> %2133, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2135 = fptosi <8 x float> %2124 to <8 x i32>
-  %2136 = add <8 x i32> %2135, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2137 = shl <8 x i32> %2136, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n281 = bitcast <8 x i32> %2137 to <8 x float>
-  %exp282 = fmul <8 x float> %2134, %exp.2n281
-  %2138 = fadd <8 x float> %exp282, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid283 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2138
-  %silu284 = fmul <8 x float> %2116, %sigmoid283
-  %glu285 = fmul <8 x float> %silu284, %2117
-  %2139 = fmul <8 x float> %glu285, %2113
-  %2140 = getelementptr inbounds float, ptr %2115, i64 %col280
-  store <8 x float> %2139, ptr %2140, align 4
-  %2141 = add nsw i64 %r0228, 4
-  %2142 = getelementptr inbounds float, ptr %rw, i64 %2141
-  %2143 = load float, ptr %2142, align 4
-  %2144 = insertelement <8 x float> poison, float %2143, i32 0
-  %2145 = shufflevector <8 x float> %2144, <8 x float> poison, <8 x i32> zeroinitializer
-  %2146 = mul nsw i64 %2141, 2816
-  %2147 = getelementptr inbounds float, ptr %h, i64 %2146
-  %col286 = mul nsw i64 %p, 8
-  %2148 = load <8 x float>, ptr %acc040248, align 4
-  %2149 = load <8 x float>, ptr %acc041249, align 4
-  %2150 = fneg <8 x float> %2148
-  %2151 = fcmp olt <8 x float> %2150, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2152 = select <8 x i1> %2151, <8 x float> %2150, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2153 = fcmp ogt <8 x float> %2152, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2154 = select <8 x i1> %2153, <8 x float> %2152, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2154, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2156 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2155)
-  %2157 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2156, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2154)
-  %2158 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2156, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2157)
-  %2159 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2158, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2160 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2159, <8 x float> %2158, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2161 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2160, <8 x float> %2158, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2161, <8 x float> %2158, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2162, <8 x float> %2158, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2164 = fmul <8 x float> %2158, %2158
-  %2165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2163, <8 x float> %2164, <8 x float> %2158)
-  %2166 = fadd <8 x float> %2165, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2167 = fptosi <8 x float> %2156 to <8 x i32>
-  %2168 = add <8 x i32> %2167, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2169 = shl <8 x i32> %2168, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n287 = bitcast <8 x i32> %2169 to <8 x float>
-  %exp288 = fmul <8 x float> %2166, %exp.2n287
-  %2170 = fadd <8 x float> %exp288, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid289 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2170
-  %silu290 = fmul <8 x float> %2148, %sigmoid289
-  %glu291 = fmul <8 x float> %silu290, %2149
-  %2171 = fmul <8 x float> %glu291, %2145
-  %2172 = getelementptr inbounds float, ptr %2147, i64 %col286
-  store <8 x float> %2171, ptr %2172, align 4
-  %2173 = add nsw i64 %r0228, 5
-  %2174 = getelementptr inbounds float, ptr %rw, i64 %2173
-  %2175 = load float, ptr %2174, align 4
-  %2176 = insertelement <8 x float> poison, float %2175, i32 0
-  %2177 = shufflevector <8 x float> %2176, <8 x float> poison, <8 x i32> zeroinitializer
-  %2178 = mul nsw i64 %2173, 2816
-  %2179 = getelementptr inbounds float, ptr %h, i64 %2178
-  %col292 = mul nsw i64 %p, 8
-  %2180 = load <8 x float>, ptr %acc050250, align 4
-  %2181 = load <8 x float>, ptr %acc051251, align 4
-  %2182 = fneg <8 x float> %2180
-  %2183 = fcmp olt <8 x float> %2182, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2184 = select <8 x i1> %2183, <8 x float> %2182, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2185 = fcmp ogt <8 x float> %2184, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2186 = select <8 x i1> %2185, <8 x float> %2184, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2187 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2186, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2188 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2187)
-  %2189 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2188, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2186)
-  %2190 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2188, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2189)
-  %2191 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2190, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2192 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2191, <8 x float> %2190, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2193 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2192, <8 x float> %2190, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2194 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2193, <8 x float> %2190, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2195 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2194, <8 x float> %2190, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2196 = fmul <8 x float> %2190, %2190
-  %2197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2195, <8 x float> %2196, <8 x float> %2190)
-  %2198 = fadd <8 x float> %2197, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2199 = fptosi <8 x float> %2188 to <8 x i32>
-  %2200 = add <8 x i32> %2199, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2201 = shl <8 x i32> %2200, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n293 = bitcast <8 x i32> %2201 to <8 x float>
-  %exp294 = fmul <8 x float> %2198, %exp.2n293
-  %2202 = fadd <8 x float> %exp294, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid295 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2202
-  %silu296 = fmul <8 x float> %2180, %sigmoid295
-  %glu297 = fmul <8 x float> %silu296, %2181
-  %2203 = fmul <8 x float> %glu297, %2177
-  %2204 = getelementptr inbounds float, ptr %2179, i64 %col292
-  store <8 x float> %2203, ptr %2204, align 4
-  br label %tile.done231
+k.end263:                                         ; preds = %k.head261
+  %2006 = add nsw i64 %r0233, 0
+  %2007 = getelementptr inbounds float, ptr %rw, i64 %2006
+  %2008 = load float, ptr %2007, align 4
+  %2009 = insertelement <8 x float> poison, float %2008, i32 0
+  %2010 = shufflevector <8 x float> %2009, <8 x float> poison, <8 x i32> zeroinitializer
+  %2011 = mul nsw i64 %2006, 2816
+  %2012 = getelementptr inbounds float, ptr %h, i64 %2011
+  %col267 = mul nsw i64 %p, 8
+  %2013 = load <8 x float>, ptr %acc000245, align 4
+  %2014 = load <8 x float>, ptr %acc001246, align 4
+  %2015 = fneg <8 x float> %2013
+  %2016 = fcmp olt <8 x float> %2015, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2017 = select <8 x i1> %2016, <8 x float> %2015, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2018 = fcmp ogt <8 x float> %2017, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2019 = select <8 x i1> %2018, <8 x float> %2017, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2020 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2019, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2021 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2020)
+  %2022 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2021, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2019)
+  %2023 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2021, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2022)
+  %2024 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2023, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2025 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2024, <8 x float> %2023, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2026 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2025, <8 x float> %2023, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2027 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2026, <8 x float> %2023, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2028 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2027, <8 x float> %2023, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2029 = fmul <8 x float> %2023, %2023
+  %2030 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2028, <8 x float> %2029, <8 x float> %2023)
+  %2031 = fadd <8 x float> %2030, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2032 = fptosi <8 x float> %2021 to <8 x i32>
+  %2033 = add <8 x i32> %2032, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2034 = shl <8 x i32> %2033, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n268 = bitcast <8 x i32> %2034 to <8 x float>
+  %exp269 = fmul <8 x float> %2031, %exp.2n268
+  %2035 = fadd <8 x float> %exp269, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid270 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2035
+  %silu271 = fmul <8 x float> %2013, %sigmoid270
+  %glu272 = fmul <8 x float> %silu271, %2014
+  %2036 = fmul <8 x float> %glu272, %2010
+  %2037 = getelementptr inbounds float, ptr %2012, i64 %col267
+  store <8 x float> %2036, ptr %2037, align 4
+  %2038 = add nsw i64 %r0233, 1
+  %2039 = getelementptr inbounds float, ptr %rw, i64 %2038
+  %2040 = load float, ptr %2039, align 4
+  %2041 = insertelement <8 x float> poison, float %2040, i32 0
+  %2042 = shufflevector <8 x float> %2041, <8 x float> poison, <8 x i32> zeroinitializer
+  %2043 = mul nsw i64 %2038, 2816
+  %2044 = getelementptr inbounds float, ptr %h, i64 %2043
+  %col273 = mul nsw i64 %p, 8
+  %2045 = load <8 x float>, ptr %acc010247, align 4
+  %2046 = load <8 x float>, ptr %acc011248, align 4
+  %2047 = fneg <8 x float> %2045
+  %2048 = fcmp olt <8 x float> %2047, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2049 = select <8 x i1> %2048, <8 x float> %2047, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2050 = fcmp ogt <8 x float> %2049, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2051 = select <8 x i1> %2050, <8 x float> %2049, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2052 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2051, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2053 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2052)
+  %2054 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2053, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2051)
+  %2055 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2053, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2054)
+  %2056 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2055, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2057 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2056, <8 x float> %2055, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2058 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2057, <8 x float> %2055, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2059 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2058, <8 x float> %2055, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2060 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2059, <8 x float> %2055, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2061 = fmul <8 x float> %2055, %2055
+  %2062 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2060, <8 x float> %2061, <8 x float> %2055)
+  %2063 = fadd <8 x float> %2062, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2064 = fptosi <8 x float> %2053 to <8 x i32>
+  %2065 = add <8 x i32> %2064, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2066 = shl <8 x i32> %2065, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n274 = bitcast <8 x i32> %2066 to <8 x float>
+  %exp275 = fmul <8 x float> %2063, %exp.2n274
+  %2067 = fadd <8 x float> %exp275, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid276 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2067
+  %silu277 = fmul <8 x float> %2045, %sigmoid276
+  %glu278 = fmul <8 x float> %silu277, %2046
+  %2068 = fmul <8 x float> %glu278, %2042
+  %2069 = getelementptr inbounds float, ptr %2044, i64 %col273
+  store <8 x float> %2068, ptr %2069, align 4
+  %2070 = add nsw i64 %r0233, 2
+  %2071 = getelementptr inbounds float, ptr %rw, i64 %2070
+  %2072 = load float, ptr %2071, align 4
+  %2073 = insertelement <8 x float> poison, float %2072, i32 0
+  %2074 = shufflevector <8 x float> %2073, <8 x float> poison, <8 x i32> zeroinitializer
+  %2075 = mul nsw i64 %2070, 2816
+  %2076 = getelementptr inbounds float, ptr %h, i64 %2075
+  %col279 = mul nsw i64 %p, 8
+  %2077 = load <8 x float>, ptr %acc020249, align 4
+  %2078 = load <8 x float>, ptr %acc021250, align 4
+  %2079 = fneg <8 x float> %2077
+  %2080 = fcmp olt <8 x float> %2079, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2081 = select <8 x i1> %2080, <8 x float> %2079, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2082 = fcmp ogt <8 x float> %2081, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2083 = select <8 x i1> %2082, <8 x float> %2081, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2084 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2083, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2085 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2084)
+  %2086 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2085, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2083)
+  %2087 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2085, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2086)
+  %2088 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2087, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2089 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2088, <8 x float> %2087, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2090 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2089, <8 x float> %2087, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2091 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2090, <8 x float> %2087, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2092 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2091, <8 x float> %2087, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2093 = fmul <8 x float> %2087, %2087
+  %2094 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2092, <8 x float> %2093, <8 x float> %2087)
+  %2095 = fadd <8 x float> %2094, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2096 = fptosi <8 x float> %2085 to <8 x i32>
+  %2097 = add <8 x i32> %2096, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2098 = shl <8 x i32> %2097, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n280 = bitcast <8 x i32> %2098 to <8 x float>
+  %exp281 = fmul <8 x float> %2095, %exp.2n280
+  %2099 = fadd <8 x float> %exp281, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid282 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2099
+  %silu283 = fmul <8 x float> %2077, %sigmoid282
+  %glu284 = fmul <8 x float> %silu283, %2078
+  %2100 = fmul <8 x float> %glu284, %2074
+  %2101 = getelementptr inbounds float, ptr %2076, i64 %col279
+  store <8 x float> %2100, ptr %2101, align 4
+  %2102 = add nsw i64 %r0233, 3
+  %2103 = getelementptr inbounds float, ptr %rw, i64 %2102
+  %2104 = load float, ptr %2103, align 4
+  %2105 = insertelement <8 x float> poison, float %2104, i32 0
+  %2106 = shufflevector <8 x float> %2105, <8 x float> poison, <8 x i32> zeroinitializer
+  %2107 = mul nsw i64 %2102, 2816
+  %2108 = getelementptr inbounds float, ptr %h, i64 %2107
+  %col285 = mul nsw i64 %p, 8
+  %2109 = load <8 x float>, ptr %acc030251, align 4
+  %2110 = load <8 x float>, ptr %acc031252, align 4
+  %2111 = fneg <8 x float> %2109
+  %2112 = fcmp olt <8 x float> %2111, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2113 = select <8 x i1> %2112, <8 x float> %2111, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2114 = fcmp ogt <8 x float> %2113, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2115 = select <8 x i1> %2114, <8 x float> %2113, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2116 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2115, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2117 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2116)
+  %2118 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2117, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2115)
+  %2119 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2117, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2118)
+  %2120 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2119, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2121 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2120, <8 x float> %2119, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2122 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2121, <8 x float> %2119, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2123 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2122, <8 x float> %2119, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2124 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2123, <8 x float> %2119, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2125 = fmul <8 x float> %2119, %2119
+  %2126 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2124, <8 x float> %2125, <8 x float> %2119)
+  %2127 = fadd <8 x float> %2126, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2128 = fptosi <8 x float> %2117 to <8 x i32>
+  %2129 = add <8 x i32> %2128, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2130 = shl <8 x i32> %2129, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n286 = bitcast <8 x i32> %2130 to <8 x float>
+  %exp287 = fmul <8 x float> %2127, %exp.2n286
+  %2131 = fadd <8 x float> %exp287, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid288 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2131
+  %silu289 = fmul <8 x float> %2109, %sigmoid288
+  %glu290 = fmul <8 x float> %silu289, %2110
+  %2132 = fmul <8 x float> %glu290, %2106
+  %2133 = getelementptr inbounds float, ptr %2108, i64 %col285
+  store <8 x float> %2132, ptr %2133, align 4
+  %2134 = add nsw i64 %r0233, 4
+  %2135 = getelementptr inbounds float, ptr %rw, i64 %2134
+  %2136 = load float, ptr %2135, align 4
+  %2137 = insertelement <8 x float> poison, float %2136, i32 0
+  %2138 = shufflevector <8 x float> %2137, <8 x float> poison, <8 x i32> zeroinitializer
+  %2139 = mul nsw i64 %2134, 2816
+  %2140 = getelementptr inbounds float, ptr %h, i64 %2139
+  %col291 = mul nsw i64 %p, 8
+  %2141 = load <8 x float>, ptr %acc040253, align 4
+  %2142 = load <8 x float>, ptr %acc041254, align 4
+  %2143 = fneg <8 x float> %2141
+  %2144 = fcmp olt <8 x float> %2143, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2145 = select <8 x i1> %2144, <8 x float> %2143, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2146 = fcmp ogt <8 x float> %2145, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2147 = select <8 x i1> %2146, <8 x float> %2145, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2147, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2149 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2148)
+  %2150 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2149, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2147)
+  %2151 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2149, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2150)
+  %2152 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2151, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2152, <8 x float> %2151, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2153, <8 x float> %2151, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2154, <8 x float> %2151, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2156 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2155, <8 x float> %2151, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2157 = fmul <8 x float> %2151, %2151
+  %2158 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2156, <8 x float> %2157, <8 x float> %2151)
+  %2159 = fadd <8 x float> %2158, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2160 = fptosi <8 x float> %2149 to <8 x i32>
+  %2161 = add <8 x i32> %2160, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2162 = shl <8 x i32> %2161, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n292 = bitcast <8 x i32> %2162 to <8 x float>
+  %exp293 = fmul <8 x float> %2159, %exp.2n292
+  %2163 = fadd <8 x float> %exp293, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid294 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2163
+  %silu295 = fmul <8 x float> %2141, %sigmoid294
+  %glu296 = fmul <8 x float> %silu295, %2142
+  %2164 = fmul <8 x float> %glu296, %2138
+  %2165 = getelementptr inbounds float, ptr %2140, i64 %col291
+  store <8 x float> %2164, ptr %2165, align 4
+  %2166 = add nsw i64 %r0233, 5
+  %2167 = getelementptr inbounds float, ptr %rw, i64 %2166
+  %2168 = load float, ptr %2167, align 4
+  %2169 = insertelement <8 x float> poison, float %2168, i32 0
+  %2170 = shufflevector <8 x float> %2169, <8 x float> poison, <8 x i32> zeroinitializer
+  %2171 = mul nsw i64 %2166, 2816
+  %2172 = getelementptr inbounds float, ptr %h, i64 %2171
+  %col297 = mul nsw i64 %p, 8
+  %2173 = load <8 x float>, ptr %acc050255, align 4
+  %2174 = load <8 x float>, ptr %acc051256, align 4
+  %2175 = fneg <8 x float> %2173
+  %2176 = fcmp olt <8 x float> %2175, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2177 = select <8 x i1> %2176, <8 x float> %2175, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2178 = fcmp ogt <8 x float> %2177, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2179 = select <8 x i1> %2178, <8 x float> %2177, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2179, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2181 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2180)
+  %2182 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2181, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2179)
+  %2183 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2181, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2182)
+  %2184 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2183, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2185 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2184, <8 x float> %2183, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2186 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2185, <8 x float> %2183, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2187 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2186, <8 x float> %2183, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2187, <8 x float> %2183, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2189 = fmul <8 x float> %2183, %2183
+  %2190 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2188, <8 x float> %2189, <8 x float> %2183)
+  %2191 = fadd <8 x float> %2190, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2192 = fptosi <8 x float> %2181 to <8 x i32>
+  %2193 = add <8 x i32> %2192, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2194 = shl <8 x i32> %2193, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n298 = bitcast <8 x i32> %2194 to <8 x float>
+  %exp299 = fmul <8 x float> %2191, %exp.2n298
+  %2195 = fadd <8 x float> %exp299, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid300 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2195
+  %silu301 = fmul <8 x float> %2173, %sigmoid300
+  %glu302 = fmul <8 x float> %silu301, %2174
+  %2196 = fmul <8 x float> %glu302, %2170
+  %2197 = getelementptr inbounds float, ptr %2172, i64 %col297
+  store <8 x float> %2196, ptr %2197, align 4
+  br label %tile.done236
 
-tile.mr5236:                                      ; preds = %rb.body225
-  %2205 = add nsw i64 %r0228, 0
+tile.mr5241:                                      ; preds = %rb.body230
+  %2198 = add nsw i64 %r0233, 0
+  %2199 = getelementptr inbounds i32, ptr %rows, i64 %2198
+  %2200 = load i32, ptr %2199, align 4
+  %2201 = sext i32 %2200 to i64
+  %2202 = mul nsw i64 %2201, 1024
+  %2203 = add nsw i64 %2202, 0
+  %2204 = getelementptr inbounds float, ptr %x, i64 %2203
+  store <8 x float> zeroinitializer, ptr %acc000303, align 4
+  store <8 x float> zeroinitializer, ptr %acc001304, align 4
+  %2205 = add nsw i64 %r0233, 1
   %2206 = getelementptr inbounds i32, ptr %rows, i64 %2205
   %2207 = load i32, ptr %2206, align 4
   %2208 = sext i32 %2207 to i64
   %2209 = mul nsw i64 %2208, 1024
   %2210 = add nsw i64 %2209, 0
   %2211 = getelementptr inbounds float, ptr %x, i64 %2210
-  store <8 x float> zeroinitializer, ptr %acc000298, align 4
-  store <8 x float> zeroinitializer, ptr %acc001299, align 4
-  %2212 = add nsw i64 %r0228, 1
+  store <8 x float> zeroinitializer, ptr %acc010305, align 4
+  store <8 x float> zeroinitializer, ptr %acc011306, align 4
+  %2212 = add nsw i64 %r0233, 2
   %2213 = getelementptr inbounds i32, ptr %rows, i64 %2212
   %2214 = load i32, ptr %2213, align 4
   %2215 = sext i32 %2214 to i64
   %2216 = mul nsw i64 %2215, 1024
   %2217 = add nsw i64 %2216, 0
   %2218 = getelementptr inbounds float, ptr %x, i64 %2217
-  store <8 x float> zeroinitializer, ptr %acc010300, align 4
-  store <8 x float> zeroinitializer, ptr %acc011301, align 4
-  %2219 = add nsw i64 %r0228, 2
+  store <8 x float> zeroinitializer, ptr %acc020307, align 4
+  store <8 x float> zeroinitializer, ptr %acc021308, align 4
+  %2219 = add nsw i64 %r0233, 3
   %2220 = getelementptr inbounds i32, ptr %rows, i64 %2219
   %2221 = load i32, ptr %2220, align 4
   %2222 = sext i32 %2221 to i64
   %2223 = mul nsw i64 %2222, 1024
   %2224 = add nsw i64 %2223, 0
   %2225 = getelementptr inbounds float, ptr %x, i64 %2224
-  store <8 x float> zeroinitializer, ptr %acc020302, align 4
-  store <8 x float> zeroinitializer, ptr %acc021303, align 4
-  %2226 = add nsw i64 %r0228, 3
+  store <8 x float> zeroinitializer, ptr %acc030309, align 4
+  store <8 x float> zeroinitializer, ptr %acc031310, align 4
+  %2226 = add nsw i64 %r0233, 4
   %2227 = getelementptr inbounds i32, ptr %rows, i64 %2226
   %2228 = load i32, ptr %2227, align 4
   %2229 = sext i32 %2228 to i64
   %2230 = mul nsw i64 %2229, 1024
   %2231 = add nsw i64 %2230, 0
   %2232 = getelementptr inbounds float, ptr %x, i64 %2231
-  store <8 x float> zeroinitializer, ptr %acc030304, align 4
-  store <8 x float> zeroinitializer, ptr %acc031305, align 4
-  %2233 = add nsw i64 %r0228, 4
-  %2234 = getelementptr inbounds i32, ptr %rows, i64 %2233
-  %2235 = load i32, ptr %2234, align 4
-  %2236 = sext i32 %2235 to i64
-  %2237 = mul nsw i64 %2236, 1024
-  %2238 = add nsw i64 %2237, 0
-  %2239 = getelementptr inbounds float, ptr %x, i64 %2238
-  store <8 x float> zeroinitializer, ptr %acc040306, align 4
-  store <8 x float> zeroinitializer, ptr %acc041307, align 4
-  %2240 = mul nsw i64 %p, 16384
-  %panel.off308 = add nsw i64 %2240, 0
-  %2241 = getelementptr inbounds float, ptr %panels, i64 %panel.off308
-  %2242 = add nsw i64 %p, 1
-  %2243 = icmp slt i64 %2242, %p1
-  %pf.on309 = and i1 %pf.on239, %2243
-  %2244 = mul nsw i64 %rb227, 65536
-  %2245 = lshr i64 %2244, %1898
-  %2246 = add nsw i64 65536, %2245
-  %2247 = getelementptr inbounds i8, ptr %2241, i64 %2246
-  %pf310 = select i1 %pf.on309, ptr %2247, ptr %2241
-  %pf.sh311 = select i1 %pf.on309, i64 %1898, i64 0
-  br label %k.head312
+  store <8 x float> zeroinitializer, ptr %acc040311, align 4
+  store <8 x float> zeroinitializer, ptr %acc041312, align 4
+  %panel.off313 = mul nsw i64 %p, 16384
+  %2233 = getelementptr inbounds float, ptr %panels, i64 %panel.off313
+  %2234 = add nsw i64 %p, 1
+  %2235 = icmp slt i64 %2234, %p1
+  %pf.on314 = and i1 %pf.on244, %2235
+  %2236 = mul nsw i64 %rb232, 65536
+  %2237 = lshr i64 %2236, %1892
+  %2238 = add nsw i64 65536, %2237
+  %2239 = getelementptr inbounds i8, ptr %2233, i64 %2238
+  %pf315 = select i1 %pf.on314, ptr %2239, ptr %2233
+  %pf.sh316 = select i1 %pf.on314, i64 %1892, i64 0
+  br label %k.head317
 
-k.head312:                                        ; preds = %pf.any.end317, %tile.mr5236
-  %k315 = phi i64 [ 0, %tile.mr5236 ], [ %2301, %pf.any.end317 ]
-  %2248 = icmp slt i64 %k315, 1024
-  br i1 %2248, label %k.body313, label %k.end314
+k.head317:                                        ; preds = %pf.any.end322, %tile.mr5241
+  %k320 = phi i64 [ 0, %tile.mr5241 ], [ %2293, %pf.any.end322 ]
+  %2240 = icmp slt i64 %k320, 1024
+  br i1 %2240, label %k.body318, label %k.end319
 
-k.body313:                                        ; preds = %k.head312
-  %2249 = mul nsw i64 %k315, 1
-  %2250 = add nsw i64 %2249, 0
-  %2251 = mul nsw i64 %2250, 64
-  br i1 %pf.multi238, label %pf.any.then316, label %pf.any.end317
+k.body318:                                        ; preds = %k.head317
+  %2241 = mul nsw i64 %k320, 1
+  %2242 = add nsw i64 %2241, 0
+  %2243 = mul nsw i64 %2242, 64
+  br i1 %pf.multi243, label %pf.any.then321, label %pf.any.end322
 
-pf.any.then316:                                   ; preds = %k.body313
-  %2252 = lshr i64 %2251, %pf.sh311
-  %2253 = getelementptr inbounds i8, ptr %pf310, i64 %2252
-  call void @llvm.prefetch.p0(ptr %2253, i32 0, i32 2, i32 1)
-  br label %pf.any.end317
+pf.any.then321:                                   ; preds = %k.body318
+  %2244 = lshr i64 %2243, %pf.sh316
+  %2245 = getelementptr inbounds i8, ptr %pf315, i64 %2244
+  call void @llvm.prefetch.p0(ptr %2245, i32 0, i32 2, i32 1)
+  br label %pf.any.end322
 
-pf.any.end317:                                    ; preds = %pf.any.then316, %k.body313
-  %2254 = mul nsw i64 %2250, 16
-  %2255 = add nsw i64 %panel.off308, %2254
-  %2256 = getelementptr inbounds float, ptr %panels, i64 %2255
-  %2257 = load <8 x float>, ptr %2256, align 4
-  %2258 = add nsw i64 %2255, 8
-  %2259 = getelementptr inbounds float, ptr %panels, i64 %2258
-  %2260 = load <8 x float>, ptr %2259, align 4
-  %2261 = getelementptr inbounds float, ptr %2211, i64 %2250
+pf.any.end322:                                    ; preds = %pf.any.then321, %k.body318
+  %2246 = mul nsw i64 %2242, 16
+  %2247 = add nsw i64 %panel.off313, %2246
+  %2248 = getelementptr inbounds float, ptr %panels, i64 %2247
+  %2249 = load <8 x float>, ptr %2248, align 4
+  %2250 = add nsw i64 %2247, 8
+  %2251 = getelementptr inbounds float, ptr %panels, i64 %2250
+  %2252 = load <8 x float>, ptr %2251, align 4
+  %2253 = getelementptr inbounds float, ptr %2204, i64 %2242
+  %2254 = load float, ptr %2253, align 4
+  %2255 = insertelement <8 x float> poison, float %2254, i32 0
+  %2256 = shufflevector <8 x float> %2255, <8 x float> poison, <8 x i32> zeroinitializer
+  %2257 = load <8 x float>, ptr %acc000303, align 4
+  %2258 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2256, <8 x float> %2249, <8 x float> %2257)
+  store <8 x float> %2258, ptr %acc000303, align 4
+  %2259 = load <8 x float>, ptr %acc001304, align 4
+  %2260 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2256, <8 x float> %2252, <8 x float> %2259)
+  store <8 x float> %2260, ptr %acc001304, align 4
+  %2261 = getelementptr inbounds float, ptr %2211, i64 %2242
   %2262 = load float, ptr %2261, align 4
   %2263 = insertelement <8 x float> poison, float %2262, i32 0
   %2264 = shufflevector <8 x float> %2263, <8 x float> poison, <8 x i32> zeroinitializer
-  %2265 = load <8 x float>, ptr %acc000298, align 4
-  %2266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2264, <8 x float> %2257, <8 x float> %2265)
-  store <8 x float> %2266, ptr %acc000298, align 4
-  %2267 = load <8 x float>, ptr %acc001299, align 4
-  %2268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2264, <8 x float> %2260, <8 x float> %2267)
-  store <8 x float> %2268, ptr %acc001299, align 4
-  %2269 = getelementptr inbounds float, ptr %2218, i64 %2250
+  %2265 = load <8 x float>, ptr %acc010305, align 4
+  %2266 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2264, <8 x float> %2249, <8 x float> %2265)
+  store <8 x float> %2266, ptr %acc010305, align 4
+  %2267 = load <8 x float>, ptr %acc011306, align 4
+  %2268 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2264, <8 x float> %2252, <8 x float> %2267)
+  store <8 x float> %2268, ptr %acc011306, align 4
+  %2269 = getelementptr inbounds float, ptr %2218, i64 %2242
   %2270 = load float, ptr %2269, align 4
   %2271 = insertelement <8 x float> poison, float %2270, i32 0
   %2272 = shufflevector <8 x float> %2271, <8 x float> poison, <8 x i32> zeroinitializer
-  %2273 = load <8 x float>, ptr %acc010300, align 4
-  %2274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2272, <8 x float> %2257, <8 x float> %2273)
-  store <8 x float> %2274, ptr %acc010300, align 4
-  %2275 = load <8 x float>, ptr %acc011301, align 4
-  %2276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2272, <8 x float> %2260, <8 x float> %2275)
-  store <8 x float> %2276, ptr %acc011301, align 4
-  %2277 = getelementptr inbounds float, ptr %2225, i64 %2250
+  %2273 = load <8 x float>, ptr %acc020307, align 4
+  %2274 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2272, <8 x float> %2249, <8 x float> %2273)
+  store <8 x float> %2274, ptr %acc020307, align 4
+  %2275 = load <8 x float>, ptr %acc021308, align 4
+  %2276 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2272, <8 x float> %2252, <8 x float> %2275)
+  store <8 x float> %2276, ptr %acc021308, align 4
+  %2277 = getelementptr inbounds float, ptr %2225, i64 %2242
   %2278 = load float, ptr %2277, align 4
   %2279 = insertelement <8 x float> poison, float %2278, i32 0
   %2280 = shufflevector <8 x float> %2279, <8 x float> poison, <8 x i32> zeroinitializer
-  %2281 = load <8 x float>, ptr %acc020302, align 4
-  %2282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2280, <8 x float> %2257, <8 x float> %2281)
-  store <8 x float> %2282, ptr %acc020302, align 4
-  %2283 = load <8 x float>, ptr %acc021303, align 4
-  %2284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2280, <8 x float> %2260, <8 x float> %2283)
-  store <8 x float> %2284, ptr %acc021303, align 4
-  %2285 = getelementptr inbounds float, ptr %2232, i64 %2250
+  %2281 = load <8 x float>, ptr %acc030309, align 4
+  %2282 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2280, <8 x float> %2249, <8 x float> %2281)
+  store <8 x float> %2282, ptr %acc030309, align 4
+  %2283 = load <8 x float>, ptr %acc031310, align 4
+  %2284 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2280, <8 x float> %2252, <8 x float> %2283)
+  store <8 x float> %2284, ptr %acc031310, align 4
+  %2285 = getelementptr inbounds float, ptr %2232, i64 %2242
   %2286 = load float, ptr %2285, align 4
   %2287 = insertelement <8 x float> poison, float %2286, i32 0
   %2288 = shufflevector <8 x float> %2287, <8 x float> poison, <8 x i32> zeroinitializer
-  %2289 = load <8 x float>, ptr %acc030304, align 4
-  %2290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2288, <8 x float> %2257, <8 x float> %2289)
-  store <8 x float> %2290, ptr %acc030304, align 4
-  %2291 = load <8 x float>, ptr %acc031305, align 4
-  %2292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2288, <8 x float> %2260, <8 x float> %2291)
-  store <8 x float> %2292, ptr %acc031305, align 4
-  %2293 = getelementptr inbounds float, ptr %2239, i64 %2250
-  %2294 = load float, ptr %2293, align 4
-  %2295 = insertelement <8 x float> poison, float %2294, i32 0
-  %2296 = shufflevector <8 x float> %2295, <8 x float> poison, <8 x i32> zeroinitializer
-  %2297 = load <8 x float>, ptr %acc040306, align 4
-  %2298 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2296, <8 x float> %2257, <8 x float> %2297)
-  store <8 x float> %2298, ptr %acc040306, align 4
-  %2299 = load <8 x float>, ptr %acc041307, align 4
-  %2300 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2296, <8 x float> %2260, <8 x float> %2299)
-  store <8 x float> %2300, ptr %acc041307, align 4
-  %2301 = add nsw i64 %k315, 1
-  br label %k.head312
+  %2289 = load <8 x float>, ptr %acc040311, align 4
+  %2290 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2288, <8 x float> %2249, <8 x float> %2289)
+  store <8 x float> %2290, ptr %acc040311, align 4
+  %2291 = load <8 x float>, ptr %acc041312, align 4
+  %2292 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2288, <8 x float> %2252, <8 x float> %2291)
+  store <8 x float> %2292, ptr %acc041312, align 4
+  %2293 = add nsw i64 %k320, 1
+  br label %k.head317
 
-k.end314:                                         ; preds = %k.head312
-  %2302 = add nsw i64 %r0228, 0
-  %2303 = getelementptr inbounds float, ptr %rw, i64 %2302
-  %2304 = load float, ptr %2303, align 4
-  %2305 = insertelement <8 x float> poison, float %2304, i32 0
-  %2306 = shufflevector <8 x float> %2305, <8 x float> poison, <8 x i32> zeroinitializer
-  %2307 = mul nsw i64 %2302, 2816
-  %2308 = getelementptr inbounds float, ptr %h, i64 %2307
-  %col318 = mul nsw i64 %p, 8
-  %2309 = load <8 x float>, ptr %acc000298, align 4
-  %2310 = load <8 x float>, ptr %acc001299, align 4
-  %2311 = fneg <8 x float> %2309
-  %2312 = fcmp olt <8 x float> %2311, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2313 = select <8 x i1> %2312, <8 x float> %2311, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2314 = fcmp ogt <8 x float> %2313, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2315 = select <8 x i1> %2314, <8 x float> %2313, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2316 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2315, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2317 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2316)
-  %2318 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2317, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2315)
-  %2319 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2317, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2318)
-  %2320 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2319, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2321 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2320, <8 x float> %2319, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2321, <8 x float> %2319, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2323 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2322, <8 x float> %2319, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2323, <8 x float> %2319, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2325 = fmul <8 x float> %2319, %2319
-  %2326 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2324, <8 x float> %2325, <8 x float> %2319)
-  %2327 = fadd <8 x float> %2326, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2328 = fptosi <8 x float> %2317 to <8 x i32>
-  %2329 = add <8 x i32> %2328, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2330 = shl <8 x i32> %2329, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n319 = bitcast <8 x i32> %2330 to <8 x float>
-  %exp320 = fmul <8 x float> %2327, %exp.2n319
-  %2331 = fadd <8 x float> %exp320, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid321 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2331
-  %silu322 = fmul <8 x float> %2309, %sigmoid321
-  %glu323 = fmul <8 x float> %silu322, %2310
-  %2332 = fmul <8 x float> %glu323, %2306
-  %2333 = getelementptr inbounds float, ptr %2308, i64 %col318
-  store <8 x float> %2332, ptr %2333, align 4
-  %2334 = add nsw i64 %r0228, 1
-  %2335 = getelementptr inbounds float, ptr %rw, i64 %2334
-  %2336 = load float, ptr %2335, align 4
-  %2337 = insertelement <8 x float> poison, float %2336, i32 0
-  %2338 = shufflevector <8 x float> %2337, <8 x float> poison, <8 x i32> zeroinitializer
-  %2339 = mul nsw i64 %2334, 2816
-  %2340 = getelementptr inbounds float, ptr %h, i64 %2339
-  %col324 = mul nsw i64 %p, 8
-  %2341 = load <8 x float>, ptr %acc010300, align 4
-  %2342 = load <8 x float>, ptr %acc011301, align 4
-  %2343 = fneg <8 x float> %2341
-  %2344 = fcmp olt <8 x float> %2343, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2345 = select <8 x i1> %2344, <8 x float> %2343, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2346 = fcmp ogt <8 x float> %2345, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2347 = select <8 x i1> %2346, <8 x float> %2345, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2348 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2347, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2349 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2348)
-  %2350 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2349, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2347)
-  %2351 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2349, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2350)
-  %2352 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2351, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2353 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2352, <8 x float> %2351, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2353, <8 x float> %2351, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2355 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2354, <8 x float> %2351, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2356 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2355, <8 x float> %2351, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2357 = fmul <8 x float> %2351, %2351
-  %2358 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2356, <8 x float> %2357, <8 x float> %2351)
-  %2359 = fadd <8 x float> %2358, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2360 = fptosi <8 x float> %2349 to <8 x i32>
-  %2361 = add <8 x i32> %2360, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2362 = shl <8 x i32> %2361, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n325 = bitcast <8 x i32> %2362 to <8 x float>
-  %exp326 = fmul <8 x float> %2359, %exp.2n325
-  %2363 = fadd <8 x float> %exp326, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid327 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2363
-  %silu328 = fmul <8 x float> %2341, %sigmoid327
-  %glu329 = fmul <8 x float> %silu328, %2342
-  %2364 = fmul <8 x float> %glu329, %2338
-  %2365 = getelementptr inbounds float, ptr %2340, i64 %col324
-  store <8 x float> %2364, ptr %2365, align 4
-  %2366 = add nsw i64 %r0228, 2
-  %2367 = getelementptr inbounds float, ptr %rw, i64 %2366
-  %2368 = load float, ptr %2367, align 4
-  %2369 = insertelement <8 x float> poison, float %2368, i32 0
-  %2370 = shufflevector <8 x float> %2369, <8 x float> poison, <8 x i32> zeroinitializer
-  %2371 = mul nsw i64 %2366, 2816
-  %2372 = getelementptr inbounds float, ptr %h, i64 %2371
-  %col330 = mul nsw i64 %p, 8
-  %2373 = load <8 x float>, ptr %acc020302, align 4
-  %2374 = load <8 x float>, ptr %acc021303, align 4
-  %2375 = fneg <8 x float> %2373
-  %2376 = fcmp olt <8 x float> %2375, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2377 = select <8 x i1> %2376, <8 x float> %2375, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2378 = fcmp ogt <8 x float> %2377, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2379 = select <8 x i1> %2378, <8 x float> %2377, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2379, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2381 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2380)
-  %2382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2381, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2379)
-  %2383 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2381, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2382)
-  %2384 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2383, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2385 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2384, <8 x float> %2383, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2386 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2385, <8 x float> %2383, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2387 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2386, <8 x float> %2383, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2388 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2387, <8 x float> %2383, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2389 = fmul <8 x float> %2383, %2383
-  %2390 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2388, <8 x float> %2389, <8 x float> %2383)
-  %2391 = fadd <8 x float> %2390, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2392 = fptosi <8 x float> %2381 to <8 x i32>
-  %2393 = add <8 x i32> %2392, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2394 = shl <8 x i32> %2393, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n331 = bitcast <8 x i32> %2394 to <8 x float>
-  %exp332 = fmul <8 x float> %2391, %exp.2n331
-  %2395 = fadd <8 x float> %exp332, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid333 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2395
-  %silu334 = fmul <8 x float> %2373, %sigmoid333
-  %glu335 = fmul <8 x float> %silu334, %2374
-  %2396 = fmul <8 x float> %glu335, %2370
-  %2397 = getelementptr inbounds float, ptr %2372, i64 %col330
-  store <8 x float> %2396, ptr %2397, align 4
-  %2398 = add nsw i64 %r0228, 3
-  %2399 = getelementptr inbounds float, ptr %rw, i64 %2398
-  %2400 = load float, ptr %2399, align 4
-  %2401 = insertelement <8 x float> poison, float %2400, i32 0
-  %2402 = shufflevector <8 x float> %2401, <8 x float> poison, <8 x i32> zeroinitializer
-  %2403 = mul nsw i64 %2398, 2816
-  %2404 = getelementptr inbounds float, ptr %h, i64 %2403
-  %col336 = mul nsw i64 %p, 8
-  %2405 = load <8 x float>, ptr %acc030304, align 4
-  %2406 = load <8 x float>, ptr %acc031305, align 4
-  %2407 = fneg <8 x float> %2405
-  %2408 = fcmp olt <8 x float> %2407, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2409 = select <8 x i1> %2408, <8 x float> %2407, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2410 = fcmp ogt <8 x float> %2409, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2411 = select <8 x i1> %2410, <8 x float> %2409, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2412 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2411, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2413 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2412)
-  %2414 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2413, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2411)
-  %2415 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2413, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2414)
-  %2416 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2415, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2417 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2416, <8 x float> %2415, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2418 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2417, <8 x float> %2415, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2419 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2418, <8 x float> %2415, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2420 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2419, <8 x float> %2415, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2421 = fmul <8 x float> %2415, %2415
-  %2422 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2420, <8 x float> %2421, <8 x float> %2415)
-  %2423 = fadd <8 x float> %2422, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2424 = fptosi <8 x float> %2413 to <8 x i32>
-  %2425 = add <8 x i32> %2424, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2426 = shl <8 x i32> %2425, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n337 = bitcast <8 x i32> %2426 to <8 x float>
-  %exp338 = fmul <8 x float> %2423, %exp.2n337
-  %2427 = fadd <8 x float> %exp338, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid339 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2427
-  %silu340 = fmul <8 x float> %2405, %sigmoid339
-  %glu341 = fmul <8 x float> %silu340, %2406
-  %2428 = fmul <8 x float> %glu341, %2402
-  %2429 = getelementptr inbounds float, ptr %2404, i64 %col336
-  store <8 x float> %2428, ptr %2429, align 4
-  %2430 = add nsw i64 %r0228, 4
-  %2431 = getelementptr inbounds float, ptr %rw, i64 %2430
-  %2432 = load float, ptr %2431, align 4
-  %2433 = insertelement <8 x float> poison, float %2432, i32 0
-  %2434 = shufflevector <8 x float> %2433, <8 x float> poison, <8 x i32> zeroinitializer
-  %2435 = mul nsw i64 %2430, 2816
-  %2436 = getelementptr inbounds float, ptr %h, i64 %2435
-  %col342 = mul nsw i64 %p, 8
-  %2437 = load <8 x float>, ptr %acc040306, align 4
-  %2438 = load <8 x float>, ptr %acc041307, align 4
-  %2439 = fneg <8 x float> %2437
-  %2440 = fcmp olt <8 x float> %2439, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2441 = select <8 x i1> %2440, <8 x float> %2439, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2442 = fcmp ogt <8 x float> %2441, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2443 = select <8 x i1> %2442, <8 x float> %2441, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2443, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2445 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2444)
-  %2446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2445, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2443)
-  %2447 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2445, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2446)
-  %2448 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2447, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2449 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2448, <8 x float> %2447, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2450 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2449, <8 x float> %2447, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2451 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2450, <8 x float> %2447, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2452 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2451, <8 x float> %2447, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2453 = fmul <8 x float> %2447, %2447
-  %2454 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2452, <8 x float> %2453, <8 x float> %2447)
-  %2455 = fadd <8 x float> %2454, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2456 = fptosi <8 x float> %2445 to <8 x i32>
-  %2457 = add <8 x i32> %2456, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2458 = shl <8 x i32> %2457, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n343 = bitcast <8 x i32> %2458 to <8 x float>
-  %exp344 = fmul <8 x float> %2455, %exp.2n343
-  %2459 = fadd <8 x float> %exp344, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid345 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2459
-  %silu346 = fmul <8 x float> %2437, %sigmoid345
-  %glu347 = fmul <8 x float> %silu346, %2438
-  %2460 = fmul <8 x float> %glu347, %2434
-  %2461 = getelementptr inbounds float, ptr %2436, i64 %col342
-  store <8 x float> %2460, ptr %2461, align 4
-  br label %tile.done231
+k.end319:                                         ; preds = %k.head317
+  %2294 = add nsw i64 %r0233, 0
+  %2295 = getelementptr inbounds float, ptr %rw, i64 %2294
+  %2296 = load float, ptr %2295, align 4
+  %2297 = insertelement <8 x float> poison, float %2296, i32 0
+  %2298 = shufflevector <8 x float> %2297, <8 x float> poison, <8 x i32> zeroinitializer
+  %2299 = mul nsw i64 %2294, 2816
+  %2300 = getelementptr inbounds float, ptr %h, i64 %2299
+  %col323 = mul nsw i64 %p, 8
+  %2301 = load <8 x float>, ptr %acc000303, align 4
+  %2302 = load <8 x float>, ptr %acc001304, align 4
+  %2303 = fneg <8 x float> %2301
+  %2304 = fcmp olt <8 x float> %2303, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2305 = select <8 x i1> %2304, <8 x float> %2303, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2306 = fcmp ogt <8 x float> %2305, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2307 = select <8 x i1> %2306, <8 x float> %2305, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2308 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2307, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2309 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2308)
+  %2310 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2309, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2307)
+  %2311 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2309, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2310)
+  %2312 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2311, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2313 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2312, <8 x float> %2311, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2314 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2313, <8 x float> %2311, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2315 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2314, <8 x float> %2311, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2316 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2315, <8 x float> %2311, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2317 = fmul <8 x float> %2311, %2311
+  %2318 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2316, <8 x float> %2317, <8 x float> %2311)
+  %2319 = fadd <8 x float> %2318, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2320 = fptosi <8 x float> %2309 to <8 x i32>
+  %2321 = add <8 x i32> %2320, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2322 = shl <8 x i32> %2321, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n324 = bitcast <8 x i32> %2322 to <8 x float>
+  %exp325 = fmul <8 x float> %2319, %exp.2n324
+  %2323 = fadd <8 x float> %exp325, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid326 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2323
+  %silu327 = fmul <8 x float> %2301, %sigmoid326
+  %glu328 = fmul <8 x float> %silu327, %2302
+  %2324 = fmul <8 x float> %glu328, %2298
+  %2325 = getelementptr inbounds float, ptr %2300, i64 %col323
+  store <8 x float> %2324, ptr %2325, align 4
+  %2326 = add nsw i64 %r0233, 1
+  %2327 = getelementptr inbounds float, ptr %rw, i64 %2326
+  %2328 = load float, ptr %2327, align 4
+  %2329 = insertelement <8 x float> poison, float %2328, i32 0
+  %2330 = shufflevector <8 x float> %2329, <8 x float> poison, <8 x i32> zeroinitializer
+  %2331 = mul nsw i64 %2326, 2816
+  %2332 = getelementptr inbounds float, ptr %h, i64 %2331
+  %col329 = mul nsw i64 %p, 8
+  %2333 = load <8 x float>, ptr %acc010305, align 4
+  %2334 = load <8 x float>, ptr %acc011306, align 4
+  %2335 = fneg <8 x float> %2333
+  %2336 = fcmp olt <8 x float> %2335, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2337 = select <8 x i1> %2336, <8 x float> %2335, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2338 = fcmp ogt <8 x float> %2337, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2339 = select <8 x i1> %2338, <8 x float> %2337, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2340 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2339, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2341 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2340)
+  %2342 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2341, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2339)
+  %2343 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2341, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2342)
+  %2344 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2343, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2345 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2344, <8 x float> %2343, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2345, <8 x float> %2343, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2347 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2346, <8 x float> %2343, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2348 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2347, <8 x float> %2343, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2349 = fmul <8 x float> %2343, %2343
+  %2350 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2348, <8 x float> %2349, <8 x float> %2343)
+  %2351 = fadd <8 x float> %2350, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2352 = fptosi <8 x float> %2341 to <8 x i32>
+  %2353 = add <8 x i32> %2352, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2354 = shl <8 x i32> %2353, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n330 = bitcast <8 x i32> %2354 to <8 x float>
+  %exp331 = fmul <8 x float> %2351, %exp.2n330
+  %2355 = fadd <8 x float> %exp331, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid332 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2355
+  %silu333 = fmul <8 x float> %2333, %sigmoid332
+  %glu334 = fmul <8 x float> %silu333, %2334
+  %2356 = fmul <8 x float> %glu334, %2330
+  %2357 = getelementptr inbounds float, ptr %2332, i64 %col329
+  store <8 x float> %2356, ptr %2357, align 4
+  %2358 = add nsw i64 %r0233, 2
+  %2359 = getelementptr inbounds float, ptr %rw, i64 %2358
+  %2360 = load float, ptr %2359, align 4
+  %2361 = insertelement <8 x float> poison, float %2360, i32 0
+  %2362 = shufflevector <8 x float> %2361, <8 x float> poison, <8 x i32> zeroinitializer
+  %2363 = mul nsw i64 %2358, 2816
+  %2364 = getelementptr inbounds float, ptr %h, i64 %2363
+  %col335 = mul nsw i64 %p, 8
+  %2365 = load <8 x float>, ptr %acc020307, align 4
+  %2366 = load <8 x float>, ptr %acc021308, align 4
+  %2367 = fneg <8 x float> %2365
+  %2368 = fcmp olt <8 x float> %2367, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2369 = select <8 x i1> %2368, <8 x float> %2367, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2370 = fcmp ogt <8 x float> %2369, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2371 = select <8 x i1> %2370, <8 x float> %2369, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2372 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2371, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2373 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2372)
+  %2374 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2373, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2371)
+  %2375 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2373, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2374)
+  %2376 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2375, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2377 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2376, <8 x float> %2375, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2378 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2377, <8 x float> %2375, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2379 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2378, <8 x float> %2375, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2379, <8 x float> %2375, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2381 = fmul <8 x float> %2375, %2375
+  %2382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2380, <8 x float> %2381, <8 x float> %2375)
+  %2383 = fadd <8 x float> %2382, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2384 = fptosi <8 x float> %2373 to <8 x i32>
+  %2385 = add <8 x i32> %2384, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2386 = shl <8 x i32> %2385, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n336 = bitcast <8 x i32> %2386 to <8 x float>
+  %exp337 = fmul <8 x float> %2383, %exp.2n336
+  %2387 = fadd <8 x float> %exp337, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid338 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2387
+  %silu339 = fmul <8 x float> %2365, %sigmoid338
+  %glu340 = fmul <8 x float> %silu339, %2366
+  %2388 = fmul <8 x float> %glu340, %2362
+  %2389 = getelementptr inbounds float, ptr %2364, i64 %col335
+  store <8 x float> %2388, ptr %2389, align 4
+  %2390 = add nsw i64 %r0233, 3
+  %2391 = getelementptr inbounds float, ptr %rw, i64 %2390
+  %2392 = load float, ptr %2391, align 4
+  %2393 = insertelement <8 x float> poison, float %2392, i32 0
+  %2394 = shufflevector <8 x float> %2393, <8 x float> poison, <8 x i32> zeroinitializer
+  %2395 = mul nsw i64 %2390, 2816
+  %2396 = getelementptr inbounds float, ptr %h, i64 %2395
+  %col341 = mul nsw i64 %p, 8
+  %2397 = load <8 x float>, ptr %acc030309, align 4
+  %2398 = load <8 x float>, ptr %acc031310, align 4
+  %2399 = fneg <8 x float> %2397
+  %2400 = fcmp olt <8 x float> %2399, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2401 = select <8 x i1> %2400, <8 x float> %2399, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2402 = fcmp ogt <8 x float> %2401, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2403 = select <8 x i1> %2402, <8 x float> %2401, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2404 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2403, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2405 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2404)
+  %2406 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2405, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2403)
+  %2407 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2405, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2406)
+  %2408 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2407, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2409 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2408, <8 x float> %2407, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2410 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2409, <8 x float> %2407, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2411 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2410, <8 x float> %2407, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2412 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2411, <8 x float> %2407, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2413 = fmul <8 x float> %2407, %2407
+  %2414 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2412, <8 x float> %2413, <8 x float> %2407)
+  %2415 = fadd <8 x float> %2414, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2416 = fptosi <8 x float> %2405 to <8 x i32>
+  %2417 = add <8 x i32> %2416, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2418 = shl <8 x i32> %2417, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n342 = bitcast <8 x i32> %2418 to <8 x float>
+  %exp343 = fmul <8 x float> %2415, %exp.2n342
+  %2419 = fadd <8 x float> %exp343, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid344 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2419
+  %silu345 = fmul <8 x float> %2397, %sigmoid344
+  %glu346 = fmul <8 x float> %silu345, %2398
+  %2420 = fmul <8 x float> %glu346, %2394
+  %2421 = getelementptr inbounds float, ptr %2396, i64 %col341
+  store <8 x float> %2420, ptr %2421, align 4
+  %2422 = add nsw i64 %r0233, 4
+  %2423 = getelementptr inbounds float, ptr %rw, i64 %2422
+  %2424 = load float, ptr %2423, align 4
+  %2425 = insertelement <8 x float> poison, float %2424, i32 0
+  %2426 = shufflevector <8 x float> %2425, <8 x float> poison, <8 x i32> zeroinitializer
+  %2427 = mul nsw i64 %2422, 2816
+  %2428 = getelementptr inbounds float, ptr %h, i64 %2427
+  %col347 = mul nsw i64 %p, 8
+  %2429 = load <8 x float>, ptr %acc040311, align 4
+  %2430 = load <8 x float>, ptr %acc041312, align 4
+  %2431 = fneg <8 x float> %2429
+  %2432 = fcmp olt <8 x float> %2431, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2433 = select <8 x i1> %2432, <8 x float> %2431, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2434 = fcmp ogt <8 x float> %2433, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2435 = select <8 x i1> %2434, <8 x float> %2433, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2436 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2435, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2437 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2436)
+  %2438 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2437, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2435)
+  %2439 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2437, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2438)
+  %2440 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2439, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2441 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2440, <8 x float> %2439, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2442 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2441, <8 x float> %2439, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2443 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2442, <8 x float> %2439, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2444 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2443, <8 x float> %2439, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2445 = fmul <8 x float> %2439, %2439
+  %2446 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2444, <8 x float> %2445, <8 x float> %2439)
+  %2447 = fadd <8 x float> %2446, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2448 = fptosi <8 x float> %2437 to <8 x i32>
+  %2449 = add <8 x i32> %2448, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2450 = shl <8 x i32> %2449, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n348 = bitcast <8 x i32> %2450 to <8 x float>
+  %exp349 = fmul <8 x float> %2447, %exp.2n348
+  %2451 = fadd <8 x float> %exp349, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid350 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2451
+  %silu351 = fmul <8 x float> %2429, %sigmoid350
+  %glu352 = fmul <8 x float> %silu351, %2430
+  %2452 = fmul <8 x float> %glu352, %2426
+  %2453 = getelementptr inbounds float, ptr %2428, i64 %col347
+  store <8 x float> %2452, ptr %2453, align 4
+  br label %tile.done236
 
-tile.mr4235:                                      ; preds = %rb.body225
-  %2462 = add nsw i64 %r0228, 0
-  %2463 = getelementptr inbounds i32, ptr %rows, i64 %2462
-  %2464 = load i32, ptr %2463, align 4
-  %2465 = sext i32 %2464 to i64
-  %2466 = mul nsw i64 %2465, 1024
-  %2467 = add nsw i64 %2466, 0
-  %2468 = getelementptr inbounds float, ptr %x, i64 %2467
-  store <8 x float> zeroinitializer, ptr %acc000348, align 4
-  store <8 x float> zeroinitializer, ptr %acc001349, align 4
-  %2469 = add nsw i64 %r0228, 1
-  %2470 = getelementptr inbounds i32, ptr %rows, i64 %2469
-  %2471 = load i32, ptr %2470, align 4
-  %2472 = sext i32 %2471 to i64
-  %2473 = mul nsw i64 %2472, 1024
-  %2474 = add nsw i64 %2473, 0
-  %2475 = getelementptr inbounds float, ptr %x, i64 %2474
-  store <8 x float> zeroinitializer, ptr %acc010350, align 4
-  store <8 x float> zeroinitializer, ptr %acc011351, align 4
-  %2476 = add nsw i64 %r0228, 2
-  %2477 = getelementptr inbounds i32, ptr %rows, i64 %2476
-  %2478 = load i32, ptr %2477, align 4
-  %2479 = sext i32 %2478 to i64
-  %2480 = mul nsw i64 %2479, 1024
-  %2481 = add nsw i64 %2480, 0
-  %2482 = getelementptr inbounds float, ptr %x, i64 %2481
-  store <8 x float> zeroinitializer, ptr %acc020352, align 4
-  store <8 x float> zeroinitializer, ptr %acc021353, align 4
-  %2483 = add nsw i64 %r0228, 3
-  %2484 = getelementptr inbounds i32, ptr %rows, i64 %2483
-  %2485 = load i32, ptr %2484, align 4
-  %2486 = sext i32 %2485 to i64
-  %2487 = mul nsw i64 %2486, 1024
-  %2488 = add nsw i64 %2487, 0
-  %2489 = getelementptr inbounds float, ptr %x, i64 %2488
-  store <8 x float> zeroinitializer, ptr %acc030354, align 4
-  store <8 x float> zeroinitializer, ptr %acc031355, align 4
-  %2490 = mul nsw i64 %p, 16384
-  %panel.off356 = add nsw i64 %2490, 0
-  %2491 = getelementptr inbounds float, ptr %panels, i64 %panel.off356
-  %2492 = add nsw i64 %p, 1
-  %2493 = icmp slt i64 %2492, %p1
-  %pf.on357 = and i1 %pf.on239, %2493
-  %2494 = mul nsw i64 %rb227, 65536
-  %2495 = lshr i64 %2494, %1898
-  %2496 = add nsw i64 65536, %2495
-  %2497 = getelementptr inbounds i8, ptr %2491, i64 %2496
-  %pf358 = select i1 %pf.on357, ptr %2497, ptr %2491
-  %pf.sh359 = select i1 %pf.on357, i64 %1898, i64 0
-  br label %k.head360
+tile.mr4240:                                      ; preds = %rb.body230
+  %2454 = add nsw i64 %r0233, 0
+  %2455 = getelementptr inbounds i32, ptr %rows, i64 %2454
+  %2456 = load i32, ptr %2455, align 4
+  %2457 = sext i32 %2456 to i64
+  %2458 = mul nsw i64 %2457, 1024
+  %2459 = add nsw i64 %2458, 0
+  %2460 = getelementptr inbounds float, ptr %x, i64 %2459
+  store <8 x float> zeroinitializer, ptr %acc000353, align 4
+  store <8 x float> zeroinitializer, ptr %acc001354, align 4
+  %2461 = add nsw i64 %r0233, 1
+  %2462 = getelementptr inbounds i32, ptr %rows, i64 %2461
+  %2463 = load i32, ptr %2462, align 4
+  %2464 = sext i32 %2463 to i64
+  %2465 = mul nsw i64 %2464, 1024
+  %2466 = add nsw i64 %2465, 0
+  %2467 = getelementptr inbounds float, ptr %x, i64 %2466
+  store <8 x float> zeroinitializer, ptr %acc010355, align 4
+  store <8 x float> zeroinitializer, ptr %acc011356, align 4
+  %2468 = add nsw i64 %r0233, 2
+  %2469 = getelementptr inbounds i32, ptr %rows, i64 %2468
+  %2470 = load i32, ptr %2469, align 4
+  %2471 = sext i32 %2470 to i64
+  %2472 = mul nsw i64 %2471, 1024
+  %2473 = add nsw i64 %2472, 0
+  %2474 = getelementptr inbounds float, ptr %x, i64 %2473
+  store <8 x float> zeroinitializer, ptr %acc020357, align 4
+  store <8 x float> zeroinitializer, ptr %acc021358, align 4
+  %2475 = add nsw i64 %r0233, 3
+  %2476 = getelementptr inbounds i32, ptr %rows, i64 %2475
+  %2477 = load i32, ptr %2476, align 4
+  %2478 = sext i32 %2477 to i64
+  %2479 = mul nsw i64 %2478, 1024
+  %2480 = add nsw i64 %2479, 0
+  %2481 = getelementptr inbounds float, ptr %x, i64 %2480
+  store <8 x float> zeroinitializer, ptr %acc030359, align 4
+  store <8 x float> zeroinitializer, ptr %acc031360, align 4
+  %panel.off361 = mul nsw i64 %p, 16384
+  %2482 = getelementptr inbounds float, ptr %panels, i64 %panel.off361
+  %2483 = add nsw i64 %p, 1
+  %2484 = icmp slt i64 %2483, %p1
+  %pf.on362 = and i1 %pf.on244, %2484
+  %2485 = mul nsw i64 %rb232, 65536
+  %2486 = lshr i64 %2485, %1892
+  %2487 = add nsw i64 65536, %2486
+  %2488 = getelementptr inbounds i8, ptr %2482, i64 %2487
+  %pf363 = select i1 %pf.on362, ptr %2488, ptr %2482
+  %pf.sh364 = select i1 %pf.on362, i64 %1892, i64 0
+  br label %k.head365
 
-k.head360:                                        ; preds = %pf.any.end365, %tile.mr4235
-  %k363 = phi i64 [ 0, %tile.mr4235 ], [ %2543, %pf.any.end365 ]
-  %2498 = icmp slt i64 %k363, 1024
-  br i1 %2498, label %k.body361, label %k.end362
+k.head365:                                        ; preds = %pf.any.end370, %tile.mr4240
+  %k368 = phi i64 [ 0, %tile.mr4240 ], [ %2534, %pf.any.end370 ]
+  %2489 = icmp slt i64 %k368, 1024
+  br i1 %2489, label %k.body366, label %k.end367
 
-k.body361:                                        ; preds = %k.head360
-  %2499 = mul nsw i64 %k363, 1
-  %2500 = add nsw i64 %2499, 0
-  %2501 = mul nsw i64 %2500, 64
-  br i1 %pf.multi238, label %pf.any.then364, label %pf.any.end365
+k.body366:                                        ; preds = %k.head365
+  %2490 = mul nsw i64 %k368, 1
+  %2491 = add nsw i64 %2490, 0
+  %2492 = mul nsw i64 %2491, 64
+  br i1 %pf.multi243, label %pf.any.then369, label %pf.any.end370
 
-pf.any.then364:                                   ; preds = %k.body361
-  %2502 = lshr i64 %2501, %pf.sh359
-  %2503 = getelementptr inbounds i8, ptr %pf358, i64 %2502
-  call void @llvm.prefetch.p0(ptr %2503, i32 0, i32 2, i32 1)
-  br label %pf.any.end365
+pf.any.then369:                                   ; preds = %k.body366
+  %2493 = lshr i64 %2492, %pf.sh364
+  %2494 = getelementptr inbounds i8, ptr %pf363, i64 %2493
+  call void @llvm.prefetch.p0(ptr %2494, i32 0, i32 2, i32 1)
+  br label %pf.any.end370
 
-pf.any.end365:                                    ; preds = %pf.any.then364, %k.body361
-  %2504 = mul nsw i64 %2500, 16
-  %2505 = add nsw i64 %panel.off356, %2504
-  %2506 = getelementptr inbounds float, ptr %panels, i64 %2505
-  %2507 = load <8 x float>, ptr %2506, align 4
-  %2508 = add nsw i64 %2505, 8
-  %2509 = getelementptr inbounds float, ptr %panels, i64 %2508
-  %2510 = load <8 x float>, ptr %2509, align 4
-  %2511 = getelementptr inbounds float, ptr %2468, i64 %2500
-  %2512 = load float, ptr %2511, align 4
-  %2513 = insertelement <8 x float> poison, float %2512, i32 0
-  %2514 = shufflevector <8 x float> %2513, <8 x float> poison, <8 x i32> zeroinitializer
-  %2515 = load <8 x float>, ptr %acc000348, align 4
-  %2516 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2514, <8 x float> %2507, <8 x float> %2515)
-  store <8 x float> %2516, ptr %acc000348, align 4
-  %2517 = load <8 x float>, ptr %acc001349, align 4
-  %2518 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2514, <8 x float> %2510, <8 x float> %2517)
-  store <8 x float> %2518, ptr %acc001349, align 4
-  %2519 = getelementptr inbounds float, ptr %2475, i64 %2500
-  %2520 = load float, ptr %2519, align 4
-  %2521 = insertelement <8 x float> poison, float %2520, i32 0
-  %2522 = shufflevector <8 x float> %2521, <8 x float> poison, <8 x i32> zeroinitializer
-  %2523 = load <8 x float>, ptr %acc010350, align 4
-  %2524 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2522, <8 x float> %2507, <8 x float> %2523)
-  store <8 x float> %2524, ptr %acc010350, align 4
-  %2525 = load <8 x float>, ptr %acc011351, align 4
-  %2526 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2522, <8 x float> %2510, <8 x float> %2525)
-  store <8 x float> %2526, ptr %acc011351, align 4
-  %2527 = getelementptr inbounds float, ptr %2482, i64 %2500
-  %2528 = load float, ptr %2527, align 4
-  %2529 = insertelement <8 x float> poison, float %2528, i32 0
-  %2530 = shufflevector <8 x float> %2529, <8 x float> poison, <8 x i32> zeroinitializer
-  %2531 = load <8 x float>, ptr %acc020352, align 4
-  %2532 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2530, <8 x float> %2507, <8 x float> %2531)
-  store <8 x float> %2532, ptr %acc020352, align 4
-  %2533 = load <8 x float>, ptr %acc021353, align 4
-  %2534 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2530, <8 x float> %2510, <8 x float> %2533)
-  store <8 x float> %2534, ptr %acc021353, align 4
-  %2535 = getelementptr inbounds float, ptr %2489, i64 %2500
-  %2536 = load float, ptr %2535, align 4
-  %2537 = insertelement <8 x float> poison, float %2536, i32 0
-  %2538 = shufflevector <8 x float> %2537, <8 x float> poison, <8 x i32> zeroinitializer
-  %2539 = load <8 x float>, ptr %acc030354, align 4
-  %2540 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2538, <8 x float> %2507, <8 x float> %2539)
-  store <8 x float> %2540, ptr %acc030354, align 4
-  %2541 = load <8 x float>, ptr %acc031355, align 4
-  %2542 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2538, <8 x float> %2510, <8 x float> %2541)
-  store <8 x float> %2542, ptr %acc031355, align 4
-  %2543 = add nsw i64 %k363, 1
-  br label %k.head360
+pf.any.end370:                                    ; preds = %pf.any.then369, %k.body366
+  %2495 = mul nsw i64 %2491, 16
+  %2496 = add nsw i64 %panel.off361, %2495
+  %2497 = getelementptr inbounds float, ptr %panels, i64 %2496
+  %2498 = load <8 x float>, ptr %2497, align 4
+  %2499 = add nsw i64 %2496, 8
+  %2500 = getelementptr inbounds float, ptr %panels, i64 %2499
+  %2501 = load <8 x float>, ptr %2500, align 4
+  %2502 = getelementptr inbounds float, ptr %2460, i64 %2491
+  %2503 = load float, ptr %2502, align 4
+  %2504 = insertelement <8 x float> poison, float %2503, i32 0
+  %2505 = shufflevector <8 x float> %2504, <8 x float> poison, <8 x i32> zeroinitializer
+  %2506 = load <8 x float>, ptr %acc000353, align 4
+  %2507 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2505, <8 x float> %2498, <8 x float> %2506)
+  store <8 x float> %2507, ptr %acc000353, align 4
+  %2508 = load <8 x float>, ptr %acc001354, align 4
+  %2509 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2505, <8 x float> %2501, <8 x float> %2508)
+  store <8 x float> %2509, ptr %acc001354, align 4
+  %2510 = getelementptr inbounds float, ptr %2467, i64 %2491
+  %2511 = load float, ptr %2510, align 4
+  %2512 = insertelement <8 x float> poison, float %2511, i32 0
+  %2513 = shufflevector <8 x float> %2512, <8 x float> poison, <8 x i32> zeroinitializer
+  %2514 = load <8 x float>, ptr %acc010355, align 4
+  %2515 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2513, <8 x float> %2498, <8 x float> %2514)
+  store <8 x float> %2515, ptr %acc010355, align 4
+  %2516 = load <8 x float>, ptr %acc011356, align 4
+  %2517 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2513, <8 x float> %2501, <8 x float> %2516)
+  store <8 x float> %2517, ptr %acc011356, align 4
+  %2518 = getelementptr inbounds float, ptr %2474, i64 %2491
+  %2519 = load float, ptr %2518, align 4
+  %2520 = insertelement <8 x float> poison, float %2519, i32 0
+  %2521 = shufflevector <8 x float> %2520, <8 x float> poison, <8 x i32> zeroinitializer
+  %2522 = load <8 x float>, ptr %acc020357, align 4
+  %2523 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2521, <8 x float> %2498, <8 x float> %2522)
+  store <8 x float> %2523, ptr %acc020357, align 4
+  %2524 = load <8 x float>, ptr %acc021358, align 4
+  %2525 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2521, <8 x float> %2501, <8 x float> %2524)
+  store <8 x float> %2525, ptr %acc021358, align 4
+  %2526 = getelementptr inbounds float, ptr %2481, i64 %2491
+  %2527 = load float, ptr %2526, align 4
+  %2528 = insertelement <8 x float> poison, float %2527, i32 0
+  %2529 = shufflevector <8 x float> %2528, <8 x float> poison, <8 x i32> zeroinitializer
+  %2530 = load <8 x float>, ptr %acc030359, align 4
+  %2531 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2529, <8 x float> %2498, <8 x float> %2530)
+  store <8 x float> %2531, ptr %acc030359, align 4
+  %2532 = load <8 x float>, ptr %acc031360, align 4
+  %2533 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2529, <8 x float> %2501, <8 x float> %2532)
+  store <8 x float> %2533, ptr %acc031360, align 4
+  %2534 = add nsw i64 %k368, 1
+  br label %k.head365
 
-k.end362:                                         ; preds = %k.head360
-  %2544 = add nsw i64 %r0228, 0
-  %2545 = getelementptr inbounds float, ptr %rw, i64 %2544
-  %2546 = load float, ptr %2545, align 4
-  %2547 = insertelement <8 x float> poison, float %2546, i32 0
-  %2548 = shufflevector <8 x float> %2547, <8 x float> poison, <8 x i32> zeroinitializer
-  %2549 = mul nsw i64 %2544, 2816
-  %2550 = getelementptr inbounds float, ptr %h, i64 %2549
-  %col366 = mul nsw i64 %p, 8
-  %2551 = load <8 x float>, ptr %acc000348, align 4
-  %2552 = load <8 x float>, ptr %acc001349, align 4
-  %2553 = fneg <8 x float> %2551
-  %2554 = fcmp olt <8 x float> %2553, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2555 = select <8 x i1> %2554, <8 x float> %2553, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2556 = fcmp ogt <8 x float> %2555, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2557 = select <8 x i1> %2556, <8 x float> %2555, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2558 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2557, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2559 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2558)
-  %2560 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2559, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2557)
-  %2561 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2559, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2560)
-  %2562 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2561, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2563 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2562, <8 x float> %2561, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2564 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2563, <8 x float> %2561, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2565 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2564, <8 x float> %2561, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2566 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2565, <8 x float> %2561, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2567 = fmul <8 x float> %2561, %2561
-  %2568 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2566, <8 x float> %2567, <8 x float> %2561)
-  %2569 = fadd <8 x float> %2568, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2570 = fptosi <8 x float> %2559 to <8 x i32>
-  %2571 = add <8 x i32> %2570, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2572 = shl <8 x i32> %2571, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n367 = bitcast <8 x i32> %2572 to <8 x float>
-  %exp368 = fmul <8 x float> %2569, %exp.2n367
-  %2573 = fadd <8 x float> %exp368, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid369 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2573
-  %silu370 = fmul <8 x float> %2551, %sigmoid369
-  %glu371 = fmul <8 x float> %silu370, %2552
-  %2574 = fmul <8 x float> %glu371, %2548
-  %2575 = getelementptr inbounds float, ptr %2550, i64 %col366
-  store <8 x float> %2574, ptr %2575, align 4
-  %2576 = add nsw i64 %r0228, 1
-  %2577 = getelementptr inbounds float, ptr %rw, i64 %2576
-  %2578 = load float, ptr %2577, align 4
-  %2579 = insertelement <8 x float> poison, float %2578, i32 0
-  %2580 = shufflevector <8 x float> %2579, <8 x float> poison, <8 x i32> zeroinitializer
-  %2581 = mul nsw i64 %2576, 2816
-  %2582 = getelementptr inbounds float, ptr %h, i64 %2581
-  %col372 = mul nsw i64 %p, 8
-  %2583 = load <8 x float>, ptr %acc010350, align 4
-  %2584 = load <8 x float>, ptr %acc011351, align 4
-  %2585 = fneg <8 x float> %2583
-  %2586 = fcmp olt <8 x float> %2585, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2587 = select <8 x i1> %2586, <8 x float> %2585, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2588 = fcmp ogt <8 x float> %2587, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2589 = select <8 x i1> %2588, <8 x float> %2587, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2590 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2589, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2591 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2590)
-  %2592 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2591, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2589)
-  %2593 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2591, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2592)
-  %2594 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2593, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2595 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2594, <8 x float> %2593, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2596 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2595, <8 x float> %2593, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2597 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2596, <8 x float> %2593, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2598 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2597, <8 x float> %2593, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2599 = fmul <8 x float> %2593, %2593
-  %2600 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2598, <8 x float> %2599, <8 x float> %2593)
-  %2601 = fadd <8 x float> %2600, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2602 = fptosi <8 x float> %2591 to <8 x i32>
-  %2603 = add <8 x i32> %2602, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2604 = shl <8 x i32> %2603, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n373 = bitcast <8 x i32> %2604 to <8 x float>
-  %exp374 = fmul <8 x float> %2601, %exp.2n373
-  %2605 = fadd <8 x float> %exp374, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid375 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2605
-  %silu376 = fmul <8 x float> %2583, %sigmoid375
-  %glu377 = fmul <8 x float> %silu376, %2584
-  %2606 = fmul <8 x float> %glu377, %2580
-  %2607 = getelementptr inbounds float, ptr %2582, i64 %col372
-  store <8 x float> %2606, ptr %2607, align 4
-  %2608 = add nsw i64 %r0228, 2
-  %2609 = getelementptr inbounds float, ptr %rw, i64 %2608
-  %2610 = load float, ptr %2609, align 4
-  %2611 = insertelement <8 x float> poison, float %2610, i32 0
-  %2612 = shufflevector <8 x float> %2611, <8 x float> poison, <8 x i32> zeroinitializer
-  %2613 = mul nsw i64 %2608, 2816
-  %2614 = getelementptr inbounds float, ptr %h, i64 %2613
-  %col378 = mul nsw i64 %p, 8
-  %2615 = load <8 x float>, ptr %acc020352, align 4
-  %2616 = load <8 x float>, ptr %acc021353, align 4
-  %2617 = fneg <8 x float> %2615
-  %2618 = fcmp olt <8 x float> %2617, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2619 = select <8 x i1> %2618, <8 x float> %2617, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2620 = fcmp ogt <8 x float> %2619, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2621 = select <8 x i1> %2620, <8 x float> %2619, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2622 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2621, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2623 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2622)
-  %2624 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2623, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2621)
-  %2625 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2623, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2624)
-  %2626 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2625, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2627 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2626, <8 x float> %2625, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2628 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2627, <8 x float> %2625, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2629 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2628, <8 x float> %2625, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2630 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2629, <8 x float> %2625, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2631 = fmul <8 x float> %2625, %2625
-  %2632 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2630, <8 x float> %2631, <8 x float> %2625)
-  %2633 = fadd <8 x float> %2632, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2634 = fptosi <8 x float> %2623 to <8 x i32>
-  %2635 = add <8 x i32> %2634, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2636 = shl <8 x i32> %2635, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n379 = bitcast <8 x i32> %2636 to <8 x float>
-  %exp380 = fmul <8 x float> %2633, %exp.2n379
-  %2637 = fadd <8 x float> %exp380, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid381 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2637
-  %silu382 = fmul <8 x float> %2615, %sigmoid381
-  %glu383 = fmul <8 x float> %silu382, %2616
-  %2638 = fmul <8 x float> %glu383, %2612
-  %2639 = getelementptr inbounds float, ptr %2614, i64 %col378
-  store <8 x float> %2638, ptr %2639, align 4
-  %2640 = add nsw i64 %r0228, 3
-  %2641 = getelementptr inbounds float, ptr %rw, i64 %2640
-  %2642 = load float, ptr %2641, align 4
-  %2643 = insertelement <8 x float> poison, float %2642, i32 0
-  %2644 = shufflevector <8 x float> %2643, <8 x float> poison, <8 x i32> zeroinitializer
-  %2645 = mul nsw i64 %2640, 2816
-  %2646 = getelementptr inbounds float, ptr %h, i64 %2645
-  %col384 = mul nsw i64 %p, 8
-  %2647 = load <8 x float>, ptr %acc030354, align 4
-  %2648 = load <8 x float>, ptr %acc031355, align 4
-  %2649 = fneg <8 x float> %2647
-  %2650 = fcmp olt <8 x float> %2649, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2651 = select <8 x i1> %2650, <8 x float> %2649, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2652 = fcmp ogt <8 x float> %2651, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2653 = select <8 x i1> %2652, <8 x float> %2651, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2654 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2653, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2655 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2654)
-  %2656 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2655, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2653)
-  %2657 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2655, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2656)
-  %2658 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2657, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2659 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2658, <8 x float> %2657, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2660 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2659, <8 x float> %2657, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2660, <8 x float> %2657, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2662 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2661, <8 x float> %2657, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2663 = fmul <8 x float> %2657, %2657
-  %2664 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2662, <8 x float> %2663, <8 x float> %2657)
-  %2665 = fadd <8 x float> %2664, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2666 = fptosi <8 x float> %2655 to <8 x i32>
-  %2667 = add <8 x i32> %2666, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2668 = shl <8 x i32> %2667, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n385 = bitcast <8 x i32> %2668 to <8 x float>
-  %exp386 = fmul <8 x float> %2665, %exp.2n385
-  %2669 = fadd <8 x float> %exp386, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid387 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2669
-  %silu388 = fmul <8 x float> %2647, %sigmoid387
-  %glu389 = fmul <8 x float> %silu388, %2648
-  %2670 = fmul <8 x float> %glu389, %2644
-  %2671 = getelementptr inbounds float, ptr %2646, i64 %col384
-  store <8 x float> %2670, ptr %2671, align 4
-  br label %tile.done231
+k.end367:                                         ; preds = %k.head365
+  %2535 = add nsw i64 %r0233, 0
+  %2536 = getelementptr inbounds float, ptr %rw, i64 %2535
+  %2537 = load float, ptr %2536, align 4
+  %2538 = insertelement <8 x float> poison, float %2537, i32 0
+  %2539 = shufflevector <8 x float> %2538, <8 x float> poison, <8 x i32> zeroinitializer
+  %2540 = mul nsw i64 %2535, 2816
+  %2541 = getelementptr inbounds float, ptr %h, i64 %2540
+  %col371 = mul nsw i64 %p, 8
+  %2542 = load <8 x float>, ptr %acc000353, align 4
+  %2543 = load <8 x float>, ptr %acc001354, align 4
+  %2544 = fneg <8 x float> %2542
+  %2545 = fcmp olt <8 x float> %2544, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2546 = select <8 x i1> %2545, <8 x float> %2544, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2547 = fcmp ogt <8 x float> %2546, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2548 = select <8 x i1> %2547, <8 x float> %2546, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2549 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2548, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2550 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2549)
+  %2551 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2550, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2548)
+  %2552 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2550, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2551)
+  %2553 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2552, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2554 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2553, <8 x float> %2552, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2555 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2554, <8 x float> %2552, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2556 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2555, <8 x float> %2552, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2557 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2556, <8 x float> %2552, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2558 = fmul <8 x float> %2552, %2552
+  %2559 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2557, <8 x float> %2558, <8 x float> %2552)
+  %2560 = fadd <8 x float> %2559, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2561 = fptosi <8 x float> %2550 to <8 x i32>
+  %2562 = add <8 x i32> %2561, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2563 = shl <8 x i32> %2562, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n372 = bitcast <8 x i32> %2563 to <8 x float>
+  %exp373 = fmul <8 x float> %2560, %exp.2n372
+  %2564 = fadd <8 x float> %exp373, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid374 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2564
+  %silu375 = fmul <8 x float> %2542, %sigmoid374
+  %glu376 = fmul <8 x float> %silu375, %2543
+  %2565 = fmul <8 x float> %glu376, %2539
+  %2566 = getelementptr inbounds float, ptr %2541, i64 %col371
+  store <8 x float> %2565, ptr %2566, align 4
+  %2567 = add nsw i64 %r0233, 1
+  %2568 = getelementptr inbounds float, ptr %rw, i64 %2567
+  %2569 = load float, ptr %2568, align 4
+  %2570 = insertelement <8 x float> poison, float %2569, i32 0
+  %2571 = shufflevector <8 x float> %2570, <8 x float> poison, <8 x i32> zeroinitializer
+  %2572 = mul nsw i64 %2567, 2816
+  %2573 = getelementptr inbounds float, ptr %h, i64 %2572
+  %col377 = mul nsw i64 %p, 8
+  %2574 = load <8 x float>, ptr %acc010355, align 4
+  %2575 = load <8 x float>, ptr %acc011356, align 4
+  %2576 = fneg <8 x float> %2574
+  %2577 = fcmp olt <8 x float> %2576, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2578 = select <8 x i1> %2577, <8 x float> %2576, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2579 = fcmp ogt <8 x float> %2578, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2580 = select <8 x i1> %2579, <8 x float> %2578, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2580, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2582 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2581)
+  %2583 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2582, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2580)
+  %2584 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2582, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2583)
+  %2585 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2584, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2586 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2585, <8 x float> %2584, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2586, <8 x float> %2584, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2588 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2587, <8 x float> %2584, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2589 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2588, <8 x float> %2584, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2590 = fmul <8 x float> %2584, %2584
+  %2591 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2589, <8 x float> %2590, <8 x float> %2584)
+  %2592 = fadd <8 x float> %2591, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2593 = fptosi <8 x float> %2582 to <8 x i32>
+  %2594 = add <8 x i32> %2593, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2595 = shl <8 x i32> %2594, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n378 = bitcast <8 x i32> %2595 to <8 x float>
+  %exp379 = fmul <8 x float> %2592, %exp.2n378
+  %2596 = fadd <8 x float> %exp379, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid380 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2596
+  %silu381 = fmul <8 x float> %2574, %sigmoid380
+  %glu382 = fmul <8 x float> %silu381, %2575
+  %2597 = fmul <8 x float> %glu382, %2571
+  %2598 = getelementptr inbounds float, ptr %2573, i64 %col377
+  store <8 x float> %2597, ptr %2598, align 4
+  %2599 = add nsw i64 %r0233, 2
+  %2600 = getelementptr inbounds float, ptr %rw, i64 %2599
+  %2601 = load float, ptr %2600, align 4
+  %2602 = insertelement <8 x float> poison, float %2601, i32 0
+  %2603 = shufflevector <8 x float> %2602, <8 x float> poison, <8 x i32> zeroinitializer
+  %2604 = mul nsw i64 %2599, 2816
+  %2605 = getelementptr inbounds float, ptr %h, i64 %2604
+  %col383 = mul nsw i64 %p, 8
+  %2606 = load <8 x float>, ptr %acc020357, align 4
+  %2607 = load <8 x float>, ptr %acc021358, align 4
+  %2608 = fneg <8 x float> %2606
+  %2609 = fcmp olt <8 x float> %2608, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2610 = select <8 x i1> %2609, <8 x float> %2608, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2611 = fcmp ogt <8 x float> %2610, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2612 = select <8 x i1> %2611, <8 x float> %2610, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2613 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2612, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2614 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2613)
+  %2615 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2614, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2612)
+  %2616 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2614, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2615)
+  %2617 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2616, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2618 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2617, <8 x float> %2616, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2619 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2618, <8 x float> %2616, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2620 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2619, <8 x float> %2616, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2621 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2620, <8 x float> %2616, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2622 = fmul <8 x float> %2616, %2616
+  %2623 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2621, <8 x float> %2622, <8 x float> %2616)
+  %2624 = fadd <8 x float> %2623, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2625 = fptosi <8 x float> %2614 to <8 x i32>
+  %2626 = add <8 x i32> %2625, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2627 = shl <8 x i32> %2626, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n384 = bitcast <8 x i32> %2627 to <8 x float>
+  %exp385 = fmul <8 x float> %2624, %exp.2n384
+  %2628 = fadd <8 x float> %exp385, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid386 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2628
+  %silu387 = fmul <8 x float> %2606, %sigmoid386
+  %glu388 = fmul <8 x float> %silu387, %2607
+  %2629 = fmul <8 x float> %glu388, %2603
+  %2630 = getelementptr inbounds float, ptr %2605, i64 %col383
+  store <8 x float> %2629, ptr %2630, align 4
+  %2631 = add nsw i64 %r0233, 3
+  %2632 = getelementptr inbounds float, ptr %rw, i64 %2631
+  %2633 = load float, ptr %2632, align 4
+  %2634 = insertelement <8 x float> poison, float %2633, i32 0
+  %2635 = shufflevector <8 x float> %2634, <8 x float> poison, <8 x i32> zeroinitializer
+  %2636 = mul nsw i64 %2631, 2816
+  %2637 = getelementptr inbounds float, ptr %h, i64 %2636
+  %col389 = mul nsw i64 %p, 8
+  %2638 = load <8 x float>, ptr %acc030359, align 4
+  %2639 = load <8 x float>, ptr %acc031360, align 4
+  %2640 = fneg <8 x float> %2638
+  %2641 = fcmp olt <8 x float> %2640, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2642 = select <8 x i1> %2641, <8 x float> %2640, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2643 = fcmp ogt <8 x float> %2642, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2644 = select <8 x i1> %2643, <8 x float> %2642, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2645 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2644, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2646 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2645)
+  %2647 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2646, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2644)
+  %2648 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2646, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2647)
+  %2649 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2648, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2650 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2649, <8 x float> %2648, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2651 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2650, <8 x float> %2648, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2652 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2651, <8 x float> %2648, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2652, <8 x float> %2648, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2654 = fmul <8 x float> %2648, %2648
+  %2655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2653, <8 x float> %2654, <8 x float> %2648)
+  %2656 = fadd <8 x float> %2655, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2657 = fptosi <8 x float> %2646 to <8 x i32>
+  %2658 = add <8 x i32> %2657, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2659 = shl <8 x i32> %2658, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n390 = bitcast <8 x i32> %2659 to <8 x float>
+  %exp391 = fmul <8 x float> %2656, %exp.2n390
+  %2660 = fadd <8 x float> %exp391, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid392 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2660
+  %silu393 = fmul <8 x float> %2638, %sigmoid392
+  %glu394 = fmul <8 x float> %silu393, %2639
+  %2661 = fmul <8 x float> %glu394, %2635
+  %2662 = getelementptr inbounds float, ptr %2637, i64 %col389
+  store <8 x float> %2661, ptr %2662, align 4
+  br label %tile.done236
 
-tile.mr3234:                                      ; preds = %rb.body225
-  %2672 = add nsw i64 %r0228, 0
-  %2673 = getelementptr inbounds i32, ptr %rows, i64 %2672
-  %2674 = load i32, ptr %2673, align 4
-  %2675 = sext i32 %2674 to i64
-  %2676 = mul nsw i64 %2675, 1024
-  %2677 = add nsw i64 %2676, 0
-  %2678 = getelementptr inbounds float, ptr %x, i64 %2677
-  store <8 x float> zeroinitializer, ptr %acc000390, align 4
-  store <8 x float> zeroinitializer, ptr %acc001391, align 4
-  %2679 = add nsw i64 %r0228, 1
-  %2680 = getelementptr inbounds i32, ptr %rows, i64 %2679
-  %2681 = load i32, ptr %2680, align 4
-  %2682 = sext i32 %2681 to i64
-  %2683 = mul nsw i64 %2682, 1024
-  %2684 = add nsw i64 %2683, 0
-  %2685 = getelementptr inbounds float, ptr %x, i64 %2684
-  store <8 x float> zeroinitializer, ptr %acc010392, align 4
-  store <8 x float> zeroinitializer, ptr %acc011393, align 4
-  %2686 = add nsw i64 %r0228, 2
-  %2687 = getelementptr inbounds i32, ptr %rows, i64 %2686
-  %2688 = load i32, ptr %2687, align 4
-  %2689 = sext i32 %2688 to i64
-  %2690 = mul nsw i64 %2689, 1024
-  %2691 = add nsw i64 %2690, 0
-  %2692 = getelementptr inbounds float, ptr %x, i64 %2691
-  store <8 x float> zeroinitializer, ptr %acc020394, align 4
-  store <8 x float> zeroinitializer, ptr %acc021395, align 4
-  %2693 = mul nsw i64 %p, 16384
-  %panel.off396 = add nsw i64 %2693, 0
-  %2694 = getelementptr inbounds float, ptr %panels, i64 %panel.off396
-  %2695 = add nsw i64 %p, 1
-  %2696 = icmp slt i64 %2695, %p1
-  %pf.on397 = and i1 %pf.on239, %2696
-  %2697 = mul nsw i64 %rb227, 65536
-  %2698 = lshr i64 %2697, %1898
-  %2699 = add nsw i64 65536, %2698
-  %2700 = getelementptr inbounds i8, ptr %2694, i64 %2699
-  %pf398 = select i1 %pf.on397, ptr %2700, ptr %2694
-  %pf.sh399 = select i1 %pf.on397, i64 %1898, i64 0
-  br label %k.head400
+tile.mr3239:                                      ; preds = %rb.body230
+  %2663 = add nsw i64 %r0233, 0
+  %2664 = getelementptr inbounds i32, ptr %rows, i64 %2663
+  %2665 = load i32, ptr %2664, align 4
+  %2666 = sext i32 %2665 to i64
+  %2667 = mul nsw i64 %2666, 1024
+  %2668 = add nsw i64 %2667, 0
+  %2669 = getelementptr inbounds float, ptr %x, i64 %2668
+  store <8 x float> zeroinitializer, ptr %acc000395, align 4
+  store <8 x float> zeroinitializer, ptr %acc001396, align 4
+  %2670 = add nsw i64 %r0233, 1
+  %2671 = getelementptr inbounds i32, ptr %rows, i64 %2670
+  %2672 = load i32, ptr %2671, align 4
+  %2673 = sext i32 %2672 to i64
+  %2674 = mul nsw i64 %2673, 1024
+  %2675 = add nsw i64 %2674, 0
+  %2676 = getelementptr inbounds float, ptr %x, i64 %2675
+  store <8 x float> zeroinitializer, ptr %acc010397, align 4
+  store <8 x float> zeroinitializer, ptr %acc011398, align 4
+  %2677 = add nsw i64 %r0233, 2
+  %2678 = getelementptr inbounds i32, ptr %rows, i64 %2677
+  %2679 = load i32, ptr %2678, align 4
+  %2680 = sext i32 %2679 to i64
+  %2681 = mul nsw i64 %2680, 1024
+  %2682 = add nsw i64 %2681, 0
+  %2683 = getelementptr inbounds float, ptr %x, i64 %2682
+  store <8 x float> zeroinitializer, ptr %acc020399, align 4
+  store <8 x float> zeroinitializer, ptr %acc021400, align 4
+  %panel.off401 = mul nsw i64 %p, 16384
+  %2684 = getelementptr inbounds float, ptr %panels, i64 %panel.off401
+  %2685 = add nsw i64 %p, 1
+  %2686 = icmp slt i64 %2685, %p1
+  %pf.on402 = and i1 %pf.on244, %2686
+  %2687 = mul nsw i64 %rb232, 65536
+  %2688 = lshr i64 %2687, %1892
+  %2689 = add nsw i64 65536, %2688
+  %2690 = getelementptr inbounds i8, ptr %2684, i64 %2689
+  %pf403 = select i1 %pf.on402, ptr %2690, ptr %2684
+  %pf.sh404 = select i1 %pf.on402, i64 %1892, i64 0
+  br label %k.head405
 
-k.head400:                                        ; preds = %pf.any.end405, %tile.mr3234
-  %k403 = phi i64 [ 0, %tile.mr3234 ], [ %2738, %pf.any.end405 ]
-  %2701 = icmp slt i64 %k403, 1024
-  br i1 %2701, label %k.body401, label %k.end402
+k.head405:                                        ; preds = %pf.any.end410, %tile.mr3239
+  %k408 = phi i64 [ 0, %tile.mr3239 ], [ %2728, %pf.any.end410 ]
+  %2691 = icmp slt i64 %k408, 1024
+  br i1 %2691, label %k.body406, label %k.end407
 
-k.body401:                                        ; preds = %k.head400
-  %2702 = mul nsw i64 %k403, 1
-  %2703 = add nsw i64 %2702, 0
-  %2704 = mul nsw i64 %2703, 64
-  br i1 %pf.multi238, label %pf.any.then404, label %pf.any.end405
+k.body406:                                        ; preds = %k.head405
+  %2692 = mul nsw i64 %k408, 1
+  %2693 = add nsw i64 %2692, 0
+  %2694 = mul nsw i64 %2693, 64
+  br i1 %pf.multi243, label %pf.any.then409, label %pf.any.end410
 
-pf.any.then404:                                   ; preds = %k.body401
-  %2705 = lshr i64 %2704, %pf.sh399
-  %2706 = getelementptr inbounds i8, ptr %pf398, i64 %2705
-  call void @llvm.prefetch.p0(ptr %2706, i32 0, i32 2, i32 1)
-  br label %pf.any.end405
+pf.any.then409:                                   ; preds = %k.body406
+  %2695 = lshr i64 %2694, %pf.sh404
+  %2696 = getelementptr inbounds i8, ptr %pf403, i64 %2695
+  call void @llvm.prefetch.p0(ptr %2696, i32 0, i32 2, i32 1)
+  br label %pf.any.end410
 
-pf.any.end405:                                    ; preds = %pf.any.then404, %k.body401
-  %2707 = mul nsw i64 %2703, 16
-  %2708 = add nsw i64 %panel.off396, %2707
-  %2709 = getelementptr inbounds float, ptr %panels, i64 %2708
-  %2710 = load <8 x float>, ptr %2709, align 4
-  %2711 = add nsw i64 %2708, 8
-  %2712 = getelementptr inbounds float, ptr %panels, i64 %2711
-  %2713 = load <8 x float>, ptr %2712, align 4
-  %2714 = getelementptr inbounds float, ptr %2678, i64 %2703
-  %2715 = load float, ptr %2714, align 4
-  %2716 = insertelement <8 x float> poison, float %2715, i32 0
-  %2717 = shufflevector <8 x float> %2716, <8 x float> poison, <8 x i32> zeroinitializer
-  %2718 = load <8 x float>, ptr %acc000390, align 4
-  %2719 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2717, <8 x float> %2710, <8 x float> %2718)
-  store <8 x float> %2719, ptr %acc000390, align 4
-  %2720 = load <8 x float>, ptr %acc001391, align 4
-  %2721 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2717, <8 x float> %2713, <8 x float> %2720)
-  store <8 x float> %2721, ptr %acc001391, align 4
-  %2722 = getelementptr inbounds float, ptr %2685, i64 %2703
-  %2723 = load float, ptr %2722, align 4
-  %2724 = insertelement <8 x float> poison, float %2723, i32 0
-  %2725 = shufflevector <8 x float> %2724, <8 x float> poison, <8 x i32> zeroinitializer
-  %2726 = load <8 x float>, ptr %acc010392, align 4
-  %2727 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2725, <8 x float> %2710, <8 x float> %2726)
-  store <8 x float> %2727, ptr %acc010392, align 4
-  %2728 = load <8 x float>, ptr %acc011393, align 4
-  %2729 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2725, <8 x float> %2713, <8 x float> %2728)
-  store <8 x float> %2729, ptr %acc011393, align 4
-  %2730 = getelementptr inbounds float, ptr %2692, i64 %2703
+pf.any.end410:                                    ; preds = %pf.any.then409, %k.body406
+  %2697 = mul nsw i64 %2693, 16
+  %2698 = add nsw i64 %panel.off401, %2697
+  %2699 = getelementptr inbounds float, ptr %panels, i64 %2698
+  %2700 = load <8 x float>, ptr %2699, align 4
+  %2701 = add nsw i64 %2698, 8
+  %2702 = getelementptr inbounds float, ptr %panels, i64 %2701
+  %2703 = load <8 x float>, ptr %2702, align 4
+  %2704 = getelementptr inbounds float, ptr %2669, i64 %2693
+  %2705 = load float, ptr %2704, align 4
+  %2706 = insertelement <8 x float> poison, float %2705, i32 0
+  %2707 = shufflevector <8 x float> %2706, <8 x float> poison, <8 x i32> zeroinitializer
+  %2708 = load <8 x float>, ptr %acc000395, align 4
+  %2709 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2707, <8 x float> %2700, <8 x float> %2708)
+  store <8 x float> %2709, ptr %acc000395, align 4
+  %2710 = load <8 x float>, ptr %acc001396, align 4
+  %2711 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2707, <8 x float> %2703, <8 x float> %2710)
+  store <8 x float> %2711, ptr %acc001396, align 4
+  %2712 = getelementptr inbounds float, ptr %2676, i64 %2693
+  %2713 = load float, ptr %2712, align 4
+  %2714 = insertelement <8 x float> poison, float %2713, i32 0
+  %2715 = shufflevector <8 x float> %2714, <8 x float> poison, <8 x i32> zeroinitializer
+  %2716 = load <8 x float>, ptr %acc010397, align 4
+  %2717 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2715, <8 x float> %2700, <8 x float> %2716)
+  store <8 x float> %2717, ptr %acc010397, align 4
+  %2718 = load <8 x float>, ptr %acc011398, align 4
+  %2719 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2715, <8 x float> %2703, <8 x float> %2718)
+  store <8 x float> %2719, ptr %acc011398, align 4
+  %2720 = getelementptr inbounds float, ptr %2683, i64 %2693
+  %2721 = load float, ptr %2720, align 4
+  %2722 = insertelement <8 x float> poison, float %2721, i32 0
+  %2723 = shufflevector <8 x float> %2722, <8 x float> poison, <8 x i32> zeroinitializer
+  %2724 = load <8 x float>, ptr %acc020399, align 4
+  %2725 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2723, <8 x float> %2700, <8 x float> %2724)
+  store <8 x float> %2725, ptr %acc020399, align 4
+  %2726 = load <8 x float>, ptr %acc021400, align 4
+  %2727 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2723, <8 x float> %2703, <8 x float> %2726)
+  store <8 x float> %2727, ptr %acc021400, align 4
+  %2728 = add nsw i64 %k408, 1
+  br label %k.head405
+
+k.end407:                                         ; preds = %k.head405
+  %2729 = add nsw i64 %r0233, 0
+  %2730 = getelementptr inbounds float, ptr %rw, i64 %2729
   %2731 = load float, ptr %2730, align 4
   %2732 = insertelement <8 x float> poison, float %2731, i32 0
   %2733 = shufflevector <8 x float> %2732, <8 x float> poison, <8 x i32> zeroinitializer
-  %2734 = load <8 x float>, ptr %acc020394, align 4
-  %2735 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2733, <8 x float> %2710, <8 x float> %2734)
-  store <8 x float> %2735, ptr %acc020394, align 4
-  %2736 = load <8 x float>, ptr %acc021395, align 4
-  %2737 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2733, <8 x float> %2713, <8 x float> %2736)
-  store <8 x float> %2737, ptr %acc021395, align 4
-  %2738 = add nsw i64 %k403, 1
-  br label %k.head400
+  %2734 = mul nsw i64 %2729, 2816
+  %2735 = getelementptr inbounds float, ptr %h, i64 %2734
+  %col411 = mul nsw i64 %p, 8
+  %2736 = load <8 x float>, ptr %acc000395, align 4
+  %2737 = load <8 x float>, ptr %acc001396, align 4
+  %2738 = fneg <8 x float> %2736
+  %2739 = fcmp olt <8 x float> %2738, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2740 = select <8 x i1> %2739, <8 x float> %2738, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2741 = fcmp ogt <8 x float> %2740, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2742 = select <8 x i1> %2741, <8 x float> %2740, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2743 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2742, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2744 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2743)
+  %2745 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2744, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2742)
+  %2746 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2744, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2745)
+  %2747 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2746, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2748 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2747, <8 x float> %2746, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2749 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2748, <8 x float> %2746, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2750 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2749, <8 x float> %2746, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2751 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2750, <8 x float> %2746, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2752 = fmul <8 x float> %2746, %2746
+  %2753 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2751, <8 x float> %2752, <8 x float> %2746)
+  %2754 = fadd <8 x float> %2753, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2755 = fptosi <8 x float> %2744 to <8 x i32>
+  %2756 = add <8 x i32> %2755, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2757 = shl <8 x i32> %2756, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n412 = bitcast <8 x i32> %2757 to <8 x float>
+  %exp413 = fmul <8 x float> %2754, %exp.2n412
+  %2758 = fadd <8 x float> %exp413, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid414 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2758
+  %silu415 = fmul <8 x float> %2736, %sigmoid414
+  %glu416 = fmul <8 x float> %silu415, %2737
+  %2759 = fmul <8 x float> %glu416, %2733
+  %2760 = getelementptr inbounds float, ptr %2735, i64 %col411
+  store <8 x float> %2759, ptr %2760, align 4
+  %2761 = add nsw i64 %r0233, 1
+  %2762 = getelementptr inbounds float, ptr %rw, i64 %2761
+  %2763 = load float, ptr %2762, align 4
+  %2764 = insertelement <8 x float> poison, float %2763, i32 0
+  %2765 = shufflevector <8 x float> %2764, <8 x float> poison, <8 x i32> zeroinitializer
+  %2766 = mul nsw i64 %2761, 2816
+  %2767 = getelementptr inbounds float, ptr %h, i64 %2766
+  %col417 = mul nsw i64 %p, 8
+  %2768 = load <8 x float>, ptr %acc010397, align 4
+  %2769 = load <8 x float>, ptr %acc011398, align 4
+  %2770 = fneg <8 x float> %2768
+  %2771 = fcmp olt <8 x float> %2770, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2772 = select <8 x i1> %2771, <8 x float> %2770, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2773 = fcmp ogt <8 x float> %2772, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2774 = select <8 x i1> %2773, <8 x float> %2772, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2775 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2774, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2776 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2775)
+  %2777 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2776, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2774)
+  %2778 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2776, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2777)
+  %2779 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2778, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2780 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2779, <8 x float> %2778, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2781 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2780, <8 x float> %2778, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2782 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2781, <8 x float> %2778, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2783 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2782, <8 x float> %2778, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2784 = fmul <8 x float> %2778, %2778
+  %2785 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2783, <8 x float> %2784, <8 x float> %2778)
+  %2786 = fadd <8 x float> %2785, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2787 = fptosi <8 x float> %2776 to <8 x i32>
+  %2788 = add <8 x i32> %2787, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2789 = shl <8 x i32> %2788, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n418 = bitcast <8 x i32> %2789 to <8 x float>
+  %exp419 = fmul <8 x float> %2786, %exp.2n418
+  %2790 = fadd <8 x float> %exp419, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid420 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2790
+  %silu421 = fmul <8 x float> %2768, %sigmoid420
+  %glu422 = fmul <8 x float> %silu421, %2769
+  %2791 = fmul <8 x float> %glu422, %2765
+  %2792 = getelementptr inbounds float, ptr %2767, i64 %col417
+  store <8 x float> %2791, ptr %2792, align 4
+  %2793 = add nsw i64 %r0233, 2
+  %2794 = getelementptr inbounds float, ptr %rw, i64 %2793
+  %2795 = load float, ptr %2794, align 4
+  %2796 = insertelement <8 x float> poison, float %2795, i32 0
+  %2797 = shufflevector <8 x float> %2796, <8 x float> poison, <8 x i32> zeroinitializer
+  %2798 = mul nsw i64 %2793, 2816
+  %2799 = getelementptr inbounds float, ptr %h, i64 %2798
+  %col423 = mul nsw i64 %p, 8
+  %2800 = load <8 x float>, ptr %acc020399, align 4
+  %2801 = load <8 x float>, ptr %acc021400, align 4
+  %2802 = fneg <8 x float> %2800
+  %2803 = fcmp olt <8 x float> %2802, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2804 = select <8 x i1> %2803, <8 x float> %2802, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2805 = fcmp ogt <8 x float> %2804, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2806 = select <8 x i1> %2805, <8 x float> %2804, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2807 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2806, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2808 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2807)
+  %2809 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2808, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2806)
+  %2810 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2808, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2809)
+  %2811 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2810, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2812 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2811, <8 x float> %2810, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2813 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2812, <8 x float> %2810, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2814 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2813, <8 x float> %2810, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2815 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2814, <8 x float> %2810, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2816 = fmul <8 x float> %2810, %2810
+  %2817 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2815, <8 x float> %2816, <8 x float> %2810)
+  %2818 = fadd <8 x float> %2817, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2819 = fptosi <8 x float> %2808 to <8 x i32>
+  %2820 = add <8 x i32> %2819, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2821 = shl <8 x i32> %2820, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n424 = bitcast <8 x i32> %2821 to <8 x float>
+  %exp425 = fmul <8 x float> %2818, %exp.2n424
+  %2822 = fadd <8 x float> %exp425, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid426 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2822
+  %silu427 = fmul <8 x float> %2800, %sigmoid426
+  %glu428 = fmul <8 x float> %silu427, %2801
+  %2823 = fmul <8 x float> %glu428, %2797
+  %2824 = getelementptr inbounds float, ptr %2799, i64 %col423
+  store <8 x float> %2823, ptr %2824, align 4
+  br label %tile.done236
 
-k.end402:                                         ; preds = %k.head400
-  %2739 = add nsw i64 %r0228, 0
-  %2740 = getelementptr inbounds float, ptr %rw, i64 %2739
-  %2741 = load float, ptr %2740, align 4
-  %2742 = insertelement <8 x float> poison, float %2741, i32 0
-  %2743 = shufflevector <8 x float> %2742, <8 x float> poison, <8 x i32> zeroinitializer
-  %2744 = mul nsw i64 %2739, 2816
-  %2745 = getelementptr inbounds float, ptr %h, i64 %2744
-  %col406 = mul nsw i64 %p, 8
-  %2746 = load <8 x float>, ptr %acc000390, align 4
-  %2747 = load <8 x float>, ptr %acc001391, align 4
-  %2748 = fneg <8 x float> %2746
-  %2749 = fcmp olt <8 x float> %2748, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2750 = select <8 x i1> %2749, <8 x float> %2748, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2751 = fcmp ogt <8 x float> %2750, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2752 = select <8 x i1> %2751, <8 x float> %2750, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2753 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2752, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2754 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2753)
-  %2755 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2754, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2752)
-  %2756 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2754, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2755)
-  %2757 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2756, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2758 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2757, <8 x float> %2756, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2759 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2758, <8 x float> %2756, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2760 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2759, <8 x float> %2756, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2761 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2760, <8 x float> %2756, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2762 = fmul <8 x float> %2756, %2756
-  %2763 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2761, <8 x float> %2762, <8 x float> %2756)
-  %2764 = fadd <8 x float> %2763, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2765 = fptosi <8 x float> %2754 to <8 x i32>
-  %2766 = add <8 x i32> %2765, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2767 = shl <8 x i32> %2766, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n407 = bitcast <8 x i32> %2767 to <8 x float>
-  %exp408 = fmul <8 x float> %2764, %exp.2n407
-  %2768 = fadd <8 x float> %exp408, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid409 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2768
-  %silu410 = fmul <8 x float> %2746, %sigmoid409
-  %glu411 = fmul <8 x float> %silu410, %2747
-  %2769 = fmul <8 x float> %glu411, %2743
-  %2770 = getelementptr inbounds float, ptr %2745, i64 %col406
-  store <8 x float> %2769, ptr %2770, align 4
-  %2771 = add nsw i64 %r0228, 1
-  %2772 = getelementptr inbounds float, ptr %rw, i64 %2771
-  %2773 = load float, ptr %2772, align 4
-  %2774 = insertelement <8 x float> poison, float %2773, i32 0
-  %2775 = shufflevector <8 x float> %2774, <8 x float> poison, <8 x i32> zeroinitializer
-  %2776 = mul nsw i64 %2771, 2816
-  %2777 = getelementptr inbounds float, ptr %h, i64 %2776
-  %col412 = mul nsw i64 %p, 8
-  %2778 = load <8 x float>, ptr %acc010392, align 4
-  %2779 = load <8 x float>, ptr %acc011393, align 4
-  %2780 = fneg <8 x float> %2778
-  %2781 = fcmp olt <8 x float> %2780, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2782 = select <8 x i1> %2781, <8 x float> %2780, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2783 = fcmp ogt <8 x float> %2782, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2784 = select <8 x i1> %2783, <8 x float> %2782, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2785 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2784, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2786 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2785)
-  %2787 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2786, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2784)
-  %2788 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2786, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2787)
-  %2789 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2788, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2790 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2789, <8 x float> %2788, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2791 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2790, <8 x float> %2788, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2792 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2791, <8 x float> %2788, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2793 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2792, <8 x float> %2788, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2794 = fmul <8 x float> %2788, %2788
-  %2795 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2793, <8 x float> %2794, <8 x float> %2788)
-  %2796 = fadd <8 x float> %2795, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2797 = fptosi <8 x float> %2786 to <8 x i32>
-  %2798 = add <8 x i32> %2797, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2799 = shl <8 x i32> %2798, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n413 = bitcast <8 x i32> %2799 to <8 x float>
-  %exp414 = fmul <8 x float> %2796, %exp.2n413
-  %2800 = fadd <8 x float> %exp414, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid415 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2800
-  %silu416 = fmul <8 x float> %2778, %sigmoid415
-  %glu417 = fmul <8 x float> %silu416, %2779
-  %2801 = fmul <8 x float> %glu417, %2775
-  %2802 = getelementptr inbounds float, ptr %2777, i64 %col412
-  store <8 x float> %2801, ptr %2802, align 4
-  %2803 = add nsw i64 %r0228, 2
-  %2804 = getelementptr inbounds float, ptr %rw, i64 %2803
-  %2805 = load float, ptr %2804, align 4
-  %2806 = insertelement <8 x float> poison, float %2805, i32 0
-  %2807 = shufflevector <8 x float> %2806, <8 x float> poison, <8 x i32> zeroinitializer
-  %2808 = mul nsw i64 %2803, 2816
-  %2809 = getelementptr inbounds float, ptr %h, i64 %2808
-  %col418 = mul nsw i64 %p, 8
-  %2810 = load <8 x float>, ptr %acc020394, align 4
-  %2811 = load <8 x float>, ptr %acc021395, align 4
-  %2812 = fneg <8 x float> %2810
-  %2813 = fcmp olt <8 x float> %2812, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2814 = select <8 x i1> %2813, <8 x float> %2812, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2815 = fcmp ogt <8 x float> %2814, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2816 = select <8 x i1> %2815, <8 x float> %2814, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2817 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2816, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2818 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2817)
-  %2819 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2818, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2816)
-  %2820 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2818, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2819)
-  %2821 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2820, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2822 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2821, <8 x float> %2820, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2823 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2822, <8 x float> %2820, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2824 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2823, <8 x float> %2820, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2825 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2824, <8 x float> %2820, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2826 = fmul <8 x float> %2820, %2820
-  %2827 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2825, <8 x float> %2826, <8 x float> %2820)
-  %2828 = fadd <8 x float> %2827, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2829 = fptosi <8 x float> %2818 to <8 x i32>
-  %2830 = add <8 x i32> %2829, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2831 = shl <8 x i32> %2830, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n419 = bitcast <8 x i32> %2831 to <8 x float>
-  %exp420 = fmul <8 x float> %2828, %exp.2n419
-  %2832 = fadd <8 x float> %exp420, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid421 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2832
-  %silu422 = fmul <8 x float> %2810, %sigmoid421
-  %glu423 = fmul <8 x float> %silu422, %2811
-  %2833 = fmul <8 x float> %glu423, %2807
-  %2834 = getelementptr inbounds float, ptr %2809, i64 %col418
-  store <8 x float> %2833, ptr %2834, align 4
-  br label %tile.done231
+tile.mr2238:                                      ; preds = %rb.body230
+  %2825 = add nsw i64 %r0233, 0
+  %2826 = getelementptr inbounds i32, ptr %rows, i64 %2825
+  %2827 = load i32, ptr %2826, align 4
+  %2828 = sext i32 %2827 to i64
+  %2829 = mul nsw i64 %2828, 1024
+  %2830 = add nsw i64 %2829, 0
+  %2831 = getelementptr inbounds float, ptr %x, i64 %2830
+  store <8 x float> zeroinitializer, ptr %acc000429, align 4
+  store <8 x float> zeroinitializer, ptr %acc001430, align 4
+  %2832 = add nsw i64 %r0233, 1
+  %2833 = getelementptr inbounds i32, ptr %rows, i64 %2832
+  %2834 = load i32, ptr %2833, align 4
+  %2835 = sext i32 %2834 to i64
+  %2836 = mul nsw i64 %2835, 1024
+  %2837 = add nsw i64 %2836, 0
+  %2838 = getelementptr inbounds float, ptr %x, i64 %2837
+  store <8 x float> zeroinitializer, ptr %acc010431, align 4
+  store <8 x float> zeroinitializer, ptr %acc011432, align 4
+  %panel.off433 = mul nsw i64 %p, 16384
+  %2839 = getelementptr inbounds float, ptr %panels, i64 %panel.off433
+  %2840 = add nsw i64 %p, 1
+  %2841 = icmp slt i64 %2840, %p1
+  %pf.on434 = and i1 %pf.on244, %2841
+  %2842 = mul nsw i64 %rb232, 65536
+  %2843 = lshr i64 %2842, %1892
+  %2844 = add nsw i64 65536, %2843
+  %2845 = getelementptr inbounds i8, ptr %2839, i64 %2844
+  %pf435 = select i1 %pf.on434, ptr %2845, ptr %2839
+  %pf.sh436 = select i1 %pf.on434, i64 %1892, i64 0
+  br label %k.head437
 
-tile.mr2233:                                      ; preds = %rb.body225
-  %2835 = add nsw i64 %r0228, 0
-  %2836 = getelementptr inbounds i32, ptr %rows, i64 %2835
-  %2837 = load i32, ptr %2836, align 4
-  %2838 = sext i32 %2837 to i64
-  %2839 = mul nsw i64 %2838, 1024
-  %2840 = add nsw i64 %2839, 0
-  %2841 = getelementptr inbounds float, ptr %x, i64 %2840
-  store <8 x float> zeroinitializer, ptr %acc000424, align 4
-  store <8 x float> zeroinitializer, ptr %acc001425, align 4
-  %2842 = add nsw i64 %r0228, 1
-  %2843 = getelementptr inbounds i32, ptr %rows, i64 %2842
-  %2844 = load i32, ptr %2843, align 4
-  %2845 = sext i32 %2844 to i64
-  %2846 = mul nsw i64 %2845, 1024
-  %2847 = add nsw i64 %2846, 0
-  %2848 = getelementptr inbounds float, ptr %x, i64 %2847
-  store <8 x float> zeroinitializer, ptr %acc010426, align 4
-  store <8 x float> zeroinitializer, ptr %acc011427, align 4
-  %2849 = mul nsw i64 %p, 16384
-  %panel.off428 = add nsw i64 %2849, 0
-  %2850 = getelementptr inbounds float, ptr %panels, i64 %panel.off428
-  %2851 = add nsw i64 %p, 1
-  %2852 = icmp slt i64 %2851, %p1
-  %pf.on429 = and i1 %pf.on239, %2852
-  %2853 = mul nsw i64 %rb227, 65536
-  %2854 = lshr i64 %2853, %1898
-  %2855 = add nsw i64 65536, %2854
-  %2856 = getelementptr inbounds i8, ptr %2850, i64 %2855
-  %pf430 = select i1 %pf.on429, ptr %2856, ptr %2850
-  %pf.sh431 = select i1 %pf.on429, i64 %1898, i64 0
-  br label %k.head432
+k.head437:                                        ; preds = %pf.any.end442, %tile.mr2238
+  %k440 = phi i64 [ 0, %tile.mr2238 ], [ %2875, %pf.any.end442 ]
+  %2846 = icmp slt i64 %k440, 1024
+  br i1 %2846, label %k.body438, label %k.end439
 
-k.head432:                                        ; preds = %pf.any.end437, %tile.mr2233
-  %k435 = phi i64 [ 0, %tile.mr2233 ], [ %2886, %pf.any.end437 ]
-  %2857 = icmp slt i64 %k435, 1024
-  br i1 %2857, label %k.body433, label %k.end434
+k.body438:                                        ; preds = %k.head437
+  %2847 = mul nsw i64 %k440, 1
+  %2848 = add nsw i64 %2847, 0
+  %2849 = mul nsw i64 %2848, 64
+  br i1 %pf.multi243, label %pf.any.then441, label %pf.any.end442
 
-k.body433:                                        ; preds = %k.head432
-  %2858 = mul nsw i64 %k435, 1
-  %2859 = add nsw i64 %2858, 0
-  %2860 = mul nsw i64 %2859, 64
-  br i1 %pf.multi238, label %pf.any.then436, label %pf.any.end437
+pf.any.then441:                                   ; preds = %k.body438
+  %2850 = lshr i64 %2849, %pf.sh436
+  %2851 = getelementptr inbounds i8, ptr %pf435, i64 %2850
+  call void @llvm.prefetch.p0(ptr %2851, i32 0, i32 2, i32 1)
+  br label %pf.any.end442
 
-pf.any.then436:                                   ; preds = %k.body433
-  %2861 = lshr i64 %2860, %pf.sh431
-  %2862 = getelementptr inbounds i8, ptr %pf430, i64 %2861
-  call void @llvm.prefetch.p0(ptr %2862, i32 0, i32 2, i32 1)
-  br label %pf.any.end437
+pf.any.end442:                                    ; preds = %pf.any.then441, %k.body438
+  %2852 = mul nsw i64 %2848, 16
+  %2853 = add nsw i64 %panel.off433, %2852
+  %2854 = getelementptr inbounds float, ptr %panels, i64 %2853
+  %2855 = load <8 x float>, ptr %2854, align 4
+  %2856 = add nsw i64 %2853, 8
+  %2857 = getelementptr inbounds float, ptr %panels, i64 %2856
+  %2858 = load <8 x float>, ptr %2857, align 4
+  %2859 = getelementptr inbounds float, ptr %2831, i64 %2848
+  %2860 = load float, ptr %2859, align 4
+  %2861 = insertelement <8 x float> poison, float %2860, i32 0
+  %2862 = shufflevector <8 x float> %2861, <8 x float> poison, <8 x i32> zeroinitializer
+  %2863 = load <8 x float>, ptr %acc000429, align 4
+  %2864 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2862, <8 x float> %2855, <8 x float> %2863)
+  store <8 x float> %2864, ptr %acc000429, align 4
+  %2865 = load <8 x float>, ptr %acc001430, align 4
+  %2866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2862, <8 x float> %2858, <8 x float> %2865)
+  store <8 x float> %2866, ptr %acc001430, align 4
+  %2867 = getelementptr inbounds float, ptr %2838, i64 %2848
+  %2868 = load float, ptr %2867, align 4
+  %2869 = insertelement <8 x float> poison, float %2868, i32 0
+  %2870 = shufflevector <8 x float> %2869, <8 x float> poison, <8 x i32> zeroinitializer
+  %2871 = load <8 x float>, ptr %acc010431, align 4
+  %2872 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2870, <8 x float> %2855, <8 x float> %2871)
+  store <8 x float> %2872, ptr %acc010431, align 4
+  %2873 = load <8 x float>, ptr %acc011432, align 4
+  %2874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2870, <8 x float> %2858, <8 x float> %2873)
+  store <8 x float> %2874, ptr %acc011432, align 4
+  %2875 = add nsw i64 %k440, 1
+  br label %k.head437
 
-pf.any.end437:                                    ; preds = %pf.any.then436, %k.body433
-  %2863 = mul nsw i64 %2859, 16
-  %2864 = add nsw i64 %panel.off428, %2863
-  %2865 = getelementptr inbounds float, ptr %panels, i64 %2864
-  %2866 = load <8 x float>, ptr %2865, align 4
-  %2867 = add nsw i64 %2864, 8
-  %2868 = getelementptr inbounds float, ptr %panels, i64 %2867
-  %2869 = load <8 x float>, ptr %2868, align 4
-  %2870 = getelementptr inbounds float, ptr %2841, i64 %2859
-  %2871 = load float, ptr %2870, align 4
-  %2872 = insertelement <8 x float> poison, float %2871, i32 0
-  %2873 = shufflevector <8 x float> %2872, <8 x float> poison, <8 x i32> zeroinitializer
-  %2874 = load <8 x float>, ptr %acc000424, align 4
-  %2875 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2873, <8 x float> %2866, <8 x float> %2874)
-  store <8 x float> %2875, ptr %acc000424, align 4
-  %2876 = load <8 x float>, ptr %acc001425, align 4
-  %2877 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2873, <8 x float> %2869, <8 x float> %2876)
-  store <8 x float> %2877, ptr %acc001425, align 4
-  %2878 = getelementptr inbounds float, ptr %2848, i64 %2859
-  %2879 = load float, ptr %2878, align 4
-  %2880 = insertelement <8 x float> poison, float %2879, i32 0
-  %2881 = shufflevector <8 x float> %2880, <8 x float> poison, <8 x i32> zeroinitializer
-  %2882 = load <8 x float>, ptr %acc010426, align 4
-  %2883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2881, <8 x float> %2866, <8 x float> %2882)
-  store <8 x float> %2883, ptr %acc010426, align 4
-  %2884 = load <8 x float>, ptr %acc011427, align 4
-  %2885 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2881, <8 x float> %2869, <8 x float> %2884)
-  store <8 x float> %2885, ptr %acc011427, align 4
-  %2886 = add nsw i64 %k435, 1
-  br label %k.head432
+k.end439:                                         ; preds = %k.head437
+  %2876 = add nsw i64 %r0233, 0
+  %2877 = getelementptr inbounds float, ptr %rw, i64 %2876
+  %2878 = load float, ptr %2877, align 4
+  %2879 = insertelement <8 x float> poison, float %2878, i32 0
+  %2880 = shufflevector <8 x float> %2879, <8 x float> poison, <8 x i32> zeroinitializer
+  %2881 = mul nsw i64 %2876, 2816
+  %2882 = getelementptr inbounds float, ptr %h, i64 %2881
+  %col443 = mul nsw i64 %p, 8
+  %2883 = load <8 x float>, ptr %acc000429, align 4
+  %2884 = load <8 x float>, ptr %acc001430, align 4
+  %2885 = fneg <8 x float> %2883
+  %2886 = fcmp olt <8 x float> %2885, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2887 = select <8 x i1> %2886, <8 x float> %2885, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2888 = fcmp ogt <8 x float> %2887, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2889 = select <8 x i1> %2888, <8 x float> %2887, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2890 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2889, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2891 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2890)
+  %2892 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2891, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2889)
+  %2893 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2891, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2892)
+  %2894 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2893, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2895 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2894, <8 x float> %2893, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2896 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2895, <8 x float> %2893, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2897 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2896, <8 x float> %2893, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2898 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2897, <8 x float> %2893, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2899 = fmul <8 x float> %2893, %2893
+  %2900 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2898, <8 x float> %2899, <8 x float> %2893)
+  %2901 = fadd <8 x float> %2900, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2902 = fptosi <8 x float> %2891 to <8 x i32>
+  %2903 = add <8 x i32> %2902, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2904 = shl <8 x i32> %2903, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n444 = bitcast <8 x i32> %2904 to <8 x float>
+  %exp445 = fmul <8 x float> %2901, %exp.2n444
+  %2905 = fadd <8 x float> %exp445, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid446 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2905
+  %silu447 = fmul <8 x float> %2883, %sigmoid446
+  %glu448 = fmul <8 x float> %silu447, %2884
+  %2906 = fmul <8 x float> %glu448, %2880
+  %2907 = getelementptr inbounds float, ptr %2882, i64 %col443
+  store <8 x float> %2906, ptr %2907, align 4
+  %2908 = add nsw i64 %r0233, 1
+  %2909 = getelementptr inbounds float, ptr %rw, i64 %2908
+  %2910 = load float, ptr %2909, align 4
+  %2911 = insertelement <8 x float> poison, float %2910, i32 0
+  %2912 = shufflevector <8 x float> %2911, <8 x float> poison, <8 x i32> zeroinitializer
+  %2913 = mul nsw i64 %2908, 2816
+  %2914 = getelementptr inbounds float, ptr %h, i64 %2913
+  %col449 = mul nsw i64 %p, 8
+  %2915 = load <8 x float>, ptr %acc010431, align 4
+  %2916 = load <8 x float>, ptr %acc011432, align 4
+  %2917 = fneg <8 x float> %2915
+  %2918 = fcmp olt <8 x float> %2917, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2919 = select <8 x i1> %2918, <8 x float> %2917, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2920 = fcmp ogt <8 x float> %2919, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2921 = select <8 x i1> %2920, <8 x float> %2919, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2922 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2921, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2923 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2922)
+  %2924 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2923, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2921)
+  %2925 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2923, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2924)
+  %2926 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2925, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2927 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2926, <8 x float> %2925, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2928 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2927, <8 x float> %2925, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2929 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2928, <8 x float> %2925, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2930 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2929, <8 x float> %2925, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2931 = fmul <8 x float> %2925, %2925
+  %2932 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2930, <8 x float> %2931, <8 x float> %2925)
+  %2933 = fadd <8 x float> %2932, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %2934 = fptosi <8 x float> %2923 to <8 x i32>
+  %2935 = add <8 x i32> %2934, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %2936 = shl <8 x i32> %2935, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n450 = bitcast <8 x i32> %2936 to <8 x float>
+  %exp451 = fmul <8 x float> %2933, %exp.2n450
+  %2937 = fadd <8 x float> %exp451, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid452 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2937
+  %silu453 = fmul <8 x float> %2915, %sigmoid452
+  %glu454 = fmul <8 x float> %silu453, %2916
+  %2938 = fmul <8 x float> %glu454, %2912
+  %2939 = getelementptr inbounds float, ptr %2914, i64 %col449
+  store <8 x float> %2938, ptr %2939, align 4
+  br label %tile.done236
 
-k.end434:                                         ; preds = %k.head432
-  %2887 = add nsw i64 %r0228, 0
-  %2888 = getelementptr inbounds float, ptr %rw, i64 %2887
-  %2889 = load float, ptr %2888, align 4
-  %2890 = insertelement <8 x float> poison, float %2889, i32 0
-  %2891 = shufflevector <8 x float> %2890, <8 x float> poison, <8 x i32> zeroinitializer
-  %2892 = mul nsw i64 %2887, 2816
-  %2893 = getelementptr inbounds float, ptr %h, i64 %2892
-  %col438 = mul nsw i64 %p, 8
-  %2894 = load <8 x float>, ptr %acc000424, align 4
-  %2895 = load <8 x float>, ptr %acc001425, align 4
-  %2896 = fneg <8 x float> %2894
-  %2897 = fcmp olt <8 x float> %2896, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2898 = select <8 x i1> %2897, <8 x float> %2896, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2899 = fcmp ogt <8 x float> %2898, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2900 = select <8 x i1> %2899, <8 x float> %2898, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2901 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2900, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2902 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2901)
-  %2903 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2902, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2900)
-  %2904 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2902, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2903)
-  %2905 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2904, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2906 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2905, <8 x float> %2904, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2907 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2906, <8 x float> %2904, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2908 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2907, <8 x float> %2904, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2909 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2908, <8 x float> %2904, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2910 = fmul <8 x float> %2904, %2904
-  %2911 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2909, <8 x float> %2910, <8 x float> %2904)
-  %2912 = fadd <8 x float> %2911, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2913 = fptosi <8 x float> %2902 to <8 x i32>
-  %2914 = add <8 x i32> %2913, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2915 = shl <8 x i32> %2914, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n439 = bitcast <8 x i32> %2915 to <8 x float>
-  %exp440 = fmul <8 x float> %2912, %exp.2n439
-  %2916 = fadd <8 x float> %exp440, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid441 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2916
-  %silu442 = fmul <8 x float> %2894, %sigmoid441
-  %glu443 = fmul <8 x float> %silu442, %2895
-  %2917 = fmul <8 x float> %glu443, %2891
-  %2918 = getelementptr inbounds float, ptr %2893, i64 %col438
-  store <8 x float> %2917, ptr %2918, align 4
-  %2919 = add nsw i64 %r0228, 1
-  %2920 = getelementptr inbounds float, ptr %rw, i64 %2919
-  %2921 = load float, ptr %2920, align 4
-  %2922 = insertelement <8 x float> poison, float %2921, i32 0
-  %2923 = shufflevector <8 x float> %2922, <8 x float> poison, <8 x i32> zeroinitializer
-  %2924 = mul nsw i64 %2919, 2816
-  %2925 = getelementptr inbounds float, ptr %h, i64 %2924
-  %col444 = mul nsw i64 %p, 8
-  %2926 = load <8 x float>, ptr %acc010426, align 4
-  %2927 = load <8 x float>, ptr %acc011427, align 4
-  %2928 = fneg <8 x float> %2926
-  %2929 = fcmp olt <8 x float> %2928, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2930 = select <8 x i1> %2929, <8 x float> %2928, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2931 = fcmp ogt <8 x float> %2930, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2932 = select <8 x i1> %2931, <8 x float> %2930, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %2933 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2932, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2934 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2933)
-  %2935 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2934, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2932)
-  %2936 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2934, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2935)
-  %2937 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2936, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %2938 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2937, <8 x float> %2936, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %2939 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2938, <8 x float> %2936, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %2940 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2939, <8 x float> %2936, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %2941 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2940, <8 x float> %2936, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %2942 = fmul <8 x float> %2936, %2936
-  %2943 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2941, <8 x float> %2942, <8 x float> %2936)
-  %2944 = fadd <8 x float> %2943, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %2945 = fptosi <8 x float> %2934 to <8 x i32>
-  %2946 = add <8 x i32> %2945, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %2947 = shl <8 x i32> %2946, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n445 = bitcast <8 x i32> %2947 to <8 x float>
-  %exp446 = fmul <8 x float> %2944, %exp.2n445
-  %2948 = fadd <8 x float> %exp446, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid447 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %2948
-  %silu448 = fmul <8 x float> %2926, %sigmoid447
-  %glu449 = fmul <8 x float> %silu448, %2927
-  %2949 = fmul <8 x float> %glu449, %2923
-  %2950 = getelementptr inbounds float, ptr %2925, i64 %col444
-  store <8 x float> %2949, ptr %2950, align 4
-  br label %tile.done231
+tile.mr1237:                                      ; preds = %rb.body230
+  %2940 = add nsw i64 %r0233, 0
+  %2941 = getelementptr inbounds i32, ptr %rows, i64 %2940
+  %2942 = load i32, ptr %2941, align 4
+  %2943 = sext i32 %2942 to i64
+  %2944 = mul nsw i64 %2943, 1024
+  %2945 = add nsw i64 %2944, 0
+  %2946 = getelementptr inbounds float, ptr %x, i64 %2945
+  store <8 x float> zeroinitializer, ptr %acc000455, align 4
+  store <8 x float> zeroinitializer, ptr %acc001456, align 4
+  %panel.off457 = mul nsw i64 %p, 16384
+  %2947 = getelementptr inbounds float, ptr %panels, i64 %panel.off457
+  %2948 = add nsw i64 %p, 1
+  %2949 = icmp slt i64 %2948, %p1
+  %pf.on458 = and i1 %pf.on244, %2949
+  %2950 = mul nsw i64 %rb232, 65536
+  %2951 = lshr i64 %2950, %1892
+  %2952 = add nsw i64 65536, %2951
+  %2953 = getelementptr inbounds i8, ptr %2947, i64 %2952
+  %pf459 = select i1 %pf.on458, ptr %2953, ptr %2947
+  %pf.sh460 = select i1 %pf.on458, i64 %1892, i64 0
+  br label %k.head461
 
-tile.mr1232:                                      ; preds = %rb.body225
-  %2951 = add nsw i64 %r0228, 0
-  %2952 = getelementptr inbounds i32, ptr %rows, i64 %2951
-  %2953 = load i32, ptr %2952, align 4
-  %2954 = sext i32 %2953 to i64
-  %2955 = mul nsw i64 %2954, 1024
+k.head461:                                        ; preds = %pf.any.end466, %tile.mr1237
+  %k464 = phi i64 [ 0, %tile.mr1237 ], [ %2975, %pf.any.end466 ]
+  %2954 = icmp slt i64 %k464, 1024
+  br i1 %2954, label %k.body462, label %k.end463
+
+k.body462:                                        ; preds = %k.head461
+  %2955 = mul nsw i64 %k464, 1
   %2956 = add nsw i64 %2955, 0
-  %2957 = getelementptr inbounds float, ptr %x, i64 %2956
-  store <8 x float> zeroinitializer, ptr %acc000450, align 4
-  store <8 x float> zeroinitializer, ptr %acc001451, align 4
-  %2958 = mul nsw i64 %p, 16384
-  %panel.off452 = add nsw i64 %2958, 0
-  %2959 = getelementptr inbounds float, ptr %panels, i64 %panel.off452
-  %2960 = add nsw i64 %p, 1
-  %2961 = icmp slt i64 %2960, %p1
-  %pf.on453 = and i1 %pf.on239, %2961
-  %2962 = mul nsw i64 %rb227, 65536
-  %2963 = lshr i64 %2962, %1898
-  %2964 = add nsw i64 65536, %2963
-  %2965 = getelementptr inbounds i8, ptr %2959, i64 %2964
-  %pf454 = select i1 %pf.on453, ptr %2965, ptr %2959
-  %pf.sh455 = select i1 %pf.on453, i64 %1898, i64 0
-  br label %k.head456
+  %2957 = mul nsw i64 %2956, 64
+  br i1 %pf.multi243, label %pf.any.then465, label %pf.any.end466
 
-k.head456:                                        ; preds = %pf.any.end461, %tile.mr1232
-  %k459 = phi i64 [ 0, %tile.mr1232 ], [ %2987, %pf.any.end461 ]
-  %2966 = icmp slt i64 %k459, 1024
-  br i1 %2966, label %k.body457, label %k.end458
+pf.any.then465:                                   ; preds = %k.body462
+  %2958 = lshr i64 %2957, %pf.sh460
+  %2959 = getelementptr inbounds i8, ptr %pf459, i64 %2958
+  call void @llvm.prefetch.p0(ptr %2959, i32 0, i32 2, i32 1)
+  br label %pf.any.end466
 
-k.body457:                                        ; preds = %k.head456
-  %2967 = mul nsw i64 %k459, 1
-  %2968 = add nsw i64 %2967, 0
-  %2969 = mul nsw i64 %2968, 64
-  br i1 %pf.multi238, label %pf.any.then460, label %pf.any.end461
+pf.any.end466:                                    ; preds = %pf.any.then465, %k.body462
+  %2960 = mul nsw i64 %2956, 16
+  %2961 = add nsw i64 %panel.off457, %2960
+  %2962 = getelementptr inbounds float, ptr %panels, i64 %2961
+  %2963 = load <8 x float>, ptr %2962, align 4
+  %2964 = add nsw i64 %2961, 8
+  %2965 = getelementptr inbounds float, ptr %panels, i64 %2964
+  %2966 = load <8 x float>, ptr %2965, align 4
+  %2967 = getelementptr inbounds float, ptr %2946, i64 %2956
+  %2968 = load float, ptr %2967, align 4
+  %2969 = insertelement <8 x float> poison, float %2968, i32 0
+  %2970 = shufflevector <8 x float> %2969, <8 x float> poison, <8 x i32> zeroinitializer
+  %2971 = load <8 x float>, ptr %acc000455, align 4
+  %2972 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2970, <8 x float> %2963, <8 x float> %2971)
+  store <8 x float> %2972, ptr %acc000455, align 4
+  %2973 = load <8 x float>, ptr %acc001456, align 4
+  %2974 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2970, <8 x float> %2966, <8 x float> %2973)
+  store <8 x float> %2974, ptr %acc001456, align 4
+  %2975 = add nsw i64 %k464, 1
+  br label %k.head461
 
-pf.any.then460:                                   ; preds = %k.body457
-  %2970 = lshr i64 %2969, %pf.sh455
-  %2971 = getelementptr inbounds i8, ptr %pf454, i64 %2970
-  call void @llvm.prefetch.p0(ptr %2971, i32 0, i32 2, i32 1)
-  br label %pf.any.end461
+k.end463:                                         ; preds = %k.head461
+  %2976 = add nsw i64 %r0233, 0
+  %2977 = getelementptr inbounds float, ptr %rw, i64 %2976
+  %2978 = load float, ptr %2977, align 4
+  %2979 = insertelement <8 x float> poison, float %2978, i32 0
+  %2980 = shufflevector <8 x float> %2979, <8 x float> poison, <8 x i32> zeroinitializer
+  %2981 = mul nsw i64 %2976, 2816
+  %2982 = getelementptr inbounds float, ptr %h, i64 %2981
+  %col467 = mul nsw i64 %p, 8
+  %2983 = load <8 x float>, ptr %acc000455, align 4
+  %2984 = load <8 x float>, ptr %acc001456, align 4
+  %2985 = fneg <8 x float> %2983
+  %2986 = fcmp olt <8 x float> %2985, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2987 = select <8 x i1> %2986, <8 x float> %2985, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
+  %2988 = fcmp ogt <8 x float> %2987, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2989 = select <8 x i1> %2988, <8 x float> %2987, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
+  %2990 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2989, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2991 = call <8 x float> @llvm.floor.v8f32(<8 x float> %2990)
+  %2992 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2991, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %2989)
+  %2993 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2991, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %2992)
+  %2994 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %2993, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
+  %2995 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2994, <8 x float> %2993, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
+  %2996 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2995, <8 x float> %2993, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
+  %2997 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2996, <8 x float> %2993, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
+  %2998 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2997, <8 x float> %2993, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
+  %2999 = fmul <8 x float> %2993, %2993
+  %3000 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2998, <8 x float> %2999, <8 x float> %2993)
+  %3001 = fadd <8 x float> %3000, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %3002 = fptosi <8 x float> %2991 to <8 x i32>
+  %3003 = add <8 x i32> %3002, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
+  %3004 = shl <8 x i32> %3003, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
+  %exp.2n468 = bitcast <8 x i32> %3004 to <8 x float>
+  %exp469 = fmul <8 x float> %3001, %exp.2n468
+  %3005 = fadd <8 x float> %exp469, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
+  %sigmoid470 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %3005
+  %silu471 = fmul <8 x float> %2983, %sigmoid470
+  %glu472 = fmul <8 x float> %silu471, %2984
+  %3006 = fmul <8 x float> %glu472, %2980
+  %3007 = getelementptr inbounds float, ptr %2982, i64 %col467
+  store <8 x float> %3006, ptr %3007, align 4
+  br label %tile.done236
 
-pf.any.end461:                                    ; preds = %pf.any.then460, %k.body457
-  %2972 = mul nsw i64 %2968, 16
-  %2973 = add nsw i64 %panel.off452, %2972
-  %2974 = getelementptr inbounds float, ptr %panels, i64 %2973
-  %2975 = load <8 x float>, ptr %2974, align 4
-  %2976 = add nsw i64 %2973, 8
-  %2977 = getelementptr inbounds float, ptr %panels, i64 %2976
-  %2978 = load <8 x float>, ptr %2977, align 4
-  %2979 = getelementptr inbounds float, ptr %2957, i64 %2968
-  %2980 = load float, ptr %2979, align 4
-  %2981 = insertelement <8 x float> poison, float %2980, i32 0
-  %2982 = shufflevector <8 x float> %2981, <8 x float> poison, <8 x i32> zeroinitializer
-  %2983 = load <8 x float>, ptr %acc000450, align 4
-  %2984 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2982, <8 x float> %2975, <8 x float> %2983)
-  store <8 x float> %2984, ptr %acc000450, align 4
-  %2985 = load <8 x float>, ptr %acc001451, align 4
-  %2986 = call <8 x float> @llvm.fma.v8f32(<8 x float> %2982, <8 x float> %2978, <8 x float> %2985)
-  store <8 x float> %2986, ptr %acc001451, align 4
-  %2987 = add nsw i64 %k459, 1
-  br label %k.head456
+tile.done236:                                     ; preds = %k.end463, %k.end439, %k.end407, %k.end367, %k.end319, %k.end263
+  %3008 = add nsw i64 %rb232, 1
+  br label %rb.head229
 
-k.end458:                                         ; preds = %k.head456
-  %2988 = add nsw i64 %r0228, 0
-  %2989 = getelementptr inbounds float, ptr %rw, i64 %2988
-  %2990 = load float, ptr %2989, align 4
-  %2991 = insertelement <8 x float> poison, float %2990, i32 0
-  %2992 = shufflevector <8 x float> %2991, <8 x float> poison, <8 x i32> zeroinitializer
-  %2993 = mul nsw i64 %2988, 2816
-  %2994 = getelementptr inbounds float, ptr %h, i64 %2993
-  %col462 = mul nsw i64 %p, 8
-  %2995 = load <8 x float>, ptr %acc000450, align 4
-  %2996 = load <8 x float>, ptr %acc001451, align 4
-  %2997 = fneg <8 x float> %2995
-  %2998 = fcmp olt <8 x float> %2997, <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %2999 = select <8 x i1> %2998, <8 x float> %2997, <8 x float> <float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01, float 8.800000e+01>
-  %3000 = fcmp ogt <8 x float> %2999, <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %3001 = select <8 x i1> %3000, <8 x float> %2999, <8 x float> <float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01, float -8.700000e+01>
-  %3002 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3001, <8 x float> <float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000, float 0x3FF7154760000000>, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %3003 = call <8 x float> @llvm.floor.v8f32(<8 x float> %3002)
-  %3004 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3003, <8 x float> <float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000, float 0xBFE6300000000000>, <8 x float> %3001)
-  %3005 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3003, <8 x float> <float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000, float 0x3F2BD01060000000>, <8 x float> %3004)
-  %3006 = call <8 x float> @llvm.fma.v8f32(<8 x float> <float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000, float 0x3F2A0D2CE0000000>, <8 x float> %3005, <8 x float> <float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000, float 0x3F56E879C0000000>)
-  %3007 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3006, <8 x float> %3005, <8 x float> <float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000, float 0x3F81112100000000>)
-  %3008 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3007, <8 x float> %3005, <8 x float> <float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000, float 0x3FA5553820000000>)
-  %3009 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3008, <8 x float> %3005, <8 x float> <float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000, float 0x3FC5555540000000>)
-  %3010 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3009, <8 x float> %3005, <8 x float> <float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01, float 5.000000e-01>)
-  %3011 = fmul <8 x float> %3005, %3005
-  %3012 = call <8 x float> @llvm.fma.v8f32(<8 x float> %3010, <8 x float> %3011, <8 x float> %3005)
-  %3013 = fadd <8 x float> %3012, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %3014 = fptosi <8 x float> %3003 to <8 x i32>
-  %3015 = add <8 x i32> %3014, <i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127, i32 127>
-  %3016 = shl <8 x i32> %3015, <i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23, i32 23>
-  %exp.2n463 = bitcast <8 x i32> %3016 to <8 x float>
-  %exp464 = fmul <8 x float> %3013, %exp.2n463
-  %3017 = fadd <8 x float> %exp464, <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>
-  %sigmoid465 = fdiv <8 x float> <float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00, float 1.000000e+00>, %3017
-  %silu466 = fmul <8 x float> %2995, %sigmoid465
-  %glu467 = fmul <8 x float> %silu466, %2996
-  %3018 = fmul <8 x float> %glu467, %2992
-  %3019 = getelementptr inbounds float, ptr %2994, i64 %col462
-  store <8 x float> %3018, ptr %3019, align 4
-  br label %tile.done231
-
-tile.done231:                                     ; preds = %k.end458, %k.end434, %k.end402, %k.end362, %k.end314, %k.end258
-  %3020 = add nsw i64 %rb227, 1
-  br label %rb.head224
-
-rb.end226:                                        ; preds = %rb.head224
-  %3021 = add nsw i64 %p, 1
+rb.end231:                                        ; preds = %rb.head229
+  %3009 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
@@ -4950,68 +4944,68 @@ entry:
   %acc03111 = alloca <8 x float>, align 32
   %acc04012 = alloca <8 x float>, align 32
   %acc04113 = alloca <8 x float>, align 32
-  %acc00025 = alloca <8 x float>, align 32
-  %acc00126 = alloca <8 x float>, align 32
-  %acc01027 = alloca <8 x float>, align 32
-  %acc01128 = alloca <8 x float>, align 32
-  %acc02029 = alloca <8 x float>, align 32
-  %acc02130 = alloca <8 x float>, align 32
-  %acc03031 = alloca <8 x float>, align 32
-  %acc03132 = alloca <8 x float>, align 32
-  %acc00044 = alloca <8 x float>, align 32
-  %acc00145 = alloca <8 x float>, align 32
-  %acc01046 = alloca <8 x float>, align 32
-  %acc01147 = alloca <8 x float>, align 32
-  %acc02048 = alloca <8 x float>, align 32
-  %acc02149 = alloca <8 x float>, align 32
-  %acc00061 = alloca <8 x float>, align 32
-  %acc00162 = alloca <8 x float>, align 32
-  %acc01063 = alloca <8 x float>, align 32
-  %acc01164 = alloca <8 x float>, align 32
-  %acc00076 = alloca <8 x float>, align 32
-  %acc00177 = alloca <8 x float>, align 32
-  %acc000106 = alloca <8 x float>, align 32
-  %acc001107 = alloca <8 x float>, align 32
-  %acc010108 = alloca <8 x float>, align 32
-  %acc011109 = alloca <8 x float>, align 32
-  %acc020110 = alloca <8 x float>, align 32
-  %acc021111 = alloca <8 x float>, align 32
-  %acc030112 = alloca <8 x float>, align 32
-  %acc031113 = alloca <8 x float>, align 32
-  %acc040114 = alloca <8 x float>, align 32
-  %acc041115 = alloca <8 x float>, align 32
-  %acc050116 = alloca <8 x float>, align 32
-  %acc051117 = alloca <8 x float>, align 32
-  %acc000129 = alloca <8 x float>, align 32
-  %acc001130 = alloca <8 x float>, align 32
-  %acc010131 = alloca <8 x float>, align 32
-  %acc011132 = alloca <8 x float>, align 32
-  %acc020133 = alloca <8 x float>, align 32
-  %acc021134 = alloca <8 x float>, align 32
-  %acc030135 = alloca <8 x float>, align 32
-  %acc031136 = alloca <8 x float>, align 32
-  %acc040137 = alloca <8 x float>, align 32
-  %acc041138 = alloca <8 x float>, align 32
-  %acc000150 = alloca <8 x float>, align 32
-  %acc001151 = alloca <8 x float>, align 32
-  %acc010152 = alloca <8 x float>, align 32
-  %acc011153 = alloca <8 x float>, align 32
-  %acc020154 = alloca <8 x float>, align 32
-  %acc021155 = alloca <8 x float>, align 32
-  %acc030156 = alloca <8 x float>, align 32
-  %acc031157 = alloca <8 x float>, align 32
-  %acc000169 = alloca <8 x float>, align 32
-  %acc001170 = alloca <8 x float>, align 32
-  %acc010171 = alloca <8 x float>, align 32
-  %acc011172 = alloca <8 x float>, align 32
-  %acc020173 = alloca <8 x float>, align 32
-  %acc021174 = alloca <8 x float>, align 32
-  %acc000186 = alloca <8 x float>, align 32
-  %acc001187 = alloca <8 x float>, align 32
-  %acc010188 = alloca <8 x float>, align 32
-  %acc011189 = alloca <8 x float>, align 32
-  %acc000201 = alloca <8 x float>, align 32
-  %acc001202 = alloca <8 x float>, align 32
+  %acc00026 = alloca <8 x float>, align 32
+  %acc00127 = alloca <8 x float>, align 32
+  %acc01028 = alloca <8 x float>, align 32
+  %acc01129 = alloca <8 x float>, align 32
+  %acc02030 = alloca <8 x float>, align 32
+  %acc02131 = alloca <8 x float>, align 32
+  %acc03032 = alloca <8 x float>, align 32
+  %acc03133 = alloca <8 x float>, align 32
+  %acc00046 = alloca <8 x float>, align 32
+  %acc00147 = alloca <8 x float>, align 32
+  %acc01048 = alloca <8 x float>, align 32
+  %acc01149 = alloca <8 x float>, align 32
+  %acc02050 = alloca <8 x float>, align 32
+  %acc02151 = alloca <8 x float>, align 32
+  %acc00064 = alloca <8 x float>, align 32
+  %acc00165 = alloca <8 x float>, align 32
+  %acc01066 = alloca <8 x float>, align 32
+  %acc01167 = alloca <8 x float>, align 32
+  %acc00080 = alloca <8 x float>, align 32
+  %acc00181 = alloca <8 x float>, align 32
+  %acc000111 = alloca <8 x float>, align 32
+  %acc001112 = alloca <8 x float>, align 32
+  %acc010113 = alloca <8 x float>, align 32
+  %acc011114 = alloca <8 x float>, align 32
+  %acc020115 = alloca <8 x float>, align 32
+  %acc021116 = alloca <8 x float>, align 32
+  %acc030117 = alloca <8 x float>, align 32
+  %acc031118 = alloca <8 x float>, align 32
+  %acc040119 = alloca <8 x float>, align 32
+  %acc041120 = alloca <8 x float>, align 32
+  %acc050121 = alloca <8 x float>, align 32
+  %acc051122 = alloca <8 x float>, align 32
+  %acc000134 = alloca <8 x float>, align 32
+  %acc001135 = alloca <8 x float>, align 32
+  %acc010136 = alloca <8 x float>, align 32
+  %acc011137 = alloca <8 x float>, align 32
+  %acc020138 = alloca <8 x float>, align 32
+  %acc021139 = alloca <8 x float>, align 32
+  %acc030140 = alloca <8 x float>, align 32
+  %acc031141 = alloca <8 x float>, align 32
+  %acc040142 = alloca <8 x float>, align 32
+  %acc041143 = alloca <8 x float>, align 32
+  %acc000155 = alloca <8 x float>, align 32
+  %acc001156 = alloca <8 x float>, align 32
+  %acc010157 = alloca <8 x float>, align 32
+  %acc011158 = alloca <8 x float>, align 32
+  %acc020159 = alloca <8 x float>, align 32
+  %acc021160 = alloca <8 x float>, align 32
+  %acc030161 = alloca <8 x float>, align 32
+  %acc031162 = alloca <8 x float>, align 32
+  %acc000174 = alloca <8 x float>, align 32
+  %acc001175 = alloca <8 x float>, align 32
+  %acc010176 = alloca <8 x float>, align 32
+  %acc011177 = alloca <8 x float>, align 32
+  %acc020178 = alloca <8 x float>, align 32
+  %acc021179 = alloca <8 x float>, align 32
+  %acc000191 = alloca <8 x float>, align 32
+  %acc001192 = alloca <8 x float>, align 32
+  %acc010193 = alloca <8 x float>, align 32
+  %acc011194 = alloca <8 x float>, align 32
+  %acc000206 = alloca <8 x float>, align 32
+  %acc001207 = alloca <8 x float>, align 32
   br label %start
 
 start:                                            ; preds = %entry
@@ -5024,7 +5018,7 @@ kb:                                               ; preds = %start
   br label %kb.rc.head
 
 kb.rc.head:                                       ; preds = %kb.pg.end, %kb
-  %kb.rc = phi i64 [ 0, %kb ], [ %726, %kb.pg.end ]
+  %kb.rc = phi i64 [ 0, %kb ], [ %720, %kb.pg.end ]
   %2 = icmp slt i64 %kb.rc, %n
   br i1 %2, label %kb.rc.body, label %kb.rc.end
 
@@ -5035,7 +5029,7 @@ kb.rc.body:                                       ; preds = %kb.rc.head
   br label %kb.pg.head
 
 kb.pg.head:                                       ; preds = %kb.k.end, %kb.rc.body
-  %kb.pg = phi i64 [ %p0, %kb.rc.body ], [ %725, %kb.k.end ]
+  %kb.pg = phi i64 [ %p0, %kb.rc.body ], [ %719, %kb.k.end ]
   %5 = icmp slt i64 %kb.pg, %end
   br i1 %5, label %kb.pg.body, label %kb.pg.end
 
@@ -5046,7 +5040,7 @@ kb.pg.body:                                       ; preds = %kb.pg.head
   br label %kb.k.head
 
 kb.k.head:                                        ; preds = %kb.p.end, %kb.pg.body
-  %kb.k = phi i64 [ 0, %kb.pg.body ], [ %724, %kb.p.end ]
+  %kb.k = phi i64 [ 0, %kb.pg.body ], [ %718, %kb.p.end ]
   %8 = icmp slt i64 %kb.k, 11
   br i1 %8, label %kb.k.body, label %kb.k.end
 
@@ -5057,7 +5051,7 @@ kb.k.body:                                        ; preds = %kb.k.head
   br label %kb.p.head
 
 kb.p.head:                                        ; preds = %rb.end, %kb.k.body
-  %kb.p = phi i64 [ %kb.pg, %kb.k.body ], [ %723, %rb.end ]
+  %kb.p = phi i64 [ %kb.pg, %kb.k.body ], [ %717, %rb.end ]
   %9 = icmp slt i64 %kb.p, %kb.pg1
   br i1 %9, label %kb.p.body, label %kb.p.end
 
@@ -5075,7 +5069,7 @@ kb.p.body:                                        ; preds = %kb.p.head
   br label %rb.head
 
 rb.head:                                          ; preds = %tile.done, %kb.p.body
-  %rb = phi i64 [ 0, %kb.p.body ], [ %722, %tile.done ]
+  %rb = phi i64 [ 0, %kb.p.body ], [ %716, %tile.done ]
   %17 = icmp slt i64 %rb, %nrb
   br i1 %17, label %rb.body, label %rb.end
 
@@ -5221,877 +5215,877 @@ tile.mr6:                                         ; preds = %rb.body
   %129 = load <8 x float>, ptr %128, align 4
   %130 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %129
   store <8 x float> %130, ptr %acc051, align 4
+  %panel.off = mul nsw i64 %kb.p, 45056
   %131 = mul nsw i64 %k0, 16
-  %132 = mul nsw i64 %kb.p, 45056
-  %panel.off = add nsw i64 %132, %131
-  %133 = getelementptr inbounds float, ptr %panels, i64 %panel.off
+  %slice.off = add nsw i64 %panel.off, %131
+  %132 = getelementptr inbounds float, ptr %panels, i64 %slice.off
   %pf.on2 = and i1 %pf.on, %pf.next
-  %134 = mul nsw i64 %rb, 16384
-  %135 = lshr i64 %134, %26
-  %136 = add nsw i64 %pf.step, %135
-  %137 = getelementptr inbounds i8, ptr %133, i64 %136
-  %pf = select i1 %pf.on2, ptr %137, ptr %133
+  %133 = mul nsw i64 %rb, 16384
+  %134 = lshr i64 %133, %26
+  %135 = add nsw i64 %pf.step, %134
+  %136 = getelementptr inbounds i8, ptr %132, i64 %135
+  %pf = select i1 %pf.on2, ptr %136, ptr %132
   %pf.sh = select i1 %pf.on2, i64 %26, i64 0
   br label %k.head
 
 k.head:                                           ; preds = %pf.any.end, %tile.mr6
-  %k = phi i64 [ 0, %tile.mr6 ], [ %199, %pf.any.end ]
-  %138 = icmp slt i64 %k, 256
-  br i1 %138, label %k.body, label %k.end
+  %k = phi i64 [ 0, %tile.mr6 ], [ %198, %pf.any.end ]
+  %137 = icmp slt i64 %k, 256
+  br i1 %137, label %k.body, label %k.end
 
 k.body:                                           ; preds = %k.head
-  %139 = mul nsw i64 %k, 1
-  %140 = add nsw i64 %139, 0
-  %141 = mul nsw i64 %140, 64
+  %138 = mul nsw i64 %k, 1
+  %139 = add nsw i64 %138, 0
+  %140 = mul nsw i64 %139, 64
   br i1 %pf.multi, label %pf.any.then, label %pf.any.end
 
 pf.any.then:                                      ; preds = %k.body
-  %142 = lshr i64 %141, %pf.sh
-  %143 = getelementptr inbounds i8, ptr %pf, i64 %142
-  call void @llvm.prefetch.p0(ptr %143, i32 0, i32 2, i32 1)
+  %141 = lshr i64 %140, %pf.sh
+  %142 = getelementptr inbounds i8, ptr %pf, i64 %141
+  call void @llvm.prefetch.p0(ptr %142, i32 0, i32 2, i32 1)
   br label %pf.any.end
 
 pf.any.end:                                       ; preds = %pf.any.then, %k.body
-  %144 = mul nsw i64 %140, 16
-  %145 = add nsw i64 %panel.off, %144
-  %146 = getelementptr inbounds float, ptr %panels, i64 %145
-  %147 = load <8 x float>, ptr %146, align 4
-  %148 = add nsw i64 %145, 8
-  %149 = getelementptr inbounds float, ptr %panels, i64 %148
-  %150 = load <8 x float>, ptr %149, align 4
-  %151 = getelementptr inbounds float, ptr %32, i64 %140
-  %152 = load float, ptr %151, align 4
-  %153 = insertelement <8 x float> poison, float %152, i32 0
-  %154 = shufflevector <8 x float> %153, <8 x float> poison, <8 x i32> zeroinitializer
-  %155 = load <8 x float>, ptr %acc000, align 4
-  %156 = call <8 x float> @llvm.fma.v8f32(<8 x float> %154, <8 x float> %147, <8 x float> %155)
-  store <8 x float> %156, ptr %acc000, align 4
-  %157 = load <8 x float>, ptr %acc001, align 4
-  %158 = call <8 x float> @llvm.fma.v8f32(<8 x float> %154, <8 x float> %150, <8 x float> %157)
-  store <8 x float> %158, ptr %acc001, align 4
-  %159 = getelementptr inbounds float, ptr %49, i64 %140
-  %160 = load float, ptr %159, align 4
-  %161 = insertelement <8 x float> poison, float %160, i32 0
-  %162 = shufflevector <8 x float> %161, <8 x float> poison, <8 x i32> zeroinitializer
-  %163 = load <8 x float>, ptr %acc010, align 4
-  %164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %162, <8 x float> %147, <8 x float> %163)
-  store <8 x float> %164, ptr %acc010, align 4
-  %165 = load <8 x float>, ptr %acc011, align 4
-  %166 = call <8 x float> @llvm.fma.v8f32(<8 x float> %162, <8 x float> %150, <8 x float> %165)
-  store <8 x float> %166, ptr %acc011, align 4
-  %167 = getelementptr inbounds float, ptr %66, i64 %140
-  %168 = load float, ptr %167, align 4
-  %169 = insertelement <8 x float> poison, float %168, i32 0
-  %170 = shufflevector <8 x float> %169, <8 x float> poison, <8 x i32> zeroinitializer
-  %171 = load <8 x float>, ptr %acc020, align 4
-  %172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %170, <8 x float> %147, <8 x float> %171)
-  store <8 x float> %172, ptr %acc020, align 4
-  %173 = load <8 x float>, ptr %acc021, align 4
-  %174 = call <8 x float> @llvm.fma.v8f32(<8 x float> %170, <8 x float> %150, <8 x float> %173)
-  store <8 x float> %174, ptr %acc021, align 4
-  %175 = getelementptr inbounds float, ptr %83, i64 %140
-  %176 = load float, ptr %175, align 4
-  %177 = insertelement <8 x float> poison, float %176, i32 0
-  %178 = shufflevector <8 x float> %177, <8 x float> poison, <8 x i32> zeroinitializer
-  %179 = load <8 x float>, ptr %acc030, align 4
-  %180 = call <8 x float> @llvm.fma.v8f32(<8 x float> %178, <8 x float> %147, <8 x float> %179)
-  store <8 x float> %180, ptr %acc030, align 4
-  %181 = load <8 x float>, ptr %acc031, align 4
-  %182 = call <8 x float> @llvm.fma.v8f32(<8 x float> %178, <8 x float> %150, <8 x float> %181)
-  store <8 x float> %182, ptr %acc031, align 4
-  %183 = getelementptr inbounds float, ptr %100, i64 %140
-  %184 = load float, ptr %183, align 4
-  %185 = insertelement <8 x float> poison, float %184, i32 0
-  %186 = shufflevector <8 x float> %185, <8 x float> poison, <8 x i32> zeroinitializer
-  %187 = load <8 x float>, ptr %acc040, align 4
-  %188 = call <8 x float> @llvm.fma.v8f32(<8 x float> %186, <8 x float> %147, <8 x float> %187)
-  store <8 x float> %188, ptr %acc040, align 4
-  %189 = load <8 x float>, ptr %acc041, align 4
-  %190 = call <8 x float> @llvm.fma.v8f32(<8 x float> %186, <8 x float> %150, <8 x float> %189)
-  store <8 x float> %190, ptr %acc041, align 4
-  %191 = getelementptr inbounds float, ptr %117, i64 %140
-  %192 = load float, ptr %191, align 4
-  %193 = insertelement <8 x float> poison, float %192, i32 0
-  %194 = shufflevector <8 x float> %193, <8 x float> poison, <8 x i32> zeroinitializer
-  %195 = load <8 x float>, ptr %acc050, align 4
-  %196 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> %147, <8 x float> %195)
-  store <8 x float> %196, ptr %acc050, align 4
-  %197 = load <8 x float>, ptr %acc051, align 4
-  %198 = call <8 x float> @llvm.fma.v8f32(<8 x float> %194, <8 x float> %150, <8 x float> %197)
-  store <8 x float> %198, ptr %acc051, align 4
-  %199 = add nsw i64 %k, 1
+  %143 = mul nsw i64 %139, 16
+  %144 = add nsw i64 %slice.off, %143
+  %145 = getelementptr inbounds float, ptr %panels, i64 %144
+  %146 = load <8 x float>, ptr %145, align 4
+  %147 = add nsw i64 %144, 8
+  %148 = getelementptr inbounds float, ptr %panels, i64 %147
+  %149 = load <8 x float>, ptr %148, align 4
+  %150 = getelementptr inbounds float, ptr %32, i64 %139
+  %151 = load float, ptr %150, align 4
+  %152 = insertelement <8 x float> poison, float %151, i32 0
+  %153 = shufflevector <8 x float> %152, <8 x float> poison, <8 x i32> zeroinitializer
+  %154 = load <8 x float>, ptr %acc000, align 4
+  %155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> %146, <8 x float> %154)
+  store <8 x float> %155, ptr %acc000, align 4
+  %156 = load <8 x float>, ptr %acc001, align 4
+  %157 = call <8 x float> @llvm.fma.v8f32(<8 x float> %153, <8 x float> %149, <8 x float> %156)
+  store <8 x float> %157, ptr %acc001, align 4
+  %158 = getelementptr inbounds float, ptr %49, i64 %139
+  %159 = load float, ptr %158, align 4
+  %160 = insertelement <8 x float> poison, float %159, i32 0
+  %161 = shufflevector <8 x float> %160, <8 x float> poison, <8 x i32> zeroinitializer
+  %162 = load <8 x float>, ptr %acc010, align 4
+  %163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> %146, <8 x float> %162)
+  store <8 x float> %163, ptr %acc010, align 4
+  %164 = load <8 x float>, ptr %acc011, align 4
+  %165 = call <8 x float> @llvm.fma.v8f32(<8 x float> %161, <8 x float> %149, <8 x float> %164)
+  store <8 x float> %165, ptr %acc011, align 4
+  %166 = getelementptr inbounds float, ptr %66, i64 %139
+  %167 = load float, ptr %166, align 4
+  %168 = insertelement <8 x float> poison, float %167, i32 0
+  %169 = shufflevector <8 x float> %168, <8 x float> poison, <8 x i32> zeroinitializer
+  %170 = load <8 x float>, ptr %acc020, align 4
+  %171 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %146, <8 x float> %170)
+  store <8 x float> %171, ptr %acc020, align 4
+  %172 = load <8 x float>, ptr %acc021, align 4
+  %173 = call <8 x float> @llvm.fma.v8f32(<8 x float> %169, <8 x float> %149, <8 x float> %172)
+  store <8 x float> %173, ptr %acc021, align 4
+  %174 = getelementptr inbounds float, ptr %83, i64 %139
+  %175 = load float, ptr %174, align 4
+  %176 = insertelement <8 x float> poison, float %175, i32 0
+  %177 = shufflevector <8 x float> %176, <8 x float> poison, <8 x i32> zeroinitializer
+  %178 = load <8 x float>, ptr %acc030, align 4
+  %179 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> %146, <8 x float> %178)
+  store <8 x float> %179, ptr %acc030, align 4
+  %180 = load <8 x float>, ptr %acc031, align 4
+  %181 = call <8 x float> @llvm.fma.v8f32(<8 x float> %177, <8 x float> %149, <8 x float> %180)
+  store <8 x float> %181, ptr %acc031, align 4
+  %182 = getelementptr inbounds float, ptr %100, i64 %139
+  %183 = load float, ptr %182, align 4
+  %184 = insertelement <8 x float> poison, float %183, i32 0
+  %185 = shufflevector <8 x float> %184, <8 x float> poison, <8 x i32> zeroinitializer
+  %186 = load <8 x float>, ptr %acc040, align 4
+  %187 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> %146, <8 x float> %186)
+  store <8 x float> %187, ptr %acc040, align 4
+  %188 = load <8 x float>, ptr %acc041, align 4
+  %189 = call <8 x float> @llvm.fma.v8f32(<8 x float> %185, <8 x float> %149, <8 x float> %188)
+  store <8 x float> %189, ptr %acc041, align 4
+  %190 = getelementptr inbounds float, ptr %117, i64 %139
+  %191 = load float, ptr %190, align 4
+  %192 = insertelement <8 x float> poison, float %191, i32 0
+  %193 = shufflevector <8 x float> %192, <8 x float> poison, <8 x i32> zeroinitializer
+  %194 = load <8 x float>, ptr %acc050, align 4
+  %195 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> %146, <8 x float> %194)
+  store <8 x float> %195, ptr %acc050, align 4
+  %196 = load <8 x float>, ptr %acc051, align 4
+  %197 = call <8 x float> @llvm.fma.v8f32(<8 x float> %193, <8 x float> %149, <8 x float> %196)
+  store <8 x float> %197, ptr %acc051, align 4
+  %198 = add nsw i64 %k, 1
   br label %k.head
 
 k.end:                                            ; preds = %k.head
-  %200 = load <8 x float>, ptr %acc000, align 4
-  store <8 x float> %200, ptr %39, align 4
-  %201 = load <8 x float>, ptr %acc001, align 4
-  store <8 x float> %201, ptr %43, align 4
-  %202 = load <8 x float>, ptr %acc010, align 4
-  store <8 x float> %202, ptr %56, align 4
-  %203 = load <8 x float>, ptr %acc011, align 4
-  store <8 x float> %203, ptr %60, align 4
-  %204 = load <8 x float>, ptr %acc020, align 4
-  store <8 x float> %204, ptr %73, align 4
-  %205 = load <8 x float>, ptr %acc021, align 4
-  store <8 x float> %205, ptr %77, align 4
-  %206 = load <8 x float>, ptr %acc030, align 4
-  store <8 x float> %206, ptr %90, align 4
-  %207 = load <8 x float>, ptr %acc031, align 4
-  store <8 x float> %207, ptr %94, align 4
-  %208 = load <8 x float>, ptr %acc040, align 4
-  store <8 x float> %208, ptr %107, align 4
-  %209 = load <8 x float>, ptr %acc041, align 4
-  store <8 x float> %209, ptr %111, align 4
-  %210 = load <8 x float>, ptr %acc050, align 4
-  store <8 x float> %210, ptr %124, align 4
-  %211 = load <8 x float>, ptr %acc051, align 4
-  store <8 x float> %211, ptr %128, align 4
+  %199 = load <8 x float>, ptr %acc000, align 4
+  store <8 x float> %199, ptr %39, align 4
+  %200 = load <8 x float>, ptr %acc001, align 4
+  store <8 x float> %200, ptr %43, align 4
+  %201 = load <8 x float>, ptr %acc010, align 4
+  store <8 x float> %201, ptr %56, align 4
+  %202 = load <8 x float>, ptr %acc011, align 4
+  store <8 x float> %202, ptr %60, align 4
+  %203 = load <8 x float>, ptr %acc020, align 4
+  store <8 x float> %203, ptr %73, align 4
+  %204 = load <8 x float>, ptr %acc021, align 4
+  store <8 x float> %204, ptr %77, align 4
+  %205 = load <8 x float>, ptr %acc030, align 4
+  store <8 x float> %205, ptr %90, align 4
+  %206 = load <8 x float>, ptr %acc031, align 4
+  store <8 x float> %206, ptr %94, align 4
+  %207 = load <8 x float>, ptr %acc040, align 4
+  store <8 x float> %207, ptr %107, align 4
+  %208 = load <8 x float>, ptr %acc041, align 4
+  store <8 x float> %208, ptr %111, align 4
+  %209 = load <8 x float>, ptr %acc050, align 4
+  store <8 x float> %209, ptr %124, align 4
+  %210 = load <8 x float>, ptr %acc051, align 4
+  store <8 x float> %210, ptr %128, align 4
   br label %tile.done
 
 tile.mr5:                                         ; preds = %rb.body
   %col3 = mul nsw i64 %kb.p, 16
-  %212 = add nsw i64 %r01, 0
-  %213 = mul nsw i64 %212, 2816
-  %214 = add nsw i64 %213, %k0
-  %215 = getelementptr inbounds float, ptr %h, i64 %214
-  %216 = getelementptr inbounds i32, ptr %rows, i64 %212
-  %217 = load i32, ptr %216, align 4
-  %218 = sext i32 %217 to i64
-  %219 = mul nsw i64 %218, 1024
-  %220 = getelementptr inbounds float, ptr %y, i64 %219
-  %221 = add nsw i64 %col3, 0
-  %222 = getelementptr inbounds float, ptr %220, i64 %221
-  %223 = load <8 x float>, ptr %222, align 4
-  %224 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %223
-  store <8 x float> %224, ptr %acc0004, align 4
-  %225 = add nsw i64 %col3, 8
-  %226 = getelementptr inbounds float, ptr %220, i64 %225
-  %227 = load <8 x float>, ptr %226, align 4
-  %228 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %227
-  store <8 x float> %228, ptr %acc0015, align 4
-  %229 = add nsw i64 %r01, 1
-  %230 = mul nsw i64 %229, 2816
-  %231 = add nsw i64 %230, %k0
-  %232 = getelementptr inbounds float, ptr %h, i64 %231
-  %233 = getelementptr inbounds i32, ptr %rows, i64 %229
-  %234 = load i32, ptr %233, align 4
-  %235 = sext i32 %234 to i64
-  %236 = mul nsw i64 %235, 1024
-  %237 = getelementptr inbounds float, ptr %y, i64 %236
-  %238 = add nsw i64 %col3, 0
-  %239 = getelementptr inbounds float, ptr %237, i64 %238
-  %240 = load <8 x float>, ptr %239, align 4
-  %241 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %240
-  store <8 x float> %241, ptr %acc0106, align 4
-  %242 = add nsw i64 %col3, 8
-  %243 = getelementptr inbounds float, ptr %237, i64 %242
-  %244 = load <8 x float>, ptr %243, align 4
-  %245 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %244
-  store <8 x float> %245, ptr %acc0117, align 4
-  %246 = add nsw i64 %r01, 2
-  %247 = mul nsw i64 %246, 2816
-  %248 = add nsw i64 %247, %k0
-  %249 = getelementptr inbounds float, ptr %h, i64 %248
-  %250 = getelementptr inbounds i32, ptr %rows, i64 %246
-  %251 = load i32, ptr %250, align 4
-  %252 = sext i32 %251 to i64
-  %253 = mul nsw i64 %252, 1024
-  %254 = getelementptr inbounds float, ptr %y, i64 %253
-  %255 = add nsw i64 %col3, 0
-  %256 = getelementptr inbounds float, ptr %254, i64 %255
-  %257 = load <8 x float>, ptr %256, align 4
-  %258 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %257
-  store <8 x float> %258, ptr %acc0208, align 4
-  %259 = add nsw i64 %col3, 8
-  %260 = getelementptr inbounds float, ptr %254, i64 %259
-  %261 = load <8 x float>, ptr %260, align 4
-  %262 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %261
-  store <8 x float> %262, ptr %acc0219, align 4
-  %263 = add nsw i64 %r01, 3
-  %264 = mul nsw i64 %263, 2816
-  %265 = add nsw i64 %264, %k0
-  %266 = getelementptr inbounds float, ptr %h, i64 %265
-  %267 = getelementptr inbounds i32, ptr %rows, i64 %263
-  %268 = load i32, ptr %267, align 4
-  %269 = sext i32 %268 to i64
-  %270 = mul nsw i64 %269, 1024
-  %271 = getelementptr inbounds float, ptr %y, i64 %270
-  %272 = add nsw i64 %col3, 0
-  %273 = getelementptr inbounds float, ptr %271, i64 %272
-  %274 = load <8 x float>, ptr %273, align 4
-  %275 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %274
-  store <8 x float> %275, ptr %acc03010, align 4
-  %276 = add nsw i64 %col3, 8
-  %277 = getelementptr inbounds float, ptr %271, i64 %276
-  %278 = load <8 x float>, ptr %277, align 4
-  %279 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %278
-  store <8 x float> %279, ptr %acc03111, align 4
-  %280 = add nsw i64 %r01, 4
-  %281 = mul nsw i64 %280, 2816
-  %282 = add nsw i64 %281, %k0
-  %283 = getelementptr inbounds float, ptr %h, i64 %282
-  %284 = getelementptr inbounds i32, ptr %rows, i64 %280
-  %285 = load i32, ptr %284, align 4
-  %286 = sext i32 %285 to i64
-  %287 = mul nsw i64 %286, 1024
-  %288 = getelementptr inbounds float, ptr %y, i64 %287
-  %289 = add nsw i64 %col3, 0
-  %290 = getelementptr inbounds float, ptr %288, i64 %289
-  %291 = load <8 x float>, ptr %290, align 4
-  %292 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %291
-  store <8 x float> %292, ptr %acc04012, align 4
-  %293 = add nsw i64 %col3, 8
-  %294 = getelementptr inbounds float, ptr %288, i64 %293
-  %295 = load <8 x float>, ptr %294, align 4
-  %296 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %295
-  store <8 x float> %296, ptr %acc04113, align 4
-  %297 = mul nsw i64 %k0, 16
-  %298 = mul nsw i64 %kb.p, 45056
-  %panel.off14 = add nsw i64 %298, %297
-  %299 = getelementptr inbounds float, ptr %panels, i64 %panel.off14
-  %pf.on15 = and i1 %pf.on, %pf.next
-  %300 = mul nsw i64 %rb, 16384
-  %301 = lshr i64 %300, %26
-  %302 = add nsw i64 %pf.step, %301
-  %303 = getelementptr inbounds i8, ptr %299, i64 %302
-  %pf16 = select i1 %pf.on15, ptr %303, ptr %299
-  %pf.sh17 = select i1 %pf.on15, i64 %26, i64 0
-  br label %k.head18
+  %211 = add nsw i64 %r01, 0
+  %212 = mul nsw i64 %211, 2816
+  %213 = add nsw i64 %212, %k0
+  %214 = getelementptr inbounds float, ptr %h, i64 %213
+  %215 = getelementptr inbounds i32, ptr %rows, i64 %211
+  %216 = load i32, ptr %215, align 4
+  %217 = sext i32 %216 to i64
+  %218 = mul nsw i64 %217, 1024
+  %219 = getelementptr inbounds float, ptr %y, i64 %218
+  %220 = add nsw i64 %col3, 0
+  %221 = getelementptr inbounds float, ptr %219, i64 %220
+  %222 = load <8 x float>, ptr %221, align 4
+  %223 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %222
+  store <8 x float> %223, ptr %acc0004, align 4
+  %224 = add nsw i64 %col3, 8
+  %225 = getelementptr inbounds float, ptr %219, i64 %224
+  %226 = load <8 x float>, ptr %225, align 4
+  %227 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %226
+  store <8 x float> %227, ptr %acc0015, align 4
+  %228 = add nsw i64 %r01, 1
+  %229 = mul nsw i64 %228, 2816
+  %230 = add nsw i64 %229, %k0
+  %231 = getelementptr inbounds float, ptr %h, i64 %230
+  %232 = getelementptr inbounds i32, ptr %rows, i64 %228
+  %233 = load i32, ptr %232, align 4
+  %234 = sext i32 %233 to i64
+  %235 = mul nsw i64 %234, 1024
+  %236 = getelementptr inbounds float, ptr %y, i64 %235
+  %237 = add nsw i64 %col3, 0
+  %238 = getelementptr inbounds float, ptr %236, i64 %237
+  %239 = load <8 x float>, ptr %238, align 4
+  %240 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %239
+  store <8 x float> %240, ptr %acc0106, align 4
+  %241 = add nsw i64 %col3, 8
+  %242 = getelementptr inbounds float, ptr %236, i64 %241
+  %243 = load <8 x float>, ptr %242, align 4
+  %244 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %243
+  store <8 x float> %244, ptr %acc0117, align 4
+  %245 = add nsw i64 %r01, 2
+  %246 = mul nsw i64 %245, 2816
+  %247 = add nsw i64 %246, %k0
+  %248 = getelementptr inbounds float, ptr %h, i64 %247
+  %249 = getelementptr inbounds i32, ptr %rows, i64 %245
+  %250 = load i32, ptr %249, align 4
+  %251 = sext i32 %250 to i64
+  %252 = mul nsw i64 %251, 1024
+  %253 = getelementptr inbounds float, ptr %y, i64 %252
+  %254 = add nsw i64 %col3, 0
+  %255 = getelementptr inbounds float, ptr %253, i64 %254
+  %256 = load <8 x float>, ptr %255, align 4
+  %257 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %256
+  store <8 x float> %257, ptr %acc0208, align 4
+  %258 = add nsw i64 %col3, 8
+  %259 = getelementptr inbounds float, ptr %253, i64 %258
+  %260 = load <8 x float>, ptr %259, align 4
+  %261 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %260
+  store <8 x float> %261, ptr %acc0219, align 4
+  %262 = add nsw i64 %r01, 3
+  %263 = mul nsw i64 %262, 2816
+  %264 = add nsw i64 %263, %k0
+  %265 = getelementptr inbounds float, ptr %h, i64 %264
+  %266 = getelementptr inbounds i32, ptr %rows, i64 %262
+  %267 = load i32, ptr %266, align 4
+  %268 = sext i32 %267 to i64
+  %269 = mul nsw i64 %268, 1024
+  %270 = getelementptr inbounds float, ptr %y, i64 %269
+  %271 = add nsw i64 %col3, 0
+  %272 = getelementptr inbounds float, ptr %270, i64 %271
+  %273 = load <8 x float>, ptr %272, align 4
+  %274 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %273
+  store <8 x float> %274, ptr %acc03010, align 4
+  %275 = add nsw i64 %col3, 8
+  %276 = getelementptr inbounds float, ptr %270, i64 %275
+  %277 = load <8 x float>, ptr %276, align 4
+  %278 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %277
+  store <8 x float> %278, ptr %acc03111, align 4
+  %279 = add nsw i64 %r01, 4
+  %280 = mul nsw i64 %279, 2816
+  %281 = add nsw i64 %280, %k0
+  %282 = getelementptr inbounds float, ptr %h, i64 %281
+  %283 = getelementptr inbounds i32, ptr %rows, i64 %279
+  %284 = load i32, ptr %283, align 4
+  %285 = sext i32 %284 to i64
+  %286 = mul nsw i64 %285, 1024
+  %287 = getelementptr inbounds float, ptr %y, i64 %286
+  %288 = add nsw i64 %col3, 0
+  %289 = getelementptr inbounds float, ptr %287, i64 %288
+  %290 = load <8 x float>, ptr %289, align 4
+  %291 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %290
+  store <8 x float> %291, ptr %acc04012, align 4
+  %292 = add nsw i64 %col3, 8
+  %293 = getelementptr inbounds float, ptr %287, i64 %292
+  %294 = load <8 x float>, ptr %293, align 4
+  %295 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %294
+  store <8 x float> %295, ptr %acc04113, align 4
+  %panel.off14 = mul nsw i64 %kb.p, 45056
+  %296 = mul nsw i64 %k0, 16
+  %slice.off15 = add nsw i64 %panel.off14, %296
+  %297 = getelementptr inbounds float, ptr %panels, i64 %slice.off15
+  %pf.on16 = and i1 %pf.on, %pf.next
+  %298 = mul nsw i64 %rb, 16384
+  %299 = lshr i64 %298, %26
+  %300 = add nsw i64 %pf.step, %299
+  %301 = getelementptr inbounds i8, ptr %297, i64 %300
+  %pf17 = select i1 %pf.on16, ptr %301, ptr %297
+  %pf.sh18 = select i1 %pf.on16, i64 %26, i64 0
+  br label %k.head19
 
-k.head18:                                         ; preds = %pf.any.end23, %tile.mr5
-  %k21 = phi i64 [ 0, %tile.mr5 ], [ %357, %pf.any.end23 ]
-  %304 = icmp slt i64 %k21, 256
-  br i1 %304, label %k.body19, label %k.end20
+k.head19:                                         ; preds = %pf.any.end24, %tile.mr5
+  %k22 = phi i64 [ 0, %tile.mr5 ], [ %355, %pf.any.end24 ]
+  %302 = icmp slt i64 %k22, 256
+  br i1 %302, label %k.body20, label %k.end21
 
-k.body19:                                         ; preds = %k.head18
-  %305 = mul nsw i64 %k21, 1
-  %306 = add nsw i64 %305, 0
-  %307 = mul nsw i64 %306, 64
-  br i1 %pf.multi, label %pf.any.then22, label %pf.any.end23
+k.body20:                                         ; preds = %k.head19
+  %303 = mul nsw i64 %k22, 1
+  %304 = add nsw i64 %303, 0
+  %305 = mul nsw i64 %304, 64
+  br i1 %pf.multi, label %pf.any.then23, label %pf.any.end24
 
-pf.any.then22:                                    ; preds = %k.body19
-  %308 = lshr i64 %307, %pf.sh17
-  %309 = getelementptr inbounds i8, ptr %pf16, i64 %308
-  call void @llvm.prefetch.p0(ptr %309, i32 0, i32 2, i32 1)
-  br label %pf.any.end23
+pf.any.then23:                                    ; preds = %k.body20
+  %306 = lshr i64 %305, %pf.sh18
+  %307 = getelementptr inbounds i8, ptr %pf17, i64 %306
+  call void @llvm.prefetch.p0(ptr %307, i32 0, i32 2, i32 1)
+  br label %pf.any.end24
 
-pf.any.end23:                                     ; preds = %pf.any.then22, %k.body19
-  %310 = mul nsw i64 %306, 16
-  %311 = add nsw i64 %panel.off14, %310
-  %312 = getelementptr inbounds float, ptr %panels, i64 %311
-  %313 = load <8 x float>, ptr %312, align 4
-  %314 = add nsw i64 %311, 8
-  %315 = getelementptr inbounds float, ptr %panels, i64 %314
-  %316 = load <8 x float>, ptr %315, align 4
-  %317 = getelementptr inbounds float, ptr %215, i64 %306
-  %318 = load float, ptr %317, align 4
-  %319 = insertelement <8 x float> poison, float %318, i32 0
-  %320 = shufflevector <8 x float> %319, <8 x float> poison, <8 x i32> zeroinitializer
-  %321 = load <8 x float>, ptr %acc0004, align 4
-  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %320, <8 x float> %313, <8 x float> %321)
-  store <8 x float> %322, ptr %acc0004, align 4
-  %323 = load <8 x float>, ptr %acc0015, align 4
-  %324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %320, <8 x float> %316, <8 x float> %323)
-  store <8 x float> %324, ptr %acc0015, align 4
-  %325 = getelementptr inbounds float, ptr %232, i64 %306
-  %326 = load float, ptr %325, align 4
-  %327 = insertelement <8 x float> poison, float %326, i32 0
-  %328 = shufflevector <8 x float> %327, <8 x float> poison, <8 x i32> zeroinitializer
-  %329 = load <8 x float>, ptr %acc0106, align 4
-  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %328, <8 x float> %313, <8 x float> %329)
-  store <8 x float> %330, ptr %acc0106, align 4
-  %331 = load <8 x float>, ptr %acc0117, align 4
-  %332 = call <8 x float> @llvm.fma.v8f32(<8 x float> %328, <8 x float> %316, <8 x float> %331)
-  store <8 x float> %332, ptr %acc0117, align 4
-  %333 = getelementptr inbounds float, ptr %249, i64 %306
-  %334 = load float, ptr %333, align 4
-  %335 = insertelement <8 x float> poison, float %334, i32 0
-  %336 = shufflevector <8 x float> %335, <8 x float> poison, <8 x i32> zeroinitializer
-  %337 = load <8 x float>, ptr %acc0208, align 4
-  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %336, <8 x float> %313, <8 x float> %337)
-  store <8 x float> %338, ptr %acc0208, align 4
-  %339 = load <8 x float>, ptr %acc0219, align 4
-  %340 = call <8 x float> @llvm.fma.v8f32(<8 x float> %336, <8 x float> %316, <8 x float> %339)
-  store <8 x float> %340, ptr %acc0219, align 4
-  %341 = getelementptr inbounds float, ptr %266, i64 %306
-  %342 = load float, ptr %341, align 4
-  %343 = insertelement <8 x float> poison, float %342, i32 0
-  %344 = shufflevector <8 x float> %343, <8 x float> poison, <8 x i32> zeroinitializer
-  %345 = load <8 x float>, ptr %acc03010, align 4
-  %346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %344, <8 x float> %313, <8 x float> %345)
-  store <8 x float> %346, ptr %acc03010, align 4
-  %347 = load <8 x float>, ptr %acc03111, align 4
-  %348 = call <8 x float> @llvm.fma.v8f32(<8 x float> %344, <8 x float> %316, <8 x float> %347)
-  store <8 x float> %348, ptr %acc03111, align 4
-  %349 = getelementptr inbounds float, ptr %283, i64 %306
-  %350 = load float, ptr %349, align 4
-  %351 = insertelement <8 x float> poison, float %350, i32 0
-  %352 = shufflevector <8 x float> %351, <8 x float> poison, <8 x i32> zeroinitializer
-  %353 = load <8 x float>, ptr %acc04012, align 4
-  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %352, <8 x float> %313, <8 x float> %353)
-  store <8 x float> %354, ptr %acc04012, align 4
-  %355 = load <8 x float>, ptr %acc04113, align 4
-  %356 = call <8 x float> @llvm.fma.v8f32(<8 x float> %352, <8 x float> %316, <8 x float> %355)
-  store <8 x float> %356, ptr %acc04113, align 4
-  %357 = add nsw i64 %k21, 1
-  br label %k.head18
+pf.any.end24:                                     ; preds = %pf.any.then23, %k.body20
+  %308 = mul nsw i64 %304, 16
+  %309 = add nsw i64 %slice.off15, %308
+  %310 = getelementptr inbounds float, ptr %panels, i64 %309
+  %311 = load <8 x float>, ptr %310, align 4
+  %312 = add nsw i64 %309, 8
+  %313 = getelementptr inbounds float, ptr %panels, i64 %312
+  %314 = load <8 x float>, ptr %313, align 4
+  %315 = getelementptr inbounds float, ptr %214, i64 %304
+  %316 = load float, ptr %315, align 4
+  %317 = insertelement <8 x float> poison, float %316, i32 0
+  %318 = shufflevector <8 x float> %317, <8 x float> poison, <8 x i32> zeroinitializer
+  %319 = load <8 x float>, ptr %acc0004, align 4
+  %320 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %311, <8 x float> %319)
+  store <8 x float> %320, ptr %acc0004, align 4
+  %321 = load <8 x float>, ptr %acc0015, align 4
+  %322 = call <8 x float> @llvm.fma.v8f32(<8 x float> %318, <8 x float> %314, <8 x float> %321)
+  store <8 x float> %322, ptr %acc0015, align 4
+  %323 = getelementptr inbounds float, ptr %231, i64 %304
+  %324 = load float, ptr %323, align 4
+  %325 = insertelement <8 x float> poison, float %324, i32 0
+  %326 = shufflevector <8 x float> %325, <8 x float> poison, <8 x i32> zeroinitializer
+  %327 = load <8 x float>, ptr %acc0106, align 4
+  %328 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %311, <8 x float> %327)
+  store <8 x float> %328, ptr %acc0106, align 4
+  %329 = load <8 x float>, ptr %acc0117, align 4
+  %330 = call <8 x float> @llvm.fma.v8f32(<8 x float> %326, <8 x float> %314, <8 x float> %329)
+  store <8 x float> %330, ptr %acc0117, align 4
+  %331 = getelementptr inbounds float, ptr %248, i64 %304
+  %332 = load float, ptr %331, align 4
+  %333 = insertelement <8 x float> poison, float %332, i32 0
+  %334 = shufflevector <8 x float> %333, <8 x float> poison, <8 x i32> zeroinitializer
+  %335 = load <8 x float>, ptr %acc0208, align 4
+  %336 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %311, <8 x float> %335)
+  store <8 x float> %336, ptr %acc0208, align 4
+  %337 = load <8 x float>, ptr %acc0219, align 4
+  %338 = call <8 x float> @llvm.fma.v8f32(<8 x float> %334, <8 x float> %314, <8 x float> %337)
+  store <8 x float> %338, ptr %acc0219, align 4
+  %339 = getelementptr inbounds float, ptr %265, i64 %304
+  %340 = load float, ptr %339, align 4
+  %341 = insertelement <8 x float> poison, float %340, i32 0
+  %342 = shufflevector <8 x float> %341, <8 x float> poison, <8 x i32> zeroinitializer
+  %343 = load <8 x float>, ptr %acc03010, align 4
+  %344 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %311, <8 x float> %343)
+  store <8 x float> %344, ptr %acc03010, align 4
+  %345 = load <8 x float>, ptr %acc03111, align 4
+  %346 = call <8 x float> @llvm.fma.v8f32(<8 x float> %342, <8 x float> %314, <8 x float> %345)
+  store <8 x float> %346, ptr %acc03111, align 4
+  %347 = getelementptr inbounds float, ptr %282, i64 %304
+  %348 = load float, ptr %347, align 4
+  %349 = insertelement <8 x float> poison, float %348, i32 0
+  %350 = shufflevector <8 x float> %349, <8 x float> poison, <8 x i32> zeroinitializer
+  %351 = load <8 x float>, ptr %acc04012, align 4
+  %352 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %311, <8 x float> %351)
+  store <8 x float> %352, ptr %acc04012, align 4
+  %353 = load <8 x float>, ptr %acc04113, align 4
+  %354 = call <8 x float> @llvm.fma.v8f32(<8 x float> %350, <8 x float> %314, <8 x float> %353)
+  store <8 x float> %354, ptr %acc04113, align 4
+  %355 = add nsw i64 %k22, 1
+  br label %k.head19
 
-k.end20:                                          ; preds = %k.head18
-  %358 = load <8 x float>, ptr %acc0004, align 4
-  store <8 x float> %358, ptr %222, align 4
-  %359 = load <8 x float>, ptr %acc0015, align 4
-  store <8 x float> %359, ptr %226, align 4
-  %360 = load <8 x float>, ptr %acc0106, align 4
-  store <8 x float> %360, ptr %239, align 4
-  %361 = load <8 x float>, ptr %acc0117, align 4
-  store <8 x float> %361, ptr %243, align 4
-  %362 = load <8 x float>, ptr %acc0208, align 4
-  store <8 x float> %362, ptr %256, align 4
-  %363 = load <8 x float>, ptr %acc0219, align 4
-  store <8 x float> %363, ptr %260, align 4
-  %364 = load <8 x float>, ptr %acc03010, align 4
-  store <8 x float> %364, ptr %273, align 4
-  %365 = load <8 x float>, ptr %acc03111, align 4
-  store <8 x float> %365, ptr %277, align 4
-  %366 = load <8 x float>, ptr %acc04012, align 4
-  store <8 x float> %366, ptr %290, align 4
-  %367 = load <8 x float>, ptr %acc04113, align 4
-  store <8 x float> %367, ptr %294, align 4
+k.end21:                                          ; preds = %k.head19
+  %356 = load <8 x float>, ptr %acc0004, align 4
+  store <8 x float> %356, ptr %221, align 4
+  %357 = load <8 x float>, ptr %acc0015, align 4
+  store <8 x float> %357, ptr %225, align 4
+  %358 = load <8 x float>, ptr %acc0106, align 4
+  store <8 x float> %358, ptr %238, align 4
+  %359 = load <8 x float>, ptr %acc0117, align 4
+  store <8 x float> %359, ptr %242, align 4
+  %360 = load <8 x float>, ptr %acc0208, align 4
+  store <8 x float> %360, ptr %255, align 4
+  %361 = load <8 x float>, ptr %acc0219, align 4
+  store <8 x float> %361, ptr %259, align 4
+  %362 = load <8 x float>, ptr %acc03010, align 4
+  store <8 x float> %362, ptr %272, align 4
+  %363 = load <8 x float>, ptr %acc03111, align 4
+  store <8 x float> %363, ptr %276, align 4
+  %364 = load <8 x float>, ptr %acc04012, align 4
+  store <8 x float> %364, ptr %289, align 4
+  %365 = load <8 x float>, ptr %acc04113, align 4
+  store <8 x float> %365, ptr %293, align 4
   br label %tile.done
 
 tile.mr4:                                         ; preds = %rb.body
-  %col24 = mul nsw i64 %kb.p, 16
-  %368 = add nsw i64 %r01, 0
-  %369 = mul nsw i64 %368, 2816
-  %370 = add nsw i64 %369, %k0
-  %371 = getelementptr inbounds float, ptr %h, i64 %370
-  %372 = getelementptr inbounds i32, ptr %rows, i64 %368
-  %373 = load i32, ptr %372, align 4
-  %374 = sext i32 %373 to i64
-  %375 = mul nsw i64 %374, 1024
-  %376 = getelementptr inbounds float, ptr %y, i64 %375
-  %377 = add nsw i64 %col24, 0
-  %378 = getelementptr inbounds float, ptr %376, i64 %377
-  %379 = load <8 x float>, ptr %378, align 4
-  %380 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %379
-  store <8 x float> %380, ptr %acc00025, align 4
-  %381 = add nsw i64 %col24, 8
-  %382 = getelementptr inbounds float, ptr %376, i64 %381
-  %383 = load <8 x float>, ptr %382, align 4
-  %384 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %383
-  store <8 x float> %384, ptr %acc00126, align 4
-  %385 = add nsw i64 %r01, 1
-  %386 = mul nsw i64 %385, 2816
-  %387 = add nsw i64 %386, %k0
-  %388 = getelementptr inbounds float, ptr %h, i64 %387
-  %389 = getelementptr inbounds i32, ptr %rows, i64 %385
-  %390 = load i32, ptr %389, align 4
-  %391 = sext i32 %390 to i64
-  %392 = mul nsw i64 %391, 1024
-  %393 = getelementptr inbounds float, ptr %y, i64 %392
-  %394 = add nsw i64 %col24, 0
-  %395 = getelementptr inbounds float, ptr %393, i64 %394
-  %396 = load <8 x float>, ptr %395, align 4
-  %397 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %396
-  store <8 x float> %397, ptr %acc01027, align 4
-  %398 = add nsw i64 %col24, 8
-  %399 = getelementptr inbounds float, ptr %393, i64 %398
-  %400 = load <8 x float>, ptr %399, align 4
-  %401 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %400
-  store <8 x float> %401, ptr %acc01128, align 4
-  %402 = add nsw i64 %r01, 2
-  %403 = mul nsw i64 %402, 2816
-  %404 = add nsw i64 %403, %k0
-  %405 = getelementptr inbounds float, ptr %h, i64 %404
-  %406 = getelementptr inbounds i32, ptr %rows, i64 %402
-  %407 = load i32, ptr %406, align 4
-  %408 = sext i32 %407 to i64
-  %409 = mul nsw i64 %408, 1024
-  %410 = getelementptr inbounds float, ptr %y, i64 %409
-  %411 = add nsw i64 %col24, 0
-  %412 = getelementptr inbounds float, ptr %410, i64 %411
-  %413 = load <8 x float>, ptr %412, align 4
-  %414 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %413
-  store <8 x float> %414, ptr %acc02029, align 4
-  %415 = add nsw i64 %col24, 8
-  %416 = getelementptr inbounds float, ptr %410, i64 %415
-  %417 = load <8 x float>, ptr %416, align 4
-  %418 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %417
-  store <8 x float> %418, ptr %acc02130, align 4
-  %419 = add nsw i64 %r01, 3
-  %420 = mul nsw i64 %419, 2816
-  %421 = add nsw i64 %420, %k0
-  %422 = getelementptr inbounds float, ptr %h, i64 %421
-  %423 = getelementptr inbounds i32, ptr %rows, i64 %419
-  %424 = load i32, ptr %423, align 4
-  %425 = sext i32 %424 to i64
-  %426 = mul nsw i64 %425, 1024
-  %427 = getelementptr inbounds float, ptr %y, i64 %426
-  %428 = add nsw i64 %col24, 0
-  %429 = getelementptr inbounds float, ptr %427, i64 %428
-  %430 = load <8 x float>, ptr %429, align 4
-  %431 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %430
-  store <8 x float> %431, ptr %acc03031, align 4
-  %432 = add nsw i64 %col24, 8
-  %433 = getelementptr inbounds float, ptr %427, i64 %432
-  %434 = load <8 x float>, ptr %433, align 4
-  %435 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %434
-  store <8 x float> %435, ptr %acc03132, align 4
-  %436 = mul nsw i64 %k0, 16
-  %437 = mul nsw i64 %kb.p, 45056
-  %panel.off33 = add nsw i64 %437, %436
-  %438 = getelementptr inbounds float, ptr %panels, i64 %panel.off33
-  %pf.on34 = and i1 %pf.on, %pf.next
-  %439 = mul nsw i64 %rb, 16384
-  %440 = lshr i64 %439, %26
-  %441 = add nsw i64 %pf.step, %440
-  %442 = getelementptr inbounds i8, ptr %438, i64 %441
-  %pf35 = select i1 %pf.on34, ptr %442, ptr %438
-  %pf.sh36 = select i1 %pf.on34, i64 %26, i64 0
-  br label %k.head37
+  %col25 = mul nsw i64 %kb.p, 16
+  %366 = add nsw i64 %r01, 0
+  %367 = mul nsw i64 %366, 2816
+  %368 = add nsw i64 %367, %k0
+  %369 = getelementptr inbounds float, ptr %h, i64 %368
+  %370 = getelementptr inbounds i32, ptr %rows, i64 %366
+  %371 = load i32, ptr %370, align 4
+  %372 = sext i32 %371 to i64
+  %373 = mul nsw i64 %372, 1024
+  %374 = getelementptr inbounds float, ptr %y, i64 %373
+  %375 = add nsw i64 %col25, 0
+  %376 = getelementptr inbounds float, ptr %374, i64 %375
+  %377 = load <8 x float>, ptr %376, align 4
+  %378 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %377
+  store <8 x float> %378, ptr %acc00026, align 4
+  %379 = add nsw i64 %col25, 8
+  %380 = getelementptr inbounds float, ptr %374, i64 %379
+  %381 = load <8 x float>, ptr %380, align 4
+  %382 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %381
+  store <8 x float> %382, ptr %acc00127, align 4
+  %383 = add nsw i64 %r01, 1
+  %384 = mul nsw i64 %383, 2816
+  %385 = add nsw i64 %384, %k0
+  %386 = getelementptr inbounds float, ptr %h, i64 %385
+  %387 = getelementptr inbounds i32, ptr %rows, i64 %383
+  %388 = load i32, ptr %387, align 4
+  %389 = sext i32 %388 to i64
+  %390 = mul nsw i64 %389, 1024
+  %391 = getelementptr inbounds float, ptr %y, i64 %390
+  %392 = add nsw i64 %col25, 0
+  %393 = getelementptr inbounds float, ptr %391, i64 %392
+  %394 = load <8 x float>, ptr %393, align 4
+  %395 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %394
+  store <8 x float> %395, ptr %acc01028, align 4
+  %396 = add nsw i64 %col25, 8
+  %397 = getelementptr inbounds float, ptr %391, i64 %396
+  %398 = load <8 x float>, ptr %397, align 4
+  %399 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %398
+  store <8 x float> %399, ptr %acc01129, align 4
+  %400 = add nsw i64 %r01, 2
+  %401 = mul nsw i64 %400, 2816
+  %402 = add nsw i64 %401, %k0
+  %403 = getelementptr inbounds float, ptr %h, i64 %402
+  %404 = getelementptr inbounds i32, ptr %rows, i64 %400
+  %405 = load i32, ptr %404, align 4
+  %406 = sext i32 %405 to i64
+  %407 = mul nsw i64 %406, 1024
+  %408 = getelementptr inbounds float, ptr %y, i64 %407
+  %409 = add nsw i64 %col25, 0
+  %410 = getelementptr inbounds float, ptr %408, i64 %409
+  %411 = load <8 x float>, ptr %410, align 4
+  %412 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %411
+  store <8 x float> %412, ptr %acc02030, align 4
+  %413 = add nsw i64 %col25, 8
+  %414 = getelementptr inbounds float, ptr %408, i64 %413
+  %415 = load <8 x float>, ptr %414, align 4
+  %416 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %415
+  store <8 x float> %416, ptr %acc02131, align 4
+  %417 = add nsw i64 %r01, 3
+  %418 = mul nsw i64 %417, 2816
+  %419 = add nsw i64 %418, %k0
+  %420 = getelementptr inbounds float, ptr %h, i64 %419
+  %421 = getelementptr inbounds i32, ptr %rows, i64 %417
+  %422 = load i32, ptr %421, align 4
+  %423 = sext i32 %422 to i64
+  %424 = mul nsw i64 %423, 1024
+  %425 = getelementptr inbounds float, ptr %y, i64 %424
+  %426 = add nsw i64 %col25, 0
+  %427 = getelementptr inbounds float, ptr %425, i64 %426
+  %428 = load <8 x float>, ptr %427, align 4
+  %429 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %428
+  store <8 x float> %429, ptr %acc03032, align 4
+  %430 = add nsw i64 %col25, 8
+  %431 = getelementptr inbounds float, ptr %425, i64 %430
+  %432 = load <8 x float>, ptr %431, align 4
+  %433 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %432
+  store <8 x float> %433, ptr %acc03133, align 4
+  %panel.off34 = mul nsw i64 %kb.p, 45056
+  %434 = mul nsw i64 %k0, 16
+  %slice.off35 = add nsw i64 %panel.off34, %434
+  %435 = getelementptr inbounds float, ptr %panels, i64 %slice.off35
+  %pf.on36 = and i1 %pf.on, %pf.next
+  %436 = mul nsw i64 %rb, 16384
+  %437 = lshr i64 %436, %26
+  %438 = add nsw i64 %pf.step, %437
+  %439 = getelementptr inbounds i8, ptr %435, i64 %438
+  %pf37 = select i1 %pf.on36, ptr %439, ptr %435
+  %pf.sh38 = select i1 %pf.on36, i64 %26, i64 0
+  br label %k.head39
 
-k.head37:                                         ; preds = %pf.any.end42, %tile.mr4
-  %k40 = phi i64 [ 0, %tile.mr4 ], [ %488, %pf.any.end42 ]
-  %443 = icmp slt i64 %k40, 256
-  br i1 %443, label %k.body38, label %k.end39
+k.head39:                                         ; preds = %pf.any.end44, %tile.mr4
+  %k42 = phi i64 [ 0, %tile.mr4 ], [ %485, %pf.any.end44 ]
+  %440 = icmp slt i64 %k42, 256
+  br i1 %440, label %k.body40, label %k.end41
 
-k.body38:                                         ; preds = %k.head37
-  %444 = mul nsw i64 %k40, 1
-  %445 = add nsw i64 %444, 0
-  %446 = mul nsw i64 %445, 64
-  br i1 %pf.multi, label %pf.any.then41, label %pf.any.end42
+k.body40:                                         ; preds = %k.head39
+  %441 = mul nsw i64 %k42, 1
+  %442 = add nsw i64 %441, 0
+  %443 = mul nsw i64 %442, 64
+  br i1 %pf.multi, label %pf.any.then43, label %pf.any.end44
 
-pf.any.then41:                                    ; preds = %k.body38
-  %447 = lshr i64 %446, %pf.sh36
-  %448 = getelementptr inbounds i8, ptr %pf35, i64 %447
-  call void @llvm.prefetch.p0(ptr %448, i32 0, i32 2, i32 1)
-  br label %pf.any.end42
+pf.any.then43:                                    ; preds = %k.body40
+  %444 = lshr i64 %443, %pf.sh38
+  %445 = getelementptr inbounds i8, ptr %pf37, i64 %444
+  call void @llvm.prefetch.p0(ptr %445, i32 0, i32 2, i32 1)
+  br label %pf.any.end44
 
-pf.any.end42:                                     ; preds = %pf.any.then41, %k.body38
-  %449 = mul nsw i64 %445, 16
-  %450 = add nsw i64 %panel.off33, %449
+pf.any.end44:                                     ; preds = %pf.any.then43, %k.body40
+  %446 = mul nsw i64 %442, 16
+  %447 = add nsw i64 %slice.off35, %446
+  %448 = getelementptr inbounds float, ptr %panels, i64 %447
+  %449 = load <8 x float>, ptr %448, align 4
+  %450 = add nsw i64 %447, 8
   %451 = getelementptr inbounds float, ptr %panels, i64 %450
   %452 = load <8 x float>, ptr %451, align 4
-  %453 = add nsw i64 %450, 8
-  %454 = getelementptr inbounds float, ptr %panels, i64 %453
-  %455 = load <8 x float>, ptr %454, align 4
-  %456 = getelementptr inbounds float, ptr %371, i64 %445
-  %457 = load float, ptr %456, align 4
-  %458 = insertelement <8 x float> poison, float %457, i32 0
-  %459 = shufflevector <8 x float> %458, <8 x float> poison, <8 x i32> zeroinitializer
-  %460 = load <8 x float>, ptr %acc00025, align 4
-  %461 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %452, <8 x float> %460)
-  store <8 x float> %461, ptr %acc00025, align 4
-  %462 = load <8 x float>, ptr %acc00126, align 4
-  %463 = call <8 x float> @llvm.fma.v8f32(<8 x float> %459, <8 x float> %455, <8 x float> %462)
-  store <8 x float> %463, ptr %acc00126, align 4
-  %464 = getelementptr inbounds float, ptr %388, i64 %445
-  %465 = load float, ptr %464, align 4
-  %466 = insertelement <8 x float> poison, float %465, i32 0
-  %467 = shufflevector <8 x float> %466, <8 x float> poison, <8 x i32> zeroinitializer
-  %468 = load <8 x float>, ptr %acc01027, align 4
-  %469 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %452, <8 x float> %468)
-  store <8 x float> %469, ptr %acc01027, align 4
-  %470 = load <8 x float>, ptr %acc01128, align 4
-  %471 = call <8 x float> @llvm.fma.v8f32(<8 x float> %467, <8 x float> %455, <8 x float> %470)
-  store <8 x float> %471, ptr %acc01128, align 4
-  %472 = getelementptr inbounds float, ptr %405, i64 %445
-  %473 = load float, ptr %472, align 4
-  %474 = insertelement <8 x float> poison, float %473, i32 0
-  %475 = shufflevector <8 x float> %474, <8 x float> poison, <8 x i32> zeroinitializer
-  %476 = load <8 x float>, ptr %acc02029, align 4
-  %477 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %452, <8 x float> %476)
-  store <8 x float> %477, ptr %acc02029, align 4
-  %478 = load <8 x float>, ptr %acc02130, align 4
-  %479 = call <8 x float> @llvm.fma.v8f32(<8 x float> %475, <8 x float> %455, <8 x float> %478)
-  store <8 x float> %479, ptr %acc02130, align 4
-  %480 = getelementptr inbounds float, ptr %422, i64 %445
-  %481 = load float, ptr %480, align 4
-  %482 = insertelement <8 x float> poison, float %481, i32 0
-  %483 = shufflevector <8 x float> %482, <8 x float> poison, <8 x i32> zeroinitializer
-  %484 = load <8 x float>, ptr %acc03031, align 4
-  %485 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %452, <8 x float> %484)
-  store <8 x float> %485, ptr %acc03031, align 4
-  %486 = load <8 x float>, ptr %acc03132, align 4
-  %487 = call <8 x float> @llvm.fma.v8f32(<8 x float> %483, <8 x float> %455, <8 x float> %486)
-  store <8 x float> %487, ptr %acc03132, align 4
-  %488 = add nsw i64 %k40, 1
-  br label %k.head37
+  %453 = getelementptr inbounds float, ptr %369, i64 %442
+  %454 = load float, ptr %453, align 4
+  %455 = insertelement <8 x float> poison, float %454, i32 0
+  %456 = shufflevector <8 x float> %455, <8 x float> poison, <8 x i32> zeroinitializer
+  %457 = load <8 x float>, ptr %acc00026, align 4
+  %458 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %449, <8 x float> %457)
+  store <8 x float> %458, ptr %acc00026, align 4
+  %459 = load <8 x float>, ptr %acc00127, align 4
+  %460 = call <8 x float> @llvm.fma.v8f32(<8 x float> %456, <8 x float> %452, <8 x float> %459)
+  store <8 x float> %460, ptr %acc00127, align 4
+  %461 = getelementptr inbounds float, ptr %386, i64 %442
+  %462 = load float, ptr %461, align 4
+  %463 = insertelement <8 x float> poison, float %462, i32 0
+  %464 = shufflevector <8 x float> %463, <8 x float> poison, <8 x i32> zeroinitializer
+  %465 = load <8 x float>, ptr %acc01028, align 4
+  %466 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %449, <8 x float> %465)
+  store <8 x float> %466, ptr %acc01028, align 4
+  %467 = load <8 x float>, ptr %acc01129, align 4
+  %468 = call <8 x float> @llvm.fma.v8f32(<8 x float> %464, <8 x float> %452, <8 x float> %467)
+  store <8 x float> %468, ptr %acc01129, align 4
+  %469 = getelementptr inbounds float, ptr %403, i64 %442
+  %470 = load float, ptr %469, align 4
+  %471 = insertelement <8 x float> poison, float %470, i32 0
+  %472 = shufflevector <8 x float> %471, <8 x float> poison, <8 x i32> zeroinitializer
+  %473 = load <8 x float>, ptr %acc02030, align 4
+  %474 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %449, <8 x float> %473)
+  store <8 x float> %474, ptr %acc02030, align 4
+  %475 = load <8 x float>, ptr %acc02131, align 4
+  %476 = call <8 x float> @llvm.fma.v8f32(<8 x float> %472, <8 x float> %452, <8 x float> %475)
+  store <8 x float> %476, ptr %acc02131, align 4
+  %477 = getelementptr inbounds float, ptr %420, i64 %442
+  %478 = load float, ptr %477, align 4
+  %479 = insertelement <8 x float> poison, float %478, i32 0
+  %480 = shufflevector <8 x float> %479, <8 x float> poison, <8 x i32> zeroinitializer
+  %481 = load <8 x float>, ptr %acc03032, align 4
+  %482 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %449, <8 x float> %481)
+  store <8 x float> %482, ptr %acc03032, align 4
+  %483 = load <8 x float>, ptr %acc03133, align 4
+  %484 = call <8 x float> @llvm.fma.v8f32(<8 x float> %480, <8 x float> %452, <8 x float> %483)
+  store <8 x float> %484, ptr %acc03133, align 4
+  %485 = add nsw i64 %k42, 1
+  br label %k.head39
 
-k.end39:                                          ; preds = %k.head37
-  %489 = load <8 x float>, ptr %acc00025, align 4
-  store <8 x float> %489, ptr %378, align 4
-  %490 = load <8 x float>, ptr %acc00126, align 4
-  store <8 x float> %490, ptr %382, align 4
-  %491 = load <8 x float>, ptr %acc01027, align 4
-  store <8 x float> %491, ptr %395, align 4
-  %492 = load <8 x float>, ptr %acc01128, align 4
-  store <8 x float> %492, ptr %399, align 4
-  %493 = load <8 x float>, ptr %acc02029, align 4
-  store <8 x float> %493, ptr %412, align 4
-  %494 = load <8 x float>, ptr %acc02130, align 4
-  store <8 x float> %494, ptr %416, align 4
-  %495 = load <8 x float>, ptr %acc03031, align 4
-  store <8 x float> %495, ptr %429, align 4
-  %496 = load <8 x float>, ptr %acc03132, align 4
-  store <8 x float> %496, ptr %433, align 4
+k.end41:                                          ; preds = %k.head39
+  %486 = load <8 x float>, ptr %acc00026, align 4
+  store <8 x float> %486, ptr %376, align 4
+  %487 = load <8 x float>, ptr %acc00127, align 4
+  store <8 x float> %487, ptr %380, align 4
+  %488 = load <8 x float>, ptr %acc01028, align 4
+  store <8 x float> %488, ptr %393, align 4
+  %489 = load <8 x float>, ptr %acc01129, align 4
+  store <8 x float> %489, ptr %397, align 4
+  %490 = load <8 x float>, ptr %acc02030, align 4
+  store <8 x float> %490, ptr %410, align 4
+  %491 = load <8 x float>, ptr %acc02131, align 4
+  store <8 x float> %491, ptr %414, align 4
+  %492 = load <8 x float>, ptr %acc03032, align 4
+  store <8 x float> %492, ptr %427, align 4
+  %493 = load <8 x float>, ptr %acc03133, align 4
+  store <8 x float> %493, ptr %431, align 4
   br label %tile.done
 
 tile.mr3:                                         ; preds = %rb.body
-  %col43 = mul nsw i64 %kb.p, 16
-  %497 = add nsw i64 %r01, 0
-  %498 = mul nsw i64 %497, 2816
-  %499 = add nsw i64 %498, %k0
-  %500 = getelementptr inbounds float, ptr %h, i64 %499
-  %501 = getelementptr inbounds i32, ptr %rows, i64 %497
-  %502 = load i32, ptr %501, align 4
-  %503 = sext i32 %502 to i64
-  %504 = mul nsw i64 %503, 1024
-  %505 = getelementptr inbounds float, ptr %y, i64 %504
-  %506 = add nsw i64 %col43, 0
-  %507 = getelementptr inbounds float, ptr %505, i64 %506
-  %508 = load <8 x float>, ptr %507, align 4
-  %509 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %508
-  store <8 x float> %509, ptr %acc00044, align 4
-  %510 = add nsw i64 %col43, 8
-  %511 = getelementptr inbounds float, ptr %505, i64 %510
-  %512 = load <8 x float>, ptr %511, align 4
-  %513 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %512
-  store <8 x float> %513, ptr %acc00145, align 4
-  %514 = add nsw i64 %r01, 1
-  %515 = mul nsw i64 %514, 2816
-  %516 = add nsw i64 %515, %k0
-  %517 = getelementptr inbounds float, ptr %h, i64 %516
-  %518 = getelementptr inbounds i32, ptr %rows, i64 %514
-  %519 = load i32, ptr %518, align 4
-  %520 = sext i32 %519 to i64
-  %521 = mul nsw i64 %520, 1024
-  %522 = getelementptr inbounds float, ptr %y, i64 %521
-  %523 = add nsw i64 %col43, 0
-  %524 = getelementptr inbounds float, ptr %522, i64 %523
-  %525 = load <8 x float>, ptr %524, align 4
-  %526 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %525
-  store <8 x float> %526, ptr %acc01046, align 4
-  %527 = add nsw i64 %col43, 8
-  %528 = getelementptr inbounds float, ptr %522, i64 %527
-  %529 = load <8 x float>, ptr %528, align 4
-  %530 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %529
-  store <8 x float> %530, ptr %acc01147, align 4
-  %531 = add nsw i64 %r01, 2
-  %532 = mul nsw i64 %531, 2816
-  %533 = add nsw i64 %532, %k0
-  %534 = getelementptr inbounds float, ptr %h, i64 %533
-  %535 = getelementptr inbounds i32, ptr %rows, i64 %531
-  %536 = load i32, ptr %535, align 4
-  %537 = sext i32 %536 to i64
-  %538 = mul nsw i64 %537, 1024
-  %539 = getelementptr inbounds float, ptr %y, i64 %538
-  %540 = add nsw i64 %col43, 0
-  %541 = getelementptr inbounds float, ptr %539, i64 %540
-  %542 = load <8 x float>, ptr %541, align 4
-  %543 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %542
-  store <8 x float> %543, ptr %acc02048, align 4
-  %544 = add nsw i64 %col43, 8
-  %545 = getelementptr inbounds float, ptr %539, i64 %544
-  %546 = load <8 x float>, ptr %545, align 4
-  %547 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %546
-  store <8 x float> %547, ptr %acc02149, align 4
-  %548 = mul nsw i64 %k0, 16
-  %549 = mul nsw i64 %kb.p, 45056
-  %panel.off50 = add nsw i64 %549, %548
-  %550 = getelementptr inbounds float, ptr %panels, i64 %panel.off50
-  %pf.on51 = and i1 %pf.on, %pf.next
-  %551 = mul nsw i64 %rb, 16384
-  %552 = lshr i64 %551, %26
-  %553 = add nsw i64 %pf.step, %552
-  %554 = getelementptr inbounds i8, ptr %550, i64 %553
-  %pf52 = select i1 %pf.on51, ptr %554, ptr %550
-  %pf.sh53 = select i1 %pf.on51, i64 %26, i64 0
-  br label %k.head54
+  %col45 = mul nsw i64 %kb.p, 16
+  %494 = add nsw i64 %r01, 0
+  %495 = mul nsw i64 %494, 2816
+  %496 = add nsw i64 %495, %k0
+  %497 = getelementptr inbounds float, ptr %h, i64 %496
+  %498 = getelementptr inbounds i32, ptr %rows, i64 %494
+  %499 = load i32, ptr %498, align 4
+  %500 = sext i32 %499 to i64
+  %501 = mul nsw i64 %500, 1024
+  %502 = getelementptr inbounds float, ptr %y, i64 %501
+  %503 = add nsw i64 %col45, 0
+  %504 = getelementptr inbounds float, ptr %502, i64 %503
+  %505 = load <8 x float>, ptr %504, align 4
+  %506 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %505
+  store <8 x float> %506, ptr %acc00046, align 4
+  %507 = add nsw i64 %col45, 8
+  %508 = getelementptr inbounds float, ptr %502, i64 %507
+  %509 = load <8 x float>, ptr %508, align 4
+  %510 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %509
+  store <8 x float> %510, ptr %acc00147, align 4
+  %511 = add nsw i64 %r01, 1
+  %512 = mul nsw i64 %511, 2816
+  %513 = add nsw i64 %512, %k0
+  %514 = getelementptr inbounds float, ptr %h, i64 %513
+  %515 = getelementptr inbounds i32, ptr %rows, i64 %511
+  %516 = load i32, ptr %515, align 4
+  %517 = sext i32 %516 to i64
+  %518 = mul nsw i64 %517, 1024
+  %519 = getelementptr inbounds float, ptr %y, i64 %518
+  %520 = add nsw i64 %col45, 0
+  %521 = getelementptr inbounds float, ptr %519, i64 %520
+  %522 = load <8 x float>, ptr %521, align 4
+  %523 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %522
+  store <8 x float> %523, ptr %acc01048, align 4
+  %524 = add nsw i64 %col45, 8
+  %525 = getelementptr inbounds float, ptr %519, i64 %524
+  %526 = load <8 x float>, ptr %525, align 4
+  %527 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %526
+  store <8 x float> %527, ptr %acc01149, align 4
+  %528 = add nsw i64 %r01, 2
+  %529 = mul nsw i64 %528, 2816
+  %530 = add nsw i64 %529, %k0
+  %531 = getelementptr inbounds float, ptr %h, i64 %530
+  %532 = getelementptr inbounds i32, ptr %rows, i64 %528
+  %533 = load i32, ptr %532, align 4
+  %534 = sext i32 %533 to i64
+  %535 = mul nsw i64 %534, 1024
+  %536 = getelementptr inbounds float, ptr %y, i64 %535
+  %537 = add nsw i64 %col45, 0
+  %538 = getelementptr inbounds float, ptr %536, i64 %537
+  %539 = load <8 x float>, ptr %538, align 4
+  %540 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %539
+  store <8 x float> %540, ptr %acc02050, align 4
+  %541 = add nsw i64 %col45, 8
+  %542 = getelementptr inbounds float, ptr %536, i64 %541
+  %543 = load <8 x float>, ptr %542, align 4
+  %544 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %543
+  store <8 x float> %544, ptr %acc02151, align 4
+  %panel.off52 = mul nsw i64 %kb.p, 45056
+  %545 = mul nsw i64 %k0, 16
+  %slice.off53 = add nsw i64 %panel.off52, %545
+  %546 = getelementptr inbounds float, ptr %panels, i64 %slice.off53
+  %pf.on54 = and i1 %pf.on, %pf.next
+  %547 = mul nsw i64 %rb, 16384
+  %548 = lshr i64 %547, %26
+  %549 = add nsw i64 %pf.step, %548
+  %550 = getelementptr inbounds i8, ptr %546, i64 %549
+  %pf55 = select i1 %pf.on54, ptr %550, ptr %546
+  %pf.sh56 = select i1 %pf.on54, i64 %26, i64 0
+  br label %k.head57
 
-k.head54:                                         ; preds = %pf.any.end59, %tile.mr3
-  %k57 = phi i64 [ 0, %tile.mr3 ], [ %592, %pf.any.end59 ]
-  %555 = icmp slt i64 %k57, 256
-  br i1 %555, label %k.body55, label %k.end56
+k.head57:                                         ; preds = %pf.any.end62, %tile.mr3
+  %k60 = phi i64 [ 0, %tile.mr3 ], [ %588, %pf.any.end62 ]
+  %551 = icmp slt i64 %k60, 256
+  br i1 %551, label %k.body58, label %k.end59
 
-k.body55:                                         ; preds = %k.head54
-  %556 = mul nsw i64 %k57, 1
-  %557 = add nsw i64 %556, 0
-  %558 = mul nsw i64 %557, 64
-  br i1 %pf.multi, label %pf.any.then58, label %pf.any.end59
+k.body58:                                         ; preds = %k.head57
+  %552 = mul nsw i64 %k60, 1
+  %553 = add nsw i64 %552, 0
+  %554 = mul nsw i64 %553, 64
+  br i1 %pf.multi, label %pf.any.then61, label %pf.any.end62
 
-pf.any.then58:                                    ; preds = %k.body55
-  %559 = lshr i64 %558, %pf.sh53
-  %560 = getelementptr inbounds i8, ptr %pf52, i64 %559
-  call void @llvm.prefetch.p0(ptr %560, i32 0, i32 2, i32 1)
-  br label %pf.any.end59
+pf.any.then61:                                    ; preds = %k.body58
+  %555 = lshr i64 %554, %pf.sh56
+  %556 = getelementptr inbounds i8, ptr %pf55, i64 %555
+  call void @llvm.prefetch.p0(ptr %556, i32 0, i32 2, i32 1)
+  br label %pf.any.end62
 
-pf.any.end59:                                     ; preds = %pf.any.then58, %k.body55
-  %561 = mul nsw i64 %557, 16
-  %562 = add nsw i64 %panel.off50, %561
-  %563 = getelementptr inbounds float, ptr %panels, i64 %562
-  %564 = load <8 x float>, ptr %563, align 4
-  %565 = add nsw i64 %562, 8
-  %566 = getelementptr inbounds float, ptr %panels, i64 %565
-  %567 = load <8 x float>, ptr %566, align 4
-  %568 = getelementptr inbounds float, ptr %500, i64 %557
-  %569 = load float, ptr %568, align 4
-  %570 = insertelement <8 x float> poison, float %569, i32 0
-  %571 = shufflevector <8 x float> %570, <8 x float> poison, <8 x i32> zeroinitializer
-  %572 = load <8 x float>, ptr %acc00044, align 4
-  %573 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> %564, <8 x float> %572)
-  store <8 x float> %573, ptr %acc00044, align 4
-  %574 = load <8 x float>, ptr %acc00145, align 4
-  %575 = call <8 x float> @llvm.fma.v8f32(<8 x float> %571, <8 x float> %567, <8 x float> %574)
-  store <8 x float> %575, ptr %acc00145, align 4
-  %576 = getelementptr inbounds float, ptr %517, i64 %557
-  %577 = load float, ptr %576, align 4
-  %578 = insertelement <8 x float> poison, float %577, i32 0
-  %579 = shufflevector <8 x float> %578, <8 x float> poison, <8 x i32> zeroinitializer
-  %580 = load <8 x float>, ptr %acc01046, align 4
-  %581 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %564, <8 x float> %580)
-  store <8 x float> %581, ptr %acc01046, align 4
-  %582 = load <8 x float>, ptr %acc01147, align 4
-  %583 = call <8 x float> @llvm.fma.v8f32(<8 x float> %579, <8 x float> %567, <8 x float> %582)
-  store <8 x float> %583, ptr %acc01147, align 4
-  %584 = getelementptr inbounds float, ptr %534, i64 %557
-  %585 = load float, ptr %584, align 4
-  %586 = insertelement <8 x float> poison, float %585, i32 0
-  %587 = shufflevector <8 x float> %586, <8 x float> poison, <8 x i32> zeroinitializer
-  %588 = load <8 x float>, ptr %acc02048, align 4
-  %589 = call <8 x float> @llvm.fma.v8f32(<8 x float> %587, <8 x float> %564, <8 x float> %588)
-  store <8 x float> %589, ptr %acc02048, align 4
-  %590 = load <8 x float>, ptr %acc02149, align 4
-  %591 = call <8 x float> @llvm.fma.v8f32(<8 x float> %587, <8 x float> %567, <8 x float> %590)
-  store <8 x float> %591, ptr %acc02149, align 4
-  %592 = add nsw i64 %k57, 1
-  br label %k.head54
+pf.any.end62:                                     ; preds = %pf.any.then61, %k.body58
+  %557 = mul nsw i64 %553, 16
+  %558 = add nsw i64 %slice.off53, %557
+  %559 = getelementptr inbounds float, ptr %panels, i64 %558
+  %560 = load <8 x float>, ptr %559, align 4
+  %561 = add nsw i64 %558, 8
+  %562 = getelementptr inbounds float, ptr %panels, i64 %561
+  %563 = load <8 x float>, ptr %562, align 4
+  %564 = getelementptr inbounds float, ptr %497, i64 %553
+  %565 = load float, ptr %564, align 4
+  %566 = insertelement <8 x float> poison, float %565, i32 0
+  %567 = shufflevector <8 x float> %566, <8 x float> poison, <8 x i32> zeroinitializer
+  %568 = load <8 x float>, ptr %acc00046, align 4
+  %569 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %560, <8 x float> %568)
+  store <8 x float> %569, ptr %acc00046, align 4
+  %570 = load <8 x float>, ptr %acc00147, align 4
+  %571 = call <8 x float> @llvm.fma.v8f32(<8 x float> %567, <8 x float> %563, <8 x float> %570)
+  store <8 x float> %571, ptr %acc00147, align 4
+  %572 = getelementptr inbounds float, ptr %514, i64 %553
+  %573 = load float, ptr %572, align 4
+  %574 = insertelement <8 x float> poison, float %573, i32 0
+  %575 = shufflevector <8 x float> %574, <8 x float> poison, <8 x i32> zeroinitializer
+  %576 = load <8 x float>, ptr %acc01048, align 4
+  %577 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %560, <8 x float> %576)
+  store <8 x float> %577, ptr %acc01048, align 4
+  %578 = load <8 x float>, ptr %acc01149, align 4
+  %579 = call <8 x float> @llvm.fma.v8f32(<8 x float> %575, <8 x float> %563, <8 x float> %578)
+  store <8 x float> %579, ptr %acc01149, align 4
+  %580 = getelementptr inbounds float, ptr %531, i64 %553
+  %581 = load float, ptr %580, align 4
+  %582 = insertelement <8 x float> poison, float %581, i32 0
+  %583 = shufflevector <8 x float> %582, <8 x float> poison, <8 x i32> zeroinitializer
+  %584 = load <8 x float>, ptr %acc02050, align 4
+  %585 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %560, <8 x float> %584)
+  store <8 x float> %585, ptr %acc02050, align 4
+  %586 = load <8 x float>, ptr %acc02151, align 4
+  %587 = call <8 x float> @llvm.fma.v8f32(<8 x float> %583, <8 x float> %563, <8 x float> %586)
+  store <8 x float> %587, ptr %acc02151, align 4
+  %588 = add nsw i64 %k60, 1
+  br label %k.head57
 
-k.end56:                                          ; preds = %k.head54
-  %593 = load <8 x float>, ptr %acc00044, align 4
-  store <8 x float> %593, ptr %507, align 4
-  %594 = load <8 x float>, ptr %acc00145, align 4
-  store <8 x float> %594, ptr %511, align 4
-  %595 = load <8 x float>, ptr %acc01046, align 4
-  store <8 x float> %595, ptr %524, align 4
-  %596 = load <8 x float>, ptr %acc01147, align 4
-  store <8 x float> %596, ptr %528, align 4
-  %597 = load <8 x float>, ptr %acc02048, align 4
-  store <8 x float> %597, ptr %541, align 4
-  %598 = load <8 x float>, ptr %acc02149, align 4
-  store <8 x float> %598, ptr %545, align 4
+k.end59:                                          ; preds = %k.head57
+  %589 = load <8 x float>, ptr %acc00046, align 4
+  store <8 x float> %589, ptr %504, align 4
+  %590 = load <8 x float>, ptr %acc00147, align 4
+  store <8 x float> %590, ptr %508, align 4
+  %591 = load <8 x float>, ptr %acc01048, align 4
+  store <8 x float> %591, ptr %521, align 4
+  %592 = load <8 x float>, ptr %acc01149, align 4
+  store <8 x float> %592, ptr %525, align 4
+  %593 = load <8 x float>, ptr %acc02050, align 4
+  store <8 x float> %593, ptr %538, align 4
+  %594 = load <8 x float>, ptr %acc02151, align 4
+  store <8 x float> %594, ptr %542, align 4
   br label %tile.done
 
 tile.mr2:                                         ; preds = %rb.body
-  %col60 = mul nsw i64 %kb.p, 16
-  %599 = add nsw i64 %r01, 0
-  %600 = mul nsw i64 %599, 2816
-  %601 = add nsw i64 %600, %k0
-  %602 = getelementptr inbounds float, ptr %h, i64 %601
-  %603 = getelementptr inbounds i32, ptr %rows, i64 %599
-  %604 = load i32, ptr %603, align 4
-  %605 = sext i32 %604 to i64
-  %606 = mul nsw i64 %605, 1024
-  %607 = getelementptr inbounds float, ptr %y, i64 %606
-  %608 = add nsw i64 %col60, 0
-  %609 = getelementptr inbounds float, ptr %607, i64 %608
+  %col63 = mul nsw i64 %kb.p, 16
+  %595 = add nsw i64 %r01, 0
+  %596 = mul nsw i64 %595, 2816
+  %597 = add nsw i64 %596, %k0
+  %598 = getelementptr inbounds float, ptr %h, i64 %597
+  %599 = getelementptr inbounds i32, ptr %rows, i64 %595
+  %600 = load i32, ptr %599, align 4
+  %601 = sext i32 %600 to i64
+  %602 = mul nsw i64 %601, 1024
+  %603 = getelementptr inbounds float, ptr %y, i64 %602
+  %604 = add nsw i64 %col63, 0
+  %605 = getelementptr inbounds float, ptr %603, i64 %604
+  %606 = load <8 x float>, ptr %605, align 4
+  %607 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %606
+  store <8 x float> %607, ptr %acc00064, align 4
+  %608 = add nsw i64 %col63, 8
+  %609 = getelementptr inbounds float, ptr %603, i64 %608
   %610 = load <8 x float>, ptr %609, align 4
   %611 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %610
-  store <8 x float> %611, ptr %acc00061, align 4
-  %612 = add nsw i64 %col60, 8
-  %613 = getelementptr inbounds float, ptr %607, i64 %612
-  %614 = load <8 x float>, ptr %613, align 4
-  %615 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %614
-  store <8 x float> %615, ptr %acc00162, align 4
-  %616 = add nsw i64 %r01, 1
-  %617 = mul nsw i64 %616, 2816
-  %618 = add nsw i64 %617, %k0
-  %619 = getelementptr inbounds float, ptr %h, i64 %618
-  %620 = getelementptr inbounds i32, ptr %rows, i64 %616
-  %621 = load i32, ptr %620, align 4
-  %622 = sext i32 %621 to i64
-  %623 = mul nsw i64 %622, 1024
-  %624 = getelementptr inbounds float, ptr %y, i64 %623
-  %625 = add nsw i64 %col60, 0
-  %626 = getelementptr inbounds float, ptr %624, i64 %625
+  store <8 x float> %611, ptr %acc00165, align 4
+  %612 = add nsw i64 %r01, 1
+  %613 = mul nsw i64 %612, 2816
+  %614 = add nsw i64 %613, %k0
+  %615 = getelementptr inbounds float, ptr %h, i64 %614
+  %616 = getelementptr inbounds i32, ptr %rows, i64 %612
+  %617 = load i32, ptr %616, align 4
+  %618 = sext i32 %617 to i64
+  %619 = mul nsw i64 %618, 1024
+  %620 = getelementptr inbounds float, ptr %y, i64 %619
+  %621 = add nsw i64 %col63, 0
+  %622 = getelementptr inbounds float, ptr %620, i64 %621
+  %623 = load <8 x float>, ptr %622, align 4
+  %624 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %623
+  store <8 x float> %624, ptr %acc01066, align 4
+  %625 = add nsw i64 %col63, 8
+  %626 = getelementptr inbounds float, ptr %620, i64 %625
   %627 = load <8 x float>, ptr %626, align 4
   %628 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %627
-  store <8 x float> %628, ptr %acc01063, align 4
-  %629 = add nsw i64 %col60, 8
-  %630 = getelementptr inbounds float, ptr %624, i64 %629
-  %631 = load <8 x float>, ptr %630, align 4
-  %632 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %631
-  store <8 x float> %632, ptr %acc01164, align 4
-  %633 = mul nsw i64 %k0, 16
-  %634 = mul nsw i64 %kb.p, 45056
-  %panel.off65 = add nsw i64 %634, %633
-  %635 = getelementptr inbounds float, ptr %panels, i64 %panel.off65
-  %pf.on66 = and i1 %pf.on, %pf.next
-  %636 = mul nsw i64 %rb, 16384
-  %637 = lshr i64 %636, %26
-  %638 = add nsw i64 %pf.step, %637
-  %639 = getelementptr inbounds i8, ptr %635, i64 %638
-  %pf67 = select i1 %pf.on66, ptr %639, ptr %635
-  %pf.sh68 = select i1 %pf.on66, i64 %26, i64 0
-  br label %k.head69
+  store <8 x float> %628, ptr %acc01167, align 4
+  %panel.off68 = mul nsw i64 %kb.p, 45056
+  %629 = mul nsw i64 %k0, 16
+  %slice.off69 = add nsw i64 %panel.off68, %629
+  %630 = getelementptr inbounds float, ptr %panels, i64 %slice.off69
+  %pf.on70 = and i1 %pf.on, %pf.next
+  %631 = mul nsw i64 %rb, 16384
+  %632 = lshr i64 %631, %26
+  %633 = add nsw i64 %pf.step, %632
+  %634 = getelementptr inbounds i8, ptr %630, i64 %633
+  %pf71 = select i1 %pf.on70, ptr %634, ptr %630
+  %pf.sh72 = select i1 %pf.on70, i64 %26, i64 0
+  br label %k.head73
 
-k.head69:                                         ; preds = %pf.any.end74, %tile.mr2
-  %k72 = phi i64 [ 0, %tile.mr2 ], [ %669, %pf.any.end74 ]
-  %640 = icmp slt i64 %k72, 256
-  br i1 %640, label %k.body70, label %k.end71
+k.head73:                                         ; preds = %pf.any.end78, %tile.mr2
+  %k76 = phi i64 [ 0, %tile.mr2 ], [ %664, %pf.any.end78 ]
+  %635 = icmp slt i64 %k76, 256
+  br i1 %635, label %k.body74, label %k.end75
 
-k.body70:                                         ; preds = %k.head69
-  %641 = mul nsw i64 %k72, 1
-  %642 = add nsw i64 %641, 0
-  %643 = mul nsw i64 %642, 64
-  br i1 %pf.multi, label %pf.any.then73, label %pf.any.end74
+k.body74:                                         ; preds = %k.head73
+  %636 = mul nsw i64 %k76, 1
+  %637 = add nsw i64 %636, 0
+  %638 = mul nsw i64 %637, 64
+  br i1 %pf.multi, label %pf.any.then77, label %pf.any.end78
 
-pf.any.then73:                                    ; preds = %k.body70
-  %644 = lshr i64 %643, %pf.sh68
-  %645 = getelementptr inbounds i8, ptr %pf67, i64 %644
-  call void @llvm.prefetch.p0(ptr %645, i32 0, i32 2, i32 1)
-  br label %pf.any.end74
+pf.any.then77:                                    ; preds = %k.body74
+  %639 = lshr i64 %638, %pf.sh72
+  %640 = getelementptr inbounds i8, ptr %pf71, i64 %639
+  call void @llvm.prefetch.p0(ptr %640, i32 0, i32 2, i32 1)
+  br label %pf.any.end78
 
-pf.any.end74:                                     ; preds = %pf.any.then73, %k.body70
-  %646 = mul nsw i64 %642, 16
-  %647 = add nsw i64 %panel.off65, %646
-  %648 = getelementptr inbounds float, ptr %panels, i64 %647
-  %649 = load <8 x float>, ptr %648, align 4
-  %650 = add nsw i64 %647, 8
-  %651 = getelementptr inbounds float, ptr %panels, i64 %650
-  %652 = load <8 x float>, ptr %651, align 4
-  %653 = getelementptr inbounds float, ptr %602, i64 %642
-  %654 = load float, ptr %653, align 4
-  %655 = insertelement <8 x float> poison, float %654, i32 0
-  %656 = shufflevector <8 x float> %655, <8 x float> poison, <8 x i32> zeroinitializer
-  %657 = load <8 x float>, ptr %acc00061, align 4
-  %658 = call <8 x float> @llvm.fma.v8f32(<8 x float> %656, <8 x float> %649, <8 x float> %657)
-  store <8 x float> %658, ptr %acc00061, align 4
-  %659 = load <8 x float>, ptr %acc00162, align 4
-  %660 = call <8 x float> @llvm.fma.v8f32(<8 x float> %656, <8 x float> %652, <8 x float> %659)
-  store <8 x float> %660, ptr %acc00162, align 4
-  %661 = getelementptr inbounds float, ptr %619, i64 %642
-  %662 = load float, ptr %661, align 4
-  %663 = insertelement <8 x float> poison, float %662, i32 0
-  %664 = shufflevector <8 x float> %663, <8 x float> poison, <8 x i32> zeroinitializer
-  %665 = load <8 x float>, ptr %acc01063, align 4
-  %666 = call <8 x float> @llvm.fma.v8f32(<8 x float> %664, <8 x float> %649, <8 x float> %665)
-  store <8 x float> %666, ptr %acc01063, align 4
-  %667 = load <8 x float>, ptr %acc01164, align 4
-  %668 = call <8 x float> @llvm.fma.v8f32(<8 x float> %664, <8 x float> %652, <8 x float> %667)
-  store <8 x float> %668, ptr %acc01164, align 4
-  %669 = add nsw i64 %k72, 1
-  br label %k.head69
+pf.any.end78:                                     ; preds = %pf.any.then77, %k.body74
+  %641 = mul nsw i64 %637, 16
+  %642 = add nsw i64 %slice.off69, %641
+  %643 = getelementptr inbounds float, ptr %panels, i64 %642
+  %644 = load <8 x float>, ptr %643, align 4
+  %645 = add nsw i64 %642, 8
+  %646 = getelementptr inbounds float, ptr %panels, i64 %645
+  %647 = load <8 x float>, ptr %646, align 4
+  %648 = getelementptr inbounds float, ptr %598, i64 %637
+  %649 = load float, ptr %648, align 4
+  %650 = insertelement <8 x float> poison, float %649, i32 0
+  %651 = shufflevector <8 x float> %650, <8 x float> poison, <8 x i32> zeroinitializer
+  %652 = load <8 x float>, ptr %acc00064, align 4
+  %653 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %644, <8 x float> %652)
+  store <8 x float> %653, ptr %acc00064, align 4
+  %654 = load <8 x float>, ptr %acc00165, align 4
+  %655 = call <8 x float> @llvm.fma.v8f32(<8 x float> %651, <8 x float> %647, <8 x float> %654)
+  store <8 x float> %655, ptr %acc00165, align 4
+  %656 = getelementptr inbounds float, ptr %615, i64 %637
+  %657 = load float, ptr %656, align 4
+  %658 = insertelement <8 x float> poison, float %657, i32 0
+  %659 = shufflevector <8 x float> %658, <8 x float> poison, <8 x i32> zeroinitializer
+  %660 = load <8 x float>, ptr %acc01066, align 4
+  %661 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %644, <8 x float> %660)
+  store <8 x float> %661, ptr %acc01066, align 4
+  %662 = load <8 x float>, ptr %acc01167, align 4
+  %663 = call <8 x float> @llvm.fma.v8f32(<8 x float> %659, <8 x float> %647, <8 x float> %662)
+  store <8 x float> %663, ptr %acc01167, align 4
+  %664 = add nsw i64 %k76, 1
+  br label %k.head73
 
-k.end71:                                          ; preds = %k.head69
-  %670 = load <8 x float>, ptr %acc00061, align 4
-  store <8 x float> %670, ptr %609, align 4
-  %671 = load <8 x float>, ptr %acc00162, align 4
-  store <8 x float> %671, ptr %613, align 4
-  %672 = load <8 x float>, ptr %acc01063, align 4
-  store <8 x float> %672, ptr %626, align 4
-  %673 = load <8 x float>, ptr %acc01164, align 4
-  store <8 x float> %673, ptr %630, align 4
+k.end75:                                          ; preds = %k.head73
+  %665 = load <8 x float>, ptr %acc00064, align 4
+  store <8 x float> %665, ptr %605, align 4
+  %666 = load <8 x float>, ptr %acc00165, align 4
+  store <8 x float> %666, ptr %609, align 4
+  %667 = load <8 x float>, ptr %acc01066, align 4
+  store <8 x float> %667, ptr %622, align 4
+  %668 = load <8 x float>, ptr %acc01167, align 4
+  store <8 x float> %668, ptr %626, align 4
   br label %tile.done
 
 tile.mr1:                                         ; preds = %rb.body
-  %col75 = mul nsw i64 %kb.p, 16
-  %674 = add nsw i64 %r01, 0
-  %675 = mul nsw i64 %674, 2816
-  %676 = add nsw i64 %675, %k0
-  %677 = getelementptr inbounds float, ptr %h, i64 %676
-  %678 = getelementptr inbounds i32, ptr %rows, i64 %674
-  %679 = load i32, ptr %678, align 4
-  %680 = sext i32 %679 to i64
-  %681 = mul nsw i64 %680, 1024
-  %682 = getelementptr inbounds float, ptr %y, i64 %681
-  %683 = add nsw i64 %col75, 0
-  %684 = getelementptr inbounds float, ptr %682, i64 %683
-  %685 = load <8 x float>, ptr %684, align 4
-  %686 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %685
-  store <8 x float> %686, ptr %acc00076, align 4
-  %687 = add nsw i64 %col75, 8
-  %688 = getelementptr inbounds float, ptr %682, i64 %687
-  %689 = load <8 x float>, ptr %688, align 4
-  %690 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %689
-  store <8 x float> %690, ptr %acc00177, align 4
-  %691 = mul nsw i64 %k0, 16
-  %692 = mul nsw i64 %kb.p, 45056
-  %panel.off78 = add nsw i64 %692, %691
-  %693 = getelementptr inbounds float, ptr %panels, i64 %panel.off78
-  %pf.on79 = and i1 %pf.on, %pf.next
-  %694 = mul nsw i64 %rb, 16384
-  %695 = lshr i64 %694, %26
-  %696 = add nsw i64 %pf.step, %695
-  %697 = getelementptr inbounds i8, ptr %693, i64 %696
-  %pf80 = select i1 %pf.on79, ptr %697, ptr %693
-  %pf.sh81 = select i1 %pf.on79, i64 %26, i64 0
-  br label %k.head82
+  %col79 = mul nsw i64 %kb.p, 16
+  %669 = add nsw i64 %r01, 0
+  %670 = mul nsw i64 %669, 2816
+  %671 = add nsw i64 %670, %k0
+  %672 = getelementptr inbounds float, ptr %h, i64 %671
+  %673 = getelementptr inbounds i32, ptr %rows, i64 %669
+  %674 = load i32, ptr %673, align 4
+  %675 = sext i32 %674 to i64
+  %676 = mul nsw i64 %675, 1024
+  %677 = getelementptr inbounds float, ptr %y, i64 %676
+  %678 = add nsw i64 %col79, 0
+  %679 = getelementptr inbounds float, ptr %677, i64 %678
+  %680 = load <8 x float>, ptr %679, align 4
+  %681 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %680
+  store <8 x float> %681, ptr %acc00080, align 4
+  %682 = add nsw i64 %col79, 8
+  %683 = getelementptr inbounds float, ptr %677, i64 %682
+  %684 = load <8 x float>, ptr %683, align 4
+  %685 = select i1 %kfirst, <8 x float> zeroinitializer, <8 x float> %684
+  store <8 x float> %685, ptr %acc00181, align 4
+  %panel.off82 = mul nsw i64 %kb.p, 45056
+  %686 = mul nsw i64 %k0, 16
+  %slice.off83 = add nsw i64 %panel.off82, %686
+  %687 = getelementptr inbounds float, ptr %panels, i64 %slice.off83
+  %pf.on84 = and i1 %pf.on, %pf.next
+  %688 = mul nsw i64 %rb, 16384
+  %689 = lshr i64 %688, %26
+  %690 = add nsw i64 %pf.step, %689
+  %691 = getelementptr inbounds i8, ptr %687, i64 %690
+  %pf85 = select i1 %pf.on84, ptr %691, ptr %687
+  %pf.sh86 = select i1 %pf.on84, i64 %26, i64 0
+  br label %k.head87
 
-k.head82:                                         ; preds = %pf.any.end87, %tile.mr1
-  %k85 = phi i64 [ 0, %tile.mr1 ], [ %719, %pf.any.end87 ]
-  %698 = icmp slt i64 %k85, 256
-  br i1 %698, label %k.body83, label %k.end84
+k.head87:                                         ; preds = %pf.any.end92, %tile.mr1
+  %k90 = phi i64 [ 0, %tile.mr1 ], [ %713, %pf.any.end92 ]
+  %692 = icmp slt i64 %k90, 256
+  br i1 %692, label %k.body88, label %k.end89
 
-k.body83:                                         ; preds = %k.head82
-  %699 = mul nsw i64 %k85, 1
-  %700 = add nsw i64 %699, 0
-  %701 = mul nsw i64 %700, 64
-  br i1 %pf.multi, label %pf.any.then86, label %pf.any.end87
+k.body88:                                         ; preds = %k.head87
+  %693 = mul nsw i64 %k90, 1
+  %694 = add nsw i64 %693, 0
+  %695 = mul nsw i64 %694, 64
+  br i1 %pf.multi, label %pf.any.then91, label %pf.any.end92
 
-pf.any.then86:                                    ; preds = %k.body83
-  %702 = lshr i64 %701, %pf.sh81
-  %703 = getelementptr inbounds i8, ptr %pf80, i64 %702
-  call void @llvm.prefetch.p0(ptr %703, i32 0, i32 2, i32 1)
-  br label %pf.any.end87
+pf.any.then91:                                    ; preds = %k.body88
+  %696 = lshr i64 %695, %pf.sh86
+  %697 = getelementptr inbounds i8, ptr %pf85, i64 %696
+  call void @llvm.prefetch.p0(ptr %697, i32 0, i32 2, i32 1)
+  br label %pf.any.end92
 
-pf.any.end87:                                     ; preds = %pf.any.then86, %k.body83
-  %704 = mul nsw i64 %700, 16
-  %705 = add nsw i64 %panel.off78, %704
-  %706 = getelementptr inbounds float, ptr %panels, i64 %705
-  %707 = load <8 x float>, ptr %706, align 4
-  %708 = add nsw i64 %705, 8
-  %709 = getelementptr inbounds float, ptr %panels, i64 %708
-  %710 = load <8 x float>, ptr %709, align 4
-  %711 = getelementptr inbounds float, ptr %677, i64 %700
-  %712 = load float, ptr %711, align 4
-  %713 = insertelement <8 x float> poison, float %712, i32 0
-  %714 = shufflevector <8 x float> %713, <8 x float> poison, <8 x i32> zeroinitializer
-  %715 = load <8 x float>, ptr %acc00076, align 4
-  %716 = call <8 x float> @llvm.fma.v8f32(<8 x float> %714, <8 x float> %707, <8 x float> %715)
-  store <8 x float> %716, ptr %acc00076, align 4
-  %717 = load <8 x float>, ptr %acc00177, align 4
-  %718 = call <8 x float> @llvm.fma.v8f32(<8 x float> %714, <8 x float> %710, <8 x float> %717)
-  store <8 x float> %718, ptr %acc00177, align 4
-  %719 = add nsw i64 %k85, 1
-  br label %k.head82
+pf.any.end92:                                     ; preds = %pf.any.then91, %k.body88
+  %698 = mul nsw i64 %694, 16
+  %699 = add nsw i64 %slice.off83, %698
+  %700 = getelementptr inbounds float, ptr %panels, i64 %699
+  %701 = load <8 x float>, ptr %700, align 4
+  %702 = add nsw i64 %699, 8
+  %703 = getelementptr inbounds float, ptr %panels, i64 %702
+  %704 = load <8 x float>, ptr %703, align 4
+  %705 = getelementptr inbounds float, ptr %672, i64 %694
+  %706 = load float, ptr %705, align 4
+  %707 = insertelement <8 x float> poison, float %706, i32 0
+  %708 = shufflevector <8 x float> %707, <8 x float> poison, <8 x i32> zeroinitializer
+  %709 = load <8 x float>, ptr %acc00080, align 4
+  %710 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %701, <8 x float> %709)
+  store <8 x float> %710, ptr %acc00080, align 4
+  %711 = load <8 x float>, ptr %acc00181, align 4
+  %712 = call <8 x float> @llvm.fma.v8f32(<8 x float> %708, <8 x float> %704, <8 x float> %711)
+  store <8 x float> %712, ptr %acc00181, align 4
+  %713 = add nsw i64 %k90, 1
+  br label %k.head87
 
-k.end84:                                          ; preds = %k.head82
-  %720 = load <8 x float>, ptr %acc00076, align 4
-  store <8 x float> %720, ptr %684, align 4
-  %721 = load <8 x float>, ptr %acc00177, align 4
-  store <8 x float> %721, ptr %688, align 4
+k.end89:                                          ; preds = %k.head87
+  %714 = load <8 x float>, ptr %acc00080, align 4
+  store <8 x float> %714, ptr %679, align 4
+  %715 = load <8 x float>, ptr %acc00181, align 4
+  store <8 x float> %715, ptr %683, align 4
   br label %tile.done
 
-tile.done:                                        ; preds = %k.end84, %k.end71, %k.end56, %k.end39, %k.end20, %k.end
-  %722 = add nsw i64 %rb, 1
+tile.done:                                        ; preds = %k.end89, %k.end75, %k.end59, %k.end41, %k.end21, %k.end
+  %716 = add nsw i64 %rb, 1
   br label %rb.head
 
 rb.end:                                           ; preds = %rb.head
-  %723 = add nsw i64 %kb.p, 1
+  %717 = add nsw i64 %kb.p, 1
   br label %kb.p.head
 
 kb.p.end:                                         ; preds = %kb.p.head
-  %724 = add nsw i64 %kb.k, 1
+  %718 = add nsw i64 %kb.k, 1
   br label %kb.k.head
 
 kb.k.end:                                         ; preds = %kb.k.head
-  %725 = add nsw i64 %kb.pg, 16
+  %719 = add nsw i64 %kb.pg, 16
   br label %kb.pg.head
 
 kb.pg.end:                                        ; preds = %kb.pg.head
-  %726 = add nsw i64 %kb.rc, 96
+  %720 = add nsw i64 %kb.rc, 96
   br label %kb.rc.head
 
 kb.rc.end:                                        ; preds = %kb.rc.head
@@ -6100,985 +6094,979 @@ kb.rc.end:                                        ; preds = %kb.rc.head
 flat:                                             ; preds = %start
   br label %p.head
 
-p.head:                                           ; preds = %rb.end91, %flat
-  %p = phi i64 [ %p0, %flat ], [ %1399, %rb.end91 ]
-  %727 = icmp slt i64 %p, %end
-  br i1 %727, label %p.body, label %p.end
+p.head:                                           ; preds = %rb.end96, %flat
+  %p = phi i64 [ %p0, %flat ], [ %1387, %rb.end96 ]
+  %721 = icmp slt i64 %p, %end
+  br i1 %721, label %p.body, label %p.end
 
 p.body:                                           ; preds = %p.head
-  %728 = add nsw i64 %n, 5
-  %nrb88 = sdiv i64 %728, 6
-  br label %rb.head89
+  %722 = add nsw i64 %n, 5
+  %nrb93 = sdiv i64 %722, 6
+  br label %rb.head94
 
-rb.head89:                                        ; preds = %tile.done96, %p.body
-  %rb92 = phi i64 [ 0, %p.body ], [ %1398, %tile.done96 ]
-  %729 = icmp slt i64 %rb92, %nrb88
-  br i1 %729, label %rb.body90, label %rb.end91
+rb.head94:                                        ; preds = %tile.done101, %p.body
+  %rb97 = phi i64 [ 0, %p.body ], [ %1386, %tile.done101 ]
+  %723 = icmp slt i64 %rb97, %nrb93
+  br i1 %723, label %rb.body95, label %rb.end96
 
-rb.body90:                                        ; preds = %rb.head89
-  %730 = mul nsw i64 %rb92, %n
-  %r093 = sdiv i64 %730, %nrb88
-  %731 = add nsw i64 %rb92, 1
-  %732 = mul nsw i64 %731, %n
-  %r194 = sdiv i64 %732, %nrb88
-  %mr95 = sub nsw i64 %r194, %r093
-  %733 = icmp sge i64 %nrb88, 2
-  %734 = select i1 %733, i64 1, i64 0
-  %735 = icmp sge i64 %nrb88, 4
-  %736 = select i1 %735, i64 2, i64 %734
-  %737 = icmp sge i64 %nrb88, 8
-  %738 = select i1 %737, i64 3, i64 %736
-  %pf.multi103 = icmp sgt i64 %nrb88, 1
-  %739 = shl i64 1, %738
-  %740 = icmp slt i64 %rb92, %739
-  %pf.on104 = and i1 %pf.multi103, %740
-  switch i64 %mr95, label %tile.mr6102 [
-    i64 1, label %tile.mr197
-    i64 2, label %tile.mr298
-    i64 3, label %tile.mr399
-    i64 4, label %tile.mr4100
-    i64 5, label %tile.mr5101
+rb.body95:                                        ; preds = %rb.head94
+  %724 = mul nsw i64 %rb97, %n
+  %r098 = sdiv i64 %724, %nrb93
+  %725 = add nsw i64 %rb97, 1
+  %726 = mul nsw i64 %725, %n
+  %r199 = sdiv i64 %726, %nrb93
+  %mr100 = sub nsw i64 %r199, %r098
+  %727 = icmp sge i64 %nrb93, 2
+  %728 = select i1 %727, i64 1, i64 0
+  %729 = icmp sge i64 %nrb93, 4
+  %730 = select i1 %729, i64 2, i64 %728
+  %731 = icmp sge i64 %nrb93, 8
+  %732 = select i1 %731, i64 3, i64 %730
+  %pf.multi108 = icmp sgt i64 %nrb93, 1
+  %733 = shl i64 1, %732
+  %734 = icmp slt i64 %rb97, %733
+  %pf.on109 = and i1 %pf.multi108, %734
+  switch i64 %mr100, label %tile.mr6107 [
+    i64 1, label %tile.mr1102
+    i64 2, label %tile.mr2103
+    i64 3, label %tile.mr3104
+    i64 4, label %tile.mr4105
+    i64 5, label %tile.mr5106
   ]
 
-tile.mr6102:                                      ; preds = %rb.body90
-  %col105 = mul nsw i64 %p, 16
-  %741 = add nsw i64 %r093, 0
-  %742 = mul nsw i64 %741, 2816
-  %743 = add nsw i64 %742, 0
-  %744 = getelementptr inbounds float, ptr %h, i64 %743
-  %745 = getelementptr inbounds i32, ptr %rows, i64 %741
-  %746 = load i32, ptr %745, align 4
-  %747 = sext i32 %746 to i64
-  %748 = mul nsw i64 %747, 1024
-  %749 = getelementptr inbounds float, ptr %y, i64 %748
-  %750 = add nsw i64 %col105, 0
-  %751 = getelementptr inbounds float, ptr %749, i64 %750
-  %752 = load <8 x float>, ptr %751, align 4
-  store <8 x float> zeroinitializer, ptr %acc000106, align 4
-  %753 = add nsw i64 %col105, 8
-  %754 = getelementptr inbounds float, ptr %749, i64 %753
-  %755 = load <8 x float>, ptr %754, align 4
-  store <8 x float> zeroinitializer, ptr %acc001107, align 4
-  %756 = add nsw i64 %r093, 1
-  %757 = mul nsw i64 %756, 2816
-  %758 = add nsw i64 %757, 0
-  %759 = getelementptr inbounds float, ptr %h, i64 %758
-  %760 = getelementptr inbounds i32, ptr %rows, i64 %756
-  %761 = load i32, ptr %760, align 4
-  %762 = sext i32 %761 to i64
-  %763 = mul nsw i64 %762, 1024
-  %764 = getelementptr inbounds float, ptr %y, i64 %763
-  %765 = add nsw i64 %col105, 0
-  %766 = getelementptr inbounds float, ptr %764, i64 %765
-  %767 = load <8 x float>, ptr %766, align 4
-  store <8 x float> zeroinitializer, ptr %acc010108, align 4
-  %768 = add nsw i64 %col105, 8
-  %769 = getelementptr inbounds float, ptr %764, i64 %768
-  %770 = load <8 x float>, ptr %769, align 4
-  store <8 x float> zeroinitializer, ptr %acc011109, align 4
-  %771 = add nsw i64 %r093, 2
-  %772 = mul nsw i64 %771, 2816
-  %773 = add nsw i64 %772, 0
-  %774 = getelementptr inbounds float, ptr %h, i64 %773
-  %775 = getelementptr inbounds i32, ptr %rows, i64 %771
-  %776 = load i32, ptr %775, align 4
-  %777 = sext i32 %776 to i64
-  %778 = mul nsw i64 %777, 1024
-  %779 = getelementptr inbounds float, ptr %y, i64 %778
-  %780 = add nsw i64 %col105, 0
-  %781 = getelementptr inbounds float, ptr %779, i64 %780
-  %782 = load <8 x float>, ptr %781, align 4
-  store <8 x float> zeroinitializer, ptr %acc020110, align 4
-  %783 = add nsw i64 %col105, 8
-  %784 = getelementptr inbounds float, ptr %779, i64 %783
-  %785 = load <8 x float>, ptr %784, align 4
-  store <8 x float> zeroinitializer, ptr %acc021111, align 4
-  %786 = add nsw i64 %r093, 3
-  %787 = mul nsw i64 %786, 2816
-  %788 = add nsw i64 %787, 0
-  %789 = getelementptr inbounds float, ptr %h, i64 %788
-  %790 = getelementptr inbounds i32, ptr %rows, i64 %786
-  %791 = load i32, ptr %790, align 4
-  %792 = sext i32 %791 to i64
-  %793 = mul nsw i64 %792, 1024
-  %794 = getelementptr inbounds float, ptr %y, i64 %793
-  %795 = add nsw i64 %col105, 0
-  %796 = getelementptr inbounds float, ptr %794, i64 %795
-  %797 = load <8 x float>, ptr %796, align 4
-  store <8 x float> zeroinitializer, ptr %acc030112, align 4
-  %798 = add nsw i64 %col105, 8
-  %799 = getelementptr inbounds float, ptr %794, i64 %798
-  %800 = load <8 x float>, ptr %799, align 4
-  store <8 x float> zeroinitializer, ptr %acc031113, align 4
-  %801 = add nsw i64 %r093, 4
-  %802 = mul nsw i64 %801, 2816
-  %803 = add nsw i64 %802, 0
-  %804 = getelementptr inbounds float, ptr %h, i64 %803
-  %805 = getelementptr inbounds i32, ptr %rows, i64 %801
-  %806 = load i32, ptr %805, align 4
-  %807 = sext i32 %806 to i64
-  %808 = mul nsw i64 %807, 1024
-  %809 = getelementptr inbounds float, ptr %y, i64 %808
-  %810 = add nsw i64 %col105, 0
-  %811 = getelementptr inbounds float, ptr %809, i64 %810
-  %812 = load <8 x float>, ptr %811, align 4
-  store <8 x float> zeroinitializer, ptr %acc040114, align 4
-  %813 = add nsw i64 %col105, 8
-  %814 = getelementptr inbounds float, ptr %809, i64 %813
-  %815 = load <8 x float>, ptr %814, align 4
-  store <8 x float> zeroinitializer, ptr %acc041115, align 4
-  %816 = add nsw i64 %r093, 5
-  %817 = mul nsw i64 %816, 2816
-  %818 = add nsw i64 %817, 0
-  %819 = getelementptr inbounds float, ptr %h, i64 %818
-  %820 = getelementptr inbounds i32, ptr %rows, i64 %816
-  %821 = load i32, ptr %820, align 4
-  %822 = sext i32 %821 to i64
-  %823 = mul nsw i64 %822, 1024
-  %824 = getelementptr inbounds float, ptr %y, i64 %823
-  %825 = add nsw i64 %col105, 0
-  %826 = getelementptr inbounds float, ptr %824, i64 %825
-  %827 = load <8 x float>, ptr %826, align 4
-  store <8 x float> zeroinitializer, ptr %acc050116, align 4
-  %828 = add nsw i64 %col105, 8
-  %829 = getelementptr inbounds float, ptr %824, i64 %828
-  %830 = load <8 x float>, ptr %829, align 4
-  store <8 x float> zeroinitializer, ptr %acc051117, align 4
-  %831 = mul nsw i64 %p, 45056
-  %panel.off118 = add nsw i64 %831, 0
-  %832 = getelementptr inbounds float, ptr %panels, i64 %panel.off118
-  %833 = add nsw i64 %p, 1
-  %834 = icmp slt i64 %833, %p1
-  %pf.on119 = and i1 %pf.on104, %834
-  %835 = mul nsw i64 %rb92, 180224
-  %836 = lshr i64 %835, %738
-  %837 = add nsw i64 180224, %836
-  %838 = getelementptr inbounds i8, ptr %832, i64 %837
-  %pf120 = select i1 %pf.on119, ptr %838, ptr %832
-  %pf.sh121 = select i1 %pf.on119, i64 %738, i64 0
-  br label %k.head122
+tile.mr6107:                                      ; preds = %rb.body95
+  %col110 = mul nsw i64 %p, 16
+  %735 = add nsw i64 %r098, 0
+  %736 = mul nsw i64 %735, 2816
+  %737 = add nsw i64 %736, 0
+  %738 = getelementptr inbounds float, ptr %h, i64 %737
+  %739 = getelementptr inbounds i32, ptr %rows, i64 %735
+  %740 = load i32, ptr %739, align 4
+  %741 = sext i32 %740 to i64
+  %742 = mul nsw i64 %741, 1024
+  %743 = getelementptr inbounds float, ptr %y, i64 %742
+  %744 = add nsw i64 %col110, 0
+  %745 = getelementptr inbounds float, ptr %743, i64 %744
+  %746 = load <8 x float>, ptr %745, align 4
+  store <8 x float> zeroinitializer, ptr %acc000111, align 4
+  %747 = add nsw i64 %col110, 8
+  %748 = getelementptr inbounds float, ptr %743, i64 %747
+  %749 = load <8 x float>, ptr %748, align 4
+  store <8 x float> zeroinitializer, ptr %acc001112, align 4
+  %750 = add nsw i64 %r098, 1
+  %751 = mul nsw i64 %750, 2816
+  %752 = add nsw i64 %751, 0
+  %753 = getelementptr inbounds float, ptr %h, i64 %752
+  %754 = getelementptr inbounds i32, ptr %rows, i64 %750
+  %755 = load i32, ptr %754, align 4
+  %756 = sext i32 %755 to i64
+  %757 = mul nsw i64 %756, 1024
+  %758 = getelementptr inbounds float, ptr %y, i64 %757
+  %759 = add nsw i64 %col110, 0
+  %760 = getelementptr inbounds float, ptr %758, i64 %759
+  %761 = load <8 x float>, ptr %760, align 4
+  store <8 x float> zeroinitializer, ptr %acc010113, align 4
+  %762 = add nsw i64 %col110, 8
+  %763 = getelementptr inbounds float, ptr %758, i64 %762
+  %764 = load <8 x float>, ptr %763, align 4
+  store <8 x float> zeroinitializer, ptr %acc011114, align 4
+  %765 = add nsw i64 %r098, 2
+  %766 = mul nsw i64 %765, 2816
+  %767 = add nsw i64 %766, 0
+  %768 = getelementptr inbounds float, ptr %h, i64 %767
+  %769 = getelementptr inbounds i32, ptr %rows, i64 %765
+  %770 = load i32, ptr %769, align 4
+  %771 = sext i32 %770 to i64
+  %772 = mul nsw i64 %771, 1024
+  %773 = getelementptr inbounds float, ptr %y, i64 %772
+  %774 = add nsw i64 %col110, 0
+  %775 = getelementptr inbounds float, ptr %773, i64 %774
+  %776 = load <8 x float>, ptr %775, align 4
+  store <8 x float> zeroinitializer, ptr %acc020115, align 4
+  %777 = add nsw i64 %col110, 8
+  %778 = getelementptr inbounds float, ptr %773, i64 %777
+  %779 = load <8 x float>, ptr %778, align 4
+  store <8 x float> zeroinitializer, ptr %acc021116, align 4
+  %780 = add nsw i64 %r098, 3
+  %781 = mul nsw i64 %780, 2816
+  %782 = add nsw i64 %781, 0
+  %783 = getelementptr inbounds float, ptr %h, i64 %782
+  %784 = getelementptr inbounds i32, ptr %rows, i64 %780
+  %785 = load i32, ptr %784, align 4
+  %786 = sext i32 %785 to i64
+  %787 = mul nsw i64 %786, 1024
+  %788 = getelementptr inbounds float, ptr %y, i64 %787
+  %789 = add nsw i64 %col110, 0
+  %790 = getelementptr inbounds float, ptr %788, i64 %789
+  %791 = load <8 x float>, ptr %790, align 4
+  store <8 x float> zeroinitializer, ptr %acc030117, align 4
+  %792 = add nsw i64 %col110, 8
+  %793 = getelementptr inbounds float, ptr %788, i64 %792
+  %794 = load <8 x float>, ptr %793, align 4
+  store <8 x float> zeroinitializer, ptr %acc031118, align 4
+  %795 = add nsw i64 %r098, 4
+  %796 = mul nsw i64 %795, 2816
+  %797 = add nsw i64 %796, 0
+  %798 = getelementptr inbounds float, ptr %h, i64 %797
+  %799 = getelementptr inbounds i32, ptr %rows, i64 %795
+  %800 = load i32, ptr %799, align 4
+  %801 = sext i32 %800 to i64
+  %802 = mul nsw i64 %801, 1024
+  %803 = getelementptr inbounds float, ptr %y, i64 %802
+  %804 = add nsw i64 %col110, 0
+  %805 = getelementptr inbounds float, ptr %803, i64 %804
+  %806 = load <8 x float>, ptr %805, align 4
+  store <8 x float> zeroinitializer, ptr %acc040119, align 4
+  %807 = add nsw i64 %col110, 8
+  %808 = getelementptr inbounds float, ptr %803, i64 %807
+  %809 = load <8 x float>, ptr %808, align 4
+  store <8 x float> zeroinitializer, ptr %acc041120, align 4
+  %810 = add nsw i64 %r098, 5
+  %811 = mul nsw i64 %810, 2816
+  %812 = add nsw i64 %811, 0
+  %813 = getelementptr inbounds float, ptr %h, i64 %812
+  %814 = getelementptr inbounds i32, ptr %rows, i64 %810
+  %815 = load i32, ptr %814, align 4
+  %816 = sext i32 %815 to i64
+  %817 = mul nsw i64 %816, 1024
+  %818 = getelementptr inbounds float, ptr %y, i64 %817
+  %819 = add nsw i64 %col110, 0
+  %820 = getelementptr inbounds float, ptr %818, i64 %819
+  %821 = load <8 x float>, ptr %820, align 4
+  store <8 x float> zeroinitializer, ptr %acc050121, align 4
+  %822 = add nsw i64 %col110, 8
+  %823 = getelementptr inbounds float, ptr %818, i64 %822
+  %824 = load <8 x float>, ptr %823, align 4
+  store <8 x float> zeroinitializer, ptr %acc051122, align 4
+  %panel.off123 = mul nsw i64 %p, 45056
+  %825 = getelementptr inbounds float, ptr %panels, i64 %panel.off123
+  %826 = add nsw i64 %p, 1
+  %827 = icmp slt i64 %826, %p1
+  %pf.on124 = and i1 %pf.on109, %827
+  %828 = mul nsw i64 %rb97, 180224
+  %829 = lshr i64 %828, %732
+  %830 = add nsw i64 180224, %829
+  %831 = getelementptr inbounds i8, ptr %825, i64 %830
+  %pf125 = select i1 %pf.on124, ptr %831, ptr %825
+  %pf.sh126 = select i1 %pf.on124, i64 %732, i64 0
+  br label %k.head127
 
-k.head122:                                        ; preds = %pf.any.end127, %tile.mr6102
-  %k125 = phi i64 [ 0, %tile.mr6102 ], [ %900, %pf.any.end127 ]
-  %839 = icmp slt i64 %k125, 2816
-  br i1 %839, label %k.body123, label %k.end124
+k.head127:                                        ; preds = %pf.any.end132, %tile.mr6107
+  %k130 = phi i64 [ 0, %tile.mr6107 ], [ %893, %pf.any.end132 ]
+  %832 = icmp slt i64 %k130, 2816
+  br i1 %832, label %k.body128, label %k.end129
 
-k.body123:                                        ; preds = %k.head122
-  %840 = mul nsw i64 %k125, 1
-  %841 = add nsw i64 %840, 0
-  %842 = mul nsw i64 %841, 64
-  br i1 %pf.multi103, label %pf.any.then126, label %pf.any.end127
+k.body128:                                        ; preds = %k.head127
+  %833 = mul nsw i64 %k130, 1
+  %834 = add nsw i64 %833, 0
+  %835 = mul nsw i64 %834, 64
+  br i1 %pf.multi108, label %pf.any.then131, label %pf.any.end132
 
-pf.any.then126:                                   ; preds = %k.body123
-  %843 = lshr i64 %842, %pf.sh121
-  %844 = getelementptr inbounds i8, ptr %pf120, i64 %843
-  call void @llvm.prefetch.p0(ptr %844, i32 0, i32 2, i32 1)
-  br label %pf.any.end127
+pf.any.then131:                                   ; preds = %k.body128
+  %836 = lshr i64 %835, %pf.sh126
+  %837 = getelementptr inbounds i8, ptr %pf125, i64 %836
+  call void @llvm.prefetch.p0(ptr %837, i32 0, i32 2, i32 1)
+  br label %pf.any.end132
 
-pf.any.end127:                                    ; preds = %pf.any.then126, %k.body123
-  %845 = mul nsw i64 %841, 16
-  %846 = add nsw i64 %panel.off118, %845
-  %847 = getelementptr inbounds float, ptr %panels, i64 %846
-  %848 = load <8 x float>, ptr %847, align 4
-  %849 = add nsw i64 %846, 8
-  %850 = getelementptr inbounds float, ptr %panels, i64 %849
-  %851 = load <8 x float>, ptr %850, align 4
-  %852 = getelementptr inbounds float, ptr %744, i64 %841
-  %853 = load float, ptr %852, align 4
-  %854 = insertelement <8 x float> poison, float %853, i32 0
-  %855 = shufflevector <8 x float> %854, <8 x float> poison, <8 x i32> zeroinitializer
-  %856 = load <8 x float>, ptr %acc000106, align 4
-  %857 = call <8 x float> @llvm.fma.v8f32(<8 x float> %855, <8 x float> %848, <8 x float> %856)
-  store <8 x float> %857, ptr %acc000106, align 4
-  %858 = load <8 x float>, ptr %acc001107, align 4
-  %859 = call <8 x float> @llvm.fma.v8f32(<8 x float> %855, <8 x float> %851, <8 x float> %858)
-  store <8 x float> %859, ptr %acc001107, align 4
-  %860 = getelementptr inbounds float, ptr %759, i64 %841
-  %861 = load float, ptr %860, align 4
-  %862 = insertelement <8 x float> poison, float %861, i32 0
-  %863 = shufflevector <8 x float> %862, <8 x float> poison, <8 x i32> zeroinitializer
-  %864 = load <8 x float>, ptr %acc010108, align 4
-  %865 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> %848, <8 x float> %864)
-  store <8 x float> %865, ptr %acc010108, align 4
-  %866 = load <8 x float>, ptr %acc011109, align 4
-  %867 = call <8 x float> @llvm.fma.v8f32(<8 x float> %863, <8 x float> %851, <8 x float> %866)
-  store <8 x float> %867, ptr %acc011109, align 4
-  %868 = getelementptr inbounds float, ptr %774, i64 %841
-  %869 = load float, ptr %868, align 4
-  %870 = insertelement <8 x float> poison, float %869, i32 0
-  %871 = shufflevector <8 x float> %870, <8 x float> poison, <8 x i32> zeroinitializer
-  %872 = load <8 x float>, ptr %acc020110, align 4
-  %873 = call <8 x float> @llvm.fma.v8f32(<8 x float> %871, <8 x float> %848, <8 x float> %872)
-  store <8 x float> %873, ptr %acc020110, align 4
-  %874 = load <8 x float>, ptr %acc021111, align 4
-  %875 = call <8 x float> @llvm.fma.v8f32(<8 x float> %871, <8 x float> %851, <8 x float> %874)
-  store <8 x float> %875, ptr %acc021111, align 4
-  %876 = getelementptr inbounds float, ptr %789, i64 %841
-  %877 = load float, ptr %876, align 4
-  %878 = insertelement <8 x float> poison, float %877, i32 0
-  %879 = shufflevector <8 x float> %878, <8 x float> poison, <8 x i32> zeroinitializer
-  %880 = load <8 x float>, ptr %acc030112, align 4
-  %881 = call <8 x float> @llvm.fma.v8f32(<8 x float> %879, <8 x float> %848, <8 x float> %880)
-  store <8 x float> %881, ptr %acc030112, align 4
-  %882 = load <8 x float>, ptr %acc031113, align 4
-  %883 = call <8 x float> @llvm.fma.v8f32(<8 x float> %879, <8 x float> %851, <8 x float> %882)
-  store <8 x float> %883, ptr %acc031113, align 4
-  %884 = getelementptr inbounds float, ptr %804, i64 %841
-  %885 = load float, ptr %884, align 4
-  %886 = insertelement <8 x float> poison, float %885, i32 0
-  %887 = shufflevector <8 x float> %886, <8 x float> poison, <8 x i32> zeroinitializer
-  %888 = load <8 x float>, ptr %acc040114, align 4
-  %889 = call <8 x float> @llvm.fma.v8f32(<8 x float> %887, <8 x float> %848, <8 x float> %888)
-  store <8 x float> %889, ptr %acc040114, align 4
-  %890 = load <8 x float>, ptr %acc041115, align 4
-  %891 = call <8 x float> @llvm.fma.v8f32(<8 x float> %887, <8 x float> %851, <8 x float> %890)
-  store <8 x float> %891, ptr %acc041115, align 4
-  %892 = getelementptr inbounds float, ptr %819, i64 %841
-  %893 = load float, ptr %892, align 4
-  %894 = insertelement <8 x float> poison, float %893, i32 0
-  %895 = shufflevector <8 x float> %894, <8 x float> poison, <8 x i32> zeroinitializer
-  %896 = load <8 x float>, ptr %acc050116, align 4
-  %897 = call <8 x float> @llvm.fma.v8f32(<8 x float> %895, <8 x float> %848, <8 x float> %896)
-  store <8 x float> %897, ptr %acc050116, align 4
-  %898 = load <8 x float>, ptr %acc051117, align 4
-  %899 = call <8 x float> @llvm.fma.v8f32(<8 x float> %895, <8 x float> %851, <8 x float> %898)
-  store <8 x float> %899, ptr %acc051117, align 4
-  %900 = add nsw i64 %k125, 1
-  br label %k.head122
+pf.any.end132:                                    ; preds = %pf.any.then131, %k.body128
+  %838 = mul nsw i64 %834, 16
+  %839 = add nsw i64 %panel.off123, %838
+  %840 = getelementptr inbounds float, ptr %panels, i64 %839
+  %841 = load <8 x float>, ptr %840, align 4
+  %842 = add nsw i64 %839, 8
+  %843 = getelementptr inbounds float, ptr %panels, i64 %842
+  %844 = load <8 x float>, ptr %843, align 4
+  %845 = getelementptr inbounds float, ptr %738, i64 %834
+  %846 = load float, ptr %845, align 4
+  %847 = insertelement <8 x float> poison, float %846, i32 0
+  %848 = shufflevector <8 x float> %847, <8 x float> poison, <8 x i32> zeroinitializer
+  %849 = load <8 x float>, ptr %acc000111, align 4
+  %850 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> %841, <8 x float> %849)
+  store <8 x float> %850, ptr %acc000111, align 4
+  %851 = load <8 x float>, ptr %acc001112, align 4
+  %852 = call <8 x float> @llvm.fma.v8f32(<8 x float> %848, <8 x float> %844, <8 x float> %851)
+  store <8 x float> %852, ptr %acc001112, align 4
+  %853 = getelementptr inbounds float, ptr %753, i64 %834
+  %854 = load float, ptr %853, align 4
+  %855 = insertelement <8 x float> poison, float %854, i32 0
+  %856 = shufflevector <8 x float> %855, <8 x float> poison, <8 x i32> zeroinitializer
+  %857 = load <8 x float>, ptr %acc010113, align 4
+  %858 = call <8 x float> @llvm.fma.v8f32(<8 x float> %856, <8 x float> %841, <8 x float> %857)
+  store <8 x float> %858, ptr %acc010113, align 4
+  %859 = load <8 x float>, ptr %acc011114, align 4
+  %860 = call <8 x float> @llvm.fma.v8f32(<8 x float> %856, <8 x float> %844, <8 x float> %859)
+  store <8 x float> %860, ptr %acc011114, align 4
+  %861 = getelementptr inbounds float, ptr %768, i64 %834
+  %862 = load float, ptr %861, align 4
+  %863 = insertelement <8 x float> poison, float %862, i32 0
+  %864 = shufflevector <8 x float> %863, <8 x float> poison, <8 x i32> zeroinitializer
+  %865 = load <8 x float>, ptr %acc020115, align 4
+  %866 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> %841, <8 x float> %865)
+  store <8 x float> %866, ptr %acc020115, align 4
+  %867 = load <8 x float>, ptr %acc021116, align 4
+  %868 = call <8 x float> @llvm.fma.v8f32(<8 x float> %864, <8 x float> %844, <8 x float> %867)
+  store <8 x float> %868, ptr %acc021116, align 4
+  %869 = getelementptr inbounds float, ptr %783, i64 %834
+  %870 = load float, ptr %869, align 4
+  %871 = insertelement <8 x float> poison, float %870, i32 0
+  %872 = shufflevector <8 x float> %871, <8 x float> poison, <8 x i32> zeroinitializer
+  %873 = load <8 x float>, ptr %acc030117, align 4
+  %874 = call <8 x float> @llvm.fma.v8f32(<8 x float> %872, <8 x float> %841, <8 x float> %873)
+  store <8 x float> %874, ptr %acc030117, align 4
+  %875 = load <8 x float>, ptr %acc031118, align 4
+  %876 = call <8 x float> @llvm.fma.v8f32(<8 x float> %872, <8 x float> %844, <8 x float> %875)
+  store <8 x float> %876, ptr %acc031118, align 4
+  %877 = getelementptr inbounds float, ptr %798, i64 %834
+  %878 = load float, ptr %877, align 4
+  %879 = insertelement <8 x float> poison, float %878, i32 0
+  %880 = shufflevector <8 x float> %879, <8 x float> poison, <8 x i32> zeroinitializer
+  %881 = load <8 x float>, ptr %acc040119, align 4
+  %882 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> %841, <8 x float> %881)
+  store <8 x float> %882, ptr %acc040119, align 4
+  %883 = load <8 x float>, ptr %acc041120, align 4
+  %884 = call <8 x float> @llvm.fma.v8f32(<8 x float> %880, <8 x float> %844, <8 x float> %883)
+  store <8 x float> %884, ptr %acc041120, align 4
+  %885 = getelementptr inbounds float, ptr %813, i64 %834
+  %886 = load float, ptr %885, align 4
+  %887 = insertelement <8 x float> poison, float %886, i32 0
+  %888 = shufflevector <8 x float> %887, <8 x float> poison, <8 x i32> zeroinitializer
+  %889 = load <8 x float>, ptr %acc050121, align 4
+  %890 = call <8 x float> @llvm.fma.v8f32(<8 x float> %888, <8 x float> %841, <8 x float> %889)
+  store <8 x float> %890, ptr %acc050121, align 4
+  %891 = load <8 x float>, ptr %acc051122, align 4
+  %892 = call <8 x float> @llvm.fma.v8f32(<8 x float> %888, <8 x float> %844, <8 x float> %891)
+  store <8 x float> %892, ptr %acc051122, align 4
+  %893 = add nsw i64 %k130, 1
+  br label %k.head127
 
-k.end124:                                         ; preds = %k.head122
-  %901 = load <8 x float>, ptr %acc000106, align 4
-  store <8 x float> %901, ptr %751, align 4
-  %902 = load <8 x float>, ptr %acc001107, align 4
-  store <8 x float> %902, ptr %754, align 4
-  %903 = load <8 x float>, ptr %acc010108, align 4
-  store <8 x float> %903, ptr %766, align 4
-  %904 = load <8 x float>, ptr %acc011109, align 4
-  store <8 x float> %904, ptr %769, align 4
-  %905 = load <8 x float>, ptr %acc020110, align 4
-  store <8 x float> %905, ptr %781, align 4
-  %906 = load <8 x float>, ptr %acc021111, align 4
-  store <8 x float> %906, ptr %784, align 4
-  %907 = load <8 x float>, ptr %acc030112, align 4
-  store <8 x float> %907, ptr %796, align 4
-  %908 = load <8 x float>, ptr %acc031113, align 4
-  store <8 x float> %908, ptr %799, align 4
-  %909 = load <8 x float>, ptr %acc040114, align 4
-  store <8 x float> %909, ptr %811, align 4
-  %910 = load <8 x float>, ptr %acc041115, align 4
-  store <8 x float> %910, ptr %814, align 4
-  %911 = load <8 x float>, ptr %acc050116, align 4
-  store <8 x float> %911, ptr %826, align 4
-  %912 = load <8 x float>, ptr %acc051117, align 4
-  store <8 x float> %912, ptr %829, align 4
-  br label %tile.done96
+k.end129:                                         ; preds = %k.head127
+  %894 = load <8 x float>, ptr %acc000111, align 4
+  store <8 x float> %894, ptr %745, align 4
+  %895 = load <8 x float>, ptr %acc001112, align 4
+  store <8 x float> %895, ptr %748, align 4
+  %896 = load <8 x float>, ptr %acc010113, align 4
+  store <8 x float> %896, ptr %760, align 4
+  %897 = load <8 x float>, ptr %acc011114, align 4
+  store <8 x float> %897, ptr %763, align 4
+  %898 = load <8 x float>, ptr %acc020115, align 4
+  store <8 x float> %898, ptr %775, align 4
+  %899 = load <8 x float>, ptr %acc021116, align 4
+  store <8 x float> %899, ptr %778, align 4
+  %900 = load <8 x float>, ptr %acc030117, align 4
+  store <8 x float> %900, ptr %790, align 4
+  %901 = load <8 x float>, ptr %acc031118, align 4
+  store <8 x float> %901, ptr %793, align 4
+  %902 = load <8 x float>, ptr %acc040119, align 4
+  store <8 x float> %902, ptr %805, align 4
+  %903 = load <8 x float>, ptr %acc041120, align 4
+  store <8 x float> %903, ptr %808, align 4
+  %904 = load <8 x float>, ptr %acc050121, align 4
+  store <8 x float> %904, ptr %820, align 4
+  %905 = load <8 x float>, ptr %acc051122, align 4
+  store <8 x float> %905, ptr %823, align 4
+  br label %tile.done101
 
-tile.mr5101:                                      ; preds = %rb.body90
-  %col128 = mul nsw i64 %p, 16
-  %913 = add nsw i64 %r093, 0
-  %914 = mul nsw i64 %913, 2816
-  %915 = add nsw i64 %914, 0
-  %916 = getelementptr inbounds float, ptr %h, i64 %915
-  %917 = getelementptr inbounds i32, ptr %rows, i64 %913
-  %918 = load i32, ptr %917, align 4
-  %919 = sext i32 %918 to i64
-  %920 = mul nsw i64 %919, 1024
-  %921 = getelementptr inbounds float, ptr %y, i64 %920
-  %922 = add nsw i64 %col128, 0
-  %923 = getelementptr inbounds float, ptr %921, i64 %922
-  %924 = load <8 x float>, ptr %923, align 4
-  store <8 x float> zeroinitializer, ptr %acc000129, align 4
-  %925 = add nsw i64 %col128, 8
-  %926 = getelementptr inbounds float, ptr %921, i64 %925
-  %927 = load <8 x float>, ptr %926, align 4
-  store <8 x float> zeroinitializer, ptr %acc001130, align 4
-  %928 = add nsw i64 %r093, 1
-  %929 = mul nsw i64 %928, 2816
-  %930 = add nsw i64 %929, 0
-  %931 = getelementptr inbounds float, ptr %h, i64 %930
-  %932 = getelementptr inbounds i32, ptr %rows, i64 %928
-  %933 = load i32, ptr %932, align 4
-  %934 = sext i32 %933 to i64
-  %935 = mul nsw i64 %934, 1024
-  %936 = getelementptr inbounds float, ptr %y, i64 %935
-  %937 = add nsw i64 %col128, 0
-  %938 = getelementptr inbounds float, ptr %936, i64 %937
-  %939 = load <8 x float>, ptr %938, align 4
-  store <8 x float> zeroinitializer, ptr %acc010131, align 4
-  %940 = add nsw i64 %col128, 8
-  %941 = getelementptr inbounds float, ptr %936, i64 %940
-  %942 = load <8 x float>, ptr %941, align 4
-  store <8 x float> zeroinitializer, ptr %acc011132, align 4
-  %943 = add nsw i64 %r093, 2
-  %944 = mul nsw i64 %943, 2816
-  %945 = add nsw i64 %944, 0
-  %946 = getelementptr inbounds float, ptr %h, i64 %945
-  %947 = getelementptr inbounds i32, ptr %rows, i64 %943
-  %948 = load i32, ptr %947, align 4
-  %949 = sext i32 %948 to i64
-  %950 = mul nsw i64 %949, 1024
-  %951 = getelementptr inbounds float, ptr %y, i64 %950
-  %952 = add nsw i64 %col128, 0
-  %953 = getelementptr inbounds float, ptr %951, i64 %952
-  %954 = load <8 x float>, ptr %953, align 4
-  store <8 x float> zeroinitializer, ptr %acc020133, align 4
-  %955 = add nsw i64 %col128, 8
-  %956 = getelementptr inbounds float, ptr %951, i64 %955
-  %957 = load <8 x float>, ptr %956, align 4
-  store <8 x float> zeroinitializer, ptr %acc021134, align 4
-  %958 = add nsw i64 %r093, 3
-  %959 = mul nsw i64 %958, 2816
-  %960 = add nsw i64 %959, 0
-  %961 = getelementptr inbounds float, ptr %h, i64 %960
-  %962 = getelementptr inbounds i32, ptr %rows, i64 %958
-  %963 = load i32, ptr %962, align 4
-  %964 = sext i32 %963 to i64
-  %965 = mul nsw i64 %964, 1024
-  %966 = getelementptr inbounds float, ptr %y, i64 %965
-  %967 = add nsw i64 %col128, 0
-  %968 = getelementptr inbounds float, ptr %966, i64 %967
-  %969 = load <8 x float>, ptr %968, align 4
-  store <8 x float> zeroinitializer, ptr %acc030135, align 4
-  %970 = add nsw i64 %col128, 8
-  %971 = getelementptr inbounds float, ptr %966, i64 %970
-  %972 = load <8 x float>, ptr %971, align 4
-  store <8 x float> zeroinitializer, ptr %acc031136, align 4
-  %973 = add nsw i64 %r093, 4
-  %974 = mul nsw i64 %973, 2816
-  %975 = add nsw i64 %974, 0
-  %976 = getelementptr inbounds float, ptr %h, i64 %975
-  %977 = getelementptr inbounds i32, ptr %rows, i64 %973
-  %978 = load i32, ptr %977, align 4
-  %979 = sext i32 %978 to i64
-  %980 = mul nsw i64 %979, 1024
-  %981 = getelementptr inbounds float, ptr %y, i64 %980
-  %982 = add nsw i64 %col128, 0
-  %983 = getelementptr inbounds float, ptr %981, i64 %982
-  %984 = load <8 x float>, ptr %983, align 4
-  store <8 x float> zeroinitializer, ptr %acc040137, align 4
-  %985 = add nsw i64 %col128, 8
-  %986 = getelementptr inbounds float, ptr %981, i64 %985
-  %987 = load <8 x float>, ptr %986, align 4
-  store <8 x float> zeroinitializer, ptr %acc041138, align 4
-  %988 = mul nsw i64 %p, 45056
-  %panel.off139 = add nsw i64 %988, 0
-  %989 = getelementptr inbounds float, ptr %panels, i64 %panel.off139
-  %990 = add nsw i64 %p, 1
-  %991 = icmp slt i64 %990, %p1
-  %pf.on140 = and i1 %pf.on104, %991
-  %992 = mul nsw i64 %rb92, 180224
-  %993 = lshr i64 %992, %738
-  %994 = add nsw i64 180224, %993
-  %995 = getelementptr inbounds i8, ptr %989, i64 %994
-  %pf141 = select i1 %pf.on140, ptr %995, ptr %989
-  %pf.sh142 = select i1 %pf.on140, i64 %738, i64 0
-  br label %k.head143
+tile.mr5106:                                      ; preds = %rb.body95
+  %col133 = mul nsw i64 %p, 16
+  %906 = add nsw i64 %r098, 0
+  %907 = mul nsw i64 %906, 2816
+  %908 = add nsw i64 %907, 0
+  %909 = getelementptr inbounds float, ptr %h, i64 %908
+  %910 = getelementptr inbounds i32, ptr %rows, i64 %906
+  %911 = load i32, ptr %910, align 4
+  %912 = sext i32 %911 to i64
+  %913 = mul nsw i64 %912, 1024
+  %914 = getelementptr inbounds float, ptr %y, i64 %913
+  %915 = add nsw i64 %col133, 0
+  %916 = getelementptr inbounds float, ptr %914, i64 %915
+  %917 = load <8 x float>, ptr %916, align 4
+  store <8 x float> zeroinitializer, ptr %acc000134, align 4
+  %918 = add nsw i64 %col133, 8
+  %919 = getelementptr inbounds float, ptr %914, i64 %918
+  %920 = load <8 x float>, ptr %919, align 4
+  store <8 x float> zeroinitializer, ptr %acc001135, align 4
+  %921 = add nsw i64 %r098, 1
+  %922 = mul nsw i64 %921, 2816
+  %923 = add nsw i64 %922, 0
+  %924 = getelementptr inbounds float, ptr %h, i64 %923
+  %925 = getelementptr inbounds i32, ptr %rows, i64 %921
+  %926 = load i32, ptr %925, align 4
+  %927 = sext i32 %926 to i64
+  %928 = mul nsw i64 %927, 1024
+  %929 = getelementptr inbounds float, ptr %y, i64 %928
+  %930 = add nsw i64 %col133, 0
+  %931 = getelementptr inbounds float, ptr %929, i64 %930
+  %932 = load <8 x float>, ptr %931, align 4
+  store <8 x float> zeroinitializer, ptr %acc010136, align 4
+  %933 = add nsw i64 %col133, 8
+  %934 = getelementptr inbounds float, ptr %929, i64 %933
+  %935 = load <8 x float>, ptr %934, align 4
+  store <8 x float> zeroinitializer, ptr %acc011137, align 4
+  %936 = add nsw i64 %r098, 2
+  %937 = mul nsw i64 %936, 2816
+  %938 = add nsw i64 %937, 0
+  %939 = getelementptr inbounds float, ptr %h, i64 %938
+  %940 = getelementptr inbounds i32, ptr %rows, i64 %936
+  %941 = load i32, ptr %940, align 4
+  %942 = sext i32 %941 to i64
+  %943 = mul nsw i64 %942, 1024
+  %944 = getelementptr inbounds float, ptr %y, i64 %943
+  %945 = add nsw i64 %col133, 0
+  %946 = getelementptr inbounds float, ptr %944, i64 %945
+  %947 = load <8 x float>, ptr %946, align 4
+  store <8 x float> zeroinitializer, ptr %acc020138, align 4
+  %948 = add nsw i64 %col133, 8
+  %949 = getelementptr inbounds float, ptr %944, i64 %948
+  %950 = load <8 x float>, ptr %949, align 4
+  store <8 x float> zeroinitializer, ptr %acc021139, align 4
+  %951 = add nsw i64 %r098, 3
+  %952 = mul nsw i64 %951, 2816
+  %953 = add nsw i64 %952, 0
+  %954 = getelementptr inbounds float, ptr %h, i64 %953
+  %955 = getelementptr inbounds i32, ptr %rows, i64 %951
+  %956 = load i32, ptr %955, align 4
+  %957 = sext i32 %956 to i64
+  %958 = mul nsw i64 %957, 1024
+  %959 = getelementptr inbounds float, ptr %y, i64 %958
+  %960 = add nsw i64 %col133, 0
+  %961 = getelementptr inbounds float, ptr %959, i64 %960
+  %962 = load <8 x float>, ptr %961, align 4
+  store <8 x float> zeroinitializer, ptr %acc030140, align 4
+  %963 = add nsw i64 %col133, 8
+  %964 = getelementptr inbounds float, ptr %959, i64 %963
+  %965 = load <8 x float>, ptr %964, align 4
+  store <8 x float> zeroinitializer, ptr %acc031141, align 4
+  %966 = add nsw i64 %r098, 4
+  %967 = mul nsw i64 %966, 2816
+  %968 = add nsw i64 %967, 0
+  %969 = getelementptr inbounds float, ptr %h, i64 %968
+  %970 = getelementptr inbounds i32, ptr %rows, i64 %966
+  %971 = load i32, ptr %970, align 4
+  %972 = sext i32 %971 to i64
+  %973 = mul nsw i64 %972, 1024
+  %974 = getelementptr inbounds float, ptr %y, i64 %973
+  %975 = add nsw i64 %col133, 0
+  %976 = getelementptr inbounds float, ptr %974, i64 %975
+  %977 = load <8 x float>, ptr %976, align 4
+  store <8 x float> zeroinitializer, ptr %acc040142, align 4
+  %978 = add nsw i64 %col133, 8
+  %979 = getelementptr inbounds float, ptr %974, i64 %978
+  %980 = load <8 x float>, ptr %979, align 4
+  store <8 x float> zeroinitializer, ptr %acc041143, align 4
+  %panel.off144 = mul nsw i64 %p, 45056
+  %981 = getelementptr inbounds float, ptr %panels, i64 %panel.off144
+  %982 = add nsw i64 %p, 1
+  %983 = icmp slt i64 %982, %p1
+  %pf.on145 = and i1 %pf.on109, %983
+  %984 = mul nsw i64 %rb97, 180224
+  %985 = lshr i64 %984, %732
+  %986 = add nsw i64 180224, %985
+  %987 = getelementptr inbounds i8, ptr %981, i64 %986
+  %pf146 = select i1 %pf.on145, ptr %987, ptr %981
+  %pf.sh147 = select i1 %pf.on145, i64 %732, i64 0
+  br label %k.head148
 
-k.head143:                                        ; preds = %pf.any.end148, %tile.mr5101
-  %k146 = phi i64 [ 0, %tile.mr5101 ], [ %1049, %pf.any.end148 ]
-  %996 = icmp slt i64 %k146, 2816
-  br i1 %996, label %k.body144, label %k.end145
+k.head148:                                        ; preds = %pf.any.end153, %tile.mr5106
+  %k151 = phi i64 [ 0, %tile.mr5106 ], [ %1041, %pf.any.end153 ]
+  %988 = icmp slt i64 %k151, 2816
+  br i1 %988, label %k.body149, label %k.end150
 
-k.body144:                                        ; preds = %k.head143
-  %997 = mul nsw i64 %k146, 1
-  %998 = add nsw i64 %997, 0
-  %999 = mul nsw i64 %998, 64
-  br i1 %pf.multi103, label %pf.any.then147, label %pf.any.end148
+k.body149:                                        ; preds = %k.head148
+  %989 = mul nsw i64 %k151, 1
+  %990 = add nsw i64 %989, 0
+  %991 = mul nsw i64 %990, 64
+  br i1 %pf.multi108, label %pf.any.then152, label %pf.any.end153
 
-pf.any.then147:                                   ; preds = %k.body144
-  %1000 = lshr i64 %999, %pf.sh142
-  %1001 = getelementptr inbounds i8, ptr %pf141, i64 %1000
-  call void @llvm.prefetch.p0(ptr %1001, i32 0, i32 2, i32 1)
-  br label %pf.any.end148
+pf.any.then152:                                   ; preds = %k.body149
+  %992 = lshr i64 %991, %pf.sh147
+  %993 = getelementptr inbounds i8, ptr %pf146, i64 %992
+  call void @llvm.prefetch.p0(ptr %993, i32 0, i32 2, i32 1)
+  br label %pf.any.end153
 
-pf.any.end148:                                    ; preds = %pf.any.then147, %k.body144
-  %1002 = mul nsw i64 %998, 16
-  %1003 = add nsw i64 %panel.off139, %1002
-  %1004 = getelementptr inbounds float, ptr %panels, i64 %1003
-  %1005 = load <8 x float>, ptr %1004, align 4
-  %1006 = add nsw i64 %1003, 8
-  %1007 = getelementptr inbounds float, ptr %panels, i64 %1006
-  %1008 = load <8 x float>, ptr %1007, align 4
-  %1009 = getelementptr inbounds float, ptr %916, i64 %998
+pf.any.end153:                                    ; preds = %pf.any.then152, %k.body149
+  %994 = mul nsw i64 %990, 16
+  %995 = add nsw i64 %panel.off144, %994
+  %996 = getelementptr inbounds float, ptr %panels, i64 %995
+  %997 = load <8 x float>, ptr %996, align 4
+  %998 = add nsw i64 %995, 8
+  %999 = getelementptr inbounds float, ptr %panels, i64 %998
+  %1000 = load <8 x float>, ptr %999, align 4
+  %1001 = getelementptr inbounds float, ptr %909, i64 %990
+  %1002 = load float, ptr %1001, align 4
+  %1003 = insertelement <8 x float> poison, float %1002, i32 0
+  %1004 = shufflevector <8 x float> %1003, <8 x float> poison, <8 x i32> zeroinitializer
+  %1005 = load <8 x float>, ptr %acc000134, align 4
+  %1006 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1004, <8 x float> %997, <8 x float> %1005)
+  store <8 x float> %1006, ptr %acc000134, align 4
+  %1007 = load <8 x float>, ptr %acc001135, align 4
+  %1008 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1004, <8 x float> %1000, <8 x float> %1007)
+  store <8 x float> %1008, ptr %acc001135, align 4
+  %1009 = getelementptr inbounds float, ptr %924, i64 %990
   %1010 = load float, ptr %1009, align 4
   %1011 = insertelement <8 x float> poison, float %1010, i32 0
   %1012 = shufflevector <8 x float> %1011, <8 x float> poison, <8 x i32> zeroinitializer
-  %1013 = load <8 x float>, ptr %acc000129, align 4
-  %1014 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %1005, <8 x float> %1013)
-  store <8 x float> %1014, ptr %acc000129, align 4
-  %1015 = load <8 x float>, ptr %acc001130, align 4
-  %1016 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %1008, <8 x float> %1015)
-  store <8 x float> %1016, ptr %acc001130, align 4
-  %1017 = getelementptr inbounds float, ptr %931, i64 %998
+  %1013 = load <8 x float>, ptr %acc010136, align 4
+  %1014 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %997, <8 x float> %1013)
+  store <8 x float> %1014, ptr %acc010136, align 4
+  %1015 = load <8 x float>, ptr %acc011137, align 4
+  %1016 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1012, <8 x float> %1000, <8 x float> %1015)
+  store <8 x float> %1016, ptr %acc011137, align 4
+  %1017 = getelementptr inbounds float, ptr %939, i64 %990
   %1018 = load float, ptr %1017, align 4
   %1019 = insertelement <8 x float> poison, float %1018, i32 0
   %1020 = shufflevector <8 x float> %1019, <8 x float> poison, <8 x i32> zeroinitializer
-  %1021 = load <8 x float>, ptr %acc010131, align 4
-  %1022 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %1005, <8 x float> %1021)
-  store <8 x float> %1022, ptr %acc010131, align 4
-  %1023 = load <8 x float>, ptr %acc011132, align 4
-  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %1008, <8 x float> %1023)
-  store <8 x float> %1024, ptr %acc011132, align 4
-  %1025 = getelementptr inbounds float, ptr %946, i64 %998
+  %1021 = load <8 x float>, ptr %acc020138, align 4
+  %1022 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %997, <8 x float> %1021)
+  store <8 x float> %1022, ptr %acc020138, align 4
+  %1023 = load <8 x float>, ptr %acc021139, align 4
+  %1024 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1020, <8 x float> %1000, <8 x float> %1023)
+  store <8 x float> %1024, ptr %acc021139, align 4
+  %1025 = getelementptr inbounds float, ptr %954, i64 %990
   %1026 = load float, ptr %1025, align 4
   %1027 = insertelement <8 x float> poison, float %1026, i32 0
   %1028 = shufflevector <8 x float> %1027, <8 x float> poison, <8 x i32> zeroinitializer
-  %1029 = load <8 x float>, ptr %acc020133, align 4
-  %1030 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %1005, <8 x float> %1029)
-  store <8 x float> %1030, ptr %acc020133, align 4
-  %1031 = load <8 x float>, ptr %acc021134, align 4
-  %1032 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %1008, <8 x float> %1031)
-  store <8 x float> %1032, ptr %acc021134, align 4
-  %1033 = getelementptr inbounds float, ptr %961, i64 %998
+  %1029 = load <8 x float>, ptr %acc030140, align 4
+  %1030 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %997, <8 x float> %1029)
+  store <8 x float> %1030, ptr %acc030140, align 4
+  %1031 = load <8 x float>, ptr %acc031141, align 4
+  %1032 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1028, <8 x float> %1000, <8 x float> %1031)
+  store <8 x float> %1032, ptr %acc031141, align 4
+  %1033 = getelementptr inbounds float, ptr %969, i64 %990
   %1034 = load float, ptr %1033, align 4
   %1035 = insertelement <8 x float> poison, float %1034, i32 0
   %1036 = shufflevector <8 x float> %1035, <8 x float> poison, <8 x i32> zeroinitializer
-  %1037 = load <8 x float>, ptr %acc030135, align 4
-  %1038 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %1005, <8 x float> %1037)
-  store <8 x float> %1038, ptr %acc030135, align 4
-  %1039 = load <8 x float>, ptr %acc031136, align 4
-  %1040 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %1008, <8 x float> %1039)
-  store <8 x float> %1040, ptr %acc031136, align 4
-  %1041 = getelementptr inbounds float, ptr %976, i64 %998
-  %1042 = load float, ptr %1041, align 4
-  %1043 = insertelement <8 x float> poison, float %1042, i32 0
-  %1044 = shufflevector <8 x float> %1043, <8 x float> poison, <8 x i32> zeroinitializer
-  %1045 = load <8 x float>, ptr %acc040137, align 4
-  %1046 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1044, <8 x float> %1005, <8 x float> %1045)
-  store <8 x float> %1046, ptr %acc040137, align 4
-  %1047 = load <8 x float>, ptr %acc041138, align 4
-  %1048 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1044, <8 x float> %1008, <8 x float> %1047)
-  store <8 x float> %1048, ptr %acc041138, align 4
-  %1049 = add nsw i64 %k146, 1
-  br label %k.head143
+  %1037 = load <8 x float>, ptr %acc040142, align 4
+  %1038 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %997, <8 x float> %1037)
+  store <8 x float> %1038, ptr %acc040142, align 4
+  %1039 = load <8 x float>, ptr %acc041143, align 4
+  %1040 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1036, <8 x float> %1000, <8 x float> %1039)
+  store <8 x float> %1040, ptr %acc041143, align 4
+  %1041 = add nsw i64 %k151, 1
+  br label %k.head148
 
-k.end145:                                         ; preds = %k.head143
-  %1050 = load <8 x float>, ptr %acc000129, align 4
-  store <8 x float> %1050, ptr %923, align 4
-  %1051 = load <8 x float>, ptr %acc001130, align 4
-  store <8 x float> %1051, ptr %926, align 4
-  %1052 = load <8 x float>, ptr %acc010131, align 4
-  store <8 x float> %1052, ptr %938, align 4
-  %1053 = load <8 x float>, ptr %acc011132, align 4
-  store <8 x float> %1053, ptr %941, align 4
-  %1054 = load <8 x float>, ptr %acc020133, align 4
-  store <8 x float> %1054, ptr %953, align 4
-  %1055 = load <8 x float>, ptr %acc021134, align 4
-  store <8 x float> %1055, ptr %956, align 4
-  %1056 = load <8 x float>, ptr %acc030135, align 4
-  store <8 x float> %1056, ptr %968, align 4
-  %1057 = load <8 x float>, ptr %acc031136, align 4
-  store <8 x float> %1057, ptr %971, align 4
-  %1058 = load <8 x float>, ptr %acc040137, align 4
-  store <8 x float> %1058, ptr %983, align 4
-  %1059 = load <8 x float>, ptr %acc041138, align 4
-  store <8 x float> %1059, ptr %986, align 4
-  br label %tile.done96
+k.end150:                                         ; preds = %k.head148
+  %1042 = load <8 x float>, ptr %acc000134, align 4
+  store <8 x float> %1042, ptr %916, align 4
+  %1043 = load <8 x float>, ptr %acc001135, align 4
+  store <8 x float> %1043, ptr %919, align 4
+  %1044 = load <8 x float>, ptr %acc010136, align 4
+  store <8 x float> %1044, ptr %931, align 4
+  %1045 = load <8 x float>, ptr %acc011137, align 4
+  store <8 x float> %1045, ptr %934, align 4
+  %1046 = load <8 x float>, ptr %acc020138, align 4
+  store <8 x float> %1046, ptr %946, align 4
+  %1047 = load <8 x float>, ptr %acc021139, align 4
+  store <8 x float> %1047, ptr %949, align 4
+  %1048 = load <8 x float>, ptr %acc030140, align 4
+  store <8 x float> %1048, ptr %961, align 4
+  %1049 = load <8 x float>, ptr %acc031141, align 4
+  store <8 x float> %1049, ptr %964, align 4
+  %1050 = load <8 x float>, ptr %acc040142, align 4
+  store <8 x float> %1050, ptr %976, align 4
+  %1051 = load <8 x float>, ptr %acc041143, align 4
+  store <8 x float> %1051, ptr %979, align 4
+  br label %tile.done101
 
-tile.mr4100:                                      ; preds = %rb.body90
-  %col149 = mul nsw i64 %p, 16
-  %1060 = add nsw i64 %r093, 0
-  %1061 = mul nsw i64 %1060, 2816
-  %1062 = add nsw i64 %1061, 0
-  %1063 = getelementptr inbounds float, ptr %h, i64 %1062
-  %1064 = getelementptr inbounds i32, ptr %rows, i64 %1060
-  %1065 = load i32, ptr %1064, align 4
-  %1066 = sext i32 %1065 to i64
-  %1067 = mul nsw i64 %1066, 1024
-  %1068 = getelementptr inbounds float, ptr %y, i64 %1067
-  %1069 = add nsw i64 %col149, 0
-  %1070 = getelementptr inbounds float, ptr %1068, i64 %1069
-  %1071 = load <8 x float>, ptr %1070, align 4
-  store <8 x float> zeroinitializer, ptr %acc000150, align 4
-  %1072 = add nsw i64 %col149, 8
-  %1073 = getelementptr inbounds float, ptr %1068, i64 %1072
-  %1074 = load <8 x float>, ptr %1073, align 4
-  store <8 x float> zeroinitializer, ptr %acc001151, align 4
-  %1075 = add nsw i64 %r093, 1
-  %1076 = mul nsw i64 %1075, 2816
-  %1077 = add nsw i64 %1076, 0
-  %1078 = getelementptr inbounds float, ptr %h, i64 %1077
-  %1079 = getelementptr inbounds i32, ptr %rows, i64 %1075
-  %1080 = load i32, ptr %1079, align 4
-  %1081 = sext i32 %1080 to i64
-  %1082 = mul nsw i64 %1081, 1024
-  %1083 = getelementptr inbounds float, ptr %y, i64 %1082
-  %1084 = add nsw i64 %col149, 0
-  %1085 = getelementptr inbounds float, ptr %1083, i64 %1084
-  %1086 = load <8 x float>, ptr %1085, align 4
-  store <8 x float> zeroinitializer, ptr %acc010152, align 4
-  %1087 = add nsw i64 %col149, 8
-  %1088 = getelementptr inbounds float, ptr %1083, i64 %1087
-  %1089 = load <8 x float>, ptr %1088, align 4
-  store <8 x float> zeroinitializer, ptr %acc011153, align 4
-  %1090 = add nsw i64 %r093, 2
-  %1091 = mul nsw i64 %1090, 2816
-  %1092 = add nsw i64 %1091, 0
-  %1093 = getelementptr inbounds float, ptr %h, i64 %1092
-  %1094 = getelementptr inbounds i32, ptr %rows, i64 %1090
-  %1095 = load i32, ptr %1094, align 4
-  %1096 = sext i32 %1095 to i64
-  %1097 = mul nsw i64 %1096, 1024
-  %1098 = getelementptr inbounds float, ptr %y, i64 %1097
-  %1099 = add nsw i64 %col149, 0
-  %1100 = getelementptr inbounds float, ptr %1098, i64 %1099
-  %1101 = load <8 x float>, ptr %1100, align 4
-  store <8 x float> zeroinitializer, ptr %acc020154, align 4
-  %1102 = add nsw i64 %col149, 8
-  %1103 = getelementptr inbounds float, ptr %1098, i64 %1102
-  %1104 = load <8 x float>, ptr %1103, align 4
-  store <8 x float> zeroinitializer, ptr %acc021155, align 4
-  %1105 = add nsw i64 %r093, 3
-  %1106 = mul nsw i64 %1105, 2816
-  %1107 = add nsw i64 %1106, 0
-  %1108 = getelementptr inbounds float, ptr %h, i64 %1107
-  %1109 = getelementptr inbounds i32, ptr %rows, i64 %1105
-  %1110 = load i32, ptr %1109, align 4
-  %1111 = sext i32 %1110 to i64
-  %1112 = mul nsw i64 %1111, 1024
-  %1113 = getelementptr inbounds float, ptr %y, i64 %1112
-  %1114 = add nsw i64 %col149, 0
-  %1115 = getelementptr inbounds float, ptr %1113, i64 %1114
-  %1116 = load <8 x float>, ptr %1115, align 4
-  store <8 x float> zeroinitializer, ptr %acc030156, align 4
-  %1117 = add nsw i64 %col149, 8
-  %1118 = getelementptr inbounds float, ptr %1113, i64 %1117
-  %1119 = load <8 x float>, ptr %1118, align 4
-  store <8 x float> zeroinitializer, ptr %acc031157, align 4
-  %1120 = mul nsw i64 %p, 45056
-  %panel.off158 = add nsw i64 %1120, 0
-  %1121 = getelementptr inbounds float, ptr %panels, i64 %panel.off158
-  %1122 = add nsw i64 %p, 1
-  %1123 = icmp slt i64 %1122, %p1
-  %pf.on159 = and i1 %pf.on104, %1123
-  %1124 = mul nsw i64 %rb92, 180224
-  %1125 = lshr i64 %1124, %738
-  %1126 = add nsw i64 180224, %1125
-  %1127 = getelementptr inbounds i8, ptr %1121, i64 %1126
-  %pf160 = select i1 %pf.on159, ptr %1127, ptr %1121
-  %pf.sh161 = select i1 %pf.on159, i64 %738, i64 0
-  br label %k.head162
+tile.mr4105:                                      ; preds = %rb.body95
+  %col154 = mul nsw i64 %p, 16
+  %1052 = add nsw i64 %r098, 0
+  %1053 = mul nsw i64 %1052, 2816
+  %1054 = add nsw i64 %1053, 0
+  %1055 = getelementptr inbounds float, ptr %h, i64 %1054
+  %1056 = getelementptr inbounds i32, ptr %rows, i64 %1052
+  %1057 = load i32, ptr %1056, align 4
+  %1058 = sext i32 %1057 to i64
+  %1059 = mul nsw i64 %1058, 1024
+  %1060 = getelementptr inbounds float, ptr %y, i64 %1059
+  %1061 = add nsw i64 %col154, 0
+  %1062 = getelementptr inbounds float, ptr %1060, i64 %1061
+  %1063 = load <8 x float>, ptr %1062, align 4
+  store <8 x float> zeroinitializer, ptr %acc000155, align 4
+  %1064 = add nsw i64 %col154, 8
+  %1065 = getelementptr inbounds float, ptr %1060, i64 %1064
+  %1066 = load <8 x float>, ptr %1065, align 4
+  store <8 x float> zeroinitializer, ptr %acc001156, align 4
+  %1067 = add nsw i64 %r098, 1
+  %1068 = mul nsw i64 %1067, 2816
+  %1069 = add nsw i64 %1068, 0
+  %1070 = getelementptr inbounds float, ptr %h, i64 %1069
+  %1071 = getelementptr inbounds i32, ptr %rows, i64 %1067
+  %1072 = load i32, ptr %1071, align 4
+  %1073 = sext i32 %1072 to i64
+  %1074 = mul nsw i64 %1073, 1024
+  %1075 = getelementptr inbounds float, ptr %y, i64 %1074
+  %1076 = add nsw i64 %col154, 0
+  %1077 = getelementptr inbounds float, ptr %1075, i64 %1076
+  %1078 = load <8 x float>, ptr %1077, align 4
+  store <8 x float> zeroinitializer, ptr %acc010157, align 4
+  %1079 = add nsw i64 %col154, 8
+  %1080 = getelementptr inbounds float, ptr %1075, i64 %1079
+  %1081 = load <8 x float>, ptr %1080, align 4
+  store <8 x float> zeroinitializer, ptr %acc011158, align 4
+  %1082 = add nsw i64 %r098, 2
+  %1083 = mul nsw i64 %1082, 2816
+  %1084 = add nsw i64 %1083, 0
+  %1085 = getelementptr inbounds float, ptr %h, i64 %1084
+  %1086 = getelementptr inbounds i32, ptr %rows, i64 %1082
+  %1087 = load i32, ptr %1086, align 4
+  %1088 = sext i32 %1087 to i64
+  %1089 = mul nsw i64 %1088, 1024
+  %1090 = getelementptr inbounds float, ptr %y, i64 %1089
+  %1091 = add nsw i64 %col154, 0
+  %1092 = getelementptr inbounds float, ptr %1090, i64 %1091
+  %1093 = load <8 x float>, ptr %1092, align 4
+  store <8 x float> zeroinitializer, ptr %acc020159, align 4
+  %1094 = add nsw i64 %col154, 8
+  %1095 = getelementptr inbounds float, ptr %1090, i64 %1094
+  %1096 = load <8 x float>, ptr %1095, align 4
+  store <8 x float> zeroinitializer, ptr %acc021160, align 4
+  %1097 = add nsw i64 %r098, 3
+  %1098 = mul nsw i64 %1097, 2816
+  %1099 = add nsw i64 %1098, 0
+  %1100 = getelementptr inbounds float, ptr %h, i64 %1099
+  %1101 = getelementptr inbounds i32, ptr %rows, i64 %1097
+  %1102 = load i32, ptr %1101, align 4
+  %1103 = sext i32 %1102 to i64
+  %1104 = mul nsw i64 %1103, 1024
+  %1105 = getelementptr inbounds float, ptr %y, i64 %1104
+  %1106 = add nsw i64 %col154, 0
+  %1107 = getelementptr inbounds float, ptr %1105, i64 %1106
+  %1108 = load <8 x float>, ptr %1107, align 4
+  store <8 x float> zeroinitializer, ptr %acc030161, align 4
+  %1109 = add nsw i64 %col154, 8
+  %1110 = getelementptr inbounds float, ptr %1105, i64 %1109
+  %1111 = load <8 x float>, ptr %1110, align 4
+  store <8 x float> zeroinitializer, ptr %acc031162, align 4
+  %panel.off163 = mul nsw i64 %p, 45056
+  %1112 = getelementptr inbounds float, ptr %panels, i64 %panel.off163
+  %1113 = add nsw i64 %p, 1
+  %1114 = icmp slt i64 %1113, %p1
+  %pf.on164 = and i1 %pf.on109, %1114
+  %1115 = mul nsw i64 %rb97, 180224
+  %1116 = lshr i64 %1115, %732
+  %1117 = add nsw i64 180224, %1116
+  %1118 = getelementptr inbounds i8, ptr %1112, i64 %1117
+  %pf165 = select i1 %pf.on164, ptr %1118, ptr %1112
+  %pf.sh166 = select i1 %pf.on164, i64 %732, i64 0
+  br label %k.head167
 
-k.head162:                                        ; preds = %pf.any.end167, %tile.mr4100
-  %k165 = phi i64 [ 0, %tile.mr4100 ], [ %1173, %pf.any.end167 ]
-  %1128 = icmp slt i64 %k165, 2816
-  br i1 %1128, label %k.body163, label %k.end164
+k.head167:                                        ; preds = %pf.any.end172, %tile.mr4105
+  %k170 = phi i64 [ 0, %tile.mr4105 ], [ %1164, %pf.any.end172 ]
+  %1119 = icmp slt i64 %k170, 2816
+  br i1 %1119, label %k.body168, label %k.end169
 
-k.body163:                                        ; preds = %k.head162
-  %1129 = mul nsw i64 %k165, 1
-  %1130 = add nsw i64 %1129, 0
-  %1131 = mul nsw i64 %1130, 64
-  br i1 %pf.multi103, label %pf.any.then166, label %pf.any.end167
+k.body168:                                        ; preds = %k.head167
+  %1120 = mul nsw i64 %k170, 1
+  %1121 = add nsw i64 %1120, 0
+  %1122 = mul nsw i64 %1121, 64
+  br i1 %pf.multi108, label %pf.any.then171, label %pf.any.end172
 
-pf.any.then166:                                   ; preds = %k.body163
-  %1132 = lshr i64 %1131, %pf.sh161
-  %1133 = getelementptr inbounds i8, ptr %pf160, i64 %1132
-  call void @llvm.prefetch.p0(ptr %1133, i32 0, i32 2, i32 1)
-  br label %pf.any.end167
+pf.any.then171:                                   ; preds = %k.body168
+  %1123 = lshr i64 %1122, %pf.sh166
+  %1124 = getelementptr inbounds i8, ptr %pf165, i64 %1123
+  call void @llvm.prefetch.p0(ptr %1124, i32 0, i32 2, i32 1)
+  br label %pf.any.end172
 
-pf.any.end167:                                    ; preds = %pf.any.then166, %k.body163
-  %1134 = mul nsw i64 %1130, 16
-  %1135 = add nsw i64 %panel.off158, %1134
-  %1136 = getelementptr inbounds float, ptr %panels, i64 %1135
-  %1137 = load <8 x float>, ptr %1136, align 4
-  %1138 = add nsw i64 %1135, 8
-  %1139 = getelementptr inbounds float, ptr %panels, i64 %1138
-  %1140 = load <8 x float>, ptr %1139, align 4
-  %1141 = getelementptr inbounds float, ptr %1063, i64 %1130
-  %1142 = load float, ptr %1141, align 4
-  %1143 = insertelement <8 x float> poison, float %1142, i32 0
-  %1144 = shufflevector <8 x float> %1143, <8 x float> poison, <8 x i32> zeroinitializer
-  %1145 = load <8 x float>, ptr %acc000150, align 4
-  %1146 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1144, <8 x float> %1137, <8 x float> %1145)
-  store <8 x float> %1146, ptr %acc000150, align 4
-  %1147 = load <8 x float>, ptr %acc001151, align 4
-  %1148 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1144, <8 x float> %1140, <8 x float> %1147)
-  store <8 x float> %1148, ptr %acc001151, align 4
-  %1149 = getelementptr inbounds float, ptr %1078, i64 %1130
-  %1150 = load float, ptr %1149, align 4
-  %1151 = insertelement <8 x float> poison, float %1150, i32 0
-  %1152 = shufflevector <8 x float> %1151, <8 x float> poison, <8 x i32> zeroinitializer
-  %1153 = load <8 x float>, ptr %acc010152, align 4
-  %1154 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1152, <8 x float> %1137, <8 x float> %1153)
-  store <8 x float> %1154, ptr %acc010152, align 4
-  %1155 = load <8 x float>, ptr %acc011153, align 4
-  %1156 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1152, <8 x float> %1140, <8 x float> %1155)
-  store <8 x float> %1156, ptr %acc011153, align 4
-  %1157 = getelementptr inbounds float, ptr %1093, i64 %1130
-  %1158 = load float, ptr %1157, align 4
-  %1159 = insertelement <8 x float> poison, float %1158, i32 0
-  %1160 = shufflevector <8 x float> %1159, <8 x float> poison, <8 x i32> zeroinitializer
-  %1161 = load <8 x float>, ptr %acc020154, align 4
-  %1162 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1160, <8 x float> %1137, <8 x float> %1161)
-  store <8 x float> %1162, ptr %acc020154, align 4
-  %1163 = load <8 x float>, ptr %acc021155, align 4
-  %1164 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1160, <8 x float> %1140, <8 x float> %1163)
-  store <8 x float> %1164, ptr %acc021155, align 4
-  %1165 = getelementptr inbounds float, ptr %1108, i64 %1130
-  %1166 = load float, ptr %1165, align 4
-  %1167 = insertelement <8 x float> poison, float %1166, i32 0
-  %1168 = shufflevector <8 x float> %1167, <8 x float> poison, <8 x i32> zeroinitializer
-  %1169 = load <8 x float>, ptr %acc030156, align 4
-  %1170 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1168, <8 x float> %1137, <8 x float> %1169)
-  store <8 x float> %1170, ptr %acc030156, align 4
-  %1171 = load <8 x float>, ptr %acc031157, align 4
-  %1172 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1168, <8 x float> %1140, <8 x float> %1171)
-  store <8 x float> %1172, ptr %acc031157, align 4
-  %1173 = add nsw i64 %k165, 1
-  br label %k.head162
+pf.any.end172:                                    ; preds = %pf.any.then171, %k.body168
+  %1125 = mul nsw i64 %1121, 16
+  %1126 = add nsw i64 %panel.off163, %1125
+  %1127 = getelementptr inbounds float, ptr %panels, i64 %1126
+  %1128 = load <8 x float>, ptr %1127, align 4
+  %1129 = add nsw i64 %1126, 8
+  %1130 = getelementptr inbounds float, ptr %panels, i64 %1129
+  %1131 = load <8 x float>, ptr %1130, align 4
+  %1132 = getelementptr inbounds float, ptr %1055, i64 %1121
+  %1133 = load float, ptr %1132, align 4
+  %1134 = insertelement <8 x float> poison, float %1133, i32 0
+  %1135 = shufflevector <8 x float> %1134, <8 x float> poison, <8 x i32> zeroinitializer
+  %1136 = load <8 x float>, ptr %acc000155, align 4
+  %1137 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1135, <8 x float> %1128, <8 x float> %1136)
+  store <8 x float> %1137, ptr %acc000155, align 4
+  %1138 = load <8 x float>, ptr %acc001156, align 4
+  %1139 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1135, <8 x float> %1131, <8 x float> %1138)
+  store <8 x float> %1139, ptr %acc001156, align 4
+  %1140 = getelementptr inbounds float, ptr %1070, i64 %1121
+  %1141 = load float, ptr %1140, align 4
+  %1142 = insertelement <8 x float> poison, float %1141, i32 0
+  %1143 = shufflevector <8 x float> %1142, <8 x float> poison, <8 x i32> zeroinitializer
+  %1144 = load <8 x float>, ptr %acc010157, align 4
+  %1145 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1143, <8 x float> %1128, <8 x float> %1144)
+  store <8 x float> %1145, ptr %acc010157, align 4
+  %1146 = load <8 x float>, ptr %acc011158, align 4
+  %1147 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1143, <8 x float> %1131, <8 x float> %1146)
+  store <8 x float> %1147, ptr %acc011158, align 4
+  %1148 = getelementptr inbounds float, ptr %1085, i64 %1121
+  %1149 = load float, ptr %1148, align 4
+  %1150 = insertelement <8 x float> poison, float %1149, i32 0
+  %1151 = shufflevector <8 x float> %1150, <8 x float> poison, <8 x i32> zeroinitializer
+  %1152 = load <8 x float>, ptr %acc020159, align 4
+  %1153 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1151, <8 x float> %1128, <8 x float> %1152)
+  store <8 x float> %1153, ptr %acc020159, align 4
+  %1154 = load <8 x float>, ptr %acc021160, align 4
+  %1155 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1151, <8 x float> %1131, <8 x float> %1154)
+  store <8 x float> %1155, ptr %acc021160, align 4
+  %1156 = getelementptr inbounds float, ptr %1100, i64 %1121
+  %1157 = load float, ptr %1156, align 4
+  %1158 = insertelement <8 x float> poison, float %1157, i32 0
+  %1159 = shufflevector <8 x float> %1158, <8 x float> poison, <8 x i32> zeroinitializer
+  %1160 = load <8 x float>, ptr %acc030161, align 4
+  %1161 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1159, <8 x float> %1128, <8 x float> %1160)
+  store <8 x float> %1161, ptr %acc030161, align 4
+  %1162 = load <8 x float>, ptr %acc031162, align 4
+  %1163 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1159, <8 x float> %1131, <8 x float> %1162)
+  store <8 x float> %1163, ptr %acc031162, align 4
+  %1164 = add nsw i64 %k170, 1
+  br label %k.head167
 
-k.end164:                                         ; preds = %k.head162
-  %1174 = load <8 x float>, ptr %acc000150, align 4
-  store <8 x float> %1174, ptr %1070, align 4
-  %1175 = load <8 x float>, ptr %acc001151, align 4
-  store <8 x float> %1175, ptr %1073, align 4
-  %1176 = load <8 x float>, ptr %acc010152, align 4
-  store <8 x float> %1176, ptr %1085, align 4
-  %1177 = load <8 x float>, ptr %acc011153, align 4
-  store <8 x float> %1177, ptr %1088, align 4
-  %1178 = load <8 x float>, ptr %acc020154, align 4
-  store <8 x float> %1178, ptr %1100, align 4
-  %1179 = load <8 x float>, ptr %acc021155, align 4
-  store <8 x float> %1179, ptr %1103, align 4
-  %1180 = load <8 x float>, ptr %acc030156, align 4
-  store <8 x float> %1180, ptr %1115, align 4
-  %1181 = load <8 x float>, ptr %acc031157, align 4
-  store <8 x float> %1181, ptr %1118, align 4
-  br label %tile.done96
+k.end169:                                         ; preds = %k.head167
+  %1165 = load <8 x float>, ptr %acc000155, align 4
+  store <8 x float> %1165, ptr %1062, align 4
+  %1166 = load <8 x float>, ptr %acc001156, align 4
+  store <8 x float> %1166, ptr %1065, align 4
+  %1167 = load <8 x float>, ptr %acc010157, align 4
+  store <8 x float> %1167, ptr %1077, align 4
+  %1168 = load <8 x float>, ptr %acc011158, align 4
+  store <8 x float> %1168, ptr %1080, align 4
+  %1169 = load <8 x float>, ptr %acc020159, align 4
+  store <8 x float> %1169, ptr %1092, align 4
+  %1170 = load <8 x float>, ptr %acc021160, align 4
+  store <8 x float> %1170, ptr %1095, align 4
+  %1171 = load <8 x float>, ptr %acc030161, align 4
+  store <8 x float> %1171, ptr %1107, align 4
+  %1172 = load <8 x float>, ptr %acc031162, align 4
+  store <8 x float> %1172, ptr %1110, align 4
+  br label %tile.done101
 
-tile.mr399:                                       ; preds = %rb.body90
-  %col168 = mul nsw i64 %p, 16
-  %1182 = add nsw i64 %r093, 0
-  %1183 = mul nsw i64 %1182, 2816
-  %1184 = add nsw i64 %1183, 0
-  %1185 = getelementptr inbounds float, ptr %h, i64 %1184
-  %1186 = getelementptr inbounds i32, ptr %rows, i64 %1182
-  %1187 = load i32, ptr %1186, align 4
-  %1188 = sext i32 %1187 to i64
-  %1189 = mul nsw i64 %1188, 1024
-  %1190 = getelementptr inbounds float, ptr %y, i64 %1189
-  %1191 = add nsw i64 %col168, 0
-  %1192 = getelementptr inbounds float, ptr %1190, i64 %1191
-  %1193 = load <8 x float>, ptr %1192, align 4
-  store <8 x float> zeroinitializer, ptr %acc000169, align 4
-  %1194 = add nsw i64 %col168, 8
-  %1195 = getelementptr inbounds float, ptr %1190, i64 %1194
-  %1196 = load <8 x float>, ptr %1195, align 4
-  store <8 x float> zeroinitializer, ptr %acc001170, align 4
-  %1197 = add nsw i64 %r093, 1
-  %1198 = mul nsw i64 %1197, 2816
-  %1199 = add nsw i64 %1198, 0
-  %1200 = getelementptr inbounds float, ptr %h, i64 %1199
-  %1201 = getelementptr inbounds i32, ptr %rows, i64 %1197
-  %1202 = load i32, ptr %1201, align 4
-  %1203 = sext i32 %1202 to i64
-  %1204 = mul nsw i64 %1203, 1024
-  %1205 = getelementptr inbounds float, ptr %y, i64 %1204
-  %1206 = add nsw i64 %col168, 0
-  %1207 = getelementptr inbounds float, ptr %1205, i64 %1206
-  %1208 = load <8 x float>, ptr %1207, align 4
-  store <8 x float> zeroinitializer, ptr %acc010171, align 4
-  %1209 = add nsw i64 %col168, 8
-  %1210 = getelementptr inbounds float, ptr %1205, i64 %1209
-  %1211 = load <8 x float>, ptr %1210, align 4
-  store <8 x float> zeroinitializer, ptr %acc011172, align 4
-  %1212 = add nsw i64 %r093, 2
-  %1213 = mul nsw i64 %1212, 2816
-  %1214 = add nsw i64 %1213, 0
-  %1215 = getelementptr inbounds float, ptr %h, i64 %1214
-  %1216 = getelementptr inbounds i32, ptr %rows, i64 %1212
-  %1217 = load i32, ptr %1216, align 4
-  %1218 = sext i32 %1217 to i64
-  %1219 = mul nsw i64 %1218, 1024
-  %1220 = getelementptr inbounds float, ptr %y, i64 %1219
-  %1221 = add nsw i64 %col168, 0
-  %1222 = getelementptr inbounds float, ptr %1220, i64 %1221
-  %1223 = load <8 x float>, ptr %1222, align 4
-  store <8 x float> zeroinitializer, ptr %acc020173, align 4
-  %1224 = add nsw i64 %col168, 8
-  %1225 = getelementptr inbounds float, ptr %1220, i64 %1224
-  %1226 = load <8 x float>, ptr %1225, align 4
-  store <8 x float> zeroinitializer, ptr %acc021174, align 4
-  %1227 = mul nsw i64 %p, 45056
-  %panel.off175 = add nsw i64 %1227, 0
-  %1228 = getelementptr inbounds float, ptr %panels, i64 %panel.off175
-  %1229 = add nsw i64 %p, 1
-  %1230 = icmp slt i64 %1229, %p1
-  %pf.on176 = and i1 %pf.on104, %1230
-  %1231 = mul nsw i64 %rb92, 180224
-  %1232 = lshr i64 %1231, %738
-  %1233 = add nsw i64 180224, %1232
-  %1234 = getelementptr inbounds i8, ptr %1228, i64 %1233
-  %pf177 = select i1 %pf.on176, ptr %1234, ptr %1228
-  %pf.sh178 = select i1 %pf.on176, i64 %738, i64 0
-  br label %k.head179
+tile.mr3104:                                      ; preds = %rb.body95
+  %col173 = mul nsw i64 %p, 16
+  %1173 = add nsw i64 %r098, 0
+  %1174 = mul nsw i64 %1173, 2816
+  %1175 = add nsw i64 %1174, 0
+  %1176 = getelementptr inbounds float, ptr %h, i64 %1175
+  %1177 = getelementptr inbounds i32, ptr %rows, i64 %1173
+  %1178 = load i32, ptr %1177, align 4
+  %1179 = sext i32 %1178 to i64
+  %1180 = mul nsw i64 %1179, 1024
+  %1181 = getelementptr inbounds float, ptr %y, i64 %1180
+  %1182 = add nsw i64 %col173, 0
+  %1183 = getelementptr inbounds float, ptr %1181, i64 %1182
+  %1184 = load <8 x float>, ptr %1183, align 4
+  store <8 x float> zeroinitializer, ptr %acc000174, align 4
+  %1185 = add nsw i64 %col173, 8
+  %1186 = getelementptr inbounds float, ptr %1181, i64 %1185
+  %1187 = load <8 x float>, ptr %1186, align 4
+  store <8 x float> zeroinitializer, ptr %acc001175, align 4
+  %1188 = add nsw i64 %r098, 1
+  %1189 = mul nsw i64 %1188, 2816
+  %1190 = add nsw i64 %1189, 0
+  %1191 = getelementptr inbounds float, ptr %h, i64 %1190
+  %1192 = getelementptr inbounds i32, ptr %rows, i64 %1188
+  %1193 = load i32, ptr %1192, align 4
+  %1194 = sext i32 %1193 to i64
+  %1195 = mul nsw i64 %1194, 1024
+  %1196 = getelementptr inbounds float, ptr %y, i64 %1195
+  %1197 = add nsw i64 %col173, 0
+  %1198 = getelementptr inbounds float, ptr %1196, i64 %1197
+  %1199 = load <8 x float>, ptr %1198, align 4
+  store <8 x float> zeroinitializer, ptr %acc010176, align 4
+  %1200 = add nsw i64 %col173, 8
+  %1201 = getelementptr inbounds float, ptr %1196, i64 %1200
+  %1202 = load <8 x float>, ptr %1201, align 4
+  store <8 x float> zeroinitializer, ptr %acc011177, align 4
+  %1203 = add nsw i64 %r098, 2
+  %1204 = mul nsw i64 %1203, 2816
+  %1205 = add nsw i64 %1204, 0
+  %1206 = getelementptr inbounds float, ptr %h, i64 %1205
+  %1207 = getelementptr inbounds i32, ptr %rows, i64 %1203
+  %1208 = load i32, ptr %1207, align 4
+  %1209 = sext i32 %1208 to i64
+  %1210 = mul nsw i64 %1209, 1024
+  %1211 = getelementptr inbounds float, ptr %y, i64 %1210
+  %1212 = add nsw i64 %col173, 0
+  %1213 = getelementptr inbounds float, ptr %1211, i64 %1212
+  %1214 = load <8 x float>, ptr %1213, align 4
+  store <8 x float> zeroinitializer, ptr %acc020178, align 4
+  %1215 = add nsw i64 %col173, 8
+  %1216 = getelementptr inbounds float, ptr %1211, i64 %1215
+  %1217 = load <8 x float>, ptr %1216, align 4
+  store <8 x float> zeroinitializer, ptr %acc021179, align 4
+  %panel.off180 = mul nsw i64 %p, 45056
+  %1218 = getelementptr inbounds float, ptr %panels, i64 %panel.off180
+  %1219 = add nsw i64 %p, 1
+  %1220 = icmp slt i64 %1219, %p1
+  %pf.on181 = and i1 %pf.on109, %1220
+  %1221 = mul nsw i64 %rb97, 180224
+  %1222 = lshr i64 %1221, %732
+  %1223 = add nsw i64 180224, %1222
+  %1224 = getelementptr inbounds i8, ptr %1218, i64 %1223
+  %pf182 = select i1 %pf.on181, ptr %1224, ptr %1218
+  %pf.sh183 = select i1 %pf.on181, i64 %732, i64 0
+  br label %k.head184
 
-k.head179:                                        ; preds = %pf.any.end184, %tile.mr399
-  %k182 = phi i64 [ 0, %tile.mr399 ], [ %1272, %pf.any.end184 ]
-  %1235 = icmp slt i64 %k182, 2816
-  br i1 %1235, label %k.body180, label %k.end181
+k.head184:                                        ; preds = %pf.any.end189, %tile.mr3104
+  %k187 = phi i64 [ 0, %tile.mr3104 ], [ %1262, %pf.any.end189 ]
+  %1225 = icmp slt i64 %k187, 2816
+  br i1 %1225, label %k.body185, label %k.end186
 
-k.body180:                                        ; preds = %k.head179
-  %1236 = mul nsw i64 %k182, 1
-  %1237 = add nsw i64 %1236, 0
-  %1238 = mul nsw i64 %1237, 64
-  br i1 %pf.multi103, label %pf.any.then183, label %pf.any.end184
+k.body185:                                        ; preds = %k.head184
+  %1226 = mul nsw i64 %k187, 1
+  %1227 = add nsw i64 %1226, 0
+  %1228 = mul nsw i64 %1227, 64
+  br i1 %pf.multi108, label %pf.any.then188, label %pf.any.end189
 
-pf.any.then183:                                   ; preds = %k.body180
-  %1239 = lshr i64 %1238, %pf.sh178
-  %1240 = getelementptr inbounds i8, ptr %pf177, i64 %1239
-  call void @llvm.prefetch.p0(ptr %1240, i32 0, i32 2, i32 1)
-  br label %pf.any.end184
+pf.any.then188:                                   ; preds = %k.body185
+  %1229 = lshr i64 %1228, %pf.sh183
+  %1230 = getelementptr inbounds i8, ptr %pf182, i64 %1229
+  call void @llvm.prefetch.p0(ptr %1230, i32 0, i32 2, i32 1)
+  br label %pf.any.end189
 
-pf.any.end184:                                    ; preds = %pf.any.then183, %k.body180
-  %1241 = mul nsw i64 %1237, 16
-  %1242 = add nsw i64 %panel.off175, %1241
-  %1243 = getelementptr inbounds float, ptr %panels, i64 %1242
-  %1244 = load <8 x float>, ptr %1243, align 4
-  %1245 = add nsw i64 %1242, 8
-  %1246 = getelementptr inbounds float, ptr %panels, i64 %1245
-  %1247 = load <8 x float>, ptr %1246, align 4
-  %1248 = getelementptr inbounds float, ptr %1185, i64 %1237
-  %1249 = load float, ptr %1248, align 4
-  %1250 = insertelement <8 x float> poison, float %1249, i32 0
-  %1251 = shufflevector <8 x float> %1250, <8 x float> poison, <8 x i32> zeroinitializer
-  %1252 = load <8 x float>, ptr %acc000169, align 4
-  %1253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1251, <8 x float> %1244, <8 x float> %1252)
-  store <8 x float> %1253, ptr %acc000169, align 4
-  %1254 = load <8 x float>, ptr %acc001170, align 4
-  %1255 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1251, <8 x float> %1247, <8 x float> %1254)
-  store <8 x float> %1255, ptr %acc001170, align 4
-  %1256 = getelementptr inbounds float, ptr %1200, i64 %1237
-  %1257 = load float, ptr %1256, align 4
-  %1258 = insertelement <8 x float> poison, float %1257, i32 0
-  %1259 = shufflevector <8 x float> %1258, <8 x float> poison, <8 x i32> zeroinitializer
-  %1260 = load <8 x float>, ptr %acc010171, align 4
-  %1261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1259, <8 x float> %1244, <8 x float> %1260)
-  store <8 x float> %1261, ptr %acc010171, align 4
-  %1262 = load <8 x float>, ptr %acc011172, align 4
-  %1263 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1259, <8 x float> %1247, <8 x float> %1262)
-  store <8 x float> %1263, ptr %acc011172, align 4
-  %1264 = getelementptr inbounds float, ptr %1215, i64 %1237
-  %1265 = load float, ptr %1264, align 4
-  %1266 = insertelement <8 x float> poison, float %1265, i32 0
-  %1267 = shufflevector <8 x float> %1266, <8 x float> poison, <8 x i32> zeroinitializer
-  %1268 = load <8 x float>, ptr %acc020173, align 4
-  %1269 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1267, <8 x float> %1244, <8 x float> %1268)
-  store <8 x float> %1269, ptr %acc020173, align 4
-  %1270 = load <8 x float>, ptr %acc021174, align 4
-  %1271 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1267, <8 x float> %1247, <8 x float> %1270)
-  store <8 x float> %1271, ptr %acc021174, align 4
-  %1272 = add nsw i64 %k182, 1
-  br label %k.head179
+pf.any.end189:                                    ; preds = %pf.any.then188, %k.body185
+  %1231 = mul nsw i64 %1227, 16
+  %1232 = add nsw i64 %panel.off180, %1231
+  %1233 = getelementptr inbounds float, ptr %panels, i64 %1232
+  %1234 = load <8 x float>, ptr %1233, align 4
+  %1235 = add nsw i64 %1232, 8
+  %1236 = getelementptr inbounds float, ptr %panels, i64 %1235
+  %1237 = load <8 x float>, ptr %1236, align 4
+  %1238 = getelementptr inbounds float, ptr %1176, i64 %1227
+  %1239 = load float, ptr %1238, align 4
+  %1240 = insertelement <8 x float> poison, float %1239, i32 0
+  %1241 = shufflevector <8 x float> %1240, <8 x float> poison, <8 x i32> zeroinitializer
+  %1242 = load <8 x float>, ptr %acc000174, align 4
+  %1243 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1241, <8 x float> %1234, <8 x float> %1242)
+  store <8 x float> %1243, ptr %acc000174, align 4
+  %1244 = load <8 x float>, ptr %acc001175, align 4
+  %1245 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1241, <8 x float> %1237, <8 x float> %1244)
+  store <8 x float> %1245, ptr %acc001175, align 4
+  %1246 = getelementptr inbounds float, ptr %1191, i64 %1227
+  %1247 = load float, ptr %1246, align 4
+  %1248 = insertelement <8 x float> poison, float %1247, i32 0
+  %1249 = shufflevector <8 x float> %1248, <8 x float> poison, <8 x i32> zeroinitializer
+  %1250 = load <8 x float>, ptr %acc010176, align 4
+  %1251 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1249, <8 x float> %1234, <8 x float> %1250)
+  store <8 x float> %1251, ptr %acc010176, align 4
+  %1252 = load <8 x float>, ptr %acc011177, align 4
+  %1253 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1249, <8 x float> %1237, <8 x float> %1252)
+  store <8 x float> %1253, ptr %acc011177, align 4
+  %1254 = getelementptr inbounds float, ptr %1206, i64 %1227
+  %1255 = load float, ptr %1254, align 4
+  %1256 = insertelement <8 x float> poison, float %1255, i32 0
+  %1257 = shufflevector <8 x float> %1256, <8 x float> poison, <8 x i32> zeroinitializer
+  %1258 = load <8 x float>, ptr %acc020178, align 4
+  %1259 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1257, <8 x float> %1234, <8 x float> %1258)
+  store <8 x float> %1259, ptr %acc020178, align 4
+  %1260 = load <8 x float>, ptr %acc021179, align 4
+  %1261 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1257, <8 x float> %1237, <8 x float> %1260)
+  store <8 x float> %1261, ptr %acc021179, align 4
+  %1262 = add nsw i64 %k187, 1
+  br label %k.head184
 
-k.end181:                                         ; preds = %k.head179
-  %1273 = load <8 x float>, ptr %acc000169, align 4
-  store <8 x float> %1273, ptr %1192, align 4
-  %1274 = load <8 x float>, ptr %acc001170, align 4
-  store <8 x float> %1274, ptr %1195, align 4
-  %1275 = load <8 x float>, ptr %acc010171, align 4
-  store <8 x float> %1275, ptr %1207, align 4
-  %1276 = load <8 x float>, ptr %acc011172, align 4
-  store <8 x float> %1276, ptr %1210, align 4
-  %1277 = load <8 x float>, ptr %acc020173, align 4
-  store <8 x float> %1277, ptr %1222, align 4
-  %1278 = load <8 x float>, ptr %acc021174, align 4
-  store <8 x float> %1278, ptr %1225, align 4
-  br label %tile.done96
+k.end186:                                         ; preds = %k.head184
+  %1263 = load <8 x float>, ptr %acc000174, align 4
+  store <8 x float> %1263, ptr %1183, align 4
+  %1264 = load <8 x float>, ptr %acc001175, align 4
+  store <8 x float> %1264, ptr %1186, align 4
+  %1265 = load <8 x float>, ptr %acc010176, align 4
+  store <8 x float> %1265, ptr %1198, align 4
+  %1266 = load <8 x float>, ptr %acc011177, align 4
+  store <8 x float> %1266, ptr %1201, align 4
+  %1267 = load <8 x float>, ptr %acc020178, align 4
+  store <8 x float> %1267, ptr %1213, align 4
+  %1268 = load <8 x float>, ptr %acc021179, align 4
+  store <8 x float> %1268, ptr %1216, align 4
+  br label %tile.done101
 
-tile.mr298:                                       ; preds = %rb.body90
-  %col185 = mul nsw i64 %p, 16
-  %1279 = add nsw i64 %r093, 0
-  %1280 = mul nsw i64 %1279, 2816
-  %1281 = add nsw i64 %1280, 0
-  %1282 = getelementptr inbounds float, ptr %h, i64 %1281
-  %1283 = getelementptr inbounds i32, ptr %rows, i64 %1279
-  %1284 = load i32, ptr %1283, align 4
-  %1285 = sext i32 %1284 to i64
-  %1286 = mul nsw i64 %1285, 1024
-  %1287 = getelementptr inbounds float, ptr %y, i64 %1286
-  %1288 = add nsw i64 %col185, 0
-  %1289 = getelementptr inbounds float, ptr %1287, i64 %1288
-  %1290 = load <8 x float>, ptr %1289, align 4
-  store <8 x float> zeroinitializer, ptr %acc000186, align 4
-  %1291 = add nsw i64 %col185, 8
-  %1292 = getelementptr inbounds float, ptr %1287, i64 %1291
-  %1293 = load <8 x float>, ptr %1292, align 4
-  store <8 x float> zeroinitializer, ptr %acc001187, align 4
-  %1294 = add nsw i64 %r093, 1
-  %1295 = mul nsw i64 %1294, 2816
-  %1296 = add nsw i64 %1295, 0
-  %1297 = getelementptr inbounds float, ptr %h, i64 %1296
-  %1298 = getelementptr inbounds i32, ptr %rows, i64 %1294
-  %1299 = load i32, ptr %1298, align 4
-  %1300 = sext i32 %1299 to i64
-  %1301 = mul nsw i64 %1300, 1024
-  %1302 = getelementptr inbounds float, ptr %y, i64 %1301
-  %1303 = add nsw i64 %col185, 0
-  %1304 = getelementptr inbounds float, ptr %1302, i64 %1303
-  %1305 = load <8 x float>, ptr %1304, align 4
-  store <8 x float> zeroinitializer, ptr %acc010188, align 4
-  %1306 = add nsw i64 %col185, 8
-  %1307 = getelementptr inbounds float, ptr %1302, i64 %1306
-  %1308 = load <8 x float>, ptr %1307, align 4
-  store <8 x float> zeroinitializer, ptr %acc011189, align 4
-  %1309 = mul nsw i64 %p, 45056
-  %panel.off190 = add nsw i64 %1309, 0
-  %1310 = getelementptr inbounds float, ptr %panels, i64 %panel.off190
-  %1311 = add nsw i64 %p, 1
-  %1312 = icmp slt i64 %1311, %p1
-  %pf.on191 = and i1 %pf.on104, %1312
-  %1313 = mul nsw i64 %rb92, 180224
-  %1314 = lshr i64 %1313, %738
-  %1315 = add nsw i64 180224, %1314
-  %1316 = getelementptr inbounds i8, ptr %1310, i64 %1315
-  %pf192 = select i1 %pf.on191, ptr %1316, ptr %1310
-  %pf.sh193 = select i1 %pf.on191, i64 %738, i64 0
-  br label %k.head194
+tile.mr2103:                                      ; preds = %rb.body95
+  %col190 = mul nsw i64 %p, 16
+  %1269 = add nsw i64 %r098, 0
+  %1270 = mul nsw i64 %1269, 2816
+  %1271 = add nsw i64 %1270, 0
+  %1272 = getelementptr inbounds float, ptr %h, i64 %1271
+  %1273 = getelementptr inbounds i32, ptr %rows, i64 %1269
+  %1274 = load i32, ptr %1273, align 4
+  %1275 = sext i32 %1274 to i64
+  %1276 = mul nsw i64 %1275, 1024
+  %1277 = getelementptr inbounds float, ptr %y, i64 %1276
+  %1278 = add nsw i64 %col190, 0
+  %1279 = getelementptr inbounds float, ptr %1277, i64 %1278
+  %1280 = load <8 x float>, ptr %1279, align 4
+  store <8 x float> zeroinitializer, ptr %acc000191, align 4
+  %1281 = add nsw i64 %col190, 8
+  %1282 = getelementptr inbounds float, ptr %1277, i64 %1281
+  %1283 = load <8 x float>, ptr %1282, align 4
+  store <8 x float> zeroinitializer, ptr %acc001192, align 4
+  %1284 = add nsw i64 %r098, 1
+  %1285 = mul nsw i64 %1284, 2816
+  %1286 = add nsw i64 %1285, 0
+  %1287 = getelementptr inbounds float, ptr %h, i64 %1286
+  %1288 = getelementptr inbounds i32, ptr %rows, i64 %1284
+  %1289 = load i32, ptr %1288, align 4
+  %1290 = sext i32 %1289 to i64
+  %1291 = mul nsw i64 %1290, 1024
+  %1292 = getelementptr inbounds float, ptr %y, i64 %1291
+  %1293 = add nsw i64 %col190, 0
+  %1294 = getelementptr inbounds float, ptr %1292, i64 %1293
+  %1295 = load <8 x float>, ptr %1294, align 4
+  store <8 x float> zeroinitializer, ptr %acc010193, align 4
+  %1296 = add nsw i64 %col190, 8
+  %1297 = getelementptr inbounds float, ptr %1292, i64 %1296
+  %1298 = load <8 x float>, ptr %1297, align 4
+  store <8 x float> zeroinitializer, ptr %acc011194, align 4
+  %panel.off195 = mul nsw i64 %p, 45056
+  %1299 = getelementptr inbounds float, ptr %panels, i64 %panel.off195
+  %1300 = add nsw i64 %p, 1
+  %1301 = icmp slt i64 %1300, %p1
+  %pf.on196 = and i1 %pf.on109, %1301
+  %1302 = mul nsw i64 %rb97, 180224
+  %1303 = lshr i64 %1302, %732
+  %1304 = add nsw i64 180224, %1303
+  %1305 = getelementptr inbounds i8, ptr %1299, i64 %1304
+  %pf197 = select i1 %pf.on196, ptr %1305, ptr %1299
+  %pf.sh198 = select i1 %pf.on196, i64 %732, i64 0
+  br label %k.head199
 
-k.head194:                                        ; preds = %pf.any.end199, %tile.mr298
-  %k197 = phi i64 [ 0, %tile.mr298 ], [ %1346, %pf.any.end199 ]
-  %1317 = icmp slt i64 %k197, 2816
-  br i1 %1317, label %k.body195, label %k.end196
+k.head199:                                        ; preds = %pf.any.end204, %tile.mr2103
+  %k202 = phi i64 [ 0, %tile.mr2103 ], [ %1335, %pf.any.end204 ]
+  %1306 = icmp slt i64 %k202, 2816
+  br i1 %1306, label %k.body200, label %k.end201
 
-k.body195:                                        ; preds = %k.head194
-  %1318 = mul nsw i64 %k197, 1
-  %1319 = add nsw i64 %1318, 0
-  %1320 = mul nsw i64 %1319, 64
-  br i1 %pf.multi103, label %pf.any.then198, label %pf.any.end199
+k.body200:                                        ; preds = %k.head199
+  %1307 = mul nsw i64 %k202, 1
+  %1308 = add nsw i64 %1307, 0
+  %1309 = mul nsw i64 %1308, 64
+  br i1 %pf.multi108, label %pf.any.then203, label %pf.any.end204
 
-pf.any.then198:                                   ; preds = %k.body195
-  %1321 = lshr i64 %1320, %pf.sh193
-  %1322 = getelementptr inbounds i8, ptr %pf192, i64 %1321
-  call void @llvm.prefetch.p0(ptr %1322, i32 0, i32 2, i32 1)
-  br label %pf.any.end199
+pf.any.then203:                                   ; preds = %k.body200
+  %1310 = lshr i64 %1309, %pf.sh198
+  %1311 = getelementptr inbounds i8, ptr %pf197, i64 %1310
+  call void @llvm.prefetch.p0(ptr %1311, i32 0, i32 2, i32 1)
+  br label %pf.any.end204
 
-pf.any.end199:                                    ; preds = %pf.any.then198, %k.body195
-  %1323 = mul nsw i64 %1319, 16
-  %1324 = add nsw i64 %panel.off190, %1323
-  %1325 = getelementptr inbounds float, ptr %panels, i64 %1324
-  %1326 = load <8 x float>, ptr %1325, align 4
-  %1327 = add nsw i64 %1324, 8
-  %1328 = getelementptr inbounds float, ptr %panels, i64 %1327
-  %1329 = load <8 x float>, ptr %1328, align 4
-  %1330 = getelementptr inbounds float, ptr %1282, i64 %1319
-  %1331 = load float, ptr %1330, align 4
-  %1332 = insertelement <8 x float> poison, float %1331, i32 0
-  %1333 = shufflevector <8 x float> %1332, <8 x float> poison, <8 x i32> zeroinitializer
-  %1334 = load <8 x float>, ptr %acc000186, align 4
-  %1335 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1333, <8 x float> %1326, <8 x float> %1334)
-  store <8 x float> %1335, ptr %acc000186, align 4
-  %1336 = load <8 x float>, ptr %acc001187, align 4
-  %1337 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1333, <8 x float> %1329, <8 x float> %1336)
-  store <8 x float> %1337, ptr %acc001187, align 4
-  %1338 = getelementptr inbounds float, ptr %1297, i64 %1319
-  %1339 = load float, ptr %1338, align 4
-  %1340 = insertelement <8 x float> poison, float %1339, i32 0
-  %1341 = shufflevector <8 x float> %1340, <8 x float> poison, <8 x i32> zeroinitializer
-  %1342 = load <8 x float>, ptr %acc010188, align 4
-  %1343 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1341, <8 x float> %1326, <8 x float> %1342)
-  store <8 x float> %1343, ptr %acc010188, align 4
-  %1344 = load <8 x float>, ptr %acc011189, align 4
-  %1345 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1341, <8 x float> %1329, <8 x float> %1344)
-  store <8 x float> %1345, ptr %acc011189, align 4
-  %1346 = add nsw i64 %k197, 1
-  br label %k.head194
+pf.any.end204:                                    ; preds = %pf.any.then203, %k.body200
+  %1312 = mul nsw i64 %1308, 16
+  %1313 = add nsw i64 %panel.off195, %1312
+  %1314 = getelementptr inbounds float, ptr %panels, i64 %1313
+  %1315 = load <8 x float>, ptr %1314, align 4
+  %1316 = add nsw i64 %1313, 8
+  %1317 = getelementptr inbounds float, ptr %panels, i64 %1316
+  %1318 = load <8 x float>, ptr %1317, align 4
+  %1319 = getelementptr inbounds float, ptr %1272, i64 %1308
+  %1320 = load float, ptr %1319, align 4
+  %1321 = insertelement <8 x float> poison, float %1320, i32 0
+  %1322 = shufflevector <8 x float> %1321, <8 x float> poison, <8 x i32> zeroinitializer
+  %1323 = load <8 x float>, ptr %acc000191, align 4
+  %1324 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1322, <8 x float> %1315, <8 x float> %1323)
+  store <8 x float> %1324, ptr %acc000191, align 4
+  %1325 = load <8 x float>, ptr %acc001192, align 4
+  %1326 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1322, <8 x float> %1318, <8 x float> %1325)
+  store <8 x float> %1326, ptr %acc001192, align 4
+  %1327 = getelementptr inbounds float, ptr %1287, i64 %1308
+  %1328 = load float, ptr %1327, align 4
+  %1329 = insertelement <8 x float> poison, float %1328, i32 0
+  %1330 = shufflevector <8 x float> %1329, <8 x float> poison, <8 x i32> zeroinitializer
+  %1331 = load <8 x float>, ptr %acc010193, align 4
+  %1332 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1330, <8 x float> %1315, <8 x float> %1331)
+  store <8 x float> %1332, ptr %acc010193, align 4
+  %1333 = load <8 x float>, ptr %acc011194, align 4
+  %1334 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1330, <8 x float> %1318, <8 x float> %1333)
+  store <8 x float> %1334, ptr %acc011194, align 4
+  %1335 = add nsw i64 %k202, 1
+  br label %k.head199
 
-k.end196:                                         ; preds = %k.head194
-  %1347 = load <8 x float>, ptr %acc000186, align 4
-  store <8 x float> %1347, ptr %1289, align 4
-  %1348 = load <8 x float>, ptr %acc001187, align 4
-  store <8 x float> %1348, ptr %1292, align 4
-  %1349 = load <8 x float>, ptr %acc010188, align 4
-  store <8 x float> %1349, ptr %1304, align 4
-  %1350 = load <8 x float>, ptr %acc011189, align 4
-  store <8 x float> %1350, ptr %1307, align 4
-  br label %tile.done96
+k.end201:                                         ; preds = %k.head199
+  %1336 = load <8 x float>, ptr %acc000191, align 4
+  store <8 x float> %1336, ptr %1279, align 4
+  %1337 = load <8 x float>, ptr %acc001192, align 4
+  store <8 x float> %1337, ptr %1282, align 4
+  %1338 = load <8 x float>, ptr %acc010193, align 4
+  store <8 x float> %1338, ptr %1294, align 4
+  %1339 = load <8 x float>, ptr %acc011194, align 4
+  store <8 x float> %1339, ptr %1297, align 4
+  br label %tile.done101
 
-tile.mr197:                                       ; preds = %rb.body90
-  %col200 = mul nsw i64 %p, 16
-  %1351 = add nsw i64 %r093, 0
-  %1352 = mul nsw i64 %1351, 2816
-  %1353 = add nsw i64 %1352, 0
-  %1354 = getelementptr inbounds float, ptr %h, i64 %1353
-  %1355 = getelementptr inbounds i32, ptr %rows, i64 %1351
-  %1356 = load i32, ptr %1355, align 4
-  %1357 = sext i32 %1356 to i64
-  %1358 = mul nsw i64 %1357, 1024
-  %1359 = getelementptr inbounds float, ptr %y, i64 %1358
-  %1360 = add nsw i64 %col200, 0
-  %1361 = getelementptr inbounds float, ptr %1359, i64 %1360
-  %1362 = load <8 x float>, ptr %1361, align 4
-  store <8 x float> zeroinitializer, ptr %acc000201, align 4
-  %1363 = add nsw i64 %col200, 8
-  %1364 = getelementptr inbounds float, ptr %1359, i64 %1363
-  %1365 = load <8 x float>, ptr %1364, align 4
-  store <8 x float> zeroinitializer, ptr %acc001202, align 4
-  %1366 = mul nsw i64 %p, 45056
-  %panel.off203 = add nsw i64 %1366, 0
-  %1367 = getelementptr inbounds float, ptr %panels, i64 %panel.off203
-  %1368 = add nsw i64 %p, 1
-  %1369 = icmp slt i64 %1368, %p1
-  %pf.on204 = and i1 %pf.on104, %1369
-  %1370 = mul nsw i64 %rb92, 180224
-  %1371 = lshr i64 %1370, %738
-  %1372 = add nsw i64 180224, %1371
-  %1373 = getelementptr inbounds i8, ptr %1367, i64 %1372
-  %pf205 = select i1 %pf.on204, ptr %1373, ptr %1367
-  %pf.sh206 = select i1 %pf.on204, i64 %738, i64 0
-  br label %k.head207
+tile.mr1102:                                      ; preds = %rb.body95
+  %col205 = mul nsw i64 %p, 16
+  %1340 = add nsw i64 %r098, 0
+  %1341 = mul nsw i64 %1340, 2816
+  %1342 = add nsw i64 %1341, 0
+  %1343 = getelementptr inbounds float, ptr %h, i64 %1342
+  %1344 = getelementptr inbounds i32, ptr %rows, i64 %1340
+  %1345 = load i32, ptr %1344, align 4
+  %1346 = sext i32 %1345 to i64
+  %1347 = mul nsw i64 %1346, 1024
+  %1348 = getelementptr inbounds float, ptr %y, i64 %1347
+  %1349 = add nsw i64 %col205, 0
+  %1350 = getelementptr inbounds float, ptr %1348, i64 %1349
+  %1351 = load <8 x float>, ptr %1350, align 4
+  store <8 x float> zeroinitializer, ptr %acc000206, align 4
+  %1352 = add nsw i64 %col205, 8
+  %1353 = getelementptr inbounds float, ptr %1348, i64 %1352
+  %1354 = load <8 x float>, ptr %1353, align 4
+  store <8 x float> zeroinitializer, ptr %acc001207, align 4
+  %panel.off208 = mul nsw i64 %p, 45056
+  %1355 = getelementptr inbounds float, ptr %panels, i64 %panel.off208
+  %1356 = add nsw i64 %p, 1
+  %1357 = icmp slt i64 %1356, %p1
+  %pf.on209 = and i1 %pf.on109, %1357
+  %1358 = mul nsw i64 %rb97, 180224
+  %1359 = lshr i64 %1358, %732
+  %1360 = add nsw i64 180224, %1359
+  %1361 = getelementptr inbounds i8, ptr %1355, i64 %1360
+  %pf210 = select i1 %pf.on209, ptr %1361, ptr %1355
+  %pf.sh211 = select i1 %pf.on209, i64 %732, i64 0
+  br label %k.head212
 
-k.head207:                                        ; preds = %pf.any.end212, %tile.mr197
-  %k210 = phi i64 [ 0, %tile.mr197 ], [ %1395, %pf.any.end212 ]
-  %1374 = icmp slt i64 %k210, 2816
-  br i1 %1374, label %k.body208, label %k.end209
+k.head212:                                        ; preds = %pf.any.end217, %tile.mr1102
+  %k215 = phi i64 [ 0, %tile.mr1102 ], [ %1383, %pf.any.end217 ]
+  %1362 = icmp slt i64 %k215, 2816
+  br i1 %1362, label %k.body213, label %k.end214
 
-k.body208:                                        ; preds = %k.head207
-  %1375 = mul nsw i64 %k210, 1
-  %1376 = add nsw i64 %1375, 0
-  %1377 = mul nsw i64 %1376, 64
-  br i1 %pf.multi103, label %pf.any.then211, label %pf.any.end212
+k.body213:                                        ; preds = %k.head212
+  %1363 = mul nsw i64 %k215, 1
+  %1364 = add nsw i64 %1363, 0
+  %1365 = mul nsw i64 %1364, 64
+  br i1 %pf.multi108, label %pf.any.then216, label %pf.any.end217
 
-pf.any.then211:                                   ; preds = %k.body208
-  %1378 = lshr i64 %1377, %pf.sh206
-  %1379 = getelementptr inbounds i8, ptr %pf205, i64 %1378
-  call void @llvm.prefetch.p0(ptr %1379, i32 0, i32 2, i32 1)
-  br label %pf.any.end212
+pf.any.then216:                                   ; preds = %k.body213
+  %1366 = lshr i64 %1365, %pf.sh211
+  %1367 = getelementptr inbounds i8, ptr %pf210, i64 %1366
+  call void @llvm.prefetch.p0(ptr %1367, i32 0, i32 2, i32 1)
+  br label %pf.any.end217
 
-pf.any.end212:                                    ; preds = %pf.any.then211, %k.body208
-  %1380 = mul nsw i64 %1376, 16
-  %1381 = add nsw i64 %panel.off203, %1380
-  %1382 = getelementptr inbounds float, ptr %panels, i64 %1381
-  %1383 = load <8 x float>, ptr %1382, align 4
-  %1384 = add nsw i64 %1381, 8
-  %1385 = getelementptr inbounds float, ptr %panels, i64 %1384
-  %1386 = load <8 x float>, ptr %1385, align 4
-  %1387 = getelementptr inbounds float, ptr %1354, i64 %1376
-  %1388 = load float, ptr %1387, align 4
-  %1389 = insertelement <8 x float> poison, float %1388, i32 0
-  %1390 = shufflevector <8 x float> %1389, <8 x float> poison, <8 x i32> zeroinitializer
-  %1391 = load <8 x float>, ptr %acc000201, align 4
-  %1392 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1390, <8 x float> %1383, <8 x float> %1391)
-  store <8 x float> %1392, ptr %acc000201, align 4
-  %1393 = load <8 x float>, ptr %acc001202, align 4
-  %1394 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1390, <8 x float> %1386, <8 x float> %1393)
-  store <8 x float> %1394, ptr %acc001202, align 4
-  %1395 = add nsw i64 %k210, 1
-  br label %k.head207
+pf.any.end217:                                    ; preds = %pf.any.then216, %k.body213
+  %1368 = mul nsw i64 %1364, 16
+  %1369 = add nsw i64 %panel.off208, %1368
+  %1370 = getelementptr inbounds float, ptr %panels, i64 %1369
+  %1371 = load <8 x float>, ptr %1370, align 4
+  %1372 = add nsw i64 %1369, 8
+  %1373 = getelementptr inbounds float, ptr %panels, i64 %1372
+  %1374 = load <8 x float>, ptr %1373, align 4
+  %1375 = getelementptr inbounds float, ptr %1343, i64 %1364
+  %1376 = load float, ptr %1375, align 4
+  %1377 = insertelement <8 x float> poison, float %1376, i32 0
+  %1378 = shufflevector <8 x float> %1377, <8 x float> poison, <8 x i32> zeroinitializer
+  %1379 = load <8 x float>, ptr %acc000206, align 4
+  %1380 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1378, <8 x float> %1371, <8 x float> %1379)
+  store <8 x float> %1380, ptr %acc000206, align 4
+  %1381 = load <8 x float>, ptr %acc001207, align 4
+  %1382 = call <8 x float> @llvm.fma.v8f32(<8 x float> %1378, <8 x float> %1374, <8 x float> %1381)
+  store <8 x float> %1382, ptr %acc001207, align 4
+  %1383 = add nsw i64 %k215, 1
+  br label %k.head212
 
-k.end209:                                         ; preds = %k.head207
-  %1396 = load <8 x float>, ptr %acc000201, align 4
-  store <8 x float> %1396, ptr %1361, align 4
-  %1397 = load <8 x float>, ptr %acc001202, align 4
-  store <8 x float> %1397, ptr %1364, align 4
-  br label %tile.done96
+k.end214:                                         ; preds = %k.head212
+  %1384 = load <8 x float>, ptr %acc000206, align 4
+  store <8 x float> %1384, ptr %1350, align 4
+  %1385 = load <8 x float>, ptr %acc001207, align 4
+  store <8 x float> %1385, ptr %1353, align 4
+  br label %tile.done101
 
-tile.done96:                                      ; preds = %k.end209, %k.end196, %k.end181, %k.end164, %k.end145, %k.end124
-  %1398 = add nsw i64 %rb92, 1
-  br label %rb.head89
+tile.done101:                                     ; preds = %k.end214, %k.end201, %k.end186, %k.end169, %k.end150, %k.end129
+  %1386 = add nsw i64 %rb97, 1
+  br label %rb.head94
 
-rb.end91:                                         ; preds = %rb.head89
-  %1399 = add nsw i64 %p, 1
+rb.end96:                                         ; preds = %rb.head94
+  %1387 = add nsw i64 %p, 1
   br label %p.head
 
 p.end:                                            ; preds = %p.head
