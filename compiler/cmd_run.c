@@ -157,6 +157,8 @@ static void usage(FILE *f)
 		   "  --layer L          model layer (default: the first MoE layer held)\n"
 		   "  --layers A:B       hold (load) only model layers [A, B) (a pipeline\n"
 		   "                     stage); the checkpoint needs no other layer\n"
+		   "                     (default: every layer with --weights, the run\n"
+		   "                     layer alone with --random)\n"
 		   "  --seed S           input seed (default 1)\n"
 		   "  --reps N           forward passes to time (default 3)\n"
 		   "  --check            compare with the reference forward pass (random\n"
@@ -267,6 +269,19 @@ static uint32_t first_layer(const struct run_opts *o, const struct moe_info *in)
 	return in->n_moe_layers ? in->moe_layers[0] : 0;
 }
 
+/* The layers a run holds: --layers; or, with --random, the layer it runs
+ * alone (random weights for layers nothing runs would only take time and
+ * memory); or, with --weights, every layer (the whole checkpoint loads). */
+static void held_layers(const struct run_opts *o, uint32_t layer, uint32_t *begin, uint32_t *end)
+{
+	*begin = o->layer_begin;
+	*end = o->layer_end;
+	if (!o->layer_end && !o->n_weights && layer < UINT32_MAX) {
+		*begin = layer;
+		*end = layer + 1;
+	}
+}
+
 /* "A:B" -> [A, B), both below 2^32, A < B. */
 static int parse_range(const char *s, uint32_t *a, uint32_t *b)
 {
@@ -318,14 +333,15 @@ static int do_run(const struct run_opts *o)
 	int32_t *ids = NULL, *ids_ref = NULL;
 	int64_t *counts = NULL;
 	struct moe_ref_weights w = {0};
-	uint32_t layer = first_layer(o, in);
+	uint32_t layer = first_layer(o, in), lb, le;
 	size_t T = o->tokens, H = in->hidden, W = in->route_width;
 	int bf16 = in->act_dtype == MOE_DTYPE_BF16;
 
+	held_layers(o, layer, &lb, &le);
 	struct moe_create_opts co = {.threads = (uint32_t)o->threads,
 				     .device = MOE_DEVICE_CPU,
-				     .layer_begin = o->layer_begin,
-				     .layer_end = o->layer_end};
+				     .layer_begin = lb,
+				     .layer_end = le};
 	if (a.create(&m, &co) != MOE_OK) {
 		fprintf(stderr, "moegen: error: %s\n", a.last_error());
 		goto out;
@@ -383,9 +399,14 @@ static int do_run(const struct run_opts *o)
 		snprintf(thr, sizeof thr, "%u", (unsigned)o->threads);
 	printf("model %s (cpu %s), layer %u, %zu tokens, threads %s\n", in->name, in->cpu, layer, T,
 	       thr);
-	printf("weights %s in %.3f s\n", o->n_weights ? "loaded" : "random", t_load);
+	if (le)
+		printf("weights %s in %.3f s, layers [%u, %u)\n",
+		       o->n_weights ? "loaded" : "random", t_load, (unsigned)lb, (unsigned)le);
+	else
+		printf("weights %s in %.3f s, every layer\n", o->n_weights ? "loaded" : "random",
+		       t_load);
 	if (rss0 > 0 && rss1 > 0) {
-		double p = moe_params(in, o->layer_begin, o->layer_end);
+		double p = moe_params(in, lb, le);
 		printf("weights resident %.1f MiB (growth of VmRSS), %.3f bytes per MoE "
 		       "parameter\n",
 		       (rss1 - rss0) / 1048576.0, p > 0 ? (rss1 - rss0) / p : 0.0);
@@ -485,7 +506,8 @@ static int do_run_ep(const struct run_opts *o)
 		return MOE_EXIT_IO;
 	}
 	const struct moe_info *in = a.info();
-	uint32_t layer = first_layer(o, in);
+	uint32_t layer = first_layer(o, in), lb, le;
+	held_layers(o, layer, &lb, &le);
 	size_t N = o->tokens, H = in->hidden, W = in->route_width;
 	int bf16 = in->act_dtype == MOE_DTYPE_BF16, w_in = 0;
 	size_t dn = a.describe(NULL, 0);
@@ -510,8 +532,8 @@ static int do_run_ep(const struct run_opts *o)
 				     .device = MOE_DEVICE_CPU,
 				     .expert_begin = e0,
 				     .expert_end = e1,
-				     .layer_begin = o->layer_begin,
-				     .layer_end = o->layer_end};
+				     .layer_begin = lb,
+				     .layer_end = le};
 	enum moe_status st = MOE_ERR_NOMEM;
 	if (x && xb && y && cnt && (st = a.create(&m, &co)) == MOE_OK)
 		st = o->n_weights ? api_load(&a, m, o) : a.init_random(m, o->seed_w);

@@ -160,6 +160,26 @@ static int run_moegen(char *err, size_t cap, const char *fmt, ...)
 	return WEXITSTATUS(st);
 }
 
+/* Run `moegen ARGS` with stdout into out and stderr to /dev/null; the exit code. */
+static int run_out(char *out, size_t cap, const char *fmt, ...)
+{
+	const char *bin = getenv("MOEGEN");
+	char args[2048], cmd[4096];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(args, sizeof args, fmt, ap);
+	va_end(ap);
+	snprintf(cmd, sizeof cmd, "timeout 120 %s %s 2>/dev/null", bin ? bin : "build/moegen",
+		 args);
+	FILE *p = popen(cmd, "r");
+	assert_non_null(p);
+	size_t n = fread(out, 1, cap - 1, p);
+	out[n] = 0;
+	int st = pclose(p);
+	assert_true(WIFEXITED(st));
+	return WEXITSTATUS(st);
+}
+
 /* moegen run --layers: the stage's checkpoint runs, the whole model refuses
  * it, a layer outside the range is refused. */
 static void test_run_layers(void **state)
@@ -181,6 +201,17 @@ static void test_run_layers(void **state)
 	assert_int_equal(
 	    run_moegen(err, sizeof err, "run %s --random 1 --layers 2:4 --layer 1", m.path), 4);
 	assert_non_null(strstr(err, "outside the layers [2, 4)"));
+	/* --random holds the layer it runs alone (by default the first MoE layer) */
+	char out[4096];
+	assert_int_equal(run_out(out, sizeof out, "run %s --random 1 --layer 3 --reps 1", m.path),
+			 0);
+	assert_non_null(strstr(out, "weights random in "));
+	assert_non_null(strstr(out, " s, layers [3, 4)\n"));
+	assert_int_equal(run_out(out, sizeof out, "run %s --random 1 --reps 1", m.path), 0);
+	assert_non_null(strstr(out, " s, layers [1, 2)\n"));
+	assert_int_equal(
+	    run_out(out, sizeof out, "run %s --random 1 --layers 2:4 --reps 1", m.path), 0);
+	assert_non_null(strstr(out, " s, layers [2, 4)\n"));
 	assert_int_equal(run_moegen(err, sizeof err, "run %s --layers 4:2", m.path), 2);
 	assert_non_null(strstr(err, "--layers needs A:B"));
 	h_model_close(&m);
@@ -281,7 +312,8 @@ static void test_progress(void **state)
 	pid_t pid = forkpty(&fd, NULL, NULL, NULL);
 	assert_true(pid >= 0);
 	if (pid == 0) {
-		execl(bin, bin, "run", m.path, "--random", "1", "--reps", "1", (char *)NULL);
+		execl(bin, bin, "run", m.path, "--random", "1", "--layers", "0:2", "--reps", "1",
+		      (char *)NULL);
 		_exit(127);
 	}
 	size_t n = 0;
