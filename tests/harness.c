@@ -55,17 +55,67 @@ void h_base_desc(struct moe_desc *d, uint32_t H, uint32_t E, uint32_t k, uint32_
 	d->shared_act = MOE_ACT_SILU;
 }
 
-/* Compile d into a fresh model.so and open it. Returns 0 or the compile
- * exit code (err holds the message). */
+/* The models this process compiled. A test that compiles the same
+ * description for the same target again (h_assert_invariant's three runs,
+ * h_compare at several token counts) opens the file it already has: LLVM's
+ * code generation is most of the suite's time. The key is the description
+ * byte for byte (it holds no pointers), the features and the optimization
+ * level; the files go with the temporary directory (h_teardown). */
+struct h_built {
+	struct moe_desc d;
+	char features[256];
+	int opt_level;
+	char path[256];
+};
+
+static struct h_built *built;
+static size_t n_built, cap_built;
+
+static struct h_built *h_built_find(const struct moe_desc *d, const char *features)
+{
+	for (size_t i = 0; i < n_built; i++)
+		if (built[i].opt_level == h_opt_level && !strcmp(built[i].features, features) &&
+		    !memcmp(&built[i].d, d, sizeof *d))
+			return &built[i];
+	return NULL;
+}
+
+static void h_built_add(const struct moe_desc *d, const char *features, const char *path)
+{
+	if (strlen(features) >= sizeof built->features)
+		return;
+	if (n_built == cap_built) {
+		size_t cap = cap_built ? 2 * cap_built : 16;
+		struct h_built *b = realloc(built, cap * sizeof *b);
+		if (!b)
+			return;
+		built = b, cap_built = cap;
+	}
+	struct h_built *b = &built[n_built++];
+	memcpy(&b->d, d, sizeof *d);
+	snprintf(b->features, sizeof b->features, "%s", features);
+	b->opt_level = h_opt_level;
+	snprintf(b->path, sizeof b->path, "%s", path);
+}
+
+/* Compile d into model.so (or reuse this process's build of it) and open
+ * it. Returns 0 or the compile exit code (err holds the message). */
 int h_model_open(const struct moe_desc *d, struct h_model *m, char *err, size_t cap)
 {
 	memset(m, 0, sizeof *m);
-	snprintf(m->path, sizeof m->path, "%s/m%d.so", h_tmpdir, n_models++);
-	struct moe_cpu_target t = {
-	    .cpu = "native", .features = h_features, .opt_level = h_opt_level};
-	int rc = moe_compile_cpu(d, &t, MOE_EMIT_SO, m->path, err, cap);
-	if (rc)
-		return rc;
+	const char *features = h_features ? h_features : "";
+	const struct h_built *b = h_built_find(d, features);
+	if (b) {
+		snprintf(m->path, sizeof m->path, "%s", b->path);
+	} else {
+		snprintf(m->path, sizeof m->path, "%s/m%d.so", h_tmpdir, n_models++);
+		struct moe_cpu_target t = {
+		    .cpu = "native", .features = h_features, .opt_level = h_opt_level};
+		int rc = moe_compile_cpu(d, &t, MOE_EMIT_SO, m->path, err, cap);
+		if (rc)
+			return rc;
+		h_built_add(d, features, m->path);
+	}
 	m->dl = dlopen(m->path, RTLD_NOW | RTLD_LOCAL);
 	if (!m->dl)
 		fprintf(stderr, "dlopen: %s\n", dlerror());
@@ -109,10 +159,10 @@ moe_model *h_model_open_loaded(const struct moe_desc *d, struct h_model *m, cons
 	return mm;
 }
 
+/* The file stays for the next h_model_open of the same description. */
 void h_model_close(struct h_model *m)
 {
 	dlclose(m->dl);
-	unlink(m->path);
 }
 
 int h_sign_inputs;
@@ -255,5 +305,8 @@ static int rm_entry(const char *path, const struct stat *sb, int flag, struct FT
 int h_teardown(void **state)
 {
 	(void)state;
+	free(built);
+	built = NULL;
+	n_built = cap_built = 0;
 	return nftw(h_tmpdir, rm_entry, 8, FTW_DEPTH | FTW_PHYS);
 }
