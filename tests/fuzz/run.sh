@@ -2,7 +2,7 @@
 # tests/fuzz/run.sh [SECONDS] [TARGET...]: build the libFuzzer targets with
 # clang (-fsanitize=fuzzer,address,undefined), replay every regression input
 # under tests/fuzz/regress/TARGET/, then fuzz each target for SECONDS (default
-# 30) in one process, from seed corpora (specs/, tests/cases, tests/import,
+# 30) in one process per target (targets side by side, one per core), from seed corpora (specs/, tests/cases, tests/import,
 # and small checkpoints tests/fuzz/seeds.py generates). Targets: spec, import,
 # safetensors, index, gguf (default: all). Work files go to $MOE_FUZZ_DIR (default
 # build-fuzz/): binaries, the growing corpora, crash artifacts, logs. Exits
@@ -50,39 +50,60 @@ seed() {
 	spec) cp specs/*.yaml "$c/"
 	      for f in tests/cases/*/*.yaml; do cp "$f" "$c/case-$(basename "$(dirname "$f")")-$(basename "$f")"; done ;;
 	import) for d in tests/import/*/; do cp "$d/config.json" "$c/$(basename "$d").json"; done ;;
-	safetensors) python3 tests/fuzz/seeds.py "$out/seeds"; cp "$out"/seeds/safetensors/* "$c/" ;;
-	index) python3 tests/fuzz/seeds.py "$out/seeds"; cp "$out"/seeds/index/* "$c/" ;;
-	gguf) python3 tests/fuzz/seeds.py "$out/seeds"; cp "$out"/seeds/gguf/* "$c/" ;;
+	safetensors | index | gguf) cp "$out"/seeds/$t/* "$c/" ;;
 	esac
 }
 
-export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}
-export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
-status=0
-for t in "${targets[@]}"; do
+# One target: build, replay, fuzz. Its report goes to logs/TARGET.report.
+one() {
+	local t=$1 log=$out/logs/$1.log
 	echo "== fuzz $t: build"
 	build "$t"
-	reg=tests/fuzz/regress/$t
+	local reg=tests/fuzz/regress/$t
 	if [ -d "$reg" ] && [ -n "$(ls -A "$reg")" ]; then
 		echo "== fuzz $t: replay $(ls "$reg" | wc -l) regression inputs"
 		if ! "$out/bin/fuzz_$t" "$reg"/* >"$out/logs/$t-regress.log" 2>&1; then
 			echo "FAIL: a regression input of $t fails again:"; tail -30 "$out/logs/$t-regress.log"
-			status=1
-			continue
+			return 1
 		fi
 	fi
 	seed "$t"
 	mkdir -p "$out/artifacts/$t"
 	echo "== fuzz $t: ${secs}s"
-	log=$out/logs/$t.log
+	local rc=0
 	if ! "$out/bin/fuzz_$t" -max_total_time="$secs" -timeout=20 -rss_limit_mb=2048 \
 		-max_len=65536 -print_final_stats=1 -artifact_prefix="$out/artifacts/$t/" \
 		"$out/corpus/$t" >"$log" 2>&1; then
 		echo "FAIL: fuzz_$t found a crash (artifacts in $out/artifacts/$t):"; tail -40 "$log"
-		status=1
+		rc=1
 	fi
+	local execs cov
 	execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo ?)
 	cov=$(grep -oE '(#[0-9]+)[[:space:]]+(DONE|INITED)[[:space:]]+cov: [0-9]+ ft: [0-9]+' "$log" | tail -1 | grep -oE 'cov: [0-9]+ ft: [0-9]+' || echo "cov: ?")
 	echo "   $t: $execs executions in ${secs}s, $cov, corpus $(ls "$out/corpus/$t" | wc -l) files"
+	return $rc
+}
+
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+# the generated checkpoints, once, before targets run side by side
+case " ${targets[*]} " in
+*" safetensors "* | *" index "* | *" gguf "*) python3 tests/fuzz/seeds.py "$out/seeds" ;;
+esac
+# The targets run side by side, one per core (each fuzzer is one process);
+# each one's lines are printed together, in the order of the targets.
+jobs=$(nproc)
+pids=()
+for t in "${targets[@]}"; do
+	while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do
+		wait -n || true
+	done
+	one "$t" >"$out/logs/$t.report" 2>&1 &
+	pids+=($!)
+done
+status=0
+for i in "${!targets[@]}"; do
+	wait "${pids[$i]}" || status=1
+	cat "$out/logs/${targets[$i]}.report"
 done
 exit $status

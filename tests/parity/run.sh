@@ -3,7 +3,7 @@
 # tests (docs/python.md): a virtual environment with torch and transformers from
 # PyPI, moegen built if MOEGEN is not set, then pytest. Exits 0 with a
 # "skipped:" line only when torch cannot be installed. Extra arguments go to
-# pytest (e.g. -k mixtral).
+# pytest (e.g. -k mixtral), which runs one worker per core.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
@@ -14,7 +14,7 @@ t0=$(date +%s)
 if [ ! -x "$venv/bin/python" ]; then
 	"$python" -m venv "$venv"
 fi
-if ! "$venv/bin/python" -c 'import torch, transformers, safetensors, numpy, pytest, matplotlib, gguf, accelerate' 2>/dev/null; then
+if ! "$venv/bin/python" -c 'import torch, transformers, safetensors, numpy, pytest, xdist, matplotlib, gguf, accelerate' 2>/dev/null; then
 	echo "parity: installing tests/parity/requirements.txt into $venv (torch is about 3 GB)"
 	if ! "$venv/bin/python" -m pip install -q -r tests/parity/requirements.txt; then
 		if ! "$venv/bin/python" -c 'import torch' 2>/dev/null; then
@@ -36,4 +36,6 @@ if [ -z "${MOEGEN:-}" ]; then
 fi
 export MOE_SOURCE_DIR=$root
 
-"$venv/bin/python" -m pytest -q -rxXfs -p no:cacheprovider --rootdir "$root" tests/parity python/tests "$@"
+# one worker per core (pytest-xdist); each test has its own temporary directory
+"$venv/bin/python" -m pytest -q -rxXfs -p no:cacheprovider -n "$(nproc)" --rootdir "$root" \
+	tests/parity python/tests "$@"
