@@ -14,7 +14,7 @@ t0=$(date +%s)
 if [ ! -x "$venv/bin/python" ]; then
 	"$python" -m venv "$venv"
 fi
-if ! "$venv/bin/python" -c 'import torch, transformers, safetensors, numpy, pytest, xdist, matplotlib, gguf, accelerate' 2>/dev/null; then
+if ! "$venv/bin/python" -c 'import torch, transformers, safetensors, numpy, pytest, matplotlib, gguf, accelerate' 2>/dev/null; then
 	echo "parity: installing tests/parity/requirements.txt into $venv (torch is about 3 GB)"
 	if ! "$venv/bin/python" -m pip install -q -r tests/parity/requirements.txt; then
 		if ! "$venv/bin/python" -c 'import torch' 2>/dev/null; then
@@ -36,6 +36,15 @@ if [ -z "${MOEGEN:-}" ]; then
 fi
 export MOE_SOURCE_DIR=$root
 
-# one worker per core (pytest-xdist); each test has its own temporary directory
-"$venv/bin/python" -m pytest -q -rxXfs -p no:cacheprovider -n "$(nproc)" --rootdir "$root" \
+# One worker per core (pytest-xdist; each test has its own temporary
+# directory). A venv made before xdist was in the requirements gets it here;
+# without it (PyPI unreachable) the tests run in one process.
+workers=()
+if ! "$venv/bin/python" -c 'import xdist' 2>/dev/null; then
+	"$venv/bin/python" -m pip install -q pytest-xdist || true
+fi
+if "$venv/bin/python" -c 'import xdist' 2>/dev/null; then
+	workers=(-n "$(nproc)")
+fi
+"$venv/bin/python" -m pytest -q -rxXfs -p no:cacheprovider "${workers[@]}" --rootdir "$root" \
 	tests/parity python/tests "$@"
