@@ -39,7 +39,7 @@ run() {
 		exit 1
 	fi
 	"${lsan[@]}" "$moegen" "$spec" "${sets[@]}" --target cuda --emit cu -o "$dir/$name.cu"
-	c++ -std=c++17 -O1 -shared -fPIC -ffp-contract=off -w $san -Itests/cuda_emu \
+	c++ -std=c++17 -Og -shared -fPIC -ffp-contract=off -w $san -Itests/cuda_emu \
 		-DMOE_EMU_SOURCE="\"$dir/$name.cu\"" -o "$dir/$name.emu.so" tests/cuda_emu/module.cpp
 	local env=(env MOE_LIBCUDA="$dir/libcuda_emu.so" MOE_EMU_MODULE="$dir/$name.emu.so")
 	"${env[@]}" "$runner" check "$dir/$name.so" --tokens "$tokens" --csv "$dir/check.csv" \
