@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "harness.h"
@@ -287,6 +288,26 @@ void h_compare(const struct moe_desc *d, size_t T, uint32_t threads, uint64_t se
 	free(cnt), free(cntr), free(imp), free(impr);
 	m.destroy(mm);
 	h_model_close(&m);
+}
+
+int h_moegen(char *out, size_t cap, const char *redirect, const char *fmt, ...)
+{
+	const char *bin = getenv("MOEGEN");
+	char args[2048], cmd[4096];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(args, sizeof args, fmt, ap);
+	va_end(ap);
+	/* a hang fails the test (124) instead of stopping the suite */
+	snprintf(cmd, sizeof cmd, "timeout 120 %s %s %s", bin ? bin : "build/moegen", args,
+		 redirect);
+	FILE *p = popen(cmd, "r");
+	assert_non_null(p);
+	size_t n = fread(out, 1, cap - 1, p);
+	out[n] = 0;
+	int st = pclose(p);
+	assert_true(WIFEXITED(st));
+	return WEXITSTATUS(st);
 }
 
 int h_setup(const char *name)

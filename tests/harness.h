@@ -72,6 +72,14 @@ void h_compare(const struct moe_desc *d, size_t T, uint32_t threads, uint64_t se
 
 /* Create the temporary directory /tmp/<name>.XXXXXX; remove it and all it
  * holds (cmocka group teardown). */
+/* Run `$MOEGEN ARGS` (ARGS from fmt) through the shell; out receives the
+ * streams redirect leaves on stdout: H_BOTH, H_STDOUT or H_STDERR. A hang
+ * fails after 120 s (exit 124). Returns the exit code. */
+#define H_BOTH "2>&1"
+#define H_STDOUT "2>/dev/null"
+#define H_STDERR "2>&1 >/dev/null"
+int h_moegen(char *out, size_t cap, const char *redirect, const char *fmt, ...);
+
 int h_setup(const char *name);
 int h_teardown(void **state);
 

@@ -13,28 +13,11 @@
 
 #include <cmocka.h>
 
+#include "harness.h"
 #include "moegen.h"
 
-/* Run `moegen ARGS` through the shell, capture stdout+stderr, return the
- * exit code. */
-static int run(char *out, size_t cap, const char *fmt, ...)
-{
-	const char *bin = getenv("MOEGEN");
-	char args[2048], cmd[4096];
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(args, sizeof args, fmt, ap);
-	va_end(ap);
-	/* a hang fails the test (124) instead of stopping the suite */
-	snprintf(cmd, sizeof cmd, "timeout 120 %s %s 2>&1", bin ? bin : "build/moegen", args);
-	FILE *p = popen(cmd, "r");
-	assert_non_null(p);
-	size_t n = fread(out, 1, cap - 1, p);
-	out[n] = 0;
-	int st = pclose(p);
-	assert_true(WIFEXITED(st));
-	return WEXITSTATUS(st);
-}
+/* moegen ARGS, stdout and stderr into out */
+#define run(out, cap, ...) h_moegen(out, cap, H_BOTH, __VA_ARGS__)
 
 static char buf[1 << 16];
 

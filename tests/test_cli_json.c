@@ -14,28 +14,11 @@
 #include <cmocka.h>
 #include <glob.h>
 
+#include "harness.h"
 #include "moegen.h"
 
-/* Run `moegen ARGS`, stdout only into out (stderr into err when not NULL);
- * the exit code. */
-static int run(char *out, size_t cap, const char *fmt, ...)
-{
-	const char *bin = getenv("MOEGEN");
-	char args[2048], cmd[4096];
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(args, sizeof args, fmt, ap);
-	va_end(ap);
-	snprintf(cmd, sizeof cmd, "timeout 120 %s %s 2>/dev/null", bin ? bin : "build/moegen",
-		 args);
-	FILE *p = popen(cmd, "r");
-	assert_non_null(p);
-	size_t n = fread(out, 1, cap - 1, p);
-	out[n] = 0;
-	int st = pclose(p);
-	assert_true(WIFEXITED(st));
-	return WEXITSTATUS(st);
-}
+/* moegen ARGS, stdout into out */
+#define run(out, cap, ...) h_moegen(out, cap, H_STDOUT, __VA_ARGS__)
 
 static char buf[1 << 16];
 

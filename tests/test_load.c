@@ -140,45 +140,9 @@ static void test_layer_range(void **state)
 	h_model_close(&m);
 }
 
-/* Run `moegen ARGS` with stdout to /dev/null and stderr into err; the exit code. */
-static int run_moegen(char *err, size_t cap, const char *fmt, ...)
-{
-	const char *bin = getenv("MOEGEN");
-	char args[2048], cmd[4096];
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(args, sizeof args, fmt, ap);
-	va_end(ap);
-	snprintf(cmd, sizeof cmd, "timeout 120 %s %s 2>&1 >/dev/null", bin ? bin : "build/moegen",
-		 args);
-	FILE *p = popen(cmd, "r");
-	assert_non_null(p);
-	size_t n = fread(err, 1, cap - 1, p);
-	err[n] = 0;
-	int st = pclose(p);
-	assert_true(WIFEXITED(st));
-	return WEXITSTATUS(st);
-}
-
-/* Run `moegen ARGS` with stdout into out and stderr to /dev/null; the exit code. */
-static int run_out(char *out, size_t cap, const char *fmt, ...)
-{
-	const char *bin = getenv("MOEGEN");
-	char args[2048], cmd[4096];
-	va_list ap;
-	va_start(ap, fmt);
-	vsnprintf(args, sizeof args, fmt, ap);
-	va_end(ap);
-	snprintf(cmd, sizeof cmd, "timeout 120 %s %s 2>/dev/null", bin ? bin : "build/moegen",
-		 args);
-	FILE *p = popen(cmd, "r");
-	assert_non_null(p);
-	size_t n = fread(out, 1, cap - 1, p);
-	out[n] = 0;
-	int st = pclose(p);
-	assert_true(WIFEXITED(st));
-	return WEXITSTATUS(st);
-}
+/* moegen ARGS: stderr into err (run_moegen) or stdout into out (run_out) */
+#define run_moegen(err, cap, ...) h_moegen(err, cap, H_STDERR, __VA_ARGS__)
+#define run_out(out, cap, ...) h_moegen(out, cap, H_STDOUT, __VA_ARGS__)
 
 /* moegen run --layers: the stage's checkpoint runs, the whole model refuses
  * it, a layer outside the range is refused. */
